@@ -1,0 +1,40 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+NATIVE := $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/cuda/*.cpp)
+
+.PHONY: all install test test-fast demo bench bench-quick clean
+
+all: install
+
+$(VENV)/.deps: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+# Rebuilds the C++/CUDA extensions whenever a native source changes.
+$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(NATIVE)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: install
+	$(PY) -m pytest -q -x -p no:cacheprovider -m "not slow" tests
+
+demo: install
+	$(PY) -m pymerge demo
+
+bench: install
+	$(PY) benchmarks/bench_weighted_sum.py
+
+bench-quick: install
+	$(PY) benchmarks/bench_weighted_sum.py --quick
+
+clean:
+	rm -rf build *.egg-info pymerge/*.so $(VENV)

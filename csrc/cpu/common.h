@@ -1,0 +1,45 @@
+// Shared pieces of pymerge's CPU extension: dtype codes, scalar conversions, op registry.
+#pragma once
+#include <pybind11/pybind11.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace pymerge {
+
+// Keep in sync with pymerge/_native.py DTYPE_CODES.
+enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F8E4M3FN = 3, F8E5M2 = 4 };
+
+inline float bits_to_f32(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
+inline uint32_t f32_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+
+inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
+
+// Round to nearest even; NaN stays NaN (quieted), inf stays inf.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t b = f32_to_bits(f);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x40u);
+  return uint16_t((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) { _Float16 v; std::memcpy(&v, &h, 2); return float(v); }
+inline uint16_t f32_to_f16(float f) { _Float16 v = (_Float16)f; uint16_t h; std::memcpy(&h, &v, 2); return h; }
+
+// float8 decoding tables, filled once.
+const float* fp8_table(int dtype);
+
+inline size_t dtype_size(int dt) { return dt == F32 ? 4 : (dt == F16 || dt == BF16) ? 2 : 1; }
+
+// Ops register themselves: each .cpp holds one op and a PYMERGE_REGISTER line, module.cpp calls them all.
+using Registrar = void (*)(pybind11::module_&);
+std::vector<Registrar>& registrars();
+struct AutoRegister {
+  explicit AutoRegister(Registrar r) { registrars().push_back(r); }
+};
+
+// Which SIMD path this CPU takes ("avx512", "avx2" or "scalar"); PYMERGE_SIMD overrides it.
+const char* simd_level();
+
+}  // namespace pymerge
+
+#define PYMERGE_REGISTER(fn) static ::pymerge::AutoRegister pymerge_autoreg_##fn(fn)

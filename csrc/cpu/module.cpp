@@ -1,0 +1,59 @@
+// The pymerge._cpu module: collects every op registered with PYMERGE_REGISTER.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <omp.h>
+#include "cpu/common.h"
+
+namespace pymerge {
+
+std::vector<Registrar>& registrars() {
+  static std::vector<Registrar> r;
+  return r;
+}
+
+static float decode_e4m3fn(uint8_t v) {
+  int s = v >> 7, e = (v >> 3) & 0xf, m = v & 7;
+  if (e == 0xf && m == 7) return std::nanf("");
+  float x = e == 0 ? std::ldexp(float(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+  return s ? -x : x;
+}
+
+static float decode_e5m2(uint8_t v) {
+  int s = v >> 7, e = (v >> 2) & 0x1f, m = v & 3;
+  float x;
+  if (e == 0x1f) x = m ? std::nanf("") : INFINITY;
+  else x = e == 0 ? std::ldexp(float(m), -16) : std::ldexp(1.0f + m / 4.0f, e - 15);
+  return s ? -x : x;
+}
+
+const float* fp8_table(int dtype) {
+  static float t4[256], t5[256];
+  static bool ready = [] {
+    for (int i = 0; i < 256; ++i) { t4[i] = decode_e4m3fn(uint8_t(i)); t5[i] = decode_e5m2(uint8_t(i)); }
+    return true;
+  }();
+  (void)ready;
+  return dtype == F8E4M3FN ? t4 : t5;
+}
+
+const char* simd_level() {
+  const char* force = std::getenv("PYMERGE_SIMD");
+  __builtin_cpu_init();
+  bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (force) {
+    if (!std::strcmp(force, "scalar")) return "scalar";
+    if (!std::strcmp(force, "avx2") && avx2) return "avx2";
+  }
+  return avx512 ? "avx512" : avx2 ? "avx2" : "scalar";
+}
+
+}  // namespace pymerge
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "pymerge CPU kernels (C++17, OpenMP, AVX-512/AVX2 chosen at run time)";
+  m.def("simd_level", [] { return std::string(pymerge::simd_level()); });
+  m.def("max_threads", [] { return omp_get_max_threads(); });
+  for (auto r : pymerge::registrars()) r(m);
+}

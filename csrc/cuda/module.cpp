@@ -1,0 +1,17 @@
+// The pymerge._cuda module: host wrappers for the CUDA kernels (static CUDA runtime, no libtorch).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <cuda_runtime.h>
+#include "cuda/weighted_sum.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "pymerge CUDA kernels";
+  m.attr("MAX_INPUTS") = pymerge_cuda::kMaxInputs;
+  m.attr("MAX_OUTPUTS") = pymerge_cuda::kMaxOutputs;
+  m.def("device_count", [] { int n = 0; return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0; });
+  m.def("weighted_sum_many", &pymerge_cuda::weighted_sum_many, py::arg("in_ptrs"), py::arg("in_dtypes"),
+        py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("scratch"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,217 @@
+// CUDA weighted sum of N checkpoints into K outputs: out_k = sum_i W[k,i] * x_i.
+// Same contract as the CPU kernel: float32 accumulation in input order, one read of every input
+// element, one round-to-nearest-even store per output element. Raw pointers, dtype codes and the
+// caller's stream come in from Python; nothing here links libtorch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+#include "cuda/weighted_sum.h"
+
+namespace pymerge_cuda {
+namespace {
+
+enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F8E4M3FN = 3, F8E5M2 = 4 };
+
+constexpr int kVec = 8;      // elements per thread per step: one 16-byte load of bf16/fp16
+constexpr int kUnroll = 2;   // steps per thread per iteration: more independent loads in flight
+constexpr int kThreads = 256;
+
+struct Params {
+  const void* in[kMaxInputs];
+  int in_dtype[kMaxInputs];
+  float w[kMaxOutputs][kMaxInputs];
+  void* out[kMaxOutputs];
+  int out_dtype[kMaxOutputs];
+  const float* acc_in;  // float32 partial sums from an earlier launch (K x numel), or null
+  float* acc_out;       // write float32 partial sums here instead of the outputs, or null
+  int n_in, n_out;
+  int64_t numel;
+};
+
+__device__ __forceinline__ float to_f32(const void* p, int64_t i, int dt) {
+  switch (dt) {
+    case F32: return static_cast<const float*>(p)[i];
+    case F16: return __half2float(static_cast<const __half*>(p)[i]);
+    case BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case F8E4M3FN: return float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E4M3)));
+    default: return float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E5M2)));
+  }
+}
+
+// Loads kVec consecutive elements starting at i (16-byte aligned for 2-byte types).
+__device__ __forceinline__ void load_vec(const void* p, int64_t i, int dt, float (&x)[kVec]) {
+  if (dt == BF16 || dt == F16) {
+    uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i));
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      x[j] = dt == BF16 ? __uint_as_float(uint32_t(h[j]) << 16) : __half2float(__ushort_as_half(h[j]));
+  } else if (dt == F32) {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+    float4 a = __ldg(q), b = __ldg(q + 1);
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) x[j] = to_f32(p, i + j, dt);
+  }
+}
+
+__device__ __forceinline__ void store_vec(void* p, int64_t i, int dt, const float (&a)[kVec]) {
+  if (dt == F32) {
+    float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + i);
+    q[0] = make_float4(a[0], a[1], a[2], a[3]);
+    q[1] = make_float4(a[4], a[5], a[6], a[7]);
+    return;
+  }
+  uint4 raw;
+  uint16_t* h = reinterpret_cast<uint16_t*>(&raw);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    h[j] = dt == BF16 ? __bfloat16_as_ushort(__float2bfloat16_rn(a[j])) : __half_as_ushort(__float2half_rn(a[j]));
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i) = raw;
+}
+
+__device__ __forceinline__ void store_one(void* p, int64_t i, int dt, float a) {
+  if (dt == F32) static_cast<float*>(p)[i] = a;
+  else if (dt == F16) static_cast<__half*>(p)[i] = __float2half_rn(a);
+  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(a);
+}
+
+// Vectorized body: every thread owns kUnroll groups of kVec elements per grid-stride step.
+template <int K>
+__global__ void __launch_bounds__(kThreads) weighted_sum_vec(const __grid_constant__ Params p) {
+  const int64_t n_vec = p.numel / kVec;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x * kUnroll;
+  for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x * kUnroll + threadIdx.x; v0 < n_vec; v0 += stride) {
+    float acc[kUnroll][K][kVec];
+    for (int i = 0; i < p.n_in; ++i) {
+      float x[kUnroll][kVec];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        int64_t v = v0 + int64_t(u) * blockDim.x;
+        if (v < n_vec) load_vec(p.in[i], v * kVec, p.in_dtype[i], x[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            float base = i ? acc[u][k][j] : (p.acc_in ? p.acc_in[k * p.numel + (v0 + int64_t(u) * blockDim.x) * kVec + j] : 0.f);
+            acc[u][k][j] = (i == 0 && !p.acc_in) ? p.w[k][i] * x[u][j] : fmaf(p.w[k][i], x[u][j], base);
+          }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      int64_t v = v0 + int64_t(u) * blockDim.x;
+      if (v >= n_vec) continue;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (p.acc_out) store_vec(p.acc_out + k * p.numel, v * kVec, F32, acc[u][k]);
+        else store_vec(p.out[k], v * kVec, p.out_dtype[k], acc[u][k]);
+      }
+    }
+  }
+}
+
+// Scalar body: the tail past the last full vector, or everything when a pointer is misaligned.
+__global__ void weighted_sum_scalar(const __grid_constant__ Params p, int64_t begin) {
+  for (int64_t e = begin + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.numel; e += int64_t(gridDim.x) * blockDim.x) {
+    for (int k = 0; k < p.n_out; ++k) {
+      float acc = p.acc_in ? p.acc_in[k * p.numel + e] : 0.f;
+      for (int i = 0; i < p.n_in; ++i) {
+        float x = to_f32(p.in[i], e, p.in_dtype[i]);
+        acc = (i == 0 && !p.acc_in) ? p.w[k][i] * x : fmaf(p.w[k][i], x, acc);
+      }
+      if (p.acc_out) p.acc_out[k * p.numel + e] = acc;
+      else store_one(p.out[k], e, p.out_dtype[k], acc);
+    }
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("pymerge CUDA ") + what + ": " + cudaGetErrorString(e));
+}
+
+int sm_count() {
+  static int n = [] {
+    int dev = 0, sms = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    return sms;
+  }();
+  return n;
+}
+
+template <int K>
+void launch_vec(const Params& p, int64_t n_vec, cudaStream_t s) {
+  int64_t per_block = int64_t(kThreads) * kUnroll;
+  int64_t blocks = std::min<int64_t>((n_vec + per_block - 1) / per_block, int64_t(sm_count()) * 16);
+  weighted_sum_vec<K><<<unsigned(blocks), kThreads, 0, s>>>(p);
+}
+
+void launch(const Params& p, bool aligned, cudaStream_t s) {
+  int64_t n_vec = aligned ? p.numel / kVec : 0;
+  if (n_vec > 0) {
+    switch (p.n_out) {
+      case 1: launch_vec<1>(p, n_vec, s); break;
+      case 2: launch_vec<2>(p, n_vec, s); break;
+      case 3: launch_vec<3>(p, n_vec, s); break;
+      case 4: launch_vec<4>(p, n_vec, s); break;
+      case 5: launch_vec<5>(p, n_vec, s); break;
+      case 6: launch_vec<6>(p, n_vec, s); break;
+      case 7: launch_vec<7>(p, n_vec, s); break;
+      default: launch_vec<8>(p, n_vec, s); break;
+    }
+  }
+  int64_t rest = p.numel - n_vec * kVec;
+  if (rest > 0) {
+    int64_t blocks = std::min<int64_t>((rest + kThreads - 1) / kThreads, int64_t(sm_count()) * 16);
+    weighted_sum_scalar<<<unsigned(blocks), kThreads, 0, s>>>(p, n_vec * kVec);
+  }
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace
+
+void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
+                       const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
+                       const std::vector<int>& out_dtypes, uintptr_t scratch, uintptr_t stream) {
+  const int n_in = int(in_ptrs.size()), n_out = int(out_ptrs.size());
+  if (n_in == 0 || n_out == 0 || n_out > kMaxOutputs) throw std::invalid_argument("weighted_sum: need 1..8 outputs and >= 1 input");
+  if (int(in_dtypes.size()) != n_in || int(out_dtypes.size()) != n_out || int64_t(weights.size()) != int64_t(n_in) * n_out)
+    throw std::invalid_argument("weighted_sum: inconsistent argument lengths");
+  if (n_in > kMaxInputs && !scratch) throw std::invalid_argument("weighted_sum: more than 64 inputs need a float32 scratch buffer");
+  if (numel <= 0) return;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  // Inputs beyond kMaxInputs go in several launches that carry float32 partial sums in scratch.
+  for (int first = 0; first < n_in; first += kMaxInputs) {
+    const int cnt = std::min(kMaxInputs, n_in - first);
+    const bool last = first + cnt == n_in;
+    Params p{};
+    p.n_in = cnt; p.n_out = n_out; p.numel = numel;
+    p.acc_in = first ? reinterpret_cast<const float*>(scratch) : nullptr;
+    p.acc_out = last ? nullptr : reinterpret_cast<float*>(scratch);
+    bool aligned = true;
+    for (int i = 0; i < cnt; ++i) {
+      p.in[i] = reinterpret_cast<const void*>(in_ptrs[first + i]);
+      p.in_dtype[i] = in_dtypes[first + i];
+      aligned &= in_ptrs[first + i] % 16 == 0;
+      for (int k = 0; k < n_out; ++k) p.w[k][i] = weights[size_t(k) * n_in + first + i];
+    }
+    for (int k = 0; k < n_out; ++k) {
+      p.out[k] = reinterpret_cast<void*>(out_ptrs[k]);
+      p.out_dtype[k] = out_dtypes[k];
+      aligned &= out_ptrs[k] % 16 == 0;
+    }
+    aligned &= scratch % 16 == 0;
+    launch(p, aligned, s);
+  }
+}
+
+}  // namespace pymerge_cuda

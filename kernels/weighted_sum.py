@@ -1,0 +1,120 @@
+"""Triton kernel for weighted_sum / weighted_sum_many, and its launcher.
+
+One program owns BLOCK output elements. The inputs come as a table of raw addresses (int64),
+so N is a runtime loop bound: no recompilation per N. When all inputs share a dtype it is a
+compile-time constant (one load path); mixed dtypes branch per input on a dtype code.
+K outputs (a population) are produced from one read of the inputs, up to MAX_OUTPUTS per launch.
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional on the CPU
+    triton = None
+
+from pymerge._native import DTYPE_CODES
+
+MAX_OUTPUTS = 4
+_MIXED = -1
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_as_f32(addr, offs, mask, DT: tl.constexpr):
+        if DT == 0:
+            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        elif DT == 1:
+            x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        elif DT == 2:
+            x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        elif DT == 3:
+            x = tl.load(addr.to(tl.pointer_type(tl.float8e4nv)) + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(addr.to(tl.pointer_type(tl.float8e5)) + offs, mask=mask, other=0.0).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _load_mixed(addr, code, offs, mask):
+        # Runtime dtype dispatch; every branch yields float32.
+        if code == 0:
+            x = _load_as_f32(addr, offs, mask, 0)
+        elif code == 1:
+            x = _load_as_f32(addr, offs, mask, 1)
+        elif code == 2:
+            x = _load_as_f32(addr, offs, mask, 2)
+        elif code == 3:
+            x = _load_as_f32(addr, offs, mask, 3)
+        else:
+            x = _load_as_f32(addr, offs, mask, 4)
+        return x
+
+    @triton.jit
+    def _store(out_ptr, offs, mask, acc):
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _weighted_sum_kernel(addr_table, code_table, w_table, out0, out1, out2, out3, numel, n_in,
+                             IN_DT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc0 = tl.zeros([BLOCK], tl.float32)
+        acc1 = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        acc3 = tl.zeros([BLOCK], tl.float32)
+        for i in range(n_in):
+            addr = tl.load(addr_table + i)
+            if IN_DT == -1:
+                x = _load_mixed(addr, tl.load(code_table + i), offs, mask)
+            else:
+                x = _load_as_f32(addr, offs, mask, IN_DT)
+            acc0 += tl.load(w_table + i) * x
+            if K > 1:
+                acc1 += tl.load(w_table + n_in + i) * x
+            if K > 2:
+                acc2 += tl.load(w_table + 2 * n_in + i) * x
+            if K > 3:
+                acc3 += tl.load(w_table + 3 * n_in + i) * x
+        _store(out0, offs, mask, acc0)
+        if K > 1:
+            _store(out1, offs, mask, acc1)
+        if K > 2:
+            _store(out2, offs, mask, acc2)
+        if K > 3:
+            _store(out3, offs, mask, acc3)
+
+
+def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8) -> None:
+    """Launches the kernel; inputs contiguous and validated, outs contiguous, one device."""
+    if triton is None:
+        raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
+    device = tensors[0].device
+    if device.type != "cuda" and not _interpreted():
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
+    numel = tensors[0].numel()
+    codes = [DTYPE_CODES[t.dtype] for t in tensors]
+    in_dt = codes[0] if all(c == codes[0] for c in codes) else _MIXED
+    addr_table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
+    code_table = torch.tensor(codes, dtype=torch.int32).to(device, non_blocking=True)
+    if _interpreted():
+        block, num_warps = min(block, 1024), 4
+    grid = (triton.cdiv(numel, block),)
+    for start in range(0, len(outs), MAX_OUTPUTS):
+        group = outs[start:start + MAX_OUTPUTS]
+        w = torch.tensor([x for row in rows[start:start + MAX_OUTPUTS] for x in row], dtype=torch.float32)
+        w_table = w.to(device, non_blocking=True)
+        slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
+        _weighted_sum_kernel[grid](addr_table, code_table, w_table, *slots, numel, len(tensors),
+                                   IN_DT=in_dt, K=len(group), BLOCK=block, num_warps=num_warps)

@@ -1,0 +1,112 @@
+"""The contract every merge method follows, and the registry the config and engine look them up in.
+
+A method is a small registered class: it declares its parameters (per model and global, with
+mergekit 0.1.5's names and defaults), how many models it takes, whether it needs a base model,
+and one function that merges one tensor into a preallocated output.
+
+The engine (pymerge/merge.py) and the pool (pymerge/pool.py) resolve parameters per tensor
+(gradients over layers, filters by name) before calling ``merge_tensor``, so methods only ever
+see plain numbers.
+"""
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
+
+import torch
+
+
+class MergeConfigError(ValueError):
+    """A user-fixable problem with a merge: bad parameter, wrong model count, ..."""
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a method accepts. default=REQUIRED means the user must give it."""
+    default: Any = _REQUIRED
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+REQUIRED = _REQUIRED
+
+
+@dataclass
+class TensorTask:
+    """Everything a method needs to merge one tensor (or one row-chunk of it).
+
+    inputs       the models' tensors, in config order, base model excluded (zero-copy views)
+    base         the base model's tensor, or None
+    model_params one dict per input with that model's resolved parameters for this tensor
+    params       the method's resolved global parameters for this tensor
+    name         the tensor's name (errors and RNG keys use it)
+    offset       element offset of this chunk inside the full tensor (0 for whole tensors)
+    seed         the merge's random seed (DARE/DELLA masks are keyed by seed, name and element)
+    """
+    inputs: List[torch.Tensor]
+    base: Optional[torch.Tensor]
+    model_params: List[Dict[str, Any]]
+    params: Dict[str, Any]
+    name: str = ""
+    offset: int = 0
+    seed: int = 0
+    backend: str = "auto"
+    num_threads: int = 0
+
+
+class MergeMethod:
+    """Base class: subclasses set the class attributes and implement merge_tensor."""
+    name: ClassVar[str]
+    base_model: ClassVar[str] = "none"        # "none" | "optional" | "required"
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[Optional[int]] = None
+    model_params: ClassVar[Dict[str, Param]] = {}
+    global_params: ClassVar[Dict[str, Param]] = {}
+    # True when out[j] depends only on element j of the inputs (and per-tensor constants known
+    # up front), so the engine may stream a big tensor in row chunks with bounded memory.
+    chunkable: ClassVar[bool] = False
+
+    def validate(self, n_models: int, has_base: bool) -> None:
+        """Raises MergeConfigError when the model count or base model does not fit the method."""
+        if self.base_model == "required" and not has_base:
+            raise MergeConfigError(f"merge_method {self.name} needs a base_model")
+        if n_models < self.min_models:
+            raise MergeConfigError(f"merge_method {self.name} needs at least {self.min_models} model(s) "
+                                   f"besides the base, got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise MergeConfigError(f"merge_method {self.name} takes at most {self.max_models} model(s) "
+                                   f"besides the base, got {n_models}")
+
+    def check_params(self, task: TensorTask) -> None:
+        """Per-tensor parameter checks (ranges); raise MergeConfigError naming the tensor."""
+
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        """Writes the merged tensor into ``out`` (contiguous, output dtype, inputs' shape)."""
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, MergeMethod] = {}
+
+
+def register(cls):
+    """Class decorator: makes a method available under cls.name."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> MergeMethod:
+    import pymerge.methods  # noqa: F401  (registers the built-in methods)
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise MergeConfigError(f"unknown merge_method {name!r}; known: {known}") from None
+
+
+def method_names() -> List[str]:
+    import pymerge.methods  # noqa: F401
+    return sorted(_REGISTRY)

@@ -1,0 +1,96 @@
+"""Argument checks shared by the fused ops: one clear message per mistake, before any work."""
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
+
+_FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
+
+
+def _dtype_names(dtypes):
+    return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+
+
+def check_inputs(tensors) -> List[torch.Tensor]:
+    """Same shape, same device, supported float dtypes; returns the inputs as a list."""
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError("tensors must be a sequence of tensors, not a single tensor")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("need at least one input tensor, got an empty list")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"input {i} is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype not in INPUT_DTYPES:
+            raise TypeError(f"input {i} has unsupported dtype {t.dtype}; supported: {_dtype_names(INPUT_DTYPES)}")
+        if t.shape != first.shape:
+            raise ValueError(f"input {i} has shape {tuple(t.shape)} but input 0 has shape {tuple(first.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"input {i} is on {t.device} but input 0 is on {first.device}")
+    return tensors
+
+
+def check_weights(weights, n: int, what: str = "weights") -> List[float]:
+    """A sequence or 1-D tensor of n finite numbers, returned as Python floats."""
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {tuple(weights.shape)}")
+        weights = weights.detach().double().cpu().tolist()
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be numbers, got {weights!r}") from None
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {what} for {n} inputs")
+    for i, w in enumerate(values):
+        if not math.isfinite(w):
+            raise ValueError(f"{what}[{i}] is {w}; weights must be finite")
+    return values
+
+
+def default_out_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The inputs' promoted dtype; float8 inputs count as bfloat16 (there is no float8 output)."""
+    dtype = None
+    for t in tensors:
+        d = torch.bfloat16 if t.dtype in _FP8 else t.dtype
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    return dtype
+
+
+def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.Tensor]) -> torch.dtype:
+    """Checks out= and out_dtype= against the inputs; returns the output dtype."""
+    first = tensors[0]
+    if out_dtype is not None and out_dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"unsupported out_dtype {out_dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
+    if out is None:
+        return out_dtype or default_out_dtype(tensors)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != first.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)} but the inputs have shape {tuple(first.shape)}")
+    if out.device != first.device:
+        raise ValueError(f"out is on {out.device} but the inputs are on {first.device}")
+    if out.dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"out has unsupported dtype {out.dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
+    if out_dtype is not None and out_dtype != out.dtype:
+        raise ValueError(f"out has dtype {out.dtype} but out_dtype={out_dtype}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    for i, t in enumerate(tensors):
+        if _overlaps_partially(out, t):
+            raise ValueError(f"out partially overlaps input {i}; use a separate output or exactly the same tensor")
+    return out.dtype
+
+
+def _overlaps_partially(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b share bytes but are not the very same elements (which would be unsafe)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    if a1 <= b0 or b1 <= a0:
+        return False
+    return not (a0 == b0 and a.dtype == b.dtype and b.is_contiguous())

@@ -1,0 +1,106 @@
+"""Build pymerge's native code with pybind11 alone (no libtorch, no torch at build time).
+
+- pymerge._cpu  : every csrc/cpu/*.cpp, C++17 + OpenMP; SIMD paths chosen at run time.
+- pymerge._cuda : every csrc/cuda/*.cu compiled by nvcc (when found) and linked against the
+                  static CUDA runtime, so it imports on machines without a GPU.
+Set PYMERGE_NO_CUDA=1 to skip the CUDA extension, PYMERGE_CUDA_ARCHS="90;80" to pick archs.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def find_nvcc():
+    if os.environ.get("PYMERGE_NO_CUDA") == "1":
+        return None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_home_of(nvcc):
+    """The toolkit root, as nvcc itself reports it (nvcc may be a wrapper script on PATH)."""
+    out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
+    for line in out.splitlines():
+        if "TOP=" in line:
+            return os.path.normpath(line.split("TOP=", 1)[1].strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+class BuildExt(build_ext):
+    """Compiles .cu sources with nvcc, everything else with the usual compiler."""
+
+    def build_extension(self, ext):
+        cu = [s for s in ext.sources if s.endswith(".cu")]
+        if not cu:
+            return super().build_extension(ext)
+        nvcc = find_nvcc()
+        cuda_home = cuda_home_of(nvcc)
+        archs = os.environ.get("PYMERGE_CUDA_ARCHS", "90;80").split(";")
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        obj_dir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(obj_dir, exist_ok=True)
+        objects = []
+        for src in cu:
+            obj = os.path.join(obj_dir, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
+                   "-Xcompiler", "-fPIC", "-Icsrc", *gencode]
+            print(" ".join(cmd))
+            subprocess.check_call(cmd, cwd=HERE)
+            objects.append(obj)
+        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        ext.extra_objects = objects
+        target = os.path.join("targets", f"{os.uname().machine}-linux")
+        for incdir in ("include", os.path.join(target, "include")):
+            if os.path.isdir(os.path.join(cuda_home, incdir)):
+                ext.include_dirs.append(os.path.join(cuda_home, incdir))
+        for libdir in ("lib64", "lib", os.path.join(target, "lib")):
+            if os.path.isdir(os.path.join(cuda_home, libdir)):
+                ext.library_dirs.append(os.path.join(cuda_home, libdir))
+        ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
+        return super().build_extension(ext)
+
+
+cpu_ext = Pybind11Extension(
+    "pymerge._cpu",
+    _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"],
+    extra_link_args=["-fopenmp"],
+)
+ext_modules = [cpu_ext]
+cuda_sources = glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
+if cuda_sources and find_nvcc() and sys.platform.startswith("linux"):
+    ext_modules.append(Pybind11Extension(
+        "pymerge._cuda",
+        _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
+             + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp"))),
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O2"],
+    ))
+
+setup(
+    packages=["pymerge", "pymerge.io", "pymerge.methods", "pymerge.ops", "pymerge.kernels"],
+    package_dir={"pymerge.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExt},
+    zip_safe=False,
+)
