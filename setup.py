@@ -43,6 +43,16 @@ def cuda_home_of(nvcc):
 class BuildExt(build_ext):
     """Compiles .cu sources with nvcc, everything else with the usual compiler."""
 
+    def copy_file(self, src, dst, *args, **kwargs):
+        # Replace built libraries atomically: overwriting a loaded .so in place crashes the
+        # processes that have it mapped (a test run beside a rebuild, say).
+        if not str(dst).endswith((".so", ".pyd")):
+            return super().copy_file(src, dst, *args, **kwargs)
+        tmp = f"{dst}.tmp{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return dst, True
+
     def build_extension(self, ext):
         cu = [s for s in ext.sources if s.endswith(".cu")]
         if not cu:

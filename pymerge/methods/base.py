@@ -13,10 +13,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 
 import torch
 
-
-class MergeConfigError(ValueError):
-    """A user-fixable problem with a merge: bad parameter, wrong model count, ..."""
-
+from pymerge.errors import MergeConfigError  # noqa: F401  (re-exported for method modules)
 
 _REQUIRED = object()
 
