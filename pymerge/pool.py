@@ -1,0 +1,399 @@
+"""CheckpointPool: N checkpoints held once, merged many times straight into a live model's storage.
+
+The search loop's hot path. The pool reads every source once at construction, keeps the tensors
+where they fit (GPU memory, else pinned host memory streamed in chunks, else the memory map; on
+the CPU: RAM, else the memory map), and `materialize` writes sum_i w_i * theta_i into the model's
+own parameters: same data_ptrs, nothing allocated per call, every check done before any write.
+"""
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from pymerge._native import OUTPUT_DTYPES
+from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
+from pymerge.pool_sources import open_source
+from pymerge.pool_weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
+
+RESIDENCIES = ("device", "pinned", "host", "mmap")
+NameMap = Union[None, str, Callable[[str], Optional[str]]]
+
+
+@dataclass
+class _Plan:
+    """One validated write: pool tensor `name` (weight group `group`) into one target per candidate."""
+    name: str
+    group: int
+    outs: List[torch.Tensor]      # contiguous views of the targets' storage (or temporaries, see fixups)
+    fixups: List[Tuple[torch.Tensor, torch.Tensor]]  # (temporary, non-contiguous target) to copy back
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class CheckpointPool:
+    """A fixed set of checkpoints (and an optional base) to merge into live models, fast and in place.
+
+    sources        HF folders, .safetensors files, state dicts or modules (all with the same tensors)
+    base           optional base checkpoint (methods such as task_arithmetic need it; linear ignores it)
+    device         where merges are computed: "cpu" or "cuda[:i]"; targets must live there
+    dtype          storage dtype of the resident copies (None keeps each file's dtype)
+    memory_budget  cap on the bytes the pool itself holds resident (int, or "8GB"); over it, the
+                   pool falls to the next tier. `pool.residency` and `pool.describe()` say which.
+    residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one
+    backend        weighted_sum backend ("auto": C++ on the CPU, Triton on CUDA)
+    """
+
+    def __init__(self, sources, base=None, device="cpu", dtype: Optional[torch.dtype] = None,
+                 memory_budget=None, residency: Optional[str] = None, backend: str = "auto",
+                 num_threads: int = 0, chunk_bytes: int = 64 << 20):
+        if isinstance(sources, (str, os.PathLike, dict, torch.nn.Module)):
+            raise InputError("sources must be a list of checkpoints (paths, state dicts or modules)")
+        sources = list(sources)
+        if not sources:
+            raise InputError("a CheckpointPool needs at least one source")
+        if dtype is not None and dtype not in OUTPUT_DTYPES:
+            raise InputError(f"dtype {dtype} is not a storage dtype the kernels read; use float32, float16 or bfloat16")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but CUDA is not available")
+        if self.device.type not in ("cpu", "cuda"):
+            raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.dtype = dtype
+        self.backend = pick_backend(self.device, backend)
+        self.num_threads = num_threads
+        self.memory_budget = parse_bytes(memory_budget)
+        opened = [open_source(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
+        base_src = open_source(base, _label(base, "base")) if base is not None else None
+        try:
+            self.names, self.shapes, self.skipped = _catalog(opened, base_src)
+            self.num_checkpoints = len(opened)
+            self.labels = [s.label for s in opened]
+            self.has_base = base_src is not None
+            self.residency, self.reason = self._choose(opened, base_src, residency)
+            self._inputs = {n: [self._hold(s.tensor(n)) for s in opened] for n in self.names}
+            self._base = {n: self._hold(base_src.tensor(n)) for n in self.names} if base_src else {}
+        finally:
+            if getattr(self, "residency", None) != "mmap":
+                for s in opened + ([base_src] if base_src else []):
+                    if s.mapped:
+                        s.close()  # views handed out stay valid; copies were made
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._cuda = None
+        if self.device.type == "cuda" or self.backend == "triton":
+            from pymerge.pool_cuda import CudaRunner
+            self._cuda = CudaRunner(self._inputs, self.device, self.residency, self.num_checkpoints,
+                                    chunk_bytes=chunk_bytes)
+
+    # ---- residency ---------------------------------------------------------------------------------
+    def _storage_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return self.dtype or t.dtype
+
+    def _choose(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str]:
+        per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64)) * (self.dtype or _first_dtype(opened[0], n)).itemsize
+                       for n in self.names)
+        need = per_ckpt * (len(opened) + (1 if base_src else 0))
+        self.nbytes = need
+        host_avail = _host_available()
+        host_cap = min(self.memory_budget if self.memory_budget is not None else need, host_avail // 2)
+        if forced is not None:
+            if forced not in RESIDENCIES:
+                raise InputError(f"residency must be one of {', '.join(RESIDENCIES)}, got {forced!r}")
+            if forced == "device" and self.device.type != "cuda":
+                raise InputError("residency 'device' needs device='cuda' (on the CPU, use 'host')")
+            if forced == "host" and self.device.type == "cuda":
+                raise InputError("residency 'host' is for device='cpu'; on CUDA use 'device', 'pinned' or 'mmap'")
+            if forced == "pinned" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise InputError("residency 'pinned' streams host memory to a GPU: it needs device='cuda'")
+            return forced, "forced by residency="
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            dev_cap = min(self.memory_budget if self.memory_budget is not None else need, int(free * 0.9))
+            if need <= dev_cap:
+                return "device", f"{_fmt_bytes(need)} fits in GPU memory ({_fmt_bytes(free)} free)"
+            if need <= host_cap:
+                return "pinned", f"{_fmt_bytes(need)} exceeds the GPU budget; pinned host memory, streamed in chunks"
+            return "mmap", f"{_fmt_bytes(need)} exceeds the GPU and host budgets; streamed from the memory map"
+        if need <= host_cap:
+            return "host", f"{_fmt_bytes(need)} fits in RAM ({_fmt_bytes(host_avail)} available)"
+        return "mmap", f"{_fmt_bytes(need)} exceeds the host budget; read from the memory map (page cache)"
+
+    def _hold(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor as the chosen tier keeps it: an owned copy, except the mmap tier (views as given)."""
+        t = t.detach()
+        if self.residency == "mmap":
+            return t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
+        dtype = self._storage_dtype(t)
+        if self.residency == "device":
+            held = t.to(self.device, dtype)
+        else:
+            held = t.to("cpu", dtype)
+            if self.residency == "pinned" and torch.cuda.is_available():
+                held = held.pin_memory()
+        if held.data_ptr() == t.data_ptr() or not held.is_contiguous():
+            # Never alias a caller's tensor or a file view: a model merged into must not change the pool.
+            held = held.clone(memory_format=torch.contiguous_format)
+            if self.residency == "pinned" and torch.cuda.is_available():
+                held = held.pin_memory()
+        return held
+
+    def describe(self) -> str:
+        return (f"CheckpointPool: {self.num_checkpoints} checkpoints{' + base' if self.has_base else ''}, "
+                f"{len(self.names)} tensors, {_fmt_bytes(self.nbytes)}; residency {self.residency} "
+                f"({self.reason}); backend {self.backend} on {self.device}")
+
+    __repr__ = describe
+
+    def model_nbytes(self) -> int:
+        """Bytes of one checkpoint as the pool stores it (what one materialize writes, at the same dtype)."""
+        return sum(self._inputs[n][0].numel() * self._inputs[n][0].element_size() for n in self.names)
+
+    def num_groups(self, groups: GroupRule = "layer") -> int:
+        """How many rows a per-group weight table needs under a grouping rule."""
+        return max(group_indices(self.names, groups), default=0) + 1
+
+    def tensor(self, i: int, name: str) -> torch.Tensor:
+        """Checkpoint i's resident tensor `name` (read-only use)."""
+        return self._inputs[name][i]
+
+    # ---- merging -----------------------------------------------------------------------------------
+    def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
+                    normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0, **params):
+        """Writes the merge with `weights` (N floats, or a [G, N] table with `groups`) into `into`; returns it."""
+        return self.materialize_many([weights], [into], method, groups=groups, normalize=normalize,
+                                     names=names, strict=strict, seed=seed, **params)[0]
+
+    def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
+                         normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
+                         **params) -> list:
+        """K candidates from one pass over the checkpoints: into[k] receives the merge with weight_rows[k]."""
+        into = list(into) if isinstance(into, (list, tuple)) else [into]
+        weight_rows = list(weight_rows)
+        if len(weight_rows) != len(into):
+            raise InputError(f"got {len(weight_rows)} weight rows for {len(into)} target models")
+        if len({id(m) for m in into}) != len(into):
+            raise InputError("the same model appears twice in into=; each candidate needs its own model")
+        n = self.num_checkpoints
+        if self._graph_weights(weight_rows, method):
+            tables = [_device_table(w, n, normalize) for w in weight_rows]
+        else:
+            tables = [weight_table(w, n, normalize, what="weights" if len(into) == 1 else f"weights of candidate {k}")
+                      for k, w in enumerate(weight_rows)]
+        group_of = group_indices(self.names, groups) if any(t.shape[0] > 1 for t in tables) else [0] * len(self.names)
+        for k, t in enumerate(tables):
+            check_groups(group_of, self.names, t.shape[0], what="weights" if len(into) == 1 else f"candidate {k}'s weights")
+        plans = self._plan(into, group_of, names, strict)
+        if method == "linear":
+            if params:
+                raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
+                                       "(use normalize= for sum-to-one)")
+            self._run_linear(plans, tables)
+        else:
+            self._run_method(method, plans, tables, seed, params)
+        for p in plans:
+            for tmp, target in p.fixups:
+                target.copy_(tmp)
+        return into
+
+    def _graph_weights(self, weight_rows, method: str) -> bool:
+        """CUDA-tensor weights on the pool's device: used where they are, values unchecked (no host sync),
+        so a CUDA graph can capture materialize and replay it after the caller updates them in place."""
+        if self.device.type != "cuda" or method != "linear":
+            return False
+        return all(isinstance(w, torch.Tensor) and w.device.type == "cuda" for w in weight_rows)
+
+    def _plan(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
+        """Resolves and checks every target before anything is written."""
+        mapped = [_map_name(n, names) for n in self.names]
+        targets = [_tensors_of(m) for m in into]
+        plans = []
+        problems = []
+        for idx, (name, model_name) in enumerate(zip(self.names, mapped)):
+            if model_name is None:
+                continue
+            outs, fixups = [], []
+            for k, tmap in enumerate(targets):
+                where = f" in model {k}" if len(into) > 1 else ""
+                t = tmap.get(model_name)
+                if t is None:
+                    if strict:
+                        problems.append(f"pool tensor {name!r} has no counterpart {model_name!r}{where}")
+                    continue
+                t = t.detach()
+                if tuple(t.shape) != self.shapes[name]:
+                    problems.append(f"tensor {model_name!r}{where} has shape {tuple(t.shape)}, "
+                                    f"the pool's has {self.shapes[name]}")
+                elif t.dtype not in OUTPUT_DTYPES:
+                    problems.append(f"tensor {model_name!r}{where} has dtype {t.dtype}; merges are written as "
+                                    "float32, float16 or bfloat16")
+                elif t.device.type != self.device.type or (self.device.index is not None
+                                                           and t.device.index != self.device.index):
+                    problems.append(f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}")
+                elif t.is_contiguous():
+                    outs.append(t)
+                else:  # rare (a transposed view): merge into a temporary, copy back after all checks
+                    tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                    outs.append(tmp)
+                    fixups.append((tmp, t))
+            if problems and len(problems) >= 5:
+                break
+            if len(outs) == len(into):
+                plans.append(_Plan(name, group_of[idx], outs, fixups))
+        if problems:
+            more = "" if len(problems) < 5 else " (and possibly more)"
+            raise InputError("; ".join(problems[:5]) + more + "; nothing was written")
+        return plans
+
+    def _run_linear(self, plans: List[_Plan], tables: List[np.ndarray]) -> None:
+        if self._cuda is not None:
+            self._cuda.run_linear(plans, tables, self.backend)
+            return
+        n_groups = max(t.shape[0] for t in tables)
+        rows = [[t[g if t.shape[0] > 1 else 0].tolist() for t in tables] for g in range(n_groups)]
+        for p in plans:
+            weighted_sum_into(self._inputs[p.name], rows[p.group], p.outs, backend=self.backend,
+                              num_threads=self.num_threads)
+
+    def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
+        """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path)."""
+        from pymerge.methods.base import TensorTask, get_method
+        m = get_method(method)
+        m.validate(self.num_checkpoints, self.has_base)
+        per_model, global_params = _split_params(m, params, self.num_checkpoints)
+        tasks = []
+        for p in plans:
+            inputs = self._inputs[p.name]
+            base = self._base.get(p.name)
+            if inputs[0].device != self.device:  # streamed tiers: the method gets whole tensors on the device
+                inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                base = base.to(self.device, non_blocking=True) if base is not None else None
+            for k, table in enumerate(tables):
+                w = table[p.group if table.shape[0] > 1 else 0]
+                mp = [dict(per_model[i], weight=float(w[i])) for i in range(self.num_checkpoints)]
+                task = TensorTask(inputs=inputs, base=base, model_params=mp, params=dict(global_params),
+                                  name=p.name, seed=seed, backend=self.backend, num_threads=self.num_threads)
+                m.check_params(task)
+                tasks.append((task, p.outs[k]))
+        for task, out in tasks:
+            m.merge_tensor(task, out)
+
+
+def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
+    """A CUDA weight tensor as [G, N] float32 (a view where it already is one); shapes checked, values not."""
+    if w.dim() not in (1, 2) or w.shape[-1] != n:
+        raise InputError(f"weights on the GPU must have shape [{n}] or [G, {n}], got {list(w.shape)}")
+    w = w.view(1, n) if w.dim() == 1 else w
+    w = w if w.dtype == torch.float32 and w.is_contiguous() else w.float().contiguous()
+    return w / w.sum(dim=1, keepdim=True) if normalize else w
+
+
+def _label(src, default: str) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else default
+
+
+def _first_dtype(src, name: str) -> torch.dtype:
+    return src.info(name)[0]
+
+
+def _catalog(opened, base_src):
+    """Names (first source's order), shapes, and the non-float tensors left out; every source must agree."""
+    first = opened[0]
+    names, shapes, skipped = [], {}, []
+    first_names = first.names()
+    for name in first_names:
+        dtype, shape = first.info(name)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            skipped.append(name)  # integer buffers (step counters, position ids) are not merged
+            continue
+        names.append(name)
+        shapes[name] = shape
+    ref = set(first_names)
+    for src in opened[1:] + ([base_src] if base_src else []):
+        have = set(src.names())
+        missing = [n for n in first_names if n not in have]
+        if missing:
+            raise CheckpointError(f"{src.label}: tensor {missing[0]!r} is missing (it is in {first.label}); "
+                                  f"{len(missing)} missing in all")
+        extra = sorted(have - ref)
+        if extra:
+            raise CheckpointError(f"{src.label}: tensor {extra[0]!r} is not in {first.label}; {len(extra)} extra in all")
+        for name in names:
+            dtype, shape = src.info(name)
+            if shape != shapes[name]:
+                raise CheckpointError(f"{src.label}: tensor {name!r} has shape {list(shape)}, "
+                                      f"{first.label} has {list(shapes[name])}")
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise CheckpointError(f"{src.label}: tensor {name!r} has dtype {dtype}, {first.label} has a float")
+    if not names:
+        raise CheckpointError(f"{first.label}: no floating-point tensors to merge")
+    return names, shapes, skipped
+
+
+def _map_name(name: str, names: NameMap) -> Optional[str]:
+    if names is None:
+        return name
+    if isinstance(names, str):
+        return names + name
+    if callable(names):
+        return names(name)
+    raise InputError(f"names must be a prefix string or a function, got {type(names).__name__}")
+
+
+def _tensors_of(target) -> Dict[str, torch.Tensor]:
+    """Name -> tensor for a module (parameters and buffers, tied names included) or a state dict."""
+    if isinstance(target, torch.nn.Module):
+        out = dict(target.named_parameters(remove_duplicate=False))
+        out.update(target.named_buffers(remove_duplicate=False))
+        return out
+    if isinstance(target, dict):
+        for k, v in target.items():
+            if not isinstance(v, torch.Tensor):
+                raise InputError(f"into: entry {k!r} is a {type(v).__name__}, not a tensor")
+        return target
+    raise InputError(f"into must be an nn.Module or a state dict, got {type(target).__name__}")
+
+
+def _split_params(method, params: dict, n: int):
+    """Per-model and global parameters for a registered method: declared names only, required ones given."""
+    declared_model = dict(method.model_params)
+    declared_model.pop("weight", None)  # the weight table supplies it
+    unknown = sorted(set(params) - set(declared_model) - set(method.global_params))
+    if unknown:
+        known = sorted(set(declared_model) | set(method.global_params))
+        raise MergeConfigError(f"method {method.name} has no parameter {unknown[0]!r}; it takes: {', '.join(known) or 'none'}")
+    per_model = [{} for _ in range(n)]
+    for key, spec in declared_model.items():
+        value = params.get(key, spec.default)
+        if value is spec.default and spec.required:
+            raise MergeConfigError(f"method {method.name} needs parameter {key!r}")
+        values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * n
+        if len(values) != n:
+            raise MergeConfigError(f"parameter {key!r}: got {len(values)} values for {n} checkpoints")
+        for i in range(n):
+            per_model[i][key] = values[i]
+    global_params = {}
+    for key, spec in method.global_params.items():
+        value = params.get(key, spec.default)
+        if value is spec.default and spec.required:
+            raise MergeConfigError(f"method {method.name} needs parameter {key!r}")
+        global_params[key] = value
+    return per_model, global_params

@@ -1,0 +1,102 @@
+"""Merge weights for the pool: one row of N floats, or a [G, N] table plus a grouping rule.
+
+Everything here runs on the host before anything is written, so a bad weight never reaches a model.
+"""
+import math
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from pymerge.errors import InputError
+
+# A transformer block's index: "model.layers.3.mlp", "transformer.h.3.attn", "blocks.3.", "layer.3.".
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+GroupRule = Union[None, str, Callable[[str], int], Dict[str, int]]
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The block index in a tensor name, or None for tensors outside the blocks (embeddings, norms, heads).
+
+    Kept small on purpose; pymerge/config.py's layer-index function replaces it once it lands.
+    """
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:
+    """Group index per tensor name. "layer" (the default): block i -> group i + 1, the rest -> group 0."""
+    if rule is None or rule == "layer":
+        out = []
+        for n in names:
+            i = layer_index(n)
+            out.append(0 if i is None else i + 1)
+        return out
+    if isinstance(rule, dict):
+        missing = [n for n in names if n not in rule]
+        if missing:
+            raise InputError(f"groups: no group given for tensor {missing[0]!r} ({len(missing)} tensor(s) without one)")
+        out = [rule[n] for n in names]
+    elif callable(rule):
+        out = [rule(n) for n in names]
+    else:
+        raise InputError(f"groups must be 'layer', a dict name -> group or a function, got {rule!r}")
+    for n, g in zip(names, out):
+        if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 0:
+            raise InputError(f"groups: tensor {n!r} got group {g!r}; groups are integers >= 0")
+    return [int(g) for g in out]
+
+
+def weight_table(weights, n: int, normalize: bool = False, what: str = "weights") -> np.ndarray:
+    """Weights as a float64 [G, N] table (G = 1 for a flat list), finite, optionally rows summing to one."""
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().double().numpy()
+    try:
+        table = np.array(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be numbers, got {weights!r}") from None
+    if table.ndim == 1:
+        table = table[None, :]
+    if table.ndim != 2:
+        raise InputError(f"{what} must be N numbers or a [G, N] table, got shape {table.shape}")
+    if table.shape[1] != n:
+        raise InputError(f"got {table.shape[1]} {what} for {n} checkpoints")
+    bad = np.argwhere(~np.isfinite(table))
+    if len(bad):
+        g, i = bad[0]
+        where = f"[{i}]" if table.shape[0] == 1 else f"[{g}][{i}]"
+        raise InputError(f"{what}{where} is {table[g, i]}; weights must be finite")
+    if normalize:
+        sums = table.sum(axis=1, keepdims=True)
+        tiny = np.flatnonzero(np.abs(sums[:, 0]) < 1e-12)
+        if len(tiny):
+            raise InputError(f"{what}: row {tiny[0]} sums to {sums[tiny[0], 0]:g}; cannot normalize it to one")
+        table = table / sums
+    return table
+
+
+def check_groups(groups: List[int], names: Sequence[str], n_rows: int, what: str = "weights") -> None:
+    """Every tensor's group must have a row; a flat list (one row) serves every group."""
+    if n_rows == 1:
+        return
+    for name, g in zip(names, groups):
+        if g >= n_rows:
+            raise InputError(f"tensor {name!r} is in group {g} but the {what} table has {n_rows} rows")
+
+
+def parse_bytes(budget) -> Optional[int]:
+    """memory_budget as bytes: an int, a float, or a string such as '12GB', '512MiB', '2e9'."""
+    if budget is None:
+        return None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if not math.isfinite(budget) or budget < 0:
+            raise InputError(f"memory_budget must be >= 0 bytes, got {budget}")
+        return int(budget)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(budget))
+    if not m:
+        raise InputError(f"memory_budget {budget!r} is not a size (try 8GB, 512MiB or a number of bytes)")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base ** power)
