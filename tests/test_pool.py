@@ -1,0 +1,376 @@
+"""CheckpointPool against a float64 reference: every backend that runs here, in place, errors before writes."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.pool import CheckpointPool
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+class Tiny(torch.nn.Module):
+    """Awkward sizes, a block list (for per-layer weights), a float buffer and an integer buffer."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(37, 29)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(29, 29) for _ in range(3)])
+        self.norm = torch.nn.LayerNorm(29)
+        self.head = torch.nn.Linear(29, 101)  # 2929 + 101 elements: more than one 1024-element block
+        self.register_buffer("scale", torch.randn(7))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.to(dtype)
+
+
+def make_models(n, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    models = [Tiny(dtype) for _ in range(n)]
+    for m in models:
+        for p in m.parameters():
+            torch.nn.init.normal_(p)
+    return models
+
+
+def reference(models, table, group_of=None):
+    """float64 sum_i w_i theta_i per tensor; table is [G, N] (G = 1: one row for all)."""
+    table = np.atleast_2d(np.asarray(table, dtype=np.float64))
+    out = {}
+    for name, t in models[0].state_dict().items():
+        if not t.is_floating_point():
+            continue
+        g = group_of(name) if (group_of and table.shape[0] > 1) else 0
+        out[name] = sum(float(w) * m.state_dict()[name].double() for w, m in zip(table[g], models))
+    return out
+
+
+def assert_matches(model, ref, dtype):
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    state = model.state_dict()
+    for name, r in ref.items():
+        got = state[name].double()
+        assert torch.allclose(got, r, rtol=tol, atol=tol * r.abs().max().item()), name
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def ptrs(model):
+    return {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+BACKENDS = ["cpu", "torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_materialize_matches_float64_in_place(backend, dtype):
+    models = make_models(4, dtype)
+    pool = CheckpointPool([m.state_dict() for m in models], backend=backend)
+    target = Tiny(dtype)
+    before, steps = ptrs(target), target.steps.clone()
+    w = [0.4, -0.25, 0.6, 0.3]
+    out = pool.materialize(w, into=target)
+    assert out is target
+    assert ptrs(target) == before
+    assert_matches(target, reference(models, w), dtype)
+    assert torch.equal(target.steps, steps)  # integer buffers are not pool tensors
+    assert pool.skipped == ["steps"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_materialize_many_matches_separate_references(backend):
+    models = make_models(5)
+    pool = CheckpointPool([m.state_dict() for m in models], backend=backend)
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(6, 5))
+    targets = [Tiny() for _ in range(6)]
+    before = [ptrs(t) for t in targets]
+    pool.materialize_many(rows, into=targets)
+    for k, t in enumerate(targets):
+        assert ptrs(t) == before[k]
+        assert_matches(t, reference(models, rows[k]), torch.float32)
+
+
+def test_streamed_tier_chunks_match(monkeypatch):
+    """The GPU streaming code (staging sets, chunk offsets) run on the CPU through the Triton interpreter."""
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], backend="triton", residency="pinned", chunk_bytes=4096)
+    pool._cuda.chunk = 1024  # force several chunks per tensor (head.weight has 2929 elements)
+    targets = [Tiny() for _ in range(5)]
+    rows = np.random.default_rng(2).normal(size=(5, 3))
+    pool.materialize_many(rows, into=targets)
+    for k, t in enumerate(targets):
+        assert_matches(t, reference(models, rows[k]), torch.float32)
+
+
+def test_per_layer_weights_and_normalize():
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    assert pool.num_groups() == 4  # group 0: embed/norm/head/scale; groups 1..3: layers.0..2
+    table = np.array([[1, 1, 2], [3, 0, 1], [0, 1, 0], [2, 2, 0]], dtype=float)
+    target = Tiny()
+    pool.materialize(table, into=target, normalize=True)
+    norm = table / table.sum(1, keepdims=True)
+
+    def group_of(name):
+        return int(name.split(".")[1]) + 1 if name.startswith("layers.") else 0
+    assert_matches(target, reference(models, norm, group_of), torch.float32)
+    custom = Tiny()
+    pool.materialize(table[:2], into=custom, groups=lambda n: 1 if "head" in n else 0)
+    assert_matches(custom, reference(models, table[:2], lambda n: 1 if "head" in n else 0), torch.float32)
+
+
+def test_name_mapping_prefix_and_function():
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    wrapper = torch.nn.Module()
+    wrapper.inner = Tiny()
+    pool.materialize([0.5, 0.5], into=wrapper, names="inner.")
+    assert_matches(wrapper.inner, reference(models, [0.5, 0.5]), torch.float32)
+    # a function may also drop tensors (None): they stay untouched
+    t = Tiny()
+    head = t.head.weight.clone()
+    pool.materialize([1.0, 0.0], into=t, names=lambda n: None if n.startswith("head") else n)
+    assert torch.equal(t.head.weight, head)
+    assert torch.equal(t.layers[0].weight, models[0].layers[0].weight)
+
+
+def test_untouched_buffers_and_parameters_outside_the_pool():
+    models = make_models(2)
+    state = {k: v for k, v in models[0].state_dict().items() if not k.startswith("norm")}
+    pool = CheckpointPool([state, {k: models[1].state_dict()[k] for k in state}])
+    t = Tiny()
+    t.register_buffer("extra", torch.randn(3))
+    keep = {k: v.clone() for k, v in t.state_dict().items() if k.startswith("norm") or k in ("extra", "steps")}
+    pool.materialize([0.3, 0.7], into=t)
+    for k, v in keep.items():
+        assert torch.equal(t.state_dict()[k], v), k
+
+
+def test_sources_from_safetensors_files_and_folder(tmp_path):
+    models = make_models(3, torch.bfloat16)
+    paths = []
+    for i, m in enumerate(models):
+        d = tmp_path / f"ckpt{i}"
+        d.mkdir()
+        sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+        if i == 0:
+            save_file(sd, str(d / "model.safetensors"))
+            paths.append(str(d))  # a folder
+        else:
+            save_file(sd, str(d / "weights.safetensors"))
+            paths.append(str(d / "weights.safetensors"))  # a file
+    for residency in ("host", "mmap"):
+        pool = CheckpointPool(paths, residency=residency)
+        t = Tiny(torch.bfloat16)
+        pool.materialize([0.2, 0.3, 0.5], into=t)
+        assert_matches(t, reference(models, [0.2, 0.3, 0.5]), torch.bfloat16)
+    # fp32 storage of bf16 files, merged into an fp32 model
+    pool = CheckpointPool(paths, dtype=torch.float32)
+    t = Tiny(torch.float32)
+    pool.materialize([0.2, 0.3, 0.5], into=t)
+    assert_matches(t, reference(models, [0.2, 0.3, 0.5]), torch.bfloat16)
+
+
+def test_memory_budget_picks_the_memory_map():
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models], memory_budget="1KB")
+    assert pool.residency == "mmap" and "budget" in pool.describe()
+    pool = CheckpointPool([m.state_dict() for m in models], memory_budget="1GiB")
+    assert pool.residency == "host"
+
+
+def test_pool_never_aliases_a_source_model():
+    """Merging into a model whose state dict is a source must not change the pool."""
+    models = make_models(2)
+    pool = CheckpointPool([models[0].state_dict(), models[1].state_dict()])
+    frozen = [snapshot(m) for m in models]
+    pool.materialize([0.0, 1.0], into=models[0])
+    ref = reference([type("M", (), {"state_dict": lambda self, s=s: s})() for s in frozen], [0.5, 0.5])
+    t = Tiny()
+    pool.materialize([0.5, 0.5], into=t)
+    assert_matches(t, ref, torch.float32)
+
+
+def test_into_a_state_dict():
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    sd = {k: torch.zeros_like(v) for k, v in models[0].state_dict().items()}
+    pool.materialize([1.0, 1.0], into=sd)
+    assert_matches_dict = reference(models, [1.0, 1.0])
+    for k, r in assert_matches_dict.items():
+        assert torch.allclose(sd[k].double(), r, atol=1e-5)
+
+
+# ---- errors leave the model unchanged ---------------------------------------------------------------
+@pytest.mark.parametrize("weights,match", [
+    ([0.5, 0.5], "got 2 weights for 3 checkpoints"),
+    ([0.5, float("nan"), 0.5], r"weights\[1\] is nan"),
+    ([0.5, 0.5, float("inf")], r"weights\[2\] is inf"),
+    ([[0.5, 0.5, 0.0]] * 2, "layers.1.weight.* is in group 2 but the weights table has 2 rows"),
+    ([0.0, 0.0, 0.0], None),
+])
+def test_bad_weights_raise_before_writing(weights, match):
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    t = Tiny()
+    before = snapshot(t)
+    if match is None:  # normalizing an all-zero row
+        with pytest.raises(InputError, match="sums to 0"):
+            pool.materialize(weights, into=t, normalize=True)
+    else:
+        with pytest.raises(InputError, match=match):
+            pool.materialize(weights, into=t)
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_model_mismatches_name_the_tensor_and_write_nothing():
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+
+    class Wider(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(29, 100)
+    for model, match in ((Wider(), r"'head.weight' has shape \(100, 29\)"),
+                         (torch.nn.Linear(3, 3), "pool tensor 'embed.weight' has no counterpart"),
+                         (Tiny().double(), "'embed.weight' has dtype torch.float64")):
+        before = snapshot(model)
+        with pytest.raises(InputError, match=match) as err:
+            pool.materialize([0.5, 0.5], into=model)
+        assert "nothing was written" in str(err.value)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    # strict=False: pool tensors without a counterpart are skipped
+    lin = torch.nn.Linear(29, 101)
+    pool.materialize([1.0, 0.0], into=lin, names=lambda n: n[5:] if n.startswith("head.") else n, strict=False)
+    assert torch.equal(lin.weight, models[0].head.weight)
+
+
+def test_many_checks_every_target_first():
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    good, bad = Tiny(), Tiny()
+    bad.head = torch.nn.Linear(29, 3)
+    before = snapshot(good)
+    with pytest.raises(InputError, match="in model 1"):
+        pool.materialize_many([[1, 0], [0, 1]], into=[good, bad])
+    for k, v in good.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(InputError, match="same model appears twice"):
+        pool.materialize_many([[1, 0], [0, 1]], into=[good, good])
+    with pytest.raises(InputError, match="2 weight rows for 1 target"):
+        pool.materialize_many([[1, 0], [0, 1]], into=[good])
+
+
+def test_inconsistent_sources_are_named():
+    a, b = make_models(2)
+    sb = b.state_dict()
+    sb.pop("head.bias")
+    with pytest.raises(CheckpointError, match="'head.bias' is missing"):
+        CheckpointPool([a.state_dict(), sb])
+    sb = dict(b.state_dict(), **{"head.bias": torch.zeros(5)})
+    with pytest.raises(CheckpointError, match=r"'head.bias' has shape \[5\]"):
+        CheckpointPool([a.state_dict(), sb])
+    sb = dict(b.state_dict(), extra=torch.zeros(1))
+    with pytest.raises(CheckpointError, match="'extra' is not in"):
+        CheckpointPool([a.state_dict(), sb])
+    with pytest.raises(CheckpointError, match="no such file"):
+        CheckpointPool([a.state_dict(), "/nonexistent/model.safetensors"])
+
+
+# ---- methods through the registry --------------------------------------------------------------------
+def test_task_arithmetic_through_the_registry():
+    from pymerge.methods.base import get_method
+    try:
+        get_method("task_arithmetic")
+    except MergeConfigError:
+        pytest.skip("task_arithmetic is not registered yet")
+    base, *models = make_models(4)
+    pool = CheckpointPool([m.state_dict() for m in models], base=base.state_dict())
+    t = Tiny()
+    w = [0.5, 0.3, 0.7]
+    pool.materialize(w, into=t, method="task_arithmetic")
+    ref = reference(models, w)
+    b = base.state_dict()
+    for name in ref:  # base + sum_i w_i (theta_i - base)
+        ref[name] = ref[name] + (1 - sum(w)) * b[name].double()
+    assert_matches(t, ref, torch.float32)
+
+
+def test_registry_dispatch_passes_weights_and_params():
+    """A method registered here (the contract, not any particular method): sees weights, params, base."""
+    from pymerge.methods import base as mb
+
+    @mb.register
+    class _ScaledBaseDelta(mb.MergeMethod):
+        name = "_test_scaled_delta"
+        base_model = "required"
+        model_params = {"weight": mb.Param(1.0)}
+        global_params = {"scale": mb.Param(mb.REQUIRED)}
+
+        def merge_tensor(self, task, out):
+            acc = task.base.double().clone()
+            for x, mp in zip(task.inputs, task.model_params):
+                acc += task.params["scale"] * mp["weight"] * (x.double() - task.base.double())
+            out.copy_(acc)
+
+    base, *models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], base=base.state_dict())
+    t = Tiny()
+    before = snapshot(t)
+    with pytest.raises(MergeConfigError, match="needs parameter 'scale'"):
+        pool.materialize([1, 1], into=t, method="_test_scaled_delta")
+    with pytest.raises(MergeConfigError, match="no parameter 'density'"):
+        pool.materialize([1, 1], into=t, method="_test_scaled_delta", scale=1.0, density=0.5)
+    with pytest.raises(MergeConfigError, match="unknown merge_method"):
+        pool.materialize([1, 1], into=t, method="no_such_method")
+    assert all(torch.equal(v, before[k]) for k, v in t.state_dict().items())
+    no_base = CheckpointPool([m.state_dict() for m in models])
+    with pytest.raises(MergeConfigError, match="needs a base_model"):
+        no_base.materialize([1, 1], into=t, method="_test_scaled_delta", scale=1.0)
+    pool.materialize([0.25, 0.5], into=t, method="_test_scaled_delta", scale=2.0)
+    b = base.state_dict()
+    for name, r in reference(models, [0.5, 1.0]).items():
+        assert torch.allclose(t.state_dict()[name].double(), r + (1 - 1.5) * b[name].double(), atol=1e-5), name
+    mb._REGISTRY.pop("_test_scaled_delta")
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("residency", ["device", "pinned", "mmap"])
+def test_gpu_tiers_match_and_stay_in_place(residency):
+    models = make_models(5, torch.bfloat16)
+    pool = CheckpointPool([m.state_dict() for m in models], device="cuda", residency=residency, chunk_bytes=8192)
+    targets = [Tiny(torch.bfloat16).cuda() for _ in range(6)]
+    before = [ptrs(t) for t in targets]
+    rows = np.random.default_rng(3).normal(size=(6, 5))
+    pool.materialize_many(rows, into=targets)
+    torch.cuda.synchronize()
+    for k, t in enumerate(targets):
+        assert ptrs(t) == before[k]
+        assert_matches(t.cpu(), reference(models, rows[k]), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_materialize_captured_in_a_cuda_graph():
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], device="cuda")
+    target = Tiny().cuda()
+    w = torch.tensor([0.2, 0.3, 0.5], device="cuda")
+    pool.materialize(w, into=target)  # warm-up (Triton compiles outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pool.materialize(w, into=target)
+    for row in ([1.0, 0.0, 0.0], [0.1, 0.6, 0.3]):
+        w.copy_(torch.tensor(row))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(target.cpu(), reference(models, row), torch.float32)
