@@ -86,8 +86,14 @@ template <bool First>
 AVX512_TARGET void acc_avx512(float* acc, const void* src, int64_t n, float w, int dt) {
   if (dt > BF16) return acc_scalar<First>(acc, src, n, w, dt);
   const __m512 vw = _mm512_set1_ps(w);
+  const char* bytes = static_cast<const char*>(src);
+  const size_t esize = dtype_size(dt);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {  // two vectors per step keeps two loads in flight
+    // The same thread takes the next block next (static schedule): fetch this input's share of it
+    // now, since hardware prefetchers stop at page edges and juggle N streams poorly.
+    _mm_prefetch(bytes + (i + kBlock) * esize, _MM_HINT_T0);
+    if (esize == 4) _mm_prefetch(bytes + (i + kBlock + 16) * esize, _MM_HINT_T0);
     __m512 x0 = load16(src, i, dt), x1 = load16(src, i + 16, dt);
     _mm512_storeu_ps(acc + i, First ? _mm512_mul_ps(vw, x0) : _mm512_fmadd_ps(vw, x0, _mm512_loadu_ps(acc + i)));
     _mm512_storeu_ps(acc + i + 16, First ? _mm512_mul_ps(vw, x1) : _mm512_fmadd_ps(vw, x1, _mm512_loadu_ps(acc + i + 16)));
@@ -107,14 +113,18 @@ AVX512_TARGET inline __m256i f32_to_bf16_16(__m512 x) {
   return _mm512_cvtepi32_epi16(r);
 }
 
+// Streaming (non-temporal) stores where the output is aligned: the output is not read back,
+// so skipping the read-for-ownership saves a third of its memory traffic.
 AVX512_TARGET void store_avx512(void* dst, const float* acc, int64_t n, int dt) {
   if (dt == F32) return store_scalar(dst, acc, n, dt);
   auto d = static_cast<uint16_t*>(dst);
+  const bool stream = (reinterpret_cast<uintptr_t>(d) % 32) == 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 x = _mm512_loadu_ps(acc + i);
     __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
+    if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), h);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
   }
   store_scalar(d + i, acc + i, n - i, dt);
 }
@@ -171,6 +181,7 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
       for (int64_t o = 0; o < n_out; ++o)
         k.store(reinterpret_cast<char*>(out_ptrs[o]) + start * dtype_size(out_dtypes[o]), accs.data() + o * kBlock, len, out_dtypes[o]);
     }
+    _mm_sfence();  // order the streaming stores before the results are used
   }
 }
 

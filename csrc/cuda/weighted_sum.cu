@@ -97,14 +97,20 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_vec(const __grid_consta
         if (v < n_vec) load_vec(p.in[i], v * kVec, p.in_dtype[i], x[u]);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * blockDim.x;
+        if (v >= n_vec) continue;
 #pragma unroll
-        for (int k = 0; k < K; ++k)
+        for (int k = 0; k < K; ++k) {
+          float prev[kVec];
+          if (i == 0 && p.acc_in) load_vec(p.acc_in + k * p.numel, v * kVec, F32, prev);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            float base = i ? acc[u][k][j] : (p.acc_in ? p.acc_in[k * p.numel + (v0 + int64_t(u) * blockDim.x) * kVec + j] : 0.f);
-            acc[u][k][j] = (i == 0 && !p.acc_in) ? p.w[k][i] * x[u][j] : fmaf(p.w[k][i], x[u][j], base);
+            if (i == 0 && !p.acc_in) acc[u][k][j] = p.w[k][i] * x[u][j];
+            else acc[u][k][j] = fmaf(p.w[k][i], x[u][j], i == 0 ? prev[j] : acc[u][k][j]);
           }
+        }
+      }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {

@@ -1,0 +1,120 @@
+"""Throughput of the fused weighted sum against the same-run ceilings and peers.
+
+    python benchmarks/bench_weighted_sum.py [--device cpu|cuda] [--quick]
+
+For each N (checkpoints) it times, on bf16 inputs with bf16 output and float32 accumulation:
+copy (the ceiling: a device copy of the same bytes), PyTorch eager (acc.add_(x.float(), alpha=w)),
+torch.compile of the same loop (weights as a tensor), and pymerge's backends. GB/s counts bytes
+read + written; ratios are to copy and to torch.compile from the same run. Writes JSON, a markdown
+table and a PNG under benchmarks/results/<machine>/.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_description, time_interleaved, write_results  # noqa: E402
+
+import pymerge  # noqa: E402
+from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
+
+CASES = {  # (N, elements per checkpoint)
+    "cpu": [(2, 32 << 20), (8, 32 << 20), (16, 8 << 20)],
+    "cuda": [(2, 256 << 20), (8, 128 << 20), (16, 64 << 20)],
+}
+
+
+def eager(xs, w, out):
+    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    for x, wi in zip(xs, w):
+        acc.add_(x.float(), alpha=wi)
+    out.copy_(acc)
+
+
+def _loop(xs, wt):
+    acc = xs[0].float() * wt[0]
+    for i in range(1, len(xs)):
+        acc = acc + xs[i].float() * wt[i]
+    return acc.to(torch.bfloat16)
+
+
+def bench_case(n, numel, device, rounds, backends):
+    g = torch.Generator(device=device).manual_seed(n)
+    xs = [torch.randn(numel, generator=g, device=device).bfloat16() for _ in range(n)]
+    w = [1.0 / n] * n
+    wt = torch.tensor(w, device=device)
+    out = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    moved = (n + 1) * numel * 2
+    src = torch.empty(moved // 4, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    compiled = torch.compile(_loop)
+    fns = {
+        "copy": lambda: dst.copy_(src),
+        "eager": lambda: eager(xs, w, out),
+        "torch.compile": lambda: compiled(xs, wt),
+    }
+    for b in backends:
+        fns[f"pymerge-{b}"] = (lambda b=b: weighted_sum_into(xs, [w], [out], backend=b))
+    secs = time_interleaved(fns, rounds, device)
+    check = pymerge.weighted_sum(xs, w)
+    ref = compiled(xs, wt).float()
+    assert torch.allclose(check.float(), ref, rtol=1e-2, atol=1e-2), "backends disagree"
+    gbs = {k: (2 * src.numel() * 2 if k == "copy" else moved) / s / 1e9 for k, s in secs.items()}
+    rows = []
+    for k in fns:
+        rows.append({"N": n, "elements": numel, "impl": k, "ms": secs[k] * 1e3, "GB/s": gbs[k],
+                     "x copy": gbs[k] / gbs["copy"], "x compile": gbs[k] / gbs["torch.compile"]})
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    ns = sorted({r["N"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        ys = [next((r["GB/s"] for r in rows if r["N"] == n and r["impl"] == impl), 0) for n in ns]
+        ax.bar([i + j * width for i in range(len(ns))], ys, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ns))], [f"N={n}" for n in ns])
+    ax.set_ylabel("GB/s (read + written)")
+    ax.set_title("weighted sum, bf16 in/out, fp32 accumulation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    backends = ["cpu"] if device == "cpu" else ["triton", "cuda"]
+    if device == "cuda" and pymerge._native.cuda is None:
+        backends = ["triton"]
+    cases = CASES[device]
+    if args.quick:
+        cases = [(n, p // 8) for n, p in cases]
+    rounds = args.rounds or (5 if args.quick else (10 if device == "cpu" else 30))
+    rows = []
+    for n, numel in cases:
+        rows += bench_case(n, numel, device, rounds, backends)
+    title = "Fused weighted sum (bf16 in/out, fp32 accumulation)"
+    table = write_results("weighted_sum", device, rows, ["N", "elements", "impl", "ms", "GB/s", "x copy", "x compile"],
+                          title, plot=lambda p: plot(rows, p))
+    print(f"{title} on {machine_description(device)}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

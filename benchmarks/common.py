@@ -1,0 +1,77 @@
+"""Shared benchmark plumbing: timers, machine labels and result files (JSON, markdown, PNG)."""
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine_label(device: str) -> str:
+    """Folder name for results: the GPU's name, or 'cpu-<cores>c'."""
+    if device == "cuda":
+        return torch.cuda.get_device_name().lower().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}c"
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def time_interleaved(fns: dict, rounds: int, device: str) -> dict:
+    """Seconds per call for each function: median on the GPU (events), best on the noisy CPU.
+
+    Rounds alternate between the functions so drifting machine load hits them all alike.
+    """
+    samples = {k: [] for k in fns}
+    for f in fns.values():
+        f()  # warm up (compilation, page faults)
+    for _ in range(rounds):
+        for name, f in fns.items():
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                f()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                f()
+                samples[name].append(time.perf_counter() - t)
+    pick = statistics.median if device == "cuda" else min
+    return {k: pick(v) for k, v in samples.items()}
+
+
+def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None) -> str:
+    """Writes <name>.json and <name>.md (and <name>.png via plot(path)) under results/<machine>/."""
+    folder = os.path.join(RESULTS, machine_label(device))
+    os.makedirs(folder, exist_ok=True)
+    meta = {"machine": machine_description(device), "date": time.strftime("%Y-%m-%d"), "title": title}
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    table = markdown_table(rows, columns)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")
+    if plot is not None:
+        plot(os.path.join(folder, f"{name}.png"))
+    return table
+
+
+def markdown_table(rows, columns):
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

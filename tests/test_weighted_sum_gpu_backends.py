@@ -1,0 +1,122 @@
+"""The Triton and CUDA backends against the float64 reference.
+
+Triton runs everywhere: on the GPU when there is one, else in its interpreter on CPU tensors
+(slow, so small sizes). The CUDA C++ kernel runs only on a GPU; here its sources must compile
+(the build does it) and its module must import.
+"""
+import pytest
+import torch
+
+from pymerge import _native, weighted_sum, weighted_sum_many
+from wsum_reference import IN_DTYPES, OUT_DTYPES, check_close, random_inputs, random_weights
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = 1024 if DEVICE == "cpu" else 4096  # the launcher's block (smaller in the interpreter)
+SMALL_SIZES = [0, 1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 5]
+
+
+def _on(xs):
+    return [x.to(DEVICE) for x in xs]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("size", SMALL_SIZES)
+def test_triton_sizes(size, n):
+    xs = _on(random_inputs(n, size, [torch.bfloat16], seed=size + n))
+    w = random_weights(n)
+    check_close(weighted_sum(xs, w, backend="triton"), xs, w)
+
+
+def test_triton_many_inputs():
+    xs = _on(random_inputs(33, 1500, [torch.bfloat16, torch.float16], seed=33))
+    w = random_weights(33)
+    check_close(weighted_sum(xs, w, backend="triton"), xs, w)
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
+def test_triton_dtype_pairs(in_dtype, out_dtype):
+    xs = _on(random_inputs(3, 1029, [in_dtype], seed=1))
+    w = [0.5, -1.5, 0.25]
+    out = weighted_sum(xs, w, out_dtype=out_dtype, backend="triton")
+    assert out.dtype == out_dtype
+    check_close(out, xs, w)
+
+
+def test_triton_mixed_dtypes_nan_inf():
+    xs = _on(random_inputs(5, 2051, IN_DTYPES, seed=2))
+    xs[0][3] = float("nan")
+    xs[1][9] = float("inf")
+    xs[2][2050] = float("-inf")
+    w = random_weights(5)
+    check_close(weighted_sum(xs, w, out_dtype=torch.float32, backend="triton"), xs, w)
+
+
+@pytest.mark.parametrize("k", [1, 4, 5])
+def test_triton_many_outputs(k):
+    xs = _on(random_inputs(4, 1500, [torch.bfloat16], seed=k))
+    rows = [random_weights(4, seed=j) for j in range(k)]
+    outs = weighted_sum_many(xs, rows, backend="triton")
+    for o, row in zip(outs, rows):
+        check_close(o, xs, row)
+
+
+def test_triton_out_in_place():
+    xs = _on(random_inputs(2, 3000, [torch.float16], seed=3))
+    originals = [x.clone() for x in xs]
+    out = weighted_sum(xs, [0.5, 0.5], out=xs[1], backend="triton")
+    assert out.data_ptr() == xs[1].data_ptr()
+    check_close(out, originals, [0.5, 0.5])
+
+
+def test_cuda_extension_builds_where_nvcc_is():
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: the CUDA extension is not built")
+    assert _native.cuda is not None, "nvcc is here but pymerge._cuda was not built"
+    assert _native.cuda.MAX_INPUTS == 64 and _native.cuda.MAX_OUTPUTS == 8
+
+
+# ---- on a GPU only ----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 33, 65])
+@pytest.mark.parametrize("size", [0, 1, 7, 4095, 4097, 65537, 1_000_003])
+def test_gpu_sizes_and_counts(backend, n, size):
+    if n == 65 and size > 65537:
+        pytest.skip("covered at smaller sizes")
+    xs = _on(random_inputs(n, size, [torch.bfloat16], seed=n * 31 + size))
+    w = random_weights(n)
+    check_close(weighted_sum(xs, w, backend=backend), xs, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("in_dtype", IN_DTYPES)
+def test_gpu_dtype_pairs(backend, in_dtype, out_dtype):
+    xs = _on(random_inputs(3, 100_003, [in_dtype], seed=7))
+    xs[0][11] = float("nan")
+    w = [0.5, -1.5, 0.25]
+    check_close(weighted_sum(xs, w, out_dtype=out_dtype, backend=backend), xs, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_misaligned_and_mixed(backend):
+    base = _on(random_inputs(4, 70_001, IN_DTYPES[:3], seed=8))
+    xs = [b[1:] for b in base]  # 2- or 4-byte offsets: the vector path must not be taken blindly
+    w = random_weights(4)
+    check_close(weighted_sum(xs, w, out_dtype=torch.bfloat16, backend=backend), xs, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("k", [1, 3, 8, 9])
+def test_gpu_many_outputs(backend, k):
+    xs = _on(random_inputs(70, 30_001, [torch.bfloat16], seed=k))
+    rows = [random_weights(70, seed=j) for j in range(k)]
+    for o, row in zip(weighted_sum_many(xs, rows, backend=backend), rows):
+        check_close(o, xs, row)
