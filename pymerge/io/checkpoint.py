@@ -1,0 +1,286 @@
+"""One model on disk, as a flat set of named tensors across its shards.
+
+Accepts what Hugging Face writes: a folder with model.safetensors, or shards listed in
+model.safetensors.index.json, or (fallback, for old checkpoints) pytorch_model.bin and its
+index; or a single .safetensors (or .bin) file. The index and the shards must agree exactly:
+every mismatch is a CheckpointError naming the file and the tensor.
+"""
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from pymerge.errors import CheckpointError
+from pymerge.io.safetensors_file import SafetensorsFile, TensorInfo
+
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class TorchFile:
+    """A torch.save'd state dict (pytorch_model.bin), with SafetensorsFile's read interface.
+
+    Loaded with mmap=True and weights_only=True: no arbitrary code runs and tensors stay on disk
+    until touched. There is no per-tensor file offset, so TensorInfo.file_offset is -1.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.metadata = None
+        try:
+            state = _torch_load(self.path)
+        except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {first}") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path}: holds a {type(state).__name__}, not a state dict of tensors")
+        for name, t in state.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        self._state: Optional[Dict[str, torch.Tensor]] = state
+
+    def names(self) -> List[str]:
+        return list(self._require_open())
+
+    def __contains__(self, name) -> bool:
+        return name in self._require_open()
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._get(name)
+        return TensorInfo(name, t.dtype, tuple(t.shape), t.numel() * t.element_size(), -1)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        # Same contract as safetensors: contiguous (a tied or transposed view gets copied once).
+        return self._get(name).contiguous()
+
+    def prefetch(self, name: str) -> None:
+        self._get(name)  # torch's mmap gives no handle to advise on
+
+    def release(self, name: str) -> None:
+        self._get(name)
+
+    def _get(self, name: str) -> torch.Tensor:
+        state = self._require_open()
+        if name not in state:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: no such tensor in this file")
+        return state[name]
+
+    def _require_open(self) -> Dict[str, torch.Tensor]:
+        if self._state is None:
+            raise ValueError(f"{self.path}: file is closed")
+        return self._state
+
+    def close(self) -> None:
+        self._state = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except RuntimeError as exc:
+        # Files from torch < 1.6 (the legacy, non-zip format) cannot be mapped: read them whole.
+        if "zipfile" not in str(exc) and "mmap" not in str(exc):
+            raise
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def open_tensor_file(path):
+    """A SafetensorsFile, or a TorchFile for .bin/.pt/.pth."""
+    path = Path(path)
+    return TorchFile(path) if path.suffix in _TORCH_SUFFIXES else SafetensorsFile(path)
+
+
+class Checkpoint:
+    """A model's tensors across its shards. names() is the order a streaming merge should walk:
+    shards in (sorted) file-name order, each in file order."""
+
+    def __init__(self, source):
+        self.path = Path(source)
+        self._shards: list = []
+        self._where: Dict[str, object] = {}
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or folder")
+        try:
+            if self.path.is_dir():
+                self.folder = self.path
+                self._open_folder()
+            else:
+                self.folder = self.path.parent
+                shard = open_tensor_file(self.path)
+                self._shards.append(shard)
+                for name in shard.names():
+                    self._where[name] = shard
+        except BaseException:
+            self.close()
+            raise
+        self._names = [n for s in self._shards for n in s.names()]
+
+    def _open_folder(self) -> None:
+        # Hugging Face's own preference: safetensors over pickles, a single file over an index.
+        for name, index in ((SAFETENSORS_NAME, False), (SAFETENSORS_INDEX, True),
+                            (BIN_NAME, False), (BIN_INDEX, True)):
+            p = self.path / name
+            if p.is_file():
+                return self._open_index(p) if index else self._open_single(p)
+        raise CheckpointError(f"{self.path}: no {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {BIN_NAME} "
+                              f"or {BIN_INDEX} in this folder")
+
+    def _open_single(self, p: Path) -> None:
+        shard = open_tensor_file(p)
+        self._shards.append(shard)
+        self._where = {n: shard for n in shard.names()}
+
+    def _open_index(self, index_path: Path) -> None:
+        weight_map = _read_weight_map(index_path)
+        by_shard: Dict[str, List[str]] = {}
+        for name, fname in weight_map.items():
+            by_shard.setdefault(fname, []).append(name)
+        for fname in sorted(by_shard):
+            p = self.path / fname
+            if not p.is_file():
+                raise CheckpointError(f"{index_path}: shard {fname!r} (holding tensor {by_shard[fname][0]!r}) "
+                                      f"is missing")
+            shard = open_tensor_file(p)
+            self._shards.append(shard)
+            for name in shard.names():
+                if name in self._where:
+                    raise CheckpointError(f"{p}: tensor {name!r} is also in {self._where[name].path.name}")
+                self._where[name] = shard
+        for name, fname in weight_map.items():
+            shard = self._where.get(name)
+            if shard is None or shard.path.name != fname:
+                raise CheckpointError(f"{self.path / fname}: tensor {name!r}: listed in {index_path.name} "
+                                      f"but not in this shard")
+        for name, shard in self._where.items():
+            if name not in weight_map:
+                raise CheckpointError(f"{shard.path}: tensor {name!r}: in this shard but not listed in "
+                                      f"{index_path.name}")
+
+    # ---- access -----------------------------------------------------------------------------
+    def names(self) -> List[str]:
+        return list(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _shard(self, name: str):
+        try:
+            return self._where[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: not in this checkpoint") from None
+
+    def info(self, name: str) -> TensorInfo:
+        return self._shard(name).info(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._shard(name).tensor(name)
+
+    def file_of(self, name: str) -> Path:
+        return self._shard(name).path
+
+    def prefetch(self, name: str) -> None:
+        self._shard(name).prefetch(name)
+
+    def release(self, name: str) -> None:
+        self._shard(name).release(name)
+
+    @property
+    def files(self) -> List[Path]:
+        """The tensor files, in the order names() walks them."""
+        return [s.path for s in self._shards]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self._names)
+
+    def close(self) -> None:
+        for s in self._shards:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"Checkpoint({str(self.path)!r}, {len(self._where)} tensors in {len(self._shards)} files)"
+
+
+def _read_weight_map(index_path: Path) -> Dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{index_path}: cannot read as JSON: {str(exc).splitlines()[0]}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: no 'weight_map' object")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname:
+            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {fname!r} is not a file name")
+        p = Path(fname)
+        # Shards live in the folder itself; anything else is either corrupt or an attempt to escape it.
+        if p.is_absolute() or len(p.parts) != 1 or fname in (".", ".."):
+            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {fname!r} is not a plain file name "
+                                  f"in this folder")
+    return weight_map
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequence[str]] = None,
+                     names: Optional[Sequence[str]] = None) -> List[str]:
+    """Checks the checkpoints can be merged tensor by tensor: same tensor names, same shapes
+    (dtypes may differ). Returns the names in the first checkpoint's order.
+
+    With ``names`` only those tensors are checked (each must be in every checkpoint; extra tensors
+    elsewhere are ignored), and the result is ``names`` in the first checkpoint's order.
+    """
+    if not checkpoints:
+        return []
+    labels = [str(c.path) for c in checkpoints] if labels is None else list(labels)
+    if len(labels) != len(checkpoints):
+        raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
+    first, first_label = checkpoints[0], labels[0]
+    if names is None:
+        wanted = first.names()
+        for ck, label in zip(checkpoints[1:], labels[1:]):
+            have = set(ck.names())
+            missing = [n for n in wanted if n not in have]
+            if missing:
+                raise CheckpointError(f"{label}: missing tensor {missing[0]!r} that {first_label} has"
+                                      + _and_more(missing))
+            extra = [n for n in ck.names() if n not in first]
+            if extra:
+                raise CheckpointError(f"{label}: has tensor {extra[0]!r} that {first_label} lacks"
+                                      + _and_more(extra))
+    else:
+        for ck, label in zip(checkpoints, labels):
+            missing = [n for n in names if n not in ck]
+            if missing:
+                raise CheckpointError(f"{label}: missing tensor {missing[0]!r}" + _and_more(missing))
+        asked = set(names)
+        wanted = [n for n in first.names() if n in asked]
+    for n in wanted:
+        shape = first.info(n).shape
+        for ck, label in zip(checkpoints[1:], labels[1:]):
+            other = ck.info(n).shape
+            if other != shape:
+                raise CheckpointError(f"tensor {n!r}: shape {list(shape)} in {first_label} "
+                                      f"but {list(other)} in {label}")
+    return wanted
+
+
+def _and_more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""

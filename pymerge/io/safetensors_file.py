@@ -1,0 +1,271 @@
+"""Reads one .safetensors file: a strict header check, then zero-copy torch views over an mmap.
+
+The checks follow the format's own library (header size limit, UTF-8 JSON, dtype x shape ==
+byte span, offsets in bounds, contiguous, no overlap, no holes, no trailing bytes), so a file
+we accept is a file `safetensors` accepts, and every failure is one line naming file and tensor.
+
+Tensors handed out are read-only views of the mapping (writing into one crashes with SIGSEGV):
+copy before modifying in place. They stay valid after close(): the mapping is unmapped only when
+the last view is gone (torch.frombuffer keeps the mmap object alive).
+"""
+import json
+import math
+import mmap
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from pymerge.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+# safetensors dtype code -> torch dtype. Newer float8/unsigned kinds only where this torch has them.
+SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
+}
+for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+                     ("F8_E8M0", "float8_e8m0fnu"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
+TORCH_TO_SAFETENSORS: Dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# Known to the format but not byte-addressable (sub-byte packing): named so the error is precise.
+_UNSUPPORTED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
+
+_TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. file_offset is absolute in the file (-1 where there is no such offset)."""
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    nbytes: int
+    file_offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_duplicate_keys(pairs):
+    # json.loads would silently keep the last of two equal keys; a duplicated tensor name is corrupt.
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+class SafetensorsFile:
+    """One validated .safetensors file. Use as a context manager or call close()."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.metadata: Optional[Dict[str, str]] = None
+        self._infos: Dict[str, TensorInfo] = {}
+        self._names: List[str] = []
+        self._mm: Optional[mmap.mmap] = None
+        try:
+            f = open(self.path, "rb")
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            self._parse(f.fileno(), size)
+            # A file of only a header still maps fine: it is at least 8 bytes long.
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    # ---- validation -------------------------------------------------------------------------
+    def _error(self, problem: str, tensor: Optional[str] = None) -> CheckpointError:
+        where = f"{self.path}: tensor {tensor!r}: " if tensor is not None else f"{self.path}: "
+        return CheckpointError(where + problem)
+
+    def _parse(self, fd: int, size: int) -> None:
+        if size < 8:
+            raise self._error(f"file is {size} bytes, too short for a safetensors header (needs 8)")
+        n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        if n > MAX_HEADER_BYTES:
+            raise self._error(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            raise self._error(f"header length {n} runs past the end of the file ({size} bytes)")
+        raw = os.pread(fd, n, 8)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._error(f"header is not valid UTF-8 (byte {exc.start} of the header)") from None
+        if not text.startswith("{"):
+            raise self._error("header is not a JSON object (does not start with '{')")
+        try:
+            header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except ValueError as exc:  # JSONDecodeError and our duplicate-key check
+            raise self._error(f"header is not valid JSON: {str(exc).splitlines()[0]}") from None
+        except RecursionError:  # absurdly nested arrays: hostile, not a model
+            raise self._error("header is not valid JSON: nested too deeply") from None
+        if not isinstance(header, dict):
+            raise self._error("header is not a JSON object")
+
+        meta = header.pop("__metadata__", None)
+        if meta is not None:
+            if not isinstance(meta, dict):
+                raise self._error(f"__metadata__ is a {type(meta).__name__}, not a map of strings")
+            for k, v in meta.items():
+                if not isinstance(v, str):
+                    raise self._error(f"__metadata__ value of {k!r} is a {type(v).__name__}, not a string")
+            self.metadata = meta
+
+        data_size = size - 8 - n
+        spans = []
+        for name, entry in header.items():
+            spans.append(self._check_entry(name, entry, data_size, 8 + n))
+        self._check_layout(spans, data_size)
+
+    def _check_entry(self, name: str, entry, data_size: int, data_start: int):
+        if not isinstance(entry, dict):
+            raise self._error(f"entry is a {type(entry).__name__}, not an object", name)
+        if set(entry) != _TENSOR_KEYS:
+            missing, extra = sorted(_TENSOR_KEYS - set(entry)), sorted(set(entry) - _TENSOR_KEYS)
+            what = "; ".join(filter(None, (missing and f"missing {missing}", extra and f"unexpected {extra}")))
+            raise self._error(f"entry must have exactly dtype, shape, data_offsets ({what})", name)
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if code in _UNSUPPORTED_DTYPES:
+            raise self._error(f"dtype {code} (sub-byte) is not supported", name)
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+            raise self._error(f"unknown dtype {code!r}", name)
+        dtype = SAFETENSORS_DTYPES[code]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise self._error(f"shape {json.dumps(shape)} is not a list of non-negative integers", name)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)):
+            raise self._error(f"data_offsets {json.dumps(offsets)} is not a pair of non-negative integers", name)
+        begin, end = offsets
+        if begin > end:
+            raise self._error(f"data_offsets [{begin}, {end}] end before they begin", name)
+        need = math.prod(shape) * dtype.itemsize
+        if end - begin != need:
+            raise self._error(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but dtype {code} "
+                       f"x shape {_dims(shape)} needs {need}", name)
+        if end > data_size:
+            raise self._error(f"data_offsets [{begin}, {end}] run past the end of the data region "
+                       f"({data_size} bytes)", name)
+        info = TensorInfo(name, dtype, tuple(shape), need, data_start + begin)
+        return begin, end, info
+
+    def _check_layout(self, spans, data_size: int) -> None:
+        # Sorted by offset the tensors must tile [0, data_size) exactly. sort() is stable, so
+        # zero-byte tensors sharing an offset keep header order.
+        spans.sort(key=lambda s: (s[0], s[1]))
+        pos, prev = 0, None
+        for begin, end, info in spans:
+            if begin < pos:
+                raise self._error(f"data_offsets [{begin}, {end}] overlap tensor {prev!r}, which ends at {pos}",
+                                  info.name)
+            if begin > pos:
+                after = f" after tensor {prev!r}" if prev is not None else ""
+                raise self._error(f"data_offsets [{begin}, {end}] leave a hole of {begin - pos} bytes at {pos}{after}",
+                                  info.name)
+            pos, prev = end, info.name
+            self._infos[info.name] = info
+            self._names.append(info.name)
+        if pos != data_size:
+            last = f" after tensor {prev!r}" if prev is not None else ""
+            raise self._error(f"{data_size - pos} trailing bytes{last} that no tensor covers")
+
+    # ---- access -----------------------------------------------------------------------------
+    def names(self) -> List[str]:
+        """Tensor names in file (offset) order."""
+        return list(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise self._error("no such tensor in this file", name) from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A read-only, zero-copy view of the tensor (a copy only where its offset is misaligned)."""
+        info = self.info(name)
+        mm = self._require_open()
+        if info.nbytes == 0:  # torch.frombuffer refuses count=0; there is nothing to share anyway
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = _frombuffer(mm, info.file_offset, info.nbytes)
+        # The mapping is page-aligned, so the absolute offset decides alignment. safetensors pads the
+        # header to 8 bytes but does not align offsets between tensors: a misaligned view would be
+        # undefined behaviour for the kernels, so such a tensor is copied into aligned memory.
+        if info.file_offset % info.dtype.itemsize:
+            raw = raw.clone()
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Asks the kernel to start reading the tensor's pages now (MADV_WILLNEED), so a streaming
+        merge does not stall on page faults later. A no-op where madvise is unavailable."""
+        self._advise(name, getattr(mmap, "MADV_WILLNEED", None))
+
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from this process (MADV_DONTNEED). Safe for a read-only shared
+        file mapping: a later access reads them from the file (or page cache) again."""
+        self._advise(name, getattr(mmap, "MADV_DONTNEED", None))
+
+    def _advise(self, name: str, option) -> None:
+        info = self.info(name)
+        mm = self._require_open()
+        if option is None or info.nbytes == 0 or not hasattr(mm, "madvise"):
+            return
+        start = info.file_offset - info.file_offset % mmap.PAGESIZE  # madvise wants page-aligned starts
+        try:
+            mm.madvise(option, start, info.file_offset + info.nbytes - start)
+        except OSError:
+            pass  # advice only: never worth failing a merge over
+
+    def _require_open(self) -> mmap.mmap:
+        if self._mm is None:
+            raise ValueError(f"{self.path}: file is closed")
+        return self._mm
+
+    def close(self) -> None:
+        # Drop our reference rather than mm.close(): mmap.close() succeeds even while torch views
+        # exist, leaving them pointing at unmapped memory. The mapping goes when the last view does.
+        self._mm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"SafetensorsFile({str(self.path)!r}, {len(self._names)} tensors)"
+
+
+_FROMBUFFER_LOCK = threading.Lock()
+
+
+def _frombuffer(mm: mmap.mmap, offset: int, nbytes: int) -> torch.Tensor:
+    # torch warns that the buffer is not writable; read-only views are what we hand out, by design.
+    # catch_warnings swaps global state, hence the lock (a merge calls this from several threads).
+    with _FROMBUFFER_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)

@@ -1,0 +1,481 @@
+"""Writes a merged model as safetensors shards: atomically, in any order, in pieces, in bounded memory.
+
+The whole plan (names, dtypes, shapes) is known before any data, so every shard's header is
+written up front and its file pre-sized; tensors then land at fixed offsets with os.pwrite, from
+any thread, a chunk at a time. Everything goes to a temporary folder beside OUT which is renamed
+into place at commit, so OUT holds either the previous contents or the complete new model.
+
+Files produced: model.safetensors (one shard) or model-0000i-of-0000n.safetensors plus
+model.safetensors.index.json (several shards; like Hugging Face's save_pretrained, no index for a
+single shard), and whatever write_json()/copy_file() added (config.json, tokenizer files).
+"""
+import ctypes
+import errno
+import json
+import math
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from pymerge.errors import InputError
+from pymerge.io.safetensors_file import MAX_HEADER_BYTES, TORCH_TO_SAFETENSORS
+
+INDEX_NAME = "model.safetensors.index.json"
+_TMP_TAG = ".pymerge-tmp-"  # .<outname>.pymerge-tmp-<pid>: the folder being written
+_OLD_TAG = ".pymerge-old-"  # .<outname>.pymerge-old-<pid>: a replaced OUT, only where renameat2 is missing
+_MAX_PWRITE = 1 << 30  # Linux writes at most ~2 GiB per call; smaller pieces keep the loop honest
+
+
+@dataclass
+class _Slot:
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    numel: int
+    shard: int = 0
+    file_offset: int = 0  # absolute, in its shard file
+    written: List[Tuple[int, int]] = field(default_factory=list)  # element ranges [begin, end)
+
+
+class ShardedWriter:
+    """Writes ``entries`` = [(name, dtype, shape), ...] (output order) into the folder ``out_dir``.
+
+    Use as a context manager (commits on success, aborts on any exception, KeyboardInterrupt
+    included) or call commit()/abort() yourself.
+    """
+
+    def __init__(self, out_dir, entries: Iterable[Sequence], *, max_shard_bytes: int = 5_000_000_000,
+                 force: bool = False, metadata: Optional[Dict[str, str]] = None):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.out_dir = Path(os.path.abspath(out_dir))  # abspath, not resolve: a symlinked OUT stays the link
+        self.force = force
+        self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
+        self._slots: Dict[str, _Slot] = {}
+        self._order: List[str] = []
+        self._plan(entries, max_shard_bytes)
+        if not self.out_dir.parent.is_dir():
+            raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} does not exist")
+        _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
+        _check_out(self.out_dir, force)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{_TMP_TAG}{os.getpid()}"
+        self._check_space()
+        try:
+            os.mkdir(self.tmp_dir)
+        except FileExistsError:
+            raise InputError(f"{self.out_dir}: another writer in this process is writing it "
+                             f"({self.tmp_dir} exists)") from None
+        self._cond = threading.Condition()
+        self._state = "open"  # open -> committing -> committed | aborting -> aborted
+        self._inflight = 0
+        self._fds: List[int] = []
+        self._dirs = {self.tmp_dir}  # folders to fsync at commit
+        try:
+            for i in range(len(self.shard_names)):
+                self._fds.append(self._create_shard(i))
+        except BaseException:
+            self.abort()
+            raise
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _plan(self, entries, max_shard_bytes: int) -> None:
+        shards: List[List[_Slot]] = [[]]
+        size = 0
+        for entry in entries:
+            name, dtype, shape = entry
+            if not isinstance(name, str) or name in self._slots or name == "__metadata__":
+                raise ValueError(f"tensor name {name!r} is not a string, is reserved or appears twice")
+            if dtype not in TORCH_TO_SAFETENSORS:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors equivalent")
+            shape = tuple(shape)
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name!r}: shape {list(shape)} is not a list of non-negative integers")
+            slot = _Slot(name, dtype, shape, math.prod(shape))
+            nbytes = slot.numel * dtype.itemsize
+            # A new shard when this tensor would overflow the current one; a bigger tensor alone.
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(slot)
+            size += nbytes
+            self._slots[name] = slot
+            self._order.append(name)
+        n = len(shards)
+        self.shard_names = (["model.safetensors"] if n == 1 else
+                            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self._headers: List[bytes] = []
+        self._sizes: List[int] = []
+        for i, slots in enumerate(shards):
+            # Widest dtype first: with the header padded to 8 bytes every tensor is then aligned,
+            # so readers get zero-copy views. Stable sort: same-width tensors keep output order.
+            slots = sorted(slots, key=lambda s: -s.dtype.itemsize)
+            header: Dict[str, object] = {"__metadata__": self._metadata}
+            pos = 0
+            for s in slots:
+                end = pos + s.numel * s.dtype.itemsize
+                header[s.name] = {"dtype": TORCH_TO_SAFETENSORS[s.dtype], "shape": list(s.shape),
+                                  "data_offsets": [pos, end]}
+                s.shard, s.file_offset = i, pos  # made absolute below, once the header size is known
+                pos = end
+            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            raw += b" " * (-len(raw) % 8)  # the padding safetensors itself uses
+            if len(raw) > MAX_HEADER_BYTES:  # readers would refuse the file: fail before writing it
+                raise ValueError(f"shard {self.shard_names[i]}: header of {len(raw)} bytes exceeds the "
+                                 f"{MAX_HEADER_BYTES}-byte safetensors limit (too many tensors per shard)")
+            for s in slots:
+                s.file_offset += 8 + len(raw)
+            self._headers.append(len(raw).to_bytes(8, "little") + raw)
+            self._sizes.append(8 + len(raw) + pos)
+
+    def _check_space(self) -> None:
+        try:
+            st = os.statvfs(self.out_dir.parent)
+        except (OSError, AttributeError):
+            return
+        free, need = st.f_bavail * st.f_frsize, sum(self._sizes)
+        if 0 < free < need:  # 0: some filesystems don't report; don't block on them
+            raise InputError(f"{self.out_dir}: the merged model needs {need / 1e9:.2f} GB but only "
+                             f"{free / 1e9:.2f} GB are free on {self.out_dir.parent}")
+
+    def _create_shard(self, i: int) -> int:
+        path = self.tmp_dir / self.shard_names[i]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            _pwrite_all(fd, memoryview(self._headers[i]), 0)
+            os.ftruncate(fd, self._sizes[i])  # sparse: no disk blocks until the data is written
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # ---- writing ----------------------------------------------------------------------------
+    def shard_of(self, name: str) -> str:
+        """The file name of the shard that holds ``name``."""
+        return self.shard_names[self._slot(name).shard]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data (the index's total_size)."""
+        return sum(s.numel * s.dtype.itemsize for s in self._slots.values())
+
+    def _slot(self, name: str) -> _Slot:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise ValueError(f"tensor {name!r} is not in this writer's plan") from None
+
+    def write(self, name: str, tensor: torch.Tensor, offset: int = 0) -> None:
+        """Writes ``tensor``'s elements at element ``offset`` of the output tensor ``name``.
+
+        ``tensor`` is a contiguous CPU tensor of the planned dtype, any shape (a chunk is usually a
+        flat run or a block of rows). Thread-safe for different tensors, and for disjoint chunks
+        of one tensor.
+        """
+        slot = self._slot(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype != slot.dtype:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} but the plan says {slot.dtype}")
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"tensor {name!r}: chunk must be a contiguous CPU tensor "
+                             f"(got device {tensor.device}, contiguous={tensor.is_contiguous()})")
+        n = tensor.numel()
+        if not isinstance(offset, int) or offset < 0 or offset + n > slot.numel:
+            raise ValueError(f"tensor {name!r}: elements [{offset}, {offset + n}) do not fit in its "
+                             f"{slot.numel} elements")
+        with self._cond:
+            if self._state != "open":
+                raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot write {name!r}")
+            self._inflight += 1  # commit/abort wait for us, so the fd cannot be closed under us
+        try:
+            if n:
+                data = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+                _pwrite_all(self._fds[slot.shard], memoryview(data),
+                            slot.file_offset + offset * slot.dtype.itemsize)
+            with self._cond:
+                if slot.written and slot.written[-1][1] == offset:
+                    slot.written[-1] = (slot.written[-1][0], offset + n)  # sequential chunks: one range
+                else:
+                    slot.written.append((offset, offset + n))
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def write_json(self, relname: str, obj) -> Path:
+        """Adds a JSON file (config.json, generation_config.json...) to the output."""
+        path = self._extra_path(relname)
+        _dump_json(path, obj)
+        return path
+
+    def copy_file(self, src, relname: Optional[str] = None) -> Path:
+        """Adds a copy of ``src`` (a tokenizer file, say) to the output as ``relname``."""
+        src = Path(src)
+        path = self._extra_path(relname if relname is not None else src.name)
+        try:
+            shutil.copyfile(src, path)
+        except OSError as exc:
+            raise InputError(f"{src}: cannot copy into the output: {exc.strerror or exc}") from None
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return path
+
+    def _extra_path(self, relname: str) -> Path:
+        rel = Path(relname)
+        if rel.is_absolute() or not rel.parts or ".." in rel.parts:
+            raise ValueError(f"{relname!r} is not a relative path inside the output folder")
+        if str(rel) in self.shard_names or str(rel) == INDEX_NAME:
+            raise ValueError(f"{relname!r} would overwrite one of the model files")
+        with self._cond:
+            if self._state != "open":
+                raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot add {relname!r}")
+        path = self.tmp_dir / rel
+        for parent in reversed(rel.parents[:-1]):  # subfolders, outermost first
+            os.makedirs(self.tmp_dir / parent, exist_ok=True)
+            self._dirs.add(self.tmp_dir / parent)
+        return path
+
+    # ---- finishing --------------------------------------------------------------------------
+    def _missing(self) -> List[str]:
+        out = []
+        for name in self._order:
+            slot = self._slots[name]
+            pos = 0
+            for begin, end in sorted(slot.written):
+                if begin > pos:
+                    break
+                pos = max(pos, end)
+            if pos < slot.numel:
+                out.append(f"{name!r} was not fully written (element {pos} of {slot.numel} is missing)")
+        return out
+
+    def commit(self) -> Path:
+        """Checks every tensor was fully written, makes it durable and moves it to OUT. Returns OUT.
+
+        A tensor left unwritten raises RuntimeError and leaves the writer open (write it, retry).
+        """
+        with self._cond:
+            if self._state != "open":
+                raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot commit")
+            self._state = "committing"
+            while self._inflight:
+                self._cond.wait()
+            missing = self._missing()
+            if missing:
+                self._state = "open"
+                more = f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else ""
+                raise RuntimeError(f"{self.out_dir}: tensor {missing[0]}{more}; not committing")
+        try:
+            if len(self.shard_names) > 1:
+                _dump_json(self.tmp_dir / INDEX_NAME, {
+                    "metadata": {"total_size": self.total_bytes},
+                    "weight_map": {n: self.shard_of(n) for n in self._order}})
+            for fd in self._fds:
+                os.fsync(fd)
+            self._close_fds()
+            for d in sorted(self._dirs, key=lambda p: -len(p.parts)):
+                _fsync_dir(d)
+            self._install()
+        except BaseException:
+            self.abort()
+            raise
+        with self._cond:
+            self._state = "committed"
+        return self.out_dir
+
+    def _install(self) -> None:
+        out, tmp, parent = self.out_dir, self.tmp_dir, self.out_dir.parent
+        if not os.path.lexists(out) or _is_empty_dir(out):
+            os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
+            _fsync_dir(parent)
+            return
+        if not out.is_dir():
+            raise InputError(f"{out}: exists and is not a folder")
+        if not self.force:
+            raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+        if _exchange(tmp, out):  # one atomic step: OUT is the new model, tmp holds the old one
+            _fsync_dir(parent)
+            _remove_tree(tmp)
+            return
+        # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
+        # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
+        aside = parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
+        os.rename(out, aside)
+        os.rename(tmp, out)
+        _fsync_dir(parent)
+        _remove_tree(aside)
+
+    def abort(self) -> None:
+        """Discards everything written so far. A no-op after commit or a previous abort."""
+        with self._cond:
+            if self._state in ("committed", "aborted", "aborting"):
+                return
+            self._state = "aborting"
+            while self._inflight:
+                self._cond.wait()
+        try:
+            self._close_fds()
+            _remove_tree(self.tmp_dir)
+        finally:
+            with self._cond:
+                self._state = "aborted"
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.abort()  # after a commit: a no-op; after any exception, KeyboardInterrupt too: clean up
+        return False
+
+    def __del__(self):
+        # A writer dropped without commit/abort must not leave its temp folder behind.
+        if getattr(self, "_state", None) == "open":
+            try:
+                self.abort()
+            except Exception:
+                pass
+
+    def __repr__(self):
+        return (f"ShardedWriter({str(self.out_dir)!r}, {len(self._order)} tensors in "
+                f"{len(self.shard_names)} shards)")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def _check_metadata(metadata) -> Dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise ValueError("safetensors metadata must be a dict of str -> str")
+    return dict(metadata)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if not force and not _is_empty_dir(out):
+        raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def _is_empty_dir(path: Path) -> bool:
+    # A symlink counts as occupied: renaming a folder onto it fails, and replacing it needs --force.
+    if path.is_symlink() or not path.is_dir():
+        return False
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+def _dump_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return True  # unsure: keep the folder
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Clears what writers killed mid-run left beside OUT (their pid is gone): half-written temp
+    folders go; an old OUT stranded aside by a crash mid-replace goes back if OUT is missing."""
+    tmp_prefix, old_prefix = f".{out.name}{_TMP_TAG}", f".{out.name}{_OLD_TAG}"
+    try:
+        entries = list(os.scandir(out.parent))
+    except OSError:
+        return
+    for e in entries:
+        for prefix in (old_prefix, tmp_prefix):
+            pid = e.name[len(prefix):]
+            if e.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+                if prefix == old_prefix and not os.path.lexists(out):
+                    os.rename(e.path, out)
+                else:
+                    _remove_tree(Path(e.path))
+                break
+
+
+def _remove_tree(path: Path) -> None:
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.lexists(path):
+        shutil.rmtree(path)
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    data = data.cast("B")
+    while len(data):
+        n = os.pwrite(fd, data[:_MAX_PWRITE], pos)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        data, pos = data[n:], pos + n
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new file is durable only once its folder's entry is on disk too.
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders; nothing more we can do
+    finally:
+        os.close(fd)
+
+
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths (Linux renameat2). False where the OS or filesystem can't."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

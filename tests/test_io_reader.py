@@ -1,0 +1,493 @@
+"""SafetensorsFile, Checkpoint and check_compatible: strict validation, zero-copy reads, HF folders."""
+import gc
+import json
+import struct
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from pymerge.errors import CheckpointError, InputError
+from pymerge.io import SAFETENSORS_DTYPES, Checkpoint, SafetensorsFile, TensorInfo, check_compatible
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def write_raw(path, header, data=b"", header_len=None):
+    """A hand-built safetensors file: header (dict, str or bytes), then data."""
+    raw = header if isinstance(header, bytes) else (
+        header if isinstance(header, str) else json.dumps(header)).encode("utf-8")
+    n = len(raw) if header_len is None else header_len
+    path.write_bytes(struct.pack("<Q", n) + raw + data)
+    return path
+
+
+def bits(t: torch.Tensor) -> bytes:
+    """The tensor's raw bytes: compares NaNs, -0.0 and float8 bit-exactly."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def random_tensor(dtype, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    n = int(np.prod(shape)) * dtype.itemsize
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
+
+
+def mmap_base(f: SafetensorsFile) -> int:
+    return np.frombuffer(f._mm, dtype=np.uint8).ctypes.data
+
+
+def check_error(excinfo, path, tensor=None):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
+    if tensor is not None:
+        assert repr(tensor) in msg, msg
+    return msg
+
+
+def safetensors_rejects(path) -> bool:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+    except Exception:
+        return True
+    return False
+
+
+# ---- strict validation --------------------------------------------------------------------------
+F16x4 = {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}
+
+# (id, header, data, header_len override, tensor named in the error, words in the error,
+#  whether the safetensors library rejects it too)
+CORRUPT = [
+    ("header_len_beyond_file", {"w": F16x4}, b"\0" * 8, 10_000, None, "past the end of the file", True),
+    ("header_len_over_limit", {"w": F16x4}, b"\0" * 8, 100_000_001, None, "limit", True),
+    ("not_json", "{not json", b"", None, None, "not valid JSON", True),
+    ("deep_nesting", '{"w": ' + "[" * 100_000 + "]" * 100_000 + "}", b"", None, None, "nested too deeply", True),
+    ("not_object", "[1, 2]", b"", None, None, "not a JSON object", True),
+    ("not_utf8", b'{"w\xff\xfe": 1}', b"", None, None, "not valid UTF-8", True),
+    ("duplicate_key", '{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
+                      '"w": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}', b"\0\0", None, None,
+     "duplicate key", False),
+    ("unknown_dtype", {"w": {"dtype": "F12", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8, None, "w",
+     "unknown dtype", True),
+    ("subbyte_dtype", {"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\0" * 2, None, "w",
+     "not supported", False),
+    ("span_mismatch", {"lm_head.weight": {"dtype": "F16", "shape": [4, 4], "data_offsets": [10, 20]}},
+     b"\0" * 20, None, "lm_head.weight",
+     "data_offsets [10, 20] hold 10 bytes but dtype F16 x shape [4, 4] needs 32", True),
+    ("begin_after_end", {"w": {"dtype": "U8", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 8, None, "w",
+     "end before they begin", True),
+    ("negative_dim", {"w": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 0]}}, b"", None, "w",
+     "non-negative", True),
+    ("float_dim", {"w": {"dtype": "U8", "shape": [2.0], "data_offsets": [0, 2]}}, b"\0\0", None, "w",
+     "non-negative", True),
+    ("offsets_not_pair", {"w": {"dtype": "U8", "shape": [2], "data_offsets": [0]}}, b"\0\0", None, "w",
+     "pair", True),
+    ("missing_key", {"w": {"dtype": "U8", "shape": [2]}}, b"\0\0", None, "w", "missing ['data_offsets']", True),
+    ("extra_key", {"w": {**F16x4, "stride": [1]}}, b"\0" * 8, None, "w", "unexpected ['stride']", False),
+    ("entry_not_object", {"w": [1, 2]}, b"", None, "w", "not an object", True),
+    ("overlap", {"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+                 "b": {"dtype": "U8", "shape": [8], "data_offsets": [4, 12]}}, b"\0" * 12, None, "b",
+     "overlap tensor 'a'", True),
+    ("hole", {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+              "b": {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]}}, b"\0" * 10, None, "b",
+     "hole of 2 bytes", True),
+    ("hole_at_start", {"a": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}, b"\0" * 8, None, "a",
+     "hole of 4 bytes at 0", True),
+    ("out_of_bounds", {"w": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]}}, b"\0" * 8, None, "w",
+     "past the end of the data region (8 bytes)", True),
+    ("trailing_bytes", {"w": F16x4}, b"\0" * 11, None, None, "3 trailing bytes after tensor 'w'", True),
+    ("metadata_not_string", {"__metadata__": {"format": "pt", "step": 3}, "w": F16x4}, b"\0" * 8, None,
+     None, "__metadata__ value of 'step'", True),
+    ("metadata_not_map", {"__metadata__": ["pt"], "w": F16x4}, b"\0" * 8, None, None, "__metadata__", True),
+]
+
+
+@pytest.mark.parametrize("case", CORRUPT, ids=[c[0] for c in CORRUPT])
+def test_corrupt_file_is_rejected_in_one_line(tmp_path, case):
+    _, header, data, header_len, tensor, words, lib_rejects = case
+    path = write_raw(tmp_path / "model-00001.safetensors", header, data, header_len)
+    with pytest.raises(CheckpointError) as excinfo:
+        SafetensorsFile(path)
+    msg = check_error(excinfo, path, tensor)
+    assert words in msg, msg
+    if lib_rejects:  # we are at least as strict as the format's own library
+        assert safetensors_rejects(path)
+
+
+def test_span_mismatch_message_is_exact(tmp_path):
+    path = write_raw(tmp_path / "model-00001.safetensors",
+                     {"lm_head.weight": {"dtype": "F16", "shape": [4, 4], "data_offsets": [10, 20]}}, b"\0" * 20)
+    with pytest.raises(CheckpointError) as excinfo:
+        SafetensorsFile(path)
+    assert str(excinfo.value) == (f"{path}: tensor 'lm_head.weight': data_offsets [10, 20] hold 10 bytes "
+                                  f"but dtype F16 x shape [4, 4] needs 32")
+
+
+@pytest.mark.parametrize("size", [0, 5])
+def test_truncated_file(tmp_path, size):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\x08" * size)
+    with pytest.raises(CheckpointError) as excinfo:
+        SafetensorsFile(path)
+    assert "too short" in check_error(excinfo, path)
+
+
+def test_truncated_data_region(tmp_path):
+    src = tmp_path / "ok.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(16)}, str(src))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(src.read_bytes()[:-4])
+    with pytest.raises(CheckpointError) as excinfo:
+        SafetensorsFile(cut)
+    check_error(excinfo, cut, "w")
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(CheckpointError) as excinfo:
+        SafetensorsFile(tmp_path / "nope.safetensors")
+    check_error(excinfo, tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError):
+        SafetensorsFile(tmp_path)
+
+
+def test_checkpoint_error_is_an_input_error():
+    assert issubclass(CheckpointError, InputError)
+
+
+def test_empty_and_header_only_files_are_valid(tmp_path):
+    path = write_raw(tmp_path / "empty.safetensors", "{}")
+    with SafetensorsFile(path) as f:
+        assert f.names() == [] and f.metadata is None
+    path = write_raw(tmp_path / "meta.safetensors", {"__metadata__": {"format": "pt"}})
+    with SafetensorsFile(path) as f:
+        assert f.names() == [] and f.metadata == {"format": "pt"}
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def every_dtype_tensors():
+    out = {}
+    for i, (code, dtype) in enumerate(sorted(SAFETENSORS_DTYPES.items())):
+        out[f"t.{code}"] = random_tensor(dtype, (3, 5), seed=i)  # 15 elements: odd, misaligns what follows
+        out[f"s.{code}"] = random_tensor(dtype, (), seed=100 + i)
+        out[f"z.{code}"] = torch.empty((0, 7), dtype=dtype)
+    return out
+
+
+def test_reads_files_saved_by_safetensors_identically(tmp_path):
+    tensors = every_dtype_tensors()
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "note": "hi"})
+    with SafetensorsFile(path) as f, safetensors.safe_open(str(path), framework="pt") as ref:
+        assert sorted(f.names()) == sorted(ref.keys())
+        assert f.metadata == ref.metadata() == {"format": "pt", "note": "hi"}
+        for name in f.names():
+            t, r = f.tensor(name), ref.get_tensor(name)
+            assert t.dtype == r.dtype == tensors[name].dtype, name
+            assert t.shape == r.shape == tensors[name].shape, name
+            assert bits(t) == bits(r) == bits(tensors[name]), name
+            info = f.info(name)
+            assert isinstance(info, TensorInfo) and info.name == name
+            assert info.dtype == t.dtype and info.shape == tuple(t.shape)
+            assert info.nbytes == t.numel() * t.element_size()
+
+
+def test_names_are_in_offset_order(tmp_path):
+    header = {"b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]},
+              "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+              "c": {"dtype": "U8", "shape": [0], "data_offsets": [4, 4]}}
+    path = write_raw(tmp_path / "x.safetensors", header, b"\1\2\3\4")
+    with SafetensorsFile(path) as f:
+        assert f.names() == ["a", "b", "c"]
+        assert f.tensor("b").tolist() == [3, 4]
+        assert f.tensor("c").shape == (0,)
+        n = len(path.read_bytes()) - 4
+        assert [f.info(k).file_offset for k in "abc"] == [n, n + 2, n + 4]
+
+
+def test_views_are_zero_copy_and_outlive_close(tmp_path):
+    path = tmp_path / "model.safetensors"
+    w = torch.randn(64, 32)
+    safetensors.torch.save_file({"w": w, "b": torch.randn(32)}, str(path))
+    f = SafetensorsFile(path)
+    base, size = mmap_base(f), len(f._mm)
+    t = f.tensor("w")
+    assert base <= t.data_ptr() and t.data_ptr() + t.numel() * 4 <= base + size
+    assert t.data_ptr() == base + f.info("w").file_offset
+    assert f.tensor("w").data_ptr() == t.data_ptr()  # the same bytes, not a fresh copy
+    f.close()
+    with pytest.raises(ValueError):
+        f.tensor("w")
+    gc.collect()
+    assert torch.equal(t, w)  # the mapping lives as long as a view does
+
+
+def test_misaligned_tensor_is_copied_aligned(tmp_path):
+    # U8 x 3 then F32 x 2: with the header padded to 8 bytes, the F32 data starts at an odd offset.
+    header = {"u": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "f": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = write_raw(tmp_path / "odd.safetensors", raw, bytes([7, 8, 9]) + struct.pack("<2f", 1.5, -2.0))
+    with SafetensorsFile(path) as f:
+        assert f.info("f").file_offset % 4 == 3
+        t = f.tensor("f")
+        assert t.tolist() == [1.5, -2.0]
+        assert t.data_ptr() % 4 == 0
+        base = mmap_base(f)
+        assert not base <= t.data_ptr() < base + len(f._mm)  # a copy
+        u = f.tensor("u")
+        assert u.data_ptr() == base + f.info("u").file_offset  # aligned: still a view
+
+
+def test_prefetch_and_release(tmp_path):
+    path = tmp_path / "model.safetensors"
+    tensors = {"big": torch.randn(5000), "empty": torch.empty(0), "s": torch.tensor(1.0)}
+    safetensors.torch.save_file(tensors, str(path))
+    with SafetensorsFile(path) as f:
+        for name in f.names():
+            f.prefetch(name)
+            f.release(name)
+            assert bits(f.tensor(name)) == bits(tensors[name])
+
+
+def test_unknown_tensor_name(tmp_path):
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(path))
+    with SafetensorsFile(path) as f:
+        assert "w" in f and "x" not in f and len(f) == 1
+        with pytest.raises(CheckpointError) as excinfo:
+            f.info("x")
+        check_error(excinfo, path, "x")
+
+
+# ---- Checkpoint ---------------------------------------------------------------------------------
+def make_sharded(folder, shards, index_map=None, name="model"):
+    """shards: {file name: {tensor: value}}; writes the files and an index (index_map overrides)."""
+    folder.mkdir(exist_ok=True)
+    weight_map = {}
+    for fname, tensors in shards.items():
+        if fname.endswith(".bin"):
+            torch.save(tensors, folder / fname)
+        else:
+            safetensors.torch.save_file(tensors, str(folder / fname))
+        weight_map.update({k: fname for k in tensors})
+    index_name = "pytorch_model.bin.index.json" if name == "bin" else "model.safetensors.index.json"
+    (folder / index_name).write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": weight_map if index_map is None else index_map}))
+    return folder
+
+
+def two_shards():
+    return {"model-00001-of-00002.safetensors": {"embed": torch.randn(4, 3), "l0.w": torch.randn(3, 3)},
+            "model-00002-of-00002.safetensors": {"l1.w": torch.randn(3, 3).half(), "head": torch.randn(3, 4)}}
+
+
+def test_sharded_folder(tmp_path):
+    shards = two_shards()
+    folder = make_sharded(tmp_path / "m", shards)
+    with Checkpoint(folder) as ck:
+        assert ck.path == folder and ck.folder == folder
+        # shard order, then each file's order (safetensors sorts by dtype, then name)
+        assert ck.names() == [n for f in sorted(shards) for n in SafetensorsFile(folder / f).names()]
+        assert set(ck.names()) == {"embed", "l0.w", "l1.w", "head"}
+        for fname, tensors in shards.items():
+            for k, v in tensors.items():
+                assert ck.file_of(k) == folder / fname
+                assert torch.equal(ck.tensor(k), v)
+                assert ck.info(k).shape == tuple(v.shape)
+                ck.prefetch(k)
+        assert ck.total_bytes == sum(v.numel() * v.element_size() for s in shards.values() for v in s.values())
+        assert ck.files == [folder / f for f in sorted(shards)]
+
+
+def test_single_file_and_single_file_folder(tmp_path):
+    path = tmp_path / "x.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(path))
+    with Checkpoint(path) as ck:
+        assert ck.folder == tmp_path and ck.names() == ["w"] and ck.file_of("w") == path
+    folder = tmp_path / "m"
+    folder.mkdir()
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+    torch.save({"other": torch.ones(1)}, folder / "pytorch_model.bin")
+    with Checkpoint(str(folder)) as ck:  # safetensors wins over the pickle, like transformers
+        assert ck.folder == folder and ck.names() == ["w"]
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(tmp_path / "nope")
+    check_error(excinfo, tmp_path / "nope")
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(tmp_path)
+    assert "model.safetensors" in check_error(excinfo, tmp_path)
+
+
+def test_index_missing_shard(tmp_path):
+    shards = two_shards()
+    folder = make_sharded(tmp_path / "m", shards)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    msg = check_error(excinfo, folder / "model.safetensors.index.json")
+    assert "'model-00002-of-00002.safetensors'" in msg and "missing" in msg
+
+
+def test_index_lists_tensor_the_shard_lacks(tmp_path):
+    shards = two_shards()
+    wm = {k: f for f, t in shards.items() for k in t}
+    wm["ghost"] = "model-00001-of-00002.safetensors"
+    folder = make_sharded(tmp_path / "m", shards, wm)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    check_error(excinfo, folder / "model-00001-of-00002.safetensors", "ghost")
+
+
+def test_shard_tensor_absent_from_index(tmp_path):
+    shards = two_shards()
+    wm = {k: f for f, t in shards.items() for k in t}
+    del wm["head"]
+    folder = make_sharded(tmp_path / "m", shards, wm)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    assert "not listed" in check_error(excinfo, folder / "model-00002-of-00002.safetensors", "head")
+
+
+def test_tensor_in_two_shards(tmp_path):
+    shards = two_shards()
+    shards["model-00002-of-00002.safetensors"]["l0.w"] = torch.zeros(3, 3)
+    folder = make_sharded(tmp_path / "m", shards)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    msg = check_error(excinfo, folder / "model-00002-of-00002.safetensors", "l0.w")
+    assert "model-00001-of-00002.safetensors" in msg
+
+
+def test_index_shard_outside_folder(tmp_path):
+    shards = two_shards()
+    wm = {k: f for f, t in shards.items() for k in t}
+    wm["head"] = "../evil.safetensors"
+    folder = make_sharded(tmp_path / "m", shards, wm)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    check_error(excinfo, folder / "model.safetensors.index.json", "head")
+
+
+def test_index_not_json(tmp_path):
+    folder = make_sharded(tmp_path / "m", two_shards())
+    (folder / "model.safetensors.index.json").write_text("{oops")
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    check_error(excinfo, folder / "model.safetensors.index.json")
+
+
+def test_corrupt_shard_names_the_shard(tmp_path):
+    folder = make_sharded(tmp_path / "m", two_shards())
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 4)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    check_error(excinfo, folder / "model-00002-of-00002.safetensors")
+
+
+def test_bin_fallback(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    w = torch.randn(4, 6)
+    state = {"w": w, "wt": w.t(), "b": torch.randn(6).bfloat16()}  # wt: a non-contiguous view
+    torch.save(state, folder / "pytorch_model.bin")
+    with Checkpoint(folder) as ck:
+        assert ck.names() == ["w", "wt", "b"]
+        for k, v in state.items():
+            t = ck.tensor(k)
+            assert t.is_contiguous() and torch.equal(t, v) and t.dtype == v.dtype
+            assert ck.info(k).shape == tuple(v.shape) and ck.info(k).file_offset == -1
+            ck.prefetch(k)
+        assert ck.file_of("w") == folder / "pytorch_model.bin"
+
+
+def test_legacy_bin_without_zip_is_read_whole(tmp_path):
+    path = tmp_path / "old.bin"
+    torch.save({"a": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    with Checkpoint(path) as ck:  # a .bin file given directly works too
+        assert ck.names() == ["a"] and ck.tensor("a").tolist() == [0.0, 1.0, 2.0]
+
+
+def test_sharded_bin_fallback(tmp_path):
+    shards = {"pytorch_model-00001-of-00002.bin": {"a": torch.randn(2)},
+              "pytorch_model-00002-of-00002.bin": {"b": torch.randn(3)}}
+    folder = make_sharded(tmp_path / "m", shards, name="bin")
+    with Checkpoint(folder) as ck:
+        assert ck.names() == ["a", "b"]
+        assert torch.equal(ck.tensor("b"), shards["pytorch_model-00002-of-00002.bin"]["b"])
+
+
+def test_bin_that_is_not_a_state_dict(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    torch.save([torch.ones(1)], folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    check_error(excinfo, folder / "pytorch_model.bin")
+    (folder / "pytorch_model.bin").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    check_error(excinfo, folder / "pytorch_model.bin")
+
+
+def test_checkpoint_unknown_tensor(tmp_path):
+    folder = make_sharded(tmp_path / "m", two_shards())
+    with Checkpoint(folder) as ck:
+        with pytest.raises(CheckpointError) as excinfo:
+            ck.tensor("nope")
+        check_error(excinfo, folder, "nope")
+
+
+# ---- check_compatible ---------------------------------------------------------------------------
+def ckpt(tmp_path, name, tensors):
+    path = tmp_path / f"{name}.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    return Checkpoint(path)
+
+
+def test_check_compatible_ok_with_mixed_dtypes(tmp_path):
+    a = ckpt(tmp_path, "a", {"x": torch.ones(2, 3), "y": torch.ones(4)})
+    b = ckpt(tmp_path, "b", {"x": torch.ones(2, 3).half(), "y": torch.ones(4).bfloat16()})
+    assert check_compatible([a, b]) == a.names()
+    assert check_compatible([a]) == a.names()
+    assert check_compatible([]) == []
+
+
+def test_check_compatible_missing_and_extra(tmp_path):
+    a = ckpt(tmp_path, "a", {"x": torch.ones(2), "y": torch.ones(2)})
+    b = ckpt(tmp_path, "b", {"x": torch.ones(2)})
+    c = ckpt(tmp_path, "c", {"x": torch.ones(2), "y": torch.ones(2), "z": torch.ones(2)})
+    with pytest.raises(CheckpointError) as excinfo:
+        check_compatible([a, b], labels=["base", "chat"])
+    msg = str(excinfo.value)
+    assert msg.startswith("chat:") and "'y'" in msg and "base" in msg and "\n" not in msg
+    with pytest.raises(CheckpointError) as excinfo:
+        check_compatible([a, c])
+    msg = str(excinfo.value)
+    assert str(c.path) in msg and "'z'" in msg
+    # a subset of names: extra tensors elsewhere don't matter, missing ones do
+    assert check_compatible([a, c], names=["y", "x"]) == ["x", "y"]
+    with pytest.raises(CheckpointError) as excinfo:
+        check_compatible([a, b, c], labels=["A", "B", "C"], names=["y"])
+    assert str(excinfo.value).startswith("B:") and "'y'" in str(excinfo.value)
+
+
+def test_check_compatible_shape_mismatch(tmp_path):
+    a = ckpt(tmp_path, "a", {"x": torch.ones(2, 3)})
+    b = ckpt(tmp_path, "b", {"x": torch.ones(3, 2)})
+    with pytest.raises(CheckpointError) as excinfo:
+        check_compatible([a, b], labels=["A", "B"])
+    msg = str(excinfo.value)
+    assert "'x'" in msg and "[2, 3]" in msg and "[3, 2]" in msg and "A" in msg and "B" in msg
+    with pytest.raises(ValueError):
+        check_compatible([a, b], labels=["A"])

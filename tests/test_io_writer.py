@@ -1,0 +1,410 @@
+"""ShardedWriter: sharding, chunked writes, bit-exact output, atomic commit, abort and crash cleanup."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+import pymerge.io.writer as writer_mod
+from pymerge.errors import InputError
+from pymerge.io import SAFETENSORS_DTYPES, Checkpoint, SafetensorsFile, ShardedWriter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def random_tensor(dtype, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    n = int(np.prod(shape)) * dtype.itemsize
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
+
+
+def plan(tensors):
+    return [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+
+
+def write_all(out, tensors, **kw):
+    with ShardedWriter(out, plan(tensors), **kw) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    return w
+
+
+def load_all(folder):
+    """Every tensor of every .safetensors file in folder, via the safetensors library."""
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            part = safetensors.torch.load_file(str(folder / f))
+            assert not set(part) & set(out)
+            out.update(part)
+    return out
+
+
+def leftovers(parent):
+    return sorted(n for n in os.listdir(parent) if ".pymerge-" in n)
+
+
+# ---- output format ------------------------------------------------------------------------------
+def test_every_dtype_round_trips_bit_exactly(tmp_path):
+    tensors = {}
+    for i, (code, dtype) in enumerate(sorted(SAFETENSORS_DTYPES.items())):
+        tensors[f"t.{code}"] = random_tensor(dtype, (3, 5), seed=i)  # odd sizes: the layout must realign
+        tensors[f"s.{code}"] = random_tensor(dtype, (), seed=50 + i)
+        tensors[f"z.{code}"] = torch.empty((2, 0), dtype=dtype)
+    out = tmp_path / "out"
+    write_all(out, tensors, metadata={"merged_by": "pymerge"})
+    assert sorted(os.listdir(out)) == ["model.safetensors"]  # one shard: no index, like save_pretrained
+    loaded = load_all(out)
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape and bits(loaded[k]) == bits(v), k
+    with safetensors.safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "merged_by": "pymerge"}
+    with SafetensorsFile(out / "model.safetensors") as f:  # every tensor aligned, so zero-copy views
+        for k in f.names():
+            assert f.info(k).file_offset % f.info(k).dtype.itemsize == 0, k
+        assert f.names() == sorted(tensors, key=lambda k: -tensors[k].dtype.itemsize)
+
+
+def test_default_metadata_and_empty_plan(tmp_path):
+    write_all(tmp_path / "out", {})
+    with safetensors.safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"} and list(f.keys()) == []
+
+
+def test_sharding_boundaries_and_index(tmp_path):
+    t = {"a": torch.randn(10), "b": torch.randn(10), "c": torch.randn(10),  # 40 bytes each
+         "big": torch.randn(50),  # 200 bytes: more than a shard, alone
+         "d": torch.randn(5), "e": torch.empty(0)}
+    out = tmp_path / "out"
+    w = write_all(out, t, max_shard_bytes=80)
+    names = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert w.shard_names == names
+    expect = {"a": 0, "b": 0, "c": 1, "big": 2, "d": 3, "e": 3}
+    assert {k: w.shard_of(k) for k in t} == {k: names[i] for k, i in expect.items()}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in t.values()) == w.total_bytes
+    assert index["weight_map"] == {k: names[i] for k, i in expect.items()}
+    assert list(index["weight_map"]) == list(t)  # output order
+    assert sorted(os.listdir(out)) == sorted(names + ["model.safetensors.index.json"])
+    loaded = load_all(out)
+    assert all(bits(loaded[k]) == bits(v) for k, v in t.items())
+    with Checkpoint(out) as ck:  # our reader agrees, and walks the output order
+        assert ck.names() == list(t)
+        assert all(torch.equal(ck.tensor(k), v) for k, v in t.items())
+
+
+def test_exact_fit_stays_in_one_shard(tmp_path):
+    t = {"a": torch.randn(10), "b": torch.randn(10)}
+    w = write_all(tmp_path / "out", t, max_shard_bytes=80)
+    assert w.shard_names == ["model.safetensors"]
+
+
+def test_chunked_writes_in_any_order_from_threads(tmp_path):
+    t = {f"w{i}": torch.randn(37, 13).to(dt) for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16] * 3)}
+    out = tmp_path / "out"
+    with ShardedWriter(out, plan(t), max_shard_bytes=3000) as w:
+        jobs = []
+        for k, v in t.items():
+            flat = v.reshape(-1)
+            for start in range(0, flat.numel(), 100):
+                jobs.append((k, flat[start:start + 100], start))
+        jobs.reverse()  # last chunks first
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda j: w.write(*j), jobs))
+        rows = t["w0"][5:9]  # a block of rows at its element offset, written again: idempotent
+        w.write("w0", rows, offset=5 * 13)
+    loaded = load_all(out)
+    assert all(bits(loaded[k]) == bits(v) for k, v in t.items())
+
+
+def test_write_rejects_bad_chunks(tmp_path):
+    with ShardedWriter(tmp_path / "out", [("w", torch.float16, (4, 4))]) as w:
+        with pytest.raises(ValueError, match="dtype"):
+            w.write("w", torch.zeros(16))
+        with pytest.raises(ValueError, match="do not fit"):
+            w.write("w", torch.zeros(4, dtype=torch.float16), offset=13)
+        with pytest.raises(ValueError, match="do not fit"):
+            w.write("w", torch.zeros(4, dtype=torch.float16), offset=-1)
+        with pytest.raises(ValueError, match="contiguous"):
+            w.write("w", torch.zeros(4, 4, dtype=torch.float16).t()[:2])
+        with pytest.raises(ValueError, match="plan"):
+            w.write("nope", torch.zeros(1, dtype=torch.float16))
+        w.write("w", torch.ones(4, 4, dtype=torch.float16))
+    with pytest.raises(RuntimeError):
+        w.write("w", torch.ones(4, 4, dtype=torch.float16))  # after commit
+
+
+def test_bad_plans(tmp_path):
+    with pytest.raises(ValueError):
+        ShardedWriter(tmp_path / "o", [("a", torch.float32, (2,)), ("a", torch.float32, (2,))])
+    with pytest.raises(ValueError):
+        ShardedWriter(tmp_path / "o", [("a", torch.float32, (-1,))])
+    with pytest.raises(ValueError):
+        ShardedWriter(tmp_path / "o", [("a", torch.float32, (2,))], metadata={"step": 3})
+    assert os.listdir(tmp_path) == []
+
+
+def test_commit_refuses_unwritten_tensor_then_succeeds(tmp_path):
+    out = tmp_path / "out"
+    w = ShardedWriter(out, [("a", torch.float32, (8,)), ("b", torch.float32, (8,))])
+    w.write("a", torch.ones(8))
+    w.write("b", torch.ones(4), offset=4)
+    with pytest.raises(RuntimeError, match=r"'b' was not fully written \(element 0 of 8"):
+        w.commit()
+    assert not out.exists()
+    w.write("b", torch.zeros(4))
+    w.commit()
+    assert torch.equal(load_all(out)["b"], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def test_with_block_aborts_when_a_tensor_is_missing(tmp_path):
+    with pytest.raises(RuntimeError, match="'a'"):
+        with ShardedWriter(tmp_path / "out", [("a", torch.float32, (2,))]):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
+def test_extra_files(tmp_path):
+    src = tmp_path / "tokenizer.json"
+    src.write_text('{"v": 1}')
+    out = tmp_path / "out"
+    with ShardedWriter(out, [("a", torch.float32, (1,))]) as w:
+        w.write("a", torch.ones(1))
+        w.write_json("config.json", {"model_type": "llama", "name": "ü"})
+        w.copy_file(src)
+        w.copy_file(src, "sub/tok.json")
+        for bad in ("../x.json", "/abs.json", "model.safetensors"):
+            with pytest.raises(ValueError):
+                w.write_json(bad, {})
+        with pytest.raises(InputError):
+            w.copy_file(tmp_path / "missing.txt")
+    assert json.loads((out / "config.json").read_text()) == {"model_type": "llama", "name": "ü"}
+    assert (out / "tokenizer.json").read_text() == '{"v": 1}' == (out / "sub" / "tok.json").read_text()
+
+
+# ---- atomicity ----------------------------------------------------------------------------------
+def test_nothing_at_out_until_commit(tmp_path):
+    out = tmp_path / "out"
+    w = ShardedWriter(out, [("a", torch.float32, (4,))])
+    assert not out.exists()
+    assert leftovers(tmp_path) == [f".out.pymerge-tmp-{os.getpid()}"] and w.tmp_dir.parent == tmp_path
+    w.write("a", torch.ones(4))
+    assert not out.exists()
+    w.commit()
+    assert os.listdir(tmp_path) == ["out"]
+    w.abort()  # after commit: a no-op
+    assert os.listdir(out) == ["model.safetensors"]
+
+
+def test_abort_leaves_nothing(tmp_path):
+    w = ShardedWriter(tmp_path / "out", [("a", torch.float32, (4,))], max_shard_bytes=1)
+    w.write("a", torch.ones(4))
+    w.write_json("config.json", {})
+    w.abort()
+    w.abort()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        w.commit()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError])
+def test_exception_inside_with_leaves_no_out_and_no_temp(tmp_path, exc):
+    with pytest.raises(exc):
+        with ShardedWriter(tmp_path / "out", [("a", torch.float32, (4,)), ("b", torch.float32, (4,))]) as w:
+            w.write("a", torch.ones(4))
+            raise exc()
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_non_empty_out_refused_and_preserved(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(InputError, match="exists and is not empty; pass --force"):
+        ShardedWriter(out, [("a", torch.float32, (1,))])
+    assert os.listdir(tmp_path) == ["out"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_existing_empty_out_is_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    write_all(tmp_path / "out", {"a": torch.ones(2)})
+    assert os.listdir(tmp_path / "out") == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename_aside"])
+def test_force_replaces(tmp_path, monkeypatch, exchange):
+    calls, real = [], writer_mod._exchange
+
+    def spy(a, b):
+        calls.append(real(a, b) if exchange else False)
+        return calls[-1]
+
+    monkeypatch.setattr(writer_mod, "_exchange", spy)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    t = {"a": torch.randn(3)}
+    write_all(out, t, force=True)
+    assert os.listdir(tmp_path) == ["out"]
+    assert os.listdir(out) == ["model.safetensors"]
+    assert torch.equal(load_all(out)["a"], t["a"])
+    assert calls == [exchange]  # Linux: the one-step swap was really used
+
+
+def test_force_interrupted_keeps_old_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with ShardedWriter(out, [("a", torch.float32, (1,))], force=True):
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["old.txt"]
+
+
+def test_out_that_is_a_file_or_has_no_parent(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for bad in (tmp_path / "f", tmp_path / "nope" / "out"):
+        for force in (False, True):
+            with pytest.raises(InputError) as excinfo:
+                ShardedWriter(bad, [("a", torch.float32, (1,))], force=force)
+            assert str(bad) in str(excinfo.value)
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_not_enough_disk_space(tmp_path, monkeypatch):
+    class Tiny:
+        f_bavail, f_frsize = 1, 4096
+    monkeypatch.setattr(writer_mod.os, "statvfs", lambda p: Tiny())
+    with pytest.raises(InputError, match="GB are free"):
+        ShardedWriter(tmp_path / "out", [("a", torch.float32, (100_000,))])
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_dropped_without_commit_cleans_up(tmp_path):
+    w = ShardedWriter(tmp_path / "out", [("a", torch.float32, (1,))])
+    del w
+    assert os.listdir(tmp_path) == []
+
+
+# ---- crash recovery -----------------------------------------------------------------------------
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, time, torch
+    from pymerge.io import ShardedWriter
+    w = ShardedWriter(sys.argv[1], [("a", torch.float32, (1000,)), ("b", torch.float32, (1000,))],
+                      max_shard_bytes=4000)
+    w.write("a", torch.ones(1000))
+    w.write_json("config.json", {})
+    print(w.tmp_dir, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_stale_temp_of_killed_run_is_removed(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        tmp = proc.stdout.readline().strip()
+        assert tmp.endswith(f".out.pymerge-tmp-{proc.pid}") and os.path.isdir(tmp)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()  # reaped: a zombie would still look alive
+        proc.stdout.close()
+    assert leftovers(tmp_path) == [os.path.basename(tmp)] and not out.exists()
+    write_all(out, {"a": torch.ones(2)})
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_stale_temps_of_live_processes_and_other_outputs_are_kept(tmp_path):
+    mine = tmp_path / f".out.pymerge-tmp-{os.getppid()}"  # a live process (our parent)
+    other = tmp_path / f".other.pymerge-tmp-{dead_pid()}"  # another output's business
+    odd = tmp_path / ".out.pymerge-tmp-notapid"
+    for d in (mine, other, odd):
+        d.mkdir()
+    write_all(tmp_path / "out", {"a": torch.ones(2)})
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", mine.name, other.name, odd.name])
+
+
+def test_old_out_stranded_by_a_crash_mid_replace_is_put_back(tmp_path):
+    out = tmp_path / "out"
+    aside = tmp_path / f".out.pymerge-old-{dead_pid()}"
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
+    # A crash between "old OUT aside" and "new OUT in": OUT is missing, the old one is restored...
+    with pytest.raises(InputError, match="not empty"):
+        ShardedWriter(out, [("a", torch.float32, (1,))])
+    assert os.listdir(tmp_path) == ["out"] and (out / "old.txt").read_text() == "old"
+    # ...and when the new OUT made it in, the stranded old one is deleted.
+    aside.mkdir()
+    write_all(out, {"a": torch.ones(1)}, force=True)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["model.safetensors"]
+
+
+def test_concurrent_writes_to_one_tensor_and_commit_wait(tmp_path):
+    # commit() waits for in-flight writes; many small writers hammer one big tensor.
+    n = 1 << 16
+    src = torch.randn(n)
+    out = tmp_path / "out"
+    w = ShardedWriter(out, [("a", torch.float32, (n,))])
+    barrier = threading.Barrier(4)
+
+    def worker(i):
+        barrier.wait()
+        for start in range(i * 1024, n, 4 * 1024):
+            w.write("a", src[start:start + 1024], offset=start)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w.commit()
+    assert bits(load_all(out)["a"]) == bits(src)
+
+
+def test_commit_waits_for_a_write_in_flight(tmp_path, monkeypatch):
+    release, started = threading.Event(), threading.Event()
+    real = writer_mod._pwrite_all
+
+    def slow_pwrite(fd, data, pos):
+        if pos > 8:  # the tensor data, not the header
+            started.set()
+            assert release.wait(10)
+        real(fd, data, pos)
+
+    monkeypatch.setattr(writer_mod, "_pwrite_all", slow_pwrite)
+    out = tmp_path / "out"
+    w = ShardedWriter(out, [("a", torch.float32, (4,))])
+    writer = threading.Thread(target=w.write, args=("a", torch.arange(4.0)))
+    writer.start()
+    assert started.wait(10)
+    committer = threading.Thread(target=w.commit)
+    committer.start()
+    committer.join(0.3)
+    assert committer.is_alive() and not out.exists()  # the fd must not be closed under the write
+    release.set()
+    writer.join()
+    committer.join()
+    assert torch.equal(load_all(out)["a"], torch.arange(4.0))
