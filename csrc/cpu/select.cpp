@@ -1,0 +1,167 @@
+// Exact rank selection on |x - base| without sorting: a two-level radix histogram over the float
+// bits (15 high bits, then 16 low bits of the candidates' bucket), O(n) and two reads of the inputs.
+//
+// Order: "ascending" ranks elements by (|d|, index); "descending" by (-|d|, index) -- in both,
+// equal magnitudes go lowest index first, exactly like a stable sort in that direction.
+// For rank r the answer is a boundary (T, I): the r elements before rank r are those whose key is
+// strictly before T, plus the elements with key == T and index < I. A third, partial pass finds I
+// only when the boundary falls inside a run of ties.
+#include <omp.h>
+#include <pybind11/stl.h>
+#include <algorithm>
+#include <stdexcept>
+#include <utility>
+#include "cpu/tv_common.h"
+
+namespace py = pybind11;
+
+namespace pymerge {
+namespace {
+
+using tv::kBlock;
+
+struct SelectArgs {
+  uintptr_t x, b;  // b == 0: no base, d = x
+  int xdt, bdt;
+  int64_t numel;
+  uint32_t flip;   // 0 ascending, 0x7fffffff descending (complements the 31-bit key)
+  int threads;
+};
+
+// keys[0..n) of the block starting at `start`, in the selection order's key space.
+template <int Dummy>
+inline void block_keys(const SelectArgs& a, int64_t start, int64_t n, float* xb, float* bb, uint32_t* keys) {
+  tv::load_f32(a.x, a.xdt, start, n, xb);
+  if (a.b) {
+    tv::load_f32(a.b, a.bdt, start, n, bb);
+    for (int64_t i = 0; i < n; ++i) keys[i] = tv::mag_key(xb[i] - bb[i]) ^ a.flip;
+  } else {
+    for (int64_t i = 0; i < n; ++i) keys[i] = tv::mag_key(xb[i]) ^ a.flip;
+  }
+}
+
+// hist[key >> shift & mask] over keys with (key >> match_shift) == match (match < 0: all keys).
+template <int Dummy>
+inline void histogram_body(const SelectArgs& a, int shift, uint32_t mask, int64_t match, int match_shift,
+                           std::vector<int64_t>& total) {
+  const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
+  const size_t bins = size_t(mask) + 1;
+  std::vector<std::vector<uint32_t>> per(a.threads);
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<uint32_t>& h = per[omp_get_thread_num()];
+    h.assign(bins, 0);
+    float xb[kBlock], bb[kBlock];
+    uint32_t keys[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t start = blk * kBlock, n = std::min(kBlock, a.numel - start);
+      block_keys<Dummy>(a, start, n, xb, bb, keys);
+      if (match < 0) {
+        for (int64_t i = 0; i < n; ++i) ++h[(keys[i] >> shift) & mask];
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          if (int64_t(keys[i] >> match_shift) == match) ++h[(keys[i] >> shift) & mask];
+      }
+    }
+  }
+  // uint32 counters per thread: a thread sees far fewer than 2^32 elements of one tensor.
+  total.assign(bins, 0);
+  for (auto& h : per)
+    for (size_t i = 0; i < bins; ++i) total[i] += h[i];
+}
+
+// Index of the j-th (0-based) element whose key equals t, scanning in index order.
+template <int Dummy>
+inline int64_t nth_tie_body(const SelectArgs& a, uint32_t t, int64_t j) {
+  constexpr int64_t kChunk = 64 * kBlock;
+  const int64_t n_chunks = (a.numel + kChunk - 1) / kChunk;
+  std::vector<int64_t> counts(n_chunks, 0);
+#pragma omp parallel num_threads(a.threads)
+  {
+    float xb[kBlock], bb[kBlock];
+    uint32_t keys[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      int64_t cnt = 0;
+      for (int64_t start = c * kChunk; start < std::min(a.numel, (c + 1) * kChunk); start += kBlock) {
+        const int64_t n = std::min(kBlock, a.numel - start);
+        block_keys<Dummy>(a, start, n, xb, bb, keys);
+        for (int64_t i = 0; i < n; ++i) cnt += keys[i] == t;
+      }
+      counts[c] = cnt;
+    }
+  }
+  int64_t c = 0;
+  for (; c < n_chunks && j >= counts[c]; ++c) j -= counts[c];
+  if (c == n_chunks) throw std::logic_error("select: tie index out of range");
+  float xb[kBlock], bb[kBlock];
+  uint32_t keys[kBlock];
+  for (int64_t start = c * kChunk; start < std::min(a.numel, (c + 1) * kChunk); start += kBlock) {
+    const int64_t n = std::min(kBlock, a.numel - start);
+    block_keys<Dummy>(a, start, n, xb, bb, keys);
+    for (int64_t i = 0; i < n; ++i)
+      if (keys[i] == t && j-- == 0) return start + i;
+  }
+  throw std::logic_error("select: tie not found");
+}
+
+struct Kern {
+  void (*hist)(const SelectArgs&, int, uint32_t, int64_t, int, std::vector<int64_t>&);
+  int64_t (*tie)(const SelectArgs&, uint32_t, int64_t);
+};
+
+PM_AVX512 void hist_avx512(const SelectArgs& a, int s, uint32_t m, int64_t mt, int ms, std::vector<int64_t>& t) { histogram_body<0>(a, s, m, mt, ms, t); }
+PM_PLAIN void hist_plain(const SelectArgs& a, int s, uint32_t m, int64_t mt, int ms, std::vector<int64_t>& t) { histogram_body<1>(a, s, m, mt, ms, t); }
+PM_AVX512 int64_t tie_avx512(const SelectArgs& a, uint32_t t, int64_t j) { return nth_tie_body<0>(a, t, j); }
+PM_PLAIN int64_t tie_plain(const SelectArgs& a, uint32_t t, int64_t j) { return nth_tie_body<1>(a, t, j); }
+
+// Finds the bin holding rank r: returns (bin, number of elements in lower bins).
+std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& h, int64_t r) {
+  int64_t before = 0;
+  for (size_t i = 0; i < h.size(); ++i) {
+    if (r < before + h[i]) return {int64_t(i), before};
+    before += h[i];
+  }
+  throw std::logic_error("select: rank beyond histogram");
+}
+
+// For each rank r in [0, numel]: (T, I) in the caller's key space (|d| bits), see the file comment.
+// Descending boundaries use T = -1 for "every element" (r == numel); ascending use T = 2^31.
+std::vector<std::pair<int64_t, int64_t>> select_ranks(uintptr_t x, int xdt, uintptr_t b, int bdt, int64_t numel,
+                                                      const std::vector<int64_t>& ranks, bool descending,
+                                                      int num_threads) {
+  for (int dt : {xdt, bdt}) if (dt < F32 || dt > F8E5M2) throw std::invalid_argument("select: bad dtype code");
+  SelectArgs a{x, b, xdt, bdt, numel, descending ? 0x7fffffffu : 0u, 1};
+  const int64_t n_blocks = std::max<int64_t>(1, (numel + kBlock - 1) / kBlock);
+  a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : omp_get_max_threads(), n_blocks)));
+  const Kern k = tv::use_avx512() ? Kern{hist_avx512, tie_avx512} : Kern{hist_plain, tie_plain};
+  std::vector<std::pair<int64_t, int64_t>> result;
+  std::vector<int64_t> high;
+  for (int64_t r : ranks) {
+    if (r < 0 || r > numel) throw std::invalid_argument("select: rank out of range");
+    if (r == numel) { result.push_back({descending ? -1 : (int64_t(1) << 31), 0}); continue; }
+    if (high.empty()) k.hist(a, 16, 0x7fff, -1, 0, high);          // keys are 31 bits: 15 high bits
+    auto [hb, before_hi] = locate(high, r);
+    std::vector<int64_t> low;
+    k.hist(a, 0, 0xffff, hb, 16, low);                              // 16 low bits of that bucket
+    auto [lb, before_lo] = locate(low, r - before_hi);
+    const uint32_t t = uint32_t(hb << 16 | lb);
+    const int64_t j = r - before_hi - before_lo;                    // ties at t that precede rank r
+    const int64_t idx = j == 0 ? 0 : k.tie(a, t, j);
+    result.push_back({int64_t(t ^ a.flip), idx});
+  }
+  return result;
+}
+
+void register_select(py::module_& m) {
+  m.def("select_ranks", &select_ranks, py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"),
+        py::arg("numel"), py::arg("ranks"), py::arg("descending"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        "Exact rank boundaries (key, index) of |x - base| (base 0: |x|) by radix histogram.");
+}
+
+PYMERGE_REGISTER(register_select);
+
+}  // namespace
+}  // namespace pymerge

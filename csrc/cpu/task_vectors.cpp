@@ -1,0 +1,306 @@
+// Task-vector merges (ties, dare_*, breadcrumbs*, della*, task_arithmetic) in one fused pass:
+//   d_i = x_i - B; keep_i by the model's sparsifier; v_i = keep_i ? (d_i * r_i) * w_i : d_i * 0
+//   consensus: s = sign(sum v_i) (>= 0 -> +1); m_i = sign(v_i) == s; mixed = sum v_i m_i,
+//              divisor = sum w_i m_i (0 -> 1); otherwise mixed = sum v_i, divisor given
+//   optional mixed /= divisor; mixed *= lambda; out = B + mixed, rounded once to the output dtype.
+// Each input element is read once, in blocks that stay in L1; nothing per element is stored.
+// The "d * 0" for dropped elements keeps mergekit's NaN propagation (its masks multiply).
+//
+// Sparsifier modes (per model):
+//   0 none, 5 drop all,
+//   1 top-k: keep (|d|, -index) before boundary hi, i.e. |d| > T or (|d| == T and index < I)
+//   2 range: keep ascending (|d|, index) in [lo, hi) (breadcrumbs' magnitude_outliers)
+//   3 random: keep iff Philox draw < thr (DARE)
+//   4 bits: keep iff bit e of a precomputed bitmask (DELLA, see della_mask below)
+// Also here: the L1 norms the rescale needs, and DELLA's per-row rank-based mask.
+#include <omp.h>
+#include <pybind11/stl.h>
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <utility>
+#include "cpu/tv_common.h"
+
+namespace py = pybind11;
+
+namespace pymerge {
+namespace {
+
+using tv::kBlock;
+
+enum Mode : int { NONE = 0, TOPK = 1, RANGE = 2, RANDOM = 3, BITS = 4, ZERO = 5 };
+
+struct Model {
+  uintptr_t x; int dt; int mode;
+  int64_t t_lo, i_lo, t_hi, i_hi;  // boundaries (key, index)
+  uint64_t thr;                    // random: keep iff draw < thr
+  uintptr_t bits;                  // bits: uint64 words, bit e = keep element e
+  float scale, weight;             // rescale factor r_i and weight w_i
+  tv::PhiloxKey key;
+};
+
+inline bool asc_before(uint32_t k, int64_t e, int64_t t, int64_t i) {
+  return int64_t(k) < t || (int64_t(k) == t && e < i);
+}
+
+// keep[0..n) (0/1 floats) for elements e0 .. e0+n-1 whose deltas are d[0..n).
+inline void compute_keep(const Model& m, const float* __restrict d, int64_t e0, int64_t n, float* __restrict keep,
+                         uint32_t* __restrict bits, uint32_t* __restrict scratch) {
+  switch (m.mode) {
+    case NONE: for (int64_t i = 0; i < n; ++i) keep[i] = 1.f; break;
+    case ZERO: for (int64_t i = 0; i < n; ++i) keep[i] = 0.f; break;
+    case TOPK:
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t k = tv::mag_key(d[i]);
+        keep[i] = (k > m.t_hi || (k == m.t_hi && e0 + i < m.i_hi)) ? 1.f : 0.f;
+      }
+      break;
+    case RANGE:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t k = tv::mag_key(d[i]);
+        keep[i] = (asc_before(k, e0 + i, m.t_hi, m.i_hi) && !asc_before(k, e0 + i, m.t_lo, m.i_lo)) ? 1.f : 0.f;
+      }
+      break;
+    case RANDOM:
+      tv::philox_bits(m.key, e0, n, bits, scratch);
+      for (int64_t i = 0; i < n; ++i) keep[i] = uint64_t(bits[i]) < m.thr ? 1.f : 0.f;
+      break;
+    default: {
+      const uint64_t* w = reinterpret_cast<const uint64_t*>(m.bits);
+      for (int64_t i = 0; i < n; ++i) keep[i] = float((w[(e0 + i) >> 6] >> ((e0 + i) & 63)) & 1u);
+    }
+  }
+}
+
+struct MergeArgs {
+  std::vector<Model> models;
+  uintptr_t base; int bdt;
+  uintptr_t out; int odt;
+  int64_t numel, offset;
+  bool consensus, normalize;
+  float lam, divisor;
+  int threads;
+};
+
+template <int Dummy>
+inline void merge_body(const MergeArgs& a) {
+  const int64_t n_models = int64_t(a.models.size());
+  const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<float> v(size_t(n_models) * kBlock);
+    float bb[kBlock], d[kBlock], keep[kBlock], mixed[kBlock], div[kBlock], s[kBlock];
+    uint32_t bits[kBlock], scratch[kBlock + 8];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t start = blk * kBlock, n = std::min(kBlock, a.numel - start), e0 = a.offset + start;
+      tv::load_f32(a.base, a.bdt, start, n, bb);
+      for (int64_t i = 0; i < n_models; ++i) {
+        const Model& m = a.models[i];
+        float* __restrict vi = v.data() + i * kBlock;
+        tv::load_f32(m.x, m.dt, start, n, d);
+        for (int64_t j = 0; j < n; ++j) d[j] -= bb[j];
+        compute_keep(m, d, e0, n, keep, bits, scratch);
+        const float r = m.scale, w = m.weight;
+        for (int64_t j = 0; j < n; ++j) vi[j] = keep[j] != 0.f ? (d[j] * r) * w : d[j] * 0.f;
+      }
+      if (a.consensus) {
+        for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+        for (int64_t i = 0; i < n_models; ++i) {
+          const float* __restrict vi = v.data() + i * kBlock;
+          for (int64_t j = 0; j < n; ++j) s[j] += vi[j];
+        }
+        for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = 0.f; }
+        for (int64_t i = 0; i < n_models; ++i) {
+          const float* __restrict vi = v.data() + i * kBlock;
+          const float w = a.models[i].weight;
+          for (int64_t j = 0; j < n; ++j) {
+            // elected sign +1 where the sum is >= 0 (NaN elects -1); zeros and NaNs never agree
+            const float agree = (s[j] >= 0.f ? vi[j] > 0.f : vi[j] < 0.f) ? 1.f : 0.f;
+            mixed[j] += vi[j] * agree;
+            div[j] += w * agree;
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) div[j] = div[j] == 0.f ? 1.f : div[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = a.divisor; }
+        for (int64_t i = 0; i < n_models; ++i) {
+          const float* __restrict vi = v.data() + i * kBlock;
+          for (int64_t j = 0; j < n; ++j) mixed[j] += vi[j];
+        }
+      }
+      if (a.normalize) for (int64_t j = 0; j < n; ++j) mixed[j] /= div[j];
+      if (a.lam != 1.f) for (int64_t j = 0; j < n; ++j) mixed[j] *= a.lam;
+      for (int64_t j = 0; j < n; ++j) mixed[j] += bb[j];
+      tv::store_f32(a.out, a.odt, start, n, mixed);
+    }
+  }
+}
+
+// (sum |d|, sum |d * keep|) in float64, for the L1 rescale.
+template <int Dummy>
+inline std::pair<double, double> l1_body(const Model& m, uintptr_t base, int bdt, int64_t numel, int64_t offset,
+                                         int threads) {
+  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+  double total = 0, kept = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
+  {
+    float bb[kBlock], d[kBlock], keep[kBlock];
+    uint32_t bits[kBlock], scratch[kBlock + 8];
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t start = blk * kBlock, n = std::min(kBlock, numel - start);
+      tv::load_f32(base, bdt, start, n, bb);
+      tv::load_f32(m.x, m.dt, start, n, d);
+      for (int64_t j = 0; j < n; ++j) d[j] -= bb[j];
+      compute_keep(m, d, offset + start, n, keep, bits, scratch);
+      float t = 0, k = 0;  // block partials in float32 (vectorizes), summed in float64
+      for (int64_t j = 0; j < n; ++j) { t += std::fabs(d[j]); k += std::fabs(d[j] * keep[j]); }
+      total += t; kept += k;
+    }
+  }
+  return {total, kept};
+}
+
+// DELLA: per row, ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
+// element c iff its draw < thr[rank]. Bits are OR-ed into a zeroed uint64 bitmask (rows may share
+// a word, hence the atomic OR). Returns the L1 norms as l1_body does.
+template <int Dummy>
+inline std::pair<double, double> della_body(const Model& m, uintptr_t base, int bdt, int64_t rows, int64_t cols,
+                                            const std::vector<uint32_t>& thr, uint64_t* mask, int threads) {
+  double total = 0, kept = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
+  {
+    std::vector<float> d(cols), bb(cols);
+    std::vector<uint32_t> key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), scratch(cols + 8);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t start = r * cols;
+      tv::load_f32(base, bdt, start, cols, bb.data());
+      tv::load_f32(m.x, m.dt, start, cols, d.data());
+      for (int64_t c = 0; c < cols; ++c) { d[c] -= bb[c]; key[c] = tv::mag_key(d[c]); idx[c] = uint32_t(c); }
+      for (int pass = 0, shift = 0; pass < 3; ++pass) {  // stable LSD radix sort of idx by key
+        const int width = pass == 0 ? 11 : 10;
+        const uint32_t mask_w = (1u << width) - 1;
+        uint32_t count[2048 + 1] = {0};
+        for (int64_t c = 0; c < cols; ++c) ++count[((key[idx[c]] >> shift) & mask_w) + 1];
+        for (int i = 0; i < (1 << width); ++i) count[i + 1] += count[i];
+        for (int64_t c = 0; c < cols; ++c) idx2[count[(key[idx[c]] >> shift) & mask_w]++] = idx[c];
+        std::swap(idx, idx2);
+        shift += width;
+      }
+      for (int64_t p = 0; p < cols; ++p) rank[idx[p]] = uint32_t(p);
+      tv::philox_bits(m.key, start, cols, bits.data(), scratch.data());
+      double t = 0, k = 0;
+      uint64_t word = 0;
+      int64_t word_i = start >> 6;
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t e = start + c;
+        if ((e >> 6) != word_i) {
+          if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
+          word = 0; word_i = e >> 6;
+        }
+        const bool keep = bits[c] < thr[rank[c]];
+        word |= uint64_t(keep) << (e & 63);
+        t += std::fabs(d[c]);
+        if (keep) k += std::fabs(d[c]);
+      }
+      if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
+      total += t; kept += k;
+    }
+  }
+  return {total, kept};
+}
+
+PM_AVX512 void merge_avx512(const MergeArgs& a) { merge_body<0>(a); }
+PM_PLAIN void merge_plain(const MergeArgs& a) { merge_body<1>(a); }
+PM_AVX512 std::pair<double, double> l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int t) { return l1_body<0>(m, b, bdt, n, o, t); }
+PM_PLAIN std::pair<double, double> l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int t) { return l1_body<1>(m, b, bdt, n, o, t); }
+PM_AVX512 std::pair<double, double> della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const std::vector<uint32_t>& thr, uint64_t* mk, int t) { return della_body<0>(m, b, bdt, r, c, thr, mk, t); }
+PM_PLAIN std::pair<double, double> della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const std::vector<uint32_t>& thr, uint64_t* mk, int t) { return della_body<1>(m, b, bdt, r, c, thr, mk, t); }
+
+int pick_threads(int requested, int64_t work) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(requested > 0 ? requested : omp_get_max_threads(), work)));
+}
+
+void check_dtype(int dt, bool output) {
+  if (dt < F32 || dt > (output ? BF16 : F8E5M2)) throw std::invalid_argument("task_vectors: bad dtype code");
+}
+
+// One model's sparsifier, from the flat tuple Python passes:
+// (ptr, dtype, mode, t_lo, i_lo, t_hi, i_hi, thr, bits_ptr, scale, weight, model_index)
+using ModelSpec = std::tuple<uintptr_t, int, int, int64_t, int64_t, int64_t, int64_t, uint64_t, uintptr_t, float, float, uint32_t>;
+
+Model make_model(const ModelSpec& s, uint64_t seed, uint32_t h0, uint32_t h1) {
+  Model m;
+  std::tie(m.x, m.dt, m.mode, m.t_lo, m.i_lo, m.t_hi, m.i_hi, m.thr, m.bits, m.scale, m.weight, m.key.c1) = s;
+  check_dtype(m.dt, false);
+  if (m.mode < NONE || m.mode > ZERO) throw std::invalid_argument("task_vectors: bad sparsifier mode");
+  if (m.mode == BITS && !m.bits) throw std::invalid_argument("task_vectors: bits mode needs a bitmask");
+  m.key.k0 = uint32_t(seed); m.key.k1 = uint32_t(seed >> 32); m.key.c2 = h0; m.key.c3 = h1;
+  return m;
+}
+
+void tv_merge(const std::vector<ModelSpec>& models, uintptr_t base, int base_dtype, uintptr_t out, int out_dtype,
+              int64_t numel, int64_t offset, bool consensus, bool normalize, float lam, float divisor,
+              uint64_t seed, uint32_t h0, uint32_t h1, int num_threads) {
+  if (models.empty()) throw std::invalid_argument("task_vectors: need at least one model");
+  check_dtype(base_dtype, false); check_dtype(out_dtype, true);
+  if (numel <= 0) return;
+  MergeArgs a;
+  for (auto& s : models) a.models.push_back(make_model(s, seed, h0, h1));
+  a.base = base; a.bdt = base_dtype; a.out = out; a.odt = out_dtype; a.numel = numel; a.offset = offset;
+  a.consensus = consensus; a.normalize = normalize; a.lam = lam; a.divisor = divisor;
+  a.threads = pick_threads(num_threads, (numel + kBlock - 1) / kBlock);
+  (tv::use_avx512() ? merge_avx512 : merge_plain)(a);
+}
+
+std::pair<double, double> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t numel, int64_t offset,
+                                uint64_t seed, uint32_t h0, uint32_t h1, int num_threads) {
+  check_dtype(base_dtype, false);
+  if (numel <= 0) return {0, 0};
+  Model m = make_model(model, seed, h0, h1);
+  int threads = pick_threads(num_threads, (numel + kBlock - 1) / kBlock);
+  return (tv::use_avx512() ? l1_avx512 : l1_plain)(m, base, base_dtype, numel, offset, threads);
+}
+
+std::pair<double, double> tv_della_mask(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t rows,
+                                        int64_t cols, const std::vector<uint32_t>& thr, uintptr_t mask,
+                                        uint64_t seed, uint32_t h0, uint32_t h1, int num_threads) {
+  check_dtype(base_dtype, false);
+  if (int64_t(thr.size()) != cols) throw std::invalid_argument("della_mask: need one threshold per column rank");
+  if (cols >= (int64_t(1) << 31)) throw std::invalid_argument("della_mask: rows of 2^31 or more elements");
+  if (rows <= 0 || cols <= 0) return {0, 0};
+  Model m = make_model(model, seed, h0, h1);
+  int threads = pick_threads(num_threads, rows);
+  return (tv::use_avx512() ? della_avx512 : della_plain)(m, base, base_dtype, rows, cols, thr,
+                                                         reinterpret_cast<uint64_t*>(mask), threads);
+}
+
+std::vector<uint32_t> philox_draws(uint64_t seed, uint32_t model, uint32_t h0, uint32_t h1, int64_t offset, int64_t n) {
+  tv::PhiloxKey k{uint32_t(seed), uint32_t(seed >> 32), model, h0, h1};
+  std::vector<uint32_t> out(std::max<int64_t>(n, 0)), scratch(std::max<int64_t>(n, 0) + 8);
+  if (n > 0) tv::philox_bits(k, offset, n, out.data(), scratch.data());
+  return out;
+}
+
+void register_task_vectors(py::module_& m) {
+  m.def("tv_merge", &tv_merge, py::arg("models"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("consensus"), py::arg("normalize"),
+        py::arg("lam"), py::arg("divisor"), py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>(), "Fused task-vector merge (see csrc/cpu/task_vectors.cpp).");
+  m.def("tv_l1", &tv_l1, py::arg("model"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"), py::arg("offset"),
+        py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>(), "(sum |d|, sum |d * keep|) of one model's delta.");
+  m.def("tv_della_mask", &tv_della_mask, py::arg("model"), py::arg("base"), py::arg("base_dtype"), py::arg("rows"),
+        py::arg("cols"), py::arg("thr"), py::arg("mask"), py::arg("seed"), py::arg("h0"), py::arg("h1"),
+        py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+        "DELLA keep-bitmask by per-row magnitude rank; returns the L1 norms.");
+  m.def("philox_draws", &philox_draws, py::arg("seed"), py::arg("model"), py::arg("h0"), py::arg("h1"),
+        py::arg("offset"), py::arg("n"), "32-bit Philox draws of elements offset .. offset+n-1 (tests).");
+}
+
+PYMERGE_REGISTER(register_task_vectors);
+
+}  // namespace
+}  // namespace pymerge

@@ -1,0 +1,201 @@
+"""TIES, DARE, Model Breadcrumbs and DELLA: mergekit's generalized task arithmetic family.
+
+Each method is the fused op of pymerge/ops/task_vector_ops.py with a fixed sparsifier and
+consensus, and mergekit 0.1.5's parameters and defaults:
+  per model: weight (required), density (1.0), gamma (0.01, breadcrumbs), epsilon (0.15, della)
+  global:    normalize (per method), rescale (per method), lambda (1.0), int8_mask (false)
+
+| method           | sparsify           | consensus | normalize | rescale |
+| ties             | magnitude          | sum       | true      | false   |
+| dare_linear      | random             | -         | false     | true    |
+| dare_ties        | random             | sum       | false     | true    |
+| breadcrumbs      | magnitude_outliers | -         | false     | false   |
+| breadcrumbs_ties | magnitude_outliers | sum       | false     | false   |
+| della_linear     | della_magprune     | -         | false     | true    |
+| della            | della_magprune     | sum       | true      | true    |
+
+`rescale` takes mergekit's booleans (true = L1 norm matching) and also "l1" or
+"inverse_density" (DARE's paper rule, 1/density). `int8_mask` only picks mergekit's mask dtype;
+it never changes a result, so it is accepted and ignored. task_arithmetic lives in linear.py and
+may call merge_task_vectors() with no sparsifier.
+"""
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
+from pymerge.ops import task_vector_ops as tvo
+
+
+def parse_rescale(value: Any) -> Optional[str]:
+    """mergekit's bool, or a rule name: None (off), "l1" or "inverse_density"."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "l1"
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "l1"):
+            return "l1"
+        if v in ("false", "none", ""):
+            return None
+        if v == "inverse_density":
+            return "inverse_density"
+    raise MergeConfigError(f"rescale must be true, false, l1 or inverse_density; got {value!r}")
+
+
+def _number(value: Any, what: str, name: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MergeConfigError(f"{what} must be a number, got {value!r} (tensor {name})") from None
+    if not math.isfinite(x):
+        raise MergeConfigError(f"{what} is {x} for tensor {name}; it must be finite")
+    return x
+
+
+def _flag(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise MergeConfigError(f"{what} must be true or false, got {value!r}")
+
+
+def merge_task_vectors(task: TensorTask, out: torch.Tensor, *, sparsification: Optional[str], consensus: bool,
+                       normalize: bool, rescale: Optional[str], cache: Optional[tvo.SelectionCache]) -> None:
+    """Shared body: resolves per-model sparsifiers from task.model_params and runs the fused op."""
+    if task.base is None:
+        raise MergeConfigError(f"tensor {task.name}: this merge method needs a base_model")
+    sparsifiers, weights = [], []
+    for i, mp in enumerate(task.model_params):
+        what = f"model {i}"
+        if mp.get("weight") is None:
+            raise MergeConfigError(f"{what} has no weight for tensor {task.name}")
+        weights.append(_number(mp["weight"], f"{what} weight", task.name))
+        sp = tvo.Sparsifier(
+            method=sparsification,
+            density=_number(mp.get("density", 1.0), f"{what} density", task.name),
+            gamma=_number(mp.get("gamma", 0.01), f"{what} gamma", task.name),
+            epsilon=_number(mp.get("epsilon", 0.15), f"{what} epsilon", task.name),
+            rescale=rescale)
+        try:
+            tvo.check_sparsifier(sp, what)
+        except ValueError as exc:
+            raise MergeConfigError(f"{exc} (tensor {task.name})") from None
+        sparsifiers.append(sp)
+    lam = _number(task.params.get("lambda", 1.0), "lambda", task.name)
+    try:
+        tvo.task_vector_merge(task.inputs, task.base, out, sparsifiers, weights, consensus=consensus,
+                              normalize=normalize, lam=lam, name=task.name, seed=task.seed, offset=task.offset,
+                              cache=cache, backend=task.backend, num_threads=task.num_threads)
+    except ValueError as exc:
+        raise MergeConfigError(f"tensor {task.name}: {exc}") from None
+
+
+class TaskVectorMethod(MergeMethod):
+    """A generalized task-arithmetic method; subclasses pick sparsification and consensus."""
+    base_model = "required"
+    min_models = 1
+    sparsification: Optional[str] = None
+    consensus: bool = False
+    default_normalize = False
+    default_rescale = False
+    # Thresholds and L1 norms are whole-tensor statistics: the engine must hand over whole tensors.
+    chunkable = False
+    # The pool may replace this with its own SelectionCache (or None to disable caching).
+    cache: Optional[tvo.SelectionCache] = tvo.DEFAULT_CACHE
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        mp = {"weight": Param(REQUIRED, "scale of this model's task vector"),
+              "density": Param(1.0, "fraction of the task vector kept, in [0, 1]")}
+        if cls.sparsification == "magnitude_outliers":
+            mp["gamma"] = Param(0.01, "fraction of the largest magnitudes dropped as outliers")
+        if cls.sparsification == "della_magprune":
+            mp["epsilon"] = Param(0.15, "keep probability spread around density by magnitude rank")
+        cls.model_params = mp
+        cls.global_params = {
+            "normalize": Param(cls.default_normalize, "divide by the sum of (agreeing) weights"),
+            "rescale": Param(cls.default_rescale, "true/l1: match the L1 norm after sparsifying; "
+                                                  "inverse_density: multiply by 1/density"),
+            "lambda": Param(1.0, "scale of the merged task vector"),
+            "int8_mask": Param(False, "accepted for mergekit compatibility; no effect on results"),
+        }
+
+    def _settings(self, task: TensorTask):
+        normalize = _flag(task.params.get("normalize", self.default_normalize), "normalize")
+        rescale = parse_rescale(task.params.get("rescale", self.default_rescale))
+        _flag(task.params.get("int8_mask", False), "int8_mask")
+        return normalize, rescale
+
+    def check_params(self, task: TensorTask) -> None:
+        self._settings(task)
+        for i, mp in enumerate(task.model_params):
+            sp = tvo.Sparsifier(self.sparsification, _number(mp.get("density", 1.0), f"model {i} density", task.name),
+                                _number(mp.get("gamma", 0.01), f"model {i} gamma", task.name),
+                                _number(mp.get("epsilon", 0.15), f"model {i} epsilon", task.name))
+            try:
+                tvo.check_sparsifier(sp, f"model {i}")
+            except ValueError as exc:
+                raise MergeConfigError(f"{exc} (tensor {task.name})") from None
+
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        normalize, rescale = self._settings(task)
+        merge_task_vectors(task, out, sparsification=self.sparsification, consensus=self.consensus,
+                           normalize=normalize, rescale=rescale, cache=self.cache)
+
+
+@register
+class Ties(TaskVectorMethod):
+    name = "ties"
+    sparsification = "magnitude"
+    consensus = True
+    default_normalize = True
+
+
+@register
+class DareLinear(TaskVectorMethod):
+    name = "dare_linear"
+    sparsification = "random"
+    default_rescale = True
+
+
+@register
+class DareTies(TaskVectorMethod):
+    name = "dare_ties"
+    sparsification = "random"
+    consensus = True
+    default_rescale = True
+
+
+@register
+class Breadcrumbs(TaskVectorMethod):
+    name = "breadcrumbs"
+    sparsification = "magnitude_outliers"
+
+
+@register
+class BreadcrumbsTies(TaskVectorMethod):
+    name = "breadcrumbs_ties"
+    sparsification = "magnitude_outliers"
+    consensus = True
+
+
+@register
+class DellaLinear(TaskVectorMethod):
+    name = "della_linear"
+    sparsification = "della_magprune"
+    default_rescale = True
+
+
+@register
+class Della(TaskVectorMethod):
+    name = "della"
+    sparsification = "della_magprune"
+    consensus = True
+    default_normalize = True
+    default_rescale = True

@@ -1,0 +1,87 @@
+"""Exact magnitude rank selection for TIES / breadcrumbs thresholds: O(n), no sort.
+
+Elements are ranked by the magnitude of their float32 delta d = float32(x) - float32(base), keyed
+by the bits of |d| (a monotone integer key; NaN ranks above inf). Ties are broken by index:
+- "descending" order: larger |d| first, equal |d| lowest index first  (TIES' top-k),
+- "ascending" order:  smaller |d| first, equal |d| lowest index first (breadcrumbs' sort),
+i.e. exactly what a *stable* sort in that direction gives. So "keep the k largest" keeps exactly k
+elements, and among equal magnitudes at the threshold it keeps the lowest indices.
+
+The answer for rank r is a Boundary (key, index): the r elements ranked before r are those whose
+key is strictly before ``key`` in the order, plus those with key == ``key`` and index < ``index``.
+Kernels then test membership per element with two integer compares.
+
+Backends: "cpu" is csrc/cpu/select.cpp (two-level radix histogram over the key bits: two reads of
+the inputs, a partial third only when the boundary splits a run of ties); "torch" is kthvalue plus
+counting on any device (materializes the keys; the GPU path until it has its own kernel).
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from pymerge import _native
+
+ALL_ASC = 1 << 31   # ascending boundary that has every element before it
+ALL_DESC = -1       # descending boundary that has every element before it
+
+
+@dataclass(frozen=True)
+class Boundary:
+    key: int    # |d| float32 bits (sign cleared)
+    index: int  # ties at `key` with a lower index are before the boundary
+
+
+def magnitude_keys(x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 keys of |float32(x) - float32(base)| (flattened): the float bits with the sign cleared."""
+    d = x.reshape(-1).float()
+    if base is not None:
+        d = d - base.reshape(-1).float()
+    return (d.view(torch.int32).to(torch.int64) & 0x7FFFFFFF)
+
+
+def before(keys: torch.Tensor, b: Boundary, descending: bool, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean mask of the elements ranked before boundary b (keys from magnitude_keys)."""
+    if index is None:
+        index = torch.arange(keys.numel(), device=keys.device)
+    strict = keys > b.key if descending else keys < b.key
+    return strict | ((keys == b.key) & (index < b.index))
+
+
+def select_ranks(x: torch.Tensor, base: Optional[torch.Tensor], ranks: Sequence[int], descending: bool,
+                 backend: str = "auto", num_threads: int = 0) -> List[Boundary]:
+    """Boundaries of ranks (each in [0, numel]) in the order described in the module docstring."""
+    numel = x.numel()
+    for r in ranks:
+        if not 0 <= r <= numel:
+            raise ValueError(f"rank {r} outside [0, {numel}]")
+    if base is not None and base.shape != x.shape:
+        raise ValueError(f"base has shape {tuple(base.shape)} but x has {tuple(x.shape)}")
+    if backend == "auto":
+        backend = "cpu" if x.device.type == "cpu" and _native.cpu is not None else "torch"
+    if backend == "cpu":
+        x = x.contiguous()
+        base = base.contiguous() if base is not None else None
+        out = _native.require_cpu().select_ranks(
+            x.data_ptr(), _native.DTYPE_CODES[x.dtype],
+            base.data_ptr() if base is not None else 0, _native.DTYPE_CODES[base.dtype] if base is not None else 0,
+            numel, list(ranks), descending, num_threads)
+        return [Boundary(int(t), int(i)) for t, i in out]
+    if backend != "torch":
+        raise ValueError(f"select_ranks: unknown backend {backend!r}")
+    return _select_torch(magnitude_keys(x, base), ranks, descending)
+
+
+def _select_torch(keys: torch.Tensor, ranks: Sequence[int], descending: bool) -> List[Boundary]:
+    numel = keys.numel()
+    order_keys = (0x7FFFFFFF - keys) if descending else keys  # ascending order in both cases
+    result = []
+    for r in ranks:
+        if r == numel:
+            result.append(Boundary(ALL_DESC if descending else ALL_ASC, 0))
+            continue
+        t = int(torch.kthvalue(order_keys, r + 1).values) if numel else 0
+        j = r - int((order_keys < t).sum())
+        idx = 0 if j == 0 else int(torch.nonzero(order_keys == t).flatten()[j])
+        result.append(Boundary(0x7FFFFFFF - t if descending else t, idx))
+    return result

@@ -1,0 +1,409 @@
+"""The task-vector family (ties, dare_*, breadcrumbs*, della*, task_arithmetic) as one fused op.
+
+Per tensor, for models x_i over base B (float32 arithmetic, as mergekit on float32 inputs):
+  d_i = x_i - B                          sparsified, unweighted, by the model's Sparsifier
+  v_i = keep_i ? (d_i * r_i) * w_i : d_i * 0     r_i the rescale factor (1 without rescale)
+  consensus ("sum"): s = +1 where sum_i v_i >= 0 else -1; m_i = sign(v_i) == s (zeros never agree)
+                     mixed = sum_i m_i v_i; divisor = sum_i m_i w_i (1 where 0)
+  otherwise:         mixed = sum_i v_i;     divisor = sum_i w_i (1 where |.| < 1e-8)
+  normalize: mixed /= divisor;  mixed *= lambda;  out = B + mixed, rounded once to out's dtype.
+
+Work is split in two steps:
+1. plan_model(): per model, what the kernel needs -- a rank boundary (magnitude, breadcrumbs), a
+   Philox keep-threshold (DARE), or a bitmask (DELLA) -- and the rescale factor from L1 norms.
+   Thresholds and norms depend only on (checkpoint tensor, base tensor, density, ...), so they go
+   in a SelectionCache: a search loop that re-merges the same tensors with new weights pays once.
+2. merge_planned(): one fused pass over the inputs (C++ on the CPU, Triton or CUDA on a GPU, torch
+   anywhere as the fallback) reading every input element once.
+
+Sparsifiers (mergekit 0.1.5 semantics; ties broken as documented in pymerge/ops/select.py):
+- magnitude: keep the k = max(1, int(density * numel)) largest |d| (none when density <= 0).
+- random: keep with probability density (Philox, see pymerge/ops/philox.py).
+- magnitude_outliers: ascending ranks [n_bot, n_bot + int(density*N)) with n_top = int(gamma*N),
+  n_bot = max(0, N - target - n_top).
+- della_magprune: per row (1-D: one row), keep probability (density - eps) + 2 eps * rank/(cols-1),
+  rank the ascending stable rank of |d| in the row (a 1-column row uses the mean, p = density).
+density >= 1 leaves d untouched (no rescale), as in mergekit.
+Rescale: "l1" multiplies by ||d||_1 / ||d * keep||_1 (skipped when either is < 1e-7),
+"inverse_density" by 1 / density; None leaves the kept values as they are.
+"""
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from pymerge import _native
+from pymerge.ops import philox, select
+
+NONE, TOPK, RANGE, RANDOM, BITS, ZERO = range(6)  # csrc/cpu/task_vectors.cpp modes
+SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
+RESCALES = (None, "l1", "inverse_density")
+BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
+_TORCH_BLOCK = 1 << 20  # elements per block of the torch fallback: bounds its temporaries
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    method: Optional[str] = None
+    density: float = 1.0
+    gamma: float = 0.01
+    epsilon: float = 0.15
+    rescale: Optional[str] = None
+
+
+@dataclass
+class ModelPlan:
+    """One model's sparsifier, resolved for one tensor (what every backend's kernel takes)."""
+    mode: int = NONE
+    lo: select.Boundary = select.Boundary(0, 0)
+    hi: select.Boundary = select.Boundary(0, 0)
+    thr: int = 0                          # RANDOM: keep iff draw < thr
+    bits: Optional[torch.Tensor] = None   # BITS: int64 words, bit e of word e // 64 keeps element e
+    scale: float = 1.0                    # rescale factor r_i (float32-rounded)
+    weight: float = 1.0
+    model: int = 0                        # model index: part of the Philox counter
+
+
+class SelectionCache:
+    """LRU of per-(tensor, base, sparsifier) thresholds and L1 norms.
+
+    Keys hold the data pointers, shapes and dtypes of x and base, the tensor name, the sparsifier
+    parameters (and seed / model index for random masks) plus a fingerprint of a few elements, so
+    a buffer reused for different data is not mistaken for the old one. Entries are a few numbers;
+    it is safe to share one cache across a whole search. Call clear() when checkpoints change.
+    """
+
+    def __init__(self, max_entries: int = 65536):
+        self.max_entries = max_entries
+        self._data: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        value = self._data.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key, value):
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def clear(self):
+        self._data.clear()
+
+    def __len__(self):
+        return len(self._data)
+
+
+DEFAULT_CACHE = SelectionCache()
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    flat = t.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return ()
+    picks = sorted({0, n // 3, n // 2, (2 * n) // 3, n - 1})
+    return tuple(flat[picks].float().tolist())
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), _fingerprint(t))
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def l1_ratio(before: float, after: float, eps: float = 1e-7) -> float:
+    """mergekit's L1 rescale factor, as float32: before / after, or 1 when either is below eps."""
+    before, after = _f32(before), _f32(after)
+    if before < eps or after < eps:
+        return 1.0
+    return float(torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32))
+
+
+def della_thresholds(density: float, epsilon: float, cols: int) -> torch.Tensor:
+    """Per-rank Philox keep-thresholds of one DELLA row (int64, float64 math, computed once)."""
+    if cols == 1:
+        p = torch.tensor([density], dtype=torch.float64)
+    else:
+        rn = torch.arange(cols, dtype=torch.float64) / (cols - 1)
+        p = (density - epsilon) + rn * (2 * epsilon)
+    return torch.floor(p.clamp(0, 1) * 4294967296.0).to(torch.int64).clamp(0, 1 << 32)
+
+
+def check_sparsifier(sp: Sparsifier, what: str) -> None:
+    """Raises ValueError for parameters no merge can use (the caller adds the tensor name)."""
+    if sp.method not in SPARSIFIERS:
+        raise ValueError(f"{what}: unknown sparsification {sp.method!r}")
+    if sp.rescale not in RESCALES:
+        raise ValueError(f"{what}: rescale must be one of true/false, l1, inverse_density; got {sp.rescale!r}")
+    if not (math.isfinite(sp.density) and 0 <= sp.density <= 1):
+        raise ValueError(f"{what}: density must be in [0, 1], got {sp.density}")
+    if sp.method == "magnitude_outliers" and not (math.isfinite(sp.gamma) and 0 <= sp.gamma <= 1):
+        raise ValueError(f"{what}: gamma must be in [0, 1], got {sp.gamma}")
+    if sp.method == "della_magprune" and 0 < sp.density < 1:
+        if not (math.isfinite(sp.epsilon) and 0 < sp.density - sp.epsilon and sp.density + sp.epsilon < 1):
+            raise ValueError(f"{what}: epsilon must keep density +/- epsilon inside (0, 1); "
+                             f"got density {sp.density}, epsilon {sp.epsilon}")
+
+
+def plan_model(x: torch.Tensor, base: torch.Tensor, sp: Sparsifier, weight: float, model: int, *, name: str = "",
+               seed: int = 0, offset: int = 0, cache: Optional[SelectionCache] = None,
+               backend: str = "auto", num_threads: int = 0) -> ModelPlan:
+    """Resolves one model's sparsifier for this tensor (thresholds, masks, rescale factor)."""
+    plan = ModelPlan(weight=float(weight), model=int(model))
+    n = x.numel()
+    method, density = sp.method, float(sp.density)
+    if method is None or density >= 1 or n == 0:
+        return plan  # mergekit returns d untouched: no mask, no rescale
+    if method in ("magnitude", "della_magprune") and density <= 0:
+        plan.mode = ZERO
+        return plan
+    cpu = _use_cpu(x, backend)
+    key = None
+    if cache is not None and method != "della_magprune":
+        key = (method, _tensor_key(x), _tensor_key(base), name, density, sp.gamma, sp.rescale, offset)
+        if method == "random":
+            key += (int(seed), int(model))
+        hit = cache.get(key)
+        if hit is not None:
+            plan.mode, plan.lo, plan.hi, plan.thr, plan.scale = hit
+            return plan
+
+    norms = None
+    if method == "magnitude":
+        k = max(1, int(density * n))
+        plan.mode = TOPK
+        plan.hi = select.select_ranks(x, base, [k], True, "cpu" if cpu else "torch", num_threads)[0]
+    elif method == "magnitude_outliers":
+        target = int(density * n)
+        n_top = int(sp.gamma * n)
+        n_bot = max(0, n - target - n_top)
+        plan.mode = RANGE
+        plan.lo, plan.hi = select.select_ranks(x, base, [min(n_bot, n), min(n_bot + target, n)], False,
+                                               "cpu" if cpu else "torch", num_threads)
+    elif method == "random":
+        plan.mode = RANDOM
+        plan.thr = philox.keep_threshold(density)
+    else:  # della_magprune: the mask needs per-row ranks, so it is computed here, as bits
+        plan.mode = BITS
+        plan.bits, norms = _della_mask(x, base, sp, model, name, seed, offset, cpu, num_threads)
+
+    if sp.rescale == "l1":
+        if norms is None:
+            norms = model_l1(x, base, plan, name=name, seed=seed, offset=offset, cpu=cpu, num_threads=num_threads)
+        plan.scale = l1_ratio(*norms)
+    elif sp.rescale == "inverse_density":
+        plan.scale = _f32(1.0 / density) if density > 0 else 1.0
+    if key is not None:
+        cache.put(key, (plan.mode, plan.lo, plan.hi, plan.thr, plan.scale))
+    return plan
+
+
+def _use_cpu(x: torch.Tensor, backend: str) -> bool:
+    return x.device.type == "cpu" and backend in ("auto", "cpu") and _native.cpu is not None
+
+
+def _spec(x: torch.Tensor, p: ModelPlan) -> tuple:
+    """The flat tuple csrc/cpu/task_vectors.cpp reads for one model."""
+    return (x.data_ptr(), _native.DTYPE_CODES[x.dtype], p.mode, p.lo.key, p.lo.index, p.hi.key, p.hi.index,
+            p.thr, p.bits.data_ptr() if p.bits is not None else 0, p.scale, p.weight, p.model & 0xFFFFFFFF)
+
+
+def model_l1(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=True, num_threads=0) -> Tuple[float, float]:
+    """(||d||_1, ||d * keep||_1) of one model's delta under its plan."""
+    if cpu:
+        h0, h1 = philox.name_hash(name)
+        return _native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
+                                 _native.DTYPE_CODES[base.dtype], x.numel(), offset,
+                                 int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
+    total = kept = 0.0
+    xf, bf = x.reshape(-1), base.reshape(-1)
+    for start in range(0, x.numel(), _TORCH_BLOCK):
+        d = xf[start:start + _TORCH_BLOCK].float() - bf[start:start + _TORCH_BLOCK].float()
+        keep = keep_mask_torch(plan, d, offset + start, name, seed)
+        total += float(d.abs().sum(dtype=torch.float64))
+        kept += float(d.abs()[keep].sum(dtype=torch.float64))
+    return total, kept
+
+
+def keep_mask_torch(plan: ModelPlan, d: torch.Tensor, e0: int, name: str, seed: int) -> torch.Tensor:
+    """Boolean keep-mask of a block of float32 deltas d (flat), elements e0 .. e0+len-1."""
+    n = d.numel()
+    if plan.mode == NONE:
+        return torch.ones(n, dtype=torch.bool, device=d.device)
+    if plan.mode == ZERO:
+        return torch.zeros(n, dtype=torch.bool, device=d.device)
+    idx = torch.arange(e0, e0 + n, device=d.device)
+    if plan.mode in (TOPK, RANGE):
+        keys = select.magnitude_keys(d)
+        if plan.mode == TOPK:
+            return select.before(keys, plan.hi, True, idx)
+        return select.before(keys, plan.hi, False, idx) & ~select.before(keys, plan.lo, False, idx)
+    if plan.mode == RANDOM:
+        return philox.random_bits(seed, name, plan.model, e0, n, d.device) < plan.thr
+    words = plan.bits.to(d.device)[idx >> 6]
+    return ((words >> (idx & 63)) & 1).bool()
+
+
+def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_threads):
+    """DELLA keep-bitmask (int64 words) and the L1 norms, ranks along dim 1 (1-D: one row)."""
+    n = x.numel()
+    words = torch.zeros((n + 63) // 64, dtype=torch.int64, device=x.device)
+    if x.dim() <= 2 and cpu:
+        rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
+        thr = della_thresholds(sp.density, sp.epsilon, cols).tolist()
+        h0, h1 = philox.name_hash(name)
+        spec = _spec(x.contiguous(), ModelPlan(mode=BITS, model=model))
+        spec = spec[:8] + (words.data_ptr(),) + spec[9:]
+        norms = _native.cpu.tv_della_mask(spec, base.contiguous().data_ptr(), _native.DTYPE_CODES[base.dtype],
+                                          rows, cols, [int(t) for t in thr], words.data_ptr(),
+                                          int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
+        return words, norms
+    keep = della_keep_torch(x, base, sp, model, name, seed, offset)
+    d = (x.float() - base.float()).reshape(-1)
+    norms = (float(d.abs().sum(dtype=torch.float64)), float(d.abs()[keep].sum(dtype=torch.float64)))
+    return pack_bits(keep), norms
+
+
+def della_keep_torch(x, base, sp: Sparsifier, model, name, seed, offset=0) -> torch.Tensor:
+    """Flat boolean DELLA mask with torch ops (any device, any rank; materializes the tensor)."""
+    d = x.float() - base.float()
+    if d.dim() < 2:
+        d = d.reshape(1, -1)
+    keys = select.magnitude_keys(d).reshape(d.shape)
+    order = torch.argsort(keys, dim=1, stable=True)  # mergekit ranks along dim 1
+    cols = d.shape[1]
+    pos = torch.arange(cols, device=d.device).view(1, cols, *([1] * (d.dim() - 2))).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, pos.contiguous())
+    thr = della_thresholds(sp.density, sp.epsilon, cols).to(d.device)
+    draws = philox.random_bits(seed, name, model, offset, d.numel(), d.device).reshape(d.shape)
+    return (draws < thr[rank]).reshape(-1)
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Flat bool -> int64 words (bit e of word e // 64), two's complement for bit 63."""
+    n = keep.numel()
+    padded = torch.zeros(((n + 63) // 64) * 64, dtype=torch.int64, device=keep.device)
+    padded[:n] = keep.reshape(-1).to(torch.int64)
+    shifts = torch.arange(64, device=keep.device, dtype=torch.int64)
+    return (padded.view(-1, 64) << shifts).sum(dim=1)
+
+
+def linear_divisor(weights: Sequence[float]) -> float:
+    """mergekit's non-consensus divisor: the float32 sum of weights, 1 where |sum| < 1e-8."""
+    s = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    return 1.0 if abs(s) < 1e-8 else s
+
+
+def pick_backend(device: torch.device, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type == "cpu":
+        return "cpu" if _native.cpu is not None else "torch"
+    if device.type == "cuda":
+        from pymerge.kernels import task_vectors as tk
+        if tk.available():
+            return "triton"
+        return "cuda" if _native.cuda is not None and hasattr(_native.cuda, "tv_merge") else "torch"
+    return "torch"
+
+
+def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Sequence[ModelPlan],
+                  out: torch.Tensor, *, consensus: bool, normalize: bool, lam: float = 1.0,
+                  divisor: float = 1.0, name: str = "", seed: int = 0, offset: int = 0,
+                  backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    """The fused pass: out = B + lambda * combine(v_i). Inputs, base and out share shape and device."""
+    n = base.numel()
+    if n == 0:
+        return out
+    backend = pick_backend(base.device, backend)
+    inputs = [t.contiguous() for t in inputs]
+    base = base.contiguous()
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    h0, h1 = philox.name_hash(name)
+    seed64 = int(seed) & 0xFFFFFFFFFFFFFFFF
+    if backend == "cpu":
+        _native.require_cpu().tv_merge([_spec(x, p) for x, p in zip(inputs, plans)], base.data_ptr(),
+                                       _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
+                                       n, offset, consensus, normalize, float(lam), float(divisor),
+                                       seed64, h0, h1, num_threads)
+    elif backend == "triton":
+        from pymerge.kernels import task_vectors as tk
+        tk.tv_merge(inputs, base, plans, out, consensus=consensus, normalize=normalize, lam=lam,
+                    divisor=divisor, seed=seed64, h0=h0, h1=h1, offset=offset)
+    elif backend == "cuda":
+        ext = _native.require_cuda()
+        with torch.cuda.device(base.device):
+            stream = torch.cuda.current_stream(base.device).cuda_stream
+            ext.tv_merge([_spec(x, p) for x, p in zip(inputs, plans)], base.data_ptr(),
+                         _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
+                         n, offset, consensus, normalize, float(lam), float(divisor), seed64, h0, h1, stream)
+    else:
+        _merge_torch(inputs, base, plans, out, consensus, normalize, lam, divisor, name, seed, offset)
+    return out
+
+
+def _merge_torch(inputs, base, plans, out, consensus, normalize, lam, divisor, name, seed, offset):
+    """Blockwise torch version of the fused pass (any device); same float32 operation order."""
+    bflat, oflat = base.reshape(-1), out.reshape(-1)
+    for start in range(0, base.numel(), _TORCH_BLOCK):
+        b = bflat[start:start + _TORCH_BLOCK].float()
+        vs = []
+        for x, p in zip(inputs, plans):
+            d = x.reshape(-1)[start:start + _TORCH_BLOCK].float() - b
+            keep = keep_mask_torch(p, d, offset + start, name, seed)
+            vs.append(torch.where(keep, (d * p.scale) * p.weight, d * 0.0))
+        if consensus:
+            s = vs[0].clone()
+            for v in vs[1:]:
+                s += v
+            positive = s >= 0
+            mixed = torch.zeros_like(b)
+            div = torch.zeros_like(b)
+            for v, p in zip(vs, plans):
+                agree = torch.where(positive, v > 0, v < 0).float()
+                mixed += v * agree
+                div += p.weight * agree
+            div = torch.where(div == 0, torch.ones_like(div), div)
+        else:
+            mixed = torch.zeros_like(b)
+            for v in vs:
+                mixed += v
+            div = divisor
+        if normalize:
+            mixed = mixed / div
+        if lam != 1:
+            mixed = mixed * lam
+        oflat[start:start + _TORCH_BLOCK] = (b + mixed).to(out.dtype)
+
+
+def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: torch.Tensor,
+                      sparsifiers: Sequence[Sparsifier], weights: Sequence[float], *, consensus: bool,
+                      normalize: bool, lam: float = 1.0, name: str = "", seed: int = 0, offset: int = 0,
+                      cache: Optional[SelectionCache] = None, backend: str = "auto",
+                      num_threads: int = 0) -> torch.Tensor:
+    """Plans every model (cached thresholds) and runs the fused pass into out."""
+    if len(inputs) != len(sparsifiers) or len(inputs) != len(weights):
+        raise ValueError("need one sparsifier and one weight per input")
+    for i, x in enumerate(inputs):
+        if x.shape != base.shape:
+            raise ValueError(f"input {i} has shape {tuple(x.shape)} but the base has {tuple(base.shape)}")
+    plans = [plan_model(x, base, sp, w, i, name=name, seed=seed, offset=offset, cache=cache, backend=backend,
+                        num_threads=num_threads)
+             for i, (x, sp, w) in enumerate(zip(inputs, sparsifiers, weights))]
+    return merge_planned(inputs, base, plans, out, consensus=consensus, normalize=normalize, lam=lam,
+                         divisor=linear_divisor(weights), name=name, seed=seed, offset=offset,
+                         backend=backend, num_threads=num_threads)
