@@ -1,0 +1,243 @@
+"""CMA-ES over merge weights: ask a population, materialize it into live models, evaluate, tell.
+
+    result = pymerge.search.optimize(pool, evaluate, model=model, budget=200, seed=0, state_path="s.pkl")
+
+The search vector x lives in [0, 1]^(G*N) (G = 1 unless per-group weights are asked for); the merge
+weights are x reshaped to [G, N], each row divided by its sum when normalize=True (the default,
+a weighted average as in the recycling paper). Candidate 0 is x0 (the uniform merge by default).
+The objective is maximized; evaluate(model) returns a float or {task: score} (macro-averaged).
+State is pickled after every generation; a re-run with the same state_path continues from there and
+ends where an uninterrupted run ends (the search's RNG is its own, saved with the state).
+"""
+import copy
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from pymerge.errors import InputError
+from pymerge.search_report import macro_average, pareto_front, plot, write_csv, write_json
+
+STATE_VERSION = 1
+
+
+@dataclass
+class SearchResult:
+    """Every candidate's scores, the best merge's weights and the Pareto front over tasks."""
+    best_weights: np.ndarray
+    best_objective: float
+    best_scores: Dict[str, float]
+    history: List[dict]
+    tasks: List[str]
+    pareto: List[int] = field(default_factory=list)  # indices into history
+    generations: int = 0
+
+    @property
+    def best_index(self) -> int:
+        return int(np.nanargmax([r["objective"] for r in self.history]))
+
+    def pareto_candidates(self) -> List[dict]:
+        return [self.history[i] for i in self.pareto]
+
+    def save(self, out_dir: str, title: str = "merge search", markers=None) -> Dict[str, str]:
+        """history.json, history.csv and search.png under out_dir; returns their paths."""
+        os.makedirs(out_dir, exist_ok=True)
+        paths = {k: os.path.join(out_dir, f) for k, f in
+                 (("json", "history.json"), ("csv", "history.csv"), ("png", "search.png"))}
+        write_json(paths["json"], {
+            "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
+                     "weights": self.best_weights},
+            "tasks": self.tasks, "pareto": self.pareto, "generations": self.generations, "history": self.history})
+        write_csv(paths["csv"], self.history, self.tasks)
+        plot(paths["png"], self.history, self.tasks, self.pareto, title=title, markers=markers)
+        return paths
+
+
+class _OwnRNG:
+    """Keeps cma's uses of numpy's global RNG (its seeding, any draws besides randn) off the caller's stream
+    and on a state of our own, saved with the search state."""
+
+    def __init__(self, seed: int):
+        saved = np.random.get_state()
+        np.random.seed(seed % 2**32)
+        self.state = np.random.get_state()
+        np.random.set_state(saved)
+
+    def __enter__(self):
+        self._saved = np.random.get_state()
+        np.random.set_state(self.state)
+
+    def __exit__(self, *exc):
+        self.state = np.random.get_state()
+        np.random.set_state(self._saved)
+
+
+def _scores(value, index: int) -> Dict[str, float]:
+    if isinstance(value, dict):
+        if not value:
+            raise InputError(f"evaluate returned an empty dict for candidate {index}")
+        return {str(k): float(v) for k, v in value.items()}
+    try:
+        return {"score": float(value)}
+    except (TypeError, ValueError):
+        raise InputError(f"evaluate must return a float or a dict of floats, got {type(value).__name__}") from None
+
+
+def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
+    """How many model copies materialize_many may fill at once: popsize where it fits in a quarter of free memory."""
+    if replicas is not None:
+        return max(1, min(int(replicas), popsize))
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if pool.device.type == "cuda":
+        free = torch.cuda.mem_get_info(pool.device)[0]
+    else:
+        from pymerge.pool import _host_available
+        free = _host_available()
+    return max(1, min(popsize, int(free * 0.25 // max(size, 1)) + 1))
+
+
+def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Optional[int] = None,
+             sigma0: float = 0.2, seed: int = 0, state_path: Optional[str] = None, *, groups=None,
+             normalize: bool = True, x0=None, bounds=(0.0, 1.0), method: str = "linear",
+             objective: Optional[Callable[[Dict[str, float]], float]] = None, replicas: Optional[int] = None,
+             names=None, log: Optional[Callable[[str], None]] = print, **method_params) -> SearchResult:
+    """CMA-ES (cma package, ask/tell) over the pool's merge weights; returns a SearchResult.
+
+    groups      None: N weights; "layer" or a function/dict: a [G, N] table (see CheckpointPool.materialize)
+    objective   scores dict -> float to maximize (default: the macro-average over tasks)
+    replicas    model copies filled per materialize_many call (default: the population, memory allowing)
+    """
+    import cma
+
+    n = pool.num_checkpoints
+    g = 1 if groups is None else pool.num_groups(groups)
+    dim = g * n
+    if dim < 2:
+        raise InputError("CMA-ES needs at least two weights to search (one checkpoint, no groups)")
+    if budget < 1:
+        raise InputError(f"budget must be >= 1 evaluation, got {budget}")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    x0 = np.full(dim, (lo + hi) / 2 if normalize else 1.0 / n) if x0 is None else np.ravel(np.asarray(x0, float))
+    if x0.shape != (dim,):
+        raise InputError(f"x0 must have {dim} values (groups x checkpoints), got {x0.size}")
+    objective = objective or macro_average
+    fingerprint = {"n": n, "groups": g, "seed": seed, "sigma0": sigma0, "popsize": popsize, "normalize": normalize,
+                   "bounds": (lo, hi), "x0": x0.tolist(), "method": method}
+
+    def to_weights(x):
+        w = np.clip(np.asarray(x, float), lo, hi).reshape(g, n)
+        if normalize:
+            s = w.sum(axis=1, keepdims=True)
+            w = np.where(s > 1e-12, w / np.where(s > 1e-12, s, 1.0), 1.0 / n)  # an all-zero row: uniform
+        return w[0] if g == 1 else w
+
+    state = _load_state(state_path, fingerprint)
+    if state is None:
+        rng = _OwnRNG(seed)
+        # cma samples through opts["randn"]; a generator of our own pickles with the state (the default,
+        # numpy's global RandomState, would be pickled as a detached copy and a resumed run would diverge).
+        opts = {"seed": seed + 1, "randn": np.random.RandomState(seed % 2**32).randn, "bounds": [lo, hi], "verbose": -9, "verb_disp": 0, "verb_log": 0,
+                "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9, "tolstagnation": 10**9}
+        if popsize:
+            opts["popsize"] = int(popsize)
+        with rng:
+            es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
+        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "es": es, "rng": rng, "history": [],
+                 "generation": 0, "x0_done": False}
+    es, rng, history = state["es"], state["rng"], state["history"]
+    pop = es.popsize
+    n_rep = _replica_count(pool, model, pop, replicas)
+    models = [model] + [copy.deepcopy(model) for _ in range(n_rep - 1)]
+    kw = dict(method=method, groups=groups, names=names, **method_params)
+
+    def run(xs, generation):
+        """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives."""
+        out = []
+        for start in range(0, len(xs), n_rep):
+            batch = xs[start:start + n_rep]
+            weights = [to_weights(x) for x in batch]
+            t0 = time.perf_counter()
+            pool.materialize_many(weights, into=models[:len(batch)], **kw)
+            if pool.device.type == "cuda":
+                torch.cuda.synchronize(pool.device)
+            t_mat = (time.perf_counter() - t0) / len(batch)
+            for x, w, m in zip(batch, weights, models):
+                t1 = time.perf_counter()
+                scores = _scores(evaluate(m), len(history))
+                t_eval = time.perf_counter() - t1
+                obj = float(objective(scores))
+                history.append({"eval": len(history), "generation": generation, "objective": obj, "scores": scores,
+                                "weights": np.asarray(w).tolist(), "x": np.asarray(x).tolist(),
+                                "materialize_s": t_mat, "evaluate_s": t_eval})
+                out.append(obj)
+        return out
+
+    if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
+        run([x0], 0)
+        state["x0_done"] = True
+        _save_state(state_path, state)
+    t_start = time.perf_counter()
+    while len(history) < budget:
+        with rng:
+            xs = es.ask()
+        left = budget - len(history)
+        gen = state["generation"] + 1
+        objs = run(xs[:left], gen)
+        if len(objs) == len(xs):  # a partial last generation is evaluated but not told
+            with rng:
+                es.tell(xs, [-o if math.isfinite(o) else 1e300 for o in objs])
+        state["generation"] = gen
+        _save_state(state_path, state)
+        if log:
+            recent = history[-len(objs):]
+            best = max(r["objective"] for r in history)
+            log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
+                f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
+                f"{1e3 * np.mean([r['evaluate_s'] for r in recent]):.2f} ms evaluate  "
+                f"({time.perf_counter() - t_start:.1f} s)")
+    return _result(history, state["generation"])
+
+
+def _result(history: List[dict], generations: int) -> SearchResult:
+    objs = [r["objective"] for r in history]
+    if all(not math.isfinite(o) for o in objs):
+        raise InputError("every candidate scored NaN or inf; check evaluate()")
+    best = int(np.nanargmax(objs))
+    tasks = sorted(history[0]["scores"])
+    front = pareto_front([[r["scores"].get(t, np.nan) for t in tasks] for r in history])
+    return SearchResult(best_weights=np.asarray(history[best]["weights"]), best_objective=objs[best],
+                        best_scores=dict(history[best]["scores"]), history=history, tasks=tasks, pareto=front,
+                        generations=generations)
+
+
+def _load_state(path: Optional[str], fingerprint: dict):
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as fh:
+        state = pickle.load(fh)
+    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint:
+        diff = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
+        raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
+                         "use another state_path or delete it")
+    return state
+
+
+def _save_state(path: Optional[str], state: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        pickle.dump(state, fh)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous generation's state
+
+
+def cli_main(argv=None) -> int:
+    """`pymerge search CONFIG.yml`: see pymerge/search_cli.py for the config's keys."""
+    from pymerge.search_cli import main
+    return main(argv)

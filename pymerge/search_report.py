@@ -1,0 +1,99 @@
+"""What a merge search leaves behind: the Pareto front over tasks, history as JSON/CSV, a PNG plot."""
+import csv
+import json
+import math
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+
+def macro_average(scores: Dict[str, float]) -> float:
+    return float(np.mean([scores[k] for k in sorted(scores)]))
+
+
+def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
+    """Indices of the non-dominated points (every coordinate maximized); of equal points the first stays."""
+    pts = np.asarray(points, dtype=np.float64)
+    front = []
+    for i, p in enumerate(pts):
+        if np.any(np.isnan(p)):
+            continue
+        dominated = False
+        for j, q in enumerate(pts):
+            if j == i or np.any(np.isnan(q)):
+                continue
+            if np.all(q >= p) and (np.any(q > p) or j < i):
+                dominated = True
+                break
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def write_json(path: str, payload) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def write_csv(path: str, history: List[dict], tasks: List[str]) -> None:
+    """One row per candidate: ids, objective, per-task scores, timings, then the flat weights."""
+    n_w = max((len(np.ravel(r["weights"])) for r in history), default=0)
+    header = (["eval", "generation", "objective"] + [f"task:{t}" for t in tasks]
+              + ["materialize_s", "evaluate_s"] + [f"w{i}" for i in range(n_w)])
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for r in history:
+            w.writerow([r["eval"], r["generation"], r["objective"]] + [r["scores"].get(t, "") for t in tasks]
+                       + [r["materialize_s"], r["evaluate_s"]] + list(np.ravel(r["weights"])))
+
+
+def plot(path: str, history: List[dict], tasks: List[str], front: List[int], title: str = "merge search",
+         markers: Dict[str, Dict[str, float]] = None) -> None:
+    """Objective vs evaluations (with best so far); for two tasks, the scores plane and its Pareto front.
+
+    markers: named reference points (e.g. single checkpoints) drawn on the task plane.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    two = len(tasks) == 2
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4.2))
+    ax = axes[0] if two else axes
+    ev = [r["eval"] for r in history]
+    obj = [r["objective"] for r in history]
+    ax.scatter(ev, obj, s=10, alpha=0.5, label="candidate")
+    best = np.maximum.accumulate([o if math.isfinite(o) else -np.inf for o in obj]) if obj else []
+    ax.plot(ev, best, color="C3", label="best so far")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("objective (macro-average)" if len(tasks) > 1 else "score")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    if two:
+        ax = axes[1]
+        a, b = tasks
+        ax.scatter([r["scores"][a] for r in history], [r["scores"][b] for r in history], s=10, alpha=0.35,
+                   label="candidates")
+        fr = sorted(front, key=lambda i: history[i]["scores"][a])
+        ax.plot([history[i]["scores"][a] for i in fr], [history[i]["scores"][b] for i in fr], "o-", color="C3",
+                label="Pareto front")
+        for i, (name, s) in enumerate((markers or {}).items()):
+            ax.scatter([s[a]], [s[b]], marker="*", s=90, color=f"C{(i % 7) + 4}", label=name, zorder=3)
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+        ax.set_title("scores per task")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""Merge search: known optimum, resume == uninterrupted, Pareto front, reports, the CLI."""
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pymerge.errors import InputError
+from pymerge.pool import CheckpointPool
+from pymerge.search import cli_main, optimize
+from pymerge.search_report import pareto_front
+
+
+class Vec(torch.nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(d))
+
+
+def synthetic(n=4, d=64, seed=0):
+    """A pool whose best weights are known: score = -||theta - sum_i w*_i theta_i||^2, w* on the simplex."""
+    g = torch.Generator().manual_seed(seed)
+    thetas = [torch.randn(d, generator=g) for _ in range(n)]
+    w_star = np.array([0.45, 0.05, 0.3, 0.2][:n])
+    w_star = w_star / w_star.sum()
+    target = sum(float(w) * t for w, t in zip(w_star, thetas))
+    pool = CheckpointPool([{"theta": t} for t in thetas])
+
+    def evaluate(model):
+        return -float(((model.theta.detach() - target) ** 2).sum())
+    return pool, evaluate, w_star
+
+
+def test_reaches_the_known_optimum():
+    pool, evaluate, w_star = synthetic()
+    res = optimize(pool, evaluate, model=Vec(), budget=400, seed=0, log=None)
+    assert len(res.history) == 400
+    assert res.best_objective > -1e-3
+    np.testing.assert_allclose(res.best_weights, w_star, atol=0.02)
+    assert res.history[0]["weights"] == pytest.approx([0.25] * 4)  # candidate 0: the uniform merge
+
+
+def test_per_group_search_has_a_weight_row_per_group():
+    g = torch.Generator().manual_seed(1)
+    sources = [{"embed.w": torch.randn(8, generator=g), "layers.0.w": torch.randn(8, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(sources)
+    model = torch.nn.Module()
+    model.embed = torch.nn.Module()
+    model.embed.w = torch.nn.Parameter(torch.zeros(8))
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].w = torch.nn.Parameter(torch.zeros(8))
+    # best: embed from checkpoint 0, layer 0 from checkpoint 2
+    goal = {"embed.w": sources[0]["embed.w"], "layers.0.w": sources[2]["layers.0.w"]}
+
+    def evaluate(m):
+        return -sum(float(((dict(m.named_parameters())[k].detach() - v) ** 2).sum()) for k, v in goal.items())
+    res = optimize(pool, evaluate, model=model, budget=300, groups="layer", seed=3, log=None)
+    assert res.best_weights.shape == (2, 3)
+    assert res.best_weights[0, 0] > 0.9 and res.best_weights[1, 2] > 0.9
+
+
+def _interrupting(evaluate, after):
+    calls = {"n": 0}
+
+    def wrapped(model):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise KeyboardInterrupt("simulated crash")
+        return evaluate(model)
+    return wrapped
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    pool, evaluate, _ = synthetic()
+    full = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, log=None)
+    path = str(tmp_path / "state.pkl")
+    for after in (5, 13, 30):  # crash mid-generation, three times
+        with pytest.raises(KeyboardInterrupt):
+            optimize(pool, _interrupting(evaluate, after), model=Vec(), budget=60, popsize=8, seed=7,
+                     state_path=path, log=None)
+    resumed = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, state_path=path, log=None)
+    assert [r["weights"] for r in resumed.history] == [r["weights"] for r in full.history]
+    assert [r["objective"] for r in resumed.history] == [r["objective"] for r in full.history]
+    np.testing.assert_array_equal(resumed.best_weights, full.best_weights)
+    # a finished state returns at once, without evaluating
+    again = optimize(pool, _interrupting(evaluate, 0), model=Vec(), budget=60, popsize=8, seed=7,
+                     state_path=path, log=None)
+    assert again.best_objective == full.best_objective
+    with pytest.raises(InputError, match="differs in seed"):
+        optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=8, state_path=path, log=None)
+
+
+def test_global_numpy_rng_does_not_change_the_search():
+    pool, evaluate, _ = synthetic()
+
+    def noisy_user(model):  # an evaluate that draws from numpy's global RNG
+        np.random.rand(3)
+        return evaluate(model)
+    a = optimize(pool, evaluate, model=Vec(), budget=30, seed=2, log=None)
+    b = optimize(pool, noisy_user, model=Vec(), budget=30, seed=2, log=None)
+    assert [r["weights"] for r in a.history] == [r["weights"] for r in b.history]
+
+
+def test_pareto_front_on_a_hand_made_case():
+    pts = [(0.9, 0.1), (0.5, 0.5), (0.4, 0.4), (0.1, 0.9), (0.5, 0.5), (0.6, 0.45), (0.2, 0.2), (0.9, 0.05)]
+    # (0.4,0.4) < (0.5,0.5); the second (0.5,0.5) is a duplicate; (0.2,0.2) dominated; (0.9,0.05) < (0.9,0.1)
+    assert pareto_front(pts) == [0, 1, 3, 5]
+    assert pareto_front([(1.0,)]) == [0]
+    assert pareto_front([(float("nan"), 1.0), (0.0, 0.0)]) == [1]
+
+
+def test_dict_scores_macro_average_replicas_and_reports(tmp_path):
+    pool, evaluate, _ = synthetic(n=3)
+    seen = []
+
+    def two_tasks(model):
+        seen.append(id(model))
+        t = model.theta.detach()
+        return {"a": -float((t[:32] ** 2).sum()), "b": -float(((t[32:] - 1) ** 2).sum())}
+    lines = []
+    res = optimize(pool, two_tasks, model=Vec(), budget=25, popsize=6, replicas=3, seed=0, log=lines.append)
+    assert len(set(seen)) == 3  # the population went into three model copies, via materialize_many
+    assert res.tasks == ["a", "b"]
+    for r in res.history:
+        assert r["objective"] == pytest.approx((r["scores"]["a"] + r["scores"]["b"]) / 2)
+    front = {tuple(res.history[i]["scores"].values()) for i in res.pareto}
+    for r in res.history:  # nothing outside the front dominates a front member
+        s = tuple(r["scores"].values())
+        assert not any(s[0] >= f[0] and s[1] >= f[1] and s != f for f in front)
+    assert lines and "materialize" in lines[0] and "evaluate" in lines[0]
+    paths = res.save(str(tmp_path / "out"))
+    data = json.load(open(paths["json"]))
+    assert data["best"]["objective"] == res.best_objective and len(data["history"]) == 25
+    assert open(paths["csv"]).readline().startswith("eval,generation,objective,task:a,task:b")
+    assert os.path.getsize(paths["png"]) > 1000
+
+
+def test_cli_runs_a_config(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"c{i}.safetensors"
+        save_file({"theta": torch.randn(16, generator=g)}, str(p))
+        paths.append(p.name)
+    (tmp_path / "evalmod.py").write_text(textwrap.dedent("""
+        import torch
+        def build():
+            m = torch.nn.Module()
+            m.theta = torch.nn.Parameter(torch.zeros(16))
+            return m
+        def evaluate(m):
+            return {"neg_norm": -float(m.theta.detach().norm()), "first": float(m.theta.detach()[0])}
+    """))
+    cfg = tmp_path / "search.yml"
+    cfg.write_text(textwrap.dedent(f"""
+        sources: {paths}
+        model: evalmod:build
+        evaluate: evalmod:evaluate
+        search: {{budget: 20, seed: 1}}
+        state_path: state.pkl
+        out: out
+    """))
+    assert cli_main([str(cfg)]) == 0
+    assert (tmp_path / "out" / "history.json").exists() and (tmp_path / "out" / "best_merge.yml").exists()
+    assert (tmp_path / "state.pkl").exists()
+    bad = tmp_path / "bad.yml"
+    bad.write_text("sources: []\nmodel: nope:build\nevaluate: evalmod:evaluate\n")
+    assert cli_main([str(bad)]) == 2
