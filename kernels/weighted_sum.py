@@ -96,8 +96,31 @@ if triton is not None:
             _store(out3, offs, mask, acc3)
 
 
+_TABLES = {}  # (device, data_ptrs) -> (address table, dtype-code table) on the device
+
+
+def _tables(tensors, device):
+    """Device-side address and dtype tables, built once per set of inputs.
+
+    Reusing them keeps repeated calls (the search loop) free of host-to-device copies, so they can
+    be captured in a CUDA graph. A key holds the addresses themselves, so a hit is always right.
+    """
+    key = (str(device),) + tuple((t.data_ptr(), DTYPE_CODES[t.dtype]) for t in tensors)
+    hit = _TABLES.get(key)
+    if hit is None:
+        if len(_TABLES) > 65536:
+            _TABLES.clear()
+        addrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+        codes = torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int32).to(device)
+        hit = _TABLES[key] = (addrs, codes)
+    return hit
+
+
 def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8) -> None:
-    """Launches the kernel; inputs contiguous and validated, outs contiguous, one device."""
+    """Launches the kernel; inputs contiguous and validated, outs contiguous, one device.
+
+    rows: K lists of N floats, or a float32 [K, N] tensor (kept on the device: no host sync).
+    """
     if triton is None:
         raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
     device = tensors[0].device
@@ -106,15 +129,17 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
     numel = tensors[0].numel()
     codes = [DTYPE_CODES[t.dtype] for t in tensors]
     in_dt = codes[0] if all(c == codes[0] for c in codes) else _MIXED
-    addr_table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
-    code_table = torch.tensor(codes, dtype=torch.int32).to(device, non_blocking=True)
+    addr_table, code_table = _tables(tensors, device)
+    if isinstance(rows, torch.Tensor):
+        weights = rows.to(device=device, dtype=torch.float32).contiguous()
+    else:
+        weights = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
     if _interpreted():
         block, num_warps = min(block, 1024), 4
     grid = (triton.cdiv(numel, block),)
     for start in range(0, len(outs), MAX_OUTPUTS):
         group = outs[start:start + MAX_OUTPUTS]
-        w = torch.tensor([x for row in rows[start:start + MAX_OUTPUTS] for x in row], dtype=torch.float32)
-        w_table = w.to(device, non_blocking=True)
+        w_table = weights[start:start + MAX_OUTPUTS]
         slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
         _weighted_sum_kernel[grid](addr_table, code_table, w_table, *slots, numel, len(tensors),
                                    IN_DT=in_dt, K=len(group), BLOCK=block, num_warps=num_warps)

@@ -27,11 +27,19 @@ struct Params {
   float w[kMaxOutputs][kMaxInputs];
   void* out[kMaxOutputs];
   int out_dtype[kMaxOutputs];
+  const float* w_dev;   // weights in device memory (row k at w_dev + k * w_stride), or null: use w
+  int64_t w_stride;
   const float* acc_in;  // float32 partial sums from an earlier launch (K x numel), or null
   float* acc_out;       // write float32 partial sums here instead of the outputs, or null
   int n_in, n_out;
   int64_t numel;
 };
+
+// Weights live in the kernel parameters, or in device memory when the caller updates them without
+// a host round trip (CUDA graphs, the search loop).
+__device__ __forceinline__ float weight(const Params& p, int k, int i) {
+  return p.w_dev ? __ldg(p.w_dev + k * p.w_stride + i) : p.w[k][i];
+}
 
 __device__ __forceinline__ float to_f32(const void* p, int64_t i, int dt) {
   switch (dt) {
@@ -104,10 +112,11 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_vec(const __grid_consta
         for (int k = 0; k < K; ++k) {
           float prev[kVec];
           if (i == 0 && p.acc_in) load_vec(p.acc_in + k * p.numel, v * kVec, F32, prev);
+          const float wk = weight(p, k, i);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            if (i == 0 && !p.acc_in) acc[u][k][j] = p.w[k][i] * x[u][j];
-            else acc[u][k][j] = fmaf(p.w[k][i], x[u][j], i == 0 ? prev[j] : acc[u][k][j]);
+            if (i == 0 && !p.acc_in) acc[u][k][j] = wk * x[u][j];
+            else acc[u][k][j] = fmaf(wk, x[u][j], i == 0 ? prev[j] : acc[u][k][j]);
           }
         }
       }
@@ -132,7 +141,7 @@ __global__ void weighted_sum_scalar(const __grid_constant__ Params p, int64_t be
       float acc = p.acc_in ? p.acc_in[k * p.numel + e] : 0.f;
       for (int i = 0; i < p.n_in; ++i) {
         float x = to_f32(p.in[i], e, p.in_dtype[i]);
-        acc = (i == 0 && !p.acc_in) ? p.w[k][i] * x : fmaf(p.w[k][i], x, acc);
+        acc = (i == 0 && !p.acc_in) ? weight(p, k, i) * x : fmaf(weight(p, k, i), x, acc);
       }
       if (p.acc_out) p.acc_out[k * p.numel + e] = acc;
       else store_one(p.out[k], e, p.out_dtype[k], acc);
@@ -187,10 +196,12 @@ void launch(const Params& p, bool aligned, cudaStream_t s) {
 
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
-                       const std::vector<int>& out_dtypes, uintptr_t scratch, uintptr_t stream) {
+                       const std::vector<int>& out_dtypes, uintptr_t scratch, uintptr_t stream,
+                       uintptr_t weights_dev) {
   const int n_in = int(in_ptrs.size()), n_out = int(out_ptrs.size());
   if (n_in == 0 || n_out == 0 || n_out > kMaxOutputs) throw std::invalid_argument("weighted_sum: need 1..8 outputs and >= 1 input");
-  if (int(in_dtypes.size()) != n_in || int(out_dtypes.size()) != n_out || int64_t(weights.size()) != int64_t(n_in) * n_out)
+  if (int(in_dtypes.size()) != n_in || int(out_dtypes.size()) != n_out ||
+      (!weights_dev && int64_t(weights.size()) != int64_t(n_in) * n_out))
     throw std::invalid_argument("weighted_sum: inconsistent argument lengths");
   if (n_in > kMaxInputs && !scratch) throw std::invalid_argument("weighted_sum: more than 64 inputs need a float32 scratch buffer");
   if (numel <= 0) return;
@@ -201,6 +212,8 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
     const bool last = first + cnt == n_in;
     Params p{};
     p.n_in = cnt; p.n_out = n_out; p.numel = numel;
+    p.w_dev = weights_dev ? reinterpret_cast<const float*>(weights_dev) + first : nullptr;
+    p.w_stride = n_in;
     p.acc_in = first ? reinterpret_cast<const float*>(scratch) : nullptr;
     p.acc_out = last ? nullptr : reinterpret_cast<float*>(scratch);
     bool aligned = true;
@@ -208,7 +221,8 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
       p.in[i] = reinterpret_cast<const void*>(in_ptrs[first + i]);
       p.in_dtype[i] = in_dtypes[first + i];
       aligned &= in_ptrs[first + i] % 16 == 0;
-      for (int k = 0; k < n_out; ++k) p.w[k][i] = weights[size_t(k) * n_in + first + i];
+      if (!weights_dev)
+        for (int k = 0; k < n_out; ++k) p.w[k][i] = weights[size_t(k) * n_in + first + i];
     }
     for (int k = 0; k < n_out; ++k) {
       p.out[k] = reinterpret_cast<void*>(out_ptrs[k]);

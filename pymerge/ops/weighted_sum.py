@@ -74,14 +74,21 @@ def pick_backend(device: torch.device, backend: str = "auto") -> str:
     return "torch"
 
 
-def weighted_sum_into(tensors: List[torch.Tensor], rows: List[List[float]], outs: List[torch.Tensor],
+def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor],
                       backend: str = "auto", num_threads: int = 0) -> None:
-    """The unchecked core: inputs, weights and outputs already validated (pool and merge call it)."""
+    """The unchecked core: inputs, weights and outputs already validated (pool and merge call it).
+
+    rows: K lists of N floats, or a float32 [K, N] tensor on the inputs' device. A device tensor
+    keeps the GPU backends free of host round trips (the search loop updates it in place, and a
+    CUDA graph can capture the call).
+    """
     numel = tensors[0].numel()
     if numel == 0:
         return
     backend = pick_backend(tensors[0].device, backend)
     tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    if isinstance(rows, torch.Tensor) and backend in ("cpu",):
+        rows = rows.tolist()
     if backend == "torch":
         return _torch_weighted_sum(tensors, rows, outs)
     if backend == "cpu":
@@ -109,6 +116,9 @@ def _cuda_weighted_sum(tensors, rows, outs):
     ext = _native.require_cuda()
     device = tensors[0].device
     numel = tensors[0].numel()
+    on_device = isinstance(rows, torch.Tensor)
+    if on_device:
+        rows = rows.to(device=device, dtype=torch.float32).contiguous()
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         for start in range(0, len(outs), ext.MAX_OUTPUTS):  # populations larger than 8 go in groups
@@ -119,13 +129,14 @@ def _cuda_weighted_sum(tensors, rows, outs):
                 scratch = torch.empty(len(group) * numel, dtype=torch.float32, device=device)
             ext.weighted_sum_many(
                 [t.data_ptr() for t in tensors], [_native.DTYPE_CODES[t.dtype] for t in tensors], numel,
-                [w for row in grows for w in row], [o.data_ptr() for o in group],
-                [_native.DTYPE_CODES[o.dtype] for o in group], scratch.data_ptr() if scratch is not None else 0, stream)
+                [] if on_device else [w for row in grows for w in row], [o.data_ptr() for o in group],
+                [_native.DTYPE_CODES[o.dtype] for o in group], scratch.data_ptr() if scratch is not None else 0,
+                stream, grows.data_ptr() if on_device else 0)
 
 
 def _torch_weighted_sum(tensors, rows, outs):
     for row, out in zip(rows, outs):
         acc = tensors[0].float() * row[0]
         for t, w in zip(tensors[1:], row[1:]):
-            acc.add_(t.float(), alpha=w)
+            acc.add_(t.float() * w)
         out.copy_(acc)
