@@ -259,3 +259,14 @@ def test_device_mismatch_is_rejected():
 def test_cpu_backend_refuses_other_devices():
     with pytest.raises(ValueError, match="backend 'cpu' needs cpu tensors"):
         weighted_sum([torch.zeros(4, device="meta")], [1.0], backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_core_takes_weights_as_a_tensor(backend):
+    from pymerge.ops.weighted_sum import weighted_sum_into
+    xs = random_inputs(5, 3001, [torch.bfloat16, torch.float16], seed=12)
+    rows = torch.randn(3, 5, generator=torch.Generator().manual_seed(3))
+    outs = [torch.empty(3001, dtype=torch.bfloat16) for _ in range(3)]
+    weighted_sum_into(xs, rows, outs, backend=backend)
+    for o, row in zip(outs, rows.tolist()):
+        check_close(o, xs, row)

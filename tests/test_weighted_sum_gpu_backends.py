@@ -120,3 +120,20 @@ def test_gpu_many_outputs(backend, k):
     rows = [random_weights(70, seed=j) for j in range(k)]
     for o, row in zip(weighted_sum_many(xs, rows, backend=backend), rows):
         check_close(o, xs, row)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("n", [3, 70])
+def test_gpu_weights_in_device_memory(backend, n):
+    """Weights as a device tensor, updated in place between calls: no host round trip."""
+    from pymerge.ops.weighted_sum import weighted_sum_into
+    xs = _on(random_inputs(n, 100_001, [torch.bfloat16], seed=n))
+    rows = torch.zeros(2, n, device=DEVICE)
+    outs = [torch.empty(100_001, dtype=torch.bfloat16, device=DEVICE) for _ in range(2)]
+    for trial in range(2):
+        new = torch.randn(2, n, generator=torch.Generator().manual_seed(trial))
+        rows.copy_(new)
+        weighted_sum_into(xs, rows, outs, backend=backend)
+        for o, row in zip(outs, new.tolist()):
+            check_close(o, xs, row)
