@@ -1,0 +1,139 @@
+"""The pymerge command: merge | demo | search | bench.
+
+Exit codes: 0 success; 2 bad input (one line on stderr naming the file, tensor or key: no
+traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
+the traceback, since that is a bug in pymerge.
+"""
+import argparse
+import re
+import signal
+import sys
+from typing import List, Optional
+
+# mergekit's own --out-shard-size takes k/m/b (thousand, million, billion): "5B" is 5e9 there too.
+_UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "b": 10**9, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text) -> int:
+    """'5GB' -> 5_000_000_000; '500MB', '1.5GiB', '2e9', plain bytes; mergekit's '5B' (billion)."""
+    s = str(text).strip().lower().replace("_", "")
+    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:e\+?\d+)?|\.\d+)\s*([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use bytes or a unit like 500MB, 5GB, 1.5GiB")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 byte")
+    return value
+
+
+def _merge_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("merge", help="merge models as a mergekit YAML config says",
+                       description="Merge models as a mergekit YAML config says, into the folder OUT.")
+    p.add_argument("config", metavar="CONFIG.yml")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute (auto: cuda when available)")
+    p.add_argument("--out-shard-size", type=parse_size, default=5_000_000_000, metavar="SIZE",
+                   help="maximum bytes per output shard, e.g. 5GB (default), 500MB, 2GiB")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
+                   help="scratch memory per chunk in flight (default 64MiB; 3 chunks are in flight)")
+    p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pymerge", description="Fast, trustworthy model merging.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _merge_parser(sub)
+    for name, text in (("demo", "run the demo (pymerge.demo)"), ("search", "merge-weight search (pymerge.search)"),
+                       ("bench", "quick weighted-sum benchmark (benchmarks/bench_weighted_sum.py)")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _cmd_merge(args) -> int:
+    from pymerge.merge import DEFAULT_CHUNK_BYTES, run_merge  # torch loads only for real work
+    report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
+                       threads=args.threads, force=args.force, quiet=args.quiet,
+                       chunk_bytes=args.chunk_size or DEFAULT_CHUNK_BYTES, random_seed=args.random_seed)
+    for w in report.warnings:
+        print(f"pymerge: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        print(f"pymerge: merged {report.tensors} tensors ({report.input_bytes / 1e9:.2f} GB read, "
+              f"{report.output_bytes / 1e9:.2f} GB written in {len(report.shards)} shard(s)) into {report.out_dir} "
+              f"in {report.seconds:.2f} s on {report.device}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(argv: List[str]) -> int:
+    import runpy
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_weighted_sum.py"
+    if not script.is_file():
+        print("pymerge: error: bench needs a source checkout (benchmarks/bench_weighted_sum.py not found)",
+              file=sys.stderr)
+        return 2
+    sys.argv = [str(script)] + list(argv)
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _dispatch(args) -> int:
+    if args.command == "merge":
+        return _cmd_merge(args)
+    rest = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
+    if args.command == "demo":
+        from pymerge import demo
+        return demo.main(rest) or 0
+    if args.command == "search":
+        from pymerge import search
+        return search.cli_main(rest) or 0
+    if args.command == "bench":
+        return _cmd_bench(rest)
+    raise AssertionError(args.command)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # same clean abort as Ctrl-C
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    from pymerge.errors import InputError
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        return _dispatch(args)
+    except InputError as exc:
+        print(f"pymerge: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pymerge: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.errno in (28, 122):  # ENOSPC, EDQUOT: the user can fix it, no traceback helps
+            print(f"pymerge: error: {exc.filename or 'output'}: {exc.strerror}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""mergekit's YAML merge config, parsed into a typed MergeConfig, and per-tensor parameter values.
+
+The meaning follows mergekit 0.1.5 (config.py, parameter_resolver.py, plan.py), so users bring
+their configs unchanged:
+
+- A parameter setting is a scalar, a gradient (a list of numbers, interpolated linearly over
+  t = layer / (L - 1); a list of booleans or strings picks values[int(t * (len - 1))]), or a
+  list of {filter, value} conditions (the first whose filter is a substring of the tensor name,
+  or has no filter or "*", wins; its value may itself be a gradient). A single {filter, value}
+  mapping is a one-element list. An empty list, or conditions that match nothing, give no value.
+- Tensors outside the layer stack (embeddings, final norm, lm_head) take t = 0. In a model with a
+  single layer the layer takes t = 1 (mergekit's rule).
+- A model's own parameters are looked at first, then the top-level ones; a scope that yields no
+  value falls through to the next. Global (shared) parameters come from the top level only.
+
+Where pymerge is stricter than mergekit (which ignores them silently): unknown keys, unknown
+parameter names, non-finite numbers, and duplicate models are errors; per-model values of global
+parameters produce a warning (neither tool uses them).
+
+This module needs no torch: dtypes stay names until the engine maps them.
+"""
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from pymerge.errors import MergeConfigError
+
+TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
+MODEL_KEYS = ("model", "parameters")
+CONDITION_KEYS = ("filter", "value")
+DTYPES = ("float32", "bfloat16", "float16")
+_MERGEKIT_ONLY_DTYPES = ("float64", "int64")
+
+Scalar = Union[bool, int, float, str]
+Setting = Union[Scalar, list, dict]
+
+_TRUE = {"1", "on", "t", "true", "y", "yes"}
+_FALSE = {"0", "off", "f", "false", "n", "no"}
+
+
+@dataclass
+class ModelSpec:
+    """One entry of ``models:`` (or the base model). parameters holds raw, checked settings."""
+    path: str
+    parameters: Dict[str, Setting] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.path
+
+
+@dataclass
+class MergeConfig:
+    merge_method: str
+    models: List[ModelSpec]
+    base_model: Optional[str] = None
+    parameters: Dict[str, Setting] = field(default_factory=dict)
+    dtype: Optional[str] = None          # load/compute dtype name (mergekit's ``dtype``)
+    out_dtype: Optional[str] = None      # output dtype name; None: the compute dtype
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+    source: str = "<config>"             # the file it came from, for messages
+    warnings: List[str] = field(default_factory=list)
+
+    def where(self, what: str) -> str:
+        return f"{self.source}: {what}"
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+def load_config(path) -> MergeConfig:
+    """Reads and checks a mergekit YAML file; every problem is a MergeConfigError naming the file."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MergeConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeConfigError(f"{path}: cannot read config: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MergeConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    return parse_config(data, source=path)
+
+
+def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
+    """Checks a config already loaded from YAML (a dict) and returns a MergeConfig."""
+    def err(msg):
+        return MergeConfigError(f"{source}: {msg}")
+
+    if not isinstance(data, dict):
+        raise err(f"the config must be a mapping of keys, got {_kind(data)}")
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise err(f"unknown key {unknown[0]!r} (known: {', '.join(TOP_KEYS)})")
+    if data.get("slices") is not None or data.get("modules") is not None:
+        key = "slices" if data.get("slices") is not None else "modules"
+        raise err(f"'{key}:' configs are not supported by pymerge yet; list whole models under 'models:'")
+    if data.get("tokenizer") is not None:
+        raise err("'tokenizer:' (vocabulary merging) is not supported by pymerge; remove it to copy the "
+                  "base model's tokenizer unchanged")
+
+    method = data.get("merge_method")
+    if not isinstance(method, str) or not method:
+        raise err("'merge_method' is missing" if method is None else f"'merge_method' must be a name, got {method!r}")
+
+    base = data.get("base_model")
+    if base is not None:
+        base = _model_path(base, "base_model", err)
+
+    models_raw = data.get("models")
+    if models_raw is None:
+        raise err("'models' is missing: list the models to merge")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise err(f"'models' must be a non-empty list, got {_kind(models_raw)}")
+    models, seen = [], set()
+    for i, entry in enumerate(models_raw):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict):
+            raise err(f"{where} must be a mapping with 'model' and 'parameters', got {_kind(entry)}")
+        bad = [k for k in entry if k not in MODEL_KEYS]
+        if bad:
+            raise err(f"{where}: unknown key {bad[0]!r} (known: {', '.join(MODEL_KEYS)})")
+        if "model" not in entry:
+            raise err(f"{where}: 'model' is missing")
+        path = _model_path(entry["model"], f"{where}.model", err)
+        if path in seen:
+            raise err(f"{where}: model {path} is listed twice")
+        seen.add(path)
+        models.append(ModelSpec(path, _parameters(entry.get("parameters"), f"{where} ({path}).parameters", err)))
+
+    cfg = MergeConfig(
+        merge_method=method, models=models, base_model=base,
+        parameters=_parameters(data.get("parameters"), "parameters", err),
+        dtype=_dtype(data.get("dtype"), "dtype", err), out_dtype=_dtype(data.get("out_dtype"), "out_dtype", err),
+        source=source)
+
+    tok = data.get("tokenizer_source")
+    if tok is not None:
+        if tok != "base" or base is None:
+            raise err(f"tokenizer_source: {tok!r} (vocabulary merging) is not supported by pymerge; "
+                      "remove it (or use 'base' with a base_model) to copy the base model's tokenizer")
+        cfg.tokenizer_source = tok
+        cfg.warnings.append("tokenizer_source: base: the base model's tokenizer files are copied and "
+                            "embeddings are merged row by row, without re-aligning vocabularies")
+    chat = data.get("chat_template")
+    if chat is not None:
+        if not isinstance(chat, str):
+            raise err(f"chat_template must be a string, got {_kind(chat)}")
+        cfg.chat_template = chat
+        cfg.warnings.append("chat_template is not applied by pymerge: tokenizer files are copied unchanged")
+    return cfg
+
+
+def _model_path(value, where, err) -> str:
+    if isinstance(value, dict):
+        raise err(f"{where}: give the model as a path string (LoRA and revision mappings are not supported)")
+    if not isinstance(value, str) or not value:
+        raise err(f"{where} must be a path, got {_kind(value)}")
+    return value
+
+
+def _dtype(value, key, err) -> Optional[str]:
+    if value is None:
+        return None
+    name = value[len("torch."):] if isinstance(value, str) and value.startswith("torch.") else value
+    if name in DTYPES:
+        return name
+    if name in _MERGEKIT_ONLY_DTYPES:
+        raise err(f"{key}: {name} is not supported by pymerge; use one of {', '.join(DTYPES)}")
+    raise err(f"{key}: unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+
+
+def _parameters(value, where, err) -> Dict[str, Setting]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise err(f"{where} must be a mapping of parameter names to values, got {_kind(value)}")
+    for name, setting in value.items():
+        if not isinstance(name, str):
+            raise err(f"{where}: parameter name {name!r} is not a string")
+        _check_setting(setting, f"{where}.{name}", err)
+    return dict(value)
+
+
+def _check_setting(setting, where, err, nested=False) -> None:
+    """Structure only (types of values are checked against the method in check_method_params)."""
+    if _is_scalar(setting):
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        raise err(f"{where}: expected a number, a list of numbers or a list of {{filter, value}}, "
+                  f"got {_kind(setting)}")
+    if all(_is_scalar(e) for e in setting):
+        return
+    if nested:
+        raise err(f"{where}: a condition's value must be a number or a list of numbers")
+    if not all(isinstance(e, dict) for e in setting):
+        raise err(f"{where}: a list must hold only numbers or only {{filter, value}} entries, not both")
+    for j, cond in enumerate(setting):
+        bad = [k for k in cond if k not in CONDITION_KEYS]
+        if bad:
+            raise err(f"{where}[{j}]: unknown key {bad[0]!r} (a condition has 'filter' and 'value')")
+        if "value" not in cond:
+            raise err(f"{where}[{j}]: 'value' is missing")
+        if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+            raise err(f"{where}[{j}].filter must be a string, got {_kind(cond['filter'])}")
+        _check_setting(cond["value"], f"{where}[{j}].value", err, nested=True)
+
+
+def _is_scalar(x) -> bool:
+    return isinstance(x, (bool, int, float, str))
+
+
+def _kind(x) -> str:
+    if x is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: f"the string {x!r}"}.get(type(x), f"{x!r}")
+
+
+# ---- values ----------------------------------------------------------------------------------
+def kind_of(default) -> type:
+    """A parameter's value type, from its default (mergekit declares types; our Param has defaults):
+    bool defaults make bool parameters, str defaults str ones, anything else (incl. REQUIRED) float."""
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, str):
+        return str
+    return float
+
+
+def coerce(value, kind: type):
+    """One scalar as mergekit's pydantic (lax mode) would take it; ValueError when it cannot."""
+    if kind is float:
+        if isinstance(value, str):
+            value = float(value.strip().replace("_", ""))
+        elif not isinstance(value, (int, float)):
+            raise ValueError(f"{value!r} is not a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{value!r} is not a boolean")
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+    raise TypeError(f"unsupported parameter kind {kind}")
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float = 0.0, kind: type = float):
+    """The value of one setting for one tensor at layer position t, or None when it gives none.
+
+    Mirrors mergekit.config.evaluate_setting: gradients interpolate numbers, pick among others.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if _is_scalar(setting):
+        return coerce(setting, kind)
+    if not setting:
+        return None
+    if all(_is_scalar(e) for e in setting):
+        values = [coerce(e, kind) for e in setting]
+        if kind is not float:
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return coerce((1 - frac) * values[i0] + frac * values[i1], kind)
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor_name and f in tensor_name):
+            return evaluate_setting(cond["value"], tensor_name, t, kind)
+    return None
+
+
+def resolve_params(value: Setting, tensor_name: str, n_layers=None, kind: type = float):
+    """One setting's value for one tensor: t from the tensor's layer index (see layer_t)."""
+    return evaluate_setting(value, tensor_name, layer_t(tensor_name, n_layers), kind)
+
+
+def resolve_one(name: str, scopes: Iterable[Optional[Mapping[str, Setting]]], tensor_name: str, t: float,
+                kind: type = float):
+    """The first scope (highest precedence first) whose setting for ``name`` yields a value."""
+    for scope in scopes:
+        if scope and name in scope:
+            v = evaluate_setting(scope[name], tensor_name, t, kind)
+            if v is not None:
+                return v
+    return None
+
+
+# ---- layers ----------------------------------------------------------------------------------
+# The first ".layers.N." / ".h.N." / ".blocks.N." in a name; the part before N names the stack.
+_LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|h|blocks))\.(\d+)\.")
+
+
+def layer_of(tensor_name: str) -> Optional[Tuple[str, int]]:
+    """(stack prefix, layer index) for a tensor inside a layer stack, else None."""
+    m = _LAYER_RE.match(tensor_name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None) -> Dict[str, int]:
+    """Layers per stack: max index + 1, except the largest stack takes config.json's
+    num_hidden_layers when given (mergekit counts layers from the config)."""
+    top: Dict[str, int] = {}
+    members: Dict[str, int] = {}
+    for n in names:
+        li = layer_of(n)
+        if li:
+            top[li[0]] = max(top.get(li[0], 0), li[1] + 1)
+            members[li[0]] = members.get(li[0], 0) + 1
+    if num_hidden_layers and members:
+        main = max(members, key=lambda p: members[p])
+        top[main] = int(num_hidden_layers)
+    return top
+
+
+def layer_t(tensor_name: str, n_layers: Union[None, int, Mapping[str, int]] = None) -> float:
+    """The gradient position of a tensor: layer / (L - 1) inside a stack of L layers (1 when L = 1),
+    0 outside any stack. n_layers: L, or {stack prefix: L} from count_layers, or None (t = 0)."""
+    li = layer_of(tensor_name)
+    if li is None or n_layers is None:
+        return 0.0
+    prefix, idx = li
+    L = n_layers.get(prefix) if isinstance(n_layers, Mapping) else n_layers
+    if not L:
+        return 0.0
+    if L <= 1:
+        return 1.0
+    return min(1.0, idx / (L - 1))  # indices past L (extra layers) clamp to the last position
+
+
+# ---- parameters against a method -------------------------------------------------------------
+def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec]) -> None:
+    """Names and value types of every setting, against the method's declared parameters."""
+    model_params, global_params = method.model_params, method.global_params
+    known = sorted(set(model_params) | set(global_params))
+
+    def check(scope, where, allow_global: bool):
+        for name, setting in scope.items():
+            if name not in model_params and name not in global_params:
+                raise MergeConfigError(cfg.where(f"{where}: unknown parameter {name!r} for merge_method "
+                                                 f"{method.name} (known: {', '.join(known) or 'none'})"))
+            if name not in model_params and not allow_global:
+                cfg.warnings.append(f"{where}: {name} is a global parameter of {method.name}; set it under the "
+                                    f"top-level parameters (a per-model value is ignored, as in mergekit)")
+            spec = model_params.get(name) or global_params.get(name)
+            kind = kind_of(spec.default)
+            for leaf, leaf_where in _leaves(setting, f"{where}.{name}"):
+                try:
+                    coerce(leaf, kind)
+                except ValueError as exc:
+                    raise MergeConfigError(cfg.where(f"{leaf_where}: {exc}")) from None
+
+    check(cfg.parameters, "parameters", True)
+    for i, m in enumerate(cfg.models):
+        check(m.parameters, f"models[{i}] ({m.path}).parameters", False)
+
+
+def _leaves(setting, where):
+    if _is_scalar(setting):
+        yield setting, where
+    elif isinstance(setting, dict):
+        yield from _leaves(setting["value"], f"{where}.value")
+    else:
+        for j, e in enumerate(setting):
+            yield from _leaves(e["value"] if isinstance(e, dict) else e, f"{where}[{j}]")
+
+
+class ParamResolver:
+    """Resolves a method's parameters for every tensor of a merge, caching by layer position when
+    no setting has filters (then values depend on t only)."""
+
+    def __init__(self, cfg: MergeConfig, method, inputs: Sequence[ModelSpec]):
+        self.cfg, self.method, self.inputs = cfg, method, list(inputs)
+        scopes = [cfg.parameters] + [m.parameters for m in self.inputs]
+        self._by_name = any(_has_filter(s) for scope in scopes for s in scope.values())
+        self._cache: Dict[float, Tuple[Dict[str, Any], List[Dict[str, Any]]]] = {}
+
+    def __call__(self, tensor_name: str, t: float) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        if not self._by_name and t in self._cache:
+            g, per = self._cache[t]
+            return dict(g), [dict(p) for p in per]
+        g = {name: self._value(name, spec, [self.cfg.parameters], tensor_name, t, None)
+             for name, spec in self.method.global_params.items()}
+        per = [{name: self._value(name, spec, [m.parameters, self.cfg.parameters], tensor_name, t, m)
+                for name, spec in self.method.model_params.items()} for m in self.inputs]
+        if not self._by_name:
+            self._cache[t] = (g, per)
+            return dict(g), [dict(p) for p in per]
+        return g, per
+
+    def _value(self, name, spec, scopes, tensor_name, t, model: Optional[ModelSpec]):
+        v = resolve_one(name, scopes, tensor_name, t, kind_of(spec.default))
+        if v is not None:
+            return v
+        if spec.required:
+            who = f"model {model.path}" if model is not None else "the merge"
+            raise MergeConfigError(self.cfg.where(f"no value of required parameter {name!r} for {who} at "
+                                                  f"tensor {tensor_name} (set it in the model's parameters or "
+                                                  f"the top-level parameters)"))
+        return spec.default
+
+
+def _has_filter(setting) -> bool:
+    if isinstance(setting, dict):
+        return True
+    return isinstance(setting, list) and any(isinstance(e, dict) for e in setting)
+
+
+def check_paths(cfg: MergeConfig) -> None:
+    """Every referenced model exists locally (pymerge reads local checkpoints only)."""
+    refs = ([("base_model", cfg.base_model)] if cfg.base_model else []) + \
+        [(f"models[{i}]", m.path) for i, m in enumerate(cfg.models)]
+    for where, p in refs:
+        if os.path.exists(p):
+            continue
+        hint = ""
+        if "+" in p:
+            hint = " (model+LoRA references are not supported)"
+        elif "@" in p:
+            hint = " (Hugging Face revisions are not supported: download the model and give its folder)"
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", p):
+            hint = " (pymerge reads local checkpoints only: download the model and give its folder)"
+        raise MergeConfigError(cfg.where(f"{where}: model path not found: {p}{hint}"))

@@ -1,0 +1,315 @@
+"""The merge engine: plan everything, check everything, then stream tensors to an atomic output.
+
+    report = run_merge("config.yml", "out/", device="auto")
+
+1. Plan (no output exists yet): parse the config, open every checkpoint (headers are validated),
+   check names and shapes agree, pick each tensor's dtypes, resolve the method's parameters for
+   every tensor (gradients, filters, per-model overrides) and let the method check them.
+   Anything a user can get wrong raises an InputError here.
+2. Stream (pymerge/streaming.py): tensors in file order, big ones in chunks of bounded size, into
+   a ShardedWriter that writes beside OUT and renames at the end; config.json and tokenizer
+   files are added; any error or Ctrl-C leaves no partial model.
+
+Dtypes follow mergekit: ``dtype`` is the load/compute dtype (inputs are rounded to it first, where
+that loses precision), the method's result is rounded to it, then to ``out_dtype``. Arithmetic is
+float32 throughout (mergekit's task_arithmetic computes in ``dtype`` itself: with bfloat16 there,
+ours is the more accurate of the two).
+"""
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from pymerge import _native
+from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
+                            count_layers, layer_t, load_config, parse_config)
+from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.io import Checkpoint, ShardedWriter, check_compatible
+from pymerge.methods.base import MergeMethod, TensorTask, get_method
+
+DEFAULT_CHUNK_BYTES = 64 << 20   # scratch memory per chunk in flight (the output chunk and casts)
+DEFAULT_SHARD_BYTES = 5_000_000_000
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Copied from the donor model (mergekit's list, plus vocab.json which BPE tokenizers need).
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "video_preprocessor_config.json")
+# Converting these to the compute dtype loses nothing, so inputs stay as they are on disk.
+_EXACT_UP = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: where its inputs come from, its dtypes and its resolved parameters."""
+    name: str
+    shape: tuple
+    numel: int
+    in_dtypes: List[torch.dtype]           # per source (inputs..., then base)
+    casts: List[Optional[torch.dtype]]     # per source: round to this dtype before the method runs
+    result_dtype: torch.dtype              # the method's result is rounded to this...
+    out_dtype: torch.dtype                 # ...then to this (the dtype written)
+    params: Dict[str, Any]
+    model_params: List[Dict[str, Any]]
+    in_bytes: int
+
+    @property
+    def double_round(self) -> bool:
+        # Only a narrower-than-float32 result needs its own rounding step before out_dtype.
+        return self.result_dtype != self.out_dtype and self.result_dtype.itemsize < 4
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    inputs: List[ModelSpec]                # models the method gets as task.inputs, in order
+    base: Optional[ModelSpec]              # task.base, or None
+    checkpoints: List[Checkpoint]          # one per source: inputs..., then base
+    tensors: List[TensorPlan]
+    donor: Checkpoint                      # config.json and tokenizer come from here
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.in_bytes for t in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.numel * t.out_dtype.itemsize for t in self.tensors)
+
+    def close(self) -> None:
+        for ck in {id(c): c for c in self.checkpoints + [self.donor]}.values():
+            ck.close()
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    method: str
+    tensors: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    device: str
+    shards: List[str]
+    warnings: List[str]
+
+    @property
+    def input_gb_per_s(self) -> float:
+        return self.input_bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, device: str = "auto",
+              out_shard_size: float = DEFAULT_SHARD_BYTES, threads: Optional[int] = None, force: bool = False,
+              quiet: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, random_seed: Optional[int] = None,
+              progress=None) -> MergeReport:
+    """Merges per the config into out_dir. Raises InputError (and subclasses) for anything the user
+    can fix, before any output exists; on any failure no partial output is left behind."""
+    from pymerge import streaming  # the executors (CPU, GPU)
+
+    t0 = time.perf_counter()
+    device = pick_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    if out_shard_size is None or out_shard_size <= 0:
+        raise InputError(f"--out-shard-size must be positive, got {out_shard_size}")
+    if chunk_bytes < (1 << 20):
+        raise InputError(f"chunk_bytes must be at least 1 MiB, got {chunk_bytes}")
+    plan = make_plan(config_or_path)
+    try:
+        entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+        with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
+                           metadata={"format": "pt"}) as writer:
+            _write_side_files(plan, writer)
+            bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
+            try:
+                run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
+                run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or 0,
+                    seed=random_seed or 0, progress=bar)
+            finally:
+                if bar is not None and progress is None:
+                    bar.close()
+            shards = list(writer.shard_names)
+        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors), plan.input_bytes,
+                           plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
+    finally:
+        plan.close()
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is available (this torch: {torch.__version__})")
+        return device
+    raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+# ---- planning --------------------------------------------------------------------------------
+def make_plan(config_or_path) -> MergePlan:
+    """Every check that can fail on user input, before any output is written."""
+    cfg = _as_config(config_or_path)
+    method = get_method(cfg.merge_method)
+    inputs, base = _roles(cfg, method)
+    method.validate(len(inputs), base is not None)
+    check_method_params(cfg, method, inputs)
+    check_paths(cfg)
+
+    sources = inputs + ([base] if base is not None else [])
+    opened: Dict[str, Checkpoint] = {}
+    try:
+        checkpoints = []
+        for spec in sources:
+            if spec.path not in opened:
+                opened[spec.path] = Checkpoint(spec.path)
+            checkpoints.append(opened[spec.path])
+        donor_path = cfg.base_model or cfg.models[0].path
+        donor = opened.get(donor_path) or Checkpoint(donor_path)
+        opened[donor_path] = donor
+        labels = [s.path for s in sources]
+        names = check_compatible(checkpoints, labels=labels)
+        if not names:
+            raise CheckpointError(f"{labels[0]}: holds no tensors")
+        model_cfg = _read_model_config(donor)
+        n_layers = count_layers(names, _num_layers(model_cfg))
+        resolver = ParamResolver(cfg, method, inputs)
+        tensors = [_plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, base is not None)
+                   for name in names]
+    except BaseException:
+        for ck in opened.values():
+            ck.close()
+        raise
+    return MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings))
+
+
+def _as_config(x) -> MergeConfig:
+    if isinstance(x, MergeConfig):
+        return x
+    if isinstance(x, dict):
+        return parse_config(x)
+    return load_config(x)
+
+
+def _roles(cfg: MergeConfig, method: MergeMethod):
+    """(inputs, base). mergekit's rules: a method that takes a base gets it as task.base and the
+    other models as inputs (a base also listed under models is not an input); a method that
+    ignores the base role (linear) treats base_model as one more input, appended after the models
+    if not listed, taking its parameters from the top level."""
+    if method.base_model == "none":
+        inputs = list(cfg.models)
+        if cfg.base_model and all(m.path != cfg.base_model for m in inputs):
+            inputs.append(ModelSpec(cfg.base_model, {}))
+        return inputs, None
+    if cfg.base_model is None:
+        if method.base_model == "required":
+            raise MergeConfigError(cfg.where(f"merge_method {method.name} needs a base_model"))
+        return list(cfg.models), None
+    base = next((m for m in cfg.models if m.path == cfg.base_model), ModelSpec(cfg.base_model, {}))
+    return [m for m in cfg.models if m.path != cfg.base_model], base
+
+
+def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base) -> TensorPlan:
+    infos = [ck.info(name) for ck in checkpoints]
+    in_dtypes = [i.dtype for i in infos]
+    for dt, label in zip(in_dtypes, labels):
+        if not dt.is_floating_point:
+            raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(dt)}; pymerge merges "
+                                  f"floating-point tensors only")
+    compute = DTYPES[cfg.dtype] if cfg.dtype else None
+    casts = []
+    for dt, label in zip(in_dtypes, labels):
+        cast = None
+        exact = dt == compute or (dt, compute) in _EXACT_UP or (dt.itemsize == 1 and dt in _native.INPUT_DTYPES)
+        if compute is not None and not exact:
+            cast = compute  # mergekit loads inputs as `dtype`: round them the same way
+        elif dt not in _native.INPUT_DTYPES:
+            raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(dt)}, which pymerge cannot "
+                                  f"read directly; set `dtype: float32` in the config to convert it")
+        casts.append(cast)
+    result = compute or _promote([c or d for c, d in zip(casts, in_dtypes)])
+    out = DTYPES[cfg.out_dtype] if cfg.out_dtype else result
+    if out not in _native.OUTPUT_DTYPES:
+        raise MergeConfigError(cfg.where(f"tensor {name!r} would be written as {_dname(out)}; set out_dtype "
+                                         f"to float32, bfloat16 or float16"))
+    params, model_params = resolver(name, layer_t(name, n_layers))
+    task = TensorTask(inputs=[], base=None, model_params=model_params, params=params, name=name)
+    try:
+        method.check_params(task)
+    except InputError as exc:
+        raise type(exc)(cfg.where(str(exc))) from None
+    shape = tuple(infos[0].shape)
+    return TensorPlan(name, shape, math.prod(shape), in_dtypes, casts, result, out, params, model_params,
+                      sum(i.nbytes for i in infos))
+
+
+def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    out = None
+    for d in dtypes:
+        d = torch.bfloat16 if d.itemsize == 1 else d  # float8 results come out as bfloat16
+        out = d if out is None else torch.promote_types(out, d)
+    return out
+
+
+def _dname(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _read_model_config(ck: Checkpoint) -> Optional[dict]:
+    path = Path(ck.folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read as JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: is not a JSON object")
+    return obj
+
+
+def _num_layers(model_cfg: Optional[dict]) -> Optional[int]:
+    if not model_cfg:
+        return None
+    for c in (model_cfg, model_cfg.get("text_config") or {}):
+        n = c.get("num_hidden_layers") if isinstance(c, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+# ---- side files ------------------------------------------------------------------------------
+def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
+    """config.json from the donor (base, else first model) with the output dtype; its tokenizer."""
+    cfg, donor = plan.config, plan.donor
+    model_cfg = _read_model_config(donor)
+    if model_cfg is None:
+        plan.warnings.append(f"{donor.folder}: no config.json; the output has none either")
+    else:
+        dtype = cfg.out_dtype or cfg.dtype  # mergekit: out_dtype, else dtype, else as it was
+        if dtype:
+            model_cfg["torch_dtype"] = dtype
+            if "dtype" in model_cfg:  # transformers >= 4.56 writes this name
+                model_cfg["dtype"] = dtype
+        writer.write_json("config.json", model_cfg)
+    folder = Path(donor.folder)
+    for fname in TOKENIZER_FILES:
+        if (folder / fname).is_file():
+            writer.copy_file(folder / fname, fname)
+
+
+def _progress_bar(total: int, quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging", dynamic_ncols=True,
+                smoothing=0.1, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                          "[{elapsed}<{remaining}, {rate_fmt}]")

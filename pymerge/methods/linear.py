@@ -1,0 +1,82 @@
+"""linear and task_arithmetic, as mergekit 0.1.5 defines them, each one fused weighted sum.
+
+linear           out = sum_i w_i x_i / sum_i w_i   (normalize, default true)   or sum_i w_i x_i
+task_arithmetic  out = base + lambda * sum_i w_i (x_i - base) / D,  D = sum_i w_i if normalize
+                 (default false; D = 1 when |sum w| < 1e-8, as mergekit does) else 1
+
+task_arithmetic is rewritten as base * (1 - sum_i c_i) + sum_i c_i x_i with c_i = lambda w_i / D:
+one pass over every input, no delta tensors. In float32 this stays within ~1e-7 relative of
+mergekit's delta form (tests/test_merge_parity.py checks 1e-5 end to end).
+
+Not mergekit's behaviour, on purpose: linear with normalize and weights summing to 0 is an error
+here (mergekit divides by zero and writes a model of NaN/inf).
+"""
+from typing import List
+
+from pymerge.errors import MergeConfigError
+from pymerge.methods.base import MergeMethod, Param, REQUIRED, TensorTask, register
+from pymerge.ops.weighted_sum import weighted_sum
+
+
+def _weights(task: TensorTask) -> List[float]:
+    return [p["weight"] for p in task.model_params]
+
+
+@register
+class Linear(MergeMethod):
+    name = "linear"
+    base_model = "none"  # mergekit ignores the base role: a base_model is just one more input
+    min_models = 1
+    model_params = {"weight": Param(REQUIRED, "relative weight of the model")}
+    global_params = {"normalize": Param(True, "divide by the sum of the weights")}
+    chunkable = True
+
+    def coefficients(self, task: TensorTask) -> List[float]:
+        w = _weights(task)
+        if task.params["normalize"]:
+            total = sum(w)
+            if total == 0:
+                raise MergeConfigError(f"tensor {task.name}: linear weights sum to 0 with normalize: true "
+                                       f"(weights {w}); mergekit would write NaN here")
+            return [x / total for x in w]
+        return w
+
+    def check_params(self, task: TensorTask) -> None:
+        self.coefficients(task)
+
+    def merge_tensor(self, task: TensorTask, out) -> None:
+        weighted_sum(task.inputs, self.coefficients(task), out=out, backend=task.backend,
+                     num_threads=task.num_threads)
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    base_model = "required"
+    min_models = 0  # mergekit returns the base unchanged when there is nothing else
+    model_params = {
+        "weight": Param(REQUIRED, "scale of the model's task vector"),
+        "density": Param(1.0, "accepted for mergekit compatibility; task_arithmetic does not sparsify"),
+    }
+    global_params = {
+        "lambda": Param(1.0, "scale of the summed task vectors"),
+        "normalize": Param(False, "divide the summed task vectors by the sum of the weights"),
+        "rescale": Param(False, "accepted for mergekit compatibility; no effect without sparsification"),
+        "int8_mask": Param(False, "accepted for mergekit compatibility; no effect"),
+    }
+    chunkable = True
+
+    def coefficients(self, task: TensorTask) -> List[float]:
+        """[c_base, c_1, ..., c_n] for base and inputs."""
+        w = _weights(task)
+        scale = task.params["lambda"]
+        if task.params["normalize"]:
+            total = sum(w)
+            if abs(total) >= 1e-8:  # mergekit's own guard: a tiny sum divides by 1
+                scale = scale / total
+        c = [scale * x for x in w]
+        return [1.0 - sum(c)] + c
+
+    def merge_tensor(self, task: TensorTask, out) -> None:
+        weighted_sum([task.base] + list(task.inputs), self.coefficients(task), out=out,
+                     backend=task.backend, num_threads=task.num_threads)
