@@ -1,0 +1,177 @@
+// Reductions and linear combinations for SLERP, NuSLERP and Model Stock, over a [rows, cols] view
+// of each tensor and one of three groupings: the whole tensor, each row, or each column.
+//   group_dots:    every pairwise dot <v_i, v_j> (i <= j) per group, v_i = x_i - (sub ? B : 0),
+//                  float32 products summed per block, blocks summed in float64: one read of inputs.
+//   group_lincomb: out = cB[g] * B + sum_i c_i[g] * (x_i - (sub ? B : 0)), rounded once: one pass.
+// The spherical coefficients between the two passes are a handful of scalars computed in Python.
+#include <omp.h>
+#include <pybind11/stl.h>
+#include <algorithm>
+#include <stdexcept>
+#include "cpu/tv_common.h"
+
+namespace py = pybind11;
+
+namespace pymerge {
+namespace {
+
+using tv::kBlock;
+enum Group : int { WHOLE = 0, ROWS = 1, COLS = 2 };
+
+struct Args {
+  std::vector<uintptr_t> x; std::vector<int> dt;
+  uintptr_t base; int bdt; bool sub;
+  int64_t rows, cols; int group; int threads;
+};
+
+// buf[i*kBlock + j] = v_i at elements start .. start+n-1.
+inline void load_vs(const Args& a, int64_t start, int64_t n, float* buf, float* bb) {
+  const int64_t k = int64_t(a.x.size());
+  if (a.sub) tv::load_f32(a.base, a.bdt, start, n, bb);
+  for (int64_t i = 0; i < k; ++i) {
+    float* __restrict v = buf + i * kBlock;
+    tv::load_f32(a.x[i], a.dt[i], start, n, v);
+    if (a.sub) for (int64_t j = 0; j < n; ++j) v[j] -= bb[j];
+  }
+}
+
+template <int Dummy>
+inline std::vector<double> dots_body(const Args& a) {
+  const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
+  const int64_t groups = a.group == WHOLE ? 1 : a.group == ROWS ? a.rows : a.cols;
+  std::vector<double> total(size_t(groups * pairs), 0.0);
+  std::vector<std::vector<double>> per(a.threads);
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<double>& acc = per[omp_get_thread_num()];
+    acc.assign(a.group == ROWS ? 0 : size_t(groups * pairs), 0.0);
+    std::vector<float> buf(size_t(k) * kBlock);
+    float bb[kBlock];
+    auto block_dots = [&](int64_t start, int64_t n, double* out) {
+      load_vs(a, start, n, buf.data(), bb);
+      for (int64_t i = 0, p = 0; i < k; ++i)
+        for (int64_t j = i; j < k; ++j, ++p) {
+          const float* __restrict u = buf.data() + i * kBlock;
+          const float* __restrict v = buf.data() + j * kBlock;
+          float s = 0;
+          for (int64_t e = 0; e < n; ++e) s += u[e] * v[e];
+          out[p] += s;
+        }
+    };
+    if (a.group == WHOLE) {
+      const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < n_blocks; ++b) block_dots(b * kBlock, std::min(kBlock, numel - b * kBlock), acc.data());
+    } else if (a.group == ROWS) {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < a.rows; ++r)
+        for (int64_t c = 0; c < a.cols; c += kBlock)
+          block_dots(r * a.cols + c, std::min(kBlock, a.cols - c), total.data() + r * pairs);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < a.rows; ++r)
+        for (int64_t c0 = 0; c0 < a.cols; c0 += kBlock) {
+          const int64_t n = std::min(kBlock, a.cols - c0);
+          load_vs(a, r * a.cols + c0, n, buf.data(), bb);
+          for (int64_t i = 0, p = 0; i < k; ++i)
+            for (int64_t j = i; j < k; ++j, ++p) {
+              const float* u = buf.data() + i * kBlock;
+              const float* v = buf.data() + j * kBlock;
+              for (int64_t e = 0; e < n; ++e) acc[size_t((c0 + e) * pairs + p)] += double(u[e]) * double(v[e]);
+            }
+        }
+    }
+  }
+  if (a.group != ROWS)
+    for (auto& acc : per)
+      for (size_t i = 0; i < total.size(); ++i) total[i] += acc[i];
+  return total;
+}
+
+template <int Dummy>
+inline void lincomb_body(const Args& a, const std::vector<float>& coef, uintptr_t out, int odt) {
+  const int64_t k = int64_t(a.x.size()), numel = a.rows * a.cols, stride = k + 1;
+  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+#pragma omp parallel num_threads(a.threads)
+  {
+    std::vector<float> buf(size_t(k) * kBlock);
+    float bb[kBlock], acc[kBlock];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t start = b * kBlock, n = std::min(kBlock, numel - start);
+      load_vs(a, start, n, buf.data(), bb);
+      if (a.base && !a.sub) tv::load_f32(a.base, a.bdt, start, n, bb);
+      if (a.group == WHOLE) {
+        for (int64_t j = 0; j < n; ++j) acc[j] = 0.f;
+        for (int64_t i = 0; i < k; ++i) {
+          const float c = coef[i];
+          const float* __restrict v = buf.data() + i * kBlock;
+          for (int64_t j = 0; j < n; ++j) acc[j] += c * v[j];
+        }
+        if (a.base) { const float c = coef[k]; for (int64_t j = 0; j < n; ++j) acc[j] += c * bb[j]; }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t e = start + j;
+          const float* c = coef.data() + (a.group == ROWS ? e / a.cols : e % a.cols) * stride;
+          float s = 0.f;
+          for (int64_t i = 0; i < k; ++i) s += c[i] * buf[size_t(i * kBlock + j)];
+          acc[j] = a.base ? s + c[k] * bb[j] : s;
+        }
+      }
+      tv::store_f32(out, odt, start, n, acc);
+    }
+  }
+}
+
+PM_AVX512 std::vector<double> dots_avx512(const Args& a) { return dots_body<0>(a); }
+PM_PLAIN std::vector<double> dots_plain(const Args& a) { return dots_body<1>(a); }
+PM_AVX512 void lincomb_avx512(const Args& a, const std::vector<float>& c, uintptr_t o, int d) { lincomb_body<0>(a, c, o, d); }
+PM_PLAIN void lincomb_plain(const Args& a, const std::vector<float>& c, uintptr_t o, int d) { lincomb_body<1>(a, c, o, d); }
+
+Args make_args(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, bool sub,
+               int64_t rows, int64_t cols, int group, int num_threads) {
+  if (x.empty() || x.size() != dt.size()) throw std::invalid_argument("interp: need inputs with one dtype each");
+  for (int d : dt) if (d < F32 || d > F8E5M2) throw std::invalid_argument("interp: bad dtype code");
+  if (group < WHOLE || group > COLS) throw std::invalid_argument("interp: bad grouping");
+  if (sub && !base) throw std::invalid_argument("interp: sub needs a base");
+  Args a{x, dt, base, bdt, sub, rows, cols, group, 1};
+  const int64_t work = group == WHOLE ? (rows * cols + kBlock - 1) / kBlock : rows;
+  a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : omp_get_max_threads(), work)));
+  return a;
+}
+
+std::vector<double> group_dots(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt,
+                               bool sub, int64_t rows, int64_t cols, int group, int num_threads) {
+  Args a = make_args(x, dt, base, bdt, sub, rows, cols, group, num_threads);
+  if (rows * cols <= 0) {
+    const int64_t k = int64_t(x.size());
+    return std::vector<double>(size_t(std::max<int64_t>(group == WHOLE ? 1 : group == ROWS ? rows : cols, 0) * k * (k + 1) / 2), 0.0);
+  }
+  return (tv::use_avx512() ? dots_avx512 : dots_plain)(a);
+}
+
+void group_lincomb(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, bool sub,
+                   int64_t rows, int64_t cols, int group, const std::vector<float>& coef, uintptr_t out, int out_dtype,
+                   int num_threads) {
+  Args a = make_args(x, dt, base, bdt, sub, rows, cols, group, num_threads);
+  if (out_dtype < F32 || out_dtype > BF16) throw std::invalid_argument("interp: bad output dtype");
+  const int64_t groups = group == WHOLE ? 1 : group == ROWS ? rows : cols;
+  if (int64_t(coef.size()) != groups * int64_t(x.size() + 1)) throw std::invalid_argument("interp: coefficient count");
+  if (rows * cols <= 0) return;
+  (tv::use_avx512() ? lincomb_avx512 : lincomb_plain)(a, coef, out, out_dtype);
+}
+
+void register_interp(py::module_& m) {
+  m.def("group_dots", &group_dots, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
+        py::arg("sub"), py::arg("rows"), py::arg("cols"), py::arg("group"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>(), "Pairwise dot products per group (see csrc/cpu/interp.cpp).");
+  m.def("group_lincomb", &group_lincomb, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
+        py::arg("sub"), py::arg("rows"), py::arg("cols"), py::arg("group"), py::arg("coef"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+        "out = cB*B + sum_i c_i*(x_i - sub*B) with per-group coefficients.");
+}
+
+PYMERGE_REGISTER(register_interp);
+
+}  // namespace
+}  // namespace pymerge

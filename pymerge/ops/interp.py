@@ -1,0 +1,166 @@
+"""Two-pass ops for SLERP, NuSLERP and Model Stock: one reduction pass, one elementwise pass.
+
+A tensor is seen as a [rows, cols] view and reduced per group: the whole tensor ("whole"), each
+row ("rows") or each column ("cols"). group_dots returns every pairwise dot product <v_i, v_j> of
+v_i = x_i - B (or x_i) per group, in float64; the methods turn those few numbers into per-group
+coefficients, and group_lincomb writes out = cB * B + sum_i c_i * v_i in one pass, rounded once.
+
+Backends: "cpu" (csrc/cpu/interp.cpp) and "torch" (any device, blockwise for "whole").
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from pymerge import _native
+
+GROUPS = {"whole": 0, "rows": 1, "cols": 2}
+_BLOCK = 1 << 20
+
+
+def _backend(t: torch.Tensor, backend: str) -> str:
+    if backend == "auto":
+        return "cpu" if t.device.type == "cpu" and _native.cpu is not None else "torch"
+    if backend not in ("cpu", "torch"):
+        return "torch"  # GPU backends: reductions and a lincomb run fine as torch ops
+    return backend
+
+
+def view_2d(shape: Sequence[int], group: str) -> Tuple[int, int]:
+    """[rows, cols] of a tensor for a grouping: rows = last-dim vectors, cols = dim-0 vectors."""
+    numel = math.prod(shape)
+    if group == "rows":
+        cols = shape[-1] if len(shape) else 1
+        return (numel // cols if cols else 0), cols
+    if group == "cols":
+        rows = shape[0] if len(shape) else 1
+        return rows, (numel // rows if rows else 0)
+    return 1, numel
+
+
+def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
+               backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group."""
+    xs = [x.contiguous() for x in xs]
+    k = len(xs)
+    rows, cols = view_2d(xs[0].shape, group)
+    if _backend(xs[0], backend) == "cpu":
+        flat = _native.require_cpu().group_dots(
+            [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
+            base.contiguous().data_ptr() if base is not None else 0,
+            _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, GROUPS[group], num_threads)
+        pairs = torch.tensor(flat, dtype=torch.float64).view(-1, k * (k + 1) // 2)
+    else:
+        pairs = _dots_torch(xs, base, sub, group, rows, cols)
+    iu = torch.triu_indices(k, k)
+    g = torch.zeros(pairs.shape[0], k, k, dtype=torch.float64)
+    g[:, iu[0], iu[1]] = pairs.cpu()
+    g[:, iu[1], iu[0]] = pairs.cpu()
+    return g
+
+
+def _vs(xs, base, sub, sl=None):
+    out = []
+    for x in xs:
+        v = (x.reshape(-1) if sl is None else x.reshape(-1)[sl]).float()
+        if sub:
+            v = v - (base.reshape(-1) if sl is None else base.reshape(-1)[sl]).float()
+        out.append(v)
+    return out
+
+
+def _dots_torch(xs, base, sub, group, rows, cols):
+    k = len(xs)
+    iu = torch.triu_indices(k, k).tolist()
+    if group == "whole":
+        acc = torch.zeros(k * (k + 1) // 2, dtype=torch.float64)
+        n = xs[0].numel()
+        for s in range(0, n, _BLOCK):
+            vs = _vs(xs, base, sub, slice(s, s + _BLOCK))
+            acc += torch.stack([(vs[i] * vs[j]).sum().double() for i, j in zip(*iu)]).cpu()
+        return acc.view(1, -1)
+    vs = [v.view(rows, cols) for v in _vs(xs, base, sub)]
+    dim = 1 if group == "rows" else 0
+    return torch.stack([(vs[i].double() * vs[j].double()).sum(dim) for i, j in zip(*iu)], dim=1).cpu()
+
+
+def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
+                  coef: torch.Tensor, out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B); coef is [G, K+1] (float32-rounded)."""
+    xs = [x.contiguous() for x in xs]
+    k = len(xs)
+    rows, cols = view_2d(xs[0].shape, group)
+    coef = coef.to(torch.float32).reshape(-1, k + 1)
+    if _backend(xs[0], backend) == "cpu":
+        _native.require_cpu().group_lincomb(
+            [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
+            base.contiguous().data_ptr() if base is not None else 0,
+            _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, GROUPS[group],
+            coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
+        return out
+    coef = coef.to(xs[0].device)
+    if group == "whole":
+        n = xs[0].numel()
+        for s in range(0, n, _BLOCK):
+            sl = slice(s, s + _BLOCK)
+            acc = sum(coef[0, i] * v for i, v in enumerate(_vs(xs, base, sub, sl)))
+            if base is not None:
+                acc = acc + coef[0, k] * base.reshape(-1)[sl].float()
+            out.reshape(-1)[sl] = acc.to(out.dtype)
+        return out
+    c = coef.view(rows, 1, k + 1) if group == "rows" else coef.view(1, cols, k + 1)
+    vs = [v.view(rows, cols) for v in _vs(xs, base, sub)]
+    acc = sum(c[..., i] * v for i, v in enumerate(vs))
+    if base is not None:
+        acc = acc + c[..., k] * base.reshape(rows, cols).float()
+    out.copy_(acc.to(out.dtype).view(out.shape))
+    return out
+
+
+# ---- coefficient rules (mergekit 0.1.5), from the dot products ------------------------------------
+# NaN propagates as in torch (a NaN input makes the whole group NaN, as it does in mergekit).
+
+def _clamp(x: float, lo: float = -1.0, hi: float = 1.0) -> float:
+    return x if math.isnan(x) else max(lo, min(hi, x))
+
+
+def slerp_coefs(t: float, aa: float, bb: float, ab: float, dot_threshold: float = 0.9995,
+                eps: float = 1e-8) -> Tuple[float, float]:
+    """SLERP from v0 (t = 0) to v1: norms <= eps count as 1; |cos| > threshold falls back to lerp."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    dot = _clamp(ab / (na * nb))
+    if abs(dot) > dot_threshold:
+        return 1.0 - t, t
+    if math.isnan(dot):
+        return math.nan, math.nan
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def nuslerp_coefs(t: float, aa: float, bb: float, ab: float, eps: float = 1e-8) -> Tuple[float, float]:
+    """NuSLERP: normalize with norms clamped at 1e-7; colinear when 1 - cos^2 <= eps^2 (lerp)."""
+    na, nb = max(math.sqrt(aa), 1e-7), max(math.sqrt(bb), 1e-7)
+    cos = _clamp(ab / (na * nb))
+    if 1 - cos * cos <= eps * eps:
+        return 1.0 - t, t
+    if math.isnan(cos):
+        return math.nan, math.nan
+    theta = math.acos(cos)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def model_stock_t(gram: torch.Tensor) -> float:
+    """t = N cos / (1 + (N-1) cos), cos the mean pairwise cosine (norm product clamped at 1e-6)."""
+    n = gram.shape[0]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            prod = max(math.sqrt(float(gram[i, i])) * math.sqrt(float(gram[j, j])), 1e-6)
+            cosines.append(_clamp(float(gram[i, j]) / prod))
+    cos = sum(cosines) / len(cosines)
+    den = 1 + (n - 1) * cos
+    return 0.0 if abs(den) < 1e-6 else n * cos / den  # NaN cos -> NaN t
