@@ -11,10 +11,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def machine_label(device: str) -> str:
-    """Folder name for results: the GPU's name, or 'cpu-<cores>c'."""
+    """Folder name for results: the GPU's name (e.g. 'nvidia-h200'), or 'cpu'."""
     if device == "cuda":
         return torch.cuda.get_device_name().lower().replace(" ", "-")
-    return f"cpu-{os.cpu_count()}c"
+    return "cpu"
 
 
 def machine_description(device: str) -> str:
