@@ -1,0 +1,140 @@
+"""CheckpointPool on the CPU: materialize into a live model vs same-run copy bandwidth, materialize_many
+vs separate calls, and mergekit's way (re-read the safetensors and merge per candidate), one pool.
+
+    python benchmarks/bench_pool.py [--quick] [--params 64e6] [--n 5] [--k 6]
+
+Writes benchmarks/results/cpu/bench_pool.{json,md}. Bytes counted: materialize moves (N+1) model-sizes
+(N read, 1 written); materialize_many moves (N+K). The copy baseline is torch's dst.copy_(src) over a
+buffer of the same dtype, timed in the same run, interleaved (the machine's bandwidth drifts).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_description, markdown_table, time_interleaved  # noqa: E402
+
+from pymerge.pool import CheckpointPool  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
+
+
+class Stack(torch.nn.Module):
+    """A model-shaped set of tensors: `layers` square matrices plus an embedding, about `params` in all."""
+
+    def __init__(self, params: int, layers: int = 16, dtype=torch.bfloat16):
+        super().__init__()
+        d = int((params / (layers + 2)) ** 0.5) // 64 * 64
+        self.embed = torch.nn.Parameter(torch.empty(2 * d, d, dtype=dtype))
+        self.layers = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(d, d, dtype=dtype)) for _ in range(layers)])
+        self.norm = torch.nn.Parameter(torch.empty(d, dtype=dtype))
+
+
+def make_files(folder: str, n: int, params: int):
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        m = Stack(params)
+        sd = {k: torch.randn(v.shape).to(v.dtype) for k, v in m.state_dict().items()}
+        paths.append(os.path.join(folder, f"ckpt{i}.safetensors"))
+        save_file(sd, paths[-1])
+    return paths
+
+
+def mergekit_way(paths, weights, model):
+    """What a mergekit-based search does per candidate: open every file, read every tensor again, merge
+    it with mergekit's linear arithmetic (float32 accumulator, addcmul per model, normalize, cast), load."""
+    handles = [safe_open(p, framework="pt") for p in paths]
+    merged = {}
+    w = torch.tensor(weights, dtype=torch.float32)
+    for name in handles[0].keys():
+        tensors = [h.get_tensor(name) for h in handles]
+        acc = torch.zeros_like(tensors[0], dtype=torch.float32)
+        for t, c in zip(tensors, w):
+            acc.addcmul_(t, c)
+        acc.div_(w.sum())
+        merged[name] = acc.to(tensors[0].dtype)
+    model.load_state_dict(merged)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--params", type=float, default=64e6, help="parameters per checkpoint (bf16)")
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    params = int(args.params if not args.quick else 8e6)
+    rounds = 2 if args.quick else args.rounds
+    n, k = args.n, args.k
+    tmp = tempfile.mkdtemp(prefix="bench_pool_")
+    paths = make_files(tmp, n, params)
+    pool = CheckpointPool(paths)
+    print(pool.describe())
+    model_bytes = pool.model_nbytes()
+    targets = [Stack(params) for _ in range(k)]
+    w = [1.0 / n] * n
+    rows = [[(i + j) % n + 1.0 for i in range(n)] for j in range(k)]
+    # the copy baseline moves the same bytes as one materialize: (N+1)/2 model-sizes read, as many written
+    copy_elems = (n + 1) * model_bytes // 2 // 2
+    src, dst = torch.randn(copy_elems).bfloat16(), torch.empty(copy_elems, dtype=torch.bfloat16)
+
+    fns = {
+        "copy": lambda: dst.copy_(src),
+        "materialize": lambda: pool.materialize(w, into=targets[0]),
+        "materialize_many": lambda: pool.materialize_many(rows, into=targets),
+        "separate": lambda: [pool.materialize(r, into=t) for r, t in zip(rows, targets)],
+    }
+    t = time_interleaved(fns, rounds, "cpu")
+    t_mk = time_interleaved({"mergekit": lambda: mergekit_way(paths, w, targets[0])}, max(1, rounds // 2), "cpu")["mergekit"]
+    gb = 1e9
+    copy_bw = (n + 1) * model_bytes / t["copy"] / gb
+    mat_bw = (n + 1) * model_bytes / t["materialize"] / gb
+    many_bw = (n + k) * model_bytes / t["materialize_many"] / gb
+    rows_out = [
+        {"what": "torch copy_ (same bytes)", "ms": 1e3 * t["copy"], "GB/s": copy_bw, "vs copy": 1.0},
+        {"what": f"materialize, N={n}, K=1 (live model)", "ms": 1e3 * t["materialize"], "GB/s": mat_bw,
+         "vs copy": mat_bw / copy_bw},
+        {"what": f"materialize_many, N={n}, K={k}", "ms": 1e3 * t["materialize_many"], "GB/s": many_bw,
+         "vs copy": many_bw / copy_bw, "per candidate ms": 1e3 * t["materialize_many"] / k},
+        {"what": f"{k} separate materialize calls", "ms": 1e3 * t["separate"],
+         "GB/s": k * (n + 1) * model_bytes / t["separate"] / gb, "per candidate ms": 1e3 * t["separate"] / k},
+        {"what": "mergekit's way (re-read safetensors, merge, load_state_dict)", "ms": 1e3 * t_mk,
+         "per candidate ms": 1e3 * t_mk},
+    ]
+    summary = {
+        "materialize_vs_copy": mat_bw / copy_bw,
+        "many_speedup_vs_separate": t["separate"] / t["materialize_many"],
+        "per_candidate_speedup_vs_mergekit_way": t_mk / (t["materialize_many"] / k),
+        "single_speedup_vs_mergekit_way": t_mk / t["materialize"],
+    }
+    cols = ["what", "ms", "GB/s", "vs copy", "per candidate ms"]
+    title = (f"CheckpointPool on the CPU: {n} checkpoints x {params / 1e6:.0f}M bf16 params "
+             f"({model_bytes / 1e6:.0f} MB each), residency {pool.residency}")
+    table = markdown_table(rows_out, cols)
+    print(table)
+    print(json.dumps({k2: round(v, 3) for k2, v in summary.items()}))
+    os.makedirs(OUT, exist_ok=True)
+    meta = {"machine": machine_description("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"), "title": title,
+            "threads": torch.get_num_threads(), "quick": args.quick}
+    name = "bench_pool_quick" if args.quick else "bench_pool"
+    with open(os.path.join(OUT, f"{name}.json"), "w") as fh:
+        json.dump({**meta, "rows": rows_out, "summary": summary}, fh, indent=1)
+    with open(os.path.join(OUT, f"{name}.md"), "w") as fh:
+        fh.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n\n"
+                 + "\n".join(f"- {k2}: {v:.2f}" for k2, v in summary.items()) + "\n")
+    for p in paths:
+        os.remove(p)
+    os.rmdir(tmp)
+
+
+if __name__ == "__main__":
+    main()
