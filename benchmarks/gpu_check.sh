@@ -45,7 +45,7 @@ printf '%s\n' "${status[@]}"
 echo
 echo "== results"
 for f in benchmarks/results/*/*.md; do
-  case "$f" in *cpu-*) continue ;; esac
+  case "$f" in */results/cpu/*) continue ;; esac
   cat "$f"; echo
 done
 cp -r benchmarks/results "$OUT/" 2>/dev/null || true
