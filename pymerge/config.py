@@ -245,7 +245,10 @@ def coerce(value, kind: type):
     """One scalar as mergekit's pydantic (lax mode) would take it; ValueError when it cannot."""
     if kind is float:
         if isinstance(value, str):
-            value = float(value.strip().replace("_", ""))
+            try:
+                value = float(value.strip().replace("_", ""))
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
         elif not isinstance(value, (int, float)):
             raise ValueError(f"{value!r} is not a number")
         value = float(value)

@@ -1,0 +1,234 @@
+"""pymerge.config: parsing mergekit YAML, parameter gradients/filters/precedence, layer positions."""
+import math
+import random
+
+import pytest
+
+from pymerge.config import (ParamResolver, check_method_params, check_paths, count_layers, evaluate_setting,
+                            layer_of, layer_t, load_config, parse_config, resolve_params)
+from pymerge.errors import InputError, MergeConfigError
+from pymerge.methods.base import get_method
+
+
+def cfg(**kw):
+    base = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}},
+                                                 {"model": "b", "parameters": {"weight": 2.0}}]}
+    base.update(kw)
+    return base
+
+
+# ---- parsing -------------------------------------------------------------------------------
+def test_parses_a_full_config(tmp_path):
+    p = tmp_path / "m.yml"
+    p.write_text("""
+merge_method: task_arithmetic
+base_model: /m/base
+models:
+  - model: /m/ft1
+    parameters: {weight: [0.1, 0.9]}
+  - model: /m/ft2
+parameters:
+  weight: 0.5
+  lambda: 0.8
+dtype: torch.float32
+out_dtype: bfloat16
+""")
+    c = load_config(p)
+    assert c.merge_method == "task_arithmetic" and c.base_model == "/m/base"
+    assert [m.path for m in c.models] == ["/m/ft1", "/m/ft2"]
+    assert c.models[0].parameters == {"weight": [0.1, 0.9]} and c.models[1].parameters == {}
+    assert c.parameters == {"weight": 0.5, "lambda": 0.8}
+    assert (c.dtype, c.out_dtype) == ("float32", "bfloat16")
+    assert c.source == str(p)
+
+
+@pytest.mark.parametrize("data, words", [
+    (cfg(bogus=1), ["unknown key 'bogus'"]),
+    (cfg(slices=[{"sources": []}], models=None), ["slices", "not supported"]),
+    (cfg(modules={}), ["modules"]),
+    (cfg(tokenizer={"source": "union"}), ["tokenizer", "not supported"]),
+    (cfg(tokenizer_source="union"), ["tokenizer_source", "union"]),
+    (cfg(tokenizer_source="base"), ["tokenizer_source", "base_model"]),  # base without a base_model
+    (cfg(merge_method=None), ["merge_method", "missing"]),
+    (cfg(models=None), ["models", "missing"]),
+    (cfg(models=[]), ["models", "non-empty"]),
+    (cfg(models=[{"model": "a", "weight": 1}]), ["models[0]", "unknown key 'weight'"]),
+    (cfg(models=[{"parameters": {}}]), ["models[0]", "'model' is missing"]),
+    (cfg(models=[{"model": "a"}, {"model": "a"}]), ["models[1]", "listed twice"]),
+    (cfg(models=[{"model": {"model": {"path": "x"}}}]), ["models[0].model", "path string"]),
+    (cfg(dtype="float64"), ["dtype", "float64", "not supported"]),
+    (cfg(out_dtype="int8"), ["out_dtype", "unknown dtype"]),
+    (cfg(parameters=[1, 2]), ["parameters", "mapping"]),
+    (cfg(parameters={"weight": None}), ["parameters.weight", "got nothing"]),
+    (cfg(parameters={"weight": [1, {"filter": "x", "value": 2}]}), ["only numbers or only"]),
+    (cfg(parameters={"weight": [{"filter": "x"}]}), ["'value' is missing"]),
+    (cfg(parameters={"weight": [{"filter": "x", "value": 1, "when": 2}]}), ["unknown key 'when'"]),
+    (cfg(parameters={"weight": [{"filter": 3, "value": 1}]}), ["filter must be a string"]),
+    (cfg(parameters={"weight": {"value": {"value": 1}}}), ["condition's value"]),
+    ("just a string", ["mapping"]),
+])
+def test_bad_configs_name_the_problem(data, words):
+    with pytest.raises(MergeConfigError) as e:
+        parse_config(data, source="c.yml")
+    msg = str(e.value)
+    assert msg.startswith("c.yml: ")
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_yaml_errors_give_the_line(tmp_path):
+    p = tmp_path / "bad.yml"
+    p.write_text("merge_method: linear\nmodels:\n  - model: a\n   parameters: {weight: 1}\n")
+    with pytest.raises(MergeConfigError, match=r"bad.yml: not valid YAML at line \d+"):
+        load_config(p)
+    with pytest.raises(MergeConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_tokenizer_source_base_and_chat_template_are_accepted_with_warnings():
+    c = parse_config(cfg(base_model="a", tokenizer_source="base", chat_template="chatml"))
+    assert c.tokenizer_source == "base" and c.chat_template == "chatml"
+    assert any("tokenizer_source" in w for w in c.warnings) and any("chat_template" in w for w in c.warnings)
+
+
+def test_model_as_plain_string_and_missing_paths(tmp_path):
+    (tmp_path / "a").mkdir()
+    c = parse_config(cfg(models=[str(tmp_path / "a"), str(tmp_path / "b+lora")]))
+    assert c.models[0].parameters == {}
+    with pytest.raises(MergeConfigError, match=r"models\[1\]: model path not found: .*b\+lora \(model\+LoRA"):
+        check_paths(c)
+    c = parse_config(cfg(models=[{"model": "meta-llama/Llama-3-8B"}]))
+    with pytest.raises(MergeConfigError, match="local checkpoints only"):
+        check_paths(c)
+
+
+# ---- parameters against the method ---------------------------------------------------------
+def test_unknown_and_mistyped_parameters():
+    lin = get_method("linear")
+    c = parse_config(cfg(parameters={"wieght": 1}))
+    with pytest.raises(MergeConfigError, match="unknown parameter 'wieght' for merge_method linear"):
+        check_method_params(c, lin, c.models)
+    c = parse_config(cfg(parameters={"normalize": "maybe"}))
+    with pytest.raises(MergeConfigError, match="parameters.normalize: 'maybe' is not a boolean"):
+        check_method_params(c, lin, c.models)
+    c = parse_config(cfg(models=[{"model": "a", "parameters": {"weight": [0.1, float("nan")]}}]))
+    with pytest.raises(MergeConfigError, match=r"models\[0\] \(a\).parameters.weight\[1\]: nan is not a finite"):
+        check_method_params(c, lin, c.models)
+    c = parse_config(cfg(models=[{"model": "a", "parameters": {"weight": "inf"}}]))
+    with pytest.raises(MergeConfigError, match="inf is not a finite number"):
+        check_method_params(c, lin, c.models)
+    c = parse_config(cfg(models=[{"model": "a", "parameters": {"weight": "heavy"}}]))
+    with pytest.raises(MergeConfigError, match="'heavy' is not a number"):
+        check_method_params(c, lin, c.models)
+    c = parse_config(cfg(models=[{"model": "a", "parameters": {"weight": 1, "normalize": False}}]))
+    check_method_params(c, lin, c.models)
+    assert any("normalize is a global parameter" in w for w in c.warnings)
+
+
+def test_resolver_precedence_defaults_and_missing():
+    ta = get_method("task_arithmetic")
+    c = parse_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.9}]}},
+        {"model": "b"}], "parameters": {"weight": 0.3, "lambda": [0.0, 2.0]}})
+    r = ParamResolver(c, ta, c.models)
+    g, per = r("model.layers.1.mlp.up_proj.weight", 0.5)
+    assert g == {"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False}
+    assert per == [{"weight": 0.9, "density": 1.0}, {"weight": 0.3, "density": 1.0}]
+    # the model's filter does not match: falls through to the top level
+    g, per = r("model.layers.1.self_attn.q_proj.weight", 1.0)
+    assert g["lambda"] == 2.0 and per[0]["weight"] == 0.3
+
+    c = parse_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.9}]}}]})
+    r = ParamResolver(c, ta, c.models)
+    assert r("x.mlp.y", 0.0)[1][0]["weight"] == 0.9
+    with pytest.raises(MergeConfigError, match="no value of required parameter 'weight' for model a at tensor x.attn"):
+        r("x.attn", 0.0)
+
+
+# ---- values --------------------------------------------------------------------------------
+def test_gradients_interpolate_over_t():
+    assert evaluate_setting([0.0, 1.0], "n", 0.25) == 0.25
+    assert evaluate_setting([0.0, 1.0, 0.0], "n", 0.75) == pytest.approx(0.5)
+    assert evaluate_setting([1, 2, 3, 4], "n", 1.0) == 4.0
+    assert evaluate_setting([7], "n", 0.6) == 7.0
+    assert evaluate_setting([], "n", 0.6) is None
+    assert evaluate_setting([True, False], "n", 0.4, kind=bool) is True   # discrete: index int(t*(n-1))
+    assert evaluate_setting([True, False], "n", 1.0, kind=bool) is False
+    assert evaluate_setting("1e-1", "n", 0.0) == 0.1
+
+
+def test_filters_take_the_first_match():
+    s = [{"filter": "self_attn", "value": 0.1}, {"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.5}]
+    assert evaluate_setting(s, "model.layers.3.self_attn.q_proj.weight", 0.3) == 0.1
+    assert evaluate_setting(s, "model.layers.3.mlp.up_proj.weight", 0.3) == pytest.approx(0.3)
+    assert evaluate_setting(s, "model.norm.weight", 0.3) == 0.5
+    assert evaluate_setting([{"filter": "mlp", "value": 1}], "attn", 0.0) is None
+    assert evaluate_setting({"filter": "*", "value": 3}, "anything", 0.0) == 3.0
+
+
+def test_layer_positions():
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == ("model.layers", 12)
+    assert layer_of("transformer.h.3.attn.c_attn.weight") == ("transformer.h", 3)
+    assert layer_of("vision.blocks.0.attn.qkv") == ("vision.blocks", 0)
+    assert layer_of("model.layers.2.mlp.experts.7.w1") == ("model.layers", 2)
+    assert layer_of("model.embed_tokens.weight") is None and layer_of("lm_head.weight") is None
+    names = [f"model.layers.{i}.x" for i in range(4)] + ["vision.blocks.0.y", "vision.blocks.1.y"]
+    n = count_layers(names)
+    assert n == {"model.layers": 4, "vision.blocks": 2}
+    assert count_layers(names, num_hidden_layers=6)["model.layers"] == 6
+    assert layer_t("model.layers.0.x", n) == 0.0 and layer_t("model.layers.3.x", n) == 1.0
+    assert layer_t("model.layers.1.x", n) == pytest.approx(1 / 3)
+    assert layer_t("vision.blocks.1.y", n) == 1.0
+    assert layer_t("model.embed_tokens.weight", n) == 0.0 and layer_t("lm_head.weight", n) == 0.0
+    assert layer_t("model.layers.0.x", 1) == 1.0  # mergekit: a single layer takes t = 1
+    assert layer_t("model.layers.9.x", 4) == 1.0   # beyond L clamps
+    assert resolve_params([0.0, 3.0], "model.layers.2.mlp", 4) == pytest.approx(2.0)
+
+
+# ---- differential: our evaluate_setting against mergekit's own -----------------------------
+def _random_setting(rng):
+    def scalar():
+        return rng.choice([rng.uniform(-2, 2), rng.randint(-3, 3), round(rng.uniform(0, 1), 2)])
+
+    def grad():
+        return [scalar() for _ in range(rng.randint(1, 5))]
+
+    kind = rng.randrange(4)
+    if kind == 0:
+        return scalar()
+    if kind == 1:
+        return grad()
+    conds = []
+    for _ in range(rng.randint(1, 3)):
+        c = {"value": scalar() if rng.random() < 0.5 else grad()}
+        if rng.random() < 0.8:
+            c["filter"] = rng.choice(["mlp", "self_attn", "q_proj", "norm", "*", "layers.1.", "embed"])
+        conds.append(c)
+    return conds[0] if kind == 2 and len(conds) == 1 else conds
+
+
+def test_evaluate_setting_matches_mergekit():
+    mkc = pytest.importorskip("mergekit.config", reason="mergekit is not installed")
+    from pydantic import TypeAdapter
+    adapter = TypeAdapter(mkc.ParameterSetting)
+    as_float = TypeAdapter(float).validate_python
+    rng = random.Random(0)
+    names = ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight",
+             "model.layers.1.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"]
+    for _ in range(400):
+        raw = _random_setting(rng)
+        parsed = adapter.validate_python(raw)
+        for name in names:
+            t = rng.choice([0.0, 1.0, rng.random(), 1 / 3])
+            ours = evaluate_setting(raw, name, t)
+            theirs = mkc.evaluate_setting(name, parsed, t, validate=as_float)
+            if theirs is None:
+                assert ours is None, (raw, name, t)
+            else:
+                assert ours == pytest.approx(theirs, rel=1e-15, abs=1e-15), (raw, name, t, ours, theirs)
+
+
+def test_errors_are_input_errors():
+    assert issubclass(MergeConfigError, InputError)
+    assert math.isfinite(evaluate_setting(1e308, "n", 0.0))
