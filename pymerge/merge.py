@@ -158,9 +158,13 @@ def pick_device(device: str) -> str:
 def make_plan(config_or_path) -> MergePlan:
     """Every check that can fail on user input, before any output is written."""
     cfg = _as_config(config_or_path)
-    method = get_method(cfg.merge_method)
-    inputs, base = _roles(cfg, method)
-    method.validate(len(inputs), base is not None)
+    try:
+        method = get_method(cfg.merge_method)
+        inputs, base = _roles(cfg, method)
+        method.validate(len(inputs), base is not None)
+    except MergeConfigError as exc:
+        msg = str(exc)
+        raise MergeConfigError(msg if msg.startswith(cfg.source) else cfg.where(msg)) from None
     check_method_params(cfg, method, inputs)
     check_paths(cfg)
 
@@ -211,7 +215,7 @@ def _roles(cfg: MergeConfig, method: MergeMethod):
         return inputs, None
     if cfg.base_model is None:
         if method.base_model == "required":
-            raise MergeConfigError(cfg.where(f"merge_method {method.name} needs a base_model"))
+            raise MergeConfigError(f"merge_method {method.name} needs a base_model")
         return list(cfg.models), None
     base = next((m for m in cfg.models if m.path == cfg.base_model), ModelSpec(cfg.base_model, {}))
     return [m for m in cfg.models if m.path != cfg.base_model], base

@@ -1,0 +1,295 @@
+"""The pymerge command: bad inputs exit 2 with one line and no output; crashes leave nothing behind."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import llama_factory as lf
+from pymerge import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+# A merge big enough to interrupt: ~6 MB per model, streamed in 1 MiB chunks.
+SLOW_DIMS = lf.LlamaDims(hidden=256, layers=4, intermediate=512, vocab=1024, heads=4, kv_heads=4)
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    base, fts = lf.make_family(root, n_finetunes=2)
+    return root, base, fts
+
+
+def write_cfg(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def linear(models, **extra):
+    cfg = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
+    cfg.update(extra)
+    return cfg
+
+
+def run_cli(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def leftovers(out: Path):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.pymerge-"))
+
+
+# ---- corrupt checkpoints -------------------------------------------------------------------
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_header(path: Path, edit):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def make_broken(kind: str, base: Path, where: Path) -> Path:
+    m = _copy(base, where / kind)
+    st = m / "model.safetensors"
+    if kind == "truncated":
+        os.truncate(st, st.stat().st_size - 100)
+    elif kind == "corrupt_header":
+        raw = bytearray(st.read_bytes())
+        raw[8:24] = b"\x00garbage{{{{{{{{"
+        st.write_bytes(bytes(raw))
+    elif kind == "overlapping_offsets":
+        def overlap(h):
+            names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+            a, b = h[names[0]], h[names[1]]
+            size = b["data_offsets"][1] - b["data_offsets"][0]
+            b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + size]
+        _rewrite_header(st, overlap)
+    elif kind == "missing_tensor":
+        t = load_file(str(st))
+        t.pop("model.layers.1.mlp.up_proj.weight")
+        save_file(t, str(st), metadata={"format": "pt"})
+    elif kind == "mismatched_shape":
+        shutil.rmtree(m)
+        lf.make_llama(m, dims=lf.LlamaDims(intermediate=lf.TINY.intermediate + 8), perturb_seed=5)
+    elif kind == "no_weights":
+        st.unlink()
+    else:
+        raise AssertionError(kind)
+    return m
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("truncated", ["model.safetensors"]),
+    ("corrupt_header", ["model.safetensors", "header"]),
+    ("overlapping_offsets", ["model.safetensors", "overlap"]),
+    ("missing_tensor", ["model.layers.1.mlp.up_proj.weight"]),
+    ("mismatched_shape", ["model.layers.0.mlp", "96]", "104]", "mismatched_shape"]),
+    ("no_weights", ["no model.safetensors"]),
+])
+def test_bad_checkpoints_exit_2_with_one_line(fam, tmp_path, capsys, kind, words):
+    root, base, fts = fam
+    bad = make_broken(kind, fts[1], tmp_path)
+    cfg = write_cfg(tmp_path / "c.yml", linear([fts[0], bad]))
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", cfg, out], capsys)
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pymerge: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not out.exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("case, words", [
+    ("unknown_key", ["c.yml", "unknown key 'merge_methd'"]),
+    ("unknown_method", ["unknown merge_method 'lineer'"]),
+    ("missing_path", ["model path not found", "nowhere"]),
+    ("nan_weight", ["weight", "nan is not a finite number"]),
+    ("missing_weight", ["no value of required parameter 'weight'"]),
+    ("zero_sum", ["weights sum to 0"]),
+    ("slices", ["slices", "not supported"]),
+    ("ta_without_base", ["task_arithmetic needs a base_model"]),
+    ("bad_yaml", ["not valid YAML"]),
+    ("no_config", ["config file not found"]),
+    ("unknown_param", ["unknown parameter 'wieght'"]),
+])
+def test_bad_configs_exit_2_with_one_line(fam, tmp_path, capsys, case, words):
+    root, base, fts = fam
+    a, b = str(fts[0]), str(fts[1])
+    cfgs = {
+        "unknown_key": {"merge_methd": "linear", "models": [a]},
+        "unknown_method": linear([a, b], merge_method="lineer"),
+        "missing_path": linear([a, str(tmp_path / "nowhere")]),
+        "nan_weight": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: .nan}}\n"
+                      f"  - model: {b}\n    parameters: {{weight: 1}}\n",
+        "missing_weight": {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
+                                                               {"model": b}]},
+        "zero_sum": {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
+                                                         {"model": b, "parameters": {"weight": -1}}]},
+        "slices": {"merge_method": "linear", "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]},
+        "ta_without_base": {"merge_method": "task_arithmetic", "models": [a, b], "parameters": {"weight": 1}},
+        "bad_yaml": "merge_method: linear\nmodels: [\n",
+        "unknown_param": linear([a, b], parameters={"wieght": 2}),
+    }
+    cfg = tmp_path / "c.yml"
+    if case != "no_config":
+        write_cfg(cfg, cfgs[case])
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", cfg, out], capsys)
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pymerge: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_existing_out_needs_force_and_is_kept(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+    assert rc == 2 and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "precious"
+    rc, err = run_cli(["merge", cfg, out, "--quiet", "--force"], capsys)
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert leftovers(out) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, err = run_cli(["merge", cfg, empty, "--quiet"], capsys)  # an empty folder is fine without --force
+    assert rc == 0 and (empty / "config.json").is_file()
+
+
+def test_merge_with_progress_bar_and_sizes(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                         "models": [str(f) for f in fts], "parameters": {"weight": 0.5},
+                                         "dtype": "float32", "out_dtype": "bfloat16"})
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", cfg, out, "--out-shard-size", "100KB", "--threads", "1"], capsys)
+    assert rc == 0, err
+    assert "merging" in err and "B/s" in err and "pymerge: merged" in err
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(idx["weight_map"].values())) > 1
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("text, value", [("5GB", 5_000_000_000), ("500MB", 500_000_000), ("1.5GiB", 1610612736),
+                                         ("123", 123), ("5B", 5_000_000_000), ("2e9", 2_000_000_000),
+                                         ("64kib", 65536)])
+def test_parse_size(text, value):
+    assert cli.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GB", "5 parsecs", "-1", "0"])
+def test_parse_size_rejects(text):
+    with pytest.raises(Exception):
+        cli.parse_size(text)
+
+
+# ---- real processes: exit codes, Ctrl-C, SIGKILL -------------------------------------------
+def test_python_m_pymerge_exit_codes(fam, tmp_path):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear([fts[0], tmp_path / "nowhere"]))
+    p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "nowhere" in p.stderr
+    cfg = write_cfg(tmp_path / "ok.yml", linear(fts))
+    p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(tmp_path / "out"), "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# The merge, slowed down inside the child process only (each chunk sleeps), so a signal lands midway.
+_SLOW_DRIVER = """
+import sys, time
+import pymerge.streaming as s
+_orig = s.compute_chunk
+def slow(*a, **k):
+    time.sleep(0.02)
+    return _orig(*a, **k)
+s.compute_chunk = slow
+from pymerge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slow")
+    return lf.make_family(root, n_finetunes=2, dims=SLOW_DIMS)
+
+
+def _start_slow(cfg, out, *extra):
+    return subprocess.Popen([sys.executable, "-c", _SLOW_DRIVER, "merge", str(cfg), str(out), "--quiet",
+                             "--chunk-size", "1MiB", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_temp(proc, out: Path, timeout=120):
+    """Returns once the child has started writing (its temp folder holds shard files)."""
+    tmp = out.parent / f".{out.name}.pymerge-tmp-{proc.pid}"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if tmp.is_dir() and any(tmp.glob("*.safetensors")):
+            time.sleep(0.3)  # well into the stream
+            return tmp
+        if proc.poll() is not None:
+            raise AssertionError(f"merge ended before it could be interrupted: {proc.stderr.read()}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("merge never started writing")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_interrupt_leaves_nothing_and_keeps_old_out(slow_fam, tmp_path, sig, code):
+    base, fts = slow_fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old model")
+    proc = _start_slow(cfg, out, "--force")
+    _wait_for_temp(proc, out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "old model" and sorted(os.listdir(out)) == ["keep.txt"]
+    assert leftovers(out) == []
+
+
+def test_sigkill_midway_then_next_run_cleans_up(slow_fam, tmp_path, capsys):
+    base, fts = slow_fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    proc = _start_slow(cfg, out)
+    tmp = _wait_for_temp(proc, out)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not out.exists()          # no partial model where the user looks
+    assert tmp.exists()              # only the dead process's temp folder...
+    rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert leftovers(out) == []      # ...which the next run removes
+    assert (out / "model.safetensors").is_file()
