@@ -35,51 +35,98 @@ inline void load_vs(const Args& a, int64_t start, int64_t n, float* buf, float* 
   }
 }
 
+// Per-block kernels (no OpenMP inside, so their AVX-512 builds stay AVX-512).
+// out[p] += dot of pair p over elements start .. start+n-1 (one group).
 template <int Dummy>
-inline std::vector<double> dots_body(const Args& a) {
+inline void dots_block(const Args& a, int64_t start, int64_t n, double* out, float* buf, float* bb) {
+  const int64_t k = int64_t(a.x.size());
+  load_vs(a, start, n, buf, bb);
+  for (int64_t i = 0, p = 0; i < k; ++i)
+    for (int64_t j = i; j < k; ++j, ++p) {
+      const float* __restrict u = buf + i * kBlock;
+      const float* __restrict v = buf + j * kBlock;
+      float s = 0;
+      for (int64_t e = 0; e < n; ++e) s += u[e] * v[e];
+      out[p] += s;
+    }
+}
+
+// Column grouping: out[(c0 + e) * pairs + p] += u[e] * v[e] in float64.
+template <int Dummy>
+inline void dots_cols_block(const Args& a, int64_t r, int64_t c0, int64_t n, double* acc, float* buf, float* bb) {
+  const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2;
+  load_vs(a, r * a.cols + c0, n, buf, bb);
+  for (int64_t i = 0, p = 0; i < k; ++i)
+    for (int64_t j = i; j < k; ++j, ++p) {
+      const float* __restrict u = buf + i * kBlock;
+      const float* __restrict v = buf + j * kBlock;
+      double* __restrict o = acc + c0 * pairs + p;
+      for (int64_t e = 0; e < n; ++e) o[e * pairs] += double(u[e]) * double(v[e]);
+    }
+}
+
+template <int Dummy>
+inline void lincomb_block(const Args& a, const float* coef, uintptr_t out, int odt, int64_t start, float* buf,
+                          float* bb, float* acc) {
+  const int64_t k = int64_t(a.x.size()), stride = k + 1;
+  const int64_t n = std::min(kBlock, a.rows * a.cols - start);
+  load_vs(a, start, n, buf, bb);
+  if (a.base && !a.sub) tv::load_f32(a.base, a.bdt, start, n, bb);
+  if (a.group == WHOLE) {
+    for (int64_t j = 0; j < n; ++j) acc[j] = 0.f;
+    for (int64_t i = 0; i < k; ++i) {
+      const float c = coef[i];
+      const float* __restrict v = buf + i * kBlock;
+      for (int64_t j = 0; j < n; ++j) acc[j] += c * v[j];
+    }
+    if (a.base) { const float c = coef[k]; for (int64_t j = 0; j < n; ++j) acc[j] += c * bb[j]; }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t e = start + j;
+      const float* c = coef + (a.group == ROWS ? e / a.cols : e % a.cols) * stride;
+      float s = 0.f;
+      for (int64_t i = 0; i < k; ++i) s += c[i] * buf[i * kBlock + j];
+      acc[j] = a.base ? s + c[k] * bb[j] : s;
+    }
+  }
+  tv::store_f32(out, odt, start, n, acc);
+}
+
+PM_AVX512 void dots_avx512(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<0>(a, s, n, o, b, bb); }
+PM_PLAIN void dots_plain(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<1>(a, s, n, o, b, bb); }
+PM_AVX512 void cols_avx512(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<0>(a, r, c, n, o, b, bb); }
+PM_PLAIN void cols_plain(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<1>(a, r, c, n, o, b, bb); }
+PM_AVX512 void lincomb_avx512(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<0>(a, c, o, d, s, b, bb, acc); }
+PM_PLAIN void lincomb_plain(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<1>(a, c, o, d, s, b, bb, acc); }
+
+std::vector<double> dots_driver(const Args& a) {
   const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
   const int64_t groups = a.group == WHOLE ? 1 : a.group == ROWS ? a.rows : a.cols;
+  const bool fast = tv::use_avx512();
+  auto dots = fast ? dots_avx512 : dots_plain;
+  auto cols = fast ? cols_avx512 : cols_plain;
   std::vector<double> total(size_t(groups * pairs), 0.0);
   std::vector<std::vector<double>> per(a.threads);
 #pragma omp parallel num_threads(a.threads)
   {
     std::vector<double>& acc = per[omp_get_thread_num()];
     acc.assign(a.group == ROWS ? 0 : size_t(groups * pairs), 0.0);
-    std::vector<float> buf(size_t(k) * kBlock);
-    float bb[kBlock];
-    auto block_dots = [&](int64_t start, int64_t n, double* out) {
-      load_vs(a, start, n, buf.data(), bb);
-      for (int64_t i = 0, p = 0; i < k; ++i)
-        for (int64_t j = i; j < k; ++j, ++p) {
-          const float* __restrict u = buf.data() + i * kBlock;
-          const float* __restrict v = buf.data() + j * kBlock;
-          float s = 0;
-          for (int64_t e = 0; e < n; ++e) s += u[e] * v[e];
-          out[p] += s;
-        }
-    };
+    std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
     if (a.group == WHOLE) {
       const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < n_blocks; ++b) block_dots(b * kBlock, std::min(kBlock, numel - b * kBlock), acc.data());
+      for (int64_t b = 0; b < n_blocks; ++b)
+        dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), acc.data(), buf.data(), bb.data());
     } else if (a.group == ROWS) {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < a.rows; ++r)
         for (int64_t c = 0; c < a.cols; c += kBlock)
-          block_dots(r * a.cols + c, std::min(kBlock, a.cols - c), total.data() + r * pairs);
+          dots(a, r * a.cols + c, std::min(kBlock, a.cols - c), total.data() + r * pairs, buf.data(), bb.data());
     } else {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < a.rows; ++r)
-        for (int64_t c0 = 0; c0 < a.cols; c0 += kBlock) {
-          const int64_t n = std::min(kBlock, a.cols - c0);
-          load_vs(a, r * a.cols + c0, n, buf.data(), bb);
-          for (int64_t i = 0, p = 0; i < k; ++i)
-            for (int64_t j = i; j < k; ++j, ++p) {
-              const float* u = buf.data() + i * kBlock;
-              const float* v = buf.data() + j * kBlock;
-              for (int64_t e = 0; e < n; ++e) acc[size_t((c0 + e) * pairs + p)] += double(u[e]) * double(v[e]);
-            }
-        }
+        for (int64_t c0 = 0; c0 < a.cols; c0 += kBlock)
+          cols(a, r, c0, std::min(kBlock, a.cols - c0), acc.data(), buf.data(), bb.data());
     }
   }
   if (a.group != ROWS)
@@ -88,45 +135,17 @@ inline std::vector<double> dots_body(const Args& a) {
   return total;
 }
 
-template <int Dummy>
-inline void lincomb_body(const Args& a, const std::vector<float>& coef, uintptr_t out, int odt) {
-  const int64_t k = int64_t(a.x.size()), numel = a.rows * a.cols, stride = k + 1;
+void lincomb_driver(const Args& a, const std::vector<float>& coef, uintptr_t out, int odt) {
+  const int64_t k = int64_t(a.x.size()), numel = a.rows * a.cols;
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+  auto fn = tv::use_avx512() ? lincomb_avx512 : lincomb_plain;
 #pragma omp parallel num_threads(a.threads)
   {
-    std::vector<float> buf(size_t(k) * kBlock);
-    float bb[kBlock], acc[kBlock];
+    std::vector<float> buf(size_t(k) * kBlock), bb(kBlock), acc(kBlock);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const int64_t start = b * kBlock, n = std::min(kBlock, numel - start);
-      load_vs(a, start, n, buf.data(), bb);
-      if (a.base && !a.sub) tv::load_f32(a.base, a.bdt, start, n, bb);
-      if (a.group == WHOLE) {
-        for (int64_t j = 0; j < n; ++j) acc[j] = 0.f;
-        for (int64_t i = 0; i < k; ++i) {
-          const float c = coef[i];
-          const float* __restrict v = buf.data() + i * kBlock;
-          for (int64_t j = 0; j < n; ++j) acc[j] += c * v[j];
-        }
-        if (a.base) { const float c = coef[k]; for (int64_t j = 0; j < n; ++j) acc[j] += c * bb[j]; }
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t e = start + j;
-          const float* c = coef.data() + (a.group == ROWS ? e / a.cols : e % a.cols) * stride;
-          float s = 0.f;
-          for (int64_t i = 0; i < k; ++i) s += c[i] * buf[size_t(i * kBlock + j)];
-          acc[j] = a.base ? s + c[k] * bb[j] : s;
-        }
-      }
-      tv::store_f32(out, odt, start, n, acc);
-    }
+    for (int64_t b = 0; b < n_blocks; ++b) fn(a, coef.data(), out, odt, b * kBlock, buf.data(), bb.data(), acc.data());
   }
 }
-
-PM_AVX512 std::vector<double> dots_avx512(const Args& a) { return dots_body<0>(a); }
-PM_PLAIN std::vector<double> dots_plain(const Args& a) { return dots_body<1>(a); }
-PM_AVX512 void lincomb_avx512(const Args& a, const std::vector<float>& c, uintptr_t o, int d) { lincomb_body<0>(a, c, o, d); }
-PM_PLAIN void lincomb_plain(const Args& a, const std::vector<float>& c, uintptr_t o, int d) { lincomb_body<1>(a, c, o, d); }
 
 Args make_args(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, bool sub,
                int64_t rows, int64_t cols, int group, int num_threads) {
@@ -147,7 +166,7 @@ std::vector<double> group_dots(const std::vector<uintptr_t>& x, const std::vecto
     const int64_t k = int64_t(x.size());
     return std::vector<double>(size_t(std::max<int64_t>(group == WHOLE ? 1 : group == ROWS ? rows : cols, 0) * k * (k + 1) / 2), 0.0);
   }
-  return (tv::use_avx512() ? dots_avx512 : dots_plain)(a);
+  return dots_driver(a);
 }
 
 void group_lincomb(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, bool sub,
@@ -158,7 +177,7 @@ void group_lincomb(const std::vector<uintptr_t>& x, const std::vector<int>& dt, 
   const int64_t groups = group == WHOLE ? 1 : group == ROWS ? rows : cols;
   if (int64_t(coef.size()) != groups * int64_t(x.size() + 1)) throw std::invalid_argument("interp: coefficient count");
   if (rows * cols <= 0) return;
-  (tv::use_avx512() ? lincomb_avx512 : lincomb_plain)(a, coef, out, out_dtype);
+  lincomb_driver(a, coef, out, out_dtype);
 }
 
 void register_interp(py::module_& m) {

@@ -29,8 +29,8 @@ struct SelectArgs {
 };
 
 // keys[0..n) of the block starting at `start`, in the selection order's key space.
-template <int Dummy>
-inline void block_keys(const SelectArgs& a, int64_t start, int64_t n, float* xb, float* bb, uint32_t* keys) {
+inline void block_keys(const SelectArgs& a, int64_t start, int64_t n, float* __restrict xb, float* __restrict bb,
+                       uint32_t* __restrict keys) {
   tv::load_f32(a.x, a.xdt, start, n, xb);
   if (a.b) {
     tv::load_f32(a.b, a.bdt, start, n, bb);
@@ -40,81 +40,88 @@ inline void block_keys(const SelectArgs& a, int64_t start, int64_t n, float* xb,
   }
 }
 
+struct Buf { float xb[kBlock], bb[kBlock]; uint32_t keys[kBlock]; };
+
+// Per-block kernels (no OpenMP inside, so their AVX-512 builds stay AVX-512).
 // hist[key >> shift & mask] over keys with (key >> match_shift) == match (match < 0: all keys).
 template <int Dummy>
-inline void histogram_body(const SelectArgs& a, int shift, uint32_t mask, int64_t match, int match_shift,
-                           std::vector<int64_t>& total) {
+inline void hist_block(const SelectArgs& a, int64_t start, uint32_t* __restrict h, int shift, uint32_t mask,
+                       int64_t match, int match_shift, Buf& w) {
+  const int64_t n = std::min(kBlock, a.numel - start);
+  block_keys(a, start, n, w.xb, w.bb, w.keys);
+  if (match < 0) {
+    for (int64_t i = 0; i < n; ++i) ++h[(w.keys[i] >> shift) & mask];
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      if (int64_t(w.keys[i] >> match_shift) == match) ++h[(w.keys[i] >> shift) & mask];
+  }
+}
+
+template <int Dummy>
+inline int64_t count_block(const SelectArgs& a, int64_t start, uint32_t t, Buf& w) {
+  const int64_t n = std::min(kBlock, a.numel - start);
+  block_keys(a, start, n, w.xb, w.bb, w.keys);
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += w.keys[i] == t;
+  return c;
+}
+
+using HistFn = void (*)(const SelectArgs&, int64_t, uint32_t*, int, uint32_t, int64_t, int, Buf&);
+using CountFn = int64_t (*)(const SelectArgs&, int64_t, uint32_t, Buf&);
+PM_AVX512 void hist_avx512(const SelectArgs& a, int64_t s, uint32_t* h, int sh, uint32_t m, int64_t mt, int ms, Buf& w) { hist_block<0>(a, s, h, sh, m, mt, ms, w); }
+PM_PLAIN void hist_plain(const SelectArgs& a, int64_t s, uint32_t* h, int sh, uint32_t m, int64_t mt, int ms, Buf& w) { hist_block<1>(a, s, h, sh, m, mt, ms, w); }
+PM_AVX512 int64_t count_avx512(const SelectArgs& a, int64_t s, uint32_t t, Buf& w) { return count_block<0>(a, s, t, w); }
+PM_PLAIN int64_t count_plain(const SelectArgs& a, int64_t s, uint32_t t, Buf& w) { return count_block<1>(a, s, t, w); }
+
+void histogram(const SelectArgs& a, int shift, uint32_t mask, int64_t match, int match_shift, std::vector<int64_t>& total) {
   const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
   const size_t bins = size_t(mask) + 1;
+  const HistFn fn = tv::use_avx512() ? hist_avx512 : hist_plain;
   std::vector<std::vector<uint32_t>> per(a.threads);
 #pragma omp parallel num_threads(a.threads)
   {
+    // uint32 counters per thread: a thread sees far fewer than 2^32 elements of one tensor.
     std::vector<uint32_t>& h = per[omp_get_thread_num()];
     h.assign(bins, 0);
-    float xb[kBlock], bb[kBlock];
-    uint32_t keys[kBlock];
+    Buf w;
 #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t start = blk * kBlock, n = std::min(kBlock, a.numel - start);
-      block_keys<Dummy>(a, start, n, xb, bb, keys);
-      if (match < 0) {
-        for (int64_t i = 0; i < n; ++i) ++h[(keys[i] >> shift) & mask];
-      } else {
-        for (int64_t i = 0; i < n; ++i)
-          if (int64_t(keys[i] >> match_shift) == match) ++h[(keys[i] >> shift) & mask];
-      }
-    }
+    for (int64_t blk = 0; blk < n_blocks; ++blk) fn(a, blk * kBlock, h.data(), shift, mask, match, match_shift, w);
   }
-  // uint32 counters per thread: a thread sees far fewer than 2^32 elements of one tensor.
   total.assign(bins, 0);
   for (auto& h : per)
     for (size_t i = 0; i < bins; ++i) total[i] += h[i];
 }
 
-// Index of the j-th (0-based) element whose key equals t, scanning in index order.
-template <int Dummy>
-inline int64_t nth_tie_body(const SelectArgs& a, uint32_t t, int64_t j) {
+// Index of the j-th (0-based) element whose key equals t, in index order: tie counts per chunk in
+// parallel, then a serial walk inside the one chunk that holds it.
+int64_t nth_tie(const SelectArgs& a, uint32_t t, int64_t j) {
   constexpr int64_t kChunk = 64 * kBlock;
   const int64_t n_chunks = (a.numel + kChunk - 1) / kChunk;
+  const CountFn count = tv::use_avx512() ? count_avx512 : count_plain;
   std::vector<int64_t> counts(n_chunks, 0);
 #pragma omp parallel num_threads(a.threads)
   {
-    float xb[kBlock], bb[kBlock];
-    uint32_t keys[kBlock];
+    Buf w;
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
       int64_t cnt = 0;
-      for (int64_t start = c * kChunk; start < std::min(a.numel, (c + 1) * kChunk); start += kBlock) {
-        const int64_t n = std::min(kBlock, a.numel - start);
-        block_keys<Dummy>(a, start, n, xb, bb, keys);
-        for (int64_t i = 0; i < n; ++i) cnt += keys[i] == t;
-      }
+      for (int64_t start = c * kChunk; start < std::min(a.numel, (c + 1) * kChunk); start += kBlock)
+        cnt += count(a, start, t, w);
       counts[c] = cnt;
     }
   }
   int64_t c = 0;
   for (; c < n_chunks && j >= counts[c]; ++c) j -= counts[c];
   if (c == n_chunks) throw std::logic_error("select: tie index out of range");
-  float xb[kBlock], bb[kBlock];
-  uint32_t keys[kBlock];
+  Buf w;
   for (int64_t start = c * kChunk; start < std::min(a.numel, (c + 1) * kChunk); start += kBlock) {
     const int64_t n = std::min(kBlock, a.numel - start);
-    block_keys<Dummy>(a, start, n, xb, bb, keys);
+    block_keys(a, start, n, w.xb, w.bb, w.keys);
     for (int64_t i = 0; i < n; ++i)
-      if (keys[i] == t && j-- == 0) return start + i;
+      if (w.keys[i] == t && j-- == 0) return start + i;
   }
   throw std::logic_error("select: tie not found");
 }
-
-struct Kern {
-  void (*hist)(const SelectArgs&, int, uint32_t, int64_t, int, std::vector<int64_t>&);
-  int64_t (*tie)(const SelectArgs&, uint32_t, int64_t);
-};
-
-PM_AVX512 void hist_avx512(const SelectArgs& a, int s, uint32_t m, int64_t mt, int ms, std::vector<int64_t>& t) { histogram_body<0>(a, s, m, mt, ms, t); }
-PM_PLAIN void hist_plain(const SelectArgs& a, int s, uint32_t m, int64_t mt, int ms, std::vector<int64_t>& t) { histogram_body<1>(a, s, m, mt, ms, t); }
-PM_AVX512 int64_t tie_avx512(const SelectArgs& a, uint32_t t, int64_t j) { return nth_tie_body<0>(a, t, j); }
-PM_PLAIN int64_t tie_plain(const SelectArgs& a, uint32_t t, int64_t j) { return nth_tie_body<1>(a, t, j); }
 
 // Finds the bin holding rank r: returns (bin, number of elements in lower bins).
 std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& h, int64_t r) {
@@ -135,20 +142,19 @@ std::vector<std::pair<int64_t, int64_t>> select_ranks(uintptr_t x, int xdt, uint
   SelectArgs a{x, b, xdt, bdt, numel, descending ? 0x7fffffffu : 0u, 1};
   const int64_t n_blocks = std::max<int64_t>(1, (numel + kBlock - 1) / kBlock);
   a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : omp_get_max_threads(), n_blocks)));
-  const Kern k = tv::use_avx512() ? Kern{hist_avx512, tie_avx512} : Kern{hist_plain, tie_plain};
   std::vector<std::pair<int64_t, int64_t>> result;
   std::vector<int64_t> high;
   for (int64_t r : ranks) {
     if (r < 0 || r > numel) throw std::invalid_argument("select: rank out of range");
     if (r == numel) { result.push_back({descending ? -1 : (int64_t(1) << 31), 0}); continue; }
-    if (high.empty()) k.hist(a, 16, 0x7fff, -1, 0, high);          // keys are 31 bits: 15 high bits
+    if (high.empty()) histogram(a, 16, 0x7fff, -1, 0, high);          // keys are 31 bits: 15 high bits
     auto [hb, before_hi] = locate(high, r);
     std::vector<int64_t> low;
-    k.hist(a, 0, 0xffff, hb, 16, low);                              // 16 low bits of that bucket
+    histogram(a, 0, 0xffff, hb, 16, low);                              // 16 low bits of that bucket
     auto [lb, before_lo] = locate(low, r - before_hi);
     const uint32_t t = uint32_t(hb << 16 | lb);
     const int64_t j = r - before_hi - before_lo;                    // ties at t that precede rank r
-    const int64_t idx = j == 0 ? 0 : k.tie(a, t, j);
+    const int64_t idx = j == 0 ? 0 : nth_tie(a, t, j);
     result.push_back({int64_t(t ^ a.flip), idx});
   }
   return result;

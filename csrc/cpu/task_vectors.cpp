@@ -39,28 +39,37 @@ struct Model {
   tv::PhiloxKey key;
 };
 
-inline bool asc_before(uint32_t k, int64_t e, int64_t t, int64_t i) {
-  return int64_t(k) < t || (int64_t(k) == t && e < i);
-}
-
 // keep[0..n) (0/1 floats) for elements e0 .. e0+n-1 whose deltas are d[0..n).
 inline void compute_keep(const Model& m, const float* __restrict d, int64_t e0, int64_t n, float* __restrict keep,
                          uint32_t* __restrict bits, uint32_t* __restrict scratch) {
   switch (m.mode) {
     case NONE: for (int64_t i = 0; i < n; ++i) keep[i] = 1.f; break;
     case ZERO: for (int64_t i = 0; i < n; ++i) keep[i] = 0.f; break;
-    case TOPK:
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t k = tv::mag_key(d[i]);
-        keep[i] = (k > m.t_hi || (k == m.t_hi && e0 + i < m.i_hi)) ? 1.f : 0.f;
-      }
-      break;
-    case RANGE:
-      for (int64_t i = 0; i < n; ++i) {
+    case TOPK: {
+      // 32-bit compares only (vectorizes): keys are < 2^31, t_hi in [-1, 2^31), and the index test
+      // becomes a local one, j < lim.
+      if (m.t_hi < 0) { for (int64_t i = 0; i < n; ++i) keep[i] = 1.f; break; }
+      const uint32_t t = uint32_t(m.t_hi);
+      const int32_t lim = int32_t(std::clamp<int64_t>(m.i_hi - e0, 0, n));
+      for (int32_t i = 0; i < int32_t(n); ++i) {
         const uint32_t k = tv::mag_key(d[i]);
-        keep[i] = (asc_before(k, e0 + i, m.t_hi, m.i_hi) && !asc_before(k, e0 + i, m.t_lo, m.i_lo)) ? 1.f : 0.f;
+        keep[i] = (k > t || (k == t && i < lim)) ? 1.f : 0.f;
       }
       break;
+    }
+    case RANGE: {
+      // ascending boundaries: t in [0, 2^31] fits uint32
+      const uint32_t tl = uint32_t(m.t_lo), th = uint32_t(m.t_hi);
+      const int32_t ll = int32_t(std::clamp<int64_t>(m.i_lo - e0, 0, n));
+      const int32_t lh = int32_t(std::clamp<int64_t>(m.i_hi - e0, 0, n));
+      for (int32_t i = 0; i < int32_t(n); ++i) {
+        const uint32_t k = tv::mag_key(d[i]);
+        const bool below_hi = k < th || (k == th && i < lh);
+        const bool below_lo = k < tl || (k == tl && i < ll);
+        keep[i] = (below_hi && !below_lo) ? 1.f : 0.f;
+      }
+      break;
+    }
     case RANDOM:
       tv::philox_bits(m.key, e0, n, bits, scratch);
       for (int64_t i = 0; i < n; ++i) keep[i] = uint64_t(bits[i]) < m.thr ? 1.f : 0.f;
@@ -82,142 +91,137 @@ struct MergeArgs {
   int threads;
 };
 
+// Per-thread buffers of the fused pass.
+struct Scratch {
+  std::vector<float> v;  // n_models x kBlock weighted, sparsified deltas
+  float bb[kBlock], d[kBlock], keep[kBlock], mixed[kBlock], div[kBlock], s[kBlock];
+  uint32_t bits[kBlock], rnd[kBlock + 8];
+};
+
+// One block of the fused pass. Kernels are per block (no OpenMP inside) so that the AVX-512 build
+// of the body really is AVX-512: GCC does not give OpenMP-outlined regions the target attribute.
 template <int Dummy>
-inline void merge_body(const MergeArgs& a) {
+inline void merge_block(const MergeArgs& a, int64_t start, Scratch& w) {
   const int64_t n_models = int64_t(a.models.size());
-  const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
-#pragma omp parallel num_threads(a.threads)
-  {
-    std::vector<float> v(size_t(n_models) * kBlock);
-    float bb[kBlock], d[kBlock], keep[kBlock], mixed[kBlock], div[kBlock], s[kBlock];
-    uint32_t bits[kBlock], scratch[kBlock + 8];
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t start = blk * kBlock, n = std::min(kBlock, a.numel - start), e0 = a.offset + start;
-      tv::load_f32(a.base, a.bdt, start, n, bb);
-      for (int64_t i = 0; i < n_models; ++i) {
-        const Model& m = a.models[i];
-        float* __restrict vi = v.data() + i * kBlock;
-        tv::load_f32(m.x, m.dt, start, n, d);
-        for (int64_t j = 0; j < n; ++j) d[j] -= bb[j];
-        compute_keep(m, d, e0, n, keep, bits, scratch);
-        const float r = m.scale, w = m.weight;
-        for (int64_t j = 0; j < n; ++j) vi[j] = keep[j] != 0.f ? (d[j] * r) * w : d[j] * 0.f;
+  const int64_t n = std::min(kBlock, a.numel - start), e0 = a.offset + start;
+  float* __restrict bb = w.bb;
+  float* __restrict d = w.d;
+  float* __restrict mixed = w.mixed;
+  float* __restrict div = w.div;
+  float* __restrict s = w.s;
+  tv::load_f32(a.base, a.bdt, start, n, bb);
+  for (int64_t i = 0; i < n_models; ++i) {
+    const Model& m = a.models[i];
+    float* __restrict vi = w.v.data() + i * kBlock;
+    tv::load_f32(m.x, m.dt, start, n, d);
+    for (int64_t j = 0; j < n; ++j) d[j] -= bb[j];
+    compute_keep(m, d, e0, n, w.keep, w.bits, w.rnd);
+    const float* __restrict keep = w.keep;
+    const float r = m.scale, wt = m.weight;
+    for (int64_t j = 0; j < n; ++j) vi[j] = keep[j] != 0.f ? (d[j] * r) * wt : d[j] * 0.f;
+  }
+  if (a.consensus) {
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+    for (int64_t i = 0; i < n_models; ++i) {
+      const float* __restrict vi = w.v.data() + i * kBlock;
+      for (int64_t j = 0; j < n; ++j) s[j] += vi[j];
+    }
+    for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = 0.f; }
+    for (int64_t i = 0; i < n_models; ++i) {
+      const float* __restrict vi = w.v.data() + i * kBlock;
+      const float wt = a.models[i].weight;
+      for (int64_t j = 0; j < n; ++j) {
+        // elected sign +1 where the sum is >= 0 (NaN elects -1); zeros and NaNs never agree
+        const float agree = (s[j] >= 0.f ? vi[j] > 0.f : vi[j] < 0.f) ? 1.f : 0.f;
+        mixed[j] += vi[j] * agree;
+        div[j] += wt * agree;
       }
-      if (a.consensus) {
-        for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-        for (int64_t i = 0; i < n_models; ++i) {
-          const float* __restrict vi = v.data() + i * kBlock;
-          for (int64_t j = 0; j < n; ++j) s[j] += vi[j];
-        }
-        for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = 0.f; }
-        for (int64_t i = 0; i < n_models; ++i) {
-          const float* __restrict vi = v.data() + i * kBlock;
-          const float w = a.models[i].weight;
-          for (int64_t j = 0; j < n; ++j) {
-            // elected sign +1 where the sum is >= 0 (NaN elects -1); zeros and NaNs never agree
-            const float agree = (s[j] >= 0.f ? vi[j] > 0.f : vi[j] < 0.f) ? 1.f : 0.f;
-            mixed[j] += vi[j] * agree;
-            div[j] += w * agree;
-          }
-        }
-        for (int64_t j = 0; j < n; ++j) div[j] = div[j] == 0.f ? 1.f : div[j];
-      } else {
-        for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = a.divisor; }
-        for (int64_t i = 0; i < n_models; ++i) {
-          const float* __restrict vi = v.data() + i * kBlock;
-          for (int64_t j = 0; j < n; ++j) mixed[j] += vi[j];
-        }
-      }
-      if (a.normalize) for (int64_t j = 0; j < n; ++j) mixed[j] /= div[j];
-      if (a.lam != 1.f) for (int64_t j = 0; j < n; ++j) mixed[j] *= a.lam;
-      for (int64_t j = 0; j < n; ++j) mixed[j] += bb[j];
-      tv::store_f32(a.out, a.odt, start, n, mixed);
+    }
+    for (int64_t j = 0; j < n; ++j) div[j] = div[j] == 0.f ? 1.f : div[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = a.divisor; }
+    for (int64_t i = 0; i < n_models; ++i) {
+      const float* __restrict vi = w.v.data() + i * kBlock;
+      for (int64_t j = 0; j < n; ++j) mixed[j] += vi[j];
     }
   }
+  if (a.normalize) for (int64_t j = 0; j < n; ++j) mixed[j] /= div[j];
+  if (a.lam != 1.f) for (int64_t j = 0; j < n; ++j) mixed[j] *= a.lam;
+  for (int64_t j = 0; j < n; ++j) mixed[j] += bb[j];
+  tv::store_f32(a.out, a.odt, start, n, mixed);
 }
 
-// (sum |d|, sum |d * keep|) in float64, for the L1 rescale.
+// (sum |d|, sum |d * keep|) of one block, float32 partials (the caller sums blocks in float64).
 template <int Dummy>
-inline std::pair<double, double> l1_body(const Model& m, uintptr_t base, int bdt, int64_t numel, int64_t offset,
-                                         int threads) {
-  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-  double total = 0, kept = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
-  {
-    float bb[kBlock], d[kBlock], keep[kBlock];
-    uint32_t bits[kBlock], scratch[kBlock + 8];
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t start = blk * kBlock, n = std::min(kBlock, numel - start);
-      tv::load_f32(base, bdt, start, n, bb);
-      tv::load_f32(m.x, m.dt, start, n, d);
-      for (int64_t j = 0; j < n; ++j) d[j] -= bb[j];
-      compute_keep(m, d, offset + start, n, keep, bits, scratch);
-      float t = 0, k = 0;  // block partials in float32 (vectorizes), summed in float64
-      for (int64_t j = 0; j < n; ++j) { t += std::fabs(d[j]); k += std::fabs(d[j] * keep[j]); }
-      total += t; kept += k;
-    }
-  }
-  return {total, kept};
+inline std::pair<float, float> l1_block(const Model& m, uintptr_t base, int bdt, int64_t numel, int64_t offset,
+                                        int64_t start, Scratch& w) {
+  const int64_t n = std::min(kBlock, numel - start);
+  float* __restrict d = w.d;
+  tv::load_f32(base, bdt, start, n, w.bb);
+  tv::load_f32(m.x, m.dt, start, n, d);
+  for (int64_t j = 0; j < n; ++j) d[j] -= w.bb[j];
+  compute_keep(m, d, offset + start, n, w.keep, w.bits, w.rnd);
+  const float* __restrict keep = w.keep;
+  float t = 0, k = 0;
+  for (int64_t j = 0; j < n; ++j) { t += std::fabs(d[j]); k += std::fabs(d[j] * keep[j]); }
+  return {t, k};
 }
 
-// DELLA: per row, ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
+struct RowScratch {
+  std::vector<float> d, bb;
+  std::vector<uint32_t> key, idx, idx2, rank, bits, rnd;
+  explicit RowScratch(int64_t cols)
+      : d(cols), bb(cols), key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), rnd(cols + 8) {}
+};
+
+// DELLA, one row: ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
 // element c iff its draw < thr[rank]. Bits are OR-ed into a zeroed uint64 bitmask (rows may share
-// a word, hence the atomic OR). Returns the L1 norms as l1_body does.
+// a word, hence the atomic OR). Returns the row's L1 norms.
 template <int Dummy>
-inline std::pair<double, double> della_body(const Model& m, uintptr_t base, int bdt, int64_t rows, int64_t cols,
-                                            const std::vector<uint32_t>& thr, uint64_t* mask, int threads) {
-  double total = 0, kept = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
-  {
-    std::vector<float> d(cols), bb(cols);
-    std::vector<uint32_t> key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), scratch(cols + 8);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t start = r * cols;
-      tv::load_f32(base, bdt, start, cols, bb.data());
-      tv::load_f32(m.x, m.dt, start, cols, d.data());
-      for (int64_t c = 0; c < cols; ++c) { d[c] -= bb[c]; key[c] = tv::mag_key(d[c]); idx[c] = uint32_t(c); }
-      for (int pass = 0, shift = 0; pass < 3; ++pass) {  // stable LSD radix sort of idx by key
-        const int width = pass == 0 ? 11 : 10;
-        const uint32_t mask_w = (1u << width) - 1;
-        uint32_t count[2048 + 1] = {0};
-        for (int64_t c = 0; c < cols; ++c) ++count[((key[idx[c]] >> shift) & mask_w) + 1];
-        for (int i = 0; i < (1 << width); ++i) count[i + 1] += count[i];
-        for (int64_t c = 0; c < cols; ++c) idx2[count[(key[idx[c]] >> shift) & mask_w]++] = idx[c];
-        std::swap(idx, idx2);
-        shift += width;
-      }
-      for (int64_t p = 0; p < cols; ++p) rank[idx[p]] = uint32_t(p);
-      tv::philox_bits(m.key, start, cols, bits.data(), scratch.data());
-      double t = 0, k = 0;
-      uint64_t word = 0;
-      int64_t word_i = start >> 6;
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t e = start + c;
-        if ((e >> 6) != word_i) {
-          if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
-          word = 0; word_i = e >> 6;
-        }
-        const bool keep = bits[c] < thr[rank[c]];
-        word |= uint64_t(keep) << (e & 63);
-        t += std::fabs(d[c]);
-        if (keep) k += std::fabs(d[c]);
-      }
-      if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
-      total += t; kept += k;
-    }
+inline std::pair<double, double> della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols,
+                                           const uint32_t* thr, uint64_t* mask, RowScratch& w) {
+  const int64_t start = r * cols;
+  float* __restrict d = w.d.data();
+  uint32_t* __restrict key = w.key.data();
+  tv::load_f32(base, bdt, start, cols, w.bb.data());
+  tv::load_f32(m.x, m.dt, start, cols, d);
+  for (int64_t c = 0; c < cols; ++c) { d[c] -= w.bb[c]; key[c] = tv::mag_key(d[c]); w.idx[c] = uint32_t(c); }
+  for (int pass = 0, shift = 0; pass < 3; ++pass) {  // stable LSD radix sort of idx by key
+    const int width = pass == 0 ? 11 : 10;
+    const uint32_t mw = (1u << width) - 1;
+    uint32_t count[2048 + 1] = {0};
+    for (int64_t c = 0; c < cols; ++c) ++count[((key[c] >> shift) & mw) + 1];
+    for (int i = 0; i < (1 << width); ++i) count[i + 1] += count[i];
+    for (int64_t c = 0; c < cols; ++c) { uint32_t id = w.idx[c]; w.idx2[count[(key[id] >> shift) & mw]++] = id; }
+    std::swap(w.idx, w.idx2);
+    shift += width;
   }
-  return {total, kept};
+  for (int64_t p = 0; p < cols; ++p) w.rank[w.idx[p]] = uint32_t(p);
+  tv::philox_bits(m.key, start, cols, w.bits.data(), w.rnd.data());
+  double t = 0, k = 0;
+  uint64_t word = 0;
+  int64_t word_i = start >> 6;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t e = start + c;
+    if ((e >> 6) != word_i) {
+      if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
+      word = 0; word_i = e >> 6;
+    }
+    const bool keep = w.bits[c] < thr[w.rank[c]];
+    word |= uint64_t(keep) << (e & 63);
+    t += std::fabs(d[c]);
+    if (keep) k += std::fabs(d[c]);
+  }
+  if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
+  return {t, k};
 }
 
-PM_AVX512 void merge_avx512(const MergeArgs& a) { merge_body<0>(a); }
-PM_PLAIN void merge_plain(const MergeArgs& a) { merge_body<1>(a); }
-PM_AVX512 std::pair<double, double> l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int t) { return l1_body<0>(m, b, bdt, n, o, t); }
-PM_PLAIN std::pair<double, double> l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int t) { return l1_body<1>(m, b, bdt, n, o, t); }
-PM_AVX512 std::pair<double, double> della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const std::vector<uint32_t>& thr, uint64_t* mk, int t) { return della_body<0>(m, b, bdt, r, c, thr, mk, t); }
-PM_PLAIN std::pair<double, double> della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const std::vector<uint32_t>& thr, uint64_t* mk, int t) { return della_body<1>(m, b, bdt, r, c, thr, mk, t); }
+PM_AVX512 void merge_avx512(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<0>(a, s, w); }
+PM_PLAIN void merge_plain(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<1>(a, s, w); }
+PM_AVX512 std::pair<float, float> l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w) { return l1_block<0>(m, b, bdt, n, o, s, w); }
+PM_PLAIN std::pair<float, float> l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w) { return l1_block<1>(m, b, bdt, n, o, s, w); }
+PM_AVX512 std::pair<double, double> della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w) { return della_row<0>(m, b, bdt, r, c, thr, mk, w); }
+PM_PLAIN std::pair<double, double> della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w) { return della_row<1>(m, b, bdt, r, c, thr, mk, w); }
 
 int pick_threads(int requested, int64_t work) {
   return int(std::max<int64_t>(1, std::min<int64_t>(requested > 0 ? requested : omp_get_max_threads(), work)));
@@ -251,8 +255,16 @@ void tv_merge(const std::vector<ModelSpec>& models, uintptr_t base, int base_dty
   for (auto& s : models) a.models.push_back(make_model(s, seed, h0, h1));
   a.base = base; a.bdt = base_dtype; a.out = out; a.odt = out_dtype; a.numel = numel; a.offset = offset;
   a.consensus = consensus; a.normalize = normalize; a.lam = lam; a.divisor = divisor;
-  a.threads = pick_threads(num_threads, (numel + kBlock - 1) / kBlock);
-  (tv::use_avx512() ? merge_avx512 : merge_plain)(a);
+  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+  const int threads = pick_threads(num_threads, n_blocks);
+  auto block = tv::use_avx512() ? merge_avx512 : merge_plain;
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch w;
+    w.v.resize(a.models.size() * kBlock);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) block(a, b * kBlock, w);
+  }
 }
 
 std::pair<double, double> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t numel, int64_t offset,
@@ -260,8 +272,20 @@ std::pair<double, double> tv_l1(const ModelSpec& model, uintptr_t base, int base
   check_dtype(base_dtype, false);
   if (numel <= 0) return {0, 0};
   Model m = make_model(model, seed, h0, h1);
-  int threads = pick_threads(num_threads, (numel + kBlock - 1) / kBlock);
-  return (tv::use_avx512() ? l1_avx512 : l1_plain)(m, base, base_dtype, numel, offset, threads);
+  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+  const int threads = pick_threads(num_threads, n_blocks);
+  auto block = tv::use_avx512() ? l1_avx512 : l1_plain;
+  double total = 0, kept = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
+  {
+    Scratch w;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      auto [t, k] = block(m, base, base_dtype, numel, offset, b * kBlock, w);
+      total += t; kept += k;
+    }
+  }
+  return {total, kept};
 }
 
 std::pair<double, double> tv_della_mask(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t rows,
@@ -272,9 +296,20 @@ std::pair<double, double> tv_della_mask(const ModelSpec& model, uintptr_t base, 
   if (cols >= (int64_t(1) << 31)) throw std::invalid_argument("della_mask: rows of 2^31 or more elements");
   if (rows <= 0 || cols <= 0) return {0, 0};
   Model m = make_model(model, seed, h0, h1);
-  int threads = pick_threads(num_threads, rows);
-  return (tv::use_avx512() ? della_avx512 : della_plain)(m, base, base_dtype, rows, cols, thr,
-                                                         reinterpret_cast<uint64_t*>(mask), threads);
+  const int threads = pick_threads(num_threads, rows);
+  auto row = tv::use_avx512() ? della_avx512 : della_plain;
+  uint64_t* words = reinterpret_cast<uint64_t*>(mask);
+  double total = 0, kept = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
+  {
+    RowScratch w(cols);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < rows; ++r) {
+      auto [t, k] = row(m, base, base_dtype, r, cols, thr.data(), words, w);
+      total += t; kept += k;
+    }
+  }
+  return {total, kept};
 }
 
 std::vector<uint32_t> philox_draws(uint64_t seed, uint32_t model, uint32_t h0, uint32_t h1, int64_t offset, int64_t n) {

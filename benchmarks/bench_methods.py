@@ -1,0 +1,128 @@
+"""Per-tensor timing of every merge method: pymerge's fused kernels vs mergekit 0.1.5's own
+merge-method functions on the same tensors (default: three 4096x4096 float32 models + base).
+
+    .venv/bin/python benchmarks/bench_methods.py [--size 4096] [--models 3] [--dtype float32] [--repeat 3]
+
+Prints a table and writes benchmarks/results/cpu/methods.{json,md}. For TIES it also times a
+"search step": the same tensors merged again with new weights, thresholds from the SelectionCache.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import TensorGroup
+
+import pymerge.methods.model_stock  # noqa: F401  (registers)
+import pymerge.methods.passthrough  # noqa: F401
+import pymerge.methods.slerp  # noqa: F401
+import pymerge.methods.task_vectors as tv
+from pymerge.methods.base import TensorTask, get_method
+from pymerge.ops import task_vector_ops as tvo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def best_of(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cases(n_models):
+    w = [round(0.3 + 0.2 * i, 2) for i in range(n_models)]
+    d = [0.5] * n_models
+    tvp = {"weight": w, "density": d}
+    return [
+        ("ties", tvp, {}),
+        ("dare_ties", tvp, {}),
+        ("dare_linear", tvp, {}),
+        ("breadcrumbs", tvp, {}),
+        ("breadcrumbs_ties", tvp, {}),
+        ("della", tvp, {}),
+        ("della_linear", tvp, {}),
+        ("slerp", {"t": 0.3}, {"models": 1}),
+        ("nuslerp", {"weight": w[:2]}, {"models": 2}),
+        ("model_stock", {}, {}),
+        ("passthrough", {"scale": [0.5]}, {"models": 1, "base": False}),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated method names")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    shape = (args.size, args.size)
+    base = torch.randn(shape, generator=g).to(dtype)
+    xs = [(base.float() + 0.02 * torch.randn(shape, generator=g)).to(dtype) for _ in range(args.models)]
+    only = set(filter(None, args.only.split(",")))
+    rows = []
+    for name, params, opts in cases(args.models):
+        if only and name not in only:
+            continue
+        n = opts.get("models", args.models)
+        use_base = opts.get("base", True)
+        inputs = xs[:n]
+        mk = registry.get(name)
+        group = TensorGroup.from_tensors(([base] if use_base else []) + inputs, base_index=0 if use_base else None)
+        mk_params = dict(params)
+        t_mk = best_of(lambda: mk([group], parameters=mk_params), max(1, min(args.repeat, 2)))
+
+        per_model = [{k: v[i] for k, v in params.items() if isinstance(v, list)} for i in range(n)]
+        glob = {k: v for k, v in params.items() if not isinstance(v, list)}
+        out = torch.empty(shape, dtype=dtype)
+        task = TensorTask(inputs=inputs, base=base if use_base else None, model_params=per_model, params=glob,
+                          name="bench.weight", seed=1)
+        method = get_method(name)
+        cache = tvo.SelectionCache()
+
+        def run():
+            cache.clear()
+            if isinstance(method, tv.TaskVectorMethod):
+                method.cache = cache
+            method.merge_tensor(task, out)
+        t_pm = best_of(run, args.repeat)
+        row = {"method": name, "mergekit_s": t_mk, "pymerge_s": t_pm, "speedup": t_mk / t_pm}
+        if isinstance(method, tv.TaskVectorMethod) and name in ("ties", "breadcrumbs_ties", "dare_ties"):
+            method.merge_tensor(task, out)  # warm the cache
+            step = TensorTask(inputs=inputs, base=base, model_params=[dict(p, weight=p["weight"] * 1.1) for p in per_model],
+                              params=glob, name="bench.weight", seed=1)
+            row["pymerge_cached_s"] = best_of(lambda: method.merge_tensor(step, out), args.repeat)
+        method.cache = tvo.DEFAULT_CACHE if isinstance(method, tv.TaskVectorMethod) else None
+        rows.append(row)
+        extra = f"  cached {row['pymerge_cached_s'] * 1e3:8.1f} ms" if "pymerge_cached_s" in row else ""
+        print(f"{name:17s} mergekit {t_mk * 1e3:9.1f} ms  pymerge {t_pm * 1e3:8.1f} ms  x{t_mk / t_pm:6.1f}{extra}",
+              flush=True)
+
+    meta = {"shape": list(shape), "models": args.models, "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    os.makedirs(args.out, exist_ok=True)
+    tag = f"methods_{args.size}_{args.dtype}"
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+        f.write(f"Per-tensor merge, {args.models} models + base, {shape[0]}x{shape[1]} {args.dtype}, "
+                f"{meta['threads']} threads, best of {args.repeat}\n\n")
+        f.write("| method | mergekit 0.1.5 | pymerge | speedup | pymerge, cached thresholds |\n|---|---|---|---|---|\n")
+        for r in rows:
+            c = f"{r['pymerge_cached_s'] * 1e3:.1f} ms" if "pymerge_cached_s" in r else ""
+            f.write(f"| {r['method']} | {r['mergekit_s'] * 1e3:.1f} ms | {r['pymerge_s'] * 1e3:.1f} ms | "
+                    f"{r['speedup']:.1f}x | {c} |\n")
+
+
+if __name__ == "__main__":
+    main()
