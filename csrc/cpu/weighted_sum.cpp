@@ -86,14 +86,8 @@ template <bool First>
 AVX512_TARGET void acc_avx512(float* acc, const void* src, int64_t n, float w, int dt) {
   if (dt > BF16) return acc_scalar<First>(acc, src, n, w, dt);
   const __m512 vw = _mm512_set1_ps(w);
-  const char* bytes = static_cast<const char*>(src);
-  const size_t esize = dtype_size(dt);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {  // two vectors per step keeps two loads in flight
-    // The same thread takes the next block next (static schedule): fetch this input's share of it
-    // now, since hardware prefetchers stop at page edges and juggle N streams poorly.
-    _mm_prefetch(bytes + (i + kBlock) * esize, _MM_HINT_T0);
-    if (esize == 4) _mm_prefetch(bytes + (i + kBlock + 16) * esize, _MM_HINT_T0);
     __m512 x0 = load16(src, i, dt), x1 = load16(src, i + 16, dt);
     _mm512_storeu_ps(acc + i, First ? _mm512_mul_ps(vw, x0) : _mm512_fmadd_ps(vw, x0, _mm512_loadu_ps(acc + i)));
     _mm512_storeu_ps(acc + i + 16, First ? _mm512_mul_ps(vw, x1) : _mm512_fmadd_ps(vw, x1, _mm512_loadu_ps(acc + i + 16)));
@@ -113,37 +107,145 @@ AVX512_TARGET inline __m256i f32_to_bf16_16(__m512 x) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// Streaming (non-temporal) stores where the output is aligned: the output is not read back,
-// so skipping the read-for-ownership saves a third of its memory traffic.
 AVX512_TARGET void store_avx512(void* dst, const float* acc, int64_t n, int dt) {
   if (dt == F32) return store_scalar(dst, acc, n, dt);
   auto d = static_cast<uint16_t*>(dst);
-  const bool stream = (reinterpret_cast<uintptr_t>(d) % 32) == 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 x = _mm512_loadu_ps(acc + i);
     __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
-    if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), h);
-    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
   }
   store_scalar(d + i, acc + i, n - i, dt);
 }
 
-// ---- driver ------------------------------------------------------------------------------------
-struct Kernels {
-  void (*acc_first)(float*, const void*, int64_t, float, int);
-  void (*acc_next)(float*, const void*, int64_t, float, int);
-  void (*store)(void*, const float*, int64_t, int);
+// ---- the job: N inputs, K outputs, weights W[k * N + i] ------------------------------------------
+struct Job {
+  const uintptr_t* in;
+  const int* in_dt;
+  int64_t n_in;
+  const float* w;
+  const uintptr_t* out;
+  const int* out_dt;
+  int64_t n_out;
+  bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
 };
 
-Kernels pick_kernels() {
-  std::string level = simd_level();
-  if (level == "avx512") return {acc_avx512<true>, acc_avx512<false>, store_avx512};
-  if (level == "avx2") return {acc_avx2<true>, acc_avx2<false>, store_avx2};
-  return {acc_scalar<true>, acc_scalar<false>, store_scalar};
+inline char* out_at(const Job& J, int64_t k, int64_t e) {
+  return reinterpret_cast<char*>(J.out[k]) + e * dtype_size(J.out_dt[k]);
 }
 
-const void* at(uintptr_t p, int64_t i, int dt) { return reinterpret_cast<const char*>(p) + i * dtype_size(dt); }
+// Portable block: each input block is converted once into xbuf (or straight into the accumulator
+// when K = 1), then fused-multiply-added into K float32 accumulators, then stored once.
+template <class Acc, class AccFirst, class Store>
+void block_buffered(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf, AccFirst acc_first,
+                    Acc acc_next, Store store) {
+  for (int64_t i = 0; i < J.n_in; ++i) {
+    const char* src = reinterpret_cast<const char*>(J.in[i]) + start * dtype_size(J.in_dt[i]);
+    if (J.n_out == 1) {
+      (i == 0 ? acc_first : acc_next)(accs, src, len, J.w[i], J.in_dt[i]);
+      continue;
+    }
+    acc_first(xbuf, src, len, 1.0f, J.in_dt[i]);
+    for (int64_t k = 0; k < J.n_out; ++k)
+      (i == 0 ? acc_first : acc_next)(accs + k * kBlock, xbuf, len, J.w[k * J.n_in + i], F32);
+  }
+  for (int64_t k = 0; k < J.n_out; ++k) store(out_at(J, k, start), accs + k * kBlock, len, J.out_dt[k]);
+}
+
+// AVX-512 block: strips of 32 elements with all K accumulators in registers, so every input
+// element is loaded once and every output element stored once, with nothing in between.
+constexpr int kStrip = 32;
+constexpr int kMaxK = 8;                 // accumulators per pass: 2 * 8 of the 32 zmm registers
+constexpr int64_t kPrefetchBytes = 1024;  // per input stream; hardware prefetchers juggle N streams poorly
+
+AVX512_TARGET inline __m512 load16_any(const char* p, int dt) {
+  switch (dt) {
+    case F32: return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+    case F16: return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    case BF16: return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+    default: {  // float8: decode through the 256-entry table
+      __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm512_i32gather_ps(idx, fp8_table(dt), 4);
+    }
+  }
+}
+
+AVX512_TARGET inline void store16_any(char* p, __m512 x, int dt, bool stream) {
+  if (dt == F32) {
+    if (stream) _mm512_stream_ps(reinterpret_cast<float*>(p), x);
+    else _mm512_storeu_ps(reinterpret_cast<float*>(p), x);
+    return;
+  }
+  __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
+  if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+
+template <int K>
+AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_t len) {
+  bool stream[K];
+  for (int k = 0; k < K; ++k)  // stream only where every strip's store is aligned (bf16: 32 B, f32: 64 B)
+    stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 64 : 32) == 0;
+  for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
+    const int64_t e = start + j;
+    __m512 acc[K][2];
+    for (int64_t i = 0; i < J.n_in; ++i) {
+      const int dt = J.in_dt[i];
+      const size_t es = dtype_size(dt);
+      const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
+      _mm_prefetch(src + kPrefetchBytes, _MM_HINT_T0);
+      if (es == 4) _mm_prefetch(src + kPrefetchBytes + 64, _MM_HINT_T0);
+      const __m512 x0 = load16_any(src, dt), x1 = load16_any(src + 16 * es, dt);
+      const float* w = J.w + k0 * J.n_in + i;
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        const __m512 wk = _mm512_set1_ps(w[k * J.n_in]);
+        acc[k][0] = i ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
+        acc[k][1] = i ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const int dt = J.out_dt[k0 + k];
+      char* dst = out_at(J, k0 + k, e);
+      store16_any(dst, acc[k][0], dt, stream[k]);
+      store16_any(dst + 16 * dtype_size(dt), acc[k][1], dt, stream[k]);
+    }
+  }
+}
+
+AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
+      strips_avx512<1>, strips_avx512<2>, strips_avx512<3>, strips_avx512<4>,
+      strips_avx512<5>, strips_avx512<6>, strips_avx512<7>, strips_avx512<8>};
+  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 8 outputs: re-read the block from cache
+    by_k[std::min<int64_t>(kMaxK, J.n_out - k0) - 1](J, k0, start, len);
+  const int64_t done = len / kStrip * kStrip;
+  if (done < len)  // the last few elements of the tensor
+    block_buffered(J, start + done, len - done, accs, xbuf, acc_scalar<true>, acc_scalar<false>, store_scalar);
+}
+
+// ---- driver ------------------------------------------------------------------------------------
+using BlockFn = void (*)(const Job&, int64_t, int64_t, float*, float*);
+
+void block_avx2(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  block_buffered(J, start, len, accs, xbuf, acc_avx2<true>, acc_avx2<false>, store_avx2);
+}
+
+void block_scalar(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  block_buffered(J, start, len, accs, xbuf, acc_scalar<true>, acc_scalar<false>, store_scalar);
+}
+
+BlockFn pick_block() {
+  std::string level = simd_level();
+  if (level == "avx512") return block_avx512;
+  if (level == "avx2") return block_avx2;
+  return block_scalar;
+}
+
+constexpr int64_t kMinPerThread = 1 << 18;       // elements: below this a second thread costs more than it gives
+constexpr int64_t kStreamBytes = 8 << 20;        // outputs above this skip the cache
 
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
@@ -156,32 +258,22 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   for (int dt : in_dtypes) if (dt < F32 || dt > F8E5M2) throw std::invalid_argument("weighted_sum: bad input dtype code");
   for (int dt : out_dtypes) if (dt < F32 || dt > BF16) throw std::invalid_argument("weighted_sum: bad output dtype code");
   if (numel <= 0) return;
-  static const Kernels k = pick_kernels();
+  static const BlockFn block = pick_block();
+  const Job J{in_ptrs.data(), in_dtypes.data(), n_in, weights.data(), out_ptrs.data(), out_dtypes.data(), n_out,
+              numel * 2 >= kStreamBytes};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : omp_get_max_threads(), n_blocks)));
+  const int64_t wanted = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
 
 #pragma omp parallel num_threads(threads)
   {
-    // K accumulators; with K > 1 each input block is converted once into xbuf, then reused K times.
-    std::vector<float> accs(size_t(n_out) * kBlock), xbuf(n_out > 1 ? kBlock : 0);
+    std::vector<float> accs(size_t(std::min<int64_t>(n_out, 1 << 16)) * kBlock), xbuf(kBlock);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
-      const int64_t start = b * kBlock, len = std::min(kBlock, numel - start);
-      if (n_out == 1) {
-        float* acc = accs.data();
-        for (int64_t i = 0; i < n_in; ++i)
-          (i == 0 ? k.acc_first : k.acc_next)(acc, at(in_ptrs[i], start, in_dtypes[i]), len, weights[i], in_dtypes[i]);
-      } else {
-        for (int64_t i = 0; i < n_in; ++i) {
-          k.acc_first(xbuf.data(), at(in_ptrs[i], start, in_dtypes[i]), len, 1.0f, in_dtypes[i]);
-          for (int64_t o = 0; o < n_out; ++o)
-            (i == 0 ? k.acc_first : k.acc_next)(accs.data() + o * kBlock, xbuf.data(), len, weights[o * n_in + i], F32);
-        }
-      }
-      for (int64_t o = 0; o < n_out; ++o)
-        k.store(reinterpret_cast<char*>(out_ptrs[o]) + start * dtype_size(out_dtypes[o]), accs.data() + o * kBlock, len, out_dtypes[o]);
+      const int64_t start = b * kBlock;
+      block(J, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
     }
-    _mm_sfence();  // order the streaming stores before the results are used
+    _mm_sfence();  // make the streaming stores visible before the caller reads the outputs
   }
 }
 
