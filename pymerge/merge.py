@@ -17,6 +17,7 @@ ours is the more accurate of the two).
 """
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
             bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
             try:
                 run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
-                run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or 0,
+                run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or _op_threads(),
                     seed=random_seed or 0, progress=bar)
             finally:
                 if bar is not None and progress is None:
@@ -140,6 +141,17 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
                            plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
     finally:
         plan.close()
+
+
+def _op_threads() -> int:
+    """Compute threads by default: every core but one, which the writer thread keeps busy. (On a
+    shared machine OpenMP teams that spin-wait for a descheduled member lose far more than one
+    core's worth; with 2 cores one compute thread is also the fastest choice when idle.)"""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
 
 
 def pick_device(device: str) -> str:
