@@ -1,0 +1,125 @@
+"""Philox masks for DARE/DELLA: known-answer vectors, C++ == torch == Triton bit for bit, kept
+fractions within 4 sigma, L1 norm preserved by the rescale, seeds and chunk offsets."""
+import math
+
+import pytest
+import torch
+
+import pymerge.methods.task_vectors  # noqa: F401
+from pymerge import _native
+from pymerge.methods.base import MergeConfigError, TensorTask, get_method
+from pymerge.ops import philox
+from pymerge.ops import task_vector_ops as tvo
+
+
+def test_philox_known_answers():
+    """Random123's Philox4x32-10 test vectors."""
+    z = torch.zeros(1, dtype=torch.int64)
+    assert [int(w) for w in philox.philox4x32(z, 0, 0, 0, 0, 0)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    c = torch.tensor([0x243F6A88])
+    out = philox.philox4x32(c, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
+    assert [int(w) for w in out] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("offset,n", [(0, 1), (0, 4099), (3, 17), (1 << 33, 9)])
+def test_cpu_draws_equal_torch(offset, n):
+    h0, h1 = philox.name_hash("model.layers.3.mlp.up_proj.weight")
+    a = torch.tensor(_native.cpu.philox_draws(2**40 + 5, 3, h0, h1, offset, n), dtype=torch.int64)
+    b = philox.random_bits(2**40 + 5, "model.layers.3.mlp.up_proj.weight", 3, offset, n)
+    assert torch.equal(a, b)
+
+
+def test_triton_draws_equal_torch():
+    pytest.importorskip("triton")
+    from pymerge.kernels import task_vectors as tk
+    got = tk.philox_draws(12345, "a.b", 2, 5, 300)
+    assert torch.equal(got.cpu(), philox.random_bits(12345, "a.b", 2, 5, 300))
+
+
+def merge(name, xs, base, mp, params=None, seed=1, backend="auto", offset=0):
+    out = torch.empty(base.shape, dtype=torch.float32)
+    get_method(name).merge_tensor(TensorTask(xs, base, mp, params or {}, name="w", seed=seed, backend=backend,
+                                             offset=offset), out)
+    return out
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.5, 0.9])
+def test_dare_kept_fraction(rho):
+    n = 200_000
+    base = torch.zeros(n)
+    x = torch.randn(n)
+    out = merge("dare_linear", [x], base, [{"weight": 1.0, "density": rho}], {"rescale": False})
+    kept = (out != 0).double().mean().item()
+    assert abs(kept - rho) <= 4 * math.sqrt(rho * (1 - rho) / n)
+
+
+def test_della_kept_fraction_follows_rank():
+    rows, cols, rho, eps = 400, 500, 0.5, 0.3
+    x = torch.randn(rows, cols)
+    out = merge("della_linear", [x], torch.zeros(rows, cols), [{"weight": 1.0, "density": rho, "epsilon": eps}],
+                {"rescale": False})
+    kept = out != 0
+    rank = x.abs().argsort(dim=1).argsort(dim=1)
+    for lo, hi in ((0, 50), (225, 275), (450, 500)):  # bottom, middle, top of each row's ranks
+        sel = (rank >= lo) & (rank < hi)
+        p = (rho - eps) + 2 * eps * ((lo + hi - 1) / 2) / (cols - 1)
+        frac = kept[sel].double().mean().item()
+        assert abs(frac - p) <= 4 * math.sqrt(p * (1 - p) / sel.sum().item()) + 2 * eps * 25 / cols
+    assert abs(kept.double().mean().item() - rho) <= 4 * math.sqrt(rho * (1 - rho) / (rows * cols))
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_l1_rescale_preserves_norm(method, backend):
+    base = torch.randn(300, 301)
+    x = base + torch.randn(300, 301)
+    out = merge(method, [x], base, [{"weight": 1.0, "density": 0.3}], backend=backend)
+    d, merged = (x - base).abs().sum().item(), (out - base).abs().sum().item()
+    assert abs(merged - d) / d < 1e-4
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_same_seed_same_output_on_every_backend(method):
+    base = torch.randn(33, 65)
+    xs = [base + torch.randn(33, 65) for _ in range(2)]
+    mp = [{"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 0.6}]
+    outs = [merge(method, xs, base, mp, seed=99, backend=b) for b in ("cpu", "torch")]
+    try:
+        import triton  # noqa: F401
+        outs.append(merge(method, xs, base, mp, seed=99, backend="triton"))
+    except ImportError:
+        pass
+    for o in outs[1:]:
+        assert torch.equal((o - base) != 0, (outs[0] - base) != 0)
+        torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(merge(method, xs, base, mp, seed=99), outs[0])
+    other = merge(method, xs, base, mp, seed=100)
+    assert not torch.equal((other - base) != 0, (outs[0] - base) != 0)
+
+
+def test_masks_do_not_depend_on_chunking():
+    """The mask of element j is keyed by its global index: two chunks with offsets == one call."""
+    base = torch.randn(64, 100)
+    x = base + torch.randn(64, 100)
+    mp = [{"weight": 1.0, "density": 0.5}]
+    whole = merge("dare_linear", [x], base, mp, {"rescale": False})
+    top = merge("dare_linear", [x[:20].contiguous()], base[:20].contiguous(), mp, {"rescale": False})
+    bottom = merge("dare_linear", [x[20:].contiguous()], base[20:].contiguous(), mp, {"rescale": False},
+                   offset=20 * 100)
+    assert torch.equal(torch.cat([top, bottom]), whole)
+
+
+def test_models_get_independent_masks():
+    base = torch.zeros(10_000)
+    x = torch.ones(10_000)
+    a = tvo.keep_mask_torch(tvo.ModelPlan(mode=tvo.RANDOM, thr=philox.keep_threshold(0.5), model=0), x, 0, "w", 1)
+    b = tvo.keep_mask_torch(tvo.ModelPlan(mode=tvo.RANDOM, thr=philox.keep_threshold(0.5), model=1), x, 0, "w", 1)
+    assert 0.4 < (a == b).double().mean().item() < 0.6
+    del base
+
+
+@pytest.mark.parametrize("rho,eps", [(0.1, 0.1), (0.9, 0.15), (0.5, 0.6)])
+def test_della_epsilon_out_of_range(rho, eps):
+    task = TensorTask([torch.ones(4)], torch.zeros(4), [{"weight": 1.0, "density": rho, "epsilon": eps}], {}, name="w")
+    with pytest.raises(MergeConfigError, match="epsilon"):
+        get_method("della").check_params(task)

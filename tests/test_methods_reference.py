@@ -1,0 +1,195 @@
+"""Every merge method against its float64 reference (tests/methods_reference.py): each backend
+(C++ "cpu", blockwise "torch", Triton under its interpreter on tiny sizes), awkward sizes around
+the kernels' 1024-element blocks, input/output dtypes, NaN/inf, per-tensor parameters."""
+import math
+
+import pytest
+import torch
+
+import pymerge.methods.model_stock  # noqa: F401  (registers the methods)
+import pymerge.methods.passthrough  # noqa: F401
+import pymerge.methods.slerp  # noqa: F401
+import pymerge.methods.task_vectors  # noqa: F401
+from pymerge.methods.base import TensorTask, get_method
+from pymerge.ops import task_vector_ops as tvo
+from methods_reference import (M, ref_model_stock, ref_nuslerp, ref_slerp, ref_task_vectors, rel_err)
+
+SHAPES = [(1,), (7,), (1023,), (1025,), (33, 65), (3, 2049)]
+TINY = [(7,), (33, 65)]
+
+
+def models(shape, n=3, dtype=torch.float32, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = [(base + scale * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+    return base.to(dtype), xs
+
+
+def run(name, xs, base, model_params, params=None, out_dtype=torch.float32, backend="auto", seed=7, tname="t.w"):
+    out = torch.empty(xs[0].shape, dtype=out_dtype)
+    task = TensorTask(inputs=xs, base=base, model_params=model_params, params=params or {}, name=tname,
+                      seed=seed, backend=backend)
+    m = get_method(name)
+    m.check_params(task)
+    m.merge_tensor(task, out)
+    return out
+
+
+def check(out, ref, tol=2e-6):
+    ref = ref.double()
+    if out.dtype == torch.float32:
+        assert rel_err(out, ref) <= tol, rel_err(out, ref)
+        bound = 1e-5 * ref.abs().max().clamp(min=1e-6)
+    else:
+        bound = ref.abs() * (2.0 ** -7 if out.dtype == torch.bfloat16 else 2.0 ** -10) + 1e-5 * ref.abs().max()
+    assert ((out.double() - ref).abs() <= bound).all()
+
+
+def tv_params(n, densities=None, weights=None):
+    weights = weights or [0.6, -0.3, 0.9, 0.4][:n]
+    densities = densities or [0.5, 0.3, 0.8, 0.7][:n]
+    return weights, densities, [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", M)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_task_vector_methods(method, shape, backend):
+    base, xs = models(shape, seed=len(shape) * 1000 + shape[-1])
+    w, d, mp = tv_params(3)
+    out = run(method, xs, base, mp, backend=backend)
+    check(out, ref_task_vectors(xs, base, w, d, method, seed=7, name="t.w"))
+
+
+@pytest.mark.parametrize("shape", TINY)
+@pytest.mark.parametrize("method", M)
+def test_task_vector_methods_triton(method, shape):
+    pytest.importorskip("triton")
+    base, xs = models(shape, seed=3)
+    w, d, mp = tv_params(3)
+    out = run(method, xs, base, mp, backend="triton")
+    check(out, ref_task_vectors(xs, base, w, d, method, seed=7, name="t.w"))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della"])
+def test_dtypes(method, in_dtype, out_dtype):
+    base, xs = models((17, 300), dtype=in_dtype, seed=11)
+    xs[1] = xs[1].float()  # mixed input dtypes
+    # Dyadic weights keep float32 products exact: quantized deltas cancel exactly in the sign
+    # election, and float32 and float64 must then elect the same sign.
+    w, d, mp = tv_params(3, weights=[0.5, -0.25, 0.75])
+    out = run(method, xs, base, mp, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    check(out, ref_task_vectors(xs, base, w, d, method, seed=7, name="t.w"))
+
+
+@pytest.mark.parametrize("method", M)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_options(method, backend):
+    """normalize / rescale / lambda overrides and edge densities (0, 1) per model."""
+    base, xs = models((40, 50), n=4, seed=5)
+    w = [0.7, 0.2, -0.5, 1.1]
+    d = [0.0, 1.0, 0.25, 0.6]
+    mp = [{"weight": a, "density": b, "gamma": 0.05, "epsilon": 0.1} for a, b in zip(w, d)]
+    for opts in ({"normalize": True, "rescale": False, "lambda": 0.7},
+                 {"normalize": False, "rescale": True, "lambda": 1.3},
+                 {"rescale": "inverse_density"}):
+        out = run(method, xs, base, mp, opts, backend=backend)
+        ref = ref_task_vectors(xs, base, w, d, method, normalize=opts.get("normalize"), rescale=opts.get("rescale"),
+                               lam=opts.get("lambda", 1.0), gamma=0.05, epsilon=0.1, seed=7, name="t.w")
+        check(out, ref)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs_ties", "della"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_nan_and_inf(method, backend):
+    base, xs = models((9, 130), seed=2)
+    xs[0].view(-1)[[3, 200]] = float("nan")
+    xs[1].view(-1)[[5, 700]] = float("inf")
+    xs[2].view(-1)[[7]] = -float("inf")
+    w, d, mp = tv_params(3)
+    out = run(method, xs, base, mp, {"rescale": False}, backend=backend)
+    ref = ref_task_vectors(xs, base, w, d, method, rescale=False, seed=7, name="t.w")
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    assert torch.allclose(out[fin].double(), ref[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_model_is_the_base_gives_base():
+    """A model identical to the base has a zero task vector: TIES of it alone returns the base."""
+    base, xs = models((10, 10))
+    out = run("ties", [base.clone()], base, [{"weight": 1.0, "density": 0.5}])
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_slerp(shape, t, backend):
+    base, xs = models(shape, n=1, scale=1.0, seed=shape[-1])
+    check(run("slerp", xs, base, [{}], {"t": t}, backend=backend), ref_slerp(t, base, xs[0]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_slerp_colinear_and_zero(backend):
+    base, _ = models((50, 20), n=0)
+    check(run("slerp", [2 * base], base, [{}], {"t": 0.25}, backend=backend), ref_slerp(0.25, base, 2 * base))
+    z = torch.zeros(5, 6)
+    check(run("slerp", [base[:5, :6].contiguous()], z, [{}], {"t": 0.5}, backend=backend),
+          ref_slerp(0.5, z, base[:5, :6]))
+
+
+@pytest.mark.parametrize("shape", [(7,), (1025,), (33, 65), (4, 5, 6)])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("mode", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_nuslerp(shape, with_base, mode, backend):
+    base, xs = models(shape, n=2, scale=0.5, seed=9)
+    flatten, row_wise = mode
+    out = run("nuslerp", xs, base if with_base else None, [{"weight": 0.3}, {"weight": 1.1}],
+              {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}, backend=backend)
+    check(out, ref_nuslerp(0.3, 1.1, xs[0], xs[1], base if with_base else None, flatten, row_wise))
+
+
+@pytest.mark.parametrize("shape", [(7,), (1025,), (33, 65), (4, 5, 6)])
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_model_stock(shape, n, filter_wise, backend):
+    base, xs = models(shape, n=n, scale=0.3, seed=n)
+    out = run("model_stock", xs, base, [{}] * n, {"filter_wise": filter_wise}, backend=backend)
+    check(out, ref_model_stock(base, xs, filter_wise))
+
+
+@pytest.mark.parametrize("scale", [None, 0.5, -2.0])
+def test_passthrough(scale):
+    _, xs = models((13, 77), n=1, dtype=torch.bfloat16)
+    out = run("passthrough", xs, None, [{"scale": scale}], out_dtype=torch.bfloat16)
+    ref = xs[0].double() * (1.0 if scale is None else scale)
+    check(out, ref)
+    if scale is None:
+        assert torch.equal(out, xs[0])
+
+
+def test_cache_hits_and_stays_correct():
+    """A second merge of the same tensors reuses thresholds; new data at the same address misses."""
+    base, xs = models((64, 64), seed=4)
+    cache = tvo.SelectionCache()
+    m = get_method("ties")
+    old, m.cache = m.cache, cache
+    try:
+        w, d, mp = tv_params(3)
+        run("ties", xs, base, mp)
+        assert cache.misses == 3 and cache.hits == 0
+        mp2 = [dict(p, weight=p["weight"] * 2) for p in mp]
+        out = run("ties", xs, base, mp2)
+        assert cache.hits == 3
+        check(out, ref_task_vectors(xs, base, [x * 2 for x in w], d, "ties"))
+        xs[0].mul_(-3.0)  # same storage, new content: the fingerprint changes
+        out = run("ties", xs, base, mp2)
+        check(out, ref_task_vectors(xs, base, [x * 2 for x in w], d, "ties"))
+    finally:
+        m.cache = old
