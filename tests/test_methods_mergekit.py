@@ -1,0 +1,165 @@
+"""Per-tensor parity with mergekit 0.1.5's own merge methods, called directly on tensors
+(float32, relative error <= 1e-5 per tensor). Parameters vary per tensor as gradients and filters
+would resolve them. Random sparsifiers can't share mergekit's RNG, so DARE/DELLA are compared at
+density 1 (no sparsification) here; their masks are tested in test_dare_rng.py."""
+import pytest
+import torch
+
+mergekit = pytest.importorskip("mergekit")
+from mergekit.merge_methods import registry  # noqa: E402
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+
+import pymerge.methods.model_stock  # noqa: F401,E402
+import pymerge.methods.passthrough  # noqa: F401,E402
+import pymerge.methods.slerp  # noqa: F401,E402
+import pymerge.methods.task_vectors  # noqa: F401,E402
+from pymerge.errors import MergeConfigError  # noqa: E402
+from pymerge.methods.base import TensorTask, get_method  # noqa: E402
+
+TOL = 1e-5
+SHAPES = [(7,), (300,), (64, 129), (2, 3, 50)]
+
+
+def tensors(shape, n, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def mk(name, tensors_, base_index, params):
+    group = TensorGroup.from_tensors(tensors_, base_index=base_index)
+    return registry.get(name)([group], parameters=params)[0]
+
+
+def ours(name, xs, base, model_params, params, backend="auto"):
+    out = torch.empty(xs[0].shape, dtype=torch.float32)
+    task = TensorTask(xs, base, model_params, params, name="layer.weight", seed=3, backend=backend)
+    get_method(name).check_params(task)
+    get_method(name).merge_tensor(task, out)
+    return out
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# (weights, densities, extra per-model, global params) per "layer": what gradients/filters resolve to.
+LAYERS = [
+    ([0.5, 0.3, 0.8], [0.5, 0.3, 0.7], {}, {}),
+    ([1.0, -0.4, 0.2], [0.9, 0.1, 0.5], {"gamma": [0.05, 0.0, 0.1]}, {"lambda": 0.8}),
+    ([0.2, 0.2, 0.2], [0.25, 0.25, 0.25], {}, {"normalize": False, "rescale": True}),
+    ([0.7, 0.1, 0.4], [1.0, 0.0, 0.6], {}, {"normalize": True}),
+]
+
+
+@pytest.mark.parametrize("layer", range(len(LAYERS)))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_deterministic_task_vector_methods(method, shape, layer, backend):
+    w, d, extra, glob = LAYERS[layer]
+    if method == "ties":
+        extra = {}
+    base, xs = tensors(shape, 3, seed=layer * 10 + len(shape))
+    params = {"weight": w, "density": d, **extra, **glob}
+    ref = mk(method, [base] + xs, 0, params)
+    mp = [{"weight": w[i], "density": d[i], **{k: v[i] for k, v in extra.items()}} for i in range(3)]
+    assert rel(ours(method, xs, base, mp, glob, backend), ref) <= TOL
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+@pytest.mark.parametrize("glob", [{}, {"normalize": True, "lambda": 1.5}, {"normalize": False, "rescale": False}])
+def test_random_methods_at_density_one(method, glob):
+    base, xs = tensors((50, 70), 3, seed=1)
+    w = [0.6, -0.2, 0.9]
+    ref = mk(method, [base] + xs, 0, {"weight": w, **glob})
+    assert rel(ours(method, xs, base, [{"weight": x} for x in w], glob), ref) <= TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 1.0])
+def test_slerp(shape, t):
+    base, xs = tensors(shape, 1, seed=2, scale=1.0)
+    assert rel(ours("slerp", xs, base, [{}], {"t": t}), mk("slerp", [base, xs[0]], 0, {"t": t})) <= TOL
+
+
+def test_slerp_nearly_colinear_uses_lerp():
+    base, xs = tensors((40, 40), 1, seed=2, scale=1e-3)
+    assert rel(ours("slerp", xs, base, [{}], {"t": 0.4}), mk("slerp", [base, xs[0]], 0, {"t": 0.4})) <= TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("flatten,row_wise", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("w", [(0.3, 0.9), (1.0, -1.0)])
+def test_nuslerp(shape, with_base, flatten, row_wise, w):
+    if row_wise and not flatten and len(shape) > 1 and shape[0] < 8:
+        # 2-element vectors are often nearly colinear; mergekit's float32 acos/sin then drifts up
+        # to ~1e-4 from the float64 answer (ours computes the angle in float64; see
+        # test_methods_reference.py::test_nuslerp for this case against float64).
+        pytest.skip("mergekit float32 angle error on 2-element vectors")
+    base, xs = tensors(shape, 2, seed=4, scale=0.5)
+    params = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+    ref = mk("nuslerp", ([base] if with_base else []) + xs, 0 if with_base else None, {"weight": list(w), **params})
+    out = ours("nuslerp", xs, base if with_base else None, [{"weight": w[0]}, {"weight": w[1]}], params)
+    assert rel(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock(shape, n, filter_wise):
+    base, xs = tensors(shape, n, seed=n, scale=0.3)
+    ref = mk("model_stock", [base] + xs, 0, {"filter_wise": filter_wise})
+    assert rel(ours("model_stock", xs, base, [{}] * n, {"filter_wise": filter_wise}), ref) <= TOL
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_passthrough(scale):
+    _, xs = tensors((30, 20), 1, seed=5)
+    ref = mk("passthrough", xs, None, {"scale": [scale]})
+    assert rel(ours("passthrough", xs, None, [{"scale": scale}], {}), ref) <= TOL
+
+
+# ---- invalid parameters: clear MergeConfigError (the CLI prints it and exits 2) ----------------
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan")])
+def test_density_out_of_range(density):
+    task = TensorTask([torch.ones(3)], torch.zeros(3), [{"weight": 1.0, "density": density}], {}, name="a.w")
+    with pytest.raises(MergeConfigError, match="density"):
+        get_method("ties").check_params(task)
+
+
+def test_missing_weight_and_bad_rescale():
+    with pytest.raises(MergeConfigError, match="weight"):
+        ours("ties", [torch.ones(3)], torch.zeros(3), [{"density": 0.5}], {})
+    with pytest.raises(MergeConfigError, match="rescale"):
+        ours("dare_ties", [torch.ones(3)], torch.zeros(3), [{"weight": 1.0}], {"rescale": "l2"})
+
+
+def test_model_counts():
+    with pytest.raises(MergeConfigError, match="exactly two models"):
+        get_method("slerp").validate(2, True)
+    with pytest.raises(MergeConfigError, match="exactly two models"):
+        get_method("slerp").validate(1, False)
+    with pytest.raises(MergeConfigError, match="at least two"):
+        get_method("model_stock").validate(1, True)
+    with pytest.raises(MergeConfigError, match="exactly two"):
+        get_method("nuslerp").validate(3, False)
+    with pytest.raises(MergeConfigError, match="base_model"):
+        get_method("ties").validate(2, False)
+
+
+def test_declared_params_match_mergekit():
+    """Names and defaults of every parameter, as mergekit 0.1.5 declares them."""
+    for name in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                 "slerp", "nuslerp", "model_stock", "passthrough"):
+        spec = registry.get(name).spec
+        ours_ = {**get_method(name).model_params, **get_method(name).global_params}
+        theirs = {p.name: p for p in spec.parameters}
+        assert set(ours_) == set(theirs), name
+        for k, p in theirs.items():
+            if not p.required:
+                assert ours_[k].default == p.default, (name, k)
+            else:
+                assert ours_[k].required, (name, k)
