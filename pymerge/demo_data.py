@@ -1,12 +1,18 @@
 """The demo's world: two tasks on scikit-learn's bundled digits, a small MLP, and eight training runs.
 
 Task "upright" classifies the 8x8 digits as they are; task "rotated" classifies the same kind of
-digits turned 90 degrees. One network, one 10-way head: a run's data mixture decides which task it
-is good at, as data mixtures decide capabilities in the recycling paper's checkpoint pool.
-Every run starts from one shared "pretrained" checkpoint (a short run on a balanced mix) and then
-differs as real runs do: mixture, learning rate, weight decay, label smoothing, length, and stage
-(one run continues another on different data). Splits are fixed by seed; the test split is touched
-only for the final report.
+digits turned 90 degrees. One small network with one 10-way head, so the two tasks compete for the
+same few hidden units, and a run's data decides which task it is good at, as data mixtures decide
+capabilities in the recycling paper's checkpoint pool.
+
+As in that pool, no run sees everything. The training split is cut, once and by seed, into a
+"pretraining" part and disjoint shards. Every run starts from one shared pretrained checkpoint (a
+short run on a balanced mix of the pretraining part), then trains briefly (so that the runs stay in
+one basin, where weight averaging works) on its own limited shard with its own task mixture and
+settings: learning rate, weight decay, label smoothing, length, and stage (one run continues
+another on a further shard). Each run thus ends clearly better at one task than at the other, and
+each has learnt from data the others never saw; a weighted average can combine what they learnt.
+Splits are fixed by seed; the test split is touched only for the final report.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -15,12 +21,19 @@ import numpy as np
 import torch
 
 TASKS = ("upright", "rotated")
+HIDDEN = 32
+PRETRAIN_SHARE = 0.25   # of the training split, for the shared pretraining stage
+NUM_SHARDS = 6          # the rest, cut into this many disjoint shards
 
 
 @dataclass
 class Split:
     x: Dict[str, torch.Tensor]   # task -> [n, 64] float32 inputs
     y: torch.Tensor              # [n] labels (the same digits for both tasks)
+
+    def subset(self, ids) -> "Split":
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        return Split(x={t: v[ids] for t, v in self.x.items()}, y=self.y[ids])
 
 
 def load_splits(seed: int = 0) -> Dict[str, Split]:
@@ -44,8 +57,9 @@ def load_splits(seed: int = 0) -> Dict[str, Split]:
 class MLP(torch.nn.Module):
     """64 -> hidden -> hidden -> 10; blocks under `layers.i` so per-layer merge weights have groups."""
 
-    def __init__(self, hidden: int = 128):
+    def __init__(self, hidden: int = None):
         super().__init__()
+        hidden = hidden or HIDDEN
         self.layers = torch.nn.ModuleList([torch.nn.Linear(64, hidden), torch.nn.Linear(hidden, hidden)])
         self.head = torch.nn.Linear(hidden, 10)
 
@@ -63,8 +77,10 @@ def accuracy(model: MLP, split: Split) -> Dict[str, float]:
 
 @dataclass
 class Run:
-    """One training run: share of task "upright" in its batches (the rest is "rotated"), and its settings."""
+    """One training run: its shard of the training data, share of task "upright" in its batches (the
+    rest is "rotated"), and its settings."""
     name: str
+    shard: int
     upright_share: float
     steps: int
     lr: float = 0.05
@@ -75,17 +91,17 @@ class Run:
 
 
 def runs(scale: float = 1.0) -> List[Run]:
-    """The pool: eight runs that trade the two tasks off against each other."""
+    """The pool: eight runs, each on limited data of its own, that trade the two tasks off."""
     s = lambda n: max(20, int(n * scale))  # noqa: E731
     return [
-        Run("upright-only", 1.0, s(600)),
-        Run("mix-90/10", 0.9, s(600)),
-        Run("mix-75/25-lr0.1", 0.75, s(500), lr=0.1),
-        Run("mix-50/50-wd", 0.5, s(400), lr=0.03, weight_decay=5e-3),
-        Run("mix-25/75-ls", 0.25, s(600), label_smoothing=0.1),
-        Run("mix-10/90", 0.1, s(600), lr=0.08),
-        Run("rotated-only", 0.0, s(500)),
-        Run("stage2:upright-only+rotated", 0.0, s(250), lr=0.02, parent="upright-only"),
+        Run("upright-only", 0, 1.0, s(300)),
+        Run("mix-85/15-lr0.1", 1, 0.85, s(250), lr=0.1),
+        Run("mix-70/30-ls", 2, 0.7, s(300), label_smoothing=0.1),
+        Run("mix-30/70-wd", 3, 0.3, s(300), weight_decay=5e-3),
+        Run("mix-15/85", 4, 0.15, s(300), lr=0.08),
+        Run("rotated-only", 5, 0.0, s(250)),
+        Run("stage2:upright-only+rotated", 5, 0.1, s(150), lr=0.03, parent="upright-only"),
+        Run("stage2:rotated-only+upright", 0, 0.9, s(150), lr=0.03, parent="rotated-only"),
     ]
 
 
@@ -106,16 +122,24 @@ def train(model: MLP, run: Run, data: Split, seed: int) -> MLP:
     return model
 
 
+def shards(train_split: Split, seed: int = 0) -> Tuple[Split, List[Split]]:
+    """The pretraining part and NUM_SHARDS disjoint shards of the training split (a fixed, seeded cut)."""
+    perm = np.random.RandomState(seed + 12345).permutation(len(train_split.y))
+    n_pre = int(round(PRETRAIN_SHARE * len(perm)))
+    return train_split.subset(perm[:n_pre]), [train_split.subset(p) for p in np.array_split(perm[n_pre:], NUM_SHARDS)]
+
+
 def train_pool(splits: Dict[str, Split], scale: float = 1.0, seed: int = 0) -> Tuple[MLP, Dict[str, MLP]]:
-    """The shared pretrained checkpoint, then every run from it (or from its parent run)."""
+    """The shared pretrained checkpoint, then every run from it (or from its parent run) on its own shard."""
     torch.manual_seed(seed)
+    pre_data, parts = shards(splits["train"], seed)
     base = MLP()
-    pretrain = Run("pretrain", 0.5, max(20, int(150 * scale)), lr=0.05)
-    train(base, pretrain, splits["train"], seed=seed)
+    pretrain = Run("pretrain", -1, 0.5, max(20, int(200 * scale)), lr=0.05)
+    train(base, pretrain, pre_data, seed=seed)
     done: Dict[str, MLP] = {}
     for i, run in enumerate(runs(scale)):
         start = done[run.parent] if run.parent else base
         model = MLP()
         model.load_state_dict(start.state_dict())
-        done[run.name] = train(model, run, splits["train"], seed=seed + 1 + i)
+        done[run.name] = train(model, run, parts[run.shard], seed=seed + 1 + i)
     return base, done
