@@ -140,16 +140,21 @@ def compare_outputs(a: Path, b: Path) -> dict:
     ta, tb = tensors(a), tensors(b)
     if set(ta) != set(tb):
         return {"same_names": False}
-    worst, flips = 0.0, 0
+    worst, flips, total, max_ulps = 0.0, 0, 0, 0.0
     for k in ta:
         with safe_open(ta[k][0], "pt") as ha, safe_open(tb[k][0], "pt") as hb:
             x, y = ha.get_tensor(k), hb.get_tensor(k)
         if x.dtype != y.dtype:
             return {"same_names": True, "same_dtypes": False, "tensor": k}
-        x, y = x.float(), y.float()
+        eps = torch.finfo(y.dtype).eps
+        x, y = x.double(), y.double()
         worst = max(worst, ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item())
+        # differences in units of the output format's rounding step at each value
+        max_ulps = max(max_ulps, ((x - y).abs() / (eps * y.abs()).clamp_min(1e-30)).max().item())
         flips += int((x != y).sum())
-    return {"same_names": True, "same_dtypes": True, "max_rel_diff": worst, "elements_differing": flips}
+        total += y.numel()
+    return {"same_names": True, "same_dtypes": True, "max_rel_diff_of_tensor_max": worst,
+            "max_diff_in_rounding_steps": round(max_ulps, 3), "fraction_differing": flips / max(total, 1)}
 
 
 def main(argv=None):

@@ -320,6 +320,8 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
     for fname in TOKENIZER_FILES:
         if (folder / fname).is_file():
             writer.copy_file(folder / fname, fname)
+    if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
+        writer.copy_file(cfg.source, "mergekit_config.yml")
 
 
 def _progress_bar(total: int, quiet: bool):
