@@ -193,3 +193,20 @@ def test_cache_hits_and_stays_correct():
         check(out, ref_task_vectors(xs, base, [x * 2 for x in w], d, "ties"))
     finally:
         m.cache = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("method", M)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_task_vector_methods_gpu(method, backend, dtype):
+    """GPU backends against the float64 reference; masks must equal the CPU kernel's bit for bit."""
+    base, xs = models((129, 1031), dtype=dtype, seed=21)
+    w, d, mp = tv_params(3, weights=[0.5, -0.25, 0.75])
+    cpu = run(method, xs, base, mp)
+    task_out = torch.empty(base.shape, dtype=torch.float32, device="cuda")
+    task = TensorTask([x.cuda() for x in xs], base.cuda(), mp, {}, name="t.w", seed=7, backend=backend)
+    get_method(method).merge_tensor(task, task_out)
+    out = task_out.cpu()
+    check(out, ref_task_vectors(xs, base, w, d, method, seed=7, name="t.w"))
+    assert torch.equal(out != base.float(), cpu != base.float())

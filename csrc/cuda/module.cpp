@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <cuda_runtime.h>
+#include "cuda/task_vectors.h"
 #include "cuda/weighted_sum.h"
 
 namespace py = pybind11;
@@ -14,4 +15,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("weighted_sum_many", &pymerge_cuda::weighted_sum_many, py::arg("in_ptrs"), py::arg("in_dtypes"),
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("scratch"),
         py::arg("stream"), py::arg("weights_dev") = 0, py::call_guard<py::gil_scoped_release>());
+  m.attr("MAX_TV_MODELS") = pymerge_cuda::kMaxTvModels;
+  m.def("tv_merge", &pymerge_cuda::tv_merge, py::arg("models"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("consensus"), py::arg("normalize"),
+        py::arg("lam"), py::arg("divisor"), py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
 }
