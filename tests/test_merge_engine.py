@@ -1,0 +1,133 @@
+"""The engine's planning (roles, dtypes, parameters) and streaming details (chunks, whole tensors)."""
+import pytest
+import torch
+from safetensors import safe_open
+
+import llama_factory as lf
+from pymerge.config import parse_config
+from pymerge.errors import CheckpointError
+from pymerge.merge import make_plan, run_merge
+from pymerge.methods import base as mbase
+from pymerge.streaming import Scratch, chunks
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    base, fts = lf.make_family(root / "f32", n_finetunes=2)
+    b16 = lf.make_llama(root / "b16", dtype=torch.bfloat16, perturb_seed=9)
+    return base, fts, b16
+
+
+def _load(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def test_roles_follow_mergekit(fam):
+    base, fts, _ = fam
+    a, b = str(fts[0]), str(fts[1])
+    # linear ignores the base role: an unlisted base_model is one more input, weighted from the top level
+    plan = make_plan({"merge_method": "linear", "base_model": str(base), "models": [a, b],
+                      "parameters": {"weight": 1.0}})
+    assert [m.path for m in plan.inputs] == [a, b, str(base)] and plan.base is None
+    # task_arithmetic: a base listed under models is the base, not an input
+    plan = make_plan({"merge_method": "task_arithmetic", "base_model": str(base), "models": [str(base), a, b],
+                      "parameters": {"weight": 0.5}})
+    assert [m.path for m in plan.inputs] == [a, b] and plan.base.path == str(base)
+    assert plan.donor.path == base
+    plan.close()
+
+
+def test_dtype_plan(fam):
+    base, fts, b16 = fam
+    models = [{"model": str(fts[0]), "parameters": {"weight": 1}}, {"model": str(b16), "parameters": {"weight": 1}}]
+    p = make_plan({"merge_method": "linear", "models": models, "dtype": "bfloat16", "out_dtype": "float32"})
+    t = p.tensors[0]
+    assert t.casts == [torch.bfloat16, None]           # float32 input rounded to bfloat16 first, as mergekit loads it
+    assert (t.result_dtype, t.out_dtype, t.double_round) == (torch.bfloat16, torch.float32, True)
+    p = make_plan({"merge_method": "linear", "models": models, "dtype": "float32", "out_dtype": "bfloat16"})
+    t = p.tensors[0]
+    assert t.casts == [None, None] and not t.double_round  # bf16 -> fp32 is exact: read in place
+    p = make_plan({"merge_method": "linear", "models": models})
+    assert p.tensors[0].out_dtype == torch.float32        # no dtype: the inputs' promoted dtype
+    assert p.input_bytes == sum(t.in_bytes for t in p.tensors) and p.output_bytes > 0
+
+
+def test_chunks_are_whole_rows_and_cover_the_tensor():
+    class TP:
+        numel, shape, casts = 96 * 64, (96, 64), [None]
+    pieces = chunks(TP, budget_bytes=64 * 10 * 4 + 64 * 6, per_element=4)
+    assert pieces[0] == (0, 640) and all(n % 64 == 0 for _, n in pieces[:-1])
+    assert sum(n for _, n in pieces) == TP.numel
+    assert [o for o, _ in pieces] == [sum(n for _, n in pieces[:i]) for i in range(len(pieces))]
+
+
+def test_scratch_regions_are_aligned_and_bounded():
+    s = Scratch(torch.empty(1000, dtype=torch.uint8))
+    a = s.take(torch.float32, 3)
+    b = s.take(torch.bfloat16, 5)
+    assert a.numel() == 3 and b.data_ptr() % 64 == 0
+    with pytest.raises(AssertionError):
+        s.take(torch.float32, 1000)
+
+
+@pytest.fixture
+def whole_method():
+    """A whole-tensor (non-chunkable) method: out = mean of the inputs, checking it sees full shapes."""
+    seen = []
+
+    class WholeMean(mbase.MergeMethod):
+        name = "_test_whole_mean"
+        chunkable = False
+
+        def merge_tensor(self, task, out):
+            assert all(x.shape == out.shape for x in task.inputs) and task.offset == 0
+            seen.append(tuple(out.shape))
+            out.copy_(torch.stack([x.float() for x in task.inputs]).mean(0))
+
+    mbase.register(WholeMean)
+    yield seen
+    del mbase._REGISTRY["_test_whole_mean"]
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 64 << 20])
+def test_whole_tensor_methods_get_full_tensors(fam, tmp_path, whole_method, chunk):
+    base, fts, _ = fam
+    cfg = {"merge_method": "_test_whole_mean", "models": [str(f) for f in fts]}
+    run_merge(cfg, tmp_path / "out", quiet=True, chunk_bytes=chunk)
+    out, a, b = _load(tmp_path / "out"), _load(fts[0]), _load(fts[1])
+    assert set(out) == set(a) and len(whole_method) == len(a)
+    for k in a:
+        torch.testing.assert_close(out[k], (a[k] + b[k]) / 2)
+
+
+def test_linear_equals_reference(fam, tmp_path):
+    base, fts, _ = fam
+    cfg = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
+           "models": [{"model": str(fts[0]), "parameters": {"weight": [1.0, 3.0]}}, {"model": str(fts[1])}]}
+    report = run_merge(cfg, tmp_path / "out", quiet=True, chunk_bytes=1 << 20)
+    assert report.tensors == len(lf.tensor_shapes(lf.TINY)) and report.method == "linear"
+    out, x0, x1, xb = _load(tmp_path / "out"), _load(fts[0]), _load(fts[1]), _load(base)
+    for k in out:
+        layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        w0 = 1.0 + 2.0 * (layer / (lf.TINY.layers - 1)) if layer is not None else 1.0
+        ref = (w0 * x0[k].double() + 0.5 * x1[k].double() + 0.5 * xb[k].double()) / (w0 + 1.0)
+        torch.testing.assert_close(out[k].double(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_non_float_tensors_are_refused(fam, tmp_path):
+    from safetensors.torch import load_file, save_file
+    base, fts, _ = fam
+    bad = []
+    for i, f in enumerate(fts):
+        t = load_file(str(f / "model.safetensors"))
+        t["model.position_ids"] = torch.arange(8)
+        (tmp_path / f"m{i}").mkdir()
+        save_file(t, str(tmp_path / f"m{i}" / "model.safetensors"))
+        bad.append(str(tmp_path / f"m{i}"))
+    with pytest.raises(CheckpointError, match="model.position_ids.*int64.*floating-point"):
+        make_plan(parse_config({"merge_method": "linear", "models": bad, "parameters": {"weight": 1}}))
