@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,7 @@ class PeakSampler(threading.Thread):
 
 def run_tool(cmd, out: Path):
     shutil.rmtree(out, ignore_errors=True)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = PeakSampler(proc.pid)
@@ -111,7 +113,9 @@ def run_tool(cmd, out: Path):
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(sampler.hwm_kb / 1024, 1),
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 2), "peak_rss_mb": round(sampler.hwm_kb / 1024, 1),
             "peak_anon_mb": round(sampler.peak_anon_kb / 1024, 1)}
 
 
@@ -192,19 +196,20 @@ def main(argv=None):
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     runs = {t: [] for t in tools}
     warm(inputs)
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     for rep in range(args.repeats):
         for tool in tools:
             r = run_tool(cmds[tool](args.workdir / f"out-{tool}"), args.workdir / f"out-{tool}")
             r["input_gb_per_s"] = round(input_bytes / r["wall_s"] / 1e9, 2)
             runs[tool].append(r)
-            print(f"{tool:9s} run {rep + 1}: {r['wall_s']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+            print(f"{tool:9s} run {rep + 1}: {r['wall_s']:7.2f} s (cpu {r['cpu_s']:6.2f} s)  peak RSS {r['peak_rss_mb']:7.0f} MB  "
                   f"peak anon {r['peak_anon_mb']:7.0f} MB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
 
     best = {t: min(rs, key=lambda r: r["wall_s"]) for t, rs in runs.items()}
     summary = {
         "method": args.method, "params": params, "dtype": args.dtype, "out_dtype": args.out_dtype,
         "models": len(inputs), "input_bytes": input_bytes, "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "runs": runs, "best": best,
+        "cores": os.cpu_count(), "load_average_before": load_before, "runs": runs, "best": best,
     }
     if "mergekit" in best and "pymerge" in best:
         summary["speedup"] = round(best["mergekit"]["wall_s"] / best["pymerge"]["wall_s"], 2)
@@ -212,13 +217,15 @@ def main(argv=None):
 
     lines = [f"# {args.method}: base + {N_FINETUNES} fine-tunes, 297M-param Llama, bf16, 2 shards "
              f"({input_bytes / 1e9:.2f} GB read); dtype {args.dtype}, out_dtype {args.out_dtype}", "",
-             "| tool | best wall (s) | peak RSS (MB) | peak anon (MB) | GB/s of input |", "|---|---|---|---|---|"]
+             "| tool | best wall (s) | its CPU time (s) | walls of all runs (s) | peak RSS (MB) | peak anon (MB) "
+             "| GB/s of input |", "|---|---|---|---|---|---|---|"]
     for t, r in best.items():
-        lines.append(f"| {t} | {r['wall_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} | "
-                     f"{r['input_gb_per_s']} |")
+        walls = ", ".join(f"{x['wall_s']:.2f}" for x in runs[t])
+        lines.append(f"| {t} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {walls} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_anon_mb']:.0f} | {r['input_gb_per_s']} |")
     if "speedup" in summary:
-        lines += ["", f"pymerge is {summary['speedup']}x faster (best of {args.repeats}); outputs: "
-                  f"{json.dumps(summary['outputs'])}"]
+        lines += ["", f"pymerge is {summary['speedup']}x faster (best wall of {args.repeats}, runs interleaved); "
+                  f"load average before the runs: {load_before}; outputs: {json.dumps(summary['outputs'])}"]
     table = "\n".join(lines)
     print("\n" + table)
     args.results.mkdir(parents=True, exist_ok=True)

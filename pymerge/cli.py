@@ -5,6 +5,7 @@ traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anythi
 the traceback, since that is a bug in pymerge.
 """
 import argparse
+import os
 import re
 import signal
 import sys
@@ -104,8 +105,21 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs a command and returns its exit code. Called without argv (the `pymerge` script,
+    `python -m pymerge`), a finished merge ends the process at once: its output is committed and
+    flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
+    as_script = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    rc = _run(args)
+    if as_script and args.command == "merge":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(args) -> int:
     from pymerge.errors import InputError
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
