@@ -107,11 +107,22 @@ class _Sink:
         self.writer, self.progress, self.on_done = writer, progress, on_done
         self.q: "queue.Queue" = queue.Queue()
         self.error: Optional[BaseException] = None
+        self._pending = 0                      # chunks queued or being written
+        self._idle = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="pymerge-writer", daemon=True)
         self.thread.start()
 
     def put(self, name: str, tensor: torch.Tensor, offset: int, token, in_bytes: int, event=None) -> None:
+        with self._idle:
+            self._pending += 1
         self.q.put((name, tensor, offset, token, in_bytes, event))
+
+    def wait_idle(self) -> None:
+        """Blocks until every chunk handed over so far is written (or failed)."""
+        with self._idle:
+            while self._pending:
+                self._idle.wait()
+        self.check()
 
     def _run(self) -> None:
         while True:
@@ -129,7 +140,11 @@ class _Sink:
             except BaseException as exc:  # noqa: BLE001  (reported on the main thread)
                 self.error = exc
             finally:
+                del tensor, item  # a whole-tensor buffer goes now, not when the next chunk arrives
                 self.on_done(token)
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
 
     def check(self) -> None:
         if self.error is not None:
@@ -186,7 +201,7 @@ def _cpu_tensor(plan, tp, sink, free, chunk_bytes, seed, num_threads) -> None:
     if not plan.method.chunkable and tp.numel * per_el + _slack(tp) > chunk_bytes:
         # Whole-tensor method, tensor bigger than a slot: wait for the writer, then one buffer of
         # the tensor's own size (memory bounded by the largest tensor, not the model).
-        _drain(sink, free)
+        sink.wait_idle()
         buf = torch.empty(tp.numel * per_el + _slack(tp), dtype=torch.uint8)
         scratch = Scratch(buf)
         out = scratch.take(tp.out_dtype, tp.numel).view(tp.shape)
@@ -205,14 +220,6 @@ def _cpu_tensor(plan, tp, sink, free, chunk_bytes, seed, num_threads) -> None:
             out = out.view(tp.shape)
         compute_chunk(plan, tp, srcs, out, scratch, offset=off, seed=seed, num_threads=num_threads)
         sink.put(tp.name, out, off, buf, n * in_per_el)
-
-
-def _drain(sink, free) -> None:
-    """Blocks until the writer has handed back every pool buffer (nothing else in flight)."""
-    taken = [free.get() for _ in range(N_SLOTS)]
-    sink.check()
-    for b in taken:
-        free.put(b)
 
 
 def _prefetch(cks, name: str) -> None:
@@ -334,6 +341,9 @@ def _gpu_chunk(plan, item, slot, futures, h2d, compute, d2h, sink, seed, num_thr
     tp, off, n, _views = item
     for f in futures:
         f.result()
+    if off + n == tp.numel:  # the tensor is staged: its mapped pages can leave this process
+        for ck in _unique(plan.checkpoints):
+            ck.release(tp.name)
     dscratch = Scratch(slot.dev)
     with torch.cuda.stream(h2d):
         # Waiting for the slot's previous compute is implied: the writer handed the slot back only
@@ -365,7 +375,7 @@ def _gpu_chunk(plan, item, slot, futures, h2d, compute, d2h, sink, seed, num_thr
 
 def _gpu_whole(plan, tp, views, dev, sink, free, seed, num_threads, compute) -> None:
     """A whole-tensor method on a tensor bigger than a slot: drain, then plain copies."""
-    _drain(sink, free)
+    sink.wait_idle()
     with torch.cuda.stream(compute):
         srcs = [v.to(dev) for v in views]
         per = scratch_per_element(tp)
