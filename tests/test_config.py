@@ -171,6 +171,9 @@ def test_layer_positions():
     assert layer_of("model.layers.12.mlp.up_proj.weight") == ("model.layers", 12)
     assert layer_of("transformer.h.3.attn.c_attn.weight") == ("transformer.h", 3)
     assert layer_of("vision.blocks.0.attn.qkv") == ("vision.blocks", 0)
+    assert layer_of("bert.encoder.layer.5.output.dense.weight") == ("bert.encoder.layer", 5)
+    assert layer_of("encoder.block.2.layer.0.SelfAttention.q.weight") == ("encoder.block", 2)
+    assert layer_of("model.layers_norm.3.x") is None
     assert layer_of("model.layers.2.mlp.experts.7.w1") == ("model.layers", 2)
     assert layer_of("model.embed_tokens.weight") is None and layer_of("lm_head.weight") is None
     names = [f"model.layers.{i}.x" for i in range(4)] + ["vision.blocks.0.y", "vision.blocks.1.y"]
