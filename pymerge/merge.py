@@ -144,9 +144,9 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
 
 
 def _op_threads() -> int:
-    """Compute threads by default: every core but one, which the writer thread keeps busy. (On a
-    shared machine OpenMP teams that spin-wait for a descheduled member lose far more than one
-    core's worth; with 2 cores one compute thread is also the fastest choice when idle.)"""
+    """Compute threads by default: every core but one, which the writer thread keeps busy. On the
+    shared 2-core dev machine two OpenMP threads (spin-waiting for a descheduled member) streamed
+    at half the speed of one; the kernel is memory-bound, so one thread loses little when idle."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
