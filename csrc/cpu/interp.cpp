@@ -45,9 +45,7 @@ inline void dots_block(const Args& a, int64_t start, int64_t n, double* out, flo
     for (int64_t j = i; j < k; ++j, ++p) {
       const float* __restrict u = buf + i * kBlock;
       const float* __restrict v = buf + j * kBlock;
-      float s = 0;
-      for (int64_t e = 0; e < n; ++e) s += u[e] * v[e];
-      out[p] += s;
+      out[p] += tv::dot_lanes(u, v, n);
     }
 }
 

@@ -162,8 +162,8 @@ inline std::pair<float, float> l1_block(const Model& m, uintptr_t base, int bdt,
   for (int64_t j = 0; j < n; ++j) d[j] -= w.bb[j];
   compute_keep(m, d, offset + start, n, w.keep, w.bits, w.rnd);
   const float* __restrict keep = w.keep;
-  float t = 0, k = 0;
-  for (int64_t j = 0; j < n; ++j) { t += std::fabs(d[j]); k += std::fabs(d[j] * keep[j]); }
+  float t, k;
+  tv::abs_sums_lanes(d, keep, n, t, k);
   return {t, k};
 }
 
