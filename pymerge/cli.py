@@ -39,7 +39,7 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
                    help="maximum bytes per output shard, e.g. 5GB (default), 500MB, 2GiB")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
-                   help="scratch memory per chunk in flight (default 64MiB; 3 chunks are in flight)")
+                   help="scratch memory per chunk, 3 in flight (default 16MiB on the CPU, 128MiB pinned on the GPU)")
     p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args) -> int:
-    from pymerge.merge import DEFAULT_CHUNK_BYTES, run_merge  # torch loads only for real work
+    from pymerge.merge import run_merge  # torch loads only for real work
     report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
                        threads=args.threads, force=args.force, quiet=args.quiet,
-                       chunk_bytes=args.chunk_size or DEFAULT_CHUNK_BYTES, random_seed=args.random_seed)
+                       chunk_bytes=args.chunk_size, random_seed=args.random_seed)
     for w in report.warnings:
         print(f"pymerge: warning: {w}", file=sys.stderr)
     if not args.quiet:

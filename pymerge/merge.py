@@ -32,7 +32,11 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.methods.base import MergeMethod, TensorTask, get_method
 
-DEFAULT_CHUNK_BYTES = 64 << 20   # scratch memory per chunk in flight (the output chunk and casts)
+# Scratch memory per chunk in flight (3 in flight). CPU: the output chunk and casts; small enough
+# that the writer finds it still in cache. GPU: the pinned staging of inputs and output; big
+# copies keep the per-chunk overhead small next to PCIe time.
+DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_GPU_CHUNK_BYTES = 128 << 20
 DEFAULT_SHARD_BYTES = 5_000_000_000
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Copied from the donor model (mergekit's list, plus vocab.json which BPE tokenizers need).
@@ -106,7 +110,7 @@ class MergeReport:
 
 def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, device: str = "auto",
               out_shard_size: float = DEFAULT_SHARD_BYTES, threads: Optional[int] = None, force: bool = False,
-              quiet: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, random_seed: Optional[int] = None,
+              quiet: bool = False, chunk_bytes: Optional[int] = None, random_seed: Optional[int] = None,
               progress=None) -> MergeReport:
     """Merges per the config into out_dir. Raises InputError (and subclasses) for anything the user
     can fix, before any output exists; on any failure no partial output is left behind."""
@@ -120,6 +124,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         torch.set_num_threads(threads)
     if out_shard_size is None or out_shard_size <= 0:
         raise InputError(f"--out-shard-size must be positive, got {out_shard_size}")
+    if chunk_bytes is None:
+        chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES
     if chunk_bytes < (1 << 20):
         raise InputError(f"chunk_bytes must be at least 1 MiB, got {chunk_bytes}")
     plan = make_plan(config_or_path)
