@@ -22,18 +22,19 @@ import torch
 
 TASKS = ("upright", "rotated")
 HIDDEN = 32
-PRETRAIN_SHARE = 0.25   # of the training split, for the shared pretraining stage
-NUM_SHARDS = 6          # the rest, cut into this many disjoint shards
+PRETRAIN_SHARE = 0.2    # of the training split, for the shared pretraining stage
+PRETRAIN_STEPS = 200
+NUM_SHARDS = 8          # the rest, cut into this many disjoint shards
 
 
 @dataclass
 class Split:
     x: Dict[str, torch.Tensor]   # task -> [n, 64] float32 inputs
-    y: torch.Tensor              # [n] labels (the same digits for both tasks)
+    y: Dict[str, torch.Tensor]   # task -> [n] labels (the same digits for both tasks here)
 
     def subset(self, ids) -> "Split":
         ids = torch.as_tensor(ids, dtype=torch.long)
-        return Split(x={t: v[ids] for t, v in self.x.items()}, y=self.y[ids])
+        return Split(x={t: v[ids] for t, v in self.x.items()}, y={t: v[ids] for t, v in self.y.items()})
 
 
 def load_splits(seed: int = 0) -> Dict[str, Split]:
@@ -49,8 +50,9 @@ def load_splits(seed: int = 0) -> Dict[str, Split]:
     for name, ids in (("train", train), ("val", val), ("test", test)):
         up = images[ids].reshape(len(ids), 64)
         rot = np.rot90(images[ids], k=1, axes=(1, 2)).reshape(len(ids), 64)
+        y = torch.from_numpy(d.target[ids].astype(np.int64))
         out[name] = Split(x={"upright": torch.from_numpy(up.copy()), "rotated": torch.from_numpy(rot.copy())},
-                          y=torch.from_numpy(d.target[ids].astype(np.int64)))
+                          y={"upright": y, "rotated": y})
     return out
 
 
@@ -72,7 +74,7 @@ class MLP(torch.nn.Module):
 @torch.no_grad()
 def accuracy(model: MLP, split: Split) -> Dict[str, float]:
     model.eval()
-    return {t: float((model(split.x[t]).argmax(1) == split.y).float().mean()) for t in TASKS}
+    return {t: float((model(split.x[t]).argmax(1) == split.y[t]).float().mean()) for t in TASKS}
 
 
 @dataclass
@@ -93,15 +95,15 @@ class Run:
 def runs(scale: float = 1.0) -> List[Run]:
     """The pool: eight runs, each on limited data of its own, that trade the two tasks off."""
     s = lambda n: max(20, int(n * scale))  # noqa: E731
-    return [
+    return [  # four runs lean to "upright", four to "rotated"; no two share a shard
         Run("upright-only", 0, 1.0, s(300)),
-        Run("mix-85/15-lr0.1", 1, 0.85, s(250), lr=0.1),
-        Run("mix-70/30-ls", 2, 0.7, s(300), label_smoothing=0.1),
-        Run("mix-30/70-wd", 3, 0.3, s(300), weight_decay=5e-3),
+        Run("mix-90/10-lr0.1", 1, 0.9, s(250), lr=0.1),
+        Run("mix-80/20-ls", 2, 0.8, s(300), label_smoothing=0.1),
+        Run("mix-85/15-wd", 3, 0.85, s(300), weight_decay=5e-3),
         Run("mix-15/85", 4, 0.15, s(300), lr=0.08),
         Run("rotated-only", 5, 0.0, s(250)),
-        Run("stage2:upright-only+rotated", 5, 0.1, s(150), lr=0.03, parent="upright-only"),
-        Run("stage2:rotated-only+upright", 0, 0.9, s(150), lr=0.03, parent="rotated-only"),
+        Run("stage2:upright-only>10/90", 6, 0.1, s(150), lr=0.03, parent="upright-only"),
+        Run("stage2:mix-90/10>20/80-b64", 7, 0.2, s(150), lr=0.03, batch=64, parent="mix-90/10-lr0.1"),
     ]
 
 
@@ -110,21 +112,22 @@ def train(model: MLP, run: Run, data: Split, seed: int) -> MLP:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9, weight_decay=run.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=run.label_smoothing)
-    n = len(data.y)
+    n = len(data.y["upright"])
     model.train()
     for _ in range(run.steps):
         idx = torch.randint(0, n, (run.batch,), generator=g)
         upright = torch.rand(run.batch, generator=g) < run.upright_share
         x = torch.where(upright[:, None], data.x["upright"][idx], data.x["rotated"][idx])
+        y = torch.where(upright, data.y["upright"][idx], data.y["rotated"][idx])
         opt.zero_grad()
-        loss_fn(model(x), data.y[idx]).backward()
+        loss_fn(model(x), y).backward()
         opt.step()
     return model
 
 
 def shards(train_split: Split, seed: int = 0) -> Tuple[Split, List[Split]]:
     """The pretraining part and NUM_SHARDS disjoint shards of the training split (a fixed, seeded cut)."""
-    perm = np.random.RandomState(seed + 12345).permutation(len(train_split.y))
+    perm = np.random.RandomState(seed + 12345).permutation(len(train_split.y["upright"]))
     n_pre = int(round(PRETRAIN_SHARE * len(perm)))
     return train_split.subset(perm[:n_pre]), [train_split.subset(p) for p in np.array_split(perm[n_pre:], NUM_SHARDS)]
 
@@ -134,7 +137,7 @@ def train_pool(splits: Dict[str, Split], scale: float = 1.0, seed: int = 0) -> T
     torch.manual_seed(seed)
     pre_data, parts = shards(splits["train"], seed)
     base = MLP()
-    pretrain = Run("pretrain", -1, 0.5, max(20, int(200 * scale)), lr=0.05)
+    pretrain = Run("pretrain", -1, 0.5, max(20, int(PRETRAIN_STEPS * scale)), lr=0.05)
     train(base, pretrain, pre_data, seed=seed)
     done: Dict[str, MLP] = {}
     for i, run in enumerate(runs(scale)):
