@@ -205,7 +205,8 @@ def main(argv=None):
             r = run_tool(cmds[tool](args.workdir / f"out-{tool}"), args.workdir / f"out-{tool}")
             r["input_gb_per_s"] = round(input_bytes / r["wall_s"] / 1e9, 2)
             runs[tool].append(r)
-            print(f"{tool:9s} run {rep + 1}: {r['wall_s']:7.2f} s (cpu {r['cpu_s']:6.2f} s)  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+            print(f"{tool:9s} run {rep + 1}: {r['wall_s']:7.2f} s (cpu {r['cpu_s']:6.2f} s)  "
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  "
                   f"peak anon {r['peak_anon_mb']:7.0f} MB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
 
     best = {t: min(rs, key=lambda r: r["wall_s"]) for t, rs in runs.items()}
