@@ -110,7 +110,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
     as_script = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
+    # option (`pymerge demo --quick`) through, so the rest of the line goes to them untouched.
+    args, rest = build_parser().parse_known_args(argv)  # usage errors: argparse prints them, exits 2
+    if args.command == "merge" and rest:
+        build_parser().parse_args(argv)  # unknown merge options: the usual usage error
+    if args.command != "merge":
+        args.args = rest + list(args.args)
     rc = _run(args)
     if as_script and args.command == "merge":
         sys.stdout.flush()

@@ -292,3 +292,20 @@ def test_sigkill_midway_then_next_run_cleans_up(slow_fam, tmp_path, capsys):
     assert rc == 0, err
     assert leftovers(out) == []      # ...which the next run removes
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command, option", [("demo", "--quick"), ("search", "--budget"), ("bench", "--quick")])
+def test_subcommands_take_their_own_options(command, option, capsys):
+    """`pymerge demo --quick ...`: leading options reach the subcommand's own parser."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert option in capsys.readouterr().out
+
+
+def test_demo_options_pass_through(monkeypatch):
+    seen = {}
+    import pymerge.demo as demo
+    monkeypatch.setattr(demo, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert cli.main(["demo", "--quick", "--out", "x", "--json"]) == 0
+    assert seen["argv"] == ["--quick", "--out", "x", "--json"]
