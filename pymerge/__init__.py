@@ -9,14 +9,15 @@
 import importlib
 
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
-from pymerge.ops import weighted_sum, weighted_sum_many
 
 __version__ = "0.1.0"
 __all__ = ["weighted_sum", "weighted_sum_many", "CheckpointPool", "run_merge", "search", "merge",
            "InputError", "CheckpointError", "MergeConfigError", "__version__"]
 
-# Heavier pieces load on first use, so `import pymerge` stays cheap for code that only needs the ops.
-_LAZY = {"CheckpointPool": ("pymerge.pool", "CheckpointPool"), "run_merge": ("pymerge.merge", "run_merge"),
+# Everything else loads on first use: `import pymerge` (and the CLI, and a CPU linear merge) stays
+# free of torch, whose import alone costs more than such a merge.
+_LAZY = {"weighted_sum": ("pymerge.ops", "weighted_sum"), "weighted_sum_many": ("pymerge.ops", "weighted_sum_many"),
+         "CheckpointPool": ("pymerge.pool", "CheckpointPool"), "run_merge": ("pymerge.merge", "run_merge"),
          "search": ("pymerge.search", None), "merge": ("pymerge.merge", None)}
 
 
@@ -26,3 +27,7 @@ def __getattr__(name):
     module, attr = _LAZY[name]
     mod = importlib.import_module(module)
     return mod if attr is None else getattr(mod, attr)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,17 +1,68 @@
-"""Loads the native extensions and maps torch dtypes to the dtype codes they take."""
-import torch
+"""Loads the native extensions and maps dtypes to the dtype codes they take.
 
-DTYPE_CODES = {  # keep in sync with csrc/cpu/common.h and csrc/cuda/weighted_sum.cu
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
+Torch-free at import: dtypes are known by name (torch's names, "bfloat16"; safetensors' codes,
+"BF16", are accepted too), so the CPU merge of weighted-sum methods never imports torch. The
+torch-keyed tables (DTYPE_CODES, INPUT_DTYPES, OUTPUT_DTYPES) are built on first use.
+"""
+from typing import Dict
+
+# name -> (itemsize, is floating point, safetensors code); torch's own dtype names.
+DTYPE_INFO: Dict[str, tuple] = {
+    "float64": (8, True, "F64"), "float32": (4, True, "F32"), "float16": (2, True, "F16"),
+    "bfloat16": (2, True, "BF16"), "int64": (8, False, "I64"), "int32": (4, False, "I32"),
+    "int16": (2, False, "I16"), "int8": (1, False, "I8"), "uint8": (1, False, "U8"), "bool": (1, False, "BOOL"),
+    "complex64": (8, False, "C64"), "float8_e4m3fn": (1, True, "F8_E4M3"), "float8_e5m2": (1, True, "F8_E5M2"),
+    "float8_e4m3fnuz": (1, True, "F8_E4M3FNUZ"), "float8_e5m2fnuz": (1, True, "F8_E5M2FNUZ"),
+    "float8_e8m0fnu": (1, True, "F8_E8M0"), "uint16": (2, False, "U16"), "uint32": (4, False, "U32"),
+    "uint64": (8, False, "U64"),
 }
-for _name, _code in (("float8_e4m3fn", 3), ("float8_e5m2", 4)):
-    if hasattr(torch, _name):
-        DTYPE_CODES[getattr(torch, _name)] = _code
+SAFETENSORS_TO_NAME: Dict[str, str] = {v[2]: k for k, v in DTYPE_INFO.items()}
 
-INPUT_DTYPES = frozenset(DTYPE_CODES)
-OUTPUT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
+# keep in sync with csrc/cpu/common.h and csrc/cuda/weighted_sum.cu
+_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float8_e4m3fn": 3, "float8_e5m2": 4}
+CODES_BY_NAME: Dict[str, int] = {**_CODES, **{DTYPE_INFO[n][2]: c for n, c in _CODES.items()}}
+INPUT_DTYPE_NAMES = frozenset(_CODES)
+OUTPUT_DTYPE_NAMES = frozenset(("float32", "float16", "bfloat16"))
+
+
+def dtype_name(dtype) -> str:
+    """The torch-style name of a dtype given as a torch dtype, a name or a safetensors code."""
+    if isinstance(dtype, str):
+        name = SAFETENSORS_TO_NAME.get(dtype, dtype)
+        if name not in DTYPE_INFO:
+            raise KeyError(dtype)
+        return name
+    return str(dtype).replace("torch.", "")  # a torch.dtype (str() works without importing torch)
+
+
+def itemsize(dtype) -> int:
+    return DTYPE_INFO[dtype_name(dtype)][0]
+
+
+def is_floating(dtype) -> bool:
+    return DTYPE_INFO[dtype_name(dtype)][1]
+
+
+def torch_dtype(dtype):
+    """The torch dtype for a name (imports torch)."""
+    import torch
+    return getattr(torch, dtype_name(dtype))
+
+
+def _torch_tables():
+    import torch
+    codes = {getattr(torch, n): c for n, c in _CODES.items() if hasattr(torch, n)}
+    return {"DTYPE_CODES": codes, "INPUT_DTYPES": frozenset(codes),
+            "OUTPUT_DTYPES": frozenset(getattr(torch, n) for n in ("float32", "float16", "bfloat16"))}
+
+
+def __getattr__(name):
+    # DTYPE_CODES (torch dtype -> code), INPUT_DTYPES, OUTPUT_DTYPES: built, and torch imported, on first use.
+    if name in ("DTYPE_CODES", "INPUT_DTYPES", "OUTPUT_DTYPES"):
+        globals().update(_torch_tables())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 try:
     from pymerge import _cpu as cpu

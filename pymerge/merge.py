@@ -14,16 +14,20 @@ Dtypes follow mergekit: ``dtype`` is the load/compute dtype (inputs are rounded 
 that loses precision), the method's result is rounded to it, then to ``out_dtype``. Arithmetic is
 float32 throughout (mergekit's task_arithmetic computes in ``dtype`` itself: with bfloat16 there,
 ours is the more accurate of the two).
+
+The plan names dtypes by torch's names ("bfloat16", see pymerge/_native.py) and imports no torch:
+a CPU merge with a weighted-sum method (linear, task_arithmetic) runs without it (see
+pymerge/streaming.py); other methods, the GPU and a `--device auto` that may find a GPU load it.
 """
+import glob
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
-
-import torch
 
 from pymerge import _native
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
@@ -38,13 +42,13 @@ from pymerge.methods.base import MergeMethod, TensorTask, get_method
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_GPU_CHUNK_BYTES = 128 << 20
 DEFAULT_SHARD_BYTES = 5_000_000_000
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # config value -> dtype name
 # Copied from the donor model (mergekit's list, plus vocab.json which BPE tokenizers need).
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "video_preprocessor_config.json")
 # Converting these to the compute dtype loses nothing, so inputs stay as they are on disk.
-_EXACT_UP = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
+_EXACT_UP = {("bfloat16", "float32"), ("float16", "float32")}
 
 
 @dataclass
@@ -53,10 +57,10 @@ class TensorPlan:
     name: str
     shape: tuple
     numel: int
-    in_dtypes: List[torch.dtype]           # per source (inputs..., then base)
-    casts: List[Optional[torch.dtype]]     # per source: round to this dtype before the method runs
-    result_dtype: torch.dtype              # the method's result is rounded to this...
-    out_dtype: torch.dtype                 # ...then to this (the dtype written)
+    in_dtypes: List[str]                   # per source (inputs..., then base); dtype names ("bfloat16")
+    casts: List[Optional[str]]             # per source: round to this dtype before the method runs
+    result_dtype: str                      # the method's result is rounded to this...
+    out_dtype: str                         # ...then to this (the dtype written)
     params: Dict[str, Any]
     model_params: List[Dict[str, Any]]
     in_bytes: int
@@ -64,7 +68,7 @@ class TensorPlan:
     @property
     def double_round(self) -> bool:
         # Only a narrower-than-float32 result needs its own rounding step before out_dtype.
-        return self.result_dtype != self.out_dtype and self.result_dtype.itemsize < 4
+        return self.result_dtype != self.out_dtype and _native.itemsize(self.result_dtype) < 4
 
 
 @dataclass
@@ -84,7 +88,7 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(t.numel * t.out_dtype.itemsize for t in self.tensors)
+        return sum(t.numel * _native.itemsize(t.out_dtype) for t in self.tensors)
 
     def close(self) -> None:
         for ck in {id(c): c for c in self.checkpoints + [self.donor]}.values():
@@ -118,10 +122,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
 
     t0 = time.perf_counter()
     device = pick_device(device)
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
     if out_shard_size is None or out_shard_size <= 0:
         raise InputError(f"--out-shard-size must be positive, got {out_shard_size}")
     if chunk_bytes is None:
@@ -130,6 +132,9 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         raise InputError(f"chunk_bytes must be at least 1 MiB, got {chunk_bytes}")
     plan = make_plan(config_or_path)
     try:
+        if threads is not None and streaming.uses_torch(plan, device):
+            import torch
+            torch.set_num_threads(threads)
         entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
         with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
                            metadata={"format": "pt"}) as writer:
@@ -162,14 +167,27 @@ def _op_threads() -> int:
 
 def pick_device(device: str) -> str:
     if device == "auto":
+        if not _gpu_possible():
+            return "cpu"
+        import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
     if device == "cuda" or device.startswith("cuda:"):
+        import torch
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available (this torch: {torch.__version__})")
         return device
     raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def _gpu_possible() -> bool:
+    """False where torch certainly finds no GPU: Linux without NVIDIA, AMD (ROCm) or WSL GPU device
+    nodes. Then `--device auto` is the CPU without importing torch (1.5-2 s) just to ask."""
+    if not sys.platform.startswith("linux"):
+        return True
+    nodes = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+    return any(os.path.exists(p) for p in nodes) or bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -241,25 +259,26 @@ def _roles(cfg: MergeConfig, method: MergeMethod):
 
 def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base) -> TensorPlan:
     infos = [ck.info(name) for ck in checkpoints]
-    in_dtypes = [i.dtype for i in infos]
+    in_dtypes = [i.dtype_name for i in infos]
     for dt, label in zip(in_dtypes, labels):
-        if not dt.is_floating_point:
+        if not _native.is_floating(dt):
             raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(dt)}; pymerge merges "
                                   f"floating-point tensors only")
     compute = DTYPES[cfg.dtype] if cfg.dtype else None
     casts = []
     for dt, label in zip(in_dtypes, labels):
         cast = None
-        exact = dt == compute or (dt, compute) in _EXACT_UP or (dt.itemsize == 1 and dt in _native.INPUT_DTYPES)
+        exact = dt == compute or (dt, compute) in _EXACT_UP or (_native.itemsize(dt) == 1
+                                                                 and dt in _native.INPUT_DTYPE_NAMES)
         if compute is not None and not exact:
             cast = compute  # mergekit loads inputs as `dtype`: round them the same way
-        elif dt not in _native.INPUT_DTYPES:
+        elif dt not in _native.INPUT_DTYPE_NAMES:
             raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(dt)}, which pymerge cannot "
                                   f"read directly; set `dtype: float32` in the config to convert it")
         casts.append(cast)
     result = compute or _promote([c or d for c, d in zip(casts, in_dtypes)])
     out = DTYPES[cfg.out_dtype] if cfg.out_dtype else result
-    if out not in _native.OUTPUT_DTYPES:
+    if out not in _native.OUTPUT_DTYPE_NAMES:
         raise MergeConfigError(cfg.where(f"tensor {name!r} would be written as {_dname(out)}; set out_dtype "
                                          f"to float32, bfloat16 or float16"))
     params, model_params = resolver(name, layer_t(name, n_layers))
@@ -273,16 +292,18 @@ def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has
                       sum(i.nbytes for i in infos))
 
 
-def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+def _promote(dtypes: Sequence[str]) -> str:
+    """torch.promote_types over float32, float16 and bfloat16 (what inputs can be here): one
+    dtype stays itself, any mix is float32."""
     out = None
     for d in dtypes:
-        d = torch.bfloat16 if d.itemsize == 1 else d  # float8 results come out as bfloat16
-        out = d if out is None else torch.promote_types(out, d)
+        d = "bfloat16" if _native.itemsize(d) == 1 else d  # float8 results come out as bfloat16
+        out = d if out is None or out == d else "float32"
     return out
 
 
-def _dname(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
+def _dname(dt) -> str:
+    return _native.dtype_name(dt)
 
 
 def _read_model_config(ck: Checkpoint) -> Optional[dict]:

@@ -11,15 +11,25 @@ the next chunk is read while the current one is on the GPU); host-to-device copi
 stream and overlap the kernel of the previous chunk; results come back through pinned buffers on
 another stream to the writer thread, which hands the slot back once the chunk is on disk.
 Never cudaMemcpy from the mapping itself: pageable copies run at a fraction of pinned speed.
+
+CPU without torch: for a weighted-sum method (pymerge/methods/linear.py: linear, task_arithmetic;
+``weights_for`` gives the sources and coefficients) whose inputs need no rounding to ``dtype`` and
+whose result needs no second rounding, the executor hands raw pointers into the mapped
+checkpoints (numpy views) and into numpy output buffers straight to the C++ kernel that
+ops.weighted_sum calls, with the same arguments: the same bits, and torch is never imported
+(it costs more than the merge). Otherwise, or with PYMERGE_FORCE_TORCH=1 in the environment,
+the torch executor runs; those roundings use torch's conversions, hence the fallback.
 """
 import ctypes
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
-import torch
+import numpy as np
 
+from pymerge import _native
 from pymerge.methods.base import TensorTask
 
 N_SLOTS = 3              # buffers in flight: one being computed, up to two waiting for the writer
@@ -31,10 +41,13 @@ _COPY_PIECE = 8 << 20    # bytes per reader-thread memcpy on the GPU path
 class Scratch:
     """Carves aligned, typed, flat regions out of one byte buffer (reset per chunk)."""
 
-    def __init__(self, buf: torch.Tensor):
+    def __init__(self, buf):
         self.buf, self.pos = buf, 0
 
-    def take(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+    def take(self, dtype, n: int):
+        """An aligned region of n elements; dtype is a torch dtype or its name."""
+        if isinstance(dtype, str):
+            dtype = _native.torch_dtype(dtype)
         start = -(-self.pos // _ALIGN) * _ALIGN
         end = start + n * dtype.itemsize
         if end > self.buf.numel():
@@ -49,10 +62,19 @@ class Scratch:
 
 def scratch_per_element(tp) -> int:
     """Bytes of scratch one output element needs: the output, rounded inputs, a narrow result."""
-    n = tp.out_dtype.itemsize + sum(c.itemsize for c in tp.casts if c is not None)
+    n = _size(tp.out_dtype) + sum(_size(c) for c in tp.casts if c is not None)
     if tp.double_round:
-        n += tp.result_dtype.itemsize
+        n += _size(tp.result_dtype)
     return n
+
+
+def _size(dtype) -> int:
+    """Itemsize of a dtype name or torch dtype."""
+    return _native.itemsize(dtype)
+
+
+def _in_bytes_per_element(tp) -> int:
+    return sum(_size(d) for d in tp.in_dtypes)
 
 
 def chunks(tp, budget_bytes: int, per_element: int) -> List[Tuple[int, int]]:
@@ -75,7 +97,7 @@ def chunks_of(tp, room: int) -> List[Tuple[int, int]]:
     return [(off, min(step, tp.numel - off)) for off in range(0, tp.numel, step)]
 
 
-def compute_chunk(plan, tp, sources: List[torch.Tensor], out: torch.Tensor, scratch: Scratch, *, offset: int,
+def compute_chunk(plan, tp, sources: list, out, scratch: Scratch, *, offset: int,
                   seed: int, num_threads: int) -> None:
     """Runs the method on one chunk: rounds inputs to the compute dtype where mergekit would,
     and the result to the compute dtype before out_dtype where that is narrower than float32."""
@@ -112,7 +134,7 @@ class _Sink:
         self.thread = threading.Thread(target=self._run, name="pymerge-writer", daemon=True)
         self.thread.start()
 
-    def put(self, name: str, tensor: torch.Tensor, offset: int, token, in_bytes: int, event=None) -> None:
+    def put(self, name: str, tensor, offset: int, token, in_bytes: int, event=None) -> None:
         with self._idle:
             self._pending += 1
         self.q.put((name, tensor, offset, token, in_bytes, event))
@@ -165,11 +187,28 @@ class _Sink:
 
 
 # ---- CPU -------------------------------------------------------------------------------------
+FORCE_TORCH_ENV = "PYMERGE_FORCE_TORCH"
+
+
+def torch_free(plan, device: str = "cpu") -> bool:
+    """True when the CPU executor runs this plan without torch (see the module docstring)."""
+    if device != "cpu" or os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
+        return False
+    if not callable(getattr(plan.method, "weights_for", None)) or not plan.method.chunkable:
+        return False
+    return all(not tp.double_round and all(c is None for c in tp.casts) for tp in plan.tensors)
+
+
+def uses_torch(plan, device: str) -> bool:
+    return not torch_free(plan, device)
+
+
 def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads: int = 0, seed: int = 0,
             progress=None) -> None:
+    raw = torch_free(plan, device)
     free: "queue.Queue" = queue.Queue()
-    for _ in range(N_SLOTS):
-        free.put(torch.empty(chunk_bytes, dtype=torch.uint8))  # pages appear only when first written
+    for _ in range(N_SLOTS):  # pages appear only when first written
+        free.put(_raw_buffer(chunk_bytes) if raw else _torch_buffer(chunk_bytes))
 
     def give_back(token):
         if token is not None:
@@ -184,7 +223,9 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
         for i, tp in enumerate(tensors):
             if i + 1 < len(tensors):
                 _prefetch(cks, tensors[i + 1].name)
-            if tp.numel:
+            if tp.numel and raw:
+                _raw_tensor(plan, tp, sink, free, chunk_bytes, num_threads)
+            elif tp.numel:
                 _cpu_tensor(plan, tp, sink, free, chunk_bytes, seed, num_threads)
             for ck in cks:
                 ck.release(tp.name)
@@ -194,15 +235,52 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
         raise
 
 
+def _torch_buffer(nbytes: int):
+    import torch
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _raw_buffer(nbytes: int) -> np.ndarray:
+    """A numpy byte buffer starting on an _ALIGN boundary, as torch's allocations do."""
+    buf = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    skip = -buf.__array_interface__["data"][0] % _ALIGN
+    return buf[skip:skip + nbytes]
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _raw_tensor(plan, tp, sink, free, chunk_bytes, num_threads) -> None:
+    """One tensor of a weighted-sum method, without torch: what the method's merge_tensor does
+    through ops.weighted_sum (same sources, order, coefficients, kernel), on raw pointers."""
+    task = TensorTask(inputs=[], base=None, model_params=tp.model_params, params=tp.params, name=tp.name)
+    order, coef = plan.method.weights_for(task)  # source i: plan.checkpoints[i] (inputs..., then base)
+    arrays = [plan.checkpoints[i].array(tp.name) for i in order]  # kept alive while the kernel reads
+    sizes = [_size(tp.in_dtypes[i]) for i in order]
+    codes = [_native.CODES_BY_NAME[tp.in_dtypes[i]] for i in order]
+    ptrs = [_address(a) for a in arrays]
+    out_size, out_code = _size(tp.out_dtype), _native.CODES_BY_NAME[tp.out_dtype]
+    in_per_el = _in_bytes_per_element(tp)
+    kernel = _native.require_cpu().weighted_sum_many
+    for off, n in chunks(tp, chunk_bytes, scratch_per_element(tp)):
+        buf = free.get()
+        sink.check()
+        out = buf[:n * out_size]
+        kernel([p + off * s for p, s in zip(ptrs, sizes)], codes, n, coef, [_address(out)], [out_code],
+               num_threads)
+        sink.put(tp.name, out, off, buf, n * in_per_el)
+
+
 def _cpu_tensor(plan, tp, sink, free, chunk_bytes, seed, num_threads) -> None:
     views = [ck.tensor(tp.name) for ck in plan.checkpoints]
     per_el = scratch_per_element(tp)
-    in_per_el = sum(d.itemsize for d in tp.in_dtypes)
+    in_per_el = _in_bytes_per_element(tp)
     if not plan.method.chunkable and tp.numel * per_el + _slack(tp) > chunk_bytes:
         # Whole-tensor method, tensor bigger than a slot: wait for the writer, then one buffer of
         # the tensor's own size (memory bounded by the largest tensor, not the model).
         sink.wait_idle()
-        buf = torch.empty(tp.numel * per_el + _slack(tp), dtype=torch.uint8)
+        buf = _torch_buffer(tp.numel * per_el + _slack(tp))
         scratch = Scratch(buf)
         out = scratch.take(tp.out_dtype, tp.numel).view(tp.shape)
         compute_chunk(plan, tp, views, out, scratch, offset=0, seed=seed, num_threads=num_threads)
@@ -231,7 +309,8 @@ def _prefetch(cks, name: str) -> None:
 class _Slot:
     """One chunk in flight on the GPU path: pinned staging, device buffers and their events."""
 
-    def __init__(self, pinned_bytes: int, device_bytes: int, device: torch.device):
+    def __init__(self, pinned_bytes: int, device_bytes: int, device):
+        import torch
         self.pinned = torch.empty(pinned_bytes, dtype=torch.uint8, pin_memory=True)
         self.dev = torch.empty(device_bytes, dtype=torch.uint8, device=device)
         self.h2d_done = torch.cuda.Event()
@@ -240,14 +319,15 @@ class _Slot:
 
 def gpu_budget(tp) -> Tuple[int, int]:
     """(pinned, device) bytes per element of a chunk."""
-    in_b = sum(d.itemsize for d in tp.in_dtypes)
-    pinned = in_b + tp.out_dtype.itemsize
+    in_b = _in_bytes_per_element(tp)
+    pinned = in_b + _size(tp.out_dtype)
     dev = in_b + scratch_per_element(tp)
     return pinned, dev
 
 
 def run_gpu(plan, writer, *, device: str = "cuda", chunk_bytes: int, num_threads: int = 0, seed: int = 0,
             progress=None, readers: int = 8) -> None:
+    import torch
     dev = torch.device(device)
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -338,6 +418,7 @@ def _read_into(pool, slot, tp, views, off, n):
 
 
 def _gpu_chunk(plan, item, slot, futures, h2d, compute, d2h, sink, seed, num_threads) -> None:
+    import torch
     tp, off, n, _views = item
     for f in futures:
         f.result()
@@ -370,11 +451,12 @@ def _gpu_chunk(plan, item, slot, futures, h2d, compute, d2h, sink, seed, num_thr
         slot.out_pinned.copy_(out.reshape(-1), non_blocking=True)
         slot.d2h_done.record(d2h)
     result = slot.out_pinned if not shaped else slot.out_pinned.view(tp.shape)
-    sink.put(tp.name, result, off, slot, n * sum(d.itemsize for d in tp.in_dtypes), event=slot.d2h_done)
+    sink.put(tp.name, result, off, slot, n * _in_bytes_per_element(tp), event=slot.d2h_done)
 
 
 def _gpu_whole(plan, tp, views, dev, sink, free, seed, num_threads, compute) -> None:
     """A whole-tensor method on a tensor bigger than a slot: drain, then plain copies."""
+    import torch
     sink.wait_idle()
     with torch.cuda.stream(compute):
         srcs = [v.to(dev) for v in views]
@@ -384,4 +466,4 @@ def _gpu_whole(plan, tp, views, dev, sink, free, seed, num_threads, compute) -> 
         out = dscratch.take(tp.out_dtype, tp.numel).view(tp.shape)
         compute_chunk(plan, tp, srcs, out, dscratch, offset=0, seed=seed, num_threads=num_threads)
         host = out.cpu()
-    sink.put(tp.name, host, 0, None, tp.numel * sum(d.itemsize for d in tp.in_dtypes))
+    sink.put(tp.name, host, 0, None, tp.numel * _in_bytes_per_element(tp))

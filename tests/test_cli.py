@@ -224,11 +224,11 @@ def test_python_m_pymerge_exit_codes(fam, tmp_path):
 _SLOW_DRIVER = """
 import sys, time
 import pymerge.streaming as s
-_orig = s.compute_chunk
-def slow(*a, **k):
+_orig = s._Sink.put
+def slow(*a, **k):  # every chunk, on either CPU executor (torch, or torch-free for linear)
     time.sleep(0.02)
     return _orig(*a, **k)
-s.compute_chunk = slow
+s._Sink.put = slow
 from pymerge.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -4,13 +4,17 @@ Accepts what Hugging Face writes: a folder with model.safetensors, or shards lis
 model.safetensors.index.json, or (fallback, for old checkpoints) pytorch_model.bin and its
 index; or a single .safetensors (or .bin) file. The index and the shards must agree exactly:
 every mismatch is a CheckpointError naming the file and the tensor.
+
+torch is imported only where needed: for .bin files and for tensor(); info() and array() (the
+tensor's bytes as a numpy view) of safetensors files need none.
 """
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import torch
+import numpy as np
 
+from pymerge import _native
 from pymerge.errors import CheckpointError
 from pymerge.io.safetensors_file import SafetensorsFile, TensorInfo
 
@@ -29,6 +33,7 @@ class TorchFile:
     """
 
     def __init__(self, path):
+        import torch
         self.path = Path(path)
         self.metadata = None
         try:
@@ -41,7 +46,7 @@ class TorchFile:
         for name, t in state.items():
             if not isinstance(name, str) or not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
-        self._state: Optional[Dict[str, torch.Tensor]] = state
+        self._state: Optional[dict] = state
 
     def names(self) -> List[str]:
         return list(self._require_open())
@@ -51,11 +56,21 @@ class TorchFile:
 
     def info(self, name: str) -> TensorInfo:
         t = self._get(name)
-        return TensorInfo(name, t.dtype, tuple(t.shape), t.numel() * t.element_size(), -1)
+        return TensorInfo(name, _native.dtype_name(t.dtype), tuple(t.shape), t.numel() * t.element_size(), -1)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str):
         # Same contract as safetensors: contiguous (a tied or transposed view gets copied once).
         return self._get(name).contiguous()
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a flat, read-only uint8 numpy array (as SafetensorsFile.array)."""
+        import torch
+        t = self.tensor(name)
+        if t.numel() == 0:
+            return np.empty(0, dtype=np.uint8)
+        a = t.reshape(-1).view(torch.uint8).numpy()
+        a.flags.writeable = False
+        return a
 
     def prefetch(self, name: str) -> None:
         self._get(name)  # torch's mmap gives no handle to advise on
@@ -63,13 +78,13 @@ class TorchFile:
     def release(self, name: str) -> None:
         self._get(name)
 
-    def _get(self, name: str) -> torch.Tensor:
+    def _get(self, name: str):
         state = self._require_open()
         if name not in state:
             raise CheckpointError(f"{self.path}: tensor {name!r}: no such tensor in this file")
         return state[name]
 
-    def _require_open(self) -> Dict[str, torch.Tensor]:
+    def _require_open(self) -> dict:
         if self._state is None:
             raise ValueError(f"{self.path}: file is closed")
         return self._state
@@ -85,6 +100,7 @@ class TorchFile:
 
 
 def _torch_load(path: Path):
+    import torch
     try:
         return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except RuntimeError as exc:
@@ -185,8 +201,13 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self._shard(name).info(name)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str):
+        """A read-only torch view of the tensor (imports torch)."""
         return self._shard(name).tensor(name)
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a flat, read-only uint8 numpy view (no torch for safetensors)."""
+        return self._shard(name).array(name)
 
     def file_of(self, name: str) -> Path:
         return self._shard(name).path

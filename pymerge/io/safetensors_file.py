@@ -1,4 +1,4 @@
-"""Reads one .safetensors file: a strict header check, then zero-copy torch views over an mmap.
+"""Reads one .safetensors file: a strict header check, then zero-copy views over an mmap.
 
 The checks follow the format's own library (header size limit, UTF-8 JSON, dtype x shape ==
 byte span, offsets in bounds, contiguous, no overlap, no holes, no trailing bytes), so a file
@@ -7,6 +7,9 @@ we accept is a file `safetensors` accepts, and every failure is one line naming 
 Tensors handed out are read-only views of the mapping (writing into one crashes with SIGSEGV):
 copy before modifying in place. They stay valid after close(): the mapping is unmapped only when
 the last view is gone (torch.frombuffer keeps the mmap object alive).
+
+Torch loads only for tensor() (and the torch-keyed tables): header checks, info() and array()
+(a numpy view of the tensor's bytes) need none, so a CPU weighted-sum merge runs without it.
 """
 import json
 import math
@@ -18,25 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import torch
+import numpy as np
 
+from pymerge import _native
 from pymerge.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
-# safetensors dtype code -> torch dtype. Newer float8/unsigned kinds only where this torch has them.
-SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
-}
-for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-                     ("F8_E8M0", "float8_e8m0fnu"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_code] = getattr(torch, _attr)
-TORCH_TO_SAFETENSORS: Dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+def _torch_tables():
+    # safetensors dtype code -> torch dtype, and back. Float8/unsigned kinds only where this torch has them.
+    import torch
+    st = {code: getattr(torch, name) for code, name in _native.SAFETENSORS_TO_NAME.items() if hasattr(torch, name)}
+    return {"SAFETENSORS_DTYPES": st, "TORCH_TO_SAFETENSORS": {v: k for k, v in st.items()}}
+
+
+def __getattr__(name):
+    # SAFETENSORS_DTYPES and TORCH_TO_SAFETENSORS: built, and torch imported, on first use.
+    if name in ("SAFETENSORS_DTYPES", "TORCH_TO_SAFETENSORS"):
+        globals().update(_torch_tables())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 # Known to the format but not byte-addressable (sub-byte packing): named so the error is precise.
 _UNSUPPORTED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
 
@@ -45,12 +51,26 @@ _TENSOR_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives. file_offset is absolute in the file (-1 where there is no such offset)."""
+    """Where one tensor lives. file_offset is absolute in the file (-1 where there is no such offset).
+    dtype_name is torch's name for the dtype ("bfloat16"); dtype, the torch dtype, imports torch."""
     name: str
-    dtype: torch.dtype
+    dtype_name: str
     shape: Tuple[int, ...]
     nbytes: int
     file_offset: int
+
+    @property
+    def dtype(self):
+        return _native.torch_dtype(self.dtype_name)
+
+    @property
+    def safetensors_dtype(self) -> str:
+        """The safetensors code ("BF16")."""
+        return _native.DTYPE_INFO[self.dtype_name][2]
+
+    @property
+    def itemsize(self) -> int:
+        return _native.DTYPE_INFO[self.dtype_name][0]
 
     @property
     def numel(self) -> int:
@@ -148,9 +168,9 @@ class SafetensorsFile:
         code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if code in _UNSUPPORTED_DTYPES:
             raise self._error(f"dtype {code} (sub-byte) is not supported", name)
-        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in _native.SAFETENSORS_TO_NAME:
             raise self._error(f"unknown dtype {code!r}", name)
-        dtype = SAFETENSORS_DTYPES[code]
+        dtype = _native.SAFETENSORS_TO_NAME[code]
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise self._error(f"shape {json.dumps(shape)} is not a list of non-negative integers", name)
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)):
@@ -158,7 +178,7 @@ class SafetensorsFile:
         begin, end = offsets
         if begin > end:
             raise self._error(f"data_offsets [{begin}, {end}] end before they begin", name)
-        need = math.prod(shape) * dtype.itemsize
+        need = math.prod(shape) * _native.DTYPE_INFO[dtype][0]
         if end - begin != need:
             raise self._error(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but dtype {code} "
                        f"x shape {_dims(shape)} needs {need}", name)
@@ -205,8 +225,9 @@ class SafetensorsFile:
         except KeyError:
             raise self._error("no such tensor in this file", name) from None
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """A read-only, zero-copy view of the tensor (a copy only where its offset is misaligned)."""
+    def tensor(self, name: str):
+        """A read-only, zero-copy torch view of the tensor (a copy only where its offset is misaligned)."""
+        import torch
         info = self.info(name)
         mm = self._require_open()
         if info.nbytes == 0:  # torch.frombuffer refuses count=0; there is nothing to share anyway
@@ -215,9 +236,23 @@ class SafetensorsFile:
         # The mapping is page-aligned, so the absolute offset decides alignment. safetensors pads the
         # header to 8 bytes but does not align offsets between tensors: a misaligned view would be
         # undefined behaviour for the kernels, so such a tensor is copied into aligned memory.
-        if info.file_offset % info.dtype.itemsize:
+        if info.file_offset % info.itemsize:
             raw = raw.clone()
         return raw.view(info.dtype).reshape(info.shape)
+
+    def array(self, name: str) -> np.ndarray:
+        """The tensor's bytes without torch: a read-only, zero-copy, flat uint8 numpy view of the
+        mapping (an aligned copy where the offset is misaligned for the dtype, as tensor() does).
+        The view keeps the mapping alive after close()."""
+        info = self.info(name)
+        mm = self._require_open()
+        if info.nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        raw = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.file_offset)
+        if info.file_offset % info.itemsize:
+            raw = raw.copy()
+            raw.flags.writeable = False
+        return raw
 
     def prefetch(self, name: str) -> None:
         """Asks the kernel to start reading the tensor's pages now (MADV_WILLNEED), so a streaming
@@ -263,7 +298,8 @@ class SafetensorsFile:
 _FROMBUFFER_LOCK = threading.Lock()
 
 
-def _frombuffer(mm: mmap.mmap, offset: int, nbytes: int) -> torch.Tensor:
+def _frombuffer(mm: mmap.mmap, offset: int, nbytes: int):
+    import torch
     # torch warns that the buffer is not writable; read-only views are what we hand out, by design.
     # catch_warnings swaps global state, hence the lock (a merge calls this from several threads).
     with _FROMBUFFER_LOCK, warnings.catch_warnings():

@@ -8,6 +8,10 @@ into place at commit, so OUT holds either the previous contents or the complete 
 Files produced: model.safetensors (one shard) or model-0000i-of-0000n.safetensors plus
 model.safetensors.index.json (several shards; like Hugging Face's save_pretrained, no index for a
 single shard), and whatever write_json()/copy_file() added (config.json, tokenizer files).
+
+Chunks are torch tensors or any contiguous buffer (numpy arrays): no torch is needed to write.
+Writeback of each chunk starts as it is written (sync_file_range, where Linux has it), so the
+fsync at commit, which still comes before the rename, finds little left to flush.
 """
 import ctypes
 import errno
@@ -15,15 +19,15 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
-
+from pymerge import _native
 from pymerge.errors import InputError
-from pymerge.io.safetensors_file import MAX_HEADER_BYTES, TORCH_TO_SAFETENSORS
+from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
 _TMP_TAG = ".pymerge-tmp-"  # .<outname>.pymerge-tmp-<pid>: the folder being written
@@ -34,9 +38,10 @@ _MAX_PWRITE = 1 << 30  # Linux writes at most ~2 GiB per call; smaller pieces ke
 @dataclass
 class _Slot:
     name: str
-    dtype: torch.dtype
+    dtype: str  # torch's name for it ("bfloat16")
     shape: Tuple[int, ...]
     numel: int
+    itemsize: int
     shard: int = 0
     file_offset: int = 0  # absolute, in its shard file
     written: List[Tuple[int, int]] = field(default_factory=list)  # element ranges [begin, end)
@@ -44,6 +49,7 @@ class _Slot:
 
 class ShardedWriter:
     """Writes ``entries`` = [(name, dtype, shape), ...] (output order) into the folder ``out_dir``.
+    A dtype is a torch dtype or its name ("bfloat16", or the safetensors code "BF16").
 
     Use as a context manager (commits on success, aborts on any exception, KeyboardInterrupt
     included) or call commit()/abort() yourself.
@@ -90,13 +96,17 @@ class ShardedWriter:
             name, dtype, shape = entry
             if not isinstance(name, str) or name in self._slots or name == "__metadata__":
                 raise ValueError(f"tensor name {name!r} is not a string, is reserved or appears twice")
-            if dtype not in TORCH_TO_SAFETENSORS:
+            try:
+                dname = _native.dtype_name(dtype)
+            except KeyError:
+                dname = None
+            if dname not in _native.DTYPE_INFO:
                 raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors equivalent")
             shape = tuple(shape)
             if not all(isinstance(d, int) and d >= 0 for d in shape):
                 raise ValueError(f"tensor {name!r}: shape {list(shape)} is not a list of non-negative integers")
-            slot = _Slot(name, dtype, shape, math.prod(shape))
-            nbytes = slot.numel * dtype.itemsize
+            slot = _Slot(name, dname, shape, math.prod(shape), _native.itemsize(dname))
+            nbytes = slot.numel * slot.itemsize
             # A new shard when this tensor would overflow the current one; a bigger tensor alone.
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
@@ -113,12 +123,12 @@ class ShardedWriter:
         for i, slots in enumerate(shards):
             # Widest dtype first: with the header padded to 8 bytes every tensor is then aligned,
             # so readers get zero-copy views. Stable sort: same-width tensors keep output order.
-            slots = sorted(slots, key=lambda s: -s.dtype.itemsize)
+            slots = sorted(slots, key=lambda s: -s.itemsize)
             header: Dict[str, object] = {"__metadata__": self._metadata}
             pos = 0
             for s in slots:
-                end = pos + s.numel * s.dtype.itemsize
-                header[s.name] = {"dtype": TORCH_TO_SAFETENSORS[s.dtype], "shape": list(s.shape),
+                end = pos + s.numel * s.itemsize
+                header[s.name] = {"dtype": _native.DTYPE_INFO[s.dtype][2], "shape": list(s.shape),
                                   "data_offsets": [pos, end]}
                 s.shard, s.file_offset = i, pos  # made absolute below, once the header size is known
                 pos = end
@@ -161,7 +171,7 @@ class ShardedWriter:
     @property
     def total_bytes(self) -> int:
         """Bytes of tensor data (the index's total_size)."""
-        return sum(s.numel * s.dtype.itemsize for s in self._slots.values())
+        return sum(s.numel * s.itemsize for s in self._slots.values())
 
     def _slot(self, name: str) -> _Slot:
         try:
@@ -169,22 +179,27 @@ class ShardedWriter:
         except KeyError:
             raise ValueError(f"tensor {name!r} is not in this writer's plan") from None
 
-    def write(self, name: str, tensor: torch.Tensor, offset: int = 0) -> None:
+    def write(self, name: str, tensor, offset: int = 0) -> None:
         """Writes ``tensor``'s elements at element ``offset`` of the output tensor ``name``.
 
         ``tensor`` is a contiguous CPU tensor of the planned dtype, any shape (a chunk is usually a
-        flat run or a block of rows). Thread-safe for different tensors, and for disjoint chunks
-        of one tensor.
+        flat run or a block of rows), or any contiguous buffer (a numpy array) holding the raw bytes
+        of whole elements of the planned dtype (a numpy float array must be of that very dtype).
+        Thread-safe for different tensors, and for disjoint chunks of one tensor.
         """
         slot = self._slot(name)
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype != slot.dtype:
-            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} but the plan says {slot.dtype}")
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            raise ValueError(f"tensor {name!r}: chunk must be a contiguous CPU tensor "
-                             f"(got device {tensor.device}, contiguous={tensor.is_contiguous()})")
-        n = tensor.numel()
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(tensor, torch.Tensor):
+            planned = _native.torch_dtype(slot.dtype)
+            if tensor.dtype != planned:
+                raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} but the plan says {planned}")
+            if tensor.device.type != "cpu" or not tensor.is_contiguous():
+                raise ValueError(f"tensor {name!r}: chunk must be a contiguous CPU tensor "
+                                 f"(got device {tensor.device}, contiguous={tensor.is_contiguous()})")
+            n = tensor.numel()
+            data = tensor.detach().reshape(-1).view(torch.uint8).numpy() if n else None
+        else:
+            n, data = self._buffer(name, slot, tensor)
         if not isinstance(offset, int) or offset < 0 or offset + n > slot.numel:
             raise ValueError(f"tensor {name!r}: elements [{offset}, {offset + n}) do not fit in its "
                              f"{slot.numel} elements")
@@ -194,9 +209,9 @@ class ShardedWriter:
             self._inflight += 1  # commit/abort wait for us, so the fd cannot be closed under us
         try:
             if n:
-                data = tensor.detach().reshape(-1).view(torch.uint8).numpy()
-                _pwrite_all(self._fds[slot.shard], memoryview(data),
-                            slot.file_offset + offset * slot.dtype.itemsize)
+                fd, pos = self._fds[slot.shard], slot.file_offset + offset * slot.itemsize
+                _pwrite_all(fd, memoryview(data), pos)
+                _start_writeback(fd, pos, n * slot.itemsize)
             with self._cond:
                 if slot.written and slot.written[-1][1] == offset:
                     slot.written[-1] = (slot.written[-1][0], offset + n)  # sequential chunks: one range
@@ -206,6 +221,24 @@ class ShardedWriter:
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
+
+    @staticmethod
+    def _buffer(name: str, slot: _Slot, obj):
+        """(elements, bytes) of a buffer-protocol chunk, checked against the plan."""
+        try:
+            mv = memoryview(obj)
+        except TypeError:
+            raise ValueError(f"tensor {name!r}: expected a torch.Tensor or a buffer such as a numpy array, "
+                             f"got {type(obj).__name__}") from None
+        if not mv.c_contiguous:
+            raise ValueError(f"tensor {name!r}: chunk must be a contiguous CPU buffer")
+        kind = getattr(getattr(obj, "dtype", None), "kind", None)
+        if kind == "f" and obj.dtype.name != slot.dtype:
+            raise ValueError(f"tensor {name!r}: dtype {obj.dtype.name} but the plan says {slot.dtype}")
+        if mv.nbytes % slot.itemsize:
+            raise ValueError(f"tensor {name!r}: a chunk of {mv.nbytes} bytes is not a whole number of "
+                             f"{slot.dtype} elements")
+        return mv.nbytes // slot.itemsize, (mv.cast("B") if mv.nbytes else None)
 
     def write_json(self, relname: str, obj) -> Path:
         """Adds a JSON file (config.json, generation_config.json...) to the output."""
@@ -439,6 +472,34 @@ def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "pwrite wrote nothing")
         data, pos = data[n:], pos + n
+
+
+def _load_sync_file_range():
+    fn = getattr(os, "sync_file_range", None)
+    if fn is not None:
+        return fn
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = getattr(os, "SYNC_FILE_RANGE_WRITE", 2)
+
+
+def _start_writeback(fd: int, pos: int, nbytes: int) -> None:
+    """Starts writing the range to disk without waiting for it (Linux sync_file_range), so the
+    fsync at commit has little left to do. Only a hint: durability still comes from that fsync."""
+    if _SYNC_FILE_RANGE is None:
+        return
+    try:
+        _SYNC_FILE_RANGE(fd, pos, nbytes, _SYNC_FILE_RANGE_WRITE)  # ctypes: an error is a -1, ignored
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,10 +8,13 @@ The engine (pymerge/merge.py) and the pool (pymerge/pool.py) resolve parameters 
 (gradients over layers, filters by name) before calling ``merge_tensor``, so methods only ever
 see plain numbers.
 """
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional
+from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional
+
+if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
+    import torch
 
 from pymerge.errors import MergeConfigError  # noqa: F401  (re-exported for method modules)
 
@@ -96,7 +99,9 @@ def register(cls):
 
 
 def get_method(name: str) -> MergeMethod:
-    import pymerge.methods  # noqa: F401  (registers the built-in methods)
+    import pymerge.methods  # registers linear and task_arithmetic
+    if name not in _REGISTRY:
+        pymerge.methods.load_all()  # the rest (they import torch)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -105,5 +110,6 @@ def get_method(name: str) -> MergeMethod:
 
 
 def method_names() -> List[str]:
-    import pymerge.methods  # noqa: F401
+    import pymerge.methods
+    pymerge.methods.load_all()
     return sorted(_REGISTRY)

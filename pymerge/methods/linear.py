@@ -10,12 +10,33 @@ mergekit's delta form (tests/test_merge_parity.py checks 1e-5 end to end).
 
 Not mergekit's behaviour, on purpose: linear with normalize and weights summing to 0 is an error
 here (mergekit divides by zero and writes a model of NaN/inf).
+
+Both are WeightedSum methods: weights_for(task) says which sources are summed, in which order,
+with which coefficients. merge_tensor (torch) and the engine's torch-free CPU path
+(pymerge/streaming.py) both use it, so the arithmetic has one source of truth and the two paths
+give the same bits. This module imports torch only when merge_tensor runs.
 """
-from typing import List
+from typing import List, Tuple
 
 from pymerge.errors import MergeConfigError
 from pymerge.methods.base import MergeMethod, Param, REQUIRED, TensorTask, register
-from pymerge.ops.weighted_sum import weighted_sum
+
+
+class WeightedSum(MergeMethod):
+    """A method whose result is sum_k c_k * source_k, accumulated in float32 in the order given."""
+    chunkable = True
+
+    def weights_for(self, task: TensorTask) -> Tuple[List[int], List[float]]:
+        """(sources, coefficients): source i < len(task.model_params) is input i, source
+        len(task.model_params) is the base. Needs only task.model_params, params and name."""
+        raise NotImplementedError
+
+    def merge_tensor(self, task: TensorTask, out) -> None:
+        from pymerge.ops.weighted_sum import weighted_sum
+        n = len(task.model_params)
+        order, coef = self.weights_for(task)
+        srcs = [task.inputs[i] if i < n else task.base for i in order]
+        weighted_sum(srcs, coef, out=out, backend=task.backend, num_threads=task.num_threads)
 
 
 def _weights(task: TensorTask) -> List[float]:
@@ -23,13 +44,12 @@ def _weights(task: TensorTask) -> List[float]:
 
 
 @register
-class Linear(MergeMethod):
+class Linear(WeightedSum):
     name = "linear"
     base_model = "none"  # mergekit ignores the base role: a base_model is just one more input
     min_models = 1
     model_params = {"weight": Param(REQUIRED, "relative weight of the model")}
     global_params = {"normalize": Param(True, "divide by the sum of the weights")}
-    chunkable = True
 
     def coefficients(self, task: TensorTask) -> List[float]:
         w = _weights(task)
@@ -44,13 +64,12 @@ class Linear(MergeMethod):
     def check_params(self, task: TensorTask) -> None:
         self.coefficients(task)
 
-    def merge_tensor(self, task: TensorTask, out) -> None:
-        weighted_sum(task.inputs, self.coefficients(task), out=out, backend=task.backend,
-                     num_threads=task.num_threads)
+    def weights_for(self, task: TensorTask) -> Tuple[List[int], List[float]]:
+        return list(range(len(task.model_params))), self.coefficients(task)
 
 
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(WeightedSum):
     name = "task_arithmetic"
     base_model = "required"
     min_models = 0  # mergekit returns the base unchanged when there is nothing else
@@ -64,7 +83,6 @@ class TaskArithmetic(MergeMethod):
         "rescale": Param(False, "accepted for mergekit compatibility; no effect without sparsification"),
         "int8_mask": Param(False, "accepted for mergekit compatibility; no effect"),
     }
-    chunkable = True
 
     def coefficients(self, task: TensorTask) -> List[float]:
         """[c_base, c_1, ..., c_n] for base and inputs."""
@@ -77,6 +95,6 @@ class TaskArithmetic(MergeMethod):
         c = [scale * x for x in w]
         return [1.0 - sum(c)] + c
 
-    def merge_tensor(self, task: TensorTask, out) -> None:
-        weighted_sum([task.base] + list(task.inputs), self.coefficients(task), out=out,
-                     backend=task.backend, num_threads=task.num_threads)
+    def weights_for(self, task: TensorTask) -> Tuple[List[int], List[float]]:
+        n = len(task.model_params)
+        return [n] + list(range(n)), self.coefficients(task)  # the base first
