@@ -1,5 +1,13 @@
-// Exact rank selection on |x - base| without sorting: a two-level radix histogram over the float
-// bits (15 high bits, then 16 low bits of the candidates' bucket), O(n) and two reads of the inputs.
+// Exact rank selection on |x - base| without sorting, O(n).
+//
+// Big tensors: a sample of the keys (64 runs of 256 elements spread over the tensor) brackets the
+// wanted rank between two keys [lo, hi]; one pass counts the keys below lo and histograms those in
+// [lo, hi] (exact keys when the bracket is narrow; else 65536 bins, and a second pass inside the bin
+// that holds the rank). When the bracket is a single key (the usual case when many |d| are equal, as
+// with bfloat16 checkpoints) the pass only counts, vectorized, and keeps per-block tie counts, so
+// finding the boundary's index reads one block more. A bracket the sample got wrong costs one pass
+// and the search continues over every key. Small tensors: a two-level radix histogram over the
+// float bits (15 high bits, then 16 low bits of the candidates' bucket).
 //
 // Order: "ascending" ranks elements by (|d|, index); "descending" by (-|d|, index) -- in both,
 // equal magnitudes go lowest index first, exactly like a stable sort in that direction.
@@ -9,6 +17,7 @@
 #include <omp.h>
 #include <pybind11/stl.h>
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <utility>
 #include "cpu/tv_common.h"
@@ -19,6 +28,7 @@ namespace pymerge {
 namespace {
 
 using tv::kBlock;
+constexpr int64_t kBracketMin = int64_t(1) << 17;  // below this, the radix histogram
 
 struct SelectArgs {
   uintptr_t x, b;  // b == 0: no base, d = x
@@ -66,12 +76,39 @@ inline int64_t count_block(const SelectArgs& a, int64_t start, uint32_t t, Buf& 
   return c;
 }
 
+// One block of a bracket pass: below += #keys < lo; lo == hi: eq[block] = #keys == lo; otherwise
+// h[(key - lo) >> shift] for keys in [lo, hi].
+template <int Dummy>
+inline void bracket_block(const SelectArgs& a, int64_t start, uint32_t lo, uint32_t hi, int shift,
+                          uint32_t* __restrict h, int64_t& below, int32_t* eq, Buf& w) {
+  const int64_t n = std::min(kBlock, a.numel - start);
+  block_keys(a, start, n, w.xb, w.bb, w.keys);
+  const uint32_t* __restrict k = w.keys;
+  int32_t c = 0;
+  if (lo == hi) {
+    int32_t e = 0;
+    for (int64_t i = 0; i < n; ++i) { c += k[i] < lo; e += k[i] == lo; }
+    *eq = e;
+  } else {
+    const uint32_t width = hi - lo;
+    for (int64_t i = 0; i < n; ++i) {
+      c += k[i] < lo;
+      const uint32_t off = k[i] - lo;
+      if (off <= width) ++h[off >> shift];
+    }
+  }
+  below += c;
+}
+
 using HistFn = void (*)(const SelectArgs&, int64_t, uint32_t*, int, uint32_t, int64_t, int, Buf&);
 using CountFn = int64_t (*)(const SelectArgs&, int64_t, uint32_t, Buf&);
 PM_AVX512 void hist_avx512(const SelectArgs& a, int64_t s, uint32_t* h, int sh, uint32_t m, int64_t mt, int ms, Buf& w) { hist_block<0>(a, s, h, sh, m, mt, ms, w); }
 PM_PLAIN void hist_plain(const SelectArgs& a, int64_t s, uint32_t* h, int sh, uint32_t m, int64_t mt, int ms, Buf& w) { hist_block<1>(a, s, h, sh, m, mt, ms, w); }
 PM_AVX512 int64_t count_avx512(const SelectArgs& a, int64_t s, uint32_t t, Buf& w) { return count_block<0>(a, s, t, w); }
 PM_PLAIN int64_t count_plain(const SelectArgs& a, int64_t s, uint32_t t, Buf& w) { return count_block<1>(a, s, t, w); }
+using BracketFn = void (*)(const SelectArgs&, int64_t, uint32_t, uint32_t, int, uint32_t*, int64_t&, int32_t*, Buf&);
+PM_AVX512 void bracket_avx512(const SelectArgs& a, int64_t s, uint32_t lo, uint32_t hi, int sh, uint32_t* h, int64_t& b, int32_t* eq, Buf& w) { bracket_block<0>(a, s, lo, hi, sh, h, b, eq, w); }
+PM_PLAIN void bracket_plain(const SelectArgs& a, int64_t s, uint32_t lo, uint32_t hi, int sh, uint32_t* h, int64_t& b, int32_t* eq, Buf& w) { bracket_block<1>(a, s, lo, hi, sh, h, b, eq, w); }
 
 void histogram(const SelectArgs& a, int shift, uint32_t mask, int64_t match, int match_shift, std::vector<int64_t>& total) {
   const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
@@ -94,10 +131,29 @@ void histogram(const SelectArgs& a, int shift, uint32_t mask, int64_t match, int
 
 // Index of the j-th (0-based) element whose key equals t, in index order: tie counts per chunk in
 // parallel, then a serial walk inside the one chunk that holds it.
+// Index of the j-th tie inside the block starting at `start` (the caller knows it is there).
+int64_t tie_in_block(const SelectArgs& a, int64_t start, uint32_t t, int64_t j) {
+  Buf w;
+  const int64_t n = std::min(kBlock, a.numel - start);
+  block_keys(a, start, n, w.xb, w.bb, w.keys);
+  for (int64_t i = 0; i < n; ++i)
+    if (w.keys[i] == t && j-- == 0) return start + i;
+  throw std::logic_error("select: tie not found");
+}
+
 int64_t nth_tie(const SelectArgs& a, uint32_t t, int64_t j) {
   constexpr int64_t kChunk = 64 * kBlock;
   const int64_t n_chunks = (a.numel + kChunk - 1) / kChunk;
   const CountFn count = tv::use_avx512() ? count_avx512 : count_plain;
+  if (a.threads == 1) {  // one thread: walk from the start and stop at the tie (half a pass on average)
+    Buf w;
+    for (int64_t start = 0; start < a.numel; start += kBlock) {
+      const int64_t c = count(a, start, t, w);
+      if (j < c) return tie_in_block(a, start, t, j);
+      j -= c;
+    }
+    throw std::logic_error("select: tie index out of range");
+  }
   std::vector<int64_t> counts(n_chunks, 0);
 #pragma omp parallel num_threads(a.threads)
   {
@@ -133,6 +189,87 @@ std::pair<int64_t, int64_t> locate(const std::vector<int64_t>& h, int64_t r) {
   throw std::logic_error("select: rank beyond histogram");
 }
 
+// Keys of 64 runs of 256 elements spread evenly over the tensor, sorted.
+std::vector<uint32_t> sample_keys(const SelectArgs& a) {
+  constexpr int64_t kRun = 256, kRuns = 64;
+  std::vector<uint32_t> s;
+  s.reserve(kRun * kRuns);
+  Buf w;
+  for (int64_t g = 0; g < kRuns; ++g) {
+    const int64_t start = (a.numel - kRun) * g / (kRuns - 1);
+    block_keys(a, start, kRun, w.xb, w.bb, w.keys);
+    s.insert(s.end(), w.keys, w.keys + kRun);
+  }
+  std::sort(s.begin(), s.end());
+  return s;
+}
+
+// Rank r (0 <= r < numel) by bracket passes (see the file comment); keys in the selection order.
+std::pair<uint32_t, int64_t> select_bracketed(const SelectArgs& a, int64_t r) {
+  const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
+  const BracketFn fn = tv::use_avx512() ? bracket_avx512 : bracket_plain;
+  uint32_t lo, hi;
+  {
+    const std::vector<uint32_t> s = sample_keys(a);
+    const int64_t m = int64_t(s.size());
+    const double q = double(r) / double(a.numel);
+    const int64_t pos = int64_t(q * double(m));
+    const int64_t delta = int64_t(4.0 * std::sqrt(double(m) * q * (1.0 - q))) + 16;
+    lo = pos - delta <= 0 ? 0u : s[pos - delta];
+    hi = pos + delta >= m - 1 ? 0x7fffffffu : s[pos + delta];
+  }
+  std::vector<int32_t> eq(n_blocks, 0);
+  std::vector<std::vector<uint32_t>> per(a.threads);
+  for (int pass = 0; pass < 8; ++pass) {
+    const uint32_t width = hi - lo;
+    int shift = 0;
+    while ((uint64_t(width) >> shift) >= 65536) ++shift;
+    const size_t bins = lo == hi ? 1 : size_t(width >> shift) + 1;
+    int64_t below = 0;
+#pragma omp parallel num_threads(a.threads) reduction(+ : below)
+    {
+      std::vector<uint32_t>& h = per[omp_get_thread_num()];
+      h.assign(bins, 0);
+      Buf w;
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < n_blocks; ++blk)
+        fn(a, blk * kBlock, lo, hi, shift, h.data(), below, eq.data() + blk, w);
+    }
+    int64_t inside = 0;
+    std::vector<int64_t> total;
+    if (lo == hi) {
+      for (int32_t e : eq) inside += e;
+    } else {
+      total.assign(bins, 0);
+      for (auto& h : per)
+        for (size_t i = 0; i < bins; ++i) total[i] += h[i];
+      for (int64_t c : total) inside += c;
+    }
+    if (r < below || r >= below + inside) {  // the sample missed: search every key
+      if (lo == 0 && hi == 0x7fffffffu) throw std::logic_error("select: rank outside every key");
+      lo = 0; hi = 0x7fffffffu;
+      continue;
+    }
+    if (lo == hi) {  // the rank is inside the run of keys == lo; per-block counts find its index
+      int64_t j = r - below;
+      if (j == 0) return {lo, 0};
+      int64_t b = 0;
+      for (; j >= eq[b]; ++b) j -= eq[b];
+      return {lo, tie_in_block(a, b * kBlock, lo, j)};
+    }
+    auto [bin, before] = locate(total, r - below);
+    if (shift == 0) {
+      const uint32_t t = lo + uint32_t(bin);
+      const int64_t j = r - below - before;
+      return {t, j == 0 ? 0 : nth_tie(a, t, j)};
+    }
+    const uint32_t new_lo = lo + (uint32_t(bin) << shift);
+    hi = uint32_t(std::min<uint64_t>(hi, uint64_t(new_lo) + (uint64_t(1) << shift) - 1));
+    lo = new_lo;
+  }
+  throw std::logic_error("select: bracket passes did not converge");
+}
+
 // For each rank r in [0, numel]: (T, I) in the caller's key space (|d| bits), see the file comment.
 // Descending boundaries use T = -1 for "every element" (r == numel); ascending use T = 2^31.
 std::vector<std::pair<int64_t, int64_t>> select_ranks(uintptr_t x, int xdt, uintptr_t b, int bdt, int64_t numel,
@@ -147,6 +284,11 @@ std::vector<std::pair<int64_t, int64_t>> select_ranks(uintptr_t x, int xdt, uint
   for (int64_t r : ranks) {
     if (r < 0 || r > numel) throw std::invalid_argument("select: rank out of range");
     if (r == numel) { result.push_back({descending ? -1 : (int64_t(1) << 31), 0}); continue; }
+    if (numel >= kBracketMin) {
+      auto [t, idx] = select_bracketed(a, r);
+      result.push_back({int64_t(t ^ a.flip), idx});
+      continue;
+    }
     if (high.empty()) histogram(a, 16, 0x7fff, -1, 0, high);          // keys are 31 bits: 15 high bits
     auto [hb, before_hi] = locate(high, r);
     std::vector<int64_t> low;

@@ -98,8 +98,25 @@ struct Scratch {
   uint32_t bits[kBlock], rnd[kBlock + 8];
 };
 
+// d[0..n) = float32(x[start ..]) - bb[0..n), the conversion and the subtraction in one loop.
+inline void load_delta(uintptr_t x, int dt, int64_t start, int64_t n, const float* __restrict bb,
+                       float* __restrict d) {
+  if (dt == BF16) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(tv::byte_at(x, start, dt));
+    for (int64_t i = 0; i < n; ++i) d[i] = bits_to_f32(uint32_t(s[i]) << 16) - bb[i];
+  } else if (dt == F32) {
+    const float* s = reinterpret_cast<const float*>(tv::byte_at(x, start, dt));
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i] - bb[i];
+  } else {
+    tv::load_f32(x, dt, start, n, d);
+    for (int64_t i = 0; i < n; ++i) d[i] -= bb[i];
+  }
+}
+
 // One block of the fused pass. Kernels are per block (no OpenMP inside) so that the AVX-512 build
 // of the body really is AVX-512: GCC does not give OpenMP-outlined regions the target attribute.
+// The common sparsifiers (none, top-k, drop all) compute v_i in the loop that forms d_i, and the
+// consensus sum is accumulated there too; the others go through a keep buffer.
 template <int Dummy>
 inline void merge_block(const MergeArgs& a, int64_t start, Scratch& w) {
   const int64_t n_models = int64_t(a.models.size());
@@ -110,42 +127,56 @@ inline void merge_block(const MergeArgs& a, int64_t start, Scratch& w) {
   float* __restrict div = w.div;
   float* __restrict s = w.s;
   tv::load_f32(a.base, a.bdt, start, n, bb);
+  if (a.consensus) for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
   for (int64_t i = 0; i < n_models; ++i) {
     const Model& m = a.models[i];
     float* __restrict vi = w.v.data() + i * kBlock;
-    tv::load_f32(m.x, m.dt, start, n, d);
-    for (int64_t j = 0; j < n; ++j) d[j] -= bb[j];
-    compute_keep(m, d, e0, n, w.keep, w.bits, w.rnd);
-    const float* __restrict keep = w.keep;
+    load_delta(m.x, m.dt, start, n, bb, d);
     const float r = m.scale, wt = m.weight;
-    for (int64_t j = 0; j < n; ++j) vi[j] = keep[j] != 0.f ? (d[j] * r) * wt : d[j] * 0.f;
+    if (m.mode == NONE) {
+      for (int64_t j = 0; j < n; ++j) vi[j] = (d[j] * r) * wt;
+    } else if (m.mode == ZERO) {
+      for (int64_t j = 0; j < n; ++j) vi[j] = d[j] * 0.f;
+    } else if (m.mode == TOPK && m.t_hi >= 0) {
+      // 32-bit compares only (vectorizes): keys are < 2^31, and the index test is a local one.
+      const uint32_t t = uint32_t(m.t_hi);
+      const int32_t lim = int32_t(std::clamp<int64_t>(m.i_hi - e0, 0, n));
+      for (int32_t j = 0; j < int32_t(n); ++j) {
+        const uint32_t k = tv::mag_key(d[j]);
+        const bool keep = k > t || (k == t && j < lim);
+        vi[j] = keep ? (d[j] * r) * wt : d[j] * 0.f;
+      }
+    } else {
+      compute_keep(m, d, e0, n, w.keep, w.bits, w.rnd);
+      const float* __restrict keep = w.keep;
+      for (int64_t j = 0; j < n; ++j) vi[j] = keep[j] != 0.f ? (d[j] * r) * wt : d[j] * 0.f;
+    }
+    if (a.consensus) for (int64_t j = 0; j < n; ++j) s[j] += vi[j];
   }
   if (a.consensus) {
-    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-    for (int64_t i = 0; i < n_models; ++i) {
-      const float* __restrict vi = w.v.data() + i * kBlock;
-      for (int64_t j = 0; j < n; ++j) s[j] += vi[j];
-    }
     for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = 0.f; }
     for (int64_t i = 0; i < n_models; ++i) {
       const float* __restrict vi = w.v.data() + i * kBlock;
       const float wt = a.models[i].weight;
       for (int64_t j = 0; j < n; ++j) {
         // elected sign +1 where the sum is >= 0 (NaN elects -1); zeros and NaNs never agree
+        // (a multiply, not a select: mergekit's mask product turns a dropped NaN or inf into NaN)
         const float agree = (s[j] >= 0.f ? vi[j] > 0.f : vi[j] < 0.f) ? 1.f : 0.f;
         mixed[j] += vi[j] * agree;
         div[j] += wt * agree;
       }
     }
-    for (int64_t j = 0; j < n; ++j) div[j] = div[j] == 0.f ? 1.f : div[j];
+    if (a.normalize) {
+      for (int64_t j = 0; j < n; ++j) mixed[j] /= (div[j] == 0.f ? 1.f : div[j]);
+    }
   } else {
-    for (int64_t j = 0; j < n; ++j) { mixed[j] = 0.f; div[j] = a.divisor; }
+    for (int64_t j = 0; j < n; ++j) mixed[j] = 0.f;
     for (int64_t i = 0; i < n_models; ++i) {
       const float* __restrict vi = w.v.data() + i * kBlock;
       for (int64_t j = 0; j < n; ++j) mixed[j] += vi[j];
     }
+    if (a.normalize) for (int64_t j = 0; j < n; ++j) mixed[j] /= a.divisor;
   }
-  if (a.normalize) for (int64_t j = 0; j < n; ++j) mixed[j] /= div[j];
   if (a.lam != 1.f) for (int64_t j = 0; j < n; ++j) mixed[j] *= a.lam;
   for (int64_t j = 0; j < n; ++j) mixed[j] += bb[j];
   tv::store_f32(a.out, a.odt, start, n, mixed);
