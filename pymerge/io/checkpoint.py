@@ -67,7 +67,7 @@ class TorchFile:
         import torch
         t = self.tensor(name)
         if t.numel() == 0:
-            return np.empty(0, dtype=np.uint8)
+            return np.frombuffer(b"", dtype=np.uint8)
         a = t.reshape(-1).view(torch.uint8).numpy()
         a.flags.writeable = False
         return a

@@ -247,7 +247,7 @@ class SafetensorsFile:
         info = self.info(name)
         mm = self._require_open()
         if info.nbytes == 0:
-            return np.empty(0, dtype=np.uint8)
+            return _empty_bytes()
         raw = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.file_offset)
         if info.file_offset % info.itemsize:
             raw = raw.copy()
@@ -293,6 +293,10 @@ class SafetensorsFile:
 
     def __repr__(self):
         return f"SafetensorsFile({str(self.path)!r}, {len(self._names)} tensors)"
+
+
+def _empty_bytes() -> np.ndarray:
+    return np.frombuffer(b"", dtype=np.uint8)  # read-only, like the views
 
 
 _FROMBUFFER_LOCK = threading.Lock()
