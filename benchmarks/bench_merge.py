@@ -9,6 +9,7 @@ under benchmarks/results/cpu/.
 
     .venv/bin/python benchmarks/bench_merge.py                 # linear
     .venv/bin/python benchmarks/bench_merge.py --method ties --param density=0.5
+    .venv/bin/python benchmarks/bench_merge.py --method slerp       # base + ft1, t = 0.5
     .venv/bin/python benchmarks/bench_merge.py --tools pymerge --repeats 3
 """
 import argparse
@@ -51,6 +52,11 @@ def ensure_models(workdir: Path):
 
 def write_config(path: Path, method: str, base: Path, fts, params: dict, dtype: str, out_dtype: str):
     import yaml
+    if method == "slerp":  # the base and one fine-tune; t (default 0.5) is a global parameter
+        cfg = {"merge_method": method, "base_model": str(base), "models": [{"model": str(fts[0])}],
+               "parameters": {"t": 0.5, **params}, "dtype": dtype, "out_dtype": out_dtype}
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return cfg
     n = len(fts)
     models = []
     for i, ft in enumerate(fts):
@@ -187,7 +193,7 @@ def main(argv=None):
     base, fts = ensure_models(args.workdir)
     cfg_path = args.workdir / f"{args.method}.yml"
     write_config(cfg_path, args.method, base, fts, params, args.dtype, args.out_dtype)
-    inputs = ([base] if args.method in BASE_METHODS else []) + fts
+    inputs = ([base] if args.method in BASE_METHODS else []) + (fts[:1] if args.method == "slerp" else fts)
     input_bytes = sum(f.stat().st_size for p in inputs for f in p.glob("*.safetensors"))
 
     bin_dir = Path(sys.executable).parent
@@ -219,7 +225,7 @@ def main(argv=None):
         summary["speedup"] = round(best["mergekit"]["wall_s"] / best["pymerge"]["wall_s"], 2)
         summary["outputs"] = compare_outputs(args.workdir / "out-pymerge", args.workdir / "out-mergekit")
 
-    lines = [f"# {args.method}: base + {N_FINETUNES} fine-tunes, 297M-param Llama, bf16, 2 shards "
+    lines = [f"# {args.method}: base + {1 if args.method == 'slerp' else N_FINETUNES} fine-tune(s), 297M-param Llama, bf16, 2 shards "
              f"({input_bytes / 1e9:.2f} GB read); dtype {args.dtype}, out_dtype {args.out_dtype}", "",
              "| tool | best wall (s) | its CPU time (s) | walls of all runs (s) | peak RSS (MB) | peak anon (MB) "
              "| GB/s of input |", "|---|---|---|---|---|---|---|"]
