@@ -11,11 +11,12 @@ import shutil
 import subprocess
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ParallelCompile("PYMERGE_BUILD_JOBS", default=0).install()  # C++ files compile in parallel (all cores)
 
 
 def _rel(paths):
@@ -69,7 +70,7 @@ class BuildExt(build_ext):
         objects = []
         for src in cu:
             obj = os.path.join(obj_dir, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17",
                    "-Xcompiler", "-fPIC", "-Icsrc", *gencode]
             print(" ".join(cmd))
             subprocess.check_call(cmd, cwd=HERE)

@@ -3,7 +3,7 @@ vs separate calls, and mergekit's way (re-read the safetensors and merge per can
 
     python benchmarks/bench_pool.py [--quick] [--params 64e6] [--n 5] [--k 6]
 
-Writes benchmarks/results/cpu/bench_pool.{json,md}. Bytes counted: materialize moves (N+1) model-sizes
+Writes benchmarks/results/<machine>/bench_pool.{json,md}; --device cuda keeps the pool in GPU memory. Bytes counted: materialize moves (N+1) model-sizes
 (N read, 1 written); materialize_many moves (N+K). The copy baseline is torch's dst.copy_(src) over a
 buffer of the same dtype, timed in the same run, interleaved (the machine's bandwidth drifts).
 """
@@ -19,11 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, markdown_table, time_interleaved  # noqa: E402
+from common import RESULTS, machine_description, machine_label, markdown_table, time_interleaved  # noqa: E402
 
+from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
 from pymerge.pool import CheckpointPool  # noqa: E402
-
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
 
 
 class Stack(torch.nn.Module):
@@ -67,40 +66,50 @@ def mergekit_way(paths, weights, model):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--params", type=float, default=64e6, help="parameters per checkpoint (bf16)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--params", type=float, default=None, help="parameters per checkpoint (bf16; default 64e6, 512e6 on cuda)")
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    params = int(args.params if not args.quick else 8e6)
+    device = args.device
+    params = int(8e6 if args.quick else args.params or (512e6 if device == "cuda" else 64e6))
     rounds = 2 if args.quick else args.rounds
     n, k = args.n, args.k
     tmp = tempfile.mkdtemp(prefix="bench_pool_")
     paths = make_files(tmp, n, params)
-    pool = CheckpointPool(paths)
+    pool = CheckpointPool(paths, device=device)
     print(pool.describe())
     model_bytes = pool.model_nbytes()
-    targets = [Stack(params) for _ in range(k)]
+    targets = [Stack(params).to(device) for _ in range(k)]
     w = [1.0 / n] * n
     rows = [[(i + j) % n + 1.0 for i in range(n)] for j in range(k)]
     # the copy baseline moves the same bytes as one materialize: (N+1)/2 model-sizes read, as many written
     copy_elems = (n + 1) * model_bytes // 2 // 2
-    src, dst = torch.randn(copy_elems).bfloat16(), torch.empty(copy_elems, dtype=torch.bfloat16)
+    src = torch.randn(copy_elems, device=device).bfloat16()
+    dst = torch.empty(copy_elems, dtype=torch.bfloat16, device=device)
+    # the fused kernel alone on one flat tensor of the same bytes: materialize's own ceiling
+    flat = [torch.randn(model_bytes // 2, device=device).bfloat16() for _ in range(n)]
+    flat_out = torch.empty(model_bytes // 2, dtype=torch.bfloat16, device=device)
 
     fns = {
         "copy": lambda: dst.copy_(src),
+        "fused": lambda: weighted_sum_into(flat, [w], [flat_out]),
         "materialize": lambda: pool.materialize(w, into=targets[0]),
         "materialize_many": lambda: pool.materialize_many(rows, into=targets),
         "separate": lambda: [pool.materialize(r, into=t) for r, t in zip(rows, targets)],
     }
-    t = time_interleaved(fns, rounds, "cpu")
-    t_mk = time_interleaved({"mergekit": lambda: mergekit_way(paths, w, targets[0])}, max(1, rounds // 2), "cpu")["mergekit"]
+    t = time_interleaved(fns, rounds, device)
+    t_mk = time_interleaved({"mergekit": lambda: mergekit_way(paths, w, targets[0])}, max(1, rounds // 2), device)["mergekit"]
     gb = 1e9
     copy_bw = (n + 1) * model_bytes / t["copy"] / gb
     mat_bw = (n + 1) * model_bytes / t["materialize"] / gb
+    fused_bw = (n + 1) * model_bytes / t["fused"] / gb
     many_bw = (n + k) * model_bytes / t["materialize_many"] / gb
     rows_out = [
         {"what": "torch copy_ (same bytes)", "ms": 1e3 * t["copy"], "GB/s": copy_bw, "vs copy": 1.0},
+        {"what": "fused weighted_sum, one flat tensor (same bytes)", "ms": 1e3 * t["fused"], "GB/s": fused_bw,
+         "vs copy": fused_bw / copy_bw},
         {"what": f"materialize, N={n}, K=1 (live model)", "ms": 1e3 * t["materialize"], "GB/s": mat_bw,
          "vs copy": mat_bw / copy_bw},
         {"what": f"materialize_many, N={n}, K={k}", "ms": 1e3 * t["materialize_many"], "GB/s": many_bw,
@@ -112,23 +121,26 @@ def main(argv=None):
     ]
     summary = {
         "materialize_vs_copy": mat_bw / copy_bw,
+        "materialize_vs_fused_kernel": mat_bw / fused_bw,
+        "materialize_many_vs_copy": many_bw / copy_bw,
         "many_speedup_vs_separate": t["separate"] / t["materialize_many"],
         "per_candidate_speedup_vs_mergekit_way": t_mk / (t["materialize_many"] / k),
         "single_speedup_vs_mergekit_way": t_mk / t["materialize"],
     }
     cols = ["what", "ms", "GB/s", "vs copy", "per candidate ms"]
-    title = (f"CheckpointPool on the CPU: {n} checkpoints x {params / 1e6:.0f}M bf16 params "
+    title = (f"CheckpointPool on {device}: {n} checkpoints x {params / 1e6:.0f}M bf16 params "
              f"({model_bytes / 1e6:.0f} MB each), residency {pool.residency}")
     table = markdown_table(rows_out, cols)
     print(table)
     print(json.dumps({k2: round(v, 3) for k2, v in summary.items()}))
-    os.makedirs(OUT, exist_ok=True)
-    meta = {"machine": machine_description("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"), "title": title,
+    out_dir = os.path.join(RESULTS, machine_label(device))
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"machine": machine_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "title": title,
             "threads": torch.get_num_threads(), "quick": args.quick}
     name = "bench_pool_quick" if args.quick else "bench_pool"
-    with open(os.path.join(OUT, f"{name}.json"), "w") as fh:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
         json.dump({**meta, "rows": rows_out, "summary": summary}, fh, indent=1)
-    with open(os.path.join(OUT, f"{name}.md"), "w") as fh:
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
         fh.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n\n"
                  + "\n".join(f"- {k2}: {v:.2f}" for k2, v in summary.items()) + "\n")
     for p in paths:

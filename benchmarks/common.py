@@ -29,10 +29,12 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def time_interleaved(fns: dict, rounds: int, device: str) -> dict:
+def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int = 5) -> dict:
     """Seconds per call for each function: median on the GPU (events), best on the noisy CPU.
 
-    Rounds alternate between the functions so drifting machine load hits them all alike.
+    Rounds alternate between the functions so drifting machine load hits them all alike. On the
+    GPU each sample spans several back-to-back calls, so host overhead between launches hides
+    behind queued work the way it does in a real loop.
     """
     samples = {k: [] for k in fns}
     for f in fns.values():
@@ -42,10 +44,11 @@ def time_interleaved(fns: dict, rounds: int, device: str) -> dict:
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                f()
+                for _ in range(calls_per_sample):
+                    f()
                 end.record()
                 end.synchronize()
-                samples[name].append(start.elapsed_time(end) / 1e3)
+                samples[name].append(start.elapsed_time(end) / 1e3 / calls_per_sample)
             else:
                 t = time.perf_counter()
                 f()

@@ -32,32 +32,41 @@ def _interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_as_f32(addr, offs, mask, DT: tl.constexpr):
+    def _typed(addr, T: tl.constexpr, ALIGNED: tl.constexpr):
+        # An address from the table carries no alignment facts; without the hint every element is
+        # loaded on its own (ld.global.b16) instead of 16 bytes at a time.
+        p = addr.to(tl.pointer_type(T))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
+
+    @triton.jit
+    def _load_as_f32(addr, offs, mask, DT: tl.constexpr, ALIGNED: tl.constexpr):
         if DT == 0:
-            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+            x = tl.load(_typed(addr, tl.float32, ALIGNED) + offs, mask=mask, other=0.0)
         elif DT == 1:
-            x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_typed(addr, tl.float16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
         elif DT == 2:
-            x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_typed(addr, tl.bfloat16, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
         elif DT == 3:
-            x = tl.load(addr.to(tl.pointer_type(tl.float8e4nv)) + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_typed(addr, tl.float8e4nv, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            x = tl.load(addr.to(tl.pointer_type(tl.float8e5)) + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(_typed(addr, tl.float8e5, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
         return x
 
     @triton.jit
-    def _load_mixed(addr, code, offs, mask):
+    def _load_mixed(addr, code, offs, mask, ALIGNED: tl.constexpr):
         # Runtime dtype dispatch; every branch yields float32.
         if code == 0:
-            x = _load_as_f32(addr, offs, mask, 0)
+            x = _load_as_f32(addr, offs, mask, 0, ALIGNED)
         elif code == 1:
-            x = _load_as_f32(addr, offs, mask, 1)
+            x = _load_as_f32(addr, offs, mask, 1, ALIGNED)
         elif code == 2:
-            x = _load_as_f32(addr, offs, mask, 2)
+            x = _load_as_f32(addr, offs, mask, 2, ALIGNED)
         elif code == 3:
-            x = _load_as_f32(addr, offs, mask, 3)
+            x = _load_as_f32(addr, offs, mask, 3, ALIGNED)
         else:
-            x = _load_as_f32(addr, offs, mask, 4)
+            x = _load_as_f32(addr, offs, mask, 4, ALIGNED)
         return x
 
     @triton.jit
@@ -66,7 +75,7 @@ if triton is not None:
 
     @triton.jit
     def _weighted_sum_kernel(addr_table, code_table, w_table, out0, out1, out2, out3, numel, n_in,
-                             IN_DT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+                             IN_DT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -77,9 +86,9 @@ if triton is not None:
         for i in range(n_in):
             addr = tl.load(addr_table + i)
             if IN_DT == -1:
-                x = _load_mixed(addr, tl.load(code_table + i), offs, mask)
+                x = _load_mixed(addr, tl.load(code_table + i), offs, mask, ALIGNED)
             else:
-                x = _load_as_f32(addr, offs, mask, IN_DT)
+                x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
             acc0 += tl.load(w_table + i) * x
             if K > 1:
                 acc1 += tl.load(w_table + n_in + i) * x
@@ -130,6 +139,7 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
     codes = [DTYPE_CODES[t.dtype] for t in tensors]
     in_dt = codes[0] if all(c == codes[0] for c in codes) else _MIXED
     addr_table, code_table = _tables(tensors, device)
+    aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     if isinstance(rows, torch.Tensor):
         weights = rows.to(device=device, dtype=torch.float32).contiguous()
     else:
@@ -142,4 +152,4 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
         w_table = weights[start:start + MAX_OUTPUTS]
         slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
         _weighted_sum_kernel[grid](addr_table, code_table, w_table, *slots, numel, len(tensors),
-                                   IN_DT=in_dt, K=len(group), BLOCK=block, num_warps=num_warps)
+                                   IN_DT=in_dt, K=len(group), BLOCK=block, ALIGNED=aligned, num_warps=num_warps)

@@ -368,6 +368,9 @@ def run_gpu(plan, writer, *, device: str = "cuda", chunk_bytes: int, num_threads
         torch.cuda.synchronize(dev)
     except BaseException:
         sink.abandon()
+        # Copies and kernels may still be using the slots' device and pinned memory: let them
+        # finish before that memory goes back to the allocator.
+        torch.cuda.synchronize(dev)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -270,3 +270,11 @@ def test_core_takes_weights_as_a_tensor(backend):
     weighted_sum_into(xs, rows, outs, backend=backend)
     for o, row in zip(outs, rows.tolist()):
         check_close(o, xs, row)
+
+
+def test_several_outputs_may_not_alias_an_input():
+    xs = random_inputs(3, 100, [torch.float32])
+    with pytest.raises(ValueError, match="shares memory with input 1"):
+        weighted_sum_many(xs, [[1, 0, 0], [0, 1, 0]], outs=[torch.empty(100), xs[1]])
+    one = weighted_sum_many(xs, [[0.5, 0.5, 0]], outs=[xs[0]])  # one output in place is fine
+    assert one[0] is xs[0]

@@ -11,6 +11,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "pymerge CUDA kernels";
   m.attr("MAX_INPUTS") = pymerge_cuda::kMaxInputs;
   m.attr("MAX_OUTPUTS") = pymerge_cuda::kMaxOutputs;
+  m.def("scratch_stride", &pymerge_cuda::scratch_stride, "floats per scratch row for numel elements");
   m.def("device_count", [] { int n = 0; return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0; });
   m.def("weighted_sum_many", &pymerge_cuda::weighted_sum_many, py::arg("in_ptrs"), py::arg("in_dtypes"),
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("scratch"),

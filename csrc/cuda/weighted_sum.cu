@@ -29,8 +29,9 @@ struct Params {
   int out_dtype[kMaxOutputs];
   const float* w_dev;   // weights in device memory (row k at w_dev + k * w_stride), or null: use w
   int64_t w_stride;
-  const float* acc_in;  // float32 partial sums from an earlier launch (K x numel), or null
+  const float* acc_in;  // float32 partial sums from an earlier launch (row k at k * acc_stride), or null
   float* acc_out;       // write float32 partial sums here instead of the outputs, or null
+  int64_t acc_stride;   // scratch_stride(numel): keeps every row 16-byte aligned for the vector path
   int n_in, n_out;
   int64_t numel;
 };
@@ -111,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_vec(const __grid_consta
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           float prev[kVec];
-          if (i == 0 && p.acc_in) load_vec(p.acc_in + k * p.numel, v * kVec, F32, prev);
+          if (i == 0 && p.acc_in) load_vec(p.acc_in + k * p.acc_stride, v * kVec, F32, prev);
           const float wk = weight(p, k, i);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_vec(const __grid_consta
       if (v >= n_vec) continue;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        if (p.acc_out) store_vec(p.acc_out + k * p.numel, v * kVec, F32, acc[u][k]);
+        if (p.acc_out) store_vec(p.acc_out + k * p.acc_stride, v * kVec, F32, acc[u][k]);
         else store_vec(p.out[k], v * kVec, p.out_dtype[k], acc[u][k]);
       }
     }
@@ -138,12 +139,12 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_vec(const __grid_consta
 __global__ void weighted_sum_scalar(const __grid_constant__ Params p, int64_t begin) {
   for (int64_t e = begin + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.numel; e += int64_t(gridDim.x) * blockDim.x) {
     for (int k = 0; k < p.n_out; ++k) {
-      float acc = p.acc_in ? p.acc_in[k * p.numel + e] : 0.f;
+      float acc = p.acc_in ? p.acc_in[k * p.acc_stride + e] : 0.f;
       for (int i = 0; i < p.n_in; ++i) {
         float x = to_f32(p.in[i], e, p.in_dtype[i]);
         acc = (i == 0 && !p.acc_in) ? weight(p, k, i) * x : fmaf(weight(p, k, i), x, acc);
       }
-      if (p.acc_out) p.acc_out[k * p.numel + e] = acc;
+      if (p.acc_out) p.acc_out[k * p.acc_stride + e] = acc;
       else store_one(p.out[k], e, p.out_dtype[k], acc);
     }
   }
@@ -212,6 +213,7 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
     const bool last = first + cnt == n_in;
     Params p{};
     p.n_in = cnt; p.n_out = n_out; p.numel = numel;
+    p.acc_stride = scratch_stride(numel);
     p.w_dev = weights_dev ? reinterpret_cast<const float*>(weights_dev) + first : nullptr;
     p.w_stride = n_in;
     p.acc_in = first ? reinterpret_cast<const float*>(scratch) : nullptr;

@@ -60,8 +60,14 @@ def default_out_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.Tensor]) -> torch.dtype:
-    """Checks out= and out_dtype= against the inputs; returns the output dtype."""
+def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.Tensor],
+                allow_alias: bool = True) -> torch.dtype:
+    """Checks out= and out_dtype= against the inputs; returns the output dtype.
+
+    allow_alias: out may be one of the inputs itself (safe for one output: every backend reads a
+    block of all inputs before writing it). With several outputs it is not: a later output would
+    read an input an earlier one already overwrote, so callers pass False then.
+    """
     first = tensors[0]
     if out_dtype is not None and out_dtype not in OUTPUT_DTYPES:
         raise TypeError(f"unsupported out_dtype {out_dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
@@ -80,17 +86,24 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     for i, t in enumerate(tensors):
+        if not allow_alias and _overlaps(out, t):
+            raise ValueError(f"an output shares memory with input {i}; with several outputs, write to separate tensors")
         if _overlaps_partially(out, t):
             raise ValueError(f"out partially overlaps input {i}; use a separate output or exactly the same tensor")
     return out.dtype
 
 
-def _overlaps_partially(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when a and b share bytes but are not the very same elements (which would be unsafe)."""
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b share any bytes (by address range)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
-    if a1 <= b0 or b1 <= a0:
+    return a0 < b1 and b0 < a1
+
+
+def _overlaps_partially(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b share bytes but are not the very same elements (which would be unsafe)."""
+    if not _overlaps(a, b):
         return False
-    return not (a0 == b0 and a.dtype == b.dtype and b.is_contiguous())
+    return not (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and b.is_contiguous())

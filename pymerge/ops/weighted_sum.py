@@ -54,7 +54,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         if len(outs) != len(rows):
             raise ValueError(f"got {len(outs)} outputs for {len(rows)} rows of weights")
         for o in outs:
-            resolve_out(tensors, out_dtype, o)
+            resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
     weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
     return outs
 
@@ -126,7 +126,7 @@ def _cuda_weighted_sum(tensors, rows, outs):
             grows = rows[start:start + ext.MAX_OUTPUTS]
             scratch = None
             if len(tensors) > ext.MAX_INPUTS:
-                scratch = torch.empty(len(group) * numel, dtype=torch.float32, device=device)
+                scratch = torch.empty(len(group) * ext.scratch_stride(numel), dtype=torch.float32, device=device)
             ext.weighted_sum_many(
                 [t.data_ptr() for t in tensors], [_native.DTYPE_CODES[t.dtype] for t in tensors], numel,
                 [] if on_device else [w for row in grows for w in row], [o.data_ptr() for o in group],
