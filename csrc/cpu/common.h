@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace pymerge {
@@ -36,6 +37,13 @@ std::vector<Registrar>& registrars();
 struct AutoRegister {
   explicit AutoRegister(Registrar r) { registrars().push_back(r); }
 };
+
+// Runs fn(begin, end) over [0, n) in chunks of `grain` on up to `threads` threads (0: all
+// cores), the caller included; returns when every chunk is done. See parallel.cpp for why this
+// is not OpenMP.
+using ChunkFn = std::function<void(int64_t, int64_t)>;
+void parallel_for(int64_t n, int64_t grain, int threads, const ChunkFn& fn);
+int default_threads();
 
 // Which SIMD path this CPU takes ("avx512", "avx2" or "scalar"); PYMERGE_SIMD overrides it.
 const char* simd_level();

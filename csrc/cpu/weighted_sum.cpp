@@ -3,7 +3,6 @@
 // float32, in input order (first term w*x, then fused multiply-adds); every output is written once
 // with round-to-nearest-even. Work is split into L1-sized blocks spread over OpenMP threads.
 #include <immintrin.h>
-#include <omp.h>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <stdexcept>
@@ -246,6 +245,7 @@ BlockFn pick_block() {
 
 constexpr int64_t kMinPerThread = 1 << 18;       // elements: below this a second thread costs more than it gives
 constexpr int64_t kStreamBytes = 8 << 20;        // outputs above this skip the cache
+constexpr int64_t kBlocksPerChunk = 16;          // 64K elements claimed at a time by a thread
 
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
@@ -262,19 +262,19 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   const Job J{in_ptrs.data(), in_dtypes.data(), n_in, weights.data(), out_ptrs.data(), out_dtypes.data(), n_out,
               numel * 2 >= kStreamBytes};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-  const int64_t wanted = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
   const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
-
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> accs(size_t(std::min<int64_t>(n_out, 1 << 16)) * kBlock), xbuf(kBlock);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; ++b) {
+  // Chunks of several blocks keep each thread's input streams long (prefetching runs ahead).
+  parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> accs, xbuf;
+    accs.resize(size_t(std::min<int64_t>(n_out, 1 << 16)) * kBlock);
+    xbuf.resize(kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock;
       block(J, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
     }
-    _mm_sfence();  // make the streaming stores visible before the caller reads the outputs
-  }
+    _mm_sfence();  // make this thread's streaming stores visible before the call returns
+  });
 }
 
 void register_weighted_sum(py::module_& m) {

@@ -1,0 +1,97 @@
+// A small thread pool for the kernels' parallel loops.
+//
+// Why not OpenMP: its workers spin after a parallel region and its static schedule waits for
+// every thread, so on a busy or oversubscribed machine (torch's own threads, other processes, a
+// second merge side by side) one descheduled worker stalls each call for a whole time slice
+// (seen here: a 5-checkpoint pool materialize took 200 ms instead of 7). Here chunks are claimed
+// from a shared counter, the caller works too, and the call returns as soon as every chunk is
+// done: a worker that has not woken up yet simply finds nothing left. Idle workers sleep.
+#include <omp.h>
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include "cpu/common.h"
+
+namespace pymerge {
+namespace {
+
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  void run(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
+    std::lock_guard<std::mutex> one_job(job_mu_);  // callers from several Python threads take turns
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      while (int(workers_.size()) < threads - 1) workers_.emplace_back([this] { loop(); });
+      fn_ = &fn;
+      n_ = n;
+      grain_ = grain;
+      next_.store(0);
+      seats_ = threads - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(mu_);
+    idle_.wait(lk, [this] { return active_ == 0; });  // every chunk is claimed; wait for those in flight
+    seats_ = 0;  // workers waking late must not touch this job
+    fn_ = nullptr;
+  }
+
+ private:
+  void work() {
+    for (int64_t b; (b = next_.fetch_add(grain_)) < n_;) (*fn_)(b, std::min(n_, b + grain_));
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (seats_ <= 0) continue;
+      --seats_;
+      ++active_;
+      lk.unlock();
+      work();
+      lk.lock();
+      if (--active_ == 0) idle_.notify_all();
+    }
+  }
+
+  std::mutex job_mu_, mu_;
+  std::condition_variable wake_, idle_;
+  std::vector<std::thread> workers_;
+  const ChunkFn* fn_ = nullptr;
+  int64_t n_ = 0, grain_ = 1;
+  std::atomic<int64_t> next_{0};
+  int seats_ = 0, active_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+}  // namespace
+
+int default_threads() { return std::max(1, omp_get_max_threads()); }  // honours OMP_NUM_THREADS
+
+void parallel_for(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  threads = int(std::min<int64_t>(threads > 0 ? threads : default_threads(), (n + grain - 1) / grain));
+  if (threads <= 1) return fn(0, n);
+  static Pool pool;
+  pool.run(n, grain, threads, fn);
+}
+
+}  // namespace pymerge
