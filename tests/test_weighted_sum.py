@@ -278,3 +278,14 @@ def test_several_outputs_may_not_alias_an_input():
         weighted_sum_many(xs, [[1, 0, 0], [0, 1, 0]], outs=[torch.empty(100), xs[1]])
     one = weighted_sum_many(xs, [[0.5, 0.5, 0]], outs=[xs[0]])  # one output in place is fine
     assert one[0] is xs[0]
+
+
+def test_concurrent_calls_from_several_threads():
+    """The kernel releases the GIL and shares one worker pool: concurrent callers take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [(random_inputs(3, 600_001, [torch.bfloat16], seed=s), random_weights(3, seed=s)) for s in range(4)]
+    expected = [weighted_sum(xs, w, num_threads=1) for xs, w in jobs]
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            got = list(ex.map(lambda job: weighted_sum(*job), jobs))
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
