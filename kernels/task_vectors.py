@@ -56,9 +56,9 @@ if triton is not None:
         """v_i for one block: the sparsified, rescaled, weighted delta of model i."""
         addr = tl.load(addr_table + i)
         if IN_DT == -1:
-            x = _load_mixed(addr, tl.load(code_table + i), offs, mask)
+            x = _load_mixed(addr, tl.load(code_table + i), offs, mask, False)
         else:
-            x = _load_as_f32(addr, offs, mask, IN_DT)
+            x = _load_as_f32(addr, offs, mask, IN_DT, False)
         d = x - b
         mode = tl.load(mode_t + i)
         key = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
@@ -92,7 +92,7 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         goffs = offs + offset
-        b = _load_as_f32(base_addr, offs, mask, BASE_DT)
+        b = _load_as_f32(base_addr, offs, mask, BASE_DT, False)
         mixed = tl.zeros([BLOCK], tl.float32)
         if CONSENSUS:
             s = tl.zeros([BLOCK], tl.float32)
