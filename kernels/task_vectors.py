@@ -13,8 +13,6 @@ first, so on a GPU it is served from L2; Philox draws are recomputed (cheap ALU 
 Philox: tl.philox(seed, c0, c1, c2, c3) keys with (seed low, seed high) -- the layout of
 pymerge/ops/philox.py with c0 = j // 4, c1 = model index, (c2, c3) = name hash; word j % 4.
 """
-import os
-
 import torch
 
 try:
@@ -24,16 +22,9 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
+from pymerge.kernels import interpreted as _interpreted
 
 _MIXED = -1
-
-
-def available() -> bool:
-    return triton is not None
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

@@ -5,8 +5,6 @@ so N is a runtime loop bound: no recompilation per N. When all inputs share a dt
 compile-time constant (one load path); mixed dtypes branch per input on a dtype code.
 K outputs (a population) are produced from one read of the inputs, up to MAX_OUTPUTS per launch.
 """
-import os
-
 import torch
 
 try:
@@ -16,17 +14,10 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
+from pymerge.kernels import interpreted as _interpreted
 
 MAX_OUTPUTS = 4
 _MIXED = -1
-
-
-def available() -> bool:
-    return triton is not None
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

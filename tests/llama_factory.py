@@ -177,3 +177,14 @@ def _split(items: Sequence, n: int) -> List[list]:
 
 def dims_dict(d: LlamaDims) -> dict:
     return asdict(d)
+
+
+def load_folder(folder) -> dict:
+    """Every tensor of every .safetensors file in a folder (a merge's output), by name."""
+    from safetensors import safe_open
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out

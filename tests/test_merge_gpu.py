@@ -2,7 +2,6 @@
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 import llama_factory as lf
 from pymerge.merge import run_merge
@@ -12,13 +11,7 @@ pytestmark = pytest.mark.gpu
 DIMS = lf.LlamaDims(hidden=128, layers=3, intermediate=256, vocab=512, heads=4, kv_heads=2)
 
 
-def _load(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
+_load = lf.load_folder
 
 
 @pytest.fixture(scope="module")

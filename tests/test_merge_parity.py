@@ -88,13 +88,7 @@ def parity(tmp_path_factory):
     return root, configs
 
 
-def _load(folder: Path):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
+_load = lf.load_folder
 
 
 def _assert_same(ours, theirs, name, precision=None):

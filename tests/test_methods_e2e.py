@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
 import llama_factory as lf
 from pymerge import cli
@@ -129,13 +128,7 @@ def parity(fam):
     return root, configs
 
 
-def _load(folder: Path):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
+_load = lf.load_folder
 
 
 def run_cli(argv, capsys):

@@ -10,12 +10,12 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include "cuda/dtypes.cuh"
 #include "cuda/task_vectors.h"
 
 namespace pymerge_cuda {
 namespace {
 
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F8E4M3FN = 3, F8E5M2 = 4 };
 enum Mode : int { NONE = 0, TOPK = 1, RANGE = 2, RANDOM = 3, BITS = 4, ZERO = 5 };
 constexpr int kThreads = 256;
 
@@ -38,16 +38,6 @@ struct TvParams {
   float lam, divisor;
   unsigned k0, k1, h0, h1;
 };
-
-__device__ __forceinline__ float load_f32(const void* p, long long i, int dt) {
-  switch (dt) {
-    case F32: return static_cast<const float*>(p)[i];
-    case F16: return __half2float(static_cast<const __half*>(p)[i]);
-    case BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case F8E4M3FN: return float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E4M3)));
-    default: return float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E5M2)));
-  }
-}
 
 __device__ __forceinline__ unsigned philox_word(unsigned c0, unsigned c1, unsigned c2, unsigned c3, unsigned k0,
                                                 unsigned k1, int lane) {

@@ -10,12 +10,12 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+#include "cuda/dtypes.cuh"
 #include "cuda/weighted_sum.h"
 
 namespace pymerge_cuda {
 namespace {
 
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F8E4M3FN = 3, F8E5M2 = 4 };
 
 constexpr int kVec = 8;      // elements per thread per step: one 16-byte load of bf16/fp16
 constexpr int kUnroll = 2;   // steps per thread per iteration: more independent loads in flight
@@ -42,16 +42,6 @@ __device__ __forceinline__ float weight(const Params& p, int k, int i) {
   return p.w_dev ? __ldg(p.w_dev + k * p.w_stride + i) : p.w[k][i];
 }
 
-__device__ __forceinline__ float to_f32(const void* p, int64_t i, int dt) {
-  switch (dt) {
-    case F32: return static_cast<const float*>(p)[i];
-    case F16: return __half2float(static_cast<const __half*>(p)[i]);
-    case BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case F8E4M3FN: return float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E4M3)));
-    default: return float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E5M2)));
-  }
-}
-
 // Loads kVec consecutive elements starting at i (16-byte aligned for 2-byte types).
 __device__ __forceinline__ void load_vec(const void* p, int64_t i, int dt, float (&x)[kVec]) {
   if (dt == BF16 || dt == F16) {
@@ -66,7 +56,7 @@ __device__ __forceinline__ void load_vec(const void* p, int64_t i, int dt, float
     x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
   } else {
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) x[j] = to_f32(p, i + j, dt);
+    for (int j = 0; j < kVec; ++j) x[j] = load_f32(p, i + j, dt);
   }
 }
 
@@ -141,7 +131,7 @@ __global__ void weighted_sum_scalar(const __grid_constant__ Params p, int64_t be
     for (int k = 0; k < p.n_out; ++k) {
       float acc = p.acc_in ? p.acc_in[k * p.acc_stride + e] : 0.f;
       for (int i = 0; i < p.n_in; ++i) {
-        float x = to_f32(p.in[i], e, p.in_dtype[i]);
+        float x = load_f32(p.in[i], e, p.in_dtype[i]);
         acc = (i == 0 && !p.acc_in) ? weight(p, k, i) * x : fmaf(weight(p, k, i), x, acc);
       }
       if (p.acc_out) p.acc_out[k * p.acc_stride + e] = acc;

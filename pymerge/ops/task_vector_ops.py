@@ -36,6 +36,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import philox, select
+from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
 NONE, TOPK, RANGE, RANDOM, BITS, ZERO = range(6)  # csrc/cpu/task_vectors.cpp modes
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -306,18 +307,7 @@ def linear_divisor(weights: Sequence[float]) -> float:
 
 
 def pick_backend(device: torch.device, backend: str = "auto") -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    if device.type == "cpu":
-        return "cpu" if _native.cpu is not None else "torch"
-    if device.type == "cuda":
-        from pymerge.kernels import task_vectors as tk
-        if tk.available():
-            return "triton"
-        return "cuda" if _native.cuda is not None and hasattr(_native.cuda, "tv_merge") else "torch"
-    return "torch"
+    return _pick_backend(device, backend, cuda_entry="tv_merge")
 
 
 def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Sequence[ModelPlan],

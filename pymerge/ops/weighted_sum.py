@@ -59,7 +59,10 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     return outs
 
 
-def pick_backend(device: torch.device, backend: str = "auto") -> str:
+def pick_backend(device: torch.device, backend: str = "auto", cuda_entry: str = "weighted_sum_many") -> str:
+    """The backend an op runs on: `backend` itself when given, else by device. Every op shares
+    this rule: C++ on the CPU; on a GPU Triton first, then the CUDA extension if it has the op's
+    entry point (`cuda_entry`), else eager torch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -67,10 +70,10 @@ def pick_backend(device: torch.device, backend: str = "auto") -> str:
     if device.type == "cpu":
         return "cpu" if _native.cpu is not None else "torch"
     if device.type == "cuda":
-        from pymerge.kernels import weighted_sum as triton_ws
-        if triton_ws.available():
+        from pymerge import kernels
+        if kernels.triton_available():
             return "triton"
-        return "cuda" if _native.cuda is not None else "torch"
+        return "cuda" if _native.cuda is not None and hasattr(_native.cuda, cuda_entry) else "torch"
     return "torch"
 
 
