@@ -4,7 +4,6 @@
 //                  float32 products summed per block, blocks summed in float64: one read of inputs.
 //   group_lincomb: out = cB[g] * B + sum_i c_i[g] * (x_i - (sub ? B : 0)), rounded once: one pass.
 // The spherical coefficients between the two passes are a handful of scalars computed in Python.
-#include <omp.h>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <stdexcept>
@@ -16,6 +15,7 @@ namespace pymerge {
 namespace {
 
 using tv::kBlock;
+constexpr int64_t kBlocksPerChunk = 16;  // blocks claimed at a time by a thread (16K elements)
 enum Group : int { WHOLE = 0, ROWS = 1, COLS = 2 };
 
 struct Args {
@@ -104,32 +104,42 @@ std::vector<double> dots_driver(const Args& a) {
   auto dots = fast ? dots_avx512 : dots_plain;
   auto cols = fast ? cols_avx512 : cols_plain;
   std::vector<double> total(size_t(groups * pairs), 0.0);
-  std::vector<std::vector<double>> per(a.threads);
-#pragma omp parallel num_threads(a.threads)
-  {
-    std::vector<double>& acc = per[omp_get_thread_num()];
-    acc.assign(a.group == ROWS ? 0 : size_t(groups * pairs), 0.0);
-    std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
-    if (a.group == WHOLE) {
-      const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < n_blocks; ++b)
-        dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), acc.data(), buf.data(), bb.data());
-    } else if (a.group == ROWS) {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < a.rows; ++r)
+  // Every sum below runs in one fixed order whatever the thread count and whichever thread ran
+  // which chunk, so the results are bit-identical for any number of threads.
+  if (a.group == WHOLE) {
+    // One slot of pair sums per block, summed in block order afterwards.
+    const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+    std::vector<double> part(size_t(n_blocks * pairs), 0.0);
+    parallel_for(n_blocks, kBlocksPerChunk, a.threads, [&](int64_t b0, int64_t b1) {
+      std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
+      for (int64_t b = b0; b < b1; ++b)
+        dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), part.data() + b * pairs, buf.data(), bb.data());
+    });
+    for (int64_t b = 0; b < n_blocks; ++b)
+      for (int64_t p = 0; p < pairs; ++p) total[p] += part[b * pairs + p];
+  } else if (a.group == ROWS) {
+    // Each row's sums belong to the one chunk that holds the row.
+    const int64_t grain = std::max<int64_t>(1, kBlocksPerChunk * kBlock / std::max<int64_t>(a.cols, 1));
+    parallel_for(a.rows, grain, a.threads, [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
+      for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = 0; c < a.cols; c += kBlock)
           dots(a, r * a.cols + c, std::min(kBlock, a.cols - c), total.data() + r * pairs, buf.data(), bb.data());
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < a.rows; ++r)
-        for (int64_t c0 = 0; c0 < a.cols; c0 += kBlock)
-          cols(a, r, c0, std::min(kBlock, a.cols - c0), acc.data(), buf.data(), bb.data());
-    }
+    });
+  } else {
+    // Columns are split into tiles; a tile's chunk walks every row in order, so each column's sums
+    // run over the rows in row order (the tile width does not change any result).
+    const int64_t want = (a.cols + a.threads - 1) / a.threads;  // wide tiles: long contiguous reads per row
+    const int64_t width = std::min(kBlock, std::max<int64_t>(64, (want + 15) / 16 * 16));
+    const int64_t tiles = (a.cols + width - 1) / width;
+    parallel_for(tiles, 1, a.threads, [&](int64_t t0, int64_t t1) {
+      std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * width, n = std::min(width, a.cols - c0);
+        for (int64_t r = 0; r < a.rows; ++r) cols(a, r, c0, n, total.data(), buf.data(), bb.data());
+      }
+    });
   }
-  if (a.group != ROWS)
-    for (auto& acc : per)
-      for (size_t i = 0; i < total.size(); ++i) total[i] += acc[i];
   return total;
 }
 
@@ -137,12 +147,10 @@ void lincomb_driver(const Args& a, const std::vector<float>& coef, uintptr_t out
   const int64_t k = int64_t(a.x.size()), numel = a.rows * a.cols;
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   auto fn = tv::use_avx512() ? lincomb_avx512 : lincomb_plain;
-#pragma omp parallel num_threads(a.threads)
-  {
+  parallel_for(n_blocks, kBlocksPerChunk, a.threads, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(size_t(k) * kBlock), bb(kBlock), acc(kBlock);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; ++b) fn(a, coef.data(), out, odt, b * kBlock, buf.data(), bb.data(), acc.data());
-  }
+    for (int64_t b = b0; b < b1; ++b) fn(a, coef.data(), out, odt, b * kBlock, buf.data(), bb.data(), acc.data());
+  });
 }
 
 Args make_args(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, bool sub,
@@ -153,7 +161,7 @@ Args make_args(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uint
   if (sub && !base) throw std::invalid_argument("interp: sub needs a base");
   Args a{x, dt, base, bdt, sub, rows, cols, group, 1};
   const int64_t work = group == WHOLE ? (rows * cols + kBlock - 1) / kBlock : rows;
-  a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : omp_get_max_threads(), work)));
+  a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : default_threads(), work)));
   return a;
 }
 

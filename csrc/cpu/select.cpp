@@ -14,7 +14,6 @@
 // For rank r the answer is a boundary (T, I): the r elements before rank r are those whose key is
 // strictly before T, plus the elements with key == T and index < I. A third, partial pass finds I
 // only when the boundary falls inside a run of ties.
-#include <omp.h>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
@@ -110,23 +109,30 @@ using BracketFn = void (*)(const SelectArgs&, int64_t, uint32_t, uint32_t, int, 
 PM_AVX512 void bracket_avx512(const SelectArgs& a, int64_t s, uint32_t lo, uint32_t hi, int sh, uint32_t* h, int64_t& b, int32_t* eq, Buf& w) { bracket_block<0>(a, s, lo, hi, sh, h, b, eq, w); }
 PM_PLAIN void bracket_plain(const SelectArgs& a, int64_t s, uint32_t lo, uint32_t hi, int sh, uint32_t* h, int64_t& b, int32_t* eq, Buf& w) { bracket_block<1>(a, s, lo, hi, sh, h, b, eq, w); }
 
+// Histogram passes split the blocks into at most 4 chunks per thread (of at least 16 blocks), and
+// each chunk counts into its own slot (slot = chunk index); the slots are summed in index order.
+// The counts are integers, so the total is the same whichever thread ran which chunk.
+int64_t slot_grain(const SelectArgs& a, int64_t n_blocks) {
+  const int64_t chunks = 4 * int64_t(a.threads);
+  return std::max<int64_t>(16, (n_blocks + chunks - 1) / chunks);
+}
+
 void histogram(const SelectArgs& a, int shift, uint32_t mask, int64_t match, int match_shift, std::vector<int64_t>& total) {
   const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
   const size_t bins = size_t(mask) + 1;
   const HistFn fn = tv::use_avx512() ? hist_avx512 : hist_plain;
-  std::vector<std::vector<uint32_t>> per(a.threads);
-#pragma omp parallel num_threads(a.threads)
-  {
-    // uint32 counters per thread: a thread sees far fewer than 2^32 elements of one tensor.
-    std::vector<uint32_t>& h = per[omp_get_thread_num()];
+  const int64_t grain = slot_grain(a, n_blocks);
+  std::vector<std::vector<uint32_t>> per(size_t((n_blocks + grain - 1) / grain));
+  parallel_for(n_blocks, grain, a.threads, [&](int64_t b0, int64_t b1) {
+    // uint32 counters per slot: a slot sees far fewer than 2^32 elements of one tensor.
+    std::vector<uint32_t>& h = per[b0 / grain];
     h.assign(bins, 0);
     Buf w;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < n_blocks; ++blk) fn(a, blk * kBlock, h.data(), shift, mask, match, match_shift, w);
-  }
+    for (int64_t blk = b0; blk < b1; ++blk) fn(a, blk * kBlock, h.data(), shift, mask, match, match_shift, w);
+  });
   total.assign(bins, 0);
   for (auto& h : per)
-    for (size_t i = 0; i < bins; ++i) total[i] += h[i];
+    for (size_t i = 0; i < h.size(); ++i) total[i] += h[i];
 }
 
 // Index of the j-th (0-based) element whose key equals t, in index order: tie counts per chunk in
@@ -155,17 +161,15 @@ int64_t nth_tie(const SelectArgs& a, uint32_t t, int64_t j) {
     throw std::logic_error("select: tie index out of range");
   }
   std::vector<int64_t> counts(n_chunks, 0);
-#pragma omp parallel num_threads(a.threads)
-  {
+  parallel_for(n_chunks, 1, a.threads, [&](int64_t c0, int64_t c1) {
     Buf w;
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       int64_t cnt = 0;
       for (int64_t start = c * kChunk; start < std::min(a.numel, (c + 1) * kChunk); start += kBlock)
         cnt += count(a, start, t, w);
       counts[c] = cnt;
     }
-  }
+  });
   int64_t c = 0;
   for (; c < n_chunks && j >= counts[c]; ++c) j -= counts[c];
   if (c == n_chunks) throw std::logic_error("select: tie index out of range");
@@ -219,22 +223,27 @@ std::pair<uint32_t, int64_t> select_bracketed(const SelectArgs& a, int64_t r) {
     hi = pos + delta >= m - 1 ? 0x7fffffffu : s[pos + delta];
   }
   std::vector<int32_t> eq(n_blocks, 0);
-  std::vector<std::vector<uint32_t>> per(a.threads);
+  const int64_t grain = slot_grain(a, n_blocks);
+  const int64_t n_slots = (n_blocks + grain - 1) / grain;
+  std::vector<std::vector<uint32_t>> per(static_cast<size_t>(n_slots));  // one histogram per chunk (see slot_grain)
+  std::vector<int64_t> below_per(static_cast<size_t>(n_slots));
   for (int pass = 0; pass < 8; ++pass) {
     const uint32_t width = hi - lo;
     int shift = 0;
     while ((uint64_t(width) >> shift) >= 65536) ++shift;
     const size_t bins = lo == hi ? 1 : size_t(width >> shift) + 1;
-    int64_t below = 0;
-#pragma omp parallel num_threads(a.threads) reduction(+ : below)
-    {
-      std::vector<uint32_t>& h = per[omp_get_thread_num()];
+    for (auto& h : per) h.clear();  // slots a pass leaves untouched must not add stale counts
+    std::fill(below_per.begin(), below_per.end(), 0);
+    parallel_for(n_blocks, grain, a.threads, [&](int64_t b0, int64_t b1) {
+      std::vector<uint32_t>& h = per[b0 / grain];
       h.assign(bins, 0);
+      int64_t bl = 0;
       Buf w;
-#pragma omp for schedule(static)
-      for (int64_t blk = 0; blk < n_blocks; ++blk)
-        fn(a, blk * kBlock, lo, hi, shift, h.data(), below, eq.data() + blk, w);
-    }
+      for (int64_t blk = b0; blk < b1; ++blk) fn(a, blk * kBlock, lo, hi, shift, h.data(), bl, eq.data() + blk, w);
+      below_per[b0 / grain] = bl;
+    });
+    int64_t below = 0;
+    for (int64_t v : below_per) below += v;
     int64_t inside = 0;
     std::vector<int64_t> total;
     if (lo == hi) {
@@ -242,7 +251,7 @@ std::pair<uint32_t, int64_t> select_bracketed(const SelectArgs& a, int64_t r) {
     } else {
       total.assign(bins, 0);
       for (auto& h : per)
-        for (size_t i = 0; i < bins; ++i) total[i] += h[i];
+        for (size_t i = 0; i < h.size(); ++i) total[i] += h[i];
       for (int64_t c : total) inside += c;
     }
     if (r < below || r >= below + inside) {  // the sample missed: search every key
@@ -278,7 +287,7 @@ std::vector<std::pair<int64_t, int64_t>> select_ranks(uintptr_t x, int xdt, uint
   for (int dt : {xdt, bdt}) if (dt < F32 || dt > F8E5M2) throw std::invalid_argument("select: bad dtype code");
   SelectArgs a{x, b, xdt, bdt, numel, descending ? 0x7fffffffu : 0u, 1};
   const int64_t n_blocks = std::max<int64_t>(1, (numel + kBlock - 1) / kBlock);
-  a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : omp_get_max_threads(), n_blocks)));
+  a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : default_threads(), n_blocks)));
   std::vector<std::pair<int64_t, int64_t>> result;
   std::vector<int64_t> high;
   for (int64_t r : ranks) {

@@ -13,7 +13,6 @@
 //   3 random: keep iff Philox draw < thr (DARE)
 //   4 bits: keep iff bit e of a precomputed bitmask (DELLA, see della_mask below)
 // Also here: the L1 norms the rescale needs, and DELLA's per-row rank-based mask.
-#include <omp.h>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
@@ -254,8 +253,10 @@ PM_PLAIN std::pair<float, float> l1_plain(const Model& m, uintptr_t b, int bdt, 
 PM_AVX512 std::pair<double, double> della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w) { return della_row<0>(m, b, bdt, r, c, thr, mk, w); }
 PM_PLAIN std::pair<double, double> della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w) { return della_row<1>(m, b, bdt, r, c, thr, mk, w); }
 
+constexpr int64_t kBlocksPerChunk = 16;  // blocks claimed at a time by a thread (16K elements)
+
 int pick_threads(int requested, int64_t work) {
-  return int(std::max<int64_t>(1, std::min<int64_t>(requested > 0 ? requested : omp_get_max_threads(), work)));
+  return int(std::max<int64_t>(1, std::min<int64_t>(requested > 0 ? requested : default_threads(), work)));
 }
 
 void check_dtype(int dt, bool output) {
@@ -289,13 +290,11 @@ void tv_merge(const std::vector<ModelSpec>& models, uintptr_t base, int base_dty
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int threads = pick_threads(num_threads, n_blocks);
   auto block = tv::use_avx512() ? merge_avx512 : merge_plain;
-#pragma omp parallel num_threads(threads)
-  {
+  parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     Scratch w;
     w.v.resize(a.models.size() * kBlock);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; ++b) block(a, b * kBlock, w);
-  }
+    for (int64_t b = b0; b < b1; ++b) block(a, b * kBlock, w);
+  });
 }
 
 std::pair<double, double> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t numel, int64_t offset,
@@ -306,16 +305,15 @@ std::pair<double, double> tv_l1(const ModelSpec& model, uintptr_t base, int base
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int threads = pick_threads(num_threads, n_blocks);
   auto block = tv::use_avx512() ? l1_avx512 : l1_plain;
-  double total = 0, kept = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
-  {
+  // One slot per block, summed in block order afterwards: the result does not depend on the
+  // thread count or on which thread ran which chunk.
+  std::vector<std::pair<float, float>> part(static_cast<size_t>(n_blocks));
+  parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     Scratch w;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      auto [t, k] = block(m, base, base_dtype, numel, offset, b * kBlock, w);
-      total += t; kept += k;
-    }
-  }
+    for (int64_t b = b0; b < b1; ++b) part[b] = block(m, base, base_dtype, numel, offset, b * kBlock, w);
+  });
+  double total = 0, kept = 0;
+  for (auto [t, k] : part) { total += t; kept += k; }
   return {total, kept};
 }
 
@@ -330,16 +328,14 @@ std::pair<double, double> tv_della_mask(const ModelSpec& model, uintptr_t base, 
   const int threads = pick_threads(num_threads, rows);
   auto row = tv::use_avx512() ? della_avx512 : della_plain;
   uint64_t* words = reinterpret_cast<uint64_t*>(mask);
-  double total = 0, kept = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total, kept)
-  {
+  // One slot per row, summed in row order afterwards (see tv_l1).
+  std::vector<std::pair<double, double>> part(static_cast<size_t>(rows));
+  parallel_for(rows, 4, threads, [&](int64_t r0, int64_t r1) {
     RowScratch w(cols);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t r = 0; r < rows; ++r) {
-      auto [t, k] = row(m, base, base_dtype, r, cols, thr.data(), words, w);
-      total += t; kept += k;
-    }
-  }
+    for (int64_t r = r0; r < r1; ++r) part[r] = row(m, base, base_dtype, r, cols, thr.data(), words, w);
+  });
+  double total = 0, kept = 0;
+  for (auto [t, k] : part) { total += t; kept += k; }
   return {total, kept};
 }
 
