@@ -43,6 +43,17 @@ def run_cli(argv, capsys):
     return rc, capsys.readouterr().err
 
 
+def assert_rejected(result, words, out: Path):
+    """Exit 2, one `pymerge: error:` line holding every word, and nothing left at or beside OUT."""
+    rc, err = result
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pymerge: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not out.exists() and leftovers(out) == []
+
+
 def leftovers(out: Path):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.pymerge-"))
 
@@ -106,13 +117,7 @@ def test_bad_checkpoints_exit_2_with_one_line(fam, tmp_path, capsys, kind, words
     bad = make_broken(kind, fts[1], tmp_path)
     cfg = write_cfg(tmp_path / "c.yml", linear([fts[0], bad]))
     out = tmp_path / "out"
-    rc, err = run_cli(["merge", cfg, out], capsys)
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pymerge: error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    assert not out.exists() and leftovers(out) == []
+    assert_rejected(run_cli(["merge", cfg, out], capsys), words, out)
 
 
 @pytest.mark.parametrize("case, words", [
@@ -150,13 +155,7 @@ def test_bad_configs_exit_2_with_one_line(fam, tmp_path, capsys, case, words):
     if case != "no_config":
         write_cfg(cfg, cfgs[case])
     out = tmp_path / "out"
-    rc, err = run_cli(["merge", cfg, out], capsys)
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pymerge: error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    assert not out.exists() and leftovers(out) == []
+    assert_rejected(run_cli(["merge", cfg, out], capsys), words, out)
 
 
 def test_existing_out_needs_force_and_is_kept(fam, tmp_path, capsys):

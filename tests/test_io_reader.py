@@ -11,6 +11,7 @@ import torch
 
 from pymerge.errors import CheckpointError, InputError
 from pymerge.io import SAFETENSORS_DTYPES, Checkpoint, SafetensorsFile, TensorInfo, check_compatible
+from io_helpers import bits, random_tensor
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -23,17 +24,6 @@ def write_raw(path, header, data=b"", header_len=None):
     return path
 
 
-def bits(t: torch.Tensor) -> bytes:
-    """The tensor's raw bytes: compares NaNs, -0.0 and float8 bit-exactly."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def random_tensor(dtype, shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    n = int(np.prod(shape)) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
 
 
 def mmap_base(f: SafetensorsFile) -> int:

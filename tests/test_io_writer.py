@@ -8,7 +8,6 @@ import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
@@ -17,20 +16,11 @@ import torch
 import pymerge.io.writer as writer_mod
 from pymerge.errors import InputError
 from pymerge.io import SAFETENSORS_DTYPES, Checkpoint, SafetensorsFile, ShardedWriter
+from io_helpers import bits, random_tensor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bits(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def random_tensor(dtype, shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    n = int(np.prod(shape)) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
 
 
 def plan(tensors):
