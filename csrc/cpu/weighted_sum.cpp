@@ -74,27 +74,6 @@ AVX2_TARGET void store_avx2(void* dst, const float* acc, int64_t n, int dt) {
 // ---- AVX-512 -----------------------------------------------------------------------------------
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 
-AVX512_TARGET inline __m512 load16(const void* src, int64_t i, int dt) {
-  if (dt == F32) return _mm512_loadu_ps(static_cast<const float*>(src) + i);
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(src) + i));
-  if (dt == F16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-template <bool First>
-AVX512_TARGET void acc_avx512(float* acc, const void* src, int64_t n, float w, int dt) {
-  if (dt > BF16) return acc_scalar<First>(acc, src, n, w, dt);
-  const __m512 vw = _mm512_set1_ps(w);
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {  // two vectors per step keeps two loads in flight
-    __m512 x0 = load16(src, i, dt), x1 = load16(src, i + 16, dt);
-    _mm512_storeu_ps(acc + i, First ? _mm512_mul_ps(vw, x0) : _mm512_fmadd_ps(vw, x0, _mm512_loadu_ps(acc + i)));
-    _mm512_storeu_ps(acc + i + 16, First ? _mm512_mul_ps(vw, x1) : _mm512_fmadd_ps(vw, x1, _mm512_loadu_ps(acc + i + 16)));
-  }
-  const char* base = static_cast<const char*>(src) + i * dtype_size(dt);
-  acc_scalar<First>(acc + i, base, n - i, w, dt);
-}
-
 // float32 -> bfloat16, round to nearest even, done on integers so denormals are kept
 // (VCVTNEPS2BF16 would flush them to zero).
 AVX512_TARGET inline __m256i f32_to_bf16_16(__m512 x) {
@@ -104,18 +83,6 @@ AVX512_TARGET inline __m256i f32_to_bf16_16(__m512 x) {
   __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
   return _mm512_cvtepi32_epi16(r);
-}
-
-AVX512_TARGET void store_avx512(void* dst, const float* acc, int64_t n, int dt) {
-  if (dt == F32) return store_scalar(dst, acc, n, dt);
-  auto d = static_cast<uint16_t*>(dst);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 x = _mm512_loadu_ps(acc + i);
-    __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
-  }
-  store_scalar(d + i, acc + i, n - i, dt);
 }
 
 // ---- the job: N inputs, K outputs, weights W[k * N + i] ------------------------------------------

@@ -133,11 +133,7 @@ def slerp_coefs(t: float, aa: float, bb: float, ab: float, dot_threshold: float 
     dot = _clamp(ab / (na * nb))
     if abs(dot) > dot_threshold:
         return 1.0 - t, t
-    if math.isnan(dot):
-        return math.nan, math.nan
-    theta = math.acos(dot)
-    s = math.sin(theta)
-    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+    return _spherical(t, dot)
 
 
 def nuslerp_coefs(t: float, aa: float, bb: float, ab: float, eps: float = 1e-8) -> Tuple[float, float]:
@@ -146,6 +142,11 @@ def nuslerp_coefs(t: float, aa: float, bb: float, ab: float, eps: float = 1e-8) 
     cos = _clamp(ab / (na * nb))
     if 1 - cos * cos <= eps * eps:
         return 1.0 - t, t
+    return _spherical(t, cos)
+
+
+def _spherical(t: float, cos: float) -> Tuple[float, float]:
+    """sin((1-t)θ)/sin θ and sin(tθ)/sin θ for θ = acos(cos); NaN in, NaN out."""
     if math.isnan(cos):
         return math.nan, math.nan
     theta = math.acos(cos)
