@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,7 +109,7 @@ if cuda_sources and find_nvcc() and sys.platform.startswith("linux"):
     ))
 
 setup(
-    packages=["pymerge", "pymerge.io", "pymerge.methods", "pymerge.ops", "pymerge.kernels"],
+    packages=find_packages(include=["pymerge", "pymerge.*"]) + ["pymerge.kernels"],  # every subpackage, and kernels/
     package_dir={"pymerge.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

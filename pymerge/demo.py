@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from pymerge.demo_data import MLP, TASKS, accuracy, load_splits, runs, train_pool
 from pymerge.pool import CheckpointPool
 from pymerge.search import optimize
-from pymerge.search_report import macro_average
+from pymerge.search.report import macro_average
 
 
 def _safe(name: str) -> str:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from pymerge.errors import InputError
 from pymerge.pool import CheckpointPool
 from pymerge.search import cli_main, optimize
-from pymerge.search_report import pareto_front
+from pymerge.search.report import pareto_front
 
 
 class Vec(torch.nn.Module):

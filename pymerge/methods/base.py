@@ -4,7 +4,7 @@ A method is a small registered class: it declares its parameters (per model and 
 mergekit 0.1.5's names and defaults), how many models it takes, whether it needs a base model,
 and one function that merges one tensor into a preallocated output.
 
-The engine (pymerge/merge.py) and the pool (pymerge/pool.py) resolve parameters per tensor
+The engine (pymerge/merge.py) and the pool (pymerge/pool/pool.py) resolve parameters per tensor
 (gradients over layers, filters by name) before calling ``merge_tensor``, so methods only ever
 see plain numbers.
 """

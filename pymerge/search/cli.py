@@ -86,7 +86,7 @@ def _best_yaml(path: str, sources, weights, method: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pymerge search", description="CMA-ES search over merge weights")
-    ap.add_argument("config", help="YAML config (see `pydoc pymerge.search_cli`)")
+    ap.add_argument("config", help="YAML config (see `pydoc pymerge.search.cli`)")
     ap.add_argument("--out", help="output folder (overrides the config's out)")
     ap.add_argument("--budget", type=int, help="evaluations (overrides search.budget)")
     args = ap.parse_args(argv)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from pymerge.pool import CheckpointPool
-    from pymerge.search import optimize
+    from pymerge.search.optimize import optimize
     cfg = _load_config(args.config)
     here = os.path.dirname(os.path.abspath(args.config))
     sys.path.insert(0, here)

@@ -15,8 +15,8 @@ import torch
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
-from pymerge.pool_sources import open_source
-from pymerge.pool_weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
+from pymerge.pool.sources import open_source
+from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
 
 RESIDENCIES = ("device", "pinned", "host", "mmap")
 NameMap = Union[None, str, Callable[[str], Optional[str]]]
@@ -100,7 +100,7 @@ class CheckpointPool:
         self._index = {n: i for i, n in enumerate(self.names)}
         self._cuda = None
         if self.device.type == "cuda" or self.backend == "triton":
-            from pymerge.pool_cuda import CudaRunner
+            from pymerge.pool.cuda import CudaRunner
             self._cuda = CudaRunner(self._inputs, self.device, self.residency, self.num_checkpoints,
                                     chunk_bytes=chunk_bytes)
 

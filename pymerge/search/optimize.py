@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pymerge.errors import InputError
-from pymerge.search_report import macro_average, pareto_front, plot, write_csv, write_json
+from pymerge.search.report import macro_average, pareto_front, plot, write_csv, write_json
 
 STATE_VERSION = 1
 
@@ -96,7 +96,7 @@ def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
     if pool.device.type == "cuda":
         free = torch.cuda.mem_get_info(pool.device)[0]
     else:
-        from pymerge.pool import _host_available
+        from pymerge.pool.pool import _host_available
         free = _host_available()
     return max(1, min(popsize, int(free * 0.25 // max(size, 1)) + 1))
 
@@ -235,9 +235,3 @@ def _save_state(path: Optional[str], state: dict) -> None:
     with open(tmp, "wb") as fh:
         pickle.dump(state, fh)
     os.replace(tmp, path)  # a crash mid-write leaves the previous generation's state
-
-
-def cli_main(argv=None) -> int:
-    """`pymerge search CONFIG.yml`: see pymerge/search_cli.py for the config's keys."""
-    from pymerge.search_cli import main
-    return main(argv)
