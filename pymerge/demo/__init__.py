@@ -1,11 +1,11 @@
 """`pymerge demo`: a miniature of "If You Can't Use Them, Recycle Them" on small language models.
 
 A small Llama-layout decoder (model.py) is pretrained once on a mixture of four generative tasks
-(tasks.py: addition, string reversal, sorting, key-value lookup; exact-match answers), then trained
+(tasks.py: addition, subtraction, string reversal, sorting; exact-match answers), then trained
 further in eleven runs that differ as the paper's do: data mixtures, a second stage continuing
 another run, objectives and hyperparameters (train.py). Each run is saved as a Hugging Face folder;
 a CheckpointPool materializes candidate merges into a live model, greedy decoding scores them
-(exact match), CMA-ES searches sum-to-one merge weights on the validation macro-average, and the
+(exact match), CMA-ES searches sum-to-one merge weights on the validation macro-average (from the greedy soup), and the
 held-out test set scores every checkpoint, the uniform merge, the greedy soup and the optimized
 merge (run.py). Nothing is downloaded; it needs only pymerge's own dependencies.
 

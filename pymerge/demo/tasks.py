@@ -5,10 +5,13 @@ BOS + prompt and must generate answer + EOS. Training draws fresh examples from 
 validation and test sets are fixed sets of examples drawn with separate seeds, and the search
 only ever sees validation.
 
-    add      "A47+85="    -> "132"     (1-2 digit operands)
-    reverse  "Rkdbq>"     -> "qbdk"   (3-5 letters)
-    sort     "S83159>"    -> "13589"   (3-6 digits)
-    lookup   "Ka3d7q1?d"  -> "7"       (2-5 distinct letter keys, one digit each)
+    add      "A47+85="     -> "132"      (1-2 digit operands)
+    sub      "D85-47="     -> "38"       (1-2 digit operands, never negative)
+    reverse  "Rkdbqe>"     -> "eqbdk"    (4-8 letters)
+    sort     "S83159>"     -> "13589"    (4-8 digits)
+
+Addition and subtraction share the digits and compete for the same few weights; reversal and
+sorting both rearrange the prompt, by position and by value.
 """
 import string
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 PAD, BOS, EOS = 0, 1, 2
-CHARS = string.digits + string.ascii_lowercase + "ARSK+=>?"
+CHARS = string.digits + string.ascii_lowercase + "ADRS+-=>"
 VOCAB = ["<pad>", "<s>", "</s>"] + list(CHARS)
 TOKEN_ID = {c: i for i, c in enumerate(VOCAB)}
 
@@ -31,24 +34,22 @@ def _add(rng: np.random.RandomState) -> Example:
 
 
 def _reverse(rng: np.random.RandomState) -> Example:
-    s = "".join(rng.choice(list(string.ascii_lowercase), size=rng.randint(3, 6)))
+    s = "".join(rng.choice(list(string.ascii_lowercase), size=rng.randint(4, 9)))
     return f"R{s}>", s[::-1]
 
 
 def _sort(rng: np.random.RandomState) -> Example:
-    s = "".join(rng.choice(list(string.digits), size=rng.randint(3, 7)))
+    s = "".join(rng.choice(list(string.digits), size=rng.randint(4, 9)))
     return f"S{s}>", "".join(sorted(s))
 
 
-def _lookup(rng: np.random.RandomState) -> Example:
-    keys = rng.choice(list(string.ascii_lowercase), size=rng.randint(2, 6), replace=False)
-    values = rng.randint(0, 10, size=len(keys))
-    q = int(rng.randint(len(keys)))
-    return "K" + "".join(f"{k}{v}" for k, v in zip(keys, values)) + f"?{keys[q]}", str(values[q])
+def _sub(rng: np.random.RandomState) -> Example:
+    a, b = sorted((int(rng.randint(0, 10 ** int(rng.randint(1, 3)))) for _ in range(2)), reverse=True)
+    return f"D{a}-{b}=", str(a - b)
 
 
 TASKS: Dict[str, Callable[[np.random.RandomState], Example]] = {
-    "add": _add, "reverse": _reverse, "sort": _sort, "lookup": _lookup}
+    "add": _add, "sub": _sub, "reverse": _reverse, "sort": _sort}
 
 
 def sample(task: str, n: int, rng: np.random.RandomState) -> List[Example]:

@@ -55,13 +55,13 @@ def pool_runs(steps: int) -> List[Run]:
         Run("add-heavy", _mix(add=0.55), steps),
         Run("reverse-heavy", _mix(reverse=0.55), steps),
         Run("sort-heavy", _mix(sort=0.55), steps),
-        Run("lookup-heavy", _mix(lookup=0.55), steps),
+        Run("sub-heavy", _mix(sub=0.55), steps),
         Run("balanced", UNIFORM, steps, lr=1e-3),
         Run("balanced-lr8e-3", UNIFORM, steps, lr=8e-3),                   # too hot: worse overall
         Run("balanced-sequence-loss", UNIFORM, steps, objective="sequence"),
         Run("add+sort-smoothed", _mix(add=0.4, sort=0.4), steps, objective="smoothed", weight_decay=0.1),
-        Run("reverse+lookup-b16", _mix(reverse=0.4, lookup=0.4), steps, batch=16, lr=3e-3),
-        Run("stage2:add-heavy>lookup", _mix(lookup=0.7), half, lr=1e-3, parent="add-heavy"),
+        Run("reverse+sub-b16", _mix(reverse=0.4, sub=0.4), steps, batch=16, lr=3e-3),
+        Run("stage2:add-heavy>sub", _mix(sub=0.7), half, lr=1e-3, parent="add-heavy"),
         Run("stage2:sort-heavy>reverse", _mix(reverse=0.7), half, lr=1e-3, parent="sort-heavy"),
     ]
 
