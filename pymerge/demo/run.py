@@ -89,7 +89,8 @@ def evaluation(paths: List[str], sets: Dict[str, Batch], dtype: torch.dtype = EV
     """The pool over the checkpoints, a live model to materialize merges into, and evaluate(model):
     exact-match accuracy per task on `sets` (greedy decoding)."""
     pool = CheckpointPool(paths)
-    config = model_mod.LlamaConfig.from_hf(json.load(open(os.path.join(paths[0], "config.json"))))
+    with open(os.path.join(paths[0], "config.json")) as fh:
+        config = model_mod.LlamaConfig.from_hf(json.load(fh))
     live = TinyLlama(config).to(dtype).eval()
     return pool, live, lambda m: score(m, sets)
 
