@@ -4,6 +4,8 @@ The search loop's hot path. The pool reads every source once at construction, ke
 where they fit (GPU memory, else pinned host memory streamed in chunks, else the memory map; on
 the CPU: RAM, else the memory map), and `materialize` writes sum_i w_i * theta_i into the model's
 own parameters: same data_ptrs, nothing allocated per call, every check done before any write.
+A target whose memory overlaps what the pool reads (or another candidate's target) is refused, and
+every tensor written has its autograd version counter bumped, as a torch in-place op would.
 """
 import os
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ import torch
 
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.ops._versions import mark_written
+from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
 from pymerge.pool.sources import open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
@@ -28,6 +32,7 @@ class _Plan:
     name: str
     group: int
     outs: List[torch.Tensor]      # contiguous views of the targets' storage (or temporaries, see fixups)
+    targets: List[torch.Tensor]   # the caller's tensors, one per candidate
     fixups: List[Tuple[torch.Tensor, torch.Tensor]]  # (temporary, non-contiguous target) to copy back
 
 
@@ -90,14 +95,20 @@ class CheckpointPool:
             self.labels = [s.label for s in opened]
             self.has_base = base_src is not None
             self.residency, self.reason = self._choose(opened, base_src, residency)
-            self._inputs = {n: [self._hold(s.tensor(n)) for s in opened] for n in self.names}
-            self._base = {n: self._hold(base_src.tensor(n)) for n in self.names} if base_src else {}
+            self.borrowed: List[str] = []  # labels of in-memory sources the pool reads in place
+            self._inputs = {n: [self._hold(s.tensor(n), s) for s in opened] for n in self.names}
+            self._base = {n: self._hold(base_src.tensor(n), base_src) for n in self.names} if base_src else {}
         finally:
             if getattr(self, "residency", None) != "mmap":
                 for s in opened + ([base_src] if base_src else []):
                     if s.mapped:
                         s.close()  # views handed out stay valid; copies were made
         self._index = {n: i for i, n in enumerate(self.names)}
+        self._spans = _Spans([t for ts in self._inputs.values() for t in ts] + list(self._base.values()), self.device)
+        # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms) of the methods path,
+        # keyed by tensor name, checkpoint and parameters plus the inputs' version counters (a borrowed
+        # tensor changed in place by torch is seen as new data).
+        self._selection = SelectionCache()
         self._cuda = None
         if self.device.type == "cuda" or self.backend == "triton":
             from pymerge.pool.cuda import CudaRunner
@@ -137,11 +148,14 @@ class CheckpointPool:
             return "host", f"{_fmt_bytes(need)} fits in RAM ({_fmt_bytes(host_avail)} available)"
         return "mmap", f"{_fmt_bytes(need)} exceeds the host budget; read from the memory map (page cache)"
 
-    def _hold(self, t: torch.Tensor) -> torch.Tensor:
+    def _hold(self, t: torch.Tensor, src) -> torch.Tensor:
         """The tensor as the chosen tier keeps it: an owned copy, except the mmap tier (views as given)."""
         t = t.detach()
         if self.residency == "mmap":
-            return t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
+            held = t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
+            if not src.mapped and held.data_ptr() == t.data_ptr() and src.label not in self.borrowed:
+                self.borrowed.append(src.label)
+            return held
         dtype = self._storage_dtype(t)
         if self.residency == "device":
             held = t.to(self.device, dtype)
@@ -157,9 +171,13 @@ class CheckpointPool:
         return held
 
     def describe(self) -> str:
+        borrowed = ""
+        if self.borrowed:
+            borrowed = (f"; reads the caller's tensors of {', '.join(self.borrowed)} in place (no copy): "
+                        "changing them changes later merges")
         return (f"CheckpointPool: {self.num_checkpoints} checkpoints{' + base' if self.has_base else ''}, "
                 f"{len(self.names)} tensors, {_fmt_bytes(self.nbytes)}; residency {self.residency} "
-                f"({self.reason}); backend {self.backend} on {self.device}")
+                f"({self.reason}); backend {self.backend} on {self.device}{borrowed}")
 
     __repr__ = describe
 
@@ -202,6 +220,7 @@ class CheckpointPool:
         for k, t in enumerate(tables):
             check_groups(group_of, self.names, t.shape[0], what="weights" if len(into) == 1 else f"candidate {k}'s weights")
         plans = self._plan(into, group_of, names, strict)
+        self._check_overlaps(plans, len(into))
         if method == "linear":
             if params:
                 raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
@@ -212,6 +231,7 @@ class CheckpointPool:
         for p in plans:
             for tmp, target in p.fixups:
                 target.copy_(tmp)
+        mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
 
     def _graph_weights(self, weight_rows, method: str) -> bool:
@@ -230,7 +250,7 @@ class CheckpointPool:
         for idx, (name, model_name) in enumerate(zip(self.names, mapped)):
             if model_name is None:
                 continue
-            outs, fixups = [], []
+            outs, fixups, dests = [], [], []
             for k, tmap in enumerate(targets):
                 where = f" in model {k}" if len(into) > 1 else ""
                 t = tmap.get(model_name)
@@ -250,18 +270,36 @@ class CheckpointPool:
                     problems.append(f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}")
                 elif t.is_contiguous():
                     outs.append(t)
+                    dests.append(t)
                 else:  # rare (a transposed view): merge into a temporary, copy back after all checks
                     tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
                     outs.append(tmp)
+                    dests.append(t)
                     fixups.append((tmp, t))
             if problems and len(problems) >= 5:
                 break
             if len(outs) == len(into):
-                plans.append(_Plan(name, group_of[idx], outs, fixups))
+                plans.append(_Plan(name, group_of[idx], outs, dests, fixups))
         if problems:
             more = "" if len(problems) < 5 else " (and possibly more)"
             raise InputError("; ".join(problems[:5]) + more + "; nothing was written")
         return plans
+
+    def _check_overlaps(self, plans: List[_Plan], k: int) -> None:
+        """Refuses, before any write, targets that share memory with what the pool reads (a source model
+        it reads in place, a tensor from pool.tensor()) or with another candidate's target."""
+        targets = [(p.name, c, t) for p in plans for c, t in enumerate(p.targets)]
+        hit = self._spans.overlap([t for _, _, t in targets])
+        if hit is not None:
+            (name, c, _), what = targets[hit[0]], hit[1]
+            where = f" of candidate {c}" if k > 1 else ""
+            raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads; "
+                             "merging into it would change later merges. Merge into a separate model "
+                             "(nothing was written)")
+        clash = _cross_candidate_overlap(targets) if k > 1 else None
+        if clash is not None:
+            raise InputError(f"into: candidates {clash[0]} and {clash[1]} share the memory of {clash[2]!r}; "
+                             "each candidate needs its own model (nothing was written)")
 
     def _run_linear(self, plans: List[_Plan], tables: List[np.ndarray]) -> None:
         if self._cuda is not None:
@@ -283,6 +321,8 @@ class CheckpointPool:
         for p in plans:
             inputs = self._inputs[p.name]
             base = self._base.get(p.name)
+            base_version = base._version if base is not None else 0
+            keys = [(t._version, base_version) for t in inputs]  # checkpoint i's data as of now (see _selection)
             if inputs[0].device != self.device:  # streamed tiers: the method gets whole tensors on the device
                 inputs = [t.to(self.device, non_blocking=True) for t in inputs]
                 base = base.to(self.device, non_blocking=True) if base is not None else None
@@ -290,11 +330,66 @@ class CheckpointPool:
                 w = table[p.group if table.shape[0] > 1 else 0]
                 mp = [dict(per_model[i], weight=float(w[i])) for i in range(self.num_checkpoints)]
                 task = TensorTask(inputs=inputs, base=base, model_params=mp, params=dict(global_params),
-                                  name=p.name, seed=seed, backend=self.backend, num_threads=self.num_threads)
+                                  name=p.name, seed=seed, backend=self.backend, num_threads=self.num_threads,
+                                  cache=self._selection, cache_keys=keys)
                 m.check_params(task)
                 tasks.append((task, p.outs[k]))
         for task, out in tasks:
             m.merge_tensor(task, out)
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last + 1) byte addresses a tensor's elements occupy (strided views: the whole extent)."""
+    if t.numel() == 0:
+        return 0, 0
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+class _Spans:
+    """The byte ranges of the pool's resident tensors on its compute device, sorted, for overlap tests
+    of many targets at once (built once: a materialize pays one searchsorted)."""
+
+    def __init__(self, tensors: List[torch.Tensor], device: torch.device):
+        on = [t for t in tensors if t.device.type == device.type and t.numel()]
+        spans = sorted((_span(t), i) for i, t in enumerate(on))
+        self._tensors = [on[i] for _, i in spans]
+        self.starts = np.array([a for (a, _), _ in spans], dtype=np.int64)
+        self.ends = np.array([b for (_, b), _ in spans], dtype=np.int64)
+        self.reach = np.maximum.accumulate(self.ends) if len(spans) else self.ends  # max end so far
+
+    def overlap(self, targets: List[torch.Tensor]):
+        """(index of the first target sharing bytes with a pool tensor, a description), or None."""
+        if not len(self.starts) or not targets:
+            return None
+        spans = np.array([_span(t) for t in targets], dtype=np.int64).reshape(-1, 2)
+        last = np.searchsorted(self.starts, spans[:, 1], side="left") - 1  # last pool tensor starting before the end
+        hits = np.flatnonzero((last >= 0) & (self.reach[np.maximum(last, 0)] > spans[:, 0]) & (spans[:, 1] > spans[:, 0]))
+        if not len(hits):
+            return None
+        t = targets[hits[0]]
+        a, b = _span(t)
+        same = next((i for i, (s, e) in enumerate(zip(self.starts, self.ends)) if s < b and a < e), None)
+        held = self._tensors[same]
+        return int(hits[0]), f"a pool tensor of shape {list(held.shape)} on {held.device}"
+
+
+def _cross_candidate_overlap(targets):
+    """(candidate a, candidate b, tensor name) for two candidates' targets sharing bytes, or None. Ties
+    inside one candidate (embeddings tied to the head: the same span twice) are allowed."""
+    spans = np.array([_span(t) + (c,) for _, c, t in targets], dtype=np.int64).reshape(-1, 3)
+    spans = spans[spans[:, 1] > spans[:, 0]]
+    if len(spans) < 2:
+        return None
+    order = np.argsort(spans[:, 0], kind="stable")
+    s = spans[order]
+    reach = np.maximum.accumulate(s[:, 1])
+    for j in np.flatnonzero(s[1:, 0] < reach[:-1]) + 1:  # usually none, or only ties: checked one by one
+        for i in range(j):
+            if s[i, 1] > s[j, 0] and s[i, 2] != s[j, 2]:
+                name = next(n for (n, c, t) in targets if c == s[j, 2] and _span(t)[0] == s[j, 0])
+                return int(min(s[i, 2], s[j, 2])), int(max(s[i, 2], s[j, 2])), name
+    return None
 
 
 def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
