@@ -69,11 +69,17 @@ def test_two_run_merges_in_one_process(tmp_path, method):
         _check(_read(tmp_path / f"out_{run}"), xs, base, method)
 
 
+@pytest.mark.parametrize("residency", [None, "mmap"])
 @pytest.mark.parametrize("method", METHODS)
-def test_two_pools_one_after_another(method):
+def test_two_pools_one_after_another(method, residency):
+    """The second pool reads the next checkpoints; with residency="mmap" it reads them in place from the
+    caller's buffers, which the caller refilled (same addresses, same sampled values)."""
     base, first, second = _checkpoints(2)
+    bufs = [torch.empty(SHAPE, dtype=torch.bfloat16) for _ in first]
     for xs in (first, second):
-        pool = CheckpointPool([{"w": x} for x in xs], base={"w": base})
+        for b, x in zip(bufs, xs):
+            b.copy_(x)
+        pool = CheckpointPool([{"w": b} for b in bufs], base={"w": base}, residency=residency)
         target = {"w": torch.empty(SHAPE)}
         pool.materialize(WEIGHTS, into=target, method=method, density=DENSITIES)
         _check(target["w"], xs, base, method)
