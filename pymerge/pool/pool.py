@@ -288,17 +288,24 @@ class CheckpointPool:
     def _check_overlaps(self, plans: List[_Plan], k: int) -> None:
         """Refuses, before any write, targets that share memory with what the pool reads (a source model
         it reads in place, a tensor from pool.tensor()) or with another candidate's target."""
-        targets = [(p.name, c, t) for p in plans for c, t in enumerate(p.targets)]
-        hit = self._spans.overlap([t for _, _, t in targets])
+        targets = [t for p in plans for t in p.targets]
+        if any(p.fixups for p in plans):  # strided targets (rare): their whole extent
+            spans = np.array(list(map(_span, targets)), dtype=np.int64).reshape(-1, 2)
+        else:  # contiguous: [data_ptr, data_ptr + nbytes), gathered without a Python tuple per tensor
+            starts = np.fromiter((t.data_ptr() for t in targets), np.int64, len(targets))
+            spans = np.stack([starts, starts + np.fromiter((t.nbytes for t in targets), np.int64, len(targets))], 1)
+        named = lambda i: (plans[i // k].name, i % k)  # noqa: E731  (targets are plan-major, k per plan)
+        hit = self._spans.overlap(spans)
         if hit is not None:
-            (name, c, _), what = targets[hit[0]], hit[1]
+            (name, c), what = named(hit[0]), hit[1]
             where = f" of candidate {c}" if k > 1 else ""
             raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads; "
                              "merging into it would change later merges. Merge into a separate model "
                              "(nothing was written)")
-        clash = _cross_candidate_overlap(targets) if k > 1 else None
+        clash = _cross_candidate_overlap(spans, k) if k > 1 else None
         if clash is not None:
-            raise InputError(f"into: candidates {clash[0]} and {clash[1]} share the memory of {clash[2]!r}; "
+            a, b, i = clash
+            raise InputError(f"into: candidates {a} and {b} share the memory of {named(i)[0]!r}; "
                              "each candidate needs its own model (nothing was written)")
 
     def _run_linear(self, plans: List[_Plan], tables: List[np.ndarray]) -> None:
@@ -340,10 +347,13 @@ class CheckpointPool:
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:
     """[first, last + 1) byte addresses a tensor's elements occupy (strided views: the whole extent)."""
+    a = t.data_ptr()
+    if t.is_contiguous():
+        return a, a + t.nbytes
     if t.numel() == 0:
-        return 0, 0
+        return a, a
     extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+    return a, a + extent * t.element_size()
 
 
 class _Spans:
@@ -358,37 +368,33 @@ class _Spans:
         self.ends = np.array([b for (_, b), _ in spans], dtype=np.int64)
         self.reach = np.maximum.accumulate(self.ends) if len(spans) else self.ends  # max end so far
 
-    def overlap(self, targets: List[torch.Tensor]):
-        """(index of the first target sharing bytes with a pool tensor, a description), or None."""
-        if not len(self.starts) or not targets:
+    def overlap(self, spans: np.ndarray):
+        """(row of the first [start, end) span sharing bytes with a pool tensor, a description), or None."""
+        if not len(self.starts) or not len(spans):
             return None
-        spans = np.array([_span(t) for t in targets], dtype=np.int64).reshape(-1, 2)
         last = np.searchsorted(self.starts, spans[:, 1], side="left") - 1  # last pool tensor starting before the end
         hits = np.flatnonzero((last >= 0) & (self.reach[np.maximum(last, 0)] > spans[:, 0]) & (spans[:, 1] > spans[:, 0]))
         if not len(hits):
             return None
-        t = targets[hits[0]]
-        a, b = _span(t)
-        same = next((i for i, (s, e) in enumerate(zip(self.starts, self.ends)) if s < b and a < e), None)
-        held = self._tensors[same]
+        a, b = spans[hits[0]]
+        held = next(t for t, s, e in zip(self._tensors, self.starts, self.ends) if s < b and a < e)
         return int(hits[0]), f"a pool tensor of shape {list(held.shape)} on {held.device}"
 
 
-def _cross_candidate_overlap(targets):
-    """(candidate a, candidate b, tensor name) for two candidates' targets sharing bytes, or None. Ties
-    inside one candidate (embeddings tied to the head: the same span twice) are allowed."""
-    spans = np.array([_span(t) + (c,) for _, c, t in targets], dtype=np.int64).reshape(-1, 3)
-    spans = spans[spans[:, 1] > spans[:, 0]]
-    if len(spans) < 2:
-        return None
-    order = np.argsort(spans[:, 0], kind="stable")
+def _cross_candidate_overlap(spans: np.ndarray, k: int):
+    """(candidate a, candidate b, row) for two candidates' targets sharing bytes (rows are plan-major,
+    k candidates per plan), or None. Ties inside one candidate (embeddings tied to the head: the same
+    span twice) are allowed."""
+    cand = np.arange(len(spans)) % k
+    keep = np.flatnonzero(spans[:, 1] > spans[:, 0])
+    order = keep[np.argsort(spans[keep, 0], kind="stable")]
     s = spans[order]
-    reach = np.maximum.accumulate(s[:, 1])
+    reach = np.maximum.accumulate(s[:, 1]) if len(s) else s[:, 1]
     for j in np.flatnonzero(s[1:, 0] < reach[:-1]) + 1:  # usually none, or only ties: checked one by one
         for i in range(j):
-            if s[i, 1] > s[j, 0] and s[i, 2] != s[j, 2]:
-                name = next(n for (n, c, t) in targets if c == s[j, 2] and _span(t)[0] == s[j, 0])
-                return int(min(s[i, 2], s[j, 2])), int(max(s[i, 2], s[j, 2])), name
+            if s[i, 1] > s[j, 0] and cand[order[i]] != cand[order[j]]:
+                a, b = sorted((int(cand[order[i]]), int(cand[order[j]])))
+                return a, b, int(order[j])
     return None
 
 
