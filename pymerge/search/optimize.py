@@ -258,7 +258,7 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
         with open(path, "rb") as fh:
             state = json.loads(fh.read().decode("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        why = exc.strerror if isinstance(exc, OSError) else "not JSON (pymerge < 0.2 pickled it: delete it)"
+        why = exc.strerror if isinstance(exc, OSError) else "not JSON (an older pymerge pickled its state: delete the file)"
         raise InputError(f"{path}: cannot read the search state: {why}") from None
     try:
         _check_state(state, shape)
