@@ -147,3 +147,38 @@ def test_every_written_tensor_gets_a_new_version(monkeypatch, fallback):
         c = torch.nn.Linear(13, 7)
     pool.materialize(W, into=c)
     assert_is(c, reference(models, W))
+
+
+# ---- item 10: GPU work runs on the pool's device, not the current one --------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("residency", ["device", "pinned"])
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_pool_on_the_second_gpu_works_while_the_first_is_current(residency, method):
+    models = linears()
+    torch.cuda.set_device(0)
+    pool = CheckpointPool([m.state_dict() for m in models], device="cuda:1", residency=residency)
+    net = torch.nn.Linear(13, 7).to("cuda:1")
+    params = {"density": 1.0} if method == "ties" else {}
+    w = torch.tensor(W, device="cuda:1") if method == "linear" else W  # device weights: the graph-ready path
+    pool.materialize(w, into=net, method=method, **params)
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    ref = reference(models, W) if method == "linear" else None
+    if ref is not None:
+        assert_is(net.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_merge_on_the_second_gpu_leaves_the_current_device(tmp_path):
+    from safetensors.torch import save_file
+    from pymerge.merge import run_merge
+    for i in range(2):
+        (tmp_path / f"m{i}").mkdir()
+        save_file({"w": torch.randn(1000, 33)}, str(tmp_path / f"m{i}" / "model.safetensors"))
+    torch.cuda.set_device(0)
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 0.5}}
+                                                for i in range(2)]}
+    run_merge(cfg, tmp_path / "out", device="cuda:1", quiet=True)
+    assert torch.cuda.current_device() == 0

@@ -20,7 +20,7 @@ it never changes a result, so it is accepted and ignored. task_arithmetic lives 
 may call merge_task_vectors() with no sparsifier.
 """
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 

@@ -7,6 +7,7 @@ own parameters: same data_ptrs, nothing allocated per call, every check done bef
 A target whose memory overlaps what the pool reads (or another candidate's target) is refused, and
 every tensor written has its autograd version counter bumped, as a torch in-place op would.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -83,6 +84,11 @@ class CheckpointPool:
             raise InputError(f"device {device!r} asked for, but CUDA is not available")
         if self.device.type not in ("cpu", "cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if self.device.type == "cuda":  # a fixed index: later changes of the current device do not move the pool
+            index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            if index >= torch.cuda.device_count():
+                raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            self.device = torch.device("cuda", index)
         self.dtype = dtype
         self.backend = pick_backend(self.device, backend)
         self.num_threads = num_threads
@@ -331,8 +337,9 @@ class CheckpointPool:
             base_version = base._version if base is not None else 0
             keys = [(t._version, base_version) for t in inputs]  # checkpoint i's data as of now (see _selection)
             if inputs[0].device != self.device:  # streamed tiers: the method gets whole tensors on the device
-                inputs = [t.to(self.device, non_blocking=True) for t in inputs]
-                base = base.to(self.device, non_blocking=True) if base is not None else None
+                with _on_device(self.device):
+                    inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                    base = base.to(self.device, non_blocking=True) if base is not None else None
             for k, table in enumerate(tables):
                 w = table[p.group if table.shape[0] > 1 else 0]
                 mp = [dict(per_model[i], weight=float(w[i])) for i in range(self.num_checkpoints)]
@@ -341,8 +348,14 @@ class CheckpointPool:
                                   cache=self._selection, cache_keys=keys)
                 m.check_params(task)
                 tasks.append((task, p.outs[k]))
-        for task, out in tasks:
-            m.merge_tensor(task, out)
+        with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
+            for task, out in tasks:
+                m.merge_tensor(task, out)
+
+
+def _on_device(device: torch.device):
+    """Makes `device` the current CUDA device for a block (streams, events, launches); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:
