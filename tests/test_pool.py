@@ -96,6 +96,7 @@ def test_materialize_many_matches_separate_references(backend):
         assert_matches(t, reference(models, rows[k]), torch.float32)
 
 
+@pytest.mark.triton_cpu
 def test_streamed_tier_chunks_match(monkeypatch):
     """The GPU streaming code (staging sets, chunk offsets) run on the CPU through the Triton interpreter."""
     models = make_models(3)
