@@ -71,10 +71,9 @@ def triton_row(name, fn, signature, constexprs, divisible, num_warps, fp_fusion=
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    names = list(signature)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
-    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                    constexprs=constexprs, attrs=attrs)
+    types = {**signature, **{k: "constexpr" for k in constexprs}}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature={a: types[a] for a in fn.arg_names}, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion})
     ptx = k.asm["ptx"]
@@ -108,6 +107,12 @@ def triton_rows() -> list:
                 {"IN_DT": 2, "BASE_DT": 2, "CONSENSUS": consensus, "NORMALIZE": True, "GROUPED": grouped,
                  "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False,
                 elems=1024))
+    # What Triton's launcher does with an integer argument equal to 1: it becomes a constant.
+    one = {k: v for k, v in tv_sig.items() if k != "n_models"}
+    rows.append(triton_row("task_vectors bf16 n_models=1 (specialized)", tv._tv_merge_kernel, one,
+                           {"n_models": 1, "IN_DT": 2, "BASE_DT": 2, "CONSENSUS": True, "NORMALIZE": True,
+                            "GROUPED": True, "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"],
+                           num_warps=4, fp_fusion=False, elems=1024))
     return rows
 
 

@@ -30,11 +30,15 @@ def test_cpu_draws_equal_torch(offset, n):
     assert torch.equal(a, b)
 
 
-def test_triton_draws_equal_torch():
+@pytest.mark.parametrize("model", [0, 1, 2])  # 1 once made Triton turn the argument into a constant
+@pytest.mark.parametrize("offset,grouped", [(5, False), (0, True), (0, False), (1 << 33, True), (4100, True)])
+@pytest.mark.parametrize("seed", [12345, 2**63 + 7])
+def test_triton_draws_equal_torch(model, offset, grouped, seed):
+    """Both Triton paths (one Philox call per element, one per 4 elements) give the reference draws."""
     pytest.importorskip("triton")
     from pymerge.kernels import task_vectors as tk
-    got = tk.philox_draws(12345, "a.b", 2, 5, 300)
-    assert torch.equal(got.cpu(), philox.random_bits(12345, "a.b", 2, 5, 300))
+    got = tk.philox_draws(seed, "a.b", model, offset, 300, grouped=grouped)
+    assert torch.equal(got.cpu(), philox.random_bits(seed, "a.b", model, offset, 300))
 
 
 def merge(name, xs, base, mp, params=None, seed=1, backend="auto", offset=0):
