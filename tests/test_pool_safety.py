@@ -182,3 +182,20 @@ def test_a_merge_on_the_second_gpu_leaves_the_current_device(tmp_path):
                                                 for i in range(2)]}
     run_merge(cfg, tmp_path / "out", device="cuda:1", quiet=True)
     assert torch.cuda.current_device() == 0
+
+
+def test_ops_writing_into_a_callers_tensor_bump_its_version():
+    """The public ops' out= writes by address too: a backward through the old values raises."""
+    from pymerge import weighted_sum, weighted_sum_many
+    xs = [torch.randn(50), torch.randn(50)]
+    p = torch.nn.Parameter(torch.randn(50))
+    loss = (p ** 2).sum()  # saves p
+    with torch.no_grad():
+        weighted_sum(xs, [0.5, 0.5], out=p, backend="cpu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    outs = [torch.empty(50), torch.empty(50)]
+    before = [o._version for o in outs]
+    weighted_sum_many(xs, [[1.0, 0.0], [0.0, 1.0]], outs=outs)
+    assert all(o._version > b for o, b in zip(outs, before))
+    assert torch.equal(outs[1], xs[1])
