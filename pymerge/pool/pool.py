@@ -110,7 +110,8 @@ class CheckpointPool:
                     if s.mapped:
                         s.close()  # views handed out stay valid; copies were made
         self._index = {n: i for i, n in enumerate(self.names)}
-        self._spans = _Spans([t for ts in self._inputs.values() for t in ts] + list(self._base.values()), self.device)
+        self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
+                             + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
         # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms) of the methods path,
         # keyed by tensor name, checkpoint and parameters plus the inputs' version counters (a borrowed
         # tensor changed in place by torch is seen as new data).
@@ -305,8 +306,8 @@ class CheckpointPool:
         if hit is not None:
             (name, c), what = named(hit[0]), hit[1]
             where = f" of candidate {c}" if k > 1 else ""
-            raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads; "
-                             "merging into it would change later merges. Merge into a separate model "
+            raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads "
+                             "in place; merging into it would change later merges. Merge into a separate model "
                              "(nothing was written)")
         clash = _cross_candidate_overlap(spans, k) if k > 1 else None
         if clash is not None:
@@ -373,16 +374,15 @@ class _Spans:
     """The byte ranges of the pool's resident tensors on its compute device, sorted, for overlap tests
     of many targets at once (built once: a materialize pays one searchsorted)."""
 
-    def __init__(self, tensors: List[torch.Tensor], device: torch.device):
-        on = [t for t in tensors if t.device.type == device.type and t.numel()]
-        spans = sorted((_span(t), i) for i, t in enumerate(on))
-        self._tensors = [on[i] for _, i in spans]
-        self.starts = np.array([a for (a, _), _ in spans], dtype=np.int64)
-        self.ends = np.array([b for (_, b), _ in spans], dtype=np.int64)
-        self.reach = np.maximum.accumulate(self.ends) if len(spans) else self.ends  # max end so far
+    def __init__(self, labeled: List[Tuple[torch.Tensor, str]], device: torch.device):
+        on = sorted((_span(t), what) for t, what in labeled if t.device.type == device.type and t.numel())
+        self._what = [what for _, what in on]
+        self.starts = np.array([a for (a, _), _ in on], dtype=np.int64)
+        self.ends = np.array([b for (_, b), _ in on], dtype=np.int64)
+        self.reach = np.maximum.accumulate(self.ends) if len(on) else self.ends  # max end so far
 
     def overlap(self, spans: np.ndarray):
-        """(row of the first [start, end) span sharing bytes with a pool tensor, a description), or None."""
+        """(row of the first [start, end) span sharing bytes with a pool tensor, which one), or None."""
         if not len(self.starts) or not len(spans):
             return None
         last = np.searchsorted(self.starts, spans[:, 1], side="left") - 1  # last pool tensor starting before the end
@@ -390,8 +390,7 @@ class _Spans:
         if not len(hits):
             return None
         a, b = spans[hits[0]]
-        held = next(t for t, s, e in zip(self._tensors, self.starts, self.ends) if s < b and a < e)
-        return int(hits[0]), f"a pool tensor of shape {list(held.shape)} on {held.device}"
+        return int(hits[0]), next(w for w, s, e in zip(self._what, self.starts, self.ends) if s < b and a < e)
 
 
 def _cross_candidate_overlap(spans: np.ndarray, k: int):
