@@ -106,6 +106,10 @@ def test_candidates_sharing_memory_are_refused():
     pool2 = CheckpointPool([{"x": torch.ones(7), "y": torch.ones(7)}])
     pool2.materialize([3.0], into={"x": t, "y": t})
     assert torch.equal(t, torch.full((7,), 3.0))
+    buf = torch.zeros(10)
+    with pytest.raises(InputError, match="targets of 'x' and 'y' overlap without being the same tensor"):
+        pool2.materialize([3.0], into={"x": buf[0:7], "y": buf[3:10]})
+    assert torch.equal(buf, torch.zeros(10))
     c, d = torch.nn.Linear(13, 7), torch.nn.Linear(13, 7)
     pool.materialize_many([W, W[::-1]], into=[c, d])
     assert_is(c, reference(models, W)) and assert_is(d, reference(models, W[::-1]))

@@ -309,11 +309,15 @@ class CheckpointPool:
             raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads "
                              "in place; merging into it would change later merges. Merge into a separate model "
                              "(nothing was written)")
-        clash = _cross_candidate_overlap(spans, k) if k > 1 else None
+        clash = _target_overlap(spans, k)
         if clash is not None:
-            a, b, i = clash
-            raise InputError(f"into: candidates {a} and {b} share the memory of {named(i)[0]!r}; "
-                             "each candidate needs its own model (nothing was written)")
+            (a, ca), (b, cb) = named(clash[0]), named(clash[1])
+            if ca != cb:
+                raise InputError(f"into: candidates {min(ca, cb)} and {max(ca, cb)} share the memory of {b!r}; "
+                                 "each candidate needs its own model (nothing was written)")
+            where = f" of candidate {ca}" if k > 1 else ""
+            raise InputError(f"into: the targets of {a!r} and {b!r}{where} overlap without being the same tensor "
+                             "(nothing was written)")
 
     def _run_linear(self, plans: List[_Plan], tables: List[np.ndarray]) -> None:
         if self._cuda is not None:
@@ -393,10 +397,9 @@ class _Spans:
         return int(hits[0]), next(w for w, s, e in zip(self._what, self.starts, self.ends) if s < b and a < e)
 
 
-def _cross_candidate_overlap(spans: np.ndarray, k: int):
-    """(candidate a, candidate b, row) for two candidates' targets sharing bytes (rows are plan-major,
-    k candidates per plan), or None. Ties inside one candidate (embeddings tied to the head: the same
-    span twice) are allowed."""
+def _target_overlap(spans: np.ndarray, k: int):
+    """(row i, row j) of two targets sharing bytes (rows are plan-major, k candidates per plan), or None.
+    The same span twice inside one candidate is allowed: tied weights (embeddings and head) written twice."""
     cand = np.arange(len(spans)) % k
     keep = np.flatnonzero(spans[:, 1] > spans[:, 0])
     order = keep[np.argsort(spans[keep, 0], kind="stable")]
@@ -404,9 +407,9 @@ def _cross_candidate_overlap(spans: np.ndarray, k: int):
     reach = np.maximum.accumulate(s[:, 1]) if len(s) else s[:, 1]
     for j in np.flatnonzero(s[1:, 0] < reach[:-1]) + 1:  # usually none, or only ties: checked one by one
         for i in range(j):
-            if s[i, 1] > s[j, 0] and cand[order[i]] != cand[order[j]]:
-                a, b = sorted((int(cand[order[i]]), int(cand[order[j]])))
-                return a, b, int(order[j])
+            tie = cand[order[i]] == cand[order[j]] and s[i, 0] == s[j, 0] and s[i, 1] == s[j, 1]
+            if s[i, 1] > s[j, 0] and not tie:
+                return int(order[i]), int(order[j])
     return None
 
 
