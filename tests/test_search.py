@@ -276,3 +276,10 @@ def test_resume_with_nan_scores_and_groups(tmp_path):
                        log=None)
     assert [r["x"] for r in resumed.history] == [r["x"] for r in full.history]
     assert str([r["scores"] for r in resumed.history]) == str([r["scores"] for r in full.history])
+
+
+def test_a_state_from_another_pool_says_what_differs(tmp_path):
+    _, _, path = _state(tmp_path)  # three checkpoints
+    pool, evaluate, _ = synthetic(n=4)
+    with pytest.raises(InputError, match=r"different search \(differs in n, x0\)"):
+        optimize(pool, evaluate, model=Vec(), budget=30, popsize=6, seed=4, state_path=str(path), log=None)

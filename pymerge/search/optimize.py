@@ -261,20 +261,30 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
         why = exc.strerror if isinstance(exc, OSError) else "not JSON (an older pymerge pickled its state: delete the file)"
         raise InputError(f"{path}: cannot read the search state: {why}") from None
     try:
-        _check_state(state, shape)
+        _check_header(state)
+        saved, expected = state["fingerprint"], json.loads(json.dumps(fingerprint))  # as it reads back from disk
+        if saved != expected:
+            diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
+            raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
+                             "use another state_path or delete it")
+        _check_history(state, shape)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: not a valid search state: {exc}") from None
-    saved = state["fingerprint"]
-    expected = json.loads(json.dumps(fingerprint))  # tuples become lists, as on disk
-    if state["version"] != STATE_VERSION or saved != expected:
-        diff = sorted(k for k in expected if not isinstance(saved, dict) or saved.get(k) != expected[k]) or ["version"]
-        raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
-                         "use another state_path or delete it")
     return state
 
 
-def _check_state(state, shape) -> None:
-    """Types, shapes and ranges of every field; raises ValueError or TypeError saying which."""
+def _check_header(state) -> None:
+    """The top level: the keys, the version, a fingerprint object; raises ValueError saying what is wrong."""
+    if not isinstance(state, dict) or set(state) != {"version", "fingerprint", "history", "generation", "x0_done"}:
+        raise ValueError("expected an object with version, fingerprint, history, generation and x0_done")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"version {state['version']!r}; this pymerge reads version {STATE_VERSION}"[:200])
+    if not isinstance(state["fingerprint"], dict):
+        raise ValueError("fingerprint must be an object")
+
+
+def _check_history(state, shape) -> None:
+    """Types, shapes and ranges of every other field; raises ValueError saying which."""
     def number(v, what, finite=True):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (finite and not math.isfinite(v)):
             raise ValueError(f"{what} must be a{' finite' if finite else ''} number, got {v!r}"[:200])
@@ -297,12 +307,6 @@ def _check_state(state, shape) -> None:
             for x in row:
                 number(x, what)
 
-    if not isinstance(state, dict) or set(state) != {"version", "fingerprint", "history", "generation", "x0_done"}:
-        raise ValueError("expected an object with version, fingerprint, history, generation and x0_done")
-    if state["version"] != STATE_VERSION:
-        raise ValueError(f"version {state['version']!r}; this pymerge reads version {STATE_VERSION}"[:200])
-    if not isinstance(state["fingerprint"], dict):
-        raise ValueError("fingerprint must be an object")
     g, n = shape
     generation = integer(state["generation"], "generation")
     if not isinstance(state["x0_done"], bool):
