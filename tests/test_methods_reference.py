@@ -25,10 +25,11 @@ def models(shape, n=3, dtype=torch.float32, seed=0, scale=0.05):
     return base.to(dtype), xs
 
 
-def run(name, xs, base, model_params, params=None, out_dtype=torch.float32, backend="auto", seed=7, tname="t.w"):
+def run(name, xs, base, model_params, params=None, out_dtype=torch.float32, backend="auto", seed=7, tname="t.w",
+        cache=None):
     out = torch.empty(xs[0].shape, dtype=out_dtype)
     task = TensorTask(inputs=xs, base=base, model_params=model_params, params=params or {}, name=tname,
-                      seed=seed, backend=backend)
+                      seed=seed, backend=backend, cache=cache)
     m = get_method(name)
     m.check_params(task)
     m.merge_tensor(task, out)
@@ -70,9 +71,12 @@ def test_task_vector_methods_triton(method, shape):
     pytest.importorskip("triton")
     base, xs = models(shape, seed=3)
     w, d, mp = tv_params(3)
-    out = run(method, xs, base, mp, params={"lambda": 0.7}, backend="triton")
+    # One plan for both passes: the L1 rescale factor comes from a float64 reduction whose order differs
+    # between the C++ and torch planners, so it may differ in its last float32 bit.
+    plans = tvo.SelectionCache()
+    out = run(method, xs, base, mp, params={"lambda": 0.7}, backend="triton", cache=plans)
     check(out, ref_task_vectors(xs, base, w, d, method, lam=0.7, seed=7, name="t.w"))
-    assert torch.equal(out, run(method, xs, base, mp, params={"lambda": 0.7}, backend="cpu"))
+    assert torch.equal(out, run(method, xs, base, mp, params={"lambda": 0.7}, backend="cpu", cache=plans))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
