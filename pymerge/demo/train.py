@@ -2,8 +2,9 @@
 the recycling paper's do (data mixtures, training stages, objectives, hyperparameters).
 
 Every run starts from the shared pretrained checkpoint (or, for a later stage, from another run's
-checkpoint) and trains briefly on fresh examples from its own seeded stream, so the runs stay in one
-basin where weighted averages work, and each ends with strengths of its own: more of a task in its
+checkpoint) and trains briefly, at a small learning rate, on fresh examples from its own seeded stream,
+so the runs stay in one basin where weighted averages work (at 4x the rate they drifted apart and no
+average beat the best run on validation), and each ends with strengths of its own: more of a task in its
 mixture makes it better at that task and worse at the others; a too-high learning rate or a
 whole-sequence objective makes it worse overall, yet it still learnt something the others did not.
 """
@@ -29,7 +30,7 @@ class Run:
     name: str
     mixture: Dict[str, float]
     steps: int
-    lr: float = 2e-3
+    lr: float = 5e-4
     batch: int = 64
     objective: str = "answer"
     weight_decay: float = 0.0
@@ -56,13 +57,13 @@ def pool_runs(steps: int) -> List[Run]:
         Run("reverse-heavy", _mix(reverse=0.55), steps),
         Run("sort-heavy", _mix(sort=0.55), steps),
         Run("sub-heavy", _mix(sub=0.55), steps),
-        Run("balanced", UNIFORM, steps, lr=1e-3),
+        Run("balanced", UNIFORM, steps, lr=3e-4),
         Run("balanced-lr8e-3", UNIFORM, steps, lr=8e-3),                   # too hot: worse overall
         Run("balanced-sequence-loss", UNIFORM, steps, objective="sequence"),
         Run("add+sort-smoothed", _mix(add=0.4, sort=0.4), steps, objective="smoothed", weight_decay=0.1),
         Run("reverse+sub-b16", _mix(reverse=0.4, sub=0.4), steps, batch=16, lr=3e-3),
-        Run("stage2:add-heavy>sub", _mix(sub=0.7), half, lr=1e-3, parent="add-heavy"),
-        Run("stage2:sort-heavy>reverse", _mix(reverse=0.7), half, lr=1e-3, parent="sort-heavy"),
+        Run("stage2:add-heavy>sub", _mix(sub=0.7), half, lr=3e-4, parent="add-heavy"),
+        Run("stage2:sort-heavy>reverse", _mix(reverse=0.7), half, lr=3e-4, parent="sort-heavy"),
     ]
 
 
