@@ -77,7 +77,7 @@ def box_of(t: torch.Tensor, what: str) -> Box:
             raise InputError(f"{what}: placement {p} is not held by a sharded pool (Shard(d) and Replicate are)")
     local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     signature = ("sharded", shape, mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
-                 tuple(str(p) for p in placements))
+                 tuple(repr(p) for p in placements))
     return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh)
 
 

@@ -40,6 +40,8 @@ class ShardedPool(CheckpointPool):
             error = exc
         collectives.agree(error, self.group)
         self.boxes = {n: self.boxes[n] for n in self.names}
+        held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
+        self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
 
     def _open(self, src, label: str):
         return ShardedSource(super()._open(src, label), self.boxes)
