@@ -20,7 +20,7 @@ group has; its timeout bounds every wait), called in the same order on every ran
 import hashlib
 import pickle
 from fractions import Fraction
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,9 +57,9 @@ def agree(error: Optional[BaseException], group, what: int = 0) -> None:
     dist.all_gather_object(messages, mine, group=group)
     i = next(i for i, m in enumerate(messages) if m is not None)
     kind, message = messages[i]
-    cls = _ERRORS.get(kind, InputError)
-    raise cls(f"rank {dist.get_global_rank(group, i)}: {message}") from (error if error is not None and
-                                                                           messages[i] == mine else None)
+    if any(m != messages[i] for m in messages):  # seen by some ranks only: say where
+        message = f"rank {dist.get_global_rank(group, i)}: {message}"
+    raise _ERRORS.get(kind, InputError)(message) from (error if messages[i] == mine else None)
 
 
 # ---- exact sums -------------------------------------------------------------------------------------
@@ -100,11 +100,13 @@ def _total(parts: torch.Tensor) -> float:
         return float("inf") if total > 0 else float("-inf")
 
 
-def exact_sums(values: Sequence[torch.Tensor], group) -> List[float]:
-    """The exact global sum of each float64 tensor in values (this rank's parts), rounded once."""
-    if not values:
+def exact_sums(values: Iterable[torch.Tensor], group) -> List[float]:
+    """The exact global sum of each float64 tensor in values (this rank's parts), rounded once.
+    values may be a generator: each tensor is binned and dropped before the next is made."""
+    parts = [_parts(v) for v in values]
+    if not parts:
         return []
-    parts = torch.stack([_parts(v) for v in values])
+    parts = torch.stack(parts)
     if group is not None:
         dist.all_reduce(parts, group=group)
     return [_total(p) for p in parts]

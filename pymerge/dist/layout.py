@@ -25,6 +25,7 @@ class Box:
     signature: tuple        # the layout, identical on every rank: compared against targets
     sharded_dims: Tuple[int, ...] = ()   # mesh dimensions that split this tensor
     mesh: Optional[object] = None
+    split_dims: Tuple[int, ...] = ()     # tensor dimensions split across ranks
 
     @property
     def numel(self) -> int:
@@ -78,7 +79,8 @@ def box_of(t: torch.Tensor, what: str) -> Box:
     local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     signature = ("sharded", shape, mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
                  tuple(repr(p) for p in placements))
-    return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh)
+    split = tuple(sorted({placements[i].dim % len(shape) for i in sharded}))
+    return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh, split)
 
 
 def boxes_of(shard_like) -> Dict[str, Box]:

@@ -9,11 +9,12 @@ global, computed with collectives over the pool's group (collectives.py) and cac
   one contiguous run of the global tensor (FSDP2's Shard(0), row-parallel biases...) runs the
   fused kernel with its global offset, exactly as the single process does. A strided shard
   (Shard(1): a piece of every row) gets its keep-masks from torch as bitmasks (cached).
-- SLERP: the norms and dot product as exact sums; the interpolation is elementwise.
-The rest (DELLA's per-row ranks, NuSLERP, Model Stock, ...) is refused with a clear error.
+- SLERP, NuSLERP, Model Stock: their whole-tensor dot products as exact sums (per-row or
+  per-column ones stay local where each vector is on one rank, else the merge is refused).
+- DELLA: per-row ranks need whole rows (Shard(0)); a 1-D tensor's deltas are gathered (small).
+Other methods are refused with a clear error.
 """
 import math
-from typing import List
 
 import torch
 
@@ -26,16 +27,15 @@ from pymerge.ops import task_vector_ops as tvo
 
 def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     """Checks everything, agrees across ranks, then merges each planned tensor into its local targets."""
-    from pymerge.methods.slerp import Slerp
     from pymerge.methods.task_vectors import TaskVectorMethod
     from pymerge.pool.pool import _split_params
-    if isinstance(m, TaskVectorMethod) and m.sparsification != "della_magprune":
+    if isinstance(m, TaskVectorMethod):
         merge = _task_vectors
-    elif isinstance(m, Slerp):
-        merge = _slerp
+    elif hasattr(m, "dot_group"):  # slerp, nuslerp, model_stock: dot products, then elementwise
+        merge = _with_global_dots
     else:
-        raise InputError(f"merge_method {m.name} is not supported on a sharded pool (linear, task_arithmetic, "
-                         "ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties and slerp are)")
+        raise InputError(f"merge_method {m.name} is not supported on a sharded pool (elementwise methods, "
+                         "ties, dare_*, breadcrumbs*, della*, slerp, nuslerp and model_stock are)")
     error, tasks = None, []
     try:
         m.validate(pool.num_checkpoints, pool.has_base)
@@ -48,6 +48,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                                   params=dict(global_params), name=p.name, seed=seed, backend=pool.backend,
                                   num_threads=pool.num_threads)
                 m.check_params(task)
+                if merge is _with_global_dots:
+                    _check_vectors(pool, task.name, m.dot_group(task), m.name)
+                elif m.sparsification == "della_magprune":
+                    _check_della(pool, task.name, m.name)
                 tasks.append((task, p.outs[k]))
     except Exception as exc:
         error = exc
@@ -76,9 +80,10 @@ def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor) -> None:
     sparsifiers, weights, lam = task_vector_args(task, m.sparsification, rescale)
     start = pool.boxes[task.name].contiguous_start()
     plans = [_model_plan(pool, task, i, sp, w, start) for i, (sp, w) in enumerate(zip(sparsifiers, weights))]
+    bits = start is None or any(p.mode == tvo.BITS for p in plans)  # bitmasks index the LOCAL elements
     tvo.merge_planned(task.inputs, task.base, plans, out, consensus=m.consensus, normalize=normalize, lam=lam,
                       divisor=tvo.linear_divisor(weights), name=task.name, seed=task.seed,
-                      offset=0 if start is None else start, backend=task.backend, num_threads=task.num_threads)
+                      offset=0 if bits else start, backend=task.backend, num_threads=task.num_threads)
 
 
 def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: float, start) -> tvo.ModelPlan:
@@ -88,7 +93,7 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     plan = tvo.ModelPlan(weight=float(weight), model=i)
     if sp.method is None or sp.density >= 1 or n == 0:
         return plan
-    if sp.method == "magnitude" and sp.density <= 0:
+    if sp.method in ("magnitude", "della_magprune") and sp.density <= 0:
         plan.mode = tvo.ZERO
         return plan
     key = (task.name, i, sp, int(task.seed) if sp.method == "random" else None)
@@ -115,11 +120,13 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
         plan.mode = tvo.RANGE
         plan.lo, plan.hi = collectives.boundaries([keys, keys], [min(n_bot, n), min(n_bot + target, n)],
                                                   [False, False], n, gidx, group)
-    else:  # random
+    elif sp.method == "random":
         plan.mode = tvo.RANDOM
         plan.thr = philox.keep_threshold(sp.density)
     keep = None
-    if sp.rescale == "l1" or start is None:
+    if sp.method == "della_magprune":
+        plan.mode, keep = tvo.BITS, _della_keep(task, i, sp, box, group, start)
+    elif sp.rescale == "l1" or start is None:
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
     if sp.rescale == "l1":
         d = (x.float() - base.float()).reshape(-1).abs().double()
@@ -128,9 +135,31 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     elif sp.rescale == "inverse_density":
         plan.scale = tvo._f32(1.0 / sp.density) if sp.density > 0 else 1.0
     bits = None
-    if start is None:  # a strided shard: the kernel's element index is local, so the mask is precomputed
+    if start is None or plan.mode == tvo.BITS:  # the kernel then indexes the mask by LOCAL element
         plan.mode, bits = tvo.BITS, tvo.pack_bits(keep)
     return plan.mode, plan.lo, plan.hi, plan.thr, plan.scale, bits
+
+
+def _check_della(pool, name: str, method: str) -> None:
+    """DELLA ranks |d| along dim 1 (one row for a 1-D tensor): a rank needs whole rows, i.e. only dim 0 split."""
+    box = pool.boxes[name]
+    if len(box.global_shape) >= 2 and set(box.split_dims) - {0}:
+        raise InputError(f"{method}: tensor {name!r} is split along dimension {max(box.split_dims)}; DELLA ranks "
+                         "magnitudes within rows, so a sharded pool needs its rows whole on each rank (Shard(0))")
+
+
+def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start) -> torch.Tensor:
+    """DELLA's keep-mask of this rank's elements (rows whole here; a 1-D tensor is one row: gathered)."""
+    import torch.distributed as dist
+    x, base = task.inputs[i], task.base
+    if len(box.global_shape) >= 2 or group is None:
+        return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start)
+    d = (x.float() - base.float()).reshape(-1)  # a 1-D tensor (a bias, a norm): small, so gathered whole
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (box.offset[0], d), group=group)
+    full = torch.cat([p for _, p in sorted(parts, key=lambda p: p[0])])
+    keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
+    return keep[box.offset[0]:box.offset[0] + box.shape[0]]
 
 
 def _keep(plan: tvo.ModelPlan, keys: torch.Tensor, gidx: torch.Tensor, name: str, seed: int) -> torch.Tensor:
@@ -146,14 +175,35 @@ def _keep(plan: tvo.ModelPlan, keys: torch.Tensor, gidx: torch.Tensor, name: str
     return draws < plan.thr
 
 
-# ---- SLERP ----------------------------------------------------------------------------------------------
-def _slerp(pool, m, task: TensorTask, out: torch.Tensor) -> None:
-    from pymerge.methods.task_vectors import _number
-    from pymerge.ops import interp
-    t = _number(task.params.get("t"), "t", task.name)
-    xs: List[torch.Tensor] = [task.base, task.inputs[0]]
-    a, b = (v.reshape(-1).float().double() for v in xs)
-    aa, bb, ab = collectives.exact_sums([a * a, b * b, a * b], _group(pool, task.name))
-    ca, cb = interp.slerp_coefs(t, aa, bb, ab)
-    interp.group_lincomb(xs, None, False, "whole", torch.tensor([[ca, cb, 0.0]]), out, task.backend,
-                         task.num_threads)
+# ---- SLERP, NuSLERP, Model Stock --------------------------------------------------------------------------
+_VECTOR_DIM = {"rows": -1, "cols": 0}  # the tensor dimension a "rows" / "cols" vector runs along
+
+
+def _check_vectors(pool, name: str, group: str, method: str) -> None:
+    """Per-row or per-column statistics need each vector whole on one rank (placements: the same on all ranks)."""
+    box = pool.boxes[name]
+    if group in _VECTOR_DIM and len(box.global_shape) >= 2 and \
+            _VECTOR_DIM[group] % len(box.global_shape) in box.split_dims:
+        raise InputError(f"{method}: tensor {name!r} is split along the dimension its {group} vectors run along; "
+                         "a sharded pool computes these per-vector statistics only where each vector is on one rank")
+
+
+def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
+    """The method's own merge_tensor, with dot products summed over the whole tensor across ranks."""
+    group_of = _group(pool, task.name)
+
+    def dots(xs, base, sub, group, backend="auto", num_threads=0):
+        if group != "whole":  # each vector is local (checked up front): the single-process reduction
+            from pymerge.ops import interp
+            return interp.group_dots(xs, base, sub, group, backend, num_threads)
+        vs = [x.reshape(-1).float() - (base.reshape(-1).float() if sub else 0) for x in xs]
+        k = len(vs)
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        sums = collectives.exact_sums((vs[i].double() * vs[j].double() for i, j in pairs), group_of)
+        g = torch.zeros(1, k, k, dtype=torch.float64)
+        for (i, j), s in zip(pairs, sums):
+            g[0, i, j] = g[0, j, i] = s
+        return g
+
+    task.dots = dots
+    m.merge_tensor(task, out)

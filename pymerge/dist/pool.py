@@ -83,9 +83,8 @@ class ShardedPool(CheckpointPool):
     def _run_method(self, method: str, plans, tables, seed: int, params) -> None:
         from pymerge.dist.methods import run_sharded
         from pymerge.methods.base import get_method
-        from pymerge.methods.linear import WeightedSum
         m = get_method(method)
-        if isinstance(m, WeightedSum):  # elementwise: the local shards are all it needs
+        if m.chunkable:  # elementwise (linear, task_arithmetic, passthrough): the local shards are all it needs
             return super()._run_method(method, plans, tables, seed, params)
         run_sharded(self, m, plans, tables, seed, params)
 

@@ -11,7 +11,7 @@ see plain numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional
 
 if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
     import torch
@@ -56,6 +56,8 @@ class TensorTask:
     seed: int = 0
     backend: str = "auto"
     num_threads: int = 0
+    # Replaces pymerge.ops.interp.group_dots for methods that reduce (a sharded pool sums across ranks).
+    dots: Optional[Callable] = None
 
 
 class MergeMethod:
