@@ -17,21 +17,23 @@ SEARCH = dict(budget=9, popsize=4, seed=3, sigma0=0.3, method="ties", density=0.
 TARGET_SEED = 11
 
 
-def score(params):
-    """A deterministic float64 objective of the full weights: closeness to a fixed random model."""
+def score(params, model):
+    """Deterministic scores: closeness of the full weights to a fixed random model, and a forward pass."""
     g = torch.Generator().manual_seed(TARGET_SEED)
     total = 0.0
     for name in sorted(params):
         target = torch.randn(params[name].shape, generator=g, dtype=torch.float64)
         total -= float(((params[name].double() - target) ** 2).sum())
-    return {"fit": total, "norm": -float(sum(p.double().abs().sum() for p in params.values()))}
+    with torch.no_grad():  # under FSDP2: all-gathers the shards inside the replica group
+        out = model(torch.randn(3, 13, generator=g))
+    return {"fit": total, "forward": float(out.double().sum())}
 
 
 def single_process(files, **kw):
     import pymerge
     pool = pymerge.CheckpointPool(files[:3], base=files[3])
     model = build()
-    return pymerge.search.optimize(pool, lambda m: score({n: p.detach() for n, p in m.named_parameters()}),
+    return pymerge.search.optimize(pool, lambda m: score({n: p.detach() for n, p in m.named_parameters()}, m),
                                    model=model, **{**SEARCH, **kw})
 
 
@@ -43,7 +45,8 @@ def worker(rank, world, d, files):
     import pymerge
 
     def evaluate(m):
-        return score({n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in m.named_parameters()})
+        return score({n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in m.named_parameters()},
+                     m)
 
     out = {}
     for label, shape in (("shards", (world,)), ("replicas", (world, 1))):

@@ -8,7 +8,8 @@ boxes' bytes (reads.py). Merging then runs the single-process pool's code on loc
 targets' local tensors (same data_ptrs) are the outputs. Linear and task_arithmetic need no
 communication: out[j] depends on element j alone, and every check uses only what all ranks see
 alike (names, global shapes, dtypes, placements, meshes), so all ranks raise the same error
-before any write. Methods with whole-tensor statistics (methods.py) agree on errors and
+before any write. An FSDP2 model left gathered by a forward pass is resharded first (no
+communication). Methods with whole-tensor statistics (methods.py) agree on errors and
 arguments with one all_reduce, then compute the statistics with collectives (collectives.py).
 """
 from typing import Dict, List
@@ -59,6 +60,7 @@ class ShardedPool(CheckpointPool):
         local = []
         for k, target in enumerate(into):
             where = f" in model {k}" if len(into) > 1 else ""
+            _reshard(target)
             tensors = _tensors_of(target)
             for name in self.names:
                 model_name = _map_name(name, names)
@@ -87,6 +89,16 @@ class ShardedPool(CheckpointPool):
         if m.chunkable:  # elementwise (linear, task_arithmetic, passthrough): the local shards are all it needs
             return super()._run_method(method, plans, tables, seed, params)
         run_sharded(self, m, plans, tables, seed, params)
+
+
+def _reshard(target) -> None:
+    """FSDP2 keeps the root module's parameters gathered after a forward pass: put its shards back
+    (local, no communication), so the merge lands in the shards the next forward gathers."""
+    if isinstance(target, torch.nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+        for module in target.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
