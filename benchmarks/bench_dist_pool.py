@@ -5,7 +5,7 @@
 The same pool (N checkpoints + base of an MLP of `layers` width x width float32 linears) is
 materialized into an FSDP2 model over R ranks, one thread per rank (so R = 2 uses both cores),
 with R = 1 at one and at two threads as baselines. Per candidate: the slowest rank's best time
-of `rounds` (barrier before and after each). Per rank: the bytes the pool holds, the model's
+of `rounds` (barrier before and after each), and the median as the spread. Per rank: the bytes the pool holds, the model's
 local bytes, and the bytes one candidate streams (inputs read + output written), the quantities
 a scaling model predicts from. Writes results/cpu/dist_pool.{json,md}.
 """
@@ -13,6 +13,7 @@ import argparse
 import os
 import resource
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -48,16 +49,16 @@ def worker(rank, world, port, files, args, threads, out):
     for method, kw in METHODS:
         weights = [1.0 / n] * n
         pool.materialize(weights, into=model, method=method, **kw)  # warm up (thresholds are cached)
-        best = float("inf")
+        times = []
         for r in range(args.rounds):
             weights = [(i + r + 1) / (n * (n + 1) / 2 + n * r) for i in range(n)]
             dist.barrier()
             t = time.perf_counter()
             pool.materialize(weights, into=model, method=method, **kw)
             dist.barrier()
-            best = min(best, time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
         streamed = local * (n + (method != "linear")) + local  # inputs (and base) read, output written
-        rows.append({"method": method, "seconds": best, "pool_bytes": pool.nbytes, "model_bytes": local,
+        rows.append({"method": method, "seconds": min(times), "median": statistics.median(times), "pool_bytes": pool.nbytes, "model_bytes": local,
                      "streamed_bytes": streamed,
                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     torch.save(rows, os.path.join(out, f"r{world}_t{threads}_rank{rank}.pt"))
@@ -97,6 +98,7 @@ def main():
                 ranks = [p[k] for p in per_rank]
                 rows.append({"ranks": world, "threads_per_rank": threads, "method": method,
                              "ms_per_candidate": 1e3 * max(r["seconds"] for r in ranks),
+                             "ms_median": 1e3 * max(r["median"] for r in ranks),
                              "pool_MB_per_rank": max(r["pool_bytes"] for r in ranks) / 1e6,
                              "model_MB_per_rank": max(r["model_bytes"] for r in ranks) / 1e6,
                              "streamed_MB_per_rank": max(r["streamed_bytes"] for r in ranks) / 1e6,
@@ -107,7 +109,7 @@ def main():
     params = args.layers * (args.width * args.width + args.width)
     title = (f"Sharded pool (FSDP2, gloo): {args.checkpoints} checkpoints + base of {params / 1e6:.1f}M float32 "
              f"parameters, best of {args.rounds}; machine shared and loaded")
-    print(write_results("dist_pool", "cpu", rows, ["ranks", "threads_per_rank", "method", "ms_per_candidate",
+    print(write_results("dist_pool", "cpu", rows, ["ranks", "threads_per_rank", "method", "ms_per_candidate", "ms_median",
                                                    "speedup_vs_R1_1thread", "pool_MB_per_rank", "model_MB_per_rank",
                                                    "streamed_MB_per_rank", "peak_rss_MB_per_rank"], title))
 
