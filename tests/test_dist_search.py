@@ -1,8 +1,8 @@
 """Distributed search on gloo (2 ranks): the same candidates and result as one process, and resume.
 
 Layouts: FSDP2 over both ranks (one replica group: both ranks materialize and evaluate every
-candidate), and a (replicas=2, shards=1) mesh (two replica groups, each evaluating half of
-every generation). evaluate() gathers the full weights (a collective inside the replica group).
+candidate), a (replicas=2, shards=1) mesh (two replica groups, each evaluating half of every
+generation), and an unsharded pool (each rank a replica group). evaluate() gathers the full weights (a collective inside the replica group).
 """
 import os
 
@@ -56,6 +56,12 @@ def worker(rank, world, d, files):
         pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=model)
         res = pymerge.search.optimize(pool, evaluate, model=model, **SEARCH)
         out[label] = [(r["x"], r["objective"], r["scores"]) for r in res.history], res.best_index
+    # a pool every rank holds whole: every rank is a replica group of its own
+    plain_model = build()
+    plain = pymerge.CheckpointPool(files[:3], base=files[3])
+    res = pymerge.search.optimize(plain, lambda m: score({n: p.detach() for n, p in m.named_parameters()}, m),
+                                  model=plain_model, **SEARCH)
+    out["plain"] = [(r["x"], r["objective"], r["scores"]) for r in res.history], res.best_index
     # resume: stop after one generation, then continue to the full budget
     state = os.path.join(d, "state.pkl") if rank == 0 else None
     mesh = init_device_mesh("cpu", (world,))
@@ -87,7 +93,7 @@ def runs(tmp_path_factory):
         dist_helpers.run(worker, 2, d, d, files)
 
 
-@pytest.mark.parametrize("label", ["shards", "replicas", "resumed"])
+@pytest.mark.parametrize("label", ["shards", "replicas", "plain", "resumed"])
 def test_distributed_search_equals_single_process(runs, label):
     ref_history, ref_best, results = runs
     assert len(ref_history) == SEARCH["budget"]

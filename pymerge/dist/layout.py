@@ -125,4 +125,7 @@ def reduce_group(boxes) -> Optional[object]:
         return mesh.get_group(dims[0])
     if len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
         return dist.group.WORLD
+    if mesh.mesh_dim_names is None:
+        raise InputError("shard_like: tensors are split over several mesh dimensions of an unnamed mesh; "
+                         "name them (init_device_mesh(..., mesh_dim_names=...)) so the pool can group them")
     return mesh[tuple(mesh.mesh_dim_names[d] for d in dims)]._flatten().get_group()
