@@ -31,6 +31,21 @@ from pymerge.ops.select import ALL_ASC, ALL_DESC, Boundary
 _ERRORS = {cls.__name__: cls for cls in (InputError, CheckpointError, MergeConfigError)}
 
 
+def _on_wire(t: torch.Tensor, group) -> torch.Tensor:
+    """t where the group's backend can reduce it: NCCL-only groups reduce CUDA tensors, gloo CPU ones."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "cpu" not in backend:
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
+def _all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
+    """All-reduces t (sum by default) over group; returns the result on the CPU."""
+    wire = _on_wire(t, group)
+    dist.all_reduce(wire, op=op or dist.ReduceOp.SUM, group=group)
+    return wire.cpu()
+
+
 def fingerprint(*values) -> int:
     """A 62-bit digest of picklable arguments (weights, method, parameters): ranks must pass the same."""
     return int.from_bytes(hashlib.blake2b(pickle.dumps(values), digest_size=8).digest(), "little") >> 2
@@ -42,8 +57,8 @@ def agree(error: Optional[BaseException], group, what: int = 0) -> None:
         if error is not None:
             raise error
         return
-    flags = torch.tensor([int(error is not None), what, -what], dtype=torch.int64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    flags = _all_reduce(torch.tensor([int(error is not None), what, -what], dtype=torch.int64), group,
+                        dist.ReduceOp.MAX)
     if flags[0] == 0 and flags[1] == -flags[2]:
         return
     if flags[0] == 0:
@@ -108,7 +123,7 @@ def exact_sums(values: Iterable[torch.Tensor], group) -> List[float]:
         return []
     parts = torch.stack(parts)
     if group is not None:
-        dist.all_reduce(parts, group=group)
+        parts = _all_reduce(parts, group)
     return [_total(p) for p in parts]
 
 
@@ -142,9 +157,9 @@ def boundaries(keys: Sequence[torch.Tensor], ranks: Sequence[int], descending: S
             if shift + bits < 31:
                 digit = digit[(k >> (shift + bits)) == prefix[j]]
             hists.append(torch.bincount(digit, minlength=1 << bits))
-        hist = torch.stack(hists)
+        hist = torch.stack(hists).cpu()
         if group is not None:
-            dist.all_reduce(hist, group=group)
+            hist = _all_reduce(hist, group)
         for row, j in zip(hist, jobs):
             ordered = row.flip(0) if descending[j] else row
             cum = ordered.cumsum(0)
@@ -161,10 +176,11 @@ def boundaries(keys: Sequence[torch.Tensor], ranks: Sequence[int], descending: S
         hi = {j: numel - 1 for j in split}
         while any(lo[j] < hi[j] for j in split):
             mids = {j: (lo[j] + hi[j]) // 2 for j in split}
-            counts = torch.tensor([int(torch.searchsorted(ties[j], torch.tensor(mids[j]), right=True))
+            counts = torch.tensor([int(torch.searchsorted(ties[j], torch.tensor(mids[j], device=ties[j].device),
+                                                          right=True))
                                    for j in split], dtype=torch.int64)  # ties at index <= mid
             if group is not None:
-                dist.all_reduce(counts, group=group)
+                counts = _all_reduce(counts, group)
             for c, j in zip(counts.tolist(), split):
                 if lo[j] == hi[j]:
                     continue

@@ -14,6 +14,7 @@ global, computed with collectives over the pool's group (collectives.py) and cac
 - DELLA: per-row ranks need whole rows (Shard(0)); a 1-D tensor's deltas are gathered (small).
 Other methods are refused with a clear error.
 """
+import functools
 import math
 
 import torch
@@ -96,7 +97,7 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     if sp.method in ("magnitude", "della_magprune") and sp.density <= 0:
         plan.mode = tvo.ZERO
         return plan
-    key = (task.name, i, sp, int(task.seed) if sp.method == "random" else None)
+    key = (task.name, i, sp, int(task.seed) if sp.method in ("random", "della_magprune") else None)
     hit = pool.stats_cache.get(key)
     if hit is None:
         hit = pool.stats_cache[key] = _resolve(pool, task, i, sp, n, start)
@@ -110,7 +111,7 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     x, base = task.inputs[i], task.base
     keys = select.magnitude_keys(x, base)
     plan = tvo.ModelPlan(model=i)
-    gidx = box.global_indices
+    gidx = functools.partial(box.global_indices, x.device)  # global flat indices, made only where needed
     if sp.method == "magnitude":
         plan.mode = tvo.TOPK
         plan.hi = collectives.boundaries([keys], [max(1, int(sp.density * n))], [True], n, gidx, group)[0]
@@ -154,12 +155,12 @@ def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start)
     x, base = task.inputs[i], task.base
     if len(box.global_shape) >= 2 or group is None:
         return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start)
-    d = (x.float() - base.float()).reshape(-1)  # a 1-D tensor (a bias, a norm): small, so gathered whole
+    d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, (box.offset[0], d), group=group)
     full = torch.cat([p for _, p in sorted(parts, key=lambda p: p[0])])
     keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
-    return keep[box.offset[0]:box.offset[0] + box.shape[0]]
+    return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device)
 
 
 def _keep(plan: tvo.ModelPlan, keys: torch.Tensor, gidx: torch.Tensor, name: str, seed: int) -> torch.Tensor:

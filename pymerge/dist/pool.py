@@ -48,7 +48,7 @@ class ShardedPool(CheckpointPool):
         return ShardedSource(super()._open(src, label), self.boxes)
 
     def describe(self) -> str:
-        sharded = sum(not b.is_whole for b in self.boxes.values())
+        sharded = sum(b.signature[0] == "sharded" for b in self.boxes.values())
         return (super().describe() + f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "
                 f"{_fmt_bytes(self.nbytes)} on this rank")
 

@@ -14,7 +14,6 @@ e.g. one row of a (replicas, shards) mesh) form one group; a pool that is not sh
 every rank its own group. In history, materialize_s is a generation's wall time per candidate
 (materialize and evaluate, replica groups in parallel) and evaluate_s the leader's bookkeeping.
 """
-import time
 from typing import Callable, Optional
 
 import torch
