@@ -143,6 +143,13 @@ def worker(rank, world, d, files):
     refs[3].materialize_many([W3, [0.1, 0.1, 0.8]], into=[r0, r1], method="ties", density=0.55)
     out["many"] = all(torch.equal(full(a)[n], dict(b.named_parameters())[n].detach())
                       for a, b in ((models["fsdp"], r0), (m2, r1)) for n in SHAPES)
+    # state dicts of DTensors (sharing the model's storage) as shard_like and as the target
+    sd = models["tp"].state_dict()
+    pymerge.CheckpointPool(ckpts, base=base, shard_like=sd).materialize([0.2, 0.2, 0.6], into=sd, method="ties",
+                                                                       density=0.55)
+    refs[3].materialize([0.2, 0.2, 0.6], into=r0, method="ties", density=0.55)
+    out["state_dict"] = all(torch.equal(full(models["tp"])[n], dict(r0.named_parameters())[n].detach())
+                            for n in SHAPES)
 
     def error_of(fn):
         try:
@@ -216,6 +223,10 @@ def test_sharded_materialize_matches_single_process(group, layout, label):
 
 def test_materialize_many_into_sharded_models(group):
     assert all(res["many"] for res in group[2])
+
+
+def test_state_dict_as_layout_and_target(group):
+    assert all(res["state_dict"] for res in group[2])
 
 
 def test_rank_count_independent(tmp_path_factory, group):
