@@ -1,0 +1,1 @@
+"""pymerge across processes and machines, on torch.distributed."""
