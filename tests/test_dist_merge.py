@@ -53,11 +53,12 @@ def torchrun(ranks, argv, **env):
 
 
 def launch(ranks, argv, **env):
-    """Every rank started by hand, as a launcher other than torchrun would: one Popen per rank."""
+    """Every rank started by hand, as a launcher other than torchrun would: one Popen per rank
+    (argv, or argv(rank) for a command line of each rank's own)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [subprocess.Popen([sys.executable, str(WORKER), *map(str, argv)], stderr=subprocess.PIPE, text=True,
+    return [subprocess.Popen([sys.executable, str(WORKER), *map(str, argv(r) if callable(argv) else argv)], stderr=subprocess.PIPE, text=True,
                              env=_env(RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                       MASTER_PORT=str(port), **env))
             for r in range(ranks)]
@@ -224,3 +225,13 @@ def test_killed_leader_under_torchrun_leaves_nothing_after_the_next_run(fam, tmp
     assert len(leftovers(out)) == 1  # what a SIGKILL leaves: the dead rank 0's folder...
     assert_same_tensors(out, single(cfg, out))  # ...which the next run clears
     assert leftovers(out) == []
+
+
+def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
+    """E.g. nodes that hold different copies of a checkpoint: refused before anything is written."""
+    root, base, fts = fam
+    cfgs = [write_cfg(tmp_path / "a.yml", linear(fts)), write_cfg(tmp_path / "b.yml", linear(fts[::-1]))]
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, lambda r: ["merge", cfgs[r], out]))
+    _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+    assert not out.exists() and leftovers(out) == []

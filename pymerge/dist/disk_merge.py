@@ -70,11 +70,12 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         plan = state["plan"] = make_plan(config_or_path)
         state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
                                          for t in plan.tensors], world)
+        tmp_dir = None
         if rank == 0:
             writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
             write_side_files(plan, writer)
-            return str(writer.tmp_dir)
-        return None
+            tmp_dir = str(writer.tmp_dir)
+        return tmp_dir, _fingerprint(plan, out_dir)
 
     def fill(tmp_dir):
         plan, parts = state["plan"], state["parts"]
@@ -87,7 +88,12 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
             state["writer"].commit()  # durable before rank 0 may install
 
     try:
-        tmp_dir = _agree(prepare, dist, group)[0]
+        prepared = _agree(prepare, dist, group)
+        tmp_dir = prepared[0][0]
+        odd = next((r for r, (_, fp) in enumerate(prepared) if fp != prepared[0][1]), None)
+        if odd is not None:  # every rank sees the same list, so every rank raises this
+            raise InputError(f"rank {odd} plans a different merge than rank 0 (another config, OUT or checkpoint "
+                             f"files: every rank must see the same files at the same paths)")
         _agree(lambda: fill(tmp_dir), dist, group)
         _agree(lambda: state["writer"].commit() if rank == 0 else None, dist, group)
         plan, writer = state["plan"], state["writer"]
@@ -101,6 +107,15 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
             state["plan"].close()
         if created:
             dist.destroy_process_group()
+
+
+def _fingerprint(plan, out_dir) -> str:
+    """What every rank must agree on: OUT, the method, the checkpoints and every output tensor's
+    name, shape, dtypes and parameters (not the data: that would mean reading it all)."""
+    import hashlib
+    text = repr((os.path.abspath(out_dir), plan.method.name, [os.path.abspath(c.path) for c in plan.checkpoints],
+                 [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params) for t in plan.tensors]))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _writer(plan, parts, out_dir, out_shard_size, force, *, part, join=None) -> ShardedWriter:
