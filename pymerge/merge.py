@@ -162,22 +162,23 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
     bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
     try:
         run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
-        run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or _op_threads(), seed=seed,
+        run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or op_threads(), seed=seed,
             progress=bar)
     finally:
         if bar is not None and progress is None:
             bar.close()
 
 
-def _op_threads() -> int:
-    """Compute threads by default: every core but one, which the writer thread keeps busy. On the
+def op_threads(processes: int = 1) -> int:
+    """Compute threads by default: every core but one, which the writer thread keeps busy (with
+    several merging processes on the host, their share of the cores but one each). On the
     shared 2-core dev machine two OpenMP threads (spin-waiting for a descheduled member) streamed
     at half the speed of one; the kernel is memory-bound, so one thread loses little when idle."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 2
-    return max(1, cores - 1)
+    return max(1, cores // max(1, processes) - 1)
 
 
 def pick_device(device: str) -> str:

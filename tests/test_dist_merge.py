@@ -235,3 +235,22 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
     codes, lines = finish(launch(2, lambda r: ["merge", cfgs[r], out]))
     _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
     assert not out.exists() and leftovers(out) == []
+
+
+def test_rank_variables_without_a_rendezvous_or_switched_off(fam, tmp_path, monkeypatch, capsys):
+    """RANK and WORLD_SIZE alone: one line naming what is missing. PYMERGE_NO_DIST=1: one process."""
+    from pymerge import cli
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["merge", str(cfg), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MASTER_ADDR, MASTER_PORT" in err[0] and "torchrun" in err[0], err
+    assert not out.exists() and leftovers(out) == []
+    monkeypatch.setenv("PYMERGE_NO_DIST", "1")
+    assert cli.main(["merge", str(cfg), str(out), "--quiet"]) == 0
+    assert_same_tensors(out, single(cfg, tmp_path / "one"))

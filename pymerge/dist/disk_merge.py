@@ -31,12 +31,16 @@ from pymerge.errors import CheckpointError, DistributedError, InputError, MergeC
 from pymerge.io import ShardedWriter
 
 TIMEOUT_ENV = "PYMERGE_DIST_TIMEOUT"
+OFF_ENV = "PYMERGE_NO_DIST"  # =1: one process even where RANK and WORLD_SIZE are set (a job's own ranks)
 DEFAULT_TIMEOUT_S = 1800.0
 _SAME_ON_EVERY_RANK = {c.__name__: c for c in (InputError, CheckpointError, MergeConfigError)}
 
 
 def launched() -> bool:
-    """True under torchrun (or a launcher setting RANK and WORLD_SIZE) or in an initialized process group."""
+    """True under torchrun (or a launcher setting RANK and WORLD_SIZE) or in an initialized process
+    group, unless PYMERGE_NO_DIST=1."""
+    if os.environ.get(OFF_ENV, "") not in ("", "0"):
+        return False
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return True
     dist = sys.modules.get("torch.distributed")  # never imported just to ask
@@ -57,13 +61,15 @@ def split_by_bytes(costs: Sequence[int], ranks: int) -> List[int]:
 def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, threads, force: bool, quiet: bool,
               chunk_bytes: int, random_seed, progress=None):
     """run_merge's distributed twin (same arguments, checked by it); returns this rank's MergeReport."""
-    from pymerge.merge import MergeReport, make_plan, stream_plan, write_side_files
+    from pymerge.merge import MergeReport, make_plan, op_threads, stream_plan, write_side_files
 
     t0 = time.perf_counter()
     dist, group, created = _process_group(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith("cuda"):
         device = _local_cuda()
+    if threads is None:  # the host's cores shared by the ranks on it
+        threads = op_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     state = {}  # what the steps build: plan, parts, writer
 
     def prepare():
@@ -101,12 +107,18 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
                            time.perf_counter() - t0, device, list(writer.shard_names),
                            plan.warnings if rank == 0 else [], rank=rank, world_size=world)
     finally:
-        if "writer" in state:
-            state["writer"].abort()  # after a commit: a no-op
+        try:
+            if "writer" in state:
+                state["writer"].abort()  # after a commit: a no-op
+        except OSError:
+            pass  # raced by a lost rank still creating files: the next run clears the folder (its pid is gone)
         if "plan" in state:
             state["plan"].close()
         if created:
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group with a lost rank: nothing left to tidy
+                pass
 
 
 def _fingerprint(plan, out_dir) -> str:
