@@ -8,14 +8,14 @@ that each hold 1/R of every tensor, as a sharded CheckpointPool or a `torchrun` 
 
     bytes per rank   B = (N + base + 1) * P * b / R      read every input shard once, write the output shard
                        + passes * (N + base) * P * b / R  methods with global statistics re-read the inputs
-    time             t = B / (eta * bw_rank)              eta: fraction of the copy bandwidth reached
+    time             t = B / min(eta * bw_rank, bw_node / r)   eta: fraction of its copy bandwidth a rank reaches
                        + rounds * (alpha_R + S / link)    statistics all-reduced (S bytes each round; ring)
                        + t_fixed                          launches, the candidate's weights, Python
     memory per rank  M = (N + base) * P * b / R + P * b_out / R   (the pool's shard + the model's shard)
 
-bw_rank is the memory (HBM) bandwidth one rank has to itself, and copy bandwidth counts read +
-written bytes (so does B). Ranks on one host share its bandwidth: bw_rank = min(bw_1, bw_node / r)
-with r ranks per host (on this 2-core CPU every rank shares one memory; H200s have HBM each). A
+bw_rank is the copy bandwidth one rank gets alone (HBM for a GPU; counting bytes read + written,
+as B does). The r ranks on one host together reach at most the host's copy bandwidth bw_node (on
+this 2-core CPU all ranks share one memory; 8 H200s have 8 HBMs, bw_node = 8 bw_rank). A
 pool that does not fit in device memory is read from pinned host memory over PCIe each candidate
 (the inputs only, (1 + passes) * pool bytes per rank), or, where the host's memory cannot hold the
 shards of its ranks either, from local NVMe at the host's storage bandwidth shared by its ranks.
@@ -91,7 +91,7 @@ def predict(s: Setting, method: Method) -> dict:
     per_node = min(s.ranks, s.ranks_per_node)
     moved = (s.checkpoints + method.base + 1) * shard + method.passes * pool
     if memory <= s.device_mem:
-        tier, t_mem = "device", moved / (s.eta * min(s.bw_rank, s.bw_node / per_node))
+        tier, t_mem = "device", moved / min(s.eta * s.bw_rank, s.bw_node / per_node)
     elif pool * per_node <= s.host_mem:
         tier, t_mem = "host RAM over PCIe", (1 + method.passes) * pool / s.spill_bw
     else:
