@@ -130,27 +130,26 @@ def copy_bandwidth(nbytes: int, threads: int, rounds: int) -> float:
 
 
 def pool_runs(sizes, ns, rounds):
-    """Seconds per materialize of single-process CheckpointPools (linear, bf16, R = 1) at every
-    (P, N), and the copy bandwidth over 256 MB, all timed round-robin in the same rounds (the loaded
-    machine drifts; best of rounds)."""
+    """Seconds per materialize of single-process CheckpointPools (linear, bf16, R = 1) at each N,
+    and the copy bandwidth over 256 MB, timed round-robin in the same rounds for each size (the
+    loaded machine drifts; best of rounds). Sizes well above the last-level cache."""
     from bench_pool import Stack
     from pymerge.pool import CheckpointPool
-    fns, points, keep = {}, {}, []
+    src, dst = torch.ones(256 << 20, dtype=torch.uint8), torch.empty(256 << 20, dtype=torch.uint8)
+    out, bws = [], []
     for params in sizes:
         model = Stack(int(params))
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         sources = [{k: torch.randn(v.shape).to(v.dtype) for k, v in sd.items()} for _ in range(max(ns))]
         p = sum(v.numel() for v in sd.values())
-        for n in ns:
-            pool = CheckpointPool(sources[:n])
-            keep.append(pool)
-            fns[(p, n)] = (lambda pool=pool, n=n, model=model: pool.materialize([1.0 / n] * n, into=model))
-            points[(p, n)] = len(sd)
-    src, dst = torch.ones(256 << 20, dtype=torch.uint8), torch.empty(256 << 20, dtype=torch.uint8)
-    fns["copy"] = lambda: dst.copy_(src)
-    t = time_interleaved(fns, rounds, "cpu")
-    bw = 2 * src.numel() / t.pop("copy")
-    return [{"P": p, "N": n, "tensors": points[(p, n)], "seconds": t[(p, n)]} for p, n in points], bw
+        pools = {n: CheckpointPool(sources[:n]) for n in ns}
+        fns = {n: (lambda n=n: pools[n].materialize([1.0 / n] * n, into=model)) for n in ns}
+        fns["copy"] = lambda: dst.copy_(src)
+        t = time_interleaved(fns, rounds, "cpu")
+        bws.append(2 * src.numel() / t.pop("copy"))
+        out += [{"P": p, "N": n, "tensors": len(sd), "seconds": t[n]} for n in ns]
+        del pools, sources, fns
+    return out, max(bws)
 
 
 def disk_runs(params: float, n: int, ranks_list, repeats: int, folder: str):
@@ -193,7 +192,7 @@ def check_here(quick: bool) -> dict:
 
     # Pool, R = 1 (bandwidth: a copy of the same bytes in the same run): fit eta and t_fixed on
     # N = 2 and 8, predict N = 4 (held out) at every size.
-    sizes = [16e6, 48e6]
+    sizes = [48e6, 96e6]
     runs, bw_pool = pool_runs(sizes, [2, 4, 8], 3 * rounds)
     pts = [((r["N"] + 1) * r["P"] * 2 / bw_pool, r["seconds"]) for r in runs if r["N"] != 4]
     eta, t_fixed = fit(pts)
@@ -203,7 +202,8 @@ def check_here(quick: bool) -> dict:
                     t_fixed=t_fixed)
         pred = predict(s, linear)["seconds"]
         rows.append({"check": "pool materialize, R=1", "P (M)": r["P"] / 1e6, "N": r["N"], "R": 1,
-                     "measured ms": 1e3 * r["seconds"], "model ms": 1e3 * pred,
+                     "measured ms": 1e3 * r["seconds"], "GB/s": (r["N"] + 1) * r["P"] * 2 / r["seconds"] / GB,
+                     "model ms": 1e3 * pred,
                      "error %": 100 * (pred / r["seconds"] - 1), "fitted": "yes" if r["N"] != 4 else "no (held out)"})
     pool_fit = {"eta": eta, "t_fixed_s": t_fixed}
 
@@ -217,7 +217,8 @@ def check_here(quick: bool) -> dict:
         s = replace(here, params=r["P"], checkpoints=r["N"], ranks=r["R"], eta=d_eta, t_fixed=d_fixed)
         pred = predict(s, linear)["seconds"]
         rows.append({"check": "torchrun disk merge", "P (M)": r["P"] / 1e6, "N": r["N"], "R": r["R"],
-                     "measured ms": 1e3 * r["seconds"], "model ms": 1e3 * pred,
+                     "measured ms": 1e3 * r["seconds"], "GB/s": (r["N"] + 1) * r["P"] * 2 / r["seconds"] / GB,
+                     "model ms": 1e3 * pred,
                      "error %": 100 * (pred / r["seconds"] - 1), "fitted": "yes" if r["R"] == 1 else "no (held out)"})
     return {"copy_GBps_1_thread": bw1 / GB, "copy_GBps_all_cores": bw_node / GB, "pool_copy_GBps": bw_pool / GB,
             "pool_fit": pool_fit,
@@ -295,7 +296,7 @@ def main(argv=None):
     if not args.no_measure:
         here = check_here(args.quick)
         result["here"] = here
-        cols = ["check", "P (M)", "N", "R", "measured ms", "model ms", "error %", "fitted"]
+        cols = ["check", "P (M)", "N", "R", "measured ms", "GB/s", "model ms", "error %", "fitted"]
         text.append(f"### Scaling model vs runs on this machine (loaded; copy {here['copy_GBps_1_thread']:.1f} GB/s "
                     f"on 1 thread, {here['copy_GBps_all_cores']:.1f} GB/s on all cores, {here['pool_copy_GBps']:.1f} GB/s timed with the pool runs; pool fit: eta "
                     f"{here['pool_fit']['eta']:.2f}, fixed {1e3 * here['pool_fit']['t_fixed_s']:.2f} ms; disk-merge "
