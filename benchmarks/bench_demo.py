@@ -31,8 +31,10 @@ def one_seed(job) -> dict:
                    log=lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True))
     se = r["test_standard_error"]
     margin = min(r["optimized"] - r[k] for k in ("best_single", "uniform", "greedy_soup"))
-    return {"seed": seed, "best_single": r["best_single"], "uniform": r["uniform"], "greedy_soup": r["greedy_soup"],
-            "optimized": r["optimized"], "se": se, "margin": margin, "beats_all_by_se": bool(margin > se),
+    pct = lambda x: round(100 * x, 2)  # noqa: E731  (percentage points: the table prints two decimals)
+    return {"seed": seed, "best_single": pct(r["best_single"]), "uniform": pct(r["uniform"]),
+            "greedy_soup": pct(r["greedy_soup"]), "optimized": pct(r["optimized"]), "se": pct(se),
+            "margin": pct(margin), "beats_all_by_se": bool(margin > se),
             "nonzero": f"{r['nonzero_weights']}/{r['checkpoints']}", "seconds": r["seconds"],
             "per_task": r["per_task"], "optimized_val": r["optimized_val"]}
 
@@ -52,12 +54,12 @@ def main(argv=None) -> int:
         for row in workers.imap(one_seed, jobs):
             rows.append(row)
             table = write_results("demo_seeds" + ("_quick" if args.quick else ""), "cpu", rows, COLUMNS,
-                                  title="pymerge demo over seeds: macro exact match on test (se: standard error "
+                                  title="pymerge demo over seeds: macro exact match on test, % (se: standard error "
                                         "of the optimized merge's macro-average)")
             print(table, flush=True)
     wins = sum(r["beats_all_by_se"] for r in rows)
     print(f"optimized beats best single, uniform and greedy soup by > 1 s.e. on {wins} of {len(rows)} seeds; "
-          f"mean margin over the strongest baseline {np.mean([r['margin'] for r in rows]):.4f}")
+          f"mean margin over the strongest baseline {np.mean([r['margin'] for r in rows]):.2f} points")
     return 0
 
 
