@@ -32,9 +32,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from pymerge import _native
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             count_layers, layer_t, load_config, parse_config)
-from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.methods.base import MergeMethod, TensorTask, get_method
+from pymerge.sizes import parse_size
 
 # Scratch memory per chunk in flight (3 in flight). CPU: the output chunk and casts; small enough
 # that the writer finds it still in cache. GPU: the pinned staging of inputs and output; big
@@ -122,16 +123,15 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
 
     t0 = time.perf_counter()
     device = pick_device(device)
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be at least 1, got {threads}")
-    if out_shard_size is None or out_shard_size <= 0:
-        raise InputError(f"--out-shard-size must be positive, got {out_shard_size}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise InputError(f"--threads must be an integer of at least 1, got {short(threads)}")
+    out_shard_size = parse_size(out_shard_size, "--out-shard-size")
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES
-    if chunk_bytes < (1 << 20):
-        raise InputError(f"chunk_bytes must be at least 1 MiB, got {chunk_bytes}")
+    chunk_bytes = parse_size(chunk_bytes, "--chunk-size", minimum=1 << 20)
     plan = make_plan(config_or_path)
     try:
+        check_out_spares_inputs(out_dir, plan)
         if threads is not None and streaming.uses_torch(plan, device):
             import torch
             torch.set_num_threads(threads)
@@ -152,6 +152,33 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
                            plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
     finally:
         plan.close()
+
+
+def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
+    """OUT must not be, hold or lie inside anything the merge reads (a model folder, a tensor or
+    tokenizer file, the config), symlinks resolved: --force replaces OUT, and would delete it."""
+    out = Path(out_dir).resolve()
+    for what, p in _inputs_of(plan):
+        p = p.resolve()
+        if out == p or out in p.parents:
+            raise InputError(f"{out_dir}: is or holds the {what} {p}; the merge would replace it "
+                             f"(choose an OUT outside the inputs)")
+        if p in out.parents:
+            raise InputError(f"{out_dir}: lies inside the {what} {p}; choose an OUT outside the inputs")
+
+
+def _inputs_of(plan: "MergePlan"):
+    """(what, path) of everything a merge reads."""
+    for ck in {id(c): c for c in plan.checkpoints + [plan.donor]}.values():
+        if ck.path.is_dir():
+            yield "model folder", ck.path
+        for f in ck.files:
+            yield "model file", f
+    for fname in ("config.json",) + TOKENIZER_FILES:
+        if (Path(plan.donor.folder) / fname).exists():
+            yield "model file", Path(plan.donor.folder) / fname
+    if plan.config.source != "<config>" and Path(plan.config.source).exists():
+        yield "config file", Path(plan.config.source)
 
 
 def _op_threads() -> int:

@@ -206,9 +206,10 @@ def uses_torch(plan, device: str) -> bool:
 def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads: int = 0, seed: int = 0,
             progress=None) -> None:
     raw = torch_free(plan, device)
+    chunk_bytes = min(chunk_bytes, _largest_need(plan, scratch_per_element))
     free: "queue.Queue" = queue.Queue()
     for _ in range(N_SLOTS):  # pages appear only when first written
-        free.put(_raw_buffer(chunk_bytes) if raw else _torch_buffer(chunk_bytes))
+        free.put(_allocate(_raw_buffer if raw else _torch_buffer, chunk_bytes))
 
     def give_back(token):
         if token is not None:
@@ -233,6 +234,20 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
     except BaseException:
         sink.abandon()
         raise
+
+
+def _largest_need(plan, per_element) -> int:
+    """Bytes of the biggest chunk the plan can use: a --chunk-size above it buys nothing."""
+    return max([tp.numel * per_element(tp) + _slack(tp) for tp in plan.tensors] + [1 << 20])
+
+
+def _allocate(make, nbytes: int):
+    try:
+        return make(nbytes)
+    except (MemoryError, RuntimeError) as exc:  # numpy: MemoryError; torch: RuntimeError
+        from pymerge.errors import InputError
+        raise InputError(f"cannot allocate {N_SLOTS} chunk buffers of {nbytes} bytes "
+                         f"({type(exc).__name__}); use a smaller --chunk-size") from None
 
 
 def _torch_buffer(nbytes: int):
@@ -332,11 +347,12 @@ def run_gpu(plan, writer, *, device: str = "cuda", chunk_bytes: int, num_threads
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(dev)
+    chunk_bytes = min(chunk_bytes, _largest_need(plan, lambda tp: max(gpu_budget(tp))))
     # Device buffers may be larger than the pinned ones (casts, narrow results) by a small factor.
     dev_bytes = 2 * chunk_bytes
     free: "queue.Queue" = queue.Queue()
     for _ in range(N_SLOTS):
-        free.put(_Slot(chunk_bytes, dev_bytes, dev))
+        free.put(_allocate(lambda n: _Slot(n, dev_bytes, dev), chunk_bytes))
     h2d, compute, d2h = torch.cuda.Stream(dev), torch.cuda.Stream(dev), torch.cuda.Stream(dev)
     pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pymerge-reader")
 

@@ -2,7 +2,6 @@
 
 Everything here runs on the host before anything is written, so a bad weight never reaches a model.
 """
-import math
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 from pymerge.errors import InputError
+from pymerge.sizes import parse_size
 
 # A transformer block's index: "model.layers.3.mlp", "transformer.h.3.attn", "blocks.3.", "layer.3.".
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -95,16 +95,6 @@ def check_groups(groups: List[int], names: Sequence[str], n_rows: int, what: str
 
 
 def parse_bytes(budget) -> Optional[int]:
-    """memory_budget as bytes: an int, a float, or a string such as '12GB', '512MiB', '2e9'."""
-    if budget is None:
-        return None
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        if not math.isfinite(budget) or budget < 0:
-            raise InputError(f"memory_budget must be >= 0 bytes, got {budget}")
-        return int(budget)
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(budget))
-    if not m:
-        raise InputError(f"memory_budget {budget!r} is not a size (try 8GB, 512MiB or a number of bytes)")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * base ** power)
+    """memory_budget as bytes (None: no cap): an int, a float, or a string such as '12GB', '512MiB',
+    '2e9', read as every size in pymerge is (pymerge/sizes.py)."""
+    return None if budget is None else parse_size(budget, "memory_budget", minimum=0)
