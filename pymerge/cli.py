@@ -143,8 +143,12 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+MAX_ERROR_CHARS = 1000  # a message naming a hostile input (a 10 MB model path) is cut, not printed whole
+
+
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

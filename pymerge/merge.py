@@ -20,7 +20,6 @@ a CPU merge with a weighted-sum method (linear, task_arithmetic) runs without it
 pymerge/streaming.py); other methods, the GPU and a `--device auto` that may find a GPU load it.
 """
 import glob
-import json
 import math
 import os
 import sys
@@ -34,6 +33,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
                             count_layers, layer_t, load_config, parse_config)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
+from pymerge.io.files import read_json
 from pymerge.methods.base import MergeMethod, TensorTask, get_method
 from pymerge.sizes import parse_size
 
@@ -335,12 +335,9 @@ def _dname(dt) -> str:
 
 def _read_model_config(ck: Checkpoint) -> Optional[dict]:
     path = Path(ck.folder) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read as JSON: {str(exc).splitlines()[0]}") from None
+    obj = read_json(path)  # refuses a FIFO or a device, and a link that leads nowhere
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: is not a JSON object")
     return obj

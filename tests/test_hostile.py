@@ -124,3 +124,107 @@ def test_force_still_replaces_an_ordinary_out(workdir, capsys, monkeypatch):
     rc, err = run_cli(["merge", "cfg.yml", "merged", "--force", "--quiet"], capsys)
     assert rc == 0, err
     assert (work / "merged" / "model.safetensors").is_file() and not (work / "merged" / "old.txt").exists()
+
+
+# ---- denial of service: aliases, FIFOs, huge echoes ----------------------------------------------
+def _laughs(levels: int = 12) -> str:
+    parts = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "merge_method: [" + ", ".join(parts) + "]\nmodels: [m]\n"
+
+
+@pytest.mark.parametrize("key", ["merge_method", "models", "parameters"])
+def test_billion_laughs_is_rejected_fast_with_a_short_message(tmp_path, capsys, key):
+    import time
+    text = _laughs().replace("merge_method:", f"{key}:", 1)
+    if key != "merge_method":
+        text = "merge_method: linear\n" + text.replace("models: [m]\n", "" if key == "models" else "models: [m]\n")
+    cfg = tmp_path / "laughs.yml"
+    cfg.write_text(text)
+    assert len(text) < 700
+    t0 = time.perf_counter()
+    rc, err = run_cli(["merge", cfg, tmp_path / "out"], capsys)
+    assert time.perf_counter() - t0 < 5  # was 11-14 s, 4 GB and a 250 MB "one-line" error
+    assert rc == 2 and len(err) < 400 and "expands to more than" in err, err[:300]
+
+
+def test_recursive_and_deep_yaml_are_rejected(tmp_path, capsys):
+    for name, text in (("rec.yml", "merge_method: linear\nmodels: &a [*a]\n"),
+                       ("deep.yml", "merge_method: linear\nmodels: " + "[" * 3000 + "]" * 3000 + "\n"),
+                       ("deep2.yml", "merge_method: linear\nmodels: " + "[" * 60 + "]" * 60 + "\n")):
+        rc, err = run_cli(["merge", write_cfg(tmp_path / name, text), tmp_path / "out"], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[:300]
+
+
+def test_parse_config_api_bounds_aliases():
+    from pymerge.config import parse_config
+    from pymerge.errors import MergeConfigError
+    x = ["lol"] * 10
+    for _ in range(8):
+        x = [x] * 10
+    with pytest.raises(MergeConfigError, match="expands to more than"):
+        parse_config({"merge_method": "linear", "models": x})
+    cyc = []
+    cyc.append(cyc)
+    with pytest.raises(MergeConfigError, match="refers to itself"):
+        parse_config({"merge_method": "linear", "models": cyc})
+
+
+def test_error_messages_echo_a_bounded_part_of_the_input(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cases = {"name.yml": {"merge_method": "x" * 100_000, "models": [str(fts[0])]},
+             "key.yml": {"merge_method": "linear", "k" * 100_000: 1, "models": [str(fts[0])]},
+             "w.yml": linear(fts, parameters={"weight": "y" * 100_000}),
+             "dtype.yml": linear(fts, dtype=["z" * 1000] * 100),
+             "path.yml": linear([fts[0], "p" * 100_000])}
+    for name, data in cases.items():
+        rc, err = run_cli(["merge", write_cfg(tmp_path / name, data), tmp_path / "out"], capsys)
+        assert rc == 2 and len(err) < 1100 and len(err.strip().splitlines()) == 1, (name, err[:300])
+
+
+def test_400_digit_weight_is_an_input_error(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = linear(fts)
+    cfg["models"][0]["parameters"]["weight"] = int("9" * 400)
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), out], capsys), ["weight", "finite"], out)
+
+
+@pytest.mark.parametrize("where", ["config", "model_file", "model_in_folder", "config_json", "index"])
+def test_fifos_are_refused_never_opened(fam, tmp_path, where):
+    """A FIFO would block the merge forever; run in a child process so a regression is a timeout."""
+    root, base, fts = fam
+    m = tmp_path / "m"
+    shutil.copytree(fts[0], m)
+    cfg = write_cfg(tmp_path / "c.yml", linear([m, fts[1]]))
+    if where == "config":
+        cfg = tmp_path / "fifo.yml"
+        os.mkfifo(cfg)
+    elif where == "model_file":
+        os.mkfifo(tmp_path / "f.safetensors")
+        cfg = write_cfg(tmp_path / "c.yml", linear([tmp_path / "f.safetensors", fts[1]]))
+    elif where == "model_in_folder":
+        os.unlink(m / "model.safetensors")
+        os.mkfifo(m / "model.safetensors")
+    elif where == "config_json":
+        os.unlink(m / "config.json")
+        os.mkfifo(m / "config.json")
+        cfg = write_cfg(tmp_path / "c.yml", linear([m, fts[1]], base_model=str(m)))
+    else:
+        shutil.move(m / "model.safetensors", m / "model-00001-of-00001.safetensors")
+        os.mkfifo(m / "model.safetensors.index.json")
+    p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_is_not_a_model(tmp_path):
+    from pymerge.io import Checkpoint
+    from pymerge.io.safetensors_file import SafetensorsFile
+    from pymerge.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="character device"):
+        Checkpoint("/dev/zero")
+    with pytest.raises(CheckpointError, match="character device"):
+        SafetensorsFile("/dev/zero")

@@ -8,7 +8,7 @@ every mismatch is a CheckpointError naming the file and the tensor.
 torch is imported only where needed: for .bin files and for tensor(); info() and array() (the
 tensor's bytes as a numpy view) of safetensors files need none.
 """
-import json
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError
+from pymerge.io.files import check_file_or_folder, open_regular, read_json
 from pymerge.io.safetensors_file import SafetensorsFile, TensorInfo
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -36,6 +37,7 @@ class TorchFile:
         import torch
         self.path = Path(path)
         self.metadata = None
+        os.close(open_regular(self.path))  # a FIFO or a device: refused before torch opens it
         try:
             state = _torch_load(self.path)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
@@ -126,6 +128,7 @@ class Checkpoint:
         self._where: Dict[str, object] = {}
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or folder")
+        check_file_or_folder(self.path)
         try:
             if self.path.is_dir():
                 self.folder = self.path
@@ -242,10 +245,7 @@ class Checkpoint:
 
 
 def _read_weight_map(index_path: Path) -> Dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{index_path}: cannot read as JSON: {str(exc).splitlines()[0]}") from None
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' object")

@@ -25,6 +25,7 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError
+from pymerge.io.files import open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
@@ -104,15 +105,14 @@ class SafetensorsFile:
         self._infos: Dict[str, TensorInfo] = {}
         self._names: List[str] = []
         self._mm: Optional[mmap.mmap] = None
+        fd = open_regular(self.path)  # a FIFO or a device: refused, never read
         try:
-            f = open(self.path, "rb")
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            self._parse(f.fileno(), size)
+            size = os.fstat(fd).st_size
+            self._parse(fd, size)
             # A file of only a header still maps fine: it is at least 8 bytes long.
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
 
     # ---- validation -------------------------------------------------------------------------
     def _error(self, problem: str, tensor: Optional[str] = None) -> CheckpointError:
