@@ -33,7 +33,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
                             count_layers, layer_t, load_config, parse_config)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
-from pymerge.io.files import read_json
+from pymerge.io.files import read_json, stays_inside
 from pymerge.methods.base import MergeMethod, TensorTask, get_method
 from pymerge.sizes import parse_size
 
@@ -337,6 +337,9 @@ def _read_model_config(ck: Checkpoint) -> Optional[dict]:
     path = Path(ck.folder) / "config.json"
     if not os.path.lexists(path):
         return None
+    if not stays_inside(ck.folder, path):  # its contents go into the output: same rule as the tokenizer
+        raise CheckpointError(f"{path}: is a link to a file outside the model folder; copy the file "
+                              f"into the folder to use it")
     obj = read_json(path)  # refuses a FIFO or a device, and a link that leads nowhere
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: is not a JSON object")
@@ -369,10 +372,19 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
     for fname in TOKENIZER_FILES:
-        if (folder / fname).is_file():
+        if os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
     if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
         writer.copy_file(cfg.source, "mergekit_config.yml")
+
+
+def _side_file_ok(plan: MergePlan, folder: Path, fname: str) -> bool:
+    """A file copied from the model folder must live there: a symlink out of it is skipped (with a
+    warning), since it could carry any file the user can read into the merged model."""
+    if stays_inside(folder, folder / fname):
+        return True
+    plan.warnings.append(f"{folder / fname}: is a link to a file outside the model folder; not copied")
+    return False
 
 
 def _progress_bar(total: int, quiet: bool):

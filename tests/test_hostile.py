@@ -228,3 +228,85 @@ def test_a_device_is_not_a_model(tmp_path):
         Checkpoint("/dev/zero")
     with pytest.raises(CheckpointError, match="character device"):
         SafetensorsFile("/dev/zero")
+
+
+# ---- leaks: side files, modes, file contents in messages -------------------------------------------
+def _donor(fam, tmp_path) -> Path:
+    root, base, fts = fam
+    m = tmp_path / "donor"
+    shutil.copytree(fts[0], m)
+    for f in m.iterdir():  # only the model: each test adds its own side files
+        if f.name not in ("model.safetensors", "config.json"):
+            f.unlink()
+    return m
+
+
+def test_side_file_links_out_of_the_model_folder_are_not_copied(fam, tmp_path, capsys):
+    root, base, fts = fam
+    m = _donor(fam, tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    os.symlink(secret, m / "tokenizer.json")
+    os.symlink(os.path.relpath(secret, m), m / "vocab.json")
+    (m / "inner.json").write_text("{}")
+    os.symlink("inner.json", m / "tokenizer_config.json")  # a link inside the folder is fine
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert not (out / "tokenizer.json").exists() and not (out / "vocab.json").exists()
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    assert "tokenizer.json" in err and "outside the model folder" in err
+    assert all("hunter2" not in p.read_text(errors="ignore") for p in out.iterdir())
+
+
+def test_config_json_linking_out_of_the_folder_is_refused(fam, tmp_path, capsys):
+    root, base, fts = fam
+    m = _donor(fam, tmp_path)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "hunter2"}')
+    os.unlink(m / "config.json")
+    os.symlink(secret, m / "config.json")
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]])), out], capsys),
+                    ["config.json", "outside the model folder"], out)
+
+
+def test_hugging_face_cache_links_are_followed(fam, tmp_path, capsys):
+    root, base, fts = fam
+    repo = tmp_path / "hub" / "models--org--name"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(fts[0].iterdir()):
+        shutil.copy(f, blobs / f"hash-{f.name}")
+        os.symlink(f"../../blobs/hash-{f.name}", snap / f.name)
+    (blobs / "hash-tokenizer.json").write_text('{"tok": 1}')
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([snap, fts[1]])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert (out / "tokenizer.json").read_text() == '{"tok": 1}' and (out / "config.json").is_file()
+
+
+def test_copied_side_files_keep_restrictive_modes(fam, tmp_path, capsys):
+    root, base, fts = fam
+    m = _donor(fam, tmp_path)
+    (m / "tokenizer.json").write_text("{}")
+    os.chmod(m / "tokenizer.json", 0o600)
+    (m / "vocab.json").write_text("{}")
+    os.chmod(m / "vocab.json", 0o755)
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert stat.S_IMODE((out / "tokenizer.json").stat().st_mode) == 0o600  # was 0644
+    assert stat.S_IMODE((out / "vocab.json").stat().st_mode) & 0o111 == 0
+
+
+def test_not_safetensors_error_does_not_echo_the_file(tmp_path):
+    from pymerge.errors import CheckpointError
+    from pymerge.io.safetensors_file import SafetensorsFile
+    for name, data in (("a.safetensors", b"password=hunter2\n" * 4), ("b.safetensors", b"pw\x00\x00\x00\x00\x00\x00!")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a safetensors file") as e:
+            SafetensorsFile(tmp_path / name)
+        n = int.from_bytes(data[:8], "little")
+        assert str(n) not in str(e.value) and "hunter2" not in str(e.value)

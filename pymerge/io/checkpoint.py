@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from pymerge import _native
-from pymerge.errors import CheckpointError
+from pymerge.errors import CheckpointError, short
 from pymerge.io.files import check_file_or_folder, open_regular, read_json
 from pymerge.io.safetensors_file import SafetensorsFile, TensorInfo
 
@@ -251,11 +251,11 @@ def _read_weight_map(index_path: Path) -> Dict[str, str]:
         raise CheckpointError(f"{index_path}: no 'weight_map' object")
     for name, fname in weight_map.items():
         if not isinstance(fname, str) or not fname:
-            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {fname!r} is not a file name")
+            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {short(fname)} is not a file name")
         p = Path(fname)
         # Shards live in the folder itself; anything else is either corrupt or an attempt to escape it.
         if p.is_absolute() or len(p.parts) != 1 or fname in (".", ".."):
-            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {fname!r} is not a plain file name "
+            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {short(fname)} is not a plain file name "
                                   f"in this folder")
     return weight_map
 

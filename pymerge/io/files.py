@@ -6,6 +6,7 @@ Every failure is a CheckpointError (or the caller's error class) naming the path
 import json
 import os
 import stat
+from pathlib import Path
 from typing import Type
 
 from pymerge.errors import CheckpointError, InputError
@@ -79,3 +80,13 @@ def read_json(path, error: Type[InputError] = CheckpointError):
         raise error(f"{path}: cannot read as JSON: {str(exc).splitlines()[0][:200]}") from None
     except RecursionError:
         raise error(f"{path}: cannot read as JSON: nested too deeply") from None
+
+
+def stays_inside(folder, path) -> bool:
+    """True when ``path`` (a file in the model folder), symlinks resolved, is still inside the folder,
+    or inside the blobs of a Hugging Face cache (models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>).
+    A link leaving the folder could copy any file the user can read (~/.ssh/...) into a shared merge."""
+    root, target = Path(folder).resolve(), Path(path).resolve()
+    if target == root or root in target.parents:
+        return True
+    return root.parent.name == "snapshots" and root.parent.parent / "blobs" in target.parents

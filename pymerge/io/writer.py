@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError
+from pymerge.io.files import open_regular
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -250,12 +251,19 @@ class ShardedWriter:
         """Adds a copy of ``src`` (a tokenizer file, say) to the output as ``relname``."""
         src = Path(src)
         path = self._extra_path(relname if relname is not None else src.name)
+        fd = open_regular(src, InputError)  # a FIFO or a device: refused, never read
         try:
-            shutil.copyfile(src, path)
+            # The copy is no more readable than the source (a 0600 file stays 0600), never executable.
+            mode = os.fstat(fd).st_mode & 0o666
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+            with os.fdopen(out, "wb") as f_out, os.fdopen(fd, "rb", closefd=False) as f_in:
+                shutil.copyfileobj(f_in, f_out, 1 << 20)
+                f_out.flush()
+                os.fsync(f_out.fileno())
         except OSError as exc:
             raise InputError(f"{src}: cannot copy into the output: {exc.strerror or exc}") from None
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        finally:
+            os.close(fd)
         return path
 
     def _extra_path(self, relname: str) -> Path:
