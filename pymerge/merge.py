@@ -34,7 +34,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.files import read_json, stays_inside
-from pymerge.methods.base import MergeMethod, TensorTask, get_method
+from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
 from pymerge.sizes import parse_size
 
 # Scratch memory per chunk in flight (3 in flight). CPU: the output chunk and casts; small enough
@@ -243,6 +243,7 @@ def make_plan(config_or_path) -> MergePlan:
         donor = opened.get(donor_path) or Checkpoint(donor_path)
         opened[donor_path] = donor
         labels = [s.path for s in sources]
+        _check_distinct(cfg, sources, checkpoints)
         names = check_compatible(checkpoints, labels=labels)
         if not names:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
@@ -256,6 +257,23 @@ def make_plan(config_or_path) -> MergePlan:
             ck.close()
         raise
     return MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings))
+
+
+def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: List[Checkpoint]) -> None:
+    """One model listed twice under other spellings (./x, x/, a symlink, x/model.safetensors) would
+    silently count twice: models are the same when they read the same files."""
+    seen: Dict[frozenset, str] = {}
+    for spec, ck in zip(sources, checkpoints):
+        where = next((f"models[{i}]" for i, m in enumerate(cfg.models) if m is spec), "base_model")
+        key = frozenset(os.path.realpath(f) for f in ck.files)
+        if key in seen:
+            raise MergeConfigError(cfg.where(f"{seen[key]} and {where} ({spec.path}) are the same model; "
+                                             f"list it once"))
+        seen[key] = f"{where} ({spec.path})"
+
+
+def _same_model(a: str, b: Optional[str]) -> bool:
+    return b is not None and (a == b or os.path.realpath(a) == os.path.realpath(b))
 
 
 def _as_config(x) -> MergeConfig:
@@ -273,15 +291,15 @@ def _roles(cfg: MergeConfig, method: MergeMethod):
     if not listed, taking its parameters from the top level."""
     if method.base_model == "none":
         inputs = list(cfg.models)
-        if cfg.base_model and all(m.path != cfg.base_model for m in inputs):
+        if cfg.base_model and not any(_same_model(m.path, cfg.base_model) for m in inputs):
             inputs.append(ModelSpec(cfg.base_model, {}))
         return inputs, None
     if cfg.base_model is None:
         if method.base_model == "required":
             raise MergeConfigError(f"merge_method {method.name} needs a base_model")
         return list(cfg.models), None
-    base = next((m for m in cfg.models if m.path == cfg.base_model), ModelSpec(cfg.base_model, {}))
-    return [m for m in cfg.models if m.path != cfg.base_model], base
+    base = next((m for m in cfg.models if _same_model(m.path, cfg.base_model)), ModelSpec(cfg.base_model, {}))
+    return [m for m in cfg.models if not _same_model(m.path, cfg.base_model)], base
 
 
 def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base) -> TensorPlan:
@@ -312,6 +330,7 @@ def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has
     task = TensorTask(inputs=[], base=None, model_params=model_params, params=params, name=name)
     try:
         method.check_params(task)
+        check_magnitudes(method, task, labels[:len(model_params)])
     except InputError as exc:
         raise type(exc)(cfg.where(str(exc))) from None
     shape = tuple(infos[0].shape)

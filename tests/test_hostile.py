@@ -310,3 +310,68 @@ def test_not_safetensors_error_does_not_echo_the_file(tmp_path):
             SafetensorsFile(tmp_path / name)
         n = int.from_bytes(data[:8], "little")
         assert str(n) not in str(e.value) and "hunter2" not in str(e.value)
+
+
+# ---- wrong results accepted: huge parameters, one model twice --------------------------------------
+@pytest.mark.parametrize("method, top, per_model, words", [
+    ("linear", {"normalize": False}, {"weight": 1e300}, ["weight", "1e+300"]),
+    ("linear", {"normalize": True}, {"weight": 1e300}, ["weight"]),
+    ("task_arithmetic", {"lambda": 1e300}, {"weight": 1.0}, ["lambda"]),
+    ("ties", {"lambda": 1e300}, {"weight": 1.0, "density": 0.5}, ["lambda"]),
+    ("dare_linear", {}, {"weight": 1e300, "density": 0.5}, ["weight"]),
+    ("slerp", {"t": 1e300}, {}, ["parameter t"]),
+    ("linear", {"normalize": True}, "cancel", ["coefficient"]),
+])
+def test_huge_parameters_are_rejected_naming_parameter_and_tensor(fam, tmp_path, capsys, method, top,
+                                                                   per_model, words):
+    root, base, fts = fam
+    models = [{"model": str(m), "parameters": {"weight": 1.0}} for m in fts]
+    if per_model == "cancel":  # weights summing to ~0: normalized coefficients of 1e12
+        models[0]["parameters"]["weight"], models[1]["parameters"]["weight"] = 1.0, -1.0 + 1e-12
+    elif method != "slerp":
+        models[0]["parameters"].update(per_model)
+    cfg = {"merge_method": method, "models": models if method != "slerp" else [{"model": str(fts[0])}],
+           "parameters": top}
+    if method not in ("linear",):
+        cfg["base_model"] = str(base)
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), out], capsys), words + ["tensor"], out)
+
+
+@pytest.mark.parametrize("spelling", ["./{m}", "{m}/", "{link}", "{m}/model.safetensors", "{m}/../{name}"])
+def test_one_model_listed_twice_under_other_spellings_is_an_error(fam, tmp_path, capsys, monkeypatch, spelling):
+    root, base, fts = fam
+    monkeypatch.chdir(root)
+    os.symlink(fts[0], tmp_path / "link")
+    second = spelling.format(m=fts[0].name, link=tmp_path / "link", name=fts[0].name)
+    cfg = {"merge_method": "linear", "models": [{"model": fts[0].name, "parameters": {"weight": 1.0}},
+                                                 {"model": second, "parameters": {"weight": 1.0}}]}
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), out], capsys),
+                    ["models[0]", "models[1]", "same model"], out)
+
+
+def test_base_model_under_another_spelling_is_still_the_base(fam, tmp_path, capsys, monkeypatch):
+    """mergekit's rule (a base also listed under models is the base, not an input) by resolved path."""
+    root, base, fts = fam
+    monkeypatch.chdir(root)
+    ref = {"merge_method": "task_arithmetic", "base_model": base.name,
+           "models": [{"model": base.name, "parameters": {"weight": 1.0}},
+                      {"model": fts[0].name, "parameters": {"weight": 0.5}}]}
+    odd = dict(ref, base_model=f"./{base.name}/")
+    for name, c in (("a", ref), ("b", odd)):
+        rc, err = run_cli(["merge", write_cfg(tmp_path / f"{name}.yml", c), tmp_path / name, "--quiet"], capsys)
+        assert rc == 0, err
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pool_rejects_huge_weights():
+    from pymerge.pool import CheckpointPool
+    pool = CheckpointPool([{"w": torch.ones(4)}, {"w": torch.ones(4)}])
+    target = {"w": torch.empty(4)}
+    for w, norm in (([1e300, 1.0], False), ([1.0, -1.0 + 1e-12], True)):
+        with pytest.raises(InputError, match="weights"):
+            pool.materialize(w, into=target, normalize=norm)
+    pool.materialize([0.5, 0.5], into=target)
+    assert torch.equal(target["w"], torch.ones(4))
