@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from pymerge import _native
+from pymerge.io.sigbus import MappingGuard
 from pymerge.methods.base import TensorTask
 
 N_SLOTS = 3              # buffers in flight: one being computed, up to two waiting for the writer
@@ -125,8 +126,9 @@ def _unique(checkpoints):
 class _Sink:
     """The writer thread: writes chunks in arrival order, then hands their buffer back."""
 
-    def __init__(self, writer, progress, on_done):
+    def __init__(self, writer, progress, on_done, guard=None):
         self.writer, self.progress, self.on_done = writer, progress, on_done
+        self.guard = guard  # MappingGuard: a chunk computed from a truncated input is never written
         self.q: "queue.Queue" = queue.Queue()
         self.error: Optional[BaseException] = None
         self._pending = 0                      # chunks queued or being written
@@ -135,6 +137,8 @@ class _Sink:
         self.thread.start()
 
     def put(self, name: str, tensor, offset: int, token, in_bytes: int, event=None) -> None:
+        if self.guard is not None:
+            self.guard.check()
         with self._idle:
             self._pending += 1
         self.q.put((name, tensor, offset, token, in_bytes, event))
@@ -215,9 +219,11 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
         if token is not None:
             free.put(token)
 
-    sink = _Sink(writer, progress, give_back)
     cks = _unique(plan.checkpoints)
+    guard = MappingGuard(cks)
+    sink = _Sink(writer, progress, give_back, guard)
     try:
+        guard.start()
         tensors = plan.tensors
         if tensors:
             _prefetch(cks, tensors[0].name)
@@ -234,6 +240,8 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
     except BaseException:
         sink.abandon()
         raise
+    finally:
+        guard.stop()
 
 
 def _largest_need(plan, per_element) -> int:
@@ -360,8 +368,10 @@ def run_gpu(plan, writer, *, device: str = "cuda", chunk_bytes: int, num_threads
         if token is not None:
             free.put(token)
 
-    sink = _Sink(writer, progress, give_back)
+    guard = MappingGuard(_unique(plan.checkpoints))
+    sink = _Sink(writer, progress, give_back, guard)
     try:
+        guard.start()
         work = _gpu_work(plan, chunk_bytes, dev_bytes)
         pending = None  # (item, slot, futures) read into pinned memory, not yet sent to the GPU
         for item in work:
@@ -390,6 +400,7 @@ def run_gpu(plan, writer, *, device: str = "cuda", chunk_bytes: int, num_threads
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        guard.stop()
 
 
 def _gpu_room(tp, pinned_bytes, dev_bytes) -> int:

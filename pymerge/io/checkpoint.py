@@ -222,6 +222,11 @@ class Checkpoint:
         self._shard(name).release(name)
 
     @property
+    def shards(self) -> list:
+        """The open tensor files (SafetensorsFile or TorchFile), in the order names() walks them."""
+        return list(self._shards)
+
+    @property
     def files(self) -> List[Path]:
         """The tensor files, in the order names() walks them."""
         return [s.path for s in self._shards]

@@ -278,6 +278,11 @@ class SafetensorsFile:
         except OSError:
             pass  # advice only: never worth failing a merge over
 
+    def mapped_range(self) -> Tuple[int, int]:
+        """(address, length) of the file's memory map (for pymerge/io/sigbus.py)."""
+        mm = self._require_open()
+        return np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0], len(mm)
+
     def _require_open(self) -> mmap.mmap:
         if self._mm is None:
             raise ValueError(f"{self.path}: file is closed")
