@@ -1,7 +1,7 @@
 """The pymerge command: merge | demo | search | bench.
 
-Exit codes: 0 success; 2 bad input (one line on stderr naming the file, tensor or key: no
-traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
+Exit codes: 0 success; 2 bad input or a system error such as a full disk (one line on stderr
+naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
 the traceback, since that is a bug in pymerge.
 """
 import argparse
@@ -129,10 +129,11 @@ def _run(args) -> int:
         print("pymerge: interrupted; no output was written", file=sys.stderr)
         return 130
     except OSError as exc:
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT: the user can fix it, no traceback helps
-            print(f"pymerge: error: {exc.filename or 'output'}: {exc.strerror}", file=sys.stderr)
-            return 2
-        raise
+        if exc.errno is None:
+            raise
+        # The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
+        print(f"pymerge: error: {exc.filename or 'output'}: {exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

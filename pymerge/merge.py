@@ -22,6 +22,7 @@ pymerge/streaming.py); other methods, the GPU and a `--device auto` that may fin
 import glob
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,10 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     from pymerge import streaming  # the executors (CPU, GPU)
 
     t0 = time.perf_counter()
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise InputError(f"the output folder must be a path, got {short(out_dir)}")
+    if random_seed is not None and (not isinstance(random_seed, int) or isinstance(random_seed, bool)):
+        raise InputError(f"--random-seed must be an integer, got {short(random_seed)}")
     device = pick_device(device)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InputError(f"--threads must be an integer of at least 1, got {short(threads)}")
@@ -193,6 +198,8 @@ def _op_threads() -> int:
 
 
 def pick_device(device: str) -> str:
+    if not isinstance(device, str):
+        raise InputError(f"--device must be auto, cpu or cuda, got {short(device)}")
     if device == "auto":
         if not _gpu_possible():
             return "cpu"
@@ -200,12 +207,12 @@ def pick_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
-    if device == "cuda" or device.startswith("cuda:"):
+    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
         import torch
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available (this torch: {torch.__version__})")
         return device
-    raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+    raise InputError(f"--device must be auto, cpu or cuda, got {short(device)}")
 
 
 def _gpu_possible() -> bool:
@@ -281,6 +288,8 @@ def _as_config(x) -> MergeConfig:
         return x
     if isinstance(x, dict):
         return parse_config(x)
+    if not isinstance(x, (str, os.PathLike)):
+        raise MergeConfigError(f"the config must be a path, a dict or a MergeConfig, got {short(x)}")
     return load_config(x)
 
 

@@ -375,3 +375,90 @@ def test_pool_rejects_huge_weights():
             pool.materialize(w, into=target, normalize=norm)
     pool.materialize([0.5, 0.5], into=target)
     assert torch.equal(target["w"], torch.ones(4))
+
+
+# ---- tracebacks: every one of these is exit 2 and one line -----------------------------------------
+@pytest.mark.parametrize("which", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_json_is_an_input_error(fam, tmp_path, capsys, which):
+    root, base, fts = fam
+    m = tmp_path / "m"
+    shutil.copytree(fts[0], m)
+    if which != "config.json":
+        shutil.move(m / "model.safetensors", m / "model-00001-of-00001.safetensors")
+    (m / which).write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]], base_model=str(m))),
+                             out], capsys), [which, "nested too deeply"], out)
+
+
+def test_out_names_near_name_max(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / ("a" * 250)  # fits, but ".<name>.pymerge-tmp-<pid>" does not: was ENAMETOOLONG
+    rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+    assert rc == 0 and (out / "model.safetensors").is_file(), err
+    rc, err = run_cli(["merge", cfg, out, "--quiet", "--force"], capsys)  # replacing it too
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a" * 250, "c.yml"]
+    too_long = tmp_path / ("b" * 256)
+    assert_rejected(run_cli(["merge", cfg, too_long], capsys), ["longer than"], tmp_path / "b")
+
+
+def test_read_only_parent_is_an_input_error(fam, tmp_path, capsys, monkeypatch):
+    import errno
+    from pymerge.io import writer
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *a, **k):
+        if ".pymerge-tmp-" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(writer.os, "mkdir", mkdir)  # as root, chmod 555 would not stop us
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", cfg, out], capsys), ["cannot create the output", "Permission denied"], out)
+
+
+@pytest.mark.parametrize("code", ["EIO", "ENOSPC"])
+def test_disk_errors_mid_merge_are_one_line_and_keep_the_old_out(fam, tmp_path, capsys, monkeypatch, code):
+    import errno
+    from pymerge.io import writer
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old model")
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, pos):
+        calls.append(pos)
+        if len(calls) == 4:  # the header of each shard first, then tensor data
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    rc, err = run_cli(["merge", cfg, out, "--force", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and os.strerror(getattr(errno, code)) in err, err
+    assert (out / "keep.txt").read_text() == "old model" and leftovers(out) == []
+
+
+def test_api_misuse_is_input_error(fam, tmp_path):
+    from pymerge.merge import run_merge
+    from pymerge.pool import CheckpointPool
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    meta = [{"w": torch.ones(3, device="meta")}, {"w": torch.ones(3, device="meta")}]
+    with pytest.raises(InputError, match="meta device"):
+        CheckpointPool(meta)  # was NotImplementedError
+    with pytest.raises(InputError, match="device"):
+        CheckpointPool([{"w": torch.ones(3)}] * 2, device="bogus")  # was RuntimeError
+    for kw in ({"device": 5}, {"device": "cuda:x"}, {"random_seed": "x"}):
+        with pytest.raises(InputError):
+            run_merge(cfg, tmp_path / "out", quiet=True, **kw)
+    with pytest.raises(InputError):
+        run_merge(cfg, None, quiet=True)  # was TypeError
+    with pytest.raises(InputError):
+        run_merge(5, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ fsync at commit, which still comes before the rename, finds little left to flush
 """
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
-from pymerge.errors import InputError
+from pymerge.errors import InputError, short
 from pymerge.io.files import open_regular
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 
@@ -68,15 +69,19 @@ class ShardedWriter:
         self._plan(entries, max_shard_bytes)
         if not self.out_dir.parent.is_dir():
             raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} does not exist")
+        _check_name(self.out_dir)
         _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
         _check_out(self.out_dir, force)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{_TMP_TAG}{os.getpid()}"
+        self.tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
         self._check_space()
         try:
             os.mkdir(self.tmp_dir)
         except FileExistsError:
             raise InputError(f"{self.out_dir}: another writer in this process is writing it "
                              f"({self.tmp_dir} exists)") from None
+        except OSError as exc:  # a read-only or foreign parent folder
+            raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
+                             f"{exc.strerror or exc}") from None
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self._inflight = 0
@@ -345,7 +350,7 @@ class ShardedWriter:
             return
         # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
         # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
-        aside = parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
+        aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
         os.rename(out, aside)
         os.rename(tmp, out)
         _fsync_dir(parent)
@@ -417,6 +422,25 @@ def _check_out(out: Path, force: bool) -> None:
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
 
 
+def _check_name(out: Path) -> None:
+    try:
+        name_max = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    if len(os.fsencode(out.name)) > name_max:
+        raise InputError(f"{short(out.name)}: the output folder's name is longer than the {name_max} "
+                         f"bytes this filesystem allows")
+
+
+def _beside(out: Path, tag: str) -> str:
+    """'.<OUT's name><tag>', the prefix of the folders written beside OUT (a pid follows). A name
+    near NAME_MAX is cut and hashed so that the prefix and the pid still fit in one name."""
+    raw = os.fsencode(out.name)
+    if len(raw) + len(tag) + 1 + 20 > 255:
+        raw = raw[:64] + b"-" + hashlib.sha256(raw).hexdigest()[:16].encode()
+    return f".{os.fsdecode(raw)}{tag}"
+
+
 def _is_empty_dir(path: Path) -> bool:
     # A symlink counts as occupied: renaming a folder onto it fails, and replacing it needs --force.
     if path.is_symlink() or not path.is_dir():
@@ -450,7 +474,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale(out: Path) -> None:
     """Clears what writers killed mid-run left beside OUT (their pid is gone): half-written temp
     folders go; an old OUT stranded aside by a crash mid-replace goes back if OUT is missing."""
-    tmp_prefix, old_prefix = f".{out.name}{_TMP_TAG}", f".{out.name}{_OLD_TAG}"
+    tmp_prefix, old_prefix = _beside(out, _TMP_TAG), _beside(out, _OLD_TAG)
     try:
         entries = list(os.scandir(out.parent))
     except OSError:
