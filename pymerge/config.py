@@ -24,11 +24,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import yaml
 
-from pymerge.errors import MergeConfigError, short
+from pymerge.errors import InputError, MergeConfigError, short
 from pymerge.io.files import read_small
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
@@ -80,26 +80,34 @@ class MergeConfig:
 def load_config(path) -> MergeConfig:
     """Reads and checks a mergekit YAML file; every problem is a MergeConfigError naming the file."""
     path = str(path)
+    return parse_config(read_yaml(path), source=path)
+
+
+def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
+    """A small YAML file (a merge or search config), safely: a regular file of at most
+    MAX_CONFIG_BYTES, safe types only, aliases bounded (check_size); one-line errors."""
+    path = str(path)
     if not os.path.lexists(path):
-        raise MergeConfigError(f"{path}: config file not found")
-    raw = read_small(path, MergeConfigError, limit=MAX_CONFIG_BYTES)  # a FIFO: refused, not waited on
+        raise error(f"{path}: config file not found")
+    raw = read_small(path, error, limit=MAX_CONFIG_BYTES)  # a FIFO: refused, not waited on
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MergeConfigError(f"{path}: cannot read config: not UTF-8 text (byte {exc.start})") from None
+        raise error(f"{path}: cannot read config: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise MergeConfigError(f"{path}: not valid YAML{at}: {short(problem, 200)}") from None
+        raise error(f"{path}: not valid YAML{at}: {short(problem, 200)}") from None
     except RecursionError:
-        raise MergeConfigError(f"{path}: not valid YAML: nested too deeply") from None
-    return parse_config(data, source=path)
+        raise error(f"{path}: not valid YAML: nested too deeply") from None
+    check_size(data, path, error)
+    return data
 
 
-def check_size(data, source: str = "<config>") -> None:
+def check_size(data, source: str = "<config>", error: Type[InputError] = MergeConfigError) -> None:
     """Rejects a config whose aliases expand to more than MAX_CONFIG_NODES values, nests deeper than
     MAX_CONFIG_DEPTH or refers to itself. YAML aliases share one object, so a 430-byte file can
     stand for billions of values ("billion laughs"): counted here, per shared object once, before
@@ -110,11 +118,11 @@ def check_size(data, source: str = "<config>") -> None:
         if not isinstance(x, (list, dict)):
             return 1
         if depth > MAX_CONFIG_DEPTH:
-            raise MergeConfigError(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+            raise error(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep")
         key = id(x)
         if key in sizes:
             if sizes[key] is None:
-                raise MergeConfigError(f"{source}: a YAML alias refers to itself (a recursive structure)")
+                raise error(f"{source}: a YAML alias refers to itself (a recursive structure)")
             return sizes[key]
         sizes[key] = None
         items = [v for kv in x.items() for v in kv] if isinstance(x, dict) else x
@@ -122,7 +130,7 @@ def check_size(data, source: str = "<config>") -> None:
         for v in items:
             n += size(v, depth + 1)
             if n > MAX_CONFIG_NODES:
-                raise MergeConfigError(f"{source}: expands to more than {MAX_CONFIG_NODES} values "
+                raise error(f"{source}: expands to more than {MAX_CONFIG_NODES} values "
                                        f"(YAML aliases inside aliases?); refusing to evaluate it")
         sizes[key] = n
         return n

@@ -44,6 +44,7 @@ from pymerge.sizes import parse_size
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_GPU_CHUNK_BYTES = 128 << 20
 DEFAULT_SHARD_BYTES = 5_000_000_000
+MAX_THREADS = 4096  # the kernels' int thread counts; more is a typo
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # config value -> dtype name
 # Copied from the donor model (mergekit's list, plus vocab.json which BPE tokenizers need).
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -128,8 +129,9 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     if random_seed is not None and (not isinstance(random_seed, int) or isinstance(random_seed, bool)):
         raise InputError(f"--random-seed must be an integer, got {short(random_seed)}")
     device = pick_device(device)
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise InputError(f"--threads must be an integer of at least 1, got {short(threads)}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise InputError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {short(threads)}")
     out_shard_size = parse_size(out_shard_size, "--out-shard-size")
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES

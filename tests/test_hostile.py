@@ -462,3 +462,13 @@ def test_api_misuse_is_input_error(fam, tmp_path):
     with pytest.raises(InputError):
         run_merge(5, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_search_config_is_read_as_safely_as_a_merge_config(tmp_path, capsys):
+    laughs = tmp_path / "laughs.yml"
+    laughs.write_text(_laughs().replace("merge_method:", "sources:", 1))
+    fifo = tmp_path / "fifo.yml"
+    os.mkfifo(fifo)
+    for cfg, words in ((laughs, "expands to more than"), (fifo, "FIFO")):
+        rc, err = run_cli(["search", cfg], capsys)
+        assert rc == 2 and words in err and len(err) < 400, err[:300]

@@ -23,6 +23,7 @@ import sys
 import torch
 import yaml
 
+from pymerge.config import read_yaml
 from pymerge.errors import InputError
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
@@ -46,13 +47,7 @@ def load_entry_point(spec: str, what: str):
 
 
 def _load_config(path: str) -> dict:
-    try:
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read config ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    cfg = read_yaml(path, InputError)  # bounded: no FIFO, no billion laughs
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: the config must be a mapping")
     unknown = sorted(set(cfg) - _TOP)
