@@ -14,8 +14,11 @@ their configs unchanged:
   value falls through to the next. Global (shared) parameters come from the top level only.
 
 Where pymerge is stricter than mergekit (which ignores them silently): unknown keys, unknown
-parameter names, non-finite numbers, and duplicate models are errors; per-model values of global
-parameters produce a warning (neither tool uses them).
+parameter names, non-finite numbers, parameters or weighted-sum coefficients beyond 1e6 in size
+(pymerge/methods/base.py), and duplicate models (also under other spellings of one path: ./x, x/,
+a symlink, x/model.safetensors) are errors; per-model values of global parameters produce a
+warning (neither tool uses them). A config file is read safely: a regular file of at most 10 MB,
+YAML aliases expanding to at most 100_000 values, 50 levels deep.
 
 This module needs no torch: dtypes stay names until the engine maps them.
 """

@@ -355,9 +355,9 @@ def test_base_model_under_another_spelling_is_still_the_base(fam, tmp_path, caps
     """mergekit's rule (a base also listed under models is the base, not an input) by resolved path."""
     root, base, fts = fam
     monkeypatch.chdir(root)
-    ref = {"merge_method": "task_arithmetic", "base_model": base.name,
+    ref = {"merge_method": "task_arithmetic", "base_model": base.name, "parameters": {"normalize": True},
            "models": [{"model": base.name, "parameters": {"weight": 1.0}},
-                      {"model": fts[0].name, "parameters": {"weight": 0.5}}]}
+                      {"model": fts[0].name, "parameters": {"weight": 0.5}}]}  # base as an input: sum 1.5
     odd = dict(ref, base_model=f"./{base.name}/")
     for name, c in (("a", ref), ("b", odd)):
         rc, err = run_cli(["merge", write_cfg(tmp_path / f"{name}.yml", c), tmp_path / name, "--quiet"], capsys)
