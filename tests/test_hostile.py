@@ -472,3 +472,15 @@ def test_search_config_is_read_as_safely_as_a_merge_config(tmp_path, capsys):
     for cfg, words in ((laughs, "expands to more than"), (fifo, "FIFO")):
         rc, err = run_cli(["search", cfg], capsys)
         assert rc == 2 and words in err and len(err) < 400, err[:300]
+
+
+def test_pool_and_op_errors_echo_a_bounded_part_of_the_input():
+    from pymerge.ops.weighted_sum import weighted_sum
+    from pymerge.pool.weights import weight_table
+    huge = ["x" * 1000] * 10_000
+    with pytest.raises(InputError) as e:
+        weight_table(huge, 10_000)
+    assert len(str(e.value)) < 300
+    with pytest.raises(TypeError) as e:
+        weighted_sum([torch.ones(2)], [huge])
+    assert len(str(e.value)) < 300

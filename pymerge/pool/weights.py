@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pymerge.config import layer_of  # one layer rule for configs and pool alike
-from pymerge.errors import InputError
+from pymerge.errors import InputError, short
 from pymerge.methods.base import MAX_MAGNITUDE
 from pymerge.sizes import parse_size
 
@@ -39,10 +39,10 @@ def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:
     elif callable(rule):
         out = [rule(n) for n in names]
     else:
-        raise InputError(f"groups must be 'layer', a dict name -> group or a function, got {rule!r}")
+        raise InputError(f"groups must be 'layer', a dict name -> group or a function, got {short(rule)}")
     for n, g in zip(names, out):
         if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 0:
-            raise InputError(f"groups: tensor {n!r} got group {g!r}; groups are integers >= 0")
+            raise InputError(f"groups: tensor {n!r} got group {short(g)}; groups are integers >= 0")
     return [int(g) for g in out]
 
 
@@ -53,7 +53,7 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
     try:
         table = np.array(weights, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(f"{what} must be numbers, got {weights!r}") from None
+        raise InputError(f"{what} must be numbers, got {short(weights)}") from None
     if table.ndim == 1:
         table = table[None, :]
     if table.ndim != 2:
