@@ -66,6 +66,7 @@ class MergeConfig:
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
     source: str = "<config>"             # the file it came from, for messages
+    sliced: Optional[Any] = None         # a `slices:` / `modules:` config (pymerge.slices.SlicedConfig)
     warnings: List[str] = field(default_factory=list)
 
     def where(self, what: str) -> str:
@@ -102,9 +103,10 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         raise err(f"unknown key {unknown[0]!r} (known: {', '.join(TOP_KEYS)})")
+    sliced = None
     if data.get("slices") is not None or data.get("modules") is not None:
-        key = "slices" if data.get("slices") is not None else "modules"
-        raise err(f"'{key}:' configs are not supported by pymerge yet; list whole models under 'models:'")
+        from pymerge.slices import parse_sliced
+        sliced = parse_sliced(data, err)
     if data.get("tokenizer") is not None:
         raise err("'tokenizer:' (vocabulary merging) is not supported by pymerge; remove it to copy the "
                   "base model's tokenizer unchanged")
@@ -117,10 +119,10 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if base is not None:
         base = _model_path(base, "base_model", err)
 
-    models_raw = data.get("models")
+    models_raw = data.get("models") if sliced is None else []
     if models_raw is None:
         raise err("'models' is missing: list the models to merge")
-    if not isinstance(models_raw, list) or not models_raw:
+    if not isinstance(models_raw, list) or (not models_raw and sliced is None):
         raise err(f"'models' must be a non-empty list, got {_kind(models_raw)}")
     models, seen = [], set()
     for i, entry in enumerate(models_raw):
@@ -144,7 +146,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         merge_method=method, models=models, base_model=base,
         parameters=_parameters(data.get("parameters"), "parameters", err),
         dtype=_dtype(data.get("dtype"), "dtype", err), out_dtype=_dtype(data.get("out_dtype"), "out_dtype", err),
-        source=source)
+        source=source, sliced=sliced)
 
     tok = data.get("tokenizer_source")
     if tok is not None:
@@ -438,6 +440,8 @@ def check_paths(cfg: MergeConfig) -> None:
     """Every referenced model exists locally (pymerge reads local checkpoints only)."""
     refs = ([("base_model", cfg.base_model)] if cfg.base_model else []) + \
         [(f"models[{i}]", m.path) for i, m in enumerate(cfg.models)]
+    if cfg.sliced is not None:
+        refs += cfg.sliced.model_refs()
     for where, p in refs:
         if os.path.exists(p):
             continue

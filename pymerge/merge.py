@@ -81,6 +81,12 @@ class MergePlan:
     tensors: List[TensorPlan]
     donor: Checkpoint                      # config.json and tokenizer come from here
     warnings: List[str] = field(default_factory=list)
+    config_overrides: Dict[str, Any] = field(default_factory=dict)  # keys set in the output config.json
+
+    @property
+    def parts(self) -> List["MergePlan"]:
+        """The plans the executor runs (a `slices:` merge has several: pymerge/slices.py)."""
+        return [self]
 
     @property
     def input_bytes(self) -> int:
@@ -142,8 +148,9 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
             bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
             try:
                 run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
-                run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or _op_threads(),
-                    seed=random_seed or 0, progress=bar)
+                for part in plan.parts:
+                    run(part, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or _op_threads(),
+                        seed=random_seed or 0, progress=bar)
             finally:
                 if bar is not None and progress is None:
                     bar.close()
@@ -194,6 +201,10 @@ def _gpu_possible() -> bool:
 def make_plan(config_or_path) -> MergePlan:
     """Every check that can fail on user input, before any output is written."""
     cfg = _as_config(config_or_path)
+    if cfg.sliced is not None:
+        from pymerge.slices import make_sliced_plan
+        check_paths(cfg)
+        return make_sliced_plan(cfg)
     try:
         method = get_method(cfg.merge_method)
         inputs, base = _roles(cfg, method)
@@ -342,6 +353,7 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
             model_cfg["torch_dtype"] = dtype
             if "dtype" in model_cfg:  # transformers >= 4.56 writes this name
                 model_cfg["dtype"] = dtype
+        model_cfg.update(plan.config_overrides)
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
     for fname in TOKENIZER_FILES:
