@@ -170,7 +170,8 @@ def _model_path(value, where, err) -> str:
         raise err(f"{where}: give the model as a path string (LoRA and revision mappings are not supported)")
     if not isinstance(value, str) or not value:
         raise err(f"{where} must be a path, got {_kind(value)}")
-    return value
+    from pymerge import hub
+    return hub.resolve_if_cached(value)
 
 
 def _dtype(value, key, err) -> Optional[str]:
@@ -445,11 +446,13 @@ def check_paths(cfg: MergeConfig) -> None:
     for where, p in refs:
         if os.path.exists(p):
             continue
-        hint = ""
+        from pymerge import hub
         if "+" in p:
-            hint = " (model+LoRA references are not supported)"
-        elif "@" in p:
-            hint = " (Hugging Face revisions are not supported: download the model and give its folder)"
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", p):
-            hint = " (pymerge reads local checkpoints only: download the model and give its folder)"
-        raise MergeConfigError(cfg.where(f"{where}: model path not found: {p}{hint}"))
+            raise MergeConfigError(cfg.where(f"{where}: model path not found: {p} (model+LoRA references are "
+                                             f"not supported: merge the LoRA into its model first)"))
+        if hub.looks_like_id(p):
+            try:
+                hub.resolve(p)
+            except MergeConfigError as exc:
+                raise MergeConfigError(cfg.where(f"{where}: {exc}")) from None
+        raise MergeConfigError(cfg.where(f"{where}: model path not found: {p}"))
