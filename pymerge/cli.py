@@ -11,6 +11,8 @@ import signal
 import sys
 from typing import List, Optional
 
+from pymerge import mergekit_flags
+
 # mergekit's own --out-shard-size takes k/m/b (thousand, million, billion): "5B" is 5e9 there too.
 _UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "b": 10**9, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -43,6 +45,7 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    mergekit_flags.add_flags(p)
     return p
 
 
@@ -60,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_merge(args) -> int:
     from pymerge.merge import run_merge  # torch loads only for real work
+    extra = mergekit_flags.merge_options(args)
     report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
                        threads=args.threads, force=args.force, quiet=args.quiet,
-                       chunk_bytes=args.chunk_size, random_seed=args.random_seed)
+                       chunk_bytes=args.chunk_size, random_seed=args.random_seed, **extra)
     for w in report.warnings:
         print(f"pymerge: warning: {w}", file=sys.stderr)
     if not args.quiet:

@@ -121,7 +121,7 @@ class MergeReport:
 def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, device: str = "auto",
               out_shard_size: float = DEFAULT_SHARD_BYTES, threads: Optional[int] = None, force: bool = False,
               quiet: bool = False, chunk_bytes: Optional[int] = None, random_seed: Optional[int] = None,
-              progress=None) -> MergeReport:
+              progress=None, copy_tokenizer: bool = True, model_card: bool = False) -> MergeReport:
     """Merges per the config into out_dir. Raises InputError (and subclasses) for anything the user
     can fix, before any output exists; on any failure no partial output is left behind."""
     from pymerge import streaming  # the executors (CPU, GPU)
@@ -144,7 +144,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
         with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
                            metadata={"format": "pt"}) as writer:
-            _write_side_files(plan, writer)
+            _write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
             bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
             try:
                 run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
@@ -341,7 +341,8 @@ def _num_layers(model_cfg: Optional[dict]) -> Optional[int]:
 
 
 # ---- side files ------------------------------------------------------------------------------
-def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
+def _write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: bool = True,
+                      model_card: bool = False) -> None:
     """config.json from the donor (base, else first model) with the output dtype; its tokenizer."""
     cfg, donor = plan.config, plan.donor
     model_cfg = _read_model_config(donor)
@@ -356,9 +357,12 @@ def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
         model_cfg.update(plan.config_overrides)
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
-    for fname in TOKENIZER_FILES:
+    for fname in TOKENIZER_FILES if copy_tokenizer else ():
         if (folder / fname).is_file():
             writer.copy_file(folder / fname, fname)
+    if model_card:
+        from pymerge.model_card import model_card as card
+        writer.write_text("README.md", card(plan, Path(writer.out_dir).name))
     if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
         writer.copy_file(cfg.source, "mergekit_config.yml")
 
