@@ -297,7 +297,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         parts, out_layer = [], 0
         first = slices[0]
         if pre_names:
-            parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "pre"))
+            parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "slices[0]"))
         for i, s in enumerate(slices):
             length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
             entries = []  # (output name, t, {source index: source name})
@@ -327,7 +327,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         if post_names:
             last = slices[-1]
             zipped = SliceSpec(last.sources[:len(first.sources)], last.base_model, last.parameters)
-            parts.append(_part(cfg, method, zipped, sliced, [(n, 0.0, {}) for n in post_names], open_ck, "post"))
+            parts.append(_part(cfg, method, zipped, sliced, [(n, 0.0, {}) for n in post_names], open_ck, f"slices[{len(slices) - 1}]"))
         return SlicedPlan(cfg, method, parts, donor, list(opened.values()),
                           {"num_hidden_layers": out_layer}, list(cfg.warnings))
     except BaseException:

@@ -119,7 +119,7 @@ class RamPlusTl(_TaskVectorConsensus):
 
     def check_params(self, task: TensorTask) -> None:
         for k in ("r", "alpha"):
-            _number(task.params.get(k), k, task.name)
+            _number(task.params.get(k, self.global_params[k].default), k, task.name)
         _ram_eps(task)
 
     def merged_delta(self, task, deltas):

@@ -2,9 +2,10 @@
 
 Both results are linear combinations of the input vectors v_i (x_i - B for multislerp with a
 base, else x_i), and every quantity the methods need (norms, dot products, the norm of a tangent
-vector) is a quadratic form in those coefficients. So one native reduction pass computes the Gram
-matrix G_ij = <v_i, v_j> (float64, pymerge/ops/interp.py), the spherical math runs on K x K
-numbers, and one native elementwise pass writes out = B + sum_i c_i v_i: no float32 copy per model.
+vector) is a quadratic form in those coefficients. So one reduction pass computes the Gram matrix
+G_ij = <v_i, v_j> (in float64 blocks, see gram()), the spherical math runs on K x K numbers, and
+one native elementwise pass (pymerge/ops/interp.py) writes out = B + sum_i c_i v_i: no float32
+copy of the models.
 
 multislerp: weights w (normalized to sum 1 unless `normalize_weights: false`); u_i = v_i / (|v_i| + eps);
   m = normalize(sum w_i u_i); tangent T = sum w_i (u_i - <u_i, m> m); result
@@ -28,6 +29,24 @@ def _quad(g: torch.Tensor, a: List[float], b: List[float] = None) -> float:
     """a^T G b (b = a by default): a dot product of two combinations of the vectors."""
     b = a if b is None else b
     return sum(a[i] * float(g[i, j]) * b[j] for i in range(len(a)) for j in range(len(b)) if a[i] and b[j])
+
+
+_BLOCK = 1 << 18  # elements per block of the Gram pass (float64 copies of K blocks stay small)
+
+
+def gram(xs, base=None) -> torch.Tensor:
+    """float64 [K, K] matrix <v_i, v_j> of v_i = x_i - B (float32 difference, as mergekit takes it)
+    or x_i. Products and sums in float64: the spherical math cancels terms (u_i - <u_i, m> m), so
+    a Gram only as precise as float32 would blow those errors up."""
+    k = len(xs)
+    flat = [x.reshape(-1) for x in xs]
+    b = base.reshape(-1) if base is not None else None
+    g = torch.zeros(k, k, dtype=torch.float64, device=xs[0].device)
+    for s in range(0, flat[0].numel(), _BLOCK):
+        v = torch.stack([f[s:s + _BLOCK].float() - (b[s:s + _BLOCK].float() if b is not None else 0.0)
+                         for f in flat]).double()
+        g += v @ v.T
+    return g.cpu()
 
 
 def _write(task: TensorTask, xs, base, coefs: List[float], base_coef: float, out: torch.Tensor) -> None:
@@ -78,7 +97,7 @@ class MultiSlerp(MergeMethod):
         _number(task.params.get("eps", 1e-8), "eps", task.name)
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
-        if len(task.inputs) == 1:
+        if len(task.inputs) == 1 or out.numel() == 0:
             out.copy_(task.inputs[0])
             return
         w = [_number(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
@@ -88,7 +107,7 @@ class MultiSlerp(MergeMethod):
             raise MergeConfigError(f"tensor {task.name}: multislerp weights sum to 0 with normalize_weights: true "
                                    f"(weights {w}); mergekit would write NaN here")
         base = task.base
-        g = interp.group_dots(task.inputs, base, base is not None, "whole", task.backend, task.num_threads)[0]
+        g = gram(task.inputs, base)
         try:
             coefs = multislerp_coefs(g, w, normalize, eps)
         except MergeConfigError as exc:
@@ -121,9 +140,12 @@ def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> List[float]:
             theta = math.acos(dot)
             if theta < tol:
                 continue
+            step = [(1.0 / norms[i] if j == i else 0.0) - dot * mean[j] for j in range(n)]  # u_i - dot m
+            if _quad(g, step) <= 1e-14:
+                continue  # antipodal: u_i - dot m is the zero vector (its coefficients only cancel)
             f = na[i] * theta / math.sin(theta)
             for j in range(n):
-                tangent[j] += f * ((1.0 / norms[i] if j == i else 0.0) - dot * mean[j])
+                tangent[j] += f * step[j]
         tn = math.sqrt(max(_quad(g, tangent), 0.0))
         if tn < tol:
             break
@@ -157,9 +179,9 @@ class Karcher(MergeMethod):
         self._settings(task)
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
-        if len(task.inputs) == 1:
+        if len(task.inputs) == 1 or out.numel() == 0:
             out.copy_(task.inputs[0])
             return
         max_iter, tol = self._settings(task)
-        g = interp.group_dots(task.inputs, None, False, "whole", task.backend, task.num_threads)[0]
+        g = gram(task.inputs)
         _write(task, task.inputs, None, karcher_coefs(g, max_iter, tol), 0.0, out)
