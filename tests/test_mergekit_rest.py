@@ -261,6 +261,11 @@ def test_matches_mergekit_yaml(parity, name, tmp_path, capsys):
         a = ours[k]
         assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, b.dtype, a.shape, b.shape)
         assert rel(a, b) <= TOL, (name, k, rel(a, b))
+    cfg = yaml.safe_load((parity / f"{name}.yml").read_text())
+    for m in [cfg.get("base_model")] + [e["model"] for e in cfg.get("models", [])]:
+        if m:  # a real merge: no input comes out unchanged
+            src = lf.load_folder(m)
+            assert any(not torch.equal(ours[k], src[k]) for k in src if k in ours), (name, m)
     cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (out, theirs_dir))
     assert cfg_a["num_hidden_layers"] == cfg_b["num_hidden_layers"]
     files = lambda d: {p.name for p in d.iterdir() if p.suffix != ".safetensors" and p.name not in  # noqa: E731
