@@ -378,3 +378,24 @@ def test_bad_configs_exit_2(models, case, tmp_path, capsys):
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml"]
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 4099, 70001])
+def test_native_elementwise_kernels_match_torch(n, in_dtype):
+    """csrc/cpu/elementwise_mix.cpp against the torch formulas (backend="torch"), awkward sizes,
+    every input dtype, NaN and inf passing through as torch passes them."""
+    from pymerge.ops import elementwise_mix as em
+    base, xs = tensors((n,), 3, seed=n % 97, scale=0.05)
+    if n > 10:
+        xs[0][3], xs[1][5], base[7] = float("nan"), float("inf"), float("-inf")
+    base, xs = base.to(in_dtype), [x.to(in_dtype) for x in xs]
+    for out_dtype in (torch.float32, torch.bfloat16):
+        for fn, args in ((em.nearswap, (base, xs[0], 0.01)), (em.ram, (xs, base, 0.02))):
+            a, b = torch.empty(n, dtype=out_dtype), torch.empty(n, dtype=out_dtype)
+            fn(*args, a, backend="cpu")
+            fn(*args, b, backend="torch")
+            assert torch.equal(a.isnan(), b.isnan()), fn.__name__
+            fa, fb = a.float().nan_to_num(0, 1e30, -1e30), b.float().nan_to_num(0, 1e30, -1e30)
+            tol = 1e-6 if out_dtype == torch.float32 else 2 ** -7  # one bf16 rounding step at most
+            assert torch.allclose(fa, fb, rtol=tol, atol=1e-7), (fn.__name__, out_dtype, (fa - fb).abs().max())

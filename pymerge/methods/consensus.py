@@ -7,7 +7,8 @@ sce         `select_topk` < 1 keeps, for every model, only the elements with the
             weighted by its mean square w_i = mean(d_i^2) / sum_j mean(d_j^2) (uniform when that sum
             is below 1e-6); out = B + sum_i w_i m_i d_i / max(sum_i w_i m_i, 1e-6).
 ram         an element moved by one model only (|d_i| > epsilon) takes that model's delta; an element
-            moved by c > 1 models takes their mean. Elementwise: streamed in chunks.
+            moved by c > 1 models takes their mean. Elementwise: streamed in chunks, one fused native
+            pass (pymerge/ops/elementwise_mix.py).
 ramplus_tl  as ram, with each model's unique deltas scaled by 1 + r * clamp(rho_i, 0, alpha), rho_i =
             (its moved elements shared with others) / max(its unique moved elements, epsilon),
             counted over the whole tensor.
@@ -19,6 +20,7 @@ import torch
 
 from pymerge.methods.base import MergeMethod, Param, TensorTask, register
 from pymerge.methods.task_vectors import _flag, _number
+from pymerge.ops import elementwise_mix
 
 
 def _deltas(task: TensorTask) -> List[torch.Tensor]:
@@ -31,7 +33,7 @@ class _TaskVectorConsensus(MergeMethod):
     min_models = 0  # mergekit returns the base unchanged when there is nothing else
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
-        if not task.inputs:
+        if not task.inputs or out.numel() == 0:
             out.copy_(task.base)
             return
         out.copy_(task.base.float() + self.merged_delta(task, _deltas(task)))
@@ -97,14 +99,11 @@ class Ram(_TaskVectorConsensus):
     def check_params(self, task: TensorTask) -> None:
         _ram_eps(task)
 
-    def merged_delta(self, task, deltas):
-        moved, count = _ram_parts(deltas, _ram_eps(task))
-        unique, shared = count == 1, count > 1
-        acc = torch.zeros_like(deltas[0])
-        for d, m in zip(deltas, moved):
-            dz = d * m
-            acc += dz * unique + torch.where(shared, dz / count.clamp(min=1), 0.0)
-        return acc
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        if not task.inputs:
+            out.copy_(task.base)
+            return
+        elementwise_mix.ram(task.inputs, task.base, _ram_eps(task), out, task.backend, task.num_threads)
 
 
 @register
@@ -134,5 +133,5 @@ class RamPlusTl(_TaskVectorConsensus):
             n_unique = torch.count_nonzero(m & unique)
             lam = 1 + r * (n_shared / n_unique.clamp(min=eps)).clamp(min=0, max=alpha)
             dz = d * m
-            acc += dz * unique * lam + torch.where(shared, dz / count.clamp(min=1), 0.0)
+            acc += dz * unique * lam + dz * shared / count.clamp(min=1)
         return acc

@@ -1,8 +1,8 @@
 """nearswap and arcee_fusion (mergekit 0.1.5): a base model and exactly one other model, mixed
 element by element.
 
-nearswap:     w = clamp(t / max(|B - x|, 1e-6), 0, 1); out = w x + (1 - w) B. Elementwise, so the
-              engine streams it in chunks (bounded memory).
+nearswap:     w = clamp(t / max(|B - x|, 1e-6), 0, 1); out = w x + (1 - w) B. Elementwise: the
+              engine streams it in chunks; one fused native pass (pymerge/ops/elementwise_mix.py).
 arcee_fusion: importance = |x - B| * KL(softmax(x) || softmax(B)) (softmax and KL over the last
               dim, +1e-8 inside), threshold = median + 1.5 (q3 - q1) of the importance; out =
               B + (x - B) where importance >= threshold, else B. mergekit estimates the quantiles
@@ -14,6 +14,7 @@ import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
 from pymerge.methods.task_vectors import _number
+from pymerge.ops import elementwise_mix
 
 
 class _BaseAndOne(MergeMethod):
@@ -29,7 +30,7 @@ class _BaseAndOne(MergeMethod):
     def _pair(self, task: TensorTask):
         if task.base is None or len(task.inputs) != 1:
             raise MergeConfigError(f"tensor {task.name}: {self.name} needs the base_model and exactly one other model")
-        return task.base.float(), task.inputs[0].float()
+        return task.base, task.inputs[0]
 
 
 @register
@@ -43,9 +44,8 @@ class NearSwap(_BaseAndOne):
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         t = _number(task.params.get("t"), "t", task.name)
-        a, b = self._pair(task)
-        w = (t / (a - b).abs_().clamp_(min=1e-6)).clamp_(0, 1)
-        out.copy_(w * b + (1 - w) * a)
+        self._pair(task)
+        elementwise_mix.nearswap(task.base, task.inputs[0], t, out, task.backend, task.num_threads)
 
 
 def importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class ArceeFusion(_BaseAndOne):
     chunkable = False  # the threshold is a whole-tensor statistic
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
-        base, x = self._pair(task)
+        base, x = (t.float() for t in self._pair(task))
         if base.numel() == 0:
             return
         scores = importance(x, base)
