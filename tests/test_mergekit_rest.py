@@ -25,7 +25,7 @@ mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not install
 from mergekit.merge_methods import registry  # noqa: E402
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 
-SHAPES = [(1,), (7,), (13, 17), (64, 129), (2, 3, 50)]
+SHAPES = [(1,), (7,), (13, 17), (64, 129), (2, 3, 50), (257, 263)]  # the last: native Gram (> 65536)
 TOL = 1e-5
 
 

@@ -2,10 +2,10 @@
 
 Both results are linear combinations of the input vectors v_i (x_i - B for multislerp with a
 base, else x_i), and every quantity the methods need (norms, dot products, the norm of a tangent
-vector) is a quadratic form in those coefficients. So one reduction pass computes the Gram matrix
-G_ij = <v_i, v_j> (in float64 blocks, see gram()), the spherical math runs on K x K numbers, and
-one native elementwise pass (pymerge/ops/interp.py) writes out = B + sum_i c_i v_i: no float32
-copy of the models.
+vector) is a quadratic form in those coefficients. So one native reduction pass computes the Gram
+matrix G_ij = <v_i, v_j> (see gram()), the spherical math runs on K x K numbers, and one native
+elementwise pass (pymerge/ops/interp.py) writes out = B + sum_i c_i v_i: no float32 copy of the
+models.
 
 multislerp: weights w (normalized to sum 1 unless `normalize_weights: false`); u_i = v_i / (|v_i| + eps);
   m = normalize(sum w_i u_i); tangent T = sum w_i (u_i - <u_i, m> m); result
@@ -31,22 +31,20 @@ def _quad(g: torch.Tensor, a: List[float], b: List[float] = None) -> float:
     return sum(a[i] * float(g[i, j]) * b[j] for i in range(len(a)) for j in range(len(b)) if a[i] and b[j])
 
 
-_BLOCK = 1 << 18  # elements per block of the Gram pass (float64 copies of K blocks stay small)
+_EXACT_LIMIT = 1 << 16  # up to this many elements the Gram is computed in float64 throughout
 
 
-def gram(xs, base=None) -> torch.Tensor:
+def gram(xs, base=None, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """float64 [K, K] matrix <v_i, v_j> of v_i = x_i - B (float32 difference, as mergekit takes it)
-    or x_i. Products and sums in float64: the spherical math cancels terms (u_i - <u_i, m> m), so
-    a Gram only as precise as float32 would blow those errors up."""
-    k = len(xs)
-    flat = [x.reshape(-1) for x in xs]
-    b = base.reshape(-1) if base is not None else None
-    g = torch.zeros(k, k, dtype=torch.float64, device=xs[0].device)
-    for s in range(0, flat[0].numel(), _BLOCK):
-        v = torch.stack([f[s:s + _BLOCK].float() - (b[s:s + _BLOCK].float() if b is not None else 0.0)
-                         for f in flat]).double()
-        g += v @ v.T
-    return g.cpu()
+    or x_i. Big tensors: the native pass (float32 products per block of 1024, blocks summed in
+    float64). Small ones (up to 65536 elements) in float64 throughout: they may be exactly collinear
+    (a 1-element tensor always is), and the spherical math divides by sin(angle), which would blow
+    up the last-bit errors of a float32 block sum; big weight tensors never are."""
+    if xs[0].numel() > _EXACT_LIMIT:
+        return interp.group_dots(xs, base, base is not None, "whole", backend, num_threads)[0]
+    v = torch.stack([x.reshape(-1).float() - (base.reshape(-1).float() if base is not None else 0.0)
+                     for x in xs]).double()
+    return (v @ v.T).cpu()
 
 
 def _write(task: TensorTask, xs, base, coefs: List[float], base_coef: float, out: torch.Tensor) -> None:
@@ -107,7 +105,7 @@ class MultiSlerp(MergeMethod):
             raise MergeConfigError(f"tensor {task.name}: multislerp weights sum to 0 with normalize_weights: true "
                                    f"(weights {w}); mergekit would write NaN here")
         base = task.base
-        g = gram(task.inputs, base)
+        g = gram(task.inputs, base, task.backend, task.num_threads)
         try:
             coefs = multislerp_coefs(g, w, normalize, eps)
         except MergeConfigError as exc:
@@ -183,5 +181,5 @@ class Karcher(MergeMethod):
             out.copy_(task.inputs[0])
             return
         max_iter, tol = self._settings(task)
-        g = gram(task.inputs)
+        g = gram(task.inputs, None, task.backend, task.num_threads)
         _write(task, task.inputs, None, karcher_coefs(g, max_iter, tol), 0.0, out)
