@@ -39,8 +39,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--safe-serialization", action=_BOOL, default=True,
                    help="safetensors output (the only format pymerge writes)")
     g.add_argument("--unsafe-truncate-embeddings", action=_BOOL, default=False, help="not supported")
-    g.add_argument("--lora-merge-cache", metavar="DIR", default=None, help="accepted; LoRA references are not supported")
-    g.add_argument("--lora-merge-dtype", metavar="DTYPE", default=None, help="accepted; LoRA references are not supported")
+    for flag, meta in (("--lora-merge-cache", "DIR"), ("--lora-merge-dtype", "DTYPE")):
+        g.add_argument(flag, metavar=meta, default=None, help="accepted; LoRA references are not supported")
     g.add_argument("-v", "--verbosity", action="count", default=0, help="accepted; pymerge logs warnings only")
     g.add_argument("--write-threads", type=int, default=1, metavar="N", help="accepted; one writer thread")
     for flag, (default, text) in _NO_OPS.items():

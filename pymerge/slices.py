@@ -57,7 +57,8 @@ class SlicedConfig:
 
     def model_refs(self) -> List[Tuple[str, str]]:
         """(where, path) of every model referenced, for path checks."""
-        refs = [(f"slices[{i}].sources[{j}]", x.path) for i, s in enumerate(self.slices) for j, x in enumerate(s.sources)]
+        refs = [(f"slices[{i}].sources[{j}]", x.path)
+                for i, s in enumerate(self.slices) for j, x in enumerate(s.sources)]
         refs += [(f"slices[{i}].base_model", s.base_model) for i, s in enumerate(self.slices) if s.base_model]
         return refs + [(f"modules.default.models[{i}]", m.path) for i, m in enumerate(self.whole_models or [])]
 
@@ -327,7 +328,8 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         if post_names:
             last = slices[-1]
             zipped = SliceSpec(last.sources[:len(first.sources)], last.base_model, last.parameters)
-            parts.append(_part(cfg, method, zipped, sliced, [(n, 0.0, {}) for n in post_names], open_ck, f"slices[{len(slices) - 1}]"))
+            parts.append(_part(cfg, method, zipped, sliced, [(n, 0.0, {}) for n in post_names], open_ck,
+                               f"slices[{len(slices) - 1}]"))
         return SlicedPlan(cfg, method, parts, donor, list(opened.values()),
                           {"num_hidden_layers": out_layer}, list(cfg.warnings))
     except BaseException:

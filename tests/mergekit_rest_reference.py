@@ -102,5 +102,6 @@ def ram(base, xs, epsilon=1e-5, plus=None):
             r, alpha = plus
             shared, unique = int((mi & (count > 1)).sum()), int((mi & (count == 1)).sum())
             lam = 1 + r * min(max(shared / max(unique, epsilon), 0), alpha)
-        out += torch.where(mi & (count == 1), di * lam, 0.0) + torch.where(mi & (count > 1), di / count.clamp(min=1), 0.0)
+        out += torch.where(mi & (count == 1), di * lam, 0.0)
+        out += torch.where(mi & (count > 1), di / count.clamp(min=1), 0.0)
     return out

@@ -175,7 +175,8 @@ def _configs(m4, m6):
                 "parameters": {"select_topk": mlp_or(0.5, [0.2, 0.9])}, **f32},
         "sce_all": {"merge_method": "sce", "base_model": tb, "models": [{"model": t1}, {"model": t2}], **f32},
         "multislerp": {"merge_method": "multislerp", "base_model": b, "models": [
-            {"model": f1, "parameters": {"weight": [0.2, 0.8]}}, {"model": f2, "parameters": {"weight": mlp_or(1, 0.4)}},
+            {"model": f1, "parameters": {"weight": [0.2, 0.8]}},
+            {"model": f2, "parameters": {"weight": mlp_or(1, 0.4)}},
             {"model": f3, "parameters": {"weight": 0.5}}], **f32},
         "multislerp_no_base": {"merge_method": "multislerp", "models": [
             {"model": t1, "parameters": {"weight": 1.0}}, {"model": t2, "parameters": {"weight": 2.0}}],
@@ -278,7 +279,8 @@ def test_slices_renumber_and_repeat_layers(parity, tmp_path, capsys):
     out = tmp_path / "o"
     assert run_cli(["merge", parity / "slices_dus_tied.yml", out, "--quiet"], capsys)[0] == 0
     got = lf.load_folder(out)
-    src = lf.load_folder(yaml.safe_load((parity / "slices_dus_tied.yml").read_text())["slices"][0]["sources"][0]["model"])
+    cfg = yaml.safe_load((parity / "slices_dus_tied.yml").read_text())
+    src = lf.load_folder(cfg["slices"][0]["sources"][0]["model"])
     for out_layer, src_layer in enumerate([0, 1, 2, 3, 2, 3, 4, 5]):
         k = f"model.layers.{out_layer}.mlp.down_proj.weight"
         assert torch.equal(got[k], src[f"model.layers.{src_layer}.mlp.down_proj.weight"].to(torch.bfloat16))
