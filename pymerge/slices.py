@@ -186,6 +186,9 @@ class RenamedCheckpoint:
     def close(self) -> None:
         pass
 
+    def __getattr__(self, name):  # anything else (shards, files...) is the underlying checkpoint's
+        return getattr(self.ck, name)
+
 
 # ---- planning --------------------------------------------------------------------------------
 class _SliceResolver:
