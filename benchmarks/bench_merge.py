@@ -10,6 +10,7 @@ under benchmarks/results/cpu/.
     .venv/bin/python benchmarks/bench_merge.py                 # linear
     .venv/bin/python benchmarks/bench_merge.py --method ties --param density=0.5
     .venv/bin/python benchmarks/bench_merge.py --method slerp       # base + ft1, t = 0.5
+    .venv/bin/python benchmarks/bench_merge.py --method sce --param select_topk=0.5  # sce/karcher/ram*: global --param
     .venv/bin/python benchmarks/bench_merge.py --tools pymerge --repeats 3
 """
 import argparse
@@ -29,7 +30,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 N_FINETUNES = 4
 BASE_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                "della", "della_linear", "sce", "model_stock", "slerp", "nuslerp"}
+                "della", "della_linear", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher",
+                "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+PAIR_METHODS = {"slerp": {"t": 0.5}, "nearswap": {"t": 1e-4}, "arcee_fusion": {}}  # base + ft1; global params
+UNWEIGHTED = {"sce", "model_stock", "karcher", "ram", "ramplus_tl"}  # no per-model weight
 
 
 def ensure_models(workdir: Path):
@@ -52,18 +56,19 @@ def ensure_models(workdir: Path):
 
 def write_config(path: Path, method: str, base: Path, fts, params: dict, dtype: str, out_dtype: str):
     import yaml
-    if method == "slerp":  # the base and one fine-tune; t (default 0.5) is a global parameter
+    if method in PAIR_METHODS:  # the base and one fine-tune
         cfg = {"merge_method": method, "base_model": str(base), "models": [{"model": str(fts[0])}],
-               "parameters": {"t": 0.5, **params}, "dtype": dtype, "out_dtype": out_dtype}
+               "parameters": {**PAIR_METHODS[method], **params}, "dtype": dtype, "out_dtype": out_dtype}
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return cfg
     n = len(fts)
     models = []
     for i, ft in enumerate(fts):
-        p = {"weight": round(1.0 / n + 0.05 * (i - (n - 1) / 2), 4)}
-        p.update(params)
-        models.append({"model": str(ft), "parameters": p})
+        p = {} if method in UNWEIGHTED else {"weight": round(1.0 / n + 0.05 * (i - (n - 1) / 2), 4), **params}
+        models.append({"model": str(ft), "parameters": p} if p else {"model": str(ft)})
     cfg = {"merge_method": method, "models": models, "dtype": dtype, "out_dtype": out_dtype}
+    if method in UNWEIGHTED and params:  # their parameters are global
+        cfg["parameters"] = params
     if method in BASE_METHODS:
         cfg["base_model"] = str(base)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -193,7 +198,7 @@ def main(argv=None):
     base, fts = ensure_models(args.workdir)
     cfg_path = args.workdir / f"{args.method}.yml"
     write_config(cfg_path, args.method, base, fts, params, args.dtype, args.out_dtype)
-    inputs = ([base] if args.method in BASE_METHODS else []) + (fts[:1] if args.method == "slerp" else fts)
+    inputs = ([base] if args.method in BASE_METHODS else []) + (fts[:1] if args.method in PAIR_METHODS else fts)
     input_bytes = sum(f.stat().st_size for p in inputs for f in p.glob("*.safetensors"))
 
     bin_dir = Path(sys.executable).parent
@@ -225,7 +230,7 @@ def main(argv=None):
         summary["speedup"] = round(best["mergekit"]["wall_s"] / best["pymerge"]["wall_s"], 2)
         summary["outputs"] = compare_outputs(args.workdir / "out-pymerge", args.workdir / "out-mergekit")
 
-    lines = [f"# {args.method}: base + {1 if args.method == 'slerp' else N_FINETUNES} fine-tune(s), 297M-param Llama, bf16, 2 shards "
+    lines = [f"# {args.method}: base + {1 if args.method in PAIR_METHODS else N_FINETUNES} fine-tune(s), 297M-param Llama, bf16, 2 shards "
              f"({input_bytes / 1e9:.2f} GB read); dtype {args.dtype}, out_dtype {args.out_dtype}", "",
              "| tool | best wall (s) | its CPU time (s) | walls of all runs (s) | peak RSS (MB) | peak anon (MB) "
              "| GB/s of input |", "|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Per-tensor timing of every merge method: pymerge's fused kernels vs mergekit 0.1.5's own
+"""Per-tensor timing of every merge method (mergekit 0.1.5's whole registry): pymerge's fused kernels vs mergekit 0.1.5's own
 merge-method functions on the same tensors (default: three 4096x4096 float32 models + base).
 
     .venv/bin/python benchmarks/bench_methods.py [--size 4096] [--models 3] [--dtype float32] [--repeat 3]
@@ -53,6 +53,13 @@ def cases(n_models):
         ("nuslerp", {"weight": w[:2]}, {"models": 2}),
         ("model_stock", {}, {}),
         ("passthrough", {"scale": [0.5]}, {"models": 1, "base": False}),
+        ("multislerp", {"weight": w}, {}),
+        ("karcher", {}, {"base": False, "base_as_input": True}),
+        ("nearswap", {"t": 0.01}, {"models": 1}),
+        ("arcee_fusion", {}, {"models": 1}),
+        ("sce", {"select_topk": 0.5}, {}),
+        ("ram", {}, {}),
+        ("ramplus_tl", {}, {}),
     ]
 
 
@@ -77,7 +84,8 @@ def main():
             continue
         n = opts.get("models", args.models)
         use_base = opts.get("base", True)
-        inputs = xs[:n]
+        inputs = xs[:n] + ([base] if opts.get("base_as_input") else [])
+        n = len(inputs)
         mk = registry.get(name)
         group = TensorGroup.from_tensors(([base] if use_base else []) + inputs, base_index=0 if use_base else None)
         mk_params = dict(params)

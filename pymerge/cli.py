@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import List, Optional
 
+from pymerge import mergekit_flags
+
 def parse_size(text) -> int:
     """A size option (see pymerge/sizes.py): '5GB', '500MB', '1.5GiB', '2e9', mergekit's '5B' (billion)."""
     from pymerge.errors import InputError
@@ -35,6 +37,7 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    mergekit_flags.add_flags(p)
     return p
 
 
@@ -53,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_merge(args) -> int:
     from pymerge.merge import run_merge  # torch loads only for real work
+    extra = mergekit_flags.merge_options(args)
     report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
                        threads=args.threads, force=args.force, quiet=args.quiet,
-                       chunk_bytes=args.chunk_size, random_seed=args.random_seed)
+                       chunk_bytes=args.chunk_size, random_seed=args.random_seed, **extra)
     if report.rank:  # a distributed merge: rank 0 speaks for all
         return 0
     for w in report.warnings:

@@ -73,6 +73,7 @@ class MergeConfig:
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
     source: str = "<config>"             # the file it came from, for messages
+    sliced: Optional[Any] = None         # a `slices:` / `modules:` config (pymerge.slices.SlicedConfig)
     warnings: List[str] = field(default_factory=list)
 
     def where(self, what: str) -> str:
@@ -152,9 +153,10 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         raise err(f"unknown key {short(unknown[0])} (known: {', '.join(TOP_KEYS)})")
+    sliced = None
     if data.get("slices") is not None or data.get("modules") is not None:
-        key = "slices" if data.get("slices") is not None else "modules"
-        raise err(f"'{key}:' configs are not supported by pymerge yet; list whole models under 'models:'")
+        from pymerge.slices import parse_sliced
+        sliced = parse_sliced(data, err)
     if data.get("tokenizer") is not None:
         raise err("'tokenizer:' (vocabulary merging) is not supported by pymerge; remove it to copy the "
                   "base model's tokenizer unchanged")
@@ -167,10 +169,10 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if base is not None:
         base = _model_path(base, "base_model", err)
 
-    models_raw = data.get("models")
+    models_raw = data.get("models") if sliced is None else []
     if models_raw is None:
         raise err("'models' is missing: list the models to merge")
-    if not isinstance(models_raw, list) or not models_raw:
+    if not isinstance(models_raw, list) or (not models_raw and sliced is None):
         raise err(f"'models' must be a non-empty list, got {_kind(models_raw)}")
     models, seen = [], set()
     for i, entry in enumerate(models_raw):
@@ -194,7 +196,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         merge_method=method, models=models, base_model=base,
         parameters=_parameters(data.get("parameters"), "parameters", err),
         dtype=_dtype(data.get("dtype"), "dtype", err), out_dtype=_dtype(data.get("out_dtype"), "out_dtype", err),
-        source=source)
+        source=source, sliced=sliced)
 
     tok = data.get("tokenizer_source")
     if tok is not None:
@@ -218,7 +220,8 @@ def _model_path(value, where, err) -> str:
         raise err(f"{where}: give the model as a path string (LoRA and revision mappings are not supported)")
     if not isinstance(value, str) or not value:
         raise err(f"{where} must be a path, got {_kind(value)}")
-    return value
+    from pymerge import hub
+    return hub.resolve_if_cached(value)
 
 
 def _dtype(value, key, err) -> Optional[str]:
@@ -493,14 +496,18 @@ def check_paths(cfg: MergeConfig) -> None:
     """Every referenced model exists locally (pymerge reads local checkpoints only)."""
     refs = ([("base_model", cfg.base_model)] if cfg.base_model else []) + \
         [(f"models[{i}]", m.path) for i, m in enumerate(cfg.models)]
+    if cfg.sliced is not None:
+        refs += cfg.sliced.model_refs()
     for where, p in refs:
         if os.path.exists(p):
             continue
-        hint = ""
+        from pymerge import hub
         if "+" in p:
-            hint = " (model+LoRA references are not supported)"
-        elif "@" in p:
-            hint = " (Hugging Face revisions are not supported: download the model and give its folder)"
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+", p):
-            hint = " (pymerge reads local checkpoints only: download the model and give its folder)"
-        raise MergeConfigError(cfg.where(f"{where}: model path not found: {p}{hint}"))
+            raise MergeConfigError(cfg.where(f"{where}: model path not found: {p} (model+LoRA references are "
+                                             f"not supported: merge the LoRA into its model first)"))
+        if hub.looks_like_id(p):
+            try:
+                hub.resolve(p)
+            except MergeConfigError as exc:
+                raise MergeConfigError(cfg.where(f"{where}: {exc}")) from None
+        raise MergeConfigError(cfg.where(f"{where}: model path not found: {p}"))

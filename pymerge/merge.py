@@ -87,6 +87,12 @@ class MergePlan:
     tensors: List[TensorPlan]
     donor: Checkpoint                      # config.json and tokenizer come from here
     warnings: List[str] = field(default_factory=list)
+    config_overrides: Dict[str, Any] = field(default_factory=dict)  # keys set in the output config.json
+
+    @property
+    def parts(self) -> List["MergePlan"]:
+        """The plans the executor runs (a `slices:` merge has several: pymerge/slices.py)."""
+        return [self]
 
     @property
     def input_bytes(self) -> int:
@@ -123,7 +129,7 @@ class MergeReport:
 def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, device: str = "auto",
               out_shard_size: float = DEFAULT_SHARD_BYTES, threads: Optional[int] = None, force: bool = False,
               quiet: bool = False, chunk_bytes: Optional[int] = None, random_seed: Optional[int] = None,
-              progress=None) -> MergeReport:
+              progress=None, copy_tokenizer: bool = True, model_card: bool = False) -> MergeReport:
     """Merges per the config into out_dir. Raises InputError (and subclasses) for anything the user
     can fix, before any output exists; on any failure no partial output is left behind."""
     t0 = time.perf_counter()
@@ -149,7 +155,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
         with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
                            metadata={"format": "pt"}) as writer:
-            write_side_files(plan, writer)
+            write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
             stream_plan(plan, writer, device=device, chunk_bytes=chunk_bytes, threads=threads,
                         seed=random_seed or 0, progress=progress, quiet=quiet)
             shards = list(writer.shard_names)
@@ -196,8 +202,9 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
     bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
     try:
         run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
-        run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or op_threads(), seed=seed,
-            progress=bar)
+        for part in plan.parts:  # a `slices:` merge has several (pymerge/slices.py)
+            run(part, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or op_threads(), seed=seed,
+                progress=bar)
     finally:
         if bar is not None and progress is None:
             bar.close()
@@ -246,6 +253,10 @@ def _gpu_possible() -> bool:
 def make_plan(config_or_path) -> MergePlan:
     """Every check that can fail on user input, before any output is written."""
     cfg = _as_config(config_or_path)
+    if cfg.sliced is not None:
+        from pymerge.slices import make_sliced_plan
+        check_paths(cfg)
+        return make_sliced_plan(cfg)
     try:
         method = get_method(cfg.merge_method)
         inputs, base = _roles(cfg, method)
@@ -403,7 +414,8 @@ def _num_layers(model_cfg: Optional[dict]) -> Optional[int]:
 
 
 # ---- side files ------------------------------------------------------------------------------
-def write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
+def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: bool = True,
+                     model_card: bool = False) -> None:
     """config.json from the donor (base, else first model) with the output dtype; its tokenizer."""
     cfg, donor = plan.config, plan.donor
     model_cfg = _read_model_config(donor)
@@ -415,11 +427,15 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
             model_cfg["torch_dtype"] = dtype
             if "dtype" in model_cfg:  # transformers >= 4.56 writes this name
                 model_cfg["dtype"] = dtype
+        model_cfg.update(plan.config_overrides)
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
-    for fname in TOKENIZER_FILES:
+    for fname in TOKENIZER_FILES if copy_tokenizer else ():
         if os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
+    if model_card:
+        from pymerge.model_card import model_card as card
+        writer.write_text("README.md", card(plan, Path(writer.out_dir).name))
     if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
         writer.copy_file(cfg.source, "mergekit_config.yml")
 

@@ -44,7 +44,12 @@ out_dtype: bfloat16
 
 @pytest.mark.parametrize("data, words", [
     (cfg(bogus=1), ["unknown key 'bogus'"]),
-    (cfg(slices=[{"sources": []}], models=None), ["slices", "not supported"]),
+    (cfg(slices=[{"sources": []}], models=None), ["slices[0].sources", "non-empty"]),
+    (cfg(slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}]}]), ["exactly one of", "models, slices"]),
+    (cfg(slices=[{"sources": [{"model": "a", "layer_range": [2, 2]}]}], models=None), ["layer_range", "[2, 2]"]),
+    (cfg(slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
+         models=None), ["slices[0]", "same number of layers"]),
+    (cfg(modules={"decoder": {"slices": []}}, models=None), ["unknown module 'decoder'"]),
     (cfg(modules={}), ["modules"]),
     (cfg(tokenizer={"source": "union"}), ["tokenizer", "not supported"]),
     (cfg(tokenizer_source="union"), ["tokenizer_source", "union"]),
@@ -98,7 +103,7 @@ def test_model_as_plain_string_and_missing_paths(tmp_path):
     with pytest.raises(MergeConfigError, match=r"models\[1\]: model path not found: .*b\+lora \(model\+LoRA"):
         check_paths(c)
     c = parse_config(cfg(models=[{"model": "meta-llama/Llama-3-8B"}]))
-    with pytest.raises(MergeConfigError, match="local checkpoints only"):
+    with pytest.raises(MergeConfigError, match="meta-llama/Llama-3-8B is not in the Hugging Face cache"):
         check_paths(c)
 
 

@@ -282,6 +282,15 @@ class ShardedWriter:
         _dump_json(path, obj)
         return path
 
+    def write_text(self, relname: str, text: str) -> Path:
+        """Adds a UTF-8 text file (a model card) to the output."""
+        path = self._extra_path(relname)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+
     def copy_file(self, src, relname: Optional[str] = None) -> Path:
         """Adds a copy of ``src`` (a tokenizer file, say) to the output as ``relname``."""
         src = Path(src)

@@ -13,6 +13,9 @@ _TORCH_MODULES = (
     "pymerge.methods.passthrough",
     "pymerge.methods.slerp",         # slerp, nuslerp
     "pymerge.methods.task_vectors",  # ties, dare_*, breadcrumbs*, della*
+    "pymerge.methods.sphere",        # multislerp, karcher
+    "pymerge.methods.swap",          # nearswap, arcee_fusion
+    "pymerge.methods.consensus",     # sce, ram, ramplus_tl
 )
 
 

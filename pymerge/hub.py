@@ -1,0 +1,70 @@
+"""Hugging Face model IDs (`org/name`, `org/name@revision`) resolved offline from the local hub cache.
+
+pymerge never downloads: an ID names a snapshot that `huggingface-cli download` (or any
+transformers/mergekit run) already put in the cache, laid out as
+    <cache>/models--org--name/refs/<branch>          (a file holding a commit hash)
+    <cache>/models--org--name/snapshots/<commit>/    (the files)
+The cache is HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub's
+own order). Without @revision the `main` ref is used, else the only snapshot there is.
+"""
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from pymerge.errors import MergeConfigError
+
+_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_REV = re.compile(r"[\w.-]+")
+
+
+def looks_like_id(ref: str) -> bool:
+    """True for `org/name` or `org/name@revision` (and not an existing local path)."""
+    name, _, rev = ref.partition("@")
+    return bool(_ID.fullmatch(name)) and (not rev or bool(_REV.fullmatch(rev))) and not os.path.exists(ref)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def resolve(ref: str) -> str:
+    """The local snapshot folder of a cached model ID; MergeConfigError naming the ID if not cached."""
+    name, _, rev = ref.partition("@")
+    root = cache_dir() / ("models--" + name.replace("/", "--"))
+    snap = _snapshot(root, rev or None)
+    if snap is None:
+        what = f"revision {rev!r} of " if rev else ""
+        raise MergeConfigError(f"model {ref}: {what}{name} is not in the Hugging Face cache ({cache_dir()}); "
+                               f"pymerge works offline: download it first (huggingface-cli download {name}"
+                               f"{' --revision ' + rev if rev else ''}) or give a local folder")
+    return str(snap)
+
+
+def resolve_if_cached(ref: str) -> str:
+    """A cached ID's snapshot folder; anything else (local paths, IDs not cached) unchanged."""
+    if not looks_like_id(ref):
+        return ref
+    try:
+        return resolve(ref)
+    except MergeConfigError:
+        return ref  # check_paths reports it, naming the ID
+
+
+def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
+    snaps = root / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref_file = root / "refs" / (rev or "main")
+    if ref_file.is_file():
+        commit = ref_file.read_text(encoding="utf-8").strip()
+        return snaps / commit if (snaps / commit).is_dir() else None
+    if rev is not None:  # a commit hash, full or a unique prefix of one
+        hits = [p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev)]
+        return hits[0] if len(hits) == 1 else None
+    only = [p for p in snaps.iterdir() if p.is_dir()]
+    return only[0] if len(only) == 1 else None

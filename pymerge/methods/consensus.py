@@ -1,0 +1,137 @@
+"""SCE and RAM (mergekit 0.1.5): task-vector merges that weigh each element by how the models agree.
+
+With task vectors d_i = x_i - B (float32):
+sce         `select_topk` < 1 keeps, for every model, only the elements with the k largest
+            variances across the models (k = int(count of nonzero variances * select_topk));
+            then TIES's sign election (the sign of sum_i d_i; zeros never agree); each model is
+            weighted by its mean square w_i = mean(d_i^2) / sum_j mean(d_j^2) (uniform when that sum
+            is below 1e-6); out = B + sum_i w_i m_i d_i / max(sum_i w_i m_i, 1e-6).
+ram         an element moved by one model only (|d_i| > epsilon) takes that model's delta; an element
+            moved by c > 1 models takes their mean. Elementwise: streamed in chunks, one fused native
+            pass (pymerge/ops/elementwise_mix.py).
+ramplus_tl  as ram, with each model's unique deltas scaled by 1 + r * clamp(rho_i, 0, alpha), rho_i =
+            (its moved elements shared with others) / max(its unique moved elements, epsilon),
+            counted over the whole tensor.
+`int8_mask` only picks mergekit's mask dtype: accepted, no effect.
+"""
+from typing import List
+
+import torch
+
+from pymerge.methods.base import MergeMethod, Param, TensorTask, register
+from pymerge.methods.task_vectors import _flag, _number
+from pymerge.ops import elementwise_mix
+
+
+def _deltas(task: TensorTask) -> List[torch.Tensor]:
+    base = task.base.float()
+    return [x.float() - base for x in task.inputs]
+
+
+class _TaskVectorConsensus(MergeMethod):
+    base_model = "required"
+    min_models = 0  # mergekit returns the base unchanged when there is nothing else
+
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        if not task.inputs or out.numel() == 0:
+            out.copy_(task.base)
+            return
+        out.copy_(task.base.float() + self.merged_delta(task, _deltas(task)))
+
+    def merged_delta(self, task: TensorTask, deltas: List[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register
+class Sce(_TaskVectorConsensus):
+    name = "sce"
+    global_params = {
+        "select_topk": Param(1.0, "fraction of elements kept, by variance across the models"),
+        "int8_mask": Param(False, "accepted for mergekit compatibility; no effect on results"),
+    }
+    chunkable = False
+
+    def check_params(self, task: TensorTask) -> None:
+        _number(task.params.get("select_topk", 1.0), "select_topk", task.name)
+        _flag(task.params.get("int8_mask", False), "int8_mask")
+
+    def merged_delta(self, task, deltas):
+        topk = _number(task.params.get("select_topk", 1.0), "select_topk", task.name)
+        d = torch.stack(deltas)
+        if topk < 1:
+            d *= variance_mask(d, topk)
+        agree = d.sign() == (d.sum(dim=0) >= 0).float() * 2 - 1
+        ms = d.square().reshape(len(deltas), -1).mean(dim=1)
+        total = float(ms.sum())
+        w = torch.full_like(ms, 1.0 / len(deltas)) if abs(total) < 1e-6 else ms / total
+        w = w.view(-1, *([1] * (d.dim() - 1))) * agree
+        return (d * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6)
+
+
+def variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
+    """1 where an element's variance across the models is among the k largest, else 0."""
+    if density <= 0:
+        return torch.zeros_like(d[0])
+    var = d.var(dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * density)  # float32 product, as mergekit rounds it
+    mask = torch.zeros_like(var)
+    if k:
+        mask.view(-1)[var.abs().reshape(-1).topk(k).indices] = 1
+    return mask
+
+
+def _ram_parts(deltas, eps):
+    moved = [d.abs() > eps for d in deltas]
+    count = torch.stack(moved).sum(dim=0)
+    return moved, count
+
+
+def _ram_eps(task):
+    return _number(task.params.get("epsilon", 1e-5), "epsilon", task.name)
+
+
+@register
+class Ram(_TaskVectorConsensus):
+    name = "ram"
+    global_params = {"epsilon": Param(1e-5, "a delta counts as a change when |delta| > epsilon")}
+    chunkable = True
+
+    def check_params(self, task: TensorTask) -> None:
+        _ram_eps(task)
+
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        if not task.inputs:
+            out.copy_(task.base)
+            return
+        elementwise_mix.ram(task.inputs, task.base, _ram_eps(task), out, task.backend, task.num_threads)
+
+
+@register
+class RamPlusTl(_TaskVectorConsensus):
+    name = "ramplus_tl"
+    global_params = {
+        "r": Param(0.1, "strength of the boost of unique deltas"),
+        "alpha": Param(0.2, "cap of the shared / unique ratio"),
+        "epsilon": Param(1e-5, "a delta counts as a change when |delta| > epsilon"),
+    }
+    chunkable = False  # the per-model ratios count over the whole tensor
+
+    def check_params(self, task: TensorTask) -> None:
+        for k in ("r", "alpha"):
+            _number(task.params.get(k, self.global_params[k].default), k, task.name)
+        _ram_eps(task)
+
+    def merged_delta(self, task, deltas):
+        eps = _ram_eps(task)
+        r = _number(task.params.get("r", 0.1), "r", task.name)
+        alpha = _number(task.params.get("alpha", 0.2), "alpha", task.name)
+        moved, count = _ram_parts(deltas, eps)
+        unique, shared = count == 1, count > 1
+        acc = torch.zeros_like(deltas[0])
+        for d, m in zip(deltas, moved):
+            n_shared = torch.count_nonzero(m & shared)
+            n_unique = torch.count_nonzero(m & unique)
+            lam = 1 + r * (n_shared / n_unique.clamp(min=eps)).clamp(min=0, max=alpha)
+            dz = d * m
+            acc += dz * unique * lam + dz * shared / count.clamp(min=1)
+        return acc

@@ -1,0 +1,55 @@
+"""nearswap and ram, elementwise: the fused C++ kernels (csrc/cpu/elementwise_mix.cpp) on the CPU,
+the same float32 formulas as torch ops elsewhere (GPU) or with backend="torch".
+
+    nearswap(base, x, t, out)   w = clamp(t / max(|B - x|, 1e-6), 0, 1); out = w x + (1 - w) B
+    ram(xs, base, eps, out)     out = B + sum_i d_i / c over the c models with |d_i| > eps (d_i = x_i - B)
+
+Inputs are any float dtype (float8 too on the CPU), out float32/float16/bfloat16, rounded once.
+"""
+from typing import Sequence
+
+import torch
+
+from pymerge import _native
+
+
+def _native_ok(op: str, tensors, out, backend: str) -> bool:
+    if backend not in ("auto", "cpu") or not hasattr(_native.cpu, op) or out.numel() == 0:
+        return False
+    return all(t.device.type == "cpu" and t.dtype in _native.DTYPE_CODES for t in tensors) and \
+        out.dtype in (torch.float32, torch.float16, torch.bfloat16) and out.is_contiguous()
+
+
+def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, backend: str = "auto",
+             num_threads: int = 0) -> torch.Tensor:
+    if _native_ok("nearswap", (base, x), out, backend):
+        base, x = base.contiguous(), x.contiguous()
+        _native.cpu.nearswap(base.data_ptr(), _native.DTYPE_CODES[base.dtype], x.data_ptr(),
+                             _native.DTYPE_CODES[x.dtype], out.numel(), float(t), out.data_ptr(),
+                             _native.DTYPE_CODES[out.dtype], num_threads)
+        return out
+    a, b = base.float(), x.float()
+    w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
+    out.copy_((w * b + (1 - w) * a).view(out.shape))
+    return out
+
+
+def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.Tensor, backend: str = "auto",
+        num_threads: int = 0) -> torch.Tensor:
+    if _native_ok("ram", list(xs) + [base], out, backend):
+        xs, base = [x.contiguous() for x in xs], base.contiguous()
+        _native.cpu.ram([x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs], base.data_ptr(),
+                        _native.DTYPE_CODES[base.dtype], out.numel(), float(eps), out.data_ptr(),
+                        _native.DTYPE_CODES[out.dtype], num_threads)
+        return out
+    b = base.float()
+    deltas = [x.float() - b for x in xs]
+    moved = [d.abs() > eps for d in deltas]
+    count = torch.stack(moved).sum(dim=0)
+    unique, shared = count == 1, count > 1
+    acc = torch.zeros_like(b)
+    for d, m in zip(deltas, moved):
+        z = d * m
+        acc += z * unique + z * shared / count.clamp(min=1)  # mergekit's products: NaN/inf deltas give NaN
+    out.copy_((b + acc).view(out.shape))
+    return out

@@ -1,0 +1,403 @@
+"""`slices:` and `modules:` configs (mergekit 0.1.5): frankenmerges, depth up-scaling and per-slice merges.
+
+    slices:
+      - sources: [{model: a, layer_range: [0, 16]}]
+      - sources: [{model: b, layer_range: [8, 24], parameters: {...}}]
+    merge_method: passthrough
+
+Output layers are the slices' layers in order, renumbered from 0; config.json's num_hidden_layers
+becomes their total. Each output layer merges layer (start + offset) of every source of its slice,
+with t = offset / (slice length - 1) (1 for a one-layer slice) for gradients. Tensors outside the
+layer stack come from the first slice's sources when they sit before the stack (embeddings: any
+name with "embed", "wte" or "wpe") and from the last slice's sources otherwise (final norm,
+lm_head), with t = 0 and that slice's parameters. Parameter precedence: the source's own, the
+slice's, the module's, the top level's; per-model values see the source's tensor name, global
+ones the output's (mergekit's rules). `modules:` takes one module, `default` (the only module of
+every single-stack architecture mergekit knows), holding `slices:` or `models:`.
+
+Each group of output tensors with the same sources becomes an ordinary MergePlan whose
+checkpoints are renaming views (the output name reads the source's tensor): the executors run
+them unchanged, one after the other, into one writer.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from pymerge.config import (MergeConfig, ModelSpec, _kind, _model_path, _parameters, check_method_params,
+                            count_layers, kind_of, layer_of, resolve_one)
+from pymerge.errors import CheckpointError, MergeConfigError
+
+SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+MODULE_KEYS = ("slices", "models", "parameters")
+_PRE_MARKERS = ("embed", "wte", "wpe")
+
+
+@dataclass
+class SourceSpec:
+    path: str
+    layer_range: Tuple[int, int]
+    parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSpec:
+    sources: List[SourceSpec]
+    base_model: Optional[str] = None
+    parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SlicedConfig:
+    """What `slices:` or `modules:` describe: slices of one layer stack, module-level parameters,
+    and models given as whole stacks (`modules: {default: {models: ...}}`) to expand once their
+    layer counts are known."""
+    slices: List[SliceSpec]
+    module_parameters: Dict[str, Any] = field(default_factory=dict)
+    whole_models: Optional[List[ModelSpec]] = None
+
+    def model_refs(self) -> List[Tuple[str, str]]:
+        """(where, path) of every model referenced, for path checks."""
+        refs = [(f"slices[{i}].sources[{j}]", x.path)
+                for i, s in enumerate(self.slices) for j, x in enumerate(s.sources)]
+        refs += [(f"slices[{i}].base_model", s.base_model) for i, s in enumerate(self.slices) if s.base_model]
+        return refs + [(f"modules.default.models[{i}]", m.path) for i, m in enumerate(self.whole_models or [])]
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+def parse_sliced(data: dict, err) -> SlicedConfig:
+    """The `slices:` or `modules:` part of a config (exactly one of models/slices/modules)."""
+    given = [k for k in ("models", "slices", "modules") if data.get(k) is not None]
+    if len(given) != 1:
+        raise err(f"exactly one of 'models', 'slices' or 'modules' must be given, got {', '.join(given)}")
+    if "slices" in given:
+        return SlicedConfig(_slices(data["slices"], "slices", err))
+    modules = data["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise err(f"'modules' must be a mapping of module names to definitions, got {_kind(modules)}")
+    if list(modules) != ["default"]:
+        name = next(k for k in modules if k != "default")
+        raise err(f"modules: unknown module {name!r}: pymerge merges single-stack models, whose one module is "
+                  f"'default'")
+    mod = modules["default"]
+    where = "modules.default"
+    if not isinstance(mod, dict):
+        raise err(f"{where} must be a mapping with 'slices' or 'models', got {_kind(mod)}")
+    bad = [k for k in mod if k not in MODULE_KEYS]
+    if bad:
+        raise err(f"{where}: unknown key {bad[0]!r} (known: {', '.join(MODULE_KEYS)})")
+    params = _parameters(mod.get("parameters"), f"{where}.parameters", err)
+    if (mod.get("slices") is None) == (mod.get("models") is None):
+        raise err(f"{where}: give exactly one of 'slices' or 'models'")
+    if mod.get("slices") is not None:
+        return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err), params)
+    models = mod["models"]
+    if not isinstance(models, list) or not models:
+        raise err(f"{where}.models must be a non-empty list, got {_kind(models)}")
+    specs = []
+    for i, m in enumerate(models):
+        w = f"{where}.models[{i}]"
+        m = {"model": m} if isinstance(m, str) else m
+        if not isinstance(m, dict) or "model" not in m or any(k not in ("model", "parameters") for k in m):
+            raise err(f"{w} must be a mapping with 'model' and optional 'parameters'")
+        specs.append(ModelSpec(_model_path(m["model"], f"{w}.model", err),
+                               _parameters(m.get("parameters"), f"{w}.parameters", err)))
+    return SlicedConfig([], params, specs)
+
+
+def _slices(raw, where, err) -> List[SliceSpec]:
+    if not isinstance(raw, list) or not raw:
+        raise err(f"'{where}' must be a non-empty list of slices, got {_kind(raw)}")
+    out = []
+    for i, s in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(s, dict):
+            raise err(f"{w} must be a mapping with 'sources', got {_kind(s)}")
+        bad = [k for k in s if k not in SLICE_KEYS]
+        if bad:
+            raise err(f"{w}: unknown key {bad[0]!r} (known: {', '.join(SLICE_KEYS)})")
+        srcs = s.get("sources")
+        if not isinstance(srcs, list) or not srcs:
+            raise err(f"{w}.sources must be a non-empty list, got {_kind(srcs)}")
+        sources = [_source(src, f"{w}.sources[{j}]", err) for j, src in enumerate(srcs)]
+        lengths = {b - a for a, b in (x.layer_range for x in sources)}
+        if len(lengths) > 1:
+            raise err(f"{w}: every source of a slice must span the same number of layers, got "
+                      f"{[list(x.layer_range) for x in sources]}")
+        seen = set()
+        for j, x in enumerate(sources):
+            if x.path in seen:
+                raise err(f"{w}.sources[{j}]: model {x.path} is listed twice in this slice")
+            seen.add(x.path)
+        rw = s.get("residual_weight")
+        if rw is not None and (isinstance(rw, bool) or not isinstance(rw, (int, float))):
+            raise err(f"{w}.residual_weight must be a number, got {_kind(rw)}")
+        base = s.get("base_model")
+        out.append(SliceSpec(sources, _model_path(base, f"{w}.base_model", err) if base is not None else None,
+                             _parameters(s.get("parameters"), f"{w}.parameters", err)))
+    return out
+
+
+def _source(src, w, err) -> SourceSpec:
+    if not isinstance(src, dict):
+        raise err(f"{w} must be a mapping with 'model' and 'layer_range', got {_kind(src)}")
+    bad = [k for k in src if k not in SOURCE_KEYS]
+    if bad:
+        raise err(f"{w}: unknown key {bad[0]!r} (known: {', '.join(SOURCE_KEYS)})")
+    if "model" not in src:
+        raise err(f"{w}: 'model' is missing")
+    lr = src.get("layer_range")
+    if (not isinstance(lr, list) or len(lr) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in lr)
+            or lr[0] < 0 or lr[1] <= lr[0]):
+        raise err(f"{w}.layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
+    return SourceSpec(_model_path(src["model"], f"{w}.model", err), (lr[0], lr[1]),
+                      _parameters(src.get("parameters"), f"{w}.parameters", err))
+
+
+# ---- renaming views --------------------------------------------------------------------------
+class RenamedCheckpoint:
+    """A checkpoint seen under output names: tensor(out) reads the source's tensor names[out].
+    The underlying checkpoint is shared and closed by its owner, not by this view."""
+
+    def __init__(self, ck, names: Dict[str, str]):
+        self.ck, self.map = ck, names
+        self.path, self.folder = ck.path, ck.folder
+
+    def names(self) -> List[str]:
+        return list(self.map)
+
+    def __contains__(self, name) -> bool:
+        return name in self.map
+
+    def info(self, name):
+        return self.ck.info(self.map[name])
+
+    def tensor(self, name):
+        return self.ck.tensor(self.map[name])
+
+    def array(self, name):
+        return self.ck.array(self.map[name])
+
+    def prefetch(self, name) -> None:
+        self.ck.prefetch(self.map[name])
+
+    def release(self, name) -> None:
+        self.ck.release(self.map[name])
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name):  # anything else (shards, files...) is the underlying checkpoint's
+        return getattr(self.ck, name)
+
+
+# ---- planning --------------------------------------------------------------------------------
+class _SliceResolver:
+    """ParamResolver's interface for one group of output tensors: each output name knows its t and
+    the source tensor names that per-model filters see."""
+
+    def __init__(self, cfg: MergeConfig, method, model_scopes: List[dict], global_scopes: List[dict]):
+        self.cfg, self.method = cfg, method
+        self.model_scopes, self.global_scopes = model_scopes, global_scopes
+        self.where: Dict[str, Tuple[float, List[str]]] = {}  # out name -> (t, source name per input)
+
+    def __call__(self, out_name: str, _t_ignored: float):
+        t, src_names = self.where[out_name]
+        g = {n: self._value(n, spec, self.global_scopes, out_name, t, None)
+             for n, spec in self.method.global_params.items()}
+        per = [{n: self._value(n, spec, [scope] + self.global_scopes, src, t, i)
+                for n, spec in self.method.model_params.items()}
+               for i, (scope, src) in enumerate(zip(self.model_scopes, src_names))]
+        return g, per
+
+    def _value(self, name, spec, scopes, tensor_name, t, model):
+        v = resolve_one(name, scopes, tensor_name, t, kind_of(spec.default))
+        if v is not None:
+            return v
+        if spec.required:
+            who = f"input {model}" if model is not None else "the merge"
+            raise MergeConfigError(self.cfg.where(f"no value of required parameter {name!r} for {who} at tensor "
+                                                  f"{tensor_name}"))
+        return spec.default
+
+
+@dataclass
+class SlicedPlan:
+    """A plan made of several MergePlans (parts) written into one output; the interface run_merge
+    and the executors use."""
+    config: MergeConfig
+    method: Any
+    parts: list
+    donor: Any
+    checkpoints: list                       # the real (opened) checkpoints, closed by close()
+    config_overrides: Dict[str, Any]
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def tensors(self):
+        return [tp for p in self.parts for tp in p.tensors]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(p.input_bytes for p in self.parts)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(p.output_bytes for p in self.parts)
+
+    def close(self) -> None:
+        for ck in self.checkpoints:
+            ck.close()
+
+
+def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
+    from pymerge import merge  # the engine's planning helpers (merge imports this module lazily)
+    from pymerge.io import Checkpoint
+    from pymerge.methods.base import get_method
+
+    sliced: SlicedConfig = cfg.sliced
+    try:
+        method = get_method(cfg.merge_method)
+    except MergeConfigError as exc:
+        raise MergeConfigError(cfg.where(str(exc))) from None
+    opened: Dict[str, Any] = {}
+
+    def open_ck(path):
+        if path not in opened:
+            opened[path] = Checkpoint(path)
+        return opened[path]
+
+    try:
+        stacks = {}
+
+        def stack_of(path):  # (prefix, layer count, {layer: [names]}) of a model's main layer stack
+            if path not in stacks:
+                ck = open_ck(path)
+                n = merge._num_layers(merge._read_model_config(ck))
+                counts = count_layers(ck.names(), n)
+                if not counts:
+                    raise CheckpointError(f"{path}: no layer stack (no '.layers.N.' tensors) to slice")
+                prefix = max(counts, key=lambda p: sum(1 for x in ck.names() if (layer_of(x) or ("",))[0] == p))
+                by_layer: Dict[int, List[str]] = {}
+                for x in ck.names():
+                    li = layer_of(x)
+                    if li and li[0] == prefix:
+                        by_layer.setdefault(li[1], []).append(x)
+                stacks[path] = (prefix, counts[prefix], by_layer)
+            return stacks[path]
+
+        slices = list(sliced.slices)
+        if sliced.whole_models is not None:  # modules.default.models: one slice of every whole model
+            models = list(sliced.whole_models)
+            if cfg.base_model and all(m.path != cfg.base_model for m in models):
+                models.append(ModelSpec(cfg.base_model, {}))
+            slices = [SliceSpec([SourceSpec(m.path, (0, stack_of(m.path)[1]), m.parameters) for m in models])]
+
+        for i, s in enumerate(slices):
+            _check_params(cfg, method, s, sliced.module_parameters, f"slices[{i}]")
+        donor_path = cfg.base_model or slices[0].sources[0].path
+        donor = open_ck(donor_path)
+        prefix0 = stack_of(slices[0].sources[0].path)[0]
+        pre_names, post_names = _outside_names(open_ck(slices[0].sources[0].path), prefix0)
+        parts, out_layer = [], 0
+        first = slices[0]
+        if pre_names:
+            parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "slices[0]"))
+        for i, s in enumerate(slices):
+            length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            entries = []  # (output name, t, {source index: source name})
+            for off in range(length):
+                t = off / (length - 1) if length > 1 else 1.0
+                per_source = []
+                for j, x in enumerate(s.sources):
+                    prefix, n_layers, by_layer = stack_of(x.path)
+                    src_layer = x.layer_range[0] + off
+                    if x.layer_range[1] > n_layers:
+                        raise MergeConfigError(cfg.where(f"slices[{i}].sources[{j}]: layer_range {list(x.layer_range)} "
+                                                         f"goes past {x.path}'s {n_layers} layers"))
+                    per_source.append({_suffix(name, prefix, src_layer): name
+                                       for name in by_layer.get(src_layer, [])})
+                suffixes = list(per_source[0])
+                for j, names in enumerate(per_source[1:], 1):
+                    if set(names) != set(suffixes):
+                        odd = sorted(set(names) ^ set(suffixes))[0]
+                        raise CheckpointError(f"{s.sources[j].path}: layer {s.sources[j].layer_range[0] + off} "
+                                              f"and {s.sources[0].path}'s layer {s.sources[0].layer_range[0] + off} "
+                                              f"differ in tensor {odd!r}")
+                for suf in suffixes:
+                    entries.append((f"{prefix0}.{out_layer}.{suf}", t, {j: per_source[j][suf]
+                                                                       for j in range(len(s.sources))}))
+                out_layer += 1
+            parts.append(_part(cfg, method, s, sliced, entries, open_ck, f"slices[{i}]"))
+        if post_names:
+            last = slices[-1]
+            zipped = SliceSpec(last.sources[:len(first.sources)], last.base_model, last.parameters)
+            parts.append(_part(cfg, method, zipped, sliced, [(n, 0.0, {}) for n in post_names], open_ck,
+                               f"slices[{len(slices) - 1}]"))
+        return SlicedPlan(cfg, method, parts, donor, list(opened.values()),
+                          {"num_hidden_layers": out_layer}, list(cfg.warnings))
+    except BaseException:
+        for ck in opened.values():
+            ck.close()
+        raise
+
+
+def _suffix(name: str, prefix: str, layer: int) -> str:
+    return name[len(f"{prefix}.{layer}."):]
+
+
+def _outside_names(ck, prefix: str) -> Tuple[List[str], List[str]]:
+    """Tensors outside the main layer stack, split into before it (embeddings) and after it."""
+    names = [n for n in ck.names() if (layer_of(n) or ("",))[0] != prefix]
+    pre = [n for n in names if any(m in n for m in _PRE_MARKERS)]
+    return pre, [n for n in names if n not in pre]
+
+
+def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, label):
+    """One MergePlan over the sources of a slice, tensors named as in the output."""
+    from pymerge import merge
+
+    base_path = s.base_model or cfg.base_model
+    paths = [x.path for x in s.sources]
+    specs = [ModelSpec(x.path, x.parameters) for x in s.sources]
+    if method.base_model == "none":
+        inputs, base = specs, None
+    else:
+        base = next((m for m in specs if m.path == base_path), None) if base_path else None
+        if base_path and base is None:
+            raise MergeConfigError(cfg.where(f"{label}: the base model {base_path} is not among this slice's "
+                                             f"sources (mergekit requires it there)"))
+        if base is None and method.base_model == "required":
+            raise MergeConfigError(cfg.where(f"{label}: merge_method {method.name} needs a base_model"))
+        inputs = [m for m in specs if m is not base]
+    try:
+        method.validate(len(inputs), base is not None)
+    except MergeConfigError as exc:
+        raise MergeConfigError(cfg.where(f"{label}: {exc}")) from None
+    order = inputs + ([base] if base is not None else [])
+    index = {p: j for j, p in enumerate(paths)}
+    views = []
+    for m in order:
+        j = index[m.path]
+        names = {out: (srcs[j] if srcs else out) for out, _, srcs in entries}
+        views.append(RenamedCheckpoint(open_ck(m.path), names))
+    labels = [m.path for m in order]
+    out_names = [out for out, _, _ in entries]
+    merge.check_compatible(views, labels=labels, names=out_names)
+    resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
+                              [s.parameters, sliced.module_parameters, cfg.parameters])
+    for out, t, srcs in entries:
+        resolver.where[out] = (t, [srcs[index[m.path]] if srcs else out for m in inputs])
+    tensors = [merge._plan_tensor(cfg, method, resolver, views, labels, out, None, base is not None)
+               for out in out_names]
+    return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [])
+
+
+def _check_params(cfg: MergeConfig, method, s: SliceSpec, module_params: dict, where: str) -> None:
+    """Names and types of every setting a slice uses, against the method (as for `models:`)."""
+    for scope_where, scope in ((f"{where}.parameters", s.parameters), ("modules.default.parameters", module_params)):
+        probe = MergeConfig(cfg.merge_method, [], parameters=scope, source=cfg.source)
+        check_method_params(probe, method, [])
+        cfg.warnings.extend(w.replace("parameters", scope_where, 1) for w in probe.warnings)
+    probe = MergeConfig(cfg.merge_method, [ModelSpec(x.path, x.parameters) for x in s.sources], source=cfg.source)
+    check_method_params(probe, method, probe.models)
+    cfg.warnings.extend(probe.warnings)

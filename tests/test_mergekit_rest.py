@@ -1,0 +1,403 @@
+"""The rest of mergekit 0.1.5: sce, multislerp, karcher, nearswap, arcee_fusion, ram, ramplus_tl;
+`slices:` / `modules:`; model IDs from the Hugging Face cache; mergekit-yaml's flags.
+
+1. Each method against a float64 reference (tests/mergekit_rest_reference.py) on awkward shapes,
+   float32 and bfloat16 inputs, and against mergekit's own function on the same tensors.
+2. Parity through the CLI: `pymerge merge` and `mergekit-yaml` (one subprocess for every config)
+   on generated Llama checkpoints (4 and 6 layers, untied and tied embeddings): same tensor names,
+   shapes, dtypes, values within 1e-5 relative per tensor, same num_hidden_layers and files.
+3. Hub IDs, flags and bad configs: exit 2 with one line, no output.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import llama_factory as lf
+import mergekit_rest_reference as ref
+from pymerge import cli
+from pymerge.methods.base import TensorTask, get_method
+
+mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
+from mergekit.merge_methods import registry  # noqa: E402
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+
+SHAPES = [(1,), (7,), (13, 17), (64, 129), (2, 3, 50), (257, 263)]  # the last: native Gram (> 65536)
+TOL = 1e-5
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def tensors(shape, n, seed, dtype=torch.float32, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = [base + scale * torch.randn(shape, generator=g) for _ in range(n)]
+    return base.to(dtype), [x.to(dtype) for x in xs]
+
+
+def ours(name, xs, base, model_params, params, out_dtype=torch.float32):
+    out = torch.empty(xs[0].shape, dtype=out_dtype)
+    task = TensorTask(list(xs), base, model_params, params, name="model.layers.0.mlp.up_proj.weight")
+    method = get_method(name)
+    method.check_params(task)
+    method.merge_tensor(task, out)
+    return out
+
+
+# name -> (ours(xs, base), reference(xs, base), mergekit(xs, base)); three fine-tunes and a base
+W = [0.3, 0.5, 0.9]
+CASES = {
+    "multislerp": (lambda xs, b: ours("multislerp", xs, b, [{"weight": w} for w in W], {}),
+                   lambda xs, b: ref.multislerp(xs, W, b),
+                   lambda xs, b: mk("multislerp", [b] + xs, 0, {"weight": W})),
+    "multislerp_no_base": (lambda xs, b: ours("multislerp", xs[:2], None, [{"weight": 1.0}, {"weight": 3.0}],
+                                              {"normalize_weights": False, "eps": 1e-6}),
+                           lambda xs, b: ref.multislerp(xs[:2], [1.0, 3.0], None, False, 1e-6),
+                           lambda xs, b: mk("multislerp", xs[:2], None, {"weight": [1.0, 3.0],
+                                                                         "normalize_weights": False, "eps": 1e-6})),
+    "karcher": (lambda xs, b: ours("karcher", xs + [b], None, [{}] * 4, {}),
+                lambda xs, b: ref.karcher(xs + [b]),
+                lambda xs, b: mk("karcher", xs + [b], None, {})),
+    "karcher_3_steps": (lambda xs, b: ours("karcher", xs, None, [{}] * 3, {"max_iter": 3, "tol": 1e-4}),
+                        lambda xs, b: ref.karcher(xs, 3, 1e-4),
+                        lambda xs, b: mk("karcher", xs, None, {"max_iter": 3, "tol": 1e-4})),
+    "nearswap": (lambda xs, b: ours("nearswap", xs[:1], b, [{}], {"t": 0.2}),
+                 lambda xs, b: ref.nearswap(b, xs[0], 0.2),
+                 lambda xs, b: mk("nearswap", [b, xs[0]], 0, {"t": 0.2})),
+    "arcee_fusion": (lambda xs, b: ours("arcee_fusion", xs[:1], b, [{}], {}),
+                     lambda xs, b: ref.arcee_fusion(b, xs[0]),
+                     lambda xs, b: mk("arcee_fusion", [b, xs[0]], 0, {})),
+    "sce": (lambda xs, b: ours("sce", xs, b, [{}] * 3, {}),
+            lambda xs, b: ref.sce(b, xs),
+            lambda xs, b: mk("sce", [b] + xs, 0, {})),
+    "sce_topk": (lambda xs, b: ours("sce", xs, b, [{}] * 3, {"select_topk": 0.4, "int8_mask": True}),
+                 lambda xs, b: ref.sce(b, xs, 0.4),
+                 lambda xs, b: mk("sce", [b] + xs, 0, {"select_topk": 0.4, "int8_mask": True})),
+    "ram": (lambda xs, b: ours("ram", xs, b, [{}] * 3, {"epsilon": 0.25}),
+            lambda xs, b: ref.ram(b, xs, 0.25),
+            lambda xs, b: mk("ram", [b] + xs, 0, {"epsilon": 0.25})),
+    "ramplus_tl": (lambda xs, b: ours("ramplus_tl", xs, b, [{}] * 3, {"epsilon": 0.25, "r": 0.5, "alpha": 0.9}),
+                   lambda xs, b: ref.ram(b, xs, 0.25, plus=(0.5, 0.9)),
+                   lambda xs, b: mk("ramplus_tl", [b] + xs, 0, {"epsilon": 0.25, "r": 0.5, "alpha": 0.9})),
+}
+
+
+def mk(name, ts, base_index, params):
+    return registry.get(name)([TensorGroup.from_tensors(ts, base_index=base_index)], parameters=params)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_matches_float64_reference(case, shape, dtype):
+    base, xs = tensors(shape, 3, seed=len(shape) * 7 + shape[-1], dtype=dtype)
+    got, want = CASES[case][0](xs, base), CASES[case][1](xs, base)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel(got, want) <= TOL, (case, shape, rel(got, want))
+
+
+@pytest.mark.parametrize("shape", [(7,), (64, 129)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_matches_mergekit_function(case, shape):
+    base, xs = tensors(shape, 3, seed=11)
+    assert rel(CASES[case][0](xs, base), CASES[case][2](xs, base)) <= TOL
+
+
+def test_degenerate_inputs():
+    base, xs = tensors((5, 8), 3, seed=2)
+    # one model: multislerp and karcher return it unchanged; identical models: their common value
+    assert torch.equal(ours("multislerp", xs[:1], base, [{"weight": 2.0}], {}), xs[0])
+    assert torch.equal(ours("karcher", xs[:1], None, [{}], {}), xs[0])
+    assert rel(ours("karcher", [xs[0]] * 3, None, [{}] * 3, {}), xs[0]) <= 1e-6
+    # an exactly antipodal pair with equal weights: mergekit's lerp fallback (a zero delta)
+    zero = torch.zeros_like(base)
+    got = ours("multislerp", [xs[0], -xs[0]], zero, [{"weight": 1.0}] * 2, {})
+    assert torch.equal(got, zero)
+    assert torch.equal(mk("multislerp", [zero, xs[0], -xs[0]], 0, {"weight": [1.0, 1.0]}), zero)
+    # no change anywhere: base back
+    for name, p in (("sce", {}), ("ram", {}), ("ramplus_tl", {}), ("nearswap", {"t": 0.5})):
+        n = 1 if name == "nearswap" else 2
+        assert torch.equal(ours(name, [base] * n, base, [{}] * n, p), base), name
+    # empty tensors
+    e = torch.empty(0, 4)
+    for name, n, b, p in (("multislerp", 2, None, {"weight": 1.0}), ("karcher", 2, None, {}),
+                          ("arcee_fusion", 1, e, {}), ("sce", 2, e, {"select_topk": 0.5}), ("ram", 2, e, {})):
+        assert ours(name, [e] * n, b, [p if name == "multislerp" else {}] * n,
+                    {} if name == "multislerp" else p).shape == (0, 4)
+
+
+def test_elementwise_methods_chunk_like_whole():
+    """nearswap and ram are streamed in chunks by the engine: any split gives the whole result."""
+    base, xs = tensors((31, 37), 3, seed=5)
+    for name, n, p in (("nearswap", 1, {"t": 0.1}), ("ram", 3, {"epsilon": 0.2})):
+        assert get_method(name).chunkable
+        whole = ours(name, xs[:n], base, [{}] * n, p).reshape(-1)
+        pieces = []
+        for s in range(0, base.numel(), 101):
+            sl = slice(s, s + 101)
+            pieces.append(ours(name, [x.reshape(-1)[sl] for x in xs[:n]], base.reshape(-1)[sl], [{}] * n, p))
+        assert torch.equal(torch.cat(pieces), whole), name
+
+
+def test_nan_propagates_without_a_crash():
+    base, xs = tensors((6, 9), 3, seed=3)
+    xs[1][2, 3] = float("nan")
+    for case in ("multislerp", "sce", "ram", "nearswap", "arcee_fusion"):
+        CASES[case][0](xs if case != "nearswap" else [xs[1]], base)  # no exception
+
+
+# ---- end to end against mergekit-yaml -----------------------------------------------------------
+D4 = lf.LlamaDims(hidden=32, layers=4, intermediate=48, vocab=64, heads=4, kv_heads=2)
+D6T = lf.LlamaDims(hidden=32, layers=6, intermediate=48, vocab=64, heads=4, kv_heads=2, tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rest")
+    base, fts = lf.make_family(root / "d4", n_finetunes=3, dims=D4, perturb=0.3)
+    t_base, t_fts = lf.make_family(root / "d6t", n_finetunes=2, dims=D6T, perturb=0.3)
+    return root, [str(p) for p in [base] + fts], [str(p) for p in [t_base] + t_fts]
+
+
+def _configs(m4, m6):
+    b, f1, f2, f3 = m4
+    tb, t1, t2 = m6
+    mlp_or = lambda mlp, other: [{"filter": "mlp", "value": mlp}, {"value": other}]  # noqa: E731
+    f32 = {"dtype": "float32"}
+    return {
+        "sce": {"merge_method": "sce", "base_model": b, "models": [{"model": f} for f in (f1, f2, f3)],
+                "parameters": {"select_topk": mlp_or(0.5, [0.2, 0.9])}, **f32},
+        "sce_all": {"merge_method": "sce", "base_model": tb, "models": [{"model": t1}, {"model": t2}], **f32},
+        "multislerp": {"merge_method": "multislerp", "base_model": b, "models": [
+            {"model": f1, "parameters": {"weight": [0.2, 0.8]}},
+            {"model": f2, "parameters": {"weight": mlp_or(1, 0.4)}},
+            {"model": f3, "parameters": {"weight": 0.5}}], **f32},
+        "multislerp_no_base": {"merge_method": "multislerp", "models": [
+            {"model": t1, "parameters": {"weight": 1.0}}, {"model": t2, "parameters": {"weight": 2.0}}],
+            "parameters": {"normalize_weights": False}, **f32},
+        "karcher": {"merge_method": "karcher", "base_model": b, "models": [{"model": f1}, {"model": f2}],
+                    "parameters": {"max_iter": 5}, **f32},
+        "nearswap": {"merge_method": "nearswap", "base_model": b, "models": [{"model": f1}],
+                     "parameters": {"t": [0.001, 0.05]}, **f32},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": tb, "models": [{"model": tb}, {"model": t2}],
+                         **f32},
+        "ram": {"merge_method": "ram", "base_model": b, "models": [{"model": f} for f in (f1, f2, f3)],
+                "parameters": {"epsilon": mlp_or(0.05, 0.02)}, **f32},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "models": [{"model": f} for f in (f1, f2)],
+                       "parameters": {"epsilon": 0.03, "r": [0.5, 1.0], "alpha": 0.9}, **f32},
+        # frankenmerge across layer counts: 4-layer and 6-layer models (same widths), untied donor
+        "slices_frankenmerge": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": f1, "layer_range": [0, 3]}]},
+            {"sources": [{"model": t1, "layer_range": [2, 6]}]},
+            {"sources": [{"model": f2, "layer_range": [3, 4], "parameters": {"scale": mlp_or(0.5, 1.0)}}]}], **f32},
+        # depth up-scaling of a tied-embedding model: layers repeated
+        "slices_dus_tied": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": t2, "layer_range": [0, 4]}]},
+            {"sources": [{"model": t2, "layer_range": [2, 6]}]}], "dtype": "bfloat16"},
+        # per-slice merges of several models, gradients over each slice, parameters at three levels
+        "slices_linear": {"merge_method": "linear", "slices": [
+            {"sources": [{"model": f1, "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.8]}},
+                         {"model": f3, "layer_range": [2, 4]}], "parameters": {"weight": 0.6}},
+            {"sources": [{"model": f2, "layer_range": [1, 4], "parameters": {"weight": 1.0}},
+                         {"model": f1, "layer_range": [0, 3], "parameters": {"weight": mlp_or(0.3, 2.0)}}]}],
+            "parameters": {"normalize": False, "weight": 0.1}, **f32},
+        "slices_ties_base": {"merge_method": "ties", "base_model": b, "slices": [
+            {"sources": [{"model": b, "layer_range": [0, 4]}, {"model": f1, "layer_range": [0, 4]},
+                         {"model": f2, "layer_range": [0, 4]}]}],
+            "parameters": {"weight": 0.5, "density": [0.3, 0.9]}, **f32},
+        "modules_slices": {"merge_method": "multislerp", "modules": {"default": {
+            "slices": [{"sources": [{"model": f1, "layer_range": [0, 2]}, {"model": f2, "layer_range": [2, 4]}]},
+                       {"sources": [{"model": f3, "layer_range": [1, 4]}, {"model": f1, "layer_range": [0, 3]}]}],
+            "parameters": {"weight": [1.0, 0.2]}}}, **f32},
+        "modules_models": {"merge_method": "karcher", "base_model": tb, "modules": {"default": {
+            "models": [{"model": t1}, {"model": t2}]}}, **f32},
+    }
+
+
+FLAGGED = {"slices_dus_tied": ["--no-copy-tokenizer"], "karcher": ["--out-shard-size", "20000"]}
+NAMES = list(_configs("abcd", "abc"))
+
+
+def _mergekit(jobs):
+    driver = ("import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
+              "for cfg, out, extra in json.loads(sys.argv[1]):\n"
+              "    main([cfg, out, '--quiet'] + extra, standalone_mode=False)\n")
+    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def parity(models):
+    root, m4, m6 = models
+    jobs = []
+    for name, c in _configs(m4, m6).items():
+        path = root / f"{name}.yml"
+        path.write_text(yaml.safe_dump(c, sort_keys=False))
+        jobs.append((str(path), str(root / "mk" / name), FLAGGED.get(name, [])))
+    _mergekit(jobs)
+    return root
+
+
+def run_cli(argv, capsys):
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_mergekit_yaml(parity, name, tmp_path, capsys):
+    out, theirs_dir = tmp_path / "out", parity / "mk" / name
+    rc, err = run_cli(["merge", parity / f"{name}.yml", out, "--quiet"] + FLAGGED.get(name, []), capsys)
+    assert rc == 0, err
+    ours, theirs = lf.load_folder(out), lf.load_folder(theirs_dir)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for k, b in theirs.items():
+        a = ours[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, b.dtype, a.shape, b.shape)
+        assert rel(a, b) <= TOL, (name, k, rel(a, b))
+    cfg = yaml.safe_load((parity / f"{name}.yml").read_text())
+    for m in [cfg.get("base_model")] + [e["model"] for e in cfg.get("models", [])]:
+        if m:  # a real merge: no input comes out unchanged
+            src = lf.load_folder(m)
+            assert any(not torch.equal(ours[k], src[k]) for k in src if k in ours), (name, m)
+    cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (out, theirs_dir))
+    assert cfg_a["num_hidden_layers"] == cfg_b["num_hidden_layers"]
+    files = lambda d: {p.name for p in d.iterdir() if p.suffix != ".safetensors" and p.name not in  # noqa: E731
+                       ("README.md", "model.safetensors.index.json")}
+    assert files(out) == files(theirs_dir)
+
+
+def test_slices_renumber_and_repeat_layers(parity, tmp_path, capsys):
+    """The frankenmerge's layers are the sources' layers, renumbered (values exact: passthrough)."""
+    out = tmp_path / "o"
+    assert run_cli(["merge", parity / "slices_dus_tied.yml", out, "--quiet"], capsys)[0] == 0
+    got = lf.load_folder(out)
+    cfg = yaml.safe_load((parity / "slices_dus_tied.yml").read_text())
+    src = lf.load_folder(cfg["slices"][0]["sources"][0]["model"])
+    for out_layer, src_layer in enumerate([0, 1, 2, 3, 2, 3, 4, 5]):
+        k = f"model.layers.{out_layer}.mlp.down_proj.weight"
+        assert torch.equal(got[k], src[f"model.layers.{src_layer}.mlp.down_proj.weight"].to(torch.bfloat16))
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 8
+    assert "lm_head.weight" not in got  # tied embeddings stay tied
+
+
+# ---- hub IDs, flags, bad configs ---------------------------------------------------------------------
+def _fake_cache(root, model_dir, org_name, commit, branch="main"):
+    repo = root / ("models--" + org_name.replace("/", "--"))
+    (repo / "snapshots").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "snapshots" / commit).symlink_to(model_dir, target_is_directory=True)
+    (repo / "refs" / branch).write_text(commit)
+
+
+def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    _fake_cache(cache, m4[1], "org/ft", "a" * 40)
+    _fake_cache(cache, m4[2], "org/ft", "b" * 40, branch="v2")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    cfg = tmp_path / "c.yml"
+    out = tmp_path / "out"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": "org/ft", "parameters": {"weight": 1.0}}, {"model": "org/ft@v2", "parameters": {"weight": 3.0}}],
+        "dtype": "float32"}))
+    rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+    assert rc == 0, err
+    a, b = lf.load_folder(m4[1]), lf.load_folder(m4[2])
+    got = lf.load_folder(out)
+    for k in a:
+        assert rel(got[k], 0.25 * a[k].double() + 0.75 * b[k].double()) <= 1e-6
+    # a commit prefix, and --transformers-cache instead of the environment
+    monkeypatch.delenv("HF_HUB_CACHE")
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/ft@bbbbbbbb"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "o2", "--quiet", "--transformers-cache", cache], capsys)
+    assert rc == 0, err
+    assert torch.equal(lf.load_folder(tmp_path / "o2")["model.norm.weight"], b["model.norm.weight"])
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/other@main"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "o3", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "org/other@main" in err and "not in the Hugging Face cache" in err
+    assert not (tmp_path / "o3").exists()
+
+
+def test_mergekit_flags(models, tmp_path, capsys):
+    _, m4, _ = models
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "nearswap", "base_model": m4[0], "models": [m4[1]],
+                                   "parameters": {"t": 0.01}}))
+    flags = ["--lazy-unpickle", "--low-cpu-memory", "--allow-crimes", "--clone-tensors", "--trust-remote-code",
+             "--no-cuda", "-j", "1", "--random-seed", "1", "--write-model-card", "--no-copy-tokenizer", "-v",
+             "--async-write", "--write-threads", "2", "--out-shard-size", "1B", "--no-multi-gpu"]
+    rc, err = run_cli(["merge", cfg, tmp_path / "o", "--quiet"] + flags, capsys)
+    assert rc == 0, err
+    names = {p.name for p in (tmp_path / "o").iterdir()}
+    assert "README.md" in names and "tokenizer.json" not in names and "generation_config.json" not in names
+    assert "nearswap" in (tmp_path / "o" / "README.md").read_text()
+    for bad, word in ((["--unsafe-truncate-embeddings"], "truncate"), (["--no-safe-serialization"], "safetensors")):
+        rc, err = run_cli(["merge", cfg, tmp_path / "x", "--quiet"] + bad, capsys)
+        assert rc == 2 and word in err and not (tmp_path / "x").exists()
+
+
+def _bad(m4, m6):
+    b, f1, f2, _ = m4
+    return {
+        "nearswap_two_models": ({"merge_method": "nearswap", "base_model": b, "models": [f1, f2],
+                                 "parameters": {"t": 0.1}}, ["nearswap", "exactly two models", "got 3"]),
+        "nearswap_no_t": ({"merge_method": "nearswap", "base_model": b, "models": [f1]}, ["'t'"]),
+        "arcee_no_base": ({"merge_method": "arcee_fusion", "models": [f1, f2]}, ["arcee_fusion", "base_model"]),
+        "karcher_fractional_iter": ({"merge_method": "karcher", "models": [f1, f2], "parameters": {"max_iter": 2.5}},
+                                    ["max_iter", "whole number"]),
+        "sce_unknown_param": ({"merge_method": "sce", "base_model": b, "models": [f1],
+                               "parameters": {"density": 0.5}}, ["unknown parameter 'density'", "sce"]),
+        "slice_base_not_a_source": ({"merge_method": "ties", "base_model": b, "slices": [
+            {"sources": [{"model": f1, "layer_range": [0, 2]}], "parameters": {"weight": 1.0}}]},
+            ["slices[0]", "base model", "not among"]),
+        "slice_past_the_end": ({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": f1, "layer_range": [2, 5]}]}]}, ["goes past", "4 layers"]),
+        "slice_two_sources_passthrough": ({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": f1, "layer_range": [0, 2]}, {"model": f2, "layer_range": [0, 2]}]}]},
+            ["slices[0]", "passthrough", "at most 1"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad("abcd", "abc")))
+def test_bad_configs_exit_2(models, case, tmp_path, capsys):
+    _, m4, m6 = models
+    cfg, words = _bad(m4, m6)[case]
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pymerge: error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml"]
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 4099, 70001])
+def test_native_elementwise_kernels_match_torch(n, in_dtype):
+    """csrc/cpu/elementwise_mix.cpp against the torch formulas (backend="torch"), awkward sizes,
+    every input dtype, NaN and inf passing through as torch passes them."""
+    from pymerge.ops import elementwise_mix as em
+    base, xs = tensors((n,), 3, seed=n % 97, scale=0.05)
+    if n > 10:
+        xs[0][3], xs[1][5], base[7] = float("nan"), float("inf"), float("-inf")
+    base, xs = base.to(in_dtype), [x.to(in_dtype) for x in xs]
+    for out_dtype in (torch.float32, torch.bfloat16):
+        for fn, args in ((em.nearswap, (base, xs[0], 0.01)), (em.ram, (xs, base, 0.02))):
+            a, b = torch.empty(n, dtype=out_dtype), torch.empty(n, dtype=out_dtype)
+            fn(*args, a, backend="cpu")
+            fn(*args, b, backend="torch")
+            assert torch.equal(a.isnan(), b.isnan()), fn.__name__
+            fa, fb = a.float().nan_to_num(0, 1e30, -1e30), b.float().nan_to_num(0, 1e30, -1e30)
+            tol = 1e-6 if out_dtype == torch.float32 else 2 ** -7  # one bf16 rounding step at most
+            assert torch.allclose(fa, fb, rtol=tol, atol=1e-7), (fn.__name__, out_dtype, (fa - fb).abs().max())
