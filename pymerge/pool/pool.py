@@ -15,6 +15,7 @@ import torch
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
+from pymerge.pool import compressed
 from pymerge.pool.sources import open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
 
@@ -61,16 +62,21 @@ class CheckpointPool:
                    pool falls to the next tier. `pool.residency` and `pool.describe()` say which.
     residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one
     backend        weighted_sum backend ("auto": C++ on the CPU, Triton on CUDA)
+    compress       "int8", "int4" or "auto": hold each checkpoint as its quantized delta from `base`
+                   (pymerge/pool/compressed.py); error_budget caps each tensor's relative delta error
     """
 
     def __init__(self, sources, base=None, device="cpu", dtype: Optional[torch.dtype] = None,
                  memory_budget=None, residency: Optional[str] = None, backend: str = "auto",
-                 num_threads: int = 0, chunk_bytes: int = 64 << 20):
+                 num_threads: int = 0, chunk_bytes: int = 64 << 20, compress: Optional[str] = None,
+                 error_budget: Optional[float] = None):
         if isinstance(sources, (str, os.PathLike, dict, torch.nn.Module)):
             raise InputError("sources must be a list of checkpoints (paths, state dicts or modules)")
         sources = list(sources)
         if not sources:
             raise InputError("a CheckpointPool needs at least one source")
+        if compress is not None:
+            error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
         if dtype is not None and dtype not in OUTPUT_DTYPES:
             raise InputError(f"dtype {dtype} is not a storage dtype the kernels read; use float32, float16 or bfloat16")
         self.device = torch.device(device)
@@ -89,9 +95,14 @@ class CheckpointPool:
             self.num_checkpoints = len(opened)
             self.labels = [s.label for s in opened]
             self.has_base = base_src is not None
-            self.residency, self.reason = self._choose(opened, base_src, residency)
-            self._inputs = {n: [self._hold(s.tensor(n)) for s in opened] for n in self.names}
-            self._base = {n: self._hold(base_src.tensor(n)) for n in self.names} if base_src else {}
+            self._compressed = None
+            if compress is not None:
+                self._adopt(compressed.CompressedStore.build(opened, base_src, self.names, self.shapes, compress,
+                                                             error_budget, dtype, self.skipped))
+            else:
+                self.residency, self.reason = self._choose(opened, base_src, residency)
+                self._inputs = {n: [self._hold(s.tensor(n)) for s in opened] for n in self.names}
+                self._base = {n: self._hold(base_src.tensor(n)) for n in self.names} if base_src else {}
         finally:
             if getattr(self, "residency", None) != "mmap":
                 for s in opened + ([base_src] if base_src else []):
@@ -99,10 +110,49 @@ class CheckpointPool:
                         s.close()  # views handed out stay valid; copies were made
         self._index = {n: i for i, n in enumerate(self.names)}
         self._cuda = None
-        if self.device.type == "cuda" or self.backend == "triton":
+        if self._compressed is None and (self.device.type == "cuda" or self.backend == "triton"):
             from pymerge.pool.cuda import CudaRunner
             self._cuda = CudaRunner(self._inputs, self.device, self.residency, self.num_checkpoints,
                                     chunk_bytes=chunk_bytes)
+
+    # ---- compressed pools (pymerge/pool/compressed.py) -----------------------------------------------
+    def _adopt(self, store: "compressed.CompressedStore") -> None:
+        """Holds a compressed store: the base exact, each checkpoint as its encoded delta, all resident."""
+        self._compressed = store.to(self.device)
+        self.residency = "device" if self.device.type == "cuda" else "host"
+        self.reason = store.describe()
+        self.nbytes = self._compressed.nbytes
+        self._inputs, self._base = {}, self._compressed.base
+
+    def compression_report(self) -> List[dict]:
+        """Per tensor and checkpoint: format, bytes held, measured relative error of the delta."""
+        return self._require_compressed().report()
+
+    def save(self, path, overwrite: bool = False) -> None:
+        """Writes a compressed pool to one .safetensors file; CheckpointPool.load(path) restores it."""
+        self._require_compressed().save(path, overwrite)
+
+    @classmethod
+    def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":
+        """A compressed pool saved with save(), checked as strictly as any checkpoint; nothing re-compressed."""
+        store = compressed.CompressedStore.load(path)
+        pool = cls.__new__(cls)
+        pool.device = torch.device(device)
+        if pool.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but CUDA is not available")
+        pool.dtype, pool.memory_budget, pool.num_threads = None, None, num_threads
+        pool.backend = pick_backend(pool.device, backend)
+        pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
+        pool.num_checkpoints, pool.labels, pool.has_base = len(store.labels), store.labels, True
+        pool._adopt(store)
+        pool._index = {n: i for i, n in enumerate(pool.names)}
+        pool._cuda = None
+        return pool
+
+    def _require_compressed(self) -> "compressed.CompressedStore":
+        if self._compressed is None:
+            raise InputError("this pool is not compressed (build it with compress='int8', 'int4' or 'auto')")
+        return self._compressed
 
     # ---- residency ---------------------------------------------------------------------------------
     def _storage_dtype(self, t: torch.Tensor) -> torch.dtype:
@@ -165,6 +215,8 @@ class CheckpointPool:
 
     def model_nbytes(self) -> int:
         """Bytes of one checkpoint as the pool stores it (what one materialize writes, at the same dtype)."""
+        if self._compressed is not None:
+            return self._compressed.model_nbytes()
         return sum(self._inputs[n][0].numel() * self._inputs[n][0].element_size() for n in self.names)
 
     def num_groups(self, groups: GroupRule = "layer") -> int:
@@ -172,7 +224,9 @@ class CheckpointPool:
         return max(group_indices(self.names, groups), default=0) + 1
 
     def tensor(self, i: int, name: str) -> torch.Tensor:
-        """Checkpoint i's resident tensor `name` (read-only use)."""
+        """Checkpoint i's resident tensor `name` (read-only use; a compressed pool decodes it, float32)."""
+        if self._compressed is not None:
+            return self._compressed.decoded(i, name)
         return self._inputs[name][i]
 
     # ---- merging -----------------------------------------------------------------------------------
@@ -217,7 +271,7 @@ class CheckpointPool:
     def _graph_weights(self, weight_rows, method: str) -> bool:
         """CUDA-tensor weights on the pool's device: used where they are, values unchecked (no host sync),
         so a CUDA graph can capture materialize and replay it after the caller updates them in place."""
-        if self.device.type != "cuda" or method != "linear":
+        if self.device.type != "cuda" or method != "linear" or self._compressed is not None:
             return False
         return all(isinstance(w, torch.Tensor) and w.device.type == "cuda" for w in weight_rows)
 
@@ -264,6 +318,8 @@ class CheckpointPool:
         return plans
 
     def _run_linear(self, plans: List[_Plan], tables: List[np.ndarray]) -> None:
+        if self._compressed is not None:
+            return compressed.run_linear(self._compressed, plans, tables, self.backend, self.num_threads)
         if self._cuda is not None:
             self._cuda.run_linear(plans, tables, self.backend)
             return
@@ -279,6 +335,9 @@ class CheckpointPool:
         m = get_method(method)
         m.validate(self.num_checkpoints, self.has_base)
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
+        if self._compressed is not None:
+            return compressed.run_method(self._compressed, m, per_model, global_params, plans, tables, seed,
+                                         self.backend, self.num_threads)
         tasks = []
         for p in plans:
             inputs = self._inputs[p.name]
