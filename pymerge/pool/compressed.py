@@ -49,6 +49,7 @@ KIND_Q8, KIND_Q4 = 16, 17  # csrc/cpu/delta_decode.cpp and kernels/delta_decode.
 _QMAX = {"int8": 127, "int4": 7}
 _CHUNK_BLOCKS = 1 << 15      # quantize 2M elements at a time: float64 temporaries stay small
 _HELD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_F32_MAX = float(torch.finfo(torch.float32).max)
 META_KEY = "pymerge.compressed_pool"
 VERSION = 1
 
@@ -150,11 +151,12 @@ def _rel_error(delta: torch.Tensor, decoded: torch.Tensor, norm: float) -> float
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
     """One checkpoint tensor (as held) against the base (as held) in compress mode `mode`."""
     delta = theta.reshape(-1).double() - base.reshape(-1).double()
-    if not bool(torch.isfinite(delta).all()):
-        bad = int((~torch.isfinite(delta)).nonzero()[0, 0])
+    finite = delta.abs() <= _F32_MAX  # the kernels decode in float32: a delta beyond it would be inf there
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
         raise InputError(f"{where}: delta from the base is not finite at element {bad} "
                          f"(checkpoint {float(theta.reshape(-1)[bad])}, base {float(base.reshape(-1)[bad])}); "
-                         "a compressed pool needs finite deltas")
+                         "a compressed pool needs deltas finite in float32")
     norm = float(torch.linalg.vector_norm(delta))
     if norm == 0:
         return Encoded("zero", 0.0, 0.0)
