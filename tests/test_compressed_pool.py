@@ -48,19 +48,42 @@ def _block_bound(d: torch.Tensor, fmt: str) -> torch.Tensor:
     return (s / 2).repeat_interleave(cp.BLOCK)[:n]
 
 
+def _reference_quantize(delta: torch.Tensor, fmt: str):
+    """The documented encoder in float64 torch: s = smallest bfloat16 >= max|delta_b| / qmax per
+    block, code = round-half-even(delta / s), int4 packed per strip of 32 (j low, j + 16 high)."""
+    qmax = QMAX[fmt]
+    blocks = torch.zeros(cp.padded(delta.numel()), dtype=torch.float64)
+    blocks[:delta.numel()] = delta
+    blocks = blocks.view(-1, cp.BLOCK)
+    x = blocks.abs().amax(dim=1) / qmax
+    s = x.to(torch.bfloat16)
+    s.view(torch.int16)[s.double() < x] += 1  # round up: the next bit pattern is the next bfloat16
+    codes = torch.round(blocks / torch.where(s.double() > 0, s.double(), 1.0)[:, None]).view(-1).to(torch.int8)
+    if fmt == "int4":
+        strips = codes.view(-1, cp.STRIP).to(torch.int16) + 8
+        codes = (strips[:, :16] | (strips[:, 16:] << 4)).to(torch.uint8).view(-1)
+    return codes, s
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "zero", "denormal"])
-def test_format_round_trip_within_its_bound(fmt, kind):
-    gen = torch.Generator().manual_seed(hash((fmt, kind)) % 1000)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_format_round_trip_within_its_bound(fmt, kind, dtype):
+    gen = torch.Generator().manual_seed(len(fmt) * 10 + len(kind))
     torch.manual_seed(1)
     for n in SIZES:
-        d = _delta(kind, n, gen)
-        codes, scales = cp.quantize(d, fmt)
+        base = torch.zeros(n, dtype=dtype) if kind == "denormal" else torch.randn(n, generator=gen).to(dtype)
+        theta = (base.double() + _delta(kind, n, gen)).to(dtype)
+        d = theta.double() - base.double()
+        codes, scales, err2, norm2, bad = cp.quantize(theta, base, fmt)
+        want_codes, want_scales = _reference_quantize(d, fmt)
+        assert bad == -1 and torch.equal(codes, want_codes) and torch.equal(scales, want_scales), n
         assert codes.numel() == (cp.padded(n) if fmt == "int8" else cp.padded(n) // 2)
-        assert scales.dtype == torch.bfloat16 and scales.numel() == cp.padded(n) // cp.BLOCK
         dec = cp.dequantize(codes, scales, fmt, n).double()
         err = (dec - d).abs()
         assert bool((err <= _block_bound(d, fmt) * (1 + 1e-12)).all()), (n, float(err.max()))
+        assert math.isclose(err2, float((err ** 2).sum()), rel_tol=1e-9, abs_tol=1e-300)
+        assert math.isclose(norm2, float((d ** 2).sum()), rel_tol=1e-9, abs_tol=1e-300)
         if kind == "zero":
             assert bool((dec == 0).all())
 
@@ -186,7 +209,7 @@ def test_kernels_decode_exactly():
     gen = torch.Generator().manual_seed(11)
     for fmt, kind in (("int8", cp.KIND_Q8), ("int4", cp.KIND_Q4)):
         for n in (1, 33, 64, 4096 + 97):
-            codes, scales = cp.quantize(torch.randn(n, generator=gen, dtype=torch.float64), fmt)
+            codes, scales = cp.quantize(torch.randn(n, generator=gen), torch.zeros(n), fmt)[:2]
             want = cp.dequantize(codes, scales, fmt, n)
             for be in ("cpu", "triton", "torch"):
                 out = torch.empty(n)

@@ -12,6 +12,8 @@
 #include <immintrin.h>
 #include <pybind11/stl.h>
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include "cpu/tv_common.h"
@@ -232,7 +234,91 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
   });
 }
 
+// ---- encoding (pool construction) ---------------------------------------------------------------
+// delta = double(theta) - double(base); per block of 64: s = the smallest bfloat16 >= max|delta| / qmax,
+// code = round-half-even(delta / s) (never beyond qmax, so never clamped). The same arithmetic as
+// pymerge/pool/compressed.py's torch reference, bit for bit; the error sums are float64, summed per
+// chunk in index order (the same result for any thread count).
+inline double load_f64(uintptr_t p, int dt, int64_t i) {
+  switch (dt) {
+    case F32: return reinterpret_cast<const float*>(p)[i];
+    case F16: return f16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+    default: return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+inline uint16_t bf16_ceil(double x) {  // x >= 0, finite
+  float f = float(x);
+  if (double(f) < x) f = std::nextafter(f, INFINITY);
+  const uint32_t b = f32_to_bits(f);
+  return uint16_t((b >> 16) + ((b & 0xffffu) != 0));
+}
+
+py::tuple delta_quantize(uintptr_t theta, int theta_dt, uintptr_t base, int base_dt, int64_t numel, int bits,
+                         uintptr_t codes, uintptr_t scales, int num_threads) {
+  if (bits != 8 && bits != 4) throw std::invalid_argument("delta_quantize: bits must be 8 or 4");
+  for (int dt : {theta_dt, base_dt})
+    if (dt != F32 && dt != F16 && dt != BF16) throw std::invalid_argument("delta_quantize: bad dtype code");
+  const double qmax = bits == 8 ? 127 : 7;
+  const int64_t n_blocks = (numel + kQBlock - 1) / kQBlock;
+  constexpr int64_t kGrain = 1024;  // blocks per chunk
+  const int64_t n_chunks = (n_blocks + kGrain - 1) / kGrain;
+  std::vector<double> err(n_chunks, 0.0), norm(n_chunks, 0.0);
+  std::vector<int64_t> bad(n_chunks, -1);
+  {
+    py::gil_scoped_release release;
+    parallel_for(n_chunks, 1, num_threads > 0 ? num_threads : default_threads(), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double e2 = 0, n2 = 0;
+        for (int64_t b = c * kGrain; b < std::min(n_blocks, (c + 1) * kGrain) && bad[c] < 0; ++b) {
+          double d[kQBlock] = {0};
+          double amax = 0;
+          const int64_t e0 = b * kQBlock, len = std::min(kQBlock, numel - e0);
+          for (int64_t j = 0; j < len; ++j) {
+            d[j] = load_f64(theta, theta_dt, e0 + j) - load_f64(base, base_dt, e0 + j);
+            if (!(std::fabs(d[j]) <= double(FLT_MAX))) { bad[c] = e0 + j; break; }
+            amax = std::max(amax, std::fabs(d[j]));
+          }
+          if (bad[c] >= 0) break;
+          const uint16_t sb = bf16_ceil(amax / qmax);
+          reinterpret_cast<uint16_t*>(scales)[b] = sb;
+          const double s = bf16_to_f32(sb), div = s > 0 ? s : 1.0;
+          int8_t q[kQBlock];
+          for (int64_t j = 0; j < kQBlock; ++j) {
+            q[j] = int8_t(std::min(qmax, std::max(-qmax, std::nearbyint(d[j] / div))));
+            const double r = q[j] * s - d[j];
+            e2 += r * r;
+            n2 += d[j] * d[j];
+          }
+          if (bits == 8) {
+            std::memcpy(reinterpret_cast<int8_t*>(codes) + e0, q, kQBlock);
+          } else {
+            uint8_t* p = reinterpret_cast<uint8_t*>(codes) + e0 / 2;
+            for (int64_t h = 0; h < kQBlock; h += kStrip)
+              for (int j = 0; j < 16; ++j) p[h / 2 + j] = uint8_t((q[h + j] + 8) | ((q[h + j + 16] + 8) << 4));
+          }
+        }
+        err[c] = e2;
+        norm[c] = n2;
+      }
+    });
+  }
+  double e2 = 0, n2 = 0;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    if (bad[c] >= 0) return py::make_tuple(0.0, 0.0, bad[c]);
+    e2 += err[c];
+    n2 += norm[c];
+  }
+  return py::make_tuple(e2, n2, int64_t(-1));
+}
+
 void register_delta_decode(py::module_& m) {
+  m.def("delta_quantize", &delta_quantize, py::arg("theta"), py::arg("theta_dtype"), py::arg("base"),
+        py::arg("base_dtype"), py::arg("numel"), py::arg("bits"), py::arg("codes"), py::arg("scales"),
+        py::arg("num_threads") = 0,
+        "Quantizes theta - base into int8/int4 codes + bfloat16 scales per 64 elements (raw pointers, codes "
+        "and scales padded to whole blocks); returns (sum squared error, sum squared delta, first non-finite "
+        "element or -1).");
   m.def("delta_accumulate", &delta_accumulate, py::arg("data_ptrs"), py::arg("scale_ptrs"), py::arg("kinds"),
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("num_threads") = 0,
         py::call_guard<py::gil_scoped_release>(),

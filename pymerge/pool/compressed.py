@@ -46,10 +46,7 @@ COMPRESS_MODES = ("int8", "int4", "auto")
 FORMATS = ("zero", "int4", "int8", "exact")
 DEFAULT_BUDGET = 1e-2
 KIND_Q8, KIND_Q4 = 16, 17  # csrc/cpu/delta_decode.cpp and kernels/delta_decode.py
-_QMAX = {"int8": 127, "int4": 7}
-_CHUNK_BLOCKS = 1 << 15      # quantize 2M elements at a time: float64 temporaries stay small
 _HELD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_F32_MAX = float(torch.finfo(torch.float32).max)
 META_KEY = "pymerge.compressed_pool"
 VERSION = 1
 
@@ -101,37 +98,17 @@ def padded(numel: int) -> int:
     return -(-numel // BLOCK) * BLOCK
 
 
-def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """The smallest bfloat16 >= x, for x >= 0 in float64 (so codes never need clamping)."""
-    b = x.to(torch.bfloat16)
-    low = b.double() < x
-    bits = b.view(torch.int16)
-    bits[low] += 1  # positive values: the next bit pattern is the next bfloat16 up
-    return b
-
-
-def quantize(delta: torch.Tensor, fmt: str):
-    """delta (float64, flat) -> (codes, bfloat16 scales) of format int8 or int4, padded to BLOCK."""
-    qmax = _QMAX[fmt]
-    n = delta.numel()
-    nb = padded(n) // BLOCK
-    scales = torch.empty(nb, dtype=torch.bfloat16)
-    codes = torch.empty(nb * BLOCK, dtype=torch.int8)
-    for b0 in range(0, nb, _CHUNK_BLOCKS):
-        b1 = min(nb, b0 + _CHUNK_BLOCKS)
-        part = delta[b0 * BLOCK:min(n, b1 * BLOCK)]
-        blocks = torch.zeros((b1 - b0) * BLOCK, dtype=torch.float64)
-        blocks[:part.numel()] = part
-        blocks = blocks.view(-1, BLOCK)
-        s = _bf16_ceil(blocks.abs().amax(dim=1) / qmax)
-        s64 = s.double()
-        q = torch.round(blocks / torch.where(s64 > 0, s64, 1.0)[:, None]).clamp_(-qmax, qmax)
-        scales[b0:b1] = s
-        codes[b0 * BLOCK:b1 * BLOCK] = q.view(-1).to(torch.int8)
-    if fmt == "int4":
-        strips = (codes.view(-1, STRIP).to(torch.int16) + 8)
-        codes = (strips[:, :16] | (strips[:, 16:] << 4)).to(torch.uint8).view(-1)
-    return codes, scales
+def quantize(theta: torch.Tensor, base: torch.Tensor, fmt: str, num_threads: int = 0):
+    """theta - base (held tensors, CPU, contiguous) as int8/int4 codes and bfloat16 scales, padded to
+    BLOCK, by the C++ encoder (threaded). Returns (codes, scales, sum of squared errors, sum of squared
+    deltas, first element whose delta is not finite in float32 or -1); sums in float64."""
+    n, p = theta.numel(), padded(theta.numel())
+    codes = torch.empty(p, dtype=torch.int8) if fmt == "int8" else torch.empty(p // 2, dtype=torch.uint8)
+    scales = torch.empty(p // BLOCK, dtype=torch.bfloat16)
+    err2, norm2, bad = _native.require_cpu().delta_quantize(
+        theta.data_ptr(), _native.DTYPE_CODES[theta.dtype], base.data_ptr(), _native.DTYPE_CODES[base.dtype], n,
+        8 if fmt == "int8" else 4, codes.data_ptr(), scales.data_ptr(), num_threads)
+    return codes, scales, err2, norm2, bad
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, numel: int) -> torch.Tensor:
@@ -143,30 +120,21 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, numel: int) 
     return values.view(-1)[:numel]
 
 
-def _rel_error(delta: torch.Tensor, decoded: torch.Tensor, norm: float) -> float:
-    err = float(torch.linalg.vector_norm(decoded.double() - delta))
-    return err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
-
-
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
-    """One checkpoint tensor (as held) against the base (as held) in compress mode `mode`."""
-    delta = theta.reshape(-1).double() - base.reshape(-1).double()
-    finite = delta.abs() <= _F32_MAX  # the kernels decode in float32: a delta beyond it would be inf there
-    if not bool(finite.all()):
-        bad = int((~finite).nonzero()[0, 0])
-        raise InputError(f"{where}: delta from the base is not finite at element {bad} "
-                         f"(checkpoint {float(theta.reshape(-1)[bad])}, base {float(base.reshape(-1)[bad])}); "
-                         "a compressed pool needs deltas finite in float32")
-    norm = float(torch.linalg.vector_norm(delta))
-    if norm == 0:
-        return Encoded("zero", 0.0, 0.0)
-    tries = ("int4", "int8") if mode == "auto" else (mode,)
-    for fmt in tries:
-        codes, scales = quantize(delta, fmt)
-        err = _rel_error(delta, dequantize(codes, scales, fmt, delta.numel()), norm)
+    """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`."""
+    theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
+    for fmt in ("int4", "int8") if mode == "auto" else (mode,):
+        codes, scales, err2, norm2, bad = quantize(theta, base, fmt)
+        if bad >= 0:
+            raise InputError(f"{where}: delta from the base is not finite at element {bad} "
+                             f"(checkpoint {float(theta[bad])}, base {float(base[bad])}); "
+                             "a compressed pool needs deltas finite in float32")
+        if norm2 == 0:
+            return Encoded("zero", 0.0, 0.0)
+        err = math.sqrt(err2 / norm2)
         if budget is None or err <= budget:
-            return Encoded(fmt, err, norm, codes=codes, scales=scales)
-    return Encoded("exact", 0.0, norm, exact=theta.reshape(-1).clone())
+            return Encoded(fmt, err, math.sqrt(norm2), codes=codes, scales=scales)
+    return Encoded("exact", 0.0, math.sqrt(norm2), exact=theta.clone())
 
 
 # ---- the store --------------------------------------------------------------------------------------
