@@ -68,6 +68,14 @@ def check_options(compress, error_budget, has_base: bool, residency) -> Optional
     return float(error_budget)
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """The decode kernels: C++ for CPU tensors, Triton on CUDA (or in its interpreter), torch anywhere."""
+    if backend not in ("cpu", "triton", "torch"):
+        raise InputError(f"backend {backend!r} has no delta-decode kernel; use cpu, triton or torch")
+    if backend == "cpu" and device.type != "cpu":
+        raise InputError(f"backend 'cpu' computes on CPU tensors; the pool is on {device}")
+
+
 def held_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     """What a compressed pool stores dense tensors as: dtype=, else the tensor's own dtype where the
     kernels read it (float8 widens to bfloat16 exactly, float64 narrows to float32)."""
@@ -421,7 +429,7 @@ def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torc
                 acc.add_(_decode_term(x, s, kind, numel), alpha=float(w[k, t]))
             out.view(-1).copy_(acc)
     else:
-        raise InputError(f"backend {backend!r} has no delta-decode kernel; use cpu, triton or torch")
+        raise AssertionError(backend)  # check_backend ran when the pool was built
 
 
 def _decode_term(x, s, kind: int, numel: int) -> torch.Tensor:

@@ -75,8 +75,6 @@ class CheckpointPool:
         sources = list(sources)
         if not sources:
             raise InputError("a CheckpointPool needs at least one source")
-        if compress is not None:
-            error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
         if dtype is not None and dtype not in OUTPUT_DTYPES:
             raise InputError(f"dtype {dtype} is not a storage dtype the kernels read; use float32, float16 or bfloat16")
         self.device = torch.device(device)
@@ -86,6 +84,9 @@ class CheckpointPool:
             raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.dtype = dtype
         self.backend = pick_backend(self.device, backend)
+        if compress is not None:  # every option checked before anything is read or compressed
+            error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
+            compressed.check_backend(self.backend, self.device)
         self.num_threads = num_threads
         self.memory_budget = parse_bytes(memory_budget)
         opened = [open_source(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
@@ -118,6 +119,7 @@ class CheckpointPool:
     # ---- compressed pools (pymerge/pool/compressed.py) -----------------------------------------------
     def _adopt(self, store: "compressed.CompressedStore") -> None:
         """Holds a compressed store: the base exact, each checkpoint as its encoded delta, all resident."""
+        compressed.check_backend(self.backend, self.device)
         self._compressed = store.to(self.device)
         self.residency = "device" if self.device.type == "cuda" else "host"
         self.reason = store.describe()
