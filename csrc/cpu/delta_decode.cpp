@@ -6,9 +6,10 @@
 // element j in its low nibble and element j + 16 in its high nibble, each stored as code + 8.
 // Quantized terms are padded to whole 64-element blocks, so strips never read past their codes.
 //
-// Every code byte is read once per call for all K outputs. The AVX-512 path decodes a strip of
-// 32 elements in registers (int4: one table permute per 16 values, the nibble is the index) and
-// keeps all K accumulators there; AVX2 and plain builds decode a block into L1 and accumulate.
+// Every code byte is read once per call for all K outputs. The AVX-512 path decodes a scale block
+// of 64 elements in registers (int4: one table permute per 16 values, the nibble is the index) and
+// keeps the accumulators of up to 4 outputs there; AVX2 and plain builds decode 4096 elements into
+// L1 and accumulate.
 #include <immintrin.h>
 #include <pybind11/stl.h>
 #include <algorithm>
@@ -27,7 +28,7 @@ enum Kind : int { Q8 = 16, Q4 = 17 };  // dense terms carry their dtype code (F3
 constexpr int64_t kQBlock = 64;        // elements per scale
 constexpr int64_t kStrip = 32;         // int4 packing unit
 constexpr int64_t kBlock = 4096;       // elements per work unit, a multiple of kQBlock
-constexpr int kMaxK = 8;               // accumulators per AVX-512 pass: 2 * 8 of the 32 zmm registers
+constexpr int kMaxK = 4;               // outputs per AVX-512 pass: 4 * 4 accumulators of the 32 zmm registers
 
 struct Job {
   const uintptr_t* data;
@@ -127,65 +128,75 @@ inline char* out_at(const Job& J, int64_t k, int64_t e) {
 
 constexpr int64_t kPrefetchBytes = 1024;  // per stream, as weighted_sum: prefetchers juggle many streams poorly
 
+// One scale block (64 elements = 4 zmm) of term t at element e, as float32 values in x[0..3];
+// returns the factor the values still need (the block's scale; 1 for dense terms).
+DD_AVX512 inline float load_block64(const Job& J, int64_t t, int64_t e, const __m512 lut, __m512 x[4]) {
+  const int kind = J.kind[t];
+  if (kind == Q4) {  // 32 bytes: two strips of 32, each byte holding elements j and j + 16
+    const char* p = reinterpret_cast<const char*>(J.data[t]) + e / 2;
+    _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+      x[2 * h] = _mm512_permutexvar_ps(v, lut);  // the low nibble indexes the table
+      x[2 * h + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+    }
+    return scale_at(J, t, e);
+  }
+  if (kind == Q8) {
+    const char* p = reinterpret_cast<const char*>(J.data[t]) + e;
+    _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+    for (int h = 0; h < 4; ++h)
+      x[h] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h))));
+    return scale_at(J, t, e);
+  }
+  const size_t es = dtype_size(kind);
+  const char* p = reinterpret_cast<const char*>(J.data[t]) + e * es;
+  _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+  _mm_prefetch(p + kPrefetchBytes + 64, _MM_HINT_T0);
+  if (es == 4) {
+    _mm_prefetch(p + kPrefetchBytes + 128, _MM_HINT_T0);
+    _mm_prefetch(p + kPrefetchBytes + 192, _MM_HINT_T0);
+  }
+  for (int h = 0; h < 4; ++h) x[h] = load16_dense(p + 16 * h * es, kind);
+  return 1.0f;
+}
+
+// Whole scale blocks, all K accumulators (4 zmm each) in registers: every code byte and input
+// element is loaded once, every output element stored once.
 template <int K>
-DD_AVX512 void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_t len) {
+DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t len) {
   const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   bool stream[K];
-  for (int k = 0; k < K; ++k)  // stream only where every strip's store is aligned (bf16: 32 B, f32: 64 B)
+  for (int k = 0; k < K; ++k)  // stream only where every store is aligned (bf16: 32 B, f32: 64 B)
     stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 64 : 32) == 0;
-  for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
+  for (int64_t j = 0; j + kQBlock <= len; j += kQBlock) {
     const int64_t e = start + j;
-    __m512 acc[K][2];
+    __m512 acc[K][4];
     for (int64_t t = 0; t < J.n_terms; ++t) {
-      const int kind = J.kind[t];
-      __m512 x0, x1;
-      float s = 1.0f;
-      if (kind == Q4) {
-        const char* p = reinterpret_cast<const char*>(J.data[t]) + e / 2;
-        _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        x0 = _mm512_permutexvar_ps(v, lut);  // the low nibble indexes the table
-        x1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-        s = scale_at(J, t, e);
-      } else if (kind == Q8) {
-        const char* p = reinterpret_cast<const char*>(J.data[t]) + e;
-        _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
-        x0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-        x1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
-        s = scale_at(J, t, e);
-      } else {
-        const size_t es = dtype_size(kind);
-        const char* p = reinterpret_cast<const char*>(J.data[t]) + e * es;
-        _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
-        if (es == 4) _mm_prefetch(p + kPrefetchBytes + 64, _MM_HINT_T0);
-        x0 = load16_dense(p, kind);
-        x1 = load16_dense(p + 16 * es, kind);
-      }
+      __m512 x[4];
+      const float s = load_block64(J, t, e, lut, x);
       const float* w = J.w + k0 * J.n_terms + t;
-#pragma GCC unroll 8
+#pragma GCC unroll 4
       for (int k = 0; k < K; ++k) {
         const __m512 wk = _mm512_set1_ps(w[k * J.n_terms] * s);
-        acc[k][0] = t ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
-        acc[k][1] = t ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+        for (int h = 0; h < 4; ++h) acc[k][h] = t ? _mm512_fmadd_ps(wk, x[h], acc[k][h]) : _mm512_mul_ps(wk, x[h]);
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
       const int dt = J.out_dt[k0 + k];
       char* dst = out_at(J, k0 + k, e);
-      store16(dst, acc[k][0], dt, stream[k]);
-      store16(dst + 16 * dtype_size(dt), acc[k][1], dt, stream[k]);
+      for (int h = 0; h < 4; ++h) store16(dst + 16 * h * dtype_size(dt), acc[k][h], dt, stream[k]);
     }
   }
 }
 
 DD_AVX512 void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
   static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
-      strips_avx512<1>, strips_avx512<2>, strips_avx512<3>, strips_avx512<4>,
-      strips_avx512<5>, strips_avx512<6>, strips_avx512<7>, strips_avx512<8>};
-  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 8 outputs: re-read the block from cache
+      blocks_avx512<1>, blocks_avx512<2>, blocks_avx512<3>, blocks_avx512<4>};
+  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 4 outputs: re-read the block from cache
     by_k[std::min<int64_t>(kMaxK, J.n_out - k0) - 1](J, k0, start, len);
-  const int64_t done = len / kStrip * kStrip;
+  const int64_t done = len / kQBlock * kQBlock;
   if (done < len) block_plain(J, start + done, len - done, accs, xbuf);  // the tensor's last few elements
 }
 
