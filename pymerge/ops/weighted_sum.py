@@ -124,7 +124,7 @@ def _cuda_weighted_sum(tensors, rows, outs):
         rows = rows.to(device=device, dtype=torch.float32).contiguous()
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
-        for start in range(0, len(outs), ext.MAX_OUTPUTS):  # populations larger than 8 go in groups
+        for start in range(0, len(outs), ext.MAX_OUTPUTS):  # populations larger than MAX_OUTPUTS go in groups
             group = outs[start:start + ext.MAX_OUTPUTS]
             grows = rows[start:start + ext.MAX_OUTPUTS]
             scratch = None
