@@ -204,17 +204,33 @@ def test_selection_methods_run_on_decoded_deltas(method, params):
     assert diff < 0.05 * sum(float(exact[n].double().norm() ** 2) for n in SHAPES) ** 0.5
 
 
-def test_kernels_decode_exactly():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_decode_exactly(backend, monkeypatch):
     """With weight 1 every backend reproduces dequantize bit for bit (code * bfloat16 scale is exact)."""
+    be = _backend(backend, monkeypatch)
     gen = torch.Generator().manual_seed(11)
     for fmt, kind in (("int8", cp.KIND_Q8), ("int4", cp.KIND_Q4)):
         for n in (1, 33, 64, 4096 + 97):
             codes, scales = cp.quantize(torch.randn(n, generator=gen), torch.zeros(n), fmt)[:2]
             want = cp.dequantize(codes, scales, fmt, n)
-            for be in ("cpu", "triton", "torch"):
-                out = torch.empty(n)
-                cp.run_terms([codes], [scales], [kind], n, np.ones((1, 1), np.float32), [out], be)
-                assert torch.equal(out, want), (fmt, n, be)
+            out = torch.empty(n)
+            cp.run_terms([codes], [scales], [kind], n, np.ones((1, 1), np.float32), [out], be)
+            assert torch.equal(out, want), (fmt, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compressed_pool_on_the_gpu(backend):
+    base, cks = _pool_inputs(SHAPES, seed=12)
+    cks[1]["norm"] = base["norm"].clone()
+    pool = CheckpointPool(cks, base=base, compress="auto", error_budget=0.2, device="cuda", backend=backend)
+    w = [0.4, 0.35, 0.25]
+    for out_dtype in (torch.bfloat16, torch.float32):
+        model = {k: torch.empty(s, dtype=out_dtype, device="cuda") for k, s in SHAPES.items()}
+        pool.materialize(w, into=model)
+        cpu_pool = CheckpointPool(cks, base=base, compress="auto", error_budget=0.2)
+        for name in SHAPES:
+            _check_close(model[name].cpu(), _reference(cpu_pool, 0.0, w, name), cpu_pool, name, 0.0, w)
 
 
 @pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
