@@ -333,6 +333,8 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         pool.save(path)
     pool.save(path, overwrite=True)
+    with pytest.raises(InputError, match="is a folder"):
+        pool.save(tmp_path, overwrite=True)
     with pytest.raises(InputError, match="not compressed"):
         CheckpointPool([{"a": torch.ones(2)}]).save(tmp_path / "x.safetensors")
 

@@ -20,9 +20,9 @@ delta is measured in float64 between the tensors as the pool would hold them (dt
 compress="int8"/"int4" uses that format everywhere (exact where error_budget, if given, is not
 met); "auto" picks per tensor and checkpoint the cheapest format whose measured relative error
 ||decode(delta) - delta|| / ||delta|| is within error_budget (default 1e-2). A sparse top-k
-format is not offered: at the errors int4 reaches (~10 % relative on dense deltas) top-k must keep
-most entries, and an index plus a value costs more than 4.25 bits (benchmarks/bench_compressed_pool.py
-measures it).
+format is not offered: to match int4's error (10-15 % relative on dense, heavy-tailed deltas) a
+magnitude top-k must keep about 60 % of the entries, over 14 bits per element with a 16-bit index
+and an 8-bit value (benchmarks/bench_compressed_pool.py measures it).
 
 Kernels: C++ (csrc/cpu/delta_decode.cpp) on the CPU, Triton (kernels/delta_decode.py) on CUDA
 or in the interpreter, eager torch as the reference. Methods that are not weighted sums (TIES,
@@ -227,15 +227,14 @@ class CompressedStore:
 
     def decoded(self, i: int, name: str) -> torch.Tensor:
         """Checkpoint i's tensor as the pool reconstructs it: base + decode(delta), float32."""
-        return self._decoded_flat(i, name).view(self.shapes[name])
-
-    def _decoded_flat(self, i: int, name: str) -> torch.Tensor:
         e, base = self.entries[name][i], self.base[name].reshape(-1)
         if e.fmt == "exact":
-            return e.exact.float()
-        if e.fmt == "zero":
-            return base.float()
-        return base.float() + dequantize(e.codes, e.scales, e.fmt, base.numel())
+            flat = e.exact.float()
+        elif e.fmt == "zero":
+            flat = base.float()
+        else:
+            flat = base.float() + dequantize(e.codes, e.scales, e.fmt, base.numel())
+        return flat.view(self.shapes[name])
 
     # ---- merging ------------------------------------------------------------------------------------
     def terms(self, name: str) -> _Terms:
@@ -279,6 +278,8 @@ class CompressedStore:
         """One .safetensors file: codes, scales and exact tensors, plus a JSON header in its metadata."""
         from safetensors.torch import save_file
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise InputError(f"{path}: is a folder; save writes one .safetensors file")
         if os.path.exists(path) and not overwrite:
             raise InputError(f"{path}: already exists; pass overwrite=True to replace it")
         parent = os.path.dirname(os.path.abspath(path))
