@@ -3,7 +3,7 @@ uncompressed pool), int8, int4 and auto, at N = 8 and 16 fine-tunes of one base;
 relative error per format; what a sparse top-k format would cost at int4's error; and (--quality)
 the demo's CMA-ES search run on compressed pools.
 
-    python benchmarks/bench_compressed_pool.py [--quick] [--params 40e6] [--n 8 16] [--rounds 5] [--quality]
+    python benchmarks/bench_compressed_pool.py [--quick] [--params 40e6] [--n 8 16 | --n] [--rounds 5] [--quality]
                                                [--device cuda]   (GPU rows: pools in GPU memory, Triton)
 
 Fine-tunes: base ~ N(0, 0.02) in bfloat16; each checkpoint adds a Student-t (5 dof) task vector of
@@ -141,33 +141,26 @@ def quality(budget: int, seeds) -> list:
         start, trained = train_pool(splits, seed=seed)
         sources = [m.state_dict() for m in trained.values()]
         model = MLP()
+        reference_weights = None
         for label, mode, eb in [("float32 (uncompressed)", None, None), ("int4", "int4", None),
                                 ("auto 1e-2", "auto", 1e-2), ("auto 0.15", "auto", 0.15)]:
             pool = CheckpointPool(sources, base=start.state_dict(), compress=mode, error_budget=eb)
             res = optimize(pool, lambda m: accuracy(m, splits["val"]), model=model, budget=budget, seed=seed, log=None)
-            pool.materialize(np.asarray(res.best_weights), into=model, normalize=True)
-            test = macro_average(accuracy(model, splits["test"]))
+
+            def test_of(w):
+                pool.materialize(np.asarray(w), into=model, normalize=True)
+                return macro_average(accuracy(model, splits["test"]))
+            reference_weights = res.best_weights if reference_weights is None else reference_weights
             rows.append({"seed": seed, "pool": label, "held KB": pool.nbytes / 1e3,
-                         "val (macro)": f"{macro_average(res.best_scores):.4f}", "test (macro)": f"{test:.4f}",
+                         "val (macro)": f"{macro_average(res.best_scores):.4f}",
+                         "test (macro)": f"{test_of(res.best_weights):.4f}",
+                         "test, uncompressed search's weights": f"{test_of(reference_weights):.4f}",
                          "formats": _mix(pool)})
             print(rows[-1], flush=True)
     return rows
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: pools on the GPU, Triton kernels")
-    ap.add_argument("--params", type=float, default=40e6)
-    ap.add_argument("--n", type=int, nargs="+", default=[8, 16])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--quality", action="store_true", help="also run the demo's search on compressed pools")
-    ap.add_argument("--budget", type=int, default=200, help="evaluations per quality search")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = ap.parse_args(argv)
-    params = int(4e6 if args.quick else args.params)
-    rounds = 2 if args.quick else args.rounds
-    torch.set_num_threads(2)
+def speed_tables(args, params: int, rounds: int, suffix: str) -> None:
     tmp = tempfile.mkdtemp(prefix="bench_cpool_")
     try:
         rows, errors, extra = speed(params, args.n, rounds, tmp, args.device)
@@ -176,17 +169,36 @@ def main(argv=None):
     title = f"Delta-compressed pools, {params / 1e6:.0f}M-parameter bf16 fine-tunes, materialize into a live model"
     cols = ["N", "pool", "held MB", "x fewer bytes", "ms per candidate", "x faster", "GB/s (read + write)", "build s",
             "formats"]
-    suffix = "_quick" if args.quick else ""
     print(write_results("bench_compressed_pool" + suffix, args.device, rows, cols, title))
     print(write_results("bench_compressed_pool_error" + suffix, args.device, errors,
                         ["N", "pool", "worst checkpoint delta error", "vs merged delta", "vs merged weights"],
                         "Merged model's relative error against the uncompressed pool's merge (same weights)"))
     print(write_results("bench_compressed_pool_topk" + suffix, args.device, extra["topk"], list(extra["topk"][0]),
                         "A sparse top-k delta at int4's error (checkpoint 0): density needed and its cost"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: pools on the GPU, Triton kernels")
+    ap.add_argument("--params", type=float, default=40e6)
+    ap.add_argument("--n", type=int, nargs="*", default=[8, 16], help="pool sizes to time (none: skip the timing)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quality", action="store_true", help="also run the demo's search on compressed pools")
+    ap.add_argument("--budget", type=int, default=200, help="evaluations per quality search")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args(argv)
+    params = int(4e6 if args.quick else args.params)
+    rounds = 2 if args.quick else args.rounds
+    torch.set_num_threads(2)
+    suffix = "_quick" if args.quick else ""
+    if args.n:
+        speed_tables(args, params, rounds, suffix)
     if args.quality:
         q = quality(60 if args.quick else args.budget, args.seeds[:1] if args.quick else args.seeds)
         print(write_results("bench_compressed_pool_quality" + suffix, "cpu", q,
-                            ["seed", "pool", "held KB", "val (macro)", "test (macro)", "formats"],
+                            ["seed", "pool", "held KB", "val (macro)", "test (macro)",
+                             "test, uncompressed search's weights", "formats"],
                             "The demo's CMA-ES search on compressed pools (digits MLP, base = shared start)"))
 
 
