@@ -1,4 +1,4 @@
-"""The pymerge command: merge | demo | search | bench.
+"""The pymerge command: merge | demo | search | bench | doctor.
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the file, tensor or key: no
 traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _merge_parser(sub)
     for name, text in (("demo", "run the demo (pymerge.demo)"), ("search", "merge-weight search (pymerge.search)"),
-                       ("bench", "quick weighted-sum benchmark (benchmarks/bench_weighted_sum.py)")):
+                       ("bench", "quick weighted-sum benchmark (benchmarks/bench_weighted_sum.py)"),
+                       ("doctor", "which backends (C++, CUDA, Triton, GPUs) this install can use, and why not")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
     return ap
@@ -97,6 +98,9 @@ def _dispatch(args) -> int:
         return search.cli_main(rest) or 0
     if args.command == "bench":
         return _cmd_bench(rest)
+    if args.command == "doctor":
+        from pymerge import doctor
+        return doctor.main(rest)
     raise AssertionError(args.command)
 
 

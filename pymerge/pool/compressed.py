@@ -229,9 +229,9 @@ class CompressedStore:
         """Checkpoint i's tensor as the pool reconstructs it: base + decode(delta), float32."""
         e, base = self.entries[name][i], self.base[name].reshape(-1)
         if e.fmt == "exact":
-            flat = e.exact.float()
+            flat = e.exact.to(torch.float32, copy=True)  # a copy: writing into it must not change the pool
         elif e.fmt == "zero":
-            flat = base.float()
+            flat = base.to(torch.float32, copy=True)
         else:
             flat = base.float() + dequantize(e.codes, e.scales, e.fmt, base.numel())
         return flat.view(self.shapes[name])
