@@ -412,6 +412,7 @@ def test_truncated_or_foreign_file_rejected(tmp_path):
     ({"compress": "int4", "error_budget": True}, "error_budget"),
     ({"compress": "int4", "residency": "mmap"}, "residency"),
     ({"compress": "int4", "backend": "cuda"}, "no delta-decode kernel"),
+    ({"compress": "int4", "shard_like": torch.nn.Linear(2, 2)}, "do not combine"),
 ])
 def test_bad_options(kwargs, message):
     base, cks = _pool_inputs({"a": (8,)}, n_ckpt=1)

@@ -70,11 +70,21 @@ class CheckpointPool:
     backend        weighted_sum backend ("auto": C++ on the CPU, Triton on CUDA)
     compress       "int8", "int4" or "auto": hold each checkpoint as its quantized delta from `base`
                    (pymerge/pool/compressed.py); error_budget caps each tensor's relative delta error
+    shard_like     under torch.distributed: a module or state dict of DTensors (FSDP2, tensor parallel);
+                   each rank then holds only its shards and merges into its local shards (pymerge/dist/)
     """
+
+    def __new__(cls, *args, shard_like=None, **kwargs):
+        if shard_like is not None and kwargs.get("compress") is not None:
+            raise InputError("compress= and shard_like= do not combine yet: a compressed pool holds whole tensors")
+        if shard_like is not None and cls is CheckpointPool:
+            from pymerge.dist.pool import ShardedPool
+            return super().__new__(ShardedPool)
+        return super().__new__(cls)
 
     def __init__(self, sources, base=None, device="cpu", dtype: Optional[torch.dtype] = None,
                  memory_budget=None, residency: Optional[str] = None, backend: str = "auto",
-                 num_threads: int = 0, chunk_bytes: int = 64 << 20, compress: Optional[str] = None,
+                 num_threads: int = 0, chunk_bytes: int = 64 << 20, shard_like=None, compress: Optional[str] = None,
                  error_budget: Optional[float] = None):
         if isinstance(sources, (str, os.PathLike, dict, torch.nn.Module)):
             raise InputError("sources must be a list of checkpoints (paths, state dicts or modules)")
@@ -91,8 +101,8 @@ class CheckpointPool:
             compressed.check_backend(self.backend, self.device)
         self.num_threads = num_threads
         self.memory_budget = parse_bytes(memory_budget)
-        opened = [open_source(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
-        base_src = open_source(base, _label(base, "base")) if base is not None else None
+        opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
+        base_src = self._open(base, _label(base, "base")) if base is not None else None
         try:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
             self.num_checkpoints = len(opened)
@@ -128,6 +138,9 @@ class CheckpointPool:
             from pymerge.pool.cuda import CudaRunner
             self._cuda = CudaRunner(self._inputs, self.device, self.residency, self.num_checkpoints,
                                     chunk_bytes=chunk_bytes)
+
+    def _open(self, src, label: str):
+        return open_source(src, label)
 
     # ---- compressed pools (pymerge/pool/compressed.py) -----------------------------------------------
     def _adopt(self, store: "compressed.CompressedStore") -> None:
