@@ -213,6 +213,7 @@ BlockFn pick_block() {
 constexpr int64_t kMinPerThread = 1 << 18;       // elements: below this a second thread costs more than it gives
 constexpr int64_t kStreamBytes = 8 << 20;        // outputs above this skip the cache
 constexpr int64_t kBlocksPerChunk = 16;          // 64K elements claimed at a time by a thread
+constexpr int64_t kOutputsPerPass = 64;          // outputs per pass over a block: 1 MiB of accumulators
 
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
@@ -234,11 +235,17 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   // Chunks of several blocks keep each thread's input streams long (prefetching runs ahead).
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> accs, xbuf;
-    accs.resize(size_t(std::min<int64_t>(n_out, 1 << 16)) * kBlock);
+    accs.resize(size_t(std::min(n_out, kOutputsPerPass)) * kBlock);
     xbuf.resize(kBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock;
-      block(J, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
+      // Any number of outputs, kOutputsPerPass at a time: the accumulators stay bounded and the
+      // block is re-read from cache for each group.
+      for (int64_t k0 = 0; k0 < n_out; k0 += kOutputsPerPass) {
+        const Job G{J.in, J.in_dt, n_in, J.w + k0 * n_in, J.out + k0, J.out_dt + k0,
+                    std::min(kOutputsPerPass, n_out - k0), J.stream};
+        block(G, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
+      }
     }
     _mm_sfence();  // make this thread's streaming stores visible before the call returns
   });

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pymerge._native import OUTPUT_DTYPES
-from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.ops._versions import mark_written
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
@@ -429,7 +429,10 @@ class CheckpointPool:
 def _resolve_device(device) -> torch.device:
     """"cpu" or "cuda[:i]" as a torch.device; CUDA with a fixed index, so later changes of the current
     device do not move the pool."""
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {short(device)}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but CUDA is not available")
     if resolved.type not in ("cpu", "cuda"):
