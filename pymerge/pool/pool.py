@@ -20,6 +20,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.ops._versions import mark_written
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
+from pymerge.pool import compressed
 from pymerge.pool.sources import open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
 
@@ -67,11 +68,15 @@ class CheckpointPool:
                    pool falls to the next tier. `pool.residency` and `pool.describe()` say which.
     residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one
     backend        weighted_sum backend ("auto": C++ on the CPU, Triton on CUDA)
+    compress       "int8", "int4" or "auto": hold each checkpoint as its quantized delta from `base`
+                   (pymerge/pool/compressed.py); error_budget caps each tensor's relative delta error
     shard_like     under torch.distributed: a module or state dict of DTensors (FSDP2, tensor parallel);
                    each rank then holds only its shards and merges into its local shards (pymerge/dist/)
     """
 
     def __new__(cls, *args, shard_like=None, **kwargs):
+        if shard_like is not None and kwargs.get("compress") is not None:
+            raise InputError("compress= and shard_like= do not combine yet: a compressed pool holds whole tensors")
         if shard_like is not None and cls is CheckpointPool:
             from pymerge.dist.pool import ShardedPool
             return super().__new__(ShardedPool)
@@ -79,7 +84,8 @@ class CheckpointPool:
 
     def __init__(self, sources, base=None, device="cpu", dtype: Optional[torch.dtype] = None,
                  memory_budget=None, residency: Optional[str] = None, backend: str = "auto",
-                 num_threads: int = 0, chunk_bytes: int = 64 << 20, shard_like=None):
+                 num_threads: int = 0, chunk_bytes: int = 64 << 20, shard_like=None, compress: Optional[str] = None,
+                 error_budget: Optional[float] = None):
         if isinstance(sources, (str, os.PathLike, dict, torch.nn.Module)):
             raise InputError("sources must be a list of checkpoints (paths, state dicts or modules)")
         sources = list(sources)
@@ -87,21 +93,12 @@ class CheckpointPool:
             raise InputError("a CheckpointPool needs at least one source")
         if dtype is not None and dtype not in OUTPUT_DTYPES:
             raise InputError(f"dtype {dtype} is not a storage dtype the kernels read; use float32, float16 or bfloat16")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {short(device)}") from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but CUDA is not available")
-        if self.device.type not in ("cpu", "cuda"):
-            raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if self.device.type == "cuda":  # a fixed index: later changes of the current device do not move the pool
-            index = torch.cuda.current_device() if self.device.index is None else self.device.index
-            if index >= torch.cuda.device_count():
-                raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-            self.device = torch.device("cuda", index)
+        self.device = _resolve_device(device)
         self.dtype = dtype
         self.backend = pick_backend(self.device, backend)
+        if compress is not None:  # every option checked before anything is read or compressed
+            error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
+            compressed.check_backend(self.backend, self.device)
         self.num_threads = num_threads
         self.memory_budget = parse_bytes(memory_budget)
         opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
@@ -111,15 +108,24 @@ class CheckpointPool:
             self.num_checkpoints = len(opened)
             self.labels = [s.label for s in opened]
             self.has_base = base_src is not None
-            self.residency, self.reason = self._choose(opened, base_src, residency)
             self.borrowed: List[str] = []  # labels of in-memory sources the pool reads in place
-            self._inputs = {n: [self._hold(s.tensor(n), s) for s in opened] for n in self.names}
-            self._base = {n: self._hold(base_src.tensor(n), base_src) for n in self.names} if base_src else {}
+            self._compressed = None
+            if compress is not None:
+                self._adopt(compressed.CompressedStore.build(opened, base_src, self.names, self.shapes, compress,
+                                                             error_budget, dtype, self.skipped))
+            else:
+                self.residency, self.reason = self._choose(opened, base_src, residency)
+                self._inputs = {n: [self._hold(s.tensor(n), s) for s in opened] for n in self.names}
+                self._base = {n: self._hold(base_src.tensor(n), base_src) for n in self.names} if base_src else {}
         finally:
             if getattr(self, "residency", None) != "mmap":
                 for s in opened + ([base_src] if base_src else []):
                     if s.mapped:
                         s.close()  # views handed out stay valid; copies were made
+        self._finish(chunk_bytes)
+
+    def _finish(self, chunk_bytes: int) -> None:
+        """Lookups, overlap spans, caches and GPU runner over the held tensors."""
         self._index = {n: i for i, n in enumerate(self.names)}
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
@@ -128,13 +134,50 @@ class CheckpointPool:
         # tensor changed in place by torch is seen as new data).
         self._selection = SelectionCache()
         self._cuda = None
-        if self.device.type == "cuda" or self.backend == "triton":
+        if self._compressed is None and (self.device.type == "cuda" or self.backend == "triton"):
             from pymerge.pool.cuda import CudaRunner
             self._cuda = CudaRunner(self._inputs, self.device, self.residency, self.num_checkpoints,
                                     chunk_bytes=chunk_bytes)
 
     def _open(self, src, label: str):
         return open_source(src, label)
+
+    # ---- compressed pools (pymerge/pool/compressed.py) -----------------------------------------------
+    def _adopt(self, store: "compressed.CompressedStore") -> None:
+        """Holds a compressed store: the base exact, each checkpoint as its encoded delta, all resident."""
+        compressed.check_backend(self.backend, self.device)
+        self._compressed = store.to(self.device)
+        self.residency = "device" if self.device.type == "cuda" else "host"
+        self.reason = store.describe()
+        self.nbytes = self._compressed.nbytes
+        self._inputs, self._base = {}, self._compressed.base
+
+    def compression_report(self) -> List[dict]:
+        """Per tensor and checkpoint: format, bytes held, measured relative error of the delta."""
+        return self._require_compressed().report()
+
+    def save(self, path, overwrite: bool = False) -> None:
+        """Writes a compressed pool to one .safetensors file; CheckpointPool.load(path) restores it."""
+        self._require_compressed().save(path, overwrite)
+
+    @classmethod
+    def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":
+        """A compressed pool saved with save(), checked as strictly as any checkpoint; nothing re-compressed."""
+        store = compressed.CompressedStore.load(path)
+        pool = cls.__new__(cls)
+        pool.device = _resolve_device(device)
+        pool.dtype, pool.memory_budget, pool.num_threads = None, None, num_threads
+        pool.backend = pick_backend(pool.device, backend)
+        pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
+        pool.num_checkpoints, pool.labels, pool.has_base, pool.borrowed = len(store.labels), store.labels, True, []
+        pool._adopt(store)
+        pool._finish(0)
+        return pool
+
+    def _require_compressed(self) -> "compressed.CompressedStore":
+        if self._compressed is None:
+            raise InputError("this pool is not compressed (build it with compress='int8', 'int4' or 'auto')")
+        return self._compressed
 
     # ---- residency ---------------------------------------------------------------------------------
     def _storage_dtype(self, t: torch.Tensor) -> torch.dtype:
@@ -204,6 +247,8 @@ class CheckpointPool:
 
     def model_nbytes(self) -> int:
         """Bytes of one checkpoint as the pool stores it (what one materialize writes, at the same dtype)."""
+        if self._compressed is not None:
+            return self._compressed.model_nbytes()
         return sum(self._inputs[n][0].numel() * self._inputs[n][0].element_size() for n in self.names)
 
     def num_groups(self, groups: GroupRule = "layer") -> int:
@@ -211,7 +256,9 @@ class CheckpointPool:
         return max(group_indices(self.names, groups), default=0) + 1
 
     def tensor(self, i: int, name: str) -> torch.Tensor:
-        """Checkpoint i's resident tensor `name` (read-only use)."""
+        """Checkpoint i's resident tensor `name` (read-only use; a compressed pool decodes it, float32)."""
+        if self._compressed is not None:
+            return self._compressed.decoded(i, name)
         return self._inputs[name][i]
 
     # ---- merging -----------------------------------------------------------------------------------
@@ -258,7 +305,7 @@ class CheckpointPool:
     def _graph_weights(self, weight_rows, method: str) -> bool:
         """CUDA-tensor weights on the pool's device: used where they are, values unchecked (no host sync),
         so a CUDA graph can capture materialize and replay it after the caller updates them in place."""
-        if self.device.type != "cuda" or method != "linear":
+        if self.device.type != "cuda" or method != "linear" or self._compressed is not None:
             return False
         return all(isinstance(w, torch.Tensor) and w.device.type == "cuda" for w in weight_rows)
 
@@ -334,6 +381,9 @@ class CheckpointPool:
                              "(nothing was written)")
 
     def _run_linear(self, plans: List[_Plan], tables: List[np.ndarray]) -> None:
+        if self._compressed is not None:
+            with _on_device(self.device):
+                return compressed.run_linear(self._compressed, plans, tables, self.backend, self.num_threads)
         if self._cuda is not None:
             self._cuda.run_linear(plans, tables, self.backend)
             return
@@ -349,6 +399,10 @@ class CheckpointPool:
         m = get_method(method)
         m.validate(self.num_checkpoints, self.has_base)
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
+        if self._compressed is not None:
+            with _on_device(self.device):
+                return compressed.run_method(self._compressed, m, per_model, global_params, plans, tables, seed,
+                                             self.backend, self.num_threads)
         tasks = []
         for p in plans:
             inputs = self._inputs[p.name]
@@ -370,6 +424,25 @@ class CheckpointPool:
         with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
             for task, out in tasks:
                 m.merge_tensor(task, out)
+
+
+def _resolve_device(device) -> torch.device:
+    """"cpu" or "cuda[:i]" as a torch.device; CUDA with a fixed index, so later changes of the current
+    device do not move the pool."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {short(device)}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available")
+    if resolved.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if resolved.type == "cuda":
+        index = torch.cuda.current_device() if resolved.index is None else resolved.index
+        if index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        resolved = torch.device("cuda", index)
+    return resolved
 
 
 def _on_device(device: torch.device):

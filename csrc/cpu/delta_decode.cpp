@@ -1,0 +1,346 @@
+// Fused decode-and-accumulate for delta-compressed pools (pymerge/pool/compressed.py):
+//   out_k = sum_t W[k, t] * decode(term_t), accumulated in float32, rounded once (nearest even).
+// A term is a dense tensor (the exact base, or a checkpoint kept exact: float32/float16/bfloat16)
+// or a quantized task vector: int8 or int4 codes with one bfloat16 scale per 64 elements.
+// int4 layout, shared by every backend: in each strip of 32 elements, byte j (0..15) holds
+// element j in its low nibble and element j + 16 in its high nibble, each stored as code + 8.
+// Quantized terms are padded to whole 64-element blocks, so strips never read past their codes.
+//
+// Every code byte is read once per call for all K outputs. The AVX-512 path decodes a scale block
+// of 64 elements in registers (int4: one table permute per 16 values, the nibble is the index) and
+// keeps the accumulators of up to 4 outputs there; AVX2 and plain builds decode 4096 elements into
+// L1 and accumulate.
+#include <immintrin.h>
+#include <pybind11/stl.h>
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include "cpu/tv_common.h"
+
+namespace py = pybind11;
+
+namespace pymerge {
+namespace {
+
+enum Kind : int { Q8 = 16, Q4 = 17 };  // dense terms carry their dtype code (F32, F16, BF16)
+constexpr int64_t kQBlock = 64;        // elements per scale
+constexpr int64_t kStrip = 32;         // int4 packing unit
+constexpr int64_t kBlock = 4096;       // elements per work unit, a multiple of kQBlock
+constexpr int kMaxK = 4;               // outputs per AVX-512 pass: 4 * 4 accumulators of the 32 zmm registers
+
+struct Job {
+  const uintptr_t* data;
+  const uintptr_t* scales;
+  const int* kind;
+  int64_t n_terms;
+  const float* w;  // [n_out, n_terms]
+  const uintptr_t* out;
+  const int* out_dt;
+  int64_t n_out;
+  bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
+};
+
+inline bool quantized(int kind) { return kind == Q8 || kind == Q4; }
+
+inline float scale_at(const Job& J, int64_t t, int64_t e) {
+  return bf16_to_f32(reinterpret_cast<const uint16_t*>(J.scales[t])[e / kQBlock]);
+}
+
+// ---- portable path (plain x86-64, and the same body built for AVX2) ------------------------------
+// dst[0..n) = decode(term t) at elements start .. start+n-1; start is a multiple of kStrip.
+inline void decode_block(const Job& J, int64_t t, int64_t start, int64_t n, float* __restrict dst) {
+  const int kind = J.kind[t];
+  if (!quantized(kind)) return tv::load_f32(J.data[t], kind, start, n, dst);
+  for (int64_t i = 0; i < n; i += kStrip) {  // strips never straddle a scale block
+    const int64_t e = start + i;
+    const float s = scale_at(J, t, e);
+    float strip[kStrip];
+    if (kind == Q8) {
+      const int8_t* c = reinterpret_cast<const int8_t*>(J.data[t]) + e;
+      for (int j = 0; j < kStrip; ++j) strip[j] = float(c[j]) * s;
+    } else {
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(J.data[t]) + e / 2;
+      for (int j = 0; j < 16; ++j) strip[j] = float(int(p[j] & 15) - 8) * s;
+      for (int j = 0; j < 16; ++j) strip[16 + j] = float(int(p[j] >> 4) - 8) * s;
+    }
+    std::memcpy(dst + i, strip, size_t(std::min(kStrip, n - i)) * 4);
+  }
+}
+
+inline void block_portable_body(const Job& J, int64_t start, int64_t n, float* accs, float* xbuf) {
+  for (int64_t t = 0; t < J.n_terms; ++t) {
+    decode_block(J, t, start, n, xbuf);
+    for (int64_t k = 0; k < J.n_out; ++k) {
+      const float w = J.w[k * J.n_terms + t];
+      float* __restrict a = accs + k * kBlock;
+      const float* __restrict x = xbuf;
+      if (t == 0)
+        for (int64_t j = 0; j < n; ++j) a[j] = w * x[j];
+      else
+        for (int64_t j = 0; j < n; ++j) a[j] += w * x[j];
+    }
+  }
+  for (int64_t k = 0; k < J.n_out; ++k) tv::store_f32(J.out[k], J.out_dt[k], start, n, accs + k * kBlock);
+}
+
+PM_PLAIN void block_plain(const Job& J, int64_t s, int64_t n, float* a, float* x) { block_portable_body(J, s, n, a, x); }
+__attribute__((target("avx2,fma,f16c"), flatten)) void block_avx2(const Job& J, int64_t s, int64_t n, float* a,
+                                                                  float* x) {
+  block_portable_body(J, s, n, a, x);
+}
+
+// ---- AVX-512 ------------------------------------------------------------------------------------
+#define DD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+
+// float32 -> bfloat16, round to nearest even, on integers so denormals are kept (as weighted_sum does).
+DD_AVX512 inline __m256i f32_to_bf16_16(__m512 x) {
+  __m512i b = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+DD_AVX512 inline void store16(char* p, __m512 x, int dt, bool stream) {
+  if (dt == F32) {
+    if (stream) _mm512_stream_ps(reinterpret_cast<float*>(p), x);
+    else _mm512_storeu_ps(reinterpret_cast<float*>(p), x);
+    return;
+  }
+  __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
+  if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+
+DD_AVX512 inline __m512 load16_dense(const char* p, int dt) {
+  if (dt == F32) return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if (dt == F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline char* out_at(const Job& J, int64_t k, int64_t e) {
+  return reinterpret_cast<char*>(J.out[k]) + e * int64_t(dtype_size(J.out_dt[k]));
+}
+
+constexpr int64_t kPrefetchBytes = 1024;  // per stream, as weighted_sum: prefetchers juggle many streams poorly
+
+// One scale block (64 elements = 4 zmm) of term t at element e, as float32 values in x[0..3];
+// returns the factor the values still need (the block's scale; 1 for dense terms).
+DD_AVX512 inline float load_block64(const Job& J, int64_t t, int64_t e, const __m512 lut, __m512 x[4]) {
+  const int kind = J.kind[t];
+  if (kind == Q4) {  // 32 bytes: two strips of 32, each byte holding elements j and j + 16
+    const char* p = reinterpret_cast<const char*>(J.data[t]) + e / 2;
+    _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+      x[2 * h] = _mm512_permutexvar_ps(v, lut);  // the low nibble indexes the table
+      x[2 * h + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+    }
+    return scale_at(J, t, e);
+  }
+  if (kind == Q8) {
+    const char* p = reinterpret_cast<const char*>(J.data[t]) + e;
+    _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+    for (int h = 0; h < 4; ++h)
+      x[h] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h))));
+    return scale_at(J, t, e);
+  }
+  const size_t es = dtype_size(kind);
+  const char* p = reinterpret_cast<const char*>(J.data[t]) + e * es;
+  _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+  _mm_prefetch(p + kPrefetchBytes + 64, _MM_HINT_T0);
+  if (es == 4) {
+    _mm_prefetch(p + kPrefetchBytes + 128, _MM_HINT_T0);
+    _mm_prefetch(p + kPrefetchBytes + 192, _MM_HINT_T0);
+  }
+  for (int h = 0; h < 4; ++h) x[h] = load16_dense(p + 16 * h * es, kind);
+  return 1.0f;
+}
+
+// Whole scale blocks, all K accumulators (4 zmm each) in registers: every code byte and input
+// element is loaded once, every output element stored once.
+template <int K>
+DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t len) {
+  const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  bool stream[K];
+  for (int k = 0; k < K; ++k)  // stream only where every store is aligned (bf16: 32 B, f32: 64 B)
+    stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 64 : 32) == 0;
+  for (int64_t j = 0; j + kQBlock <= len; j += kQBlock) {
+    const int64_t e = start + j;
+    __m512 acc[K][4];
+    for (int64_t t = 0; t < J.n_terms; ++t) {
+      __m512 x[4];
+      const float s = load_block64(J, t, e, lut, x);
+      const float* w = J.w + k0 * J.n_terms + t;
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) {
+        const __m512 wk = _mm512_set1_ps(w[k * J.n_terms] * s);
+        for (int h = 0; h < 4; ++h) acc[k][h] = t ? _mm512_fmadd_ps(wk, x[h], acc[k][h]) : _mm512_mul_ps(wk, x[h]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const int dt = J.out_dt[k0 + k];
+      char* dst = out_at(J, k0 + k, e);
+      for (int h = 0; h < 4; ++h) store16(dst + 16 * h * dtype_size(dt), acc[k][h], dt, stream[k]);
+    }
+  }
+}
+
+DD_AVX512 void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
+      blocks_avx512<1>, blocks_avx512<2>, blocks_avx512<3>, blocks_avx512<4>};
+  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 4 outputs: re-read the block from cache
+    by_k[std::min<int64_t>(kMaxK, J.n_out - k0) - 1](J, k0, start, len);
+  const int64_t done = len / kQBlock * kQBlock;
+  if (done < len) block_plain(J, start + done, len - done, accs, xbuf);  // the tensor's last few elements
+}
+
+// ---- driver -------------------------------------------------------------------------------------
+using BlockFn = void (*)(const Job&, int64_t, int64_t, float*, float*);
+
+BlockFn pick_block() {  // per call, so PYMERGE_SIMD can switch paths (the tests run all three)
+  const std::string level = simd_level();
+  return level == "avx512" ? block_avx512 : level == "avx2" ? block_avx2 : block_plain;
+}
+
+constexpr int64_t kMinPerThread = 1 << 18;  // elements: below this a second thread costs more than it gives
+constexpr int64_t kStreamBytes = 8 << 20;   // outputs above this skip the cache
+constexpr int64_t kBlocksPerChunk = 16;     // 64K elements claimed at a time by a thread
+
+void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& scales,
+                      const std::vector<int>& kinds, int64_t numel, const std::vector<float>& weights,
+                      const std::vector<uintptr_t>& out_ptrs, const std::vector<int>& out_dtypes, int num_threads) {
+  const int64_t n_terms = int64_t(data.size()), n_out = int64_t(out_ptrs.size());
+  if (n_terms == 0 || n_out == 0) throw std::invalid_argument("delta_accumulate: need at least one term and one output");
+  if (int64_t(scales.size()) != n_terms || int64_t(kinds.size()) != n_terms ||
+      int64_t(out_dtypes.size()) != n_out || int64_t(weights.size()) != n_terms * n_out)
+    throw std::invalid_argument("delta_accumulate: inconsistent argument lengths");
+  for (int64_t t = 0; t < n_terms; ++t) {
+    const int k = kinds[t];
+    if (!(k == F32 || k == F16 || k == BF16 || quantized(k))) throw std::invalid_argument("delta_accumulate: bad term kind");
+    if (quantized(k) && scales[t] == 0) throw std::invalid_argument("delta_accumulate: quantized term without scales");
+  }
+  for (int dt : out_dtypes) if (dt < F32 || dt > BF16) throw std::invalid_argument("delta_accumulate: bad output dtype code");
+  if (numel <= 0) return;
+  const BlockFn block = pick_block();
+  const Job J{data.data(), scales.data(), kinds.data(), n_terms, weights.data(), out_ptrs.data(), out_dtypes.data(),
+              n_out, numel * 2 >= kStreamBytes};
+  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+  const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
+  const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
+  parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> accs, xbuf;
+    accs.resize(size_t(n_out) * kBlock);
+    xbuf.resize(kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * kBlock;
+      block(J, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
+    }
+    _mm_sfence();  // make this thread's streaming stores visible before the call returns
+  });
+}
+
+// ---- encoding (pool construction) ---------------------------------------------------------------
+// delta = double(theta) - double(base); per block of 64: s = the smallest bfloat16 >= max|delta| / qmax,
+// code = round-half-even(delta / s) (never beyond qmax, so never clamped). The same arithmetic as
+// pymerge/pool/compressed.py's torch reference, bit for bit; the error sums are float64, summed per
+// chunk in index order (the same result for any thread count).
+inline double load_f64(uintptr_t p, int dt, int64_t i) {
+  switch (dt) {
+    case F32: return reinterpret_cast<const float*>(p)[i];
+    case F16: return f16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+    default: return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+inline uint16_t bf16_ceil(double x) {  // x >= 0, finite
+  float f = float(x);
+  if (double(f) < x) f = std::nextafter(f, INFINITY);
+  const uint32_t b = f32_to_bits(f);
+  return uint16_t((b >> 16) + ((b & 0xffffu) != 0));
+}
+
+py::tuple delta_quantize(uintptr_t theta, int theta_dt, uintptr_t base, int base_dt, int64_t numel, int bits,
+                         uintptr_t codes, uintptr_t scales, int num_threads) {
+  if (bits != 8 && bits != 4) throw std::invalid_argument("delta_quantize: bits must be 8 or 4");
+  for (int dt : {theta_dt, base_dt})
+    if (dt != F32 && dt != F16 && dt != BF16) throw std::invalid_argument("delta_quantize: bad dtype code");
+  const double qmax = bits == 8 ? 127 : 7;
+  const int64_t n_blocks = (numel + kQBlock - 1) / kQBlock;
+  constexpr int64_t kGrain = 1024;  // blocks per chunk
+  const int64_t n_chunks = (n_blocks + kGrain - 1) / kGrain;
+  std::vector<double> err(n_chunks, 0.0), norm(n_chunks, 0.0);
+  std::vector<int64_t> bad(n_chunks, -1);
+  {
+    py::gil_scoped_release release;
+    parallel_for(n_chunks, 1, num_threads > 0 ? num_threads : default_threads(), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double e2 = 0, n2 = 0;
+        for (int64_t b = c * kGrain; b < std::min(n_blocks, (c + 1) * kGrain) && bad[c] < 0; ++b) {
+          double d[kQBlock] = {0};
+          double amax = 0;
+          const int64_t e0 = b * kQBlock, len = std::min(kQBlock, numel - e0);
+          for (int64_t j = 0; j < len; ++j) {
+            d[j] = load_f64(theta, theta_dt, e0 + j) - load_f64(base, base_dt, e0 + j);
+            if (!(std::fabs(d[j]) <= double(FLT_MAX))) { bad[c] = e0 + j; break; }
+            amax = std::max(amax, std::fabs(d[j]));
+          }
+          if (bad[c] >= 0) break;
+          const uint16_t sb = bf16_ceil(amax / qmax);
+          reinterpret_cast<uint16_t*>(scales)[b] = sb;
+          const double s = bf16_to_f32(sb), div = s > 0 ? s : 1.0;
+          int8_t q[kQBlock];
+          for (int64_t j = 0; j < kQBlock; ++j) {
+            q[j] = int8_t(std::min(qmax, std::max(-qmax, std::nearbyint(d[j] / div))));
+            const double r = q[j] * s - d[j];
+            e2 += r * r;
+            n2 += d[j] * d[j];
+          }
+          if (bits == 8) {
+            std::memcpy(reinterpret_cast<int8_t*>(codes) + e0, q, kQBlock);
+          } else {
+            uint8_t* p = reinterpret_cast<uint8_t*>(codes) + e0 / 2;
+            for (int64_t h = 0; h < kQBlock; h += kStrip)
+              for (int j = 0; j < 16; ++j) p[h / 2 + j] = uint8_t((q[h + j] + 8) | ((q[h + j + 16] + 8) << 4));
+          }
+        }
+        err[c] = e2;
+        norm[c] = n2;
+      }
+    });
+  }
+  double e2 = 0, n2 = 0;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    if (bad[c] >= 0) return py::make_tuple(0.0, 0.0, bad[c]);
+    e2 += err[c];
+    n2 += norm[c];
+  }
+  return py::make_tuple(e2, n2, int64_t(-1));
+}
+
+void register_delta_decode(py::module_& m) {
+  m.def("delta_quantize", &delta_quantize, py::arg("theta"), py::arg("theta_dtype"), py::arg("base"),
+        py::arg("base_dtype"), py::arg("numel"), py::arg("bits"), py::arg("codes"), py::arg("scales"),
+        py::arg("num_threads") = 0,
+        "Quantizes theta - base into int8/int4 codes + bfloat16 scales per 64 elements (raw pointers, codes "
+        "and scales padded to whole blocks); returns (sum squared error, sum squared delta, first non-finite "
+        "element or -1).");
+  m.def("delta_accumulate", &delta_accumulate, py::arg("data_ptrs"), py::arg("scale_ptrs"), py::arg("kinds"),
+        py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        "out_k = sum_t weights[k*T+t] * decode(term_t): dense (dtype codes 0-2), int8 (16) or int4 (17) "
+        "terms with bfloat16 scales per 64 elements (raw pointers).");
+  m.attr("DELTA_Q8") = int(Q8);
+  m.attr("DELTA_Q4") = int(Q4);
+  m.attr("DELTA_BLOCK") = kQBlock;
+}
+
+PYMERGE_REGISTER(register_delta_decode);
+
+}  // namespace
+}  // namespace pymerge

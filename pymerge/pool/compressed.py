@@ -1,0 +1,517 @@
+"""Delta-compressed pools: each checkpoint held as its task vector delta_i = theta_i - base, quantized.
+
+Fine-tunes of one base differ by small deltas that quantize well, so a pool holds the base exactly
+and every checkpoint as codes plus per-block scales; a merge reads about P*2 + N*P*bits/8 bytes
+instead of (N+1)*P*2, and decodes inside the kernel:
+
+    out = (sum_i w_i) * base + sum_i w_i * decode(delta_i)          (linear)
+    out = c_base * base + sum_i c_i * (base + decode(delta_i))      (any weighted-sum method)
+
+Stored formats (per tensor and checkpoint), with their documented error bounds:
+  zero   the tensor equals the base: 0 bytes, exact.
+  int4   codes in [-7, 7], two per byte, one bfloat16 scale per BLOCK elements; 4.25 bits per element.
+  int8   codes in [-127, 127], one per byte, same scales; 8.25 bits per element.
+  exact  the checkpoint's own tensor as the pool holds it (the fallback), exact.
+For int4/int8 every element satisfies |decode(delta) - delta| <= s_b / 2, where s_b is max|delta|
+over its block divided by qmax (7 or 127), rounded up to bfloat16 (so at most (1 + 2^-7) times
+that quotient, and at least bfloat16's smallest subnormal, 2^-133, for a nonzero block).
+delta is measured in float64 between the tensors as the pool would hold them (dtype=).
+
+compress="int8"/"int4" uses that format everywhere (exact where error_budget, if given, is not
+met); "auto" picks per tensor and checkpoint the cheapest format whose measured relative error
+||decode(delta) - delta|| / ||delta|| is within error_budget (default 1e-2). A sparse top-k
+format is not offered: to match int4's error (10-15 % relative on dense, heavy-tailed deltas) a
+magnitude top-k must keep about 60 % of the entries, over 14 bits per element with a 16-bit index
+and an 8-bit value (benchmarks/bench_compressed_pool.py measures it).
+
+Kernels: C++ (csrc/cpu/delta_decode.cpp) on the CPU, Triton (kernels/delta_decode.py) on CUDA
+or in the interpreter, eager torch as the reference. Methods that are not weighted sums (TIES,
+DARE, ...) run on decoded inputs: base + decode(delta_i) in float32, selection on decoded deltas.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from pymerge import _native
+from pymerge.errors import CheckpointError, InputError
+
+BLOCK = 64            # elements per scale (the kernels' strips of 32 never straddle a block)
+STRIP = 32            # int4 packing: byte j of a strip holds elements j (low nibble) and j + 16 (high)
+COMPRESS_MODES = ("int8", "int4", "auto")
+FORMATS = ("zero", "int4", "int8", "exact")
+DEFAULT_BUDGET = 1e-2
+KIND_Q8, KIND_Q4 = 16, 17  # csrc/cpu/delta_decode.cpp and kernels/delta_decode.py
+_HELD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+META_KEY = "pymerge.compressed_pool"
+VERSION = 1
+
+
+def check_options(compress, error_budget, has_base: bool, residency) -> Optional[float]:
+    """Validates compress= and error_budget= before anything is read; returns the budget in force."""
+    if not isinstance(compress, str) or compress not in COMPRESS_MODES:
+        raise InputError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {compress!r}")
+    if not has_base:
+        raise InputError(f"compress={compress!r} stores each checkpoint as its delta from a base: pass base=")
+    if residency is not None:
+        raise InputError("a compressed pool is held resident; residency= does not apply (drop it)")
+    if error_budget is None:
+        return DEFAULT_BUDGET if compress == "auto" else None
+    if isinstance(error_budget, bool) or not isinstance(error_budget, (int, float, np.floating, np.integer)):
+        raise InputError(f"error_budget must be a number > 0, got {error_budget!r}")
+    if not math.isfinite(error_budget) or error_budget <= 0:
+        raise InputError(f"error_budget must be finite and > 0, got {error_budget}")
+    return float(error_budget)
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """The decode kernels: C++ for CPU tensors, Triton on CUDA (or in its interpreter), torch anywhere."""
+    if backend not in ("cpu", "triton", "torch"):
+        raise InputError(f"backend {backend!r} has no delta-decode kernel; use cpu, triton or torch")
+    if backend == "cpu" and device.type != "cpu":
+        raise InputError(f"backend 'cpu' computes on CPU tensors; the pool is on {device}")
+
+
+def held_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """What a compressed pool stores dense tensors as: dtype=, else the tensor's own dtype where the
+    kernels read it (float8 widens to bfloat16 exactly, float64 narrows to float32)."""
+    if dtype is not None:
+        return dtype
+    if t.dtype in _HELD_DTYPES:
+        return t.dtype
+    return torch.bfloat16 if t.element_size() == 1 else torch.float32
+
+
+# ---- one encoded tensor -----------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """One checkpoint's tensor: format, payload and the relative error measured at compression."""
+    fmt: str
+    rel_error: float
+    delta_norm: float                        # ||delta||_2 (float64), to combine errors over tensors
+    codes: Optional[torch.Tensor] = None     # int8 [padded] or uint8 [padded / 2]
+    scales: Optional[torch.Tensor] = None    # bfloat16 [blocks]
+    exact: Optional[torch.Tensor] = None     # the checkpoint's tensor as held (format "exact")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.exact) if t is not None)
+
+
+def padded(numel: int) -> int:
+    return -(-numel // BLOCK) * BLOCK
+
+
+def quantize(theta: torch.Tensor, base: torch.Tensor, fmt: str, num_threads: int = 0):
+    """theta - base (held tensors, CPU, contiguous) as int8/int4 codes and bfloat16 scales, padded to
+    BLOCK, by the C++ encoder (threaded). Returns (codes, scales, sum of squared errors, sum of squared
+    deltas, first element whose delta is not finite in float32 or -1); sums in float64."""
+    n, p = theta.numel(), padded(theta.numel())
+    codes = torch.empty(p, dtype=torch.int8) if fmt == "int8" else torch.empty(p // 2, dtype=torch.uint8)
+    scales = torch.empty(p // BLOCK, dtype=torch.bfloat16)
+    err2, norm2, bad = _native.require_cpu().delta_quantize(
+        theta.data_ptr(), _native.DTYPE_CODES[theta.dtype], base.data_ptr(), _native.DTYPE_CODES[base.dtype], n,
+        8 if fmt == "int8" else 4, codes.data_ptr(), scales.data_ptr(), num_threads)
+    return codes, scales, err2, norm2, bad
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, numel: int) -> torch.Tensor:
+    """float32 values of int8/int4 codes (exact: a code times a bfloat16 scale fits float32)."""
+    if fmt == "int4":
+        strips = codes.view(-1, 16).to(torch.int16)
+        codes = torch.cat([(strips & 15) - 8, (strips >> 4) - 8], dim=1).view(-1)
+    values = codes.view(-1, BLOCK).float() * scales.float()[:, None]
+    return values.view(-1)[:numel]
+
+
+def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
+    """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`."""
+    theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
+    for fmt in ("int4", "int8") if mode == "auto" else (mode,):
+        codes, scales, err2, norm2, bad = quantize(theta, base, fmt)
+        if bad >= 0:
+            raise InputError(f"{where}: delta from the base is not finite at element {bad} "
+                             f"(checkpoint {float(theta[bad])}, base {float(base[bad])}); "
+                             "a compressed pool needs deltas finite in float32")
+        if norm2 == 0:
+            return Encoded("zero", 0.0, 0.0)
+        err = math.sqrt(err2 / norm2)
+        if budget is None or err <= budget:
+            return Encoded(fmt, err, math.sqrt(norm2), codes=codes, scales=scales)
+    return Encoded("exact", 0.0, math.sqrt(norm2), exact=theta.clone())
+
+
+# ---- the store --------------------------------------------------------------------------------------
+@dataclass
+class _Terms:
+    """One tensor's kernel terms: the base first, then every checkpoint that is not 'zero'."""
+    tensors: List[torch.Tensor]       # data per term (kept alive here)
+    scales: List[Optional[torch.Tensor]]
+    kinds: List[int]
+    cols: np.ndarray                  # checkpoint index of terms 1..
+    exact_cols: np.ndarray            # checkpoints held exact (their tensor carries the base)
+
+
+class CompressedStore:
+    """The base (exact) and every checkpoint's encoded delta, per tensor; kernels run from here."""
+
+    def __init__(self, names: List[str], shapes: Dict[str, tuple], base: Dict[str, torch.Tensor],
+                 entries: Dict[str, List[Encoded]], labels: List[str], mode: str, budget: Optional[float],
+                 skipped: Sequence[str] = ()):
+        self.names, self.shapes, self.base, self.entries = names, shapes, base, entries
+        self.labels, self.mode, self.budget, self.skipped = list(labels), mode, budget, list(skipped)
+        self._terms: Dict[str, _Terms] = {}
+
+    @classmethod
+    def build(cls, opened, base_src, names, shapes, mode: str, budget: Optional[float],
+              dtype: Optional[torch.dtype], skipped=()) -> "CompressedStore":
+        base, entries = {}, {}
+        for name in names:
+            b = base_src.tensor(name).detach()
+            held = held_dtype(b, dtype)
+            base[name] = b.to("cpu", held, copy=True).contiguous()
+            entries[name] = [encode(s.tensor(name).detach().to("cpu", held), base[name], mode, budget,
+                                    f"{s.label}: tensor {name!r}") for s in opened]
+        return cls(names, shapes, base, entries, [s.label for s in opened], mode, budget, skipped)
+
+    def to(self, device: torch.device) -> "CompressedStore":
+        """The store with every tensor on `device` (itself on the CPU)."""
+        if device.type == "cpu":
+            return self
+        move = (lambda t: None if t is None else t.to(device))
+        base = {n: move(t) for n, t in self.base.items()}
+        entries = {n: [Encoded(e.fmt, e.rel_error, e.delta_norm, move(e.codes), move(e.scales), move(e.exact))
+                       for e in es] for n, es in self.entries.items()}
+        return CompressedStore(self.names, self.shapes, base, entries, self.labels, self.mode, self.budget, self.skipped)
+
+    # ---- sizes and report ---------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the base plus every encoded checkpoint."""
+        return self.model_nbytes() + sum(e.nbytes for es in self.entries.values() for e in es)
+
+    def model_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.base.values())
+
+    def report(self) -> List[dict]:
+        """One row per tensor and checkpoint: format, bytes held, measured relative error of the delta."""
+        rows = []
+        for name in self.names:
+            for i, e in enumerate(self.entries[name]):
+                rows.append({"tensor": name, "checkpoint": i, "label": self.labels[i], "format": e.fmt,
+                             "bytes": e.nbytes, "rel_error": e.rel_error, "delta_norm": e.delta_norm,
+                             "numel": int(np.prod(self.shapes[name], dtype=np.int64))})
+        return rows
+
+    def checkpoint_errors(self) -> List[float]:
+        """Relative error of each checkpoint's whole delta (all tensors together)."""
+        out = []
+        for i in range(len(self.labels)):
+            num = sum((e[i].rel_error * e[i].delta_norm) ** 2 for e in self.entries.values())
+            den = sum(e[i].delta_norm ** 2 for e in self.entries.values())
+            out.append(math.sqrt(num / den) if den > 0 else 0.0)
+        return out
+
+    def describe(self) -> str:
+        counts = {}
+        for es in self.entries.values():
+            for e in es:
+                counts[e.fmt] = counts.get(e.fmt, 0) + 1
+        mix = ", ".join(f"{counts[f]} {f}" for f in FORMATS if f in counts)
+        worst = max(self.checkpoint_errors(), default=0.0)
+        return f"compressed {self.mode} ({mix}; worst checkpoint delta error {worst:.2e})"
+
+    def decoded(self, i: int, name: str) -> torch.Tensor:
+        """Checkpoint i's tensor as the pool reconstructs it: base + decode(delta), float32."""
+        e, base = self.entries[name][i], self.base[name].reshape(-1)
+        if e.fmt == "exact":
+            flat = e.exact.to(torch.float32, copy=True)  # a copy: writing into it must not change the pool
+        elif e.fmt == "zero":
+            flat = base.to(torch.float32, copy=True)
+        else:
+            flat = base.float() + dequantize(e.codes, e.scales, e.fmt, base.numel())
+        return flat.view(self.shapes[name])
+
+    # ---- merging ------------------------------------------------------------------------------------
+    def terms(self, name: str) -> _Terms:
+        hit = self._terms.get(name)
+        if hit is None:
+            tensors, scales, kinds, cols, exact_cols = [self.base[name]], [None], [_dense_kind(self.base[name])], [], []
+            for i, e in enumerate(self.entries[name]):
+                if e.fmt == "zero":
+                    continue
+                cols.append(i)
+                if e.fmt == "exact":
+                    exact_cols.append(i)
+                    tensors.append(e.exact)
+                    scales.append(None)
+                    kinds.append(_dense_kind(e.exact))
+                else:
+                    tensors.append(e.codes)
+                    scales.append(e.scales)
+                    kinds.append(KIND_Q8 if e.fmt == "int8" else KIND_Q4)
+            hit = self._terms[name] = _Terms(tensors, scales, kinds, np.array(cols, dtype=np.int64),
+                                             np.array(exact_cols, dtype=np.int64))
+        return hit
+
+    def accumulate(self, name: str, c_base: np.ndarray, coef: np.ndarray, outs: List[torch.Tensor],
+                   backend: str, num_threads: int = 0) -> None:
+        """outs[k] = c_base[k] * base + sum_i coef[k, i] * theta_i, theta_i = base + decode(delta_i).
+
+        c_base: [K], coef: [K, N] (float64); each out is contiguous, float32/float16/bfloat16.
+        """
+        T = self.terms(name)
+        w = np.empty((len(outs), len(T.kinds)), dtype=np.float64)
+        # theta_i = base + delta_i: every checkpoint adds its coefficient to the base's, except those
+        # held exact, whose own tensor already carries the base.
+        w[:, 0] = c_base + coef.sum(axis=1) - coef[:, T.exact_cols].sum(axis=1)
+        w[:, 1:] = coef[:, T.cols]
+        run_terms(T.tensors, T.scales, T.kinds, self.base[name].numel(), w.astype(np.float32), outs, backend,
+                  num_threads)
+
+    # ---- save / load -------------------------------------------------------------------------------
+    def save(self, path, overwrite: bool = False) -> None:
+        """One .safetensors file: codes, scales and exact tensors, plus a JSON header in its metadata."""
+        from safetensors.torch import save_file
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise InputError(f"{path}: is a folder; save writes one .safetensors file")
+        if os.path.exists(path) and not overwrite:
+            raise InputError(f"{path}: already exists; pass overwrite=True to replace it")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise InputError(f"{path}: folder {parent} does not exist")
+        tensors, table = {}, []
+        for name in self.names:
+            tensors[f"base/{name}"] = self.base[name].cpu()
+            for i, e in enumerate(self.entries[name]):
+                for part in ("codes", "scales", "exact"):
+                    t = getattr(e, part)
+                    if t is not None:
+                        tensors[f"{i}/{name}/{part}"] = t.cpu()
+            table.append({"name": name, "shape": list(self.shapes[name]),
+                          "formats": [e.fmt for e in self.entries[name]],
+                          "errors": [e.rel_error for e in self.entries[name]],
+                          "norms": [e.delta_norm for e in self.entries[name]]})
+        header = {"version": VERSION, "block": BLOCK, "mode": self.mode, "error_budget": self.budget,
+                  "labels": self.labels, "skipped": self.skipped, "tensors": table}
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(header), "format": "pt"})
+            os.replace(tmp, path)  # the old file, or the complete new one: never half of it
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path) -> "CompressedStore":
+        """A store saved by save(), validated as strictly as any checkpoint (CheckpointError if not)."""
+        from pymerge.io import SafetensorsFile
+        path = os.fspath(path)
+        with SafetensorsFile(path) as f:
+            header = _parse_header(path, f.metadata)
+            expected = {}
+            for entry in header["tensors"]:
+                _expect(expected, entry)
+            have = set(f.names())
+            missing = sorted(set(expected) - have)
+            if missing:
+                raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+            extra = sorted(have - set(expected))
+            if extra:
+                raise CheckpointError(f"{path}: tensor {extra[0]!r} is not part of a compressed pool")
+            loaded = {}
+            for key, (dtypes, shape) in expected.items():
+                info = f.info(key)
+                if info.dtype not in dtypes or tuple(info.shape) != shape:
+                    want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+                    raise CheckpointError(f"{path}: tensor {key!r} is {info.dtype_name} {list(info.shape)}, "
+                                          f"expected {want} {list(shape)}")
+                t = f.tensor(key).clone()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"{path}: tensor {key!r} holds non-finite values")
+                if key.endswith("/scales") and bool((t < 0).any()):
+                    raise CheckpointError(f"{path}: tensor {key!r} holds negative scales")
+                loaded[key] = t
+        names, shapes, base, entries = [], {}, {}, {}
+        for entry in header["tensors"]:
+            name = entry["name"]
+            names.append(name)
+            shapes[name] = tuple(entry["shape"])
+            base[name] = loaded[f"base/{name}"].view(shapes[name])
+            entries[name] = [Encoded(fmt, err, norm, loaded.get(f"{i}/{name}/codes"), loaded.get(f"{i}/{name}/scales"),
+                                     loaded.get(f"{i}/{name}/exact"))
+                             for i, (fmt, err, norm) in enumerate(zip(entry["formats"], entry["errors"], entry["norms"]))]
+            for i, e in enumerate(entries[name]):
+                if e.exact is not None and e.exact.dtype != base[name].dtype:
+                    raise CheckpointError(f"{path}: tensor '{i}/{name}/exact' is {e.exact.dtype}, "
+                                          f"its base is {base[name].dtype}")
+        return cls(names, shapes, base, entries, header["labels"], header["mode"], header["error_budget"],
+                   header["skipped"])
+
+
+def _dense_kind(t: torch.Tensor) -> int:
+    return _native.DTYPE_CODES[t.dtype]
+
+
+# ---- the pool's merges ------------------------------------------------------------------------------
+def run_linear(store: CompressedStore, plans, tables: List[np.ndarray], backend: str, num_threads: int) -> None:
+    """The pool's linear fast path: out = sum_i w_i * theta_i, per candidate and weight group."""
+    for p in plans:
+        coef = np.stack([t[p.group if t.shape[0] > 1 else 0] for t in tables])
+        store.accumulate(p.name, np.zeros(len(tables)), coef, p.outs, backend, num_threads)
+
+
+def run_method(store: CompressedStore, method, per_model, global_params, plans, tables: List[np.ndarray],
+               seed: int, backend: str, num_threads: int) -> None:
+    """Any registered method. Weighted sums (linear, task_arithmetic, ...) decode inside the fused kernel;
+    the rest (TIES, DARE, SLERP, ...) merge base + decode(delta_i) in float32, one tensor at a time,
+    after a first pass has checked every tensor and candidate (nothing is written before that)."""
+    from pymerge.methods.base import TensorTask
+    from pymerge.methods.linear import WeightedSum
+    n = len(store.labels)
+    weighted = isinstance(method, WeightedSum)
+
+    def tasks_of(p, decode: bool):
+        inputs = [store.decoded(i, p.name) for i in range(n)] if decode else None
+        out = []
+        for table in tables:
+            w = table[p.group if table.shape[0] > 1 else 0]
+            mp = [dict(per_model[i], weight=float(w[i])) for i in range(n)]
+            task = TensorTask(inputs=inputs, base=store.base[p.name], model_params=mp, params=dict(global_params),
+                              name=p.name, seed=seed, backend=backend, num_threads=num_threads)
+            method.check_params(task)
+            out.append(task)
+        return out
+
+    if weighted:
+        jobs = []
+        for p in plans:
+            c_base, coef = np.zeros(len(tables)), np.zeros((len(tables), n))
+            for k, task in enumerate(tasks_of(p, decode=False)):
+                for src, c in zip(*method.weights_for(task)):
+                    if src < n:
+                        coef[k, src] += c
+                    else:
+                        c_base[k] += c
+            jobs.append((p, c_base, coef))
+        for p, c_base, coef in jobs:
+            store.accumulate(p.name, c_base, coef, p.outs, backend, num_threads)
+        return
+    for p in plans:
+        tasks_of(p, decode=True)
+    for p in plans:
+        for task, out in zip(tasks_of(p, decode=True), p.outs):
+            method.merge_tensor(task, out)
+
+
+# ---- kernels ------------------------------------------------------------------------------------------
+def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torch.Tensor], backend: str,
+              num_threads: int = 0) -> None:
+    """outs[k] = sum_t w[k, t] * decode(term_t) on one backend (terms and outs already validated)."""
+    if numel == 0:
+        return
+    if backend == "cpu":
+        _native.require_cpu().delta_accumulate(
+            [t.data_ptr() for t in tensors], [0 if s is None else s.data_ptr() for s in scales], list(kinds), numel,
+            w.reshape(-1).tolist(), [o.data_ptr() for o in outs], [_native.DTYPE_CODES[o.dtype] for o in outs],
+            num_threads)
+    elif backend == "triton":
+        from pymerge.kernels import delta_decode
+        delta_decode.delta_accumulate(tensors, scales, kinds, numel, w, outs)
+    elif backend == "torch":
+        for k, out in enumerate(outs):
+            acc = torch.zeros(numel, dtype=torch.float32, device=out.device)
+            for t, (x, s, kind) in enumerate(zip(tensors, scales, kinds)):
+                acc.add_(_decode_term(x, s, kind, numel), alpha=float(w[k, t]))
+            out.view(-1).copy_(acc)
+    else:
+        raise AssertionError(backend)  # check_backend ran when the pool was built
+
+
+def _decode_term(x, s, kind: int, numel: int) -> torch.Tensor:
+    if kind == KIND_Q8:
+        return dequantize(x, s, "int8", numel)
+    if kind == KIND_Q4:
+        return dequantize(x, s, "int4", numel)
+    return x.reshape(-1).float()
+
+
+# ---- saved-file validation --------------------------------------------------------------------------
+_HEADER_KEYS = {"version", "block", "mode", "error_budget", "labels", "skipped", "tensors"}
+_ENTRY_KEYS = {"name", "shape", "formats", "errors", "norms"}
+
+
+def _parse_header(path: str, metadata) -> dict:
+    def bad(problem):
+        return CheckpointError(f"{path}: not a pymerge compressed pool: {problem}")
+    raw = (metadata or {}).get(META_KEY)
+    if raw is None:
+        raise bad(f"no {META_KEY!r} entry in the file's metadata")
+    try:
+        h = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad("its header is not valid JSON") from None
+    if not isinstance(h, dict) or set(h) != _HEADER_KEYS:
+        raise bad(f"its header must be an object with keys {sorted(_HEADER_KEYS)}")
+    if h["version"] != VERSION or h["block"] != BLOCK:
+        raise bad(f"version {h['version']!r} / block {h['block']!r}; this pymerge reads version {VERSION}, block {BLOCK}")
+    if h["mode"] not in COMPRESS_MODES:
+        raise bad(f"mode {h['mode']!r} is not one of {COMPRESS_MODES}")
+    budget = h["error_budget"]
+    if budget is not None and (not _is_number(budget) or not math.isfinite(budget) or budget <= 0):
+        raise bad(f"error_budget {budget!r} is not a finite number > 0")
+    labels = h["labels"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise bad("labels must be a non-empty list of strings")
+    if not isinstance(h["skipped"], list) or not all(isinstance(x, str) for x in h["skipped"]):
+        raise bad("skipped must be a list of strings")
+    tensors = h["tensors"]
+    if not isinstance(tensors, list) or not tensors:
+        raise bad("tensors must be a non-empty list")
+    n, seen = len(labels), set()
+    for entry in tensors:
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+            raise bad(f"every tensor entry must be an object with keys {sorted(_ENTRY_KEYS)}")
+        name, shape = entry["name"], entry["shape"]
+        if not isinstance(name, str) or name in seen:
+            raise bad(f"tensor name {name!r} is not a string or appears twice")
+        seen.add(name)
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        for key in ("formats", "errors", "norms"):
+            if not isinstance(entry[key], list) or len(entry[key]) != n:
+                raise bad(f"tensor {name!r}: {key} must list one value per checkpoint ({n})")
+        if not all(f in FORMATS for f in entry["formats"]):
+            raise bad(f"tensor {name!r}: formats {entry['formats']!r} must be among {FORMATS}")
+        for key in ("errors", "norms"):
+            if not all(_is_number(x) and math.isfinite(x) and x >= 0 for x in entry[key]):
+                raise bad(f"tensor {name!r}: {key} must be finite numbers >= 0")
+    return h
+
+
+def _expect(expected: dict, entry: dict) -> None:
+    """The tensors (allowed dtypes, shape) the file must hold for one header entry."""
+    name, shape = entry["name"], tuple(entry["shape"])
+    numel = math.prod(shape)
+    dense = _HELD_DTYPES
+    expected[f"base/{name}"] = (dense, shape)
+    for i, fmt in enumerate(entry["formats"]):
+        if fmt in ("int8", "int4"):
+            p = padded(numel)
+            expected[f"{i}/{name}/codes"] = ((torch.int8,), (p,)) if fmt == "int8" else ((torch.uint8,), (p // 2,))
+            expected[f"{i}/{name}/scales"] = ((torch.bfloat16,), (p // BLOCK,))
+        elif fmt == "exact":
+            expected[f"{i}/{name}/exact"] = (dense, (numel,))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -1,0 +1,435 @@
+"""Delta-compressed pools (pymerge/pool/compressed.py, csrc/cpu/delta_decode.cpp, kernels/delta_decode.py).
+
+Every format against its documented float64 bound; every backend (C++ AVX-512, AVX2, plain;
+Triton in the interpreter; torch) against (sum w) * base + sum w_i * decode(delta_i) in float64;
+error budgets, save/load, corrupt files and bad input.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pymerge import _native
+from pymerge.errors import CheckpointError, InputError
+from pymerge.pool import CheckpointPool
+from pymerge.pool import compressed as cp
+from wsum_reference import ulp
+
+SIZES = [0, 1, 2, 31, 63, 64, 65, 97, 1031]
+QMAX = {"int8": 127, "int4": 7}
+
+
+def _delta(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "gauss":
+        return torch.randn(n, generator=gen, dtype=torch.float64) * 1e-3
+    if kind == "heavy":  # Student-t with 1.5 degrees of freedom, plus a few huge outliers
+        d = torch.distributions.StudentT(1.5).sample((n,)).double() * 1e-3
+        if n:
+            d[torch.randint(0, n, (max(1, n // 50),), generator=gen)] *= 1e4
+        return d
+    if kind == "zero":
+        return torch.zeros(n, dtype=torch.float64)
+    if kind == "denormal":  # float32 subnormals (and some smaller, which bfloat16 scales still cover)
+        return torch.randn(n, generator=gen, dtype=torch.float64) * 1e-40
+    raise AssertionError(kind)
+
+
+def _block_bound(d: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The documented per-element bound: s_b / 2 with s_b <= max(absmax_b / qmax * (1 + 2^-7), 2^-133)."""
+    n = d.numel()
+    blocks = torch.zeros(cp.padded(n), dtype=torch.float64)
+    blocks[:n] = d
+    amax = blocks.view(-1, cp.BLOCK).abs().amax(dim=1)
+    s = torch.where(amax > 0, torch.clamp(amax / QMAX[fmt] * (1 + 2.0 ** -7), min=2.0 ** -133), 0.0)
+    return (s / 2).repeat_interleave(cp.BLOCK)[:n]
+
+
+def _reference_quantize(delta: torch.Tensor, fmt: str):
+    """The documented encoder in float64 torch: s = smallest bfloat16 >= max|delta_b| / qmax per
+    block, code = round-half-even(delta / s), int4 packed per strip of 32 (j low, j + 16 high)."""
+    qmax = QMAX[fmt]
+    blocks = torch.zeros(cp.padded(delta.numel()), dtype=torch.float64)
+    blocks[:delta.numel()] = delta
+    blocks = blocks.view(-1, cp.BLOCK)
+    x = blocks.abs().amax(dim=1) / qmax
+    s = x.to(torch.bfloat16)
+    s.view(torch.int16)[s.double() < x] += 1  # round up: the next bit pattern is the next bfloat16
+    codes = torch.round(blocks / torch.where(s.double() > 0, s.double(), 1.0)[:, None]).view(-1).to(torch.int8)
+    if fmt == "int4":
+        strips = codes.view(-1, cp.STRIP).to(torch.int16) + 8
+        codes = (strips[:, :16] | (strips[:, 16:] << 4)).to(torch.uint8).view(-1)
+    return codes, s
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "zero", "denormal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_format_round_trip_within_its_bound(fmt, kind, dtype):
+    gen = torch.Generator().manual_seed(len(fmt) * 10 + len(kind))
+    torch.manual_seed(1)
+    for n in SIZES:
+        base = torch.zeros(n, dtype=dtype) if kind == "denormal" else torch.randn(n, generator=gen).to(dtype)
+        theta = (base.double() + _delta(kind, n, gen)).to(dtype)
+        d = theta.double() - base.double()
+        codes, scales, err2, norm2, bad = cp.quantize(theta, base, fmt)
+        want_codes, want_scales = _reference_quantize(d, fmt)
+        assert bad == -1 and torch.equal(codes, want_codes) and torch.equal(scales, want_scales), n
+        assert codes.numel() == (cp.padded(n) if fmt == "int8" else cp.padded(n) // 2)
+        dec = cp.dequantize(codes, scales, fmt, n).double()
+        err = (dec - d).abs()
+        assert bool((err <= _block_bound(d, fmt) * (1 + 1e-12)).all()), (n, float(err.max()))
+        assert math.isclose(err2, float((err ** 2).sum()), rel_tol=1e-9, abs_tol=1e-300)
+        assert math.isclose(norm2, float((d ** 2).sum()), rel_tol=1e-9, abs_tol=1e-300)
+        if kind == "zero":
+            assert bool((dec == 0).all())
+
+
+def _pool_inputs(shapes, n_ckpt=3, dtype=torch.bfloat16, scale=1e-2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+    cks = []
+    for _ in range(n_ckpt):
+        cks.append({k: (v.double() + scale * torch.randn(v.shape, generator=gen, dtype=torch.float64)).to(dtype)
+                    for k, v in base.items()})
+    return base, cks
+
+
+SHAPES = {"embed.weight": (37, 53), "norm": (1,), "layers.0.w": (129,), "layers.1.w": (67, 3), "empty": (0, 4)}
+
+
+def _reference(pool, c_base, coef, name):
+    """c_base * base + sum_i coef_i * (base + decode(delta_i)) in float64, from what the pool holds."""
+    st = pool._compressed
+    base = st.base[name].double().reshape(-1)
+    acc = c_base * base
+    for i, e in enumerate(st.entries[name]):
+        if e.fmt == "exact":
+            theta = e.exact.double()
+        elif e.fmt == "zero":
+            theta = base
+        else:
+            theta = base + cp.dequantize(e.codes, e.scales, e.fmt, base.numel()).double()
+        acc = acc + coef[i] * theta
+    return acc.view(st.shapes[name])
+
+
+def _check_close(out, ref, pool, name, c_base, coef):
+    st = pool._compressed
+    base = st.base[name].double().reshape(-1)
+    mag = abs(c_base + sum(coef)) * base.abs()  # a bound on sum_t |w_t * term_t|
+    for i, e in enumerate(st.entries[name]):
+        mag = mag + abs(coef[i]) * (pool.tensor(i, name).double().reshape(-1).abs() + base.abs())
+    n_terms = len(coef) + 1
+    # one ulp of the output (the final rounding; Triton's interpreter truncates to bfloat16), as
+    # tests/wsum_reference.py allows, plus float32 accumulation
+    scale = torch.maximum(ref.abs().reshape(-1), out.double().abs().reshape(-1))
+    tol = ulp(scale, out.dtype) + (n_terms + 2) * 2.0 ** -23 * mag
+    err = (out.double().reshape(-1) - ref.reshape(-1)).abs()
+    assert bool((err <= tol).all()), (name, float((err - tol).max()))
+
+
+BACKENDS = ["cpu-avx512", "cpu-avx2", "cpu-scalar", "triton", "torch"]
+
+
+def _backend(b, monkeypatch):
+    if b.startswith("cpu-"):
+        monkeypatch.setenv("PYMERGE_SIMD", b[4:])
+        return "cpu"
+    return b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["int8", "int4", "auto"])
+def test_linear_merge_matches_float64_reference(backend, mode, monkeypatch):
+    be = _backend(backend, monkeypatch)
+    base, cks = _pool_inputs(SHAPES, seed=3)
+    cks[1]["norm"] = base["norm"].clone()                      # a "zero" entry
+    cks[2]["layers.0.w"] = torch.randn(129).to(torch.bfloat16)  # a big delta: "auto" keeps it exact
+    pool = CheckpointPool(cks, base=base, compress=mode, error_budget=1e-2 if mode == "auto" else None, backend=be)
+    w = [0.7, -0.2, 0.45]
+    for out_dtype in (torch.bfloat16, torch.float32, torch.float16):
+        model = {k: torch.full(s, float("nan"), dtype=out_dtype) for k, s in SHAPES.items()}
+        pool.materialize(w, into=model)
+        for name in SHAPES:
+            ref = _reference(pool, 0.0, w, name)
+            _check_close(model[name], ref, pool, name, 0.0, w)
+
+
+@pytest.mark.parametrize("backend", ["cpu-avx512", "cpu-scalar", "triton"])
+def test_population_groups_and_task_arithmetic(backend, monkeypatch):
+    be = _backend(backend, monkeypatch)
+    base, cks = _pool_inputs(SHAPES, n_ckpt=4, seed=5)
+    pool = CheckpointPool(cks, base=base, compress="int4", backend=be)
+    rng = np.random.default_rng(0)
+    k = 9 if be == "cpu" else 5  # beyond one pass of accumulators (8 in C++, 4 in Triton)
+    tables = [rng.normal(size=(3, 4)) for _ in range(k)]
+    models = [{n: torch.empty(s, dtype=torch.bfloat16) for n, s in SHAPES.items()} for _ in range(k)]
+    pool.materialize_many(tables, models, groups="layer")
+    groups = dict(zip(pool.names, [0, 0, 1, 2, 0]))
+    for table, model in zip(tables, models):
+        for name in SHAPES:
+            coef = table[groups[name]].tolist()
+            _check_close(model[name], _reference(pool, 0.0, coef, name), pool, name, 0.0, coef)
+    # task_arithmetic: base + lambda * sum_i w_i * delta_i / sum_i w_i
+    w = [0.5, 0.25, 1.0, -0.5]
+    model = {n: torch.empty(s, dtype=torch.float32) for n, s in SHAPES.items()}
+    pool.materialize(w, into=model, method="task_arithmetic", normalize=True, **{"lambda": 0.8})
+    coef = [0.8 * x / sum(w) for x in w]
+    for name in SHAPES:
+        _check_close(model[name], _reference(pool, 1.0 - sum(coef), coef, name), pool, name, 1.0 - sum(coef), coef)
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("dare_ties", {"density": 0.7}),
+                                           ("breadcrumbs", {"density": 0.8, "gamma": 0.05})])
+def test_selection_methods_run_on_decoded_deltas(method, params):
+    base, cks = _pool_inputs(SHAPES, seed=7)
+    pool = CheckpointPool(cks, base=base, compress="int4")
+    decoded = [{n: pool.tensor(i, n) for n in SHAPES} for i in range(3)]
+    plain = CheckpointPool(decoded, base=base)
+    w = [0.6, 0.3, 0.5]
+    got = {n: torch.empty(s, dtype=torch.bfloat16) for n, s in SHAPES.items()}
+    want = {n: torch.empty(s, dtype=torch.bfloat16) for n, s in SHAPES.items()}
+    pool.materialize(w, into=got, method=method, seed=3, **params)
+    plain.materialize(w, into=want, method=method, seed=3, **params)
+    for n in SHAPES:
+        assert torch.equal(got[n], want[n]), n
+    # and the merge is close to the same merge of the uncompressed checkpoints
+    exact = {n: torch.empty(s, dtype=torch.float32) for n, s in SHAPES.items()}
+    CheckpointPool(cks, base=base).materialize(w, into=exact, method=method, seed=3, **params)
+    diff = sum(float((got[n].double() - exact[n].double()).norm() ** 2) for n in SHAPES) ** 0.5
+    assert diff < 0.05 * sum(float(exact[n].double().norm() ** 2) for n in SHAPES) ** 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_decode_exactly(backend, monkeypatch):
+    """With weight 1 every backend reproduces dequantize bit for bit (code * bfloat16 scale is exact)."""
+    be = _backend(backend, monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    for fmt, kind in (("int8", cp.KIND_Q8), ("int4", cp.KIND_Q4)):
+        for n in (1, 33, 64, 4096 + 97):
+            codes, scales = cp.quantize(torch.randn(n, generator=gen), torch.zeros(n), fmt)[:2]
+            want = cp.dequantize(codes, scales, fmt, n)
+            out = torch.empty(n)
+            cp.run_terms([codes], [scales], [kind], n, np.ones((1, 1), np.float32), [out], be)
+            assert torch.equal(out, want), (fmt, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compressed_pool_on_the_gpu(backend):
+    base, cks = _pool_inputs(SHAPES, seed=12)
+    cks[1]["norm"] = base["norm"].clone()
+    pool = CheckpointPool(cks, base=base, compress="auto", error_budget=0.2, device="cuda", backend=backend)
+    w = [0.4, 0.35, 0.25]
+    for out_dtype in (torch.bfloat16, torch.float32):
+        model = {k: torch.empty(s, dtype=out_dtype, device="cuda") for k, s in SHAPES.items()}
+        pool.materialize(w, into=model)
+        cpu_pool = CheckpointPool(cks, base=base, compress="auto", error_budget=0.2)
+        for name in SHAPES:
+            _check_close(model[name].cpu(), _reference(cpu_pool, 0.0, w, name), cpu_pool, name, 0.0, w)
+
+
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+def test_cpu_rounds_to_nearest_even(simd, monkeypatch):
+    monkeypatch.setenv("PYMERGE_SIMD", simd)
+    x = torch.randn(4096 + 45, dtype=torch.float64)
+    x[:40] = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 2.0 ** -130, -1e-40] * 10)  # ties, subnormals
+    x = x.float()
+    for dtype in (torch.bfloat16, torch.float16):
+        out = torch.empty(x.numel(), dtype=dtype)
+        cp.run_terms([x], [None], [0], x.numel(), np.ones((1, 1), np.float32), [out], "cpu")
+        assert torch.equal(out, x.to(dtype))
+
+
+@pytest.mark.parametrize("budget", [0.2, 1e-2, 1e-3, 1e-5])
+def test_auto_respects_error_budget_per_checkpoint(budget):
+    base, cks = _pool_inputs({"a": (300,), "b": (40, 7), "c": (5,)}, n_ckpt=3, dtype=torch.float32, scale=1e-3, seed=2)
+    cks[0]["b"] = cks[0]["b"] * 1.0
+    cks[0]["b"][0, 0] += 5.0  # one outlier: int4/int8 lose the rest of its block
+    pool = CheckpointPool(cks, base=base, compress="auto", error_budget=budget)
+    for row in pool.compression_report():
+        assert row["rel_error"] <= budget
+        i, name = row["checkpoint"], row["tensor"]
+        d = cks[i][name].double() - base[name].double()
+        measured = float((pool.tensor(i, name).double() - base[name].double() - d).norm() / d.norm())
+        # the reported error is the measured one (pool.tensor rounds base + decode to float32)
+        assert abs(measured - row["rel_error"]) <= 1e-6 * (1 + row["rel_error"]) + 2e-7 * float(base[name].double().norm() / d.norm())
+    assert max(pool._compressed.checkpoint_errors()) <= budget
+    formats = {r["format"] for r in pool.compression_report()}
+    if budget >= 0.2:
+        assert formats == {"int4"}
+    if budget <= 1e-5:
+        assert formats == {"exact"}
+
+
+def test_explicit_format_with_budget_falls_back_to_exact():
+    base, cks = _pool_inputs({"a": (256,)}, n_ckpt=2, dtype=torch.float32, seed=4)
+    pool = CheckpointPool(cks, base=base, compress="int4", error_budget=1e-2)
+    assert [r["format"] for r in pool.compression_report()] == ["exact", "exact"]
+    pool = CheckpointPool(cks, base=base, compress="int4")
+    rows = pool.compression_report()
+    assert [r["format"] for r in rows] == ["int4", "int4"] and all(0.02 < r["rel_error"] < 0.3 for r in rows)
+    assert rows[0]["bytes"] == 128 + 4 * 2  # 256 codes at 4 bits + 4 bfloat16 scales
+
+
+def test_nbytes_counts_what_is_held():
+    base, cks = _pool_inputs({"a": (1000,), "b": (64,)}, n_ckpt=2, seed=8)
+    cks[1]["b"] = base["b"].clone()
+    pool = CheckpointPool(cks, base=base, compress="int8")
+    held = 1064 * 2 + 2 * (1024 + 16 * 2) + (64 + 2)
+    assert pool.nbytes == held == sum(r["bytes"] for r in pool.compression_report()) + 1064 * 2
+    assert pool.model_nbytes() == 1064 * 2
+    assert "int8" in repr(pool) and "zero" in repr(pool)
+
+
+def test_denormal_deltas_survive():
+    base = {"a": torch.zeros(100)}
+    cks = [{"a": torch.randn(100) * 1e-39}]
+    pool = CheckpointPool(cks, base=base, compress="int8")
+    out = {"a": torch.empty(100)}
+    pool.materialize([1.0], into=out)
+    d = cks[0]["a"].double()
+    assert bool(((out["a"].double() - d).abs() <= _block_bound(d, "int8") * (1 + 1e-9) + 2.0 ** -149).all())
+    assert float(out["a"].abs().max()) > 0
+
+
+# ---- save / load ------------------------------------------------------------------------------------
+def _saved(tmp_path):
+    """A pool holding every format: values on a 2^-10 grid keep the float32 deltas exact."""
+    gen = torch.Generator().manual_seed(9)
+    grid = 2.0 ** -10
+    base = {k: torch.round(torch.randn(s, generator=gen) / grid) * grid for k, s in SHAPES.items()}
+    cks = []
+    for _ in range(3):
+        ck = {k: v.clone() for k, v in base.items()}
+        ck["embed.weight"] += 1e-3 * torch.randn(SHAPES["embed.weight"], generator=gen)   # int8 misses 4e-3: exact
+        ck["layers.0.w"] += 7 * grid * torch.sign(torch.randn(129, generator=gen))      # int4 hits it exactly
+        k8 = torch.randint(-127, 128, (67, 3), generator=gen).float()
+        k8.view(-1)[::64] = 127
+        ck["layers.1.w"] += k8 * grid                                                    # int8 hits it exactly
+        cks.append(ck)
+    pool = CheckpointPool(cks, base=base, compress="auto", error_budget=4e-3)
+    path = tmp_path / "pool.safetensors"
+    pool.save(path)
+    return pool, path
+
+
+def test_save_load_round_trip(tmp_path):
+    pool, path = _saved(tmp_path)
+    assert {r["format"] for r in pool.compression_report()} == {"zero", "int4", "int8", "exact"}
+    loaded = CheckpointPool.load(path)
+    assert loaded.compression_report() == pool.compression_report()
+    assert loaded.nbytes == pool.nbytes and loaded.names == pool.names and loaded.labels == pool.labels
+    w = [0.2, 0.5, 0.3]
+    a = {n: torch.empty(s) for n, s in SHAPES.items()}
+    b = {n: torch.empty(s) for n, s in SHAPES.items()}
+    pool.materialize(w, into=a, method="task_arithmetic")
+    loaded.materialize(w, into=b, method="task_arithmetic")
+    assert all(torch.equal(a[n], b[n]) for n in SHAPES)
+    with pytest.raises(InputError, match="already exists"):
+        pool.save(path)
+    pool.save(path, overwrite=True)
+    with pytest.raises(InputError, match="is a folder"):
+        pool.save(tmp_path, overwrite=True)
+    with pytest.raises(InputError, match="not compressed"):
+        CheckpointPool([{"a": torch.ones(2)}]).save(tmp_path / "x.safetensors")
+
+
+def _rewrite(path, out, edit_tensors=None, edit_header=None):
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta[cp.META_KEY])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_header:
+        edit_header(header)
+    meta[cp.META_KEY] = json.dumps(header)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def _first_key(tensors, suffix):
+    return next(k for k in tensors if k.endswith(suffix))
+
+
+CORRUPTIONS = {
+    "no header": (None, lambda h: h.clear(), "must be an object"),
+    "bad version": (None, lambda h: h.update(version=7), "version 7"),
+    "bad format": (None, lambda h: h["tensors"][0]["formats"].__setitem__(0, "int2"), "formats"),
+    "format swap": (None, lambda h: h["tensors"][0]["formats"].__setitem__(0, "int4"), "missing|not part"),
+    "bad shape": (None, lambda h: h["tensors"][0].update(shape=[37, 54]), "expected"),
+    "negative error": (None, lambda h: h["tensors"][0]["errors"].__setitem__(0, -1.0), "errors"),
+    "short list": (None, lambda h: h["tensors"][0]["norms"].pop(), "one value per checkpoint"),
+    "duplicate name": (None, lambda h: h["tensors"].append(dict(h["tensors"][0])), "appears twice"),
+    "nan budget": (None, lambda h: h.update(error_budget=float("nan")), "error_budget"),
+    "extra tensor": (lambda t: t.update(stray=torch.zeros(3)), None, "not part of a compressed pool"),
+    "missing tensor": (lambda t: t.pop(_first_key(t, "/scales")), None, "missing"),
+    "codes dtype": (lambda t: t.update({(k := _first_key(t, "/codes")): t[k].view(torch.int8)
+                                        if t[k].dtype == torch.uint8 else t[k].view(torch.uint8)}), None, "expected"),
+    "nan scale": (lambda t: t[_first_key(t, "/scales")].__setitem__(0, float("nan")), None, "non-finite"),
+    "negative scale": (lambda t: t[_first_key(t, "/scales")].__setitem__(0, -1.0), None, "negative scales"),
+    "inf base": (lambda t: t[_first_key(t, "base/embed.weight")].view(-1).__setitem__(3, float("inf")), None,
+                 "non-finite"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(CORRUPTIONS))
+def test_corrupt_saved_pool_rejected(tmp_path, what):
+    _, path = _saved(tmp_path)
+    edit_tensors, edit_header, message = CORRUPTIONS[what]
+    bad = _rewrite(path, tmp_path / "bad.safetensors", edit_tensors, edit_header)
+    with pytest.raises(CheckpointError, match=message):
+        CheckpointPool.load(bad)
+
+
+def test_truncated_or_foreign_file_rejected(tmp_path):
+    _, path = _saved(tmp_path)
+    raw = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:len(raw) - 10])
+    with pytest.raises(CheckpointError):
+        CheckpointPool.load(tmp_path / "cut.safetensors")
+    save_file({"a": torch.ones(3)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="not a pymerge compressed pool"):
+        CheckpointPool.load(tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="no such file|cannot open"):
+        CheckpointPool.load(tmp_path / "absent.safetensors")
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,message", [
+    ({"compress": "int8", "base": None}, "pass base="),
+    ({"compress": "int2"}, "compress must be one of"),
+    ({"compress": "auto", "error_budget": 0}, "error_budget"),
+    ({"compress": "auto", "error_budget": -1e-2}, "error_budget"),
+    ({"compress": "auto", "error_budget": float("nan")}, "error_budget"),
+    ({"compress": "int4", "error_budget": float("inf")}, "error_budget"),
+    ({"compress": "int4", "error_budget": "1%"}, "error_budget"),
+    ({"compress": "int4", "error_budget": True}, "error_budget"),
+    ({"compress": "int4", "residency": "mmap"}, "residency"),
+    ({"compress": "int4", "backend": "cuda"}, "no delta-decode kernel"),
+    ({"compress": "int4", "shard_like": torch.nn.Linear(2, 2)}, "do not combine"),
+])
+def test_bad_options(kwargs, message):
+    base, cks = _pool_inputs({"a": (8,)}, n_ckpt=1)
+    kwargs = {"base": base, **kwargs}
+    with pytest.raises(InputError, match=message):
+        CheckpointPool(cks, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_delta_rejected(bad):
+    base, cks = _pool_inputs({"a": (8,), "b": (3,)}, n_ckpt=2, dtype=torch.float32)
+    cks[1]["b"][2] = bad
+    with pytest.raises(InputError, match=r"source 1: tensor 'b': delta from the base is not finite at element 2"):
+        CheckpointPool(cks, base=base, compress="auto")
+
+
+def test_overflowing_delta_rejected():
+    base = {"a": torch.tensor([-3e38, 0.0])}
+    with pytest.raises(InputError, match="not finite"):
+        CheckpointPool([{"a": torch.tensor([3e38, 0.0])}], base=base, compress="int8")  # exact in float64, though
