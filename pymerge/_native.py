@@ -18,8 +18,9 @@ DTYPE_INFO: Dict[str, tuple] = {
 }
 SAFETENSORS_TO_NAME: Dict[str, str] = {v[2]: k for k, v in DTYPE_INFO.items()}
 
-# keep in sync with csrc/cpu/common.h and csrc/cuda/weighted_sum.cu
+# The codes the kernels take: defined in csrc/codes.h, exported by each extension, checked at import.
 _CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float8_e4m3fn": 3, "float8_e5m2": 4}
+SPARSIFIER_MODES: Dict[str, int] = {"none": 0, "topk": 1, "range": 2, "random": 3, "bits": 4, "zero": 5}
 CODES_BY_NAME: Dict[str, int] = {**_CODES, **{DTYPE_INFO[n][2]: c for n, c in _CODES.items()}}
 INPUT_DTYPE_NAMES = frozenset(_CODES)
 OUTPUT_DTYPE_NAMES = frozenset(("float32", "float16", "bfloat16"))
@@ -64,16 +65,29 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def check_codes(ext) -> None:
+    """Raises ImportError unless the extension `ext` numbers dtypes and sparsifier modes as Python does."""
+    for table, ours in (("DTYPE_CODES", _CODES), ("SPARSIFIER_MODES", SPARSIFIER_MODES)):
+        theirs = getattr(ext, table, None)
+        if theirs != ours:
+            raise ImportError(f"{ext.__name__}.{table} is {theirs}, pymerge expects {ours}: the native build is stale; "
+                              "rebuild it (pip install --no-build-isolation -e .)")
+
+
 try:
     from pymerge import _cpu as cpu
 except ImportError as exc:  # pragma: no cover - only when the build is missing
     cpu = None
     CPU_IMPORT_ERROR = exc
+else:
+    check_codes(cpu)
 
 try:
     from pymerge import _cuda as cuda
 except ImportError:  # built only where nvcc was found
     cuda = None
+else:
+    check_codes(cuda)
 
 
 def require_cpu():

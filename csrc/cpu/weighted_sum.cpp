@@ -1,19 +1,20 @@
 // Fused weighted sum of N checkpoints into K outputs: out_k = sum_i W[k,i] * x_i.
 // Each input element is read once and converted to float32 in registers; accumulation is in
 // float32, in input order (first term w*x, then fused multiply-adds); every output is written once
-// with round-to-nearest-even. Work is split into L1-sized blocks spread over OpenMP threads.
+// with round-to-nearest-even. Work is split into L1-sized blocks spread over the thread pool
+// (parallel.cpp); grouped.cpp runs the same blocks over every tensor of a model in one call.
 #include <immintrin.h>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <stdexcept>
-#include "cpu/common.h"
+#include "cpu/weighted_sum.h"
 
 namespace py = pybind11;
 
 namespace pymerge {
 namespace {
 
-constexpr int64_t kBlock = 4096;  // floats per accumulator block: 16 KiB, stays in L1
+using ws::kBlock;
 
 // ---- scalar path (any x86-64 or other CPU) ---------------------------------------------------
 template <bool First>
@@ -85,17 +86,7 @@ AVX512_TARGET inline __m256i f32_to_bf16_16(__m512 x) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// ---- the job: N inputs, K outputs, weights W[k * N + i] ------------------------------------------
-struct Job {
-  const uintptr_t* in;
-  const int* in_dt;
-  int64_t n_in;
-  const float* w;
-  const uintptr_t* out;
-  const int* out_dt;
-  int64_t n_out;
-  bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
-};
+using ws::Job;
 
 inline char* out_at(const Job& J, int64_t k, int64_t e) {
   return reinterpret_cast<char*>(J.out[k]) + e * dtype_size(J.out_dt[k]);
@@ -210,9 +201,25 @@ BlockFn pick_block() {
   return block_scalar;
 }
 
-constexpr int64_t kMinPerThread = 1 << 18;       // elements: below this a second thread costs more than it gives
-constexpr int64_t kStreamBytes = 8 << 20;        // outputs above this skip the cache
 constexpr int64_t kBlocksPerChunk = 16;          // 64K elements claimed at a time by a thread
+
+}  // namespace
+
+void ws::check_codes(const std::vector<int>& in_dtypes, const std::vector<int>& out_dtypes) {
+  for (int dt : in_dtypes) if (dt < F32 || dt > kMaxInputDType) throw std::invalid_argument("weighted_sum: bad input dtype code");
+  for (int dt : out_dtypes) if (dt < F32 || dt > kMaxOutputDType) throw std::invalid_argument("weighted_sum: bad output dtype code");
+}
+
+void ws::run_range(const Job& J, int64_t start, int64_t end) {
+  static const BlockFn block = pick_block();
+  thread_local std::vector<float> accs, xbuf;
+  accs.resize(size_t(J.n_out) * kBlock);
+  xbuf.resize(kBlock);
+  for (int64_t b = start; b < end; b += kBlock) block(J, b, std::min(kBlock, end - b), accs.data(), xbuf.data());
+  if (J.stream) _mm_sfence();  // make this thread's streaming stores visible before the call returns
+}
+
+namespace {
 
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
@@ -222,25 +229,16 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   if (int64_t(in_dtypes.size()) != n_in || int64_t(out_dtypes.size()) != n_out ||
       int64_t(weights.size()) != n_in * n_out)
     throw std::invalid_argument("weighted_sum: inconsistent argument lengths");
-  for (int dt : in_dtypes) if (dt < F32 || dt > F8E5M2) throw std::invalid_argument("weighted_sum: bad input dtype code");
-  for (int dt : out_dtypes) if (dt < F32 || dt > BF16) throw std::invalid_argument("weighted_sum: bad output dtype code");
+  ws::check_codes(in_dtypes, out_dtypes);
   if (numel <= 0) return;
-  static const BlockFn block = pick_block();
   const Job J{in_ptrs.data(), in_dtypes.data(), n_in, weights.data(), out_ptrs.data(), out_dtypes.data(), n_out,
-              numel * 2 >= kStreamBytes};
+              numel * 2 >= ws::kStreamBytes};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
-  const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
+  const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + ws::kMinPerThread - 1) / ws::kMinPerThread)));
   // Chunks of several blocks keep each thread's input streams long (prefetching runs ahead).
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
-    thread_local std::vector<float> accs, xbuf;
-    accs.resize(size_t(std::min<int64_t>(n_out, 1 << 16)) * kBlock);
-    xbuf.resize(kBlock);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * kBlock;
-      block(J, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
-    }
-    _mm_sfence();  // make this thread's streaming stores visible before the call returns
+    ws::run_range(J, b0 * kBlock, std::min(numel, b1 * kBlock));
   });
 }
 
