@@ -139,6 +139,48 @@ AVX512_TARGET inline void store16_any(char* p, __m512 x, int dt, bool stream) {
   else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
 }
 
+// The last len % 32 elements of a block: the strip loop again with masked loads and stores, so small
+// tensors (a model of many) do not fall to scalar code. Masked-off lanes are neither read nor written.
+AVX512_TARGET inline __m512 load16_masked(const char* p, int dt, __mmask16 m) {
+  switch (dt) {
+    case F32: return _mm512_maskz_loadu_ps(m, p);
+    case F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+    case BF16: return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    default: return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)), fp8_table(dt), 4);
+  }
+}
+
+AVX512_TARGET inline void store16_masked(char* p, __m512 x, int dt, __mmask16 m) {
+  if (dt == F32) return _mm512_mask_storeu_ps(p, m, x);
+  __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
+  _mm256_mask_storeu_epi16(p, m, h);
+}
+
+template <int K>
+AVX512_TARGET void tail_avx512(const Job& J, int64_t k0, int64_t e, int64_t n) {
+  const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __mmask16 m1 = n > 16 ? __mmask16((1u << (n - 16)) - 1) : __mmask16(0);
+  __m512 acc[K][2];
+  for (int64_t i = 0; i < J.n_in; ++i) {
+    const int dt = J.in_dt[i];
+    const size_t es = dtype_size(dt);
+    const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
+    const __m512 x0 = load16_masked(src, dt, m0), x1 = load16_masked(src + 16 * es, dt, m1);
+    const float* w = J.w + k0 * J.n_in + i;
+    for (int k = 0; k < K; ++k) {
+      const __m512 wk = _mm512_set1_ps(w[k * J.n_in]);
+      acc[k][0] = i ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
+      acc[k][1] = i ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    const int dt = J.out_dt[k0 + k];
+    char* dst = out_at(J, k0 + k, e);
+    store16_masked(dst, acc[k][0], dt, m0);
+    store16_masked(dst + 16 * dtype_size(dt), acc[k][1], dt, m1);
+  }
+}
+
 template <int K>
 AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_t len) {
   bool stream[K];
@@ -172,15 +214,19 @@ AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_
   }
 }
 
-AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*, float*) {
   static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
       strips_avx512<1>, strips_avx512<2>, strips_avx512<3>, strips_avx512<4>,
       strips_avx512<5>, strips_avx512<6>, strips_avx512<7>, strips_avx512<8>};
-  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 8 outputs: re-read the block from cache
-    by_k[std::min<int64_t>(kMaxK, J.n_out - k0) - 1](J, k0, start, len);
+  static void (*const tail_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
+      tail_avx512<1>, tail_avx512<2>, tail_avx512<3>, tail_avx512<4>,
+      tail_avx512<5>, tail_avx512<6>, tail_avx512<7>, tail_avx512<8>};
   const int64_t done = len / kStrip * kStrip;
-  if (done < len)  // the last few elements of the tensor
-    block_buffered(J, start + done, len - done, accs, xbuf, acc_scalar<true>, acc_scalar<false>, store_scalar);
+  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK) {  // more than 8 outputs: re-read the block from cache
+    const int64_t kk = std::min<int64_t>(kMaxK, J.n_out - k0) - 1;
+    by_k[kk](J, k0, start, len);
+    if (done < len) tail_k[kk](J, k0, start + done, len - done);  // the last few elements of the tensor
+  }
 }
 
 // ---- driver ------------------------------------------------------------------------------------

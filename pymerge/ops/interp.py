@@ -46,7 +46,7 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
     if _backend(xs[0], backend) == "cpu":
-        pairs = library.group_dots(xs, base, sub, rows, cols, GROUPS[group], num_threads)
+        pairs = library.call("group_dots", xs, base, sub, rows, cols, GROUPS[group], num_threads)
     else:
         pairs = _dots_torch(xs, base, sub, group, rows, cols)
     iu = torch.triu_indices(k, k)
@@ -89,7 +89,7 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     rows, cols = view_2d(xs[0].shape, group)
     coef = coef.to(torch.float32).reshape(-1, k + 1)
     if _backend(xs[0], backend) == "cpu":
-        library.group_lincomb_out(xs, base, sub, rows, cols, GROUPS[group], coef, out, num_threads)
+        library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, out, num_threads)
         return out
     coef = coef.to(xs[0].device)
     if group == "whole":

@@ -47,26 +47,64 @@ def _cuda_backend(backend: str, entry: str) -> str:
     return "cuda" if _native.cuda is not None and hasattr(_native.cuda, entry) else "torch"
 
 
+_KERNELS = {}  # op name -> {device type: kernel}, for the eager fast path of `call`
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _kernel(name: str, device: str):
+    """Registers fn as op `name`'s kernel for `device` and records it for `call`."""
+    def wrap(fn):
+        _KERNELS.setdefault(name, {})[device] = fn
+        return fn
+    return wrap
+
+
+def eager(t: Tensor) -> bool:
+    """True when a call with t may skip the dispatcher (see `call`)."""
+    return (type(t) in _PLAIN and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._len_torch_function_stack() == 0)
+
+
+def call(name: str, *args):
+    """Runs op pymerge::name. Plain tensors in eager mode go straight to the device's kernel: the
+    dispatcher's Python round trip costs ~80 us a call, more than a small tensor's whole merge.
+    Under torch.compile, a tensor subclass (FakeTensor, functional tensors) or a dispatch mode, the
+    call goes through torch.ops, which is what makes the ops traceable."""
+    first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+    if eager(first):
+        kernel = _KERNELS[name].get(first.device.type)
+        if kernel is not None:
+            return kernel(*args)
+    return getattr(torch.ops.pymerge, name)(*args)
+
+
 # ---- weighted sum ---------------------------------------------------------------------------------
 @custom_op("pymerge::weighted_sum_many_out", mutates_args=("outs",), device_types="cpu")
+@_kernel("weighted_sum_many_out", "cpu")
 def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Tensor], backend: str = "auto",
                           num_threads: int = 0) -> None:
-    """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once)."""
+    """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once).
+
+    The eager fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
     numel = tensors[0].numel()
     if numel == 0:
         return
     tensors = _contig(tensors)
+    flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
     _native.require_cpu().weighted_sum_many(
-        [t.data_ptr() for t in tensors], _codes(tensors), numel, weights.reshape(-1).tolist(),
+        [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
         [o.data_ptr() for o in outs], _codes(outs), num_threads)
 
 
 @weighted_sum_many_out.register_kernel("cuda")
+@_kernel("weighted_sum_many_out", "cuda")
 def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0):
     if tensors[0].numel() == 0:
         return
     tensors = _contig(tensors)
     device = tensors[0].device
+    if not isinstance(weights, Tensor):
+        weights = torch.tensor(weights, dtype=torch.float32)
     weights = weights.to(device=device, dtype=torch.float32).reshape(len(outs), len(tensors))
     with torch.cuda.device(device):
         backend = _cuda_backend(backend, "weighted_sum_many")
@@ -103,10 +141,17 @@ def _cuda_weighted_sum(tensors, weights, outs):
 
 
 @custom_op("pymerge::weighted_sum_out", mutates_args=("out",))
+@_kernel("weighted_sum_out", "cpu")
+@_kernel("weighted_sum_out", "cuda")
 def weighted_sum_out(tensors: List[Tensor], weights: Tensor, out: Tensor, backend: str = "auto",
                      num_threads: int = 0) -> None:
     """out = sum_i weights[i] * tensors[i]; out may be one of the inputs (every block is read first)."""
-    torch.ops.pymerge.weighted_sum_many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
+    _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
+
+
+def _many_out(tensors, weights, outs, backend, num_threads):
+    """weighted_sum_many_out's kernel for the tensors' device (inside another op: no second dispatch)."""
+    _KERNELS["weighted_sum_many_out"][tensors[0].device.type](tensors, weights, outs, backend, num_threads)
 
 
 @register_fake("pymerge::weighted_sum_out")
@@ -115,10 +160,12 @@ def _(tensors, weights, out, backend="auto", num_threads=0):
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
+@_kernel("weighted_sum_many", "cpu")
+@_kernel("weighted_sum_many", "cuda")
 def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                       num_threads: int = 0) -> List[Tensor]:
     outs = [torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device) for _ in range(weights.shape[0])]
-    torch.ops.pymerge.weighted_sum_many_out(tensors, weights, outs, backend, num_threads)
+    _many_out(tensors, weights, outs, backend, num_threads)
     return outs
 
 
@@ -128,10 +175,12 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 
 
 @custom_op("pymerge::weighted_sum", mutates_args=())
+@_kernel("weighted_sum", "cpu")
+@_kernel("weighted_sum", "cuda")
 def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                  num_threads: int = 0) -> Tensor:
     out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
-    torch.ops.pymerge.weighted_sum_many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
+    _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
     return out
 
 
@@ -144,6 +193,7 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 # A model's plan travels as one int64 row (mode, lo key, lo index, hi key, hi index, thr, model)
 # and one float row (scale, weight); DELLA bitmasks as optional tensors.
 @custom_op("pymerge::tv_merge_out", mutates_args=("out",), device_types="cpu")
+@_kernel("tv_merge_out", "cpu")
 def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]], plan_ints: List[int],
                  plan_floats: List[float], consensus: bool, normalize: bool, lam: float, divisor: float,
                  seed: int, h0: int, h1: int, offset: int, out: Tensor, num_threads: int = 0) -> None:
@@ -158,6 +208,7 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
 
 
 @tv_merge_out.register_kernel("cuda")
+@_kernel("tv_merge_out", "cuda")
 def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
                        offset, out, num_threads=0):
     if base.numel() == 0:
@@ -200,6 +251,7 @@ def model_specs(inputs, bits, plan_ints, plan_floats) -> list:
 
 # ---- magnitude rank selection (CPU kernel; other devices use the torch path in pymerge.ops.select) --
 @custom_op("pymerge::select_ranks", mutates_args=(), device_types="cpu")
+@_kernel("select_ranks", "cpu")
 def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending: bool,
                  num_threads: int = 0) -> Tensor:
     """int64 [len(ranks), 2]: the (key, index) boundary of every rank (see pymerge/ops/select.py)."""
@@ -218,6 +270,7 @@ def _(x, base, ranks, descending, num_threads=0):
 
 # ---- interpolation: per-group dot products and linear combinations (CPU kernels) -----------------
 @custom_op("pymerge::group_dots", mutates_args=(), device_types="cpu")
+@_kernel("group_dots", "cpu")
 def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                num_threads: int = 0) -> Tensor:
     """float64 [G, K(K+1)/2]: upper-triangle dot products of v_i = x_i - sub*B per group."""
@@ -238,6 +291,7 @@ def _(xs, base, sub, rows, cols, group, num_threads=0):
 
 
 @custom_op("pymerge::group_lincomb_out", mutates_args=("out",), device_types="cpu")
+@_kernel("group_lincomb_out", "cpu")
 def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                       coef: Tensor, out: Tensor, num_threads: int = 0) -> None:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B), coef float32 [G, K+1]."""

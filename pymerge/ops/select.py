@@ -61,7 +61,7 @@ def select_ranks(x: torch.Tensor, base: Optional[torch.Tensor], ranks: Sequence[
     if backend == "auto":
         backend = "cpu" if x.device.type == "cpu" and _native.cpu is not None else "torch"
     if backend == "cpu":
-        found = library.select_ranks(x, base, [int(r) for r in ranks], descending, num_threads)
+        found = library.call("select_ranks", x, base, [int(r) for r in ranks], descending, num_threads)
         return [Boundary(int(t), int(i)) for t, i in found.tolist()]
     if backend != "torch":
         raise ValueError(f"select_ranks: unknown backend {backend!r}")

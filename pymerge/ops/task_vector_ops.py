@@ -331,7 +331,7 @@ def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Seq
             raise ValueError(f"backend {backend!r} needs {'cpu' if backend == 'cpu' else 'cuda'} tensors, "
                              f"got tensors on {base.device}")
         ints, floats = plan_rows(plans)
-        library.tv_merge_out(inputs, base, [p.bits for p in plans], ints, floats, consensus, normalize, float(lam),
+        library.call("tv_merge_out", inputs, base, [p.bits for p in plans], ints, floats, consensus, normalize, float(lam),
                              float(divisor), seed64 - (1 << 64) if seed64 >= 1 << 63 else seed64, h0, h1, offset,
                              out, num_threads)
     elif backend == "triton":  # CPU tensors: the Triton interpreter (tests)

@@ -33,7 +33,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     w = check_weights(weights, len(tensors))
     dtype = resolve_out(tensors, out_dtype, out)
     if out is None and _op_backend(tensors[0], backend):
-        return library.weighted_sum(_contig(tensors), torch.tensor(w, dtype=torch.float32), dtype,
+        return library.call("weighted_sum", _contig(tensors), torch.tensor(w, dtype=torch.float32), dtype,
                                     _op_backend(tensors[0], backend), num_threads)
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
@@ -56,7 +56,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     if outs is None:
         dtype = resolve_out(tensors, out_dtype, None)
         if _op_backend(tensors[0], backend):
-            return library.weighted_sum_many(_contig(tensors), torch.tensor(rows, dtype=torch.float32), dtype,
+            return library.call("weighted_sum_many", _contig(tensors), torch.tensor(rows, dtype=torch.float32), dtype,
                                              _op_backend(tensors[0], backend), num_threads)
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
     else:
@@ -115,8 +115,9 @@ def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor
     tensors = _contig(tensors)
     op_backend = _op_backend(tensors[0], backend)
     if op_backend is not None:
-        weights = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.float32)
-        library.weighted_sum_many_out(tensors, weights, outs, op_backend, num_threads)
+        plain = isinstance(rows, torch.Tensor) or library.eager(tensors[0])  # the eager kernels take lists
+        weights = rows if plain else torch.tensor(rows, dtype=torch.float32)
+        library.call("weighted_sum_many_out", tensors, weights, outs, op_backend, num_threads)
     elif pick_backend(tensors[0].device, backend) == "torch":
         torch_weighted_sum(tensors, rows, outs)
     else:  # Triton on CPU tensors: the interpreter (tests)

@@ -15,6 +15,7 @@ import torch
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
+from pymerge.pool import grouped
 from pymerge.pool.sources import open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
 
@@ -98,6 +99,7 @@ class CheckpointPool:
                     if s.mapped:
                         s.close()  # views handed out stay valid; copies were made
         self._index = {n: i for i, n in enumerate(self.names)}
+        self._plan_cache = grouped.PlanCache()
         self._cuda = None
         if self.device.type == "cuda" or self.backend == "triton":
             from pymerge.pool.cuda import CudaRunner
@@ -198,16 +200,29 @@ class CheckpointPool:
         else:
             tables = [weight_table(w, n, normalize, what="weights" if len(into) == 1 else f"weights of candidate {k}")
                       for k, w in enumerate(weight_rows)]
-        group_of = group_indices(self.names, groups) if any(t.shape[0] > 1 for t in tables) else [0] * len(self.names)
+        flat = not any(t.shape[0] > 1 for t in tables)
+        group_of = [0] * len(self.names) if flat else self._plan_cache.group_of(self.names, groups)
         for k, t in enumerate(tables):
             check_groups(group_of, self.names, t.shape[0], what="weights" if len(into) == 1 else f"candidate {k}'s weights")
-        plans = self._plan(into, group_of, names, strict)
-        if method == "linear":
-            if params:
-                raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
-                                       "(use normalize= for sum-to-one)")
+        if method == "linear" and params:
+            raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
+                                   "(use normalize= for sum-to-one)")
+        if method == "linear" and self._cuda is None and self.backend == "cpu" and _cacheable(groups, names):
+            # the CPU hot path: plans checked once per set of targets, then one native call per candidate
+            n_groups = max(group_of, default=0) + 1
+            plans, native = self._plan_cache.plans(
+                ("flat" if flat else groups, names, strict, n_groups), into,
+                lambda: self._plan(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
+                self._inputs, n_groups)
+            if native is not None:
+                native.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
+            else:
+                self._run_linear(plans, tables)
+        elif method == "linear":
+            plans = self._plan(into, group_of, names, strict)
             self._run_linear(plans, tables)
         else:
+            plans = self._plan(into, group_of, names, strict)
             self._run_method(method, plans, tables, seed, params)
         for p in plans:
             for tmp, target in p.fixups:
@@ -295,6 +310,24 @@ class CheckpointPool:
                 tasks.append((task, p.outs[k]))
         for task, out in tasks:
             m.merge_tensor(task, out)
+
+
+def _cacheable(groups: GroupRule, names: NameMap) -> bool:
+    """Plans can be cached only under rules that are values (a function or dict may change)."""
+    return (groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
+
+
+def _watched(plans: List[_Plan], into: list, names: NameMap) -> list:
+    """(tensor as the target holds it, the dict or None, its key) for every plan and target: what a
+    cached plan checks is unchanged before it is reused."""
+    out = []
+    for m in into:
+        held = _tensors_of(m)
+        d = m if isinstance(m, dict) else None
+        for p in plans:
+            key = _map_name(p.name, names)
+            out.append((held[key], d, key))
+    return out
 
 
 def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
