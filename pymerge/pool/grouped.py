@@ -16,7 +16,7 @@ A cached entry is reused while its targets are provably the ones it was built fo
 Anything else rebuilds the entry (the pool's full checks run again).
 """
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
@@ -38,13 +38,13 @@ torch.nn.modules.module.register_module_module_registration_hook(_count)
 
 
 class _Entry:
-    __slots__ = ("into", "generation", "tensors", "ptrs", "keyed", "plans", "native")
+    __slots__ = ("into", "generation", "ptr_of", "ptrs", "keyed", "plans", "native")
 
     def __init__(self, into, watched, plans, native):
         self.into = into                    # the targets themselves (keeps their ids unique)
         self.generation = _registrations
-        self.tensors = [t for t, _, _ in watched]  # as the targets hold them (not detached copies)
-        self.ptrs = [t.data_ptr() for t in self.tensors]
+        self.ptr_of = [t.data_ptr for t, _, _ in watched]  # of the tensors the targets hold (not detached copies)
+        self.ptrs = [f() for f in self.ptr_of]
         self.keyed = [(t, d, key) for t, d, key in watched if d is not None]
         self.plans = plans
         self.native = native
@@ -52,7 +52,7 @@ class _Entry:
     def valid(self) -> bool:
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr.
         return (self.generation == _registrations and all(d.get(key) is t for t, d, key in self.keyed)
-                and [t.data_ptr() for t in self.tensors] == self.ptrs)
+                and [f() for f in self.ptr_of] == self.ptrs)
 
 
 class PlanCache:
