@@ -7,7 +7,8 @@ import time
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# PYMERGE_BENCH_RESULTS redirects every table (gpu_check.sh collects a run's results in its own folder).
+RESULTS = os.environ.get("PYMERGE_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def machine_label(device: str) -> str:

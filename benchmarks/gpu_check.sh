@@ -1,53 +1,95 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with no internet: build, GPU tests, GPU benchmarks, tables last.
-#   bash benchmarks/gpu_check.sh        (logs and results bundled in $OUT/gpu_check.tgz)
-# The whole run stays under DEADLINE seconds (default 540, inside a 10-minute call): every step
-# gets the smaller of its own limit and the time left, and each benchmark's table is printed as
-# soon as it exists, so a cut-off run still reports what it measured.
+# One call on a GPU machine with no internet: build, quick benchmarks, GPU tests, fuller benchmarks.
+#   bash benchmarks/gpu_check.sh               on the GPU machine, inside one 10-minute device call
+#   REHEARSE=1 bash benchmarks/gpu_check.sh    here, without a GPU: the same plumbing, GPU steps skipped
+# What comes back: $OUT/summary.md (step outcomes, then every table) and $OUT/gpu_check.tgz (every
+# log and result file) -- two files, well inside what the device tool returns. Logs live in a
+# scratch folder and are bundled after every step, so a run cut short still returns what it did.
+# Order matters for a cut run: build, then quick benchmarks (figures first), then the GPU tests,
+# then the fuller benchmarks. Every step runs under `timeout -k` with the smaller of its own limit
+# and the time left before DEADLINE (default 540 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 PY=${PYTHON:-python3}
 END=$((SECONDS + ${DEADLINE:-540}))
+REHEARSE=${REHEARSE:-0}
+BUILD=${GPU_CHECK_BUILD:-"$PY -m pip install --no-build-isolation --no-deps -e ."}
 export PYMERGE_CUDA_ARCHS=${PYMERGE_CUDA_ARCHS:-90}   # Hopper only: halves the nvcc time
+export PYTHONUNBUFFERED=1
+export PYMERGE_BENCH_RESULTS=$WORK/results    # tables land in the bundle, not in the checkout
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); export CUDA_HOME
+fi
+if [ "$REHEARSE" = 1 ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
 status=()
 
-step() {  # step NAME SECONDS CMD...: runs CMD with a limit, logs to $OUT/NAME.log, records the outcome
+bundle() {  # every log and result so far into $OUT/gpu_check.tgz, the summary into $OUT/summary.md
+  tar czf "$OUT/gpu_check.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/gpu_check.tgz.tmp" "$OUT/gpu_check.tgz"
+  { echo "## gpu_check steps"; printf '    %s\n' "${status[@]}"; echo
+    for f in "$WORK"/*.md; do [ -f "$f" ] && { cat "$f"; echo; }; done; } >"$OUT/summary.md"
+}
+
+record() {  # record NAME LINE...
+  status+=("$(printf '%-22s %s' "$1" "$2")")
+}
+
+step() {  # step NAME SECONDS CMD...: runs CMD with a limit, logs to $WORK/NAME.log, records the outcome
   local name=$1 limit=$2; shift 2
   local left=$((END - SECONDS))
-  if [ "$left" -lt 20 ]; then status+=("$(printf '%-20s skipped (no time left)' "$name")"); return 1; fi
+  if [ "$left" -lt 20 ]; then record "$name" "skipped (no time left)"; bundle; return 1; fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
-  status+=("$(printf '%-20s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
-  echo "-- $name (rc=$rc, $((SECONDS - t0)) s)"; tail -n 4 "$OUT/$name.log"
+  local how="rc=$rc"; [ "$rc" = 124 ] || [ "$rc" = 137 ] && how="rc=$rc (cut at ${limit}s)"
+  record "$name" "$(printf '%-22s %4ss' "$how" "$((SECONDS - t0))")"
+  echo "-- $name ($how, $((SECONDS - t0)) s)"; tail -n 4 "$WORK/$name.log"
+  bundle
   return $rc
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+gpu_step() {  # a step that needs the GPU: recorded as skipped in a rehearsal
+  if [ "$REHEARSE" = 1 ]; then record "$1" "skipped (rehearsal: needs a GPU)"; return 0; fi
+  step "$@"
+}
 
-step build 240 $PY -m pip install --no-build-isolation --no-deps -e . || { tail -30 "$OUT/build.log"; exit 1; }
-$PY -c "import pymerge._cuda as c, pymerge._cpu as p; print('cuda ext devices:', c.device_count(), 'cpu simd:', p.simd_level())"
+table() {  # table NAME: this run's results/<machine>/NAME.md, copied for the summary and printed
+  local f
+  f=$(ls -t "$WORK"/results/*/"$1".md 2>/dev/null | head -1)
+  [ -n "$f" ] && { cp "$f" "$WORK/$1.md"; echo; cat "$f"; bundle; }
+}
 
-# Correctness on the GPU first: the op's backends, then every other gpu-marked test.
-step tests_ops 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_weighted_sum_gpu_backends.py
-step tests_gpu 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ --ignore=tests/test_weighted_sum_gpu_backends.py
+if [ "$REHEARSE" = 1 ]; then DEV=cpu; else DEV=cuda; fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 || true
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} | tee "$WORK/machine.log"
 
-# Throughput; each table is printed as soon as it is written.
-show() { for f in "$@"; do [ -f "$f" ] && { echo; cat "$f"; }; done; }
-gpu_results() { ls -d benchmarks/results/*/ 2>/dev/null | grep -v -e '/cpu/$' -e '/gpu_check/$'; }
-step bench_weighted_sum 150 $PY benchmarks/bench_weighted_sum.py --device cuda && show $(gpu_results | sed 's|$|weighted_sum.md|')
-step bench_pool 120 $PY benchmarks/bench_pool.py --device cuda --params 128e6 && show $(gpu_results | sed 's|$|bench_pool.md|')
-[ -f benchmarks/bench_methods_gpu.py ] && step bench_methods_gpu 90 $PY benchmarks/bench_methods_gpu.py
-step bench_merge_gpu 150 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp
+step build 200 $BUILD || { tail -30 "$WORK/build.log"; bundle; exit 1; }
+step backends 30 $PY -m pymerge doctor || $PY -c "import pymerge._cpu as p; print('cpu simd:', p.simd_level())"
 
-tar czf "$OUT/gpu_check.tgz" "$OUT"/*.log "$OUT/gpu.txt" $(gpu_results) 2>/dev/null
+# Quick figures first: a run cut short still reports them.
+step bench_ws_quick 60 $PY benchmarks/bench_weighted_sum.py --device $DEV --quick; table weighted_sum
+step bench_pool_quick 60 $PY benchmarks/bench_pool.py --device $DEV --quick; table bench_pool_quick
+gpu_step bench_methods_quick 60 $PY benchmarks/bench_methods_gpu.py --numel 16e6 --rounds 5; table methods_gpu
+
+# Correctness on the GPU: the ops' backends first, then every other gpu-marked test.
+PYTEST="$PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=100"
+gpu_step tests_ops 120 $PYTEST -x tests/test_weighted_sum_gpu_backends.py
+gpu_step tests_gpu 150 $PYTEST -m gpu tests/ --ignore=tests/test_weighted_sum_gpu_backends.py
+[ "$REHEARSE" = 1 ] && step tests_rehearsal 120 $PYTEST -x tests/test_weighted_sum_gpu_backends.py tests/test_pool.py
+
+# Fuller figures while time lasts.
+gpu_step bench_ws 120 $PY benchmarks/bench_weighted_sum.py --device cuda; table weighted_sum
+gpu_step bench_pool 90 $PY benchmarks/bench_pool.py --device cuda --params 128e6; table bench_pool
+gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
+for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...)
+  [ -f "$extra" ] && gpu_step "$(basename "$extra" .sh)" 90 bash "$extra"
+done
+
+bundle
 echo
-echo "== steps"
-printf '%s\n' "${status[@]}"
-echo
-echo "== results"
-for d in $(gpu_results); do show "$d"*.md; done
+cat "$OUT/summary.md"
+rm -rf "$WORK"

@@ -5,6 +5,8 @@ so N is a runtime loop bound: no recompilation per N. When all inputs share a dt
 compile-time constant (one load path); mixed dtypes branch per input on a dtype code.
 K outputs (a population) are produced from one read of the inputs, up to MAX_OUTPUTS per launch.
 """
+from collections import OrderedDict
+
 import torch
 
 try:
@@ -65,15 +67,20 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _weighted_sum_kernel(addr_table, code_table, w_table, out0, out1, out2, out3, numel, n_in,
+    def _weighted_sum_kernel(addr_table, code_table, w_table, out0, out1, out2, out3, start, end, n_in,
                              IN_DT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+        # Elements [start, end). The launcher runs the body (end a multiple of 16, so Triton can
+        # prove the mask constant over 16-byte vectors and loads 16 bytes at a time) and the short
+        # tail as two launches; one launch over an odd end would load every element on its own.
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        acc0 = tl.zeros([BLOCK], tl.float32)
-        acc1 = tl.zeros([BLOCK], tl.float32)
-        acc2 = tl.zeros([BLOCK], tl.float32)
-        acc3 = tl.zeros([BLOCK], tl.float32)
+        offs = start + pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < end
+        # -0.0 + w*x == w*x bit for bit (a +0.0 start would turn a -0.0 product into +0.0), so the
+        # fused first step rounds exactly as the CPU's `acc = w * x`.
+        acc0 = tl.full([BLOCK], -0.0, tl.float32)
+        acc1 = tl.full([BLOCK], -0.0, tl.float32)
+        acc2 = tl.full([BLOCK], -0.0, tl.float32)
+        acc3 = tl.full([BLOCK], -0.0, tl.float32)
         for i in range(n_in):
             addr = tl.load(addr_table + i)
             if IN_DT == -1:
@@ -96,7 +103,9 @@ if triton is not None:
             _store(out3, offs, mask, acc3)
 
 
-_TABLES = {}  # (device, data_ptrs) -> (address table, dtype-code table) on the device
+_TABLES = OrderedDict()  # (device, addresses, dtype codes) -> (address table, dtype-code table) on the device
+_CAPTURED = {}  # tables a CUDA graph captured: they live as long as the process (a graph may replay any time)
+_TABLES_MAX = 4096
 
 
 def _tables(tensors, device):
@@ -104,15 +113,24 @@ def _tables(tensors, device):
 
     Reusing them keeps repeated calls (the search loop) free of host-to-device copies, so they can
     be captured in a CUDA graph. A key holds the addresses themselves, so a hit is always right.
+    Eviction is least-recently-used, and never touches a table a graph captured.
     """
     key = (str(device),) + tuple((t.data_ptr(), DTYPE_CODES[t.dtype]) for t in tensors)
-    hit = _TABLES.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    hit = _CAPTURED.get(key) or _TABLES.get(key)
     if hit is None:
-        if len(_TABLES) > 65536:
-            _TABLES.clear()
+        if capturing:
+            raise RuntimeError("weighted_sum: run the call once before capturing it in a CUDA graph "
+                               "(its address tables are built by a host-to-device copy, which a capture cannot hold)")
         addrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
         codes = torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int32).to(device)
         hit = _TABLES[key] = (addrs, codes)
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    elif key in _TABLES:
+        _TABLES.move_to_end(key)
+    if capturing:
+        _CAPTURED[key] = hit
     return hit
 
 
@@ -133,14 +151,21 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
     aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     if isinstance(rows, torch.Tensor):
         weights = rows.to(device=device, dtype=torch.float32).contiguous()
+    elif device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError("weighted_sum: inside a CUDA graph capture pass the weights as a CUDA tensor "
+                         "(host weights would be copied once at capture and never again)")
     else:
-        weights = torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+        weights = torch.tensor(rows, dtype=torch.float32)
+        weights = (weights.pin_memory() if device.type == "cuda" else weights).to(device, non_blocking=True)
     if _interpreted():
         block, num_warps = min(block, 1024), 4
-    grid = (triton.cdiv(numel, block),)
+    body = numel - numel % 16
     for start in range(0, len(outs), MAX_OUTPUTS):
         group = outs[start:start + MAX_OUTPUTS]
         w_table = weights[start:start + MAX_OUTPUTS]
         slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
-        _weighted_sum_kernel[grid](addr_table, code_table, w_table, *slots, numel, len(tensors),
-                                   IN_DT=in_dt, K=len(group), BLOCK=block, ALIGNED=aligned, num_warps=num_warps)
+        for lo, hi, blk in ((0, body, block), (body, numel, 16)):
+            if hi > lo:
+                _weighted_sum_kernel[(triton.cdiv(hi - lo, blk),)](
+                    addr_table, code_table, w_table, *slots, lo, hi, len(tensors), IN_DT=in_dt, K=len(group),
+                    BLOCK=blk, ALIGNED=aligned, num_warps=num_warps if blk == block else 1)

@@ -155,8 +155,8 @@ def _print_table(results, names, summary, log) -> None:
 
 
 def _plot(path: str, results, names) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
+    from pymerge.extras import require
+    require("matplotlib", "plotting the search").use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
     labels = names + ["uniform", "greedy soup", "optimized"]

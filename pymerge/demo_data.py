@@ -39,7 +39,8 @@ class Split:
 
 def load_splits(seed: int = 0) -> Dict[str, Split]:
     """train / val / test (50 / 20 / 30 %), stratified by digit, from sklearn's bundled copy (no download)."""
-    from sklearn.datasets import load_digits
+    from pymerge.extras import require
+    load_digits = require("sklearn.datasets", "the digits demo").load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
     images = d.images.astype(np.float32) / 16.0

@@ -1,4 +1,12 @@
-"""Shared test setup: Triton runs in its interpreter where there is no GPU; helpers in tests/ import."""
+"""Shared test setup; helpers in tests/ import.
+
+Triton: without a GPU its kernels run in the interpreter (TRITON_INTERPRET=1, set here before any
+kernel is defined). On a GPU host they compile for the GPU, and tests that hand Triton CPU tensors
+(marked `triton_cpu`, or parametrized with backend="triton" without the gpu mark) are skipped:
+the gpu-marked tests run the same kernels on the device there. `TRITON_INTERPRET=1 make test` on a
+GPU host runs those in the interpreter instead (and skips the gpu-marked Triton cases, since the
+interpreter cannot read device memory through raw addresses).
+"""
 import os
 import sys
 
@@ -9,12 +17,39 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must be set before any Triton kernel is defined (decoration time).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def _backend(item):
+    spec = getattr(item, "callspec", None)
+    return spec.params.get("backend") if spec is not None else None
+
+
+def _cuda_extension_missing() -> bool:
+    from pymerge import _native
+    return _native.cuda is None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_cpu: runs Triton kernels on CPU tensors (needs the interpreter)")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_triton_cpu = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1; "
+                                              "the gpu-marked tests run Triton on this host's GPU")
+    skip_interpreted = pytest.mark.skip(reason="the Triton interpreter cannot run on device memory")
+    skip_no_ext = pytest.mark.skip(reason="pymerge._cuda is not built (nvcc was not found at install time)")
     for item in items:
-        if "gpu" in item.keywords and not HAS_CUDA:
+        gpu = "gpu" in item.keywords
+        if gpu and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        elif gpu and _backend(item) == "triton" and TRITON_INTERPRETED:
+            item.add_marker(skip_interpreted)
+        elif gpu and _backend(item) == "cuda" and _cuda_extension_missing():
+            # A GPU host without the CUDA extension skips its cases (with -x it would stop at the first).
+            item.add_marker(skip_no_ext)
+        if not gpu and not TRITON_INTERPRETED and ("triton_cpu" in item.keywords or _backend(item) == "triton"):
+            item.add_marker(skip_triton_cpu)

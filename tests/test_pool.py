@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import pymerge
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
 from pymerge.pool import CheckpointPool
 
@@ -96,6 +97,7 @@ def test_materialize_many_matches_separate_references(backend):
         assert_matches(t, reference(models, rows[k]), torch.float32)
 
 
+@pytest.mark.triton_cpu
 def test_streamed_tier_chunks_match(monkeypatch):
     """The GPU streaming code (staging sets, chunk offsets) run on the CPU through the Triton interpreter."""
     models = make_models(3)
@@ -374,3 +376,40 @@ def test_gpu_materialize_captured_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(target.cpu(), reference(models, row), torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_capture_refuses_host_weights():
+    """A captured graph would read a pinned ring slot that later eager calls overwrite."""
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], device="cuda")
+    target = Tiny().cuda()
+    pool.materialize([0.2, 0.3, 0.5], into=target)
+    torch.cuda.synchronize()
+    with pytest.raises(InputError, match="CUDA tensor"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pool.materialize([0.2, 0.3, 0.5], into=target)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_survives_address_table_eviction(monkeypatch):
+    """Tables a graph captured stay alive however many other input sets the eager calls bring."""
+    from pymerge.kernels import weighted_sum as ws
+    monkeypatch.setattr(ws, "_TABLES_MAX", 2)
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], device="cuda", backend="triton")
+    target = Tiny().cuda()
+    w = torch.tensor([0.2, 0.3, 0.5], device="cuda")
+    pool.materialize(w, into=target)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pool.materialize(w, into=target)
+    for seed in range(8):  # other input sets push every uncaptured table out
+        xs = [torch.randn(1000 + seed, device="cuda") for _ in range(2)]
+        pymerge.weighted_sum(xs, [0.5, 0.5], backend="triton")
+        torch.cuda.empty_cache()
+    w.copy_(torch.tensor([0.1, 0.6, 0.3]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matches(target.cpu(), reference(models, [0.1, 0.6, 0.3]), torch.float32)

@@ -75,7 +75,7 @@ def test_cuda_extension_builds_where_nvcc_is():
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not installed: the CUDA extension is not built")
     assert _native.cuda is not None, "nvcc is here but pymerge._cuda was not built"
-    assert _native.cuda.MAX_INPUTS == 64 and _native.cuda.MAX_OUTPUTS == 8
+    assert _native.cuda.MAX_INPUTS == 64 and _native.cuda.MAX_OUTPUTS == 4
 
 
 # ---- on a GPU only ----------------------------------------------------------------------------

@@ -18,8 +18,11 @@ namespace {
 
 
 constexpr int kVec = 8;      // elements per thread per step: one 16-byte load of bf16/fp16
-constexpr int kUnroll = 2;   // steps per thread per iteration: more independent loads in flight
 constexpr int kThreads = 256;
+// Steps per thread per iteration: independent 16-byte loads in flight. Fewer outputs leave
+// registers for more steps; every instantiation stays within 128 registers (ptxas -v), so at
+// least two blocks (16 warps) are resident per SM (__launch_bounds__ below).
+template <int K> struct Unroll { static constexpr int value = K <= 2 ? 4 : 2; };
 
 struct Params {
   const void* in[kMaxInputs];
@@ -83,7 +86,8 @@ __device__ __forceinline__ void store_one(void* p, int64_t i, int dt, float a) {
 
 // Vectorized body: every thread owns kUnroll groups of kVec elements per grid-stride step.
 template <int K>
-__global__ void __launch_bounds__(kThreads) weighted_sum_vec(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(kThreads, 2) weighted_sum_vec(const __grid_constant__ Params p) {
+  constexpr int kUnroll = Unroll<K>::value;
   const int64_t n_vec = p.numel / kVec;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x * kUnroll;
   for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x * kUnroll + threadIdx.x; v0 < n_vec; v0 += stride) {
@@ -156,7 +160,7 @@ int sm_count() {
 
 template <int K>
 void launch_vec(const Params& p, int64_t n_vec, cudaStream_t s) {
-  int64_t per_block = int64_t(kThreads) * kUnroll;
+  int64_t per_block = int64_t(kThreads) * Unroll<K>::value;
   int64_t blocks = std::min<int64_t>((n_vec + per_block - 1) / per_block, int64_t(sm_count()) * 16);
   weighted_sum_vec<K><<<unsigned(blocks), kThreads, 0, s>>>(p);
 }
@@ -168,11 +172,7 @@ void launch(const Params& p, bool aligned, cudaStream_t s) {
       case 1: launch_vec<1>(p, n_vec, s); break;
       case 2: launch_vec<2>(p, n_vec, s); break;
       case 3: launch_vec<3>(p, n_vec, s); break;
-      case 4: launch_vec<4>(p, n_vec, s); break;
-      case 5: launch_vec<5>(p, n_vec, s); break;
-      case 6: launch_vec<6>(p, n_vec, s); break;
-      case 7: launch_vec<7>(p, n_vec, s); break;
-      default: launch_vec<8>(p, n_vec, s); break;
+      default: launch_vec<4>(p, n_vec, s); break;
     }
   }
   int64_t rest = p.numel - n_vec * kVec;
@@ -190,7 +190,7 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
                        const std::vector<int>& out_dtypes, uintptr_t scratch, uintptr_t stream,
                        uintptr_t weights_dev) {
   const int n_in = int(in_ptrs.size()), n_out = int(out_ptrs.size());
-  if (n_in == 0 || n_out == 0 || n_out > kMaxOutputs) throw std::invalid_argument("weighted_sum: need 1..8 outputs and >= 1 input");
+  if (n_in == 0 || n_out == 0 || n_out > kMaxOutputs) throw std::invalid_argument("weighted_sum: need 1..4 outputs and >= 1 input");
   if (int(in_dtypes.size()) != n_in || int(out_dtypes.size()) != n_out ||
       (!weights_dev && int64_t(weights.size()) != int64_t(n_in) * n_out))
     throw std::invalid_argument("weighted_sum: inconsistent argument lengths");

@@ -4,7 +4,7 @@
 
 namespace pymerge_cuda {
 constexpr int kMaxInputs = 64;   // inputs per launch (kernel parameters); more go through scratch
-constexpr int kMaxOutputs = 8;   // outputs per launch; callers split larger populations
+constexpr int kMaxOutputs = 4;   // outputs per launch (more would spill past 128 registers); callers split larger populations
 
 // Floats per row of the scratch buffer (more than kMaxInputs inputs): numel rounded up to a
 // multiple of 8 so every row starts 16-byte aligned. Callers allocate K * scratch_stride(numel).

@@ -129,7 +129,7 @@ def _cuda_weighted_sum(tensors, weights, outs):
     device = tensors[0].device
     numel = tensors[0].numel()
     stream = torch.cuda.current_stream(device).cuda_stream
-    for start in range(0, len(outs), ext.MAX_OUTPUTS):  # populations larger than 8 go in groups
+    for start in range(0, len(outs), ext.MAX_OUTPUTS):  # populations larger than MAX_OUTPUTS go in groups
         group = outs[start:start + ext.MAX_OUTPUTS]
         rows = weights[start:start + ext.MAX_OUTPUTS].contiguous()
         scratch = None
@@ -196,7 +196,8 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 @_kernel("tv_merge_out", "cpu")
 def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]], plan_ints: List[int],
                  plan_floats: List[float], consensus: bool, normalize: bool, lam: float, divisor: float,
-                 seed: int, h0: int, h1: int, offset: int, out: Tensor, num_threads: int = 0) -> None:
+                 seed: int, h0: int, h1: int, offset: int, out: Tensor, backend: str = "auto",
+                 num_threads: int = 0) -> None:
     """out = B + lam * combine(sparsified, weighted deltas); see pymerge/ops/task_vector_ops.py."""
     if base.numel() == 0:
         return
@@ -210,12 +211,12 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
 @tv_merge_out.register_kernel("cuda")
 @_kernel("tv_merge_out", "cuda")
 def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
-                       offset, out, num_threads=0):
+                       offset, out, backend="auto", num_threads=0):
     if base.numel() == 0:
         return
     inputs, (base,) = _contig(inputs), _contig([base])
     with torch.cuda.device(base.device):
-        if _cuda_backend("auto", "tv_merge") == "triton":
+        if _cuda_backend(backend, "tv_merge") == "triton":
             from pymerge.kernels import task_vectors as tk
             from pymerge.ops.task_vector_ops import plans_from_rows
             tk.tv_merge(inputs, base, plans_from_rows(bits, plan_ints, plan_floats), out, consensus=consensus,
@@ -230,7 +231,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
 
 @register_fake("pymerge::tv_merge_out")
 def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset, out,
-      num_threads=0):
+      backend="auto", num_threads=0):
     return None
 
 

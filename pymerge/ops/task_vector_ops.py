@@ -331,9 +331,10 @@ def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Seq
             raise ValueError(f"backend {backend!r} needs {'cpu' if backend == 'cpu' else 'cuda'} tensors, "
                              f"got tensors on {base.device}")
         ints, floats = plan_rows(plans)
-        library.call("tv_merge_out", inputs, base, [p.bits for p in plans], ints, floats, consensus, normalize, float(lam),
-                             float(divisor), seed64 - (1 << 64) if seed64 >= 1 << 63 else seed64, h0, h1, offset,
-                             out, num_threads)
+        signed_seed = seed64 - (1 << 64) if seed64 >= 1 << 63 else seed64  # the op's ints are int64
+        library.call("tv_merge_out", inputs, base, [p.bits for p in plans], ints, floats, consensus, normalize,
+                     float(lam), float(divisor), signed_seed, h0, h1, offset, out,
+                     "auto" if backend == "cpu" else backend, num_threads)
     elif backend == "triton":  # CPU tensors: the Triton interpreter (tests)
         from pymerge.kernels import task_vectors as tk
         tk.tv_merge(inputs, base, plans, out, consensus=consensus, normalize=normalize, lam=lam,

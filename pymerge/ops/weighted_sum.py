@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from pymerge import _native
+from pymerge import _native, extras
 from pymerge.ops import library
 from pymerge.ops._checks import check_inputs, check_weights, resolve_out
 
@@ -74,6 +74,8 @@ def pick_backend(device: torch.device, backend: str = "auto", cuda_entry: str = 
     entry point (`cuda_entry`), else eager torch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        extras.require("triton", "backend 'triton'")
     if backend != "auto":
         return backend
     if device.type == "cpu":

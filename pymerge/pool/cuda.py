@@ -19,6 +19,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from pymerge.errors import InputError
 from pymerge.ops.weighted_sum import weighted_sum_into
 
 ALIGN = 4096  # elements; chunk sizes are multiples of it
@@ -50,20 +51,24 @@ class CudaRunner:
             w[:, k, :] = t if t.shape[0] == g else t[0]
         if not self.on_gpu:
             return torch.from_numpy(w)
+        if torch.cuda.is_current_stream_capturing():
+            # The graph would keep reading the ring slot and device table this call fills, which later
+            # eager calls overwrite (or reallocate): its replays would merge with other weights.
+            raise InputError("materialize inside a CUDA graph capture needs the weights as a CUDA tensor on the "
+                             "pool's device (update it in place between replays)")
         if self._w_dev is None or tuple(self._w_dev.shape) != w.shape:
             self._w_dev = torch.empty(w.shape, dtype=torch.float32, device=self.device)
             self._w_host = [torch.empty(w.shape, dtype=torch.float32).pin_memory() for _ in range(4)]
             self._w_events = [None] * 4
         slot = self._w_slot = (self._w_slot + 1) % len(self._w_host)
         ev = self._w_events[slot]
-        if ev is not None and not torch.cuda.is_current_stream_capturing():
+        if ev is not None:
             ev.synchronize()  # the copy from this slot four calls ago; long done unless the host runs far ahead
         self._w_host[slot].copy_(torch.from_numpy(w))
         self._w_dev.copy_(self._w_host[slot], non_blocking=True)
-        if not torch.cuda.is_current_stream_capturing():
-            ev = torch.cuda.Event()
-            ev.record()
-            self._w_events[slot] = ev
+        ev = torch.cuda.Event()
+        ev.record()
+        self._w_events[slot] = ev
         return self._w_dev
 
     # ---- launches ----------------------------------------------------------------------------------
@@ -88,6 +93,10 @@ class CudaRunner:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready = [torch.cuda.Event(), torch.cuda.Event()]
             self.done = [torch.cuda.Event(), torch.cuda.Event()]
+            for buf in (b for stage in self.stage for b in stage):
+                # Copies on the side stream write these: when the pool lets them go, the allocator
+                # waits for that stream's queued copies before handing the memory to anyone else.
+                buf.record_stream(self.copy_stream)
 
     def _run_streamed(self, plans, w: torch.Tensor, backend: str) -> None:
         compute = torch.cuda.current_stream(self.device) if self.on_gpu else None

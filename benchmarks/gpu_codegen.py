@@ -1,0 +1,159 @@
+"""What the GPU kernels compile to for an H100/H200 (sm_90), checked on a machine without a GPU.
+
+For every Triton kernel variant the hot path uses (compiled ahead of time for sm_90) and every
+CUDA kernel (nvcc), it reports: 16-byte vector loads vs scalar loads, registers per thread,
+spills, resident blocks per SM, FMA contraction and division rounding, and Philox calls per
+element. tests/test_gpu_codegen.py asserts the targets from these rows:
+- every aligned path loads 16 bytes at a time (ld.global.v4), no scalar loads;
+- at least 2 resident blocks per SM for every kernel;
+- the task-vector kernel: no fma.rn.f32 (contraction off), div.rn.f32 (no approximate division),
+  one Philox call per 4 elements.
+
+    python benchmarks/gpu_codegen.py [--json]      (needs triton; nvcc for the CUDA rows)
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32  # sm_90
+
+
+def blocks_per_sm(regs: int, threads: int, shared: int = 0) -> int:
+    """Resident blocks per SM from registers (allocated per warp in units of 256) and warps."""
+    warps = (threads + 31) // 32
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = REGS_PER_SM // max(per_warp * warps, 1)
+    by_smem = (228 * 1024) // shared if shared else MAX_BLOCKS_PER_SM
+    return min(by_regs, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM, by_smem)
+
+
+def _cuobjdump():
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else shutil.which("cuobjdump")
+
+
+def ptx_facts(ptx: str) -> dict:
+    loads = re.findall(r"ld\.global(?:\.nc)?(?:\.L1::\w+)?(?:\.L2::\w+)?\.(v\d\.)?(\w+)", ptx)
+    return {"v4_loads": sum(1 for v, _ in loads if v == "v4."),
+            "v2_loads": sum(1 for v, _ in loads if v == "v2."),
+            "scalar_loads": sum(1 for v, t in loads if not v and t in ("b16", "b8", "u16", "u8")),
+            "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)),
+            "div_rn_f32": len(re.findall(r"\bdiv\.rn(?:\.ftz)?\.f32\b", ptx)),
+            "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx)),
+            "mul_hi_u32": len(re.findall(r"\bmul\.hi\.u32\b", ptx))}
+
+
+def cubin_regs(cubin: bytes) -> dict:
+    """Registers and spills of a cubin Triton built with its own ptxas (cuobjdump --dump-resource-usage)."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        r = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if r.returncode:
+        raise RuntimeError(r.stderr.strip())
+    return {"registers": int(re.search(r"REG:(\d+)", r.stdout).group(1)),
+            "spill_bytes": int(re.search(r"LOCAL:(\d+)", r.stdout).group(1))}
+
+
+def triton_row(name, fn, signature, constexprs, divisible, num_warps, fp_fusion=True, elems=None):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    types = {**signature, **{k: "constexpr" for k in constexprs}}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature={a: types[a] for a in fn.arg_names}, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion})
+    ptx = k.asm["ptx"]
+    row = {"kernel": name, "backend": "triton", "threads": 32 * num_warps, **ptx_facts(ptx), **cubin_regs(k.asm["cubin"])}
+    row["blocks_per_sm"] = blocks_per_sm(row["registers"], row["threads"], k.metadata.shared)
+    if elems:
+        row["elems_per_thread"] = elems // row["threads"]
+    return row
+
+
+def triton_rows() -> list:
+    sys.path.insert(0, ROOT)
+    import triton  # noqa: F401
+    from pymerge.kernels import task_vectors as tv
+    from pymerge.kernels import weighted_sum as ws
+    rows = []
+    ws_sig = {"addr_table": "*i64", "code_table": "*i32", "w_table": "*fp32", "out0": "*bf16", "out1": "*bf16",
+              "out2": "*bf16", "out3": "*bf16", "start": "i64", "end": "i64", "n_in": "i32"}
+    ptrs = ["addr_table", "code_table", "w_table", "out0", "out1", "out2", "out3"]
+    for dt_name, dt in (("bf16", 2), ("fp32", 0), ("mixed", -1)):
+        for k in (1, 4):
+            rows.append(triton_row(f"weighted_sum {dt_name} K={k}", ws._weighted_sum_kernel, ws_sig,
+                                   {"IN_DT": dt, "K": k, "BLOCK": 4096, "ALIGNED": True},
+                                   ptrs + ["start", "end"], num_warps=8, elems=4096))
+    tv_sig = {"tab": "*i64", "out_ptr": "*bf16", "start": "i64", "end": "i64", "n_models": "i32", "lam": "fp32",
+              "divisor": "fp32"}
+    for consensus in (False, True):
+        for grouped in (True, False):
+            rows.append(triton_row(
+                f"task_vectors bf16 consensus={int(consensus)} grouped={int(grouped)}", tv._tv_merge_kernel, tv_sig,
+                {"IN_DT": 2, "BASE_DT": 2, "CONSENSUS": consensus, "NORMALIZE": True, "GROUPED": grouped,
+                 "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False,
+                elems=1024))
+    # What Triton's launcher does with an integer argument equal to 1: it becomes a constant.
+    one = {k: v for k, v in tv_sig.items() if k != "n_models"}
+    rows.append(triton_row("task_vectors bf16 n_models=1 (specialized)", tv._tv_merge_kernel, one,
+                           {"n_models": 1, "IN_DT": 2, "BASE_DT": 2, "CONSENSUS": True, "NORMALIZE": True,
+                            "GROUPED": True, "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"],
+                           num_warps=4, fp_fusion=False, elems=1024))
+    return rows
+
+
+def cuda_rows() -> list:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return []
+    rows = []
+    for src in sorted(f for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith(".cu")):
+        r = subprocess.run([nvcc, "-c", os.path.join("csrc", "cuda", src), "-o", os.devnull, "-O3", "-std=c++17",
+                            "-Icsrc", "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v"],
+                           cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(r.stderr.strip())
+        for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
+                             r.stderr, re.S):
+            mangled, spill, regs = m.group(1), int(m.group(2)), int(m.group(3))
+            short = re.search(r"(weighted_sum_vec|weighted_sum_scalar|tv_merge_kernel)(?:ILi(\d+)E)?", mangled)
+            name = short.group(1) + (f" K={short.group(2)}" if short.group(2) else "") if short else mangled
+            rows.append({"kernel": name, "backend": "cuda", "threads": 256, "registers": regs, "spill_bytes": spill,
+                         "blocks_per_sm": blocks_per_sm(regs, 256)})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON list (tests read it)")
+    ap.add_argument("--no-cuda", dest="cuda", action="store_false", help="Triton kernels only")
+    args = ap.parse_args(argv)
+    rows = triton_rows() + (cuda_rows() if args.cuda else [])
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    sys.path.insert(0, HERE)
+    from common import write_results
+    cols = ["kernel", "backend", "threads", "registers", "spill_bytes", "blocks_per_sm", "v4_loads", "v2_loads", "scalar_loads",
+            "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32"]
+    print(write_results("gpu_codegen_sm90", "cpu", rows, cols,
+                        "GPU kernels compiled for sm_90 on a machine without a GPU (ptxas -v, PTX)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

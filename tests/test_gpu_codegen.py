@@ -1,0 +1,66 @@
+"""What the GPU kernels compile to for sm_90 (H100/H200), checked here without a GPU.
+
+benchmarks/gpu_codegen.py compiles every Triton kernel variant of the hot paths ahead of time and
+every CUDA kernel with nvcc; these tests hold the targets a review set for the first GPU run:
+16-byte loads on every aligned path, at least two resident blocks per SM, no spills, and for the
+task-vector pass the CPU's rounding (no FMA contraction, correctly rounded division) with one
+Philox call per 4 elements.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_codegen.py"), "--json"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {row["kernel"] + " / " + row["backend"]: row for row in json.loads(r.stdout.strip().splitlines()[-1])}
+
+
+def _triton(rows, prefix):
+    got = [r for k, r in rows.items() if k.startswith(prefix) and r["backend"] == "triton"]
+    assert got, f"no Triton rows for {prefix}"
+    return got
+
+
+def test_every_kernel_keeps_two_blocks_per_sm_and_never_spills(rows):
+    for name, r in rows.items():
+        assert r["blocks_per_sm"] >= 2, f"{name}: {r['registers']} registers leave {r['blocks_per_sm']} block per SM"
+        assert r["spill_bytes"] == 0, f"{name} spills {r['spill_bytes']} bytes"
+
+
+def test_triton_aligned_paths_load_16_bytes_at_a_time(rows):
+    for r in _triton(rows, "weighted_sum") + _triton(rows, "task_vectors"):
+        assert r["v4_loads"] >= 1 and r["scalar_loads"] == 0 and r["v2_loads"] == 0, r
+
+
+def test_task_vector_pass_rounds_as_the_cpu(rows):
+    for r in _triton(rows, "task_vectors"):
+        assert r["fma_f32"] == 0, f"{r['kernel']}: FMA contraction changes the bits"
+        assert r["div_approx_f32"] == 0 and r["div_rn_f32"] >= 1, f"{r['kernel']}: division must round to nearest"
+
+
+def test_one_philox_call_per_four_elements(rows):
+    for consensus in (0, 1):
+        grouped = rows[f"task_vectors bf16 consensus={consensus} grouped=1 / triton"]["mul_hi_u32"]
+        single = rows[f"task_vectors bf16 consensus={consensus} grouped=0 / triton"]["mul_hi_u32"]
+        assert grouped * 3 <= single, (grouped, single)
+
+
+def test_cuda_rows_present_where_nvcc_is(rows):
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    names = {r["kernel"] for r in rows.values() if r["backend"] == "cuda"}
+    assert {"weighted_sum_vec K=1", "weighted_sum_vec K=4", "tv_merge_kernel"} <= names, names
