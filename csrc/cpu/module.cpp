@@ -2,7 +2,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <omp.h>
 #include "cpu/common.h"
 
 namespace pymerge {
@@ -59,6 +58,6 @@ PYBIND11_MODULE(_cpu, m) {
   m.attr("DTYPE_CODES") = dtypes;
   m.attr("SPARSIFIER_MODES") = modes;
   m.def("simd_level", [] { return std::string(pymerge::simd_level()); });
-  m.def("max_threads", [] { return omp_get_max_threads(); });
+  m.def("max_threads", &pymerge::default_threads, "threads a kernel uses by default (OMP_NUM_THREADS, else the cores this process may use)");
   for (auto r : pymerge::registrars()) r(m);
 }

@@ -6,8 +6,9 @@
 // (seen here: a 5-checkpoint pool materialize took 200 ms instead of 7). Here chunks are claimed
 // from a shared counter, the caller works too, and the call returns as soon as every chunk is
 // done: a worker that has not woken up yet simply finds nothing left. Idle workers sleep.
-#include <omp.h>
+#include <sched.h>
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -83,7 +84,20 @@ class Pool {
 
 }  // namespace
 
-int default_threads() { return std::max(1, omp_get_max_threads()); }  // honours OMP_NUM_THREADS
+// The cores this process may run on (its affinity mask), or OMP_NUM_THREADS when set: the same
+// knob torch and other native libraries honour.
+int default_threads() {
+  static const int n = [] {
+    if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) return v;
+    }
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1, int(std::thread::hardware_concurrency()));
+  }();
+  return n;
+}
 
 void parallel_for(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
   if (n <= 0) return;

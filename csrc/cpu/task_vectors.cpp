@@ -110,8 +110,7 @@ inline void load_delta(uintptr_t x, int dt, int64_t start, int64_t n, const floa
   }
 }
 
-// One block of the fused pass. Kernels are per block (no OpenMP inside) so that the AVX-512 build
-// of the body really is AVX-512: GCC does not give OpenMP-outlined regions the target attribute.
+// One block of the fused pass, built twice (PM_AVX512, PM_PLAIN); parallel_for hands out whole blocks.
 // The common sparsifiers (none, top-k, drop all) compute v_i in the loop that forms d_i, and the
 // consensus sum is accumulated there too; the others go through a keep buffer.
 template <int Dummy>

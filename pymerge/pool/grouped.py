@@ -1,9 +1,10 @@
-"""The CPU pool's linear hot path: one native call per materialize (or materialize_many).
+"""The pool's linear hot path: one native call (CPU) or one launch (GPU) per materialize[_many].
 
 A model of many small tensors merged one kernel call per tensor pays a call, a thread wake-up
-and a short single-threaded loop per tensor. Instead, the validated write plans of a set of
-targets are kept with a native task table (pymerge._cpu.GroupedPlan: every tensor's inputs,
-outputs and weight group) that runs the whole candidate split across the thread pool by bytes.
+(or a launch) and a short loop per tensor. Instead, the validated write plans of a set of targets
+are kept with a task table that runs the whole candidate at once: on the CPU pymerge._cpu.GroupedPlan
+(split across the thread pool by bytes), on the GPU kernels/weighted_sum_grouped.py (one Triton
+launch over a tensor table, for pools resident on the device).
 
 A cached entry is reused while its targets are provably the ones it was built for:
 - the same target objects (the entry holds them, so their ids cannot be reused),
@@ -64,10 +65,11 @@ class PlanCache:
         self._groups: dict = {}
 
     def plans(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
-              inputs: dict, n_groups: int):
-        """(plans, native table or None) for `into`; build() makes the plans when there is no valid entry.
+              make_table: Callable[[list], object]):
+        """(plans, task table or None) for `into`; build() makes the plans when there is no valid entry.
 
-        targets_of(plans) lists, for every plan and target model, (tensor as held, dict or None, key).
+        targets_of(plans) lists, for every plan and target model, (tensor as held, dict or None, key);
+        make_table(plans) builds the table that runs them all in one call (None: not possible).
         """
         key = (tuple(id(m) for m in into),) + key
         entry = self._entries.get(key)
@@ -75,7 +77,7 @@ class PlanCache:
             self._entries.move_to_end(key)
             return entry.plans, entry.native
         plans = build()
-        entry = _Entry(list(into), targets_of(plans), plans, native_table(plans, inputs, n_groups))
+        entry = _Entry(list(into), targets_of(plans), plans, make_table(plans))
         self._entries[key] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -92,6 +94,15 @@ class PlanCache:
         if rule not in self._groups:
             self._groups[rule] = group_indices(names, rule)
         return self._groups[rule]
+
+
+def triton_table(plans, inputs: dict, n_groups: int):
+    """A grouped Triton launch for the plans (pool tensors resident on the device), or None where
+    it does not apply (no plans, outputs of several dtypes)."""
+    if not plans or len({o.dtype for p in plans for o in p.outs}) != 1:
+        return None
+    from pymerge.kernels.weighted_sum_grouped import GroupedTable
+    return GroupedTable([inputs[p.name] for p in plans], [p.outs for p in plans], [p.group for p in plans], n_groups)
 
 
 def native_table(plans, inputs: dict, n_groups: int):

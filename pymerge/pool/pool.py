@@ -207,17 +207,21 @@ class CheckpointPool:
         if method == "linear" and params:
             raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
                                    "(use normalize= for sum-to-one)")
-        if method == "linear" and self._cuda is None and self.backend == "cpu" and _cacheable(groups, names):
-            # the CPU hot path: plans checked once per set of targets, then one native call per candidate
+        if method == "linear" and self._grouped_kind() and _cacheable(groups, names):
+            # the hot path: plans checked once per set of targets, then one call per candidate
             n_groups = max(group_of, default=0) + 1
-            plans, native = self._plan_cache.plans(
+            make = grouped.native_table if self._grouped_kind() == "cpu" else grouped.triton_table
+            plans, table = self._plan_cache.plans(
                 ("flat" if flat else groups, names, strict, n_groups), into,
                 lambda: self._plan(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
-                self._inputs, n_groups)
-            if native is not None:
-                native.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
-            else:
+                lambda ps: make(ps, self._inputs, n_groups))
+            if table is None:
                 self._run_linear(plans, tables)
+            elif self._cuda is None:
+                table.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
+            else:
+                w = self._cuda.weights(tables)  # [G, K, N] on the device
+                table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
         elif method == "linear":
             plans = self._plan(into, group_of, names, strict)
             self._run_linear(plans, tables)
@@ -228,6 +232,13 @@ class CheckpointPool:
             for tmp, target in p.fixups:
                 target.copy_(tmp)
         return into
+
+    def _grouped_kind(self) -> Optional[str]:
+        """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
+        tensors resident on the device), or None (per tensor: streamed tiers, the eager backend)."""
+        if self._cuda is None:
+            return "cpu" if self.backend == "cpu" else None
+        return "triton" if self.backend == "triton" and not self._cuda.streamed else None
 
     def _graph_weights(self, weight_rows, method: str) -> bool:
         """CUDA-tensor weights on the pool's device: used where they are, values unchecked (no host sync),

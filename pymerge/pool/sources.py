@@ -2,16 +2,15 @@
 
 Each source answers names(), info(name) -> (dtype, shape), tensor(name) -> CPU tensor (zero-copy
 where the backing allows), mapped (True when tensors are memory-map views) and close().
-Folders and files go through pymerge.io.Checkpoint; until that lands, through safetensors.safe_open.
+Folders and files go through pymerge.io.Checkpoint (validated header, zero-copy mmap views).
 """
-import glob
-import json
 import os
 from typing import Dict, List, Tuple
 
 import torch
 
 from pymerge.errors import CheckpointError, InputError
+from pymerge.io import Checkpoint
 
 
 class DictSource:
@@ -61,59 +60,6 @@ class _CheckpointSource:
         self._ckpt.close()
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class _SafeOpenSource:
-    """Stand-in until pymerge.io.Checkpoint lands: safe_open per shard (reads copy into RAM)."""
-    mapped = False
-
-    def __init__(self, files: List[str], label: str):
-        from safetensors import safe_open
-        self.label = label
-        self._handles, self._where = [], {}
-        for f in files:
-            try:
-                h = safe_open(f, framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{f}: cannot read as safetensors ({exc})") from None
-            self._handles.append(h)
-            for k in h.keys():
-                if k in self._where:
-                    raise CheckpointError(f"{label}: tensor {k!r} appears in two shards")
-                self._where[k] = h
-
-    def names(self):
-        return list(self._where)
-
-    def info(self, name):
-        s = self._where[name].get_slice(name)
-        code = s.get_dtype()
-        return _ST_DTYPES.get(code, code), tuple(s.get_shape())
-
-    def tensor(self, name):
-        return self._where[name].get_tensor(name)
-
-    def close(self):
-        self._handles, self._where = [], {}
-
-
-def _shards(path: str) -> List[str]:
-    if os.path.isfile(path):
-        return [path]
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-        return [os.path.join(path, f) for f in files]
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"{path}: no .safetensors files in this folder")
-    return files
-
-
 def open_source(src, label: str):
     """One pool source: a state dict (or nn.Module), or a path to an HF folder / .safetensors file."""
     if isinstance(src, torch.nn.Module):
@@ -125,8 +71,4 @@ def open_source(src, label: str):
     path = os.fspath(src)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    try:
-        from pymerge.io import Checkpoint  # the validated reader, once it lands
-    except ImportError:
-        return _SafeOpenSource(_shards(path), path)
     return _CheckpointSource(Checkpoint(path), path)
