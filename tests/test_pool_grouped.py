@@ -112,3 +112,42 @@ def test_cached_plan_follows_a_state_dict_target():
     del sd["head.bias"]
     with pytest.raises(Exception, match="head.bias"):
         pool.materialize([0.25, 0.75], into=sd)
+
+
+def test_grouped_triton_launch_matches_per_tensor_launches():
+    pytest.importorskip("triton")
+    from pymerge.kernels import weighted_sum as triton_ws
+    from pymerge.kernels.weighted_sum_grouped import GroupedTable
+    g = torch.Generator().manual_seed(3)
+    sizes = [0, 1, 33, 1500]
+    dts = (torch.bfloat16, torch.float32, torch.float16)
+    ins = [[torch.randn(n, generator=g).to(d) for d in dts] for n in sizes]
+    ins[2][0][4] = float("nan")
+    outs = [[torch.empty(n, dtype=torch.bfloat16) for _ in range(2)] for n in sizes]
+    groups = [0, 1, 0, 1]
+    table = GroupedTable(ins, outs, groups, 2)
+    w = torch.randn(2, 2, 3, generator=g)
+    table.run(w)
+    for t, (x, os) in enumerate(zip(ins, outs)):
+        if not sizes[t]:
+            continue
+        want = [torch.empty_like(o) for o in os]
+        triton_ws.weighted_sum_many(x, w[groups[t]], want)
+        for o, r in zip(os, want):
+            assert torch.equal(o.view(torch.int16), r.view(torch.int16)), t
+    with pytest.raises(ValueError, match="weights must have shape"):
+        table.run(torch.zeros(1, 2, 3))
+
+
+def test_extras_fail_in_one_line_naming_the_extra(monkeypatch):
+    import sys
+    from pymerge.extras import MissingExtraError, require
+    from pymerge.ops.weighted_sum import pick_backend
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match=r"^backend 'triton' needs triton, which is not installed: "
+                                                r"pip install 'pymerge\[triton\]'$"):
+        pick_backend(torch.device("cpu"), "triton")
+    with pytest.raises(ImportError, match=r"pip install 'pymerge\[plot\]'"):
+        require("matplotlib.pyplot", "plotting")
+    assert pick_backend(torch.device("cpu"), "auto") == "cpu"  # auto never needs an extra on the CPU
