@@ -1,6 +1,6 @@
 """`pymerge bench`: the fused weighted sum against copy bandwidth on this machine (installed; no checkout).
 
-    pymerge bench [--device cpu|cuda] [--elements 8M] [--rounds 5] [--json]
+    pymerge bench [--quick] [--device cpu|cuda] [--elements N] [--rounds 5] [--json]
 
 For N = 2, 8 and 16 bf16 inputs (bf16 output, float32 accumulation) it times `dst.copy_(src)` over the
 same bytes (the ceiling), eager PyTorch and pymerge, interleaved, best of `rounds` (median on the GPU).
@@ -63,10 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--elements", type=lambda s: int(float(s)), default=8 << 20, metavar="N",
                     help="elements per input (default 8388608; 3e7 works)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1M elements, 3 rounds (seconds)")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON object on the last line")
     args = ap.parse_args(argv)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        args.elements, args.rounds = 1 << 20, 3
     rows = run(device, args.elements, max(1, args.rounds))
     cols = list(rows[0])
     print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, best of {args.rounds})")

@@ -149,5 +149,5 @@ def test_extras_fail_in_one_line_naming_the_extra(monkeypatch):
                                                 r"pip install 'pymerge\[triton\]'$"):
         pick_backend(torch.device("cpu"), "triton")
     with pytest.raises(ImportError, match=r"pip install 'pymerge\[plot\]'"):
-        require("matplotlib.pyplot", "plotting")
+        require("matplotlib", "plotting")
     assert pick_backend(torch.device("cpu"), "auto") == "cpu"  # auto never needs an extra on the CPU
