@@ -77,6 +77,7 @@ class BuildExt(build_ext):
             objects.append(obj)
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = objects
+        ext.depends = list(ext.depends) + objects  # relink when only a .cu file changed
         target = os.path.join("targets", f"{os.uname().machine}-linux")
         for incdir in ("include", os.path.join(target, "include")):
             if os.path.isdir(os.path.join(cuda_home, incdir)):
