@@ -4,7 +4,9 @@ Torch-free at import: dtypes are known by name (torch's names, "bfloat16"; safet
 "BF16", are accepted too), so the CPU merge of weighted-sum methods never imports torch. The
 torch-keyed tables (DTYPE_CODES, INPUT_DTYPES, OUTPUT_DTYPES) are built on first use.
 """
-from typing import Dict
+import importlib
+import warnings
+from typing import Dict, Optional
 
 # name -> (itemsize, is floating point, safetensors code); torch's own dtype names.
 DTYPE_INFO: Dict[str, tuple] = {
@@ -74,20 +76,32 @@ def check_codes(ext) -> None:
                               "rebuild it (pip install --no-build-isolation -e .)")
 
 
-try:
-    from pymerge import _cpu as cpu
-except ImportError as exc:  # pragma: no cover - only when the build is missing
+def _not_built(exc: Optional[ImportError]) -> bool:
+    """True when the extension module is simply absent (not compiled), not present but failing to load."""
+    return isinstance(exc, ModuleNotFoundError) and exc.name in ("pymerge._cpu", "pymerge._cuda")
+
+
+CPU_IMPORT_ERROR: Optional[ImportError] = None
+CUDA_IMPORT_ERROR: Optional[ImportError] = None
+try:  # import_module, not `from pymerge import`: an absent module must raise ModuleNotFoundError (see _not_built)
+    cpu = importlib.import_module("pymerge._cpu")
+    check_codes(cpu)  # a stale build would misread dtypes: treated as not loading
+except ImportError as exc:
     cpu = None
     CPU_IMPORT_ERROR = exc
-else:
-    check_codes(cpu)
+    # Never silent: every CPU op would run on eager torch instead (slower, other rounding in places).
+    warnings.warn(f"pymerge's C++ extension did not load ({exc}); CPU ops fall back to eager torch, which is "
+                  "slower. `pymerge doctor` shows every backend.", RuntimeWarning, stacklevel=2)
 
 try:
-    from pymerge import _cuda as cuda
-except ImportError:  # built only where nvcc was found
-    cuda = None
-else:
+    cuda = importlib.import_module("pymerge._cuda")
     check_codes(cuda)
+except ImportError as exc:
+    cuda = None
+    CUDA_IMPORT_ERROR = exc
+    if not _not_built(exc):  # built, but it does not load
+        warnings.warn(f"pymerge's CUDA extension did not load ({exc}); GPU ops use Triton or eager torch. "
+                      "`pymerge doctor` shows every backend.", RuntimeWarning, stacklevel=2)
 
 
 def require_cpu():
@@ -98,5 +112,6 @@ def require_cpu():
 
 def require_cuda():
     if cuda is None:
-        raise RuntimeError("pymerge's CUDA extension is not built (nvcc was not found at install time)")
+        why = "nvcc was not found at install time" if _not_built(CUDA_IMPORT_ERROR) else str(CUDA_IMPORT_ERROR)
+        raise RuntimeError(f"pymerge's CUDA extension is not available ({why})")
     return cuda

@@ -1,4 +1,4 @@
-"""The pymerge command: merge | demo | search | bench, and --version.
+"""The pymerge command: merge | demo | search | bench | doctor, and --version.
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the file, tensor or key: no
 traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _merge_parser(sub)
     for name, text in (("demo", "run the demo (pymerge.demo)"), ("search", "merge-weight search (pymerge.search)"),
-                       ("bench", "quick weighted-sum benchmark against copy bandwidth (pymerge.bench)")):
+                       ("bench", "quick weighted-sum benchmark against copy bandwidth (pymerge.bench)"),
+                       ("doctor", "which backends (C++, CUDA, Triton, GPUs) this install can use, and why not")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
     return ap
@@ -110,6 +111,9 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from pymerge import bench
         return bench.main(rest) or 0
+    if args.command == "doctor":
+        from pymerge import doctor
+        return doctor.main(rest)
     raise AssertionError(args.command)
 
 

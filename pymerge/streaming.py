@@ -331,7 +331,13 @@ def run_gpu(plan, writer, *, device: str = "cuda", chunk_bytes: int, num_threads
     dev = torch.device(device)
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    torch.cuda.set_device(dev)
+    # Launches, events and allocations on `dev`; the caller's current device is as it was afterwards.
+    with torch.cuda.device(dev):
+        _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, readers)
+
+
+def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, readers) -> None:
+    import torch
     # Device buffers may be larger than the pinned ones (casts, narrow results) by a small factor.
     dev_bytes = 2 * chunk_bytes
     free: "queue.Queue" = queue.Queue()

@@ -289,11 +289,6 @@ def test_inconsistent_sources_are_named():
 
 # ---- methods through the registry --------------------------------------------------------------------
 def test_task_arithmetic_through_the_registry():
-    from pymerge.methods.base import get_method
-    try:
-        get_method("task_arithmetic")
-    except MergeConfigError:
-        pytest.skip("task_arithmetic is not registered yet")
     base, *models = make_models(4)
     pool = CheckpointPool([m.state_dict() for m in models], base=base.state_dict())
     t = Tiny()

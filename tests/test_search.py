@@ -76,7 +76,7 @@ def _interrupting(evaluate, after):
 def test_resume_equals_uninterrupted_run(tmp_path):
     pool, evaluate, _ = synthetic()
     full = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, log=None)
-    path = str(tmp_path / "state.pkl")
+    path = str(tmp_path / "state.json")
     for after in (5, 13, 30):  # crash mid-generation, three times
         with pytest.raises(KeyboardInterrupt):
             optimize(pool, _interrupting(evaluate, after), model=Vec(), budget=60, popsize=8, seed=7,
@@ -160,12 +160,126 @@ def test_cli_runs_a_config(tmp_path):
         model: evalmod:build
         evaluate: evalmod:evaluate
         search: {{budget: 20, seed: 1}}
-        state_path: state.pkl
+        state_path: state.json
         out: out
     """))
     assert cli_main([str(cfg)]) == 0
     assert (tmp_path / "out" / "history.json").exists() and (tmp_path / "out" / "best_merge.yml").exists()
-    assert (tmp_path / "state.pkl").exists()
+    assert (tmp_path / "state.json").exists()
     bad = tmp_path / "bad.yml"
     bad.write_text("sources: []\nmodel: nope:build\nevaluate: evalmod:evaluate\n")
     assert cli_main([str(bad)]) == 2
+
+
+# ---- the state file is JSON, checked on load (issue 8, item 9) ----------------------------------------------
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a crafted pickle does on load: call anything with any arguments
+        return (open, (self.marker, "w"))
+
+
+def _state(tmp_path, budget=20, evaluate=None):
+    pool, ev, _ = synthetic(n=3)
+    path = tmp_path / "state.json"
+    optimize(pool, evaluate or ev, model=Vec(), budget=budget, popsize=6, seed=4, state_path=str(path), log=None)
+    return pool, ev, path
+
+
+def test_state_is_json_and_a_pickle_is_never_loaded(tmp_path):
+    import pickle
+    pool, evaluate, path = _state(tmp_path)
+    state = json.loads(path.read_text())
+    assert state["version"] == 2 and len(state["history"]) == 20 and state["generation"] == 4
+    marker = tmp_path / "pwned"
+    path.write_bytes(pickle.dumps({"version": 1, "x": _Exploit(str(marker))}))
+    with pytest.raises(InputError, match="state.json: cannot read the search state: not JSON"):
+        optimize(pool, evaluate, model=Vec(), budget=20, popsize=6, seed=4, state_path=str(path), log=None)
+    assert not marker.exists()
+
+
+def _edit(state, how):
+    if how == "not an object":
+        return [state]
+    h = state["history"]
+    edits = {
+        "version": lambda: state.update(version=1),
+        "extra key": lambda: state.update(es="x"),
+        "generation type": lambda: state.update(generation="4"),
+        "generation bool": lambda: state.update(x0_done=1),
+        "history type": lambda: state.update(history={}),
+        "entry keys": lambda: h[3].pop("x"),
+        "eval order": lambda: h[3].update(eval=7),
+        "generation order": lambda: h[3].update(generation=9),
+        "x shape": lambda: h[3].update(x=h[3]["x"][:2]),
+        "x nan": lambda: h[3]["x"].__setitem__(0, float("nan")),
+        "x string": lambda: h[3]["x"].__setitem__(0, "0.5"),
+        "x bool": lambda: h[3]["x"].__setitem__(0, True),
+        "weights ragged": lambda: h[3].update(weights=[[0.1], 0.2, 0.3]),
+        "timing inf": lambda: h[3].update(evaluate_s=float("inf")),
+        "scores empty": lambda: h[3].update(scores={}),
+        "objective type": lambda: h[3].update(objective=None),
+        "edited candidate": lambda: h[8]["x"].__setitem__(1, h[8]["x"][1] + 0.01),
+        "edited weights": lambda: h[8]["weights"].__setitem__(1, 0.9),
+        "partial middle": lambda: state.update(history=[dict(r, eval=i) for i, r in enumerate(h[:9] + h[13:])]),
+    }
+    edits[how]()
+    return state
+
+
+@pytest.mark.parametrize("how", ["not an object", "version", "extra key", "generation type", "generation bool",
+                                 "history type", "entry keys", "eval order", "generation order", "x shape", "x nan",
+                                 "x string", "x bool", "weights ragged", "timing inf", "scores empty",
+                                 "objective type", "edited candidate", "edited weights", "partial middle"])
+def test_a_corrupt_or_crafted_state_is_an_input_error(tmp_path, how):
+    pool, evaluate, path = _state(tmp_path)
+    state = _edit(json.loads(path.read_text()), how)
+    path.write_text(json.dumps(state))
+    with pytest.raises(InputError, match="state.json"):
+        optimize(pool, evaluate, model=Vec(), budget=30, popsize=6, seed=4, state_path=str(path), log=None)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[" * 100000 + "]" * 100000, "\xff\xfe", "NaN"])
+def test_unreadable_state_files(tmp_path, text):
+    pool, evaluate, _ = synthetic(n=3)
+    path = tmp_path / "state.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(InputError, match="state.json"):
+        optimize(pool, evaluate, model=Vec(), budget=10, popsize=6, seed=4, state_path=str(path), log=None)
+
+
+def test_resume_with_nan_scores_and_groups(tmp_path):
+    """NaN objectives round-trip through the JSON state; a per-group search resumes exactly too."""
+    g = torch.Generator().manual_seed(1)
+    sources = [{"embed.w": torch.randn(8, generator=g), "layers.0.w": torch.randn(8, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(sources)
+    model = torch.nn.Module()
+    model.embed = torch.nn.Module()
+    model.embed.w = torch.nn.Parameter(torch.zeros(8))
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].w = torch.nn.Parameter(torch.zeros(8))
+    calls = {"n": 0}
+
+    def evaluate(m):
+        calls["n"] += 1
+        v = -float((m.embed.w.detach() - sources[1]["embed.w"]).pow(2).sum())
+        return {"a": float("nan") if calls["n"] % 5 == 0 else v, "b": v}
+    full = optimize(pool, evaluate, model=model, budget=40, popsize=6, groups="layer", seed=2, log=None)
+    calls["n"] = 0
+    path = str(tmp_path / "s.json")
+    with pytest.raises(KeyboardInterrupt):
+        optimize(pool, _interrupting(evaluate, 22), model=model, budget=40, popsize=6, groups="layer", seed=2,
+                 state_path=path, log=None)
+    calls["n"] = 19  # the evaluations of the three saved generations (1 + 3 * 6), as if never interrupted
+    resumed = optimize(pool, evaluate, model=model, budget=40, popsize=6, groups="layer", seed=2, state_path=path,
+                       log=None)
+    assert [r["x"] for r in resumed.history] == [r["x"] for r in full.history]
+    assert str([r["scores"] for r in resumed.history]) == str([r["scores"] for r in full.history])
+
+
+def test_a_state_from_another_pool_says_what_differs(tmp_path):
+    _, _, path = _state(tmp_path)  # three checkpoints
+    pool, evaluate, _ = synthetic(n=4)
+    with pytest.raises(InputError, match=r"different search \(differs in n, x0\)"):
+        optimize(pool, evaluate, model=Vec(), budget=30, popsize=6, seed=4, state_path=str(path), log=None)

@@ -46,6 +46,9 @@ class TensorTask:
     name         the tensor's name (errors and RNG keys use it)
     offset       element offset of this chunk inside the full tensor (0 for whole tensors)
     seed         the merge's random seed (DARE/DELLA masks are keyed by seed, name and element)
+    cache        a SelectionCache the caller owns, to reuse per-tensor statistics across merges of
+                 the same inputs (None: nothing is kept); cache_keys, one per input, name what
+                 the inputs hold when their position alone does not (see task_vector_ops.plan_model)
     """
     inputs: List[torch.Tensor]
     base: Optional[torch.Tensor]
@@ -56,6 +59,8 @@ class TensorTask:
     seed: int = 0
     backend: str = "auto"
     num_threads: int = 0
+    cache: Any = None
+    cache_keys: Optional[List[Any]] = None
 
 
 class MergeMethod:

@@ -20,7 +20,7 @@ it never changes a result, so it is accepted and ignored. task_arithmetic lives 
 may call merge_task_vectors() with no sparsifier.
 """
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -66,7 +66,7 @@ def _flag(value: Any, what: str) -> bool:
 
 
 def merge_task_vectors(task: TensorTask, out: torch.Tensor, *, sparsification: Optional[str], consensus: bool,
-                       normalize: bool, rescale: Optional[str], cache: Optional[tvo.SelectionCache]) -> None:
+                       normalize: bool, rescale: Optional[str]) -> None:
     """Shared body: resolves per-model sparsifiers from task.model_params and runs the fused op."""
     if task.base is None:
         raise MergeConfigError(f"tensor {task.name}: this merge method needs a base_model")
@@ -91,7 +91,8 @@ def merge_task_vectors(task: TensorTask, out: torch.Tensor, *, sparsification: O
     try:
         tvo.task_vector_merge(task.inputs, task.base, out, sparsifiers, weights, consensus=consensus,
                               normalize=normalize, lam=lam, name=task.name, seed=task.seed, offset=task.offset,
-                              cache=cache, backend=task.backend, num_threads=task.num_threads)
+                              cache=task.cache, cache_keys=task.cache_keys, backend=task.backend,
+                              num_threads=task.num_threads)
     except ValueError as exc:
         raise MergeConfigError(f"tensor {task.name}: {exc}") from None
 
@@ -106,8 +107,6 @@ class TaskVectorMethod(MergeMethod):
     default_rescale = False
     # Thresholds and L1 norms are whole-tensor statistics: the engine must hand over whole tensors.
     chunkable = False
-    # The pool may replace this with its own SelectionCache (or None to disable caching).
-    cache: Optional[tvo.SelectionCache] = tvo.DEFAULT_CACHE
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -146,7 +145,7 @@ class TaskVectorMethod(MergeMethod):
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         normalize, rescale = self._settings(task)
         merge_task_vectors(task, out, sparsification=self.sparsification, consensus=self.consensus,
-                           normalize=normalize, rescale=rescale, cache=self.cache)
+                           normalize=normalize, rescale=rescale)
 
 
 @register

@@ -11,8 +11,9 @@ Per tensor, for models x_i over base B (float32 arithmetic, as mergekit on float
 Work is split in two steps:
 1. plan_model(): per model, what the kernel needs -- a rank boundary (magnitude, breadcrumbs), a
    Philox keep-threshold (DARE), or a bitmask (DELLA) -- and the rescale factor from L1 norms.
-   Thresholds and norms depend only on (checkpoint tensor, base tensor, density, ...), so they go
-   in a SelectionCache: a search loop that re-merges the same tensors with new weights pays once.
+   Thresholds and norms depend only on (checkpoint tensor, base tensor, density, ...), so a caller
+   that re-merges the same tensors with new weights (the pool's search loop) may pass a
+   SelectionCache it owns and pay once; nothing is cached otherwise.
 2. merge_planned(): one fused pass over the inputs (C++ on the CPU, Triton or CUDA on a GPU, torch
    anywhere as the fallback) reading every input element once.
 
@@ -29,8 +30,8 @@ Rescale: "l1" multiplies by ||d||_1 / ||d * keep||_1 (skipped when either is < 1
 """
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,12 +70,13 @@ class ModelPlan:
 
 
 class SelectionCache:
-    """LRU of per-(tensor, base, sparsifier) thresholds and L1 norms.
+    """LRU of per-model thresholds and L1 norms, owned by a caller that knows its inputs cannot change.
 
-    Keys hold the data pointers, shapes and dtypes of x and base, the tensor name, the sparsifier
-    parameters (and seed / model index for random masks) plus a fingerprint of a few elements, so
-    a buffer reused for different data is not mistaken for the old one. Entries are a few numbers;
-    it is safe to share one cache across a whole search. Call clear() when checkpoints change.
+    No op keeps one by default (run_merge merges each tensor once). A caller that merges the same
+    tensors again with new weights (the pool, a benchmark) passes its own: an entry is keyed by
+    the tensor name, the caller's key for each input (its position unless cache_keys says more,
+    see plan_model) and the sparsifier parameters; never by an address or by sampled values,
+    which new data in reused memory can repeat. Entries are a few numbers each.
     """
 
     def __init__(self, max_entries: int = 65536):
@@ -102,22 +104,6 @@ class SelectionCache:
 
     def __len__(self):
         return len(self._data)
-
-
-DEFAULT_CACHE = SelectionCache()
-
-
-def _fingerprint(t: torch.Tensor) -> tuple:
-    flat = t.reshape(-1)
-    n = flat.numel()
-    if n == 0:
-        return ()
-    picks = sorted({0, n // 3, n // 2, (2 * n) // 3, n - 1})
-    return tuple(flat[picks].float().tolist())
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), _fingerprint(t))
 
 
 def _f32(x: float) -> float:
@@ -159,9 +145,12 @@ def check_sparsifier(sp: Sparsifier, what: str) -> None:
 
 
 def plan_model(x: torch.Tensor, base: torch.Tensor, sp: Sparsifier, weight: float, model: int, *, name: str = "",
-               seed: int = 0, offset: int = 0, cache: Optional[SelectionCache] = None,
+               seed: int = 0, offset: int = 0, cache: Optional[SelectionCache] = None, cache_key: Hashable = None,
                backend: str = "auto", num_threads: int = 0) -> ModelPlan:
-    """Resolves one model's sparsifier for this tensor (thresholds, masks, rescale factor)."""
+    """Resolves one model's sparsifier for this tensor (thresholds, masks, rescale factor).
+
+    With a cache, (name, model index, cache_key, parameters) must name the same x and base for the
+    cache's whole life: its owner guarantees that (the pool adds the tensors' version counters)."""
     plan = ModelPlan(weight=float(weight), model=int(model))
     n = x.numel()
     method, density = sp.method, float(sp.density)
@@ -173,9 +162,8 @@ def plan_model(x: torch.Tensor, base: torch.Tensor, sp: Sparsifier, weight: floa
     cpu = _use_cpu(x, backend)
     key = None
     if cache is not None and method != "della_magprune":
-        key = (method, _tensor_key(x), _tensor_key(base), name, density, sp.gamma, sp.rescale, offset)
-        if method == "random":
-            key += (int(seed), int(model))
+        key = (name, int(model), cache_key, method, density, sp.gamma, sp.rescale, offset,
+               int(seed) if method == "random" else 0)
         hit = cache.get(key)
         if hit is not None:
             plan.mode, plan.lo, plan.hi, plan.thr, plan.scale = hit
@@ -400,15 +388,18 @@ def _merge_torch(inputs, base, plans, out, consensus, normalize, lam, divisor, n
 def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: torch.Tensor,
                       sparsifiers: Sequence[Sparsifier], weights: Sequence[float], *, consensus: bool,
                       normalize: bool, lam: float = 1.0, name: str = "", seed: int = 0, offset: int = 0,
-                      cache: Optional[SelectionCache] = None, backend: str = "auto",
-                      num_threads: int = 0) -> torch.Tensor:
-    """Plans every model (cached thresholds) and runs the fused pass into out."""
+                      cache: Optional[SelectionCache] = None, cache_keys: Optional[Sequence[Hashable]] = None,
+                      backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    """Plans every model (thresholds from the caller's cache, if any) and runs the fused pass into out."""
     if len(inputs) != len(sparsifiers) or len(inputs) != len(weights):
         raise ValueError("need one sparsifier and one weight per input")
+    if cache_keys is not None and len(cache_keys) != len(inputs):
+        raise ValueError("need one cache key per input")
     for i, x in enumerate(inputs):
         if x.shape != base.shape:
             raise ValueError(f"input {i} has shape {tuple(x.shape)} but the base has {tuple(base.shape)}")
-    plans = [plan_model(x, base, sp, w, i, name=name, seed=seed, offset=offset, cache=cache, backend=backend,
+    plans = [plan_model(x, base, sp, w, i, name=name, seed=seed, offset=offset, cache=cache,
+                        cache_key=None if cache_keys is None else cache_keys[i], backend=backend,
                         num_threads=num_threads)
              for i, (x, sp, w) in enumerate(zip(inputs, sparsifiers, weights))]
     return merge_planned(inputs, base, plans, out, consensus=consensus, normalize=normalize, lam=lam,

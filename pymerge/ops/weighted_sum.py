@@ -16,6 +16,7 @@ import torch
 from pymerge import _native, extras
 from pymerge.ops import library
 from pymerge.ops._checks import check_inputs, check_weights, resolve_out
+from pymerge.ops._versions import mark_written
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
 
@@ -35,9 +36,12 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     if out is None and _op_backend(tensors[0], backend):
         return library.call("weighted_sum", _contig(tensors), torch.tensor(w, dtype=torch.float32), dtype,
                                     _op_backend(tensors[0], backend), num_threads)
+    given = out is not None
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     weighted_sum_into(tensors, [w], [out], backend=backend, num_threads=num_threads)
+    if given:
+        mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
 
 
@@ -65,6 +69,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         for o in outs:
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
     weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
+    mark_written(outs)
     return outs
 
 

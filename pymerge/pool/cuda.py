@@ -14,6 +14,7 @@ GPU backends read them from memory and cache their address tables per input set 
 buffers keep fixed addresses, so every chunk hits that cache).
 On the CPU (tests, TRITON_INTERPRET=1) the same code runs with streams and pinning left out.
 """
+import contextlib
 from typing import Dict, List
 
 import numpy as np
@@ -73,14 +74,17 @@ class CudaRunner:
 
     # ---- launches ----------------------------------------------------------------------------------
     def run_linear(self, plans, tables: List[np.ndarray], backend: str) -> None:
-        w = self.weights(tables)
-        if backend == "torch":  # the eager fallback takes Python floats (a host sync; it is slow anyway)
-            w = w.cpu().double().numpy()
-        if self.streamed:
-            return self._run_streamed(plans, w, backend)
-        for p in plans:
-            w_kn = w[p.group if w.shape[0] > 1 else 0]
-            weighted_sum_into(self.inputs[p.name], w_kn.tolist() if backend == "torch" else w_kn, p.outs, backend=backend)
+        # Events, streams and launches belong to the pool's GPU, whichever device is current.
+        with torch.cuda.device(self.device) if self.on_gpu else contextlib.nullcontext():
+            w = self.weights(tables)
+            if backend == "torch":  # the eager fallback takes Python floats (a host sync; it is slow anyway)
+                w = w.cpu().double().numpy()
+            if self.streamed:
+                return self._run_streamed(plans, w, backend)
+            for p in plans:
+                w_kn = w[p.group if w.shape[0] > 1 else 0]
+                weighted_sum_into(self.inputs[p.name], w_kn.tolist() if backend == "torch" else w_kn, p.outs,
+                                  backend=backend)
 
     # ---- streaming from host memory ----------------------------------------------------------------
     def _setup_streaming(self, chunk_bytes: int) -> None:

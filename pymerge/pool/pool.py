@@ -4,7 +4,10 @@ The search loop's hot path. The pool reads every source once at construction, ke
 where they fit (GPU memory, else pinned host memory streamed in chunks, else the memory map; on
 the CPU: RAM, else the memory map), and `materialize` writes sum_i w_i * theta_i into the model's
 own parameters: same data_ptrs, nothing allocated per call, every check done before any write.
+A target whose memory overlaps what the pool reads (or another candidate's target) is refused, and
+every tensor written has its autograd version counter bumped, as a torch in-place op would.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -14,6 +17,8 @@ import torch
 
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.ops._versions import mark_written
+from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
 from pymerge.pool import grouped
 from pymerge.pool.sources import open_source
@@ -29,6 +34,7 @@ class _Plan:
     name: str
     group: int
     outs: List[torch.Tensor]      # contiguous views of the targets' storage (or temporaries, see fixups)
+    targets: List[torch.Tensor]   # the caller's tensors, one per candidate
     fixups: List[Tuple[torch.Tensor, torch.Tensor]]  # (temporary, non-contiguous target) to copy back
 
 
@@ -79,6 +85,11 @@ class CheckpointPool:
             raise InputError(f"device {device!r} asked for, but CUDA is not available")
         if self.device.type not in ("cpu", "cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if self.device.type == "cuda":  # a fixed index: later changes of the current device do not move the pool
+            index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            if index >= torch.cuda.device_count():
+                raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            self.device = torch.device("cuda", index)
         self.dtype = dtype
         self.backend = pick_backend(self.device, backend)
         self.num_threads = num_threads
@@ -91,8 +102,9 @@ class CheckpointPool:
             self.labels = [s.label for s in opened]
             self.has_base = base_src is not None
             self.residency, self.reason = self._choose(opened, base_src, residency)
-            self._inputs = {n: [self._hold(s.tensor(n)) for s in opened] for n in self.names}
-            self._base = {n: self._hold(base_src.tensor(n)) for n in self.names} if base_src else {}
+            self.borrowed: List[str] = []  # labels of in-memory sources the pool reads in place
+            self._inputs = {n: [self._hold(s.tensor(n), s) for s in opened] for n in self.names}
+            self._base = {n: self._hold(base_src.tensor(n), base_src) for n in self.names} if base_src else {}
         finally:
             if getattr(self, "residency", None) != "mmap":
                 for s in opened + ([base_src] if base_src else []):
@@ -100,6 +112,12 @@ class CheckpointPool:
                         s.close()  # views handed out stay valid; copies were made
         self._index = {n: i for i, n in enumerate(self.names)}
         self._plan_cache = grouped.PlanCache()
+        self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
+                             + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
+        # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms) of the methods path,
+        # keyed by tensor name, checkpoint and parameters plus the inputs' version counters (a borrowed
+        # tensor changed in place by torch is seen as new data).
+        self._selection = SelectionCache()
         self._cuda = None
         if self.device.type == "cuda" or self.backend == "triton":
             from pymerge.pool.cuda import CudaRunner
@@ -139,11 +157,14 @@ class CheckpointPool:
             return "host", f"{_fmt_bytes(need)} fits in RAM ({_fmt_bytes(host_avail)} available)"
         return "mmap", f"{_fmt_bytes(need)} exceeds the host budget; read from the memory map (page cache)"
 
-    def _hold(self, t: torch.Tensor) -> torch.Tensor:
+    def _hold(self, t: torch.Tensor, src) -> torch.Tensor:
         """The tensor as the chosen tier keeps it: an owned copy, except the mmap tier (views as given)."""
         t = t.detach()
         if self.residency == "mmap":
-            return t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
+            held = t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
+            if not src.mapped and held.data_ptr() == t.data_ptr() and src.label not in self.borrowed:
+                self.borrowed.append(src.label)
+            return held
         dtype = self._storage_dtype(t)
         if self.residency == "device":
             held = t.to(self.device, dtype)
@@ -159,9 +180,13 @@ class CheckpointPool:
         return held
 
     def describe(self) -> str:
+        borrowed = ""
+        if self.borrowed:
+            borrowed = (f"; reads the caller's tensors of {', '.join(self.borrowed)} in place (no copy): "
+                        "changing them changes later merges")
         return (f"CheckpointPool: {self.num_checkpoints} checkpoints{' + base' if self.has_base else ''}, "
                 f"{len(self.names)} tensors, {_fmt_bytes(self.nbytes)}; residency {self.residency} "
-                f"({self.reason}); backend {self.backend} on {self.device}")
+                f"({self.reason}); backend {self.backend} on {self.device}{borrowed}")
 
     __repr__ = describe
 
@@ -213,25 +238,32 @@ class CheckpointPool:
             make = grouped.native_table if self._grouped_kind() == "cpu" else grouped.triton_table
             plans, table = self._plan_cache.plans(
                 ("flat" if flat else groups, names, strict, n_groups), into,
-                lambda: self._plan(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
+                lambda: self._checked_plans(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
                 lambda ps: make(ps, self._inputs, n_groups))
             if table is None:
                 self._run_linear(plans, tables)
             elif self._cuda is None:
                 table.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
             else:
-                w = self._cuda.weights(tables)  # [G, K, N] on the device
-                table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
+                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                    w = self._cuda.weights(tables)  # [G, K, N] on the device
+                    table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
         elif method == "linear":
-            plans = self._plan(into, group_of, names, strict)
+            plans = self._checked_plans(into, group_of, names, strict)
             self._run_linear(plans, tables)
         else:
-            plans = self._plan(into, group_of, names, strict)
+            plans = self._checked_plans(into, group_of, names, strict)
             self._run_method(method, plans, tables, seed, params)
         for p in plans:
             for tmp, target in p.fixups:
                 target.copy_(tmp)
+        mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
+
+    def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
+        plans = self._plan(into, group_of, names, strict)
+        self._check_overlaps(plans, len(into))
+        return plans
 
     def _grouped_kind(self) -> Optional[str]:
         """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
@@ -256,7 +288,7 @@ class CheckpointPool:
         for idx, (name, model_name) in enumerate(zip(self.names, mapped)):
             if model_name is None:
                 continue
-            outs, fixups = [], []
+            outs, fixups, dests = [], [], []
             for k, tmap in enumerate(targets):
                 where = f" in model {k}" if len(into) > 1 else ""
                 t = tmap.get(model_name)
@@ -276,18 +308,47 @@ class CheckpointPool:
                     problems.append(f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}")
                 elif t.is_contiguous():
                     outs.append(t)
+                    dests.append(t)
                 else:  # rare (a transposed view): merge into a temporary, copy back after all checks
                     tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
                     outs.append(tmp)
+                    dests.append(t)
                     fixups.append((tmp, t))
             if problems and len(problems) >= 5:
                 break
             if len(outs) == len(into):
-                plans.append(_Plan(name, group_of[idx], outs, fixups))
+                plans.append(_Plan(name, group_of[idx], outs, dests, fixups))
         if problems:
             more = "" if len(problems) < 5 else " (and possibly more)"
             raise InputError("; ".join(problems[:5]) + more + "; nothing was written")
         return plans
+
+    def _check_overlaps(self, plans: List[_Plan], k: int) -> None:
+        """Refuses, before any write, targets that share memory with what the pool reads (a source model
+        it reads in place, a tensor from pool.tensor()) or with another candidate's target."""
+        targets = [t for p in plans for t in p.targets]
+        if any(p.fixups for p in plans):  # strided targets (rare): their whole extent
+            spans = np.array(list(map(_span, targets)), dtype=np.int64).reshape(-1, 2)
+        else:  # contiguous: [data_ptr, data_ptr + nbytes), gathered without a Python tuple per tensor
+            starts = np.fromiter((t.data_ptr() for t in targets), np.int64, len(targets))
+            spans = np.stack([starts, starts + np.fromiter((t.nbytes for t in targets), np.int64, len(targets))], 1)
+        named = lambda i: (plans[i // k].name, i % k)  # noqa: E731  (targets are plan-major, k per plan)
+        hit = self._spans.overlap(spans)
+        if hit is not None:
+            (name, c), what = named(hit[0]), hit[1]
+            where = f" of candidate {c}" if k > 1 else ""
+            raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads "
+                             "in place; merging into it would change later merges. Merge into a separate model "
+                             "(nothing was written)")
+        clash = _target_overlap(spans, k)
+        if clash is not None:
+            (a, ca), (b, cb) = named(clash[0]), named(clash[1])
+            if ca != cb:
+                raise InputError(f"into: candidates {min(ca, cb)} and {max(ca, cb)} share the memory of {b!r}; "
+                                 "each candidate needs its own model (nothing was written)")
+            where = f" of candidate {ca}" if k > 1 else ""
+            raise InputError(f"into: the targets of {a!r} and {b!r}{where} overlap without being the same tensor "
+                             "(nothing was written)")
 
     def _run_linear(self, plans: List[_Plan], tables: List[np.ndarray]) -> None:
         if self._cuda is not None:
@@ -309,18 +370,78 @@ class CheckpointPool:
         for p in plans:
             inputs = self._inputs[p.name]
             base = self._base.get(p.name)
+            base_version = base._version if base is not None else 0
+            keys = [(t._version, base_version) for t in inputs]  # checkpoint i's data as of now (see _selection)
             if inputs[0].device != self.device:  # streamed tiers: the method gets whole tensors on the device
-                inputs = [t.to(self.device, non_blocking=True) for t in inputs]
-                base = base.to(self.device, non_blocking=True) if base is not None else None
+                with _on_device(self.device):
+                    inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                    base = base.to(self.device, non_blocking=True) if base is not None else None
             for k, table in enumerate(tables):
                 w = table[p.group if table.shape[0] > 1 else 0]
                 mp = [dict(per_model[i], weight=float(w[i])) for i in range(self.num_checkpoints)]
                 task = TensorTask(inputs=inputs, base=base, model_params=mp, params=dict(global_params),
-                                  name=p.name, seed=seed, backend=self.backend, num_threads=self.num_threads)
+                                  name=p.name, seed=seed, backend=self.backend, num_threads=self.num_threads,
+                                  cache=self._selection, cache_keys=keys)
                 m.check_params(task)
                 tasks.append((task, p.outs[k]))
-        for task, out in tasks:
-            m.merge_tensor(task, out)
+        with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
+            for task, out in tasks:
+                m.merge_tensor(task, out)
+
+
+def _on_device(device: torch.device):
+    """Makes `device` the current CUDA device for a block (streams, events, launches); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last + 1) byte addresses a tensor's elements occupy (strided views: the whole extent)."""
+    a = t.data_ptr()
+    if t.is_contiguous():
+        return a, a + t.nbytes
+    if t.numel() == 0:
+        return a, a
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return a, a + extent * t.element_size()
+
+
+class _Spans:
+    """The byte ranges of the pool's resident tensors on its compute device, sorted, for overlap tests
+    of many targets at once (built once: a materialize pays one searchsorted)."""
+
+    def __init__(self, labeled: List[Tuple[torch.Tensor, str]], device: torch.device):
+        on = sorted((_span(t), what) for t, what in labeled if t.device.type == device.type and t.numel())
+        self._what = [what for _, what in on]
+        self.starts = np.array([a for (a, _), _ in on], dtype=np.int64)
+        self.ends = np.array([b for (_, b), _ in on], dtype=np.int64)
+        self.reach = np.maximum.accumulate(self.ends) if len(on) else self.ends  # max end so far
+
+    def overlap(self, spans: np.ndarray):
+        """(row of the first [start, end) span sharing bytes with a pool tensor, which one), or None."""
+        if not len(self.starts) or not len(spans):
+            return None
+        last = np.searchsorted(self.starts, spans[:, 1], side="left") - 1  # last pool tensor starting before the end
+        hits = np.flatnonzero((last >= 0) & (self.reach[np.maximum(last, 0)] > spans[:, 0]) & (spans[:, 1] > spans[:, 0]))
+        if not len(hits):
+            return None
+        a, b = spans[hits[0]]
+        return int(hits[0]), next(w for w, s, e in zip(self._what, self.starts, self.ends) if s < b and a < e)
+
+
+def _target_overlap(spans: np.ndarray, k: int):
+    """(row i, row j) of two targets sharing bytes (rows are plan-major, k candidates per plan), or None.
+    The same span twice inside one candidate is allowed: tied weights (embeddings and head) written twice."""
+    cand = np.arange(len(spans)) % k
+    keep = np.flatnonzero(spans[:, 1] > spans[:, 0])
+    order = keep[np.argsort(spans[keep, 0], kind="stable")]
+    s = spans[order]
+    reach = np.maximum.accumulate(s[:, 1]) if len(s) else s[:, 1]
+    for j in np.flatnonzero(s[1:, 0] < reach[:-1]) + 1:  # usually none, or only ties: checked one by one
+        for i in range(j):
+            tie = cand[order[i]] == cand[order[j]] and s[i, 0] == s[j, 0] and s[i, 1] == s[j, 1]
+            if s[i, 1] > s[j, 0] and not tie:
+                return int(order[i]), int(order[j])
+    return None
 
 
 def _cacheable(groups: GroupRule, names: NameMap) -> bool:

@@ -2,7 +2,7 @@
 
 Each source answers names(), info(name) -> (dtype, shape), tensor(name) -> CPU tensor (zero-copy
 where the backing allows), mapped (True when tensors are memory-map views) and close().
-Folders and files go through pymerge.io.Checkpoint (validated header, zero-copy mmap views).
+Folders and files go through pymerge.io.Checkpoint (validated headers, zero-copy memory maps).
 """
 import os
 from typing import Dict, List, Tuple

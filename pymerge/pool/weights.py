@@ -9,29 +9,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from pymerge.config import layer_of  # one layer rule for configs and pool alike
 from pymerge.errors import InputError
-
-# A transformer block's index: "model.layers.3.mlp", "transformer.h.3.attn", "blocks.3.", "layer.3.".
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-try:  # one layer rule for configs and pool alike
-    from pymerge.config import layer_of as _config_layer_of
-except ImportError:
-    _config_layer_of = None
 
 GroupRule = Union[None, str, Callable[[str], int], Dict[str, int]]
 
 
 def layer_index(name: str) -> Optional[int]:
-    """The block index in a tensor name, or None for tensors outside the blocks (embeddings, norms, heads).
-
-    Uses pymerge.config.layer_of (the merge configs' rule) where it is available.
-    """
-    if _config_layer_of is not None:
-        found = _config_layer_of(name)
-        return None if found is None else found[1]
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
+    """The block index in a tensor name ("model.layers.3.mlp" -> 3), or None outside the blocks
+    (embeddings, norms, heads): the merge configs' rule, pymerge.config.layer_of."""
+    found = layer_of(name)
+    return None if found is None else found[1]
 
 
 def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:

@@ -10,7 +10,7 @@
     names: null                                   # prefix added to pool names to find model tensors
     method: linear
     search: {budget: 200, popsize: null, sigma0: 0.2, seed: 0, groups: null, normalize: true}
-    state_path: search_state.pkl                  # resumable; relative paths are relative to the config
+    state_path: search_state.json                 # resumable; relative paths are relative to the config
     out: search_out                               # history.json/.csv, search.png, best_merge.yml
 
 Entry points are imported with the config's folder on sys.path. Errors a user can cause exit 2.

@@ -1,18 +1,20 @@
 """CMA-ES over merge weights: ask a population, materialize it into live models, evaluate, tell.
 
-    result = pymerge.search.optimize(pool, evaluate, model=model, budget=200, seed=0, state_path="s.pkl")
+    result = pymerge.search.optimize(pool, evaluate, model=model, budget=200, seed=0, state_path="s.json")
 
 The search vector x lives in [0, 1]^(G*N) (G = 1 unless per-group weights are asked for); the merge
 weights are x reshaped to [G, N], each row divided by its sum when normalize=True (the default,
 a weighted average as in the recycling paper). Candidate 0 is x0 (the uniform merge by default).
 The objective is maximized; evaluate(model) returns a float or {task: score} (macro-averaged).
-State is pickled after every generation; a re-run with the same state_path continues from there and
-ends where an uninterrupted run ends (the search's RNG is its own, saved with the state).
+State is saved as JSON after every generation: the settings and every evaluated candidate. A re-run
+with the same state_path rebuilds CMA-ES by replaying that history (the search's RNG is its own and
+seeded, so the replay asks for the very candidates recorded, which is checked) and ends where an
+uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field.
 """
 import copy
+import json
 import math
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -23,7 +25,8 @@ import torch
 from pymerge.errors import InputError
 from pymerge.search.report import macro_average, pareto_front, plot, write_csv, write_json
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1 was a pickle
+_ENTRY_KEYS = {"eval", "generation", "objective", "scores", "weights", "x", "materialize_s", "evaluate_s"}
 
 
 @dataclass
@@ -126,8 +129,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     if x0.shape != (dim,):
         raise InputError(f"x0 must have {dim} values (groups x checkpoints), got {x0.size}")
     objective = objective or macro_average
-    fingerprint = {"n": n, "groups": g, "seed": seed, "sigma0": sigma0, "popsize": popsize, "normalize": normalize,
-                   "bounds": (lo, hi), "x0": x0.tolist(), "method": method}
+    fingerprint = {"n": n, "groups": g, "seed": int(seed), "sigma0": float(sigma0),
+                   "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
+                   "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method)}
 
     def to_weights(x):
         w = np.clip(np.asarray(x, float), lo, hi).reshape(g, n)
@@ -136,20 +140,23 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             w = np.where(s > 1e-12, w / np.where(s > 1e-12, s, 1.0), 1.0 / n)  # an all-zero row: uniform
         return w[0] if g == 1 else w
 
-    state = _load_state(state_path, fingerprint)
+    rng = _OwnRNG(seed)
+    # cma samples through opts["randn"]: a generator of our own, seeded, so a replay asks the same candidates.
+    opts = {"seed": seed + 1, "randn": np.random.RandomState(seed % 2**32).randn, "bounds": [lo, hi], "verbose": -9,
+            "verb_disp": 0, "verb_log": 0, "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9, "tolstagnation": 10**9}
+    if popsize:
+        opts["popsize"] = int(popsize)
+    with rng:
+        es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
+    state = _load_state(state_path, fingerprint, (g, n))
     if state is None:
-        rng = _OwnRNG(seed)
-        # cma samples through opts["randn"]; a generator of our own pickles with the state (the default,
-        # numpy's global RandomState, would be pickled as a detached copy and a resumed run would diverge).
-        opts = {"seed": seed + 1, "randn": np.random.RandomState(seed % 2**32).randn, "bounds": [lo, hi], "verbose": -9, "verb_disp": 0, "verb_log": 0,
-                "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9, "tolstagnation": 10**9}
-        if popsize:
-            opts["popsize"] = int(popsize)
-        with rng:
-            es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
-        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "es": es, "rng": rng, "history": [],
-                 "generation": 0, "x0_done": False}
-    es, rng, history = state["es"], state["rng"], state["history"]
+        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0, "x0_done": False}
+    else:
+        _replay(es, rng, state, state_path)
+        if any(not np.allclose(to_weights(r["x"]), r["weights"], rtol=1e-9, atol=1e-12) for r in state["history"]):
+            raise InputError(f"{state_path}: saved search state has weights that do not follow from its candidates; "
+                             "use another state_path or delete it")
+    history = state["history"]
     pop = es.popsize
     n_rep = _replica_count(pool, model, pop, replicas)
     models = [model] + [copy.deepcopy(model) for _ in range(n_rep - 1)]
@@ -190,7 +197,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         objs = run(xs[:left], gen)
         if len(objs) == len(xs):  # a partial last generation is evaluated but not told
             with rng:
-                es.tell(xs, [-o if math.isfinite(o) else 1e300 for o in objs])
+                es.tell(xs, [_fitness(o) for o in objs])
         state["generation"] = gen
         _save_state(state_path, state)
         if log:
@@ -215,16 +222,119 @@ def _result(history: List[dict], generations: int) -> SearchResult:
                         generations=generations)
 
 
-def _load_state(path: Optional[str], fingerprint: dict):
+def _fitness(objective: float) -> float:
+    """What CMA-ES minimizes: the negated objective; NaN or inf candidates rank last."""
+    return -objective if math.isfinite(objective) else 1e300
+
+
+def _replay(es, rng, state: dict, path: str) -> None:
+    """Brings a fresh CMA-ES to where the saved run stopped: ask, check the recorded candidates, tell."""
+    history = state["history"]
+    if history and not np.allclose(history[0]["x"], state["fingerprint"]["x0"], rtol=1e-9, atol=1e-12):
+        raise InputError(f"{path}: saved search state's first candidate is not x0; use another state_path or delete it")
+    rows_of: Dict[int, List[dict]] = {}
+    for r in history[1:]:
+        rows_of.setdefault(r["generation"], []).append(r)
+    last = state["generation"]
+    for gen in range(1, last + 1):
+        rows = rows_of.get(gen, [])
+        with rng:
+            xs = es.ask()
+        partial_ok = gen == last  # only the budget's end leaves a generation evaluated in part
+        if not rows or len(rows) > len(xs) or (len(rows) < len(xs) and not partial_ok) or not np.allclose(
+                [r["x"] for r in rows], np.asarray(xs[:len(rows)]), rtol=1e-9, atol=1e-12):
+            raise InputError(f"{path}: saved search state does not replay at generation {gen} (edited, or written "
+                             "by other versions of cma/numpy); use another state_path or delete it")
+        if len(rows) == len(xs):
+            with rng:
+                es.tell(xs, [_fitness(r["objective"]) for r in rows])
+
+
+def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
+    """The saved state, checked field by field (InputError naming the file otherwise), or None."""
     if not path or not os.path.exists(path):
         return None
-    with open(path, "rb") as fh:
-        state = pickle.load(fh)
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint:
-        diff = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
-        raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
-                         "use another state_path or delete it")
+    try:
+        with open(path, "rb") as fh:
+            state = json.loads(fh.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = exc.strerror if isinstance(exc, OSError) else "not JSON (an older pymerge pickled its state: delete the file)"
+        raise InputError(f"{path}: cannot read the search state: {why}") from None
+    try:
+        _check_header(state)
+        saved, expected = state["fingerprint"], json.loads(json.dumps(fingerprint))  # as it reads back from disk
+        if saved != expected:
+            diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
+            raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
+                             "use another state_path or delete it")
+        _check_history(state, shape)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: not a valid search state: {exc}") from None
     return state
+
+
+def _check_header(state) -> None:
+    """The top level: the keys, the version, a fingerprint object; raises ValueError saying what is wrong."""
+    if not isinstance(state, dict) or set(state) != {"version", "fingerprint", "history", "generation", "x0_done"}:
+        raise ValueError("expected an object with version, fingerprint, history, generation and x0_done")
+    if state["version"] != STATE_VERSION:
+        raise ValueError(f"version {state['version']!r}; this pymerge reads version {STATE_VERSION}"[:200])
+    if not isinstance(state["fingerprint"], dict):
+        raise ValueError("fingerprint must be an object")
+
+
+def _check_history(state, shape) -> None:
+    """Types, shapes and ranges of every other field; raises ValueError saying which."""
+    def number(v, what, finite=True):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (finite and not math.isfinite(v)):
+            raise ValueError(f"{what} must be a{' finite' if finite else ''} number, got {v!r}"[:200])
+        return v
+
+    def integer(v, what, lo=0):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{what} must be an integer >= {lo}, got {v!r}"[:200])
+        return v
+
+    def array(v, want, what):
+        if not isinstance(v, list):
+            raise ValueError(f"{what} must be a list of numbers")
+        rows = v if len(want) == 2 else [v]
+        if len(want) == 2 and len(rows) != want[0]:
+            raise ValueError(f"{what} must have {want[0]} rows")
+        for row in rows:
+            if not isinstance(row, list) or len(row) != want[-1]:
+                raise ValueError(f"{what} must have shape {list(want)}")
+            for x in row:
+                number(x, what)
+
+    g, n = shape
+    generation = integer(state["generation"], "generation")
+    if not isinstance(state["x0_done"], bool):
+        raise ValueError("x0_done must be true or false")
+    history = state["history"]
+    if not isinstance(history, list) or (generation and not state["x0_done"]) or (state["x0_done"] != bool(history)):
+        raise ValueError("history does not fit generation and x0_done")
+    previous = 0
+    for i, r in enumerate(history):
+        what = f"history[{i}]"
+        if not isinstance(r, dict) or set(r) != _ENTRY_KEYS:
+            raise ValueError(f"{what} must be an object with {', '.join(sorted(_ENTRY_KEYS))}")
+        if integer(r["eval"], f"{what}.eval") != i:
+            raise ValueError(f"{what}.eval is {r['eval']}, expected {i}")
+        gen = integer(r["generation"], f"{what}.generation")
+        if gen < previous or gen > generation or (gen == 0) != (i == 0):
+            raise ValueError(f"{what}.generation {gen} is out of order")
+        previous = gen
+        number(r["objective"], f"{what}.objective", finite=False)  # evaluate may return NaN or inf
+        if not isinstance(r["scores"], dict) or not r["scores"]:
+            raise ValueError(f"{what}.scores must be a non-empty object")
+        for k, v in r["scores"].items():
+            number(v, f"{what}.scores[{k!r}]", finite=False)
+        array(r["weights"], (n,) if g == 1 else (g, n), f"{what}.weights")
+        array(r["x"], (g * n,), f"{what}.x")
+        for key in ("materialize_s", "evaluate_s"):
+            if number(r[key], f"{what}.{key}") < 0:
+                raise ValueError(f"{what}.{key} is negative")
 
 
 def _save_state(path: Optional[str], state: dict) -> None:
@@ -232,6 +342,6 @@ def _save_state(path: Optional[str], state: dict) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        pickle.dump(state, fh)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(state, fh)  # NaN scores are written as NaN, which Python's json reads back
     os.replace(tmp, path)  # a crash mid-write leaves the previous generation's state

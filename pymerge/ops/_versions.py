@@ -1,0 +1,25 @@
+"""Autograd's view of writes made through raw pointers.
+
+The C++/Triton/CUDA kernels write outputs by address, so autograd does not see them: a tensor
+saved for backward and then overwritten would give gradients of the old values, silently. Bumping
+the version counter of every tensor written makes backward raise torch's usual "modified by an
+inplace operation" error instead, as a torch in-place op would.
+"""
+from typing import Iterable
+
+import torch
+
+_set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def mark_written(tensors: Iterable[torch.Tensor]) -> None:
+    """Bumps the version counter of each tensor (views share their base's counter)."""
+    tracked = tuple(t for t in tensors if not t.is_inference())  # inference tensors have no counter
+    if not tracked:
+        return
+    if _set_versions is not None:  # one call for all of them
+        _set_versions(tracked, tuple(t._version + 1 for t in tracked))
+        return
+    with torch.no_grad():  # the documented way, one tiny op per tensor: an in-place op on an empty view
+        for t in tracked:
+            t.unsqueeze(0)[:0].zero_()

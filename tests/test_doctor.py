@@ -1,0 +1,74 @@
+"""No silent fallbacks (issue 8, item 10): an extension that fails to load warns with its error,
+and `pymerge doctor` says which backends work and why the others do not."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pymerge import _native
+from pymerge.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_doctor_lists_every_backend(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for row in ("cpu extension", "cuda extension", "triton", "torch", "backend auto"):
+        assert row in out
+    assert f"SIMD {_native.cpu.simd_level()}" in out
+    assert ("CUDA devices" in out) or ("cuda:0" in out)
+
+
+def _python(code: str, block: str = "", exc: str = ""):
+    """Runs code in a fresh interpreter where importing `block` raises `exc` (a broken or absent build)."""
+    hook = textwrap.dedent(f"""
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == {block!r}:
+                    raise {exc}
+        sys.meta_path.insert(0, _Block())
+    """) if block else ""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="default")
+    return subprocess.run([sys.executable, "-c", hook + textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+BROKEN = 'ImportError("libfoo.so.3: cannot open shared object file")'
+
+
+def test_a_cpu_extension_that_does_not_load_warns_and_doctor_says_why():
+    r = _python("""
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import pymerge._native as n
+        assert n.cpu is None
+        assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)], caught
+        print([str(w.message) for w in caught][0])
+        import torch, pymerge
+        out = pymerge.weighted_sum([torch.ones(5), torch.ones(5)], [0.5, 2.0])  # eager torch still works
+        assert torch.equal(out, torch.full((5,), 2.5))
+        from pymerge.cli import main
+        main(["doctor"])
+    """, "pymerge._cpu", BROKEN)
+    assert r.returncode == 0, r.stderr
+    assert "C++ extension did not load (libfoo.so.3: cannot open shared object file)" in r.stdout
+    assert "cpu extension    no   did not load: libfoo.so.3" in r.stdout
+    assert "backend auto     yes  cpu -> torch" in r.stdout
+
+
+@pytest.mark.parametrize("exc, warns", [(BROKEN, True), ('ModuleNotFoundError("no", name="pymerge._cuda")', False)])
+def test_cuda_extension_warns_only_when_built_but_broken(exc, warns):
+    r = _python("""
+        import pymerge._native as n
+        assert n.cuda is None
+        from pymerge.cli import main
+        main(["doctor"])
+    """, "pymerge._cuda", exc)
+    assert r.returncode == 0, r.stderr
+    assert ("CUDA extension did not load" in r.stderr) == warns, r.stderr
+    assert ("did not load: libfoo.so.3" if warns else "not built (nvcc was not found") in r.stdout

@@ -1,0 +1,205 @@
+"""The pool never corrupts itself and autograd sees its writes (issue 8, items 3 and 11).
+
+- A pool that reads a caller's tensors in place (the mmap tier over state dicts or modules, which a
+  small memory_budget picks) refuses a target that shares their memory, before any write; so does
+  any pool for a target made of its own resident tensors, and materialize_many for two candidates
+  sharing memory. describe() says when the pool reads caller memory.
+- materialize writes through raw pointers, so it bumps each written tensor's version counter:
+  a backward through weights saved before a materialize raises torch's in-place error.
+"""
+import pytest
+import torch
+
+import pymerge.ops._versions as versions
+from pymerge.errors import InputError
+from pymerge.pool import CheckpointPool
+
+W = [0.5, 0.3, 0.2]
+
+
+def linears(n=3, seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Linear(13, 7) for _ in range(n)]
+
+
+def reference(models, w):
+    return {k: sum(wi * m.state_dict()[k].double() for wi, m in zip(w, models)) for k in models[0].state_dict()}
+
+
+def assert_is(model, ref):
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v.double(), ref[k], atol=1e-6), k
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---- item 3: targets that overlap what the pool reads -----------------------------------------------------
+@pytest.mark.parametrize("how", [dict(residency="mmap"), dict(memory_budget=0)])
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_borrowed_source_is_refused_as_a_target(how, method):
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict(), **how)
+    assert pool.residency == "mmap" and len(pool.borrowed) == 3
+    assert "in place" in pool.describe() and "changing them changes later merges" in pool.describe()
+    params = {"density": 0.5} if method == "ties" else {}
+    for victim in models:  # every source, the base included
+        before = snapshot(victim)
+        with pytest.raises(InputError, match="shares memory with .*(source|base).*which the pool reads in place.*nothing was written"):
+            pool.materialize(W[:2], into=victim, method=method, **params)
+        assert unchanged(victim, before)
+    fresh = torch.nn.Linear(13, 7)
+    pool.materialize(W[:2], into=fresh)
+    assert_is(fresh, reference(models[1:], W[:2]))  # the pool is intact
+
+
+def test_copies_are_not_borrowed_and_may_be_merged_into():
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    assert pool.residency == "host" and not pool.borrowed and "in place" not in pool.describe()
+    ref = reference(models, W)
+    pool.materialize(W, into=models[0])  # the pool holds copies: the source model is just a target
+    assert_is(models[0], ref)
+    pool.materialize(W, into=models[1])
+    assert_is(models[1], ref)
+
+
+def test_the_pools_own_tensors_and_partial_overlaps_are_refused():
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    own = {"weight": pool.tensor(1, "weight"), "bias": torch.zeros(7)}
+    with pytest.raises(InputError, match="'weight'.*shares memory"):
+        pool.materialize(W, into=own)
+    buf = torch.randn(300)
+    borrowed = CheckpointPool([{"w": buf[0:100]}, {"w": buf[100:200]}], residency="mmap")
+    target = {"w": buf[150:250]}  # half inside source 1
+    before = buf.clone()
+    with pytest.raises(InputError, match="shares memory"):
+        borrowed.materialize([1.0, 1.0], into=target)
+    assert torch.equal(buf, before)
+    transposed = {"w": buf[200:300].view(10, 10).t()}  # strided, overlapping nothing
+    CheckpointPool([{"w": torch.ones(10, 10)}], residency="mmap").materialize([2.0], into=transposed)
+    assert torch.equal(buf[200:300], torch.full((100,), 2.0))
+    square = CheckpointPool([{"w": buf[100:200].view(10, 10)}, {"w": torch.ones(10, 10)}], residency="mmap")
+    before = buf.clone()
+    with pytest.raises(InputError, match="shares memory"):  # strided, over source 0
+        square.materialize([1.0, 1.0], into={"w": buf[100:200].view(10, 10).t()})
+    assert torch.equal(buf, before)
+
+
+def test_candidates_sharing_memory_are_refused():
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    a, b = torch.nn.Linear(13, 7), torch.nn.Linear(13, 7)
+    b.weight = a.weight  # two models sharing one parameter
+    before = snapshot(a)
+    with pytest.raises(InputError, match="candidates 0 and 1 share the memory of 'weight'"):
+        pool.materialize_many([W, [0.2, 0.3, 0.5]], into=[a, b])
+    assert unchanged(a, before)
+    # ties inside one candidate (two names, one tensor) stay allowed, as for tied embeddings
+    t = torch.empty(7)
+    pool2 = CheckpointPool([{"x": torch.ones(7), "y": torch.ones(7)}])
+    pool2.materialize([3.0], into={"x": t, "y": t})
+    assert torch.equal(t, torch.full((7,), 3.0))
+    buf = torch.zeros(10)
+    with pytest.raises(InputError, match="targets of 'x' and 'y' overlap without being the same tensor"):
+        pool2.materialize([3.0], into={"x": buf[0:7], "y": buf[3:10]})
+    assert torch.equal(buf, torch.zeros(10))
+    c, d = torch.nn.Linear(13, 7), torch.nn.Linear(13, 7)
+    pool.materialize_many([W, W[::-1]], into=[c, d])
+    assert_is(c, reference(models, W)) and assert_is(d, reference(models, W[::-1]))
+
+
+# ---- item 11: autograd sees the writes ----------------------------------------------------------------------
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_backward_after_materialize_raises(grad_mode, method):
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict())
+    params = {"density": 0.5} if method == "ties" else {}
+    net = torch.nn.Linear(13, 7)
+    loss = (net(torch.randn(5, 13, requires_grad=True)) ** 2).sum()  # saves net.weight for backward
+    with torch.set_grad_enabled(grad_mode):
+        pool.materialize(W[:2], into=net, method=method, **params)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = (net(torch.randn(5, 13)) ** 2).sum()  # a forward after the materialize is fine
+    loss.backward()
+    assert net.weight.grad is not None
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_every_written_tensor_gets_a_new_version(monkeypatch, fallback):
+    if fallback:  # torch without the private setter: an in-place op on an empty view does it
+        monkeypatch.setattr(versions, "_set_versions", None)
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    a, b = torch.nn.Linear(13, 7), torch.nn.Linear(13, 7)
+    sd = {"weight": torch.empty(13, 7).t(), "bias": torch.empty(7)}  # a strided target too
+    seen = [t._version for t in (a.weight, a.bias, b.weight, b.bias, sd["weight"], sd["bias"])]
+    pool.materialize_many([W, W], into=[a, b])
+    pool.materialize(W, into=sd)
+    now = [t._version for t in (a.weight, a.bias, b.weight, b.bias, sd["weight"], sd["bias"])]
+    assert all(n > s for n, s in zip(now, seen))
+    assert_is(a, reference(models, W))
+    with torch.inference_mode():  # inference tensors have no version counter: nothing to bump, no error
+        c = torch.nn.Linear(13, 7)
+    pool.materialize(W, into=c)
+    assert_is(c, reference(models, W))
+
+
+# ---- item 10: GPU work runs on the pool's device, not the current one --------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("residency", ["device", "pinned"])
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_pool_on_the_second_gpu_works_while_the_first_is_current(residency, method):
+    models = linears()
+    torch.cuda.set_device(0)
+    pool = CheckpointPool([m.state_dict() for m in models], device="cuda:1", residency=residency)
+    net = torch.nn.Linear(13, 7).to("cuda:1")
+    params = {"density": 1.0} if method == "ties" else {}
+    w = torch.tensor(W, device="cuda:1") if method == "linear" else W  # device weights: the graph-ready path
+    pool.materialize(w, into=net, method=method, **params)
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    ref = reference(models, W) if method == "linear" else None
+    if ref is not None:
+        assert_is(net.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_merge_on_the_second_gpu_leaves_the_current_device(tmp_path):
+    from safetensors.torch import save_file
+    from pymerge.merge import run_merge
+    for i in range(2):
+        (tmp_path / f"m{i}").mkdir()
+        save_file({"w": torch.randn(1000, 33)}, str(tmp_path / f"m{i}" / "model.safetensors"))
+    torch.cuda.set_device(0)
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 0.5}}
+                                                for i in range(2)]}
+    run_merge(cfg, tmp_path / "out", device="cuda:1", quiet=True)
+    assert torch.cuda.current_device() == 0
+
+
+def test_ops_writing_into_a_callers_tensor_bump_its_version():
+    """The public ops' out= writes by address too: a backward through the old values raises."""
+    from pymerge import weighted_sum, weighted_sum_many
+    xs = [torch.randn(50), torch.randn(50)]
+    p = torch.nn.Parameter(torch.randn(50))
+    loss = (p ** 2).sum()  # saves p
+    with torch.no_grad():
+        weighted_sum(xs, [0.5, 0.5], out=p, backend="cpu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    outs = [torch.empty(50), torch.empty(50)]
+    before = [o._version for o in outs]
+    weighted_sum_many(xs, [[1.0, 0.0], [0.0, 1.0]], outs=outs)
+    assert all(o._version > b for o, b in zip(outs, before))
+    assert torch.equal(outs[1], xs[1])

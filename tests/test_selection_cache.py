@@ -1,0 +1,96 @@
+"""Selection caches have owners: nothing is reused across run_merge calls or pools (issue 8, item 1).
+
+Successive bf16 checkpoints of one run share shapes, sizes and often the few values a fingerprint
+would sample; a cache keyed by addresses and samples handed the second merge the first one's
+thresholds. Here the second set of checkpoints differs from the first everywhere except at those
+positions, and each merge must match its own float64 reference.
+"""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from methods_reference import ref_task_vectors, rel_err
+from pymerge.merge import run_merge
+from pymerge.ops import task_vector_ops as tvo
+from pymerge.pool import CheckpointPool
+
+SHAPE = (97, 61)
+METHODS = ("ties", "breadcrumbs", "dare_ties")
+WEIGHTS, DENSITIES = [0.7071, 0.4142, 0.8660], [0.4, 0.3, 0.5]  # no exact cancellations of bf16 deltas
+
+
+def _same_samples(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """b with a's values at the positions a sampling fingerprint would read (first, thirds, middle, last)."""
+    n = a.numel()
+    out = b.clone().reshape(-1)
+    for i in {0, n // 3, n // 2, (2 * n) // 3, n - 1}:
+        out[i] = a.reshape(-1)[i]
+    return out.reshape(a.shape)
+
+
+def _checkpoints(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(SHAPE, generator=g).bfloat16()
+    first = [(base.float() + 0.1 * torch.randn(SHAPE, generator=g)).bfloat16() for _ in range(3)]
+    second = [_same_samples(x, (base.float() + 0.1 * torch.randn(SHAPE, generator=g)).bfloat16()) for x in first]
+    return base, first, second
+
+
+def _write(folder, tensor):
+    folder.mkdir()
+    save_file({"w": tensor.contiguous()}, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def _config(method, base, models):
+    return {"merge_method": method, "base_model": base, "dtype": "float32", "out_dtype": "float32",
+            "models": [{"model": m, "parameters": {"weight": w, "density": d}}
+                       for m, w, d in zip(models, WEIGHTS, DENSITIES)]}
+
+
+def _read(folder):
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), "pt") as h:
+        return h.get_tensor("w")
+
+
+def _check(out, xs, base, method):
+    ref = ref_task_vectors(xs, base, WEIGHTS, DENSITIES, method, name="w").reshape(SHAPE)
+    assert rel_err(out, ref) < 1e-6, f"{method}: result is not this merge's own"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_run_merges_in_one_process(tmp_path, method):
+    base, first, second = _checkpoints(1)
+    b = _write(tmp_path / "base", base)
+    for run, xs in (("a", first), ("b", second)):
+        models = [_write(tmp_path / f"{run}{i}", x) for i, x in enumerate(xs)]
+        run_merge(_config(method, b, models), tmp_path / f"out_{run}", quiet=True, device="cpu")
+        _check(_read(tmp_path / f"out_{run}"), xs, base, method)
+
+
+@pytest.mark.parametrize("residency", [None, "mmap"])
+@pytest.mark.parametrize("method", METHODS)
+def test_two_pools_one_after_another(method, residency):
+    """The second pool reads the next checkpoints; with residency="mmap" it reads them in place from the
+    caller's buffers, which the caller refilled (same addresses, same sampled values)."""
+    base, first, second = _checkpoints(2)
+    bufs = [torch.empty(SHAPE, dtype=torch.bfloat16) for _ in first]
+    for xs in (first, second):
+        for b, x in zip(bufs, xs):
+            b.copy_(x)
+        pool = CheckpointPool([{"w": b} for b in bufs], base={"w": base}, residency=residency)
+        target = {"w": torch.empty(SHAPE)}
+        pool.materialize(WEIGHTS, into=target, method=method, density=DENSITIES)
+        _check(target["w"], xs, base, method)
+        del pool
+
+
+def test_the_ops_cache_nothing_by_default():
+    base, first, second = _checkpoints(3)
+    sp = [tvo.Sparsifier("magnitude", d) for d in DENSITIES]
+    for xs in (first, second):
+        x32 = [x.float() for x in xs]  # fresh buffers, same sizes: allocators hand back the same addresses
+        out = tvo.task_vector_merge(x32, base.float(), torch.empty(SHAPE), sp, WEIGHTS, consensus=True,
+                                    normalize=True, name="w")
+        _check(out, xs, base, "ties")
