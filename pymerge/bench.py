@@ -52,8 +52,8 @@ def run(device: str, numel: int, rounds: int) -> list:
                       "pymerge": lambda: pymerge.weighted_sum(xs, w, out=out)}, rounds, device == "cuda")
         moved = (n + 1) * numel * 2
         gbs = {k: moved / s / 1e9 for k, s in secs.items()}
-        rows.append({"N": n, "elements": numel, **{f"{k} GB/s": round(v, 2) for k, v in gbs.items()},
-                     "pymerge / copy": round(gbs["pymerge"] / gbs["copy"], 2)})
+        rows.append({"N": n, "elements": numel, **{f"{k} GB/s": v for k, v in gbs.items()},
+                     "pymerge / copy": gbs["pymerge"] / gbs["copy"]})
     return rows
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, best of {args.rounds})")
     print(" | ".join(cols))
     for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
+        print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
     if args.json:
         print(json.dumps({"device": device, "rows": rows}))
     return 0
