@@ -62,6 +62,12 @@ class TorchFile:
         # Same contract as safetensors: contiguous (a tied or transposed view gets copied once).
         return self._get(name).contiguous()
 
+    def byte_view(self, name: str):
+        """The tensor's bytes as a flat uint8 torch tensor (as SafetensorsFile.byte_view)."""
+        import torch
+        t = self.tensor(name)
+        return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
     def array(self, name: str) -> np.ndarray:
         """The tensor's bytes as a flat, read-only uint8 numpy array (as SafetensorsFile.array)."""
         import torch
@@ -204,6 +210,10 @@ class Checkpoint:
     def tensor(self, name: str):
         """A read-only torch view of the tensor (imports torch)."""
         return self._shard(name).tensor(name)
+
+    def byte_view(self, name: str):
+        """The tensor's bytes as a flat, zero-copy torch uint8 view (see SafetensorsFile.byte_view)."""
+        return self._shard(name).byte_view(name)
 
     def array(self, name: str) -> np.ndarray:
         """The tensor's bytes as a flat, read-only uint8 numpy view (no torch for safetensors)."""

@@ -240,6 +240,16 @@ class SafetensorsFile:
             raw = raw.clone()
         return raw.view(info.dtype).reshape(info.shape)
 
+    def byte_view(self, name: str):
+        """The tensor's bytes as a flat, read-only, zero-copy torch uint8 view of the mapping, never
+        copied (whatever the alignment): a sharded pool reads its slices from it, touching only their pages."""
+        import torch
+        info = self.info(name)
+        mm = self._require_open()
+        if info.nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return _frombuffer(mm, info.file_offset, info.nbytes)
+
     def array(self, name: str) -> np.ndarray:
         """The tensor's bytes without torch: a read-only, zero-copy, flat uint8 numpy view of the
         mapping (an aligned copy where the offset is misaligned for the dtype, as tensor() does).

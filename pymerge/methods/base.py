@@ -11,7 +11,7 @@ see plain numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional
 
 if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
     import torch
@@ -61,6 +61,8 @@ class TensorTask:
     num_threads: int = 0
     cache: Any = None
     cache_keys: Optional[List[Any]] = None
+    # Replaces pymerge.ops.interp.group_dots for methods that reduce (a sharded pool sums across ranks).
+    dots: Optional[Callable] = None
 
 
 class MergeMethod:

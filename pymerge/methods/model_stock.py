@@ -26,13 +26,17 @@ class ModelStock(MergeMethod):
     def check_params(self, task: TensorTask) -> None:
         _flag(task.params.get("filter_wise", False), "filter_wise")
 
+    def dot_group(self, task: TensorTask) -> str:
+        """The vectors the cosines are taken between (see interp.group_dots)."""
+        filter_wise = _flag(task.params.get("filter_wise", False), "filter_wise")
+        return "rows" if filter_wise and task.base.dim() >= 2 else "whole"
+
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if task.base is None or len(task.inputs) < 2:
             raise MergeConfigError(f"tensor {task.name}: model_stock needs a base_model and at least two other models")
-        filter_wise = _flag(task.params.get("filter_wise", False), "filter_wise")
-        group = "rows" if filter_wise and task.base.dim() >= 2 else "whole"
+        group = self.dot_group(task)
         n = len(task.inputs)
-        gram = interp.group_dots(task.inputs, task.base, True, group, task.backend, task.num_threads)
+        gram = (task.dots or interp.group_dots)(task.inputs, task.base, True, group, task.backend, task.num_threads)
         coefs = []
         for g in gram:
             t = interp.model_stock_t(g)

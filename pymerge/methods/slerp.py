@@ -36,12 +36,16 @@ class Slerp(MergeMethod):
     def check_params(self, task: TensorTask) -> None:
         _number(task.params.get("t"), "t", task.name)
 
+    def dot_group(self, task: TensorTask) -> str:
+        """The vectors the angle is measured between (see interp.group_dots): the whole tensor."""
+        return "whole"
+
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if task.base is None or len(task.inputs) != 1:
             raise MergeConfigError(f"tensor {task.name}: slerp needs the base_model and exactly one other model")
         t = _number(task.params.get("t"), "t", task.name)
         xs = [task.base, task.inputs[0]]
-        g = interp.group_dots(xs, None, False, "whole", task.backend, task.num_threads)[0]
+        g = (task.dots or interp.group_dots)(xs, None, False, self.dot_group(task), task.backend, task.num_threads)[0]
         ca, cb = interp.slerp_coefs(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
         interp.group_lincomb(xs, None, False, "whole", torch.tensor([[ca, cb, 0.0]]), out,
                              task.backend, task.num_threads)
@@ -71,21 +75,23 @@ class NuSlerp(MergeMethod):
         _flag(task.params.get("nuslerp_flatten", True), "nuslerp_flatten")
         _flag(task.params.get("nuslerp_row_wise", False), "nuslerp_row_wise")
 
+    def dot_group(self, task: TensorTask) -> str:
+        """The vectors interpolated between (see interp.group_dots)."""
+        flatten = _flag(task.params.get("nuslerp_flatten", True), "nuslerp_flatten")
+        row_wise = _flag(task.params.get("nuslerp_row_wise", False), "nuslerp_row_wise")
+        if flatten or task.inputs[0].dim() < 2:
+            return "whole"  # a 1-D tensor is one vector along either dim
+        return "cols" if row_wise else "rows"
+
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if len(task.inputs) != 2:
             raise MergeConfigError(f"tensor {task.name}: nuslerp needs exactly two models besides the base")
         w = [_number(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
         total = w[0] + w[1]
         t = 0.5 if abs(total) < 1e-6 else w[1] / total
-        flatten = _flag(task.params.get("nuslerp_flatten", True), "nuslerp_flatten")
-        row_wise = _flag(task.params.get("nuslerp_row_wise", False), "nuslerp_row_wise")
-        shape = task.inputs[0].shape
-        if flatten or len(shape) < 2:
-            group = "whole"  # a 1-D tensor is one vector along either dim
-        else:
-            group = "cols" if row_wise else "rows"
+        group = self.dot_group(task)
         base, sub = task.base, task.base is not None
-        gram = interp.group_dots(task.inputs, base, sub, group, task.backend, task.num_threads)
+        gram = (task.dots or interp.group_dots)(task.inputs, base, sub, group, task.backend, task.num_threads)
         coefs = []
         for g in gram:
             c0, c1 = interp.nuslerp_coefs(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))

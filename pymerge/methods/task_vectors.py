@@ -68,6 +68,18 @@ def _flag(value: Any, what: str) -> bool:
 def merge_task_vectors(task: TensorTask, out: torch.Tensor, *, sparsification: Optional[str], consensus: bool,
                        normalize: bool, rescale: Optional[str]) -> None:
     """Shared body: resolves per-model sparsifiers from task.model_params and runs the fused op."""
+    sparsifiers, weights, lam = task_vector_args(task, sparsification, rescale)
+    try:
+        tvo.task_vector_merge(task.inputs, task.base, out, sparsifiers, weights, consensus=consensus,
+                              normalize=normalize, lam=lam, name=task.name, seed=task.seed, offset=task.offset,
+                              cache=task.cache, cache_keys=task.cache_keys, backend=task.backend,
+                              num_threads=task.num_threads)
+    except ValueError as exc:
+        raise MergeConfigError(f"tensor {task.name}: {exc}") from None
+
+
+def task_vector_args(task: TensorTask, sparsification: Optional[str], rescale: Optional[str]):
+    """(per-model Sparsifiers, weights, lambda) of one tensor, checked (a sharded pool reuses this)."""
     if task.base is None:
         raise MergeConfigError(f"tensor {task.name}: this merge method needs a base_model")
     sparsifiers, weights = [], []
@@ -87,14 +99,7 @@ def merge_task_vectors(task: TensorTask, out: torch.Tensor, *, sparsification: O
         except ValueError as exc:
             raise MergeConfigError(f"{exc} (tensor {task.name})") from None
         sparsifiers.append(sp)
-    lam = _number(task.params.get("lambda", 1.0), "lambda", task.name)
-    try:
-        tvo.task_vector_merge(task.inputs, task.base, out, sparsifiers, weights, consensus=consensus,
-                              normalize=normalize, lam=lam, name=task.name, seed=task.seed, offset=task.offset,
-                              cache=task.cache, cache_keys=task.cache_keys, backend=task.backend,
-                              num_threads=task.num_threads)
-    except ValueError as exc:
-        raise MergeConfigError(f"tensor {task.name}: {exc}") from None
+    return sparsifiers, weights, _number(task.params.get("lambda", 1.0), "lambda", task.name)
 
 
 class TaskVectorMethod(MergeMethod):

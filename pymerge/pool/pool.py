@@ -68,11 +68,19 @@ class CheckpointPool:
                    pool falls to the next tier. `pool.residency` and `pool.describe()` say which.
     residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one
     backend        weighted_sum backend ("auto": C++ on the CPU, Triton on CUDA)
+    shard_like     under torch.distributed: a module or state dict of DTensors (FSDP2, tensor parallel);
+                   each rank then holds only its shards and merges into its local shards (pymerge/dist/)
     """
+
+    def __new__(cls, *args, shard_like=None, **kwargs):
+        if shard_like is not None and cls is CheckpointPool:
+            from pymerge.dist.pool import ShardedPool
+            return super().__new__(ShardedPool)
+        return super().__new__(cls)
 
     def __init__(self, sources, base=None, device="cpu", dtype: Optional[torch.dtype] = None,
                  memory_budget=None, residency: Optional[str] = None, backend: str = "auto",
-                 num_threads: int = 0, chunk_bytes: int = 64 << 20):
+                 num_threads: int = 0, chunk_bytes: int = 64 << 20, shard_like=None):
         if isinstance(sources, (str, os.PathLike, dict, torch.nn.Module)):
             raise InputError("sources must be a list of checkpoints (paths, state dicts or modules)")
         sources = list(sources)
@@ -94,8 +102,8 @@ class CheckpointPool:
         self.backend = pick_backend(self.device, backend)
         self.num_threads = num_threads
         self.memory_budget = parse_bytes(memory_budget)
-        opened = [open_source(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
-        base_src = open_source(base, _label(base, "base")) if base is not None else None
+        opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
+        base_src = self._open(base, _label(base, "base")) if base is not None else None
         try:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
             self.num_checkpoints = len(opened)
@@ -123,6 +131,9 @@ class CheckpointPool:
             from pymerge.pool.cuda import CudaRunner
             self._cuda = CudaRunner(self._inputs, self.device, self.residency, self.num_checkpoints,
                                     chunk_bytes=chunk_bytes)
+
+    def _open(self, src, label: str):
+        return open_source(src, label)
 
     # ---- residency ---------------------------------------------------------------------------------
     def _storage_dtype(self, t: torch.Tensor) -> torch.dtype:

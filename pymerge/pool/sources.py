@@ -56,6 +56,9 @@ class _CheckpointSource:
     def tensor(self, name):
         return self._ckpt.tensor(name)
 
+    def byte_view(self, name):
+        return self._ckpt.byte_view(name)
+
     def close(self):
         self._ckpt.close()
 

@@ -114,7 +114,15 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     groups      None: N weights; "layer" or a function/dict: a [G, N] table (see CheckpointPool.materialize)
     objective   scores dict -> float to maximize (default: the macro-average over tasks)
     replicas    model copies filled per materialize_many call (default: the population, memory allowing)
+    Under an initialized torch.distributed group of several ranks, call it on every rank: see
+    pymerge/dist/search.py (CMA-ES and state_path on rank 0, candidates split across replica groups).
     """
+    from pymerge.dist.search import across_ranks
+    spread = across_ranks(pool)
+    if spread is not None:  # under torch.distributed: CMA-ES on rank 0, candidates on every replica group
+        return spread(optimize, pool, evaluate, model, budget=budget, popsize=popsize, sigma0=sigma0, seed=seed,
+                      state_path=state_path, groups=groups, normalize=normalize, x0=x0, bounds=bounds,
+                      method=method, objective=objective, replicas=replicas, names=names, log=log, **method_params)
     import cma
 
     n = pool.num_checkpoints

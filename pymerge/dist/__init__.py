@@ -1,0 +1,9 @@
+"""Scale-out on torch.distributed: sharded pools that merge straight into FSDP2 and tensor-parallel models.
+
+layout.py       which box of each global tensor a rank holds (DTensor placements, torch's own arithmetic)
+reads.py        reads exactly those boxes from the checkpoints' bytes
+collectives.py  errors all ranks agree on; exact global sums and magnitude rank boundaries
+pool.py         ShardedPool, what CheckpointPool(..., shard_like=model) builds
+methods.py      TIES/DARE/breadcrumbs/SLERP with global statistics on local shards
+search.py       pymerge.search.optimize across ranks and replica groups
+"""

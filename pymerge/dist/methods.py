@@ -1,0 +1,210 @@
+"""Merge methods with whole-tensor statistics, on a sharded pool's local shards.
+
+Each method runs the single-process kernels on the local tensors; only its statistics are
+global, computed with collectives over the pool's group (collectives.py) and cached in the pool
+(they depend on the checkpoints, never on the weights, so a search pays for them once):
+
+- TIES, DARE (linear/ties), breadcrumbs (plain/ties): global magnitude rank boundaries, Philox
+  masks keyed by the GLOBAL element index, and L1 rescale norms as exact sums. A shard that is
+  one contiguous run of the global tensor (FSDP2's Shard(0), row-parallel biases...) runs the
+  fused kernel with its global offset, exactly as the single process does. A strided shard
+  (Shard(1): a piece of every row) gets its keep-masks from torch as bitmasks (cached).
+- SLERP, NuSLERP, Model Stock: their whole-tensor dot products as exact sums (per-row or
+  per-column ones stay local where each vector is on one rank, else the merge is refused).
+- DELLA: per-row ranks need whole rows (Shard(0)); a 1-D tensor's deltas are gathered (small).
+Other methods are refused with a clear error.
+"""
+import functools
+import math
+
+import torch
+
+from pymerge.dist import collectives
+from pymerge.errors import InputError
+from pymerge.methods.base import TensorTask
+from pymerge.ops import philox, select
+from pymerge.ops import task_vector_ops as tvo
+
+
+def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
+    """Checks everything, agrees across ranks, then merges each planned tensor into its local targets."""
+    from pymerge.methods.task_vectors import TaskVectorMethod
+    from pymerge.pool.pool import _split_params
+    if isinstance(m, TaskVectorMethod):
+        merge = _task_vectors
+    elif hasattr(m, "dot_group"):  # slerp, nuslerp, model_stock: dot products, then elementwise
+        merge = _with_global_dots
+    else:
+        raise InputError(f"merge_method {m.name} is not supported on a sharded pool (elementwise methods, "
+                         "ties, dare_*, breadcrumbs*, della*, slerp, nuslerp and model_stock are)")
+    error, tasks = None, []
+    try:
+        m.validate(pool.num_checkpoints, pool.has_base)
+        per_model, global_params = _split_params(m, params, pool.num_checkpoints)
+        for p in plans:
+            for k, table in enumerate(tables):
+                w = table[p.group if table.shape[0] > 1 else 0]
+                mp = [dict(per_model[i], weight=float(w[i])) for i in range(pool.num_checkpoints)]
+                task = TensorTask(inputs=pool._inputs[p.name], base=pool._base.get(p.name), model_params=mp,
+                                  params=dict(global_params), name=p.name, seed=seed, backend=pool.backend,
+                                  num_threads=pool.num_threads)
+                m.check_params(task)
+                if merge is _with_global_dots:
+                    _check_vectors(pool, task.name, m.dot_group(task), m.name)
+                elif m.sparsification == "della_magprune":
+                    _check_della(pool, task.name, m.name)
+                tasks.append((task, p.outs[k]))
+    except Exception as exc:
+        error = exc
+    try:
+        what = collectives.fingerprint(m.name, [t.tolist() for t in tables], sorted(map(repr, params.items())), seed)
+    except Exception:  # unpicklable parameters: compare the method alone
+        what = collectives.fingerprint(m.name)
+    collectives.agree(error, pool.group, what)
+    for task, out in tasks:
+        inputs = [t.to(out.device) for t in task.inputs]
+        base = task.base.to(out.device) if task.base is not None else None
+        task = TensorTask(inputs=inputs, base=base, model_params=task.model_params, params=task.params,
+                          name=task.name, seed=task.seed, backend=task.backend, num_threads=task.num_threads)
+        merge(pool, m, task, out)
+
+
+def _group(pool, name):
+    """Where this tensor's statistics are summed: the pool's group, or nowhere when every rank has it all."""
+    return pool.group if pool.boxes[name].signature[0] == "sharded" else None
+
+
+# ---- the task-vector family ---------------------------------------------------------------------------
+def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor) -> None:
+    from pymerge.methods.task_vectors import task_vector_args
+    normalize, rescale = m._settings(task)
+    sparsifiers, weights, lam = task_vector_args(task, m.sparsification, rescale)
+    start = pool.boxes[task.name].contiguous_start()
+    plans = [_model_plan(pool, task, i, sp, w, start) for i, (sp, w) in enumerate(zip(sparsifiers, weights))]
+    bits = start is None or any(p.mode == tvo.BITS for p in plans)  # bitmasks index the LOCAL elements
+    tvo.merge_planned(task.inputs, task.base, plans, out, consensus=m.consensus, normalize=normalize, lam=lam,
+                      divisor=tvo.linear_divisor(weights), name=task.name, seed=task.seed,
+                      offset=0 if bits else start, backend=task.backend, num_threads=task.num_threads)
+
+
+def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: float, start) -> tvo.ModelPlan:
+    """Model i's sparsifier resolved over the GLOBAL tensor (cached per pool), for this rank's kernel."""
+    box = pool.boxes[task.name]
+    n = math.prod(box.global_shape)
+    plan = tvo.ModelPlan(weight=float(weight), model=i)
+    if sp.method is None or sp.density >= 1 or n == 0:
+        return plan
+    if sp.method in ("magnitude", "della_magprune") and sp.density <= 0:
+        plan.mode = tvo.ZERO
+        return plan
+    key = (task.name, i, sp, int(task.seed) if sp.method in ("random", "della_magprune") else None)
+    hit = pool.stats_cache.get(key)
+    if hit is None:
+        hit = pool.stats_cache[key] = _resolve(pool, task, i, sp, n, start)
+    plan.mode, plan.lo, plan.hi, plan.thr, plan.scale, plan.bits = hit
+    return plan
+
+
+def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
+    """(mode, lo, hi, thr, scale, bits) of one model: collectives over the pool's group."""
+    box, group = pool.boxes[task.name], _group(pool, task.name)
+    x, base = task.inputs[i], task.base
+    keys = select.magnitude_keys(x, base)
+    plan = tvo.ModelPlan(model=i)
+    gidx = functools.partial(box.global_indices, x.device)  # global flat indices, made only where needed
+    if sp.method == "magnitude":
+        plan.mode = tvo.TOPK
+        plan.hi = collectives.boundaries([keys], [max(1, int(sp.density * n))], [True], n, gidx, group)[0]
+    elif sp.method == "magnitude_outliers":
+        target, n_top = int(sp.density * n), int(sp.gamma * n)
+        n_bot = max(0, n - target - n_top)
+        plan.mode = tvo.RANGE
+        plan.lo, plan.hi = collectives.boundaries([keys, keys], [min(n_bot, n), min(n_bot + target, n)],
+                                                  [False, False], n, gidx, group)
+    elif sp.method == "random":
+        plan.mode = tvo.RANDOM
+        plan.thr = philox.keep_threshold(sp.density)
+    keep = None
+    if sp.method == "della_magprune":
+        plan.mode, keep = tvo.BITS, _della_keep(task, i, sp, box, group, start)
+    elif sp.rescale == "l1" or start is None:
+        keep = _keep(plan, keys, gidx(), task.name, task.seed)
+    if sp.rescale == "l1":
+        d = (x.float() - base.float()).reshape(-1).abs().double()
+        total, kept = collectives.exact_sums([d, d * keep], group)
+        plan.scale = tvo.l1_ratio(total, kept)
+    elif sp.rescale == "inverse_density":
+        plan.scale = tvo._f32(1.0 / sp.density) if sp.density > 0 else 1.0
+    bits = None
+    if start is None or plan.mode == tvo.BITS:  # the kernel then indexes the mask by LOCAL element
+        plan.mode, bits = tvo.BITS, tvo.pack_bits(keep)
+    return plan.mode, plan.lo, plan.hi, plan.thr, plan.scale, bits
+
+
+def _check_della(pool, name: str, method: str) -> None:
+    """DELLA ranks |d| along dim 1 (one row for a 1-D tensor): a rank needs whole rows, i.e. only dim 0 split."""
+    box = pool.boxes[name]
+    if len(box.global_shape) >= 2 and set(box.split_dims) - {0}:
+        raise InputError(f"{method}: tensor {name!r} is split along dimension {max(box.split_dims)}; DELLA ranks "
+                         "magnitudes within rows, so a sharded pool needs its rows whole on each rank (Shard(0))")
+
+
+def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start) -> torch.Tensor:
+    """DELLA's keep-mask of this rank's elements (rows whole here; a 1-D tensor is one row: gathered)."""
+    import torch.distributed as dist
+    x, base = task.inputs[i], task.base
+    if len(box.global_shape) >= 2 or group is None:
+        return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start)
+    d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (box.offset[0], d), group=group)
+    full = torch.cat([p for _, p in sorted(parts, key=lambda p: p[0])])
+    keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
+    return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device)
+
+
+def _keep(plan: tvo.ModelPlan, keys: torch.Tensor, gidx: torch.Tensor, name: str, seed: int) -> torch.Tensor:
+    """Keep-mask of this rank's elements (global flat indices gidx), as the single-process kernel decides."""
+    if plan.mode == tvo.TOPK:
+        return select.before(keys, plan.hi, True, gidx)
+    if plan.mode == tvo.RANGE:
+        return select.before(keys, plan.hi, False, gidx) & ~select.before(keys, plan.lo, False, gidx)
+    h0, h1 = philox.name_hash(name)
+    k0, k1 = philox.seed_key(seed)
+    words = torch.stack(philox.philox4x32(gidx >> 2, plan.model & philox.M32, h0, h1, k0, k1), dim=1)
+    draws = words.gather(1, (gidx & 3).view(-1, 1)).view(-1)
+    return draws < plan.thr
+
+
+# ---- SLERP, NuSLERP, Model Stock --------------------------------------------------------------------------
+_VECTOR_DIM = {"rows": -1, "cols": 0}  # the tensor dimension a "rows" / "cols" vector runs along
+
+
+def _check_vectors(pool, name: str, group: str, method: str) -> None:
+    """Per-row or per-column statistics need each vector whole on one rank (placements: the same on all ranks)."""
+    box = pool.boxes[name]
+    if group in _VECTOR_DIM and len(box.global_shape) >= 2 and \
+            _VECTOR_DIM[group] % len(box.global_shape) in box.split_dims:
+        raise InputError(f"{method}: tensor {name!r} is split along the dimension its {group} vectors run along; "
+                         "a sharded pool computes these per-vector statistics only where each vector is on one rank")
+
+
+def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
+    """The method's own merge_tensor, with dot products summed over the whole tensor across ranks."""
+    group_of = _group(pool, task.name)
+
+    def dots(xs, base, sub, group, backend="auto", num_threads=0):
+        if group != "whole":  # each vector is local (checked up front): the single-process reduction
+            from pymerge.ops import interp
+            return interp.group_dots(xs, base, sub, group, backend, num_threads)
+        vs = [x.reshape(-1).float() - (base.reshape(-1).float() if sub else 0) for x in xs]
+        k = len(vs)
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        sums = collectives.exact_sums((vs[i].double() * vs[j].double() for i, j in pairs), group_of)
+        g = torch.zeros(1, k, k, dtype=torch.float64)
+        for (i, j), s in zip(pairs, sums):
+            g[0, i, j] = g[0, j, i] = s
+        return g
+
+    task.dots = dots
+    m.merge_tensor(task, out)

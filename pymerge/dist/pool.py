@@ -1,0 +1,106 @@
+"""ShardedPool: a CheckpointPool that holds, on each rank, only this rank's shards of every checkpoint.
+
+    pool = CheckpointPool(sources, base=base, shard_like=model)   # model: FSDP2 or tensor parallel
+    pool.materialize(weights, into=model)                          # writes each rank's local shards
+
+The layout comes from shard_like's DTensors (pymerge/dist/layout.py); each rank reads only its
+boxes' bytes (reads.py). Merging then runs the single-process pool's code on local tensors: the
+targets' local tensors (same data_ptrs) are the outputs. Linear and task_arithmetic need no
+communication: out[j] depends on element j alone, and every check uses only what all ranks see
+alike (names, global shapes, dtypes, placements, meshes), so all ranks raise the same error
+before any write. An FSDP2 model left gathered by a forward pass is resharded first (no
+communication). Methods with whole-tensor statistics (methods.py) agree on errors and
+arguments with one all_reduce, then compute the statistics with collectives (collectives.py).
+"""
+from typing import Dict, List
+
+import torch
+
+from pymerge.dist import collectives
+from pymerge.dist.layout import Box, box_of, boxes_of, describe, reduce_group
+from pymerge.dist.reads import ShardedSource
+from pymerge.errors import InputError
+from pymerge.pool.pool import CheckpointPool, _fmt_bytes, _map_name, _tensors_of
+
+
+class ShardedPool(CheckpointPool):
+    """See the module docstring; built by CheckpointPool(..., shard_like=...)."""
+
+    def __init__(self, sources, base=None, *args, shard_like=None, **kwargs):
+        import torch.distributed as dist
+        if not dist.is_available() or not dist.is_initialized():
+            raise InputError("shard_like needs an initialized torch.distributed process group "
+                             "(torchrun, or dist.init_process_group)")
+        self.boxes: Dict[str, Box] = boxes_of(shard_like)
+        self.group = reduce_group(list(self.boxes.values()))
+        self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
+        error = None
+        try:
+            super().__init__(sources, base, *args, **kwargs)
+        except Exception as exc:  # agreed below: every rank raises the first failing rank's error
+            error = exc
+        collectives.agree(error, self.group)
+        self.boxes = {n: self.boxes[n] for n in self.names}
+        held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
+        self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
+
+    def _open(self, src, label: str):
+        return ShardedSource(super()._open(src, label), self.boxes)
+
+    def describe(self) -> str:
+        sharded = sum(b.signature[0] == "sharded" for b in self.boxes.values())
+        return (super().describe() + f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "
+                f"{_fmt_bytes(self.nbytes)} on this rank")
+
+    __repr__ = describe
+
+    def _plan(self, into: list, group_of: List[int], names, strict: bool):
+        """Checks each target's layout against the pool's, then plans on the local tensors."""
+        problems = []
+        local = []
+        for k, target in enumerate(into):
+            where = f" in model {k}" if len(into) > 1 else ""
+            _reshard(target)
+            tensors = _tensors_of(target)
+            for name in self.names:
+                model_name = _map_name(name, names)
+                t = tensors.get(model_name) if model_name is not None else None
+                if t is None:
+                    continue  # the base plan reports missing tensors
+                want = self.boxes[name]
+                if tuple(t.shape) != want.global_shape:  # global shapes: local ones may agree on some ranks only
+                    problems.append(f"tensor {model_name!r}{where} has shape {tuple(t.shape)}, "
+                                    f"the pool's has {want.global_shape}")
+                    continue
+                have = box_of(t, f"tensor {model_name!r}{where}")
+                if have.signature != want.signature:
+                    problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
+                                    f"{describe(want)}")
+            local.append({n: _local(t) for n, t in tensors.items()})
+        if problems:
+            raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
+                             + "; the pool holds shard_like's layout; nothing was written")
+        return super()._plan(local, group_of, names, strict)
+
+    def _run_method(self, method: str, plans, tables, seed: int, params) -> None:
+        from pymerge.dist.methods import run_sharded
+        from pymerge.methods.base import get_method
+        m = get_method(method)
+        if m.chunkable:  # elementwise (linear, task_arithmetic, passthrough): the local shards are all it needs
+            return super()._run_method(method, plans, tables, seed, params)
+        run_sharded(self, m, plans, tables, seed, params)
+
+
+def _reshard(target) -> None:
+    """FSDP2 keeps the root module's parameters gathered after a forward pass: put its shards back
+    (local, no communication), so the merge lands in the shards the next forward gathers."""
+    if isinstance(target, torch.nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+        for module in target.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -1,0 +1,123 @@
+"""pymerge.search.optimize across ranks: CMA-ES on rank 0, candidates materialized and evaluated everywhere.
+
+Rank 0 (the leader) runs the single-process optimize unchanged (same CMA-ES, same state file,
+same resume), but on a stand-in pool: each of its materialize_many calls (one generation)
+broadcasts the candidates' weights, every replica group materializes its share of them into
+its own model (candidate c goes to replica group c mod G) and runs evaluate(model) on all of its
+ranks, and the scores come back with one all_gather. The other ranks serve those calls until
+the leader broadcasts the result, which every rank returns. So a distributed run proposes the
+same candidates and returns the same result as a single-process run with the same seed (as far
+as evaluate gives the same scores).
+
+Replica groups: the ranks of one pool.group (the ranks that hold different shards of one model,
+e.g. one row of a (replicas, shards) mesh) form one group; a pool that is not sharded makes
+every rank its own group. In history, materialize_s is a generation's wall time per candidate
+(materialize and evaluate, replica groups in parallel) and evaluate_s the leader's bookkeeping.
+"""
+from typing import Callable, Optional
+
+import torch
+
+from pymerge.errors import CheckpointError, InputError, MergeConfigError
+
+_ERRORS = {c.__name__: c for c in (InputError, CheckpointError, MergeConfigError)}
+
+
+def across_ranks(pool) -> Optional[Callable]:
+    """The distributed driver when a process group of several ranks is up (and pool is not our stand-in)."""
+    import torch.distributed as dist
+    if isinstance(pool, _LeaderPool) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return optimize_across_ranks if dist.get_world_size() > 1 else None
+
+
+_SEARCH_ONLY = ("budget", "popsize", "sigma0", "seed", "state_path", "normalize", "x0", "bounds", "objective")
+
+
+def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log=print, **kwargs):
+    """Every rank calls this (through optimize) with the same arguments; `replicas` is unused (one model per rank)."""
+    import torch.distributed as dist
+    from pymerge.search.optimize import _scores
+    merge_kw = {k: v for k, v in kwargs.items() if k not in _SEARCH_ONLY}  # method, groups, names, parameters
+    crew = _Crew(pool, evaluate, model, _scores, merge_kw)
+    if dist.get_rank() == 0:
+        leader = _LeaderPool(pool, crew)
+        try:
+            result = optimize(leader, leader.evaluate, torch.nn.Module(), log=log, **kwargs)
+        except Exception as exc:
+            if not crew.failed_together:  # only the leader saw it (a bad state file, budget...): tell the others
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                dist.broadcast_object_list([("error", type(exc).__name__, first)], src=0)
+            raise
+        dist.broadcast_object_list([("done", result)], src=0)
+        return result
+    while True:
+        msg = [None]
+        dist.broadcast_object_list(msg, src=0)
+        kind = msg[0][0]
+        if kind == "batch":
+            crew.run(*msg[0][1:])
+        elif kind == "done":
+            return msg[0][1]
+        else:
+            raise _ERRORS.get(msg[0][1], InputError)(f"rank 0: {msg[0][2]}")
+
+
+class _Crew:
+    """What every rank does with one generation: its replica group's candidates, then the scores of all."""
+
+    def __init__(self, pool, evaluate, model, to_scores, merge_kw):
+        import torch.distributed as dist
+        self.pool, self.evaluate, self.model, self.to_scores = pool, evaluate, model, to_scores
+        self.merge_kw = merge_kw  # each rank's own (callables need not travel)
+        group = getattr(pool, "group", None)
+        me = dist.get_rank()
+        leader = min(dist.get_process_group_ranks(group)) if group is not None else me
+        leaders = [None] * dist.get_world_size()
+        dist.all_gather_object(leaders, leader)
+        order = sorted(set(leaders))
+        self.replica, self.replicas = order.index(leader), len(order)
+        self.failed_together = False
+
+    def run(self, weights, first_index: int):
+        import torch.distributed as dist
+        mine, error = [], None
+        try:
+            for c in range(self.replica, len(weights), self.replicas):
+                self.pool.materialize(weights[c], into=self.model, **self.merge_kw)
+                mine.append((c, self.to_scores(self.evaluate(self.model), first_index + c)))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            error = (type(exc).__name__, f"rank {dist.get_rank()}: {first}")
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (mine, error))
+        errors = [e for _, e in everyone if e is not None]
+        if errors:
+            self.failed_together = True
+            raise _ERRORS.get(errors[0][0], InputError)(errors[0][1])
+        scores = {}
+        for got, _ in everyone:
+            for c, s in got:
+                scores.setdefault(c, s)
+        return [scores[c] for c in range(len(weights))]
+
+
+class _LeaderPool:
+    """What the leader's optimize sees as the pool: materialize_many runs a generation on every rank."""
+
+    def __init__(self, pool, crew: _Crew):
+        self.num_checkpoints, self.device, self.crew = pool.num_checkpoints, pool.device, crew
+        self.num_groups = pool.num_groups
+        self._scores, self._done = {}, 0
+
+    def materialize_many(self, weights, into, **kw):
+        import torch.distributed as dist
+        weights = [w.tolist() if hasattr(w, "tolist") else w for w in weights]
+        dist.broadcast_object_list([("batch", weights, self._done)], src=0)
+        scores = self.crew.run(weights, self._done)
+        self._done += len(weights)
+        self._scores = {id(m): s for m, s in zip(into, scores)}
+        return into
+
+    def evaluate(self, model):
+        return self._scores.pop(id(model))

@@ -1,0 +1,51 @@
+"""Spawns a gloo process group on this machine and runs one worker function on every rank.
+
+Workers return a picklable result (per-check outcomes); run() collects them per rank. Every
+collective has the group's timeout; workers end with destroy_process_group and os._exit.
+"""
+import os
+import pickle
+import socket
+import traceback
+from datetime import timedelta
+
+TIMEOUT = timedelta(seconds=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        result = fn(rank, world, *args)
+    except BaseException:
+        result = {"crash": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
+        pickle.dump(result, fh)
+    try:
+        dist.destroy_process_group()
+    finally:
+        os._exit(0)
+
+
+def run(fn, world: int, out_dir: str, *args):
+    """fn(rank, world, *args) on `world` spawned ranks; returns the list of their results."""
+    import torch.multiprocessing as mp
+    mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
+    results = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as fh:
+            results.append(pickle.load(fh))
+    for r, res in enumerate(results):
+        if isinstance(res, dict) and "crash" in res:
+            raise AssertionError(f"rank {r} crashed:\n{res['crash']}")
+    return results

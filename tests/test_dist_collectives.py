@@ -1,0 +1,77 @@
+"""pymerge.dist collectives and layouts without a process group (group=None: this rank is everything)."""
+import math
+import random
+
+import pytest
+import torch
+
+import pymerge
+from pymerge.dist import collectives
+from pymerge.dist.layout import Box
+from pymerge.dist.reads import byte_runs, read_box
+from pymerge.errors import InputError
+from pymerge.ops import select
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 4099])
+def test_exact_sums_equal_fsum(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).double())
+    if n > 3:
+        x[0], x[1], x[2] = 1e300, -1e300, 5e-324  # cancellation and a subnormal
+    assert collectives.exact_sums([x], None) == [math.fsum(x.tolist())]
+
+
+def test_exact_sums_non_finite_and_order_free():
+    vals = [torch.tensor([1.0, float("inf")]), torch.tensor([float("inf"), float("-inf")]),
+            torch.tensor([float("nan"), 1.0]), torch.tensor([-float("inf")])]
+    got = collectives.exact_sums(vals, None)
+    assert got[0] == float("inf") and math.isnan(got[1]) and math.isnan(got[2]) and got[3] == float("-inf")
+    x = torch.randn(10007, dtype=torch.float64)
+    parts = [x[:3], x[3:5000], x[5000:]]  # split anyhow: integer bins add up exactly
+    total = sum(collectives._parts(p) for p in parts)
+    assert collectives._total(total) == collectives.exact_sums([x], None)[0] == math.fsum(x.tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_boundaries_equal_select_ranks(seed):
+    rng = random.Random(seed)
+    n = rng.choice([1, 2, 17, 1000, 4111])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    base = torch.randn(n, generator=g)
+    same = torch.rand(n, generator=g) < 0.3
+    x[same] = base[same]  # zero deltas: one long run of equal keys
+    x[: n // 5] = base[: n // 5] + 0.25  # runs of equal magnitudes
+    if n > 10:
+        x[3], x[5] = float("nan"), float("inf")
+    keys = select.magnitude_keys(x, base)
+    ranks = sorted({0, n, rng.randrange(n + 1), rng.randrange(n + 1), n // 5, max(0, n // 5 - 1)})
+    for descending in (True, False):
+        want = select.select_ranks(x, base, ranks, descending, backend="torch")
+        got = collectives.boundaries([keys] * len(ranks), ranks, [descending] * len(ranks), n,
+                                     lambda: torch.arange(n), None)
+        assert got == want, (n, descending, ranks)
+
+
+def test_box_runs_and_reads():
+    t = torch.arange(5 * 6 * 4, dtype=torch.float32).reshape(5, 6, 4)
+    raw = t.reshape(-1).view(torch.uint8)
+    for offset, shape in (((1, 0, 0), (3, 6, 4)), ((0, 2, 0), (5, 3, 4)), ((2, 1, 1), (2, 4, 2)), ((4, 0, 0), (0, 6, 4))):
+        box = Box((5, 6, 4), offset, shape, ())
+        want = t[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        assert torch.equal(read_box(raw, torch.float32, box), want)
+        assert torch.equal(box.global_indices(), want.reshape(-1).long())
+        touched = sorted(b for a, e in byte_runs(box, 4) for b in range(a, e))
+        assert touched == sorted(b for i in want.reshape(-1).long().tolist() for b in range(4 * i, 4 * i + 4))
+        start = box.contiguous_start()
+        contiguous = want.numel() == 0 or bool((want.reshape(-1).diff() == 1).all())
+        assert (start is not None) == contiguous
+        if start is not None and want.numel():
+            assert start == int(want.reshape(-1)[0])
+
+
+def test_shard_like_needs_a_process_group(tmp_path):
+    sd = {"w": torch.ones(3)}
+    with pytest.raises(InputError, match="initialized torch.distributed process group"):
+        pymerge.CheckpointPool([sd, sd], shard_like=sd)

@@ -1,0 +1,298 @@
+"""Sharded CheckpointPool on gloo: FSDP2 and tensor-parallel targets, 2 and 3 ranks (uneven shards).
+
+One spawned group per rank count runs every check (the worker below) and returns what it saw;
+the tests assert on it. Reference: the single-process pool on the same files, bit for bit.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dist_helpers
+
+SHAPES = {"0.weight": (11, 13), "0.bias": (11,), "1.weight": (7, 11), "1.bias": (7,), "2.weight": (7,), "2.bias": (7,)}
+W3 = [0.5, 0.3, 0.2]
+# (label, sources, kwargs): methods x parameters the sharded pool must reproduce
+CASES = [
+    ("linear", 3, dict(method="linear")),
+    ("task_arithmetic", 3, dict(method="task_arithmetic", **{"lambda": 0.9})),
+    ("ties", 3, dict(method="ties", density=0.55)),
+    ("ties_in_zeros", 3, dict(method="ties", density=0.97)),  # the boundary falls inside a run of zero deltas
+    ("dare_ties", 3, dict(method="dare_ties", density=0.5, rescale=False)),
+    ("dare_ties_l1", 3, dict(method="dare_ties", density=0.5)),  # exact L1 sums: see test_rank_count_independent
+    ("dare_linear_inv", 3, dict(method="dare_linear", density=0.7, rescale="inverse_density")),
+    ("breadcrumbs_ties", 3, dict(method="breadcrumbs_ties", density=0.6, gamma=0.1)),
+    ("slerp", 1, dict(method="slerp", t=0.3)),  # exact dot products: see test_rank_count_independent
+    ("nuslerp", 2, dict(method="nuslerp")),
+    ("passthrough", 1, dict(method="passthrough", scale=0.7)),
+    ("model_stock", 3, dict(method="model_stock")),
+    ("model_stock_rows", 3, dict(method="model_stock", filter_wise=True)),  # per-row dots: rows must be local
+    ("della", 3, dict(method="della", density=0.6, epsilon=0.1, rescale=False)),  # per-row ranks: rows local
+    ("della_linear_l1", 3, dict(method="della_linear", density=0.5, epsilon=0.2)),
+]
+# Exact sums of the statistics, where the single process sums float32 partials: equal up to the
+# rounding of those partials (see pymerge/dist/collectives.py), and the same on any rank count.
+NOT_BIT_EXACT = {"dare_ties_l1", "slerp", "nuslerp", "model_stock", "model_stock_rows", "della_linear_l1"}
+FSDP_ONLY = {"model_stock_rows", "della", "della_linear_l1"}  # TP splits 1.weight's rows: refused, see errors
+
+
+def runs_on(label, layout):
+    return layout == "fsdp" or label not in FSDP_ONLY
+
+
+def build():
+    return torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Linear(11, 7), torch.nn.LayerNorm(7))
+
+
+def write_checkpoints(d):
+    g = torch.Generator().manual_seed(7)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    files = []
+    for i in range(3):
+        sd = {}
+        for k, v in base.items():
+            delta = 0.1 * torch.randn(v.shape, generator=g)
+            if i == 0:  # a third of the deltas exactly zero: ties at the threshold
+                delta = torch.where(torch.rand(v.shape, generator=g) < 0.35, torch.zeros_like(delta), delta)
+            if i == 2:  # few distinct magnitudes: many equal keys
+                delta = torch.round(delta * 20) / 20
+            sd[k] = (v + delta).to(torch.bfloat16 if i == 1 else torch.float32)
+        files.append(os.path.join(d, f"m{i}.safetensors"))
+        save_file(sd, files[-1])
+    files.append(os.path.join(d, "base.safetensors"))
+    save_file(base, files[-1])
+    return files
+
+
+def layouts(world):
+    """name -> (placement dim or None) for each layout, as torch lays them out (checked independently)."""
+    fsdp = {k: 0 for k in SHAPES}
+    tp = {"0.weight": 0, "0.bias": 0, "1.weight": 1, "1.bias": None, "2.weight": None, "2.bias": None}
+    return {"fsdp": fsdp, "tp": tp}
+
+
+def local_index(shape, dim, rank, world):
+    """Global flat indices this rank holds: torch.chunk along dim (None: everything)."""
+    idx = np.arange(math.prod(shape)).reshape(shape)
+    if dim is None:
+        return idx.reshape(-1)
+    chunks = [c.numpy() for c in torch.arange(shape[dim]).chunk(world)]
+    mine = chunks[rank] if rank < len(chunks) else np.array([], dtype=np.int64)
+    return np.take(idx, mine, axis=dim).reshape(-1)
+
+
+def worker(rank, world, d, files):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import pymerge
+    from pymerge.dist import reads
+    mesh = init_device_mesh("cpu", (world,))
+    ckpts, base = files[:3], files[3]
+
+    def sharded(layout):
+        m = build()
+        if layout == "fsdp":
+            fully_shard(m, mesh=mesh)
+        else:
+            parallelize_module(m, mesh, {"0": ColwiseParallel(), "1": RowwiseParallel()})
+        return m
+
+    def full(m):
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in m.named_parameters()}
+
+    def local_ptrs(m):
+        return {n: (p.to_local() if isinstance(p, DTensor) else p).data_ptr() for n, p in m.named_parameters()}
+
+    out = {"cases": {}, "reads": {}, "nbytes": {}, "errors": {}}
+    refs = {n: pymerge.CheckpointPool(ckpts[:n], base=base) for n in (1, 2, 3)}
+    models = {layout: sharded(layout) for layout in ("fsdp", "tp")}
+    pools = {}
+    for layout, m in models.items():
+        for n_src in (1, 2, 3):
+            reads.touched = []
+            pools[layout, n_src] = pymerge.CheckpointPool(ckpts[:n_src], base=base, shard_like=m)
+            if n_src == 3:
+                out["reads"][layout] = reads.touched
+                out["nbytes"][layout] = (pools[layout, 3].nbytes, refs[3].nbytes)
+            reads.touched = None
+    for layout, m in models.items():
+        for label, n_src, kw in CASES:
+            if not runs_on(label, layout):
+                continue
+            ref_model = build()
+            w = W3[:n_src] if kw["method"] not in ("slerp", "passthrough") else [1.0]
+            refs[n_src].materialize(w, into=ref_model, **kw)
+            before = local_ptrs(m)
+            pools[layout, n_src].materialize(w, into=m, **kw)
+            got, want = full(m), dict(ref_model.named_parameters())
+            out["cases"][layout, label] = {
+                "ptrs": before == local_ptrs(m),
+                "bits": all(torch.equal(got[n].view(torch.int32), want[n].detach().view(torch.int32)) for n in got),
+                "close": all(torch.allclose(got[n], want[n].detach(), rtol=1e-6, atol=1e-7) for n in got),
+                "full": got if rank == 0 else None}
+    # two candidates at once, into two sharded models
+    m2 = sharded("fsdp")
+    pools["fsdp", 3].materialize_many([W3, [0.1, 0.1, 0.8]], into=[models["fsdp"], m2], method="ties", density=0.55)
+    r0, r1 = build(), build()
+    refs[3].materialize_many([W3, [0.1, 0.1, 0.8]], into=[r0, r1], method="ties", density=0.55)
+    out["many"] = all(torch.equal(full(a)[n], dict(b.named_parameters())[n].detach())
+                      for a, b in ((models["fsdp"], r0), (m2, r1)) for n in SHAPES)
+    # state dicts of DTensors (sharing the model's storage) as shard_like and as the target
+    sd = models["tp"].state_dict()
+    pymerge.CheckpointPool(ckpts, base=base, shard_like=sd).materialize([0.2, 0.2, 0.6], into=sd, method="ties",
+                                                                       density=0.55)
+    refs[3].materialize([0.2, 0.2, 0.6], into=r0, method="ties", density=0.55)
+    out["state_dict"] = all(torch.equal(full(models["tp"])[n], dict(r0.named_parameters())[n].detach())
+                            for n in SHAPES)
+
+    def error_of(fn):
+        try:
+            fn()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    fsdp_pool = pools["fsdp", 3]
+    snapshot = full(models["tp"])
+    out["errors"]["layout"] = error_of(lambda: fsdp_pool.materialize(W3, into=models["tp"]))
+    out["errors"]["layout_ties"] = error_of(lambda: fsdp_pool.materialize(W3, into=models["tp"], method="ties",
+                                                                            density=0.5))
+    out["untouched"] = all(torch.equal(snapshot[n], v) for n, v in full(models["tp"]).items())
+    wrong = torch.nn.Sequential(torch.nn.Linear(13, 12), torch.nn.Linear(12, 7), torch.nn.LayerNorm(7))
+    fully_shard(wrong, mesh=mesh)
+    out["errors"]["shape"] = error_of(lambda: fsdp_pool.materialize(W3, into=wrong))
+    mine = list(ckpts)
+    if rank == world - 1:
+        mine[1] = os.path.join(d, "missing.safetensors")
+    out["errors"]["missing_on_one_rank"] = error_of(
+        lambda: pymerge.CheckpointPool(mine, base=base, shard_like=models["fsdp"]))
+    mine = list(ckpts)
+    if rank == 0:
+        mine[2] = os.path.join(d, "truncated.safetensors")
+    out["errors"]["corrupt_on_one_rank"] = error_of(
+        lambda: pymerge.CheckpointPool(mine, base=base, shard_like=models["fsdp"]))
+    weights = W3 if rank != 1 else [0.2, 0.3, 0.5]
+    out["errors"]["different_weights"] = error_of(
+        lambda: fsdp_pool.materialize(weights, into=models["fsdp"], method="ties", density=0.5))
+    from pymerge.methods.base import MergeMethod, register
+
+    @register
+    class WholeTensorOnly(MergeMethod):  # a method with whole-tensor needs the sharded pool does not know
+        name = "test_whole_tensor_only"
+
+    out["errors"]["unsupported"] = error_of(
+        lambda: fsdp_pool.materialize(W3, into=models["fsdp"], method="test_whole_tensor_only"))
+    out["errors"]["della_split"] = error_of(
+        lambda: pools["tp", 3].materialize(W3, into=models["tp"], method="della", density=0.5))
+    out["errors"]["rows_split"] = error_of(
+        lambda: pools["tp", 3].materialize(W3, into=models["tp"], method="model_stock", filter_wise=True))
+    # the group is still in step after every failure
+    fsdp_pool.materialize(W3, into=models["fsdp"], method="ties", density=0.55)
+    again = full(models["fsdp"])["0.weight"]
+    out["after_errors"] = rank != 0 or torch.equal(again, out["cases"]["fsdp", "ties"]["full"]["0.weight"])
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def group(request, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp(f"dist{request.param}"))
+    files = write_checkpoints(d)
+    with open(files[2], "rb") as src, open(os.path.join(d, "truncated.safetensors"), "wb") as dst:
+        dst.write(src.read()[:-10])
+    return request.param, files, dist_helpers.run(worker, request.param, d, d, files)
+
+
+@pytest.mark.parametrize("layout, label", [(layout, c[0]) for layout in ("fsdp", "tp") for c in CASES
+                                           if runs_on(c[0], layout)])
+def test_sharded_materialize_matches_single_process(group, layout, label):
+    world, _, results = group
+    for rank, res in enumerate(results):
+        case = res["cases"][layout, label]
+        assert case["ptrs"], f"rank {rank}: local shards were replaced, not written in place"
+        if label in NOT_BIT_EXACT:
+            assert case["close"], f"rank {rank}: {label} is off the single-process result"
+        else:
+            assert case["bits"], f"rank {rank}: {layout} {label} differs from the single-process pool"
+
+
+def test_materialize_many_into_sharded_models(group):
+    assert all(res["many"] for res in group[2])
+
+
+def test_state_dict_as_layout_and_target(group):
+    assert all(res["state_dict"] for res in group[2])
+
+
+def test_rank_count_independent(tmp_path_factory, group):
+    """Every method, exact L1 sums included, gives the same bits on 2 and 3 ranks (and both layouts)."""
+    world, _, results = group
+    seen = test_rank_count_independent.__dict__.setdefault("seen", {})
+    seen[world] = {k: v["full"] for k, v in results[0]["cases"].items()}
+    for label, *_ in CASES:
+        if not runs_on(label, "tp"):
+            continue
+        fsdp, tp = seen[world]["fsdp", label], seen[world]["tp", label]
+        assert all(torch.equal(fsdp[n], tp[n]) for n in SHAPES), label
+    if len(seen) == 2:
+        for key, tensors in seen[2].items():
+            assert all(torch.equal(tensors[n], seen[3][key][n]) for n in SHAPES), key
+
+
+def test_each_rank_holds_its_share(group):
+    world, files, results = group
+    per_rank = []
+    for rank, res in enumerate(results):
+        held = res["nbytes"]["fsdp"][0]
+        want = 0
+        for f, itemsize in zip(files, (4, 2, 4, 4)):
+            want += sum(len(local_index(s, 0, rank, world)) * itemsize for s in SHAPES.values())
+        assert held == want
+        per_rank.append(held)
+    unsharded = sum(math.prod(s) * itemsize for s in SHAPES.values() for itemsize in (4, 2, 4, 4))
+    assert sum(per_rank) == unsharded  # FSDP2 shards every tensor: nothing is held twice
+    assert max(per_rank) <= unsharded / world * 1.5
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_each_rank_reads_only_its_bytes(group, layout):
+    world, files, results = group
+    for rank, res in enumerate(results):
+        records = res["reads"][layout]
+        assert len(records) == 4 * len(SHAPES)  # 3 checkpoints + base, every tensor once
+        for label, name, runs in records:
+            itemsize = 2 if label.endswith("m1.safetensors") else 4
+            idx = np.sort(local_index(SHAPES[name], layouts(world)[layout][name], rank, world))
+            want = set()
+            for i in idx:
+                want.update(range(i * itemsize, (i + 1) * itemsize))
+            got = set()
+            for a, b in runs:
+                got.update(range(a, b))
+            assert got == want, (rank, label, name)
+
+
+def test_errors_are_agreed_without_a_hang(group):
+    world, _, results = group
+    errors = [res["errors"] for res in results]
+    for key in errors[0]:
+        msgs = {e[key] for e in errors}
+        assert len(msgs) == 1, f"{key}: ranks disagree: {msgs}"
+        msg = msgs.pop()
+        assert msg is not None and "\n" not in msg, key
+    e = errors[0]
+    assert e["layout"].startswith("InputError") and "the pool holds (Shard(dim=0))" in e["layout"]
+    assert e["layout_ties"] == e["layout"]
+    assert "has shape (12, 13), the pool's has (11, 13)" in e["shape"]
+    assert e["missing_on_one_rank"].startswith(f"CheckpointError: rank {world - 1}: ") and "no such file" in e["missing_on_one_rank"]
+    assert e["corrupt_on_one_rank"].startswith("CheckpointError: rank 0: ") and "truncated.safetensors" in e["corrupt_on_one_rank"]
+    assert "different arguments" in e["different_weights"]
+    assert "test_whole_tensor_only is not supported on a sharded pool" in e["unsupported"]
+    assert e["rows_split"].startswith("InputError: model_stock: tensor '1.weight' is split along the dimension")
+    assert e["della_split"].startswith("InputError: della: tensor '1.weight' is split along dimension 1")
+    assert all(res["untouched"] and res["after_errors"] for res in results)

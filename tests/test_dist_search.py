@@ -1,0 +1,113 @@
+"""Distributed search on gloo (2 ranks): the same candidates and result as one process, and resume.
+
+Layouts: FSDP2 over both ranks (one replica group: both ranks materialize and evaluate every
+candidate), a (replicas=2, shards=1) mesh (two replica groups, each evaluating half of every
+generation), and an unsharded pool (each rank a replica group). evaluate() gathers the full weights (a collective inside the replica group).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dist_helpers
+from test_dist_pool import build, write_checkpoints
+
+SEARCH = dict(budget=9, popsize=4, seed=3, sigma0=0.3, method="ties", density=0.6, log=None)
+TARGET_SEED = 11
+
+
+def score(params, model):
+    """Deterministic scores: closeness of the full weights to a fixed random model, and a forward pass."""
+    g = torch.Generator().manual_seed(TARGET_SEED)
+    total = 0.0
+    for name in sorted(params):
+        target = torch.randn(params[name].shape, generator=g, dtype=torch.float64)
+        total -= float(((params[name].double() - target) ** 2).sum())
+    with torch.no_grad():  # under FSDP2: all-gathers the shards inside the replica group
+        out = model(torch.randn(3, 13, generator=g))
+    return {"fit": total, "forward": float(out.double().sum())}
+
+
+def single_process(files, **kw):
+    import pymerge
+    pool = pymerge.CheckpointPool(files[:3], base=files[3])
+    model = build()
+    return pymerge.search.optimize(pool, lambda m: score({n: p.detach() for n, p in m.named_parameters()}, m),
+                                   model=model, **{**SEARCH, **kw})
+
+
+def worker(rank, world, d, files):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import pymerge
+
+    def evaluate(m):
+        return score({n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in m.named_parameters()},
+                     m)
+
+    out = {}
+    for label, shape in (("shards", (world,)), ("replicas", (world, 1))):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("shards",) if len(shape) == 1 else ("replicas", "shards"))
+        model = build()
+        fully_shard(model, mesh=mesh)
+        pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=model)
+        res = pymerge.search.optimize(pool, evaluate, model=model, **SEARCH)
+        out[label] = [(r["x"], r["objective"], r["scores"]) for r in res.history], res.best_index
+    # a pool every rank holds whole: every rank is a replica group of its own
+    plain_model = build()
+    plain = pymerge.CheckpointPool(files[:3], base=files[3])
+    res = pymerge.search.optimize(plain, lambda m: score({n: p.detach() for n, p in m.named_parameters()}, m),
+                                  model=plain_model, **SEARCH)
+    out["plain"] = [(r["x"], r["objective"], r["scores"]) for r in res.history], res.best_index
+    # resume: stop after one generation, then continue to the full budget
+    state = os.path.join(d, "state.pkl") if rank == 0 else None
+    mesh = init_device_mesh("cpu", (world,))
+    model = build()
+    fully_shard(model, mesh=mesh)
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=model)
+    pymerge.search.optimize(pool, evaluate, model=model, **{**SEARCH, "budget": 5}, state_path=state)
+    res = pymerge.search.optimize(pool, evaluate, model=model, **SEARCH, state_path=state)
+    out["resumed"] = [(r["x"], r["objective"], r["scores"]) for r in res.history], res.best_index
+    try:  # an error in evaluate on one rank stops every rank with the same message
+        def flaky(m):
+            evaluate(m)
+            if rank == world - 1:
+                raise ValueError("evaluation failed here")
+            return 1.0
+        pymerge.search.optimize(pool, flaky, model=model, **SEARCH)
+        out["error"] = None
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("dsearch"))
+    files = write_checkpoints(d)
+    ref = single_process(files)
+    return [(r["x"], r["objective"], r["scores"]) for r in ref.history], ref.best_index, \
+        dist_helpers.run(worker, 2, d, d, files)
+
+
+@pytest.mark.parametrize("label", ["shards", "replicas", "plain", "resumed"])
+def test_distributed_search_equals_single_process(runs, label):
+    ref_history, ref_best, results = runs
+    assert len(ref_history) == SEARCH["budget"]
+    for rank, res in enumerate(results):
+        history, best = res[label]
+        assert best == ref_best, (rank, label)
+        assert len(history) == len(ref_history)
+        for (x, obj, sc), (rx, robj, rsc) in zip(history, ref_history):
+            assert np.array_equal(x, rx), (rank, label)  # the same candidates, in the same order
+            assert obj == robj and sc == rsc, (rank, label)
+
+
+def test_evaluate_error_stops_every_rank(runs):
+    errors = {res["error"] for res in runs[2]}
+    assert len(errors) == 1
+    msg = errors.pop()
+    assert msg == "InputError: rank 1: evaluation failed here"
