@@ -279,6 +279,8 @@ class CheckpointPool:
     def _grouped_kind(self) -> Optional[str]:
         """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
         tensors resident on the device), or None (per tensor: streamed tiers, the eager backend)."""
+        if type(self)._plan is not CheckpointPool._plan:
+            return None  # a subclass that plans differently (ShardedPool reshards FSDP2 targets) plans every call
         if self._cuda is None:
             return "cpu" if self.backend == "cpu" else None
         return "triton" if self.backend == "triton" and not self._cuda.streamed else None
