@@ -89,12 +89,15 @@ def _cmd_merge(args) -> int:
     report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
                        threads=args.threads, force=args.force, quiet=args.quiet,
                        chunk_bytes=args.chunk_size, random_seed=args.random_seed)
+    if report.rank:  # a distributed merge: rank 0 speaks for all
+        return 0
     for w in report.warnings:
         print(f"pymerge: warning: {w}", file=sys.stderr)
+    ranks = f" x {report.world_size} ranks" if report.world_size > 1 else ""
     if not args.quiet:
         print(f"pymerge: merged {report.tensors} tensors ({report.input_bytes / 1e9:.2f} GB read, "
               f"{report.output_bytes / 1e9:.2f} GB written in {len(report.shards)} shard(s)) into {report.out_dir} "
-              f"in {report.seconds:.2f} s on {report.device}", file=sys.stderr)
+              f"in {report.seconds:.2f} s on {report.device}{ranks}", file=sys.stderr)
     return 0
 
 
@@ -143,13 +146,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from pymerge.errors import InputError
+    from pymerge.errors import DistributedError, InputError
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return _dispatch(args)
     except InputError as exc:
         print(f"pymerge: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"pymerge: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pymerge: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -11,3 +11,8 @@ class CheckpointError(InputError):
 
 class MergeConfigError(InputError):
     """A merge config or method parameter is invalid."""
+
+
+class DistributedError(RuntimeError):
+    """Another rank of a distributed merge failed, or was lost (it died, or a collective timed
+    out). Not the user's input, but not a traceback either: the CLI prints one line, exits 1."""

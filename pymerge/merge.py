@@ -9,6 +9,8 @@
 2. Stream (pymerge/streaming.py): tensors in file order, big ones in chunks of bounded size, into
    a ShardedWriter that writes beside OUT and renames at the end; config.json and tokenizer
    files are added; any error or Ctrl-C leaves no partial model.
+Under torchrun (or any launcher that sets RANK and WORLD_SIZE) the ranks split the tensors and
+each streams its part: pymerge/dist/disk_merge.py.
 
 Dtypes follow mergekit: ``dtype`` is the load/compute dtype (inputs are rounded to it first, where
 that loses precision), the method's result is rounded to it, then to ``out_dtype``. Arithmetic is
@@ -33,6 +35,7 @@ from pymerge import _native
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             count_layers, layer_t, load_config, parse_config)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.methods.base import MergeMethod, TensorTask, get_method
 
@@ -106,6 +109,8 @@ class MergeReport:
     device: str
     shards: List[str]
     warnings: List[str]
+    rank: int = 0          # this process's rank in a distributed merge, of world_size
+    world_size: int = 1
 
     @property
     def input_gb_per_s(self) -> float:
@@ -118,8 +123,6 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
               progress=None) -> MergeReport:
     """Merges per the config into out_dir. Raises InputError (and subclasses) for anything the user
     can fix, before any output exists; on any failure no partial output is left behind."""
-    from pymerge import streaming  # the executors (CPU, GPU)
-
     t0 = time.perf_counter()
     device = pick_device(device)
     if threads is not None and threads < 1:
@@ -130,23 +133,18 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES
     if chunk_bytes < (1 << 20):
         raise InputError(f"chunk_bytes must be at least 1 MiB, got {chunk_bytes}")
+    if disk_merge.launched():
+        return disk_merge.run_ranks(config_or_path, out_dir, device=device, out_shard_size=out_shard_size,
+                                    threads=threads, force=force, quiet=quiet, chunk_bytes=chunk_bytes,
+                                    random_seed=random_seed, progress=progress)
     plan = make_plan(config_or_path)
     try:
-        if threads is not None and streaming.uses_torch(plan, device):
-            import torch
-            torch.set_num_threads(threads)
         entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
         with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
                            metadata={"format": "pt"}) as writer:
-            _write_side_files(plan, writer)
-            bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
-            try:
-                run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
-                run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or _op_threads(),
-                    seed=random_seed or 0, progress=bar)
-            finally:
-                if bar is not None and progress is None:
-                    bar.close()
+            write_side_files(plan, writer)
+            stream_plan(plan, writer, device=device, chunk_bytes=chunk_bytes, threads=threads,
+                        seed=random_seed or 0, progress=progress, quiet=quiet)
             shards = list(writer.shard_names)
         return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors), plan.input_bytes,
                            plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
@@ -154,15 +152,33 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         plan.close()
 
 
-def _op_threads() -> int:
-    """Compute threads by default: every core but one, which the writer thread keeps busy. On the
+def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_bytes: int, threads: Optional[int],
+                seed: int, progress=None, quiet: bool = False) -> None:
+    """Streams every tensor of the plan into the writer (which must hold them all)."""
+    from pymerge import streaming  # the executors (CPU, GPU)
+    if threads is not None and streaming.uses_torch(plan, device):
+        import torch
+        torch.set_num_threads(threads)
+    bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
+    try:
+        run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
+        run(plan, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or op_threads(), seed=seed,
+            progress=bar)
+    finally:
+        if bar is not None and progress is None:
+            bar.close()
+
+
+def op_threads(processes: int = 1) -> int:
+    """Compute threads by default: every core but one, which the writer thread keeps busy (with
+    several merging processes on the host, their share of the cores but one each). On the
     shared 2-core dev machine two OpenMP threads (spin-waiting for a descheduled member) streamed
     at half the speed of one; the kernel is memory-bound, so one thread loses little when idle."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 2
-    return max(1, cores - 1)
+    return max(1, cores // max(1, processes) - 1)
 
 
 def pick_device(device: str) -> str:
@@ -330,7 +346,7 @@ def _num_layers(model_cfg: Optional[dict]) -> Optional[int]:
 
 
 # ---- side files ------------------------------------------------------------------------------
-def _write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
+def write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
     """config.json from the donor (base, else first model) with the output dtype; its tokenizer."""
     cfg, donor = plan.config, plan.donor
     model_cfg = _read_model_config(donor)

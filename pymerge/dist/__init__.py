@@ -1,4 +1,5 @@
-"""Scale-out on torch.distributed: sharded pools that merge straight into FSDP2 and tensor-parallel models.
+"""Scale-out on torch.distributed: sharded pools that merge straight into FSDP2 and tensor-parallel
+models, distributed search, and `torchrun -m pymerge merge`.
 
 layout.py       which box of each global tensor a rank holds (DTensor placements, torch's own arithmetic)
 reads.py        reads exactly those boxes from the checkpoints' bytes
@@ -6,4 +7,5 @@ collectives.py  errors all ranks agree on; exact global sums and magnitude rank 
 pool.py         ShardedPool, what CheckpointPool(..., shard_like=model) builds
 methods.py      TIES/DARE/breadcrumbs/SLERP with global statistics on local shards
 search.py       pymerge.search.optimize across ranks and replica groups
+disk_merge.py   `pymerge merge` under torchrun (or RANK/WORLD_SIZE): tensors split by bytes, rank 0 installs
 """

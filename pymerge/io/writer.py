@@ -10,6 +10,10 @@ model.safetensors.index.json (several shards; like Hugging Face's save_pretraine
 single shard), and whatever write_json()/copy_file() added (config.json, tokenizer files).
 
 Chunks are torch tensors or any contiguous buffer (numpy arrays): no torch is needed to write.
+
+Several processes can write one model (pymerge/dist/disk_merge.py): ``parts`` gives each tensor a
+part, parts never share a shard file, the writer of part 0 makes the temporary folder and commits,
+and the writers of the other parts ``join`` that folder and only fill their own shards.
 Writeback of each chunk starts as it is written (sync_file_range, where Linux has it), so the
 fsync at commit, which still comes before the rename, finds little left to flush.
 """
@@ -53,10 +57,17 @@ class ShardedWriter:
 
     Use as a context manager (commits on success, aborts on any exception, KeyboardInterrupt
     included) or call commit()/abort() yourself.
+
+    One part of a model written by several processes: ``parts`` holds each entry's part (a new
+    shard starts wherever it changes), ``part`` is the one this writer writes (None: all) and
+    ``join`` is the temporary folder that part 0's writer made (its ``tmp_dir``). A joining
+    writer's commit() only makes its shards durable; part 0's commit() installs the model (the
+    caller first makes sure every part was written) and its abort() removes the folder.
     """
 
     def __init__(self, out_dir, entries: Iterable[Sequence], *, max_shard_bytes: int = 5_000_000_000,
-                 force: bool = False, metadata: Optional[Dict[str, str]] = None):
+                 force: bool = False, metadata: Optional[Dict[str, str]] = None,
+                 parts: Optional[Sequence[int]] = None, part: Optional[int] = None, join=None):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.out_dir = Path(os.path.abspath(out_dir))  # abspath, not resolve: a symlinked OUT stays the link
@@ -64,35 +75,49 @@ class ShardedWriter:
         self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
         self._slots: Dict[str, _Slot] = {}
         self._order: List[str] = []
-        self._plan(entries, max_shard_bytes)
-        if not self.out_dir.parent.is_dir():
-            raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} does not exist")
-        _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
-        _check_out(self.out_dir, force)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{_TMP_TAG}{os.getpid()}"
-        self._check_space()
-        try:
-            os.mkdir(self.tmp_dir)
-        except FileExistsError:
-            raise InputError(f"{self.out_dir}: another writer in this process is writing it "
-                             f"({self.tmp_dir} exists)") from None
+        self._plan(entries, max_shard_bytes, parts)
+        self._own = {i for i, p in enumerate(self._parts) if part is None or p == part}  # shards written here
+        self._joined = join is not None
+        if self._joined:
+            self.tmp_dir = Path(join)
+            if part in (None, 0) or not self.tmp_dir.is_dir():
+                raise InputError(f"{self.out_dir}: part {part} cannot join the temporary folder {self.tmp_dir} "
+                                 f"(missing, or not on a filesystem this process shares)")
+        else:
+            if part not in (None, 0):
+                raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
+            if not self.out_dir.parent.is_dir():
+                raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} does not exist")
+            _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
+            _check_out(self.out_dir, force)
+            self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{_TMP_TAG}{os.getpid()}"
+            self._check_space()
+            try:
+                os.mkdir(self.tmp_dir)
+            except FileExistsError:
+                raise InputError(f"{self.out_dir}: another writer in this process is writing it "
+                                 f"({self.tmp_dir} exists)") from None
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self._inflight = 0
-        self._fds: List[int] = []
+        self._fds: Dict[int, int] = {}  # shard index -> fd, for the shards written here
         self._dirs = {self.tmp_dir}  # folders to fsync at commit
         try:
-            for i in range(len(self.shard_names)):
-                self._fds.append(self._create_shard(i))
+            for i in sorted(self._own):
+                self._fds[i] = self._create_shard(i)
         except BaseException:
             self.abort()
             raise
 
     # ---- planning ---------------------------------------------------------------------------
-    def _plan(self, entries, max_shard_bytes: int) -> None:
+    def _plan(self, entries, max_shard_bytes: int, parts: Optional[Sequence[int]]) -> None:
+        entries = list(entries)
+        if parts is not None and len(parts) != len(entries):
+            raise ValueError(f"parts has {len(parts)} values for {len(entries)} tensors")
         shards: List[List[_Slot]] = [[]]
+        self._parts = [parts[0] if parts else 0]  # part of each shard
         size = 0
-        for entry in entries:
+        for k, entry in enumerate(entries):
             name, dtype, shape = entry
             if not isinstance(name, str) or name in self._slots or name == "__metadata__":
                 raise ValueError(f"tensor name {name!r} is not a string, is reserved or appears twice")
@@ -107,9 +132,12 @@ class ShardedWriter:
                 raise ValueError(f"tensor {name!r}: shape {list(shape)} is not a list of non-negative integers")
             slot = _Slot(name, dname, shape, math.prod(shape), _native.itemsize(dname))
             nbytes = slot.numel * slot.itemsize
-            # A new shard when this tensor would overflow the current one; a bigger tensor alone.
-            if shards[-1] and size + nbytes > max_shard_bytes:
+            # A new shard when this tensor would overflow the current one (a bigger tensor alone)
+            # or belongs to another part.
+            p = parts[k] if parts is not None else 0
+            if shards[-1] and (p != self._parts[-1] or size + nbytes > max_shard_bytes):
                 shards.append([])
+                self._parts.append(p)
                 size = 0
             shards[-1].append(slot)
             size += nbytes
@@ -188,6 +216,8 @@ class ShardedWriter:
         Thread-safe for different tensors, and for disjoint chunks of one tensor.
         """
         slot = self._slot(name)
+        if slot.shard not in self._own:
+            raise ValueError(f"tensor {name!r} belongs to another part of the model; this writer does not write it")
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(tensor, torch.Tensor):
             planned = _native.torch_dtype(slot.dtype)
@@ -278,6 +308,8 @@ class ShardedWriter:
         out = []
         for name in self._order:
             slot = self._slots[name]
+            if slot.shard not in self._own:
+                continue  # another process's part: the caller agrees with it on success
             pos = 0
             for begin, end in sorted(slot.written):
                 if begin > pos:
@@ -304,11 +336,18 @@ class ShardedWriter:
                 more = f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else ""
                 raise RuntimeError(f"{self.out_dir}: tensor {missing[0]}{more}; not committing")
         try:
+            if self._joined:  # another process installs the folder: make this part durable
+                for fd in self._fds.values():
+                    os.fsync(fd)
+                self._close_fds()
+                with self._cond:
+                    self._state = "committed"
+                return self.out_dir
             if len(self.shard_names) > 1:
                 _dump_json(self.tmp_dir / INDEX_NAME, {
                     "metadata": {"total_size": self.total_bytes},
                     "weight_map": {n: self.shard_of(n) for n in self._order}})
-            for fd in self._fds:
+            for fd in self._fds.values():
                 os.fsync(fd)
             self._close_fds()
             for d in sorted(self._dirs, key=lambda p: -len(p.parts)):
@@ -353,14 +392,15 @@ class ShardedWriter:
                 self._cond.wait()
         try:
             self._close_fds()
-            _remove_tree(self.tmp_dir)
+            if not self._joined:  # the folder is part 0's to remove
+                _remove_tree(self.tmp_dir)
         finally:
             with self._cond:
                 self._state = "aborted"
 
     def _close_fds(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
             try:
                 os.close(fd)
             except OSError:

@@ -1,0 +1,215 @@
+"""`pymerge merge` across processes: under torchrun, or any launcher that sets RANK and WORLD_SIZE.
+
+    torchrun --nproc-per-node=8 [--nnodes=...] -m pymerge merge config.yml OUT
+
+Every rank plans the whole merge (config and headers: cheap, and the same on every rank), then the
+tensors are cut into one contiguous part per rank of about equal bytes (read + written). Rank r
+streams part r through the usual engine (pymerge/streaming.py) into shard files of its own, all
+in the one temporary folder beside OUT that rank 0 makes (pymerge/io/writer.py). Only after every
+rank's shards are on disk does rank 0 add the index and rename the folder into place, so OUT must
+be on a filesystem every rank sees (a shared one across nodes). The tensors are those of a
+single-process merge, bit for bit.
+
+The ranks agree after each step: every rank's outcome is gathered, and any failure (bad input
+seen by one rank, an exception, a rank that died) is raised on every rank with the first failing
+rank's one-line message, before anything is installed. The process group carries only these few
+bytes (gloo; for --device cuda the group also has NCCL for the CUDA side) and its timeout
+(PYMERGE_DIST_TIMEOUT seconds, default 30 minutes: it must cover the slowest rank's part) bounds
+every wait; a rank that dies closes its connections, which fails the others' next collective.
+"""
+import os
+import re
+import sys
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import List, Sequence
+
+from pymerge import _native
+from pymerge.errors import CheckpointError, DistributedError, InputError, MergeConfigError
+from pymerge.io import ShardedWriter
+
+TIMEOUT_ENV = "PYMERGE_DIST_TIMEOUT"
+OFF_ENV = "PYMERGE_NO_DIST"  # =1: one process even where RANK and WORLD_SIZE are set (a job's own ranks)
+DEFAULT_TIMEOUT_S = 1800.0
+_SAME_ON_EVERY_RANK = {c.__name__: c for c in (InputError, CheckpointError, MergeConfigError)}
+
+
+def launched() -> bool:
+    """True under torchrun (or a launcher setting RANK and WORLD_SIZE) or in an initialized process
+    group, unless PYMERGE_NO_DIST=1."""
+    if os.environ.get(OFF_ENV, "") not in ("", "0"):
+        return False
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    dist = sys.modules.get("torch.distributed")  # never imported just to ask
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def split_by_bytes(costs: Sequence[int], ranks: int) -> List[int]:
+    """The rank of each item: contiguous runs of about equal total cost, an item going to the
+    rank whose share holds its midpoint. Integers only: every rank computes the same split."""
+    total = sum(costs)
+    out, acc = [], 0
+    for c in costs:
+        out.append(min(ranks - 1, (2 * acc + c) * ranks // (2 * total)) if total else 0)
+        acc += c
+    return out
+
+
+def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, threads, force: bool, quiet: bool,
+              chunk_bytes: int, random_seed, progress=None):
+    """run_merge's distributed twin (same arguments, checked by it); returns this rank's MergeReport."""
+    from pymerge.merge import MergeReport, make_plan, op_threads, stream_plan, write_side_files
+
+    t0 = time.perf_counter()
+    dist, group, created = _process_group(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = _local_cuda()
+    if threads is None:  # the host's cores shared by the ranks on it
+        threads = op_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    state = {}  # what the steps build: plan, parts, writer
+
+    def prepare():
+        plan = state["plan"] = make_plan(config_or_path)
+        state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
+                                         for t in plan.tensors], world)
+        tmp_dir = None
+        if rank == 0:
+            writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
+            write_side_files(plan, writer)
+            tmp_dir = str(writer.tmp_dir)
+        return tmp_dir, _fingerprint(plan, out_dir)
+
+    def fill(tmp_dir):
+        plan, parts = state["plan"], state["parts"]
+        if rank:
+            state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
+        mine = replace(plan, tensors=[t for t, p in zip(plan.tensors, parts) if p == rank])
+        stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
+                    seed=random_seed or 0, progress=progress, quiet=quiet or rank != 0)
+        if rank:
+            state["writer"].commit()  # durable before rank 0 may install
+
+    try:
+        prepared = _agree(prepare, dist, group)
+        tmp_dir = prepared[0][0]
+        odd = next((r for r, (_, fp) in enumerate(prepared) if fp != prepared[0][1]), None)
+        if odd is not None:  # every rank sees the same list, so every rank raises this
+            raise InputError(f"rank {odd} plans a different merge than rank 0 (another config, OUT or checkpoint "
+                             f"files: every rank must see the same files at the same paths)")
+        _agree(lambda: fill(tmp_dir), dist, group)
+        _agree(lambda: state["writer"].commit() if rank == 0 else None, dist, group)
+        plan, writer = state["plan"], state["writer"]
+        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors), plan.input_bytes, plan.output_bytes,
+                           time.perf_counter() - t0, device, list(writer.shard_names),
+                           plan.warnings if rank == 0 else [], rank=rank, world_size=world)
+    finally:
+        try:
+            if "writer" in state:
+                state["writer"].abort()  # after a commit: a no-op
+        except OSError:
+            pass  # raced by a lost rank still creating files: the next run clears the folder (its pid is gone)
+        if "plan" in state:
+            state["plan"].close()
+        if created:
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group with a lost rank: nothing left to tidy
+                pass
+
+
+def _fingerprint(plan, out_dir) -> str:
+    """What every rank must agree on: OUT, the method, the checkpoints and every output tensor's
+    name, shape, dtypes and parameters (not the data: that would mean reading it all)."""
+    import hashlib
+    text = repr((os.path.abspath(out_dir), plan.method.name, [os.path.abspath(c.path) for c in plan.checkpoints],
+                 [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params) for t in plan.tensors]))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _writer(plan, parts, out_dir, out_shard_size, force, *, part, join=None) -> ShardedWriter:
+    entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+    return ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force, metadata={"format": "pt"},
+                         parts=parts, part=part, join=join)
+
+
+def _agree(step, dist, group) -> list:
+    """Runs step() on this rank and returns every rank's result. If it failed on any rank, every
+    rank raises the first failing rank's error: the same InputError (exit 2) where it was one,
+    else a DistributedError naming the rank; the failing rank itself re-raises its own."""
+    result, error = None, None
+    try:
+        result = step()
+    except BaseException as exc:  # Ctrl-C too: the other ranks must not wait for this one
+        error = exc
+    mine = ("ok", result) if error is None else ("error", type(error).__name__, _one_line(error))
+    gathered = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(gathered, mine, group=group)
+    except Exception as exc:  # a rank died, or did not answer within the timeout
+        if error is not None:
+            raise error
+        raise DistributedError(f"rank {dist.get_rank()} lost the other ranks ({_collective_error(exc)}); "
+                               f"nothing was written") from None
+    failed = next(((r, g) for r, g in enumerate(gathered) if g[0] == "error"), None)
+    if failed is None:
+        return [g[1] for g in gathered]
+    r, (_, kind, message) = failed
+    if error is not None and r == dist.get_rank():
+        raise error
+    if kind in _SAME_ON_EVERY_RANK:
+        raise _SAME_ON_EVERY_RANK[kind](message)
+    raise DistributedError(f"rank {r} failed: {kind}: {message}")
+
+
+def _process_group(device: str):
+    """(torch.distributed, the group agreements use, whether we initialized it)."""
+    import torch.distributed as dist
+    timeout = timedelta(seconds=_timeout_s())
+    if dist.is_initialized():  # the caller's group; agreements need a CPU (gloo) side
+        cpu = "cpu" in [d.type for d in dist.group.WORLD._device_types] or dist.get_backend() == "gloo"
+        return dist, (None if cpu else dist.new_group(backend="gloo", timeout=timeout)), False
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise InputError(f"a distributed merge needs {', '.join(missing)} set: launch it with torchrun, or set "
+                         f"RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=timeout)
+    except Exception as exc:  # the rendezvous failed or timed out
+        raise DistributedError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} cannot join the process "
+                               f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: "
+                               f"{_one_line(exc)}") from None
+    return dist, None, True
+
+
+def _local_cuda() -> str:
+    import torch
+    return f"cuda:{torch.cuda.current_device()}"
+
+
+def _timeout_s() -> float:
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(f"{TIMEOUT_ENV}={text!r}: must be a positive number of seconds")
+    return value
+
+
+def _collective_error(exc: BaseException) -> str:
+    """gloo's first sentence, without its source location: 'Read error ...: Connection reset by peer'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(exc))
+    return text.split(". ")[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,40 @@
+"""`pymerge merge` as one rank of a distributed run, with a fault injected on one rank (a test
+helper, run by torchrun or by the tests themselves as a launcher):
+
+    PYMERGE_TEST_FAULT=RANK:bad_read  reading any tensor's bytes raises the CheckpointError that
+                                      unreadable bytes would (only that rank sees it)
+    PYMERGE_TEST_FAULT=RANK:stall     once its part starts streaming, the rank writes the file
+                                      $PYMERGE_TEST_MARK and sleeps, for the test to kill it
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+from pymerge import cli, merge
+from pymerge.errors import CheckpointError
+from pymerge.io import Checkpoint
+
+
+def _bad_read(self, name):
+    raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read its bytes: Input/output error")
+
+
+def _stall(real):
+    def stream_plan(*args, **kwargs):
+        Path(os.environ["PYMERGE_TEST_MARK"]).write_text(str(os.getpid()))
+        time.sleep(600)
+        return real(*args, **kwargs)
+    return stream_plan
+
+
+if __name__ == "__main__":
+    rank, _, kind = os.environ.get("PYMERGE_TEST_FAULT", "-1:").partition(":")
+    if int(rank) == int(os.environ["RANK"]):
+        if kind == "bad_read":
+            Checkpoint.array = Checkpoint.tensor = _bad_read
+        elif kind == "stall":
+            merge.stream_plan = _stall(merge.stream_plan)
+        else:
+            raise SystemExit(f"unknown fault {kind!r}")
+    sys.exit(cli.main())

@@ -1,0 +1,256 @@
+"""Distributed `pymerge merge` (pymerge/dist/disk_merge.py): torchrun and a bare launcher (RANK,
+WORLD_SIZE, MASTER_ADDR/PORT), gloo on this CPU. Equal to one process bit for bit; any failure on
+any rank (bad input only it sees, a killed rank) fails every rank, leaves no OUT (an existing OUT
+stays) and no temporary folder after the next run; nothing hangs (every wait has a timeout)."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_factory as lf
+from io_helpers import bits
+from pymerge.dist.disk_merge import split_by_bytes
+from pymerge.io.writer import ShardedWriter
+from pymerge.merge import run_merge
+from test_cli import leftovers, write_cfg
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+LIMIT_S = 180  # per launch; a hang fails the test instead of the CI job
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    base, fts = lf.make_family(root, n_finetunes=2, shards=2)
+    return root, base, fts
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYMERGE_DIST_TIMEOUT="60",
+               OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def torchrun(ranks, argv, **env):
+    """`torchrun --standalone -m pymerge ...` (or the fault-injecting worker with PYMERGE_TEST_FAULT)."""
+    target = [str(WORKER)] if "PYMERGE_TEST_FAULT" in env else ["-m", "pymerge"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *target]
+    return subprocess.Popen(cmd + [str(a) for a in argv], env=_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def launch(ranks, argv, **env):
+    """Every rank started by hand, as a launcher other than torchrun would: one Popen per rank
+    (argv, or argv(rank) for a command line of each rank's own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, str(WORKER), *map(str, argv(r) if callable(argv) else argv)], stderr=subprocess.PIPE, text=True,
+                             env=_env(RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=str(port), **env))
+            for r in range(ranks)]
+
+
+def finish(procs):
+    """(exit codes, stderr lines that are pymerge's) of every process."""
+    results = [p.communicate(timeout=LIMIT_S) for p in procs]
+    return [p.returncode for p in procs], [[l for l in err.splitlines() if l.startswith("pymerge:")]
+                                           for _, err in results]
+
+
+def single(cfg, out, **kw):
+    run_merge(cfg, out, device="cpu", quiet=True, **kw)
+    return lf.load_folder(out)
+
+
+def assert_same_tensors(a: Path, expected: dict):
+    got = lf.load_folder(a)
+    assert sorted(got) == sorted(expected)
+    for name, t in expected.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and bits(got[name]) == bits(t), name
+
+
+def ties(base, fts):
+    return {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
+            "models": [{"model": str(m), "parameters": {"weight": w, "density": d}}
+                       for m, w, d in zip(fts, (0.6, 0.4), (0.5, 0.3))], "parameters": {"normalize": True}}
+
+
+def linear(fts):
+    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": w}}
+                                                 for m, w in zip(fts, (0.3, 0.7))]}
+
+
+def test_split_by_bytes_is_contiguous_and_balanced():
+    for costs, ranks in [([5] * 10, 2), ([1, 100, 1, 1, 1], 3), ([7] * 3, 5), ([0, 0], 2), ([], 4),
+                         ([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], 3)]:
+        parts = split_by_bytes(costs, ranks)
+        assert len(parts) == len(costs) and parts == sorted(parts) and all(0 <= p < ranks for p in parts)
+        if costs and sum(costs):
+            share = [sum(c for c, p in zip(costs, parts) if p == r) for r in range(ranks)]
+            assert max(share) <= sum(costs) / ranks + max(costs)  # off by at most one item
+    assert split_by_bytes([5] * 10, 2) == [0] * 5 + [1] * 5
+
+
+def test_writer_parts_share_one_folder(tmp_path):
+    """The writer's side of it: parts never share a shard; part 0 installs what all parts wrote."""
+    entries = [(f"t{i}", "float32", (i + 1, 3)) for i in range(7)]
+    data = {n: torch.randn(s) for n, _, s in entries}
+    parts = [0, 0, 1, 1, 1, 2, 2]
+    out = tmp_path / "out"
+    lead = ShardedWriter(out, entries, max_shard_bytes=40, parts=parts, part=0)
+    others = [ShardedWriter(out, entries, max_shard_bytes=40, parts=parts, part=p, join=lead.tmp_dir) for p in (1, 2)]
+    for w, p in zip([lead] + others, (0, 1, 2)):
+        for (n, _, _), q in zip(entries, parts):
+            if q == p:
+                w.write(n, data[n])
+            else:
+                with pytest.raises(ValueError, match="another part"):
+                    w.write(n, data[n])
+    for w in others:
+        w.commit()
+    lead.commit()
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    owners = {}
+    for (n, _, _), p in zip(entries, parts):
+        owners.setdefault(idx["weight_map"][n], set()).add(p)
+    assert all(len(ps) == 1 for ps in owners.values()) and len(owners) >= 3
+    got = lf.load_folder(out)
+    assert all(torch.equal(got[n], data[n]) for n in data) and leftovers(out) == []
+    with pytest.raises(Exception, match="cannot join"):
+        ShardedWriter(tmp_path / "x", entries, parts=parts, part=1, join=tmp_path / "nowhere")
+
+
+def test_torchrun_linear_equals_one_process(fam, tmp_path):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    expected = single(cfg, tmp_path / "one")
+    out = tmp_path / "out"
+    p = torchrun(2, ["merge", cfg, out, "--out-shard-size", "30KB"])
+    _, err = p.communicate(timeout=LIMIT_S)
+    assert p.returncode == 0, err[-2000:]
+    assert_same_tensors(out, expected)
+    assert "x 2 ranks" in err and err.count("pymerge: merged") == 1  # rank 0 speaks for all
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file() and leftovers(out) == []
+
+
+def test_three_ranks_ties_equals_one_process(fam, tmp_path):
+    """A bare launcher (RANK, WORLD_SIZE, MASTER_*), 3 ranks: uneven parts of a whole-tensor method."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", ties(base, fts))
+    expected = single(cfg, tmp_path / "one")
+    out = tmp_path / "out"
+    codes, lines = finish(launch(3, ["merge", cfg, out, "--out-shard-size", "20KB"]))
+    assert codes == [0, 0, 0], lines
+    assert_same_tensors(out, expected)
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == len(expected)
+
+
+def _same_error_everywhere(codes, lines, code, words):
+    assert codes == [code] * len(codes), (codes, lines)
+    assert all(len(ls) == 1 for ls in lines) and len({ls[0] for ls in lines}) == 1, lines
+    assert lines[0][0].startswith("pymerge: error: ") and all(w in lines[0][0] for w in words), lines
+
+
+def test_corrupt_checkpoint_fails_every_rank(fam, tmp_path):
+    root, base, fts = fam
+    bad = tmp_path / "bad"
+    shutil.copytree(fts[1], bad)
+    shard = bad / "model-00002-of-00002.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[8:24] = b"\x00garbage{{{{{{{{"
+    shard.write_bytes(bytes(raw))
+    cfg = write_cfg(tmp_path / "c.yml", linear([fts[0], bad]))
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, ["merge", cfg, out]))
+    _same_error_everywhere(codes, lines, 2, [str(shard), "header"])
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_bad_bytes_seen_by_one_rank_fail_every_rank_and_keep_out(fam, tmp_path):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", ties(base, fts))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    codes, lines = finish(launch(2, ["merge", cfg, out, "--force"], PYMERGE_TEST_FAULT="1:bad_read"))
+    _same_error_everywhere(codes, lines, 2, ["cannot read its bytes", str(fts[0])])
+    assert sorted(os.listdir(out)) == ["keep.txt"] and leftovers(out) == []
+
+
+def _wait_for(mark: Path, procs) -> int:
+    deadline = time.monotonic() + LIMIT_S
+    while not mark.exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the rank never started"
+        time.sleep(0.05)
+    time.sleep(0.1)
+    return int(mark.read_text())
+
+
+def test_killed_rank_fails_the_others_promptly(fam, tmp_path):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out, mark = tmp_path / "out", tmp_path / "mark"
+    procs = launch(2, ["merge", cfg, out], PYMERGE_TEST_FAULT="1:stall", PYMERGE_TEST_MARK=str(mark))
+    _wait_for(mark, procs)
+    t = time.monotonic()
+    procs[1].send_signal(signal.SIGKILL)
+    codes, lines = finish(procs)
+    assert time.monotonic() - t < 30  # the dead rank's closed connection, not the 60 s timeout
+    assert codes == [1, -signal.SIGKILL] and len(lines[0]) == 1 and "lost the other ranks" in lines[0][0], lines
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_killed_leader_under_torchrun_leaves_nothing_after_the_next_run(fam, tmp_path):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out, mark = tmp_path / "out", tmp_path / "mark"
+    p = torchrun(2, ["merge", cfg, out], PYMERGE_TEST_FAULT="0:stall", PYMERGE_TEST_MARK=str(mark))
+    os.kill(_wait_for(mark, [p]), signal.SIGKILL)  # rank 0, which made the temporary folder
+    p.communicate(timeout=LIMIT_S)
+    assert p.returncode != 0 and not out.exists()
+    assert len(leftovers(out)) == 1  # what a SIGKILL leaves: the dead rank 0's folder...
+    assert_same_tensors(out, single(cfg, out))  # ...which the next run clears
+    assert leftovers(out) == []
+
+
+def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
+    """E.g. nodes that hold different copies of a checkpoint: refused before anything is written."""
+    root, base, fts = fam
+    cfgs = [write_cfg(tmp_path / "a.yml", linear(fts)), write_cfg(tmp_path / "b.yml", linear(fts[::-1]))]
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, lambda r: ["merge", cfgs[r], out]))
+    _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_rank_variables_without_a_rendezvous_or_switched_off(fam, tmp_path, monkeypatch, capsys):
+    """RANK and WORLD_SIZE alone: one line naming what is missing. PYMERGE_NO_DIST=1: one process."""
+    from pymerge import cli
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["merge", str(cfg), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MASTER_ADDR, MASTER_PORT" in err[0] and "torchrun" in err[0], err
+    assert not out.exists() and leftovers(out) == []
+    monkeypatch.setenv("PYMERGE_NO_DIST", "1")
+    assert cli.main(["merge", str(cfg), str(out), "--quiet"]) == 0
+    assert_same_tensors(out, single(cfg, tmp_path / "one"))
