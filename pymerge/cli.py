@@ -1,31 +1,23 @@
 """The pymerge command: merge | demo | search | bench | doctor, and --version.
 
-Exit codes: 0 success; 2 bad input (one line on stderr naming the file, tensor or key: no
-traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
+Exit codes: 0 success; 2 bad input or a system error such as a full disk (one line on stderr
+naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
 the traceback, since that is a bug in pymerge.
 """
 import argparse
 import os
-import re
 import signal
 import sys
 from typing import List, Optional
 
-# mergekit's own --out-shard-size takes k/m/b (thousand, million, billion): "5B" is 5e9 there too.
-_UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "b": 10**9, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_size(text) -> int:
-    """'5GB' -> 5_000_000_000; '500MB', '1.5GiB', '2e9', plain bytes; mergekit's '5B' (billion)."""
-    s = str(text).strip().lower().replace("_", "")
-    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:e\+?\d+)?|\.\d+)\s*([a-z]*)", s)
-    if not m or m.group(2) not in _UNITS:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use bytes or a unit like 500MB, 5GB, 1.5GiB")
-    value = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 byte")
-    return value
+    """A size option (see pymerge/sizes.py): '5GB', '500MB', '1.5GiB', '2e9', mergekit's '5B' (billion)."""
+    from pymerge.errors import InputError
+    from pymerge.sizes import parse_size as parse
+    try:
+        return parse(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
 
 def _merge_parser(sub) -> argparse.ArgumentParser:
@@ -160,10 +152,11 @@ def _run(args) -> int:
         print("pymerge: interrupted; no output was written", file=sys.stderr)
         return 130
     except OSError as exc:
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT: the user can fix it, no traceback helps
-            print(f"pymerge: error: {exc.filename or 'output'}: {exc.strerror}", file=sys.stderr)
-            return 2
-        raise
+        if exc.errno is None:
+            raise
+        # The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
+        print(f"pymerge: error: {exc.filename or 'output'}: {exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -174,8 +167,12 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+MAX_ERROR_CHARS = 1000  # a message naming a hostile input (a 10 MB model path) is cut, not printed whole
+
+
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

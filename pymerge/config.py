@@ -14,8 +14,11 @@ their configs unchanged:
   value falls through to the next. Global (shared) parameters come from the top level only.
 
 Where pymerge is stricter than mergekit (which ignores them silently): unknown keys, unknown
-parameter names, non-finite numbers, and duplicate models are errors; per-model values of global
-parameters produce a warning (neither tool uses them).
+parameter names, non-finite numbers, parameters or weighted-sum coefficients beyond 1e6 in size
+(pymerge/methods/base.py), and duplicate models (also under other spellings of one path: ./x, x/,
+a symlink, x/model.safetensors) are errors; per-model values of global parameters produce a
+warning (neither tool uses them). A config file is read safely: a regular file of at most 10 MB,
+YAML aliases expanding to at most 100_000 values, 50 levels deep.
 
 This module needs no torch: dtypes stay names until the engine maps them.
 """
@@ -24,11 +27,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import yaml
 
-from pymerge.errors import MergeConfigError
+from pymerge.errors import InputError, MergeConfigError, short
+from pymerge.io.files import read_small
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
@@ -36,6 +40,9 @@ MODEL_KEYS = ("model", "parameters")
 CONDITION_KEYS = ("filter", "value")
 DTYPES = ("float32", "bfloat16", "float16")
 _MERGEKIT_ONLY_DTYPES = ("float64", "int64")
+MAX_CONFIG_BYTES = 10_000_000  # a merge config is a few KB
+MAX_CONFIG_NODES = 100_000     # values after alias expansion: a config with 1000 models has ~10_000
+MAX_CONFIG_DEPTH = 50
 
 Scalar = Union[bool, int, float, str]
 Setting = Union[Scalar, list, dict]
@@ -76,20 +83,62 @@ class MergeConfig:
 def load_config(path) -> MergeConfig:
     """Reads and checks a mergekit YAML file; every problem is a MergeConfigError naming the file."""
     path = str(path)
+    return parse_config(read_yaml(path), source=path)
+
+
+def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
+    """A small YAML file (a merge or search config), safely: a regular file of at most
+    MAX_CONFIG_BYTES, safe types only, aliases bounded (check_size); one-line errors."""
+    path = str(path)
+    if not os.path.lexists(path):
+        raise error(f"{path}: config file not found")
+    raw = read_small(path, error, limit=MAX_CONFIG_BYTES)  # a FIFO: refused, not waited on
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MergeConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergeConfigError(f"{path}: cannot read config: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: cannot read config: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise MergeConfigError(f"{path}: not valid YAML{at}: {problem}") from None
-    return parse_config(data, source=path)
+        raise error(f"{path}: not valid YAML{at}: {short(problem, 200)}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid YAML: nested too deeply") from None
+    check_size(data, path, error)
+    return data
+
+
+def check_size(data, source: str = "<config>", error: Type[InputError] = MergeConfigError) -> None:
+    """Rejects a config whose aliases expand to more than MAX_CONFIG_NODES values, nests deeper than
+    MAX_CONFIG_DEPTH or refers to itself. YAML aliases share one object, so a 430-byte file can
+    stand for billions of values ("billion laughs"): counted here, per shared object once, before
+    anything walks or prints the expansion."""
+    sizes: Dict[int, Optional[int]] = {}
+
+    def size(x, depth: int) -> int:
+        if not isinstance(x, (list, dict)):
+            return 1
+        if depth > MAX_CONFIG_DEPTH:
+            raise error(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+        key = id(x)
+        if key in sizes:
+            if sizes[key] is None:
+                raise error(f"{source}: a YAML alias refers to itself (a recursive structure)")
+            return sizes[key]
+        sizes[key] = None
+        items = [v for kv in x.items() for v in kv] if isinstance(x, dict) else x
+        n = 1
+        for v in items:
+            n += size(v, depth + 1)
+            if n > MAX_CONFIG_NODES:
+                raise error(f"{source}: expands to more than {MAX_CONFIG_NODES} values "
+                                       f"(YAML aliases inside aliases?); refusing to evaluate it")
+        sizes[key] = n
+        return n
+
+    size(data, 0)
 
 
 def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
@@ -97,11 +146,12 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     def err(msg):
         return MergeConfigError(f"{source}: {msg}")
 
+    check_size(data, source)
     if not isinstance(data, dict):
         raise err(f"the config must be a mapping of keys, got {_kind(data)}")
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
-        raise err(f"unknown key {unknown[0]!r} (known: {', '.join(TOP_KEYS)})")
+        raise err(f"unknown key {short(unknown[0])} (known: {', '.join(TOP_KEYS)})")
     if data.get("slices") is not None or data.get("modules") is not None:
         key = "slices" if data.get("slices") is not None else "modules"
         raise err(f"'{key}:' configs are not supported by pymerge yet; list whole models under 'models:'")
@@ -111,7 +161,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
 
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
-        raise err("'merge_method' is missing" if method is None else f"'merge_method' must be a name, got {method!r}")
+        raise err("'merge_method' is missing" if method is None else f"'merge_method' must be a name, got {short(method)}")
 
     base = data.get("base_model")
     if base is not None:
@@ -131,7 +181,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
             raise err(f"{where} must be a mapping with 'model' and 'parameters', got {_kind(entry)}")
         bad = [k for k in entry if k not in MODEL_KEYS]
         if bad:
-            raise err(f"{where}: unknown key {bad[0]!r} (known: {', '.join(MODEL_KEYS)})")
+            raise err(f"{where}: unknown key {short(bad[0])} (known: {', '.join(MODEL_KEYS)})")
         if "model" not in entry:
             raise err(f"{where}: 'model' is missing")
         path = _model_path(entry["model"], f"{where}.model", err)
@@ -149,7 +199,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     tok = data.get("tokenizer_source")
     if tok is not None:
         if tok != "base" or base is None:
-            raise err(f"tokenizer_source: {tok!r} (vocabulary merging) is not supported by pymerge; "
+            raise err(f"tokenizer_source: {short(tok)} (vocabulary merging) is not supported by pymerge; "
                       "remove it (or use 'base' with a base_model) to copy the base model's tokenizer")
         cfg.tokenizer_source = tok
         cfg.warnings.append("tokenizer_source: base: the base model's tokenizer files are copied and "
@@ -179,7 +229,7 @@ def _dtype(value, key, err) -> Optional[str]:
         return name
     if name in _MERGEKIT_ONLY_DTYPES:
         raise err(f"{key}: {name} is not supported by pymerge; use one of {', '.join(DTYPES)}")
-    raise err(f"{key}: unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+    raise err(f"{key}: unknown dtype {short(value)}; use one of {', '.join(DTYPES)}")
 
 
 def _parameters(value, where, err) -> Dict[str, Setting]:
@@ -189,7 +239,7 @@ def _parameters(value, where, err) -> Dict[str, Setting]:
         raise err(f"{where} must be a mapping of parameter names to values, got {_kind(value)}")
     for name, setting in value.items():
         if not isinstance(name, str):
-            raise err(f"{where}: parameter name {name!r} is not a string")
+            raise err(f"{where}: parameter name {short(name)} is not a string")
         _check_setting(setting, f"{where}.{name}", err)
     return dict(value)
 
@@ -212,7 +262,7 @@ def _check_setting(setting, where, err, nested=False) -> None:
     for j, cond in enumerate(setting):
         bad = [k for k in cond if k not in CONDITION_KEYS]
         if bad:
-            raise err(f"{where}[{j}]: unknown key {bad[0]!r} (a condition has 'filter' and 'value')")
+            raise err(f"{where}[{j}]: unknown key {short(bad[0])} (a condition has 'filter' and 'value')")
         if "value" not in cond:
             raise err(f"{where}[{j}]: 'value' is missing")
         if cond.get("filter") is not None and not isinstance(cond["filter"], str):
@@ -227,7 +277,9 @@ def _is_scalar(x) -> bool:
 def _kind(x) -> str:
     if x is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: f"the string {x!r}"}.get(type(x), f"{x!r}")
+    if isinstance(x, (dict, list)):
+        return "a mapping" if isinstance(x, dict) else "a list"
+    return f"the string {short(x)}" if isinstance(x, str) else short(x)
 
 
 # ---- values ----------------------------------------------------------------------------------
@@ -248,13 +300,16 @@ def coerce(value, kind: type):
             try:
                 value = float(value.strip().replace("_", ""))
             except ValueError:
-                raise ValueError(f"{value!r} is not a number") from None
+                raise ValueError(f"{short(value)} is not a number") from None
         elif not isinstance(value, (int, float)):
-            raise ValueError(f"{value!r} is not a number")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"{value} is not a finite number")
-        return value
+            raise ValueError(f"{short(value)} is not a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of 400 digits
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(f"{short(value)} is not a finite number")
+        return number
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -262,10 +317,10 @@ def coerce(value, kind: type):
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise ValueError(f"{value!r} is not a boolean")
+        raise ValueError(f"{short(value)} is not a boolean")
     if kind is str:
         if not isinstance(value, str):
-            raise ValueError(f"{value!r} is not a string")
+            raise ValueError(f"{short(value)} is not a string")
         return value
     raise TypeError(f"unsupported parameter kind {kind}")
 
@@ -365,7 +420,7 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec]) -
     def check(scope, where, allow_global: bool):
         for name, setting in scope.items():
             if name not in model_params and name not in global_params:
-                raise MergeConfigError(cfg.where(f"{where}: unknown parameter {name!r} for merge_method "
+                raise MergeConfigError(cfg.where(f"{where}: unknown parameter {short(name)} for merge_method "
                                                  f"{method.name} (known: {', '.join(known) or 'none'})"))
             if name not in model_params and not allow_global:
                 cfg.warnings.append(f"{where}: {name} is a global parameter of {method.name}; set it under the "
@@ -422,7 +477,7 @@ class ParamResolver:
             return v
         if spec.required:
             who = f"model {model.path}" if model is not None else "the merge"
-            raise MergeConfigError(self.cfg.where(f"no value of required parameter {name!r} for {who} at "
+            raise MergeConfigError(self.cfg.where(f"no value of required parameter {short(name)} for {who} at "
                                                   f"tensor {tensor_name} (set it in the model's parameters or "
                                                   f"the top-level parameters)"))
         return spec.default

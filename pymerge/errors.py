@@ -16,3 +16,31 @@ class MergeConfigError(InputError):
 class DistributedError(RuntimeError):
     """Another rank of a distributed merge failed, or was lost (it died, or a collective timed
     out). Not the user's input, but not a traceback either: the CLI prints one line, exits 1."""
+
+
+MAX_ECHO = 80  # characters of a user's value an error message repeats
+
+
+def short(value, limit: int = MAX_ECHO) -> str:
+    """repr(value), cut to ``limit`` characters: an error echoes what was wrong, never a whole
+    hostile input (a 250 MB expanded YAML alias, a 400-digit number, a binary file's bytes)."""
+    try:
+        text = repr(value) if not isinstance(value, (list, dict, tuple)) else _short_container(value, limit)
+    except RecursionError:
+        text = f"<deeply nested {type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short_container(value, limit: int) -> str:
+    # repr of a billion-laughs list would build the whole expansion first: stop at the limit.
+    out, size = [], 0
+    items = value.items() if isinstance(value, dict) else value
+    for item in items:
+        part = (f"{short(item[0], limit)}: {short(item[1], limit)}" if isinstance(value, dict)
+                else short(item, limit))
+        out.append(part)
+        size += len(part) + 2
+        if size > limit:
+            break
+    open_, close = {list: "[]", tuple: "()", dict: "{}"}.get(type(value), "[]")
+    return open_ + ", ".join(out) + close

@@ -22,9 +22,9 @@ a CPU merge with a weighted-sum method (linear, task_arithmetic) runs without it
 pymerge/streaming.py); other methods, the GPU and a `--device auto` that may find a GPU load it.
 """
 import glob
-import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,10 +34,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from pymerge import _native
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             count_layers, layer_t, load_config, parse_config)
-from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
-from pymerge.methods.base import MergeMethod, TensorTask, get_method
+from pymerge.io.files import read_json, stays_inside
+from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
+from pymerge.sizes import parse_size
 
 # Scratch memory per chunk in flight (3 in flight). CPU: the output chunk and casts; small enough
 # that the writer finds it still in cache. GPU: the pinned staging of inputs and output; big
@@ -45,6 +47,7 @@ from pymerge.methods.base import MergeMethod, TensorTask, get_method
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_GPU_CHUNK_BYTES = 128 << 20
 DEFAULT_SHARD_BYTES = 5_000_000_000
+MAX_THREADS = 4096  # the kernels' int thread counts; more is a typo
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # config value -> dtype name
 # Copied from the donor model (mergekit's list, plus vocab.json which BPE tokenizers need).
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -124,21 +127,25 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     """Merges per the config into out_dir. Raises InputError (and subclasses) for anything the user
     can fix, before any output exists; on any failure no partial output is left behind."""
     t0 = time.perf_counter()
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise InputError(f"the output folder must be a path, got {short(out_dir)}")
+    if random_seed is not None and (not isinstance(random_seed, int) or isinstance(random_seed, bool)):
+        raise InputError(f"--random-seed must be an integer, got {short(random_seed)}")
     device = pick_device(device)
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be at least 1, got {threads}")
-    if out_shard_size is None or out_shard_size <= 0:
-        raise InputError(f"--out-shard-size must be positive, got {out_shard_size}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise InputError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {short(threads)}")
+    out_shard_size = parse_size(out_shard_size, "--out-shard-size")
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES
-    if chunk_bytes < (1 << 20):
-        raise InputError(f"chunk_bytes must be at least 1 MiB, got {chunk_bytes}")
+    chunk_bytes = parse_size(chunk_bytes, "--chunk-size", minimum=1 << 20)
     if disk_merge.launched():
         return disk_merge.run_ranks(config_or_path, out_dir, device=device, out_shard_size=out_shard_size,
                                     threads=threads, force=force, quiet=quiet, chunk_bytes=chunk_bytes,
                                     random_seed=random_seed, progress=progress)
     plan = make_plan(config_or_path)
     try:
+        check_out_spares_inputs(out_dir, plan)
         entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
         with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
                            metadata={"format": "pt"}) as writer:
@@ -150,6 +157,33 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
                            plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
     finally:
         plan.close()
+
+
+def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
+    """OUT must not be, hold or lie inside anything the merge reads (a model folder, a tensor or
+    tokenizer file, the config), symlinks resolved: --force replaces OUT, and would delete it."""
+    out = Path(out_dir).resolve()
+    for what, p in _inputs_of(plan):
+        p = p.resolve()
+        if out == p or out in p.parents:
+            raise InputError(f"{out_dir}: is or holds the {what} {p}; the merge would replace it "
+                             f"(choose an OUT outside the inputs)")
+        if p in out.parents:
+            raise InputError(f"{out_dir}: lies inside the {what} {p}; choose an OUT outside the inputs")
+
+
+def _inputs_of(plan: "MergePlan"):
+    """(what, path) of everything a merge reads."""
+    for ck in {id(c): c for c in plan.checkpoints + [plan.donor]}.values():
+        if ck.path.is_dir():
+            yield "model folder", ck.path
+        for f in ck.files:
+            yield "model file", f
+    for fname in ("config.json",) + TOKENIZER_FILES:
+        if (Path(plan.donor.folder) / fname).exists():
+            yield "model file", Path(plan.donor.folder) / fname
+    if plan.config.source != "<config>" and Path(plan.config.source).exists():
+        yield "config file", Path(plan.config.source)
 
 
 def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_bytes: int, threads: Optional[int],
@@ -182,6 +216,8 @@ def op_threads(processes: int = 1) -> int:
 
 
 def pick_device(device: str) -> str:
+    if not isinstance(device, str):
+        raise InputError(f"--device must be auto, cpu or cuda, got {short(device)}")
     if device == "auto":
         if not _gpu_possible():
             return "cpu"
@@ -189,12 +225,12 @@ def pick_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
-    if device == "cuda" or device.startswith("cuda:"):
+    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
         import torch
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available (this torch: {torch.__version__})")
         return device
-    raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+    raise InputError(f"--device must be auto, cpu or cuda, got {short(device)}")
 
 
 def _gpu_possible() -> bool:
@@ -232,6 +268,7 @@ def make_plan(config_or_path) -> MergePlan:
         donor = opened.get(donor_path) or Checkpoint(donor_path)
         opened[donor_path] = donor
         labels = [s.path for s in sources]
+        _check_distinct(cfg, sources, checkpoints)
         names = check_compatible(checkpoints, labels=labels)
         if not names:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
@@ -247,11 +284,30 @@ def make_plan(config_or_path) -> MergePlan:
     return MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings))
 
 
+def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: List[Checkpoint]) -> None:
+    """One model listed twice under other spellings (./x, x/, a symlink, x/model.safetensors) would
+    silently count twice: models are the same when they read the same files."""
+    seen: Dict[frozenset, str] = {}
+    for spec, ck in zip(sources, checkpoints):
+        where = next((f"models[{i}]" for i, m in enumerate(cfg.models) if m is spec), "base_model")
+        key = frozenset(os.path.realpath(f) for f in ck.files)
+        if key in seen:
+            raise MergeConfigError(cfg.where(f"{seen[key]} and {where} ({spec.path}) are the same model; "
+                                             f"list it once"))
+        seen[key] = f"{where} ({spec.path})"
+
+
+def _same_model(a: str, b: Optional[str]) -> bool:
+    return b is not None and (a == b or os.path.realpath(a) == os.path.realpath(b))
+
+
 def _as_config(x) -> MergeConfig:
     if isinstance(x, MergeConfig):
         return x
     if isinstance(x, dict):
         return parse_config(x)
+    if not isinstance(x, (str, os.PathLike)):
+        raise MergeConfigError(f"the config must be a path, a dict or a MergeConfig, got {short(x)}")
     return load_config(x)
 
 
@@ -262,15 +318,15 @@ def _roles(cfg: MergeConfig, method: MergeMethod):
     if not listed, taking its parameters from the top level."""
     if method.base_model == "none":
         inputs = list(cfg.models)
-        if cfg.base_model and all(m.path != cfg.base_model for m in inputs):
+        if cfg.base_model and not any(_same_model(m.path, cfg.base_model) for m in inputs):
             inputs.append(ModelSpec(cfg.base_model, {}))
         return inputs, None
     if cfg.base_model is None:
         if method.base_model == "required":
             raise MergeConfigError(f"merge_method {method.name} needs a base_model")
         return list(cfg.models), None
-    base = next((m for m in cfg.models if m.path == cfg.base_model), ModelSpec(cfg.base_model, {}))
-    return [m for m in cfg.models if m.path != cfg.base_model], base
+    base = next((m for m in cfg.models if _same_model(m.path, cfg.base_model)), ModelSpec(cfg.base_model, {}))
+    return [m for m in cfg.models if not _same_model(m.path, cfg.base_model)], base
 
 
 def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base) -> TensorPlan:
@@ -301,6 +357,7 @@ def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has
     task = TensorTask(inputs=[], base=None, model_params=model_params, params=params, name=name)
     try:
         method.check_params(task)
+        check_magnitudes(method, task, labels[:len(model_params)])
     except InputError as exc:
         raise type(exc)(cfg.where(str(exc))) from None
     shape = tuple(infos[0].shape)
@@ -324,12 +381,12 @@ def _dname(dt) -> str:
 
 def _read_model_config(ck: Checkpoint) -> Optional[dict]:
     path = Path(ck.folder) / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read as JSON: {str(exc).splitlines()[0]}") from None
+    if not stays_inside(ck.folder, path):  # its contents go into the output: same rule as the tokenizer
+        raise CheckpointError(f"{path}: is a link to a file outside the model folder; copy the file "
+                              f"into the folder to use it")
+    obj = read_json(path)  # refuses a FIFO or a device, and a link that leads nowhere
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: is not a JSON object")
     return obj
@@ -361,10 +418,19 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter) -> None:
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
     for fname in TOKENIZER_FILES:
-        if (folder / fname).is_file():
+        if os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
     if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
         writer.copy_file(cfg.source, "mergekit_config.yml")
+
+
+def _side_file_ok(plan: MergePlan, folder: Path, fname: str) -> bool:
+    """A file copied from the model folder must live there: a symlink out of it is skipped (with a
+    warning), since it could carry any file the user can read into the merged model."""
+    if stays_inside(folder, folder / fname):
+        return True
+    plan.warnings.append(f"{folder / fname}: is a link to a file outside the model folder; not copied")
+    return False
 
 
 def _progress_bar(total: int, quiet: bool):

@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from pymerge import _native
+from pymerge.io.sigbus import MappingGuard
 from pymerge.methods.base import TensorTask
 
 N_SLOTS = 3              # buffers in flight: one being computed, up to two waiting for the writer
@@ -125,8 +126,9 @@ def _unique(checkpoints):
 class _Sink:
     """The writer thread: writes chunks in arrival order, then hands their buffer back."""
 
-    def __init__(self, writer, progress, on_done):
+    def __init__(self, writer, progress, on_done, guard=None):
         self.writer, self.progress, self.on_done = writer, progress, on_done
+        self.guard = guard  # MappingGuard: a chunk computed from a truncated input is never written
         self.q: "queue.Queue" = queue.Queue()
         self.error: Optional[BaseException] = None
         self._pending = 0                      # chunks queued or being written
@@ -135,6 +137,8 @@ class _Sink:
         self.thread.start()
 
     def put(self, name: str, tensor, offset: int, token, in_bytes: int, event=None) -> None:
+        if self.guard is not None:
+            self.guard.check()
         with self._idle:
             self._pending += 1
         self.q.put((name, tensor, offset, token, in_bytes, event))
@@ -206,17 +210,20 @@ def uses_torch(plan, device: str) -> bool:
 def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads: int = 0, seed: int = 0,
             progress=None) -> None:
     raw = torch_free(plan, device)
+    chunk_bytes = min(chunk_bytes, _largest_need(plan, scratch_per_element))
     free: "queue.Queue" = queue.Queue()
     for _ in range(N_SLOTS):  # pages appear only when first written
-        free.put(_raw_buffer(chunk_bytes) if raw else _torch_buffer(chunk_bytes))
+        free.put(_allocate(_raw_buffer if raw else _torch_buffer, chunk_bytes))
 
     def give_back(token):
         if token is not None:
             free.put(token)
 
-    sink = _Sink(writer, progress, give_back)
     cks = _unique(plan.checkpoints)
+    guard = MappingGuard(cks)
+    sink = _Sink(writer, progress, give_back, guard)
     try:
+        guard.start()
         tensors = plan.tensors
         if tensors:
             _prefetch(cks, tensors[0].name)
@@ -233,6 +240,22 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
     except BaseException:
         sink.abandon()
         raise
+    finally:
+        guard.stop()
+
+
+def _largest_need(plan, per_element) -> int:
+    """Bytes of the biggest chunk the plan can use: a --chunk-size above it buys nothing."""
+    return max([tp.numel * per_element(tp) + _slack(tp) for tp in plan.tensors] + [1 << 20])
+
+
+def _allocate(make, nbytes: int):
+    try:
+        return make(nbytes)
+    except (MemoryError, RuntimeError) as exc:  # numpy: MemoryError; torch: RuntimeError
+        from pymerge.errors import InputError
+        raise InputError(f"cannot allocate {N_SLOTS} chunk buffers of {nbytes} bytes "
+                         f"({type(exc).__name__}); use a smaller --chunk-size") from None
 
 
 def _torch_buffer(nbytes: int):
@@ -338,11 +361,12 @@ def run_gpu(plan, writer, *, device: str = "cuda", chunk_bytes: int, num_threads
 
 def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, readers) -> None:
     import torch
+    chunk_bytes = min(chunk_bytes, _largest_need(plan, lambda tp: max(gpu_budget(tp))))
     # Device buffers may be larger than the pinned ones (casts, narrow results) by a small factor.
     dev_bytes = 2 * chunk_bytes
     free: "queue.Queue" = queue.Queue()
     for _ in range(N_SLOTS):
-        free.put(_Slot(chunk_bytes, dev_bytes, dev))
+        free.put(_allocate(lambda n: _Slot(n, dev_bytes, dev), chunk_bytes))
     h2d, compute, d2h = torch.cuda.Stream(dev), torch.cuda.Stream(dev), torch.cuda.Stream(dev)
     pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pymerge-reader")
 
@@ -350,8 +374,10 @@ def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, reader
         if token is not None:
             free.put(token)
 
-    sink = _Sink(writer, progress, give_back)
+    guard = MappingGuard(_unique(plan.checkpoints))
+    sink = _Sink(writer, progress, give_back, guard)
     try:
+        guard.start()
         work = _gpu_work(plan, chunk_bytes, dev_bytes)
         pending = None  # (item, slot, futures) read into pinned memory, not yet sent to the GPU
         for item in work:
@@ -380,6 +406,7 @@ def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, reader
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        guard.stop()
 
 
 def _gpu_room(tp, pinned_bytes, dev_bytes) -> int:

@@ -6,12 +6,19 @@
 // (seen here: a 5-checkpoint pool materialize took 200 ms instead of 7). Here chunks are claimed
 // from a shared counter, the caller works too, and the call returns as soon as every chunk is
 // done: a worker that has not woken up yet simply finds nothing left. Idle workers sleep.
+//
+// Exceptions (as ATen's parallel_for): the first one thrown by any chunk, on any thread, is kept;
+// no further chunks start; the caller waits until every thread has left fn (fn lives on the
+// caller's stack), then rethrows it. A worker never lets one escape (that would be std::terminate).
 #include <sched.h>
 #include <algorithm>
 #include <cstdlib>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include "cpu/common.h"
 
@@ -43,15 +50,26 @@ class Pool {
     }
     wake_.notify_all();
     work();
-    std::unique_lock<std::mutex> lk(mu_);
-    idle_.wait(lk, [this] { return active_ == 0; });  // every chunk is claimed; wait for those in flight
-    seats_ = 0;  // workers waking late must not touch this job
-    fn_ = nullptr;
+    std::exception_ptr error;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      idle_.wait(lk, [this] { return active_ == 0; });  // every chunk is claimed; wait for those in flight
+      seats_ = 0;  // workers waking late must not touch this job
+      fn_ = nullptr;
+      std::swap(error, error_);
+    }
+    if (error) std::rethrow_exception(error);
   }
 
  private:
-  void work() {
-    for (int64_t b; (b = next_.fetch_add(grain_)) < n_;) (*fn_)(b, std::min(n_, b + grain_));
+  void work() noexcept {
+    try {
+      for (int64_t b; (b = next_.fetch_add(grain_)) < n_;) (*fn_)(b, std::min(n_, b + grain_));
+    } catch (...) {
+      next_.store(n_);  // nobody starts another chunk
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!error_) error_ = std::current_exception();
+    }
   }
 
   void loop() {
@@ -77,6 +95,7 @@ class Pool {
   const ChunkFn* fn_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
   std::atomic<int64_t> next_{0};
+  std::exception_ptr error_;
   int seats_ = 0, active_ = 0;
   uint64_t generation_ = 0;
   bool stop_ = false;
@@ -107,5 +126,25 @@ void parallel_for(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
   static Pool pool;
   pool.run(n, grain, threads, fn);
 }
+
+namespace {
+// Test hook: parallel_for over [0, n) whose chunk holding element `fail_at` throws. Returns the
+// number of elements processed (all n when fail_at is out of range).
+int64_t parallel_for_check(int64_t n, int64_t grain, int threads, int64_t fail_at) {
+  std::atomic<int64_t> done{0};
+  parallel_for(n, grain, threads, [&](int64_t b, int64_t e) {
+    if (b <= fail_at && fail_at < e) throw std::invalid_argument("parallel_for_check: chunk failed as asked");
+    std::this_thread::sleep_for(std::chrono::microseconds(50));  // keep the other threads inside fn
+    done += e - b;
+  });
+  return done.load();
+}
+
+void register_parallel(pybind11::module_& m) {
+  m.def("_parallel_for_check", &parallel_for_check, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "Test hook for the thread pool's exception handling (see parallel.cpp).");
+}
+PYMERGE_REGISTER(register_parallel);
+}  // namespace
 
 }  // namespace pymerge

@@ -248,6 +248,7 @@ BlockFn pick_block() {
 }
 
 constexpr int64_t kBlocksPerChunk = 16;          // 64K elements claimed at a time by a thread
+constexpr int64_t kOutputsPerPass = 64;          // outputs per pass over a block: 1 MiB of accumulators
 
 }  // namespace
 
@@ -259,9 +260,17 @@ void ws::check_codes(const std::vector<int>& in_dtypes, const std::vector<int>& 
 void ws::run_range(const Job& J, int64_t start, int64_t end) {
   static const BlockFn block = pick_block();
   thread_local std::vector<float> accs, xbuf;
-  accs.resize(size_t(J.n_out) * kBlock);
+  accs.resize(size_t(std::min(J.n_out, kOutputsPerPass)) * kBlock);
   xbuf.resize(kBlock);
-  for (int64_t b = start; b < end; b += kBlock) block(J, b, std::min(kBlock, end - b), accs.data(), xbuf.data());
+  for (int64_t b = start; b < end; b += kBlock) {
+    // Any number of outputs, kOutputsPerPass at a time: the accumulators stay bounded and the
+    // block is re-read from cache for each group.
+    for (int64_t k0 = 0; k0 < J.n_out; k0 += kOutputsPerPass) {
+      const Job G{J.in, J.in_dt, J.n_in, J.w + k0 * J.n_in, J.out + k0, J.out_dt + k0,
+                  std::min(kOutputsPerPass, J.n_out - k0), J.stream};
+      block(G, b, std::min(kBlock, end - b), accs.data(), xbuf.data());
+    }
+  }
   if (J.stream) _mm_sfence();  // make this thread's streaming stores visible before the call returns
 }
 

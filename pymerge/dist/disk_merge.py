@@ -61,7 +61,8 @@ def split_by_bytes(costs: Sequence[int], ranks: int) -> List[int]:
 def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, threads, force: bool, quiet: bool,
               chunk_bytes: int, random_seed, progress=None):
     """run_merge's distributed twin (same arguments, checked by it); returns this rank's MergeReport."""
-    from pymerge.merge import MergeReport, make_plan, op_threads, stream_plan, write_side_files
+    from pymerge.merge import (MergeReport, check_out_spares_inputs, make_plan, op_threads, stream_plan,
+                               write_side_files)
 
     t0 = time.perf_counter()
     dist, group, created = _process_group(device)
@@ -74,6 +75,7 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
 
     def prepare():
         plan = state["plan"] = make_plan(config_or_path)
+        check_out_spares_inputs(out_dir, plan)  # --force would delete an input
         state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
                                          for t in plan.tensors], world)
         tmp_dir = None

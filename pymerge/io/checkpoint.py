@@ -8,14 +8,15 @@ every mismatch is a CheckpointError naming the file and the tensor.
 torch is imported only where needed: for .bin files and for tensor(); info() and array() (the
 tensor's bytes as a numpy view) of safetensors files need none.
 """
-import json
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from pymerge import _native
-from pymerge.errors import CheckpointError
+from pymerge.errors import CheckpointError, short
+from pymerge.io.files import check_file_or_folder, open_regular, read_json
 from pymerge.io.safetensors_file import SafetensorsFile, TensorInfo
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -36,6 +37,7 @@ class TorchFile:
         import torch
         self.path = Path(path)
         self.metadata = None
+        os.close(open_regular(self.path))  # a FIFO or a device: refused before torch opens it
         try:
             state = _torch_load(self.path)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
@@ -132,6 +134,7 @@ class Checkpoint:
         self._where: Dict[str, object] = {}
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or folder")
+        check_file_or_folder(self.path)
         try:
             if self.path.is_dir():
                 self.folder = self.path
@@ -229,6 +232,11 @@ class Checkpoint:
         self._shard(name).release(name)
 
     @property
+    def shards(self) -> list:
+        """The open tensor files (SafetensorsFile or TorchFile), in the order names() walks them."""
+        return list(self._shards)
+
+    @property
     def files(self) -> List[Path]:
         """The tensor files, in the order names() walks them."""
         return [s.path for s in self._shards]
@@ -252,20 +260,17 @@ class Checkpoint:
 
 
 def _read_weight_map(index_path: Path) -> Dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{index_path}: cannot read as JSON: {str(exc).splitlines()[0]}") from None
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' object")
     for name, fname in weight_map.items():
         if not isinstance(fname, str) or not fname:
-            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {fname!r} is not a file name")
+            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {short(fname)} is not a file name")
         p = Path(fname)
         # Shards live in the folder itself; anything else is either corrupt or an attempt to escape it.
         if p.is_absolute() or len(p.parts) != 1 or fname in (".", ".."):
-            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {fname!r} is not a plain file name "
+            raise CheckpointError(f"{index_path}: tensor {name!r}: shard {short(fname)} is not a plain file name "
                                   f"in this folder")
     return weight_map
 

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from pymerge import _native
-from pymerge.errors import CheckpointError
+from pymerge.errors import CheckpointError, short
+from pymerge.io.files import open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
@@ -86,7 +87,7 @@ def _no_duplicate_keys(pairs):
     out = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {k!r}")
+            raise ValueError(f"duplicate key {short(k)}")
         out[k] = v
     return out
 
@@ -104,15 +105,14 @@ class SafetensorsFile:
         self._infos: Dict[str, TensorInfo] = {}
         self._names: List[str] = []
         self._mm: Optional[mmap.mmap] = None
+        fd = open_regular(self.path)  # a FIFO or a device: refused, never read
         try:
-            f = open(self.path, "rb")
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            self._parse(f.fileno(), size)
+            size = os.fstat(fd).st_size
+            self._parse(fd, size)
             # A file of only a header still maps fine: it is at least 8 bytes long.
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
 
     # ---- validation -------------------------------------------------------------------------
     def _error(self, problem: str, tensor: Optional[str] = None) -> CheckpointError:
@@ -123,10 +123,13 @@ class SafetensorsFile:
         if size < 8:
             raise self._error(f"file is {size} bytes, too short for a safetensors header (needs 8)")
         n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        # n comes from the file's first 8 bytes: never echoed, it would print a text file's contents.
         if n > MAX_HEADER_BYTES:
-            raise self._error(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            raise self._error(f"not a safetensors file: the header length in its first 8 bytes exceeds "
+                              f"the {MAX_HEADER_BYTES}-byte limit")
         if 8 + n > size:
-            raise self._error(f"header length {n} runs past the end of the file ({size} bytes)")
+            raise self._error(f"not a safetensors file (or truncated): the header length in its first 8 "
+                              f"bytes runs past the end of the file ({size} bytes)")
         raw = os.pread(fd, n, 8)
         try:
             text = raw.decode("utf-8")
@@ -149,7 +152,7 @@ class SafetensorsFile:
                 raise self._error(f"__metadata__ is a {type(meta).__name__}, not a map of strings")
             for k, v in meta.items():
                 if not isinstance(v, str):
-                    raise self._error(f"__metadata__ value of {k!r} is a {type(v).__name__}, not a string")
+                    raise self._error(f"__metadata__ value of {short(k)} is a {type(v).__name__}, not a string")
             self.metadata = meta
 
         data_size = size - 8 - n
@@ -169,12 +172,12 @@ class SafetensorsFile:
         if code in _UNSUPPORTED_DTYPES:
             raise self._error(f"dtype {code} (sub-byte) is not supported", name)
         if not isinstance(code, str) or code not in _native.SAFETENSORS_TO_NAME:
-            raise self._error(f"unknown dtype {code!r}", name)
+            raise self._error(f"unknown dtype {short(code)}", name)
         dtype = _native.SAFETENSORS_TO_NAME[code]
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise self._error(f"shape {json.dumps(shape)} is not a list of non-negative integers", name)
+            raise self._error(f"shape {short(shape)} is not a list of non-negative integers", name)
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)):
-            raise self._error(f"data_offsets {json.dumps(offsets)} is not a pair of non-negative integers", name)
+            raise self._error(f"data_offsets {short(offsets)} is not a pair of non-negative integers", name)
         begin, end = offsets
         if begin > end:
             raise self._error(f"data_offsets [{begin}, {end}] end before they begin", name)
@@ -284,6 +287,11 @@ class SafetensorsFile:
             mm.madvise(option, start, info.file_offset + info.nbytes - start)
         except OSError:
             pass  # advice only: never worth failing a merge over
+
+    def mapped_range(self) -> Tuple[int, int]:
+        """(address, length) of the file's memory map (for pymerge/io/sigbus.py)."""
+        mm = self._require_open()
+        return np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0], len(mm)
 
     def _require_open(self) -> mmap.mmap:
         if self._mm is None:

@@ -19,6 +19,7 @@ fsync at commit, which still comes before the rename, finds little left to flush
 """
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
-from pymerge.errors import InputError
+from pymerge.errors import InputError, short
+from pymerge.io.files import open_regular
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -88,15 +90,19 @@ class ShardedWriter:
                 raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
             if not self.out_dir.parent.is_dir():
                 raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} does not exist")
+            _check_name(self.out_dir)
             _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
             _check_out(self.out_dir, force)
-            self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{_TMP_TAG}{os.getpid()}"
+            self.tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
             self._check_space()
             try:
                 os.mkdir(self.tmp_dir)
             except FileExistsError:
                 raise InputError(f"{self.out_dir}: another writer in this process is writing it "
                                  f"({self.tmp_dir} exists)") from None
+            except OSError as exc:  # a read-only or foreign parent folder
+                raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
+                                 f"{exc.strerror or exc}") from None
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self._inflight = 0
@@ -280,12 +286,19 @@ class ShardedWriter:
         """Adds a copy of ``src`` (a tokenizer file, say) to the output as ``relname``."""
         src = Path(src)
         path = self._extra_path(relname if relname is not None else src.name)
+        fd = open_regular(src, InputError)  # a FIFO or a device: refused, never read
         try:
-            shutil.copyfile(src, path)
+            # The copy is no more readable than the source (a 0600 file stays 0600), never executable.
+            mode = os.fstat(fd).st_mode & 0o666
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+            with os.fdopen(out, "wb") as f_out, os.fdopen(fd, "rb", closefd=False) as f_in:
+                shutil.copyfileobj(f_in, f_out, 1 << 20)
+                f_out.flush()
+                os.fsync(f_out.fileno())
         except OSError as exc:
             raise InputError(f"{src}: cannot copy into the output: {exc.strerror or exc}") from None
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        finally:
+            os.close(fd)
         return path
 
     def _extra_path(self, relname: str) -> Path:
@@ -376,7 +389,7 @@ class ShardedWriter:
             return
         # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
         # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
-        aside = parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
+        aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
         os.rename(out, aside)
         os.rename(tmp, out)
         _fsync_dir(parent)
@@ -449,6 +462,25 @@ def _check_out(out: Path, force: bool) -> None:
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
 
 
+def _check_name(out: Path) -> None:
+    try:
+        name_max = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    if len(os.fsencode(out.name)) > name_max:
+        raise InputError(f"{short(out.name)}: the output folder's name is longer than the {name_max} "
+                         f"bytes this filesystem allows")
+
+
+def _beside(out: Path, tag: str) -> str:
+    """'.<OUT's name><tag>', the prefix of the folders written beside OUT (a pid follows). A name
+    near NAME_MAX is cut and hashed so that the prefix and the pid still fit in one name."""
+    raw = os.fsencode(out.name)
+    if len(raw) + len(tag) + 1 + 20 > 255:
+        raw = raw[:64] + b"-" + hashlib.sha256(raw).hexdigest()[:16].encode()
+    return f".{os.fsdecode(raw)}{tag}"
+
+
 def _is_empty_dir(path: Path) -> bool:
     # A symlink counts as occupied: renaming a folder onto it fails, and replacing it needs --force.
     if path.is_symlink() or not path.is_dir():
@@ -482,7 +514,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale(out: Path) -> None:
     """Clears what writers killed mid-run left beside OUT (their pid is gone): half-written temp
     folders go; an old OUT stranded aside by a crash mid-replace goes back if OUT is missing."""
-    tmp_prefix, old_prefix = f".{out.name}{_TMP_TAG}", f".{out.name}{_OLD_TAG}"
+    tmp_prefix, old_prefix = _beside(out, _TMP_TAG), _beside(out, _OLD_TAG)
     try:
         entries = list(os.scandir(out.parent))
     except OSError:

@@ -96,6 +96,28 @@ class MergeMethod:
         raise NotImplementedError
 
 
+# No merge needs a parameter or a coefficient this large, and beyond it float32 arithmetic turns
+# ordinary (finite) weights into inf, NaN or noise: a weight, lambda or t of 1e300 is a typo.
+MAX_MAGNITUDE = 1e6
+
+
+def check_magnitudes(method: MergeMethod, task: TensorTask, labels: Optional[List[str]] = None) -> None:
+    """Every resolved number (parameters and, for weighted sums, the computed coefficients) of one
+    tensor is at most MAX_MAGNITUDE in size; else a MergeConfigError naming parameter and tensor."""
+    labels = labels or [f"model {i}" for i in range(len(task.model_params))]
+    found = [(f"parameter {k}", v) for k, v in task.params.items()]
+    found += [(f"{label}: parameter {k}", v) for label, mp in zip(labels, task.model_params) for k, v in mp.items()]
+    weights_for = getattr(method, "weights_for", None)
+    if callable(weights_for):
+        order, coef = weights_for(task)
+        names = labels + ["base_model"]
+        found += [(f"coefficient of {names[i] if i < len(names) else i}", c) for i, c in zip(order, coef)]
+    for what, v in found:
+        if isinstance(v, float) and not abs(v) <= MAX_MAGNITUDE:  # NaN fails the test too
+            raise MergeConfigError(f"tensor {task.name}: {what} is {v:g}; values beyond {MAX_MAGNITUDE:g} "
+                                   f"make a non-finite or meaningless model")
+
+
 _REGISTRY: Dict[str, MergeMethod] = {}
 
 

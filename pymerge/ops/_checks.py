@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
+from pymerge.errors import short
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
 
@@ -42,7 +43,7 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
     try:
         values = [float(w) for w in weights]
     except (TypeError, ValueError):
-        raise TypeError(f"{what} must be numbers, got {weights!r}") from None
+        raise TypeError(f"{what} must be numbers, got {short(weights)}") from None
     if len(values) != n:
         raise ValueError(f"got {len(values)} {what} for {n} inputs")
     for i, w in enumerate(values):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pymerge._native import OUTPUT_DTYPES
-from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.ops._versions import mark_written
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
@@ -88,7 +88,10 @@ class CheckpointPool:
             raise InputError("a CheckpointPool needs at least one source")
         if dtype is not None and dtype not in OUTPUT_DTYPES:
             raise InputError(f"dtype {dtype} is not a storage dtype the kernels read; use float32, float16 or bfloat16")
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {short(device)}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {device!r} asked for, but CUDA is not available")
         if self.device.type not in ("cpu", "cuda"):

@@ -23,6 +23,9 @@ class DictSource:
         for k, v in state.items():
             if not isinstance(v, torch.Tensor):
                 raise InputError(f"{label}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            if v.device.type == "meta":  # a model built on the meta device has shapes but no weights
+                raise InputError(f"{label}: tensor {k!r} is on the meta device and holds no data; load "
+                                 f"the weights first")
             self._state[k] = v.detach()
 
     def names(self) -> List[str]:

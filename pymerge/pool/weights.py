@@ -2,7 +2,6 @@
 
 Everything here runs on the host before anything is written, so a bad weight never reaches a model.
 """
-import math
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -10,7 +9,9 @@ import numpy as np
 import torch
 
 from pymerge.config import layer_of  # one layer rule for configs and pool alike
-from pymerge.errors import InputError
+from pymerge.errors import InputError, short
+from pymerge.methods.base import MAX_MAGNITUDE
+from pymerge.sizes import parse_size
 
 GroupRule = Union[None, str, Callable[[str], int], Dict[str, int]]
 
@@ -38,10 +39,10 @@ def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:
     elif callable(rule):
         out = [rule(n) for n in names]
     else:
-        raise InputError(f"groups must be 'layer', a dict name -> group or a function, got {rule!r}")
+        raise InputError(f"groups must be 'layer', a dict name -> group or a function, got {short(rule)}")
     for n, g in zip(names, out):
         if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 0:
-            raise InputError(f"groups: tensor {n!r} got group {g!r}; groups are integers >= 0")
+            raise InputError(f"groups: tensor {n!r} got group {short(g)}; groups are integers >= 0")
     return [int(g) for g in out]
 
 
@@ -52,7 +53,7 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
     try:
         table = np.array(weights, dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(f"{what} must be numbers, got {weights!r}") from None
+        raise InputError(f"{what} must be numbers, got {short(weights)}") from None
     if table.ndim == 1:
         table = table[None, :]
     if table.ndim != 2:
@@ -70,6 +71,12 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
         if len(tiny):
             raise InputError(f"{what}: row {tiny[0]} sums to {sums[tiny[0], 0]:g}; cannot normalize it to one")
         table = table / sums
+    big = np.argwhere(np.abs(table) > MAX_MAGNITUDE)
+    if len(big):  # float32 kernels would turn it into inf or noise: a typo, not a merge
+        g, i = big[0]
+        where = f"[{i}]" if table.shape[0] == 1 else f"[{g}][{i}]"
+        raise InputError(f"{what}{where} is {table[g, i]:g}{' after normalizing' if normalize else ''}; "
+                         f"weights beyond {MAX_MAGNITUDE:g} make a non-finite or meaningless model")
     return table
 
 
@@ -83,16 +90,6 @@ def check_groups(groups: List[int], names: Sequence[str], n_rows: int, what: str
 
 
 def parse_bytes(budget) -> Optional[int]:
-    """memory_budget as bytes: an int, a float, or a string such as '12GB', '512MiB', '2e9'."""
-    if budget is None:
-        return None
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        if not math.isfinite(budget) or budget < 0:
-            raise InputError(f"memory_budget must be >= 0 bytes, got {budget}")
-        return int(budget)
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(budget))
-    if not m:
-        raise InputError(f"memory_budget {budget!r} is not a size (try 8GB, 512MiB or a number of bytes)")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * base ** power)
+    """memory_budget as bytes (None: no cap): an int, a float, or a string such as '12GB', '512MiB',
+    '2e9', read as every size in pymerge is (pymerge/sizes.py)."""
+    return None if budget is None else parse_size(budget, "memory_budget", minimum=0)

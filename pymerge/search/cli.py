@@ -23,7 +23,8 @@ import sys
 import torch
 import yaml
 
-from pymerge.errors import InputError
+from pymerge.config import read_yaml
+from pymerge.errors import InputError, short
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
         "method_params", "search", "state_path", "out"}
@@ -32,38 +33,32 @@ _SEARCH = {"budget", "popsize", "sigma0", "seed", "groups", "normalize", "replic
 
 def load_entry_point(spec: str, what: str):
     if not isinstance(spec, str) or ":" not in spec:
-        raise InputError(f"{what}: expected 'module:function', got {spec!r}")
+        raise InputError(f"{what}: expected 'module:function', got {short(spec)}")
     mod, _, fn = spec.partition(":")
     try:
         obj = importlib.import_module(mod)
     except ImportError as exc:
-        raise InputError(f"{what}: cannot import module {mod!r} ({exc})") from None
+        raise InputError(f"{what}: cannot import module {short(mod)} ({exc})") from None
     for part in fn.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"{what}: module {mod!r} has no attribute {fn!r}")
+            raise InputError(f"{what}: module {short(mod)} has no attribute {short(fn)}")
         obj = getattr(obj, part)
     return obj
 
 
 def _load_config(path: str) -> dict:
-    try:
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read config ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    cfg = read_yaml(path, InputError)  # bounded: no FIFO, no billion laughs
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: the config must be a mapping")
     unknown = sorted(set(cfg) - _TOP)
     if unknown:
-        raise InputError(f"{path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(_TOP))}")
+        raise InputError(f"{path}: unknown key {short(unknown[0])}; known: {', '.join(sorted(_TOP))}")
     for key in ("sources", "model", "evaluate"):
         if key not in cfg:
             raise InputError(f"{path}: missing key {key!r}")
     bad = sorted(set(cfg.get("search") or {}) - _SEARCH)
     if bad:
-        raise InputError(f"{path}: unknown search key {bad[0]!r}; known: {', '.join(sorted(_SEARCH))}")
+        raise InputError(f"{path}: unknown search key {short(bad[0])}; known: {', '.join(sorted(_SEARCH))}")
     return cfg
 
 
@@ -72,7 +67,7 @@ def _dtype(name):
         return None
     d = getattr(torch, str(name), None)
     if not isinstance(d, torch.dtype):
-        raise InputError(f"dtype {name!r} is not a torch dtype")
+        raise InputError(f"dtype {short(name)} is not a torch dtype")
     return d
 
 

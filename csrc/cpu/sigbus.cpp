@@ -1,0 +1,106 @@
+// A SIGBUS guard for the memory-mapped inputs of a merge.
+//
+// Reading a mapped page past the end of a file that shrank after it was mapped (another process
+// truncated a checkpoint mid-merge) raises SIGBUS, which kills the process: no error, and the
+// temporary output is left behind. Kernels read the mappings directly (no copy: that is the
+// merge's speed), on any thread, in our code or torch's, so no try/catch or longjmp can reach them.
+// Instead, for a fault inside a registered mapping, the handler maps anonymous zero pages over the
+// rest of that mapping (MAP_FIXED) and records the address; the faulting load then reads zeros and
+// the merge goes on to its next check (pymerge/io/sigbus.py), which sees the hit, names the file
+// and aborts: the zeros never reach a committed model. Faults anywhere else go to the previous
+// handler (faulthandler, or the default action) as before.
+//
+// The handler only reads atomics and calls mmap(2), a plain system call on Linux.
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include "cpu/common.h"
+
+namespace pymerge {
+namespace {
+
+constexpr int kMaxRanges = 4096;  // mapped files guarded at once (shards of every input)
+
+struct Range {
+  std::atomic<uintptr_t> begin{0}, end{0};
+};
+Range g_ranges[kMaxRanges];
+std::atomic<uint64_t> g_hits{0};
+std::atomic<uintptr_t> g_last_fault{0};
+struct sigaction g_previous;
+std::mutex g_mu;  // registration and installation (never taken in the handler)
+
+void forward(int sig, siginfo_t* info, void* ctx) {
+  if (g_previous.sa_flags & SA_SIGINFO) {
+    if (g_previous.sa_sigaction) return g_previous.sa_sigaction(sig, info, ctx);
+  } else if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN) {
+    return g_previous.sa_handler(sig);
+  }
+  signal(sig, SIG_DFL);  // return: the faulting access repeats and the default action ends the process
+}
+
+void on_sigbus(int sig, siginfo_t* info, void* ctx) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
+  for (auto& r : g_ranges) {
+    const uintptr_t b = r.begin.load(std::memory_order_acquire), e = r.end.load(std::memory_order_acquire);
+    if (b == 0 || addr < b || addr >= e) continue;
+    const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+    const uintptr_t start = addr & ~(page - 1);
+    void* p = mmap(reinterpret_cast<void*>(start), e - start, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                   -1, 0);
+    if (p == MAP_FAILED) break;  // cannot patch it: let the previous handler deal with it
+    g_last_fault.store(addr);
+    g_hits.fetch_add(1);
+    return;
+  }
+  forward(sig, info, ctx);
+}
+
+// (Re)installs the handler if someone replaced it since; keeps what was there to forward to.
+void install() {
+  std::lock_guard<std::mutex> lk(g_mu);
+  struct sigaction now;
+  sigaction(SIGBUS, nullptr, &now);
+  if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_sigbus) return;
+  struct sigaction sa = {};
+  sa.sa_sigaction = on_sigbus;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(SIGBUS, &sa, &g_previous) != 0) throw std::runtime_error("sigaction(SIGBUS) failed");
+}
+
+int add_range(uintptr_t begin, uint64_t length) {
+  if (begin == 0 || length == 0) throw std::invalid_argument("sigbus guard: empty range");
+  install();
+  std::lock_guard<std::mutex> lk(g_mu);
+  for (int i = 0; i < kMaxRanges; ++i) {
+    if (g_ranges[i].begin.load() != 0) continue;
+    g_ranges[i].end.store(begin + length, std::memory_order_release);
+    g_ranges[i].begin.store(begin, std::memory_order_release);
+    return i;
+  }
+  throw std::runtime_error("sigbus guard: too many mapped files at once");
+}
+
+void remove_range(int slot) {
+  if (slot < 0 || slot >= kMaxRanges) throw std::invalid_argument("sigbus guard: bad slot");
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_ranges[slot].begin.store(0, std::memory_order_release);
+  g_ranges[slot].end.store(0, std::memory_order_release);
+}
+
+void register_sigbus(pybind11::module_& m) {
+  m.def("sigbus_guard_add", &add_range, pybind11::arg("address"), pybind11::arg("length"),
+        "Guards a read-only file mapping: a SIGBUS inside it reads zeros and is counted. Returns a slot.");
+  m.def("sigbus_guard_remove", &remove_range, pybind11::arg("slot"));
+  m.def("sigbus_guard_hits", [] { return std::make_pair(g_hits.load(), g_last_fault.load()); },
+        "(faults patched so far, address of the last one).");
+}
+PYMERGE_REGISTER(register_sigbus);
+
+}  // namespace
+}  // namespace pymerge

@@ -1,0 +1,92 @@
+"""Opening what a user names, safely: regular files only (a FIFO would block forever, a device
+never end), bounded reads of small files, JSON without RecursionError.
+
+Every failure is a CheckpointError (or the caller's error class) naming the path.
+"""
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Type
+
+from pymerge.errors import CheckpointError, InputError
+
+MAX_SMALL_FILE = 100_000_000  # config.json, index, YAML: bigger is not a config, and would be read whole
+
+
+def kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_file_or_folder(path, error: Type[InputError] = CheckpointError) -> None:
+    """A model path must be a regular file or a folder (symlinks followed); never a FIFO or device."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise error(f"{path}: cannot access: {exc.strerror or exc}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise error(f"{path}: is {kind_of(mode)}, not a model file or folder")
+
+
+def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
+    """A read-only fd of a regular file. O_NONBLOCK: opening a FIFO returns at once instead of
+    waiting for a writer; fstat then refuses it (and any device) before a byte is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot open: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path}: is {kind_of(mode)}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX_SMALL_FILE) -> bytes:
+    """The whole of a small regular file (a config, an index): refuses FIFOs, devices, huge files."""
+    fd = open_regular(path, error)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise error(f"{path}: is {size} bytes; more than the {limit}-byte limit for this kind of file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:  # grew while we read
+            raise error(f"{path}: more than the {limit}-byte limit for this kind of file")
+        return data
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def read_json(path, error: Type[InputError] = CheckpointError):
+    """A small JSON file, parsed; every problem (I/O, not UTF-8, not JSON, nested too deeply) is one line."""
+    data = read_small(path, error)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: is not UTF-8 text (byte {exc.start})") from None
+    except ValueError as exc:
+        raise error(f"{path}: cannot read as JSON: {str(exc).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise error(f"{path}: cannot read as JSON: nested too deeply") from None
+
+
+def stays_inside(folder, path) -> bool:
+    """True when ``path`` (a file in the model folder), symlinks resolved, is still inside the folder,
+    or inside the blobs of a Hugging Face cache (models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>).
+    A link leaving the folder could copy any file the user can read (~/.ssh/...) into a shared merge."""
+    root, target = Path(folder).resolve(), Path(path).resolve()
+    if target == root or root in target.parents:
+        return True
+    return root.parent.name == "snapshots" and root.parent.parent / "blobs" in target.parents

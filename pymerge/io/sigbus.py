@@ -1,0 +1,67 @@
+"""Turns an input file truncated during a merge into a CheckpointError instead of a SIGBUS crash.
+
+The kernels read the checkpoints' memory maps directly. While a merge runs, every mapped file is
+registered with the native guard (csrc/cpu/sigbus.cpp): a read past the file's new end then sees
+zeros instead of killing the process, and check(), called before each computed chunk is handed to
+the writer, raises for it, so the merge aborts and its temporary folder goes, as on any error.
+
+Without the C++ extension there is no guard (a truncated input still kills the process).
+"""
+import os
+from typing import List, Optional, Tuple
+
+from pymerge import _native
+from pymerge.errors import CheckpointError
+
+
+class MappingGuard:
+    """Context manager over checkpoints' mapped files; check() raises if one shrank under us."""
+
+    def __init__(self, checkpoints):
+        self._files = [s for ck in checkpoints for s in ck.shards if hasattr(s, "mapped_range")]
+        self._ext = _native.cpu if hasattr(_native.cpu, "sigbus_guard_add") else None
+        self._ranges: List[Tuple[int, int, object]] = []  # (begin, end, file)
+        self._slots: List[int] = []
+        self._hits: Optional[int] = None
+
+    def start(self) -> "MappingGuard":
+        if self._ext is None or self._slots:
+            return self
+        self._hits = self._ext.sigbus_guard_hits()[0]
+        try:
+            for f in self._files:
+                begin, length = f.mapped_range()
+                self._slots.append(self._ext.sigbus_guard_add(begin, length))
+                self._ranges.append((begin, begin + length, f))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check(self) -> None:
+        if self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits:
+            return
+        _, address = self._ext.sigbus_guard_hits()
+        for begin, end, f in self._ranges:
+            if begin <= address < end or _size(f.path) < end - begin:
+                raise CheckpointError(f"{f.path}: the file shrank while being merged (another program "
+                                      f"truncated or rewrote it); no output was written")
+        # A fault in some other merge's file (another thread): not ours.
+
+    def stop(self) -> None:
+        slots, self._slots = self._slots, []
+        for slot in slots:
+            self._ext.sigbus_guard_remove(slot)
+
+    def __enter__(self) -> "MappingGuard":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1

@@ -1,0 +1,126 @@
+"""Crashes a user could cause (issue 8): many outputs, exceptions in the thread pool, an input
+truncated while a merge reads it. Each must be an error, never a dead process."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_factory as lf
+from pymerge import _native
+from pymerge.ops.weighted_sum import weighted_sum_many
+from test_cli import ROOT, SLOW_DIMS, write_cfg
+
+needs_cpu_ext = pytest.mark.skipif(_native.cpu is None, reason="the C++ extension is not built")
+
+
+@needs_cpu_ext
+def test_weighted_sum_many_with_more_than_65536_outputs():
+    backend = "cpu"
+    """Was a segmentation fault on the CPU: accumulators capped at 65536 outputs, the loop not."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(37, generator=g).to(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    k = 65536 + 67
+    rows = torch.randn(k, 3, generator=g)
+    outs = weighted_sum_many(xs, rows, out_dtype=torch.float32, backend=backend)
+    ref = rows.double() @ torch.stack([x.double() for x in xs])
+    got = torch.stack(outs).double()
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[-1], weighted_sum_many(xs, rows[-1:], out_dtype=torch.float32, backend=backend)[0])
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("outputs", [1, 63, 64, 65, 129])
+def test_output_groups_agree_with_single_outputs(outputs):
+    """Outputs go kOutputsPerPass (64) at a time: each must equal its own one-output call, bit for bit."""
+    g = torch.Generator().manual_seed(outputs)
+    xs = [torch.randn(4099, generator=g).bfloat16() for _ in range(3)]
+    rows = torch.randn(outputs, 3, generator=g)
+    outs = weighted_sum_many(xs, rows, backend="cpu")
+    for r, o in zip(rows, outs):
+        assert torch.equal(o, weighted_sum_many(xs, r[None], backend="cpu")[0])
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("fail_at", [0, 12_345, 99_999])
+def test_thread_pool_rethrows_a_workers_exception_in_the_caller(threads, fail_at):
+    """Was std::terminate (a worker's exception) or a use-after-return (the caller's)."""
+    ext = _native.require_cpu()
+    for _ in range(3):  # and the pool still works afterwards
+        with pytest.raises(ValueError, match="chunk failed as asked"):
+            ext._parallel_for_check(100_000, 100, threads, fail_at)
+        assert ext._parallel_for_check(100_000, 100, threads, -1) == 100_000
+
+
+_TRUNCATE_DURING_MERGE = r"""
+import os, sys
+from pymerge.merge import run_merge
+from pymerge.errors import InputError
+cfg, out, victim = sys.argv[1:4]
+
+class TruncateAfterFirstChunk:  # the writer thread calls update() once a chunk is on disk
+    done = False
+    def update(self, n):
+        if not self.done:
+            self.done = True
+            os.truncate(victim, 4096)
+
+try:
+    run_merge(cfg, out, quiet=True, chunk_bytes=1 << 20, progress=TruncateAfterFirstChunk(), threads=1)
+except InputError as e:
+    print("pymerge: error:", e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.fixture(scope="module")
+def big_family(tmp_path_factory):
+    return lf.make_family(tmp_path_factory.mktemp("big"), n_finetunes=2, dims=SLOW_DIMS)
+
+
+@needs_cpu_ext
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["linear", "ties"])  # the torch-free executor and the torch one
+def test_input_truncated_during_the_merge_is_an_error(tmp_path, big_family, method):
+    """Was SIGBUS: the process died and left its temporary folder. Deterministic: the file is cut
+    after the first chunk is written, and the merge has only 3 chunks in flight of many."""
+    base, fts = big_family
+    fts = [Path(shutil.copytree(m, tmp_path / m.name)) for m in fts]
+    models = [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in fts]
+    if method == "linear":
+        models = [{"model": m["model"], "parameters": {"weight": 1.0}} for m in models]
+    cfg = write_cfg(tmp_path / "c.yml", {"merge_method": method, "models": models,
+                                         **({"base_model": str(base)} if method == "ties" else {})})
+    out, victim = tmp_path / "out", fts[1] / "model.safetensors"
+    p = subprocess.run([sys.executable, "-c", _TRUNCATE_DURING_MERGE, str(cfg), str(out), str(victim)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "shrank while being merged" in p.stderr and str(victim) in p.stderr
+    assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".out")] == []
+
+
+_FAULT_OUTSIDE_THE_GUARD = r"""
+import mmap, os, sys
+from pymerge.io import Checkpoint
+from pymerge.io.sigbus import MappingGuard
+guarded, other = sys.argv[1:3]
+with MappingGuard([Checkpoint(guarded)]):
+    with open(other, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    os.truncate(other, 0)
+    print(mm[100])  # not a merge input: the usual SIGBUS
+"""
+
+
+@needs_cpu_ext
+def test_the_guard_leaves_other_faults_alone(tmp_path):
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x" * 65536)
+    p = subprocess.run([sys.executable, "-c", _FAULT_OUTSIDE_THE_GUARD, str(fts[0]), str(other)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == -7, (p.returncode, p.stderr[-2000:])  # SIGBUS

@@ -1,0 +1,486 @@
+"""A hostile or careless user (issue 8): inputs never deleted, no crash, no hang, no traceback,
+no leak, no silently wrong merge. Each case is exit 2 with one line naming the problem."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import llama_factory as lf
+from pymerge import cli
+from pymerge.errors import InputError
+from pymerge.sizes import parse_size
+from test_cli import ROOT, assert_rejected, leftovers, linear, run_cli, write_cfg
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    base, fts = lf.make_family(root, n_finetunes=2)
+    return root, base, fts
+
+
+def _tree(path: Path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+
+
+# ---- one size parser -------------------------------------------------------------------------
+@pytest.mark.parametrize("text, value", [("5GB", 5 * 10**9), ("5B", 5 * 10**9), ("5 gb", 5 * 10**9),
+                                         ("1.5GiB", 1610612736), ("512MiB", 512 << 20), ("2e9", 2 * 10**9),
+                                         ("123", 123), (4096, 4096), (2.5e3, 2500), ("1_000k", 10**6)])
+def test_sizes_mean_the_same_in_the_cli_and_the_pool(text, value):
+    from pymerge.pool.weights import parse_bytes
+    assert parse_size(text) == value
+    assert cli.parse_size(text) == value
+    assert parse_bytes(text) == value  # was 5 bytes for "5B" in the pool, 5e9 on the command line
+
+
+@pytest.mark.parametrize("text", ["1e400", "1e30", "9" * 400, ".", "", "GB", "-1", "5 parsecs", "nan",
+                                  float("inf"), float("nan"), 10**400, True, None, [1], "1e999999999"])
+def test_bad_sizes_are_input_errors(text):
+    with pytest.raises(InputError) as e:
+        parse_size(text, "memory_budget")
+    assert "memory_budget" in str(e.value) and len(str(e.value)) < 200
+
+
+def test_pool_memory_budget_errors_are_input_errors():
+    from pymerge.pool import CheckpointPool
+    sds = [{"w": torch.ones(3)}, {"w": torch.zeros(3)}]
+    for bad in (".", "1e400", float("inf"), -1):
+        with pytest.raises(InputError, match="memory_budget"):
+            CheckpointPool(sds, memory_budget=bad)
+
+
+@pytest.mark.parametrize("flag, value, words", [("--chunk-size", "1e30", ["chunk-size", "1e30"]),
+                                                ("--out-shard-size", "1e400", ["out-shard-size", "1e400"]),
+                                                ("--chunk-size", ".", ["chunk-size"])])
+def test_absurd_size_options_are_usage_errors(fam, tmp_path, capsys, flag, value, words):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["merge", str(cfg), str(tmp_path / "out"), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and all(w in err for w in words)
+
+
+def test_a_huge_chunk_size_is_clamped_to_what_the_model_needs(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--chunk-size", "1TB", "--quiet"], capsys)
+    assert rc == 0, err  # was numpy's MemoryError: 3 buffers of 1 TB
+    ref = run_cli(["merge", cfg, tmp_path / "ref", "--quiet"], capsys)
+    assert ref[0] == 0
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_merge_api_sizes_are_input_errors(fam, tmp_path):
+    from pymerge.merge import run_merge
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    for kw in ({"chunk_bytes": "1e400"}, {"chunk_bytes": 1e300}, {"out_shard_size": "."},
+               {"out_shard_size": float("inf")}, {"threads": 1.5}):
+        with pytest.raises(InputError):
+            run_merge(cfg, tmp_path / "out", quiet=True, **kw)
+    assert run_merge(cfg, tmp_path / "out", quiet=True, chunk_bytes="2MiB", out_shard_size="100KB").tensors
+
+
+# ---- --force never deletes an input ------------------------------------------------------------
+@pytest.fixture
+def workdir(fam, tmp_path):
+    """Models and config side by side in one folder, the way people keep them."""
+    root, base, fts = fam
+    work = tmp_path / "work"
+    work.mkdir()
+    for m in fts:
+        shutil.copytree(m, work / m.name)
+    cfg = write_cfg(work / "cfg.yml", linear([m.name for m in fts]))
+    return work, cfg, [work / m.name for m in fts]
+
+
+@pytest.mark.parametrize("out", [".", "ft1", "ft1/", "./ft1/merged", "cfg.yml", "..", "link_to_ft1",
+                                 "ft1/model.safetensors"])
+def test_force_refuses_an_out_that_is_holds_or_lies_in_an_input(workdir, capsys, monkeypatch, out):
+    work, cfg, models = workdir
+    os.symlink("ft1", work / "link_to_ft1")
+    monkeypatch.chdir(work)
+    before = _tree(work)
+    rc, err = run_cli(["merge", "cfg.yml", out, "--force", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "input" in err, err
+    assert _tree(work) == before  # every model and the config still there, byte for byte
+    assert leftovers(work / "ft1") == [] and not (work / "ft1" / "merged").exists()
+
+
+def test_force_still_replaces_an_ordinary_out(workdir, capsys, monkeypatch):
+    work, cfg, models = workdir
+    monkeypatch.chdir(work)
+    (work / "merged").mkdir()
+    (work / "merged" / "old.txt").write_text("old")
+    rc, err = run_cli(["merge", "cfg.yml", "merged", "--force", "--quiet"], capsys)
+    assert rc == 0, err
+    assert (work / "merged" / "model.safetensors").is_file() and not (work / "merged" / "old.txt").exists()
+
+
+# ---- denial of service: aliases, FIFOs, huge echoes ----------------------------------------------
+def _laughs(levels: int = 12) -> str:
+    parts = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "merge_method: [" + ", ".join(parts) + "]\nmodels: [m]\n"
+
+
+@pytest.mark.parametrize("key", ["merge_method", "models", "parameters"])
+def test_billion_laughs_is_rejected_fast_with_a_short_message(tmp_path, capsys, key):
+    import time
+    text = _laughs().replace("merge_method:", f"{key}:", 1)
+    if key != "merge_method":
+        text = "merge_method: linear\n" + text.replace("models: [m]\n", "" if key == "models" else "models: [m]\n")
+    cfg = tmp_path / "laughs.yml"
+    cfg.write_text(text)
+    assert len(text) < 700
+    t0 = time.perf_counter()
+    rc, err = run_cli(["merge", cfg, tmp_path / "out"], capsys)
+    assert time.perf_counter() - t0 < 5  # was 11-14 s, 4 GB and a 250 MB "one-line" error
+    assert rc == 2 and len(err) < 400 and "expands to more than" in err, err[:300]
+
+
+def test_recursive_and_deep_yaml_are_rejected(tmp_path, capsys):
+    for name, text in (("rec.yml", "merge_method: linear\nmodels: &a [*a]\n"),
+                       ("deep.yml", "merge_method: linear\nmodels: " + "[" * 3000 + "]" * 3000 + "\n"),
+                       ("deep2.yml", "merge_method: linear\nmodels: " + "[" * 60 + "]" * 60 + "\n")):
+        rc, err = run_cli(["merge", write_cfg(tmp_path / name, text), tmp_path / "out"], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[:300]
+
+
+def test_parse_config_api_bounds_aliases():
+    from pymerge.config import parse_config
+    from pymerge.errors import MergeConfigError
+    x = ["lol"] * 10
+    for _ in range(8):
+        x = [x] * 10
+    with pytest.raises(MergeConfigError, match="expands to more than"):
+        parse_config({"merge_method": "linear", "models": x})
+    cyc = []
+    cyc.append(cyc)
+    with pytest.raises(MergeConfigError, match="refers to itself"):
+        parse_config({"merge_method": "linear", "models": cyc})
+
+
+def test_error_messages_echo_a_bounded_part_of_the_input(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cases = {"name.yml": {"merge_method": "x" * 100_000, "models": [str(fts[0])]},
+             "key.yml": {"merge_method": "linear", "k" * 100_000: 1, "models": [str(fts[0])]},
+             "w.yml": linear(fts, parameters={"weight": "y" * 100_000}),
+             "dtype.yml": linear(fts, dtype=["z" * 1000] * 100),
+             "path.yml": linear([fts[0], "p" * 100_000])}
+    for name, data in cases.items():
+        rc, err = run_cli(["merge", write_cfg(tmp_path / name, data), tmp_path / "out"], capsys)
+        assert rc == 2 and len(err) < 1100 and len(err.strip().splitlines()) == 1, (name, err[:300])
+
+
+def test_400_digit_weight_is_an_input_error(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = linear(fts)
+    cfg["models"][0]["parameters"]["weight"] = int("9" * 400)
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), out], capsys), ["weight", "finite"], out)
+
+
+@pytest.mark.parametrize("where", ["config", "model_file", "model_in_folder", "config_json", "index"])
+def test_fifos_are_refused_never_opened(fam, tmp_path, where):
+    """A FIFO would block the merge forever; run in a child process so a regression is a timeout."""
+    root, base, fts = fam
+    m = tmp_path / "m"
+    shutil.copytree(fts[0], m)
+    cfg = write_cfg(tmp_path / "c.yml", linear([m, fts[1]]))
+    if where == "config":
+        cfg = tmp_path / "fifo.yml"
+        os.mkfifo(cfg)
+    elif where == "model_file":
+        os.mkfifo(tmp_path / "f.safetensors")
+        cfg = write_cfg(tmp_path / "c.yml", linear([tmp_path / "f.safetensors", fts[1]]))
+    elif where == "model_in_folder":
+        os.unlink(m / "model.safetensors")
+        os.mkfifo(m / "model.safetensors")
+    elif where == "config_json":
+        os.unlink(m / "config.json")
+        os.mkfifo(m / "config.json")
+        cfg = write_cfg(tmp_path / "c.yml", linear([m, fts[1]], base_model=str(m)))
+    else:
+        shutil.move(m / "model.safetensors", m / "model-00001-of-00001.safetensors")
+        os.mkfifo(m / "model.safetensors.index.json")
+    p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_is_not_a_model(tmp_path):
+    from pymerge.io import Checkpoint
+    from pymerge.io.safetensors_file import SafetensorsFile
+    from pymerge.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="character device"):
+        Checkpoint("/dev/zero")
+    with pytest.raises(CheckpointError, match="character device"):
+        SafetensorsFile("/dev/zero")
+
+
+# ---- leaks: side files, modes, file contents in messages -------------------------------------------
+def _donor(fam, tmp_path) -> Path:
+    root, base, fts = fam
+    m = tmp_path / "donor"
+    shutil.copytree(fts[0], m)
+    for f in m.iterdir():  # only the model: each test adds its own side files
+        if f.name not in ("model.safetensors", "config.json"):
+            f.unlink()
+    return m
+
+
+def test_side_file_links_out_of_the_model_folder_are_not_copied(fam, tmp_path, capsys):
+    root, base, fts = fam
+    m = _donor(fam, tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    os.symlink(secret, m / "tokenizer.json")
+    os.symlink(os.path.relpath(secret, m), m / "vocab.json")
+    (m / "inner.json").write_text("{}")
+    os.symlink("inner.json", m / "tokenizer_config.json")  # a link inside the folder is fine
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert not (out / "tokenizer.json").exists() and not (out / "vocab.json").exists()
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    assert "tokenizer.json" in err and "outside the model folder" in err
+    assert all("hunter2" not in p.read_text(errors="ignore") for p in out.iterdir())
+
+
+def test_config_json_linking_out_of_the_folder_is_refused(fam, tmp_path, capsys):
+    root, base, fts = fam
+    m = _donor(fam, tmp_path)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "hunter2"}')
+    os.unlink(m / "config.json")
+    os.symlink(secret, m / "config.json")
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]])), out], capsys),
+                    ["config.json", "outside the model folder"], out)
+
+
+def test_hugging_face_cache_links_are_followed(fam, tmp_path, capsys):
+    root, base, fts = fam
+    repo = tmp_path / "hub" / "models--org--name"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(fts[0].iterdir()):
+        shutil.copy(f, blobs / f"hash-{f.name}")
+        os.symlink(f"../../blobs/hash-{f.name}", snap / f.name)
+    (blobs / "hash-tokenizer.json").write_text('{"tok": 1}')
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([snap, fts[1]])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert (out / "tokenizer.json").read_text() == '{"tok": 1}' and (out / "config.json").is_file()
+
+
+def test_copied_side_files_keep_restrictive_modes(fam, tmp_path, capsys):
+    root, base, fts = fam
+    m = _donor(fam, tmp_path)
+    (m / "tokenizer.json").write_text("{}")
+    os.chmod(m / "tokenizer.json", 0o600)
+    (m / "vocab.json").write_text("{}")
+    os.chmod(m / "vocab.json", 0o755)
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert stat.S_IMODE((out / "tokenizer.json").stat().st_mode) == 0o600  # was 0644
+    assert stat.S_IMODE((out / "vocab.json").stat().st_mode) & 0o111 == 0
+
+
+def test_not_safetensors_error_does_not_echo_the_file(tmp_path):
+    from pymerge.errors import CheckpointError
+    from pymerge.io.safetensors_file import SafetensorsFile
+    for name, data in (("a.safetensors", b"password=hunter2\n" * 4), ("b.safetensors", b"pw\x00\x00\x00\x00\x00\x00!")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a safetensors file") as e:
+            SafetensorsFile(tmp_path / name)
+        n = int.from_bytes(data[:8], "little")
+        assert str(n) not in str(e.value) and "hunter2" not in str(e.value)
+
+
+# ---- wrong results accepted: huge parameters, one model twice --------------------------------------
+@pytest.mark.parametrize("method, top, per_model, words", [
+    ("linear", {"normalize": False}, {"weight": 1e300}, ["weight", "1e+300"]),
+    ("linear", {"normalize": True}, {"weight": 1e300}, ["weight"]),
+    ("task_arithmetic", {"lambda": 1e300}, {"weight": 1.0}, ["lambda"]),
+    ("ties", {"lambda": 1e300}, {"weight": 1.0, "density": 0.5}, ["lambda"]),
+    ("dare_linear", {}, {"weight": 1e300, "density": 0.5}, ["weight"]),
+    ("slerp", {"t": 1e300}, {}, ["parameter t"]),
+    ("linear", {"normalize": True}, "cancel", ["coefficient"]),
+])
+def test_huge_parameters_are_rejected_naming_parameter_and_tensor(fam, tmp_path, capsys, method, top,
+                                                                   per_model, words):
+    root, base, fts = fam
+    models = [{"model": str(m), "parameters": {"weight": 1.0}} for m in fts]
+    if per_model == "cancel":  # weights summing to ~0: normalized coefficients of 1e12
+        models[0]["parameters"]["weight"], models[1]["parameters"]["weight"] = 1.0, -1.0 + 1e-12
+    elif method != "slerp":
+        models[0]["parameters"].update(per_model)
+    cfg = {"merge_method": method, "models": models if method != "slerp" else [{"model": str(fts[0])}],
+           "parameters": top}
+    if method not in ("linear",):
+        cfg["base_model"] = str(base)
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), out], capsys), words + ["tensor"], out)
+
+
+@pytest.mark.parametrize("spelling", ["./{m}", "{m}/", "{link}", "{m}/model.safetensors", "{m}/../{name}"])
+def test_one_model_listed_twice_under_other_spellings_is_an_error(fam, tmp_path, capsys, monkeypatch, spelling):
+    root, base, fts = fam
+    monkeypatch.chdir(root)
+    os.symlink(fts[0], tmp_path / "link")
+    second = spelling.format(m=fts[0].name, link=tmp_path / "link", name=fts[0].name)
+    cfg = {"merge_method": "linear", "models": [{"model": fts[0].name, "parameters": {"weight": 1.0}},
+                                                 {"model": second, "parameters": {"weight": 1.0}}]}
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), out], capsys),
+                    ["models[0]", "models[1]", "same model"], out)
+
+
+def test_base_model_under_another_spelling_is_still_the_base(fam, tmp_path, capsys, monkeypatch):
+    """mergekit's rule (a base also listed under models is the base, not an input) by resolved path."""
+    root, base, fts = fam
+    monkeypatch.chdir(root)
+    ref = {"merge_method": "task_arithmetic", "base_model": base.name, "parameters": {"normalize": True},
+           "models": [{"model": base.name, "parameters": {"weight": 1.0}},
+                      {"model": fts[0].name, "parameters": {"weight": 0.5}}]}  # base as an input: sum 1.5
+    odd = dict(ref, base_model=f"./{base.name}/")
+    for name, c in (("a", ref), ("b", odd)):
+        rc, err = run_cli(["merge", write_cfg(tmp_path / f"{name}.yml", c), tmp_path / name, "--quiet"], capsys)
+        assert rc == 0, err
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pool_rejects_huge_weights():
+    from pymerge.pool import CheckpointPool
+    pool = CheckpointPool([{"w": torch.ones(4)}, {"w": torch.ones(4)}])
+    target = {"w": torch.empty(4)}
+    for w, norm in (([1e300, 1.0], False), ([1.0, -1.0 + 1e-12], True)):
+        with pytest.raises(InputError, match="weights"):
+            pool.materialize(w, into=target, normalize=norm)
+    pool.materialize([0.5, 0.5], into=target)
+    assert torch.equal(target["w"], torch.ones(4))
+
+
+# ---- tracebacks: every one of these is exit 2 and one line -----------------------------------------
+@pytest.mark.parametrize("which", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_json_is_an_input_error(fam, tmp_path, capsys, which):
+    root, base, fts = fam
+    m = tmp_path / "m"
+    shutil.copytree(fts[0], m)
+    if which != "config.json":
+        shutil.move(m / "model.safetensors", m / "model-00001-of-00001.safetensors")
+    (m / which).write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]], base_model=str(m))),
+                             out], capsys), [which, "nested too deeply"], out)
+
+
+def test_out_names_near_name_max(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / ("a" * 250)  # fits, but ".<name>.pymerge-tmp-<pid>" does not: was ENAMETOOLONG
+    rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+    assert rc == 0 and (out / "model.safetensors").is_file(), err
+    rc, err = run_cli(["merge", cfg, out, "--quiet", "--force"], capsys)  # replacing it too
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a" * 250, "c.yml"]
+    too_long = tmp_path / ("b" * 256)
+    assert_rejected(run_cli(["merge", cfg, too_long], capsys), ["longer than"], tmp_path / "b")
+
+
+def test_read_only_parent_is_an_input_error(fam, tmp_path, capsys, monkeypatch):
+    import errno
+    from pymerge.io import writer
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *a, **k):
+        if ".pymerge-tmp-" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(writer.os, "mkdir", mkdir)  # as root, chmod 555 would not stop us
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", cfg, out], capsys), ["cannot create the output", "Permission denied"], out)
+
+
+@pytest.mark.parametrize("code", ["EIO", "ENOSPC"])
+def test_disk_errors_mid_merge_are_one_line_and_keep_the_old_out(fam, tmp_path, capsys, monkeypatch, code):
+    import errno
+    from pymerge.io import writer
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old model")
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, pos):
+        calls.append(pos)
+        if len(calls) == 4:  # the header of each shard first, then tensor data
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    rc, err = run_cli(["merge", cfg, out, "--force", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and os.strerror(getattr(errno, code)) in err, err
+    assert (out / "keep.txt").read_text() == "old model" and leftovers(out) == []
+
+
+def test_api_misuse_is_input_error(fam, tmp_path):
+    from pymerge.merge import run_merge
+    from pymerge.pool import CheckpointPool
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    meta = [{"w": torch.ones(3, device="meta")}, {"w": torch.ones(3, device="meta")}]
+    with pytest.raises(InputError, match="meta device"):
+        CheckpointPool(meta)  # was NotImplementedError
+    with pytest.raises(InputError, match="device"):
+        CheckpointPool([{"w": torch.ones(3)}] * 2, device="bogus")  # was RuntimeError
+    for kw in ({"device": 5}, {"device": "cuda:x"}, {"random_seed": "x"}):
+        with pytest.raises(InputError):
+            run_merge(cfg, tmp_path / "out", quiet=True, **kw)
+    with pytest.raises(InputError):
+        run_merge(cfg, None, quiet=True)  # was TypeError
+    with pytest.raises(InputError):
+        run_merge(5, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_config_is_read_as_safely_as_a_merge_config(tmp_path, capsys):
+    laughs = tmp_path / "laughs.yml"
+    laughs.write_text(_laughs().replace("merge_method:", "sources:", 1))
+    fifo = tmp_path / "fifo.yml"
+    os.mkfifo(fifo)
+    for cfg, words in ((laughs, "expands to more than"), (fifo, "FIFO")):
+        rc, err = run_cli(["search", cfg], capsys)
+        assert rc == 2 and words in err and len(err) < 400, err[:300]
+
+
+def test_pool_and_op_errors_echo_a_bounded_part_of_the_input():
+    from pymerge.ops.weighted_sum import weighted_sum
+    from pymerge.pool.weights import weight_table
+    huge = ["x" * 1000] * 10_000
+    with pytest.raises(InputError) as e:
+        weight_table(huge, 10_000)
+    assert len(str(e.value)) < 300
+    with pytest.raises(TypeError) as e:
+        weighted_sum([torch.ones(2)], [huge])
+    assert len(str(e.value)) < 300
