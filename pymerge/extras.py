@@ -4,7 +4,7 @@ import importlib
 from pymerge.errors import InputError
 
 # top-level module -> (package to install, pymerge extra that brings it)
-EXTRAS = {"triton": ("triton", "triton"), "matplotlib": ("matplotlib", "plot"), "sklearn": ("scikit-learn", "demo")}
+EXTRAS = {"triton": ("triton", "triton"), "matplotlib": ("matplotlib", "plot")}
 
 
 class MissingExtraError(InputError, ImportError):

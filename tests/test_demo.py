@@ -1,45 +1,198 @@
-"""The demo in its --quick form (CI): runs end to end, prints one JSON object last, writes its outputs."""
+"""The language-model demo: its checkpoints are real Llama folders (transformers, pymerge merge and
+mergekit read them), its tasks score exact match as greedy decoding does, and --quick runs end to end."""
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+import torch
+import yaml
 
-from pymerge import demo
+from pymerge import cli
+from pymerge.demo import tasks
+from pymerge.demo.model import LlamaConfig, TinyLlama, load_hf, save_hf
+from tests.llama_factory import load_folder
+
+
+def _random_model(tied=False, seed=0, std=0.3, layers=2):
+    torch.manual_seed(seed)
+    c = LlamaConfig(vocab_size=len(tasks.VOCAB), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    m = TinyLlama(c)
+    m.reset_parameters(std)
+    with torch.no_grad():  # norms away from 1, so a wrong norm formula shows
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_saved_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path, tied):
+    transformers = pytest.importorskip("transformers")
+    m = _random_model(tied=tied, seed=3)
+    save_hf(m, str(tmp_path / "ck"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "ck"), torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, len(tasks.VOCAB), (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = m(ids), hf(ids).logits
+    assert ours.abs().max() > 1.0  # not a degenerate model
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    again = load_hf(str(tmp_path / "ck"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_family")
+    paths = []
+    for i in range(3):
+        paths.append(save_hf(_random_model(seed=10 + i), str(root / f"ck{i}")))
+    weights = [0.5, 0.3, 0.2]
+    cfg = root / "linear.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": p, "parameters": {"weight": w}} for p, w in zip(paths, weights)]}))
+    expected = {}
+    for p, w in zip(paths, weights):
+        for k, v in load_folder(p).items():
+            expected[k] = expected.get(k, 0) + w * v.double()
+    return root, cfg, expected
+
+
+def _assert_merge(folder, expected):
+    got = load_folder(folder)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=1e-6, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    load_hf(str(folder))  # and the merge is a demo model again
+
+
+def test_pymerge_merge_reads_the_demo_checkpoints(family, tmp_path):
+    root, cfg, expected = family
+    assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
+    _assert_merge(tmp_path / "out", expected)
 
 
 @pytest.mark.slow
-def test_demo_quick(tmp_path, capsys):
+def test_mergekit_reads_the_demo_checkpoints(family, tmp_path):
+    pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
+    root, cfg, expected = family
+    driver = "import sys\nfrom mergekit.scripts.run_yaml import main\nmain(sys.argv[1:], standalone_mode=False)\n"
+    proc = subprocess.run([sys.executable, "-c", driver, str(cfg), str(tmp_path / "mk"), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_merge(tmp_path / "mk", expected)
+
+
+def _solve(task, prompt):
+    """An independent solver per task, from the prompt text alone."""
+    body = prompt[1:-1]
+    if task == "add":
+        a, b = prompt[1:-1].split("+")
+        return str(int(a) + int(b))
+    if task == "reverse":
+        return body[::-1]
+    if task == "sub":
+        a, b = body.split("-")
+        assert int(a) >= int(b)
+        return str(int(a) - int(b))
+    assert task == "sort", task
+    return "".join(sorted(body))
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_generated_examples_are_right_and_seeded(task):
+    exs = tasks.generate(task, 500, seed=7)
+    assert exs == tasks.generate(task, 500, seed=7)
+    assert exs != tasks.generate(task, 500, seed=8)
+    for prompt, answer in exs:
+        assert answer == _solve(task, prompt), (prompt, answer)
+        assert tasks.decode(tasks.encode(prompt + answer)) == prompt + answer
+    assert len({a for _, a in exs}) > 5  # not a constant answer
+
+
+def test_splits_use_separate_streams():
+    seeds = {tasks.split_seed(s, split, t) for s in range(5) for split in ("train", "val", "test") for t in tasks.TASKS}
+    assert len(seeds) == 5 * 3 * len(tasks.TASKS)
+    val = tasks.generate("reverse", 300, tasks.split_seed(0, "val", "reverse"))
+    test = tasks.generate("reverse", 300, tasks.split_seed(0, "test", "reverse"))
+    assert len(set(val) & set(test)) < 10
+
+
+def test_make_batch_marks_answer_and_eos():
+    b = tasks.make_batch([("A1+2=", "3"), ("Rabc>", "cba")])
+    assert b.ids[0].tolist()[:8] == [tasks.BOS] + tasks.encode("A1+2=3") + [tasks.EOS]
+    assert b.ids[0, 8:].eq(tasks.PAD).all()
+    assert b.target[1].nonzero().flatten().tolist() == [6, 7, 8, 9]  # "cba" + EOS
+    assert b.seen[0].sum() == 7 and not b.seen[0, 0]
+
+
+def test_exact_match_is_greedy_decodings_exact_match():
+    """Answers set to what greedy decoding produced score 1; any one changed token scores 0."""
+    base = _random_model(seed=5, std=0.5)
+    with torch.no_grad():  # EOS likely enough to end some answers
+        base.lm_head.weight[tasks.EOS] *= 3
+
+    def m(ids):  # never PAD or BOS inside an answer, so every answer is a string
+        logits = base(ids)
+        logits[..., [tasks.PAD, tasks.BOS]] = -float("inf")
+        return logits
+    m.training, m.eval, m.train = False, lambda: None, lambda mode=True: None
+    prompts = [p for t in tasks.TASKS for p, _ in tasks.generate(t, 150, seed=1)]
+    outs = tasks.greedy_decode(m, prompts, max_new=8)
+    # keep the ones that stopped at EOS within max_new tokens
+    ended = [(p, o) for p, o in zip(prompts, outs)
+             if o and tasks.greedy_decode(m, [p + o], max_new=1)[0] == ""]
+    assert len(ended) >= 30
+    ok = tasks.exact_match(m, tasks.make_batch(ended), chunk=37)
+    assert ok.all()
+    wrong = [(p, o[:-1] + ("0" if o[-1] != "0" else "1")) for p, o in ended]
+    longer = [(p, o + "5") for p, o in ended]
+    assert not tasks.exact_match(m, tasks.make_batch(wrong + longer)).any()
+    assert tasks.score(m, {"x": tasks.make_batch(ended + wrong)}) == {"x": 0.5}
+
+
+def test_standard_error_of_the_macro_average():
+    se = tasks.standard_error({"a": 0.5, "b": 0.5}, {"a": 100, "b": 100})
+    assert se == pytest.approx(np.sqrt(2 * 0.25 / 100) / 2)
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    from pymerge import demo
     out = tmp_path / "demo_out"
     assert demo.main(["--quick", "--json", "--out", str(out)]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    summary = json.loads(last)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
     for key in ("best_single", "uniform", "optimized", "greedy_soup", "best_single_in_hindsight", "optimized_val"):
         assert 0.0 <= summary[key] <= 1.0, key
-    assert summary["evaluations"] == 60
-    assert len(summary["optimized_weights"]) == 8
-    assert abs(sum(summary["optimized_weights"]) - 1.0) < 1e-6
-    for f in ("results.json", "demo.png", "search/history.json", "search/history.csv", "search/search.png"):
+    assert set(summary["per_task"]["optimized merge"]) == set(tasks.TASKS)
+    assert summary["evaluations"] == 16 and summary["seconds"] > 0
+    w = np.asarray(summary["optimized_weights"])
+    assert len(w) == summary["checkpoints"] == 11 and abs(w.sum() - 1) < 1e-6
+    assert summary["nonzero_weights"] == int((w > 0.01).sum())
+    assert 0 < summary["test_standard_error"] < 0.1
+    for f in ("results.json", "demo.png", "merged/config.json", "merged/model.safetensors",
+              "checkpoints/pretrained/model.safetensors"):
         assert os.path.getsize(out / f) > 0, f
-    assert len(os.listdir(out / "checkpoints")) == 8
-    # the optimized merge is picked on validation: it cannot score below the uniform merge there
     details = json.load(open(out / "results.json"))["details"]
-    val = lambda r: sum(r["val"].values()) / 2  # noqa: E731
-    assert val(details["optimized"]) >= val(details["uniform"])
-    # the pool trades the tasks off: the single-task runs are far better at their own task (by ~30 points)
-    ck = details["checkpoints"]
-    assert ck["upright-only"]["val"]["upright"] > ck["upright-only"]["val"]["rotated"] + 0.1
-    assert ck["rotated-only"]["val"]["rotated"] > ck["rotated-only"]["val"]["upright"] + 0.1
-    assert isinstance(summary["beats_best_single"], bool) and isinstance(summary["beats_uniform"], bool)
+    macro = lambda r: np.mean(list(r["val"].values()))  # noqa: E731
+    # the search starts at the greedy soup and keeps its best: never below it on validation
+    assert macro(details["optimized merge"]) >= macro(details["greedy soup"])
+    assert macro(details["greedy soup"]) >= max(macro(details[k]) for k in details if "merge" not in k
+                                                 and k != "greedy soup")
+    # the merged folder holds the optimized weights' merge
+    merged = load_hf(str(out / "merged"))
+    ckpts = sorted(p for p in os.listdir(out / "checkpoints") if p[0].isdigit())
+    ref = sum(wi * load_hf(str(out / "checkpoints" / p)).state_dict()["model.norm.weight"] for wi, p in zip(w, ckpts))
+    torch.testing.assert_close(merged.state_dict()["model.norm.weight"], ref, rtol=1e-5, atol=1e-5)
 
-
-def test_pool_runs_see_disjoint_shards():
-    """No run sees all the training data: the pretraining part and the shards cut the split without overlap."""
-    from pymerge.demo_data import NUM_SHARDS, load_splits, runs, shards
-    train = load_splits(0)["train"]
-    pre, parts = shards(train, 0)
-    assert len(parts) == NUM_SHARDS
-    sizes = [len(pre.y["upright"])] + [len(p.y["upright"]) for p in parts]
-    assert sum(sizes) == len(train.y["upright"]) and max(sizes) < len(train.y["upright"]) / 3
-    rows = {tuple(r.tolist()) for p in [pre] + parts for r in p.x["upright"]}
-    assert len(rows) >= 0.95 * len(train.y["upright"])  # disjoint (up to digits that happen to repeat)
-    assert len({r.shard for r in runs() if r.parent is None}) == len([r for r in runs() if r.parent is None])
+    # a second run with the same settings reuses the checkpoints; per-layer weights work on them
+    assert demo.main(["--quick", "--json", "--out", str(out), "--per-layer", "--budget", "12"]) == 0
+    captured = capsys.readouterr()
+    assert "reusing the checkpoints" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert np.asarray(summary["optimized_weights"]).shape == (3, 11)

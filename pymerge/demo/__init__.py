@@ -1,0 +1,45 @@
+"""`pymerge demo`: a miniature of "If You Can't Use Them, Recycle Them" on small language models.
+
+A small Llama-layout decoder (model.py) is pretrained once on a mixture of four generative tasks
+(tasks.py: addition, subtraction, string reversal, sorting; exact-match answers), then trained
+further in eleven runs that differ as the paper's do: data mixtures, a second stage continuing
+another run, objectives and hyperparameters (train.py). Each run is saved as a Hugging Face folder;
+a CheckpointPool materializes candidate merges into a live model, greedy decoding scores them
+(exact match), CMA-ES searches sum-to-one merge weights on the validation macro-average (from the greedy soup), and the
+held-out test set scores every checkpoint, the uniform merge, the greedy soup and the optimized
+merge (run.py). Nothing is downloaded; it needs only pymerge's own dependencies.
+
+    pymerge demo [--quick] [--out demo_out] [--budget N] [--seed S] [--per-layer] [--threads N] [--json]
+"""
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    import torch
+    from pymerge.demo.run import Settings, experiment
+    ap = argparse.ArgumentParser(prog="pymerge demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller pool and search (CI; well under a minute)")
+    ap.add_argument("--out", default="demo_out", help="output folder (default: demo_out/); checkpoints there are "
+                    "reused when settings and code match")
+    ap.add_argument("--budget", type=int, help="search candidates (default 120; 16 with --quick)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-layer", action="store_true", help="a weight per checkpoint and layer group")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="torch threads (default: up to 2; use 1 on a busy machine)")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    args = ap.parse_args(argv)
+    if args.budget is not None and args.budget < 1:
+        ap.error("--budget must be at least 1")
+    torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    settings = Settings.quick(args.seed) if args.quick else Settings(seed=args.seed)
+    budget = args.budget or (16 if args.quick else 120)
+    summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log)
+    summary["quick"] = args.quick
+    if args.json:
+        print(json.dumps(summary))
+    return 0

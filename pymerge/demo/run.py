@@ -1,0 +1,276 @@
+"""The demo's experiment, built on the public API: HF folders -> CheckpointPool -> live model ->
+exact match -> CMA-ES on validation -> baselines and the best merge, scored on test.
+
+    from pymerge.demo import run
+    s = run.Settings(seed=1)
+    paths = run.build_checkpoints("out/checkpoints", s)          # trains, or reuses a matching cache
+    pool, model, evaluate = run.evaluation(paths, run.eval_sets(s, "val"))
+    result = pymerge.search.optimize(pool, evaluate, model=model, budget=100)
+"""
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from pymerge.demo import model as model_mod, tasks as tasks_mod, train as train_mod
+from pymerge.demo.model import TinyLlama, save_hf
+from pymerge.demo.tasks import TASKS, Batch, generate, make_batch, score, split_seed, standard_error
+from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
+from pymerge.pool import CheckpointPool
+from pymerge.search import macro_average, optimize, pareto_front
+
+EVAL_DTYPE = torch.bfloat16  # the live model's dtype: bf16 matmuls are 2-3x faster on recent CPUs
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides the checkpoints and the evaluation sets."""
+    seed: int = 0
+    pretrain_steps: int = 500
+    run_steps: int = 150
+    val_size: int = 400     # examples per task
+    test_size: int = 1500   # examples per task
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "Settings":
+        return cls(seed=seed, pretrain_steps=80, run_steps=16, val_size=100, test_size=200)
+
+
+def eval_sets(s: Settings, split: str) -> Dict[str, Batch]:
+    n = s.val_size if split == "val" else s.test_size
+    return {t: make_batch(generate(t, n, split_seed(s.seed, split, t))) for t in TASKS}
+
+
+def _fingerprint(s: Settings) -> str:
+    """Settings, the runs, the model config, the code that trains and torch's version: a cache key."""
+    key = {"settings": asdict(s), "pretrain": asdict(pretraining(s.pretrain_steps)),
+           "runs": [asdict(r) for r in pool_runs(s.run_steps)], "config": asdict(default_config()),
+           "torch": torch.__version__,
+           "code": [hashlib.sha256(inspect.getsource(m).encode()).hexdigest() for m in (model_mod, tasks_mod, train_mod)]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int], None]] = None,
+                      log=print) -> List[str]:
+    """Trains the pool and writes one HF folder per run under `folder` (the pretrained model under
+    folder/pretrained); a folder written by the same settings and code is reused as it is."""
+    runs = pool_runs(s.run_steps)
+    paths = [os.path.join(folder, f"{i:02d}-{r.name.replace(':', '-').replace('>', '-')}") for i, r in enumerate(runs)]
+    manifest = os.path.join(folder, "manifest.json")
+    fp = _fingerprint(s)
+    try:
+        with open(manifest) as fh:
+            if json.load(fh).get("fingerprint") == fp and all(os.path.isfile(os.path.join(p, "model.safetensors"))
+                                                              for p in paths):
+                log(f"reusing the checkpoints in {folder} (same settings and code)")
+                return paths
+    except (OSError, ValueError):
+        pass
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)  # ours (a stale cache): only this function writes here
+    trained = train_pool(default_config(), pretraining(s.pretrain_steps), runs, seed=s.seed, progress=progress)
+    save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
+    for path, run in zip(paths, runs):
+        save_hf(trained.models[run.name], path, extra_files={"training_run.json": asdict(run)})
+    with open(manifest, "w") as fh:
+        json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths}, fh, indent=1)
+    return paths
+
+
+def evaluation(paths: List[str], sets: Dict[str, Batch], dtype: torch.dtype = EVAL_DTYPE
+               ) -> Tuple[CheckpointPool, TinyLlama, Callable[[torch.nn.Module], Dict[str, float]]]:
+    """The pool over the checkpoints, a live model to materialize merges into, and evaluate(model):
+    exact-match accuracy per task on `sets` (greedy decoding)."""
+    pool = CheckpointPool(paths)
+    with open(os.path.join(paths[0], "config.json")) as fh:
+        config = model_mod.LlamaConfig.from_hf(json.load(fh))
+    live = TinyLlama(config).to(dtype).eval()
+    return pool, live, lambda m: score(m, sets)
+
+
+def greedy_soup(pool, model, evaluate, singles: List[float]) -> np.ndarray:
+    """Wortsman et al.'s greedy soup on validation: checkpoints best-first, each kept only if the
+    uniform average with it scores at least as well."""
+    n = pool.num_checkpoints
+    order = np.argsort(singles, kind="stable")[::-1]
+    chosen, best = [int(order[0])], singles[order[0]]
+    for i in order[1:]:
+        w = np.zeros(n)
+        w[chosen + [int(i)]] = 1.0 / (len(chosen) + 1)
+        pool.materialize(w, into=model)
+        s = macro_average(evaluate(model))
+        if s >= best:
+            chosen.append(int(i))
+            best = s
+    w = np.zeros(n)
+    w[chosen] = 1.0 / len(chosen)
+    return w
+
+
+def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=print) -> Dict:
+    """The whole demo; writes under `out` and returns the summary."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    runs = pool_runs(s.run_steps)
+    total = pretraining(s.pretrain_steps).steps + sum(r.steps for r in runs)
+    log(f"training: a shared pretraining run, then {len(runs)} runs ({total} steps in all)")
+    with tqdm(total=total, desc="training", unit="step", disable=None) as bar:
+        paths = build_checkpoints(os.path.join(out, "checkpoints"), s, progress=bar.update, log=log)
+    t_train = time.perf_counter() - t0
+    val, test = eval_sets(s, "val"), eval_sets(s, "test")
+    pool, model, evaluate = evaluation(paths, val)
+    log(pool.describe())
+    names = [r.name for r in runs]
+    n = len(names)
+
+    def on(split, w) -> Dict[str, float]:
+        pool.materialize(w, into=model, groups="layer" if np.ndim(w) == 2 else None)
+        return score(model, val if split == "val" else test)
+
+    rows: Dict[str, Dict] = {}
+    for i, name in enumerate(names):
+        rows[name] = {"val": on("val", np.eye(n)[i]), "weights": np.eye(n)[i]}
+    singles = [macro_average(rows[nm]["val"]) for nm in names]
+    uniform = np.full(n, 1.0 / n)
+    rows["uniform merge"] = {"val": on("val", uniform), "weights": uniform}
+    soup = greedy_soup(pool, model, evaluate, singles)
+    rows["greedy soup"] = {"val": on("val", soup), "weights": soup}
+
+    groups = pool.num_groups("layer") if per_layer else 1
+    log(f"searching {n}{f' x {groups} layer groups' if per_layer else ''} merge weights with CMA-ES on validation "
+        f"({budget} candidates), starting from the greedy soup")
+    # The start: the greedy soup's checkpoints at 0.5, the rest at 0 (weights are normalized to sum to
+    # one, so only ratios count). Starting from the uniform merge drags in the poor runs, and 120
+    # candidates in 11+ dimensions do not climb out of there as far as the soup already is.
+    x0 = np.tile(np.where(soup > 0, 0.5, 0.0), groups)
+    t1 = time.perf_counter()
+    with tqdm(total=budget, desc="search", unit="merge", disable=None) as bar:
+        def counted(m):
+            bar.update(1)
+            return evaluate(m)
+        res = optimize(pool, counted, model=model, budget=budget, seed=s.seed, groups="layer" if per_layer else None,
+                       x0=x0, log=None)
+    t_search = time.perf_counter() - t1
+    rows["optimized merge"] = {"val": res.best_scores, "weights": res.best_weights}
+    for r in rows.values():
+        r["test"] = on("test", r["weights"])
+    best_single = names[int(np.argmax(singles))]  # picked on validation, as one would without a test set
+
+    merged = os.path.join(out, "merged")
+    _write_merge(pool, model.config, res.best_weights, merged)
+    summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS})
+    summary.update(train_seconds=round(t_train, 1), search_seconds=round(t_search, 1),
+                   seconds=round(time.perf_counter() - t0, 1), evaluations=len(res.history), per_layer=per_layer,
+                   seed=s.seed, settings=asdict(s), merged=merged, out=out)
+    details = {k: {"val": v["val"], "test": v["test"], "weights": np.asarray(v["weights"]).tolist()}
+               for k, v in rows.items()}
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump({"summary": summary, "details": details, "search": [
+            {"scores": h["scores"], "weights": h["weights"]} for h in res.history]}, fh, indent=1)
+    plotted = _plot(os.path.join(out, "demo.png"), rows, names, best_single, res.history)
+    _print_table(rows, names, best_single, summary, log)
+    if not plotted:
+        log("(matplotlib is not installed: no plot; pip install matplotlib)")
+    return summary
+
+
+def _write_merge(pool, config, weights, folder: str) -> None:
+    """The best merge as an HF folder, materialized in float32 from the same pool."""
+    merged = TinyLlama(config)
+    pool.materialize(weights, into=merged, groups="layer" if np.ndim(weights) == 2 else None)
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
+                                                             "checkpoints": pool.labels}})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _summary(rows, names, best_single, sizes) -> Dict:
+    test = {k: v["test"] for k, v in rows.items()}
+    w = np.asarray(rows["optimized merge"]["weights"])
+    s = {
+        "best_single": macro_average(test[best_single]), "best_single_name": best_single,
+        "best_single_in_hindsight": max(macro_average(test[nm]) for nm in names),
+        "uniform": macro_average(test["uniform merge"]), "greedy_soup": macro_average(test["greedy soup"]),
+        "optimized": macro_average(test["optimized merge"]),
+        "optimized_val": macro_average(rows["optimized merge"]["val"]),
+        "per_task": {k: test[k] for k in (best_single, "uniform merge", "greedy soup", "optimized merge")},
+        "test_standard_error": standard_error(test["optimized merge"], sizes),
+        "optimized_weights": w.tolist(),
+        # weight > 0.01 in any layer group counts a checkpoint as used
+        "nonzero_weights": int(np.sum((w.reshape(-1, len(names)) > 0.01).any(axis=0))),
+        "checkpoints": len(names),
+    }
+    for k in ("best_single", "uniform", "greedy_soup"):
+        s[f"margin_over_{k}"] = s["optimized"] - s[k]
+    return s
+
+
+def _print_table(rows, names, best_single, summary, log) -> None:
+    tasks = list(TASKS)
+    log("")
+    log(f"{'exact match on test':30s}" + "".join(f"{t:>9s}" for t in tasks) + f"{'macro':>9s}   (val macro)")
+    for label, r in rows.items():
+        mark = " *" if label == best_single else ""
+        log(f"{(label + mark)[:30]:30s}" + "".join(f"{r['test'][t]:9.3f}" for t in tasks)
+            + f"{macro_average(r['test']):9.3f}   ({macro_average(r['val']):.3f})")
+    se = summary["test_standard_error"]
+    log("")
+    log(f"* best single checkpoint on validation. Optimized merge {summary['optimized']:.3f} vs best single "
+        f"{summary['best_single']:.3f}, uniform {summary['uniform']:.3f}, greedy soup {summary['greedy_soup']:.3f} "
+        f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0.01. "
+        f"({summary['seconds']:.0f} s in all; merged model: {summary['merged']})")
+
+
+def _plot(path: str, rows, names, best_single, history) -> bool:
+    """Scores per task (test) and, for the two tasks that trade off most, the search's Pareto front (val)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(TASKS)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    shown = [(f"best single ({best_single})", rows[best_single]), ("uniform merge", rows["uniform merge"]),
+             ("greedy soup", rows["greedy soup"]), ("optimized merge", rows["optimized merge"])]
+    x = np.arange(len(tasks) + 1)
+    for k, (label, r) in enumerate(shown):
+        vals = [r["test"][t] for t in tasks] + [macro_average(r["test"])]
+        a1.bar(x + (k - 1.5) * 0.2, vals, 0.2, label=label)
+    a1.set_xticks(x, tasks + ["macro"])
+    a1.set_ylabel("exact match (test)")
+    a1.set_title("scores per task, held-out test")
+    a1.legend(fontsize=7)
+    single_val = np.array([[rows[nm]["val"][t] for t in tasks] for nm in names])
+    with np.errstate(invalid="ignore", divide="ignore"):  # a task every checkpoint scores alike: no correlation
+        corr = np.nan_to_num(np.corrcoef(single_val.T))
+    i, j = np.unravel_index(np.argmin(corr + 2 * np.eye(len(tasks))), corr.shape)
+    a, b = tasks[i], tasks[j]
+    pts = [[h["scores"][a], h["scores"][b]] for h in history]
+    a2.scatter(*zip(*pts), s=10, alpha=0.35, label="search candidates")
+    front = sorted(pareto_front(pts), key=lambda k: pts[k][0])
+    a2.plot([pts[k][0] for k in front], [pts[k][1] for k in front], "o-", color="C3", label="Pareto front")
+    a2.scatter(single_val[:, i], single_val[:, j], marker="*", s=80, color="k", label="checkpoints")
+    for nm, (u, v) in zip(names, single_val[:, [i, j]]):
+        a2.annotate(nm, (u, v), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for label, key, c in (("uniform", "uniform merge", "C1"), ("greedy soup", "greedy soup", "C2"),
+                          ("optimized", "optimized merge", "C4")):
+        a2.scatter([rows[key]["val"][a]], [rows[key]["val"][b]], marker="D", s=50, color=c, label=label, zorder=3)
+    a2.set_xlabel(f"{a} (validation)")
+    a2.set_ylabel(f"{b} (validation)")
+    a2.set_title(f"trade-off {a} vs {b}: the search's Pareto front")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

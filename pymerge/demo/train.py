@@ -1,0 +1,137 @@
+"""The demo's checkpoint pool: one shared pretraining run on a task mixture, then runs that differ as
+the recycling paper's do (data mixtures, training stages, objectives, hyperparameters).
+
+Every run starts from the shared pretrained checkpoint (or, for a later stage, from another run's
+checkpoint) and trains briefly, at a small learning rate, on fresh examples from its own seeded stream,
+so the runs stay in one basin where weighted averages work (at 4x the rate they drifted apart and no
+average beat the best run on validation), and each ends with strengths of its own: more of a task in its
+mixture makes it better at that task and worse at the others; a too-high learning rate or a
+whole-sequence objective makes it worse overall, yet it still learnt something the others did not.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pymerge.demo.model import LlamaConfig, TinyLlama
+from pymerge.demo.tasks import TASKS, TOKEN_ID, VOCAB, Batch, make_batch, sample, split_seed
+
+OBJECTIVES = ("answer", "sequence", "smoothed")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run. mixture: task -> share of the examples; objective: "answer" (loss on the
+    answer and EOS, as in instruction tuning), "sequence" (every token, as in pretraining) or
+    "smoothed" (answer loss with label smoothing 0.1); parent: continue that run (a later stage)."""
+    name: str
+    mixture: Dict[str, float]
+    steps: int
+    lr: float = 5e-4
+    batch: int = 64
+    objective: str = "answer"
+    weight_decay: float = 0.0
+    parent: Optional[str] = None
+
+
+def _mix(**shares) -> Dict[str, float]:
+    rest = (1.0 - sum(shares.values())) / (len(TASKS) - len(shares))
+    return {t: shares.get(t, rest) for t in TASKS}
+
+
+UNIFORM = _mix()
+
+
+def pretraining(steps: int) -> Run:
+    return Run("pretrain", UNIFORM, steps, lr=3e-3, batch=96, objective="sequence")
+
+
+def pool_runs(steps: int) -> List[Run]:
+    """The runs of the pool, each `steps` long (a later stage: half that, on top of its parent)."""
+    half = max(1, steps // 2)
+    return [
+        Run("add-heavy", _mix(add=0.55), steps),
+        Run("reverse-heavy", _mix(reverse=0.55), steps),
+        Run("sort-heavy", _mix(sort=0.55), steps),
+        Run("sub-heavy", _mix(sub=0.55), steps),
+        Run("balanced", UNIFORM, steps, lr=3e-4),
+        Run("balanced-lr8e-3", UNIFORM, steps, lr=8e-3),                   # too hot: worse overall
+        Run("balanced-sequence-loss", UNIFORM, steps, objective="sequence"),
+        Run("add+sort-smoothed", _mix(add=0.4, sort=0.4), steps, objective="smoothed", weight_decay=0.1),
+        Run("reverse+sub-b16", _mix(reverse=0.4, sub=0.4), steps, batch=16, lr=3e-3),
+        Run("stage2:add-heavy>sub", _mix(sub=0.7), half, lr=3e-4, parent="add-heavy"),
+        Run("stage2:sort-heavy>reverse", _mix(reverse=0.7), half, lr=3e-4, parent="sort-heavy"),
+    ]
+
+
+def default_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(VOCAB), bos_token_id=TOKEN_ID.get("<s>", 1), eos_token_id=2, pad_token_id=0)
+
+
+def _loss(model: TinyLlama, batch: Batch, objective: str) -> torch.Tensor:
+    logits = model(batch.ids[:, :-1])
+    labels = batch.ids[:, 1:]
+    mask = (batch.seen if objective == "sequence" else batch.target)[:, 1:]
+    smoothing = 0.1 if objective == "smoothed" else 0.0
+    return F.cross_entropy(logits[mask], labels[mask], label_smoothing=smoothing)
+
+
+def _draw(run: Run, rng: np.random.RandomState) -> Batch:
+    """A batch of fresh examples, each task's share drawn from the run's mixture."""
+    tasks = list(run.mixture)
+    counts = rng.multinomial(run.batch, [run.mixture[t] for t in tasks])
+    return make_batch([ex for t, c in zip(tasks, counts) for ex in sample(t, int(c), rng)])
+
+
+def train(model: TinyLlama, run: Run, seed: int, progress: Optional[Callable[[int], None]] = None) -> TinyLlama:
+    """AdamW with a short warmup and cosine decay, on fresh examples of the run's mixture."""
+    if run.objective not in OBJECTIVES:
+        raise ValueError(f"run {run.name}: objective must be one of {', '.join(OBJECTIVES)}, got {run.objective!r}")
+    torch.manual_seed(seed)
+    rng = np.random.RandomState(split_seed(seed, "train", next(iter(TASKS))))
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2]
+    other = [p for n, p in model.named_parameters() if p.dim() != 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=run.lr, betas=(0.9, 0.98))
+    warmup = max(1, run.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
+        math.pi * min(1.0, s / run.steps)))))
+    model.train()
+    for step in range(run.steps):
+        loss = _loss(model, _draw(run, rng), run.objective)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress:
+            progress(1)
+    model.eval()
+    return model
+
+
+@dataclass
+class Pool:
+    """What training leaves: the pretrained model and every run's model, by name, in run order."""
+    pretrained: TinyLlama
+    models: Dict[str, TinyLlama] = field(default_factory=dict)
+    runs: List[Run] = field(default_factory=list)
+
+
+def train_pool(config: LlamaConfig, pretrain: Run, runs: List[Run], seed: int = 0,
+               progress: Optional[Callable[[int], None]] = None) -> Pool:
+    """The shared pretraining run, then every run from it (or from its parent run)."""
+    torch.manual_seed(seed)
+    base = train(TinyLlama(config), pretrain, seed=seed * 1000 + 1, progress=progress)
+    pool = Pool(pretrained=base, runs=list(runs))
+    for i, run in enumerate(runs):
+        if run.parent is not None and run.parent not in pool.models:
+            raise ValueError(f"run {run.name}: parent {run.parent!r} must be an earlier run")
+        start = pool.models[run.parent] if run.parent else base
+        model = TinyLlama(config)
+        model.load_state_dict(start.state_dict())
+        pool.models[run.name] = train(model, run, seed=seed * 1000 + 2 + i, progress=progress)
+    return pool
