@@ -1,6 +1,6 @@
 """Build pymerge's native code with pybind11 alone (no libtorch, no torch at build time).
 
-- pymerge._cpu  : every csrc/cpu/*.cpp, C++17 + OpenMP; SIMD paths chosen at run time.
+- pymerge._cpu  : every csrc/cpu/*.cpp, C++17 with its own thread pool; SIMD paths chosen at run time.
 - pymerge._cuda : every csrc/cuda/*.cu compiled by nvcc (when found) and linked against the
                   static CUDA runtime, so it imports on machines without a GPU.
 Set PYMERGE_NO_CUDA=1 to skip the CUDA extension, PYMERGE_CUDA_ARCHS="90;80" to pick archs.
@@ -77,6 +77,7 @@ class BuildExt(build_ext):
             objects.append(obj)
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = objects
+        ext.depends = list(ext.depends) + objects  # relink when only a .cu file changed
         target = os.path.join("targets", f"{os.uname().machine}-linux")
         for incdir in ("include", os.path.join(target, "include")):
             if os.path.isdir(os.path.join(cuda_home, incdir)):
@@ -93,8 +94,8 @@ cpu_ext = Pybind11Extension(
     _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))),
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-Wno-maybe-uninitialized"],
-    extra_link_args=["-fopenmp"],
+    extra_compile_args=["-O3", "-pthread", "-fno-math-errno", "-Wno-maybe-uninitialized"],
+    extra_link_args=["-pthread"],
 )
 ext_modules = [cpu_ext]
 cuda_sources = glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))

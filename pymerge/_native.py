@@ -20,8 +20,9 @@ DTYPE_INFO: Dict[str, tuple] = {
 }
 SAFETENSORS_TO_NAME: Dict[str, str] = {v[2]: k for k, v in DTYPE_INFO.items()}
 
-# keep in sync with csrc/cpu/common.h and csrc/cuda/weighted_sum.cu
+# The codes the kernels take: defined in csrc/codes.h, exported by each extension, checked at import.
 _CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float8_e4m3fn": 3, "float8_e5m2": 4}
+SPARSIFIER_MODES: Dict[str, int] = {"none": 0, "topk": 1, "range": 2, "random": 3, "bits": 4, "zero": 5}
 CODES_BY_NAME: Dict[str, int] = {**_CODES, **{DTYPE_INFO[n][2]: c for n, c in _CODES.items()}}
 INPUT_DTYPE_NAMES = frozenset(_CODES)
 OUTPUT_DTYPE_NAMES = frozenset(("float32", "float16", "bfloat16"))
@@ -66,6 +67,15 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def check_codes(ext) -> None:
+    """Raises ImportError unless the extension `ext` numbers dtypes and sparsifier modes as Python does."""
+    for table, ours in (("DTYPE_CODES", _CODES), ("SPARSIFIER_MODES", SPARSIFIER_MODES)):
+        theirs = getattr(ext, table, None)
+        if theirs != ours:
+            raise ImportError(f"{ext.__name__}.{table} is {theirs}, pymerge expects {ours}: the native build is stale; "
+                              "rebuild it (pip install --no-build-isolation -e .)")
+
+
 def _not_built(exc: Optional[ImportError]) -> bool:
     """True when the extension module is simply absent (not compiled), not present but failing to load."""
     return isinstance(exc, ModuleNotFoundError) and exc.name in ("pymerge._cpu", "pymerge._cuda")
@@ -75,6 +85,7 @@ CPU_IMPORT_ERROR: Optional[ImportError] = None
 CUDA_IMPORT_ERROR: Optional[ImportError] = None
 try:  # import_module, not `from pymerge import`: an absent module must raise ModuleNotFoundError (see _not_built)
     cpu = importlib.import_module("pymerge._cpu")
+    check_codes(cpu)  # a stale build would misread dtypes: treated as not loading
 except ImportError as exc:
     cpu = None
     CPU_IMPORT_ERROR = exc
@@ -84,6 +95,7 @@ except ImportError as exc:
 
 try:
     cuda = importlib.import_module("pymerge._cuda")
+    check_codes(cuda)
 except ImportError as exc:
     cuda = None
     CUDA_IMPORT_ERROR = exc

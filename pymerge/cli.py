@@ -1,4 +1,4 @@
-"""The pymerge command: merge | demo | search | bench | doctor.
+"""The pymerge command: merge | demo | search | bench | doctor, and --version.
 
 Exit codes: 0 success; 2 bad input or a system error such as a full disk (one line on stderr
 naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
@@ -41,13 +41,38 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def version_text() -> str:
+    """pymerge's version and the backends this install has (without importing torch)."""
+    import importlib.metadata
+    import importlib.util
+    from pymerge import __version__, _native
+    cpu = f"cpu ({_native.cpu.simd_level()})" if _native.cpu is not None else "cpu: NOT BUILT"
+    cuda = "cuda extension" if _native.cuda is not None else "no cuda extension (built without nvcc)"
+    triton = "triton" if importlib.util.find_spec("triton") is not None else "no triton (pip install 'pymerge[triton]')"
+    try:
+        torch = f"torch {importlib.metadata.version('torch')}"
+    except importlib.metadata.PackageNotFoundError:
+        torch = "torch not installed"
+    return f"pymerge {__version__} ({torch}); backends: {cpu}, {cuda}, {triton}"
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and the backends built in, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pymerge", description="Fast, trustworthy model merging.")
+    ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _merge_parser(sub)
     for name, text in (("demo", "run the demo (pymerge.demo)"), ("search", "merge-weight search (pymerge.search)"),
-                       ("bench", "quick weighted-sum benchmark (benchmarks/bench_weighted_sum.py)"),
+                       ("bench", "quick weighted-sum benchmark against copy bandwidth (pymerge.bench)"),
                        ("doctor", "which backends (C++, CUDA, Triton, GPUs) this install can use, and why not")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
@@ -72,19 +97,6 @@ def _cmd_merge(args) -> int:
     return 0
 
 
-def _cmd_bench(argv: List[str]) -> int:
-    import runpy
-    from pathlib import Path
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_weighted_sum.py"
-    if not script.is_file():
-        print("pymerge: error: bench needs a source checkout (benchmarks/bench_weighted_sum.py not found)",
-              file=sys.stderr)
-        return 2
-    sys.argv = [str(script)] + list(argv)
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
-
-
 def _dispatch(args) -> int:
     if args.command == "merge":
         return _cmd_merge(args)
@@ -96,7 +108,8 @@ def _dispatch(args) -> int:
         from pymerge import search
         return search.cli_main(rest) or 0
     if args.command == "bench":
-        return _cmd_bench(rest)
+        from pymerge import bench
+        return bench.main(rest) or 0
     if args.command == "doctor":
         from pymerge import doctor
         return doctor.main(rest)

@@ -1,15 +1,15 @@
-// Shared pieces of pymerge's CPU extension: dtype codes, scalar conversions, op registry.
+// Shared pieces of pymerge's CPU extension: scalar conversions, the thread pool, the op registry.
 #pragma once
 #include <pybind11/pybind11.h>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <vector>
+#include "codes.h"
 
 namespace pymerge {
 
-// Keep in sync with pymerge/_native.py DTYPE_CODES.
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F8E4M3FN = 3, F8E5M2 = 4 };
+using namespace pymerge_codes;  // dtype codes and sparsifier modes (csrc/codes.h)
 
 inline float bits_to_f32(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
 inline uint32_t f32_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }

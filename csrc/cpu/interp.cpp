@@ -35,7 +35,7 @@ inline void load_vs(const Args& a, int64_t start, int64_t n, float* buf, float* 
   }
 }
 
-// Per-block kernels (no OpenMP inside, so their AVX-512 builds stay AVX-512).
+// Per-block kernels, built twice (PM_AVX512, PM_PLAIN); parallel_for hands them whole blocks.
 // out[p] += dot of pair p over elements start .. start+n-1 (one group).
 template <int Dummy>
 inline void dots_block(const Args& a, int64_t start, int64_t n, double* out, float* buf, float* bb) {

@@ -2,7 +2,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <omp.h>
 #include "cpu/common.h"
 
 namespace pymerge {
@@ -52,8 +51,13 @@ const char* simd_level() {
 }  // namespace pymerge
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "pymerge CPU kernels (C++17, OpenMP, AVX-512/AVX2 chosen at run time)";
+  m.doc() = "pymerge CPU kernels (C++17, own thread pool, AVX-512/AVX2 chosen at run time)";
+  pybind11::dict dtypes, modes;
+  for (auto d : pymerge_codes::kDTypeNames) dtypes[d.name] = d.code;
+  for (auto d : pymerge_codes::kModeNames) modes[d.name] = d.code;
+  m.attr("DTYPE_CODES") = dtypes;
+  m.attr("SPARSIFIER_MODES") = modes;
   m.def("simd_level", [] { return std::string(pymerge::simd_level()); });
-  m.def("max_threads", [] { return omp_get_max_threads(); });
+  m.def("max_threads", &pymerge::default_threads, "threads a kernel uses by default (OMP_NUM_THREADS, else the cores this process may use)");
   for (auto r : pymerge::registrars()) r(m);
 }

@@ -10,8 +10,9 @@
 // Exceptions (as ATen's parallel_for): the first one thrown by any chunk, on any thread, is kept;
 // no further chunks start; the caller waits until every thread has left fn (fn lives on the
 // caller's stack), then rethrows it. A worker never lets one escape (that would be std::terminate).
-#include <omp.h>
+#include <sched.h>
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -102,7 +103,20 @@ class Pool {
 
 }  // namespace
 
-int default_threads() { return std::max(1, omp_get_max_threads()); }  // honours OMP_NUM_THREADS
+// The cores this process may run on (its affinity mask), or OMP_NUM_THREADS when set: the same
+// knob torch and other native libraries honour.
+int default_threads() {
+  static const int n = [] {
+    if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) return v;
+    }
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1, int(std::thread::hardware_concurrency()));
+  }();
+  return n;
+}
 
 void parallel_for(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
   if (n <= 0) return;

@@ -51,7 +51,7 @@ inline void block_keys(const SelectArgs& a, int64_t start, int64_t n, float* __r
 
 struct Buf { float xb[kBlock], bb[kBlock]; uint32_t keys[kBlock]; };
 
-// Per-block kernels (no OpenMP inside, so their AVX-512 builds stay AVX-512).
+// Per-block kernels, built twice (PM_AVX512, PM_PLAIN); parallel_for hands them whole blocks.
 // hist[key >> shift & mask] over keys with (key >> match_shift) == match (match < 0: all keys).
 template <int Dummy>
 inline void hist_block(const SelectArgs& a, int64_t start, uint32_t* __restrict h, int shift, uint32_t mask,

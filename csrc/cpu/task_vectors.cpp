@@ -6,7 +6,7 @@
 // Each input element is read once, in blocks that stay in L1; nothing per element is stored.
 // The "d * 0" for dropped elements keeps mergekit's NaN propagation (its masks multiply).
 //
-// Sparsifier modes (per model):
+// Sparsifier modes (per model, csrc/codes.h):
 //   0 none, 5 drop all,
 //   1 top-k: keep (|d|, -index) before boundary hi, i.e. |d| > T or (|d| == T and index < I)
 //   2 range: keep ascending (|d|, index) in [lo, hi) (breadcrumbs' magnitude_outliers)
@@ -26,8 +26,6 @@ namespace pymerge {
 namespace {
 
 using tv::kBlock;
-
-enum Mode : int { NONE = 0, TOPK = 1, RANGE = 2, RANDOM = 3, BITS = 4, ZERO = 5 };
 
 struct Model {
   uintptr_t x; int dt; int mode;
@@ -112,8 +110,7 @@ inline void load_delta(uintptr_t x, int dt, int64_t start, int64_t n, const floa
   }
 }
 
-// One block of the fused pass. Kernels are per block (no OpenMP inside) so that the AVX-512 build
-// of the body really is AVX-512: GCC does not give OpenMP-outlined regions the target attribute.
+// One block of the fused pass, built twice (PM_AVX512, PM_PLAIN); parallel_for hands out whole blocks.
 // The common sparsifiers (none, top-k, drop all) compute v_i in the loop that forms d_i, and the
 // consensus sum is accumulated there too; the others go through a keep buffer.
 template <int Dummy>

@@ -6,8 +6,9 @@
 #include <cstring>
 #include "cpu/common.h"
 
-// A kernel body is written once as an inline template; PM_DISPATCH compiles it twice (AVX-512 and
-// baseline x86-64) and picks one per call from simd_level(), so the build needs no -march flag.
+// A kernel body is written once as an inline function; each file instantiates it twice, under
+// PM_AVX512 and PM_PLAIN (baseline x86-64), and picks one per call with use_avx512(), so the build
+// needs no -march flag.
 #define PM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"), flatten))
 #define PM_PLAIN __attribute__((flatten))
 

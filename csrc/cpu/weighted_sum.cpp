@@ -1,19 +1,20 @@
 // Fused weighted sum of N checkpoints into K outputs: out_k = sum_i W[k,i] * x_i.
 // Each input element is read once and converted to float32 in registers; accumulation is in
 // float32, in input order (first term w*x, then fused multiply-adds); every output is written once
-// with round-to-nearest-even. Work is split into L1-sized blocks spread over OpenMP threads.
+// with round-to-nearest-even. Work is split into L1-sized blocks spread over the thread pool
+// (parallel.cpp); grouped.cpp runs the same blocks over every tensor of a model in one call.
 #include <immintrin.h>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <stdexcept>
-#include "cpu/common.h"
+#include "cpu/weighted_sum.h"
 
 namespace py = pybind11;
 
 namespace pymerge {
 namespace {
 
-constexpr int64_t kBlock = 4096;  // floats per accumulator block: 16 KiB, stays in L1
+using ws::kBlock;
 
 // ---- scalar path (any x86-64 or other CPU) ---------------------------------------------------
 template <bool First>
@@ -85,17 +86,7 @@ AVX512_TARGET inline __m256i f32_to_bf16_16(__m512 x) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// ---- the job: N inputs, K outputs, weights W[k * N + i] ------------------------------------------
-struct Job {
-  const uintptr_t* in;
-  const int* in_dt;
-  int64_t n_in;
-  const float* w;
-  const uintptr_t* out;
-  const int* out_dt;
-  int64_t n_out;
-  bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
-};
+using ws::Job;
 
 inline char* out_at(const Job& J, int64_t k, int64_t e) {
   return reinterpret_cast<char*>(J.out[k]) + e * dtype_size(J.out_dt[k]);
@@ -148,6 +139,48 @@ AVX512_TARGET inline void store16_any(char* p, __m512 x, int dt, bool stream) {
   else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
 }
 
+// The last len % 32 elements of a block: the strip loop again with masked loads and stores, so small
+// tensors (a model of many) do not fall to scalar code. Masked-off lanes are neither read nor written.
+AVX512_TARGET inline __m512 load16_masked(const char* p, int dt, __mmask16 m) {
+  switch (dt) {
+    case F32: return _mm512_maskz_loadu_ps(m, p);
+    case F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+    case BF16: return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    default: return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)), fp8_table(dt), 4);
+  }
+}
+
+AVX512_TARGET inline void store16_masked(char* p, __m512 x, int dt, __mmask16 m) {
+  if (dt == F32) return _mm512_mask_storeu_ps(p, m, x);
+  __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
+  _mm256_mask_storeu_epi16(p, m, h);
+}
+
+template <int K>
+AVX512_TARGET void tail_avx512(const Job& J, int64_t k0, int64_t e, int64_t n) {
+  const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __mmask16 m1 = n > 16 ? __mmask16((1u << (n - 16)) - 1) : __mmask16(0);
+  __m512 acc[K][2];
+  for (int64_t i = 0; i < J.n_in; ++i) {
+    const int dt = J.in_dt[i];
+    const size_t es = dtype_size(dt);
+    const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
+    const __m512 x0 = load16_masked(src, dt, m0), x1 = load16_masked(src + 16 * es, dt, m1);
+    const float* w = J.w + k0 * J.n_in + i;
+    for (int k = 0; k < K; ++k) {
+      const __m512 wk = _mm512_set1_ps(w[k * J.n_in]);
+      acc[k][0] = i ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
+      acc[k][1] = i ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    const int dt = J.out_dt[k0 + k];
+    char* dst = out_at(J, k0 + k, e);
+    store16_masked(dst, acc[k][0], dt, m0);
+    store16_masked(dst + 16 * dtype_size(dt), acc[k][1], dt, m1);
+  }
+}
+
 template <int K>
 AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_t len) {
   bool stream[K];
@@ -181,15 +214,19 @@ AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_
   }
 }
 
-AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*, float*) {
   static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
       strips_avx512<1>, strips_avx512<2>, strips_avx512<3>, strips_avx512<4>,
       strips_avx512<5>, strips_avx512<6>, strips_avx512<7>, strips_avx512<8>};
-  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 8 outputs: re-read the block from cache
-    by_k[std::min<int64_t>(kMaxK, J.n_out - k0) - 1](J, k0, start, len);
+  static void (*const tail_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
+      tail_avx512<1>, tail_avx512<2>, tail_avx512<3>, tail_avx512<4>,
+      tail_avx512<5>, tail_avx512<6>, tail_avx512<7>, tail_avx512<8>};
   const int64_t done = len / kStrip * kStrip;
-  if (done < len)  // the last few elements of the tensor
-    block_buffered(J, start + done, len - done, accs, xbuf, acc_scalar<true>, acc_scalar<false>, store_scalar);
+  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK) {  // more than 8 outputs: re-read the block from cache
+    const int64_t kk = std::min<int64_t>(kMaxK, J.n_out - k0) - 1;
+    by_k[kk](J, k0, start, len);
+    if (done < len) tail_k[kk](J, k0, start + done, len - done);  // the last few elements of the tensor
+  }
 }
 
 // ---- driver ------------------------------------------------------------------------------------
@@ -210,10 +247,34 @@ BlockFn pick_block() {
   return block_scalar;
 }
 
-constexpr int64_t kMinPerThread = 1 << 18;       // elements: below this a second thread costs more than it gives
-constexpr int64_t kStreamBytes = 8 << 20;        // outputs above this skip the cache
 constexpr int64_t kBlocksPerChunk = 16;          // 64K elements claimed at a time by a thread
 constexpr int64_t kOutputsPerPass = 64;          // outputs per pass over a block: 1 MiB of accumulators
+
+}  // namespace
+
+void ws::check_codes(const std::vector<int>& in_dtypes, const std::vector<int>& out_dtypes) {
+  for (int dt : in_dtypes) if (dt < F32 || dt > kMaxInputDType) throw std::invalid_argument("weighted_sum: bad input dtype code");
+  for (int dt : out_dtypes) if (dt < F32 || dt > kMaxOutputDType) throw std::invalid_argument("weighted_sum: bad output dtype code");
+}
+
+void ws::run_range(const Job& J, int64_t start, int64_t end) {
+  static const BlockFn block = pick_block();
+  thread_local std::vector<float> accs, xbuf;
+  accs.resize(size_t(std::min(J.n_out, kOutputsPerPass)) * kBlock);
+  xbuf.resize(kBlock);
+  for (int64_t b = start; b < end; b += kBlock) {
+    // Any number of outputs, kOutputsPerPass at a time: the accumulators stay bounded and the
+    // block is re-read from cache for each group.
+    for (int64_t k0 = 0; k0 < J.n_out; k0 += kOutputsPerPass) {
+      const Job G{J.in, J.in_dt, J.n_in, J.w + k0 * J.n_in, J.out + k0, J.out_dt + k0,
+                  std::min(kOutputsPerPass, J.n_out - k0), J.stream};
+      block(G, b, std::min(kBlock, end - b), accs.data(), xbuf.data());
+    }
+  }
+  if (J.stream) _mm_sfence();  // make this thread's streaming stores visible before the call returns
+}
+
+namespace {
 
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
@@ -223,31 +284,16 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   if (int64_t(in_dtypes.size()) != n_in || int64_t(out_dtypes.size()) != n_out ||
       int64_t(weights.size()) != n_in * n_out)
     throw std::invalid_argument("weighted_sum: inconsistent argument lengths");
-  for (int dt : in_dtypes) if (dt < F32 || dt > F8E5M2) throw std::invalid_argument("weighted_sum: bad input dtype code");
-  for (int dt : out_dtypes) if (dt < F32 || dt > BF16) throw std::invalid_argument("weighted_sum: bad output dtype code");
+  ws::check_codes(in_dtypes, out_dtypes);
   if (numel <= 0) return;
-  static const BlockFn block = pick_block();
   const Job J{in_ptrs.data(), in_dtypes.data(), n_in, weights.data(), out_ptrs.data(), out_dtypes.data(), n_out,
-              numel * 2 >= kStreamBytes};
+              numel * 2 >= ws::kStreamBytes};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
-  const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
+  const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + ws::kMinPerThread - 1) / ws::kMinPerThread)));
   // Chunks of several blocks keep each thread's input streams long (prefetching runs ahead).
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
-    thread_local std::vector<float> accs, xbuf;
-    accs.resize(size_t(std::min(n_out, kOutputsPerPass)) * kBlock);
-    xbuf.resize(kBlock);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * kBlock;
-      // Any number of outputs, kOutputsPerPass at a time: the accumulators stay bounded and the
-      // block is re-read from cache for each group.
-      for (int64_t k0 = 0; k0 < n_out; k0 += kOutputsPerPass) {
-        const Job G{J.in, J.in_dt, n_in, J.w + k0 * n_in, J.out + k0, J.out_dt + k0,
-                    std::min(kOutputsPerPass, n_out - k0), J.stream};
-        block(G, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
-      }
-    }
-    _mm_sfence();  // make this thread's streaming stores visible before the call returns
+    ws::run_range(J, b0 * kBlock, std::min(numel, b1 * kBlock));
   });
 }
 

@@ -1,13 +1,14 @@
-// Dtype codes and element loads shared by the CUDA kernels (codes as in pymerge/_native.py).
+// Element loads shared by the CUDA kernels; the dtype codes come from csrc/codes.h.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cstdint>
+#include "codes.h"
 
 namespace pymerge_cuda {
 
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F8E4M3FN = 3, F8E5M2 = 4 };
+using namespace pymerge_codes;  // dtype codes and sparsifier modes
 
 // Element i of a tensor of dtype code dt, as float32.
 __device__ __forceinline__ float load_f32(const void* p, int64_t i, int dt) {

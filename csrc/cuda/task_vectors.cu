@@ -16,7 +16,6 @@
 namespace pymerge_cuda {
 namespace {
 
-enum Mode : int { NONE = 0, TOPK = 1, RANGE = 2, RANDOM = 3, BITS = 4, ZERO = 5 };
 constexpr int kThreads = 256;
 
 struct TvModel {

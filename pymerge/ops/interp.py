@@ -5,7 +5,7 @@ row ("rows") or each column ("cols"). group_dots returns every pairwise dot prod
 v_i = x_i - B (or x_i) per group, in float64; the methods turn those few numbers into per-group
 coefficients, and group_lincomb writes out = cB * B + sum_i c_i * v_i in one pass, rounded once.
 
-Backends: "cpu" (csrc/cpu/interp.cpp) and "torch" (any device, blockwise for "whole").
+Backends: "cpu" (csrc/cpu/interp.cpp, the custom ops pymerge::group_dots / group_lincomb_out) and "torch" (any device, blockwise for "whole").
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from pymerge import _native
+from pymerge.ops import library
 
 GROUPS = {"whole": 0, "rows": 1, "cols": 2}
 _BLOCK = 1 << 20
@@ -45,11 +46,7 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
     if _backend(xs[0], backend) == "cpu":
-        flat = _native.require_cpu().group_dots(
-            [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
-            base.contiguous().data_ptr() if base is not None else 0,
-            _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, GROUPS[group], num_threads)
-        pairs = torch.tensor(flat, dtype=torch.float64).view(-1, k * (k + 1) // 2)
+        pairs = library.call("group_dots", xs, base, sub, rows, cols, GROUPS[group], num_threads)
     else:
         pairs = _dots_torch(xs, base, sub, group, rows, cols)
     iu = torch.triu_indices(k, k)
@@ -92,11 +89,7 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     rows, cols = view_2d(xs[0].shape, group)
     coef = coef.to(torch.float32).reshape(-1, k + 1)
     if _backend(xs[0], backend) == "cpu":
-        _native.require_cpu().group_lincomb(
-            [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
-            base.contiguous().data_ptr() if base is not None else 0,
-            _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, GROUPS[group],
-            coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
+        library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, out, num_threads)
         return out
     coef = coef.to(xs[0].device)
     if group == "whole":

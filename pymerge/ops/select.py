@@ -11,7 +11,7 @@ The answer for rank r is a Boundary (key, index): the r elements ranked before r
 key is strictly before ``key`` in the order, plus those with key == ``key`` and index < ``index``.
 Kernels then test membership per element with two integer compares.
 
-Backends: "cpu" is csrc/cpu/select.cpp (two-level radix histogram over the key bits: two reads of
+Backends: "cpu" is csrc/cpu/select.cpp (the custom op pymerge::select_ranks) (two-level radix histogram over the key bits: two reads of
 the inputs, a partial third only when the boundary splits a run of ties); "torch" is kthvalue plus
 counting on any device (materializes the keys; the GPU path until it has its own kernel).
 """
@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from pymerge import _native
+from pymerge.ops import library
 
 ALL_ASC = 1 << 31   # ascending boundary that has every element before it
 ALL_DESC = -1       # descending boundary that has every element before it
@@ -60,13 +61,8 @@ def select_ranks(x: torch.Tensor, base: Optional[torch.Tensor], ranks: Sequence[
     if backend == "auto":
         backend = "cpu" if x.device.type == "cpu" and _native.cpu is not None else "torch"
     if backend == "cpu":
-        x = x.contiguous()
-        base = base.contiguous() if base is not None else None
-        out = _native.require_cpu().select_ranks(
-            x.data_ptr(), _native.DTYPE_CODES[x.dtype],
-            base.data_ptr() if base is not None else 0, _native.DTYPE_CODES[base.dtype] if base is not None else 0,
-            numel, list(ranks), descending, num_threads)
-        return [Boundary(int(t), int(i)) for t, i in out]
+        found = library.call("select_ranks", x, base, [int(r) for r in ranks], descending, num_threads)
+        return [Boundary(int(t), int(i)) for t, i in found.tolist()]
     if backend != "torch":
         raise ValueError(f"select_ranks: unknown backend {backend!r}")
     return _select_torch(magnitude_keys(x, base), ranks, descending)

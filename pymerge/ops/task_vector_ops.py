@@ -31,15 +31,16 @@ Rescale: "l1" multiplies by ||d||_1 / ||d * keep||_1 (skipped when either is < 1
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence, Tuple
+from typing import Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
 from pymerge import _native
-from pymerge.ops import philox, select
+from pymerge.ops import library, philox, select
 from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
-NONE, TOPK, RANGE, RANDOM, BITS, ZERO = range(6)  # csrc/cpu/task_vectors.cpp modes
+_M = _native.SPARSIFIER_MODES  # the kernels' per-model sparsifier modes (csrc/codes.h)
+NONE, TOPK, RANGE, RANDOM, BITS, ZERO = (_M[k] for k in ("none", "topk", "range", "random", "bits", "zero"))
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALES = (None, "l1", "inverse_density")
 BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
@@ -204,8 +205,8 @@ def _use_cpu(x: torch.Tensor, backend: str) -> bool:
 
 def _spec(x: torch.Tensor, p: ModelPlan) -> tuple:
     """The flat tuple csrc/cpu/task_vectors.cpp reads for one model."""
-    return (x.data_ptr(), _native.DTYPE_CODES[x.dtype], p.mode, p.lo.key, p.lo.index, p.hi.key, p.hi.index,
-            p.thr, p.bits.data_ptr() if p.bits is not None else 0, p.scale, p.weight, p.model & 0xFFFFFFFF)
+    ints, floats = plan_rows([p])
+    return library.model_specs([x], [p.bits], ints, floats)[0]
 
 
 def model_l1(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=True, num_threads=0) -> Tuple[float, float]:
@@ -313,25 +314,41 @@ def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Seq
         raise ValueError("out must be contiguous")
     h0, h1 = philox.name_hash(name)
     seed64 = int(seed) & 0xFFFFFFFFFFFFFFFF
-    if backend == "cpu":
-        _native.require_cpu().tv_merge([_spec(x, p) for x, p in zip(inputs, plans)], base.data_ptr(),
-                                       _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
-                                       n, offset, consensus, normalize, float(lam), float(divisor),
-                                       seed64, h0, h1, num_threads)
-    elif backend == "triton":
+    if backend in ("cpu", "cuda") or (backend == "triton" and base.device.type == "cuda"):
+        if base.device.type != ("cpu" if backend == "cpu" else "cuda"):
+            raise ValueError(f"backend {backend!r} needs {'cpu' if backend == 'cpu' else 'cuda'} tensors, "
+                             f"got tensors on {base.device}")
+        ints, floats = plan_rows(plans)
+        signed_seed = seed64 - (1 << 64) if seed64 >= 1 << 63 else seed64  # the op's ints are int64
+        library.call("tv_merge_out", inputs, base, [p.bits for p in plans], ints, floats, consensus, normalize,
+                     float(lam), float(divisor), signed_seed, h0, h1, offset, out,
+                     "auto" if backend == "cpu" else backend, num_threads)
+    elif backend == "triton":  # CPU tensors: the Triton interpreter (tests)
         from pymerge.kernels import task_vectors as tk
         tk.tv_merge(inputs, base, plans, out, consensus=consensus, normalize=normalize, lam=lam,
                     divisor=divisor, seed=seed64, h0=h0, h1=h1, offset=offset)
-    elif backend == "cuda":
-        ext = _native.require_cuda()
-        with torch.cuda.device(base.device):
-            stream = torch.cuda.current_stream(base.device).cuda_stream
-            ext.tv_merge([_spec(x, p) for x, p in zip(inputs, plans)], base.data_ptr(),
-                         _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
-                         n, offset, consensus, normalize, float(lam), float(divisor), seed64, h0, h1, stream)
     else:
         _merge_torch(inputs, base, plans, out, consensus, normalize, lam, divisor, name, seed, offset)
     return out
+
+
+def plan_rows(plans: Sequence[ModelPlan]) -> Tuple[List[int], List[float]]:
+    """The plans as the flat int and float lists pymerge::tv_merge_out takes (library.PLAN_INTS, PLAN_FLOATS)."""
+    ints, floats = [], []
+    for p in plans:
+        ints += [p.mode, p.lo.key, p.lo.index, p.hi.key, p.hi.index, p.thr, p.model]
+        floats += [p.scale, p.weight]
+    return ints, floats
+
+
+def plans_from_rows(bits, ints: Sequence[int], floats: Sequence[float]) -> List[ModelPlan]:
+    """The inverse of plan_rows (the Triton launcher takes ModelPlans)."""
+    plans = []
+    for i, b in enumerate(bits):
+        mode, lo_key, lo_idx, hi_key, hi_idx, thr, model = ints[i * library.PLAN_INTS:(i + 1) * library.PLAN_INTS]
+        plans.append(ModelPlan(mode=mode, lo=select.Boundary(lo_key, lo_idx), hi=select.Boundary(hi_key, hi_idx),
+                               thr=thr, bits=b, scale=floats[2 * i], weight=floats[2 * i + 1], model=model))
+    return plans
 
 
 def _merge_torch(inputs, base, plans, out, consensus, normalize, lam, divisor, name, seed, offset):

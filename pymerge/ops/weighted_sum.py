@@ -1,17 +1,20 @@
 """weighted_sum: out = sum_i w_i * x_i, one pass, float32 accumulation, several backends.
 
 Backends share one contract (see tests/test_weighted_sum.py for the float64 reference):
-- "cpu":    C++ (OpenMP, AVX-512/AVX2/scalar chosen at run time), CPU tensors.
+- "cpu":    C++ (own thread pool, AVX-512/AVX2/scalar chosen at run time), CPU tensors.
 - "triton": kernels/weighted_sum.py, CUDA tensors (or CPU under TRITON_INTERPRET=1).
 - "cuda":   csrc/cuda/weighted_sum.cu, CUDA tensors.
 - "torch":  eager PyTorch, any device; the slow but dependable fallback.
 "auto" picks "cpu" for CPU tensors and "triton" (else "cuda", else "torch") for CUDA tensors.
+The native backends run as the custom ops pymerge::weighted_sum[_many][_out] (pymerge/ops/library.py),
+so these wrappers compile (torch.compile, fullgraph) and capture (CUDA graphs) as single nodes.
 """
 from typing import List, Optional, Sequence
 
 import torch
 
-from pymerge import _native
+from pymerge import _native, extras
+from pymerge.ops import library
 from pymerge.ops._checks import check_inputs, check_weights, resolve_out
 from pymerge.ops._versions import mark_written
 
@@ -30,6 +33,9 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     tensors = check_inputs(tensors)
     w = check_weights(weights, len(tensors))
     dtype = resolve_out(tensors, out_dtype, out)
+    if out is None and _op_backend(tensors[0], backend):
+        return library.call("weighted_sum", _contig(tensors), torch.tensor(w, dtype=torch.float32), dtype,
+                                    _op_backend(tensors[0], backend), num_threads)
     given = out is not None
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
@@ -53,6 +59,9 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     rows = [check_weights(r, len(tensors), what=f"weights of row {k}") for k, r in enumerate(rows)]
     if outs is None:
         dtype = resolve_out(tensors, out_dtype, None)
+        if _op_backend(tensors[0], backend):
+            return library.call("weighted_sum_many", _contig(tensors), torch.tensor(rows, dtype=torch.float32), dtype,
+                                             _op_backend(tensors[0], backend), num_threads)
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
     else:
         if len(outs) != len(rows):
@@ -70,6 +79,8 @@ def pick_backend(device: torch.device, backend: str = "auto", cuda_entry: str = 
     entry point (`cuda_entry`), else eager torch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        extras.require("triton", "backend 'triton'")
     if backend != "auto":
         return backend
     if device.type == "cpu":
@@ -82,6 +93,22 @@ def pick_backend(device: torch.device, backend: str = "auto", cuda_entry: str = 
     return "torch"
 
 
+def _op_backend(t: torch.Tensor, backend: str) -> Optional[str]:
+    """The backend argument of the custom op that runs `backend` on t's device, or None when it
+    runs outside the op registry (eager torch; Triton on CPU tensors, i.e. the interpreter)."""
+    chosen = pick_backend(t.device, backend)
+    if chosen == "torch":
+        return None
+    _require_device(t, {"cpu": "cpu", "cuda": "cuda"}.get(chosen, t.device.type), chosen)
+    if t.device.type == "cpu":
+        return "auto" if chosen == "cpu" else None
+    return chosen if t.device.type == "cuda" else None
+
+
+def _contig(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
 def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor],
                       backend: str = "auto", num_threads: int = 0) -> None:
     """The unchecked core: inputs, weights and outputs already validated (pool and merge call it).
@@ -90,29 +117,19 @@ def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor
     keeps the GPU backends free of host round trips (the search loop updates it in place, and a
     CUDA graph can capture the call).
     """
-    numel = tensors[0].numel()
-    if numel == 0:
+    if tensors[0].numel() == 0:
         return
-    backend = pick_backend(tensors[0].device, backend)
-    tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    if isinstance(rows, torch.Tensor) and backend in ("cpu",):
-        rows = rows.tolist()
-    if backend == "torch":
-        return _torch_weighted_sum(tensors, rows, outs)
-    if backend == "cpu":
-        _require_device(tensors[0], "cpu", backend)
-        _native.require_cpu().weighted_sum_many(
-            [t.data_ptr() for t in tensors], [_native.DTYPE_CODES[t.dtype] for t in tensors], numel,
-            [w for row in rows for w in row], [o.data_ptr() for o in outs],
-            [_native.DTYPE_CODES[o.dtype] for o in outs], num_threads)
-        return
-    if backend == "triton":
+    tensors = _contig(tensors)
+    op_backend = _op_backend(tensors[0], backend)
+    if op_backend is not None:
+        plain = isinstance(rows, torch.Tensor) or library.eager(tensors[0])  # the eager kernels take lists
+        weights = rows if plain else torch.tensor(rows, dtype=torch.float32)
+        library.call("weighted_sum_many_out", tensors, weights, outs, op_backend, num_threads)
+    elif pick_backend(tensors[0].device, backend) == "torch":
+        torch_weighted_sum(tensors, rows, outs)
+    else:  # Triton on CPU tensors: the interpreter (tests)
         from pymerge.kernels import weighted_sum as triton_ws
-        return triton_ws.weighted_sum_many(tensors, rows, outs)
-    if backend == "cuda":
-        _require_device(tensors[0], "cuda", backend)
-        return _cuda_weighted_sum(tensors, rows, outs)
-    raise AssertionError(backend)
+        triton_ws.weighted_sum_many(tensors, rows, outs)
 
 
 def _require_device(t: torch.Tensor, kind: str, backend: str):
@@ -120,29 +137,8 @@ def _require_device(t: torch.Tensor, kind: str, backend: str):
         raise ValueError(f"backend {backend!r} needs {kind} tensors, got tensors on {t.device}")
 
 
-def _cuda_weighted_sum(tensors, rows, outs):
-    ext = _native.require_cuda()
-    device = tensors[0].device
-    numel = tensors[0].numel()
-    on_device = isinstance(rows, torch.Tensor)
-    if on_device:
-        rows = rows.to(device=device, dtype=torch.float32).contiguous()
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        for start in range(0, len(outs), ext.MAX_OUTPUTS):  # populations larger than MAX_OUTPUTS go in groups
-            group = outs[start:start + ext.MAX_OUTPUTS]
-            grows = rows[start:start + ext.MAX_OUTPUTS]
-            scratch = None
-            if len(tensors) > ext.MAX_INPUTS:
-                scratch = torch.empty(len(group) * ext.scratch_stride(numel), dtype=torch.float32, device=device)
-            ext.weighted_sum_many(
-                [t.data_ptr() for t in tensors], [_native.DTYPE_CODES[t.dtype] for t in tensors], numel,
-                [] if on_device else [w for row in grows for w in row], [o.data_ptr() for o in group],
-                [_native.DTYPE_CODES[o.dtype] for o in group], scratch.data_ptr() if scratch is not None else 0,
-                stream, grows.data_ptr() if on_device else 0)
-
-
-def _torch_weighted_sum(tensors, rows, outs):
+def torch_weighted_sum(tensors, rows, outs):
+    """The eager fallback (any device): float32 accumulation in input order."""
     for row, out in zip(rows, outs):
         acc = tensors[0].float() * row[0]
         for t, w in zip(tensors[1:], row[1:]):

@@ -40,7 +40,7 @@ class CudaRunner:
             self._setup_streaming(chunk_bytes)
 
     # ---- weights -----------------------------------------------------------------------------------
-    def _weights(self, tables: List[np.ndarray]) -> torch.Tensor:
+    def weights(self, tables: List[np.ndarray]) -> torch.Tensor:
         """[G, K, N] float32 weights on the device; a CUDA tensor given by the caller is used as is."""
         g = max(t.shape[0] for t in tables)
         if isinstance(tables[0], torch.Tensor):  # the caller's CUDA weights: views, no copy for one candidate
@@ -76,7 +76,7 @@ class CudaRunner:
     def run_linear(self, plans, tables: List[np.ndarray], backend: str) -> None:
         # Events, streams and launches belong to the pool's GPU, whichever device is current.
         with torch.cuda.device(self.device) if self.on_gpu else contextlib.nullcontext():
-            w = self._weights(tables)
+            w = self.weights(tables)
             if backend == "torch":  # the eager fallback takes Python floats (a host sync; it is slow anyway)
                 w = w.cpu().double().numpy()
             if self.streamed:

@@ -20,7 +20,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.ops._versions import mark_written
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
-from pymerge.pool import compressed
+from pymerge.pool import compressed, grouped
 from pymerge.pool.sources import open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
 
@@ -127,6 +127,7 @@ class CheckpointPool:
     def _finish(self, chunk_bytes: int) -> None:
         """Lookups, overlap spans, caches and GPU runner over the held tensors."""
         self._index = {n: i for i, n in enumerate(self.names)}
+        self._plan_cache = grouped.PlanCache()
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
         # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms) of the methods path,
@@ -284,23 +285,56 @@ class CheckpointPool:
         else:
             tables = [weight_table(w, n, normalize, what="weights" if len(into) == 1 else f"weights of candidate {k}")
                       for k, w in enumerate(weight_rows)]
-        group_of = group_indices(self.names, groups) if any(t.shape[0] > 1 for t in tables) else [0] * len(self.names)
+        flat = not any(t.shape[0] > 1 for t in tables)
+        group_of = [0] * len(self.names) if flat else self._plan_cache.group_of(self.names, groups)
         for k, t in enumerate(tables):
             check_groups(group_of, self.names, t.shape[0], what="weights" if len(into) == 1 else f"candidate {k}'s weights")
-        plans = self._plan(into, group_of, names, strict)
-        self._check_overlaps(plans, len(into))
-        if method == "linear":
-            if params:
-                raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
-                                       "(use normalize= for sum-to-one)")
+        if method == "linear" and params:
+            raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
+                                   "(use normalize= for sum-to-one)")
+        if method == "linear" and self._grouped_kind() and _cacheable(groups, names):
+            # the hot path: plans checked once per set of targets, then one call per candidate
+            n_groups = max(group_of, default=0) + 1
+            make = grouped.native_table if self._grouped_kind() == "cpu" else grouped.triton_table
+            plans, table = self._plan_cache.plans(
+                ("flat" if flat else groups, names, strict, n_groups), into,
+                lambda: self._checked_plans(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
+                lambda ps: make(ps, self._inputs, n_groups))
+            if table is None:
+                self._run_linear(plans, tables)
+            elif self._cuda is None:
+                table.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
+            else:
+                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                    w = self._cuda.weights(tables)  # [G, K, N] on the device
+                    table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
+        elif method == "linear":
+            plans = self._checked_plans(into, group_of, names, strict)
             self._run_linear(plans, tables)
         else:
+            plans = self._checked_plans(into, group_of, names, strict)
             self._run_method(method, plans, tables, seed, params)
         for p in plans:
             for tmp, target in p.fixups:
                 target.copy_(tmp)
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
+
+    def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
+        plans = self._plan(into, group_of, names, strict)
+        self._check_overlaps(plans, len(into))
+        return plans
+
+    def _grouped_kind(self) -> Optional[str]:
+        """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
+        tensors resident on the device), or None (per tensor: streamed tiers, the eager backend)."""
+        if type(self)._plan is not CheckpointPool._plan:
+            return None  # a subclass that plans differently (ShardedPool reshards FSDP2 targets) plans every call
+        if self._compressed is not None:
+            return None  # compressed pools decode inside their own kernel (pool/compressed.py)
+        if self._cuda is None:
+            return "cpu" if self.backend == "cpu" else None
+        return "triton" if self.backend == "triton" and not self._cuda.streamed else None
 
     def _graph_weights(self, weight_rows, method: str) -> bool:
         """CUDA-tensor weights on the pool's device: used where they are, values unchecked (no host sync),
@@ -498,6 +532,24 @@ def _target_overlap(spans: np.ndarray, k: int):
             if s[i, 1] > s[j, 0] and not tie:
                 return int(order[i]), int(order[j])
     return None
+
+
+def _cacheable(groups: GroupRule, names: NameMap) -> bool:
+    """Plans can be cached only under rules that are values (a function or dict may change)."""
+    return (groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
+
+
+def _watched(plans: List[_Plan], into: list, names: NameMap) -> list:
+    """(tensor as the target holds it, the dict or None, its key) for every plan and target: what a
+    cached plan checks is unchanged before it is reused."""
+    out = []
+    for m in into:
+        held = _tensors_of(m)
+        d = m if isinstance(m, dict) else None
+        for p in plans:
+            key = _map_name(p.name, names)
+            out.append((held[key], d, key))
+    return out
 
 
 def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:

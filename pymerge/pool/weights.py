@@ -60,8 +60,8 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
         raise InputError(f"{what} must be N numbers or a [G, N] table, got shape {table.shape}")
     if table.shape[1] != n:
         raise InputError(f"got {table.shape[1]} {what} for {n} checkpoints")
-    bad = np.argwhere(~np.isfinite(table))
-    if len(bad):
+    if not np.isfinite(table).all():
+        bad = np.argwhere(~np.isfinite(table))
         g, i = bad[0]
         where = f"[{i}]" if table.shape[0] == 1 else f"[{g}][{i}]"
         raise InputError(f"{what}{where} is {table[g, i]}; weights must be finite")

@@ -65,8 +65,8 @@ def plot(path: str, history: List[dict], tasks: List[str], front: List[int], tit
 
     markers: named reference points (e.g. single checkpoints) drawn on the task plane.
     """
-    import matplotlib
-    matplotlib.use("Agg")
+    from pymerge.extras import require
+    require("matplotlib", "plotting the search").use("Agg")
     import matplotlib.pyplot as plt
     two = len(tasks) == 2
     fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4.2))

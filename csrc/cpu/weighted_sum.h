@@ -1,0 +1,34 @@
+// The weighted-sum kernel as a building block: weighted_sum.cpp runs it over one tensor,
+// grouped.cpp over every tensor of a model in one call.
+#pragma once
+#include <cstdint>
+#include <vector>
+#include "cpu/common.h"
+
+namespace pymerge {
+namespace ws {
+
+constexpr int64_t kBlock = 4096;                // floats per accumulator block: 16 KiB, stays in L1
+constexpr int64_t kMinPerThread = int64_t(1) << 18;  // elements: below this a second thread costs more than it gives
+constexpr int64_t kStreamBytes = 8 << 20;       // outputs above this skip the cache
+
+// N inputs, K outputs, weights w[k * N + i].
+struct Job {
+  const uintptr_t* in;
+  const int* in_dt;
+  int64_t n_in;
+  const float* w;
+  const uintptr_t* out;
+  const int* out_dt;
+  int64_t n_out;
+  bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
+};
+
+// Elements [start, end) of every output of J, on the calling thread.
+void run_range(const Job& J, int64_t start, int64_t end);
+
+// Throws std::invalid_argument for a code no kernel reads (or, for outputs, writes).
+void check_codes(const std::vector<int>& in_dtypes, const std::vector<int>& out_dtypes);
+
+}  // namespace ws
+}  // namespace pymerge

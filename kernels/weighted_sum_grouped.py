@@ -1,0 +1,104 @@
+"""Triton kernel for a whole model's weighted sums in one launch, and its launcher.
+
+The GPU twin of csrc/cpu/grouped.cpp: a model of many small tensors merged one launch per tensor
+pays a launch (and a mostly idle GPU) per tensor. Here one program owns BLOCK elements of one
+tensor, found through a per-block table (tensor index, first element); per tensor an address row
+of its N inputs and K outputs, its element count and weight group; weights a float32 [G, K, N]
+device tensor. Tables live on the device and are built once per set of tensors (GroupedTable),
+so a launch reads no host memory and can be captured in a CUDA graph.
+
+The arithmetic is kernels/weighted_sum.py's: -0.0 start, one fused multiply-add per input in input
+order, one rounding to the output dtype (all outputs of one launch share a dtype).
+"""
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional on the CPU
+    triton = None
+
+from pymerge._native import DTYPE_CODES
+from pymerge.kernels import interpreted as _interpreted
+
+_MIXED = -1
+
+if triton is not None:
+    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed
+
+    @triton.jit
+    def _grouped_kernel(blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups, weights, n_in, k_total,
+                        IN_DT: tl.constexpr, OUT_T: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(blk_tensor + pid).to(tl.int64)
+        offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numels + t)
+        g = tl.load(groups + t).to(tl.int64)
+        for k in tl.static_range(K):  # K outputs: each re-reads the block, from cache after the first
+            acc = tl.full([BLOCK], -0.0, tl.float32)
+            w_row = weights + (g * k_total + k) * n_in
+            for i in range(n_in):
+                addr = tl.load(in_addr + t * n_in + i)
+                if IN_DT == -1:
+                    x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, False)
+                else:
+                    x = _load_as_f32(addr, offs, mask, IN_DT, False)
+                acc += tl.load(w_row + i) * x
+            out = tl.load(out_addr + t * k_total + k).to(tl.pointer_type(OUT_T))
+            tl.store(out + offs, acc.to(OUT_T), mask=mask)
+
+
+_OUT_TYPES = {}
+
+
+def _out_type(dtype: torch.dtype):
+    if not _OUT_TYPES:
+        _OUT_TYPES.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
+    return _OUT_TYPES[dtype]
+
+
+class GroupedTable:
+    """Device tables for inputs[t] (N tensors each) -> outputs[t] (K tensors each), weight group groups[t].
+
+    The tensors must stay alive and in place while the table is used (the pool's plan cache owns it).
+    """
+
+    def __init__(self, inputs, outputs, groups, n_groups: int, block: int = 1024):
+        if triton is None:
+            raise RuntimeError("the grouped Triton kernel needs triton")
+        device = inputs[0][0].device
+        self.n, self.k, self.n_groups = len(inputs[0]), len(outputs[0]), n_groups
+        out_dtypes = {o.dtype for os in outputs for o in os}
+        if len(out_dtypes) != 1:
+            raise ValueError("a grouped launch writes one output dtype")
+        self.out_t = _out_type(out_dtypes.pop())
+        codes = [[DTYPE_CODES[x.dtype] for x in xs] for xs in inputs]
+        flat = {c for row in codes for c in row}
+        self.in_dt = flat.pop() if len(flat) == 1 else _MIXED
+        self.block = min(block, 1024) if _interpreted() else block
+        numels = [xs[0].numel() for xs in inputs]
+        blk_tensor, blk_start = [], []
+        for t, n in enumerate(numels):
+            starts = range(0, n, self.block)
+            blk_tensor += [t] * len(starts)
+            blk_start += list(starts)
+        self.n_blocks = len(blk_tensor)
+
+        def put(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device)
+
+        self.tables = (put(blk_tensor, torch.int32), put(blk_start, torch.int64),
+                       put([[x.data_ptr() for x in xs] for xs in inputs], torch.int64),
+                       put(codes, torch.int32), put([[o.data_ptr() for o in os] for os in outputs], torch.int64),
+                       put(numels, torch.int64), put(list(groups), torch.int32))
+
+    def run(self, weights: torch.Tensor) -> None:
+        """weights: float32 [G, K, N] on the tables' device (read there: no host sync)."""
+        if tuple(weights.shape) != (self.n_groups, self.k, self.n):
+            raise ValueError(f"weights must have shape {(self.n_groups, self.k, self.n)}, got {tuple(weights.shape)}")
+        if self.n_blocks == 0:
+            return
+        blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups = self.tables
+        _grouped_kernel[(self.n_blocks,)](blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups,
+                                          weights.contiguous(), self.n, self.k, IN_DT=self.in_dt, OUT_T=self.out_t,
+                                          K=self.k, BLOCK=self.block, num_warps=4)

@@ -1,0 +1,81 @@
+"""`pymerge bench`: the fused weighted sum against copy bandwidth on this machine (installed; no checkout).
+
+    pymerge bench [--quick] [--device cpu|cuda] [--elements N] [--rounds 5] [--json]
+
+For N = 2, 8 and 16 bf16 inputs (bf16 output, float32 accumulation) it times `dst.copy_(src)` over the
+same bytes (the ceiling), eager PyTorch and pymerge, interleaved, best of `rounds` (median on the GPU).
+GB/s counts bytes read + written. The full benchmark, with torch.compile and plots, is
+benchmarks/bench_weighted_sum.py in the source tree.
+"""
+import argparse
+import json
+import statistics
+import time
+
+
+def _time(fns: dict, rounds: int, cuda: bool) -> dict:
+    import torch
+    samples = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            f()
+            if cuda:
+                torch.cuda.synchronize()
+            samples[k].append(time.perf_counter() - t)
+    pick = statistics.median if cuda else min
+    return {k: pick(v) for k, v in samples.items()}
+
+
+def run(device: str, numel: int, rounds: int) -> list:
+    import torch
+    import pymerge
+    rows = []
+    for n in (2, 8, 16):
+        xs = [torch.randn(numel, device=device).bfloat16() for _ in range(n)]
+        w = [1.0 / n] * n
+        out = torch.empty(numel, dtype=torch.bfloat16, device=device)
+        src = torch.empty((n + 1) * numel // 2, dtype=torch.bfloat16, device=device)
+        dst = torch.empty_like(src)
+
+        def eager():
+            acc = torch.zeros(numel, device=device)
+            for x, wi in zip(xs, w):
+                acc.add_(x.float(), alpha=wi)
+            out.copy_(acc)
+
+        secs = _time({"copy": lambda: dst.copy_(src), "eager": eager,
+                      "pymerge": lambda: pymerge.weighted_sum(xs, w, out=out)}, rounds, device == "cuda")
+        moved = (n + 1) * numel * 2
+        gbs = {k: moved / s / 1e9 for k, s in secs.items()}
+        rows.append({"N": n, "elements": numel, **{f"{k} GB/s": v for k, v in gbs.items()},
+                     "pymerge / copy": gbs["pymerge"] / gbs["copy"]})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="pymerge bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    ap.add_argument("--elements", type=lambda s: int(float(s)), default=8 << 20, metavar="N",
+                    help="elements per input (default 8388608; 3e7 works)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="1M elements, 3 rounds (seconds)")
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON object on the last line")
+    args = ap.parse_args(argv)
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        args.elements, args.rounds = 1 << 20, 3
+    rows = run(device, args.elements, max(1, args.rounds))
+    cols = list(rows[0])
+    print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, best of {args.rounds})")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    if args.json:
+        print(json.dumps({"device": device, "rows": rows}))
+    return 0

@@ -1,0 +1,309 @@
+"""pymerge's fused kernels as PyTorch custom ops (torch.library), as FlashAttention and torchao do.
+
+Registered as single opaque nodes, they compose with torch.compile (fullgraph: no graph break
+on a raw pointer), CUDA-graph capture and FakeTensor shape propagation. Every op has a fake
+(shape-only) implementation and one kernel per device: C++ (pymerge._cpu) on the CPU; on CUDA
+Triton or the CUDA extension, launched under a device guard on the current stream.
+
+    pymerge::weighted_sum(tensors, weights[N], out_dtype) -> Tensor
+    pymerge::weighted_sum_out(tensors, weights[N], out!)
+    pymerge::weighted_sum_many(tensors, weights[K, N], out_dtype) -> Tensor[]
+    pymerge::weighted_sum_many_out(tensors, weights[K, N], outs!)
+    pymerge::tv_merge_out(inputs, base, plan..., out!)             the task-vector pass
+    pymerge::select_ranks(x, base?, ranks, descending) -> [R, 2]   magnitude rank boundaries (key, index)
+    pymerge::group_dots(xs, base?, sub, group) -> float64 [G, K(K+1)/2]
+    pymerge::group_lincomb_out(xs, base?, sub, group, coef, out!)
+
+Arguments are checked by the Python wrappers in pymerge.ops (which keep their signatures and
+call these); the kernels assume contiguous inputs of one shape and device. Weights are float32
+tensors: on the CPU they are read on the host, on CUDA from device memory (no host sync).
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, register_fake
+
+from pymerge import _native
+
+_U64 = 1 << 64
+
+
+def _codes(ts) -> List[int]:
+    return [_native.DTYPE_CODES[t.dtype] for t in ts]
+
+
+def _contig(ts) -> List[Tensor]:
+    return [t if t.is_contiguous() else t.contiguous() for t in ts]
+
+
+def _cuda_backend(backend: str, entry: str) -> str:
+    """On CUDA: Triton when available (or asked for), else the CUDA extension, else eager torch."""
+    if backend in ("triton", "cuda", "torch"):
+        return backend
+    from pymerge import kernels
+    if kernels.triton_available():
+        return "triton"
+    return "cuda" if _native.cuda is not None and hasattr(_native.cuda, entry) else "torch"
+
+
+_KERNELS = {}  # op name -> {device type: kernel}, for the eager fast path of `call`
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _kernel(name: str, device: str):
+    """Registers fn as op `name`'s kernel for `device` and records it for `call`."""
+    def wrap(fn):
+        _KERNELS.setdefault(name, {})[device] = fn
+        return fn
+    return wrap
+
+
+def eager(t: Tensor) -> bool:
+    """True when a call with t may skip the dispatcher (see `call`)."""
+    return (type(t) in _PLAIN and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._len_torch_function_stack() == 0)
+
+
+def call(name: str, *args):
+    """Runs op pymerge::name. Plain tensors in eager mode go straight to the device's kernel: the
+    dispatcher's Python round trip costs ~80 us a call, more than a small tensor's whole merge.
+    Under torch.compile, a tensor subclass (FakeTensor, functional tensors) or a dispatch mode, the
+    call goes through torch.ops, which is what makes the ops traceable."""
+    first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+    if eager(first):
+        kernel = _KERNELS[name].get(first.device.type)
+        if kernel is not None:
+            return kernel(*args)
+    return getattr(torch.ops.pymerge, name)(*args)
+
+
+# ---- weighted sum ---------------------------------------------------------------------------------
+@custom_op("pymerge::weighted_sum_many_out", mutates_args=("outs",), device_types="cpu")
+@_kernel("weighted_sum_many_out", "cpu")
+def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Tensor], backend: str = "auto",
+                          num_threads: int = 0) -> None:
+    """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once).
+
+    The eager fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
+    numel = tensors[0].numel()
+    if numel == 0:
+        return
+    tensors = _contig(tensors)
+    flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
+    _native.require_cpu().weighted_sum_many(
+        [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
+        [o.data_ptr() for o in outs], _codes(outs), num_threads)
+
+
+@weighted_sum_many_out.register_kernel("cuda")
+@_kernel("weighted_sum_many_out", "cuda")
+def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0):
+    if tensors[0].numel() == 0:
+        return
+    tensors = _contig(tensors)
+    device = tensors[0].device
+    if not isinstance(weights, Tensor):
+        weights = torch.tensor(weights, dtype=torch.float32)
+    weights = weights.to(device=device, dtype=torch.float32).reshape(len(outs), len(tensors))
+    with torch.cuda.device(device):
+        backend = _cuda_backend(backend, "weighted_sum_many")
+        if backend == "triton":
+            from pymerge.kernels import weighted_sum as triton_ws
+            triton_ws.weighted_sum_many(tensors, weights, outs)
+        elif backend == "cuda":
+            _cuda_weighted_sum(tensors, weights, outs)
+        else:
+            from pymerge.ops.weighted_sum import torch_weighted_sum
+            torch_weighted_sum(tensors, weights.double().cpu().tolist(), outs)
+
+
+@register_fake("pymerge::weighted_sum_many_out")
+def _(tensors, weights, outs, backend="auto", num_threads=0):
+    return None
+
+
+def _cuda_weighted_sum(tensors, weights, outs):
+    """The CUDA extension's launch: weights a float32 [K, N] device tensor, read on the device."""
+    ext = _native.require_cuda()
+    device = tensors[0].device
+    numel = tensors[0].numel()
+    stream = torch.cuda.current_stream(device).cuda_stream
+    for start in range(0, len(outs), ext.MAX_OUTPUTS):  # populations larger than MAX_OUTPUTS go in groups
+        group = outs[start:start + ext.MAX_OUTPUTS]
+        rows = weights[start:start + ext.MAX_OUTPUTS].contiguous()
+        scratch = None
+        if len(tensors) > ext.MAX_INPUTS:
+            scratch = torch.empty(len(group) * ext.scratch_stride(numel), dtype=torch.float32, device=device)
+        ext.weighted_sum_many([t.data_ptr() for t in tensors], _codes(tensors), numel, [],
+                              [o.data_ptr() for o in group], _codes(group),
+                              scratch.data_ptr() if scratch is not None else 0, stream, rows.data_ptr())
+
+
+@custom_op("pymerge::weighted_sum_out", mutates_args=("out",))
+@_kernel("weighted_sum_out", "cpu")
+@_kernel("weighted_sum_out", "cuda")
+def weighted_sum_out(tensors: List[Tensor], weights: Tensor, out: Tensor, backend: str = "auto",
+                     num_threads: int = 0) -> None:
+    """out = sum_i weights[i] * tensors[i]; out may be one of the inputs (every block is read first)."""
+    _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
+
+
+def _many_out(tensors, weights, outs, backend, num_threads):
+    """weighted_sum_many_out's kernel for the tensors' device (inside another op: no second dispatch)."""
+    _KERNELS["weighted_sum_many_out"][tensors[0].device.type](tensors, weights, outs, backend, num_threads)
+
+
+@register_fake("pymerge::weighted_sum_out")
+def _(tensors, weights, out, backend="auto", num_threads=0):
+    return None
+
+
+@custom_op("pymerge::weighted_sum_many", mutates_args=())
+@_kernel("weighted_sum_many", "cpu")
+@_kernel("weighted_sum_many", "cuda")
+def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
+                      num_threads: int = 0) -> List[Tensor]:
+    outs = [torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device) for _ in range(weights.shape[0])]
+    _many_out(tensors, weights, outs, backend, num_threads)
+    return outs
+
+
+@register_fake("pymerge::weighted_sum_many")
+def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
+    return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
+
+
+@custom_op("pymerge::weighted_sum", mutates_args=())
+@_kernel("weighted_sum", "cpu")
+@_kernel("weighted_sum", "cuda")
+def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
+                 num_threads: int = 0) -> Tensor:
+    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
+    _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
+    return out
+
+
+@register_fake("pymerge::weighted_sum")
+def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
+    return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
+
+
+# ---- the task-vector pass -------------------------------------------------------------------------
+# A model's plan travels as one int64 row (mode, lo key, lo index, hi key, hi index, thr, model)
+# and one float row (scale, weight); DELLA bitmasks as optional tensors.
+@custom_op("pymerge::tv_merge_out", mutates_args=("out",), device_types="cpu")
+@_kernel("tv_merge_out", "cpu")
+def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]], plan_ints: List[int],
+                 plan_floats: List[float], consensus: bool, normalize: bool, lam: float, divisor: float,
+                 seed: int, h0: int, h1: int, offset: int, out: Tensor, backend: str = "auto",
+                 num_threads: int = 0) -> None:
+    """out = B + lam * combine(sparsified, weighted deltas); see pymerge/ops/task_vector_ops.py."""
+    if base.numel() == 0:
+        return
+    inputs, (base,) = _contig(inputs), _contig([base])
+    _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
+                                   _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
+                                   base.numel(), offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1,
+                                   num_threads)
+
+
+@tv_merge_out.register_kernel("cuda")
+@_kernel("tv_merge_out", "cuda")
+def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
+                       offset, out, backend="auto", num_threads=0):
+    if base.numel() == 0:
+        return
+    inputs, (base,) = _contig(inputs), _contig([base])
+    with torch.cuda.device(base.device):
+        if _cuda_backend(backend, "tv_merge") == "triton":
+            from pymerge.kernels import task_vectors as tk
+            from pymerge.ops.task_vector_ops import plans_from_rows
+            tk.tv_merge(inputs, base, plans_from_rows(bits, plan_ints, plan_floats), out, consensus=consensus,
+                        normalize=normalize, lam=lam, divisor=divisor, seed=seed % _U64, h0=h0, h1=h1, offset=offset)
+            return
+        stream = torch.cuda.current_stream(base.device).cuda_stream
+        _native.require_cuda().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
+                                        _native.DTYPE_CODES[base.dtype], out.data_ptr(),
+                                        _native.DTYPE_CODES[out.dtype], base.numel(), offset, consensus, normalize,
+                                        lam, divisor, seed % _U64, h0, h1, stream)
+
+
+@register_fake("pymerge::tv_merge_out")
+def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset, out,
+      backend="auto", num_threads=0):
+    return None
+
+
+PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
+
+
+def model_specs(inputs, bits, plan_ints, plan_floats) -> list:
+    """The flat tuples csrc/cpu/task_vectors.cpp (and the CUDA extension) read, one per model."""
+    specs = []
+    for i, x in enumerate(inputs):
+        mode, lo_key, lo_idx, hi_key, hi_idx, thr, model = plan_ints[i * PLAN_INTS:(i + 1) * PLAN_INTS]
+        scale, weight = plan_floats[i * PLAN_FLOATS:(i + 1) * PLAN_FLOATS]
+        b = bits[i]
+        specs.append((x.data_ptr(), _native.DTYPE_CODES[x.dtype], mode, lo_key, lo_idx, hi_key, hi_idx, thr,
+                      b.data_ptr() if b is not None else 0, scale, weight, model & 0xFFFFFFFF))
+    return specs
+
+
+# ---- magnitude rank selection (CPU kernel; other devices use the torch path in pymerge.ops.select) --
+@custom_op("pymerge::select_ranks", mutates_args=(), device_types="cpu")
+@_kernel("select_ranks", "cpu")
+def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending: bool,
+                 num_threads: int = 0) -> Tensor:
+    """int64 [len(ranks), 2]: the (key, index) boundary of every rank (see pymerge/ops/select.py)."""
+    x = x.contiguous()
+    base = base.contiguous() if base is not None else None
+    found = _native.require_cpu().select_ranks(
+        x.data_ptr(), _native.DTYPE_CODES[x.dtype], base.data_ptr() if base is not None else 0,
+        _native.DTYPE_CODES[base.dtype] if base is not None else 0, x.numel(), list(ranks), descending, num_threads)
+    return torch.tensor(found, dtype=torch.int64).reshape(len(ranks), 2)
+
+
+@register_fake("pymerge::select_ranks")
+def _(x, base, ranks, descending, num_threads=0):
+    return x.new_empty((len(ranks), 2), dtype=torch.int64)
+
+
+# ---- interpolation: per-group dot products and linear combinations (CPU kernels) -----------------
+@custom_op("pymerge::group_dots", mutates_args=(), device_types="cpu")
+@_kernel("group_dots", "cpu")
+def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
+               num_threads: int = 0) -> Tensor:
+    """float64 [G, K(K+1)/2]: upper-triangle dot products of v_i = x_i - sub*B per group."""
+    xs = _contig(xs)
+    base = base.contiguous() if base is not None else None
+    k = len(xs)
+    flat = _native.require_cpu().group_dots(
+        [x.data_ptr() for x in xs], _codes(xs), base.data_ptr() if base is not None else 0,
+        _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, group, num_threads)
+    return torch.tensor(flat, dtype=torch.float64).reshape(-1, k * (k + 1) // 2)
+
+
+@register_fake("pymerge::group_dots")
+def _(xs, base, sub, rows, cols, group, num_threads=0):
+    k = len(xs)
+    g = (1, rows, cols)[group]
+    return xs[0].new_empty((g, k * (k + 1) // 2), dtype=torch.float64)
+
+
+@custom_op("pymerge::group_lincomb_out", mutates_args=("out",), device_types="cpu")
+@_kernel("group_lincomb_out", "cpu")
+def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
+                      coef: Tensor, out: Tensor, num_threads: int = 0) -> None:
+    """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B), coef float32 [G, K+1]."""
+    xs = _contig(xs)
+    base = base.contiguous() if base is not None else None
+    _native.require_cpu().group_lincomb(
+        [x.data_ptr() for x in xs], _codes(xs), base.data_ptr() if base is not None else 0,
+        _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, group,
+        coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
+
+
+@register_fake("pymerge::group_lincomb_out")
+def _(xs, base, sub, rows, cols, group, coef, out, num_threads=0):
+    return None

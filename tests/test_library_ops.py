@@ -1,0 +1,161 @@
+"""pymerge's torch.library custom ops: opcheck on every op, torch.compile bit-exact against eager,
+CUDA-graph capture (GPU), and the native codes agreeing with Python's."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import pymerge
+from pymerge import _native
+from pymerge.ops import interp, library, select
+from pymerge.ops import task_vector_ops as tvo
+
+OPS = ("weighted_sum", "weighted_sum_out", "weighted_sum_many", "weighted_sum_many_out", "tv_merge_out",
+       "select_ranks", "group_dots", "group_lincomb_out")
+
+
+def rand(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g).to(dtype)
+
+
+def test_every_op_is_registered_and_fake_shapes_are_right():
+    assert all(hasattr(torch.ops.pymerge, name) for name in OPS)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        xs = [torch.empty(5, 3, dtype=torch.bfloat16), torch.empty(5, 3)]
+        w = torch.empty(4, 2)
+        one = torch.ops.pymerge.weighted_sum(xs, w[0], torch.float16)
+        many = torch.ops.pymerge.weighted_sum_many(xs, w, torch.float32)
+        ranks = torch.ops.pymerge.select_ranks(xs[0], None, [0, 1, 2], True)
+        dots = torch.ops.pymerge.group_dots(xs, None, False, 5, 3, interp.GROUPS["rows"])
+    assert (one.shape, one.dtype) == ((5, 3), torch.float16)
+    assert len(many) == 4 and all(m.shape == (5, 3) and m.dtype == torch.float32 for m in many)
+    assert ranks.shape == (3, 2) and ranks.dtype == torch.int64
+    assert dots.shape == (5, 3) and dots.dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 13), (4099,)])
+def test_opcheck_weighted_sum_ops(shape):
+    xs = [torch.randn(shape).to(d) for d in (torch.bfloat16, torch.float32, torch.float16)]
+    w = torch.tensor([0.5, -1.25, 2.0])
+    rows = torch.tensor([[0.5, -1.25, 2.0], [1.0, 0.0, 0.25]])
+    opcheck(torch.ops.pymerge.weighted_sum, (xs, w, torch.float32))
+    opcheck(torch.ops.pymerge.weighted_sum_many, (xs, rows, torch.bfloat16))
+    opcheck(torch.ops.pymerge.weighted_sum_out, (xs, w, torch.empty(shape, dtype=torch.float16)))
+    outs = [torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape)]
+    opcheck(torch.ops.pymerge.weighted_sum_many_out, (xs, rows, outs), {"num_threads": 1})
+
+
+def _tv_case(n, seed):
+    base = rand(n, torch.float32, seed)
+    xs = [base + 0.1 * rand(n, torch.bfloat16, seed + 1 + i).float() for i in range(3)]
+    sps = [tvo.Sparsifier("magnitude", 0.5, rescale="l1"), tvo.Sparsifier("random", 0.3, rescale="inverse_density"),
+           tvo.Sparsifier("della_magprune", 0.5, epsilon=0.1)]
+    plans = [tvo.plan_model(x, base, sp, w, i, name="t", seed=7) for i, (x, sp, w) in enumerate(zip(xs, sps, (1.0, 0.5, 0.25)))]
+    ints, floats = tvo.plan_rows(plans)
+    return xs, base, [p.bits for p in plans], ints, floats
+
+
+@pytest.mark.parametrize("n", [1, 97, 5000])
+def test_opcheck_tv_merge_out(n):
+    xs, base, bits, ints, floats = _tv_case(n, n)
+    for consensus in (False, True):
+        out = torch.empty(n, dtype=torch.bfloat16)
+        seed = -5  # seeds >= 2^63 travel as negative int64s (2^64 - 5 here)
+        opcheck(torch.ops.pymerge.tv_merge_out,
+                (xs, base, bits, ints, floats, consensus, True, 0.7, 1.75, seed, 11, 13, 0, out))
+
+
+def test_tv_merge_out_matches_the_torch_fallback():
+    xs, base, bits, ints, floats = _tv_case(4099, 3)
+    plans = tvo.plans_from_rows(bits, ints, floats)
+    got = torch.empty(4099)
+    want = torch.empty(4099)
+    kw = dict(consensus=True, normalize=True, lam=0.9, divisor=1.75, name="t", seed=7)
+    tvo.merge_planned(xs, base, plans, got, backend="cpu", **kw)
+    tvo.merge_planned(xs, base, plans, want, backend="torch", **kw)
+    assert torch.allclose(got, want, atol=1e-6, equal_nan=True)
+
+
+def test_opcheck_select_and_interp_ops():
+    x, b = rand(1000, torch.bfloat16, 1), rand(1000, torch.float32, 2)
+    opcheck(torch.ops.pymerge.select_ranks, (x, b, [0, 1, 500, 1000], True))
+    opcheck(torch.ops.pymerge.select_ranks, (x, None, [3, 999], False))
+    xs = [rand(12 * 7, torch.float32, 3).view(12, 7), rand(12 * 7, torch.bfloat16, 4).view(12, 7)]
+    base = rand(12 * 7, torch.float32, 5).view(12, 7)
+    for group, (rows, cols) in (("whole", (1, 84)), ("rows", (12, 7)), ("cols", (12, 7))):
+        g = interp.GROUPS[group]
+        opcheck(torch.ops.pymerge.group_dots, (xs, base, True, rows, cols, g))
+        opcheck(torch.ops.pymerge.group_dots, (xs, None, False, rows, cols, g))
+        n_groups = (1, rows, cols)[g]
+        coef = torch.randn(n_groups, 3)
+        opcheck(torch.ops.pymerge.group_lincomb_out, (xs, base, True, rows, cols, g, coef, torch.empty(12, 7)))
+
+
+def test_select_op_agrees_with_the_torch_path():
+    x, b = rand(5000, torch.float16, 9), rand(5000, torch.float32, 10)
+    ranks = [0, 1, 2500, 4999, 5000]
+    for desc in (True, False):
+        assert select.select_ranks(x, b, ranks, desc, "cpu") == select.select_ranks(x, b, ranks, desc, "torch")
+
+
+def test_compiled_fullgraph_matches_eager_bit_for_bit():
+    xs = [rand(4099, torch.bfloat16, i) for i in range(4)]
+    base = rand(4099, torch.float32, 9)
+
+    def f(xs, base):
+        y = pymerge.weighted_sum(xs, [0.25, 0.5, -0.75, 1.0], out_dtype=torch.float32)
+        a, b = pymerge.weighted_sum_many(xs, [[1.0, 0.0, 0.5, 0.25], [0.1, 0.2, 0.3, 0.4]])
+        out = torch.empty_like(base)
+        torch.ops.pymerge.weighted_sum_out([y, base], torch.tensor([0.5, 0.5]), out)
+        dots = torch.ops.pymerge.group_dots([y, out], base, True, 1, 4099, 0)
+        return y * 2, a, b, out, dots
+
+    eager = f(xs, base)
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")(xs, base)
+    for e, c in zip(eager, compiled):
+        assert e.dtype == c.dtype and torch.equal(e.view(torch.uint8) if e.dtype != torch.float64 else e, c.view(torch.uint8) if c.dtype != torch.float64 else c)
+
+
+def test_native_codes_agree_with_python():
+    cpu = _native.require_cpu()
+    assert cpu.DTYPE_CODES == {n: _native.CODES_BY_NAME[n] for n in _native.INPUT_DTYPE_NAMES}
+    assert cpu.SPARSIFIER_MODES == _native.SPARSIFIER_MODES
+    assert (tvo.NONE, tvo.TOPK, tvo.RANGE, tvo.RANDOM, tvo.BITS, tvo.ZERO) == tuple(range(6))
+
+    class Stale:
+        __name__ = "pymerge._cpu"
+        DTYPE_CODES = dict(cpu.DTYPE_CODES, bfloat16=7)
+        SPARSIFIER_MODES = cpu.SPARSIFIER_MODES
+
+    with pytest.raises(ImportError, match="DTYPE_CODES.*stale"):
+        _native.check_codes(Stale)
+    Stale.DTYPE_CODES = cpu.DTYPE_CODES
+    del Stale.SPARSIFIER_MODES
+    with pytest.raises(ImportError, match="SPARSIFIER_MODES is None"):
+        _native.check_codes(Stale)
+
+
+@pytest.mark.gpu
+def test_gpu_ops_capture_in_a_cuda_graph():
+    xs = [torch.randn(100003, device="cuda").to(d) for d in (torch.bfloat16, torch.float32, torch.bfloat16)]
+    w = torch.tensor([[0.2, 0.3, 0.5], [1.0, -1.0, 0.0]], device="cuda")
+    outs = [torch.empty(100003, device="cuda"), torch.empty(100003, device="cuda", dtype=torch.bfloat16)]
+    torch.ops.pymerge.weighted_sum_many_out(xs, w, outs)  # warm-up: Triton compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.pymerge.weighted_sum_many_out(xs, w, outs)
+    for rows in ([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], [[0.1, 0.6, 0.3], [-2.0, 0.5, 0.25]]):
+        w.copy_(torch.tensor(rows))
+        graph.replay()
+        torch.cuda.synchronize()
+        for k, o in enumerate(outs):
+            ref = sum(rows[k][i] * xs[i].double() for i in range(3))
+            assert torch.allclose(o.double(), ref, atol=1e-2 if o.dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_matches_eager():
+    xs = [torch.randn(4099, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    f = lambda xs: pymerge.weighted_sum(xs, [0.5, 0.25, 0.25])  # noqa: E731
+    assert torch.equal(torch.compile(f, fullgraph=True)(xs), f(xs))

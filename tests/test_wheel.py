@@ -1,0 +1,56 @@
+"""The main job after `pip install`: a wheel built from this tree, installed into a fresh venv outside
+the checkout with no extras, prints its version and backends and runs `pymerge demo --quick`; an
+optional feature whose extra is missing fails in one line naming the extra."""
+import os
+import subprocess
+import sys
+import venv
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cmd, cwd, timeout=300, env=None):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    full_env.update(env or {})
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
+    wheels = tmp_path / "wheels"
+    build = run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(wheels),
+                 ROOT], cwd=tmp_path, timeout=600, env={"PYMERGE_NO_CUDA": "1"})
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("pymerge-*.whl")
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = str(env_dir / "bin" / "python")
+    install = run([py, "-m", "pip", "install", "-q", "torch==2.13.0", str(wheel)], cwd=tmp_path)
+    assert install.returncode == 0, install.stderr[-3000:]
+    work = tmp_path / "work"  # outside the checkout: nothing can import from the source tree
+    work.mkdir()
+    pymerge = str(env_dir / "bin" / "pymerge")
+
+    version = run([pymerge, "--version"], cwd=work)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("pymerge ") and "backends: cpu (" in version.stdout, version.stdout
+
+    where = run([py, "-c", "import pymerge, os; print(os.path.dirname(pymerge.__file__))"], cwd=work)
+    assert str(env_dir) in where.stdout, where.stdout  # the installed copy, not the checkout
+
+    demo = run([pymerge, "demo", "--quick"], cwd=work, timeout=300)
+    assert demo.returncode == 0, (demo.stdout[-2000:], demo.stderr[-3000:])
+
+    bench = run([pymerge, "bench", "--elements", "65536", "--rounds", "1"], cwd=work)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "pymerge / copy" in bench.stdout
+
+    # an optional feature without its extra (the fresh venv has no triton): one line naming the extra
+    missing = run([py, "-c", "import torch, pymerge; pymerge.weighted_sum([torch.ones(3)], [1.0], backend='triton')"],
+                  cwd=work)
+    assert missing.returncode != 0
+    last = missing.stderr.strip().splitlines()[-1]
+    assert "MissingExtraError" in last and "pip install 'pymerge[triton]'" in last, missing.stderr[-2000:]
