@@ -148,7 +148,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     if disk_merge.launched():
         return disk_merge.run_ranks(config_or_path, out_dir, device=device, out_shard_size=out_shard_size,
                                     threads=threads, force=force, quiet=quiet, chunk_bytes=chunk_bytes,
-                                    random_seed=random_seed, progress=progress)
+                                    random_seed=random_seed, progress=progress, copy_tokenizer=copy_tokenizer,
+                                    model_card=model_card)
     plan = make_plan(config_or_path)
     try:
         check_out_spares_inputs(out_dir, plan)

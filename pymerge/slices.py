@@ -19,6 +19,7 @@ Each group of output tensors with the same sources becomes an ordinary MergePlan
 checkpoints are renaming views (the output name reads the source's tensor): the executors run
 them unchanged, one after the other, into one writer.
 """
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -288,7 +289,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         slices = list(sliced.slices)
         if sliced.whole_models is not None:  # modules.default.models: one slice of every whole model
             models = list(sliced.whole_models)
-            if cfg.base_model and all(m.path != cfg.base_model for m in models):
+            if cfg.base_model and not any(merge._same_model(m.path, cfg.base_model) for m in models):
                 models.append(ModelSpec(cfg.base_model, {}))
             slices = [SliceSpec([SourceSpec(m.path, (0, stack_of(m.path)[1]), m.parameters) for m in models])]
 
@@ -357,12 +358,18 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     from pymerge import merge
 
     base_path = s.base_model or cfg.base_model
-    paths = [x.path for x in s.sources]
     specs = [ModelSpec(x.path, x.parameters) for x in s.sources]
+    seen = {}
+    for x in s.sources:  # the parser refuses a path listed twice; other spellings (./x, x/, a link) too
+        key = frozenset(os.path.realpath(f) for f in open_ck(x.path).files)
+        if key in seen:
+            raise MergeConfigError(cfg.where(f"{label}: {seen[key]} and {x.path} are the same model; "
+                                             f"list it once in a slice"))
+        seen[key] = x.path
     if method.base_model == "none":
         inputs, base = specs, None
     else:
-        base = next((m for m in specs if m.path == base_path), None) if base_path else None
+        base = next((m for m in specs if merge._same_model(m.path, base_path)), None) if base_path else None
         if base_path and base is None:
             raise MergeConfigError(cfg.where(f"{label}: the base model {base_path} is not among this slice's "
                                              f"sources (mergekit requires it there)"))
@@ -374,10 +381,10 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     except MergeConfigError as exc:
         raise MergeConfigError(cfg.where(f"{label}: {exc}")) from None
     order = inputs + ([base] if base is not None else [])
-    index = {p: j for j, p in enumerate(paths)}
+    index = {id(m): j for j, m in enumerate(specs)}  # source position of each model
     views = []
     for m in order:
-        j = index[m.path]
+        j = index[id(m)]
         names = {out: (srcs[j] if srcs else out) for out, _, srcs in entries}
         views.append(RenamedCheckpoint(open_ck(m.path), names))
     labels = [m.path for m in order]
@@ -386,7 +393,7 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
                               [s.parameters, sliced.module_parameters, cfg.parameters])
     for out, t, srcs in entries:
-        resolver.where[out] = (t, [srcs[index[m.path]] if srcs else out for m in inputs])
+        resolver.where[out] = (t, [srcs[index[id(m)]] if srcs else out for m in inputs])
     tensors = [merge._plan_tensor(cfg, method, resolver, views, labels, out, None, base is not None)
                for out in out_names]
     return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [])

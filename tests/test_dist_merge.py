@@ -254,3 +254,20 @@ def test_rank_variables_without_a_rendezvous_or_switched_off(fam, tmp_path, monk
     monkeypatch.setenv("PYMERGE_NO_DIST", "1")
     assert cli.main(["merge", str(cfg), str(out), "--quiet"]) == 0
     assert_same_tensors(out, single(cfg, tmp_path / "one"))
+
+
+def test_sliced_merge_across_ranks_equals_one_process(fam, tmp_path):
+    """A `slices:` frankenmerge (several plans in one output) split over 2 ranks; mergekit-yaml's
+    --no-copy-tokenizer / --write-model-card reach the rank that writes the side files."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", {
+        "merge_method": "passthrough", "dtype": "float32",
+        "slices": [{"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+                   {"sources": [{"model": str(fts[1]), "layer_range": [1, 2]}]}]})
+    expected = single(cfg, tmp_path / "one", copy_tokenizer=False)
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, ["merge", cfg, out, "--no-copy-tokenizer", "--write-model-card"]))
+    assert codes == [0, 0], lines
+    assert_same_tensors(out, expected)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    assert not (out / "tokenizer.json").exists() and (out / "README.md").is_file()

@@ -401,3 +401,17 @@ def test_native_elementwise_kernels_match_torch(n, in_dtype):
             fa, fb = a.float().nan_to_num(0, 1e30, -1e30), b.float().nan_to_num(0, 1e30, -1e30)
             tol = 1e-6 if out_dtype == torch.float32 else 2 ** -7  # one bf16 rounding step at most
             assert torch.allclose(fa, fb, rtol=tol, atol=1e-7), (fn.__name__, out_dtype, (fa - fb).abs().max())
+
+
+def test_slice_sources_compared_by_resolved_path(tmp_path):
+    """One model under two spellings in a slice would count twice: refused, as the same string is."""
+    from pymerge.errors import MergeConfigError
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    for second in (str(ft) + "/", str(ft / "model.safetensors") if (ft / "model.safetensors").exists() else str(ft) + "/."):
+        cfg = {"merge_method": "linear", "dtype": "float32", "slices": [{"sources": [
+            {"model": str(ft), "layer_range": [0, 1], "parameters": {"weight": 0.5}},
+            {"model": second, "layer_range": [1, 2], "parameters": {"weight": 0.5}}]}]}
+        with pytest.raises(MergeConfigError, match="same model"):
+            run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+        assert not (tmp_path / "out").exists()

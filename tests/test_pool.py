@@ -253,6 +253,15 @@ def test_model_mismatches_name_the_tensor_and_write_nothing():
     lin = torch.nn.Linear(29, 101)
     pool.materialize([1.0, 0.0], into=lin, names=lambda n: n[5:] if n.startswith("head.") else n, strict=False)
     assert torch.equal(lin.weight, models[0].head.weight)
+    # ... but candidates that disagree on a tensor are refused: skipping it everywhere would leave
+    # stale values in the candidates that have it
+    full, part = Tiny(), torch.nn.Linear(29, 101)
+    before = snapshot(full)
+    with pytest.raises(InputError, match="every candidate must have the same tensors"):
+        pool.materialize_many([[1.0, 0.0], [0.0, 1.0]], into=[full, part],
+                              names=lambda n: n[5:] if n.startswith("head.") else n, strict=False)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_many_checks_every_target_first():

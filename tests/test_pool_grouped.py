@@ -151,3 +151,17 @@ def test_extras_fail_in_one_line_naming_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'pymerge\[plot\]'"):
         require("matplotlib", "plotting")
     assert pick_backend(torch.device("cpu"), "auto") == "cpu"  # auto never needs an extra on the CPU
+
+
+def test_tied_target_written_once_by_the_last_tensor():
+    """Untied checkpoints into a model whose two names share one tensor: the later pool tensor is what
+    the target holds (as writing in order left it), never a mix written from two threads."""
+    g = torch.Generator().manual_seed(3)
+    n = 300_000  # big enough to be split across threads
+    sources = [{"a.weight": torch.randn(n, generator=g), "b.weight": torch.randn(n, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(sources)
+    shared = torch.empty(n)
+    for _ in range(3):
+        pool.materialize([0.2, 0.3, 0.5], into={"a.weight": shared, "b.weight": shared})
+        want = sum(w * s["b.weight"].double() for w, s in zip([0.2, 0.3, 0.5], sources))
+        torch.testing.assert_close(shared.double(), want, rtol=1e-6, atol=1e-6)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include "cpu/avx512_store.h"
 #include "cpu/tv_common.h"
 
 namespace py = pybind11;
@@ -94,27 +95,6 @@ __attribute__((target("avx2,fma,f16c"), flatten)) void block_avx2(const Job& J, 
 // ---- AVX-512 ------------------------------------------------------------------------------------
 #define DD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 
-// float32 -> bfloat16, round to nearest even, on integers so denormals are kept (as weighted_sum does).
-DD_AVX512 inline __m256i f32_to_bf16_16(__m512 x) {
-  __m512i b = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-DD_AVX512 inline void store16(char* p, __m512 x, int dt, bool stream) {
-  if (dt == F32) {
-    if (stream) _mm512_stream_ps(reinterpret_cast<float*>(p), x);
-    else _mm512_storeu_ps(reinterpret_cast<float*>(p), x);
-    return;
-  }
-  __m256i h = dt == F16 ? _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : f32_to_bf16_16(x);
-  if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
-  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-}
-
 DD_AVX512 inline __m512 load16_dense(const char* p, int dt) {
   if (dt == F32) return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -186,7 +166,7 @@ DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t le
     for (int k = 0; k < K; ++k) {
       const int dt = J.out_dt[k0 + k];
       char* dst = out_at(J, k0 + k, e);
-      for (int h = 0; h < 4; ++h) store16(dst + 16 * h * dtype_size(dt), acc[k][h], dt, stream[k]);
+      for (int h = 0; h < 4; ++h) store16_any(dst + 16 * h * dtype_size(dt), acc[k][h], dt, stream[k]);
     }
   }
 }

@@ -58,8 +58,15 @@ def split_by_bytes(costs: Sequence[int], ranks: int) -> List[int]:
     return out
 
 
+def _share(plan, keep: set):
+    """This rank's share of a plan: the tensors whose ids are in keep (a `slices:` plan keeps its parts)."""
+    if any(p is not plan for p in plan.parts):  # a `slices:` plan (pymerge/slices.py)
+        return replace(plan, parts=[replace(p, tensors=[t for t in p.tensors if id(t) in keep]) for p in plan.parts])
+    return replace(plan, tensors=[t for t in plan.tensors if id(t) in keep])
+
+
 def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, threads, force: bool, quiet: bool,
-              chunk_bytes: int, random_seed, progress=None):
+              chunk_bytes: int, random_seed, progress=None, copy_tokenizer: bool = True, model_card: bool = False):
     """run_merge's distributed twin (same arguments, checked by it); returns this rank's MergeReport."""
     from pymerge.merge import (MergeReport, check_out_spares_inputs, make_plan, op_threads, stream_plan,
                                write_side_files)
@@ -81,7 +88,7 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         tmp_dir = None
         if rank == 0:
             writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
-            write_side_files(plan, writer)
+            write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
             tmp_dir = str(writer.tmp_dir)
         return tmp_dir, _fingerprint(plan, out_dir)
 
@@ -89,7 +96,7 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         plan, parts = state["plan"], state["parts"]
         if rank:
             state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
-        mine = replace(plan, tensors=[t for t, p in zip(plan.tensors, parts) if p == rank])
+        mine = _share(plan, {id(t) for t, p in zip(plan.tensors, parts) if p == rank})
         stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
                     seed=random_seed or 0, progress=progress, quiet=quiet or rank != 0)
         if rank:

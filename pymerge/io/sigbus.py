@@ -43,7 +43,8 @@ class MappingGuard:
             return
         _, address = self._ext.sigbus_guard_hits()
         for begin, end, f in self._ranges:
-            if begin <= address < end or _size(f.path) < end - begin:
+            size = _size(f.path)  # -1: renamed or unlinked, still readable through the mapping
+            if begin <= address < end or 0 <= size < end - begin:
                 raise CheckpointError(f"{f.path}: the file shrank while being merged (another program "
                                       f"truncated or rewrote it); no output was written")
         # A fault in some other merge's file (another thread): not ours.

@@ -323,7 +323,7 @@ class CheckpointPool:
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         plans = self._plan(into, group_of, names, strict)
         self._check_overlaps(plans, len(into))
-        return plans
+        return _last_of_tied(plans)
 
     def _grouped_kind(self) -> Optional[str]:
         """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
@@ -382,6 +382,11 @@ class CheckpointPool:
                 break
             if len(outs) == len(into):
                 plans.append(_Plan(name, group_of[idx], outs, dests, fixups))
+            elif outs and not strict and not problems:
+                # Skipping it for every candidate would leave stale values in those that have it.
+                have = [k for k, tmap in enumerate(targets) if model_name in tmap]
+                problems.append(f"with strict=False every candidate must have the same tensors: {model_name!r} is in "
+                                f"model(s) {have} but not in the others")
         if problems:
             more = "" if len(problems) < 5 else " (and possibly more)"
             raise InputError("; ".join(problems[:5]) + more + "; nothing was written")
@@ -532,6 +537,15 @@ def _target_overlap(spans: np.ndarray, k: int):
             if s[i, 1] > s[j, 0] and not tie:
                 return int(order[i]), int(order[j])
     return None
+
+
+def _last_of_tied(plans: List[_Plan]) -> List[_Plan]:
+    """Tied weights (one tensor under two names, as embeddings and head) are written once, by the last
+    plan: what writing them in order left, and the grouped native call never writes one memory from
+    two threads at once."""
+    key = lambda p: tuple((t.data_ptr(), t.nbytes) for t in p.targets)  # noqa: E731
+    last = {key(p): i for i, p in enumerate(plans)}
+    return plans if len(last) == len(plans) else [p for i, p in enumerate(plans) if last[key(p)] == i]
 
 
 def _cacheable(groups: GroupRule, names: NameMap) -> bool:
