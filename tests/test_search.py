@@ -43,15 +43,20 @@ def test_reaches_the_known_optimum():
     assert res.history[0]["weights"] == pytest.approx([0.25] * 4)  # candidate 0: the uniform merge
 
 
-def test_per_group_search_has_a_weight_row_per_group():
+def _two_group_pool():
+    """Three checkpoints of a model with an embedding group and one layer group, and a live model."""
     g = torch.Generator().manual_seed(1)
     sources = [{"embed.w": torch.randn(8, generator=g), "layers.0.w": torch.randn(8, generator=g)} for _ in range(3)]
-    pool = CheckpointPool(sources)
     model = torch.nn.Module()
     model.embed = torch.nn.Module()
     model.embed.w = torch.nn.Parameter(torch.zeros(8))
     model.layers = torch.nn.ModuleList([torch.nn.Module()])
     model.layers[0].w = torch.nn.Parameter(torch.zeros(8))
+    return sources, CheckpointPool(sources), model
+
+
+def test_per_group_search_has_a_weight_row_per_group():
+    sources, pool, model = _two_group_pool()
     # best: embed from checkpoint 0, layer 0 from checkpoint 2
     goal = {"embed.w": sources[0]["embed.w"], "layers.0.w": sources[2]["layers.0.w"]}
 
@@ -251,14 +256,7 @@ def test_unreadable_state_files(tmp_path, text):
 
 def test_resume_with_nan_scores_and_groups(tmp_path):
     """NaN objectives round-trip through the JSON state; a per-group search resumes exactly too."""
-    g = torch.Generator().manual_seed(1)
-    sources = [{"embed.w": torch.randn(8, generator=g), "layers.0.w": torch.randn(8, generator=g)} for _ in range(3)]
-    pool = CheckpointPool(sources)
-    model = torch.nn.Module()
-    model.embed = torch.nn.Module()
-    model.embed.w = torch.nn.Parameter(torch.zeros(8))
-    model.layers = torch.nn.ModuleList([torch.nn.Module()])
-    model.layers[0].w = torch.nn.Parameter(torch.zeros(8))
+    sources, pool, model = _two_group_pool()
     calls = {"n": 0}
 
     def evaluate(m):

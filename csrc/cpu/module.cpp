@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include "cpu/common.h"
+#include "export_codes.h"
 
 namespace pymerge {
 
@@ -52,11 +53,7 @@ const char* simd_level() {
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "pymerge CPU kernels (C++17, own thread pool, AVX-512/AVX2 chosen at run time)";
-  pybind11::dict dtypes, modes;
-  for (auto d : pymerge_codes::kDTypeNames) dtypes[d.name] = d.code;
-  for (auto d : pymerge_codes::kModeNames) modes[d.name] = d.code;
-  m.attr("DTYPE_CODES") = dtypes;
-  m.attr("SPARSIFIER_MODES") = modes;
+  pymerge_codes::export_codes(m);
   m.def("simd_level", [] { return std::string(pymerge::simd_level()); });
   m.def("max_threads", &pymerge::default_threads, "threads a kernel uses by default (OMP_NUM_THREADS, else the cores this process may use)");
   for (auto r : pymerge::registrars()) r(m);

@@ -2,7 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <cuda_runtime.h>
-#include "codes.h"
+#include "export_codes.h"
 #include "cuda/task_vectors.h"
 #include "cuda/weighted_sum.h"
 
@@ -10,11 +10,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "pymerge CUDA kernels";
-  py::dict dtypes, modes;
-  for (auto d : pymerge_codes::kDTypeNames) dtypes[d.name] = d.code;
-  for (auto d : pymerge_codes::kModeNames) modes[d.name] = d.code;
-  m.attr("DTYPE_CODES") = dtypes;
-  m.attr("SPARSIFIER_MODES") = modes;
+  pymerge_codes::export_codes(m);
   m.attr("MAX_INPUTS") = pymerge_cuda::kMaxInputs;
   m.attr("MAX_OUTPUTS") = pymerge_cuda::kMaxOutputs;
   m.def("scratch_stride", &pymerge_cuda::scratch_stride, "floats per scratch row for numel elements");
