@@ -20,7 +20,7 @@ from benchmarks.common import write_results  # noqa: E402
 from pymerge.demo.run import Settings, experiment  # noqa: E402
 
 COLUMNS = ["seed", "best_single", "uniform", "greedy_soup", "optimized", "se", "beats_all_by_se", "nonzero",
-           "seconds"]
+           "seconds", "cpu_seconds"]
 
 
 def one_seed(job) -> dict:
@@ -36,6 +36,7 @@ def one_seed(job) -> dict:
             "greedy_soup": pct(r["greedy_soup"]), "optimized": pct(r["optimized"]), "se": pct(se),
             "margin": pct(margin), "beats_all_by_se": bool(margin > se),
             "nonzero": f"{r['nonzero_weights']}/{r['checkpoints']}", "seconds": r["seconds"],
+            "cpu_seconds": r["cpu_seconds"],
             "per_task": r["per_task"], "optimized_val": r["optimized_val"]}
 
 
