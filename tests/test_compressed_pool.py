@@ -218,6 +218,65 @@ def test_kernels_decode_exactly(backend, monkeypatch):
             assert torch.equal(out, want), (fmt, n)
 
 
+def _mixed_terms(n: int, seed: int):
+    """A base, int4/int8 deltas and dense terms of every dtype, with signed zeros, NaN, inf and denormals."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen).to(torch.bfloat16)
+    z = max(1, n // 3)                                     # elements where every term is +0.0
+    base[:z] = 0.0                                         # +0.0 times a negative weight: -0.0
+    terms, scales, kinds = [base], [None], [_native.DTYPE_CODES[torch.bfloat16]]
+    for fmt, kind in (("int4", cp.KIND_Q4), ("int8", cp.KIND_Q8), ("int4", cp.KIND_Q4)):
+        d = torch.randn(n, generator=gen) * 1e-3
+        d[: max(z, n // 2)] = 0.0                          # zero codes: +0.0 values
+        d[n // 2: n // 2 + 3] = 1e-41                      # a denormal block scale
+        codes, s = cp.quantize(d, torch.zeros(n), fmt)[:2]
+        terms += [codes]
+        scales += [s]
+        kinds += [kind]
+    for dt in (torch.float32, torch.float16):
+        x = torch.randn(n, generator=gen).to(dt)
+        x[:z] = 0.0
+        x[z: 2 * z] = -0.0
+        if n > 40 and dt == torch.float32:
+            x[n // 3: n // 3 + 3] = torch.tensor([float("nan"), float("inf"), 1e-42])
+        terms.append(x)
+        scales.append(None)
+        kinds.append(_native.DTYPE_CODES[dt])
+    return terms, scales, kinds
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4096 + 97])
+def test_every_backend_gives_the_same_bits(n, monkeypatch):
+    """C++ (AVX-512, AVX2, plain) and Triton compute the same float32 operations in the same order,
+    so their outputs agree bit for bit, the sign of a zero result included (-0.0 where every
+    product is -0.0); torch agrees on the sign of zero."""
+    terms, scales, kinds = _mixed_terms(n, seed=n)
+    rng = np.random.default_rng(n)
+    w = rng.normal(size=(5, len(terms))).astype(np.float32)  # 5 outputs: more than one pass of 4
+    w[0] = -np.abs(w[0])                                      # every product of a zero is -0.0
+    w[1, 1:] = 0.0                                            # the base alone
+    got = {}
+    for backend in BACKENDS:
+        be = _backend(backend, monkeypatch)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            outs = [torch.full((n,), 7.0, dtype=dtype) for _ in range(len(w))]
+            cp.run_terms(terms, scales, kinds, n, w, outs, be)
+            got[backend, dtype] = torch.stack(outs)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        want = got["cpu-avx512", dtype]
+        zero = want == 0
+        assert bool(torch.signbit(want[0][zero[0]]).all()) and bool(zero[0].any())
+        for backend in BACKENDS:
+            out = got[backend, dtype]
+            if backend == "torch":
+                assert torch.equal(torch.signbit(out[zero]), torch.signbit(want[zero])), dtype
+                assert torch.equal(out.isnan(), want.isnan()), dtype
+            else:
+                assert torch.equal(out.view(bits), want.view(bits)), (backend, dtype)
+    # and the bits are the float64 sum within float32 accumulation: checked by the tests above
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_compressed_pool_on_the_gpu(backend):

@@ -25,7 +25,10 @@ magnitude top-k must keep about 60 % of the entries, over 14 bits per element wi
 and an 8-bit value (benchmarks/bench_compressed_pool.py measures it).
 
 Kernels: C++ (csrc/cpu/delta_decode.cpp) on the CPU, Triton (kernels/delta_decode.py) on CUDA
-or in the interpreter, eager torch as the reference. Methods that are not weighted sums (TIES,
+or in the interpreter, eager torch as the reference. The C++ paths (AVX-512, AVX2, plain) and
+Triton compute the same float32 operations in the same order (coef = w * scale per block, then one
+fma per term from -0.0), so they agree bit for bit; torch agrees on the sign of zero and within
+the float32 accumulation bound. Methods that are not weighted sums (TIES,
 DARE, ...) run on decoded inputs: base + decode(delta_i) in float32, selection on decoded deltas.
 """
 import json
@@ -424,8 +427,8 @@ def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torc
         from pymerge.kernels import delta_decode
         delta_decode.delta_accumulate(tensors, scales, kinds, numel, w, outs)
     elif backend == "torch":
-        for k, out in enumerate(outs):
-            acc = torch.zeros(numel, dtype=torch.float32, device=out.device)
+        for k, out in enumerate(outs):  # from -0.0 as the kernels: a sum of -0.0 products stays -0.0
+            acc = torch.full((numel,), -0.0, dtype=torch.float32, device=out.device)
             for t, (x, s, kind) in enumerate(zip(tensors, scales, kinds)):
                 acc.add_(_decode_term(x, s, kind, numel), alpha=float(w[k, t]))
             out.view(-1).copy_(acc)
