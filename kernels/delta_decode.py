@@ -42,10 +42,10 @@ if triton is not None:
     @triton.jit
     def _decode(addr, scale_addr, kind, offs, mask):
         # (x, s): the code (exact in float32) and its block's scale, or the dense value and 1
-        if kind == 17:  # int4: byte (e // 32) * 16 + e % 16, low nibble for e % 32 < 16
-            p = addr.to(tl.pointer_type(tl.uint8))
-            b = tl.load(p + (offs // 32) * 16 + offs % 16, mask=mask, other=0).to(tl.int32)
-            nib = (b >> (((offs % 32) // 16) * 4).to(tl.int32)) & 15
+        if kind == 17:  # int4: 32-bit word (e % 128) % 16 of group e // 128, nibble h = (e % 128) // 16
+            p = addr.to(tl.pointer_type(tl.uint32))
+            word = tl.load(p + (offs // 128) * 16 + offs % 16, mask=mask, other=0)
+            nib = ((word >> (((offs % 128) // 16) * 4).to(tl.uint32)) & 15).to(tl.int32)
             s = tl.load(scale_addr.to(tl.pointer_type(tl.bfloat16)) + offs // 64, mask=mask, other=0.0)
             x = (nib - 8).to(tl.float32)
             s = s.to(tl.float32)

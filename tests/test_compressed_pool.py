@@ -50,7 +50,8 @@ def _block_bound(d: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def _reference_quantize(delta: torch.Tensor, fmt: str):
     """The documented encoder in float64 torch: s = smallest bfloat16 >= max|delta_b| / qmax per
-    block, code = round-half-even(delta / s), int4 packed per strip of 32 (j low, j + 16 high)."""
+    block, code = round-half-even(delta / s); int4 packed per group of 128 as 16 little-endian
+    words, bits 4h..4h+3 of word i holding element 16h + i (padding: code 0)."""
     qmax = QMAX[fmt]
     blocks = torch.zeros(cp.padded(delta.numel()), dtype=torch.float64)
     blocks[:delta.numel()] = delta
@@ -60,8 +61,10 @@ def _reference_quantize(delta: torch.Tensor, fmt: str):
     s.view(torch.int16)[s.double() < x] += 1  # round up: the next bit pattern is the next bfloat16
     codes = torch.round(blocks / torch.where(s.double() > 0, s.double(), 1.0)[:, None]).view(-1).to(torch.int8)
     if fmt == "int4":
-        strips = codes.view(-1, cp.STRIP).to(torch.int16) + 8
-        codes = (strips[:, :16] | (strips[:, 16:] << 4)).to(torch.uint8).view(-1)
+        grouped = torch.zeros(-(-codes.numel() // 128) * 128, dtype=torch.int64)
+        grouped[:codes.numel()] = codes
+        words = ((grouped.view(-1, 8, 16) + 8) << (4 * torch.arange(8)[None, :, None])).sum(dim=1)  # [group, word]
+        codes = words.to(torch.int32).view(torch.uint8).view(-1)  # little-endian bytes
     return codes, s
 
 
@@ -78,7 +81,7 @@ def test_format_round_trip_within_its_bound(fmt, kind, dtype):
         codes, scales, err2, norm2, bad = cp.quantize(theta, base, fmt)
         want_codes, want_scales = _reference_quantize(d, fmt)
         assert bad == -1 and torch.equal(codes, want_codes) and torch.equal(scales, want_scales), n
-        assert codes.numel() == (cp.padded(n) if fmt == "int8" else cp.padded(n) // 2)
+        assert codes.numel() == (cp.padded(n) if fmt == "int8" else -(-n // 128) * 64)
         dec = cp.dequantize(codes, scales, fmt, n).double()
         err = (dec - d).abs()
         assert bool((err <= _block_bound(d, fmt) * (1 + 1e-12)).all()), (n, float(err.max()))
@@ -435,6 +438,32 @@ CORRUPTIONS = {
     "inf base": (lambda t: t[_first_key(t, "base/embed.weight")].view(-1).__setitem__(3, float("inf")), None,
                  "non-finite"),
 }
+
+
+def _v1_strips(codes: torch.Tensor, numel: int) -> torch.Tensor:
+    """int4 codes in version 1's layout: strips of 32, byte j holding element j (low) and j + 16 (high)."""
+    values = torch.zeros(cp.padded(numel), dtype=torch.int16)
+    values[:numel] = cp.dequantize(codes, torch.ones(cp.padded(numel) // cp.BLOCK, dtype=torch.bfloat16), "int4",
+                                   numel).to(torch.int16) + 8
+    values[numel:] = 8
+    strips = values.view(-1, 32)
+    return (strips[:, :16] | (strips[:, 16:] << 4)).to(torch.uint8).reshape(-1)
+
+
+def test_version_1_pool_loads_with_its_int4_codes_repacked(tmp_path):
+    pool, path = _saved(tmp_path)
+    shapes = {e["name"]: e["shape"] for e in json.loads(safe_open(str(path), "pt").metadata()[cp.META_KEY])["tensors"]}
+
+    def to_v1(tensors):
+        for key, t in tensors.items():
+            name, part = key.split("/", 1)[1].rsplit("/", 1)
+            if part == "codes" and t.dtype == torch.uint8:
+                tensors[key] = _v1_strips(t, math.prod(shapes[name]))
+    old = _rewrite(path, tmp_path / "v1.safetensors", to_v1, lambda h: h.update(version=1))
+    loaded = CheckpointPool.load(old)
+    for n in SHAPES:
+        for i in range(3):
+            assert torch.equal(loaded.tensor(i, n), pool.tensor(i, n)), (n, i)
 
 
 @pytest.mark.parametrize("what", sorted(CORRUPTIONS))

