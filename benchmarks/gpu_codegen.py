@@ -47,6 +47,7 @@ def ptx_facts(ptx: str) -> dict:
     return {"v4_loads": sum(1 for v, _ in loads if v == "v4."),
             "v2_loads": sum(1 for v, _ in loads if v == "v2."),
             "scalar_loads": sum(1 for v, t in loads if not v and t in ("b16", "b8", "u16", "u8")),
+            "scalar_b32_loads": sum(1 for v, t in loads if not v and t in ("b32", "u32")),
             "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)),
             "div_rn_f32": len(re.findall(r"\bdiv\.rn(?:\.ftz)?\.f32\b", ptx)),
             "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx)),
@@ -107,6 +108,12 @@ def triton_rows() -> list:
                 {"IN_DT": 2, "BASE_DT": 2, "CONSENSUS": consensus, "NORMALIZE": True, "GROUPED": grouped,
                  "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False,
                 elems=1024))
+    from pymerge.kernels import delta_decode as dd
+    dd_sig = {"data_table": "*i64", "scale_table": "*i64", "kind_table": "*i32", "w_table": "*fp32", "out0": "*bf16",
+              "out1": "*bf16", "out2": "*bf16", "out3": "*bf16", "numel": "i64", "n_terms": "i32"}
+    for k in (1, 4):  # compressed pools: one kernel for every mix of int4/int8/dense terms
+        rows.append(triton_row(f"delta_decode bf16 K={k}", dd._delta_kernel, dd_sig, {"K": k, "BLOCK": 2048},
+                               [a for a in dd_sig if a != "n_terms"], num_warps=8, elems=2048))
     # What Triton's launcher does with an integer argument equal to 1: it becomes a constant.
     one = {k: v for k, v in tv_sig.items() if k != "n_models"}
     rows.append(triton_row("task_vectors bf16 n_models=1 (specialized)", tv._tv_merge_kernel, one,
@@ -149,6 +156,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from common import write_results
     cols = ["kernel", "backend", "threads", "registers", "spill_bytes", "blocks_per_sm", "v4_loads", "v2_loads", "scalar_loads",
+            "scalar_b32_loads",
             "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32"]
     print(write_results("gpu_codegen_sm90", "cpu", rows, cols,
                         "GPU kernels compiled for sm_90 on a machine without a GPU (ptxas -v, PTX)"))
