@@ -92,7 +92,9 @@ if triton is not None:
 _TABLES = {}  # (device, addresses, kinds) -> device tables, built once per tensor's terms
 
 
-def _tables(tensors, scales, kinds, device):
+def device_tables(tensors, scales, kinds, device):
+    """(term addresses int64, scale addresses int64, kinds int32) on `device`, cached per terms;
+    the Triton and CUDA kernels read them."""
     key = (str(device),) + tuple((t.data_ptr(), 0 if s is None else s.data_ptr(), k)
                                  for t, s, k in zip(tensors, scales, kinds))
     hit = _TABLES.get(key)
@@ -117,7 +119,7 @@ def delta_accumulate(tensors, scales, kinds, numel: int, w, outs, block: int = 2
         if o.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"delta_accumulate: output dtype {o.dtype} is not float32, float16 or bfloat16")
     assert all(k in (Q8, Q4) or k in DTYPE_CODES.values() for k in kinds)
-    data_table, scale_table, kind_table = _tables(tensors, scales, kinds, device)
+    data_table, scale_table, kind_table = device_tables(tensors, scales, kinds, device)
     weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()
     if _interpreted():
         block, num_warps = min(block, 1024), 4

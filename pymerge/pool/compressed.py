@@ -27,10 +27,11 @@ magnitude top-k must keep about 60 % of the entries, over 14 bits per element wi
 and an 8-bit value (benchmarks/bench_compressed_pool.py measures it).
 
 Kernels: C++ (csrc/cpu/delta_decode.cpp) on the CPU, Triton (kernels/delta_decode.py) on CUDA
-or in the interpreter, eager torch as the reference. The C++ paths (AVX-512, AVX2, plain) and
-Triton compute the same float32 operations in the same order (coef = w * scale per block, then one
-fma per term from -0.0), so they agree bit for bit; torch agrees on the sign of zero and within
-the float32 accumulation bound. Methods that are not weighted sums (TIES,
+or in the interpreter, the CUDA extension (csrc/cuda/delta_decode.cu, backend="cuda"), eager
+torch as the reference. The C++ paths (AVX-512, AVX2, plain), Triton and CUDA compute the same
+float32 operations in the same order (coef = w * scale per block, then one fma per term from
+-0.0), so they agree bit for bit (NaN payloads aside: the GPU's are canonical); torch agrees on
+the sign of zero and within the float32 accumulation bound. Methods that are not weighted sums (TIES,
 DARE, ...) run on decoded inputs: base + decode(delta_i) in float32, selection on decoded deltas.
 """
 import json
@@ -74,11 +75,15 @@ def check_options(compress, error_budget, has_base: bool, residency) -> Optional
 
 
 def check_backend(backend: str, device: torch.device) -> None:
-    """The decode kernels: C++ for CPU tensors, Triton on CUDA (or in its interpreter), torch anywhere."""
-    if backend not in ("cpu", "triton", "torch"):
-        raise InputError(f"backend {backend!r} has no delta-decode kernel; use cpu, triton or torch")
+    """The decode kernels: C++ for CPU tensors, Triton on CUDA (or in its interpreter), the CUDA
+    extension on CUDA tensors, torch anywhere."""
+    if backend not in ("cpu", "triton", "cuda", "torch"):
+        raise InputError(f"backend {backend!r} has no delta-decode kernel; use cpu, triton, cuda or torch")
     if backend == "cpu" and device.type != "cpu":
         raise InputError(f"backend 'cpu' computes on CPU tensors; the pool is on {device}")
+    if backend == "cuda" and (device.type != "cuda" or not hasattr(_native.cuda, "delta_accumulate")):
+        raise InputError(f"backend 'cuda' needs a pool on a CUDA device and pymerge's CUDA extension "
+                         f"(pool on {device}, extension {'missing' if _native.cuda is None else 'without the kernel'})")
 
 
 def held_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -446,6 +451,16 @@ def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torc
     elif backend == "triton":
         from pymerge.kernels import delta_decode
         delta_decode.delta_accumulate(tensors, scales, kinds, numel, w, outs)
+    elif backend == "cuda":
+        from pymerge.kernels.delta_decode import device_tables
+        device = tensors[0].device
+        data, scale_ptrs, kind_codes = device_tables(tensors, scales, kinds, device)
+        weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()  # [K, T], stream-ordered
+        aligned = all(t.data_ptr() % 16 == 0 for t in list(tensors) + list(outs))  # 16-byte vector loads/stores
+        _native.require_cuda().delta_accumulate(
+            data.data_ptr(), scale_ptrs.data_ptr(), kind_codes.data_ptr(), weights.data_ptr(), len(kinds), numel,
+            [o.data_ptr() for o in outs], [_native.DTYPE_CODES[o.dtype] for o in outs], aligned,
+            torch.cuda.current_stream(device).cuda_stream)
     elif backend == "torch":
         for k, out in enumerate(outs):  # from -0.0 as the kernels: a sum of -0.0 products stays -0.0
             acc = torch.full((numel,), -0.0, dtype=torch.float32, device=out.device)
