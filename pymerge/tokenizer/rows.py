@@ -23,13 +23,9 @@ def stream_vocab_tensor(plan, tp, sink, *, device, chunk_bytes: int, seed: int, 
     row_numel = int(np.prod(row_shape, dtype=np.int64)) if row_shape else 1
     total = tp.shape[0]
     k = len(views)
-    if plan.method.chunkable:
-        per_row = row_numel * (k * dtype.itemsize + scratch_per_element(tp))
-        step = max(1, chunk_bytes // max(1, per_row))
-    else:
-        step = total
+    step = rows_per_block(row_numel * (k * dtype.itemsize + scratch_per_element(tp)), chunk_bytes, total) \
+        if plan.method.chunkable else total
     means = _pad_means(rows, views, dtype, row_shape, step) if rows.n_tokens < total else None
-    in_bytes = tp.in_bytes * step // max(1, total)
     for r0 in range(0, total, step):
         r1 = min(total, r0 + step)
         defaults = _defaults(rows, views, dtype, row_shape, r0, min(r1, rows.n_tokens))
@@ -45,7 +41,12 @@ def stream_vocab_tensor(plan, tp, sink, *, device, chunk_bytes: int, seed: int, 
             out = out.view(tp.shape)
         compute_chunk(plan, tp, srcs, out, scratch, offset=r0 * row_numel, seed=seed, num_threads=num_threads)
         sink.wait_idle()  # one block in the writer at a time: memory stays at a few blocks
-        sink.put(tp.name, out.reshape(-1).cpu(), r0 * row_numel, None, in_bytes)
+        sink.put(tp.name, out.reshape(-1).cpu(), r0 * row_numel, None, tp.in_bytes * (r1 - r0) // max(1, total))
+
+
+def rows_per_block(row_bytes: int, chunk_bytes: int, total: int) -> int:
+    """Rows per block: every source's rows and the output's within about one chunk."""
+    return max(1, min(total, chunk_bytes // max(1, row_bytes)))
 
 
 def _rows(src: np.ndarray, view, dtype, row_shape, defaults: dict, r0: int, mean):
