@@ -10,7 +10,7 @@ source order, then one division.
 import numpy as np
 
 from pymerge import _native
-from pymerge.tokenizer.vocab import MEAN, ROW, Rows
+from pymerge.tokenizer.vocab import KEEP, MEAN, ROW, Rows
 
 
 def stream_vocab_tensor(plan, tp, sink, *, device, chunk_bytes: int, seed: int, num_threads: int) -> None:
@@ -29,8 +29,8 @@ def stream_vocab_tensor(plan, tp, sink, *, device, chunk_bytes: int, seed: int, 
     for r0 in range(0, total, step):
         r1 = min(total, r0 + step)
         defaults = _defaults(rows, views, dtype, row_shape, r0, min(r1, rows.n_tokens))
-        srcs = [_rows(rows.src[i][r0:r1], views[i], dtype, row_shape, defaults, r0,
-                      None if means is None else means[i]) for i in range(k)]
+        srcs = [_rows(rows.src[i][r0:r1], views[i], dtype, row_shape, defaults, None if means is None else means[i])
+                for i in range(k)]
         srcs = [s.to(device) for s in srcs]
         n = (r1 - r0) * row_numel
         scratch = Scratch(torch.empty(n * scratch_per_element(tp) + _slack(tp), dtype=torch.uint8, device=device))
@@ -49,51 +49,50 @@ def rows_per_block(row_bytes: int, chunk_bytes: int, total: int) -> int:
     return max(1, min(total, chunk_bytes // max(1, row_bytes)))
 
 
-def _rows(src: np.ndarray, view, dtype, row_shape, defaults: dict, r0: int, mean):
-    """One source's output rows [r0, r0 + len(src))."""
+def _rows(src: np.ndarray, view, dtype, row_shape, defaults, mean):
+    """One source's output rows for a block: src[j] >= 0 its own row, -1 the default row, -2 the mean."""
     import torch
-    out = torch.zeros((len(src), *row_shape), dtype=dtype)
+    pad = np.nonzero(src == -2)[0]
+    out = (torch.empty if mean is not None or not len(pad) else torch.zeros)((len(src), *row_shape), dtype=dtype)
     have = np.nonzero(src >= 0)[0]
     if len(have):
         out[torch.from_numpy(have)] = view.index_select(0, torch.from_numpy(src[have])).to(dtype)
-    for j in np.nonzero(src == -1)[0]:
-        row = defaults.get(r0 + int(j))
-        if row is not None:
-            out[int(j)] = row
-    if mean is not None:
-        pad = np.nonzero(src == -2)[0]
-        if len(pad):
-            out[torch.from_numpy(pad)] = mean
+    lack = np.nonzero(src == -1)[0]
+    if len(lack):
+        ids, rows = defaults
+        out[torch.from_numpy(lack)] = rows[torch.from_numpy(np.searchsorted(ids, lack))]
+    if len(pad) and mean is not None:
+        out[torch.from_numpy(pad)] = mean
     return out
 
 
-def _defaults(rows: Rows, views, dtype, row_shape, r0: int, r1: int) -> dict:
-    """Default rows of tokens [r0, r1) that need one: token id -> row (ZERO rows: absent, left zero)."""
+def _defaults(rows: Rows, views, dtype, row_shape, r0: int, r1: int):
+    """The default rows of the tokens of [r0, r1) that need one: (their ids less r0, sorted; rows)."""
     import torch
-    out = {}
-    if r1 <= r0:
-        return out
-    kind = rows.default_kind[r0:r1]
-    for j in np.nonzero(kind == ROW)[0]:
-        t = r0 + int(j)
-        out[t] = views[int(rows.default_source[t])][int(rows.default_row[t])].to(dtype)
-    mean = np.nonzero(kind == MEAN)[0]
+    kind = rows.default_kind[r0:max(r0, r1)]
+    need = np.nonzero(kind != KEEP)[0]
+    out = torch.zeros((len(need), *row_shape), dtype=dtype)  # ZERO rows stay so
+    if not len(need):
+        return need, out
+    ids = r0 + need
+    picked = np.nonzero(kind[need] == ROW)[0]
+    for i, view in enumerate(views):  # rows named by a source (per token), one gather per source
+        mine = picked[rows.default_source[ids[picked]] == i]
+        if len(mine):
+            out[torch.from_numpy(mine)] = view.index_select(0, torch.from_numpy(rows.default_row[ids[mine]])).to(dtype)
+    mean = np.nonzero(kind[need] == MEAN)[0]
     if len(mean):
-        ids = r0 + mean
-        acc = torch.zeros((len(ids), *row_shape), dtype=dtype)
-        count = torch.zeros(len(ids), dtype=dtype)
+        acc = torch.zeros((len(mean), *row_shape), dtype=dtype)
+        count = torch.zeros(len(mean), dtype=dtype)
         for i, view in enumerate(views):  # mergekit: embed = embed + row, model by model, then /= count
-            src = rows.src[i][ids]
-            # a forced token has src -1 everywhere; MEAN tokens are never forced, so -1 means absent
+            src = rows.src[i][ids[mean]]  # MEAN tokens are never forced: -1 means the source lacks it
             has = np.nonzero(src >= 0)[0]
             if len(has):
                 sel = torch.from_numpy(has)
                 acc[sel] = acc[sel] + view.index_select(0, torch.from_numpy(src[has])).to(dtype)
                 count[sel] += 1
-        acc /= count.view(-1, *([1] * len(row_shape)))
-        for j, t in enumerate(ids):
-            out[int(t)] = acc[j]
-    return out
+        out[torch.from_numpy(mean)] = acc / count.view(-1, *([1] * len(row_shape)))
+    return need, out
 
 
 def _pad_means(rows: Rows, views, dtype, row_shape, step: int):
@@ -104,5 +103,5 @@ def _pad_means(rows: Rows, views, dtype, row_shape, step: int):
         r1 = min(rows.n_tokens, r0 + step)
         defaults = _defaults(rows, views, dtype, row_shape, r0, r1)
         for i, view in enumerate(views):
-            sums[i] += _rows(rows.src[i][r0:r1], view, dtype, row_shape, defaults, r0, None).double().sum(0)
+            sums[i] += _rows(rows.src[i][r0:r1], view, dtype, row_shape, defaults, None).double().sum(0)
     return [(s / rows.n_tokens).to(dtype) for s in sums]

@@ -136,10 +136,11 @@ class _Added:
     def __init__(self, doc: dict, tok: Tokenizer):
         self.doc, self.vocab = doc, dict(tok.vocab)
         self.by_id = {e["id"]: e for e in doc["added_tokens"]}
+        self.keys = {_key(e) for e in self.by_id.values()}
         self.next_id = max([tok.model_size] + [e["id"] + 1 for e in doc["added_tokens"]])
 
     def add(self, entry: dict) -> None:
-        if any(_same(entry, e) for e in self.by_id.values()):
+        if _key(entry) in self.keys:
             return
         content = entry["content"]
         if content in self.vocab:
@@ -148,7 +149,11 @@ class _Added:
             entry = dict(entry, id=self.next_id)
             self.next_id += 1
             self.vocab[content] = entry["id"]
+        old = self.by_id.get(entry["id"])
+        if old is not None:
+            self.keys.discard(_key(old))
         self.by_id[entry["id"]] = entry
+        self.keys.add(_key(entry))
 
     def finish(self) -> Dict[str, int]:
         self.doc["added_tokens"] = [self.by_id[i] for i in sorted(self.by_id)]
@@ -159,8 +164,9 @@ class _Added:
         return self.vocab
 
 
-def _same(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("content", "single_word", "lstrip", "rstrip", "normalized", "special"))
+def _key(e: dict) -> tuple:
+    """An added token as tokenizers compares them: content and flags, not the id."""
+    return tuple(e.get(k, False) for k in ("content", "single_word", "lstrip", "rstrip", "normalized", "special"))
 
 
 def _union(added: _Added, toks: List[Tokenizer], base: Tokenizer) -> None:
