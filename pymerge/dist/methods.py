@@ -5,11 +5,12 @@ global, computed with collectives over the pool's group (collectives.py) and cac
 (they depend on the checkpoints, never on the weights, so a search pays for them once):
 
 - TIES, DARE (linear/ties), breadcrumbs (plain/ties): global magnitude rank boundaries, Philox
-  masks keyed by the GLOBAL element index, and L1 rescale norms as exact sums. A shard that is
+  masks keyed by the GLOBAL element index, and L1 rescale norms as exact sums (the single
+  process's definition, pymerge/ops/exact_sum.py: the same bits). A shard that is
   one contiguous run of the global tensor (FSDP2's Shard(0), row-parallel biases...) runs the
   fused kernel with its global offset, exactly as the single process does. A strided shard
   (Shard(1): a piece of every row) gets its keep-masks from torch as bitmasks (cached).
-- SLERP, NuSLERP, Model Stock: their whole-tensor dot products as exact sums (per-row or
+- SLERP, NuSLERP, Model Stock: their whole-tensor dot products as exact sums, as in one process (per-row or
   per-column ones stay local where each vector is on one rank, else the merge is refused).
 - DELLA: per-row ranks need whole rows (Shard(0)); a 1-D tensor's deltas are gathered (small).
 Other methods are refused with a clear error.
@@ -22,7 +23,7 @@ import torch
 from pymerge.dist import collectives
 from pymerge.errors import InputError
 from pymerge.methods.base import TensorTask
-from pymerge.ops import philox, select
+from pymerge.ops import interp, philox, select
 from pymerge.ops import task_vector_ops as tvo
 
 
@@ -130,8 +131,7 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     elif sp.rescale == "l1" or start is None:
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
     if sp.rescale == "l1":
-        d = (x.float() - base.float()).reshape(-1).abs().double()
-        total, kept = collectives.exact_sums([d, d * keep], group)
+        total, kept = collectives.sum_parts(tvo.l1_parts(x.float() - base.float(), keep), group)
         plan.scale = tvo.l1_ratio(total, kept)
     elif sp.rescale == "inverse_density":
         plan.scale = tvo._f32(1.0 / sp.density) if sp.density > 0 else 1.0
@@ -195,15 +195,12 @@ def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
 
     def dots(xs, base, sub, group, backend="auto", num_threads=0):
         if group != "whole":  # each vector is local (checked up front): the single-process reduction
-            from pymerge.ops import interp
             return interp.group_dots(xs, base, sub, group, backend, num_threads)
-        vs = [x.reshape(-1).float() - (base.reshape(-1).float() if sub else 0) for x in xs]
-        k = len(vs)
-        pairs = [(i, j) for i in range(k) for j in range(i, k)]
-        sums = collectives.exact_sums((vs[i].double() * vs[j].double() for i, j in pairs), group_of)
+        sums = collectives.sum_parts(interp.whole_dot_parts(xs, base, sub, backend, num_threads), group_of)
+        k = len(xs)
+        iu = torch.triu_indices(k, k)
         g = torch.zeros(1, k, k, dtype=torch.float64)
-        for (i, j), s in zip(pairs, sums):
-            g[0, i, j] = g[0, j, i] = s
+        g[0, iu[0], iu[1]] = g[0, iu[1], iu[0]] = torch.tensor(sums, dtype=torch.float64)
         return g
 
     task.dots = dots
