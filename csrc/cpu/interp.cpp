@@ -70,15 +70,12 @@ inline void dots_cols_block(const Args& a, int64_t r, int64_t c0, int64_t n, dou
 
 // Exact sums of every pair's products over elements start .. start+n-1 (one ProdF32 per pair).
 template <int Dummy>
-inline void exact_dots_block(const Args& a, int64_t start, int64_t n, exact::ProdF32* acc, float* buf, float* bb) {
+inline void exact_dots_block(const Args& a, int64_t start, int64_t n, exact::Acc* acc, float* buf, float* bb,
+                             double* halves) {
   const int64_t k = int64_t(a.x.size());
   load_vs(a, start, n, buf, bb);
   for (int64_t i = 0, p = 0; i < k; ++i)
-    for (int64_t j = i; j < k; ++j, ++p) {
-      const float* __restrict u = buf + i * kBlock;
-      const float* __restrict v = buf + j * kBlock;
-      for (int64_t e = 0; e < n; ++e) acc[p].add(u[e], v[e]);
-    }
+    for (int64_t j = i; j < k; ++j, ++p) acc[p].add_products(buf + i * kBlock, buf + j * kBlock, n, halves);
 }
 
 template <int Dummy>
@@ -110,15 +107,15 @@ inline void lincomb_block(const Args& a, const float* coef, uintptr_t out, int o
 
 PM_AVX512 void dots_avx512(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<0>(a, s, n, o, b, bb); }
 PM_PLAIN void dots_plain(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<1>(a, s, n, o, b, bb); }
-PM_AVX512 void exact_avx512(const Args& a, int64_t s, int64_t n, exact::ProdF32* o, float* b, float* bb) { exact_dots_block<0>(a, s, n, o, b, bb); }
-PM_PLAIN void exact_plain(const Args& a, int64_t s, int64_t n, exact::ProdF32* o, float* b, float* bb) { exact_dots_block<1>(a, s, n, o, b, bb); }
+PM_AVX512 void exact_avx512(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb, double* h) { exact_dots_block<0>(a, s, n, o, b, bb, h); }
+PM_PLAIN void exact_plain(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb, double* h) { exact_dots_block<1>(a, s, n, o, b, bb, h); }
 PM_AVX512 void cols_avx512(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<0>(a, r, c, n, o, b, bb); }
 PM_PLAIN void cols_plain(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<1>(a, r, c, n, o, b, bb); }
 PM_AVX512 void lincomb_avx512(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<0>(a, c, o, d, s, b, bb, acc); }
 PM_PLAIN void lincomb_plain(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<1>(a, c, o, d, s, b, bb, acc); }
 
 std::vector<double> dots_driver(const Args& a) {
-  const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
+  const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2;
   const int64_t groups = a.group == ROWS ? a.rows : a.cols;
   const bool fast = tv::use_avx512();
   auto dots = fast ? dots_avx512 : dots_plain;
@@ -157,14 +154,15 @@ std::vector<double> dots_driver(const Args& a) {
 std::vector<int64_t> whole_dots_driver(const Args& a) {
   const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
   auto dots = tv::use_avx512() ? exact_avx512 : exact_plain;
-  auto total = std::vector<exact::ProdF32>(static_cast<size_t>(pairs));
+  auto total = std::make_unique<exact::Acc[]>(size_t(pairs));
   std::mutex lock;
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   parallel_for(n_blocks, kBlocksPerChunk, a.threads, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
-    auto acc = std::make_unique<exact::ProdF32[]>(size_t(pairs));
+    std::vector<double> halves(2 * kBlock);
+    auto acc = std::make_unique<exact::Acc[]>(size_t(pairs));
     for (int64_t b = b0; b < b1; ++b)
-      dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), acc.get(), buf.data(), bb.data());
+      dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), acc.get(), buf.data(), bb.data(), halves.data());
     std::lock_guard<std::mutex> g(lock);
     for (int64_t p = 0; p < pairs; ++p) total[p].merge(acc[p]);
   });
@@ -208,8 +206,8 @@ std::vector<double> group_dots(const std::vector<uintptr_t>& x, const std::vecto
 
 std::vector<int64_t> whole_dots(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt,
                                 bool sub, int64_t numel, int num_threads) {
-  Args a = make_args(x, dt, base, bdt, sub, 1, numel, WHOLE, num_threads);
   if (numel <= 0) return std::vector<int64_t>(x.size() * (x.size() + 1) / 2 * exact::kParts, 0);
+  Args a = make_args(x, dt, base, bdt, sub, 1, numel, WHOLE, num_threads);
   return whole_dots_driver(a);
 }
 

@@ -181,26 +181,29 @@ inline void merge_block(const MergeArgs& a, int64_t start, Scratch& w) {
   tv::store_f32(a.out, a.odt, start, n, mixed);
 }
 
-// Adds one block's |d| and |d * keep| to exact sums (csrc/cpu/exact_sum.h).
+// Adds one block's |d| and |d * keep| to exact sums (csrc/cpu/exact_sum.h); a: kBlock doubles.
 template <int Dummy>
 inline void l1_block(const Model& m, uintptr_t base, int bdt, int64_t numel, int64_t offset, int64_t start,
-                     Scratch& w, exact::AbsF32& total, exact::AbsF32& kept) {
+                     Scratch& w, double* __restrict a, exact::Acc& total, exact::Acc& kept) {
   const int64_t n = std::min(kBlock, numel - start);
   float* __restrict d = w.d;
   tv::load_f32(base, bdt, start, n, w.bb);
   tv::load_f32(m.x, m.dt, start, n, d);
   for (int64_t j = 0; j < n; ++j) d[j] -= w.bb[j];
   compute_keep(m, d, offset + start, n, w.keep, w.bits, w.rnd);
-  for (int64_t j = 0; j < n; ++j) total.add(d[j]);
-  for (int64_t j = 0; j < n; ++j)
-    if (w.keep[j] != 0.f) kept.add(d[j]);
+  for (int64_t j = 0; j < n; ++j) a[j] = std::fabs(double(d[j]));
+  total.add_block(a, n);
+  for (int64_t j = 0; j < n; ++j) a[j] = w.keep[j] != 0.f ? a[j] : 0.0;
+  kept.add_block(a, n);
 }
 
 struct RowScratch {
   std::vector<float> d, bb;
   std::vector<uint32_t> key, idx, idx2, rank, bits, rnd;
+  std::vector<double> a, k;  // |d| and |d * keep| of up to exact::kMaxBlock elements
   explicit RowScratch(int64_t cols)
-      : d(cols), bb(cols), key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), rnd(cols + 8) {}
+      : d(cols), bb(cols), key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), rnd(cols + 8),
+        a(exact::kMaxBlock), k(exact::kMaxBlock) {}
 };
 
 // DELLA, one row: ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
@@ -208,7 +211,7 @@ struct RowScratch {
 // a word, hence the atomic OR). Adds the row's |d| and |d * keep| to exact sums.
 template <int Dummy>
 inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols, const uint32_t* thr,
-                      uint64_t* mask, RowScratch& w, exact::AbsF32& total, exact::AbsF32& kept) {
+                      uint64_t* mask, RowScratch& w, exact::Acc& total, exact::Acc& kept) {
   const int64_t start = r * cols;
   float* __restrict d = w.d.data();
   uint32_t* __restrict key = w.key.data();
@@ -237,17 +240,22 @@ inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_
     }
     const bool keep = w.bits[c] < thr[w.rank[c]];
     word |= uint64_t(keep) << (e & 63);
-    total.add(d[c]);
-    if (keep) kept.add(d[c]);
+    const int64_t j = c % exact::kMaxBlock;
+    w.a[j] = std::fabs(double(d[c]));
+    w.k[j] = keep ? w.a[j] : 0.0;
+    if (j == exact::kMaxBlock - 1 || c == cols - 1) {
+      total.add_block(w.a.data(), j + 1);
+      kept.add_block(w.k.data(), j + 1);
+    }
   }
   if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
 }
 
 PM_AVX512 void merge_avx512(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<0>(a, s, w); }
 PM_PLAIN void merge_plain(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<1>(a, s, w); }
-using Abs = exact::AbsF32;
-PM_AVX512 void l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, Abs& t, Abs& k) { l1_block<0>(m, b, bdt, n, o, s, w, t, k); }
-PM_PLAIN void l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, Abs& t, Abs& k) { l1_block<1>(m, b, bdt, n, o, s, w, t, k); }
+using Abs = exact::Acc;
+PM_AVX512 void l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<0>(m, b, bdt, n, o, s, w, a, t, k); }
+PM_PLAIN void l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<1>(m, b, bdt, n, o, s, w, a, t, k); }
 PM_AVX512 void della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<0>(m, b, bdt, r, c, thr, mk, w, t, k); }
 PM_PLAIN void della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<1>(m, b, bdt, r, c, thr, mk, w, t, k); }
 
@@ -255,15 +263,15 @@ PM_PLAIN void della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64
 // layout: [total parts, kept parts].
 struct L1Sums {
   std::mutex lock;
-  Abs total, kept;
+  std::unique_ptr<Abs> total = std::make_unique<Abs>(), kept = std::make_unique<Abs>();
   void merge(const Abs& t, const Abs& k) {
     std::lock_guard<std::mutex> g(lock);
-    total.merge(t); kept.merge(k);
+    total->merge(t); kept->merge(k);
   }
   std::vector<int64_t> parts() const {
     std::vector<int64_t> out(2 * exact::kParts, 0);
-    total.write(out.data());
-    kept.write(out.data() + exact::kParts);
+    total->write(out.data());
+    kept->write(out.data() + exact::kParts);
     return out;
   }
 };
@@ -323,8 +331,9 @@ std::vector<int64_t> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtyp
   auto block = tv::use_avx512() ? l1_avx512 : l1_plain;
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     Scratch w;
+    std::vector<double> a(kBlock);
     auto t = std::make_unique<Abs>(), k = std::make_unique<Abs>();
-    for (int64_t b = b0; b < b1; ++b) block(m, base, base_dtype, numel, offset, b * kBlock, w, *t, *k);
+    for (int64_t b = b0; b < b1; ++b) block(m, base, base_dtype, numel, offset, b * kBlock, w, a.data(), *t, *k);
     sums.merge(*t, *k);
   });
   return sums.parts();

@@ -3,8 +3,9 @@
 Everything here is a collective over the pool's group (torch.distributed, whatever backend the
 group has; its timeout bounds every wait), called in the same order on every rank of the group.
 
-- agree():  one all_reduce of an error flag (and a fingerprint of the caller's arguments), then,
-            only on failure, an all_gather of the messages: every rank raises the same error.
+- agree():  one all_reduce of an error flag (and a fingerprint of the caller's arguments, and a
+            decision flag), then, only on failure, an all_gather of the messages: every rank raises
+            the same error.
 - sum_parts(): the exact sums of pymerge/ops/exact_sum.py (L1 norms, dot products), which the
             single-process kernels compute too: each rank's integer parts are all-reduced (no
             rounding, any order) and rounded once, so the result is the single process's bits.
@@ -46,16 +47,17 @@ def fingerprint(*values) -> int:
     return int.from_bytes(hashlib.blake2b(pickle.dumps(values), digest_size=8).digest(), "little") >> 2
 
 
-def agree(error: Optional[BaseException], group, what: int = 0) -> None:
-    """Raises on every rank of group if any rank had an error (or passed a different `what`)."""
+def agree(error: Optional[BaseException], group, what: int = 0, flag: bool = False) -> bool:
+    """Raises on every rank of group if any rank had an error (or passed a different `what`); else
+    returns whether any rank raised `flag` (a decision every rank must take alike, in the same call)."""
     if group is None:
         if error is not None:
             raise error
-        return
-    flags = _all_reduce(torch.tensor([int(error is not None), what, -what], dtype=torch.int64), group,
+        return flag
+    flags = _all_reduce(torch.tensor([int(error is not None), what, -what, int(flag)], dtype=torch.int64), group,
                         dist.ReduceOp.MAX)
     if flags[0] == 0 and flags[1] == -flags[2]:
-        return
+        return bool(flags[3])
     if flags[0] == 0:
         raise InputError("ranks called the sharded pool with different arguments (weights, method or "
                          "parameters); every rank of the group must pass the same")

@@ -2,7 +2,10 @@
 
 Each method runs the single-process kernels on the local tensors; only its statistics are
 global, computed with collectives over the pool's group (collectives.py) and cached in the pool
-(they depend on the checkpoints, never on the weights, so a search pays for them once):
+(they depend on the checkpoints, never on the weights, so a search pays for them once). A tensor
+the pool holds that changed in place (its autograd version counter moved, as the single-process
+pool's cache keys see it) drops its cached statistics on every rank: the ranks agree on that
+decision in the same all_reduce as their errors, so their collectives stay in step.
 
 - TIES, DARE (linear/ties), breadcrumbs (plain/ties): global magnitude rank boundaries, Philox
   masks keyed by the GLOBAL element index, and L1 rescale norms as exact sums (the single
@@ -38,8 +41,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     else:
         raise InputError(f"merge_method {m.name} is not supported on a sharded pool (elementwise methods, "
                          "ties, dare_*, breadcrumbs*, della*, slerp, nuslerp and model_stock are)")
-    error, tasks = None, []
+    error, tasks, stale = None, [], False
+    names = [p.name for p in plans]
     try:
+        stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, map(pool.input_versions, names)))
         m.validate(pool.num_checkpoints, pool.has_base)
         per_model, global_params = _split_params(m, params, pool.num_checkpoints)
         for p in plans:
@@ -61,7 +66,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         what = collectives.fingerprint(m.name, [t.tolist() for t in tables], sorted(map(repr, params.items())), seed)
     except Exception:  # unpicklable parameters: compare the method alone
         what = collectives.fingerprint(m.name)
-    collectives.agree(error, pool.group, what)
+    if collectives.agree(error, pool.group, what, flag=stale):  # some rank's inputs changed: all recompute
+        for key in [k for k in pool.stats_cache if k[0] in set(names)]:
+            del pool.stats_cache[key]
+    pool.stats_versions.update((n, pool.input_versions(n)) for n in names)
     for task, out in tasks:
         inputs = [t.to(out.device) for t in task.inputs]
         base = task.base.to(out.device) if task.base is not None else None

@@ -16,7 +16,7 @@ from typing import Iterable, List
 import torch
 
 LOW = 1133           # bin b counts multiples of 2^(b - LOW): 2^-1133 is below every half-mantissa's unit
-BINS = 2132          # the top half of float64's largest values lands in bin 2130
+BINS = 2160          # the native kernels (csrc/cpu/exact_sum.h) split 128-bit bins up to bin 2156
 PARTS = BINS + 3     # then #NaN, #+inf, #-inf
 _BLOCK = 1 << 20     # elements binned at a time (bounds the temporaries)
 
