@@ -53,11 +53,12 @@ def build(dtype=torch.float32):
 
 
 def write_checkpoints(d):
-    """Deltas over ~48 binary orders (float16: ~26), exact cancellations, many elements."""
+    """Deltas over ~48 binary orders (float16: ~26), exact cancellations, many elements; and one small
+    tensor whose L1 norm is rounded differently by float64 partial sums."""
     g = torch.Generator().manual_seed(5)
     base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    files = []
-    for i, dtype in enumerate(DTYPES):
+    sds = []
+    for dtype in DTYPES:
         lo, hi = (-12, 12) if dtype == torch.float16 else (-24, 24)
         sd = {}
         for k, v in base.items():
@@ -65,9 +66,15 @@ def write_checkpoints(d):
             flat = delta.view(-1)
             half = flat.numel() // 2
             flat[half:2 * half:7] = -flat[:half:7]  # cancellations: opposite deltas far apart
-            sd[k] = (v + delta).to(dtype)
+            sd[k] = v + delta
+        sds.append(sd)
+    # |d| summing to 1 + 2^-24 + 2^-52 exactly: above a float32 midpoint by what float64 partial sums drop
+    base["2.weight"] = torch.zeros(97)
+    sds[0]["2.weight"] = torch.cat([torch.full((32,), 2.0 ** -5), torch.tensor([2.0 ** -24]), torch.full((64,), 2.0 ** -58)])
+    files = []
+    for i, (sd, dtype) in enumerate(zip(sds, DTYPES)):
         files.append(os.path.join(d, f"m{i}.safetensors"))
-        save_file(sd, files[-1])
+        save_file({k: v.to(dtype) for k, v in sd.items()}, files[-1])
     files.append(os.path.join(d, "base.safetensors"))
     save_file(base, files[-1])
     return files
@@ -134,7 +141,9 @@ def test_sharded_bits_equal_single_process(bits, label):
 
 
 # ---- one rank fails, or changes: every rank agrees -------------------------------------------------------
-SHORT = timedelta(seconds=20)  # a rank left waiting in a collective fails within this, not the default minute
+SHORT = timedelta(seconds=20)
+CACHED = (("ties", dict(density=0.4)), ("dare_ties", dict(density=0.5)), ("della_linear", dict(density=0.5, epsilon=0.2)),
+          ("model_stock", {}))  # methods whose statistics the sharded pool caches  # a rank left waiting in a collective fails within this, not the default minute
 
 
 def agree_worker(rank, world, d, files):
@@ -214,8 +223,7 @@ def agree_worker(rank, world, d, files):
             pool.tensor(0, "0.weight").mul_(2)
         elif step == "one_changed" and rank == 1:  # one rank only: the global tensor changes there
             pool.tensor(0, "0.weight").mul_(-1)
-        for method, kw in (("ties", dict(density=0.4)), ("dare_ties", dict(density=0.5)),
-                           ("della_linear", dict(density=0.5, epsilon=0.2))):
+        for method, kw in CACHED:
             pool.materialize(W3, into=model, method=method, **kw)
             results[step, method] = _full(model)
     out["cache"] = results
@@ -235,8 +243,7 @@ def expected_after_changes(files, world):
         elif step == "one_changed":
             sds[0]["0.weight"][rows] *= -1
         pool = pymerge.CheckpointPool(sds, base=base)
-        for method, kw in (("ties", dict(density=0.4)), ("dare_ties", dict(density=0.5)),
-                           ("della_linear", dict(density=0.5, epsilon=0.2))):
+        for method, kw in CACHED:
             m = build()
             pool.materialize(W3, into=m, method=method, **kw)
             want[step, method] = {n: p.detach().clone() for n, p in m.named_parameters()}

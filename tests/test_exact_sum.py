@@ -96,3 +96,28 @@ def test_della_norms_exact():
             rounded(sum(Fraction(abs(v)) for v, k in zip(d, keep.tolist()) if k)))
     assert norms == want and torch.equal(words, tvo.pack_bits(keep))
     assert tvo._della_mask(x, base, sp, 0, "t", 1, 0, False, 0)[1] == want
+
+
+def test_pool_caches_dots_until_its_tensors_change():
+    """The pool keeps each tensor's dot products (they depend on the checkpoints only) and drops them
+    when a tensor it holds changes in place."""
+    import pymerge
+    g = torch.Generator().manual_seed(3)
+    sds = [{"w": torch.randn(64, 33, generator=g), "b": torch.randn(33, generator=g)} for _ in range(3)]
+    pool = pymerge.CheckpointPool(sds[:2], base=sds[2])
+    out = {k: torch.empty_like(v) for k, v in sds[0].items()}
+    for method, kw in (("slerp", dict(t=0.3)), ("model_stock", {}), ("nuslerp", {})):
+        w = [1.0] if method == "slerp" else [0.4, 0.6]
+        srcs = sds[:1] if method == "slerp" else sds[:2]
+        pool = pymerge.CheckpointPool(srcs, base=sds[2])
+        pool.materialize(w, into=out, method=method, **kw)
+        first = {k: v.clone() for k, v in out.items()}
+        pool.materialize(w, into=out, method=method, **kw)  # from the cache: the same bits
+        assert all(torch.equal(first[k], out[k]) for k in out)
+        pool.tensor(0, "w").mul_(-2)  # changed in place: the cached dots must go
+        pool.materialize(w, into=out, method=method, **kw)
+        changed = [dict(sd) for sd in srcs]
+        changed[0]["w"] = srcs[0]["w"] * -2
+        want = {k: torch.empty_like(v) for k, v in sds[0].items()}
+        pymerge.CheckpointPool(changed, base=sds[2]).materialize(w, into=want, method=method, **kw)
+        assert all(torch.equal(want[k], out[k]) for k in out), method

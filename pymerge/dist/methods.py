@@ -211,5 +211,11 @@ def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
         g[0, iu[0], iu[1]] = g[0, iu[1], iu[0]] = torch.tensor(sums, dtype=torch.float64)
         return g
 
-    task.dots = dots
+    def cached(xs, base, sub, group, backend="auto", num_threads=0):  # dropped with the tensor's statistics
+        key = (task.name, "dots", m.name, group, sub)
+        if key not in pool.stats_cache:
+            pool.stats_cache[key] = dots(xs, base, sub, group, backend, num_threads)
+        return pool.stats_cache[key]
+
+    task.dots = cached
     m.merge_tensor(task, out)
