@@ -38,22 +38,28 @@ torch.nn.modules.module.register_module_buffer_registration_hook(_count)
 torch.nn.modules.module.register_module_module_registration_hook(_count)
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 class _Entry:
-    __slots__ = ("into", "generation", "ptr_of", "ptrs", "keyed", "plans", "native")
+    """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
+    __slots__ = ("into", "generation", "held", "ptrs", "keyed", "plans", "native", "written", "fixups")
 
     def __init__(self, into, watched, plans, native):
         self.into = into                    # the targets themselves (keeps their ids unique)
         self.generation = _registrations
-        self.ptr_of = [t.data_ptr for t, _, _ in watched]  # of the tensors the targets hold (not detached copies)
-        self.ptrs = [f() for f in self.ptr_of]
+        self.held = tuple(t for t, _, _ in watched)  # the tensors the targets hold (not detached copies)
+        self.ptrs = list(map(_data_ptr, self.held))
         self.keyed = [(t, d, key) for t, d, key in watched if d is not None]
         self.plans = plans
         self.native = native
+        self.written = tuple(t for p in plans for t in p.targets)  # version counters to bump per call
+        self.fixups = [f for p in plans for f in p.fixups]
 
     def valid(self) -> bool:
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr.
         return (self.generation == _registrations and all(d.get(key) is t for t, d, key in self.keyed)
-                and [f() for f in self.ptr_of] == self.ptrs)
+                and list(map(_data_ptr, self.held)) == self.ptrs)
 
 
 class PlanCache:
@@ -64,24 +70,22 @@ class PlanCache:
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._groups: dict = {}
 
-    def plans(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
-              make_table: Callable[[list], object]):
-        """(plans, task table or None) for `into`; build() makes the plans when there is no valid entry.
-
-        targets_of(plans) lists, for every plan and target model, (tensor as held, dict or None, key);
-        make_table(plans) builds the table that runs them all in one call (None: not possible).
-        """
-        key = (tuple(id(m) for m in into),) + key
+    def entry(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
+              make_table: Callable[[list], object]) -> _Entry:
+        """The valid entry for `into` (and key), built when there is none: build() makes the plans,
+        targets_of(plans) lists for every plan and target model (tensor as held, dict or None, key),
+        make_table(plans) the table that runs them all in one call (None: not possible)."""
+        key = (tuple(map(id, into)),) + key
         entry = self._entries.get(key)
         if entry is not None and entry.valid():
             self._entries.move_to_end(key)
-            return entry.plans, entry.native
+            return entry
         plans = build()
         entry = _Entry(list(into), targets_of(plans), plans, make_table(plans))
         self._entries[key] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        return plans, entry.native
+        return entry
 
     def clear(self) -> None:
         self._entries.clear()
@@ -94,6 +98,13 @@ class PlanCache:
         if rule not in self._groups:
             self._groups[rule] = group_indices(names, rule)
         return self._groups[rule]
+
+    def num_groups(self, rule) -> int:
+        """1 + the largest group index under a named rule whose group_of was asked for (cached)."""
+        key = ("count", rule)
+        if key not in self._groups:
+            self._groups[key] = max(self._groups[rule], default=0) + 1
+        return self._groups[key]
 
 
 def triton_table(plans, inputs: dict, n_groups: int):
@@ -128,3 +139,27 @@ def weight_array(tables: Sequence[np.ndarray], n_groups: int, n: int) -> np.ndar
     for k, t in enumerate(tables):
         w[:, k, :] = t[0] if t.shape[0] == 1 else t[:n_groups]
     return w
+
+
+def method_coefficients(method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
+                        name_of: Callable[[int], str], seed: int):
+    """(sources, float32 [G, K, S] coefficients) of a WeightedSum method (task_arithmetic) for every weight
+    group and candidate: source i < N is checkpoint i, source N the base, in the method's order (the same
+    for every group and candidate: the order depends on the method alone). Parameters are checked here
+    exactly as the per-tensor path checks them, once per group and candidate instead of per tensor."""
+    from pymerge.methods.base import TensorTask
+    order, rows = None, []
+    for g in range(n_groups):
+        for table in tables:
+            w = table[g if table.shape[0] > 1 else 0]
+            mp = [dict(per_model[i], weight=float(w[i])) for i in range(len(per_model))]
+            task = TensorTask(inputs=[], base=None, model_params=mp, params=dict(global_params), name=name_of(g),
+                              seed=seed)
+            method.check_params(task)
+            src, coef = method.weights_for(task)
+            if order is None:
+                order = list(src)
+            elif list(src) != order:  # not the case of any registered method; refused, not guessed
+                raise ValueError(f"method {method.name}: sources differ between weight groups")
+            rows.append(coef)
+    return order, np.asarray(rows, dtype=np.float32).reshape(n_groups, len(tables), len(order))
