@@ -17,12 +17,14 @@ A cached entry is reused while its targets are provably the ones it was built fo
 Anything else rebuilds the entry (the pool's full checks run again).
 """
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
 
 from pymerge import _native
+from pymerge.errors import MergeConfigError
 from pymerge.pool.weights import group_indices
 
 _registrations = 0  # parameters, buffers and submodules registered on any module so far
@@ -43,7 +45,7 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("into", "generation", "held", "ptrs", "keyed", "plans", "native", "written", "fixups")
+    __slots__ = ("into", "generation", "held", "ptrs", "keyed", "plans", "native", "written", "fixups", "selection")
 
     def __init__(self, into, watched, plans, native):
         self.into = into                    # the targets themselves (keeps their ids unique)
@@ -55,6 +57,7 @@ class _Entry:
         self.native = native
         self.written = tuple(t for p in plans for t in p.targets)  # version counters to bump per call
         self.fixups = [f for p in plans for f in p.fixups]
+        self.selection = None  # task-vector methods: the last selection pass (see TaskVectorCall)
 
     def valid(self) -> bool:
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr.
@@ -163,3 +166,93 @@ def method_coefficients(method, per_model: list, global_params: dict, tables: Se
                 raise ValueError(f"method {method.name}: sources differ between weight groups")
             rows.append(coef)
     return order, np.asarray(rows, dtype=np.float32).reshape(n_groups, len(tables), len(order))
+
+
+def native_tv_table(plans, inputs: dict, base: dict, n_groups: int):
+    """A GroupedTVPlan (csrc/cpu/task_vectors.cpp) for the plans, or None where it does not apply."""
+    from pymerge.ops.philox import name_hash
+    cpu = _native.cpu
+    if cpu is None or not plans or not hasattr(cpu, "GroupedTVPlan"):
+        return None
+    codes = _native.DTYPE_CODES
+    try:
+        in_codes = [[codes[t.dtype] for t in inputs[p.name]] for p in plans]
+        base_codes = [codes[base[p.name].dtype] for p in plans]
+        out_codes = [[codes[o.dtype] for o in p.outs] for p in plans]
+    except KeyError:
+        return None
+    return cpu.GroupedTVPlan([[t.data_ptr() for t in inputs[p.name]] for p in plans], in_codes,
+                             [base[p.name].data_ptr() for p in plans], base_codes,
+                             [base[p.name].numel() for p in plans], [[o.data_ptr() for o in p.outs] for p in plans],
+                             out_codes, [name_hash(p.name) for p in plans], [p.group for p in plans], n_groups)
+
+
+_version = attrgetter("_version")
+
+
+class TaskVectorCall:
+    """One materialize of a task-vector method (ties, dare_*, breadcrumbs*, della*) as one native call.
+
+    The per-tensor path resolves every tensor's sparsifiers (plan_model: rank boundaries, Philox
+    thresholds, DELLA bitmasks, rescale factors) and runs tv_merge once per tensor and candidate. Here
+    the same plan_model results (the pool's SelectionCache serves them) are gathered into arrays, kept
+    on the entry while no input or base tensor changes (version counters; DELLA masks are never kept,
+    as the per-tensor path never keeps them), and one GroupedTVPlan.run merges every tensor into every
+    candidate. Parameters are checked exactly as the per-tensor path checks them."""
+
+    def __init__(self, method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
+                 name: str, seed: int):
+        from pymerge.methods.base import TensorTask
+        from pymerge.methods.task_vectors import task_vector_args
+        from pymerge.ops.task_vector_ops import linear_divisor
+        n = len(per_model)
+        self.seed = seed
+        self.consensus = method.consensus
+        self.weights = weight_array(tables, n_groups, n)
+        self.divisors = np.empty((n_groups, len(tables)), dtype=np.float32)
+        for g in range(n_groups):
+            for k, t in enumerate(tables):
+                row = t[g if t.shape[0] > 1 else 0]
+                task = TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
+                                  model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
+                method.check_params(task)
+                self.normalize, rescale = method._settings(task)
+                self.sparsifiers, _, self.lam = task_vector_args(task, method.sparsification, rescale)
+                self.divisors[g, k] = linear_divisor([float(x) for x in row])
+        random = any(sp.method in ("random", "della_magprune") for sp in self.sparsifiers)
+        self.key = (method.name, tuple(self.sparsifiers), int(seed) if random else 0)
+        self.keep = not any(sp.method == "della_magprune" and sp.density < 1 for sp in self.sparsifiers)
+
+    def run(self, entry, inputs: dict, base: dict, cache, num_threads: int) -> None:
+        sel = entry.selection
+        if sel is None or sel[0] != self.key or list(map(_version, sel[1])) != sel[2]:
+            sel = self._select(entry.plans, inputs, base, cache, num_threads)
+            entry.selection = sel if self.keep else None
+        _, _, _, ints, scales, bits, _masks = sel
+        entry.native.run(ints, scales, bits, self.weights, self.divisors, self.consensus, self.normalize,
+                         float(self.lam), int(self.seed) & 0xFFFFFFFFFFFFFFFF, num_threads)
+
+    def _select(self, plans, inputs: dict, base: dict, cache, num_threads: int):
+        """(key, tensors watched, their versions, int64 [T, N, 7], float32 [T, N], uint64 [T, N], masks)."""
+        from pymerge.ops.task_vector_ops import plan_model
+        n = len(self.sparsifiers)
+        ints = np.zeros((len(plans), n, 7), dtype=np.int64)
+        scales = np.ones((len(plans), n), dtype=np.float32)
+        bits = np.zeros((len(plans), n), dtype=np.uint64)
+        masks, watched = [], []
+        for t, p in enumerate(plans):
+            xs, b = inputs[p.name], base[p.name]
+            watched += xs
+            watched.append(b)
+            for i, (x, sp) in enumerate(zip(xs, self.sparsifiers)):
+                try:
+                    mp = plan_model(x, b, sp, 1.0, i, name=p.name, seed=self.seed, cache=cache,
+                                    cache_key=(x._version, b._version), backend="cpu", num_threads=num_threads)
+                except ValueError as exc:
+                    raise MergeConfigError(f"tensor {p.name}: {exc}") from None
+                ints[t, i] = (mp.mode, mp.lo.key, mp.lo.index, mp.hi.key, mp.hi.index, mp.thr, mp.model & 0xFFFFFFFF)
+                scales[t, i] = mp.scale
+                if mp.bits is not None:
+                    masks.append(mp.bits)
+                    bits[t, i] = mp.bits.data_ptr()
+        return self.key, watched, list(map(_version, watched)), ints, scales, bits, masks

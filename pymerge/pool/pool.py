@@ -315,9 +315,8 @@ class CheckpointPool:
             mark_written(entry.written)  # a backward through the old weights now raises
             return into
         if kind == "cpu" and method != "linear":
-            entry = self._weighted_sum_method(method, tables, group_of, flat, groups, names, strict, into, seed, params)
+            entry = self._one_call_method(method, tables, group_of, flat, groups, names, strict, into, seed, params)
             if entry is not None:
-                plans = entry.plans
                 for tmp, target in entry.fixups:
                     target.copy_(tmp)
                 mark_written(entry.written)
@@ -333,33 +332,38 @@ class CheckpointPool:
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
 
-    def _weighted_sum_method(self, method, tables, group_of, flat, groups, names, strict, into, seed, params):
-        """Methods that are one weighted sum per tensor (task_arithmetic): coefficients per weight group
-        and candidate, then one native call over a task table whose inputs are the method's sources
-        (the base among them). The entry written, or None where the method is not one."""
+    def _one_call_method(self, method, tables, group_of, flat, groups, names, strict, into, seed, params):
+        """A registered method as one native call over every tensor and candidate (pool/grouped.py):
+        task_arithmetic (a weighted sum whose sources include the base) and the task-vector family
+        (a selection pass, then one fused apply). The entry written, or None for other methods."""
         from pymerge.methods.base import get_method
         from pymerge.methods.linear import WeightedSum
+        from pymerge.methods.task_vectors import TaskVectorMethod
         m = get_method(method)
-        if not isinstance(m, WeightedSum):
+        if not isinstance(m, (WeightedSum, TaskVectorMethod)):
             return None
         m.validate(self.num_checkpoints, self.has_base)
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
         n_groups = 1 if flat else self._plan_cache.num_groups(groups)
-        first = {}  # a tensor of each group, for the messages of check_params
-        for g, name in zip(group_of, self.names):
-            first.setdefault(g, name)
-        order, coef = grouped.method_coefficients(m, per_model, global_params, tables, n_groups,
-                                                  lambda g: first.get(g, ""), seed)
-        sources = lambda: {n: [self._inputs[n][i] if i < self.num_checkpoints else self._base[n]  # noqa: E731
-                               for i in order] for n in self.names}
-        entry = self._plan_cache.entry(
-            ("flat" if flat else groups, names, strict, n_groups, tuple(order)), into,
-            lambda: self._checked_plans(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
-            lambda ps: grouped.native_table(ps, sources(), n_groups))
+        key = ("flat" if flat else groups, names, strict, n_groups, method)
+        first = dict(zip(reversed(group_of), reversed(self.names)))  # a tensor of each group, for messages
+        if isinstance(m, WeightedSum):
+            order, coef = grouped.method_coefficients(m, per_model, global_params, tables, n_groups,
+                                                      lambda g: first.get(g, ""), seed)
+            sources = lambda: {n: [self._inputs[n][i] if i < self.num_checkpoints else self._base[n]  # noqa: E731
+                                   for i in order] for n in self.names}
+            make = lambda ps: grouped.native_table(ps, sources(), n_groups)  # noqa: E731
+        else:
+            call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
+            make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
+        entry = self._plan_cache.entry(key, into, lambda: self._checked_plans(into, group_of, names, strict),
+                                       lambda ps: _watched(ps, into, names), make)
         if entry.native is None:
             self._run_method(method, entry.plans, tables, seed, params)
-        else:
+        elif isinstance(m, WeightedSum):
             entry.native.run(coef, self.num_threads)
+        else:
+            call.run(entry, self._inputs, self._base, self._selection, self.num_threads)
         return entry
 
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
