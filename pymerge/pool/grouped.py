@@ -209,16 +209,16 @@ class TaskVectorCall:
         self.seed = seed
         self.consensus = method.consensus
         self.weights = weight_array(tables, n_groups, n)
-        self.divisors = np.empty((n_groups, len(tables)), dtype=np.float32)
-        for g in range(n_groups):
-            for k, t in enumerate(tables):
-                row = t[g if t.shape[0] > 1 else 0]
-                task = TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
-                                  model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
-                method.check_params(task)
-                self.normalize, rescale = method._settings(task)
-                self.sparsifiers, _, self.lam = task_vector_args(task, method.sparsification, rescale)
-                self.divisors[g, k] = linear_divisor([float(x) for x in row])
+        # Sparsifiers, flags and lambda do not depend on the weights (finite already): checked once
+        row = tables[0][0]
+        task = TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
+                          model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
+        method.check_params(task)
+        self.normalize, rescale = method._settings(task)
+        self.sparsifiers, _, self.lam = task_vector_args(task, method.sparsification, rescale)
+        rows = [[tuple(map(float, t[g if t.shape[0] > 1 else 0])) for t in tables] for g in range(n_groups)]
+        divisor = {r: linear_divisor(r) for r in set(sum(rows, []))}  # float32 sums, as the per-tensor path's
+        self.divisors = np.array([[divisor[r] for r in rs] for rs in rows], dtype=np.float32)
         random = any(sp.method in ("random", "della_magprune") for sp in self.sparsifiers)
         self.key = (method.name, tuple(self.sparsifiers), int(seed) if random else 0)
         self.keep = not any(sp.method == "della_magprune" and sp.density < 1 for sp in self.sparsifiers)
