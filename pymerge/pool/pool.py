@@ -346,10 +346,9 @@ class CheckpointPool:
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
         n_groups = 1 if flat else self._plan_cache.num_groups(groups)
         key = ("flat" if flat else groups, names, strict, n_groups, method)
-        first = dict(zip(reversed(group_of), reversed(self.names)))  # a tensor of each group, for messages
         if isinstance(m, WeightedSum):
-            order, coef = grouped.method_coefficients(m, per_model, global_params, tables, n_groups,
-                                                      lambda g: first.get(g, ""), seed)
+            first = lambda g: next((n for n, h in zip(self.names, group_of) if h == g), "")  # noqa: E731  (messages)
+            order, coef = grouped.method_coefficients(m, per_model, global_params, tables, n_groups, first, seed)
             sources = lambda: {n: [self._inputs[n][i] if i < self.num_checkpoints else self._base[n]  # noqa: E731
                                    for i in order] for n in self.names}
             make = lambda ps: grouped.native_table(ps, sources(), n_groups)  # noqa: E731
