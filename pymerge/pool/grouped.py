@@ -1,10 +1,14 @@
-"""The pool's linear hot path: one native call (CPU) or one launch (GPU) per materialize[_many].
+"""The pool's hot path: one native call (CPU) or one launch (GPU) per materialize[_many].
 
 A model of many small tensors merged one kernel call per tensor pays a call, a thread wake-up
 (or a launch) and a short loop per tensor. Instead, the validated write plans of a set of targets
 are kept with a task table that runs the whole candidate at once: on the CPU pymerge._cpu.GroupedPlan
 (split across the thread pool by bytes), on the GPU kernels/weighted_sum_grouped.py (one Triton
-launch over a tensor table, for pools resident on the device).
+launch over a tensor table, for pools resident on the device). On the CPU the registered methods
+that are one weighted sum (task_arithmetic: the base is one more source) take the same table, and
+the task-vector family takes pymerge._cpu.GroupedTVPlan after a selection pass (TaskVectorCall).
+An entry also keeps what every call needs besides the kernel: the tuple of tensors whose version
+counters it bumps (one batched call) and the strided targets to copy back.
 
 A cached entry is reused while its targets are provably the ones it was built for:
 - the same target objects (the entry holds them, so their ids cannot be reused),
