@@ -39,6 +39,7 @@ from pymerge.search import macro_average, optimize  # noqa: E402
 TOLERANCE = 0.2  # points of held-out macro score: the issue's goal for int4 and auto
 COLUMNS = ["seed", "pool", "held KB", "formats", "val", "test", "d test", "test @ref w", "d @ref w",
            "err merged delta", "err merged w", "se"]
+DIAGNOSIS_COLUMNS = ["seed", "variant", "held KB", "d @ref w", "err merged delta", "err merged w"]
 
 
 def pool_kinds(auto_budgets: List[float]):
@@ -84,12 +85,14 @@ def merged_error(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], b
                                "rel_error_of_delta": math.sqrt(err2[k] / d2[k]) if d2[k] else 0.0} for k in worst]}
 
 
-def one_seed(seed: int, args) -> List[dict]:
+def one_seed(seed: int, args):
+    """This seed's rows (one per pool) and its diagnosis rows."""
     s = Settings.quick(seed) if args.quick else Settings(seed=seed)
     budget = args.budget or (6 if args.quick else 120)
     folder = os.path.join(args.cache, ("quick-" if args.quick else "") + f"seed{seed}")
     log = lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True)  # noqa: E731
     paths = build_checkpoints(folder, s, log=log)
+    log(f"checkpoints ready ({len(paths)})")
     base_path = os.path.join(folder, "pretrained")
     val, test = eval_sets(s, "val"), eval_sets(s, "test")
     ref_pool, model, on_val = evaluation(paths, val)
@@ -101,11 +104,18 @@ def one_seed(seed: int, args) -> List[dict]:
     CheckpointPool([base_path]).materialize([1.0], into=f32_ref)
     base = {k: v.clone() for k, v in f32_ref.state_dict().items()}
 
-    rows, ref = [], None
+    rows, ref, searched, merges = [], None, {}, {}
     for label, compress, budget_err in pool_kinds(args.auto_budgets):
         t0 = time.perf_counter()
         pool = ref_pool if compress is None else CheckpointPool(paths, base=base_path, compress=compress,
                                                                  error_budget=budget_err)
+        choice = None if compress is None else tuple(r["format"] for r in pool.compression_report())
+        same = searched.get(choice) if choice is not None else None
+        if same is not None:  # auto chose what an earlier pool holds (same codes): the same search, not rerun
+            rows.append({**same, "pool": label, "compress": compress, "error_budget": budget_err,
+                         "same as": same["pool"]})
+            log(f"{label}: the same formats as {same['pool']} everywhere (not searched again)")
+            continue
         res = demo_search(pool, model, on_val, budget, seed)
         pool.materialize(res.best_weights, into=model)
         test_scores = on_test(model)
@@ -117,7 +127,8 @@ def one_seed(seed: int, args) -> List[dict]:
         pool.materialize(ref["weights"], into=model)
         at_ref = macro_average(on_test(model))
         pool.materialize(ref["weights"], into=f32)
-        err = merged_error(f32.state_dict(), ref["state"], base)
+        merges[label] = {k: v.clone() for k, v in f32.state_dict().items()}
+        err = merged_error(merges[label], ref["state"], base)
         pct = lambda x: round(100 * x, 2)  # noqa: E731
         row = {"seed": seed, "pool": label, "compress": compress, "error_budget": budget_err,
                "held KB": round(pool.nbytes / 1e3, 1), "formats": "-" if compress is None else formats_of(pool),
@@ -128,10 +139,54 @@ def one_seed(seed: int, args) -> List[dict]:
                "test_per_task": test_scores, "best_weights": np.asarray(res.best_weights).tolist(),
                "worst_tensors": err["worst_tensors"], "evaluations": len(res.history),
                "seconds": round(time.perf_counter() - t0, 1)}
+        searched[choice] = row
         log(f"{label}: test {row['test']} ({row['d test']:+.2f}), at the uncompressed weights {row['test @ref w']} "
             f"({row['d @ref w']:+.2f}), merged delta error {row['err merged delta']} ({row['seconds']} s)")
         rows.append(row)
-    return rows
+    diagnosis = diagnose(seed, paths, base_path, ref, base, merges["int4"], model, f32, on_test, args.sweep)
+    return rows, diagnosis
+
+
+def kind_of(name: str) -> str:
+    """A tensor's kind across layers: 'model.layers.3.mlp.up_proj.weight' -> 'mlp.up_proj'."""
+    parts = [p for p in name.split(".") if not p.isdigit() and p not in ("model", "layers", "weight", "bias")]
+    return ".".join(parts) or name
+
+
+def diagnose(seed, paths, base_path, ref, base, int4_merge, model, f32, on_test, sweep) -> List[dict]:
+    """At the uncompressed search's weights, on test: what bfloat16 rounding of the live model alone does
+    (a perturbation the demo accepts), auto pools at tighter budgets, and int4 with one kind of tensor
+    kept exact (simulated: that kind's merge taken from the uncompressed pool; bytes: the pool's
+    exact format, the checkpoint's tensor as held, instead of int4)."""
+    def scored(state) -> float:
+        model.load_state_dict(state)  # rounds to the live model's bfloat16, as materialize does
+        return macro_average(on_test(model))
+
+    pct = lambda x: round(100 * x, 2)  # noqa: E731
+    live = next(model.parameters()).dtype
+    exact = scored(ref["state"])
+    out = []
+    f32.load_state_dict(ref["state"])
+    rows = [("uncompressed, float32 live model (bf16 rounding's own effect)", None, macro_average(on_test(f32)),
+             merged_error({k: v.to(live).float() for k, v in ref["state"].items()}, ref["state"], base))]
+    for b in sweep:
+        pool = CheckpointPool(paths, base=base_path, compress="auto", error_budget=b)
+        pool.materialize(ref["weights"], into=f32)
+        state = {k: v.clone() for k, v in f32.state_dict().items()}
+        rows.append((f"auto {b:g} ({formats_of(pool)})", pool.nbytes, scored(state), merged_error(state, ref["state"], base)))
+    int4 = CheckpointPool(paths, base=base_path, compress="int4")
+    report = int4.compression_report()
+    rows.append(("int4", int4.nbytes, scored(int4_merge), merged_error(int4_merge, ref["state"], base)))
+    for kind in dict.fromkeys(kind_of(k) for k in ref["state"]):
+        state = {k: (ref["state"][k] if kind_of(k) == kind else v) for k, v in int4_merge.items()}
+        extra = sum(r["numel"] * ref["state"][r["tensor"]].element_size() - r["bytes"] for r in report
+                    if kind_of(r["tensor"]) == kind and r["format"] == "int4")
+        rows.append((f"int4, {kind} exact", int4.nbytes + extra, scored(state), merged_error(state, ref["state"], base)))
+    for label, nbytes, score, err in rows:
+        out.append({"seed": seed, "variant": label, "held KB": "-" if nbytes is None else round(nbytes / 1e3, 1),
+                    "d @ref w": pct(score - exact), "err merged delta": f"{err['vs_delta']:.2e}",
+                    "err merged w": f"{err['vs_weights']:.2e}"})
+    return out
 
 
 def means(rows: List[dict]) -> List[dict]:
@@ -155,28 +210,55 @@ def means(rows: List[dict]) -> List[dict]:
     return out
 
 
+def run_seed(job):
+    seed, args = job
+    torch.set_num_threads(args.threads)
+    return one_seed(seed, args)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=None, help="search candidates (default 120, the demo's; 6 with --quick)")
     ap.add_argument("--auto-budgets", type=float, nargs="+", default=[1e-2, 0.15],
-                    help="error_budget of each auto pool (default: 0.01, the pool's default, and 0.15)")
-    ap.add_argument("--quick", action="store_true", help="the demo's --quick settings, one seed (CI plumbing)")
+                    help="error_budget of each auto pool searched (default: 0.01, the pool's default, and 0.15)")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[0.12, 0.1, 0.05],
+                    help="error_budgets of auto pools scored at the uncompressed search's weights (diagnosis)")
+    ap.add_argument("--quick", action="store_true", help="the demo's --quick settings, first seed only (CI plumbing)")
     ap.add_argument("--cache", default=os.path.join("/tmp", "pymerge_compressed_quality"),
                     help="trained checkpoints per seed (reused while the demo's settings and code match)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1: the machine is shared)")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")
     args = ap.parse_args(argv)
     if args.budget is not None and args.budget < 1:
         ap.error("--budget must be at least 1")
-    torch.set_num_threads(args.threads)
+    if any(not b > 0 for b in args.auto_budgets + args.sweep):
+        ap.error("error budgets must be > 0")
     name = "bench_compressed_pool_quality" + ("_quick" if args.quick else "")
     title = (f"The demo's search on compressed pools: macro exact match on test, % (d: minus the uncompressed "
              f"search's; @ref w: the uncompressed search's best weights on this pool; goal |d| <= {TOLERANCE})")
-    rows = []
-    for seed in args.seeds[:1] if args.quick else args.seeds:
-        rows += one_seed(seed, args)
-        table = write_results(name, "cpu", rows + means(rows), COLUMNS, title=title)  # after every seed
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    rows, diagnosis = [], []
+    jobs = [(seed, args) for seed in seeds]
+    if args.jobs > 1:
+        import multiprocessing
+        workers = multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs)))
+        results = workers.imap(run_seed, jobs)
+    else:
+        workers, results = None, map(run_seed, jobs)
+    try:
+        for seed_rows, seed_diagnosis in results:  # results written after every seed
+            rows += seed_rows
+            diagnosis += seed_diagnosis
+            table = write_results(name, "cpu", rows + means(rows), COLUMNS, title=title)
+            diag = write_results(name + "_diagnosis", "cpu", diagnosis, DIAGNOSIS_COLUMNS,
+                                 title="At the uncompressed search's weights: test macro % minus the uncompressed "
+                                       "merge's, tighter auto budgets and int4 with one kind of tensor exact")
+    finally:
+        if workers is not None:
+            workers.close()
     print(table)
+    print(diag)
     for m in means(rows)[1:]:
         print(f"{m['pool']}: search within {TOLERANCE} points on every seed: {m['search within tolerance']} "
               f"(worst {m['worst |d test|']:.2f}); uncompressed weights within: {m['weights within tolerance']} "
