@@ -64,3 +64,16 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(q4["formats"].split()[1::2]) <= {"int4", "zero"} and set(q8["formats"].split()[1::2]) <= {"int8", "zero"}
     assert 0 < float(q8["err merged delta"]) < 0.02 < float(q4["err merged delta"]) < 0.3
     assert q4["held KB"] <= auto["held KB"] <= q8["held KB"]
+
+    with open(tmp_path / "results" / "cpu" / "bench_compressed_pool_quality_quick_diagnosis.json") as fh:
+        diag = {r["variant"].split(" (")[0]: r for r in json.load(fh)["rows"]}
+    assert diag["int4"]["held KB"] == q4["held KB"] and diag["int4"]["err merged delta"] == q4["err merged delta"]
+    # a tighter auto budget holds at least as many bytes and errs no more than int4
+    sweep = [diag[f"auto {b:g}"] for b in (0.12, 0.1, 0.05)]
+    assert q4["held KB"] <= sweep[0]["held KB"] <= sweep[1]["held KB"] <= sweep[2]["held KB"] <= q8["held KB"]
+    # keeping one kind of tensor exact costs bytes and removes that kind's share of the error
+    kinds = [r for v, r in diag.items() if v.startswith("int4, ")]
+    assert {v.split(", ")[1] for v in diag if v.startswith("int4, ")} >= {"embed_tokens exact", "mlp.up_proj exact"}
+    for r in kinds:
+        assert r["held KB"] > q4["held KB"] and float(r["err merged delta"]) <= float(q4["err merged delta"])
+    assert float(diag["uncompressed, float32 live model"]["err merged delta"]) > 0  # the bf16 live model rounds
