@@ -9,15 +9,20 @@ seed and budget; its best merge is scored on the held-out test set. Two columns 
 from the search's trajectory (which diverges at the first candidate that scores differently): the
 uncompressed search's best weights scored on every pool, and the float32 merge of those weights on
 every pool against the uncompressed one (relative error of the merged weights and of the merged delta,
-merge - base). Per pool, the tensors that carry most of the merged model's error are kept in the JSON.
+merge - base). An auto pool that chose exactly what an earlier pool holds is that pool (not searched
+again). Per pool, the tensors that carry most of the merged model's error are kept in the JSON.
 
-    python benchmarks/bench_compressed_pool_quality.py [--seeds 0 1 2] [--budget 120] [--auto-budgets 0.01 0.15]
-        [--quick] [--cache /tmp/pymerge_compressed_quality] [--threads 1]
+The diagnosis table, at the uncompressed search's weights on test: the uncompressed merge in a float32
+live model (what the demo's bfloat16 live model's rounding alone moves), auto pools at tighter budgets
+(--sweep), and int4 with one kind of tensor (q_proj, mlp.up_proj, ... over all layers) kept exact.
+
+    python benchmarks/bench_compressed_pool_quality.py [--seeds 0 1 2] [--jobs 3] [--budget 120]
+        [--auto-budgets 0.01 0.15] [--sweep 0.12 0.1 0.05] [--quick] [--cache /tmp/pymerge_compressed_quality]
 
 Scores are macro exact match in percent; "se" is the test standard error of the uncompressed search's
 macro score (a paired difference on the same test set is far less noisy). Writes
-results/cpu/bench_compressed_pool_quality{,_quick}.{json,md}; the demo is used only through
-pymerge.demo.run's public functions.
+results/cpu/bench_compressed_pool_quality{,_quick}{,_diagnosis}.{json,md} after every seed; the demo
+is used only through pymerge.demo.run's public functions.
 """
 import argparse
 import math
