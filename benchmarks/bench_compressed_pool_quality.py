@@ -105,7 +105,7 @@ def one_seed(seed: int, args):
     sizes = {t: len(b) for t, b in test.items()}
 
     # float32 merges for the error columns; the base through a one-checkpoint pool
-    f32_ref, f32 = evaluation([base_path], {}, dtype=torch.float32)[1], evaluation([base_path], {}, dtype=torch.float32)[1]
+    f32_ref, f32 = (evaluation([base_path], {}, dtype=torch.float32)[1] for _ in range(2))
     CheckpointPool([base_path]).materialize([1.0], into=f32_ref)
     base = {k: v.clone() for k, v in f32_ref.state_dict().items()}
 
@@ -178,7 +178,8 @@ def diagnose(seed, paths, base_path, ref, base, int4_merge, model, f32, on_test,
         pool = CheckpointPool(paths, base=base_path, compress="auto", error_budget=b)
         pool.materialize(ref["weights"], into=f32)
         state = {k: v.clone() for k, v in f32.state_dict().items()}
-        rows.append((f"auto {b:g} ({formats_of(pool)})", pool.nbytes, scored(state), merged_error(state, ref["state"], base)))
+        rows.append((f"auto {b:g} ({formats_of(pool)})", pool.nbytes, scored(state),
+                     merged_error(state, ref["state"], base)))
     int4 = CheckpointPool(paths, base=base_path, compress="int4")
     report = int4.compression_report()
     rows.append(("int4", int4.nbytes, scored(int4_merge), merged_error(int4_merge, ref["state"], base)))
@@ -186,7 +187,8 @@ def diagnose(seed, paths, base_path, ref, base, int4_merge, model, f32, on_test,
         state = {k: (ref["state"][k] if kind_of(k) == kind else v) for k, v in int4_merge.items()}
         extra = sum(r["numel"] * ref["state"][r["tensor"]].element_size() - r["bytes"] for r in report
                     if kind_of(r["tensor"]) == kind and r["format"] == "int4")
-        rows.append((f"int4, {kind} exact", int4.nbytes + extra, scored(state), merged_error(state, ref["state"], base)))
+        rows.append((f"int4, {kind} exact", int4.nbytes + extra, scored(state),
+                     merged_error(state, ref["state"], base)))
     for label, nbytes, score, err in rows:
         out.append({"seed": seed, "variant": label, "held KB": "-" if nbytes is None else round(nbytes / 1e3, 1),
                     "d @ref w": pct(score - exact), "err merged delta": f"{err['vs_delta']:.2e}",
@@ -224,7 +226,8 @@ def run_seed(job):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget", type=int, default=None, help="search candidates (default 120, the demo's; 6 with --quick)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="search candidates (default 120, as the demo; 6 with --quick)")
     ap.add_argument("--auto-budgets", type=float, nargs="+", default=[1e-2, 0.15],
                     help="error_budget of each auto pool searched (default: 0.01, the pool's default, and 0.15)")
     ap.add_argument("--sweep", type=float, nargs="*", default=[0.12, 0.1, 0.05],
