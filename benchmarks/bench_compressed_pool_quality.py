@@ -47,6 +47,11 @@ COLUMNS = ["seed", "pool", "held KB", "formats", "val", "test", "d test", "test 
 DIAGNOSIS_COLUMNS = ["seed", "variant", "held KB", "d @ref w", "err merged delta", "err merged w"]
 
 
+def pct(x: float) -> float:
+    """Percentage points, two decimals (+ 0.0: no "-0.00" in the tables)."""
+    return round(100 * x, 2) + 0.0
+
+
 def pool_kinds(auto_budgets: List[float]):
     """(label, compress, error_budget) per pool; the uncompressed pool comes first (the reference)."""
     return ([("uncompressed", None, None), ("int8", "int8", None), ("int4", "int4", None)]
@@ -134,7 +139,6 @@ def one_seed(seed: int, args):
         pool.materialize(ref["weights"], into=f32)
         merges[label] = {k: v.clone() for k, v in f32.state_dict().items()}
         err = merged_error(merges[label], ref["state"], base)
-        pct = lambda x: round(100 * x, 2)  # noqa: E731
         row = {"seed": seed, "pool": label, "compress": compress, "error_budget": budget_err,
                "held KB": round(pool.nbytes / 1e3, 1), "formats": "-" if compress is None else formats_of(pool),
                "val": pct(res.best_objective), "test": pct(macro_average(test_scores)),
@@ -167,7 +171,6 @@ def diagnose(seed, paths, base_path, ref, base, int4_merge, model, f32, on_test,
         model.load_state_dict(state)  # rounds to the live model's bfloat16, as materialize does
         return macro_average(on_test(model))
 
-    pct = lambda x: round(100 * x, 2)  # noqa: E731
     live = next(model.parameters()).dtype
     exact = scored(ref["state"])
     out = []
@@ -198,19 +201,20 @@ def diagnose(seed, paths, base_path, ref, base, int4_merge, model, f32, on_test,
 
 def means(rows: List[dict]) -> List[dict]:
     """Per pool over seeds: mean and worst differences, and whether every seed is within TOLERANCE."""
+    mean2 = lambda xs: round(float(np.mean(xs)), 2) + 0.0  # noqa: E731
     out = []
     for label in dict.fromkeys(r["pool"] for r in rows):
         rs = [r for r in rows if r["pool"] == label]
         d, d_ref = [r["d test"] for r in rs], [r["d @ref w"] for r in rs]
         out.append({"seed": f"mean of {len(rs)}", "pool": label, "held KB": rs[0]["held KB"],
                     "formats": rs[0]["formats"] if len({r["formats"] for r in rs}) == 1 else "varies",
-                    "val": round(float(np.mean([r["val"] for r in rs])), 2),
-                    "test": round(float(np.mean([r["test"] for r in rs])), 2), "d test": round(float(np.mean(d)), 2),
-                    "test @ref w": round(float(np.mean([r["test @ref w"] for r in rs])), 2),
-                    "d @ref w": round(float(np.mean(d_ref)), 2),
+                    "val": mean2([r["val"] for r in rs]),
+                    "test": mean2([r["test"] for r in rs]), "d test": mean2(d),
+                    "test @ref w": mean2([r["test @ref w"] for r in rs]),
+                    "d @ref w": mean2(d_ref),
                     "err merged delta": f"{np.mean([float(r['err merged delta']) for r in rs]):.2e}",
                     "err merged w": f"{np.mean([float(r['err merged w']) for r in rs]):.2e}",
-                    "se": round(float(np.mean([r["se"] for r in rs])), 2),
+                    "se": mean2([r["se"] for r in rs]),
                     "worst |d test|": max(abs(x) for x in d), "worst |d @ref w|": max(abs(x) for x in d_ref),
                     "search within tolerance": all(abs(x) <= TOLERANCE for x in d),
                     "weights within tolerance": all(abs(x) <= TOLERANCE for x in d_ref)})
