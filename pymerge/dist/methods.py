@@ -20,6 +20,7 @@ import math
 import torch
 
 from pymerge.dist import collectives
+from pymerge.dist.layout import counts
 from pymerge.errors import InputError
 from pymerge.methods.base import TensorTask
 from pymerge.ops import philox, select
@@ -74,6 +75,17 @@ def _group(pool, name):
     return pool.group if pool.boxes[name].signature[0] == "sharded" else None
 
 
+def _counts(pool, name) -> bool:
+    """Whether this rank's piece of the tensor counts in its global statistics (layout.counts)."""
+    group = _group(pool, name)
+    return group is None or counts(pool.boxes[name], group)
+
+
+def _counted(pool, name, t: torch.Tensor) -> torch.Tensor:
+    """t as this rank's part of a global statistic: empty where another copy of the piece counts."""
+    return t if _counts(pool, name) else t[:0]
+
+
 # ---- the task-vector family ---------------------------------------------------------------------------
 def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor) -> None:
     from pymerge.methods.task_vectors import task_vector_args
@@ -112,26 +124,29 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     keys = select.magnitude_keys(x, base)
     plan = tvo.ModelPlan(model=i)
     gidx = functools.partial(box.global_indices, x.device)  # global flat indices, made only where needed
+    counted_keys = _counted(pool, task.name, keys)
+    counted_gidx = lambda: _counted(pool, task.name, gidx())  # noqa: E731
     if sp.method == "magnitude":
         plan.mode = tvo.TOPK
-        plan.hi = collectives.boundaries([keys], [max(1, int(sp.density * n))], [True], n, gidx, group)[0]
+        plan.hi = collectives.boundaries([counted_keys], [max(1, int(sp.density * n))], [True], n, counted_gidx,
+                                         group)[0]
     elif sp.method == "magnitude_outliers":
         target, n_top = int(sp.density * n), int(sp.gamma * n)
         n_bot = max(0, n - target - n_top)
         plan.mode = tvo.RANGE
-        plan.lo, plan.hi = collectives.boundaries([keys, keys], [min(n_bot, n), min(n_bot + target, n)],
-                                                  [False, False], n, gidx, group)
+        plan.lo, plan.hi = collectives.boundaries([counted_keys, counted_keys], [min(n_bot, n), min(n_bot + target, n)],
+                                                  [False, False], n, counted_gidx, group)
     elif sp.method == "random":
         plan.mode = tvo.RANDOM
         plan.thr = philox.keep_threshold(sp.density)
     keep = None
     if sp.method == "della_magprune":
-        plan.mode, keep = tvo.BITS, _della_keep(task, i, sp, box, group, start)
+        plan.mode, keep = tvo.BITS, _della_keep(task, i, sp, box, group, start, _counts(pool, task.name))
     elif sp.rescale == "l1" or start is None:
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
     if sp.rescale == "l1":
         d = (x.float() - base.float()).reshape(-1).abs().double()
-        total, kept = collectives.exact_sums([d, d * keep], group)
+        total, kept = collectives.exact_sums([_counted(pool, task.name, d), _counted(pool, task.name, d * keep)], group)
         plan.scale = tvo.l1_ratio(total, kept)
     elif sp.rescale == "inverse_density":
         plan.scale = tvo._f32(1.0 / sp.density) if sp.density > 0 else 1.0
@@ -149,7 +164,7 @@ def _check_della(pool, name: str, method: str) -> None:
                          "magnitudes within rows, so a sharded pool needs its rows whole on each rank (Shard(0))")
 
 
-def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start) -> torch.Tensor:
+def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, counted: bool) -> torch.Tensor:
     """DELLA's keep-mask of this rank's elements (rows whole here; a 1-D tensor is one row: gathered)."""
     import torch.distributed as dist
     x, base = task.inputs[i], task.base
@@ -157,8 +172,8 @@ def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start)
         return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start)
     d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
     parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, (box.offset[0], d), group=group)
-    full = torch.cat([p for _, p in sorted(parts, key=lambda p: p[0])])
+    dist.all_gather_object(parts, (box.offset[0], d) if counted else None, group=group)
+    full = torch.cat([p for _, p in sorted(filter(None, parts), key=lambda p: p[0])])
     keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
     return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device)
 
@@ -200,7 +215,8 @@ def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
         vs = [x.reshape(-1).float() - (base.reshape(-1).float() if sub else 0) for x in xs]
         k = len(vs)
         pairs = [(i, j) for i in range(k) for j in range(i, k)]
-        sums = collectives.exact_sums((vs[i].double() * vs[j].double() for i, j in pairs), group_of)
+        sums = collectives.exact_sums((_counted(pool, task.name, vs[i].double() * vs[j].double()) for i, j in pairs),
+                                      group_of)
         g = torch.zeros(1, k, k, dtype=torch.float64)
         for (i, j), s in zip(pairs, sums):
             g[0, i, j] = g[0, j, i] = s
