@@ -42,13 +42,13 @@ CASES = [
 class Block(torch.nn.Module):
     """Pre-norm attention and SwiGLU MLP, Llama's names; its forward runs unchanged under TP (heads split)."""
 
-    def __init__(self):
+    def __init__(self, inter=INTER):
         super().__init__()
         self.attn_norm, self.mlp_norm = torch.nn.RMSNorm(HIDDEN), torch.nn.RMSNorm(HIDDEN)
         self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(3))
         self.o_proj = torch.nn.Linear(HIDDEN, HIDDEN)  # a row-parallel bias: replicated over "tp"
-        self.gate_proj, self.up_proj = (torch.nn.Linear(HIDDEN, INTER, bias=False) for _ in range(2))
-        self.down_proj = torch.nn.Linear(INTER, HIDDEN)
+        self.gate_proj, self.up_proj = (torch.nn.Linear(HIDDEN, inter, bias=False) for _ in range(2))
+        self.down_proj = torch.nn.Linear(inter, HIDDEN)
 
     def forward(self, x):
         h = self.attn_norm(x)
@@ -63,11 +63,11 @@ class Block(torch.nn.Module):
 SHAPES = {n: tuple(p.shape) for n, p in Block().named_parameters()}
 
 
-def write_checkpoints(d):
-    """3 fine-tunes and a base: a third of model 0's deltas zero (ties at the threshold), model 1 in
+def write_checkpoints(d, shapes=SHAPES):
+    """3 fine-tunes and a base of tensors `shapes`: a third of model 0's deltas zero (ties at the threshold), model 1 in
     bfloat16, model 2 with few distinct magnitudes (many equal keys)."""
     g = torch.Generator().manual_seed(17)
-    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     files = []
     for i in range(3):
         sd = {}
