@@ -4,6 +4,7 @@ a scheduler's rendezvous), OUT on the filesystem both see. Equal to one process 
 failure on one node (bad bytes only it reads, or the whole node killed) fails the other node too,
 promptly, with no OUT, and the next run clears what a killed node left.
 """
+import json
 import os
 import signal
 import socket
@@ -41,20 +42,24 @@ def finish(procs):
 
 
 def test_two_nodes_equal_one_process_byte_for_byte(fam, tmp_path):
-    """2 nodes x 2 ranks: TIES (whole-tensor statistics) in uneven parts; every output file's bytes
-    equal those of a one-process merge with the same shard size."""
+    """2 nodes x 2 ranks: TIES (whole-tensor statistics) in uneven parts. Every tensor's bytes, every
+    side file and the index's tensor list equal a one-process merge's; only the shard files' cut
+    differs (each rank writes shards of its own, so there are more of them)."""
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", ties(base, fts))
-    single(cfg, tmp_path / "one", out_shard_size=20_000)
+    one = tmp_path / "one"
+    expected = single(cfg, one, out_shard_size=20_000)
     out = tmp_path / "out"
     codes, lines = finish(nodes(["merge", cfg, out, "--out-shard-size", "20KB"], per_node=2))
     assert codes == [0, 0], lines
     assert lines[0] and "x 4 ranks" in lines[0][-1] and lines[1] == [], lines  # rank 0 speaks for all
-    files = sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")
-    assert len(files) >= 3 and files == sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".safetensors")
-    for name in files + ["model.safetensors.index.json"]:
-        assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-    assert leftovers(out) == []
+    assert_same_tensors(out, expected)
+    side = sorted(p.name for p in one.iterdir() if not p.name.startswith("model"))
+    assert "config.json" in side and side == sorted(p.name for p in out.iterdir() if not p.name.startswith("model"))
+    assert all((out / n).read_bytes() == (one / n).read_bytes() for n in side)
+    got, want = (json.loads((d / "model.safetensors.index.json").read_text()) for d in (out, one))
+    assert got["metadata"] == want["metadata"] and sorted(got["weight_map"]) == sorted(want["weight_map"])
+    assert len(set(got["weight_map"].values())) >= 4 and leftovers(out) == []
 
 
 def test_bad_bytes_on_one_node_fail_both(fam, tmp_path):
@@ -75,9 +80,10 @@ def test_killed_node_fails_the_other_promptly(fam, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     procs = nodes(["merge", cfg, out, "--force"], PYMERGE_TEST_FAULT="1:stall", PYMERGE_TEST_MARK=str(mark))
-    _wait_for(mark, procs)
+    rank_pid = _wait_for(mark, procs)
     t = time.monotonic()
-    os.killpg(procs[1].pid, signal.SIGKILL)  # node 1: its agent and its rank
+    os.killpg(procs[1].pid, signal.SIGKILL)  # node 1: its agent...
+    os.kill(rank_pid, signal.SIGKILL)  # ...and its rank (torchrun starts each rank in a session of its own)
     codes, lines = finish(procs)
     assert time.monotonic() - t < 45  # the lost connection, not PYMERGE_DIST_TIMEOUT (60 s)
     assert codes[0] != 0 and codes[1] == -signal.SIGKILL, (codes, lines)
