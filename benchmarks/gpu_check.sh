@@ -85,8 +85,8 @@ gpu_step tests_gpu 150 $PYTEST -m gpu tests/ --ignore=tests/test_weighted_sum_gp
 gpu_step bench_ws 120 $PY benchmarks/bench_weighted_sum.py --device cuda; table weighted_sum
 gpu_step bench_pool 90 $PY benchmarks/bench_pool.py --device cuda --params 128e6; table bench_pool
 gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
-for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...)
-  [ -f "$extra" ] && gpu_step "$(basename "$extra" .sh)" 90 bash "$extra"
+for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
+  [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
 done
 
 bundle
