@@ -204,6 +204,12 @@ def worker(rank, world, d, files, refs):
                for (n, s), axis in zip([(n, SHAPES[n]) for n in ("q_proj.weight", "k_proj.weight")], ("dp", "tp"))}
     crossed.update({n: torch.zeros(s) for n, s in SHAPES.items() if n not in crossed})
     out["errors"]["crossed"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=crossed))
+    mine = list(ckpts)
+    if rank == 3:  # one rank of one replica group cannot open a checkpoint: every replica stops
+        mine[1] = os.path.join(d, "missing.safetensors")
+    for layout in ("hsdp", "tp_replicas"):
+        out["errors"]["missing_" + layout] = error_of(
+            lambda: pymerge.CheckpointPool(mine, base=base, shard_like=models[layout]))
     out["untouched"] = all(torch.equal(snapshot[k][n], v) for k, m in models.items() for n, v in full(m).items())
     pools["fsdp_tp", 3].materialize(W3, into=models["fsdp_tp"], method="ties", density=0.55)  # still in step
     out["after_errors"] = torch.equal(full(models["fsdp_tp"])["q_proj.weight"], refs["ties"]["q_proj.weight"])
@@ -276,5 +282,7 @@ def test_layouts_the_pool_cannot_hold_fail_alike_everywhere(mesh_run):
     assert e["partial"].startswith("InputError: shard_like tensor 'q_proj.weight': placement Partial(sum)")
     assert e["scattered"].startswith("InputError: shard_like tensor 'q_proj.weight': placements") and \
         "not one contiguous range" in e["scattered"]
+    for layout in ("hsdp", "tp_replicas"):
+        assert e["missing_" + layout].startswith("CheckpointError: rank 3: ") and "no such file" in e["missing_" + layout]
     assert e["crossed"].startswith("InputError: shard_like: no tensor is split across all the ranks")
     assert all(res["untouched"] and res["after_errors"] for res in mesh_run[2])

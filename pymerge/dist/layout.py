@@ -178,3 +178,14 @@ def counts(box: Box, group) -> bool:
     the one of the group's first rank (other copies would count the same elements again)."""
     import torch.distributed as dist
     return not box.ranks or min(dist.get_process_group_ranks(group)) in box.ranks
+
+
+def agreement_group(boxes, group) -> Optional[object]:
+    """The ranks that build a pool together and agree on its errors: every rank of the mesh the model
+    lives on (replica groups too: a rank that cannot read its checkpoint fails every replica, so no
+    replica waits for it in a later collective), else the pool's group."""
+    import torch.distributed as dist
+    roots = {id(root): root for root in (b.mesh._get_root_mesh() for b in boxes if b.mesh is not None)}
+    if group is not None and len(roots) == 1 and next(iter(roots.values())).size() == dist.get_world_size():
+        return dist.group.WORLD
+    return group
