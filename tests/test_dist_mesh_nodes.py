@@ -89,3 +89,23 @@ def test_killed_node_fails_the_other_promptly(fam, tmp_path):
     assert codes[0] != 0 and codes[1] == -signal.SIGKILL, (codes, lines)
     assert len(lines[0]) == 1 and "lost the other ranks" in lines[0][0], lines
     assert sorted(os.listdir(out)) == ["keep.txt"] and leftovers(out) == []
+
+
+def test_killed_first_node_fails_the_other_and_the_next_run_clears_up(fam, tmp_path):
+    """Node 0 holds rank 0 (which made the temporary folder) and the rendezvous store: killing it
+    must not leave node 1 waiting, and its half-made folder goes at the next run."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out, mark = tmp_path / "out", tmp_path / "mark"
+    procs = nodes(["merge", cfg, out], PYMERGE_TEST_FAULT="0:stall", PYMERGE_TEST_MARK=str(mark))
+    rank_pid = _wait_for(mark, procs)
+    t = time.monotonic()
+    os.killpg(procs[0].pid, signal.SIGKILL)
+    os.kill(rank_pid, signal.SIGKILL)
+    codes, lines = finish(procs)
+    assert time.monotonic() - t < 45
+    assert codes[0] == -signal.SIGKILL and codes[1] != 0, (codes, lines)
+    assert len(lines[1]) == 1 and "lost the other ranks" in lines[1][0], lines
+    assert not out.exists() and len(leftovers(out)) == 1
+    assert_same_tensors(out, single(cfg, out))
+    assert leftovers(out) == []

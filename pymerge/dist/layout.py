@@ -91,11 +91,13 @@ def box_of(t: torch.Tensor, what: str) -> Box:
             not _boxes_everywhere(shape, tuple(mesh.mesh.shape), placements):
         raise InputError(f"{what}: placements {placements} give some rank rows that are not one contiguous range "
                          "of the tensor; a sharded pool holds one box per rank")
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise InputError(f"{what}: this rank is not in the tensor's mesh, so it holds no part of it")
     local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     signature = ("sharded", shape, mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
                  tuple(repr(p) for p in placements))
     split = tuple(sorted({placements[i].dim % len(shape) for i in sharded}))
-    coord = mesh.get_coordinate()
     copy = mesh.mesh[tuple(slice(None) if d in sharded else coord[d] for d in range(mesh.ndim))]
     return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh, split,
                tuple(sorted(copy.flatten().tolist())))
