@@ -77,7 +77,7 @@ def arcee_fusion(base, x):
 def sce(base, xs, select_topk=1.0):
     d = torch.stack([x.double() - base.double() for x in xs])
     if select_topk < 1:
-        var = d.var(dim=0, unbiased=False).reshape(-1)
+        var = d.var(dim=0, unbiased=False).reshape(-1).float()  # ranked as mergekit stores it: float32
         k = int(int((var != 0).sum()) * select_topk)
         keep = torch.zeros_like(var)
         keep[var.sort(descending=True, stable=True).indices[:k]] = 1

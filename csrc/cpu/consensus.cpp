@@ -94,15 +94,18 @@ inline void variance_block(const Group& g, int64_t s, float* sc, float* var) {
   float* bb = sc; float* d = sc + kBlock;
   const int64_t n = load_deltas(g, s, bb, d);
   const int k = int(g.x.size());
-  for (int64_t j = 0; j < n; ++j) {
-    double mean = 0, m2 = 0;
-    for (int i = 0; i < k; ++i) {  // Welford, float64: torch.var's reduction, bit for bit
-      const double v = d[i * kBlock + j], delta = v - mean;
-      mean += delta / (i + 1);
-      m2 += delta * (v - mean);
+  double mean[kBlock], m2[kBlock];
+  for (int64_t j = 0; j < n; ++j) { mean[j] = 0; m2[j] = 0; }
+  for (int i = 0; i < k; ++i) {  // Welford, float64: torch.var's reduction, bit for bit
+    const float* __restrict di = d + i * kBlock;
+    const double count = i + 1;
+    for (int64_t j = 0; j < n; ++j) {
+      const double v = di[j], delta = v - mean[j];
+      mean[j] += delta / count;
+      m2[j] += delta * (v - mean[j]);
     }
-    var[s + j] = float(m2 / k);
   }
+  for (int64_t j = 0; j < n; ++j) var[s + j] = float(m2[j] / k);
 }
 
 template <int Dummy>
@@ -112,13 +115,14 @@ inline void squares_block(const Group& g, const Mask* m, int64_t s, float* sc, d
   const int64_t n = load_deltas(g, s, bb, d);
   if (m) mask_block(*m, s, n, keep);
   for (size_t i = 0; i < g.x.size(); ++i) {
-    const float* di = d + i * kBlock;
-    double acc = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const float v = m ? di[j] * keep[j] : di[j];
-      acc += double(v * v);  // float32 squares, as mergekit's tvs.square()
-    }
-    sums[i] += acc;
+    float* __restrict di = d + i * kBlock;
+    if (m) for (int64_t j = 0; j < n; ++j) di[j] *= keep[j];
+    double lane[8] = {0};  // 8 independent float64 sums: vectorizes without reassociating one
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += double(di[j + l] * di[j + l]);  // float32 squares, as mergekit
+    for (; j < n; ++j) lane[j & 7] += double(di[j] * di[j]);
+    for (int l = 0; l < 8; ++l) sums[i] += lane[l];
   }
 }
 
@@ -133,20 +137,26 @@ inline void sce_block(const Group& g, const Mask* m, const float* w, uintptr_t o
     for (int i = 0; i < k; ++i)
       for (int64_t j = 0; j < n; ++j) d[i * kBlock + j] *= keep[j];
   }
-  for (int64_t j = 0; j < n; ++j) {
-    float sum = 0;
-    for (int i = 0; i < k; ++i) sum += d[i * kBlock + j];
-    const float elected = sum >= 0 ? 1.f : -1.f;  // NaN sums elect -1, as (sum >= 0) * 2 - 1
-    float merged = 0, den = 0;
-    for (int i = 0; i < k; ++i) {
-      const float v = d[i * kBlock + j];
+  // loops over models outside, elements inside (vectorized); same per-element order of operations
+  float sum[kBlock], merged[kBlock], den[kBlock];
+  for (int64_t j = 0; j < n; ++j) { sum[j] = 0; merged[j] = 0; den[j] = 0; }
+  for (int i = 0; i < k; ++i)
+    for (int64_t j = 0; j < n; ++j) sum[j] += d[i * kBlock + j];
+  for (int64_t j = 0; j < n; ++j) sum[j] = sum[j] >= 0 ? 1.f : -1.f;  // the elected sign; NaN sums elect -1
+  for (int i = 0; i < k; ++i) {
+    const float* __restrict di = d + i * kBlock;
+    const float wi = w[i];
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = di[j];
       const float sign = v > 0 ? 1.f : (v < 0 ? -1.f : 0.f);  // NaN: 0, never the elected sign
-      const float ew = w[i] * (sign == elected ? 1.f : 0.f);
-      merged += v * ew;
-      den += ew;
+      const float ew = wi * (sign == sum[j] ? 1.f : 0.f);
+      merged[j] += v * ew;
+      den[j] += ew;
     }
-    den = den < 1e-6f ? 1e-6f : den;  // clamp(min=1e-6); NaN stays NaN
-    keep[j] = bb[j] + merged / den;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float dn = den[j] < 1e-6f ? 1e-6f : den[j];  // clamp(min=1e-6); NaN stays NaN
+    keep[j] = bb[j] + merged[j] / dn;
   }
   tv::store_f32(out, odt, s, n, keep);
 }
@@ -217,14 +227,19 @@ inline void counts_block(const Group& g, float eps, int64_t s, float* sc, int64_
   float* bb = sc; float* d = sc + kBlock;
   const int64_t n = load_deltas(g, s, bb, d);
   const int k = int(g.x.size());
-  for (int64_t j = 0; j < n; ++j) {
-    int c = 0;
-    for (int i = 0; i < k; ++i) c += std::fabs(d[i * kBlock + j]) > eps;
-    for (int i = 0; i < k; ++i) {
-      const bool moved = std::fabs(d[i * kBlock + j]) > eps;
-      shared[i] += moved && c > 1;
-      unique[i] += moved && c == 1;
+  int32_t cnt[kBlock];
+  for (int64_t j = 0; j < n; ++j) cnt[j] = 0;
+  for (int i = 0; i < k; ++i)
+    for (int64_t j = 0; j < n; ++j) cnt[j] += std::fabs(d[i * kBlock + j]) > eps;
+  for (int i = 0; i < k; ++i) {
+    int64_t sh = 0, un = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t moved = std::fabs(d[i * kBlock + j]) > eps;
+      sh += moved & (cnt[j] > 1);
+      un += moved & (cnt[j] == 1);
     }
+    shared[i] += sh;
+    unique[i] += un;
   }
 }
 

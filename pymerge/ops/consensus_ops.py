@@ -32,6 +32,8 @@ def _ptrs(ts):
 # ---- sce ---------------------------------------------------------------------------------------
 def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out: torch.Tensor,
         backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    if out.numel() == 0:
+        return out
     if not _native_ok("sce_merge", list(xs) + [base], out, backend):
         out.copy_(_sce_torch(xs, base, select_topk))
         return out
