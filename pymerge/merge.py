@@ -218,9 +218,9 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
 
 def op_threads(processes: int = 1) -> int:
     """Compute threads by default: every core but one, which the writer thread keeps busy (with
-    several merging processes on the host, their share of the cores but one each). On the
-    shared 2-core dev machine two OpenMP threads (spin-waiting for a descheduled member) streamed
-    at half the speed of one; the kernel is memory-bound, so one thread loses little when idle."""
+    several merging processes on the host, their share of the cores but one each). The kernels
+    are memory-bound, so one thread fewer loses little, while a compute thread competing with
+    the writer for a core stalls every block it holds."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
