@@ -11,7 +11,6 @@ model's dtypes (transformers 5 loads with dtype "auto"), or all takes --lora-mer
 What changes more than these weights (DoRA, modules_to_save, LoRA biases, trainable tokens, layer
 replication, convolution LoRA, ...) is refused with a one-line reason naming the adapter file.
 """
-import json
 import math
 import os
 import re
@@ -112,10 +111,13 @@ def open_model(ref: str, lora_dtype: Optional[str] = None):
     model, adapter = split_ref(ref)
     if adapter is None:
         return Checkpoint(ref)
-    ck = Checkpoint(model)
+    ck, opened = Checkpoint(model), None
     try:
-        return LoraCheckpoint(ck, Adapter(adapter), lora_dtype)
+        opened = Adapter(adapter)
+        return LoraCheckpoint(ck, opened, lora_dtype)
     except BaseException:
+        if opened is not None:
+            opened.close()
         ck.close()
         raise
 
