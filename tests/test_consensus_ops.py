@@ -81,18 +81,21 @@ def test_rounded_outputs(out_dtype):
         assert torch.equal(got, want.to(out_dtype)) or rel(got, want) <= 2 ** -8
 
 
-def test_sce_ties_keep_the_lowest_indices():
-    # every element has one of two variances: the top-k boundary falls inside a run of ties
-    n = 3001
+@pytest.mark.parametrize("n, topk", [(3001, 0.7), (3001, 0.01), (200_003, 0.5), (200_003, 0.01)])
+def test_sce_ties_pick_torch_topk_elements(n, topk):
+    # few distinct variances: the cut falls inside a long run of ties (k * 64 <= n: partial_sort, else nth_element)
+    g = torch.Generator().manual_seed(n)
     base = torch.zeros(n)
-    big = torch.tensor([1.0, -1.0, 0.5]).view(3, 1).expand(3, n).clone()
-    big[:, ::2] *= 0.5
-    xs = list(big)
-    got = run(co.sce, xs, base, 0.7, shape=(n,))
-    want = ref.sce(base, xs, 0.7)  # stable sort: ties in index order
-    assert torch.equal(got.double(), want) or rel(got, want) <= 1e-7
-    k = int(torch.tensor(n) * 0.7)
-    assert int((got != 0).sum()) == k
+    xs = [torch.randint(-2, 3, (n,), generator=g).float() * 0.25 for _ in range(3)]
+    out = run(co.sce, xs, base, topk, shape=(n,))
+    var = torch.stack(xs).var(0, unbiased=False)
+    k = int(torch.count_nonzero(var) * topk)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[var.abs().topk(k).indices] = True
+    assert int((var == var[var.abs().topk(k).indices[-1]]).sum()) > 1  # there are ties at the cut
+    assert torch.equal(out != 0, (run(co.sce, xs, base, topk, shape=(n,), backend="torch") != 0))
+    assert not bool((out[~mask] != 0).any())  # only the picked elements move
+    assert rel(out, ref.sce(base, xs, topk)) <= 1e-6
 
 
 def nan_inf_case(shape, n, seed):
@@ -151,7 +154,9 @@ def test_arcee_fusion_negative_scores_fall_back_to_value_order():
 def test_kernels_refuse_bad_arguments():
     x = torch.zeros(4)
     with pytest.raises(ValueError, match="sce_merge: one weight per input"):
-        _native.cpu.sce_merge([x.data_ptr()], [0], x.data_ptr(), 0, 4, 0, 0, 0, [1.0, 2.0], x.data_ptr(), 0)
+        _native.cpu.sce_merge([x.data_ptr()], [0], x.data_ptr(), 0, 4, 0, [1.0, 2.0], x.data_ptr(), 0)
+    with pytest.raises(ValueError, match="sce_topk_mask: need 1 <= k <= n"):
+        _native.cpu.sce_topk_mask(x.data_ptr(), 4, 5, x.data_ptr())
     with pytest.raises(ValueError, match="ram_counts: bad dtype code"):
         _native.cpu.ram_counts([x.data_ptr()], [9], x.data_ptr(), 0, 4, 1e-5)
     with pytest.raises(ValueError, match="fusion_blend: bad output dtype"):

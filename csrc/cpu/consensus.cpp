@@ -8,8 +8,10 @@
 //   sce_squares:   sum_e (m_e d_i[e])^2 per model, float64, m_e the top-k mask (below).
 //   sce_merge:     s = sum_i m d_i; sign election (s >= 0 -> +1 else -1); ew_i = w_i [sign(m d_i) == elected];
 //                  out = B + sum_i m d_i ew_i / max(sum_i ew_i, 1e-6).
-//                  The mask m: 1 where var's key (float bits) ranks before the boundary (T, I) in
-//                  descending order (key > T, or key == T and index < I: pymerge/ops/select.py), else 0.
+//                  The mask m (0/1 bytes; none when select_topk >= 1) from sce_topk_mask.
+//   sce_topk_mask: the k largest variances, exactly the elements torch.topk (so mergekit) picks, ties
+//                  included: its CPU kernel's std::nth_element (std::partial_sort when k * 64 <= n) over
+//                  (value as float64, index) pairs in index order, NaN largest; without its sort of the result.
 //   ram_counts:    per model, #elements it moved (|d_i| > eps) that c > 1 models moved, and that only it did.
 //                  (ramplus_tl's boosts come from these; its mix is elementwise_mix.cpp's ram.)
 //   fusion_blend:  arcee_fusion's out = B + (x - B) [score >= threshold] (the scores come from torch:
@@ -77,15 +79,11 @@ inline int64_t load_deltas(const Group& g, int64_t s, float* __restrict bb, floa
   return n;
 }
 
-// The top-k mask of one block as 0/1 floats (descending boundary on the variance's bits).
-struct Mask { uintptr_t var; int64_t key, idx; };
+// The top-k mask of one block as 0/1 floats.
+using Mask = uint8_t;
 
-inline void mask_block(const Mask& m, int64_t s, int64_t n, float* __restrict out) {
-  const float* v = reinterpret_cast<const float*>(m.var) + s;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t key = tv::mag_key(v[j]);
-    out[j] = (key > m.key || (key == m.key && s + j < m.idx)) ? 1.f : 0.f;
-  }
+inline void mask_block(const Mask* m, int64_t s, int64_t n, float* __restrict out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = m[s + j] ? 1.f : 0.f;
 }
 
 // ---- sce ---------------------------------------------------------------------------------------
@@ -113,7 +111,7 @@ inline void squares_block(const Group& g, const Mask* m, int64_t s, float* sc, d
   float* bb = sc; float* d = sc + kBlock;
   float* keep = sc + (g.x.size() + 1) * kBlock;
   const int64_t n = load_deltas(g, s, bb, d);
-  if (m) mask_block(*m, s, n, keep);
+  if (m) mask_block(m, s, n, keep);
   for (size_t i = 0; i < g.x.size(); ++i) {
     float* __restrict di = d + i * kBlock;
     if (m) for (int64_t j = 0; j < n; ++j) di[j] *= keep[j];
@@ -133,7 +131,7 @@ inline void sce_block(const Group& g, const Mask* m, const float* w, uintptr_t o
   const int64_t n = load_deltas(g, s, bb, d);
   const int k = int(g.x.size());
   if (m) {
-    mask_block(*m, s, n, keep);
+    mask_block(m, s, n, keep);
     for (int i = 0; i < k; ++i)
       for (int64_t j = 0; j < n; ++j) d[i * kBlock + j] *= keep[j];
   }
@@ -185,11 +183,11 @@ void sce_variance(const std::vector<uintptr_t>& x, const std::vector<int>& dt, u
   for_blocks(n, int(x.size()), num_threads, [&](int64_t s, float* sc) { fn(g, s, sc, v); });
 }
 
-// mask_var == 0: no mask (select_topk >= 1).
+// mask == 0: no mask (select_topk >= 1).
 std::vector<double> sce_squares(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt,
-                                int64_t n, uintptr_t mask_var, int64_t key, int64_t idx, int num_threads) {
+                                int64_t n, uintptr_t mask, int num_threads) {
   const Group g = make_group(x, dt, base, bdt, n, "sce_squares");
-  const Mask m{mask_var, key, idx};
+  const Mask* m = reinterpret_cast<const Mask*>(mask);
   auto fn = tv::use_avx512() ? squares_avx512 : squares_plain;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   const int k = int(x.size());
@@ -200,7 +198,7 @@ std::vector<double> sce_squares(const std::vector<uintptr_t>& x, const std::vect
     std::vector<float> scratch(size_t(k + 2) * kBlock);
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t blk = c * kBlocksPerChunk; blk < std::min(blocks, (c + 1) * kBlocksPerChunk); ++blk)
-        fn(g, mask_var ? &m : nullptr, blk * kBlock, scratch.data(), part.data() + c * k);
+        fn(g, m, blk * kBlock, scratch.data(), part.data() + c * k);
   });
   std::vector<double> sums(k, 0.0);
   for (int64_t c = 0; c < chunks; ++c)
@@ -209,16 +207,31 @@ std::vector<double> sce_squares(const std::vector<uintptr_t>& x, const std::vect
 }
 
 void sce_merge(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, int64_t n,
-               uintptr_t mask_var, int64_t key, int64_t idx, const std::vector<float>& weights, uintptr_t out, int odt,
-               int num_threads) {
+               uintptr_t mask, const std::vector<float>& weights, uintptr_t out, int odt, int num_threads) {
   const Group g = make_group(x, dt, base, bdt, n, "sce_merge");
   check_out(odt, "sce_merge");
   if (weights.size() != x.size() || !out) throw std::invalid_argument("sce_merge: one weight per input and an output");
-  const Mask m{mask_var, key, idx};
+  const Mask* m = reinterpret_cast<const Mask*>(mask);
   auto fn = tv::use_avx512() ? sce_avx512 : sce_plain;
-  for_blocks(n, int(x.size()), num_threads, [&](int64_t s, float* sc) {
-    fn(g, mask_var ? &m : nullptr, weights.data(), out, odt, s, sc);
-  });
+  for_blocks(n, int(x.size()), num_threads, [&](int64_t s, float* sc) { fn(g, m, weights.data(), out, odt, s, sc); });
+}
+
+void sce_topk_mask(uintptr_t var, int64_t n, int64_t k, uintptr_t mask) {
+  if (!var || !mask || n < 1 || k < 1 || k > n) throw std::invalid_argument("sce_topk_mask: need 1 <= k <= n");
+  using elem_t = std::pair<double, int64_t>;
+  const float* v = reinterpret_cast<const float*>(var);
+  std::vector<elem_t> queue(n);
+  for (int64_t j = 0; j < n; ++j) queue[j] = {double(v[j]), j};
+  auto larger = [](const elem_t& a, const elem_t& b) {
+    return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
+  };
+  if (k * 64 <= n)
+    std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), larger);
+  else
+    std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), larger);
+  uint8_t* m = reinterpret_cast<uint8_t*>(mask);
+  std::memset(m, 0, size_t(n));
+  for (int64_t i = 0; i < k; ++i) m[queue[i].second] = 1;
 }
 
 // ---- ram / ramplus_tl ----------------------------------------------------------------------------
@@ -290,11 +303,13 @@ void register_consensus(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("sce_variance", &sce_variance, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
         py::arg("n"), py::arg("var"), py::arg("num_threads") = 0, nogil, "sce: float32 variance of the deltas.");
+  m.def("sce_topk_mask", &sce_topk_mask, py::arg("var"), py::arg("n"), py::arg("k"), py::arg("mask"), nogil,
+        "sce: 1 (uint8) at the k elements torch.topk picks from the float32 variances.");
   m.def("sce_squares", &sce_squares, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
-        py::arg("n"), py::arg("mask_var"), py::arg("key"), py::arg("index"), py::arg("num_threads") = 0, nogil,
+        py::arg("n"), py::arg("mask"), py::arg("num_threads") = 0, nogil,
         "sce: float64 sums of the masked squared deltas, per model.");
   m.def("sce_merge", &sce_merge, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
-        py::arg("n"), py::arg("mask_var"), py::arg("key"), py::arg("index"), py::arg("weights"), py::arg("out"),
+        py::arg("n"), py::arg("mask"), py::arg("weights"), py::arg("out"),
         py::arg("out_dtype"), py::arg("num_threads") = 0, nogil, "sce: the sign-elected weighted mean, fused.");
   m.def("ram_counts", &ram_counts, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
         py::arg("n"), py::arg("epsilon"), py::arg("num_threads") = 0, nogil,

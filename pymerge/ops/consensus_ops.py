@@ -8,8 +8,8 @@ scores stay torch ops everywhere (see importance).
 
 Per-tensor scalars (sce's top-k count and model weights, ramplus_tl's boosts, arcee_fusion's
 quantiles and threshold) are computed with torch on a few numbers, exactly as mergekit does; the
-passes over elements are native: one selection (pymerge/ops/select.py) replaces sce's top-k and
-arcee_fusion's three sorts. Inputs are any float dtype, out float32/float16/bfloat16, rounded once.
+passes over elements are native: sce's top-k picks torch.topk's elements without sorting them,
+one selection (pymerge/ops/select.py) replaces arcee_fusion's three sorts. Inputs are any float dtype, out float32/float16/bfloat16, rounded once.
 """
 from typing import Optional, Sequence
 
@@ -17,9 +17,6 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import elementwise_mix, select
-
-NOTHING = 1 << 31  # a descending boundary with no element before it (sce's empty mask)
-
 
 def _native_ok(op: str, tensors, out, backend: str) -> bool:
     return elementwise_mix._native_ok(op, tensors, out, backend)
@@ -40,28 +37,28 @@ def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out:
     xs, base = [x.contiguous() for x in xs], base.contiguous()
     ptrs, codes = _ptrs(xs)
     args = (ptrs, codes, base.data_ptr(), _native.DTYPE_CODES[base.dtype], out.numel())
-    var, key, index = _sce_mask(args, select_topk, out.numel(), num_threads)
-    mask_ptr = var.data_ptr() if var is not None else 0
-    sums = _native.cpu.sce_squares(*args, mask_ptr, key, index, num_threads)
+    mask = _sce_mask(args, select_topk, out.numel(), num_threads)
+    mask_ptr = mask.data_ptr() if mask is not None else 0
+    sums = _native.cpu.sce_squares(*args, mask_ptr, num_threads)
     weights = _sce_weights(torch.tensor(sums, dtype=torch.float64) / out.numel())
-    _native.cpu.sce_merge(*args, mask_ptr, key, index, weights.tolist(), out.data_ptr(),
-                          _native.DTYPE_CODES[out.dtype], num_threads)
+    _native.cpu.sce_merge(*args, mask_ptr, weights.tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype],
+                          num_threads)
     return out
 
 
-def _sce_mask(args, topk: float, numel: int, num_threads: int):
-    """(variance buffer or None, boundary key, index): the top-k mask by variance, or none at all."""
+def _sce_mask(args, topk: float, numel: int, num_threads: int) -> Optional[torch.Tensor]:
+    """uint8 top-k mask by variance (mergekit's elements, ties included), or None: no mask at all."""
     if topk >= 1:
-        return None, 0, 0
-    var = torch.zeros(numel, dtype=torch.float32)
+        return None
+    mask = torch.zeros(numel, dtype=torch.uint8)
     if topk <= 0:
-        return var, NOTHING, 0
+        return mask
+    var = torch.empty(numel, dtype=torch.float32)
     _native.cpu.sce_variance(*args, var.data_ptr(), num_threads)
     k = int(torch.count_nonzero(var) * topk)  # float32 product, as mergekit rounds it
-    if k == 0:
-        return var, NOTHING, 0
-    b = select.select_ranks(var, None, [k], descending=True, num_threads=num_threads)[0]
-    return var, b.key, b.index
+    if k:
+        _native.cpu.sce_topk_mask(var.data_ptr(), numel, k, mask.data_ptr())
+    return mask
 
 
 def _sce_weights(mean_squares: torch.Tensor) -> torch.Tensor:
@@ -83,15 +80,15 @@ def _sce_torch(xs, base, topk):
 
 
 def _variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
-    """1 where an element's variance across the models is among the k largest (ties: lowest index)."""
+    """1 where an element's variance across the models is among the k largest (torch.topk's, as mergekit)."""
     if density <= 0:
         return torch.zeros_like(d[0])
     var = d.var(dim=0, unbiased=False)
     k = int(torch.count_nonzero(var) * density)
-    if not k:
-        return torch.zeros_like(var)
-    b = select.select_ranks(var, None, [k], descending=True, backend="torch")[0]
-    return select.before(select.magnitude_keys(var), b, True).view(var.shape).float()
+    mask = torch.zeros_like(var)
+    if k:
+        mask.view(-1)[var.abs().reshape(-1).topk(k).indices] = 1
+    return mask
 
 
 # ---- ramplus_tl ------------------------------------------------------------------------------------
