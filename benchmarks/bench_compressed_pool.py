@@ -7,6 +7,7 @@ language-model demo in pymerge/demo/; that check is not ported yet.)
 
     python benchmarks/bench_compressed_pool.py [--quick] [--params 40e6] [--n 8 16] [--rounds 5]
                                                [--device cuda]   (GPU rows: pools in GPU memory, Triton)
+                                               [--backend cuda]  (the CUDA extension's kernel instead)
 
 Fine-tunes: base ~ N(0, 0.02) in bfloat16; each checkpoint adds a Student-t (5 dof) task vector of
 scale 1e-3 (heavy-ish tails, as real deltas), rounded to bfloat16; the embedding is left frozen in
@@ -88,7 +89,7 @@ def topk_cost(pool_int4, base_path, paths, name: str) -> dict:
             "top-k bits/element (>=)": 24 * density, "int4 bits/element": 8 * row["bytes"] / d.numel()}
 
 
-def speed(params: int, ns, rounds: int, tmp: str, device: str):
+def speed(params: int, ns, rounds: int, tmp: str, device: str, backend: str):
     base_path, paths = make_files(tmp, max(ns), params)
     rows, errors, extra = [], [], {}
     model = Stack(params).to(device)
@@ -97,7 +98,7 @@ def speed(params: int, ns, rounds: int, tmp: str, device: str):
         for label, mode, budget in MODES:
             t = time.perf_counter()
             pools[label] = CheckpointPool(paths[:n], base=base_path, compress=mode, error_budget=budget,
-                                          device=device)
+                                          device=device, backend=backend)
             build_s[label] = time.perf_counter() - t
             print(f"N={n} {label}: {pools[label].describe()} (built in {build_s[label]:.1f} s)", flush=True)
         w = list(np.random.default_rng(n).dirichlet(np.ones(n)))
@@ -133,7 +134,7 @@ def _mix(pool) -> str:
 def speed_tables(args, params: int, rounds: int, suffix: str) -> None:
     tmp = tempfile.mkdtemp(prefix="bench_cpool_")
     try:
-        rows, errors, extra = speed(params, args.n, rounds, tmp, args.device)
+        rows, errors, extra = speed(params, args.n, rounds, tmp, args.device, args.backend)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     title = f"Delta-compressed pools, {params / 1e6:.0f}M-parameter bf16 fine-tunes, materialize into a live model"
@@ -154,11 +155,12 @@ def main(argv=None):
     ap.add_argument("--params", type=float, default=40e6)
     ap.add_argument("--n", type=int, nargs="+", default=[8, 16], help="pool sizes")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backend", default="auto", help="every pool's backend (auto: C++ on the CPU, Triton on CUDA)")
     args = ap.parse_args(argv)
     params = int(4e6 if args.quick else args.params)
     rounds = 2 if args.quick else args.rounds
     torch.set_num_threads(2)
-    speed_tables(args, params, rounds, "_quick" if args.quick else "")
+    speed_tables(args, params, rounds, ("_quick" if args.quick else "") + ("" if args.backend == "auto" else f"_{args.backend}"))
 
 if __name__ == "__main__":
     main()

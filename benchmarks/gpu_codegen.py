@@ -7,7 +7,10 @@ element. tests/test_gpu_codegen.py asserts the targets from these rows:
 - every aligned path loads 16 bytes at a time (ld.global.v4), no scalar loads;
 - at least 2 resident blocks per SM for every kernel;
 - the task-vector kernel: no fma.rn.f32 (contraction off), div.rn.f32 (no approximate division),
-  one Philox call per 4 elements.
+  one Philox call per 4 elements;
+- the CUDA delta-decode kernel (compressed pools): 16-byte loads of codes and dense terms, 16-byte
+  stores, no local memory (the Triton one loads every element on its own: its rows show why the
+  CUDA kernel exists).
 
     python benchmarks/gpu_codegen.py [--json]      (needs triton; nvcc for the CUDA rows)
 """
@@ -47,6 +50,8 @@ def ptx_facts(ptx: str) -> dict:
     return {"v4_loads": sum(1 for v, _ in loads if v == "v4."),
             "v2_loads": sum(1 for v, _ in loads if v == "v2."),
             "scalar_loads": sum(1 for v, t in loads if not v and t in ("b16", "b8", "u16", "u8")),
+            "scalar_b32_loads": sum(1 for v, t in loads if not v and t in ("b32", "u32")),
+            "local_ops": len(re.findall(r"\b(?:ld|st)\.local\b", ptx)),
             "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)),
             "div_rn_f32": len(re.findall(r"\bdiv\.rn(?:\.ftz)?\.f32\b", ptx)),
             "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx)),
@@ -107,6 +112,12 @@ def triton_rows() -> list:
                 {"IN_DT": 2, "BASE_DT": 2, "CONSENSUS": consensus, "NORMALIZE": True, "GROUPED": grouped,
                  "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False,
                 elems=1024))
+    from pymerge.kernels import delta_decode as dd
+    dd_sig = {"data_table": "*i64", "scale_table": "*i64", "kind_table": "*i32", "w_table": "*fp32", "out0": "*bf16",
+              "out1": "*bf16", "out2": "*bf16", "out3": "*bf16", "numel": "i64", "n_terms": "i32"}
+    for k in (1, 4):  # compressed pools: one kernel for every mix of int4/int8/dense terms
+        rows.append(triton_row(f"delta_decode bf16 K={k}", dd._delta_kernel, dd_sig, {"K": k, "BLOCK": 2048},
+                               [a for a in dd_sig if a != "n_terms"], num_warps=8, elems=2048))
     # What Triton's launcher does with an integer argument equal to 1: it becomes a constant.
     one = {k: v for k, v in tv_sig.items() if k != "n_models"}
     rows.append(triton_row("task_vectors bf16 n_models=1 (specialized)", tv._tv_merge_kernel, one,
@@ -122,18 +133,27 @@ def cuda_rows() -> list:
         return []
     rows = []
     for src in sorted(f for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith(".cu")):
-        r = subprocess.run([nvcc, "-c", os.path.join("csrc", "cuda", src), "-o", os.devnull, "-O3", "-std=c++17",
-                            "-Icsrc", "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v"],
-                           cwd=ROOT, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(r.stderr.strip())
+        with tempfile.TemporaryDirectory() as keep:  # --keep leaves the PTX ptxas compiled
+            r = subprocess.run([nvcc, "-c", os.path.join("csrc", "cuda", src), "-o", os.devnull, "-O3", "-std=c++17",
+                                "-Icsrc", "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v", "--keep",
+                                "--keep-dir", keep], cwd=ROOT, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr.strip())
+            ptx = "".join(open(os.path.join(keep, f)).read() for f in os.listdir(keep) if f.endswith(".ptx"))
+        entries = {m.group(1): m.start() for m in re.finditer(r"\.entry\s+(\w+)\s*\(", ptx)}
+        bounds = sorted(entries.values()) + [len(ptx)]
         for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores.*?Used (\d+) registers",
                              r.stderr, re.S):
             mangled, spill, regs = m.group(1), int(m.group(2)), int(m.group(3))
-            short = re.search(r"(weighted_sum_vec|weighted_sum_scalar|tv_merge_kernel)(?:ILi(\d+)E)?", mangled)
+            short = re.search(r"(weighted_sum_vec|weighted_sum_scalar|tv_merge_kernel|delta_accumulate_kernel)"
+                              r"(?:ILi(\d+)E(?:Lb(\d)E)?)?", mangled)
             name = short.group(1) + (f" K={short.group(2)}" if short.group(2) else "") if short else mangled
+            if short and short.group(3):
+                name += " vec" if short.group(3) == "1" else " scalar"
+            start = entries.get(mangled)
+            body = ptx[start:bounds[bounds.index(start) + 1]] if start is not None else ""
             rows.append({"kernel": name, "backend": "cuda", "threads": 256, "registers": regs, "spill_bytes": spill,
-                         "blocks_per_sm": blocks_per_sm(regs, 256)})
+                         "blocks_per_sm": blocks_per_sm(regs, 256), **(ptx_facts(body) if body else {})})
     return rows
 
 
@@ -149,6 +169,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from common import write_results
     cols = ["kernel", "backend", "threads", "registers", "spill_bytes", "blocks_per_sm", "v4_loads", "v2_loads", "scalar_loads",
+            "scalar_b32_loads", "local_ops",
             "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32"]
     print(write_results("gpu_codegen_sm90", "cpu", rows, cols,
                         "GPU kernels compiled for sm_90 on a machine without a GPU (ptxas -v, PTX)"))

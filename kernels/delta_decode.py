@@ -2,8 +2,11 @@
 
 Terms come as tables of raw addresses with a kind per term (dense dtype codes 0-2, int8 = 16,
 int4 = 17; layouts in pymerge/pool/compressed.py): T is a runtime loop bound, so one compiled
-kernel serves every mix of formats. Accumulation is in float32; each output is rounded once to
-its dtype. Up to MAX_OUTPUTS candidates per launch share one read of the codes.
+kernel serves every mix of formats. The arithmetic is csrc/cpu/delta_decode.cpp's, so the bits are
+the C++ kernel's: coef = float32(w * scale) per scale block (w for dense terms), then
+acc = fma(coef, x, acc) over the terms in order from acc = -0.0 (x: the code, exact in float32, or
+the dense value); each output is rounded once to its dtype. Up to MAX_OUTPUTS candidates per launch
+share one read of the codes.
 """
 import torch
 
@@ -22,24 +25,40 @@ QBLOCK = 64
 
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_mixed, _store
+    from pymerge.kernels.weighted_sum import _load_mixed
+
+    @triton.jit
+    def _store(out_ptr, offs, mask, acc):
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            # nearest even on the bits, as the C++ store (the interpreter's float cast truncates);
+            # NaNs stay quiet NaNs
+            b = acc.to(tl.uint32, bitcast=True)
+            r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            r = tl.where(acc != acc, (b >> 16) | 0x40, r)
+            tl.store(out_ptr.to(tl.pointer_type(tl.uint16)) + offs, r.to(tl.uint16), mask=mask)
+        else:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _decode(addr, scale_addr, kind, offs, mask):
-        if kind == 17:  # int4: byte (e // 32) * 16 + e % 16, low nibble for e % 32 < 16
-            p = addr.to(tl.pointer_type(tl.uint8))
-            b = tl.load(p + (offs // 32) * 16 + offs % 16, mask=mask, other=0).to(tl.int32)
-            nib = (b >> (((offs % 32) // 16) * 4).to(tl.int32)) & 15
+        # (x, s): the code (exact in float32) and its block's scale, or the dense value and 1
+        if kind == 17:  # int4: 32-bit word (e % 128) % 16 of group e // 128, nibble h = (e % 128) // 16
+            p = addr.to(tl.pointer_type(tl.uint32))
+            word = tl.load(p + (offs // 128) * 16 + offs % 16, mask=mask, other=0)
+            nib = ((word >> (((offs % 128) // 16) * 4).to(tl.uint32)) & 15).to(tl.int32)
             s = tl.load(scale_addr.to(tl.pointer_type(tl.bfloat16)) + offs // 64, mask=mask, other=0.0)
-            x = (nib - 8).to(tl.float32) * s.to(tl.float32)
+            x = (nib - 8).to(tl.float32)
+            s = s.to(tl.float32)
         elif kind == 16:
             p = addr.to(tl.pointer_type(tl.int8))
             c = tl.load(p + offs, mask=mask, other=0)
             s = tl.load(scale_addr.to(tl.pointer_type(tl.bfloat16)) + offs // 64, mask=mask, other=0.0)
-            x = c.to(tl.float32) * s.to(tl.float32)
+            x = c.to(tl.float32)
+            s = s.to(tl.float32)
         else:
             x = _load_mixed(addr, kind, offs, mask, False)
-        return x
+            s = tl.zeros_like(x) + 1.0
+        return x, s
 
     @triton.jit
     def _delta_kernel(data_table, scale_table, kind_table, w_table, out0, out1, out2, out3, numel, n_terms,
@@ -47,19 +66,20 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        acc0 = tl.zeros([BLOCK], tl.float32)
-        acc1 = tl.zeros([BLOCK], tl.float32)
-        acc2 = tl.zeros([BLOCK], tl.float32)
-        acc3 = tl.zeros([BLOCK], tl.float32)
+        # -0.0 + p == p bit for bit (a +0.0 start would turn a -0.0 product into +0.0)
+        acc0 = tl.full([BLOCK], -0.0, tl.float32)
+        acc1 = tl.full([BLOCK], -0.0, tl.float32)
+        acc2 = tl.full([BLOCK], -0.0, tl.float32)
+        acc3 = tl.full([BLOCK], -0.0, tl.float32)
         for t in range(n_terms):
-            x = _decode(tl.load(data_table + t), tl.load(scale_table + t), tl.load(kind_table + t), offs, mask)
-            acc0 += tl.load(w_table + t) * x
+            x, s = _decode(tl.load(data_table + t), tl.load(scale_table + t), tl.load(kind_table + t), offs, mask)
+            acc0 = tl.fma(tl.load(w_table + t) * s, x, acc0)
             if K > 1:
-                acc1 += tl.load(w_table + n_terms + t) * x
+                acc1 = tl.fma(tl.load(w_table + n_terms + t) * s, x, acc1)
             if K > 2:
-                acc2 += tl.load(w_table + 2 * n_terms + t) * x
+                acc2 = tl.fma(tl.load(w_table + 2 * n_terms + t) * s, x, acc2)
             if K > 3:
-                acc3 += tl.load(w_table + 3 * n_terms + t) * x
+                acc3 = tl.fma(tl.load(w_table + 3 * n_terms + t) * s, x, acc3)
         _store(out0, offs, mask, acc0)
         if K > 1:
             _store(out1, offs, mask, acc1)
@@ -72,7 +92,9 @@ if triton is not None:
 _TABLES = {}  # (device, addresses, kinds) -> device tables, built once per tensor's terms
 
 
-def _tables(tensors, scales, kinds, device):
+def device_tables(tensors, scales, kinds, device):
+    """(term addresses int64, scale addresses int64, kinds int32) on `device`, cached per terms;
+    the Triton and CUDA kernels read them."""
     key = (str(device),) + tuple((t.data_ptr(), 0 if s is None else s.data_ptr(), k)
                                  for t, s, k in zip(tensors, scales, kinds))
     hit = _TABLES.get(key)
@@ -97,7 +119,7 @@ def delta_accumulate(tensors, scales, kinds, numel: int, w, outs, block: int = 2
         if o.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"delta_accumulate: output dtype {o.dtype} is not float32, float16 or bfloat16")
     assert all(k in (Q8, Q4) or k in DTYPE_CODES.values() for k in kinds)
-    data_table, scale_table, kind_table = _tables(tensors, scales, kinds, device)
+    data_table, scale_table, kind_table = device_tables(tensors, scales, kinds, device)
     weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()
     if _interpreted():
         block, num_warps = min(block, 1024), 4

@@ -70,7 +70,7 @@ class MergeConfig:
     parameters: Dict[str, Setting] = field(default_factory=dict)
     dtype: Optional[str] = None          # load/compute dtype name (mergekit's ``dtype``)
     out_dtype: Optional[str] = None      # output dtype name; None: the compute dtype
-    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[Any] = None      # `tokenizer_source` / `tokenizer:` (pymerge.tokenizer.spec.TokenizerSpec)
     chat_template: Optional[str] = None
     source: str = "<config>"             # the file it came from, for messages
     sliced: Optional[Any] = None         # a `slices:` / `modules:` config (pymerge.slices.SlicedConfig)
@@ -158,9 +158,6 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if data.get("slices") is not None or data.get("modules") is not None:
         from pymerge.slices import parse_sliced
         sliced = parse_sliced(data, err)
-    if data.get("tokenizer") is not None:
-        raise err("'tokenizer:' (vocabulary merging) is not supported by pymerge; remove it to copy the "
-                  "base model's tokenizer unchanged")
 
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
@@ -199,20 +196,13 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         dtype=_dtype(data.get("dtype"), "dtype", err), out_dtype=_dtype(data.get("out_dtype"), "out_dtype", err),
         source=source, sliced=sliced)
 
-    tok = data.get("tokenizer_source")
-    if tok is not None:
-        if tok != "base" or base is None:
-            raise err(f"tokenizer_source: {short(tok)} (vocabulary merging) is not supported by pymerge; "
-                      "remove it (or use 'base' with a base_model) to copy the base model's tokenizer")
-        cfg.tokenizer_source = tok
-        cfg.warnings.append("tokenizer_source: base: the base model's tokenizer files are copied and "
-                            "embeddings are merged row by row, without re-aligning vocabularies")
+    from pymerge.tokenizer.spec import parse_tokenizer
+    cfg.tokenizer = parse_tokenizer(data, err, lambda value, where: _model_path(value, where, err))
     chat = data.get("chat_template")
     if chat is not None:
         if not isinstance(chat, str):
             raise err(f"chat_template must be a string, got {_kind(chat)}")
         cfg.chat_template = chat
-        cfg.warnings.append("chat_template is not applied by pymerge: tokenizer files are copied unchanged")
     return cfg
 
 

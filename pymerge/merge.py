@@ -71,6 +71,7 @@ class TensorPlan:
     params: Dict[str, Any]
     model_params: List[Dict[str, Any]]
     in_bytes: int
+    vocab: Optional[Any] = None            # a vocabulary tensor of a tokenizer merge: its rows (pymerge.tokenizer.vocab.Rows)
 
     @property
     def double_round(self) -> bool:
@@ -89,6 +90,8 @@ class MergePlan:
     donor: Checkpoint                      # config.json and tokenizer come from here
     warnings: List[str] = field(default_factory=list)
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # keys set in the output config.json
+    vocabulary: Optional[Any] = None       # a tokenizer merge's output vocabulary (pymerge.tokenizer.vocab)
+    chat_template: Optional[str] = None    # the resolved `chat_template:`, written with the tokenizer
 
     @property
     def parts(self) -> List["MergePlan"]:
@@ -261,8 +264,17 @@ def make_plan(config_or_path) -> MergePlan:
     cfg = _as_config(config_or_path)
     if cfg.sliced is not None:
         from pymerge.slices import make_sliced_plan
+        if cfg.tokenizer is not None:
+            raise MergeConfigError(cfg.where(f"{cfg.tokenizer.key} with slices: or modules: is not supported by "
+                                             f"pymerge; merge the vocabularies in a separate merge"))
         check_paths(cfg)
-        return make_sliced_plan(cfg)
+        plan = make_sliced_plan(cfg)
+        try:
+            plan.chat_template = _chat_template(cfg, list(dict.fromkeys(p for _, p in cfg.sliced.model_refs())))
+        except BaseException:
+            plan.close()
+            raise
+        return plan
     try:
         method = get_method(cfg.merge_method)
         inputs, base = _roles(cfg, method)
@@ -286,19 +298,39 @@ def make_plan(config_or_path) -> MergePlan:
         opened[donor_path] = donor
         labels = [s.path for s in sources]
         _check_distinct(cfg, sources, checkpoints)
-        names = check_compatible(checkpoints, labels=labels)
+        vocab = None
+        if cfg.tokenizer is not None:
+            from pymerge.tokenizer.plan import plan_vocabulary
+            vocab = plan_vocabulary(cfg, labels, checkpoints, donor_path, _read_model_config)
+        names = check_compatible(checkpoints, labels=labels, rows_may_differ=vocab.covers if vocab else None)
         if not names:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
         model_cfg = _read_model_config(donor)
         n_layers = count_layers(names, _num_layers(model_cfg))
         resolver = ParamResolver(cfg, method, inputs)
-        tensors = [_plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, base is not None)
+        tensors = [_plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, base is not None, vocab)
                    for name in names]
+        plan = MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings), vocabulary=vocab,
+                         chat_template=_chat_template(cfg, labels))
+        if vocab is not None:
+            plan.config_overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
     except BaseException:
         for ck in opened.values():
             ck.close()
         raise
-    return MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings))
+    return plan
+
+
+def _chat_template(cfg: MergeConfig, models: Sequence[str]) -> Optional[str]:
+    """`chat_template:` resolved (a built-in name, auto, or the template itself); None when unset."""
+    if cfg.chat_template is None:
+        return None
+    from pymerge.tokenizer.files import folder_template
+    from pymerge.tokenizer.templates import resolve_template
+    donor = cfg.base_model or models[0]
+    order = [donor] + [m for m in models if m != donor]
+    return resolve_template(cfg.chat_template, lambda: [folder_template(m) for m in order],
+                            cfg.where("chat_template"))
 
 
 def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: List[Checkpoint]) -> None:
@@ -355,7 +387,7 @@ def _roles(cfg: MergeConfig, method: MergeMethod):
     return [m for m in cfg.models if not _same_model(m.path, cfg.base_model)], base
 
 
-def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base) -> TensorPlan:
+def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base, vocab=None) -> TensorPlan:
     infos = [ck.info(name) for ck in checkpoints]
     in_dtypes = [i.dtype_name for i in infos]
     for dt, label in zip(in_dtypes, labels):
@@ -386,9 +418,14 @@ def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has
         check_magnitudes(method, task, labels[:len(model_params)])
     except InputError as exc:
         raise type(exc)(cfg.where(str(exc))) from None
-    shape = tuple(infos[0].shape)
+    shape, rows = tuple(infos[0].shape), None
+    if vocab is not None and vocab.covers(name):
+        # Each source's rows, permuted to the output vocabulary in the promoted dtype (as mergekit)
+        rows = vocab.rows_for(labels, [i.shape[0] for i in infos], name)
+        shape = (vocab.size,) + shape[1:]
+        in_dtypes, casts = [result] * len(infos), [None] * len(infos)
     return TensorPlan(name, shape, math.prod(shape), in_dtypes, casts, result, out, params, model_params,
-                      sum(i.nbytes for i in infos))
+                      sum(i.nbytes for i in infos), rows)
 
 
 def _promote(dtypes: Sequence[str]) -> str:
@@ -445,8 +482,10 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
         model_cfg.update(plan.config_overrides)
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
+    from pymerge.tokenizer.output import write_tokenizer
+    skip = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
     for fname in TOKENIZER_FILES if copy_tokenizer else ():
-        if os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
+        if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
     if model_card:
         from pymerge.model_card import model_card as card

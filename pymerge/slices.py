@@ -232,6 +232,8 @@ class SlicedPlan:
     checkpoints: list                       # the real (opened) checkpoints, closed by close()
     config_overrides: Dict[str, Any]
     warnings: List[str] = field(default_factory=list)
+    chat_template: Optional[str] = None     # the resolved `chat_template:` (pymerge/merge.py)
+    vocabulary: Any = None                  # never set: tokenizer merges are not sliced
 
     @property
     def tensors(self):

@@ -200,7 +200,7 @@ def torch_free(plan, device: str = "cpu") -> bool:
         return False
     if not callable(getattr(plan.method, "weights_for", None)) or not plan.method.chunkable:
         return False
-    return all(not tp.double_round and all(c is None for c in tp.casts) for tp in plan.tensors)
+    return all(not tp.double_round and all(c is None for c in tp.casts) and tp.vocab is None for tp in plan.tensors)
 
 
 def uses_torch(plan, device: str) -> bool:
@@ -230,7 +230,11 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
         for i, tp in enumerate(tensors):
             if i + 1 < len(tensors):
                 _prefetch(cks, tensors[i + 1].name)
-            if tp.numel and raw:
+            if tp.numel and tp.vocab is not None:  # a tokenizer merge's embedding: rows permuted
+                from pymerge.tokenizer.rows import stream_vocab_tensor
+                stream_vocab_tensor(plan, tp, sink, device="cpu", chunk_bytes=chunk_bytes, seed=seed,
+                                    num_threads=num_threads)
+            elif tp.numel and raw:
                 _raw_tensor(plan, tp, sink, free, chunk_bytes, num_threads)
             elif tp.numel:
                 _cpu_tensor(plan, tp, sink, free, chunk_bytes, seed, num_threads)
@@ -382,10 +386,16 @@ def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, reader
         pending = None  # (item, slot, futures) read into pinned memory, not yet sent to the GPU
         for item in work:
             tp, off, n, views = item
-            if not plan.method.chunkable and not _fits(tp, chunk_bytes, dev_bytes):
+            if tp.vocab is not None or (not plan.method.chunkable and not _fits(tp, chunk_bytes, dev_bytes)):
                 if pending is not None:
                     _gpu_chunk(plan, *pending, h2d, compute, d2h, sink, seed, num_threads)
                     pending = None
+                if tp.vocab is not None:  # a tokenizer merge's embedding: rows permuted on the host
+                    from pymerge.tokenizer.rows import stream_vocab_tensor
+                    with torch.cuda.stream(compute):
+                        stream_vocab_tensor(plan, tp, sink, device=dev, chunk_bytes=chunk_bytes, seed=seed,
+                                            num_threads=num_threads)
+                    continue
                 _gpu_whole(plan, tp, views, dev, sink, free, seed, num_threads, compute)
                 continue
             slot = free.get()
@@ -427,7 +437,7 @@ def _gpu_work(plan, pinned_bytes, dev_bytes):
         if i + 1 < len(tensors):
             _prefetch(cks, tensors[i + 1].name)
         views = [ck.tensor(tp.name) for ck in plan.checkpoints]
-        if not plan.method.chunkable:
+        if not plan.method.chunkable or tp.vocab is not None:
             yield tp, 0, tp.numel, views
             continue
         flat = [v.reshape(-1) for v in views]

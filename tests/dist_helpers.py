@@ -18,13 +18,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args, out_dir):
+def _entry(rank, world, port, fn, args, out_dir, timeout=TIMEOUT):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         result = fn(rank, world, *args)
     except BaseException:
@@ -37,10 +37,11 @@ def _entry(rank, world, port, fn, args, out_dir):
         os._exit(0)
 
 
-def run(fn, world: int, out_dir: str, *args):
-    """fn(rank, world, *args) on `world` spawned ranks; returns the list of their results."""
+def run(fn, world: int, out_dir: str, *args, timeout: timedelta = TIMEOUT):
+    """fn(rank, world, *args) on `world` spawned ranks (collectives time out after `timeout`);
+    returns the list of their results."""
     import torch.multiprocessing as mp
-    mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir, timeout), nprocs=world, join=True)
     results = []
     for r in range(world):
         with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as fh:

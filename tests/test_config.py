@@ -51,9 +51,21 @@ out_dtype: bfloat16
          models=None), ["slices[0]", "same number of layers"]),
     (cfg(modules={"decoder": {"slices": []}}, models=None), ["unknown module 'decoder'"]),
     (cfg(modules={}), ["modules"]),
-    (cfg(tokenizer={"source": "union"}), ["tokenizer", "not supported"]),
-    (cfg(tokenizer_source="union"), ["tokenizer_source", "union"]),
-    (cfg(tokenizer_source="base"), ["tokenizer_source", "base_model"]),  # base without a base_model
+    (cfg(tokenizer={"source": "union"}, tokenizer_source="base"), ["either tokenizer_source or tokenizer"]),
+    (cfg(tokenizer_source=3), ["tokenizer_source", "base, union or a model path"]),
+    (cfg(tokenizer=["union"]), ["tokenizer must be a mapping"]),
+    (cfg(tokenizer={"sauce": "union"}), ["tokenizer: unknown key 'sauce'"]),
+    (cfg(tokenizer={"pad_to_multiple_of": -8}), ["pad_to_multiple_of", "-8"]),
+    (cfg(tokenizer={"pad_to_multiple_of": True}), ["pad_to_multiple_of"]),
+    (cfg(tokenizer={"tokens": ["a"]}), ["tokenizer.tokens must be a mapping"]),
+    (cfg(tokenizer={"tokens": {"x": {"force": "yes"}}}), ["tokenizer.tokens['x'].force"]),
+    (cfg(tokenizer={"tokens": {"x": {"source": {"kind": "one"}}}}), ["tokenizer.tokens['x'].source.kind"]),
+    (cfg(tokenizer={"tokens": {"x": {"source": {"kind": "model_token", "model": "a"}}}}), ["exactly one of token"]),
+    (cfg(tokenizer={"tokens": {"x": {"source": {"kind": "model_token", "model": "a", "token_id": -1}}}}),
+     ["token_id must be a whole number"]),
+    (cfg(tokenizer={"tokens": {"x": {"source": {"kind": "zero", "model": "a"}}}}), ["takes no other keys"]),
+    (cfg(tokenizer={"tokens": {"x": {"weight": 1}}}), ["unknown key 'weight'"]),
+    (cfg(chat_template=["chatml"]), ["chat_template must be a string"]),
     (cfg(merge_method=None), ["merge_method", "missing"]),
     (cfg(models=None), ["models", "missing"]),
     (cfg(models=[]), ["models", "non-empty"]),
@@ -92,10 +104,21 @@ def test_yaml_errors_give_the_line(tmp_path):
         load_config(tmp_path / "nope.yml")
 
 
-def test_tokenizer_source_base_and_chat_template_are_accepted_with_warnings():
+def test_tokenizer_settings_are_parsed():
     c = parse_config(cfg(base_model="a", tokenizer_source="base", chat_template="chatml"))
-    assert c.tokenizer_source == "base" and c.chat_template == "chatml"
-    assert any("tokenizer_source" in w for w in c.warnings) and any("chat_template" in w for w in c.warnings)
+    assert c.tokenizer.source == "base" and c.tokenizer.tokens == {} and c.chat_template == "chatml"
+    assert not c.warnings
+    c = parse_config(cfg(tokenizer={"pad_to_multiple_of": "8", "tokens": {
+        "<a>": {"source": "b"}, "<b>": {"source": {"kind": "zero"}, "force": True}, "<c>": None,
+        "<d>": {"source": {"kind": "model_token", "model": "a", "token": "x"}}}}))
+    t = c.tokenizer
+    assert t.source == "union" and t.pad_to_multiple_of == 8 and list(t.tokens) == ["<a>", "<b>", "<c>", "<d>"]
+    assert (t.tokens["<a>"].source.kind, t.tokens["<a>"].source.model) == ("model", "b")
+    assert t.tokens["<b>"].force and t.tokens["<b>"].source.kind == "zero"
+    assert t.tokens["<c>"].source.kind == "none" and not t.tokens["<c>"].force
+    assert (t.tokens["<d>"].source.model, t.tokens["<d>"].source.token) == ("a", "x")
+    assert parse_config(cfg(tokenizer={"source": "a"})).tokenizer.source == "a"
+    assert parse_config(cfg()).tokenizer is None
 
 
 def test_model_as_plain_string_and_missing_paths(tmp_path):

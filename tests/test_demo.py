@@ -170,7 +170,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for key in ("best_single", "uniform", "optimized", "greedy_soup", "best_single_in_hindsight", "optimized_val"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert set(summary["per_task"]["optimized merge"]) == set(tasks.TASKS)
-    assert summary["evaluations"] == 16 and summary["seconds"] > 0
+    assert summary["evaluations"] == 16 and summary["seconds"] > 0 and summary["cpu_seconds"] > 0
     w = np.asarray(summary["optimized_weights"])
     assert len(w) == summary["checkpoints"] == 11 and abs(w.sum() - 1) < 1e-6
     assert summary["nonzero_weights"] == int((w > 0.01).sum())

@@ -64,3 +64,17 @@ def test_cuda_rows_present_where_nvcc_is(rows):
         pytest.skip("nvcc not installed")
     names = {r["kernel"] for r in rows.values() if r["backend"] == "cuda"}
     assert {"weighted_sum_vec K=1", "weighted_sum_vec K=4", "tv_merge_kernel"} <= names, names
+    assert {f"delta_accumulate_kernel K={k} {path}" for k in (1, 4) for path in ("vec", "scalar")} <= names, names
+
+
+def test_cuda_delta_decode_moves_16_bytes_at_a_time(rows):
+    """Compressed pools are bandwidth-bound on a GPU: the vector path loads int4 codes and dense
+    terms 16 bytes at a time, stores 16 bytes, keeps everything in registers, and rounds with one
+    fma per term and output (the C++ kernel's arithmetic)."""
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    for k in (1, 2, 3, 4):
+        r = rows[f"delta_accumulate_kernel K={k} vec / cuda"]
+        assert r["v4_loads"] >= 3 and r["local_ops"] == 0, r        # int4: 2 per run, bf16/f16: 1, f32: 2
+        assert r["fma_f32"] >= 8 * k, r

@@ -1,12 +1,17 @@
 // Reductions and linear combinations for SLERP, NuSLERP and Model Stock, over a [rows, cols] view
 // of each tensor and one of three groupings: the whole tensor, each row, or each column.
-//   group_dots:    every pairwise dot <v_i, v_j> (i <= j) per group, v_i = x_i - (sub ? B : 0),
+//   group_dots:    every pairwise dot <v_i, v_j> (i <= j) per row or column, v_i = x_i - (sub ? B : 0),
 //                  float32 products summed per block, blocks summed in float64: one read of inputs.
+//   whole_dots:    the same over the whole tensor as exact sums (csrc/cpu/exact_sum.h), so the dot
+//                  does not depend on how the tensor is split (threads, blocks, ranks of a sharded pool).
 //   group_lincomb: out = cB[g] * B + sum_i c_i[g] * (x_i - (sub ? B : 0)), rounded once: one pass.
 // The spherical coefficients between the two passes are a handful of scalars computed in Python.
 #include <pybind11/stl.h>
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
+#include "cpu/exact_sum.h"
 #include "cpu/tv_common.h"
 
 namespace py = pybind11;
@@ -63,6 +68,16 @@ inline void dots_cols_block(const Args& a, int64_t r, int64_t c0, int64_t n, dou
     }
 }
 
+// Exact sums of every pair's products over elements start .. start+n-1 (one ProdF32 per pair).
+template <int Dummy>
+inline void exact_dots_block(const Args& a, int64_t start, int64_t n, exact::Acc* acc, float* buf, float* bb,
+                             double* halves) {
+  const int64_t k = int64_t(a.x.size());
+  load_vs(a, start, n, buf, bb);
+  for (int64_t i = 0, p = 0; i < k; ++i)
+    for (int64_t j = i; j < k; ++j, ++p) acc[p].add_products(buf + i * kBlock, buf + j * kBlock, n, halves);
+}
+
 template <int Dummy>
 inline void lincomb_block(const Args& a, const float* coef, uintptr_t out, int odt, int64_t start, float* buf,
                           float* bb, float* acc) {
@@ -92,32 +107,23 @@ inline void lincomb_block(const Args& a, const float* coef, uintptr_t out, int o
 
 PM_AVX512 void dots_avx512(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<0>(a, s, n, o, b, bb); }
 PM_PLAIN void dots_plain(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<1>(a, s, n, o, b, bb); }
+PM_AVX512 void exact_avx512(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb, double* h) { exact_dots_block<0>(a, s, n, o, b, bb, h); }
+PM_PLAIN void exact_plain(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb, double* h) { exact_dots_block<1>(a, s, n, o, b, bb, h); }
 PM_AVX512 void cols_avx512(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<0>(a, r, c, n, o, b, bb); }
 PM_PLAIN void cols_plain(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<1>(a, r, c, n, o, b, bb); }
 PM_AVX512 void lincomb_avx512(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<0>(a, c, o, d, s, b, bb, acc); }
 PM_PLAIN void lincomb_plain(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<1>(a, c, o, d, s, b, bb, acc); }
 
 std::vector<double> dots_driver(const Args& a) {
-  const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
-  const int64_t groups = a.group == WHOLE ? 1 : a.group == ROWS ? a.rows : a.cols;
+  const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2;
+  const int64_t groups = a.group == ROWS ? a.rows : a.cols;
   const bool fast = tv::use_avx512();
   auto dots = fast ? dots_avx512 : dots_plain;
   auto cols = fast ? cols_avx512 : cols_plain;
   std::vector<double> total(size_t(groups * pairs), 0.0);
   // Every sum below runs in one fixed order whatever the thread count and whichever thread ran
   // which chunk, so the results are bit-identical for any number of threads.
-  if (a.group == WHOLE) {
-    // One slot of pair sums per block, summed in block order afterwards.
-    const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-    std::vector<double> part(size_t(n_blocks * pairs), 0.0);
-    parallel_for(n_blocks, kBlocksPerChunk, a.threads, [&](int64_t b0, int64_t b1) {
-      std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
-      for (int64_t b = b0; b < b1; ++b)
-        dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), part.data() + b * pairs, buf.data(), bb.data());
-    });
-    for (int64_t b = 0; b < n_blocks; ++b)
-      for (int64_t p = 0; p < pairs; ++p) total[p] += part[b * pairs + p];
-  } else if (a.group == ROWS) {
+  if (a.group == ROWS) {
     // Each row's sums belong to the one chunk that holds the row.
     const int64_t grain = std::max<int64_t>(1, kBlocksPerChunk * kBlock / std::max<int64_t>(a.cols, 1));
     parallel_for(a.rows, grain, a.threads, [&](int64_t r0, int64_t r1) {
@@ -141,6 +147,28 @@ std::vector<double> dots_driver(const Args& a) {
     });
   }
   return total;
+}
+
+// [pairs * kParts] int64: each pair's exact dot as parts (pymerge/ops/exact_sum.py). Per-thread sums
+// are merged with integer adds, so the result does not depend on the thread count.
+std::vector<int64_t> whole_dots_driver(const Args& a) {
+  const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
+  auto dots = tv::use_avx512() ? exact_avx512 : exact_plain;
+  auto total = std::make_unique<exact::Acc[]>(size_t(pairs));
+  std::mutex lock;
+  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
+  parallel_for(n_blocks, kBlocksPerChunk, a.threads, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
+    std::vector<double> halves(2 * kBlock);
+    auto acc = std::make_unique<exact::Acc[]>(size_t(pairs));
+    for (int64_t b = b0; b < b1; ++b)
+      dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), acc.get(), buf.data(), bb.data(), halves.data());
+    std::lock_guard<std::mutex> g(lock);
+    for (int64_t p = 0; p < pairs; ++p) total[p].merge(acc[p]);
+  });
+  std::vector<int64_t> out(size_t(pairs) * exact::kParts, 0);
+  for (int64_t p = 0; p < pairs; ++p) total[p].write(out.data() + p * exact::kParts);
+  return out;
 }
 
 void lincomb_driver(const Args& a, const std::vector<float>& coef, uintptr_t out, int odt) {
@@ -167,12 +195,20 @@ Args make_args(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uint
 
 std::vector<double> group_dots(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt,
                                bool sub, int64_t rows, int64_t cols, int group, int num_threads) {
+  if (group == WHOLE) throw std::invalid_argument("group_dots: whole-tensor dots are exact sums (whole_dots)");
   Args a = make_args(x, dt, base, bdt, sub, rows, cols, group, num_threads);
   if (rows * cols <= 0) {
     const int64_t k = int64_t(x.size());
-    return std::vector<double>(size_t(std::max<int64_t>(group == WHOLE ? 1 : group == ROWS ? rows : cols, 0) * k * (k + 1) / 2), 0.0);
+    return std::vector<double>(size_t(std::max<int64_t>(group == ROWS ? rows : cols, 0) * k * (k + 1) / 2), 0.0);
   }
   return dots_driver(a);
+}
+
+std::vector<int64_t> whole_dots(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt,
+                                bool sub, int64_t numel, int num_threads) {
+  if (numel <= 0) return std::vector<int64_t>(x.size() * (x.size() + 1) / 2 * exact::kParts, 0);
+  Args a = make_args(x, dt, base, bdt, sub, 1, numel, WHOLE, num_threads);
+  return whole_dots_driver(a);
 }
 
 void group_lincomb(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, bool sub,
@@ -189,7 +225,11 @@ void group_lincomb(const std::vector<uintptr_t>& x, const std::vector<int>& dt, 
 void register_interp(py::module_& m) {
   m.def("group_dots", &group_dots, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
         py::arg("sub"), py::arg("rows"), py::arg("cols"), py::arg("group"), py::arg("num_threads") = 0,
-        py::call_guard<py::gil_scoped_release>(), "Pairwise dot products per group (see csrc/cpu/interp.cpp).");
+        py::call_guard<py::gil_scoped_release>(), "Pairwise dot products per row or column (see csrc/cpu/interp.cpp).");
+  m.def("whole_dots", &whole_dots, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
+        py::arg("sub"), py::arg("numel"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Exact pairwise dot products over whole tensors: int64 parts (pymerge/ops/exact_sum.py) per pair.");
+  m.attr("EXACT_PARTS") = py::make_tuple(exact::kLow, exact::kBins);
   m.def("group_lincomb", &group_lincomb, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
         py::arg("sub"), py::arg("rows"), py::arg("cols"), py::arg("group"), py::arg("coef"), py::arg("out"),
         py::arg("out_dtype"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),

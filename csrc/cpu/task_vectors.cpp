@@ -16,8 +16,11 @@
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <utility>
+#include "cpu/exact_sum.h"
 #include "cpu/tv_common.h"
 
 namespace py = pybind11;
@@ -178,35 +181,37 @@ inline void merge_block(const MergeArgs& a, int64_t start, Scratch& w) {
   tv::store_f32(a.out, a.odt, start, n, mixed);
 }
 
-// (sum |d|, sum |d * keep|) of one block, float32 partials (the caller sums blocks in float64).
+// Adds one block's |d| and |d * keep| to exact sums (csrc/cpu/exact_sum.h); a: kBlock doubles.
 template <int Dummy>
-inline std::pair<float, float> l1_block(const Model& m, uintptr_t base, int bdt, int64_t numel, int64_t offset,
-                                        int64_t start, Scratch& w) {
+inline void l1_block(const Model& m, uintptr_t base, int bdt, int64_t numel, int64_t offset, int64_t start,
+                     Scratch& w, double* __restrict a, exact::Acc& total, exact::Acc& kept) {
   const int64_t n = std::min(kBlock, numel - start);
   float* __restrict d = w.d;
   tv::load_f32(base, bdt, start, n, w.bb);
   tv::load_f32(m.x, m.dt, start, n, d);
   for (int64_t j = 0; j < n; ++j) d[j] -= w.bb[j];
   compute_keep(m, d, offset + start, n, w.keep, w.bits, w.rnd);
-  const float* __restrict keep = w.keep;
-  float t, k;
-  tv::abs_sums_lanes(d, keep, n, t, k);
-  return {t, k};
+  for (int64_t j = 0; j < n; ++j) a[j] = std::fabs(double(d[j]));
+  total.add_block(a, n);
+  for (int64_t j = 0; j < n; ++j) a[j] = w.keep[j] != 0.f ? a[j] : 0.0;
+  kept.add_block(a, n);
 }
 
 struct RowScratch {
   std::vector<float> d, bb;
   std::vector<uint32_t> key, idx, idx2, rank, bits, rnd;
+  std::vector<double> a, k;  // |d| and |d * keep| of up to exact::kMaxBlock elements
   explicit RowScratch(int64_t cols)
-      : d(cols), bb(cols), key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), rnd(cols + 8) {}
+      : d(cols), bb(cols), key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), rnd(cols + 8),
+        a(exact::kMaxBlock), k(exact::kMaxBlock) {}
 };
 
 // DELLA, one row: ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
 // element c iff its draw < thr[rank]. Bits are OR-ed into a zeroed uint64 bitmask (rows may share
-// a word, hence the atomic OR). Returns the row's L1 norms.
+// a word, hence the atomic OR). Adds the row's |d| and |d * keep| to exact sums.
 template <int Dummy>
-inline std::pair<double, double> della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols,
-                                           const uint32_t* thr, uint64_t* mask, RowScratch& w) {
+inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols, const uint32_t* thr,
+                      uint64_t* mask, RowScratch& w, exact::Acc& total, exact::Acc& kept) {
   const int64_t start = r * cols;
   float* __restrict d = w.d.data();
   uint32_t* __restrict key = w.key.data();
@@ -225,7 +230,6 @@ inline std::pair<double, double> della_row(const Model& m, uintptr_t base, int b
   }
   for (int64_t p = 0; p < cols; ++p) w.rank[w.idx[p]] = uint32_t(p);
   tv::philox_bits(m.key, start, cols, w.bits.data(), w.rnd.data());
-  double t = 0, k = 0;
   uint64_t word = 0;
   int64_t word_i = start >> 6;
   for (int64_t c = 0; c < cols; ++c) {
@@ -236,19 +240,41 @@ inline std::pair<double, double> della_row(const Model& m, uintptr_t base, int b
     }
     const bool keep = w.bits[c] < thr[w.rank[c]];
     word |= uint64_t(keep) << (e & 63);
-    t += std::fabs(d[c]);
-    if (keep) k += std::fabs(d[c]);
+    const int64_t j = c % exact::kMaxBlock;
+    w.a[j] = std::fabs(double(d[c]));
+    w.k[j] = keep ? w.a[j] : 0.0;
+    if (j == exact::kMaxBlock - 1 || c == cols - 1) {
+      total.add_block(w.a.data(), j + 1);
+      kept.add_block(w.k.data(), j + 1);
+    }
   }
   if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
-  return {t, k};
 }
 
 PM_AVX512 void merge_avx512(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<0>(a, s, w); }
 PM_PLAIN void merge_plain(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<1>(a, s, w); }
-PM_AVX512 std::pair<float, float> l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w) { return l1_block<0>(m, b, bdt, n, o, s, w); }
-PM_PLAIN std::pair<float, float> l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w) { return l1_block<1>(m, b, bdt, n, o, s, w); }
-PM_AVX512 std::pair<double, double> della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w) { return della_row<0>(m, b, bdt, r, c, thr, mk, w); }
-PM_PLAIN std::pair<double, double> della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w) { return della_row<1>(m, b, bdt, r, c, thr, mk, w); }
+using Abs = exact::Acc;
+PM_AVX512 void l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<0>(m, b, bdt, n, o, s, w, a, t, k); }
+PM_PLAIN void l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<1>(m, b, bdt, n, o, s, w, a, t, k); }
+PM_AVX512 void della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<0>(m, b, bdt, r, c, thr, mk, w, t, k); }
+PM_PLAIN void della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<1>(m, b, bdt, r, c, thr, mk, w, t, k); }
+
+// Per-thread exact sums of |d| and |d * keep|, merged (integer adds: any order) into the parts
+// layout: [total parts, kept parts].
+struct L1Sums {
+  std::mutex lock;
+  std::unique_ptr<Abs> total = std::make_unique<Abs>(), kept = std::make_unique<Abs>();
+  void merge(const Abs& t, const Abs& k) {
+    std::lock_guard<std::mutex> g(lock);
+    total->merge(t); kept->merge(k);
+  }
+  std::vector<int64_t> parts() const {
+    std::vector<int64_t> out(2 * exact::kParts, 0);
+    total->write(out.data());
+    kept->write(out.data() + exact::kParts);
+    return out;
+  }
+};
 
 constexpr int64_t kBlocksPerChunk = 16;  // blocks claimed at a time by a thread (16K elements)
 
@@ -294,46 +320,44 @@ void tv_merge(const std::vector<ModelSpec>& models, uintptr_t base, int base_dty
   });
 }
 
-std::pair<double, double> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t numel, int64_t offset,
-                                uint64_t seed, uint32_t h0, uint32_t h1, int num_threads) {
+std::vector<int64_t> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t numel, int64_t offset,
+                           uint64_t seed, uint32_t h0, uint32_t h1, int num_threads) {
   check_dtype(base_dtype, false);
-  if (numel <= 0) return {0, 0};
+  L1Sums sums;
+  if (numel <= 0) return sums.parts();
   Model m = make_model(model, seed, h0, h1);
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int threads = pick_threads(num_threads, n_blocks);
   auto block = tv::use_avx512() ? l1_avx512 : l1_plain;
-  // One slot per block, summed in block order afterwards: the result does not depend on the
-  // thread count or on which thread ran which chunk.
-  std::vector<std::pair<float, float>> part(static_cast<size_t>(n_blocks));
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     Scratch w;
-    for (int64_t b = b0; b < b1; ++b) part[b] = block(m, base, base_dtype, numel, offset, b * kBlock, w);
+    std::vector<double> a(kBlock);
+    auto t = std::make_unique<Abs>(), k = std::make_unique<Abs>();
+    for (int64_t b = b0; b < b1; ++b) block(m, base, base_dtype, numel, offset, b * kBlock, w, a.data(), *t, *k);
+    sums.merge(*t, *k);
   });
-  double total = 0, kept = 0;
-  for (auto [t, k] : part) { total += t; kept += k; }
-  return {total, kept};
+  return sums.parts();
 }
 
-std::pair<double, double> tv_della_mask(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t rows,
-                                        int64_t cols, const std::vector<uint32_t>& thr, uintptr_t mask,
-                                        uint64_t seed, uint32_t h0, uint32_t h1, int num_threads) {
+std::vector<int64_t> tv_della_mask(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t rows, int64_t cols,
+                                   const std::vector<uint32_t>& thr, uintptr_t mask, uint64_t seed, uint32_t h0,
+                                   uint32_t h1, int num_threads) {
   check_dtype(base_dtype, false);
   if (int64_t(thr.size()) != cols) throw std::invalid_argument("della_mask: need one threshold per column rank");
   if (cols >= (int64_t(1) << 31)) throw std::invalid_argument("della_mask: rows of 2^31 or more elements");
-  if (rows <= 0 || cols <= 0) return {0, 0};
+  L1Sums sums;
+  if (rows <= 0 || cols <= 0) return sums.parts();
   Model m = make_model(model, seed, h0, h1);
   const int threads = pick_threads(num_threads, rows);
   auto row = tv::use_avx512() ? della_avx512 : della_plain;
   uint64_t* words = reinterpret_cast<uint64_t*>(mask);
-  // One slot per row, summed in row order afterwards (see tv_l1).
-  std::vector<std::pair<double, double>> part(static_cast<size_t>(rows));
   parallel_for(rows, 4, threads, [&](int64_t r0, int64_t r1) {
     RowScratch w(cols);
-    for (int64_t r = r0; r < r1; ++r) part[r] = row(m, base, base_dtype, r, cols, thr.data(), words, w);
+    auto t = std::make_unique<Abs>(), k = std::make_unique<Abs>();
+    for (int64_t r = r0; r < r1; ++r) row(m, base, base_dtype, r, cols, thr.data(), words, w, *t, *k);
+    sums.merge(*t, *k);
   });
-  double total = 0, kept = 0;
-  for (auto [t, k] : part) { total += t; kept += k; }
-  return {total, kept};
+  return sums.parts();
 }
 
 std::vector<uint32_t> philox_draws(uint64_t seed, uint32_t model, uint32_t h0, uint32_t h1, int64_t offset, int64_t n) {
@@ -350,11 +374,11 @@ void register_task_vectors(py::module_& m) {
         py::call_guard<py::gil_scoped_release>(), "Fused task-vector merge (see csrc/cpu/task_vectors.cpp).");
   m.def("tv_l1", &tv_l1, py::arg("model"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"), py::arg("offset"),
         py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("num_threads") = 0,
-        py::call_guard<py::gil_scoped_release>(), "(sum |d|, sum |d * keep|) of one model's delta.");
+        py::call_guard<py::gil_scoped_release>(), "Exact sums of |d| and |d * keep| of one model's delta: int64 parts (pymerge/ops/exact_sum.py), twice.");
   m.def("tv_della_mask", &tv_della_mask, py::arg("model"), py::arg("base"), py::arg("base_dtype"), py::arg("rows"),
         py::arg("cols"), py::arg("thr"), py::arg("mask"), py::arg("seed"), py::arg("h0"), py::arg("h1"),
         py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
-        "DELLA keep-bitmask by per-row magnitude rank; returns the L1 norms.");
+        "DELLA keep-bitmask by per-row magnitude rank; returns its L1 norms' parts, as tv_l1.");
   m.def("philox_draws", &philox_draws, py::arg("seed"), py::arg("model"), py::arg("h0"), py::arg("h1"),
         py::arg("offset"), py::arg("n"), "32-bit Philox draws of elements offset .. offset+n-1 (tests).");
 }

@@ -78,22 +78,6 @@ inline float dot_lanes(const float* __restrict u, const float* __restrict v, int
   return s;
 }
 
-// (sum |d|, sum |d * keep|) with the same 16-lane scheme.
-inline void abs_sums_lanes(const float* __restrict d, const float* __restrict keep, int64_t n, float& total,
-                           float& kept) {
-  float pt[16] = {0}, pk[16] = {0};
-  int64_t e = 0;
-  for (; e + 16 <= n; e += 16)
-    for (int l = 0; l < 16; ++l) {
-      const float a = d[e + l] < 0 ? -d[e + l] : d[e + l];
-      pt[l] += a;
-      pk[l] += a * keep[e + l];
-    }
-  for (; e < n; ++e) { const float a = d[e] < 0 ? -d[e] : d[e]; pt[e & 15] += a; pk[e & 15] += a * keep[e]; }
-  total = kept = 0;
-  for (int l = 0; l < 16; ++l) { total += pt[l]; kept += pk[l]; }
-}
-
 // |d| as an ordered integer key: the float bits with the sign cleared (NaN sorts above inf).
 inline uint32_t mag_key(float d) { return f32_to_bits(d) & 0x7fffffffu; }
 

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 #include <cuda_runtime.h>
 #include "export_codes.h"
+#include "cuda/delta_decode.h"
 #include "cuda/task_vectors.h"
 #include "cuda/weighted_sum.h"
 
@@ -18,6 +19,11 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("weighted_sum_many", &pymerge_cuda::weighted_sum_many, py::arg("in_ptrs"), py::arg("in_dtypes"),
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("scratch"),
         py::arg("stream"), py::arg("weights_dev") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("delta_accumulate", &pymerge_cuda::delta_accumulate, py::arg("data_table"), py::arg("scale_table"),
+        py::arg("kind_table"), py::arg("weights"), py::arg("n_terms"), py::arg("numel"), py::arg("out_ptrs"),
+        py::arg("out_dtypes"), py::arg("aligned"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+        "out_k = sum_t weights[k, t] * decode(term_t) for compressed pools: device tables of term addresses "
+        "(int64), scale addresses (int64), kinds (int32) and float32 weights [K, T]; the C++ kernel's bits.");
   m.attr("MAX_TV_MODELS") = pymerge_cuda::kMaxTvModels;
   m.def("tv_merge", &pymerge_cuda::tv_merge, py::arg("models"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
         py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("consensus"), py::arg("normalize"),

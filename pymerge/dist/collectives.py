@@ -3,29 +3,25 @@
 Everything here is a collective over the pool's group (torch.distributed, whatever backend the
 group has; its timeout bounds every wait), called in the same order on every rank of the group.
 
-- agree():  one all_reduce of an error flag (and a fingerprint of the caller's arguments), then,
-            only on failure, an all_gather of the messages: every rank raises the same error.
-- exact_sums(): sums of float64 values (|d|, products of float32s: all exact in float64) that
-            are EXACT and then rounded once: each value is split into a 53-bit integer mantissa
-            (two 27-bit halves) binned by its binary exponent; the bins are summed in int64 and
-            all-reduced (integer addition: no rounding, any order), and the total is rounded to
-            float64 once. So the result does not depend on the rank count or the summation order.
-            (The single-process kernels sum float32/float64 partials blockwise; their float32-
-            rounded scales and coefficients agree with these except when a sum falls within that
-            rounding error of a float32 rounding boundary.)
+- agree():  one all_reduce of an error flag (and a fingerprint of the caller's arguments, and a
+            decision flag), then, only on failure, an all_gather of the messages: every rank raises
+            the same error.
+- sum_parts(): the exact sums of pymerge/ops/exact_sum.py (L1 norms, dot products), which the
+            single-process kernels compute too: each rank's integer parts are all-reduced (no
+            rounding, any order) and rounded once, so the result is the single process's bits.
 - boundaries(): the exact global magnitude rank selection of pymerge/ops/select.py (same key,
             same index tie-break) from all-reduced radix histograms: 11 + 10 + 10 key bits, then,
             only when the boundary splits a run of equal keys, a bisection over global indices.
 """
 import hashlib
 import pickle
-from fractions import Fraction
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.ops import exact_sum
 from pymerge.ops.select import ALL_ASC, ALL_DESC, Boundary
 
 _ERRORS = {cls.__name__: cls for cls in (InputError, CheckpointError, MergeConfigError)}
@@ -51,16 +47,17 @@ def fingerprint(*values) -> int:
     return int.from_bytes(hashlib.blake2b(pickle.dumps(values), digest_size=8).digest(), "little") >> 2
 
 
-def agree(error: Optional[BaseException], group, what: int = 0) -> None:
-    """Raises on every rank of group if any rank had an error (or passed a different `what`)."""
+def agree(error: Optional[BaseException], group, what: int = 0, flag: bool = False) -> bool:
+    """Raises on every rank of group if any rank had an error (or passed a different `what`); else
+    returns whether any rank raised `flag` (a decision every rank must take alike, in the same call)."""
     if group is None:
         if error is not None:
             raise error
-        return
-    flags = _all_reduce(torch.tensor([int(error is not None), what, -what], dtype=torch.int64), group,
+        return flag
+    flags = _all_reduce(torch.tensor([int(error is not None), what, -what, int(flag)], dtype=torch.int64), group,
                         dist.ReduceOp.MAX)
     if flags[0] == 0 and flags[1] == -flags[2]:
-        return
+        return bool(flags[3])
     if flags[0] == 0:
         raise InputError("ranks called the sharded pool with different arguments (weights, method or "
                          "parameters); every rank of the group must pass the same")
@@ -78,53 +75,12 @@ def agree(error: Optional[BaseException], group, what: int = 0) -> None:
 
 
 # ---- exact sums -------------------------------------------------------------------------------------
-_OFFSET = 1080                  # frexp exponents of float64 lie in [-1073, 1024]
-_BINS = 2110
-_SCALE = 1073 + 53              # value = sum (hi * 2^26 + lo) * 2^(e - 53)
-
-
-def _parts(v: torch.Tensor) -> torch.Tensor:
-    """[hi bins, lo bins, #NaN, #+inf, #-inf] of the float64 values v (int64, exactly summable)."""
-    v = v.reshape(-1).double().cpu()
-    finite = torch.isfinite(v)
-    out = torch.zeros(2 * _BINS + 3, dtype=torch.int64)
-    out[-3] = int(torch.isnan(v).sum())
-    out[-2] = int((v == float("inf")).sum())
-    out[-1] = int((v == float("-inf")).sum())
-    m, e = torch.frexp(v[finite])
-    big = (m * 2.0 ** 53).to(torch.int64)  # exact: |m| < 1 has 53 significant bits
-    hi = big >> 26                          # floor: big = hi * 2^26 + lo with 0 <= lo < 2^26
-    lo = big - (hi << 26)
-    idx = e.to(torch.int64) + _OFFSET
-    out[:_BINS].index_add_(0, idx, hi)
-    out[_BINS:2 * _BINS].index_add_(0, idx, lo)
-    return out
-
-
-def _total(parts: torch.Tensor) -> float:
-    nan, pinf, ninf = (int(x) for x in parts[-3:])
-    if nan or (pinf and ninf):
-        return float("nan")
-    if pinf or ninf:
-        return float("inf") if pinf else float("-inf")
-    hi, lo = parts[:_BINS].tolist(), parts[_BINS:2 * _BINS].tolist()
-    total = sum(((h << 26) + l) << (b - _OFFSET - 53 + _SCALE) for b, (h, l) in enumerate(zip(hi, lo)) if h or l)
-    try:
-        return float(Fraction(total, 1 << _SCALE))
-    except OverflowError:
-        return float("inf") if total > 0 else float("-inf")
-
-
-def exact_sums(values: Iterable[torch.Tensor], group) -> List[float]:
-    """The exact global sum of each float64 tensor in values (this rank's parts), rounded once.
-    values may be a generator: each tensor is binned and dropped before the next is made."""
-    parts = [_parts(v) for v in values]
-    if not parts:
-        return []
-    parts = torch.stack(parts)
+def sum_parts(parts: torch.Tensor, group) -> List[float]:
+    """Totals of exact-sum parts (pymerge/ops/exact_sum.py, [..., PARTS] int64: this rank's share)
+    summed over the group: integer addition, so the same bits as one process summing everything."""
     if group is not None:
-        parts = _all_reduce(parts, group)
-    return [_total(p) for p in parts]
+        parts = _all_reduce(parts.contiguous(), group)
+    return exact_sum.totals(parts)
 
 
 # ---- rank selection ---------------------------------------------------------------------------------

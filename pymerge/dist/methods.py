@@ -2,14 +2,18 @@
 
 Each method runs the single-process kernels on the local tensors; only its statistics are
 global, computed with collectives over the pool's group (collectives.py) and cached in the pool
-(they depend on the checkpoints, never on the weights, so a search pays for them once):
+(they depend on the checkpoints, never on the weights, so a search pays for them once). A tensor
+the pool holds that changed in place (its autograd version counter moved, as the single-process
+pool's cache keys see it) drops its cached statistics on every rank: the ranks agree on that
+decision in the same all_reduce as their errors, so their collectives stay in step.
 
 - TIES, DARE (linear/ties), breadcrumbs (plain/ties): global magnitude rank boundaries, Philox
-  masks keyed by the GLOBAL element index, and L1 rescale norms as exact sums. A shard that is
+  masks keyed by the GLOBAL element index, and L1 rescale norms as exact sums (the single
+  process's definition, pymerge/ops/exact_sum.py: the same bits). A shard that is
   one contiguous run of the global tensor (FSDP2's Shard(0), row-parallel biases...) runs the
   fused kernel with its global offset, exactly as the single process does. A strided shard
   (Shard(1): a piece of every row) gets its keep-masks from torch as bitmasks (cached).
-- SLERP, NuSLERP, Model Stock: their whole-tensor dot products as exact sums (per-row or
+- SLERP, NuSLERP, Model Stock: their whole-tensor dot products as exact sums, as in one process (per-row or
   per-column ones stay local where each vector is on one rank, else the merge is refused).
 - DELLA: per-row ranks need whole rows (Shard(0)); a 1-D tensor's deltas are gathered (small).
 Other methods are refused with a clear error.
@@ -22,7 +26,7 @@ import torch
 from pymerge.dist import collectives
 from pymerge.errors import InputError
 from pymerge.methods.base import TensorTask
-from pymerge.ops import philox, select
+from pymerge.ops import interp, philox, select
 from pymerge.ops import task_vector_ops as tvo
 
 
@@ -37,8 +41,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     else:
         raise InputError(f"merge_method {m.name} is not supported on a sharded pool (elementwise methods, "
                          "ties, dare_*, breadcrumbs*, della*, slerp, nuslerp and model_stock are)")
-    error, tasks = None, []
+    error, tasks, stale = None, [], False
+    names = [p.name for p in plans]
     try:
+        stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, map(pool.input_versions, names)))
         m.validate(pool.num_checkpoints, pool.has_base)
         per_model, global_params = _split_params(m, params, pool.num_checkpoints)
         for p in plans:
@@ -60,7 +66,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         what = collectives.fingerprint(m.name, [t.tolist() for t in tables], sorted(map(repr, params.items())), seed)
     except Exception:  # unpicklable parameters: compare the method alone
         what = collectives.fingerprint(m.name)
-    collectives.agree(error, pool.group, what)
+    if collectives.agree(error, pool.group, what, flag=stale):  # some rank's inputs changed: all recompute
+        for key in [k for k in pool.stats_cache if k[0] in set(names)]:
+            del pool.stats_cache[key]
+    pool.stats_versions.update((n, pool.input_versions(n)) for n in names)
     for task, out in tasks:
         inputs = [t.to(out.device) for t in task.inputs]
         base = task.base.to(out.device) if task.base is not None else None
@@ -130,8 +139,7 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     elif sp.rescale == "l1" or start is None:
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
     if sp.rescale == "l1":
-        d = (x.float() - base.float()).reshape(-1).abs().double()
-        total, kept = collectives.exact_sums([d, d * keep], group)
+        total, kept = collectives.sum_parts(tvo.l1_parts(x.float() - base.float(), keep), group)
         plan.scale = tvo.l1_ratio(total, kept)
     elif sp.rescale == "inverse_density":
         plan.scale = tvo._f32(1.0 / sp.density) if sp.density > 0 else 1.0
@@ -195,16 +203,19 @@ def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
 
     def dots(xs, base, sub, group, backend="auto", num_threads=0):
         if group != "whole":  # each vector is local (checked up front): the single-process reduction
-            from pymerge.ops import interp
             return interp.group_dots(xs, base, sub, group, backend, num_threads)
-        vs = [x.reshape(-1).float() - (base.reshape(-1).float() if sub else 0) for x in xs]
-        k = len(vs)
-        pairs = [(i, j) for i in range(k) for j in range(i, k)]
-        sums = collectives.exact_sums((vs[i].double() * vs[j].double() for i, j in pairs), group_of)
+        sums = collectives.sum_parts(interp.whole_dot_parts(xs, base, sub, backend, num_threads), group_of)
+        k = len(xs)
+        iu = torch.triu_indices(k, k)
         g = torch.zeros(1, k, k, dtype=torch.float64)
-        for (i, j), s in zip(pairs, sums):
-            g[0, i, j] = g[0, j, i] = s
+        g[0, iu[0], iu[1]] = g[0, iu[1], iu[0]] = torch.tensor(sums, dtype=torch.float64)
         return g
 
-    task.dots = dots
+    def cached(xs, base, sub, group, backend="auto", num_threads=0):  # dropped with the tensor's statistics
+        key = (task.name, "dots", m.name, group, sub)
+        if key not in pool.stats_cache:
+            pool.stats_cache[key] = dots(xs, base, sub, group, backend, num_threads)
+        return pool.stats_cache[key]
+
+    task.dots = cached
     m.merge_tensor(task, out)

@@ -5,12 +5,14 @@
 
 The layout comes from shard_like's DTensors (pymerge/dist/layout.py); each rank reads only its
 boxes' bytes (reads.py). Merging then runs the single-process pool's code on local tensors: the
-targets' local tensors (same data_ptrs) are the outputs. Linear and task_arithmetic need no
-communication: out[j] depends on element j alone, and every check uses only what all ranks see
-alike (names, global shapes, dtypes, placements, meshes), so all ranks raise the same error
-before any write. An FSDP2 model left gathered by a forward pass is resharded first (no
-communication). Methods with whole-tensor statistics (methods.py) agree on errors and
-arguments with one all_reduce, then compute the statistics with collectives (collectives.py).
+targets' local tensors (same data_ptrs) are the outputs. Every materialize agrees on its checks
+with one small all_reduce (collectives.agree) before any write: targets are checked per rank
+(local dtypes, devices, memory overlaps can differ between ranks), so one rank's error is raised
+on every rank with the same message and no rank waits in a collective the others never reach.
+Linear and task_arithmetic need nothing else: out[j] depends on element j alone. An FSDP2 model
+left gathered by a forward pass is resharded first (no communication). Methods with whole-tensor
+statistics (methods.py) agree on their own checks and arguments with one more all_reduce, then
+compute the statistics with collectives (collectives.py).
 """
 from typing import Dict, List
 
@@ -34,6 +36,7 @@ class ShardedPool(CheckpointPool):
         self.boxes: Dict[str, Box] = boxes_of(shard_like)
         self.group = reduce_group(list(self.boxes.values()))
         self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
+        self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         error = None
         try:
             super().__init__(sources, base, *args, **kwargs)
@@ -44,6 +47,11 @@ class ShardedPool(CheckpointPool):
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
 
+    def input_versions(self, name: str) -> tuple:
+        """Autograd version counters of the checkpoints' and base's tensor `name` as this rank holds them."""
+        base = self._base.get(name)
+        return tuple(t._version for t in self._inputs[name]) + ((base._version,) if base is not None else ())
+
     def _open(self, src, label: str):
         return ShardedSource(super()._open(src, label), self.boxes)
 
@@ -53,6 +61,30 @@ class ShardedPool(CheckpointPool):
                 f"{_fmt_bytes(self.nbytes)} on this rank")
 
     __repr__ = describe
+
+    def materialize_many(self, weight_rows, into, method: str = "linear", **kwargs) -> list:
+        """CheckpointPool.materialize_many, with every check agreed across ranks before any write: an
+        error on one rank only (its targets' dtypes or memory, its arguments) is raised on every rank."""
+        self._agreed = False
+        try:
+            return super().materialize_many(weight_rows, into, method, **kwargs)
+        except Exception as exc:
+            if self._agreed:  # raised alike on every rank, or after the agreement (a kernel error)
+                raise
+            collectives.agree(exc, self.group)  # the other ranks wait in _checked_plans's agreement
+            raise
+
+    def _checked_plans(self, into: list, group_of: List[int], names, strict: bool):
+        """Plans on every rank, then agrees: one rank's failure (a target of another dtype, memory
+        that overlaps) is every rank's, before anything is written."""
+        error, plans = None, []
+        try:
+            plans = super()._checked_plans(into, group_of, names, strict)
+        except Exception as exc:
+            error = exc
+        self._agreed = True
+        collectives.agree(error, self.group)
+        return plans
 
     def _plan(self, into: list, group_of: List[int], names, strict: bool):
         """Checks each target's layout against the pool's, then plans on the local tensors."""

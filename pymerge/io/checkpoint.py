@@ -276,9 +276,10 @@ def _read_weight_map(index_path: Path) -> Dict[str, str]:
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequence[str]] = None,
-                     names: Optional[Sequence[str]] = None) -> List[str]:
+                     names: Optional[Sequence[str]] = None, rows_may_differ=None) -> List[str]:
     """Checks the checkpoints can be merged tensor by tensor: same tensor names, same shapes
-    (dtypes may differ). Returns the names in the first checkpoint's order.
+    (dtypes may differ). Returns the names in the first checkpoint's order. Tensors for which
+    rows_may_differ(name) is true (a tokenizer merge's embeddings) may differ in their first axis.
 
     With ``names`` only those tensors are checked (each must be in every checkpoint; extra tensors
     elsewhere are ignored), and the result is ``names`` in the first checkpoint's order.
@@ -312,6 +313,9 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequenc
         shape = first.info(n).shape
         for ck, label in zip(checkpoints[1:], labels[1:]):
             other = ck.info(n).shape
+            if rows_may_differ is not None and rows_may_differ(n) and len(shape) and len(other) == len(shape):
+                if other[1:] == shape[1:]:
+                    continue
             if other != shape:
                 raise CheckpointError(f"tensor {n!r}: shape {list(shape)} in {first_label} "
                                       f"but {list(other)} in {label}")

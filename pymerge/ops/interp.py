@@ -2,7 +2,8 @@
 
 A tensor is seen as a [rows, cols] view and reduced per group: the whole tensor ("whole"), each
 row ("rows") or each column ("cols"). group_dots returns every pairwise dot product <v_i, v_j> of
-v_i = x_i - B (or x_i) per group, in float64; the methods turn those few numbers into per-group
+v_i = x_i - B (or x_i) per group, in float64 (whole tensors: exact sums rounded once, so a sharded
+pool's dots are the same bits); the methods turn those few numbers into per-group
 coefficients, and group_lincomb writes out = cB * B + sum_i c_i * v_i in one pass, rounded once.
 
 Backends: "cpu" (csrc/cpu/interp.cpp, the custom ops pymerge::group_dots / group_lincomb_out) and "torch" (any device, blockwise for "whole").
@@ -13,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from pymerge import _native
-from pymerge.ops import library
+from pymerge.ops import exact_sum, library
 
 GROUPS = {"whole": 0, "rows": 1, "cols": 2}
 _BLOCK = 1 << 20
@@ -41,7 +42,8 @@ def view_2d(shape: Sequence[int], group: str) -> Tuple[int, int]:
 
 def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
                backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
-    """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group."""
+    """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group
+    (the whole tensor: exact sums rounded once, see whole_dot_parts)."""
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
@@ -56,6 +58,28 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
     return g
 
 
+def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, backend: str = "auto",
+                    num_threads: int = 0) -> torch.Tensor:
+    """int64 [K(K+1)/2, PARTS]: the upper-triangle dot products <v_i, v_j> over the whole tensors as
+    exact-sum parts (pymerge/ops/exact_sum.py). Element order does not matter, so the parts of the
+    pieces of a split tensor (a sharded pool's local shards) add up to the whole tensor's."""
+    xs = [x.contiguous() for x in xs]
+    k = len(xs)
+    if _backend(xs[0], backend) == "cpu" and xs[0].numel():
+        base = base.contiguous() if base is not None else None
+        flat = _native.require_cpu().whole_dots(
+            [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
+            base.data_ptr() if base is not None else 0, _native.DTYPE_CODES[base.dtype] if base is not None else 0,
+            sub, xs[0].numel(), num_threads)
+        return torch.tensor(flat, dtype=torch.int64).view(-1, exact_sum.PARTS)
+    iu = torch.triu_indices(k, k).tolist()
+    out = torch.zeros(len(iu[0]), exact_sum.PARTS, dtype=torch.int64)
+    for s in range(0, xs[0].numel(), _BLOCK):
+        vs = _vs(xs, base, sub, slice(s, s + _BLOCK))
+        out += exact_sum.stack(vs[i].double() * vs[j].double() for i, j in zip(*iu))
+    return out
+
+
 def _vs(xs, base, sub, sl=None):
     out = []
     for x in xs:
@@ -67,15 +91,10 @@ def _vs(xs, base, sub, sl=None):
 
 
 def _dots_torch(xs, base, sub, group, rows, cols):
+    if group == "whole":
+        return torch.tensor([exact_sum.totals(whole_dot_parts(xs, base, sub, "torch"))], dtype=torch.float64)
     k = len(xs)
     iu = torch.triu_indices(k, k).tolist()
-    if group == "whole":
-        acc = torch.zeros(k * (k + 1) // 2, dtype=torch.float64)
-        n = xs[0].numel()
-        for s in range(0, n, _BLOCK):
-            vs = _vs(xs, base, sub, slice(s, s + _BLOCK))
-            acc += torch.stack([(vs[i] * vs[j]).sum().double() for i, j in zip(*iu)]).cpu()
-        return acc.view(1, -1)
     vs = [v.view(rows, cols) for v in _vs(xs, base, sub)]
     dim = 1 if group == "rows" else 0
     return torch.stack([(vs[i].double() * vs[j].double()).sum(dim) for i, j in zip(*iu)], dim=1).cpu()

@@ -274,10 +274,15 @@ def _(x, base, ranks, descending, num_threads=0):
 @_kernel("group_dots", "cpu")
 def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                num_threads: int = 0) -> Tensor:
-    """float64 [G, K(K+1)/2]: upper-triangle dot products of v_i = x_i - sub*B per group."""
+    """float64 [G, K(K+1)/2]: upper-triangle dot products of v_i = x_i - sub*B per group (the whole
+    tensor: exact sums rounded once, pymerge/ops/exact_sum.py)."""
     xs = _contig(xs)
     base = base.contiguous() if base is not None else None
     k = len(xs)
+    if group == 0:
+        from pymerge.ops import exact_sum, interp
+        return torch.tensor([exact_sum.totals(interp.whole_dot_parts(xs, base, sub, "cpu", num_threads))],
+                            dtype=torch.float64)
     flat = _native.require_cpu().group_dots(
         [x.data_ptr() for x in xs], _codes(xs), base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, group, num_threads)

@@ -25,7 +25,8 @@ Sparsifiers (mergekit 0.1.5 semantics; ties broken as documented in pymerge/ops/
 - della_magprune: per row (1-D: one row), keep probability (density - eps) + 2 eps * rank/(cols-1),
   rank the ascending stable rank of |d| in the row (a 1-column row uses the mean, p = density).
 density >= 1 leaves d untouched (no rescale), as in mergekit.
-Rescale: "l1" multiplies by ||d||_1 / ||d * keep||_1 (skipped when either is < 1e-7),
+Rescale: "l1" multiplies by ||d||_1 / ||d * keep||_1 (skipped when either is < 1e-7; both exact
+sums rounded once, pymerge/ops/exact_sum.py, so a sharded pool gets the same bits),
 "inverse_density" by 1 / density; None leaves the kept values as they are.
 """
 import math
@@ -36,7 +37,7 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from pymerge import _native
-from pymerge.ops import library, philox, select
+from pymerge.ops import exact_sum, library, philox, select
 from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
 _M = _native.SPARSIFIER_MODES  # the kernels' per-model sparsifier modes (csrc/codes.h)
@@ -210,20 +211,33 @@ def _spec(x: torch.Tensor, p: ModelPlan) -> tuple:
 
 
 def model_l1(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=True, num_threads=0) -> Tuple[float, float]:
-    """(||d||_1, ||d * keep||_1) of one model's delta under its plan."""
+    """(||d||_1, ||d * keep||_1) of one model's delta under its plan: exact sums, rounded once."""
+    total, kept = exact_sum.totals(model_l1_parts(x, base, plan, name=name, seed=seed, offset=offset, cpu=cpu,
+                                                  num_threads=num_threads))
+    return total, kept
+
+
+def model_l1_parts(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=True, num_threads=0) -> torch.Tensor:
+    """The two L1 norms of model_l1 as exact-sum parts [2, PARTS] (pymerge/ops/exact_sum.py), which
+    add across the pieces of a split tensor (elements offset .. offset + numel - 1 of it)."""
     if cpu:
         h0, h1 = philox.name_hash(name)
-        return _native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
-                                 _native.DTYPE_CODES[base.dtype], x.numel(), offset,
-                                 int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
-    total = kept = 0.0
+        return torch.tensor(_native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
+                                              _native.DTYPE_CODES[base.dtype], x.numel(), offset,
+                                              int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)).view(2, -1)
+    out = torch.zeros(2, exact_sum.PARTS, dtype=torch.int64)
     xf, bf = x.reshape(-1), base.reshape(-1)
     for start in range(0, x.numel(), _TORCH_BLOCK):
         d = xf[start:start + _TORCH_BLOCK].float() - bf[start:start + _TORCH_BLOCK].float()
         keep = keep_mask_torch(plan, d, offset + start, name, seed)
-        total += float(d.abs().sum(dtype=torch.float64))
-        kept += float(d.abs()[keep].sum(dtype=torch.float64))
-    return total, kept
+        out += l1_parts(d, keep)
+    return out
+
+
+def l1_parts(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[2, PARTS]: exact-sum parts of |d| and |d * keep| (float32 deltas, boolean mask)."""
+    a = d.reshape(-1).abs().double()
+    return exact_sum.stack([a, a[keep.reshape(-1)]])
 
 
 def keep_mask_torch(plan: ModelPlan, d: torch.Tensor, e0: int, name: str, seed: int) -> torch.Tensor:
@@ -255,14 +269,12 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
         h0, h1 = philox.name_hash(name)
         spec = _spec(x.contiguous(), ModelPlan(mode=BITS, model=model))
         spec = spec[:8] + (words.data_ptr(),) + spec[9:]
-        norms = _native.cpu.tv_della_mask(spec, base.contiguous().data_ptr(), _native.DTYPE_CODES[base.dtype],
+        parts = _native.cpu.tv_della_mask(spec, base.contiguous().data_ptr(), _native.DTYPE_CODES[base.dtype],
                                           rows, cols, [int(t) for t in thr], words.data_ptr(),
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
-        return words, norms
+        return words, tuple(exact_sum.totals(torch.tensor(parts)))
     keep = della_keep_torch(x, base, sp, model, name, seed, offset)
-    d = (x.float() - base.float()).reshape(-1)
-    norms = (float(d.abs().sum(dtype=torch.float64)), float(d.abs()[keep].sum(dtype=torch.float64)))
-    return pack_bits(keep), norms
+    return pack_bits(keep), tuple(exact_sum.totals(l1_parts(x.float() - base.float(), keep)))
 
 
 def della_keep_torch(x, base, sp: Sparsifier, model, name, seed, offset=0) -> torch.Tensor:

@@ -10,6 +10,8 @@ instead of (N+1)*P*2, and decodes inside the kernel:
 Stored formats (per tensor and checkpoint), with their documented error bounds:
   zero   the tensor equals the base: 0 bytes, exact.
   int4   codes in [-7, 7], two per byte, one bfloat16 scale per BLOCK elements; 4.25 bits per element.
+         Each GROUP of 128 elements is 64 bytes read as 16 little-endian 32-bit words: bits 4h..4h+3
+         of word i hold element 16h + i as code + 8 (the layout the kernels unpack without shuffles).
   int8   codes in [-127, 127], one per byte, same scales; 8.25 bits per element.
   exact  the checkpoint's own tensor as the pool holds it (the fallback), exact.
 For int4/int8 every element satisfies |decode(delta) - delta| <= s_b / 2, where s_b is max|delta|
@@ -25,7 +27,11 @@ magnitude top-k must keep about 60 % of the entries, over 14 bits per element wi
 and an 8-bit value (benchmarks/bench_compressed_pool.py measures it).
 
 Kernels: C++ (csrc/cpu/delta_decode.cpp) on the CPU, Triton (kernels/delta_decode.py) on CUDA
-or in the interpreter, eager torch as the reference. Methods that are not weighted sums (TIES,
+or in the interpreter, the CUDA extension (csrc/cuda/delta_decode.cu, backend="cuda"), eager
+torch as the reference. The C++ paths (AVX-512, AVX2, plain), Triton and CUDA compute the same
+float32 operations in the same order (coef = w * scale per block, then one fma per term from
+-0.0), so they agree bit for bit (NaN payloads aside: the GPU's are canonical); torch agrees on
+the sign of zero and within the float32 accumulation bound. Methods that are not weighted sums (TIES,
 DARE, ...) run on decoded inputs: base + decode(delta_i) in float32, selection on decoded deltas.
 """
 import json
@@ -40,15 +46,15 @@ import torch
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError
 
-BLOCK = 64            # elements per scale (the kernels' strips of 32 never straddle a block)
-STRIP = 32            # int4 packing: byte j of a strip holds elements j (low nibble) and j + 16 (high)
+BLOCK = 64            # elements per scale
+GROUP = 128           # int4 packing unit (two blocks): 16 words, nibble h of word i is element 16h + i
 COMPRESS_MODES = ("int8", "int4", "auto")
 FORMATS = ("zero", "int4", "int8", "exact")
 DEFAULT_BUDGET = 1e-2
 KIND_Q8, KIND_Q4 = 16, 17  # csrc/cpu/delta_decode.cpp and kernels/delta_decode.py
 _HELD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 META_KEY = "pymerge.compressed_pool"
-VERSION = 1
+VERSION = 2           # 1: int4 in byte strips of 32 (byte j: element j low, j + 16 high); read and repacked
 
 
 def check_options(compress, error_budget, has_base: bool, residency) -> Optional[float]:
@@ -69,11 +75,15 @@ def check_options(compress, error_budget, has_base: bool, residency) -> Optional
 
 
 def check_backend(backend: str, device: torch.device) -> None:
-    """The decode kernels: C++ for CPU tensors, Triton on CUDA (or in its interpreter), torch anywhere."""
-    if backend not in ("cpu", "triton", "torch"):
-        raise InputError(f"backend {backend!r} has no delta-decode kernel; use cpu, triton or torch")
+    """The decode kernels: C++ for CPU tensors, Triton on CUDA (or in its interpreter), the CUDA
+    extension on CUDA tensors, torch anywhere."""
+    if backend not in ("cpu", "triton", "cuda", "torch"):
+        raise InputError(f"backend {backend!r} has no delta-decode kernel; use cpu, triton, cuda or torch")
     if backend == "cpu" and device.type != "cpu":
         raise InputError(f"backend 'cpu' computes on CPU tensors; the pool is on {device}")
+    if backend == "cuda" and (device.type != "cuda" or not hasattr(_native.cuda, "delta_accumulate")):
+        raise InputError(f"backend 'cuda' needs a pool on a CUDA device and pymerge's CUDA extension "
+                         f"(pool on {device}, extension {'missing' if _native.cuda is None else 'without the kernel'})")
 
 
 def held_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -106,12 +116,17 @@ def padded(numel: int) -> int:
     return -(-numel // BLOCK) * BLOCK
 
 
+def code_count(numel: int, fmt: str) -> int:
+    """Entries of a codes tensor: int8 padded to whole blocks, int4 (bytes) to whole groups."""
+    return padded(numel) if fmt == "int8" else -(-numel // GROUP) * GROUP // 2
+
+
 def quantize(theta: torch.Tensor, base: torch.Tensor, fmt: str, num_threads: int = 0):
     """theta - base (held tensors, CPU, contiguous) as int8/int4 codes and bfloat16 scales, padded to
     BLOCK, by the C++ encoder (threaded). Returns (codes, scales, sum of squared errors, sum of squared
     deltas, first element whose delta is not finite in float32 or -1); sums in float64."""
     n, p = theta.numel(), padded(theta.numel())
-    codes = torch.empty(p, dtype=torch.int8) if fmt == "int8" else torch.empty(p // 2, dtype=torch.uint8)
+    codes = torch.empty(code_count(n, fmt), dtype=torch.int8 if fmt == "int8" else torch.uint8)
     scales = torch.empty(p // BLOCK, dtype=torch.bfloat16)
     err2, norm2, bad = _native.require_cpu().delta_quantize(
         theta.data_ptr(), _native.DTYPE_CODES[theta.dtype], base.data_ptr(), _native.DTYPE_CODES[base.dtype], n,
@@ -122,10 +137,22 @@ def quantize(theta: torch.Tensor, base: torch.Tensor, fmt: str, num_threads: int
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, numel: int) -> torch.Tensor:
     """float32 values of int8/int4 codes (exact: a code times a bfloat16 scale fits float32)."""
     if fmt == "int4":
-        strips = codes.view(-1, 16).to(torch.int16)
-        codes = torch.cat([(strips & 15) - 8, (strips >> 4) - 8], dim=1).view(-1)
+        words = codes.view(-1, 16, 4).to(torch.int16)             # [group, word i, byte k]
+        nibbles = torch.stack([words & 15, words >> 4], dim=3)     # [group, i, k, low/high]: nibble h = 2k + s
+        codes = (nibbles.view(-1, 16, 8).transpose(1, 2) - 8).reshape(-1)[:padded(numel)]  # element 16h + i
     values = codes.view(-1, BLOCK).float() * scales.float()[:, None]
     return values.view(-1)[:numel]
+
+
+def repack_v1_int4(codes: torch.Tensor, numel: int) -> torch.Tensor:
+    """int4 codes saved by version 1 (strips of 32: byte j holds element j low, j + 16 high) in
+    today's layout."""
+    strips = codes.view(-1, 16)
+    values = torch.cat([strips & 15, strips >> 4], dim=1).view(-1)   # code + 8, element order
+    out = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
+    out[:values.numel()] = values
+    nib = out.view(-1, 8, 16).transpose(1, 2).reshape(-1, 16, 4, 2)   # [group, word i, byte k, s]: h = 2k + s
+    return (nib[..., 0] | (nib[..., 1] << 4)).reshape(-1).contiguous()
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
@@ -316,7 +343,7 @@ class CompressedStore:
             header = _parse_header(path, f.metadata)
             expected = {}
             for entry in header["tensors"]:
-                _expect(expected, entry)
+                _expect(expected, entry, header["version"])
             have = set(f.names())
             missing = sorted(set(expected) - have)
             if missing:
@@ -343,8 +370,9 @@ class CompressedStore:
             names.append(name)
             shapes[name] = tuple(entry["shape"])
             base[name] = loaded[f"base/{name}"].view(shapes[name])
-            entries[name] = [Encoded(fmt, err, norm, loaded.get(f"{i}/{name}/codes"), loaded.get(f"{i}/{name}/scales"),
-                                     loaded.get(f"{i}/{name}/exact"))
+            numel = math.prod(shapes[name])
+            entries[name] = [Encoded(fmt, err, norm, _codes_now(loaded.get(f"{i}/{name}/codes"), fmt, numel, header),
+                                     loaded.get(f"{i}/{name}/scales"), loaded.get(f"{i}/{name}/exact"))
                              for i, (fmt, err, norm) in enumerate(zip(entry["formats"], entry["errors"], entry["norms"]))]
             for i, e in enumerate(entries[name]):
                 if e.exact is not None and e.exact.dtype != base[name].dtype:
@@ -423,9 +451,19 @@ def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torc
     elif backend == "triton":
         from pymerge.kernels import delta_decode
         delta_decode.delta_accumulate(tensors, scales, kinds, numel, w, outs)
+    elif backend == "cuda":
+        from pymerge.kernels.delta_decode import device_tables
+        device = tensors[0].device
+        data, scale_ptrs, kind_codes = device_tables(tensors, scales, kinds, device)
+        weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()  # [K, T], stream-ordered
+        aligned = all(t.data_ptr() % 16 == 0 for t in list(tensors) + list(outs))  # 16-byte vector loads/stores
+        _native.require_cuda().delta_accumulate(
+            data.data_ptr(), scale_ptrs.data_ptr(), kind_codes.data_ptr(), weights.data_ptr(), len(kinds), numel,
+            [o.data_ptr() for o in outs], [_native.DTYPE_CODES[o.dtype] for o in outs], aligned,
+            torch.cuda.current_stream(device).cuda_stream)
     elif backend == "torch":
-        for k, out in enumerate(outs):
-            acc = torch.zeros(numel, dtype=torch.float32, device=out.device)
+        for k, out in enumerate(outs):  # from -0.0 as the kernels: a sum of -0.0 products stays -0.0
+            acc = torch.full((numel,), -0.0, dtype=torch.float32, device=out.device)
             for t, (x, s, kind) in enumerate(zip(tensors, scales, kinds)):
                 acc.add_(_decode_term(x, s, kind, numel), alpha=float(w[k, t]))
             out.view(-1).copy_(acc)
@@ -458,8 +496,9 @@ def _parse_header(path: str, metadata) -> dict:
         raise bad("its header is not valid JSON") from None
     if not isinstance(h, dict) or set(h) != _HEADER_KEYS:
         raise bad(f"its header must be an object with keys {sorted(_HEADER_KEYS)}")
-    if h["version"] != VERSION or h["block"] != BLOCK:
-        raise bad(f"version {h['version']!r} / block {h['block']!r}; this pymerge reads version {VERSION}, block {BLOCK}")
+    if h["version"] not in (1, VERSION) or h["block"] != BLOCK:
+        raise bad(f"version {h['version']!r} / block {h['block']!r}; this pymerge reads versions 1-{VERSION}, "
+                  f"block {BLOCK}")
     if h["mode"] not in COMPRESS_MODES:
         raise bad(f"mode {h['mode']!r} is not one of {COMPRESS_MODES}")
     budget = h["error_budget"]
@@ -494,7 +533,14 @@ def _parse_header(path: str, metadata) -> dict:
     return h
 
 
-def _expect(expected: dict, entry: dict) -> None:
+def _codes_now(codes: Optional[torch.Tensor], fmt: str, numel: int, header: dict) -> Optional[torch.Tensor]:
+    """Loaded codes in today's layout (version-1 int4 codes repacked)."""
+    if codes is not None and fmt == "int4" and header["version"] == 1:
+        return repack_v1_int4(codes, numel)
+    return codes
+
+
+def _expect(expected: dict, entry: dict, version: int) -> None:
     """The tensors (allowed dtypes, shape) the file must hold for one header entry."""
     name, shape = entry["name"], tuple(entry["shape"])
     numel = math.prod(shape)
@@ -503,7 +549,8 @@ def _expect(expected: dict, entry: dict) -> None:
     for i, fmt in enumerate(entry["formats"]):
         if fmt in ("int8", "int4"):
             p = padded(numel)
-            expected[f"{i}/{name}/codes"] = ((torch.int8,), (p,)) if fmt == "int8" else ((torch.uint8,), (p // 2,))
+            n_codes = p // 2 if fmt == "int4" and version == 1 else code_count(numel, fmt)
+            expected[f"{i}/{name}/codes"] = ((torch.int8 if fmt == "int8" else torch.uint8,), (n_codes,))
             expected[f"{i}/{name}/scales"] = ((torch.bfloat16,), (p // BLOCK,))
         elif fmt == "exact":
             expected[f"{i}/{name}/exact"] = (dense, (numel,))

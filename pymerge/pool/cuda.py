@@ -1,7 +1,10 @@
 """The pool's GPU paths: launches that need no host sync, and chunked streaming from host memory.
 
 - Device tier: the weights go to a device table with one non_blocking copy from a pinned slot per
-  call; every launch then reads weights and (cached) address tables already on the device.
+  call; every launch then reads weights and (cached) address tables already on the device. The
+  table is a new tensor per call from the caching allocator, on the stream whose kernels read it:
+  a later call (on any stream, before those kernels ran) never overwrites it, and the allocator
+  hands its memory out again only in that stream's order.
   Nothing is allocated and nothing waits on the host, so the
   whole materialize can be captured in a CUDA graph (pass the weights as a CUDA tensor to change
   them between replays without any copy: see `run_linear`).
@@ -32,7 +35,6 @@ class CudaRunner:
         self.inputs, self.device, self.residency, self.n = inputs, device, residency, n
         self.on_gpu = device.type == "cuda"
         self.streamed = residency in ("pinned", "mmap")
-        self._w_dev = None           # [G, K, N] float32 on the device
         self._w_host: List[torch.Tensor] = []  # pinned ring the weights are staged through
         self._w_events: List = []
         self._w_slot = 0
@@ -57,8 +59,7 @@ class CudaRunner:
             # eager calls overwrite (or reallocate): its replays would merge with other weights.
             raise InputError("materialize inside a CUDA graph capture needs the weights as a CUDA tensor on the "
                              "pool's device (update it in place between replays)")
-        if self._w_dev is None or tuple(self._w_dev.shape) != w.shape:
-            self._w_dev = torch.empty(w.shape, dtype=torch.float32, device=self.device)
+        if not self._w_host or tuple(self._w_host[0].shape) != w.shape:
             self._w_host = [torch.empty(w.shape, dtype=torch.float32).pin_memory() for _ in range(4)]
             self._w_events = [None] * 4
         slot = self._w_slot = (self._w_slot + 1) % len(self._w_host)
@@ -66,11 +67,12 @@ class CudaRunner:
         if ev is not None:
             ev.synchronize()  # the copy from this slot four calls ago; long done unless the host runs far ahead
         self._w_host[slot].copy_(torch.from_numpy(w))
-        self._w_dev.copy_(self._w_host[slot], non_blocking=True)
+        w_dev = torch.empty(w.shape, dtype=torch.float32, device=self.device)  # this call's own (see the module doc)
+        w_dev.copy_(self._w_host[slot], non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
         self._w_events[slot] = ev
-        return self._w_dev
+        return w_dev
 
     # ---- launches ----------------------------------------------------------------------------------
     def run_linear(self, plans, tables: List[np.ndarray], backend: str) -> None:

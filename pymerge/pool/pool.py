@@ -130,7 +130,7 @@ class CheckpointPool:
         self._plan_cache = grouped.PlanCache()
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
-        # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms) of the methods path,
+        # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms, dot products) of the methods path,
         # keyed by tensor name, checkpoint and parameters plus the inputs' version counters (a borrowed
         # tensor changed in place by torch is seen as new data).
         self._selection = SelectionCache()
@@ -458,11 +458,27 @@ class CheckpointPool:
                 task = TensorTask(inputs=inputs, base=base, model_params=mp, params=dict(global_params),
                                   name=p.name, seed=seed, backend=self.backend, num_threads=self.num_threads,
                                   cache=self._selection, cache_keys=keys)
+                if hasattr(m, "dot_group"):  # slerp, nuslerp, model_stock: their dots depend on the checkpoints only
+                    task.dots = _cached_dots(self._selection, (m.name, p.name, tuple(keys)))
                 m.check_params(task)
                 tasks.append((task, p.outs[k]))
         with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
             for task, out in tasks:
                 m.merge_tensor(task, out)
+
+
+def _cached_dots(cache: SelectionCache, key: tuple) -> Callable:
+    """interp.group_dots, kept in the pool's cache under (method, tensor, the inputs' version counters):
+    a search pays for a tensor's dot products once, not once per candidate."""
+    def dots(xs, base, sub, group, backend="auto", num_threads=0):
+        from pymerge.ops import interp
+        full = ("dots",) + key + (group, sub)
+        hit = cache.get(full)
+        if hit is None:
+            hit = interp.group_dots(xs, base, sub, group, backend, num_threads)
+            cache.put(full, hit)
+        return hit
+    return dots
 
 
 def _resolve_device(device) -> torch.device:

@@ -1,0 +1,71 @@
+"""Tokenizer merge benchmark: `mergekit-yaml` 0.1.5 vs `pymerge merge` on a union of two vocabularies.
+
+Two Llama-shaped models (WordLevel tokenizers of --vocab tokens each, half of them shared, the
+rest each model's own), merged linearly with `tokenizer_source: union`: the output has 1.5x
+--vocab tokens, and half the rows of each model are filled from the other. Each tool runs
+--repeats times on a warm page cache; wall time, CPU time and peak memory (bench_merge.run_tool).
+Prints a table and writes JSON + markdown under benchmarks/results/cpu/.
+
+    .venv/bin/python benchmarks/bench_tokenizer.py --vocab 8000 --hidden 512
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def main(argv=None):
+    from bench_merge import run_tool, warm
+    from common import write_results
+    import llama_factory as lf
+    import test_tokenizer_merge as tm
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--tools", default="mergekit,pymerge")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/pymerge-bench-tokenizer"))
+    args = ap.parse_args(argv)
+
+    work = args.workdir / f"v{args.vocab}-h{args.hidden}"
+    half = args.vocab // 2
+    special = tm.SPECIAL
+    words_a = special + [f"w{i}" for i in range(args.vocab - 3)]
+    words_b = special + [f"w{i}" for i in range(half, half + args.vocab - 3)]
+    dims = dict(hidden=args.hidden, intermediate=args.hidden, heads=4, kv_heads=4)
+    orig = lf.LlamaDims
+    lf.LlamaDims = lambda **kw: orig(**{**kw, **dims})  # tm.write_model's layers, our width
+    try:
+        a = tm.write_model(work / "a", words_a)
+        b = tm.write_model(work / "b", words_b, perturb_seed=1)
+    finally:
+        lf.LlamaDims = orig
+    cfg = work / "union.yml"
+    cfg.write_text(f"merge_method: linear\nbase_model: {a}\nmodels:\n"
+                   f"  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                   f"  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+                   f"dtype: float32\ntokenizer_source: union\n")
+    bin_dir = Path(sys.executable).parent
+    cmds = {"mergekit": lambda out: [str(bin_dir / "mergekit-yaml"), str(cfg), str(out), "--quiet", "--no-cuda"],
+            "pymerge": lambda out: [sys.executable, "-m", "pymerge", "merge", str(cfg), str(out), "--quiet",
+                                    "--device", "cpu"]}
+    rows = []
+    for _ in range(args.repeats):
+        for tool in args.tools.split(","):
+            warm([a, b])
+            r = run_tool(cmds[tool](work / f"out-{tool}"), work / f"out-{tool}")
+            rows.append({"tool": tool, "tokens": f"{args.vocab} + {args.vocab} -> {args.vocab + half - 3}",
+                         "hidden": args.hidden, **r})
+            print(rows[-1], flush=True)
+    table = write_results("bench_tokenizer", "cpu", rows,
+                          ["tool", "tokens", "hidden", "wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb"],
+                          "Tokenizer merge (union of two vocabularies, linear), end to end")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

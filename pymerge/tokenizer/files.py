@@ -1,0 +1,121 @@
+"""A model folder's tokenizer (tokenizer.json, tokenizer_config.json, chat template), read as JSON.
+
+Only the `tokenizers` library's tokenizer.json is read (what transformers' fast tokenizers load):
+its vocabulary is the model's (a mapping for BPE, WordLevel and WordPiece, a list of pieces for
+Unigram) plus `added_tokens`, each with its own id. No transformers, no tokenizers library: the
+output tokenizer is this file with added tokens appended, as tokenizers' add_tokens would.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from pymerge.errors import CheckpointError
+from pymerge.io.files import read_json, read_small, stays_inside
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+MAX_TOKENIZER_BYTES = 100_000_000
+_ADDED_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+@dataclass
+class Tokenizer:
+    folder: Path
+    doc: dict                      # tokenizer.json
+    config: dict                   # tokenizer_config.json, {} when there is none
+    vocab: Dict[str, int]          # every token (the model's and the added ones) -> id
+    added: List[dict]              # tokenizer.json's added_tokens, checked
+    model_size: int                # tokens of the model proper (where tokenizers numbers new tokens from)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / TOKENIZER_JSON
+
+    def template(self) -> Optional[str]:
+        """The chat template this tokenizer carries (chat_template.jinja wins, as in transformers)."""
+        f = self.folder / TEMPLATE_FILE
+        if os.path.lexists(f):
+            _inside(self.folder, f)
+            try:
+                return read_small(f).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CheckpointError(f"{f}: is not UTF-8 text (byte {exc.start})") from None
+        t = self.config.get("chat_template")
+        if isinstance(t, list):  # named templates: transformers' "default" one
+            t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+
+
+def read_tokenizer(folder) -> Tokenizer:
+    """A model folder's tokenizer; a missing or corrupt file is a CheckpointError naming it."""
+    folder = Path(folder)
+    path = folder / TOKENIZER_JSON
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: not found; merging vocabularies needs each model's tokenizer.json "
+                              f"(a fast tokenizer)")
+    _inside(folder, path)
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise CheckpointError(f"{path}: is not a tokenizer.json (no 'model' mapping)")
+    vocab = _model_vocab(doc["model"], path)
+    model_size = len(vocab)
+    added = doc.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise CheckpointError(f"{path}: 'added_tokens' must be a list")
+    for i, e in enumerate(added):
+        if (not isinstance(e, dict) or not isinstance(e.get("content"), str) or not _is_id(e.get("id"))
+                or any(not isinstance(e.get(k, False), bool) for k in _ADDED_FLAGS)):
+            raise CheckpointError(f"{path}: added_tokens[{i}] is not a token entry (id, content, flags)")
+        vocab[e["content"]] = e["id"]
+    config = {}
+    cpath = folder / TOKENIZER_CONFIG
+    if os.path.lexists(cpath):
+        _inside(folder, cpath)
+        config = read_json(cpath)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cpath}: is not a JSON object")
+    return Tokenizer(folder, doc, config, vocab, list(added), model_size)
+
+
+def _model_vocab(model: dict, path: Path) -> Dict[str, int]:
+    kind, raw = model.get("type"), model.get("vocab")
+    if kind == "Unigram" and isinstance(raw, list):
+        if not all(isinstance(e, list) and e and isinstance(e[0], str) for e in raw):
+            raise CheckpointError(f"{path}: model.vocab of a Unigram model must list [piece, score] pairs")
+        return {e[0]: i for i, e in enumerate(raw)}
+    if kind in ("BPE", "WordLevel", "WordPiece") and isinstance(raw, dict):
+        if not all(isinstance(k, str) and _is_id(v) for k, v in raw.items()):
+            raise CheckpointError(f"{path}: model.vocab must map tokens to ids >= 0")
+        return dict(raw)
+    raise CheckpointError(f"{path}: model type {kind!r} with this vocab layout is not supported "
+                          f"(BPE, WordLevel, WordPiece, Unigram)")
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 31
+
+
+def _inside(folder: Path, path: Path) -> None:
+    if not stays_inside(folder, path):  # its contents go into the output
+        raise CheckpointError(f"{path}: is a link to a file outside the model folder; copy the file into the "
+                              f"folder to use it")
+
+
+def added_entry(content: str, special: bool = False, normalized: Optional[bool] = None, *, id: int) -> dict:
+    """An added_tokens entry as tokenizers writes it (a plain string token is normalized, not special)."""
+    return {"id": id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": (not special) if normalized is None else normalized, "special": special}
+
+
+def folder_template(folder) -> Optional[str]:
+    """The chat template a model folder carries, if any (for `chat_template: auto`)."""
+    folder = Path(folder)
+    config = {}
+    cpath = folder / TOKENIZER_CONFIG
+    if os.path.lexists(cpath):
+        _inside(folder, cpath)
+        config = read_json(cpath)
+    holder = Tokenizer(folder, {}, config if isinstance(config, dict) else {}, {}, [], 0)
+    return holder.template()

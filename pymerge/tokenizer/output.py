@@ -1,0 +1,54 @@
+"""The tokenizer files of a merge whose tokenizer pymerge changes: a merged vocabulary
+(`tokenizer_source` / `tokenizer:`) or a new chat template. What mergekit writes through
+transformers' save_pretrained: tokenizer.json, tokenizer_config.json without the template, and
+the template in chat_template.jinja; the source's special_tokens_map.json rides along."""
+import json
+import os
+from pathlib import Path
+from typing import Set
+
+from pymerge.io.files import stays_inside
+from pymerge.tokenizer.files import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, read_json
+
+SPECIAL_MAP = "special_tokens_map.json"
+_FLAGS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+
+
+def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Set[str]:
+    """Writes what it changes; returns the donor's tokenizer files the caller must not copy."""
+    vocab, template = plan.vocabulary, plan.chat_template
+    if vocab is not None:  # mergekit saves a merged tokenizer even with --no-copy-tokenizer
+        src: Tokenizer = vocab.tokenizer
+        # compact: json's indenting encoder is pure Python, seconds for a 150k-token vocabulary
+        writer.write_text(TOKENIZER_JSON, json.dumps(vocab.doc, ensure_ascii=False))
+        _write_config(writer, src.config, template or src.template(), vocab.doc["added_tokens"])
+        special = src.folder / SPECIAL_MAP
+        if os.path.lexists(special) and stays_inside(src.folder, special):
+            writer.copy_file(special, SPECIAL_MAP)
+        return {"tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json"}
+    if template is None:
+        return set()
+    if not copy_tokenizer:
+        plan.warnings.append("chat_template: no tokenizer is written (--no-copy-tokenizer); the template is not saved")
+        return set()
+    cpath = donor / TOKENIZER_CONFIG
+    if not (os.path.lexists(cpath) or os.path.lexists(donor / TOKENIZER_JSON)):
+        plan.warnings.append(f"chat_template: {donor} has no tokenizer to carry the template; not saved")
+        return set()
+    config = {}
+    if os.path.lexists(cpath) and stays_inside(donor, cpath):
+        config = read_json(cpath)
+    _write_config(writer, config if isinstance(config, dict) else {}, template, None)
+    return {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}
+
+
+def _write_config(writer, config: dict, template, added) -> None:
+    config = dict(config)
+    if template is not None or isinstance(config.get("chat_template"), str):
+        config.pop("chat_template", None)  # transformers saves it as chat_template.jinja
+    if added is not None and "added_tokens_decoder" in config:  # transformers 4's copy of added_tokens
+        config["added_tokens_decoder"] = {str(e["id"]): {k: e.get(k, False) for k in _FLAGS} for e in added}
+    writer.write_json(TOKENIZER_CONFIG, config)
+    if template is not None:
+        writer.write_text(TEMPLATE_FILE, template)

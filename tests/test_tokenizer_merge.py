@@ -1,0 +1,348 @@
+"""Tokenizer merges: `tokenizer_source` (base, union, a model), `tokenizer:` (tokens, force,
+pad_to_multiple_of) and `chat_template`, against mergekit-yaml 0.1.5.
+
+1. Parity through the CLI: Llama-shaped checkpoints whose vocabularies differ (tokens missing,
+   extra, reordered, added special tokens, a padded embedding), tied and untied embeddings,
+   linear / ties / task_arithmetic / slerp: same tensor names, shapes and dtypes, values within
+   1e-5 relative, the embedding rows compared token by token (mergekit numbers a union's new
+   tokens in hash order, which varies per run); same vocabulary, added tokens and flags, special
+   tokens, config vocab_size and chat template (the built-in ones compared by rendering them).
+2. Blocks of rows: a merge streamed a few rows at a time equals the one-block merge, bit for bit.
+3. Bad input: one line, exit 2, no output.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import llama_factory as lf
+from pymerge import cli
+
+mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
+
+TOL = 1e-5
+SPECIAL = ["<unk>", "<s>", "</s>"]
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def write_model(folder, words, *, seed=0, perturb_seed=None, tie=False, added=(), rows=None, template=None):
+    """A tiny Llama whose WordLevel tokenizer has `words` (the first three special), then `added`
+    special tokens; `rows` embedding rows (default: one per token)."""
+    n = len(words) + len(added)
+    dims = lf.LlamaDims(hidden=16, layers=2, intermediate=24, heads=2, kv_heads=1, vocab=rows or n, tie_embeddings=tie)
+    f = lf.make_llama(folder, dims=dims, seed=seed, perturb_seed=perturb_seed, perturb=0.3)
+    vocab = {w: i for i, w in enumerate(words)}
+    entries = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for i, c in enumerate(words[:3])]
+    entries += [{"id": len(words) + j, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True} for j, c in enumerate(added)]
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": entries, "normalizer": None,
+           "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    (f / "tokenizer.json").write_text(json.dumps(tok))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "model_max_length": 256}
+    if template:
+        config["chat_template"] = template
+    (f / "tokenizer_config.json").write_text(json.dumps(config))
+    return f
+
+
+W = [f"w{i}" for i in range(20)]
+X = [f"x{i}" for i in range(12)]
+C_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    out = {}
+    for tie in (False, True):
+        t = "t" if tie else ""
+        out["a" + t] = write_model(root / f"a{t}", SPECIAL + W + ["<pad>"], tie=tie)
+        out["b" + t] = write_model(root / f"b{t}", SPECIAL + W[:10] + X, perturb_seed=1, tie=tie,
+                                   added=["<|im_start|>"], rows=30)  # padded embedding (26 tokens)
+        out["c" + t] = write_model(root / f"c{t}", SPECIAL + X[:5] + W[:15], perturb_seed=2, tie=tie,
+                                   added=["<pad>"], template=C_TEMPLATE)
+        out["d" + t] = write_model(root / f"d{t}", SPECIAL + W + ["<pad>"], perturb_seed=3, tie=tie)
+    return root, {k: str(v) for k, v in out.items()}
+
+
+F32 = {"dtype": "float32"}
+
+
+def configs(m):
+    a, b, c, d = m["a"], m["b"], m["c"], m["d"]
+    at, bt, ct = m["at"], m["bt"], m["ct"]
+    return {
+        "linear_union": {"merge_method": "linear", "base_model": a, "models": [
+            {"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.3}},
+            {"model": c, "parameters": {"weight": 0.2}}], "tokenizer_source": "union", **F32},
+        "ties_tokens": {"merge_method": "ties", "base_model": a, "models": [
+            {"model": b, "parameters": {"weight": 0.6, "density": 0.7}},
+            {"model": c, "parameters": {"weight": 0.4, "density": 0.5}}],
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+                "<|im_start|>": {"source": b},
+                "x0": {"source": {"kind": "model_token", "model": c, "token": "w3"}, "force": True},
+                "w1": {"source": {"kind": "zero"}},
+                "w15": {"source": {"kind": "model_token", "model": b, "token_id": 4}},
+                "<new>": {"source": {"kind": "zero"}}}},
+            "chat_template": "chatml", **F32},
+        "task_arithmetic_base_tied": {"merge_method": "task_arithmetic", "base_model": at, "models": [
+            {"model": bt, "parameters": {"weight": 0.7}}, {"model": ct, "parameters": {"weight": [0.2, 0.9]}}],
+            "tokenizer_source": "base", "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+            **F32},
+        "slerp_model_tied": {"merge_method": "slerp", "base_model": at, "models": [{"model": ct}],
+                             "parameters": {"t": 0.3}, "tokenizer_source": ct, "chat_template": "auto", **F32},
+        "linear_union_bf16": {"merge_method": "linear", "models": [
+            {"model": b, "parameters": {"weight": 1.0}}, {"model": c, "parameters": {"weight": 2.0}}],
+            "base_model": c, "tokenizer": {"pad_to_multiple_of": 12}, "dtype": "bfloat16"},
+        "chat_template_only": {"merge_method": "linear", "models": [
+            {"model": a, "parameters": {"weight": 1.0}}, {"model": d, "parameters": {"weight": 1.0}}],
+            "chat_template": "llama3", **F32},
+    }
+
+
+NAMES = list(configs({k: k for k in ("a", "b", "c", "d", "at", "bt", "ct", "dt")}))
+
+
+@pytest.fixture(scope="module")
+def parity(models):
+    root, m = models
+    jobs = []
+    for name, c in configs(m).items():
+        path = root / f"{name}.yml"
+        path.write_text(yaml.safe_dump(c, sort_keys=False))
+        jobs.append((str(path), str(root / "mk" / name)))
+    driver = ("import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
+              "for cfg, out in json.loads(sys.argv[1]):\n"
+              "    main([cfg, out, '--quiet', '--no-cuda'], standalone_mode=False)\n")
+    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def run_cli(argv, capsys):
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def close(a, b) -> bool:
+    """float32: within 1e-5 relative. 16-bit: one rounding step apart (the tools round float32 values
+    that differ in their last bits: mergekit's linear computes in bfloat16)."""
+    if b.dtype == torch.float32 or not b.numel():
+        return rel(a, b) <= TOL
+    a, b = a.double(), b.double()
+    return bool(((a - b).abs() <= torch.finfo(torch.bfloat16).eps * b.abs() + 1e-7 * b.abs().max()).all())
+
+
+def vocab_of(folder):
+    t = json.loads((folder / "tokenizer.json").read_text())
+    v = dict(t["model"]["vocab"])
+    v.update({e["content"]: e["id"] for e in t["added_tokens"]})
+    return v, {e["content"]: {k: e[k] for k in e if k != "id"} for e in t["added_tokens"]}
+
+
+def render(template, messages, gen):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    return env.from_string(template).render(messages=messages, add_generation_prompt=gen, bos_token="<s>",
+                                            eos_token="</s>")
+
+
+CONVERSATIONS = [[{"role": "user", "content": " hi "}],
+                 [{"role": "system", "content": "be brief "}, {"role": "user", "content": "q1"},
+                  {"role": "assistant", "content": " a1"}, {"role": "user", "content": "q2\n"}]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_mergekit_yaml(parity, name, tmp_path, capsys):
+    out, theirs_dir = tmp_path / "out", parity / "mk" / name
+    rc, err = run_cli(["merge", parity / f"{name}.yml", out, "--quiet"], capsys)
+    assert rc == 0, err
+    ours, theirs = lf.load_folder(out), lf.load_folder(theirs_dir)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    (vo, added_o), (vt, added_t) = vocab_of(out), vocab_of(theirs_dir)
+    assert set(vo) == set(vt) and added_o.keys() == added_t.keys()
+    assert added_o == added_t  # flags (special, normalized, ...) of every added token
+    cfg = yaml.safe_load((parity / f"{name}.yml").read_text())
+    union = (cfg.get("tokenizer") or {}).get("source", "union") == "union" if "tokenizer" in cfg \
+        else cfg.get("tokenizer_source") == "union"
+    if not union:
+        assert vo == vt  # same ids too
+    tokens = sorted(vt, key=vt.get)
+    for k, b in theirs.items():
+        a = ours[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, b.dtype, a.shape, b.shape)
+        if k in VOCAB_TENSORS:  # row by row, per token; padding rows (the mean) as they are
+            n = len(tokens)
+            assert close(a[[vo[t] for t in tokens]], b[[vt[t] for t in tokens]]), (name, k)
+            assert close(a[n:], b[n:]), (name, k, "padding")
+        else:
+            assert close(a, b), (name, k, rel(a, b))
+    cfg_o, cfg_t = (json.loads((d / "config.json").read_text()) for d in (out, theirs_dir))
+    assert cfg_o["vocab_size"] == cfg_t["vocab_size"]
+    tc_o, tc_t = (json.loads((d / "tokenizer_config.json").read_text()) for d in (out, theirs_dir))
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "chat_template"):
+        assert tc_o.get(key) == tc_t.get(key), key
+    tpl_o, tpl_t = ((d / "chat_template.jinja") for d in (out, theirs_dir))
+    assert tpl_o.exists() == tpl_t.exists()
+    if tpl_t.exists():
+        if cfg.get("chat_template") in ("chatml", "llama3"):  # built-ins: pymerge's own text, same conversations
+            for conv in CONVERSATIONS:
+                for gen in (False, True):
+                    assert render(tpl_o.read_text(), conv, gen) == render(tpl_t.read_text(), conv, gen)
+        else:
+            assert tpl_o.read_text() == tpl_t.read_text()
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model",
+                       "special_tokens_map.json"}
+    extra = {"special_tokens_map.json", "generation_config.json"}  # pymerge keeps the source's
+    names = lambda d: {p.name for p in d.iterdir()} & tokenizer_files  # noqa: E731
+    assert names(theirs_dir) <= names(out) <= names(theirs_dir) | extra
+
+
+def test_union_vocabulary_and_rows(parity, tmp_path, capsys):
+    """Union: the base's ids unchanged, the others' tokens appended (plain ones, then added ones);
+    a token only one model has takes that model's row; one the base lacks but two have, their mean."""
+    out = tmp_path / "o"
+    assert run_cli(["merge", parity / "linear_union.yml", out, "--quiet"], capsys)[0] == 0
+    cfg = yaml.safe_load((parity / "linear_union.yml").read_text())
+    a, b, c = (m["model"] for m in cfg["models"])
+    v, added = vocab_of(out)
+    va, vb, vc = (vocab_of(Path(x))[0] for x in (a, b, c))
+    assert all(v[t] == i for t, i in va.items())
+    assert [t for t in sorted(v, key=v.get) if t not in va] == X + ["<|im_start|>"]
+    assert added["x0"]["normalized"] and not added["x0"]["special"] and added["<|im_start|>"]["special"]
+    got = lf.load_folder(out)["model.embed_tokens.weight"].double()
+    e = {k: lf.load_folder(x)["model.embed_tokens.weight"].double() for k, x in (("a", a), ("b", b), ("c", c))}
+    # x7: only b has it, so every model's row is b's, and the merge is b's row
+    assert rel(got[v["x7"]], e["b"][vb["x7"]]) <= 1e-6
+    # x2: b and c have it (the base does not): each lacking model takes their mean
+    mean = (e["b"][vb["x2"]] + e["c"][vc["x2"]]) / 2
+    want = 0.5 * mean + 0.3 * e["b"][vb["x2"]] + 0.2 * e["c"][vc["x2"]]
+    assert rel(got[v["x2"]], want) <= 1e-6
+    # w12: a and c have it, b does not: b takes the base's row
+    want = 0.5 * e["a"][va["w12"]] + 0.3 * e["a"][va["w12"]] + 0.2 * e["c"][vc["w12"]]
+    assert rel(got[v["w12"]], want) <= 1e-6
+
+
+def test_blocks_of_rows_give_the_same_bits(parity, tmp_path, capsys, monkeypatch):
+    from pymerge.tokenizer import rows
+    for name in ("ties_tokens", "linear_union_bf16"):
+        whole = tmp_path / f"{name}-whole"
+        assert run_cli(["merge", parity / f"{name}.yml", whole, "--quiet"], capsys)[0] == 0
+        for step in (1, 3, 7):
+            monkeypatch.setattr(rows, "rows_per_block", lambda *a, step=step: step)
+            out = tmp_path / f"{name}-{step}"
+            assert run_cli(["merge", parity / f"{name}.yml", out, "--quiet"], capsys)[0] == 0
+            a, b = lf.load_folder(out), lf.load_folder(whole)
+            assert all(torch.equal(a[k], b[k]) for k in b), (name, step)
+        monkeypatch.undo()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def _bad(tmp_path, capsys, cfg, *words):
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", path, out, "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, (rc, err)
+    for w in words:
+        assert w in err, (w, err)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def _union(a, b, **more):
+    return {"merge_method": "linear", "base_model": a, "models": [
+        {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}],
+        "tokenizer_source": "union", **more}
+
+
+def test_missing_or_corrupt_tokenizer(models, tmp_path, capsys):
+    _, m = models
+    broken = write_model(tmp_path / "broken", SPECIAL + W, perturb_seed=5)
+    (broken / "tokenizer.json").unlink()
+    _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "not found")
+    (broken / "tokenizer.json").write_text('{"model": {"type": "WordLevel", "vocab": {"a": 0}')
+    _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "JSON")
+    (broken / "tokenizer.json").write_text('{"model": {"type": "WordLevel", "vocab": {"a": -3}}}')
+    _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "ids")
+    (broken / "tokenizer.json").write_text('{"model": {"type": "Mystery", "vocab": {}}}')
+    _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "Mystery")
+
+
+def test_vocabulary_larger_than_the_embedding(models, tmp_path, capsys):
+    _, m = models
+    small = write_model(tmp_path / "small", SPECIAL + W + ["<pad>"], perturb_seed=6)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 20
+    (small / "config.json").write_text(json.dumps(cfg))
+    _bad(tmp_path, capsys, _union(m["a"], str(small)), "small/tokenizer.json", "larger than its embedding")
+
+
+def test_token_sources_must_be_models_of_the_merge(models, tmp_path, capsys):
+    _, m = models
+    _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None,
+                            "tokenizer": {"tokens": {"x1": {"source": m["c"]}}}},
+         "tokenizer.tokens['x1'].source", "not one of the models merged")
+    _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None,
+                            "tokenizer": {"tokens": {"x1": {"source": m["a"]}}}},
+         "tokenizer.tokens['x1'].source", "lacks the token 'x1'")
+    _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None,
+                            "tokenizer": {"tokens": {"x1": {"force": True}}}},
+         "tokenizer.tokens['x1']", "needs a source")
+    _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None, "tokenizer": {"tokens": {
+        "x1": {"source": {"kind": "model_token", "model": m["b"], "token_id": 99}}}}}, "token id 99 is out of range")
+
+
+def test_bad_chat_template_and_slices(models, tmp_path, capsys):
+    _, m = models
+    _bad(tmp_path, capsys, _union(m["a"], m["b"], chat_template="chatmlx"), "chat_template", "chatmlx")
+    _bad(tmp_path, capsys, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": m["a"], "layer_range": [0, 2]}]}], "tokenizer_source": "base"},
+        "tokenizer_source", "slices")
+
+
+# ---- other executors -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ranks_write_the_same_merge(parity, tmp_path, capsys):
+    """Under a launcher (2 ranks, gloo): the same tensors, bit for bit, and the same tokenizer."""
+    from test_dist_merge import finish, launch
+    name = "ties_tokens"
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(["merge", parity / f"{name}.yml", one, "--quiet"], capsys)[0] == 0
+    codes, lines = finish(launch(2, ["merge", str(parity / f"{name}.yml"), str(two), "--quiet"]))
+    assert codes == [0, 0], lines
+    a, b = lf.load_folder(one), lf.load_folder(two)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["ties_tokens", "slerp_model_tied", "linear_union_bf16"])
+def test_gpu_matches_cpu(parity, name, tmp_path):
+    from pymerge.merge import run_merge
+    run_merge(parity / f"{name}.yml", tmp_path / "cpu", device="cpu", quiet=True)
+    report = run_merge(parity / f"{name}.yml", tmp_path / "gpu", device="cuda", quiet=True)
+    assert report.device.startswith("cuda")
+    a, b = lf.load_folder(tmp_path / "gpu"), lf.load_folder(tmp_path / "cpu")
+    assert set(a) == set(b)
+    for k in b:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        assert close(a[k], b[k]), (name, k)
