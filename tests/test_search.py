@@ -98,6 +98,21 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=8, state_path=path, log=None)
 
 
+@pytest.mark.parametrize("first", [12, 17, 1])
+def test_larger_budget_finishes_the_generation_a_budget_cut(tmp_path, first):
+    """A budget ending mid-generation (1 + 8 + 3 = 12 evaluations) and then a larger one: the second run
+    finishes the cut generation before asking a new one, so both runs equal one uninterrupted run."""
+    pool, evaluate, _ = synthetic()
+    full = optimize(pool, evaluate, model=Vec(), budget=40, popsize=8, seed=7, log=None)
+    path = str(tmp_path / "state.json")
+    part = optimize(pool, evaluate, model=Vec(), budget=first, popsize=8, seed=7, state_path=path, log=None)
+    assert len(part.history) == first
+    more = optimize(pool, evaluate, model=Vec(), budget=40, popsize=8, seed=7, state_path=path, log=None)
+    assert [r["x"] for r in more.history] == [r["x"] for r in full.history]
+    assert [r["generation"] for r in more.history] == [r["generation"] for r in full.history]
+    assert more.generations == full.generations
+
+
 def test_global_numpy_rng_does_not_change_the_search():
     pool, evaluate, _ = synthetic()
 

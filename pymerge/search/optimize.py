@@ -17,7 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -157,10 +157,11 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     with rng:
         es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
     state = _load_state(state_path, fingerprint, (g, n))
+    pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
     if state is None:
         state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0, "x0_done": False}
     else:
-        _replay(es, rng, state, state_path)
+        pending = _replay(es, rng, state, state_path)
         if any(not np.allclose(to_weights(r["x"]), r["weights"], rtol=1e-9, atol=1e-12) for r in state["history"]):
             raise InputError(f"{state_path}: saved search state has weights that do not follow from its candidates; "
                              "use another state_path or delete it")
@@ -198,11 +199,15 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         _save_state(state_path, state)
     t_start = time.perf_counter()
     while len(history) < budget:
-        with rng:
-            xs = es.ask()
+        if pending is not None:  # a larger budget finishes that generation, as an uninterrupted run would
+            (xs, objs), pending = pending, None
+            gen = state["generation"]
+        else:
+            with rng:
+                xs = es.ask()
+            objs, gen = [], state["generation"] + 1
         left = budget - len(history)
-        gen = state["generation"] + 1
-        objs = run(xs[:left], gen)
+        objs = objs + run(xs[len(objs):len(objs) + left], gen)
         if len(objs) == len(xs):  # a partial last generation is evaluated but not told
             with rng:
                 es.tell(xs, [_fitness(o) for o in objs])
@@ -235,8 +240,9 @@ def _fitness(objective: float) -> float:
     return -objective if math.isfinite(objective) else 1e300
 
 
-def _replay(es, rng, state: dict, path: str) -> None:
-    """Brings a fresh CMA-ES to where the saved run stopped: ask, check the recorded candidates, tell."""
+def _replay(es, rng, state: dict, path: str) -> Optional[Tuple[list, List[float]]]:
+    """Brings a fresh CMA-ES to where the saved run stopped: ask, check the recorded candidates, tell.
+    Returns the last generation's candidates and objectives if the budget ended it part-way (else None)."""
     history = state["history"]
     if history and not np.allclose(history[0]["x"], state["fingerprint"]["x0"], rtol=1e-9, atol=1e-12):
         raise InputError(f"{path}: saved search state's first candidate is not x0; use another state_path or delete it")
@@ -256,6 +262,9 @@ def _replay(es, rng, state: dict, path: str) -> None:
         if len(rows) == len(xs):
             with rng:
                 es.tell(xs, [_fitness(r["objective"]) for r in rows])
+        elif gen == last:
+            return xs, [r["objective"] for r in rows]
+    return None
 
 
 def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
