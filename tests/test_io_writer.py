@@ -327,6 +327,24 @@ def test_stale_temp_of_killed_run_is_removed(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+def test_stale_temp_of_a_killed_run_nobody_reaped_is_removed(tmp_path):
+    """A writer killed along with its parent stays a zombie where init never reaps (some container
+    inits): kill(pid, 0) still succeeds, yet it writes nothing more and its folder must go."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        tmp = proc.stdout.readline().strip()
+        os.kill(proc.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # dead, but left unreaped: a zombie
+        os.kill(proc.pid, 0)  # ...which still looks alive to kill(0)
+        write_all(out, {"a": torch.ones(2)})
+        assert os.listdir(tmp_path) == ["out"] and not os.path.exists(tmp)
+    finally:
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_stale_temps_of_live_processes_and_other_outputs_are_kept(tmp_path):
     mine = tmp_path / f".out.pymerge-tmp-{os.getppid()}"  # a live process (our parent)
     other = tmp_path / f".other.pymerge-tmp-{dead_pid()}"  # another output's business

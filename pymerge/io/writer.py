@@ -517,7 +517,18 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return True  # unsure: keep the folder
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed writer whose parent died too stays a zombie until init reaps it, and some
+    container inits never do: it still answers kill(0) but writes nothing more."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")  # the state follows "(comm) "
 
 
 def _remove_stale(out: Path) -> None:
