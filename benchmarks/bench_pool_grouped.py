@@ -1,25 +1,32 @@
 """CheckpointPool.materialize on the CPU: one native call per candidate (the grouped task table) vs one
-kernel call per tensor, against same-run copy bandwidth, across model sizes and tensor counts.
+kernel call per tensor, against same-run copy bandwidth, across model sizes and tensor counts; the fixed
+cost of a call; and the registered methods (task_arithmetic, ties, dare_ties) as one call vs per tensor.
 
-    python benchmarks/bench_pool_grouped.py [--quick | --full] [--n 5] [--rounds 7]
+    python benchmarks/bench_pool_grouped.py [--quick | --full] [--n 5] [--rounds 15] [--no-methods]
 
+--full: 1M to 500M parameters, 100 and 1000 tensors each (about 14 GB of RAM at 500M, N = 5).
 Bytes counted: (N+1) model sizes per materialize (N read, 1 written). The copy baseline is torch's
-dst.copy_(src) over the same bytes; rounds are interleaved and the best of each is kept (the machine
-is shared and its bandwidth drifts; small cases get more rounds, up to 200). "fixed cost" is materialize of a 100-tensor model of 64 elements
-per tensor: all overhead, no bandwidth. Writes benchmarks/results/cpu/bench_pool_grouped.{json,md}.
+dst.copy_(src) over the same bytes (at most 1 GB: beyond the caches the copy's rate no longer depends
+on its size). Rounds interleave copy, per tensor and grouped, so a drifting machine load hits them all
+alike; each row reports the best time of each, and the ratio grouped / copy per round (median and the
+range over rounds), with the load average around the row. The machine is shared: read the ratios, and
+rerun on a quiet machine for absolute figures. Writes benchmarks/results/cpu/bench_pool_grouped.{json,md}
+(bench_pool_grouped_quick.* with --quick).
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import time_interleaved, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 
 from pymerge.pool import CheckpointPool  # noqa: E402
+
+COPY_CAP = 1 << 30  # bytes moved per copy sample, at most
 
 
 class Flat(torch.nn.Module):
@@ -32,77 +39,137 @@ class Flat(torch.nn.Module):
         self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in sizes])
 
 
-def case(params: int, tensors: int, n: int, rounds: int) -> dict:
+def sample(fns: dict, rounds: int) -> dict:
+    """Seconds per call, one sample per function and round, rounds interleaved (after a warm-up call)."""
+    for f in fns.values():
+        f()
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            out[k].append(time.perf_counter() - t)
+    return out
+
+
+def make_pool(params: int, tensors: int, n: int, base: bool = False):
     sources = []
-    for i in range(n):
+    for i in range(n + base):
         torch.manual_seed(i)
         sources.append({k: torch.randn(v.shape).to(v.dtype) for k, v in Flat(params, tensors).state_dict().items()})
-    pool = CheckpointPool(sources, device="cpu")
-    target = Flat(params, tensors)
+    return CheckpointPool(sources[:n], base=sources[n] if base else None, device="cpu")
+
+
+def case(params: int, tensors: int, n: int, rounds: int) -> dict:
+    load0 = os.getloadavg()[0]
+    pool = make_pool(params, tensors, n)
+    target, per_target = Flat(params, tensors), Flat(params, tensors)
     w = [1.0 / n] * n
-    model_bytes = pool.model_nbytes()
-    copy_elems = (n + 1) * model_bytes // 2 // 2  # (N+1)/2 model sizes read, as many written
-    src = torch.randn(copy_elems).bfloat16()
+    moved = (n + 1) * pool.model_nbytes()
+    copy_bytes = min(moved, COPY_CAP)
+    src = torch.randn(copy_bytes // 4).bfloat16()  # copy_bytes / 2 read, as many written
     dst = torch.empty_like(src)
-    pool.materialize(w, into=target)
-    plans = pool._plan([target], [0] * len(pool.names), None, True)
-    table = [np.asarray([w], dtype=np.float64)]
     fns = {
         "copy": lambda: dst.copy_(src),
-        "per_tensor": lambda: pool._run_linear(plans, table),  # one kernel call per tensor (the old path)
+        # a name function is not cacheable: the per-tensor path (plans checked and one kernel call per tensor)
+        "per_tensor": lambda: pool.materialize(w, into=per_target, names=lambda s: s),
         "grouped": lambda: pool.materialize(w, into=target),
     }
     t0 = time.perf_counter()
     fns["grouped"]()
-    # a shared, loaded machine: enough rounds that each function gets some quiet ones (about 2 s a case)
-    t = time_interleaved(fns, min(200, max(rounds, int(0.5 / max(time.perf_counter() - t0, 1e-6)))), "cpu")
-    bw = {k: (n + 1) * model_bytes / v / 1e9 for k, v in t.items()}
-    return {"params": params, "tensors": tensors, "MB per model": model_bytes / 1e6,
+    fns["copy"]()
+    # small cases get more rounds (about 1 s of grouped calls), up to 200
+    r = min(200, max(rounds, int(1.0 / max(time.perf_counter() - t0, 1e-6))))
+    t = sample(fns, r)
+    t["copy"] = [s * moved / copy_bytes for s in t["copy"]]  # as if the copy moved the same bytes
+    ratio = sorted(c / g for c, g in zip(t["copy"], t["grouped"]))
+    bw = {k: moved / min(v) / 1e9 for k, v in t.items()}
+    return {"params": params, "tensors": tensors, "MB per model": pool.model_nbytes() / 1e6, "rounds": r,
             "copy GB/s": bw["copy"], "per-tensor GB/s": bw["per_tensor"], "grouped GB/s": bw["grouped"],
             "per-tensor / copy": bw["per_tensor"] / bw["copy"], "grouped / copy": bw["grouped"] / bw["copy"],
-            "grouped ms": 1e3 * t["grouped"]}
+            "grouped / copy, median per round": statistics.median(ratio),
+            "range": f"{ratio[0]:.2f}-{ratio[-1]:.2f}", "grouped ms": 1e3 * min(t["grouped"]),
+            "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"}
 
 
 def fixed_cost(n: int, rounds: int, tensors: int = 100, calls: int = 200) -> dict:
-    sources = [{k: torch.randn(v.shape).to(v.dtype) for k, v in Flat(64 * tensors, tensors).state_dict().items()}
-               for _ in range(n)]
-    pool = CheckpointPool(sources, device="cpu")
+    """materialize of a model of `tensors` tensors of 64 elements: all overhead, no bandwidth."""
+    load0 = os.getloadavg()[0]
+    pool = make_pool(64 * tensors, tensors, n)
     target = Flat(64 * tensors, tensors)
     w = [1.0 / n] * n
-    best = float("inf")
+    per_call = []
     for _ in range(rounds):
         t = time.perf_counter()
         for _ in range(calls):
             pool.materialize(w, into=target)
-        best = min(best, (time.perf_counter() - t) / calls)
-    return {"tensors": tensors, "us per materialize": best * 1e6}
+        per_call.append((time.perf_counter() - t) / calls * 1e6)
+    return {"tensors": tensors, "best us": min(per_call), "median us": statistics.median(per_call),
+            "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"}
+
+
+def methods(n: int, rounds: int, sizes) -> list:
+    """Registered methods through the pool: one native call (cached entry) vs one kernel call per tensor."""
+    rows = []
+    cases = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
+    for params, tensors in sizes:
+        pool = make_pool(params, tensors, n, base=True)
+        target, per_target = Flat(params, tensors), Flat(params, tensors)
+        w = [1.0 / n] * n
+        for method, kw in cases.items():
+            load0 = os.getloadavg()[0]
+            t = sample({"per_tensor": lambda: pool.materialize(w, into=per_target, method=method,
+                                                                names=lambda s: s, **kw),
+                        "one_call": lambda: pool.materialize(w, into=target, method=method, **kw)}, rounds)
+            best = {k: min(v) for k, v in t.items()}
+            rows.append({"params": f"{params / 1e6:g}M", "tensors": tensors, "method": method,
+                         "per-tensor ms": 1e3 * best["per_tensor"], "one call ms": 1e3 * best["one_call"],
+                         "speedup": best["per_tensor"] / best["one_call"],
+                         "GB/s (N+2 model sizes)": (n + 2) * pool.model_nbytes() / best["one_call"] / 1e9,
+                         "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"})
+            print({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="two small models, 3 rounds")
-    ap.add_argument("--full", action="store_true", help="up to 500M parameters (about 6 GB of RAM at N=5)")
+    ap.add_argument("--quick", action="store_true", help="two small models, 5 rounds")
+    ap.add_argument("--full", action="store_true", help="1M to 500M parameters, 100 and 1000 tensors each")
     ap.add_argument("--n", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--no-methods", action="store_true", help="skip the task_arithmetic / ties / dare_ties rows")
     args = ap.parse_args(argv)
-    sizes = [(1e6, 100), (5e6, 100)] if args.quick else [(1e6, 100), (5e6, 100), (5e6, 1000), (20e6, 100),
-                                                         (20e6, 1000), (100e6, 300)]
-    if args.full:
-        sizes += [(500e6, 300)]
-    rounds = 3 if args.quick else args.rounds
+    if args.quick:
+        sizes = [(1e6, 100), (5e6, 1000)]
+    elif args.full:
+        sizes = [(p, t) for p in (1e6, 5e6, 20e6, 100e6, 500e6) for t in (100, 1000)]
+    else:
+        sizes = [(1e6, 100), (5e6, 100), (5e6, 1000), (20e6, 100), (20e6, 1000), (100e6, 300)]
+    rounds = 5 if args.quick else args.rounds
     rows = []
     for params, tensors in sizes:
         rows.append(case(int(params), tensors, args.n, rounds))
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
-    fc = fixed_cost(args.n, rounds)
-    print(f"fixed cost: {fc['us per materialize']:.1f} us per materialize of a {fc['tensors']}-tensor model")
+    fc = fixed_cost(args.n, max(rounds, 7))
+    print(f"fixed cost: {fc['best us']:.1f} us best, {fc['median us']:.1f} us median per materialize of a "
+          f"{fc['tensors']}-tensor model (load {fc['load']})", flush=True)
     cols = ["params", "tensors", "MB per model", "copy GB/s", "per-tensor GB/s", "grouped GB/s", "per-tensor / copy",
-            "grouped / copy", "grouped ms"]
+            "grouped / copy", "grouped / copy, median per round", "range", "grouped ms", "rounds", "load"]
     title = (f"CheckpointPool.materialize, N={args.n} bf16 checkpoints, CPU: grouped (one native call) vs per tensor; "
-             f"fixed cost {fc['us per materialize']:.1f} us for {fc['tensors']} tensors")
+             f"fixed cost {fc['best us']:.1f} us best, {fc['median us']:.1f} us median, {fc['tensors']} tensors "
+             f"(load {fc['load']})")
     for r in rows:
         r["params"] = f"{r['params'] / 1e6:g}M"
-    print(write_results("bench_pool_grouped" + ("_quick" if args.quick else ""), "cpu", rows, cols, title))
+    name = "bench_pool_grouped" + ("_quick" if args.quick else "_full" if args.full else "")
+    print(write_results(name, "cpu", rows, cols, title))
+    if not args.no_methods:
+        m_sizes = [(1e6, 100), (5e6, 1000)] if args.quick else [(5e6, 1000), (20e6, 100)]
+        mrows = methods(args.n, max(3, rounds // 3), [(int(p), t) for p, t in m_sizes])
+        mcols = ["params", "tensors", "method", "per-tensor ms", "one call ms", "speedup", "GB/s (N+2 model sizes)",
+                 "load"]
+        print(write_results(name + "_methods", "cpu", mrows, mcols,
+                            f"CheckpointPool.materialize of registered methods, N={args.n} bf16 checkpoints + base, "
+                            "CPU: one native call vs one kernel call per tensor"))
 
 
 if __name__ == "__main__":

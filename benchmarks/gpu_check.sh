@@ -87,8 +87,8 @@ gpu_step bench_pool 90 $PY benchmarks/bench_pool.py --device cuda --params 128e6
 gpu_step bench_cpool 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick; table bench_compressed_pool_quick
 gpu_step bench_cpool_cuda 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick --backend cuda; table bench_compressed_pool_quick_cuda
 gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
-for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...)
-  [ -f "$extra" ] && gpu_step "$(basename "$extra" .sh)" 90 bash "$extra"
+for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
+  [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
 done
 
 bundle

@@ -74,6 +74,7 @@ class MergeConfig:
     chat_template: Optional[str] = None
     source: str = "<config>"             # the file it came from, for messages
     sliced: Optional[Any] = None         # a `slices:` / `modules:` config (pymerge.slices.SlicedConfig)
+    lora_merge_dtype: Optional[str] = None  # dtype of MODEL+LORA models (--lora-merge-dtype; None: their own)
     warnings: List[str] = field(default_factory=list)
 
     def where(self, what: str) -> str:
@@ -206,12 +207,13 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
 
 
 def _model_path(value, where, err) -> str:
-    if isinstance(value, dict):
-        raise err(f"{where}: give the model as a path string (LoRA and revision mappings are not supported)")
-    if not isinstance(value, str) or not value:
+    from pymerge import lora
+    if not isinstance(value, (str, dict)) or not value:
         raise err(f"{where} must be a path, got {_kind(value)}")
-    from pymerge import hub
-    return hub.resolve_if_cached(value)
+    try:  # MODEL, MODEL+LORA, or mergekit's mapping {model: ..., lora: ...}
+        return lora.resolve_ref(lora.ref_from_mapping(value, where) if isinstance(value, dict) else value)
+    except MergeConfigError as exc:
+        raise err(str(exc)) from None
 
 
 def _dtype(value, key, err) -> Optional[str]:
@@ -491,10 +493,15 @@ def check_paths(cfg: MergeConfig) -> None:
     for where, p in refs:
         if os.path.exists(p):
             continue
-        from pymerge import hub
-        if "+" in p:
-            raise MergeConfigError(cfg.where(f"{where}: model path not found: {p} (model+LoRA references are "
-                                             f"not supported: merge the LoRA into its model first)"))
+        from pymerge import hub, lora
+        try:
+            missing = lora.missing_side(p)
+        except MergeConfigError as exc:
+            raise MergeConfigError(cfg.where(f"{where}: {exc}")) from None
+        if missing:
+            raise MergeConfigError(cfg.where(f"{where}: {missing}"))
+        if lora.split_ref(p)[1] is not None:
+            continue
         if hub.looks_like_id(p):
             try:
                 hub.resolve(p)

@@ -38,6 +38,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.files import read_json, stays_inside
+from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
 from pymerge.sizes import parse_size
 
@@ -132,10 +133,14 @@ class MergeReport:
 def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, device: str = "auto",
               out_shard_size: float = DEFAULT_SHARD_BYTES, threads: Optional[int] = None, force: bool = False,
               quiet: bool = False, chunk_bytes: Optional[int] = None, random_seed: Optional[int] = None,
-              progress=None, copy_tokenizer: bool = True, model_card: bool = False) -> MergeReport:
+              progress=None, copy_tokenizer: bool = True, model_card: bool = False,
+              lora_merge_dtype: Optional[str] = None) -> MergeReport:
     """Merges per the config into out_dir. Raises InputError (and subclasses) for anything the user
-    can fix, before any output exists; on any failure no partial output is left behind."""
+    can fix, before any output exists; on any failure no partial output is left behind.
+    lora_merge_dtype: the dtype MODEL+LORA models take (mergekit's --lora-merge-dtype)."""
     t0 = time.perf_counter()
+    if lora_merge_dtype is not None:
+        config_or_path = _with_lora_dtype(_as_config(config_or_path), lora_merge_dtype)
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
         raise InputError(f"the output folder must be a path, got {short(out_dir)}")
     if random_seed is not None and (not isinstance(random_seed, int) or isinstance(random_seed, bool)):
@@ -286,10 +291,10 @@ def make_plan(config_or_path) -> MergePlan:
         checkpoints = []
         for spec in sources:
             if spec.path not in opened:
-                opened[spec.path] = Checkpoint(spec.path)
+                opened[spec.path] = open_model(spec.path, cfg.lora_merge_dtype)
             checkpoints.append(opened[spec.path])
         donor_path = cfg.base_model or cfg.models[0].path
-        donor = opened.get(donor_path) or Checkpoint(donor_path)
+        donor = opened.get(donor_path) or open_model(donor_path, cfg.lora_merge_dtype)
         opened[donor_path] = donor
         labels = [s.path for s in sources]
         _check_distinct(cfg, sources, checkpoints)
@@ -343,6 +348,15 @@ def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: Lis
 
 def _same_model(a: str, b: Optional[str]) -> bool:
     return b is not None and (a == b or os.path.realpath(a) == os.path.realpath(b))
+
+
+def _with_lora_dtype(cfg: MergeConfig, name) -> MergeConfig:
+    name = name[len("torch."):] if isinstance(name, str) and name.startswith("torch.") else name
+    if name not in _native.OUTPUT_DTYPE_NAMES:
+        raise InputError(f"--lora-merge-dtype must be one of {', '.join(sorted(_native.OUTPUT_DTYPE_NAMES))}, "
+                         f"got {short(name)}")
+    cfg.lora_merge_dtype = name
+    return cfg
 
 
 def _as_config(x) -> MergeConfig:

@@ -39,8 +39,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--safe-serialization", action=_BOOL, default=True,
                    help="safetensors output (the only format pymerge writes)")
     g.add_argument("--unsafe-truncate-embeddings", action=_BOOL, default=False, help="not supported")
-    for flag, meta in (("--lora-merge-cache", "DIR"), ("--lora-merge-dtype", "DTYPE")):
-        g.add_argument(flag, metavar=meta, default=None, help="accepted; LoRA references are not supported")
+    g.add_argument("--lora-merge-cache", metavar="DIR", default=None,
+                   help="accepted; pymerge applies LoRA adapters while streaming and caches nothing")
+    g.add_argument("--lora-merge-dtype", metavar="DTYPE", default=None,
+                   help="dtype of models given as MODEL+LORA (default: their own)")
     g.add_argument("-v", "--verbosity", action="count", default=0, help="accepted; pymerge logs warnings only")
     g.add_argument("--write-threads", type=int, default=1, metavar="N", help="accepted; one writer thread")
     for flag, (default, text) in _NO_OPS.items():
@@ -60,4 +62,5 @@ def merge_options(args) -> Dict[str, Any]:
         args.device = "cuda"
     if args.transformers_cache:
         os.environ["HF_HUB_CACHE"] = os.path.expanduser(args.transformers_cache)
-    return {"copy_tokenizer": args.copy_tokenizer, "model_card": args.write_model_card}
+    return {"copy_tokenizer": args.copy_tokenizer, "model_card": args.write_model_card,
+            "lora_merge_dtype": args.lora_merge_dtype}

@@ -254,7 +254,7 @@ class SlicedPlan:
 
 def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
     from pymerge import merge  # the engine's planning helpers (merge imports this module lazily)
-    from pymerge.io import Checkpoint
+    from pymerge.lora import open_model
     from pymerge.methods.base import get_method
 
     sliced: SlicedConfig = cfg.sliced
@@ -266,7 +266,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
 
     def open_ck(path):
         if path not in opened:
-            opened[path] = Checkpoint(path)
+            opened[path] = open_model(path, cfg.lora_merge_dtype)
         return opened[path]
 
     try:

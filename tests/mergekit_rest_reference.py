@@ -77,10 +77,11 @@ def arcee_fusion(base, x):
 def sce(base, xs, select_topk=1.0):
     d = torch.stack([x.double() - base.double() for x in xs])
     if select_topk < 1:
-        var = d.var(dim=0, unbiased=False).reshape(-1)
+        var = d.var(dim=0, unbiased=False).reshape(-1).float()  # as mergekit stores it: float32
         k = int(int((var != 0).sum()) * select_topk)
-        keep = torch.zeros_like(var)
-        keep[var.sort(descending=True, stable=True).indices[:k]] = 1
+        keep = torch.zeros_like(var, dtype=torch.float64)
+        if k:  # equal variances at the cut: the elements torch.topk picks, which define mergekit's mask
+            keep[var.topk(k).indices] = 1
         d = d * keep.view(d.shape[1:])
     sign = torch.where(d.sum(0) >= 0, 1.0, -1.0).double()
     agree = (d.sign() == sign).double()

@@ -72,7 +72,9 @@ out_dtype: bfloat16
     (cfg(models=[{"model": "a", "weight": 1}]), ["models[0]", "unknown key 'weight'"]),
     (cfg(models=[{"parameters": {}}]), ["models[0]", "'model' is missing"]),
     (cfg(models=[{"model": "a"}, {"model": "a"}]), ["models[1]", "listed twice"]),
-    (cfg(models=[{"model": {"model": {"path": "x"}}}]), ["models[0].model", "path string"]),
+    (cfg(models=[{"model": {"model": {"path": "x"}, "override_architecture": "X"}}]),
+     ["models[0].model", "'override_architecture' is not supported"]),
+    (cfg(models=[{"model": {"model": 3}}]), ["models[0].model.model must be a path string"]),
     (cfg(dtype="float64"), ["dtype", "float64", "not supported"]),
     (cfg(out_dtype="int8"), ["out_dtype", "unknown dtype"]),
     (cfg(parameters=[1, 2]), ["parameters", "mapping"]),
@@ -123,7 +125,7 @@ def test_model_as_plain_string_and_missing_paths(tmp_path):
     (tmp_path / "a").mkdir()
     c = parse_config(cfg(models=[str(tmp_path / "a"), str(tmp_path / "b+lora")]))
     assert c.models[0].parameters == {}
-    with pytest.raises(MergeConfigError, match=r"models\[1\]: model path not found: .*b\+lora \(model\+LoRA"):
+    with pytest.raises(MergeConfigError, match=r"models\[1\]: .*b\+lora: model path not found: .*b$"):
         check_paths(c)
     c = parse_config(cfg(models=[{"model": "meta-llama/Llama-3-8B"}]))
     with pytest.raises(MergeConfigError, match="meta-llama/Llama-3-8B is not in the Hugging Face cache"):

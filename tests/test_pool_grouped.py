@@ -165,3 +165,151 @@ def test_tied_target_written_once_by_the_last_tensor():
         pool.materialize([0.2, 0.3, 0.5], into={"a.weight": shared, "b.weight": shared})
         want = sum(w * s["b.weight"].double() for w, s in zip([0.2, 0.3, 0.5], sources))
         torch.testing.assert_close(shared.double(), want, rtol=1e-6, atol=1e-6)
+
+
+# ---- one call for task_arithmetic and the task-vector family ---------------------------------------------
+ONE_CALL = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+            "della_linear", "della"]
+AWKWARD = [0, 1, 2, 3, 31, 1021, (7, 13), (33, 97), 16411]  # 16411 > 16K: several pieces of one tensor
+PARAMS = {"task_arithmetic": {"lambda": 0.9}, "ties": {"density": 0.5}, "dare_linear": {"density": 0.6},
+          "dare_ties": {"density": 0.6}, "breadcrumbs": {"density": 0.7, "gamma": 0.05},
+          "breadcrumbs_ties": {"density": 0.7}, "della_linear": {"density": 0.5, "epsilon": 0.1},
+          "della": {"density": 0.6}}
+
+
+def awkward_pool(n=3, sizes=AWKWARD, seed=0, nan=True):
+    """n checkpoints and a base of layer-named tensors, dtypes mixed per tensor and per checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    dts = (torch.bfloat16, torch.float16, torch.float32)
+    names = [f"model.layers.{j % 4}.t{j}" for j in range(len(sizes))]
+    base = {nm: torch.randn(s, generator=g) for nm, s in zip(names, sizes)}
+    sources = [{nm: (base[nm] + 0.1 * torch.randn(s, generator=g)).to(dts[(i + j) % 3])
+                for j, (nm, s) in enumerate(zip(names, sizes))} for i in range(n)]
+    if nan:
+        sources[1][names[4]].view(-1)[3] = float("nan")
+        sources[2][names[5]].view(-1)[0] = float("inf")
+    return CheckpointPool(sources, base={k: v.to(torch.bfloat16) for k, v in base.items()}), sources, names
+
+
+def targets(sizes, names, dtypes=(torch.float32, torch.bfloat16)):
+    return [{nm: torch.full(s if isinstance(s, tuple) else (s,), 7.0, dtype=dt) for nm, s in zip(names, sizes)}
+            for dt in dtypes]
+
+
+@pytest.mark.parametrize("method", ONE_CALL)
+def test_one_call_methods_are_bit_identical_to_per_tensor_calls(method):
+    pool, _, names = awkward_pool()
+    rows = [np.array([[0.5, 0.3, 0.4], [0.2, -0.6, 0.9], [1.0, 0.5, 0.25], [0.3, 0.3, 0.3], [0.7, 0.1, 0.2]]),
+            np.array([[0.4, 0.4, 0.2]] * 5)]
+    for seed in (0, 5):  # a second seed: a new draw for the random sparsifiers, never a stale selection
+        one = targets(AWKWARD, names)
+        per = targets(AWKWARD, names)
+        pool.materialize_many(rows, into=one, method=method, groups="layer", seed=seed, **PARAMS[method])
+        entry = next(reversed(pool._plan_cache._entries.values()))
+        kind = "GroupedPlan" if method == "task_arithmetic" else "GroupedTVPlan"
+        assert type(entry.native).__name__ == kind and entry.native.num_tensors == len(names)  # one native call
+        # a callable name map is not cacheable: the per-tensor path, one kernel call per tensor
+        pool.materialize_many(rows, into=per, method=method, groups="layer", seed=seed, names=lambda n: n,
+                              **PARAMS[method])
+        for k in range(2):
+            for nm in names:
+                assert torch.equal(one[k][nm].view(torch.uint8), per[k][nm].view(torch.uint8)), (method, k, nm)
+
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della"])
+def test_one_call_methods_match_the_float64_reference(method):
+    from methods_reference import ref_task_vectors
+    sizes = [1, 2, 31, 1021, (33, 97)]
+    pool, sources, names = awkward_pool(sizes=sizes, nan=False)
+    w = [0.5, -0.3, 0.8]
+    params = dict(PARAMS[method])
+    density = params.pop("density", 1.0)
+    out = targets(sizes, names, (torch.float32,))[0]
+    kw = {"density": density} if method != "task_arithmetic" else {}
+    pool.materialize(w, into=out, method=method, seed=3, **kw, **params)
+    for nm in names:
+        base = pool._base[nm]
+        xs = [s[nm] for s in sources]
+        ref = ref_task_vectors(xs, base, w, [density] * 3, method if method != "task_arithmetic" else "task_arithmetic",
+                               lam=params.get("lambda", 1.0), gamma=params.get("gamma", 0.01),
+                               epsilon=params.get("epsilon", 0.15), seed=3, name=nm)
+        torch.testing.assert_close(out[nm].double(), ref, rtol=2e-6, atol=2e-6, msg=f"{method} {nm}")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear"])
+def test_thousands_of_tiny_tensors_in_one_call(method):
+    sizes = [1 + (j * 7) % 13 for j in range(3000)]
+    pool, _, names = awkward_pool(n=2, sizes=sizes, seed=1, nan=False)
+    one, per = targets(sizes, names, (torch.bfloat16,)), targets(sizes, names, (torch.bfloat16,))
+    for w in ([0.6, 0.4], [1.5, -0.5]):  # the second call reuses the cached entry and selection
+        pool.materialize(w, into=one[0], method=method, **PARAMS[method])
+        pool.materialize(w, into=per[0], method=method, names=lambda n: n, **PARAMS[method])
+        assert all(torch.equal(one[0][nm].view(torch.uint8), per[0][nm].view(torch.uint8)) for nm in names)
+
+
+def test_cached_selection_follows_changed_inputs():
+    """Thresholds are kept across calls only while no pool tensor changed (version counters)."""
+    pool, _, names = awkward_pool(sizes=[1021, 4099], nan=False)
+    w = [0.5, 0.3, 0.4]
+    one, per = targets([1021, 4099], names, (torch.float32,)), targets([1021, 4099], names, (torch.float32,))
+    pool.materialize(w, into=one[0], method="ties", density=0.3)
+    with torch.no_grad():
+        pool.tensor(1, names[1]).mul_(-3)  # new data in the pool's own tensor: new thresholds
+        pool._base[names[0]].add_(0.5)
+    pool.materialize(w, into=one[0], method="ties", density=0.3)
+    pool.materialize(w, into=per[0], method="ties", density=0.3, names=lambda n: n)
+    for nm in names:
+        assert torch.equal(one[0][nm], per[0][nm]), nm
+
+
+def test_grouped_tv_plan_rejects_bad_tables():
+    x, b, o = torch.randn(10), torch.randn(10), torch.empty(10)
+    plan = _cpu.GroupedTVPlan([[x.data_ptr()]], [[0]], [b.data_ptr()], [0], [10], [[o.data_ptr()]], [[0]],
+                              [(1, 2)], [0], 1)
+    ok = dict(ints=np.zeros((1, 1, 7), np.int64), scales=np.ones((1, 1), np.float32), bits=np.zeros((1, 1), np.uint64),
+              weights=np.ones((1, 1, 1), np.float32), divisors=np.ones((1, 1), np.float32))
+    plan.run(**ok, consensus=False, normalize=False, lam=1.0, seed=0)
+    ref = torch.empty(10)
+    _cpu.tv_merge([(x.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 1.0, 0)], b.data_ptr(), 0, ref.data_ptr(), 0, 10, 0,
+                  False, False, 1.0, 1.0, 0, 1, 2)
+    assert torch.equal(o, ref) and torch.allclose(o, x, atol=1e-6)  # b + 1 * (x - b)
+    with pytest.raises(ValueError, match="weights must have 1 entries, got 2"):
+        plan.run(**dict(ok, weights=np.ones((1, 1, 2), np.float32)), consensus=False, normalize=False, lam=1.0, seed=0)
+    with pytest.raises(ValueError, match="bits mode needs a bitmask"):
+        ints = np.zeros((1, 1, 7), np.int64)
+        ints[0, 0, 0] = 4
+        plan.run(**dict(ok, ints=ints), consensus=False, normalize=False, lam=1.0, seed=0)
+    with pytest.raises(ValueError, match="tensor 0: weight group out of range"):
+        _cpu.GroupedTVPlan([[x.data_ptr()]], [[0]], [b.data_ptr()], [0], [10], [[o.data_ptr()]], [[0]], [(1, 2)], [1], 1)
+    with pytest.raises(ValueError, match="bad dtype code"):
+        _cpu.GroupedTVPlan([[x.data_ptr()]], [[0]], [b.data_ptr()], [0], [10], [[o.data_ptr()]], [[3]], [(1, 2)], [0], 1)
+
+
+def test_all_bfloat16_strips_match_the_avx2_path_bit_for_bit(tmp_path):
+    """The AVX-512 path reads all-bfloat16 inputs as even/odd halves (no widening shuffle): the same
+    bits as the AVX2 path, NaN, inf, denormals and rounding ties included, for 1 to 9 outputs."""
+    import subprocess
+    import sys
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(4096 * 2 + 77, generator=g).bfloat16() for _ in range(3)]
+    xs[0][5], xs[1][64], xs[2][100] = float("nan"), float("inf"), -float("inf")
+    xs[0][200:264] = 3e-39  # denormal results
+    xs[1][300:332] = 1 + 2 ** -7  # sums landing on rounding ties
+    rows = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32)
+    rows[:, 0][rows[:, 0] == 0] = 1
+    torch.save({"xs": xs, "rows": torch.from_numpy(rows)}, tmp_path / "in.pt")
+    code = f"""
+import torch
+from pymerge import weighted_sum_many
+d = torch.load({str(tmp_path / 'in.pt')!r})
+torch.save([torch.stack(weighted_sum_many(d["xs"], d["rows"][:k].tolist())) for k in range(1, 10)], {str(tmp_path / 'out.pt')!r})
+"""
+    import os
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYMERGE_SIMD="avx2"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    want = torch.load(tmp_path / "out.pt")
+    from pymerge import weighted_sum_many
+    for k in range(1, 10):
+        got = torch.stack(weighted_sum_many(xs, rows[:k].tolist()))
+        assert torch.equal(got.view(torch.int16), want[k - 1].view(torch.int16)), k

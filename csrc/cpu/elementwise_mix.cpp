@@ -2,7 +2,8 @@
 // rounded write, float32 arithmetic in mergekit's order (pymerge/methods/{swap,consensus}.py).
 //   nearswap: w = clamp(t / max(|B - x|, 1e-6), 0, 1); out = w * x + (1 - w) * B
 //   ram:      d_i = x_i - B, moved_i = |d_i| > eps, c = sum_i moved_i;
-//             out = B + sum_i (c == 1 ? d_i : c > 1 ? d_i / c : 0) over the moved d_i
+//             out = B + sum_i (c == 1 ? d_i lam_i : c > 1 ? d_i / c : 0) over the moved d_i
+//             (lam_i = 1 for ram; ramplus_tl's boosts of unique deltas, csrc/cpu/consensus.cpp)
 // NaN and inf behave as in mergekit's torch code: ram multiplies by its 0/1 masks (a NaN or inf
 // delta makes the element NaN), nearswap's clamps keep a NaN distance NaN.
 #include <pybind11/stl.h>
@@ -21,6 +22,7 @@ constexpr int64_t kBlocksPerChunk = 16;
 struct Mix {
   std::vector<uintptr_t> x; std::vector<int> dt;
   uintptr_t base; int bdt; uintptr_t out; int odt; int64_t n; float param;
+  std::vector<float> boosts;  // ram: per input
 };
 
 template <int Dummy>
@@ -64,7 +66,7 @@ inline void ram_block(const Mix& m, int64_t s, float* bb, float* d, float* acc) 
       const float mag = di[j] < 0 ? -di[j] : di[j];
       const float z = di[j] * (mag > eps ? 1.f : 0.f);  // products, as mergekit: NaN and inf deltas give NaN
       const float c = cnt[j] < 1.f ? 1.f : cnt[j];
-      acc[j] += z * (cnt[j] == 1.f ? 1.f : 0.f) + z * (cnt[j] > 1.f ? 1.f : 0.f) / c;
+      acc[j] += (z * (cnt[j] == 1.f ? 1.f : 0.f)) * m.boosts[i] + z * (cnt[j] > 1.f ? 1.f : 0.f) / c;
     }
   }
   for (int64_t j = 0; j < n; ++j) acc[j] = bb[j] + acc[j];
@@ -83,7 +85,7 @@ Mix make_mix(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintpt
   for (int d : dt) if (d < F32 || d > F8E5M2) throw std::invalid_argument(std::string(what) + ": bad dtype code");
   if (bdt < F32 || bdt > F8E5M2 || odt < F32 || odt > BF16)
     throw std::invalid_argument(std::string(what) + ": bad base or output dtype");
-  return Mix{x, dt, base, bdt, out, odt, n, param};
+  return Mix{x, dt, base, bdt, out, odt, n, param, {}};
 }
 
 int threads_for(int64_t n, int num_threads) {
@@ -103,8 +105,10 @@ void nearswap(uintptr_t base, int bdt, uintptr_t x, int xdt, int64_t n, float t,
 }
 
 void ram(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, int64_t n,
-         float epsilon, uintptr_t out, int odt, int num_threads) {
-  const Mix m = make_mix(x, dt, base, bdt, n, epsilon, out, odt, "ram");
+         float epsilon, const std::vector<float>& boosts, uintptr_t out, int odt, int num_threads) {
+  Mix m = make_mix(x, dt, base, bdt, n, epsilon, out, odt, "ram");
+  if (boosts.size() != x.size()) throw std::invalid_argument("ram: one boost per input");
+  m.boosts = boosts;
   auto fn = tv::use_avx512() ? ram_avx512 : ram_plain;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   parallel_for(blocks, kBlocksPerChunk, threads_for(n, num_threads), [&](int64_t b0, int64_t b1) {
@@ -118,8 +122,8 @@ void register_elementwise_mix(py::module_& m) {
         py::arg("n"), py::arg("t"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads") = 0,
         py::call_guard<py::gil_scoped_release>(), "mergekit's nearswap, fused (see csrc/cpu/elementwise_mix.cpp).");
   m.def("ram", &ram, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("n"),
-        py::arg("epsilon"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads") = 0,
-        py::call_guard<py::gil_scoped_release>(), "mergekit's ram, fused (see csrc/cpu/elementwise_mix.cpp).");
+        py::arg("epsilon"), py::arg("boosts"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>(), "mergekit's ram (ramplus_tl with boosts), fused (see csrc/cpu/elementwise_mix.cpp).");
 }
 
 PYMERGE_REGISTER(register_elementwise_mix);

@@ -70,6 +70,7 @@ class GroupedPlan {
       for (int64_t s = s0; s < s1; ++s) {
         const Span& sp = spans_[size_t(s)];
         for (int64_t p = sp.first; p < sp.last; ++p) run_piece(pieces_[size_t(p)], w);
+        if (stream_) ws::fence();  // once per span, not per piece: a fence waits for every pending store
       }
     });
   }
@@ -85,7 +86,7 @@ class GroupedPlan {
     const size_t t = size_t(pc.tensor);
     const ws::Job J{in_.data() + t * n_in_, in_dt_.data() + t * n_in_, n_in_, w + group_[t] * n_out_ * n_in_,
                     out_.data() + t * n_out_, out_dt_.data() + t * n_out_, n_out_, stream_};
-    ws::run_range(J, pc.start, pc.end);
+    ws::run_range(J, pc.start, pc.end, false);
   }
 
   // Tensors cut into pieces of at most kMaxSpanElems (block-aligned), pieces packed in order into

@@ -13,6 +13,7 @@
 //   3 random: keep iff Philox draw < thr (DARE)
 //   4 bits: keep iff bit e of a precomputed bitmask (DELLA, see della_mask below)
 // Also here: the L1 norms the rescale needs, and DELLA's per-row rank-based mask.
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
@@ -371,6 +372,144 @@ std::vector<uint32_t> philox_draws(uint64_t seed, uint32_t model, uint32_t h0, u
   return out;
 }
 
+// ---- one call per candidate set (the pool's task-vector methods) -------------------------------------
+// A model of many small tensors merged one tv_merge per tensor pays a call, a thread wake-up and a
+// short loop per tensor. A GroupedTVPlan holds, per tensor, the N input pointers, the base, K outputs,
+// the name hash and the weight group, built once per set of targets; each run brings what changes:
+// every tensor's model plans (the selection pass: mode, boundaries, threshold, model index as int64
+// [T, N, 7]; rescale factors float32 [T, N]; bitmask addresses uint64 [T, N]), the weights float32
+// [G, K, N] and divisors float32 [G, K]. Every (tensor, candidate) runs merge_block over the blocks
+// tv_merge would (offset 0), so the bits are tv_merge's; pieces of up to kBlocksPerChunk blocks are
+// packed into spans of about kSpanBytes for the thread pool.
+class GroupedTVPlan {
+ public:
+  GroupedTVPlan(const std::vector<std::vector<uintptr_t>>& in_ptrs, const std::vector<std::vector<int>>& in_dtypes,
+                const std::vector<uintptr_t>& base_ptrs, const std::vector<int>& base_dtypes,
+                const std::vector<int64_t>& numels, const std::vector<std::vector<uintptr_t>>& out_ptrs,
+                const std::vector<std::vector<int>>& out_dtypes, const std::vector<std::pair<uint32_t, uint32_t>>& hashes,
+                const std::vector<int>& groups, int64_t n_groups)
+      : n_groups_(n_groups), numel_(numels), group_(groups), hash_(hashes) {
+    const size_t t_count = numels.size();
+    if (in_ptrs.size() != t_count || in_dtypes.size() != t_count || base_ptrs.size() != t_count ||
+        base_dtypes.size() != t_count || out_ptrs.size() != t_count || out_dtypes.size() != t_count ||
+        hashes.size() != t_count || groups.size() != t_count)
+      throw std::invalid_argument("grouped task vectors: one entry per tensor in every table");
+    if (t_count == 0) throw std::invalid_argument("grouped task vectors: no tensors");
+    n_in_ = int64_t(in_ptrs[0].size());
+    n_out_ = int64_t(out_ptrs[0].size());
+    if (n_in_ == 0 || n_out_ == 0) throw std::invalid_argument("grouped task vectors: need an input and an output");
+    if (n_groups < 1) throw std::invalid_argument("grouped task vectors: need at least one weight group");
+    int64_t span_bytes = 0, first = 0;
+    for (size_t t = 0; t < t_count; ++t) {
+      const std::string where = "grouped task vectors: tensor " + std::to_string(t);
+      if (int64_t(in_ptrs[t].size()) != n_in_ || int64_t(in_dtypes[t].size()) != n_in_ ||
+          int64_t(out_ptrs[t].size()) != n_out_ || int64_t(out_dtypes[t].size()) != n_out_)
+        throw std::invalid_argument(where + ": every tensor needs the same number of inputs and outputs");
+      if (groups[t] < 0 || groups[t] >= n_groups) throw std::invalid_argument(where + ": weight group out of range");
+      if (numels[t] < 0) throw std::invalid_argument(where + ": negative numel");
+      check_dtype(base_dtypes[t], false);
+      int64_t bytes_per_elem = int64_t(dtype_size(base_dtypes[t]));
+      for (int dt : in_dtypes[t]) { check_dtype(dt, false); bytes_per_elem += int64_t(dtype_size(dt)); }
+      for (int dt : out_dtypes[t]) { check_dtype(dt, true); bytes_per_elem += int64_t(dtype_size(dt)); }
+      in_.insert(in_.end(), in_ptrs[t].begin(), in_ptrs[t].end());
+      in_dt_.insert(in_dt_.end(), in_dtypes[t].begin(), in_dtypes[t].end());
+      out_.insert(out_.end(), out_ptrs[t].begin(), out_ptrs[t].end());
+      out_dt_.insert(out_dt_.end(), out_dtypes[t].begin(), out_dtypes[t].end());
+      base_.push_back(base_ptrs[t]);
+      base_dt_.push_back(base_dtypes[t]);
+      const int64_t piece = kBlocksPerChunk * kBlock;
+      for (int64_t s = 0; s < numels[t]; s += piece) {
+        const int64_t e = std::min(numels[t], s + piece);
+        pieces_.push_back({int64_t(t), s, e});
+        span_bytes += (e - s) * bytes_per_elem * n_out_;  // every candidate re-reads the inputs
+        if (span_bytes >= kSpanBytes) {
+          spans_.push_back({first, int64_t(pieces_.size())});
+          first = int64_t(pieces_.size());
+          span_bytes = 0;
+        }
+      }
+    }
+    if (first < int64_t(pieces_.size())) spans_.push_back({first, int64_t(pieces_.size())});
+  }
+
+  void run(py::array_t<int64_t, py::array::c_style | py::array::forcecast> ints,
+           py::array_t<float, py::array::c_style | py::array::forcecast> scales,
+           py::array_t<uint64_t, py::array::c_style | py::array::forcecast> bits,
+           py::array_t<float, py::array::c_style | py::array::forcecast> weights,
+           py::array_t<float, py::array::c_style | py::array::forcecast> divisors, bool consensus, bool normalize,
+           float lam, uint64_t seed, int num_threads) {
+    const int64_t T = int64_t(numel_.size()), N = n_in_, K = n_out_, G = n_groups_;
+    auto need = [](const char* what, int64_t got, int64_t want) {
+      if (got != want)
+        throw std::invalid_argument(std::string("grouped task vectors: ") + what + " must have " +
+                                    std::to_string(want) + " entries, got " + std::to_string(got));
+    };
+    need("plan ints", ints.size(), T * N * 7);
+    need("scales", scales.size(), T * N);
+    need("bitmasks", bits.size(), T * N);
+    need("weights", weights.size(), G * K * N);
+    need("divisors", divisors.size(), G * K);
+    const int64_t* r = ints.data();
+    const float* sc = scales.data();
+    const uint64_t* bm = bits.data();
+    const float* w = weights.data();
+    const float* dv = divisors.data();
+    std::vector<MergeArgs> args(size_t(T * K));
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t g = group_[size_t(t)];
+      for (int64_t k = 0; k < K; ++k) {
+        MergeArgs& a = args[size_t(t * K + k)];
+        a.models.resize(size_t(N));
+        for (int64_t i = 0; i < N; ++i) {
+          const int64_t* row = r + (t * N + i) * 7;
+          Model& m = a.models[size_t(i)];
+          m.x = in_[size_t(t * N + i)]; m.dt = in_dt_[size_t(t * N + i)]; m.mode = int(row[0]);
+          m.t_lo = row[1]; m.i_lo = row[2]; m.t_hi = row[3]; m.i_hi = row[4]; m.thr = uint64_t(row[5]);
+          m.bits = uintptr_t(bm[t * N + i]); m.scale = sc[t * N + i]; m.weight = w[(g * K + k) * N + i];
+          m.key = {uint32_t(seed), uint32_t(seed >> 32), uint32_t(row[6]), hash_[size_t(t)].first,
+                   hash_[size_t(t)].second};
+          if (m.mode < NONE || m.mode > ZERO) throw std::invalid_argument("grouped task vectors: bad sparsifier mode");
+          if (m.mode == BITS && !m.bits) throw std::invalid_argument("grouped task vectors: bits mode needs a bitmask");
+        }
+        a.base = base_[size_t(t)]; a.bdt = base_dt_[size_t(t)];
+        a.out = out_[size_t(t * K + k)]; a.odt = out_dt_[size_t(t * K + k)];
+        a.numel = numel_[size_t(t)]; a.offset = 0;
+        a.consensus = consensus; a.normalize = normalize; a.lam = lam; a.divisor = dv[g * K + k];
+        a.threads = 1;
+      }
+    }
+    py::gil_scoped_release nogil;
+    auto block = tv::use_avx512() ? merge_avx512 : merge_plain;
+    parallel_for(int64_t(spans_.size()), 1, pick_threads(num_threads, int64_t(spans_.size())), [&](int64_t s0, int64_t s1) {
+      Scratch sc;
+      sc.v.resize(size_t(N) * kBlock);
+      for (int64_t s = s0; s < s1; ++s)
+        for (int64_t p = spans_[size_t(s)].first; p < spans_[size_t(s)].last; ++p) {
+          const Piece& pc = pieces_[size_t(p)];
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t b = pc.start; b < pc.end; b += kBlock) block(args[size_t(pc.tensor * K + k)], b, sc);
+        }
+    });
+  }
+
+  int64_t num_tensors() const { return int64_t(numel_.size()); }
+  int64_t num_spans() const { return int64_t(spans_.size()); }
+
+ private:
+  static constexpr int64_t kSpanBytes = 1 << 20;  // bytes read + written per span claimed by a thread
+  struct Piece { int64_t tensor, start, end; };
+  struct Span { int64_t first, last; };  // pieces [first, last)
+
+  int64_t n_in_ = 0, n_out_ = 0, n_groups_ = 1;
+  std::vector<uintptr_t> in_, out_, base_;
+  std::vector<int> in_dt_, out_dt_, base_dt_;
+  std::vector<int64_t> numel_;
+  std::vector<int> group_;
+  std::vector<std::pair<uint32_t, uint32_t>> hash_;
+  std::vector<Piece> pieces_;
+  std::vector<Span> spans_;
+};
+
 void register_task_vectors(py::module_& m) {
   m.def("tv_merge", &tv_merge, py::arg("models"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
         py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("consensus"), py::arg("normalize"),
@@ -383,6 +522,18 @@ void register_task_vectors(py::module_& m) {
         py::arg("cols"), py::arg("thr"), py::arg("mask"), py::arg("seed"), py::arg("h0"), py::arg("h1"),
         py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
         "DELLA keep-bitmask by per-row magnitude rank; returns its L1 norms' parts, as tv_l1.");
+  py::class_<GroupedTVPlan>(m, "GroupedTVPlan", "Task table of a whole task-vector merge, run in one call.")
+      .def(py::init<const std::vector<std::vector<uintptr_t>>&, const std::vector<std::vector<int>>&,
+                    const std::vector<uintptr_t>&, const std::vector<int>&, const std::vector<int64_t>&,
+                    const std::vector<std::vector<uintptr_t>>&, const std::vector<std::vector<int>>&,
+                    const std::vector<std::pair<uint32_t, uint32_t>>&, const std::vector<int>&, int64_t>(),
+           py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("base_ptrs"), py::arg("base_dtypes"), py::arg("numels"),
+           py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("hashes"), py::arg("groups"), py::arg("n_groups"))
+      .def("run", &GroupedTVPlan::run, py::arg("ints"), py::arg("scales"), py::arg("bits"), py::arg("weights"),
+           py::arg("divisors"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("seed"),
+           py::arg("num_threads") = 0, "tv_merge of every tensor into every candidate (see task_vectors.cpp).")
+      .def_property_readonly("num_tensors", &GroupedTVPlan::num_tensors)
+      .def_property_readonly("num_spans", &GroupedTVPlan::num_spans);
   m.def("philox_draws", &philox_draws, py::arg("seed"), py::arg("model"), py::arg("h0"), py::arg("h1"),
         py::arg("offset"), py::arg("n"), "32-bit Philox draws of elements offset .. offset+n-1 (tests).");
 }

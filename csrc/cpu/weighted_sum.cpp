@@ -193,6 +193,55 @@ AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_
   }
 }
 
+// All inputs and outputs bfloat16 (the common case): one 64-byte load per input gives 32 elements
+// as two float32 vectors without any widening shuffle, the even elements (low halves shifted up) and
+// the odd ones (high halves masked); the per-element arithmetic is strips_avx512's exactly, and the
+// two rounded halves are interleaved back on integers into one 64-byte store.
+AVX512_TARGET inline __m512i bf16_round_bits(__m512 x) {  // f32_to_bf16_16 before its narrowing
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  return _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_srli_epi32(b, 16),
+                              _mm512_set1_epi32(0x40));
+}
+
+template <int K>
+AVX512_TARGET void strips_bf16(const Job& J, int64_t k0, int64_t start, int64_t len) {
+  bool stream[K];
+  for (int k = 0; k < K; ++k) stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % 64 == 0;
+  const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
+    const int64_t e = start + j;
+    __m512 acc[K][2];
+    for (int64_t i = 0; i < J.n_in; ++i) {
+      const char* src = reinterpret_cast<const char*>(J.in[i]) + e * 2;
+      _mm_prefetch(src + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(src);
+      const __m512 x0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), x1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      const float* w = J.w + k0 * J.n_in + i;
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        const __m512 wk = _mm512_set1_ps(w[k * J.n_in]);
+        acc[k][0] = i ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
+        acc[k][1] = i ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const __m512i h = _mm512_or_si512(bf16_round_bits(acc[k][0]), _mm512_slli_epi32(bf16_round_bits(acc[k][1]), 16));
+      void* dst = out_at(J, k0 + k, e);
+      if (stream[k]) _mm512_stream_si512(static_cast<__m512i*>(dst), h);
+      else _mm512_storeu_si512(dst, h);
+    }
+  }
+}
+
+inline bool all_bf16(const Job& J) {
+  for (int64_t i = 0; i < J.n_in; ++i) if (J.in_dt[i] != BF16) return false;
+  for (int64_t k = 0; k < J.n_out; ++k) if (J.out_dt[k] != BF16) return false;
+  return true;
+}
+
 AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*, float*) {
   static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
       strips_avx512<1>, strips_avx512<2>, strips_avx512<3>, strips_avx512<4>,
@@ -200,10 +249,14 @@ AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*
   static void (*const tail_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
       tail_avx512<1>, tail_avx512<2>, tail_avx512<3>, tail_avx512<4>,
       tail_avx512<5>, tail_avx512<6>, tail_avx512<7>, tail_avx512<8>};
+  static void (*const bf16_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
+      strips_bf16<1>, strips_bf16<2>, strips_bf16<3>, strips_bf16<4>,
+      strips_bf16<5>, strips_bf16<6>, strips_bf16<7>, strips_bf16<8>};
   const int64_t done = len / kStrip * kStrip;
+  const auto strips = all_bf16(J) ? bf16_k : by_k;
   for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK) {  // more than 8 outputs: re-read the block from cache
     const int64_t kk = std::min<int64_t>(kMaxK, J.n_out - k0) - 1;
-    by_k[kk](J, k0, start, len);
+    strips[kk](J, k0, start, len);
     if (done < len) tail_k[kk](J, k0, start + done, len - done);  // the last few elements of the tensor
   }
 }
@@ -236,7 +289,9 @@ void ws::check_codes(const std::vector<int>& in_dtypes, const std::vector<int>& 
   for (int dt : out_dtypes) if (dt < F32 || dt > kMaxOutputDType) throw std::invalid_argument("weighted_sum: bad output dtype code");
 }
 
-void ws::run_range(const Job& J, int64_t start, int64_t end) {
+void ws::fence() { _mm_sfence(); }
+
+void ws::run_range(const Job& J, int64_t start, int64_t end, bool fence) {
   static const BlockFn block = pick_block();
   thread_local std::vector<float> accs, xbuf;
   accs.resize(size_t(std::min(J.n_out, kOutputsPerPass)) * kBlock);
@@ -250,7 +305,7 @@ void ws::run_range(const Job& J, int64_t start, int64_t end) {
       block(G, b, std::min(kBlock, end - b), accs.data(), xbuf.data());
     }
   }
-  if (J.stream) _mm_sfence();  // make this thread's streaming stores visible before the call returns
+  if (J.stream && fence) _mm_sfence();  // make this thread's streaming stores visible before the call returns
 }
 
 namespace {

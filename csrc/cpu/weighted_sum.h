@@ -24,8 +24,11 @@ struct Job {
   bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
 };
 
-// Elements [start, end) of every output of J, on the calling thread.
-void run_range(const Job& J, int64_t start, int64_t end);
+// Elements [start, end) of every output of J, on the calling thread. With fence (the default), this
+// thread's streaming stores are made visible before it returns; a caller running many short ranges
+// (grouped.cpp) passes false and calls fence() once after the last.
+void run_range(const Job& J, int64_t start, int64_t end, bool fence = true);
+void fence();
 
 // Throws std::invalid_argument for a code no kernel reads (or, for outputs, writes).
 void check_codes(const std::vector<int>& in_dtypes, const std::vector<int>& out_dtypes);

@@ -1,7 +1,8 @@
 """Scale-out on torch.distributed: sharded pools that merge straight into FSDP2 and tensor-parallel
 models, distributed search, and `torchrun -m pymerge merge`.
 
-layout.py       which box of each global tensor a rank holds (DTensor placements, torch's own arithmetic)
+layout.py       which box of each global tensor a rank holds (DTensor placements, torch's own arithmetic;
+                1-D and 2-D meshes: FSDP2, TP, FSDP2 x TP's strided shards, HSDP), and the pool's group
 reads.py        reads exactly those boxes from the checkpoints' bytes
 collectives.py  errors all ranks agree on; exact global sums and magnitude rank boundaries
 pool.py         ShardedPool, what CheckpointPool(..., shard_like=model) builds

@@ -4,9 +4,17 @@ A parameter of an FSDP2 (`fully_shard`) or tensor-parallel (`parallelize_module`
 DTensor: a global shape, a DeviceMesh and one placement per mesh dimension. Its local tensor is a
 box of the global tensor: `offset` and `shape` per dimension (torch.chunk sizes, so the last
 shards may be smaller or empty). A plain tensor, or a DTensor replicated on every mesh
-dimension, is the whole box on every rank. Only Shard(d) and Replicate placements are held;
-Partial and strided shards have no box of their own and are refused.
+dimension, is the whole box on every rank. Shard(d), Replicate and the strided shards FSDP2 over
+tensor parallelism makes (_StridedShard: sharded right to left, one box per rank) are held; a
+Partial placement, or a strided shard that gives some rank scattered rows, has no box and is refused.
+
+Tensors may live on different meshes sliced from one (FSDP2 x TP: a norm weight on the "dp" mesh,
+the linears on ("dp", "tp")). The pool's group is the ranks that hold different pieces of one copy
+of the model; a tensor with fewer pieces than that (split on "dp" only) has several copies in the
+group, and only the copy of the group's first rank counts in statistics (`counts`).
 """
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -26,6 +34,7 @@ class Box:
     sharded_dims: Tuple[int, ...] = ()   # mesh dimensions that split this tensor
     mesh: Optional[object] = None
     split_dims: Tuple[int, ...] = ()     # tensor dimensions split across ranks
+    ranks: Tuple[int, ...] = ()          # the global ranks holding the pieces of this rank's copy
 
     @property
     def numel(self) -> int:
@@ -65,6 +74,7 @@ def flat_index(offset, shape) -> int:
 def box_of(t: torch.Tensor, what: str) -> Box:
     """The box this rank holds of tensor t (a DTensor or a plain tensor)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
     shape = tuple(t.shape)
     if not isinstance(t, DTensor) or all(isinstance(p, Replicate) for p in t.placements):
         return Box(shape, (0,) * len(shape), shape, ("replicated", shape))
@@ -72,15 +82,45 @@ def box_of(t: torch.Tensor, what: str) -> Box:
     mesh, placements = t.device_mesh, tuple(t.placements)
     sharded = []
     for i, p in enumerate(placements):
-        if type(p) is Shard:
+        if type(p) in (Shard, _StridedShard):
             sharded.append(i)
         elif not isinstance(p, Replicate):
-            raise InputError(f"{what}: placement {p} is not held by a sharded pool (Shard(d) and Replicate are)")
+            raise InputError(f"{what}: placement {p!r} is not held by a sharded pool (Shard(d), Replicate and "
+                             "FSDP2's strided shards are)")
+    if any(type(p) is _StridedShard for p in placements) and \
+            not _boxes_everywhere(shape, tuple(mesh.mesh.shape), placements):
+        raise InputError(f"{what}: placements {placements} give some rank rows that are not one contiguous range "
+                         "of the tensor; a sharded pool holds one box per rank")
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise InputError(f"{what}: this rank is not in the tensor's mesh, so it holds no part of it")
     local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     signature = ("sharded", shape, mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
                  tuple(repr(p) for p in placements))
     split = tuple(sorted({placements[i].dim % len(shape) for i in sharded}))
-    return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh, split)
+    copy = mesh.mesh[tuple(slice(None) if d in sharded else coord[d] for d in range(mesh.ndim))]
+    return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh, split,
+               tuple(sorted(copy.flatten().tolist())))
+
+
+@functools.lru_cache(maxsize=None)
+def _boxes_everywhere(shape, mesh_shape, placements) -> bool:
+    """Whether every mesh coordinate holds one box: its global indices along each dimension, as
+    torch computes them (shard by shard, strided ones right to left), are one contiguous range."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+    from torch.distributed.tensor.placement_types import _StridedShard
+    for coord in itertools.product(*map(range, mesh_shape)):
+        size, index = list(shape), {}
+        for mesh_dim, p in enumerate(placements):
+            if type(p) in (Shard, _StridedShard):
+                d = p.dim % len(shape)
+                size[d], index[d] = _get_shard_size_and_offsets(size[d], mesh_shape[mesh_dim], coord[mesh_dim], p,
+                                                                index.get(d), shape[d], False)
+        for d, idx in index.items():
+            if size[d] and not torch.equal(idx, torch.arange(int(idx[0]), int(idx[0]) + size[d])):
+                return False
+    return True
 
 
 def boxes_of(shard_like) -> Dict[str, Box]:
@@ -104,22 +144,26 @@ def describe(box: Box) -> str:
     if box.signature[0] == "replicated":
         return "replicated"
     _, _, dev, ranks, mshape, placements = box.signature
-    return f"({', '.join(placements)}) on a {dev} mesh of shape {list(mshape)} (ranks {list(ranks)})"
+    names = box.mesh.mesh_dim_names  # the same on every rank, where a sliced mesh's ranks are not
+    where = f"dimensions {list(names)}" if names else f"ranks {list(ranks)}"
+    return f"({', '.join(placements)}) on a {dev} mesh of shape {list(mshape)} ({where})"
 
 
 def reduce_group(boxes) -> Optional[object]:
-    """The process group spanning the ranks that hold different shards (None: nothing is sharded).
-
-    Every sharded tensor must split over the same mesh dimensions of one mesh, so one group
-    serves every statistic and every agreement."""
+    """The process group of the ranks that hold different pieces of one copy of the model (None:
+    nothing is sharded): one tensor's copy must span all the others' (e.g. FSDP2 x TP: the linears
+    split over ("dp", "tp") span the norms split over "dp"), so one group serves every statistic
+    and every agreement."""
     import torch.distributed as dist
-    keys = {(b.signature[3], b.signature[4], b.sharded_dims) for b in boxes if b.sharded_dims}
-    if not keys:
+    sharded = [b for b in boxes if b.sharded_dims]
+    if not sharded:
         return None
-    if len(keys) > 1:
-        raise InputError("shard_like: tensors are split over different meshes or mesh dimensions; a sharded pool "
-                         "needs one (e.g. FSDP2 over one mesh, or tensor parallel over one mesh dimension)")
-    box = next(b for b in boxes if b.sharded_dims)
+    everyone = set().union(*(b.ranks for b in sharded))
+    box = next((b for b in sharded if set(b.ranks) == everyone), None)
+    if box is None:
+        raise InputError("shard_like: no tensor is split across all the ranks the others are split across (e.g. "
+                         "some over one mesh dimension only, others over another only); a sharded pool needs one "
+                         "group of ranks holding one copy of the model")
     mesh, dims = box.mesh, box.sharded_dims
     if len(dims) == 1:
         return mesh.get_group(dims[0])
@@ -129,3 +173,21 @@ def reduce_group(boxes) -> Optional[object]:
         raise InputError("shard_like: tensors are split over several mesh dimensions of an unnamed mesh; "
                          "name them (init_device_mesh(..., mesh_dim_names=...)) so the pool can group them")
     return mesh[tuple(mesh.mesh_dim_names[d] for d in dims)]._flatten().get_group()
+
+
+def counts(box: Box, group) -> bool:
+    """Whether this rank's piece counts in the tensor's global statistics over group: its copy is
+    the one of the group's first rank (other copies would count the same elements again)."""
+    import torch.distributed as dist
+    return not box.ranks or min(dist.get_process_group_ranks(group)) in box.ranks
+
+
+def agreement_group(boxes, group) -> Optional[object]:
+    """The ranks that build a pool together and agree on its errors: every rank of the mesh the model
+    lives on (replica groups too: a rank that cannot read its checkpoint fails every replica, so no
+    replica waits for it in a later collective), else the pool's group."""
+    import torch.distributed as dist
+    roots = {id(root): root for root in (b.mesh._get_root_mesh() for b in boxes if b.mesh is not None)}
+    if group is not None and len(roots) == 1 and next(iter(roots.values())).size() == dist.get_world_size():
+        return dist.group.WORLD
+    return group

@@ -24,6 +24,7 @@ import math
 import torch
 
 from pymerge.dist import collectives
+from pymerge.dist.layout import counts
 from pymerge.errors import InputError
 from pymerge.methods.base import TensorTask
 from pymerge.ops import interp, philox, select
@@ -83,6 +84,22 @@ def _group(pool, name):
     return pool.group if pool.boxes[name].signature[0] == "sharded" else None
 
 
+def _counts(pool, name) -> bool:
+    """Whether this rank's piece of the tensor counts in its global statistics (layout.counts)."""
+    group = _group(pool, name)
+    return group is None or counts(pool.boxes[name], group)
+
+
+def _counted(pool, name, t: torch.Tensor) -> torch.Tensor:
+    """t as this rank's part of a global statistic: empty where another copy of the piece counts."""
+    return t if _counts(pool, name) else t[:0]
+
+
+def _counted_parts(pool, name, parts: torch.Tensor) -> torch.Tensor:
+    """Exact-sum parts as this rank's share of a global statistic: zero where another copy counts."""
+    return parts if _counts(pool, name) else torch.zeros_like(parts)
+
+
 # ---- the task-vector family ---------------------------------------------------------------------------
 def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor) -> None:
     from pymerge.methods.task_vectors import task_vector_args
@@ -121,25 +138,29 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     keys = select.magnitude_keys(x, base)
     plan = tvo.ModelPlan(model=i)
     gidx = functools.partial(box.global_indices, x.device)  # global flat indices, made only where needed
+    counted_keys = _counted(pool, task.name, keys)
+    counted_gidx = lambda: _counted(pool, task.name, gidx())  # noqa: E731
     if sp.method == "magnitude":
         plan.mode = tvo.TOPK
-        plan.hi = collectives.boundaries([keys], [max(1, int(sp.density * n))], [True], n, gidx, group)[0]
+        plan.hi = collectives.boundaries([counted_keys], [max(1, int(sp.density * n))], [True], n, counted_gidx,
+                                         group)[0]
     elif sp.method == "magnitude_outliers":
         target, n_top = int(sp.density * n), int(sp.gamma * n)
         n_bot = max(0, n - target - n_top)
         plan.mode = tvo.RANGE
-        plan.lo, plan.hi = collectives.boundaries([keys, keys], [min(n_bot, n), min(n_bot + target, n)],
-                                                  [False, False], n, gidx, group)
+        plan.lo, plan.hi = collectives.boundaries([counted_keys, counted_keys], [min(n_bot, n), min(n_bot + target, n)],
+                                                  [False, False], n, counted_gidx, group)
     elif sp.method == "random":
         plan.mode = tvo.RANDOM
         plan.thr = philox.keep_threshold(sp.density)
     keep = None
     if sp.method == "della_magprune":
-        plan.mode, keep = tvo.BITS, _della_keep(task, i, sp, box, group, start)
+        plan.mode, keep = tvo.BITS, _della_keep(task, i, sp, box, group, start, _counts(pool, task.name))
     elif sp.rescale == "l1" or start is None:
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
     if sp.rescale == "l1":
-        total, kept = collectives.sum_parts(tvo.l1_parts(x.float() - base.float(), keep), group)
+        parts = tvo.l1_parts(x.float() - base.float(), keep)
+        total, kept = collectives.sum_parts(_counted_parts(pool, task.name, parts), group)
         plan.scale = tvo.l1_ratio(total, kept)
     elif sp.rescale == "inverse_density":
         plan.scale = tvo._f32(1.0 / sp.density) if sp.density > 0 else 1.0
@@ -157,7 +178,7 @@ def _check_della(pool, name: str, method: str) -> None:
                          "magnitudes within rows, so a sharded pool needs its rows whole on each rank (Shard(0))")
 
 
-def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start) -> torch.Tensor:
+def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, counted: bool) -> torch.Tensor:
     """DELLA's keep-mask of this rank's elements (rows whole here; a 1-D tensor is one row: gathered)."""
     import torch.distributed as dist
     x, base = task.inputs[i], task.base
@@ -165,8 +186,8 @@ def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start)
         return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start)
     d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
     parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, (box.offset[0], d), group=group)
-    full = torch.cat([p for _, p in sorted(parts, key=lambda p: p[0])])
+    dist.all_gather_object(parts, (box.offset[0], d) if counted else None, group=group)
+    full = torch.cat([p for _, p in sorted(filter(None, parts), key=lambda p: p[0])])
     keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
     return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device)
 
@@ -204,7 +225,8 @@ def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
     def dots(xs, base, sub, group, backend="auto", num_threads=0):
         if group != "whole":  # each vector is local (checked up front): the single-process reduction
             return interp.group_dots(xs, base, sub, group, backend, num_threads)
-        sums = collectives.sum_parts(interp.whole_dot_parts(xs, base, sub, backend, num_threads), group_of)
+        parts = interp.whole_dot_parts(xs, base, sub, backend, num_threads)
+        sums = collectives.sum_parts(_counted_parts(pool, task.name, parts), group_of)
         k = len(xs)
         iu = torch.triu_indices(k, k)
         g = torch.zeros(1, k, k, dtype=torch.float64)

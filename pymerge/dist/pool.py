@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from pymerge.dist import collectives
-from pymerge.dist.layout import Box, box_of, boxes_of, describe, reduce_group
+from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, reduce_group
 from pymerge.dist.reads import ShardedSource
 from pymerge.errors import InputError
 from pymerge.pool.pool import CheckpointPool, _fmt_bytes, _map_name, _tensors_of
@@ -42,7 +42,7 @@ class ShardedPool(CheckpointPool):
             super().__init__(sources, base, *args, **kwargs)
         except Exception as exc:  # agreed below: every rank raises the first failing rank's error
             error = exc
-        collectives.agree(error, self.group)
+        collectives.agree(error, agreement_group(self.boxes.values(), self.group))
         self.boxes = {n: self.boxes[n] for n in self.names}
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds

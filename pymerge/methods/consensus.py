@@ -12,34 +12,19 @@ ram         an element moved by one model only (|d_i| > epsilon) takes that mode
 ramplus_tl  as ram, with each model's unique deltas scaled by 1 + r * clamp(rho_i, 0, alpha), rho_i =
             (its moved elements shared with others) / max(its unique moved elements, epsilon),
             counted over the whole tensor.
-`int8_mask` only picks mergekit's mask dtype: accepted, no effect.
+`int8_mask` only picks mergekit's mask dtype: accepted, no effect. sce and ramplus_tl run as fused
+native passes on the CPU (pymerge/ops/consensus_ops.py); top-k ties keep the lowest indices.
 """
-from typing import List
-
 import torch
 
 from pymerge.methods.base import MergeMethod, Param, TensorTask, register
 from pymerge.methods.task_vectors import _flag, _number
-from pymerge.ops import elementwise_mix
-
-
-def _deltas(task: TensorTask) -> List[torch.Tensor]:
-    base = task.base.float()
-    return [x.float() - base for x in task.inputs]
+from pymerge.ops import consensus_ops, elementwise_mix
 
 
 class _TaskVectorConsensus(MergeMethod):
     base_model = "required"
     min_models = 0  # mergekit returns the base unchanged when there is nothing else
-
-    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
-        if not task.inputs or out.numel() == 0:
-            out.copy_(task.base)
-            return
-        out.copy_(task.base.float() + self.merged_delta(task, _deltas(task)))
-
-    def merged_delta(self, task: TensorTask, deltas: List[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
 
 
 @register
@@ -55,35 +40,12 @@ class Sce(_TaskVectorConsensus):
         _number(task.params.get("select_topk", 1.0), "select_topk", task.name)
         _flag(task.params.get("int8_mask", False), "int8_mask")
 
-    def merged_delta(self, task, deltas):
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        if not task.inputs or out.numel() == 0:
+            out.copy_(task.base)
+            return
         topk = _number(task.params.get("select_topk", 1.0), "select_topk", task.name)
-        d = torch.stack(deltas)
-        if topk < 1:
-            d *= variance_mask(d, topk)
-        agree = d.sign() == (d.sum(dim=0) >= 0).float() * 2 - 1
-        ms = d.square().reshape(len(deltas), -1).mean(dim=1)
-        total = float(ms.sum())
-        w = torch.full_like(ms, 1.0 / len(deltas)) if abs(total) < 1e-6 else ms / total
-        w = w.view(-1, *([1] * (d.dim() - 1))) * agree
-        return (d * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6)
-
-
-def variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
-    """1 where an element's variance across the models is among the k largest, else 0."""
-    if density <= 0:
-        return torch.zeros_like(d[0])
-    var = d.var(dim=0, unbiased=False)
-    k = int(torch.count_nonzero(var) * density)  # float32 product, as mergekit rounds it
-    mask = torch.zeros_like(var)
-    if k:
-        mask.view(-1)[var.abs().reshape(-1).topk(k).indices] = 1
-    return mask
-
-
-def _ram_parts(deltas, eps):
-    moved = [d.abs() > eps for d in deltas]
-    count = torch.stack(moved).sum(dim=0)
-    return moved, count
+        consensus_ops.sce(task.inputs, task.base, topk, out, task.backend, task.num_threads)
 
 
 def _ram_eps(task):
@@ -121,17 +83,11 @@ class RamPlusTl(_TaskVectorConsensus):
             _number(task.params.get(k, self.global_params[k].default), k, task.name)
         _ram_eps(task)
 
-    def merged_delta(self, task, deltas):
-        eps = _ram_eps(task)
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        if not task.inputs or out.numel() == 0:
+            out.copy_(task.base)
+            return
         r = _number(task.params.get("r", 0.1), "r", task.name)
         alpha = _number(task.params.get("alpha", 0.2), "alpha", task.name)
-        moved, count = _ram_parts(deltas, eps)
-        unique, shared = count == 1, count > 1
-        acc = torch.zeros_like(deltas[0])
-        for d, m in zip(deltas, moved):
-            n_shared = torch.count_nonzero(m & shared)
-            n_unique = torch.count_nonzero(m & unique)
-            lam = 1 + r * (n_shared / n_unique.clamp(min=eps)).clamp(min=0, max=alpha)
-            dz = d * m
-            acc += dz * unique * lam + dz * shared / count.clamp(min=1)
-        return acc
+        consensus_ops.ramplus_tl(task.inputs, task.base, r, alpha, _ram_eps(task), out, task.backend,
+                                 task.num_threads)

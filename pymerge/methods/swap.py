@@ -8,13 +8,15 @@ arcee_fusion: importance = |x - B| * KL(softmax(x) || softmax(B)) (softmax and K
               B + (x - B) where importance >= threshold, else B. mergekit estimates the quantiles
               from a random sample of 10^6 elements for bigger tensors (the global RNG: results vary
               run to run); pymerge takes the exact quantiles, which that sample estimates.
+              Native on the CPU: one pass of scores (softmax sums in float64), one selection for
+              the three quantiles, one blend (pymerge/ops/consensus_ops.py).
 Arithmetic in float32 (mergekit computes in the load dtype; equal for float32).
 """
 import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
 from pymerge.methods.task_vectors import _number
-from pymerge.ops import elementwise_mix
+from pymerge.ops import consensus_ops, elementwise_mix
 
 
 class _BaseAndOne(MergeMethod):
@@ -48,32 +50,11 @@ class NearSwap(_BaseAndOne):
         elementwise_mix.nearswap(task.base, task.inputs[0], t, out, task.backend, task.num_threads)
 
 
-def importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|x - B| times the KL divergence of the softmaxes along the last dim (float32)."""
-    p = torch.softmax(x, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return (x - base).abs() * kl
-
-
-def fusion_threshold(scores: torch.Tensor) -> torch.Tensor:
-    """median + 1.5 * (q3 - q1), quantile q taken as the element at floor(q (n - 1)) in sorted order."""
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    pos = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()  # float32 positions, as mergekit
-    q1, med, q3 = (torch.kthvalue(flat, p + 1).values for p in pos)
-    return med + 1.5 * (q3 - q1)
-
-
 @register
 class ArceeFusion(_BaseAndOne):
     name = "arcee_fusion"
     chunkable = False  # the threshold is a whole-tensor statistic
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
-        base, x = (t.float() for t in self._pair(task))
-        if base.numel() == 0:
-            return
-        scores = importance(x, base)
-        keep = scores >= fusion_threshold(scores)
-        out.copy_(base + (x - base) * keep)
+        base, x = self._pair(task)
+        consensus_ops.arcee_fusion(base, x, out, task.backend, task.num_threads)

@@ -12,8 +12,24 @@ import torch
 _set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
 
 
+def _batched_increment():
+    """torch._C._increment_version over a tuple (torch >= 2.5 takes one; older builds take one tensor)."""
+    bump = getattr(torch._C, "_increment_version", None)
+    try:
+        bump((torch.empty(0),))
+    except (TypeError, RuntimeError):
+        return None
+    return bump
+
+
+_increment = _batched_increment()
+
+
 def mark_written(tensors: Iterable[torch.Tensor]) -> None:
     """Bumps the version counter of each tensor (views share their base's counter)."""
+    if _increment is not None:  # one call; inference tensors (no counter) are skipped inside
+        _increment(tensors if isinstance(tensors, tuple) else tuple(tensors))
+        return
     tracked = tuple(t for t in tensors if not t.is_inference())  # inference tensors have no counter
     if not tracked:
         return

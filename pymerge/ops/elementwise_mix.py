@@ -2,11 +2,12 @@
 the same float32 formulas as torch ops elsewhere (GPU) or with backend="torch".
 
     nearswap(base, x, t, out)   w = clamp(t / max(|B - x|, 1e-6), 0, 1); out = w x + (1 - w) B
-    ram(xs, base, eps, out)     out = B + sum_i d_i / c over the c models with |d_i| > eps (d_i = x_i - B)
+    ram(xs, base, eps, out)     out = B + sum_i d_i / c over the c models with |d_i| > eps (d_i = x_i - B);
+                                a delta only its model moved counts once, times boosts[i] (ramplus_tl; else 1)
 
 Inputs are any float dtype (float8 too on the CPU), out float32/float16/bfloat16, rounded once.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,11 +36,12 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, b
 
 
 def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.Tensor, backend: str = "auto",
-        num_threads: int = 0) -> torch.Tensor:
+        num_threads: int = 0, boosts: Optional[Sequence[float]] = None) -> torch.Tensor:
+    boosts = [1.0] * len(xs) if boosts is None else [float(b) for b in boosts]
     if _native_ok("ram", list(xs) + [base], out, backend):
         xs, base = [x.contiguous() for x in xs], base.contiguous()
         _native.cpu.ram([x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs], base.data_ptr(),
-                        _native.DTYPE_CODES[base.dtype], out.numel(), float(eps), out.data_ptr(),
+                        _native.DTYPE_CODES[base.dtype], out.numel(), float(eps), boosts, out.data_ptr(),
                         _native.DTYPE_CODES[out.dtype], num_threads)
         return out
     b = base.float()
@@ -48,8 +50,8 @@ def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.T
     count = torch.stack(moved).sum(dim=0)
     unique, shared = count == 1, count > 1
     acc = torch.zeros_like(b)
-    for d, m in zip(deltas, moved):
+    for d, m, boost in zip(deltas, moved, boosts):
         z = d * m
-        acc += z * unique + z * shared / count.clamp(min=1)  # mergekit's products: NaN/inf deltas give NaN
+        acc += z * unique * boost + z * shared / count.clamp(min=1)  # mergekit's products: NaN/inf deltas give NaN
     out.copy_((b + acc).view(out.shape))
     return out

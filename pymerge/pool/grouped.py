@@ -1,10 +1,14 @@
-"""The pool's linear hot path: one native call (CPU) or one launch (GPU) per materialize[_many].
+"""The pool's hot path: one native call (CPU) or one launch (GPU) per materialize[_many].
 
 A model of many small tensors merged one kernel call per tensor pays a call, a thread wake-up
 (or a launch) and a short loop per tensor. Instead, the validated write plans of a set of targets
 are kept with a task table that runs the whole candidate at once: on the CPU pymerge._cpu.GroupedPlan
 (split across the thread pool by bytes), on the GPU kernels/weighted_sum_grouped.py (one Triton
-launch over a tensor table, for pools resident on the device).
+launch over a tensor table, for pools resident on the device). On the CPU the registered methods
+that are one weighted sum (task_arithmetic: the base is one more source) take the same table, and
+the task-vector family takes pymerge._cpu.GroupedTVPlan after a selection pass (TaskVectorCall).
+An entry also keeps what every call needs besides the kernel: the tuple of tensors whose version
+counters it bumps (one batched call) and the strided targets to copy back.
 
 A cached entry is reused while its targets are provably the ones it was built for:
 - the same target objects (the entry holds them, so their ids cannot be reused),
@@ -17,12 +21,14 @@ A cached entry is reused while its targets are provably the ones it was built fo
 Anything else rebuilds the entry (the pool's full checks run again).
 """
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
 
 from pymerge import _native
+from pymerge.errors import MergeConfigError
 from pymerge.pool.weights import group_indices
 
 _registrations = 0  # parameters, buffers and submodules registered on any module so far
@@ -38,22 +44,29 @@ torch.nn.modules.module.register_module_buffer_registration_hook(_count)
 torch.nn.modules.module.register_module_module_registration_hook(_count)
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 class _Entry:
-    __slots__ = ("into", "generation", "ptr_of", "ptrs", "keyed", "plans", "native")
+    """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
+    __slots__ = ("into", "generation", "held", "ptrs", "keyed", "plans", "native", "written", "fixups", "selection")
 
     def __init__(self, into, watched, plans, native):
         self.into = into                    # the targets themselves (keeps their ids unique)
         self.generation = _registrations
-        self.ptr_of = [t.data_ptr for t, _, _ in watched]  # of the tensors the targets hold (not detached copies)
-        self.ptrs = [f() for f in self.ptr_of]
+        self.held = tuple(t for t, _, _ in watched)  # the tensors the targets hold (not detached copies)
+        self.ptrs = list(map(_data_ptr, self.held))
         self.keyed = [(t, d, key) for t, d, key in watched if d is not None]
         self.plans = plans
         self.native = native
+        self.written = tuple(t for p in plans for t in p.targets)  # version counters to bump per call
+        self.fixups = [f for p in plans for f in p.fixups]
+        self.selection = None  # task-vector methods: the last selection pass (see TaskVectorCall)
 
     def valid(self) -> bool:
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr.
         return (self.generation == _registrations and all(d.get(key) is t for t, d, key in self.keyed)
-                and [f() for f in self.ptr_of] == self.ptrs)
+                and list(map(_data_ptr, self.held)) == self.ptrs)
 
 
 class PlanCache:
@@ -64,24 +77,22 @@ class PlanCache:
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._groups: dict = {}
 
-    def plans(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
-              make_table: Callable[[list], object]):
-        """(plans, task table or None) for `into`; build() makes the plans when there is no valid entry.
-
-        targets_of(plans) lists, for every plan and target model, (tensor as held, dict or None, key);
-        make_table(plans) builds the table that runs them all in one call (None: not possible).
-        """
-        key = (tuple(id(m) for m in into),) + key
+    def entry(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
+              make_table: Callable[[list], object]) -> _Entry:
+        """The valid entry for `into` (and key), built when there is none: build() makes the plans,
+        targets_of(plans) lists for every plan and target model (tensor as held, dict or None, key),
+        make_table(plans) the table that runs them all in one call (None: not possible)."""
+        key = (tuple(map(id, into)),) + key
         entry = self._entries.get(key)
         if entry is not None and entry.valid():
             self._entries.move_to_end(key)
-            return entry.plans, entry.native
+            return entry
         plans = build()
         entry = _Entry(list(into), targets_of(plans), plans, make_table(plans))
         self._entries[key] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        return plans, entry.native
+        return entry
 
     def clear(self) -> None:
         self._entries.clear()
@@ -94,6 +105,13 @@ class PlanCache:
         if rule not in self._groups:
             self._groups[rule] = group_indices(names, rule)
         return self._groups[rule]
+
+    def num_groups(self, rule) -> int:
+        """1 + the largest group index under a named rule whose group_of was asked for (cached)."""
+        key = ("count", rule)
+        if key not in self._groups:
+            self._groups[key] = max(self._groups[rule], default=0) + 1
+        return self._groups[key]
 
 
 def triton_table(plans, inputs: dict, n_groups: int):
@@ -128,3 +146,117 @@ def weight_array(tables: Sequence[np.ndarray], n_groups: int, n: int) -> np.ndar
     for k, t in enumerate(tables):
         w[:, k, :] = t[0] if t.shape[0] == 1 else t[:n_groups]
     return w
+
+
+def method_coefficients(method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
+                        name_of: Callable[[int], str], seed: int):
+    """(sources, float32 [G, K, S] coefficients) of a WeightedSum method (task_arithmetic) for every weight
+    group and candidate: source i < N is checkpoint i, source N the base, in the method's order (the same
+    for every group and candidate: the order depends on the method alone). Parameters are checked here
+    exactly as the per-tensor path checks them, once per group and candidate instead of per tensor."""
+    from pymerge.methods.base import TensorTask
+    order, rows = None, []
+    for g in range(n_groups):
+        for table in tables:
+            w = table[g if table.shape[0] > 1 else 0]
+            mp = [dict(per_model[i], weight=float(w[i])) for i in range(len(per_model))]
+            task = TensorTask(inputs=[], base=None, model_params=mp, params=dict(global_params), name=name_of(g),
+                              seed=seed)
+            method.check_params(task)
+            src, coef = method.weights_for(task)
+            if order is None:
+                order = list(src)
+            elif list(src) != order:  # not the case of any registered method; refused, not guessed
+                raise ValueError(f"method {method.name}: sources differ between weight groups")
+            rows.append(coef)
+    return order, np.asarray(rows, dtype=np.float32).reshape(n_groups, len(tables), len(order))
+
+
+def native_tv_table(plans, inputs: dict, base: dict, n_groups: int):
+    """A GroupedTVPlan (csrc/cpu/task_vectors.cpp) for the plans, or None where it does not apply."""
+    from pymerge.ops.philox import name_hash
+    cpu = _native.cpu
+    if cpu is None or not plans or not hasattr(cpu, "GroupedTVPlan"):
+        return None
+    codes = _native.DTYPE_CODES
+    try:
+        in_codes = [[codes[t.dtype] for t in inputs[p.name]] for p in plans]
+        base_codes = [codes[base[p.name].dtype] for p in plans]
+        out_codes = [[codes[o.dtype] for o in p.outs] for p in plans]
+    except KeyError:
+        return None
+    return cpu.GroupedTVPlan([[t.data_ptr() for t in inputs[p.name]] for p in plans], in_codes,
+                             [base[p.name].data_ptr() for p in plans], base_codes,
+                             [base[p.name].numel() for p in plans], [[o.data_ptr() for o in p.outs] for p in plans],
+                             out_codes, [name_hash(p.name) for p in plans], [p.group for p in plans], n_groups)
+
+
+_version = attrgetter("_version")
+
+
+class TaskVectorCall:
+    """One materialize of a task-vector method (ties, dare_*, breadcrumbs*, della*) as one native call.
+
+    The per-tensor path resolves every tensor's sparsifiers (plan_model: rank boundaries, Philox
+    thresholds, DELLA bitmasks, rescale factors) and runs tv_merge once per tensor and candidate. Here
+    the same plan_model results (the pool's SelectionCache serves them) are gathered into arrays, kept
+    on the entry while no input or base tensor changes (version counters; DELLA masks are never kept,
+    as the per-tensor path never keeps them), and one GroupedTVPlan.run merges every tensor into every
+    candidate. Parameters are checked exactly as the per-tensor path checks them."""
+
+    def __init__(self, method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
+                 name: str, seed: int):
+        from pymerge.methods.base import TensorTask
+        from pymerge.methods.task_vectors import task_vector_args
+        from pymerge.ops.task_vector_ops import linear_divisor
+        n = len(per_model)
+        self.seed = seed
+        self.consensus = method.consensus
+        self.weights = weight_array(tables, n_groups, n)
+        # Sparsifiers, flags and lambda do not depend on the weights (finite already): checked once
+        row = tables[0][0]
+        task = TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
+                          model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
+        method.check_params(task)
+        self.normalize, rescale = method._settings(task)
+        self.sparsifiers, _, self.lam = task_vector_args(task, method.sparsification, rescale)
+        rows = [[tuple(map(float, t[g if t.shape[0] > 1 else 0])) for t in tables] for g in range(n_groups)]
+        divisor = {r: linear_divisor(r) for r in set(sum(rows, []))}  # float32 sums, as the per-tensor path's
+        self.divisors = np.array([[divisor[r] for r in rs] for rs in rows], dtype=np.float32)
+        random = any(sp.method in ("random", "della_magprune") for sp in self.sparsifiers)
+        self.key = (method.name, tuple(self.sparsifiers), int(seed) if random else 0)
+        self.keep = not any(sp.method == "della_magprune" and sp.density < 1 for sp in self.sparsifiers)
+
+    def run(self, entry, inputs: dict, base: dict, cache, num_threads: int) -> None:
+        sel = entry.selection
+        if sel is None or sel[0] != self.key or list(map(_version, sel[1])) != sel[2]:
+            sel = self._select(entry.plans, inputs, base, cache, num_threads)
+            entry.selection = sel if self.keep else None
+        _, _, _, ints, scales, bits, _masks = sel
+        entry.native.run(ints, scales, bits, self.weights, self.divisors, self.consensus, self.normalize,
+                         float(self.lam), int(self.seed) & 0xFFFFFFFFFFFFFFFF, num_threads)
+
+    def _select(self, plans, inputs: dict, base: dict, cache, num_threads: int):
+        """(key, tensors watched, their versions, int64 [T, N, 7], float32 [T, N], uint64 [T, N], masks)."""
+        from pymerge.ops.task_vector_ops import plan_model
+        n = len(self.sparsifiers)
+        ints = np.zeros((len(plans), n, 7), dtype=np.int64)
+        scales = np.ones((len(plans), n), dtype=np.float32)
+        bits = np.zeros((len(plans), n), dtype=np.uint64)
+        masks, watched = [], []
+        for t, p in enumerate(plans):
+            xs, b = inputs[p.name], base[p.name]
+            watched += xs
+            watched.append(b)
+            for i, (x, sp) in enumerate(zip(xs, self.sparsifiers)):
+                try:
+                    mp = plan_model(x, b, sp, 1.0, i, name=p.name, seed=self.seed, cache=cache,
+                                    cache_key=(x._version, b._version), backend="cpu", num_threads=num_threads)
+                except ValueError as exc:
+                    raise MergeConfigError(f"tensor {p.name}: {exc}") from None
+                ints[t, i] = (mp.mode, mp.lo.key, mp.lo.index, mp.hi.key, mp.hi.index, mp.thr, mp.model & 0xFFFFFFFF)
+                scales[t, i] = mp.scale
+                if mp.bits is not None:
+                    masks.append(mp.bits)
+                    bits[t, i] = mp.bits.data_ptr()
+        return self.key, watched, list(map(_version, watched)), ints, scales, bits, masks

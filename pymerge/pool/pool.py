@@ -292,14 +292,16 @@ class CheckpointPool:
         if method == "linear" and params:
             raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
                                    "(use normalize= for sum-to-one)")
-        if method == "linear" and self._grouped_kind() and _cacheable(groups, names):
+        kind = self._grouped_kind() if _cacheable(groups, names) else None
+        if method == "linear" and kind:
             # the hot path: plans checked once per set of targets, then one call per candidate
-            n_groups = max(group_of, default=0) + 1
-            make = grouped.native_table if self._grouped_kind() == "cpu" else grouped.triton_table
-            plans, table = self._plan_cache.plans(
+            n_groups = 1 if flat else self._plan_cache.num_groups(groups)
+            make = grouped.native_table if kind == "cpu" else grouped.triton_table
+            entry = self._plan_cache.entry(
                 ("flat" if flat else groups, names, strict, n_groups), into,
                 lambda: self._checked_plans(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
                 lambda ps: make(ps, self._inputs, n_groups))
+            plans, table = entry.plans, entry.native
             if table is None:
                 self._run_linear(plans, tables)
             elif self._cuda is None:
@@ -308,17 +310,60 @@ class CheckpointPool:
                 with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                     w = self._cuda.weights(tables)  # [G, K, N] on the device
                     table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
-        elif method == "linear":
-            plans = self._checked_plans(into, group_of, names, strict)
+            for tmp, target in entry.fixups:
+                target.copy_(tmp)
+            mark_written(entry.written)  # a backward through the old weights now raises
+            return into
+        if kind == "cpu" and method != "linear":
+            entry = self._one_call_method(method, tables, group_of, flat, groups, names, strict, into, seed, params)
+            if entry is not None:
+                for tmp, target in entry.fixups:
+                    target.copy_(tmp)
+                mark_written(entry.written)
+                return into
+        plans = self._checked_plans(into, group_of, names, strict)
+        if method == "linear":
             self._run_linear(plans, tables)
         else:
-            plans = self._checked_plans(into, group_of, names, strict)
             self._run_method(method, plans, tables, seed, params)
         for p in plans:
             for tmp, target in p.fixups:
                 target.copy_(tmp)
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
+
+    def _one_call_method(self, method, tables, group_of, flat, groups, names, strict, into, seed, params):
+        """A registered method as one native call over every tensor and candidate (pool/grouped.py):
+        task_arithmetic (a weighted sum whose sources include the base) and the task-vector family
+        (a selection pass, then one fused apply). The entry written, or None for other methods."""
+        from pymerge.methods.base import get_method
+        from pymerge.methods.linear import WeightedSum
+        from pymerge.methods.task_vectors import TaskVectorMethod
+        m = get_method(method)
+        if not isinstance(m, (WeightedSum, TaskVectorMethod)):
+            return None
+        m.validate(self.num_checkpoints, self.has_base)
+        per_model, global_params = _split_params(m, params, self.num_checkpoints)
+        n_groups = 1 if flat else self._plan_cache.num_groups(groups)
+        key = ("flat" if flat else groups, names, strict, n_groups, method)
+        if isinstance(m, WeightedSum):
+            first = lambda g: next((n for n, h in zip(self.names, group_of) if h == g), "")  # noqa: E731  (messages)
+            order, coef = grouped.method_coefficients(m, per_model, global_params, tables, n_groups, first, seed)
+            sources = lambda: {n: [self._inputs[n][i] if i < self.num_checkpoints else self._base[n]  # noqa: E731
+                                   for i in order] for n in self.names}
+            make = lambda ps: grouped.native_table(ps, sources(), n_groups)  # noqa: E731
+        else:
+            call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
+            make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
+        entry = self._plan_cache.entry(key, into, lambda: self._checked_plans(into, group_of, names, strict),
+                                       lambda ps: _watched(ps, into, names), make)
+        if entry.native is None:
+            self._run_method(method, entry.plans, tables, seed, params)
+        elif isinstance(m, WeightedSum):
+            entry.native.run(coef, self.num_threads)
+        else:
+            call.run(entry, self._inputs, self._base, self._selection, self.num_threads)
+        return entry
 
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         plans = self._plan(into, group_of, names, strict)

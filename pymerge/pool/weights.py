@@ -71,9 +71,8 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
         if len(tiny):
             raise InputError(f"{what}: row {tiny[0]} sums to {sums[tiny[0], 0]:g}; cannot normalize it to one")
         table = table / sums
-    big = np.argwhere(np.abs(table) > MAX_MAGNITUDE)
-    if len(big):  # float32 kernels would turn it into inf or noise: a typo, not a merge
-        g, i = big[0]
+    if np.abs(table).max(initial=0.0) > MAX_MAGNITUDE:  # float32 kernels would turn it into inf or noise: a typo
+        g, i = np.argwhere(np.abs(table) > MAX_MAGNITUDE)[0]
         where = f"[{i}]" if table.shape[0] == 1 else f"[{g}][{i}]"
         raise InputError(f"{what}{where} is {table[g, i]:g}{' after normalizing' if normalize else ''}; "
                          f"weights beyond {MAX_MAGNITUDE:g} make a non-finite or meaningless model")

@@ -1,0 +1,373 @@
+"""`model+lora` references (mergekit 0.1.5): a PEFT LoRA adapter applied to its model, per tensor.
+
+mergekit loads the model with transformers, applies the adapter with peft's merge_and_unload and
+saves a merged copy it then merges. pymerge computes the same weights lazily while it streams:
+each targeted weight is W + scale * (B @ A) (transposed for fan_in_fan_out layers and embeddings),
+in float32 and rounded once to the tensor's dtype, exactly peft's arithmetic; every other tensor is
+the model's own. scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, with r and alpha
+per module from rank_pattern / alpha_pattern as peft matches them. The merged copy keeps the
+model's dtypes (transformers 5 loads with dtype "auto"), or all takes --lora-merge-dtype.
+
+What changes more than these weights (DoRA, modules_to_save, LoRA biases, trainable tokens, layer
+replication, convolution LoRA, ...) is refused with a one-line reason naming the adapter file.
+"""
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from pymerge.errors import CheckpointError, MergeConfigError, short
+from pymerge.io.checkpoint import Checkpoint, open_tensor_file
+from pymerge.io.files import read_json
+from pymerge.io.safetensors_file import TensorInfo
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+_PREFIX = "base_model.model."
+# base_layer.weight: a full copy of a targeted embedding or lm_head, which peft saves (save_embedding_layers)
+# and loads over the model's own before merging
+_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                  r"|base_layer\.weight)")
+# adapter_config.json settings that change more than W + scale * B @ A: (key, value that is fine)
+_REFUSED = {
+    "use_dora": "DoRA adapters",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "modules_to_save": "modules_to_save (whole replaced modules)",
+    "trainable_token_indices": "trainable tokens",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters (LoRA on bare parameters)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA",
+}
+
+
+def split_ref(ref: str) -> Tuple[str, Optional[str]]:
+    """(model, adapter or None) of a reference; a path that exists as given is never split."""
+    if os.path.exists(ref) or "+" not in ref:
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise MergeConfigError(f"model {ref}: cannot parse: a reference is MODEL or MODEL+LORA")
+    return parts[0], parts[1]
+
+
+def resolve_ref(ref: str) -> str:
+    """The reference with each side's cached hub ID replaced by its snapshot folder."""
+    from pymerge import hub
+    model, adapter = split_ref(ref)
+    if adapter is None:
+        return hub.resolve_if_cached(ref)
+    return f"{hub.resolve_if_cached(model)}+{hub.resolve_if_cached(adapter)}"
+
+
+def ref_from_mapping(value: dict, where: str) -> str:
+    """mergekit's mapping form {model: PATH | {path, revision}, lora: ...} as a MODEL[+LORA] string."""
+    extra = set(value) - {"model", "lora"}
+    if extra:
+        raise MergeConfigError(f"{where}: {short(sorted(extra)[0])} is not supported (a model is given by "
+                               f"'model' and optionally 'lora')")
+    sides = [_path_of(value.get("model"), f"{where}.model")]
+    if value.get("lora") is not None:
+        sides.append(_path_of(value["lora"], f"{where}.lora"))
+    return "+".join(sides)
+
+
+def _path_of(value, where: str) -> str:
+    if isinstance(value, dict):
+        if set(value) - {"path", "revision"} or not isinstance(value.get("path"), str) or not value["path"]:
+            raise MergeConfigError(f"{where}: expected a path string or {{path, revision}}, got {short(value)}")
+        rev = value.get("revision")
+        if rev is not None and (not isinstance(rev, str) or not rev):
+            raise MergeConfigError(f"{where}.revision must be a string, got {short(rev)}")
+        return value["path"] + (f"@{rev}" if rev else "")
+    if not isinstance(value, str) or not value:
+        raise MergeConfigError(f"{where} must be a path string, got {short(value)}")
+    return value
+
+
+def missing_side(ref: str) -> Optional[str]:
+    """A one-line reason when a MODEL+LORA reference's model or adapter is not there, else None."""
+    from pymerge import hub
+    model, adapter = split_ref(ref)
+    if adapter is None:
+        return None
+    for what, p in (("model", model), ("LoRA adapter", adapter)):
+        if not os.path.exists(p):
+            if hub.looks_like_id(p):
+                try:
+                    hub.resolve(p)
+                except MergeConfigError as exc:
+                    return f"{ref}: {what}: {exc}"
+            return f"{ref}: {what} path not found: {p}"
+    return None
+
+
+def open_model(ref: str, lora_dtype: Optional[str] = None):
+    """A Checkpoint, or for MODEL+LORA the model with the adapter applied (LoraCheckpoint)."""
+    model, adapter = split_ref(ref)
+    if adapter is None:
+        return Checkpoint(ref)
+    ck, opened = Checkpoint(model), None
+    try:
+        opened = Adapter(adapter)
+        return LoraCheckpoint(ck, opened, lora_dtype)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        ck.close()
+        raise
+
+
+@dataclass
+class _Target:
+    a_key: str
+    b_key: str
+    scale: float
+    transpose: bool  # fan_in_fan_out layers and embeddings hold W as (in, out)
+    embedding: bool
+    base_copy: Optional[str] = None  # the adapter's own copy of W (base_layer.weight), used instead
+
+
+class Adapter:
+    """A PEFT LoRA adapter folder: its config checked, its tensors open (read lazily)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: a LoRA adapter is a folder with {CONFIG_NAME}")
+        self.config_path = self.folder / CONFIG_NAME
+        if not self.config_path.is_file():
+            raise CheckpointError(f"{self.folder}: no {CONFIG_NAME}: not a PEFT adapter")
+        weights = next((self.folder / n for n in WEIGHT_NAMES if (self.folder / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{self.folder}: no {' or '.join(WEIGHT_NAMES)}")
+        self.config = _read_config(self.config_path)
+        self.file = open_tensor_file(weights)
+        try:
+            self.targets = self._targets()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _targets(self) -> Dict[str, _Target]:
+        """{weight tensor name in the model: how to apply}, from the adapter file's keys."""
+        parts: Dict[str, Dict[str, str]] = {}
+        for key in self.file.names():
+            m = _KEY.fullmatch(key[len(_PREFIX):]) if key.startswith(_PREFIX) else None
+            if m is None:
+                raise CheckpointError(f"{self.file.path}: tensor {key!r}: not a LoRA A/B weight "
+                                      f"(base_model.model.<module>.lora_A.weight / lora_B.weight); "
+                                      f"pymerge applies plain LoRA adapters only")
+            parts.setdefault(m["module"], {})[m["part"]] = key
+        cfg = self.config
+        targets = {}
+        for module, got in parts.items():
+            copy = got.pop("base_layer.weight", None)
+            if not got:
+                raise CheckpointError(f"{self.file.path}: tensor {copy!r}: a saved base layer without LoRA weights")
+            embedding = "lora_embedding_A" in got or "lora_embedding_B" in got
+            a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+            if set(got) != {a, b}:
+                have = ", ".join(sorted(got))
+                raise CheckpointError(f"{self.file.path}: module {module!r} has {have} but not both {a} and {b}")
+            r = _pattern_value(cfg["rank_pattern"], module, cfg["r"], "rank_pattern", self.config_path)
+            alpha = _pattern_value(cfg["alpha_pattern"], module, cfg["lora_alpha"], "alpha_pattern", self.config_path)
+            if r <= 0:
+                raise CheckpointError(f"{self.config_path}: module {module!r}: rank r = {r} must be positive")
+            ia, ib = self.file.info(got[a]), self.file.info(got[b])
+            if len(ia.shape) != 2 or len(ib.shape) != 2:
+                raise CheckpointError(f"{self.file.path}: tensor {got[a]!r}: shape {list(ia.shape)}; pymerge "
+                                      f"applies LoRA to linear layers and embeddings only (not convolutions)")
+            if ia.shape[0] != r or ib.shape[1] != r:
+                raise CheckpointError(f"{self.file.path}: module {module!r}: A {list(ia.shape)} and B "
+                                      f"{list(ib.shape)} do not have rank r = {r} of {CONFIG_NAME}")
+            scale = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+            transpose = embedding or bool(cfg["fan_in_fan_out"])
+            targets[module + ".weight"] = _Target(got[a], got[b], scale, transpose, embedding, copy)
+        return targets
+
+    def delta(self, name: str):
+        """scale * (B @ A) of one weight, float32 (peft's get_delta_weight)."""
+        t = self.targets[name]
+        a, b = self.file.tensor(t.a_key).float(), self.file.tensor(t.b_key).float()
+        d = b @ a
+        return (d.T if t.transpose else d) * t.scale
+
+    def base_weight(self, name: str, ck):
+        """W as peft sees it: the adapter's saved copy of the layer where it has one."""
+        copy = self.targets[name].base_copy
+        return self.file.tensor(copy) if copy else ck.tensor(name)
+
+    def delta_shape(self, name: str) -> Tuple[int, int]:
+        t = self.targets[name]
+        rows, cols = self.file.info(t.b_key).shape[0], self.file.info(t.a_key).shape[1]
+        return (cols, rows) if t.transpose else (rows, cols)
+
+    @property
+    def files(self) -> List[Path]:
+        return [self.config_path, self.file.path]
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _read_config(path: Path) -> dict:
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    kind = cfg.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise CheckpointError(f"{path}: peft_type {short(kind)}: only LoRA adapters can be applied")
+    for key, what in _REFUSED.items():
+        if cfg.get(key) not in (None, False, [], {}, 0):
+            raise CheckpointError(f"{path}: {key}: {what} are not supported by pymerge's LoRA application")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{path}: bias {short(cfg['bias'])}: trained biases are not supported "
+                              f"(only bias 'none')")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda", "loftq"):
+        raise CheckpointError(f"{path}: init_lora_weights {init!r} changes the base weights; not supported")
+    out = {}
+    for key, default in (("r", 8), ("lora_alpha", 8)):
+        v = cfg.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CheckpointError(f"{path}: {key} must be a number, got {short(v)}")
+        out[key] = v
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key) or {}
+        if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                              for x in v.values()):
+            raise CheckpointError(f"{path}: {key} must map module patterns to numbers, got {short(v)}")
+        out[key] = v
+    for key in ("use_rslora", "fan_in_fan_out"):
+        v = cfg.get(key, False)
+        if not isinstance(v, bool):
+            raise CheckpointError(f"{path}: {key} must be true or false, got {short(v)}")
+        out[key] = v
+    return out
+
+
+def _pattern_value(patterns: dict, module: str, default, key: str, path: Path):
+    """peft's get_pattern_key: the first pattern p with module matching (.*\\.)?(p)$."""
+    for p in patterns:
+        try:
+            if re.match(rf"(.*\.)?({p})$", module):
+                return patterns[p]
+        except re.error as exc:
+            raise CheckpointError(f"{path}: {key}: pattern {p!r} is not a regular expression: {exc}") from None
+    return default
+
+
+class LoraCheckpoint:
+    """A model with a LoRA adapter applied: Checkpoint's read interface, targeted weights computed
+    when read (one tensor at a time: memory stays bounded by the largest weight)."""
+
+    def __init__(self, ck: Checkpoint, adapter: Adapter, dtype: Optional[str] = None):
+        from pymerge import _native
+        self.ck, self.adapter = ck, adapter
+        self.path, self.folder = ck.path, ck.folder
+        self._dtype = dtype
+        for name in adapter.targets:
+            if name not in ck:
+                raise CheckpointError(f"{adapter.file.path}: LoRA for {name!r}, which {ck.path} does not have")
+            shape, want = tuple(ck.info(name).shape), adapter.delta_shape(name)
+            if shape != want:
+                raise CheckpointError(f"{adapter.file.path}: LoRA for {name!r} is {list(want)}, the weight in "
+                                      f"{ck.path} is {list(shape)}")
+            copy = adapter.targets[name].base_copy
+            if copy and tuple(adapter.file.info(copy).shape) != shape:
+                raise CheckpointError(f"{adapter.file.path}: tensor {copy!r} is {list(adapter.file.info(copy).shape)}"
+                                      f", the weight in {ck.path} is {list(shape)}")
+            if not _native.is_floating(ck.info(name).dtype_name):
+                raise CheckpointError(f"{ck.path}: tensor {name!r} is {ck.info(name).dtype_name}; LoRA applies to "
+                                      f"floating-point weights")
+
+    def names(self) -> List[str]:
+        return self.ck.names()
+
+    def __contains__(self, name) -> bool:
+        return name in self.ck
+
+    def __len__(self) -> int:
+        return len(self.ck)
+
+    def info(self, name: str) -> TensorInfo:
+        i = self.ck.info(name)
+        if not self._changes(name):
+            return i
+        from pymerge import _native
+        dtype = self._dtype or i.dtype_name
+        size = _native.itemsize(dtype)
+        return TensorInfo(name, dtype, i.shape, int(np.prod(i.shape, dtype=np.int64)) * size, -1)
+
+    def _changes(self, name: str) -> bool:
+        if name in self.adapter.targets:
+            return True
+        from pymerge import _native
+        have = self.ck.info(name).dtype_name  # --lora-merge-dtype casts floating tensors, as transformers does
+        return self._dtype is not None and have != self._dtype and _native.is_floating(have)
+
+    def tensor(self, name: str):
+        if not self._changes(name):
+            return self.ck.tensor(name)
+        from pymerge import _native
+        dtype = _native.torch_dtype(self._dtype or self.ck.info(name).dtype_name)
+        if name not in self.adapter.targets:
+            return self.ck.tensor(name).to(dtype)
+        w = self.adapter.base_weight(name, self.ck).to(dtype)  # the model loads in dtype, then merges
+        delta = self.adapter.delta(name)
+        if self.adapter.targets[name].embedding:  # peft rounds an embedding's delta to W's dtype first
+            delta = delta.to(dtype).float()
+        return (w.float() + delta).to(dtype)
+
+    def byte_view(self, name: str):
+        if not self._changes(name):
+            return self.ck.byte_view(name)
+        import torch
+        t = self.tensor(name)
+        return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+    def array(self, name: str) -> np.ndarray:
+        if not self._changes(name):
+            return self.ck.array(name)
+        a = self.byte_view(name).numpy()
+        a.flags.writeable = False
+        return a
+
+    def file_of(self, name: str) -> Path:
+        return self.adapter.file.path if name in self.adapter.targets else self.ck.file_of(name)
+
+    def prefetch(self, name: str) -> None:
+        self.ck.prefetch(name)
+
+    def release(self, name: str) -> None:
+        self.ck.release(name)
+
+    @property
+    def shards(self) -> list:
+        return self.ck.shards
+
+    @property
+    def files(self) -> List[Path]:
+        return self.ck.files + self.adapter.files
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self.names())
+
+    def close(self) -> None:
+        self.adapter.close()
+        self.ck.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"LoraCheckpoint({str(self.path)!r} + {str(self.adapter.folder)!r}, {len(self.adapter.targets)} weights)"

@@ -1,0 +1,163 @@
+"""The native passes of sce, ramplus_tl and arcee_fusion (csrc/cpu/consensus.cpp, pymerge/ops/consensus_ops.py):
+float64 references (tests/mergekit_rest_reference.py) on awkward sizes (empty, 1, primes, around the
+1024-element block and the selection's 2^17 bracket threshold), float32/bfloat16 inputs and outputs;
+NaN and inf placed as the torch path (mergekit's own ops) places them; ties; thread-count independence.
+"""
+import pytest
+import torch
+
+import mergekit_rest_reference as ref
+from pymerge import _native
+from pymerge.ops import consensus_ops as co
+
+pytestmark = pytest.mark.skipif(_native.cpu is None or not hasattr(_native.cpu, "sce_merge"),
+                                reason="the C++ extension is not built")
+
+SHAPES = [(0,), (1,), (7,), (1023,), (1025,), (13, 317), (401, 331)]  # the last: > 2^17 elements
+
+
+def data(shape, n, seed, dtype=torch.float32, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    xs = [base + scale * torch.randn(shape, generator=g) * (i + 1) for i in range(n)]
+    return base.to(dtype), [x.to(dtype) for x in xs]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def run(op, *args, out_dtype=torch.float32, shape, **kw):
+    out = torch.empty(shape, dtype=out_dtype)
+    op(*args, out, **kw)
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.05, 0.0])
+def test_sce_matches_float64(shape, dtype, topk):
+    base, xs = data(shape, 3, 1, dtype)
+    got = run(co.sce, xs, base, topk, shape=shape)
+    want = ref.sce(base, xs, topk)
+    assert rel(got, want) <= 1e-6, rel(got, want)
+    if topk not in (1.0, 0.0) and got.numel() > 1:  # the mask is the k largest variances, exactly
+        var = torch.stack([x.double() - base.double() for x in xs]).var(0, unbiased=False).reshape(-1)
+        k = int(int((var != 0).sum()) * topk)
+        kept = (got.reshape(-1) != base.float().reshape(-1)).sum()
+        assert int(kept) <= k
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ramplus_tl_matches_float64(shape, dtype):
+    base, xs = data(shape, 4, 2, dtype)
+    xs[1] = base.clone()  # a model that moves nothing: its ratio is 0 / eps
+    xs[2].reshape(-1)[::3] = base.reshape(-1)[::3]  # unique and shared elements both present
+    got = run(co.ramplus_tl, xs, base, 0.3, 0.5, 1e-5, shape=shape)
+    assert rel(got, ref.ram(base, xs, 1e-5, plus=(0.3, 0.5))) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_arcee_fusion_matches_float64(shape, dtype):
+    base, xs = data(shape, 1, 3, dtype, scale=0.3)
+    got = run(co.arcee_fusion, base, xs[0], shape=shape)
+    if got.numel():  # (the reference's quantiles need an element)
+        assert rel(got, ref.arcee_fusion(base, xs[0])) <= 1e-6
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_rounded_outputs(out_dtype):
+    shape = (37, 101)
+    base, xs = data(shape, 3, 4)
+    for got, want in ((run(co.sce, xs, base, 0.3, shape=shape, out_dtype=out_dtype), ref.sce(base, xs, 0.3)),
+                      (run(co.ramplus_tl, xs, base, 0.1, 0.2, 1e-5, shape=shape, out_dtype=out_dtype),
+                       ref.ram(base, xs, 1e-5, plus=(0.1, 0.2))),
+                      (run(co.arcee_fusion, base, xs[0], shape=shape, out_dtype=out_dtype),
+                       ref.arcee_fusion(base, xs[0]))):
+        assert got.dtype == out_dtype
+        assert torch.equal(got, want.to(out_dtype)) or rel(got, want) <= 2 ** -8
+
+
+@pytest.mark.parametrize("n, topk", [(3001, 0.7), (3001, 0.01), (200_003, 0.5), (200_003, 0.01)])
+def test_sce_ties_pick_torch_topk_elements(n, topk):
+    # few distinct variances: the cut falls inside a long run of ties (k * 64 <= n: partial_sort, else nth_element)
+    g = torch.Generator().manual_seed(n)
+    base = torch.zeros(n)
+    xs = [torch.randint(-2, 3, (n,), generator=g).float() * 0.25 for _ in range(3)]
+    out = run(co.sce, xs, base, topk, shape=(n,))
+    var = torch.stack(xs).var(0, unbiased=False)
+    k = int(torch.count_nonzero(var) * topk)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[var.abs().topk(k).indices] = True
+    assert int((var == var[var.abs().topk(k).indices[-1]]).sum()) > 1  # there are ties at the cut
+    assert torch.equal(out != 0, (run(co.sce, xs, base, topk, shape=(n,), backend="torch") != 0))
+    assert not bool((out[~mask] != 0).any())  # only the picked elements move
+    assert rel(out, ref.sce(base, xs, topk)) <= 1e-6
+
+
+def nan_inf_case(shape, n, seed):
+    base, xs = data(shape, n, seed)
+    flat = [x.view(-1) for x in xs]
+    flat[0][3] = float("nan")
+    flat[-1][5] = float("inf")
+    flat[0][7] = float("-inf")
+    base.view(-1)[11] = float("nan")
+    return base, xs
+
+
+@pytest.mark.parametrize("shape", [(29, 41), (401, 331)])
+def test_nan_and_inf_as_the_torch_path(shape):
+    base, xs = nan_inf_case(shape, 3, 5)
+    cases = [
+        (lambda be: run(co.sce, xs, base, 0.5, shape=shape, backend=be)),
+        (lambda be: run(co.sce, xs, base, 1.0, shape=shape, backend=be)),
+        (lambda be: run(co.ramplus_tl, xs, base, 0.1, 0.2, 1e-5, shape=shape, backend=be)),
+        (lambda be: run(co.arcee_fusion, base, xs[1], shape=shape, backend=be)),
+    ]
+    for i, case in enumerate(cases):
+        native, torch_path = case("auto"), case("torch")
+        assert torch.equal(native.isnan(), torch_path.isnan()), i
+        assert torch.equal(native.isinf(), torch_path.isinf()), i
+        fin = native.isfinite()
+        assert rel(native[fin], torch_path[fin]) <= 1e-6, i
+
+
+def test_native_matches_the_torch_path_and_any_thread_count():
+    shape = (263, 509)
+    base, xs = data(shape, 3, 6)
+    for op, args in ((co.sce, (xs, base, 0.4)), (co.ramplus_tl, (xs, base, 0.2, 0.3, 1e-5)),
+                     (co.arcee_fusion, (base, xs[2]))):
+        one = run(op, *args, shape=shape, num_threads=1)
+        two = run(op, *args, shape=shape, num_threads=2)
+        assert torch.equal(one, two), op.__name__
+        assert rel(one, run(op, *args, shape=shape, backend="torch")) <= 1e-6, op.__name__
+    # ramplus_tl's counts and arcee_fusion's scores are exact: the torch path agrees bit for bit
+    for op, args in ((co.ramplus_tl, (xs, base, 0.2, 0.3, 1e-5)), (co.arcee_fusion, (base, xs[2]))):
+        assert torch.equal(run(op, *args, shape=shape), run(op, *args, shape=shape, backend="torch"))
+
+
+def test_arcee_fusion_negative_scores_fall_back_to_value_order():
+    # x == B on a row gives KL 0 there; float32 rounding can make a row's KL slightly negative
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(64, 33, generator=g)
+    x = base + 1e-7 * torch.randn(64, 33, generator=g)
+    x[::2] = base[::2] + 0.5 * torch.randn(32, 33, generator=g)
+    assert rel(run(co.arcee_fusion, base, x, shape=x.shape), ref.arcee_fusion(base, x)) <= 1e-6
+    scores = co.importance(x, base)
+    if bool((scores < 0).any()):
+        assert float(co.fusion_threshold(scores)) == float(co.fusion_threshold(scores.double()).float())
+
+
+def test_kernels_refuse_bad_arguments():
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="sce_merge: one weight per input"):
+        _native.cpu.sce_merge([x.data_ptr()], [0], x.data_ptr(), 0, 4, 0, [1.0, 2.0], x.data_ptr(), 0)
+    with pytest.raises(ValueError, match="sce_topk_mask: need 1 <= k <= n"):
+        _native.cpu.sce_topk_mask(x.data_ptr(), 4, 5, x.data_ptr())
+    with pytest.raises(ValueError, match="ram_counts: bad dtype code"):
+        _native.cpu.ram_counts([x.data_ptr()], [9], x.data_ptr(), 0, 4, 1e-5)
+    with pytest.raises(ValueError, match="fusion_blend: bad output dtype"):
+        _native.cpu.fusion_blend(x.data_ptr(), 0, x.data_ptr(), 0, 4, x.data_ptr(), 0.0, x.data_ptr(), 3)

@@ -1,0 +1,290 @@
+"""`model+lora` references (pymerge/lora.py): a PEFT adapter applied per tensor while streaming.
+
+1. LoraCheckpoint against peft's merge_and_unload (what mergekit 0.1.5 runs) and a float64
+   reference, on generated Llama models with adapters on several modules (attention, MLP,
+   embeddings, lm_head), rslora on and off, rank/alpha patterns, fan_in_fan_out, float32 and bf16.
+2. Through the CLI: MODEL+LORA, mergekit's mapping form and hub IDs on either side of the '+';
+   against mergekit-yaml where it runs here.
+3. Adapters pymerge refuses (DoRA, modules_to_save, bad keys, shapes, ranks): exit 2, one line.
+"""
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import llama_factory as lf
+from pymerge import cli
+from pymerge.errors import CheckpointError
+from pymerge.lora import open_model
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+DIMS = lf.LlamaDims(hidden=48, layers=2, intermediate=80, vocab=96, heads=4, kv_heads=2)
+TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]
+
+
+def make_adapter(model_dir: Path, out: Path, *, seed=0, rslora=False, dtype=torch.float32, **extra):
+    """A peft adapter for the model with random A and B (B is zero at peft's init)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS, use_rslora=rslora, **extra)
+    pm = peft.get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(out)
+    return out
+
+
+def peft_merged(model_dir: Path, adapter: Path, dtype=None) -> dict:
+    """What mergekit does: load, PeftModel.from_pretrained, merge_and_unload."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    merged = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def reference(model_dir: Path, adapter: Path) -> dict:
+    """float64: W + scale * B @ A from the files, peft's key and scale rules written out."""
+    base = lf.load_folder(model_dir)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    ad = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {k: v.double() for k, v in base.items()}
+    for key in ad:
+        if not (key.endswith("lora_A.weight") or key.endswith("lora_embedding_A")):
+            continue
+        emb = key.endswith("lora_embedding_A")
+        module = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
+        a, b = ad[key].double(), ad[key.replace("_A", "_B")].double()
+        short_name = module.split(".")[-1]
+        r = cfg["rank_pattern"].get(short_name, cfg["r"])
+        alpha = cfg["alpha_pattern"].get(short_name, cfg["lora_alpha"])
+        scale = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+        d = (b @ a) * scale
+        out[module + ".weight"] += d.T if emb or cfg["fan_in_fan_out"] else d
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    model = lf.make_llama(root / "model", dims=DIMS, seed=3)
+    model_bf16 = lf.make_llama(root / "model_bf16", dims=DIMS, seed=3, dtype=torch.bfloat16)
+    ads = {
+        "plain": make_adapter(model, root / "ad_plain", seed=1),
+        "rslora": make_adapter(model, root / "ad_rslora", seed=2, rslora=True,
+                               rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 5}),
+        "bf16": make_adapter(model_bf16, root / "ad_bf16", seed=4, dtype=torch.bfloat16),
+    }
+    return root, model, model_bf16, ads
+
+
+def read_all(ck) -> dict:
+    return {n: ck.tensor(n).clone() for n in ck.names()}
+
+
+@pytest.mark.parametrize("kind", ["plain", "rslora"])
+def test_matches_peft_and_float64(family, kind):
+    root, model, _, ads = family
+    with open_model(f"{model}+{ads[kind]}") as ck:
+        ours = read_all(ck)
+        assert ck.info("model.layers.0.self_attn.q_proj.weight").file_offset == -1
+        assert ck.array("model.layers.1.mlp.down_proj.weight").tobytes() == \
+            ours["model.layers.1.mlp.down_proj.weight"].numpy().tobytes()
+    theirs, ref = peft_merged(model, ads[kind]), reference(model, ads[kind])
+    base = lf.load_folder(model)
+    changed = 0
+    for name, t in ours.items():
+        assert t.dtype == torch.float32 and t.shape == ref[name].shape, name
+        assert torch.equal(t, theirs[name]), name  # peft's arithmetic, bit for bit
+        err = (t.double() - ref[name]).abs().max() / ref[name].abs().max()
+        assert err < 1e-6, (name, float(err))
+        changed += not torch.equal(t, base[name])
+    # 2 layers x (q, v, down) + embed_tokens + lm_head
+    assert changed == 2 * 3 + 2
+
+
+def test_rslora_and_patterns_change_the_scale(family):
+    root, model, _, ads = family
+    with open_model(f"{model}+{ads['rslora']}") as ck:
+        t = ck.adapter.targets
+        assert t["model.layers.0.self_attn.q_proj.weight"].scale == pytest.approx(12 / 2)  # 12 / sqrt(4)
+        assert t["model.layers.0.mlp.down_proj.weight"].scale == pytest.approx(12 / math.sqrt(2))
+        assert t["model.layers.1.self_attn.v_proj.weight"].scale == pytest.approx(5 / 2)
+
+
+def test_bf16_model_rounds_once_and_lora_merge_dtype(family):
+    root, _, model_bf16, ads = family
+    with open_model(f"{model_bf16}+{ads['bf16']}") as ck:
+        ours = read_all(ck)
+    theirs = peft_merged(model_bf16, ads["bf16"])  # transformers 5 loads bf16 ("auto")
+    for name, t in ours.items():
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(t, theirs[name]), name
+    with open_model(f"{model_bf16}+{ads['bf16']}", "float32") as ck:
+        ours32 = read_all(ck)
+    theirs32 = peft_merged(model_bf16, ads["bf16"], dtype=torch.float32)
+    for name, t in ours32.items():
+        assert t.dtype == torch.float32 and torch.equal(t, theirs32[name]), name
+
+
+def test_fan_in_fan_out(tmp_path):
+    # GPT-2's Conv1D holds W as (in, out); peft transposes B @ A for it
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
+                                                                 n_positions=16))
+    model.save_pretrained(tmp_path / "gpt2")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=7, target_modules=["c_attn", "c_fc"],
+                                                    fan_in_fan_out=True))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "ad")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    with open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'ad'}") as ck:
+        for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"):
+            assert torch.equal(ck.tensor(name), theirs[name]), name
+
+
+def run_cli(cfg: dict, tmp_path, out_name="out", extra=()):
+    path = tmp_path / f"{out_name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cli.main(["merge", str(path), str(tmp_path / out_name), "--quiet", *extra])
+
+
+def test_cli_lora_on_each_side_and_hub_ids(family, tmp_path, monkeypatch):
+    root, model, _, ads = family
+    # a cached hub layout for the model and the adapter
+    cache = tmp_path / "hub"
+    for repo, src in (("org/base", model), ("org/adapter", ads["plain"])):
+        snap = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
+        shutil.copytree(src, snap)
+        (snap.parent.parent / "refs").mkdir()
+        (snap.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    other = lf.make_llama(tmp_path / "other", dims=DIMS, seed=3, perturb_seed=1)
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": "org/base+org/adapter", "parameters": {"weight": 0.25}},
+                      {"model": {"model": str(other), "lora": {"path": str(ads["rslora"])}},
+                       "parameters": {"weight": 0.75}}]}
+    assert run_cli(cfg, tmp_path) == 0
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    a, b = peft_merged(model, ads["plain"]), peft_merged(other, ads["rslora"])
+    for name, t in got.items():
+        want = 0.25 * a[name].double() + 0.75 * b[name].double()
+        assert float((t.double() - want).abs().max()) <= 1e-6 * float(want.abs().max()), name
+    # the bare model and the model with a LoRA are different models
+    cfg = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 0.5}},
+                                                {"model": f"{model}+{ads['plain']}", "parameters": {"weight": 0.5}}]}
+    assert run_cli(cfg, tmp_path, "out2") == 0
+
+
+@pytest.mark.slow  # one mergekit-yaml subprocess (transformers + peft load): about a minute here
+def test_cli_against_mergekit(family, tmp_path):
+    pytest.importorskip("mergekit")
+    root, model, _, ads = family
+    other = lf.make_llama(tmp_path / "other", dims=DIMS, seed=3, perturb_seed=2)
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(other), "dtype": "float32",
+           "models": [{"model": f"{model}+{ads['rslora']}", "parameters": {"weight": 0.7}}]}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    mk = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(path), str(tmp_path / "mk"),
+                         "--lora-merge-cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
+    if mk.returncode != 0:
+        pytest.skip(f"mergekit-yaml does not run here: {mk.stderr.strip().splitlines()[-1:]}")
+    assert cli.main(["merge", str(path), str(tmp_path / "pm"), "--quiet"]) == 0
+    theirs = {}
+    for f in (tmp_path / "mk").glob("*.safetensors"):
+        theirs.update(load_file(str(f)))
+    ours = load_file(str(tmp_path / "pm" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.dtype == theirs[name].dtype and t.shape == theirs[name].shape, name
+        scale = float(theirs[name].abs().max())
+        assert float((t.double() - theirs[name].double()).abs().max()) <= 1e-5 * scale, name
+
+
+def _broken(tmp_path, ads, name, edit_cfg=None, edit_weights=None):
+    out = tmp_path / name
+    shutil.copytree(ads["plain"], out)
+    if edit_cfg:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        edit_cfg(cfg)
+        (out / "adapter_config.json").write_text(json.dumps(cfg))
+    if edit_weights:
+        w = load_file(str(out / "adapter_model.safetensors"))
+        edit_weights(w)
+        save_file(w, str(out / "adapter_model.safetensors"))
+    return out
+
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize("name, edit_cfg, edit_weights, message", [
+    ("dora", lambda c: c.update(use_dora=True), None, r"use_dora: DoRA"),
+    ("save", lambda c: c.update(modules_to_save=["lm_head"]), None, r"modules_to_save"),
+    ("bias", lambda c: c.update(bias="all"), None, r"bias 'all'"),
+    ("ia3", lambda c: c.update(peft_type="IA3"), None, r"peft_type 'IA3'"),
+    ("rank", lambda c: c.update(r=3), None, r"do not have rank r = 3"),
+    ("pattern", lambda c: c.update(rank_pattern={"(": 2}), None, r"pattern '\(' is not a regular"),
+    ("no_b", None, lambda w: w.pop(Q_A.replace("_A", "_B")), r"q_proj'.*not both lora_A.weight and lora_B"),
+    ("odd_key", None, lambda w: w.update({"base_model.model.x.weight": torch.zeros(2)}), r"'base_model.model.x"),
+    ("shape", None, lambda w: w.update({Q_A: torch.zeros(4, 7)}), r"q_proj.weight' is \[48, 7\]"),
+    ("conv", None, lambda w: w.update({Q_A: torch.zeros(4, 48, 1, 1)}), r"not convolutions"),
+    ("absent", None, lambda w: w.update({"base_model.model.model.nope.lora_A.weight": torch.zeros(4, 3),
+                                         "base_model.model.model.nope.lora_B.weight": torch.zeros(3, 4)}),
+     r"'model.nope.weight', which .* does not have"),
+])
+def test_refused_adapters(family, tmp_path, capsys, name, edit_cfg, edit_weights, message):
+    root, model, _, ads = family
+    bad = _broken(tmp_path, ads, name, edit_cfg, edit_weights)
+    with pytest.raises(CheckpointError, match=message):
+        open_model(f"{model}+{bad}")
+    cfg = {"merge_method": "linear", "models": [{"model": f"{model}+{bad}", "parameters": {"weight": 1.0}}]}
+    assert run_cli(cfg, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("{m}+{tmp}/nowhere", r"models\[0\]: .*LoRA adapter path not found: .*nowhere"),
+    ("{tmp}/nowhere+{a}", r"models\[0\]: .*model path not found: .*nowhere"),
+    ("{m}+{a}+{a}", r"cannot parse"),
+    ("{m}+nobody/adapter", r"LoRA adapter: model nobody/adapter: nobody/adapter is not in the Hugging Face cache"),
+    ("{m}+{m}", r"no adapter_config.json: not a PEFT adapter"),
+])
+def test_bad_references(family, tmp_path, capsys, monkeypatch, ref, message):
+    root, model, _, ads = family
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    cfg = {"merge_method": "linear",
+           "models": [{"model": ref.format(m=model, a=ads["plain"], tmp=tmp_path), "parameters": {"weight": 1.0}}]}
+    assert run_cli(cfg, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_merge_dtype_flag(family, tmp_path, capsys):
+    root, model, _, ads = family
+    cfg = {"merge_method": "linear", "models": [{"model": f"{model}+{ads['plain']}", "parameters": {"weight": 1.0}}]}
+    assert run_cli(cfg, tmp_path, extra=["--lora-merge-dtype", "bfloat16"]) == 0
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    theirs = peft_merged(model, ads["plain"], dtype=torch.bfloat16)
+    for name, t in got.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, theirs[name]), name
+    assert run_cli(cfg, tmp_path, "out3", extra=["--lora-merge-dtype", "int8"]) == 2
+    assert "--lora-merge-dtype must be one of" in capsys.readouterr().err
