@@ -3,6 +3,9 @@ this tree against the float-partial-sum kernels of another build (a checkout bef
 loaded side by side in one process and timed interleaved, so machine load hits both alike.
 
     python benchmarks/bench_exact_sums.py --old /path/to/old/checkout [--numel 4194304] [--rounds 7]
+        [--before /path/to/another/exact/checkout]
+
+--before adds a column for a third build with exact sums (an earlier version of them).
 
 Statistics: whole-tensor dots of SLERP (2 tensors: 3 pairs) and Model Stock (3 offsets: 6 pairs),
 the DARE L1 norms of one model (tv_l1, Philox keep-mask) and DELLA's mask with its norms; each at
@@ -27,10 +30,10 @@ from pymerge.ops import exact_sum, interp, philox  # noqa: E402
 from pymerge.ops import task_vector_ops as tvo  # noqa: E402
 
 
-def load_old(checkout: str):
+def load_old(checkout: str, package: str = "pymerge_old"):
     """The other checkout's C++ module, under another package name (same init symbol, PyInit__cpu)."""
     path = glob.glob(os.path.join(checkout, "pymerge", "_cpu*.so"))[0]
-    spec = importlib.util.spec_from_file_location("pymerge_old._cpu", path)
+    spec = importlib.util.spec_from_file_location(f"{package}._cpu", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -54,8 +57,10 @@ def main():
     ap.add_argument("--old", required=True, help="checkout whose pymerge/_cpu*.so has the float-partial kernels")
     ap.add_argument("--numel", type=int, default=1 << 22)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--before", help="checkout whose pymerge/_cpu*.so has an earlier version of the exact sums")
     args = ap.parse_args()
     old, new = load_old(args.old), _native.cpu
+    builds = {"new": new, "before": load_old(args.before, "pymerge_before")} if args.before else {"new": new}
     n = args.numel
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(n, generator=g) for _ in range(4)]
@@ -76,7 +81,8 @@ def main():
         def lincomb():
             interp.group_lincomb([base, xs[0]], None, False, "whole", torch.tensor([[0.4, 0.6, 0.0]]), out,
                                  "cpu", threads)
-        cases = {
+        def exact(new):  # the exact-sum statistics of one build
+            return {
             "slerp dots (3 pairs)": (
                 lambda: old.group_dots(ptrs[:1] + [base.data_ptr()], [code] * 2, 0, 0, False, 1, n, 0, threads),
                 lambda: exact_sum.totals(torch.tensor(new.whole_dots(ptrs[:1] + [base.data_ptr()], [code] * 2, 0, 0,
@@ -95,27 +101,43 @@ def main():
                 lambda: exact_sum.totals(torch.tensor(new.tv_della_mask(dspec, base.data_ptr(), code, rows, cols, thr,
                                                                         words.data_ptr(), 3, h0, h1,
                                                                         threads)).view(2, -1))),
-        }
+            }
+        cases = exact(new)
         fns = {}
         for name, (o, w) in cases.items():
             fns[name, "old"], fns[name, "new"] = o, w
+        if args.before:
+            for name, (_, w) in exact(builds["before"]).items():
+                fns[name, "before"] = w
         fns["lincomb", "same"] = lincomb
         t = timed(fns, args.rounds)
         for name in cases:
             (mo, lo_o, hi_o), (mn, lo_n, hi_n) = t[name, "old"], t[name, "new"]
-            results.append({"statistic": name, "threads": threads or "default", "old ms": mo * 1e3,
-                            "new ms": mn * 1e3, "new/old": mn / mo,
-                            "spread old": f"{lo_o * 1e3:.1f}-{hi_o * 1e3:.1f}",
-                            "spread new": f"{lo_n * 1e3:.1f}-{hi_n * 1e3:.1f}"})
+            row = {"statistic": name, "threads": threads or "default", "old ms": mo * 1e3,
+                   "new ms": mn * 1e3, "new/old": mn / mo,
+                   "spread old": f"{lo_o * 1e3:.1f}-{hi_o * 1e3:.1f}",
+                   "spread new": f"{lo_n * 1e3:.1f}-{hi_n * 1e3:.1f}"}
+            if args.before:
+                mb, lo_b, hi_b = t[name, "before"]
+                row.update({"before ms": mb * 1e3, "before/old": mb / mo, "spread before": f"{lo_b * 1e3:.1f}-{hi_b * 1e3:.1f}"})
+            results.append(row)
         lin = t["lincomb", "same"][0]
         so, sn = t["slerp dots (3 pairs)", "old"][0], t["slerp dots (3 pairs)", "new"][0]
-        results.append({"statistic": "slerp merge (dots + elementwise pass)", "threads": threads or "default",
-                        "old ms": (so + lin) * 1e3, "new ms": (sn + lin) * 1e3, "new/old": (sn + lin) / (so + lin)})
+        row = {"statistic": "slerp merge (dots + elementwise pass)", "threads": threads or "default",
+               "old ms": (so + lin) * 1e3, "new ms": (sn + lin) * 1e3, "new/old": (sn + lin) / (so + lin)}
+        if args.before:
+            sb = t["slerp dots (3 pairs)", "before"][0]
+            row.update({"before ms": (sb + lin) * 1e3, "before/old": (sb + lin) / (so + lin)})
+        results.append(row)
     load = os.getloadavg()
     title = (f"Exact sums vs float partial sums, {n} float32 elements per tensor, median of {args.rounds} "
              f"interleaved rounds; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (a shared, loaded machine)")
-    table = write_results("exact_sums", "cpu", results,
-                          ["statistic", "threads", "old ms", "new ms", "new/old", "spread old", "spread new"], title)
+    columns = ["statistic", "threads", "old ms", "new ms", "new/old", "spread old", "spread new"]
+    if args.before:
+        title += "; before: the exact sums of an earlier build"
+        columns[4:4] = ["before ms", "before/old"]
+        columns.append("spread before")
+    table = write_results("exact_sums", "cpu", results, columns, title)
     print(title)
     print(table)
 

@@ -40,7 +40,7 @@ inline void load_vs(const Args& a, int64_t start, int64_t n, float* buf, float* 
   }
 }
 
-// Per-block kernels, built twice (PM_AVX512, PM_PLAIN); parallel_for hands them whole blocks.
+// Per-block kernels, built twice (PM_AVX512, PM_PLAIN; the exact dots also PM_AVX2); parallel_for hands them whole blocks.
 // out[p] += dot of pair p over elements start .. start+n-1 (one group).
 template <int Dummy>
 inline void dots_block(const Args& a, int64_t start, int64_t n, double* out, float* buf, float* bb) {
@@ -69,13 +69,12 @@ inline void dots_cols_block(const Args& a, int64_t r, int64_t c0, int64_t n, dou
 }
 
 // Exact sums of every pair's products over elements start .. start+n-1 (one ProdF32 per pair).
-template <int Dummy>
-inline void exact_dots_block(const Args& a, int64_t start, int64_t n, exact::Acc* acc, float* buf, float* bb,
-                             double* halves) {
+template <int Isa>
+inline void exact_dots_block(const Args& a, int64_t start, int64_t n, exact::Acc* acc, float* buf, float* bb) {
   const int64_t k = int64_t(a.x.size());
   load_vs(a, start, n, buf, bb);
   for (int64_t i = 0, p = 0; i < k; ++i)
-    for (int64_t j = i; j < k; ++j, ++p) acc[p].add_products(buf + i * kBlock, buf + j * kBlock, n, halves);
+    for (int64_t j = i; j < k; ++j, ++p) acc[p].template add_products<Isa>(buf + i * kBlock, buf + j * kBlock, n);
 }
 
 template <int Dummy>
@@ -107,8 +106,9 @@ inline void lincomb_block(const Args& a, const float* coef, uintptr_t out, int o
 
 PM_AVX512 void dots_avx512(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<0>(a, s, n, o, b, bb); }
 PM_PLAIN void dots_plain(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<1>(a, s, n, o, b, bb); }
-PM_AVX512 void exact_avx512(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb, double* h) { exact_dots_block<0>(a, s, n, o, b, bb, h); }
-PM_PLAIN void exact_plain(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb, double* h) { exact_dots_block<1>(a, s, n, o, b, bb, h); }
+PM_AVX512 void exact_avx512(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb) { exact_dots_block<exact::kAvx512>(a, s, n, o, b, bb); }
+PM_AVX2 void exact_avx2(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb) { exact_dots_block<exact::kAvx2>(a, s, n, o, b, bb); }
+PM_PLAIN void exact_plain(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb) { exact_dots_block<exact::kPlain>(a, s, n, o, b, bb); }
 PM_AVX512 void cols_avx512(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<0>(a, r, c, n, o, b, bb); }
 PM_PLAIN void cols_plain(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<1>(a, r, c, n, o, b, bb); }
 PM_AVX512 void lincomb_avx512(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<0>(a, c, o, d, s, b, bb, acc); }
@@ -153,16 +153,16 @@ std::vector<double> dots_driver(const Args& a) {
 // are merged with integer adds, so the result does not depend on the thread count.
 std::vector<int64_t> whole_dots_driver(const Args& a) {
   const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
-  auto dots = tv::use_avx512() ? exact_avx512 : exact_plain;
+  const int tier = tv::simd_tier();
+  auto dots = tier == 2 ? exact_avx512 : tier == 1 ? exact_avx2 : exact_plain;
   auto total = std::make_unique<exact::Acc[]>(size_t(pairs));
   std::mutex lock;
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   parallel_for(n_blocks, kBlocksPerChunk, a.threads, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(size_t(k) * kBlock), bb(kBlock);
-    std::vector<double> halves(2 * kBlock);
     auto acc = std::make_unique<exact::Acc[]>(size_t(pairs));
     for (int64_t b = b0; b < b1; ++b)
-      dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), acc.get(), buf.data(), bb.data(), halves.data());
+      dots(a, b * kBlock, std::min(kBlock, numel - b * kBlock), acc.get(), buf.data(), bb.data());
     std::lock_guard<std::mutex> g(lock);
     for (int64_t p = 0; p < pairs; ++p) total[p].merge(acc[p]);
   });

@@ -183,7 +183,7 @@ inline void merge_block(const MergeArgs& a, int64_t start, Scratch& w) {
 }
 
 // Adds one block's |d| and |d * keep| to exact sums (csrc/cpu/exact_sum.h); a: kBlock doubles.
-template <int Dummy>
+template <int Isa>
 inline void l1_block(const Model& m, uintptr_t base, int bdt, int64_t numel, int64_t offset, int64_t start,
                      Scratch& w, double* __restrict a, exact::Acc& total, exact::Acc& kept) {
   const int64_t n = std::min(kBlock, numel - start);
@@ -193,9 +193,9 @@ inline void l1_block(const Model& m, uintptr_t base, int bdt, int64_t numel, int
   for (int64_t j = 0; j < n; ++j) d[j] -= w.bb[j];
   compute_keep(m, d, offset + start, n, w.keep, w.bits, w.rnd);
   for (int64_t j = 0; j < n; ++j) a[j] = std::fabs(double(d[j]));
-  total.add_block(a, n);
+  total.template add_block<Isa>(a, n);
   for (int64_t j = 0; j < n; ++j) a[j] = w.keep[j] != 0.f ? a[j] : 0.0;
-  kept.add_block(a, n);
+  kept.template add_block<Isa>(a, n);
 }
 
 struct RowScratch {
@@ -210,7 +210,7 @@ struct RowScratch {
 // DELLA, one row: ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
 // element c iff its draw < thr[rank]. Bits are OR-ed into a zeroed uint64 bitmask (rows may share
 // a word, hence the atomic OR). Adds the row's |d| and |d * keep| to exact sums.
-template <int Dummy>
+template <int Isa>
 inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols, const uint32_t* thr,
                       uint64_t* mask, RowScratch& w, exact::Acc& total, exact::Acc& kept) {
   const int64_t start = r * cols;
@@ -245,8 +245,8 @@ inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_
     w.a[j] = std::fabs(double(d[c]));
     w.k[j] = keep ? w.a[j] : 0.0;
     if (j == exact::kMaxBlock - 1 || c == cols - 1) {
-      total.add_block(w.a.data(), j + 1);
-      kept.add_block(w.k.data(), j + 1);
+      total.template add_block<Isa>(w.a.data(), j + 1);
+      kept.template add_block<Isa>(w.k.data(), j + 1);
     }
   }
   if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
@@ -255,10 +255,12 @@ inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_
 PM_AVX512 void merge_avx512(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<0>(a, s, w); }
 PM_PLAIN void merge_plain(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<1>(a, s, w); }
 using Abs = exact::Acc;
-PM_AVX512 void l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<0>(m, b, bdt, n, o, s, w, a, t, k); }
-PM_PLAIN void l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<1>(m, b, bdt, n, o, s, w, a, t, k); }
-PM_AVX512 void della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<0>(m, b, bdt, r, c, thr, mk, w, t, k); }
-PM_PLAIN void della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<1>(m, b, bdt, r, c, thr, mk, w, t, k); }
+PM_AVX512 void l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<exact::kAvx512>(m, b, bdt, n, o, s, w, a, t, k); }
+PM_AVX2 void l1_avx2(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<exact::kAvx2>(m, b, bdt, n, o, s, w, a, t, k); }
+PM_PLAIN void l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<exact::kPlain>(m, b, bdt, n, o, s, w, a, t, k); }
+PM_AVX512 void della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kAvx512>(m, b, bdt, r, c, thr, mk, w, t, k); }
+PM_AVX2 void della_avx2(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kAvx2>(m, b, bdt, r, c, thr, mk, w, t, k); }
+PM_PLAIN void della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kPlain>(m, b, bdt, r, c, thr, mk, w, t, k); }
 
 // Per-thread exact sums of |d| and |d * keep|, merged (integer adds: any order) into the parts
 // layout: [total parts, kept parts].
@@ -329,7 +331,8 @@ std::vector<int64_t> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtyp
   Model m = make_model(model, seed, h0, h1);
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int threads = pick_threads(num_threads, n_blocks);
-  auto block = tv::use_avx512() ? l1_avx512 : l1_plain;
+  const int tier = tv::simd_tier();  // the exact sums have an AVX2 build too
+  auto block = tier == 2 ? l1_avx512 : tier == 1 ? l1_avx2 : l1_plain;
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     Scratch w;
     std::vector<double> a(kBlock);
@@ -350,7 +353,8 @@ std::vector<int64_t> tv_della_mask(const ModelSpec& model, uintptr_t base, int b
   if (rows <= 0 || cols <= 0) return sums.parts();
   Model m = make_model(model, seed, h0, h1);
   const int threads = pick_threads(num_threads, rows);
-  auto row = tv::use_avx512() ? della_avx512 : della_plain;
+  const int tier = tv::simd_tier();
+  auto row = tier == 2 ? della_avx512 : tier == 1 ? della_avx2 : della_plain;
   uint64_t* words = reinterpret_cast<uint64_t*>(mask);
   parallel_for(rows, 4, threads, [&](int64_t r0, int64_t r1) {
     RowScratch w(cols);

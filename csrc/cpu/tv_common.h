@@ -11,6 +11,7 @@
 // needs no -march flag.
 #define PM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"), flatten))
 #define PM_PLAIN __attribute__((flatten))
+#define PM_AVX2 __attribute__((target("avx2,fma,f16c,bmi2"), flatten))  // a third build, where a kernel has one
 
 namespace pymerge {
 namespace tv {
@@ -20,6 +21,12 @@ constexpr int64_t kBlock = 1024;  // elements per inner block: a few KiB per buf
 inline bool use_avx512() {
   static const bool yes = std::strcmp(simd_level(), "avx512") == 0;
   return yes;
+}
+
+// 2 (AVX-512), 1 (AVX2) or 0 (portable): which build of a kernel with three this CPU takes.
+inline int simd_tier() {
+  static const int tier = use_avx512() ? 2 : std::strcmp(simd_level(), "avx2") == 0 ? 1 : 0;
+  return tier;
 }
 
 inline const char* byte_at(uintptr_t p, int64_t i, int dt) {
