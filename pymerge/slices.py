@@ -15,6 +15,11 @@ slice's, the module's, the top level's; per-model values see the source's tensor
 ones the output's (mergekit's rules). `modules:` takes one module, `default` (the only module of
 every single-stack architecture mergekit knows), holding `slices:` or `models:`.
 
+With `tokenizer_source:` / `tokenizer:` the output vocabulary is built from every model the config
+names (pymerge/tokenizer/), and each vocabulary tensor (embeddings, lm_head) is permuted to it over
+its own slice's sources alone, as mergekit does: a token none of them has gets a zero row, and
+default rows prefer that slice's base_model, else the config's.
+
 Each group of output tensors with the same sources becomes an ordinary MergePlan whose
 checkpoints are renaming views (the output name reads the source's tensor): the executors run
 them unchanged, one after the other, into one writer.

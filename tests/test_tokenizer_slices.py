@@ -7,7 +7,7 @@ default rows preferring the slice's base_model, else the config's.
 
 1. Parity through the CLI on 4-layer Llama checkpoints whose vocabularies differ (tokenizer_source
    base / union / a model, `tokenizer:` with tokens and padding, depth up-scaling, per-slice
-   merges, tied and untied embeddings): tensors, vocabulary, added tokens, config vocab_size and
+   merges, `modules: {default: {slices | models}}`, tied and untied embeddings): tensors, vocabulary, added tokens, config vocab_size and
    num_hidden_layers, tokenizer files (tests/test_tokenizer_merge.py's checks).
 2. The rows themselves on a frankenmerge, from the sources' tensors.
 3. Bad input: one line, exit 2, no output.
@@ -76,12 +76,15 @@ def configs(m):
                 "x0": {"source": {"kind": "model_token", "model": ct, "token": "w3"}, "force": True},
                 "w1": {"source": {"kind": "zero"}}}},
             "chat_template": "chatml", **F32},
+        "modules_models": {"merge_method": "task_arithmetic", "base_model": a, "modules": {"default": {"models": [
+            {"model": b, "parameters": {"weight": 0.6}}, {"model": c, "parameters": {"weight": [0.3, 0.8]}}]}},
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 16}, **F32},
     }
 
 
 NAMES = list(configs({k: k for k in ("a", "b", "c", "at", "bt", "ct")}))
 LAYERS = {"passthrough_base": 6, "passthrough_union": 6, "passthrough_model": 4, "dus_tied": 6, "linear_union": 4,
-          "modules_ties_tied": 5}
+          "modules_ties_tied": 5, "modules_models": 4}
 
 
 @pytest.fixture(scope="module")
