@@ -140,6 +140,31 @@ def test_frankenmerge_rows(models, tmp_path, capsys):
     assert config["vocab_size"] == len(v) and config["num_hidden_layers"] == 6
 
 
+def test_without_base_model_the_first_model_gives_the_tokenizer(models, tmp_path, capsys):
+    """mergekit takes an arbitrary model of the config (set order); pymerge the first slice's first."""
+    _, m = models
+    cfg = {"merge_method": "passthrough", "tokenizer_source": "base", "slices": [
+        {"sources": [src(m["b"], 0, 2)]}, {"sources": [src(m["c"], 1, 4)]}]}
+    path = tmp_path / "f.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)[0] == 0
+    assert vocab_of(tmp_path / "out")[0] == vocab_of(Path(m["b"]))[0]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 5
+
+
+def test_blocks_of_rows_give_the_same_bits(parity, tmp_path, capsys, monkeypatch):
+    from pymerge.tokenizer import rows
+    for name in ("linear_union", "modules_ties_tied"):
+        whole = tmp_path / f"{name}-whole"
+        assert run_cli(["merge", parity / f"{name}.yml", whole, "--quiet"], capsys)[0] == 0
+        monkeypatch.setattr(rows, "rows_per_block", lambda *a: 3)
+        out = tmp_path / f"{name}-3"
+        assert run_cli(["merge", parity / f"{name}.yml", out, "--quiet"], capsys)[0] == 0
+        a, b = lf.load_folder(out), lf.load_folder(whole)
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+        monkeypatch.undo()
+
+
 # ---- bad input -------------------------------------------------------------------------------
 def _bad(tmp_path, capsys, cfg, *words):
     path = tmp_path / "bad.yml"
@@ -163,7 +188,7 @@ def test_bad_tokenizer_with_slices(models, tmp_path, capsys):
     # x5's row must come from c, but the embedding is a's alone and lm_head b's (mergekit crashes)
     _bad(tmp_path, capsys, {**_franken(m["a"], m["c"], m["b"]), "tokenizer_source": None,
                             "tokenizer": {"tokens": {"x5": {"source": m["c"]}}}},
-         "tokenizer.tokens['x5'].source", "has no tensor")
+         "tokenizer.tokens['x5'].source", "not among the models", "first slice")
     _bad(tmp_path, capsys, {**_franken(m["a"], m["b"]), "tokenizer_source": None,
                             "tokenizer": {"tokens": {"w15": {"force": True}}}}, "tokenizer.tokens['w15']",
          "needs a source")

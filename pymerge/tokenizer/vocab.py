@@ -227,7 +227,9 @@ def _assign(v: Vocabulary, sources: List[str], rows: List[int], name: str) -> Ro
             raise MergeConfigError(f"{where}: needs a source ({'model ' + lacking + ' lacks the token' if lacking else 'force is set'})")
         i = index.get(os.path.realpath(src.model))
         if i is None:
-            raise MergeConfigError(f"{where}.source: model {src.model} has no tensor {name!r} in this merge")
+            raise MergeConfigError(f"{where}.source: model {src.model} is not among the models {name!r} is merged "
+                                   f"from (with slices:, the first slice's sources give the embeddings, the last "
+                                   f"slice's the rest)")
         if src.kind == "model":
             if not present[i, j]:
                 raise MergeConfigError(f"{where}.source: model {src.model} lacks the token {tok!r}")
