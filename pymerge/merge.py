@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from pymerge import _native
+from pymerge import _native, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             count_layers, layer_t, load_config, parse_config)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
@@ -295,6 +295,8 @@ def make_plan(config_or_path) -> MergePlan:
         opened[donor_path] = donor
         labels = [s.path for s in sources]
         _check_distinct(cfg, sources, checkpoints)
+        mixed_ties = tied.mixes_ties(checkpoints)
+        checkpoints = tied.with_tied_heads(checkpoints)  # a tied model's embedding stands for its head
         vocab = None
         if cfg.tokenizer is not None:
             from pymerge.tokenizer.plan import plan_vocabulary
@@ -311,6 +313,8 @@ def make_plan(config_or_path) -> MergePlan:
                          chat_template=_chat_template(cfg, labels))
         if vocab is not None:
             plan.config_overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
+        if mixed_ties:
+            plan.config_overrides.update(tied.tie_override(model_cfg, names, plan.warnings))
     except BaseException:
         for ck in opened.values():
             ck.close()

@@ -162,10 +162,10 @@ def _source(src, w, err) -> SourceSpec:
 # ---- renaming views --------------------------------------------------------------------------
 class RenamedCheckpoint:
     """A checkpoint seen under output names: tensor(out) reads the source's tensor names[out].
-    The underlying checkpoint is shared and closed by its owner, not by this view."""
+    The underlying checkpoint is shared and closed by its owner, not by this view, unless owned."""
 
-    def __init__(self, ck, names: Dict[str, str]):
-        self.ck, self.map = ck, names
+    def __init__(self, ck, names: Dict[str, str], owned: bool = False):
+        self.ck, self.map, self.owned = ck, names, owned
         self.path, self.folder = ck.path, ck.folder
 
     def names(self) -> List[str]:
@@ -190,7 +190,8 @@ class RenamedCheckpoint:
         self.ck.release(self.map[name])
 
     def close(self) -> None:
-        pass
+        if self.owned:
+            self.ck.close()
 
     def __getattr__(self, name):  # anything else (shards, files...) is the underlying checkpoint's
         return getattr(self.ck, name)
@@ -258,7 +259,7 @@ class SlicedPlan:
 
 
 def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
-    from pymerge import merge  # the engine's planning helpers (merge imports this module lazily)
+    from pymerge import merge, tied  # the engine's planning helpers (both import this module)
     from pymerge.lora import open_model
     from pymerge.methods.base import get_method
 
@@ -309,10 +310,13 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             from pymerge.tokenizer.plan import plan_vocabulary
             models = list(dict.fromkeys([donor_path] + [x.path for s in slices for x in s.sources]))
             vocab = plan_vocabulary(cfg, models, [open_ck(m) for m in models], donor_path, merge._read_model_config)
-        prefix0 = stack_of(slices[0].sources[0].path)[0]
-        pre_names, post_names = _outside_names(open_ck(slices[0].sources[0].path), prefix0)
+        first, last = slices[0], slices[-1]
+        zipped = SliceSpec(last.sources[:len(first.sources)], last.base_model, last.parameters)  # as mergekit zips
+        prefix0 = stack_of(first.sources[0].path)[0]
+        pre_names = _outside_names(open_ck(first.sources[0].path), prefix0)[0]
+        post_names = list(dict.fromkeys(n for x in zipped.sources
+                                        for n in _outside_names(open_ck(x.path), stack_of(x.path)[0])[1]))
         parts, out_layer = [], 0
-        first = slices[0]
         if pre_names:
             parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "slices[0]",
                                vocab))
@@ -342,16 +346,17 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                                                        for j in range(len(s.sources))}))
                 out_layer += 1
             parts.append(_part(cfg, method, s, sliced, entries, open_ck, f"slices[{i}]", vocab))
-        if post_names:
-            last = slices[-1]
-            zipped = SliceSpec(last.sources[:len(first.sources)], last.base_model, last.parameters)
-            parts.append(_part(cfg, method, zipped, sliced, [(n, 0.0, {}) for n in post_names], open_ck,
-                               f"slices[{len(slices) - 1}]", vocab))
-        overrides = {"num_hidden_layers": out_layer}
+        if post_names:  # a tied source's embedding stands for the head (pymerge/tied.py)
+            entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})
+                       for n in post_names]
+            parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, f"slices[{len(slices) - 1}]", vocab))
+        overrides, warnings = {"num_hidden_layers": out_layer}, list(cfg.warnings)
         if vocab is not None:
             overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
-        return SlicedPlan(cfg, method, parts, donor, list(opened.values()), overrides, list(cfg.warnings),
-                          vocabulary=vocab)
+        if tied.mixes_ties([open_ck(x.path) for x in first.sources + zipped.sources]):
+            out_names = [tp.name for p in parts for tp in p.tensors]
+            overrides.update(tied.tie_override(merge._read_model_config(donor), out_names, warnings))
+        return SlicedPlan(cfg, method, parts, donor, list(opened.values()), overrides, warnings, vocabulary=vocab)
     except BaseException:
         for ck in opened.values():
             ck.close()

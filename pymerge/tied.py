@@ -1,0 +1,75 @@
+"""Tied output heads (mergekit 0.1.5's `tied_names`).
+
+A model that ties its output head (lm_head.weight) to its input embedding stores no head. Merged
+with models that store one, it takes part in the head with its input embedding, as mergekit reads
+it. When none of the models giving the head stores one, the output has no head either (mergekit
+skips the optional weight). A `slices:` merge takes the head from the last slice's models and the
+embedding from the first slice's, so either may be the tied one.
+
+mergekit keeps the donor's config.json as it is, even where its tie_word_embeddings then
+contradicts the tensors written (an untied config with no head loads a random head; a tied one
+discards the merged head); pymerge sets tie_word_embeddings to what the tensors say there.
+"""
+from typing import List, Optional, Sequence
+
+from pymerge.slices import RenamedCheckpoint
+from pymerge.tokenizer.vocab import is_vocab_tensor
+
+# Output heads that mergekit's architectures tie to the input embedding.
+HEAD_SUFFIXES = ("lm_head.weight", "lm_head.decoder.weight", "cls.predictions.decoder.weight",
+                 "vocab_projector.weight")
+HEAD_NAMES = ("output.weight",)
+
+
+def is_head(name: str) -> bool:
+    return name in HEAD_NAMES or any(name == s or name.endswith("." + s) for s in HEAD_SUFFIXES)
+
+
+def input_embedding(ck) -> Optional[str]:
+    """The model's input embedding (its first vocabulary tensor that is not a head), or None."""
+    return next((n for n in ck.names() if is_vocab_tensor(n) and not is_head(n) and n.endswith("weight")
+                 and len(ck.info(n).shape) == 2), None)
+
+
+def head_source(ck, head: str) -> Optional[str]:
+    """The tensor of ck that stands for output head `head`: the head itself, else (tied) the input
+    embedding; None when ck has neither."""
+    if head in ck:
+        return head
+    return input_embedding(ck) if is_head(head) else None
+
+
+def heads_of(checkpoints: Sequence) -> List[str]:
+    """Heads any of the checkpoints stores, in first-seen order."""
+    return list(dict.fromkeys(n for ck in checkpoints for n in ck.names() if is_head(n)))
+
+
+def with_tied_heads(checkpoints: Sequence) -> list:
+    """The checkpoints, each lacking a head another one stores seen through a view that reads its
+    input embedding there (a plain `models:` merge of tied and untied models)."""
+    heads = heads_of(checkpoints)
+    out = []
+    for ck in checkpoints:
+        alias = {h: head_source(ck, h) for h in heads if h not in ck}
+        alias = {h: src for h, src in alias.items() if src is not None}
+        out.append(RenamedCheckpoint(ck, {**{n: n for n in ck.names()}, **alias}, owned=True) if alias else ck)
+    return out
+
+
+def mixes_ties(checkpoints: Sequence) -> bool:
+    """Whether some of the checkpoints store a head and others do not."""
+    heads = heads_of(checkpoints)
+    return bool(heads) and any(not any(h in ck for h in heads) for ck in checkpoints)
+
+
+def tie_override(model_cfg: Optional[dict], out_names: Sequence[str], warnings: List[str]) -> dict:
+    """config.json's tie_word_embeddings for the output tensors out_names, in a merge that mixes
+    tied and untied models: {} where the donor's value already says so (else a warning too)."""
+    heads = [n for n in out_names if is_head(n)]
+    tied = not heads
+    if not isinstance(model_cfg, dict) or model_cfg.get("tie_word_embeddings") == tied:
+        return {}
+    why = f"the output has {heads[0]}" if heads else "the models giving the output head store none (tied)"
+    warnings.append(f"config.json: tie_word_embeddings set to {str(tied).lower()}: {why}; mergekit keeps the "
+                    f"donor's value")
+    return {"tie_word_embeddings": tied}
