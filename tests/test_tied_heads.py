@@ -1,0 +1,156 @@
+"""Merges mixing tied models (no lm_head.weight) and untied ones, against mergekit-yaml 0.1.5.
+
+mergekit's rules (pymerge/tied.py): lm_head is written when a model giving it stores one (the last
+slice's models, or every model of a `models:` merge); a tied model then takes part with its
+embedding. With `slices:`, the embedding comes from the first slice, so an untied first slice and a
+tied last slice give no lm_head, a tied first slice and an untied last one the last model's lm_head.
+config.json's tie_word_embeddings follows the tensors written (mergekit keeps the donor's value).
+
+1. Parity through the CLI (frankenmerges both ways, with and without a tokenizer merge; plain
+   linear / task_arithmetic / ties merges; a mixed last slice): the same tensors, config.json
+   otherwise the same.
+2. The rows themselves, from the sources (float64 reference), without mergekit.
+3. Bad input: one line, exit 2, no output.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import llama_factory as lf
+from test_tokenizer_merge import SPECIAL, W, X, assert_same_merge, close, run_cli, write_model
+
+
+def src(model, start, end, **params):
+    return {"model": model, "layer_range": [start, end], **({"parameters": params} if params else {})}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    out = {"a": write_model(root / "a", SPECIAL + W + ["<pad>"], layers=4),
+           "at": write_model(root / "at", SPECIAL + W + ["<pad>"], perturb_seed=3, tie=True, layers=4),
+           "bt": write_model(root / "bt", SPECIAL + W[:10] + X, perturb_seed=1, tie=True, rows=30, layers=4)}
+    return root, {k: str(v) for k, v in out.items()}
+
+
+def configs(m):
+    a, at, bt = m["a"], m["at"], m["bt"]
+    f32 = {"dtype": "float32"}
+    lin = lambda *ms: [{"model": x, "parameters": {"weight": w}} for x, w in ms]  # noqa: E731
+    return {
+        "untied_then_tied": {"merge_method": "passthrough", "base_model": a, "slices": [
+            {"sources": [src(a, 0, 3)]}, {"sources": [src(at, 1, 4)]}], **f32},
+        "tied_then_untied": {"merge_method": "passthrough", "base_model": at, "slices": [
+            {"sources": [src(at, 0, 2)]}, {"sources": [src(a, 1, 4)]}], **f32},
+        "untied_then_tied_union": {"merge_method": "passthrough", "base_model": a, "slices": [
+            {"sources": [src(a, 0, 2)]}, {"sources": [src(bt, 2, 4)]}], "tokenizer_source": "union", **f32},
+        "tied_then_untied_union": {"merge_method": "passthrough", "base_model": bt, "slices": [
+            {"sources": [src(bt, 0, 2)]}, {"sources": [src(a, 2, 4)]}], "tokenizer_source": "union", **f32},
+        "mixed_last_slice": {"merge_method": "linear", "base_model": at, "slices": [
+            {"sources": [src(at, 0, 2, weight=0.5), src(a, 0, 2, weight=0.5)]},
+            {"sources": [src(at, 2, 4, weight=0.3), src(a, 2, 4, weight=0.7)]}], **f32},
+        "linear_untied_first": {"merge_method": "linear", "base_model": a, "models": lin((a, 0.6), (at, 0.4)), **f32},
+        "task_arithmetic_tied_base": {"merge_method": "task_arithmetic", "base_model": at,
+                                      "models": lin((a, 0.7)), **f32},
+        "ties_union": {"merge_method": "ties", "base_model": bt, "models": [
+            {"model": a, "parameters": {"weight": 0.6, "density": 0.7}},
+            {"model": at, "parameters": {"weight": 0.4, "density": 0.5}}], "tokenizer_source": "union", **f32},
+    }
+
+
+NAMES = list(configs({k: k for k in ("a", "at", "bt")}))
+HEAD = {"untied_then_tied": False, "tied_then_untied": True, "untied_then_tied_union": False,
+        "tied_then_untied_union": True, "mixed_last_slice": True, "linear_untied_first": True,
+        "task_arithmetic_tied_base": True, "ties_union": True}
+
+
+@pytest.fixture(scope="module")
+def parity(models):
+    pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
+    root, m = models
+    jobs = []
+    for name, c in configs(m).items():
+        path = root / f"{name}.yml"
+        path.write_text(yaml.safe_dump(c, sort_keys=False))
+        jobs.append((str(path), str(root / "mk" / name)))
+    driver = ("import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
+              "for cfg, out in json.loads(sys.argv[1]):\n"
+              "    main([cfg, out, '--quiet', '--no-cuda'], standalone_mode=False)\n")
+    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_mergekit_yaml(parity, name, tmp_path, capsys):
+    out, theirs = tmp_path / "out", parity / "mk" / name
+    cfg = yaml.safe_load((parity / f"{name}.yml").read_text())
+    rc, err = run_cli(["merge", parity / f"{name}.yml", out, "--quiet"], capsys)
+    assert rc == 0, err
+    if "tokenizer_source" in cfg:
+        assert_same_merge(out, theirs, cfg, name)
+    else:
+        ours, mk = lf.load_folder(out), lf.load_folder(theirs)
+        assert set(ours) == set(mk), sorted(set(ours) ^ set(mk))
+        for k, b in mk.items():
+            assert ours[k].dtype == b.dtype and ours[k].shape == b.shape and close(ours[k], b), (name, k)
+    assert ("lm_head.weight" in lf.load_folder(out)) == HEAD[name]
+    cfg_o, cfg_t = (json.loads((d / "config.json").read_text()) for d in (out, theirs))
+    assert cfg_o.pop("tie_word_embeddings") is (not HEAD[name])  # the tensors decide; mergekit keeps the donor's
+    for key in ("vocab_size", "num_hidden_layers", "hidden_size", "model_type"):  # the donor's, the same
+        assert cfg_o[key] == cfg_t[key], key
+
+
+def _merge(tmp_path, capsys, cfg):
+    tmp_path.mkdir()
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    return lf.load_folder(tmp_path / "out"), json.loads((tmp_path / "out" / "config.json").read_text()), err
+
+
+def test_rows_from_the_sources(models, tmp_path, capsys):
+    """Without mergekit: which model's tensor each output head and embedding is, in float64."""
+    _, m = models
+    a, at = lf.load_folder(m["a"]), lf.load_folder(m["at"])
+    cfgs = configs(m)
+    got, config, _ = _merge(tmp_path / "1", capsys, cfgs["untied_then_tied"])
+    assert "lm_head.weight" not in got and config["tie_word_embeddings"] is True
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], at["model.norm.weight"])
+    got, config, _ = _merge(tmp_path / "2", capsys, cfgs["tied_then_untied"])
+    assert config["tie_word_embeddings"] is False and config["num_hidden_layers"] == 5
+    assert torch.equal(got["lm_head.weight"], a["lm_head.weight"])
+    assert torch.equal(got["model.embed_tokens.weight"], at["model.embed_tokens.weight"])
+    got, config, err = _merge(tmp_path / "3", capsys, {**cfgs["linear_untied_first"], "base_model": m["at"]})
+    want = (0.6 * a["lm_head.weight"].double() + 0.4 * at["model.embed_tokens.weight"].double()).float()
+    assert config["tie_word_embeddings"] is False and "tie_word_embeddings set to false" in err
+    assert torch.allclose(got["lm_head.weight"], want, rtol=1e-6, atol=1e-7)
+    # every model tied: no head, and the donor's config as it is
+    got, config, err = _merge(tmp_path / "4", capsys, {"merge_method": "passthrough", "slices": [
+        {"sources": [src(m["at"], 0, 3)]}, {"sources": [src(m["at"], 1, 4)]}]})
+    assert "lm_head.weight" not in got and config["tie_word_embeddings"] is True and "tie_word" not in err
+
+
+def test_bad_mixed_merges(models, tmp_path, capsys):
+    """Tied and untied models whose embeddings differ in rows, without a tokenizer merge: one line."""
+    _, m = models
+    for i, cfg in enumerate([
+            {"merge_method": "linear", "models": [{"model": m["a"], "parameters": {"weight": 0.5}},
+                                                  {"model": m["bt"], "parameters": {"weight": 0.5}}]},
+            {"merge_method": "linear", "slices": [{"sources": [src(m["bt"], 0, 2, weight=0.5),
+                                                               src(m["a"], 0, 2, weight=0.5)]}]}]):
+        path = tmp_path / f"bad{i}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        out = tmp_path / f"out{i}"
+        rc, err = run_cli(["merge", path, out, "--quiet"], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "shape" in err, (rc, err)
+        assert not out.exists()
