@@ -288,3 +288,28 @@ def test_lora_merge_dtype_flag(family, tmp_path, capsys):
         assert t.dtype == torch.bfloat16 and torch.equal(t, theirs[name]), name
     assert run_cli(cfg, tmp_path, "out3", extra=["--lora-merge-dtype", "int8"]) == 2
     assert "--lora-merge-dtype must be one of" in capsys.readouterr().err
+
+
+def test_tokenizer_merge_reads_the_models_tokenizer(tmp_path, capsys):
+    """A tokenizer merge takes MODEL+LORA's tokenizer from MODEL (mergekit: model.model.path): the
+    same output as merging a copy of MODEL with the adapter merged in (what mergekit runs)."""
+    from test_tokenizer_merge import C_TEMPLATE, SPECIAL, W, X, close, vocab_of, write_model
+    a = write_model(tmp_path / "a", SPECIAL + W + ["<pad>"], template=C_TEMPLATE)
+    b = write_model(tmp_path / "b", SPECIAL + W[:10] + X, perturb_seed=1, added=["<|im_start|>"])
+    ad = make_adapter(a, tmp_path / "ad", seed=5)
+    merged = tmp_path / "a_merged"
+    shutil.copytree(a, merged)
+    save_file({k: v.contiguous() for k, v in peft_merged(a, ad).items()}, str(merged / "model.safetensors"))
+    for i, tok in enumerate(["union", f"{a}+{ad}"]):
+        outs = []
+        for j, first in enumerate([f"{a}+{ad}", str(merged)]):
+            source = tok if tok == "union" else str(merged) if j else tok
+            cfg = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": source, "chat_template": "auto",
+                   "models": [{"model": first, "parameters": {"weight": 0.6}},
+                              {"model": str(b), "parameters": {"weight": 0.4}}]}
+            capsys.readouterr()
+            assert run_cli(cfg, tmp_path, f"out{i}{j}") == 0, capsys.readouterr().err
+            outs.append(tmp_path / f"out{i}{j}")
+        ours, want = (load_file(str(o / "model.safetensors")) for o in outs)
+        assert set(ours) == set(want) and all(close(ours[k], want[k]) for k in want)
+        assert vocab_of(outs[0]) == vocab_of(outs[1]) and (outs[0] / "chat_template.jinja").read_text() == C_TEMPLATE

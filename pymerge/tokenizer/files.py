@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from pymerge.errors import CheckpointError
 from pymerge.io.files import read_json, read_small, stays_inside
+from pymerge.lora import split_ref
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -48,9 +49,14 @@ class Tokenizer:
         return t if isinstance(t, str) else None
 
 
-def read_tokenizer(folder) -> Tokenizer:
-    """A model folder's tokenizer; a missing or corrupt file is a CheckpointError naming it."""
-    folder = Path(folder)
+def model_folder(ref) -> Path:
+    """The folder holding a model reference's tokenizer: MODEL's for MODEL+LORA (as mergekit)."""
+    return Path(split_ref(os.fspath(ref))[0])
+
+
+def read_tokenizer(ref) -> Tokenizer:
+    """A model's tokenizer; a missing or corrupt file is a CheckpointError naming it."""
+    folder = model_folder(ref)
     path = folder / TOKENIZER_JSON
     if not os.path.lexists(path):
         raise CheckpointError(f"{path}: not found; merging vocabularies needs each model's tokenizer.json "
@@ -109,9 +115,9 @@ def added_entry(content: str, special: bool = False, normalized: Optional[bool] 
             "normalized": (not special) if normalized is None else normalized, "special": special}
 
 
-def folder_template(folder) -> Optional[str]:
-    """The chat template a model folder carries, if any (for `chat_template: auto`)."""
-    folder = Path(folder)
+def folder_template(ref) -> Optional[str]:
+    """The chat template a model carries, if any (for `chat_template: auto`)."""
+    folder = model_folder(ref)
     config = {}
     cpath = folder / TOKENIZER_CONFIG
     if os.path.lexists(cpath):
