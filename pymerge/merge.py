@@ -197,6 +197,8 @@ def _inputs_of(plan: "MergePlan"):
     for fname in ("config.json",) + TOKENIZER_FILES:
         if (Path(plan.donor.folder) / fname).exists():
             yield "model file", Path(plan.donor.folder) / fname
+    if plan.vocabulary is not None:  # `tokenizer_source: <model>` may name a folder outside the models
+        yield "tokenizer folder", Path(plan.vocabulary.tokenizer.folder)
     if plan.config.source != "<config>" and Path(plan.config.source).exists():
         yield "config file", Path(plan.config.source)
 

@@ -317,6 +317,23 @@ def test_token_sources_must_be_models_of_the_merge(models, tmp_path, capsys):
         "x1": {"source": {"kind": "model_token", "model": m["b"], "token_id": 99}}}}}, "token id 99 is out of range")
 
 
+def test_out_may_not_be_the_tokenizer_source(models, tmp_path, capsys):
+    """A `tokenizer_source: <model>` outside the merged models is an input too: --force may not
+    replace it, nor OUT lie inside it (plain and `slices:` merges)."""
+    _, m = models
+    tok = write_model(tmp_path / "tok", SPECIAL + W[:15], perturb_seed=4)
+    before = sorted((p.name, p.read_bytes()) for p in tok.iterdir())
+    franken = {"merge_method": "passthrough", "slices": [{"sources": [{"model": m["a"], "layer_range": [0, 2]}]}]}
+    for i, cfg in enumerate([_union(m["a"], m["b"]), franken]):
+        path = tmp_path / f"c{i}.yml"
+        path.write_text(yaml.safe_dump({**cfg, "tokenizer_source": str(tok)}, sort_keys=False))
+        for out, words in ((tok, "is or holds the tokenizer folder"), (tok / "sub", "lies inside the tokenizer folder")):
+            rc, err = run_cli(["merge", path, out, "--quiet", "--force"], capsys)
+            assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err, (rc, err)
+        assert sorted((p.name, p.read_bytes()) for p in tok.iterdir()) == before
+        assert run_cli(["merge", path, tmp_path / f"out{i}", "--quiet"], capsys)[0] == 0
+
+
 def test_bad_chat_template(models, tmp_path, capsys):
     _, m = models
     _bad(tmp_path, capsys, _union(m["a"], m["b"], chat_template="chatmlx"), "chat_template", "chatmlx")
