@@ -28,7 +28,7 @@ def is_head(name: str) -> bool:
 def input_embedding(ck) -> Optional[str]:
     """The model's input embedding (its first vocabulary tensor that is not a head), or None."""
     return next((n for n in ck.names() if is_vocab_tensor(n) and not is_head(n) and n.endswith("weight")
-                 and len(ck.info(n).shape) == 2), None)
+                 and not n.endswith("embed_out.weight") and len(ck.info(n).shape) == 2), None)  # embed_out: a head
 
 
 def head_source(ck, head: str) -> Optional[str]:
