@@ -319,6 +319,9 @@ class CheckpointPool:
                 lambda: self._checked_plans(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
                 lambda ps: make(ps, self._inputs, n_groups))
             plans, table = entry.plans, entry.native
+            # A backward through the old weights now raises. Bumped before the call: the entry's check has
+            # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
+            mark_written(entry.written)
             if table is None:
                 self._run_linear(plans, tables)
             elif self._cuda is None:
@@ -329,7 +332,6 @@ class CheckpointPool:
                     table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
             for tmp, target in entry.fixups:
                 target.copy_(tmp)
-            mark_written(entry.written)  # a backward through the old weights now raises
             return into
         if kind == "cpu" and method != "linear":
             entry = self._one_call_method(method, tables, group_of, flat, groups, names, strict, into, seed, params)
