@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from pymerge import _native
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.ops._versions import mark_written
@@ -230,6 +231,8 @@ class CheckpointPool:
             size += -(-nbytes // 64) * 64
         pinned = self.residency == "pinned" and torch.cuda.is_available()
         buf = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        if _native.cpu is not None and not pinned:  # read front to back on every call: 2 MiB pages
+            _native.cpu.advise_huge_pages(buf.data_ptr(), size)
         held = {}
         for n, dtype, shape, at, nbytes in layout:
             t = src.tensor(n).detach()
@@ -321,7 +324,7 @@ class CheckpointPool:
             plans, table = entry.plans, entry.native
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
-            mark_written(entry.written)
+            mark_written(entry.held)
             if table is None:
                 self._run_linear(plans, tables)
             elif self._cuda is None:
@@ -338,7 +341,7 @@ class CheckpointPool:
             if entry is not None:
                 for tmp, target in entry.fixups:
                     target.copy_(tmp)
-                mark_written(entry.written)
+                mark_written(entry.held)
                 return into
         plans = self._checked_plans(into, group_of, names, strict)
         if method == "linear":
