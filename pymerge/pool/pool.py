@@ -216,11 +216,12 @@ class CheckpointPool:
         return "mmap", f"{_fmt_bytes(need)} exceeds the host budget; read from the memory map (page cache)"
 
     def _hold_all(self, src) -> Dict[str, torch.Tensor]:
-        """Every tensor of one source as the chosen tier keeps it. Owned host copies (host, pinned) share
-        one buffer per source, in name order, each tensor 64-byte aligned: a grouped call then reads each
+        """Every tensor of one source as the chosen tier keeps it (_hold). The host tier's copies share one
+        buffer per source, in name order, each tensor 64-byte aligned: a grouped call then reads each
         checkpoint as one forward stream, which the hardware prefetchers follow across tensor boundaries
-        (1000 separately allocated tensors ran at about 0.7 of copy bandwidth, bench_pool_grouped.py)."""
-        if self.residency not in ("host", "pinned"):
+        (1000 separately allocated tensors ran at about 0.7 of copy bandwidth, bench_pool_grouped.py).
+        Pinned memory stays per tensor: its allocator rounds every block up to a power of two."""
+        if self.residency != "host":
             return {n: self._hold(src.tensor(n), src) for n in self.names}
         layout, size = [], 0
         for n in self.names:
@@ -229,9 +230,8 @@ class CheckpointPool:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             layout.append((n, dtype, shape, size, nbytes))
             size += -(-nbytes // 64) * 64
-        pinned = self.residency == "pinned" and torch.cuda.is_available()
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
-        if _native.cpu is not None and not pinned:  # read front to back on every call: 2 MiB pages
+        buf = torch.empty(size, dtype=torch.uint8)
+        if _native.cpu is not None:  # read front to back on every call: 2 MiB pages (memory_hints.cpp)
             _native.cpu.advise_huge_pages(buf.data_ptr(), size)
         held = {}
         for n, dtype, shape, at, nbytes in layout:
@@ -242,17 +242,25 @@ class CheckpointPool:
         return held
 
     def _hold(self, t: torch.Tensor, src) -> torch.Tensor:
-        """The tensor as the mmap tier (views as given) or the device tier (an owned copy) keeps it."""
+        """The tensor as the chosen tier keeps it: an owned copy, except the mmap tier (views as given)."""
         t = t.detach()
         if self.residency == "mmap":
             held = t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
             if not src.mapped and held.data_ptr() == t.data_ptr() and src.label not in self.borrowed:
                 self.borrowed.append(src.label)
             return held
-        held = t.to(self.device, self._storage_dtype(t))
+        dtype = self._storage_dtype(t)
+        if self.residency == "device":
+            held = t.to(self.device, dtype)
+        else:
+            held = t.to("cpu", dtype)
+            if self.residency == "pinned" and torch.cuda.is_available():
+                held = held.pin_memory()
         if held.data_ptr() == t.data_ptr() or not held.is_contiguous():
             # Never alias a caller's tensor or a file view: a model merged into must not change the pool.
             held = held.clone(memory_format=torch.contiguous_format)
+            if self.residency == "pinned" and torch.cuda.is_available():
+                held = held.pin_memory()
         return held
 
     def describe(self) -> str:
