@@ -1,9 +1,7 @@
 """Delta-compressed CheckpointPools on the CPU: bytes held and time per candidate for bf16 (the
 uncompressed pool), int8, int4 and auto, at N = 8 and 16 fine-tunes of one base; the merged model's
 relative error per format; what a sparse top-k format would cost at int4's error.
-(results/cpu/bench_compressed_pool_quality.* -- the demo's CMA-ES search on compressed pools -- was
-measured at commit f5dbb0e with the digits demo, pymerge/demo_data.py, since replaced by the
-language-model demo in pymerge/demo/; that check is not ported yet.)
+(The search quality of compressed pools on the language-model demo: bench_compressed_pool_quality.py.)
 
     python benchmarks/bench_compressed_pool.py [--quick] [--params 40e6] [--n 8 16] [--rounds 5]
                                                [--device cuda]   (GPU rows: pools in GPU memory, Triton)
