@@ -4,9 +4,11 @@ Two Llama-shaped models (WordLevel tokenizers of --vocab tokens each, half of th
 rest each model's own), merged linearly with `tokenizer_source: union`: the output has 1.5x
 --vocab tokens, and half the rows of each model are filled from the other. Each tool runs
 --repeats times on a warm page cache; wall time, CPU time and peak memory (bench_merge.run_tool).
-Prints a table and writes JSON + markdown under benchmarks/results/cpu/.
+With --slices the same union goes through `slices:` (a linear merge of both models' layers 0-1,
+then of a's layer 0 with b's layer 1). Prints a table and writes JSON + markdown under
+benchmarks/results/cpu/ (bench_tokenizer, or bench_tokenizer_slices).
 
-    .venv/bin/python benchmarks/bench_tokenizer.py --vocab 8000 --hidden 512
+    .venv/bin/python benchmarks/bench_tokenizer.py --vocab 8000 --hidden 512 [--slices]
 """
 import argparse
 import sys
@@ -27,6 +29,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--slices", action="store_true", help="the union through slices: (per-slice merges)")
     ap.add_argument("--tools", default="mergekit,pymerge")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pymerge-bench-tokenizer"))
     args = ap.parse_args(argv)
@@ -44,11 +47,16 @@ def main(argv=None):
         b = tm.write_model(work / "b", words_b, perturb_seed=1)
     finally:
         lf.LlamaDims = orig
-    cfg = work / "union.yml"
-    cfg.write_text(f"merge_method: linear\nbase_model: {a}\nmodels:\n"
-                   f"  - model: {a}\n    parameters: {{weight: 0.5}}\n"
-                   f"  - model: {b}\n    parameters: {{weight: 0.5}}\n"
-                   f"dtype: float32\ntokenizer_source: union\n")
+    cfg = work / ("union_slices.yml" if args.slices else "union.yml")
+    if args.slices:
+        sources = lambda ra, rb: (f"  - sources:\n"  # noqa: E731
+                                  f"    - {{model: {a}, layer_range: {ra}, parameters: {{weight: 0.5}}}}\n"
+                                  f"    - {{model: {b}, layer_range: {rb}, parameters: {{weight: 0.5}}}}\n")
+        models = "slices:\n" + sources([0, 2], [0, 2]) + sources([0, 1], [1, 2])
+    else:
+        models = (f"models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                  f"  - model: {b}\n    parameters: {{weight: 0.5}}\n")
+    cfg.write_text(f"merge_method: linear\nbase_model: {a}\n{models}dtype: float32\ntokenizer_source: union\n")
     bin_dir = Path(sys.executable).parent
     cmds = {"mergekit": lambda out: [str(bin_dir / "mergekit-yaml"), str(cfg), str(out), "--quiet", "--no-cuda"],
             "pymerge": lambda out: [sys.executable, "-m", "pymerge", "merge", str(cfg), str(out), "--quiet",
@@ -61,9 +69,10 @@ def main(argv=None):
             rows.append({"tool": tool, "tokens": f"{args.vocab} + {args.vocab} -> {args.vocab + half - 3}",
                          "hidden": args.hidden, **r})
             print(rows[-1], flush=True)
-    table = write_results("bench_tokenizer", "cpu", rows,
+    how = "linear per slice, `slices:`" if args.slices else "linear"
+    table = write_results("bench_tokenizer_slices" if args.slices else "bench_tokenizer", "cpu", rows,
                           ["tool", "tokens", "hidden", "wall_s", "cpu_s", "peak_rss_mb", "peak_anon_mb"],
-                          "Tokenizer merge (union of two vocabularies, linear), end to end")
+                          f"Tokenizer merge (union of two vocabularies, {how}), end to end")
     print(table)
 
 

@@ -264,9 +264,6 @@ def make_plan(config_or_path) -> MergePlan:
     cfg = _as_config(config_or_path)
     if cfg.sliced is not None:
         from pymerge.slices import make_sliced_plan
-        if cfg.tokenizer is not None:
-            raise MergeConfigError(cfg.where(f"{cfg.tokenizer.key} with slices: or modules: is not supported by "
-                                             f"pymerge; merge the vocabularies in a separate merge"))
         check_paths(cfg)
         plan = make_sliced_plan(cfg)
         try:

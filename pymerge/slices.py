@@ -15,6 +15,11 @@ slice's, the module's, the top level's; per-model values see the source's tensor
 ones the output's (mergekit's rules). `modules:` takes one module, `default` (the only module of
 every single-stack architecture mergekit knows), holding `slices:` or `models:`.
 
+With `tokenizer_source:` / `tokenizer:` the output vocabulary is built from every model the config
+names (pymerge/tokenizer/), and each vocabulary tensor (embeddings, lm_head) is permuted to it over
+its own slice's sources alone, as mergekit does: a token none of them has gets a zero row, and
+default rows prefer that slice's base_model, else the config's.
+
 Each group of output tensors with the same sources becomes an ordinary MergePlan whose
 checkpoints are renaming views (the output name reads the source's tensor): the executors run
 them unchanged, one after the other, into one writer.
@@ -233,7 +238,7 @@ class SlicedPlan:
     config_overrides: Dict[str, Any]
     warnings: List[str] = field(default_factory=list)
     chat_template: Optional[str] = None     # the resolved `chat_template:` (pymerge/merge.py)
-    vocabulary: Any = None                  # never set: tokenizer merges are not sliced
+    vocabulary: Any = None                  # a tokenizer merge's output vocabulary (pymerge.tokenizer.vocab)
 
     @property
     def tensors(self):
@@ -299,12 +304,18 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             _check_params(cfg, method, s, sliced.module_parameters, f"slices[{i}]")
         donor_path = cfg.base_model or slices[0].sources[0].path
         donor = open_ck(donor_path)
+        vocab = None
+        if cfg.tokenizer is not None:  # every model of the config, as mergekit's referenced_models
+            from pymerge.tokenizer.plan import plan_vocabulary
+            models = list(dict.fromkeys([donor_path] + [x.path for s in slices for x in s.sources]))
+            vocab = plan_vocabulary(cfg, models, [open_ck(m) for m in models], donor_path, merge._read_model_config)
         prefix0 = stack_of(slices[0].sources[0].path)[0]
         pre_names, post_names = _outside_names(open_ck(slices[0].sources[0].path), prefix0)
         parts, out_layer = [], 0
         first = slices[0]
         if pre_names:
-            parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "slices[0]"))
+            parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "slices[0]",
+                               vocab))
         for i, s in enumerate(slices):
             length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
             entries = []  # (output name, t, {source index: source name})
@@ -330,14 +341,17 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                     entries.append((f"{prefix0}.{out_layer}.{suf}", t, {j: per_source[j][suf]
                                                                        for j in range(len(s.sources))}))
                 out_layer += 1
-            parts.append(_part(cfg, method, s, sliced, entries, open_ck, f"slices[{i}]"))
+            parts.append(_part(cfg, method, s, sliced, entries, open_ck, f"slices[{i}]", vocab))
         if post_names:
             last = slices[-1]
             zipped = SliceSpec(last.sources[:len(first.sources)], last.base_model, last.parameters)
             parts.append(_part(cfg, method, zipped, sliced, [(n, 0.0, {}) for n in post_names], open_ck,
-                               f"slices[{len(slices) - 1}]"))
-        return SlicedPlan(cfg, method, parts, donor, list(opened.values()),
-                          {"num_hidden_layers": out_layer}, list(cfg.warnings))
+                               f"slices[{len(slices) - 1}]", vocab))
+        overrides = {"num_hidden_layers": out_layer}
+        if vocab is not None:
+            overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
+        return SlicedPlan(cfg, method, parts, donor, list(opened.values()), overrides, list(cfg.warnings),
+                          vocabulary=vocab)
     except BaseException:
         for ck in opened.values():
             ck.close()
@@ -355,8 +369,10 @@ def _outside_names(ck, prefix: str) -> Tuple[List[str], List[str]]:
     return pre, [n for n in names if n not in pre]
 
 
-def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, label):
-    """One MergePlan over the sources of a slice, tensors named as in the output."""
+def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, label, vocab=None):
+    """One MergePlan over the sources of a slice, tensors named as in the output. With a tokenizer
+    merge (vocab), its vocabulary tensors are permuted to the output's tokens, default rows
+    preferring the slice's base model (mergekit's rule)."""
     from pymerge import merge
 
     base_path = s.base_model or cfg.base_model
@@ -391,12 +407,14 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
         views.append(RenamedCheckpoint(open_ck(m.path), names))
     labels = [m.path for m in order]
     out_names = [out for out, _, _ in entries]
-    merge.check_compatible(views, labels=labels, names=out_names)
+    if vocab is not None:
+        vocab = vocab.for_base(base_path)
+    merge.check_compatible(views, labels=labels, names=out_names, rows_may_differ=vocab.covers if vocab else None)
     resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
                               [s.parameters, sliced.module_parameters, cfg.parameters])
     for out, t, srcs in entries:
         resolver.where[out] = (t, [srcs[index[id(m)]] if srcs else out for m in inputs])
-    tensors = [merge._plan_tensor(cfg, method, resolver, views, labels, out, None, base is not None)
+    tensors = [merge._plan_tensor(cfg, method, resolver, views, labels, out, None, base is not None, vocab)
                for out in out_names]
     return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [])
 

@@ -16,7 +16,7 @@ mergekit 0.1.5's semantics (mergekit/tokenizer/build.py and embed.py):
   no model has.
 - `pad_to_multiple_of` pads the row count up; each model's padding rows are the mean of its rows.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -57,10 +57,15 @@ class Vocabulary:
     def covers(name: str) -> bool:
         return is_vocab_tensor(name)
 
+    def for_base(self, base: Optional[str]) -> "Vocabulary":
+        """The same vocabulary whose default rows prefer another base model's (a slice's
+        base_model, as mergekit); the row assignments stay cached in one place."""
+        return replace(self, base=base)
+
     def rows_for(self, sources: Sequence[str], rows: Sequence[int], name: str) -> "Rows":
         """Where each source's rows of tensor ``name`` come from (sources: model paths in plan order,
         rows: each source's row count in that tensor)."""
-        key = (tuple(sources), tuple(rows))
+        key = (tuple(sources), tuple(rows), self.base)
         for s, r in zip(sources, rows):
             top = int(self.perms[s].max(initial=-1))
             if top >= r:
@@ -222,7 +227,9 @@ def _assign(v: Vocabulary, sources: List[str], rows: List[int], name: str) -> Ro
             raise MergeConfigError(f"{where}: needs a source ({'model ' + lacking + ' lacks the token' if lacking else 'force is set'})")
         i = index.get(os.path.realpath(src.model))
         if i is None:
-            raise MergeConfigError(f"{where}.source: model {src.model} has no tensor {name!r} in this merge")
+            raise MergeConfigError(f"{where}.source: model {src.model} is not among the models {name!r} is merged "
+                                   f"from (with slices:, the first slice's sources give the embeddings, the last "
+                                   f"slice's the rest)")
         if src.kind == "model":
             if not present[i, j]:
                 raise MergeConfigError(f"{where}.source: model {src.model} lacks the token {tok!r}")
