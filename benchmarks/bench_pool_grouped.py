@@ -2,9 +2,12 @@
 kernel call per tensor, against same-run copy bandwidth, across model sizes and tensor counts; the fixed
 cost of a call; and the registered methods (task_arithmetic, ties, dare_ties) as one call vs per tensor.
 
-    python benchmarks/bench_pool_grouped.py [--quick | --full] [--n 5] [--rounds 15] [--no-methods]
+    python benchmarks/bench_pool_grouped.py [--quick | --full | --sweep] [--n 5] [--rounds 15] [--no-methods]
 
 --full: 1M to 500M parameters, 100 and 1000 tensors each (about 14 GB of RAM at 500M, N = 5).
+--sweep: where the time of a model of many small tensors goes: 5M parameters in 100 to 3000 tensors, the
+native call alone (the cached entry's task table) vs the whole materialize vs copy, and the rest per tensor
+(the entry's check and the version bumps, which read torch objects the call's streaming evicted).
 Bytes counted: (N+1) model sizes per materialize (N read, 1 written). The copy baseline is torch's
 dst.copy_(src) over the same bytes (at most 1 GB: beyond the caches the copy's rate no longer depends
 on its size). Rounds interleave copy, per tensor and grouped, so a drifting machine load hits them all
@@ -92,6 +95,36 @@ def case(params: int, tensors: int, n: int, rounds: int) -> dict:
             "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"}
 
 
+def sweep(n: int, rounds: int, params: int = 5_000_000, counts=(100, 300, 1000, 3000)) -> list:
+    """One model size in more and more tensors: copy, the native call alone, the whole materialize."""
+    rows = []
+    for tensors in counts:
+        load0 = os.getloadavg()[0]
+        pool = make_pool(params, tensors, n)
+        target = Flat(params, tensors)
+        w = [1.0 / n] * n
+        pool.materialize(w, into=target)
+        native = next(iter(pool._plan_cache._entries.values())).native  # the entry just built for target
+        weights = torch.full((1, 1, n), 1.0 / n).numpy()
+        moved = (n + 1) * pool.model_nbytes()
+        src = torch.randn(moved // 4).bfloat16()
+        dst = torch.empty_like(src)
+        t = sample({"copy": lambda: dst.copy_(src), "native": lambda: native.run(weights, pool.num_threads),
+                    "materialize": lambda: pool.materialize(w, into=target)}, rounds)
+        best = {k: min(v) for k, v in t.items()}
+        rows.append({"params": f"{params / 1e6:g}M", "tensors": tensors, "copy ms": 1e3 * best["copy"],
+                     "native call ms": 1e3 * best["native"], "materialize ms": 1e3 * best["materialize"],
+                     "native / copy": best["copy"] / best["native"],
+                     "materialize / copy": best["copy"] / best["materialize"],
+                     "materialize / copy, median per round": statistics.median(
+                         c / m for c, m in zip(t["copy"], t["materialize"])),
+                     "rest per tensor us (medians)": 1e6 * (statistics.median(t["materialize"])
+                                                             - statistics.median(t["native"])) / tensors,
+                     "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"})
+        print({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    return rows
+
+
 def fixed_cost(n: int, rounds: int, tensors: int = 100, calls: int = 200) -> dict:
     """materialize of a model of `tensors` tensors of 64 elements: all overhead, no bandwidth."""
     load0 = os.getloadavg()[0]
@@ -135,10 +168,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two small models, 5 rounds")
     ap.add_argument("--full", action="store_true", help="1M to 500M parameters, 100 and 1000 tensors each")
+    ap.add_argument("--sweep", action="store_true", help="5M parameters in 100 to 3000 tensors: native call vs materialize")
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-methods", action="store_true", help="skip the task_arithmetic / ties / dare_ties rows")
     args = ap.parse_args(argv)
+    if args.sweep:
+        rows = sweep(args.n, max(args.rounds, 30))
+        cols = ["params", "tensors", "copy ms", "native call ms", "materialize ms", "native / copy",
+                "materialize / copy", "materialize / copy, median per round", "rest per tensor us (medians)", "load"]
+        print(write_results("bench_pool_grouped_sweep", "cpu", rows, cols,
+                            f"CheckpointPool.materialize, N={args.n} bf16 checkpoints, CPU: the native call alone vs the "
+                            "whole call, same bytes in more tensors (best of interleaved rounds)"))
+        return
     if args.quick:
         sizes = [(1e6, 100), (5e6, 1000)]
     elif args.full:

@@ -417,3 +417,48 @@ def test_gpu_graph_survives_address_table_eviction(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert_matches(target.cpu(), reference(models, [0.1, 0.6, 0.3]), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_host_tier_holds_each_checkpoint_in_one_buffer_in_name_order(dtype):
+    """The host tier's copies are 64-byte-aligned views of one buffer per source, in name order (what the
+    grouped call reads as forward streams), bit for bit the source's values (NaN, inf, -0 included)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": (0,), "b": (1,), "c": (), "d": (13, 3), "e": (1021,), "f": (2, 0, 5), "g": (97,)}
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float32, torch.bfloat16,
+              torch.float16]
+    if dtype is not None:
+        dtypes = [torch.float32 if d == torch.float8_e4m3fn else d for d in dtypes]  # fp8 is read-only: no conversion
+    sources = []
+    for s in range(3):
+        sd = {}
+        for (name, shape), dt in zip(shapes.items(), dtypes):
+            x = torch.randn(shape, generator=g) * 100
+            if x.numel() > 2:
+                x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0])
+            sd[name] = x.to(dt)
+        sd["steps"] = torch.tensor(s)  # not merged: no room in the buffer
+        sources.append(sd)
+    pool = CheckpointPool(sources[:2], base=sources[2], residency="host", dtype=dtype, device="cpu")
+    assert pool.names == list(shapes)
+    for held, src in [({n: pool.tensor(i, n) for n in pool.names}, sources[i]) for i in range(2)] + \
+                     [(pool._base, sources[2])]:
+        (start,) = {t.untyped_storage().data_ptr() for t in held.values()}  # one buffer per source
+        filled = [n for n in pool.names if held[n].numel()]  # an empty tensor has no address (data_ptr 0)
+        offsets = [held[n].data_ptr() - start for n in filled]
+        sizes = [held[n].nbytes for n in filled]
+        assert offsets == sorted(offsets) and all(o % 64 == 0 for o in offsets)
+        assert all(a + s <= b for a, b, s in zip(offsets, offsets[1:], sizes))  # no two tensors share bytes
+        for n in pool.names:
+            want = src[n].to(dtype or src[n].dtype)
+            assert held[n].dtype == want.dtype and held[n].shape == want.shape and held[n].is_contiguous()
+            assert torch.equal(held[n].reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), n
+            assert held[n].numel() == 0 or held[n].data_ptr() != src[n].data_ptr()
+
+
+def test_a_source_giving_another_shape_than_it_lists_is_named(monkeypatch):
+    from pymerge.pool.sources import DictSource
+    models = make_models(2)
+    monkeypatch.setattr(DictSource, "tensor", lambda self, name: self._state[name].reshape(-1)[:1])
+    with pytest.raises(CheckpointError, match=r"^source 0: tensor 'scale' has shape \[1\], listed as \[7\]$"):
+        CheckpointPool([m.state_dict() for m in models])

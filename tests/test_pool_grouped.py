@@ -313,3 +313,20 @@ torch.save([torch.stack(weighted_sum_many(d["xs"], d["rows"][:k].tolist())) for 
     for k in range(1, 10):
         got = torch.stack(weighted_sum_many(xs, rows[:k].tolist()))
         assert torch.equal(got.view(torch.int16), want[k - 1].view(torch.int16)), k
+
+
+@pytest.mark.parametrize("offset,nbytes", [(0, 0), (0, 1), (3, (2 << 20) - 1), (1, 6 << 20), (0, 8 << 20), (4097, 5 << 20)])
+def test_memory_hints_change_no_value(offset, nbytes):
+    """advise_huge_pages advises exactly the 2 MiB pages inside the range (or nothing, where the kernel has
+    no huge pages); prefetch takes any address, mapped or not. Neither changes a byte."""
+    buf = torch.randint(0, 256, (offset + nbytes + (4 << 20),), dtype=torch.uint8)
+    before = buf.clone()
+    start = buf.data_ptr() + offset
+    inside = max(0, ((start + nbytes) & ~((2 << 20) - 1)) - ((start + (2 << 20) - 1) & ~((2 << 20) - 1)))
+    assert _cpu.advise_huge_pages(start, nbytes) in (0, inside)
+    if nbytes < 2 << 20:
+        assert _cpu.advise_huge_pages(start, nbytes) == 0
+    freed = torch.empty(1 << 20).data_ptr()  # returned to the allocator (maybe unmapped) by now
+    _cpu.prefetch(np.array([0, 1, 2**64 - 1, 2**63, freed, start, buf.data_ptr() + buf.numel() - 1], dtype=np.uint64))
+    _cpu.prefetch(np.array([], dtype=np.uint64))
+    assert torch.equal(buf, before)

@@ -49,21 +49,28 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("into", "generation", "held", "ptrs", "keyed", "plans", "native", "written", "fixups", "selection")
+    __slots__ = ("into", "generation", "held", "ptrs", "objects", "keyed", "plans", "native", "fixups", "selection")
 
     def __init__(self, into, watched, plans, native):
         self.into = into                    # the targets themselves (keeps their ids unique)
         self.generation = _registrations
-        self.held = tuple(t for t, _, _ in watched)  # the tensors the targets hold (not detached copies)
+        # The tensors the targets hold (not detached copies), one per plan and target: the version
+        # counters a call bumps (a detached target shares its tensor's).
+        self.held = tuple(t for t, _, _ in watched)
         self.ptrs = list(map(_data_ptr, self.held))
+        # What valid() and the version bump read of each (Python object, TensorImpl, StorageImpl):
+        # prefetched at once, as the previous call's streaming evicted them (memory_hints.cpp).
+        self.objects = np.array([a for t in self.held for a in (id(t), t._cdata, t.untyped_storage()._cdata)],
+                                dtype=np.uint64)
         self.keyed = [(t, d, key) for t, d, key in watched if d is not None]
         self.plans = plans
         self.native = native
-        self.written = tuple(t for p in plans for t in p.targets)  # version counters to bump per call
         self.fixups = [f for p in plans for f in p.fixups]
         self.selection = None  # task-vector methods: the last selection pass (see TaskVectorCall)
 
     def valid(self) -> bool:
+        if _native.cpu is not None:
+            _native.cpu.prefetch(self.objects)
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr.
         return (self.generation == _registrations and all(d.get(key) is t for t, d, key in self.keyed)
                 and list(map(_data_ptr, self.held)) == self.ptrs)
