@@ -124,10 +124,13 @@ def test_pool_caches_dots_until_its_tensors_change():
 
 
 def _native_parts(xs, base):
-    """The native kernels' parts: dots with and without a base, and L1 norms."""
+    """The native kernels' parts: dots with and without a base, L1 norms, and DELLA's mask and norms."""
     plan = tvo.ModelPlan(mode=tvo.RANDOM, thr=philox.keep_threshold(0.4), model=1)
     dots = [interp.whole_dot_parts(xs, base, sub, "cpu") for sub in (False, True)]
-    return torch.cat(dots + [tvo.model_l1_parts(xs[0], base, plan, name="w", seed=3, offset=7)]).tolist()
+    della = tvo.Sparsifier(method="della_magprune", density=0.4, epsilon=0.15)
+    words, norms = tvo._della_mask(xs[0].reshape(2, -1), base.reshape(2, -1), della, 1, "w", 3, 0, True, 0)
+    return torch.cat(dots + [tvo.model_l1_parts(xs[0], base, plan, name="w", seed=3, offset=7)]).tolist() + \
+        words.tolist() + list(norms)
 
 
 _SIMD_CHILD = """

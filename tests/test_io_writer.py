@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -341,6 +342,30 @@ def test_stale_temp_of_a_killed_run_nobody_reaped_is_removed(tmp_path):
         write_all(out, {"a": torch.ones(2)})
         assert os.listdir(tmp_path) == ["out"] and not os.path.exists(tmp)
     finally:
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_writer_whose_main_thread_exited_is_still_alive(tmp_path):
+    """Linux shows Z for a process whose main thread called pthread_exit while others still run:
+    that writer is alive, and its folder must stay."""
+    script = ("import ctypes, sys, threading, time\n"
+              "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+              "print('ready', flush=True)\n"
+              "ctypes.CDLL(None).pthread_exit(None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while b"Z" not in open(f"/proc/{proc.pid}/stat", "rb").read().rsplit(b")", 1)[1][:3]:
+            assert time.monotonic() < deadline, "the main thread did not exit"
+            time.sleep(0.01)
+        live = tmp_path / f".out.pymerge-tmp-{proc.pid}"
+        live.mkdir()
+        write_all(tmp_path / "out", {"a": torch.ones(2)})
+        assert live.is_dir()
+    finally:
+        proc.kill()
         proc.wait()
         proc.stdout.close()
 

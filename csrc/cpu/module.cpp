@@ -40,8 +40,12 @@ const float* fp8_table(int dtype) {
 const char* simd_level() {
   const char* force = std::getenv("PYMERGE_SIMD");
   __builtin_cpu_init();
-  bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  // Every feature the builds are compiled for (PM_AVX512 / PM_AVX2 in tv_common.h): a VM may hide
+  // one (BMI2, say) while showing the rest, and the compiler uses it freely inside those builds.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (force) {
     if (!std::strcmp(force, "scalar")) return "scalar";
     if (!std::strcmp(force, "avx2") && avx2) return "avx2";

@@ -522,13 +522,15 @@ def _pid_alive(pid: int) -> bool:
 
 def _zombie(pid: int) -> bool:
     """A killed writer whose parent died too stays a zombie until init reaps it, and some
-    container inits never do: it still answers kill(0) but writes nothing more."""
+    container inits never do: it still answers kill(0) but writes nothing more. (A process whose
+    main thread alone has exited also shows Z: it is alive while it has other threads.)"""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")  # the state follows "(comm) "
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        state, threads = fields[b"State"].split()[0], int(fields[b"Threads"])
+    except (OSError, KeyError, IndexError, ValueError):
+        return False  # unsure: keep the folder
+    return state in (b"Z", b"X") and threads <= 1
 
 
 def _remove_stale(out: Path) -> None:

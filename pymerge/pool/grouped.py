@@ -69,8 +69,9 @@ class _Entry:
         self.selection = None  # task-vector methods: the last selection pass (see TaskVectorCall)
 
     def valid(self) -> bool:
-        if _native.cpu is not None:
-            _native.cpu.prefetch(self.objects)
+        prefetch = getattr(_native.cpu, "prefetch", None)  # a hint: a build without it skips it
+        if prefetch is not None:
+            prefetch(self.objects)
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr.
         return (self.generation == _registrations and all(d.get(key) is t for t, d, key in self.keyed)
                 and list(map(_data_ptr, self.held)) == self.ptrs)

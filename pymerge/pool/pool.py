@@ -231,8 +231,9 @@ class CheckpointPool:
             layout.append((n, dtype, shape, size, nbytes))
             size += -(-nbytes // 64) * 64
         buf = torch.empty(size, dtype=torch.uint8)
-        if _native.cpu is not None:  # read front to back on every call: 2 MiB pages (memory_hints.cpp)
-            _native.cpu.advise_huge_pages(buf.data_ptr(), size)
+        advise = getattr(_native.cpu, "advise_huge_pages", None)  # a hint: a build without it skips it
+        if advise is not None:  # read front to back on every call: 2 MiB pages (memory_hints.cpp)
+            advise(buf.data_ptr(), size)
         held = {}
         for n, dtype, shape, at, nbytes in layout:
             t = src.tensor(n).detach()
@@ -285,7 +286,9 @@ class CheckpointPool:
         return max(group_indices(self.names, groups), default=0) + 1
 
     def tensor(self, i: int, name: str) -> torch.Tensor:
-        """Checkpoint i's resident tensor `name` (read-only use; a compressed pool decodes it, float32)."""
+        """Checkpoint i's resident tensor `name`, for reading only: on the host tier a view into the
+        checkpoint's one buffer (holding it keeps that whole buffer alive; writing or resizing it would
+        change the pool). A compressed pool decodes it, float32."""
         if self._compressed is not None:
             return self._compressed.decoded(i, name)
         return self._inputs[name][i]
