@@ -13,17 +13,13 @@ config.json's tie_word_embeddings follows the tensors written (mergekit keeps th
 3. Bad input: one line, exit 2, no output.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 import llama_factory as lf
-from test_tokenizer_merge import SPECIAL, W, X, assert_same_merge, close, run_cli, write_model
+from test_tokenizer_merge import SPECIAL, W, X, assert_same_merge, close, run_cli, run_mergekit, write_model
 
 
 def src(model, start, end, **params):
@@ -74,18 +70,7 @@ HEAD = {"untied_then_tied": False, "tied_then_untied": True, "untied_then_tied_u
 def parity(models):
     pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
     root, m = models
-    jobs = []
-    for name, c in configs(m).items():
-        path = root / f"{name}.yml"
-        path.write_text(yaml.safe_dump(c, sort_keys=False))
-        jobs.append((str(path), str(root / "mk" / name)))
-    driver = ("import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
-              "for cfg, out in json.loads(sys.argv[1]):\n"
-              "    main([cfg, out, '--quiet', '--no-cuda'], standalone_mode=False)\n")
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+    return run_mergekit(root, configs(m))
 
 
 @pytest.mark.parametrize("name", NAMES)

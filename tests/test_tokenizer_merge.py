@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -117,8 +116,14 @@ NAMES = list(configs({k: k for k in ("a", "b", "c", "d", "at", "bt", "ct", "dt")
 @pytest.fixture(scope="module")
 def parity(models):
     root, m = models
+    return run_mergekit(root, configs(m))
+
+
+def run_mergekit(root, configs) -> Path:
+    """Writes each config as root/<name>.yml and runs mergekit-yaml on all of them in one process
+    (one import of mergekit) into root/mk/<name>; returns root."""
     jobs = []
-    for name, c in configs(m).items():
+    for name, c in configs.items():
         path = root / f"{name}.yml"
         path.write_text(yaml.safe_dump(c, sort_keys=False))
         jobs.append((str(path), str(root / "mk" / name)))

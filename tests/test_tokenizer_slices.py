@@ -13,9 +13,6 @@ default rows preferring the slice's base_model, else the config's.
 3. Bad input: one line, exit 2, no output.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ import torch
 import yaml
 
 import llama_factory as lf
-from test_tokenizer_merge import C_TEMPLATE, SPECIAL, W, X, assert_same_merge, run_cli, vocab_of, write_model
+from test_tokenizer_merge import C_TEMPLATE, SPECIAL, W, X, assert_same_merge, run_cli, run_mergekit, vocab_of, write_model
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
 
@@ -90,18 +87,7 @@ LAYERS = {"passthrough_base": 6, "passthrough_union": 6, "passthrough_model": 4,
 @pytest.fixture(scope="module")
 def parity(models):
     root, m = models
-    jobs = []
-    for name, c in configs(m).items():
-        path = root / f"{name}.yml"
-        path.write_text(yaml.safe_dump(c, sort_keys=False))
-        jobs.append((str(path), str(root / "mk" / name)))
-    driver = ("import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
-              "for cfg, out in json.loads(sys.argv[1]):\n"
-              "    main([cfg, out, '--quiet', '--no-cuda'], standalone_mode=False)\n")
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+    return run_mergekit(root, configs(m))
 
 
 @pytest.mark.parametrize("name", NAMES)
