@@ -348,27 +348,37 @@ def test_bad_chat_template(models, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_ranks_write_the_same_merge(parity, tmp_path, capsys):
     """Under a launcher (2 ranks, gloo): the same tensors, bit for bit, and the same tokenizer."""
+    assert_two_ranks_write_one_merge(parity / "ties_tokens.yml", tmp_path, capsys,
+                                     ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"))
+
+
+def assert_two_ranks_write_one_merge(cfg, tmp_path, capsys, files):
+    """`pymerge merge cfg` in one process and under a 2-rank launcher: the same tensors bit for bit,
+    and the same `files`."""
     from test_dist_merge import finish, launch
-    name = "ties_tokens"
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli(["merge", parity / f"{name}.yml", one, "--quiet"], capsys)[0] == 0
-    codes, lines = finish(launch(2, ["merge", str(parity / f"{name}.yml"), str(two), "--quiet"]))
+    assert run_cli(["merge", cfg, one, "--quiet"], capsys)[0] == 0
+    codes, lines = finish(launch(2, ["merge", str(cfg), str(two), "--quiet"]))
     assert codes == [0, 0], lines
     a, b = lf.load_folder(one), lf.load_folder(two)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+    for f in files:
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["ties_tokens", "slerp_model_tied", "linear_union_bf16"])
 def test_gpu_matches_cpu(parity, name, tmp_path):
+    assert_gpu_matches_cpu(parity / f"{name}.yml", tmp_path)
+
+
+def assert_gpu_matches_cpu(cfg, tmp_path):
     from pymerge.merge import run_merge
-    run_merge(parity / f"{name}.yml", tmp_path / "cpu", device="cpu", quiet=True)
-    report = run_merge(parity / f"{name}.yml", tmp_path / "gpu", device="cuda", quiet=True)
+    run_merge(cfg, tmp_path / "cpu", device="cpu", quiet=True)
+    report = run_merge(cfg, tmp_path / "gpu", device="cuda", quiet=True)
     assert report.device.startswith("cuda")
     a, b = lf.load_folder(tmp_path / "gpu"), lf.load_folder(tmp_path / "cpu")
     assert set(a) == set(b)
     for k in b:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        assert close(a[k], b[k]), (name, k)
+        assert close(a[k], b[k]), (cfg.stem, k)

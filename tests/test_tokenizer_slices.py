@@ -20,7 +20,8 @@ import torch
 import yaml
 
 import llama_factory as lf
-from test_tokenizer_merge import C_TEMPLATE, SPECIAL, W, X, assert_same_merge, run_cli, run_mergekit, vocab_of, write_model
+from test_tokenizer_merge import (C_TEMPLATE, SPECIAL, W, X, assert_gpu_matches_cpu, assert_same_merge,
+                                  assert_two_ranks_write_one_merge, run_cli, run_mergekit, vocab_of, write_model)
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
 
@@ -191,28 +192,11 @@ def test_bad_tokenizer_with_slices(models, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_ranks_write_the_same_merge(parity, tmp_path, capsys):
     """Under a launcher (2 ranks, gloo): the sliced parts split between ranks, the same bits."""
-    from test_dist_merge import finish, launch
-    name = "linear_union"
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli(["merge", parity / f"{name}.yml", one, "--quiet"], capsys)[0] == 0
-    codes, lines = finish(launch(2, ["merge", str(parity / f"{name}.yml"), str(two), "--quiet"]))
-    assert codes == [0, 0], lines
-    a, b = lf.load_folder(one), lf.load_folder(two)
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
-        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    assert_two_ranks_write_one_merge(parity / "linear_union.yml", tmp_path, capsys,
+                                     ("tokenizer.json", "tokenizer_config.json", "config.json"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["linear_union", "modules_ties_tied", "dus_tied"])
 def test_gpu_matches_cpu(parity, name, tmp_path):
-    from pymerge.merge import run_merge
-    from test_tokenizer_merge import close
-    run_merge(parity / f"{name}.yml", tmp_path / "cpu", device="cpu", quiet=True)
-    report = run_merge(parity / f"{name}.yml", tmp_path / "gpu", device="cuda", quiet=True)
-    assert report.device.startswith("cuda")
-    a, b = lf.load_folder(tmp_path / "gpu"), lf.load_folder(tmp_path / "cpu")
-    assert set(a) == set(b)
-    for k in b:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        assert close(a[k], b[k]), (name, k)
+    assert_gpu_matches_cpu(parity / f"{name}.yml", tmp_path)
