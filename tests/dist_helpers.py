@@ -50,3 +50,15 @@ def run(fn, world: int, out_dir: str, *args, timeout: timedelta = TIMEOUT):
         if isinstance(res, dict) and "crash" in res:
             raise AssertionError(f"rank {r} crashed:\n{res['crash']}")
     return results
+
+
+def agreed_errors(results) -> dict:
+    """Each error each rank recorded under results[r]["errors"][key]: one line, the same on every rank
+    (an error seen by one rank is raised on all). Returns rank 0's."""
+    errors = [res["errors"] for res in results]
+    for key in errors[0]:
+        msgs = {e[key] for e in errors}
+        assert len(msgs) == 1, f"{key}: ranks disagree: {msgs}"
+        msg = msgs.pop()
+        assert msg is not None and "\n" not in msg, key
+    return errors[0]

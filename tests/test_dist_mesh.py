@@ -16,9 +16,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import dist_helpers
+import test_dist_pool
 
 pytestmark = pytest.mark.slow
 
@@ -65,23 +65,7 @@ SHAPES = {n: tuple(p.shape) for n, p in Block().named_parameters()}
 def write_checkpoints(d, shapes=SHAPES):
     """3 fine-tunes and a base of tensors `shapes`: a third of model 0's deltas zero (ties at the threshold), model 1 in
     bfloat16, model 2 with few distinct magnitudes (many equal keys)."""
-    g = torch.Generator().manual_seed(17)
-    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    files = []
-    for i in range(3):
-        sd = {}
-        for k, v in base.items():
-            delta = 0.1 * torch.randn(v.shape, generator=g)
-            if i == 0:
-                delta = torch.where(torch.rand(v.shape, generator=g) < 0.35, torch.zeros_like(delta), delta)
-            if i == 2:
-                delta = torch.round(delta * 20) / 20
-            sd[k] = (v + delta).to(torch.bfloat16 if i == 1 else torch.float32)
-        files.append(os.path.join(d, f"m{i}.safetensors"))
-        save_file(sd, files[-1])
-    files.append(os.path.join(d, "base.safetensors"))
-    save_file(base, files[-1])
-    return files
+    return test_dist_pool.write_checkpoints(d, shapes, seed=17)
 
 
 def weights_of(kw, n_src):

@@ -44,9 +44,10 @@ def build():
     return torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Linear(11, 7), torch.nn.LayerNorm(7))
 
 
-def write_checkpoints(d):
-    g = torch.Generator().manual_seed(7)
-    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+def write_checkpoints(d, shapes=SHAPES, seed=7):
+    """3 fine-tunes and a base of tensors `shapes`, as d/m0..m2.safetensors and d/base.safetensors."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     files = []
     for i in range(3):
         sd = {}
@@ -272,13 +273,7 @@ def test_each_rank_reads_only_its_bytes(group, layout):
 
 def test_errors_are_agreed_without_a_hang(group):
     world, _, results = group
-    errors = [res["errors"] for res in results]
-    for key in errors[0]:
-        msgs = {e[key] for e in errors}
-        assert len(msgs) == 1, f"{key}: ranks disagree: {msgs}"
-        msg = msgs.pop()
-        assert msg is not None and "\n" not in msg, key
-    e = errors[0]
+    e = dist_helpers.agreed_errors(results)
     assert e["layout"].startswith("InputError") and "the pool holds (Shard(dim=0))" in e["layout"]
     assert e["layout_ties"] == e["layout"]
     assert "has shape (12, 13), the pool's has (11, 13)" in e["shape"]
