@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from pymerge.errors import InputError, MergeConfigError, short
+from pymerge.errors import InputError, MergeConfigError, described, short
 from pymerge.io.files import read_small
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
@@ -150,7 +150,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
 
     check_size(data, source)
     if not isinstance(data, dict):
-        raise err(f"the config must be a mapping of keys, got {_kind(data)}")
+        raise err(f"the config must be a mapping of keys, got {described(data)}")
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         raise err(f"unknown key {short(unknown[0])} (known: {', '.join(TOP_KEYS)})")
@@ -171,14 +171,14 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if models_raw is None:
         raise err("'models' is missing: list the models to merge")
     if not isinstance(models_raw, list) or (not models_raw and sliced is None):
-        raise err(f"'models' must be a non-empty list, got {_kind(models_raw)}")
+        raise err(f"'models' must be a non-empty list, got {described(models_raw)}")
     models, seen = [], set()
     for i, entry in enumerate(models_raw):
         where = f"models[{i}]"
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict):
-            raise err(f"{where} must be a mapping with 'model' and 'parameters', got {_kind(entry)}")
+            raise err(f"{where} must be a mapping with 'model' and 'parameters', got {described(entry)}")
         bad = [k for k in entry if k not in MODEL_KEYS]
         if bad:
             raise err(f"{where}: unknown key {short(bad[0])} (known: {', '.join(MODEL_KEYS)})")
@@ -201,7 +201,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     chat = data.get("chat_template")
     if chat is not None:
         if not isinstance(chat, str):
-            raise err(f"chat_template must be a string, got {_kind(chat)}")
+            raise err(f"chat_template must be a string, got {described(chat)}")
         cfg.chat_template = chat
     return cfg
 
@@ -209,7 +209,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
 def _model_path(value, where, err) -> str:
     from pymerge import lora
     if not isinstance(value, (str, dict)) or not value:
-        raise err(f"{where} must be a path, got {_kind(value)}")
+        raise err(f"{where} must be a path, got {described(value)}")
     try:  # MODEL, MODEL+LORA, or mergekit's mapping {model: ..., lora: ...}
         return lora.resolve_ref(lora.ref_from_mapping(value, where) if isinstance(value, dict) else value)
     except MergeConfigError as exc:
@@ -231,7 +231,7 @@ def _parameters(value, where, err) -> Dict[str, Setting]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise err(f"{where} must be a mapping of parameter names to values, got {_kind(value)}")
+        raise err(f"{where} must be a mapping of parameter names to values, got {described(value)}")
     for name, setting in value.items():
         if not isinstance(name, str):
             raise err(f"{where}: parameter name {short(name)} is not a string")
@@ -247,7 +247,7 @@ def _check_setting(setting, where, err, nested=False) -> None:
         setting = [setting]
     if not isinstance(setting, list):
         raise err(f"{where}: expected a number, a list of numbers or a list of {{filter, value}}, "
-                  f"got {_kind(setting)}")
+                  f"got {described(setting)}")
     if all(_is_scalar(e) for e in setting):
         return
     if nested:
@@ -261,20 +261,12 @@ def _check_setting(setting, where, err, nested=False) -> None:
         if "value" not in cond:
             raise err(f"{where}[{j}]: 'value' is missing")
         if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-            raise err(f"{where}[{j}].filter must be a string, got {_kind(cond['filter'])}")
+            raise err(f"{where}[{j}].filter must be a string, got {described(cond['filter'])}")
         _check_setting(cond["value"], f"{where}[{j}].value", err, nested=True)
 
 
 def _is_scalar(x) -> bool:
     return isinstance(x, (bool, int, float, str))
-
-
-def _kind(x) -> str:
-    if x is None:
-        return "nothing"
-    if isinstance(x, (dict, list)):
-        return "a mapping" if isinstance(x, dict) else "a list"
-    return f"the string {short(x)}" if isinstance(x, str) else short(x)
 
 
 # ---- values ----------------------------------------------------------------------------------

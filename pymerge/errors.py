@@ -31,6 +31,16 @@ def short(value, limit: int = MAX_ECHO) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def described(value) -> str:
+    """What a config value is, for an error: "nothing", "a mapping", "a list", the string '...', or
+    the (shortened) value itself."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return f"the string {short(value)}" if isinstance(value, str) else short(value)
+
+
 def _short_container(value, limit: int) -> str:
     # repr of a billion-laughs list would build the whole expansion first: stop at the limit.
     out, size = [], 0

@@ -28,9 +28,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from pymerge.config import (MergeConfig, ModelSpec, _kind, _model_path, _parameters, check_method_params,
+from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params,
                             count_layers, kind_of, layer_of, resolve_one)
-from pymerge.errors import CheckpointError, MergeConfigError
+from pymerge.errors import CheckpointError, MergeConfigError, described
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -79,7 +79,7 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
         return SlicedConfig(_slices(data["slices"], "slices", err))
     modules = data["modules"]
     if not isinstance(modules, dict) or not modules:
-        raise err(f"'modules' must be a mapping of module names to definitions, got {_kind(modules)}")
+        raise err(f"'modules' must be a mapping of module names to definitions, got {described(modules)}")
     if list(modules) != ["default"]:
         name = next(k for k in modules if k != "default")
         raise err(f"modules: unknown module {name!r}: pymerge merges single-stack models, whose one module is "
@@ -87,7 +87,7 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
     mod = modules["default"]
     where = "modules.default"
     if not isinstance(mod, dict):
-        raise err(f"{where} must be a mapping with 'slices' or 'models', got {_kind(mod)}")
+        raise err(f"{where} must be a mapping with 'slices' or 'models', got {described(mod)}")
     bad = [k for k in mod if k not in MODULE_KEYS]
     if bad:
         raise err(f"{where}: unknown key {bad[0]!r} (known: {', '.join(MODULE_KEYS)})")
@@ -98,7 +98,7 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
         return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err), params)
     models = mod["models"]
     if not isinstance(models, list) or not models:
-        raise err(f"{where}.models must be a non-empty list, got {_kind(models)}")
+        raise err(f"{where}.models must be a non-empty list, got {described(models)}")
     specs = []
     for i, m in enumerate(models):
         w = f"{where}.models[{i}]"
@@ -112,18 +112,18 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
 
 def _slices(raw, where, err) -> List[SliceSpec]:
     if not isinstance(raw, list) or not raw:
-        raise err(f"'{where}' must be a non-empty list of slices, got {_kind(raw)}")
+        raise err(f"'{where}' must be a non-empty list of slices, got {described(raw)}")
     out = []
     for i, s in enumerate(raw):
         w = f"{where}[{i}]"
         if not isinstance(s, dict):
-            raise err(f"{w} must be a mapping with 'sources', got {_kind(s)}")
+            raise err(f"{w} must be a mapping with 'sources', got {described(s)}")
         bad = [k for k in s if k not in SLICE_KEYS]
         if bad:
             raise err(f"{w}: unknown key {bad[0]!r} (known: {', '.join(SLICE_KEYS)})")
         srcs = s.get("sources")
         if not isinstance(srcs, list) or not srcs:
-            raise err(f"{w}.sources must be a non-empty list, got {_kind(srcs)}")
+            raise err(f"{w}.sources must be a non-empty list, got {described(srcs)}")
         sources = [_source(src, f"{w}.sources[{j}]", err) for j, src in enumerate(srcs)]
         lengths = {b - a for a, b in (x.layer_range for x in sources)}
         if len(lengths) > 1:
@@ -136,7 +136,7 @@ def _slices(raw, where, err) -> List[SliceSpec]:
             seen.add(x.path)
         rw = s.get("residual_weight")
         if rw is not None and (isinstance(rw, bool) or not isinstance(rw, (int, float))):
-            raise err(f"{w}.residual_weight must be a number, got {_kind(rw)}")
+            raise err(f"{w}.residual_weight must be a number, got {described(rw)}")
         base = s.get("base_model")
         out.append(SliceSpec(sources, _model_path(base, f"{w}.base_model", err) if base is not None else None,
                              _parameters(s.get("parameters"), f"{w}.parameters", err)))
@@ -145,7 +145,7 @@ def _slices(raw, where, err) -> List[SliceSpec]:
 
 def _source(src, w, err) -> SourceSpec:
     if not isinstance(src, dict):
-        raise err(f"{w} must be a mapping with 'model' and 'layer_range', got {_kind(src)}")
+        raise err(f"{w} must be a mapping with 'model' and 'layer_range', got {described(src)}")
     bad = [k for k in src if k not in SOURCE_KEYS]
     if bad:
         raise err(f"{w}: unknown key {bad[0]!r} (known: {', '.join(SOURCE_KEYS)})")

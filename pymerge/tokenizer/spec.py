@@ -12,7 +12,7 @@
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
-from pymerge.errors import short as _short
+from pymerge.errors import described, short as _short
 
 SOURCE_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
@@ -55,7 +55,7 @@ def parse_tokenizer(data: dict, err: Callable[[str], Exception],
     if section is None:
         return None
     if not isinstance(section, dict):
-        raise err(f"tokenizer must be a mapping with {', '.join(SOURCE_KEYS)}, got {_kind(section)}")
+        raise err(f"tokenizer must be a mapping with {', '.join(SOURCE_KEYS)}, got {described(section)}")
     bad = [k for k in section if k not in SOURCE_KEYS]
     if bad:
         raise err(f"tokenizer: unknown key {_short(bad[0])} (known: {', '.join(SOURCE_KEYS)})")
@@ -66,7 +66,7 @@ def parse_tokenizer(data: dict, err: Callable[[str], Exception],
     tokens = section.get("tokens")
     if tokens is not None:
         if not isinstance(tokens, dict):
-            raise err(f"tokenizer.tokens must be a mapping of tokens to settings, got {_kind(tokens)}")
+            raise err(f"tokenizer.tokens must be a mapping of tokens to settings, got {described(tokens)}")
         for tok, setting in tokens.items():
             where = f"tokenizer.tokens[{_short(tok)}]"
             if not isinstance(tok, str) or not tok:
@@ -79,7 +79,7 @@ def _source(value, where, err, model_path) -> str:
     if value in ("base", "union"):
         return value
     if not isinstance(value, str) or not value:
-        raise err(f"{where} must be base, union or a model path, got {_kind(value)}")
+        raise err(f"{where} must be base, union or a model path, got {described(value)}")
     return model_path(value, where)
 
 
@@ -99,7 +99,7 @@ def _token_setting(setting, where, err, model_path) -> TokenSetting:
     if setting is None:
         setting = {}
     if not isinstance(setting, dict):
-        raise err(f"{where} must be a mapping with {', '.join(TOKEN_KEYS)}, got {_kind(setting)}")
+        raise err(f"{where} must be a mapping with {', '.join(TOKEN_KEYS)}, got {described(setting)}")
     bad = [k for k in setting if k not in TOKEN_KEYS]
     if bad:
         raise err(f"{where}: unknown key {_short(bad[0])} (known: {', '.join(TOKEN_KEYS)})")
@@ -116,7 +116,7 @@ def _token_source(src, where, err, model_path) -> TokenSource:
         return TokenSource("model", model=model_path(src, where))
     if not isinstance(src, dict):
         raise err(f"{where} must be a model, {{kind: zero}} or {{kind: model_token, model, token | token_id}}, "
-                  f"got {_kind(src)}")
+                  f"got {described(src)}")
     kind = src.get("kind")
     if kind == "zero":
         if set(src) != {"kind"}:
@@ -133,16 +133,8 @@ def _token_source(src, where, err, model_path) -> TokenSource:
     if (token is None) == (token_id is None):
         raise err(f"{where}: give exactly one of token and token_id")
     if token is not None and not isinstance(token, str):
-        raise err(f"{where}.token must be a string, got {_kind(token)}")
+        raise err(f"{where}.token must be a string, got {described(token)}")
     if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
         raise err(f"{where}.token_id must be a whole number >= 0, got {_short(token_id)}")
     return TokenSource("model_token", model=model_path(src["model"], f"{where}.model"), token=token,
                        token_id=token_id)
-
-
-def _kind(x) -> str:
-    if x is None:
-        return "nothing"
-    if isinstance(x, (dict, list)):
-        return "a mapping" if isinstance(x, dict) else "a list"
-    return f"the string {_short(x)}" if isinstance(x, str) else _short(x)
