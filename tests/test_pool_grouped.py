@@ -330,3 +330,40 @@ def test_memory_hints_change_no_value(offset, nbytes):
     _cpu.prefetch(np.array([0, 1, 2**64 - 1, 2**63, freed, start, buf.data_ptr() + buf.numel() - 1], dtype=np.uint64))
     _cpu.prefetch(np.array([], dtype=np.uint64))
     assert torch.equal(buf, before)
+
+
+@pytest.mark.parametrize("residency", ["host", "mmap"])
+def test_task_vector_methods_under_inference_mode(residency):
+    """Inference tensors have no version counter (reading one raises): a pool built, or a caller's
+    checkpoints made, inside torch.inference_mode() must still merge, with the same bits. The host
+    tier's own copies keep counters; borrowed inference tensors (mmap tier: used as given) are never
+    served from the selection caches."""
+    def sources():
+        g = torch.Generator().manual_seed(3)
+        return [{"w": torch.randn(37, 11, generator=g), "b": torch.randn(11, generator=g)} for _ in range(4)]
+
+    want = {}
+    plain = CheckpointPool(sources()[:3], base=sources()[3], residency=residency)
+    for method in ("ties", "dare_ties", "della"):
+        want[method] = {k: torch.empty_like(v) for k, v in sources()[0].items()}
+        plain.materialize([0.5, 0.3, 0.2], into=want[method], method=method, density=0.6, seed=1)
+    with torch.inference_mode():
+        srcs = sources()
+        pool = CheckpointPool(srcs[:3], base=srcs[3], residency=residency)
+        assert all(pool.tensor(0, n).is_inference() == (residency == "mmap") for n in ("w", "b"))
+        for method in ("ties", "dare_ties", "della"):
+            for _ in range(2):  # the second call: from the caches where they may serve
+                out = {k: torch.empty_like(v) for k, v in srcs[0].items()}
+                pool.materialize([0.5, 0.3, 0.2], into=out, method=method, density=0.6, seed=1)
+                assert all(torch.equal(out[k], want[method][k]) for k in out), (method, residency)
+        if residency == "mmap":  # changed in place inside inference mode: seen, never a stale selection
+            srcs[0]["w"].mul_(-3)
+            out = {k: torch.empty_like(v) for k, v in srcs[0].items()}
+            pool.materialize([0.5, 0.3, 0.2], into=out, method="ties", density=0.6, seed=1)
+    if residency == "mmap":
+        changed = sources()
+        changed[0]["w"] = changed[0]["w"] * -3
+        ref = {k: torch.empty_like(v) for k, v in changed[0].items()}
+        CheckpointPool(changed[:3], base=changed[3]).materialize([0.5, 0.3, 0.2], into=ref, method="ties", density=0.6,
+                                                                 seed=1)
+        assert all(torch.equal(out[k], ref[k]) for k in out)

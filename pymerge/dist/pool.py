@@ -22,6 +22,7 @@ from pymerge.dist import collectives
 from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, reduce_group
 from pymerge.dist.reads import ShardedSource
 from pymerge.errors import InputError
+from pymerge.ops._versions import versions_of
 from pymerge.pool.pool import CheckpointPool, _fmt_bytes, _map_name, _tensors_of
 
 
@@ -50,7 +51,7 @@ class ShardedPool(CheckpointPool):
     def input_versions(self, name: str) -> tuple:
         """Autograd version counters of the checkpoints' and base's tensor `name` as this rank holds them."""
         base = self._base.get(name)
-        return tuple(t._version for t in self._inputs[name]) + ((base._version,) if base is not None else ())
+        return tuple(versions_of(self._inputs[name] + ([base] if base is not None else [])))
 
     def _open(self, src, label: str):
         return ShardedSource(super()._open(src, label), self.boxes)

@@ -5,7 +5,8 @@ saved for backward and then overwritten would give gradients of the old values, 
 the version counter of every tensor written makes backward raise torch's usual "modified by an
 inplace operation" error instead, as a torch in-place op would.
 """
-from typing import Iterable
+import itertools
+from typing import Iterable, List
 
 import torch
 
@@ -39,3 +40,13 @@ def mark_written(tensors: Iterable[torch.Tensor]) -> None:
     with torch.no_grad():  # the documented way, one tiny op per tensor: an in-place op on an empty view
         for t in tracked:
             t.unsqueeze(0)[:0].zero_()
+
+
+_unknown = itertools.count(-1, -1)  # below every real counter, and never the same twice
+
+
+def versions_of(tensors: Iterable[torch.Tensor]) -> List[int]:
+    """The version counters of `tensors`, for caches keyed by "these tensors as of now". An inference
+    tensor has none (reading it raises inside inference mode and gives 0 outside): it gets a negative
+    number never seen before, so nothing cached for it is ever reused (it may change unseen)."""
+    return [next(_unknown) if t.is_inference() else t._version for t in tensors]

@@ -29,6 +29,7 @@ import torch
 
 from pymerge import _native
 from pymerge.errors import MergeConfigError
+from pymerge.ops._versions import versions_of
 from pymerge.pool.weights import group_indices
 
 _registrations = 0  # parameters, buffers and submodules registered on any module so far
@@ -239,7 +240,8 @@ class TaskVectorCall:
         sel = entry.selection
         if sel is None or sel[0] != self.key or list(map(_version, sel[1])) != sel[2]:
             sel = self._select(entry.plans, inputs, base, cache, num_threads)
-            entry.selection = sel if self.keep else None
+            # Kept while the versions say nothing changed; never with an inference tensor (no counter)
+            entry.selection = sel if self.keep and min(sel[2], default=0) >= 0 else None
         _, _, _, ints, scales, bits, _masks = sel
         entry.native.run(ints, scales, bits, self.weights, self.divisors, self.consensus, self.normalize,
                          float(self.lam), int(self.seed) & 0xFFFFFFFFFFFFFFFF, num_threads)
@@ -259,7 +261,7 @@ class TaskVectorCall:
             for i, (x, sp) in enumerate(zip(xs, self.sparsifiers)):
                 try:
                     mp = plan_model(x, b, sp, 1.0, i, name=p.name, seed=self.seed, cache=cache,
-                                    cache_key=(x._version, b._version), backend="cpu", num_threads=num_threads)
+                                    cache_key=tuple(versions_of((x, b))), backend="cpu", num_threads=num_threads)
                 except ValueError as exc:
                     raise MergeConfigError(f"tensor {p.name}: {exc}") from None
                 ints[t, i] = (mp.mode, mp.lo.key, mp.lo.index, mp.hi.key, mp.hi.index, mp.thr, mp.model & 0xFFFFFFFF)
@@ -267,4 +269,4 @@ class TaskVectorCall:
                 if mp.bits is not None:
                     masks.append(mp.bits)
                     bits[t, i] = mp.bits.data_ptr()
-        return self.key, watched, list(map(_version, watched)), ints, scales, bits, masks
+        return self.key, watched, versions_of(watched), ints, scales, bits, masks

@@ -18,7 +18,7 @@ import torch
 from pymerge import _native
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
-from pymerge.ops._versions import mark_written
+from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
 from pymerge.pool import compressed, grouped
@@ -215,6 +215,7 @@ class CheckpointPool:
             return "host", f"{_fmt_bytes(need)} fits in RAM ({_fmt_bytes(host_avail)} available)"
         return "mmap", f"{_fmt_bytes(need)} exceeds the host budget; read from the memory map (page cache)"
 
+    @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
     def _hold_all(self, src) -> Dict[str, torch.Tensor]:
         """Every tensor of one source as the chosen tier keeps it (_hold). The host tier's copies share one
         buffer per source, in name order, each tensor 64-byte aligned: a grouped call then reads each
@@ -242,6 +243,7 @@ class CheckpointPool:
             held[n] = buf[at:at + nbytes].view(dtype).view(shape).copy_(t)
         return held
 
+    @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
     def _hold(self, t: torch.Tensor, src) -> torch.Tensor:
         """The tensor as the chosen tier keeps it: an owned copy, except the mmap tier (views as given)."""
         t = t.detach()
@@ -524,8 +526,8 @@ class CheckpointPool:
         for p in plans:
             inputs = self._inputs[p.name]
             base = self._base.get(p.name)
-            base_version = base._version if base is not None else 0
-            keys = [(t._version, base_version) for t in inputs]  # checkpoint i's data as of now (see _selection)
+            base_version = versions_of([base])[0] if base is not None else 0
+            keys = [(v, base_version) for v in versions_of(inputs)]  # checkpoint i's data as of now (see _selection)
             if inputs[0].device != self.device:  # streamed tiers: the method gets whole tensors on the device
                 with _on_device(self.device):
                     inputs = [t.to(self.device, non_blocking=True) for t in inputs]
