@@ -151,6 +151,15 @@ def test_arcee_fusion_negative_scores_fall_back_to_value_order():
         assert float(co.fusion_threshold(scores)) == float(co.fusion_threshold(scores.double()).float())
 
 
+def test_many_models():
+    """65 and 130 models (the native kernels once stopped at 64): the float64 references still hold."""
+    for n in (65, 130):
+        base, xs = data((7, 5), n, 4)
+        xs[3] = base.clone()  # a model that moves nothing
+        assert rel(run(co.sce, xs, base, 0.5, shape=(7, 5)), ref.sce(base, xs, 0.5)) <= 1e-6
+        assert rel(run(co.ramplus_tl, xs, base, 0.3, 0.5, 1e-5, shape=(7, 5)), ref.ram(base, xs, 1e-5, plus=(0.3, 0.5))) <= 1e-6
+
+
 def test_kernels_refuse_bad_arguments():
     x = torch.zeros(4)
     with pytest.raises(ValueError, match="sce_merge: one weight per input"):

@@ -32,7 +32,6 @@ namespace {
 
 using tv::kBlock;
 constexpr int64_t kBlocksPerChunk = 16;
-constexpr int kMaxModels = 64;
 
 struct Group {
   std::vector<uintptr_t> x; std::vector<int> dt;
@@ -41,8 +40,8 @@ struct Group {
 
 Group make_group(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, int64_t n,
                  const char* what) {
-  if (x.empty() || x.size() > size_t(kMaxModels) || x.size() != dt.size() || !base || n < 0)
-    throw std::invalid_argument(std::string(what) + ": need a base and 1 to 64 inputs with one dtype each");
+  if (x.empty() || x.size() != dt.size() || !base || n < 0)  // any number of inputs: scratch is per block
+    throw std::invalid_argument(std::string(what) + ": need a base and at least one input, one dtype each");
   for (int d : dt) if (d < F32 || d > F8E5M2) throw std::invalid_argument(std::string(what) + ": bad dtype code");
   if (bdt < F32 || bdt > F8E5M2) throw std::invalid_argument(std::string(what) + ": bad base dtype code");
   return Group{x, dt, base, bdt, n};
