@@ -175,6 +175,52 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def _outputs_under(simd: str, tmp_path) -> list:
+    """weighted_sum_many over mixed and all-bfloat16 inputs (NaN, inf, denormals, rounding ties, every
+    input dtype), sizes with every tail length, 1 to 9 outputs of every dtype, in a fresh process on
+    the given SIMD path (chosen at import)."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from pymerge import _native, weighted_sum_many
+from wsum_reference import IN_DTYPES, OUT_DTYPES, random_inputs, random_weights
+import numpy as np
+outs = []
+for size in (1, 15, 16, 17, 31, 4096 + 77, 70001):
+    for dtypes in (IN_DTYPES, [torch.bfloat16]):
+        xs = random_inputs(len(dtypes) + 2, size, dtypes, seed=size)
+        xs[0].view(-1)[0] = float("nan")
+        xs[1].view(-1)[-1] = float("inf")
+        if size > 40:
+            xs[2].view(-1)[3:9] = 3e-39      # denormal results
+            xs[-1].view(-1)[20:36] = 1 + 2 ** -7  # sums near rounding ties
+        rows = np.random.default_rng(size).normal(size=(9, len(xs))).astype(np.float32)
+        for k in (1, 6, 7, 9):
+            for out_dtype in OUT_DTYPES if dtypes != [torch.bfloat16] else [torch.bfloat16, torch.float32]:
+                outs.append(torch.stack(weighted_sum_many(xs, rows[:k].tolist(), out_dtype=out_dtype)))
+torch.save([_native.cpu.simd_level(), outs], {str(tmp_path / (simd + '.pt'))!r})
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYMERGE_SIMD=simd), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    return torch.load(tmp_path / f"{simd}.pt")
+
+
+def test_every_simd_path_gives_the_same_bits(tmp_path):
+    """AVX-512, AVX2 and scalar builds compute the same float32 operations in the same order: equal
+    bits on every input, not just the same error bound (a CPU without AVX-512 runs the AVX2 path
+    under both of its names)."""
+    runs = {simd: _outputs_under(simd, tmp_path) for simd in ("avx512", "avx2", "scalar")}
+    assert runs["scalar"][0] == "scalar" and runs["avx2"][0] in ("avx2", "scalar")
+    want = runs["scalar"][1]
+    for simd in ("avx512", "avx2"):
+        got = runs[simd][1]
+        assert len(got) == len(want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            bits = torch.int32 if g.dtype == torch.float32 else torch.int16
+            assert torch.equal(g.view(bits), w.view(bits)), (simd, i, g.dtype)
+
+
 def test_float32_accumulation_is_required():
     """The bound is tight enough that accumulating in bfloat16 would fail it."""
     xs = random_inputs(16, 50_000, [torch.bfloat16], seed=11)

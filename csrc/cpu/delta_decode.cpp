@@ -21,6 +21,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include "cpu/avx2_store.h"
 #include "cpu/avx512_store.h"
 #include "cpu/tv_common.h"
 
@@ -233,12 +234,101 @@ DD_AVX512 void block_avx512(const Job& J, int64_t start, int64_t len, float* acc
   if (done < len) block_plain(J, start + done, len - done, accs, xbuf);  // the tensor's last few elements
 }
 
+// ---- AVX2 ---------------------------------------------------------------------------------------
+// The AVX-512 path's arithmetic in 8-wide registers, one output per pass (8 accumulators of the 16
+// ymm registers): every value of a scale block is decoded in registers, never through memory.
+#define DD_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+DD_AVX2 inline __m256 load8_dense(const char* p, int dt) {
+  if (dt == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (dt == F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// acc[j] = fma(c, x_j, acc[j]) for the 64 int4 values of one block, whose nibbles start at bit P0
+// (0: the group's first half, 16: its second). The stored nibble is code + 8; xor 8 makes it the
+// code in 4-bit two's complement, which a left shift to the top and an arithmetic right shift
+// extract: element 16h + i is in lane i % 8 of register i / 8, bits P0 + 4h.
+template <int P0>
+DD_AVX2 inline void fma_q4_block(__m256 acc[8], const char* group, float c) {
+  const __m256i flip = _mm256_set1_epi32(int(0x88888888u));
+  const __m256i v[2] = {_mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group)), flip),
+                        _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 32)), flip)};
+  const __m256 cv = _mm256_set1_ps(c);
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    const int top = 28 - P0 - 4 * (j / 2);  // left shift that puts nibble j / 2 in bits 28..31
+    const __m256i n = _mm256_srai_epi32(top ? _mm256_slli_epi32(v[j % 2], top) : v[j % 2], 28);
+    acc[j] = _mm256_fmadd_ps(cv, _mm256_cvtepi32_ps(n), acc[j]);
+  }
+}
+
+// Whole scale blocks of one unit for output k: as blocks_avx512 with K = 1.
+DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, float* coef) {
+  const int64_t nb = len / kQBlock;
+  const float* wk = J.w + k * J.n_terms;
+  for (int64_t t = 0; t < J.n_terms; ++t) {  // coef[t * kUnitBlocks + b] = float32(w * scale of block b)
+    if (!quantized(J.kind[t])) continue;
+    for (int64_t b = 0; b < nb; ++b) coef[t * kUnitBlocks + b] = wk[t] * scale_at(J, t, start + b * kQBlock);
+  }
+  const int dt = J.out_dt[k];
+  const bool stream = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k, start)) % (dt == F32 ? 32 : 16) == 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t e = start + b * kQBlock;
+    const bool second = e % kGroup != 0;
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_set1_ps(-0.0f);
+    for (int64_t r = 0; r < J.n_runs; ++r) {
+      const Run run = J.runs[r];
+      if (run.kind == Q4) {
+        for (int64_t t = run.t0; t < run.t1; ++t) {
+          const char* p = reinterpret_cast<const char*>(J.data[t]) + e / kGroup * 64;
+          const float c = coef[t * kUnitBlocks + b];
+          if (second) {
+            _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+            fma_q4_block<16>(acc, p, c);
+          } else {
+            fma_q4_block<0>(acc, p, c);
+          }
+        }
+      } else if (run.kind == Q8) {
+        for (int64_t t = run.t0; t < run.t1; ++t) {
+          const char* p = reinterpret_cast<const char*>(J.data[t]) + e;
+          _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+          const __m256 cv = _mm256_set1_ps(coef[t * kUnitBlocks + b]);
+          for (int j = 0; j < 8; ++j) {
+            const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j));
+            acc[j] = _mm256_fmadd_ps(cv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), acc[j]);
+          }
+        }
+      } else {
+        const size_t es = dtype_size(run.kind);
+        for (int64_t t = run.t0; t < run.t1; ++t) {
+          const char* p = reinterpret_cast<const char*>(J.data[t]) + e * es;
+          for (size_t l = 0; l < es; ++l) _mm_prefetch(p + kPrefetchBytes + 64 * l, _MM_HINT_T0);
+          const __m256 cv = _mm256_set1_ps(wk[t]);
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_dense(p + 8 * j * es, run.kind), acc[j]);
+        }
+      }
+    }
+    char* dst = out_at(J, k, e);
+    for (int j = 0; j < 8; ++j) store8_any(dst + 8 * j * dtype_size(dt), acc[j], dt, stream);
+  }
+}
+
+DD_AVX2 void block_avx2_regs(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  for (int64_t k = 0; k < J.n_out; ++k) blocks_avx2(J, k, start, len, accs);  // accs: room for the coefs
+  const int64_t done = len / kQBlock * kQBlock;
+  if (done < len) block_avx2(J, start + done, len - done, accs, xbuf);  // the tensor's last few elements
+}
+
 // ---- driver -------------------------------------------------------------------------------------
 using BlockFn = void (*)(const Job&, int64_t, int64_t, float*, float*);
 
 BlockFn pick_block() {  // per call, so PYMERGE_SIMD can switch paths (the tests run all three)
   const std::string level = simd_level();
-  return level == "avx512" ? block_avx512 : level == "avx2" ? block_avx2 : block_plain;
+  return level == "avx512" ? block_avx512 : level == "avx2" ? block_avx2_regs : block_plain;
 }
 
 constexpr int64_t kMinPerThread = 1 << 18;  // elements: below this a second thread costs more than it gives

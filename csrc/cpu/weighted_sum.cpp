@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <stdexcept>
+#include "cpu/avx2_store.h"
 #include "cpu/avx512_store.h"
 #include "cpu/weighted_sum.h"
 
@@ -49,28 +50,6 @@ AVX2_TARGET inline __m256 load8(const void* src, int64_t i, int dt) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(src) + i));
   if (dt == F16) return _mm256_cvtph_ps(h);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-template <bool First>
-AVX2_TARGET void acc_avx2(float* acc, const void* src, int64_t n, float w, int dt) {
-  if (dt > BF16) return acc_scalar<First>(acc, src, n, w, dt);
-  const __m256 vw = _mm256_set1_ps(w);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 x = load8(src, i, dt);
-    _mm256_storeu_ps(acc + i, First ? _mm256_mul_ps(vw, x) : _mm256_fmadd_ps(vw, x, _mm256_loadu_ps(acc + i)));
-  }
-  const char* base = static_cast<const char*>(src) + i * dtype_size(dt);
-  acc_scalar<First>(acc + i, base, n - i, w, dt);
-}
-
-AVX2_TARGET void store_avx2(void* dst, const float* acc, int64_t n, int dt) {
-  if (dt != F16) return store_scalar(dst, acc, n, dt);
-  auto d = static_cast<uint16_t*>(dst);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(acc + i), _MM_FROUND_TO_NEAREST_INT));
-  store_scalar(d + i, acc + i, n - i, dt);
 }
 
 // ---- AVX-512 -----------------------------------------------------------------------------------
@@ -261,11 +240,99 @@ AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*
   }
 }
 
+// ---- AVX2 strips ---------------------------------------------------------------------------------
+// strips_avx512's loop at half the width: strips of 16 elements, the accumulators of up to 6
+// outputs (12 of the 16 ymm registers) held in registers, the same operations in the same order.
+// No software prefetch: on Zen 3 it cost 10-30 % (N = 8 and 16 bfloat16 inputs of 4M elements),
+// the hardware prefetchers keep up with these streams.
+constexpr int kStrip2 = 16;
+constexpr int kMaxK2 = 6;
+
+AVX2_TARGET inline __m256 load8_any(const char* p, int dt) {
+  if (dt <= BF16) return load8(p, 0, dt);
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));  // float8
+  return _mm256_i32gather_ps(fp8_table(dt), idx, 4);
+}
+
+template <int K>
+AVX2_TARGET void strips_avx2(const Job& J, int64_t k0, int64_t start, int64_t len) {
+  bool stream[K];
+  for (int k = 0; k < K; ++k)  // stream only where every strip's store is aligned (bf16: 16 B, f32: 32 B)
+    stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 32 : 16) == 0;
+  for (int64_t j = 0; j + kStrip2 <= len; j += kStrip2) {
+    const int64_t e = start + j;
+    __m256 acc[K][2];
+    for (int64_t i = 0; i < J.n_in; ++i) {
+      const int dt = J.in_dt[i];
+      const size_t es = dtype_size(dt);
+      const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
+      const __m256 x0 = load8_any(src, dt), x1 = load8_any(src + 8 * es, dt);
+      const float* w = J.w + k0 * J.n_in + i;
+#pragma GCC unroll 6
+      for (int k = 0; k < K; ++k) {
+        const __m256 wk = _mm256_set1_ps(w[k * J.n_in]);
+        acc[k][0] = i ? _mm256_fmadd_ps(wk, x0, acc[k][0]) : _mm256_mul_ps(wk, x0);
+        acc[k][1] = i ? _mm256_fmadd_ps(wk, x1, acc[k][1]) : _mm256_mul_ps(wk, x1);
+      }
+    }
+#pragma GCC unroll 6
+    for (int k = 0; k < K; ++k) {
+      const int dt = J.out_dt[k0 + k];
+      char* dst = out_at(J, k0 + k, e);
+      store8_any(dst, acc[k][0], dt, stream[k]);
+      store8_any(dst + 8 * dtype_size(dt), acc[k][1], dt, stream[k]);
+    }
+  }
+}
+
+// All bfloat16, as strips_bf16: one 32-byte load gives the even elements (low halves shifted up)
+// and the odd ones (high halves masked), and the two rounded halves interleave into one store.
+template <int K>
+AVX2_TARGET void strips_bf16_avx2(const Job& J, int64_t k0, int64_t start, int64_t len) {
+  bool stream[K];
+  for (int k = 0; k < K; ++k) stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % 32 == 0;
+  const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
+  for (int64_t j = 0; j + kStrip2 <= len; j += kStrip2) {
+    const int64_t e = start + j;
+    __m256 acc[K][2];
+    for (int64_t i = 0; i < J.n_in; ++i) {
+      const char* src = reinterpret_cast<const char*>(J.in[i]) + e * 2;
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256 x0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), x1 = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      const float* w = J.w + k0 * J.n_in + i;
+#pragma GCC unroll 6
+      for (int k = 0; k < K; ++k) {
+        const __m256 wk = _mm256_set1_ps(w[k * J.n_in]);
+        acc[k][0] = i ? _mm256_fmadd_ps(wk, x0, acc[k][0]) : _mm256_mul_ps(wk, x0);
+        acc[k][1] = i ? _mm256_fmadd_ps(wk, x1, acc[k][1]) : _mm256_mul_ps(wk, x1);
+      }
+    }
+#pragma GCC unroll 6
+    for (int k = 0; k < K; ++k) {
+      const __m256i h = _mm256_or_si256(bf16_round_bits_8(acc[k][0]), _mm256_slli_epi32(bf16_round_bits_8(acc[k][1]), 16));
+      __m256i* dst = reinterpret_cast<__m256i*>(out_at(J, k0 + k, e));
+      if (stream[k]) _mm256_stream_si256(dst, h);
+      else _mm256_storeu_si256(dst, h);
+    }
+  }
+}
+
 // ---- driver ------------------------------------------------------------------------------------
 using BlockFn = void (*)(const Job&, int64_t, int64_t, float*, float*);
 
-void block_avx2(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
-  block_buffered(J, start, len, accs, xbuf, acc_avx2<true>, acc_avx2<false>, store_avx2);
+void block_scalar(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf);
+
+AVX2_TARGET void block_avx2(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  static void (*const by_k[kMaxK2])(const Job&, int64_t, int64_t, int64_t) = {
+      strips_avx2<1>, strips_avx2<2>, strips_avx2<3>, strips_avx2<4>, strips_avx2<5>, strips_avx2<6>};
+  static void (*const bf16_k[kMaxK2])(const Job&, int64_t, int64_t, int64_t) = {
+      strips_bf16_avx2<1>, strips_bf16_avx2<2>, strips_bf16_avx2<3>,
+      strips_bf16_avx2<4>, strips_bf16_avx2<5>, strips_bf16_avx2<6>};
+  const auto strips = all_bf16(J) ? bf16_k : by_k;
+  for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK2)  // more than 6 outputs: re-read the block from cache
+    strips[std::min<int64_t>(kMaxK2, J.n_out - k0) - 1](J, k0, start, len);
+  const int64_t done = len / kStrip2 * kStrip2;
+  if (done < len) block_scalar(J, start + done, len - done, accs, xbuf);  // the last few elements: the same operations
 }
 
 void block_scalar(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
