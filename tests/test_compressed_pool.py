@@ -280,6 +280,23 @@ def test_every_backend_gives_the_same_bits(n, monkeypatch):
     # and the bits are the float64 sum within float32 accumulation: checked by the tests above
 
 
+@pytest.mark.parametrize("simd", ["avx512", "avx2"])
+def test_streamed_outputs_match_the_portable_build(simd, monkeypatch):
+    """Outputs of 8 MB and more are written with non-temporal stores: the same bits as the portable build."""
+    n = (1 << 22) + 4096 + 33
+    terms, scales, kinds = _mixed_terms(n, seed=5)
+    w = np.random.default_rng(5).normal(size=(2, len(terms))).astype(np.float32)
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        got = {}
+        for level in (simd, "scalar"):
+            monkeypatch.setenv("PYMERGE_SIMD", level)
+            outs = [torch.empty(n, dtype=dtype) for _ in range(len(w))]
+            cp.run_terms(terms, scales, kinds, n, w, outs, "cpu")
+            got[level] = torch.stack(outs)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got[simd].view(bits), got["scalar"].view(bits)), dtype
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 4096 + 97, (1 << 20) + 37])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

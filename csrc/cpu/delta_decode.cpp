@@ -270,10 +270,17 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
   const float* wk = J.w + k * J.n_terms;
   for (int64_t t = 0; t < J.n_terms; ++t) {  // coef[t * kUnitBlocks + b] = float32(w * scale of block b)
     if (!quantized(J.kind[t])) continue;
-    for (int64_t b = 0; b < nb; ++b) coef[t * kUnitBlocks + b] = wk[t] * scale_at(J, t, start + b * kQBlock);
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(J.scales[t]) + start / kQBlock;
+    const __m256 w = _mm256_set1_ps(wk[t]);
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+      const __m256i sv = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + b))), 16);
+      _mm256_storeu_ps(coef + t * kUnitBlocks + b, _mm256_mul_ps(w, _mm256_castsi256_ps(sv)));
+    }
+    for (; b < nb; ++b) coef[t * kUnitBlocks + b] = wk[t] * bf16_to_f32(s[b]);
   }
   const int dt = J.out_dt[k];
-  const bool stream = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k, start)) % (dt == F32 ? 32 : 16) == 0;
+  const bool stream = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k, start)) % 32 == 0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t e = start + b * kQBlock;
     const bool second = e % kGroup != 0;
@@ -313,7 +320,16 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
       }
     }
     char* dst = out_at(J, k, e);
-    for (int j = 0; j < 8; ++j) store8_any(dst + 8 * j * dtype_size(dt), acc[j], dt, stream);
+    if (dt == BF16) {  // two registers per 32-byte store
+      for (int j = 0; j < 8; j += 2) {
+        const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_round_bits_8(acc[j]), bf16_round_bits_8(acc[j + 1])), 0xD8);
+        __m256i* d = reinterpret_cast<__m256i*>(dst + 16 * j);
+        if (stream) _mm256_stream_si256(d, h);
+        else _mm256_storeu_si256(d, h);
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) store8_any(dst + 8 * j * dtype_size(dt), acc[j], dt, stream);
+    }
   }
 }
 
