@@ -244,3 +244,105 @@ def test_task_vector_methods_gpu(method, backend, dtype):
     assert torch.equal(out != base.float(), cpu != base.float())
     if backend != "torch":  # the fused GPU passes round exactly as the C++ one
         assert torch.equal(out, cpu.float())
+
+
+_SIMD_CHILD = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from pymerge import _cpu
+from test_methods_reference import _simd_outputs
+torch.save((_cpu.simd_level(), _simd_outputs(torch.load({path!r}))), {out!r})
+"""
+
+# method: (per-model params, global params, models, with base)
+_SIMD_CASES = {
+    "ties": ({"density": 0.4}, {}, 3, True),
+    "dare_ties": ({"density": 0.4}, {}, 3, True),
+    "dare_linear": ({"density": 0.4}, {}, 3, True),
+    "breadcrumbs": ({"density": 0.6, "gamma": 0.05}, {}, 3, True),
+    "breadcrumbs_ties": ({"density": 0.6, "gamma": 0.05}, {}, 3, True),
+    "della": ({"density": 0.4, "epsilon": 0.15}, {}, 3, True),
+    "della_linear": ({"density": 0.4, "epsilon": 0.15}, {}, 3, True),
+    "slerp": ({}, {"t": 0.3}, 1, True),
+    "nuslerp": ({}, {}, 2, True),
+    "multislerp": ({}, {}, 3, True),
+    "karcher": ({}, {}, 3, False),
+    "model_stock": ({}, {}, 3, True),
+    "nearswap": ({}, {"t": 0.01}, 1, True),
+    "sce": ({}, {"select_topk": 0.5}, 3, True),
+    "ram": ({}, {}, 3, True),
+    "ramplus_tl": ({}, {}, 3, True),
+}
+
+
+def _simd_inputs():
+    """Awkward sizes (1, 63, 4097, the prime 10007, a 61x167 matrix, and 2^17 + 3, where TIES's selection
+    brackets), float32 and bfloat16, each with and without NaN / +-inf; all with denormals and -0.0."""
+    sets = []
+    for shape in [(1,), (63,), (4097,), (10007,), (61, 167), (131075,)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            if shape == (131075,) and dtype == torch.float32:
+                continue
+            for special in (False, True):
+                base, xs = models(shape, n=3, seed=len(sets))
+                xs = [x.float() for x in xs]
+                base = base.float()
+                n = base.numel()
+                idx = lambda k: [i % n for i in range(k, n + k, 37)]  # noqa: E731
+                xs[0].view(-1)[idx(1)] = 1e-40  # denormals
+                base.view(-1)[idx(2)] = -0.0  # signed zeros, and deltas of zero
+                xs[1].view(-1)[idx(3)] = 0.0
+                if special and n > 1:
+                    xs[0].view(-1)[idx(5)[::3]] = float("nan")
+                    xs[1].view(-1)[idx(6)[::3]] = float("inf")
+                    xs[2].view(-1)[idx(7)[::3]] = -float("inf")
+                sets.append((base.to(dtype), [x.to(dtype) for x in xs]))
+    return sets
+
+
+def _simd_outputs(sets):
+    outs = {}
+    for s, (base, xs) in enumerate(sets):
+        for name, (mp, glob, n, with_base) in _SIMD_CASES.items():
+            inputs = xs[:n] + ([] if with_base else [base])
+            w = [0.3 + 0.25 * i for i in range(len(inputs))]
+            params = [dict(mp, weight=w[i]) for i in range(len(inputs))]
+            out_dtype = torch.bfloat16 if s % 4 == 1 else torch.float32
+            out = run(name, inputs, base if with_base else None, params, dict(glob), out_dtype=out_dtype,
+                      backend="cpu")
+            nan = out.isnan()
+            out[nan] = float("nan")  # one NaN: see the test's docstring
+            outs[f"{name}/{s}"] = (out.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32).clone(),
+                                   int(nan.sum()))
+    return outs
+
+
+def test_every_simd_build_gives_the_same_bits(tmp_path):
+    """The AVX-512, AVX2 and portable builds (PYMERGE_SIMD, each in a fresh process: the level is read
+    once) of every method kernel give the same bits: task vectors (selection, DARE, DELLA, the fused
+    pass), the slerp / model_stock dots and linear combinations, nearswap, sce and ram. A CPU without
+    AVX-512 runs its best build for "avx512". NaNs are compared as NaN, at the same places: which
+    of two NaNs an add returns (so the sign of NaN + NaN) depends on the operand order each
+    build's vectorizer picks."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save(_simd_inputs(), tmp_path / "in.pt")
+    got = {}
+    for level in ("avx512", "avx2", "scalar"):
+        out = tmp_path / f"{level}.pt"
+        code = _SIMD_CHILD.format(tests=os.path.dirname(__file__), path=str(tmp_path / "in.pt"), out=str(out))
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYMERGE_SIMD": level},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (level, r.stderr[-3000:])
+        got[level] = torch.load(out)
+    assert got["scalar"][0] == "scalar"
+    assert got["avx2"][0] in ("avx2", "scalar")  # "scalar" only on a CPU without AVX2 + FMA + F16C + BMI2
+    want = got["scalar"][1]
+    assert len(want) > 300 and sum(n for _, n in want.values()) > 1000  # NaN and inf cases are in
+    for level in ("avx512", "avx2"):
+        outs = got[level][1]
+        assert outs.keys() == want.keys()
+        bad = [k for k in want if not torch.equal(outs[k][0], want[k][0])]
+        assert not bad, (level, got[level][0], bad[:20])

@@ -159,15 +159,22 @@ inline void sce_block(const Group& g, const Mask* m, const float* w, uintptr_t o
 }
 
 PM_AVX512 void variance_avx512(const Group& g, int64_t s, float* sc, float* v) { variance_block<0>(g, s, sc, v); }
+PM_AVX2 void variance_avx2(const Group& g, int64_t s, float* sc, float* v) { variance_block<2>(g, s, sc, v); }
 PM_PLAIN void variance_plain(const Group& g, int64_t s, float* sc, float* v) { variance_block<1>(g, s, sc, v); }
 PM_AVX512 void squares_avx512(const Group& g, const Mask* m, int64_t s, float* sc, double* o) {
   squares_block<0>(g, m, s, sc, o);
+}
+PM_AVX2 void squares_avx2(const Group& g, const Mask* m, int64_t s, float* sc, double* o) {
+  squares_block<2>(g, m, s, sc, o);
 }
 PM_PLAIN void squares_plain(const Group& g, const Mask* m, int64_t s, float* sc, double* o) {
   squares_block<1>(g, m, s, sc, o);
 }
 PM_AVX512 void sce_avx512(const Group& g, const Mask* m, const float* w, uintptr_t out, int odt, int64_t s, float* sc) {
   sce_block<0>(g, m, w, out, odt, s, sc);
+}
+PM_AVX2 void sce_avx2(const Group& g, const Mask* m, const float* w, uintptr_t out, int odt, int64_t s, float* sc) {
+  sce_block<2>(g, m, w, out, odt, s, sc);
 }
 PM_PLAIN void sce_plain(const Group& g, const Mask* m, const float* w, uintptr_t out, int odt, int64_t s, float* sc) {
   sce_block<1>(g, m, w, out, odt, s, sc);
@@ -177,7 +184,7 @@ void sce_variance(const std::vector<uintptr_t>& x, const std::vector<int>& dt, u
                   uintptr_t var, int num_threads) {
   const Group g = make_group(x, dt, base, bdt, n, "sce_variance");
   if (!var) throw std::invalid_argument("sce_variance: no output");
-  auto fn = tv::use_avx512() ? variance_avx512 : variance_plain;
+  auto fn = tv::pick(variance_avx512, variance_avx2, variance_plain);
   float* v = reinterpret_cast<float*>(var);
   for_blocks(n, int(x.size()), num_threads, [&](int64_t s, float* sc) { fn(g, s, sc, v); });
 }
@@ -187,7 +194,7 @@ std::vector<double> sce_squares(const std::vector<uintptr_t>& x, const std::vect
                                 int64_t n, uintptr_t mask, int num_threads) {
   const Group g = make_group(x, dt, base, bdt, n, "sce_squares");
   const Mask* m = reinterpret_cast<const Mask*>(mask);
-  auto fn = tv::use_avx512() ? squares_avx512 : squares_plain;
+  auto fn = tv::pick(squares_avx512, squares_avx2, squares_plain);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   const int k = int(x.size());
   // per-chunk partial sums, added in chunk order: the result does not depend on the thread count
@@ -211,7 +218,7 @@ void sce_merge(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uint
   check_out(odt, "sce_merge");
   if (weights.size() != x.size() || !out) throw std::invalid_argument("sce_merge: one weight per input and an output");
   const Mask* m = reinterpret_cast<const Mask*>(mask);
-  auto fn = tv::use_avx512() ? sce_avx512 : sce_plain;
+  auto fn = tv::pick(sce_avx512, sce_avx2, sce_plain);
   for_blocks(n, int(x.size()), num_threads, [&](int64_t s, float* sc) { fn(g, m, weights.data(), out, odt, s, sc); });
 }
 
@@ -258,6 +265,9 @@ inline void counts_block(const Group& g, float eps, int64_t s, float* sc, int64_
 PM_AVX512 void counts_avx512(const Group& g, float e, int64_t s, float* sc, int64_t* sh, int64_t* un) {
   counts_block<0>(g, e, s, sc, sh, un);
 }
+PM_AVX2 void counts_avx2(const Group& g, float e, int64_t s, float* sc, int64_t* sh, int64_t* un) {
+  counts_block<2>(g, e, s, sc, sh, un);
+}
 PM_PLAIN void counts_plain(const Group& g, float e, int64_t s, float* sc, int64_t* sh, int64_t* un) {
   counts_block<1>(g, e, s, sc, sh, un);
 }
@@ -266,7 +276,7 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> ram_counts(const std::vect
                                                                  const std::vector<int>& dt, uintptr_t base, int bdt,
                                                                  int64_t n, float eps, int num_threads) {
   const Group g = make_group(x, dt, base, bdt, n, "ram_counts");
-  auto fn = tv::use_avx512() ? counts_avx512 : counts_plain;
+  auto fn = tv::pick(counts_avx512, counts_avx2, counts_plain);
   const int k = int(x.size());
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<int64_t> shared(k, 0), unique(k, 0);

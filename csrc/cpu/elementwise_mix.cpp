@@ -74,8 +74,10 @@ inline void ram_block(const Mix& m, int64_t s, float* bb, float* d, float* acc) 
 }
 
 PM_AVX512 void nearswap_avx512(const Mix& m, int64_t s, float* a, float* b) { nearswap_block<0>(m, s, a, b); }
+PM_AVX2 void nearswap_avx2(const Mix& m, int64_t s, float* a, float* b) { nearswap_block<2>(m, s, a, b); }
 PM_PLAIN void nearswap_plain(const Mix& m, int64_t s, float* a, float* b) { nearswap_block<1>(m, s, a, b); }
 PM_AVX512 void ram_avx512(const Mix& m, int64_t s, float* bb, float* d, float* acc) { ram_block<0>(m, s, bb, d, acc); }
+PM_AVX2 void ram_avx2(const Mix& m, int64_t s, float* bb, float* d, float* acc) { ram_block<2>(m, s, bb, d, acc); }
 PM_PLAIN void ram_plain(const Mix& m, int64_t s, float* bb, float* d, float* acc) { ram_block<1>(m, s, bb, d, acc); }
 
 Mix make_mix(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t base, int bdt, int64_t n,
@@ -96,7 +98,7 @@ int threads_for(int64_t n, int num_threads) {
 void nearswap(uintptr_t base, int bdt, uintptr_t x, int xdt, int64_t n, float t, uintptr_t out, int odt,
               int num_threads) {
   const Mix m = make_mix({x}, {xdt}, base, bdt, n, t, out, odt, "nearswap");
-  auto fn = tv::use_avx512() ? nearswap_avx512 : nearswap_plain;
+  auto fn = tv::pick(nearswap_avx512, nearswap_avx2, nearswap_plain);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   parallel_for(blocks, kBlocksPerChunk, threads_for(n, num_threads), [&](int64_t b0, int64_t b1) {
     std::vector<float> a(kBlock), b(kBlock);
@@ -109,7 +111,7 @@ void ram(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uintptr_t 
   Mix m = make_mix(x, dt, base, bdt, n, epsilon, out, odt, "ram");
   if (boosts.size() != x.size()) throw std::invalid_argument("ram: one boost per input");
   m.boosts = boosts;
-  auto fn = tv::use_avx512() ? ram_avx512 : ram_plain;
+  auto fn = tv::pick(ram_avx512, ram_avx2, ram_plain);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   parallel_for(blocks, kBlocksPerChunk, threads_for(n, num_threads), [&](int64_t b0, int64_t b1) {
     std::vector<float> bb(kBlock), d(x.size() * kBlock), acc(kBlock);

@@ -40,7 +40,7 @@ inline void load_vs(const Args& a, int64_t start, int64_t n, float* buf, float* 
   }
 }
 
-// Per-block kernels, built twice (PM_AVX512, PM_PLAIN; the exact dots also PM_AVX2); parallel_for hands them whole blocks.
+// Per-block kernels, built three times (PM_AVX512, PM_AVX2, PM_PLAIN); parallel_for hands them whole blocks.
 // out[p] += dot of pair p over elements start .. start+n-1 (one group).
 template <int Dummy>
 inline void dots_block(const Args& a, int64_t start, int64_t n, double* out, float* buf, float* bb) {
@@ -105,21 +105,23 @@ inline void lincomb_block(const Args& a, const float* coef, uintptr_t out, int o
 }
 
 PM_AVX512 void dots_avx512(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<0>(a, s, n, o, b, bb); }
+PM_AVX2 void dots_avx2(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<2>(a, s, n, o, b, bb); }
 PM_PLAIN void dots_plain(const Args& a, int64_t s, int64_t n, double* o, float* b, float* bb) { dots_block<1>(a, s, n, o, b, bb); }
 PM_AVX512 void exact_avx512(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb) { exact_dots_block<exact::kAvx512>(a, s, n, o, b, bb); }
 PM_AVX2 void exact_avx2(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb) { exact_dots_block<exact::kAvx2>(a, s, n, o, b, bb); }
 PM_PLAIN void exact_plain(const Args& a, int64_t s, int64_t n, exact::Acc* o, float* b, float* bb) { exact_dots_block<exact::kPlain>(a, s, n, o, b, bb); }
 PM_AVX512 void cols_avx512(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<0>(a, r, c, n, o, b, bb); }
+PM_AVX2 void cols_avx2(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<2>(a, r, c, n, o, b, bb); }
 PM_PLAIN void cols_plain(const Args& a, int64_t r, int64_t c, int64_t n, double* o, float* b, float* bb) { dots_cols_block<1>(a, r, c, n, o, b, bb); }
 PM_AVX512 void lincomb_avx512(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<0>(a, c, o, d, s, b, bb, acc); }
+PM_AVX2 void lincomb_avx2(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<2>(a, c, o, d, s, b, bb, acc); }
 PM_PLAIN void lincomb_plain(const Args& a, const float* c, uintptr_t o, int d, int64_t s, float* b, float* bb, float* acc) { lincomb_block<1>(a, c, o, d, s, b, bb, acc); }
 
 std::vector<double> dots_driver(const Args& a) {
   const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2;
   const int64_t groups = a.group == ROWS ? a.rows : a.cols;
-  const bool fast = tv::use_avx512();
-  auto dots = fast ? dots_avx512 : dots_plain;
-  auto cols = fast ? cols_avx512 : cols_plain;
+  auto dots = tv::pick(dots_avx512, dots_avx2, dots_plain);
+  auto cols = tv::pick(cols_avx512, cols_avx2, cols_plain);
   std::vector<double> total(size_t(groups * pairs), 0.0);
   // Every sum below runs in one fixed order whatever the thread count and whichever thread ran
   // which chunk, so the results are bit-identical for any number of threads.
@@ -153,8 +155,7 @@ std::vector<double> dots_driver(const Args& a) {
 // are merged with integer adds, so the result does not depend on the thread count.
 std::vector<int64_t> whole_dots_driver(const Args& a) {
   const int64_t k = int64_t(a.x.size()), pairs = k * (k + 1) / 2, numel = a.rows * a.cols;
-  const int tier = tv::simd_tier();
-  auto dots = tier == 2 ? exact_avx512 : tier == 1 ? exact_avx2 : exact_plain;
+  auto dots = tv::pick(exact_avx512, exact_avx2, exact_plain);
   auto total = std::make_unique<exact::Acc[]>(size_t(pairs));
   std::mutex lock;
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
@@ -174,7 +175,7 @@ std::vector<int64_t> whole_dots_driver(const Args& a) {
 void lincomb_driver(const Args& a, const std::vector<float>& coef, uintptr_t out, int odt) {
   const int64_t k = int64_t(a.x.size()), numel = a.rows * a.cols;
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-  auto fn = tv::use_avx512() ? lincomb_avx512 : lincomb_plain;
+  auto fn = tv::pick(lincomb_avx512, lincomb_avx2, lincomb_plain);
   parallel_for(n_blocks, kBlocksPerChunk, a.threads, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(size_t(k) * kBlock), bb(kBlock), acc(kBlock);
     for (int64_t b = b0; b < b1; ++b) fn(a, coef.data(), out, odt, b * kBlock, buf.data(), bb.data(), acc.data());

@@ -51,7 +51,7 @@ inline void block_keys(const SelectArgs& a, int64_t start, int64_t n, float* __r
 
 struct Buf { float xb[kBlock], bb[kBlock]; uint32_t keys[kBlock]; };
 
-// Per-block kernels, built twice (PM_AVX512, PM_PLAIN); parallel_for hands them whole blocks.
+// Per-block kernels, built three times (PM_AVX512, PM_AVX2, PM_PLAIN); parallel_for hands them whole blocks.
 // hist[key >> shift & mask] over keys with (key >> match_shift) == match (match < 0: all keys).
 template <int Dummy>
 inline void hist_block(const SelectArgs& a, int64_t start, uint32_t* __restrict h, int shift, uint32_t mask,
@@ -102,11 +102,14 @@ inline void bracket_block(const SelectArgs& a, int64_t start, uint32_t lo, uint3
 using HistFn = void (*)(const SelectArgs&, int64_t, uint32_t*, int, uint32_t, int64_t, int, Buf&);
 using CountFn = int64_t (*)(const SelectArgs&, int64_t, uint32_t, Buf&);
 PM_AVX512 void hist_avx512(const SelectArgs& a, int64_t s, uint32_t* h, int sh, uint32_t m, int64_t mt, int ms, Buf& w) { hist_block<0>(a, s, h, sh, m, mt, ms, w); }
+PM_AVX2 void hist_avx2(const SelectArgs& a, int64_t s, uint32_t* h, int sh, uint32_t m, int64_t mt, int ms, Buf& w) { hist_block<2>(a, s, h, sh, m, mt, ms, w); }
 PM_PLAIN void hist_plain(const SelectArgs& a, int64_t s, uint32_t* h, int sh, uint32_t m, int64_t mt, int ms, Buf& w) { hist_block<1>(a, s, h, sh, m, mt, ms, w); }
 PM_AVX512 int64_t count_avx512(const SelectArgs& a, int64_t s, uint32_t t, Buf& w) { return count_block<0>(a, s, t, w); }
+PM_AVX2 int64_t count_avx2(const SelectArgs& a, int64_t s, uint32_t t, Buf& w) { return count_block<2>(a, s, t, w); }
 PM_PLAIN int64_t count_plain(const SelectArgs& a, int64_t s, uint32_t t, Buf& w) { return count_block<1>(a, s, t, w); }
 using BracketFn = void (*)(const SelectArgs&, int64_t, uint32_t, uint32_t, int, uint32_t*, int64_t&, int32_t*, Buf&);
 PM_AVX512 void bracket_avx512(const SelectArgs& a, int64_t s, uint32_t lo, uint32_t hi, int sh, uint32_t* h, int64_t& b, int32_t* eq, Buf& w) { bracket_block<0>(a, s, lo, hi, sh, h, b, eq, w); }
+PM_AVX2 void bracket_avx2(const SelectArgs& a, int64_t s, uint32_t lo, uint32_t hi, int sh, uint32_t* h, int64_t& b, int32_t* eq, Buf& w) { bracket_block<2>(a, s, lo, hi, sh, h, b, eq, w); }
 PM_PLAIN void bracket_plain(const SelectArgs& a, int64_t s, uint32_t lo, uint32_t hi, int sh, uint32_t* h, int64_t& b, int32_t* eq, Buf& w) { bracket_block<1>(a, s, lo, hi, sh, h, b, eq, w); }
 
 // Histogram passes split the blocks into at most 4 chunks per thread (of at least 16 blocks), and
@@ -120,7 +123,7 @@ int64_t slot_grain(const SelectArgs& a, int64_t n_blocks) {
 void histogram(const SelectArgs& a, int shift, uint32_t mask, int64_t match, int match_shift, std::vector<int64_t>& total) {
   const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
   const size_t bins = size_t(mask) + 1;
-  const HistFn fn = tv::use_avx512() ? hist_avx512 : hist_plain;
+  const HistFn fn = tv::pick(hist_avx512, hist_avx2, hist_plain);
   const int64_t grain = slot_grain(a, n_blocks);
   std::vector<std::vector<uint32_t>> per(size_t((n_blocks + grain - 1) / grain));
   parallel_for(n_blocks, grain, a.threads, [&](int64_t b0, int64_t b1) {
@@ -150,7 +153,7 @@ int64_t tie_in_block(const SelectArgs& a, int64_t start, uint32_t t, int64_t j) 
 int64_t nth_tie(const SelectArgs& a, uint32_t t, int64_t j) {
   constexpr int64_t kChunk = 64 * kBlock;
   const int64_t n_chunks = (a.numel + kChunk - 1) / kChunk;
-  const CountFn count = tv::use_avx512() ? count_avx512 : count_plain;
+  const CountFn count = tv::pick(count_avx512, count_avx2, count_plain);
   if (a.threads == 1) {  // one thread: walk from the start and stop at the tie (half a pass on average)
     Buf w;
     for (int64_t start = 0; start < a.numel; start += kBlock) {
@@ -211,7 +214,7 @@ std::vector<uint32_t> sample_keys(const SelectArgs& a) {
 // Rank r (0 <= r < numel) by bracket passes (see the file comment); keys in the selection order.
 std::pair<uint32_t, int64_t> select_bracketed(const SelectArgs& a, int64_t r) {
   const int64_t n_blocks = (a.numel + kBlock - 1) / kBlock;
-  const BracketFn fn = tv::use_avx512() ? bracket_avx512 : bracket_plain;
+  const BracketFn fn = tv::pick(bracket_avx512, bracket_avx2, bracket_plain);
   uint32_t lo, hi;
   {
     const std::vector<uint32_t> s = sample_keys(a);

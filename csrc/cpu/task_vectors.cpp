@@ -114,7 +114,7 @@ inline void load_delta(uintptr_t x, int dt, int64_t start, int64_t n, const floa
   }
 }
 
-// One block of the fused pass, built twice (PM_AVX512, PM_PLAIN); parallel_for hands out whole blocks.
+// One block of the fused pass, built three times (PM_AVX512, PM_AVX2, PM_PLAIN); parallel_for hands out whole blocks.
 // The common sparsifiers (none, top-k, drop all) compute v_i in the loop that forms d_i, and the
 // consensus sum is accumulated there too; the others go through a keep buffer.
 template <int Dummy>
@@ -253,6 +253,7 @@ inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_
 }
 
 PM_AVX512 void merge_avx512(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<0>(a, s, w); }
+PM_AVX2 void merge_avx2(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<2>(a, s, w); }
 PM_PLAIN void merge_plain(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<1>(a, s, w); }
 using Abs = exact::Acc;
 PM_AVX512 void l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<exact::kAvx512>(m, b, bdt, n, o, s, w, a, t, k); }
@@ -315,7 +316,7 @@ void tv_merge(const std::vector<ModelSpec>& models, uintptr_t base, int base_dty
   a.consensus = consensus; a.normalize = normalize; a.lam = lam; a.divisor = divisor;
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int threads = pick_threads(num_threads, n_blocks);
-  auto block = tv::use_avx512() ? merge_avx512 : merge_plain;
+  auto block = tv::pick(merge_avx512, merge_avx2, merge_plain);
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     Scratch w;
     w.v.resize(a.models.size() * kBlock);
@@ -331,8 +332,7 @@ std::vector<int64_t> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtyp
   Model m = make_model(model, seed, h0, h1);
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int threads = pick_threads(num_threads, n_blocks);
-  const int tier = tv::simd_tier();  // the exact sums have an AVX2 build too
-  auto block = tier == 2 ? l1_avx512 : tier == 1 ? l1_avx2 : l1_plain;
+  auto block = tv::pick(l1_avx512, l1_avx2, l1_plain);
   parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
     Scratch w;
     std::vector<double> a(kBlock);
@@ -353,8 +353,7 @@ std::vector<int64_t> tv_della_mask(const ModelSpec& model, uintptr_t base, int b
   if (rows <= 0 || cols <= 0) return sums.parts();
   Model m = make_model(model, seed, h0, h1);
   const int threads = pick_threads(num_threads, rows);
-  const int tier = tv::simd_tier();
-  auto row = tier == 2 ? della_avx512 : tier == 1 ? della_avx2 : della_plain;
+  auto row = tv::pick(della_avx512, della_avx2, della_plain);
   uint64_t* words = reinterpret_cast<uint64_t*>(mask);
   parallel_for(rows, 4, threads, [&](int64_t r0, int64_t r1) {
     RowScratch w(cols);
@@ -479,7 +478,7 @@ class GroupedTVPlan {
       }
     }
     py::gil_scoped_release nogil;
-    auto block = tv::use_avx512() ? merge_avx512 : merge_plain;
+    auto block = tv::pick(merge_avx512, merge_avx2, merge_plain);
     parallel_for(int64_t(spans_.size()), 1, pick_threads(num_threads, int64_t(spans_.size())), [&](int64_t s0, int64_t s1) {
       Scratch sc;
       sc.v.resize(size_t(N) * kBlock);

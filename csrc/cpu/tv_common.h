@@ -6,12 +6,16 @@
 #include <cstring>
 #include "cpu/common.h"
 
-// A kernel body is written once as an inline function; each file instantiates it twice, under
-// PM_AVX512 and PM_PLAIN (baseline x86-64), and picks one per call with use_avx512(), so the build
-// needs no -march flag.
-#define PM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"), flatten))
+// A kernel body is written once as an inline function; each file instantiates it three times, under
+// PM_AVX512, PM_AVX2 and PM_PLAIN (baseline x86-64), and picks one with pick() (simd_level() is
+// read once per process), so the build needs no -march flag. The FMA builds do not contract
+// a * b + c into one fma (the plain build has no fma to contract to): every build rounds each
+// product, so all three give the same bits. (exact_sum.h's products of floats are exact in double:
+// its sums are the same with or without contraction.)
+#define PM_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"), optimize("fp-contract=off"), flatten))
+#define PM_AVX2 __attribute__((target("avx2,fma,f16c,bmi2"), optimize("fp-contract=off"), flatten))
 #define PM_PLAIN __attribute__((flatten))
-#define PM_AVX2 __attribute__((target("avx2,fma,f16c,bmi2"), flatten))  // a third build, where a kernel has one
 
 namespace pymerge {
 namespace tv {
@@ -27,6 +31,13 @@ inline bool use_avx512() {
 inline int simd_tier() {
   static const int tier = use_avx512() ? 2 : std::strcmp(simd_level(), "avx2") == 0 ? 1 : 0;
   return tier;
+}
+
+// The build of a kernel that this process takes: simd_tier() 2, 1 or 0.
+template <class Fn>
+inline Fn pick(Fn avx512, Fn avx2, Fn plain) {
+  const int tier = simd_tier();
+  return tier == 2 ? avx512 : tier == 1 ? avx2 : plain;
 }
 
 inline const char* byte_at(uintptr_t p, int64_t i, int dt) {
