@@ -94,7 +94,7 @@ cpu_ext = Pybind11Extension(
     _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))),
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-pthread", "-fno-math-errno", "-Wno-maybe-uninitialized"],
+    extra_compile_args=["-O3", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-Wno-maybe-uninitialized"],
     extra_link_args=["-pthread"],
 )
 ext_modules = [cpu_ext]

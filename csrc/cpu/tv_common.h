@@ -8,13 +8,13 @@
 
 // A kernel body is written once as an inline function; each file instantiates it three times, under
 // PM_AVX512, PM_AVX2 and PM_PLAIN (baseline x86-64), and picks one with pick() (simd_level() is
-// read once per process), so the build needs no -march flag. The FMA builds do not contract
-// a * b + c into one fma (the plain build has no fma to contract to): every build rounds each
-// product, so all three give the same bits. (exact_sum.h's products of floats are exact in double:
+// read once per process), so the build needs no -march flag. setup.py compiles with
+// -ffp-contract=off: the FMA builds never contract a * b + c into one fma behind our back (the
+// plain build has no fma to contract to), so every build rounds each product and all three give
+// the same bits; an fma is written out where one is meant. (exact_sum.h's products of floats are exact in double:
 // its sums are the same with or without contraction.)
-#define PM_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"), optimize("fp-contract=off"), flatten))
-#define PM_AVX2 __attribute__((target("avx2,fma,f16c,bmi2"), optimize("fp-contract=off"), flatten))
+#define PM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"), flatten))
+#define PM_AVX2 __attribute__((target("avx2,fma,f16c,bmi2"), flatten))
 #define PM_PLAIN __attribute__((flatten))
 
 namespace pymerge {
