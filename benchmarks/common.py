@@ -12,10 +12,13 @@ RESULTS = os.environ.get("PYMERGE_BENCH_RESULTS") or os.path.join(os.path.dirnam
 
 
 def machine_label(device: str) -> str:
-    """Folder name for results: the GPU's name (e.g. 'nvidia-h200'), or 'cpu'."""
+    """Folder name for results: the GPU's name (e.g. 'nvidia-h200'), 'cpu' (a CPU with AVX-512, where
+    the first tables were measured), or 'cpu-avx2' / 'cpu-scalar' (the SIMD path pymerge takes here)."""
     if device == "cuda":
         return torch.cuda.get_device_name().lower().replace(" ", "-")
-    return "cpu"
+    from pymerge import _native
+    level = _native.cpu.simd_level() if _native.cpu is not None else "scalar"
+    return "cpu" if level == "avx512" else f"cpu-{level}"
 
 
 def machine_description(device: str) -> str:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pymerge import cli
-from pymerge.demo import tasks
+from pymerge.demo import run, tasks
 from pymerge.demo.model import LlamaConfig, TinyLlama, load_hf, save_hf
 from tests.llama_factory import load_folder
 
@@ -171,6 +171,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert 0.0 <= summary[key] <= 1.0, key
     assert set(summary["per_task"]["optimized merge"]) == set(tasks.TASKS)
     assert summary["evaluations"] == 16 and summary["seconds"] > 0 and summary["cpu_seconds"] > 0
+    assert summary["eval_dtype"] == str(run.default_eval_dtype()).split(".")[-1]
     w = np.asarray(summary["optimized_weights"])
     assert len(w) == summary["checkpoints"] == 11 and abs(w.sum() - 1) < 1e-6
     assert summary["nonzero_weights"] == int((w > 0.01).sum())
@@ -190,9 +191,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     ref = sum(wi * load_hf(str(out / "checkpoints" / p)).state_dict()["model.norm.weight"] for wi, p in zip(w, ckpts))
     torch.testing.assert_close(merged.state_dict()["model.norm.weight"], ref, rtol=1e-5, atol=1e-5)
 
-    # a second run with the same settings reuses the checkpoints; per-layer weights work on them
-    assert demo.main(["--quick", "--json", "--out", str(out), "--per-layer", "--budget", "12"]) == 0
+    # a second run with the same settings reuses the checkpoints; per-layer weights work on them, and
+    # the live model takes the dtype asked for
+    assert demo.main(["--quick", "--json", "--out", str(out), "--per-layer", "--budget", "12",
+                      "--eval-dtype", "bfloat16" if summary["eval_dtype"] == "float32" else "float32"]) == 0
     captured = capsys.readouterr()
     assert "reusing the checkpoints" in captured.err
-    summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert np.asarray(summary["optimized_weights"]).shape == (3, 11)
+    second = json.loads(captured.out.strip().splitlines()[-1])
+    assert np.asarray(second["optimized_weights"]).shape == (3, 11)
+    assert {summary["eval_dtype"], second["eval_dtype"]} == {"float32", "bfloat16"}

@@ -9,7 +9,8 @@ a CheckpointPool materializes candidate merges into a live model, greedy decodin
 held-out test set scores every checkpoint, the uniform merge, the greedy soup and the optimized
 merge (run.py). Nothing is downloaded; it needs only pymerge's own dependencies.
 
-    pymerge demo [--quick] [--out demo_out] [--budget N] [--seed S] [--per-layer] [--threads N] [--json]
+    pymerge demo [--quick] [--out demo_out] [--budget N] [--seed S] [--per-layer] [--threads N]
+                 [--eval-dtype auto|bfloat16|float32] [--json]
 """
 import argparse
 import json
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-layer", action="store_true", help="a weight per checkpoint and layer group")
     ap.add_argument("--threads", type=int, default=None, metavar="N",
                     help="torch threads (default: up to 2; use 1 on a busy machine)")
+    ap.add_argument("--eval-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="the live model's dtype (auto: bfloat16 where the CPU multiplies it natively, else float32)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     args = ap.parse_args(argv)
     if args.budget is not None and args.budget < 1:
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     settings = Settings.quick(args.seed) if args.quick else Settings(seed=args.seed)
     budget = args.budget or (16 if args.quick else 120)
-    summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log)
+    eval_dtype = None if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)
+    summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log, eval_dtype=eval_dtype)
     summary["quick"] = args.quick
     if args.json:
         print(json.dumps(summary))

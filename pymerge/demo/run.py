@@ -26,7 +26,15 @@ from pymerge.demo.train import default_config, pool_runs, pretraining, train_poo
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 
-EVAL_DTYPE = torch.bfloat16  # the live model's dtype: bf16 matmuls are 2-3x faster on recent CPUs
+
+
+def default_eval_dtype() -> torch.dtype:
+    """The live model's dtype: bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX: 2-3x
+    faster than float32 there), float32 elsewhere (an AVX2 CPU emulates bfloat16 matmuls: 5x slower
+    than float32 on a Zen 3 EPYC, which took the default demo from under 5 minutes to 7.7)."""
+    native = any(getattr(torch.cpu, probe, lambda: False)()
+                 for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else torch.float32
 
 
 @dataclass(frozen=True)
@@ -84,10 +92,11 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     return paths
 
 
-def evaluation(paths: List[str], sets: Dict[str, Batch], dtype: torch.dtype = EVAL_DTYPE
+def evaluation(paths: List[str], sets: Dict[str, Batch], dtype: Optional[torch.dtype] = None
                ) -> Tuple[CheckpointPool, TinyLlama, Callable[[torch.nn.Module], Dict[str, float]]]:
-    """The pool over the checkpoints, a live model to materialize merges into, and evaluate(model):
-    exact-match accuracy per task on `sets` (greedy decoding)."""
+    """The pool over the checkpoints, a live model (dtype: default_eval_dtype()) to materialize merges
+    into, and evaluate(model): exact-match accuracy per task on `sets` (greedy decoding)."""
+    dtype = dtype or default_eval_dtype()
     pool = CheckpointPool(paths)
     with open(os.path.join(paths[0], "config.json")) as fh:
         config = model_mod.LlamaConfig.from_hf(json.load(fh))
@@ -114,8 +123,10 @@ def greedy_soup(pool, model, evaluate, singles: List[float]) -> np.ndarray:
     return w
 
 
-def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=print) -> Dict:
+def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=print,
+               eval_dtype: Optional[torch.dtype] = None) -> Dict:
     """The whole demo; writes under `out` and returns the summary."""
+    eval_dtype = eval_dtype or default_eval_dtype()
     from tqdm import tqdm
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time too: wall time means little on a shared machine
     os.makedirs(out, exist_ok=True)
@@ -126,7 +137,7 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
         paths = build_checkpoints(os.path.join(out, "checkpoints"), s, progress=bar.update, log=log)
     t_train = time.perf_counter() - t0
     val, test = eval_sets(s, "val"), eval_sets(s, "test")
-    pool, model, evaluate = evaluation(paths, val)
+    pool, model, evaluate = evaluation(paths, val, eval_dtype)
     log(pool.describe())
     names = [r.name for r in runs]
     n = len(names)
@@ -169,7 +180,7 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
     summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS})
     summary.update(train_seconds=round(t_train, 1), search_seconds=round(t_search, 1),
                    seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(time.process_time() - cpu0, 1),
-                   evaluations=len(res.history), per_layer=per_layer,
+                   evaluations=len(res.history), per_layer=per_layer, eval_dtype=str(eval_dtype).split(".")[-1],
                    seed=s.seed, settings=asdict(s), merged=merged, out=out)
     details = {k: {"val": v["val"], "test": v["test"], "weights": np.asarray(v["weights"]).tolist()}
                for k, v in rows.items()}
