@@ -45,9 +45,9 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "results"))
     assert bench.main(["--quick", "--budget", "3", "--auto-budgets", "0.15", "--cache", str(tmp_path / "cache")]) == 0
     assert "int4: search within 0.2 points" in capsys.readouterr().out
-    with open(tmp_path / "results" / "cpu" / "bench_compressed_pool_quality_quick.json") as fh:
+    with open(tmp_path / "results" / common.machine_label("cpu") / "bench_compressed_pool_quality_quick.json") as fh:
         rows = json.load(fh)["rows"]
-    with open(tmp_path / "results" / "cpu" / "bench_compressed_pool_quality_quick.md") as fh:
+    with open(tmp_path / "results" / common.machine_label("cpu") / "bench_compressed_pool_quality_quick.md") as fh:
         assert "| mean of 1 | int4 |" in fh.read()
     by = {r["pool"]: r for r in rows if r["seed"] == 0}
     assert list(by) == ["uncompressed", "int8", "int4", "auto 0.15"]
@@ -65,7 +65,7 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys):
     assert 0 < float(q8["err merged delta"]) < 0.02 < float(q4["err merged delta"]) < 0.3
     assert q4["held KB"] <= auto["held KB"] <= q8["held KB"]
 
-    with open(tmp_path / "results" / "cpu" / "bench_compressed_pool_quality_quick_diagnosis.json") as fh:
+    with open(tmp_path / "results" / common.machine_label("cpu") / "bench_compressed_pool_quality_quick_diagnosis.json") as fh:
         diag = {r["variant"].split(" (")[0]: r for r in json.load(fh)["rows"]}
     assert diag["int4"]["held KB"] == q4["held KB"] and diag["int4"]["err merged delta"] == q4["err merged delta"]
     # a tighter auto budget holds at least as many bytes and errs no more than int4
