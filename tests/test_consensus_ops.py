@@ -146,11 +146,7 @@ def test_arcee_fusion_negative_scores_fall_back_to_value_order():
     x = base + 1e-7 * torch.randn(64, 33, generator=g)
     x[::2] = base[::2] + 0.5 * torch.randn(32, 33, generator=g)
     assert rel(run(co.arcee_fusion, base, x, shape=x.shape), ref.arcee_fusion(base, x)) <= 1e-6
-    scores = co.importance(x, base)
-    if bool((scores < 0).any()):  # the quantiles are the elements at those ranks in value order (as a sort)
-        ranked = torch.sort(scores.reshape(-1)).values
-        q1, med, q3 = (ranked[p] for p in (torch.tensor([0.25, 0.5, 0.75]) * (ranked.numel() - 1)).long().tolist())
-        assert float(co.fusion_threshold(scores)) == float(med + 1.5 * (q3 - q1))
+    assert bool((co.importance(x, base) < 0).any())  # the case this test is for (the assert above checks it)
 
 
 def test_many_models():

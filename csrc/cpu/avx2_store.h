@@ -1,5 +1,6 @@
-// AVX2 stores of 8 float32 accumulators as float32, float16 or bfloat16 (one rounding to nearest
-// even), the 8-wide twins of avx512_store.h, shared by weighted_sum.cpp and delta_decode.cpp.
+// AVX2 loads of 8 elements of any input dtype as float32, and stores of 8 float32 accumulators as
+// float32, float16 or bfloat16 (one rounding to nearest even): the 8-wide twins of avx512_store.h,
+// shared by weighted_sum.cpp and delta_decode.cpp.
 #pragma once
 #include <immintrin.h>
 #include "cpu/common.h"
@@ -7,6 +8,15 @@
 namespace pymerge {
 
 #define PM_AVX2_STORE __attribute__((target("avx2,fma,f16c")))
+
+// 8 elements at p (dtype code dt: float32, float16, bfloat16 or a float8 through its table) as float32.
+PM_AVX2_STORE inline __m256 load8_any(const char* p, int dt) {
+  if (dt == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  if (dt == F16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if (dt == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_i32gather_ps(fp8_table(dt), idx, 4);
+}
 
 // bfloat16 bits of x in the low half of each 32-bit lane: round to nearest even on integers, so
 // denormals are kept; NaNs stay quiet NaNs (as f32_to_bf16_16).

@@ -12,8 +12,9 @@
 //
 // Every code byte is read once per call for all K outputs. The AVX-512 path decodes a scale block
 // of 64 elements in registers (int4: one table permute per 16 values, the nibble is the index) and
-// keeps the accumulators of up to 4 outputs there; AVX2 and plain builds decode 4096 elements into
-// L1 and accumulate.
+// keeps the accumulators of up to 4 outputs there; the AVX2 path decodes in registers too, one
+// output per pass (8 accumulators); the plain build (and every path's last partial scale block)
+// decodes 4096 elements into L1 and accumulates.
 #include <immintrin.h>
 #include <pybind11/stl.h>
 #include <algorithm>
@@ -69,7 +70,7 @@ inline float scale_at(const Job& J, int64_t t, int64_t e) {
   return bf16_to_f32(reinterpret_cast<const uint16_t*>(J.scales[t])[e / kQBlock]);
 }
 
-// ---- portable path (plain x86-64, and the same body built for AVX2) ------------------------------
+// ---- portable path (plain x86-64; an AVX2 build of it does the AVX2 path's partial blocks) -----
 // int4 code of element e: word (e % 128) % 16 of its group, nibble (e % 128) / 16.
 inline int q4_code(const uint8_t* codes, int64_t e) {
   const int64_t r = e % kGroup, h = r / 16;
@@ -239,13 +240,6 @@ DD_AVX512 void block_avx512(const Job& J, int64_t start, int64_t len, float* acc
 // ymm registers): every value of a scale block is decoded in registers, never through memory.
 #define DD_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-DD_AVX2 inline __m256 load8_dense(const char* p, int dt) {
-  if (dt == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if (dt == F16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 // acc[j] = fma(c, x_j, acc[j]) for the 64 int4 values of one block, whose nibbles start at bit P0
 // (0: the group's first half, 16: its second). The stored nibble is code + 8; xor 8 makes it the
 // code in 4-bit two's complement, which a left shift to the top and an arithmetic right shift
@@ -315,7 +309,7 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
           const char* p = reinterpret_cast<const char*>(J.data[t]) + e * es;
           for (size_t l = 0; l < es; ++l) _mm_prefetch(p + kPrefetchBytes + 64 * l, _MM_HINT_T0);
           const __m256 cv = _mm256_set1_ps(wk[t]);
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_dense(p + 8 * j * es, run.kind), acc[j]);
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_any(p + 8 * j * es, run.kind), acc[j]);
         }
       }
     }

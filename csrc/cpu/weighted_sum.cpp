@@ -42,15 +42,7 @@ void store_scalar(void* dst, const float* acc, int64_t n, int dt) {
   }
 }
 
-// ---- AVX2 + FMA + F16C -------------------------------------------------------------------------
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-
-AVX2_TARGET inline __m256 load8(const void* src, int64_t i, int dt) {
-  if (dt == F32) return _mm256_loadu_ps(static_cast<const float*>(src) + i);
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(src) + i));
-  if (dt == F16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 // ---- AVX-512 -----------------------------------------------------------------------------------
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
@@ -247,12 +239,6 @@ AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*
 // the hardware prefetchers keep up with these streams.
 constexpr int kStrip2 = 16;
 constexpr int kMaxK2 = 6;
-
-AVX2_TARGET inline __m256 load8_any(const char* p, int dt) {
-  if (dt <= BF16) return load8(p, 0, dt);
-  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));  // float8
-  return _mm256_i32gather_ps(fp8_table(dt), idx, 4);
-}
 
 template <int K>
 AVX2_TARGET void strips_avx2(const Job& J, int64_t k0, int64_t start, int64_t len) {
