@@ -183,7 +183,7 @@ def _outputs_under(simd: str, tmp_path) -> list:
 import sys, torch
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 from pymerge import _native, weighted_sum_many
-from wsum_reference import IN_DTYPES, OUT_DTYPES, random_inputs, random_weights
+from wsum_reference import IN_DTYPES, OUT_DTYPES, random_inputs
 import numpy as np
 outs = []
 for size in (1, 15, 16, 17, 31, 4096 + 77, 70001, (1 << 22) + 37):  # the last one streams its stores

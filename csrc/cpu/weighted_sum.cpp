@@ -42,8 +42,6 @@ void store_scalar(void* dst, const float* acc, int64_t n, int dt) {
   }
 }
 
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-
 // ---- AVX-512 -----------------------------------------------------------------------------------
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 
@@ -237,8 +235,21 @@ AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*
 // outputs (12 of the 16 ymm registers) held in registers, the same operations in the same order.
 // No software prefetch: on Zen 3 it cost 10-30 % (N = 8 and 16 bfloat16 inputs of 4M elements),
 // the hardware prefetchers keep up with these streams.
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 constexpr int kStrip2 = 16;
 constexpr int kMaxK2 = 6;
+
+// acc[k] = w[k * stride] * x (input i = 0) or fma(w[k * stride], x, acc[k]), for the strip's two halves.
+template <int K>
+AVX2_TARGET inline void accumulate_strip(__m256 (&acc)[K][2], __m256 x0, __m256 x1, const float* w, int64_t stride,
+                                         bool first) {
+#pragma GCC unroll 6
+  for (int k = 0; k < K; ++k) {
+    const __m256 wk = _mm256_set1_ps(w[k * stride]);
+    acc[k][0] = first ? _mm256_mul_ps(wk, x0) : _mm256_fmadd_ps(wk, x0, acc[k][0]);
+    acc[k][1] = first ? _mm256_mul_ps(wk, x1) : _mm256_fmadd_ps(wk, x1, acc[k][1]);
+  }
+}
 
 template <int K>
 AVX2_TARGET void strips_avx2(const Job& J, int64_t k0, int64_t start, int64_t len) {
@@ -252,14 +263,7 @@ AVX2_TARGET void strips_avx2(const Job& J, int64_t k0, int64_t start, int64_t le
       const int dt = J.in_dt[i];
       const size_t es = dtype_size(dt);
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
-      const __m256 x0 = load8_any(src, dt), x1 = load8_any(src + 8 * es, dt);
-      const float* w = J.w + k0 * J.n_in + i;
-#pragma GCC unroll 6
-      for (int k = 0; k < K; ++k) {
-        const __m256 wk = _mm256_set1_ps(w[k * J.n_in]);
-        acc[k][0] = i ? _mm256_fmadd_ps(wk, x0, acc[k][0]) : _mm256_mul_ps(wk, x0);
-        acc[k][1] = i ? _mm256_fmadd_ps(wk, x1, acc[k][1]) : _mm256_mul_ps(wk, x1);
-      }
+      accumulate_strip<K>(acc, load8_any(src, dt), load8_any(src + 8 * es, dt), J.w + k0 * J.n_in + i, J.n_in, i == 0);
     }
 #pragma GCC unroll 6
     for (int k = 0; k < K; ++k) {
@@ -284,14 +288,8 @@ AVX2_TARGET void strips_bf16_avx2(const Job& J, int64_t k0, int64_t start, int64
     for (int64_t i = 0; i < J.n_in; ++i) {
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * 2;
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-      const __m256 x0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), x1 = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-      const float* w = J.w + k0 * J.n_in + i;
-#pragma GCC unroll 6
-      for (int k = 0; k < K; ++k) {
-        const __m256 wk = _mm256_set1_ps(w[k * J.n_in]);
-        acc[k][0] = i ? _mm256_fmadd_ps(wk, x0, acc[k][0]) : _mm256_mul_ps(wk, x0);
-        acc[k][1] = i ? _mm256_fmadd_ps(wk, x1, acc[k][1]) : _mm256_mul_ps(wk, x1);
-      }
+      accumulate_strip<K>(acc, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+                          _mm256_castsi256_ps(_mm256_and_si256(v, high)), J.w + k0 * J.n_in + i, J.n_in, i == 0);
     }
 #pragma GCC unroll 6
     for (int k = 0; k < K; ++k) {
@@ -306,7 +304,9 @@ AVX2_TARGET void strips_bf16_avx2(const Job& J, int64_t k0, int64_t start, int64
 // ---- driver ------------------------------------------------------------------------------------
 using BlockFn = void (*)(const Job&, int64_t, int64_t, float*, float*);
 
-void block_scalar(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf);
+void block_scalar(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  block_buffered(J, start, len, accs, xbuf, acc_scalar<true>, acc_scalar<false>, store_scalar);
+}
 
 AVX2_TARGET void block_avx2(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
   static void (*const by_k[kMaxK2])(const Job&, int64_t, int64_t, int64_t) = {
@@ -319,10 +319,6 @@ AVX2_TARGET void block_avx2(const Job& J, int64_t start, int64_t len, float* acc
     strips[std::min<int64_t>(kMaxK2, J.n_out - k0) - 1](J, k0, start, len);
   const int64_t done = len / kStrip2 * kStrip2;
   if (done < len) block_scalar(J, start + done, len - done, accs, xbuf);  // the last few elements: the same operations
-}
-
-void block_scalar(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
-  block_buffered(J, start, len, accs, xbuf, acc_scalar<true>, acc_scalar<false>, store_scalar);
 }
 
 BlockFn pick_block() {

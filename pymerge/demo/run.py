@@ -27,7 +27,6 @@ from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 
 
-
 def default_eval_dtype() -> torch.dtype:
     """The live model's dtype: bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX: 2-3x
     faster than float32 there), float32 elsewhere (an AVX2 CPU emulates bfloat16 matmuls: 5x slower
