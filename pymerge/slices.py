@@ -36,6 +36,7 @@ SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODULE_KEYS = ("slices", "models", "parameters")
 _PRE_MARKERS = ("embed", "wte", "wpe")
+_POST_DESPITE_MARKER = ("embed_out.",)  # GPT-NeoX's output head: after the layers, as in mergekit's gpt-neox.json
 
 
 @dataclass
@@ -370,7 +371,8 @@ def _suffix(name: str, prefix: str, layer: int) -> str:
 def _outside_names(ck, prefix: str) -> Tuple[List[str], List[str]]:
     """Tensors outside the main layer stack, split into before it (embeddings) and after it."""
     names = [n for n in ck.names() if (layer_of(n) or ("",))[0] != prefix]
-    pre = [n for n in names if any(m in n for m in _PRE_MARKERS)]
+    pre = [n for n in names if any(m in n for m in _PRE_MARKERS)
+           and not any(n.startswith(m) or "." + m in n for m in _POST_DESPITE_MARKER)]
     return pre, [n for n in names if n not in pre]
 
 

@@ -131,3 +131,46 @@ def test_non_float_tensors_are_refused(fam, tmp_path):
         bad.append(str(tmp_path / f"m{i}"))
     with pytest.raises(CheckpointError, match="model.position_ids.*int64.*floating-point"):
         make_plan(parse_config({"merge_method": "linear", "models": bad, "parameters": {"weight": 1}}))
+
+
+def _gpt_neox(folder, layers: int, seed: int, hidden: int = 16, vocab: int = 40):
+    """A tiny GPT-NeoX checkpoint: its output head `embed_out` is named like an embedding."""
+    import json
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    t = {"gpt_neox.embed_in.weight": torch.randn(vocab, hidden, generator=g),
+         "gpt_neox.final_layer_norm.weight": torch.randn(hidden, generator=g),
+         "gpt_neox.final_layer_norm.bias": torch.randn(hidden, generator=g),
+         "embed_out.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        for name, shape in (("attention.query_key_value", (3 * hidden, hidden)), ("attention.dense", (hidden, hidden)),
+                            ("mlp.dense_h_to_4h", (4 * hidden, hidden)), ("mlp.dense_4h_to_h", (hidden, 4 * hidden)),
+                            ("input_layernorm", (hidden,)), ("post_attention_layernorm", (hidden,))):
+            t[f"gpt_neox.layers.{i}.{name}.weight"] = torch.randn(shape, generator=g)
+            t[f"gpt_neox.layers.{i}.{name}.bias"] = torch.randn(shape[0], generator=g)
+    folder.mkdir(parents=True)
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": hidden,
+        "intermediate_size": 4 * hidden, "num_attention_heads": 2, "num_hidden_layers": layers, "vocab_size": vocab}))
+    return t
+
+
+@pytest.mark.parametrize("method", ["passthrough", "linear"])
+def test_gpt_neox_slices_take_the_head_from_the_last_slice(tmp_path, method):
+    """GPT-NeoX's output head is `embed_out`, named like an embedding: a slices merge takes it (with the
+    final norm) from the last slice's models and the input embedding from the first's, as mergekit's
+    gpt-neox architecture lists it among the post weights (pymerge took it from the first slice)."""
+    a, b = _gpt_neox(tmp_path / "a", 3, seed=1), _gpt_neox(tmp_path / "b", 2, seed=2)
+    weight = {"parameters": {"weight": 1.0}} if method == "linear" else {}
+    cfg = {"merge_method": method, "dtype": "float32", "slices": [
+        {"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 2], **weight}]},
+        {"sources": [{"model": str(tmp_path / "b"), "layer_range": [1, 2], **weight}]}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    out = lf.load_folder(tmp_path / "out")
+    assert len(out) == 4 + 3 * 12
+    for name in ("embed_out.weight", "gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"):
+        assert torch.equal(out[name], b[name]), name
+    assert torch.equal(out["gpt_neox.embed_in.weight"], a["gpt_neox.embed_in.weight"])
+    assert torch.equal(out["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"], a["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"])
+    assert torch.equal(out["gpt_neox.layers.2.mlp.dense_4h_to_h.weight"], b["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"])
