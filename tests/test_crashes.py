@@ -124,3 +124,110 @@ def test_the_guard_leaves_other_faults_alone(tmp_path):
     p = subprocess.run([sys.executable, "-c", _FAULT_OUTSIDE_THE_GUARD, str(fts[0]), str(other)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == -7, (p.returncode, p.stderr[-2000:])  # SIGBUS
+
+
+_TRUNCATE_UNDER_A_POOL = r"""
+import os, sys, torch
+from pymerge import CheckpointPool
+from pymerge.errors import CheckpointError
+a, b, c = sys.argv[1:4]
+victim = os.path.join(a, "model.safetensors")
+pool = CheckpointPool([a, b], residency="mmap")
+before = CheckpointPool([b, c], residency="mmap")
+model = {n: torch.zeros(s) for n, s in pool.shapes.items()}
+pool.materialize([0.5, 0.5], into=model)
+os.truncate(victim, 4096)
+for attempt in range(2):  # the second must not merge the zeros the first left mapped
+    try:
+        pool.materialize([0.5, 0.5], into=model)
+        sys.exit(f"materialize {attempt} read the truncated file without an error")
+    except CheckpointError as e:
+        print(f"error {attempt}:", e)
+after = CheckpointPool([b, c], residency="mmap")
+for other in (before, after):  # pools over untouched files: no error, the right values
+    got = other.materialize([0.25, 0.75], into={n: torch.zeros(s) for n, s in other.shapes.items()})
+    for n in other.names:
+        torch.testing.assert_close(got[n], 0.25 * other.tensor(0, n) + 0.75 * other.tensor(1, n))
+print("others ok")
+"""
+
+
+@needs_cpu_ext
+def test_checkpoint_truncated_under_an_mmap_pool_is_an_error(tmp_path):
+    """Was SIGBUS: the mmap tier's every materialize reads the checkpoints' memory maps."""
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=2)
+    victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
+    p = subprocess.run([sys.executable, "-c", _TRUNCATE_UNDER_A_POOL, str(victim), str(fts[1]), str(base)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    shrank = f"{victim / 'model.safetensors'}: the file shrank while the pool was reading it"
+    assert f"error 0: {shrank}" in p.stdout and f"error 1: {shrank}" in p.stdout
+    assert "others ok" in p.stdout
+
+
+_TRUNCATE_WHILE_BUILDING = r"""
+import os, sys
+from pymerge import CheckpointPool
+from pymerge.errors import CheckpointError
+a, b = sys.argv[1:3]
+victim = os.path.join(a, "model.safetensors")
+choose = CheckpointPool._choose
+def truncate_then_choose(self, *args):  # after the headers are read, before any tensor is copied
+    os.truncate(victim, 4096)
+    return choose(self, *args)
+CheckpointPool._choose = truncate_then_choose
+try:
+    CheckpointPool([a, b], residency="host")
+except CheckpointError as e:
+    print("error:", e)
+"""
+
+
+@needs_cpu_ext
+def test_checkpoint_truncated_while_a_pool_copies_it_is_an_error(tmp_path):
+    """Was SIGBUS: every tier copies its tensors from the memory maps at construction."""
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1)
+    victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
+    p = subprocess.run([sys.executable, "-c", _TRUNCATE_WHILE_BUILDING, str(victim), str(base)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert f"error: {victim / 'model.safetensors'}: the file shrank while the pool was reading it" in p.stdout
+    assert "no pool was built" in p.stdout
+
+
+_MANY_POOLS = r"""
+import os, sys, torch
+from pymerge import CheckpointPool, _native
+from pymerge.errors import CheckpointError
+a, b = sys.argv[1:3]
+for _ in range(4200):  # more than the native table's 4096 slots: a pool gives its slots back when it dies
+    CheckpointPool([a, b], residency="mmap")
+ext, taken = _native.cpu, []
+try:
+    while True:
+        taken.append(ext.sigbus_guard_add(4096, 4096))
+except RuntimeError:  # full: a pool still works, unguarded
+    pool = CheckpointPool([a, b], residency="mmap")
+    got = pool.materialize([0.5, 0.5], into={n: torch.zeros(s) for n, s in pool.shapes.items()})
+    for n in pool.names:
+        torch.testing.assert_close(got[n], 0.5 * pool.tensor(0, n) + 0.5 * pool.tensor(1, n))
+    del pool, got
+for slot in taken:
+    ext.sigbus_guard_remove(slot)
+pool = CheckpointPool([a, b], residency="mmap")
+os.truncate(os.path.join(a, "model.safetensors"), 4096)
+try:
+    pool.materialize([0.5, 0.5], into={n: torch.zeros(s) for n, s in pool.shapes.items()})
+except CheckpointError as e:
+    print("error:", e)
+"""
+
+
+@needs_cpu_ext
+def test_pools_give_their_guard_slots_back(tmp_path):
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1)
+    victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
+    p = subprocess.run([sys.executable, "-c", _MANY_POOLS, str(victim), str(base)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "the file shrank while the pool was reading it" in p.stdout

@@ -103,5 +103,9 @@ class ShardedSource:
     def _bytes(self, name):
         return self._inner.byte_view(name) if hasattr(self._inner, "byte_view") else None
 
+    @property
+    def shards(self):  # mapped sources only (the pool's SIGBUS guard)
+        return self._inner.shards
+
     def close(self):
         self._inner.close()

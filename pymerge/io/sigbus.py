@@ -4,6 +4,8 @@ The kernels read the checkpoints' memory maps directly. While a merge runs, ever
 registered with the native guard (csrc/cpu/sigbus.cpp): a read past the file's new end then sees
 zeros instead of killing the process, and check(), called before each computed chunk is handed to
 the writer, raises for it, so the merge aborts and its temporary folder goes, as on any error.
+A CheckpointPool registers its files the same way while it copies them, and for its whole life on
+the mmap tier, whose every materialize reads the maps (pymerge/pool/pool.py).
 
 Without the C++ extension there is no guard (a truncated input still kills the process).
 """
@@ -17,12 +19,14 @@ from pymerge.errors import CheckpointError
 class MappingGuard:
     """Context manager over checkpoints' mapped files; check() raises if one shrank under us."""
 
-    def __init__(self, checkpoints):
+    def __init__(self, checkpoints, doing: str = "being merged"):
         self._files = [s for ck in checkpoints for s in ck.shards if hasattr(s, "mapped_range")]
         self._ext = _native.cpu if hasattr(_native.cpu, "sigbus_guard_add") else None
         self._ranges: List[Tuple[int, int, object]] = []  # (begin, end, file)
         self._slots: List[int] = []
         self._hits: Optional[int] = None
+        self._doing = doing  # "the file shrank while ...": what reads the mappings
+        self._shrunk = None  # the file found shrunk: its mapping reads zeros from then on, so every check raises
 
     def start(self) -> "MappingGuard":
         if self._ext is None or self._slots:
@@ -38,15 +42,16 @@ class MappingGuard:
             raise
         return self
 
-    def check(self) -> None:
-        if self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits:
+    def check(self, then: str = "no output was written") -> None:
+        if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
             return
         _, address = self._ext.sigbus_guard_hits()
         for begin, end, f in self._ranges:
             size = _size(f.path)  # -1: renamed or unlinked, still readable through the mapping
-            if begin <= address < end or 0 <= size < end - begin:
-                raise CheckpointError(f"{f.path}: the file shrank while being merged (another program "
-                                      f"truncated or rewrote it); no output was written")
+            if f is self._shrunk or begin <= address < end or 0 <= size < end - begin:
+                self._shrunk = f
+                raise CheckpointError(f"{f.path}: the file shrank while {self._doing} (another program "
+                                      f"truncated or rewrote it); {then}")
         # A fault in some other merge's file (another thread): not ours.
 
     def stop(self) -> None:

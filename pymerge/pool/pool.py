@@ -8,7 +8,9 @@ A target whose memory overlaps what the pool reads (or another candidate's targe
 every tensor written has its autograd version counter bumped, as a torch in-place op would.
 """
 import contextlib
+import functools
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +20,7 @@ import torch
 from pymerge import _native
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
+from pymerge.io.sigbus import MappingGuard
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
@@ -50,6 +53,30 @@ def _host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _guard_mapped(sources) -> MappingGuard:
+    """A started MappingGuard over the sources' mapped files (pymerge/io/sigbus.py): a file truncated while
+    the pool reads it is a CheckpointError, not a SIGBUS. Unguarded, as before, when the native table is
+    full (4096 files at once): the pool still works."""
+    guard = MappingGuard([s for s in sources if s.mapped], doing="the pool was reading it")
+    try:
+        return guard.start()
+    except RuntimeError:  # table full; start() has released what it took
+        return MappingGuard(())
+
+
+def _checks_mapped_files(merge):
+    """After every merge (or its failure): raises if a mapped checkpoint shrank meanwhile, since the
+    merge then read zeros past its new end (the mmap tier reads the maps on every call)."""
+    @functools.wraps(merge)
+    def checked(self, *args, **kwargs):
+        try:
+            return merge(self, *args, **kwargs)
+        finally:
+            self._guard.check(then="the models merged into are incomplete, and this pool cannot merge again: "
+                                   "build a new one")
+    return checked
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
@@ -74,6 +101,7 @@ class CheckpointPool:
     shard_like     under torch.distributed: a module or state dict of DTensors (FSDP2, tensor parallel);
                    each rank then holds only its shards and merges into its local shards (pymerge/dist/)
     """
+    _guard = MappingGuard(())  # none: only the mmap tier reads the files after construction
 
     def __new__(cls, *args, shard_like=None, **kwargs):
         if shard_like is not None and kwargs.get("compress") is not None:
@@ -104,6 +132,7 @@ class CheckpointPool:
         self.memory_budget = parse_bytes(memory_budget)
         opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
         base_src = self._open(base, _label(base, "base")) if base is not None else None
+        guard = _guard_mapped(opened + ([base_src] if base_src else []))  # every tier copies from the maps
         try:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
             self.num_checkpoints = len(opened)
@@ -119,7 +148,13 @@ class CheckpointPool:
                 held = [self._hold_all(s) for s in opened]
                 self._inputs = {n: [h[n] for h in held] for n in self.names}
                 self._base = self._hold_all(base_src) if base_src else {}
+            guard.check(then="no pool was built")
+            if self.residency == "mmap":  # every merge reads the maps: guarded while the pool lives
+                self._guard = guard
+                weakref.finalize(self, guard.stop)  # the native table's slots are few (4096)
         finally:
+            if self._guard is not guard:
+                guard.stop()
             if getattr(self, "residency", None) != "mmap":
                 for s in opened + ([base_src] if base_src else []):
                     if s.mapped:
@@ -290,7 +325,8 @@ class CheckpointPool:
     def tensor(self, i: int, name: str) -> torch.Tensor:
         """Checkpoint i's resident tensor `name`, for reading only: on the host tier a view into the
         checkpoint's one buffer (holding it keeps that whole buffer alive; writing or resizing it would
-        change the pool). A compressed pool decodes it, float32."""
+        change the pool); on the mmap tier a view of the file, which reads zeros past its end if another
+        program truncates it (the next materialize raises). A compressed pool decodes it, float32."""
         if self._compressed is not None:
             return self._compressed.decoded(i, name)
         return self._inputs[name][i]
@@ -302,6 +338,7 @@ class CheckpointPool:
         return self.materialize_many([weights], [into], method, groups=groups, normalize=normalize,
                                      names=names, strict=strict, seed=seed, **params)[0]
 
+    @_checks_mapped_files
     def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
                          normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
                          **params) -> list:

@@ -62,6 +62,10 @@ class _CheckpointSource:
     def byte_view(self, name):
         return self._ckpt.byte_view(name)
 
+    @property
+    def shards(self):  # the mapped files, for the pool's SIGBUS guard (pymerge/io/sigbus.py)
+        return self._ckpt.shards
+
     def close(self):
         self._ckpt.close()
 
