@@ -200,8 +200,6 @@ import os, sys, torch
 from pymerge import CheckpointPool, _native
 from pymerge.errors import CheckpointError
 a, b = sys.argv[1:3]
-for _ in range(4200):  # more than the native table's 4096 slots: a pool gives its slots back when it dies
-    CheckpointPool([a, b], residency="mmap")
 ext, taken = _native.cpu, []
 try:
     while True:
@@ -212,9 +210,11 @@ except RuntimeError:  # full: a pool still works, unguarded
     for n in pool.names:
         torch.testing.assert_close(got[n], 0.5 * pool.tensor(0, n) + 0.5 * pool.tensor(1, n))
     del pool, got
-for slot in taken:
+for slot in taken[:2]:  # room for one pool's two files: each pool must give them back when it dies
     ext.sigbus_guard_remove(slot)
-pool = CheckpointPool([a, b], residency="mmap")
+for _ in range(50):
+    CheckpointPool([a, b], residency="mmap")
+pool = CheckpointPool([a, b], residency="mmap")  # guarded only if none of the 50 kept its slots
 os.truncate(os.path.join(a, "model.safetensors"), 4096)
 try:
     pool.materialize([0.5, 0.5], into={n: torch.zeros(s) for n, s in pool.shapes.items()})

@@ -56,6 +56,9 @@ class ShardedPool(CheckpointPool):
     def _open(self, src, label: str):
         return ShardedSource(super()._open(src, label), self.boxes)
 
+    def _reads_maps(self) -> bool:
+        return False  # ShardedSource copies each rank's boxes out of the maps while the pool is built
+
     def describe(self) -> str:
         sharded = sum(b.signature[0] == "sharded" for b in self.boxes.values())
         return (super().describe() + f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "

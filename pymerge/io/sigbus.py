@@ -22,7 +22,7 @@ class MappingGuard:
     def __init__(self, checkpoints, doing: str = "being merged"):
         self._files = [s for ck in checkpoints for s in ck.shards if hasattr(s, "mapped_range")]
         self._ext = _native.cpu if hasattr(_native.cpu, "sigbus_guard_add") else None
-        self._ranges: List[Tuple[int, int, object]] = []  # (begin, end, file)
+        self._ranges: List[Tuple[int, int, object, str, tuple]] = []  # (begin, end, file, abs path, (dev, inode))
         self._slots: List[int] = []
         self._hits: Optional[int] = None
         self._doing = doing  # "the file shrank while ...": what reads the mappings
@@ -36,7 +36,8 @@ class MappingGuard:
             for f in self._files:
                 begin, length = f.mapped_range()
                 self._slots.append(self._ext.sigbus_guard_add(begin, length))
-                self._ranges.append((begin, begin + length, f))
+                path = os.path.abspath(f.path)  # the size check below must not follow a later chdir
+                self._ranges.append((begin, begin + length, f, path, _identity(path)))
         except BaseException:
             self.stop()
             raise
@@ -45,14 +46,15 @@ class MappingGuard:
     def check(self, then: str = "no output was written") -> None:
         if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
             return
-        _, address = self._ext.sigbus_guard_hits()
-        for begin, end, f in self._ranges:
-            size = _size(f.path)  # -1: renamed or unlinked, still readable through the mapping
-            if f is self._shrunk or begin <= address < end or 0 <= size < end - begin:
+        hits, address = self._ext.sigbus_guard_hits()
+        for begin, end, f, path, identity in self._ranges:
+            if f is self._shrunk or begin <= address < end or _shrank(path, identity, end - begin):
                 self._shrunk = f
                 raise CheckpointError(f"{f.path}: the file shrank while {self._doing} (another program "
                                       f"truncated or rewrote it); {then}")
-        # A fault in some other merge's file (another thread): not ours.
+        # A fault in some other merge's file (another thread): not ours. Later checks start from here, so
+        # they stay one counter read.
+        self._hits = hits
 
     def stop(self) -> None:
         slots, self._slots = self._slots, []
@@ -66,8 +68,19 @@ class MappingGuard:
         self.stop()
 
 
-def _size(path) -> int:
+def _identity(path: str) -> Optional[tuple]:
     try:
-        return os.stat(path).st_size
+        st = os.stat(path)
     except OSError:
-        return -1
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _shrank(path: str, identity: Optional[tuple], length: int) -> bool:
+    """Whether the file mapped at `path` is now shorter than its mapping. A path that now names another
+    file (replaced by a rename) or none says nothing: the mapped file itself may be intact."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == identity and st.st_size < length

@@ -65,15 +65,20 @@ def _guard_mapped(sources) -> MappingGuard:
 
 
 def _checks_mapped_files(merge):
-    """After every merge (or its failure): raises if a mapped checkpoint shrank meanwhile, since the
-    merge then read zeros past its new end (the mmap tier reads the maps on every call)."""
+    """Before and after every merge (or its failure): raises if a mapped checkpoint shrank, since a merge
+    then reads zeros past its new end (the mmap tier reads the maps on every call)."""
     @functools.wraps(merge)
     def checked(self, *args, **kwargs):
+        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one")
         try:
-            return merge(self, *args, **kwargs)
-        finally:
-            self._guard.check(then="the models merged into are incomplete, and this pool cannot merge again: "
-                                   "build a new one")
+            out = merge(self, *args, **kwargs)
+        except Exception:
+            self._guard.check(then="the models merged into are incomplete, and this pool cannot merge "
+                                   "again: build a new one")
+            raise
+        self._guard.check(then="the models merged into are incomplete, and this pool cannot merge again: "
+                               "build a new one")
+        return out
     return checked
 
 
@@ -149,9 +154,9 @@ class CheckpointPool:
                 self._inputs = {n: [h[n] for h in held] for n in self.names}
                 self._base = self._hold_all(base_src) if base_src else {}
             guard.check(then="no pool was built")
-            if self.residency == "mmap":  # every merge reads the maps: guarded while the pool lives
-                self._guard = guard
-                weakref.finalize(self, guard.stop)  # the native table's slots are few (4096)
+            if self.residency == "mmap" and self._reads_maps():  # every merge reads them: guarded while the pool lives
+                weakref.finalize(self, guard.stop)  # the native table's slots are few (4096); set first, so
+                self._guard = guard                 # a guard kept is always released
         finally:
             if self._guard is not guard:
                 guard.stop()
@@ -160,6 +165,10 @@ class CheckpointPool:
                     if s.mapped:
                         s.close()  # views handed out stay valid; copies were made
         self._finish(chunk_bytes)
+
+    def _reads_maps(self) -> bool:
+        """Whether the held tensors are views of the sources' memory maps (the mmap tier's are)."""
+        return True
 
     def _finish(self, chunk_bytes: int) -> None:
         """Lookups, overlap spans, caches and GPU runner over the held tensors."""
