@@ -9,8 +9,8 @@ Output layers are the slices' layers in order, renumbered from 0; config.json's 
 becomes their total. Each output layer merges layer (start + offset) of every source of its slice,
 with t = offset / (slice length - 1) (1 for a one-layer slice) for gradients. Tensors outside the
 layer stack come from the first slice's sources when they sit before the stack (embeddings: any
-name with "embed", "wte" or "wpe") and from the last slice's sources otherwise (final norm,
-lm_head), with t = 0 and that slice's parameters. Parameter precedence: the source's own, the
+name with "embed", "wte" or "wpe", except GPT-NeoX's head embed_out) and from the last slice's sources
+otherwise (final norm, lm_head, embed_out), with t = 0 and that slice's parameters. Parameter precedence: the source's own, the
 slice's, the module's, the top level's; per-model values see the source's tensor name, global
 ones the output's (mergekit's rules). `modules:` takes one module, `default` (the only module of
 every single-stack architecture mergekit knows), holding `slices:` or `models:`.
@@ -36,7 +36,12 @@ SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODULE_KEYS = ("slices", "models", "parameters")
 _PRE_MARKERS = ("embed", "wte", "wpe")
-_POST_DESPITE_MARKER = ("embed_out.",)  # GPT-NeoX's output head: after the layers, as in mergekit's gpt-neox.json
+
+
+def is_neox_head(name: str) -> bool:
+    """GPT-NeoX's output head `embed_out`: named like an embedding, it comes after the layers (mergekit's
+    gpt-neox.json lists it among the post weights)."""
+    return name.startswith("embed_out.") or ".embed_out." in name
 
 
 @dataclass
@@ -371,8 +376,7 @@ def _suffix(name: str, prefix: str, layer: int) -> str:
 def _outside_names(ck, prefix: str) -> Tuple[List[str], List[str]]:
     """Tensors outside the main layer stack, split into before it (embeddings) and after it."""
     names = [n for n in ck.names() if (layer_of(n) or ("",))[0] != prefix]
-    pre = [n for n in names if any(m in n for m in _PRE_MARKERS)
-           and not any(n.startswith(m) or "." + m in n for m in _POST_DESPITE_MARKER)]
+    pre = [n for n in names if any(m in n for m in _PRE_MARKERS) and not is_neox_head(n)]
     return pre, [n for n in names if n not in pre]
 
 

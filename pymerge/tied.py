@@ -12,7 +12,7 @@ discards the merged head); pymerge sets tie_word_embeddings to what the tensors 
 """
 from typing import List, Optional, Sequence
 
-from pymerge.slices import RenamedCheckpoint
+from pymerge.slices import RenamedCheckpoint, is_neox_head
 from pymerge.tokenizer.vocab import is_vocab_tensor
 
 # Output heads that mergekit's architectures tie to the input embedding.
@@ -28,7 +28,7 @@ def is_head(name: str) -> bool:
 def input_embedding(ck) -> Optional[str]:
     """The model's input embedding (its first vocabulary tensor that is not a head), or None."""
     return next((n for n in ck.names() if is_vocab_tensor(n) and not is_head(n) and n.endswith("weight")
-                 and not n.endswith("embed_out.weight") and len(ck.info(n).shape) == 2), None)  # embed_out: a head
+                 and not is_neox_head(n) and len(ck.info(n).shape) == 2), None)
 
 
 def head_source(ck, head: str) -> Optional[str]:
