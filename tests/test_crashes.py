@@ -152,17 +152,25 @@ print("others ok")
 """
 
 
+def _pool_script(tmp_path, script: str, n_finetunes: int):
+    """Runs `script` in a fresh process (a SIGBUS there cannot kill pytest) with argv: a copy of the first
+    fine-tune (the victim), the other fine-tunes, the base. Returns (victim, stdout); the process must
+    exit normally."""
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=n_finetunes)
+    victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
+    p = subprocess.run([sys.executable, "-c", script, str(victim)] + [str(f) for f in fts[1:]] + [str(base)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    return victim, p.stdout
+
+
 @needs_cpu_ext
 def test_checkpoint_truncated_under_an_mmap_pool_is_an_error(tmp_path):
     """Was SIGBUS: the mmap tier's every materialize reads the checkpoints' memory maps."""
-    base, fts = lf.make_family(tmp_path / "m", n_finetunes=2)
-    victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
-    p = subprocess.run([sys.executable, "-c", _TRUNCATE_UNDER_A_POOL, str(victim), str(fts[1]), str(base)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    victim, out = _pool_script(tmp_path, _TRUNCATE_UNDER_A_POOL, n_finetunes=2)
     shrank = f"{victim / 'model.safetensors'}: the file shrank while the pool was reading it"
-    assert f"error 0: {shrank}" in p.stdout and f"error 1: {shrank}" in p.stdout
-    assert "others ok" in p.stdout
+    assert f"error 0: {shrank}" in out and f"error 1: {shrank}" in out
+    assert "others ok" in out
 
 
 _TRUNCATE_WHILE_BUILDING = r"""
@@ -186,13 +194,9 @@ except CheckpointError as e:
 @needs_cpu_ext
 def test_checkpoint_truncated_while_a_pool_copies_it_is_an_error(tmp_path):
     """Was SIGBUS: every tier copies its tensors from the memory maps at construction."""
-    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1)
-    victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
-    p = subprocess.run([sys.executable, "-c", _TRUNCATE_WHILE_BUILDING, str(victim), str(base)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    assert f"error: {victim / 'model.safetensors'}: the file shrank while the pool was reading it" in p.stdout
-    assert "no pool was built" in p.stdout
+    victim, out = _pool_script(tmp_path, _TRUNCATE_WHILE_BUILDING, n_finetunes=1)
+    assert f"error: {victim / 'model.safetensors'}: the file shrank while the pool was reading it" in out
+    assert "no pool was built" in out
 
 
 _MANY_POOLS = r"""
@@ -225,9 +229,5 @@ except CheckpointError as e:
 
 @needs_cpu_ext
 def test_pools_give_their_guard_slots_back(tmp_path):
-    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1)
-    victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
-    p = subprocess.run([sys.executable, "-c", _MANY_POOLS, str(victim), str(base)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    assert "the file shrank while the pool was reading it" in p.stdout
+    _, out = _pool_script(tmp_path, _MANY_POOLS, n_finetunes=1)
+    assert "the file shrank while the pool was reading it" in out
