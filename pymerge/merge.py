@@ -29,7 +29,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from pymerge import _native, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
@@ -80,6 +82,17 @@ class TensorPlan:
 
 
 @dataclass
+class CopyPlan:
+    """A tensor that is not floating point (a buffer: GPT-NeoX's boolean attention mask, position ids):
+    written as the models hold it, provided they all hold the same bytes (checked as it is written).
+    mergekit merges such buffers as numbers and writes them in the merge's float dtype."""
+    name: str
+    dtype: str                             # dtype name ("bool", "int64")
+    shape: tuple
+    labels: List[str]                      # the checkpoints' labels, for the error naming one that differs
+
+
+@dataclass
 class MergePlan:
     config: MergeConfig
     method: MergeMethod
@@ -92,6 +105,7 @@ class MergePlan:
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # keys set in the output config.json
     vocabulary: Optional[Any] = None       # a tokenizer merge's output vocabulary (pymerge.tokenizer.vocab)
     chat_template: Optional[str] = None    # the resolved `chat_template:`, written with the tokenizer
+    copies: List[CopyPlan] = field(default_factory=list)  # tensors written as they are (not floating point)
 
     @property
     def parts(self) -> List["MergePlan"]:
@@ -161,7 +175,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     plan = make_plan(config_or_path)
     try:
         check_out_spares_inputs(out_dir, plan)
-        entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+        entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors] + [(c.name, c.dtype, c.shape)
+                                                                            for c in plan.copies]
         with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
                            metadata={"format": "pt"}) as writer:
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
@@ -216,9 +231,22 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
         for part in plan.parts:  # a `slices:` merge has several (pymerge/slices.py)
             run(part, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or op_threads(), seed=seed,
                 progress=bar)
+            write_copies(part, writer)
     finally:
         if bar is not None and progress is None:
             bar.close()
+
+
+def write_copies(plan: MergePlan, writer: ShardedWriter) -> None:
+    """Each CopyPlan's bytes, once every checkpoint is seen to hold the same ones."""
+    for c in plan.copies:
+        data = plan.checkpoints[0].array(c.name)
+        for ck, label in zip(plan.checkpoints[1:], c.labels[1:]):
+            if not np.array_equal(ck.array(c.name), data):
+                raise CheckpointError(f"{label}: tensor {c.name!r} ({c.dtype}) differs from {c.labels[0]}'s; "
+                                      f"pymerge merges floating-point tensors and copies the others (buffers "
+                                      f"such as attention masks) only where every model holds the same values")
+        writer.write(c.name, data)
 
 
 def op_threads(processes: int = 1) -> int:
@@ -309,10 +337,10 @@ def make_plan(config_or_path) -> MergePlan:
         model_cfg = _read_model_config(donor)
         n_layers = count_layers(names, _num_layers(model_cfg))
         resolver = ParamResolver(cfg, method, inputs)
-        tensors = [_plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, base is not None, vocab)
-                   for name in names]
+        tensors, copies = plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, base is not None,
+                                       vocab)
         plan = MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings), vocabulary=vocab,
-                         chat_template=_chat_template(cfg, labels))
+                         chat_template=_chat_template(cfg, labels), copies=copies)
         if vocab is not None:
             plan.config_overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
         if mixed_ties:
@@ -390,13 +418,35 @@ def _roles(cfg: MergeConfig, method: MergeMethod):
     return [m for m in cfg.models if not _same_model(m.path, cfg.base_model)], base
 
 
+def plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, has_base,
+                 vocab=None) -> Tuple[List[TensorPlan], List[CopyPlan]]:
+    """The floating-point tensors' TensorPlans and the other tensors' CopyPlans, each in names' order."""
+    tensors, copies = [], []
+    for name in names:
+        infos = [ck.info(name) for ck in checkpoints]
+        if all(_native.is_floating(i.dtype_name) for i in infos):
+            tensors.append(_plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base, vocab))
+        else:
+            copies.append(_plan_copy(labels, name, infos))
+    return tensors, copies
+
+
+def _plan_copy(labels, name, infos) -> CopyPlan:
+    first = infos[0].dtype_name
+    for info, label in zip(infos[1:], labels[1:]):
+        if info.dtype_name != first:
+            raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(info.dtype_name)}, {labels[0]} has "
+                                  f"{_dname(first)}; pymerge merges floating-point tensors and copies the others "
+                                  f"only where every model holds the same values")
+    if first not in _native.DTYPE_INFO:
+        raise CheckpointError(f"{labels[0]}: tensor {name!r} has dtype {_dname(first)}, which safetensors cannot "
+                              f"store")
+    return CopyPlan(name, first, tuple(infos[0].shape), list(labels))
+
+
 def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base, vocab=None) -> TensorPlan:
     infos = [ck.info(name) for ck in checkpoints]
     in_dtypes = [i.dtype_name for i in infos]
-    for dt, label in zip(in_dtypes, labels):
-        if not _native.is_floating(dt):
-            raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(dt)}; pymerge merges "
-                                  f"floating-point tensors only")
     compute = DTYPES[cfg.dtype] if cfg.dtype else None
     casts = []
     for dt, label in zip(in_dtypes, labels):

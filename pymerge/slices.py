@@ -252,6 +252,10 @@ class SlicedPlan:
         return [tp for p in self.parts for tp in p.tensors]
 
     @property
+    def copies(self):
+        return [c for p in self.parts for c in p.copies]
+
+    @property
     def input_bytes(self) -> int:
         return sum(p.input_bytes for p in self.parts)
 
@@ -425,9 +429,8 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
                               [s.parameters, sliced.module_parameters, cfg.parameters])
     for out, t, srcs in entries:
         resolver.where[out] = (t, [srcs[index[id(m)]] if srcs else out for m in inputs])
-    tensors = [merge._plan_tensor(cfg, method, resolver, views, labels, out, None, base is not None, vocab)
-               for out in out_names]
-    return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [])
+    tensors, copies = merge.plan_tensors(cfg, method, resolver, views, labels, out_names, None, base is not None, vocab)
+    return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [], copies=copies)
 
 
 def _check_params(cfg: MergeConfig, method, s: SliceSpec, module_params: dict, where: str) -> None:

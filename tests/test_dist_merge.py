@@ -159,6 +159,29 @@ def test_three_ranks_ties_equals_one_process(fam, tmp_path):
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == len(expected)
 
 
+def test_buffers_across_ranks_equal_one_process(fam, tmp_path):
+    """A tensor that is not floating point (copied as the models hold it) is written by rank 0's part."""
+    from safetensors.torch import save_file
+    root, base, fts = fam
+    models = []
+    for i, f in enumerate(fts):
+        d = Path(shutil.copytree(f, tmp_path / f"m{i}"))
+        t = lf.load_folder(d)
+        t["model.position_ids"] = torch.arange(8).view(1, 8)
+        for old in d.glob("*.safetensors*"):  # the shards and their index
+            old.unlink()
+        save_file(t, str(d / "model.safetensors"))
+        models.append(d)
+    cfg = write_cfg(tmp_path / "c.yml", linear(models))
+    expected = single(cfg, tmp_path / "one")
+    assert expected["model.position_ids"].dtype == torch.int64
+    out = tmp_path / "out"
+    p = torchrun(2, ["merge", cfg, out, "--out-shard-size", "30KB"])
+    _, err = p.communicate(timeout=LIMIT_S)
+    assert p.returncode == 0, err[-2000:]
+    assert_same_tensors(out, expected)
+
+
 def _same_error_everywhere(codes, lines, code, words):
     assert codes == [code] * len(codes), (codes, lines)
     assert all(len(ls) == 1 for ls in lines) and len({ls[0] for ls in lines}) == 1, lines

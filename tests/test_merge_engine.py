@@ -1,4 +1,6 @@
 """The engine's planning (roles, dtypes, parameters) and streaming details (chunks, whole tensors)."""
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -119,22 +121,58 @@ def test_linear_equals_reference(fam, tmp_path):
         torch.testing.assert_close(out[k].double(), ref, rtol=1e-6, atol=1e-7)
 
 
-def test_non_float_tensors_are_refused(fam, tmp_path):
+def _with_buffer(folders, root, values):
+    """Copies of the model folders under root, model i holding the int64 buffer values[i] as model.position_ids."""
     from safetensors.torch import load_file, save_file
+    out = []
+    for i, (f, v) in enumerate(zip(folders, values)):
+        t = load_file(str(Path(f) / "model.safetensors"))
+        t["model.position_ids"] = v
+        (root / f"m{i}").mkdir(parents=True)
+        save_file(t, str(root / f"m{i}" / "model.safetensors"))
+        out.append(str(root / f"m{i}"))
+    return out
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_non_float_tensors_are_copied_when_every_model_agrees(fam, tmp_path, method):
+    """A buffer (not floating point) is written as the models hold it, dtype and bits; the floats merge as
+    without it. (mergekit merges such buffers as numbers and writes them as floats.)"""
     base, fts, _ = fam
-    bad = []
-    for i, f in enumerate(fts):
-        t = load_file(str(f / "model.safetensors"))
-        t["model.position_ids"] = torch.arange(8)
-        (tmp_path / f"m{i}").mkdir()
-        save_file(t, str(tmp_path / f"m{i}" / "model.safetensors"))
-        bad.append(str(tmp_path / f"m{i}"))
-    with pytest.raises(CheckpointError, match="model.position_ids.*int64.*floating-point"):
-        make_plan(parse_config({"merge_method": "linear", "models": bad, "parameters": {"weight": 1}}))
+    ids = torch.arange(8).view(1, 8)
+    params = {"weight": 0.5} if method == "linear" else {"weight": 0.5, "density": 0.7}
+
+    def config(models, base_model):
+        cfg = {"merge_method": method, "dtype": "float32", "models": [{"model": m, "parameters": params} for m in models]}
+        return {**cfg, "base_model": base_model} if method == "ties" else cfg
+
+    models = _with_buffer(fts, tmp_path / "in", [ids] * len(fts))
+    base_copy = _with_buffer([base], tmp_path / "base", [ids])[0]
+    run_merge(config(models, base_copy), tmp_path / "out", device="cpu", quiet=True)
+    run_merge(config([str(f) for f in fts], str(base)), tmp_path / "plain", device="cpu", quiet=True)
+    out, ref = lf.load_folder(tmp_path / "out"), lf.load_folder(tmp_path / "plain")
+    assert out["model.position_ids"].dtype == torch.int64 and torch.equal(out["model.position_ids"], ids)
+    assert set(out) == set(ref) | {"model.position_ids"}
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k
 
 
-def _gpt_neox(folder, layers: int, seed: int, hidden: int = 16, vocab: int = 40):
-    """A tiny GPT-NeoX checkpoint: its output head `embed_out` is named like an embedding."""
+def test_non_float_tensors_that_differ_are_refused(fam, tmp_path):
+    base, fts, _ = fam
+    n = len(fts)
+    models = _with_buffer(fts, tmp_path / "a", [torch.arange(8)] + [torch.arange(8).flip(0)] * (n - 1))
+    with pytest.raises(CheckpointError, match=r"m1: tensor 'model.position_ids' \(int64\) differs from .*m0's"):
+        run_merge({"merge_method": "linear", "models": models, "parameters": {"weight": 1}}, tmp_path / "out",
+                  device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
+    mixed = _with_buffer(fts, tmp_path / "b", [torch.arange(8)] + [torch.arange(8, dtype=torch.int32)] * (n - 1))
+    with pytest.raises(CheckpointError, match="m1: tensor 'model.position_ids' has dtype int32, .*m0 has int64"):
+        make_plan(parse_config({"merge_method": "linear", "models": mixed, "parameters": {"weight": 1}}))
+
+
+def _gpt_neox(folder, layers: int, seed: int, hidden: int = 16, vocab: int = 40, buffers: bool = False):
+    """A tiny GPT-NeoX checkpoint: its output head `embed_out` is named like an embedding. buffers: each layer
+    also holds what Pythia's checkpoints do (a boolean causal mask, masked_bias, rotary inv_freq)."""
     import json
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(seed)
@@ -148,6 +186,10 @@ def _gpt_neox(folder, layers: int, seed: int, hidden: int = 16, vocab: int = 40)
                             ("input_layernorm", (hidden,)), ("post_attention_layernorm", (hidden,))):
             t[f"gpt_neox.layers.{i}.{name}.weight"] = torch.randn(shape, generator=g)
             t[f"gpt_neox.layers.{i}.{name}.bias"] = torch.randn(shape[0], generator=g)
+        if buffers:
+            t[f"gpt_neox.layers.{i}.attention.bias"] = torch.tril(torch.ones(8, 8, dtype=torch.bool)).view(1, 1, 8, 8)
+            t[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+            t[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.tensor([1.0, 0.01])
     folder.mkdir(parents=True)
     save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps({
@@ -156,21 +198,44 @@ def _gpt_neox(folder, layers: int, seed: int, hidden: int = 16, vocab: int = 40)
     return t
 
 
+@pytest.mark.parametrize("buffers", [False, True])
 @pytest.mark.parametrize("method", ["passthrough", "linear"])
-def test_gpt_neox_slices_take_the_head_from_the_last_slice(tmp_path, method):
+def test_gpt_neox_slices_take_the_head_from_the_last_slice(tmp_path, method, buffers):
     """GPT-NeoX's output head is `embed_out`, named like an embedding: a slices merge takes it (with the
     final norm) from the last slice's models and the input embedding from the first's, as mergekit's
     gpt-neox architecture lists it among the post weights (pymerge took it from the first slice)."""
-    a, b = _gpt_neox(tmp_path / "a", 3, seed=1), _gpt_neox(tmp_path / "b", 2, seed=2)
+    a, b = _gpt_neox(tmp_path / "a", 3, seed=1, buffers=buffers), _gpt_neox(tmp_path / "b", 2, seed=2, buffers=buffers)
     weight = {"parameters": {"weight": 1.0}} if method == "linear" else {}
     cfg = {"merge_method": method, "dtype": "float32", "slices": [
         {"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 2], **weight}]},
         {"sources": [{"model": str(tmp_path / "b"), "layer_range": [1, 2], **weight}]}]}
     run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
     out = lf.load_folder(tmp_path / "out")
-    assert len(out) == 4 + 3 * 12
+    assert len(out) == 4 + 3 * (15 if buffers else 12)
+    if buffers:  # Pythia's boolean masks are copied (they were refused: not floating point)
+        assert all(out[f"gpt_neox.layers.{i}.attention.bias"].dtype == torch.bool for i in range(3))
+        assert torch.equal(out["gpt_neox.layers.2.attention.bias"], b["gpt_neox.layers.1.attention.bias"])
     for name in ("embed_out.weight", "gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"):
         assert torch.equal(out[name], b[name]), name
     assert torch.equal(out["gpt_neox.embed_in.weight"], a["gpt_neox.embed_in.weight"])
     assert torch.equal(out["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"], a["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"])
     assert torch.equal(out["gpt_neox.layers.2.mlp.dense_4h_to_h.weight"], b["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"])
+
+
+def test_gpt_neox_with_buffers_merges(tmp_path):
+    """Pythia-style checkpoints (a boolean causal mask in every layer): a plain merge copies the mask and
+    merges the floats, masked_bias and inv_freq included."""
+    a, b = _gpt_neox(tmp_path / "a", 2, seed=1, buffers=True), _gpt_neox(tmp_path / "b", 2, seed=2, buffers=True)
+    cfg = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(tmp_path / "a"), "parameters": {"weight": 0.25}},
+        {"model": str(tmp_path / "b"), "parameters": {"weight": 0.75}}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    out = lf.load_folder(tmp_path / "out")
+    assert set(out) == set(a)
+    for k in a:
+        if a[k].dtype == torch.bool:
+            assert out[k].dtype == torch.bool and torch.equal(out[k], a[k]), k
+        else:
+            ref = 0.25 * a[k].double() + 0.75 * b[k].double()
+            torch.testing.assert_close(out[k].double(), ref, rtol=1e-6, atol=1e-6)
+

@@ -61,8 +61,10 @@ def split_by_bytes(costs: Sequence[int], ranks: int) -> List[int]:
 def _share(plan, keep: set):
     """This rank's share of a plan: the tensors whose ids are in keep (a `slices:` plan keeps its parts)."""
     if any(p is not plan for p in plan.parts):  # a `slices:` plan (pymerge/slices.py)
-        return replace(plan, parts=[replace(p, tensors=[t for t in p.tensors if id(t) in keep]) for p in plan.parts])
-    return replace(plan, tensors=[t for t in plan.tensors if id(t) in keep])
+        return replace(plan, parts=[replace(p, tensors=[t for t in p.tensors if id(t) in keep],
+                                            copies=[c for c in p.copies if id(c) in keep]) for p in plan.parts])
+    return replace(plan, tensors=[t for t in plan.tensors if id(t) in keep],
+                   copies=[c for c in plan.copies if id(c) in keep])
 
 
 def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, threads, force: bool, quiet: bool,
@@ -84,7 +86,7 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         plan = state["plan"] = make_plan(config_or_path)
         check_out_spares_inputs(out_dir, plan)  # --force would delete an input
         state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
-                                         for t in plan.tensors], world)
+                                         for t in plan.tensors], world) + [0] * len(plan.copies)  # copies: rank 0
         tmp_dir = None
         if rank == 0:
             writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
@@ -96,7 +98,7 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         plan, parts = state["plan"], state["parts"]
         if rank:
             state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
-        mine = _share(plan, {id(t) for t, p in zip(plan.tensors, parts) if p == rank})
+        mine = _share(plan, {id(t) for t, p in zip(plan.tensors + plan.copies, parts) if p == rank})
         stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
                     seed=random_seed or 0, progress=progress, quiet=quiet or rank != 0)
         if rank:
@@ -135,12 +137,13 @@ def _fingerprint(plan, out_dir) -> str:
     name, shape, dtypes and parameters (not the data: that would mean reading it all)."""
     import hashlib
     text = repr((os.path.abspath(out_dir), plan.method.name, [os.path.abspath(c.path) for c in plan.checkpoints],
-                 [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params) for t in plan.tensors]))
+                 [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params) for t in plan.tensors],
+                 [(c.name, c.dtype, c.shape) for c in plan.copies]))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _writer(plan, parts, out_dir, out_shard_size, force, *, part, join=None) -> ShardedWriter:
-    entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+    entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors] + [(c.name, c.dtype, c.shape) for c in plan.copies]
     return ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force, metadata={"format": "pt"},
                          parts=parts, part=part, join=join)
 
