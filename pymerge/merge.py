@@ -40,6 +40,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.files import read_json, stays_inside
+from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
 from pymerge.sizes import parse_size
@@ -118,7 +119,8 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(t.numel * _native.itemsize(t.out_dtype) for t in self.tensors)
+        return (sum(t.numel * _native.itemsize(t.out_dtype) for t in self.tensors)
+                + sum(math.prod(c.shape) * _native.itemsize(c.dtype) for c in self.copies))
 
     def close(self) -> None:
         for ck in {id(c): c for c in self.checkpoints + [self.donor]}.values():
@@ -183,7 +185,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
             stream_plan(plan, writer, device=device, chunk_bytes=chunk_bytes, threads=threads,
                         seed=random_seed or 0, progress=progress, quiet=quiet)
             shards = list(writer.shard_names)
-        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors), plan.input_bytes,
+        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
                            plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
     finally:
         plan.close()
@@ -238,15 +240,15 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
 
 
 def write_copies(plan: MergePlan, writer: ShardedWriter) -> None:
-    """Each CopyPlan's bytes, once every checkpoint is seen to hold the same ones."""
-    for c in plan.copies:
-        data = plan.checkpoints[0].array(c.name)
-        for ck, label in zip(plan.checkpoints[1:], c.labels[1:]):
-            if not np.array_equal(ck.array(c.name), data):
-                raise CheckpointError(f"{label}: tensor {c.name!r} ({c.dtype}) differs from {c.labels[0]}'s; "
-                                      f"pymerge merges floating-point tensors and copies the others (buffers "
-                                      f"such as attention masks) only where every model holds the same values")
-        writer.write(c.name, data)
+    """Each CopyPlan's bytes (every checkpoint holds the same: make_plan compared them), read under the
+    SIGBUS guard as the executors read."""
+    if not plan.copies:
+        return
+    with MappingGuard(list({id(c): c for c in plan.checkpoints}.values())) as guard:
+        for c in plan.copies:
+            data = plan.checkpoints[0].array(c.name)
+            guard.check()
+            writer.write(c.name, data)
 
 
 def op_threads(processes: int = 1) -> int:
@@ -424,24 +426,40 @@ def plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, ha
     tensors, copies = [], []
     for name in names:
         infos = [ck.info(name) for ck in checkpoints]
-        if all(_native.is_floating(i.dtype_name) for i in infos):
+        if all(_native.DTYPE_INFO.get(i.dtype_name, (0, False))[1] for i in infos):  # all floating point
             tensors.append(_plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base, vocab))
         else:
-            copies.append(_plan_copy(labels, name, infos))
+            copies.append(_plan_copy(checkpoints, labels, name, infos))
     return tensors, copies
 
 
-def _plan_copy(labels, name, infos) -> CopyPlan:
-    first = infos[0].dtype_name
+_COPY_RULE = ("pymerge merges floating-point tensors and copies the others (buffers such as attention masks) only "
+              "where every model holds the same values; dequantize quantized checkpoints first")
+
+
+def _plan_copy(checkpoints, labels, name, infos) -> CopyPlan:
+    """A tensor that is not floating point, checked now (before anything is written): one dtype, one shape
+    and the same bytes in every model. Buffers are small; reading them is guarded like any merge's read."""
+    first = infos[0]
     for info, label in zip(infos[1:], labels[1:]):
-        if info.dtype_name != first:
-            raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(info.dtype_name)}, {labels[0]} has "
-                                  f"{_dname(first)}; pymerge merges floating-point tensors and copies the others "
-                                  f"only where every model holds the same values")
-    if first not in _native.DTYPE_INFO:
-        raise CheckpointError(f"{labels[0]}: tensor {name!r} has dtype {_dname(first)}, which safetensors cannot "
-                              f"store")
-    return CopyPlan(name, first, tuple(infos[0].shape), list(labels))
+        if info.dtype_name != first.dtype_name or tuple(info.shape) != tuple(first.shape):
+            raise CheckpointError(f"{label}: tensor {name!r} has dtype {_dname(info.dtype_name)} and shape "
+                                  f"{list(info.shape)}, {labels[0]} has {_dname(first.dtype_name)} and "
+                                  f"{list(first.shape)}; {_COPY_RULE}")
+    if first.dtype_name not in _native.DTYPE_INFO:
+        raise CheckpointError(f"{labels[0]}: tensor {name!r} has dtype {first.dtype_name}, which safetensors "
+                              f"cannot store")
+    with MappingGuard(list({id(c): c for c in checkpoints}.values())) as guard:
+        data = checkpoints[0].array(name)
+        for ck, label in zip(checkpoints[1:], labels[1:]):
+            same = np.array_equal(ck.array(name), data)
+            guard.check(then="no output was written")
+            if not same:
+                raise CheckpointError(f"{label}: tensor {name!r} ({_dname(first.dtype_name)}) differs from "
+                                      f"{labels[0]}'s; {_COPY_RULE}")
+            ck.release(name)
+        checkpoints[0].release(name)
+    return CopyPlan(name, first.dtype_name, tuple(first.shape), list(labels))
 
 
 def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base, vocab=None) -> TensorPlan:

@@ -166,7 +166,7 @@ def test_non_float_tensors_that_differ_are_refused(fam, tmp_path):
                   device="cpu", quiet=True)
     assert not (tmp_path / "out").exists()
     mixed = _with_buffer(fts, tmp_path / "b", [torch.arange(8)] + [torch.arange(8, dtype=torch.int32)] * (n - 1))
-    with pytest.raises(CheckpointError, match="m1: tensor 'model.position_ids' has dtype int32, .*m0 has int64"):
+    with pytest.raises(CheckpointError, match=r"m1: tensor 'model.position_ids' has dtype int32 and shape \[8\], .*m0 has int64"):
         make_plan(parse_config({"merge_method": "linear", "models": mixed, "parameters": {"weight": 1}}))
 
 

@@ -86,7 +86,7 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         plan = state["plan"] = make_plan(config_or_path)
         check_out_spares_inputs(out_dir, plan)  # --force would delete an input
         state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
-                                         for t in plan.tensors], world) + [0] * len(plan.copies)  # copies: rank 0
+                                         for t in plan.tensors], world) + [world - 1] * len(plan.copies)  # last rank's
         tmp_dir = None
         if rank == 0:
             writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
@@ -114,8 +114,8 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         _agree(lambda: fill(tmp_dir), dist, group)
         _agree(lambda: state["writer"].commit() if rank == 0 else None, dist, group)
         plan, writer = state["plan"], state["writer"]
-        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors), plan.input_bytes, plan.output_bytes,
-                           time.perf_counter() - t0, device, list(writer.shard_names),
+        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
+                           plan.output_bytes, time.perf_counter() - t0, device, list(writer.shard_names),
                            plan.warnings if rank == 0 else [], rank=rank, world_size=world)
     finally:
         try:
