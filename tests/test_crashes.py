@@ -231,3 +231,36 @@ except CheckpointError as e:
 def test_pools_give_their_guard_slots_back(tmp_path):
     _, out = _pool_script(tmp_path, _MANY_POOLS, n_finetunes=1)
     assert "the file shrank while the pool was reading it" in out
+
+
+_TRUNCATE_WHILE_LOADING = r"""
+import os, sys
+from pymerge import CheckpointPool
+from pymerge.errors import CheckpointError
+from pymerge.io.safetensors_file import SafetensorsFile
+path = sys.argv[1]
+tensor = SafetensorsFile.tensor
+def truncate_then_read(self, name):  # after the header is validated, before the tensors are copied
+    if os.path.getsize(path) > 4096:
+        os.truncate(path, 4096)
+    return tensor(self, name)
+SafetensorsFile.tensor = truncate_then_read
+try:
+    CheckpointPool.load(path)
+except CheckpointError as e:
+    print("error:", e)
+"""
+
+
+@needs_cpu_ext
+def test_saved_compressed_pool_truncated_while_loading_is_an_error(tmp_path):
+    """Was SIGBUS: CheckpointPool.load copies the codes out of the file's memory map."""
+    from pymerge import CheckpointPool
+    base = {"w": torch.randn(64, 257), "b": torch.randn(300)}
+    cks = [{k: v + 0.01 * torch.randn(v.shape) for k, v in base.items()} for _ in range(2)]
+    path = tmp_path / "pool.safetensors"
+    CheckpointPool(cks, base=base, compress="int8").save(path)
+    p = subprocess.run([sys.executable, "-c", _TRUNCATE_WHILE_LOADING, str(path)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert f"error: {path}: the file shrank while being loaded" in p.stdout and "no pool was loaded" in p.stdout

@@ -337,9 +337,13 @@ class CompressedStore:
     @classmethod
     def load(cls, path) -> "CompressedStore":
         """A store saved by save(), validated as strictly as any checkpoint (CheckpointError if not)."""
+        from types import SimpleNamespace
+
         from pymerge.io import SafetensorsFile
+        from pymerge.io.sigbus import MappingGuard
         path = os.fspath(path)
-        with SafetensorsFile(path) as f:
+        # guarded as a merge's reads: a file truncated while it is read is a CheckpointError, not SIGBUS
+        with SafetensorsFile(path) as f, MappingGuard([SimpleNamespace(shards=[f])], "being loaded") as guard:
             header = _parse_header(path, f.metadata)
             expected = {}
             for entry in header["tensors"]:
@@ -364,6 +368,7 @@ class CompressedStore:
                 if key.endswith("/scales") and bool((t < 0).any()):
                     raise CheckpointError(f"{path}: tensor {key!r} holds negative scales")
                 loaded[key] = t
+            guard.check(then="no pool was loaded")
         names, shapes, base, entries = [], {}, {}, {}
         for entry in header["tensors"]:
             name = entry["name"]
