@@ -258,6 +258,16 @@ DD_AVX2 inline void fma_q4_block(__m256 acc[8], const char* group, float c) {
   }
 }
 
+// 8 elements of a dense term (float32, float16 or bfloat16: no float8 here) as float32. Not load8_any:
+// its float8 branch calls fp8_table(), and a call in the block loop makes GCC keep the accumulators in
+// memory (ymm registers do not survive calls), storing and reloading all 8 around every run.
+DD_AVX2 inline __m256 load8_dense(const char* p, int dt) {
+  if (dt == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (dt == F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // Whole scale blocks of one unit for output k: as blocks_avx512 with K = 1.
 DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, float* coef) {
   const int64_t nb = len / kQBlock;
@@ -309,7 +319,7 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
           const char* p = reinterpret_cast<const char*>(J.data[t]) + e * es;
           for (size_t l = 0; l < es; ++l) _mm_prefetch(p + kPrefetchBytes + 64 * l, _MM_HINT_T0);
           const __m256 cv = _mm256_set1_ps(wk[t]);
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_any(p + 8 * j * es, run.kind), acc[j]);
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_dense(p + 8 * j * es, run.kind), acc[j]);
         }
       }
     }
