@@ -26,8 +26,10 @@ inline uint16_t f32_to_bf16(float f) {
 inline float f16_to_f32(uint16_t h) { _Float16 v; std::memcpy(&v, &h, 2); return float(v); }
 inline uint16_t f32_to_f16(float f) { _Float16 v = (_Float16)f; uint16_t h; std::memcpy(&h, &v, 2); return h; }
 
-// float8 decoding tables, filled once.
-const float* fp8_table(int dtype);
+// float8 decoding tables, filled when the module loads (module.cpp). Inline, not a call: a call inside
+// a kernel's loop makes GCC keep its vector accumulators in memory (no ymm/zmm register survives a call).
+extern float g_fp8_e4m3fn[256], g_fp8_e5m2[256];
+inline const float* fp8_table(int dtype) { return dtype == F8E4M3FN ? g_fp8_e4m3fn : g_fp8_e5m2; }
 
 inline size_t dtype_size(int dt) { return dt == F32 ? 4 : (dt == F16 || dt == BF16) ? 2 : 1; }
 

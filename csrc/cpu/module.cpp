@@ -27,15 +27,14 @@ static float decode_e5m2(uint8_t v) {
   return s ? -x : x;
 }
 
-const float* fp8_table(int dtype) {
-  static float t4[256], t5[256];
-  static bool ready = [] {
-    for (int i = 0; i < 256; ++i) { t4[i] = decode_e4m3fn(uint8_t(i)); t5[i] = decode_e5m2(uint8_t(i)); }
-    return true;
-  }();
-  (void)ready;
-  return dtype == F8E4M3FN ? t4 : t5;
-}
+float g_fp8_e4m3fn[256], g_fp8_e5m2[256];
+static const bool g_fp8_filled = [] {  // at load time, before Python can call any kernel
+  for (int i = 0; i < 256; ++i) {
+    g_fp8_e4m3fn[i] = decode_e4m3fn(uint8_t(i));
+    g_fp8_e5m2[i] = decode_e5m2(uint8_t(i));
+  }
+  return true;
+}();
 
 const char* simd_level() {
   const char* force = std::getenv("PYMERGE_SIMD");
