@@ -9,11 +9,19 @@ namespace pymerge {
 
 #define PM_AVX2_STORE __attribute__((target("avx2,fma,f16c")))
 
+// 8 elements at p (dtype code dt: float32, float16 or bfloat16) as float32. Loops that never see
+// float8 call this one: load8_any's gather branch costs registers, and GCC then keeps accumulators
+// in memory (the delta decode's 8).
+PM_AVX2_STORE inline __m256 load8_dense(const char* p, int dt) {
+  if (dt == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (dt == F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // 8 elements at p (dtype code dt: float32, float16, bfloat16 or a float8 through its table) as float32.
 PM_AVX2_STORE inline __m256 load8_any(const char* p, int dt) {
-  if (dt == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
-  if (dt == F16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  if (dt == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  if (dt <= BF16) return load8_dense(p, dt);
   const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   return _mm256_i32gather_ps(fp8_table(dt), idx, 4);
 }

@@ -258,16 +258,6 @@ DD_AVX2 inline void fma_q4_block(__m256 acc[8], const char* group, float c) {
   }
 }
 
-// 8 elements of a dense term (float32, float16 or bfloat16: no float8 here) as float32. Not load8_any:
-// its float8 branch calls fp8_table(), and a call in the block loop makes GCC keep the accumulators in
-// memory (ymm registers do not survive calls), storing and reloading all 8 around every run.
-DD_AVX2 inline __m256 load8_dense(const char* p, int dt) {
-  if (dt == F32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  if (dt == F16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 // Whole scale blocks of one unit for output k: as blocks_avx512 with K = 1.
 DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, float* coef) {
   const int64_t nb = len / kQBlock;

@@ -22,14 +22,9 @@ namespace tv {
 
 constexpr int64_t kBlock = 1024;  // elements per inner block: a few KiB per buffer, stays in L1
 
-inline bool use_avx512() {
-  static const bool yes = std::strcmp(simd_level(), "avx512") == 0;
-  return yes;
-}
-
-// 2 (AVX-512), 1 (AVX2) or 0 (portable): which build of a kernel with three this CPU takes.
+// 2 (AVX-512), 1 (AVX2) or 0 (portable): which build of a kernel this CPU takes.
 inline int simd_tier() {
-  static const int tier = use_avx512() ? 2 : std::strcmp(simd_level(), "avx2") == 0 ? 1 : 0;
+  static const int tier = !std::strcmp(simd_level(), "avx512") ? 2 : !std::strcmp(simd_level(), "avx2") ? 1 : 0;
   return tier;
 }
 
