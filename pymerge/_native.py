@@ -43,7 +43,11 @@ def itemsize(dtype) -> int:
 
 
 def is_floating(dtype) -> bool:
-    return DTYPE_INFO[dtype_name(dtype)][1]
+    """Whether dtype is floating point; False for one this table does not know (complex128, say)."""
+    try:
+        return DTYPE_INFO.get(dtype_name(dtype), (0, False))[1]
+    except KeyError:
+        return False
 
 
 def torch_dtype(dtype):

@@ -85,12 +85,11 @@ class TensorPlan:
 @dataclass
 class CopyPlan:
     """A tensor that is not floating point (a buffer: GPT-NeoX's boolean attention mask, position ids):
-    written as the models hold it, provided they all hold the same bytes (checked as it is written).
-    mergekit merges such buffers as numbers and writes them in the merge's float dtype."""
+    written as the models hold it, which make_plan checked is the same in all of them. mergekit merges
+    such buffers as numbers and writes them in the merge's float dtype."""
     name: str
     dtype: str                             # dtype name ("bool", "int64")
     shape: tuple
-    labels: List[str]                      # the checkpoints' labels, for the error naming one that differs
 
 
 @dataclass
@@ -244,7 +243,7 @@ def write_copies(plan: MergePlan, writer: ShardedWriter) -> None:
     SIGBUS guard as the executors read."""
     if not plan.copies:
         return
-    with MappingGuard(list({id(c): c for c in plan.checkpoints}.values())) as guard:
+    with MappingGuard(plan.checkpoints) as guard:
         for c in plan.copies:
             data = plan.checkpoints[0].array(c.name)
             guard.check()
@@ -426,10 +425,12 @@ def plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, ha
     tensors, copies = [], []
     for name in names:
         infos = [ck.info(name) for ck in checkpoints]
-        if all(_native.DTYPE_INFO.get(i.dtype_name, (0, False))[1] for i in infos):  # all floating point
-            tensors.append(_plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base, vocab))
+        if all(_native.is_floating(i.dtype_name) for i in infos):
+            tensors.append(_plan_tensor(cfg, method, resolver, labels, name, infos, n_layers, has_base, vocab))
         else:
-            copies.append(_plan_copy(checkpoints, labels, name, infos))
+            copies.append(_plan_copy(labels, name, infos))
+    if copies:
+        _check_copies_agree(checkpoints, labels, copies)
     return tensors, copies
 
 
@@ -437,9 +438,8 @@ _COPY_RULE = ("pymerge merges floating-point tensors and copies the others (buff
               "where every model holds the same values; dequantize quantized checkpoints first")
 
 
-def _plan_copy(checkpoints, labels, name, infos) -> CopyPlan:
-    """A tensor that is not floating point, checked now (before anything is written): one dtype, one shape
-    and the same bytes in every model. Buffers are small; reading them is guarded like any merge's read."""
+def _plan_copy(labels, name, infos) -> CopyPlan:
+    """A tensor that is not floating point: one dtype (one safetensors can store) and one shape in every model."""
     first = infos[0]
     for info, label in zip(infos[1:], labels[1:]):
         if info.dtype_name != first.dtype_name or tuple(info.shape) != tuple(first.shape):
@@ -449,21 +449,26 @@ def _plan_copy(checkpoints, labels, name, infos) -> CopyPlan:
     if first.dtype_name not in _native.DTYPE_INFO:
         raise CheckpointError(f"{labels[0]}: tensor {name!r} has dtype {first.dtype_name}, which safetensors "
                               f"cannot store")
-    with MappingGuard(list({id(c): c for c in checkpoints}.values())) as guard:
-        data = checkpoints[0].array(name)
-        for ck, label in zip(checkpoints[1:], labels[1:]):
-            same = np.array_equal(ck.array(name), data)
-            guard.check(then="no output was written")
-            if not same:
-                raise CheckpointError(f"{label}: tensor {name!r} ({_dname(first.dtype_name)}) differs from "
-                                      f"{labels[0]}'s; {_COPY_RULE}")
-            ck.release(name)
-        checkpoints[0].release(name)
-    return CopyPlan(name, first.dtype_name, tuple(first.shape), list(labels))
+    return CopyPlan(name, first.dtype_name, tuple(first.shape))
 
 
-def _plan_tensor(cfg, method, resolver, checkpoints, labels, name, n_layers, has_base, vocab=None) -> TensorPlan:
-    infos = [ck.info(name) for ck in checkpoints]
+def _check_copies_agree(checkpoints, labels, copies: List[CopyPlan]) -> None:
+    """Every model holds the same bytes in each copied tensor: checked before anything is written.
+    Buffers are small; the reads are guarded like any merge's."""
+    with MappingGuard(checkpoints) as guard:
+        for c in copies:
+            data = checkpoints[0].array(c.name)
+            for ck, label in zip(checkpoints[1:], labels[1:]):
+                same = np.array_equal(ck.array(c.name), data)
+                guard.check()
+                if not same:
+                    raise CheckpointError(f"{label}: tensor {c.name!r} ({_dname(c.dtype)}) differs from "
+                                          f"{labels[0]}'s; {_COPY_RULE}")
+                ck.release(c.name)
+            checkpoints[0].release(c.name)
+
+
+def _plan_tensor(cfg, method, resolver, labels, name, infos, n_layers, has_base, vocab=None) -> TensorPlan:
     in_dtypes = [i.dtype_name for i in infos]
     compute = DTYPES[cfg.dtype] if cfg.dtype else None
     casts = []

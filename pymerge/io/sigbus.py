@@ -20,7 +20,8 @@ class MappingGuard:
     """Context manager over checkpoints' mapped files; check() raises if one shrank under us."""
 
     def __init__(self, checkpoints, doing: str = "being merged"):
-        self._files = [s for ck in checkpoints for s in ck.shards if hasattr(s, "mapped_range")]
+        # each mapped file once, however many of the checkpoints (views, a model listed twice) share it
+        self._files = list({id(s): s for ck in checkpoints for s in ck.shards if hasattr(s, "mapped_range")}.values())
         self._ext = _native.cpu if hasattr(_native.cpu, "sigbus_guard_add") else None
         self._ranges: List[Tuple[int, int, object, str, tuple]] = []  # (begin, end, file, abs path, (dev, inode))
         self._slots: List[int] = []

@@ -67,17 +67,17 @@ def _guard_mapped(sources) -> MappingGuard:
 def _checks_mapped_files(merge):
     """Before and after every merge (or its failure): raises if a mapped checkpoint shrank, since a merge
     then reads zeros past its new end (the mmap tier reads the maps on every call)."""
+    incomplete = "the models merged into are incomplete, and this pool cannot merge again: build a new one"
+
     @functools.wraps(merge)
     def checked(self, *args, **kwargs):
         self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one")
         try:
             out = merge(self, *args, **kwargs)
-        except Exception:
-            self._guard.check(then="the models merged into are incomplete, and this pool cannot merge "
-                                   "again: build a new one")
+        except Exception:  # a KeyboardInterrupt passes as it is
+            self._guard.check(then=incomplete)
             raise
-        self._guard.check(then="the models merged into are incomplete, and this pool cannot merge again: "
-                               "build a new one")
+        self._guard.check(then=incomplete)
         return out
     return checked
 
