@@ -423,14 +423,14 @@ def plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, ha
                  vocab=None) -> Tuple[List[TensorPlan], List[CopyPlan]]:
     """The floating-point tensors' TensorPlans and the other tensors' CopyPlans, each in names' order."""
     tensors, copies = [], []
-    for name in names:
-        infos = [ck.info(name) for ck in checkpoints]
-        if all(_native.is_floating(i.dtype_name) for i in infos):
-            tensors.append(_plan_tensor(cfg, method, resolver, labels, name, infos, n_layers, has_base, vocab))
-        else:
-            copies.append(_plan_copy(labels, name, infos))
-    if copies:
-        _check_copies_agree(checkpoints, labels, copies)
+    with MappingGuard(checkpoints) as guard:  # a copy's bytes are read here: guarded like any merge's reads
+        for name in names:
+            infos = [ck.info(name) for ck in checkpoints]
+            if all(_native.is_floating(i.dtype_name) for i in infos):
+                tensors.append(_plan_tensor(cfg, method, resolver, labels, name, infos, n_layers, has_base, vocab))
+            else:
+                copies.append(_plan_copy(labels, name, infos))
+                _check_copy_agrees(checkpoints, labels, copies[-1], guard)
     return tensors, copies
 
 
@@ -452,20 +452,18 @@ def _plan_copy(labels, name, infos) -> CopyPlan:
     return CopyPlan(name, first.dtype_name, tuple(first.shape))
 
 
-def _check_copies_agree(checkpoints, labels, copies: List[CopyPlan]) -> None:
-    """Every model holds the same bytes in each copied tensor: checked before anything is written.
-    Buffers are small; the reads are guarded like any merge's."""
-    with MappingGuard(checkpoints) as guard:
-        for c in copies:
-            data = checkpoints[0].array(c.name)
-            for ck, label in zip(checkpoints[1:], labels[1:]):
-                same = np.array_equal(ck.array(c.name), data)
-                guard.check()
-                if not same:
-                    raise CheckpointError(f"{label}: tensor {c.name!r} ({_dname(c.dtype)}) differs from "
-                                          f"{labels[0]}'s; {_COPY_RULE}")
-                ck.release(c.name)
-            checkpoints[0].release(c.name)
+def _check_copy_agrees(checkpoints, labels, c: CopyPlan, guard: MappingGuard) -> None:
+    """Every model holds the same bytes in the copied tensor: checked before anything is written (buffers
+    are small)."""
+    data = checkpoints[0].array(c.name)
+    for ck, label in zip(checkpoints[1:], labels[1:]):
+        same = np.array_equal(ck.array(c.name), data)
+        guard.check()
+        if not same:
+            raise CheckpointError(f"{label}: tensor {c.name!r} ({_dname(c.dtype)}) differs from {labels[0]}'s; "
+                                  f"{_COPY_RULE}")
+        ck.release(c.name)
+    checkpoints[0].release(c.name)
 
 
 def _plan_tensor(cfg, method, resolver, labels, name, infos, n_layers, has_base, vocab=None) -> TensorPlan:
