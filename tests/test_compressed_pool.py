@@ -115,9 +115,23 @@ def _reference(pool, c_base, coef, name):
         elif e.fmt == "zero":
             theta = base
         else:
-            theta = base + cp.dequantize(e.codes, e.scales, e.fmt, base.numel()).double()
+            theta = base + cp.dequantize(e.int_codes(base.numel()), e.scales, e.fmt, base.numel()).double()
         acc = acc + coef[i] * theta
     return acc.view(st.shapes[name])
+
+
+def _pair_bound(st, name, coef):
+    """The paired int4 terms' documented extra error (pool/compressed.py): per element
+    sum_t |code_t| * 2^-14 * max_t |w_t * s_t| over its block; 0 where nothing is paired."""
+    numel = st.base[name].numel()
+    paired = [(i, e) for i, e in enumerate(st.entries[name]) if e.pair is not None]
+    if not paired or numel == 0:
+        return torch.zeros(numel, dtype=torch.float64)
+    c = torch.stack([(torch.tensor(coef[i], dtype=torch.float32) * e.scales.float()).double().abs() for i, e in paired])
+    codes = sum(cp.dequantize(e.int_codes(numel), torch.ones_like(e.scales), "int4", numel).double().abs()
+                for _, e in paired)
+    m = c.amax(dim=0).repeat_interleave(cp.BLOCK)[:numel]
+    return codes * 2.0 ** -14 * m
 
 
 def _check_close(out, ref, pool, name, c_base, coef):
@@ -130,7 +144,7 @@ def _check_close(out, ref, pool, name, c_base, coef):
     # one ulp of the output (the final rounding; Triton's interpreter truncates to bfloat16), as
     # tests/wsum_reference.py allows, plus float32 accumulation
     scale = torch.maximum(ref.abs().reshape(-1), out.double().abs().reshape(-1))
-    tol = ulp(scale, out.dtype) + (n_terms + 2) * 2.0 ** -23 * mag
+    tol = ulp(scale, out.dtype) + (n_terms + 2) * 2.0 ** -23 * mag + _pair_bound(st, name, coef)
     err = (out.double().reshape(-1) - ref.reshape(-1)).abs()
     assert bool((err <= tol).all()), (name, float((err - tol).max()))
 
@@ -278,6 +292,184 @@ def test_every_backend_gives_the_same_bits(n, monkeypatch):
             else:
                 assert torch.equal(out.view(bits), want.view(bits)), (backend, dtype)
     # and the bits are the float64 sum within float32 accumulation: checked by the tests above
+
+
+# ---- paired int4 (CPU pools: csrc/cpu/delta_decode.cpp's integer path) -----------------------------
+def _layout_reference(first: torch.Tensor, second: torch.Tensor, numel: int) -> torch.Tensor:
+    """The documented paired layout, element by element: element 8j + i of a block (j = 4r + h) in
+    word 8r + i, bits 4h.. (first checkpoint) and 16 + 4h.. (second), as code + 8."""
+    ones = torch.ones(cp.padded(numel) // cp.BLOCK, dtype=torch.bfloat16)
+    codes = [cp.dequantize(c, ones, "int4", numel).to(torch.int64) + 8 for c in (first, second)]
+    words = torch.zeros(cp.padded(numel) // cp.BLOCK, 16, dtype=torch.int64)
+    for e in range(cp.padded(numel)):
+        b, l = divmod(e, cp.BLOCK)
+        j, i = divmod(l, 8)
+        r, h = divmod(j, 4)
+        for slot in (0, 1):
+            code = int(codes[slot][e]) if e < numel else 8
+            words[b, 8 * r + i] |= code << (16 * slot + 4 * h)
+    return words.to(torch.int32).view(-1).view(torch.uint8)  # little-endian words as bytes
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 128, 129, 1031])
+def test_pair_layout_and_round_trip(n):
+    gen = torch.Generator().manual_seed(n)
+    a, b = (cp.quantize(torch.randn(n, generator=gen), torch.zeros(n), "int4")[0] for _ in range(2))
+    pair = cp.pair_int4(a, b, n)
+    assert pair.dtype == torch.uint8 and pair.numel() == cp.padded(n)  # 4.0 bits per element and checkpoint
+    assert torch.equal(pair, _layout_reference(a, b, n))
+    ua, ub = cp.unpair_int4(pair, n)
+    assert torch.equal(ua, a) and torch.equal(ub, b)
+
+
+def _paired_terms(n: int, seed: int, n_pairs: int, scale: float = 1e-3):
+    """A bfloat16 base, an int8 and an unpaired int4 delta, a float32 term with NaN/inf/denormals, then
+    n_pairs pairs of int4 deltas (one of them with a denormal block scale); also returns every
+    term's float64 values (code * scale) for a reference."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen).to(torch.bfloat16)
+    terms, scales, kinds, values = [base], [None], [_native.DTYPE_CODES[torch.bfloat16]], [base.double()]
+    for fmt, kind in (("int8", cp.KIND_Q8), ("int4", cp.KIND_Q4)):
+        codes, s = cp.quantize(torch.randn(n, generator=gen) * scale, torch.zeros(n), fmt)[:2]
+        terms, scales, kinds = terms + [codes], scales + [s], kinds + [kind]
+        values.append(cp.dequantize(codes, s, fmt, n).double())
+    x = torch.randn(n, generator=gen)
+    if n > 40:
+        x[n // 3: n // 3 + 3] = torch.tensor([float("nan"), float("inf"), 1e-42])
+    terms, scales, kinds, values = terms + [x], scales + [None], kinds + [_native.DTYPE_CODES[torch.float32]], \
+        values + [x.double()]
+    for p in range(n_pairs):
+        pair_codes, pair_scales = [], []
+        for slot in (0, 1):
+            d = torch.randn(n, generator=gen) * scale * (1 + 3 * p + slot)  # unequal magnitudes
+            d[:n // 4] = 0.0                                                   # zero codes
+            if p == 0 and slot == 1:
+                d[n // 2: n // 2 + 3] = 1e-41                                  # a denormal block scale
+            codes, s = cp.quantize(d, torch.zeros(n), "int4")[:2]
+            pair_codes.append(codes)
+            pair_scales.append(s)
+            values.append(cp.dequantize(codes, s, "int4", n).double())
+        buf = cp.pair_int4(*pair_codes, n)
+        terms += [buf, buf]
+        scales += pair_scales
+        kinds += [cp.KIND_Q4_FIRST, cp.KIND_Q4_SECOND]
+    return terms, scales, kinds, values
+
+
+def _pairs_bound(scales, kinds, values, w_row, n):
+    """The documented bound of the paired terms' integer sum, per element (float64)."""
+    first = kinds.index(cp.KIND_Q4_FIRST)
+    c = torch.stack([(torch.tensor(float(w_row[t]), dtype=torch.float32) * scales[t].float()).double().abs()
+                     for t in range(first, len(kinds))])
+    m = c.amax(dim=0).repeat_interleave(cp.BLOCK)[:n]
+    codes = sum((values[t] / scales[t].double().repeat_interleave(cp.BLOCK)[:n]).nan_to_num(0.0).abs()
+                for t in range(first, len(kinds)))
+    return codes * 2.0 ** -14 * m
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4096 + 97, 3 * 4096 + 64 * 5 + 3])
+@pytest.mark.parametrize("n_pairs", [1, 3, 9])
+def test_paired_terms_every_simd_level_same_bits_and_within_bound(n, n_pairs, monkeypatch):
+    """The C++ paths (AVX-512 routes paired jobs to AVX2's integer path, plain C++ computes the same
+    integers) agree bit for bit; against float64, the paired terms add at most the documented bound."""
+    terms, scales, kinds, values = _paired_terms(n, seed=n + n_pairs, n_pairs=n_pairs)
+    rng = np.random.default_rng(n)
+    w = rng.normal(size=(6, len(terms))).astype(np.float32)     # 6 outputs: two AVX-512 passes
+    w[1, kinds.index(cp.KIND_Q4_FIRST):] = 0.0                  # every paired coefficient zero
+    w[2, kinds.index(cp.KIND_Q4_FIRST)] *= 1e-6                 # one coefficient far below the others
+    got = {}
+    for level in ("avx512", "avx2", "scalar"):
+        monkeypatch.setenv("PYMERGE_SIMD", level)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            outs = [torch.full((n,), 7.0, dtype=dtype) for _ in range(len(w))]
+            cp.run_terms(terms, scales, kinds, n, w, outs, "cpu")
+            got[level, dtype] = torch.stack(outs)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        for level in ("avx2", "scalar"):
+            assert torch.equal(got[level, dtype].view(bits), got["avx512", dtype].view(bits)), (level, dtype)
+    out = got["avx2", torch.float32].double()
+    for k in range(len(w)):
+        ref = sum(float(w[k, t]) * v for t, v in enumerate(values))
+        mag = sum(abs(float(w[k, t])) * v.abs() for t, v in enumerate(values))
+        tol = ulp(ref.abs(), torch.float32) + (len(terms) + 2) * 2.0 ** -23 * mag + _pairs_bound(scales, kinds, values, w[k], n)
+        finite = torch.isfinite(ref)
+        inf = ref.isinf()
+        assert torch.equal(out[k].isnan(), ref.isnan()) and torch.equal(out[k][inf], ref[inf]), k
+        assert bool(((out[k] - ref).abs()[finite] <= tol[finite]).all()), (k, float(((out[k] - ref).abs() - tol)[finite].max()))
+
+
+def test_paired_terms_integer_path_is_what_it_documents():
+    """One element computed by hand with the documented integer arithmetic equals the kernel, and
+    coefficients beyond float32 give NaN (never a silently wrong value)."""
+    n = 64
+    terms, scales, kinds, values = _paired_terms(n, seed=2, n_pairs=2)
+    first = kinds.index(cp.KIND_Q4_FIRST)
+    terms, scales, kinds, values = terms[first:], scales[first:], kinds[first:], values[first:]
+    w = np.array([[0.3, -1.7, 2.5e-3, 0.9]], dtype=np.float32)
+    out = torch.empty(n)
+    cp.run_terms(terms, scales, kinds, n, w, [out], "cpu")
+    c = [np.float32(w[0, t]) * np.float32(float(scales[t][0])) for t in range(4)]
+    eb = max(1, int(np.abs(np.array(c, np.float32)).max().view(np.int32)) >> 23)
+    k = [int(np.clip(np.rint(float(x) * 2.0 ** (141 - eb)), -32767, 32767)) for x in c]
+    for e in range(n):
+        codes = [int(round(float(values[t][e]) / float(scales[t][0]))) if float(scales[t][0]) else 0 for t in range(4)]
+        want = np.float32(np.float32(sum(kt * q for kt, q in zip(k, codes))) * np.float32(2.0 ** (eb - 141)))
+        assert float(out[e]) == float(want), e
+    huge = np.array([[3e38, 3e38, 1.0, 1.0]], dtype=np.float32)   # w * s overflows float32
+    s_big = [torch.full_like(s, 4.0) for s in scales]
+    cp.run_terms(terms, s_big, kinds, n, huge, [out], "cpu")
+    assert bool(out.isnan().all())
+
+
+@pytest.mark.parametrize("bad", ["not last", "two buffers", "odd"])
+def test_paired_terms_checked_by_the_kernel(bad):
+    n = 64
+    terms, scales, kinds, _ = _paired_terms(n, seed=1, n_pairs=2)
+    first = kinds.index(cp.KIND_Q4_FIRST)
+    if bad == "not last":
+        terms, scales, kinds = terms[first:] + terms[:1], scales[first:] + scales[:1], kinds[first:] + kinds[:1]
+    elif bad == "two buffers":
+        terms = terms[:first] + [terms[first], terms[first + 2]] + terms[first + 2:]
+    else:
+        terms, scales, kinds = terms[:-1], scales[:-1], kinds[:-1]
+    with pytest.raises(ValueError, match="paired int4"):
+        cp.run_terms(terms, scales, kinds, n, np.ones((1, len(terms)), np.float32), [torch.empty(n)], "cpu")
+
+
+def test_cpu_pool_pairs_its_int4_checkpoints(tmp_path):
+    """A C++ pool pairs int4 checkpoints in order (an odd one out stays unpaired), decodes and saves
+    exactly what an unpaired pool holds, and merges within the documented bound of it."""
+    base, cks = _pool_inputs(SHAPES, n_ckpt=5, seed=13)
+    cks[2]["norm"] = base["norm"].clone()                        # "zero": skipped when pairing
+    pool = CheckpointPool(cks, base=base, compress="int4")
+    ref = CheckpointPool(cks, base=base, compress="int4", backend="torch")   # the float path, unpaired
+    st = pool._compressed
+    for name in SHAPES:
+        q4 = [e for e in st.entries[name] if e.fmt == "int4"]
+        assert [e.pair is not None for e in q4] == [i < len(q4) // 2 * 2 for i in range(len(q4))], name
+        assert all(e.codes is None for e in q4 if e.pair is not None)
+        for i in range(5):
+            assert torch.equal(pool.tensor(i, name), ref.tensor(i, name)), (name, i)
+    assert all(e.pair is None for es in ref._compressed.entries.values() for e in es)
+    assert abs(pool.nbytes - ref.nbytes) <= sum(128 for _ in SHAPES) * 5   # the same bytes, padding aside
+    pool.save(tmp_path / "p.safetensors")
+    ref.save(tmp_path / "r.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as a, safe_open(str(tmp_path / "r.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    w = [0.4, -0.3, 0.2, 0.5, 0.25]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = {n: torch.empty(s, dtype=dtype) for n, s in SHAPES.items()}
+        pool.materialize(w, into=got)
+        for name in SHAPES:
+            _check_close(got[name], _reference(pool, 0.0, w, name), pool, name, 0.0, w)
+    loaded = CheckpointPool.load(tmp_path / "p.safetensors")
+    assert any(e.pair is not None for es in loaded._compressed.entries.values() for e in es)
+    again = {n: torch.empty(s) for n, s in SHAPES.items()}
+    pool.materialize(w, into=got)
+    loaded.materialize(w, into=again)
+    assert all(torch.equal(got[n].float(), again[n].to(got[n].dtype).float()) for n in SHAPES)
 
 
 @pytest.mark.parametrize("simd", ["avx512", "avx2"])

@@ -15,6 +15,9 @@
 // keeps the accumulators of up to 4 outputs there; the AVX2 path decodes in registers too, one
 // output per pass (8 accumulators); the plain build (and every path's last partial scale block)
 // decodes 4096 elements into L1 and accumulates.
+//
+// Paired int4 terms (CPU pools; see "paired int4" below) sum in int32 instead, two checkpoints per
+// vpmaddwd: half the instructions of the float decode, which is this CPU path's limit.
 #include <immintrin.h>
 #include <pybind11/stl.h>
 #include <algorithm>
@@ -31,11 +34,12 @@ namespace py = pybind11;
 namespace pymerge {
 namespace {
 
-enum Kind : int { Q8 = 16, Q4 = 17 };  // dense terms carry their dtype code (F32, F16, BF16)
+enum Kind : int { Q8 = 16, Q4 = 17, Q4PA = 18, Q4PB = 19 };  // dense terms carry their dtype code (F32, F16, BF16)
 constexpr int64_t kQBlock = 64;        // elements per scale
 constexpr int64_t kGroup = 128;        // int4 packing unit: two scale blocks
 constexpr int64_t kBlock = 4096;       // elements per work unit, a multiple of kQBlock
 constexpr int kMaxK = 4;               // outputs per AVX-512 pass: 4 * 4 accumulators of the 32 zmm registers
+constexpr int64_t kMaxPairs = 1024;    // paired terms per call: their int32 sums cannot overflow
 
 // ---- arithmetic, shared by every path and backend -----------------------------------------------
 // coef = float32(w * s) once per output, term and scale block (s = 1 for dense terms), then
@@ -60,15 +64,89 @@ struct Job {
   const int* out_dt;
   int64_t n_out;
   bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
-  const Run* runs;
+  const Run* runs;     // of the terms before pair_t0
   int64_t n_runs;
+  int64_t pair_t0;     // terms pair_t0.. are paired int4 terms, Q4PA then Q4PB, n_pairs of each
+  int64_t n_pairs;
 };
 
 inline bool quantized(int kind) { return kind == Q8 || kind == Q4; }
+inline bool paired(int kind) { return kind == Q4PA || kind == Q4PB; }
 
 inline float scale_at(const Job& J, int64_t t, int64_t e) {
   return bf16_to_f32(reinterpret_cast<const uint16_t*>(J.scales[t])[e / kQBlock]);
 }
+
+// ---- paired int4 ----------------------------------------------------------------------------------
+// A CPU pool holds its int4 checkpoints two by two (pymerge/pool/compressed.py, pair_int4): per block
+// of 64 elements, 64 bytes read as 16 little-endian 32-bit words; element 8j + i (j = 4r + h) is in
+// word 8r + i, bits 4h..4h+3 for the pair's first checkpoint and 16 + 4h..19 + 4h for its second,
+// as code + 8. One shift and one mask give 8 elements of both, one int16 each, which vpmaddwd
+// multiplies by the two coefficients and adds.
+//
+// Their arithmetic, per output and block: c_t = float32(w * s_t) as for any term; M = max_t |c_t|
+// (compared as bits, so NaN and inf show); eb = max(1, biased exponent of M); k_t = clamp(
+// nearbyint(c_t * 2^(141 - eb)), -32767, 32767): each coefficient to 15 bits of the largest (|k| <
+// 2^15); S = sum_t k_t * code_t exactly in int32; the block's accumulation starts at P = float32(S) *
+// 2^(eb - 141) (where a float term would start at -0.0) and the other terms follow in order. Per
+// element the error against the float64 sum of c_t * code_t is below sum_t |code_t| * 2^-14 * M
+// (two multiplications by powers of two stand for 2^(141 - eb), which float32 cannot hold). A
+// non-finite M makes P NaN.
+inline float pow2f(int e) { return bits_to_f32(uint32_t(127 + e) << 23); }  // -126 <= e <= 127
+
+struct PairScale {
+  float up1, up2, down1, down2;  // 2^a, 2^b, 2^-a, 2^-b with a + b = 141 - eb
+};
+
+inline PairScale pair_scale(uint32_t max_bits) {
+  if (max_bits >= 0x7f800000u) {
+    const float nan = bits_to_f32(0x7fc00000u);
+    return {1.0f, 1.0f, nan, nan};
+  }
+  const int eb = std::max(1, int(max_bits >> 23));
+  const int a = (141 - eb) >> 1, b = 141 - eb - a;
+  return {pow2f(a), pow2f(b), pow2f(-a), pow2f(-b)};
+}
+
+inline int32_t pair_coef(float c, const PairScale& ps) {
+  const float x = std::nearbyint(c * ps.up1 * ps.up2);
+  return int32_t(std::min(32767.0f, std::max(-32767.0f, x)));
+}
+
+// The code + 8 of element e of a pair's first (second = 0) or second (1) checkpoint.
+inline int q4p_nibble(const uint8_t* p, int64_t e, int second) {
+  const int64_t l = e % kQBlock, j = l / 8;
+  uint32_t word;
+  std::memcpy(&word, p + e / kQBlock * 64 + 32 * (j / 4) + 4 * (l % 8), 4);
+  return int((word >> (16 * second + 4 * (j % 4))) & 15);
+}
+
+// dst[0..n) = P for output k at elements start .. start+n-1 (start a multiple of kQBlock).
+inline void pairs_portable(const Job& J, int64_t k, int64_t start, int64_t n, float* __restrict dst) {
+  thread_local std::vector<int32_t> kt;
+  kt.resize(size_t(2 * J.n_pairs));
+  for (int64_t i = 0; i < n; i += kQBlock) {
+    const int64_t e = start + i;
+    uint32_t max_bits = 0;
+    for (int64_t t = J.pair_t0; t < J.n_terms; ++t)
+      max_bits = std::max(max_bits, f32_to_bits(J.w[k * J.n_terms + t] * scale_at(J, t, e)) & 0x7fffffffu);
+    const PairScale ps = pair_scale(max_bits);
+    int64_t bias = 0;
+    for (int64_t t = J.pair_t0; t < J.n_terms; ++t) {
+      kt[t - J.pair_t0] = pair_coef(J.w[k * J.n_terms + t] * scale_at(J, t, e), ps);
+      bias += 8 * int64_t(kt[t - J.pair_t0]);
+    }
+    for (int64_t j = i; j < std::min(n, i + kQBlock); ++j) {
+      int32_t sum = 0;
+      for (int64_t p = 0; p < J.n_pairs; ++p) {
+        const uint8_t* codes = reinterpret_cast<const uint8_t*>(J.data[J.pair_t0 + 2 * p]);
+        sum += kt[2 * p] * q4p_nibble(codes, start + j, 0) + kt[2 * p + 1] * q4p_nibble(codes, start + j, 1);
+      }
+      dst[j] = float(sum - int32_t(bias)) * ps.down1 * ps.down2;
+    }
+  }
+}
+
 
 // ---- portable path (plain x86-64; an AVX2 build of it does the AVX2 path's partial blocks) -----
 // int4 code of element e: word (e % 128) % 16 of its group, nibble (e % 128) / 16.
@@ -102,7 +180,9 @@ inline void decode_block(const Job& J, int64_t t, int64_t start, int64_t n, floa
 // __builtin_fmaf: one instruction where the target has FMA (AVX2 build), glibc's exact fmaf otherwise.
 inline void block_portable_body(const Job& J, int64_t start, int64_t n, float* accs, float* xbuf) {
   std::fill(accs, accs + J.n_out * kBlock, -0.0f);
-  for (int64_t t = 0; t < J.n_terms; ++t) {
+  if (J.n_pairs > 0)
+    for (int64_t k = 0; k < J.n_out; ++k) pairs_portable(J, k, start, n, accs + k * kBlock);
+  for (int64_t t = 0; t < J.pair_t0; ++t) {
     decode_block(J, t, start, n, xbuf);
     const bool q = quantized(J.kind[t]);
     for (int64_t k = 0; k < J.n_out; ++k) {
@@ -226,7 +306,10 @@ DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t le
   }
 }
 
+__attribute__((target("avx2,fma,f16c"))) void block_avx2_regs(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf);
+
 DD_AVX512 void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
+  if (J.n_pairs > 0) return block_avx2_regs(J, start, len, accs, xbuf);  // paired int4: the AVX2 integer path
   static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t, float*) = {
       blocks_avx512<1>, blocks_avx512<2>, blocks_avx512<3>, blocks_avx512<4>};
   for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 4 outputs: re-read the unit from cache
@@ -258,12 +341,104 @@ DD_AVX2 inline void fma_q4_block(__m256 acc[8], const char* group, float c) {
   }
 }
 
+// The paired terms' tables for the nb blocks of a unit (coef: their c_t, as below): kp[p * kUnitBlocks
+// + b] = k of pair p's first term | k of its second << 16, bias[b] = 8 * sum_t k_t, down[2 * b + i]
+// = the PairScale's down factors. Eight blocks per step, the same operations as pair_scale and
+// pair_coef; the last nb % 8 blocks through those.
+DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32_t* kp, int32_t* bias, float* down) {
+  int64_t b = 0;
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), lim = _mm256_set1_epi32(32767);
+  for (; b + 8 <= nb; b += 8) {
+    __m256i mx = _mm256_setzero_si256();
+    for (int64_t t = J.pair_t0; t < J.n_terms; ++t)
+      mx = _mm256_max_epu32(mx, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(coef + t * kUnitBlocks + b)), abs_mask));
+    const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), mx);
+    const __m256i eb = _mm256_max_epi32(_mm256_set1_epi32(1), _mm256_srli_epi32(mx, 23));
+    const __m256i sh = _mm256_sub_epi32(_mm256_set1_epi32(141), eb);
+    const __m256i a = _mm256_srai_epi32(sh, 1), bb = _mm256_sub_epi32(sh, a);
+    const __m256i e127 = _mm256_set1_epi32(127);
+    const __m256 up1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e127, a), 23));
+    const __m256 up2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e127, bb), 23));
+    const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+    const __m256 up1f = _mm256_blendv_ps(_mm256_set1_ps(1.0f), up1, _mm256_castsi256_ps(finite));
+    const __m256 up2f = _mm256_blendv_ps(_mm256_set1_ps(1.0f), up2, _mm256_castsi256_ps(finite));
+    const __m256 d1 = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, a), 23)), _mm256_castsi256_ps(finite));
+    const __m256 d2 = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, bb), 23)), _mm256_castsi256_ps(finite));
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t p = 0; p < J.n_pairs; ++p) {
+      __m256i kk[2];
+      for (int i = 0; i < 2; ++i) {
+        const __m256 c = _mm256_loadu_ps(coef + (J.pair_t0 + 2 * p + i) * kUnitBlocks + b);
+        // cvtps rounds to nearest even (the MXCSR default), as nearbyint; a NaN or beyond-range
+        // value (only where M is not finite, whose P is NaN anyway) converts to INT_MIN
+        const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(c, up1f), up2f));
+        kk[i] = _mm256_min_epi32(lim, _mm256_max_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), lim), r));
+        sum = _mm256_add_epi32(sum, kk[i]);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + p * kUnitBlocks + b),
+                          _mm256_or_si256(_mm256_and_si256(kk[0], _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(kk[1], 16)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bias + b), _mm256_slli_epi32(sum, 3));
+    const __m256 lo = _mm256_unpacklo_ps(d1, d2), hi = _mm256_unpackhi_ps(d1, d2);  // d1[b], d2[b] adjacent
+    _mm256_storeu_ps(down + 2 * b, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(down + 2 * b + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+  for (; b < nb; ++b) {
+    uint32_t max_bits = 0;
+    for (int64_t t = J.pair_t0; t < J.n_terms; ++t)
+      max_bits = std::max(max_bits, f32_to_bits(coef[t * kUnitBlocks + b]) & 0x7fffffffu);
+    const PairScale ps = pair_scale(max_bits);
+    int32_t sum = 0;
+    for (int64_t p = 0; p < J.n_pairs; ++p) {
+      const int32_t k0 = pair_coef(coef[(J.pair_t0 + 2 * p) * kUnitBlocks + b], ps);
+      const int32_t k1 = pair_coef(coef[(J.pair_t0 + 2 * p + 1) * kUnitBlocks + b], ps);
+      kp[p * kUnitBlocks + b] = int32_t((uint32_t(k0) & 0xffffu) | (uint32_t(k1) << 16));
+      sum += k0 + k1;
+    }
+    bias[b] = 8 * sum;
+    down[2 * b] = ps.down1;
+    down[2 * b + 1] = ps.down2;
+  }
+}
+
+// acc[j] += k0 * first + k1 * second (int32) for the 64 elements of a paired block.
+DD_AVX2 inline void madd_q4p_block(__m256i acc[8], const char* p, __m256i k) {
+  const __m256i m = _mm256_set1_epi32(0x000f000f);
+  const __m256i v[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    const int h = j % 4;
+    const __m256i x = _mm256_and_si256(h ? _mm256_srli_epi32(v[j / 4], 4 * h) : v[j / 4], m);
+    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(x, k));
+  }
+}
+
+// dst[0..64) = P of the block at element e (kp: its first pair's k, the next pair's kUnitBlocks on).
+// Not inlined: in its own frame the 8 int32 accumulators stay in registers (inlined, GCC kept the
+// caller's constants there and spilled 3 of them in every pair's step).
+DD_AVX2 __attribute__((noinline)) void pairs_block_avx2(const Job& J, int64_t e, const int32_t* kp, int32_t bias,
+                                                        const float* down, float* dst) {
+  __m256i ia[8];
+  for (int j = 0; j < 8; ++j) ia[j] = _mm256_setzero_si256();
+  int64_t p = 0;
+  do {  // n_pairs >= 1: no zero-trip path, for which GCC kept a copy of ia in memory (rep stos per call)
+    const char* q = reinterpret_cast<const char*>(J.data[J.pair_t0 + 2 * p]) + e;  // 64 bytes per block
+    _mm_prefetch(q + kPrefetchBytes, _MM_HINT_T0);
+    madd_q4p_block(ia, q, _mm256_set1_epi32(kp[p * kUnitBlocks]));
+  } while (++p < J.n_pairs);
+  const __m256i bi = _mm256_set1_epi32(bias);
+  const __m256 d1 = _mm256_set1_ps(down[0]), d2 = _mm256_set1_ps(down[1]);
+  for (int j = 0; j < 8; ++j)
+    _mm256_store_ps(dst + 8 * j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[j], bi)), d1), d2));
+}
+
 // Whole scale blocks of one unit for output k: as blocks_avx512 with K = 1.
 DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, float* coef) {
   const int64_t nb = len / kQBlock;
   const float* wk = J.w + k * J.n_terms;
   for (int64_t t = 0; t < J.n_terms; ++t) {  // coef[t * kUnitBlocks + b] = float32(w * scale of block b)
-    if (!quantized(J.kind[t])) continue;
+    if (!quantized(J.kind[t]) && !paired(J.kind[t])) continue;
     const uint16_t* s = reinterpret_cast<const uint16_t*>(J.scales[t]) + start / kQBlock;
     const __m256 w = _mm256_set1_ps(wk[t]);
     int64_t b = 0;
@@ -273,13 +448,23 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
     }
     for (; b < nb; ++b) coef[t * kUnitBlocks + b] = wk[t] * bf16_to_f32(s[b]);
   }
+  int32_t* kp = reinterpret_cast<int32_t*>(coef + J.n_terms * kUnitBlocks);  // the paired terms' tables
+  int32_t* bias = kp + J.n_pairs * kUnitBlocks;
+  float* down = reinterpret_cast<float*>(bias + kUnitBlocks);
+  if (J.n_pairs > 0) pair_tables_avx2(J, nb, coef, kp, bias, down);
   const int dt = J.out_dt[k];
   const bool stream = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k, start)) % 32 == 0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t e = start + b * kQBlock;
     const bool second = e % kGroup != 0;
     __m256 acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_set1_ps(-0.0f);
+    if (J.n_pairs > 0) {
+      alignas(32) float p_start[kQBlock];
+      pairs_block_avx2(J, e, kp + b, bias[b], down + 2 * b, p_start);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_load_ps(p_start + 8 * j);
+    } else {
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_set1_ps(-0.0f);
+    }
     for (int64_t r = 0; r < J.n_runs; ++r) {
       const Run run = J.runs[r];
       if (run.kind == Q4) {
@@ -353,23 +538,34 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
   if (int64_t(scales.size()) != n_terms || int64_t(kinds.size()) != n_terms ||
       int64_t(out_dtypes.size()) != n_out || int64_t(weights.size()) != n_terms * n_out)
     throw std::invalid_argument("delta_accumulate: inconsistent argument lengths");
+  int64_t pair_t0 = n_terms;
   for (int64_t t = 0; t < n_terms; ++t) {
     const int k = kinds[t];
-    if (!(k == F32 || k == F16 || k == BF16 || quantized(k))) throw std::invalid_argument("delta_accumulate: bad term kind");
-    if (quantized(k) && scales[t] == 0) throw std::invalid_argument("delta_accumulate: quantized term without scales");
+    if (!(k == F32 || k == F16 || k == BF16 || quantized(k) || paired(k)))
+      throw std::invalid_argument("delta_accumulate: bad term kind");
+    if ((quantized(k) || paired(k)) && scales[t] == 0)
+      throw std::invalid_argument("delta_accumulate: quantized term without scales");
+    if (paired(k) && pair_t0 == n_terms) pair_t0 = t;
+    if (t >= pair_t0 && (k != ((t - pair_t0) % 2 ? Q4PB : Q4PA) || ((t - pair_t0) % 2 && data[t] != data[t - 1])))
+      throw std::invalid_argument("delta_accumulate: paired int4 terms come last, each first/second pair on one buffer");
   }
+  const int64_t n_pairs = (n_terms - pair_t0) / 2;
+  if ((n_terms - pair_t0) % 2 || n_pairs > kMaxPairs)
+    throw std::invalid_argument("delta_accumulate: paired int4 terms come in whole pairs, at most 1024 of them");
   for (int dt : out_dtypes) if (dt < F32 || dt > BF16) throw std::invalid_argument("delta_accumulate: bad output dtype code");
   if (numel <= 0) return;
   const BlockFn block = pick_block();
   std::vector<Run> runs;
-  for (int64_t t = 0; t < n_terms; ++t) {
+  for (int64_t t = 0; t < pair_t0; ++t) {
     if (runs.empty() || runs.back().kind != kinds[t]) runs.push_back({kinds[t], t, t});
     runs.back().t1 = t + 1;
   }
   const Job J{data.data(), scales.data(), kinds.data(), n_terms, weights.data(), out_ptrs.data(), out_dtypes.data(),
-              n_out, numel * 2 >= kStreamBytes, runs.data(), int64_t(runs.size())};
-  // accs also holds the AVX-512 path's coefficients (n_terms * kMaxK per scale block of a unit)
-  const size_t acc_floats = size_t(std::max(n_out * kBlock, n_terms * kMaxK * kUnitBlocks));
+              n_out, numel * 2 >= kStreamBytes, runs.data(), int64_t(runs.size()), pair_t0, n_pairs};
+  // accs also holds the SIMD paths' coefficients (n_terms * kMaxK per scale block of a unit) and the
+  // paired terms' tables (n_pairs + 3 per scale block)
+  const size_t acc_floats = size_t(std::max({n_out * kBlock, n_terms * kMaxK * kUnitBlocks,
+                                             (n_terms + n_pairs + 3) * kUnitBlocks}));
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
   const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
@@ -477,9 +673,11 @@ void register_delta_decode(py::module_& m) {
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("num_threads") = 0,
         py::call_guard<py::gil_scoped_release>(),
         "out_k = sum_t weights[k*T+t] * decode(term_t): dense (dtype codes 0-2), int8 (16) or int4 (17) "
-        "terms with bfloat16 scales per 64 elements (raw pointers).");
+        "terms with bfloat16 scales per 64 elements, then paired int4 terms (18, 19: one buffer, two "
+        "checkpoints, summed in int32) last (raw pointers).");
   m.attr("DELTA_Q8") = int(Q8);
   m.attr("DELTA_Q4") = int(Q4);
+  m.attr("DELTA_Q4_PAIR") = py::make_tuple(int(Q4PA), int(Q4PB));
   m.attr("DELTA_BLOCK") = kQBlock;
 }
 

@@ -33,6 +33,14 @@ float32 operations in the same order (coef = w * scale per block, then one fma p
 -0.0), so they agree bit for bit (NaN payloads aside: the GPU's are canonical); torch agrees on
 the sign of zero and within the float32 accumulation bound. Methods that are not weighted sums (TIES,
 DARE, ...) run on decoded inputs: base + decode(delta_i) in float32, selection on decoded deltas.
+
+A pool on the C++ backend holds its int4 checkpoints two by two (pair_int4; the same bytes, a
+layout csrc/cpu/delta_decode.cpp documents) and sums each block's int4 terms in int32 with each
+coefficient w * s rounded to 15 bits of the block's largest (two checkpoints per vpmaddwd: the
+float decode's instruction count was the AVX2 kernel's limit). That adds at most
+sum_t |code_t| * 2^-14 * max_t |w_t * s_t| per element to the float32 accumulation's error: at N = 16,
+below 2^-7 of the largest term's own int4 rounding step. An odd checkpoint out, and every other
+backend, keeps the float path. Saved files hold the unpaired layout.
 """
 import json
 import math
@@ -52,6 +60,8 @@ COMPRESS_MODES = ("int8", "int4", "auto")
 FORMATS = ("zero", "int4", "int8", "exact")
 DEFAULT_BUDGET = 1e-2
 KIND_Q8, KIND_Q4 = 16, 17  # csrc/cpu/delta_decode.cpp and kernels/delta_decode.py
+KIND_Q4_FIRST, KIND_Q4_SECOND = 18, 19  # a pair of int4 checkpoints in one buffer (C++ only)
+MAX_PAIRS = 1024           # per tensor, as csrc/cpu/delta_decode.cpp (its int32 sums)
 _HELD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 META_KEY = "pymerge.compressed_pool"
 VERSION = 2           # 1: int4 in byte strips of 32 (byte j: element j low, j + 16 high); read and repacked
@@ -103,13 +113,20 @@ class Encoded:
     fmt: str
     rel_error: float
     delta_norm: float                        # ||delta||_2 (float64), to combine errors over tensors
-    codes: Optional[torch.Tensor] = None     # int8 [padded] or uint8 [padded / 2]
+    codes: Optional[torch.Tensor] = None     # int8 [padded] or uint8 [padded / 2]; None while paired
     scales: Optional[torch.Tensor] = None    # bfloat16 [blocks]
     exact: Optional[torch.Tensor] = None     # the checkpoint's tensor as held (format "exact")
+    pair: Optional[torch.Tensor] = None      # int4 held paired with another checkpoint: the shared buffer
+    slot: int = 0                            # ... of which this is the first (0) or second (1) half
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.exact) if t is not None)
+        own = sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.exact) if t is not None)
+        return own + (self.pair.numel() // 2 if self.pair is not None else 0)
+
+    def int_codes(self, numel: int) -> Optional[torch.Tensor]:
+        """The codes in the saved (unpaired) layout: held, or taken out of the pair buffer."""
+        return unpair_int4(self.pair, numel)[self.slot] if self.pair is not None else self.codes
 
 
 def padded(numel: int) -> int:
@@ -137,11 +154,47 @@ def quantize(theta: torch.Tensor, base: torch.Tensor, fmt: str, num_threads: int
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, numel: int) -> torch.Tensor:
     """float32 values of int8/int4 codes (exact: a code times a bfloat16 scale fits float32)."""
     if fmt == "int4":
-        words = codes.view(-1, 16, 4).to(torch.int16)             # [group, word i, byte k]
-        nibbles = torch.stack([words & 15, words >> 4], dim=3)     # [group, i, k, low/high]: nibble h = 2k + s
-        codes = (nibbles.view(-1, 16, 8).transpose(1, 2) - 8).reshape(-1)[:padded(numel)]  # element 16h + i
+        codes = (int4_nibbles(codes).to(torch.int16) - 8)[:padded(numel)]
     values = codes.view(-1, BLOCK).float() * scales.float()[:, None]
     return values.view(-1)[:numel]
+
+
+def int4_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 code + 8 of every element of int4 codes, in element order (padding included)."""
+    words = codes.view(-1, 16, 4)                                   # [group, word i, byte k]
+    nib = torch.stack([words & 15, words >> 4], dim=3)              # [group, i, k, s]: nibble h = 2k + s
+    return nib.view(-1, 16, 8).transpose(1, 2).reshape(-1)          # element 16h + i
+
+
+def int4_pack(nibbles: torch.Tensor) -> torch.Tensor:
+    """int4_nibbles' inverse: element-order code + 8 (a whole number of groups) as int4 codes."""
+    nib = nibbles.view(-1, 8, 16).transpose(1, 2).reshape(-1, 16, 4, 2)  # [group, word i, byte k, s]
+    return (nib[..., 0] | (nib[..., 1] << 4)).reshape(-1).contiguous()
+
+
+def pair_int4(first: torch.Tensor, second: torch.Tensor, numel: int) -> torch.Tensor:
+    """Two checkpoints' int4 codes (of one tensor) in the paired layout: per block of 64 elements 64
+    bytes, 16 little-endian words; element 8j + i (j = 4r + h) in word 8r + i, bits 4h.. for the
+    first checkpoint and 16 + 4h.. for the second, as code + 8."""
+    nb = padded(numel) // BLOCK
+    halves = []
+    for codes in (first, second):
+        nib = int4_nibbles(codes)[:nb * BLOCK].view(nb, 2, 4, 8).transpose(2, 3)   # [block, r, i, h]
+        halves.append(nib[..., 0::2] | (nib[..., 1::2] << 4))                      # bytes 2 per word
+    return torch.cat(halves, dim=3).reshape(-1).contiguous()                        # [block, r, i, 4 bytes]
+
+
+def unpair_int4(pair: torch.Tensor, numel: int):
+    """pair_int4's inverse: the two checkpoints' codes in the unpaired layout (padding: code 0)."""
+    nb = padded(numel) // BLOCK
+    words = pair.view(nb, 2, 8, 4)
+    out = []
+    for half in (words[..., :2], words[..., 2:]):
+        nib = torch.stack([half & 15, half >> 4], dim=4).reshape(nb, 2, 8, 4).transpose(2, 3).reshape(-1)
+        full = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
+        full[:nib.numel()] = nib
+        out.append(int4_pack(full))
+    return out
 
 
 def repack_v1_int4(codes: torch.Tensor, numel: int) -> torch.Tensor:
@@ -151,8 +204,7 @@ def repack_v1_int4(codes: torch.Tensor, numel: int) -> torch.Tensor:
     values = torch.cat([strips & 15, strips >> 4], dim=1).view(-1)   # code + 8, element order
     out = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
     out[:values.numel()] = values
-    nib = out.view(-1, 8, 16).transpose(1, 2).reshape(-1, 16, 4, 2)   # [group, word i, byte k, s]: h = 2k + s
-    return (nib[..., 0] | (nib[..., 1] << 4)).reshape(-1).contiguous()
+    return int4_pack(out)
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
@@ -206,14 +258,27 @@ class CompressedStore:
         return cls(names, shapes, base, entries, [s.label for s in opened], mode, budget, skipped)
 
     def to(self, device: torch.device) -> "CompressedStore":
-        """The store with every tensor on `device` (itself on the CPU)."""
+        """The store with every tensor on `device` (itself on the CPU), unpaired off the CPU."""
         if device.type == "cpu":
             return self
         move = (lambda t: None if t is None else t.to(device))
         base = {n: move(t) for n, t in self.base.items()}
-        entries = {n: [Encoded(e.fmt, e.rel_error, e.delta_norm, move(e.codes), move(e.scales), move(e.exact))
-                       for e in es] for n, es in self.entries.items()}
+        entries = {n: [Encoded(e.fmt, e.rel_error, e.delta_norm, move(e.int_codes(self.base[n].numel())),
+                               move(e.scales), move(e.exact)) for e in es] for n, es in self.entries.items()}
         return CompressedStore(self.names, self.shapes, base, entries, self.labels, self.mode, self.budget, self.skipped)
+
+    def pair_int4(self) -> "CompressedStore":
+        """Holds each tensor's int4 checkpoints two by two, in checkpoint order, for the C++ kernel's
+        integer path (module docstring); the same bytes, so nbytes barely moves. Returns self."""
+        for name in self.names:
+            numel = self.base[name].numel()
+            q4 = [e for e in self.entries[name] if e.fmt == "int4" and e.pair is None]
+            for a, b in list(zip(q4[0::2], q4[1::2]))[:MAX_PAIRS]:
+                buf = pair_int4(a.codes, b.codes, numel)
+                a.pair, a.slot, a.codes = buf, 0, None
+                b.pair, b.slot, b.codes = buf, 1, None
+        self._terms.clear()
+        return self
 
     # ---- sizes and report ---------------------------------------------------------------------------
     @property
@@ -260,7 +325,7 @@ class CompressedStore:
         elif e.fmt == "zero":
             flat = base.to(torch.float32, copy=True)
         else:
-            flat = base.float() + dequantize(e.codes, e.scales, e.fmt, base.numel())
+            flat = base.float() + dequantize(e.int_codes(base.numel()), e.scales, e.fmt, base.numel())
         return flat.view(self.shapes[name])
 
     # ---- merging ------------------------------------------------------------------------------------
@@ -268,8 +333,9 @@ class CompressedStore:
         hit = self._terms.get(name)
         if hit is None:
             tensors, scales, kinds, cols, exact_cols = [self.base[name]], [None], [_dense_kind(self.base[name])], [], []
+            pairs = [(i, e) for i, e in enumerate(self.entries[name]) if e.pair is not None]
             for i, e in enumerate(self.entries[name]):
-                if e.fmt == "zero":
+                if e.fmt == "zero" or e.pair is not None:
                     continue
                 cols.append(i)
                 if e.fmt == "exact":
@@ -281,6 +347,11 @@ class CompressedStore:
                     tensors.append(e.codes)
                     scales.append(e.scales)
                     kinds.append(KIND_Q8 if e.fmt == "int8" else KIND_Q4)
+            for i, e in pairs:  # last, first and second of each pair in turn (the kernel's order)
+                cols.append(i)
+                tensors.append(e.pair)
+                scales.append(e.scales)
+                kinds.append(KIND_Q4_SECOND if e.slot else KIND_Q4_FIRST)
             hit = self._terms[name] = _Terms(tensors, scales, kinds, np.array(cols, dtype=np.int64),
                                              np.array(exact_cols, dtype=np.int64))
         return hit
@@ -316,8 +387,8 @@ class CompressedStore:
         for name in self.names:
             tensors[f"base/{name}"] = self.base[name].cpu()
             for i, e in enumerate(self.entries[name]):
-                for part in ("codes", "scales", "exact"):
-                    t = getattr(e, part)
+                for part, t in (("codes", e.int_codes(self.base[name].numel())), ("scales", e.scales),
+                                ("exact", e.exact)):
                     if t is not None:
                         tensors[f"{i}/{name}/{part}"] = t.cpu()
             table.append({"name": name, "shape": list(self.shapes[name]),
@@ -481,6 +552,8 @@ def _decode_term(x, s, kind: int, numel: int) -> torch.Tensor:
         return dequantize(x, s, "int8", numel)
     if kind == KIND_Q4:
         return dequantize(x, s, "int4", numel)
+    if kind in (KIND_Q4_FIRST, KIND_Q4_SECOND):  # a paired store on another backend: the float path
+        return dequantize(unpair_int4(x, numel)[kind - KIND_Q4_FIRST], s, "int4", numel)
     return x.reshape(-1).float()
 
 
