@@ -90,22 +90,20 @@ inline float scale_at(const Job& J, int64_t t, int64_t e) {
 // 2^15); S = sum_t k_t * code_t exactly in int32; the block's accumulation starts at P = float32(S) *
 // 2^(eb - 141) (where a float term would start at -0.0) and the other terms follow in order. Per
 // element the error against the float64 sum of c_t * code_t is below sum_t |code_t| * 2^-14 * M
-// (two multiplications by powers of two stand for 2^(141 - eb), which float32 cannot hold). A
-// non-finite M makes P NaN.
+// (two multiplications by powers of two stand for 2^(141 - eb), which float32 cannot hold; 2^(eb -
+// 141) it can, a subnormal at worst). A non-finite M makes P NaN.
 inline float pow2f(int e) { return bits_to_f32(uint32_t(127 + e) << 23); }  // -126 <= e <= 127
 
 struct PairScale {
-  float up1, up2, down1, down2;  // 2^a, 2^b, 2^-a, 2^-b with a + b = 141 - eb
+  float up1, up2, down;  // 2^a, 2^b with a + b = 141 - eb; 2^(eb - 141)
 };
 
 inline PairScale pair_scale(uint32_t max_bits) {
-  if (max_bits >= 0x7f800000u) {
-    const float nan = bits_to_f32(0x7fc00000u);
-    return {1.0f, 1.0f, nan, nan};
-  }
+  if (max_bits >= 0x7f800000u) return {1.0f, 1.0f, bits_to_f32(0x7fc00000u)};
   const int eb = std::max(1, int(max_bits >> 23));
   const int a = (141 - eb) >> 1, b = 141 - eb - a;
-  return {pow2f(a), pow2f(b), pow2f(-a), pow2f(-b)};
+  // 2^(eb - 141) >= 2^-140: a subnormal below 2^-126, exact all the same
+  return {pow2f(a), pow2f(b), eb - 141 >= -126 ? pow2f(eb - 141) : bits_to_f32(1u << (eb - 141 + 149))};
 }
 
 inline int32_t pair_coef(float c, const PairScale& ps) {
@@ -142,7 +140,7 @@ inline void pairs_portable(const Job& J, int64_t k, int64_t start, int64_t n, fl
         const uint8_t* codes = reinterpret_cast<const uint8_t*>(J.data[J.pair_t0 + 2 * p]);
         sum += kt[2 * p] * q4p_nibble(codes, start + j, 0) + kt[2 * p + 1] * q4p_nibble(codes, start + j, 1);
       }
-      dst[j] = float(sum - int32_t(bias)) * ps.down1 * ps.down2;
+      dst[j] = float(sum - int32_t(bias)) * ps.down;
     }
   }
 }
@@ -342,8 +340,8 @@ DD_AVX2 inline void fma_q4_block(__m256 acc[8], const char* group, float c) {
 }
 
 // The paired terms' tables for the nb blocks of a unit (coef: their c_t, as below): kp[p * kUnitBlocks
-// + b] = k of pair p's first term | k of its second << 16, bias[b] = 8 * sum_t k_t, down[2 * b + i]
-// = the PairScale's down factors. Eight blocks per step, the same operations as pair_scale and
+// + b] = k of pair p's first term | k of its second << 16, bias[b] = 8 * sum_t k_t, down[b] = the
+// PairScale's down factor. Eight blocks per step, the same operations as pair_scale and
 // pair_coef; the last nb % 8 blocks through those.
 DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32_t* kp, int32_t* bias, float* down) {
   int64_t b = 0;
@@ -362,8 +360,12 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
     const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
     const __m256 up1f = _mm256_blendv_ps(_mm256_set1_ps(1.0f), up1, _mm256_castsi256_ps(finite));
     const __m256 up2f = _mm256_blendv_ps(_mm256_set1_ps(1.0f), up2, _mm256_castsi256_ps(finite));
-    const __m256 d1 = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, a), 23)), _mm256_castsi256_ps(finite));
-    const __m256 d2 = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, bb), 23)), _mm256_castsi256_ps(finite));
+    // 2^(eb - 141): biased exponent eb - 14 where >= 1, else the subnormal bit 1 << (eb - 141 + 149)
+    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(eb, _mm256_set1_epi32(14)), 23);
+    const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(eb, _mm256_set1_epi32(8)));
+    const __m256i is_normal = _mm256_cmpgt_epi32(eb, _mm256_set1_epi32(14));
+    const __m256 d = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_blendv_epi8(sub, normal, is_normal)),
+                                      _mm256_castsi256_ps(finite));
     __m256i sum = _mm256_setzero_si256();
     for (int64_t p = 0; p < J.n_pairs; ++p) {
       __m256i kk[2];
@@ -379,9 +381,7 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
                           _mm256_or_si256(_mm256_and_si256(kk[0], _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(kk[1], 16)));
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(bias + b), _mm256_slli_epi32(sum, 3));
-    const __m256 lo = _mm256_unpacklo_ps(d1, d2), hi = _mm256_unpackhi_ps(d1, d2);  // d1[b], d2[b] adjacent
-    _mm256_storeu_ps(down + 2 * b, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(down + 2 * b + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    _mm256_storeu_ps(down + b, d);
   }
   for (; b < nb; ++b) {
     uint32_t max_bits = 0;
@@ -396,8 +396,7 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
       sum += k0 + k1;
     }
     bias[b] = 8 * sum;
-    down[2 * b] = ps.down1;
-    down[2 * b + 1] = ps.down2;
+    down[b] = ps.down;
   }
 }
 
@@ -414,23 +413,26 @@ DD_AVX2 inline void madd_q4p_block(__m256i acc[8], const char* p, __m256i k) {
   }
 }
 
-// dst[0..64) = P of the block at element e (kp: its first pair's k, the next pair's kUnitBlocks on).
-// Not inlined: in its own frame the 8 int32 accumulators stay in registers (inlined, GCC kept the
-// caller's constants there and spilled 3 of them in every pair's step).
-DD_AVX2 __attribute__((noinline)) void pairs_block_avx2(const Job& J, int64_t e, const int32_t* kp, int32_t bias,
-                                                        const float* down, float* dst) {
-  __m256i ia[8];
-  for (int j = 0; j < 8; ++j) ia[j] = _mm256_setzero_si256();
-  int64_t p = 0;
-  do {  // n_pairs >= 1: no zero-trip path, for which GCC kept a copy of ia in memory (rep stos per call)
-    const char* q = reinterpret_cast<const char*>(J.data[J.pair_t0 + 2 * p]) + e;  // 64 bytes per block
-    _mm_prefetch(q + kPrefetchBytes, _MM_HINT_T0);
-    madd_q4p_block(ia, q, _mm256_set1_epi32(kp[p * kUnitBlocks]));
-  } while (++p < J.n_pairs);
-  const __m256i bi = _mm256_set1_epi32(bias);
-  const __m256 d1 = _mm256_set1_ps(down[0]), d2 = _mm256_set1_ps(down[1]);
-  for (int j = 0; j < 8; ++j)
-    _mm256_store_ps(dst + 8 * j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[j], bi)), d1), d2));
+// dst[64 b + j] = P of element j of block b, for the nb blocks of the unit at `start`. Its own loop
+// nest, so the 8 int32 accumulators keep their registers (in the caller's, GCC kept its constants
+// there and spilled 3 of them in every pair's step).
+DD_AVX2 __attribute__((noinline)) void pairs_unit_avx2(const Job& J, int64_t start, int64_t nb, const int32_t* kp,
+                                                       const int32_t* bias, const float* down, float* dst) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t e = start + b * kQBlock;
+    __m256i ia[8];
+    for (int j = 0; j < 8; ++j) ia[j] = _mm256_setzero_si256();
+    int64_t p = 0;
+    do {  // n_pairs >= 1: no zero-trip path, for which GCC kept a copy of ia in memory
+      const char* q = reinterpret_cast<const char*>(J.data[J.pair_t0 + 2 * p]) + e;  // 64 bytes per block
+      _mm_prefetch(q + kPrefetchBytes, _MM_HINT_T0);
+      madd_q4p_block(ia, q, _mm256_set1_epi32(kp[p * kUnitBlocks + b]));
+    } while (++p < J.n_pairs);
+    const __m256i bi = _mm256_set1_epi32(bias[b]);
+    const __m256 d = _mm256_set1_ps(down[b]);
+    for (int j = 0; j < 8; ++j)
+      _mm256_storeu_ps(dst + b * kQBlock + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[j], bi)), d));
+  }
 }
 
 // Whole scale blocks of one unit for output k: as blocks_avx512 with K = 1.
@@ -451,7 +453,11 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
   int32_t* kp = reinterpret_cast<int32_t*>(coef + J.n_terms * kUnitBlocks);  // the paired terms' tables
   int32_t* bias = kp + J.n_pairs * kUnitBlocks;
   float* down = reinterpret_cast<float*>(bias + kUnitBlocks);
-  if (J.n_pairs > 0) pair_tables_avx2(J, nb, coef, kp, bias, down);
+  float* p_start = down + kUnitBlocks;  // P of every element of the unit (kBlock floats)
+  if (J.n_pairs > 0) {
+    pair_tables_avx2(J, nb, coef, kp, bias, down);
+    pairs_unit_avx2(J, start, nb, kp, bias, down, p_start);
+  }
   const int dt = J.out_dt[k];
   const bool stream = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k, start)) % 32 == 0;
   for (int64_t b = 0; b < nb; ++b) {
@@ -459,9 +465,7 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
     const bool second = e % kGroup != 0;
     __m256 acc[8];
     if (J.n_pairs > 0) {
-      alignas(32) float p_start[kQBlock];
-      pairs_block_avx2(J, e, kp + b, bias[b], down + 2 * b, p_start);
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_load_ps(p_start + 8 * j);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(p_start + b * kQBlock + 8 * j);
     } else {
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_set1_ps(-0.0f);
     }
@@ -563,9 +567,9 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
   const Job J{data.data(), scales.data(), kinds.data(), n_terms, weights.data(), out_ptrs.data(), out_dtypes.data(),
               n_out, numel * 2 >= kStreamBytes, runs.data(), int64_t(runs.size()), pair_t0, n_pairs};
   // accs also holds the SIMD paths' coefficients (n_terms * kMaxK per scale block of a unit) and the
-  // paired terms' tables (n_pairs + 3 per scale block)
+  // paired terms' tables (n_pairs + 3 per scale block) and P (kBlock)
   const size_t acc_floats = size_t(std::max({n_out * kBlock, n_terms * kMaxK * kUnitBlocks,
-                                             (n_terms + n_pairs + 3) * kUnitBlocks}));
+                                             (n_terms + n_pairs + 3) * kUnitBlocks + kBlock}));
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
   const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
