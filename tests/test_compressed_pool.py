@@ -437,10 +437,18 @@ def test_paired_terms_checked_by_the_kernel(bad):
         cp.run_terms(terms, scales, kinds, n, np.ones((1, len(terms)), np.float32), [torch.empty(n)], "cpu")
 
 
-def test_cpu_pool_pairs_its_int4_checkpoints(tmp_path):
-    """A C++ pool pairs int4 checkpoints in order (an odd one out stays unpaired), decodes and saves
-    exactly what an unpaired pool holds, and merges within the documented bound of it."""
+def test_cpu_pool_pairs_its_int4_checkpoints(tmp_path, monkeypatch):
+    """A C++ pool on an AVX2 path pairs int4 checkpoints in order (an odd one out stays unpaired),
+    decodes and saves exactly what an unpaired pool holds, and merges within the documented bound of
+    it; on the AVX-512 and plain paths it stays unpaired."""
+    monkeypatch.setenv("PYMERGE_SIMD", "scalar")
     base, cks = _pool_inputs(SHAPES, n_ckpt=5, seed=13)
+    assert not cp.pairs_pay()
+    assert all(e.pair is None for es in CheckpointPool(cks, base=base, compress="int4")._compressed.entries.values()
+               for e in es)
+    monkeypatch.setenv("PYMERGE_SIMD", "avx2")
+    if not cp.pairs_pay():
+        pytest.skip("this CPU has no AVX2 path")
     cks[2]["norm"] = base["norm"].clone()                        # "zero": skipped when pairing
     pool = CheckpointPool(cks, base=base, compress="int4")
     ref = CheckpointPool(cks, base=base, compress="int4", backend="torch")   # the float path, unpaired

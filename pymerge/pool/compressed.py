@@ -34,13 +34,15 @@ float32 operations in the same order (coef = w * scale per block, then one fma p
 the sign of zero and within the float32 accumulation bound. Methods that are not weighted sums (TIES,
 DARE, ...) run on decoded inputs: base + decode(delta_i) in float32, selection on decoded deltas.
 
-A pool on the C++ backend holds its int4 checkpoints two by two (pair_int4; the same bytes, a
-layout csrc/cpu/delta_decode.cpp documents) and sums each block's int4 terms in int32 with each
-coefficient w * s rounded to 15 bits of the block's largest (two checkpoints per vpmaddwd: the
-float decode's instruction count was the AVX2 kernel's limit). That adds at most
-sum_t |code_t| * 2^-14 * max_t |w_t * s_t| per element to the float32 accumulation's error: at N = 16,
-below 2^-7 of the largest term's own int4 rounding step. An odd checkpoint out, and every other
-backend, keeps the float path. Saved files hold the unpaired layout.
+A pool on the C++ backend of a CPU whose best path is AVX2 holds its int4 checkpoints two by two
+(pair_int4; the same bytes, a layout csrc/cpu/delta_decode.cpp documents) and sums each block's int4
+terms in int32 with each coefficient w * s rounded to 15 bits of the block's largest (two
+checkpoints per vpmaddwd: the float decode's instruction count was the AVX2 kernel's limit). That
+adds at most sum_t |code_t| * 2^-14 * max_t |w_t * s_t| per element to the float32 accumulation's
+error: at N = 16, below 2^-7 of the largest term's own int4 rounding step. An odd checkpoint out,
+AVX-512 CPUs (whose float path, one table permute per 16 values, was measured at 1.94x the bf16
+pool; the integer path has no AVX-512 build) and every other backend keep the float path. Saved
+files hold the unpaired layout.
 """
 import json
 import math
@@ -205,6 +207,11 @@ def repack_v1_int4(codes: torch.Tensor, numel: int) -> torch.Tensor:
     out = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
     out[:values.numel()] = values
     return int4_pack(out)
+
+
+def pairs_pay() -> bool:
+    """Whether a CPU pool pairs its int4 checkpoints: where the C++ kernels run their AVX2 path."""
+    return _native.cpu is not None and _native.cpu.simd_level() == "avx2"
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:

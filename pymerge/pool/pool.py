@@ -194,7 +194,7 @@ class CheckpointPool:
         """Holds a compressed store: the base exact, each checkpoint as its encoded delta, all resident."""
         compressed.check_backend(self.backend, self.device)
         self._compressed = store.to(self.device)
-        if self.backend == "cpu":  # the C++ kernel's integer path for int4 (pool/compressed.py)
+        if self.backend == "cpu" and compressed.pairs_pay():  # the AVX2 integer path for int4
             self._compressed.pair_int4()
         self.residency = "device" if self.device.type == "cuda" else "host"
         self.reason = store.describe()
