@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pool import Stack  # noqa: E402
 from common import markdown_table, time_interleaved, write_results  # noqa: E402
 
-from pymerge.pool import CheckpointPool  # noqa: E402
+from pymerge.pool import CheckpointPool, compressed  # noqa: E402
 
 MODES = [("bf16", None, None), ("int8", "int8", None), ("int4", "int4", None), ("auto 1e-2", "auto", 1e-2),
          ("auto 0.15", "auto", 0.15)]
@@ -89,14 +89,26 @@ def topk_cost(pool_int4, base_path, paths, name: str) -> dict:
 
 def speed(params: int, ns, rounds: int, tmp: str, device: str, backend: str):
     base_path, paths = make_files(tmp, max(ns), params)
+    simd = os.environ.get("PYMERGE_SIMD", "")
     rows, errors, extra = [], [], {}
     model = Stack(params).to(device)
     for n in ns:
         pools, build_s = {}, {}
-        for label, mode, budget in MODES:
+        modes = list(MODES)
+        if device == "cpu" and compressed.pairs_pay() and backend in ("auto", "cpu"):
+            modes.append(("int4 unpaired", "int4", None))  # the float path, for the pairing's own effect
+        for label, mode, budget in modes:
             t = time.perf_counter()
-            pools[label] = CheckpointPool(paths[:n], base=base_path, compress=mode, error_budget=budget,
-                                          device=device, backend=backend)
+            # unpaired: built as on a CPU without the AVX2 path (pool/compressed.py pairs_pay), then
+            # merged on it like the others (PYMERGE_SIMD is read per kernel call)
+            os.environ["PYMERGE_SIMD"] = "scalar" if label == "int4 unpaired" else simd
+            try:
+                pools[label] = CheckpointPool(paths[:n], base=base_path, compress=mode, error_budget=budget,
+                                              device=device, backend=backend)
+            finally:
+                os.environ["PYMERGE_SIMD"] = simd
+                if not simd:
+                    del os.environ["PYMERGE_SIMD"]
             build_s[label] = time.perf_counter() - t
             print(f"N={n} {label}: {pools[label].describe()} (built in {build_s[label]:.1f} s)", flush=True)
         w = list(np.random.default_rng(n).dirichlet(np.ones(n)))

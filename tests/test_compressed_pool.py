@@ -320,6 +320,7 @@ def test_pair_layout_and_round_trip(n):
     assert torch.equal(pair, _layout_reference(a, b, n))
     ua, ub = cp.unpair_int4(pair, n)
     assert torch.equal(ua, a) and torch.equal(ub, b)
+    assert torch.equal(cp.unpair_int4(pair, n, 0), a) and torch.equal(cp.unpair_int4(pair, n, 1), b)
 
 
 def _paired_terms(n: int, seed: int, n_pairs: int, scale: float = 1e-3):
@@ -388,6 +389,15 @@ def test_paired_terms_every_simd_level_same_bits_and_within_bound(n, n_pairs, mo
         bits = torch.int32 if dtype == torch.float32 else torch.int16
         for level in ("avx2", "scalar"):
             assert torch.equal(got[level, dtype].view(bits), got["avx512", dtype].view(bits)), (level, dtype)
+    # the torch backend reads paired terms too (unpaired, on its float path): within float32 accumulation
+    eager = [torch.empty(n) for _ in range(len(w))]
+    cp.run_terms(terms, scales, kinds, n, w, eager, "torch")
+    for k in range(len(w)):
+        ref = sum(float(w[k, t]) * v for t, v in enumerate(values))
+        mag = sum(abs(float(w[k, t])) * v.abs() for t, v in enumerate(values))
+        finite = torch.isfinite(ref)
+        err = (eager[k].double() - ref).abs()[finite]
+        assert bool((err <= ulp(ref.abs(), torch.float32)[finite] + (len(terms) + 2) * 2.0 ** -23 * mag[finite]).all()), k
     out = got["avx2", torch.float32].double()
     for k in range(len(w)):
         ref = sum(float(w[k, t]) * v for t, v in enumerate(values))

@@ -128,7 +128,7 @@ class Encoded:
 
     def int_codes(self, numel: int) -> Optional[torch.Tensor]:
         """The codes in the saved (unpaired) layout: held, or taken out of the pair buffer."""
-        return unpair_int4(self.pair, numel)[self.slot] if self.pair is not None else self.codes
+        return unpair_int4(self.pair, numel, self.slot) if self.pair is not None else self.codes
 
 
 def padded(numel: int) -> int:
@@ -186,17 +186,19 @@ def pair_int4(first: torch.Tensor, second: torch.Tensor, numel: int) -> torch.Te
     return torch.cat(halves, dim=3).reshape(-1).contiguous()                        # [block, r, i, 4 bytes]
 
 
-def unpair_int4(pair: torch.Tensor, numel: int):
-    """pair_int4's inverse: the two checkpoints' codes in the unpaired layout (padding: code 0)."""
+def unpair_int4(pair: torch.Tensor, numel: int, slot: Optional[int] = None):
+    """pair_int4's inverse: the two checkpoints' codes in the unpaired layout (padding: code 0), or
+    only the first's (slot 0) or the second's (1)."""
     nb = padded(numel) // BLOCK
     words = pair.view(nb, 2, 8, 4)
     out = []
-    for half in (words[..., :2], words[..., 2:]):
+    for s in (0, 1) if slot is None else (slot,):
+        half = words[..., 2 * s: 2 * s + 2]
         nib = torch.stack([half & 15, half >> 4], dim=4).reshape(nb, 2, 8, 4).transpose(2, 3).reshape(-1)
         full = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
         full[:nib.numel()] = nib
         out.append(int4_pack(full))
-    return out
+    return out if slot is None else out[0]
 
 
 def repack_v1_int4(codes: torch.Tensor, numel: int) -> torch.Tensor:
@@ -560,7 +562,7 @@ def _decode_term(x, s, kind: int, numel: int) -> torch.Tensor:
     if kind == KIND_Q4:
         return dequantize(x, s, "int4", numel)
     if kind in (KIND_Q4_FIRST, KIND_Q4_SECOND):  # a paired store on another backend: the float path
-        return dequantize(unpair_int4(x, numel)[kind - KIND_Q4_FIRST], s, "int4", numel)
+        return dequantize(unpair_int4(x, numel, kind - KIND_Q4_FIRST), s, "int4", numel)
     return x.reshape(-1).float()
 
 
