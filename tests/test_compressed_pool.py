@@ -409,23 +409,48 @@ def test_paired_terms_every_simd_level_same_bits_and_within_bound(n, n_pairs, mo
         assert bool(((out[k] - ref).abs()[finite] <= tol[finite]).all()), (k, float(((out[k] - ref).abs() - tol)[finite].max()))
 
 
-def test_paired_terms_integer_path_is_what_it_documents():
-    """One element computed by hand with the documented integer arithmetic equals the kernel, and
-    coefficients beyond float32 give NaN (never a silently wrong value)."""
-    n = 64
-    terms, scales, kinds, values = _paired_terms(n, seed=2, n_pairs=2)
+def _documented_pairs(scales, kinds, values, w_row, n):
+    """The paired terms' P by the documented integer arithmetic, in numpy (float64 where exact), and
+    the float64 sum it approximates: sum_t c_t * code_t with c_t = float32(w_t * s_t)."""
+    first = kinds.index(cp.KIND_Q4_FIRST)
+    out, exact_sum = np.empty(n), np.empty(n)
+    for b in range(0, n, cp.BLOCK):
+        c = [np.float32(w_row[t]) * np.float32(float(scales[t][b // cp.BLOCK])) for t in range(first, len(kinds))]
+        m = int(np.abs(np.array(c, np.float32)).view(np.int32).max())
+        e = 1 if m == 0 else (m >> 23 if m >= 1 << 23 else m.bit_length() - 1 + 127 - 149)
+        k = [int(np.clip(np.rint(float(x) * 2.0 ** (141 - e)), -32767, 32767)) for x in c]
+        for j in range(b, min(n, b + cp.BLOCK)):
+            codes = [int(round(float(values[t][j]) / float(scales[t][b // cp.BLOCK]))) if float(scales[t][b // cp.BLOCK])
+                     else 0 for t in range(first, len(kinds))]
+            out[j] = np.float32(sum(kt * q for kt, q in zip(k, codes)) * 2.0 ** (e - 141))  # exact, rounded once
+            exact_sum[j] = sum(float(ct) * q for ct, q in zip(c, codes))
+    return out, exact_sum
+
+
+@pytest.mark.parametrize("magnitude", ["normal", "subnormal"])
+def test_paired_terms_integer_path_is_what_it_documents(magnitude, monkeypatch):
+    """Every element computed by hand with the documented integer arithmetic equals the kernel (AVX2's
+    eight-block tables, their scalar tail and the plain build), also where the largest coefficient
+    is subnormal, and the error stays within the documented bound there; coefficients beyond float32
+    give NaN (never a silently wrong value)."""
+    n = 64 * 9 + 5                                               # 8 vector blocks, a tail block, a partial one
+    scale = 1e-3 if magnitude == "normal" else 1e-38
+    terms, scales, kinds, values = _paired_terms(n, seed=2, n_pairs=2, scale=scale)
     first = kinds.index(cp.KIND_Q4_FIRST)
     terms, scales, kinds, values = terms[first:], scales[first:], kinds[first:], values[first:]
     w = np.array([[0.3, -1.7, 2.5e-3, 0.9]], dtype=np.float32)
-    out = torch.empty(n)
-    cp.run_terms(terms, scales, kinds, n, w, [out], "cpu")
-    c = [np.float32(w[0, t]) * np.float32(float(scales[t][0])) for t in range(4)]
-    eb = max(1, int(np.abs(np.array(c, np.float32)).max().view(np.int32)) >> 23)
-    k = [int(np.clip(np.rint(float(x) * 2.0 ** (141 - eb)), -32767, 32767)) for x in c]
-    for e in range(n):
-        codes = [int(round(float(values[t][e]) / float(scales[t][0]))) if float(scales[t][0]) else 0 for t in range(4)]
-        want = np.float32(np.float32(sum(kt * q for kt, q in zip(k, codes))) * np.float32(2.0 ** (eb - 141)))
-        assert float(out[e]) == float(want), e
+    if magnitude == "subnormal":
+        w *= 1e-4                                                # every w * s below 2^-126
+        assert all(float((float(w[0, t]) * scales[t].float()).abs().max()) < 2.0 ** -126 for t in range(4))
+    want, exact_sum = _documented_pairs(scales, kinds, values, w[0], n)
+    bound = _pairs_bound(scales, kinds, values, w[0], n).numpy() + 2.0 ** -150  # + P's rounding if subnormal
+    for level in ("avx2", "scalar"):
+        monkeypatch.setenv("PYMERGE_SIMD", level)
+        out = torch.empty(n)
+        cp.run_terms(terms, scales, kinds, n, w, [out], "cpu")
+        assert np.array_equal(out.numpy(), want.astype(np.float32)), level
+        got = out.double().numpy()
+        assert bool((np.abs(got - exact_sum) <= bound + np.abs(exact_sum) * 2.0 ** -24).all()), level
     huge = np.array([[3e38, 3e38, 1.0, 1.0]], dtype=np.float32)   # w * s overflows float32
     s_big = [torch.full_like(s, 4.0) for s in scales]
     cp.run_terms(terms, s_big, kinds, n, huge, [out], "cpu")

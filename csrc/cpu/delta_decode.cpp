@@ -85,25 +85,38 @@ inline float scale_at(const Job& J, int64_t t, int64_t e) {
 // multiplies by the two coefficients and adds.
 //
 // Their arithmetic, per output and block: c_t = float32(w * s_t) as for any term; M = max_t |c_t|
-// (compared as bits, so NaN and inf show); eb = max(1, biased exponent of M); k_t = clamp(
-// nearbyint(c_t * 2^(141 - eb)), -32767, 32767): each coefficient to 15 bits of the largest (|k| <
+// (compared as bits, so NaN and inf show); e = M's exponent, biased as float32's (M in [2^(e-127),
+// 2^(e-126)); for a subnormal M it goes below 1, down to -22; e = 1 for M = 0); k_t = clamp(
+// nearbyint(c_t * 2^(141 - e)), -32767, 32767): each coefficient to 15 bits of the largest (|k| <
 // 2^15); S = sum_t k_t * code_t exactly in int32; the block's accumulation starts at P = float32(S) *
-// 2^(eb - 141) (where a float term would start at -0.0) and the other terms follow in order. Per
-// element the error against the float64 sum of c_t * code_t is below sum_t |code_t| * 2^-14 * M
-// (two multiplications by powers of two stand for 2^(141 - eb), which float32 cannot hold; 2^(eb -
-// 141) it can, a subnormal at worst). A non-finite M makes P NaN.
+// 2^(e - 141) (where a float term would start at -0.0: an exact zero S gives +0.0, which the float
+// path can give as -0.0) and the other terms follow in order. Per element the error against the
+// float64 sum of c_t * code_t is below sum_t |code_t| * 2^-14 * M (plus P's own rounding where it
+// is subnormal). 2^(141 - e) and 2^(e - 141) can exceed float32's range, so each is two exact
+// multiplications by powers of two, 2^a * 2^b with a + b = 141 - e (|a|, |b| <= 82); the second
+// rounds P once. A non-finite M makes P NaN.
 inline float pow2f(int e) { return bits_to_f32(uint32_t(127 + e) << 23); }  // -126 <= e <= 127
 
 struct PairScale {
-  float up1, up2, down;  // 2^a, 2^b with a + b = 141 - eb; 2^(eb - 141)
+  float up1, up2, down1, down2;  // 2^a, 2^b, 2^-a, 2^-b with a + b = 141 - e
 };
 
+// e as above from M's bits (< 0x7f800000): a subnormal's from its mantissa m (M = m * 2^-149), whose
+// exact float32 conversion has the biased exponent floor(log2 m) + 127.
+inline int pair_exponent(uint32_t max_bits) {
+  if (max_bits >= 0x00800000u) return int(max_bits >> 23);
+  if (max_bits == 0) return 1;
+  return int(f32_to_bits(float(int32_t(max_bits))) >> 23) - 149;
+}
+
 inline PairScale pair_scale(uint32_t max_bits) {
-  if (max_bits >= 0x7f800000u) return {1.0f, 1.0f, bits_to_f32(0x7fc00000u)};
-  const int eb = std::max(1, int(max_bits >> 23));
-  const int a = (141 - eb) >> 1, b = 141 - eb - a;
-  // 2^(eb - 141) >= 2^-140: a subnormal below 2^-126, exact all the same
-  return {pow2f(a), pow2f(b), eb - 141 >= -126 ? pow2f(eb - 141) : bits_to_f32(1u << (eb - 141 + 149))};
+  if (max_bits >= 0x7f800000u) {
+    const float nan = bits_to_f32(0x7fc00000u);
+    return {1.0f, 1.0f, nan, nan};
+  }
+  const int e = pair_exponent(max_bits);
+  const int a = (141 - e) >> 1, b = 141 - e - a;
+  return {pow2f(a), pow2f(b), pow2f(-a), pow2f(-b)};
 }
 
 inline int32_t pair_coef(float c, const PairScale& ps) {
@@ -140,7 +153,7 @@ inline void pairs_portable(const Job& J, int64_t k, int64_t start, int64_t n, fl
         const uint8_t* codes = reinterpret_cast<const uint8_t*>(J.data[J.pair_t0 + 2 * p]);
         sum += kt[2 * p] * q4p_nibble(codes, start + j, 0) + kt[2 * p + 1] * q4p_nibble(codes, start + j, 1);
       }
-      dst[j] = float(sum - int32_t(bias)) * ps.down;
+      dst[j] = float(sum - int32_t(bias)) * ps.down1 * ps.down2;
     }
   }
 }
@@ -340,8 +353,8 @@ DD_AVX2 inline void fma_q4_block(__m256 acc[8], const char* group, float c) {
 }
 
 // The paired terms' tables for the nb blocks of a unit (coef: their c_t, as below): kp[p * kUnitBlocks
-// + b] = k of pair p's first term | k of its second << 16, bias[b] = 8 * sum_t k_t, down[b] = the
-// PairScale's down factor. Eight blocks per step, the same operations as pair_scale and
+// + b] = k of pair p's first term | k of its second << 16, bias[b] = 8 * sum_t k_t, down[2 * b + i]
+// = the PairScale's down factors. Eight blocks per step, the same operations as pair_scale and
 // pair_coef; the last nb % 8 blocks through those.
 DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32_t* kp, int32_t* bias, float* down) {
   int64_t b = 0;
@@ -351,7 +364,12 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
     for (int64_t t = J.pair_t0; t < J.n_terms; ++t)
       mx = _mm256_max_epu32(mx, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(coef + t * kUnitBlocks + b)), abs_mask));
     const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), mx);
-    const __m256i eb = _mm256_max_epi32(_mm256_set1_epi32(1), _mm256_srli_epi32(mx, 23));
+    // e (pair_exponent): the exponent field, or for a subnormal that of its mantissa converted - 149
+    const __m256i normal = _mm256_cmpgt_epi32(mx, _mm256_set1_epi32(0x007fffff));
+    const __m256i e_sub = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(mx)), 23),
+                                           _mm256_set1_epi32(149));
+    const __m256i e_any = _mm256_blendv_epi8(e_sub, _mm256_srli_epi32(mx, 23), normal);
+    const __m256i eb = _mm256_blendv_epi8(e_any, _mm256_set1_epi32(1), _mm256_cmpeq_epi32(mx, _mm256_setzero_si256()));
     const __m256i sh = _mm256_sub_epi32(_mm256_set1_epi32(141), eb);
     const __m256i a = _mm256_srai_epi32(sh, 1), bb = _mm256_sub_epi32(sh, a);
     const __m256i e127 = _mm256_set1_epi32(127);
@@ -360,12 +378,10 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
     const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
     const __m256 up1f = _mm256_blendv_ps(_mm256_set1_ps(1.0f), up1, _mm256_castsi256_ps(finite));
     const __m256 up2f = _mm256_blendv_ps(_mm256_set1_ps(1.0f), up2, _mm256_castsi256_ps(finite));
-    // 2^(eb - 141): biased exponent eb - 14 where >= 1, else the subnormal bit 1 << (eb - 141 + 149)
-    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(eb, _mm256_set1_epi32(14)), 23);
-    const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(eb, _mm256_set1_epi32(8)));
-    const __m256i is_normal = _mm256_cmpgt_epi32(eb, _mm256_set1_epi32(14));
-    const __m256 d = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_blendv_epi8(sub, normal, is_normal)),
-                                      _mm256_castsi256_ps(finite));
+    const __m256 d1 = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, a), 23)),
+                                       _mm256_castsi256_ps(finite));
+    const __m256 d2 = _mm256_blendv_ps(nan, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(e127, bb), 23)),
+                                       _mm256_castsi256_ps(finite));
     __m256i sum = _mm256_setzero_si256();
     for (int64_t p = 0; p < J.n_pairs; ++p) {
       __m256i kk[2];
@@ -381,7 +397,9 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
                           _mm256_or_si256(_mm256_and_si256(kk[0], _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(kk[1], 16)));
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(bias + b), _mm256_slli_epi32(sum, 3));
-    _mm256_storeu_ps(down + b, d);
+    const __m256 lo = _mm256_unpacklo_ps(d1, d2), hi = _mm256_unpackhi_ps(d1, d2);  // down1, down2 of a block adjacent
+    _mm256_storeu_ps(down + 2 * b, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(down + 2 * b + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }
   for (; b < nb; ++b) {
     uint32_t max_bits = 0;
@@ -396,7 +414,8 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
       sum += k0 + k1;
     }
     bias[b] = 8 * sum;
-    down[b] = ps.down;
+    down[2 * b] = ps.down1;
+    down[2 * b + 1] = ps.down2;
   }
 }
 
@@ -429,9 +448,10 @@ DD_AVX2 __attribute__((noinline)) void pairs_unit_avx2(const Job& J, int64_t sta
       madd_q4p_block(ia, q, _mm256_set1_epi32(kp[p * kUnitBlocks + b]));
     } while (++p < J.n_pairs);
     const __m256i bi = _mm256_set1_epi32(bias[b]);
-    const __m256 d = _mm256_set1_ps(down[b]);
+    const __m256 d1 = _mm256_set1_ps(down[2 * b]), d2 = _mm256_set1_ps(down[2 * b + 1]);
     for (int j = 0; j < 8; ++j)
-      _mm256_storeu_ps(dst + b * kQBlock + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[j], bi)), d));
+      _mm256_storeu_ps(dst + b * kQBlock + 8 * j,
+                       _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[j], bi)), d1), d2));
   }
 }
 
@@ -453,7 +473,7 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
   int32_t* kp = reinterpret_cast<int32_t*>(coef + J.n_terms * kUnitBlocks);  // the paired terms' tables
   int32_t* bias = kp + J.n_pairs * kUnitBlocks;
   float* down = reinterpret_cast<float*>(bias + kUnitBlocks);
-  float* p_start = down + kUnitBlocks;  // P of every element of the unit (kBlock floats)
+  float* p_start = down + 2 * kUnitBlocks;  // P of every element of the unit (kBlock floats)
   if (J.n_pairs > 0) {
     pair_tables_avx2(J, nb, coef, kp, bias, down);
     pairs_unit_avx2(J, start, nb, kp, bias, down, p_start);

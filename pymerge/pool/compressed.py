@@ -39,7 +39,9 @@ A pool on the C++ backend of a CPU whose best path is AVX2 holds its int4 checkp
 terms in int32 with each coefficient w * s rounded to 15 bits of the block's largest (two
 checkpoints per vpmaddwd: the float decode's instruction count was the AVX2 kernel's limit). That
 adds at most sum_t |code_t| * 2^-14 * max_t |w_t * s_t| per element to the float32 accumulation's
-error: at N = 16, below 2^-7 of the largest term's own int4 rounding step. An odd checkpoint out,
+error: at N = 16, below 2^-7 of the largest term's quantization step w * s; and a block whose
+paired terms sum to exactly zero starts from +0.0 where the float path may give -0.0 (so torch's
+sign of zero can differ there). An odd checkpoint out,
 AVX-512 CPUs (whose float path, one table permute per 16 values, was measured at 1.94x the bf16
 pool; the integer path has no AVX-512 build) and every other backend keep the float path. Saved
 files hold the unpaired layout.
@@ -282,7 +284,8 @@ class CompressedStore:
         for name in self.names:
             numel = self.base[name].numel()
             q4 = [e for e in self.entries[name] if e.fmt == "int4" and e.pair is None]
-            for a, b in list(zip(q4[0::2], q4[1::2]))[:MAX_PAIRS]:
+            held = sum(e.pair is not None for e in self.entries[name]) // 2
+            for a, b in list(zip(q4[0::2], q4[1::2]))[:max(0, MAX_PAIRS - held)]:
                 buf = pair_int4(a.codes, b.codes, numel)
                 a.pair, a.slot, a.codes = buf, 0, None
                 b.pair, b.slot, b.codes = buf, 1, None
