@@ -552,7 +552,7 @@ BlockFn pick_block() {  // per call, so PYMERGE_SIMD can switch paths (the tests
 
 constexpr int64_t kMinPerThread = 1 << 18;  // elements: below this a second thread costs more than it gives
 constexpr int64_t kStreamBytes = 8 << 20;   // outputs above this skip the cache
-constexpr int64_t kBlocksPerChunk = 4;      // 16K elements claimed at a time by a thread
+constexpr int64_t kBlocksPerChunk = 16;     // 64K elements claimed at a time by a thread
 
 void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& scales,
                       const std::vector<int>& kinds, int64_t numel, const std::vector<float>& weights,
