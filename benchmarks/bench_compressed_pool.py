@@ -10,13 +10,15 @@ relative error per format; what a sparse top-k format would cost at int4's error
 Fine-tunes: base ~ N(0, 0.02) in bfloat16; each checkpoint adds a Student-t (5 dof) task vector of
 scale 1e-3 (heavy-ish tails, as real deltas), rounded to bfloat16; the embedding is left frozen in
 every other checkpoint (stored as format "zero"). Checkpoints are .safetensors files read once.
-Timings: materialize into a live bf16 model, best of --rounds, the pools interleaved in one run.
+Timings: materialize into a live bf16 model, best of --rounds, the pools interleaved in one run; the
+speed-up over the bf16 pool also per round (the same round's bf16 time over the pool's), as spread.
 Writes benchmarks/results/<machine>/bench_compressed_pool{,_error,_topk}.{json,md}.
 """
 import argparse
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -112,13 +114,17 @@ def speed(params: int, ns, rounds: int, tmp: str, device: str, backend: str):
             build_s[label] = time.perf_counter() - t
             print(f"N={n} {label}: {pools[label].describe()} (built in {build_s[label]:.1f} s)", flush=True)
         w = list(np.random.default_rng(n).dirichlet(np.ones(n)))
+        samples = {}
         times = time_interleaved({label: (lambda p=p: p.materialize(w, into=model)) for label, p in pools.items()},
-                                 rounds, device)
+                                 rounds, device, samples_out=samples)
         ref_bytes, ref_t = pools["bf16"].nbytes, times["bf16"]
         for label, p in pools.items():
             read = p.nbytes + p.model_nbytes()  # everything held is read once, the output written once
+            per_round = sorted(b / x for b, x in zip(samples["bf16"], samples[label]))  # same round, same load
             rows.append({"N": n, "pool": label, "held MB": p.nbytes / 1e6, "x fewer bytes": ref_bytes / p.nbytes,
                          "ms per candidate": 1e3 * times[label], "x faster": ref_t / times[label],
+                         "x faster per round (min / median / max)":
+                             f"{per_round[0]:.2f} / {statistics.median(per_round):.2f} / {per_round[-1]:.2f}",
                          "GB/s (read + write)": read / times[label] / 1e9, "build s": build_s[label],
                          "formats": _mix(p)})
             if label != "bf16":
@@ -148,8 +154,8 @@ def speed_tables(args, params: int, rounds: int, suffix: str) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     title = f"Delta-compressed pools, {params / 1e6:.0f}M-parameter bf16 fine-tunes, materialize into a live model"
-    cols = ["N", "pool", "held MB", "x fewer bytes", "ms per candidate", "x faster", "GB/s (read + write)", "build s",
-            "formats"]
+    cols = ["N", "pool", "held MB", "x fewer bytes", "ms per candidate", "x faster",
+            "x faster per round (min / median / max)", "GB/s (read + write)", "build s", "formats"]
     print(write_results("bench_compressed_pool" + suffix, args.device, rows, cols, title))
     print(write_results("bench_compressed_pool_error" + suffix, args.device, errors,
                         ["N", "pool", "worst checkpoint delta error", "vs merged delta", "vs merged weights"],

@@ -33,8 +33,9 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int = 5) -> dict:
-    """Seconds per call for each function: median on the GPU (events), best on the noisy CPU.
+def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int = 5, samples_out=None) -> dict:
+    """Seconds per call for each function: median on the GPU (events), best on the noisy CPU; every
+    round's sample goes into samples_out[name] when a dict is given (for per-round ratios).
 
     Rounds alternate between the functions so drifting machine load hits them all alike. On the
     GPU each sample spans several back-to-back calls, so host overhead between launches hides
@@ -57,6 +58,8 @@ def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int 
                 t = time.perf_counter()
                 f()
                 samples[name].append(time.perf_counter() - t)
+    if samples_out is not None:
+        samples_out.update(samples)
     pick = statistics.median if device == "cuda" else min
     return {k: pick(v) for k, v in samples.items()}
 
