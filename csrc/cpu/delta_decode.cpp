@@ -91,10 +91,10 @@ inline float scale_at(const Job& J, int64_t t, int64_t e) {
 // 2^15); S = sum_t k_t * code_t exactly in int32; the block's accumulation starts at P = float32(S) *
 // 2^(e - 141) (where a float term would start at -0.0: an exact zero S gives +0.0, which the float
 // path can give as -0.0) and the other terms follow in order. Per element the error against the
-// float64 sum of c_t * code_t is below sum_t |code_t| * 2^-14 * M (plus P's own rounding where it
-// is subnormal). 2^(141 - e) and 2^(e - 141) can exceed float32's range, so each is two exact
-// multiplications by powers of two, 2^a * 2^b with a + b = 141 - e (|a|, |b| <= 82); the second
-// rounds P once. A non-finite M makes P NaN.
+// float64 sum of c_t * code_t is below sum_t |code_t| * 2^-14 * M. 2^(141 - e) and 2^(e - 141) can
+// exceed float32's range, so each is two multiplications by powers of two, 2^a * 2^b with a + b =
+// 141 - e (|a|, |b| <= 82), all exact (S * 2^(e - 141) is a multiple of 2^-149 whatever e is), so
+// P = float32(S) scaled. A non-finite M makes P NaN.
 inline float pow2f(int e) { return bits_to_f32(uint32_t(127 + e) << 23); }  // -126 <= e <= 127
 
 struct PairScale {
@@ -369,8 +369,8 @@ DD_AVX2 void pair_tables_avx2(const Job& J, int64_t nb, const float* coef, int32
     const __m256i e_sub = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(mx)), 23),
                                            _mm256_set1_epi32(149));
     const __m256i e_any = _mm256_blendv_epi8(e_sub, _mm256_srli_epi32(mx, 23), normal);
-    const __m256i eb = _mm256_blendv_epi8(e_any, _mm256_set1_epi32(1), _mm256_cmpeq_epi32(mx, _mm256_setzero_si256()));
-    const __m256i sh = _mm256_sub_epi32(_mm256_set1_epi32(141), eb);
+    const __m256i e = _mm256_blendv_epi8(e_any, _mm256_set1_epi32(1), _mm256_cmpeq_epi32(mx, _mm256_setzero_si256()));
+    const __m256i sh = _mm256_sub_epi32(_mm256_set1_epi32(141), e);
     const __m256i a = _mm256_srai_epi32(sh, 1), bb = _mm256_sub_epi32(sh, a);
     const __m256i e127 = _mm256_set1_epi32(127);
     const __m256 up1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e127, a), 23));
