@@ -170,9 +170,12 @@ def int4_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return nib.view(-1, 16, 8).transpose(1, 2).reshape(-1)          # element 16h + i
 
 
-def int4_pack(nibbles: torch.Tensor) -> torch.Tensor:
-    """int4_nibbles' inverse: element-order code + 8 (a whole number of groups) as int4 codes."""
-    nib = nibbles.view(-1, 8, 16).transpose(1, 2).reshape(-1, 16, 4, 2)  # [group, word i, byte k, s]
+def int4_pack(nibbles: torch.Tensor, numel: int) -> torch.Tensor:
+    """int4_nibbles' inverse: element-order code + 8 of a numel-element tensor (at most its whole groups;
+    what is missing up to them is padding, code 0) as int4 codes."""
+    full = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
+    full[:nibbles.numel()] = nibbles
+    nib = full.view(-1, 8, 16).transpose(1, 2).reshape(-1, 16, 4, 2)     # [group, word i, byte k, s]
     return (nib[..., 0] | (nib[..., 1] << 4)).reshape(-1).contiguous()
 
 
@@ -197,9 +200,7 @@ def unpair_int4(pair: torch.Tensor, numel: int, slot: Optional[int] = None):
     for s in (0, 1) if slot is None else (slot,):
         half = words[..., 2 * s: 2 * s + 2]
         nib = torch.stack([half & 15, half >> 4], dim=4).reshape(nb, 2, 8, 4).transpose(2, 3).reshape(-1)
-        full = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
-        full[:nib.numel()] = nib
-        out.append(int4_pack(full))
+        out.append(int4_pack(nib, numel))
     return out if slot is None else out[0]
 
 
@@ -208,9 +209,7 @@ def repack_v1_int4(codes: torch.Tensor, numel: int) -> torch.Tensor:
     today's layout."""
     strips = codes.view(-1, 16)
     values = torch.cat([strips & 15, strips >> 4], dim=1).view(-1)   # code + 8, element order
-    out = torch.full((code_count(numel, "int4") * 2,), 8, dtype=torch.uint8)
-    out[:values.numel()] = values
-    return int4_pack(out)
+    return int4_pack(values, numel)
 
 
 def pairs_pay() -> bool:
