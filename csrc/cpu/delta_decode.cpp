@@ -134,18 +134,22 @@ inline int q4p_nibble(const uint8_t* p, int64_t e, int second) {
 
 // dst[0..n) = P for output k at elements start .. start+n-1 (start a multiple of kQBlock).
 inline void pairs_portable(const Job& J, int64_t k, int64_t start, int64_t n, float* __restrict dst) {
+  thread_local std::vector<float> ct;  // c_t of the block's paired terms
   thread_local std::vector<int32_t> kt;
+  ct.resize(size_t(2 * J.n_pairs));
   kt.resize(size_t(2 * J.n_pairs));
   for (int64_t i = 0; i < n; i += kQBlock) {
     const int64_t e = start + i;
     uint32_t max_bits = 0;
-    for (int64_t t = J.pair_t0; t < J.n_terms; ++t)
-      max_bits = std::max(max_bits, f32_to_bits(J.w[k * J.n_terms + t] * scale_at(J, t, e)) & 0x7fffffffu);
+    for (int64_t t = J.pair_t0; t < J.n_terms; ++t) {
+      ct[t - J.pair_t0] = J.w[k * J.n_terms + t] * scale_at(J, t, e);
+      max_bits = std::max(max_bits, f32_to_bits(ct[t - J.pair_t0]) & 0x7fffffffu);
+    }
     const PairScale ps = pair_scale(max_bits);
     int64_t bias = 0;
-    for (int64_t t = J.pair_t0; t < J.n_terms; ++t) {
-      kt[t - J.pair_t0] = pair_coef(J.w[k * J.n_terms + t] * scale_at(J, t, e), ps);
-      bias += 8 * int64_t(kt[t - J.pair_t0]);
+    for (int64_t t = 0; t < 2 * J.n_pairs; ++t) {
+      kt[t] = pair_coef(ct[t], ps);
+      bias += 8 * int64_t(kt[t]);
     }
     for (int64_t j = i; j < std::min(n, i + kQBlock); ++j) {
       int32_t sum = 0;
@@ -702,6 +706,7 @@ void register_delta_decode(py::module_& m) {
   m.attr("DELTA_Q8") = int(Q8);
   m.attr("DELTA_Q4") = int(Q4);
   m.attr("DELTA_Q4_PAIR") = py::make_tuple(int(Q4PA), int(Q4PB));
+  m.attr("DELTA_MAX_PAIRS") = kMaxPairs;
   m.attr("DELTA_BLOCK") = kQBlock;
 }
 
