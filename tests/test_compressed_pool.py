@@ -120,18 +120,23 @@ def _reference(pool, c_base, coef, name):
     return acc.view(st.shapes[name])
 
 
-def _pair_bound(st, name, coef):
+def _documented_bound(weights, scales, abs_codes, numel):
     """The paired int4 terms' documented extra error (pool/compressed.py): per element
-    sum_t |code_t| * 2^-14 * max_t |w_t * s_t| over its block; 0 where nothing is paired."""
+    sum_t |code_t| * 2^-14 * max_t |float32(w_t * s_t)| over its block."""
+    c = torch.stack([(torch.tensor(float(w), dtype=torch.float32) * s.float()).double().abs()
+                     for w, s in zip(weights, scales)])
+    return sum(abs_codes) * 2.0 ** -14 * c.amax(dim=0).repeat_interleave(cp.BLOCK)[:numel]
+
+
+def _pair_bound(st, name, coef):
+    """_documented_bound for a pool's tensor; 0 where nothing is paired."""
     numel = st.base[name].numel()
     paired = [(i, e) for i, e in enumerate(st.entries[name]) if e.pair is not None]
     if not paired or numel == 0:
         return torch.zeros(numel, dtype=torch.float64)
-    c = torch.stack([(torch.tensor(coef[i], dtype=torch.float32) * e.scales.float()).double().abs() for i, e in paired])
-    codes = sum(cp.dequantize(e.int_codes(numel), torch.ones_like(e.scales), "int4", numel).double().abs()
-                for _, e in paired)
-    m = c.amax(dim=0).repeat_interleave(cp.BLOCK)[:numel]
-    return codes * 2.0 ** -14 * m
+    codes = [cp.dequantize(e.int_codes(numel), torch.ones_like(e.scales), "int4", numel).double().abs()
+             for _, e in paired]
+    return _documented_bound([coef[i] for i, _ in paired], [e.scales for _, e in paired], codes, numel)
 
 
 def _check_close(out, ref, pool, name, c_base, coef):
@@ -311,6 +316,14 @@ def _layout_reference(first: torch.Tensor, second: torch.Tensor, numel: int) -> 
     return words.to(torch.int32).view(-1).view(torch.uint8)  # little-endian words as bytes
 
 
+def test_pair_constants_match_the_kernel():
+    """pool/compressed.py keeps the kernel's pair kinds and cap as plain numbers (the Triton and torch
+    backends import without the extension): they must be the extension's."""
+    ext = _native.require_cpu()
+    assert tuple(ext.DELTA_Q4_PAIR) == (cp.KIND_Q4_FIRST, cp.KIND_Q4_SECOND)
+    assert (ext.DELTA_Q8, ext.DELTA_Q4, ext.DELTA_MAX_PAIRS) == (cp.KIND_Q8, cp.KIND_Q4, cp.MAX_PAIRS)
+
+
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 128, 129, 1031])
 def test_pair_layout_and_round_trip(n):
     gen = torch.Generator().manual_seed(n)
@@ -358,14 +371,10 @@ def _paired_terms(n: int, seed: int, n_pairs: int, scale: float = 1e-3):
 
 
 def _pairs_bound(scales, kinds, values, w_row, n):
-    """The documented bound of the paired terms' integer sum, per element (float64)."""
-    first = kinds.index(cp.KIND_Q4_FIRST)
-    c = torch.stack([(torch.tensor(float(w_row[t]), dtype=torch.float32) * scales[t].float()).double().abs()
-                     for t in range(first, len(kinds))])
-    m = c.amax(dim=0).repeat_interleave(cp.BLOCK)[:n]
-    codes = sum((values[t] / scales[t].double().repeat_interleave(cp.BLOCK)[:n]).nan_to_num(0.0).abs()
-                for t in range(first, len(kinds)))
-    return codes * 2.0 ** -14 * m
+    """_documented_bound for kernel terms (the paired ones: those from the first Q4_FIRST on)."""
+    paired = range(kinds.index(cp.KIND_Q4_FIRST), len(kinds))
+    codes = [(values[t] / scales[t].double().repeat_interleave(cp.BLOCK)[:n]).nan_to_num(0.0).abs() for t in paired]
+    return _documented_bound([w_row[t] for t in paired], [scales[t] for t in paired], codes, n)
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 4096 + 97, 3 * 4096 + 64 * 5 + 3])
