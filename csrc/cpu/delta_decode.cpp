@@ -321,10 +321,7 @@ DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t le
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void block_avx2_regs(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf);
-
 DD_AVX512 void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
-  if (J.n_pairs > 0) return block_avx2_regs(J, start, len, accs, xbuf);  // paired int4: the AVX2 integer path
   static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t, float*) = {
       blocks_avx512<1>, blocks_avx512<2>, blocks_avx512<3>, blocks_avx512<4>};
   for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK)  // more than 4 outputs: re-read the unit from cache
@@ -549,9 +546,12 @@ DD_AVX2 void block_avx2_regs(const Job& J, int64_t start, int64_t len, float* ac
 // ---- driver -------------------------------------------------------------------------------------
 using BlockFn = void (*)(const Job&, int64_t, int64_t, float*, float*);
 
-BlockFn pick_block() {  // per call, so PYMERGE_SIMD can switch paths (the tests run all three)
+// Per call, so PYMERGE_SIMD can switch paths (the tests run all three). Paired int4 terms have no
+// AVX-512 build: an AVX-512 CPU runs such a job on its AVX2 path.
+BlockFn pick_block(bool paired_terms) {
   const std::string level = simd_level();
-  return level == "avx512" ? block_avx512 : level == "avx2" ? block_avx2_regs : block_plain;
+  if (level == "avx512") return paired_terms ? block_avx2_regs : block_avx512;
+  return level == "avx2" ? block_avx2_regs : block_plain;
 }
 
 constexpr int64_t kMinPerThread = 1 << 18;  // elements: below this a second thread costs more than it gives
@@ -582,7 +582,7 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
     throw std::invalid_argument("delta_accumulate: paired int4 terms come in whole pairs, at most 1024 of them");
   for (int dt : out_dtypes) if (dt < F32 || dt > BF16) throw std::invalid_argument("delta_accumulate: bad output dtype code");
   if (numel <= 0) return;
-  const BlockFn block = pick_block();
+  const BlockFn block = pick_block(n_pairs > 0);
   std::vector<Run> runs;
   for (int64_t t = 0; t < pair_t0; ++t) {
     if (runs.empty() || runs.back().kind != kinds[t]) runs.push_back({kinds[t], t, t});
