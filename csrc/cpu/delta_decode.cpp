@@ -321,6 +321,8 @@ DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t le
   }
 }
 
+// Jobs without paired terms only (pick_block sends the others to the AVX2 path): runs cover the terms
+// before pair_t0.
 DD_AVX512 void block_avx512(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf) {
   static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t, float*) = {
       blocks_avx512<1>, blocks_avx512<2>, blocks_avx512<3>, blocks_avx512<4>};
