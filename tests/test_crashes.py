@@ -103,6 +103,32 @@ def test_input_truncated_during_the_merge_is_an_error(tmp_path, big_family, meth
     assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".out")] == []
 
 
+def _as_bin(folder: Path) -> Path:
+    """Rewrites an HF folder's weights as pytorch_model.bin (torch.save), as old checkpoints ship."""
+    from safetensors.torch import load_file
+    st = folder / "model.safetensors"
+    torch.save(load_file(str(st)), folder / "pytorch_model.bin")
+    st.unlink()
+    return folder / "pytorch_model.bin"
+
+
+@needs_cpu_ext
+@pytest.mark.slow
+def test_bin_input_truncated_during_the_merge_is_an_error(tmp_path, big_family):
+    """Was SIGBUS: torch maps a .bin file too, but the guard knew only safetensors maps."""
+    base, fts = big_family
+    fts = [Path(shutil.copytree(m, tmp_path / m.name)) for m in fts]
+    victim = _as_bin(fts[1])
+    cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "linear",
+                                         "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in fts]})
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", _TRUNCATE_DURING_MERGE, str(cfg), str(out), str(victim)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "shrank while being merged" in p.stderr and str(victim) in p.stderr
+    assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".out")] == []
+
+
 _FAULT_OUTSIDE_THE_GUARD = r"""
 import mmap, os, sys
 from pymerge.io import Checkpoint

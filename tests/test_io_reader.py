@@ -406,6 +406,27 @@ def test_legacy_bin_without_zip_is_read_whole(tmp_path):
     torch.save({"a": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
     with Checkpoint(path) as ck:  # a .bin file given directly works too
         assert ck.names() == ["a"] and ck.tensor("a").tolist() == [0.0, 1.0, 2.0]
+        assert ck.shards[0].mapped_range() is None  # in memory: nothing for the SIGBUS guard
+
+
+@pytest.mark.parametrize("sizes", [(4099, 1, 0, 17), (1, 1)])
+def test_bin_map_is_located_for_the_sigbus_guard(tmp_path, sizes):
+    """torch maps a .bin file once; mapped_range must be that map: it starts with the file's bytes and
+    holds every tensor's (was: no range, so a .bin truncated mid-merge killed the process)."""
+    import ctypes
+    g = torch.Generator().manual_seed(len(sizes))
+    state = {f"t{i}": torch.randn(n, generator=g).to(dt)
+             for i, (n, dt) in enumerate(zip(sizes, (torch.bfloat16, torch.float32, torch.float16, torch.int8)))}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    raw = path.read_bytes()
+    with Checkpoint(path) as ck:
+        begin, length = ck.shards[0].mapped_range()
+        assert length == len(raw) and ctypes.string_at(begin, len(raw)) == raw
+        for name in state:
+            t = ck.tensor(name)
+            if t.numel():
+                assert begin <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= begin + length
 
 
 def test_sharded_bin_fallback(tmp_path):

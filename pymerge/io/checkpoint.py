@@ -9,8 +9,10 @@ torch is imported only where needed: for .bin files and for tensor(); info() and
 tensor's bytes as a numpy view) of safetensors files need none.
 """
 import os
+import struct
+import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -49,6 +51,13 @@ class TorchFile:
             if not isinstance(name, str) or not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
         self._state: Optional[dict] = state
+        self._range = _mapping_of(self.path, state)
+
+    def mapped_range(self) -> Optional[Tuple[int, int]]:
+        """(address, length) of torch's memory map of the file (for pymerge/io/sigbus.py), or None where
+        torch read the file whole (the legacy format) or the map cannot be located."""
+        self._require_open()
+        return self._range
 
     def names(self) -> List[str]:
         return list(self._require_open())
@@ -116,6 +125,36 @@ def _torch_load(path: Path):
         if "zipfile" not in str(exc) and "mmap" not in str(exc):
             raise
         return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
+    """Where torch.load(mmap=True) mapped the file: it maps the whole file once and every storage is a
+    slice of that map at its zip record's data offset, so the map starts at (a storage's address - its
+    record's offset). Every storage must agree, or None (no guard: nothing is assumed)."""
+    storages = {t.untyped_storage().data_ptr() for t in state.values() if t.untyped_storage().nbytes() > 0}
+    if not storages:
+        return None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+            offsets = set()
+            for info in zf.infolist():
+                if "/data/" not in info.filename:
+                    continue
+                fh.seek(info.header_offset)
+                local = fh.read(30)  # the local header: its name and extra-field lengths end at byte 30
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    return None
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                offsets.add(info.header_offset + 30 + name_len + extra_len)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None  # the legacy format (read whole by torch) or not a zip torch can map
+    if not offsets:
+        return None
+    begin = min(storages) - min(offsets)
+    if not all(0 <= p - begin < size and p - begin in offsets for p in storages):
+        return None  # not torch's single map of the file (read into memory, say)
+    return begin, size
 
 
 def open_tensor_file(path):

@@ -35,7 +35,10 @@ class MappingGuard:
         self._hits = self._ext.sigbus_guard_hits()[0]
         try:
             for f in self._files:
-                begin, length = f.mapped_range()
+                mapped = f.mapped_range()
+                if mapped is None:  # a file held in memory (a legacy .bin): nothing to guard
+                    continue
+                begin, length = mapped
                 self._slots.append(self._ext.sigbus_guard_add(begin, length))
                 path = os.path.abspath(f.path)  # the size check below must not follow a later chdir
                 self._ranges.append((begin, begin + length, f, path, _identity(path)))
