@@ -157,7 +157,7 @@ import os, sys, torch
 from pymerge import CheckpointPool
 from pymerge.errors import CheckpointError
 a, b, c = sys.argv[1:4]
-victim = os.path.join(a, "model.safetensors")
+victim = next(os.path.join(a, f) for f in os.listdir(a) if f.endswith((".safetensors", ".bin")))
 pool = CheckpointPool([a, b], residency="mmap")
 before = CheckpointPool([b, c], residency="mmap")
 model = {n: torch.zeros(s) for n, s in pool.shapes.items()}
@@ -178,12 +178,14 @@ print("others ok")
 """
 
 
-def _pool_script(tmp_path, script: str, n_finetunes: int):
+def _pool_script(tmp_path, script: str, n_finetunes: int, bin_victim: bool = False):
     """Runs `script` in a fresh process (a SIGBUS there cannot kill pytest) with argv: a copy of the first
-    fine-tune (the victim), the other fine-tunes, the base. Returns (victim, stdout); the process must
-    exit normally."""
+    fine-tune (the victim; its weights as pytorch_model.bin with bin_victim), the other fine-tunes, the
+    base. Returns (victim, stdout); the process must exit normally."""
     base, fts = lf.make_family(tmp_path / "m", n_finetunes=n_finetunes)
     victim = Path(shutil.copytree(fts[0], tmp_path / "victim"))
+    if bin_victim:
+        _as_bin(victim)
     p = subprocess.run([sys.executable, "-c", script, str(victim)] + [str(f) for f in fts[1:]] + [str(base)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
@@ -191,10 +193,12 @@ def _pool_script(tmp_path, script: str, n_finetunes: int):
 
 
 @needs_cpu_ext
-def test_checkpoint_truncated_under_an_mmap_pool_is_an_error(tmp_path):
-    """Was SIGBUS: the mmap tier's every materialize reads the checkpoints' memory maps."""
-    victim, out = _pool_script(tmp_path, _TRUNCATE_UNDER_A_POOL, n_finetunes=2)
-    shrank = f"{victim / 'model.safetensors'}: the file shrank while the pool was reading it"
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_checkpoint_truncated_under_an_mmap_pool_is_an_error(tmp_path, weights):
+    """Was SIGBUS: the mmap tier's every materialize reads the checkpoints' memory maps (torch's map of a
+    .bin file too)."""
+    victim, out = _pool_script(tmp_path, _TRUNCATE_UNDER_A_POOL, n_finetunes=2, bin_victim=weights.endswith(".bin"))
+    shrank = f"{victim / weights}: the file shrank while the pool was reading it"
     assert f"error 0: {shrank}" in out and f"error 1: {shrank}" in out
     assert "others ok" in out
 
