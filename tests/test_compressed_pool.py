@@ -6,6 +6,8 @@ error budgets, save/load, corrupt files and bad input.
 """
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -687,6 +689,17 @@ def test_save_load_round_trip(tmp_path):
         pool.save(tmp_path, overwrite=True)
     with pytest.raises(InputError, match="not compressed"):
         CheckpointPool([{"a": torch.ones(2)}]).save(tmp_path / "x.safetensors")
+
+
+def test_save_never_replaces_a_fifo_or_device(tmp_path):
+    """Was: os.replace swapped the FIFO (or, as root, /dev/null) for a regular file. (Only a FIFO here: a
+    regression must not cost the test machine its /dev/null.)"""
+    pool, _ = _saved(tmp_path)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="pipe: is a FIFO, not a regular file; refusing to replace it"):
+        pool.save(fifo, overwrite=True)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
 
 
 def _rewrite(path, out, edit_tensors=None, edit_header=None):

@@ -269,6 +269,17 @@ def test_unreadable_state_files(tmp_path, text):
         optimize(pool, evaluate, model=Vec(), budget=10, popsize=6, seed=4, state_path=str(path), log=None)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_a_state_path_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    """Was: a FIFO blocked the search forever, /dev/zero read until memory ran out."""
+    pool, evaluate, _ = synthetic(n=3)
+    path = tmp_path / "state.fifo" if kind == "fifo" else kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(InputError, match=f"{path}: is a (FIFO|character device), not a regular file"):
+        optimize(pool, evaluate, model=Vec(), budget=10, popsize=6, seed=4, state_path=str(path), log=None)
+
+
 def test_resume_with_nan_scores_and_groups(tmp_path):
     """NaN objectives round-trip through the JSON state; a per-group search resumes exactly too."""
     sources, pool, model = _two_group_pool()

@@ -51,6 +51,19 @@ def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
     return fd
 
 
+def check_replaceable(path, error: Type[InputError] = InputError) -> None:
+    """A path we are about to replace (write a temporary file, then rename it over the path) must be
+    absent or a regular file: renaming over a FIFO or a device (/dev/null, as root) would replace it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise error(f"{path}: cannot access: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: is {kind_of(mode)}, not a regular file; refusing to replace it")
+
+
 def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX_SMALL_FILE) -> bytes:
     """The whole of a small regular file (a config, an index): refuses FIFOs, devices, huge files."""
     fd = open_regular(path, error)

@@ -57,6 +57,7 @@ import torch
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError
+from pymerge.io.files import check_replaceable
 
 BLOCK = 64            # elements per scale
 GROUP = 128           # int4 packing unit (two blocks): 16 words, nibble h of word i is element 16h + i
@@ -391,6 +392,7 @@ class CompressedStore:
             raise InputError(f"{path}: is a folder; save writes one .safetensors file")
         if os.path.exists(path) and not overwrite:
             raise InputError(f"{path}: already exists; pass overwrite=True to replace it")
+        check_replaceable(path)
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise InputError(f"{path}: folder {parent} does not exist")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pymerge.errors import InputError
+from pymerge.io.files import check_replaceable, read_small
 from pymerge.search.report import macro_average, pareto_front, plot, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
@@ -271,12 +272,12 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     """The saved state, checked field by field (InputError naming the file otherwise), or None."""
     if not path or not os.path.exists(path):
         return None
+    data = read_small(path, InputError)  # a regular file only: a FIFO would block, /dev/zero never end
     try:
-        with open(path, "rb") as fh:
-            state = json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        why = exc.strerror if isinstance(exc, OSError) else "not JSON (an older pymerge pickled its state: delete the file)"
-        raise InputError(f"{path}: cannot read the search state: {why}") from None
+        state = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"{path}: cannot read the search state: not JSON (an older pymerge pickled its state: "
+                         "delete the file)") from None
     try:
         _check_header(state)
         saved, expected = state["fingerprint"], json.loads(json.dumps(fingerprint))  # as it reads back from disk
@@ -358,6 +359,7 @@ def _save_state(path: Optional[str], state: dict) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    check_replaceable(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(state, fh)  # NaN scores are written as NaN, which Python's json reads back

@@ -7,6 +7,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from pymerge.io.files import check_replaceable
+
 
 def macro_average(scores: Dict[str, float]) -> float:
     return float(np.mean([scores[k] for k in sorted(scores)]))
@@ -32,6 +34,7 @@ def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
 
 
 def write_json(path: str, payload) -> None:
+    check_replaceable(path)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
         json.dump(payload, fh, indent=1, default=_jsonable)
@@ -51,6 +54,7 @@ def write_csv(path: str, history: List[dict], tasks: List[str]) -> None:
     n_w = max((len(np.ravel(r["weights"])) for r in history), default=0)
     header = (["eval", "generation", "objective"] + [f"task:{t}" for t in tasks]
               + ["materialize_s", "evaluate_s"] + [f"w{i}" for i in range(n_w)])
+    check_replaceable(path)  # a FIFO would block
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
