@@ -12,13 +12,17 @@ from typing import Optional, Sequence
 import torch
 
 from pymerge import _native
+from pymerge.ops._memory import check_native
 
 
 def _native_ok(op: str, tensors, out, backend: str) -> bool:
     if backend not in ("auto", "cpu") or not hasattr(_native.cpu, op) or out.numel() == 0:
         return False
-    return all(t.device.type == "cpu" and t.dtype in _native.DTYPE_CODES for t in tensors) and \
-        out.dtype in (torch.float32, torch.float16, torch.bfloat16) and out.is_contiguous()
+    if not (all(t.device.type == "cpu" and t.dtype in _native.DTYPE_CODES for t in tensors)
+            and out.dtype in (torch.float32, torch.float16, torch.bfloat16) and out.is_contiguous()):
+        return False
+    check_native(tensors, [out], out.numel(), op)  # the kernel will trust these addresses and sizes
+    return True
 
 
 def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, backend: str = "auto",

@@ -25,8 +25,23 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
+from pymerge.ops._memory import check_backed, check_native
 
 _U64 = 1 << 64
+
+
+def _check_native(inputs, outs, numel: int, op: str, device) -> None:
+    """Before a kernel gets raw addresses (pymerge/ops/_memory.py): sizes, storage, dtype and device."""
+    codes = _native.DTYPE_CODES
+    if device == "cpu":
+        bad = [t for g in (inputs, outs) for t in g if t is not None and (not t.is_cpu or t.dtype not in codes)]
+    else:
+        device = torch.device(device)
+        bad = [t for g in (inputs, outs) for t in g if t is not None and (t.device != device or t.dtype not in codes)]
+    if bad:
+        raise ValueError(f"{op}: a tensor of dtype {bad[0].dtype} on {bad[0].device}; this kernel takes "
+                         f"{', '.join(sorted(str(d).split('.')[-1] for d in codes))} on {device}")
+    check_native(inputs, outs, numel, op)
 
 
 def _codes(ts) -> List[int]:
@@ -90,7 +105,10 @@ def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Ten
     if numel == 0:
         return
     tensors = _contig(tensors)
+    _check_native(tensors, outs, numel, "weighted_sum", "cpu")
     flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
+    if len(flat) != len(outs) * len(tensors):
+        raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
     _native.require_cpu().weighted_sum_many(
         [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
         [o.data_ptr() for o in outs], _codes(outs), num_threads)
@@ -102,6 +120,7 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
     if tensors[0].numel() == 0:
         return
     tensors = _contig(tensors)
+    _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device)
     device = tensors[0].device
     if not isinstance(weights, Tensor):
         weights = torch.tensor(weights, dtype=torch.float32)
@@ -202,6 +221,7 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
     if base.numel() == 0:
         return
     inputs, (base,) = _contig(inputs), _contig([base])
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu")
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
                                    _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
                                    base.numel(), offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1,
@@ -215,6 +235,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
     if base.numel() == 0:
         return
     inputs, (base,) = _contig(inputs), _contig([base])
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device)
     with torch.cuda.device(base.device):
         if _cuda_backend(backend, "tv_merge") == "triton":
             from pymerge.kernels import task_vectors as tk
@@ -238,6 +259,27 @@ def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, div
 PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
 
 
+def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device) -> None:
+    n = len(inputs)
+    if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
+        raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
+                         f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
+    if out.dtype not in _native.OUTPUT_DTYPES or not out.is_contiguous():
+        raise ValueError(f"tv_merge: out must be a contiguous float32, float16 or bfloat16 tensor, got {out.dtype}")
+    _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device)
+    if offset < 0:
+        raise ValueError(f"tv_merge: offset must be >= 0, got {offset}")
+    for i, b in enumerate(bits):
+        if b is None:
+            continue
+        if b.dtype != torch.int64 or not b.is_contiguous() or b.device != base.device:
+            raise ValueError(f"tv_merge: bitmask {i} must be a contiguous int64 tensor on {base.device}")
+        if b.numel() * 64 < offset + base.numel():
+            raise ValueError(f"tv_merge: bitmask {i} has {b.numel() * 64} bits, fewer than the "
+                             f"{offset + base.numel()} that elements {offset}..{offset + base.numel() - 1} index")
+        check_backed(b, f"tv_merge: bitmask {i}")
+
+
 def model_specs(inputs, bits, plan_ints, plan_floats) -> list:
     """The flat tuples csrc/cpu/task_vectors.cpp (and the CUDA extension) read, one per model."""
     specs = []
@@ -258,6 +300,7 @@ def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending
     """int64 [len(ranks), 2]: the (key, index) boundary of every rank (see pymerge/ops/select.py)."""
     x = x.contiguous()
     base = base.contiguous() if base is not None else None
+    _check_native([x, base], [], x.numel(), "select_ranks", "cpu")
     found = _native.require_cpu().select_ranks(
         x.data_ptr(), _native.DTYPE_CODES[x.dtype], base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, x.numel(), list(ranks), descending, num_threads)
@@ -278,6 +321,7 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
     tensor: exact sums rounded once, pymerge/ops/exact_sum.py)."""
     xs = _contig(xs)
     base = base.contiguous() if base is not None else None
+    _check_groups(xs, base, rows, cols, group, [], "group_dots")
     k = len(xs)
     if group == 0:
         from pymerge.ops import exact_sum, interp
@@ -303,10 +347,25 @@ def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B), coef float32 [G, K+1]."""
     xs = _contig(xs)
     base = base.contiguous() if base is not None else None
+    _check_groups(xs, base, rows, cols, group, [out], "group_lincomb")
+    g = (1, rows, cols)[group]
+    if coef.numel() != g * (len(xs) + 1):
+        raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {len(xs) + 1} need "
+                         f"{g * (len(xs) + 1)}")
+    if out.dtype not in _native.OUTPUT_DTYPES or not out.is_contiguous():
+        raise ValueError(f"group_lincomb: out must be a contiguous float32, float16 or bfloat16 tensor, got {out.dtype}")
     _native.require_cpu().group_lincomb(
         [x.data_ptr() for x in xs], _codes(xs), base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, group,
         coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
+
+
+def _check_groups(xs, base, rows, cols, group, outs, op) -> None:
+    if not xs:
+        raise ValueError(f"{op}: needs at least one input")
+    if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
+        raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
+    _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu")
 
 
 @register_fake("pymerge::group_lincomb_out")

@@ -38,6 +38,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import exact_sum, library, philox, select
+from pymerge.ops._memory import check_native
 from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
 _M = _native.SPARSIFIER_MODES  # the kernels' per-model sparsifier modes (csrc/codes.h)
@@ -221,6 +222,7 @@ def model_l1_parts(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=T
     """The two L1 norms of model_l1 as exact-sum parts [2, PARTS] (pymerge/ops/exact_sum.py), which
     add across the pieces of a split tensor (elements offset .. offset + numel - 1 of it)."""
     if cpu:
+        check_native([x, base], [], x.numel(), "task vectors (L1 norms)")
         h0, h1 = philox.name_hash(name)
         return torch.tensor(_native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
                                               _native.DTYPE_CODES[base.dtype], x.numel(), offset,
@@ -264,6 +266,7 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
     n = x.numel()
     words = torch.zeros((n + 63) // 64, dtype=torch.int64, device=x.device)
     if x.dim() <= 2 and cpu:
+        check_native([x, base], [], n, "della")
         rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
         thr = della_thresholds(sp.density, sp.epsilon, cols).tolist()
         h0, h1 = philox.name_hash(name)

@@ -21,6 +21,7 @@ from pymerge import _native
 from pymerge._native import OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard
+from pymerge.ops._memory import backing_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
@@ -361,6 +362,7 @@ class CheckpointPool:
         if len({id(m) for m in into}) != len(into):
             raise InputError("the same model appears twice in into=; each candidate needs its own model")
         n = self.num_checkpoints
+        self._check_borrowed()
         if self._graph_weights(weight_rows, method):
             tables = [_device_table(w, n, normalize) for w in weight_rows]
         else:
@@ -448,6 +450,16 @@ class CheckpointPool:
             call.run(entry, self._inputs, self._base, self._selection, self.num_threads)
         return entry
 
+    def _check_borrowed(self) -> None:
+        """The caller's tensors the pool reads in place must still have their storage (FSDP frees it)."""
+        for i, label in enumerate(self.labels):
+            if label in self.borrowed:
+                for name in self.names:
+                    problem = backing_problem(self._inputs[name][i])
+                    if problem:
+                        raise InputError(f"{label}: tensor {name!r}, which the pool reads in place: {problem}; "
+                                         "nothing was written")
+
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         plans = self._plan(into, group_of, names, strict)
         self._check_overlaps(plans, len(into))
@@ -498,6 +510,8 @@ class CheckpointPool:
                 elif t.device.type != self.device.type or (self.device.index is not None
                                                            and t.device.index != self.device.index):
                     problems.append(f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}")
+                elif (unusable := _unusable_target(t)) is not None:
+                    problems.append(f"tensor {model_name!r}{where}: {unusable}")
                 elif t.is_contiguous():
                     outs.append(t)
                     dests.append(t)
@@ -695,6 +709,11 @@ def _last_of_tied(plans: List[_Plan]) -> List[_Plan]:
 def _cacheable(groups: GroupRule, names: NameMap) -> bool:
     """Plans can be cached only under rules that are values (a function or dict may change)."""
     return (groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
+
+
+def _unusable_target(t: torch.Tensor) -> Optional[str]:
+    """Why a kernel may not write into t (its storage freed, read-only memory), or None."""
+    return backing_problem(t) or write_problem(t)
 
 
 def _watched(plans: List[_Plan], into: list, names: NameMap) -> list:

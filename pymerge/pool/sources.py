@@ -11,6 +11,7 @@ import torch
 
 from pymerge.errors import CheckpointError, InputError
 from pymerge.io import Checkpoint
+from pymerge.ops._memory import check_backed
 
 
 class DictSource:
@@ -26,6 +27,7 @@ class DictSource:
             if v.device.type == "meta":  # a model built on the meta device has shapes but no weights
                 raise InputError(f"{label}: tensor {k!r} is on the meta device and holds no data; load "
                                  f"the weights first")
+            check_backed(v, f"{label}: tensor {k!r}", InputError)  # a freed storage (FSDP's resize_(0))
             self._state[k] = v.detach()
 
     def names(self) -> List[str]:

@@ -1,0 +1,99 @@
+"""Checks before a kernel gets a tensor's raw address: that its memory is there and, for an output,
+writable. The kernels trust the address and size they are given, so without these a tensor whose
+storage was freed (resize_(0), as FSDP frees a sharded parameter's between uses), one smaller than
+the op's other tensors, or a read-only memory map (a safetensors view, pool.tensor() on the mmap tier)
+would crash the process instead of raising.
+"""
+import ctypes
+import os
+import threading
+from typing import Iterable, Optional
+
+import torch
+
+_probe_lock = threading.Lock()
+_probe_pipe = {}  # pid -> (read fd, write fd): a forked child makes its own
+_libc = None
+
+
+def extent_bytes(t: torch.Tensor) -> int:
+    """Bytes of its storage the tensor reaches: up to its farthest element, from the storage start."""
+    if t.numel() == 0:
+        return 0
+    if t.is_contiguous():
+        return t.storage_offset() * t.element_size() + t.nbytes
+    last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
+
+
+def backing_problem(t: torch.Tensor) -> Optional[str]:
+    """Why t's storage cannot hold every element it addresses, or None."""
+    have, need = t.untyped_storage().nbytes(), extent_bytes(t)
+    if have >= need:
+        return None
+    return (f"its storage holds {have} bytes but the tensor spans {need} (freed or shrunk with resize_, as FSDP "
+            f"frees a sharded parameter's storage); it has no data to use")
+
+
+def write_problem(t: torch.Tensor) -> Optional[str]:
+    """Why a kernel cannot write t's first and last elements, or None. Storages torch allocated itself
+    always can; one over foreign memory (from_numpy, frombuffer: a memory map) is probed, without a
+    signal: each byte is written into a pipe and read back into place, which fails with EFAULT where it
+    cannot."""
+    if t.numel() == 0 or t.untyped_storage().resizable() or t.device.type != "cpu":
+        return None
+    first = t.data_ptr()
+    last = first + t.element_size() * sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    if _byte_writable(first) and _byte_writable(last):
+        return None
+    return ("it is read-only memory (a view of a memory-mapped file, such as a safetensors tensor or pool.tensor() "
+            "on the mmap tier); write into a tensor of your own")
+
+
+def check_backed(t: torch.Tensor, what: str, error=ValueError) -> None:
+    problem = backing_problem(t)
+    if problem:
+        raise error(f"{what}: {problem}")
+
+
+def check_writable(t: torch.Tensor, what: str, error=ValueError) -> None:
+    problem = write_problem(t)
+    if problem:
+        raise error(f"{what}: {problem}")
+
+
+def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.Tensor], numel: int, op: str) -> None:
+    """Every tensor a native kernel reads (None: absent) or writes holds `numel` elements, backed by its
+    storage; every output is writable. About a microsecond a tensor: a few attribute reads, a probe
+    only for an output over foreign memory."""
+    for role, group in (("input", inputs), ("output", outs)):
+        for i, t in enumerate(group):
+            if t is None:
+                continue
+            if t.numel() != numel:
+                raise ValueError(f"{op}: {role} {i} has {t.numel()} elements, the op works on {numel}")
+            st = t.untyped_storage()
+            if st.nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
+                check_backed(t, f"{op}: {role} {i}")  # the exact test (and the message)
+            if role == "output" and not st.resizable():
+                check_writable(t, f"{op}: {role} {i}")
+
+
+def _byte_writable(address: int) -> bool:
+    global _libc
+    with _probe_lock:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        pid = os.getpid()
+        if pid not in _probe_pipe:
+            for fd in (fd for pair in _probe_pipe.values() for fd in pair):  # the parent's, inherited by fork
+                os.close(fd)
+            _probe_pipe.clear()
+            _probe_pipe[pid] = os.pipe()
+        r, w = _probe_pipe[pid]
+        if _libc.write(w, ctypes.c_void_p(address), 1) != 1:  # unreadable: not writable either
+            return False
+        if _libc.read(r, ctypes.c_void_p(address), 1) == 1:
+            return True
+        os.read(r, 1)  # leave the pipe empty for the next probe
+        return False

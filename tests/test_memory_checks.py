@@ -1,0 +1,174 @@
+"""Tensors a kernel must not be handed (pymerge/ops/_memory.py): a storage freed with resize_(0) (as FSDP
+frees sharded parameters), read-only memory (a safetensors view, pool.tensor() on the mmap tier), a
+tensor smaller than the op's others, wrong dtypes or devices, through the public ops, torch.ops.pymerge
+and CheckpointPool. Each was a segmentation fault or a silent out-of-bounds read (found by fuzzing);
+each must be one clear error, with nothing written."""
+import mmap
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pymerge
+from pymerge import _native
+from pymerge.errors import InputError
+from pymerge.ops import _memory
+from test_cli import ROOT
+
+needs_cpu_ext = pytest.mark.skipif(_native.cpu is None, reason="the C++ extension is not built")
+N = 1 << 16
+
+
+def freed(n: int = N) -> torch.Tensor:
+    t = torch.ones(n)
+    t.untyped_storage().resize_(0)
+    return t
+
+
+@pytest.mark.filterwarnings("ignore:The given buffer is not writable")
+def test_writable_probe_tells_read_only_from_writable_and_changes_nothing():
+    a = np.arange(1000, dtype=np.float32)
+    t = torch.from_numpy(a)  # foreign memory, writable: probed
+    assert not t.untyped_storage().resizable()
+    assert _memory.write_problem(t) is None and _memory.write_problem(t[3:7]) is None
+    assert np.array_equal(a, np.arange(1000, dtype=np.float32))  # the probe wrote each byte back
+    ro = torch.frombuffer(mmap.mmap(-1, 4096, prot=mmap.PROT_READ), dtype=torch.float32)
+    assert "read-only memory" in _memory.write_problem(ro)
+    assert _memory.write_problem(torch.zeros(5)) is None  # torch's own: not probed
+    assert _memory.backing_problem(torch.zeros(5)) is None
+    assert "storage holds 0 bytes but the tensor spans" in _memory.backing_problem(freed(7))
+    assert _memory.backing_problem(torch.zeros(10).as_strided((3,), (4,), 1)) is None  # reaches element 9 of 10
+    short = torch.zeros(10).as_strided((3,), (4,), 1)
+    short.untyped_storage().resize_(20)  # shrunk under the view: 5 of the 10 elements left
+    assert "holds 20 bytes but the tensor spans 40" in _memory.backing_problem(short)
+
+
+@needs_cpu_ext
+def test_torch_ops_check_what_the_kernels_trust():
+    import pymerge.ops.library  # noqa: F401  (registers torch.ops.pymerge)
+    P = torch.ops.pymerge
+    x = torch.randn(N)
+    cases = [
+        (lambda: P.weighted_sum_out([x], torch.ones(1), torch.empty(1)), "output 0 has 1 elements, the op works on"),
+        (lambda: P.weighted_sum([x, torch.ones(1)], torch.ones(2), torch.float32), "input 1 has 1 elements"),
+        (lambda: P.weighted_sum([x.double()], torch.ones(1), torch.float32), "dtype torch.float64"),
+        (lambda: P.weighted_sum_out([x], torch.ones(3), torch.empty(N)), "3 weights for 1 outputs x 1 inputs"),
+        (lambda: P.select_ranks(x, torch.ones(1), [1], True), "input 1 has 1 elements"),
+        (lambda: P.group_dots([torch.randn(10)], None, False, 100000, 100, 1), "100000 x 100 view"),
+        (lambda: P.group_lincomb_out([torch.randn(10)], None, False, 2, 5, 1, torch.ones(3), torch.empty(10)),
+         "coef has 3 entries; 2 groups x 2 need 4"),
+        (lambda: P.group_lincomb_out([torch.randn(10)], None, False, 2, 5, 1, torch.ones(4), torch.empty(3)),
+         "output 0 has 3 elements"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+@needs_cpu_ext
+def test_ops_refuse_inputs_smaller_than_their_output():
+    from pymerge.ops import interp
+    from pymerge.ops import task_vector_ops as tv
+    from pymerge.ops.consensus_ops import ramplus_tl, sce
+    from pymerge.ops.elementwise_mix import nearswap, ram
+    small, base, out = torch.ones(1), torch.zeros(N), torch.empty(N)
+    cases = [
+        (lambda: sce([small, base], base, 0.5, out), "sce_merge: input 0 has 1 elements"),
+        (lambda: ramplus_tl([small, small], small, .5, .5, .1, out), "ram_counts: input 0 has 1 elements"),
+        (lambda: ram([small, small], small, 0.1, out), "ram: input 0 has 1 elements"),
+        (lambda: nearswap(small, small, 0.5, out), "nearswap: input 0 has 1 elements"),
+        (lambda: interp.group_dots([torch.randn(N), small], None, False, "whole"), "input 1 has 1 elements"),
+        (lambda: interp.group_lincomb([torch.randn(N)] * 2, None, False, "whole", torch.ones(3), torch.empty(1)),
+         "output 0 has 1 elements"),
+        (lambda: tv.task_vector_merge([torch.ones(N)], base, torch.empty(1), [tv.Sparsifier()], [1.0],
+                                      consensus=False, normalize=False), "tv_merge: output 0 has 1 elements"),
+        (lambda: tv.task_vector_merge([torch.ones(8)], torch.zeros(8), torch.empty(8, device="meta"),
+                                      [tv.Sparsifier()], [1.0], consensus=False, normalize=False), "on meta"),
+        (lambda: tv.merge_planned([base], base, [tv.ModelPlan(mode=tv.BITS, bits=torch.zeros(1, dtype=torch.int64))],
+                                  torch.empty(N), consensus=True, normalize=True),
+         f"bitmask 0 has 64 bits, fewer than the {N}"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_pool_refuses_freed_sources():
+    with pytest.raises(InputError, match="source 1: tensor 'w': its storage holds 0 bytes"):
+        pymerge.CheckpointPool([{"w": torch.ones(N)}, {"w": freed()}])
+    with pytest.raises(InputError, match="source 0: tensor 'w': its storage holds 0 bytes"):
+        pymerge.CheckpointPool([{"w": freed()}], base={"w": torch.zeros(N)}, compress="int8")
+
+
+# Each of these was a segmentation fault: run in a child process, so a regression fails the test
+# instead of killing pytest.
+_CRASHES = r"""
+import mmap, sys, torch, pymerge
+from pymerge.io import Checkpoint
+from safetensors.torch import save_file
+path, N = sys.argv[1], 1 << 16
+def freed(n=N):
+    t = torch.ones(n); t.untyped_storage().resize_(0); return t
+save_file({"w": torch.zeros(N)}, path)
+view = Checkpoint(path).tensor("w")
+mapped = pymerge.CheckpointPool([path], residency="mmap")
+def pool():
+    return pymerge.CheckpointPool([{"w": torch.ones(N)}, {"w": torch.full((N,), 3.0)}])
+def borrowed_then_freed():
+    a = torch.ones(N)
+    p = pymerge.CheckpointPool([{"w": a}, {"w": torch.ones(N)}], residency="mmap")
+    p.materialize([0.5, 0.5], {"w": torch.empty(N)})
+    a.untyped_storage().resize_(0)
+    p.materialize([0.5, 0.5], {"w": torch.empty(N)})
+def cached_target_then_freed():
+    p, m = pool(), {"w": torch.empty(N)}
+    p.materialize([0.5, 0.5], m)
+    m["w"].untyped_storage().resize_(0)
+    p.materialize([0.5, 0.5], m)
+cases = {
+    "weighted_sum into a safetensors view": lambda: pymerge.weighted_sum([torch.ones(N)], [1.0], out=view),
+    "weighted_sum into a freed tensor": lambda: pymerge.weighted_sum([torch.ones(N)], [1.0], out=freed()),
+    "weighted_sum of a freed tensor": lambda: pymerge.weighted_sum([freed(), freed()], [1.0, 1.0]),
+    "materialize into a safetensors view": lambda: pool().materialize([0.5, 0.5], {"w": view}),
+    "materialize into pool.tensor()": lambda: pool().materialize([0.5, 0.5], {"w": mapped.tensor(0, "w")}),
+    "materialize into a read-only map": lambda: pool().materialize([0.5, 0.5], {"w": torch.frombuffer(
+        mmap.mmap(-1, 4 * N, prot=mmap.PROT_READ), dtype=torch.float32)}),
+    "materialize into a freed tensor": lambda: pool().materialize([0.5, 0.5], {"w": freed()}),
+    "a borrowed source freed after a merge": borrowed_then_freed,
+    "a cached target freed": cached_target_then_freed,
+}
+for name, case in cases.items():
+    try:
+        case()
+        print(f"{name}: no error")
+    except Exception as exc:
+        print(f"{name}: {type(exc).__name__}: {exc}")
+    sys.stdout.flush()
+assert float(view.sum()) == 0.0  # nothing was written into the file's view
+print("done")
+"""
+
+
+@needs_cpu_ext
+def test_unusable_targets_and_freed_storage_are_errors_not_crashes(tmp_path):
+    p = subprocess.run([sys.executable, "-c", _CRASHES, str(tmp_path / "m.safetensors")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and p.stdout.endswith("done\n"), (p.returncode, p.stdout[-3000:], p.stderr[-2000:])
+    lines = dict(line.split(": ", 1) for line in p.stdout.splitlines()[:-1])
+    read_only = "it is read-only memory (a view of a memory-mapped file"
+    no_data = "its storage holds 0 bytes but the tensor spans 262144"
+    assert lines["weighted_sum into a safetensors view"].startswith(f"ValueError: weighted_sum: output 0: {read_only}")
+    assert lines["weighted_sum into a freed tensor"] == \
+        f"ValueError: weighted_sum: output 0: {no_data} (freed or shrunk with resize_, as FSDP frees a sharded " \
+        "parameter's storage); it has no data to use"
+    assert lines["weighted_sum of a freed tensor"].startswith(f"ValueError: weighted_sum: input 0: {no_data}")
+    for case in ("a safetensors view", "pool.tensor()", "a read-only map"):
+        assert lines[f"materialize into {case}"].startswith(f"InputError: tensor 'w': {read_only}"), case
+        assert lines[f"materialize into {case}"].endswith("nothing was written"), case
+    assert lines["materialize into a freed tensor"].startswith(f"InputError: tensor 'w': {no_data}")
+    assert lines["a cached target freed"].startswith(f"InputError: tensor 'w': {no_data}")
+    assert lines["a borrowed source freed after a merge"].startswith(
+        f"InputError: source 0: tensor 'w', which the pool reads in place: {no_data}")
