@@ -462,3 +462,41 @@ def test_a_source_giving_another_shape_than_it_lists_is_named(monkeypatch):
     monkeypatch.setattr(DictSource, "tensor", lambda self, name: self._state[name].reshape(-1)[:1])
     with pytest.raises(CheckpointError, match=r"^source 0: tensor 'scale' has shape \[1\], listed as \[7\]$"):
         CheckpointPool([m.state_dict() for m in models])
+
+
+@pytest.mark.parametrize("residency", [None, "mmap"])
+@pytest.mark.parametrize("dtype, held", [(torch.float64, torch.float32), (torch.float8_e4m3fnuz, torch.bfloat16)])
+def test_floats_the_kernels_do_not_read_are_held_converted(residency, dtype, held):
+    """Was a bare KeyError at materialize: float64 (and float8 variants the kernels lack) are held as float32
+    (or bfloat16, exactly), on every tier; merged against float64."""
+    g = torch.Generator().manual_seed(3)
+    sources = [{"w": torch.randn(5, 7, generator=g, dtype=torch.float64).to(dtype), "b": torch.randn(3, generator=g).to(dtype)}
+               for _ in range(3)]
+    pool = CheckpointPool(sources, residency=residency)
+    assert pool.tensor(0, "w").dtype == held
+    out = {"w": torch.empty(5, 7), "b": torch.empty(3)}
+    pool.materialize([0.25, 0.5, 0.25], into=out)
+    for name in out:
+        ref = sum(c * s[name].to(held).double() for c, s in zip((0.25, 0.5, 0.25), sources))
+        torch.testing.assert_close(out[name].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_tensor_checks_its_index_and_name():
+    """Were an IndexError, a KeyError, or (index -1) the last checkpoint without a word."""
+    pool = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
+    assert torch.equal(pool.tensor(1, "w"), torch.zeros(2))
+    for bad in (2, -1, 1.0, True, "0"):
+        with pytest.raises(InputError, match=r"checkpoint index must be an integer in 0\.\.1"):
+            pool.tensor(bad, "w")
+    with pytest.raises(InputError, match="no tensor 'v' in this pool"):
+        pool.tensor(0, "v")
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, None, "4", True, 1 << 40])
+def test_num_threads_is_checked(bad):
+    """Were pybind11's "incompatible function arguments" (listing raw addresses) at the first merge."""
+    with pytest.raises(InputError, match=r"num_threads must be an integer from 0 \(all cores\) to 65536"):
+        CheckpointPool([{"w": torch.ones(2)}], num_threads=bad)
+    with pytest.raises(ValueError, match="num_threads must be an integer"):
+        pymerge.weighted_sum([torch.ones(3)], [1.0], num_threads=bad)
+    assert CheckpointPool([{"w": torch.ones(2)}], num_threads=np.int64(2)).num_threads == 2

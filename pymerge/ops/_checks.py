@@ -1,5 +1,6 @@
 """Argument checks shared by the fused ops: one clear message per mistake, before any work."""
 import math
+import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -108,3 +109,17 @@ def _overlaps_partially(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not _overlaps(a, b):
         return False
     return not (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and b.is_contiguous())
+
+
+MAX_THREADS = 1 << 16
+
+
+def check_threads(num_threads, what: str = "num_threads") -> int:
+    """An integer 0..65536 (0: every core the process may use)."""
+    try:
+        n = -1 if isinstance(num_threads, bool) else operator.index(num_threads)  # ints, numpy ints
+    except TypeError:
+        n = -1
+    if not 0 <= n <= MAX_THREADS:
+        raise ValueError(f"{what} must be an integer from 0 (all cores) to {MAX_THREADS}, got {short(num_threads)}")
+    return n

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
+from pymerge.ops._checks import check_threads
 from pymerge.ops._memory import check_backed, check_native
 
 _U64 = 1 << 64
@@ -106,6 +107,7 @@ def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Ten
         return
     tensors = _contig(tensors)
     _check_native(tensors, outs, numel, "weighted_sum", "cpu")
+    check_threads(num_threads)
     flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
     if len(flat) != len(outs) * len(tensors):
         raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
@@ -222,6 +224,7 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
         return
     inputs, (base,) = _contig(inputs), _contig([base])
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu")
+    check_threads(num_threads)
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
                                    _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
                                    base.numel(), offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1,

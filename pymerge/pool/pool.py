@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pymerge import _native
-from pymerge._native import OUTPUT_DTYPES
+from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard
+from pymerge.ops._checks import check_threads
 from pymerge.ops._memory import backing_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
@@ -134,7 +135,7 @@ class CheckpointPool:
         if compress is not None:  # every option checked before anything is read or compressed
             error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
             compressed.check_backend(self.backend, self.device)
-        self.num_threads = num_threads
+        self.num_threads = _threads(num_threads)
         self.memory_budget = parse_bytes(memory_budget)
         opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
         base_src = self._open(base, _label(base, "base")) if base is not None else None
@@ -216,7 +217,7 @@ class CheckpointPool:
         store = compressed.CompressedStore.load(path)
         pool = cls.__new__(cls)
         pool.device = _resolve_device(device)
-        pool.dtype, pool.memory_budget, pool.num_threads = None, None, num_threads
+        pool.dtype, pool.memory_budget, pool.num_threads = None, None, _threads(num_threads)
         pool.backend = pick_backend(pool.device, backend)
         pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
         pool.num_checkpoints, pool.labels, pool.has_base, pool.borrowed = len(store.labels), store.labels, True, []
@@ -231,10 +232,10 @@ class CheckpointPool:
 
     # ---- residency ---------------------------------------------------------------------------------
     def _storage_dtype(self, t: torch.Tensor) -> torch.dtype:
-        return self.dtype or t.dtype
+        return _kernel_dtype(t.dtype, self.dtype)
 
     def _choose(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str]:
-        per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64)) * (self.dtype or _first_dtype(opened[0], n)).itemsize
+        per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64)) * _kernel_dtype(_first_dtype(opened[0], n), self.dtype).itemsize
                        for n in self.names)
         need = per_ckpt * (len(opened) + (1 if base_src else 0))
         self.nbytes = need
@@ -274,7 +275,7 @@ class CheckpointPool:
         layout, size = [], 0
         for n in self.names:
             dtype, shape = src.info(n)
-            dtype = self.dtype or dtype
+            dtype = _kernel_dtype(dtype, self.dtype)
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             layout.append((n, dtype, shape, size, nbytes))
             size += -(-nbytes // 64) * 64
@@ -294,7 +295,7 @@ class CheckpointPool:
     def _hold(self, t: torch.Tensor, src) -> torch.Tensor:
         """The tensor as the chosen tier keeps it: an owned copy, except the mmap tier (views as given)."""
         t = t.detach()
-        if self.residency == "mmap":
+        if self.residency == "mmap" and t.dtype in INPUT_DTYPES:
             held = t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
             if not src.mapped and held.data_ptr() == t.data_ptr() and src.label not in self.borrowed:
                 self.borrowed.append(src.label)
@@ -339,6 +340,10 @@ class CheckpointPool:
         checkpoint's one buffer (holding it keeps that whole buffer alive; writing or resizing it would
         change the pool); on the mmap tier a view of the file, which reads zeros past its end if another
         program truncates it (the next materialize raises). A compressed pool decodes it, float32."""
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < self.num_checkpoints:
+            raise InputError(f"checkpoint index must be an integer in 0..{self.num_checkpoints - 1}, got {i!r}")
+        if name not in self.shapes:
+            raise InputError(f"no tensor {name!r} in this pool")
         if self._compressed is not None:
             return self._compressed.decoded(i, name)
         return self._inputs[name][i]
@@ -740,6 +745,23 @@ def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
 
 def _label(src, default: str) -> str:
     return os.fspath(src) if isinstance(src, (str, os.PathLike)) else default
+
+
+def _threads(num_threads) -> int:
+    try:
+        return check_threads(num_threads)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _kernel_dtype(dtype: torch.dtype, forced: Optional[torch.dtype]) -> torch.dtype:
+    """What the pool holds a tensor as: dtype= if given, else its own where the kernels read it; other
+    floats are converted (float64 narrows to float32, another float8 widens to bfloat16 exactly)."""
+    if forced is not None:
+        return forced
+    if dtype in INPUT_DTYPES:
+        return dtype
+    return torch.bfloat16 if dtype.itemsize == 1 else torch.float32
 
 
 def _first_dtype(src, name: str) -> torch.dtype:
