@@ -200,3 +200,14 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     second = json.loads(captured.out.strip().splitlines()[-1])
     assert np.asarray(second["optimized_weights"]).shape == (3, 11)
     assert {summary["eval_dtype"], second["eval_dtype"]} == {"float32", "bfloat16"}
+
+
+@pytest.mark.parametrize("args, message", [(["--threads", "-1"], "--threads must be from 1 to 1024, got -1"),
+                                           (["--threads", "0"], "--threads must be from 1 to 1024, got 0"),
+                                           (["--budget", "0"], "--budget must be at least 1")])
+def test_demo_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
+    """--threads -1 was a traceback from torch.set_num_threads."""
+    from pymerge.demo import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(tmp_path / "o")] + args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
