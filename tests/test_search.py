@@ -307,3 +307,19 @@ def test_a_state_from_another_pool_says_what_differs(tmp_path):
     pool, evaluate, _ = synthetic(n=4)
     with pytest.raises(InputError, match=r"different search \(differs in n, x0\)"):
         optimize(pool, evaluate, model=Vec(), budget=30, popsize=6, seed=4, state_path=str(path), log=None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sigma0": float("nan")}, "sigma0 must be a finite step size"), ({"sigma0": 0.0}, "sigma0 must be"),
+    ({"sigma0": float("inf")}, "sigma0 must be"), ({"sigma0": 1e-320}, "sigma0 must be"),
+    ({"budget": 2.5}, "budget must be an integer from 1"), ({"budget": float("inf")}, "budget must be an integer"),
+    ({"budget": 0}, "budget must be an integer from 1"), ({"popsize": 10**7}, "popsize must be an integer from 2"),
+    ({"popsize": 1}, "popsize must be"), ({"model": None}, "model must be the live torch.nn.Module")])
+def test_bad_search_arguments_are_one_clear_error(kwargs, message):
+    """Were cma's bare AssertionError (sigma0 NaN, inf, tiny), ZeroDivisionError (0), "slice indices must be
+    integers" (budget 2.5 or inf), AttributeError (model None), a minute of work (popsize 10**7)."""
+    pool, evaluate, _ = synthetic(n=3)
+    args = dict(model=Vec(), budget=10, popsize=6, seed=4, log=None)
+    args.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        optimize(pool, evaluate, **args)

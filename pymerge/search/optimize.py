@@ -131,8 +131,17 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     dim = g * n
     if dim < 2:
         raise InputError("CMA-ES needs at least two weights to search (one checkpoint, no groups)")
-    if budget < 1:
-        raise InputError(f"budget must be >= 1 evaluation, got {budget}")
+    budget = _count(budget, "budget", 1, 10**9)
+    popsize = None if popsize is None else _count(popsize, "popsize", 2, 10**5)
+    try:
+        sigma0 = float(sigma0)
+    except (TypeError, ValueError):
+        sigma0 = math.nan
+    if not 1e-12 <= sigma0 <= 1e6:  # NaN too: cma asserts on it, divides by zero at 0
+        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {sigma0!r}")
+    if not isinstance(model, torch.nn.Module) and not isinstance(model, dict):
+        raise InputError(f"model must be the live torch.nn.Module (or state dict) candidates are written into, "
+                         f"got {type(model).__name__}")
     lo, hi = float(bounds[0]), float(bounds[1])
     x0 = np.full(dim, (lo + hi) / 2 if normalize else 1.0 / n) if x0 is None else np.ravel(np.asarray(x0, float))
     if x0.shape != (dim,):
@@ -266,6 +275,17 @@ def _replay(es, rng, state: dict, path: str) -> Optional[Tuple[list, List[float]
         elif gen == last:
             return xs, [r["objective"] for r in rows]
     return None
+
+
+def _count(value, what: str, least: int, most: int) -> int:
+    """An integer least..most (a float or numpy integer with an integral value is accepted)."""
+    try:
+        n = int(value) if not isinstance(value, bool) and float(value) == int(value) else None
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or not least <= n <= most:
+        raise InputError(f"{what} must be an integer from {least} to {most}, got {value!r}")
+    return n
 
 
 def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
