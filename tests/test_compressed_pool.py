@@ -799,6 +799,7 @@ def test_truncated_or_foreign_file_rejected(tmp_path):
     ({"compress": "int4", "error_budget": float("inf")}, "error_budget"),
     ({"compress": "int4", "error_budget": "1%"}, "error_budget"),
     ({"compress": "int4", "error_budget": True}, "error_budget"),
+    ({"compress": "int4", "error_budget": 10**400}, r"error_budget must be finite and > 0, got 1000.*\.\.\.$"),
     ({"compress": "int4", "residency": "mmap"}, "residency"),
     ({"compress": "int4", "backend": "cuda"}, "backend 'cuda' needs a pool on a CUDA device"),
     ({"compress": "int4", "shard_like": torch.nn.Linear(2, 2)}, "do not combine"),

@@ -500,3 +500,14 @@ def test_num_threads_is_checked(bad):
     with pytest.raises(ValueError, match="num_threads must be an integer"):
         pymerge.weighted_sum([torch.ones(3)], [1.0], num_threads=bad)
     assert CheckpointPool([{"w": torch.ones(2)}], num_threads=np.int64(2)).num_threads == 2
+
+
+def test_materialize_many_with_no_candidates_does_nothing():
+    """Was "grouped plan: need at least one input and one output", an IndexError with a method, and "need at
+    least one array to stack" on a compressed pool."""
+    pool = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
+    assert pool.materialize_many([], []) == []
+    assert pool.materialize_many([], [], method="ties", density=0.5) == []
+    base = {"w": torch.full((2,), 0.5)}
+    packed = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}], base=base, compress="int8")
+    assert packed.materialize_many([], []) == []

@@ -335,3 +335,22 @@ def test_concurrent_calls_from_several_threads():
         for _ in range(3):
             got = list(ex.map(lambda job: weighted_sum(*job), jobs))
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_weighted_sum_many_refuses_shared_outputs_and_malformed_arguments():
+    """Were a silent race (outputs sharing memory), an AttributeError (outs=[None]) and "'float' object is
+    not iterable" (a 0-d weight table)."""
+    from pymerge.ops.weighted_sum import weighted_sum_many
+    x = [torch.ones(3), torch.ones(3)]
+    buf = torch.empty(5)
+    with pytest.raises(ValueError, match=r"outs\[0\] and outs\[1\] share memory"):
+        weighted_sum_many(x, [[1.0, 1.0], [2.0, 2.0]], outs=[buf[:3], buf[1:4]])
+    with pytest.raises(ValueError, match=r"outs\[0\] and outs\[2\] share memory"):
+        weighted_sum_many(x, [[1.0, 1.0]] * 3, outs=[buf[:3], torch.empty(3), buf[2:5]])
+    with pytest.raises(TypeError, match=r"outs\[0\] is a NoneType, not a torch.Tensor"):
+        weighted_sum_many(x, [[1.0, 1.0]], outs=[None])
+    with pytest.raises(ValueError, match=r"weight_rows must be a \[K, N\] table, got shape \(\)"):
+        weighted_sum_many(x, torch.tensor(1.0))
+    a, b = torch.empty(3), torch.empty(3)
+    weighted_sum_many(x, [[1.0, 1.0], [2.0, 2.0]], outs=[a, b])  # separate outputs: fine
+    assert a.tolist() == [2.0] * 3 and b.tolist() == [4.0] * 3

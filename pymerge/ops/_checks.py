@@ -95,6 +95,16 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
     return out.dtype
 
 
+def check_separate(outs: Sequence[torch.Tensor]) -> None:
+    """No two outputs share memory: each would overwrite what the other holds, in whatever order the
+    threads write them."""
+    spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size(), k)
+                   for k, o in enumerate(outs) if o.numel())
+    for (_, end, j), (start, _, k) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"outs[{min(j, k)}] and outs[{max(j, k)}] share memory; give every output its own tensor")
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when a and b share any bytes (by address range)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:

@@ -15,7 +15,7 @@ import torch
 
 from pymerge import _native, extras
 from pymerge.ops import library
-from pymerge.ops._checks import check_inputs, check_weights, resolve_out
+from pymerge.ops._checks import check_inputs, check_separate, check_weights, resolve_out
 from pymerge.ops._versions import mark_written
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
@@ -53,6 +53,8 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     Every input is read once for all K outputs (the search loop's population step).
     """
     tensors = check_inputs(tensors)
+    if isinstance(weight_rows, torch.Tensor) and weight_rows.dim() != 2:
+        raise ValueError(f"weight_rows must be a [K, N] table, got shape {tuple(weight_rows.shape)}")
     rows = weight_rows.tolist() if isinstance(weight_rows, torch.Tensor) else list(weight_rows)
     if not rows:
         raise ValueError("need at least one row of weights")
@@ -64,10 +66,14 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
                                              _op_backend(tensors[0], backend), num_threads)
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
     else:
+        outs = list(outs)
         if len(outs) != len(rows):
             raise ValueError(f"got {len(outs)} outputs for {len(rows)} rows of weights")
-        for o in outs:
+        for k, o in enumerate(outs):
+            if not isinstance(o, torch.Tensor):
+                raise TypeError(f"outs[{k}] is a {type(o).__name__}, not a torch.Tensor")
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
+        check_separate(outs)
     weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
     mark_written(outs)
     return outs

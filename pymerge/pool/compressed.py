@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from pymerge import _native
-from pymerge.errors import CheckpointError, InputError
+from pymerge.errors import CheckpointError, InputError, short
 from pymerge.io.files import check_replaceable
 
 BLOCK = 64            # elements per scale
@@ -84,9 +84,13 @@ def check_options(compress, error_budget, has_base: bool, residency) -> Optional
         return DEFAULT_BUDGET if compress == "auto" else None
     if isinstance(error_budget, bool) or not isinstance(error_budget, (int, float, np.floating, np.integer)):
         raise InputError(f"error_budget must be a number > 0, got {error_budget!r}")
-    if not math.isfinite(error_budget) or error_budget <= 0:
-        raise InputError(f"error_budget must be finite and > 0, got {error_budget}")
-    return float(error_budget)
+    try:
+        budget = float(error_budget)  # an int past float's range (10**400) overflows here
+    except OverflowError:
+        budget = math.inf
+    if not math.isfinite(budget) or budget <= 0:
+        raise InputError(f"error_budget must be finite and > 0, got {short(error_budget)}")
+    return budget
 
 
 def check_backend(backend: str, device: torch.device) -> None:

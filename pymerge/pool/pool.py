@@ -364,6 +364,8 @@ class CheckpointPool:
         weight_rows = list(weight_rows)
         if len(weight_rows) != len(into):
             raise InputError(f"got {len(weight_rows)} weight rows for {len(into)} target models")
+        if not into:
+            return []  # no candidates: nothing to read or write
         if len({id(m) for m in into}) != len(into):
             raise InputError("the same model appears twice in into=; each candidate needs its own model")
         n = self.num_checkpoints
