@@ -172,3 +172,27 @@ def test_unusable_targets_and_freed_storage_are_errors_not_crashes(tmp_path):
     assert lines["a cached target freed"].startswith(f"InputError: tensor 'w': {no_data}")
     assert lines["a borrowed source freed after a merge"].startswith(
         f"InputError: source 0: tensor 'w', which the pool reads in place: {no_data}")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("group", ["whole", "rows", "cols"])
+def test_group_lincomb_into_a_strided_output(group):
+    """Was written by address as if contiguous: wrong elements, silently. Against float64."""
+    from pymerge.ops import interp
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    base = torch.randn(6, 5, generator=g)
+    k = len(xs)
+    n_groups = {"whole": 1, "rows": 6, "cols": 5}[group]
+    coef = torch.randn(n_groups, k + 1, generator=g)
+    out = torch.zeros(5, 6).t()  # [6, 5], not contiguous
+    interp.group_lincomb(xs, base, True, group, coef, out)
+    c = coef.double()
+    v = [x.double() - base.double() for x in xs]
+    if group == "whole":
+        ref = c[0, k] * base.double() + sum(c[0, i] * v[i] for i in range(k))
+    elif group == "rows":
+        ref = c[:, k:k + 1] * base.double() + sum(c[:, i:i + 1] * v[i] for i in range(k))
+    else:
+        ref = c[:, k] * base.double() + sum(c[:, i] * v[i] for i in range(k))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

@@ -110,7 +110,10 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     rows, cols = view_2d(xs[0].shape, group)
     coef = coef.to(torch.float32).reshape(-1, k + 1)
     if _backend(xs[0], backend) == "cpu":
-        library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, out, num_threads)
+        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)  # the kernel writes by address
+        library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, target, num_threads)
+        if target is not out:
+            out.copy_(target)
         return out
     coef = coef.to(xs[0].device)
     if group == "whole":
