@@ -196,3 +196,18 @@ def test_group_lincomb_into_a_strided_output(group):
     else:
         ref = c[:, k] * base.double() + sum(c[:, i] * v[i] for i in range(k))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("sparsifier, offset, message", [
+    (dict(method="della", density=0.5), 0, "input 0: unknown sparsification 'della'"),
+    (dict(method="della_magprune", density=0.5, epsilon=5.0), 0, "input 0: epsilon must keep density"),
+    (dict(), 2**70, "offset must be an integer from 0 to 2\\*\\*62 - 1"),
+    (dict(), -1, "offset must be an integer from 0"),
+])
+def test_task_vector_merge_checks_sparsifiers_and_offset(sparsifier, offset, message):
+    """Were pybind11's "incompatible function arguments" (listing raw addresses)."""
+    from pymerge.ops import task_vector_ops as tv
+    with pytest.raises(ValueError, match=message):
+        tv.task_vector_merge([torch.randn(100)], torch.zeros(100), torch.empty(100), [tv.Sparsifier(**sparsifier)],
+                             [1.0], consensus=False, normalize=False, offset=offset)

@@ -270,8 +270,8 @@ def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device) -
     if out.dtype not in _native.OUTPUT_DTYPES or not out.is_contiguous():
         raise ValueError(f"tv_merge: out must be a contiguous float32, float16 or bfloat16 tensor, got {out.dtype}")
     _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device)
-    if offset < 0:
-        raise ValueError(f"tv_merge: offset must be >= 0, got {offset}")
+    if not 0 <= offset < 1 << 62:
+        raise ValueError(f"tv_merge: offset must be from 0 to 2**62 - 1, got {offset}")
     for i, b in enumerate(bits):
         if b is None:
             continue

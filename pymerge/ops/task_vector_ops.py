@@ -410,9 +410,12 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
         raise ValueError("need one sparsifier and one weight per input")
     if cache_keys is not None and len(cache_keys) != len(inputs):
         raise ValueError("need one cache key per input")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 1 << 62:
+        raise ValueError(f"offset must be an integer from 0 to 2**62 - 1 (an element index), got {offset!r}")
     for i, x in enumerate(inputs):
         if x.shape != base.shape:
             raise ValueError(f"input {i} has shape {tuple(x.shape)} but the base has {tuple(base.shape)}")
+        check_sparsifier(sparsifiers[i], f"input {i}")
     plans = [plan_model(x, base, sp, w, i, name=name, seed=seed, offset=offset, cache=cache,
                         cache_key=None if cache_keys is None else cache_keys[i], backend=backend,
                         num_threads=num_threads)
