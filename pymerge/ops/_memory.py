@@ -12,8 +12,23 @@ from typing import Iterable, Optional
 import torch
 
 _probe_lock = threading.Lock()
-_probe_pipe = {}  # pid -> (read fd, write fd): a forked child makes its own
+_probe_fds = None  # (read fd, write fd) of this process's probe pipe, made on first use
 _libc = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child gets a lock of its own (another thread may have held the parent's) and a pipe of
+    its own (sharing the parent's would mix their probe bytes)."""
+    global _probe_lock, _probe_fds
+    _probe_lock = threading.Lock()
+    if _probe_fds is not None:
+        for fd in _probe_fds:
+            os.close(fd)
+    _probe_fds = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def extent_bytes(t: torch.Tensor) -> int:
@@ -80,20 +95,19 @@ def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.
 
 
 def _byte_writable(address: int) -> bool:
-    global _libc
+    global _libc, _probe_fds
     with _probe_lock:
         if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        pid = os.getpid()
-        if pid not in _probe_pipe:
-            for fd in (fd for pair in _probe_pipe.values() for fd in pair):  # the parent's, inherited by fork
-                os.close(fd)
-            _probe_pipe.clear()
-            _probe_pipe[pid] = os.pipe()
-        r, w = _probe_pipe[pid]
-        if _libc.write(w, ctypes.c_void_p(address), 1) != 1:  # unreadable: not writable either
+            libc = ctypes.CDLL(None, use_errno=True)
+            for fn in (libc.read, libc.write):
+                fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_ssize_t
+            _libc = libc
+        if _probe_fds is None:
+            _probe_fds = os.pipe()
+        r, w = _probe_fds
+        if _libc.write(w, address, 1) != 1:  # unreadable: not writable either
             return False
-        if _libc.read(r, ctypes.c_void_p(address), 1) == 1:
+        if _libc.read(r, address, 1) == 1:  # the same byte back into place
             return True
         os.read(r, 1)  # leave the pipe empty for the next probe
         return False
