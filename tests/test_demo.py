@@ -202,8 +202,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert {summary["eval_dtype"], second["eval_dtype"]} == {"float32", "bfloat16"}
 
 
-@pytest.mark.parametrize("args, message", [(["--threads", "-1"], "--threads must be from 1 to 1024, got -1"),
-                                           (["--threads", "0"], "--threads must be from 1 to 1024, got 0"),
+@pytest.mark.parametrize("args, message", [(["--threads", "-1"], "--threads must be from 0 (the default) to 1024, got -1"),
+                                           (["--threads", "1025"], "--threads must be from 0 (the default) to 1024"),
                                            (["--budget", "0"], "--budget must be at least 1")])
 def test_demo_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
     """--threads -1 was a traceback from torch.set_num_threads."""

@@ -409,7 +409,7 @@ def test_legacy_bin_without_zip_is_read_whole(tmp_path):
         assert ck.shards[0].mapped_range() is None  # in memory: nothing for the SIGBUS guard
 
 
-@pytest.mark.parametrize("sizes", [(4099, 1, 0, 17), (1, 1)])
+@pytest.mark.parametrize("sizes", [(4099, 1, 0, 17), (1, 1), (0, 16), (0, 16, 16)])  # an empty storage first: no address
 def test_bin_map_is_located_for_the_sigbus_guard(tmp_path, sizes):
     """torch maps a .bin file once; mapped_range must be that map: it starts with the file's bytes and
     holds every tensor's (was: no range, so a .bin truncated mid-merge killed the process)."""

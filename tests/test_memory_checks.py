@@ -4,6 +4,7 @@ tensor smaller than the op's others, wrong dtypes or devices, through the public
 and CheckpointPool. Each was a segmentation fault or a silent out-of-bounds read (found by fuzzing);
 each must be one clear error, with nothing written."""
 import mmap
+import os
 import subprocess
 import sys
 
@@ -38,6 +39,8 @@ def test_writable_probe_tells_read_only_from_writable_and_changes_nothing():
     ro = torch.frombuffer(mmap.mmap(-1, 4096, prot=mmap.PROT_READ), dtype=torch.float32)
     assert "read-only memory" in _memory.write_problem(ro)
     assert _memory.write_problem(torch.zeros(5)) is None  # torch's own: not probed
+    os.write(_memory._probe_fds[1], b"\x7f")  # as a probe interrupted between its write and its read leaves
+    assert _memory.write_problem(t) is None and np.array_equal(a, np.arange(1000, dtype=np.float32))
     assert _memory.backing_problem(torch.zeros(5)) is None
     assert "storage holds 0 bytes but the tensor spans" in _memory.backing_problem(freed(7))
     assert _memory.backing_problem(torch.zeros(10).as_strided((3,), (4,), 1)) is None  # reaches element 9 of 10
@@ -54,7 +57,7 @@ def test_torch_ops_check_what_the_kernels_trust():
     cases = [
         (lambda: P.weighted_sum_out([x], torch.ones(1), torch.empty(1)), "output 0 has 1 elements, the op works on"),
         (lambda: P.weighted_sum([x, torch.ones(1)], torch.ones(2), torch.float32), "input 1 has 1 elements"),
-        (lambda: P.weighted_sum([x.double()], torch.ones(1), torch.float32), "dtype torch.float64"),
+        (lambda: P.weighted_sum([x.double()], torch.ones(1), torch.float32), "input 0 is torch.float64 on cpu; this kernel takes bfloat16"),
         (lambda: P.weighted_sum_out([x], torch.ones(3), torch.empty(N)), "3 weights for 1 outputs x 1 inputs"),
         (lambda: P.select_ranks(x, torch.ones(1), [1], True), "input 1 has 1 elements"),
         (lambda: P.group_dots([torch.randn(10)], None, False, 100000, 100, 1), "100000 x 100 view"),
@@ -123,6 +126,19 @@ def borrowed_then_freed():
     p.materialize([0.5, 0.5], {"w": torch.empty(N)})
     a.untyped_storage().resize_(0)
     p.materialize([0.5, 0.5], {"w": torch.empty(N)})
+def borrowed_base_freed():
+    base = {"w": torch.zeros(N)}
+    p = pymerge.CheckpointPool([{"w": torch.ones(N)}, {"w": torch.ones(N)}], base=base, residency="mmap")
+    base["w"].untyped_storage().resize_(0)
+    p.materialize([0.5, 0.5], {"w": torch.empty(N)}, method="task_arithmetic")
+def borrowed_reallocated():
+    a = torch.ones(N)
+    p = pymerge.CheckpointPool([{"w": a}, {"w": torch.ones(N)}], residency="mmap")
+    out = {"w": torch.empty(N)}
+    p.materialize([0.5, 0.5], out)  # caches a native table with a's address
+    a.untyped_storage().resize_(0)
+    a.untyped_storage().resize_(4 * N)  # back, elsewhere (FSDP's free and re-gather)
+    p.materialize([0.5, 0.5], out)
 def cached_target_then_freed():
     p, m = pool(), {"w": torch.empty(N)}
     p.materialize([0.5, 0.5], m)
@@ -138,6 +154,8 @@ cases = {
         mmap.mmap(-1, 4 * N, prot=mmap.PROT_READ), dtype=torch.float32)}),
     "materialize into a freed tensor": lambda: pool().materialize([0.5, 0.5], {"w": freed()}),
     "a borrowed source freed after a merge": borrowed_then_freed,
+    "a borrowed base freed": borrowed_base_freed,
+    "a borrowed source reallocated": borrowed_reallocated,
     "a cached target freed": cached_target_then_freed,
 }
 for name, case in cases.items():
@@ -172,6 +190,9 @@ def test_unusable_targets_and_freed_storage_are_errors_not_crashes(tmp_path):
     assert lines["a cached target freed"].startswith(f"InputError: tensor 'w': {no_data}")
     assert lines["a borrowed source freed after a merge"].startswith(
         f"InputError: source 0: tensor 'w', which the pool reads in place: {no_data}")
+    assert lines["a borrowed base freed"].startswith(f"InputError: base: tensor 'w', which the pool reads in place: {no_data}")
+    assert lines["a borrowed source reallocated"].startswith(
+        "InputError: source 0: tensor 'w', which the pool reads in place: its storage was reallocated")
 
 
 @needs_cpu_ext

@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.budget is not None and args.budget < 1:
         ap.error("--budget must be at least 1")
-    if args.threads is not None and not 1 <= args.threads <= 1024:
-        ap.error(f"--threads must be from 1 to 1024, got {args.threads}")
+    if args.threads is not None and not 0 <= args.threads <= 1024:
+        ap.error(f"--threads must be from 0 (the default) to 1024, got {args.threads}")
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     settings = Settings.quick(args.seed) if args.quick else Settings(seed=args.seed)

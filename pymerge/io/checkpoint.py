@@ -41,7 +41,7 @@ class TorchFile:
         self.metadata = None
         os.close(open_regular(self.path))  # a FIFO or a device: refused before torch opens it
         try:
-            state = _torch_load(self.path)
+            state, mapped = _torch_load(self.path)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {first}") from None
@@ -51,7 +51,7 @@ class TorchFile:
             if not isinstance(name, str) or not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
         self._state: Optional[dict] = state
-        self._range = _mapping_of(self.path, state)
+        self._range = _mapping_of(self.path, state) if mapped else None
 
     def mapped_range(self) -> Optional[Tuple[int, int]]:
         """(address, length) of torch's memory map of the file (for pymerge/io/sigbus.py), or None where
@@ -117,29 +117,31 @@ class TorchFile:
 
 
 def _torch_load(path: Path):
+    """(state dict, whether torch memory-mapped the file)."""
     import torch
     try:
-        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu"), True
     except RuntimeError as exc:
         # Files from torch < 1.6 (the legacy, non-zip format) cannot be mapped: read them whole.
         if "zipfile" not in str(exc) and "mmap" not in str(exc):
             raise
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu"), False
 
 
 def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
     """Where torch.load(mmap=True) mapped the file: it maps the whole file once and every storage is a
     slice of that map at its zip record's data offset, so the map starts at (a storage's address - its
-    record's offset). Every storage must agree, or None (no guard: nothing is assumed)."""
+    record's offset). Every storage must agree, and where /proc/self/maps exists the map found there must
+    be this file's, from its first byte; otherwise None (no guard: nothing is assumed)."""
     storages = {t.untyped_storage().data_ptr() for t in state.values() if t.untyped_storage().nbytes() > 0}
     if not storages:
         return None
     try:
-        size = path.stat().st_size
+        st = path.stat()
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
             offsets = set()
             for info in zf.infolist():
-                if "/data/" not in info.filename:
+                if "/data/" not in info.filename or info.file_size == 0:  # an empty storage has no address
                     continue
                 fh.seek(info.header_offset)
                 local = fh.read(30)  # the local header: its name and extra-field lengths end at byte 30
@@ -148,13 +150,35 @@ def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
                 offsets.add(info.header_offset + 30 + name_len + extra_len)
     except (OSError, zipfile.BadZipFile, ValueError):
-        return None  # the legacy format (read whole by torch) or not a zip torch can map
+        return None  # not a zip torch can map
     if not offsets:
         return None
     begin = min(storages) - min(offsets)
-    if not all(0 <= p - begin < size and p - begin in offsets for p in storages):
-        return None  # not torch's single map of the file (read into memory, say)
-    return begin, size
+    if not all(0 <= p - begin < st.st_size and p - begin in offsets for p in storages):
+        return None
+    if not _maps_file_at(begin, st):
+        return None
+    return begin, st.st_size
+
+
+def _maps_file_at(begin: int, st: os.stat_result) -> bool:
+    """Whether the mapping at `begin` maps this file (device, inode) from offset 0. Without
+    /proc/self/maps (not Linux) the zip records' agreement above is all there is: True."""
+    try:
+        with open("/proc/self/maps") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return True
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        start, _, end = fields[0].partition("-")
+        if int(start, 16) == begin:
+            major, _, minor = fields[3].partition(":")
+            return (int(fields[2], 16) == 0 and int(fields[4]) == st.st_ino
+                    and os.makedev(int(major, 16), int(minor, 16)) == st.st_dev)
+    return False
 
 
 def open_tensor_file(path):

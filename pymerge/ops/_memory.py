@@ -77,16 +77,24 @@ def check_writable(t: torch.Tensor, what: str, error=ValueError) -> None:
         raise error(f"{what}: {problem}")
 
 
-def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.Tensor], numel: int, op: str) -> None:
+def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.Tensor], numel: int, op: str,
+                 device=None, dtypes=None) -> None:
     """Every tensor a native kernel reads (None: absent) or writes holds `numel` elements, backed by its
-    storage; every output is writable. About a microsecond a tensor: a few attribute reads, a probe
-    only for an output over foreign memory."""
+    storage, of one of `dtypes` on `device` (None: not checked); every output is writable. One pass
+    of a few attribute reads per tensor; a probe only for an output over foreign memory."""
+    cpu = device == "cpu"
+    if device is not None and not cpu:
+        device = torch.device(device)
     for role, group in (("input", inputs), ("output", outs)):
         for i, t in enumerate(group):
             if t is None:
                 continue
             if t.numel() != numel:
                 raise ValueError(f"{op}: {role} {i} has {t.numel()} elements, the op works on {numel}")
+            if (dtypes is not None and t.dtype not in dtypes) or (
+                    device is not None and (not t.is_cpu if cpu else t.device != device)):
+                names = ", ".join(sorted(str(d).split(".")[-1] for d in dtypes or ()))
+                raise ValueError(f"{op}: {role} {i} is {t.dtype} on {t.device}; this kernel takes {names} on {device}")
             st = t.untyped_storage()
             if st.nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
                 check_backed(t, f"{op}: {role} {i}")  # the exact test (and the message)
@@ -104,10 +112,16 @@ def _byte_writable(address: int) -> bool:
             _libc = libc
         if _probe_fds is None:
             _probe_fds = os.pipe()
+            for fd in _probe_fds:  # never block, even on a pipe an interrupted probe left a byte in
+                os.set_blocking(fd, False)
         r, w = _probe_fds
+        try:  # a probe interrupted between its write and its read (a signal handler raising) left a byte:
+            while os.read(r, 4096):  # drop it, or this probe would write that byte into `address`
+                pass
+        except BlockingIOError:
+            pass
         if _libc.write(w, address, 1) != 1:  # unreadable: not writable either
             return False
         if _libc.read(r, address, 1) == 1:  # the same byte back into place
             return True
-        os.read(r, 1)  # leave the pipe empty for the next probe
-        return False
+        return False  # the byte stays in the pipe: the next probe drops it

@@ -33,16 +33,7 @@ _U64 = 1 << 64
 
 def _check_native(inputs, outs, numel: int, op: str, device) -> None:
     """Before a kernel gets raw addresses (pymerge/ops/_memory.py): sizes, storage, dtype and device."""
-    codes = _native.DTYPE_CODES
-    if device == "cpu":
-        bad = [t for g in (inputs, outs) for t in g if t is not None and (not t.is_cpu or t.dtype not in codes)]
-    else:
-        device = torch.device(device)
-        bad = [t for g in (inputs, outs) for t in g if t is not None and (t.device != device or t.dtype not in codes)]
-    if bad:
-        raise ValueError(f"{op}: a tensor of dtype {bad[0].dtype} on {bad[0].device}; this kernel takes "
-                         f"{', '.join(sorted(str(d).split('.')[-1] for d in codes))} on {device}")
-    check_native(inputs, outs, numel, op)
+    check_native(inputs, outs, numel, op, device, _native.DTYPE_CODES)
 
 
 def _codes(ts) -> List[int]:

@@ -30,6 +30,7 @@ sums rounded once, pymerge/ops/exact_sum.py, so a sharded pool gets the same bit
 "inverse_density" by 1 / density; None leaves the kept values as they are.
 """
 import math
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, List, Optional, Sequence, Tuple
@@ -410,7 +411,11 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
         raise ValueError("need one sparsifier and one weight per input")
     if cache_keys is not None and len(cache_keys) != len(inputs):
         raise ValueError("need one cache key per input")
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 1 << 62:
+    try:
+        offset = -1 if isinstance(offset, bool) else operator.index(offset)  # ints, numpy ints
+    except TypeError:
+        raise ValueError(f"offset must be an integer (an element index), got {offset!r}") from None
+    if not 0 <= offset < 1 << 62:
         raise ValueError(f"offset must be an integer from 0 to 2**62 - 1 (an element index), got {offset!r}")
     for i, x in enumerate(inputs):
         if x.shape != base.shape:

@@ -98,7 +98,8 @@ class CheckpointPool:
     sources        HF folders, .safetensors files, state dicts or modules (all with the same tensors)
     base           optional base checkpoint (methods such as task_arithmetic need it; linear ignores it)
     device         where merges are computed: "cpu" or "cuda[:i]"; targets must live there
-    dtype          storage dtype of the resident copies (None keeps each file's dtype)
+    dtype          storage dtype of the resident copies (None keeps each file's dtype where the kernels read
+                   it: float64 is held as float32, a float8 variant they lack as bfloat16)
     memory_budget  cap on the bytes the pool itself holds resident (int, or "8GB"); over it, the
                    pool falls to the next tier. `pool.residency` and `pool.describe()` say which.
     residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one
@@ -109,6 +110,7 @@ class CheckpointPool:
                    each rank then holds only its shards and merges into its local shards (pymerge/dist/)
     """
     _guard = MappingGuard(())  # none: only the mmap tier reads the files after construction
+    _lent: tuple = ()  # none (a loaded or sharded pool): see __init__ and _check_borrowed
 
     def __new__(cls, *args, shard_like=None, **kwargs):
         if shard_like is not None and kwargs.get("compress") is not None:
@@ -146,6 +148,7 @@ class CheckpointPool:
             self.labels = [s.label for s in opened]
             self.has_base = base_src is not None
             self.borrowed: List[str] = []  # labels of in-memory sources the pool reads in place
+            self._lent: List[tuple] = []    # (label, name, tensor) of each caller's tensor read in place
             self._compressed = None
             if compress is not None:
                 self._adopt(compressed.CompressedStore.build(opened, base_src, self.names, self.shapes, compress,
@@ -156,6 +159,7 @@ class CheckpointPool:
                 self._inputs = {n: [h[n] for h in held] for n in self.names}
                 self._base = self._hold_all(base_src) if base_src else {}
             guard.check(then="no pool was built")
+            self._lent_at = np.array([t.data_ptr() for _, _, t in self._lent], dtype=np.uint64)
             if self.residency == "mmap" and self._reads_maps():  # every merge reads them: guarded while the pool lives
                 weakref.finalize(self, guard.stop)  # the native table's slots are few (4096); set first, so
                 self._guard = guard                 # a guard kept is always released
@@ -271,7 +275,7 @@ class CheckpointPool:
         (1000 separately allocated tensors ran at about 0.7 of copy bandwidth, bench_pool_grouped.py).
         Pinned memory stays per tensor: its allocator rounds every block up to a power of two."""
         if self.residency != "host":
-            return {n: self._hold(src.tensor(n), src) for n in self.names}
+            return {n: self._hold(src.tensor(n), src, n) for n in self.names}
         layout, size = [], 0
         for n in self.names:
             dtype, shape = src.info(n)
@@ -292,13 +296,15 @@ class CheckpointPool:
         return held
 
     @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
-    def _hold(self, t: torch.Tensor, src) -> torch.Tensor:
+    def _hold(self, t: torch.Tensor, src, name: str) -> torch.Tensor:
         """The tensor as the chosen tier keeps it: an owned copy, except the mmap tier (views as given)."""
         t = t.detach()
         if self.residency == "mmap" and t.dtype in INPUT_DTYPES:
             held = t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
-            if not src.mapped and held.data_ptr() == t.data_ptr() and src.label not in self.borrowed:
-                self.borrowed.append(src.label)
+            if not src.mapped and held.data_ptr() == t.data_ptr():
+                if src.label not in self.borrowed:
+                    self.borrowed.append(src.label)
+                self._lent.append((src.label, name, held))
             return held
         dtype = self._storage_dtype(t)
         if self.residency == "device":
@@ -458,14 +464,17 @@ class CheckpointPool:
         return entry
 
     def _check_borrowed(self) -> None:
-        """The caller's tensors the pool reads in place must still have their storage (FSDP frees it)."""
-        for i, label in enumerate(self.labels):
-            if label in self.borrowed:
-                for name in self.names:
-                    problem = backing_problem(self._inputs[name][i])
-                    if problem:
-                        raise InputError(f"{label}: tensor {name!r}, which the pool reads in place: {problem}; "
-                                         "nothing was written")
+        """The caller's tensors the pool reads in place must still be where they were: freed (FSDP's
+        resize_(0)) or moved (resized back), the pool and its cached native tables would read freed memory."""
+        if not self._lent:
+            return
+        now = np.fromiter((t.data_ptr() for _, _, t in self._lent), np.uint64, len(self._lent))
+        moved = np.flatnonzero(now != self._lent_at)
+        if moved.size:
+            label, name, t = self._lent[int(moved[0])]
+            why = backing_problem(t) or "its storage was reallocated (resize_)"
+            raise InputError(f"{label}: tensor {name!r}, which the pool reads in place: {why}; nothing was written. "
+                             "Build a new pool from the tensors as they are now")
 
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         plans = self._plan(into, group_of, names, strict)

@@ -139,8 +139,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         sigma0 = math.nan
     if not 1e-12 <= sigma0 <= 1e6:  # NaN too: cma asserts on it, divides by zero at 0
         raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {sigma0!r}")
-    if not isinstance(model, torch.nn.Module) and not isinstance(model, dict):
-        raise InputError(f"model must be the live torch.nn.Module (or state dict) candidates are written into, "
+    if not isinstance(model, torch.nn.Module):  # evaluate() runs it; replicas are deep copies of it
+        raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
     lo, hi = float(bounds[0]), float(bounds[1])
     x0 = np.full(dim, (lo + hi) / 2 if normalize else 1.0 / n) if x0 is None else np.ravel(np.asarray(x0, float))
@@ -292,7 +292,8 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     """The saved state, checked field by field (InputError naming the file otherwise), or None."""
     if not path or not os.path.exists(path):
         return None
-    data = read_small(path, InputError)  # a regular file only: a FIFO would block, /dev/zero never end
+    # a regular file only (a FIFO would block, /dev/zero never end); a long per-group search's state is big
+    data = read_small(path, InputError, limit=1 << 33)
     try:
         state = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
