@@ -226,7 +226,7 @@ import sys, time
 import pymerge.streaming as s
 _orig = s._Sink.put
 def slow(*a, **k):  # every chunk, on either CPU executor (torch, or torch-free for linear)
-    time.sleep(0.02)
+    time.sleep(0.1)  # the whole merge takes seconds: a signal sent 0.3 s into it always lands mid-stream
     return _orig(*a, **k)
 s._Sink.put = slow
 from pymerge.cli import main
