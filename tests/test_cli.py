@@ -222,7 +222,10 @@ def test_python_m_pymerge_exit_codes(fam, tmp_path):
 
 # The merge, slowed down inside the child process only (each chunk sleeps), so a signal lands midway.
 _SLOW_DRIVER = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal: a suite started in the background (bash '&' without job control) passes its
+# children SIGINT ignored, which Python then keeps ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pymerge.streaming as s
 _orig = s._Sink.put
 def slow(*a, **k):  # every chunk, on either CPU executor (torch, or torch-free for linear)
