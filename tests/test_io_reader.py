@@ -502,3 +502,22 @@ def test_check_compatible_shape_mismatch(tmp_path):
     assert "'x'" in msg and "[2, 3]" in msg and "[3, 2]" in msg and "A" in msg and "B" in msg
     with pytest.raises(ValueError):
         check_compatible([a, b], labels=["A"])
+
+
+def test_read_small_reads_in_pieces_and_keeps_its_limit(tmp_path):
+    """read(limit + 1) allocated the whole limit up front: a search state (8 GiB limit) failed with
+    MemoryError under an address-space cap. Run capped in a child process."""
+    import subprocess
+    import sys
+    from pymerge.errors import InputError
+    from pymerge.io.files import read_small
+    path = tmp_path / "s.json"
+    path.write_bytes(b"x" * 100)
+    assert read_small(path, InputError, limit=100) == b"x" * 100
+    with pytest.raises(InputError, match="is 100 bytes; more than the 99-byte limit"):
+        read_small(path, InputError, limit=99)
+    capped = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+              "from pymerge.io.files import read_small; from pymerge.errors import InputError; "
+              "print(len(read_small(sys.argv[1], InputError, limit=1 << 33)))")
+    p = subprocess.run([sys.executable, "-c", capped, str(path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "100", p.stderr[-1000:]

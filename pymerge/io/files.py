@@ -71,11 +71,15 @@ def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX
         size = os.fstat(fd).st_size
         if size > limit:
             raise error(f"{path}: is {size} bytes; more than the {limit}-byte limit for this kind of file")
+        chunks, total = [], 0
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:  # grew while we read
-            raise error(f"{path}: more than the {limit}-byte limit for this kind of file")
-        return data
+            # in pieces: read(limit + 1) would allocate the whole limit up front, for a file of any size
+            while chunk := f.read(min(1 << 24, limit + 1 - total)):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:  # grew while we read
+                    raise error(f"{path}: more than the {limit}-byte limit for this kind of file")
+        return b"".join(chunks)
     except OSError as exc:
         raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
     finally:
