@@ -124,12 +124,19 @@ def _overlaps_partially(a: torch.Tensor, b: torch.Tensor) -> bool:
 MAX_THREADS = 1 << 16
 
 
+def as_int(value) -> Optional[int]:
+    """value as an int where it is one (Python or numpy integers; not bool, not float), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_threads(num_threads, what: str = "num_threads") -> int:
     """An integer 0..65536 (0: every core the process may use)."""
-    try:
-        n = -1 if isinstance(num_threads, bool) else operator.index(num_threads)  # ints, numpy ints
-    except TypeError:
-        n = -1
-    if not 0 <= n <= MAX_THREADS:
+    n = as_int(num_threads)
+    if n is None or not 0 <= n <= MAX_THREADS:
         raise ValueError(f"{what} must be an integer from 0 (all cores) to {MAX_THREADS}, got {short(num_threads)}")
     return n

@@ -36,6 +36,12 @@ def _check_native(inputs, outs, numel: int, op: str, device) -> None:
     check_native(inputs, outs, numel, op, device, _native.DTYPE_CODES)
 
 
+def _require_out(out: Tensor, op: str) -> None:
+    """The kernels write float32, float16 or bfloat16, contiguously."""
+    if out.dtype not in _native.OUTPUT_DTYPES or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous float32, float16 or bfloat16 tensor, got {out.dtype}")
+
+
 def _codes(ts) -> List[int]:
     return [_native.DTYPE_CODES[t.dtype] for t in ts]
 
@@ -258,8 +264,7 @@ def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device) -
     if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
         raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
                          f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
-    if out.dtype not in _native.OUTPUT_DTYPES or not out.is_contiguous():
-        raise ValueError(f"tv_merge: out must be a contiguous float32, float16 or bfloat16 tensor, got {out.dtype}")
+    _require_out(out, "tv_merge")
     _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device)
     if not 0 <= offset < 1 << 62:
         raise ValueError(f"tv_merge: offset must be from 0 to 2**62 - 1, got {offset}")
@@ -346,8 +351,7 @@ def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows:
     if coef.numel() != g * (len(xs) + 1):
         raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {len(xs) + 1} need "
                          f"{g * (len(xs) + 1)}")
-    if out.dtype not in _native.OUTPUT_DTYPES or not out.is_contiguous():
-        raise ValueError(f"group_lincomb: out must be a contiguous float32, float16 or bfloat16 tensor, got {out.dtype}")
+    _require_out(out, "group_lincomb")
     _native.require_cpu().group_lincomb(
         [x.data_ptr() for x in xs], _codes(xs), base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, group,

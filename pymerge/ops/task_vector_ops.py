@@ -30,7 +30,6 @@ sums rounded once, pymerge/ops/exact_sum.py, so a sharded pool gets the same bit
 "inverse_density" by 1 / density; None leaves the kept values as they are.
 """
 import math
-import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, List, Optional, Sequence, Tuple
@@ -39,6 +38,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import exact_sum, library, philox, select
+from pymerge.ops._checks import as_int
 from pymerge.ops._memory import check_native
 from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
@@ -411,12 +411,12 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
         raise ValueError("need one sparsifier and one weight per input")
     if cache_keys is not None and len(cache_keys) != len(inputs):
         raise ValueError("need one cache key per input")
-    try:
-        offset = -1 if isinstance(offset, bool) else operator.index(offset)  # ints, numpy ints
-    except TypeError:
-        raise ValueError(f"offset must be an integer (an element index), got {offset!r}") from None
-    if not 0 <= offset < 1 << 62:
+    index = as_int(offset)
+    if index is None:
+        raise ValueError(f"offset must be an integer (an element index), got {offset!r}")
+    if not 0 <= index < 1 << 62:
         raise ValueError(f"offset must be an integer from 0 to 2**62 - 1 (an element index), got {offset!r}")
+    offset = index
     for i, x in enumerate(inputs):
         if x.shape != base.shape:
             raise ValueError(f"input {i} has shape {tuple(x.shape)} but the base has {tuple(base.shape)}")

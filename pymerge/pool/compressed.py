@@ -105,14 +105,15 @@ def check_backend(backend: str, device: torch.device) -> None:
                          f"(pool on {device}, extension {'missing' if _native.cuda is None else 'without the kernel'})")
 
 
-def held_dtype(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
-    """What a compressed pool stores dense tensors as: dtype=, else the tensor's own dtype where the
-    kernels read it (float8 widens to bfloat16 exactly, float64 narrows to float32)."""
-    if dtype is not None:
+def held_dtype(dtype: torch.dtype, forced: Optional[torch.dtype], readable=_HELD_DTYPES) -> torch.dtype:
+    """What a pool stores a tensor of `dtype` as: forced (dtype=), else its own dtype where the kernels
+    read it (`readable`: a compressed pool's decode kernels read these three), else a float8 widens to
+    bfloat16 exactly, float64 narrows to float32."""
+    if forced is not None:
+        return forced
+    if dtype in readable:
         return dtype
-    if t.dtype in _HELD_DTYPES:
-        return t.dtype
-    return torch.bfloat16 if t.element_size() == 1 else torch.float32
+    return torch.bfloat16 if dtype.itemsize == 1 else torch.float32
 
 
 # ---- one encoded tensor -----------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class CompressedStore:
         base, entries = {}, {}
         for name in names:
             b = base_src.tensor(name).detach()
-            held = held_dtype(b, dtype)
+            held = held_dtype(b.dtype, dtype)
             base[name] = b.to("cpu", held, copy=True).contiguous()
             entries[name] = [encode(s.tensor(name).detach().to("cpu", held), base[name], mode, budget,
                                     f"{s.label}: tensor {name!r}") for s in opened]

@@ -21,7 +21,7 @@ from pymerge import _native
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard
-from pymerge.ops._checks import check_threads
+from pymerge.ops._checks import as_int, check_threads
 from pymerge.ops._memory import backing_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
@@ -147,8 +147,7 @@ class CheckpointPool:
             self.num_checkpoints = len(opened)
             self.labels = [s.label for s in opened]
             self.has_base = base_src is not None
-            self.borrowed: List[str] = []  # labels of in-memory sources the pool reads in place
-            self._lent: List[tuple] = []    # (label, name, tensor) of each caller's tensor read in place
+            self._lent: List[tuple] = []  # (label, name, tensor) of each caller's tensor read in place
             self._compressed = None
             if compress is not None:
                 self._adopt(compressed.CompressedStore.build(opened, base_src, self.names, self.shapes, compress,
@@ -224,7 +223,7 @@ class CheckpointPool:
         pool.dtype, pool.memory_budget, pool.num_threads = None, None, _threads(num_threads)
         pool.backend = pick_backend(pool.device, backend)
         pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
-        pool.num_checkpoints, pool.labels, pool.has_base, pool.borrowed = len(store.labels), store.labels, True, []
+        pool.num_checkpoints, pool.labels, pool.has_base = len(store.labels), store.labels, True
         pool._adopt(store)
         pool._finish(0)
         return pool
@@ -236,10 +235,10 @@ class CheckpointPool:
 
     # ---- residency ---------------------------------------------------------------------------------
     def _storage_dtype(self, t: torch.Tensor) -> torch.dtype:
-        return _kernel_dtype(t.dtype, self.dtype)
+        return compressed.held_dtype(t.dtype, self.dtype, INPUT_DTYPES)
 
     def _choose(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str]:
-        per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64)) * _kernel_dtype(_first_dtype(opened[0], n), self.dtype).itemsize
+        per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64)) * compressed.held_dtype(_first_dtype(opened[0], n), self.dtype, INPUT_DTYPES).itemsize
                        for n in self.names)
         need = per_ckpt * (len(opened) + (1 if base_src else 0))
         self.nbytes = need
@@ -279,7 +278,7 @@ class CheckpointPool:
         layout, size = [], 0
         for n in self.names:
             dtype, shape = src.info(n)
-            dtype = _kernel_dtype(dtype, self.dtype)
+            dtype = compressed.held_dtype(dtype, self.dtype, INPUT_DTYPES)
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             layout.append((n, dtype, shape, size, nbytes))
             size += -(-nbytes // 64) * 64
@@ -302,8 +301,6 @@ class CheckpointPool:
         if self.residency == "mmap" and t.dtype in INPUT_DTYPES:
             held = t.contiguous()  # a zero-copy view of the file (a caller's state dict: used as given)
             if not src.mapped and held.data_ptr() == t.data_ptr():
-                if src.label not in self.borrowed:
-                    self.borrowed.append(src.label)
                 self._lent.append((src.label, name, held))
             return held
         dtype = self._storage_dtype(t)
@@ -319,6 +316,11 @@ class CheckpointPool:
             if self.residency == "pinned" and torch.cuda.is_available():
                 held = held.pin_memory()
         return held
+
+    @property
+    def borrowed(self) -> List[str]:
+        """Labels of the in-memory sources (or base) whose tensors the pool reads in place."""
+        return list(dict.fromkeys(label for label, _, _ in self._lent))
 
     def describe(self) -> str:
         borrowed = ""
@@ -346,13 +348,13 @@ class CheckpointPool:
         checkpoint's one buffer (holding it keeps that whole buffer alive; writing or resizing it would
         change the pool); on the mmap tier a view of the file, which reads zeros past its end if another
         program truncates it (the next materialize raises). A compressed pool decodes it, float32."""
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < self.num_checkpoints:
+        if (k := as_int(i)) is None or not 0 <= k < self.num_checkpoints:
             raise InputError(f"checkpoint index must be an integer in 0..{self.num_checkpoints - 1}, got {i!r}")
         if name not in self.shapes:
             raise InputError(f"no tensor {name!r} in this pool")
         if self._compressed is not None:
-            return self._compressed.decoded(i, name)
-        return self._inputs[name][i]
+            return self._compressed.decoded(k, name)
+        return self._inputs[name][k]
 
     # ---- merging -----------------------------------------------------------------------------------
     def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
@@ -763,16 +765,6 @@ def _threads(num_threads) -> int:
         return check_threads(num_threads)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-
-
-def _kernel_dtype(dtype: torch.dtype, forced: Optional[torch.dtype]) -> torch.dtype:
-    """What the pool holds a tensor as: dtype= if given, else its own where the kernels read it; other
-    floats are converted (float64 narrows to float32, another float8 widens to bfloat16 exactly)."""
-    if forced is not None:
-        return forced
-    if dtype in INPUT_DTYPES:
-        return dtype
-    return torch.bfloat16 if dtype.itemsize == 1 else torch.float32
 
 
 def _first_dtype(src, name: str) -> torch.dtype:
