@@ -338,14 +338,20 @@ def test_pair_layout_and_round_trip(n):
     assert torch.equal(cp.unpair_int4(pair, n, 0), a) and torch.equal(cp.unpair_int4(pair, n, 1), b)
 
 
-def _paired_terms(n: int, seed: int, n_pairs: int, scale: float = 1e-3):
-    """A bfloat16 base, an int8 and an unpaired int4 delta, a float32 term with NaN/inf/denormals, then
-    n_pairs pairs of int4 deltas (one of them with a denormal block scale); also returns every
-    term's float64 values (code * scale) for a reference."""
+def _paired_terms(n: int, seed: int, n_pairs: int, scale: float = 1e-3, dense_only: bool = False):
+    """A bfloat16 base, an int8 and an unpaired int4 delta (dense_only: a float16 and a bfloat16 term
+    instead, the one-pass kernel's job), a float32 term with NaN/inf/denormals, then n_pairs pairs of
+    int4 deltas (one of them with a denormal block scale); also returns every term's float64 values
+    (code * scale) for a reference."""
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(n, generator=gen).to(torch.bfloat16)
     terms, scales, kinds, values = [base], [None], [_native.DTYPE_CODES[torch.bfloat16]], [base.double()]
     for fmt, kind in (("int8", cp.KIND_Q8), ("int4", cp.KIND_Q4)):
+        if dense_only:
+            x = (torch.randn(n, generator=gen) * scale).to(torch.float16 if fmt == "int8" else torch.bfloat16)
+            terms, scales, kinds = terms + [x], scales + [None], kinds + [_native.DTYPE_CODES[x.dtype]]
+            values.append(x.double())
+            continue
         codes, s = cp.quantize(torch.randn(n, generator=gen) * scale, torch.zeros(n), fmt)[:2]
         terms, scales, kinds = terms + [codes], scales + [s], kinds + [kind]
         values.append(cp.dequantize(codes, s, fmt, n).double())
@@ -381,10 +387,12 @@ def _pairs_bound(scales, kinds, values, w_row, n):
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 4096 + 97, 3 * 4096 + 64 * 5 + 3])
 @pytest.mark.parametrize("n_pairs", [1, 3, 9])
-def test_paired_terms_every_simd_level_same_bits_and_within_bound(n, n_pairs, monkeypatch):
+@pytest.mark.parametrize("dense_only", [False, True], ids=["two-pass", "one-pass"])
+def test_paired_terms_every_simd_level_same_bits_and_within_bound(n, n_pairs, dense_only, monkeypatch):
     """The C++ paths (AVX-512 routes paired jobs to AVX2's integer path, plain C++ computes the same
-    integers) agree bit for bit; against float64, the paired terms add at most the documented bound."""
-    terms, scales, kinds, values = _paired_terms(n, seed=n + n_pairs, n_pairs=n_pairs)
+    integers) agree bit for bit; against float64, the paired terms add at most the documented bound.
+    With dense terms only beside the pairs (a pool's usual job) AVX2 runs its one-pass kernel."""
+    terms, scales, kinds, values = _paired_terms(n, seed=n + n_pairs, n_pairs=n_pairs, dense_only=dense_only)
     rng = np.random.default_rng(n)
     w = rng.normal(size=(6, len(terms))).astype(np.float32)     # 6 outputs: two AVX-512 passes
     w[1, kinds.index(cp.KIND_Q4_FIRST):] = 0.0                  # every paired coefficient zero
@@ -526,11 +534,15 @@ def test_cpu_pool_pairs_its_int4_checkpoints(tmp_path, monkeypatch):
     assert all(torch.equal(got[n].float(), again[n].to(got[n].dtype).float()) for n in SHAPES)
 
 
-@pytest.mark.parametrize("simd", ["avx512", "avx2"])
-def test_streamed_outputs_match_the_portable_build(simd, monkeypatch):
-    """Outputs of 8 MB and more are written with non-temporal stores: the same bits as the portable build."""
+@pytest.mark.parametrize("simd,terms_of", [("avx512", "mixed"), ("avx2", "mixed"), ("avx2", "paired")])
+def test_streamed_outputs_match_the_portable_build(simd, terms_of, monkeypatch):
+    """Outputs of 8 MB and more are written with non-temporal stores: the same bits as the portable
+    build (paired: dense terms and int4 pairs, AVX2's one-pass kernel)."""
     n = (1 << 22) + 4096 + 33
-    terms, scales, kinds = _mixed_terms(n, seed=5)
+    if terms_of == "mixed":
+        terms, scales, kinds = _mixed_terms(n, seed=5)
+    else:
+        terms, scales, kinds = _paired_terms(n, seed=5, n_pairs=2, dense_only=True)[:3]
     w = np.random.default_rng(5).normal(size=(2, len(terms))).astype(np.float32)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         got = {}

@@ -68,6 +68,7 @@ struct Job {
   int64_t n_runs;
   int64_t pair_t0;     // terms pair_t0.. are paired int4 terms, Q4PA then Q4PB, n_pairs of each
   int64_t n_pairs;
+  bool dense_runs_only;  // every term before pair_t0 is dense (float32, float16, bfloat16)
 };
 
 inline bool quantized(int kind) { return kind == Q8 || kind == Q4; }
@@ -458,6 +459,50 @@ DD_AVX2 __attribute__((noinline)) void pairs_unit_avx2(const Job& J, int64_t sta
   }
 }
 
+// The 64 accumulators of a block to dst in dtype dt, rounded once (to nearest even).
+DD_AVX2 inline void store_block_avx2(char* dst, const __m256 acc[8], int dt, bool stream) {
+  if (dt == BF16) {  // two registers per 32-byte store
+    for (int j = 0; j < 8; j += 2) {
+      const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_round_bits_8(acc[j]), bf16_round_bits_8(acc[j + 1])), 0xD8);
+      __m256i* d = reinterpret_cast<__m256i*>(dst + 16 * j);
+      if (stream) _mm256_stream_si256(d, h);
+      else _mm256_storeu_si256(d, h);
+    }
+  } else {
+    for (int j = 0; j < 8; ++j) store8_any(dst + 8 * j * dtype_size(dt), acc[j], dt, stream);
+  }
+}
+
+// Paired terms and dense ones only (a CPU pool's usual job: the base, checkpoints held exact, the
+// int4 pairs): after pairs_unit_avx2, one lean pass per block adds the dense terms to P and stores,
+// the same operations in the same order as the generic loop below, which pays ~45 cycles more per
+// block for its dispatch (and keeps its accumulators in memory between runs).
+DD_AVX2 __attribute__((noinline)) void dense_unit_avx2(const Job& J, int64_t k, int64_t start, int64_t nb,
+                                                       const float* p_start, bool stream) {
+  const float* wk = J.w + k * J.n_terms;
+  const int dt = J.out_dt[k];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t e = start + b * kQBlock;
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(p_start + b * kQBlock + 8 * j);
+    for (int64_t t = 0; t < J.pair_t0; ++t) {
+      const int kind = J.kind[t];
+      const size_t es = dtype_size(kind);
+      const char* x = reinterpret_cast<const char*>(J.data[t]) + e * es;
+      for (size_t l = 0; l < es; ++l) _mm_prefetch(x + kPrefetchBytes + 64 * l, _MM_HINT_T0);
+      const __m256 cv = _mm256_set1_ps(wk[t]);
+      if (kind == BF16) {
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_dense(x + 16 * j, BF16), acc[j]);
+      } else if (kind == F16) {
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_dense(x + 16 * j, F16), acc[j]);
+      } else {
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(cv, load8_dense(x + 32 * j, F32), acc[j]);
+      }
+    }
+    store_block_avx2(out_at(J, k, e), acc, dt, stream);
+  }
+}
+
 // Whole scale blocks of one unit for output k: as blocks_avx512 with K = 1.
 DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, float* coef) {
   const int64_t nb = len / kQBlock;
@@ -477,12 +522,13 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
   int32_t* bias = kp + J.n_pairs * kUnitBlocks;
   float* down = reinterpret_cast<float*>(bias + kUnitBlocks);
   float* p_start = down + 2 * kUnitBlocks;  // P of every element of the unit (kBlock floats)
+  const int dt = J.out_dt[k];
+  const bool stream = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k, start)) % 32 == 0;
   if (J.n_pairs > 0) {
     pair_tables_avx2(J, nb, coef, kp, bias, down);
     pairs_unit_avx2(J, start, nb, kp, bias, down, p_start);
+    if (J.dense_runs_only) return dense_unit_avx2(J, k, start, nb, p_start, stream);
   }
-  const int dt = J.out_dt[k];
-  const bool stream = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k, start)) % 32 == 0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t e = start + b * kQBlock;
     const bool second = e % kGroup != 0;
@@ -525,17 +571,7 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
         }
       }
     }
-    char* dst = out_at(J, k, e);
-    if (dt == BF16) {  // two registers per 32-byte store
-      for (int j = 0; j < 8; j += 2) {
-        const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_round_bits_8(acc[j]), bf16_round_bits_8(acc[j + 1])), 0xD8);
-        __m256i* d = reinterpret_cast<__m256i*>(dst + 16 * j);
-        if (stream) _mm256_stream_si256(d, h);
-        else _mm256_storeu_si256(d, h);
-      }
-    } else {
-      for (int j = 0; j < 8; ++j) store8_any(dst + 8 * j * dtype_size(dt), acc[j], dt, stream);
-    }
+    store_block_avx2(out_at(J, k, e), acc, dt, stream);
   }
 }
 
@@ -591,7 +627,8 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
     runs.back().t1 = t + 1;
   }
   const Job J{data.data(), scales.data(), kinds.data(), n_terms, weights.data(), out_ptrs.data(), out_dtypes.data(),
-              n_out, numel * 2 >= kStreamBytes, runs.data(), int64_t(runs.size()), pair_t0, n_pairs};
+              n_out, numel * 2 >= kStreamBytes, runs.data(), int64_t(runs.size()), pair_t0, n_pairs,
+              std::none_of(kinds.begin(), kinds.begin() + pair_t0, quantized)};
   // accs also holds the SIMD paths' coefficients (n_terms * kMaxK per scale block of a unit) and the
   // paired terms' tables (n_pairs + 3 per scale block) and P (kBlock)
   const size_t acc_floats = size_t(std::max({n_out * kBlock, n_terms * kMaxK * kUnitBlocks,
