@@ -73,6 +73,7 @@ struct Job {
 
 inline bool quantized(int kind) { return kind == Q8 || kind == Q4; }
 inline bool paired(int kind) { return kind == Q4PA || kind == Q4PB; }
+inline bool dense(int kind) { return kind == F32 || kind == F16 || kind == BF16; }
 
 inline float scale_at(const Job& J, int64_t t, int64_t e) {
   return bf16_to_f32(reinterpret_cast<const uint16_t*>(J.scales[t])[e / kQBlock]);
@@ -628,7 +629,7 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
   }
   const Job J{data.data(), scales.data(), kinds.data(), n_terms, weights.data(), out_ptrs.data(), out_dtypes.data(),
               n_out, numel * 2 >= kStreamBytes, runs.data(), int64_t(runs.size()), pair_t0, n_pairs,
-              std::none_of(kinds.begin(), kinds.begin() + pair_t0, quantized)};
+              std::all_of(kinds.begin(), kinds.begin() + pair_t0, dense)};
   // accs also holds the SIMD paths' coefficients (n_terms * kMaxK per scale block of a unit) and the
   // paired terms' tables (n_pairs + 3 per scale block) and P (kBlock)
   const size_t acc_floats = size_t(std::max({n_out * kBlock, n_terms * kMaxK * kUnitBlocks,
