@@ -118,7 +118,7 @@ def _nuslerp_vecs(t, v0, v1):
     n0 = v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     n1 = v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     cos = ((v0 / n0) * (v1 / n1)).sum(-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos ** 2) <= 1e-16
+    colinear = (1 - cos ** 2) <= 2.0 ** -21  # mergekit's 1e-16 in float32, widened to cos's rounding
     th = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sph = (torch.sin((1 - t) * th) * v0 + torch.sin(t * th) * v1) / torch.sin(th)
     return torch.where(colinear, (1 - t) * v0 + t * v1, sph)

@@ -105,6 +105,30 @@ def test_nuslerp(shape, with_base, flatten, row_wise, w):
     assert rel(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("shape,flatten,factor", [((12, 1), False, -2.0), ((12, 1), False, -0.5), ((12, 1), False, 3.0),
+                                                  ((12, 20), False, 3.0), ((12, 20), True, 0.5)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_colinear_task_vectors_lerp(shape, flatten, factor, with_base):
+    """Task vectors pointing exactly the same or opposite ways: mergekit's float32 test calls them
+    colinear and interpolates linearly. (In float64 opposite ones gave cos = -1 + 1e-16, missed the
+    test, and the spherical branch divided by sin(theta) ~ 1e-8: outputs ~1e7 times too large.)
+    Opposite vectors only where mergekit's float32 cos is exactly -1 (one-element rows): on longer
+    ones its sum lands a few ulps off -1 and its own output blows up (docs/mergekit-compat.md).
+    Values are multiples of 1/16, so every delta and product below is exact in float32."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(-8, 9, shape, generator=g).float() / 8
+    v = torch.randint(-8, 9, shape, generator=g).float() / 16
+    v[v == 0] = 1 / 16
+    b = base if with_base else torch.zeros_like(base)
+    xs = [b + v, b + factor * v]
+    params = {"nuslerp_flatten": flatten}
+    ref = mk("nuslerp", ([base] if with_base else []) + xs, 0 if with_base else None, {"weight": [0.3, 0.9], **params})
+    out = ours("nuslerp", xs, base if with_base else None, [{"weight": 0.3}, {"weight": 0.9}], params)
+    lerp = b + 0.25 * v + 0.75 * factor * v
+    assert rel(ref, lerp) <= TOL  # mergekit lerps here
+    assert rel(out, ref) <= TOL
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("filter_wise", [False, True])

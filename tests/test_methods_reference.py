@@ -162,6 +162,25 @@ def test_nuslerp(shape, with_base, mode, backend):
     check(out, ref_nuslerp(0.3, 1.1, xs[0], xs[1], base if with_base else None, flatten, row_wise))
 
 
+@pytest.mark.parametrize("factor", [-1.0, -0.3, 2.0])
+@pytest.mark.parametrize("mode", [(True, False), (False, False), (False, True)])
+def test_nuslerp_colinear_rows(factor, mode):
+    """Rows (or the whole tensor) whose two task vectors are exactly (anti)parallel are interpolated
+    linearly, as mergekit's float32 colinear test decides, and never blow up."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(-8, 9, (9, 31), generator=g).float() / 8
+    v = torch.randint(-8, 9, (9, 31), generator=g).float() / 16
+    v[v == 0] = -1 / 16
+    xs = [base + v, base + factor * v]
+    flatten, row_wise = mode
+    out = run("nuslerp", xs, base, [{"weight": 0.3}, {"weight": 1.1}],
+              {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise})
+    ref = ref_nuslerp(0.3, 1.1, xs[0], xs[1], base, flatten, row_wise)
+    check(out, ref)
+    t = 1.1 / 1.4
+    check(out, base.double() + (1 - t) * v.double() + t * factor * v.double())
+
+
 @pytest.mark.parametrize("shape", [(7,), (1025,), (33, 65), (4, 5, 6)])
 @pytest.mark.parametrize("n", [2, 3, 5])
 @pytest.mark.parametrize("filter_wise", [False, True])

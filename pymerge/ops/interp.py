@@ -157,7 +157,13 @@ def nuslerp_coefs(t: float, aa: float, bb: float, ab: float, eps: float = 1e-8) 
     """NuSLERP: normalize with norms clamped at 1e-7; colinear when 1 - cos^2 <= eps^2 (lerp)."""
     na, nb = max(math.sqrt(aa), 1e-7), max(math.sqrt(bb), 1e-7)
     cos = _clamp(ab / (na * nb))
-    if 1 - cos * cos <= eps * eps:
+    # mergekit's test, 1 - cos^2 <= eps^2 in float32, means cos is +-1 to within its rounding. Our dots are
+    # float32-rounded sums (group_dots), so cos carries up to 2^-23 relative error and exactly
+    # (anti)parallel vectors can give |cos| = 1 - 1e-7: that missed the test, and opposite ones went down
+    # the spherical branch to divide by sin(theta) ~ 5e-4 (outputs ~1000x too large, as mergekit's own
+    # are unless its float32 sum lands on exactly -1). |cos| within 2^-22 of 1 is colinear too: near
+    # theta = 0 slerp differs from lerp by ~theta^2 / 10 < 1e-7 there; near pi it has no float32 answer.
+    if 1 - cos * cos <= max(eps * eps, 2.0 ** -21):
         return 1.0 - t, t
     return _spherical(t, cos)
 
