@@ -281,3 +281,62 @@ def test_stats_cache_follows_versions_on_every_rank(agreed):
         assert not differ, f"{key}: {differ} differ from a single process on the changed checkpoints"
     assert not torch.equal(results[0]["cache"]["cached", "ties"]["0.weight"],
                            results[0]["cache"]["one_changed", "ties"]["0.weight"])
+
+
+# ---- ranks that hold nothing of some tensors ------------------------------------------------------------
+EMPTY_SHAPES = {"a.w": (4,), "b.w": (4, 1), "c.w": (7,), "d.w": (2, 5)}  # 3 ranks: a, b, d empty on rank 2
+EMPTY_CASES = [("nuslerp", 2, dict(method="nuslerp"), True), ("nuslerp_nobase", 2, dict(method="nuslerp"), False),
+               ("ties", 3, dict(method="ties", density=0.5), True), ("dare_ties", 3, dict(method="dare_ties", density=0.5), True),
+               ("slerp", 1, dict(method="slerp", t=0.3), True), ("model_stock", 3, dict(method="model_stock"), True),
+               ("della", 3, dict(method="della", density=0.5, epsilon=0.2), True), ("linear", 3, dict(method="linear"), False)]
+
+
+class FourTensors(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        for name, shape in EMPTY_SHAPES.items():
+            self.add_module(name[0], torch.nn.Module())
+            getattr(self, name[0]).w = torch.nn.Parameter(torch.zeros(shape))
+
+
+def empty_shards_worker(rank, world, files):
+    import pymerge
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    out = {"local": None, "differ": {}, "seconds": {}}
+    for label, n, kw, with_base in EMPTY_CASES:
+        model = FourTensors()
+        fully_shard(model, mesh=mesh)
+        out["local"] = {n_: tuple(p.to_local().shape) for n_, p in model.named_parameters()}
+        base = files[3] if with_base else None
+        w = [0.5, 0.3, 0.2][:n] if label != "slerp" else [1.0]
+        t0 = time.monotonic()
+        pymerge.CheckpointPool(files[:n], base=base, shard_like=model).materialize(w, into=model, **kw)
+        out["seconds"][label] = time.monotonic() - t0
+        ref = FourTensors()
+        pymerge.CheckpointPool(files[:n], base=base).materialize(w, into=ref, **kw)
+        got = _full(model)
+        out["differ"][label] = sorted(n_ for n_, p in ref.named_parameters() if not torch.equal(got[n_], p.detach()))
+    return out
+
+
+def test_ranks_holding_nothing_of_some_tensors_stay_in_step(tmp_path):
+    """On 3 ranks rank 2 holds empty shards of three tensors (4 and 2 rows: 2, 2, 0). It used to count two
+    of them as one tied tensor (both at data_ptr 0) and skip the other's collectives: a hang, or one
+    tensor's statistics summed with another's; and nuslerp with a base failed there alone (its empty
+    base has no address for the kernel) while the other ranks waited in the all_reduce."""
+    d = str(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(s, generator=g) for k, s in EMPTY_SHAPES.items()}
+    files = []
+    for i in range(3):
+        files.append(os.path.join(d, f"m{i}.safetensors"))
+        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, files[-1])
+    files.append(os.path.join(d, "base.safetensors"))
+    save_file(base, files[-1])
+    results = dist_helpers.run(empty_shards_worker, 3, d, files, timeout=SHORT)
+    assert results[2]["local"] == {"a.w": (0,), "b.w": (0, 1), "c.w": (1,), "d.w": (0, 5)}
+    for label, *_ in EMPTY_CASES:
+        assert results[0]["differ"][label] == [], f"{label}: differs from a single process"
+        assert all(res["seconds"][label] < SHORT.total_seconds() / 2 for res in results), label

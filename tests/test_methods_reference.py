@@ -162,6 +162,19 @@ def test_nuslerp(shape, with_base, mode, backend):
     check(out, ref_nuslerp(0.3, 1.1, xs[0], xs[1], base if with_base else None, flatten, row_wise))
 
 
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0)])
+@pytest.mark.parametrize("mode", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_nuslerp_empty_tensor_with_base(shape, mode, backend):
+    """An empty tensor (or a rank's empty shard) merges to an empty tensor: its base has no address,
+    which the C++ kernel took for a missing base ('interp: sub needs a base')."""
+    base, xs = models(shape, n=2)
+    flatten, row_wise = mode
+    out = run("nuslerp", xs, base, [{"weight": 0.3}, {"weight": 1.1}],
+              {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}, backend=backend)
+    assert out.shape == shape
+
+
 @pytest.mark.parametrize("factor", [-1.0, -0.3, 2.0])
 @pytest.mark.parametrize("mode", [(True, False), (False, False), (False, True)])
 def test_nuslerp_colinear_rows(factor, mode):

@@ -94,6 +94,7 @@ class ShardedPool(CheckpointPool):
         """Checks each target's layout against the pool's, then plans on the local tensors."""
         problems = []
         local = []
+        self._param_of = {}  # pool tensor -> the targets' tensors (global), one per model: _tie_key
         for k, target in enumerate(into):
             where = f" in model {k}" if len(into) > 1 else ""
             _reshard(target)
@@ -112,11 +113,21 @@ class ShardedPool(CheckpointPool):
                 if have.signature != want.signature:
                     problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
                                     f"{describe(want)}")
+            for name in self.names:
+                model_name = _map_name(name, names)
+                self._param_of.setdefault(name, []).append(tensors.get(model_name) if model_name is not None else None)
             local.append({n: _local(t) for n, t in tensors.items()})
         if problems:
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
                              + "; the pool holds shard_like's layout; nothing was written")
         return super()._plan(local, group_of, names, strict)
+
+    def _tie_key(self, plan):
+        """Tied weights are one parameter, decided alike on every rank. Memory cannot say it here: a rank
+        whose shards of two tensors are both empty sees two data_ptr 0s, and writing only one of them
+        there put that rank's collectives out of step with the other ranks' (a hang, or one tensor's
+        statistics reduced with another's)."""
+        return tuple(id(t) for t in self._param_of[plan.name])
 
     def _run_method(self, method: str, plans, tables, seed: int, params) -> None:
         from pymerge.dist.methods import run_sharded

@@ -48,7 +48,7 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
-    if _backend(xs[0], backend) == "cpu":
+    if _backend(xs[0], backend) == "cpu" and xs[0].numel():  # (an empty tensor's base has no address)
         pairs = library.call("group_dots", xs, base, sub, rows, cols, GROUPS[group], num_threads)
     else:
         pairs = _dots_torch(xs, base, sub, group, rows, cols)
@@ -109,6 +109,8 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
     coef = coef.to(torch.float32).reshape(-1, k + 1)
+    if not xs[0].numel():
+        return out  # nothing to write (a rank's empty shard: its base has no address for the kernel)
     if _backend(xs[0], backend) == "cpu":
         target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)  # the kernel writes by address
         library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, target, num_threads)

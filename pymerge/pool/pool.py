@@ -481,7 +481,11 @@ class CheckpointPool:
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         plans = self._plan(into, group_of, names, strict)
         self._check_overlaps(plans, len(into))
-        return _last_of_tied(plans)
+        return _last_of_tied(plans, self._tie_key)
+
+    def _tie_key(self, plan: _Plan):
+        """What makes two plans write one tensor (tied weights, written once): the same memory."""
+        return tuple((t.data_ptr(), t.nbytes) for t in plan.targets)
 
     def _grouped_kind(self) -> Optional[str]:
         """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
@@ -715,13 +719,12 @@ def _target_overlap(spans: np.ndarray, k: int):
     return None
 
 
-def _last_of_tied(plans: List[_Plan]) -> List[_Plan]:
+def _last_of_tied(plans: List[_Plan], tie_key) -> List[_Plan]:
     """Tied weights (one tensor under two names, as embeddings and head) are written once, by the last
     plan: what writing them in order left, and the grouped native call never writes one memory from
     two threads at once."""
-    key = lambda p: tuple((t.data_ptr(), t.nbytes) for t in p.targets)  # noqa: E731
-    last = {key(p): i for i, p in enumerate(plans)}
-    return plans if len(last) == len(plans) else [p for i, p in enumerate(plans) if last[key(p)] == i]
+    last = {tie_key(p): i for i, p in enumerate(plans)}
+    return plans if len(last) == len(plans) else [p for i, p in enumerate(plans) if last[tie_key(p)] == i]
 
 
 def _cacheable(groups: GroupRule, names: NameMap) -> bool:
