@@ -534,6 +534,67 @@ def test_cpu_pool_pairs_its_int4_checkpoints(tmp_path, monkeypatch):
     assert all(torch.equal(got[n].float(), again[n].to(got[n].dtype).float()) for n in SHAPES)
 
 
+INTERLEAVE_SHAPES = dict(SHAPES, **{"big": (3 * 4096 + 64 * 5 + 3,), "two_threads": (300_001,)})
+
+
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+def test_cpu_pool_interleaves_its_int4_checkpoints(tmp_path, monkeypatch, simd):
+    """Where int4 is not paired (AVX-512 and plain paths), a C++ pool holds each tensor's int4 checkpoints
+    block-interleaved in one buffer, read with a group stride: the same bytes held and saved, the same
+    decoded tensors, and merges bit for bit equal to a pool that keeps each checkpoint's codes apart, on
+    every SIMD level (int8, exact and zero checkpoints mixed in)."""
+    monkeypatch.setenv("PYMERGE_SIMD", "scalar")
+    base, cks = _pool_inputs(INTERLEAVE_SHAPES, n_ckpt=6, seed=21)
+    cks[2]["norm"] = base["norm"].clone()                                 # "zero"
+    spiky = cks[4]["layers.0.w"].double()
+    spiky[::64] += 0.1                                                    # outliers: int4 misses 0.15, int8 fits
+    cks[4]["layers.0.w"] = spiky.to(base["layers.0.w"].dtype)
+    cks[5]["big"] = (base["big"].double() + torch.linspace(-1, 1, base["big"].numel())).to(base["big"].dtype)
+    kw = dict(base=base, compress="auto", error_budget=0.15, num_threads=2)
+    pool = CheckpointPool(cks, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(cp.CompressedStore, "interleave_int4", lambda self: self)
+        apart = CheckpointPool(cks, **kw)
+    st = pool._compressed
+    formats = {e.fmt for es in st.entries.values() for e in es}
+    assert {"int4", "zero"} <= formats and formats & {"int8", "exact"}, formats
+    for name in INTERLEAVE_SHAPES:
+        q4 = [e for e in st.entries[name] if e.fmt == "int4"]
+        if len(q4) >= 2:
+            assert all(e.group is q4[0].group and e.codes is None for e in q4), name
+            assert [e.slot for e in q4] == list(range(len(q4))) and all(e.width == len(q4) for e in q4)
+        for i in range(len(cks)):
+            assert torch.equal(pool.tensor(i, name), apart.tensor(i, name)), (name, i)
+    assert any(e.group is not None for es in st.entries.values() for e in es)
+    assert all(e.group is None for es in apart._compressed.entries.values() for e in es)
+    assert pool.nbytes == apart.nbytes
+    monkeypatch.setenv("PYMERGE_SIMD", simd)
+    w = [0.4, -0.3, 0.2, 0.5, 0.25, -0.05]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = {n: torch.full(s, 7.0, dtype=dtype) for n, s in INTERLEAVE_SHAPES.items()}
+        want = {n: torch.full(s, 7.0, dtype=dtype) for n, s in INTERLEAVE_SHAPES.items()}
+        pool.materialize(w, into=got)
+        apart.materialize(w, into=want)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        for n in INTERLEAVE_SHAPES:
+            assert torch.equal(got[n].view(bits), want[n].view(bits)), (simd, dtype, n)
+    pool.save(tmp_path / "p.safetensors")
+    apart.save(tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as a, safe_open(str(tmp_path / "a.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_group_strides_checked_by_the_kernel():
+    terms, scales, kinds = _mixed_terms(200, seed=1)
+    out = torch.empty(200)
+    for strides in ([64] * (len(terms) - 1), [64, 32] + [64] * (len(terms) - 2), [64, 96] + [64] * (len(terms) - 2)):
+        with pytest.raises(ValueError, match="group stride"):
+            _native.require_cpu().delta_accumulate(
+                [t.data_ptr() for t in terms], [0 if s is None else s.data_ptr() for s in scales], kinds, 200,
+                [0.5] * len(terms), [out.data_ptr()], [_native.DTYPE_CODES[torch.float32]], 1, strides)
+
+
 @pytest.mark.parametrize("simd,terms_of", [("avx512", "mixed"), ("avx2", "mixed"), ("avx2", "paired")])
 def test_streamed_outputs_match_the_portable_build(simd, terms_of, monkeypatch):
     """Outputs of 8 MB and more are written with non-temporal stores: the same bits as the portable

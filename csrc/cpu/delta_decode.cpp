@@ -69,6 +69,7 @@ struct Job {
   int64_t pair_t0;     // terms pair_t0.. are paired int4 terms, Q4PA then Q4PB, n_pairs of each
   int64_t n_pairs;
   bool dense_runs_only;  // every term before pair_t0 is dense (float32, float16, bfloat16)
+  const int64_t* group_stride;  // int4 terms: bytes from one group of 128 codes to the next (64: contiguous)
 };
 
 inline bool quantized(int kind) { return kind == Q8 || kind == Q4; }
@@ -185,7 +186,7 @@ inline void decode_block(const Job& J, int64_t t, int64_t start, int64_t n, floa
       for (int j = 0; j < kQBlock; ++j) block[j] = float(c[j]);
     } else {  // the block's half of its group: 16 words, nibbles 4 * half .. 4 * half + 3
       uint32_t word[16];
-      std::memcpy(word, reinterpret_cast<const uint8_t*>(J.data[t]) + e / kGroup * 64, 64);
+      std::memcpy(word, reinterpret_cast<const uint8_t*>(J.data[t]) + e / kGroup * J.group_stride[t], 64);
       const int shift0 = e % kGroup ? 16 : 0;
       for (int h = 0; h < 4; ++h)
         for (int j = 0; j < 16; ++j) block[16 * h + j] = float(int((word[j] >> (shift0 + 4 * h)) & 15) - 8);
@@ -236,6 +237,7 @@ inline char* out_at(const Job& J, int64_t k, int64_t e) {
 }
 
 constexpr int64_t kPrefetchBytes = 1024;  // per stream, as weighted_sum: prefetchers juggle many streams poorly
+constexpr int64_t kPrefetchGroups = kPrefetchBytes / 64;  // int4 groups ahead (of interleaved codes too)
 constexpr int64_t kUnitBlocks = kBlock / kQBlock;
 
 // coef[(t * K + k) * kUnitBlocks + b] = float32(w[k0 + k, t] * scale of block b) for the quantized
@@ -285,8 +287,8 @@ DD_AVX512 void blocks_avx512(const Job& J, int64_t k0, int64_t start, int64_t le
       const Run run = J.runs[r];
       if (run.kind == Q4) {
         for (int64_t t = run.t0; t < run.t1; ++t) {
-          const char* p = reinterpret_cast<const char*>(J.data[t]) + e / kGroup * 64;  // this block's group
-          if (second) _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+          const char* p = reinterpret_cast<const char*>(J.data[t]) + e / kGroup * J.group_stride[t];  // this block's group
+          if (second) _mm_prefetch(p + kPrefetchGroups * J.group_stride[t], _MM_HINT_T0);
           // lane i of word i: nibble h is element 16h + i, and the low 4 bits index the table
           __m512i v = _mm512_loadu_si512(p);
           if (second) v = _mm512_srli_epi32(v, 16);
@@ -543,10 +545,10 @@ DD_AVX2 void blocks_avx2(const Job& J, int64_t k, int64_t start, int64_t len, fl
       const Run run = J.runs[r];
       if (run.kind == Q4) {
         for (int64_t t = run.t0; t < run.t1; ++t) {
-          const char* p = reinterpret_cast<const char*>(J.data[t]) + e / kGroup * 64;
+          const char* p = reinterpret_cast<const char*>(J.data[t]) + e / kGroup * J.group_stride[t];
           const float c = coef[t * kUnitBlocks + b];
           if (second) {
-            _mm_prefetch(p + kPrefetchBytes, _MM_HINT_T0);
+            _mm_prefetch(p + kPrefetchGroups * J.group_stride[t], _MM_HINT_T0);
             fma_q4_block<16>(acc, p, c);
           } else {
             fma_q4_block<0>(acc, p, c);
@@ -599,12 +601,19 @@ constexpr int64_t kBlocksPerChunk = 16;     // 64K elements claimed at a time by
 
 void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& scales,
                       const std::vector<int>& kinds, int64_t numel, const std::vector<float>& weights,
-                      const std::vector<uintptr_t>& out_ptrs, const std::vector<int>& out_dtypes, int num_threads) {
+                      const std::vector<uintptr_t>& out_ptrs, const std::vector<int>& out_dtypes, int num_threads,
+                      std::vector<int64_t> group_strides) {
   const int64_t n_terms = int64_t(data.size()), n_out = int64_t(out_ptrs.size());
   if (n_terms == 0 || n_out == 0) throw std::invalid_argument("delta_accumulate: need at least one term and one output");
   if (int64_t(scales.size()) != n_terms || int64_t(kinds.size()) != n_terms ||
       int64_t(out_dtypes.size()) != n_out || int64_t(weights.size()) != n_terms * n_out)
     throw std::invalid_argument("delta_accumulate: inconsistent argument lengths");
+  if (group_strides.empty()) group_strides.assign(size_t(n_terms), 64);
+  if (int64_t(group_strides.size()) != n_terms)
+    throw std::invalid_argument("delta_accumulate: one group stride per term");
+  for (int64_t t = 0; t < n_terms; ++t)
+    if (kinds[t] == Q4 && (group_strides[t] < 64 || group_strides[t] % 64))
+      throw std::invalid_argument("delta_accumulate: an int4 term's group stride is a multiple of 64 bytes");
   int64_t pair_t0 = n_terms;
   for (int64_t t = 0; t < n_terms; ++t) {
     const int k = kinds[t];
@@ -629,7 +638,7 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
   }
   const Job J{data.data(), scales.data(), kinds.data(), n_terms, weights.data(), out_ptrs.data(), out_dtypes.data(),
               n_out, numel * 2 >= kStreamBytes, runs.data(), int64_t(runs.size()), pair_t0, n_pairs,
-              std::all_of(kinds.begin(), kinds.begin() + pair_t0, dense)};
+              std::all_of(kinds.begin(), kinds.begin() + pair_t0, dense), group_strides.data()};
   // accs also holds the SIMD paths' coefficients (n_terms * kMaxK per scale block of a unit) and the
   // paired terms' tables (n_pairs + 3 per scale block) and P (kBlock)
   const size_t acc_floats = size_t(std::max({n_out * kBlock, n_terms * kMaxK * kUnitBlocks,
@@ -739,10 +748,12 @@ void register_delta_decode(py::module_& m) {
         "element or -1).");
   m.def("delta_accumulate", &delta_accumulate, py::arg("data_ptrs"), py::arg("scale_ptrs"), py::arg("kinds"),
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("num_threads") = 0,
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("group_strides") = std::vector<int64_t>{}, py::call_guard<py::gil_scoped_release>(),
         "out_k = sum_t weights[k*T+t] * decode(term_t): dense (dtype codes 0-2), int8 (16) or int4 (17) "
         "terms with bfloat16 scales per 64 elements, then paired int4 terms (18, 19: one buffer, two "
-        "checkpoints, summed in int32) last (raw pointers).");
+        "checkpoints, summed in int32) last (raw pointers). group_strides (per term, default 64): bytes "
+        "from one int4 group of 128 codes to the next, so several checkpoints' codes can be held "
+        "block-interleaved in one buffer (one memory stream instead of one per checkpoint).");
   m.attr("DELTA_Q8") = int(Q8);
   m.attr("DELTA_Q4") = int(Q4);
   m.attr("DELTA_Q4_PAIR") = py::make_tuple(int(Q4PA), int(Q4PB));

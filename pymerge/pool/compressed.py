@@ -128,15 +128,22 @@ class Encoded:
     exact: Optional[torch.Tensor] = None     # the checkpoint's tensor as held (format "exact")
     pair: Optional[torch.Tensor] = None      # int4 held paired with another checkpoint: the shared buffer
     slot: int = 0                            # ... of which this is the first (0) or second (1) half
+    group: Optional[torch.Tensor] = None     # int4 held interleaved with `width` checkpoints (interleave_int4)
+    width: int = 1                           # ... of which this is checkpoint `slot`
 
     @property
     def nbytes(self) -> int:
         own = sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.exact) if t is not None)
-        return own + (self.pair.numel() // 2 if self.pair is not None else 0)
+        shared = self.pair.numel() // 2 if self.pair is not None else 0
+        return own + shared + (self.group.numel() // self.width if self.group is not None else 0)
 
     def int_codes(self, numel: int) -> Optional[torch.Tensor]:
-        """The codes in the saved (unpaired) layout: held, or taken out of the pair buffer."""
-        return unpair_int4(self.pair, numel, self.slot) if self.pair is not None else self.codes
+        """The codes in the saved layout: held, or taken out of the pair or interleaved buffer."""
+        if self.pair is not None:
+            return unpair_int4(self.pair, numel, self.slot)
+        if self.group is not None:
+            return self.group.view(-1, self.width, 64)[:, self.slot].reshape(-1)
+        return self.codes
 
 
 def padded(numel: int) -> int:
@@ -247,6 +254,7 @@ class _Terms:
     tensors: List[torch.Tensor]       # data per term (kept alive here)
     scales: List[Optional[torch.Tensor]]
     kinds: List[int]
+    strides: List[int]                # int4 terms: bytes from one group of codes to the next (64: contiguous)
     cols: np.ndarray                  # checkpoint index of terms 1..
     exact_cols: np.ndarray            # checkpoints held exact (their tensor carries the base)
 
@@ -283,12 +291,26 @@ class CompressedStore:
                                move(e.scales), move(e.exact)) for e in es] for n, es in self.entries.items()}
         return CompressedStore(self.names, self.shapes, base, entries, self.labels, self.mode, self.budget, self.skipped)
 
+    def interleave_int4(self) -> "CompressedStore":
+        """Holds each tensor's int4 checkpoints block-interleaved in one buffer (group g of every checkpoint,
+        then group g + 1, ...) for the C++ float path: one memory stream instead of one per checkpoint,
+        the same bytes and the same bits (the kernel reads each term with a group stride). Returns self."""
+        for name in self.names:
+            q4 = [e for e in self.entries[name] if e.fmt == "int4" and e.pair is None and e.group is None]
+            if len(q4) < 2:
+                continue
+            buf = torch.stack([e.codes.view(-1, 64) for e in q4], dim=1).reshape(-1)
+            for slot, e in enumerate(q4):
+                e.group, e.slot, e.width, e.codes = buf, slot, len(q4), None
+        self._terms.clear()
+        return self
+
     def pair_int4(self) -> "CompressedStore":
         """Holds each tensor's int4 checkpoints two by two, in checkpoint order, for the C++ kernel's
         integer path (module docstring); the same bytes, so nbytes barely moves. Returns self."""
         for name in self.names:
             numel = self.base[name].numel()
-            q4 = [e for e in self.entries[name] if e.fmt == "int4" and e.pair is None]
+            q4 = [e for e in self.entries[name] if e.fmt == "int4" and e.pair is None and e.group is None]
             held = sum(e.pair is not None for e in self.entries[name]) // 2
             for a, b in list(zip(q4[0::2], q4[1::2]))[:max(0, MAX_PAIRS - held)]:
                 buf = pair_int4(a.codes, b.codes, numel)
@@ -350,6 +372,7 @@ class CompressedStore:
         hit = self._terms.get(name)
         if hit is None:
             tensors, scales, kinds, cols, exact_cols = [self.base[name]], [None], [_dense_kind(self.base[name])], [], []
+            strides = [64]
             pairs = [(i, e) for i, e in enumerate(self.entries[name]) if e.pair is not None]
             for i, e in enumerate(self.entries[name]):
                 if e.fmt == "zero" or e.pair is not None:
@@ -360,16 +383,20 @@ class CompressedStore:
                     tensors.append(e.exact)
                     scales.append(None)
                     kinds.append(_dense_kind(e.exact))
+                    strides.append(64)
                 else:
-                    tensors.append(e.codes)
+                    # an interleaved checkpoint: its first group in the shared buffer, read with a stride
+                    tensors.append(e.codes if e.group is None else e.group[64 * e.slot:])
                     scales.append(e.scales)
                     kinds.append(KIND_Q8 if e.fmt == "int8" else KIND_Q4)
+                    strides.append(64 * e.width)
             for i, e in pairs:  # last, first and second of each pair in turn (the kernel's order)
                 cols.append(i)
                 tensors.append(e.pair)
                 scales.append(e.scales)
                 kinds.append(KIND_Q4_SECOND if e.slot else KIND_Q4_FIRST)
-            hit = self._terms[name] = _Terms(tensors, scales, kinds, np.array(cols, dtype=np.int64),
+                strides.append(64)
+            hit = self._terms[name] = _Terms(tensors, scales, kinds, strides, np.array(cols, dtype=np.int64),
                                              np.array(exact_cols, dtype=np.int64))
         return hit
 
@@ -386,7 +413,7 @@ class CompressedStore:
         w[:, 0] = c_base + coef.sum(axis=1) - coef[:, T.exact_cols].sum(axis=1)
         w[:, 1:] = coef[:, T.cols]
         run_terms(T.tensors, T.scales, T.kinds, self.base[name].numel(), w.astype(np.float32), outs, backend,
-                  num_threads)
+                  num_threads, T.strides)
 
     # ---- save / load -------------------------------------------------------------------------------
     def save(self, path, overwrite: bool = False) -> None:
@@ -533,15 +560,18 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
 
 # ---- kernels ------------------------------------------------------------------------------------------
 def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torch.Tensor], backend: str,
-              num_threads: int = 0) -> None:
-    """outs[k] = sum_t w[k, t] * decode(term_t) on one backend (terms and outs already validated)."""
+              num_threads: int = 0, strides: Optional[List[int]] = None) -> None:
+    """outs[k] = sum_t w[k, t] * decode(term_t) on one backend (terms and outs already validated;
+    strides: int4 group strides, interleaved terms, C++ only)."""
     if numel == 0:
         return
     if backend == "cpu":
         _native.require_cpu().delta_accumulate(
             [t.data_ptr() for t in tensors], [0 if s is None else s.data_ptr() for s in scales], list(kinds), numel,
             w.reshape(-1).tolist(), [o.data_ptr() for o in outs], [_native.DTYPE_CODES[o.dtype] for o in outs],
-            num_threads)
+            num_threads, list(strides or ()))
+    elif any(s != 64 for s in strides or ()):
+        raise AssertionError("interleaved int4 terms are held for the C++ kernel only")
     elif backend == "triton":
         from pymerge.kernels import delta_decode
         delta_decode.delta_accumulate(tensors, scales, kinds, numel, w, outs)

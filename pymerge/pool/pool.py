@@ -201,6 +201,8 @@ class CheckpointPool:
         self._compressed = store.to(self.device)
         if self.backend == "cpu" and compressed.pairs_pay():  # the AVX2 integer path for int4
             self._compressed.pair_int4()
+        elif self.backend == "cpu":  # the float path: int4 checkpoints in one stream per tensor
+            self._compressed.interleave_int4()
         self.residency = "device" if self.device.type == "cuda" else "host"
         self.reason = store.describe()
         self.nbytes = self._compressed.nbytes
