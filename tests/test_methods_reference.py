@@ -162,6 +162,22 @@ def test_nuslerp(shape, with_base, mode, backend):
     check(out, ref_nuslerp(0.3, 1.1, xs[0], xs[1], base if with_base else None, flatten, row_wise))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_nuslerp_long_antiparallel_rows(backend):
+    """Rows of 1000 elements pointing exactly opposite ways (factor -0.7 is not exact in float32, so
+    their deltas are only nearly so): float32 row dots erred by ~3e-7 in cos and sent some rows down the
+    spherical branch, ~800x too large; the rows now lerp."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(512, 1000, generator=g)
+    v = torch.randn(512, 1000, generator=g)
+    v[:, :500] *= 10
+    xs = [base + v, base - 0.7 * v]
+    out = run("nuslerp", xs, base, [{"weight": 0.3}, {"weight": 1.1}], {"nuslerp_flatten": False}, backend=backend)
+    t = 1.1 / 1.4
+    d0, d1 = (xs[0] - base).double(), (xs[1] - base).double()
+    check(out, base.double() + (1 - t) * d0 + t * d1)
+
+
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0)])
 @pytest.mark.parametrize("mode", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

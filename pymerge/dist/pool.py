@@ -94,7 +94,7 @@ class ShardedPool(CheckpointPool):
         """Checks each target's layout against the pool's, then plans on the local tensors."""
         problems = []
         local = []
-        self._param_of = {}  # pool tensor -> the targets' tensors (global), one per model: _tie_key
+        self._param_of = {}  # pool tensor -> id of the targets' (global) tensors, one per model: _tie_key
         for k, target in enumerate(into):
             where = f" in model {k}" if len(into) > 1 else ""
             _reshard(target)
@@ -115,7 +115,7 @@ class ShardedPool(CheckpointPool):
                                     f"{describe(want)}")
             for name in self.names:
                 model_name = _map_name(name, names)
-                self._param_of.setdefault(name, []).append(tensors.get(model_name) if model_name is not None else None)
+                self._param_of.setdefault(name, []).append(id(tensors.get(model_name)))  # alive while planned
             local.append({n: _local(t) for n, t in tensors.items()})
         if problems:
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
@@ -127,7 +127,7 @@ class ShardedPool(CheckpointPool):
         whose shards of two tensors are both empty sees two data_ptr 0s, and writing only one of them
         there put that rank's collectives out of step with the other ranks' (a hang, or one tensor's
         statistics reduced with another's)."""
-        return tuple(id(t) for t in self._param_of[plan.name])
+        return tuple(self._param_of[plan.name])
 
     def _run_method(self, method: str, plans, tables, seed: int, params) -> None:
         from pymerge.dist.methods import run_sharded

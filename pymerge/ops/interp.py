@@ -159,12 +159,12 @@ def nuslerp_coefs(t: float, aa: float, bb: float, ab: float, eps: float = 1e-8) 
     """NuSLERP: normalize with norms clamped at 1e-7; colinear when 1 - cos^2 <= eps^2 (lerp)."""
     na, nb = max(math.sqrt(aa), 1e-7), max(math.sqrt(bb), 1e-7)
     cos = _clamp(ab / (na * nb))
-    # mergekit's test, 1 - cos^2 <= eps^2 in float32, means cos is +-1 to within its rounding. Our dots are
-    # float32-rounded sums (group_dots), so cos carries up to 2^-23 relative error and exactly
-    # (anti)parallel vectors can give |cos| = 1 - 1e-7: that missed the test, and opposite ones went down
-    # the spherical branch to divide by sin(theta) ~ 5e-4 (outputs ~1000x too large, as mergekit's own
-    # are unless its float32 sum lands on exactly -1). |cos| within 2^-22 of 1 is colinear too: near
-    # theta = 0 slerp differs from lerp by ~theta^2 / 10 < 1e-7 there; near pi it has no float32 answer.
+    # mergekit's test, 1 - cos^2 <= eps^2 in float32, means cos is +-1 to within its float32 rounding, and
+    # exactly opposite vectors that miss it go down the spherical branch to divide by sin(theta) ~ 1e-8
+    # to 5e-4 (outputs 1000x to 1e7x too large, as mergekit's own are unless its float32 sum lands on
+    # exactly -1). Our dots are float64 sums (whole tensors: exact), so cos is off by ~1e-16, not
+    # 1e-7: |cos| within 2^-22 of 1 counts as colinear, as mergekit means it. Near theta = 0 slerp
+    # differs from lerp there by ~t(1 - t) theta^2 / 6 < 1e-7 for t in [0, 1].
     if 1 - cos * cos <= max(eps * eps, 2.0 ** -21):
         return 1.0 - t, t
     return _spherical(t, cos)
