@@ -292,11 +292,14 @@ EMPTY_CASES = [("nuslerp", 2, dict(method="nuslerp"), True), ("nuslerp_nobase", 
 
 
 class FourTensors(torch.nn.Module):
+    """EMPTY_SHAPES' tensors, and e.w: a.w tied under a second name (one Parameter, as tied embeddings)."""
     def __init__(self):
         super().__init__()
         for name, shape in EMPTY_SHAPES.items():
             self.add_module(name[0], torch.nn.Module())
             getattr(self, name[0]).w = torch.nn.Parameter(torch.zeros(shape))
+        self.e = torch.nn.Module()
+        self.e.w = self.a.w
 
 
 def empty_shards_worker(rank, world, files):
@@ -317,6 +320,7 @@ def empty_shards_worker(rank, world, files):
         ref = FourTensors()
         pymerge.CheckpointPool(files[:n], base=base).materialize(w, into=ref, **kw)
         got = _full(model)
+        assert model.e.w is model.a.w  # still tied after the merge
         out["differ"][label] = sorted(n_ for n_, p in ref.named_parameters() if not torch.equal(got[n_], p.detach()))
     return out
 
@@ -325,16 +329,18 @@ def test_ranks_holding_nothing_of_some_tensors_stay_in_step(tmp_path):
     """On 3 ranks rank 2 holds empty shards of three tensors (4 and 2 rows: 2, 2, 0). It used to count two
     of them as one tied tensor (both at data_ptr 0) and skip the other's collectives: a hang, or one
     tensor's statistics summed with another's; and nuslerp with a base failed there alone (its empty
-    base has no address for the kernel) while the other ranks waited in the all_reduce."""
+    base has no address for the kernel) while the other ranks waited in the all_reduce. A truly tied
+    parameter (a.w also as e.w, empty on rank 2 too) is written once on every rank."""
     d = str(tmp_path)
     g = torch.Generator().manual_seed(3)
     base = {k: torch.randn(s, generator=g) for k, s in EMPTY_SHAPES.items()}
     files = []
     for i in range(3):
         files.append(os.path.join(d, f"m{i}.safetensors"))
-        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, files[-1])
+        sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file(dict(sd, **{"e.w": sd["a.w"].clone()}), files[-1])  # the tied tensor under both names
     files.append(os.path.join(d, "base.safetensors"))
-    save_file(base, files[-1])
+    save_file(dict(base, **{"e.w": base["a.w"].clone()}), files[-1])
     results = dist_helpers.run(empty_shards_worker, 3, d, files, timeout=SHORT)
     assert results[2]["local"] == {"a.w": (0,), "b.w": (0, 1), "c.w": (1,), "d.w": (0, 5)}
     for label, *_ in EMPTY_CASES:
