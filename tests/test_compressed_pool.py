@@ -302,6 +302,15 @@ def test_every_backend_gives_the_same_bits(n, monkeypatch):
 
 
 # ---- paired int4 (CPU pools: csrc/cpu/delta_decode.cpp's integer path) -----------------------------
+def _assert_same_saved_files(pool, other, tmp_path):
+    """Two pools that hold the same codes in different layouts save the same tensors."""
+    pool.save(tmp_path / "p.safetensors")
+    other.save(tmp_path / "o.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as a, safe_open(str(tmp_path / "o.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
 def _layout_reference(first: torch.Tensor, second: torch.Tensor, numel: int) -> torch.Tensor:
     """The documented paired layout, element by element: element 8j + i of a block (j = 4r + h) in
     word 8r + i, bits 4h.. (first checkpoint) and 16 + 4h.. (second), as code + 8."""
@@ -515,11 +524,7 @@ def test_cpu_pool_pairs_its_int4_checkpoints(tmp_path, monkeypatch):
             assert torch.equal(pool.tensor(i, name), ref.tensor(i, name)), (name, i)
     assert all(e.pair is None for es in ref._compressed.entries.values() for e in es)
     assert abs(pool.nbytes - ref.nbytes) <= sum(128 for _ in SHAPES) * 5   # the same bytes, padding aside
-    pool.save(tmp_path / "p.safetensors")
-    ref.save(tmp_path / "r.safetensors")
-    with safe_open(str(tmp_path / "p.safetensors"), "pt") as a, safe_open(str(tmp_path / "r.safetensors"), "pt") as b:
-        assert set(a.keys()) == set(b.keys())
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    _assert_same_saved_files(pool, ref, tmp_path)
     w = [0.4, -0.3, 0.2, 0.5, 0.25]
     for dtype in (torch.float32, torch.bfloat16):
         got = {n: torch.empty(s, dtype=dtype) for n, s in SHAPES.items()}
@@ -578,11 +583,7 @@ def test_cpu_pool_interleaves_its_int4_checkpoints(tmp_path, monkeypatch, simd):
         bits = torch.int32 if dtype == torch.float32 else torch.int16
         for n in INTERLEAVE_SHAPES:
             assert torch.equal(got[n].view(bits), want[n].view(bits)), (simd, dtype, n)
-    pool.save(tmp_path / "p.safetensors")
-    apart.save(tmp_path / "a.safetensors")
-    with safe_open(str(tmp_path / "p.safetensors"), "pt") as a, safe_open(str(tmp_path / "a.safetensors"), "pt") as b:
-        assert set(a.keys()) == set(b.keys())
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    _assert_same_saved_files(pool, apart, tmp_path)
 
 
 def test_group_strides_checked_by_the_kernel():

@@ -611,14 +611,13 @@ void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uint
   if (group_strides.empty()) group_strides.assign(size_t(n_terms), 64);
   if (int64_t(group_strides.size()) != n_terms)
     throw std::invalid_argument("delta_accumulate: one group stride per term");
-  for (int64_t t = 0; t < n_terms; ++t)
-    if (kinds[t] == Q4 && (group_strides[t] < 64 || group_strides[t] % 64))
-      throw std::invalid_argument("delta_accumulate: an int4 term's group stride is a multiple of 64 bytes");
   int64_t pair_t0 = n_terms;
   for (int64_t t = 0; t < n_terms; ++t) {
     const int k = kinds[t];
     if (!(k == F32 || k == F16 || k == BF16 || quantized(k) || paired(k)))
       throw std::invalid_argument("delta_accumulate: bad term kind");
+    if (k == Q4 && (group_strides[t] < 64 || group_strides[t] % 64))
+      throw std::invalid_argument("delta_accumulate: an int4 term's group stride is a multiple of 64 bytes");
     if ((quantized(k) || paired(k)) && scales[t] == 0)
       throw std::invalid_argument("delta_accumulate: quantized term without scales");
     if (paired(k) && pair_t0 == n_terms) pair_t0 = t;

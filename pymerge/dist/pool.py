@@ -102,6 +102,7 @@ class ShardedPool(CheckpointPool):
             for name in self.names:
                 model_name = _map_name(name, names)
                 t = tensors.get(model_name) if model_name is not None else None
+                self._param_of.setdefault(name, []).append(id(t))  # alive while planned
                 if t is None:
                     continue  # the base plan reports missing tensors
                 want = self.boxes[name]
@@ -113,9 +114,6 @@ class ShardedPool(CheckpointPool):
                 if have.signature != want.signature:
                     problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
                                     f"{describe(want)}")
-            for name in self.names:
-                model_name = _map_name(name, names)
-                self._param_of.setdefault(name, []).append(id(tensors.get(model_name)))  # alive while planned
             local.append({n: _local(t) for n, t in tensors.items()})
         if problems:
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
