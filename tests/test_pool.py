@@ -511,3 +511,28 @@ def test_materialize_many_with_no_candidates_does_nothing():
     base = {"w": torch.full((2,), 0.5)}
     packed = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}], base=base, compress="int8")
     assert packed.materialize_many([], []) == []
+
+
+def test_method_params_reach_a_methods_own_normalize():
+    """materialize's normalize= normalizes the weights, so task_arithmetic's (or ties') own `normalize`
+    was out of reach from a pool: method_params= passes it, checked like any keyword parameter."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(37, generator=g)}
+    sources = [{"w": torch.randn(37, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(sources, base=base)
+    w = [0.5, 1.0, 1.5]
+    deltas = sum(c * (s["w"].double() - base["w"].double()) for c, s in zip(w, sources))
+    for own_normalize, divide in ((True, sum(w)), (False, 1.0)):
+        out = {"w": torch.empty(37)}
+        pool.materialize(w, into=out, method="task_arithmetic", method_params={"normalize": own_normalize,
+                                                                                "lambda": 0.5})
+        torch.testing.assert_close(out["w"].double(), base["w"].double() + 0.5 * deltas / divide,
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(InputError, match="method parameter 'lambda' is given twice"):
+        pool.materialize(w, into={"w": torch.empty(37)}, method="task_arithmetic",
+                         method_params={"lambda": 0.5}, **{"lambda": 0.7})
+    for bad in ([("normalize", True)], {1: True}, "normalize"):
+        with pytest.raises(InputError, match="method_params must map parameter names to values"):
+            pool.materialize(w, into={"w": torch.empty(37)}, method="task_arithmetic", method_params=bad)
+    with pytest.raises(MergeConfigError, match="has no parameter 'epsilon'"):
+        pool.materialize(w, into={"w": torch.empty(37)}, method="task_arithmetic", method_params={"epsilon": 0.5})

@@ -191,6 +191,58 @@ def test_cli_runs_a_config(tmp_path):
     assert cli_main([str(bad)]) == 2
 
 
+def test_method_params_reach_the_method_and_the_state_fingerprint(tmp_path):
+    """A method's own `normalize` (or any name optimize takes itself) was out of reach: the search CLI's
+    method_params: {normalize: true} crashed on a duplicate keyword. Now method_params= carries them to
+    the pool, and a saved state refuses to resume under other method parameters."""
+    g = torch.Generator().manual_seed(0)
+    base = {"theta": torch.randn(16, generator=g)}
+    sources = [{"theta": torch.randn(16, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(sources, base=base)
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.theta.detach().clone())
+        return -float(model.theta.detach().norm())
+    state = str(tmp_path / "s.json")
+    res = optimize(pool, evaluate, model=Vec(16), budget=6, popsize=3, seed=0, state_path=state, log=None,
+                   method="task_arithmetic", method_params={"normalize": False}, **{"lambda": 2.0})
+    for r, theta in zip(res.history, seen):  # weights sum to one, so normalize only changes lambda's scale here
+        delta = sum(w * (s["theta"] - base["theta"]) for w, s in zip(r["weights"], sources))
+        torch.testing.assert_close(theta, base["theta"] + 2.0 * delta, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match=r"differs in method_params"):
+        optimize(pool, evaluate, model=Vec(16), budget=6, popsize=3, seed=0, state_path=state, log=None,
+                 method="task_arithmetic", method_params={"normalize": True}, **{"lambda": 2.0})
+    with pytest.raises(InputError, match="method parameter 'lambda' is given twice"):
+        optimize(pool, evaluate, model=Vec(16), budget=6, log=None, method="task_arithmetic",
+                 method_params={"lambda": 1.0}, **{"lambda": 2.0})
+
+    for i, s in enumerate(sources):
+        save_file(s, str(tmp_path / f"c{i}.safetensors"))
+    save_file(base, str(tmp_path / "base.safetensors"))
+    (tmp_path / "evalmod2.py").write_text(textwrap.dedent("""
+        import torch
+        def build():
+            m = torch.nn.Module()
+            m.theta = torch.nn.Parameter(torch.zeros(16))
+            return m
+        def evaluate(m):
+            return {"neg_norm": -float(m.theta.detach().norm())}
+    """))
+    cfg = tmp_path / "ta.yml"
+    cfg.write_text(textwrap.dedent("""
+        sources: [c0.safetensors, c1.safetensors, c2.safetensors]
+        base: base.safetensors
+        model: evalmod2:build
+        evaluate: evalmod2:evaluate
+        method: ties
+        method_params: {normalize: false, density: 0.5}
+        search: {budget: 4, popsize: 2, seed: 1}
+        out: out
+    """))
+    assert cli_main([str(cfg)]) == 0
+
+
 # ---- the state file is JSON, checked on load (issue 8, item 9) ----------------------------------------------
 class _Exploit:
     def __init__(self, marker):

@@ -12,7 +12,7 @@ import functools
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -360,16 +360,20 @@ class CheckpointPool:
 
     # ---- merging -----------------------------------------------------------------------------------
     def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
-                    normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0, **params):
-        """Writes the merge with `weights` (N floats, or a [G, N] table with `groups`) into `into`; returns it."""
-        return self.materialize_many([weights], [into], method, groups=groups, normalize=normalize,
-                                     names=names, strict=strict, seed=seed, **params)[0]
+                    normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
+                    method_params: Optional[Mapping] = None, **params):
+        """Writes the merge with `weights` (N floats, or a [G, N] table with `groups`) into `into`; returns it.
+        A method's parameters go as keywords, or in method_params where a name is taken here (ties'
+        own `normalize`, for one: normalize= normalizes the weights)."""
+        return self.materialize_many([weights], [into], method, groups=groups, normalize=normalize, names=names,
+                                     strict=strict, seed=seed, method_params=method_params, **params)[0]
 
     @_checks_mapped_files
     def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
                          normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
-                         **params) -> list:
+                         method_params: Optional[Mapping] = None, **params) -> list:
         """K candidates from one pass over the checkpoints: into[k] receives the merge with weight_rows[k]."""
+        params = method_params_of(method_params, params)
         into = list(into) if isinstance(into, (list, tuple)) else [into]
         weight_rows = list(weight_rows)
         if len(weight_rows) != len(into):
@@ -832,6 +836,18 @@ def _tensors_of(target) -> Dict[str, torch.Tensor]:
                 raise InputError(f"into: entry {k!r} is a {type(v).__name__}, not a tensor")
         return target
     raise InputError(f"into must be an nn.Module or a state dict, got {type(target).__name__}")
+
+
+def method_params_of(explicit, keywords: dict) -> dict:
+    """method_params= and the method's keyword arguments as one dict; a name given both ways is an error."""
+    if explicit is None:
+        return keywords
+    if not isinstance(explicit, Mapping) or not all(isinstance(k, str) for k in explicit):
+        raise InputError(f"method_params must map parameter names to values, got {short(explicit)}")
+    twice = sorted(set(explicit) & set(keywords))
+    if twice:
+        raise InputError(f"method parameter {twice[0]!r} is given twice: in method_params and as a keyword")
+    return {**explicit, **keywords}
 
 
 def _split_params(method, params: dict, n: int):

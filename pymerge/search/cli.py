@@ -118,7 +118,7 @@ def _run(args) -> int:
                       sigma0=float(s.get("sigma0", 0.2)), seed=int(s.get("seed", 0)),
                       state_path=rel(cfg.get("state_path")), groups=s.get("groups"),
                       normalize=bool(s.get("normalize", True)), replicas=s.get("replicas"),
-                      method=cfg.get("method", "linear"), names=cfg.get("names"), **(cfg.get("method_params") or {}))
+                      method=cfg.get("method", "linear"), names=cfg.get("names"), method_params=cfg.get("method_params") or {})
     paths = result.save(out)
     if result.best_weights.ndim == 1:
         _best_yaml(os.path.join(out, "best_merge.yml"), cfg["sources"], result.best_weights, cfg.get("method", "linear"))

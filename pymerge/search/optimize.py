@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pymerge.errors import InputError
+from pymerge.pool.pool import method_params_of
 from pymerge.io.files import check_replaceable, read_small
 from pymerge.search.report import macro_average, pareto_front, plot, write_csv, write_json
 
@@ -109,7 +110,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
              sigma0: float = 0.2, seed: int = 0, state_path: Optional[str] = None, *, groups=None,
              normalize: bool = True, x0=None, bounds=(0.0, 1.0), method: str = "linear",
              objective: Optional[Callable[[Dict[str, float]], float]] = None, replicas: Optional[int] = None,
-             names=None, log: Optional[Callable[[str], None]] = print, **method_params) -> SearchResult:
+             names=None, log: Optional[Callable[[str], None]] = print, method_params: Optional[Dict] = None,
+             **more_method_params) -> SearchResult:
     """CMA-ES (cma package, ask/tell) over the pool's merge weights; returns a SearchResult.
 
     groups      None: N weights; "layer" or a function/dict: a [G, N] table (see CheckpointPool.materialize)
@@ -123,7 +125,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     if spread is not None:  # under torch.distributed: CMA-ES on rank 0, candidates on every replica group
         return spread(optimize, pool, evaluate, model, budget=budget, popsize=popsize, sigma0=sigma0, seed=seed,
                       state_path=state_path, groups=groups, normalize=normalize, x0=x0, bounds=bounds,
-                      method=method, objective=objective, replicas=replicas, names=names, log=log, **method_params)
+                      method=method, objective=objective, replicas=replicas, names=names, log=log,
+                      method_params=method_params, **more_method_params)
     import cma
 
     n = pool.num_checkpoints
@@ -150,6 +153,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     fingerprint = {"n": n, "groups": g, "seed": int(seed), "sigma0": float(sigma0),
                    "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
                    "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method)}
+    merge_params = method_params_of(method_params, more_method_params)
+    if merge_params:  # only then: states saved before this key existed still resume
+        fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
 
     def to_weights(x):
         w = np.clip(np.asarray(x, float), lo, hi).reshape(g, n)
@@ -179,7 +185,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     pop = es.popsize
     n_rep = _replica_count(pool, model, pop, replicas)
     models = [model] + [copy.deepcopy(model) for _ in range(n_rep - 1)]
-    kw = dict(method=method, groups=groups, names=names, **method_params)
+    kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
     def run(xs, generation):
         """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives."""
@@ -286,6 +292,11 @@ def _count(value, what: str, least: int, most: int) -> int:
     if n is None or not least <= n <= most:
         raise InputError(f"{what} must be an integer from {least} to {most}, got {value!r}")
     return n
+
+
+def _plain(value):
+    """A method parameter as JSON for the fingerprint: arrays as lists, anything else as its repr."""
+    return value.tolist() if hasattr(value, "tolist") else repr(value)
 
 
 def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
