@@ -167,12 +167,7 @@ inline void pairs_portable(const Job& J, int64_t k, int64_t start, int64_t n, fl
 
 
 // ---- portable path (plain x86-64; an AVX2 build of it does the AVX2 path's partial blocks) -----
-// int4 code of element e: word (e % 128) % 16 of its group, nibble (e % 128) / 16.
-inline int q4_code(const uint8_t* codes, int64_t e) {
-  const int64_t r = e % kGroup, h = r / 16;
-  return int((codes[e / kGroup * 64 + 4 * (r % 16) + h / 2] >> (4 * (h % 2))) & 15) - 8;
-}
-
+// int4 layout: element e's code is in 32-bit word (e % 128) % 16 of its 64-byte group, nibble (e % 128) / 16.
 // dst[0..n) = term t's codes (as float32, unscaled) or dense values at elements start ..
 // start+n-1; start is a multiple of kQBlock.
 inline void decode_block(const Job& J, int64_t t, int64_t start, int64_t n, float* __restrict dst) {
