@@ -379,7 +379,12 @@ def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: Lis
 
 
 def _same_model(a: str, b: Optional[str]) -> bool:
-    return b is not None and (a == b or os.path.realpath(a) == os.path.realpath(b))
+    if b is None or a == b:
+        return b is not None
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (ValueError, OSError):  # a NUL byte: the path checks that follow name it
+        return False
 
 
 def _with_lora_dtype(cfg: MergeConfig, name) -> MergeConfig:

@@ -116,6 +116,34 @@ def test_force_refuses_an_out_that_is_holds_or_lies_in_an_input(workdir, capsys,
     assert leftovers(work / "ft1") == [] and not (work / "ft1" / "merged").exists()
 
 
+def test_force_through_a_symlink_and_dotdot_writes_where_the_kernel_looks(workdir, tmp_path, capsys, monkeypatch):
+    """OUT "link/../ft1" is ft1 beside the link's target for the kernel (and the input check), but the
+    writer collapsed the ".." as text and replaced the input ft1 beside the link (found by a review)."""
+    work, cfg, models = workdir
+    (tmp_path / "elsewhere" / "inner").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere" / "inner", work / "link")
+    monkeypatch.chdir(work)
+    before = _tree(work)
+    rc, err = run_cli(["merge", "cfg.yml", "link/../ft1", "--force", "--quiet"], capsys)
+    assert rc == 0, err
+    assert _tree(work) == before and leftovers(work) == []
+    assert (tmp_path / "elsewhere" / "ft1" / "model.safetensors").is_file()
+    rc, err = run_cli(["merge", "cfg.yml", f"link/../../{work.name}/ft1", "--force", "--quiet"], capsys)
+    assert rc == 2 and "is or holds the model folder" in err and _tree(work) == before, err  # the input ft1
+    rc, err = run_cli(["merge", "cfg.yml", "link/..", "--force", "--quiet"], capsys)
+    assert rc == 0 and _tree(work) == before, err
+
+
+def test_a_nul_byte_in_base_model_is_a_one_line_error(fam, tmp_path, capsys):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "ties", "base_model": str(base) + "\0",
+                                         "models": [{"model": str(m), "parameters": {"weight": 1, "density": 0.5}}
+                                                    for m in fts]})
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "base_model" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_force_still_replaces_an_ordinary_out(workdir, capsys, monkeypatch):
     work, cfg, models = workdir
     monkeypatch.chdir(work)

@@ -51,6 +51,17 @@ def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
     return fd
 
 
+def out_location(path) -> Path:
+    """The folder an output path names, as the kernel finds it ("link/.." is the parent of the link's
+    target, not the folder holding the link: abspath's textual ".." got that wrong), except that a
+    last component that is a symlink stays the link, so that replacing OUT replaces the link only."""
+    p = os.fspath(path)
+    head, tail = os.path.split(p.rstrip(os.sep) or os.sep)
+    if tail in ("", ".", ".."):
+        return Path(os.path.realpath(p))
+    return Path(os.path.realpath(head or os.curdir)) / tail
+
+
 def check_replaceable(path, error: Type[InputError] = InputError) -> None:
     """A path we are about to replace (write a temporary file, then rename it over the path) must be
     absent or a regular file: renaming over a FIFO or a device (/dev/null, as root) would replace it."""

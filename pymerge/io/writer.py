@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import open_regular
+from pymerge.io.files import open_regular, out_location
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -72,7 +72,7 @@ class ShardedWriter:
                  parts: Optional[Sequence[int]] = None, part: Optional[int] = None, join=None):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.out_dir = Path(os.path.abspath(out_dir))  # abspath, not resolve: a symlinked OUT stays the link
+        self.out_dir = out_location(out_dir)  # not resolve(): a symlinked OUT stays the link
         self.force = force
         self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
         self._slots: Dict[str, _Slot] = {}
