@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pymerge.ops._versions as versions
-from pymerge.errors import InputError
+from pymerge.errors import InputError, MergeConfigError
 from pymerge.pool import CheckpointPool
 
 W = [0.5, 0.3, 0.2]
@@ -205,3 +205,97 @@ def test_ops_writing_into_a_callers_tensor_bump_its_version():
     weighted_sum_many(xs, [[1.0, 0.0], [0.0, 1.0]], outs=outs)
     assert all(o._version > b for o, b in zip(outs, before))
     assert torch.equal(outs[1], xs[1])
+
+
+# ---- found by a review (2026-12-02): each was a silent wrong merge ----------------------------------
+def test_a_cached_plan_is_not_reused_for_a_view_of_the_same_memory():
+    """The cached plan checked data_ptr only: param.data = param.data.t() (or an entry's t_()) keeps it,
+    and the next merge was written in the old layout (error 0.34); a shrunk parameter was not refused."""
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    ref = reference(models, W)
+    m = torch.nn.Linear(13, 7)
+    pool.materialize(W, into=m)
+    m.weight.data = m.weight.data.t().contiguous().t()  # same shape, other strides: a fresh storage...
+    m.weight.data = m.weight.data.view(7, 13)             # ...then a view of it; both must merge right
+    pool.materialize(W, into=m)
+    assert_is(m, ref)
+    sq = [torch.nn.Linear(5, 5, bias=False) for _ in range(3)]
+    sq_pool = CheckpointPool([s.state_dict() for s in sq])
+    target = torch.nn.Linear(5, 5, bias=False)
+    sq_pool.materialize(W, into=target)
+    target.weight.data = target.weight.data.t()  # same memory, transposed
+    sq_pool.materialize(W, into=target)
+    assert_is(target, reference(sq, W))
+    sd = {k: v.clone() for k, v in sq[0].state_dict().items()}
+    sq_pool.materialize(W, into=sd)
+    sd["weight"].t_()
+    sq_pool.materialize(W, into=sd)
+    torch.testing.assert_close(sd["weight"].double(), reference(sq, W)["weight"], rtol=1e-6, atol=1e-6)
+    pool.materialize(W, into=m)
+    m.weight.data = m.weight.data[:5]
+    with pytest.raises(InputError, match=r"has shape \(5, 13\), the pool's has \(7, 13\)"):
+        pool.materialize(W, into=m)
+
+
+def test_two_views_of_one_memory_are_not_tied_weights():
+    """Targets {"a": X, "b": X.t()} (or a dtype view) passed as ties: only one was written, the other held
+    its merge transposed or reinterpreted. Tied weights are one tensor under two names."""
+    g = torch.Generator().manual_seed(1)
+    pool = CheckpointPool([{"a": torch.randn(4, 4, generator=g), "b": torch.randn(4, 4, generator=g)} for _ in range(3)])
+    x = torch.zeros(4, 4)
+    for into in ({"a": x, "b": x.t()}, {"a": x, "b": x.view(torch.int32).view(torch.float32).view(16).view(4, 4).t()}):
+        with pytest.raises(InputError, match="overlap without being the same tensor"):
+            pool.materialize(W, into=into)
+    y = torch.zeros(4, 4)
+    halves = CheckpointPool([{"a": torch.randn(8, generator=g), "b": torch.randn(16, generator=g).half()}
+                             for _ in range(3)])
+    with pytest.raises(InputError, match="overlap without being the same tensor"):
+        halves.materialize(W, into={"a": y.view(-1)[:8], "b": y.view(-1)[:8].view(torch.float16)})
+    assert not x.any() and not y.any()
+    tied = {"a": x, "b": x}  # a real tie still works: written once, with the last name's merge
+    pool.materialize(W, into=tied)
+    torch.testing.assert_close(x, sum(w * pool.tensor(i, "b") for i, w in enumerate(W)))
+
+
+def test_names_mapping_two_pool_tensors_to_one_target_is_refused():
+    g = torch.Generator().manual_seed(2)
+    pool = CheckpointPool([{"enc.weight": torch.randn(3, generator=g), "dec.weight": torch.randn(3, generator=g)}
+                           for _ in range(3)])
+    target = {"weight": torch.zeros(3)}
+    with pytest.raises(InputError, match="names= maps pool tensors 'enc.weight' and 'dec.weight' to one target "
+                                         "tensor 'weight'"):
+        pool.materialize(W, into=target, names=lambda n: n.split(".")[-1])
+    assert not target["weight"].any()
+    pool.materialize(W, into=target, names=lambda n: "weight" if n == "dec.weight" else None)
+    torch.testing.assert_close(target["weight"], sum(w * pool.tensor(i, "dec.weight") for i, w in enumerate(W)))
+
+
+@pytest.mark.parametrize("path", ["one call", "per tensor", "int8"])
+@pytest.mark.parametrize("lam", [float("inf"), float("nan"), 1e30, 1e3])
+def test_task_arithmetic_lambda_is_checked_before_anything_is_written(path, lam):
+    """lambda was never checked on a pool: inf/nan gave an all-NaN model, 1e30 a meaningless one, and on
+    the per-tensor path a huge lambda in one group raised after other tensors had been written."""
+    g = torch.Generator().manual_seed(3)
+    names = ["model.embed_tokens.weight", "model.layers.0.w", "model.layers.1.w"]
+    sources = [{n: torch.randn(6, generator=g) for n in names} for _ in range(3)]
+    base = {n: torch.randn(6, generator=g) for n in names}
+    pool = CheckpointPool(sources, base=base, compress="int8" if path == "int8" else None)
+    target = {n: torch.full((6,), 7.0) for n in names}
+    # 1e3: fine in the first groups, the last group's base coefficient is 1 - 3e6 (beyond 1e6)
+    table = [[0.5, 0.3, 0.2]] * (pool.num_groups("layer") - 1) + [[1e3, 1e3, 1e3]]
+    kw = {"names": (lambda n: n)} if path == "per tensor" else {}
+    with pytest.raises(MergeConfigError, match=r"parameter lambda is|coefficient of"):
+        pool.materialize(table, into=target, method="task_arithmetic", groups="layer", **kw, **{"lambda": lam})
+    assert all(bool((t == 7.0).all()) for t in target.values())
+
+
+def test_a_weight_table_longer_than_the_groups_is_refused():
+    pool = CheckpointPool([{"model.embed_tokens.weight": torch.ones(3), "model.layers.0.w": torch.ones(3)}] * 2)
+    assert pool.num_groups("layer") == 2
+    target = {"model.embed_tokens.weight": torch.zeros(3), "model.layers.0.w": torch.zeros(3)}
+    for rows in (3, 9):
+        with pytest.raises(InputError, match=f"the weights table has {rows} rows but the pool's tensors fall in 2 groups"):
+            pool.materialize([[0.5, 0.5]] * rows, into=target, groups="layer")
+    pool.materialize([[0.5, 0.5]] * 2, into=target, groups="layer")
+    assert bool((target["model.layers.0.w"] == 1).all())

@@ -520,7 +520,7 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
     """Any registered method. Weighted sums (linear, task_arithmetic, ...) decode inside the fused kernel;
     the rest (TIES, DARE, SLERP, ...) merge base + decode(delta_i) in float32, one tensor at a time,
     after a first pass has checked every tensor and candidate (nothing is written before that)."""
-    from pymerge.methods.base import TensorTask
+    from pymerge.methods.base import TensorTask, check_magnitudes
     from pymerge.methods.linear import WeightedSum
     n = len(store.labels)
     weighted = isinstance(method, WeightedSum)
@@ -534,6 +534,7 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
             task = TensorTask(inputs=inputs, base=store.base[p.name], model_params=mp, params=dict(global_params),
                               name=p.name, seed=seed, backend=backend, num_threads=num_threads)
             method.check_params(task)
+            check_magnitudes(method, task, store.labels)
             out.append(task)
         return out
 

@@ -50,7 +50,8 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("into", "generation", "held", "ptrs", "objects", "keyed", "plans", "native", "fixups", "selection")
+    __slots__ = ("into", "generation", "held", "ptrs", "layouts", "objects", "keyed", "plans", "native", "fixups",
+                 "selection")
 
     def __init__(self, into, watched, plans, native):
         self.into = into                    # the targets themselves (keeps their ids unique)
@@ -59,6 +60,7 @@ class _Entry:
         # counters a call bumps (a detached target shares its tensor's).
         self.held = tuple(t for t, _, _ in watched)
         self.ptrs = list(map(_data_ptr, self.held))
+        self.layouts = _layouts(self.held)
         # What valid() and the version bump read of each (Python object, TensorImpl, StorageImpl):
         # prefetched at once, as the previous call's streaming evicted them (memory_hints.cpp).
         self.objects = np.array([a for t in self.held for a in (id(t), t._cdata, t.untyped_storage()._cdata)],
@@ -73,9 +75,18 @@ class _Entry:
         prefetch = getattr(_native.cpu, "prefetch", None)  # a hint: a build without it skips it
         if prefetch is not None:
             prefetch(self.objects)
-        # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr.
+        # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr; a view of the same
+        # memory put in its place (param.data = param.data.t(), entry.t_()) keeps it but not its layout.
         return (self.generation == _registrations and all(d.get(key) is t for t, d, key in self.keyed)
-                and list(map(_data_ptr, self.held)) == self.ptrs)
+                and list(map(_data_ptr, self.held)) == self.ptrs and _layouts(self.held) == self.layouts)
+
+
+_size, _stride, _dtype = torch.Tensor.size, torch.Tensor.stride, attrgetter("dtype")
+
+
+def _layouts(tensors) -> tuple:
+    """Shapes, strides and dtypes (~0.2 us a tensor: a third of a cached call's fixed cost)."""
+    return list(map(_size, tensors)), list(map(_stride, tensors)), list(map(_dtype, tensors))
 
 
 class PlanCache:
@@ -163,7 +174,7 @@ def method_coefficients(method, per_model: list, global_params: dict, tables: Se
     group and candidate: source i < N is checkpoint i, source N the base, in the method's order (the same
     for every group and candidate: the order depends on the method alone). Parameters are checked here
     exactly as the per-tensor path checks them, once per group and candidate instead of per tensor."""
-    from pymerge.methods.base import TensorTask
+    from pymerge.methods.base import TensorTask, check_magnitudes
     order, rows = None, []
     for g in range(n_groups):
         for table in tables:
@@ -172,6 +183,7 @@ def method_coefficients(method, per_model: list, global_params: dict, tables: Se
             task = TensorTask(inputs=[], base=None, model_params=mp, params=dict(global_params), name=name_of(g),
                               seed=seed)
             method.check_params(task)
+            check_magnitudes(method, task)
             src, coef = method.weights_for(task)
             if order is None:
                 order = list(src)
@@ -215,7 +227,7 @@ class TaskVectorCall:
 
     def __init__(self, method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
                  name: str, seed: int):
-        from pymerge.methods.base import TensorTask
+        from pymerge.methods.base import TensorTask, check_magnitudes
         from pymerge.methods.task_vectors import task_vector_args
         from pymerge.ops.task_vector_ops import linear_divisor
         n = len(per_model)
@@ -227,6 +239,7 @@ class TaskVectorCall:
         task = TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
                           model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
         method.check_params(task)
+        check_magnitudes(method, task)
         self.normalize, rescale = method._settings(task)
         self.sparsifiers, _, self.lam = task_vector_args(task, method.sparsification, rescale)
         rows = [[tuple(map(float, t[g if t.shape[0] > 1 else 0])) for t in tables] for g in range(n_groups)]

@@ -514,6 +514,13 @@ class CheckpointPool:
     def _plan(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         """Resolves and checks every target before anything is written."""
         mapped = [_map_name(n, names) for n in self.names]
+        if names is not None:
+            first = {}
+            for name, model_name in zip(self.names, mapped):
+                if model_name is not None and first.setdefault(model_name, name) != name:
+                    raise InputError(f"names= maps pool tensors {first[model_name]!r} and {name!r} to one target "
+                                     f"tensor {model_name!r}; map each to its own name, or one to None to skip it "
+                                     "(nothing was written)")
         targets = [_tensors_of(m) for m in into]
         plans = []
         problems = []
@@ -579,7 +586,7 @@ class CheckpointPool:
             raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads "
                              "in place; merging into it would change later merges. Merge into a separate model "
                              "(nothing was written)")
-        clash = _target_overlap(spans, k)
+        clash = _target_overlap(spans, k, lambda i, j: _view(targets[i]) == _view(targets[j]))
         if clash is not None:
             (a, ca), (b, cb) = named(clash[0]), named(clash[1])
             if ca != cb:
@@ -604,7 +611,7 @@ class CheckpointPool:
 
     def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
         """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path)."""
-        from pymerge.methods.base import TensorTask, get_method
+        from pymerge.methods.base import TensorTask, check_magnitudes, get_method
         m = get_method(method)
         m.validate(self.num_checkpoints, self.has_base)
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
@@ -631,6 +638,7 @@ class CheckpointPool:
                 if hasattr(m, "dot_group"):  # slerp, nuslerp, model_stock: their dots depend on the checkpoints only
                     task.dots = _cached_dots(self._selection, (m.name, p.name, tuple(keys)))
                 m.check_params(task)
+                check_magnitudes(m, task, self.labels)
                 tasks.append((task, p.outs[k]))
         with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
             for task, out in tasks:
@@ -709,9 +717,10 @@ class _Spans:
         return int(hits[0]), next(w for w, s, e in zip(self._what, self.starts, self.ends) if s < b and a < e)
 
 
-def _target_overlap(spans: np.ndarray, k: int):
+def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], bool]):
     """(row i, row j) of two targets sharing bytes (rows are plan-major, k candidates per plan), or None.
-    The same span twice inside one candidate is allowed: tied weights (embeddings and head) written twice."""
+    The same view twice inside one candidate is allowed: tied weights (embeddings and head) written twice.
+    Two views of one span (X and X.t(), or another dtype) are not ties: each would need its own merge."""
     cand = np.arange(len(spans)) % k
     keep = np.flatnonzero(spans[:, 1] > spans[:, 0])
     order = keep[np.argsort(spans[keep, 0], kind="stable")]
@@ -719,10 +728,15 @@ def _target_overlap(spans: np.ndarray, k: int):
     reach = np.maximum.accumulate(s[:, 1]) if len(s) else s[:, 1]
     for j in np.flatnonzero(s[1:, 0] < reach[:-1]) + 1:  # usually none, or only ties: checked one by one
         for i in range(j):
-            tie = cand[order[i]] == cand[order[j]] and s[i, 0] == s[j, 0] and s[i, 1] == s[j, 1]
+            tie = (cand[order[i]] == cand[order[j]] and s[i, 0] == s[j, 0] and s[i, 1] == s[j, 1]
+                   and same_view(int(order[i]), int(order[j])))
             if s[i, 1] > s[j, 0] and not tie:
                 return int(order[i]), int(order[j])
     return None
+
+
+def _view(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.storage_offset(), t.dtype
 
 
 def _last_of_tied(plans: List[_Plan], tie_key) -> List[_Plan]:

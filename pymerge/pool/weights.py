@@ -80,12 +80,17 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
 
 
 def check_groups(groups: List[int], names: Sequence[str], n_rows: int, what: str = "weights") -> None:
-    """Every tensor's group must have a row; a flat list (one row) serves every group."""
+    """Every tensor's group must have a row, and every row a group (a longer table was made for another
+    model or grouping); a flat list (one row) serves every group."""
     if n_rows == 1:
         return
     for name, g in zip(names, groups):
         if g >= n_rows:
             raise InputError(f"tensor {name!r} is in group {g} but the {what} table has {n_rows} rows")
+    used = max(groups, default=-1) + 1
+    if n_rows > used:
+        raise InputError(f"the {what} table has {n_rows} rows but the pool's tensors fall in {used} groups "
+                         "(pool.num_groups(groups) says how many)")
 
 
 def parse_bytes(budget) -> Optional[int]:
