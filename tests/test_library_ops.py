@@ -159,3 +159,29 @@ def test_gpu_compiled_matches_eager():
     xs = [torch.randn(4099, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     f = lambda xs: pymerge.weighted_sum(xs, [0.5, 0.25, 0.25])  # noqa: E731
     assert torch.equal(torch.compile(f, fullgraph=True)(xs), f(xs))
+
+
+def test_ops_check_their_outputs_as_the_public_wrappers_do():
+    """torch.ops.pymerge.weighted_sum_out / _many_out wrote a transposed out as if contiguous (error 2.6),
+    into an out partly overlapping an input (error 1.0), and into one tensor given as two outputs."""
+    P = torch.ops.pymerge
+    x, y = rand(100, torch.float32, 1).view(5, 20), rand(100, torch.float32, 2).view(5, 20)
+    w = torch.tensor([0.3, 0.7])
+    with pytest.raises(ValueError, match=r"out must be contiguous, got strides \(1, 5\)"):
+        P.weighted_sum_out([x, y], w, torch.zeros(20, 5).t())
+    with pytest.raises(ValueError, match="out must be a float32, float16 or bfloat16 tensor"):
+        P.weighted_sum_out([x, y], w, torch.zeros(5, 20, dtype=torch.float64))
+    buf = rand(150, torch.float32, 3)
+    keep = buf.clone()
+    with pytest.raises(ValueError, match="output 0 shares memory with input 0"):
+        P.weighted_sum_out([buf[:100], rand(100, torch.float32, 4)], w, buf[50:150])
+    assert torch.equal(buf, keep)
+    a, b, o = rand(1000, torch.float32, 5), rand(1000, torch.float32, 6), torch.zeros(1000)
+    rows = torch.tensor([[0.3, 0.7], [0.5, 0.5]])
+    with pytest.raises(ValueError, match=r"outs\[0\] and outs\[1\] share memory"):
+        P.weighted_sum_many_out([a, b], rows, [o, o])
+    with pytest.raises(ValueError, match="output 1 shares memory with input 0"):
+        P.weighted_sum_many_out([a, b], rows, [o, a])  # with two outputs not even an exact alias
+    assert not o.any()
+    P.weighted_sum_out([a, b], w, a)  # one output, exactly an input: allowed, as in pymerge.weighted_sum
+    torch.testing.assert_close(a, 0.3 * rand(1000, torch.float32, 5) + 0.7 * b)

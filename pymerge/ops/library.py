@@ -38,8 +38,10 @@ def _check_native(inputs, outs, numel: int, op: str, device) -> None:
 
 def _require_out(out: Tensor, op: str) -> None:
     """The kernels write float32, float16 or bfloat16, contiguously."""
-    if out.dtype not in _native.OUTPUT_DTYPES or not out.is_contiguous():
-        raise ValueError(f"{op}: out must be a contiguous float32, float16 or bfloat16 tensor, got {out.dtype}")
+    if out.dtype not in _native.OUTPUT_DTYPES:
+        raise ValueError(f"{op}: out must be a float32, float16 or bfloat16 tensor, got {out.dtype}")
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous, got strides {tuple(out.stride())} for shape {tuple(out.shape)}")
 
 
 def _codes(ts) -> List[int]:
@@ -92,13 +94,34 @@ def call(name: str, *args):
 
 
 # ---- weighted sum ---------------------------------------------------------------------------------
+def _check_outs(tensors, outs, op: str) -> None:
+    """What the public wrappers check of outputs (pymerge/ops/_checks.py), for a call through
+    torch.ops.pymerge: contiguous, separate from each other, and an input only when it is exactly
+    that input with one output (every block is read before it is written)."""
+    from pymerge.ops._checks import _overlaps, _overlaps_partially, check_separate
+    if not tensors or not outs:
+        raise ValueError(f"{op}: needs at least one input and one output")
+    for k, o in enumerate(outs):
+        _require_out(o, op)
+        for i, t in enumerate(tensors):
+            if _overlaps(o, t) if len(outs) > 1 else _overlaps_partially(o, t):
+                raise ValueError(f"{op}: output {k} shares memory with input {i}; write to a separate tensor "
+                                 "(one output may be exactly one of the inputs)")
+    check_separate(outs)
+
+
 @custom_op("pymerge::weighted_sum_many_out", mutates_args=("outs",), device_types="cpu")
-@_kernel("weighted_sum_many_out", "cpu")
 def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Tensor], backend: str = "auto",
                           num_threads: int = 0) -> None:
-    """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once).
+    """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once)."""
+    _check_outs(tensors, outs, "weighted_sum")
+    _weighted_sum_many_out_cpu(tensors, weights, outs, backend, num_threads)
 
-    The eager fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
+
+@_kernel("weighted_sum_many_out", "cpu")
+def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threads=0) -> None:
+    """The kernel, its outputs checked by the caller (the public wrappers, or the op above). The eager
+    fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
     numel = tensors[0].numel()
     if numel == 0:
         return
@@ -114,6 +137,11 @@ def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Ten
 
 
 @weighted_sum_many_out.register_kernel("cuda")
+def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_threads=0):
+    _check_outs(tensors, outs, "weighted_sum")
+    _weighted_sum_many_out_cuda(tensors, weights, outs, backend, num_threads)
+
+
 @_kernel("weighted_sum_many_out", "cuda")
 def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0):
     if tensors[0].numel() == 0:
@@ -159,11 +187,10 @@ def _cuda_weighted_sum(tensors, weights, outs):
 
 
 @custom_op("pymerge::weighted_sum_out", mutates_args=("out",))
-@_kernel("weighted_sum_out", "cpu")
-@_kernel("weighted_sum_out", "cuda")
 def weighted_sum_out(tensors: List[Tensor], weights: Tensor, out: Tensor, backend: str = "auto",
                      num_threads: int = 0) -> None:
     """out = sum_i weights[i] * tensors[i]; out may be one of the inputs (every block is read first)."""
+    _check_outs(tensors, [out], "weighted_sum")
     _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
 
 
