@@ -536,3 +536,16 @@ def test_method_params_reach_a_methods_own_normalize():
             pool.materialize(w, into={"w": torch.empty(37)}, method="task_arithmetic", method_params=bad)
     with pytest.raises(MergeConfigError, match="has no parameter 'epsilon'"):
         pool.materialize(w, into={"w": torch.empty(37)}, method="task_arithmetic", method_params={"epsilon": 0.5})
+
+
+@pytest.mark.parametrize("weights", ["12", ["0.25", "0.75"], {0: 0.5, 1: 0.5}, [True, False], torch.tensor([True, False]),
+                                     [[0.5, "0.5"]]])
+def test_weights_that_are_not_numbers_are_refused_not_parsed(weights):
+    """Strings were parsed ("0.25"), a dict taken as an object array, booleans as 1 and 0 (found by a review)."""
+    pool = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
+    target = {"w": torch.full((2,), 7.0)}
+    with pytest.raises(InputError, match="weights must be (real )?numbers"):
+        pool.materialize(weights, into=target)
+    assert bool((target["w"] == 7.0).all())
+    pool.materialize(np.array([0.25, 0.75], dtype=np.float32), into=target)  # numeric arrays of any width still go
+    torch.testing.assert_close(target["w"], torch.full((2,), 0.25))

@@ -273,7 +273,16 @@ def _x(*shape, dtype=torch.float32):
     (lambda: weighted_sum([_x(), _x()], [1.0, float("nan")]), ValueError, r"weights\[1\] is nan"),
     (lambda: weighted_sum([_x(), _x()], [float("inf"), 1.0]), ValueError, r"weights\[0\] is inf"),
     (lambda: weighted_sum([_x()], ["a"]), TypeError, "weights must be numbers"),
-    (lambda: weighted_sum([_x()], torch.ones(1, 1)), ValueError, "must be 1-D"),
+    (lambda: weighted_sum([_x()], torch.ones(1, 1)), ValueError, "must be a 1-D tensor of real numbers"),
+    # were parsed or taken: "12" as [1, 2], a dict as its keys, booleans as 1 and 0 (found by a review)
+    (lambda: weighted_sum([_x(), _x()], "12"), TypeError, "weights must be a sequence of numbers, got '12'"),
+    (lambda: weighted_sum([_x(), _x()], {0: 0.9, 1: 0.1}), TypeError, "weights must be a sequence of numbers"),
+    (lambda: weighted_sum([_x(), _x()], [True, False]), TypeError, "weights must be numbers"),
+    (lambda: weighted_sum([_x(), _x()], ["0.5", 0.5]), TypeError, "weights must be numbers"),
+    (lambda: weighted_sum([_x(), _x()], torch.tensor([True, False])), ValueError, "1-D tensor of real numbers"),
+    (lambda: weighted_sum_many([_x(), _x()], [["0.2", "0.8"]]), TypeError, "weights of row 0 must be numbers"),
+    # finite in float64, inf in the float32 kernels (1e39 * 0 gave NaN)
+    (lambda: weighted_sum([_x(), _x()], [1e39, 1.0]), ValueError, r"weights\[0\] is 1e\+39, beyond float32's range"),
     (lambda: weighted_sum([_x()], [1.0], out=_x(5)), ValueError, r"out has shape \(5,\)"),
     (lambda: weighted_sum([_x()], [1.0], out=_x(dtype=torch.int64)), TypeError, "out has unsupported dtype"),
     (lambda: weighted_sum([_x()], [1.0], out=_x(), out_dtype=torch.bfloat16), ValueError, "out has dtype torch.float32 but out_dtype"),

@@ -1,8 +1,11 @@
 """Argument checks shared by the fused ops: one clear message per mistake, before any work."""
 import math
+import numbers
 import operator
+from collections.abc import Mapping, Set as AbstractSet
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
@@ -36,13 +39,18 @@ def check_inputs(tensors) -> List[torch.Tensor]:
 
 
 def check_weights(weights, n: int, what: str = "weights") -> List[float]:
-    """A sequence or 1-D tensor of n finite numbers, returned as Python floats."""
+    """A sequence or 1-D tensor of n finite numbers within float32's range (the kernels multiply in
+    float32), returned as Python floats. Strings, mappings and booleans are refused, not parsed:
+    "12" was read as [1, 2] and a dict as its keys."""
     if isinstance(weights, torch.Tensor):
-        if weights.dim() != 1:
-            raise ValueError(f"{what} must be 1-D, got shape {tuple(weights.shape)}")
+        if weights.dim() != 1 or weights.dtype == torch.bool or weights.is_complex():
+            raise ValueError(f"{what} must be a 1-D tensor of real numbers, got {weights.dtype} of shape "
+                             f"{tuple(weights.shape)}")
         weights = weights.detach().double().cpu().tolist()
+    if isinstance(weights, (str, bytes, Mapping, AbstractSet)):
+        raise TypeError(f"{what} must be a sequence of numbers, got {short(weights)}")
     try:
-        values = [float(w) for w in weights]
+        values = [_real(w) for w in weights]
     except (TypeError, ValueError):
         raise TypeError(f"{what} must be numbers, got {short(weights)}") from None
     if len(values) != n:
@@ -50,7 +58,21 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
     for i, w in enumerate(values):
         if not math.isfinite(w):
             raise ValueError(f"{what}[{i}] is {w}; weights must be finite")
+        if abs(w) > FLOAT32_MAX:
+            raise ValueError(f"{what}[{i}] is {w:g}, beyond float32's range (the kernels multiply in float32)")
     return values
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _real(w) -> float:
+    """A real number as a float; a string, a boolean or anything else raises TypeError."""
+    if isinstance(w, torch.Tensor) and w.numel() == 1 and w.dtype != torch.bool and not w.is_complex():
+        return float(w)
+    if isinstance(w, (bool, np.bool_)) or not isinstance(w, (numbers.Real, np.integer, np.floating)):
+        raise TypeError(f"not a real number: {short(w)}")
+    return float(w)
 
 
 def default_out_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:

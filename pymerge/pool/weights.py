@@ -49,9 +49,14 @@ def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:
 def weight_table(weights, n: int, normalize: bool = False, what: str = "weights") -> np.ndarray:
     """Weights as a float64 [G, N] table (G = 1 for a flat list), finite, optionally rows summing to one."""
     if isinstance(weights, torch.Tensor):
+        if weights.dtype == torch.bool or weights.is_complex():
+            raise InputError(f"{what} must be real numbers, got a {weights.dtype} tensor")
         weights = weights.detach().cpu().double().numpy()
     try:
-        table = np.array(weights, dtype=np.float64)
+        table = np.asarray(weights)
+        if table.dtype.kind not in "iuf":  # strings were parsed ("0.25"), booleans and objects (a dict) taken
+            raise TypeError
+        table = table.astype(np.float64)
     except (TypeError, ValueError):
         raise InputError(f"{what} must be numbers, got {short(weights)}") from None
     if table.ndim == 1:
