@@ -185,3 +185,38 @@ def test_ops_check_their_outputs_as_the_public_wrappers_do():
     assert not o.any()
     P.weighted_sum_out([a, b], w, a)  # one output, exactly an input: allowed, as in pymerge.weighted_sum
     torch.testing.assert_close(a, 0.3 * rand(1000, torch.float32, 5) + 0.7 * b)
+
+
+def test_documented_argument_forms_compile_fullgraph():
+    """out=, outs=, tensor weights and dynamic=True stopped torch.compile(fullgraph=True) in the Python checks
+    (data_ptr arithmetic, Tensor.tolist(), math.isfinite of a symbolic float; found by a review). While
+    tracing those checks are left to the op, which makes them when it runs."""
+    xs = [rand(4099, torch.bfloat16, i) for i in range(3)]
+    w = [0.25, -0.5, 1.25]
+
+    def with_out(xs, o):
+        pymerge.weighted_sum(xs, w, out=o)
+        return o
+
+    def with_outs(xs, a, b):
+        return pymerge.weighted_sum_many(xs, [w, w[::-1]], outs=[a, b])
+
+    def tensor_weights(xs, t):
+        return pymerge.weighted_sum(xs, t), pymerge.weighted_sum_many(xs, torch.stack([t, t.flip(0)]))
+
+    eager = [with_out(xs, torch.empty(4099)), with_outs(xs, torch.empty(4099), torch.empty(4099)),
+             tensor_weights(xs, torch.tensor(w)), pymerge.weighted_sum(xs, w)]
+    compiled = [torch.compile(with_out, fullgraph=True)(xs, torch.empty(4099)),
+                torch.compile(with_outs, fullgraph=True)(xs, torch.empty(4099), torch.empty(4099)),
+                torch.compile(tensor_weights, fullgraph=True)(xs, torch.tensor(w)),
+                torch.compile(lambda xs, w: pymerge.weighted_sum(xs, w), fullgraph=True, dynamic=True)(xs, w)]
+    flat = lambda r: list(r) if isinstance(r, (list, tuple)) else [r]  # noqa: E731
+    for e, c in zip(eager, compiled):
+        for a, b in zip(sum(map(flat, flat(e)), []), sum(map(flat, flat(c)), [])):
+            assert torch.equal(a, b)
+    bad = torch.compile(lambda xs, t: pymerge.weighted_sum(xs, t), fullgraph=True)
+    with pytest.raises(ValueError, match="a weight is nan; weights must be finite"):
+        bad(xs, torch.tensor([float("nan"), 0.5, 0.5]))  # checked when the op runs
+    buf = torch.zeros(8000)
+    with pytest.raises(ValueError, match="shares memory with input 0"):
+        torch.compile(lambda a, o: pymerge.weighted_sum([a], [1.0], out=o), fullgraph=True)(buf[:4000], buf[2000:6000])

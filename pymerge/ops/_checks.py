@@ -46,6 +46,10 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         if weights.dim() != 1 or weights.dtype == torch.bool or weights.is_complex():
             raise ValueError(f"{what} must be a 1-D tensor of real numbers, got {weights.dtype} of shape "
                              f"{tuple(weights.shape)}")
+        if torch.compiler.is_compiling():  # values are not known while tracing: the kernel checks them
+            if weights.shape[0] != n:
+                raise ValueError(f"got {weights.shape[0]} {what} for {n} inputs")
+            return weights
         weights = weights.detach().double().cpu().tolist()
     if isinstance(weights, (str, bytes, Mapping, AbstractSet)):
         raise TypeError(f"{what} must be a sequence of numbers, got {short(weights)}")
@@ -55,6 +59,8 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         raise TypeError(f"{what} must be numbers, got {short(weights)}") from None
     if len(values) != n:
         raise ValueError(f"got {len(values)} {what} for {n} inputs")
+    if torch.compiler.is_compiling():
+        return values  # floats may be symbolic (dynamic=True): the kernel checks the values it is given
     for i, w in enumerate(values):
         if not math.isfinite(w):
             raise ValueError(f"{what}[{i}] is {w}; weights must be finite")
@@ -70,6 +76,8 @@ def _real(w) -> float:
     """A real number as a float; a string, a boolean or anything else raises TypeError."""
     if isinstance(w, torch.Tensor) and w.numel() == 1 and w.dtype != torch.bool and not w.is_complex():
         return float(w)
+    if isinstance(w, (torch.SymFloat, torch.SymInt)):
+        return w  # traced by torch.compile(dynamic=True)
     if isinstance(w, (bool, np.bool_)) or not isinstance(w, (numbers.Real, np.integer, np.floating)):
         raise TypeError(f"not a real number: {short(w)}")
     return float(w)
@@ -109,6 +117,8 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
         raise ValueError(f"out has dtype {out.dtype} but out_dtype={out_dtype}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
+    if torch.compiler.is_compiling():
+        return out.dtype  # addresses are not known while tracing: the op checks overlaps when it runs
     for i, t in enumerate(tensors):
         if not allow_alias and _overlaps(out, t):
             raise ValueError(f"an output shares memory with input {i}; with several outputs, write to separate tensors")
@@ -120,6 +130,8 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
 def check_separate(outs: Sequence[torch.Tensor]) -> None:
     """No two outputs share memory: each would overwrite what the other holds, in whatever order the
     threads write them."""
+    if torch.compiler.is_compiling():
+        return  # addresses are not known while tracing: the op checks when it runs
     spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size(), k)
                    for k, o in enumerate(outs) if o.numel())
     for (_, end, j), (start, _, k) in zip(spans, spans[1:]):

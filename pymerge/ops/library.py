@@ -131,6 +131,9 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
     if len(flat) != len(outs) * len(tensors):
         raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
+    if not all(abs(w) <= 3.4028234663852886e38 for w in flat):  # NaN fails too; a weight a traced call never saw
+        bad = next(w for w in flat if not abs(w) <= 3.4028234663852886e38)
+        raise ValueError(f"weighted_sum: a weight is {bad}; weights must be finite and within float32's range")
     _native.require_cpu().weighted_sum_many(
         [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
         [o.data_ptr() for o in outs], _codes(outs), num_threads)

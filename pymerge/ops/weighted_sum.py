@@ -31,18 +31,23 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     ``out=`` receives the result in place and may be one of the inputs itself.
     """
     tensors = check_inputs(tensors)
-    w = check_weights(weights, len(tensors))
+    w = check_weights(weights, len(tensors))  # a tensor only while torch.compile traces
     dtype = resolve_out(tensors, out_dtype, out)
     if out is None and _op_backend(tensors[0], backend):
-        return library.call("weighted_sum", _contig(tensors), torch.tensor(w, dtype=torch.float32), dtype,
+        return library.call("weighted_sum", _contig(tensors), _weight_tensor(w), dtype,
                                     _op_backend(tensors[0], backend), num_threads)
     given = out is not None
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
-    weighted_sum_into(tensors, [w], [out], backend=backend, num_threads=num_threads)
-    if given:
+    rows = _weight_tensor(w).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
+    weighted_sum_into(tensors, rows, [out], backend=backend, num_threads=num_threads)
+    if given and not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
+
+
+def _weight_tensor(w) -> torch.Tensor:
+    return w.to(torch.float32) if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=torch.float32)
 
 
 def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Optional[List[torch.Tensor]] = None,
@@ -55,14 +60,20 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     tensors = check_inputs(tensors)
     if isinstance(weight_rows, torch.Tensor) and weight_rows.dim() != 2:
         raise ValueError(f"weight_rows must be a [K, N] table, got shape {tuple(weight_rows.shape)}")
-    rows = weight_rows.tolist() if isinstance(weight_rows, torch.Tensor) else list(weight_rows)
-    if not rows:
+    traced = isinstance(weight_rows, torch.Tensor) and torch.compiler.is_compiling()  # values unknown: checked by the kernel
+    rows = weight_rows if traced else weight_rows.tolist() if isinstance(weight_rows, torch.Tensor) else list(weight_rows)
+    if not len(rows):
         raise ValueError("need at least one row of weights")
-    rows = [check_weights(r, len(tensors), what=f"weights of row {k}") for k, r in enumerate(rows)]
+    if traced:
+        if rows.shape[1] != len(tensors):
+            raise ValueError(f"got {rows.shape[1]} weights of row 0 for {len(tensors)} inputs")
+        rows = rows.to(torch.float32)
+    else:
+        rows = [check_weights(r, len(tensors), what=f"weights of row {k}") for k, r in enumerate(rows)]
     if outs is None:
         dtype = resolve_out(tensors, out_dtype, None)
         if _op_backend(tensors[0], backend):
-            return library.call("weighted_sum_many", _contig(tensors), torch.tensor(rows, dtype=torch.float32), dtype,
+            return library.call("weighted_sum_many", _contig(tensors), _weight_tensor(rows), dtype,
                                              _op_backend(tensors[0], backend), num_threads)
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
     else:
@@ -75,7 +86,8 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
         check_separate(outs)
     weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
-    mark_written(outs)
+    if not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
+        mark_written(outs)
     return outs
 
 
