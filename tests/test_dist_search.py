@@ -81,6 +81,19 @@ def worker(rank, world, d, files):
         out["error"] = None
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
+    calls = [0]
+
+    def flaky_later(m):  # fails on one rank at a candidate inside a generation, after others succeeded
+        calls[0] += 1
+        scores = evaluate(m)
+        if rank == world - 1 and calls[0] == 3:
+            raise ValueError("evaluation failed later")
+        return scores
+    try:  # the other rank went on to the next candidate's collectives: a hang until the timeout
+        pymerge.search.optimize(pool, flaky_later, model=model, **SEARCH)
+        out["later_error"] = None
+    except Exception as exc:
+        out["later_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -111,3 +124,7 @@ def test_evaluate_error_stops_every_rank(runs):
     assert len(errors) == 1
     msg = errors.pop()
     assert msg == "InputError: rank 1: evaluation failed here"
+
+
+def test_evaluate_error_inside_a_generation_stops_every_rank(runs):
+    assert {res["later_error"] for res in runs[2]} == {"InputError: rank 1: evaluation failed later"}

@@ -16,6 +16,7 @@ compute the statistics with collectives (collectives.py).
 """
 from typing import Dict, List
 
+import numpy as np
 import torch
 
 from pymerge.dist import collectives
@@ -70,6 +71,8 @@ class ShardedPool(CheckpointPool):
         """CheckpointPool.materialize_many, with every check agreed across ranks before any write: an
         error on one rank only (its targets' dtypes or memory, its arguments) is raised on every rank."""
         self._agreed = False
+        weight_rows = list(weight_rows)
+        self._arguments = _digest(method, weight_rows, kwargs)
         try:
             return super().materialize_many(weight_rows, into, method, **kwargs)
         except Exception as exc:
@@ -87,7 +90,9 @@ class ShardedPool(CheckpointPool):
         except Exception as exc:
             error = exc
         self._agreed = True
-        collectives.agree(error, self.group)
+        # With the arguments' digest: ranks passing different weights or methods wrote a model mixed from
+        # both (linear), or one returned while another waited for a method's statistics (a hang).
+        collectives.agree(error, self.group, getattr(self, "_arguments", 0))
         return plans
 
     def _plan(self, into: list, group_of: List[int], names, strict: bool):
@@ -134,6 +139,20 @@ class ShardedPool(CheckpointPool):
         if m.chunkable:  # elementwise (linear, task_arithmetic, passthrough): the local shards are all it needs
             return super()._run_method(method, plans, tables, seed, params)
         run_sharded(self, m, plans, tables, seed, params)
+
+
+def _digest(method, weight_rows, kwargs) -> int:
+    """A fingerprint of one materialize's arguments, alike on every rank that passes the same ones:
+    weights by value (device tensors by shape: reading them would sync a graph capture), functions
+    (groups=, names=) by name, the rest by repr. 0 where they cannot be read (the call then fails alike)."""
+    try:
+        rows = [("device", tuple(w.shape)) if isinstance(w, torch.Tensor) and w.device.type != "cpu"
+                else np.asarray(w.detach() if isinstance(w, torch.Tensor) else w, dtype=np.float64).tolist()
+                for w in weight_rows]
+        rest = sorted((k, getattr(v, "__qualname__", None) if callable(v) else repr(v)) for k, v in kwargs.items())
+        return collectives.fingerprint(str(method), rows, rest)
+    except Exception:  # noqa: BLE001  (bad weights: materialize_many refuses them on every rank)
+        return 0
 
 
 def _reshard(target) -> None:
