@@ -179,6 +179,8 @@ def worker(rank, world, d, files):
         lambda: fsdp_pool.materialize(weights, into=models["fsdp"], method="ties", density=0.5))
     # elementwise methods agree on their arguments too: linear wrote a model mixed from both ranks' weights,
     # and linear on one rank against ties on another left the ties rank waiting (found by a review)
+    out["errors"]["dtensor_sources"] = error_of(lambda: pymerge.CheckpointPool(
+        [models["fsdp"].state_dict(), models["fsdp"].state_dict()], shard_like=models["fsdp"]))
     out["errors"]["different_weights_linear"] = error_of(lambda: fsdp_pool.materialize(weights, into=models["fsdp"]))
     out["errors"]["different_methods"] = error_of(
         lambda: fsdp_pool.materialize(W3, into=models["fsdp"], **({"method": "ties", "density": 0.5} if rank == 1 else {})))
@@ -285,6 +287,7 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["missing_on_one_rank"].startswith(f"CheckpointError: rank {world - 1}: ") and "no such file" in e["missing_on_one_rank"]
     assert e["corrupt_on_one_rank"].startswith("CheckpointError: rank 0: ") and "truncated.safetensors" in e["corrupt_on_one_rank"]
     assert "different arguments" in e["different_weights"]
+    assert e["dtensor_sources"].startswith("InputError: source 0: tensor ") and "is a DTensor" in e["dtensor_sources"]
     assert "different arguments" in e["different_weights_linear"] and "different arguments" in e["different_methods"]
     assert "test_whole_tensor_only is not supported on a sharded pool" in e["unsupported"]
     assert e["rows_split"].startswith("InputError: model_stock: tensor '1.weight' is split along the dimension")

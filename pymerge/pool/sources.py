@@ -14,6 +14,13 @@ from pymerge.io import Checkpoint
 from pymerge.ops._memory import check_backed
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
 class DictSource:
     """A state dict the caller already holds (tensors or nn.Parameters, any device)."""
     mapped = False
@@ -24,6 +31,10 @@ class DictSource:
         for k, v in state.items():
             if not isinstance(v, torch.Tensor):
                 raise InputError(f"{label}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            if _is_dtensor(v):  # its local shard is not the tensor: refused here, not deep in a copy
+                raise InputError(f"{label}: tensor {k!r} is a DTensor (a sharded model's); a pool's sources are "
+                                 "whole tensors: pass checkpoint files or a full state dict (torch.distributed's "
+                                 "get_model_state_dict with full_state_dict=True)")
             if v.device.type == "meta":  # a model built on the meta device has shapes but no weights
                 raise InputError(f"{label}: tensor {k!r} is on the meta device and holds no data; load "
                                  f"the weights first")
