@@ -376,3 +376,29 @@ def test_bad_search_arguments_are_one_clear_error(kwargs, message):
     args.update(kwargs)
     with pytest.raises(InputError, match=message):
         optimize(pool, evaluate, **args)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"bounds": (0,)}, r"bounds must be two numbers \(low, high\)"),
+    ({"bounds": (float("nan"), 1)}, "bounds must be finite with low < high"),
+    ({"bounds": (1, 0)}, "bounds must be finite with low < high"),
+    ({"x0": [float("nan")] * 3}, r"x0\[0\] is nan, outside bounds"),
+    ({"x0": [0.5, 5, 0.5]}, r"x0\[1\] is 5.0, outside bounds \[0.0, 1.0\]"),
+    ({"x0": ["a", 1, 1]}, "x0 must be 3 numbers"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"seed": -1}, "seed must be an integer"),
+    ({"replicas": "x"}, "replicas must be an integer"),
+    ({"replicas": 0}, "replicas must be an integer"),
+])
+def test_search_arguments_are_named_when_wrong(kw, message):
+    """Were an IndexError, cma's "argument of inverse must be within the given bounds", numpy's cast
+    error and int()'s ValueError, none naming the argument (found by a review)."""
+    pool, evaluate, _ = synthetic(n=3)
+    with pytest.raises(InputError, match=message):
+        optimize(pool, evaluate, model=Vec(), budget=4, log=None, **kw)
+
+
+def test_the_default_start_lies_inside_the_bounds():
+    pool, evaluate, _ = synthetic(n=3)  # 1/3 is below 0.5: unnormalized, the start is the bounds' middle
+    res = optimize(pool, evaluate, model=Vec(), budget=4, popsize=2, normalize=False, bounds=(0.5, 1.0), log=None)
+    assert np.allclose(res.history[0]["x"], 0.75)

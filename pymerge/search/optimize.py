@@ -145,10 +145,24 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     if not isinstance(model, torch.nn.Module):  # evaluate() runs it; replicas are deep copies of it
         raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
-    lo, hi = float(bounds[0]), float(bounds[1])
-    x0 = np.full(dim, (lo + hi) / 2 if normalize else 1.0 / n) if x0 is None else np.ravel(np.asarray(x0, float))
+    seed = _count(seed, "seed", 0, 2**32 - 2)
+    replicas = None if replicas is None else _count(replicas, "replicas", 1, 10**6)
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise InputError(f"bounds must be two numbers (low, high), got {bounds!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise InputError(f"bounds must be finite with low < high, got ({lo}, {hi})")
+    try:
+        start = 1.0 / n if not normalize and lo <= 1.0 / n <= hi else (lo + hi) / 2
+        x0 = np.full(dim, start) if x0 is None else np.ravel(np.asarray(x0, float))
+    except (TypeError, ValueError):
+        raise InputError(f"x0 must be {dim} numbers (groups x checkpoints), got {x0!r}") from None
     if x0.shape != (dim,):
         raise InputError(f"x0 must have {dim} values (groups x checkpoints), got {x0.size}")
+    outside = np.flatnonzero(~((x0 >= lo) & (x0 <= hi)))  # NaN too
+    if len(outside):
+        raise InputError(f"x0[{outside[0]}] is {x0[outside[0]]}, outside bounds [{lo}, {hi}]")
     objective = objective or macro_average
     fingerprint = {"n": n, "groups": g, "seed": int(seed), "sigma0": float(sigma0),
                    "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
