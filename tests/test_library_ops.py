@@ -220,3 +220,57 @@ def test_documented_argument_forms_compile_fullgraph():
     buf = torch.zeros(8000)
     with pytest.raises(ValueError, match="shares memory with input 0"):
         torch.compile(lambda a, o: pymerge.weighted_sum([a], [1.0], out=o), fullgraph=True)(buf[:4000], buf[2000:6000])
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)])
+def test_gradients_flow_through_the_functional_forms(dtypes):
+    """Eager pymerge.weighted_sum returned a result cut from the graph while torch.ops.pymerge recorded a
+    node whose backward raised (found by a review): now both record d/dx_i = sum_k w[k, i] g_k (in x_i's
+    dtype) and d/dw[k, i] = <g_k, x_i>, eager, through torch.ops and compiled."""
+    xs = [rand(1031, d, 20 + i).requires_grad_() for i, d in enumerate(dtypes)]
+    g1, g2 = rand(1031, torch.float32, 30), rand(1031, torch.float32, 31)
+    w = torch.tensor([0.25, -1.5], requires_grad=True)
+    rows = torch.tensor([[1.0, 2.0], [3.0, -4.0]], requires_grad=True)
+
+    def grads(fn):
+        for t in xs + [w, rows]:
+            t.grad = None
+        out, (a, b) = fn()
+        ((out.float() * g1).sum() + (a.float() * g1).sum() + (b.float() * g2).sum()).backward()
+        return [t.grad.clone() for t in xs + [w, rows]]
+
+    eager = grads(lambda: (pymerge.weighted_sum(xs, w), pymerge.weighted_sum_many(xs, rows)))
+    xd = [x.detach().double() for x in xs]
+    ref_x = [g1.double() * (w[i].item() + rows[0, i].item()) + g2.double() * rows[1, i].item() for i in range(2)]
+    for got, ref, x in zip(eager[:2], ref_x, xs):
+        assert got.dtype == x.dtype
+        torch.testing.assert_close(got.double(), ref.to(x.dtype).double(), rtol=1e-2, atol=1e-2)
+    ref_w = torch.stack([(g1.double() * x).sum() for x in xd])
+    torch.testing.assert_close(eager[2].double(), ref_w, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(eager[3].double(), torch.stack([ref_w, torch.stack([(g2.double() * x).sum() for x in xd])]),
+                               rtol=1e-5, atol=1e-3)
+    via_ops = grads(lambda: (torch.ops.pymerge.weighted_sum(xs, w, torch.float32),
+                             torch.ops.pymerge.weighted_sum_many(xs, rows, torch.float32)))
+    compiled = grads(torch.compile(lambda: (pymerge.weighted_sum(xs, w, out_dtype=torch.float32),
+                                            pymerge.weighted_sum_many(xs, rows, out_dtype=torch.float32)),
+                                   fullgraph=True))
+    for a, b, c in zip(eager, via_ops, compiled):  # inductor compiles the backward formula: its own rounding
+        assert torch.equal(a, b) and c.dtype == a.dtype
+        torch.testing.assert_close(c.double(), a.double(), rtol=1e-2 if a.dtype != torch.float32 else 1e-5, atol=1e-2)
+    plain = pymerge.weighted_sum(xs, [0.5, 0.5])  # list weights: gradients for the tensors only
+    assert plain.requires_grad and not pymerge.weighted_sum([x.detach() for x in xs], [0.5, 0.5]).requires_grad
+    with torch.no_grad():
+        assert not pymerge.weighted_sum(xs, w).requires_grad
+
+
+def test_out_forms_refuse_inputs_that_want_gradients():
+    """As torch's own out= ops: the result is written in place and records nothing."""
+    x, y = rand(100, torch.float32, 40).requires_grad_(), rand(100, torch.float32, 41)
+    o = torch.empty(100)
+    with pytest.raises(RuntimeError, match=r"weighted_sum\(\): out= does not record gradients"):
+        pymerge.weighted_sum([x, y], [0.5, 0.5], out=o)
+    with pytest.raises(RuntimeError, match=r"weighted_sum_many\(\): out= does not record gradients"):
+        pymerge.weighted_sum_many([y, y], torch.ones(1, 2, requires_grad=True), outs=[o])
+    with torch.no_grad():
+        pymerge.weighted_sum([x, y], [0.5, 0.5], out=o)
+    torch.testing.assert_close(o, 0.5 * x.detach() + 0.5 * y)

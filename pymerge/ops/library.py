@@ -80,13 +80,20 @@ def eager(t: Tensor) -> bool:
             and torch._C._len_torch_function_stack() == 0)
 
 
+_DIFFERENTIABLE = ("weighted_sum", "weighted_sum_many")  # autograd runs through the dispatcher
+
+
+def _needs_grad(args) -> bool:
+    return any(t.requires_grad for t in args[0]) or (isinstance(args[1], Tensor) and args[1].requires_grad)
+
+
 def call(name: str, *args):
     """Runs op pymerge::name. Plain tensors in eager mode go straight to the device's kernel: the
     dispatcher's Python round trip costs ~80 us a call, more than a small tensor's whole merge.
     Under torch.compile, a tensor subclass (FakeTensor, functional tensors) or a dispatch mode, the
     call goes through torch.ops, which is what makes the ops traceable."""
     first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-    if eager(first):
+    if eager(first) and not (name in _DIFFERENTIABLE and torch.is_grad_enabled() and _needs_grad(args)):
         kernel = _KERNELS[name].get(first.device.type)
         if kernel is not None:
             return kernel(*args)
@@ -235,6 +242,59 @@ def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype,
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
+
+
+# Gradients of the functional forms (the out= forms write into the caller's tensors: none): the sums are
+# linear, so d/dx_i = sum_k w[k, i] * g_k (in x_i's dtype) and d/dw[k, i] = <g_k, x_i> (float32 sums).
+def _ws_setup(ctx, inputs, output) -> None:
+    tensors, weights = inputs[0], inputs[1]
+    ctx.dtypes = [t.dtype for t in tensors]
+    ctx.weights = weights.detach().float()
+    ctx.save_for_backward(*(tensors if weights.requires_grad else ()))  # for d/dw only
+
+
+def _rest(ctx) -> tuple:
+    """None for the other arguments, as many as the op was called with (defaults left out are not)."""
+    return (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+def _flat(needs):
+    return needs if isinstance(needs, (list, tuple)) else [needs]
+
+
+def _ws_grads(ctx, grads):
+    """grads: one per output row of the [K, N] weights."""
+    w = ctx.weights.reshape(len(grads), -1)
+    g = [x.float() if x is not None else None for x in grads]
+    d_tensors = [None] * len(ctx.dtypes)
+    if any(_flat(ctx.needs_input_grad[0])):
+        d_tensors = []
+        for i, dtype in enumerate(ctx.dtypes):
+            acc = None
+            for k, gk in enumerate(g):
+                if gk is not None:
+                    acc = gk * w[k, i] if acc is None else acc + gk * w[k, i]
+            d_tensors.append(None if acc is None else acc.to(dtype))
+    d_weights = None
+    if ctx.needs_input_grad[1]:
+        xs = [x.float() for x in ctx.saved_tensors]
+        d_weights = torch.stack([torch.stack([(gk * x).sum() if gk is not None else x.new_zeros(()) for x in xs])
+                                 for gk in g]).to(ctx.weights.device)
+    return d_tensors, d_weights
+
+
+def _ws_backward(ctx, grad):
+    d_tensors, d_weights = _ws_grads(ctx, [grad])
+    return (d_tensors, None if d_weights is None else d_weights.reshape(-1)) + _rest(ctx)
+
+
+def _ws_many_backward(ctx, grads):
+    d_tensors, d_weights = _ws_grads(ctx, list(grads))
+    return (d_tensors, d_weights) + _rest(ctx)
+
+
+weighted_sum.register_autograd(_ws_backward, setup_context=_ws_setup)
+weighted_sum_many.register_autograd(_ws_many_backward, setup_context=_ws_setup)
 
 
 # ---- the task-vector pass -------------------------------------------------------------------------

@@ -34,9 +34,11 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     w = check_weights(weights, len(tensors))  # a tensor only while torch.compile traces
     dtype = resolve_out(tensors, out_dtype, out)
     if out is None and _op_backend(tensors[0], backend):
-        return library.call("weighted_sum", _contig(tensors), _weight_tensor(w), dtype,
+        return library.call("weighted_sum", _contig(tensors), _weight_tensor(_learnt(weights, w)), dtype,
                                     _op_backend(tensors[0], backend), num_threads)
     given = out is not None
+    if given:
+        _no_grad_for_out(tensors, weights, "weighted_sum")
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     rows = _weight_tensor(w).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
@@ -44,6 +46,22 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     if given and not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
+
+
+def _no_grad_for_out(tensors, weights, op: str) -> None:
+    """As torch's own out= ops: an output written in place records no gradient, so an input that
+    wants one is an error rather than a silently detached result (the functional forms record it)."""
+    if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                    or isinstance(weights, torch.Tensor) and weights.requires_grad):
+        raise RuntimeError(f"{op}(): out= does not record gradients, but an input requires grad; call it under "
+                           "torch.no_grad(), or leave out= out to get a result autograd tracks")
+
+
+def _learnt(given, checked):
+    """The caller's weight tensor itself where autograd should reach it (its values checked), else the
+    checked values."""
+    wanted = isinstance(given, torch.Tensor) and given.requires_grad and torch.is_grad_enabled()
+    return given if wanted else checked
 
 
 def _weight_tensor(w) -> torch.Tensor:
@@ -73,10 +91,11 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     if outs is None:
         dtype = resolve_out(tensors, out_dtype, None)
         if _op_backend(tensors[0], backend):
-            return library.call("weighted_sum_many", _contig(tensors), _weight_tensor(rows), dtype,
+            return library.call("weighted_sum_many", _contig(tensors), _weight_tensor(_learnt(weight_rows, rows)), dtype,
                                              _op_backend(tensors[0], backend), num_threads)
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
     else:
+        _no_grad_for_out(tensors, weight_rows, "weighted_sum_many")
         outs = list(outs)
         if len(outs) != len(rows):
             raise ValueError(f"got {len(outs)} outputs for {len(rows)} rows of weights")
