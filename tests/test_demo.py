@@ -204,10 +204,54 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [(["--threads", "-1"], "--threads must be from 0 (the default) to 1024, got -1"),
                                            (["--threads", "1025"], "--threads must be from 0 (the default) to 1024"),
-                                           (["--budget", "0"], "--budget must be at least 1")])
+                                           (["--budget", "0"], "--budget must be at least 1"),
+                                           (["--seed", "-1"], "--seed must be from 0 to 4294967294, got -1")])
 def test_demo_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
     """--threads -1 was a traceback from torch.set_num_threads."""
     from pymerge.demo import main
     with pytest.raises(SystemExit) as exc:
         main(["--quick", "--out", str(tmp_path / "o")] + args)
     assert exc.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(r, f), folder): open(os.path.join(r, f), "rb").read()
+            for r, _, fs in os.walk(folder) for f in fs}
+
+
+def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
+    """It rmtree'd OUT/checkpoints and OUT/merged and overwrote OUT/results.json whatever they held, and
+    replaced a user folder at OUT/merged.tmp (found by a review). Now OUT must be new, empty or the
+    demo's own, checked before any training."""
+    user = tmp_path / "user"
+    (user / "checkpoints").mkdir(parents=True)
+    (user / "checkpoints" / "thesis.txt").write_text("mine")
+    (user / "results.json").write_text("user results")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "precious.txt").write_text("mine")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "results.json").write_text(json.dumps({"summary": {}}))  # a demo folder from before the marker...
+    os.symlink(tmp_path / "elsewhere", linked / "merged")                # ...whose merged/ is a link to user files
+    strange = tmp_path / "strange"
+    strange.mkdir()
+    (strange / "notes.txt").write_text("mine")
+    before = _tree(tmp_path)
+    for out, message in ((user, "which the demo did not write"), (linked / "merged", "holds precious.txt"),
+                         (linked, "merged: is not a folder the demo wrote"), (strange, "holds notes.txt"),
+                         (strange / "notes.txt", "exists and is not a folder")):
+        with pytest.raises(run.InputError, match=message):
+            run.claim_out(str(out))
+    assert _tree(tmp_path) == before
+    fresh = tmp_path / "fresh"
+    run.claim_out(str(fresh))  # new: made and marked; then the demo's own from then on
+    (fresh / "results.json").write_text("{}")
+    run.claim_out(str(fresh))
+    ckpts = fresh / "checkpoints"
+    (ckpts / "00-a").mkdir(parents=True)
+    (ckpts / "00-a" / "model.safetensors").write_text("x")
+    (ckpts / "manifest.json").write_text(json.dumps({"fingerprint": "old", "checkpoints": [str(ckpts / "00-a")]}))
+    (ckpts / "keep.txt").write_text("not listed in the manifest")
+    run.claim_out(str(fresh))
+    run._remove_stale(str(ckpts), str(ckpts / "manifest.json"))  # a stale cache: only what it lists goes
+    assert sorted(os.listdir(ckpts)) == ["keep.txt"]

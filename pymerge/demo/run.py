@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -23,6 +24,7 @@ from pymerge.demo import model as model_mod, tasks as tasks_mod, train as train_
 from pymerge.demo.model import TinyLlama, save_hf
 from pymerge.demo.tasks import TASKS, Batch, generate, make_batch, score, split_seed, standard_error
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
+from pymerge.errors import InputError
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 
@@ -55,6 +57,46 @@ def eval_sets(s: Settings, split: str) -> Dict[str, Batch]:
     return {t: make_batch(generate(t, n, split_seed(s.seed, split, t))) for t in TASKS}
 
 
+MARKER = ".pymerge-demo"  # in an output folder the demo made: what it may replace there
+_OWN = {MARKER, "checkpoints", "merged", "results.json", "demo.png"}
+
+
+def claim_out(out: str) -> None:
+    """Makes `out` the demo's, or raises InputError: an output folder must be absent, empty or one the
+    demo wrote (its marker; or, from before the marker, its results.json or checkpoint manifest), and
+    what it replaces there must be its own (checkpoints/ with its manifest, merged/ with its weights)."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"{out}: exists and is not a folder; choose another --out")
+    entries = set(os.listdir(out)) if os.path.isdir(out) else set()
+    ours = not entries or MARKER in entries or _is_ours(os.path.join(out, "results.json"), "summary") \
+        or _is_ours(os.path.join(out, "checkpoints", "manifest.json"), "fingerprint")
+    extra = {e for e in entries - _OWN if not e.startswith("merged.tmp")}  # a crashed run's temporary folder
+    if not ours or extra:
+        strange = sorted(extra) or sorted(entries)
+        raise InputError(f"{out}: holds {', '.join(strange[:3])}{' ...' if len(strange) > 3 else ''}, which the demo "
+                         "did not write; choose an empty or new --out (the demo replaces what is in its folder)")
+    for sub, own_file in (("checkpoints", "manifest.json"), ("merged", "merge_weights.json")):
+        path = os.path.join(out, sub)
+        if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)
+                                      or (os.listdir(path) and not os.path.isfile(os.path.join(path, own_file)))):
+            raise InputError(f"{path}: is not a folder the demo wrote (no {own_file}); move it or choose another --out")
+    for name in ("results.json", "demo.png"):
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
+            raise InputError(f"{path}: is not a file the demo wrote; move it or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as fh:
+        fh.write("written by pymerge demo: it replaces checkpoints/, merged/, results.json and demo.png here\n")
+
+
+def _is_ours(path: str, key: str) -> bool:
+    try:
+        with open(path) as fh:
+            return isinstance(data := json.load(fh), dict) and key in data
+    except (OSError, ValueError):
+        return False
+
+
 def _fingerprint(s: Settings) -> str:
     """Settings, the runs, the model config, the code that trains and torch's version: a cache key."""
     key = {"settings": asdict(s), "pretrain": asdict(pretraining(s.pretrain_steps)),
@@ -80,8 +122,7 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
                 return paths
     except (OSError, ValueError):
         pass
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)  # ours (a stale cache): only this function writes here
+    _remove_stale(folder, manifest)
     trained = train_pool(default_config(), pretraining(s.pretrain_steps), runs, seed=s.seed, progress=progress)
     save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
     for path, run in zip(paths, runs):
@@ -89,6 +130,24 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     with open(manifest, "w") as fh:
         json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths}, fh, indent=1)
     return paths
+
+
+def _remove_stale(folder: str, manifest: str) -> None:
+    """A stale cache: removes what its manifest says this function wrote there, nothing else."""
+    if not os.path.isdir(folder):
+        return
+    try:
+        with open(manifest) as fh:
+            listed = json.load(fh).get("checkpoints", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    if os.listdir(folder) and not os.path.isfile(manifest):
+        raise InputError(f"{folder}: is not a folder the demo wrote (no manifest.json); move it or choose another --out")
+    for path in [os.path.join(folder, "pretrained")] + [os.path.join(folder, os.path.basename(str(p))) for p in listed]:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+    if os.path.isfile(manifest):
+        os.remove(manifest)
 
 
 def evaluation(paths: List[str], sets: Dict[str, Batch], dtype: Optional[torch.dtype] = None
@@ -128,7 +187,7 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
     eval_dtype = eval_dtype or default_eval_dtype()
     from tqdm import tqdm
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time too: wall time means little on a shared machine
-    os.makedirs(out, exist_ok=True)
+    claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
     runs = pool_runs(s.run_steps)
     total = pretraining(s.pretrain_steps).steps + sum(r.steps for r in runs)
     log(f"training: a shared pretraining run, then {len(runs)} runs ({total} steps in all)")
@@ -197,12 +256,16 @@ def _write_merge(pool, config, weights, folder: str) -> None:
     """The best merge as an HF folder, materialized in float32 from the same pool."""
     merged = TinyLlama(config)
     pool.materialize(weights, into=merged, groups="layer" if np.ndim(weights) == 2 else None)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
-                                                             "checkpoints": pool.labels}})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp", dir=os.path.dirname(folder) or ".")  # a new name
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the merged folder
+    try:
+        save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
+                                                                 "checkpoints": pool.labels}})
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            shutil.rmtree(folder)  # the demo's own (claim_out checked it)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _summary(rows, names, best_single, sizes) -> Dict:
