@@ -6,6 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from pymerge.errors import InputError
@@ -402,3 +403,99 @@ def test_the_default_start_lies_inside_the_bounds():
     pool, evaluate, _ = synthetic(n=3)  # 1/3 is below 0.5: unnormalized, the start is the bounds' middle
     res = optimize(pool, evaluate, model=Vec(), budget=4, popsize=2, normalize=False, bounds=(0.5, 1.0), log=None)
     assert np.allclose(res.history[0]["x"], 0.75)
+
+
+# ---- the search CLI's files and config (found by a review, 2026-12-02) ---------------------------------------
+def _cli_setup(tmp_path, **extra):
+    g = torch.Generator().manual_seed(5)
+    base = {"theta": torch.randn(16, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i in range(3):
+        save_file({"theta": base["theta"] + torch.randn(16, generator=g)}, str(tmp_path / f"c{i}.safetensors"))
+    (tmp_path / "evalcli.py").write_text(textwrap.dedent("""
+        import torch
+        def build():
+            m = torch.nn.Module()
+            m.theta = torch.nn.Parameter(torch.zeros(16))
+            return m
+        def evaluate(m):
+            t = m.theta.detach()
+            return {"a": -float(t.norm()), "b": float(t[0])}
+        CALLS = [0]
+        def evaluate_inf(m):  # every third candidate scores inf
+            CALLS[0] += 1
+            return float("inf") if CALLS[0] % 3 == 2 else -float(m.theta.detach().norm())
+        NOT_A_FUNCTION = 3
+    """))
+    cfg = {"sources": [f"c{i}.safetensors" for i in range(3)], "model": "evalcli:build", "evaluate": "evalcli:evaluate",
+           "search": {"budget": 6, "popsize": 3, "seed": 2}, "out": "out", **extra}
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "s.yml"
+
+
+def test_search_cli_replaces_links_in_its_out_folder_never_their_targets(tmp_path):
+    cfg = _cli_setup(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "out").mkdir()
+    for name in ("history.csv", "best_merge.yml", "search.png", "history.json"):
+        (tmp_path / "mine" / name).write_text("USER DATA")
+        os.symlink(tmp_path / "mine" / name, tmp_path / "out" / name)
+    assert cli_main([str(cfg)]) == 0
+    assert all((tmp_path / "mine" / n).read_text() == "USER DATA" for n in os.listdir(tmp_path / "mine"))
+    assert not any(os.path.islink(tmp_path / "out" / n) for n in os.listdir(tmp_path / "out"))
+    assert yaml.safe_load((tmp_path / "out" / "best_merge.yml").read_text())["merge_method"] == "linear"
+
+
+def test_search_cli_best_merge_yml_reproduces_the_best_merge(tmp_path, capsys):
+    """It had no base_model and no method parameters, and forced TIES' own normalize: false."""
+    from safetensors.torch import load_file
+    from pymerge.cli import main as pymerge_main
+    cfg = _cli_setup(tmp_path, base="base.safetensors", method="ties", method_params={"density": 0.5})
+    assert cli_main([str(cfg)]) == 0
+    best = json.load(open(tmp_path / "out" / "history.json"))["best"]
+    written = yaml.safe_load((tmp_path / "out" / "best_merge.yml").read_text())
+    assert written["base_model"] == str(tmp_path / "base.safetensors") and written["parameters"] == {"density": 0.5}
+    assert pymerge_main(["merge", str(tmp_path / "out" / "best_merge.yml"), str(tmp_path / "merged"), "--quiet"]) == 0
+    pool = CheckpointPool([str(tmp_path / f"c{i}.safetensors") for i in range(3)], base=str(tmp_path / "base.safetensors"))
+    target = {"theta": torch.empty(16)}
+    pool.materialize(best["weights"], into=target, method="ties", density=0.5)
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["theta"]
+    torch.testing.assert_close(merged, target["theta"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search": {"budget": "many"}}, "budget must be an integer"),
+    ({"search": {"budget": 6.7}}, "budget must be an integer"),
+    ({"search": {"seed": 1.5}}, "seed must be an integer"),
+    ({"search": {"sigma0": "x"}}, "sigma0 must be a finite step size from 1e-12 to 1e6, got 'x'"),
+    ({"search": {"normalize": "false"}}, "search.normalize must be true or false"),
+    ({"search": [1]}, "search must be a mapping"),
+    ({"sources": "c0.safetensors"}, "sources must be a list of paths"),
+    ({"sources": None}, "sources must be a list of paths"),
+    ({"state_path": 5}, "state_path must be a string"),
+    ({"evaluate": "evalcli:NOT_A_FUNCTION"}, "is a int, not a function"),
+    ({"method_params": [1]}, "method_params must be a mapping"),
+    ({"out": "c0.safetensors"}, "exists and is not a folder"),
+])
+def test_search_cli_config_errors_are_one_line_before_the_search(tmp_path, capsys, change, message):
+    cfg = _cli_setup(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data.update(change)
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "history.json").exists()
+
+
+def test_an_infinite_score_is_never_the_best(tmp_path, capsys):
+    """CMA-ES ranked inf last but the result picked it with nanargmax (and wrote its weights as the best)."""
+    cfg = _cli_setup(tmp_path, evaluate="evalcli:evaluate_inf")
+    data = yaml.safe_load(cfg.read_text())
+    data["search"] = {"budget": 12, "popsize": 4, "seed": 0, "sigma0": 0.5}
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli_main([str(cfg)]) == 0
+    saved = json.load(open(tmp_path / "out" / "history.json"))
+    objectives = [r["objective"] for r in saved["history"]]
+    assert any(o == float("inf") for o in objectives), "the case needs an infinite score"
+    assert saved["best"]["objective"] == max(o for o in objectives if o != float("inf"))

@@ -13,6 +13,10 @@
     state_path: search_state.json                 # resumable; relative paths are relative to the config
     out: search_out                               # history.json/.csv, search.png, best_merge.yml
 
+best_merge.yml is a merge config (method, base_model, method_params, the best weights) that `pymerge merge`
+or mergekit turns into the best merge. Those four files in `out` are replaced as a whole (a link there is
+replaced, not written through); `out` is checked before the search starts.
+
 Entry points are imported with the config's folder on sys.path. Errors a user can cause exit 2.
 """
 import argparse
@@ -43,6 +47,8 @@ def load_entry_point(spec: str, what: str):
         if not hasattr(obj, part):
             raise InputError(f"{what}: module {short(mod)} has no attribute {short(fn)}")
         obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"{what}: {short(spec)} is a {type(obj).__name__}, not a function")
     return obj
 
 
@@ -56,9 +62,25 @@ def _load_config(path: str) -> dict:
     for key in ("sources", "model", "evaluate"):
         if key not in cfg:
             raise InputError(f"{path}: missing key {key!r}")
+    if not isinstance(cfg.get("search") or {}, dict):
+        raise InputError(f"{path}: search must be a mapping, got {short(cfg['search'])}")
     bad = sorted(set(cfg.get("search") or {}) - _SEARCH)
     if bad:
         raise InputError(f"{path}: unknown search key {short(bad[0])}; known: {', '.join(sorted(_SEARCH))}")
+    sources = cfg["sources"]
+    if not isinstance(sources, list) or not sources or not all(isinstance(x, str) for x in sources):
+        raise InputError(f"{path}: sources must be a list of paths, got {short(sources)}")
+    for key in ("base", "state_path", "names", "device", "dtype"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise InputError(f"{path}: {key} must be a string, got {short(cfg[key])}")
+    for key in ("model", "evaluate", "method", "out"):
+        if key in cfg and not isinstance(cfg[key], str):
+            raise InputError(f"{path}: {key} must be a string, got {short(cfg[key])}")
+    if not isinstance(cfg.get("method_params") or {}, dict):
+        raise InputError(f"{path}: method_params must be a mapping, got {short(cfg['method_params'])}")
+    normalize = (cfg.get("search") or {}).get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise InputError(f"{path}: search.normalize must be true or false, got {short(normalize)}")
     return cfg
 
 
@@ -71,12 +93,39 @@ def _dtype(name):
     return d
 
 
-def _best_yaml(path: str, sources, weights, method: str) -> None:
-    """The best flat weights as a mergekit-style linear config (per-group tables stay in history.json)."""
+def _best_yaml(path: str, sources, base, weights, method: str, method_params: dict) -> None:
+    """The best flat weights as a mergekit config that `pymerge merge` (or mergekit) turns into the same
+    merge: the method, its base and its parameters (per-group tables stay in history.json)."""
+    from pymerge.search.report import replace_file
     models = [{"model": str(s), "parameters": {"weight": float(w)}} for s, w in zip(sources, weights)]
-    with open(path, "w") as fh:
-        yaml.safe_dump({"merge_method": method, "models": models, "parameters": {"normalize": False}}, fh,
-                       sort_keys=False)
+    params = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in method_params.items()}
+    if method == "linear":
+        params.setdefault("normalize", False)  # the weights as searched (normalized there when asked)
+    cfg = {"merge_method": method, **({"base_model": str(base)} if base else {}), "models": models}
+    if params:
+        cfg["parameters"] = params
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            yaml.safe_dump(cfg, fh, sort_keys=False)
+    replace_file(path, write)
+
+
+_OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")
+
+
+def _prepare_out(out: str) -> None:
+    """Before the search, not after it: OUT is a folder (made if missing) whose result files, where they
+    exist, are regular files or links (links are replaced, never written through)."""
+    from pymerge.io.files import check_replaceable
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"out {out}: exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"out {out}: cannot create it: {exc.strerror or exc}") from None
+    for name in _OUT_FILES:
+        check_replaceable(os.path.join(out, name))
 
 
 def main(argv=None) -> int:
@@ -114,14 +163,17 @@ def _run(args) -> int:
     if args.budget is not None:
         s["budget"] = args.budget
     out = args.out or rel(cfg.get("out", "search_out"))
-    result = optimize(pool, evaluate, model=model, budget=int(s.get("budget", 200)), popsize=s.get("popsize"),
-                      sigma0=float(s.get("sigma0", 0.2)), seed=int(s.get("seed", 0)),
+    _prepare_out(out)
+    method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
+    result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
+                      sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),
                       state_path=rel(cfg.get("state_path")), groups=s.get("groups"),
-                      normalize=bool(s.get("normalize", True)), replicas=s.get("replicas"),
-                      method=cfg.get("method", "linear"), names=cfg.get("names"), method_params=cfg.get("method_params") or {})
+                      normalize=s.get("normalize", True), replicas=s.get("replicas"),
+                      method=method, names=cfg.get("names"), method_params=method_params)
     paths = result.save(out)
     if result.best_weights.ndim == 1:
-        _best_yaml(os.path.join(out, "best_merge.yml"), cfg["sources"], result.best_weights, cfg.get("method", "linear"))
+        _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights, method,
+                   method_params)
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "
           f"Pareto front: {len(result.pareto)} candidates; wrote {', '.join(paths.values())}")
     return 0

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from pymerge.errors import InputError
+from pymerge.errors import InputError, short
 from pymerge.pool.pool import method_params_of
 from pymerge.io.files import check_replaceable, read_small
 from pymerge.search.report import macro_average, pareto_front, plot, write_csv, write_json
@@ -86,7 +86,14 @@ def _scores(value, index: int) -> Dict[str, float]:
     if isinstance(value, dict):
         if not value:
             raise InputError(f"evaluate returned an empty dict for candidate {index}")
-        return {str(k): float(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            try:
+                out[str(k)] = float(v)
+            except (TypeError, ValueError):
+                raise InputError(f"evaluate returned {short(v)} for task {str(k)!r} of candidate {index}; "
+                                 "scores must be numbers") from None
+        return out
     try:
         return {"score": float(value)}
     except (TypeError, ValueError):
@@ -136,12 +143,13 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         raise InputError("CMA-ES needs at least two weights to search (one checkpoint, no groups)")
     budget = _count(budget, "budget", 1, 10**9)
     popsize = None if popsize is None else _count(popsize, "popsize", 2, 10**5)
+    given = sigma0
     try:
-        sigma0 = float(sigma0)
+        sigma0 = float(sigma0) if not isinstance(sigma0, (str, bool)) else math.nan
     except (TypeError, ValueError):
         sigma0 = math.nan
     if not 1e-12 <= sigma0 <= 1e6:  # NaN too: cma asserts on it, divides by zero at 0
-        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {sigma0!r}")
+        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {given!r}")
     if not isinstance(model, torch.nn.Module):  # evaluate() runs it; replicas are deep copies of it
         raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
@@ -257,7 +265,7 @@ def _result(history: List[dict], generations: int) -> SearchResult:
     objs = [r["objective"] for r in history]
     if all(not math.isfinite(o) for o in objs):
         raise InputError("every candidate scored NaN or inf; check evaluate()")
-    best = int(np.nanargmax(objs))
+    best = int(np.argmax([o if math.isfinite(o) else -np.inf for o in objs]))  # as CMA-ES ranks them: inf is last
     tasks = sorted(history[0]["scores"])
     front = pareto_front([[r["scores"].get(t, np.nan) for t in tasks] for r in history])
     return SearchResult(best_weights=np.asarray(history[best]["weights"]), best_objective=objs[best],

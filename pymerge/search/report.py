@@ -33,12 +33,24 @@ def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
     return front
 
 
-def write_json(path: str, payload) -> None:
-    check_replaceable(path)
+def replace_file(path: str, write) -> None:
+    """write(tmp) into a temporary file beside path, then renames it over path: a symlink at path is
+    replaced, never written through (opening it for writing overwrote the user file it points to)."""
+    check_replaceable(path)  # a FIFO or device would be replaced
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1, default=_jsonable)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, payload) -> None:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(payload, fh, indent=1, default=_jsonable)
+    replace_file(path, write)
 
 
 def _jsonable(x):
@@ -54,13 +66,14 @@ def write_csv(path: str, history: List[dict], tasks: List[str]) -> None:
     n_w = max((len(np.ravel(r["weights"])) for r in history), default=0)
     header = (["eval", "generation", "objective"] + [f"task:{t}" for t in tasks]
               + ["materialize_s", "evaluate_s"] + [f"w{i}" for i in range(n_w)])
-    check_replaceable(path)  # a FIFO would block
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for r in history:
-            w.writerow([r["eval"], r["generation"], r["objective"]] + [r["scores"].get(t, "") for t in tasks]
-                       + [r["materialize_s"], r["evaluate_s"]] + list(np.ravel(r["weights"])))
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            for r in history:
+                w.writerow([r["eval"], r["generation"], r["objective"]] + [r["scores"].get(t, "") for t in tasks]
+                           + [r["materialize_s"], r["evaluate_s"]] + list(np.ravel(r["weights"])))
+    replace_file(path, write)
 
 
 def plot(path: str, history: List[dict], tasks: List[str], front: List[int], title: str = "merge search",
@@ -99,5 +112,7 @@ def plot(path: str, history: List[dict], tasks: List[str], front: List[int], tit
         ax.set_title("scores per task")
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
