@@ -549,3 +549,16 @@ def test_weights_that_are_not_numbers_are_refused_not_parsed(weights):
     assert bool((target["w"] == 7.0).all())
     pool.materialize(np.array([0.25, 0.75], dtype=np.float32), into=target)  # numeric arrays of any width still go
     torch.testing.assert_close(target["w"], torch.full((2,), 0.25))
+
+
+def test_a_backend_that_cannot_run_is_refused_when_the_pool_is_built(monkeypatch):
+    """backend='triton' on a CPU pool failed at the first materialize with 'RuntimeError: 0 active drivers'
+    (or a ValueError on a compressed pool; found by a review)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest.importorskip("triton")
+    base = {"w": torch.zeros(3)}
+    for compress in (None, "int8"):
+        with pytest.raises(InputError, match="backend 'triton' runs on CUDA tensors"):
+            CheckpointPool([{"w": torch.ones(3)}], base=base, backend="triton", compress=compress)
+    with pytest.raises(InputError, match="unknown backend 'gpu'"):
+        CheckpointPool([{"w": torch.ones(3)}], backend="gpu")

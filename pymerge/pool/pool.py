@@ -133,7 +133,7 @@ class CheckpointPool:
             raise InputError(f"dtype {dtype} is not a storage dtype the kernels read; use float32, float16 or bfloat16")
         self.device = _resolve_device(device)
         self.dtype = dtype
-        self.backend = pick_backend(self.device, backend)
+        self.backend = _pool_backend(self.device, backend)
         if compress is not None:  # every option checked before anything is read or compressed
             error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
             compressed.check_backend(self.backend, self.device)
@@ -223,7 +223,7 @@ class CheckpointPool:
         pool = cls.__new__(cls)
         pool.device = _resolve_device(device)
         pool.dtype, pool.memory_budget, pool.num_threads = None, None, _threads(num_threads)
-        pool.backend = pick_backend(pool.device, backend)
+        pool.backend = _pool_backend(pool.device, backend)
         pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
         pool.num_checkpoints, pool.labels, pool.has_base = len(store.labels), store.labels, True
         pool._adopt(store)
@@ -715,6 +715,18 @@ class _Spans:
             return None
         a, b = spans[hits[0]]
         return int(hits[0]), next(w for w, s, e in zip(self._what, self.starts, self.ends) if s < b and a < e)
+
+
+def _pool_backend(device: torch.device, backend: str) -> str:
+    """pick_backend's choice, refused here rather than at the first materialize where it cannot run."""
+    try:
+        chosen = pick_backend(device, backend)
+    except ValueError as exc:  # an unknown name: the pool's own error class
+        raise InputError(str(exc)) from None
+    if chosen == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(f"backend 'triton' runs on CUDA tensors (on the CPU only in Triton's interpreter, "
+                         f"TRITON_INTERPRET=1); the pool is on {device}")
+    return chosen
 
 
 def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], bool]):
