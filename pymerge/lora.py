@@ -6,7 +6,9 @@ each targeted weight is W + scale * (B @ A) (transposed for fan_in_fan_out layer
 in float32 and rounded once to the tensor's dtype, exactly peft's arithmetic; every other tensor is
 the model's own. scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, with r and alpha
 per module from rank_pattern / alpha_pattern as peft matches them. The merged copy keeps the
-model's dtypes (transformers 5 loads with dtype "auto"), or all takes --lora-merge-dtype.
+model's dtypes (transformers 5 loads with dtype "auto"), or all takes --lora-merge-dtype. A LoRA on the
+output head of a model that stores none (its head is its input embedding) lands on that shared weight,
+after the embedding's own LoRA, as peft's merge does.
 
 What changes more than these weights (DoRA, modules_to_save, LoRA biases, trainable tokens, layer
 replication, convolution LoRA, ...) is refused with a one-line reason naming the adapter file.
@@ -271,10 +273,12 @@ class LoraCheckpoint:
         self.ck, self.adapter = ck, adapter
         self.path, self.folder = ck.path, ck.folder
         self._dtype = dtype
+        self._onto: Dict[str, str] = {}  # head target of a tied model -> the embedding it shares its weight with
         for name in adapter.targets:
             if name not in ck:
-                raise CheckpointError(f"{adapter.file.path}: LoRA for {name!r}, which {ck.path} does not have")
-            shape, want = tuple(ck.info(name).shape), adapter.delta_shape(name)
+                name = self._tied_head(name)
+            weight = self._onto.get(name, name)
+            shape, want = tuple(ck.info(weight).shape), adapter.delta_shape(name)
             if shape != want:
                 raise CheckpointError(f"{adapter.file.path}: LoRA for {name!r} is {list(want)}, the weight in "
                                       f"{ck.path} is {list(shape)}")
@@ -282,9 +286,19 @@ class LoraCheckpoint:
             if copy and tuple(adapter.file.info(copy).shape) != shape:
                 raise CheckpointError(f"{adapter.file.path}: tensor {copy!r} is {list(adapter.file.info(copy).shape)}"
                                       f", the weight in {ck.path} is {list(shape)}")
-            if not _native.is_floating(ck.info(name).dtype_name):
-                raise CheckpointError(f"{ck.path}: tensor {name!r} is {ck.info(name).dtype_name}; LoRA applies to "
-                                      f"floating-point weights")
+            if not _native.is_floating(ck.info(weight).dtype_name):
+                raise CheckpointError(f"{ck.path}: tensor {weight!r} is {ck.info(weight).dtype_name}; LoRA applies "
+                                      f"to floating-point weights")
+
+    def _tied_head(self, name: str) -> str:
+        """A LoRA on the output head of a model that stores none (its head is its input embedding): peft's
+        merge_and_unload adds the head's delta to that shared weight, after the embedding's own."""
+        from pymerge.tied import input_embedding, is_head
+        embedding = input_embedding(self.ck) if is_head(name) else None
+        if embedding is None:
+            raise CheckpointError(f"{self.adapter.file.path}: LoRA for {name!r}, which {self.ck.path} does not have")
+        self._onto[name] = embedding
+        return name
 
     def names(self) -> List[str]:
         return self.ck.names()
@@ -305,7 +319,7 @@ class LoraCheckpoint:
         return TensorInfo(name, dtype, i.shape, int(np.prod(i.shape, dtype=np.int64)) * size, -1)
 
     def _changes(self, name: str) -> bool:
-        if name in self.adapter.targets:
+        if name in self.adapter.targets or name in self._onto.values():
             return True
         from pymerge import _native
         have = self.ck.info(name).dtype_name  # --lora-merge-dtype casts floating tensors, as transformers does
@@ -316,13 +330,20 @@ class LoraCheckpoint:
             return self.ck.tensor(name)
         from pymerge import _native
         dtype = _native.torch_dtype(self._dtype or self.ck.info(name).dtype_name)
-        if name not in self.adapter.targets:
+        heads = [h for h, e in self._onto.items() if e == name]  # tied: the head's LoRA lands here too
+        if name not in self.adapter.targets and not heads:
             return self.ck.tensor(name).to(dtype)
-        w = self.adapter.base_weight(name, self.ck).to(dtype)  # the model loads in dtype, then merges
-        delta = self.adapter.delta(name)
-        if self.adapter.targets[name].embedding:  # peft rounds an embedding's delta to W's dtype first
-            delta = delta.to(dtype).float()
-        return (w.float() + delta).to(dtype)
+        own = [name] if name in self.adapter.targets else []
+        # W as peft loads it: the adapter's saved copies of the layers load over the shared weight in order
+        # (the embedding's, then the head's: the last one stays)
+        copies = [self.adapter.targets[t].base_copy for t in own + heads if self.adapter.targets[t].base_copy]
+        w = (self.adapter.file.tensor(copies[-1]) if copies else self.ck.tensor(name)).to(dtype)  # loads in dtype
+        for target in own + heads:  # merged in module order: the embedding, then the head
+            delta = self.adapter.delta(target)
+            if self.adapter.targets[target].embedding:  # peft rounds an embedding's delta to W's dtype first
+                delta = delta.to(dtype).float()
+            w = (w.float() + delta).to(dtype)
+        return w
 
     def byte_view(self, name: str):
         if not self._changes(name):
@@ -339,7 +360,8 @@ class LoraCheckpoint:
         return a
 
     def file_of(self, name: str) -> Path:
-        return self.adapter.file.path if name in self.adapter.targets else self.ck.file_of(name)
+        changed = name in self.adapter.targets or name in self._onto.values()
+        return self.adapter.file.path if changed else self.ck.file_of(name)
 
     def prefetch(self, name: str) -> None:
         self.ck.prefetch(name)

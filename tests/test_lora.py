@@ -313,3 +313,32 @@ def test_tokenizer_merge_reads_the_models_tokenizer(tmp_path, capsys):
         ours, want = (load_file(str(o / "model.safetensors")) for o in outs)
         assert set(ours) == set(want) and all(close(ours[k], want[k]) for k in want)
         assert vocab_of(outs[0]) == vocab_of(outs[1]) and (outs[0] / "chat_template.jinja").read_text() == C_TEMPLATE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("targets", [["lm_head", "v_proj"], ["embed_tokens", "lm_head", "v_proj"]])
+def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dtype, targets):
+    """A tied model stores no lm_head: a LoRA on it was refused ("which MODEL does not have") while peft's
+    merge_and_unload (mergekit) adds it to the weight the head shares with the embedding, after the
+    embedding's own LoRA (found by a review)."""
+    model = lf.make_llama(tmp_path / "tied", dims=DIMS, seed=5, dtype=dtype)
+    weights = load_file(str(model / "model.safetensors"))
+    weights.pop("lm_head.weight")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    g = torch.Generator().manual_seed(9)
+    tied = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    pm = peft.get_peft_model(tied, peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "adapter")
+    with open_model(f"{model}+{tmp_path / 'adapter'}") as ck:
+        ours = read_all(ck)
+    theirs = peft_merged(model, tmp_path / "adapter", dtype=dtype)
+    assert "lm_head.weight" not in ours
+    for name, t in ours.items():
+        assert torch.equal(t, theirs[name]), name
+    assert not torch.equal(ours["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
