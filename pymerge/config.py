@@ -482,6 +482,8 @@ def check_paths(cfg: MergeConfig) -> None:
         [(f"models[{i}]", m.path) for i, m in enumerate(cfg.models)]
     if cfg.sliced is not None:
         refs += cfg.sliced.model_refs()
+    if cfg.tokenizer is not None and cfg.tokenizer.source not in ("base", "union"):
+        refs.append((cfg.tokenizer.key, cfg.tokenizer.source))  # was "nothere/tokenizer.json: not found"
     for where, p in refs:
         if os.path.exists(p):
             continue

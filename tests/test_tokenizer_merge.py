@@ -298,6 +298,16 @@ def test_missing_or_corrupt_tokenizer(models, tmp_path, capsys):
     _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "Mystery")
 
 
+def test_a_tokenizer_source_that_does_not_exist_is_named_as_a_config_key(models, tmp_path, capsys):
+    """Was "nothere/tokenizer.json: not found; merging vocabularies needs ...", naming no config key."""
+    _, m = models
+    _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": str(tmp_path / "nothere")},
+         "bad.yml: tokenizer_source: model path not found:", "nothere")
+    cfg = {**_union(m["a"], m["b"]), "tokenizer": {"source": str(tmp_path / "nothere")}}
+    del cfg["tokenizer_source"]
+    _bad(tmp_path, capsys, cfg, "tokenizer.source: model path not found:")
+
+
 def test_vocabulary_larger_than_the_embedding(models, tmp_path, capsys):
     _, m = models
     small = write_model(tmp_path / "small", SPECIAL + W + ["<pad>"], perturb_seed=6)
