@@ -917,3 +917,13 @@ def test_deltas_are_taken_at_the_wider_of_base_and_checkpoint(base_dtype, source
         error = float((out["w"].double() - ref).norm() / delta.norm())
         reported = max(r["rel_error"] for r in pool.compression_report())
         assert error < 2e-2 and error < 3 * reported + 1e-6, (mode, error, reported)
+
+
+def test_options_that_would_be_ignored_are_refused():
+    """error_budget= without compress= (even -1 or 'lots'), and memory_budget= with it, were ignored silently."""
+    src, base = [{"w": torch.ones(8)}], {"w": torch.zeros(8)}
+    for budget in (1e-3, -1, "lots"):
+        with pytest.raises(InputError, match="error_budget applies to compressed pools only"):
+            CheckpointPool(src, base=base, error_budget=budget)
+    with pytest.raises(InputError, match="memory_budget= does not apply"):
+        CheckpointPool(src, base=base, compress="int8", memory_budget=10)

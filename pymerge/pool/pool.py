@@ -134,7 +134,11 @@ class CheckpointPool:
         self.device = _resolve_device(device)
         self.dtype = dtype
         self.backend = _pool_backend(self.device, backend)
+        if compress is None and error_budget is not None:
+            raise InputError("error_budget applies to compressed pools only: pass compress= too, or drop it")
         if compress is not None:  # every option checked before anything is read or compressed
+            if memory_budget is not None:
+                raise InputError("a compressed pool is held resident; memory_budget= does not apply (drop it)")
             error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
             compressed.check_backend(self.backend, self.device)
         self.num_threads = _threads(num_threads)
