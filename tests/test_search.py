@@ -499,3 +499,24 @@ def test_an_infinite_score_is_never_the_best(tmp_path, capsys):
     objectives = [r["objective"] for r in saved["history"]]
     assert any(o == float("inf") for o in objectives), "the case needs an infinite score"
     assert saved["best"]["objective"] == max(o for o in objectives if o != float("inf"))
+
+
+def test_an_edited_state_is_refused_even_where_replaying_cannot_tell(tmp_path):
+    """Replay checks each generation's candidates against the objectives before them, so an edit of the last
+    generation's objectives went unnoticed (found by a review); the file's digest catches it. A state written
+    before the digest existed still resumes."""
+    pool, evaluate, _ = synthetic(n=3)
+    path = str(tmp_path / "s.json")
+    optimize(pool, evaluate, model=Vec(), budget=7, popsize=3, seed=1, state_path=path, log=None)
+    state = json.load(open(path))
+    assert "digest" in state
+    edited = json.loads(json.dumps(state))
+    edited["history"][-1]["objective"] = 1e9
+    json.dump(edited, open(path, "w"))
+    with pytest.raises(InputError, match="s.json: saved search state was edited"):
+        optimize(pool, evaluate, model=Vec(), budget=10, popsize=3, seed=1, state_path=path, log=None)
+    del state["digest"]
+    json.dump(state, open(path, "w"))
+    resumed = optimize(pool, evaluate, model=Vec(), budget=10, popsize=3, seed=1, state_path=path, log=None)
+    straight = optimize(pool, evaluate, model=Vec(), budget=10, popsize=3, seed=1, log=None)
+    assert [r["x"] for r in resumed.history] == [r["x"] for r in straight.history]

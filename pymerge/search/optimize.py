@@ -12,6 +12,7 @@ seeded, so the replay asks for the very candidates recorded, which is checked) a
 uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field.
 """
 import copy
+import hashlib
 import json
 import math
 import os
@@ -332,6 +333,10 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise InputError(f"{path}: cannot read the search state: not JSON (an older pymerge pickled its state: "
                          "delete the file)") from None
+    digest = state.pop("digest", None) if isinstance(state, dict) else None  # absent in files before 2026-12-02
+    if digest is not None and digest != _digest(state):
+        raise InputError(f"{path}: saved search state was edited (its digest does not match its contents); "
+                         "use another state_path or delete it")
     try:
         _check_header(state)
         saved, expected = state["fingerprint"], json.loads(json.dumps(fingerprint))  # as it reads back from disk
@@ -340,9 +345,16 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
             raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
                              "use another state_path or delete it")
         _check_history(state, shape)
+    except InputError:
+        raise  # already names the file
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: not a valid search state: {exc}") from None
     return state
+
+
+def _digest(state: dict) -> str:
+    """What catches an edit of a saved state that replaying cannot (the last generation's objectives)."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def _check_header(state) -> None:
@@ -415,6 +427,7 @@ def _save_state(path: Optional[str], state: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     check_replaceable(path)
     tmp = f"{path}.tmp{os.getpid()}"
+    plain = json.loads(json.dumps(state))  # as it reads back: the digest is of that
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(state, fh)  # NaN scores are written as NaN, which Python's json reads back
+        json.dump({**plain, "digest": _digest(plain)}, fh)  # NaN scores are written as NaN, which json reads back
     os.replace(tmp, path)  # a crash mid-write leaves the previous generation's state
