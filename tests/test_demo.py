@@ -253,5 +253,9 @@ def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
     (ckpts / "manifest.json").write_text(json.dumps({"fingerprint": "old", "checkpoints": [str(ckpts / "00-a")]}))
     (ckpts / "keep.txt").write_text("not listed in the manifest")
     run.claim_out(str(fresh))
-    run._remove_stale(str(ckpts), str(ckpts / "manifest.json"))  # a stale cache: only what it lists goes
+    run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [])  # a stale cache: only what it lists goes
+    assert sorted(os.listdir(ckpts)) == ["keep.txt"]
+    (ckpts / "pretrained").mkdir()  # a save interrupted before its manifest: the marker says the folder is ours
+    run.claim_out(str(fresh))
+    run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [str(ckpts / "01-b")])
     assert sorted(os.listdir(ckpts)) == ["keep.txt"]

@@ -387,7 +387,6 @@ def test_bad_search_arguments_are_one_clear_error(kwargs, message):
     ({"x0": [0.5, 5, 0.5]}, r"x0\[1\] is 5.0, outside bounds \[0.0, 1.0\]"),
     ({"x0": ["a", 1, 1]}, "x0 must be 3 numbers"),
     ({"seed": 1.5}, "seed must be an integer"),
-    ({"seed": -1}, "seed must be an integer"),
     ({"replicas": "x"}, "replicas must be an integer"),
     ({"replicas": 0}, "replicas must be an integer"),
 ])
@@ -446,19 +445,24 @@ def test_search_cli_replaces_links_in_its_out_folder_never_their_targets(tmp_pat
     assert yaml.safe_load((tmp_path / "out" / "best_merge.yml").read_text())["merge_method"] == "linear"
 
 
-def test_search_cli_best_merge_yml_reproduces_the_best_merge(tmp_path, capsys):
-    """It had no base_model and no method parameters, and forced TIES' own normalize: false."""
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.5}), ("linear", {})])
+def test_search_cli_best_merge_yml_reproduces_the_best_merge(tmp_path, capsys, method, params):
+    """It had no base_model and no method parameters, and forced TIES' own normalize: false; linear with a
+    pool base must not name it (pymerge merge would take it as one more model)."""
     from safetensors.torch import load_file
     from pymerge.cli import main as pymerge_main
-    cfg = _cli_setup(tmp_path, base="base.safetensors", method="ties", method_params={"density": 0.5})
+    cfg = _cli_setup(tmp_path, base="base.safetensors", method=method, method_params=params)
     assert cli_main([str(cfg)]) == 0
     best = json.load(open(tmp_path / "out" / "history.json"))["best"]
     written = yaml.safe_load((tmp_path / "out" / "best_merge.yml").read_text())
-    assert written["base_model"] == str(tmp_path / "base.safetensors") and written["parameters"] == {"density": 0.5}
+    if method == "ties":
+        assert written["base_model"] == str(tmp_path / "base.safetensors") and written["parameters"] == params
+    else:
+        assert "base_model" not in written and written["parameters"] == {"normalize": False}
     assert pymerge_main(["merge", str(tmp_path / "out" / "best_merge.yml"), str(tmp_path / "merged"), "--quiet"]) == 0
     pool = CheckpointPool([str(tmp_path / f"c{i}.safetensors") for i in range(3)], base=str(tmp_path / "base.safetensors"))
     target = {"theta": torch.empty(16)}
-    pool.materialize(best["weights"], into=target, method="ties", density=0.5)
+    pool.materialize(best["weights"], into=target, method=method, **params)
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["theta"]
     torch.testing.assert_close(merged, target["theta"], rtol=1e-6, atol=1e-6)
 
@@ -520,3 +524,22 @@ def test_an_edited_state_is_refused_even_where_replaying_cannot_tell(tmp_path):
     resumed = optimize(pool, evaluate, model=Vec(), budget=10, popsize=3, seed=1, state_path=path, log=None)
     straight = optimize(pool, evaluate, model=Vec(), budget=10, popsize=3, seed=1, log=None)
     assert [r["x"] for r in resumed.history] == [r["x"] for r in straight.history]
+
+
+def test_any_integer_seed_runs_reproducibly_and_old_states_with_method_params_resume(tmp_path):
+    """The review of the argument checks: seeds outside 0..2**32-2 ran before and must still; a state saved
+    before the fingerprint held method parameters resumes (they were not compared then)."""
+    pool, evaluate, _ = synthetic(n=3)
+    for seed in (-1, 2**32 - 1, 2**40):
+        a = optimize(pool, evaluate, model=Vec(), budget=5, popsize=2, seed=seed, log=None)
+        b = optimize(pool, evaluate, model=Vec(), budget=5, popsize=2, seed=seed, log=None)
+        assert [r["x"] for r in a.history] == [r["x"] for r in b.history]
+    path = str(tmp_path / "s.json")
+    kw = dict(model=Vec(), budget=6, popsize=3, seed=4, log=None, method="task_arithmetic", **{"lambda": 0.5})
+    base_pool = CheckpointPool([{"theta": torch.randn(64)} for _ in range(3)], base={"theta": torch.zeros(64)})
+    optimize(base_pool, evaluate, state_path=path, **kw)
+    state = json.load(open(path))
+    del state["fingerprint"]["method_params"], state["digest"]
+    json.dump(state, open(path, "w"))
+    resumed = optimize(base_pool, evaluate, state_path=path, **{**kw, "budget": 9})
+    assert len(resumed.history) == 9

@@ -77,8 +77,11 @@ def claim_out(out: str) -> None:
                          "did not write; choose an empty or new --out (the demo replaces what is in its folder)")
     for sub, own_file in (("checkpoints", "manifest.json"), ("merged", "merge_weights.json")):
         path = os.path.join(out, sub)
+        # under the marker, checkpoints/ without its manifest is a save that was interrupted: still ours
+        interrupted = sub == "checkpoints" and MARKER in entries
         if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)
-                                      or (os.listdir(path) and not os.path.isfile(os.path.join(path, own_file)))):
+                                      or (os.listdir(path) and not interrupted
+                                          and not os.path.isfile(os.path.join(path, own_file)))):
             raise InputError(f"{path}: is not a folder the demo wrote (no {own_file}); move it or choose another --out")
     for name in ("results.json", "demo.png"):
         path = os.path.join(out, name)
@@ -122,7 +125,7 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
                 return paths
     except (OSError, ValueError):
         pass
-    _remove_stale(folder, manifest)
+    _remove_stale(folder, manifest, paths)
     trained = train_pool(default_config(), pretraining(s.pretrain_steps), runs, seed=s.seed, progress=progress)
     save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
     for path, run in zip(paths, runs):
@@ -132,8 +135,9 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     return paths
 
 
-def _remove_stale(folder: str, manifest: str) -> None:
-    """A stale cache: removes what its manifest says this function wrote there, nothing else."""
+def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
+    """A stale cache (or a save that was interrupted before its manifest): removes what this function
+    writes there (the pretrained model, the runs' folders, those its manifest lists), nothing else."""
     if not os.path.isdir(folder):
         return
     try:
@@ -141,9 +145,8 @@ def _remove_stale(folder: str, manifest: str) -> None:
             listed = json.load(fh).get("checkpoints", [])
     except (OSError, ValueError, AttributeError):
         listed = []
-    if os.listdir(folder) and not os.path.isfile(manifest):
-        raise InputError(f"{folder}: is not a folder the demo wrote (no manifest.json); move it or choose another --out")
-    for path in [os.path.join(folder, "pretrained")] + [os.path.join(folder, os.path.basename(str(p))) for p in listed]:
+    for path in [os.path.join(folder, "pretrained")] + [os.path.join(folder, os.path.basename(str(p)))
+                                                          for p in list(listed) + list(paths)]:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
     if os.path.isfile(manifest):

@@ -141,18 +141,40 @@ class ShardedPool(CheckpointPool):
         run_sharded(self, m, plans, tables, seed, params)
 
 
+_DEFAULTS = {"groups": None, "normalize": False, "names": None, "strict": True, "seed": 0}
+
+
 def _digest(method, weight_rows, kwargs) -> int:
-    """A fingerprint of one materialize's arguments, alike on every rank that passes the same ones:
-    weights by value (device tensors by shape: reading them would sync a graph capture), functions
-    (groups=, names=) by name, the rest by repr. 0 where they cannot be read (the call then fails alike)."""
+    """A fingerprint of one materialize's arguments, alike on every rank that passes equal ones: weights
+    by value (device tensors by shape: reading them would sync a graph capture), numbers as floats (0.5
+    and np.float64(0.5), True and 1 agree), defaults filled in, method_params= merged with the keywords,
+    functions (groups=, names=) by name. 0 where they cannot be read (the call then fails alike)."""
     try:
         rows = [("device", tuple(w.shape)) if isinstance(w, torch.Tensor) and w.device.type != "cpu"
                 else np.asarray(w.detach() if isinstance(w, torch.Tensor) else w, dtype=np.float64).tolist()
                 for w in weight_rows]
-        rest = sorted((k, getattr(v, "__qualname__", None) if callable(v) else repr(v)) for k, v in kwargs.items())
-        return collectives.fingerprint(str(method), rows, rest)
+        args = {**_DEFAULTS, **kwargs}
+        params = {**(args.pop("method_params", None) or {}), **{k: args.pop(k) for k in list(args)
+                                                                if k not in _DEFAULTS}}
+        args["groups"] = "layer" if args["groups"] is None else args["groups"]  # the same rule
+        return collectives.fingerprint(str(method), rows, _plain(args), _plain(params))
     except Exception:  # noqa: BLE001  (bad weights: materialize_many refuses them on every rank)
         return 0
+
+
+def _plain(value):
+    """A picklable value that compares equal across ranks for equal arguments."""
+    if isinstance(value, dict):
+        return sorted((str(k), _plain(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return np.asarray(value.detach() if isinstance(value, torch.Tensor) else value, dtype=np.float64).tolist()
+    if isinstance(value, (bool, int, float, np.number)):
+        return float(value)
+    if callable(value):
+        return getattr(value, "__qualname__", type(value).__name__)
+    return repr(value)
 
 
 def _reshard(target) -> None:

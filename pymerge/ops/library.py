@@ -18,6 +18,7 @@ Arguments are checked by the Python wrappers in pymerge.ops (which keep their si
 call these); the kernels assume contiguous inputs of one shape and device. Weights are float32
 tensors: on the CPU they are read on the host, on CUDA from device memory (no host sync).
 """
+import math
 from typing import List, Optional
 
 import torch
@@ -138,7 +139,8 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
     if len(flat) != len(outs) * len(tensors):
         raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
-    if not all(abs(w) <= 3.4028234663852886e38 for w in flat):  # NaN fails too; a weight a traced call never saw
+    # a weight a traced call never saw: non-finite (the sum says it, in C) or beyond float32's range
+    if not (math.isfinite(sum(map(abs, flat))) and max(map(abs, flat), default=0.0) <= 3.4028234663852886e38):
         bad = next(w for w in flat if not abs(w) <= 3.4028234663852886e38)
         raise ValueError(f"weighted_sum: a weight is {bad}; weights must be finite and within float32's range")
     _native.require_cpu().weighted_sum_many(

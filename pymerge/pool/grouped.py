@@ -174,7 +174,7 @@ def method_coefficients(method, per_model: list, global_params: dict, tables: Se
     group and candidate: source i < N is checkpoint i, source N the base, in the method's order (the same
     for every group and candidate: the order depends on the method alone). Parameters are checked here
     exactly as the per-tensor path checks them, once per group and candidate instead of per tensor."""
-    from pymerge.methods.base import TensorTask, check_magnitudes
+    from pymerge.methods.base import MAX_MAGNITUDE, TensorTask, check_magnitudes
     order, rows = None, []
     for g in range(n_groups):
         for table in tables:
@@ -183,14 +183,21 @@ def method_coefficients(method, per_model: list, global_params: dict, tables: Se
             task = TensorTask(inputs=[], base=None, model_params=mp, params=dict(global_params), name=name_of(g),
                               seed=seed)
             method.check_params(task)
-            check_magnitudes(method, task)
+            if order is None:
+                check_magnitudes(method, task)  # the parameters (alike in every group) once
             src, coef = method.weights_for(task)
             if order is None:
                 order = list(src)
             elif list(src) != order:  # not the case of any registered method; refused, not guessed
                 raise ValueError(f"method {method.name}: sources differ between weight groups")
             rows.append(coef)
-    return order, np.asarray(rows, dtype=np.float32).reshape(n_groups, len(tables), len(order))
+    table = np.asarray(rows, dtype=np.float64)
+    if not np.all(np.abs(table) <= MAX_MAGNITUDE):  # every group's coefficients at once (NaN fails too)
+        row, col = np.argwhere(~(np.abs(table) <= MAX_MAGNITUDE))[0]
+        which = f"model {order[col]}" if order[col] < len(per_model) else "base_model"
+        raise MergeConfigError(f"tensor {name_of(row // len(tables))}: coefficient of {which} is {table[row, col]:g}; "
+                               f"values beyond {MAX_MAGNITUDE:g} make a non-finite or meaningless model")
+    return order, table.astype(np.float32).reshape(n_groups, len(tables), len(order))
 
 
 def native_tv_table(plans, inputs: dict, base: dict, n_groups: int):

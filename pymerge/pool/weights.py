@@ -2,6 +2,7 @@
 
 Everything here runs on the host before anything is written, so a bad weight never reaches a model.
 """
+import numbers
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -54,6 +55,9 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
         weights = weights.detach().cpu().double().numpy()
     try:
         table = np.asarray(weights)
+        if table.dtype.kind == "O" and table.ndim and all(  # Fraction, Decimal: numbers, not strings or dicts
+                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in table.reshape(-1)):
+            table = table.astype(np.float64)
         if table.dtype.kind not in "iuf":  # strings were parsed ("0.25"), booleans and objects (a dict) taken
             raise TypeError
         table = table.astype(np.float64)

@@ -101,7 +101,9 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     params = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in method_params.items()}
     if method == "linear":
         params.setdefault("normalize", False)  # the weights as searched (normalized there when asked)
-    cfg = {"merge_method": method, **({"base_model": str(base)} if base else {}), "models": models}
+    from pymerge.methods.base import get_method
+    uses_base = base and get_method(method).base_model != "none"  # linear would take a base as one more model
+    cfg = {"merge_method": method, **({"base_model": str(base)} if uses_base else {}), "models": models}
     if params:
         cfg["parameters"] = params
 

@@ -154,7 +154,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     if not isinstance(model, torch.nn.Module):  # evaluate() runs it; replicas are deep copies of it
         raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
-    seed = _count(seed, "seed", 0, 2**32 - 2)
+    seed = _count(seed, "seed", -2**63, 2**63 - 1)  # any integer, as before (cma gets a 32-bit one below)
     replicas = None if replicas is None else _count(replicas, "replicas", 1, 10**6)
     try:
         lo, hi = (float(b) for b in bounds)
@@ -189,7 +189,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
 
     rng = _OwnRNG(seed)
     # cma samples through opts["randn"]: a generator of our own, seeded, so a replay asks the same candidates.
-    opts = {"seed": seed + 1, "randn": np.random.RandomState(seed % 2**32).randn, "bounds": [lo, hi], "verbose": -9,
+    opts = {"seed": seed % (2**32 - 1) + 1, "randn": np.random.RandomState(seed % 2**32).randn, "bounds": [lo, hi], "verbose": -9,
             "verb_disp": 0, "verb_log": 0, "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9, "tolstagnation": 10**9}
     if popsize:
         opts["popsize"] = int(popsize)
@@ -340,6 +340,8 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     try:
         _check_header(state)
         saved, expected = state["fingerprint"], json.loads(json.dumps(fingerprint))  # as it reads back from disk
+        if isinstance(saved, dict) and "method_params" not in saved:
+            expected.pop("method_params", None)  # saved before the fingerprint held them: not compared, as then
         if saved != expected:
             diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
             raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "

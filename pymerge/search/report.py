@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -37,7 +38,9 @@ def replace_file(path: str, write) -> None:
     """write(tmp) into a temporary file beside path, then renames it over path: a symlink at path is
     replaced, never written through (opening it for writing overwrote the user file it points to)."""
     check_replaceable(path)  # a FIFO or device would be replaced
-    tmp = f"{path}.tmp{os.getpid()}"
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")  # a new file
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would stay on the result
     try:
         write(tmp)
         os.replace(tmp, path)
