@@ -160,30 +160,7 @@ def test_dict_scores_macro_average_replicas_and_reports(tmp_path):
 
 
 def test_cli_runs_a_config(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"c{i}.safetensors"
-        save_file({"theta": torch.randn(16, generator=g)}, str(p))
-        paths.append(p.name)
-    (tmp_path / "evalmod.py").write_text(textwrap.dedent("""
-        import torch
-        def build():
-            m = torch.nn.Module()
-            m.theta = torch.nn.Parameter(torch.zeros(16))
-            return m
-        def evaluate(m):
-            return {"neg_norm": -float(m.theta.detach().norm()), "first": float(m.theta.detach()[0])}
-    """))
-    cfg = tmp_path / "search.yml"
-    cfg.write_text(textwrap.dedent(f"""
-        sources: {paths}
-        model: evalmod:build
-        evaluate: evalmod:evaluate
-        search: {{budget: 20, seed: 1}}
-        state_path: state.json
-        out: out
-    """))
+    cfg = _cli_setup(tmp_path, state_path="state.json")
     assert cli_main([str(cfg)]) == 0
     assert (tmp_path / "out" / "history.json").exists() and (tmp_path / "out" / "best_merge.yml").exists()
     assert (tmp_path / "state.json").exists()
@@ -218,29 +195,9 @@ def test_method_params_reach_the_method_and_the_state_fingerprint(tmp_path):
         optimize(pool, evaluate, model=Vec(16), budget=6, log=None, method="task_arithmetic",
                  method_params={"lambda": 1.0}, **{"lambda": 2.0})
 
-    for i, s in enumerate(sources):
-        save_file(s, str(tmp_path / f"c{i}.safetensors"))
-    save_file(base, str(tmp_path / "base.safetensors"))
-    (tmp_path / "evalmod2.py").write_text(textwrap.dedent("""
-        import torch
-        def build():
-            m = torch.nn.Module()
-            m.theta = torch.nn.Parameter(torch.zeros(16))
-            return m
-        def evaluate(m):
-            return {"neg_norm": -float(m.theta.detach().norm())}
-    """))
-    cfg = tmp_path / "ta.yml"
-    cfg.write_text(textwrap.dedent("""
-        sources: [c0.safetensors, c1.safetensors, c2.safetensors]
-        base: base.safetensors
-        model: evalmod2:build
-        evaluate: evalmod2:evaluate
-        method: ties
-        method_params: {normalize: false, density: 0.5}
-        search: {budget: 4, popsize: 2, seed: 1}
-        out: out
-    """))
+    cli = tmp_path / "cli"  # the search CLI's method_params: reach TIES' own normalize too
+    cli.mkdir()
+    cfg = _cli_setup(cli, base="base.safetensors", method="ties", method_params={"normalize": False, "density": 0.5})
     assert cli_main([str(cfg)]) == 0
 
 
