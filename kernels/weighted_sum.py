@@ -76,7 +76,8 @@ if triton is not None:
         offs = start + pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
         # -0.0 + w*x == w*x bit for bit (a +0.0 start would turn a -0.0 product into +0.0), so the
-        # fused first step rounds exactly as the CPU's `acc = w * x`.
+        # fused first step rounds exactly as the CPU's `acc = w * x`. tl.fma, not `acc += w * x`: the same
+        # one rounding as the C++ kernel's fma whether or not the compiler contracts (the interpreter does not).
         acc0 = tl.full([BLOCK], -0.0, tl.float32)
         acc1 = tl.full([BLOCK], -0.0, tl.float32)
         acc2 = tl.full([BLOCK], -0.0, tl.float32)
@@ -87,13 +88,13 @@ if triton is not None:
                 x = _load_mixed(addr, tl.load(code_table + i), offs, mask, ALIGNED)
             else:
                 x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
-            acc0 += tl.load(w_table + i) * x
+            acc0 = tl.fma(tl.load(w_table + i), x, acc0)
             if K > 1:
-                acc1 += tl.load(w_table + n_in + i) * x
+                acc1 = tl.fma(tl.load(w_table + n_in + i), x, acc1)
             if K > 2:
-                acc2 += tl.load(w_table + 2 * n_in + i) * x
+                acc2 = tl.fma(tl.load(w_table + 2 * n_in + i), x, acc2)
             if K > 3:
-                acc3 += tl.load(w_table + 3 * n_in + i) * x
+                acc3 = tl.fma(tl.load(w_table + 3 * n_in + i), x, acc3)
         _store(out0, offs, mask, acc0)
         if K > 1:
             _store(out1, offs, mask, acc1)

@@ -43,7 +43,7 @@ if triton is not None:
                     x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, False)
                 else:
                     x = _load_as_f32(addr, offs, mask, IN_DT, False)
-                acc += tl.load(w_row + i) * x
+                acc = tl.fma(tl.load(w_row + i), x, acc)  # one rounding, as the C++ fma
             out = tl.load(out_addr + t * k_total + k).to(tl.pointer_type(OUT_T))
             tl.store(out + offs, acc.to(OUT_T), mask=mask)
 

@@ -94,3 +94,24 @@ def test_the_ops_cache_nothing_by_default():
         out = tvo.task_vector_merge(x32, base.float(), torch.empty(SHAPE), sp, WEIGHTS, consensus=True,
                                     normalize=True, name="w")
         _check(out, xs, base, "ties")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_piece_at_an_offset_keeps_its_own_top_k_and_della_wants_the_whole_tensor(backend):
+    """task_vector_merge(offset=...) on a piece (found by a review): the tie index of the magnitude boundary was
+    local while the kernels compare global indices, so 20 equal |d| at density 0.5 kept none of them at offset
+    10; DELLA's mask was drawn and read at different indices; an offset past the 32-bit draw counter wrapped."""
+    x, base = torch.ones(20), torch.zeros(20)
+    for sp in (tvo.Sparsifier("magnitude", density=0.5), tvo.Sparsifier("magnitude_outliers", density=0.5, gamma=0.1)):
+        kept = []
+        for offset in (0, 10, 12345):
+            out = tvo.task_vector_merge([x], base, torch.empty(20), [sp], [1.0], consensus=False, normalize=False,
+                                        offset=offset, backend=backend)
+            kept.append(out.ne(0).nonzero().flatten().tolist())
+        assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 10, kept  # ties broken by index, the same set
+    with pytest.raises(ValueError, match="DELLA's mask ranks whole rows of the tensor"):
+        tvo.task_vector_merge([x], base, torch.empty(20), [tvo.Sparsifier("della_magprune", density=0.5, epsilon=0.1)],
+                              [1.0], consensus=False, normalize=False, offset=64, backend=backend)
+    with pytest.raises(ValueError, match="the random draws index at most"):
+        tvo.task_vector_merge([x], base, torch.empty(20), [tvo.Sparsifier("random", density=0.5)], [1.0],
+                              consensus=False, normalize=False, offset=(1 << 34) - 10, backend=backend)

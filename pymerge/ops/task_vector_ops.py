@@ -176,14 +176,14 @@ def plan_model(x: torch.Tensor, base: torch.Tensor, sp: Sparsifier, weight: floa
     if method == "magnitude":
         k = max(1, int(density * n))
         plan.mode = TOPK
-        plan.hi = select.select_ranks(x, base, [k], True, "cpu" if cpu else "torch", num_threads)[0]
+        plan.hi = _global(select.select_ranks(x, base, [k], True, "cpu" if cpu else "torch", num_threads)[0], offset)
     elif method == "magnitude_outliers":
         target = int(density * n)
         n_top = int(sp.gamma * n)
         n_bot = max(0, n - target - n_top)
         plan.mode = RANGE
-        plan.lo, plan.hi = select.select_ranks(x, base, [min(n_bot, n), min(n_bot + target, n)], False,
-                                               "cpu" if cpu else "torch", num_threads)
+        plan.lo, plan.hi = (_global(b, offset) for b in select.select_ranks(
+            x, base, [min(n_bot, n), min(n_bot + target, n)], False, "cpu" if cpu else "torch", num_threads))
     elif method == "random":
         plan.mode = RANDOM
         plan.thr = philox.keep_threshold(density)
@@ -200,6 +200,12 @@ def plan_model(x: torch.Tensor, base: torch.Tensor, sp: Sparsifier, weight: floa
     if key is not None:
         cache.put(key, (plan.mode, plan.lo, plan.hi, plan.thr, plan.scale))
     return plan
+
+
+def _global(b: "select.Boundary", offset: int) -> "select.Boundary":
+    """A boundary found over this piece, its tie index as the kernels compare it: offset + local index
+    (a piece at offset 10 kept none of 20 equal magnitudes at density 0.5)."""
+    return b if not offset else select.Boundary(b.key, b.index + offset)
 
 
 def _use_cpu(x: torch.Tensor, backend: str) -> bool:
@@ -417,10 +423,16 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
     if not 0 <= index < 1 << 62:
         raise ValueError(f"offset must be an integer from 0 to 2**62 - 1 (an element index), got {offset!r}")
     offset = index
+    if offset + base.numel() > philox.MAX_ELEMENTS:  # the kernels' 32-bit draw counter would wrap
+        raise ValueError(f"offset + numel is {offset + base.numel()}; the random draws index at most "
+                         f"{philox.MAX_ELEMENTS} elements of one tensor")
     for i, x in enumerate(inputs):
         if x.shape != base.shape:
             raise ValueError(f"input {i} has shape {tuple(x.shape)} but the base has {tuple(base.shape)}")
         check_sparsifier(sparsifiers[i], f"input {i}")
+        if offset and sparsifiers[i].method == "della_magprune":  # its mask ranks whole rows of one tensor
+            raise ValueError(f"input {i}: DELLA's mask ranks whole rows of the tensor; call it on the whole "
+                             "tensor (offset 0), not on a piece")
     plans = [plan_model(x, base, sp, w, i, name=name, seed=seed, offset=offset, cache=cache,
                         cache_key=None if cache_keys is None else cache_keys[i], backend=backend,
                         num_threads=num_threads)

@@ -39,6 +39,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     given = out is not None
     if given:
         _no_grad_for_out(tensors, weights, "weighted_sum")
+    elif _wants_grad(tensors, weights):  # outside the op registry (eager torch, Triton's interpreter)
+        return _tracked_sum(tensors, _learnt(weights, w), dtype)
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     rows = _weight_tensor(w).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
@@ -46,6 +48,20 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     if given and not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
+
+
+def _wants_grad(tensors, weights) -> bool:
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                        or isinstance(weights, torch.Tensor) and weights.requires_grad)
+
+
+def _tracked_sum(tensors, w, dtype) -> torch.Tensor:
+    """The eager backend's arithmetic (float32 accumulation in input order, rounded once) as torch ops that
+    autograd records: where no registered op runs, gradients still flow as they do through the op."""
+    acc = tensors[0].float() * w[0]
+    for t, wi in zip(tensors[1:], w[1:]):
+        acc = acc + t.float() * wi
+    return acc.to(dtype)
 
 
 def _no_grad_for_out(tensors, weights, op: str) -> None:
@@ -93,6 +109,9 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         if _op_backend(tensors[0], backend):
             return library.call("weighted_sum_many", _contig(tensors), _weight_tensor(_learnt(weight_rows, rows)), dtype,
                                              _op_backend(tensors[0], backend), num_threads)
+        if _wants_grad(tensors, weight_rows):  # outside the op registry (eager torch, Triton's interpreter)
+            table = _learnt(weight_rows, rows)
+            return [_tracked_sum(tensors, table[k], dtype) for k in range(len(rows))]
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
     else:
         _no_grad_for_out(tensors, weight_rows, "weighted_sum_many")
