@@ -143,7 +143,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     from pymerge.errors import DistributedError, InputError
+    from pymerge.io.writer import INSTALLED
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    installed_before = len(INSTALLED)
     try:
         return _dispatch(args)
     except InputError as exc:
@@ -153,7 +155,9 @@ def _run(args) -> int:
         print(f"pymerge: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("pymerge: interrupted; no output was written", file=sys.stderr)
+        done = INSTALLED[installed_before:]
+        print(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)" if done
+              else "pymerge: interrupted; no output was written", file=sys.stderr)
         return 130
     except OSError as exc:
         if exc.errno is None:

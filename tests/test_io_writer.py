@@ -268,6 +268,55 @@ def test_force_interrupted_keeps_old_out(tmp_path):
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["old.txt"]
 
 
+@pytest.mark.parametrize("when", ["after the swap", "between the renames", "while removing the old OUT"])
+def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_path, monkeypatch, when):
+    """Ctrl-C just after OUT was swapped in ran abort(), which removed the temporary folder, by then the old
+    model's, and the CLI said 'no output was written' (found by a review). Now: interrupted after the swap,
+    OUT is the new model and INSTALLED says so; between the two renames of the fallback, the old OUT goes
+    back at once; while removing the old OUT, the merge is done and the old copy is left for the next run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_exchange, real_rename, real_remove = writer_mod._exchange, os.rename, writer_mod._remove_tree
+
+    def exchange(a, b):
+        if when == "between the renames":
+            return False
+        done = real_exchange(a, b)
+        if when == "after the swap":
+            raise KeyboardInterrupt
+        return done
+
+    def rename(a, b):
+        real_rename(a, b)
+        if when == "between the renames" and ".pymerge-old-" in str(b):
+            raise KeyboardInterrupt
+
+    def remove(path):
+        if when == "while removing the old OUT" and (path / "old.txt").exists():
+            raise KeyboardInterrupt
+        real_remove(path)
+
+    monkeypatch.setattr(writer_mod, "_exchange", exchange)
+    monkeypatch.setattr(writer_mod.os, "rename", rename)
+    monkeypatch.setattr(writer_mod, "_remove_tree", remove)
+    before = len(writer_mod.INSTALLED)
+    t = {"a": torch.randn(3)}
+    if when == "while removing the old OUT":
+        write_all(out, t, force=True)  # the merge is done: no error
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            write_all(out, t, force=True)
+    if when == "between the renames":
+        assert os.listdir(out) == ["old.txt"] and leftovers(tmp_path) == [] and len(writer_mod.INSTALLED) == before
+    else:
+        assert os.listdir(out) == ["model.safetensors"] and torch.equal(load_all(out)["a"], t["a"])
+        assert writer_mod.INSTALLED[before:] == [out]
+        monkeypatch.undo()
+        writer_mod._remove_stale(out)  # after this process: what a next writer for OUT does (pid alive here)
+        assert all(".pymerge-" not in n or str(os.getpid()) in n for n in os.listdir(tmp_path))
+
+
 def test_out_that_is_a_file_or_has_no_parent(tmp_path):
     (tmp_path / "f").write_text("x")
     for bad in (tmp_path / "f", tmp_path / "nope" / "out"):

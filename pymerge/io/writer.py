@@ -53,6 +53,9 @@ class _Slot:
     written: List[Tuple[int, int]] = field(default_factory=list)  # element ranges [begin, end)
 
 
+INSTALLED: List[Path] = []  # every OUT a writer of this process installed (what an interrupt may report)
+
+
 class ShardedWriter:
     """Writes ``entries`` = [(name, dtype, shape), ...] (output order) into the folder ``out_dir``.
     A dtype is a torch dtype or its name ("bfloat16", or the safetensors code "BF16").
@@ -376,7 +379,7 @@ class ShardedWriter:
                 _fsync_dir(d)
             self._install()
         except BaseException:
-            self.abort()
+            self.abort()  # a no-op once _install put OUT in place
             raise
         with self._cond:
             self._state = "committed"
@@ -384,25 +387,40 @@ class ShardedWriter:
 
     def _install(self) -> None:
         out, tmp, parent = self.out_dir, self.tmp_dir, self.out_dir.parent
-        if not os.path.lexists(out) or _is_empty_dir(out):
-            os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
-            _fsync_dir(parent)
-            return
-        if not out.is_dir():
-            raise InputError(f"{out}: exists and is not a folder")
-        if not self.force:
-            raise InputError(f"{out} exists and is not empty; pass --force to replace it")
-        if _exchange(tmp, out):  # one atomic step: OUT is the new model, tmp holds the old one
-            _fsync_dir(parent)
-            _remove_tree(tmp)
-            return
-        # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
-        # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
-        aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
-        os.rename(out, aside)
-        os.rename(tmp, out)
+        ours, aside = _identity(tmp), None
+        try:
+            if not os.path.lexists(out) or _is_empty_dir(out):
+                os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
+            elif not out.is_dir():
+                raise InputError(f"{out}: exists and is not a folder")
+            elif not self.force:
+                raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+            elif not _exchange(tmp, out):  # renameat2: one atomic step, after which tmp holds the old OUT
+                # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
+                # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
+                aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
+                os.rename(out, aside)
+                os.rename(tmp, out)
+        except BaseException:
+            if _identity(out) != ours:  # OUT is not the new model: the old one goes back, abort cleans up
+                if aside is not None and not os.path.lexists(out) and os.path.lexists(aside):
+                    os.rename(aside, out)
+                raise
+            self._installed()  # interrupted just after the swap: OUT is the new model, complete
+            _discard(aside if aside is not None else tmp)
+            raise
+        self._installed()
         _fsync_dir(parent)
-        _remove_tree(aside)
+        old = aside if aside is not None else tmp  # the replaced model (nothing there after a plain rename)
+        if os.path.lexists(old):
+            _discard(old)
+
+    def _installed(self) -> None:
+        """The point of no return: OUT is the new model. An interrupt from here on must neither delete
+        it (abort would take the old model's folder for its own) nor be reported as 'no output'."""
+        with self._cond:
+            self._state = "committed"
+        INSTALLED.append(self.out_dir)
 
     def abort(self) -> None:
         """Discards everything written so far. A no-op after commit or a previous abort."""
@@ -550,6 +568,24 @@ def _remove_stale(out: Path) -> None:
                 else:
                     _remove_tree(Path(e.path))
                 break
+
+
+def _identity(path: Path):
+    """(device, inode) of path itself (a link is not followed), or None where there is nothing."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _discard(old: Path) -> None:
+    """Removes the replaced model after OUT is installed. Interrupted, it stays hidden beside OUT (its
+    name carries this pid), for the next writer for OUT to remove; the merge itself is done."""
+    try:
+        _remove_tree(old)
+    except KeyboardInterrupt:
+        pass
 
 
 def _remove_tree(path: Path) -> None:
