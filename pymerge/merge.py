@@ -248,6 +248,7 @@ def write_copies(plan: MergePlan, writer: ShardedWriter) -> None:
             data = plan.checkpoints[0].array(c.name)
             guard.check()
             writer.write(c.name, data)
+        guard.check(sizes=True)  # a cut inside a file's last page faults nothing: its size says it
 
 
 def op_threads(processes: int = 1) -> int:

@@ -181,6 +181,8 @@ class _Sink:
         self.q.put(None)
         self.thread.join()
         self.check()
+        if self.guard is not None:  # every read is done: a cut inside a file's last page faulted nothing
+            self.guard.check(sizes=True)
 
     def abandon(self) -> None:
         """After an error on the main thread: stop writing, let the thread finish quickly."""

@@ -294,3 +294,49 @@ def test_saved_compressed_pool_truncated_while_loading_is_an_error(tmp_path):
                        cwd=ROOT, timeout=120)
     assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
     assert f"error: {path}: the file shrank while being loaded" in p.stdout and "no pool was loaded" in p.stdout
+
+
+@needs_cpu_ext
+def test_a_cut_inside_the_last_page_is_seen_too(tmp_path):
+    """A file cut by a few bytes keeps its last page mapped: reads past the new end see zeros and nothing
+    faults, so merges and pools used the zeros, exit 0 (found by a review). The sizes are checked now:
+    after a merge's reads, while a pool is built, and around every materialize on the mmap tier."""
+    import os
+    from pymerge import CheckpointPool
+    from pymerge.errors import CheckpointError
+    from pymerge.merge import run_merge
+    base, fts = lf.make_family(tmp_path / "fam", n_finetunes=2, dims=lf.TINY)
+    victim = fts[1] / "model.safetensors"
+    size = os.path.getsize(victim)
+    cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "linear", "models": [
+        {"model": str(m), "parameters": {"weight": 0.5}} for m in fts]})
+
+    class CutOnce:  # the writer thread calls update() once a chunk is on disk
+        done = False
+
+        def update(self, n):
+            if not self.done:
+                self.done = True
+                os.truncate(victim, size - 4)
+    with pytest.raises(CheckpointError, match="shrank while being merged"):
+        run_merge(cfg, tmp_path / "out", quiet=True, progress=CutOnce(), threads=1)
+    assert not (tmp_path / "out").exists()
+    os.truncate(victim, size)  # zeros back at the end: a valid file again (its last 4 bytes were data)
+    pool = CheckpointPool([str(m) for m in fts], residency="mmap")
+    target = {n: torch.empty(s) for n, s in pool.shapes.items()}
+    pool.materialize([0.5, 0.5], into=target)
+    os.truncate(victim, size - 4)
+    with pytest.raises(CheckpointError, match="shrank while the pool was reading it"):
+        pool.materialize([0.5, 0.5], into=target)
+    choose = CheckpointPool._choose
+
+    def cut_then_choose(self, *args):  # after the headers are read, before any tensor is copied
+        os.truncate(victim, size - 8)
+        return choose(self, *args)
+    os.truncate(victim, size)
+    CheckpointPool._choose = cut_then_choose
+    try:
+        with pytest.raises(CheckpointError, match="no pool was built"):
+            CheckpointPool([str(m) for m in fts], residency="host")
+    finally:
+        CheckpointPool._choose = choose

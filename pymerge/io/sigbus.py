@@ -5,7 +5,9 @@ registered with the native guard (csrc/cpu/sigbus.cpp): a read past the file's n
 zeros instead of killing the process, and check(), called before each computed chunk is handed to
 the writer, raises for it, so the merge aborts and its temporary folder goes, as on any error.
 A CheckpointPool registers its files the same way while it copies them, and for its whole life on
-the mmap tier, whose every materialize reads the maps (pymerge/pool/pool.py).
+the mmap tier, whose every materialize reads the maps (pymerge/pool/pool.py). A cut that stays inside
+the last page faults nothing (the page reads zeros past the end): check(sizes=True) compares each
+file's size with its mapping, after a merge's last read and around every pool materialize.
 
 Without the C++ extension there is no guard (a truncated input still kills the process).
 """
@@ -47,7 +49,15 @@ class MappingGuard:
             raise
         return self
 
-    def check(self, then: str = "no output was written") -> None:
+    def check(self, then: str = "no output was written", sizes: bool = False) -> None:
+        """Raises if a mapped file shrank. A fault says so at once; with sizes=True each file's size is
+        looked at too (one stat each): a cut inside the last page reads zeros without any fault, so the
+        merge calls this once its reads are done, the pool around every materialize."""
+        if sizes and self._shrunk is None:
+            for begin, end, f, path, identity in self._ranges:
+                if _shrank(path, identity, end - begin):
+                    self._shrunk = f
+                    break
         if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
             return
         hits, address = self._ext.sigbus_guard_hits()

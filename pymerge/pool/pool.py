@@ -73,13 +73,13 @@ def _checks_mapped_files(merge):
 
     @functools.wraps(merge)
     def checked(self, *args, **kwargs):
-        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one")
+        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one", sizes=True)
         try:
             out = merge(self, *args, **kwargs)
         except Exception:  # a KeyboardInterrupt passes as it is
-            self._guard.check(then=incomplete)
+            self._guard.check(then=incomplete, sizes=True)
             raise
-        self._guard.check(then=incomplete)
+        self._guard.check(then=incomplete, sizes=True)
         return out
     return checked
 
@@ -161,7 +161,7 @@ class CheckpointPool:
                 held = [self._hold_all(s) for s in opened]
                 self._inputs = {n: [h[n] for h in held] for n in self.names}
                 self._base = self._hold_all(base_src) if base_src else {}
-            guard.check(then="no pool was built")
+            guard.check(then="no pool was built", sizes=True)
             self._lent_at = np.array([t.data_ptr() for _, _, t in self._lent], dtype=np.uint64)
             if self.residency == "mmap" and self._reads_maps():  # every merge reads them: guarded while the pool lives
                 weakref.finalize(self, guard.stop)  # the native table's slots are few (4096); set first, so
