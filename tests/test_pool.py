@@ -562,3 +562,22 @@ def test_a_backend_that_cannot_run_is_refused_when_the_pool_is_built(monkeypatch
             CheckpointPool([{"w": torch.ones(3)}], base=base, backend="triton", compress=compress)
     with pytest.raises(InputError, match="unknown backend 'gpu'"):
         CheckpointPool([{"w": torch.ones(3)}], backend="gpu")
+
+
+def test_dtype_on_the_mmap_tier_is_refused_not_ignored(tmp_path):
+    """The mmap tier read the files as they are and ignored dtype=, so one pool merged other bits depending
+    on the memory it found (75 of 75 tensors differed from the host tier; found by a review)."""
+    g = torch.Generator().manual_seed(4)
+    for i in range(2):
+        save_file({"w": torch.randn(1000, generator=g)}, str(tmp_path / f"c{i}.safetensors"))
+    files = [str(tmp_path / f"c{i}.safetensors") for i in range(2)]
+    with pytest.raises(InputError, match=r"dtype=torch.bfloat16 rounds .*c0.safetensors's 'w' \(torch.float32\).*mmap tier"):
+        CheckpointPool(files, dtype=torch.bfloat16, memory_budget="1KB")
+    with pytest.raises(InputError, match="mmap tier"):
+        CheckpointPool(files, dtype=torch.bfloat16, residency="mmap")
+    same = CheckpointPool(files, dtype=torch.float32, residency="mmap")  # the files' own dtype: nothing to round
+    host = CheckpointPool(files, dtype=torch.float32, residency="host")
+    a, b = {"w": torch.empty(1000)}, {"w": torch.empty(1000)}
+    same.materialize([0.3, 0.7], into=a)
+    host.materialize([0.3, 0.7], into=b)
+    assert torch.equal(a["w"], b["w"])

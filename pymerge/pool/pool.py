@@ -158,6 +158,8 @@ class CheckpointPool:
                                                              error_budget, dtype, self.skipped))
             else:
                 self.residency, self.reason = self._choose(opened, base_src, residency)
+                if self.residency == "mmap" and dtype is not None:
+                    _check_mmap_dtype(opened + ([base_src] if base_src else []), self.names, dtype, self.reason)
                 held = [self._hold_all(s) for s in opened]
                 self._inputs = {n: [h[n] for h in held] for n in self.names}
                 self._base = self._hold_all(base_src) if base_src else {}
@@ -804,6 +806,18 @@ def _threads(num_threads) -> int:
         return check_threads(num_threads)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _check_mmap_dtype(sources, names, dtype: torch.dtype, reason: str) -> None:
+    """The mmap tier reads the files as they are: dtype= (which the other tiers apply as they copy) would be
+    ignored there, and the same pool would merge other bits depending on the memory it found."""
+    for src in sources:
+        for n in names:
+            have = src.info(n)[0]
+            if have in INPUT_DTYPES and have != dtype:
+                raise InputError(f"dtype={dtype} rounds {src.label}'s {n!r} ({have}) as the pool copies it, but this "
+                                 f"pool reads its files in place (mmap tier: {reason}); drop dtype= (merges compute "
+                                 "in float32 anyway) or give it the memory for copies (memory_budget=)")
 
 
 def _first_dtype(src, name: str) -> torch.dtype:
