@@ -490,3 +490,17 @@ def test_commit_waits_for_a_write_in_flight(tmp_path, monkeypatch):
     writer.join()
     committer.join()
     assert torch.equal(load_all(out)["a"], torch.arange(4.0))
+
+
+def test_a_failed_write_names_the_shard(tmp_path, monkeypatch):
+    """Was 'pymerge: error: output: No space left on device' (the OSError carried no file name)."""
+    import errno
+
+    def full(fd, data, pos):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError) as got:
+        with ShardedWriter(tmp_path / "out", plan({"a": torch.ones(4)})) as w:
+            monkeypatch.setattr(writer_mod, "_pwrite_all", full)
+            w.write("a", torch.ones(4))
+    assert got.value.errno == errno.ENOSPC and got.value.filename == str(tmp_path / "out" / "model.safetensors")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

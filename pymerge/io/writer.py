@@ -195,6 +195,9 @@ class ShardedWriter:
         try:
             _pwrite_all(fd, memoryview(self._headers[i]), 0)
             os.ftruncate(fd, self._sizes[i])  # sparse: no disk blocks until the data is written
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[i])) from None
         except BaseException:
             os.close(fd)
             raise
@@ -249,7 +252,12 @@ class ShardedWriter:
         try:
             if n:
                 fd, pos = self._fds[slot.shard], slot.file_offset + offset * slot.itemsize
-                _pwrite_all(fd, memoryview(data), pos)
+                try:
+                    _pwrite_all(fd, memoryview(data), pos)
+                except OSError as exc:  # name the shard (was "output: No space left on device")
+                    if exc.filename is None:
+                        raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[slot.shard])) from None
+                    raise
                 _start_writeback(fd, pos, n * slot.itemsize)
             with self._cond:
                 if slot.written and slot.written[-1][1] == offset:
