@@ -259,3 +259,13 @@ def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
     run.claim_out(str(fresh))
     run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [str(ckpts / "01-b")])
     assert sorted(os.listdir(ckpts)) == ["keep.txt"]
+
+
+def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):
+    """Called directly (no claim_out), a folder with no manifest and no demo marker is refused, not emptied."""
+    folder = tmp_path / "mine"
+    (folder / "pretrained").mkdir(parents=True)
+    (folder / "pretrained" / "weights.bin").write_text("mine")
+    with pytest.raises(run.InputError, match="is not a folder the demo wrote"):
+        run.build_checkpoints(str(folder), run.Settings.quick())
+    assert (folder / "pretrained" / "weights.bin").read_text() == "mine"

@@ -145,6 +145,9 @@ def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
             listed = json.load(fh).get("checkpoints", [])
     except (OSError, ValueError, AttributeError):
         listed = []
+    claimed = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(folder)), MARKER))
+    if os.listdir(folder) and not os.path.isfile(manifest) and not claimed:  # build_checkpoints called directly
+        raise InputError(f"{folder}: is not a folder the demo wrote (no manifest.json); move it or choose another")
     for path in [os.path.join(folder, "pretrained")] + [os.path.join(folder, os.path.basename(str(p)))
                                                           for p in list(listed) + list(paths)]:
         if os.path.isdir(path) and not os.path.islink(path):

@@ -170,8 +170,9 @@ def _plain(value):
         return [_plain(v) for v in value]
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return np.asarray(value.detach() if isinstance(value, torch.Tensor) else value, dtype=np.float64).tolist()
-    if isinstance(value, (bool, int, float, np.number)):
-        return float(value)
+    if isinstance(value, (bool, int, float, np.integer, np.floating)):
+        as_float = float(value)  # 0.5 and np.float64(0.5), True and 1, 1 and 1.0 agree...
+        return as_float if as_float == value else int(value)  # ...seeds past 2**53 stay exact
     if callable(value):
         return getattr(value, "__qualname__", type(value).__name__)
     return repr(value)

@@ -40,6 +40,8 @@ class TorchFile:
         self.path = Path(path)
         self.metadata = None
         os.close(open_regular(self.path))  # a FIFO or a device: refused before torch opens it
+        st = os.stat(self.path)
+        self.mapped_identity = (st.st_dev, st.st_ino)  # the file torch maps: its size is checked (sigbus.py)
         try:
             state, mapped = _torch_load(self.path)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...

@@ -293,6 +293,11 @@ class SafetensorsFile:
         mm = self._require_open()
         return np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0], len(mm)
 
+    def mapped_size(self) -> int:
+        """The size of the mapped file now, through the map's own descriptor (a rename of the path to
+        another file does not change it): smaller than the map when the file was cut (pymerge/io/sigbus.py)."""
+        return self._require_open().size()
+
     def _require_open(self) -> mmap.mmap:
         if self._mm is None:
             raise ValueError(f"{self.path}: file is closed")

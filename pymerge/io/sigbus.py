@@ -43,7 +43,8 @@ class MappingGuard:
                 begin, length = mapped
                 self._slots.append(self._ext.sigbus_guard_add(begin, length))
                 path = os.path.abspath(f.path)  # the size check below must not follow a later chdir
-                self._ranges.append((begin, begin + length, f, path, _identity(path)))
+                identity = getattr(f, "mapped_identity", None) or _identity(path)  # the file mapped, not the path's now
+                self._ranges.append((begin, begin + length, f, path, identity))
         except BaseException:
             self.stop()
             raise
@@ -55,7 +56,7 @@ class MappingGuard:
         merge calls this once its reads are done, the pool around every materialize."""
         if sizes and self._shrunk is None:
             for begin, end, f, path, identity in self._ranges:
-                if _shrank(path, identity, end - begin):
+                if _cut(f, path, identity, end - begin):
                     self._shrunk = f
                     break
         if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
@@ -88,6 +89,18 @@ def _identity(path: str) -> Optional[tuple]:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _cut(f, path: str, identity: Optional[tuple], length: int) -> bool:
+    """Whether the mapped file is now shorter than its map: through the map's own descriptor where the file
+    object has one (safetensors), else by path when the path still names the mapped file."""
+    size = getattr(f, "mapped_size", None)
+    if size is None:
+        return _shrank(path, identity, length)
+    try:
+        return size() < length
+    except (OSError, ValueError):  # closed meanwhile: nothing read through it any more
+        return False
 
 
 def _shrank(path: str, identity: Optional[tuple], length: int) -> bool:

@@ -38,6 +38,7 @@ from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 INDEX_NAME = "model.safetensors.index.json"
 _TMP_TAG = ".pymerge-tmp-"  # .<outname>.pymerge-tmp-<pid>: the folder being written
 _OLD_TAG = ".pymerge-old-"  # .<outname>.pymerge-old-<pid>: a replaced OUT, only where renameat2 is missing
+_DEL_TAG = ".pymerge-del-"  # .<outname>.pymerge-del-<pid>: a replaced OUT after the new one is in: garbage
 _MAX_PWRITE = 1 << 30  # Linux writes at most ~2 GiB per call; smaller pieces keep the loop honest
 
 
@@ -396,6 +397,8 @@ class ShardedWriter:
     def _install(self) -> None:
         out, tmp, parent = self.out_dir, self.tmp_dir, self.out_dir.parent
         ours, aside = _identity(tmp), None
+        if ours is None:
+            raise InputError(f"{tmp}: the temporary folder is gone (removed by another program); nothing installed")
         try:
             if not os.path.lexists(out) or _is_empty_dir(out):
                 os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
@@ -409,19 +412,34 @@ class ShardedWriter:
                 aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
                 os.rename(out, aside)
                 os.rename(tmp, out)
+            self._installed()
         except BaseException:
             if _identity(out) != ours:  # OUT is not the new model: the old one goes back, abort cleans up
                 if aside is not None and not os.path.lexists(out) and os.path.lexists(aside):
                     os.rename(aside, out)
                 raise
-            self._installed()  # interrupted just after the swap: OUT is the new model, complete
-            _discard(aside if aside is not None else tmp)
+            if self._state != "committed":  # interrupted just after the swap: OUT is the new model, complete
+                self._installed()
+            self._discard(aside if aside is not None else tmp)
             raise
-        self._installed()
         _fsync_dir(parent)
         old = aside if aside is not None else tmp  # the replaced model (nothing there after a plain rename)
         if os.path.lexists(old):
-            _discard(old)
+            self._discard(old)
+
+    def _discard(self, old: Path) -> None:
+        """Removes the replaced model once OUT is installed: renamed to a name that only ever means
+        garbage (the next writer for OUT removes it, whatever its pid; it is never put back as OUT),
+        then deleted. An interrupt still propagates (the CLI says OUT is complete); an OSError leaves
+        the rest for the next writer: the merge itself is done."""
+        gone = self.out_dir.parent / f"{_beside(self.out_dir, _DEL_TAG)}{os.getpid()}"
+        try:
+            if os.path.lexists(gone):
+                _remove_tree(gone)
+            os.rename(old, gone)
+            _remove_tree(gone)
+        except OSError:
+            pass
 
     def _installed(self) -> None:
         """The point of no return: OUT is the new model. An interrupt from here on must neither delete
@@ -562,12 +580,15 @@ def _zombie(pid: int) -> bool:
 def _remove_stale(out: Path) -> None:
     """Clears what writers killed mid-run left beside OUT (their pid is gone): half-written temp
     folders go; an old OUT stranded aside by a crash mid-replace goes back if OUT is missing."""
-    tmp_prefix, old_prefix = _beside(out, _TMP_TAG), _beside(out, _OLD_TAG)
+    tmp_prefix, old_prefix, del_prefix = _beside(out, _TMP_TAG), _beside(out, _OLD_TAG), _beside(out, _DEL_TAG)
     try:
         entries = list(os.scandir(out.parent))
     except OSError:
         return
     for e in entries:
+        if e.name.startswith(del_prefix) and e.name[len(del_prefix):].isdigit():  # garbage, whoever left it
+            shutil.rmtree(e.path, ignore_errors=True)
+            continue
         for prefix in (old_prefix, tmp_prefix):
             pid = e.name[len(prefix):]
             if e.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
@@ -585,15 +606,6 @@ def _identity(path: Path):
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def _discard(old: Path) -> None:
-    """Removes the replaced model after OUT is installed. Interrupted, it stays hidden beside OUT (its
-    name carries this pid), for the next writer for OUT to remove; the merge itself is done."""
-    try:
-        _remove_tree(old)
-    except KeyboardInterrupt:
-        pass
 
 
 def _remove_tree(path: Path) -> None:

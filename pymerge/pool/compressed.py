@@ -491,7 +491,7 @@ class CompressedStore:
                 if key.endswith("/scales") and bool((t < 0).any()):
                     raise CheckpointError(f"{path}: tensor {key!r} holds negative scales")
                 loaded[key] = t
-            guard.check(then="no pool was loaded")
+            guard.check(then="no pool was loaded", sizes=True)
         names, shapes, base, entries = [], {}, {}, {}
         for entry in header["tensors"]:
             name = entry["name"]

@@ -73,7 +73,7 @@ def _checks_mapped_files(merge):
 
     @functools.wraps(merge)
     def checked(self, *args, **kwargs):
-        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one", sizes=True)
+        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one")
         try:
             out = merge(self, *args, **kwargs)
         except Exception:  # a KeyboardInterrupt passes as it is
@@ -817,7 +817,7 @@ def _check_mmap_dtype(sources, names, dtype: torch.dtype, reason: str) -> None:
             if have in INPUT_DTYPES and have != dtype:
                 raise InputError(f"dtype={dtype} rounds {src.label}'s {n!r} ({have}) as the pool copies it, but this "
                                  f"pool reads its files in place (mmap tier: {reason}); drop dtype= (merges compute "
-                                 "in float32 anyway) or give it the memory for copies (memory_budget=)")
+                                 "in float32 anyway), or hold copies: residency='host' where the memory is there")
 
 
 def _first_dtype(src, name: str) -> torch.dtype:

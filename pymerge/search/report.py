@@ -40,7 +40,9 @@ def replace_file(path: str, write) -> None:
     check_replaceable(path)  # a FIFO or device would be replaced
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")  # a new file
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would stay on the result
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it (mkstemp's 0600 would stay on the result)
     try:
         write(tmp)
         os.replace(tmp, path)
