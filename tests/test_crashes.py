@@ -340,3 +340,31 @@ def test_a_cut_inside_the_last_page_is_seen_too(tmp_path):
             CheckpointPool([str(m) for m in fts], residency="host")
     finally:
         CheckpointPool._choose = choose
+
+
+@needs_cpu_ext
+def test_a_checkpoint_rewritten_in_place_under_an_mmap_pool_is_refused(tmp_path):
+    """Same size, new bytes: the mmap tier read them silently, mixed with the TIES thresholds it had cached
+    from the old ones (found by a review). The file's modification time says it changed."""
+    import os
+    from safetensors.torch import save_file
+    from pymerge import CheckpointPool
+    from pymerge.errors import CheckpointError
+    g = torch.Generator().manual_seed(8)
+    files = [str(tmp_path / f"c{i}.safetensors") for i in range(2)]
+    for f in files:
+        save_file({"w": torch.randn(4096, generator=g)}, f)
+    save_file({"w": torch.zeros(4096)}, str(tmp_path / "base.safetensors"))
+    pool = CheckpointPool(files, base=str(tmp_path / "base.safetensors"), residency="mmap")
+    target = {"w": torch.empty(4096)}
+    pool.materialize([0.5, 0.5], into=target, method="ties", density=0.5)
+    before = os.stat(files[1]).st_mtime_ns
+    with open(files[1], "r+b") as fh:  # new values in place, same size
+        fh.seek(-16, os.SEEK_END)
+        fh.write(b"\x00" * 16)
+    if os.stat(files[1]).st_mtime_ns == before:  # a coarse clock: make the change visible
+        os.utime(files[1], ns=(before + 10**9, before + 10**9))
+    with pytest.raises(CheckpointError, match="the file changed while the pool was reading it"):
+        pool.materialize([0.5, 0.5], into=target, method="ties", density=0.5)
+    fresh = CheckpointPool(files, base=str(tmp_path / "base.safetensors"), residency="mmap")  # a new pool is fine
+    fresh.materialize([0.5, 0.5], into=target, method="ties", density=0.5)

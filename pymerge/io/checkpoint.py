@@ -41,7 +41,8 @@ class TorchFile:
         self.metadata = None
         os.close(open_regular(self.path))  # a FIFO or a device: refused before torch opens it
         st = os.stat(self.path)
-        self.mapped_identity = (st.st_dev, st.st_ino)  # the file torch maps: its size is checked (sigbus.py)
+        # the file torch maps, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
+        self.mapped_identity, self.mapped_mtime = (st.st_dev, st.st_ino), st.st_mtime_ns
         try:
             state, mapped = _torch_load(self.path)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...

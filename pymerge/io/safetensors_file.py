@@ -107,7 +107,10 @@ class SafetensorsFile:
         self._mm: Optional[mmap.mmap] = None
         fd = open_regular(self.path)  # a FIFO or a device: refused, never read
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
+            # the file mapped, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
+            self.mapped_identity, self.mapped_mtime = (st.st_dev, st.st_ino), st.st_mtime_ns
             self._parse(fd, size)
             # A file of only a header still maps fine: it is at least 8 bytes long.
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

@@ -7,7 +7,9 @@ the writer, raises for it, so the merge aborts and its temporary folder goes, as
 A CheckpointPool registers its files the same way while it copies them, and for its whole life on
 the mmap tier, whose every materialize reads the maps (pymerge/pool/pool.py). A cut that stays inside
 the last page faults nothing (the page reads zeros past the end): check(sizes=True) compares each
-file's size with its mapping, after a merge's last read and around every pool materialize.
+file's size with its mapping, after a merge's last read and after every pool materialize, and its
+modification time with the one it had when mapped (a rewrite in place, same size, changes the bytes a
+map reads).
 
 Without the C++ extension there is no guard (a truncated input still kills the process).
 """
@@ -30,6 +32,8 @@ class MappingGuard:
         self._hits: Optional[int] = None
         self._doing = doing  # "the file shrank while ...": what reads the mappings
         self._shrunk = None  # the file found shrunk: its mapping reads zeros from then on, so every check raises
+        self._stamps: dict = {}  # id(file) -> its modification time when mapped (None: unknown)
+        self._rewritten = None  # the file found rewritten in place: its map reads the new bytes
 
     def start(self) -> "MappingGuard":
         if self._ext is None or self._slots:
@@ -45,6 +49,7 @@ class MappingGuard:
                 path = os.path.abspath(f.path)  # the size check below must not follow a later chdir
                 identity = getattr(f, "mapped_identity", None) or _identity(path)  # the file mapped, not the path's now
                 self._ranges.append((begin, begin + length, f, path, identity))
+                self._stamps[id(f)] = getattr(f, "mapped_mtime", None)
         except BaseException:
             self.stop()
             raise
@@ -59,6 +64,11 @@ class MappingGuard:
                 if _cut(f, path, identity, end - begin):
                     self._shrunk = f
                     break
+                if self._rewritten is None and _rewritten(path, identity, self._stamps.get(id(f))):
+                    self._rewritten = f
+        if self._rewritten is not None and self._shrunk is None:
+            raise CheckpointError(f"{self._rewritten.path}: the file changed while {self._doing} (another program "
+                                  f"rewrote it in place: its modification time moved); {then}")
         if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
             return
         hits, address = self._ext.sigbus_guard_hits()
@@ -101,6 +111,18 @@ def _cut(f, path: str, identity: Optional[tuple], length: int) -> bool:
         return size() < length
     except (OSError, ValueError):  # closed meanwhile: nothing read through it any more
         return False
+
+
+def _rewritten(path: str, identity: Optional[tuple], stamp: Optional[int]) -> bool:
+    """Whether the mapped file (still at path) was written since it was mapped: a map reads the new bytes,
+    mixed with whatever was computed from the old ones (same size: no cut to see)."""
+    if stamp is None:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == identity and st.st_mtime_ns != stamp
 
 
 def _shrank(path: str, identity: Optional[tuple], length: int) -> bool:
