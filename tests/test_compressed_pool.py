@@ -927,3 +927,19 @@ def test_options_that_would_be_ignored_are_refused():
             CheckpointPool(src, base=base, error_budget=budget)
     with pytest.raises(InputError, match="memory_budget= does not apply"):
         CheckpointPool(src, base=base, compress="int8", memory_budget=10)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8", "auto"])
+def test_a_delta_near_float32s_limit_is_held_exact(mode):
+    """Base -1.7e38, checkpoint +1.7e38: the delta is finite, but code * scale decoded to inf in pool.tensor()
+    and the selection methods (the fused kernel, adding the base first, stayed finite; found by a review)."""
+    base = {"w": torch.tensor([-1.7e38, 0.0, 1.0] + [0.0] * 125)}
+    src = [{"w": torch.tensor([1.7e38, 0.0, 1.0] + [0.0] * 125)}, {"w": torch.tensor([1.7e38, 0.5, 1.0] + [0.0] * 125)}]
+    pool = CheckpointPool(src, base=base, compress=mode)
+    decoded = pool.tensor(0, "w")
+    assert torch.isfinite(decoded).all()
+    torch.testing.assert_close(decoded.double(), src[0]["w"].double(), rtol=1e-2, atol=1e-2 * 3.4e38 / 127)
+    for method, kw in (("linear", {}), ("ties", {"density": 1.0}), ("dare_linear", {"density": 1.0})):
+        out = {"w": torch.empty(128)}
+        pool.materialize([1.0, 0.0], into=out, method=method, **kw)
+        assert torch.isfinite(out["w"]).all(), method

@@ -235,6 +235,9 @@ def pairs_pay() -> bool:
     return _native.cpu is not None and _native.cpu.simd_level() == "avx2"
 
 
+_FLT_MAX = 3.4028234663852886e38
+
+
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
     """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`."""
     theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
@@ -246,6 +249,9 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
                              "a compressed pool needs deltas finite in float32")
         if norm2 == 0:
             return Encoded("zero", 0.0, 0.0)
+        if float(scales.abs().max()) * (7 if fmt == "int4" else 127) > _FLT_MAX:
+            continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
+            #           base first and stays finite, but pool.tensor() and the selection methods decode it alone)
         err = math.sqrt(err2 / norm2)
         if budget is None or err <= budget:
             return Encoded(fmt, err, math.sqrt(norm2), codes=codes, scales=scales)
