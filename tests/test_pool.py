@@ -539,7 +539,7 @@ def test_method_params_reach_a_methods_own_normalize():
 
 
 @pytest.mark.parametrize("weights", ["12", ["0.25", "0.75"], {0: 0.5, 1: 0.5}, [True, False], torch.tensor([True, False]),
-                                     [[0.5, "0.5"]]])
+                                     [[0.5, "0.5"]], [True, 0.5], [[0.5, np.bool_(True)]]])
 def test_weights_that_are_not_numbers_are_refused_not_parsed(weights):
     """Strings were parsed ("0.25"), a dict taken as an object array, booleans as 1 and 0 (found by a review)."""
     pool = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])

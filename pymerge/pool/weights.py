@@ -47,12 +47,20 @@ def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:
     return [int(g) for g in out]
 
 
+def _has_bool(x) -> bool:
+    if isinstance(x, (bool, np.bool_)):
+        return True
+    return isinstance(x, (list, tuple)) and any(map(_has_bool, x))
+
+
 def weight_table(weights, n: int, normalize: bool = False, what: str = "weights") -> np.ndarray:
     """Weights as a float64 [G, N] table (G = 1 for a flat list), finite, optionally rows summing to one."""
     if isinstance(weights, torch.Tensor):
         if weights.dtype == torch.bool or weights.is_complex():
             raise InputError(f"{what} must be real numbers, got a {weights.dtype} tensor")
         weights = weights.detach().cpu().double().numpy()
+    if _has_bool(weights):  # numpy would read [True, 0.5] as [1.0, 0.5]
+        raise InputError(f"{what} must be numbers, got {short(weights)}")
     try:
         table = np.asarray(weights)
         if table.dtype.kind == "O" and table.ndim and all(  # Fraction, Decimal: numbers, not strings or dicts
