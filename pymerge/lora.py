@@ -199,11 +199,6 @@ class Adapter:
         d = b @ a
         return (d.T if t.transpose else d) * t.scale
 
-    def base_weight(self, name: str, ck):
-        """W as peft sees it: the adapter's saved copy of the layer where it has one."""
-        copy = self.targets[name].base_copy
-        return self.file.tensor(copy) if copy else ck.tensor(name)
-
     def delta_shape(self, name: str) -> Tuple[int, int]:
         t = self.targets[name]
         rows, cols = self.file.info(t.b_key).shape[0], self.file.info(t.a_key).shape[1]
@@ -318,8 +313,14 @@ class LoraCheckpoint:
         size = _native.itemsize(dtype)
         return TensorInfo(name, dtype, i.shape, int(np.prod(i.shape, dtype=np.int64)) * size, -1)
 
+    def _deltas(self, name: str) -> List[str]:
+        """The adapter targets whose deltas land on weight `name`, in peft's merge order: its own, then a
+        tied head's (the head shares this weight)."""
+        own = [name] if name in self.adapter.targets else []
+        return own + [h for h, e in self._onto.items() if e == name]
+
     def _changes(self, name: str) -> bool:
-        if name in self.adapter.targets or name in self._onto.values():
+        if self._deltas(name):
             return True
         from pymerge import _native
         have = self.ck.info(name).dtype_name  # --lora-merge-dtype casts floating tensors, as transformers does
@@ -330,15 +331,14 @@ class LoraCheckpoint:
             return self.ck.tensor(name)
         from pymerge import _native
         dtype = _native.torch_dtype(self._dtype or self.ck.info(name).dtype_name)
-        heads = [h for h, e in self._onto.items() if e == name]  # tied: the head's LoRA lands here too
-        if name not in self.adapter.targets and not heads:
+        deltas = self._deltas(name)
+        if not deltas:
             return self.ck.tensor(name).to(dtype)
-        own = [name] if name in self.adapter.targets else []
         # W as peft loads it: the adapter's saved copies of the layers load over the shared weight in order
         # (the embedding's, then the head's: the last one stays)
-        copies = [self.adapter.targets[t].base_copy for t in own + heads if self.adapter.targets[t].base_copy]
+        copies = [self.adapter.targets[t].base_copy for t in deltas if self.adapter.targets[t].base_copy]
         w = (self.adapter.file.tensor(copies[-1]) if copies else self.ck.tensor(name)).to(dtype)  # loads in dtype
-        for target in own + heads:  # merged in module order: the embedding, then the head
+        for target in deltas:  # merged in module order: the embedding, then the head
             delta = self.adapter.delta(target)
             if self.adapter.targets[target].embedding:  # peft rounds an embedding's delta to W's dtype first
                 delta = delta.to(dtype).float()
@@ -360,8 +360,7 @@ class LoraCheckpoint:
         return a
 
     def file_of(self, name: str) -> Path:
-        changed = name in self.adapter.targets or name in self._onto.values()
-        return self.adapter.file.path if changed else self.ck.file_of(name)
+        return self.adapter.file.path if self._deltas(name) else self.ck.file_of(name)
 
     def prefetch(self, name: str) -> None:
         self.ck.prefetch(name)

@@ -73,7 +73,7 @@ class MappingGuard:
             return
         hits, address = self._ext.sigbus_guard_hits()
         for begin, end, f, path, identity in self._ranges:
-            if f is self._shrunk or begin <= address < end or _shrank(path, identity, end - begin):
+            if f is self._shrunk or begin <= address < end or _cut(f, path, identity, end - begin):
                 self._shrunk = f
                 raise CheckpointError(f"{f.path}: the file shrank while {self._doing} (another program "
                                       f"truncated or rewrote it); {then}")

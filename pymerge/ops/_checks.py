@@ -62,16 +62,24 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         raise ValueError(f"got {len(values)} {what} for {n} inputs")
     if torch.compiler.is_compiling():
         return values  # floats may be symbolic (dynamic=True): the kernel checks the values it is given
-    if not (math.isfinite(sum(map(abs, values))) and max(map(abs, values), default=0.0) <= FLOAT32_MAX):
-        for i, w in enumerate(values):  # which one (the test above runs in C)
-            if not math.isfinite(w):
-                raise ValueError(f"{what}[{i}] is {w}; weights must be finite")
-            if abs(w) > FLOAT32_MAX:
-                raise ValueError(f"{what}[{i}] is {w:g}, beyond float32's range (the kernels multiply in float32)")
+    bad = first_out_of_range(values)
+    if bad is not None:
+        w = values[bad]
+        if not math.isfinite(w):
+            raise ValueError(f"{what}[{bad}] is {w}; weights must be finite")
+        raise ValueError(f"{what}[{bad}] is {w:g}, beyond float32's range (the kernels multiply in float32)")
     return values
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+def first_out_of_range(values: Sequence[float]) -> Optional[int]:
+    """The index of the first value that is not finite or beyond float32's range, else None (the usual
+    answer, found by two passes in C)."""
+    if math.isfinite(sum(map(abs, values))) and max(map(abs, values), default=0.0) <= FLOAT32_MAX:
+        return None
+    return next(i for i, w in enumerate(values) if not abs(w) <= FLOAT32_MAX)
 
 
 def _real(w) -> float:

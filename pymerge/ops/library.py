@@ -18,7 +18,6 @@ Arguments are checked by the Python wrappers in pymerge.ops (which keep their si
 call these); the kernels assume contiguous inputs of one shape and device. Weights are float32
 tensors: on the CPU they are read on the host, on CUDA from device memory (no host sync).
 """
-import math
 from typing import List, Optional
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
-from pymerge.ops._checks import check_threads
+from pymerge.ops._checks import check_threads, first_out_of_range
 from pymerge.ops._memory import check_backed, check_native
 
 _U64 = 1 << 64
@@ -84,8 +83,11 @@ def eager(t: Tensor) -> bool:
 _DIFFERENTIABLE = ("weighted_sum", "weighted_sum_many")  # autograd runs through the dispatcher
 
 
-def _needs_grad(args) -> bool:
-    return any(t.requires_grad for t in args[0]) or (isinstance(args[1], Tensor) and args[1].requires_grad)
+def wants_grad(tensors, weights) -> bool:
+    """Whether autograd should record a weighted sum of these (grad mode on, an input or a weight tensor
+    requiring grad)."""
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                        or isinstance(weights, Tensor) and weights.requires_grad)
 
 
 def call(name: str, *args):
@@ -94,7 +96,7 @@ def call(name: str, *args):
     Under torch.compile, a tensor subclass (FakeTensor, functional tensors) or a dispatch mode, the
     call goes through torch.ops, which is what makes the ops traceable."""
     first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-    if eager(first) and not (name in _DIFFERENTIABLE and torch.is_grad_enabled() and _needs_grad(args)):
+    if eager(first) and not (name in _DIFFERENTIABLE and wants_grad(args[0], args[1])):
         kernel = _KERNELS[name].get(first.device.type)
         if kernel is not None:
             return kernel(*args)
@@ -139,10 +141,9 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
     if len(flat) != len(outs) * len(tensors):
         raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
-    # a weight a traced call never saw: non-finite (the sum says it, in C) or beyond float32's range
-    if not (math.isfinite(sum(map(abs, flat))) and max(map(abs, flat), default=0.0) <= 3.4028234663852886e38):
-        bad = next(w for w in flat if not abs(w) <= 3.4028234663852886e38)
-        raise ValueError(f"weighted_sum: a weight is {bad}; weights must be finite and within float32's range")
+    bad = first_out_of_range(flat)  # a weight a traced call never saw
+    if bad is not None:
+        raise ValueError(f"weighted_sum: a weight is {flat[bad]}; weights must be finite and within float32's range")
     _native.require_cpu().weighted_sum_many(
         [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
         [o.data_ptr() for o in outs], _codes(outs), num_threads)

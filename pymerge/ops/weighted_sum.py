@@ -39,7 +39,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     given = out is not None
     if given:
         _no_grad_for_out(tensors, weights, "weighted_sum")
-    elif _wants_grad(tensors, weights):  # outside the op registry (eager torch, Triton's interpreter)
+    elif library.wants_grad(tensors, weights):  # outside the op registry (eager torch, Triton's interpreter)
         return _tracked_sum(tensors, _learnt(weights, w), dtype)
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
@@ -48,11 +48,6 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     if given and not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
-
-
-def _wants_grad(tensors, weights) -> bool:
-    return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
-                                        or isinstance(weights, torch.Tensor) and weights.requires_grad)
 
 
 def _tracked_sum(tensors, w, dtype) -> torch.Tensor:
@@ -67,8 +62,7 @@ def _tracked_sum(tensors, w, dtype) -> torch.Tensor:
 def _no_grad_for_out(tensors, weights, op: str) -> None:
     """As torch's own out= ops: an output written in place records no gradient, so an input that
     wants one is an error rather than a silently detached result (the functional forms record it)."""
-    if torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
-                                    or isinstance(weights, torch.Tensor) and weights.requires_grad):
+    if library.wants_grad(tensors, weights):
         raise RuntimeError(f"{op}(): out= does not record gradients, but an input requires grad; call it under "
                            "torch.no_grad(), or leave out= out to get a result autograd tracks")
 
@@ -76,8 +70,7 @@ def _no_grad_for_out(tensors, weights, op: str) -> None:
 def _learnt(given, checked):
     """The caller's weight tensor itself where autograd should reach it (its values checked), else the
     checked values."""
-    wanted = isinstance(given, torch.Tensor) and given.requires_grad and torch.is_grad_enabled()
-    return given if wanted else checked
+    return given if library.wants_grad((), given) else checked
 
 
 def _weight_tensor(w) -> torch.Tensor:
@@ -109,7 +102,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         if _op_backend(tensors[0], backend):
             return library.call("weighted_sum_many", _contig(tensors), _weight_tensor(_learnt(weight_rows, rows)), dtype,
                                              _op_backend(tensors[0], backend), num_threads)
-        if _wants_grad(tensors, weight_rows):  # outside the op registry (eager torch, Triton's interpreter)
+        if library.wants_grad(tensors, weight_rows):  # outside the op registry (eager torch, Triton's interpreter)
             table = _learnt(weight_rows, rows)
             return [_tracked_sum(tensors, table[k], dtype) for k in range(len(rows))]
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
@@ -196,7 +189,4 @@ def _require_device(t: torch.Tensor, kind: str, backend: str):
 def torch_weighted_sum(tensors, rows, outs):
     """The eager fallback (any device): float32 accumulation in input order."""
     for row, out in zip(rows, outs):
-        acc = tensors[0].float() * row[0]
-        for t, w in zip(tensors[1:], row[1:]):
-            acc.add_(t.float() * w)
-        out.copy_(acc)
+        out.copy_(_tracked_sum(tensors, row, torch.float32))

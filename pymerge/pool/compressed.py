@@ -58,6 +58,7 @@ import torch
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
 from pymerge.io.files import check_replaceable
+from pymerge.ops._checks import FLOAT32_MAX
 
 BLOCK = 64            # elements per scale
 GROUP = 128           # int4 packing unit (two blocks): 16 words, nibble h of word i is element 16h + i
@@ -235,9 +236,6 @@ def pairs_pay() -> bool:
     return _native.cpu is not None and _native.cpu.simd_level() == "avx2"
 
 
-_FLT_MAX = 3.4028234663852886e38
-
-
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
     """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`."""
     theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
@@ -249,7 +247,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
                              "a compressed pool needs deltas finite in float32")
         if norm2 == 0:
             return Encoded("zero", 0.0, 0.0)
-        if float(scales.abs().max()) * (7 if fmt == "int4" else 127) > _FLT_MAX:
+        if float(scales.abs().max()) * (7 if fmt == "int4" else 127) > FLOAT32_MAX:
             continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
             #           base first and stays finite, but pool.tensor() and the selection methods decode it alone)
         err = math.sqrt(err2 / norm2)

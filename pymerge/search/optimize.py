@@ -25,8 +25,8 @@ import torch
 
 from pymerge.errors import InputError, short
 from pymerge.pool.pool import method_params_of
-from pymerge.io.files import check_replaceable, read_small
-from pymerge.search.report import macro_average, pareto_front, plot, write_csv, write_json
+from pymerge.io.files import read_small
+from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
 _ENTRY_KEYS = {"eval", "generation", "objective", "scores", "weights", "x", "materialize_s", "evaluate_s"}
@@ -427,9 +427,9 @@ def _save_state(path: Optional[str], state: dict) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    check_replaceable(path)
-    tmp = f"{path}.tmp{os.getpid()}"
     plain = json.loads(json.dumps(state))  # as it reads back: the digest is of that
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({**plain, "digest": _digest(plain)}, fh)  # NaN scores are written as NaN, which json reads back
-    os.replace(tmp, path)  # a crash mid-write leaves the previous generation's state
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({**plain, "digest": _digest(plain)}, fh)  # NaN scores are written as NaN, which json reads back
+    replace_file(path, write)  # a crash mid-write leaves the previous generation's state
