@@ -114,6 +114,31 @@ def test_cached_plan_follows_a_state_dict_target():
         pool.materialize([0.25, 0.75], into=sd)
 
 
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_cached_plan_sees_keys_added_to_a_state_dict_and_parameters_deleted(method):
+    """With strict=False a key the dict gained later was never written; after `del module.w` (which
+    registers nothing) strict=True wrote into the detached tensor instead of refusing."""
+    from pymerge.errors import InputError
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], base=models[0].state_dict())
+    w = [0.2, 0.3, 0.5]
+    kw = {"density": 0.5} if method == "ties" else {}
+    fresh = {k: v.clone() for k, v in Tiny().state_dict().items()}  # what an uncached pool writes
+    CheckpointPool([m.state_dict() for m in models], base=models[0].state_dict()).materialize(
+        w, into=fresh, method=method, **kw)
+    sd = {k: v.clone() for k, v in Tiny().state_dict().items() if k != "head.bias"}
+    pool.materialize(w, into=sd, strict=False, method=method, **kw)
+    sd["head.bias"] = torch.full_like(fresh["head.bias"], 123.0)
+    pool.materialize(w, into=sd, strict=False, method=method, **kw)
+    assert torch.equal(sd["head.bias"], fresh["head.bias"])
+
+    target = Tiny()
+    pool.materialize(w, into=target, method=method, **kw)
+    del target.head.bias
+    with pytest.raises(InputError, match="pool tensor 'head.bias' has no counterpart"):
+        pool.materialize(w, into=target, method=method, **kw)
+
+
 def test_grouped_triton_launch_matches_per_tensor_launches():
     pytest.importorskip("triton")
     from pymerge.kernels import weighted_sum as triton_ws

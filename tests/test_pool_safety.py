@@ -115,6 +115,25 @@ def test_candidates_sharing_memory_are_refused():
     assert_is(c, reference(models, W)) and assert_is(d, reference(models, W[::-1]))
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_a_target_whose_elements_share_memory_is_refused_before_any_write(method):
+    """An expanded view (stride 0) passed every check; the other tensors were written, then the copy back
+    into it raised torch's multi-line error: a half-written model."""
+    g = torch.Generator().manual_seed(1)
+    sources = [{"a": torch.randn(16, 4, generator=g), "b": torch.randn(7, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(sources, base={"a": torch.zeros(16, 4), "b": torch.zeros(7)})
+    overlapping = [torch.zeros(4).expand(16, 4), torch.zeros(64).as_strided((16, 4), (2, 1))]
+    for a in overlapping:
+        target = {"a": a, "b": torch.full((7,), 5.0)}
+        with pytest.raises(InputError, match=r"tensor 'a': several of its elements share one memory location"):
+            pool.materialize(W, into=target, method=method)
+        assert torch.equal(target["b"], torch.full((7,), 5.0)) and not a.any()
+    fine = torch.zeros(4, 16).t()  # strided but one element per address: merged through a temporary
+    target = {"a": fine, "b": torch.empty(7)}
+    pool.materialize(W, into=target, method="linear")
+    torch.testing.assert_close(fine, sum(w * s["a"] for w, s in zip(W, sources)))
+
+
 # ---- item 11: autograd sees the writes ----------------------------------------------------------------------
 @pytest.mark.parametrize("grad_mode", [True, False])
 @pytest.mark.parametrize("method", ["linear", "ties"])

@@ -1,4 +1,5 @@
 """Merge search: known optimum, resume == uninterrupted, Pareto front, reports, the CLI."""
+import importlib
 import json
 import os
 import textwrap
@@ -13,6 +14,8 @@ from pymerge.errors import InputError
 from pymerge.pool import CheckpointPool
 from pymerge.search import cli_main, optimize
 from pymerge.search.report import pareto_front
+
+optimize_module = importlib.import_module("pymerge.search.optimize")  # the package names the function alike
 
 
 class Vec(torch.nn.Module):
@@ -131,6 +134,7 @@ def test_pareto_front_on_a_hand_made_case():
     assert pareto_front(pts) == [0, 1, 3, 5]
     assert pareto_front([(1.0,)]) == [0]
     assert pareto_front([(float("nan"), 1.0), (0.0, 0.0)]) == [1]
+    assert pareto_front([(float("inf"), float("inf")), (0.0, 0.0), (-float("inf"), 2.0)]) == [1]  # failed runs
 
 
 def test_dict_scores_macro_average_replicas_and_reports(tmp_path):
@@ -191,6 +195,20 @@ def test_method_params_reach_the_method_and_the_state_fingerprint(tmp_path):
     with pytest.raises(InputError, match=r"differs in method_params"):
         optimize(pool, evaluate, model=Vec(16), budget=6, popsize=3, seed=0, state_path=state, log=None,
                  method="task_arithmetic", method_params={"normalize": True}, **{"lambda": 2.0})
+    bare = str(tmp_path / "bare.json")  # saved with no method parameters: a resume may not add some
+    optimize(pool, evaluate, model=Vec(16), budget=3, popsize=3, state_path=bare, log=None, method="ties")
+    with pytest.raises(InputError, match=r"differs in method_params"):
+        optimize(pool, evaluate, model=Vec(16), budget=6, popsize=3, state_path=bare, log=None, method="ties",
+                 density=0.2)
+    state = json.load(open(bare))  # as the states written before the fingerprint always held the key
+    del state["fingerprint"]["method_params"]
+    state["digest"] = optimize_module._digest({k: v for k, v in state.items() if k != "digest"})
+    json.dump(state, open(bare, "w"))
+    with pytest.raises(InputError, match=r"differs in method_params"):
+        optimize(pool, evaluate, model=Vec(16), budget=6, popsize=3, state_path=bare, log=None, method="ties",
+                 density=0.2)
+    assert len(optimize(pool, evaluate, model=Vec(16), budget=6, popsize=3, state_path=bare, log=None,
+                        method="ties").history) == 6
     with pytest.raises(InputError, match="method parameter 'lambda' is given twice"):
         optimize(pool, evaluate, model=Vec(16), budget=6, log=None, method="task_arithmetic",
                  method_params={"lambda": 1.0}, **{"lambda": 2.0})
@@ -402,10 +420,12 @@ def test_search_cli_replaces_links_in_its_out_folder_never_their_targets(tmp_pat
     assert yaml.safe_load((tmp_path / "out" / "best_merge.yml").read_text())["merge_method"] == "linear"
 
 
-@pytest.mark.parametrize("method, params", [("ties", {"density": 0.5}), ("linear", {})])
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.5}), ("linear", {}),
+                                            ("ties", {"density": [0.2, 0.9, 0.5], "normalize": False})])
 def test_search_cli_best_merge_yml_reproduces_the_best_merge(tmp_path, capsys, method, params):
     """It had no base_model and no method parameters, and forced TIES' own normalize: false; linear with a
-    pool base must not name it (pymerge merge would take it as one more model)."""
+    pool base must not name it (pymerge merge would take it as one more model). A list is one value per
+    checkpoint in the pool, so it goes to each model's parameters (at the top, a layer gradient)."""
     from safetensors.torch import load_file
     from pymerge.cli import main as pymerge_main
     cfg = _cli_setup(tmp_path, base="base.safetensors", method=method, method_params=params)
@@ -413,13 +433,17 @@ def test_search_cli_best_merge_yml_reproduces_the_best_merge(tmp_path, capsys, m
     best = json.load(open(tmp_path / "out" / "history.json"))["best"]
     written = yaml.safe_load((tmp_path / "out" / "best_merge.yml").read_text())
     if method == "ties":
-        assert written["base_model"] == str(tmp_path / "base.safetensors") and written["parameters"] == params
+        per_model = {k: v for k, v in params.items() if isinstance(v, list)}
+        assert written["base_model"] == str(tmp_path / "base.safetensors")
+        assert written["parameters"] == {k: v for k, v in params.items() if k not in per_model}
+        for i, model in enumerate(written["models"]):
+            assert {k: model["parameters"][k] for k in per_model} == {k: v[i] for k, v in per_model.items()}
     else:
         assert "base_model" not in written and written["parameters"] == {"normalize": False}
     assert pymerge_main(["merge", str(tmp_path / "out" / "best_merge.yml"), str(tmp_path / "merged"), "--quiet"]) == 0
     pool = CheckpointPool([str(tmp_path / f"c{i}.safetensors") for i in range(3)], base=str(tmp_path / "base.safetensors"))
     target = {"theta": torch.empty(16)}
-    pool.materialize(best["weights"], into=target, method=method, **params)
+    pool.materialize(best["weights"], into=target, method=method, method_params=params)
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["theta"]
     torch.testing.assert_close(merged, target["theta"], rtol=1e-6, atol=1e-6)
 
@@ -460,6 +484,9 @@ def test_an_infinite_score_is_never_the_best(tmp_path, capsys):
     objectives = [r["objective"] for r in saved["history"]]
     assert any(o == float("inf") for o in objectives), "the case needs an infinite score"
     assert saved["best"]["objective"] == max(o for o in objectives if o != float("inf"))
+    best = saved["history"][saved["best"]["index"]]  # the index named the inf candidate (np.nanargmax)
+    assert best["objective"] == saved["best"]["objective"] and best["weights"] == saved["best"]["weights"]
+    assert all(saved["history"][i]["objective"] != float("inf") for i in saved["pareto"])
 
 
 def test_an_edited_state_is_refused_even_where_replaying_cannot_tell(tmp_path):

@@ -50,6 +50,19 @@ def backing_problem(t: torch.Tensor) -> Optional[str]:
             f"frees a sharded parameter's storage); it has no data to use")
 
 
+def overlap_problem(t: torch.Tensor) -> Optional[str]:
+    """Why t cannot take one value per element (several elements on one address), or None. Strides
+    sorted ascending must each pass the farthest offset the smaller ones reach; a layout that
+    interleaves without overlapping fails this too and is refused alike (torch never makes one)."""
+    reach = 0
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride <= reach:
+            return ("several of its elements share one memory location (an expanded view, stride "
+                    f"{tuple(t.stride())}); merge into a tensor with memory of its own")
+        reach += stride * (size - 1)
+    return None
+
+
 def write_problem(t: torch.Tensor) -> Optional[str]:
     """Why a kernel cannot write t's first and last elements, or None. Storages torch allocated itself
     always can; one over foreign memory (from_numpy, frombuffer: a memory map) is probed, without a

@@ -17,11 +17,13 @@ A cached entry is reused while its targets are provably the ones it was built fo
 - every target tensor still at the same address (`param.data = ...`, `module.half()` and
   `module.to()` swap storage without registering anything, and a new storage has a new address
   while the entry holds the old one alive),
-- for state-dict targets, the same tensor objects under the same keys.
+- the same tensor objects under the same keys (of a state dict, or of the owning module's parameters
+  or buffers: `del module.w` registers nothing), and no key added to a state dict that the pool
+  has and the target lacked (strict=False).
 Anything else rebuilds the entry (the pool's full checks run again).
 """
 from collections import OrderedDict
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Callable, List, Sequence
 
 import numpy as np
@@ -50,22 +52,25 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("into", "generation", "held", "ptrs", "layouts", "objects", "keyed", "plans", "native", "fixups",
-                 "selection")
+    __slots__ = ("into", "generation", "held", "ptrs", "layouts", "objects", "owners", "keys", "found", "plans",
+                 "native", "fixups", "selection")
 
     def __init__(self, into, watched, plans, native):
         self.into = into                    # the targets themselves (keeps their ids unique)
         self.generation = _registrations
         # The tensors the targets hold (not detached copies), one per plan and target: the version
-        # counters a call bumps (a detached target shares its tensor's).
-        self.held = tuple(t for t, _, _ in watched)
+        # counters a call bumps (a detached target shares its tensor's). None: a key the target lacked.
+        self.held = tuple(t for t, _, _ in watched if t is not None)
         self.ptrs = list(map(_data_ptr, self.held))
         self.layouts = _layouts(self.held)
         # What valid() and the version bump read of each (Python object, TensorImpl, StorageImpl):
         # prefetched at once, as the previous call's streaming evicted them (memory_hints.cpp).
         self.objects = np.array([a for t in self.held for a in (id(t), t._cdata, t.untyped_storage()._cdata)],
                                 dtype=np.uint64)
-        self.keyed = [(t, d, key) for t, d, key in watched if d is not None]
+        # Where each tensor is held (a state dict, or its module's _parameters / _buffers) and under which
+        # key, and the keys a state dict lacked: deleting, replacing or adding one there registers nothing.
+        keyed = [(t, d, key) for t, d, key in watched if d is not None]
+        self.owners, self.keys, self.found = [d for _, d, _ in keyed], [key for _, _, key in keyed], [t for t, _, _ in keyed]
         self.plans = plans
         self.native = native
         self.fixups = [f for p in plans for f in p.fixups]
@@ -77,7 +82,7 @@ class _Entry:
             prefetch(self.objects)
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr; a view of the same
         # memory put in its place (param.data = param.data.t(), entry.t_()) keeps it but not its layout.
-        return (self.generation == _registrations and all(d.get(key) is t for t, d, key in self.keyed)
+        return (self.generation == _registrations and all(map(is_, map(dict.get, self.owners, self.keys), self.found))
                 and list(map(_data_ptr, self.held)) == self.ptrs and _layouts(self.held) == self.layouts)
 
 

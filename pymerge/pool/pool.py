@@ -22,7 +22,7 @@ from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard
 from pymerge.ops._checks import as_int, check_threads
-from pymerge.ops._memory import backing_problem, write_problem
+from pymerge.ops._memory import backing_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
@@ -409,7 +409,8 @@ class CheckpointPool:
             make = grouped.native_table if kind == "cpu" else grouped.triton_table
             entry = self._plan_cache.entry(
                 ("flat" if flat else groups, names, strict, n_groups), into,
-                lambda: self._checked_plans(into, group_of, names, strict), lambda ps: _watched(ps, into, names),
+                lambda: self._checked_plans(into, group_of, names, strict),
+                lambda ps: _watched(ps, into, names, self.names),
                 lambda ps: make(ps, self._inputs, n_groups))
             plans, table = entry.plans, entry.native
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
@@ -468,7 +469,7 @@ class CheckpointPool:
             call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
         entry = self._plan_cache.entry(key, into, lambda: self._checked_plans(into, group_of, names, strict),
-                                       lambda ps: _watched(ps, into, names), make)
+                                       lambda ps: _watched(ps, into, names, self.names), make)
         if entry.native is None:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
@@ -771,21 +772,32 @@ def _cacheable(groups: GroupRule, names: NameMap) -> bool:
 
 
 def _unusable_target(t: torch.Tensor) -> Optional[str]:
-    """Why a kernel may not write into t (its storage freed, read-only memory), or None."""
-    return backing_problem(t) or write_problem(t)
+    """Why a kernel may not write into t (its storage freed, read-only memory, elements sharing memory), or None."""
+    return backing_problem(t) or overlap_problem(t) or write_problem(t)
 
 
-def _watched(plans: List[_Plan], into: list, names: NameMap) -> list:
-    """(tensor as the target holds it, the dict or None, its key) for every plan and target: what a
-    cached plan checks is unchanged before it is reused."""
+def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequence[str]) -> list:
+    """(tensor as the target holds it, where it is held, its key) for every plan and target, and (None, the
+    state dict, key) for each pool tensor a state dict lacks: what a cached plan checks is unchanged before it
+    is reused. A module's tensor is held by its submodule's _parameters or _buffers."""
     out = []
+    planned = {p.name for p in plans}
     for m in into:
         held = _tensors_of(m)
-        d = m if isinstance(m, dict) else None
         for p in plans:
             key = _map_name(p.name, names)
-            out.append((held[key], d, key))
+            out.append((held[key], m, key) if isinstance(m, dict) else (held[key],) + _owner(m, key))
+        if isinstance(m, dict):
+            out.extend((None, m, key) for key in (_map_name(n, names) for n in pool_names if n not in planned)
+                       if key is not None and key not in m)
     return out
+
+
+def _owner(module: torch.nn.Module, key: str):
+    """The dict that holds module's tensor `key` (a submodule's _parameters or _buffers), and its name there."""
+    path, _, leaf = key.rpartition(".")
+    sub = module.get_submodule(path) if path else module
+    return (sub._parameters if leaf in sub._parameters else sub._buffers), leaf
 
 
 def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:

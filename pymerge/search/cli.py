@@ -97,12 +97,17 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     """The best flat weights as a mergekit config that `pymerge merge` (or mergekit) turns into the same
     merge: the method, its base and its parameters (per-group tables stay in history.json)."""
     from pymerge.search.report import replace_file
+    from pymerge.methods.base import get_method
+    m = get_method(method)
     models = [{"model": str(s), "parameters": {"weight": float(w)}} for s, w in zip(sources, weights)]
     params = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in method_params.items()}
+    for key in [k for k, v in params.items() if k in m.model_params and isinstance(v, (list, tuple))]:
+        values = params.pop(key)  # one per checkpoint in the pool; a top-level list would be a layer gradient
+        for model, value in zip(models, values):
+            model["parameters"][key] = value
     if method == "linear":
         params.setdefault("normalize", False)  # the weights as searched (normalized there when asked)
-    from pymerge.methods.base import get_method
-    uses_base = base and get_method(method).base_model != "none"  # linear would take a base as one more model
+    uses_base = base and m.base_model != "none"  # linear would take a base as one more model
     cfg = {"merge_method": method, **({"base_model": str(base)} if uses_base else {}), "models": models}
     if params:
         cfg["parameters"] = params

@@ -45,7 +45,7 @@ class SearchResult:
 
     @property
     def best_index(self) -> int:
-        return int(np.nanargmax([r["objective"] for r in self.history]))
+        return _best_index([r["objective"] for r in self.history])
 
     def pareto_candidates(self) -> List[dict]:
         return [self.history[i] for i in self.pareto]
@@ -177,8 +177,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                    "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
                    "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method)}
     merge_params = method_params_of(method_params, more_method_params)
-    if merge_params:  # only then: states saved before this key existed still resume
-        fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
+    fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
 
     def to_weights(x):
         w = np.clip(np.asarray(x, float), lo, hi).reshape(g, n)
@@ -262,11 +261,16 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     return _result(history, state["generation"])
 
 
+def _best_index(objectives) -> int:
+    """The best finite objective's index: as CMA-ES ranks them, NaN and inf are last."""
+    return int(np.argmax([o if math.isfinite(o) else -np.inf for o in objectives]))
+
+
 def _result(history: List[dict], generations: int) -> SearchResult:
     objs = [r["objective"] for r in history]
     if all(not math.isfinite(o) for o in objs):
         raise InputError("every candidate scored NaN or inf; check evaluate()")
-    best = int(np.argmax([o if math.isfinite(o) else -np.inf for o in objs]))  # as CMA-ES ranks them: inf is last
+    best = _best_index(objs)
     tasks = sorted(history[0]["scores"])
     front = pareto_front([[r["scores"].get(t, np.nan) for t in tasks] for r in history])
     return SearchResult(best_weights=np.asarray(history[best]["weights"]), best_objective=objs[best],
@@ -340,8 +344,11 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     try:
         _check_header(state)
         saved, expected = state["fingerprint"], json.loads(json.dumps(fingerprint))  # as it reads back from disk
-        if isinstance(saved, dict) and "method_params" not in saved:
-            expected.pop("method_params", None)  # saved before the fingerprint held them: not compared, as then
+        if "method_params" not in saved:  # written without any (a digest says since 2026-12-02): none may
+            if digest is None:  # be added on resume; older files did not record them: not compared, as then
+                expected.pop("method_params", None)
+            else:
+                saved = {**saved, "method_params": {}}
         if saved != expected:
             diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
             raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "

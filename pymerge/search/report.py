@@ -16,15 +16,17 @@ def macro_average(scores: Dict[str, float]) -> float:
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
-    """Indices of the non-dominated points (every coordinate maximized); of equal points the first stays."""
+    """Indices of the non-dominated points (every coordinate maximized); of equal points the first stays.
+    Points with a NaN or infinite coordinate (a failed evaluation) are neither on the front nor dominate."""
     pts = np.asarray(points, dtype=np.float64)
+    valid = np.isfinite(pts).all(axis=1) if pts.ndim == 2 else np.ones(len(pts), bool)
     front = []
     for i, p in enumerate(pts):
-        if np.any(np.isnan(p)):
+        if not valid[i]:
             continue
         dominated = False
         for j, q in enumerate(pts):
-            if j == i or np.any(np.isnan(q)):
+            if j == i or not valid[j]:
                 continue
             if np.all(q >= p) and (np.any(q > p) or j < i):
                 dominated = True
