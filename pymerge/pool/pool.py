@@ -68,12 +68,13 @@ def _guard_mapped(sources) -> MappingGuard:
 
 def _checks_mapped_files(merge):
     """Before and after every merge (or its failure): raises if a mapped checkpoint shrank, since a merge
-    then reads zeros past its new end (the mmap tier reads the maps on every call)."""
+    then reads zeros past its new end, or was rewritten in place (the mmap tier reads the maps on every
+    call). Before too, with a stat of each file: a file changed between two calls is refused unwritten."""
     incomplete = "the models merged into are incomplete, and this pool cannot merge again: build a new one"
 
     @functools.wraps(merge)
     def checked(self, *args, **kwargs):
-        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one")
+        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one", sizes=True)
         try:
             out = merge(self, *args, **kwargs)
         except Exception:  # a KeyboardInterrupt passes as it is
