@@ -358,7 +358,7 @@ def resolve_one(name: str, scopes: Iterable[Optional[Mapping[str, Setting]]], te
 # ---- layers ----------------------------------------------------------------------------------
 # The first ".layers.N." / ".h.N." / ".blocks.N." (and BERT's ".layer.N.", T5's ".block.N.") in a
 # name; the part before N names the stack.
-_LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|layer|h|blocks|block))\.(\d+)\.")
+_LAYER_RE = re.compile(r"^((?:.*?\.)?(?:layers|layer|h|blocks|block))\.(\d{1,18})\.")  # longer: not a layer index
 
 
 def layer_of(tensor_name: str) -> Optional[Tuple[str, int]]:

@@ -156,7 +156,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     t0 = time.perf_counter()
     if lora_merge_dtype is not None:
         config_or_path = _with_lora_dtype(_as_config(config_or_path), lora_merge_dtype)
-    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir) or "\0" in str(os.fspath(out_dir)):
         raise InputError(f"the output folder must be a path, got {short(out_dir)}")
     if random_seed is not None and (not isinstance(random_seed, int) or isinstance(random_seed, bool)):
         raise InputError(f"--random-seed must be an integer, got {short(random_seed)}")
@@ -193,9 +193,9 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
 def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
     """OUT must not be, hold or lie inside anything the merge reads (a model folder, a tensor or
     tokenizer file, the config), symlinks resolved: --force replaces OUT, and would delete it."""
-    out = Path(out_dir).resolve()
+    out = Path(os.path.realpath(out_dir))  # not Path.resolve(): a symlink loop raised RuntimeError there
     for what, p in _inputs_of(plan):
-        p = p.resolve()
+        p = Path(os.path.realpath(p))
         if out == p or out in p.parents:
             raise InputError(f"{out_dir}: is or holds the {what} {p}; the merge would replace it "
                              f"(choose an OUT outside the inputs)")

@@ -259,6 +259,54 @@ def test_a_device_is_not_a_model(tmp_path):
 
 
 # ---- leaks: side files, modes, file contents in messages -------------------------------------------
+@pytest.mark.parametrize("where", ["OUT", "under OUT", "config.json", "tokenizer_config.json"])
+def test_symlink_loops_are_one_line_errors(fam, tmp_path, capsys, where):
+    """Path.resolve() raised RuntimeError('Symlink loop') from the input checks: a traceback, exit 1."""
+    root, base, fts = fam
+    m = _donor(fam, tmp_path)
+    os.symlink("loop", tmp_path / "loop")
+    out = {"OUT": tmp_path / "loop", "under OUT": tmp_path / "loop" / "out"}.get(where, tmp_path / "out")
+    if where.endswith(".json"):
+        os.unlink(m / "config.json") if where == "config.json" else None
+        os.symlink(where, m / where)  # a link to itself
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([m, fts[1]])), out, "--force", "--quiet"],
+                      capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert os.path.islink(tmp_path / "loop") and leftovers(tmp_path) == []
+
+
+def test_odd_but_readable_names_and_config_values_merge(fam, tmp_path, capsys):
+    """A config.json value holding a lone surrogate escape ("\\ud800": Python's json reads it) failed as
+    UnicodeEncodeError while writing the output's config.json; a 5000-digit layer index hit int()'s digit
+    limit and a 400-digit one overflowed a float (it is no layer index: the tensor is merged as any other)."""
+    import json
+    root, base, fts = fam
+    models = []
+    for i, src in enumerate(fts):
+        m = tmp_path / f"m{i}"
+        shutil.copytree(src, m)
+        state = load_file(m / "model.safetensors")
+        state["model.layers." + "9" * 5000 + ".extra"] = torch.full((3,), float(i))
+        state["model.layers." + "7" * 400 + ".extra"] = torch.full((2,), float(i))
+        save_file(state, m / "model.safetensors")
+        models.append(m)
+    (models[0] / "config.json").write_text(
+        (models[0] / "config.json").read_text().replace("{", '{"note": "x\\ud800y", ', 1))
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear(models)), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["note"] == "x\ud800y"
+    merged = load_file(out / "model.safetensors")
+    assert merged["model.layers." + "9" * 5000 + ".extra"].tolist() == [0.5] * 3
+
+
+def test_a_nul_byte_in_the_out_folder_is_an_input_error(fam, tmp_path):
+    from pymerge.merge import run_merge
+    root, base, fts = fam
+    with pytest.raises(InputError, match="output folder must be a path"):
+        run_merge(write_cfg(tmp_path / "c.yml", linear(fts)), str(tmp_path / "o\0ut"), quiet=True)
+
+
 def _donor(fam, tmp_path) -> Path:
     root, base, fts = fam
     m = tmp_path / "donor"

@@ -10,6 +10,7 @@ tensor's bytes as a numpy view) of safetensors files need none.
 """
 import os
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -50,9 +51,14 @@ class TorchFile:
             raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {first}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: holds a {type(state).__name__}, not a state dict of tensors")
+        from pymerge.ops._memory import kind_problem
         for name, t in state.items():
-            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            if not isinstance(name, str):
+                raise CheckpointError(f"{self.path}: entry key {short(name)} is not a string (a tensor name)")
+            if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+            if (problem := kind_problem(t)) is not None:  # sparse, nested, quantized, meta
+                raise CheckpointError(f"{self.path}: tensor {name!r} {problem}")
         self._state: Optional[dict] = state
         self._range = _mapping_of(self.path, state) if mapped else None
 
@@ -122,27 +128,34 @@ class TorchFile:
 def _torch_load(path: Path):
     """(state dict, whether torch memory-mapped the file)."""
     import torch
-    try:
-        return torch.load(path, mmap=True, weights_only=True, map_location="cpu"), True
-    except RuntimeError as exc:
-        # Files from torch < 1.6 (the legacy, non-zip format) cannot be mapped: read them whole.
-        if "zipfile" not in str(exc) and "mmap" not in str(exc):
-            raise
-        return torch.load(path, weights_only=True, map_location="cpu"), False
+    with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized...) are not the user's
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, mmap=True, weights_only=True, map_location="cpu"), True
+        except RuntimeError as exc:
+            # Files from torch < 1.6 (the legacy, non-zip format) cannot be mapped: read them whole.
+            if "zipfile" not in str(exc) and "mmap" not in str(exc):
+                raise
+            return torch.load(path, weights_only=True, map_location="cpu"), False
 
 
 def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
     """Where torch.load(mmap=True) mapped the file: it maps the whole file once and every storage is a
     slice of that map at its zip record's data offset, so the map starts at (a storage's address - its
     record's offset). Every storage must agree, and where /proc/self/maps exists the map found there must
-    be this file's, from its first byte; otherwise None (no guard: nothing is assumed)."""
-    storages = {t.untyped_storage().data_ptr() for t in state.values() if t.untyped_storage().nbytes() > 0}
+    be this file's, from its first byte; otherwise None (no guard: nothing is assumed). A storage longer
+    than its record is a CheckpointError: mapped, torch does not check, and the tensor read the records
+    after it."""
+    storages = {}  # address -> (bytes, a tensor's name)
+    for name, t in state.items():
+        if t.untyped_storage().nbytes() > 0:
+            storages.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), name))
     if not storages:
         return None
     try:
         st = path.stat()
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
-            offsets = set()
+            records = {}  # data offset -> bytes
             for info in zf.infolist():
                 if "/data/" not in info.filename or info.file_size == 0:  # an empty storage has no address
                     continue
@@ -151,14 +164,18 @@ def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
                 if len(local) < 30 or local[:4] != b"PK\x03\x04":
                     return None
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
-                offsets.add(info.header_offset + 30 + name_len + extra_len)
+                records[info.header_offset + 30 + name_len + extra_len] = info.file_size
     except (OSError, zipfile.BadZipFile, ValueError):
         return None  # not a zip torch can map
-    if not offsets:
+    if not records:
         return None
-    begin = min(storages) - min(offsets)
-    if not all(0 <= p - begin < st.st_size and p - begin in offsets for p in storages):
+    begin = min(storages) - min(records)
+    if not all(0 <= p - begin < st.st_size and p - begin in records for p in storages):
         return None
+    for p, (nbytes, name) in storages.items():
+        if records[p - begin] < nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r}: its data record holds {records[p - begin]} bytes where "
+                                  f"the file says {nbytes} (a truncated or corrupt file)")
     if not _maps_file_at(begin, st):
         return None
     return begin, st.st_size

@@ -114,7 +114,7 @@ def stays_inside(folder, path) -> bool:
     """True when ``path`` (a file in the model folder), symlinks resolved, is still inside the folder,
     or inside the blobs of a Hugging Face cache (models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>).
     A link leaving the folder could copy any file the user can read (~/.ssh/...) into a shared merge."""
-    root, target = Path(folder).resolve(), Path(path).resolve()
+    root, target = Path(os.path.realpath(folder)), Path(os.path.realpath(path))  # a link loop: no RuntimeError
     if target == root or root in target.parents:
         return True
     return root.parent.name == "snapshots" and root.parent.parent / "blobs" in target.parents

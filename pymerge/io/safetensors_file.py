@@ -92,6 +92,15 @@ def _no_duplicate_keys(pairs):
     return out
 
 
+def _encodable(text: str) -> bool:
+    """False for a string holding a lone surrogate ("\\ud800" in JSON decodes to one): not UTF-8 text."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _dims(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -156,6 +165,8 @@ class SafetensorsFile:
             for k, v in meta.items():
                 if not isinstance(v, str):
                     raise self._error(f"__metadata__ value of {short(k)} is a {type(v).__name__}, not a string")
+                if not _encodable(k) or not _encodable(v):
+                    raise self._error(f"__metadata__ entry {short(k)} holds a lone surrogate escape (not text)")
             self.metadata = meta
 
         data_size = size - 8 - n
@@ -165,6 +176,8 @@ class SafetensorsFile:
         self._check_layout(spans, data_size)
 
     def _check_entry(self, name: str, entry, data_size: int, data_start: int):
+        if not _encodable(name):
+            raise self._error("the tensor name holds a lone surrogate escape (not text; safetensors refuses it)", name)
         if not isinstance(entry, dict):
             raise self._error(f"entry is a {type(entry).__name__}, not an object", name)
         if set(entry) != _TENSOR_KEYS:
@@ -177,8 +190,8 @@ class SafetensorsFile:
         if not isinstance(code, str) or code not in _native.SAFETENSORS_TO_NAME:
             raise self._error(f"unknown dtype {short(code)}", name)
         dtype = _native.SAFETENSORS_TO_NAME[code]
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise self._error(f"shape {short(shape)} is not a list of non-negative integers", name)
+        if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+            raise self._error(f"shape {short(shape)} is not a list of non-negative integers below 2**63", name)
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)):
             raise self._error(f"data_offsets {short(offsets)} is not a pair of non-negative integers", name)
         begin, end = offsets

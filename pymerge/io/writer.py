@@ -543,9 +543,13 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 def _dump_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in a config.json): kept as the escape it was read from
+        data = json.dumps(obj, indent=2).encode("ascii")
+    with open(path, "wb") as f:
+        f.write(data + b"\n")
         f.flush()
         os.fsync(f.fileno())
 

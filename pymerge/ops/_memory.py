@@ -41,6 +41,17 @@ def extent_bytes(t: torch.Tensor) -> int:
     return (last + 1) * t.element_size()
 
 
+def kind_problem(t: torch.Tensor) -> Optional[str]:
+    """Why t is not a dense tensor with data a merge can read (sparse, nested, quantized, meta), or None."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).replace('torch.', '')} tensor; merges read dense tensors only"
+    if t.is_nested or t.is_quantized:
+        return f"is a {'nested' if t.is_nested else 'quantized'} tensor; merges read dense tensors only"
+    if t.device.type == "meta":  # a model built on the meta device has shapes but no weights
+        return "is on the meta device and holds no data; load the weights first"
+    return None
+
+
 def backing_problem(t: torch.Tensor) -> Optional[str]:
     """Why t's storage cannot hold every element it addresses, or None."""
     have, need = t.untyped_storage().nbytes(), extent_bytes(t)

@@ -11,7 +11,7 @@ import torch
 
 from pymerge.errors import CheckpointError, InputError
 from pymerge.io import Checkpoint
-from pymerge.ops._memory import check_backed
+from pymerge.ops._memory import check_backed, kind_problem
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -35,9 +35,8 @@ class DictSource:
                 raise InputError(f"{label}: tensor {k!r} is a DTensor (a sharded model's); a pool's sources are "
                                  "whole tensors: pass checkpoint files or a full state dict (torch.distributed's "
                                  "get_model_state_dict with full_state_dict=True)")
-            if v.device.type == "meta":  # a model built on the meta device has shapes but no weights
-                raise InputError(f"{label}: tensor {k!r} is on the meta device and holds no data; load "
-                                 f"the weights first")
+            if (problem := kind_problem(v)) is not None:  # sparse, nested, quantized, meta
+                raise InputError(f"{label}: tensor {k!r} {problem}")
             check_backed(v, f"{label}: tensor {k!r}", InputError)  # a freed storage (FSDP's resize_(0))
             self._state[k] = v.detach()
 
