@@ -554,7 +554,10 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
     if model_cfg is None:
         plan.warnings.append(f"{donor.folder}: no config.json; the output has none either")
     else:
-        dtype = cfg.out_dtype or cfg.dtype  # mergekit: out_dtype, else dtype, else as it was
+        dtype = cfg.out_dtype or cfg.dtype  # mergekit: out_dtype, else dtype, else as it was...
+        written = {t.out_dtype for part in plan.parts for t in part.tensors}
+        if not dtype and len(written) == 1 and model_cfg.get("torch_dtype") not in (None, *written):
+            dtype = written.pop()  # ...unless every tensor is written in another (bf16 and f32 models: f32)
         if dtype:
             model_cfg["torch_dtype"] = dtype
             if "dtype" in model_cfg:  # transformers >= 4.56 writes this name

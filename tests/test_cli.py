@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -189,6 +190,21 @@ def test_merge_with_progress_bar_and_sizes(fam, tmp_path, capsys):
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(idx["weight_map"].values())) > 1
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_config_json_names_the_dtype_every_tensor_is_written_in(tmp_path, capsys):
+    """A bfloat16 model merged with a float32 one (no dtype, no out_dtype) is written in float32; the
+    config.json kept the donor's "bfloat16"."""
+    a = lf.make_llama(tmp_path / "a", dtype=torch.bfloat16, seed=0)
+    b = lf.make_llama(tmp_path / "b", dtype=torch.float32, seed=0, perturb_seed=1)
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([a, b])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    c = lf.make_llama(tmp_path / "c", dtype=torch.bfloat16, seed=0, perturb_seed=2)
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "d.yml", linear([a, c])), tmp_path / "same", "--quiet"], capsys)
+    assert rc == 0 and json.loads((tmp_path / "same" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("text, value", [("5GB", 5_000_000_000), ("500MB", 500_000_000), ("1.5GiB", 1610612736),

@@ -187,6 +187,80 @@ def test_ops_check_their_outputs_as_the_public_wrappers_do():
     torch.testing.assert_close(a, 0.3 * rand(1000, torch.float32, 5) + 0.7 * b)
 
 
+def test_ops_refuse_a_meta_tensor_beside_real_ones():
+    """A meta tensor among CPU ones sent the call to the fake (shape) kernel: uninitialised CPU results, an
+    out= form that returned without writing."""
+    P = torch.ops.pymerge
+    x, m, w = torch.ones(8), torch.ones(8, device="meta"), torch.tensor([0.5, 0.5])
+    for call in (lambda: P.weighted_sum([x, m], w, torch.float32), lambda: P.weighted_sum_many([x, m], w.view(1, 2), torch.float32),
+                 lambda: P.weighted_sum_out([m, m], w, torch.zeros(8)),
+                 lambda: P.weighted_sum_many_out([x, m], w.view(1, 2), [torch.zeros(8)])):
+        with pytest.raises(ValueError, match="every tensor must be on one device"):
+            call()
+
+
+def test_lazily_negated_views_are_read_as_their_values():
+    """x.conj().imag is a contiguous view whose memory holds +2 for the value -2: the kernels read the
+    memory (+2). Inputs are resolved; an output like it, or such an input to a raw op, is refused."""
+    v = torch.tensor([1 + 2j]).conj().imag
+    assert v.is_neg() and v.is_contiguous() and v.tolist() == [-2.0]
+    assert pymerge.weighted_sum([v], [1.0]).tolist() == [-2.0]
+    assert pymerge.weighted_sum_many([v, v], [[1.0, 1.0]])[0].tolist() == [-4.0]
+    assert torch.ops.pymerge.weighted_sum([v], torch.tensor([1.0]), torch.float32).tolist() == [-2.0]
+    with pytest.raises(ValueError, match="lazily negated view"):
+        pymerge.weighted_sum([torch.ones(1)], [1.0], out=torch.tensor([1j]).conj().imag)
+    from pymerge.ops import elementwise_mix
+    with pytest.raises(ValueError, match="lazily negated view"):
+        elementwise_mix.nearswap(torch.zeros(1), v, 0.5, torch.empty(1))
+    pool = pymerge.CheckpointPool([{"w": v}, {"w": torch.zeros(1)}])
+    target = {"w": torch.empty(1)}
+    pool.materialize([1.0, 0.0], into=target)
+    assert target["w"].tolist() == [-2.0]
+    with pytest.raises(pymerge.errors.InputError, match="lazily negated view"):
+        pool.materialize([1.0, 0.0], into={"w": torch.tensor([1j]).conj().imag})
+
+
+@pytest.mark.parametrize("op", ["task_vector_merge", "group_lincomb", "nearswap", "ram"])
+def test_every_native_op_refuses_an_output_partly_over_an_input(op):
+    """Only weighted_sum checked: the others wrote a block that the next block then read (4 of 5000
+    elements wrong for an out one element ahead of its input)."""
+    from pymerge.ops import elementwise_mix as em
+    run = {"task_vector_merge": lambda x, b, o: tvo.task_vector_merge([x], b, o, [tvo.Sparsifier()], [2.0],
+                                                                      consensus=False, normalize=False),
+           "group_lincomb": lambda x, b, o: interp.group_lincomb([x], None, False, "whole",
+                                                                 torch.tensor([[2.0, 0.0]]), o),
+           "nearswap": lambda x, b, o: em.nearswap(b, x, 0.5, o),
+           "ram": lambda x, b, o: em.ram([x], b, 1e-3, o)}[op]
+    n = 5000
+    s = torch.randn(n + 1, generator=torch.Generator().manual_seed(0))
+    keep, base = s.clone(), torch.zeros(n)
+    with pytest.raises(ValueError, match="output 0 partially overlaps input"):
+        run(s[:n], base, s[1:])
+    assert torch.equal(s, keep)
+    want = torch.empty(n)
+    run(s[:n].clone(), base, want)
+    run(s[:n], base, s[:n])  # exactly the input: every block is read before it is written
+    assert torch.equal(s[:n], want)
+
+
+def test_out_forms_trace_under_fake_tensors():
+    """The overlap checks compared data_ptr()s, all 0 (or an error) for fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with FakeTensorMode():
+        xs = [torch.empty(7, 3), torch.empty(7, 3, dtype=torch.bfloat16)]
+        assert pymerge.weighted_sum(xs, [1.0, 2.0], out=torch.empty(7, 3)).shape == (7, 3)
+        outs = pymerge.weighted_sum_many(xs, [[1.0, 2.0]] * 2, outs=[torch.empty(7, 3), torch.empty(7, 3)])
+        assert len(outs) == 2
+
+    def fn(a, b, o):
+        pymerge.weighted_sum([a, b], [1.0, 2.0], out=o)
+        return o
+    graph = make_fx(fn, tracing_mode="fake")(torch.randn(4), torch.randn(4), torch.empty(4))
+    a, b = torch.randn(4), torch.randn(4)
+    torch.testing.assert_close(graph(a, b, torch.empty(4)), a + 2 * b)
+
+
 def test_documented_argument_forms_compile_fullgraph():
     """out=, outs=, tensor weights and dynamic=True stopped torch.compile(fullgraph=True) in the Python checks
     (data_ptr arithmetic, Tensor.tolist(), math.isfinite of a symbolic float; found by a review). While

@@ -132,6 +132,30 @@ def test_degenerate_inputs():
                     {} if name == "multislerp" else p).shape == (0, 4)
 
 
+def test_zero_tolerances_merge_or_fail_in_one_line():
+    """karcher with tol <= 0 and two models met their mean exactly (a zero tangent): ZeroDivisionError, where
+    mergekit merges (its float noise never hits 0). multislerp with eps 0 and a model equal to the base
+    divided by a zero norm: now a one-line error naming the tensor (mergekit writes NaN)."""
+    from pymerge.errors import MergeConfigError
+    base, xs = tensors((64, 129), 2, seed=5)
+    for tol in (0.0, -1.0):
+        got = ours("karcher", xs, None, [{}] * 2, {"tol": tol})
+        assert rel(got, mk("karcher", xs, None, {"tol": 1e-12})) <= TOL
+    assert rel(ours("multislerp", xs, base, [{"weight": 1.0}] * 2, {"eps": 0.0}),
+               mk("multislerp", [base] + xs, 0, {"weight": [1.0, 1.0], "eps": 0.0})) <= TOL
+    with pytest.raises(MergeConfigError, match=r"tensor model.layers.0.mlp.up_proj.weight: multislerp: model 1's "
+                                               r"task vector is zero and eps is 0"):
+        ours("multislerp", [xs[0], base], base, [{"weight": 1.0}] * 2, {"eps": 0.0})
+
+
+def test_native_nearswap_has_mergekits_bits():
+    """The kernel computed t / d where torch (so mergekit) takes reciprocal(d) * t: 3.5 % of float32
+    outputs were 1 ulp off."""
+    base, xs = tensors((100_003,), 1, seed=9)
+    got = ours("nearswap", xs, base, [{}], {"t": 0.37})
+    assert torch.equal(got, mk("nearswap", [base, xs[0]], 0, {"t": 0.37}))
+
+
 def test_elementwise_methods_chunk_like_whole():
     """nearswap and ram are streamed in chunks by the engine: any split gives the whole result."""
     base, xs = tensors((31, 37), 3, seed=5)

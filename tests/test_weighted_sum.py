@@ -13,7 +13,8 @@ from pymerge import weighted_sum, weighted_sum_many
 from wsum_reference import FP8, IN_DTYPES, OUT_DTYPES, check_close, random_inputs, random_weights
 
 CPU_BLOCK = 4096  # csrc/cpu/weighted_sum.cpp kBlock
-SIZES = [0, 1, 2, 7, 31, CPU_BLOCK - 1, CPU_BLOCK, CPU_BLOCK + 1, 65537]
+PASS_BLOCK = 16384  # kPassBlock: the block when more than 8 inputs are swept in passes (AVX-512)
+SIZES = [0, 1, 2, 7, 31, CPU_BLOCK - 1, CPU_BLOCK, CPU_BLOCK + 1, PASS_BLOCK - 1, PASS_BLOCK + 33, 65537]
 COUNTS = [1, 2, 3, 5, 16, 33]
 
 
@@ -177,7 +178,7 @@ print("ok")
 
 def _outputs_under(simd: str, tmp_path) -> list:
     """weighted_sum_many over mixed and all-bfloat16 inputs (NaN, inf, denormals, rounding ties, every
-    input dtype), sizes with every tail length, 1 to 9 outputs of every dtype, in a fresh process on
+    input dtype; a few inputs and more than 8), sizes with every tail length, 1 to 9 outputs of every dtype, in a fresh process on
     the given SIMD path (chosen at import)."""
     code = f"""
 import sys, torch
@@ -186,9 +187,10 @@ from pymerge import _native, weighted_sum_many
 from wsum_reference import IN_DTYPES, OUT_DTYPES, random_inputs
 import numpy as np
 outs = []
-for size in (1, 15, 16, 17, 31, 4096 + 77, 70001, (1 << 22) + 37):  # the last one streams its stores
-    for dtypes in (IN_DTYPES, [torch.bfloat16]):
-        xs = random_inputs(len(dtypes) + 2, size, dtypes, seed=size)
+for size in (1, 15, 16, 17, 31, 4096 + 77, 16384 + 45, 70001, (1 << 22) + 37):  # the last one streams its stores
+    for dtypes, n in ((IN_DTYPES, 7), ([torch.bfloat16], 3), (IN_DTYPES, 14), ([torch.bfloat16], 13)):
+        # 13 and 14 inputs: AVX-512 sweeps them in passes of 4, partial sums kept between passes
+        xs = random_inputs(n, size, dtypes, seed=size)
         xs[0].view(-1)[0] = float("nan")
         xs[1].view(-1)[-1] = float("inf")
         if size > 40:
@@ -283,6 +285,7 @@ def _x(*shape, dtype=torch.float32):
     (lambda: weighted_sum_many([_x(), _x()], [["0.2", "0.8"]]), TypeError, "weights of row 0 must be numbers"),
     # finite in float64, inf in the float32 kernels (1e39 * 0 gave NaN)
     (lambda: weighted_sum([_x(), _x()], [1e39, 1.0]), ValueError, r"weights\[0\] is 1e\+39, beyond float32's range"),
+    (lambda: weighted_sum([_x(), _x()], [10**400, 1]), ValueError, r"weights must be finite and within float32's range"),
     (lambda: weighted_sum([_x()], [1.0], out=_x(5)), ValueError, r"out has shape \(5,\)"),
     (lambda: weighted_sum([_x()], [1.0], out=_x(dtype=torch.int64)), TypeError, "out has unsupported dtype"),
     (lambda: weighted_sum([_x()], [1.0], out=_x(), out_dtype=torch.bfloat16), ValueError, "out has dtype torch.float32 but out_dtype"),

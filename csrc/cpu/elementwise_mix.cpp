@@ -35,7 +35,7 @@ inline void nearswap_block(const Mix& m, int64_t s, float* a, float* b) {
     float d = a[j] - b[j];
     d = d < 0 ? -d : d;
     d = d < 1e-6f ? 1e-6f : d;                // clamp(min=1e-6); NaN stays NaN
-    float w = t / d;
+    float w = (1.f / d) * t;                  // torch's `scalar / tensor` is reciprocal(tensor) * scalar
     w = w < 0.f ? 0.f : (w > 1.f ? 1.f : w);  // clamp(0, 1); NaN stays NaN
     const float wb = w * b[j], rest = 1.f - w;
     a[j] = wb + rest * a[j];

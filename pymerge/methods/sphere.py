@@ -59,6 +59,10 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
         total = sum(w)
         w = [x / total for x in w]
     norms = [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(n)]
+    zero = next((i for i in range(n) if norms[i] + eps == 0), None)
+    if zero is not None:
+        raise MergeConfigError(f"multislerp: model {zero}'s task vector is zero and eps is 0, so it has no direction "
+                               "(mergekit would write NaN here); set eps > 0")
     a = [w[i] / (norms[i] + eps) for i in range(n)]          # mean of units = sum a_i v_i
     mean_norm = math.sqrt(max(_quad(g, a), 0.0))
     if mean_norm < eps:
@@ -72,7 +76,7 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
     t = [a[i] - s * m[i] for i in range(n)]                      # tangent = mean_raw - s m
     tn = math.sqrt(max(_quad(g, t), 0.0)) + eps
     avg_norm = sum(norms[i] * w[i] for i in range(n))
-    c, sc = math.cos(tn), math.sin(tn) / tn
+    c, sc = math.cos(tn), (math.sin(tn) / tn if tn else 1.0)  # no tangent (eps 0): sin(x)/x's limit
     return [avg_norm * (m[i] * c + t[i] * sc) for i in range(n)]
 
 
@@ -136,7 +140,7 @@ def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> List[float]:
         for i in valid:
             dot = max(-1.0, min(1.0, gm[i] / norms[i]))
             theta = math.acos(dot)
-            if theta < tol:
+            if theta < tol or theta == 0:  # with tol <= 0 too: at the mean, u_i adds nothing (limit of theta/sin)
                 continue
             step = [(1.0 / norms[i] if j == i else 0.0) - dot * mean[j] for j in range(n)]  # u_i - dot m
             if _quad(g, step) <= 1e-14:
@@ -145,7 +149,7 @@ def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> List[float]:
             for j in range(n):
                 tangent[j] += f * step[j]
         tn = math.sqrt(max(_quad(g, tangent), 0.0))
-        if tn < tol:
+        if tn < tol or tn == 0:  # converged (tol <= 0 never stops on its own: mergekit's float noise did)
             break
         c, s = math.cos(tn), math.sin(tn) / tn
         mean = [c * mean[j] + s * tangent[j] for j in range(n)]

@@ -7,11 +7,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _dtype_names(dtypes):
@@ -58,6 +60,8 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         values = list(map(float, weights)) if plain else [_real(w) for w in weights]
     except (TypeError, ValueError):
         raise TypeError(f"{what} must be numbers, got {short(weights)}") from None
+    except OverflowError:  # an integer past float's range (10**400)
+        raise ValueError(f"{what} must be finite and within float32's range, got {short(weights)}") from None
     if len(values) != n:
         raise ValueError(f"got {len(values)} {what} for {n} inputs")
     if torch.compiler.is_compiling():
@@ -129,7 +133,7 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
         raise ValueError(f"out has dtype {out.dtype} but out_dtype={out_dtype}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    if torch.compiler.is_compiling():
+    if addresses_unknown([out]):
         return out.dtype  # addresses are not known while tracing: the op checks overlaps when it runs
     for i, t in enumerate(tensors):
         if not allow_alias and _overlaps(out, t):
@@ -142,13 +146,31 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
 def check_separate(outs: Sequence[torch.Tensor]) -> None:
     """No two outputs share memory: each would overwrite what the other holds, in whatever order the
     threads write them."""
-    if torch.compiler.is_compiling():
+    if addresses_unknown(outs):
         return  # addresses are not known while tracing: the op checks when it runs
     spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size(), k)
                    for k, o in enumerate(outs) if o.numel())
     for (_, end, j), (start, _, k) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"outs[{min(j, k)}] and outs[{max(j, k)}] share memory; give every output its own tensor")
+
+
+def check_apart(inputs: Sequence[Optional[torch.Tensor]], outs: Sequence[torch.Tensor], op: str) -> None:
+    """Each output is apart from every input, or exactly one of them (a kernel reads a block before it
+    writes it): an output a few elements ahead of an input overwrote what the next block then read."""
+    if addresses_unknown(outs):
+        return
+    for k, o in enumerate(outs):
+        for i, t in enumerate(inputs):
+            if t is not None and _overlaps_partially(o, t):
+                raise ValueError(f"{op}: output {k} partially overlaps input {i}; use a separate output or "
+                                 "exactly the same tensor")
+
+
+def addresses_unknown(tensors: Sequence[torch.Tensor]) -> bool:
+    """Under torch.compile, FakeTensorMode or make_fx tensors have no real addresses (data_ptr 0 or an
+    error): overlaps are checked when the op runs on real tensors."""
+    return torch.compiler.is_compiling() or any(type(t) not in _PLAIN and is_fake(t) for t in tensors)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -52,6 +52,11 @@ def kind_problem(t: torch.Tensor) -> Optional[str]:
     return None
 
 
+def negated_problem(t: torch.Tensor) -> Optional[str]:
+    """Why a kernel cannot write t by address (a view whose memory holds the negated values), or None."""
+    return "is a lazily negated view (x.conj().imag); merge into a tensor of your own" if t.is_neg() else None
+
+
 def backing_problem(t: torch.Tensor) -> Optional[str]:
     """Why t's storage cannot hold every element it addresses, or None."""
     have, need = t.untyped_storage().nbytes(), extent_bytes(t)
@@ -115,6 +120,8 @@ def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.
                 continue
             if t.numel() != numel:
                 raise ValueError(f"{op}: {role} {i} has {t.numel()} elements, the op works on {numel}")
+            if t.is_neg():  # its memory holds the values' negations: a kernel would read or write them as is
+                raise ValueError(f"{op}: {role} {i} is a lazily negated view (x.conj().imag); pass t.resolve_neg()")
             if (dtypes is not None and t.dtype not in dtypes) or (
                     device is not None and (not t.is_cpu if cpu else t.device != device)):
                 names = ", ".join(sorted(str(d).split(".")[-1] for d in dtypes or ()))

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from pymerge import _native
+from pymerge.ops._checks import check_apart
 from pymerge.ops._memory import check_native
 
 
@@ -22,6 +23,7 @@ def _native_ok(op: str, tensors, out, backend: str) -> bool:
             and out.dtype in (torch.float32, torch.float16, torch.bfloat16) and out.is_contiguous()):
         return False
     check_native(tensors, [out], out.numel(), op)  # the kernel will trust these addresses and sizes
+    check_apart(tensors, [out], op)
     return True
 
 

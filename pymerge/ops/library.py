@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
-from pymerge.ops._checks import check_threads, first_out_of_range
+from pymerge.ops._checks import check_apart, check_threads, first_out_of_range
 from pymerge.ops._memory import check_backed, check_native
 
 _U64 = 1 << 64
@@ -49,7 +49,17 @@ def _codes(ts) -> List[int]:
 
 
 def _contig(ts) -> List[Tensor]:
-    return [t if t.is_contiguous() else t.contiguous() for t in ts]
+    """Contiguous, the lazy negation of a view (x.conj().imag) applied: kernels read raw memory."""
+    return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in ts]
+
+
+def _one_device(op: str, *groups) -> None:
+    """Every tensor on one device. The fake (shape) kernels run for any call holding a meta tensor: a CPU
+    input beside a meta one got an uninitialised CPU result, an out= form returned without writing."""
+    ts = [t for g in groups for t in (g if isinstance(g, (list, tuple)) else [g]) if t is not None]
+    for t in ts:
+        if t.device != ts[0].device:
+            raise ValueError(f"{op}: tensors on {ts[0].device} and {t.device}; every tensor must be on one device")
 
 
 def _cuda_backend(backend: str, entry: str) -> str:
@@ -179,7 +189,7 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
 
 @register_fake("pymerge::weighted_sum_many_out")
 def _(tensors, weights, outs, backend="auto", num_threads=0):
-    return None
+    _one_device("weighted_sum", tensors, outs)
 
 
 def _cuda_weighted_sum(tensors, weights, outs):
@@ -214,7 +224,7 @@ def _many_out(tensors, weights, outs, backend, num_threads):
 
 @register_fake("pymerge::weighted_sum_out")
 def _(tensors, weights, out, backend="auto", num_threads=0):
-    return None
+    _one_device("weighted_sum", tensors, out)
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
@@ -229,6 +239,7 @@ def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.d
 
 @register_fake("pymerge::weighted_sum_many")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
+    _one_device("weighted_sum", tensors)
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
 
 
@@ -244,6 +255,7 @@ def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype,
 
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
+    _one_device("weighted_sum", tensors)
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
 
@@ -346,7 +358,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
 @register_fake("pymerge::tv_merge_out")
 def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset, out,
       backend="auto", num_threads=0):
-    return None
+    _one_device("tv_merge", inputs, base, out)
 
 
 PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
@@ -359,6 +371,7 @@ def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device) -
                          f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
     _require_out(out, "tv_merge")
     _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device)
+    check_apart(list(inputs) + [base], [out], "tv_merge")
     if not 0 <= offset < 1 << 62:
         raise ValueError(f"tv_merge: offset must be from 0 to 2**62 - 1, got {offset}")
     for i, b in enumerate(bits):
@@ -401,6 +414,7 @@ def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending
 
 @register_fake("pymerge::select_ranks")
 def _(x, base, ranks, descending, num_threads=0):
+    _one_device("select_ranks", x, base)
     return x.new_empty((len(ranks), 2), dtype=torch.int64)
 
 
@@ -427,6 +441,7 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
 
 @register_fake("pymerge::group_dots")
 def _(xs, base, sub, rows, cols, group, num_threads=0):
+    _one_device("group_dots", xs, base)
     k = len(xs)
     g = (1, rows, cols)[group]
     return xs[0].new_empty((g, k * (k + 1) // 2), dtype=torch.float64)
@@ -457,8 +472,9 @@ def _check_groups(xs, base, rows, cols, group, outs, op) -> None:
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
     _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu")
+    check_apart(list(xs) + [base], outs, op)
 
 
 @register_fake("pymerge::group_lincomb_out")
 def _(xs, base, sub, rows, cols, group, coef, out, num_threads=0):
-    return None
+    _one_device("group_lincomb", xs, base, out)

@@ -155,7 +155,11 @@ def _op_backend(t: torch.Tensor, backend: str) -> Optional[str]:
 
 
 def _contig(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    """Contiguous, the lazy negation of a view (x.conj().imag) applied: kernels read raw memory (traced,
+    the op applies it when it runs: is_neg() has no graph form)."""
+    if torch.compiler.is_compiling():
+        return [t.contiguous() for t in tensors]
+    return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in tensors]
 
 
 def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor],

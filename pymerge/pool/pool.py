@@ -22,7 +22,7 @@ from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard
 from pymerge.ops._checks import as_int, check_threads
-from pymerge.ops._memory import backing_problem, overlap_problem, write_problem
+from pymerge.ops._memory import backing_problem, negated_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
@@ -774,7 +774,7 @@ def _cacheable(groups: GroupRule, names: NameMap) -> bool:
 
 def _unusable_target(t: torch.Tensor) -> Optional[str]:
     """Why a kernel may not write into t (its storage freed, read-only memory, elements sharing memory), or None."""
-    return backing_problem(t) or overlap_problem(t) or write_problem(t)
+    return backing_problem(t) or overlap_problem(t) or negated_problem(t) or write_problem(t)
 
 
 def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequence[str]) -> list:

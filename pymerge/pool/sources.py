@@ -38,7 +38,7 @@ class DictSource:
             if (problem := kind_problem(v)) is not None:  # sparse, nested, quantized, meta
                 raise InputError(f"{label}: tensor {k!r} {problem}")
             check_backed(v, f"{label}: tensor {k!r}", InputError)  # a freed storage (FSDP's resize_(0))
-            self._state[k] = v.detach()
+            self._state[k] = v.detach().resolve_neg()  # a lazily negated view: its values, not its memory
 
     def names(self) -> List[str]:
         return list(self._state)
