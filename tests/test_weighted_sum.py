@@ -197,7 +197,7 @@ for size in (1, 15, 16, 17, 31, 4096 + 77, 16384 + 45, 70001, (1 << 22) + 37):  
             xs[2].view(-1)[3:9] = 3e-39      # denormal results
             xs[-1].view(-1)[20:36] = 1 + 2 ** -7  # sums near rounding ties
         rows = np.random.default_rng(size).normal(size=(9, len(xs))).astype(np.float32)
-        for k in (1, 6, 7, 9) if size < 10 ** 6 else (1, 7):
+        for k in (1, 3, 6, 7, 9) if size < 10 ** 6 else (1, 7):
             for out_dtype in OUT_DTYPES if dtypes != [torch.bfloat16] else [torch.bfloat16, torch.float32]:
                 outs.append(torch.stack(weighted_sum_many(xs, rows[:k].tolist(), out_dtype=out_dtype)))
 torch.save([_native.cpu.simd_level(), outs], {str(tmp_path / (simd + '.pt'))!r})
@@ -246,6 +246,16 @@ def test_many_matches_reference(k, backend):
     assert len(outs) == k
     for o, row in zip(outs, rows):
         check_close(o, xs, row)
+
+
+@pytest.mark.parametrize("n, k", [(13, 65), (9, 2), (17, 4)])
+def test_many_inputs_and_outputs_equal_single_calls_bitwise(n, k):
+    """AVX-512 sweeps more than 8 inputs in passes for one output (65 = 64 + 1: the last group of outputs
+    too), the others in one pass: the same operations in the same order, so the same bits."""
+    xs = random_inputs(n, PASS_BLOCK * 2 + 45, [torch.bfloat16, torch.float32], seed=n)
+    rows = torch.randn(k, n, generator=torch.Generator().manual_seed(k))
+    for o, row in zip(weighted_sum_many(xs, rows, out_dtype=torch.float32), rows):
+        assert torch.equal(o, weighted_sum(xs, row, out_dtype=torch.float32))
 
 
 def test_many_equals_single_calls_bitwise():

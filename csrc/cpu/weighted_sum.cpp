@@ -71,9 +71,31 @@ void block_buffered(const Job& J, int64_t start, int64_t len, float* accs, float
 
 // AVX-512 block: strips of 32 elements with all K accumulators in registers, so every input
 // element is loaded once and every output element stored once, with nothing in between.
+// Past kDirectInputs inputs, so many streams at once starve the prefetchers (N = 16 on a Zen 4 ran at
+// 0.5-0.7 of copy and below torch.compile): a single output's block is swept in passes of
+// kInputsPerPass inputs, the float32 partial sums kept in an L2-sized buffer between passes (1.1-1.5x
+// for N = 9-32; with 2-4 outputs the partials' traffic cancels the gain, within this machine's noise).
+// Each element sees the same operations in the same order.
 constexpr int kStrip = 32;
-constexpr int kMaxK = 8;                 // accumulators per pass: 2 * 8 of the 32 zmm registers
-constexpr int64_t kPrefetchBytes = 1024;  // per input stream; hardware prefetchers juggle N streams poorly
+constexpr int kMaxK = 8;                  // accumulators per pass: 2 * 8 of the 32 zmm registers
+constexpr int64_t kDirectInputs = 8;      // up to this many inputs: one pass over the block
+constexpr int64_t kInputsPerPass = 4;
+constexpr int64_t kPassOutputs = 1;       // up to this many outputs
+constexpr int64_t kPassBlock = 16384;     // elements per block when sweeping in passes: partials in L2
+
+inline bool in_passes(const Job& J) { return J.n_in > kDirectInputs && J.n_out <= kPassOutputs; }
+
+// Inputs [i0, i1) of strips at a time; the partial sums of K outputs live at part[k * kPassBlock + j]
+// between passes (a pass that does not start at input 0 loads them, one that does not end at the last
+// input stores them instead of the outputs).
+struct Pass {
+  int64_t i0, i1;
+  float* part;
+  bool first() const { return i0 == 0; }
+};
+
+// Prefetch distance per input stream: fewer streams at once can run further ahead.
+inline int64_t prefetch_bytes(const Pass& P) { return P.i1 - P.i0 <= kInputsPerPass ? 2048 : 1024; }
 
 AVX512_TARGET inline __m512 load16_any(const char* p, int dt) {
   switch (dt) {
@@ -130,19 +152,26 @@ AVX512_TARGET void tail_avx512(const Job& J, int64_t k0, int64_t e, int64_t n) {
 }
 
 template <int K>
-AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_t len) {
+AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_t len, const Pass& P) {
   bool stream[K];
   for (int k = 0; k < K; ++k)  // stream only where every strip's store is aligned (bf16: 32 B, f32: 64 B)
     stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 64 : 32) == 0;
+  const bool last = P.i1 == J.n_in;
+  const int64_t ahead = prefetch_bytes(P);
   for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
     const int64_t e = start + j;
     __m512 acc[K][2];
-    for (int64_t i = 0; i < J.n_in; ++i) {
+    if (!P.first())
+      for (int k = 0; k < K; ++k) {
+        acc[k][0] = _mm512_loadu_ps(P.part + k * kPassBlock + j);
+        acc[k][1] = _mm512_loadu_ps(P.part + k * kPassBlock + j + 16);
+      }
+    for (int64_t i = P.i0; i < P.i1; ++i) {
       const int dt = J.in_dt[i];
       const size_t es = dtype_size(dt);
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
-      _mm_prefetch(src + kPrefetchBytes, _MM_HINT_T0);
-      if (es == 4) _mm_prefetch(src + kPrefetchBytes + 64, _MM_HINT_T0);
+      _mm_prefetch(src + ahead, _MM_HINT_T0);
+      if (es == 4) _mm_prefetch(src + ahead + 64, _MM_HINT_T0);
       const __m512 x0 = load16_any(src, dt), x1 = load16_any(src + 16 * es, dt);
       const float* w = J.w + k0 * J.n_in + i;
 #pragma GCC unroll 8
@@ -154,6 +183,11 @@ AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_
     }
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) {
+      if (!last) {
+        _mm512_storeu_ps(P.part + k * kPassBlock + j, acc[k][0]);
+        _mm512_storeu_ps(P.part + k * kPassBlock + j + 16, acc[k][1]);
+        continue;
+      }
       const int dt = J.out_dt[k0 + k];
       char* dst = out_at(J, k0 + k, e);
       store16_any(dst, acc[k][0], dt, stream[k]);
@@ -175,16 +209,23 @@ AVX512_TARGET inline __m512i bf16_round_bits(__m512 x) {  // f32_to_bf16_16 befo
 }
 
 template <int K>
-AVX512_TARGET void strips_bf16(const Job& J, int64_t k0, int64_t start, int64_t len) {
+AVX512_TARGET void strips_bf16(const Job& J, int64_t k0, int64_t start, int64_t len, const Pass& P) {
   bool stream[K];
   for (int k = 0; k < K; ++k) stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % 64 == 0;
   const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+  const bool last = P.i1 == J.n_in;
+  const int64_t ahead = prefetch_bytes(P);
   for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
     const int64_t e = start + j;
     __m512 acc[K][2];
-    for (int64_t i = 0; i < J.n_in; ++i) {
+    if (!P.first())
+      for (int k = 0; k < K; ++k) {
+        acc[k][0] = _mm512_loadu_ps(P.part + k * kPassBlock + j);
+        acc[k][1] = _mm512_loadu_ps(P.part + k * kPassBlock + j + 16);
+      }
+    for (int64_t i = P.i0; i < P.i1; ++i) {
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * 2;
-      _mm_prefetch(src + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(src + ahead, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(src);
       const __m512 x0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), x1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
       const float* w = J.w + k0 * J.n_in + i;
@@ -197,6 +238,11 @@ AVX512_TARGET void strips_bf16(const Job& J, int64_t k0, int64_t start, int64_t 
     }
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) {
+      if (!last) {  // the even and odd halves as they are: the next pass reads them back alike
+        _mm512_storeu_ps(P.part + k * kPassBlock + j, acc[k][0]);
+        _mm512_storeu_ps(P.part + k * kPassBlock + j + 16, acc[k][1]);
+        continue;
+      }
       const __m512i h = _mm512_or_si512(bf16_round_bits(acc[k][0]), _mm512_slli_epi32(bf16_round_bits(acc[k][1]), 16));
       void* dst = out_at(J, k0 + k, e);
       if (stream[k]) _mm512_stream_si512(static_cast<__m512i*>(dst), h);
@@ -211,21 +257,25 @@ inline bool all_bf16(const Job& J) {
   return true;
 }
 
-AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float*, float*) {
-  static void (*const by_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
+// part: kPassOutputs * kPassBlock floats (used when the inputs are swept in passes).
+AVX512_TARGET void block_avx512(const Job& J, int64_t start, int64_t len, float* part, float*) {
+  using StripFn = void (*)(const Job&, int64_t, int64_t, int64_t, const Pass&);
+  static const StripFn by_k[kMaxK] = {
       strips_avx512<1>, strips_avx512<2>, strips_avx512<3>, strips_avx512<4>,
       strips_avx512<5>, strips_avx512<6>, strips_avx512<7>, strips_avx512<8>};
   static void (*const tail_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
       tail_avx512<1>, tail_avx512<2>, tail_avx512<3>, tail_avx512<4>,
       tail_avx512<5>, tail_avx512<6>, tail_avx512<7>, tail_avx512<8>};
-  static void (*const bf16_k[kMaxK])(const Job&, int64_t, int64_t, int64_t) = {
+  static const StripFn bf16_k[kMaxK] = {
       strips_bf16<1>, strips_bf16<2>, strips_bf16<3>, strips_bf16<4>,
       strips_bf16<5>, strips_bf16<6>, strips_bf16<7>, strips_bf16<8>};
   const int64_t done = len / kStrip * kStrip;
   const auto strips = all_bf16(J) ? bf16_k : by_k;
+  const int64_t per_pass = in_passes(J) ? kInputsPerPass : J.n_in;
   for (int64_t k0 = 0; k0 < J.n_out; k0 += kMaxK) {  // more than 8 outputs: re-read the block from cache
     const int64_t kk = std::min<int64_t>(kMaxK, J.n_out - k0) - 1;
-    strips[kk](J, k0, start, len);
+    for (int64_t i0 = 0; i0 < J.n_in; i0 += per_pass)
+      strips[kk](J, k0, start, done, Pass{i0, std::min(J.n_in, i0 + per_pass), part});
     if (done < len) tail_k[kk](J, k0, start + done, len - done);  // the last few elements of the tensor
   }
 }
@@ -342,16 +392,22 @@ void ws::fence() { _mm_sfence(); }
 
 void ws::run_range(const Job& J, int64_t start, int64_t end, bool fence) {
   static const BlockFn block = pick_block();
+  // Inputs swept in passes (block_avx512) take longer blocks, their partial sums in L2.
+  const bool passes = block == block_avx512 && in_passes(J);
+  const int64_t step = passes ? kPassBlock : kBlock;
   thread_local std::vector<float> accs, xbuf;
-  accs.resize(size_t(std::min(J.n_out, kOutputsPerPass)) * kBlock);
+  // Partials of up to kPassOutputs outputs (a last group of outputs may be that few), else accumulators.
+  const bool some_passes = block == block_avx512 && J.n_in > kDirectInputs;
+  accs.resize(std::max(size_t(std::min(J.n_out, kOutputsPerPass) * kBlock),
+                       some_passes ? size_t(kPassOutputs * kPassBlock) : size_t(0)));
   xbuf.resize(kBlock);
-  for (int64_t b = start; b < end; b += kBlock) {
+  for (int64_t b = start; b < end; b += step) {
     // Any number of outputs, kOutputsPerPass at a time: the accumulators stay bounded and the
     // block is re-read from cache for each group.
     for (int64_t k0 = 0; k0 < J.n_out; k0 += kOutputsPerPass) {
       const Job G{J.in, J.in_dt, J.n_in, J.w + k0 * J.n_in, J.out + k0, J.out_dt + k0,
                   std::min(kOutputsPerPass, J.n_out - k0), J.stream};
-      block(G, b, std::min(kBlock, end - b), accs.data(), xbuf.data());
+      block(G, b, std::min(step, end - b), accs.data(), xbuf.data());
     }
   }
   if (J.stream && fence) _mm_sfence();  // make this thread's streaming stores visible before the call returns

@@ -1,0 +1,64 @@
+"""Two builds of the CPU extension, timed in one process: the fused weighted sum of this checkout
+against another build's (for a kernel change, where run-to-run noise hides 20 %).
+
+    python benchmarks/ab_weighted_sum.py OTHER/_cpu.cpython-*.so [--rounds 10] [--threads 0]
+
+Each round runs the other build, this one and a copy of the same bytes, in alternating order (the
+first call of a round pays for the previous one's cache state). Prints GB/s (best round) and the
+per-round ratio this/other: median [min, max]. A case whose code did not change reads ~1.00: the
+noise floor.
+"""
+import argparse
+import importlib.util
+import statistics
+import time
+
+import torch
+
+from pymerge import _native
+
+CASES = [(16, 8 << 20, 1), (12, 8 << 20, 1), (32, 4 << 20, 1), (9, 8 << 20, 1), (8, 16 << 20, 1),
+         (4, 32 << 20, 1), (2, 32 << 20, 1), (16, 6 << 20, 2), (16, 4 << 20, 3), (16, 4 << 20, 4),
+         (16, 2 << 20, 8)]  # (inputs N, elements, outputs K): bfloat16 in and out
+
+
+def load_other(path: str):
+    spec = importlib.util.spec_from_file_location("_cpu", path)  # PyInit__cpu: the name must be _cpu
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("other", help="the other build's _cpu extension (.so)")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="0: the extension's default")
+    args = ap.parse_args()
+    builds = {"other": load_other(args.other), "this": _native.require_cpu()}
+    code = _native.DTYPE_CODES[torch.bfloat16]
+    for n, numel, k in CASES:
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(n)]
+        outs = [torch.empty(numel, dtype=torch.bfloat16) for _ in range(k)]
+        src = torch.empty((n + k) * numel // 2, dtype=torch.bfloat16)  # copy: the same bytes read + written
+        dst = torch.empty_like(src)
+        call = ([x.data_ptr() for x in xs], [code] * n, numel, [1.0 / n] * (n * k), [o.data_ptr() for o in outs],
+                [code] * k, args.threads)
+        fns = [(name, (lambda m=m: m.weighted_sum_many(*call))) for name, m in builds.items()]
+        fns.append(("copy", lambda: dst.copy_(src)))
+        secs = {name: [] for name, _ in fns}
+        for r in range(args.rounds):
+            for name, fn in (fns if r % 2 else fns[::-1]):
+                t = time.perf_counter()
+                fn()
+                secs[name].append(time.perf_counter() - t)
+        gbs = {name: (n + k) * numel * 2 / min(s) / 1e9 for name, s in secs.items()}
+        ratios = [o / t for o, t in zip(secs["other"], secs["this"])]
+        print(f"N={n:2d} K={k} {numel >> 20:2d}M  other {gbs['other']:5.1f}  this {gbs['this']:5.1f}  "
+              f"copy {gbs['copy']:5.1f} GB/s  this/other median {statistics.median(ratios):.2f} "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
