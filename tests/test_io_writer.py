@@ -501,3 +501,15 @@ def test_a_failed_write_names_the_shard(tmp_path, monkeypatch):
             w.write("a", torch.ones(4))
     assert got.value.errno == errno.ENOSPC and got.value.filename == str(tmp_path / "out" / "model.safetensors")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_header_past_the_format_limit_is_an_input_error(tmp_path, monkeypatch):
+    """Was a ValueError (a traceback from the CLI): names long or many enough for a header over 100 MB come
+    from valid inputs (raw UTF-8 names, escaped here as \\uXXXX)."""
+    import pymerge.io.writer as writer_module
+    from pymerge.errors import InputError
+    monkeypatch.setattr(writer_module, "MAX_HEADER_BYTES", 2000)
+    entries = [("t" * 100 + str(i), "float32", (2,)) for i in range(30)]
+    with pytest.raises(InputError, match=r"shard model.safetensors: its header would be \d+ bytes, past the 2000"):
+        writer_module.ShardedWriter(tmp_path / "out", entries)
+    assert os.listdir(tmp_path) == []

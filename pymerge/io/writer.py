@@ -173,8 +173,9 @@ class ShardedWriter:
             raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
             raw += b" " * (-len(raw) % 8)  # the padding safetensors itself uses
             if len(raw) > MAX_HEADER_BYTES:  # readers would refuse the file: fail before writing it
-                raise ValueError(f"shard {self.shard_names[i]}: header of {len(raw)} bytes exceeds the "
-                                 f"{MAX_HEADER_BYTES}-byte safetensors limit (too many tensors per shard)")
+                raise InputError(f"{self.out_dir}: shard {self.shard_names[i]}: its header would be {len(raw)} "
+                                 f"bytes, past the {MAX_HEADER_BYTES}-byte safetensors limit (too many or too "
+                                 "long tensor names for one shard: try a smaller --out-shard-size)")
             for s in slots:
                 s.file_offset += 8 + len(raw)
             self._headers.append(len(raw).to_bytes(8, "little") + raw)
