@@ -513,3 +513,20 @@ def test_a_header_past_the_format_limit_is_an_input_error(tmp_path, monkeypatch)
     with pytest.raises(InputError, match=r"shard model.safetensors: its header would be \d+ bytes, past the 2000"):
         writer_module.ShardedWriter(tmp_path / "out", entries)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_shard_that_cannot_be_created_is_named_in_out(tmp_path, monkeypatch):
+    """EMFILE (more shards than open files allowed) named the hidden temporary folder."""
+    import errno
+    import pymerge.io.writer as writer_module
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        if str(path).endswith("model-00003-of-00004.safetensors"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(writer_module.os, "open", failing_open)
+    with pytest.raises(OSError) as excinfo:
+        writer_module.ShardedWriter(tmp_path / "out", [(f"t{i}", "float32", (4,)) for i in range(4)], max_shard_bytes=16)
+    assert excinfo.value.filename == str(tmp_path / "out" / "model-00003-of-00004.safetensors")
+    assert os.listdir(tmp_path) == []

@@ -193,7 +193,10 @@ class ShardedWriter:
 
     def _create_shard(self, i: int) -> int:
         path = self.tmp_dir / self.shard_names[i]
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:  # too many open files, say: name OUT's shard, not the hidden temporary folder
+            raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[i])) from None
         try:
             _pwrite_all(fd, memoryview(self._headers[i]), 0)
             os.ftruncate(fd, self._sizes[i])  # sparse: no disk blocks until the data is written
