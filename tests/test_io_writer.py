@@ -530,3 +530,24 @@ def test_a_shard_that_cannot_be_created_is_named_in_out(tmp_path, monkeypatch):
         writer_module.ShardedWriter(tmp_path / "out", [(f"t{i}", "float32", (4,)) for i in range(4)], max_shard_bytes=16)
     assert excinfo.value.filename == str(tmp_path / "out" / "model-00003-of-00004.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+def test_more_shards_than_open_files_allowed(tmp_path):
+    """Every shard's fd was open from the start: 1100 shards failed under the common 1024-file limit.
+    A shard's fd now lives while it is written (fsynced and closed once every byte is in)."""
+    code = textwrap.dedent(f"""
+        import resource, torch
+        from safetensors.torch import load_file
+        from pymerge.io.writer import ShardedWriter
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        entries = [(f"t{{i}}", "float32", (4,)) for i in range(200)]
+        with ShardedWriter({str(tmp_path / "out")!r}, entries, max_shard_bytes=16) as w:
+            for i in range(200):
+                w.write(f"t{{i}}", torch.full((4,), float(i)))
+            w.write("t7", torch.full((4,), 70.0))  # a finished shard written again: reopened
+        shard = load_file({str(tmp_path / "out" / "model-00008-of-00200.safetensors")!r})
+        print(len(w.shard_names), shard["t7"].tolist())
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["200", "[70.0,", "70.0,", "70.0,", "70.0]"]

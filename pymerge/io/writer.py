@@ -110,11 +110,16 @@ class ShardedWriter:
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self._inflight = 0
-        self._fds: Dict[int, int] = {}  # shard index -> fd, for the shards written here
+        # Shard index -> fd, open only while a shard is being written: a model of more shards than the
+        # open-file limit (1024 is common) can be written. A shard is fsynced and closed once every byte
+        # of its data has been written once (a later write reopens it); commit fsyncs the rest.
+        self._fds: Dict[int, int] = {}
+        self._users: Dict[int, int] = {}  # shard -> writes in flight through its fd
+        self._left = {i: self._sizes[i] - len(self._headers[i]) for i in self._own}  # data bytes not yet written
         self._dirs = {self.tmp_dir}  # folders to fsync at commit
         try:
             for i in sorted(self._own):
-                self._fds[i] = self._create_shard(i)
+                os.close(self._create_shard(i))
         except BaseException:
             self.abort()
             raise
@@ -208,6 +213,12 @@ class ShardedWriter:
             raise
         return fd
 
+    def _open_shard(self, i: int) -> int:
+        try:
+            return os.open(self.tmp_dir / self.shard_names[i], os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[i])) from None
+
     # ---- writing ----------------------------------------------------------------------------
     def shard_of(self, name: str) -> str:
         """The file name of the shard that holds ``name``."""
@@ -250,18 +261,29 @@ class ShardedWriter:
         if not isinstance(offset, int) or offset < 0 or offset + n > slot.numel:
             raise ValueError(f"tensor {name!r}: elements [{offset}, {offset + n}) do not fit in its "
                              f"{slot.numel} elements")
+        shard, done = slot.shard, None
         with self._cond:
             if self._state != "open":
                 raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot write {name!r}")
             self._inflight += 1  # commit/abort wait for us, so the fd cannot be closed under us
+            if n:
+                try:
+                    fd = self._fds.get(shard)
+                    if fd is None:
+                        fd = self._fds[shard] = self._open_shard(shard)
+                except BaseException:
+                    self._inflight -= 1
+                    self._cond.notify_all()
+                    raise
+                self._users[shard] = self._users.get(shard, 0) + 1
         try:
             if n:
-                fd, pos = self._fds[slot.shard], slot.file_offset + offset * slot.itemsize
+                pos = slot.file_offset + offset * slot.itemsize
                 try:
                     _pwrite_all(fd, memoryview(data), pos)
                 except OSError as exc:  # name the shard (was "output: No space left on device")
                     if exc.filename is None:
-                        raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[slot.shard])) from None
+                        raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[shard])) from None
                     raise
                 _start_writeback(fd, pos, n * slot.itemsize)
             with self._cond:
@@ -269,10 +291,25 @@ class ShardedWriter:
                     slot.written[-1] = (slot.written[-1][0], offset + n)  # sequential chunks: one range
                 else:
                     slot.written.append((offset, offset + n))
+                self._left[shard] -= n * slot.itemsize
         finally:
             with self._cond:
-                self._inflight -= 1
-                self._cond.notify_all()
+                if n:
+                    self._users[shard] -= 1
+                    if self._left[shard] <= 0 and not self._users[shard] and self._state == "open":
+                        done = self._fds.pop(shard, None)  # every byte written: durable now, fd freed
+            try:
+                if done is not None:
+                    try:
+                        os.fsync(done)
+                    except OSError as exc:
+                        raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[shard])) from None
+                    finally:
+                        os.close(done)
+            finally:
+                with self._cond:  # only now: commit waits for this shard's fsync too
+                    self._inflight -= 1
+                    self._cond.notify_all()
 
     @staticmethod
     def _buffer(name: str, slot: _Slot, obj):
