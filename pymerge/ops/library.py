@@ -48,8 +48,11 @@ def _codes(ts) -> List[int]:
     return [_native.DTYPE_CODES[t.dtype] for t in ts]
 
 
-def _contig(ts) -> List[Tensor]:
-    """Contiguous, the lazy negation of a view (x.conj().imag) applied: kernels read raw memory."""
+def contiguous(ts) -> List[Tensor]:
+    """Contiguous, the lazy negation of a view (x.conj().imag) applied: kernels read raw memory (traced,
+    the op applies it when it runs: is_neg() has no graph form)."""
+    if torch.compiler.is_compiling():
+        return [t.contiguous() for t in ts]
     return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in ts]
 
 
@@ -145,7 +148,7 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     numel = tensors[0].numel()
     if numel == 0:
         return
-    tensors = _contig(tensors)
+    tensors = contiguous(tensors)
     _check_native(tensors, outs, numel, "weighted_sum", "cpu")
     check_threads(num_threads)
     flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
@@ -169,7 +172,7 @@ def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_t
 def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0):
     if tensors[0].numel() == 0:
         return
-    tensors = _contig(tensors)
+    tensors = contiguous(tensors)
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device)
     device = tensors[0].device
     if not isinstance(weights, Tensor):
@@ -324,7 +327,7 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
     """out = B + lam * combine(sparsified, weighted deltas); see pymerge/ops/task_vector_ops.py."""
     if base.numel() == 0:
         return
-    inputs, (base,) = _contig(inputs), _contig([base])
+    inputs, (base,) = contiguous(inputs), contiguous([base])
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu")
     check_threads(num_threads)
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
@@ -339,7 +342,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
                        offset, out, backend="auto", num_threads=0):
     if base.numel() == 0:
         return
-    inputs, (base,) = _contig(inputs), _contig([base])
+    inputs, (base,) = contiguous(inputs), contiguous([base])
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device)
     with torch.cuda.device(base.device):
         if _cuda_backend(backend, "tv_merge") == "triton":
@@ -425,7 +428,7 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
                num_threads: int = 0) -> Tensor:
     """float64 [G, K(K+1)/2]: upper-triangle dot products of v_i = x_i - sub*B per group (the whole
     tensor: exact sums rounded once, pymerge/ops/exact_sum.py)."""
-    xs = _contig(xs)
+    xs = contiguous(xs)
     base = base.contiguous() if base is not None else None
     _check_groups(xs, base, rows, cols, group, [], "group_dots")
     k = len(xs)
@@ -452,7 +455,7 @@ def _(xs, base, sub, rows, cols, group, num_threads=0):
 def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                       coef: Tensor, out: Tensor, num_threads: int = 0) -> None:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B), coef float32 [G, K+1]."""
-    xs = _contig(xs)
+    xs = contiguous(xs)
     base = base.contiguous() if base is not None else None
     _check_groups(xs, base, rows, cols, group, [out], "group_lincomb")
     g = (1, rows, cols)[group]

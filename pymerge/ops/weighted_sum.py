@@ -34,8 +34,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     w = check_weights(weights, len(tensors))  # a tensor only while torch.compile traces
     dtype = resolve_out(tensors, out_dtype, out)
     if out is None and _op_backend(tensors[0], backend):
-        return library.call("weighted_sum", _contig(tensors), _weight_tensor(_learnt(weights, w)), dtype,
-                                    _op_backend(tensors[0], backend), num_threads)
+        return library.call("weighted_sum", library.contiguous(tensors), _weight_tensor(_learnt(weights, w)),
+                            dtype, _op_backend(tensors[0], backend), num_threads)
     given = out is not None
     if given:
         _no_grad_for_out(tensors, weights, "weighted_sum")
@@ -100,8 +100,9 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     if outs is None:
         dtype = resolve_out(tensors, out_dtype, None)
         if _op_backend(tensors[0], backend):
-            return library.call("weighted_sum_many", _contig(tensors), _weight_tensor(_learnt(weight_rows, rows)), dtype,
-                                             _op_backend(tensors[0], backend), num_threads)
+            return library.call("weighted_sum_many", library.contiguous(tensors),
+                                _weight_tensor(_learnt(weight_rows, rows)), dtype, _op_backend(tensors[0], backend),
+                                num_threads)
         if library.wants_grad(tensors, weight_rows):  # outside the op registry (eager torch, Triton's interpreter)
             table = _learnt(weight_rows, rows)
             return [_tracked_sum(tensors, table[k], dtype) for k in range(len(rows))]
@@ -154,14 +155,6 @@ def _op_backend(t: torch.Tensor, backend: str) -> Optional[str]:
     return chosen if t.device.type == "cuda" else None
 
 
-def _contig(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Contiguous, the lazy negation of a view (x.conj().imag) applied: kernels read raw memory (traced,
-    the op applies it when it runs: is_neg() has no graph form)."""
-    if torch.compiler.is_compiling():
-        return [t.contiguous() for t in tensors]
-    return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in tensors]
-
-
 def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor],
                       backend: str = "auto", num_threads: int = 0) -> None:
     """The unchecked core: inputs, weights and outputs already validated (pool and merge call it).
@@ -172,7 +165,7 @@ def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor
     """
     if tensors[0].numel() == 0:
         return
-    tensors = _contig(tensors)
+    tensors = library.contiguous(tensors)
     op_backend = _op_backend(tensors[0], backend)
     if op_backend is not None:
         plain = isinstance(rows, torch.Tensor) or library.eager(tensors[0])  # the eager kernels take lists

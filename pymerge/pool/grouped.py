@@ -70,7 +70,8 @@ class _Entry:
         # Where each tensor is held (a state dict, or its module's _parameters / _buffers) and under which
         # key, and the keys a state dict lacked: deleting, replacing or adding one there registers nothing.
         keyed = [(t, d, key) for t, d, key in watched if d is not None]
-        self.owners, self.keys, self.found = [d for _, d, _ in keyed], [key for _, _, key in keyed], [t for t, _, _ in keyed]
+        self.owners, self.keys = [d for _, d, _ in keyed], [key for _, _, key in keyed]
+        self.found = [t for t, _, _ in keyed]
         self.plans = plans
         self.native = native
         self.fixups = [f for p in plans for f in p.fixups]
@@ -82,7 +83,8 @@ class _Entry:
             prefetch(self.objects)
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr; a view of the same
         # memory put in its place (param.data = param.data.t(), entry.t_()) keeps it but not its layout.
-        return (self.generation == _registrations and all(map(is_, map(dict.get, self.owners, self.keys), self.found))
+        return (self.generation == _registrations
+                and all(map(is_, map(dict.get, self.owners, self.keys), self.found))
                 and list(map(_data_ptr, self.held)) == self.ptrs and _layouts(self.held) == self.layouts)
 
 
