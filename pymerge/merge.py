@@ -156,7 +156,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     t0 = time.perf_counter()
     if lora_merge_dtype is not None:
         config_or_path = _with_lora_dtype(_as_config(config_or_path), lora_merge_dtype)
-    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir) or "\0" in str(os.fspath(out_dir)):
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir) or b"\0" in os.fsencode(out_dir):
         raise InputError(f"the output folder must be a path, got {short(out_dir)}")
     if random_seed is not None and (not isinstance(random_seed, int) or isinstance(random_seed, bool)):
         raise InputError(f"--random-seed must be an integer, got {short(random_seed)}")
@@ -556,7 +556,8 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
     else:
         dtype = cfg.out_dtype or cfg.dtype  # mergekit: out_dtype, else dtype, else as it was...
         written = {t.out_dtype for part in plan.parts for t in part.tensors}
-        if not dtype and len(written) == 1 and model_cfg.get("torch_dtype") not in (None, *written):
+        said = model_cfg.get("torch_dtype", model_cfg.get("dtype"))  # transformers >= 4.56 writes "dtype" only
+        if not dtype and len(written) == 1 and said not in (None, *written):
             dtype = written.pop()  # ...unless every tensor is written in another (bf16 and f32 models: f32)
         if dtype:
             model_cfg["torch_dtype"] = dtype

@@ -202,9 +202,14 @@ def test_config_json_names_the_dtype_every_tensor_is_written_in(tmp_path, capsys
     assert rc == 0, err
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    config = json.loads((a / "config.json").read_text())  # as transformers >= 4.56 writes it: "dtype" only
+    config["dtype"] = config.pop("torch_dtype")
+    (a / "config.json").write_text(json.dumps(config))
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([a, b])), tmp_path / "new", "--quiet"], capsys)
+    assert rc == 0 and json.loads((tmp_path / "new" / "config.json").read_text())["dtype"] == "float32", err
     c = lf.make_llama(tmp_path / "c", dtype=torch.bfloat16, seed=0, perturb_seed=2)
     rc, err = run_cli(["merge", write_cfg(tmp_path / "d.yml", linear([a, c])), tmp_path / "same", "--quiet"], capsys)
-    assert rc == 0 and json.loads((tmp_path / "same" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert rc == 0 and json.loads((tmp_path / "same" / "config.json").read_text())["dtype"] == "bfloat16"  # a's
 
 
 @pytest.mark.parametrize("text, value", [("5GB", 5_000_000_000), ("500MB", 500_000_000), ("1.5GiB", 1610612736),

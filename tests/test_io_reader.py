@@ -472,14 +472,15 @@ def _short_record(state: dict, victim: str, keep: int) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.parametrize("keep", [8, 0])
 @pytest.mark.parametrize("victim", ["0", "1"])
-def test_a_bin_whose_storage_record_is_short_is_refused(tmp_path, victim):
+def test_a_bin_whose_storage_record_is_short_is_refused(tmp_path, victim, keep):
     """Mapped (mmap=True), torch does not check a record's size against the pickle's: the tensor read the
     zip records after its own and merged garbage (-1e22) with exit 0."""
     state = {"a": torch.randn(4, 4), "b": torch.randn(64)}
     path = tmp_path / "pytorch_model.bin"
-    path.write_bytes(_short_record(state, victim, keep=8))
-    with pytest.raises(CheckpointError, match=r"tensor '(a|b)': its data record holds 8 bytes where the file says"):
+    path.write_bytes(_short_record(state, victim, keep=keep))
+    with pytest.raises(CheckpointError, match=rf"tensor '(a|b)': its data record holds {keep} bytes where the file says"):
         Checkpoint(path)
     path.write_bytes(_short_record(state, victim, keep=10**6))  # whole: fine
     with Checkpoint(path) as ck:

@@ -132,6 +132,14 @@ def test_cached_plan_sees_keys_added_to_a_state_dict_and_parameters_deleted(meth
     pool.materialize(w, into=sd, strict=False, method=method, **kw)
     assert torch.equal(sd["head.bias"], fresh["head.bias"])
 
+    tied = {k: v.clone() for k, v in Tiny().state_dict().items()}  # two keys, one tensor...
+    tied["layers.0.bias"] = tied["layers.1.bias"] = torch.zeros_like(fresh["layers.0.bias"])
+    pool.materialize(w, into=tied, method=method, **kw)
+    tied["layers.0.bias"] = torch.full_like(fresh["layers.0.bias"], 5.0)  # ...untied: both written again
+    pool.materialize(w, into=tied, method=method, **kw)
+    assert torch.equal(tied["layers.0.bias"], fresh["layers.0.bias"])
+    assert torch.equal(tied["layers.1.bias"], fresh["layers.1.bias"])
+
     target = Tiny()
     pool.materialize(w, into=target, method=method, **kw)
     del target.head.bias

@@ -125,7 +125,7 @@ def test_a_target_whose_elements_share_memory_is_refused_before_any_write(method
     overlapping = [torch.zeros(4).expand(16, 4), torch.zeros(64).as_strided((16, 4), (2, 1))]
     for a in overlapping:
         target = {"a": a, "b": torch.full((7,), 5.0)}
-        with pytest.raises(InputError, match=r"tensor 'a': several of its elements share one memory location"):
+        with pytest.raises(InputError, match=r"tensor .a.: its strides .* put several elements on one memory location"):
             pool.materialize(W, into=target, method=method)
         assert torch.equal(target["b"], torch.full((7,), 5.0)) and not a.any()
     fine = torch.zeros(4, 16).t()  # strided but one element per address: merged through a temporary

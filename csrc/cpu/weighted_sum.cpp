@@ -94,8 +94,11 @@ struct Pass {
   bool first() const { return i0 == 0; }
 };
 
-// Prefetch distance per input stream: fewer streams at once can run further ahead.
-inline int64_t prefetch_bytes(const Pass& P) { return P.i1 - P.i0 <= kInputsPerPass ? 2048 : 1024; }
+// Prefetch distance per input stream: fewer streams at once into one output can run further ahead
+// (measured with one output only).
+inline int64_t prefetch_bytes(const Job& J, const Pass& P) {
+  return P.i1 - P.i0 <= kInputsPerPass && J.n_out <= kPassOutputs ? 2048 : 1024;
+}
 
 AVX512_TARGET inline __m512 load16_any(const char* p, int dt) {
   switch (dt) {
@@ -157,7 +160,7 @@ AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_
   for (int k = 0; k < K; ++k)  // stream only where every strip's store is aligned (bf16: 32 B, f32: 64 B)
     stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 64 : 32) == 0;
   const bool last = P.i1 == J.n_in;
-  const int64_t ahead = prefetch_bytes(P);
+  const int64_t ahead = prefetch_bytes(J, P);
   for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
     const int64_t e = start + j;
     __m512 acc[K][2];
@@ -214,7 +217,7 @@ AVX512_TARGET void strips_bf16(const Job& J, int64_t k0, int64_t start, int64_t 
   for (int k = 0; k < K; ++k) stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % 64 == 0;
   const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
   const bool last = P.i1 == J.n_in;
-  const int64_t ahead = prefetch_bytes(P);
+  const int64_t ahead = prefetch_bytes(J, P);
   for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
     const int64_t e = start + j;
     __m512 acc[K][2];

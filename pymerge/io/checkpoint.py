@@ -155,9 +155,9 @@ def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
     try:
         st = path.stat()
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
-            records = {}  # data offset -> bytes
+            records = {}  # data offset -> bytes (0: an empty storage, or one cut to nothing)
             for info in zf.infolist():
-                if "/data/" not in info.filename or info.file_size == 0:  # an empty storage has no address
+                if "/data/" not in info.filename:
                     continue
                 fh.seek(info.header_offset)
                 local = fh.read(30)  # the local header: its name and extra-field lengths end at byte 30
@@ -167,10 +167,13 @@ def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
                 records[info.header_offset + 30 + name_len + extra_len] = info.file_size
     except (OSError, zipfile.BadZipFile, ValueError):
         return None  # not a zip torch can map
-    if not records:
-        return None
-    begin = min(storages) - min(records)
-    if not all(0 <= p - begin < st.st_size and p - begin in records for p in storages):
+    # The first storage is at one of the records' offsets (the first with data, unless a record was cut
+    # to nothing): the one at which every storage lands on a record locates the map.
+    for offset in sorted(records, key=lambda o: (records[o] == 0, o)):
+        begin = min(storages) - offset
+        if all(0 <= p - begin < st.st_size and p - begin in records for p in storages):
+            break
+    else:
         return None
     for p, (nbytes, name) in storages.items():
         if records[p - begin] < nbytes:

@@ -119,7 +119,12 @@ class ShardedWriter:
         self._dirs = {self.tmp_dir}  # folders to fsync at commit
         try:
             for i in sorted(self._own):
-                os.close(self._create_shard(i))
+                fd = self._create_shard(i)
+                try:
+                    if not self._left[i]:  # no data to come (empty tensors only): durable now
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
         except BaseException:
             self.abort()
             raise

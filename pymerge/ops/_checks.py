@@ -155,14 +155,22 @@ def check_separate(outs: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"outs[{min(j, k)}] and outs[{max(j, k)}] share memory; give every output its own tensor")
 
 
-def check_apart(inputs: Sequence[Optional[torch.Tensor]], outs: Sequence[torch.Tensor], op: str) -> None:
-    """Each output is apart from every input, or exactly one of them (a kernel reads a block before it
-    writes it): an output a few elements ahead of an input overwrote what the next block then read."""
+def check_apart(inputs: Sequence[Optional[torch.Tensor]], outs: Sequence[torch.Tensor], op: str,
+                exact_ok: bool = True) -> None:
+    """Each output is apart from every input, or (exact_ok) exactly one of them: a kernel reads a block
+    before it writes it, but an output a few elements ahead of an input overwrote what the next block then
+    read. With several outputs a later one would read an input an earlier one overwrote: pass False. A
+    non-contiguous input is copied before a kernel reads it."""
     if addresses_unknown(outs):
         return
     for k, o in enumerate(outs):
         for i, t in enumerate(inputs):
-            if t is not None and _overlaps_partially(o, t):
+            if t is None or not t.is_contiguous():
+                continue
+            if not exact_ok and _overlaps(o, t):
+                raise ValueError(f"{op}: output {k} shares memory with input {i}; write to a separate tensor "
+                                 "(one output may be exactly one of the inputs)")
+            if _overlaps_partially(o, t):
                 raise ValueError(f"{op}: output {k} partially overlaps input {i}; use a separate output or "
                                  "exactly the same tensor")
 

@@ -70,11 +70,13 @@ def overlap_problem(t: torch.Tensor) -> Optional[str]:
     """Why t cannot take one value per element (several elements on one address), or None. Strides
     sorted ascending must each pass the farthest offset the smaller ones reach; a layout that
     interleaves without overlapping fails this too and is refused alike (torch never makes one)."""
+    if t.numel() <= 1 or t.is_contiguous():
+        return None
     reach = 0
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
         if stride <= reach:
-            return ("several of its elements share one memory location (an expanded view, stride "
-                    f"{tuple(t.stride())}); merge into a tensor with memory of its own")
+            return (f"its strides {tuple(t.stride())} put several elements on one memory location (an expanded "
+                    "view) or interleave them; merge into a tensor with memory of its own")
         reach += stride * (size - 1)
     return None
 

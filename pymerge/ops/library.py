@@ -121,15 +121,12 @@ def _check_outs(tensors, outs, op: str) -> None:
     """What the public wrappers check of outputs (pymerge/ops/_checks.py), for a call through
     torch.ops.pymerge: contiguous, separate from each other, and an input only when it is exactly
     that input with one output (every block is read before it is written)."""
-    from pymerge.ops._checks import _overlaps, _overlaps_partially, check_separate
+    from pymerge.ops._checks import check_separate
     if not tensors or not outs:
         raise ValueError(f"{op}: needs at least one input and one output")
-    for k, o in enumerate(outs):
+    for o in outs:
         _require_out(o, op)
-        for i, t in enumerate(tensors):
-            if _overlaps(o, t) if len(outs) > 1 else _overlaps_partially(o, t):
-                raise ValueError(f"{op}: output {k} shares memory with input {i}; write to a separate tensor "
-                                 "(one output may be exactly one of the inputs)")
+    check_apart(tensors, outs, op, exact_ok=len(outs) == 1)
     check_separate(outs)
 
 

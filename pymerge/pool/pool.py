@@ -778,19 +778,20 @@ def _unusable_target(t: torch.Tensor) -> Optional[str]:
 
 
 def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequence[str]) -> list:
-    """(tensor as the target holds it, where it is held, its key) for every plan and target, and (None, the
-    state dict, key) for each pool tensor a state dict lacks: what a cached plan checks is unchanged before it
-    is reused. A module's tensor is held by its submodule's _parameters or _buffers."""
+    """(tensor as the target holds it, where it is held, its key) for every plan and target: what a cached
+    plan checks is unchanged before it is reused. A module's tensor is held by its submodule's _parameters
+    or _buffers (replacing one registers, and so is seen anyway); a state dict's every key the pool has,
+    planned or not (one of two tied keys, one strict=False skipped: None), since nothing registers there."""
     out = []
-    planned = {p.name for p in plans}
     for m in into:
+        if isinstance(m, dict):
+            keys = (_map_name(n, names) for n in pool_names)
+            out.extend((m.get(key), m, key) for key in keys if key is not None)
+            continue
         held = _tensors_of(m)
         for p in plans:
             key = _map_name(p.name, names)
-            out.append((held[key], m, key) if isinstance(m, dict) else (held[key],) + _owner(m, key))
-        if isinstance(m, dict):
-            out.extend((None, m, key) for key in (_map_name(n, names) for n in pool_names if n not in planned)
-                       if key is not None and key not in m)
+            out.append((held[key],) + _owner(m, key))
     return out
 
 

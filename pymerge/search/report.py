@@ -19,7 +19,7 @@ def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
     """Indices of the non-dominated points (every coordinate maximized); of equal points the first stays.
     Points with a NaN or infinite coordinate (a failed evaluation) are neither on the front nor dominate."""
     pts = np.asarray(points, dtype=np.float64)
-    valid = np.isfinite(pts).all(axis=1) if pts.ndim == 2 else np.ones(len(pts), bool)
+    valid = np.isfinite(pts.reshape(len(pts), -1)).all(axis=1)
     front = []
     for i, p in enumerate(pts):
         if not valid[i]:
