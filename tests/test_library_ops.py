@@ -241,6 +241,12 @@ def test_every_native_op_refuses_an_output_partly_over_an_input(op):
     run(s[:n].clone(), base, want)
     run(s[:n], base, s[:n])  # exactly the input: every block is read before it is written
     assert torch.equal(s[:n], want)
+    m = torch.randn(50, 100, generator=torch.Generator().manual_seed(1))  # a transposed input is copied first
+    want = torch.empty(100, 50)
+    run(m.t(), torch.zeros(100, 50), want)
+    got = m.view(100, 50)
+    run(m.t(), torch.zeros(100, 50), got)
+    assert torch.equal(got, want)
 
 
 def test_out_forms_trace_under_fake_tensors():
