@@ -196,6 +196,21 @@ def worker(rank, world, d, files):
         lambda: pools["tp", 3].materialize(W3, into=models["tp"], method="della", density=0.5))
     out["errors"]["rows_split"] = error_of(
         lambda: pools["tp", 3].materialize(W3, into=models["tp"], method="model_stock", filter_wise=True))
+    # the single-process pool's magnitude checks (lambda 1e39 wrote NaN on a sharded pool)
+    out["errors"]["huge_lambda"] = error_of(
+        lambda: fsdp_pool.materialize(W3, into=models["fsdp"], method="breadcrumbs", density=0.5, **{"lambda": 1e39}))
+    # equal arguments of other types agree (a second fingerprint compared their repr: 0.5 vs np.float64(0.5))
+    density = np.float64(0.55) if rank == 1 else 0.55
+    out["numpy_density"] = error_of(
+        lambda: fsdp_pool.materialize(W3, into=models["fsdp"], method="ties", density=density))
+    # a 0-d tensor (CLIP's logit_scale) beside a sharded one: read_box could not view it as bytes
+    from torch.distributed.tensor import Shard, distribute_tensor
+    sc = [os.path.join(d, "scalar", f) for f in ("m0.safetensors", "m1.safetensors", "m2.safetensors")]
+    target = {"w": distribute_tensor(torch.zeros(6, 3), mesh, [Shard(0)]), "s": torch.zeros(())}
+    ref = {"w": torch.zeros(6, 3), "s": torch.zeros(())}
+    pymerge.CheckpointPool(sc).materialize(W3, into=ref)
+    out["scalar"] = error_of(lambda: pymerge.CheckpointPool(sc, shard_like=target).materialize(W3, into=target))
+    out["scalar_bits"] = torch.equal(target["s"], ref["s"]) and torch.equal(target["w"].full_tensor(), ref["w"])
     # the group is still in step after every failure
     fsdp_pool.materialize(W3, into=models["fsdp"], method="ties", density=0.55)
     again = full(models["fsdp"])["0.weight"]
@@ -207,6 +222,8 @@ def worker(rank, world, d, files):
 def group(request, tmp_path_factory):
     d = str(tmp_path_factory.mktemp(f"dist{request.param}"))
     files = write_checkpoints(d)
+    os.mkdir(os.path.join(d, "scalar"))
+    write_checkpoints(os.path.join(d, "scalar"), shapes={"w": (6, 3), "s": ()})
     with open(files[2], "rb") as src, open(os.path.join(d, "truncated.safetensors"), "wb") as dst:
         dst.write(src.read()[:-10])
     return request.param, files, dist_helpers.run(worker, request.param, d, d, files)
@@ -293,3 +310,6 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["rows_split"].startswith("InputError: model_stock: tensor '1.weight' is split along the dimension")
     assert e["della_split"].startswith("InputError: della: tensor '1.weight' is split along dimension 1")
     assert all(res["untouched"] and res["after_errors"] for res in results)
+    assert e["huge_lambda"].startswith("MergeConfigError: tensor ") and "parameter lambda is 1e+39" in e["huge_lambda"]
+    assert all(res["numpy_density"] is None and res["scalar"] is None and res["scalar_bits"] for res in results), \
+        [(res["numpy_density"], res["scalar"]) for res in results]

@@ -33,6 +33,8 @@ from pymerge.ops import task_vector_ops as tvo
 
 def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     """Checks everything, agrees across ranks, then merges each planned tensor into its local targets."""
+    from pymerge.dist.pool import _plain
+    from pymerge.methods.base import check_magnitudes
     from pymerge.methods.task_vectors import TaskVectorMethod
     from pymerge.pool.pool import _split_params
     if isinstance(m, TaskVectorMethod):
@@ -56,6 +58,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                                   params=dict(global_params), name=p.name, seed=seed, backend=pool.backend,
                                   num_threads=pool.num_threads)
                 m.check_params(task)
+                check_magnitudes(m, task, pool.labels)  # as the single-process pool: lambda 1e39 wrote NaN
                 if merge is _with_global_dots:
                     _check_vectors(pool, task.name, m.dot_group(task), m.name)
                 elif m.sparsification == "della_magprune":
@@ -64,7 +67,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     except Exception as exc:
         error = exc
     try:
-        what = collectives.fingerprint(m.name, [t.tolist() for t in tables], sorted(map(repr, params.items())), seed)
+        what = collectives.fingerprint(m.name, [t.tolist() for t in tables], _plain(params), seed)  # 0.5 == np 0.5
     except Exception:  # unpicklable parameters: compare the method alone
         what = collectives.fingerprint(m.name)
     if collectives.agree(error, pool.group, what, flag=stale):  # some rank's inputs changed: all recompute

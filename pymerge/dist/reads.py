@@ -54,7 +54,7 @@ def read_box(raw: torch.Tensor, dtype: torch.dtype, box: Box) -> torch.Tensor:
         s *= n
     start = sum(o * st for o, st in zip(box.offset, strides))
     region = raw.as_strided(tuple(box.shape) + (itemsize,), tuple(strides) + (1,), start)
-    out.view(torch.uint8).view(tuple(box.shape) + (itemsize,)).copy_(region)
+    out.reshape(-1).view(torch.uint8).view(tuple(box.shape) + (itemsize,)).copy_(region)  # 0-d too
     return out
 
 
