@@ -258,6 +258,11 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
     codes, lines = finish(launch(2, lambda r: ["merge", cfgs[r], out]))
     _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
     assert not out.exists() and leftovers(out) == []
+    # the same config but another shard size (each rank names its shard files from it) or seed (DARE's masks)
+    for flag, values in (("--out-shard-size", ("100KB", "200KB")), ("--random-seed", ("1", "2"))):
+        codes, lines = finish(launch(2, lambda r: ["merge", cfgs[0], out, flag, values[r]]))
+        _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+        assert not out.exists() and leftovers(out) == []
 
 
 def test_rank_variables_without_a_rendezvous_or_switched_off(fam, tmp_path, monkeypatch, capsys):

@@ -92,7 +92,7 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
             writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
             tmp_dir = str(writer.tmp_dir)
-        return tmp_dir, _fingerprint(plan, out_dir)
+        return tmp_dir, _fingerprint(plan, out_dir, out_shard_size, random_seed)
 
     def fill(tmp_dir):
         plan, parts = state["plan"], state["parts"]
@@ -109,8 +109,9 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         tmp_dir = prepared[0][0]
         odd = next((r for r, (_, fp) in enumerate(prepared) if fp != prepared[0][1]), None)
         if odd is not None:  # every rank sees the same list, so every rank raises this
-            raise InputError(f"rank {odd} plans a different merge than rank 0 (another config, OUT or checkpoint "
-                             f"files: every rank must see the same files at the same paths)")
+            raise InputError(f"rank {odd} plans a different merge than rank 0 (another config, OUT, checkpoint "
+                             f"files, --out-shard-size or --random-seed: every rank must run the same command on "
+                             f"the same files at the same paths)")
         _agree(lambda: fill(tmp_dir), dist, group)
         _agree(lambda: state["writer"].commit() if rank == 0 else None, dist, group)
         plan, writer = state["plan"], state["writer"]
@@ -132,11 +133,13 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
                 pass
 
 
-def _fingerprint(plan, out_dir) -> str:
-    """What every rank must agree on: OUT, the method, the checkpoints and every output tensor's
-    name, shape, dtypes and parameters (not the data: that would mean reading it all)."""
+def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
+    """What every rank must agree on: OUT, the shard size (each rank names its shard files from it), the
+    seed (DARE's and DELLA's masks), the method, the checkpoints and every output tensor's name, shape,
+    dtypes and parameters (not the data: that would mean reading it all)."""
     import hashlib
-    text = repr((os.path.abspath(out_dir), plan.method.name, [os.path.abspath(c.path) for c in plan.checkpoints],
+    text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
+                 [os.path.abspath(c.path) for c in plan.checkpoints],
                  [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params) for t in plan.tensors],
                  [(c.name, c.dtype, c.shape) for c in plan.copies]))
     return hashlib.sha256(text.encode()).hexdigest()
