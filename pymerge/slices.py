@@ -268,6 +268,15 @@ class SlicedPlan:
             ck.close()
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # GPT-2, GPTBigCode, Jais: n_layer
+
+
+def _layer_count(model_cfg, layers: int) -> dict:
+    """The layer count under the key(s) the donor's config.json uses (num_hidden_layers if none)."""
+    keys = [k for k in _LAYER_KEYS if isinstance(model_cfg, dict) and k in model_cfg] or ["num_hidden_layers"]
+    return {k: layers for k in keys}
+
+
 def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
     from pymerge import merge, tied  # the engine's planning helpers (both import this module)
     from pymerge.lora import open_model
@@ -360,7 +369,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})
                        for n in post_names]
             parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, f"slices[{len(slices) - 1}]", vocab))
-        overrides, warnings = {"num_hidden_layers": out_layer}, list(cfg.warnings)
+        overrides, warnings = _layer_count(merge._read_model_config(donor), out_layer), list(cfg.warnings)
         if vocab is not None:
             overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
         if tied.mixes_ties([open_ck(x.path) for x in first.sources + zipped.sources]):

@@ -163,6 +163,28 @@ def run_cli(cfg: dict, tmp_path, out_name="out", extra=()):
     return cli.main(["merge", str(path), str(tmp_path / out_name), "--quiet", *extra])
 
 
+def test_cli_lora_on_attention_only_in_a_fresh_process(family, tmp_path):
+    """The first tensors are written without torch by the writer thread while the main thread imports torch
+    for the first LoRA'd one: the writer read the half-imported module (AttributeError: partially initialized
+    module 'torch'), 5 crashes in 5 runs. A fresh interpreter, as `pymerge merge` is."""
+    root, model, _, _ = family
+    other = lf.make_llama(tmp_path / "other", dims=DIMS, seed=3, perturb_seed=8)
+    adapter = make_adapter(model, tmp_path / "ad_attn", seed=5)
+    cfg_text = yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": f"{model}+{adapter}", "parameters": {"weight": 0.6}},
+        {"model": str(other), "parameters": {"weight": 0.4}}]})
+    (tmp_path / "c.yml").write_text(cfg_text)
+    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_cfg["target_modules"] = ["q_proj", "v_proj"]  # only what sits after the first written tensors
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "q_proj" in k or "v_proj" in k}, adapter / "adapter_model.safetensors")
+    for i in range(2):
+        r = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(tmp_path / "c.yml"), str(tmp_path / f"o{i}"),
+                            "--quiet"], capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+        assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_cli_lora_on_each_side_and_hub_ids(family, tmp_path, monkeypatch):
     root, model, _, ads = family
     # a cached hub layout for the model and the adapter

@@ -430,6 +430,24 @@ def test_native_elementwise_kernels_match_torch(n, in_dtype):
             assert torch.allclose(fa, fb, rtol=tol, atol=1e-7), (fn.__name__, out_dtype, (fa - fb).abs().max())
 
 
+def test_slices_set_the_layer_count_under_the_configs_own_key(tmp_path):
+    """GPT-2-family configs count layers as n_layer: the output kept the old n_layer beside a new
+    num_hidden_layers (mergekit sets n_layer)."""
+    import shutil
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    gpt = tmp_path / "gpt"
+    shutil.copytree(ft, gpt)
+    config = json.loads((gpt / "config.json").read_text())
+    layers = config.pop("num_hidden_layers")
+    (gpt / "config.json").write_text(json.dumps({**config, "n_layer": layers}))
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(gpt), "layer_range": [0, layers]}]},
+                                                     {"sources": [{"model": str(gpt), "layer_range": [0, 1]}]}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["n_layer"] == layers + 1 and "num_hidden_layers" not in written
+
+
 def test_slice_sources_compared_by_resolved_path(tmp_path):
     """One model under two spellings in a slice would count twice: refused, as the same string is."""
     from pymerge.errors import MergeConfigError

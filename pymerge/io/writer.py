@@ -251,8 +251,11 @@ class ShardedWriter:
         slot = self._slot(name)
         if slot.shard not in self._own:
             raise ValueError(f"tensor {name!r} belongs to another part of the model; this writer does not write it")
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(tensor, torch.Tensor):
+        # torch only if something imported it: another thread may be importing it right now, and a
+        # half-initialized module has no Tensor yet (a chunk that is a tensor means the import is done).
+        tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
+        if tensor_type is not None and isinstance(tensor, tensor_type):
+            torch = sys.modules["torch"]
             planned = _native.torch_dtype(slot.dtype)
             if tensor.dtype != planned:
                 raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} but the plan says {planned}")
