@@ -330,10 +330,82 @@ def test_resume_with_nan_scores_and_groups(tmp_path):
     assert str([r["scores"] for r in resumed.history]) == str([r["scores"] for r in full.history])
 
 
+def test_a_state_from_other_checkpoints_is_refused(tmp_path):
+    """Resumed with the sources reordered, the saved weights were paired with other checkpoints: the
+    history's best was not the merge best_merge.yml then built. Another spelling of a path is the same."""
+    g = torch.Generator().manual_seed(3)
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"c{i}.safetensors"))
+        save_file({"theta": torch.randn(16, generator=g)}, files[-1])
+    state = str(tmp_path / "s.json")
+    evaluate = lambda m: -float(m.theta.detach().norm())  # noqa: E731
+    optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=4, popsize=3, state_path=state, log=None)
+    with pytest.raises(InputError, match=r"differs in pool"):
+        optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None)
+    with pytest.raises(InputError, match=r"differs in pool"):
+        optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None,
+                 groups="layer")
+    other_spelling = [os.path.join(os.path.dirname(f), ".", os.path.basename(f)) for f in files]
+    res = optimize(CheckpointPool(other_spelling), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state,
+                   log=None)
+    assert len(res.history) == 6
+    saved = json.load(open(state))  # a state written before the fingerprint held the pool still resumes
+    del saved["fingerprint"]["pool"]
+    saved["digest"] = optimize_module._digest({k: v for k, v in saved.items() if k != "digest"})
+    json.dump(saved, open(state, "w"))
+    assert len(optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=7, popsize=3, state_path=state,
+                        log=None).history) == 7
+
+
+def test_a_per_group_search_leaves_no_earlier_best_merge_yml(tmp_path):
+    """best_merge.yml (flat weights only) stayed from an earlier search beside the new history.json."""
+    g = torch.Generator().manual_seed(2)
+    names = ["model.layers.0.w", "model.layers.1.w"]
+    for i in range(3):
+        save_file({n: torch.randn(8, generator=g) for n in names}, str(tmp_path / f"c{i}.safetensors"))
+    (tmp_path / "layered.py").write_text(textwrap.dedent("""
+        import torch
+        def build():
+            m = torch.nn.Module()
+            m.model = torch.nn.Module()
+            m.model.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+            for layer in m.model.layers:
+                layer.w = torch.nn.Parameter(torch.zeros(8))
+            return m
+        def evaluate(m):
+            return -float(sum(layer.w.detach().norm() for layer in m.model.layers))
+    """))
+    data = {"sources": [f"c{i}.safetensors" for i in range(3)], "model": "layered:build", "evaluate": "layered:evaluate",
+            "search": {"budget": 4, "popsize": 3, "seed": 1}, "out": "out"}
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(data))
+    assert cli_main([str(tmp_path / "s.yml")]) == 0 and (tmp_path / "out" / "best_merge.yml").exists()
+    data["search"]["groups"] = "layer"
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(data))
+    assert cli_main([str(tmp_path / "s.yml")]) == 0
+    assert not (tmp_path / "out" / "best_merge.yml").exists()
+    assert np.asarray(json.load(open(tmp_path / "out" / "history.json"))["best"]["weights"]).ndim == 2
+
+
+def test_evaluate_must_score_the_same_tasks_every_time():
+    """Tasks that changed between candidates ran the whole budget on objectives that do not compare, then
+    the report failed with a KeyError; a score past float's range was an OverflowError."""
+    pool, _, _ = synthetic(n=3)
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return {"a": 1.0, "b": 2.0} if len(calls) < 3 else {"a": 1.0, "c": 2.0}
+    with pytest.raises(InputError, match=r"evaluate returned tasks \['a', 'c'\] for candidate 2 but \['a', 'b'\]"):
+        optimize(pool, evaluate, model=Vec(), budget=8, popsize=3, log=None)
+    with pytest.raises(InputError, match=r"scores must be numbers within float's range"):
+        optimize(pool, lambda m: {"a": 10**400}, model=Vec(), budget=3, popsize=3, log=None)
+
+
 def test_a_state_from_another_pool_says_what_differs(tmp_path):
     _, _, path = _state(tmp_path)  # three checkpoints
     pool, evaluate, _ = synthetic(n=4)
-    with pytest.raises(InputError, match=r"different search \(differs in n, x0\)"):
+    with pytest.raises(InputError, match=r"different search \(differs in n, pool, x0\)"):
         optimize(pool, evaluate, model=Vec(), budget=30, popsize=6, seed=4, state_path=str(path), log=None)
 
 

@@ -181,6 +181,8 @@ def _run(args) -> int:
     if result.best_weights.ndim == 1:
         _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights, method,
                    method_params)
+    elif os.path.lexists(os.path.join(out, "best_merge.yml")):  # an earlier flat search's: not this result
+        os.unlink(os.path.join(out, "best_merge.yml"))  # a link is removed, never its target
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "
           f"Pareto front: {len(result.pareto)} candidates; wrote {', '.join(paths.values())}")
     return 0

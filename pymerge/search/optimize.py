@@ -18,7 +18,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -91,14 +91,14 @@ def _scores(value, index: int) -> Dict[str, float]:
         for k, v in value.items():
             try:
                 out[str(k)] = float(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
                 raise InputError(f"evaluate returned {short(v)} for task {str(k)!r} of candidate {index}; "
-                                 "scores must be numbers") from None
+                                 "scores must be numbers within float's range") from None
         return out
     try:
         return {"score": float(value)}
-    except (TypeError, ValueError):
-        raise InputError(f"evaluate must return a float or a dict of floats, got {type(value).__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"evaluate must return a float or a dict of floats, got {short(value)}") from None
 
 
 def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
@@ -178,6 +178,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                    "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method)}
     merge_params = method_params_of(method_params, more_method_params)
     fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
+    # which checkpoints, in which order, and how tensors map to groups and targets: a resume with the
+    # sources reordered paired the saved weights with other checkpoints
+    fingerprint["pool"] = {"sources": [_where(label) for label in pool.labels], "base": _where(pool.base_label),
+                           "groups": _rule(groups), "names": _rule(names)}
 
     def to_weights(x):
         w = np.clip(np.asarray(x, float), lo, hi).reshape(g, n)
@@ -223,6 +227,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             for x, w, m in zip(batch, weights, models):
                 t1 = time.perf_counter()
                 scores = _scores(evaluate(m), len(history))
+                if history and scores.keys() != history[0]["scores"].keys():  # objectives would not compare
+                    raise InputError(f"evaluate returned tasks {sorted(scores)} for candidate {len(history)} but "
+                                     f"{sorted(history[0]['scores'])} for candidate 0; every candidate must score "
+                                     "the same tasks")
                 t_eval = time.perf_counter() - t1
                 obj = float(objective(scores))
                 history.append({"eval": len(history), "generation": generation, "objective": obj, "scores": scores,
@@ -321,6 +329,21 @@ def _count(value, what: str, least: int, most: int) -> int:
     return n
 
 
+def _where(label: Optional[str]) -> Optional[str]:
+    """A checkpoint's label as the fingerprint compares it: a path resolved (another spelling is the same
+    file), else as it is ("source 0" for a state dict)."""
+    return os.path.realpath(label) if label is not None and os.path.exists(label) else label
+
+
+def _rule(value):
+    """groups= or names= as the fingerprint compares it: a name, a mapping's items, a function's name."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return sorted((str(k), str(v)) for k, v in value.items())
+    return getattr(value, "__qualname__", type(value).__name__)
+
+
 def _plain(value):
     """A method parameter as JSON for the fingerprint: arrays as lists, anything else as its repr."""
     return value.tolist() if hasattr(value, "tolist") else repr(value)
@@ -349,6 +372,8 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
                 expected.pop("method_params", None)
             else:
                 saved = {**saved, "method_params": {}}
+        if "pool" not in saved:  # written before the fingerprint held the checkpoints: not compared, as then
+            expected.pop("pool", None)
         if saved != expected:
             diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
             raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
