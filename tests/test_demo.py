@@ -259,6 +259,15 @@ def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
     run.claim_out(str(fresh))
     run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [str(ckpts / "01-b")])
     assert sorted(os.listdir(ckpts)) == ["keep.txt"]
+    # links in place of the demo's own folders or manifest: save_hf wrote through them into the user's model
+    (tmp_path / "users_model").mkdir()
+    (tmp_path / "users_model" / "model.safetensors").write_text("the user's weights")
+    os.symlink(tmp_path / "users_model", ckpts / "pretrained")
+    os.symlink(tmp_path / "users_model", ckpts / "01-b")
+    os.symlink(tmp_path / "users_model" / "model.safetensors", ckpts / "manifest.json")
+    run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [str(ckpts / "01-b")])
+    assert sorted(os.listdir(ckpts)) == ["keep.txt"]
+    assert (tmp_path / "users_model" / "model.safetensors").read_text() == "the user's weights"
 
 
 def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):

@@ -150,9 +150,13 @@ def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
         raise InputError(f"{folder}: is not a folder the demo wrote (no manifest.json); move it or choose another")
     for path in [os.path.join(folder, "pretrained")] + [os.path.join(folder, os.path.basename(str(p)))
                                                           for p in list(listed) + list(paths)]:
-        if os.path.isdir(path) and not os.path.islink(path):
+        if os.path.islink(path):  # the link only: saving through it overwrote the folder it points to
+            os.unlink(path)
+        elif os.path.isdir(path):
             shutil.rmtree(path)
-    if os.path.isfile(manifest):
+        elif os.path.lexists(path):
+            raise InputError(f"{path}: is not a folder the demo wrote; move it or choose another --out")
+    if os.path.lexists(manifest):  # a link too (writing through it would replace its target)
         os.remove(manifest)
 
 
