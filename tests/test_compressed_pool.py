@@ -810,6 +810,8 @@ CORRUPTIONS = {
                                         if t[k].dtype == torch.uint8 else t[k].view(torch.uint8)}), None, "expected"),
     "nan scale": (lambda t: t[_first_key(t, "/scales")].__setitem__(0, float("nan")), None, "non-finite"),
     "negative scale": (lambda t: t[_first_key(t, "/scales")].__setitem__(0, -1.0), None, "negative scales"),
+    # finite, but code * scale overflows float32: encode() keeps such deltas exact (materialize gave inf)
+    "huge scale": (lambda t: t[_first_key(t, "/scales")].__setitem__(0, 3e38), None, "decode past float32's range"),
     "inf base": (lambda t: t[_first_key(t, "base/embed.weight")].view(-1).__setitem__(3, float("inf")), None,
                  "non-finite"),
 }

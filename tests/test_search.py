@@ -430,6 +430,7 @@ def test_bad_search_arguments_are_one_clear_error(kwargs, message):
     ({"bounds": (0,)}, r"bounds must be two numbers \(low, high\)"),
     ({"bounds": (float("nan"), 1)}, "bounds must be finite with low < high"),
     ({"bounds": (1, 0)}, "bounds must be finite with low < high"),
+    ({"bounds": (-1, 1)}, r"bounds \(-1.0, 1.0\) reach below 0, where normalize=True"),
     ({"x0": [float("nan")] * 3}, r"x0\[0\] is nan, outside bounds"),
     ({"x0": [0.5, 5, 0.5]}, r"x0\[1\] is 5.0, outside bounds \[0.0, 1.0\]"),
     ({"x0": ["a", 1, 1]}, "x0 must be 3 numbers"),

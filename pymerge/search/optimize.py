@@ -162,6 +162,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         raise InputError(f"bounds must be two numbers (low, high), got {bounds!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise InputError(f"bounds must be finite with low < high, got ({lo}, {hi})")
+    if normalize and lo < 0:  # a sum near 0 blew weights up to 1e8 or (at 0) stood in the uniform merge
+        raise InputError(f"bounds ({lo}, {hi}) reach below 0, where normalize=True would divide candidates by sums "
+                         "near or at 0; use normalize=False with negative weights")
     try:
         start = 1.0 / n if not normalize and lo <= 1.0 / n <= hi else (lo + hi) / 2
         x0 = np.full(dim, start) if x0 is None else np.ravel(np.asarray(x0, float))
