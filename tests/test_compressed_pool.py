@@ -794,6 +794,12 @@ def _first_key(tensors, suffix):
     return next(k for k in tensors if k.endswith(suffix))
 
 
+def _scale_past_lowest_code(t: dict) -> None:
+    key = _first_key(t, "/scales")
+    int8 = t[key.replace("/scales", "/codes")].dtype == torch.int8
+    t[key][0] = 2.68e36 if int8 else 4.29e37  # bfloat16: 127x (7x) below float32's max, 128x (8x) above
+
+
 CORRUPTIONS = {
     "no header": (None, lambda h: h.clear(), "must be an object"),
     "bad version": (None, lambda h: h.update(version=7), "version 7"),
@@ -812,6 +818,8 @@ CORRUPTIONS = {
     "negative scale": (lambda t: t[_first_key(t, "/scales")].__setitem__(0, -1.0), None, "negative scales"),
     # finite, but code * scale overflows float32: encode() keeps such deltas exact (materialize gave inf)
     "huge scale": (lambda t: t[_first_key(t, "/scales")].__setitem__(0, 3e38), None, "decode past float32's range"),
+    # within 127 * scale (int8) or 7 * scale (int4) of float32's limit, but past it for codes -128 / -8
+    "scale past the lowest code": (lambda t: _scale_past_lowest_code(t), None, "decode past float32's range"),
     "inf base": (lambda t: t[_first_key(t, "base/embed.weight")].view(-1).__setitem__(3, float("inf")), None,
                  "non-finite"),
 }

@@ -268,6 +268,10 @@ def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
     run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [str(ckpts / "01-b")])
     assert sorted(os.listdir(ckpts)) == ["keep.txt"]
     assert (tmp_path / "users_model" / "model.safetensors").read_text() == "the user's weights"
+    # a hand-edited manifest naming "x/" or "..": the checkpoints folder or OUT itself went
+    (ckpts / "manifest.json").write_text(json.dumps({"fingerprint": "old", "checkpoints": ["x/", "..", "."]}))
+    run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [])
+    assert sorted(os.listdir(ckpts)) == ["keep.txt"] and (fresh / "results.json").exists()
 
 
 def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):

@@ -551,3 +551,28 @@ def test_more_shards_than_open_files_allowed(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["200", "[70.0,", "70.0,", "70.0,", "70.0]"]
+
+
+def test_a_shard_whose_completing_fsync_failed_is_synced_at_commit(tmp_path, monkeypatch):
+    """A shard is fsynced and closed once its bytes are in; a caller that caught that fsync's error and
+    committed anyway installed a shard never made durable."""
+    import errno
+    import pymerge.io.writer as writer_module
+    real_fsync, calls = os.fsync, []  # (inode, succeeded)
+
+    def flaky_fsync(fd):
+        failed = not calls
+        calls.append((os.fstat(fd).st_ino, not failed))
+        if failed:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+    w = writer_module.ShardedWriter(tmp_path / "out", [("a", "float32", (4,)), ("b", "float32", (4,))],
+                                    max_shard_bytes=16)
+    monkeypatch.setattr(writer_module.os, "fsync", flaky_fsync)
+    import numpy as np
+    with pytest.raises(OSError, match="model-00001-of-00002.safetensors"):
+        w.write("a", np.ones(4, dtype=np.float32))
+    w.write("b", np.ones(4, dtype=np.float32))
+    w.commit()
+    shard = (tmp_path / "out" / "model-00001-of-00002.safetensors").stat().st_ino
+    assert calls[0] == (shard, False) and (shard, True) in calls[1:]

@@ -332,7 +332,8 @@ def test_resume_with_nan_scores_and_groups(tmp_path):
 
 def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     """Resumed with the sources reordered, the saved weights were paired with other checkpoints: the
-    history's best was not the merge best_merge.yml then built. Another spelling of a path is the same."""
+    history's best was not the merge best_merge.yml then built. A path spelled with "./" is the same; a
+    compressed pool saved and loaded again (labels as written, no base label) resumes its search."""
     g = torch.Generator().manual_seed(3)
     files = []
     for i in range(3):
@@ -350,6 +351,13 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     res = optimize(CheckpointPool(other_spelling), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state,
                    log=None)
     assert len(res.history) == 6
+    packed = CheckpointPool(files, base=files[0], compress="int8")
+    cstate = str(tmp_path / "c.json")
+    optimize(packed, evaluate, model=Vec(16), budget=4, popsize=3, state_path=cstate, log=None)
+    packed.save(str(tmp_path / "pool.safetensors"))
+    loaded = CheckpointPool.load(str(tmp_path / "pool.safetensors"))
+    assert len(optimize(loaded, evaluate, model=Vec(16), budget=6, popsize=3, state_path=cstate,
+                        log=None).history) == 6
     saved = json.load(open(state))  # a state written before the fingerprint held the pool still resumes
     del saved["fingerprint"]["pool"]
     saved["digest"] = optimize_module._digest({k: v for k, v in saved.items() if k != "digest"})

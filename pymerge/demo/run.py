@@ -148,8 +148,8 @@ def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
     claimed = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(folder)), MARKER))
     if os.listdir(folder) and not os.path.isfile(manifest) and not claimed:  # build_checkpoints called directly
         raise InputError(f"{folder}: is not a folder the demo wrote (no manifest.json); move it or choose another")
-    for path in [os.path.join(folder, "pretrained")] + [os.path.join(folder, os.path.basename(str(p)))
-                                                          for p in list(listed) + list(paths)]:
+    names = ["pretrained"] + [os.path.basename(str(p)) for p in list(listed) + list(paths)]
+    for path in [os.path.join(folder, n) for n in names if n not in ("", ".", "..")]:  # "x/", "..": not ours
         if os.path.islink(path):  # the link only: saving through it overwrote the folder it points to
             os.unlink(path)
         elif os.path.isdir(path):

@@ -113,7 +113,7 @@ class _LeaderPool:
 
     def __init__(self, pool, crew: _Crew):
         self.num_checkpoints, self.device, self.crew = pool.num_checkpoints, pool.device, crew
-        self.num_groups, self.labels, self.base_label = pool.num_groups, pool.labels, pool.base_label
+        self.num_groups, self.labels, self.has_base = pool.num_groups, pool.labels, pool.has_base
         self._scores, self._done = {}, 0
 
     def materialize_many(self, weights, into, **kw):

@@ -115,6 +115,7 @@ class ShardedWriter:
         # of its data has been written once (a later write reopens it); commit fsyncs the rest.
         self._fds: Dict[int, int] = {}
         self._users: Dict[int, int] = {}  # shard -> writes in flight through its fd
+        self._unsynced: set = set()  # shards whose completing fsync failed: commit fsyncs them again
         self._left = {i: self._sizes[i] - len(self._headers[i]) for i in self._own}  # data bytes not yet written
         self._dirs = {self.tmp_dir}  # folders to fsync at commit
         try:
@@ -218,6 +219,18 @@ class ShardedWriter:
             raise
         return fd
 
+    def _sync_failed(self) -> None:
+        """The shards whose completing fsync failed (a caller may have caught that): synced now, or raise."""
+        for shard in sorted(self._unsynced):
+            fd = self._open_shard(shard)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[shard])) from None
+            finally:
+                os.close(fd)
+        self._unsynced.clear()
+
     def _open_shard(self, i: int) -> int:
         try:
             return os.open(self.tmp_dir / self.shard_names[i], os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
@@ -311,6 +324,8 @@ class ShardedWriter:
                     try:
                         os.fsync(done)
                     except OSError as exc:
+                        with self._cond:
+                            self._unsynced.add(shard)
                         raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[shard])) from None
                     finally:
                         os.close(done)
@@ -423,6 +438,7 @@ class ShardedWriter:
                 for fd in self._fds.values():
                     os.fsync(fd)
                 self._close_fds()
+                self._sync_failed()
                 with self._cond:
                     self._state = "committed"
                 return self.out_dir
@@ -433,6 +449,7 @@ class ShardedWriter:
             for fd in self._fds.values():
                 os.fsync(fd)
             self._close_fds()
+            self._sync_failed()
             for d in sorted(self._dirs, key=lambda p: -len(p.parts)):
                 _fsync_dir(d)
             self._install()

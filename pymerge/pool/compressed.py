@@ -511,7 +511,7 @@ class CompressedStore:
                     raise CheckpointError(f"{path}: tensor '{i}/{name}/exact' is {e.exact.dtype}, "
                                           f"its base is {base[name].dtype}")
                 if e.scales is not None and e.scales.numel() and \
-                        float(e.scales.max()) * (7 if e.fmt == "int4" else 127) > FLOAT32_MAX:  # as encode() keeps
+                        float(e.scales.max()) * (8 if e.fmt == "int4" else 128) > FLOAT32_MAX:  # codes -8 / -128 too
                     raise CheckpointError(f"{path}: tensor '{i}/{name}/scales' holds scales that decode past "
                                           "float32's range (encode() never writes these)")
         return cls(names, shapes, base, entries, header["labels"], header["mode"], header["error_budget"],

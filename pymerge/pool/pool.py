@@ -151,7 +151,7 @@ class CheckpointPool:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
             self.num_checkpoints = len(opened)
             self.labels = [s.label for s in opened]
-            self.has_base, self.base_label = base_src is not None, base_src.label if base_src else None
+            self.has_base = base_src is not None
             self._lent: List[tuple] = []  # (label, name, tensor) of each caller's tensor read in place
             self._compressed = None
             if compress is not None:
@@ -233,7 +233,6 @@ class CheckpointPool:
         pool.backend = _pool_backend(pool.device, backend)
         pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
         pool.num_checkpoints, pool.labels, pool.has_base = len(store.labels), store.labels, True
-        pool.base_label = None  # not saved: the store holds deltas
         pool._adopt(store)
         pool._finish(0)
         return pool

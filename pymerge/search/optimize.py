@@ -182,8 +182,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     merge_params = method_params_of(method_params, more_method_params)
     fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
     # which checkpoints, in which order, and how tensors map to groups and targets: a resume with the
-    # sources reordered paired the saved weights with other checkpoints
-    fingerprint["pool"] = {"sources": [_where(label) for label in pool.labels], "base": _where(pool.base_label),
+    # sources reordered paired the saved weights with other checkpoints. Labels as given (no filesystem
+    # look-up: a saved compressed pool keeps them after its files are gone); the base as present or not
+    # (a saved compressed pool does not keep its label)
+    fingerprint["pool"] = {"sources": [os.path.normpath(label) for label in pool.labels], "base": bool(pool.has_base),
                            "groups": _rule(groups), "names": _rule(names)}
 
     def to_weights(x):
@@ -330,12 +332,6 @@ def _count(value, what: str, least: int, most: int) -> int:
     if n is None or not least <= n <= most:
         raise InputError(f"{what} must be an integer from {least} to {most}, got {value!r}")
     return n
-
-
-def _where(label: Optional[str]) -> Optional[str]:
-    """A checkpoint's label as the fingerprint compares it: a path resolved (another spelling is the same
-    file), else as it is ("source 0" for a state dict)."""
-    return os.path.realpath(label) if label is not None and os.path.exists(label) else label
 
 
 def _rule(value):
