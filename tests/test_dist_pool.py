@@ -3,8 +3,10 @@
 One spawned group per rank count runs every check (the worker below) and returns what it saw;
 the tests assert on it. Reference: the single-process pool on the same files, bit for bit.
 """
+import json
 import math
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -63,6 +65,21 @@ def write_checkpoints(d, shapes=SHAPES, seed=7):
     files.append(os.path.join(d, "base.safetensors"))
     save_file(base, files[-1])
     return files
+
+
+def save_in_order(tensors, path):
+    """A safetensors file holding the tensors in the dict's order (save_file sorts them)."""
+    header, offset, blobs = {}, 0, []
+    for k, t in tensors.items():
+        b = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype],
+                     "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        offset += len(b)
+        blobs.append(b)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
 def layouts(world):
@@ -211,6 +228,24 @@ def worker(rank, world, d, files):
     pymerge.CheckpointPool(sc).materialize(W3, into=ref)
     out["scalar"] = error_of(lambda: pymerge.CheckpointPool(sc, shard_like=target).materialize(W3, into=target))
     out["scalar_bits"] = torch.equal(target["s"], ref["s"]) and torch.equal(target["w"].full_tensor(), ref["w"])
+    # a rank whose files hold the same tensors stored in another order (a copy re-saved by another tool):
+    # the pool paired tensors by file position, so ties' statistics mixed tensors (found by a bug hunt)
+    mine = [os.path.join(d, "reordered", os.path.basename(f)) if rank == world - 1 else f for f in files]
+    m = sharded("fsdp")
+    pymerge.CheckpointPool(mine[:3], base=mine[3], shard_like=m).materialize(W3, into=m, method="ties", density=0.55)
+    ref_model = build()
+    refs[3].materialize(W3, into=ref_model, method="ties", density=0.55)
+    out["reordered_bits"] = all(torch.equal(full(m)[n], p.detach()) for n, p in ref_model.named_parameters())
+    # ... or lack a tensor, or hold one in another dtype: one agreed error (linear wrote nothing there, ties hung)
+    for kind in ("lacking", "retyped"):
+        mine = [os.path.join(d, kind, os.path.basename(f)) if rank == world - 1 else f for f in files]
+        out["errors"][kind] = error_of(lambda: pymerge.CheckpointPool(mine[:3], base=mine[3], shard_like=m))
+    # strict=False with one rank's target lacking a tensor: ties' collectives went out of step (gloo aborted)
+    target = dict(m.state_dict())
+    if rank == 1:
+        del target["1.bias"]
+    out["errors"]["strict_false"] = error_of(lambda: fsdp_pool.materialize(W3, into=target, method="ties",
+                                                                              density=0.55, strict=False))
     # the group is still in step after every failure
     fsdp_pool.materialize(W3, into=models["fsdp"], method="ties", density=0.55)
     again = full(models["fsdp"])["0.weight"]
@@ -226,6 +261,17 @@ def group(request, tmp_path_factory):
     write_checkpoints(os.path.join(d, "scalar"), shapes={"w": (6, 3), "s": ()})
     with open(files[2], "rb") as src, open(os.path.join(d, "truncated.safetensors"), "wb") as dst:
         dst.write(src.read()[:-10])
+    from safetensors.torch import load_file
+    for kind in ("reordered", "lacking", "retyped"):
+        os.mkdir(os.path.join(d, kind))
+        for i, f in enumerate(files):
+            sd = load_file(f)
+            sd = {k: sd[k] for k in reversed(sd)} if kind == "reordered" else sd
+            if kind == "lacking":
+                del sd["1.bias"]
+            if kind == "retyped" and i == 0:
+                sd["0.bias"] = sd["0.bias"].to(torch.float16)
+            save_in_order(sd, os.path.join(d, kind, os.path.basename(f)))
     return request.param, files, dist_helpers.run(worker, request.param, d, d, files)
 
 
@@ -310,6 +356,13 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["rows_split"].startswith("InputError: model_stock: tensor '1.weight' is split along the dimension")
     assert e["della_split"].startswith("InputError: della: tensor '1.weight' is split along dimension 1")
     assert all(res["untouched"] and res["after_errors"] for res in results)
+    assert all(res["reordered_bits"] for res in results)
+    last = world - 1
+    assert e["lacking"] == (f"InputError: rank {last} read other checkpoints than rank 0: tensor '1.bias' is missing "
+                            f"on rank {last} (1 in all); every rank must read the same checkpoints (no pool was built)")
+    assert e["retyped"].startswith(f"InputError: rank {last} read other checkpoints than rank 0: tensor '0.bias' has "
+                                   "dtypes ['float16', 'bfloat16', 'float32', 'float32'] on rank")
+    assert e["strict_false"].startswith("InputError: ranks' targets hold different tensors (strict=False")
     assert e["huge_lambda"].startswith("MergeConfigError: tensor ") and "parameter lambda is 1e+39" in e["huge_lambda"]
     assert all(res["numpy_density"] is None and res["scalar"] is None and res["scalar_bits"] for res in results), \
         [(res["numpy_density"], res["scalar"]) for res in results]

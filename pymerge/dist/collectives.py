@@ -5,7 +5,7 @@ group has; its timeout bounds every wait), called in the same order on every ran
 
 - agree():  one all_reduce of an error flag (and a fingerprint of the caller's arguments, and a
             decision flag), then, only on failure, an all_gather of the messages: every rank raises
-            the same error.
+            the same error. agree_catalog(): the same for what each rank read (tensors, dtypes).
 - sum_parts(): the exact sums of pymerge/ops/exact_sum.py (L1 norms, dot products), which the
             single-process kernels compute too: each rank's integer parts are all-reduced (no
             rounding, any order) and rounded once, so the result is the single process's bits.
@@ -47,20 +47,26 @@ def fingerprint(*values) -> int:
     return int.from_bytes(hashlib.blake2b(pickle.dumps(values), digest_size=8).digest(), "little") >> 2
 
 
-def agree(error: Optional[BaseException], group, what: int = 0, flag: bool = False) -> bool:
-    """Raises on every rank of group if any rank had an error (or passed a different `what`); else
-    returns whether any rank raised `flag` (a decision every rank must take alike, in the same call)."""
+ARGUMENTS_DIFFER = ("ranks called the sharded pool with different arguments (weights, method or parameters); "
+                     "every rank of the group must pass the same")
+
+
+def agree(error: Optional[BaseException], group, what=0, flag: bool = False, differs=ARGUMENTS_DIFFER) -> bool:
+    """Raises on every rank of group if any rank had an error (or passed a different `what`: an int, or a
+    tuple of ints each with its message in the tuple `differs`); else returns whether any rank raised
+    `flag` (a decision every rank must take alike, in the same call)."""
     if group is None:
         if error is not None:
             raise error
         return flag
-    flags = _all_reduce(torch.tensor([int(error is not None), what, -what, int(flag)], dtype=torch.int64), group,
-                        dist.ReduceOp.MAX)
-    if flags[0] == 0 and flags[1] == -flags[2]:
-        return bool(flags[3])
+    whats, messages = (what, differs) if isinstance(what, tuple) else ((what,), (differs,))
+    flags = _all_reduce(torch.tensor([int(error is not None), int(flag)] + [v for w in whats for v in (w, -w)],
+                                     dtype=torch.int64), group, dist.ReduceOp.MAX).tolist()
+    split = [k for k in range(len(whats)) if flags[2 + 2 * k] != -flags[3 + 2 * k]]
+    if flags[0] == 0 and not split:
+        return bool(flags[1])
     if flags[0] == 0:
-        raise InputError("ranks called the sharded pool with different arguments (weights, method or "
-                         "parameters); every rank of the group must pass the same")
+        raise InputError(messages[split[0]])
     mine = None
     if error is not None:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -72,6 +78,42 @@ def agree(error: Optional[BaseException], group, what: int = 0, flag: bool = Fal
     if any(m != messages[i] for m in messages):  # seen by some ranks only: say where
         message = f"rank {dist.get_global_rank(group, i)}: {message}"
     raise _ERRORS.get(kind, InputError)(message) from (error if messages[i] == mine else None)
+
+
+def agree_catalog(catalog: list, group) -> None:
+    """Raises the same InputError on every rank of group unless all hold the same catalog (a list of
+    plain entries: checkpoint counts, then (tensor, dtypes) in order): collectives pair tensors by their
+    place in it, so one rank's other tensors would mix one tensor's statistics with another's, or hang."""
+    if group is None:
+        return
+    mine = fingerprint(catalog)
+    flags = _all_reduce(torch.tensor([mine, -mine], dtype=torch.int64), group, dist.ReduceOp.MAX).tolist()
+    if flags[0] == -flags[1]:
+        return
+    catalogs = [None] * dist.get_world_size(group)
+    dist.all_gather_object(catalogs, catalog, group=group)
+    i = next(i for i, c in enumerate(catalogs) if c != catalogs[0])
+    first, other = f"rank {dist.get_global_rank(group, 0)}", f"rank {dist.get_global_rank(group, i)}"
+    raise InputError(f"{other} read other checkpoints than {first}: "
+                     f"{_first_difference(catalogs[0], catalogs[i], first, other)}; every rank must read the "
+                     "same checkpoints (no pool was built)")
+
+
+def _first_difference(a: list, b: list, first: str, other: str) -> str:
+    head_a, head_b = [e for e in a if not isinstance(e, tuple)], [e for e in b if not isinstance(e, tuple)]
+    if head_a != head_b:
+        return f"{other} has {head_b[0]} checkpoints (base: {head_b[1]}), {first} {head_a[0]} (base: {head_a[1]})"
+    da, db = dict(e for e in a if isinstance(e, tuple)), dict(e for e in b if isinstance(e, tuple))
+    missing = [n for n in da if n not in db]
+    if missing:
+        return f"tensor {missing[0]!r} is missing on {other} ({len(missing)} in all)"
+    extra = [n for n in db if n not in da]
+    if extra:
+        return f"tensor {extra[0]!r} is on {other} only ({len(extra)} in all)"
+    for name in da:
+        if da[name] != db[name]:
+            return f"tensor {name!r} has dtypes {list(db[name])} on {other}, {list(da[name])} on {first}"
+    return f"the tensors come in another order on {other}"
 
 
 # ---- exact sums -------------------------------------------------------------------------------------

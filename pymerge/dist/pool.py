@@ -44,7 +44,14 @@ class ShardedPool(CheckpointPool):
             super().__init__(sources, base, *args, **kwargs)
         except Exception as exc:  # agreed below: every rank raises the first failing rank's error
             error = exc
-        collectives.agree(error, agreement_group(self.boxes.values(), self.group))
+        agreeing = agreement_group(self.boxes.values(), self.group)
+        collectives.agree(error, agreeing)
+        # Collectives pair tensors by their place in self.names (shard_like's order, see ShardedSource):
+        # a rank whose files lack a tensor, or hold it in another dtype, must not build a pool.
+        dtype = lambda t: str(t.dtype).replace("torch.", "")  # noqa: E731
+        collectives.agree_catalog([self.num_checkpoints, self.has_base] + [
+            (n, tuple(map(dtype, self._inputs[n] + ([self._base[n]] if n in self._base else []))))
+            for n in self.names], agreeing)
         self.boxes = {n: self.boxes[n] for n in self.names}
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
@@ -78,7 +85,7 @@ class ShardedPool(CheckpointPool):
         except Exception as exc:
             if self._agreed:  # raised alike on every rank, or after the agreement (a kernel error)
                 raise
-            collectives.agree(exc, self.group)  # the other ranks wait in _checked_plans's agreement
+            collectives.agree(exc, self.group, (0, 0), differs=_DIFFER)  # the others wait in _checked_plans's
             raise
 
     def _checked_plans(self, into: list, group_of: List[int], names, strict: bool):
@@ -92,7 +99,10 @@ class ShardedPool(CheckpointPool):
         self._agreed = True
         # With the arguments' digest: ranks passing different weights or methods wrote a model mixed from
         # both (linear), or one returned while another waited for a method's statistics (a hang).
-        collectives.agree(error, self.group, getattr(self, "_arguments", 0))
+        # And the tensors planned: with strict=False, targets lacking a tensor on some ranks only put the
+        # methods' per-tensor collectives out of step (gloo aborted a rank).
+        planned = collectives.fingerprint([p.name for p in plans])
+        collectives.agree(error, self.group, (getattr(self, "_arguments", 0), planned), differs=_DIFFER)
         return plans
 
     def _plan(self, into: list, group_of: List[int], names, strict: bool):
@@ -141,6 +151,9 @@ class ShardedPool(CheckpointPool):
         run_sharded(self, m, plans, tables, seed, params)
 
 
+# What _checked_plans's agreement compares (the same call shape on every rank, materialize_many's too)
+_DIFFER = (collectives.ARGUMENTS_DIFFER, "ranks' targets hold different tensors (strict=False skips a tensor a target "
+           "lacks; it must be missing on every rank's targets or none); nothing was written")
 _DEFAULTS = {"groups": None, "normalize": False, "names": None, "strict": True, "seed": 0}
 
 
