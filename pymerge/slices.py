@@ -271,10 +271,32 @@ class SlicedPlan:
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # GPT-2, GPTBigCode, Jais: n_layer
 
 
+_PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # one entry per layer (transformers checks the length)
+
+
 def _layer_count(model_cfg, layers: int) -> dict:
     """The layer count under the key(s) the donor's config.json uses (num_hidden_layers if none)."""
     keys = [k for k in _LAYER_KEYS if isinstance(model_cfg, dict) and k in model_cfg] or ["num_hidden_layers"]
     return {k: layers for k in keys}
+
+
+def _per_layer(model_cfg, origins: List[Tuple[Optional[dict], int]]) -> dict:
+    """The donor's per-layer lists (layer_types: sliding or full attention, ...) for the layers written:
+    each output layer takes its source layer's entry, from its source model's config when that has the
+    list (else the donor's). Left at the donor's length, transformers refused to load the output."""
+    from pymerge.merge import _num_layers
+    out = {}
+    for key in _PER_LAYER_KEYS:
+        mine = model_cfg.get(key) if isinstance(model_cfg, dict) else None
+        if not isinstance(mine, list) or not mine:
+            continue
+        values = []
+        for src_cfg, layer in origins:
+            theirs = src_cfg.get(key) if isinstance(src_cfg, dict) else None
+            ok = isinstance(theirs, list) and len(theirs) == _num_layers(src_cfg) and layer < len(theirs)
+            values.append(theirs[layer] if ok else mine[layer % len(mine)])
+        out[key] = values
+    return out
 
 
 def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
@@ -335,7 +357,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         pre_names = _outside_names(open_ck(first.sources[0].path), prefix0)[0]
         post_names = list(dict.fromkeys(n for x in zipped.sources
                                         for n in _outside_names(open_ck(x.path), stack_of(x.path)[0])[1]))
-        parts, out_layer = [], 0
+        parts, out_layer, origins = [], 0, []  # origins: (source model's config, its layer) per output layer
         if pre_names:
             parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "slices[0]",
                                vocab))
@@ -364,12 +386,17 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                     entries.append((f"{prefix0}.{out_layer}.{suf}", t, {j: per_source[j][suf]
                                                                        for j in range(len(s.sources))}))
                 out_layer += 1
+                origins.append((s.sources[0].path, s.sources[0].layer_range[0] + off))
             parts.append(_part(cfg, method, s, sliced, entries, open_ck, f"slices[{i}]", vocab))
         if post_names:  # a tied source's embedding stands for the head (pymerge/tied.py)
             entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})
                        for n in post_names]
-            parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, f"slices[{len(slices) - 1}]", vocab))
-        overrides, warnings = _layer_count(merge._read_model_config(donor), out_layer), list(cfg.warnings)
+            parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, f"slices[{len(slices) - 1}]", vocab,
+                               filter_by_output=True))
+        donor_cfg = merge._read_model_config(donor)
+        configs = {path: merge._read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
+        per_layer = _per_layer(donor_cfg, [(configs[path], layer) for path, layer in origins])
+        overrides, warnings = {**_layer_count(donor_cfg, out_layer), **per_layer}, list(cfg.warnings)
         if vocab is not None:
             overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
         if tied.mixes_ties([open_ck(x.path) for x in first.sources + zipped.sources]):
@@ -393,10 +420,13 @@ def _outside_names(ck, prefix: str) -> Tuple[List[str], List[str]]:
     return pre, [n for n in names if n not in pre]
 
 
-def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, label, vocab=None):
+def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, label, vocab=None,
+          filter_by_output=False):
     """One MergePlan over the sources of a slice, tensors named as in the output. With a tokenizer
     merge (vocab), its vocabulary tensors are permuted to the output's tokens, default rows
-    preferring the slice's base model (mergekit's rule)."""
+    preferring the slice's base model (mergekit's rule). Filters see each source's tensor name (a
+    shifted layer's), or with filter_by_output the output's: a tied model's head is read from its
+    embedding but is lm_head.weight to its filters, as mergekit names it."""
     from pymerge import merge
 
     base_path = s.base_model or cfg.base_model
@@ -437,7 +467,7 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
                               [s.parameters, sliced.module_parameters, cfg.parameters])
     for out, t, srcs in entries:
-        resolver.where[out] = (t, [srcs[index[id(m)]] if srcs else out for m in inputs])
+        resolver.where[out] = (t, [srcs[index[id(m)]] if srcs and not filter_by_output else out for m in inputs])
     tensors, copies = merge.plan_tensors(cfg, method, resolver, views, labels, out_names, None, base is not None, vocab)
     return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [], copies=copies)
 

@@ -448,6 +448,34 @@ def test_slices_set_the_layer_count_under_the_configs_own_key(tmp_path):
     assert written["n_layer"] == layers + 1 and "num_hidden_layers" not in written
 
 
+def test_slices_write_per_layer_lists_for_the_layers_written(tmp_path):
+    """config.json's layer_types (Qwen2, Gemma2, any model transformers 5 saves) stayed at the donor's
+    length when slices changed the layer count: transformers refused to load the output. Each output
+    layer takes its source layer's entry, from its own model's config."""
+    import shutil
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    assert layers >= 2
+    kinds = {str(m): [f"{name}{i}" for i in range(layers)] for m, name in ((base, "base"), (ft, "ft"))}
+    for m in (base, ft):
+        (m / "config.json").write_text(json.dumps({**config, "layer_types": kinds[str(m)]}))
+    cfg = {"merge_method": "passthrough", "base_model": str(base), "slices": [
+        {"sources": [{"model": str(base), "layer_range": [0, layers]}]},
+        {"sources": [{"model": str(ft), "layer_range": [1, layers]}]}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 2 * layers - 1
+    assert written["layer_types"] == kinds[str(base)] + kinds[str(ft)][1:]
+    # a source without the list takes the donor's entry for its layer
+    (ft / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(tmp_path / "out")
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["layer_types"] == kinds[str(base)] + kinds[str(base)][1:]
+
+
 def test_slice_sources_compared_by_resolved_path(tmp_path):
     """One model under two spellings in a slice would count twice: refused, as the same string is."""
     from pymerge.errors import MergeConfigError

@@ -51,6 +51,10 @@ def configs(m):
         "mixed_last_slice": {"merge_method": "linear", "base_model": at, "slices": [
             {"sources": [src(at, 0, 2, weight=0.5), src(a, 0, 2, weight=0.5)]},
             {"sources": [src(at, 2, 4, weight=0.3), src(a, 2, 4, weight=0.7)]}], **f32},
+        # a tied model's head is lm_head.weight to filters (read from its embedding): they saw the embedding's name
+        "filtered_tied_head": {"merge_method": "task_arithmetic", "base_model": a, "slices": [
+            {"sources": [src(a, 0, 4), src(at, 0, 4, weight=[{"filter": "lm_head", "value": 0.9}, {"value": 0.2}])]}],
+            **f32},
         "linear_untied_first": {"merge_method": "linear", "base_model": a, "models": lin((a, 0.6), (at, 0.4)), **f32},
         "task_arithmetic_tied_base": {"merge_method": "task_arithmetic", "base_model": at,
                                       "models": lin((a, 0.7)), **f32},
@@ -62,7 +66,7 @@ def configs(m):
 
 NAMES = list(configs({k: k for k in ("a", "at", "bt")}))
 HEAD = {"untied_then_tied": False, "tied_then_untied": True, "untied_then_tied_union": False,
-        "tied_then_untied_union": True, "mixed_last_slice": True, "linear_untied_first": True,
+        "tied_then_untied_union": True, "mixed_last_slice": True, "filtered_tied_head": True, "linear_untied_first": True,
         "task_arithmetic_tied_base": True, "ties_union": True}
 
 
@@ -119,6 +123,17 @@ def test_rows_from_the_sources(models, tmp_path, capsys):
     want = (0.6 * a["lm_head.weight"].double() + 0.4 * at["model.embed_tokens.weight"].double()).float()
     assert config["tie_word_embeddings"] is False and "tie_word_embeddings set to false" in err
     assert torch.allclose(got["lm_head.weight"], want, rtol=1e-6, atol=1e-7)
+    for scope in ("source", "global"):  # filters see the head's name, not the embedding it is read from
+        cfg = cfgs["filtered_tied_head"]
+        if scope == "global":
+            cfg = {**cfg, "parameters": {"weight": [{"filter": "lm_head", "value": 0.9}, {"value": 0.2}]},
+                   "slices": [{"sources": [src(m["a"], 0, 4), src(m["at"], 0, 4)]}]}
+        got, _, _ = _merge(tmp_path / f"filtered_{scope}", capsys, cfg)
+        head, embed = a["lm_head.weight"].double(), at["model.embed_tokens.weight"].double()
+        assert torch.allclose(got["lm_head.weight"].double(), head + 0.9 * (embed - head), rtol=1e-6, atol=1e-6)
+        emb = a["model.embed_tokens.weight"].double()
+        assert torch.allclose(got["model.embed_tokens.weight"].double(), emb + 0.2 * (embed - emb), rtol=1e-6,
+                              atol=1e-6)
     # every model tied: no head, and the donor's config as it is
     got, config, err = _merge(tmp_path / "4", capsys, {"merge_method": "passthrough", "slices": [
         {"sources": [src(m["at"], 0, 3)]}, {"sources": [src(m["at"], 1, 4)]}]})
