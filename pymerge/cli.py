@@ -31,7 +31,8 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
                    help="where to compute (auto: cuda when available)")
     p.add_argument("--out-shard-size", type=parse_size, default=5_000_000_000, metavar="SIZE",
                    help="maximum bytes per output shard, e.g. 5GB (default), 500MB, 2GiB")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="compute threads (default: every core but one, which the writer thread keeps busy)")
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
                    help="scratch memory per chunk, 3 in flight (default 16MiB on the CPU, 128MiB pinned on the GPU)")
     p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")

@@ -82,6 +82,18 @@ class MergeConfig:
 
 
 # ---- parsing ---------------------------------------------------------------------------------
+def check_seed(seed, what: str = "seed") -> int:
+    """A random seed: an integer from -2**63 to 2**64 - 1, as torch.manual_seed takes (a negative one
+    wraps like a uint64, as there). Larger ones wrapped silently: 2**64 gave seed 0's masks."""
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        n = None
+    else:
+        n = seed.__index__()
+    if n is None or not -(1 << 63) <= n < 1 << 64:
+        raise InputError(f"{what} must be an integer from {-(1 << 63)} to {(1 << 64) - 1}, got {short(seed)}")
+    return n
+
+
 def load_config(path) -> MergeConfig:
     """Reads and checks a mergekit YAML file; every problem is a MergeConfigError naming the file."""
     path = str(path)

@@ -35,7 +35,7 @@ import numpy as np
 
 from pymerge import _native, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
-                            count_layers, layer_t, load_config, parse_config)
+                            check_seed, count_layers, layer_t, load_config, parse_config)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
@@ -158,8 +158,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         config_or_path = _with_lora_dtype(_as_config(config_or_path), lora_merge_dtype)
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir) or b"\0" in os.fsencode(out_dir):
         raise InputError(f"the output folder must be a path, got {short(out_dir)}")
-    if random_seed is not None and (not isinstance(random_seed, int) or isinstance(random_seed, bool)):
-        raise InputError(f"--random-seed must be an integer, got {short(random_seed)}")
+    if random_seed is not None:
+        random_seed = check_seed(random_seed, "--random-seed")
     device = pick_device(device)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or not 1 <= threads <= MAX_THREADS):

@@ -530,7 +530,7 @@ def test_api_misuse_is_input_error(fam, tmp_path):
         CheckpointPool(meta)  # was NotImplementedError
     with pytest.raises(InputError, match="device"):
         CheckpointPool([{"w": torch.ones(3)}] * 2, device="bogus")  # was RuntimeError
-    for kw in ({"device": 5}, {"device": "cuda:x"}, {"random_seed": "x"}):
+    for kw in ({"device": 5}, {"device": "cuda:x"}, {"random_seed": "x"}, {"random_seed": 2**64}, {"random_seed": 1.0}):
         with pytest.raises(InputError):
             run_merge(cfg, tmp_path / "out", quiet=True, **kw)
     with pytest.raises(InputError):

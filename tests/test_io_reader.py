@@ -458,6 +458,30 @@ def test_bin_that_is_not_a_state_dict(tmp_path):
     check_error(excinfo, folder / "pytorch_model.bin")
 
 
+LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 1234\n"
+
+
+@pytest.mark.parametrize("name, data, says", [
+    ("pytorch_model.bin", LFS, "is a git-lfs pointer"), ("model.safetensors", LFS, "is a git-lfs pointer"),
+    ("pytorch_model.bin", bytes(range(256)) * 20, "is not a PyTorch checkpoint (neither"),
+    ("pytorch_model.bin", b"", "is empty"), ("pytorch_model.bin", "date", "it holds more than tensors")])
+def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path, name, data, says):
+    """torch's own error advised weights_only=False (no such option here) and never said the file was
+    not a checkpoint; a git-lfs pointer is the common case (bug hunt)."""
+    import datetime
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if data == "date":
+        torch.save({"w": torch.ones(2), "when": datetime.date(2020, 1, 1)}, folder / name)
+    else:
+        (folder / name).write_bytes(data)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    check_error(excinfo, folder / name)
+    assert says in str(excinfo.value) and "weights_only set to" not in str(excinfo.value), str(excinfo.value)
+    assert "add_safe_globals" not in str(excinfo.value)
+
+
 def _short_record(state: dict, victim: str, keep: int) -> bytes:
     """torch.save(state) with the zip record of storage `victim` cut to its first `keep` bytes."""
     import io

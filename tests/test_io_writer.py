@@ -416,6 +416,27 @@ def test_a_writer_whose_main_thread_exited_is_still_alive(tmp_path):
         proc.stdout.close()
 
 
+def test_stale_temp_left_under_this_process_pid_is_removed(tmp_path):
+    """Pids repeat (a container's merge is pid 1 every run): a folder named with this process's pid that
+    no writer of this process made is a killed run's, and blocked every later run to OUT. One a live
+    writer of this process holds stays (a second writer for OUT is refused)."""
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.pymerge-tmp-{os.getpid()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("half")
+    aside = tmp_path / f".other.pymerge-old-{os.getpid()}"  # a replaced OUT a crash left aside: put back
+    aside.mkdir()
+    write_all(out, {"a": torch.ones(2)})
+    write_all(tmp_path / "other", {"a": torch.ones(2)}, force=True)
+    assert sorted(os.listdir(tmp_path)) == ["other", "out"]
+    w = ShardedWriter(tmp_path / "again", [("a", torch.float32, (1,))])
+    with pytest.raises(InputError, match="another writer in this process is writing it"):
+        ShardedWriter(tmp_path / "again", [("a", torch.float32, (1,))])
+    w.write("a", torch.ones(1))
+    w.commit()
+    assert (tmp_path / "again").is_dir() and sorted(os.listdir(tmp_path)) == ["again", "other", "out"]
+
+
 def test_stale_temps_of_live_processes_and_other_outputs_are_kept(tmp_path):
     mine = tmp_path / f".out.pymerge-tmp-{os.getppid()}"  # a live process (our parent)
     other = tmp_path / f".other.pymerge-tmp-{dead_pid()}"  # another output's business

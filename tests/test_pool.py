@@ -551,6 +551,22 @@ def test_weights_that_are_not_numbers_are_refused_not_parsed(weights):
     torch.testing.assert_close(target["w"], torch.full((2,), 0.25))
 
 
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 1.5, "1", None, True])
+def test_seeds_outside_64_bits_or_not_integers_are_refused(seed):
+    """2**64 wrapped to seed 0's masks, 1.5 to 1's; None and strings were a TypeError / ValueError (bug hunt)."""
+    pool = CheckpointPool([{"w": torch.randn(64)}, {"w": torch.randn(64)}], base={"w": torch.zeros(64)})
+    target = {"w": torch.full((64,), 7.0)}
+    with pytest.raises(InputError, match="seed must be an integer from -9223372036854775808 to 18446744073709551615"):
+        pool.materialize([0.5, 0.5], into=target, method="dare_ties", density=0.5, seed=seed)
+    assert bool((target["w"] == 7.0).all())
+    masks = {}
+    for s in (-1, 2**64 - 1, 0, np.int64(0), -2**63, 2**63):  # a negative seed wraps like a uint64, as torch's
+        masks[int(s)] = pool.materialize([0.5, 0.5], into={"w": torch.empty(64)}, method="dare_ties", density=0.5,
+                                         seed=s)["w"]
+    assert torch.equal(masks[-1], masks[2**64 - 1]) and torch.equal(masks[-2**63], masks[2**63])
+    assert not torch.equal(masks[0], masks[-1])
+
+
 def test_a_backend_that_cannot_run_is_refused_when_the_pool_is_built(monkeypatch):
     """backend='triton' on a CPU pool failed at the first materialize with 'RuntimeError: 0 active drivers'
     (or a ValueError on a compressed pool; found by a review)."""

@@ -267,6 +267,32 @@ def test_blocks_of_rows_give_the_same_bits(parity, tmp_path, capsys, monkeypatch
         monkeypatch.undo()
 
 
+def test_padding_rows_do_not_depend_on_the_block_size(tmp_path, capsys, monkeypatch):
+    """The padding rows (each model's mean row) were block sums added up: rows 1, 2**53, 1, -2**53 gave
+    0.25 in blocks of 2 rows or more and 0.0 in blocks of one (bug hunt). Now a running sum in row order."""
+    from safetensors.torch import load_file, save_file
+    from pymerge.tokenizer import rows
+    models = []
+    for k in range(2):
+        f = write_model(tmp_path / f"m{k}", SPECIAL + W[:3], seed=k)
+        st = load_file(f / "model.safetensors")
+        emb = st["model.embed_tokens.weight"]
+        emb[:4] = torch.tensor([1.0, 2.0**53, 1.0, -2.0**53])[:, None]
+        save_file(st, f / "model.safetensors")
+        models.append(str(f))
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": m, "parameters": {"weight": 0.5}} for m in models],
+        "tokenizer": {"source": "union", "pad_to_multiple_of": 16}, "dtype": "float32"}))
+    written = []
+    for step in (1, 2, 5, 1000):
+        monkeypatch.setattr(rows, "rows_per_block", lambda *a, step=step: step)
+        out = tmp_path / f"out{step}"
+        assert run_cli(["merge", cfg, out, "--quiet"], capsys)[0] == 0
+        written.append(lf.load_folder(out)["model.embed_tokens.weight"])
+    assert written[0].shape[0] == 16 and all(torch.equal(written[0], w) for w in written[1:])
+
+
 # ---- bad input -------------------------------------------------------------------------------
 def _bad(tmp_path, capsys, cfg, *words):
     path = tmp_path / "bad.yml"

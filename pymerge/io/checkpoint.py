@@ -19,7 +19,7 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
-from pymerge.io.files import check_file_or_folder, open_regular, read_json
+from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, open_regular, read_json
 from pymerge.io.safetensors_file import SafetensorsFile, TensorInfo
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -44,11 +44,11 @@ class TorchFile:
         st = os.stat(self.path)
         # the file torch maps, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
         self.mapped_identity, self.mapped_mtime = (st.st_dev, st.st_ino), st.st_mtime_ns
+        _check_torch_format(self.path, st.st_size)
         try:
             state, mapped = _torch_load(self.path)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {first}") from None
+            raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {_load_problem(exc)}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: holds a {type(state).__name__}, not a state dict of tensors")
         from pymerge.ops._memory import kind_problem
@@ -123,6 +123,28 @@ class TorchFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _check_torch_format(path: Path, size: int) -> None:
+    """A git-lfs pointer, or a file neither of torch.save's formats starts like, named as such (torch's
+    own error advised loading with weights_only=False, which pymerge never does)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise CheckpointError(f"{path}: {LFS_ADVICE}")
+    if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):  # a zip; the legacy pickle
+        what = "is empty" if size == 0 else "is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy one)"
+        raise CheckpointError(f"{path}: {what}")
+
+
+def _load_problem(exc: BaseException) -> str:
+    """The line of torch.load's error that says what is wrong (its first may only be advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    if reason is not None:
+        return ("it holds more than tensors, and pymerge loads only tensors (weights_only): "
+                + reason.split(":", 1)[1].split(". Please")[0].strip())  # torch's advice does not apply here
+    return lines[0] if lines else type(exc).__name__
 
 
 def _torch_load(path: Path):

@@ -118,3 +118,9 @@ def stays_inside(folder, path) -> bool:
     if target == root or root in target.parents:
         return True
     return root.parent.name == "snapshots" and root.parent.parent / "blobs" in target.parents
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+LFS_ADVICE = ("is a git-lfs pointer (a small text file standing in for the weights), not the checkpoint: "
+              "run `git lfs pull` where the model was cloned")
+

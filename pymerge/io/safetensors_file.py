@@ -25,7 +25,7 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
-from pymerge.io.files import open_regular
+from pymerge.io.files import LFS_ADVICE, LFS_POINTER, open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
@@ -134,7 +134,10 @@ class SafetensorsFile:
     def _parse(self, fd: int, size: int) -> None:
         if size < 8:
             raise self._error(f"file is {size} bytes, too short for a safetensors header (needs 8)")
-        n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        first = os.pread(fd, len(LFS_POINTER), 0)
+        if first == LFS_POINTER:
+            raise self._error(LFS_ADVICE)
+        n = int.from_bytes(first[:8], "little")
         # n comes from the file's first 8 bytes: never echoed, it would print a text file's contents.
         if n > MAX_HEADER_BYTES:
             raise self._error(f"not a safetensors file: the header length in its first 8 bytes exceeds "

@@ -101,6 +101,7 @@ class ShardedWriter:
             self._check_space()
             try:
                 os.mkdir(self.tmp_dir)
+                _OWNED.add(os.path.abspath(self.tmp_dir))
             except FileExistsError:
                 raise InputError(f"{self.out_dir}: another writer in this process is writing it "
                                  f"({self.tmp_dir} exists)") from None
@@ -476,6 +477,7 @@ class ShardedWriter:
                 # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
                 # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
                 aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
+                _OWNED.add(os.path.abspath(aside))
                 os.rename(out, aside)
                 os.rename(tmp, out)
             self._installed()
@@ -483,6 +485,8 @@ class ShardedWriter:
             if _identity(out) != ours:  # OUT is not the new model: the old one goes back, abort cleans up
                 if aside is not None and not os.path.lexists(out) and os.path.lexists(aside):
                     os.rename(aside, out)
+                if aside is not None and not os.path.lexists(aside):
+                    _OWNED.discard(os.path.abspath(aside))
                 raise
             if self._state != "committed":  # interrupted just after the swap: OUT is the new model, complete
                 self._installed()
@@ -492,6 +496,7 @@ class ShardedWriter:
         old = aside if aside is not None else tmp  # the replaced model (nothing there after a plain rename)
         if os.path.lexists(old):
             self._discard(old)
+        _OWNED.difference_update({os.path.abspath(tmp), os.path.abspath(old)})
 
     def _discard(self, old: Path) -> None:
         """Removes the replaced model once OUT is installed: renamed to a name that only ever means
@@ -526,6 +531,7 @@ class ShardedWriter:
             self._close_fds()
             if not self._joined:  # the folder is part 0's to remove
                 _remove_tree(self.tmp_dir)
+                _OWNED.discard(os.path.abspath(self.tmp_dir))
         finally:
             with self._cond:
                 self._state = "aborted"
@@ -620,9 +626,17 @@ def _dump_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+# Temporary (and stepped-aside) folders this process's writers hold. Another folder named with this
+# process's pid is stale: pids are reused (a container's merge is pid 1 every run), and one left by a
+# killed run blocked every later run to the same OUT.
+_OWNED: set = set()
+
+
+def _in_use(path: str, pid: int) -> bool:
+    return os.path.abspath(path) in _OWNED if pid == os.getpid() else _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -661,7 +675,7 @@ def _remove_stale(out: Path) -> None:
             continue
         for prefix in (old_prefix, tmp_prefix):
             pid = e.name[len(prefix):]
-            if e.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+            if e.name.startswith(prefix) and pid.isdigit() and not _in_use(e.path, int(pid)):
                 if prefix == old_prefix and not os.path.lexists(out):
                     os.rename(e.path, out)
                 else:

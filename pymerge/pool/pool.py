@@ -19,6 +19,7 @@ import torch
 
 from pymerge import _native
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
+from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard
 from pymerge.ops._checks import as_int, check_threads
@@ -381,6 +382,7 @@ class CheckpointPool:
                          method_params: Optional[Mapping] = None, **params) -> list:
         """K candidates from one pass over the checkpoints: into[k] receives the merge with weight_rows[k]."""
         params = method_params_of(method_params, params)
+        seed = check_seed(seed)
         into = list(into) if isinstance(into, (list, tuple)) else [into]
         weight_rows = list(weight_rows)
         if len(weight_rows) != len(into):

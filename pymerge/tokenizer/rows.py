@@ -96,12 +96,15 @@ def _defaults(rows: Rows, views, dtype, row_shape, r0: int, r1: int):
 
 
 def _pad_means(rows: Rows, views, dtype, row_shape, step: int):
-    """Each source's mean over its output rows 0 .. n_tokens-1 (the padding rows), in float64."""
+    """Each source's mean over its output rows 0 .. n_tokens-1 (the padding rows), in float64, summed
+    row after row in order (a running sum scanned through each block): the same bits for any block
+    size (a block's own sum added to the running one made the rows depend on --chunk-size)."""
     import torch
     sums = [torch.zeros(row_shape, dtype=torch.float64) for _ in views]
     for r0 in range(0, rows.n_tokens, step):
         r1 = min(rows.n_tokens, r0 + step)
         defaults = _defaults(rows, views, dtype, row_shape, r0, r1)
         for i, view in enumerate(views):
-            sums[i] += _rows(rows.src[i][r0:r1], view, dtype, row_shape, defaults, None).double().sum(0)
+            block = _rows(rows.src[i][r0:r1], view, dtype, row_shape, defaults, None).double()
+            sums[i] = torch.cat([sums[i][None], block]).cumsum(0)[-1]
     return [(s / rows.n_tokens).to(dtype) for s in sums]
