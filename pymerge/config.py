@@ -23,6 +23,7 @@ YAML aliases expanding to at most 100_000 values, 50 levels deep.
 This module needs no torch: dtypes stay names until the engine maps them.
 """
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -85,10 +86,10 @@ class MergeConfig:
 def check_seed(seed, what: str = "seed") -> int:
     """A random seed: an integer from -2**63 to 2**64 - 1, as torch.manual_seed takes (a negative one
     wraps like a uint64, as there). Larger ones wrapped silently: 2**64 gave seed 0's masks."""
-    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+    try:
+        n = None if isinstance(seed, bool) else operator.index(seed)
+    except Exception:  # noqa: BLE001  (a float tensor's __index__ raises TypeError, a larger one RuntimeError)
         n = None
-    else:
-        n = seed.__index__()
     if n is None or not -(1 << 63) <= n < 1 << 64:
         raise InputError(f"{what} must be an integer from {-(1 << 63)} to {(1 << 64) - 1}, got {short(seed)}")
     return n

@@ -282,8 +282,9 @@ def _layer_count(model_cfg, layers: int) -> dict:
 
 def _per_layer(model_cfg, origins: List[Tuple[Optional[dict], int]]) -> dict:
     """The donor's per-layer lists (layer_types: sliding or full attention, ...) for the layers written:
-    each output layer takes its source layer's entry, from its source model's config when that has the
-    list (else the donor's). Left at the donor's length, transformers refused to load the output."""
+    each output layer takes its source layer's entry (the slice's base model's, else its first source's),
+    from that model's config when it has the list (else the donor's). Left at the donor's length,
+    transformers refused to load the output."""
     from pymerge.merge import _num_layers
     out = {}
     for key in _PER_LAYER_KEYS:
@@ -363,6 +364,9 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                vocab))
         for i, s in enumerate(slices):
             length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            # whose layers these are, for per-layer config lists: the slice's base model where it is a source
+            base_path = s.base_model or cfg.base_model
+            origin = next((x for x in s.sources if base_path and merge._same_model(x.path, base_path)), s.sources[0])
             entries = []  # (output name, t, {source index: source name})
             for off in range(length):
                 t = off / (length - 1) if length > 1 else 1.0
@@ -386,7 +390,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                     entries.append((f"{prefix0}.{out_layer}.{suf}", t, {j: per_source[j][suf]
                                                                        for j in range(len(s.sources))}))
                 out_layer += 1
-                origins.append((s.sources[0].path, s.sources[0].layer_range[0] + off))
+                origins.append((origin.path, origin.layer_range[0] + off))
             parts.append(_part(cfg, method, s, sliced, entries, open_ck, f"slices[{i}]", vocab))
         if post_names:  # a tied source's embedding stands for the head (pymerge/tied.py)
             entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})

@@ -437,6 +437,38 @@ def test_stale_temp_left_under_this_process_pid_is_removed(tmp_path):
     assert (tmp_path / "again").is_dir() and sorted(os.listdir(tmp_path)) == ["again", "other", "out"]
 
 
+def test_a_second_writer_thread_never_takes_the_firsts_folder_for_stale(tmp_path, monkeypatch):
+    """Between one writer's mkdir and its listing as this process's, another thread's writer for the same
+    OUT took the new folder for a killed run's and deleted it (a review): the sweep and the mkdir are one step."""
+    import threading
+    from pymerge.io import writer as writer_module
+    real_mkdir, results = os.mkdir, {}
+
+    def slow_mkdir(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if threading.current_thread().name == "first":
+            time.sleep(0.5)  # the window a second writer's sweep fell into
+
+    monkeypatch.setattr(writer_module.os, "mkdir", slow_mkdir)
+    out = tmp_path / "out"
+
+    def open_writer(name):
+        try:
+            results[name] = ShardedWriter(out, [("a", torch.float32, (2,))])
+        except Exception as exc:  # noqa: BLE001
+            results[name] = exc
+
+    first = threading.Thread(target=open_writer, args=("first",), name="first")
+    first.start()
+    time.sleep(0.2)
+    open_writer("second")
+    first.join()
+    assert isinstance(results["second"], InputError) and "another writer in this process" in str(results["second"])
+    results["first"].write("a", torch.ones(2))
+    results["first"].commit()
+    assert os.listdir(tmp_path) == ["out"]
+
+
 def test_stale_temps_of_live_processes_and_other_outputs_are_kept(tmp_path):
     mine = tmp_path / f".out.pymerge-tmp-{os.getppid()}"  # a live process (our parent)
     other = tmp_path / f".other.pymerge-tmp-{dead_pid()}"  # another output's business

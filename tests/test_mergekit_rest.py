@@ -474,6 +474,14 @@ def test_slices_write_per_layer_lists_for_the_layers_written(tmp_path):
     run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["layer_types"] == kinds[str(base)] + kinds[str(base)][1:]
+    # a whole-models merge (modules: default: models:) keeps the base model's list, as `models:` does
+    (ft / "config.json").write_text(json.dumps({**config, "layer_types": kinds[str(ft)]}))
+    for form in ({"models": [{"model": str(ft), "parameters": {"weight": 0.5}}]},
+                 {"modules": {"default": {"models": [{"model": str(ft), "parameters": {"weight": 0.5}}]}}}):
+        shutil.rmtree(tmp_path / "out")
+        run_merge({"merge_method": "task_arithmetic", "base_model": str(base), **form}, tmp_path / "out", device="cpu",
+                  quiet=True)
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == kinds[str(base)], form
 
 
 def test_slice_sources_compared_by_resolved_path(tmp_path):

@@ -551,7 +551,7 @@ def test_weights_that_are_not_numbers_are_refused_not_parsed(weights):
     torch.testing.assert_close(target["w"], torch.full((2,), 0.25))
 
 
-@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 1.5, "1", None, True])
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 1.5, "1", None, True, torch.tensor(3.0), torch.tensor([1, 2])])
 def test_seeds_outside_64_bits_or_not_integers_are_refused(seed):
     """2**64 wrapped to seed 0's masks, 1.5 to 1's; None and strings were a TypeError / ValueError (bug hunt)."""
     pool = CheckpointPool([{"w": torch.randn(64)}, {"w": torch.randn(64)}], base={"w": torch.zeros(64)})

@@ -14,7 +14,6 @@ group has; its timeout bounds every wait), called in the same order on every ran
             only when the boundary splits a run of equal keys, a bisection over global indices.
 """
 import hashlib
-import pickle
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
@@ -43,8 +42,11 @@ def _all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
 
 
 def fingerprint(*values) -> int:
-    """A 62-bit digest of picklable arguments (weights, method, parameters): ranks must pass the same."""
-    return int.from_bytes(hashlib.blake2b(pickle.dumps(values), digest_size=8).digest(), "little") >> 2
+    """A 62-bit digest of plain values (str, numbers, None, lists and tuples of them: weights, method,
+    parameters) that ranks must pass alike. Of their repr, not their pickle: pickle writes a string met
+    twice as a back-reference when it is one object, so equal lists could differ between ranks."""
+    return int.from_bytes(hashlib.blake2b(repr(values).encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little") >> 2
 
 
 ARGUMENTS_DIFFER = ("ranks called the sharded pool with different arguments (weights, method or parameters); "
@@ -82,21 +84,37 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
 
 def agree_catalog(catalog: list, group) -> None:
     """Raises the same InputError on every rank of group unless all hold the same catalog (a list of
-    plain entries: checkpoint counts, then (tensor, dtypes) in order): collectives pair tensors by their
-    place in it, so one rank's other tensors would mix one tensor's statistics with another's, or hang."""
+    plain entries: checkpoint counts, then (tensor, dtypes) in any order): collectives pair tensors by
+    name, so one rank's other tensors would mix one tensor's statistics with another's, or hang."""
     if group is None:
         return
-    mine = fingerprint(catalog)
-    flags = _all_reduce(torch.tensor([mine, -mine], dtype=torch.int64), group, dist.ReduceOp.MAX).tolist()
-    if flags[0] == -flags[1]:
+    catalog = [e for e in catalog if not isinstance(e, tuple)] + sorted(e for e in catalog if isinstance(e, tuple))
+    if _same(fingerprint(catalog), group):
         return
     catalogs = [None] * dist.get_world_size(group)
     dist.all_gather_object(catalogs, catalog, group=group)
-    i = next(i for i, c in enumerate(catalogs) if c != catalogs[0])
+    i = next((i for i, c in enumerate(catalogs) if c != catalogs[0]), None)
+    if i is None:
+        return
     first, other = f"rank {dist.get_global_rank(group, 0)}", f"rank {dist.get_global_rank(group, i)}"
     raise InputError(f"{other} read other checkpoints than {first}: "
                      f"{_first_difference(catalogs[0], catalogs[i], first, other)}; every rank must read the "
                      "same checkpoints (no pool was built)")
+
+
+def agreed_order(names: List[str], group) -> List[str]:
+    """The group's first rank's order of names (the same set on every rank, see agree_catalog): a copy of
+    a file saved in another tensor order gives the same pool, tied targets written alike included."""
+    if group is None or _same(fingerprint(names), group):
+        return names
+    order = [names]
+    dist.broadcast_object_list(order, src=dist.get_global_rank(group, 0), group=group)
+    return order[0]
+
+
+def _same(digest: int, group) -> bool:
+    flags = _all_reduce(torch.tensor([digest, -digest], dtype=torch.int64), group, dist.ReduceOp.MAX).tolist()
+    return flags[0] == -flags[1]
 
 
 def _first_difference(a: list, b: list, first: str, other: str) -> str:
@@ -110,10 +128,8 @@ def _first_difference(a: list, b: list, first: str, other: str) -> str:
     extra = [n for n in db if n not in da]
     if extra:
         return f"tensor {extra[0]!r} is on {other} only ({len(extra)} in all)"
-    for name in da:
-        if da[name] != db[name]:
-            return f"tensor {name!r} has dtypes {list(db[name])} on {other}, {list(da[name])} on {first}"
-    return f"the tensors come in another order on {other}"
+    name = next(n for n in da if da[n] != db[n])
+    return f"tensor {name!r} has dtypes {list(db[name])} on {other}, {list(da[name])} on {first}"
 
 
 # ---- exact sums -------------------------------------------------------------------------------------

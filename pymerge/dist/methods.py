@@ -68,7 +68,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         error = exc
     try:
         what = collectives.fingerprint(m.name, [t.tolist() for t in tables], _plain(params), seed)  # 0.5 == np 0.5
-    except Exception:  # unpicklable parameters: compare the method alone
+    except Exception:  # parameters _plain cannot read: compare the method alone
         what = collectives.fingerprint(m.name)
     if collectives.agree(error, pool.group, what, flag=stale):  # some rank's inputs changed: all recompute
         for key in [k for k in pool.stats_cache if k[0] in set(names)]:

@@ -46,12 +46,14 @@ class ShardedPool(CheckpointPool):
             error = exc
         agreeing = agreement_group(self.boxes.values(), self.group)
         collectives.agree(error, agreeing)
-        # Collectives pair tensors by their place in self.names (shard_like's order, see ShardedSource):
-        # a rank whose files lack a tensor, or hold it in another dtype, must not build a pool.
+        # Collectives pair tensors by their place in self.names: a rank whose files lack a tensor, or hold
+        # it in another dtype, must not build a pool, and one whose files list them in another order (a
+        # copy re-saved by another tool) takes the first rank's order (ties' statistics mixed tensors).
         dtype = lambda t: str(t.dtype).replace("torch.", "")  # noqa: E731
         collectives.agree_catalog([self.num_checkpoints, self.has_base] + [
             (n, tuple(map(dtype, self._inputs[n] + ([self._base[n]] if n in self._base else []))))
             for n in self.names], agreeing)
+        self.names = collectives.agreed_order(self.names, agreeing)
         self.boxes = {n: self.boxes[n] for n in self.names}
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds

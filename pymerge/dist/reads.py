@@ -66,10 +66,7 @@ class ShardedSource:
         self.label, self.mapped = inner.label, inner.mapped
 
     def names(self):
-        """The file's names in shard_like's order (alike on every rank; the rest after, as stored): the
-        pool's collectives pair tensors by place, and a copy of a file saved in another order is the same."""
-        order = {n: i for i, n in enumerate(self._boxes)}
-        return sorted(self._inner.names(), key=lambda n: order.get(n, len(order)))
+        return self._inner.names()
 
     def _box(self, name):
         dtype, shape = self._inner.info(name)

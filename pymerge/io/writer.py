@@ -95,19 +95,20 @@ class ShardedWriter:
             if not self.out_dir.parent.is_dir():
                 raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} does not exist")
             _check_name(self.out_dir)
-            _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
-            _check_out(self.out_dir, force)
-            self.tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
-            self._check_space()
-            try:
-                os.mkdir(self.tmp_dir)
-                _OWNED.add(os.path.abspath(self.tmp_dir))
-            except FileExistsError:
-                raise InputError(f"{self.out_dir}: another writer in this process is writing it "
-                                 f"({self.tmp_dir} exists)") from None
-            except OSError as exc:  # a read-only or foreign parent folder
-                raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
-                                 f"{exc.strerror or exc}") from None
+            with _OWNED_LOCK:  # another thread's writer must not take this folder for a killed run's
+                _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
+                _check_out(self.out_dir, force)
+                self.tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
+                self._check_space()
+                try:
+                    os.mkdir(self.tmp_dir)
+                    _OWNED.add(os.path.abspath(self.tmp_dir))
+                except FileExistsError:
+                    raise InputError(f"{self.out_dir}: another writer in this process is writing it "
+                                     f"({self.tmp_dir} exists)") from None
+                except OSError as exc:  # a read-only or foreign parent folder
+                    raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
+                                     f"{exc.strerror or exc}") from None
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self._inflight = 0
@@ -630,6 +631,7 @@ def _dump_json(path: Path, obj) -> None:
 # process's pid is stale: pids are reused (a container's merge is pid 1 every run), and one left by a
 # killed run blocked every later run to the same OUT.
 _OWNED: set = set()
+_OWNED_LOCK = threading.Lock()  # held from a writer's stale-folder sweep until its own folder is listed
 
 
 def _in_use(path: str, pid: int) -> bool:

@@ -185,7 +185,6 @@ class CheckpointPool:
 
     def _finish(self, chunk_bytes: int) -> None:
         """Lookups, overlap spans, caches and GPU runner over the held tensors."""
-        self._index = {n: i for i, n in enumerate(self.names)}
         self._plan_cache = grouped.PlanCache()
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)

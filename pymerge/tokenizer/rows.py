@@ -105,6 +105,7 @@ def _pad_means(rows: Rows, views, dtype, row_shape, step: int):
         r1 = min(rows.n_tokens, r0 + step)
         defaults = _defaults(rows, views, dtype, row_shape, r0, r1)
         for i, view in enumerate(views):
-            block = _rows(rows.src[i][r0:r1], view, dtype, row_shape, defaults, None).double()
-            sums[i] = torch.cat([sums[i][None], block]).cumsum(0)[-1]
+            block = _rows(rows.src[i][r0:r1], view, dtype, row_shape, defaults, None).to(torch.float64, copy=True)
+            block[0] += sums[i]  # the running sum enters first: ((sum + r0) + r1) + ..., in place
+            sums[i] = block.cumsum_(0)[-1].clone()
     return [(s / rows.n_tokens).to(dtype) for s in sums]
