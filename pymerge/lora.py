@@ -2,11 +2,12 @@
 
 mergekit loads the model with transformers, applies the adapter with peft's merge_and_unload and
 saves a merged copy it then merges. pymerge computes the same weights lazily while it streams:
-each targeted weight is W + scale * (B @ A) (transposed for fan_in_fan_out layers and embeddings),
+each targeted weight is W + scale * (B @ A) (transposed for Conv1D layers and embeddings, as peft decides),
 in float32 and rounded once to the tensor's dtype, exactly peft's arithmetic; every other tensor is
 the model's own. scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, with r and alpha
 per module from rank_pattern / alpha_pattern as peft matches them. The merged copy keeps the
-model's dtypes (transformers 5 loads with dtype "auto"), or all takes --lora-merge-dtype. A LoRA on the
+model's dtypes (transformers 5 loads with dtype "auto"; each tensor its own where a checkpoint mixes
+them, where that load casts all to config.json's), or all takes --lora-merge-dtype. A LoRA on the
 output head of a model that stores none (its head is its input embedding) lands on that shared weight,
 after the embedding's own LoRA, as peft's merge does.
 
@@ -199,10 +200,10 @@ class Adapter:
         d = b @ a
         return (d.T if t.transpose else d) * t.scale
 
-    def delta_shape(self, name: str) -> Tuple[int, int]:
+    def delta_shape(self, name: str, transpose: Optional[bool] = None) -> Tuple[int, int]:
         t = self.targets[name]
         rows, cols = self.file.info(t.b_key).shape[0], self.file.info(t.a_key).shape[1]
-        return (cols, rows) if t.transpose else (rows, cols)
+        return (cols, rows) if (t.transpose if transpose is None else transpose) else (rows, cols)
 
     @property
     def files(self) -> List[Path]:
@@ -248,6 +249,33 @@ def _read_config(path: Path) -> dict:
     return out
 
 
+# transformers' Conv1D layers (weights stored (in, out)): peft merges these transposed and every nn.Linear
+# not, whatever fan_in_fan_out its config says (it sets the flag per layer, so a GPT-2 adapter on c_proj
+# and lm_head is saved with false).
+_CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+_CONV1D_LAYERS = ("c_attn", "c_proj", "c_fc", "q_attn")
+
+
+def _model_type(ck) -> Optional[str]:
+    from pymerge.merge import _read_model_config
+    cfg = _read_model_config(ck)
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _fan_in_fan_out(model_type: Optional[str], name: str, weight: tuple, lora: tuple, configured: bool) -> bool:
+    """Whether a layer's LoRA is merged transposed, as peft decides it per layer: by the layer's type
+    (the model's config names the architecture), else by which orientation the weight's shape fits
+    (a square one: the adapter's fan_in_fan_out)."""
+    if model_type in _CONV1D_MODELS:
+        return name.rsplit(".", 2)[-2] in _CONV1D_LAYERS
+    if weight == lora and weight != lora[::-1]:
+        return False
+    if weight == lora[::-1] and weight != lora:
+        return True
+    return configured
+
+
 def _pattern_value(patterns: dict, module: str, default, key: str, path: Path):
     """peft's get_pattern_key: the first pattern p with module matching (.*\\.)?(p)$."""
     for p in patterns:
@@ -269,10 +297,15 @@ class LoraCheckpoint:
         self.path, self.folder = ck.path, ck.folder
         self._dtype = dtype
         self._onto: Dict[str, str] = {}  # head target of a tied model -> the embedding it shares its weight with
+        model_type = _model_type(ck)
         for name in adapter.targets:
             if name not in ck:
                 name = self._tied_head(name)
             weight = self._onto.get(name, name)
+            target = adapter.targets[name]
+            if not target.embedding:
+                target.transpose = _fan_in_fan_out(model_type, name, tuple(ck.info(weight).shape),
+                                                   adapter.delta_shape(name, transpose=False), target.transpose)
             shape, want = tuple(ck.info(weight).shape), adapter.delta_shape(name)
             if shape != want:
                 raise CheckpointError(f"{adapter.file.path}: LoRA for {name!r} is {list(want)}, the weight in "

@@ -137,13 +137,16 @@ def test_bf16_model_rounds_once_and_lora_merge_dtype(family):
         assert t.dtype == torch.float32 and torch.equal(t, theirs32[name]), name
 
 
-def test_fan_in_fan_out(tmp_path):
-    # GPT-2's Conv1D holds W as (in, out); peft transposes B @ A for it
+@pytest.mark.parametrize("targets", [["c_attn", "c_fc"], ["attn.c_proj", "lm_head"], ["c_attn", "lm_head"]])
+def test_fan_in_fan_out(tmp_path, targets):
+    # GPT-2's Conv1D holds W as (in, out); peft transposes B @ A for it and for no nn.Linear, whatever the
+    # config says: it sets fan_in_fan_out per layer, so an adapter on c_proj and lm_head is saved with false
+    # (pymerge applied c_proj's untransposed, square so silently wrong; a fuzz against mergekit)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
-                                                                 n_positions=16))
+                                                                 n_positions=16, tie_word_embeddings=False))
     model.save_pretrained(tmp_path / "gpt2")
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=7, target_modules=["c_attn", "c_fc"],
-                                                    fan_in_fan_out=True))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=7, target_modules=targets,
+                                                    fan_in_fan_out=targets[-1] != "lm_head"))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -153,7 +156,8 @@ def test_fan_in_fan_out(tmp_path):
     base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).merge_and_unload().state_dict()
     with open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'ad'}") as ck:
-        for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"):
+        assert sum(name in ck.adapter.targets for name in ck.names()) == len(targets)
+        for name in ck.names():
             assert torch.equal(ck.tensor(name), theirs[name]), name
 
 

@@ -293,6 +293,31 @@ def test_padding_rows_do_not_depend_on_the_block_size(tmp_path, capsys, monkeypa
     assert written[0].shape[0] == 16 and all(torch.equal(written[0], w) for w in written[1:])
 
 
+@pytest.mark.parametrize("source", ["model", "base"])
+def test_an_added_entry_for_a_vocabulary_token_keeps_the_vocabulary_id(tmp_path, capsys, source):
+    """An added_tokens entry whose content the model's vocabulary has under another id: tokenizers (so
+    transformers and mergekit) maps the token to the vocabulary's id. pymerge took the entry's: the wrong
+    embedding row, or "ids have gaps" with that model's tokenizer (a fuzz against mergekit)."""
+    a = write_model(tmp_path / "a", SPECIAL + W[:8], seed=0)
+    b = write_model(tmp_path / "b", SPECIAL + W[:8], seed=1, perturb_seed=2, rows=len(SPECIAL) + 9)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    vocab_id = tok["model"]["vocab"]["w5"]
+    tok["added_tokens"].append({"id": len(SPECIAL) + 8, "content": "w5", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": True, "special": False})
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "linear", "base_model": str(a if source == "model" else b), "dtype": "float32",
+        "tokenizer_source": str(a) if source == "model" else "base",
+        "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    out = lf.load_folder(tmp_path / "out")["model.embed_tokens.weight"].double()
+    ea, eb = (lf.load_folder(m)["model.embed_tokens.weight"].double() for m in (a, b))
+    out_id = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]["w5"]
+    assert torch.allclose(out[out_id], (ea[vocab_id] + eb[vocab_id]) / 2, atol=1e-6)
+
+
 # ---- bad input -------------------------------------------------------------------------------
 def _bad(tmp_path, capsys, cfg, *words):
     path = tmp_path / "bad.yml"

@@ -70,11 +70,18 @@ def read_tokenizer(ref) -> Tokenizer:
     added = doc.get("added_tokens") or []
     if not isinstance(added, list):
         raise CheckpointError(f"{path}: 'added_tokens' must be a list")
+    added = list(added)
+    own = dict(vocab)
     for i, e in enumerate(added):
         if (not isinstance(e, dict) or not isinstance(e.get("content"), str) or not _is_id(e.get("id"))
                 or any(not isinstance(e.get(k, False), bool) for k in _ADDED_FLAGS)):
             raise CheckpointError(f"{path}: added_tokens[{i}] is not a token entry (id, content, flags)")
+        if e["content"] in own and own[e["content"]] != e["id"]:
+            # a token the model's vocabulary has keeps that id, whatever the entry says: tokenizers (and so
+            # transformers and mergekit) load it so, and save the entry with it
+            added[i] = e = dict(e, id=own[e["content"]])
         vocab[e["content"]] = e["id"]
+    doc = dict(doc, added_tokens=added)
     config = {}
     cpath = folder / TOKENIZER_CONFIG
     if os.path.lexists(cpath):
@@ -82,7 +89,7 @@ def read_tokenizer(ref) -> Tokenizer:
         config = read_json(cpath)
         if not isinstance(config, dict):
             raise CheckpointError(f"{cpath}: is not a JSON object")
-    return Tokenizer(folder, doc, config, vocab, list(added), model_size)
+    return Tokenizer(folder, doc, config, vocab, added, model_size)
 
 
 def _model_vocab(model: dict, path: Path) -> Dict[str, int]:
