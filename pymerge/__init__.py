@@ -31,3 +31,9 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+
+
+# torch.ops.pymerge.* is there once pymerge is imported where torch already is (`import torch, pymerge`);
+# otherwise `import pymerge.ops` registers it (the first op or pool a program uses does).
+if "torch" in __import__("sys").modules:
+    importlib.import_module("pymerge.ops.library")

@@ -374,3 +374,18 @@ def test_gradients_flow_on_the_eager_torch_backend_too():
     for c, t in zip(got["cpu"], got["torch"]):  # y's gradient: autograd adds three bf16 parts, the op rounds once
         tol = 2e-2 if c.dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(t.double(), c.double(), rtol=tol, atol=tol)
+
+
+def test_ops_exist_once_pymerge_is_imported_after_torch():
+    """torch.ops.pymerge.* raised AttributeError after `import torch, pymerge` until something touched
+    pymerge.weighted_sum or CheckpointPool (the package loads lazily; a bug hunt). A fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import torch, pymerge\n"
+            "xs = [torch.ones(5), torch.full((5,), 3.0)]\n"
+            "print(torch.ops.pymerge.weighted_sum(xs, torch.tensor([0.25, 0.75]), torch.float32).tolist())\n")
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[2.5, 2.5, 2.5, 2.5, 2.5]", out.stderr

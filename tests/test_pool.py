@@ -441,7 +441,7 @@ def test_host_tier_holds_each_checkpoint_in_one_buffer_in_name_order(dtype):
         sources.append(sd)
     pool = CheckpointPool(sources[:2], base=sources[2], residency="host", dtype=dtype, device="cpu")
     assert pool.names == list(shapes)
-    for held, src in [({n: pool.tensor(i, n) for n in pool.names}, sources[i]) for i in range(2)] + \
+    for held, src in [({n: pool._inputs[n][i] for n in pool.names}, sources[i]) for i in range(2)] + \
                      [(pool._base, sources[2])]:
         (start,) = {t.untyped_storage().data_ptr() for t in held.values()}  # one buffer per source
         filled = [n for n in pool.names if held[n].numel()]  # an empty tensor has no address (data_ptr 0)
@@ -454,6 +454,33 @@ def test_host_tier_holds_each_checkpoint_in_one_buffer_in_name_order(dtype):
             assert held[n].dtype == want.dtype and held[n].shape == want.shape and held[n].is_contiguous()
             assert torch.equal(held[n].reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), n
             assert held[n].numel() == 0 or held[n].data_ptr() != src[n].data_ptr()
+
+
+@pytest.mark.parametrize("residency", ["host", "mmap"])
+@pytest.mark.parametrize("how", ["free", "grow"])
+def test_a_tensor_from_the_pool_cannot_free_or_move_its_buffer(tmp_path, residency, how):
+    """pool.tensor() on the host tier was a view of the checkpoint's buffer: resize_(0) on its storage (as
+    FSDP frees) or a larger resize_ (a move) left the cached native table on freed memory: the next
+    materialize crashed (SIGSEGV; a bug hunt). Now the handle's storage cannot be resized."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    srcs = [{"a": torch.randn(4099, generator=g).to(dt)} for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    if residency == "mmap":
+        for i, sd in enumerate(srcs):
+            save_file(sd, tmp_path / f"m{i}.safetensors")
+        srcs = [str(tmp_path / f"m{i}.safetensors") for i in range(3)]
+    pool = CheckpointPool(srcs, residency=residency)
+    target = {"a": torch.zeros(4099)}
+    pool.materialize([0.2, 0.3, 0.5], into=target)  # a cached plan
+    want = target["a"].clone()
+    for i in range(3):
+        handle = pool.tensor(i, "a")
+        before = handle.clone()
+        with pytest.raises(RuntimeError, match="not resizable"):
+            handle.untyped_storage().resize_(0 if how == "free" else handle.untyped_storage().nbytes() * 4)
+        assert torch.equal(handle.view(torch.uint8), before.view(torch.uint8))
+    pool.materialize([0.2, 0.3, 0.5], into=target)
+    assert torch.equal(target["a"], want)
 
 
 def test_a_source_giving_another_shape_than_it_lists_is_named(monkeypatch):

@@ -8,6 +8,7 @@
   a backward through weights saved before a materialize raises torch's in-place error.
 """
 import pytest
+import numpy as np
 import torch
 
 import pymerge.ops._versions as versions
@@ -291,7 +292,7 @@ def test_names_mapping_two_pool_tensors_to_one_target_is_refused():
 
 
 @pytest.mark.parametrize("path", ["one call", "per tensor", "int8"])
-@pytest.mark.parametrize("lam", [float("inf"), float("nan"), 1e30, 1e3])
+@pytest.mark.parametrize("lam", [float("inf"), float("nan"), 1e30, 1e3, 10**7, 10**400, np.int64(10**7)])
 def test_task_arithmetic_lambda_is_checked_before_anything_is_written(path, lam):
     """lambda was never checked on a pool: inf/nan gave an all-NaN model, 1e30 a meaningless one, and on
     the per-tensor path a huge lambda in one group raised after other tensors had been written."""
@@ -307,6 +308,18 @@ def test_task_arithmetic_lambda_is_checked_before_anything_is_written(path, lam)
     with pytest.raises(MergeConfigError, match=r"parameter lambda is|coefficient of"):
         pool.materialize(table, into=target, method="task_arithmetic", groups="layer", **kw, **{"lambda": lam})
     assert all(bool((t == 7.0).all()) for t in target.values())
+
+
+def test_integer_parameters_past_the_magnitude_limit_are_refused():
+    """Only floats were checked: lambda 10**7 wrote values ~1e5 where 1e7 was refused, karcher's
+    max_iter 10**12 with tol 0 never returned (a bug hunt)."""
+    pool = CheckpointPool([{"w": torch.randn(8)} for _ in range(2)], base={"w": torch.randn(8)})
+    target = {"w": torch.full((8,), 7.0)}
+    with pytest.raises(MergeConfigError, match="parameter lambda is 10000000; values beyond"):
+        pool.materialize([0.5, 0.5], into=target, method="ties", density=0.5, **{"lambda": 10**7})
+    with pytest.raises(MergeConfigError, match="parameter max_iter is 1000000000000; values beyond"):
+        pool.materialize([0.5, 0.5], into=target, method="karcher", max_iter=10**12, tol=0.0)
+    assert bool((target["w"] == 7.0).all())
 
 
 def test_a_weight_table_longer_than_the_groups_is_refused():

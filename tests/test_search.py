@@ -2,6 +2,7 @@
 import importlib
 import json
 import os
+import re
 import textwrap
 
 import numpy as np
@@ -410,6 +411,26 @@ def test_evaluate_must_score_the_same_tasks_every_time():
         optimize(pool, lambda m: {"a": 10**400}, model=Vec(), budget=3, popsize=3, log=None)
 
 
+@pytest.mark.parametrize("returned, says", [
+    ("0.5", "evaluate must return a float or a dict of floats, got '0.5'"), (True, "got True"),
+    ({"a": "0.5"}, "evaluate returned '0.5' for task 'a'"), ({"a": np.bool_(True)}, "for task 'a'"),
+    ({1: 0.1, "1": 0.2}, "evaluate returned keys 1 and '1' for candidate 0, one task name '1'")])
+def test_scores_that_are_not_numbers_are_refused_not_parsed(returned, says):
+    """A string score "0.5" or True was parsed into 0.5 / 1.0, keys 1 and "1" merged into one task (a bug hunt)."""
+    pool, _, _ = synthetic(n=3)
+    with pytest.raises(InputError, match=re.escape(says)):
+        optimize(pool, lambda m: returned, model=Vec(), budget=3, popsize=3, log=None)
+
+
+def test_an_objective_that_returns_no_number_is_an_input_error():
+    pool, evaluate, _ = synthetic(n=3)
+    with pytest.raises(InputError, match="objective returned 'best' for candidate 0; it must return a number"):
+        optimize(pool, evaluate, model=Vec(), budget=3, popsize=3, log=None, objective=lambda s: "best")
+    result = optimize(pool, lambda m: {"a": torch.tensor(0.25), "b": np.float32(0.5)}, model=Vec(), budget=3,
+                      popsize=3, log=None, objective=lambda s: np.float64(s["a"]))
+    assert result.best_objective == 0.25
+
+
 def test_a_state_from_another_pool_says_what_differs(tmp_path):
     _, _, path = _state(tmp_path)  # three checkpoints
     pool, evaluate, _ = synthetic(n=4)
@@ -527,6 +548,26 @@ def test_search_cli_best_merge_yml_reproduces_the_best_merge(tmp_path, capsys, m
     pool.materialize(best["weights"], into=target, method=method, method_params=params)
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))["theta"]
     torch.testing.assert_close(merged, target["theta"], rtol=1e-6, atol=1e-6)
+    assert written["dtype"] == "float32" and written["out_dtype"] == "float32"
+
+
+def test_best_merge_yml_of_bfloat16_checkpoints_is_the_float32_candidate_searched(tmp_path):
+    """bfloat16 checkpoints merged into a float32 model: best_merge.yml had no dtype, so pymerge merge
+    computed and wrote the merge in bfloat16, not the candidate the search scored (a bug hunt)."""
+    from safetensors.torch import load_file, save_file
+    from pymerge.cli import main as pymerge_main
+    cfg = _cli_setup(tmp_path)
+    for i in range(3):
+        path = tmp_path / f"c{i}.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}, str(path))
+    assert cli_main([str(cfg)]) == 0
+    best = json.load(open(tmp_path / "out" / "history.json"))["best"]
+    written = yaml.safe_load((tmp_path / "out" / "best_merge.yml").read_text())
+    assert written["dtype"] == "float32" and written["out_dtype"] == "float32"
+    assert pymerge_main(["merge", str(tmp_path / "out" / "best_merge.yml"), str(tmp_path / "merged"), "--quiet"]) == 0
+    target = {"theta": torch.empty(16)}
+    CheckpointPool([str(tmp_path / f"c{i}.safetensors") for i in range(3)]).materialize(best["weights"], into=target)
+    assert torch.equal(load_file(str(tmp_path / "merged" / "model.safetensors"))["theta"], target["theta"])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -10,13 +10,14 @@ see plain numbers.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional
 
 if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
     import torch
 
-from pymerge.errors import MergeConfigError  # noqa: F401  (re-exported for method modules)
+from pymerge.errors import MergeConfigError, short  # noqa: F401  (MergeConfigError re-exported for method modules)
 
 _REQUIRED = object()
 
@@ -107,14 +108,20 @@ def check_magnitudes(method: MergeMethod, task: TensorTask, labels: Optional[Lis
     labels = labels or [f"model {i}" for i in range(len(task.model_params))]
     found = [(f"parameter {k}", v) for k, v in task.params.items()]
     found += [(f"{label}: parameter {k}", v) for label, mp in zip(labels, task.model_params) for k, v in mp.items()]
+    _check_sizes(task.name, found)  # first: the coefficients are computed from them
     weights_for = getattr(method, "weights_for", None)
     if callable(weights_for):
         order, coef = weights_for(task)
         names = labels + ["base_model"]
-        found += [(f"coefficient of {names[i] if i < len(names) else i}", c) for i, c in zip(order, coef)]
+        _check_sizes(task.name, [(f"coefficient of {names[i] if i < len(names) else i}", c) for i, c in zip(order, coef)])
+
+
+def _check_sizes(tensor: str, found: list) -> None:
     for what, v in found:
-        if isinstance(v, float) and not abs(v) <= MAX_MAGNITUDE:  # NaN fails the test too
-            raise MergeConfigError(f"tensor {task.name}: {what} is {v:g}; values beyond {MAX_MAGNITUDE:g} "
+        # ints too: lambda 10**7 passed where 1e7 was refused, karcher's max_iter 10**12 never ended
+        if isinstance(v, numbers.Real) and not isinstance(v, bool) and not abs(v) <= MAX_MAGNITUDE:  # NaN fails too
+            shown = f"{v:g}" if isinstance(v, float) else short(v)
+            raise MergeConfigError(f"tensor {tensor}: {what} is {shown}; values beyond {MAX_MAGNITUDE:g} "
                                    f"make a non-finite or meaningless model")
 
 

@@ -363,7 +363,7 @@ class CheckpointPool:
             raise InputError(f"no tensor {name!r} in this pool")
         if self._compressed is not None:
             return self._compressed.decoded(k, name)
-        return self._inputs[name][k]
+        return _unresizable(self._inputs[name][k])
 
     # ---- merging -----------------------------------------------------------------------------------
     def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
@@ -758,6 +758,18 @@ def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], b
 
 def _view(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset(), t.dtype
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _unresizable(t: torch.Tensor) -> torch.Tensor:
+    """t's memory under a storage of its own that cannot be resized (torch.from_numpy's): a caller
+    freeing (FSDP's resize_(0)) or growing a view of the pool's buffer left its native tables pointing
+    at freed memory (the next materialize crashed). A CUDA tensor is handed out as it is."""
+    if t.device.type != "cpu" or t.element_size() not in _SAME_SIZE_INT:
+        return t
+    return torch.from_numpy(t.detach().view(_SAME_SIZE_INT[t.element_size()]).numpy()).view(t.dtype)
 
 
 def _last_of_tied(plans: List[_Plan], tie_key) -> List[_Plan]:

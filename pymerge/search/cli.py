@@ -13,8 +13,8 @@
     state_path: search_state.json                 # resumable; relative paths are relative to the config
     out: search_out                               # history.json/.csv, search.png, best_merge.yml
 
-best_merge.yml is a merge config (method, base_model, method_params, the best weights) that `pymerge merge`
-or mergekit turns into the best merge. Those four files in `out` are replaced as a whole (a link there is
+best_merge.yml is a merge config (method, base_model, method_params, the best weights, dtype float32 and
+the model's dtype as out_dtype) that `pymerge merge` or mergekit turns into the best merge. Those four files in `out` are replaced as a whole (a link there is
 replaced, not written through); `out` is checked before the search starts.
 
 Entry points are imported with the config's folder on sys.path. Errors a user can cause exit 2.
@@ -93,9 +93,12 @@ def _dtype(name):
     return d
 
 
-def _best_yaml(path: str, sources, base, weights, method: str, method_params: dict) -> None:
+def _best_yaml(path: str, sources, base, weights, method: str, method_params: dict, model=None,
+               pool_dtype=None) -> None:
     """The best flat weights as a mergekit config that `pymerge merge` (or mergekit) turns into the same
-    merge: the method, its base and its parameters (per-group tables stay in history.json)."""
+    merge: the method, its base and its parameters (per-group tables stay in history.json), computed in
+    float32 (or the pool's dtype=) as the pool does, written in the dtype of the model searched when its
+    tensors share one (bfloat16 checkpoints merged into a float32 model were merged and written in bfloat16)."""
     from pymerge.search.report import replace_file
     from pymerge.methods.base import get_method
     m = get_method(method)
@@ -103,14 +106,18 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     params = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in method_params.items()}
     for key in [k for k, v in params.items() if k in m.model_params and isinstance(v, (list, tuple))]:
         values = params.pop(key)  # one per checkpoint in the pool; a top-level list would be a layer gradient
-        for model, value in zip(models, values):
-            model["parameters"][key] = value
+        for entry, value in zip(models, values):
+            entry["parameters"][key] = value
     if method == "linear":
         params.setdefault("normalize", False)  # the weights as searched (normalized there when asked)
     uses_base = base and m.base_model != "none"  # linear would take a base as one more model
     cfg = {"merge_method": method, **({"base_model": str(base)} if uses_base else {}), "models": models}
     if params:
         cfg["parameters"] = params
+    cfg["dtype"] = str(pool_dtype or torch.float32).replace("torch.", "")
+    kinds = {t.dtype for t in (model.state_dict().values() if model is not None else ()) if t.is_floating_point()}
+    if len(kinds) == 1:
+        cfg["out_dtype"] = str(kinds.pop()).replace("torch.", "")
 
     def write(tmp):
         with open(tmp, "w") as fh:
@@ -180,7 +187,7 @@ def _run(args) -> int:
     paths = result.save(out)
     if result.best_weights.ndim == 1:
         _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights, method,
-                   method_params)
+                   method_params, model, _dtype(cfg.get("dtype")))
     elif os.path.lexists(os.path.join(out, "best_merge.yml")):  # an earlier flat search's: not this result
         os.unlink(os.path.join(out, "best_merge.yml"))  # a link is removed, never its target
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "

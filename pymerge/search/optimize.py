@@ -83,22 +83,35 @@ class _OwnRNG:
         np.random.set_state(self._saved)
 
 
+def _number(value) -> Optional[float]:
+    """value as a float where it is a real number (Python, numpy, a one-element tensor), else None:
+    a string ("0.5") or a bool was parsed as a score, which the pool refuses as a weight."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # OverflowError: an int past float's range
+        return None
+
+
 def _scores(value, index: int) -> Dict[str, float]:
     if isinstance(value, dict):
         if not value:
             raise InputError(f"evaluate returned an empty dict for candidate {index}")
-        out = {}
+        out, keys = {}, {}
         for k, v in value.items():
-            try:
-                out[str(k)] = float(v)
-            except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
+            if keys.setdefault(str(k), k) is not k:
+                raise InputError(f"evaluate returned keys {short(keys[str(k)])} and {short(k)} for candidate {index}, "
+                                 f"one task name {str(k)!r}; name each task once")
+            out[str(k)] = _number(v)
+            if out[str(k)] is None:
                 raise InputError(f"evaluate returned {short(v)} for task {str(k)!r} of candidate {index}; "
-                                 "scores must be numbers within float's range") from None
+                                 "scores must be numbers within float's range")
         return out
-    try:
-        return {"score": float(value)}
-    except (TypeError, ValueError, OverflowError):
-        raise InputError(f"evaluate must return a float or a dict of floats, got {short(value)}") from None
+    score = _number(value)
+    if score is None:
+        raise InputError(f"evaluate must return a float or a dict of floats, got {short(value)}")
+    return {"score": score}
 
 
 def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
@@ -237,7 +250,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                                      f"{sorted(history[0]['scores'])} for candidate 0; every candidate must score "
                                      "the same tasks")
                 t_eval = time.perf_counter() - t1
-                obj = float(objective(scores))
+                obj = _number(raw := objective(scores))
+                if obj is None:
+                    raise InputError(f"objective returned {short(raw)} for candidate {len(history)}; it must "
+                                     "return a number")
                 history.append({"eval": len(history), "generation": generation, "objective": obj, "scores": scores,
                                 "weights": np.asarray(w).tolist(), "x": np.asarray(x).tolist(),
                                 "materialize_s": t_mat, "evaluate_s": t_eval})
