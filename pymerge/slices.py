@@ -280,6 +280,17 @@ def _layer_count(model_cfg, layers: int) -> dict:
     return {k: layers for k in keys}
 
 
+def _layer_overrides(model_cfg, layers: int, origins: List[Tuple[Optional[dict], int]]) -> dict:
+    """config.json's keys for `layers` layers from origins (source config, layer): at the top, or inside
+    text_config where the donor counts its layers there only (multimodal models: a new top-level count
+    beside a stale text_config one built the old depth)."""
+    text = model_cfg.get("text_config") if isinstance(model_cfg, dict) else None
+    if isinstance(text, dict) and "num_hidden_layers" in text and not any(k in model_cfg for k in _LAYER_KEYS):
+        nested = [(c.get("text_config") if isinstance(c, dict) else None, layer) for c, layer in origins]
+        return {"text_config": {**text, **_layer_count(text, layers), **_per_layer(text, nested)}}
+    return {**_layer_count(model_cfg, layers), **_per_layer(model_cfg, origins)}
+
+
 def _per_layer(model_cfg, origins: List[Tuple[Optional[dict], int]]) -> dict:
     """The donor's per-layer lists (layer_types: sliding or full attention, ...) for the layers written:
     each output layer takes its source layer's entry (the slice's base model's, else its first source's),
@@ -399,8 +410,8 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                filter_by_output=True))
         donor_cfg = merge._read_model_config(donor)
         configs = {path: merge._read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
-        per_layer = _per_layer(donor_cfg, [(configs[path], layer) for path, layer in origins])
-        overrides, warnings = {**_layer_count(donor_cfg, out_layer), **per_layer}, list(cfg.warnings)
+        overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
+        warnings = list(cfg.warnings)
         if vocab is not None:
             overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
         if tied.mixes_ties([open_ck(x.path) for x in first.sources + zipped.sources]):

@@ -484,6 +484,26 @@ def test_slices_write_per_layer_lists_for_the_layers_written(tmp_path):
         assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == kinds[str(base)], form
 
 
+def test_slices_set_a_multimodal_configs_layers_inside_text_config(tmp_path):
+    """A config that counts its layers only in text_config got a new top-level num_hidden_layers beside the
+    stale text_config count and layer_types (transformers builds the text model from text_config)."""
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    layers = config.pop("num_hidden_layers")
+    kinds = [f"kind{i}" for i in range(layers)]
+    nested = {"model_type": "gemma3", "text_config": {**config, "num_hidden_layers": layers, "layer_types": kinds},
+              "vision_config": {"hidden_size": 8}}
+    (base / "config.json").write_text(json.dumps(nested))
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(base), "layer_range": [0, layers]}]},
+                                                     {"sources": [{"model": str(base), "layer_range": [0, 1]}]}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "num_hidden_layers" not in written and written["vision_config"] == {"hidden_size": 8}
+    assert written["text_config"]["num_hidden_layers"] == layers + 1
+    assert written["text_config"]["layer_types"] == kinds + kinds[:1]
+
+
 def test_slice_sources_compared_by_resolved_path(tmp_path):
     """One model under two spellings in a slice would count twice: refused, as the same string is."""
     from pymerge.errors import MergeConfigError
