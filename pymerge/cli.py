@@ -12,14 +12,19 @@ from typing import List, Optional
 
 from pymerge import mergekit_flags
 
-def parse_size(text) -> int:
+
+def parse_size(text, minimum: int = 1) -> int:
     """A size option (see pymerge/sizes.py): '5GB', '500MB', '1.5GiB', '2e9', mergekit's '5B' (billion)."""
     from pymerge.errors import InputError
     from pymerge.sizes import parse_size as parse
     try:
-        return parse(text)
+        return parse(text, minimum=minimum)
     except InputError as exc:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
+def _shard_size(value) -> int:
+    return parse_size(value, minimum=0)  # 0: one file, as mergekit's writer splits only above 0
 
 
 def _merge_parser(sub) -> argparse.ArgumentParser:
@@ -29,15 +34,16 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to compute (auto: cuda when available)")
-    p.add_argument("--out-shard-size", type=parse_size, default=5_000_000_000, metavar="SIZE",
-                   help="maximum bytes per output shard, e.g. 5GB (default), 500MB, 2GiB")
+    p.add_argument("--out-shard-size", type=_shard_size, default=5_000_000_000, metavar="SIZE",
+                   help="maximum bytes per output shard, e.g. 5GB (default), 500MB, 2GiB; 0: one file (as mergekit)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="compute threads (default: every core but one, which the writer thread keeps busy)")
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
                    help="scratch memory per chunk, 3 in flight (default 16MiB on the CPU, 128MiB pinned on the GPU)")
     p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bar (--no-quiet, mergekit's spelling of the default, shows it)")
     mergekit_flags.add_flags(p)
     return p
 

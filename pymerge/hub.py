@@ -4,8 +4,10 @@ pymerge never downloads: an ID names a snapshot that `huggingface-cli download` 
 transformers/mergekit run) already put in the cache, laid out as
     <cache>/models--org--name/refs/<branch>          (a file holding a commit hash)
     <cache>/models--org--name/snapshots/<commit>/    (the files)
-The cache is HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub's
-own order). Without @revision the `main` ref is used, else the only snapshot there is.
+The cache is HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
+$XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order). Without
+@revision the `main` ref is used, else the only snapshot there is; a revision is a branch or tag (which
+may hold '/': refs/pr/1, feature/x), or a commit hash or a unique prefix of one.
 """
 import os
 import re
@@ -15,7 +17,7 @@ from typing import Optional
 from pymerge.errors import MergeConfigError
 
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_REV = re.compile(r"[\w.-]+")
+_REV = re.compile(r"(?!\.{1,2}(/|$))[\w.-]+(/(?!\.{1,2}(/|$))[\w.-]+)*")  # no '.' or '..' part: refs/ stays below
 
 
 def looks_like_id(ref: str) -> bool:
@@ -25,16 +27,19 @@ def looks_like_id(ref: str) -> bool:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path("~/.cache/huggingface/hub").expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
 
 
 def resolve(ref: str) -> str:
     """The local snapshot folder of a cached model ID; MergeConfigError naming the ID if not cached."""
     name, _, rev = ref.partition("@")
+    if rev and not _REV.fullmatch(rev):
+        raise MergeConfigError(f"model {ref}: {rev!r} is not a revision (a branch, tag or commit)")
     root = cache_dir() / ("models--" + name.replace("/", "--"))
     snap = _snapshot(root, rev or None)
     if snap is None:
@@ -68,3 +73,14 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
         return hits[0] if len(hits) == 1 else None
     only = [p for p in snaps.iterdir() if p.is_dir()]
     return only[0] if len(only) == 1 else None
+
+
+def id_of(path: str) -> Optional[str]:
+    """`org/name` of a snapshot folder of a hub cache (<cache>/models--org--name/snapshots/<commit>),
+    else None: what a model card names instead of the local path (mergekit writes the ID)."""
+    p = Path(path)
+    root = p.parent.parent.name
+    if p.parent.name != "snapshots" or not root.startswith("models--") or root.count("--") != 2:
+        return None
+    return root[len("models--"):].replace("--", "/")
+

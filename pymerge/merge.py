@@ -43,7 +43,7 @@ from pymerge.io.files import read_json, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
-from pymerge.sizes import parse_size
+from pymerge.sizes import MAX_BYTES, parse_size
 
 # Scratch memory per chunk in flight (3 in flight). CPU: the output chunk and casts; small enough
 # that the writer finds it still in cache. GPU: the pinned staging of inputs and output; big
@@ -164,7 +164,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or not 1 <= threads <= MAX_THREADS):
         raise InputError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {short(threads)}")
-    out_shard_size = parse_size(out_shard_size, "--out-shard-size")
+    out_shard_size = parse_size(out_shard_size, "--out-shard-size", minimum=0) or MAX_BYTES  # 0: unsplit, as mergekit
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES
     chunk_bytes = parse_size(chunk_bytes, "--chunk-size", minimum=1 << 20)
@@ -566,16 +566,44 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
         model_cfg.update(plan.config_overrides)
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
+    code = _remote_code_files(model_cfg, folder)  # without them the output cannot be loaded
     from pymerge.tokenizer.output import write_tokenizer
     skip = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
     for fname in TOKENIZER_FILES if copy_tokenizer else ():
         if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
+            writer.copy_file(folder / fname, fname)
+            if fname == "tokenizer_config.json":  # a custom tokenizer's module (tokenization_foo.py)
+                try:
+                    code += [m for m in _remote_code_files(read_json(folder / fname), folder) if m not in code]
+                except CheckpointError:  # not JSON: copied as it is, as before
+                    pass
+    for fname in code:
+        if _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
     if model_card:
         from pymerge.model_card import model_card as card
         writer.write_text("README.md", card(plan, Path(writer.out_dir).name))
     if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
         writer.copy_file(cfg.source, "mergekit_config.yml")
+
+
+def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
+    """The donor's own Python modules that config.json's auto_map names (custom code, loaded with
+    trust_remote_code): "configuration_foo.FooConfig" is configuration_foo.py in the folder. A module of
+    another repository ("org/repo--modeling_x.X") is loaded from there; absent files are skipped."""
+    auto_map = model_cfg.get("auto_map") if isinstance(model_cfg, dict) else None
+    refs = []
+    for value in (auto_map.values() if isinstance(auto_map, dict) else ()):
+        refs += value if isinstance(value, list) else [value]
+    out = []
+    for ref in refs:
+        if not isinstance(ref, str) or "--" in ref or "." not in ref:
+            continue
+        fname = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
+        if fname not in out and not fname.startswith("/") and ".." not in fname.split("/") \
+                and os.path.isfile(folder / fname):
+            out.append(fname)
+    return out
 
 
 def _side_file_ok(plan: MergePlan, folder: Path, fname: str) -> bool:

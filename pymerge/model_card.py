@@ -1,9 +1,25 @@
 """README.md for a merged model (`--write-model-card`): the merge method, the models, the config.
 
 mergekit writes its own template; this card carries the same facts (Hub metadata header with the
-base model and tags, the method, every model merged, the YAML), not the same wording.
+base model and tags, the method, every model merged, the YAML), not the same wording. Models from
+the hub cache are named by their ID, as written in the config (never the local snapshot path), and
+the header's base_model lists hub IDs only, as mergekit's does.
 """
 from pathlib import Path
+
+import yaml
+
+from pymerge.hub import id_of
+from pymerge.lora import split_ref
+
+
+def _named(ref: str) -> str:
+    """The reference with each cached side as its hub ID (a link to the Hub), else as given."""
+    sides = [s for s in split_ref(ref) if s is not None]
+    ids = [id_of(s) for s in sides]
+    if all(i is None for i in ids):
+        return ref
+    return "+".join(f"[{i}](https://huggingface.co/{i})" if i else s for s, i in zip(sides, ids))
 
 
 def model_card(plan, name: str) -> str:
@@ -13,15 +29,21 @@ def model_card(plan, name: str) -> str:
         for spec in part.inputs + ([part.base] if part.base is not None else []):
             if spec.path not in models:
                 models.append(spec.path)
-    header = ["---", "library_name: transformers", "tags:", "- mergekit", "- merge", "- pymerge"]
-    if cfg.base_model:
-        header += ["base_model:", f"- {cfg.base_model}"]
-    lines = header + ["---", f"# {name}", "",
+    hub_ids = []
+    for ref in ([cfg.base_model] if cfg.base_model else []) + models:
+        i = id_of(split_ref(ref)[0])
+        if i is not None and i not in hub_ids:
+            hub_ids.append(i)
+    meta = {"base_model": hub_ids, "library_name": "transformers", "tags": ["mergekit", "merge", "pymerge"]}
+    if not hub_ids:
+        del meta["base_model"]
+    header = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---"]
+    base = f", with `{_named(cfg.base_model)}` as the base." if cfg.base_model else "."
+    lines = header + [f"# {name}", "",
                       "This is a merge of pre-trained language models made with "
                       "pymerge from a [mergekit](https://github.com/arcee-ai/mergekit) config.",
-                      "", "## Merge details", "", f"Merge method: `{cfg.merge_method}`"
-                      + (f", with `{cfg.base_model}` as the base." if cfg.base_model else "."),
-                      "", "Models merged:", ""] + [f"* {m}" for m in models]
+                      "", "## Merge details", "", f"Merge method: `{cfg.merge_method}`" + base,
+                      "", "Models merged:", ""] + [f"* {_named(m)}" for m in models]
     source = Path(cfg.source)
     if source.is_file():
         lines += ["", "## Configuration", "", "```yaml", source.read_text(encoding="utf-8").rstrip(), "```"]

@@ -352,6 +352,77 @@ def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "org/other@main" in err and "not in the Hugging Face cache" in err
     assert not (tmp_path / "o3").exists()
+    # revisions holding '/' (a PR's refs/pr/1, a feature/x branch) resolve as huggingface_hub's do; '..' never
+    (cache / "models--org--ft" / "refs" / "refs" / "pr").mkdir(parents=True)
+    (cache / "models--org--ft" / "refs" / "refs" / "pr" / "1").write_text("b" * 40)
+    for rev, ok in (("refs/pr/1", True), ("../refs/v2", False), ("refs/pr/../../v2", False)):
+        cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [f"org/ft@{rev}"]}))
+        out = tmp_path / f"rev{len(rev)}"
+        rc, err = run_cli(["merge", cfg, out, "--quiet", "--transformers-cache", cache], capsys)
+        assert (rc == 0) == ok, (rev, err)
+        if ok:
+            assert torch.equal(lf.load_folder(out)["model.norm.weight"], b["model.norm.weight"])
+    # huggingface_hub's other cache variables: the legacy HUGGINGFACE_HUB_CACHE, and XDG_CACHE_HOME
+    xdg = tmp_path / "xdg"
+    (xdg / "huggingface").mkdir(parents=True)
+    (xdg / "huggingface" / "hub").symlink_to(cache, target_is_directory=True)
+    for var, value in (("HUGGINGFACE_HUB_CACHE", cache), ("XDG_CACHE_HOME", xdg)):
+        monkeypatch.delenv("HF_HOME", raising=False)
+        monkeypatch.setenv(var, str(value))
+        cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/ft@v2"]}))
+        rc, err = run_cli(["merge", cfg, tmp_path / var, "--quiet"], capsys)
+        assert rc == 0, (var, err)
+        monkeypatch.delenv(var)
+
+
+def test_a_custom_code_donors_modules_are_copied(models, tmp_path, capsys):
+    """config.json's auto_map named configuration_foo.py, which was not copied: transformers could not load
+    the output with trust_remote_code (mergekit writes it; a bug hunt). Another repository's module is not
+    copied, nor a path out of the folder."""
+    import shutil
+    _, m4, _ = models
+    donor = tmp_path / "donor"
+    shutil.copytree(m4[0], donor)
+    config = json.loads((donor / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_foo.FooConfig", "AutoModel": "modeling_foo.FooModel",
+                          "AutoModelForCausalLM": "org/repo--modeling_bar.Bar", "Other": "..evil.X"}
+    (donor / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_foo.py", "modeling_foo.py", "modeling_bar.py"):
+        (donor / name).write_text(f"# {name}\n")
+    tok = json.loads((donor / "tokenizer_config.json").read_text()) if (donor / "tokenizer_config.json").exists() else {}
+    tok["auto_map"] = {"AutoTokenizer": ["tokenization_foo.FooTokenizer", None]}
+    (donor / "tokenizer_config.json").write_text(json.dumps(tok))
+    (donor / "tokenization_foo.py").write_text("# tokenizer\n")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(donor), "parameters": {"weight": 0.5}}, {"model": m4[1], "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    copied = {p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".py"}
+    assert copied == {"configuration_foo.py", "modeling_foo.py", "tokenization_foo.py"}
+    assert (tmp_path / "out" / "modeling_foo.py").read_text() == "# modeling_foo.py\n"
+
+
+def test_the_model_card_names_hub_ids_and_its_header_is_yaml(models, tmp_path, capsys, monkeypatch):
+    """The card listed cached models by their snapshot path (a local path in base_model:, no Hub link), and a
+    base_model with ': ' or '#' or '[' made its header other or invalid YAML (a bug hunt)."""
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    _fake_cache(cache, m4[0], "org/base", "a" * 40)
+    _fake_cache(cache, m4[1], "org/ft", "b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    odd = tmp_path / "[draft] m #1: x"
+    odd.symlink_to(m4[2], target_is_directory=True)
+    for i, (base, other) in enumerate((("org/base", "org/ft"), (str(odd), "org/ft"))):
+        cfg = tmp_path / f"c{i}.yml"
+        cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": base,
+                                       "models": [{"model": other, "parameters": {"weight": 0.5}}]}))
+        rc, err = run_cli(["merge", cfg, tmp_path / f"o{i}", "--quiet", "--write-model-card"], capsys)
+        assert rc == 0, err
+        card = (tmp_path / f"o{i}" / "README.md").read_text()
+        header = yaml.safe_load(card.split("---")[1])
+        assert header["base_model"] == (["org/base", "org/ft"] if i == 0 else ["org/ft"])
+        assert "* [org/ft](https://huggingface.co/org/ft)" in card and str(cache) not in card
 
 
 def test_mergekit_flags(models, tmp_path, capsys):
@@ -370,6 +441,10 @@ def test_mergekit_flags(models, tmp_path, capsys):
     for bad, word in ((["--unsafe-truncate-embeddings"], "truncate"), (["--no-safe-serialization"], "safetensors")):
         rc, err = run_cli(["merge", cfg, tmp_path / "x", "--quiet"] + bad, capsys)
         assert rc == 2 and word in err and not (tmp_path / "x").exists()
+    # mergekit's --no-quiet, and --out-shard-size 0 (one unsplit file there) were refused (a bug hunt)
+    rc, err = run_cli(["merge", cfg, tmp_path / "q", "--no-quiet", "--out-shard-size", "0"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "q").iterdir() if "safetensors" in p.name) == ["model.safetensors"]
 
 
 def _bad(m4, m6):
