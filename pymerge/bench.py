@@ -57,20 +57,33 @@ def run(device: str, numel: int, rounds: int) -> list:
     return rows
 
 
+def _elements(text: str) -> int:
+    """A count of elements, as 3e7 or 30000000 ('inf' raised OverflowError past argparse)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1 << 32:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {1 << 32}, got {text!r}")
+    return int(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pymerge bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    ap.add_argument("--elements", type=lambda s: int(float(s)), default=8 << 20, metavar="N",
+    ap.add_argument("--elements", type=_elements, default=8 << 20, metavar="N",
                     help="elements per input (default 8388608; 3e7 works)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="1M elements, 3 rounds (seconds)")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON object on the last line")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.elements, args.rounds = 1 << 20, 3
-    rows = run(device, args.elements, max(1, args.rounds))
+    rows = run(device, args.elements, args.rounds)
     cols = list(rows[0])
     print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, best of {args.rounds})")
     print(" | ".join(cols))

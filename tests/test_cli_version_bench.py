@@ -20,3 +20,14 @@ def test_bench_runs_from_the_package(capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["device"] == "cpu" and [r["N"] for r in last["rows"]] == [2, 8, 16]
     assert all(r["pymerge GB/s"] > 0 and r["copy GB/s"] > 0 for r in last["rows"])
+
+
+def test_bench_refuses_counts_it_cannot_run_in_one_line(capsys):
+    """--elements 0 divided by zero, -5 was a torch traceback, inf an OverflowError past argparse (exit 1)."""
+    import pytest
+    for args in (["--elements", "0"], ["--elements", "-5"], ["--elements", "inf"], ["--elements", "x"],
+                 ["--rounds", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["bench", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and err[-1].startswith("pymerge bench: error:") and "Traceback" not in "".join(err)

@@ -551,6 +551,25 @@ def test_search_cli_best_merge_yml_reproduces_the_best_merge(tmp_path, capsys, m
     assert written["dtype"] == "float32" and written["out_dtype"] == "float32"
 
 
+def test_the_search_cli_runs_without_matplotlib(tmp_path, capsys, monkeypatch):
+    """Without the plot extra the search ran to its end, then exited 2 before best_merge.yml (the README
+    promises search on core dependencies; a bug hunt). Now no search.png, and an earlier one is removed."""
+    from pymerge.extras import MissingExtraError
+    from pymerge.search import report
+
+    def no_matplotlib(*args, **kwargs):
+        raise MissingExtraError("plotting the search needs matplotlib, which is not installed")
+    cfg = _cli_setup(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "search.png").write_bytes(b"an earlier search")
+    monkeypatch.setattr(report, "plot", no_matplotlib)
+    monkeypatch.setattr(importlib.import_module("pymerge.search.optimize"), "plot", no_matplotlib)
+    assert cli_main([str(cfg)]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["best_merge.yml", "history.csv", "history.json"]
+    assert "matplotlib is not installed: no search.png" in capsys.readouterr().out
+
+
 def test_best_merge_yml_of_bfloat16_checkpoints_is_the_float32_candidate_searched(tmp_path):
     """bfloat16 checkpoints merged into a float32 model: best_merge.yml had no dtype, so pymerge merge
     computed and wrote the merge in bfloat16, not the candidate the search scored (a bug hunt)."""

@@ -10,7 +10,7 @@
     names: null                                   # prefix added to pool names to find model tensors
     method: linear
     search: {budget: 200, popsize: null, sigma0: 0.2, seed: 0, groups: null, normalize: true}
-    state_path: search_state.json                 # resumable; relative paths are relative to the config
+    state_path: null                              # e.g. search_state.json: resumable (relative to the config)
     out: search_out                               # history.json/.csv, search.png, best_merge.yml
 
 best_merge.yml is a merge config (method, base_model, method_params, the best weights, dtype float32 and
@@ -190,6 +190,8 @@ def _run(args) -> int:
                    method_params, model, _dtype(cfg.get("dtype")))
     elif os.path.lexists(os.path.join(out, "best_merge.yml")):  # an earlier flat search's: not this result
         os.unlink(os.path.join(out, "best_merge.yml"))  # a link is removed, never its target
+    if "png" not in paths:
+        print("(matplotlib is not installed: no search.png; pip install 'pymerge[plot]')")
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "
           f"Pareto front: {len(result.pareto)} candidates; wrote {', '.join(paths.values())}")
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pymerge.errors import InputError, short
+from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import method_params_of
 from pymerge.io.files import read_small
 from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
@@ -51,7 +52,8 @@ class SearchResult:
         return [self.history[i] for i in self.pareto]
 
     def save(self, out_dir: str, title: str = "merge search", markers=None) -> Dict[str, str]:
-        """history.json, history.csv and search.png under out_dir; returns their paths."""
+        """history.json, history.csv and search.png under out_dir; returns their paths. Without matplotlib
+        (the `plot` extra) there is no search.png (an earlier one is removed: it would show another search)."""
         os.makedirs(out_dir, exist_ok=True)
         paths = {k: os.path.join(out_dir, f) for k, f in
                  (("json", "history.json"), ("csv", "history.csv"), ("png", "search.png"))}
@@ -60,7 +62,12 @@ class SearchResult:
                      "weights": self.best_weights},
             "tasks": self.tasks, "pareto": self.pareto, "generations": self.generations, "history": self.history})
         write_csv(paths["csv"], self.history, self.tasks)
-        plot(paths["png"], self.history, self.tasks, self.pareto, title=title, markers=markers)
+        try:
+            plot(paths["png"], self.history, self.tasks, self.pareto, title=title, markers=markers)
+        except MissingExtraError:
+            if os.path.lexists(paths["png"]):
+                os.unlink(paths["png"])  # a link is removed, never its target
+            del paths["png"]
         return paths
 
 
