@@ -35,5 +35,8 @@ def __dir__():
 
 # torch.ops.pymerge.* is there once pymerge is imported where torch already is (`import torch, pymerge`);
 # otherwise `import pymerge.ops` registers it (the first op or pool a program uses does).
-if "torch" in __import__("sys").modules:
-    importlib.import_module("pymerge.ops.library")
+if __import__("sys").modules.get("torch") is not None:  # None: a program that keeps torch out
+    try:
+        importlib.import_module("pymerge.ops.library")
+    except ImportError:  # no built extension (a source checkout): the ops say why when used
+        pass

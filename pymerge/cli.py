@@ -13,18 +13,18 @@ from typing import List, Optional
 from pymerge import mergekit_flags
 
 
-def parse_size(text, minimum: int = 1) -> int:
+def parse_size(text, zero: bool = False) -> int:
     """A size option (see pymerge/sizes.py): '5GB', '500MB', '1.5GiB', '2e9', mergekit's '5B' (billion)."""
     from pymerge.errors import InputError
     from pymerge.sizes import parse_size as parse
     try:
-        return parse(text, minimum=minimum)
+        return parse(text, zero=zero)
     except InputError as exc:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
 
 def _shard_size(value) -> int:
-    return parse_size(value, minimum=0)  # 0: one file, as mergekit's writer splits only above 0
+    return parse_size(value, zero=True)  # 0: one file, as mergekit's writer splits only above 0
 
 
 def _merge_parser(sub) -> argparse.ArgumentParser:

@@ -164,7 +164,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or not 1 <= threads <= MAX_THREADS):
         raise InputError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {short(threads)}")
-    out_shard_size = parse_size(out_shard_size, "--out-shard-size", minimum=0) or MAX_BYTES  # 0: unsplit, as mergekit
+    out_shard_size = parse_size(out_shard_size, "--out-shard-size", zero=True) or MAX_BYTES  # 0: unsplit, as mergekit
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES
     chunk_bytes = parse_size(chunk_bytes, "--chunk-size", minimum=1 << 20)

@@ -23,15 +23,16 @@ _NUMBER = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d+)?\s*([a-z]*)")
 _HINT = "use bytes or a unit like 500MB, 5GB, 1.5GiB"
 
 
-def parse_size(value, what: str = "size", minimum: int = 1) -> int:
-    """Bytes from an int, a float or a string such as '5GB', '512MiB', '2e9', '5B' (see above)."""
+def parse_size(value, what: str = "size", minimum: int = 1, zero: bool = False) -> int:
+    """Bytes from an int, a float or a string such as '5GB', '512MiB', '2e9', '5B' (see above); with
+    zero=True an exact 0 too (--out-shard-size 0: one file), never a fraction of a byte below minimum."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InputError(f"{what}: expected a number of bytes or a string like 8GB, got {short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"{what}: {value} is not a size ({_HINT})")
     # Decimal, not float: '1e400' or a 400-digit number is an error here, not an OverflowError.
     n = _parse_text(value, what) if isinstance(value, str) else Decimal(value)
-    if n < minimum:
+    if n < minimum and not (zero and n == 0):
         raise InputError(f"{what}: {short(value)} is below the minimum of {minimum} byte(s)")
     if n > MAX_BYTES:
         raise InputError(f"{what}: {short(value)} is more than {MAX_BYTES} bytes (1 EiB)")

@@ -383,7 +383,7 @@ def test_task_vector_methods_under_inference_mode(residency):
     with torch.inference_mode():
         srcs = sources()
         pool = CheckpointPool(srcs[:3], base=srcs[3], residency=residency)
-        assert all(pool._inputs[n][0].is_inference() == (residency == "mmap") for n in ("w", "b"))
+        assert all(pool.tensor(0, n).is_inference() == (residency == "mmap") for n in ("w", "b"))
         for method in ("ties", "dare_ties", "della"):
             for _ in range(2):  # the second call: from the caches where they may serve
                 out = {k: torch.empty_like(v) for k, v in srcs[0].items()}

@@ -185,6 +185,19 @@ class CheckpointPool:
 
     def _finish(self, chunk_bytes: int) -> None:
         """Lookups, overlap spans, caches and GPU runner over the held tensors."""
+        # The pool's own resizable buffers (the host tier's one per checkpoint, device copies), one tensor of
+        # each: a tensor from pool.tensor() is a view of one, and resize_ on its storage (FSDP's resize_(0), or
+        # a larger size, which moves it) left the cached native tables on freed memory (a SIGSEGV).
+        lent = {id(t) for _, _, t in getattr(self, "_lent", [])}
+        owned: dict = {}
+        for label, ts in ([(f"checkpoint {self.labels[i]}", [row[i] for row in self._inputs.values()])
+                           for i in range(self.num_checkpoints)] + [("the base", list(self._base.values()))]
+                          if self._compressed is None else []):
+            for t in ts:
+                if t.numel() and id(t) not in lent and t.untyped_storage().resizable():
+                    owned.setdefault(t.untyped_storage().data_ptr(), (label, t))
+        self._owned = list(owned.values())
+        self._owned_at = np.array([t.data_ptr() for _, t in self._owned], dtype=np.uint64)
         self._plan_cache = grouped.PlanCache()
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
@@ -363,7 +376,7 @@ class CheckpointPool:
             raise InputError(f"no tensor {name!r} in this pool")
         if self._compressed is not None:
             return self._compressed.decoded(k, name)
-        return _unresizable(self._inputs[name][k])
+        return self._inputs[name][k]
 
     # ---- merging -----------------------------------------------------------------------------------
     def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
@@ -483,6 +496,13 @@ class CheckpointPool:
     def _check_borrowed(self) -> None:
         """The caller's tensors the pool reads in place must still be where they were: freed (FSDP's
         resize_(0)) or moved (resized back), the pool and its cached native tables would read freed memory."""
+        if self._owned:
+            now = np.fromiter((t.data_ptr() for _, t in self._owned), np.uint64, len(self._owned))
+            moved = np.flatnonzero(now != self._owned_at)
+            if moved.size:
+                label, _ = self._owned[int(moved[0])]
+                raise InputError(f"the pool's copy of {label} was freed or moved (resize_ on the storage of a "
+                                 "tensor from pool.tensor()); nothing was written. Build a new pool")
         if not self._lent:
             return
         now = np.fromiter((t.data_ptr() for _, _, t in self._lent), np.uint64, len(self._lent))
@@ -758,18 +778,6 @@ def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], b
 
 def _view(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset(), t.dtype
-
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _unresizable(t: torch.Tensor) -> torch.Tensor:
-    """t's memory under a storage of its own that cannot be resized (torch.from_numpy's): a caller
-    freeing (FSDP's resize_(0)) or growing a view of the pool's buffer left its native tables pointing
-    at freed memory (the next materialize crashed). A CUDA tensor is handed out as it is."""
-    if t.device.type != "cpu" or t.element_size() not in _SAME_SIZE_INT:
-        return t
-    return torch.from_numpy(t.detach().view(_SAME_SIZE_INT[t.element_size()]).numpy()).view(t.dtype)
 
 
 def _last_of_tied(plans: List[_Plan], tie_key) -> List[_Plan]:

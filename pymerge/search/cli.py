@@ -115,7 +115,7 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     if params:
         cfg["parameters"] = params
     cfg["dtype"] = str(pool_dtype or torch.float32).replace("torch.", "")
-    kinds = {t.dtype for t in (model.state_dict().values() if model is not None else ()) if t.is_floating_point()}
+    kinds = {t.dtype for t in (model.parameters() if model is not None else ()) if t.is_floating_point()}
     if len(kinds) == 1:
         cfg["out_dtype"] = str(kinds.pop()).replace("torch.", "")
 
