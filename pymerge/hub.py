@@ -69,8 +69,12 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
         commit = ref_file.read_text(encoding="utf-8").strip()
         return snaps / commit if (snaps / commit).is_dir() else None
     if rev is not None:  # a commit hash, full or a unique prefix of one
-        hits = [p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev)]
-        return hits[0] if len(hits) == 1 else None
+        hits = sorted(p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev))
+        if len(hits) > 1:
+            raise MergeConfigError(f"revision {rev!r} of {root.name[len('models--'):].replace('--', '/')} is "
+                                   f"ambiguous: commits {hits[0].name[:12]}... and {hits[1].name[:12]}... in the cache "
+                                   "start with it; give more of the hash")
+        return hits[0] if hits else None
     only = [p for p in snaps.iterdir() if p.is_dir()]
     return only[0] if len(only) == 1 else None
 

@@ -362,6 +362,11 @@ def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):
         assert (rc == 0) == ok, (rev, err)
         if ok:
             assert torch.equal(lf.load_folder(out)["model.norm.weight"], b["model.norm.weight"])
+    # a commit prefix two cached snapshots share says so (it said 'not in the Hugging Face cache')
+    _fake_cache(cache, m4[0], "org/ft", "b" * 39 + "c", branch="other")
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/ft@bbbb"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "amb", "--quiet", "--transformers-cache", cache], capsys)
+    assert rc == 2 and "revision 'bbbb' of org/ft is ambiguous" in err and len(err.strip().splitlines()) == 1
     # huggingface_hub's other cache variables: the legacy HUGGINGFACE_HUB_CACHE, and XDG_CACHE_HOME
     xdg = tmp_path / "xdg"
     (xdg / "huggingface").mkdir(parents=True)
