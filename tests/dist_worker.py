@@ -5,6 +5,7 @@ helper, run by torchrun or by the tests themselves as a launcher):
                                       unreadable bytes would (only that rank sees it)
     PYMERGE_TEST_FAULT=RANK:stall     once its part starts streaming, the rank writes the file
                                       $PYMERGE_TEST_MARK and sleeps, for the test to kill it
+    RANK "*": every rank (each also writes $PYMERGE_TEST_MARK.<rank>)
 """
 import os
 import sys
@@ -22,6 +23,7 @@ def _bad_read(self, name):
 
 def _stall(real):
     def stream_plan(*args, **kwargs):
+        Path(os.environ["PYMERGE_TEST_MARK"] + "." + os.environ["RANK"]).write_text(str(os.getpid()))
         Path(os.environ["PYMERGE_TEST_MARK"]).write_text(str(os.getpid()))
         time.sleep(600)
         return real(*args, **kwargs)
@@ -30,7 +32,7 @@ def _stall(real):
 
 if __name__ == "__main__":
     rank, _, kind = os.environ.get("PYMERGE_TEST_FAULT", "-1:").partition(":")
-    if int(rank) == int(os.environ["RANK"]):
+    if rank == "*" or int(rank) == int(os.environ["RANK"]):
         if kind == "bad_read":
             Checkpoint.array = Checkpoint.tensor = _bad_read
         elif kind == "stall":

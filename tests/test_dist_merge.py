@@ -265,6 +265,41 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
         assert not out.exists() and leftovers(out) == []
 
 
+def test_ranks_whose_tokenizers_differ_all_fail(tmp_path):
+    """Configs differing only in the tokenizer source (two models ordering two tokens the other way): rank 0
+    wrote lm_head in one token order and rank 1 embed_tokens in the other, exit 0 (a bug hunt)."""
+    dims = lf.LlamaDims(vocab=1024, layers=1)  # the vocabulary tensors dominate: one per rank
+    models = [lf.make_llama(tmp_path / name, dims=dims, seed=0, perturb_seed=ord(name)) for name in "ab"]
+    tok = json.loads((models[1] / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[3:5]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (models[1] / "tokenizer.json").write_text(json.dumps(tok))
+    cfgs = [write_cfg(tmp_path / f"{i}.yml", {**linear(models), "tokenizer": {"source": str(m)}})
+            for i, m in enumerate(models)]
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, lambda r: ["merge", cfgs[r], out]))
+    _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_ctrl_c_on_every_rank_is_an_interrupt_on_every_rank(fam, tmp_path):
+    """A terminal's Ctrl-C (or torchrun passing on SIGINT/SIGTERM) reaches every rank: the ranks that did
+    not fail first said 'rank 0 failed: KeyboardInterrupt' and exited 1 (a bug hunt)."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out, mark = tmp_path / "out", tmp_path / "mark"
+    procs = launch(2, ["merge", cfg, out], PYMERGE_TEST_FAULT="*:stall", PYMERGE_TEST_MARK=str(mark))
+    for r in range(2):  # both inside their part: each fails in its own step, and the errors are gathered
+        _wait_for(Path(f"{mark}.{r}"), procs)
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    codes, lines = finish(procs)
+    assert codes == [130, 130], (codes, lines)
+    assert all(ls == ["pymerge: interrupted; no output was written"] for ls in lines), lines
+    assert not out.exists() and leftovers(out) == []
+
+
 def test_rank_variables_without_a_rendezvous_or_switched_off(fam, tmp_path, monkeypatch, capsys):
     """RANK and WORLD_SIZE alone: one line naming what is missing. PYMERGE_NO_DIST=1: one process."""
     from pymerge import cli

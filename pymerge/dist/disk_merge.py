@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, DistributedError, InputError, MergeConfigError
@@ -140,9 +140,24 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
     import hashlib
     text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
                  [os.path.abspath(c.path) for c in plan.checkpoints],
-                 [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params) for t in plan.tensors],
+                 [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params, _rows_digest(t.vocab))
+                  for t in plan.tensors],
                  [(c.name, c.dtype, c.shape) for c in plan.copies]))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _rows_digest(rows) -> Optional[str]:
+    """A tokenizer merge's row map of one tensor (pymerge.tokenizer.vocab.Rows), by value: ranks whose
+    tokenizers differ (another tokenizer source, another tokenizer.json) wrote embedding and head rows of
+    two vocabularies into one model."""
+    if rows is None:
+        return None
+    import hashlib
+    h = hashlib.sha256(repr(rows.n_tokens).encode())
+    for a in list(rows.src) + [rows.default_kind, rows.default_source, rows.default_row]:
+        h.update(repr((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _writer(plan, parts, out_dir, out_shard_size, force, *, part, join=None) -> ShardedWriter:
@@ -173,8 +188,8 @@ def _agree(step, dist, group) -> list:
     if failed is None:
         return [g[1] for g in gathered]
     r, (_, kind, message) = failed
-    if error is not None and r == dist.get_rank():
-        raise error
+    if error is not None and (r == dist.get_rank() or isinstance(error, KeyboardInterrupt)):
+        raise error  # an interrupted rank says so (exit 130), whichever rank failed first
     if kind in _SAME_ON_EVERY_RANK:
         raise _SAME_ON_EVERY_RANK[kind](message)
     raise DistributedError(f"rank {r} failed: {kind}: {message}")
