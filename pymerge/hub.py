@@ -72,7 +72,7 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
         hits = sorted(p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev))
         if len(hits) > 1:
             raise MergeConfigError(f"revision {rev!r} of {root.name[len('models--'):].replace('--', '/')} is "
-                                   f"ambiguous: commits {hits[0].name[:12]}... and {hits[1].name[:12]}... in the cache "
+                                   f"ambiguous: commits {hits[0].name} and {hits[1].name} in the cache "
                                    "start with it; give more of the hash")
         return hits[0] if hits else None
     only = [p for p in snaps.iterdir() if p.is_dir()]

@@ -166,7 +166,6 @@ class CheckpointPool:
                 self._inputs = {n: [h[n] for h in held] for n in self.names}
                 self._base = self._hold_all(base_src) if base_src else {}
             guard.check(then="no pool was built", sizes=True)
-            self._lent_at = np.array([t.data_ptr() for _, _, t in self._lent], dtype=np.uint64)
             if self.residency == "mmap" and self._reads_maps():  # every merge reads them: guarded while the pool lives
                 weakref.finalize(self, guard.stop)  # the native table's slots are few (4096); set first, so
                 self._guard = guard                 # a guard kept is always released
@@ -183,21 +182,42 @@ class CheckpointPool:
         """Whether the held tensors are views of the sources' memory maps (the mmap tier's are)."""
         return True
 
-    def _finish(self, chunk_bytes: int) -> None:
-        """Lookups, overlap spans, caches and GPU runner over the held tensors."""
-        # The pool's own resizable buffers (the host tier's one per checkpoint, device copies), one tensor of
-        # each: a tensor from pool.tensor() is a view of one, and resize_ on its storage (FSDP's resize_(0), or
-        # a larger size, which moves it) left the cached native tables on freed memory (a SIGSEGV).
-        lent = {id(t) for _, _, t in getattr(self, "_lent", [])}
-        owned: dict = {}
+    _owned: list = []  # a pool made without _finish (__new__) has nothing to check
+
+    def _note_held(self) -> None:
+        """Where the held tensors are, for _check_borrowed: the caller's tensors read in place, and one tensor
+        of each of the pool's own resizable buffers (the host tier's one per checkpoint, device copies) with its
+        size. A tensor from pool.tensor() is a view of one: resize_ on its storage (FSDP's resize_(0); a larger
+        size moves it, a smaller one may keep the address) left the cached native tables on freed memory."""
+        lent = getattr(self, "_lent", [])
+        self._lent_at = np.array([t.data_ptr() for _, _, t in lent], dtype=np.uint64)
+        owned, lent_ids = {}, {id(t) for _, _, t in lent}
         for label, ts in ([(f"checkpoint {self.labels[i]}", [row[i] for row in self._inputs.values()])
                            for i in range(self.num_checkpoints)] + [("the base", list(self._base.values()))]
                           if self._compressed is None else []):
             for t in ts:
-                if t.numel() and id(t) not in lent and t.untyped_storage().resizable():
+                if t.numel() and id(t) not in lent_ids and t.untyped_storage().resizable():
                     owned.setdefault(t.untyped_storage().data_ptr(), (label, t))
         self._owned = list(owned.values())
-        self._owned_at = np.array([t.data_ptr() for _, t in self._owned], dtype=np.uint64)
+        self._owned_at = np.array([(t.data_ptr(), t.untyped_storage().nbytes()) for _, t in self._owned],
+                                  dtype=np.uint64).reshape(-1, 2)
+
+    def __getstate__(self) -> dict:
+        """Copied without its caches (native plans are not picklable; a copy plans again)."""
+        state = dict(self.__dict__)
+        if "_plan_cache" in state:
+            state["_plan_cache"], state["_selection"] = grouped.PlanCache(), SelectionCache()
+        return state
+
+    def __setstate__(self, state) -> None:
+        """A copied pool (copy.deepcopy, pickle) holds its tensors at other addresses: noted again."""
+        self.__dict__.update(state)
+        if "_inputs" in state:
+            self._note_held()
+
+    def _finish(self, chunk_bytes: int) -> None:
+        """Lookups, overlap spans, caches and GPU runner over the held tensors."""
+        self._note_held()
         self._plan_cache = grouped.PlanCache()
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
@@ -497,8 +517,9 @@ class CheckpointPool:
         """The caller's tensors the pool reads in place must still be where they were: freed (FSDP's
         resize_(0)) or moved (resized back), the pool and its cached native tables would read freed memory."""
         if self._owned:
-            now = np.fromiter((t.data_ptr() for _, t in self._owned), np.uint64, len(self._owned))
-            moved = np.flatnonzero(now != self._owned_at)
+            now = np.fromiter((v for _, t in self._owned for v in (t.data_ptr(), t.untyped_storage().nbytes())),
+                              np.uint64, 2 * len(self._owned)).reshape(-1, 2)
+            moved = np.flatnonzero((now != self._owned_at).any(axis=1))
             if moved.size:
                 label, _ = self._owned[int(moved[0])]
                 raise InputError(f"the pool's copy of {label} was freed or moved (resize_ on the storage of a "
