@@ -458,31 +458,42 @@ def test_host_tier_holds_each_checkpoint_in_one_buffer_in_name_order(dtype):
 
 @pytest.mark.parametrize("how", ["free", "grow", "shrink"])
 @pytest.mark.parametrize("method", ["linear", "ties"])
-def test_a_pool_buffer_freed_or_moved_through_pool_tensor_is_refused(how, method):
-    """pool.tensor() on the host tier is a view of the checkpoint's buffer: resize_(0) on its storage (as FSDP
-    frees) or a larger resize_ (a move) left the cached native table on freed memory, and the next
-    materialize crashed (SIGSEGV; a bug hunt). Now it is a one-line error and nothing is written."""
+def test_a_pool_buffer_cannot_be_freed_or_moved_through_pool_tensor(how, method):
+    """pool.tensor() is a view of the pool's own memory: resize_(0) on its storage (as FSDP frees) or a larger
+    resize_ (a move) left the cached native table on freed memory, and the next materialize crashed (SIGSEGV;
+    a bug hunt). The host tier's buffers cannot be resized; the pool's other own copies (here the mmap tier's
+    contiguous copy of a transposed source) are checked at every call: a one-line error, nothing written."""
     g = torch.Generator().manual_seed(0)
-    srcs = [{"a": torch.randn(4099, generator=g).to(dt), "b": torch.randn(7, generator=g)}
+    srcs = [{"a": torch.randn(4099, generator=g).to(dt), "b": torch.randn(7, 5, generator=g).t()}
             for dt in (torch.float32, torch.bfloat16, torch.float16)]
-    pool = CheckpointPool(srcs[:2], base=srcs[2], residency="host")
-    target = {"a": torch.zeros(4099), "b": torch.zeros(7)}
     kw = {"density": 0.5} if method == "ties" else {}
-    pool.materialize([0.4, 0.6], into=target, method=method, **kw)  # a cached plan
-    handle = pool.tensor(1, "a")
-    assert handle.untyped_storage().resizable()  # the pool's own buffer, as handed out
-    storage = handle.untyped_storage()
-    if how == "shrink":  # freed, then smaller: the allocator may hand back the same address (a review)
-        size = storage.nbytes()
-        storage.resize_(0)
-        storage.resize_(size // 4)
-        pool._owned_at[:, 0] = [t.data_ptr() for _, t in pool._owned]  # as if it had: only the size tells
-    else:
-        storage.resize_(0 if how == "free" else storage.nbytes() * 4)
+
+    def resize(storage):
+        if how == "shrink":  # freed, then smaller: the allocator may hand back the same address (a review)
+            size = storage.nbytes()
+            storage.resize_(0)
+            storage.resize_(size // 4)
+        else:
+            storage.resize_(0 if how == "free" else storage.nbytes() * 4)
+
+    host = CheckpointPool(srcs[:2], base=srcs[2], residency="host")
+    target = {"a": torch.zeros(4099), "b": torch.zeros(5, 7)}
+    want = {k: v.clone() for k, v in host.materialize([0.4, 0.6], into=target, method=method, **kw).items()}
+    with pytest.raises(RuntimeError, match="not resizable"):
+        resize(host.tensor(1, "a").untyped_storage())
+    assert all(torch.equal(v, want[k]) for k, v in host.materialize([0.4, 0.6], into=target, method=method,
+                                                                   **kw).items())
+    mmap = CheckpointPool(srcs[:2], base=srcs[2], residency="mmap")
+    mmap.materialize([0.4, 0.6], into=target, method=method, **kw)  # a cached plan
+    handle = mmap.tensor(1, "b")
+    assert handle.data_ptr() != srcs[1]["b"].data_ptr() and handle.untyped_storage().resizable()  # the pool's copy
+    resize(handle.untyped_storage())
+    if how == "shrink":
+        mmap._owned_at[:, 0] = [t.data_ptr() for _, t in mmap._owned]  # as if it came back there: the size tells
     before = {k: v.clone() for k, v in target.items()}
     for _ in range(2):
         with pytest.raises(InputError, match=r"the pool's copy of checkpoint source 1 was freed or moved"):
-            pool.materialize([0.4, 0.6], into=target, method=method, **kw)
+            mmap.materialize([0.4, 0.6], into=target, method=method, **kw)
     assert all(torch.equal(before[k], target[k]) for k in target)
 
 

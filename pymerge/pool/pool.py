@@ -186,7 +186,7 @@ class CheckpointPool:
 
     def _note_held(self) -> None:
         """Where the held tensors are, for _check_borrowed: the caller's tensors read in place, and one tensor
-        of each of the pool's own resizable buffers (the host tier's one per checkpoint, device copies) with its
+        of each of the pool's own resizable buffers (device copies; the host tier's cannot be resized) with its
         size. A tensor from pool.tensor() is a view of one: resize_ on its storage (FSDP's resize_(0); a larger
         size moves it, a smaller one may keep the address) left the cached native tables on freed memory."""
         lent = getattr(self, "_lent", [])
@@ -324,7 +324,12 @@ class CheckpointPool:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             layout.append((n, dtype, shape, size, nbytes))
             size += -(-nbytes // 64) * 64
-        buf = torch.empty(size, dtype=torch.uint8)
+        # numpy's memory under torch: a storage that cannot be resized, so a tensor from pool.tensor() (a view
+        # of this buffer) cannot free or move it under the cached native tables (FSDP's resize_(0) did: a
+        # SIGSEGV at the next materialize); 64-byte aligned as torch.empty's was.
+        raw = np.empty(size + 64, dtype=np.uint8)
+        start = -raw.ctypes.data % 64
+        buf = torch.from_numpy(raw[start:start + size])
         advise = getattr(_native.cpu, "advise_huge_pages", None)  # a hint: a build without it skips it
         if advise is not None:  # read front to back on every call: 2 MiB pages (memory_hints.cpp)
             advise(buf.data_ptr(), size)
