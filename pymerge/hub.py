@@ -71,7 +71,7 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
     if rev is not None:  # a commit hash, full or a unique prefix of one
         hits = sorted(p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev))
         if len(hits) > 1:
-            raise MergeConfigError(f"revision {rev!r} of {root.name[len('models--'):].replace('--', '/')} is "
+            raise MergeConfigError(f"revision {rev!r} of {_repo_of(root.name)} is "
                                    f"ambiguous: commits {hits[0].name} and {hits[1].name} in the cache "
                                    "start with it; give more of the hash")
         return hits[0] if hits else None
@@ -83,8 +83,11 @@ def id_of(path: str) -> Optional[str]:
     """`org/name` of a snapshot folder of a hub cache (<cache>/models--org--name/snapshots/<commit>),
     else None: what a model card names instead of the local path (mergekit writes the ID)."""
     p = Path(path)
-    root = p.parent.parent.name
-    if p.parent.name != "snapshots" or not root.startswith("models--") or root.count("--") != 2:
-        return None
-    return root[len("models--"):].replace("--", "/")
+    return _repo_of(p.parent.parent.name) if p.parent.name == "snapshots" else None
 
+
+def _repo_of(folder: str) -> Optional[str]:
+    """`org/name` of a cache's models--org--name folder (resolve's inverse), else None."""
+    if not folder.startswith("models--") or folder.count("--") != 2:
+        return None
+    return folder[len("models--"):].replace("--", "/")

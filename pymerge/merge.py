@@ -599,9 +599,8 @@ def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
     for ref in refs:
         if not isinstance(ref, str) or "--" in ref or "." not in ref:
             continue
-        fname = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
-        if fname not in out and not fname.startswith("/") and ".." not in fname.split("/") \
-                and os.path.isfile(folder / fname):
+        fname = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"  # no '..' part left: every dot is a '/'
+        if fname not in out and not fname.startswith("/") and os.path.isfile(folder / fname):
             out.append(fname)
     return out
 

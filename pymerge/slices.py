@@ -269,8 +269,6 @@ class SlicedPlan:
 
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # GPT-2, GPTBigCode, Jais: n_layer
-
-
 _PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # one entry per layer (transformers checks the length)
 
 

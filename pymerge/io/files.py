@@ -123,4 +123,3 @@ def stays_inside(folder, path) -> bool:
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 LFS_ADVICE = ("is a git-lfs pointer (a small text file standing in for the weights), not the checkpoint: "
               "run `git lfs pull` where the model was cloned")
-

@@ -209,17 +209,21 @@ class ShardedWriter:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:  # too many open files, say: name OUT's shard, not the hidden temporary folder
-            raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[i])) from None
+            raise self._shard_error(exc, i) from None
         try:
             _pwrite_all(fd, memoryview(self._headers[i]), 0)
             os.ftruncate(fd, self._sizes[i])  # sparse: no disk blocks until the data is written
         except OSError as exc:
             os.close(fd)
-            raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[i])) from None
+            raise self._shard_error(exc, i) from None
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _shard_error(self, exc: OSError, i: int) -> OSError:
+        """exc naming OUT's shard i, not the hidden temporary folder (or no file: "No space left on device")."""
+        return OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[i]))
 
     def _sync_failed(self) -> None:
         """The shards whose completing fsync failed (a caller may have caught that): synced now, or raise."""
@@ -228,7 +232,7 @@ class ShardedWriter:
             try:
                 os.fsync(fd)
             except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[shard])) from None
+                raise self._shard_error(exc, shard) from None
             finally:
                 os.close(fd)
         self._unsynced.clear()
@@ -237,7 +241,7 @@ class ShardedWriter:
         try:
             return os.open(self.tmp_dir / self.shard_names[i], os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[i])) from None
+            raise self._shard_error(exc, i) from None
 
     # ---- writing ----------------------------------------------------------------------------
     def shard_of(self, name: str) -> str:
@@ -306,7 +310,7 @@ class ShardedWriter:
                     _pwrite_all(fd, memoryview(data), pos)
                 except OSError as exc:  # name the shard (was "output: No space left on device")
                     if exc.filename is None:
-                        raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[shard])) from None
+                        raise self._shard_error(exc, shard) from None
                     raise
                 _start_writeback(fd, pos, n * slot.itemsize)
             with self._cond:
@@ -328,7 +332,7 @@ class ShardedWriter:
                     except OSError as exc:
                         with self._cond:
                             self._unsynced.add(shard)
-                        raise OSError(exc.errno, exc.strerror, str(self.out_dir / self.shard_names[shard])) from None
+                        raise self._shard_error(exc, shard) from None
                     finally:
                         os.close(done)
             finally:
