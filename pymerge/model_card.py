@@ -38,7 +38,8 @@ def model_card(plan, name: str) -> str:
     if not hub_ids:
         del meta["base_model"]
     header = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---"]
-    base = f", with `{_named(cfg.base_model)}` as the base." if cfg.base_model else "."
+    named = _named(cfg.base_model) if cfg.base_model else None  # a Hub link is no code: not in backticks
+    base = "." if named is None else f", with {named if named != cfg.base_model else f'`{named}`'} as the base."
     lines = header + [f"# {name}", "",
                       "This is a merge of pre-trained language models made with "
                       "pymerge from a [mergekit](https://github.com/arcee-ai/mergekit) config.",

@@ -428,6 +428,8 @@ def test_the_model_card_names_hub_ids_and_its_header_is_yaml(models, tmp_path, c
         header = yaml.safe_load(card.split("---")[1])
         assert header["base_model"] == (["org/base", "org/ft"] if i == 0 else ["org/ft"])
         assert "* [org/ft](https://huggingface.co/org/ft)" in card and str(cache) not in card
+        assert ("with [org/base](https://huggingface.co/org/base) as the base." if i == 0 else
+                f"with `{odd}` as the base.") in card  # a link inside backticks showed as code
 
 
 def test_mergekit_flags(models, tmp_path, capsys):
