@@ -489,7 +489,8 @@ def test_a_pool_buffer_cannot_be_freed_or_moved_through_pool_tensor(how, method)
     assert handle.data_ptr() != srcs[1]["b"].data_ptr() and handle.untyped_storage().resizable()  # the pool's copy
     resize(handle.untyped_storage())
     if how == "shrink":
-        mmap._owned_at[:, 0] = [t.data_ptr() for _, t in mmap._owned]  # as if it came back there: the size tells
+        mmap._owned = {k: (label, st, st.data_ptr(), nbytes)  # as if it came back there: the size tells
+                       for k, (label, st, _, nbytes) in mmap._owned.items()}
     before = {k: v.clone() for k, v in target.items()}
     for _ in range(2):
         with pytest.raises(InputError, match=r"the pool's copy of checkpoint source 1 was freed or moved"):
@@ -498,15 +499,29 @@ def test_a_pool_buffer_cannot_be_freed_or_moved_through_pool_tensor(how, method)
 
 
 def test_a_copied_pool_merges_as_the_original(tmp_path):
-    """A deepcopy or a pickle round trip holds the tensors at other addresses: the freed-buffer check took
-    them for freed (a review). Noted again when the copy is made."""
+    """A deepcopy or a pickle round trip holds the tensors at other addresses, in storages that can be
+    resized: the freed-buffer check took them for freed, and its overlap check still watched the original's
+    memory (a target that is the copy's own tensor was merged into; reviews). Noted again when the copy is
+    made; a pool reading memory maps is not copied."""
     import copy
     import pickle
+    from safetensors.torch import save_file
     g = torch.Generator().manual_seed(0)
-    pool = CheckpointPool([{"a": torch.randn(33, generator=g)} for _ in range(3)], residency="host")
+    srcs = [{"a": torch.randn(33, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(srcs, residency="host")
     want = pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(33)})["a"]
     for other in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
         assert torch.equal(other.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(33)})["a"], want)
+        own = other.tensor(0, "a")
+        with pytest.raises(InputError, match="overlaps|shares memory|pool"):
+            other.materialize([0.2, 0.3, 0.5], into={"a": own})
+        assert torch.equal(own, srcs[0]["a"])
+        own.untyped_storage().resize_(0)
+        with pytest.raises(InputError, match="the pool's copy of checkpoint source 0 was freed or moved"):
+            other.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(33)})
+    save_file(srcs[0], tmp_path / "m.safetensors")
+    with pytest.raises(InputError, match="a pool on the mmap tier cannot be copied or pickled"):
+        copy.deepcopy(CheckpointPool([str(tmp_path / "m.safetensors")] * 2, residency="mmap"))
 
 
 def test_a_source_giving_another_shape_than_it_lists_is_named(monkeypatch):

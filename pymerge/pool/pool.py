@@ -182,28 +182,32 @@ class CheckpointPool:
         """Whether the held tensors are views of the sources' memory maps (the mmap tier's are)."""
         return True
 
-    _owned: list = []  # a pool made without _finish (__new__) has nothing to check
+    _owned: dict = {}  # a pool made without _finish (__new__) has handed out nothing
 
     def _note_held(self) -> None:
-        """Where the held tensors are, for _check_borrowed: the caller's tensors read in place, and one tensor
-        of each of the pool's own resizable buffers (device copies; the host tier's cannot be resized) with its
-        size. A tensor from pool.tensor() is a view of one: resize_ on its storage (FSDP's resize_(0); a larger
-        size moves it, a smaller one may keep the address) left the cached native tables on freed memory."""
-        lent = getattr(self, "_lent", [])
-        self._lent_at = np.array([t.data_ptr() for _, _, t in lent], dtype=np.uint64)
-        owned, lent_ids = {}, {id(t) for _, _, t in lent}
-        for label, ts in ([(f"checkpoint {self.labels[i]}", [row[i] for row in self._inputs.values()])
-                           for i in range(self.num_checkpoints)] + [("the base", list(self._base.values()))]
-                          if self._compressed is None else []):
-            for t in ts:
-                if t.numel() and id(t) not in lent_ids and t.untyped_storage().resizable():
-                    owned.setdefault(t.untyped_storage().data_ptr(), (label, t))
-        self._owned = list(owned.values())
-        self._owned_at = np.array([(t.data_ptr(), t.untyped_storage().nbytes()) for _, t in self._owned],
-                                  dtype=np.uint64).reshape(-1, 2)
+        """Where the held tensors are: their spans (targets must not overlap them), and for _check_borrowed
+        the caller's tensors read in place. Nothing handed out yet (see tensor())."""
+        self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
+                             + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
+        self._lent_at = np.array([t.data_ptr() for _, _, t in self._lent], dtype=np.uint64)
+        self._lent_ids = {id(t) for _, _, t in self._lent}
+        self._owned = {}  # storage address -> (label, storage, address, bytes) of the pool's own, handed out
+
+    def _watch(self, t: torch.Tensor, label: str) -> None:
+        """A tensor of the pool's own handed out by tensor(), whose storage can be resized (device copies; the
+        host tier's buffers cannot be): from now on every call checks it is where it was, at its size.
+        resize_ on it (FSDP's resize_(0); a larger size moves it, a smaller one may keep the address) left
+        the cached native tables on freed memory. Only handed-out ones: nothing else reaches them."""
+        storage = t.untyped_storage()
+        if t.numel() and id(t) not in self._lent_ids and storage.resizable() and storage.data_ptr() not in self._owned:
+            self._owned[storage.data_ptr()] = (label, storage, storage.data_ptr(), storage.nbytes())
 
     def __getstate__(self) -> dict:
-        """Copied without its caches (native plans are not picklable; a copy plans again)."""
+        """Copied without its caches (native plans are not picklable; a copy plans again). A pool that reads
+        memory maps or holds GPU copies is not copied: build another from the same sources."""
+        if self.residency == "mmap" or getattr(self, "_cuda", None) is not None:
+            raise InputError(f"a pool on the {self.residency} tier{' on ' + str(self.device) if self._cuda else ''} "
+                             "cannot be copied or pickled; build another from the same sources")
         state = dict(self.__dict__)
         if "_plan_cache" in state:
             state["_plan_cache"], state["_selection"] = grouped.PlanCache(), SelectionCache()
@@ -219,8 +223,6 @@ class CheckpointPool:
         """Lookups, overlap spans, caches and GPU runner over the held tensors."""
         self._note_held()
         self._plan_cache = grouped.PlanCache()
-        self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
-                             + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
         # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms, dot products) of the methods path,
         # keyed by tensor name, checkpoint and parameters plus the inputs' version counters (a borrowed
         # tensor changed in place by torch is seen as new data).
@@ -392,8 +394,8 @@ class CheckpointPool:
 
     def tensor(self, i: int, name: str) -> torch.Tensor:
         """Checkpoint i's resident tensor `name`, for reading only: on the host tier a view into the
-        checkpoint's one buffer (holding it keeps that whole buffer alive; writing or resizing it would
-        change the pool); on the mmap tier a view of the file, which reads zeros past its end if another
+        checkpoint's one buffer (holding it keeps that whole buffer alive; writing it would change the pool,
+        and its storage cannot be resized; a device copy resized is refused at the next materialize); on the mmap tier a view of the file, which reads zeros past its end if another
         program truncates it (the next materialize raises). A compressed pool decodes it, float32."""
         if (k := as_int(i)) is None or not 0 <= k < self.num_checkpoints:
             raise InputError(f"checkpoint index must be an integer in 0..{self.num_checkpoints - 1}, got {i!r}")
@@ -401,7 +403,9 @@ class CheckpointPool:
             raise InputError(f"no tensor {name!r} in this pool")
         if self._compressed is not None:
             return self._compressed.decoded(k, name)
-        return self._inputs[name][k]
+        held = self._inputs[name][k]
+        self._watch(held, f"checkpoint {self.labels[k]}")
+        return held
 
     # ---- merging -----------------------------------------------------------------------------------
     def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
@@ -519,14 +523,11 @@ class CheckpointPool:
         return entry
 
     def _check_borrowed(self) -> None:
-        """The caller's tensors the pool reads in place must still be where they were: freed (FSDP's
-        resize_(0)) or moved (resized back), the pool and its cached native tables would read freed memory."""
-        if self._owned:
-            now = np.fromiter((v for _, t in self._owned for v in (t.data_ptr(), t.untyped_storage().nbytes())),
-                              np.uint64, 2 * len(self._owned)).reshape(-1, 2)
-            moved = np.flatnonzero((now != self._owned_at).any(axis=1))
-            if moved.size:
-                label, _ = self._owned[int(moved[0])]
+        """The caller's tensors the pool reads in place, and the pool's own it handed out (_watch), must still
+        be where they were: freed (FSDP's resize_(0)) or moved (resized back), the pool and its cached native
+        tables would read freed memory."""
+        for label, storage, at, nbytes in self._owned.values():
+            if storage.data_ptr() != at or storage.nbytes() != nbytes:
                 raise InputError(f"the pool's copy of {label} was freed or moved (resize_ on the storage of a "
                                  "tensor from pool.tensor()); nothing was written. Build a new pool")
         if not self._lent:
