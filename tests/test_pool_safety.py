@@ -319,6 +319,9 @@ def test_integer_parameters_past_the_magnitude_limit_are_refused():
         pool.materialize([0.5, 0.5], into=target, method="ties", density=0.5, **{"lambda": 10**7})
     with pytest.raises(MergeConfigError, match="parameter max_iter is 1000000000000; values beyond"):
         pool.materialize([0.5, 0.5], into=target, method="karcher", max_iter=10**12, tol=0.0)
+    # abs() of numpy's most negative int64 is itself, negative, so it passed the check
+    with pytest.raises(MergeConfigError, match="parameter lambda is -9223372036854775808; values beyond"):
+        pool.materialize([0.5, 0.5], into=target, method="ties", density=0.5, **{"lambda": np.int64(-2**63)})
     assert bool((target["w"] == 7.0).all())
 
 

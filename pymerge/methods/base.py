@@ -119,8 +119,10 @@ def check_magnitudes(method: MergeMethod, task: TensorTask, labels: Optional[Lis
 def _check_sizes(tensor: str, found: list) -> None:
     for what, v in found:
         # ints too: lambda 10**7 passed where 1e7 was refused, karcher's max_iter 10**12 never ended
-        if isinstance(v, numbers.Real) and not isinstance(v, bool) and not abs(v) <= MAX_MAGNITUDE:  # NaN fails too
-            shown = f"{v:g}" if isinstance(v, float) else short(v)
+        # int(): abs of numpy's most negative int64 overflows back to itself
+        size = abs(int(v)) if isinstance(v, numbers.Integral) else abs(v) if isinstance(v, numbers.Real) else 0
+        if not isinstance(v, bool) and not size <= MAX_MAGNITUDE:  # NaN fails too
+            shown = f"{v:g}" if isinstance(v, float) else short(int(v) if isinstance(v, numbers.Integral) else v)
             raise MergeConfigError(f"tensor {tensor}: {what} is {shown}; values beyond {MAX_MAGNITUDE:g} "
                                    f"make a non-finite or meaningless model")
 
