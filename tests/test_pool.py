@@ -110,6 +110,30 @@ def test_streamed_tier_chunks_match(monkeypatch):
         assert_matches(t, reference(models, rows[k]), torch.float32)
 
 
+@pytest.mark.triton_cpu
+def test_plan_entry_a_graph_captured_outlives_the_plan_cache(monkeypatch):
+    """The grouped kernel's device address tables (and temporaries) belong to the pool's 8-entry plan cache:
+    materializing into 8 other targets freed the ones a CUDA graph had captured, and its replays would have
+    read freed memory. A capture is simulated here (the interpreter runs the same Python path on the CPU)."""
+    import gc
+    import weakref
+    from pymerge.pool import pool as pool_mod
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], backend="triton")
+    target = Tiny()
+    monkeypatch.setattr(pool_mod, "_capturing", lambda device: True, raising=False)
+    pool.materialize([0.2, 0.3, 0.5], into=target)  # the call a graph captures
+    monkeypatch.setattr(pool_mod, "_capturing", lambda device: False, raising=False)
+    captured = [weakref.ref(e.native) for e in pool._plan_cache._entries.values()]
+    assert len(captured) == 1 and captured[0]() is not None
+    for seed in range(pool._plan_cache.max_entries + 1):  # a search loop writing other candidates
+        pool.materialize([0.1, 0.1, 0.8], into=Tiny())
+    gc.collect()
+    assert captured[0]() is not None
+    pool.materialize([0.1, 0.6, 0.3], into=target)  # still the same entry, still right
+    assert_matches(target, reference(models, [0.1, 0.6, 0.3]), torch.float32)
+
+
 def test_per_layer_weights_and_normalize():
     models = make_models(3)
     pool = CheckpointPool([m.state_dict() for m in models])
@@ -396,6 +420,24 @@ def test_gpu_capture_refuses_host_weights():
 
 
 @pytest.mark.gpu
+def test_gpu_refuses_weights_on_another_gpu_and_capture_of_a_streamed_tier():
+    """Weights on cuda:1 went to a kernel on cuda:0 unchecked; a pinned pool under capture failed inside CUDA."""
+    models = make_models(3)
+    target = Tiny().cuda()
+    if torch.cuda.device_count() > 1:
+        pool = CheckpointPool([m.state_dict() for m in models], device="cuda:0")
+        with pytest.raises(InputError, match="weights on cuda:1, the pool is on cuda:0"):
+            pool.materialize(torch.tensor([0.2, 0.3, 0.5], device="cuda:1"), into=target)
+    pool = CheckpointPool([m.state_dict() for m in models], device="cuda", residency="pinned")
+    w = torch.tensor([0.2, 0.3, 0.5], device="cuda")
+    pool.materialize(w, into=target)
+    torch.cuda.synchronize()
+    with pytest.raises(InputError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pool.materialize(w, into=target)
+
+
+@pytest.mark.gpu
 def test_gpu_graph_survives_address_table_eviction(monkeypatch):
     """Tables a graph captured stay alive however many other input sets the eager calls bring."""
     from pymerge.kernels import weighted_sum as ws
@@ -409,9 +451,10 @@ def test_gpu_graph_survives_address_table_eviction(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         pool.materialize(w, into=target)
-    for seed in range(8):  # other input sets push every uncaptured table out
+    for seed in range(9):  # other input sets and targets push every uncaptured table and plan out
         xs = [torch.randn(1000 + seed, device="cuda") for _ in range(2)]
         pymerge.weighted_sum(xs, [0.5, 0.5], backend="triton")
+        pool.materialize(w, into=Tiny().cuda())
         torch.cuda.empty_cache()
     w.copy_(torch.tensor([0.1, 0.6, 0.3]))
     graph.replay()

@@ -223,6 +223,9 @@ class CheckpointPool:
         """Lookups, overlap spans, caches and GPU runner over the held tensors."""
         self._note_held()
         self._plan_cache = grouped.PlanCache()
+        # Plan entries a CUDA graph captured (their device address tables and temporaries): a replay may come
+        # at any time, so the cache's LRU must not free them. Kept while the pool lives.
+        self._captured: dict = {}
         # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms, dot products) of the methods path,
         # keyed by tensor name, checkpoint and parameters plus the inputs' version counters (a borrowed
         # tensor changed in place by torch is seen as new data).
@@ -457,6 +460,8 @@ class CheckpointPool:
                 lambda ps: _watched(ps, into, names, self.names),
                 lambda ps: make(ps, self._inputs, n_groups))
             plans, table = entry.plans, entry.native
+            if _capturing(self.device):
+                self._captured[id(entry)] = entry
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
             mark_written(entry.held)
@@ -565,7 +570,18 @@ class CheckpointPool:
         so a CUDA graph can capture materialize and replay it after the caller updates them in place."""
         if self.device.type != "cuda" or method != "linear" or self._compressed is not None:
             return False
-        return all(isinstance(w, torch.Tensor) and w.device.type == "cuda" for w in weight_rows)
+        if not all(isinstance(w, torch.Tensor) and w.device.type == "cuda" for w in weight_rows):
+            return False
+        elsewhere = [w.device for w in weight_rows if w.device != self.device]
+        if elsewhere:
+            # a kernel on the pool's GPU would dereference another GPU's memory (an illegal address, or slow
+            # peer reads); copying them is a transfer a graph capture cannot hold, so they are refused
+            raise InputError(f"weights on {elsewhere[0]}, the pool is on {self.device}; put them on the pool's device")
+        if _capturing(self.device) and self._cuda is not None and self._cuda.streamed:
+            # the streamed tiers copy from host memory through events recorded outside the capture
+            raise InputError(f"a pool on the {self.residency} tier streams from host memory and cannot be captured "
+                             "in a CUDA graph; use residency='device'")
+        return True
 
     def _plan(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         """Resolves and checks every target before anything is written."""
@@ -848,6 +864,11 @@ def _owner(module: torch.nn.Module, key: str):
     path, _, leaf = key.rpartition(".")
     sub = module.get_submodule(path) if path else module
     return (sub._parameters if leaf in sub._parameters else sub._buffers), leaf
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is capturing on the current stream (never on the CPU)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
