@@ -662,6 +662,21 @@ def test_weights_that_are_not_numbers_are_refused_not_parsed(weights):
     torch.testing.assert_close(target["w"], torch.full((2,), 0.25))
 
 
+def test_weights_past_float_range_on_meta_or_as_decimals():
+    """10**400 raised OverflowError and meta-device weights NotImplementedError (not InputErrors); Decimals,
+    numbers as the code said, were refused (a bug hunt)."""
+    from decimal import Decimal
+    pool = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
+    target = {"w": torch.full((2,), 7.0)}
+    with pytest.raises(InputError, match="weights hold .*; weights beyond 1e\\+06"):
+        pool.materialize([10**400, 0], into=target)
+    with pytest.raises(InputError, match="weights are a tensor on the meta device"):
+        pool.materialize(torch.tensor([0.5, 0.5], device="meta"), into=target)
+    assert bool((target["w"] == 7.0).all())
+    pool.materialize([Decimal("0.25"), Decimal("0.75")], into=target)
+    torch.testing.assert_close(target["w"], torch.full((2,), 0.25))
+
+
 @pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 1.5, "1", None, True, torch.tensor(3.0), torch.tensor([1, 2])])
 def test_seeds_outside_64_bits_or_not_integers_are_refused(seed):
     """2**64 wrapped to seed 0's masks, 1.5 to 1's; None and strings were a TypeError / ValueError (bug hunt)."""

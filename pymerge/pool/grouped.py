@@ -22,6 +22,7 @@ A cached entry is reused while its targets are provably the ones it was built fo
   has and the target lacked (strict=False).
 Anything else rebuilds the entry (the pool's full checks run again).
 """
+import threading
 from collections import OrderedDict
 from operator import attrgetter, is_
 from typing import Callable, List, Sequence
@@ -103,6 +104,11 @@ class PlanCache:
         self.max_entries = max_entries
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._groups: dict = {}
+        # two threads materializing from one pool: the LRU's pop in one raced the other's move_to_end (KeyError)
+        self._lock = threading.RLock()
+
+    def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
+        return PlanCache, (self.max_entries,)
 
     def entry(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
               make_table: Callable[[list], object]) -> _Entry:
@@ -110,16 +116,17 @@ class PlanCache:
         targets_of(plans) lists for every plan and target model (tensor as held, dict or None, key),
         make_table(plans) the table that runs them all in one call (None: not possible)."""
         key = (tuple(map(id, into)),) + key
-        entry = self._entries.get(key)
-        if entry is not None and entry.valid():
-            self._entries.move_to_end(key)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.valid():
+                self._entries.move_to_end(key)
+                return entry
+            plans = build()
+            entry = _Entry(list(into), targets_of(plans), plans, make_table(plans))
+            self._entries[key] = entry
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
             return entry
-        plans = build()
-        entry = _Entry(list(into), targets_of(plans), plans, make_table(plans))
-        self._entries[key] = entry
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return entry
 
     def clear(self) -> None:
         self._entries.clear()

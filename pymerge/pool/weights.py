@@ -2,6 +2,7 @@
 
 Everything here runs on the host before anything is written, so a bad weight never reaches a model.
 """
+import decimal
 import numbers
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -58,17 +59,23 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
     if isinstance(weights, torch.Tensor):
         if weights.dtype == torch.bool or weights.is_complex():
             raise InputError(f"{what} must be real numbers, got a {weights.dtype} tensor")
+        if weights.is_meta:
+            raise InputError(f"{what} are a tensor on the meta device, which holds no values")
         weights = weights.detach().cpu().double().numpy()
     if _has_bool(weights):  # numpy would read [True, 0.5] as [1.0, 0.5]
         raise InputError(f"{what} must be numbers, got {short(weights)}")
     try:
         table = np.asarray(weights)
-        if table.dtype.kind == "O" and table.ndim and all(  # Fraction, Decimal: numbers, not strings or dicts
-                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in table.reshape(-1)):
+        if table.dtype.kind == "O" and table.ndim and all(  # Fraction, Decimal, ints past 2**64: numbers,
+                isinstance(v, (numbers.Real, decimal.Decimal)) and not isinstance(v, bool)  # not strings or dicts
+                for v in table.reshape(-1)):
             table = table.astype(np.float64)
         if table.dtype.kind not in "iuf":  # strings were parsed ("0.25"), booleans and objects (a dict) taken
             raise TypeError
         table = table.astype(np.float64)
+    except OverflowError:  # an int past float's range (10**400)
+        raise InputError(f"{what} hold {short(weights)}; weights beyond {MAX_MAGNITUDE:g} make a non-finite "
+                         "or meaningless model") from None
     except (TypeError, ValueError):
         raise InputError(f"{what} must be numbers, got {short(weights)}") from None
     if table.ndim == 1:

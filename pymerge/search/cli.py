@@ -98,7 +98,9 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     """The best flat weights as a mergekit config that `pymerge merge` (or mergekit) turns into the same
     merge: the method, its base and its parameters (per-group tables stay in history.json), computed in
     float32 (or the pool's dtype=) as the pool does, written in the dtype of the model searched when its
-    tensors share one (bfloat16 checkpoints merged into a float32 model were merged and written in bfloat16)."""
+    tensors share one (bfloat16 checkpoints merged into a float32 model were merged and written in bfloat16).
+    Bit for bit the merge scored, except with the pool's dtype= below float32: the pool reads its checkpoints
+    in that dtype and sums them in float32, mergekit's `dtype:` also rounds the sum to it (said in the file)."""
     from pymerge.search.report import replace_file
     from pymerge.methods.base import get_method
     m = get_method(method)
@@ -119,8 +121,15 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     if len(kinds) == 1:
         cfg["out_dtype"] = str(kinds.pop()).replace("torch.", "")
 
+    note = ""
+    if pool_dtype is not None and torch.finfo(pool_dtype).bits < 32:
+        note = (f"# The search's pool held its checkpoints in {cfg['dtype']} and summed them in float32; this merge\n"
+                f"# also rounds each merged tensor to {cfg['dtype']} (dtype: means that in mergekit), so it is within\n"
+                "# one such rounding of the merge the search scored, not bit for bit the same.\n")
+
     def write(tmp):
         with open(tmp, "w") as fh:
+            fh.write(note)
             yaml.safe_dump(cfg, fh, sort_keys=False)
     replace_file(path, write)
 

@@ -206,7 +206,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     # look-up: a saved compressed pool keeps them after its files are gone); the base as present or not
     # (a saved compressed pool does not keep its label)
     fingerprint["pool"] = {"sources": [os.path.normpath(label) for label in pool.labels], "base": bool(pool.has_base),
-                           "groups": _rule(groups), "names": _rule(names)}
+                           "groups": _rule(groups), "names": _rule(names), **_pool_contents(pool)}
 
     def to_weights(x):
         w = np.clip(np.asarray(x, float), lo, hi).reshape(g, n)
@@ -289,7 +289,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         _save_state(state_path, state)
         if log:
             recent = history[-len(objs):]
-            best = max(r["objective"] for r in history)
+            best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite, as the result's
             log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
                 f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
                 f"{1e3 * np.mean([r['evaluate_s'] for r in recent]):.2f} ms evaluate  "
@@ -371,6 +371,24 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else repr(value)
 
 
+def _pool_contents(pool) -> dict:
+    """The pool's dtype= and a digest of the first bytes of each checkpoint's first tensors: in-memory sources
+    are labelled by position only, so [A, B, C] resumed as [C, B, A] (or a dtype= added) was accepted and the
+    saved weights paired with other checkpoints. Not for pools that hold no plain copies (compressed, leader)."""
+    out = {"dtype": str(getattr(pool, "dtype", None))}
+    inputs = getattr(pool, "_inputs", None)
+    if getattr(pool, "_compressed", None) is None and inputs:
+        sample = []
+        for i in range(pool.num_checkpoints):
+            h = hashlib.sha256()
+            for name in sorted(inputs)[:64]:
+                t = inputs[name][i]
+                h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            sample.append(h.hexdigest()[:16])
+        out["sample"] = sample
+    return out
+
+
 def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
     """The saved state, checked field by field (InputError naming the file otherwise), or None."""
     if not path or not os.path.exists(path):
@@ -396,6 +414,8 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
                 saved = {**saved, "method_params": {}}
         if "pool" not in saved:  # written before the fingerprint held the checkpoints: not compared, as then
             expected.pop("pool", None)
+        elif isinstance(saved["pool"], dict):  # dtype and sample came later (2026-12-02): absent, not compared
+            expected["pool"] = {k: v for k, v in expected["pool"].items() if k in saved["pool"] or k not in ("dtype", "sample")}
         if saved != expected:
             diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
             raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
@@ -426,8 +446,10 @@ def _check_header(state) -> None:
 def _check_history(state, shape) -> None:
     """Types, shapes and ranges of every other field; raises ValueError saying which."""
     def number(v, what, finite=True):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (finite and not math.isfinite(v)):
-            raise ValueError(f"{what} must be a{' finite' if finite else ''} number, got {v!r}"[:200])
+        # an int past float's range (JSON has no limit) failed later, in numpy, with a TypeError
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and abs(v) >= 2**1023)
+                or (finite and not math.isfinite(v))):
+            raise ValueError(f"{what} must be a{' finite' if finite else ''} number, got {short(v)}"[:200])
         return v
 
     def integer(v, what, lo=0):
@@ -444,8 +466,7 @@ def _check_history(state, shape) -> None:
         for row in rows:
             if not isinstance(row, list) or len(row) != want[-1]:
                 raise ValueError(f"{what} must have shape {list(want)}")
-            for x in row:
-                number(x, what)
+            row[:] = [float(number(x, what)) for x in row]  # ints past 2**64 made numpy object arrays
 
     g, n = shape
     generation = integer(state["generation"], "generation")

@@ -19,6 +19,8 @@ def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
     """Indices of the non-dominated points (every coordinate maximized); of equal points the first stays.
     Points with a NaN or infinite coordinate (a failed evaluation) are neither on the front nor dominate."""
     pts = np.asarray(points, dtype=np.float64)
+    if not len(pts):
+        return []
     valid = np.isfinite(pts.reshape(len(pts), -1)).all(axis=1)
     front = []
     for i, p in enumerate(pts):
