@@ -1,11 +1,13 @@
 // CUDA weighted sum of N checkpoints into K outputs: out_k = sum_i W[k,i] * x_i.
 // Same contract as the CPU kernel: float32 accumulation in input order, one read of every input
-// element, one round-to-nearest-even store per output element. Raw pointers, dtype codes and the
+// element, one round-to-nearest-even store per output element. One exception: a NaN comes out as the
+// GPU's canonical NaN (sign and payload not kept), where the CPU kernel keeps them. Raw pointers, dtype codes and the
 // caller's stream come in from Python; nothing here links libtorch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -148,14 +150,18 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("pymerge CUDA ") + what + ": " + cudaGetErrorString(e));
 }
 
+// Of the current device (the caller's guard sets it): a machine may mix GPUs, so one per device index.
+// Racing first calls write the same value.
 int sm_count() {
-  static int n = [] {
-    int dev = 0, sms = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
+  static std::atomic<int> known[64] = {};
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  int sms = dev >= 0 && dev < 64 ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
     check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    return sms;
-  }();
-  return n;
+    if (dev >= 0 && dev < 64) known[dev].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
 }
 
 template <int K>
