@@ -403,7 +403,8 @@ class LoraCheckpoint:
 
     @property
     def shards(self) -> list:
-        return self.ck.shards
+        # the adapter's file too: it is mapped and read while merging, so the SIGBUS guard must cover it
+        return self.ck.shards + [self.adapter.file]
 
     @property
     def files(self) -> List[Path]:

@@ -129,6 +129,44 @@ def test_bin_input_truncated_during_the_merge_is_an_error(tmp_path, big_family):
     assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".out")] == []
 
 
+
+def _lora_adapter(folder: Path, layers: int, hidden: int, fmt: str) -> Path:
+    """A plain LoRA adapter on q_proj and v_proj, saved as safetensors or .bin; returns its weights file."""
+    import json
+    from safetensors.torch import save_file
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for i in range(layers):
+        for m in ("q_proj", "v_proj"):
+            p = f"base_model.model.model.layers.{i}.self_attn.{m}."
+            t[p + "lora_A.weight"] = torch.randn(16, hidden, generator=g)
+            t[p + "lora_B.weight"] = torch.randn(hidden, 16, generator=g)
+    if fmt == "safetensors":
+        save_file(t, str(folder / "adapter_model.safetensors"))
+        return folder / "adapter_model.safetensors"
+    torch.save(t, folder / "adapter_model.bin")
+    return folder / "adapter_model.bin"
+
+
+@needs_cpu_ext
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_lora_adapter_truncated_during_the_merge_is_an_error(tmp_path, big_family, fmt):
+    """Was SIGBUS: the adapter's file is mapped and read while merging, but only the model's were guarded."""
+    base, fts = big_family
+    victim = _lora_adapter(tmp_path / "adapter", SLOW_DIMS.layers, SLOW_DIMS.hidden, fmt)
+    cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "linear", "models": [
+        {"model": f"{fts[0]}+{victim.parent}", "parameters": {"weight": 0.5}},
+        {"model": str(fts[1]), "parameters": {"weight": 0.5}}]})
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", _TRUNCATE_DURING_MERGE, str(cfg), str(out), str(victim)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "shrank while being merged" in p.stderr and str(victim) in p.stderr
+    assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".out")] == []
+
 _FAULT_OUTSIDE_THE_GUARD = r"""
 import mmap, os, sys
 from pymerge.io import Checkpoint
