@@ -464,22 +464,33 @@ LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12
 @pytest.mark.parametrize("name, data, says", [
     ("pytorch_model.bin", LFS, "is a git-lfs pointer"), ("model.safetensors", LFS, "is a git-lfs pointer"),
     ("pytorch_model.bin", bytes(range(256)) * 20, "is not a PyTorch checkpoint (neither"),
-    ("pytorch_model.bin", b"", "is empty"), ("pytorch_model.bin", "date", "it holds more than tensors")])
+    ("pytorch_model.bin", b"", "is empty"), ("pytorch_model.bin", "date", "it holds more than tensors"),
+    ("pytorch_model.bin", "os.system", "unsupported GLOBAL posix.system")])
 def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path, name, data, says):
     """torch's own error advised weights_only=False (no such option here) and never said the file was
-    not a checkpoint; a git-lfs pointer is the common case (bug hunt)."""
+    not a checkpoint; a git-lfs pointer is the common case (bug hunt). For a pickle that runs a command
+    the advice was all the line said, and following it would have run the command (torch 2.13)."""
     import datetime
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
     folder = tmp_path / "m"
     folder.mkdir()
     if data == "date":
         torch.save({"w": torch.ones(2), "when": datetime.date(2020, 1, 1)}, folder / name)
+    elif data == "os.system":
+        torch.save({"w": torch.ones(2), "x": Payload()}, folder / name)
     else:
         (folder / name).write_bytes(data)
     with pytest.raises(CheckpointError) as excinfo:
         Checkpoint(folder)
     check_error(excinfo, folder / name)
-    assert says in str(excinfo.value) and "weights_only set to" not in str(excinfo.value), str(excinfo.value)
-    assert "add_safe_globals" not in str(excinfo.value)
+    message = str(excinfo.value)
+    assert says in message and "set to `False`" not in message and "weights_only set to" not in message, message
+    assert "add_safe_globals" not in message and "trust" not in message and not (tmp_path / "ran").exists()
 
 
 def _short_record(state: dict, victim: str, keep: int) -> bytes:

@@ -9,6 +9,7 @@ torch is imported only where needed: for .bin files and for tensor(); info() and
 tensor's bytes as a numpy view) of safetensors files need none.
 """
 import os
+import pickle
 import struct
 import warnings
 import zipfile
@@ -138,13 +139,32 @@ def _check_torch_format(path: Path, size: int) -> None:
 
 
 def _load_problem(exc: BaseException) -> str:
-    """The line of torch.load's error that says what is wrong (its first may only be advice)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
-    if reason is not None:
-        return ("it holds more than tensors, and pymerge loads only tensors (weights_only): "
-                + reason.split(":", 1)[1].split(". Please")[0].strip())  # torch's advice does not apply here
+    """The reason in torch.load's error, without its advice: torch wraps a refused pickle's reason in advice
+    to load it with weights_only=False, which would run the file's code (and pymerge never does)."""
+    text = str(exc)
+    if "Weights only load failed" in text or "WeightsUnpickler error:" in text:
+        # torch raises "from None" but keeps its unpickler's own error as the context; else pick it from the text
+        inner = exc.__context__
+        reason = str(inner) if isinstance(inner, pickle.UnpicklingError) else _unpickler_reason(text)
+        reason = reason.split(". Please")[0].strip().rstrip(".")  # torch's advice does not apply here
+        if "weights_only" in reason or not reason:
+            reason = "a pickled object other than tensors"
+        return f"it holds more than tensors, and pymerge loads only tensors (weights_only): {reason}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def _unpickler_reason(text: str) -> str:
+    """The line of a wrapped weights_only error that is the unpickler's, not torch's advice around it."""
+    lines = [line.strip() for line in text.splitlines()]
+    marked = [line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines if "WeightsUnpickler error:" in line]
+    for line in [m for m in marked if m] + lines:
+        if line.startswith("Weights only load failed."):
+            line = line[len("Weights only load failed."):].strip()
+        if line and not any(w in line for w in ("weights_only", "WeightsUnpickler", "Check the documentation",
+                                                "This file can still be loaded")):
+            return line
+    return ""
 
 
 def _torch_load(path: Path):
