@@ -66,7 +66,7 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
         return None
     ref_file = root / "refs" / (rev or "main")
     if ref_file.is_file():
-        commit = ref_file.read_text(encoding="utf-8").strip()
+        commit = _read_ref(ref_file)
         return snaps / commit if (snaps / commit).is_dir() else None
     if rev is not None:  # a commit hash, full or a unique prefix of one
         hits = sorted(p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev))
@@ -77,6 +77,17 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
         return hits[0] if hits else None
     only = [p for p in snaps.iterdir() if p.is_dir()]
     return only[0] if len(only) == 1 else None
+
+
+def _read_ref(ref_file: Path) -> str:
+    """The commit hash a cache's ref file holds; a file that is not text is a one-line error naming it."""
+    from pymerge.io.files import read_small
+    data = read_small(ref_file, MergeConfigError, limit=4096)  # a hash and a newline
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise MergeConfigError(f"{ref_file}: is not UTF-8 text (byte {exc.start}); a hub cache ref holds "
+                               f"a commit hash") from None
 
 
 def id_of(path: str) -> Optional[str]:

@@ -363,6 +363,19 @@ def test_hugging_face_cache_links_are_followed(fam, tmp_path, capsys):
     assert (out / "tokenizer.json").read_text() == '{"tok": 1}' and (out / "config.json").is_file()
 
 
+
+def test_a_hub_cache_ref_that_is_not_text_is_one_line(fam, tmp_path, capsys, monkeypatch):
+    """refs/main of binary junk was a UnicodeDecodeError traceback (bug hunt)."""
+    root, base, fts = fam
+    repo = tmp_path / "hub" / "models--org--name"
+    shutil.copytree(fts[0], repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_bytes(b"\xff\xfeabc123\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear(["org/name", fts[1]])), out], capsys),
+                    [str(repo / "refs" / "main"), "not UTF-8"], out)
+
 def test_copied_side_files_keep_restrictive_modes(fam, tmp_path, capsys):
     root, base, fts = fam
     m = _donor(fam, tmp_path)
