@@ -103,6 +103,9 @@ CORRUPT = [
                                 '"data_offsets": [0, 1]}}', b"\0", None, None, "lone surrogate", True),
     ("dim_past_int64", {"w": {"dtype": "U8", "shape": [0, 2**64 + 5], "data_offsets": [0, 0]}}, b"", None, "w",
      "below 2**63", True),
+    # torch's reductions raised "only tensors with up to 64 dims are supported" mid-merge (arcee_fusion)
+    ("too_many_dims", {"w": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, b"\0" * 4, None, "w",
+     "shape has 65 dimensions; pymerge supports at most 64", False),
 ]
 
 
@@ -545,6 +548,17 @@ def test_a_bin_or_state_dict_of_tensors_without_dense_data_is_refused_in_one_lin
     if kind != "int key":
         with pytest.raises(InputError, match=r"source 0: tensor 'x' is (a|on the meta)"):
             CheckpointPool([state, state])
+
+
+def test_a_bin_tensor_of_more_than_64_dimensions_is_refused(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"ok": torch.ones([1] * 64), "w": torch.ones([1] * 65)}, path)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(path)
+    assert "shape has 65 dimensions; pymerge supports at most 64" in check_error(excinfo, path, "w")
+    write_raw(tmp_path / "m.safetensors", {"ok": {"dtype": "F32", "shape": [1] * 64, "data_offsets": [0, 4]}}, b"\0" * 4)
+    with Checkpoint(tmp_path / "m.safetensors") as ck:
+        assert ck.info("ok").shape == (1,) * 64
 
 
 def test_checkpoint_unknown_tensor(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
 from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, open_regular, read_json
-from pymerge.io.safetensors_file import SafetensorsFile, TensorInfo
+from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -60,6 +60,9 @@ class TorchFile:
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
             if (problem := kind_problem(t)) is not None:  # sparse, nested, quantized, meta
                 raise CheckpointError(f"{self.path}: tensor {name!r} {problem}")
+            if t.dim() > MAX_DIMS:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: shape has {t.dim()} dimensions; pymerge "
+                                      f"supports at most {MAX_DIMS}")
         self._state: Optional[dict] = state
         self._range = _mapping_of(self.path, state) if mapped else None
 

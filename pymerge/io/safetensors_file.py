@@ -28,6 +28,7 @@ from pymerge.errors import CheckpointError, short
 from pymerge.io.files import LFS_ADVICE, LFS_POINTER, open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_DIMS = 64  # numpy's limit, and torch's reductions' (more raised "only tensors with up to 64 dims")
 
 
 def _torch_tables():
@@ -195,6 +196,8 @@ class SafetensorsFile:
         dtype = _native.SAFETENSORS_TO_NAME[code]
         if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
             raise self._error(f"shape {short(shape)} is not a list of non-negative integers below 2**63", name)
+        if len(shape) > MAX_DIMS:
+            raise self._error(f"shape has {len(shape)} dimensions; pymerge supports at most {MAX_DIMS}", name)
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)):
             raise self._error(f"data_offsets {short(offsets)} is not a pair of non-negative integers", name)
         begin, end = offsets
