@@ -411,6 +411,31 @@ def test_bin_fallback(tmp_path):
         assert ck.file_of("w") == folder / "pytorch_model.bin"
 
 
+def test_an_expanded_bin_tensor_is_refused_and_views_of_shared_storage_still_merge(tmp_path):
+    """A 1.6 KB .bin holding one value expanded to "1 GiB" was copied out whole on every read (2.4 GB RSS, a
+    traceback where memory ran out). Views of one storage that do not overlap (transposed, sliced, strided,
+    HF's position_ids expanded along a size-1 axis) are ordinary .bin contents and merge as before."""
+    from pymerge.merge import run_merge
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"ok": torch.ones(3), "w": torch.tensor([1.0]).expand(16384, 16384)}, path)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(path)
+    assert "expanded tensor" in check_error(excinfo, path, "w")
+    models = []
+    for i in range(2):
+        w = torch.randn(6, 8, generator=torch.Generator().manual_seed(i))
+        state = {"w": w, "wt": w.t(), "rows": w[2:5], "cols": w[:, ::2], "pos": torch.arange(8).expand(1, -1)}
+        (tmp_path / f"m{i}").mkdir()
+        torch.save(state, tmp_path / f"m{i}" / "pytorch_model.bin")
+        models.append(state)
+    run_merge({"merge_method": "linear", "models": [{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 1.0}}
+                                                     for i in range(2)]}, tmp_path / "out", quiet=True, device="cpu")
+    got = safetensors.torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k in models[0]:
+        want = (models[0][k].double() + models[1][k].double()) / 2
+        assert torch.allclose(got[k].double(), want, atol=1e-6) and got[k].shape == models[0][k].shape, k
+
+
 def test_legacy_bin_without_zip_is_read_whole(tmp_path):
     path = tmp_path / "old.bin"
     torch.save({"a": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)

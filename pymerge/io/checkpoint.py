@@ -52,7 +52,7 @@ class TorchFile:
             raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {_load_problem(exc)}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: holds a {type(state).__name__}, not a state dict of tensors")
-        from pymerge.ops._memory import kind_problem
+        from pymerge.ops._memory import kind_problem, overlap_problem
         for name, t in state.items():
             if not isinstance(name, str):
                 raise CheckpointError(f"{self.path}: entry key {short(name)} is not a string (a tensor name)")
@@ -60,6 +60,12 @@ class TorchFile:
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
             if (problem := kind_problem(t)) is not None:  # sparse, nested, quantized, meta
                 raise CheckpointError(f"{self.path}: tensor {name!r} {problem}")
+            if overlap_problem(t) is not None:
+                # an expanded tensor: a few stored bytes that would be copied out to all it claims (a 2 KB file
+                # of "1 GiB"); a checkpoint stores every element, and safetensors cannot even say this
+                raise CheckpointError(f"{self.path}: tensor {name!r}: shape {list(t.shape)} with strides "
+                                      f"{list(t.stride())} puts several elements on one stored value (an expanded "
+                                      f"tensor); a checkpoint stores each element")
             if t.dim() > MAX_DIMS:
                 raise CheckpointError(f"{self.path}: tensor {name!r}: shape has {t.dim()} dimensions; pymerge "
                                       f"supports at most {MAX_DIMS}")
