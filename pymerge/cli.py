@@ -170,7 +170,9 @@ def _run(args) -> int:
         if exc.errno is None:
             raise
         # The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
-        print(f"pymerge: error: {exc.filename or 'output'}: {exc.strerror or _one_line(exc)}", file=sys.stderr)
+        # Without a file name nothing is blamed: the writer names OUT's files itself.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

@@ -178,6 +178,20 @@ def test_existing_out_needs_force_and_is_kept(fam, tmp_path, capsys):
     assert rc == 0 and (empty / "config.json").is_file()
 
 
+def test_a_system_error_without_a_file_name_blames_no_file(fam, tmp_path, capsys, monkeypatch):
+    """An OSError with no file name (an input's mmap, say) read 'output: Cannot allocate memory'."""
+    import errno
+    import pymerge.merge
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+    monkeypatch.setattr(pymerge.merge, "run_merge", no_room)
+    root, base, fts = fam
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear(fts)), out], capsys),
+                    ["pymerge: error: Cannot allocate memory"], out)
+
+
 def test_merge_with_progress_bar_and_sizes(fam, tmp_path, capsys):
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "task_arithmetic", "base_model": str(base),

@@ -1,6 +1,7 @@
 """SafetensorsFile, Checkpoint and check_compatible: strict validation, zero-copy reads, HF folders."""
 import gc
 import json
+import os
 import struct
 
 import numpy as np
@@ -119,6 +120,20 @@ def test_corrupt_file_is_rejected_in_one_line(tmp_path, case):
     assert words in msg, msg
     if lib_rejects:  # we are at least as strict as the format's own library
         assert safetensors_rejects(path)
+
+
+def test_a_file_that_cannot_be_mapped_is_named(tmp_path, monkeypatch):
+    """mmap's ENOMEM (an address-space limit) carries no file name: the CLI said 'output: Cannot allocate memory'."""
+    import errno
+    import pymerge.io.safetensors_file as st_module
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+    path = write_raw(tmp_path / "model.safetensors", {"w": F16x4}, b"\0" * 8)
+    monkeypatch.setattr(st_module.mmap, "mmap", no_room)
+    with pytest.raises(CheckpointError) as excinfo:
+        SafetensorsFile(path)
+    assert "cannot map the file into memory: Cannot allocate memory" in check_error(excinfo, path)
 
 
 def test_span_mismatch_message_is_exact(tmp_path):

@@ -123,7 +123,10 @@ class SafetensorsFile:
             self.mapped_identity, self.mapped_mtime = (st.st_dev, st.st_ino), st.st_mtime_ns
             self._parse(fd, size)
             # A file of only a header still maps fine: it is at least 8 bytes long.
-            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            try:
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except OSError as exc:  # ENOMEM under an address-space limit: the error carries no file name
+                raise self._error(f"cannot map the file into memory: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
 
