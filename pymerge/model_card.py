@@ -48,4 +48,13 @@ def model_card(plan, name: str) -> str:
     source = Path(cfg.source)
     if source.is_file():
         lines += ["", "## Configuration", "", "```yaml", source.read_text(encoding="utf-8").rstrip(), "```"]
-    return "\n".join(lines) + "\n"
+    return _utf8("\n".join(lines) + "\n")
+
+
+def _utf8(text: str) -> str:
+    """The card as UTF-8 text: a path's bytes that are not UTF-8 (Linux allows them; Python decodes them to
+    lone surrogates, which cannot be written) shown as \\xff escapes, any other lone surrogate as \\udXXX."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate not from a path (a YAML "\ud800" escape)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -275,6 +275,17 @@ def test_symlink_loops_are_one_line_errors(fam, tmp_path, capsys, where):
     assert os.path.islink(tmp_path / "loop") and leftovers(tmp_path) == []
 
 
+
+def test_a_model_card_for_an_out_name_that_is_not_utf8(fam, tmp_path, capsys):
+    """OUT named with bytes that are not UTF-8 (Linux allows them) merged, but with --write-model-card the
+    card's write raised UnicodeEncodeError (a traceback, exit 1)."""
+    root, base, fts = fam
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out\xff"))
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear(fts)), out, "--quiet", "--write-model-card"],
+                      capsys)
+    assert rc == 0, err
+    assert "# out\\xff\n" in (out / "README.md").read_text(encoding="utf-8")
+
 def test_odd_but_readable_names_and_config_values_merge(fam, tmp_path, capsys):
     """A config.json value holding a lone surrogate escape ("\\ud800": Python's json reads it) failed as
     UnicodeEncodeError while writing the output's config.json; a 5000-digit layer index hit int()'s digit
