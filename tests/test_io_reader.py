@@ -384,14 +384,27 @@ def test_tensor_in_two_shards(tmp_path):
     assert "model-00001-of-00002.safetensors" in msg
 
 
-def test_index_shard_outside_folder(tmp_path):
+@pytest.mark.parametrize("shard", ["../evil.safetensors", "./../evil.safetensors", "sub/../x.safetensors", ".", "./",
+                                   "/abs.safetensors"])
+def test_index_shard_outside_folder(tmp_path, shard):
     shards = two_shards()
     wm = {k: f for f, t in shards.items() for k in t}
-    wm["head"] = "../evil.safetensors"
+    wm["head"] = shard
     folder = make_sharded(tmp_path / "m", shards, wm)
     with pytest.raises(CheckpointError) as excinfo:
         Checkpoint(folder)
-    check_error(excinfo, folder / "model.safetensors.index.json", "head")
+    assert "not a plain file name" in check_error(excinfo, folder / "model.safetensors.index.json", "head")
+
+
+def test_index_shard_names_spelled_with_dot_slash(tmp_path):
+    """"./model-00001-of-00002.safetensors" loads in transformers and mergekit (os.path.join); it was refused
+    as "listed in model.safetensors.index.json but not in this shard"."""
+    shards = two_shards()
+    wm = {k: ("./" if k != "embed" else "") + f for f, t in shards.items() for k in t}  # both spellings of shard 1
+    folder = make_sharded(tmp_path / "m", shards, wm)
+    with Checkpoint(folder) as ck:
+        assert ck.files == [folder / f for f in sorted(shards)]
+        assert torch.equal(ck.tensor("head"), shards["model-00002-of-00002.safetensors"]["head"])
 
 
 def test_index_not_json(tmp_path):

@@ -401,15 +401,17 @@ def _read_weight_map(index_path: Path) -> Dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' object")
+    names = {}
     for name, fname in weight_map.items():
         if not isinstance(fname, str) or not fname:
             raise CheckpointError(f"{index_path}: tensor {name!r}: shard {short(fname)} is not a file name")
-        p = Path(fname)
+        p = Path(fname)  # "./x.safetensors" is x.safetensors, as transformers' and mergekit's os.path.join read it
         # Shards live in the folder itself; anything else is either corrupt or an attempt to escape it.
-        if p.is_absolute() or len(p.parts) != 1 or fname in (".", ".."):
+        if p.is_absolute() or len(p.parts) != 1 or p.name in (".", ".."):
             raise CheckpointError(f"{index_path}: tensor {name!r}: shard {short(fname)} is not a plain file name "
                                   f"in this folder")
-    return weight_map
+        names[name] = p.name
+    return names
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequence[str]] = None,
