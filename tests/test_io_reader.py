@@ -472,6 +472,22 @@ def test_legacy_bin_without_zip_is_read_whole(tmp_path):
         assert ck.shards[0].mapped_range() is None  # in memory: nothing for the SIGBUS guard
 
 
+def test_a_bin_rezipped_with_compression_is_read_inflated(tmp_path):
+    """A .bin re-packed by a zip tool with DEFLATE loads in plain torch.load; mapped, torch read the compressed
+    bytes as the tensor's: 'Trying to resize storage that is not resizable', or garbage without an error."""
+    import zipfile
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(4, 4, generator=g), "b": torch.arange(4096.0)}
+    torch.save(state, tmp_path / "plain.bin")
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(tmp_path / "plain.bin") as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with Checkpoint(path) as ck:
+        assert all(torch.equal(ck.tensor(k), v) for k, v in state.items())
+        assert ck.shards[0].mapped_range() is None  # in memory: nothing for the SIGBUS guard
+
+
 @pytest.mark.parametrize("sizes", [(4099, 1, 0, 17), (1, 1), (0, 16), (0, 16, 16)])  # an empty storage first: no address
 def test_bin_map_is_located_for_the_sigbus_guard(tmp_path, sizes):
     """torch maps a .bin file once; mapped_range must be that map: it starts with the file's bytes and

@@ -181,6 +181,10 @@ def _torch_load(path: Path):
     import torch
     with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized...) are not the user's
         warnings.simplefilter("ignore")
+        if _compressed(path):
+            # A zip re-packed with compression (DEFLATE): torch maps a record's compressed bytes as the tensor's
+            # (garbage, or "Trying to resize storage that is not resizable"); read without a map, it inflates them.
+            return torch.load(path, weights_only=True, map_location="cpu"), False
         try:
             return torch.load(path, mmap=True, weights_only=True, map_location="cpu"), True
         except RuntimeError as exc:
@@ -188,6 +192,15 @@ def _torch_load(path: Path):
             if "zipfile" not in str(exc) and "mmap" not in str(exc):
                 raise
             return torch.load(path, weights_only=True, map_location="cpu"), False
+
+
+def _compressed(path: Path) -> bool:
+    """Whether the file is a zip with a compressed record (torch.save stores them all uncompressed)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(info.compress_type != zipfile.ZIP_STORED for info in zf.infolist())
+    except Exception:  # noqa: BLE001  not a zip (the legacy format) or a broken one: torch.load says what it is
+        return False
 
 
 def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
