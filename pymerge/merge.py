@@ -213,6 +213,8 @@ def _inputs_of(plan: "MergePlan"):
     for fname in ("config.json",) + TOKENIZER_FILES:
         if (Path(plan.donor.folder) / fname).exists():
             yield "model file", Path(plan.donor.folder) / fname
+    for fname in _remote_code_of(plan.donor):  # copied into the output: OUT = <folder>/pkg would delete them
+        yield "model file", Path(plan.donor.folder) / fname
     if plan.vocabulary is not None:  # `tokenizer_source: <model>` may name a folder outside the models
         yield "tokenizer folder", Path(plan.vocabulary.tokenizer.folder)
     if plan.config.source != "<config>" and Path(plan.config.source).exists():
@@ -603,6 +605,18 @@ def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
         if fname not in out and not fname.startswith("/") and os.path.isfile(folder / fname):
             out.append(fname)
     return out
+
+
+def _remote_code_of(donor) -> List[str]:
+    """Every module write_side_files may copy from the donor: those config.json's and tokenizer_config.json's
+    auto_map name."""
+    folder = Path(donor.folder)
+    code = _remote_code_files(_read_model_config(donor), folder)
+    try:
+        tok = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else None
+    except CheckpointError:  # not JSON: write_side_files copies it as it is
+        tok = None
+    return code + [m for m in _remote_code_files(tok, folder) if m not in code]
 
 
 def _side_file_ok(plan: MergePlan, folder: Path, fname: str) -> bool:

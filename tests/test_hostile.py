@@ -134,6 +134,26 @@ def test_force_through_a_symlink_and_dotdot_writes_where_the_kernel_looks(workdi
     assert rc == 0 and _tree(work) == before, err
 
 
+
+@pytest.mark.parametrize("named_by", ["config.json", "tokenizer_config.json"])
+def test_force_refuses_an_out_holding_remote_code_the_merge_copies(workdir, capsys, monkeypatch, named_by):
+    """auto_map's "pkg.modeling_foo.Foo" is pkg/modeling_foo.py, read and copied into the output; with the model
+    given as its file (no model folder to protect), OUT <model folder>/pkg --force deleted the user's pkg."""
+    import json
+    work, cfg, models = workdir
+    conf = json.loads((models[0] / named_by).read_text()) if (models[0] / named_by).exists() else {}
+    conf["auto_map"] = {"AutoModelForCausalLM" if named_by == "config.json" else "AutoTokenizer": "pkg.modeling_foo.Foo"}
+    (models[0] / named_by).write_text(json.dumps(conf))
+    (models[0] / "pkg").mkdir()
+    (models[0] / "pkg" / "modeling_foo.py").write_text("# the user's code\n")
+    (models[0] / "pkg" / "notes.txt").write_text("mine\n")
+    write_cfg(cfg, linear([m / "model.safetensors" for m in models]))
+    monkeypatch.chdir(work)
+    before = _tree(work)
+    rc, err = run_cli(["merge", "cfg.yml", "ft1/pkg", "--force", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "is or holds the model file" in err, err
+    assert "modeling_foo.py" in err and _tree(work) == before and leftovers(work / "ft1") == []
+
 def test_a_nul_byte_in_base_model_is_a_one_line_error(fam, tmp_path, capsys):
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "ties", "base_model": str(base) + "\0",
