@@ -413,6 +413,23 @@ def test_index_not_json(tmp_path):
     with pytest.raises(CheckpointError) as excinfo:
         Checkpoint(folder)
     check_error(excinfo, folder / "model.safetensors.index.json")
+    (folder / "model.safetensors.index.json").write_bytes(LFS)  # said "cannot read as JSON"
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    assert "is a git-lfs pointer" in check_error(excinfo, folder / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a folder"])
+def test_index_shard_that_is_no_file_says_what_it_is(tmp_path, kind):
+    """Both were reported as "shard ... is missing"."""
+    shards = two_shards()
+    wm = {k: f for f, t in shards.items() for k in t}
+    wm["head"] = "odd.safetensors"
+    folder = make_sharded(tmp_path / "m", shards, wm)
+    os.mkfifo(folder / "odd.safetensors") if kind == "a FIFO" else (folder / "odd.safetensors").mkdir()
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    assert f"is {kind}, not a regular file" in check_error(excinfo, folder / "odd.safetensors")
 
 
 def test_corrupt_shard_names_the_shard(tmp_path):

@@ -315,12 +315,15 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
 
 
 def test_out_that_is_a_file_or_has_no_parent(tmp_path):
+    """OUT f/x under a regular file f said f 'does not exist'."""
     (tmp_path / "f").write_text("x")
-    for bad in (tmp_path / "f", tmp_path / "nope" / "out"):
+    for bad, says in ((tmp_path / "f", "exists and is not a folder"), (tmp_path / "nope" / "out", "does not exist"),
+                      (tmp_path / "f" / "x", "parent folder " + str(tmp_path / "f") + " is a file, not a folder"),
+                      (tmp_path / "f" / "x" / "y", "cannot be used: Not a directory")):
         for force in (False, True):
             with pytest.raises(InputError) as excinfo:
                 ShardedWriter(bad, [("a", torch.float32, (1,))], force=force)
-            assert str(bad) in str(excinfo.value)
+            assert str(bad) in str(excinfo.value) and says in str(excinfo.value), str(excinfo.value)
     assert os.listdir(tmp_path) == ["f"]
 
 

@@ -322,7 +322,7 @@ class Checkpoint:
             by_shard.setdefault(fname, []).append(name)
         for fname in sorted(by_shard):
             p = self.path / fname
-            if not p.is_file():
+            if not os.path.lexists(p):  # a FIFO or a folder there: open_tensor_file says which
                 raise CheckpointError(f"{index_path}: shard {fname!r} (holding tensor {by_shard[fname][0]!r}) "
                                       f"is missing")
             shard = open_tensor_file(p)

@@ -100,6 +100,9 @@ def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX
 def read_json(path, error: Type[InputError] = CheckpointError):
     """A small JSON file, parsed; every problem (I/O, not UTF-8, not JSON, nested too deeply) is one line."""
     data = read_small(path, error)
+    if data.startswith(LFS_POINTER):  # a clone without `git lfs pull` (an index.json can be stored in LFS too)
+        raise error(f"{path}: is a git-lfs pointer (a small text file standing in for this one): run "
+                    f"`git lfs pull` where the model was cloned")
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import open_regular, out_location
+from pymerge.io.files import kind_of, open_regular, out_location
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -93,7 +94,7 @@ class ShardedWriter:
             if part not in (None, 0):
                 raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
             if not self.out_dir.parent.is_dir():
-                raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} does not exist")
+                raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} {_not_a_folder(self.out_dir.parent)}")
             _check_name(self.out_dir)
             with _OWNED_LOCK:  # another thread's writer must not take this folder for a killed run's
                 _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
@@ -590,6 +591,17 @@ def _check_out(out: Path, force: bool) -> None:
         raise InputError(f"{out}: exists and is not a folder")
     if not force and not _is_empty_dir(out):
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why OUT's parent is no folder to write in: missing, or a file (say) standing where it should be."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:  # ENOTDIR: a file stands where a folder above it should be
+        return f"cannot be used: {exc.strerror or exc}"
+    return "is a file, not a folder" if stat.S_ISREG(mode) else f"is {kind_of(mode)}, not a folder"
 
 
 def _check_name(out: Path) -> None:
