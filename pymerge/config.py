@@ -381,8 +381,10 @@ def layer_of(tensor_name: str) -> Optional[Tuple[str, int]]:
 
 
 def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None) -> Dict[str, int]:
-    """Layers per stack: max index + 1, except the largest stack takes config.json's
-    num_hidden_layers when given (mergekit counts layers from the config)."""
+    """Layers per stack: max index + 1, except the stack config.json's num_hidden_layers counts takes that
+    number when given (mergekit counts layers from the config): the one with as many layers, else the largest.
+    In a vision-language model the vision tower can hold more tensors than the text stack num_hidden_layers
+    counts (Qwen2-VL: 32 x 12 against 28 x 12): it took the text's count and its blocks wrong positions."""
     top: Dict[str, int] = {}
     members: Dict[str, int] = {}
     for n in names:
@@ -391,7 +393,7 @@ def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None) 
             top[li[0]] = max(top.get(li[0], 0), li[1] + 1)
             members[li[0]] = members.get(li[0], 0) + 1
     if num_hidden_layers and members:
-        main = max(members, key=lambda p: members[p])
+        main = max(members, key=lambda p: (top[p] == int(num_hidden_layers), members[p]))
         top[main] = int(num_hidden_layers)
     return top
 

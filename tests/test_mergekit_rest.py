@@ -598,3 +598,46 @@ def test_slice_sources_compared_by_resolved_path(tmp_path):
         with pytest.raises(MergeConfigError, match="same model"):
             run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
         assert not (tmp_path / "out").exists()
+
+
+def _with_vision_tower(folder, depth, seed):
+    """A Llama-family folder given a vision tower with more tensors than the text stack (as Qwen2-VL's)."""
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(folder / "model.safetensors"))
+    for i in range(depth):
+        for k in range(12):
+            tensors[f"visual.blocks.{i}.p{k}.weight"] = torch.randn(4, generator=g)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_a_vision_tower_keeps_its_own_layer_positions_and_is_not_sliced(tmp_path):
+    """config.json's num_hidden_layers (the text stack's) went to the stack with the most tensors: in a
+    vision-language model the vision tower, whose blocks then took the text depth's gradient positions
+    (mergekit: t from vision_config.depth; a bug hunt on Qwen2-VL). slices: cut the vision tower and left
+    the text stack unsliced, exit 0 (mergekit refuses a model with several stacks there)."""
+    import shutil
+    from safetensors.torch import load_file
+    from pymerge.errors import MergeConfigError
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    depth = layers + 1
+    for i, m in enumerate((base, ft)):
+        _with_vision_tower(m, depth, seed=i)
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(base), "parameters": {"weight": [0.0, 1.0]}},
+                      {"model": str(ft), "parameters": {"weight": [1.0, 0.0]}}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    out, a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "out", base, ft))
+    for i in range(depth):  # t = i / (depth - 1) along the vision tower's own depth
+        t = i / (depth - 1)
+        name = f"visual.blocks.{i}.p0.weight"
+        torch.testing.assert_close(out[name], t * a[name] + (1 - t) * b[name])
+    name = f"model.layers.{layers - 1}.mlp.up_proj.weight"
+    torch.testing.assert_close(out[name], a[name])
+    shutil.rmtree(tmp_path / "out")
+    sliced = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]}]}
+    with pytest.raises(MergeConfigError, match=r"has 2 layer stacks \(model.layers, visual.blocks\)"):
+        run_merge(sliced, tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
