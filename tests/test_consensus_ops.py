@@ -168,3 +168,31 @@ def test_kernels_refuse_bad_arguments():
         _native.cpu.ram_counts([x.data_ptr()], [9], x.data_ptr(), 0, 4, 1e-5)
     with pytest.raises(ValueError, match="fusion_blend: bad output dtype"):
         _native.cpu.fusion_blend(x.data_ptr(), 0, x.data_ptr(), 0, 4, x.data_ptr(), 0.0, x.data_ptr(), 3)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_inputs_of_another_shape_are_refused_on_every_backend(backend):
+    """The native kernels see element counts only: a (6, 4) input over a (4, 6) base was merged element by
+    element (backend="torch" raised a broadcasting error), and group_dots / group_lincomb took it on both."""
+    from pymerge.ops import elementwise_mix as em
+    from pymerge.ops import interp
+    b, x, out = torch.randn(4, 6), torch.randn(6, 4), torch.empty(4, 6)
+    calls = {
+        "nearswap": lambda: em.nearswap(b, x, 0.1, out, backend=backend),
+        "ram": lambda: em.ram([x.reshape(-1)], b, 1e-3, out, backend=backend),
+        "sce": lambda: co.sce([x, x], b, 0.5, out, backend=backend),
+        "ramplus_tl": lambda: co.ramplus_tl([x, x], b, 0.5, 0.2, 1e-3, out, backend=backend),
+        "arcee_fusion": lambda: co.arcee_fusion(b, x, out, backend=backend),
+        "group_lincomb": lambda: interp.group_lincomb([x], b, True, "rows", torch.randn(6, 2), out, backend=backend),
+    }
+    for op, call in calls.items():
+        shape = r"\(24,\)" if op == "ram" else r"\(6, 4\)"
+        with pytest.raises(ValueError, match=rf"^{op}: input 0 has shape {shape} but the base has \(4, 6\)$"):
+            call()
+    with pytest.raises(ValueError, match=r"^group_dots: input 1 has shape \(4, 6\) but input 0 has \(6, 4\)$"):
+        interp.group_dots([x, b], None, False, "rows", backend=backend)
+    with pytest.raises(ValueError, match="^sce: output 0 has 5 elements, the op works on 24$"):
+        co.sce([b, b], b, 0.5, torch.empty(5), backend=backend)  # the torch path: a broadcasting error
+    with pytest.raises(ValueError, match="^ram: needs at least one input$"):
+        em.ram([], b, 1e-3, out, backend=backend)
+    em.nearswap(b, b + 1, 0.5, out.view(24), backend=backend)  # any output shape of as many elements, as before

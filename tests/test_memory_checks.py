@@ -79,11 +79,11 @@ def test_ops_refuse_inputs_smaller_than_their_output():
     from pymerge.ops.elementwise_mix import nearswap, ram
     small, base, out = torch.ones(1), torch.zeros(N), torch.empty(N)
     cases = [
-        (lambda: sce([small, base], base, 0.5, out), "sce_merge: input 0 has 1 elements"),
-        (lambda: ramplus_tl([small, small], small, .5, .5, .1, out), "ram_counts: input 0 has 1 elements"),
-        (lambda: ram([small, small], small, 0.1, out), "ram: input 0 has 1 elements"),
-        (lambda: nearswap(small, small, 0.5, out), "nearswap: input 0 has 1 elements"),
-        (lambda: interp.group_dots([torch.randn(N), small], None, False, "whole"), "input 1 has 1 elements"),
+        (lambda: sce([small, base], base, 0.5, out), r"sce: input 0 has shape \(1,\) but the base has \(65536,\)"),
+        (lambda: ramplus_tl([small, small], small, .5, .5, .1, out), "ramplus_tl: output 0 has 65536 elements, the op works on 1"),
+        (lambda: ram([small, small], small, 0.1, out), "ram: output 0 has 65536 elements, the op works on 1"),
+        (lambda: nearswap(small, small, 0.5, out), "nearswap: output 0 has 65536 elements"),
+        (lambda: interp.group_dots([torch.randn(N), small], None, False, "whole"), r"input 1 has shape \(1,\)"),
         (lambda: interp.group_lincomb([torch.randn(N)] * 2, None, False, "whole", torch.ones(3), torch.empty(1)),
          "output 0 has 1 elements"),
         (lambda: tv.task_vector_merge([torch.ones(N)], base, torch.empty(1), [tv.Sparsifier()], [1.0],
@@ -198,6 +198,70 @@ def test_unusable_targets_and_freed_storage_are_errors_not_crashes(tmp_path):
     assert lines["a borrowed base freed"].startswith(f"InputError: base: tensor 'w', which the pool reads in place: {no_data}")
     assert lines["a borrowed source reallocated"].startswith(
         "InputError: source 0: tensor 'w', which the pool reads in place: its storage was reallocated")
+
+
+# A strided view over a storage shrunk with resize_ to a non-zero size (not freed): the ops copied it
+# (contiguous(), float()) before their checks looked at it, and the copy read 16 MB past a 64-byte
+# storage (a segmentation fault, found by a bug hunt). Run in a child process, as _CRASHES.
+_SHRUNK = r"""
+import sys, torch, pymerge
+from pymerge.ops import consensus_ops as co, elementwise_mix as em, interp, select, task_vector_ops as tv
+def shrunk(n):
+    t = torch.zeros(n * 4096).as_strided((n,), (4096,))
+    t.untyped_storage().resize_(64)
+    return t
+v, w, y, P, S = shrunk(1024), shrunk(2), torch.zeros(1024), torch.ops.pymerge, tv.Sparsifier
+cut = torch.zeros(1 << 20)[:1024]  # contiguous: the kernels' own check saw it, the torch backend wrote past it
+cut.untyped_storage().resize_(64)
+cases = {
+    "weighted_sum": lambda: pymerge.weighted_sum([v, y], [1.0, 1.0]),
+    "weighted_sum torch": lambda: pymerge.weighted_sum([v, y], [1.0, 1.0], backend="torch"),
+    "weighted_sum_many": lambda: pymerge.weighted_sum_many([y, v], [[1.0, 1.0]]),
+    "weighted_sum out": lambda: pymerge.weighted_sum([y, y], [1.0, 1.0], out=cut, backend="torch"),
+    "weighted_sum weights": lambda: pymerge.weighted_sum([y, y], w),
+    "op weighted_sum": lambda: P.weighted_sum([v, y], torch.ones(2), torch.float32),
+    "op weighted_sum weights": lambda: P.weighted_sum([y, y], w, torch.float32),
+    "task_vector_merge": lambda: tv.task_vector_merge([v], y, torch.empty(1024), [S()], [1.0], consensus=False,
+                                                      normalize=False),
+    "task_vector_merge ties": lambda: tv.task_vector_merge([y], v, torch.empty(1024), [S("magnitude", 0.5)], [1.0],
+                                                           consensus=True, normalize=True),
+    "op tv_merge_out": lambda: P.tv_merge_out([v], y, [None], [0] * 7, [1.0, 1.0], False, False, 1.0, 1.0, 0, 0, 0,
+                                              0, torch.empty(1024)),
+    "select_ranks": lambda: select.select_ranks(v, y, [3], True),
+    "op select_ranks": lambda: P.select_ranks(y, v, [3], True),
+    "group_dots": lambda: interp.group_dots([y, v], y, True, "whole"),
+    "op group_dots": lambda: P.group_dots([y, v], None, False, 1, 1024, 0),
+    "group_lincomb": lambda: interp.group_lincomb([v], y, True, "whole", torch.ones(1, 2), torch.empty(1024)),
+    "op group_lincomb_out": lambda: P.group_lincomb_out([y], None, False, 1, 1024, 0, w, torch.empty(1024)),
+    "arcee_fusion": lambda: co.arcee_fusion(y, v, torch.empty(1024)),
+    "sce torch": lambda: co.sce([v, y], y, 0.5, torch.empty(1024), backend="torch"),
+    "ramplus_tl torch": lambda: co.ramplus_tl([y, v], y, 0.5, 0.2, 1e-3, torch.empty(1024), backend="torch"),
+    "nearswap torch": lambda: em.nearswap(y, v, 0.1, torch.empty(1024), backend="torch"),
+}
+for name, case in cases.items():
+    try:
+        case()
+        print(f"{name}: no error")
+    except Exception as exc:
+        print(f"{name}: {type(exc).__name__}: {exc}")
+    sys.stdout.flush()
+print("done")
+"""
+
+
+@needs_cpu_ext
+def test_a_view_over_a_shrunk_storage_is_an_error_before_anything_reads_it():
+    p = subprocess.run([sys.executable, "-c", _SHRUNK], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and p.stdout.endswith("done\n"), (p.returncode, p.stdout[-3000:], p.stderr[-2000:])
+    lines = dict(line.split(": ", 1) for line in p.stdout.splitlines()[:-1])
+    for name, line in lines.items():
+        assert line.startswith("ValueError: ") and "its storage holds 64 bytes but the tensor spans" in line, (name, line)
+    assert lines["weighted_sum"].startswith("ValueError: weighted_sum: input 0: its storage holds 64 bytes")
+    assert lines["weighted_sum out"].startswith("ValueError: weighted_sum: output 0: its storage")
+    assert lines["weighted_sum weights"].startswith("ValueError: weights: its storage")
+    assert lines["op weighted_sum weights"].startswith("ValueError: weighted_sum: weights: its storage")
+    assert lines["task_vector_merge ties"].startswith("ValueError: tv_merge: input 1: its storage")  # the base
+    assert lines["op group_lincomb_out"].startswith("ValueError: group_lincomb: coef: its storage")
 
 
 @needs_cpu_ext

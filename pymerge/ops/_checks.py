@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
+from pymerge.ops._memory import check_backed, check_readable
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -52,6 +53,7 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
             if weights.shape[0] != n:
                 raise ValueError(f"got {weights.shape[0]} {what} for {n} inputs")
             return weights
+        check_values_readable(weights, what)
         weights = weights.detach().double().cpu().tolist()
     if type(weights) not in (list, tuple) and isinstance(weights, (str, bytes, Mapping, AbstractSet)):
         raise TypeError(f"{what} must be a sequence of numbers, got {short(weights)}")
@@ -76,6 +78,11 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_values_readable(t: torch.Tensor, what: str) -> None:
+    """A tensor whose values are read here (tolist): backed by its storage."""
+    check_backed(t, what)
 
 
 def first_out_of_range(values: Sequence[float]) -> Optional[int]:
@@ -141,6 +148,25 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
         if _overlaps_partially(out, t):
             raise ValueError(f"out partially overlaps input {i}; use a separate output or exactly the same tensor")
     return out.dtype
+
+
+def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tensor], op: str,
+                     base_first: bool = False) -> None:
+    """What an op over inputs and a base checks before it reads any: at least one input, every input of
+    the base's shape (the native kernels see element counts only: (6, 4) beside (4, 6) was merged
+    element by element), an output of as many elements (any shape), and every tensor backed by its
+    storage (check_readable). Numbered as the kernels' checks number them: the base after the inputs,
+    or first (base_first)."""
+    if not xs:
+        raise ValueError(f"{op}: needs at least one input")
+    ref, ref_name = (base, "the base") if base is not None else (xs[0], "input 0")
+    for i, x in enumerate(xs):
+        if x.shape != ref.shape:
+            raise ValueError(f"{op}: input {i} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}")
+    if out is not None and out.numel() != ref.numel():
+        raise ValueError(f"{op}: output 0 has {out.numel()} elements, the op works on {ref.numel()}")
+    check_readable([base] + list(xs) if base_first else list(xs) + [base], f"{op}: input")
+    check_readable([out], f"{op}: output")
 
 
 def check_separate(outs: Sequence[torch.Tensor]) -> None:

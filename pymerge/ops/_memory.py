@@ -14,6 +14,7 @@ import torch
 _probe_lock = threading.Lock()
 _probe_fds = None  # (read fd, write fd) of this process's probe pipe, made on first use
 _libc = None
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _after_fork_in_child() -> None:
@@ -100,6 +101,21 @@ def check_backed(t: torch.Tensor, what: str, error=ValueError) -> None:
     problem = backing_problem(t)
     if problem:
         raise error(f"{what}: {problem}")
+
+
+def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=ValueError) -> None:
+    """Every tensor (None: absent) backed by its storage, before any torch op reads it: torch trusts a
+    view's extent, so a strided view over a storage shrunk with resize_ was read past its end by
+    contiguous() or float() (a segfault) before a kernel's check_native saw it. `what` names the
+    tensors, each numbered ("sce: input" -> "sce: input 2: ..."). Skipped while tracing (fake tensors;
+    the kernels check the real ones) and for tensor subclasses (their own ops read their data)."""
+    if torch.compiler.is_compiling():
+        return
+    for i, t in enumerate(tensors):
+        if type(t) not in _PLAIN:
+            continue
+        if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
+            check_backed(t, f"{what} {i}", error)  # the exact test (and the message)
 
 
 def check_writable(t: torch.Tensor, what: str, error=ValueError) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import elementwise_mix, select
+from pymerge.ops._checks import check_merge_args
 
 def _native_ok(op: str, tensors, out, backend: str) -> bool:
     return elementwise_mix._native_ok(op, tensors, out, backend)
@@ -29,6 +30,7 @@ def _ptrs(ts):
 # ---- sce ---------------------------------------------------------------------------------------
 def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out: torch.Tensor,
         backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    check_merge_args(xs, base, out, "sce")
     if out.numel() == 0:
         return out
     if not _native_ok("sce_merge", list(xs) + [base], out, backend):
@@ -94,6 +96,7 @@ def _variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
 # ---- ramplus_tl ------------------------------------------------------------------------------------
 def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: float, eps: float,
                out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    check_merge_args(xs, base, out, "ramplus_tl")
     if _native_ok("ram_counts", list(xs) + [base], out, backend):
         xs, base = [x.contiguous() for x in xs], base.contiguous()
         ptrs, codes = _ptrs(xs)
@@ -114,6 +117,7 @@ def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: 
 # ---- arcee_fusion ----------------------------------------------------------------------------------
 def arcee_fusion(base: torch.Tensor, x: torch.Tensor, out: torch.Tensor, backend: str = "auto",
                  num_threads: int = 0) -> torch.Tensor:
+    check_merge_args([x], base, out, "arcee_fusion", base_first=True)  # before float() reads them
     if out.numel() == 0:
         return out
     b, y = base.float(), x.float()

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from pymerge import _native
-from pymerge.ops._checks import check_apart
+from pymerge.ops._checks import check_apart, check_merge_args
 from pymerge.ops._memory import check_native
 
 
@@ -29,6 +29,7 @@ def _native_ok(op: str, tensors, out, backend: str) -> bool:
 
 def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, backend: str = "auto",
              num_threads: int = 0) -> torch.Tensor:
+    check_merge_args([x], base, out, "nearswap", base_first=True)
     if _native_ok("nearswap", (base, x), out, backend):
         base, x = base.contiguous(), x.contiguous()
         _native.cpu.nearswap(base.data_ptr(), _native.DTYPE_CODES[base.dtype], x.data_ptr(),
@@ -43,6 +44,7 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, b
 
 def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.Tensor, backend: str = "auto",
         num_threads: int = 0, boosts: Optional[Sequence[float]] = None) -> torch.Tensor:
+    check_merge_args(xs, base, out, "ram")
     boosts = [1.0] * len(xs) if boosts is None else [float(b) for b in boosts]
     if _native_ok("ram", list(xs) + [base], out, backend):
         xs, base = [x.contiguous() for x in xs], base.contiguous()

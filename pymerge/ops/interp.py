@@ -15,7 +15,8 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import exact_sum, library
-from pymerge.ops._memory import check_native
+from pymerge.ops._checks import check_merge_args
+from pymerge.ops._memory import check_backed, check_native
 
 GROUPS = {"whole": 0, "rows": 1, "cols": 2}
 _BLOCK = 1 << 20
@@ -45,6 +46,7 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
                backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group
     (the whole tensor: exact sums rounded once, see whole_dot_parts)."""
+    check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
@@ -64,6 +66,7 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     """int64 [K(K+1)/2, PARTS]: the upper-triangle dot products <v_i, v_j> over the whole tensors as
     exact-sum parts (pymerge/ops/exact_sum.py). Element order does not matter, so the parts of the
     pieces of a split tensor (a sharded pool's local shards) add up to the whole tensor's."""
+    check_merge_args(xs, base, None, "whole_dots")
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     if _backend(xs[0], backend) == "cpu" and xs[0].numel():
@@ -105,6 +108,8 @@ def _dots_torch(xs, base, sub, group, rows, cols):
 def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
                   coef: torch.Tensor, out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B); coef is [G, K+1] (float32-rounded)."""
+    check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
+    check_backed(coef, "group_lincomb: coef")
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)

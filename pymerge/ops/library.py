@@ -26,7 +26,7 @@ from torch.library import custom_op, register_fake
 
 from pymerge import _native
 from pymerge.ops._checks import check_apart, check_threads, first_out_of_range
-from pymerge.ops._memory import check_backed, check_native
+from pymerge.ops._memory import check_backed, check_native, check_readable
 
 _U64 = 1 << 64
 
@@ -42,6 +42,15 @@ def _require_out(out: Tensor, op: str) -> None:
         raise ValueError(f"{op}: out must be a float32, float16 or bfloat16 tensor, got {out.dtype}")
     if not out.is_contiguous():
         raise ValueError(f"{op}: out must be contiguous, got strides {tuple(out.stride())} for shape {tuple(out.shape)}")
+
+
+def _check_read(op: str, inputs, **others) -> None:
+    """Before contiguous() or tolist() reads them (pymerge/ops/_memory.py: check_readable); others by name
+    (weights=, coef=: a tensor, or a list the eager path passes)."""
+    check_readable(inputs, f"{op}: input")
+    for name, t in others.items():
+        if isinstance(t, Tensor):
+            check_backed(t, f"{op}: {name}")
 
 
 def _codes(ts) -> List[int]:
@@ -145,6 +154,7 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     numel = tensors[0].numel()
     if numel == 0:
         return
+    _check_read("weighted_sum", tensors, weights=weights)
     tensors = contiguous(tensors)
     _check_native(tensors, outs, numel, "weighted_sum", "cpu")
     check_threads(num_threads)
@@ -169,6 +179,7 @@ def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_t
 def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0):
     if tensors[0].numel() == 0:
         return
+    _check_read("weighted_sum", tensors, weights=weights)
     tensors = contiguous(tensors)
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device)
     device = tensors[0].device
@@ -324,6 +335,7 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
     """out = B + lam * combine(sparsified, weighted deltas); see pymerge/ops/task_vector_ops.py."""
     if base.numel() == 0:
         return
+    _check_read("tv_merge", list(inputs) + [base])
     inputs, (base,) = contiguous(inputs), contiguous([base])
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu")
     check_threads(num_threads)
@@ -339,6 +351,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
                        offset, out, backend="auto", num_threads=0):
     if base.numel() == 0:
         return
+    _check_read("tv_merge", list(inputs) + [base])
     inputs, (base,) = contiguous(inputs), contiguous([base])
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device)
     with torch.cuda.device(base.device):
@@ -403,6 +416,7 @@ def model_specs(inputs, bits, plan_ints, plan_floats) -> list:
 def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending: bool,
                  num_threads: int = 0) -> Tensor:
     """int64 [len(ranks), 2]: the (key, index) boundary of every rank (see pymerge/ops/select.py)."""
+    _check_read("select_ranks", [x, base])
     x = x.contiguous()
     base = base.contiguous() if base is not None else None
     _check_native([x, base], [], x.numel(), "select_ranks", "cpu")
@@ -425,6 +439,7 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
                num_threads: int = 0) -> Tensor:
     """float64 [G, K(K+1)/2]: upper-triangle dot products of v_i = x_i - sub*B per group (the whole
     tensor: exact sums rounded once, pymerge/ops/exact_sum.py)."""
+    _check_read("group_dots", list(xs) + [base])
     xs = contiguous(xs)
     base = base.contiguous() if base is not None else None
     _check_groups(xs, base, rows, cols, group, [], "group_dots")
@@ -452,6 +467,7 @@ def _(xs, base, sub, rows, cols, group, num_threads=0):
 def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                       coef: Tensor, out: Tensor, num_threads: int = 0) -> None:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B), coef float32 [G, K+1]."""
+    _check_read("group_lincomb", list(xs) + [base], coef=coef)
     xs = contiguous(xs)
     base = base.contiguous() if base is not None else None
     _check_groups(xs, base, rows, cols, group, [out], "group_lincomb")

@@ -22,6 +22,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import library
+from pymerge.ops._memory import check_readable
 
 ALL_ASC = 1 << 31   # ascending boundary that has every element before it
 ALL_DESC = -1       # descending boundary that has every element before it
@@ -58,6 +59,7 @@ def select_ranks(x: torch.Tensor, base: Optional[torch.Tensor], ranks: Sequence[
             raise ValueError(f"rank {r} outside [0, {numel}]")
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base has shape {tuple(base.shape)} but x has {tuple(x.shape)}")
+    check_readable([x, base], "select_ranks: input")  # before any torch op reads them
     if backend == "auto":
         backend = "cpu" if x.device.type == "cpu" and _native.cpu is not None else "torch"
     if backend == "cpu":

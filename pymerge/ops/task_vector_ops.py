@@ -38,7 +38,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import exact_sum, library, philox, select
-from pymerge.ops._checks import as_int
+from pymerge.ops._checks import as_int, check_merge_args
 from pymerge.ops._memory import check_native
 from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
@@ -326,6 +326,7 @@ def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Seq
                   divisor: float = 1.0, name: str = "", seed: int = 0, offset: int = 0,
                   backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """The fused pass: out = B + lambda * combine(v_i). Inputs, base and out share shape and device."""
+    check_merge_args(inputs, base, out, "tv_merge")  # before contiguous() reads them
     n = base.numel()
     if n == 0:
         return out
@@ -423,12 +424,11 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
     if not 0 <= index < 1 << 62:
         raise ValueError(f"offset must be an integer from 0 to 2**62 - 1 (an element index), got {offset!r}")
     offset = index
+    check_merge_args(inputs, base, out, "tv_merge")  # before plan_model reads them
     if offset + base.numel() > philox.MAX_ELEMENTS:  # the kernels' 32-bit draw counter would wrap
         raise ValueError(f"offset + numel is {offset + base.numel()}; the random draws index at most "
                          f"{philox.MAX_ELEMENTS} elements of one tensor")
     for i, x in enumerate(inputs):
-        if x.shape != base.shape:
-            raise ValueError(f"input {i} has shape {tuple(x.shape)} but the base has {tuple(base.shape)}")
         check_sparsifier(sparsifiers[i], f"input {i}")
         if offset and sparsifiers[i].method == "della_magprune":  # its mask ranks whole rows of one tensor
             raise ValueError(f"input {i}: DELLA's mask ranks whole rows of the tensor; call it on the whole "

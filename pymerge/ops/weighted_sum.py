@@ -15,7 +15,8 @@ import torch
 
 from pymerge import _native, extras
 from pymerge.ops import library
-from pymerge.ops._checks import check_inputs, check_separate, check_weights, resolve_out
+from pymerge.ops._checks import check_inputs, check_separate, check_values_readable, check_weights, resolve_out
+from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
@@ -31,8 +32,10 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     ``out=`` receives the result in place and may be one of the inputs itself.
     """
     tensors = check_inputs(tensors)
+    check_readable(tensors, "weighted_sum: input")
     w = check_weights(weights, len(tensors))  # a tensor only while torch.compile traces
     dtype = resolve_out(tensors, out_dtype, out)
+    check_readable([out], "weighted_sum: output")
     if out is None and _op_backend(tensors[0], backend):
         return library.call("weighted_sum", library.contiguous(tensors), _weight_tensor(_learnt(weights, w)),
                             dtype, _op_backend(tensors[0], backend), num_threads)
@@ -85,9 +88,12 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     Every input is read once for all K outputs (the search loop's population step).
     """
     tensors = check_inputs(tensors)
+    check_readable(tensors, "weighted_sum: input")
     if isinstance(weight_rows, torch.Tensor) and weight_rows.dim() != 2:
         raise ValueError(f"weight_rows must be a [K, N] table, got shape {tuple(weight_rows.shape)}")
     traced = isinstance(weight_rows, torch.Tensor) and torch.compiler.is_compiling()  # values unknown: checked by the kernel
+    if isinstance(weight_rows, torch.Tensor) and not traced:
+        check_values_readable(weight_rows, "weight_rows")
     rows = weight_rows if traced else weight_rows.tolist() if isinstance(weight_rows, torch.Tensor) else list(weight_rows)
     if not len(rows):
         raise ValueError("need at least one row of weights")
@@ -117,6 +123,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
                 raise TypeError(f"outs[{k}] is a {type(o).__name__}, not a torch.Tensor")
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
         check_separate(outs)
+        check_readable(outs, "weighted_sum: output")
     weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
     if not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written(outs)
