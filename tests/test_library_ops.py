@@ -389,3 +389,51 @@ def test_ops_exist_once_pymerge_is_imported_after_torch():
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[2.5, 2.5, 2.5, 2.5, 2.5]", out.stderr
+
+
+def test_a_meta_weight_coef_or_bitmask_beside_real_tensors_is_refused():
+    """The fake kernels looked at the inputs and outputs only: meta weights beside CPU inputs gave an
+    uninitialised CPU result, and the out= forms (meta weights, coef or bitmask) returned without writing."""
+    P = torch.ops.pymerge
+    x, y, o = torch.ones(8), torch.full((8,), 3.0), torch.full((8,), -7.0)
+    w = torch.tensor([0.25, 0.75], device="meta")
+    bits = torch.full((1,), -1, dtype=torch.int64, device="meta")
+    for call in (lambda: P.weighted_sum([x, y], w, torch.float32),
+                 lambda: P.weighted_sum_many([x, y], w.view(1, 2), torch.float32),
+                 lambda: P.weighted_sum_out([x, y], w, o),
+                 lambda: P.weighted_sum_many_out([x, y], w.view(1, 2), [o]),
+                 lambda: P.group_lincomb_out([y], x, True, 1, 8, 0, torch.ones(1, 2, device="meta"), o),
+                 lambda: P.tv_merge_out([y], x, [bits], [tvo.BITS] + [0] * 6, [1.0, 1.0], False, False, 1.0, 1.0,
+                                        0, 0, 0, 0, o)):
+        with pytest.raises(ValueError, match="tensors on cpu and meta; every tensor must be on one device"):
+            call()
+    assert torch.equal(o, torch.full((8,), -7.0))
+    with pytest.raises(ValueError, match="^weights are on the meta device and hold no values$"):
+        pymerge.weighted_sum([x, y], w)
+    m = P.weighted_sum([x.to("meta"), y.to("meta")], torch.ones(2), torch.float32)  # shapes on meta: as before
+    assert m.device.type == "meta" and m.shape == (8,)
+
+
+def test_a_meta_default_device_leaves_the_ops_on_their_tensors_device():
+    """Helper tensors made without device= landed on the default device: under `with torch.device("meta")`
+    pymerge.weighted_sum of CPU tensors returned garbage (meta weights: the fake kernel), out= stayed
+    unwritten, interp.group_dots returned a meta tensor."""
+    from pymerge.ops import consensus_ops as co
+    x, y = torch.ones(8), torch.full((8,), 3.0)
+    o, lin = torch.full((8,), -7.0), torch.full((8,), -7.0)
+    with torch.device("meta"):
+        got = pymerge.weighted_sum([x, y], [0.25, 0.75])
+        pymerge.weighted_sum([x, y], [0.25, 0.75], out=o)
+        many = pymerge.weighted_sum_many([x, y], [[0.25, 0.75]])
+        dots = interp.group_dots([y], x, True, "whole")
+        interp.group_lincomb([y], x, True, "whole", torch.tensor([[0.5, 1.0]], device="cpu"), lin)
+        tv = tvo.task_vector_merge([y], x, torch.empty(8, device="cpu"), [tvo.Sparsifier("magnitude", 0.5, rescale="l1")],
+                                   [1.0], consensus=True, normalize=True)
+        sce = co.sce([y, x + 1], x, 0.5, torch.empty(8, device="cpu"))
+    for t in (got, o, many[0]):
+        assert t.device.type == "cpu" and t.tolist() == [2.5] * 8
+    assert dots.device.type == "cpu" and dots.tolist() == [[[32.0]]]
+    assert lin.tolist() == [2.0] * 8
+    assert torch.equal(tv, tvo.task_vector_merge([y], x, torch.empty(8), [tvo.Sparsifier("magnitude", 0.5, rescale="l1")],
+                                                 [1.0], consensus=True, normalize=True))
+    assert torch.equal(sce, co.sce([y, x + 1], x, 0.5, torch.empty(8)))

@@ -81,7 +81,9 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_values_readable(t: torch.Tensor, what: str) -> None:
-    """A tensor whose values are read here (tolist): backed by its storage."""
+    """A tensor whose values are read here (tolist): with data (not meta), backed by its storage."""
+    if t.device.type == "meta":
+        raise ValueError(f"{what} are on the meta device and hold no values")
     check_backed(t, what)
 
 

@@ -42,7 +42,7 @@ def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out:
     mask = _sce_mask(args, select_topk, out.numel(), num_threads)
     mask_ptr = mask.data_ptr() if mask is not None else 0
     sums = _native.cpu.sce_squares(*args, mask_ptr, num_threads)
-    weights = _sce_weights(torch.tensor(sums, dtype=torch.float64) / out.numel())
+    weights = _sce_weights(torch.tensor(sums, dtype=torch.float64, device="cpu") / out.numel())
     _native.cpu.sce_merge(*args, mask_ptr, weights.tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype],
                           num_threads)
     return out
@@ -52,10 +52,10 @@ def _sce_mask(args, topk: float, numel: int, num_threads: int) -> Optional[torch
     """uint8 top-k mask by variance (mergekit's elements, ties included), or None: no mask at all."""
     if topk >= 1:
         return None
-    mask = torch.zeros(numel, dtype=torch.uint8)
+    mask = torch.zeros(numel, dtype=torch.uint8, device="cpu")
     if topk <= 0:
         return mask
-    var = torch.empty(numel, dtype=torch.float32)
+    var = torch.empty(numel, dtype=torch.float32, device="cpu")
     _native.cpu.sce_variance(*args, var.data_ptr(), num_threads)
     k = int(torch.count_nonzero(var) * topk)  # float32 product, as mergekit rounds it
     if k:
@@ -102,7 +102,7 @@ def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: 
         ptrs, codes = _ptrs(xs)
         shared, unique = _native.cpu.ram_counts(ptrs, codes, base.data_ptr(), _native.DTYPE_CODES[base.dtype],
                                                 out.numel(), float(eps), num_threads)
-        shared, unique = torch.tensor(shared), torch.tensor(unique)
+        shared, unique = torch.tensor(shared, device="cpu"), torch.tensor(unique, device="cpu")
     else:
         b = base.float()
         moved = torch.stack([(x.float() - b).abs() > eps for x in xs]).reshape(len(xs), -1)
@@ -149,11 +149,11 @@ def fusion_threshold(scores: torch.Tensor, num_threads: Optional[int] = None) ->
     With num_threads (scores known to hold no negative value) one native selection finds all three."""
     flat = scores.reshape(-1)
     n = flat.numel()
-    pos = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()  # float32 positions, as mergekit
+    pos = (torch.tensor([0.25, 0.5, 0.75], device="cpu") * (n - 1)).long().tolist()  # float32 positions, as mergekit
     if num_threads is not None and flat.device.type == "cpu" and _native.cpu is not None:
         # non-negative floats sort as their bits; NaN (above inf) sorts last, as in torch.sort
         found = select.select_ranks(flat, None, pos, descending=False, num_threads=num_threads)
-        q1, med, q3 = (torch.tensor([b.key], dtype=torch.int32).view(torch.float32)[0] for b in found)
+        q1, med, q3 = (torch.tensor([b.key], dtype=torch.int32, device="cpu").view(torch.float32)[0] for b in found)
     else:
         q1, med, q3 = (torch.kthvalue(flat, p + 1).values for p in pos)
     return med + 1.5 * (q3 - q1)

@@ -67,4 +67,4 @@ def totals(rows: torch.Tensor) -> List[float]:
 def stack(values: Iterable[torch.Tensor]) -> torch.Tensor:
     """[len, PARTS] parts of each float64 tensor in values (a generator: one tensor alive at a time)."""
     rows = [parts(v) for v in values]
-    return torch.stack(rows) if rows else torch.zeros(0, PARTS, dtype=torch.int64)
+    return torch.stack(rows) if rows else torch.zeros(0, PARTS, dtype=torch.int64, device="cpu")

@@ -54,8 +54,8 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
         pairs = library.call("group_dots", xs, base, sub, rows, cols, GROUPS[group], num_threads)
     else:
         pairs = _dots_torch(xs, base, sub, group, rows, cols)
-    iu = torch.triu_indices(k, k)
-    g = torch.zeros(pairs.shape[0], k, k, dtype=torch.float64)
+    iu = torch.triu_indices(k, k, device="cpu")  # on the host whatever the default device (a meta result)
+    g = torch.zeros(pairs.shape[0], k, k, dtype=torch.float64, device="cpu")
     g[:, iu[0], iu[1]] = pairs.cpu()
     g[:, iu[1], iu[0]] = pairs.cpu()
     return g
@@ -76,9 +76,9 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
             [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
             base.data_ptr() if base is not None else 0, _native.DTYPE_CODES[base.dtype] if base is not None else 0,
             sub, xs[0].numel(), num_threads)
-        return torch.tensor(flat, dtype=torch.int64).view(-1, exact_sum.PARTS)
-    iu = torch.triu_indices(k, k).tolist()
-    out = torch.zeros(len(iu[0]), exact_sum.PARTS, dtype=torch.int64)
+        return torch.tensor(flat, dtype=torch.int64, device="cpu").view(-1, exact_sum.PARTS)
+    iu = torch.triu_indices(k, k, device="cpu").tolist()
+    out = torch.zeros(len(iu[0]), exact_sum.PARTS, dtype=torch.int64, device="cpu")
     for s in range(0, xs[0].numel(), _BLOCK):
         vs = _vs(xs, base, sub, slice(s, s + _BLOCK))
         out += exact_sum.stack(vs[i].double() * vs[j].double() for i, j in zip(*iu))
@@ -97,9 +97,10 @@ def _vs(xs, base, sub, sl=None):
 
 def _dots_torch(xs, base, sub, group, rows, cols):
     if group == "whole":
-        return torch.tensor([exact_sum.totals(whole_dot_parts(xs, base, sub, "torch"))], dtype=torch.float64)
+        return torch.tensor([exact_sum.totals(whole_dot_parts(xs, base, sub, "torch"))], dtype=torch.float64,
+                            device="cpu")
     k = len(xs)
-    iu = torch.triu_indices(k, k).tolist()
+    iu = torch.triu_indices(k, k, device="cpu").tolist()
     vs = [v.view(rows, cols) for v in _vs(xs, base, sub)]
     dim = 1 if group == "rows" else 0
     return torch.stack([(vs[i].double() * vs[j].double()).sum(dim) for i, j in zip(*iu)], dim=1).cpu()
@@ -117,7 +118,8 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     if not xs[0].numel():
         return out  # nothing to write (a rank's empty shard: its base has no address for the kernel)
     if _backend(xs[0], backend) == "cpu":
-        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)  # the kernel writes by address
+        # the kernel writes by address
+        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
         library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, target, num_threads)
         if target is not out:
             out.copy_(target)

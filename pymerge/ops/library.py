@@ -65,11 +65,15 @@ def contiguous(ts) -> List[Tensor]:
     return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in ts]
 
 
-def _one_device(op: str, *groups) -> None:
-    """Every tensor on one device. The fake (shape) kernels run for any call holding a meta tensor: a CPU
-    input beside a meta one got an uninitialised CPU result, an out= form returned without writing."""
+def _one_device(op: str, *groups, host_ok=()) -> None:
+    """Every tensor on one device; those in host_ok (weights, coef: the kernels read or move them) may be
+    elsewhere, but not on meta beside real tensors. The fake (shape) kernels run for any call holding a
+    meta tensor: a CPU input beside a meta one got an uninitialised CPU result, an out= form returned
+    without writing."""
     ts = [t for g in groups for t in (g if isinstance(g, (list, tuple)) else [g]) if t is not None]
-    for t in ts:
+    if not ts:
+        return
+    for t in ts + [t for t in host_ok if t.device.type == "meta"]:
         if t.device != ts[0].device:
             raise ValueError(f"{op}: tensors on {ts[0].device} and {t.device}; every tensor must be on one device")
 
@@ -200,7 +204,7 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
 
 @register_fake("pymerge::weighted_sum_many_out")
 def _(tensors, weights, outs, backend="auto", num_threads=0):
-    _one_device("weighted_sum", tensors, outs)
+    _one_device("weighted_sum", tensors, outs, host_ok=[weights])
 
 
 def _cuda_weighted_sum(tensors, weights, outs):
@@ -235,7 +239,7 @@ def _many_out(tensors, weights, outs, backend, num_threads):
 
 @register_fake("pymerge::weighted_sum_out")
 def _(tensors, weights, out, backend="auto", num_threads=0):
-    _one_device("weighted_sum", tensors, out)
+    _one_device("weighted_sum", tensors, out, host_ok=[weights])
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
@@ -250,7 +254,7 @@ def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.d
 
 @register_fake("pymerge::weighted_sum_many")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
-    _one_device("weighted_sum", tensors)
+    _one_device("weighted_sum", tensors, host_ok=[weights])
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
 
 
@@ -266,7 +270,7 @@ def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype,
 
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
-    _one_device("weighted_sum", tensors)
+    _one_device("weighted_sum", tensors, host_ok=[weights])
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
 
@@ -371,7 +375,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
 @register_fake("pymerge::tv_merge_out")
 def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset, out,
       backend="auto", num_threads=0):
-    _one_device("tv_merge", inputs, base, out)
+    _one_device("tv_merge", inputs, base, out, bits)
 
 
 PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
@@ -493,4 +497,4 @@ def _check_groups(xs, base, rows, cols, group, outs, op) -> None:
 
 @register_fake("pymerge::group_lincomb_out")
 def _(xs, base, sub, rows, cols, group, coef, out, num_threads=0):
-    _one_device("group_lincomb", xs, base, out)
+    _one_device("group_lincomb", xs, base, out, host_ok=[coef])

@@ -110,7 +110,7 @@ class SelectionCache:
 
 
 def _f32(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float32))
+    return float(torch.tensor(x, dtype=torch.float32, device="cpu"))
 
 
 def l1_ratio(before: float, after: float, eps: float = 1e-7) -> float:
@@ -118,15 +118,16 @@ def l1_ratio(before: float, after: float, eps: float = 1e-7) -> float:
     before, after = _f32(before), _f32(after)
     if before < eps or after < eps:
         return 1.0
-    return float(torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32))
+    return float(torch.tensor(before, dtype=torch.float32, device="cpu") /
+                 torch.tensor(after, dtype=torch.float32, device="cpu"))
 
 
 def della_thresholds(density: float, epsilon: float, cols: int) -> torch.Tensor:
     """Per-rank Philox keep-thresholds of one DELLA row (int64, float64 math, computed once)."""
     if cols == 1:
-        p = torch.tensor([density], dtype=torch.float64)
+        p = torch.tensor([density], dtype=torch.float64, device="cpu")
     else:
-        rn = torch.arange(cols, dtype=torch.float64) / (cols - 1)
+        rn = torch.arange(cols, dtype=torch.float64, device="cpu") / (cols - 1)
         p = (density - epsilon) + rn * (2 * epsilon)
     return torch.floor(p.clamp(0, 1) * 4294967296.0).to(torch.int64).clamp(0, 1 << 32)
 
@@ -231,10 +232,11 @@ def model_l1_parts(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=T
     if cpu:
         check_native([x, base], [], x.numel(), "task vectors (L1 norms)")
         h0, h1 = philox.name_hash(name)
-        return torch.tensor(_native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
-                                              _native.DTYPE_CODES[base.dtype], x.numel(), offset,
-                                              int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)).view(2, -1)
-    out = torch.zeros(2, exact_sum.PARTS, dtype=torch.int64)
+        parts = _native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
+                                  _native.DTYPE_CODES[base.dtype], x.numel(), offset, int(seed) & 0xFFFFFFFFFFFFFFFF,
+                                  h0, h1, num_threads)
+        return torch.tensor(parts, device="cpu").view(2, -1)
+    out = torch.zeros(2, exact_sum.PARTS, dtype=torch.int64, device="cpu")
     xf, bf = x.reshape(-1), base.reshape(-1)
     for start in range(0, x.numel(), _TORCH_BLOCK):
         d = xf[start:start + _TORCH_BLOCK].float() - bf[start:start + _TORCH_BLOCK].float()
@@ -282,7 +284,7 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
         parts = _native.cpu.tv_della_mask(spec, base.contiguous().data_ptr(), _native.DTYPE_CODES[base.dtype],
                                           rows, cols, [int(t) for t in thr], words.data_ptr(),
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
-        return words, tuple(exact_sum.totals(torch.tensor(parts)))
+        return words, tuple(exact_sum.totals(torch.tensor(parts, device="cpu")))
     keep = della_keep_torch(x, base, sp, model, name, seed, offset)
     return pack_bits(keep), tuple(exact_sum.totals(l1_parts(x.float() - base.float(), keep)))
 
@@ -313,7 +315,7 @@ def pack_bits(keep: torch.Tensor) -> torch.Tensor:
 
 def linear_divisor(weights: Sequence[float]) -> float:
     """mergekit's non-consensus divisor: the float32 sum of weights, 1 where |sum| < 1e-8."""
-    s = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    s = float(torch.tensor(list(weights), dtype=torch.float32, device="cpu").sum())
     return 1.0 if abs(s) < 1e-8 else s
 
 

@@ -37,8 +37,9 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     dtype = resolve_out(tensors, out_dtype, out)
     check_readable([out], "weighted_sum: output")
     if out is None and _op_backend(tensors[0], backend):
-        return library.call("weighted_sum", library.contiguous(tensors), _weight_tensor(_learnt(weights, w)),
-                            dtype, _op_backend(tensors[0], backend), num_threads)
+        return library.call("weighted_sum", library.contiguous(tensors),
+                            _weight_tensor(_learnt(weights, w), tensors[0].device), dtype,
+                            _op_backend(tensors[0], backend), num_threads)
     given = out is not None
     if given:
         _no_grad_for_out(tensors, weights, "weighted_sum")
@@ -46,7 +47,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
         return _tracked_sum(tensors, _learnt(weights, w), dtype)
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
-    rows = _weight_tensor(w).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
+    rows = _weight_tensor(w, tensors[0].device).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
     weighted_sum_into(tensors, rows, [out], backend=backend, num_threads=num_threads)
     if given and not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
@@ -76,8 +77,9 @@ def _learnt(given, checked):
     return given if library.wants_grad((), given) else checked
 
 
-def _weight_tensor(w) -> torch.Tensor:
-    return w.to(torch.float32) if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=torch.float32)
+def _weight_tensor(w, device: torch.device) -> torch.Tensor:
+    """On the inputs' device, not the default one (`with torch.device("meta")` sent the op to its fake kernel)."""
+    return w.to(torch.float32) if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=torch.float32, device=device)
 
 
 def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Optional[List[torch.Tensor]] = None,
@@ -107,8 +109,8 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         dtype = resolve_out(tensors, out_dtype, None)
         if _op_backend(tensors[0], backend):
             return library.call("weighted_sum_many", library.contiguous(tensors),
-                                _weight_tensor(_learnt(weight_rows, rows)), dtype, _op_backend(tensors[0], backend),
-                                num_threads)
+                                _weight_tensor(_learnt(weight_rows, rows), tensors[0].device), dtype,
+                                _op_backend(tensors[0], backend), num_threads)
         if library.wants_grad(tensors, weight_rows):  # outside the op registry (eager torch, Triton's interpreter)
             table = _learnt(weight_rows, rows)
             return [_tracked_sum(tensors, table[k], dtype) for k in range(len(rows))]
@@ -176,7 +178,7 @@ def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor
     op_backend = _op_backend(tensors[0], backend)
     if op_backend is not None:
         plain = isinstance(rows, torch.Tensor) or library.eager(tensors[0])  # the eager kernels take lists
-        weights = rows if plain else torch.tensor(rows, dtype=torch.float32)
+        weights = rows if plain else torch.tensor(rows, dtype=torch.float32, device=tensors[0].device)
         library.call("weighted_sum_many_out", tensors, weights, outs, op_backend, num_threads)
     elif pick_backend(tensors[0].device, backend) == "torch":
         torch_weighted_sum(tensors, rows, outs)
