@@ -437,3 +437,27 @@ def test_a_meta_default_device_leaves_the_ops_on_their_tensors_device():
     assert torch.equal(tv, tvo.task_vector_merge([y], x, torch.empty(8), [tvo.Sparsifier("magnitude", 0.5, rescale="l1")],
                                                  [1.0], consensus=True, normalize=True))
     assert torch.equal(sce, co.sce([y, x + 1], x, 0.5, torch.empty(8)))
+
+
+def test_second_order_gradients_match_torch():
+    """The backward read the weights detached, so a double backward took them for constants: d/dw of a
+    gradient missed the d/dx term's dependence on w (found by a bug hunt)."""
+    x0, x1 = rand(5, torch.float32, 60), rand(5, torch.float32, 61)
+
+    def hessian_row(f):
+        w = torch.tensor([0.7, -0.4], requires_grad=True)
+        x = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((f([x, x1], w) ** 2).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.sum(), w)[0]
+
+    want = hessian_row(lambda xs, w: w[0] * xs[0] + w[1] * xs[1])
+    torch.testing.assert_close(hessian_row(lambda xs, w: pymerge.weighted_sum(xs, w)), want)
+    torch.testing.assert_close(hessian_row(lambda xs, w: pymerge.weighted_sum_many(xs, w.view(1, 2))[0]), want)
+
+
+def test_opcheck_weighted_sum_ops_with_inputs_that_require_grad():
+    """The autograd setup returned weights.detach().float(), an alias of float32 weights: test_schema
+    refused the ops ("operators below autograd are not allowed to directly return inputs")."""
+    xs = [torch.randn(5, requires_grad=True), torch.randn(5)]
+    opcheck(torch.ops.pymerge.weighted_sum, (xs, torch.tensor([0.5, 2.0], requires_grad=True), torch.float32))
+    opcheck(torch.ops.pymerge.weighted_sum_many, (xs, torch.tensor([[0.5, 2.0]]), torch.float32))

@@ -279,8 +279,9 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 def _ws_setup(ctx, inputs, output) -> None:
     tensors, weights = inputs[0], inputs[1]
     ctx.dtypes = [t.dtype for t in tensors]
-    ctx.weights = weights.detach().float()
-    ctx.save_for_backward(*(tensors if weights.requires_grad else ()))  # for d/dw only
+    # weights saved as given, not detached: a double backward differentiates d/dx through them too (it
+    # took them for constants), and no op runs here (detach().float() returned an alias of an input)
+    ctx.save_for_backward(weights, *(tensors if weights.requires_grad else ()))  # the tensors for d/dw only
 
 
 def _rest(ctx) -> tuple:
@@ -294,7 +295,8 @@ def _flat(needs):
 
 def _ws_grads(ctx, grads):
     """grads: one per output row of the [K, N] weights."""
-    w = ctx.weights.reshape(len(grads), -1)
+    weights, *xs = ctx.saved_tensors
+    w = weights.float().reshape(len(grads), -1)
     g = [x.float() if x is not None else None for x in grads]
     d_tensors = [None] * len(ctx.dtypes)
     if any(_flat(ctx.needs_input_grad[0])):
@@ -307,9 +309,9 @@ def _ws_grads(ctx, grads):
             d_tensors.append(None if acc is None else acc.to(dtype))
     d_weights = None
     if ctx.needs_input_grad[1]:
-        xs = [x.float() for x in ctx.saved_tensors]
+        xs = [x.float() for x in xs]
         d_weights = torch.stack([torch.stack([(gk * x).sum() if gk is not None else x.new_zeros(()) for x in xs])
-                                 for gk in g]).to(ctx.weights.device)
+                                 for gk in g]).to(weights.device)
     return d_tensors, d_weights
 
 
