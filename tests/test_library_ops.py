@@ -461,3 +461,37 @@ def test_opcheck_weighted_sum_ops_with_inputs_that_require_grad():
     xs = [torch.randn(5, requires_grad=True), torch.randn(5)]
     opcheck(torch.ops.pymerge.weighted_sum, (xs, torch.tensor([0.5, 2.0], requires_grad=True), torch.float32))
     opcheck(torch.ops.pymerge.weighted_sum_many, (xs, torch.tensor([[0.5, 2.0]]), torch.float32))
+
+
+def test_out_forms_refuse_an_output_that_requires_grad():
+    """As torch.add(out=...): an out that requires grad (a leaf, or a tensor in a graph, whose old
+    grad_fn backward then ran through) was written in place without a word."""
+    a, b = torch.ones(4), torch.full((4,), 2.0)
+    leaf = torch.zeros(4, requires_grad=True)
+    inner = torch.ones(4, requires_grad=True) * 2
+    for out in (leaf, inner):
+        with pytest.raises(RuntimeError, match=r"weighted_sum\(\): out= does not record gradients, but an input or "
+                                               "an output requires grad"):
+            pymerge.weighted_sum([a, b], [1.0, 1.0], out=out)
+        with pytest.raises(RuntimeError, match=r"weighted_sum_many\(\): out= does not record gradients"):
+            pymerge.weighted_sum_many([a, b], [[1.0, 1.0]], outs=[out])
+    assert leaf.tolist() == [0.0] * 4 and inner.tolist() == [2.0] * 4
+    with torch.no_grad():
+        pymerge.weighted_sum([a, b], [1.0, 1.0], out=leaf)
+    assert leaf.tolist() == [3.0] * 4
+
+
+def test_weights_as_separate_tensors_that_require_grad_are_refused():
+    """A list of 0-d weight tensors (or of rows) was read as numbers: their gradient silently dropped."""
+    x = rand(5, torch.float32, 70)
+    w0, w1 = torch.tensor(0.5, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^weights: a tensor in the sequence requires grad, but autograd reaches "
+                                         r"weights only when they come as one 1-D tensor \(torch.stack them\)$"):
+        pymerge.weighted_sum([x, x], [w0, w1])
+    with pytest.raises(ValueError, match=r"^weight_rows: a tensor in the sequence requires grad.*one \[K, N\] tensor"):
+        pymerge.weighted_sum_many([x, x], [torch.ones(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"^weights of row 0: a tensor in the sequence requires grad"):
+        pymerge.weighted_sum_many([x, x], [[w0, w1]])
+    with torch.no_grad():
+        assert torch.equal(pymerge.weighted_sum([x, x], [w0, w1]), 2.5 * x)
+    assert torch.equal(pymerge.weighted_sum([x, x], [torch.tensor(0.5), torch.tensor(2.0)]), 2.5 * x)

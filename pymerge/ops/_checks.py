@@ -57,8 +57,14 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         weights = weights.detach().double().cpu().tolist()
     if type(weights) not in (list, tuple) and isinstance(weights, (str, bytes, Mapping, AbstractSet)):
         raise TypeError(f"{what} must be a sequence of numbers, got {short(weights)}")
+    plain = type(weights) in (list, tuple) and set(map(type, weights)) <= {float, int}  # the usual case, in C
+    if not plain:
+        try:
+            weights = list(weights)  # read once (a generator)
+        except (TypeError, ValueError):
+            raise TypeError(f"{what} must be numbers, got {short(weights)}") from None
+        refuse_tracked_items(weights, what, "one 1-D tensor")
     try:
-        plain = type(weights) in (list, tuple) and set(map(type, weights)) <= {float, int}  # the usual case, in C
         values = list(map(float, weights)) if plain else [_real(w) for w in weights]
     except (TypeError, ValueError):
         raise TypeError(f"{what} must be numbers, got {short(weights)}") from None
@@ -85,6 +91,14 @@ def check_values_readable(t: torch.Tensor, what: str) -> None:
     if t.device.type == "meta":
         raise ValueError(f"{what} are on the meta device and hold no values")
     check_backed(t, what)
+
+
+def refuse_tracked_items(items, what: str, instead: str) -> None:
+    """Tensors that want gradients, given as separate items, are read as numbers: their gradient would be
+    silently dropped. Autograd reaches them only as one tensor."""
+    if torch.is_grad_enabled() and any(isinstance(w, torch.Tensor) and w.requires_grad for w in items):
+        raise ValueError(f"{what}: a tensor in the sequence requires grad, but autograd reaches weights only "
+                         f"when they come as {instead} (torch.stack them)")
 
 
 def first_out_of_range(values: Sequence[float]) -> Optional[int]:

@@ -15,7 +15,8 @@ import torch
 
 from pymerge import _native, extras
 from pymerge.ops import library
-from pymerge.ops._checks import check_inputs, check_separate, check_values_readable, check_weights, resolve_out
+from pymerge.ops._checks import (check_inputs, check_separate, check_values_readable, check_weights,
+                                 refuse_tracked_items, resolve_out)
 from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
 
@@ -42,7 +43,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
                             _op_backend(tensors[0], backend), num_threads)
     given = out is not None
     if given:
-        _no_grad_for_out(tensors, weights, "weighted_sum")
+        _no_grad_for_out(tensors, weights, [out], "weighted_sum")
     elif library.wants_grad(tensors, weights):  # outside the op registry (eager torch, Triton's interpreter)
         return _tracked_sum(tensors, _learnt(weights, w), dtype)
     if out is None:
@@ -63,12 +64,14 @@ def _tracked_sum(tensors, w, dtype) -> torch.Tensor:
     return acc.to(dtype)
 
 
-def _no_grad_for_out(tensors, weights, op: str) -> None:
-    """As torch's own out= ops: an output written in place records no gradient, so an input that
-    wants one is an error rather than a silently detached result (the functional forms record it)."""
-    if library.wants_grad(tensors, weights):
-        raise RuntimeError(f"{op}(): out= does not record gradients, but an input requires grad; call it under "
-                           "torch.no_grad(), or leave out= out to get a result autograd tracks")
+def _no_grad_for_out(tensors, weights, outs, op: str) -> None:
+    """As torch's own out= ops: an output written in place records no gradient, so an input or an output
+    that wants one is an error rather than a silently detached result (the functional forms record it).
+    Written by address, an out in a graph kept its old grad_fn: backward ran through values it no
+    longer held."""
+    if library.wants_grad(tensors, weights) or library.wants_grad(outs, None):
+        raise RuntimeError(f"{op}(): out= does not record gradients, but an input or an output requires grad; "
+                           "call it under torch.no_grad(), or leave out= out to get a result autograd tracks")
 
 
 def _learnt(given, checked):
@@ -96,6 +99,8 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     traced = isinstance(weight_rows, torch.Tensor) and torch.compiler.is_compiling()  # values unknown: checked by the kernel
     if isinstance(weight_rows, torch.Tensor) and not traced:
         check_values_readable(weight_rows, "weight_rows")
+    elif isinstance(weight_rows, (list, tuple)):
+        refuse_tracked_items(weight_rows, "weight_rows", "one [K, N] tensor")
     rows = weight_rows if traced else weight_rows.tolist() if isinstance(weight_rows, torch.Tensor) else list(weight_rows)
     if not len(rows):
         raise ValueError("need at least one row of weights")
@@ -116,7 +121,6 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
             return [_tracked_sum(tensors, table[k], dtype) for k in range(len(rows))]
         outs = [torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device) for _ in rows]
     else:
-        _no_grad_for_out(tensors, weight_rows, "weighted_sum_many")
         outs = list(outs)
         if len(outs) != len(rows):
             raise ValueError(f"got {len(outs)} outputs for {len(rows)} rows of weights")
@@ -126,6 +130,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
         check_separate(outs)
         check_readable(outs, "weighted_sum: output")
+        _no_grad_for_out(tensors, weight_rows, outs, "weighted_sum_many")
     weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
     if not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written(outs)
