@@ -495,3 +495,15 @@ def test_weights_as_separate_tensors_that_require_grad_are_refused():
     with torch.no_grad():
         assert torch.equal(pymerge.weighted_sum([x, x], [w0, w1]), 2.5 * x)
     assert torch.equal(pymerge.weighted_sum([x, x], [torch.tensor(0.5), torch.tensor(2.0)]), 2.5 * x)
+
+
+@pytest.mark.parametrize("sparsifier", [tvo.Sparsifier("random", 0.5, rescale="l1"),
+                                        tvo.Sparsifier("della_magprune", 0.5, epsilon=0.1),
+                                        tvo.Sparsifier("magnitude", 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_task_vectors_refuse_a_dtype_the_kernels_do_not_read(sparsifier, dtype):
+    """DARE with rescale="l1" and DELLA raised a bare KeyError: torch.float64 (their native passes checked
+    sizes but not dtypes); magnitude already said which dtypes the kernel takes."""
+    base = torch.arange(64).to(dtype)
+    with pytest.raises(ValueError, match=f"input 0 is {dtype} on cpu; this kernel takes bfloat16, float16, float32"):
+        tvo.task_vector_merge([base + 1], base, torch.empty(64), [sparsifier], [1.0], consensus=False, normalize=False)

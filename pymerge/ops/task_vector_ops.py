@@ -229,8 +229,8 @@ def model_l1(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=True, n
 def model_l1_parts(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=True, num_threads=0) -> torch.Tensor:
     """The two L1 norms of model_l1 as exact-sum parts [2, PARTS] (pymerge/ops/exact_sum.py), which
     add across the pieces of a split tensor (elements offset .. offset + numel - 1 of it)."""
-    if cpu:
-        check_native([x, base], [], x.numel(), "task vectors (L1 norms)")
+    if cpu:  # the dtypes too: a float64 input was a bare KeyError in model_specs
+        check_native([x, base], [], x.numel(), "task vectors (L1 norms)", "cpu", _native.DTYPE_CODES)
         h0, h1 = philox.name_hash(name)
         parts = _native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
                                   _native.DTYPE_CODES[base.dtype], x.numel(), offset, int(seed) & 0xFFFFFFFFFFFFFFFF,
@@ -275,7 +275,7 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
     n = x.numel()
     words = torch.zeros((n + 63) // 64, dtype=torch.int64, device=x.device)
     if x.dim() <= 2 and cpu:
-        check_native([x, base], [], n, "della")
+        check_native([x, base], [], n, "della", "cpu", _native.DTYPE_CODES)
         rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
         thr = della_thresholds(sp.density, sp.epsilon, cols).tolist()
         h0, h1 = philox.name_hash(name)
