@@ -507,3 +507,27 @@ def test_task_vectors_refuse_a_dtype_the_kernels_do_not_read(sparsifier, dtype):
     base = torch.arange(64).to(dtype)
     with pytest.raises(ValueError, match=f"input 0 is {dtype} on cpu; this kernel takes bfloat16, float16, float32"):
         tvo.task_vector_merge([base + 1], base, torch.empty(64), [sparsifier], [1.0], consensus=False, normalize=False)
+
+
+def test_raw_ops_on_empty_tensors_and_bad_thread_counts():
+    """group_dots / group_lincomb_out with empty inputs and sub=True said "sub needs a base" (an empty base
+    has address 0); weighted_sum([]) raised IndexError; select_ranks and group_* passed num_threads=2**40
+    on to pybind11 (a multi-line TypeError)."""
+    P, e = torch.ops.pymerge, torch.empty(0)
+    o = torch.empty(0)
+    P.group_lincomb_out([e], e, True, 1, 0, 0, torch.ones(1, 2), o)
+    P.group_lincomb_out([e], e, True, 0, 0, 1, torch.ones(0, 2), o)
+    assert P.group_dots([e, e], e, True, 1, 0, 0).tolist() == [[0.0] * 3]
+    assert P.group_dots([e, e], e, True, 0, 5, 1).shape == (0, 3)
+    assert P.group_dots([e, e], e, True, 0, 5, 2).tolist() == [[0.0] * 3] * 5
+    for call in (lambda: P.weighted_sum([], torch.ones(0), torch.float32),
+                 lambda: P.weighted_sum_many([], torch.ones(1, 0), torch.float32)):
+        with pytest.raises(ValueError, match="^weighted_sum: needs at least one input$"):
+            call()
+    x = torch.ones(12)
+    for call in (lambda: P.select_ranks(x, None, [1], True, 2**40),
+                 lambda: P.group_dots([x], None, False, 3, 4, 1, 2**40),
+                 lambda: P.group_lincomb_out([x], None, False, 1, 12, 0, torch.ones(1, 2), torch.empty(12), 2**40),
+                 lambda: interp.whole_dot_parts([x], None, False, num_threads=2**40)):
+        with pytest.raises(ValueError, match="^num_threads must be an integer from 0"):
+            call()

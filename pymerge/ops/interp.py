@@ -15,7 +15,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import exact_sum, library
-from pymerge.ops._checks import check_merge_args
+from pymerge.ops._checks import check_merge_args, check_threads
 from pymerge.ops._memory import check_backed, check_native
 
 GROUPS = {"whole": 0, "rows": 1, "cols": 2}
@@ -72,6 +72,7 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     if _backend(xs[0], backend) == "cpu" and xs[0].numel():
         base = base.contiguous() if base is not None else None
         check_native(xs + [base], [], xs[0].numel(), "whole_dots")
+        check_threads(num_threads)
         flat = _native.require_cpu().whole_dots(
             [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
             base.data_ptr() if base is not None else 0, _native.DTYPE_CODES[base.dtype] if base is not None else 0,

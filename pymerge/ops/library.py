@@ -78,6 +78,11 @@ def _one_device(op: str, *groups, host_ok=()) -> None:
             raise ValueError(f"{op}: tensors on {ts[0].device} and {t.device}; every tensor must be on one device")
 
 
+def _require_inputs(tensors, op: str) -> None:
+    if not tensors:
+        raise ValueError(f"{op}: needs at least one input")
+
+
 def _cuda_backend(backend: str, entry: str) -> str:
     """On CUDA: Triton when available (or asked for), else the CUDA extension, else eager torch."""
     if backend in ("triton", "cuda", "torch"):
@@ -247,6 +252,7 @@ def _(tensors, weights, out, backend="auto", num_threads=0):
 @_kernel("weighted_sum_many", "cuda")
 def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                       num_threads: int = 0) -> List[Tensor]:
+    _require_inputs(tensors, "weighted_sum")
     outs = [torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device) for _ in range(weights.shape[0])]
     _many_out(tensors, weights, outs, backend, num_threads)
     return outs
@@ -254,6 +260,7 @@ def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.d
 
 @register_fake("pymerge::weighted_sum_many")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
+    _require_inputs(tensors, "weighted_sum")
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
 
@@ -263,6 +270,7 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 @_kernel("weighted_sum", "cuda")
 def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                  num_threads: int = 0) -> Tensor:
+    _require_inputs(tensors, "weighted_sum")
     out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
     _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
     return out
@@ -270,6 +278,7 @@ def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype,
 
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
+    _require_inputs(tensors, "weighted_sum")
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
@@ -423,6 +432,7 @@ def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending
                  num_threads: int = 0) -> Tensor:
     """int64 [len(ranks), 2]: the (key, index) boundary of every rank (see pymerge/ops/select.py)."""
     _check_read("select_ranks", [x, base])
+    check_threads(num_threads)
     x = x.contiguous()
     base = base.contiguous() if base is not None else None
     _check_native([x, base], [], x.numel(), "select_ranks", "cpu")
@@ -448,8 +458,10 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
     _check_read("group_dots", list(xs) + [base])
     xs = contiguous(xs)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [], "group_dots")
+    _check_groups(xs, base, rows, cols, group, [], num_threads, "group_dots")
     k = len(xs)
+    if not xs[0].numel():  # every dot is 0 (and an empty base has no address: the kernel took it for none)
+        return torch.zeros((1, rows, cols)[group], k * (k + 1) // 2, dtype=torch.float64, device="cpu")
     if group == 0:
         from pymerge.ops import exact_sum, interp
         return torch.tensor([exact_sum.totals(interp.whole_dot_parts(xs, base, sub, "cpu", num_threads))],
@@ -476,25 +488,27 @@ def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows:
     _check_read("group_lincomb", list(xs) + [base], coef=coef)
     xs = contiguous(xs)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [out], "group_lincomb")
+    _check_groups(xs, base, rows, cols, group, [out], num_threads, "group_lincomb")
     g = (1, rows, cols)[group]
     if coef.numel() != g * (len(xs) + 1):
         raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {len(xs) + 1} need "
                          f"{g * (len(xs) + 1)}")
     _require_out(out, "group_lincomb")
+    if not xs[0].numel():  # nothing to write (and an empty base has no address: the kernel took it for none)
+        return
     _native.require_cpu().group_lincomb(
         [x.data_ptr() for x in xs], _codes(xs), base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, group,
         coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
 
 
-def _check_groups(xs, base, rows, cols, group, outs, op) -> None:
-    if not xs:
-        raise ValueError(f"{op}: needs at least one input")
+def _check_groups(xs, base, rows, cols, group, outs, num_threads, op) -> None:
+    _require_inputs(xs, op)
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
     _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu")
     check_apart(list(xs) + [base], outs, op)
+    check_threads(num_threads)
 
 
 @register_fake("pymerge::group_lincomb_out")
