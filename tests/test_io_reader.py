@@ -459,7 +459,8 @@ def test_bin_fallback(tmp_path):
 def test_an_expanded_bin_tensor_is_refused_and_views_of_shared_storage_still_merge(tmp_path):
     """A 1.6 KB .bin holding one value expanded to "1 GiB" was copied out whole on every read (2.4 GB RSS, a
     traceback where memory ran out). Views of one storage that do not overlap (transposed, sliced, strided,
-    HF's position_ids expanded along a size-1 axis) are ordinary .bin contents and merge as before."""
+    HF's position_ids expanded along a size-1 axis) are ordinary .bin contents and merge as before, and so do
+    small expanded tensors (up to 16 MiB claimed: a review found arange(8).expand(4, 8) refused)."""
     from pymerge.merge import run_merge
     path = tmp_path / "pytorch_model.bin"
     torch.save({"ok": torch.ones(3), "w": torch.tensor([1.0]).expand(16384, 16384)}, path)
@@ -469,7 +470,8 @@ def test_an_expanded_bin_tensor_is_refused_and_views_of_shared_storage_still_mer
     models = []
     for i in range(2):
         w = torch.randn(6, 8, generator=torch.Generator().manual_seed(i))
-        state = {"w": w, "wt": w.t(), "rows": w[2:5], "cols": w[:, ::2], "pos": torch.arange(8).expand(1, -1)}
+        state = {"w": w, "wt": w.t(), "rows": w[2:5], "cols": w[:, ::2], "pos": torch.arange(8).expand(1, -1),
+                 "grid": torch.arange(8.0).expand(4, 8)}  # a small expanded buffer loads as torch loads it
         (tmp_path / f"m{i}").mkdir()
         torch.save(state, tmp_path / f"m{i}" / "pytorch_model.bin")
         models.append(state)

@@ -439,6 +439,23 @@ def test_a_meta_default_device_leaves_the_ops_on_their_tensors_device():
     assert torch.equal(sce, co.sce([y, x + 1], x, 0.5, torch.empty(8)))
 
 
+@pytest.mark.parametrize("method, n, params", [("slerp", 1, {"t": 0.3}), ("nuslerp", 2, {}), ("karcher", 3, {}),
+                                              ("model_stock", 3, {}), ("multislerp", 3, {})])
+def test_interpolation_methods_under_a_meta_default_device(method, n, params):
+    """Their coefficient tables were made without device=: under `with torch.device("meta")` a pool's slerp,
+    nuslerp, karcher and model_stock raised "tensors on cpu and meta" (a review)."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(16, 12, generator=g) for _ in range(n)]
+    base = torch.randn(16, 12, generator=g)
+    uses_base = method in ("slerp", "nuslerp", "model_stock")
+    pool = pymerge.CheckpointPool([{"w": x} for x in xs], base={"w": base} if uses_base else None)
+    w = [1.0 / n] * n
+    want = pool.materialize(w, into={"w": torch.empty(16, 12)}, method=method, **params)["w"]
+    with torch.device("meta"):
+        got = pool.materialize(w, into={"w": torch.empty(16, 12, device="cpu")}, method=method, **params)["w"]
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
 def test_second_order_gradients_match_torch():
     """The backward read the weights detached, so a double backward took them for constants: d/dw of a
     gradient missed the d/dx term's dependence on w (found by a bug hunt)."""

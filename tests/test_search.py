@@ -352,7 +352,7 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     res = optimize(CheckpointPool(other_spelling), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state,
                    log=None)
     assert len(res.history) == 6
-    packed = CheckpointPool(files, base=files[0], compress="int8")
+    packed = CheckpointPool(files, base=files[0], compress="int8", dtype=torch.bfloat16)  # load() forgets dtype=
     cstate = str(tmp_path / "c.json")
     optimize(packed, evaluate, model=Vec(16), budget=4, popsize=3, state_path=cstate, log=None)
     packed.save(str(tmp_path / "pool.safetensors"))

@@ -115,3 +115,40 @@ def test_a_piece_at_an_offset_keeps_its_own_top_k_and_della_wants_the_whole_tens
     with pytest.raises(ValueError, match="the random draws index at most"):
         tvo.task_vector_merge([x], base, torch.empty(20), [tvo.Sparsifier("random", density=0.5)], [1.0],
                               consensus=False, normalize=False, offset=(1 << 34) - 10, backend=backend)
+
+
+def test_selection_cache_lookups_do_not_race_another_threads_eviction():
+    """The pool's methods path shares one SelectionCache between threads: one thread's LRU eviction could
+    pop the key another had just found, before its move_to_end (KeyError; the same race PlanCache had).
+    Made deterministic: thread A is held between its lookup and move_to_end while B evicts its key."""
+    import threading
+    from collections import OrderedDict
+    from pymerge.ops.task_vector_ops import SelectionCache
+    inside, proceed = threading.Event(), threading.Event()
+
+    class Held(OrderedDict):
+        def move_to_end(self, key, last=True):
+            if threading.current_thread().name == "A":
+                inside.set()
+                proceed.wait(5)
+            return super().move_to_end(key, last)
+    cache = SelectionCache(max_entries=1)
+    cache._data = Held()
+    cache.put("a", (1,))
+    errors = []
+
+    def run(fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the race's KeyError is what is tested
+            errors.append(exc)
+    ta = threading.Thread(target=run, args=(lambda: cache.get("a"),), name="A")
+    ta.start()
+    assert inside.wait(5)
+    tb = threading.Thread(target=run, args=(lambda: cache.put("b", (2,)),), name="B")
+    tb.start()
+    tb.join(0.3)  # with the lock B waits for A; without it B evicts "a" now
+    proceed.set()
+    ta.join(5)
+    tb.join(5)
+    assert not errors and not ta.is_alive() and not tb.is_alive()

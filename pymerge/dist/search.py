@@ -114,6 +114,7 @@ class _LeaderPool:
     def __init__(self, pool, crew: _Crew):
         self.num_checkpoints, self.device, self.crew = pool.num_checkpoints, pool.device, crew
         self.num_groups, self.labels, self.has_base = pool.num_groups, pool.labels, pool.has_base
+        self.dtype = getattr(pool, "dtype", None)  # in the state's fingerprint, as a single process records it
         self._scores, self._done = {}, 0
 
     def materialize_many(self, weights, into, **kw):

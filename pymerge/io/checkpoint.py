@@ -23,6 +23,7 @@ from pymerge.errors import CheckpointError, short
 from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, open_regular, read_json
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo
 
+_MAX_EXPANDED = 16 << 20  # bytes an expanded .bin tensor may claim (each read copies it out whole)
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
@@ -60,12 +61,13 @@ class TorchFile:
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
             if (problem := kind_problem(t)) is not None:  # sparse, nested, quantized, meta
                 raise CheckpointError(f"{self.path}: tensor {name!r} {problem}")
-            if overlap_problem(t) is not None:
+            if t.numel() * t.element_size() > _MAX_EXPANDED and overlap_problem(t) is not None:
                 # an expanded tensor: a few stored bytes that would be copied out to all it claims (a 2 KB file
-                # of "1 GiB"); a checkpoint stores every element, and safetensors cannot even say this
+                # of "1 GiB"). Small ones (a buffer saved as arange(8).expand(4, 8)) load as torch loads them.
                 raise CheckpointError(f"{self.path}: tensor {name!r}: shape {list(t.shape)} with strides "
                                       f"{list(t.stride())} puts several elements on one stored value (an expanded "
-                                      f"tensor); a checkpoint stores each element")
+                                      f"tensor of {t.numel() * t.element_size()} bytes); a checkpoint stores each "
+                                      f"element")
             if t.dim() > MAX_DIMS:
                 raise CheckpointError(f"{self.path}: tensor {name!r}: shape has {t.dim()} dimensions; pymerge "
                                       f"supports at most {MAX_DIMS}")

@@ -41,5 +41,5 @@ class ModelStock(MergeMethod):
         for g in gram:
             t = interp.model_stock_t(g)
             coefs.append([t / n] * n + [1.0 - t])
-        interp.group_lincomb(task.inputs, task.base, False, group, torch.tensor(coefs, dtype=torch.float64), out,
+        interp.group_lincomb(task.inputs, task.base, False, group, torch.tensor(coefs, dtype=torch.float64, device="cpu"), out,
                              task.backend, task.num_threads)

@@ -47,7 +47,7 @@ class Slerp(MergeMethod):
         xs = [task.base, task.inputs[0]]
         g = (task.dots or interp.group_dots)(xs, None, False, self.dot_group(task), task.backend, task.num_threads)[0]
         ca, cb = interp.slerp_coefs(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
-        interp.group_lincomb(xs, None, False, "whole", torch.tensor([[ca, cb, 0.0]]), out,
+        interp.group_lincomb(xs, None, False, "whole", torch.tensor([[ca, cb, 0.0]], device="cpu"), out,
                              task.backend, task.num_threads)
 
 
@@ -96,5 +96,5 @@ class NuSlerp(MergeMethod):
         for g in gram:
             c0, c1 = interp.nuslerp_coefs(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
             coefs.append([c0, c1, 1.0 if sub else 0.0])
-        interp.group_lincomb(task.inputs, base, sub, group, torch.tensor(coefs, dtype=torch.float64), out,
+        interp.group_lincomb(task.inputs, base, sub, group, torch.tensor(coefs, dtype=torch.float64, device="cpu"), out,
                              task.backend, task.num_threads)

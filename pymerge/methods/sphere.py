@@ -48,7 +48,7 @@ def gram(xs, base=None, backend: str = "auto", num_threads: int = 0) -> torch.Te
 
 
 def _write(task: TensorTask, xs, base, coefs: List[float], base_coef: float, out: torch.Tensor) -> None:
-    row = torch.tensor([coefs + [base_coef]], dtype=torch.float64)
+    row = torch.tensor([coefs + [base_coef]], dtype=torch.float64, device="cpu")
     interp.group_lincomb(xs, base, base is not None, "whole", row, out, task.backend, task.num_threads)
 
 

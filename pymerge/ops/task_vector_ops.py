@@ -30,6 +30,7 @@ sums rounded once, pymerge/ops/exact_sum.py, so a sharded pool gets the same bit
 "inverse_density" by 1 / density; None leaves the kept values as they are.
 """
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, List, Optional, Sequence, Tuple
@@ -86,21 +87,27 @@ class SelectionCache:
         self.max_entries = max_entries
         self._data: "OrderedDict[tuple, tuple]" = OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
 
     def get(self, key):
-        value = self._data.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._data.move_to_end(key)
-        return value
+        with self._lock:  # two threads on one pool: one's eviction raced the other's move_to_end (as PlanCache)
+            value = self._data.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._data.move_to_end(key)
+            return value
 
     def put(self, key, value):
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
+        return SelectionCache, (self.max_entries,)
 
     def clear(self):
         self._data.clear()

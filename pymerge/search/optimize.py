@@ -371,17 +371,26 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else repr(value)
 
 
+_OPTIONAL = ("dtype", "sample")  # pool fingerprint entries not every search records (see _pool_contents)
+
+
 def _pool_contents(pool) -> dict:
-    """The pool's dtype= and a digest of the first bytes of each checkpoint's first tensors: in-memory sources
-    are labelled by position only, so [A, B, C] resumed as [C, B, A] (or a dtype= added) was accepted and the
-    saved weights paired with other checkpoints. Not for pools that hold no plain copies (compressed, leader)."""
+    """The pool's dtype= and a digest of the first bytes of 64 of each checkpoint's tensors (spread over the
+    model: fine-tunes often share frozen embeddings): in-memory sources are labelled by position only, so
+    [A, B, C] resumed as [C, B, A] (or a dtype= added) was accepted and the saved weights paired with other
+    checkpoints. Each is compared only where both searches recorded it: a compressed pool records neither
+    (a saved one forgets its dtype=), the distributed search's leader only the dtype (its ranks hold shards),
+    so a state moves between one process and many as before."""
+    if getattr(pool, "_compressed", None) is not None:
+        return {}
     out = {"dtype": str(getattr(pool, "dtype", None))}
     inputs = getattr(pool, "_inputs", None)
-    if getattr(pool, "_compressed", None) is None and inputs:
+    if inputs:
+        names = sorted(inputs)
         sample = []
         for i in range(pool.num_checkpoints):
             h = hashlib.sha256()
-            for name in sorted(inputs)[:64]:
+            for name in names[::max(1, len(names) // 64)]:
                 t = inputs[name][i]
                 h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             sample.append(h.hexdigest()[:16])
@@ -414,8 +423,10 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
                 saved = {**saved, "method_params": {}}
         if "pool" not in saved:  # written before the fingerprint held the checkpoints: not compared, as then
             expected.pop("pool", None)
-        elif isinstance(saved["pool"], dict):  # dtype and sample came later (2026-12-02): absent, not compared
-            expected["pool"] = {k: v for k, v in expected["pool"].items() if k in saved["pool"] or k not in ("dtype", "sample")}
+        elif isinstance(saved["pool"], dict):  # dtype and sample: compared where both searches recorded them
+            both = set(saved["pool"]) & set(expected["pool"])
+            saved = {**saved, "pool": {k: v for k, v in saved["pool"].items() if k in both or k not in _OPTIONAL}}
+            expected["pool"] = {k: v for k, v in expected["pool"].items() if k in both or k not in _OPTIONAL}
         if saved != expected:
             diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
             raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
