@@ -121,13 +121,17 @@ def test_bin_input_truncated_during_the_merge_is_an_error(tmp_path, big_family):
     victim = _as_bin(fts[1])
     cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "linear",
                                          "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in fts]})
+    _merge_while_truncating(tmp_path, cfg, victim)
+
+
+def _merge_while_truncating(tmp_path: Path, cfg: Path, victim: Path) -> None:
+    """Runs the merge in a child, truncating victim mid-merge: a one-line error naming it, exit 2, no output."""
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-c", _TRUNCATE_DURING_MERGE, str(cfg), str(out), str(victim)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert "shrank while being merged" in p.stderr and str(victim) in p.stderr
     assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".out")] == []
-
 
 
 def _lora_adapter(folder: Path, layers: int, hidden: int, fmt: str) -> Path:
@@ -160,12 +164,7 @@ def test_lora_adapter_truncated_during_the_merge_is_an_error(tmp_path, big_famil
     cfg = write_cfg(tmp_path / "c.yml", {"merge_method": "linear", "models": [
         {"model": f"{fts[0]}+{victim.parent}", "parameters": {"weight": 0.5}},
         {"model": str(fts[1]), "parameters": {"weight": 0.5}}]})
-    out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-c", _TRUNCATE_DURING_MERGE, str(cfg), str(out), str(victim)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    assert "shrank while being merged" in p.stderr and str(victim) in p.stderr
-    assert not out.exists() and [q.name for q in tmp_path.iterdir() if q.name.startswith(".out")] == []
+    _merge_while_truncating(tmp_path, cfg, victim)
 
 _FAULT_OUTSIDE_THE_GUARD = r"""
 import mmap, os, sys

@@ -108,6 +108,16 @@ def test_pool_refuses_freed_sources():
 
 # Each of these was a segmentation fault: run in a child process, so a regression fails the test
 # instead of killing pytest.
+_RUN_CASES = r"""
+for name, case in cases.items():
+    try:
+        case()
+        print(f"{name}: no error")
+    except Exception as exc:
+        print(f"{name}: {type(exc).__name__}: {exc}")
+    sys.stdout.flush()
+"""  # the child scripts' last part: every case, one line each, even after an error
+
 _CRASHES = r"""
 import mmap, sys, torch, pymerge
 from pymerge.io import Checkpoint
@@ -163,14 +173,7 @@ cases = {
     "a borrowed source reallocated": borrowed_reallocated,
     "a cached target freed": cached_target_then_freed,
 }
-for name, case in cases.items():
-    try:
-        case()
-        print(f"{name}: no error")
-    except Exception as exc:
-        print(f"{name}: {type(exc).__name__}: {exc}")
-    sys.stdout.flush()
-assert float(view.sum()) == 0.0  # nothing was written into the file's view
+""" + _RUN_CASES + r"""assert float(view.sum()) == 0.0  # nothing was written into the file's view
 print("done")
 """
 
@@ -238,14 +241,7 @@ cases = {
     "ramplus_tl torch": lambda: co.ramplus_tl([y, v], y, 0.5, 0.2, 1e-3, torch.empty(1024), backend="torch"),
     "nearswap torch": lambda: em.nearswap(y, v, 0.1, torch.empty(1024), backend="torch"),
 }
-for name, case in cases.items():
-    try:
-        case()
-        print(f"{name}: no error")
-    except Exception as exc:
-        print(f"{name}: {type(exc).__name__}: {exc}")
-    sys.stdout.flush()
-print("done")
+""" + _RUN_CASES + r"""print("done")
 """
 
 
