@@ -236,6 +236,21 @@ def worker(rank, world, d, files):
     ref_model = build()
     refs[3].materialize(W3, into=ref_model, method="ties", density=0.55)
     out["reordered_bits"] = all(torch.equal(full(m)[n], p.detach()) for n, p in ref_model.named_parameters())
+    # a pool built after a forward pass: FSDP2 left the root's parameters gathered, the pool took them as
+    # replicated, and every materialize into the model was refused (a bug hunt)
+    m = sharded("fsdp")
+    with torch.no_grad():
+        m(torch.randn(2, 13))
+    pymerge.CheckpointPool(ckpts, base=base, shard_like=m).materialize(W3, into=m, method="ties", density=0.55)
+    out["after_forward"] = all(torch.equal(full(m)[n], p.detach()) for n, p in ref_model.named_parameters())
+    # checkpoints named "model.<name>" with one more tensor than the model: names= and strict=False were
+    # refused when the pool was built ("has no counterpart in shard_like"; a bug hunt)
+    pf = [os.path.join(d, "prefixed", os.path.basename(f)) for f in files]
+    m = sharded("fsdp")
+    strip = lambda n: n[len("model."):]  # noqa: E731
+    pymerge.CheckpointPool(pf[:3], base=pf[3], shard_like=m, names=strip).materialize(
+        W3, into=m, method="ties", density=0.55, names=strip, strict=False)
+    out["names_strict"] = all(torch.equal(full(m)[n], p.detach()) for n, p in ref_model.named_parameters())
     # a tied target whose checkpoints hold both names with other values: the last name in the single-process
     # pool's order (the files') writes it; ordering names by the model instead wrote the other (a review)
     class Tied(torch.nn.Module):
@@ -280,6 +295,11 @@ def group(request, tmp_path_factory):
     for i in range(2):  # the files list head.weight first (sorted), the module wte.weight
         save_file({"wte.weight": torch.full((4, 3), 1.0 + i), "head.weight": torch.full((4, 3), 10.0 + i)},
                   os.path.join(d, "tied", f"m{i}.safetensors"))
+    os.mkdir(os.path.join(d, "prefixed"))
+    for f in files:
+        sd = {"model." + k: v for k, v in load_file(f).items()}
+        sd["model.extra"] = torch.ones(5)
+        save_file(sd, os.path.join(d, "prefixed", os.path.basename(f)))
     for kind in ("reordered", "lacking", "retyped"):
         os.mkdir(os.path.join(d, kind))
         for i, f in enumerate(files):
@@ -301,6 +321,10 @@ def test_sharded_materialize_matches_single_process(group, layout, label):
         case = res["cases"][layout, label]
         assert case["ptrs"], f"rank {rank}: local shards were replaced, not written in place"
         assert case["bits"], f"rank {rank}: {layout} {label} differs from the single-process pool"
+
+
+def test_a_pool_built_after_a_forward_pass_or_with_names_and_extras(group):
+    assert all(res["after_forward"] and res["names_strict"] for res in group[2])
 
 
 def test_materialize_many_into_sharded_models(group):

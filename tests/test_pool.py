@@ -662,6 +662,11 @@ def test_weights_that_are_not_numbers_are_refused_not_parsed(weights):
     torch.testing.assert_close(target["w"], torch.full((2,), 0.25))
 
 
+def test_names_at_construction_is_for_sharded_pools_only():
+    with pytest.raises(InputError, match="names= at construction finds each tensor's counterpart in shard_like="):
+        CheckpointPool([{"w": torch.ones(2)}], names=lambda n: n)
+
+
 def test_weights_past_float_range_on_meta_or_as_decimals():
     """10**400 raised OverflowError and meta-device weights NotImplementedError (not InputErrors); Decimals,
     numbers as the code said, were refused (a bug hunt)."""

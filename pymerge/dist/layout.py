@@ -71,13 +71,18 @@ def flat_index(offset, shape) -> int:
     return idx
 
 
+def whole_box(shape: Tuple[int, ...]) -> Box:
+    """A tensor every rank holds whole."""
+    return Box(shape, (0,) * len(shape), shape, ("replicated", shape))
+
+
 def box_of(t: torch.Tensor, what: str) -> Box:
     """The box this rank holds of tensor t (a DTensor or a plain tensor)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
     shape = tuple(t.shape)
     if not isinstance(t, DTensor) or all(isinstance(p, Replicate) for p in t.placements):
-        return Box(shape, (0,) * len(shape), shape, ("replicated", shape))
+        return whole_box(shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     mesh, placements = t.device_mesh, tuple(t.placements)
     sharded = []

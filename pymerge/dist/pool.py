@@ -30,13 +30,15 @@ from pymerge.pool.pool import CheckpointPool, _fmt_bytes, _map_name, _tensors_of
 class ShardedPool(CheckpointPool):
     """See the module docstring; built by CheckpointPool(..., shard_like=...)."""
 
-    def __init__(self, sources, base=None, *args, shard_like=None, **kwargs):
+    def __init__(self, sources, base=None, *args, shard_like=None, names=None, **kwargs):
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
             raise InputError("shard_like needs an initialized torch.distributed process group "
                              "(torchrun, or dist.init_process_group)")
-        self.boxes: Dict[str, Box] = boxes_of(shard_like)
-        self.group = reduce_group(list(self.boxes.values()))
+        _reshard(shard_like)  # a forward pass left FSDP2's root gathered: the pool took it as replicated
+        model_boxes = boxes_of(shard_like)
+        self.group = reduce_group(list(model_boxes.values()))
+        self.boxes: Dict[str, Box] = _Counterparts(model_boxes, names)  # by checkpoint name
         self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         error = None
@@ -129,8 +131,10 @@ class ShardedPool(CheckpointPool):
                     continue
                 have = box_of(t, f"tensor {model_name!r}{where}")
                 if have.signature != want.signature:
+                    hint = (" (shard_like had no tensor of that name: give the pool the names= given here)"
+                            if want.signature[0] == "replicated" and names is not None else "")
                     problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
-                                    f"{describe(want)}")
+                                    f"{describe(want)}{hint}")
             local.append({n: _local(t) for n, t in tensors.items()})
         if problems:
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
@@ -191,6 +195,21 @@ def _plain(value):
     if callable(value):
         return getattr(value, "__qualname__", type(value).__name__)
     return repr(value)
+
+
+class _Counterparts(dict):
+    """shard_like's boxes looked up by checkpoint name through names= (materialize's mapping); a tensor
+    shard_like lacks (an extra that strict=False skips, or one names= maps to None) is held whole."""
+
+    def __init__(self, boxes: Dict[str, Box], names):
+        super().__init__()
+        self._boxes, self._names = boxes, names
+
+    def get(self, name, default=None):
+        if name not in self:
+            model_name = _map_name(name, self._names)
+            self[name] = self._boxes.get(model_name) if model_name is not None else None
+        return self[name]
 
 
 def _reshard(target) -> None:

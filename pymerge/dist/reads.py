@@ -12,8 +12,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from pymerge.dist.layout import Box, describe
-from pymerge.errors import CheckpointError, InputError
+from pymerge.dist.layout import Box, describe, whole_box
+from pymerge.errors import CheckpointError
 
 touched: Optional[list] = None
 
@@ -73,9 +73,8 @@ class ShardedSource:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             return dtype, shape, None  # not merged (the pool skips it): no layout needed
         box = self._boxes.get(name)
-        if box is None:
-            raise InputError(f"{self.label}: tensor {name!r} has no counterpart in shard_like, so the pool "
-                             "cannot tell which part this rank holds")
+        if box is None:  # no counterpart in shard_like: held whole (a target holding it then says so)
+            box = self._boxes[name] = whole_box(tuple(shape))
         if box.global_shape != tuple(shape):
             raise CheckpointError(f"{self.label}: tensor {name!r} has shape {list(shape)}, shard_like's "
                                   f"{describe(box)} tensor has {list(box.global_shape)}")

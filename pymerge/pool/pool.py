@@ -109,7 +109,9 @@ class CheckpointPool:
     compress       "int8", "int4" or "auto": hold each checkpoint as its quantized delta from `base`
                    (pymerge/pool/compressed.py); error_budget caps each tensor's relative delta error
     shard_like     under torch.distributed: a module or state dict of DTensors (FSDP2, tensor parallel);
-                   each rank then holds only its shards and merges into its local shards (pymerge/dist/)
+                   each rank then holds only its shards and merges into its local shards (pymerge/dist/);
+                   with names= (materialize's mapping) where its names differ from the checkpoints'. A
+                   tensor it lacks (strict=False's extras) is held whole on every rank
     """
     _guard = MappingGuard(())  # none: only the mmap tier reads the files after construction
     _lent: tuple = ()  # none (a loaded or sharded pool): see __init__ and _check_borrowed
@@ -117,6 +119,9 @@ class CheckpointPool:
     def __new__(cls, *args, shard_like=None, **kwargs):
         if shard_like is not None and kwargs.get("compress") is not None:
             raise InputError("compress= and shard_like= do not combine yet: a compressed pool holds whole tensors")
+        if shard_like is None and "names" in kwargs:
+            raise InputError("names= at construction finds each tensor's counterpart in shard_like=; without it, "
+                             "pass names= to materialize")
         if shard_like is not None and cls is CheckpointPool:
             from pymerge.dist.pool import ShardedPool
             return super().__new__(ShardedPool)
