@@ -336,8 +336,9 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                 counts = count_layers(ck.names(), n)
                 if not counts:
                     raise CheckpointError(f"{path}: no layer stack (no '.layers.N.' tensors) to slice")
-                if len(counts) > 1:  # a vision tower and a text stack: slicing one left the other unsliced
-                    raise MergeConfigError(f"{path}: has {len(counts)} layer stacks ({', '.join(sorted(counts))}); "
+                several = sorted(p for p, n in counts.items() if n > 1)  # not a one-layer MTP head (mtp.layers.0)
+                if len(several) > 1:  # a vision tower and a text stack: slicing one left the other unsliced
+                    raise MergeConfigError(f"{path}: has {len(several)} layer stacks ({', '.join(several)}); "
                                            "slices: cut one stack, as mergekit, which asks for modules: per "
                                            "stack here, refuses too; merge it with models:")
                 prefix = max(counts, key=lambda p: sum(1 for x in ck.names() if (layer_of(x) or ("",))[0] == p))

@@ -251,6 +251,18 @@ def worker(rank, world, d, files):
     pymerge.CheckpointPool(pf[:3], base=pf[3], shard_like=m, names=strip).materialize(
         W3, into=m, method="ties", density=0.55, names=strip, strict=False)
     out["names_strict"] = all(torch.equal(full(m)[n], p.detach()) for n, p in ref_model.named_parameters())
+    # without names= nearly nothing has a counterpart: refused before every rank held every checkpoint whole
+    out["errors"]["forgot_names"] = error_of(lambda: pymerge.CheckpointPool(pf[:3], base=pf[3], shard_like=m))
+    # a (replicas, shards) mesh: a rank failing before its first layout lookup agreed in its replica group
+    # while the others agreed over the world (a hang; a review)
+    hsdp = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicas", "shards"))
+    replicated = build()
+    fully_shard(replicated, mesh=hsdp)
+    mine = list(ckpts)
+    if rank == world - 1:
+        mine[0] = os.path.join(d, "missing.safetensors")
+    out["errors"]["missing_on_one_replica"] = error_of(
+        lambda: pymerge.CheckpointPool(mine, base=base, shard_like=replicated))
     # a tied target whose checkpoints hold both names with other values: the last name in the single-process
     # pool's order (the files') writes it; ordering names by the model instead wrote the other (a review)
     class Tied(torch.nn.Module):
@@ -324,7 +336,12 @@ def test_sharded_materialize_matches_single_process(group, layout, label):
 
 
 def test_a_pool_built_after_a_forward_pass_or_with_names_and_extras(group):
-    assert all(res["after_forward"] and res["names_strict"] for res in group[2])
+    world, _, results = group
+    assert all(res["after_forward"] and res["names_strict"] for res in results)
+    for res in results:
+        assert "have no counterpart in shard_like; pass names=" in res["errors"]["forgot_names"]
+        assert res["errors"]["missing_on_one_replica"] == results[0]["errors"]["missing_on_one_replica"]
+        assert f"rank {world - 1}: " in res["errors"]["missing_on_one_replica"]
 
 
 def test_materialize_many_into_sharded_models(group):

@@ -641,3 +641,11 @@ def test_a_vision_tower_keeps_its_own_layer_positions_and_is_not_sliced(tmp_path
     with pytest.raises(MergeConfigError, match=r"has 2 layer stacks \(model.layers, visual.blocks\)"):
         run_merge(sliced, tmp_path / "out", device="cpu", quiet=True)
     assert not (tmp_path / "out").exists()
+    # a one-layer second stack (Qwen3-Next's mtp.layers.0) is a head, not a stack to cut: slices still work
+    from safetensors.torch import save_file
+    for m in (base, ft):
+        tensors = {k: v for k, v in load_file(str(m / "model.safetensors")).items() if not k.startswith("visual.")}
+        tensors["mtp.layers.0.proj.weight"] = torch.ones(4)
+        save_file(tensors, str(m / "model.safetensors"))
+    run_merge(sliced, tmp_path / "out", device="cpu", quiet=True)
+    assert "mtp.layers.0.proj.weight" in load_file(str(tmp_path / "out" / "model.safetensors"))

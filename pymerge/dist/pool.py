@@ -46,7 +46,8 @@ class ShardedPool(CheckpointPool):
             super().__init__(sources, base, *args, **kwargs)
         except Exception as exc:  # agreed below: every rank raises the first failing rank's error
             error = exc
-        agreeing = agreement_group(self.boxes.values(), self.group)
+        # from shard_like's whole layout: a rank failing before its first lookup agreed in another group (a hang)
+        agreeing = agreement_group(model_boxes.values(), self.group)
         collectives.agree(error, agreeing)
         # Collectives pair tensors by their place in self.names: a rank whose files lack a tensor, or hold
         # it in another dtype, must not build a pool, and one whose files list them in another order (a
@@ -56,9 +57,19 @@ class ShardedPool(CheckpointPool):
             (n, tuple(map(dtype, self._inputs[n] + ([self._base[n]] if n in self._base else []))))
             for n in self.names], agreeing)
         self.names = collectives.agreed_order(self.names, agreeing)
+        self._not_in_layout = self.boxes.missing
         self.boxes = {n: self.boxes[n] for n in self.names}
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
+
+    def _check_catalog(self) -> None:
+        """Before any tensor is held: checkpoints whose names shard_like mostly lacks (names= forgotten) were
+        held whole on every rank (out of memory on a large model) before materialize could say so."""
+        missing = [n for n in self.names if n in self.boxes.missing]
+        if self.group is not None and 2 * len(missing) > len(self.names):
+            raise InputError(f"{len(missing)} of the checkpoints' {len(self.names)} tensors (e.g. {missing[0]!r}) "
+                             "have no counterpart in shard_like; pass names= mapping the checkpoints' names to "
+                             "its names (a tensor it lacks is held whole on every rank)")
 
     def input_versions(self, name: str) -> tuple:
         """Autograd version counters of the checkpoints' and base's tensor `name` as this rank holds them."""
@@ -132,7 +143,7 @@ class ShardedPool(CheckpointPool):
                 have = box_of(t, f"tensor {model_name!r}{where}")
                 if have.signature != want.signature:
                     hint = (" (shard_like had no tensor of that name: give the pool the names= given here)"
-                            if want.signature[0] == "replicated" and names is not None else "")
+                            if name in self._not_in_layout else "")
                     problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
                                     f"{describe(want)}{hint}")
             local.append({n: _local(t) for n, t in tensors.items()})
@@ -204,12 +215,15 @@ class _Counterparts(dict):
     def __init__(self, boxes: Dict[str, Box], names):
         super().__init__()
         self._boxes, self._names = boxes, names
+        self.missing = set()  # checkpoint names mapped to a name shard_like lacks (not those mapped to None)
 
     def get(self, name, default=None):
         if name not in self:
             model_name = _map_name(name, self._names)
             self[name] = self._boxes.get(model_name) if model_name is not None else None
-        return self[name]
+            if model_name is not None and self[name] is None:
+                self.missing.add(name)
+        return self[name] if self[name] is not None else default
 
 
 def _reshard(target) -> None:

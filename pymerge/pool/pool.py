@@ -155,6 +155,7 @@ class CheckpointPool:
         guard = _guard_mapped(opened + ([base_src] if base_src else []))  # every tier copies from the maps
         try:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
+            self._check_catalog()
             self.num_checkpoints = len(opened)
             self.labels = [s.label for s in opened]
             self.has_base = base_src is not None
@@ -186,6 +187,9 @@ class CheckpointPool:
     def _reads_maps(self) -> bool:
         """Whether the held tensors are views of the sources' memory maps (the mmap tier's are)."""
         return True
+
+    def _check_catalog(self) -> None:
+        """A subclass's check of the tensors found, before any is held (ShardedPool's)."""
 
     _owned: dict = {}  # a pool made without _finish (__new__) has handed out nothing
 

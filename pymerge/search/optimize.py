@@ -390,7 +390,7 @@ def _pool_contents(pool) -> dict:
         sample = []
         for i in range(pool.num_checkpoints):
             h = hashlib.sha256()
-            for name in names[::max(1, len(names) // 64)]:
+            for name in names[::-(-len(names) // 64) or 1]:  # at most 64
                 t = inputs[name][i]
                 h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             sample.append(h.hexdigest()[:16])
