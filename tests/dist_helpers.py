@@ -6,10 +6,12 @@ collective has the group's timeout; workers end with destroy_process_group and o
 import os
 import pickle
 import socket
+import time
 import traceback
 from datetime import timedelta
 
 TIMEOUT = timedelta(seconds=60)
+WALL_S = 600.0  # a whole spawned run, every check of a module included
 
 
 def free_port() -> int:
@@ -37,11 +39,18 @@ def _entry(rank, world, port, fn, args, out_dir, timeout=TIMEOUT):
         os._exit(0)
 
 
-def run(fn, world: int, out_dir: str, *args, timeout: timedelta = TIMEOUT):
+def run(fn, world: int, out_dir: str, *args, timeout: timedelta = TIMEOUT, wall_s: float = WALL_S):
     """fn(rank, world, *args) on `world` spawned ranks (collectives time out after `timeout`);
-    returns the list of their results."""
+    returns the list of their results. Ranks still running after wall_s seconds are killed and the
+    test fails: a collective on a group made without the timeout (a mesh's subgroups) once hung CI."""
     import torch.multiprocessing as mp
-    mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir, timeout), nprocs=world, join=True)
+    ctx = mp.spawn(_entry, args=(world, free_port(), fn, args, out_dir, timeout), nprocs=world, join=False)
+    deadline = time.monotonic() + wall_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError(f"{fn.__name__}: ranks still running after {wall_s:.0f} s (a hang); killed")
     results = []
     for r in range(world):
         with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as fh:
