@@ -336,12 +336,16 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                 counts = count_layers(ck.names(), n)
                 if not counts:
                     raise CheckpointError(f"{path}: no layer stack (no '.layers.N.' tensors) to slice")
-                several = sorted(p for p, n in counts.items() if n > 1)  # not a one-layer MTP head (mtp.layers.0)
-                if len(several) > 1:  # a vision tower and a text stack: slicing one left the other unsliced
-                    raise MergeConfigError(f"{path}: has {len(several)} layer stacks ({', '.join(several)}); "
-                                           "slices: cut one stack, as mergekit, which asks for modules: per "
-                                           "stack here, refuses too; merge it with models:")
-                prefix = max(counts, key=lambda p: sum(1 for x in ck.names() if (layer_of(x) or ("",))[0] == p))
+                members = {p: sum(1 for x in ck.names() if (layer_of(x) or ("",))[0] == p) for p in counts}
+                derived = count_layers(ck.names())
+                # the stack num_hidden_layers counts (as count_layers picks it), else the one with most tensors
+                prefix = max(counts, key=lambda p: (derived[p] == n, members[p]))
+                others = sorted(p for p in counts if p != prefix and derived[p] > 1)  # not a one-layer MTP head
+                if others:  # a vision tower and a text stack: slicing one left the other unsliced
+                    raise MergeConfigError(f"{path}: has {len(others) + 1} layer stacks "
+                                           f"({', '.join(sorted(others + [prefix]))}); slices: cut one stack, as "
+                                           "mergekit, which asks for modules: per stack here, refuses too; merge "
+                                           "it with models:")
                 by_layer: Dict[int, List[str]] = {}
                 for x in ck.names():
                     li = layer_of(x)

@@ -50,6 +50,7 @@ def run(fn, world: int, out_dir: str, *args, timeout: timedelta = TIMEOUT, wall_
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
+                p.join()
             raise AssertionError(f"{fn.__name__}: ranks still running after {wall_s:.0f} s (a hang); killed")
     results = []
     for r in range(world):

@@ -311,6 +311,8 @@ def group(request, tmp_path_factory):
     for f in files:
         sd = {"model." + k: v for k, v in load_file(f).items()}
         sd["model.extra"] = torch.ones(5)
+        for i in range(8):  # more tensors than the model has, fewer elements: held whole, not refused
+            sd[f"model.vision.{i}.weight"] = torch.full((3,), float(i))
         save_file(sd, os.path.join(d, "prefixed", os.path.basename(f)))
     for kind in ("reordered", "lacking", "retyped"):
         os.mkdir(os.path.join(d, kind))
@@ -339,7 +341,7 @@ def test_a_pool_built_after_a_forward_pass_or_with_names_and_extras(group):
     world, _, results = group
     assert all(res["after_forward"] and res["names_strict"] for res in results)
     for res in results:
-        assert "have no counterpart in shard_like; pass names=" in res["errors"]["forgot_names"]
+        assert "have no counterpart in shard_like, and each rank would hold them whole; pass names=" in res["errors"]["forgot_names"]
         assert res["errors"]["missing_on_one_replica"] == results[0]["errors"]["missing_on_one_replica"]
         assert f"rank {world - 1}: " in res["errors"]["missing_on_one_replica"]
 

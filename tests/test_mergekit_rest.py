@@ -649,3 +649,20 @@ def test_a_vision_tower_keeps_its_own_layer_positions_and_is_not_sliced(tmp_path
         save_file(tensors, str(m / "model.safetensors"))
     run_merge(sliced, tmp_path / "out", device="cpu", quiet=True)
     assert "mtp.layers.0.proj.weight" in load_file(str(tmp_path / "out" / "model.safetensors"))
+
+
+def test_slices_refuse_a_one_layer_text_stack_beside_a_vision_tower(tmp_path):
+    """Exempting one-layer stacks (an MTP head) cut the vision tower of a model whose text stack has one
+    layer: the stack to cut is the one num_hidden_layers counts, and any other of several layers refuses."""
+    from safetensors.torch import save_file
+    from pymerge.errors import MergeConfigError
+    from pymerge.merge import run_merge
+    m = tmp_path / "vl"
+    m.mkdir()
+    tensors = {"model.embed_tokens.weight": torch.ones(4, 2), "model.layers.0.w": torch.ones(2)}
+    tensors.update({f"visual.blocks.{i}.p{k}": torch.ones(2) for i in range(4) for k in range(3)})
+    save_file(tensors, str(m / "model.safetensors"))
+    (m / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m), "layer_range": [0, 1]}]}]}
+    with pytest.raises(MergeConfigError, match=r"has 2 layer stacks \(model.layers, visual.blocks\)"):
+        run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
