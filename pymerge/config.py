@@ -380,22 +380,32 @@ def layer_of(tensor_name: str) -> Optional[Tuple[str, int]]:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None) -> Dict[str, int]:
-    """Layers per stack: max index + 1, except the stack config.json's num_hidden_layers counts takes that
-    number when given (mergekit counts layers from the config): the one with as many layers, else the largest.
-    In a vision-language model the vision tower can hold more tensors than the text stack num_hidden_layers
-    counts (Qwen2-VL: 32 x 12 against 28 x 12): it took the text's count and its blocks wrong positions."""
-    top: Dict[str, int] = {}
-    members: Dict[str, int] = {}
+def layer_stacks(names: Iterable[str]) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(layers, tensors) per stack prefix: its max layer index + 1, and how many tensors it holds."""
+    layers: Dict[str, int] = {}
+    tensors: Dict[str, int] = {}
     for n in names:
         li = layer_of(n)
         if li:
-            top[li[0]] = max(top.get(li[0], 0), li[1] + 1)
-            members[li[0]] = members.get(li[0], 0) + 1
-    if num_hidden_layers and members:
-        main = max(members, key=lambda p: (top[p] == int(num_hidden_layers), members[p]))
-        top[main] = int(num_hidden_layers)
-    return top
+            layers[li[0]] = max(layers.get(li[0], 0), li[1] + 1)
+            tensors[li[0]] = tensors.get(li[0], 0) + 1
+    return layers, tensors
+
+
+def main_stack(layers: Dict[str, int], tensors: Dict[str, int], num_hidden_layers: Optional[int]) -> str:
+    """The stack config.json's num_hidden_layers counts: the one with as many layers, else the one with the
+    most tensors. In a vision-language model the vision tower can hold more tensors than the text stack
+    (Qwen2-VL: 32 x 12 against 28 x 12): taken as the main stack, its blocks got the text's positions."""
+    return max(tensors, key=lambda p: (layers[p] == num_hidden_layers, tensors[p]))
+
+
+def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None) -> Dict[str, int]:
+    """Layers per stack: max index + 1, except the main stack (main_stack) takes config.json's
+    num_hidden_layers when given (mergekit counts layers from the config)."""
+    layers, tensors = layer_stacks(names)
+    if num_hidden_layers and tensors:
+        layers[main_stack(layers, tensors, int(num_hidden_layers))] = int(num_hidden_layers)
+    return layers
 
 
 def layer_t(tensor_name: str, n_layers: Union[None, int, Mapping[str, int]] = None) -> float:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params,
-                            count_layers, kind_of, layer_of, resolve_one)
+                            kind_of, layer_of, layer_stacks, main_stack, resolve_one)
 from pymerge.errors import CheckpointError, MergeConfigError, described
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
@@ -333,14 +333,11 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             if path not in stacks:
                 ck = open_ck(path)
                 n = merge._num_layers(merge._read_model_config(ck))
-                counts = count_layers(ck.names(), n)
-                if not counts:
+                layers, tensors = layer_stacks(ck.names())
+                if not layers:
                     raise CheckpointError(f"{path}: no layer stack (no '.layers.N.' tensors) to slice")
-                members = {p: sum(1 for x in ck.names() if (layer_of(x) or ("",))[0] == p) for p in counts}
-                derived = count_layers(ck.names())
-                # the stack num_hidden_layers counts (as count_layers picks it), else the one with most tensors
-                prefix = max(counts, key=lambda p: (derived[p] == n, members[p]))
-                others = sorted(p for p in counts if p != prefix and derived[p] > 1)  # not a one-layer MTP head
+                prefix = main_stack(layers, tensors, n)  # the one num_hidden_layers counts, as count_layers
+                others = sorted(p for p in layers if p != prefix and layers[p] > 1)  # not a one-layer MTP head
                 if others:  # a vision tower and a text stack: slicing one left the other unsliced
                     raise MergeConfigError(f"{path}: has {len(others) + 1} layer stacks "
                                            f"({', '.join(sorted(others + [prefix]))}); slices: cut one stack, as "
@@ -351,7 +348,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                     li = layer_of(x)
                     if li and li[0] == prefix:
                         by_layer.setdefault(li[1], []).append(x)
-                stacks[path] = (prefix, counts[prefix], by_layer)
+                stacks[path] = (prefix, n or layers[prefix], by_layer)  # count_layers' count
             return stacks[path]
 
         slices = list(sliced.slices)
