@@ -11,10 +11,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._memory import check_backed, check_readable
+from pymerge.ops._memory import PLAIN, check_backed, check_readable
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _dtype_names(dtypes):
@@ -166,6 +165,11 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
     return out.dtype
 
 
+def require_inputs(tensors, op: str) -> None:
+    if not tensors:
+        raise ValueError(f"{op}: needs at least one input")
+
+
 def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tensor], op: str,
                      base_first: bool = False) -> None:
     """What an op over inputs and a base checks before it reads any: at least one input, every input of
@@ -173,8 +177,7 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
     element by element), an output of as many elements (any shape), and every tensor backed by its
     storage (check_readable). Numbered as the kernels' checks number them: the base after the inputs,
     or first (base_first)."""
-    if not xs:
-        raise ValueError(f"{op}: needs at least one input")
+    require_inputs(xs, op)
     ref, ref_name = (base, "the base") if base is not None else (xs[0], "input 0")
     for i, x in enumerate(xs):
         if x.shape != ref.shape:
@@ -220,7 +223,7 @@ def check_apart(inputs: Sequence[Optional[torch.Tensor]], outs: Sequence[torch.T
 def addresses_unknown(tensors: Sequence[torch.Tensor]) -> bool:
     """Under torch.compile, FakeTensorMode or make_fx tensors have no real addresses (data_ptr 0 or an
     error): overlaps are checked when the op runs on real tensors."""
-    return torch.compiler.is_compiling() or any(type(t) not in _PLAIN and is_fake(t) for t in tensors)
+    return torch.compiler.is_compiling() or any(type(t) not in PLAIN and is_fake(t) for t in tensors)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

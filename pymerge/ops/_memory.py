@@ -14,7 +14,7 @@ import torch
 _probe_lock = threading.Lock()
 _probe_fds = None  # (read fd, write fd) of this process's probe pipe, made on first use
 _libc = None
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types whose data is what it says (not a subclass)
 
 
 def _after_fork_in_child() -> None:
@@ -112,7 +112,7 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
     if torch.compiler.is_compiling():
         return
     for i, t in enumerate(tensors):
-        if type(t) not in _PLAIN:
+        if type(t) not in PLAIN:
             continue
         if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
             check_backed(t, f"{what} {i}", error)  # the exact test (and the message)

@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
-from pymerge.ops._checks import check_apart, check_threads, first_out_of_range
-from pymerge.ops._memory import check_backed, check_native, check_readable
+from pymerge.ops._checks import check_apart, check_threads, first_out_of_range, require_inputs
+from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable
 
 _U64 = 1 << 64
 
@@ -78,11 +78,6 @@ def _one_device(op: str, *groups, host_ok=()) -> None:
             raise ValueError(f"{op}: tensors on {ts[0].device} and {t.device}; every tensor must be on one device")
 
 
-def _require_inputs(tensors, op: str) -> None:
-    if not tensors:
-        raise ValueError(f"{op}: needs at least one input")
-
-
 def _cuda_backend(backend: str, entry: str) -> str:
     """On CUDA: Triton when available (or asked for), else the CUDA extension, else eager torch."""
     if backend in ("triton", "cuda", "torch"):
@@ -94,7 +89,6 @@ def _cuda_backend(backend: str, entry: str) -> str:
 
 
 _KERNELS = {}  # op name -> {device type: kernel}, for the eager fast path of `call`
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _kernel(name: str, device: str):
@@ -107,7 +101,7 @@ def _kernel(name: str, device: str):
 
 def eager(t: Tensor) -> bool:
     """True when a call with t may skip the dispatcher (see `call`)."""
-    return (type(t) in _PLAIN and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+    return (type(t) in PLAIN and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and torch._C._len_torch_function_stack() == 0)
 
 
@@ -252,7 +246,7 @@ def _(tensors, weights, out, backend="auto", num_threads=0):
 @_kernel("weighted_sum_many", "cuda")
 def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                       num_threads: int = 0) -> List[Tensor]:
-    _require_inputs(tensors, "weighted_sum")
+    require_inputs(tensors, "weighted_sum")
     outs = [torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device) for _ in range(weights.shape[0])]
     _many_out(tensors, weights, outs, backend, num_threads)
     return outs
@@ -260,7 +254,7 @@ def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.d
 
 @register_fake("pymerge::weighted_sum_many")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
-    _require_inputs(tensors, "weighted_sum")
+    require_inputs(tensors, "weighted_sum")
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
 
@@ -270,7 +264,7 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 @_kernel("weighted_sum", "cuda")
 def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                  num_threads: int = 0) -> Tensor:
-    _require_inputs(tensors, "weighted_sum")
+    require_inputs(tensors, "weighted_sum")
     out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
     _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
     return out
@@ -278,7 +272,7 @@ def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype,
 
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
-    _require_inputs(tensors, "weighted_sum")
+    require_inputs(tensors, "weighted_sum")
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
@@ -503,7 +497,7 @@ def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows:
 
 
 def _check_groups(xs, base, rows, cols, group, outs, num_threads, op) -> None:
-    _require_inputs(xs, op)
+    require_inputs(xs, op)
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
     _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu")
