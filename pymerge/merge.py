@@ -213,8 +213,9 @@ def _inputs_of(plan: "MergePlan"):
     for fname in ("config.json",) + TOKENIZER_FILES:
         if (Path(plan.donor.folder) / fname).exists():
             yield "model file", Path(plan.donor.folder) / fname
-    for fname in _remote_code_of(plan.donor):  # copied into the output: OUT = <folder>/pkg would delete them
-        yield "model file", Path(plan.donor.folder) / fname
+    folder = Path(plan.donor.folder)  # copied into the output: OUT = <folder>/pkg would delete them
+    for fname in _remote_code_of(folder, _read_model_config(plan.donor), (folder / "tokenizer_config.json").is_file()):
+        yield "model file", folder / fname
     if plan.vocabulary is not None:  # `tokenizer_source: <model>` may name a folder outside the models
         yield "tokenizer folder", Path(plan.vocabulary.tokenizer.folder)
     if plan.config.source != "<config>" and Path(plan.config.source).exists():
@@ -568,18 +569,15 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
         model_cfg.update(plan.config_overrides)
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
-    code = _remote_code_files(model_cfg, folder)  # without them the output cannot be loaded
     from pymerge.tokenizer.output import write_tokenizer
     skip = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
+    copied = []
     for fname in TOKENIZER_FILES if copy_tokenizer else ():
         if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
-            if fname == "tokenizer_config.json":  # a custom tokenizer's module (tokenization_foo.py)
-                try:
-                    code += [m for m in _remote_code_files(read_json(folder / fname), folder) if m not in code]
-                except CheckpointError:  # not JSON: copied as it is, as before
-                    pass
-    for fname in code:
+            copied.append(fname)
+    # without them the output cannot be loaded
+    for fname in _remote_code_of(folder, model_cfg, "tokenizer_config.json" in copied):
         if _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
     if model_card:
@@ -607,16 +605,18 @@ def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
     return out
 
 
-def _remote_code_of(donor) -> List[str]:
-    """Every module write_side_files may copy from the donor: those config.json's and tokenizer_config.json's
-    auto_map name."""
-    folder = Path(donor.folder)
-    code = _remote_code_files(_read_model_config(donor), folder)
-    try:
-        tok = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else None
-    except CheckpointError:  # not JSON: write_side_files copies it as it is
-        tok = None
-    return code + [m for m in _remote_code_files(tok, folder) if m not in code]
+def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer_config: bool) -> List[str]:
+    """The modules write_side_files copies from the donor's folder: those config.json's auto_map names, and
+    with tokenizer_config (its tokenizer_config.json is copied) those that file's auto_map names (a custom
+    tokenizer's tokenization_foo.py)."""
+    code = _remote_code_files(model_cfg, folder)
+    if tokenizer_config:
+        try:
+            code += [m for m in _remote_code_files(read_json(folder / "tokenizer_config.json"), folder)
+                     if m not in code]
+        except CheckpointError:  # not JSON: copied as it is
+            pass
+    return code
 
 
 def _side_file_ok(plan: MergePlan, folder: Path, fname: str) -> bool:
