@@ -198,6 +198,13 @@ def worker(rank, world, d, files):
     # and linear on one rank against ties on another left the ties rank waiting (found by a review)
     out["errors"]["dtensor_sources"] = error_of(lambda: pymerge.CheckpointPool(
         [models["fsdp"].state_dict(), models["fsdp"].state_dict()], shard_like=models["fsdp"]))
+    # a tensor on a mesh without some rank fails there only: every rank raises its error (rank 0 alone
+    # went on to the agreement, which ended in a gloo error when the failing rank's program left)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    partial = dict(models["fsdp"].state_dict())
+    partial["1.weight"] = distribute_tensor(torch.zeros(SHAPES["1.weight"]), DeviceMesh("cpu", [0]), [Shard(0)])
+    out["errors"]["not_in_mesh"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=partial))
     out["errors"]["different_weights_linear"] = error_of(lambda: fsdp_pool.materialize(weights, into=models["fsdp"]))
     out["errors"]["different_methods"] = error_of(
         lambda: fsdp_pool.materialize(W3, into=models["fsdp"], **({"method": "ties", "density": 0.5} if rank == 1 else {})))
@@ -414,6 +421,8 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["dtensor_sources"].startswith("InputError: source 0: tensor ") and "is a DTensor" in e["dtensor_sources"]
     assert "different arguments" in e["different_weights_linear"] and "different arguments" in e["different_methods"]
     assert "test_whole_tensor_only is not supported on a sharded pool" in e["unsupported"]
+    assert e["not_in_mesh"] == ("InputError: rank 1: shard_like tensor '1.weight': this rank is not in the tensor's "
+                                "mesh, so it holds no part of it"), e["not_in_mesh"]
     assert e["rows_split"].startswith("InputError: model_stock: tensor '1.weight' is split along the dimension")
     assert e["della_split"].startswith("InputError: della: tensor '1.weight' is split along dimension 1")
     assert all(res["untouched"] and res["after_errors"] for res in results)

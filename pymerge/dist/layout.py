@@ -76,6 +76,10 @@ def whole_box(shape: Tuple[int, ...]) -> Box:
     return Box(shape, (0,) * len(shape), shape, ("replicated", shape))
 
 
+class NotInMesh(InputError):
+    """A DTensor on a mesh without this rank: an error on this rank only."""
+
+
 def box_of(t: torch.Tensor, what: str) -> Box:
     """The box this rank holds of tensor t (a DTensor or a plain tensor)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -98,7 +102,7 @@ def box_of(t: torch.Tensor, what: str) -> Box:
                          "of the tensor; a sharded pool holds one box per rank")
     coord = mesh.get_coordinate()
     if coord is None:
-        raise InputError(f"{what}: this rank is not in the tensor's mesh, so it holds no part of it")
+        raise NotInMesh(f"{what}: this rank is not in the tensor's mesh, so it holds no part of it")
     local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     signature = ("sharded", shape, mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
                  tuple(repr(p) for p in placements))
@@ -128,8 +132,11 @@ def _boxes_everywhere(shape, mesh_shape, placements) -> bool:
     return True
 
 
-def boxes_of(shard_like) -> Dict[str, Box]:
-    """Name -> Box for a module's parameters and buffers (tied names included) or a state dict."""
+def boxes_of(shard_like, absent: Optional[list] = None) -> Dict[str, Box]:
+    """Name -> Box for a module's parameters and buffers (tied names included) or a state dict.
+    With `absent` (a list), a tensor on a mesh without this rank gets a box of nothing, on its mesh, and
+    its error goes to `absent`: the caller agrees on it with the ranks in that mesh, which raising here
+    alone left waiting in their next collective."""
     if isinstance(shard_like, torch.nn.Module):
         tensors = dict(shard_like.named_parameters(remove_duplicate=False))
         tensors.update(shard_like.named_buffers(remove_duplicate=False))
@@ -141,7 +148,13 @@ def boxes_of(shard_like) -> Dict[str, Box]:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise InputError(f"shard_like: entry {name!r} is a {type(t).__name__}, not a tensor")
-        out[name] = box_of(t, f"shard_like tensor {name!r}")
+        try:
+            out[name] = box_of(t, f"shard_like tensor {name!r}")
+        except NotInMesh as exc:
+            if absent is None:
+                raise
+            absent.append(exc)
+            out[name] = Box(tuple(t.shape), (0,) * t.dim(), (0,) * t.dim(), ("absent",), mesh=t.device_mesh)
     return out
 
 

@@ -37,14 +37,16 @@ class ShardedPool(CheckpointPool):
             raise InputError("shard_like needs an initialized torch.distributed process group "
                              "(torchrun, or dist.init_process_group)")
         _reshard(shard_like)  # a forward pass left FSDP2's root gathered: the pool took it as replicated
-        model_boxes = boxes_of(shard_like)
+        absent: list = []  # a tensor on a mesh without this rank: this rank's error, agreed below
+        model_boxes = boxes_of(shard_like, absent)
         self.group = reduce_group(list(model_boxes.values()))
         self.boxes: Dict[str, Box] = _Counterparts(model_boxes, names)  # by checkpoint name
         self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
-        error = None
+        error = absent[0] if absent else None
         try:
-            super().__init__(sources, base, *args, **kwargs)
+            if error is None:
+                super().__init__(sources, base, *args, **kwargs)
         except Exception as exc:  # agreed below: every rank raises the first failing rank's error
             error = exc
         # from shard_like's whole layout: a rank failing before its first lookup agreed in another group (a hang)
