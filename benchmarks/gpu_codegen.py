@@ -103,6 +103,18 @@ def triton_rows() -> list:
             rows.append(triton_row(f"weighted_sum {dt_name} K={k}", ws._weighted_sum_kernel, ws_sig,
                                    {"IN_DT": dt, "K": k, "BLOCK": 4096, "ALIGNED": True},
                                    ptrs + ["start", "end"], num_warps=8, elems=4096))
+    # the pool's hot path on a GPU: a whole model's weighted sums in one launch (full blocks; the
+    # partial last block of each tensor goes in a second, masked launch)
+    from pymerge.kernels import weighted_sum_grouped as wg
+    import triton.language as tl
+    wg_sig = {"blk_tensor": "*i32", "blk_start": "*i64", "in_addr": "*i64", "in_code": "*i32", "out_addr": "*i64",
+              "numels": "*i64", "groups": "*i32", "weights": "*fp32", "n_in": "i32", "k_total": "i32", "first": "i32"}
+    for dt_name, dt in (("bf16", 2), ("fp32", 0), ("mixed", -1)):
+        for k in (1, 4):
+            rows.append(triton_row(f"grouped weighted_sum {dt_name} K={k} full blocks", wg._grouped_kernel, wg_sig,
+                                   {"IN_DT": dt, "OUT_T": tl.bfloat16, "K": k, "BLOCK": 1024, "FULL": True,
+                                    "ALIGNED": True}, [a for a, t in wg_sig.items() if t.startswith("*")],
+                                   num_warps=4, elems=1024))
     tv_sig = {"tab": "*i64", "out_ptr": "*bf16", "start": "i64", "end": "i64", "n_models": "i32", "lam": "fp32",
               "divisor": "fp32"}
     for consensus in (False, True):

@@ -24,15 +24,40 @@ from pymerge.kernels import interpreted as _interpreted
 _MIXED = -1
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed
+    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed, _typed
+
+    @triton.jit
+    def _grouped_block(t, offs, mask, in_addr, in_code, out_addr, g, weights, n_in, k_total,
+                       IN_DT: tl.constexpr, OUT_T: tl.constexpr, K: tl.constexpr, ALIGNED: tl.constexpr):
+        for k in tl.static_range(K):  # K outputs: each re-reads the block, from cache after the first
+            acc = tl.full(offs.shape, -0.0, tl.float32)
+            w_row = weights + (g * k_total + k) * n_in
+            for i in range(n_in):
+                addr = tl.load(in_addr + t * n_in + i)
+                if IN_DT == -1:
+                    x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, ALIGNED)
+                else:
+                    x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
+                acc = tl.fma(tl.load(w_row + i), x, acc)  # one rounding, as the C++ fma
+            out = _typed(tl.load(out_addr + t * k_total + k), OUT_T, ALIGNED)
+            tl.store(out + offs, acc.to(OUT_T), mask=mask)
 
     @triton.jit
     def _grouped_kernel(blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups, weights, n_in, k_total,
-                        IN_DT: tl.constexpr, OUT_T: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
+                        first, IN_DT: tl.constexpr, OUT_T: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+                        FULL: tl.constexpr, ALIGNED: tl.constexpr):
+        pid = first + tl.program_id(0)
         t = tl.load(blk_tensor + pid).to(tl.int64)
-        offs = tl.load(blk_start + pid) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numels + t)
+        start = tl.load(blk_start + pid)
+        if ALIGNED:  # every address 16-byte aligned (the table checks) and blocks start at multiples of BLOCK
+            start = tl.multiple_of(start, BLOCK)
+        offs = start + tl.arange(0, BLOCK)
+        # A full block's mask is a constant, so Triton loads and stores 16 bytes at a time; a mask from
+        # the table's element count would keep every element its own load.
+        if FULL:
+            mask = tl.full([BLOCK], 1, tl.int1)
+        else:
+            mask = offs < tl.load(numels + t)
         g = tl.load(groups + t).to(tl.int64)
         for k in tl.static_range(K):  # K outputs: each re-reads the block, from cache after the first
             acc = tl.full([BLOCK], -0.0, tl.float32)
@@ -40,13 +65,12 @@ if triton is not None:
             for i in range(n_in):
                 addr = tl.load(in_addr + t * n_in + i)
                 if IN_DT == -1:
-                    x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, False)
+                    x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, ALIGNED)
                 else:
-                    x = _load_as_f32(addr, offs, mask, IN_DT, False)
+                    x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
                 acc = tl.fma(tl.load(w_row + i), x, acc)  # one rounding, as the C++ fma
-            out = tl.load(out_addr + t * k_total + k).to(tl.pointer_type(OUT_T))
+            out = _typed(tl.load(out_addr + t * k_total + k), OUT_T, ALIGNED)
             tl.store(out + offs, acc.to(OUT_T), mask=mask)
-
 
 _OUT_TYPES = {}
 
@@ -77,12 +101,15 @@ class GroupedTable:
         self.in_dt = flat.pop() if len(flat) == 1 else _MIXED
         self.block = min(block, 1024) if _interpreted() else block
         numels = [xs[0].numel() for xs in inputs]
-        blk_tensor, blk_start = [], []
+        full, tail = [], []  # (tensor, first element): full blocks first, then each tensor's partial last one
         for t, n in enumerate(numels):
-            starts = range(0, n, self.block)
-            blk_tensor += [t] * len(starts)
-            blk_start += list(starts)
-        self.n_blocks = len(blk_tensor)
+            full += [(t, s) for s in range(0, n - n % self.block, self.block)]
+            if n % self.block:
+                tail.append((t, n - n % self.block))
+        self.n_full, self.n_blocks = len(full), len(full) + len(tail)
+        blk_tensor, blk_start = [b[0] for b in full + tail], [b[1] for b in full + tail]
+        # 16-byte loads need 16-byte aligned addresses (a pool's views of one flat buffer may not be)
+        self.aligned = all(x.data_ptr() % 16 == 0 for xs in list(inputs) + list(outputs) for x in xs)
 
         def put(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device)
@@ -96,9 +123,9 @@ class GroupedTable:
         """weights: float32 [G, K, N] on the tables' device (read there: no host sync)."""
         if tuple(weights.shape) != (self.n_groups, self.k, self.n):
             raise ValueError(f"weights must have shape {(self.n_groups, self.k, self.n)}, got {tuple(weights.shape)}")
-        if self.n_blocks == 0:
-            return
-        blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups = self.tables
-        _grouped_kernel[(self.n_blocks,)](blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups,
-                                          weights.contiguous(), self.n, self.k, IN_DT=self.in_dt, OUT_T=self.out_t,
-                                          K=self.k, BLOCK=self.block, num_warps=4)
+        weights = weights.contiguous()
+        for first, count, full in ((0, self.n_full, True), (self.n_full, self.n_blocks - self.n_full, False)):
+            if count:
+                _grouped_kernel[(count,)](*self.tables, weights, self.n, self.k, first, IN_DT=self.in_dt,
+                                          OUT_T=self.out_t, K=self.k, BLOCK=self.block, FULL=full,
+                                          ALIGNED=self.aligned, num_warps=4)

@@ -45,6 +45,15 @@ def test_triton_aligned_paths_load_16_bytes_at_a_time(rows):
         assert r["v4_loads"] >= 1 and r["scalar_loads"] == 0 and r["v2_loads"] == 0, r
 
 
+def test_grouped_launch_loads_16_bytes_at_a_time_on_full_blocks(rows):
+    """The pool's GPU hot path: an address table carries no alignment facts and a mask from the table's
+    element count is not constant, so it loaded every element on its own before full blocks got their
+    own launch (1-byte float8 inputs of the mixed row take 8 bytes per thread at this block size)."""
+    for r in _triton(rows, "grouped weighted_sum"):
+        assert r["v4_loads"] >= 1 and r["scalar_loads"] == 0, r
+        assert r["v2_loads"] == 0 or "mixed" in r["kernel"], r
+
+
 def test_task_vector_pass_rounds_as_the_cpu(rows):
     for r in _triton(rows, "task_vectors"):
         assert r["fma_f32"] == 0, f"{r['kernel']}: FMA contraction changes the bits"

@@ -152,22 +152,26 @@ def test_grouped_triton_launch_matches_per_tensor_launches():
     from pymerge.kernels import weighted_sum as triton_ws
     from pymerge.kernels.weighted_sum_grouped import GroupedTable
     g = torch.Generator().manual_seed(3)
-    sizes = [0, 1, 33, 1500]
+    # full blocks (launched apart, without a mask) and partial ones, one per tensor with a remainder
+    sizes = [0, 1, 33, 1500, 2048, 3077]
+    groups = [0, 1, 0, 1, 1, 0]
     dts = (torch.bfloat16, torch.float32, torch.float16)
-    ins = [[torch.randn(n, generator=g).to(d) for d in dts] for n in sizes]
-    ins[2][0][4] = float("nan")
-    outs = [[torch.empty(n, dtype=torch.bfloat16) for _ in range(2)] for n in sizes]
-    groups = [0, 1, 0, 1]
-    table = GroupedTable(ins, outs, groups, 2)
     w = torch.randn(2, 2, 3, generator=g)
-    table.run(w)
-    for t, (x, os) in enumerate(zip(ins, outs)):
-        if not sizes[t]:
-            continue
-        want = [torch.empty_like(o) for o in os]
-        triton_ws.weighted_sum_many(x, w[groups[t]], want)
-        for o, r in zip(os, want):
-            assert torch.equal(o.view(torch.int16), r.view(torch.int16)), t
+    for shift in (0, 1):  # 1: views one element into their buffers (2- or 4-byte aligned: no 16-byte loads)
+        ins = [[torch.randn(n + shift, generator=g).to(d)[shift:] for d in dts] for n in sizes]
+        ins[2][0][4] = float("nan")
+        outs = [[torch.full((n + shift,), 7.0, dtype=torch.bfloat16)[shift:] for _ in range(2)] for n in sizes]
+        table = GroupedTable(ins, outs, groups, 2)
+        assert table.aligned == (shift == 0) and (table.n_full, table.n_blocks) == (1 + 2 + 3, 1 + 2 + 3 + 4)
+        table.run(w)
+        for t, (x, os) in enumerate(zip(ins, outs)):
+            if not sizes[t]:
+                continue
+            want = [torch.empty_like(o) for o in os]
+            triton_ws.weighted_sum_many(x, w[groups[t]], want)
+            for o, r in zip(os, want):
+                assert torch.equal(o.view(torch.int16), r.view(torch.int16)), (shift, t)
+            assert all(o._base[:shift].eq(7).all() for o in os)  # nothing written before a view
     with pytest.raises(ValueError, match="weights must have shape"):
         table.run(torch.zeros(1, 2, 3))
 
