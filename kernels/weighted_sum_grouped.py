@@ -72,6 +72,7 @@ if triton is not None:
             out = _typed(tl.load(out_addr + t * k_total + k), OUT_T, ALIGNED)
             tl.store(out + offs, acc.to(OUT_T), mask=mask)
 
+
 _OUT_TYPES = {}
 
 
@@ -101,15 +102,21 @@ class GroupedTable:
         self.in_dt = flat.pop() if len(flat) == 1 else _MIXED
         self.block = min(block, 1024) if _interpreted() else block
         numels = [xs[0].numel() for xs in inputs]
-        full, tail = [], []  # (tensor, first element): full blocks first, then each tensor's partial last one
+        # Full blocks of 16-byte aligned tensors, full blocks of the others, then each tensor's partial
+        # last block: three launches, as only the first can load 16 bytes at a time (FULL: a constant
+        # mask; ALIGNED: every address of the tensor a multiple of 16, which a view may not be).
+        kinds = ([], [], [])  # (tensor, first element) per launch
         for t, n in enumerate(numels):
-            full += [(t, s) for s in range(0, n - n % self.block, self.block)]
+            aligned = all(x.data_ptr() % 16 == 0 for x in list(inputs[t]) + list(outputs[t]))
+            kinds[0 if aligned else 1].extend((t, s) for s in range(0, n - n % self.block, self.block))
             if n % self.block:
-                tail.append((t, n - n % self.block))
-        self.n_full, self.n_blocks = len(full), len(full) + len(tail)
-        blk_tensor, blk_start = [b[0] for b in full + tail], [b[1] for b in full + tail]
-        # 16-byte loads need 16-byte aligned addresses (a pool's views of one flat buffer may not be)
-        self.aligned = all(x.data_ptr() % 16 == 0 for xs in list(inputs) + list(outputs) for x in xs)
+                kinds[2].append((t, n - n % self.block))
+        counts = [len(k) for k in kinds]
+        firsts = (0, counts[0], counts[0] + counts[1])
+        self.launches = [(first, count, full, aligned) for first, count, full, aligned in zip(
+            firsts, counts, (True, True, False), (True, False, False)) if count]  # (first block, blocks, FULL, ALIGNED)
+        self.n_blocks = sum(counts)
+        blk_tensor, blk_start = [b[0] for k in kinds for b in k], [b[1] for k in kinds for b in k]
 
         def put(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device)
@@ -124,8 +131,6 @@ class GroupedTable:
         if tuple(weights.shape) != (self.n_groups, self.k, self.n):
             raise ValueError(f"weights must have shape {(self.n_groups, self.k, self.n)}, got {tuple(weights.shape)}")
         weights = weights.contiguous()
-        for first, count, full in ((0, self.n_full, True), (self.n_full, self.n_blocks - self.n_full, False)):
-            if count:
-                _grouped_kernel[(count,)](*self.tables, weights, self.n, self.k, first, IN_DT=self.in_dt,
-                                          OUT_T=self.out_t, K=self.k, BLOCK=self.block, FULL=full,
-                                          ALIGNED=self.aligned, num_warps=4)
+        for first, count, full, aligned in self.launches:
+            _grouped_kernel[(count,)](*self.tables, weights, self.n, self.k, first, IN_DT=self.in_dt, OUT_T=self.out_t,
+                                      K=self.k, BLOCK=self.block, FULL=full, ALIGNED=aligned, num_warps=4)

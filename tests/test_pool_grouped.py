@@ -157,12 +157,16 @@ def test_grouped_triton_launch_matches_per_tensor_launches():
     groups = [0, 1, 0, 1, 1, 0]
     dts = (torch.bfloat16, torch.float32, torch.float16)
     w = torch.randn(2, 2, 3, generator=g)
-    for shift in (0, 1):  # 1: views one element into their buffers (2- or 4-byte aligned: no 16-byte loads)
-        ins = [[torch.randn(n + shift, generator=g).to(d)[shift:] for d in dts] for n in sizes]
+    # views one element into their buffers are 2- or 4-byte aligned: their full blocks load element by element
+    for shifts in ([0] * 6, [1] * 6, [0, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 0]):
+        ins = [[torch.randn(n + s, generator=g).to(d)[s:] for d in dts] for n, s in zip(sizes, shifts)]
         ins[2][0][4] = float("nan")
-        outs = [[torch.full((n + shift,), 7.0, dtype=torch.bfloat16)[shift:] for _ in range(2)] for n in sizes]
+        outs = [[torch.full((n + s,), 7.0, dtype=torch.bfloat16)[s:] for _ in range(2)] for n, s in zip(sizes, shifts)]
         table = GroupedTable(ins, outs, groups, 2)
-        assert table.aligned == (shift == 0) and (table.n_full, table.n_blocks) == (1 + 2 + 3, 1 + 2 + 3 + 4)
+        full = [n // 1024 for n in sizes]
+        aligned = sum(f for f, s in zip(full, shifts) if not s)
+        want = [(0, aligned, True, True), (aligned, 6 - aligned, True, False), (6, 4, False, False)]
+        assert table.launches == [launch for launch in want if launch[1]] and table.n_blocks == 10
         table.run(w)
         for t, (x, os) in enumerate(zip(ins, outs)):
             if not sizes[t]:
@@ -170,8 +174,8 @@ def test_grouped_triton_launch_matches_per_tensor_launches():
             want = [torch.empty_like(o) for o in os]
             triton_ws.weighted_sum_many(x, w[groups[t]], want)
             for o, r in zip(os, want):
-                assert torch.equal(o.view(torch.int16), r.view(torch.int16)), (shift, t)
-            assert all(o._base[:shift].eq(7).all() for o in os)  # nothing written before a view
+                assert torch.equal(o.view(torch.int16), r.view(torch.int16)), (shifts, t)
+            assert all(o._base[:shifts[t]].eq(7).all() for o in os)  # nothing written before a view
     with pytest.raises(ValueError, match="weights must have shape"):
         table.run(torch.zeros(1, 2, 3))
 
