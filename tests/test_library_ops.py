@@ -76,6 +76,26 @@ def test_tv_merge_out_matches_the_torch_fallback():
     assert torch.allclose(got, want, atol=1e-6, equal_nan=True)
 
 
+def test_more_task_vectors_than_one_cuda_launch_holds_run_eagerly(monkeypatch):
+    """A GPU install without Triton: the CUDA extension's launch holds MAX_TV_MODELS models, and a TIES merge
+    of more failed in it (auto now picks eager torch there; an explicit backend="cuda" still says so)."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(tvo, "pick_backend", lambda device, backend="auto": "cuda" if backend == "auto" else backend)
+    monkeypatch.setattr(_native, "cuda", SimpleNamespace(MAX_TV_MODELS=4))
+    n = 3001
+    base = rand(n, torch.float32, 1)
+    xs = [base + 0.1 * rand(n, torch.bfloat16, 2 + i).float() for i in range(5)]
+    sps = [tvo.Sparsifier("magnitude", 0.5)] * 3 + [tvo.Sparsifier("random", 0.3, rescale="inverse_density")] * 2
+    kw = dict(consensus=True, normalize=True, lam=0.9, name="t", seed=7)
+    got, want = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    tvo.task_vector_merge(xs, base, got, sps, [1.0, 0.5, 0.25, 2.0, 1.0], **kw)
+    tvo.task_vector_merge(xs, base, want, sps, [1.0, 0.5, 0.25, 2.0, 1.0], backend="torch", **kw)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    for args in ((xs[:4], sps[:4], [1.0] * 4, "auto"), (xs, sps, [1.0] * 5, "cuda")):  # the CUDA launch's to run
+        with pytest.raises(ValueError, match="backend 'cuda' needs cuda tensors"):
+            tvo.task_vector_merge(args[0], base, got, args[1], args[2], backend=args[3], **kw)
+
+
 def test_opcheck_select_and_interp_ops():
     x, b = rand(1000, torch.bfloat16, 1), rand(1000, torch.float32, 2)
     opcheck(torch.ops.pymerge.select_ranks, (x, b, [0, 1, 500, 1000], True))

@@ -339,7 +339,10 @@ def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Seq
     n = base.numel()
     if n == 0:
         return out
-    backend = pick_backend(base.device, backend)
+    chosen = pick_backend(base.device, backend)
+    if chosen == "cuda" and backend == "auto" and len(inputs) > _native.cuda.MAX_TV_MODELS:
+        chosen = "torch"  # one CUDA launch holds MAX_TV_MODELS models (no Triton here): eager torch takes any number
+    backend = chosen
     inputs = [t.contiguous() for t in inputs]
     base = base.contiguous()
     if not out.is_contiguous():
