@@ -357,6 +357,8 @@ def test_a_tokenizer_source_that_does_not_exist_is_named_as_a_config_key(models,
     cfg = {**_union(m["a"], m["b"]), "tokenizer": {"source": str(tmp_path / "nothere")}}
     del cfg["tokenizer_source"]
     _bad(tmp_path, capsys, cfg, "tokenizer.source: model path not found:")
+    cfg["tokenizer"] = {"source": None}  # was merged as union; mergekit refuses it
+    _bad(tmp_path, capsys, cfg, "tokenizer.source is null; give base, union or a model")
 
 
 def test_vocabulary_larger_than_the_embedding(models, tmp_path, capsys):

@@ -60,6 +60,8 @@ def parse_tokenizer(data: dict, err: Callable[[str], Exception],
     if bad:
         raise err(f"tokenizer: unknown key {_short(bad[0])} (known: {', '.join(SOURCE_KEYS)})")
     source = section.get("source")
+    if source is None and "source" in section:  # left out means union; a null is a typo mergekit refuses
+        raise err("tokenizer.source is null; give base, union or a model, or leave the key out (union)")
     spec = TokenizerSpec("union" if source is None else _source(source, "tokenizer.source", err, model_path),
                          key="tokenizer.source")
     spec.pad_to_multiple_of = _pad(section.get("pad_to_multiple_of"), err)
