@@ -1,11 +1,12 @@
-"""Triton kernel for a whole model's weighted sums in one launch, and its launcher.
+"""Triton kernel for a whole model's weighted sums in one launch (three at most), and its launcher.
 
 The GPU twin of csrc/cpu/grouped.cpp: a model of many small tensors merged one launch per tensor
 pays a launch (and a mostly idle GPU) per tensor. Here one program owns BLOCK elements of one
 tensor, found through a per-block table (tensor index, first element); per tensor an address row
 of its N inputs and K outputs, its element count and weight group; weights a float32 [G, K, N]
 device tensor. Tables live on the device and are built once per set of tensors (GroupedTable),
-so a launch reads no host memory and can be captured in a CUDA graph.
+so a launch reads no host memory and can be captured in a CUDA graph. The blocks are ordered so that
+full blocks of 16-byte aligned tensors, which load 16 bytes at a time, get a launch of their own.
 
 The arithmetic is kernels/weighted_sum.py's: -0.0 start, one fused multiply-add per input in input
 order, one rounding to the output dtype (all outputs of one launch share a dtype).
@@ -25,22 +26,6 @@ _MIXED = -1
 
 if triton is not None:
     from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed, _typed
-
-    @triton.jit
-    def _grouped_block(t, offs, mask, in_addr, in_code, out_addr, g, weights, n_in, k_total,
-                       IN_DT: tl.constexpr, OUT_T: tl.constexpr, K: tl.constexpr, ALIGNED: tl.constexpr):
-        for k in tl.static_range(K):  # K outputs: each re-reads the block, from cache after the first
-            acc = tl.full(offs.shape, -0.0, tl.float32)
-            w_row = weights + (g * k_total + k) * n_in
-            for i in range(n_in):
-                addr = tl.load(in_addr + t * n_in + i)
-                if IN_DT == -1:
-                    x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, ALIGNED)
-                else:
-                    x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
-                acc = tl.fma(tl.load(w_row + i), x, acc)  # one rounding, as the C++ fma
-            out = _typed(tl.load(out_addr + t * k_total + k), OUT_T, ALIGNED)
-            tl.store(out + offs, acc.to(OUT_T), mask=mask)
 
     @triton.jit
     def _grouped_kernel(blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups, weights, n_in, k_total,

@@ -44,11 +44,11 @@ class ShardedPool(CheckpointPool):
         self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         error = absent[0] if absent else None
-        try:
-            if error is None:
+        if error is None:
+            try:
                 super().__init__(sources, base, *args, **kwargs)
-        except Exception as exc:  # agreed below: every rank raises the first failing rank's error
-            error = exc
+            except Exception as exc:  # agreed below: every rank raises the first failing rank's error
+                error = exc
         # from shard_like's whole layout: a rank failing before its first lookup agreed in another group (a hang)
         agreeing = agreement_group(model_boxes.values(), self.group)
         collectives.agree(error, agreeing)
