@@ -482,6 +482,88 @@ def test_stale_temps_of_live_processes_and_other_outputs_are_kept(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["out", mine.name, other.name, odd.name])
 
 
+def test_a_live_writer_whose_pid_this_process_cannot_see_keeps_its_folder(tmp_path, monkeypatch):
+    """Another PID namespace (a container) or another host on a shared filesystem: kill(pid, 0) says
+    the pid is gone, yet its writer is alive. Its folder was deleted under it; the lock it holds says
+    it is alive, and once that writer dies its folder is swept."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        tmp = proc.stdout.readline().strip()
+        monkeypatch.setattr(writer_mod, "_pid_alive", lambda pid: False)  # as if in another namespace
+        write_all(tmp_path / "out", {"a": torch.ones(2)})
+        assert os.path.isdir(tmp) and leftovers(tmp_path) == [os.path.basename(tmp)]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stdout.close()
+    write_all(tmp_path / "out", {"a": torch.ones(2)}, force=True)
+    assert leftovers(tmp_path) == [] and os.listdir(out) == ["model.safetensors"]
+
+
+def test_two_writers_with_one_pid_never_share_a_folder(tmp_path):
+    """Two containers' merges are both pid 1: the second took the first's live folder for stale, deleted
+    it and made its own of the same name, and the first installed a mix of both runs, exit 0."""
+    out = tmp_path / "out"
+    first = ShardedWriter(out, [("a", torch.float32, (4,))])
+    writer_mod._OWNED.discard(os.path.abspath(first.tmp_dir))  # as another namespace's pid 1 would look
+    try:
+        with pytest.raises(InputError, match="another writer in another process is writing it"):
+            ShardedWriter(out, [("b", torch.float32, (4,))])
+        first.write("a", torch.ones(4))
+        first.commit()
+    finally:
+        writer_mod._OWNED.add(os.path.abspath(first.tmp_dir))
+        first.abort()
+    assert load_all(out).keys() == {"a"} and leftovers(tmp_path) == []
+
+
+def test_a_temp_folder_replaced_under_a_writer_is_never_installed(tmp_path):
+    out = tmp_path / "out"
+    w = ShardedWriter(out, [("a", torch.float32, (4,))])
+    w.write("a", torch.ones(4))
+    os.rename(w.tmp_dir, tmp_path / "moved")
+    os.mkdir(w.tmp_dir)  # another program's folder of the same name
+    (w.tmp_dir / "theirs.txt").write_text("x")
+    with pytest.raises(InputError, match="removed or replaced by another program; nothing installed"):
+        w.commit()
+    assert not out.exists() and (w.tmp_dir / "theirs.txt").read_text() == "x"  # and not deleted by the abort
+
+
+def test_two_runs_sweeping_one_stale_folder_both_succeed(tmp_path):
+    """Both deleted the same killed run's folder, and the one that lost the race failed with
+    "pymerge: error: 15263: No such file or directory"."""
+    stale = tmp_path / f".out.pymerge-tmp-{dead_pid()}"
+    stale.mkdir()
+    for i in range(20000):
+        (stale / str(i)).touch()
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = ("import sys, time; from pathlib import Path; from pymerge.io.writer import _remove_stale\n"
+              "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); _remove_stale(Path(sys.argv[1]))")
+    start = str(time.time() + 1.0)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out"), start], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert leftovers(tmp_path) == []
+
+
+def test_a_prepared_out_keeps_its_permissions_and_group(tmp_path):
+    """A group-private OUT (mkdir -m 2770, chgrp) became the temp folder's 0755 and the user's group."""
+    out = tmp_path / "out"
+    out.mkdir()
+    groups = [g for g in os.getgroups() if g != os.stat(out).st_gid] or [os.stat(out).st_gid]
+    os.chown(out, -1, groups[0])
+    os.chmod(out, 0o2770)
+    write_all(out, {"a": torch.ones(2)})
+    st = os.stat(out)
+    assert (oct(st.st_mode & 0o7777), st.st_gid) == (oct(0o2770), groups[0])
+    os.chmod(out, 0o750)
+    write_all(out, {"a": torch.ones(2)}, force=True)  # replacing a model keeps them too
+    assert oct(os.stat(out).st_mode & 0o7777) == oct(0o750) and load_all(out).keys() == {"a"}
+
+
 def test_old_out_stranded_by_a_crash_mid_replace_is_put_back(tmp_path):
     out = tmp_path / "out"
     aside = tmp_path / f".out.pymerge-old-{dead_pid()}"

@@ -19,10 +19,12 @@ fsync at commit, which still comes before the rename, finds little left to flush
 """
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import stat
 import sys
@@ -39,7 +41,9 @@ from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 INDEX_NAME = "model.safetensors.index.json"
 _TMP_TAG = ".pymerge-tmp-"  # .<outname>.pymerge-tmp-<pid>: the folder being written
 _OLD_TAG = ".pymerge-old-"  # .<outname>.pymerge-old-<pid>: a replaced OUT, only where renameat2 is missing
-_DEL_TAG = ".pymerge-del-"  # .<outname>.pymerge-del-<pid>: a replaced OUT after the new one is in: garbage
+_DEL_TAG = ".pymerge-del-"  # .<outname>.pymerge-del-<pid>-<random>: garbage (a replaced OUT, a stale temp)
+_LOCK_NAME = ".pymerge-writing"  # in a temp folder: flock-held by its writer, so a peer that cannot see
+#                                  the writer's pid (another PID namespace or host) never takes it for stale
 _MAX_PWRITE = 1 << 30  # Linux writes at most ~2 GiB per call; smaller pieces keep the loop honest
 
 
@@ -104,12 +108,15 @@ class ShardedWriter:
                 try:
                     os.mkdir(self.tmp_dir)
                     _OWNED.add(os.path.abspath(self.tmp_dir))
-                except FileExistsError:
-                    raise InputError(f"{self.out_dir}: another writer in this process is writing it "
+                except FileExistsError:  # a live writer's (a stale one was swept above)
+                    who = "this process" if os.path.abspath(self.tmp_dir) in _OWNED else "another process"
+                    raise InputError(f"{self.out_dir}: another writer in {who} is writing it "
                                      f"({self.tmp_dir} exists)") from None
                 except OSError as exc:  # a read-only or foreign parent folder
                     raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
                                      f"{exc.strerror or exc}") from None
+                self._lock_fd = _hold_lock(self.tmp_dir)
+                self._made = _identity(self.tmp_dir)  # install checks it is still this folder
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self._inflight = 0
@@ -470,8 +477,11 @@ class ShardedWriter:
     def _install(self) -> None:
         out, tmp, parent = self.out_dir, self.tmp_dir, self.out_dir.parent
         ours, aside = _identity(tmp), None
-        if ours is None:
-            raise InputError(f"{tmp}: the temporary folder is gone (removed by another program); nothing installed")
+        if ours is None or ours != self._made:  # another program's folder now: installing it would mix runs
+            raise InputError(f"{tmp}: the temporary folder was removed or replaced by another program; "
+                             "nothing installed")
+        _keep_access(out, tmp)
+        self._release_lock(unlink=True)  # the lock file must not land in OUT
         try:
             if not os.path.lexists(out) or _is_empty_dir(out):
                 os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
@@ -509,10 +519,8 @@ class ShardedWriter:
         garbage (the next writer for OUT removes it, whatever its pid; it is never put back as OUT),
         then deleted. An interrupt still propagates (the CLI says OUT is complete); an OSError leaves
         the rest for the next writer: the merge itself is done."""
-        gone = self.out_dir.parent / f"{_beside(self.out_dir, _DEL_TAG)}{os.getpid()}"
+        gone = self.out_dir.parent / f"{_beside(self.out_dir, _DEL_TAG)}{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            if os.path.lexists(gone):
-                _remove_tree(gone)
             os.rename(old, gone)
             _remove_tree(gone)
         except OSError:
@@ -536,11 +544,25 @@ class ShardedWriter:
         try:
             self._close_fds()
             if not self._joined:  # the folder is part 0's to remove
-                _remove_tree(self.tmp_dir)
+                if _identity(self.tmp_dir) == self._made:  # never another program's folder of that name
+                    _remove_tree(self.tmp_dir)
+                self._release_lock()
                 _OWNED.discard(os.path.abspath(self.tmp_dir))
         finally:
             with self._cond:
                 self._state = "aborted"
+
+    def _release_lock(self, unlink: bool = False) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is None:
+            return
+        try:
+            if unlink:
+                os.unlink(self.tmp_dir / _LOCK_NAME)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _close_fds(self) -> None:
         fds, self._fds = self._fds, {}
@@ -618,7 +640,7 @@ def _beside(out: Path, tag: str) -> str:
     """'.<OUT's name><tag>', the prefix of the folders written beside OUT (a pid follows). A name
     near NAME_MAX is cut and hashed so that the prefix and the pid still fit in one name."""
     raw = os.fsencode(out.name)
-    if len(raw) + len(tag) + 1 + 20 > 255:
+    if len(raw) + len(tag) + 1 + 30 > 255:  # a pid, or a pid, "-" and 8 hex digits
         raw = raw[:64] + b"-" + hashlib.sha256(raw).hexdigest()[:16].encode()
     return f".{os.fsdecode(raw)}{tag}"
 
@@ -651,7 +673,77 @@ _OWNED_LOCK = threading.Lock()  # held from a writer's stale-folder sweep until 
 
 
 def _in_use(path: str, pid: int) -> bool:
+    held = _lock_held(path)
+    if held is not None:  # the writer's lock says it: pids alone cannot see other namespaces or hosts
+        return held
     return os.path.abspath(path) in _OWNED if pid == os.getpid() else _pid_alive(pid)
+
+
+def _hold_lock(tmp_dir: Path) -> Optional[int]:
+    """Creates and locks tmp_dir's lock file; its fd, held while the writer lives (the kernel releases
+    the lock when the process dies, however it dies). None where the filesystem has no locks: the
+    file is removed, and peers judge the folder by its pid as before."""
+    path = tmp_dir / _LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+
+
+def _lock_held(folder: str) -> Optional[bool]:
+    """Whether a live writer holds folder's lock file; None where there is none or locks do not work."""
+    try:
+        fd = os.open(os.path.join(folder, _LOCK_NAME), os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _keep_access(out: Path, tmp: Path) -> None:
+    """A folder the user made for OUT (empty, or replaced with --force) keeps its permission bits and
+    group: the renamed temp folder has the umask's, which made a group-private OUT world-readable."""
+    try:
+        st = os.stat(out)  # a symlinked OUT: the folder it names
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    try:
+        os.chown(tmp, -1, st.st_gid)
+    except OSError:
+        pass  # not a member of that group: the bits below still keep others out
+    try:
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+    except OSError:
+        pass
+
+
+def _claim(path: str, out: Path) -> Optional[Path]:
+    """Renames a stale folder to a garbage name of this process's own: None if another run took it first."""
+    gone = out.parent / f"{_beside(out, _DEL_TAG)}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.rename(path, gone)
+    except FileNotFoundError:
+        return None
+    return gone
 
 
 def _pid_alive(pid: int) -> bool:
@@ -688,17 +780,29 @@ def _remove_stale(out: Path) -> None:
     except OSError:
         return
     for e in entries:
-        if e.name.startswith(del_prefix) and e.name[len(del_prefix):].isdigit():  # garbage, whoever left it
-            shutil.rmtree(e.path, ignore_errors=True)
+        if e.name.startswith(del_prefix) and _garbage_suffix(e.name[len(del_prefix):]):  # whoever left it
+            shutil.rmtree(e.path, ignore_errors=True)  # another run may be deleting it too
             continue
         for prefix in (old_prefix, tmp_prefix):
             pid = e.name[len(prefix):]
             if e.name.startswith(prefix) and pid.isdigit() and not _in_use(e.path, int(pid)):
                 if prefix == old_prefix and not os.path.lexists(out):
-                    os.rename(e.path, out)
-                else:
-                    _remove_tree(Path(e.path))
+                    try:
+                        os.rename(e.path, out)
+                    except FileNotFoundError:  # another run put it back first
+                        pass
+                elif os.path.islink(e.path):
+                    os.unlink(e.path)
+                else:  # claimed first: two runs sweeping one folder both deleted it (ENOENT)
+                    gone = _claim(e.path, out)
+                    if gone is not None:
+                        shutil.rmtree(gone, ignore_errors=True)
                 break
+
+
+def _garbage_suffix(suffix: str) -> bool:
+    pid, _, token = suffix.partition("-")
+    return pid.isdigit() and (not token or all(c in "0123456789abcdef" for c in token))
 
 
 def _identity(path: Path):
