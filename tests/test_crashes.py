@@ -3,6 +3,7 @@ truncated while a merge reads it. Each must be an error, never a dead process.""
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,16 @@ def test_a_checkpoint_rewritten_in_place_under_an_mmap_pool_is_refused(tmp_path)
     assert torch.equal(target["w"], merged)
     fresh = CheckpointPool(files, base=str(tmp_path / "base.safetensors"), residency="mmap")  # a new pool is fine
     fresh.materialize([0.5, 0.5], into=target, method="ties", density=0.5)
+    # a rewrite that sets the modification time back (touch -d, cp -p) went unnoticed: its ctime moves
+    st = os.stat(files[0])
+    deadline = time.monotonic() + 5
+    while os.stat(files[0]).st_ctime_ns == st.st_ctime_ns:  # a coarse clock: rewrite until the change shows
+        assert time.monotonic() < deadline
+        with open(files[0], "r+b") as fh:
+            fh.seek(-16, os.SEEK_END)
+            fh.write(b"\x01" * 16)
+        os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+        time.sleep(0.01)
+    assert os.stat(files[0]).st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(CheckpointError, match="the file changed while the pool was reading it"):
+        fresh.materialize([0.5, 0.5], into=target, method="ties", density=0.5)

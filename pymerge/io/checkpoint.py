@@ -22,6 +22,7 @@ from pymerge import _native
 from pymerge.errors import CheckpointError, short
 from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, open_regular, read_json
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo
+from pymerge.io.sigbus import stamp as _stamp
 
 _MAX_EXPANDED = 16 << 20  # bytes an expanded .bin tensor may claim (each read copies it out whole)
 SAFETENSORS_NAME = "model.safetensors"
@@ -45,7 +46,7 @@ class TorchFile:
         os.close(open_regular(self.path))  # a FIFO or a device: refused before torch opens it
         st = os.stat(self.path)
         # the file torch maps, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
-        self.mapped_identity, self.mapped_mtime = (st.st_dev, st.st_ino), st.st_mtime_ns
+        self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
         _check_torch_format(self.path, st.st_size)
         try:
             state, mapped = _torch_load(self.path)

@@ -26,6 +26,7 @@ import numpy as np
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
 from pymerge.io.files import LFS_ADVICE, LFS_POINTER, open_regular
+from pymerge.io.sigbus import stamp as _stamp
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_DIMS = 64  # numpy's limit, and torch's reductions' (more raised "only tensors with up to 64 dims")
@@ -120,7 +121,7 @@ class SafetensorsFile:
             st = os.fstat(fd)
             size = st.st_size
             # the file mapped, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
-            self.mapped_identity, self.mapped_mtime = (st.st_dev, st.st_ino), st.st_mtime_ns
+            self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
             self._parse(fd, size)
             # A file of only a header still maps fine: it is at least 8 bytes long.
             try:

@@ -32,7 +32,7 @@ class MappingGuard:
         self._hits: Optional[int] = None
         self._doing = doing  # "the file shrank while ...": what reads the mappings
         self._shrunk = None  # the file found shrunk: its mapping reads zeros from then on, so every check raises
-        self._stamps: dict = {}  # id(file) -> its modification time when mapped (None: unknown)
+        self._stamps: dict = {}  # id(file) -> its stamp() when mapped (None: unknown)
         self._rewritten = None  # the file found rewritten in place: its map reads the new bytes
 
     def start(self) -> "MappingGuard":
@@ -49,7 +49,7 @@ class MappingGuard:
                 path = os.path.abspath(f.path)  # the size check below must not follow a later chdir
                 identity = getattr(f, "mapped_identity", None) or _identity(path)  # the file mapped, not the path's now
                 self._ranges.append((begin, begin + length, f, path, identity))
-                self._stamps[id(f)] = getattr(f, "mapped_mtime", None)
+                self._stamps[id(f)] = getattr(f, "mapped_stamp", None)
         except BaseException:
             self.stop()
             raise
@@ -113,16 +113,23 @@ def _cut(f, path: str, identity: Optional[tuple], length: int) -> bool:
         return False
 
 
-def _rewritten(path: str, identity: Optional[tuple], stamp: Optional[int]) -> bool:
+def stamp(st: os.stat_result) -> tuple:
+    """What a write to a file moves: its mtime, and its ctime, which a rewrite that sets the mtime back
+    (touch -d, cp -p, a tool keeping timestamps) moves too. (A chmod moves the ctime as well: a false
+    alarm that a rerun clears, where a missed rewrite merges a mix of two files silently.)"""
+    return st.st_mtime_ns, st.st_ctime_ns
+
+
+def _rewritten(path: str, identity: Optional[tuple], was: Optional[tuple]) -> bool:
     """Whether the mapped file (still at path) was written since it was mapped: a map reads the new bytes,
     mixed with whatever was computed from the old ones (same size: no cut to see)."""
-    if stamp is None:
+    if was is None:
         return False
     try:
         st = os.stat(path)
     except OSError:
         return False
-    return (st.st_dev, st.st_ino) == identity and st.st_mtime_ns != stamp
+    return (st.st_dev, st.st_ino) == identity and stamp(st) != was
 
 
 def _shrank(path: str, identity: Optional[tuple], length: int) -> bool:
