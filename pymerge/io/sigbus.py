@@ -8,8 +8,8 @@ A CheckpointPool registers its files the same way while it copies them, and for 
 the mmap tier, whose every materialize reads the maps (pymerge/pool/pool.py). A cut that stays inside
 the last page faults nothing (the page reads zeros past the end): check(sizes=True) compares each
 file's size with its mapping, after a merge's last read and after every pool materialize, and its
-modification time with the one it had when mapped (a rewrite in place, same size, changes the bytes a
-map reads).
+modification and status-change times with those it had when mapped (a rewrite in place, same size,
+changes the bytes a map reads).
 
 Without the C++ extension there is no guard (a truncated input still kills the process).
 """
@@ -68,7 +68,7 @@ class MappingGuard:
                     self._rewritten = f
         if self._rewritten is not None and self._shrunk is None:
             raise CheckpointError(f"{self._rewritten.path}: the file changed while {self._doing} (another program "
-                                  f"rewrote it in place: its modification time moved); {then}")
+                                  f"rewrote it in place: its timestamps moved); {then}")
         if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
             return
         hits, address = self._ext.sigbus_guard_hits()
