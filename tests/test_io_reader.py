@@ -407,6 +407,27 @@ def test_index_shard_names_spelled_with_dot_slash(tmp_path):
         assert torch.equal(ck.tensor("head"), shards["model-00002-of-00002.safetensors"]["head"])
 
 
+def test_a_folder_replaced_while_its_shards_open_is_refused(tmp_path, monkeypatch):
+    """Shards are opened by path: a model written over the folder meanwhile (pymerge merge --force of
+    another run) gave a checkpoint of some shards from each model, merged without a word."""
+    import pymerge.io.checkpoint as ck_mod
+    shards = two_shards()
+    folder = make_sharded(tmp_path / "m", shards)
+    other = make_sharded(tmp_path / "other", {f: {k: v + 1 for k, v in t.items()} for f, t in shards.items()})
+    real = ck_mod.open_tensor_file
+
+    def swap_after_first(path):
+        shard = real(path)
+        if not (tmp_path / "old").exists():
+            os.rename(folder, tmp_path / "old")
+            os.rename(other, folder)
+        return shard
+
+    monkeypatch.setattr(ck_mod, "open_tensor_file", swap_after_first)
+    with pytest.raises(CheckpointError, match=r"m: the folder was replaced while its shards were being opened"):
+        Checkpoint(folder)
+
+
 def test_index_not_json(tmp_path):
     folder = make_sharded(tmp_path / "m", two_shards())
     (folder / "model.safetensors.index.json").write_text("{oops")

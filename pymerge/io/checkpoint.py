@@ -277,6 +277,14 @@ def open_tensor_file(path):
     return TorchFile(path) if path.suffix in _TORCH_SUFFIXES else SafetensorsFile(path)
 
 
+def _folder_identity(path: Path):
+    try:
+        st = os.stat(path)  # a symlinked folder: the one it names
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Checkpoint:
     """A model's tensors across its shards. names() is the order a streaming merge should walk:
     shards in (sorted) file-name order, each in file order."""
@@ -291,7 +299,11 @@ class Checkpoint:
         try:
             if self.path.is_dir():
                 self.folder = self.path
+                before = _folder_identity(self.path)
                 self._open_folder()
+                if _folder_identity(self.path) != before:  # shards opened by path: some from each folder
+                    raise CheckpointError(f"{self.path}: the folder was replaced while its shards were being "
+                                          "opened (another program wrote a model there); try again")
             else:
                 self.folder = self.path.parent
                 shard = open_tensor_file(self.path)
