@@ -2,6 +2,7 @@
 mergekit read them), its tasks score exact match as greedy decoding does, and --quick runs end to end."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -231,7 +232,7 @@ def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
     (tmp_path / "elsewhere" / "precious.txt").write_text("mine")
     linked = tmp_path / "linked"
     linked.mkdir()
-    (linked / "results.json").write_text(json.dumps({"summary": {}}))  # a demo folder from before the marker...
+    (linked / "results.json").write_text(json.dumps(_OLD_RESULTS))  # a demo folder from before the marker...
     os.symlink(tmp_path / "elsewhere", linked / "merged")                # ...whose merged/ is a link to user files
     strange = tmp_path / "strange"
     strange.mkdir()
@@ -272,6 +273,44 @@ def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
     (ckpts / "manifest.json").write_text(json.dumps({"fingerprint": "old", "checkpoints": ["x/", "..", "."]}))
     run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [])
     assert sorted(os.listdir(ckpts)) == ["keep.txt"] and (fresh / "results.json").exists()
+
+
+# results.json as a demo from before the marker wrote it (the fields claim_out looks for)
+_OLD_RESULTS = {"summary": {"best_single": 0.5, "best_single_name": "a", "optimized": 0.6, "optimized_weights": [1.0],
+                            "per_task": {}, "settings": {"seed": 0}}, "details": {}, "search": []}
+
+
+def test_a_users_results_json_is_not_taken_for_the_demos(tmp_path):
+    """A folder holding only the user's results.json with a "summary" key (or a checkpoints/manifest.json
+    with a "fingerprint") was taken for a demo folder from before the marker, and overwritten."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "results.json").write_text(json.dumps({"summary": "3 weeks of GPU time", "acc": 0.91}))
+    (user / "checkpoints").mkdir()
+    (user / "checkpoints" / "manifest.json").write_text(json.dumps({"fingerprint": "mine"}))
+    before = _tree(tmp_path)
+    for lone in ("checkpoints", "results.json", None):  # each file alone, then both
+        folder = tmp_path / f"without-{lone}"
+        shutil.copytree(user, folder)
+        if lone:
+            shutil.rmtree(folder / lone) if lone == "checkpoints" else os.remove(folder / lone)
+        with pytest.raises(run.InputError, match="which the demo did not write"):
+            run.claim_out(str(folder))
+        shutil.rmtree(folder)
+    assert _tree(tmp_path) == before and not (user / run.MARKER).exists()
+    # the demo's own from before the marker: its results.json, or its checkpoint manifest, is still ours
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text(json.dumps(_OLD_RESULTS))
+    run.claim_out(str(old))
+    assert (old / run.MARKER).exists()
+    os.remove(old / run.MARKER)
+    os.remove(old / "results.json")
+    (old / "checkpoints").mkdir()
+    (old / "checkpoints" / "manifest.json").write_text(json.dumps({"fingerprint": "0" * 64, "settings": {},
+                                                                   "checkpoints": []}))
+    run.claim_out(str(old))
+    assert (old / run.MARKER).exists()
 
 
 def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):

@@ -68,8 +68,8 @@ def claim_out(out: str) -> None:
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"{out}: exists and is not a folder; choose another --out")
     entries = set(os.listdir(out)) if os.path.isdir(out) else set()
-    ours = not entries or MARKER in entries or _is_ours(os.path.join(out, "results.json"), "summary") \
-        or _is_ours(os.path.join(out, "checkpoints", "manifest.json"), "fingerprint")
+    ours = not entries or MARKER in entries or _is_ours(os.path.join(out, "results.json"), _RESULTS) \
+        or _is_ours(os.path.join(out, "checkpoints", "manifest.json"), _MANIFEST)
     extra = {e for e in entries - _OWN if not e.startswith("merged.tmp")}  # a crashed run's temporary folder
     if not ours or extra:
         strange = sorted(extra) or sorted(entries)
@@ -92,12 +92,22 @@ def claim_out(out: str) -> None:
         fh.write("written by pymerge demo: it replaces checkpoints/, merged/, results.json and demo.png here\n")
 
 
-def _is_ours(path: str, key: str) -> bool:
+# What a demo from before the marker wrote, and no one else's JSON is likely to hold: a user's
+# results.json with a "summary" key alone was taken for the demo's, and overwritten.
+_RESULTS = {"summary": dict, "details": dict, "search": list}
+_SUMMARY = ("best_single", "best_single_name", "optimized", "optimized_weights", "per_task", "settings")
+_MANIFEST = {"fingerprint": str, "settings": dict, "checkpoints": list}
+
+
+def _is_ours(path: str, fields: Dict[str, type]) -> bool:
     try:
         with open(path) as fh:
-            return isinstance(data := json.load(fh), dict) and key in data
+            data = json.load(fh)
     except (OSError, ValueError):
         return False
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), t) for k, t in fields.items()):
+        return False
+    return fields is not _RESULTS or all(k in data["summary"] for k in _SUMMARY)
 
 
 def _fingerprint(s: Settings) -> str:
