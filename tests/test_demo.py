@@ -220,6 +220,10 @@ def _tree(folder):
             for r, _, fs in os.walk(folder) for f in fs}
 
 
+def _claim(out):
+    os.close(run.claim_out(out))  # the lock it holds: a demo that ended
+
+
 def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
     """It rmtree'd OUT/checkpoints and OUT/merged and overwrote OUT/results.json whatever they held, and
     replaced a user folder at OUT/merged.tmp (found by a review). Now OUT must be new, empty or the
@@ -242,22 +246,22 @@ def test_the_demo_never_replaces_what_it_did_not_write(tmp_path):
                          (linked, "merged: is not a folder the demo wrote"), (strange, "holds notes.txt"),
                          (strange / "notes.txt", "exists and is not a folder")):
         with pytest.raises(run.InputError, match=message):
-            run.claim_out(str(out))
+            _claim(str(out))
     assert _tree(tmp_path) == before
     fresh = tmp_path / "fresh"
-    run.claim_out(str(fresh))  # new: made and marked; then the demo's own from then on
+    _claim(str(fresh))  # new: made and marked; then the demo's own from then on
     (fresh / "results.json").write_text("{}")
-    run.claim_out(str(fresh))
+    _claim(str(fresh))
     ckpts = fresh / "checkpoints"
     (ckpts / "00-a").mkdir(parents=True)
     (ckpts / "00-a" / "model.safetensors").write_text("x")
     (ckpts / "manifest.json").write_text(json.dumps({"fingerprint": "old", "checkpoints": [str(ckpts / "00-a")]}))
     (ckpts / "keep.txt").write_text("not listed in the manifest")
-    run.claim_out(str(fresh))
+    _claim(str(fresh))
     run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [])  # a stale cache: only what it lists goes
     assert sorted(os.listdir(ckpts)) == ["keep.txt"]
     (ckpts / "pretrained").mkdir()  # a save interrupted before its manifest: the marker says the folder is ours
-    run.claim_out(str(fresh))
+    _claim(str(fresh))
     run._remove_stale(str(ckpts), str(ckpts / "manifest.json"), [str(ckpts / "01-b")])
     assert sorted(os.listdir(ckpts)) == ["keep.txt"]
     # links in place of the demo's own folders or manifest: save_hf wrote through them into the user's model
@@ -295,22 +299,53 @@ def test_a_users_results_json_is_not_taken_for_the_demos(tmp_path):
         if lone:
             shutil.rmtree(folder / lone) if lone == "checkpoints" else os.remove(folder / lone)
         with pytest.raises(run.InputError, match="which the demo did not write"):
-            run.claim_out(str(folder))
+            _claim(str(folder))
         shutil.rmtree(folder)
     assert _tree(tmp_path) == before and not (user / run.MARKER).exists()
     # the demo's own from before the marker: its results.json, or its checkpoint manifest, is still ours
     old = tmp_path / "old"
     old.mkdir()
     (old / "results.json").write_text(json.dumps(_OLD_RESULTS))
-    run.claim_out(str(old))
+    _claim(str(old))
     assert (old / run.MARKER).exists()
     os.remove(old / run.MARKER)
     os.remove(old / "results.json")
     (old / "checkpoints").mkdir()
     (old / "checkpoints" / "manifest.json").write_text(json.dumps({"fingerprint": "0" * 64, "settings": {},
                                                                    "checkpoints": []}))
-    run.claim_out(str(old))
+    _claim(str(old))
     assert (old / run.MARKER).exists()
+
+
+def test_one_demo_at_a_time_in_a_folder(tmp_path, capsys, monkeypatch):
+    """Two demos into one --out both ran (exit 0): the first printed its results while the folder held the
+    second's. The marker is locked for the whole run: a second demo is refused at once, touching nothing."""
+    out = tmp_path / "out"
+    lock = run.claim_out(str(out))
+    (out / "results.json").write_text(json.dumps(_OLD_RESULTS))
+    before = _tree(tmp_path)
+    with pytest.raises(run.InputError, match="out: is in use by another pymerge demo"):
+        run.claim_out(str(out))
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by another pymerge demo" in err and len(err.strip().splitlines()) == 1
+    assert _tree(tmp_path) == before
+    os.close(lock)
+    _claim(str(out))  # free again once the first has ended
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run, "build_checkpoints", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.experiment(str(out), run.Settings.quick(), budget=1, log=lambda m: None)
+    _claim(str(out))  # the interrupted run let it go
+    # a link in place of the marker: never written through
+    (tmp_path / "mine.txt").write_text("mine")
+    os.remove(out / run.MARKER)
+    os.symlink(tmp_path / "mine.txt", out / run.MARKER)
+    with pytest.raises(run.InputError, match="is not a file the demo wrote"):
+        run.claim_out(str(out))
+    assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
 def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):

@@ -7,6 +7,8 @@ exact match -> CMA-ES on validation -> baselines and the best merge, scored on t
     pool, model, evaluate = run.evaluation(paths, run.eval_sets(s, "val"))
     result = pymerge.search.optimize(pool, evaluate, model=model, budget=100)
 """
+import errno
+import fcntl
 import hashlib
 import inspect
 import json
@@ -61,12 +63,49 @@ MARKER = ".pymerge-demo"  # in an output folder the demo made: what it may repla
 _OWN = {MARKER, "checkpoints", "merged", "results.json", "demo.png"}
 
 
-def claim_out(out: str) -> None:
+def claim_out(out: str) -> int:
     """Makes `out` the demo's, or raises InputError: an output folder must be absent, empty or one the
     demo wrote (its marker; or, from before the marker, its results.json or checkpoint manifest), and
-    what it replaces there must be its own (checkpoints/ with its manifest, merged/ with its weights)."""
+    what it replaces there must be its own (checkpoints/ with its manifest, merged/ with its weights).
+    Returns the marker's descriptor, holding an exclusive lock on it: another demo into `out` is
+    refused until it is closed (experiment() holds it for the whole run)."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"{out}: exists and is not a folder; choose another --out")
+    marker = os.path.join(out, MARKER)
+    # a running demo's folder is mid-write: refuse it as in use before judging what it holds
+    lock = _lock(marker) if os.path.lexists(marker) else None
+    try:
+        _check_out(out)
+        os.makedirs(out, exist_ok=True)
+        lock = lock if lock is not None else _lock(marker)
+        os.ftruncate(lock, 0)
+        os.write(lock, b"written by pymerge demo: it replaces checkpoints/, merged/, results.json and demo.png here\n")
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return lock
+
+
+def _lock(marker: str) -> int:
+    """The marker, opened (created if absent; never through a link) and locked, or InputError."""
+    try:
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        why = "a link" if exc.errno == errno.ELOOP else exc.strerror
+        raise InputError(f"{marker}: is not a file the demo wrote ({why}); move it or choose another --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when fd closes, or the process ends
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise InputError(f"{os.path.dirname(marker)}: is in use by another pymerge demo; wait for it to "
+                             "finish or choose another --out") from None
+        raise
+    return fd
+
+
+def _check_out(out: str) -> None:
     entries = set(os.listdir(out)) if os.path.isdir(out) else set()
     ours = not entries or MARKER in entries or _is_ours(os.path.join(out, "results.json"), _RESULTS) \
         or _is_ours(os.path.join(out, "checkpoints", "manifest.json"), _MANIFEST)
@@ -87,9 +126,6 @@ def claim_out(out: str) -> None:
         path = os.path.join(out, name)
         if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
             raise InputError(f"{path}: is not a file the demo wrote; move it or choose another --out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, MARKER), "w") as fh:
-        fh.write("written by pymerge demo: it replaces checkpoints/, merged/, results.json and demo.png here\n")
 
 
 # What a demo from before the marker wrote, and no one else's JSON is likely to hold: a user's
@@ -205,9 +241,16 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
                eval_dtype: Optional[torch.dtype] = None) -> Dict:
     """The whole demo; writes under `out` and returns the summary."""
     eval_dtype = eval_dtype or default_eval_dtype()
-    from tqdm import tqdm
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time too: wall time means little on a shared machine
-    claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
+    lock = claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
+    try:
+        return _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0)
+    finally:
+        os.close(lock)  # on every way out (an error, Ctrl-C): the next demo may have the folder
+
+
+def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
+    from tqdm import tqdm
     runs = pool_runs(s.run_steps)
     total = pretraining(s.pretrain_steps).steps + sum(r.steps for r in runs)
     log(f"training: a shared pretraining run, then {len(runs)} runs ({total} steps in all)")
