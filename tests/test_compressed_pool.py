@@ -4,6 +4,7 @@ Every format against its documented float64 bound; every backend (C++ AVX-512, A
 Triton in the interpreter; torch) against (sum w) * base + sum w_i * decode(delta_i) in float64;
 error budgets, save/load, corrupt files and bad input.
 """
+import errno
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import stat
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -774,6 +776,41 @@ def test_save_never_replaces_a_fifo_or_device(tmp_path):
     with pytest.raises(InputError, match="pipe: is a FIFO, not a regular file; refusing to replace it"):
         pool.save(fifo, overwrite=True)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_save_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypatch, hard_links):
+    """save(overwrite=False) checked exists() first and later os.replace'd its temporary file over whatever
+    had appeared at the path while the pool was written; and the temporary name (path.tmp<pid>) was
+    predictable: a link planted there was written through."""
+    pool, _ = _saved(tmp_path)
+    path = tmp_path / "new.safetensors"
+    (tmp_path / "victim").write_text("the user's")
+    os.symlink(tmp_path / "victim", f"{path}.tmp{os.getpid()}")
+    if not hard_links:  # a filesystem without them: the fallback is as safe
+        def no_link(*a, **k):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    real = safetensors.torch.save_file
+
+    def meanwhile(*a, **k):
+        real(*a, **k)
+        path.write_text("the user's file, written meanwhile")
+    monkeypatch.setattr(safetensors.torch, "save_file", meanwhile)
+    with pytest.raises(InputError, match="new.safetensors: already exists; pass overwrite=True"):
+        pool.save(path)
+    assert path.read_text() == "the user's file, written meanwhile" and (tmp_path / "victim").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.safetensors", f"new.safetensors.tmp{os.getpid()}",
+                                                         "pool.safetensors", "victim"]  # no temporary file left
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    os.remove(path)
+    umask = os.umask(0o027)
+    try:
+        pool.save(path)  # and a save with nothing in the way installs the file, with the umask's mode
+    finally:
+        os.umask(umask)
+    assert CheckpointPool.load(path).labels == pool.labels and stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert os.stat(path).st_nlink == 1 and len(list(tmp_path.iterdir())) == 4
 
 
 def _rewrite(path, out, edit_tensors=None, edit_header=None):

@@ -46,9 +46,11 @@ AVX-512 CPUs (whose float path, one table permute per 16 values, was measured at
 pool; the integer path has no AVX-512 build) and every other backend keep the float path. Saved
 files hold the unpaired layout.
 """
+import errno
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -268,6 +270,25 @@ class _Terms:
     exact_cols: np.ndarray            # checkpoints held exact (their tensor carries the base)
 
 
+def _install_new(tmp: str, path: str) -> None:
+    """Puts the complete file tmp at path, unless something is there by now: save checks exists() long
+    before, and os.replace here replaced a file that appeared while the pool was being written."""
+    try:
+        os.link(tmp, path)  # atomic, and fails where anything is at path (a link too: never followed)
+    except FileExistsError:
+        raise InputError(f"{path}: already exists; pass overwrite=True to replace it") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+            raise
+        # no hard links on this filesystem: claim the name with an exclusive create, then rename over
+        # that empty file of our own (a reader may see it empty for that moment; nothing else is replaced)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
+            raise InputError(f"{path}: already exists; pass overwrite=True to replace it") from None
+        os.replace(tmp, path)
+
+
 class CompressedStore:
     """The base (exact) and every checkpoint's encoded delta, per tensor; kernels run from here."""
 
@@ -453,12 +474,22 @@ class CompressedStore:
                           "norms": [e.delta_norm for e in self.entries[name]]})
         header = {"version": VERSION, "block": BLOCK, "mode": self.mode, "error_budget": self.budget,
                   "labels": self.labels, "skipped": self.skipped, "tensors": table}
-        tmp = f"{path}.tmp{os.getpid()}"
+        # a new name (path.tmp<pid> was predictable: save_file wrote through a link planted there)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=parent)
         try:
+            os.close(fd)
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(header), "format": "pt"})
-            os.replace(tmp, path)  # the old file, or the complete new one: never half of it
+            umask = os.umask(0)
+            os.umask(umask)
+            # as open() would make it: mkstemp's 0600 (or that of safetensors' own temporary file, which
+            # it renames over tmp) would stay on the result
+            os.chmod(tmp, 0o666 & ~umask)
+            if overwrite:
+                os.replace(tmp, path)  # the old file, or the complete new one: never half of it
+            else:
+                _install_new(tmp, path)  # tmp stays a second name of it: removed below
         finally:
-            if os.path.exists(tmp):
+            if os.path.lexists(tmp):
                 os.remove(tmp)
 
     @classmethod
