@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import textwrap
 
 import numpy as np
@@ -243,7 +244,7 @@ def test_state_is_json_and_a_pickle_is_never_loaded(tmp_path):
     assert state["version"] == 2 and len(state["history"]) == 20 and state["generation"] == 4
     marker = tmp_path / "pwned"
     path.write_bytes(pickle.dumps({"version": 1, "x": _Exploit(str(marker))}))
-    with pytest.raises(InputError, match="state.json: cannot read the search state: not JSON"):
+    with pytest.raises(InputError, match="state.json: cannot read the search state: not JSON but a pickle"):
         optimize(pool, evaluate, model=Vec(), budget=20, popsize=6, seed=4, state_path=str(path), log=None)
     assert not marker.exists()
 
@@ -555,6 +556,28 @@ def _cli_setup(tmp_path, **extra):
            "search": {"budget": 6, "popsize": 3, "seed": 2}, "out": "out", **extra}
     (tmp_path / "s.yml").write_text(yaml.safe_dump(cfg))
     return tmp_path / "s.yml"
+
+
+def test_a_truncated_state_is_named_so_and_the_failed_run_leaves_no_new_folder(tmp_path, capsys):
+    """A cut-short state.json was reported as an older pymerge's pickle; and the failed run left OUT behind,
+    empty (it is made before the state is read)."""
+    cfg = _cli_setup(tmp_path, state_path="state.json", out="new/out")
+    assert cli_main([str(cfg)]) == 0
+    full = (tmp_path / "state.json").read_bytes()
+    (tmp_path / "state.json").write_bytes(full[:len(full) // 2])
+    shutil.rmtree(tmp_path / "new")
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "state.json: cannot read the search state: truncated or not JSON (" in err and "pickle" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    (tmp_path / "new").mkdir()  # a folder that was there stays, and so does whatever it holds
+    (tmp_path / "new" / "out").mkdir()
+    (tmp_path / "new" / "out" / "notes.txt").write_text("mine")
+    assert cli_main([str(cfg), "--out", str(tmp_path / "new" / "out" / "a" / "b")]) == 2
+    assert sorted(os.listdir(tmp_path / "new" / "out")) == ["notes.txt"]
+    assert cli_main([str(cfg), "--out", str(tmp_path / "new")]) == 2
+    assert sorted(os.listdir(tmp_path / "new")) == ["out"]
+    capsys.readouterr()
 
 
 def test_search_cli_replaces_links_in_its_out_folder_never_their_targets(tmp_path):

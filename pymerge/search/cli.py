@@ -23,6 +23,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import List
 
 import torch
 import yaml
@@ -137,18 +138,33 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
 _OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")
 
 
-def _prepare_out(out: str) -> None:
+def _prepare_out(out: str) -> List[str]:
     """Before the search, not after it: OUT is a folder (made if missing) whose result files, where they
-    exist, are regular files or links (links are replaced, never written through)."""
+    exist, are regular files or links (links are replaced, never written through). Returns the folders
+    it made, deepest first: a search that fails removes them again (_unmake)."""
     from pymerge.io.files import check_replaceable
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"out {out}: exists and is not a folder")
+    made, folder = [], os.path.abspath(out)
+    while not os.path.lexists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise InputError(f"out {out}: cannot create it: {exc.strerror or exc}") from None
     for name in _OUT_FILES:
         check_replaceable(os.path.join(out, name))
+    return made
+
+
+def _unmake(made: List[str]) -> None:
+    """A failed search leaves no new empty folder behind (a bad state file did: it is read after OUT is made)."""
+    for folder in made:
+        try:
+            os.rmdir(folder)  # empty ones only: whatever was written there meanwhile stays
+        except OSError:
+            return
 
 
 def main(argv=None) -> int:
@@ -186,13 +202,17 @@ def _run(args) -> int:
     if args.budget is not None:
         s["budget"] = args.budget
     out = args.out or rel(cfg.get("out", "search_out"))
-    _prepare_out(out)
+    made = _prepare_out(out)
     method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
-    result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
-                      sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),
-                      state_path=rel(cfg.get("state_path")), groups=s.get("groups"),
-                      normalize=s.get("normalize", True), replicas=s.get("replicas"),
-                      method=method, names=cfg.get("names"), method_params=method_params)
+    try:
+        result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
+                          sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),
+                          state_path=rel(cfg.get("state_path")), groups=s.get("groups"),
+                          normalize=s.get("normalize", True), replicas=s.get("replicas"),
+                          method=method, names=cfg.get("names"), method_params=method_params)
+    except BaseException:
+        _unmake(made)
+        raise
     paths = result.save(out)
     if result.best_weights.ndim == 1:
         _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights, method,

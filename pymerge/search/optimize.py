@@ -406,9 +406,14 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     data = read_small(path, InputError, limit=1 << 33)
     try:
         state = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise InputError(f"{path}: cannot read the search state: not JSON (an older pymerge pickled its state: "
-                         "delete the file)") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if data[:1] == b"\x80":  # a pickle's first byte (protocol 2 on): what pymerge wrote before version 2
+            raise InputError(f"{path}: cannot read the search state: not JSON but a pickle (an older pymerge "
+                             "pickled its state: delete the file)") from None
+        # most likely a write cut short (a full disk, a copy that stopped): not a pickle, as this said
+        where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise InputError(f"{path}: cannot read the search state: truncated or not JSON{where}; "
+                         "delete it to start the search afresh") from None
     digest = state.pop("digest", None) if isinstance(state, dict) else None  # absent in files before 2026-12-02
     if digest is not None and digest != _digest(state):
         raise InputError(f"{path}: saved search state was edited (its digest does not match its contents); "
