@@ -239,3 +239,26 @@ def test_gpt_neox_with_buffers_merges(tmp_path):
             ref = 0.25 * a[k].double() + 0.75 * b[k].double()
             torch.testing.assert_close(out[k].double(), ref, rtol=1e-6, atol=1e-6)
 
+
+
+def test_a_merge_of_more_shard_files_than_4096_runs(tmp_path):
+    """16 checkpoints of 300 shards: the SIGBUS guard's table held 4096 mapped files, and the merge ended in a
+    traceback ("sigbus guard: too many mapped files at once"), exit 1."""
+    import json
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    folders = []
+    for m in range(2):
+        folder = tmp_path / f"m{m}"
+        folder.mkdir()
+        weight_map = {}
+        for i in range(2100):
+            fname = f"model-{i + 1:05d}-of-02100.safetensors"
+            save_file({f"t{i}": torch.randn(3, generator=g)}, str(folder / fname))
+            weight_map[f"t{i}"] = fname
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        folders.append(folder)
+    run_merge({"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in folders]},
+              tmp_path / "out", quiet=True, copy_tokenizer=False)
+    got, a, b = _load(tmp_path / "out"), _load(folders[0]), _load(folders[1])
+    assert len(got) == 2100 and all(torch.equal(got[k], 0.5 * a[k] + 0.5 * b[k]) for k in ("t0", "t1234", "t2099"))

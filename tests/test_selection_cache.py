@@ -152,3 +152,16 @@ def test_selection_cache_lookups_do_not_race_another_threads_eviction():
     ta.join(5)
     tb.join(5)
     assert not errors and not ta.is_alive() and not tb.is_alive()
+
+
+def test_a_pool_of_many_tensors_keeps_the_statistics_of_several_settings():
+    """An LRU smaller than one cycle of a search never hits: 20,000 tensors x 2 checkpoints under two
+    densities are 80,000 entries, and the pool's 65,536 recomputed every one on every call (4 s per call
+    here; the sizing is checked instead of timing those misses)."""
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    sources = [{f"t{i}": t for i, t in enumerate(torch.randn(n, 2, generator=g))} for _ in range(2)]
+    pool = CheckpointPool(sources, base={f"t{i}": torch.zeros(2) for i in range(n)})
+    assert pool._selection.max_entries >= 4 * n * 3
+    small = CheckpointPool([{"w": torch.ones(3)}] * 2)
+    assert small._selection.max_entries == 65536

@@ -59,7 +59,7 @@ def _host_available() -> int:
 def _guard_mapped(sources) -> MappingGuard:
     """A started MappingGuard over the sources' mapped files (pymerge/io/sigbus.py): a file truncated while
     the pool reads it is a CheckpointError, not a SIGBUS. Unguarded, as before, when the native table is
-    full (4096 files at once): the pool still works."""
+    full (65536 files at once, more than Linux maps by default): the pool still works."""
     guard = MappingGuard([s for s in sources if s.mapped], doing="the pool was reading it")
     try:
         return guard.start()
@@ -219,8 +219,14 @@ class CheckpointPool:
                              "cannot be copied or pickled; build another from the same sources")
         state = dict(self.__dict__)
         if "_plan_cache" in state:
-            state["_plan_cache"], state["_selection"] = grouped.PlanCache(), SelectionCache()
+            state["_plan_cache"], state["_selection"] = grouped.PlanCache(), self._selection_cache()
         return state
+
+    def _selection_cache(self) -> SelectionCache:
+        """Room for every tensor of every checkpoint (and base) under 4 parameter settings: an LRU smaller than
+        one setting's entries never hits (a search alternating two densities over 50,000 tensors recomputed
+        every threshold, 10 s per candidate). Entries are a few numbers each (~0.5 KB with their keys)."""
+        return SelectionCache(max(65536, 4 * len(self.names) * (self.num_checkpoints + 1)))
 
     def __setstate__(self, state) -> None:
         """A copied pool (copy.deepcopy, pickle) holds its tensors at other addresses: noted again."""
@@ -238,7 +244,7 @@ class CheckpointPool:
         # Per-tensor selection statistics (TIES/breadcrumbs thresholds, L1 norms, dot products) of the methods path,
         # keyed by tensor name, checkpoint and parameters plus the inputs' version counters (a borrowed
         # tensor changed in place by torch is seen as new data).
-        self._selection = SelectionCache()
+        self._selection = self._selection_cache()
         self._cuda = None
         if self._compressed is None and (self.device.type == "cuda" or self.backend == "triton"):
             from pymerge.pool.cuda import CudaRunner
