@@ -394,3 +394,24 @@ def test_every_simd_build_gives_the_same_bits(tmp_path):
         assert outs.keys() == want.keys()
         bad = [k for k in want if not torch.equal(outs[k][0], want[k][0])]
         assert not bad, (level, got[level][0], bad[:20])
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 40), (2, 5, 3, 7), (1, 1, 9)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_della_ranks_a_tensor_of_three_or_more_dims_along_dim_1(shape, backend):
+    """Ranked one slice of dim 0 at a time now (the whole tensor's argsort took ~70 bytes per element of a
+    fused MoE tensor): the mask is the whole-tensor ranking along dim 1's, as mergekit ranks."""
+    from pymerge.ops import philox, select
+    base, xs = models(shape, seed=4)
+    sp = tvo.Sparsifier("della_magprune", 0.4, epsilon=0.15)
+    for i, x in enumerate(xs):
+        d = x.float() - base.float()
+        keys = select.magnitude_keys(d).reshape(d.shape)
+        rank = torch.argsort(torch.argsort(keys, dim=1, stable=True), dim=1)
+        thr = tvo.della_thresholds(0.4, 0.15, d.shape[1])
+        want = (philox.random_bits(7, "t.w", i, 0, d.numel()).reshape(d.shape) < thr[rank]).reshape(-1)
+        cpu = backend == "cpu"
+        words, (before, after) = tvo._della_mask(x, base, sp, i, "t.w", 7, 0, cpu, 0)
+        assert torch.equal(words, tvo.pack_bits(want)) and torch.equal(tvo.della_keep_torch(x, base, sp, i, "t.w", 7), want)
+        a = d.abs().double().reshape(-1)
+        assert (before, after) == (math.fsum(a.tolist()), math.fsum(a[want].tolist()))  # exact sums, rounded once

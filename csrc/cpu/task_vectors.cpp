@@ -343,12 +343,15 @@ std::vector<int64_t> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtyp
   return sums.parts();
 }
 
+// thr: the address of cols uint32 thresholds, one per rank (a list of Python ints cost ~70 bytes per
+// element of a long 1-D tensor).
 std::vector<int64_t> tv_della_mask(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t rows, int64_t cols,
-                                   const std::vector<uint32_t>& thr, uintptr_t mask, uint64_t seed, uint32_t h0,
+                                   uintptr_t thr_addr, uintptr_t mask, uint64_t seed, uint32_t h0,
                                    uint32_t h1, int num_threads) {
   check_dtype(base_dtype, false);
-  if (int64_t(thr.size()) != cols) throw std::invalid_argument("della_mask: need one threshold per column rank");
+  if (thr_addr == 0) throw std::invalid_argument("della_mask: need one threshold per column rank");
   if (cols >= (int64_t(1) << 31)) throw std::invalid_argument("della_mask: rows of 2^31 or more elements");
+  const uint32_t* thr = reinterpret_cast<const uint32_t*>(thr_addr);
   L1Sums sums;
   if (rows <= 0 || cols <= 0) return sums.parts();
   Model m = make_model(model, seed, h0, h1);
@@ -358,7 +361,7 @@ std::vector<int64_t> tv_della_mask(const ModelSpec& model, uintptr_t base, int b
   parallel_for(rows, 4, threads, [&](int64_t r0, int64_t r1) {
     RowScratch w(cols);
     auto t = std::make_unique<Abs>(), k = std::make_unique<Abs>();
-    for (int64_t r = r0; r < r1; ++r) row(m, base, base_dtype, r, cols, thr.data(), words, w, *t, *k);
+    for (int64_t r = r0; r < r1; ++r) row(m, base, base_dtype, r, cols, thr, words, w, *t, *k);
     sums.merge(*t, *k);
   });
   return sums.parts();

@@ -140,7 +140,10 @@ def importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     threshold), in place where that changes nothing."""
     p = torch.softmax(x, dim=-1).add_(1e-8)
     q = torch.softmax(base, dim=-1).add_(1e-8)
-    kl = torch.div(p, q).log_().mul_(p).sum(dim=-1, keepdim=True)
+    # elementwise, so the quotient may overwrite q (a temporary the size of the tensor less at the peak);
+    # the row sums stay whole-tensor ops: torch's reduction order, hence the bits, depend on the shape
+    kl = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True)
+    del p, q
     return (x - base).abs_().mul_(kl).contiguous()
 
 

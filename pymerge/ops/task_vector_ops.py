@@ -130,13 +130,14 @@ def l1_ratio(before: float, after: float, eps: float = 1e-7) -> float:
 
 
 def della_thresholds(density: float, epsilon: float, cols: int) -> torch.Tensor:
-    """Per-rank Philox keep-thresholds of one DELLA row (int64, float64 math, computed once)."""
+    """Per-rank Philox keep-thresholds of one DELLA row (int64, float64 math, computed once; in place, as a
+    1-D tensor's row is the whole tensor). IEEE addition commutes: rn * 2eps + (density - eps) is the sum
+    (density - eps) + rn * 2eps."""
     if cols == 1:
         p = torch.tensor([density], dtype=torch.float64, device="cpu")
     else:
-        rn = torch.arange(cols, dtype=torch.float64, device="cpu") / (cols - 1)
-        p = (density - epsilon) + rn * (2 * epsilon)
-    return torch.floor(p.clamp(0, 1) * 4294967296.0).to(torch.int64).clamp(0, 1 << 32)
+        p = torch.arange(cols, dtype=torch.float64, device="cpu").div_(cols - 1).mul_(2 * epsilon).add_(density - epsilon)
+    return p.clamp_(0, 1).mul_(4294967296.0).floor_().to(torch.int64).clamp_(0, 1 << 32)
 
 
 def check_sparsifier(sp: Sparsifier, what: str) -> None:
@@ -284,40 +285,72 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
     if x.dim() <= 2 and cpu:
         check_native([x, base], [], n, "della", "cpu", _native.DTYPE_CODES)
         rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
-        thr = della_thresholds(sp.density, sp.epsilon, cols).tolist()
+        thr = della_thresholds(sp.density, sp.epsilon, cols).to(torch.uint32)  # < 2^32: epsilon keeps p < 1
         h0, h1 = philox.name_hash(name)
         spec = _spec(x.contiguous(), ModelPlan(mode=BITS, model=model))
         spec = spec[:8] + (words.data_ptr(),) + spec[9:]
         parts = _native.cpu.tv_della_mask(spec, base.contiguous().data_ptr(), _native.DTYPE_CODES[base.dtype],
-                                          rows, cols, [int(t) for t in thr], words.data_ptr(),
+                                          rows, cols, thr.data_ptr(), words.data_ptr(),
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
         return words, tuple(exact_sum.totals(torch.tensor(parts, device="cpu")))
-    keep = della_keep_torch(x, base, sp, model, name, seed, offset)
-    return pack_bits(keep), tuple(exact_sum.totals(l1_parts(x.float() - base.float(), keep)))
+    keep, parts = torch.empty(n, dtype=torch.bool, device=x.device), torch.zeros(2, exact_sum.PARTS, dtype=torch.int64)
+    for start, xs, bs, dim in _della_slices(x, base):
+        k = _della_keep(xs, bs, sp, model, name, seed, offset + start, dim)
+        keep[start:start + k.numel()] = k
+        parts += l1_parts(xs.float() - bs.float(), k)  # exact parts add up to the whole tensor's
+    return pack_bits(keep), tuple(exact_sum.totals(parts))
 
 
 def della_keep_torch(x, base, sp: Sparsifier, model, name, seed, offset=0) -> torch.Tensor:
-    """Flat boolean DELLA mask with torch ops (any device, any rank; materializes the tensor)."""
+    """Flat boolean DELLA mask with torch ops (any device, any rank)."""
+    keep = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
+    for start, xs, bs, dim in _della_slices(x, base):
+        k = _della_keep(xs, bs, sp, model, name, seed, offset + start, dim)
+        keep[start:start + k.numel()] = k
+    return keep
+
+
+def _della_slices(x, base):
+    """(first flat index, x part, base part, the dimension ranked) pieces whose masks make x's. mergekit ranks
+    along dim 1, so a tensor of 3 or more dimensions goes one index of dim 0 at a time (ranked along that
+    slice's dim 0): the argsort of a whole fused MoE tensor took ~70 bytes per element."""
+    if x.dim() <= 2:
+        yield 0, (x if x.dim() == 2 else x.reshape(1, -1)), (base if base.dim() == 2 else base.reshape(1, -1)), 1
+        return
+    step = x[0].numel()
+    for a in range(x.shape[0]):
+        yield a * step, x[a], base[a], 0
+
+
+def _della_keep(x, base, sp: Sparsifier, model, name, seed, offset, dim) -> torch.Tensor:
+    """The flat keep-mask of x (element 0 at global index offset), ranks of |x - base| along dim."""
     d = x.float() - base.float()
-    if d.dim() < 2:
-        d = d.reshape(1, -1)
     keys = select.magnitude_keys(d).reshape(d.shape)
-    order = torch.argsort(keys, dim=1, stable=True)  # mergekit ranks along dim 1
-    cols = d.shape[1]
-    pos = torch.arange(cols, device=d.device).view(1, cols, *([1] * (d.dim() - 2))).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, pos.contiguous())
+    order = torch.argsort(keys, dim=dim, stable=True)
+    cols = d.shape[dim]
+    pos = torch.arange(cols, device=d.device).view([cols if i == dim else 1 for i in range(d.dim())])
+    rank = torch.empty_like(order).scatter_(dim, order, pos.expand_as(order).contiguous())
     thr = della_thresholds(sp.density, sp.epsilon, cols).to(d.device)
     draws = philox.random_bits(seed, name, model, offset, d.numel(), d.device).reshape(d.shape)
     return (draws < thr[rank]).reshape(-1)
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
-    """Flat bool -> int64 words (bit e of word e // 64), two's complement for bit 63."""
-    n = keep.numel()
-    padded = torch.zeros(((n + 63) // 64) * 64, dtype=torch.int64, device=keep.device)
-    padded[:n] = keep.reshape(-1).to(torch.int64)
+    """Flat bool -> int64 words (bit e of word e // 64), two's complement for bit 63; a block at a time
+    (the int64 copy of the whole mask took 8 bytes per element)."""
+    flat = keep.reshape(-1)
+    n = flat.numel()
+    words = torch.empty((n + 63) // 64, dtype=torch.int64, device=keep.device)
     shifts = torch.arange(64, device=keep.device, dtype=torch.int64)
-    return (padded.view(-1, 64) << shifts).sum(dim=1)
+    for s in range(0, n, _PACK_BLOCK):
+        piece = flat[s:s + _PACK_BLOCK].to(torch.int64)
+        if piece.numel() % 64:
+            piece = torch.cat([piece, piece.new_zeros(64 - piece.numel() % 64)])
+        words[s // 64:s // 64 + piece.numel() // 64] = (piece.view(-1, 64) << shifts).sum(dim=1)
+    return words
+
+
+_PACK_BLOCK = 64 << 16  # bits packed at a time (a multiple of 64)
 
 
 def linear_divisor(weights: Sequence[float]) -> float:
