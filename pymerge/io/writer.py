@@ -481,7 +481,6 @@ class ShardedWriter:
             raise InputError(f"{tmp}: the temporary folder was removed or replaced by another program; "
                              "nothing installed")
         _keep_access(out, tmp)
-        self._release_lock(unlink=True)  # the lock file must not land in OUT
         try:
             if not os.path.lexists(out) or _is_empty_dir(out):
                 os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
@@ -506,8 +505,12 @@ class ShardedWriter:
                 raise
             if self._state != "committed":  # interrupted just after the swap: OUT is the new model, complete
                 self._installed()
+            self._release_lock(out)
             self._discard(aside if aside is not None else tmp)
             raise
+        # Held until OUT is in place (a peer that cannot see this pid would take a lock-less folder for a
+        # killed run's), then removed from OUT: it was there for an instant.
+        self._release_lock(out)
         _fsync_dir(parent)
         old = aside if aside is not None else tmp  # the replaced model (nothing there after a plain rename)
         if os.path.lexists(old):
@@ -552,13 +555,16 @@ class ShardedWriter:
             with self._cond:
                 self._state = "aborted"
 
-    def _release_lock(self, unlink: bool = False) -> None:
+    def _release_lock(self, folder: Optional[Path] = None) -> None:
+        """Unlocks; with folder, also removes the lock file from it if it is this writer's (OUT's now)."""
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
         if fd is None:
             return
         try:
-            if unlink:
-                os.unlink(self.tmp_dir / _LOCK_NAME)
+            if folder is not None:
+                st = os.fstat(fd)
+                if _identity(folder / _LOCK_NAME) == (st.st_dev, st.st_ino):
+                    os.unlink(folder / _LOCK_NAME)
         except OSError:
             pass
         finally:
