@@ -1,4 +1,5 @@
 """ShardedWriter: sharding, chunked writes, bit-exact output, atomic commit, abort and crash cleanup."""
+import errno
 import json
 import os
 import signal
@@ -500,6 +501,32 @@ def test_a_live_writer_whose_pid_this_process_cannot_see_keeps_its_folder(tmp_pa
         proc.stdout.close()
     write_all(tmp_path / "out", {"a": torch.ones(2)}, force=True)
     assert leftovers(tmp_path) == [] and os.listdir(out) == ["model.safetensors"]
+
+
+def test_a_lock_file_not_locked_yet_leaves_the_pid_to_judge(tmp_path, monkeypatch):
+    """Between a writer's creating its lock file and locking it, a sweep found the file unlocked and took the
+    live folder for a killed run's; and a sweep's probe holding the lock at that moment made the writer give
+    up its lock for good."""
+    live = tmp_path / f".out.pymerge-tmp-{os.getppid()}"  # a live process's (our parent)
+    live.mkdir()
+    (live / writer_mod._LOCK_NAME).touch()  # created, not locked yet
+    write_all(tmp_path / "out", {"a": torch.ones(2)})
+    assert live.is_dir()
+    real, calls = writer_mod.fcntl.flock, []
+
+    def probed_once(fd, op):  # the first try meets a probe's lock
+        calls.append(op)
+        if len(calls) == 1:
+            raise BlockingIOError(errno.EWOULDBLOCK, "busy")
+        return real(fd, op)
+
+    monkeypatch.setattr(writer_mod.fcntl, "flock", probed_once)
+    w = ShardedWriter(tmp_path / "again", [("a", torch.float32, (1,))])
+    monkeypatch.setattr(writer_mod.fcntl, "flock", real)
+    assert w._lock_fd is not None and writer_mod._lock_held(str(w.tmp_dir))
+    w.write("a", torch.ones(1))
+    w.commit()
+    assert os.listdir(tmp_path / "again") == ["model.safetensors"]
 
 
 def test_two_writers_with_one_pid_never_share_a_folder(tmp_path):

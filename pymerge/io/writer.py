@@ -480,21 +480,23 @@ class ShardedWriter:
         if ours is None or ours != self._made:  # another program's folder now: installing it would mix runs
             raise InputError(f"{tmp}: the temporary folder was removed or replaced by another program; "
                              "nothing installed")
-        _keep_access(out, tmp)
         try:
             if not os.path.lexists(out) or _is_empty_dir(out):
+                _keep_access(out, tmp)
                 os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
             elif not out.is_dir():
                 raise InputError(f"{out}: exists and is not a folder")
             elif not self.force:
                 raise InputError(f"{out} exists and is not empty; pass --force to replace it")
-            elif not _exchange(tmp, out):  # renameat2: one atomic step, after which tmp holds the old OUT
-                # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
-                # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
-                aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
-                _OWNED.add(os.path.abspath(aside))
-                os.rename(out, aside)
-                os.rename(tmp, out)
+            else:
+                _keep_access(out, tmp)
+                if not _exchange(tmp, out):  # renameat2: one atomic step, after which tmp holds the old OUT
+                    # No renameat2 here: the old OUT steps aside first. A crash between the two renames leaves
+                    # it at .<out>.pymerge-old-<pid>, which the next writer for OUT puts back (_remove_stale).
+                    aside = parent / f"{_beside(out, _OLD_TAG)}{os.getpid()}"
+                    _OWNED.add(os.path.abspath(aside))
+                    os.rename(out, aside)
+                    os.rename(tmp, out)
             self._installed()
         except BaseException:
             if _identity(out) != ours:  # OUT is not the new model: the old one goes back, abort cleans up
@@ -547,10 +549,12 @@ class ShardedWriter:
         try:
             self._close_fds()
             if not self._joined:  # the folder is part 0's to remove
-                if _identity(self.tmp_dir) == self._made:  # never another program's folder of that name
-                    _remove_tree(self.tmp_dir)
-                self._release_lock()
-                _OWNED.discard(os.path.abspath(self.tmp_dir))
+                try:
+                    if _identity(self.tmp_dir) == self._made:  # never another program's folder of that name
+                        _remove_tree(self.tmp_dir)
+                finally:
+                    self._release_lock()
+                    _OWNED.discard(os.path.abspath(self.tmp_dir))
         finally:
             with self._cond:
                 self._state = "aborted"
@@ -679,9 +683,9 @@ _OWNED_LOCK = threading.Lock()  # held from a writer's stale-folder sweep until 
 
 
 def _in_use(path: str, pid: int) -> bool:
-    held = _lock_held(path)
-    if held is not None:  # the writer's lock says it: pids alone cannot see other namespaces or hosts
-        return held
+    if _lock_held(path):  # a live writer, whose pid this process may not see (another namespace or host)
+        return True
+    # no lock held: a killed writer's, or one between creating its lock file and locking it (the pid says)
     return os.path.abspath(path) in _OWNED if pid == os.getpid() else _pid_alive(pid)
 
 
@@ -695,9 +699,12 @@ def _hold_lock(tmp_dir: Path) -> Optional[int]:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a sweep probing this new file holds it for an instant: wait for it
+            fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
-    except OSError:
+    except OSError:  # no locks on this filesystem (ENOLCK, EOPNOTSUPP...)
         os.close(fd)
         try:
             os.unlink(path)
@@ -798,7 +805,10 @@ def _remove_stale(out: Path) -> None:
                     except FileNotFoundError:  # another run put it back first
                         pass
                 elif os.path.islink(e.path):
-                    os.unlink(e.path)
+                    try:
+                        os.unlink(e.path)
+                    except FileNotFoundError:  # another run's sweep took it
+                        pass
                 else:  # claimed first: two runs sweeping one folder both deleted it (ENOENT)
                     gone = _claim(e.path, out)
                     if gone is not None:
@@ -824,7 +834,17 @@ def _remove_tree(path: Path) -> None:
     if os.path.islink(path):
         os.unlink(path)
     elif os.path.lexists(path):
-        shutil.rmtree(path)
+        shutil.rmtree(path, onerror=_retry_writable)
+
+
+def _retry_writable(func, path, exc_info) -> None:
+    """A folder without owner write permission (an OUT made 0555 keeps it, _keep_access): made writable,
+    the removal tried again; any other error stands."""
+    if not issubclass(exc_info[0], PermissionError):
+        raise exc_info[1]
+    parent = os.path.dirname(path)
+    os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)
+    func(path)
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
