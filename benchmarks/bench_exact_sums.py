@@ -73,6 +73,10 @@ def main():
     h0, h1 = philox.name_hash("w")
     rows, cols = 1024, n // 1024
     thr = tvo.della_thresholds(0.5, 0.2, cols).tolist()
+    thr32 = tvo.della_thresholds(0.5, 0.2, cols).to(torch.uint32)  # builds since 2026-12-02 take its address
+
+    def della_thr(mod):
+        return thr32.data_ptr() if mod is _native.cpu else thr
     words = torch.zeros((n + 63) // 64, dtype=torch.int64)
     dspec = tvo._spec(xs[0], tvo.ModelPlan(mode=tvo.BITS, model=0))
     dspec = dspec[:8] + (words.data_ptr(),) + dspec[9:]
@@ -98,7 +102,8 @@ def main():
             "della mask + norms": (
                 lambda: old.tv_della_mask(dspec, base.data_ptr(), code, rows, cols, thr, words.data_ptr(), 3, h0, h1,
                                           threads),
-                lambda: exact_sum.totals(torch.tensor(new.tv_della_mask(dspec, base.data_ptr(), code, rows, cols, thr,
+                lambda: exact_sum.totals(torch.tensor(new.tv_della_mask(dspec, base.data_ptr(), code, rows, cols,
+                                                                        della_thr(new),
                                                                         words.data_ptr(), 3, h0, h1,
                                                                         threads)).view(2, -1))),
             }

@@ -398,10 +398,12 @@ def test_every_simd_build_gives_the_same_bits(tmp_path):
 
 @pytest.mark.parametrize("shape", [(3, 17, 40), (2, 5, 3, 7), (1, 1, 9)])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_della_ranks_a_tensor_of_three_or_more_dims_along_dim_1(shape, backend):
-    """Ranked one slice of dim 0 at a time now (the whole tensor's argsort took ~70 bytes per element of a
-    fused MoE tensor): the mask is the whole-tensor ranking along dim 1's, as mergekit ranks."""
+@pytest.mark.parametrize("piece", [1, 1500, 1 << 20])
+def test_della_ranks_a_tensor_of_three_or_more_dims_along_dim_1(shape, backend, piece, monkeypatch):
+    """Ranked a run of dim 0's indices at a time now (the whole tensor's argsort took ~70 bytes per element
+    of a fused MoE tensor): the mask is the whole-tensor ranking along dim 1's, as mergekit ranks."""
     from pymerge.ops import philox, select
+    monkeypatch.setattr(tvo, "_DELLA_PIECE", piece)  # one index, runs of two with a shorter last, the whole
     base, xs = models(shape, seed=4)
     sp = tvo.Sparsifier("della_magprune", 0.4, epsilon=0.15)
     for i, x in enumerate(xs):
@@ -415,3 +417,16 @@ def test_della_ranks_a_tensor_of_three_or_more_dims_along_dim_1(shape, backend):
         assert torch.equal(words, tvo.pack_bits(want)) and torch.equal(tvo.della_keep_torch(x, base, sp, i, "t.w", 7), want)
         a = d.abs().double().reshape(-1)
         assert (before, after) == (math.fsum(a.tolist()), math.fsum(a[want].tolist()))  # exact sums, rounded once
+
+
+@pytest.mark.parametrize("shape", [(64, 3), (5000,)])
+def test_della_native_and_torch_masks_agree_where_the_top_probability_rounds_to_one(shape):
+    """(density - eps) + 2 eps rounds to 1.0 here while density + eps < 1: the top rank's threshold 2^32
+    wrapped to 0 as the native kernel's uint32 (that rank never kept: 109 kept of 192, torch 173)."""
+    density, epsilon = 0.8902508742160087, 0.10974912578399125
+    assert density + epsilon < 1 and tvo.della_thresholds(density, epsilon, shape[-1])[-1] == (1 << 32) - 1
+    base, xs = models(shape, seed=9)
+    sp = tvo.Sparsifier("della_magprune", density, epsilon=epsilon)
+    native = tvo._della_mask(xs[0], base, sp, 0, "t.w", 7, 0, True, 0)
+    torch_path = tvo._della_mask(xs[0], base, sp, 0, "t.w", 7, 0, False, 0)
+    assert torch.equal(native[0], torch_path[0]) and native[1] == torch_path[1]

@@ -759,3 +759,18 @@ def test_any_integer_seed_runs_reproducibly_and_old_states_with_method_params_re
     json.dump(state, open(path, "w"))
     resumed = optimize(base_pool, evaluate, state_path=path, **{**kw, "budget": 9})
     assert len(resumed.history) == 9
+
+
+def test_result_files_get_the_umask_mode_without_setting_the_umask(tmp_path, monkeypatch):
+    """replace_file read the umask by setting it to 0 for an instant: a file another thread created then
+    was world-writable. /proc/self/status says it; the files still get 0666 less the umask."""
+    from pymerge.search.report import replace_file
+    old = os.umask(0o027)
+    try:
+        calls = []
+        real = os.umask
+        monkeypatch.setattr(os, "umask", lambda m: calls.append(m) or real(m))
+        replace_file(str(tmp_path / "h.json"), lambda p: open(p, "w").write("{}"))
+        assert calls == [] and oct(os.stat(tmp_path / "h.json").st_mode & 0o777) == oct(0o640)
+    finally:
+        os.umask(old)

@@ -62,6 +62,21 @@ def out_location(path) -> Path:
     return Path(os.path.realpath(head or os.curdir)) / tail
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file (0666 less the umask). Read from /proc: setting the umask to read
+    it made, for that instant, every file another thread created world-writable."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)  # no /proc: the only other way, briefly 022 (never 0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def check_replaceable(path, error: Type[InputError] = InputError) -> None:
     """A path we are about to replace (write a temporary file, then rename it over the path) must be
     absent or a regular file: renaming over a FIFO or a device (/dev/null, as root) would replace it."""

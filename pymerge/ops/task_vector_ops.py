@@ -137,7 +137,9 @@ def della_thresholds(density: float, epsilon: float, cols: int) -> torch.Tensor:
         p = torch.tensor([density], dtype=torch.float64, device="cpu")
     else:
         p = torch.arange(cols, dtype=torch.float64, device="cpu").div_(cols - 1).mul_(2 * epsilon).add_(density - epsilon)
-    return p.clamp_(0, 1).mul_(4294967296.0).floor_().to(torch.int64).clamp_(0, 1 << 32)
+    # (density - eps) + 2eps may round to 1 where density + eps < 1: 2^32 would wrap to 0 as the native
+    # kernel's uint32 (that rank never kept); 2^32 - 1 differs from it only for the draw 2^32 - 1
+    return p.clamp_(0, 1).mul_(4294967296.0).floor_().to(torch.int64).clamp_(0, (1 << 32) - 1)
 
 
 def check_sparsifier(sp: Sparsifier, what: str) -> None:
@@ -285,7 +287,7 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
     if x.dim() <= 2 and cpu:
         check_native([x, base], [], n, "della", "cpu", _native.DTYPE_CODES)
         rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
-        thr = della_thresholds(sp.density, sp.epsilon, cols).to(torch.uint32)  # < 2^32: epsilon keeps p < 1
+        thr = della_thresholds(sp.density, sp.epsilon, cols).to(torch.uint32)
         h0, h1 = philox.name_hash(name)
         spec = _spec(x.contiguous(), ModelPlan(mode=BITS, model=model))
         spec = spec[:8] + (words.data_ptr(),) + spec[9:]
@@ -294,8 +296,8 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
         return words, tuple(exact_sum.totals(torch.tensor(parts, device="cpu")))
     keep, parts = torch.empty(n, dtype=torch.bool, device=x.device), torch.zeros(2, exact_sum.PARTS, dtype=torch.int64)
-    for start, xs, bs, dim in _della_slices(x, base):
-        k = _della_keep(xs, bs, sp, model, name, seed, offset + start, dim)
+    for start, xs, bs in _della_slices(x, base):
+        k = _della_keep(xs, bs, sp, model, name, seed, offset + start)
         keep[start:start + k.numel()] = k
         parts += l1_parts(xs.float() - bs.float(), k)  # exact parts add up to the whole tensor's
     return pack_bits(keep), tuple(exact_sum.totals(parts))
@@ -304,32 +306,37 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
 def della_keep_torch(x, base, sp: Sparsifier, model, name, seed, offset=0) -> torch.Tensor:
     """Flat boolean DELLA mask with torch ops (any device, any rank)."""
     keep = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
-    for start, xs, bs, dim in _della_slices(x, base):
-        k = _della_keep(xs, bs, sp, model, name, seed, offset + start, dim)
+    for start, xs, bs in _della_slices(x, base):
+        k = _della_keep(xs, bs, sp, model, name, seed, offset + start)
         keep[start:start + k.numel()] = k
     return keep
 
 
 def _della_slices(x, base):
-    """(first flat index, x part, base part, the dimension ranked) pieces whose masks make x's. mergekit ranks
-    along dim 1, so a tensor of 3 or more dimensions goes one index of dim 0 at a time (ranked along that
-    slice's dim 0): the argsort of a whole fused MoE tensor took ~70 bytes per element."""
+    """(first flat index, x part, base part) pieces whose masks, ranked along their dim 1, make x's. mergekit
+    ranks along dim 1, so a tensor of 3 or more dimensions goes a run of indices of dim 0 at a time (the
+    argsort of a whole fused MoE tensor took ~70 bytes per element; one index at a time, a conv weight of
+    4096 output channels was 4096 small argsorts)."""
     if x.dim() <= 2:
-        yield 0, (x if x.dim() == 2 else x.reshape(1, -1)), (base if base.dim() == 2 else base.reshape(1, -1)), 1
+        yield 0, (x if x.dim() == 2 else x.reshape(1, -1)), (base if base.dim() == 2 else base.reshape(1, -1))
         return
     step = x[0].numel()
-    for a in range(x.shape[0]):
-        yield a * step, x[a], base[a], 0
+    run = max(1, _DELLA_PIECE // max(1, step))
+    for a in range(0, x.shape[0], run):
+        yield a * step, x[a:a + run], base[a:a + run]
 
 
-def _della_keep(x, base, sp: Sparsifier, model, name, seed, offset, dim) -> torch.Tensor:
-    """The flat keep-mask of x (element 0 at global index offset), ranks of |x - base| along dim."""
+_DELLA_PIECE = 1 << 20  # elements ranked at a time in a tensor of 3+ dimensions (~60 bytes each meanwhile)
+
+
+def _della_keep(x, base, sp: Sparsifier, model, name, seed, offset) -> torch.Tensor:
+    """The flat keep-mask of x (2+ dims; element 0 at global index offset), ranks of |x - base| along dim 1."""
     d = x.float() - base.float()
     keys = select.magnitude_keys(d).reshape(d.shape)
-    order = torch.argsort(keys, dim=dim, stable=True)
-    cols = d.shape[dim]
-    pos = torch.arange(cols, device=d.device).view([cols if i == dim else 1 for i in range(d.dim())])
-    rank = torch.empty_like(order).scatter_(dim, order, pos.expand_as(order).contiguous())
+    order = torch.argsort(keys, dim=1, stable=True)
+    cols = d.shape[1]
+    pos = torch.arange(cols, device=d.device).view(1, cols, *([1] * (d.dim() - 2)))
+    rank = torch.empty_like(order).scatter_(1, order, pos.expand_as(order).contiguous())
     thr = della_thresholds(sp.density, sp.epsilon, cols).to(d.device)
     draws = philox.random_bits(seed, name, model, offset, d.numel(), d.device).reshape(d.shape)
     return (draws < thr[rank]).reshape(-1)

@@ -59,7 +59,7 @@ import torch
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
-from pymerge.io.files import check_replaceable
+from pymerge.io.files import check_replaceable, new_file_mode
 from pymerge.ops._checks import FLOAT32_MAX
 
 BLOCK = 64            # elements per scale
@@ -479,11 +479,9 @@ class CompressedStore:
         try:
             os.close(fd)
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(header), "format": "pt"})
-            umask = os.umask(0)
-            os.umask(umask)
             # as open() would make it: mkstemp's 0600 (or that of safetensors' own temporary file, which
             # it renames over tmp) would stay on the result
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, new_file_mode())
             if overwrite:
                 os.replace(tmp, path)  # the old file, or the complete new one: never half of it
             else:

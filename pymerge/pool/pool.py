@@ -223,10 +223,10 @@ class CheckpointPool:
         return state
 
     def _selection_cache(self) -> SelectionCache:
-        """Room for every tensor of every checkpoint (and base) under 4 parameter settings: an LRU smaller than
-        one setting's entries never hits (a search alternating two densities over 50,000 tensors recomputed
-        every threshold, 10 s per candidate). Entries are a few numbers each (~0.5 KB with their keys)."""
-        return SelectionCache(max(65536, 4 * len(self.names) * (self.num_checkpoints + 1)))
+        """Room for every tensor of every checkpoint (and base) under 2 parameter settings: an LRU smaller than
+        a search's cycle never hits (one alternating two densities over 50,000 tensors recomputed every
+        threshold, 10 s per candidate). Entries are a few numbers each (~0.5 KB with their keys)."""
+        return SelectionCache(max(65536, 2 * len(self.names) * (self.num_checkpoints + 1)))
 
     def __setstate__(self, state) -> None:
         """A copied pool (copy.deepcopy, pickle) holds its tensors at other addresses: noted again."""

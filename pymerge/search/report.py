@@ -8,7 +8,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from pymerge.io.files import check_replaceable
+from pymerge.io.files import check_replaceable, new_file_mode
 
 
 def macro_average(scores: Dict[str, float]) -> float:
@@ -44,9 +44,7 @@ def replace_file(path: str, write) -> None:
     check_replaceable(path)  # a FIFO or device would be replaced
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")  # a new file
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it (mkstemp's 0600 would stay on the result)
+    os.chmod(tmp, new_file_mode())  # as open() would make it (mkstemp's 0600 would stay on the result)
     try:
         write(tmp)
         os.replace(tmp, path)
