@@ -390,6 +390,25 @@ def test_a_state_from_reordered_in_memory_sources_or_another_dtype_is_refused(tm
                         log=None).history) == 7
 
 
+def test_a_state_resumed_on_a_pool_compressed_otherwise_is_refused(tmp_path):
+    """Exact -> int4 (or int8 -> int4) was accepted: the history then mixed the scores of two merges."""
+    g = torch.Generator().manual_seed(6)
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({"theta": torch.randn(4096, generator=g)}, files[-1])
+    evaluate = lambda m: -float(m.theta.detach().norm())  # noqa: E731
+    for first, second in ((None, "int4"), ("int8", "int4"), ("int8", None)):
+        state = str(tmp_path / f"{first}-{second}.json")
+        optimize(CheckpointPool(files[1:], base=files[0], compress=first), evaluate, model=Vec(4096), budget=4,
+                 popsize=3, state_path=state, log=None)
+        with pytest.raises(InputError, match=r"differs in pool"):
+            optimize(CheckpointPool(files[1:], base=files[0], compress=second), evaluate, model=Vec(4096), budget=6,
+                     popsize=3, state_path=state, log=None)
+        assert len(optimize(CheckpointPool(files[1:], base=files[0], compress=first), evaluate, model=Vec(4096),
+                            budget=6, popsize=3, state_path=state, log=None).history) == 6
+
+
 def test_log_reports_the_best_finite_objective_and_huge_integers_in_a_state_are_refused(tmp_path):
     """The generation log said "best nan" (or inf) for the rest of the run after one candidate scored NaN,
     where the result skips it; a state holding an integer past 2**64 in its weights raised a TypeError."""

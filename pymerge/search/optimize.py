@@ -371,7 +371,7 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else repr(value)
 
 
-_OPTIONAL = ("dtype", "sample")  # pool fingerprint entries not every search records (see _pool_contents)
+_OPTIONAL = ("dtype", "sample", "compressed")  # pool fingerprint entries not every search records (_pool_contents)
 
 
 def _pool_contents(pool) -> dict:
@@ -380,10 +380,19 @@ def _pool_contents(pool) -> dict:
     [A, B, C] resumed as [C, B, A] (or a dtype= added) was accepted and the saved weights paired with other
     checkpoints. Each is compared only where both searches recorded it: a compressed pool records neither
     (a saved one forgets its dtype=), the distributed search's leader only the dtype (its ranks hold shards),
-    so a state moves between one process and many as before."""
-    if getattr(pool, "_compressed", None) is not None:
-        return {}
+    so a state moves between one process and many as before. Whether the pool is compressed, and each
+    tensor's format, is recorded by every CheckpointPool (a saved one keeps them): a search resumed on an
+    int4 pool was accepted and its history mixed the scores of two merges."""
+    if hasattr(pool, "_compressed"):  # not the distributed leader's stand-in, which holds no tensors
+        store = pool._compressed
+        if store is not None:
+            h = hashlib.sha256()
+            for name in store.names:
+                h.update(repr((name, [(e.fmt, e.nbytes) for e in store.entries[name]])).encode())
+            return {"compressed": h.hexdigest()[:16]}
     out = {"dtype": str(getattr(pool, "dtype", None))}
+    if hasattr(pool, "_compressed"):
+        out["compressed"] = None
     inputs = getattr(pool, "_inputs", None)
     if inputs:
         names = sorted(inputs)
