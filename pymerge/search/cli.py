@@ -127,6 +127,11 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
         note = (f"# The search's pool held its checkpoints in {cfg['dtype']} and summed them in float32; this merge\n"
                 f"# also rounds each merged tensor to {cfg['dtype']} (dtype: means that in mergekit), so it is within\n"
                 "# one such rounding of the merge the search scored, not bit for bit the same.\n")
+    if len(kinds) > 1:  # one out_dtype for every tensor: the merge is written as the sum came out
+        names = ", ".join(sorted(str(k).replace("torch.", "") for k in kinds))
+        note += (f"# The model searched holds tensors of several dtypes ({names}): the search scored each one rounded\n"
+                 f"# to its tensor's dtype, while this merge writes them all in {cfg['dtype']}; round them as the model\n"
+                 "# does (load the merge into it) to get the merge the search scored.\n")
 
     def write(tmp):
         with open(tmp, "w") as fh:
