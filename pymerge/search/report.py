@@ -54,10 +54,23 @@ def replace_file(path: str, write) -> None:
 
 
 def write_json(path: str, payload) -> None:
+    """Standard JSON: a NaN or infinite score is null (json's bare NaN broke strict parsers, jq, JavaScript)."""
     def write(tmp):
         with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=1, default=_jsonable)
+            json.dump(_finite(payload), fh, indent=1, default=_jsonable, allow_nan=False)
     replace_file(path, write)
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _finite(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
 
 
 def _jsonable(x):
