@@ -344,9 +344,9 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     state = str(tmp_path / "s.json")
     evaluate = lambda m: -float(m.theta.detach().norm())  # noqa: E731
     optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=4, popsize=3, state_path=state, log=None)
-    with pytest.raises(InputError, match=r"differs in pool"):
+    with pytest.raises(InputError, match=r"differs in pool \(sample, sources\)\) \(sources are compared as absolute"):
         optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None)
-    with pytest.raises(InputError, match=r"differs in pool"):
+    with pytest.raises(InputError, match=r"differs in pool \(groups\)\); use another"):
         optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None,
                  groups="layer")
     other_spelling = [os.path.join(os.path.dirname(f), ".", os.path.basename(f)) for f in files]
@@ -502,7 +502,7 @@ def test_an_objective_that_returns_no_number_is_an_input_error():
 def test_a_state_from_another_pool_says_what_differs(tmp_path):
     _, _, path = _state(tmp_path)  # three checkpoints
     pool, evaluate, _ = synthetic(n=4)
-    with pytest.raises(InputError, match=r"different search \(differs in n, pool, x0\)"):
+    with pytest.raises(InputError, match=r"different search \(differs in n, pool \(sample, sources\), x0\)"):
         optimize(pool, evaluate, model=Vec(), budget=30, popsize=6, seed=4, state_path=str(path), log=None)
 
 
@@ -731,13 +731,16 @@ def test_an_infinite_score_is_never_the_best(tmp_path, capsys):
     data["search"] = {"budget": 12, "popsize": 4, "seed": 0, "sigma0": 0.5}
     cfg.write_text(yaml.safe_dump(data))
     assert cli_main([str(cfg)]) == 0
-    saved = json.load(open(tmp_path / "out" / "history.json"))
+    def strict(constant):  # history.json is standard JSON: a non-finite score is null, not a bare Infinity
+        raise AssertionError(f"history.json holds {constant}")
+
+    saved = json.loads((tmp_path / "out" / "history.json").read_text(), parse_constant=strict)
     objectives = [r["objective"] for r in saved["history"]]
-    assert any(o == float("inf") for o in objectives), "the case needs an infinite score"
-    assert saved["best"]["objective"] == max(o for o in objectives if o != float("inf"))
+    assert any(o is None for o in objectives), "the case needs an infinite score"
+    assert saved["best"]["objective"] == max(o for o in objectives if o is not None)
     best = saved["history"][saved["best"]["index"]]  # the index named the inf candidate (np.nanargmax)
     assert best["objective"] == saved["best"]["objective"] and best["weights"] == saved["best"]["weights"]
-    assert all(saved["history"][i]["objective"] != float("inf") for i in saved["pareto"])
+    assert all(saved["history"][i]["objective"] is not None for i in saved["pareto"])
 
 
 def test_an_edited_state_is_refused_even_where_replaying_cannot_tell(tmp_path):
@@ -793,3 +796,30 @@ def test_result_files_get_the_umask_mode_without_setting_the_umask(tmp_path, mon
         assert calls == [] and oct(os.stat(tmp_path / "h.json").st_mode & 0o777) == oct(0o640)
     finally:
         os.umask(old)
+
+
+def test_best_merge_yml_of_a_model_of_several_dtypes_says_what_it_writes(tmp_path):
+    """bfloat16 weights and float32 norms: the search scored each tensor rounded to its dtype, the file wrote
+    them all in float32 and said it made the best merge."""
+    from pymerge.search.cli import _best_yaml
+    model = torch.nn.Module()
+    model.theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    model.phi = torch.nn.Parameter(torch.zeros(3))
+    path = str(tmp_path / "best.yml")
+    _best_yaml(path, ["a", "b"], None, [0.5, 0.5], "linear", {}, model=model)
+    text = open(path).read()
+    assert "several dtypes (bfloat16, float32)" in text and "out_dtype" not in yaml.safe_load(text)
+    model.theta.data = model.theta.data.float()
+    _best_yaml(path, ["a", "b"], None, [0.5, 0.5], "linear", {}, model=model)
+    assert "#" not in open(path).read() and yaml.safe_load(open(path))["out_dtype"] == "float32"
+
+
+def test_a_resume_with_a_smaller_budget_says_it_runs_nothing(tmp_path):
+    """A state of 9 candidates resumed with budget=3 returned all 9 without a word."""
+    pool, evaluate, _ = synthetic(n=3)
+    state = str(tmp_path / "s.json")
+    optimize(pool, evaluate, model=Vec(), budget=9, popsize=4, state_path=state, log=None)
+    said = []
+    res = optimize(pool, evaluate, model=Vec(), budget=3, popsize=4, state_path=state, log=said.append)
+    assert len(res.history) == 9 and said == ["the saved state already holds 9 candidates, more than budget=3: "
+                                              "nothing to run, the result is the saved search"]

@@ -272,6 +272,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         state["x0_done"] = True
         _save_state(state_path, state)
     t_start = time.perf_counter()
+    if log and len(history) > budget:  # the result holds every saved candidate, more than this budget
+        log(f"the saved state already holds {len(history)} candidates, more than budget={budget}: nothing to run, "
+            "the result is the saved search")
     while len(history) < budget:
         if pending is not None:  # a larger budget finishes that generation, as an uninterrupted run would
             (xs, objs), pending = pending, None
@@ -442,9 +445,15 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
             saved = {**saved, "pool": {k: v for k, v in saved["pool"].items() if k in both or k not in _OPTIONAL}}
             expected["pool"] = {k: v for k, v in expected["pool"].items() if k in both or k not in _OPTIONAL}
         if saved != expected:
-            diff = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k))
-            raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)}); "
-                             "use another state_path or delete it")
+            diff, hint = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k)), ""
+            if "pool" in diff and isinstance(saved.get("pool"), dict):  # which part: "pool" alone left users guessing
+                sub = sorted(k for k in set(saved["pool"]) | set(expected["pool"])
+                             if saved["pool"].get(k) != expected["pool"].get(k))
+                diff[diff.index("pool")] = f"pool ({', '.join(sub)})"
+                if "sources" in sub:
+                    hint = " (sources are compared as absolute paths: a copied or moved project is another search)"
+            raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)})"
+                             f"{hint}; use another state_path or delete it")
         _check_history(state, shape)
     except InputError:
         raise  # already names the file
