@@ -568,3 +568,17 @@ def test_raw_ops_on_empty_tensors_and_bad_thread_counts():
                  lambda: interp.whole_dot_parts([x], None, False, num_threads=2**40)):
         with pytest.raises(ValueError, match="^num_threads must be an integer from 0"):
             call()
+
+
+def test_the_torch_pass_draws_the_same_masks_from_a_name_or_its_hash():
+    """The CUDA op falls back to the torch pass past MAX_TV_MODELS models, and the op carries the name's
+    hash, not the name: both must key the same Philox draws."""
+    from pymerge.ops import philox
+    xs, base, bits, ints, floats = _tv_case(3001, 4)
+    plans = tvo.plans_from_rows(bits, ints, floats)
+    kw = dict(consensus=True, normalize=True, lam=0.9, divisor=1.75, seed=7, offset=0)
+    by_name, by_hash = torch.empty(3001), torch.empty(3001)
+    tvo._merge_torch(xs, base, plans, by_name, name="t", **kw)
+    tvo._merge_torch(xs, base, plans, by_hash, name=philox.name_hash("t"), **kw)
+    assert torch.equal(by_name, by_hash)
+    assert torch.equal(philox.random_bits(3, "t", 1, 5, 100), philox.random_bits(3, philox.name_hash("t"), 1, 5, 100))

@@ -370,11 +370,16 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
             tk.tv_merge(inputs, base, plans_from_rows(bits, plan_ints, plan_floats), out, consensus=consensus,
                         normalize=normalize, lam=lam, divisor=divisor, seed=seed % _U64, h0=h0, h1=h1, offset=offset)
             return
+        ext = _native.require_cuda()
+        if len(inputs) > ext.MAX_TV_MODELS:  # more than one launch holds, and no Triton: eager torch, any number
+            from pymerge.ops.task_vector_ops import _merge_torch, plans_from_rows
+            _merge_torch(inputs, base, plans_from_rows(bits, plan_ints, plan_floats), out, consensus, normalize, lam,
+                         divisor, (h0, h1), seed % _U64, offset)
+            return
         stream = torch.cuda.current_stream(base.device).cuda_stream
-        _native.require_cuda().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
-                                        _native.DTYPE_CODES[base.dtype], out.data_ptr(),
-                                        _native.DTYPE_CODES[out.dtype], base.numel(), offset, consensus, normalize,
-                                        lam, divisor, seed % _U64, h0, h1, stream)
+        ext.tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
+                     _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype], base.numel(),
+                     offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1, stream)
 
 
 @register_fake("pymerge::tv_merge_out")

@@ -73,15 +73,16 @@ def philox4x32(c0: torch.Tensor, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def random_bits(seed: int, name: str, model: int, offset: int, numel: int,
+def random_bits(seed: int, name, model: int, offset: int, numel: int,
                 device=None) -> torch.Tensor:
-    """The 32-bit draws (int64 tensor) of elements offset .. offset+numel-1 of one model's tensor."""
+    """The 32-bit draws (int64 tensor) of elements offset .. offset+numel-1 of one model's tensor; name is the
+    tensor's name or its name_hash() (what the custom ops carry)."""
     if offset + numel > MAX_ELEMENTS:
         raise ValueError(f"tensor {name!r} has more than 2**34 elements; the Philox counter layout cannot key it")
     j = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     g0 = offset // 4
     groups = torch.arange(g0, (offset + numel + 3) // 4, dtype=torch.int64, device=device)
-    h0, h1 = name_hash(name)
+    h0, h1 = name if isinstance(name, tuple) else name_hash(name)
     k0, k1 = seed_key(seed)
     words = torch.stack(philox4x32(groups, model & M32, h0, h1, k0, k1), dim=1)  # [groups, 4]
     return words[(j >> 2) - g0, j & 3]
