@@ -47,7 +47,7 @@ def test_a_borrowed_source_is_refused_as_a_target(how, method):
     models = linears()
     pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict(), **how)
     assert pool.residency == "mmap" and len(pool.borrowed) == 3
-    assert "in place" in pool.describe() and "changing them changes later merges" in pool.describe()
+    assert "in place" in pool.describe() and "changing them with torch ops changes later merges" in pool.describe()
     params = {"density": 0.5} if method == "ties" else {}
     for victim in models:  # every source, the base included
         before = snapshot(victim)
@@ -334,3 +334,45 @@ def test_a_weight_table_longer_than_the_groups_is_refused():
             pool.materialize([[0.5, 0.5]] * rows, into=target, groups="layer")
     pool.materialize([[0.5, 0.5]] * 2, into=target, groups="layer")
     assert bool((target["model.layers.0.w"] == 1).all())
+
+
+WRAPPER = """
+import torch
+from torch.testing._internal.two_tensor import TwoTensor
+from pymerge.errors import InputError
+from pymerge.pool import CheckpointPool
+pool = CheckpointPool([{"a": torch.randn(4, 4)}, {"a": torch.randn(4, 4)}], base={"a": torch.zeros(4, 4)})
+for method, kw in (("linear", {}), ("ties", {"density": 0.5})):
+    try:
+        pool.materialize([0.5, 0.5], into={"a": TwoTensor(torch.zeros(4, 4), torch.zeros(4, 4))}, method=method, **kw)
+    except InputError as exc:
+        print(exc)
+try:
+    CheckpointPool([{"a": TwoTensor(torch.ones(4), torch.ones(4))}, {"a": torch.ones(4)}], residency="mmap")
+except InputError as exc:
+    print(exc)
+"""
+
+
+def test_a_wrapper_subclass_target_or_source_is_refused_not_written_at_address_0():
+    """A wrapper tensor subclass (a DTensor given to a pool built without shard_like=, torch's TwoTensor) has a
+    placeholder storage and data_ptr() 0: the native kernels wrote to address 0 (SIGSEGV; in a child here)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", WRAPPER], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and all("is a TwoTensor whose data lives in tensors inside it" in x for x in lines)
+    assert lines[0].startswith("tensor 'a': ") and lines[2].startswith("source 0: tensor 'a': "), lines
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "nested"])
+def test_a_sparse_or_nested_target_is_refused_naming_it(layout):
+    """They reached torch internals first: "Cannot access storage of SparseTensorImpl", naming no tensor."""
+    pool = CheckpointPool([{"a": torch.randn(2, 3)}, {"a": torch.randn(2, 3)}])
+    dense = torch.zeros(2, 3)
+    target = {"sparse_coo": dense.to_sparse(), "sparse_csr": dense.to_sparse_csr(),
+              "nested": torch.nested.nested_tensor([torch.zeros(3), torch.zeros(3)])}[layout]
+    with pytest.raises(InputError, match=rf"tensor 'a' is a {layout.split('_')[0] if layout == 'nested' else layout} "
+                                         r"tensor; merges read dense tensors only; nothing was written"):
+        pool.materialize([0.5, 0.5], into={"a": target})

@@ -60,11 +60,25 @@ def negated_problem(t: torch.Tensor) -> Optional[str]:
 
 def backing_problem(t: torch.Tensor) -> Optional[str]:
     """Why t's storage cannot hold every element it addresses, or None."""
+    if _wrapper(t):  # its storage is a placeholder: a kernel given its address (0) wrote to address 0
+        hint = (" (a DTensor: build the pool with shard_like=, or pass .to_local() / .full_tensor())"
+                if type(t).__name__ == "DTensor" else "")
+        return f"is a {type(t).__name__} whose data lives in tensors inside it; pass plain tensors{hint}"
     have, need = t.untyped_storage().nbytes(), extent_bytes(t)
     if have >= need:
         return None
     return (f"its storage holds {have} bytes but the tensor spans {need} (freed or shrunk with resize_, as FSDP "
             f"frees a sharded parameter's storage); it has no data to use")
+
+
+def _wrapper(t: torch.Tensor) -> bool:
+    """A wrapper subclass (DTensor, torch's TwoTensor): no memory of its own, data_ptr() 0."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not t.numel() or t.device.type == "meta":
+        return False
+    try:
+        return t.data_ptr() == 0
+    except RuntimeError:  # a FakeTensor while torch.compile traces: no data to ask about
+        return False
 
 
 def overlap_problem(t: torch.Tensor) -> Optional[str]:

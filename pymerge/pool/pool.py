@@ -23,7 +23,7 @@ from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard
 from pymerge.ops._checks import as_int, check_threads
-from pymerge.ops._memory import backing_problem, negated_problem, overlap_problem, write_problem
+from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
@@ -393,7 +393,8 @@ class CheckpointPool:
         borrowed = ""
         if self.borrowed:
             borrowed = (f"; reads the caller's tensors of {', '.join(self.borrowed)} in place (no copy): "
-                        "changing them changes later merges")
+                        "changing them with torch ops changes later merges (not through .data or numpy, "
+                        "which cached statistics do not see)")
         return (f"CheckpointPool: {self.num_checkpoints} checkpoints{' + base' if self.has_base else ''}, "
                 f"{len(self.names)} tensors, {_fmt_bytes(self.nbytes)}; residency {self.residency} "
                 f"({self.reason}); backend {self.backend} on {self.device}{borrowed}")
@@ -621,6 +622,9 @@ class CheckpointPool:
                 if t is None:
                     if strict:
                         problems.append(f"pool tensor {name!r} has no counterpart {model_name!r}{where}")
+                    continue
+                if (kind := kind_problem(t)) is not None:  # before shape and dtype: a nested tensor has no sizes
+                    problems.append(f"tensor {model_name!r}{where} {kind}")
                     continue
                 t = t.detach()
                 if tuple(t.shape) != self.shapes[name]:
