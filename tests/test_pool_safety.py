@@ -376,3 +376,22 @@ def test_a_sparse_or_nested_target_is_refused_naming_it(layout):
     with pytest.raises(InputError, match=rf"tensor 'a' is a {layout.split('_')[0] if layout == 'nested' else layout} "
                                          r"tensor; merges read dense tensors only; nothing was written"):
         pool.materialize([0.5, 0.5], into={"a": target})
+
+
+def test_a_compiled_or_parametrized_target_says_why_a_name_is_missing():
+    """"pool tensor 'weight' has no counterpart 'weight'" for a module that plainly has a weight."""
+    import warnings
+    from torch.nn.utils import parametrize
+    pool = CheckpointPool([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    compiled = torch.nn.Module()
+    compiled._orig_mod = torch.nn.Linear(4, 4)  # what torch.compile's OptimizedModule holds, without compiling
+    with pytest.raises(InputError, match=r"no counterpart 'weight' \(the target is a torch.compile'd module: "
+                                         r"pass names=\"_orig_mod.\""):
+        pool.materialize([0.5, 0.5], into=compiled)
+    pool.materialize([0.5, 0.5], into=compiled, names="_orig_mod.")
+    m = torch.nn.Linear(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parametrize.register_parametrization(m, "weight", torch.nn.Identity())
+    with pytest.raises(InputError, match=r"holds it as 'parametrizations.weight.original': a parametrized tensor"):
+        pool.materialize([0.5, 0.5], into=m)

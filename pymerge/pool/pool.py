@@ -621,7 +621,8 @@ class CheckpointPool:
                 t = tmap.get(model_name)
                 if t is None:
                     if strict:
-                        problems.append(f"pool tensor {name!r} has no counterpart {model_name!r}{where}")
+                        problems.append(f"pool tensor {name!r} has no counterpart {model_name!r}{where}"
+                                        f"{_wrapped_hint(model_name, tmap)}")
                     continue
                 if (kind := kind_problem(t)) is not None:  # before shape and dtype: a nested tensor has no sizes
                     problems.append(f"tensor {model_name!r}{where} {kind}")
@@ -853,6 +854,18 @@ def _last_of_tied(plans: List[_Plan], tie_key) -> List[_Plan]:
 def _cacheable(groups: GroupRule, names: NameMap) -> bool:
     """Plans can be cached only under rules that are values (a function or dict may change)."""
     return (groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
+
+
+def _wrapped_hint(model_name: str, tensors: dict) -> str:
+    """Why a target lacks a name it seems to hold: wrapped by torch.compile or a parametrization."""
+    if "_orig_mod." + model_name in tensors:
+        return " (the target is a torch.compile'd module: pass names=\"_orig_mod.\" or merge into its _orig_mod)"
+    head, _, leaf = model_name.rpartition(".")
+    original = f"{head + '.' if head else ''}parametrizations.{leaf}.original"
+    if original in tensors or original + "0" in tensors:
+        return (f" (the target holds it as {original!r}: a parametrized tensor (weight_norm, parametrize) is "
+                "computed from others; merge before parametrizing)")
+    return ""
 
 
 def _unusable_target(t: torch.Tensor) -> Optional[str]:
