@@ -206,9 +206,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [(["--threads", "-1"], "--threads must be from 0 (the default) to 1024, got -1"),
                                            (["--threads", "1025"], "--threads must be from 0 (the default) to 1024"),
                                            (["--budget", "0"], "--budget must be at least 1"),
-                                           (["--seed", "-1"], "--seed must be from 0 to 2147483647, got -1"),
-                                           # its data would be seed 0's (streams are seeded modulo 2**31)
-                                           (["--seed", "2147483648"], "--seed must be from 0 to 2147483647")])
+                                           (["--seed", "-1"], "--seed must be from 0 to 268435455, got -1"),
+                                           # its training data would be seed 0's (seed * 1000 + k modulo 2**31)
+                                           (["--seed", "268435456"], "--seed must be from 0 to 268435455")])
 def test_demo_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
     """--threads -1 was a traceback from torch.set_num_threads."""
     from pymerge.demo import main

@@ -582,3 +582,16 @@ def test_the_torch_pass_draws_the_same_masks_from_a_name_or_its_hash():
     tvo._merge_torch(xs, base, plans, by_hash, name=philox.name_hash("t"), **kw)
     assert torch.equal(by_name, by_hash)
     assert torch.equal(philox.random_bits(3, "t", 1, 5, 100), philox.random_bits(3, philox.name_hash("t"), 1, 5, 100))
+
+
+def test_fake_tensors_are_not_taken_for_wrapper_subclasses():
+    """A FakeTensor's data_ptr() is 0, as a wrapper subclass's (DTensor, TwoTensor) is: the check that refuses
+    those refused fake arguments too (group_lincomb's coef under FakeTensorMode: "whose data lives in tensors
+    inside it")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from pymerge.ops._memory import backing_problem
+    from torch.testing._internal.two_tensor import TwoTensor
+    with FakeTensorMode():
+        fake = torch.empty(4)
+        assert backing_problem(fake) is None
+    assert "TwoTensor whose data lives" in backing_problem(TwoTensor(torch.ones(4), torch.ones(4)))

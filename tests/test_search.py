@@ -344,7 +344,7 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     state = str(tmp_path / "s.json")
     evaluate = lambda m: -float(m.theta.detach().norm())  # noqa: E731
     optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=4, popsize=3, state_path=state, log=None)
-    with pytest.raises(InputError, match=r"differs in pool \(sample, sources\)\) \(sources are compared as absolute"):
+    with pytest.raises(InputError, match=r"differs in pool \(sample, sources\)\) \(sources are compared by their paths"):
         optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None)
     with pytest.raises(InputError, match=r"differs in pool \(groups\)\); use another"):
         optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None,

@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.budget is not None and args.budget < 1:
         ap.error("--budget must be at least 1")
-    # before training, not after it; below 2**31: the data streams are drawn from seeds modulo 2**31, so
-    # seed s + 2**31 trained and scored on the same examples as s
-    if not 0 <= args.seed <= 2**31 - 1:
-        ap.error(f"--seed must be from 0 to {2**31 - 1}, got {args.seed}")
+    # before training, not after it; below 2**28: the data streams are drawn from seed * 1000 + k modulo 2**31,
+    # so seed s + 2**28 trained on the same examples as s (and s + 2**31 also scored on them)
+    if not 0 <= args.seed <= 2**28 - 1:
+        ap.error(f"--seed must be from 0 to {2**28 - 1}, got {args.seed}")
     if args.threads is not None and not 0 <= args.threads <= 1024:
         ap.error(f"--threads must be from 0 (the default) to 1024, got {args.threads}")
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))

@@ -72,7 +72,7 @@ def new_file_mode() -> int:
                     return 0o666 & ~int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    umask = os.umask(0o022)  # no /proc: the only other way, briefly 022 (never 0)
+    umask = os.umask(0o077)  # no /proc: the only other way, briefly 077 (never looser than a user's)
     os.umask(umask)
     return 0o666 & ~umask
 

@@ -731,8 +731,10 @@ def _lock_held(folder: str) -> Optional[bool]:
 
 
 def _keep_access(out: Path, tmp: Path) -> None:
-    """A folder the user made for OUT (empty, or replaced with --force) keeps its permission bits and
-    group: the renamed temp folder has the umask's, which made a group-private OUT world-readable."""
+    """A folder the user made for OUT (empty, or replaced with --force) keeps its group and its permission
+    bits for group and others: the renamed temp folder had the umask's, which made a group-private OUT
+    world-readable. The owner keeps rwx, so this writer can take its lock file out and a later --force
+    can replace the model."""
     try:
         st = os.stat(out)  # a symlinked OUT: the folder it names
     except OSError:
@@ -744,7 +746,7 @@ def _keep_access(out: Path, tmp: Path) -> None:
     except OSError:
         pass  # not a member of that group: the bits below still keep others out
     try:
-        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
     except OSError:
         pass
 
@@ -834,17 +836,7 @@ def _remove_tree(path: Path) -> None:
     if os.path.islink(path):
         os.unlink(path)
     elif os.path.lexists(path):
-        shutil.rmtree(path, onerror=_retry_writable)
-
-
-def _retry_writable(func, path, exc_info) -> None:
-    """A folder without owner write permission (an OUT made 0555 keeps it, _keep_access): made writable,
-    the removal tried again; any other error stands."""
-    if not issubclass(exc_info[0], PermissionError):
-        raise exc_info[1]
-    parent = os.path.dirname(path)
-    os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)
-    func(path)
+        shutil.rmtree(path)
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

@@ -450,8 +450,9 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
                 sub = sorted(k for k in set(saved["pool"]) | set(expected["pool"])
                              if saved["pool"].get(k) != expected["pool"].get(k))
                 diff[diff.index("pool")] = f"pool ({', '.join(sub)})"
-                if "sources" in sub:
-                    hint = " (sources are compared as absolute paths: a copied or moved project is another search)"
+                if "sources" in sub and any(os.sep in str(x) for x in saved["pool"].get("sources") or ()):
+                    hint = (" (sources are compared by their paths, which pymerge search makes absolute: a copied or "
+                            "moved project is another search)")
             raise InputError(f"{path}: saved search state is from a different search (differs in {', '.join(diff)})"
                              f"{hint}; use another state_path or delete it")
         _check_history(state, shape)
