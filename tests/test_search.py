@@ -812,6 +812,20 @@ def test_best_merge_yml_of_a_model_of_several_dtypes_says_what_it_writes(tmp_pat
     model.theta.data = model.theta.data.float()
     _best_yaml(path, ["a", "b"], None, [0.5, 0.5], "linear", {}, model=model)
     assert "#" not in open(path).read() and yaml.safe_load(open(path))["out_dtype"] == "float32"
+    # a merged buffer counts (it was left out: out_dtype bfloat16 and no note); one the pool skips does not
+    from pymerge.search.cli import _merged_tensors
+    model.theta.data = model.theta.data.bfloat16()
+    model.phi.data = model.phi.data.bfloat16()
+    model.register_buffer("norm", torch.zeros(3))
+    model.register_buffer("inv_freq", torch.zeros(2), persistent=False)
+    g = torch.Generator().manual_seed(0)
+    pool = CheckpointPool([{"theta": torch.randn(3, generator=g), "phi": torch.randn(3, generator=g), "norm": t}
+                           for t in torch.randn(2, 3, generator=g)])
+    _best_yaml(path, ["a", "b"], None, [0.5, 0.5], "linear", {}, model=model, merged=_merged_tensors(pool, model, None))
+    assert "several dtypes (bfloat16, float32)" in open(path).read()
+    pool = CheckpointPool([{"theta": torch.randn(3, generator=g), "phi": torch.randn(3, generator=g)}] * 2)
+    _best_yaml(path, ["a", "b"], None, [0.5, 0.5], "linear", {}, model=model, merged=_merged_tensors(pool, model, None))
+    assert "#" not in open(path).read() and yaml.safe_load(open(path))["out_dtype"] == "bfloat16"
 
 
 def test_a_resume_with_a_smaller_budget_says_it_runs_nothing(tmp_path):

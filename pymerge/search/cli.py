@@ -95,7 +95,7 @@ def _dtype(name):
 
 
 def _best_yaml(path: str, sources, base, weights, method: str, method_params: dict, model=None,
-               pool_dtype=None) -> None:
+               pool_dtype=None, merged=None) -> None:
     """The best flat weights as a mergekit config that `pymerge merge` (or mergekit) turns into the same
     merge: the method, its base and its parameters (per-group tables stay in history.json), computed in
     float32 (or the pool's dtype=) as the pool does, written in the dtype of the model searched when its
@@ -118,7 +118,9 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     if params:
         cfg["parameters"] = params
     cfg["dtype"] = str(pool_dtype or torch.float32).replace("torch.", "")
-    kinds = {t.dtype for t in (model.parameters() if model is not None else ()) if t.is_floating_point()}
+    # merged: the model's tensors the pool wrote (buffers too, not a buffer it skips); else its parameters
+    tensors = merged if merged is not None else list(model.parameters()) if model is not None else []
+    kinds = {t.dtype for t in tensors if t.is_floating_point()}
     if len(kinds) == 1:
         cfg["out_dtype"] = str(kinds.pop()).replace("torch.", "")
 
@@ -138,6 +140,13 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
             fh.write(note)
             yaml.safe_dump(cfg, fh, sort_keys=False)
     replace_file(path, write)
+
+
+def _merged_tensors(pool, model, names) -> list:
+    """The model's tensors the pool writes (through names=): the dtypes best_merge.yml must write."""
+    from pymerge.pool.pool import _map_name, _tensors_of
+    tensors = _tensors_of(model)
+    return [tensors[m] for n in pool.names if (m := _map_name(n, names)) is not None and m in tensors]
 
 
 _OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")
@@ -221,7 +230,7 @@ def _run(args) -> int:
     paths = result.save(out)
     if result.best_weights.ndim == 1:
         _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights, method,
-                   method_params, model, _dtype(cfg.get("dtype")))
+                   method_params, model, _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
     elif os.path.lexists(os.path.join(out, "best_merge.yml")):  # an earlier flat search's: not this result
         os.unlink(os.path.join(out, "best_merge.yml"))  # a link is removed, never its target
     if "png" not in paths:
