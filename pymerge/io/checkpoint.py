@@ -22,7 +22,7 @@ from pymerge import _native
 from pymerge.errors import CheckpointError, short
 from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, open_regular, read_json
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo
-from pymerge.io.sigbus import stamp as _stamp
+from pymerge.io.sigbus import identity, stamp as _stamp
 
 _MAX_EXPANDED = 16 << 20  # bytes an expanded .bin tensor may claim (each read copies it out whole)
 SAFETENSORS_NAME = "model.safetensors"
@@ -277,14 +277,6 @@ def open_tensor_file(path):
     return TorchFile(path) if path.suffix in _TORCH_SUFFIXES else SafetensorsFile(path)
 
 
-def _folder_identity(path: Path):
-    try:
-        st = os.stat(path)  # a symlinked folder: the one it names
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 class Checkpoint:
     """A model's tensors across its shards. names() is the order a streaming merge should walk:
     shards in (sorted) file-name order, each in file order."""
@@ -299,9 +291,9 @@ class Checkpoint:
         try:
             if self.path.is_dir():
                 self.folder = self.path
-                before = _folder_identity(self.path)
+                before = identity(self.path)  # a symlinked folder: the one it names
                 self._open_folder()
-                if _folder_identity(self.path) != before:  # shards opened by path: some from each folder
+                if identity(self.path) != before:  # shards opened by path: some from each folder
                     raise CheckpointError(f"{self.path}: the folder was replaced while its shards were being "
                                           "opened (another program wrote a model there); try again")
             else:

@@ -6,8 +6,9 @@ Every failure is a CheckpointError (or the caller's error class) naming the path
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
-from typing import Type
+from typing import Callable, Type
 
 from pymerge.errors import CheckpointError, InputError
 
@@ -75,6 +76,23 @@ def new_file_mode() -> int:
     umask = os.umask(0o077)  # no /proc: the only other way, briefly 077 (never looser than a user's)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def replace_file(path: str, write: Callable[[str], None], install: Callable[[str, str], None] = os.replace) -> None:
+    """write(tmp) into a temporary file beside path, then install(tmp, path) (a rename over it): a symlink at
+    path is replaced, never written through (opening it for writing overwrote the user file it points to)."""
+    check_replaceable(path)  # a FIFO or device would be replaced
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")  # a new file
+    os.close(fd)
+    try:
+        write(tmp)
+        # as open() would make it: mkstemp's 0600 (or that of a writer's own temporary file renamed over tmp,
+        # as safetensors' save_file does) would stay on the result
+        os.chmod(tmp, new_file_mode())
+        install(tmp, path)
+    finally:
+        if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
+            os.remove(tmp)
 
 
 def check_replaceable(path, error: Type[InputError] = InputError) -> None:

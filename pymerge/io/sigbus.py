@@ -47,8 +47,8 @@ class MappingGuard:
                 begin, length = mapped
                 self._slots.append(self._ext.sigbus_guard_add(begin, length))
                 path = os.path.abspath(f.path)  # the size check below must not follow a later chdir
-                identity = getattr(f, "mapped_identity", None) or _identity(path)  # the file mapped, not the path's now
-                self._ranges.append((begin, begin + length, f, path, identity))
+                ident = getattr(f, "mapped_identity", None) or identity(path)  # the file mapped, not the path's now
+                self._ranges.append((begin, begin + length, f, path, ident))
                 self._stamps[id(f)] = getattr(f, "mapped_stamp", None)
         except BaseException:
             self.stop()
@@ -93,7 +93,8 @@ class MappingGuard:
         self.stop()
 
 
-def _identity(path: str) -> Optional[tuple]:
+def identity(path) -> Optional[tuple]:
+    """(device, inode) of the file or folder at path (a link followed), or None where there is nothing."""
     try:
         st = os.stat(path)
     except OSError:

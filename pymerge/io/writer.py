@@ -524,7 +524,7 @@ class ShardedWriter:
         garbage (the next writer for OUT removes it, whatever its pid; it is never put back as OUT),
         then deleted. An interrupt still propagates (the CLI says OUT is complete); an OSError leaves
         the rest for the next writer: the merge itself is done."""
-        gone = self.out_dir.parent / f"{_beside(self.out_dir, _DEL_TAG)}{os.getpid()}-{secrets.token_hex(4)}"
+        gone = _garbage_name(self.out_dir)
         try:
             os.rename(old, gone)
             _remove_tree(gone)
@@ -713,19 +713,19 @@ def _hold_lock(tmp_dir: Path) -> Optional[int]:
         return None
 
 
-def _lock_held(folder: str) -> Optional[bool]:
-    """Whether a live writer holds folder's lock file; None where there is none or locks do not work."""
+def _lock_held(folder: str) -> bool:
+    """Whether a live writer holds folder's lock file (no file, or no locks on this filesystem: False)."""
     try:
         fd = os.open(os.path.join(folder, _LOCK_NAME), os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return None
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
         return False
     except BlockingIOError:
         return True
     except OSError:
-        return None
+        return False
     finally:
         os.close(fd)
 
@@ -751,9 +751,14 @@ def _keep_access(out: Path, tmp: Path) -> None:
         pass
 
 
+def _garbage_name(out: Path) -> Path:
+    """A name beside OUT that only ever means garbage (the next writer for OUT removes it), this process's own."""
+    return out.parent / f"{_beside(out, _DEL_TAG)}{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _claim(path: str, out: Path) -> Optional[Path]:
     """Renames a stale folder to a garbage name of this process's own: None if another run took it first."""
-    gone = out.parent / f"{_beside(out, _DEL_TAG)}{os.getpid()}-{secrets.token_hex(4)}"
+    gone = _garbage_name(out)
     try:
         os.rename(path, gone)
     except FileNotFoundError:

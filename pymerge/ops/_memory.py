@@ -74,7 +74,7 @@ def backing_problem(t: torch.Tensor) -> Optional[str]:
 def _wrapper(t: torch.Tensor) -> bool:
     """A wrapper subclass (DTensor, torch's TwoTensor): no memory of its own, data_ptr() 0. (A FakeTensor's
     data_ptr() is 0 too, but it is no wrapper: tracing and fake kernels pass it.)"""
-    if type(t) in (torch.Tensor, torch.nn.Parameter) or not t.numel() or t.device.type == "meta":
+    if type(t) in PLAIN or not t.numel() or t.device.type == "meta":
         return False
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
     if not is_traceable_wrapper_subclass(t):

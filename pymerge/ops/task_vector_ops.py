@@ -295,11 +295,9 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
                                           rows, cols, thr.data_ptr(), words.data_ptr(),
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
         return words, tuple(exact_sum.totals(torch.tensor(parts, device="cpu")))
-    keep, parts = torch.empty(n, dtype=torch.bool, device=x.device), torch.zeros(2, exact_sum.PARTS, dtype=torch.int64)
-    for start, xs, bs in _della_slices(x, base):
-        k = _della_keep(xs, bs, sp, model, name, seed, offset + start)
-        keep[start:start + k.numel()] = k
-        parts += l1_parts(xs.float() - bs.float(), k)  # exact parts add up to the whole tensor's
+    keep = della_keep_torch(x, base, sp, model, name, seed, offset)
+    parts = sum(l1_parts(xs.float() - bs.float(), keep[start:start + xs.numel()])  # exact parts add up
+                for start, xs, bs in _della_slices(x, base))
     return pack_bits(keep), tuple(exact_sum.totals(parts))
 
 

@@ -50,7 +50,6 @@ import errno
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -59,7 +58,7 @@ import torch
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
-from pymerge.io.files import check_replaceable, new_file_mode
+from pymerge.io.files import check_replaceable, replace_file
 from pymerge.ops._checks import FLOAT32_MAX
 
 BLOCK = 64            # elements per scale
@@ -474,21 +473,10 @@ class CompressedStore:
                           "norms": [e.delta_norm for e in self.entries[name]]})
         header = {"version": VERSION, "block": BLOCK, "mode": self.mode, "error_budget": self.budget,
                   "labels": self.labels, "skipped": self.skipped, "tensors": table}
-        # a new name (path.tmp<pid> was predictable: save_file wrote through a link planted there)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=parent)
-        try:
-            os.close(fd)
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(header), "format": "pt"})
-            # as open() would make it: mkstemp's 0600 (or that of safetensors' own temporary file, which
-            # it renames over tmp) would stay on the result
-            os.chmod(tmp, new_file_mode())
-            if overwrite:
-                os.replace(tmp, path)  # the old file, or the complete new one: never half of it
-            else:
-                _install_new(tmp, path)  # tmp stays a second name of it: removed below
-        finally:
-            if os.path.lexists(tmp):
-                os.remove(tmp)
+        # a fresh temporary name (path.tmp<pid> was predictable: save_file wrote through a link planted there);
+        # the old file or the complete new one, never half of it; without overwrite, never a file made meanwhile
+        replace_file(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header), "format": "pt"}),
+                     install=os.replace if overwrite else _install_new)
 
     @classmethod
     def load(cls, path) -> "CompressedStore":

@@ -386,15 +386,14 @@ def _pool_contents(pool) -> dict:
     so a state moves between one process and many as before. Whether the pool is compressed, and each
     tensor's format, is recorded by every CheckpointPool (a saved one keeps them): a search resumed on an
     int4 pool was accepted and its history mixed the scores of two merges."""
-    if hasattr(pool, "_compressed"):  # not the distributed leader's stand-in, which holds no tensors
-        store = pool._compressed
-        if store is not None:
-            h = hashlib.sha256()
-            for name in store.names:
-                h.update(repr((name, [(e.fmt, e.nbytes) for e in store.entries[name]])).encode())
-            return {"compressed": h.hexdigest()[:16]}
+    store = getattr(pool, "_compressed", False)  # False: the distributed leader's stand-in, which holds no tensors
+    if store:
+        h = hashlib.sha256()
+        for name in store.names:
+            h.update(repr((name, [(e.fmt, e.nbytes) for e in store.entries[name]])).encode())
+        return {"compressed": h.hexdigest()[:16]}
     out = {"dtype": str(getattr(pool, "dtype", None))}
-    if hasattr(pool, "_compressed"):
+    if store is None:
         out["compressed"] = None
     inputs = getattr(pool, "_inputs", None)
     if inputs:

@@ -2,13 +2,11 @@
 import csv
 import json
 import math
-import os
-import tempfile
 from typing import Dict, List, Sequence
 
 import numpy as np
 
-from pymerge.io.files import check_replaceable, new_file_mode
+from pymerge.io.files import replace_file
 
 
 def macro_average(scores: Dict[str, float]) -> float:
@@ -36,21 +34,6 @@ def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
         if not dominated:
             front.append(i)
     return front
-
-
-def replace_file(path: str, write) -> None:
-    """write(tmp) into a temporary file beside path, then renames it over path: a symlink at path is
-    replaced, never written through (opening it for writing overwrote the user file it points to)."""
-    check_replaceable(path)  # a FIFO or device would be replaced
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")  # a new file
-    os.close(fd)
-    os.chmod(tmp, new_file_mode())  # as open() would make it (mkstemp's 0600 would stay on the result)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path: str, payload) -> None:
