@@ -99,6 +99,24 @@ def test_same_seed_same_output_on_every_backend(method):
     assert not torch.equal((other - base) != 0, (outs[0] - base) != 0)
 
 
+@pytest.mark.parametrize("method", ["random", "della_magprune"])
+def test_strided_inputs_give_the_contiguous_result(method):
+    """The L1 rescale's norms (and DELLA's mask) read contiguous copies of strided inputs: the copies
+    must outlive the native call (a temporary freed before it read gave other values, or a segfault)."""
+    torch.manual_seed(0)
+    base = torch.randn(64, 64)
+    xs = [base + 0.01 * torch.randn(64, 64) for _ in range(2)]
+    sp = [tvo.Sparsifier(method, 0.5, epsilon=0.1, rescale="l1")] * 2
+    want, got = torch.empty(64, 64), torch.empty(64, 64)
+    tvo.task_vector_merge(xs, base, want, sp, [0.5, 0.5], consensus=False, normalize=False, seed=1)
+    strided = [x.t().contiguous().t() for x in xs]  # the same values, transposed memory
+    tvo.task_vector_merge(strided, base.t().contiguous().t(), got, sp, [0.5, 0.5], consensus=False,
+                          normalize=False, seed=1)
+    assert torch.equal(got, want)
+    total, kept = tvo.model_l1(strided[0], base.t().contiguous().t(), tvo.ModelPlan(), name="w")
+    assert total == pytest.approx((xs[0] - base).abs().double().sum().item(), rel=1e-6) and kept == total
+
+
 def test_masks_do_not_depend_on_chunking():
     """The mask of element j is keyed by its global index: two chunks with offsets == one call."""
     base = torch.randn(64, 100)

@@ -297,3 +297,25 @@ def test_task_vector_merge_checks_sparsifiers_and_offset(sparsifier, offset, mes
     with pytest.raises(ValueError, match=message):
         tv.task_vector_merge([torch.randn(100)], torch.zeros(100), torch.empty(100), [tv.Sparsifier(**sparsifier)],
                              [1.0], consensus=False, normalize=False, offset=offset)
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested"])
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|nested tensors).*:UserWarning")
+def test_sparse_and_nested_inputs_are_named_errors(kind):
+    """torch raised its own internal errors ("Cannot access storage of SparseTensorImpl", "NestedTensorImpl
+    doesn't support sizes") from the ops' argument checks."""
+    from pymerge.ops import consensus_ops, task_vector_ops
+    x = torch.randn(4, 8)
+    odd = {"sparse_coo": x.to_sparse, "sparse_csr": x.to_sparse_csr,
+           "nested": lambda: torch.nested.nested_tensor([x])}[kind]
+    calls = {
+        "weighted_sum": lambda: pymerge.weighted_sum([x, odd()], [0.5, 0.5]),
+        "weighted_sum_many": lambda: pymerge.weighted_sum_many([odd(), x], [[0.5, 0.5]]),
+        "sce": lambda: consensus_ops.sce([x, odd()], x, 0.5, torch.empty(4, 8)),
+        "tv_merge": lambda: task_vector_ops.task_vector_merge(
+            [x, x], odd(), torch.empty(4, 8), [task_vector_ops.Sparsifier("magnitude", 0.5)] * 2, [0.5, 0.5],
+            consensus=False, normalize=False),
+    }
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=rf"(input [01]|the base): is a {kind} tensor; merges read dense"):
+            call()

@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._memory import PLAIN, check_backed, check_readable
+from pymerge.ops._memory import PLAIN, check_backed, check_readable, layout_problem
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
 
@@ -33,11 +33,19 @@ def check_inputs(tensors) -> List[torch.Tensor]:
             raise TypeError(f"input {i} is a {type(t).__name__}, not a torch.Tensor")
         if t.dtype not in INPUT_DTYPES:
             raise TypeError(f"input {i} has unsupported dtype {t.dtype}; supported: {_dtype_names(INPUT_DTYPES)}")
+        check_layout(t, f"input {i}")
         if t.shape != first.shape:
             raise ValueError(f"input {i} has shape {tuple(t.shape)} but input 0 has shape {tuple(first.shape)}")
         if t.device != first.device:
             raise ValueError(f"input {i} is on {t.device} but input 0 is on {first.device}")
     return tensors
+
+
+def check_layout(t: torch.Tensor, what: str) -> None:
+    """A dense strided tensor: a sparse, nested or quantized one raised torch's own internal errors."""
+    problem = layout_problem(t)
+    if problem:
+        raise ValueError(f"{what}: {problem}")
 
 
 def check_weights(weights, n: int, what: str = "weights") -> List[float]:
@@ -178,6 +186,10 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
     storage (check_readable). Numbered as the kernels' checks number them: the base after the inputs,
     or first (base_first)."""
     require_inputs(xs, op)
+    for i, t in enumerate(list(xs) + [base, out]):  # before .shape, which a nested tensor raised on
+        if t is not None:
+            check_layout(t, f"{op}: " + ("input" if i < len(xs) else "the base" if i == len(xs) else "output")
+                         + (f" {i}" if i < len(xs) else ""))
     ref, ref_name = (base, "the base") if base is not None else (xs[0], "input 0")
     for i, x in enumerate(xs):
         if x.shape != ref.shape:

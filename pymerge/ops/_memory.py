@@ -44,12 +44,21 @@ def extent_bytes(t: torch.Tensor) -> int:
 
 def kind_problem(t: torch.Tensor) -> Optional[str]:
     """Why t is not a dense tensor with data a merge can read (sparse, nested, quantized, meta), or None."""
+    problem = layout_problem(t)
+    if problem:
+        return problem
+    if t.device.type == "meta":  # a model built on the meta device has shapes but no weights
+        return "is on the meta device and holds no data; load the weights first"
+    return None
+
+
+def layout_problem(t: torch.Tensor) -> Optional[str]:
+    """Why t has no strided memory an op can read (sparse, nested, quantized), or None. (A meta tensor
+    passes: the ops' fake kernels take it.)"""
     if t.layout != torch.strided:
         return f"is a {str(t.layout).replace('torch.', '')} tensor; merges read dense tensors only"
     if t.is_nested or t.is_quantized:
         return f"is a {'nested' if t.is_nested else 'quantized'} tensor; merges read dense tensors only"
-    if t.device.type == "meta":  # a model built on the meta device has shapes but no weights
-        return "is on the meta device and holds no data; load the weights first"
     return None
 
 
@@ -132,6 +141,9 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
     for i, t in enumerate(tensors):
         if type(t) not in PLAIN:
             continue
+        problem = layout_problem(t)  # before untyped_storage(), which a sparse tensor raised on
+        if problem:
+            raise error(f"{what} {i}: {problem}")
         if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
             check_backed(t, f"{what} {i}", error)  # the exact test (and the message)
 

@@ -242,7 +242,8 @@ def model_l1_parts(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=T
     if cpu:  # the dtypes too: a float64 input was a bare KeyError in model_specs
         check_native([x, base], [], x.numel(), "task vectors (L1 norms)", "cpu", _native.DTYPE_CODES)
         h0, h1 = philox.name_hash(name)
-        parts = _native.cpu.tv_l1(_spec(x.contiguous(), plan), base.contiguous().data_ptr(),
+        x, base = x.contiguous(), base.contiguous()  # held: the kernel gets bare addresses (a temporary was freed)
+        parts = _native.cpu.tv_l1(_spec(x, plan), base.data_ptr(),
                                   _native.DTYPE_CODES[base.dtype], x.numel(), offset, int(seed) & 0xFFFFFFFFFFFFFFFF,
                                   h0, h1, num_threads)
         return torch.tensor(parts, device="cpu").view(2, -1)
@@ -289,9 +290,10 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
         rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
         thr = della_thresholds(sp.density, sp.epsilon, cols).to(torch.uint32)
         h0, h1 = philox.name_hash(name)
-        spec = _spec(x.contiguous(), ModelPlan(mode=BITS, model=model))
+        x, base = x.contiguous(), base.contiguous()  # held across the call, as in model_l1_parts
+        spec = _spec(x, ModelPlan(mode=BITS, model=model))
         spec = spec[:8] + (words.data_ptr(),) + spec[9:]
-        parts = _native.cpu.tv_della_mask(spec, base.contiguous().data_ptr(), _native.DTYPE_CODES[base.dtype],
+        parts = _native.cpu.tv_della_mask(spec, base.data_ptr(), _native.DTYPE_CODES[base.dtype],
                                           rows, cols, thr.data_ptr(), words.data_ptr(),
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
         return words, tuple(exact_sum.totals(torch.tensor(parts, device="cpu")))
