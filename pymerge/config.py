@@ -8,6 +8,8 @@ their configs unchanged:
   list of {filter, value} conditions (the first whose filter is a substring of the tensor name,
   or has no filter or "*", wins; its value may itself be a gradient). A single {filter, value}
   mapping is a one-element list. An empty list, or conditions that match nothing, give no value.
+  The name a filter sees is mergekit's: for the mixture-of-experts layouts mergekit reads as
+  transformers 5's fused tensors (Mixtral, Qwen3-MoE), the fused name (see filter_name).
 - Tensors outside the layer stack (embeddings, final norm, lm_head) take t = 0. In a model with a
   single layer the layer takes t = 1 (mergekit's rule).
 - A model's own parameters are looked at first, then the top-level ones; a scope that yields no
@@ -352,6 +354,28 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float = 0.0, kind: t
     return None
 
 
+# mergekit 0.1.5 reads these models' per-expert checkpoints in transformers 5's fused layout (its
+# architecture files name only the fused tensors) and matches `filter:` against the fused names:
+# with `filter: mlp`, Mixtral's block_sparse_moe.experts.N.w1 is an mlp tensor. Patterns (re.sub, in
+# order) from transformers' conversion_mapping.py for the model types mergekit has files for.
+_FUSED_NAMES = {
+    "mixtral": ((r"\.block_sparse_moe\.", ".mlp."),
+                (r"\.experts\.\d+\.w[13]\.weight$", ".experts.gate_up_proj"),
+                (r"\.experts\.\d+\.w2\.weight$", ".experts.down_proj")),
+    "qwen3_moe": ((r"mlp\.experts\.\d+\.(?:gate|up)_proj\.weight$", "mlp.experts.gate_up_proj"),
+                  (r"mlp\.experts\.\d+\.down_proj\.weight$", "mlp.experts.down_proj")),
+}
+
+
+def filter_name(tensor_name: str, model_type: Optional[str]) -> str:
+    """The name a `filter:` is matched against: the tensor's, or for a model type mergekit reads as
+    fused experts, the fused tensor it belongs to (model.layers.0.block_sparse_moe.experts.3.w1.weight
+    -> model.layers.0.mlp.experts.gate_up_proj)."""
+    for pattern, fused in _FUSED_NAMES.get(model_type, ()) if isinstance(model_type, str) else ():
+        tensor_name = re.sub(pattern, fused, tensor_name)
+    return tensor_name
+
+
 def resolve_params(value: Setting, tensor_name: str, n_layers=None, kind: type = float):
     """One setting's value for one tensor: t from the tensor's layer index (see layer_t)."""
     return evaluate_setting(value, tensor_name, layer_t(tensor_name, n_layers), kind)
@@ -464,8 +488,8 @@ class ParamResolver:
     """Resolves a method's parameters for every tensor of a merge, caching by layer position when
     no setting has filters (then values depend on t only)."""
 
-    def __init__(self, cfg: MergeConfig, method, inputs: Sequence[ModelSpec]):
-        self.cfg, self.method, self.inputs = cfg, method, list(inputs)
+    def __init__(self, cfg: MergeConfig, method, inputs: Sequence[ModelSpec], model_type: Optional[str] = None):
+        self.cfg, self.method, self.inputs, self.model_type = cfg, method, list(inputs), model_type
         scopes = [cfg.parameters] + [m.parameters for m in self.inputs]
         self._by_name = any(_has_filter(s) for scope in scopes for s in scope.values())
         self._cache: Dict[float, Tuple[Dict[str, Any], List[Dict[str, Any]]]] = {}
@@ -474,17 +498,18 @@ class ParamResolver:
         if not self._by_name and t in self._cache:
             g, per = self._cache[t]
             return dict(g), [dict(p) for p in per]
-        g = {name: self._value(name, spec, [self.cfg.parameters], tensor_name, t, None)
+        seen = filter_name(tensor_name, self.model_type) if self._by_name else tensor_name
+        g = {name: self._value(name, spec, [self.cfg.parameters], tensor_name, seen, t, None)
              for name, spec in self.method.global_params.items()}
-        per = [{name: self._value(name, spec, [m.parameters, self.cfg.parameters], tensor_name, t, m)
+        per = [{name: self._value(name, spec, [m.parameters, self.cfg.parameters], tensor_name, seen, t, m)
                 for name, spec in self.method.model_params.items()} for m in self.inputs]
         if not self._by_name:
             self._cache[t] = (g, per)
             return dict(g), [dict(p) for p in per]
         return g, per
 
-    def _value(self, name, spec, scopes, tensor_name, t, model: Optional[ModelSpec]):
-        v = resolve_one(name, scopes, tensor_name, t, kind_of(spec.default))
+    def _value(self, name, spec, scopes, tensor_name, seen, t, model: Optional[ModelSpec]):
+        v = resolve_one(name, scopes, seen, t, kind_of(spec.default))
         if v is not None:
             return v
         if spec.required:

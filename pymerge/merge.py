@@ -341,7 +341,7 @@ def make_plan(config_or_path) -> MergePlan:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
         model_cfg = _read_model_config(donor)
         n_layers = count_layers(names, _num_layers(model_cfg))
-        resolver = ParamResolver(cfg, method, inputs)
+        resolver = ParamResolver(cfg, method, inputs, (model_cfg or {}).get("model_type"))
         tensors, copies = plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, base is not None,
                                        vocab)
         plan = MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings), vocabulary=vocab,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params,
-                            kind_of, layer_of, layer_stacks, main_stack, resolve_one)
+                            filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one)
 from pymerge.errors import CheckpointError, MergeConfigError, described
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
@@ -208,22 +208,24 @@ class _SliceResolver:
     """ParamResolver's interface for one group of output tensors: each output name knows its t and
     the source tensor names that per-model filters see."""
 
-    def __init__(self, cfg: MergeConfig, method, model_scopes: List[dict], global_scopes: List[dict]):
+    def __init__(self, cfg: MergeConfig, method, model_scopes: List[dict], global_scopes: List[dict],
+                 model_types: List[Optional[str]], out_type: Optional[str]):
         self.cfg, self.method = cfg, method
         self.model_scopes, self.global_scopes = model_scopes, global_scopes
+        self.model_types, self.out_type = model_types, out_type  # for the names filters see (filter_name)
         self.where: Dict[str, Tuple[float, List[str]]] = {}  # out name -> (t, source name per input)
 
     def __call__(self, out_name: str, _t_ignored: float):
         t, src_names = self.where[out_name]
-        g = {n: self._value(n, spec, self.global_scopes, out_name, t, None)
+        g = {n: self._value(n, spec, self.global_scopes, out_name, filter_name(out_name, self.out_type), t, None)
              for n, spec in self.method.global_params.items()}
-        per = [{n: self._value(n, spec, [scope] + self.global_scopes, src, t, i)
+        per = [{n: self._value(n, spec, [scope] + self.global_scopes, src, filter_name(src, kind), t, i)
                 for n, spec in self.method.model_params.items()}
-               for i, (scope, src) in enumerate(zip(self.model_scopes, src_names))]
+               for i, (scope, src, kind) in enumerate(zip(self.model_scopes, src_names, self.model_types))]
         return g, per
 
-    def _value(self, name, spec, scopes, tensor_name, t, model):
-        v = resolve_one(name, scopes, tensor_name, t, kind_of(spec.default))
+    def _value(self, name, spec, scopes, tensor_name, seen, t, model):
+        v = resolve_one(name, scopes, seen, t, kind_of(spec.default))
         if v is not None:
             return v
         if spec.required:
@@ -483,8 +485,9 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     if vocab is not None:
         vocab = vocab.for_base(base_path)
     merge.check_compatible(views, labels=labels, names=out_names, rows_may_differ=vocab.covers if vocab else None)
+    kinds = [(merge._read_model_config(open_ck(m.path)) or {}).get("model_type") for m in order]
     resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
-                              [s.parameters, sliced.module_parameters, cfg.parameters])
+                              [s.parameters, sliced.module_parameters, cfg.parameters], kinds[:len(inputs)], kinds[0])
     for out, t, srcs in entries:
         resolver.where[out] = (t, [srcs[index[id(m)]] if srcs and not filter_by_output else out for m in inputs])
     tensors, copies = merge.plan_tensors(cfg, method, resolver, views, labels, out_names, None, base is not None, vocab)

@@ -1,4 +1,5 @@
 """The engine's planning (roles, dtypes, parameters) and streaming details (chunks, whole tensors)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,58 @@ def test_a_merge_of_more_shard_files_than_4096_runs(tmp_path):
               tmp_path / "out", quiet=True, copy_tokenizer=False)
     got, a, b = _load(tmp_path / "out"), _load(folders[0]), _load(folders[1])
     assert len(got) == 2100 and all(torch.equal(got[k], 0.5 * a[k] + 0.5 * b[k]) for k in ("t0", "t1234", "t2099"))
+
+
+def _moe(folder, model_type: str, seed: int, layers: int = 2, experts: int = 2, h: int = 8, i: int = 12):
+    """A tiny mixture-of-experts checkpoint in its per-expert layout on disk (Mixtral's block_sparse_moe
+    w1/w2/w3, Qwen3-MoE's mlp.experts.N.*_proj), as such models are published."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = {"model.embed_tokens.weight": r(16, h), "model.norm.weight": r(h), "lm_head.weight": r(16, h)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        t.update({p + "self_attn.q_proj.weight": r(h, h), p + "input_layernorm.weight": r(h)})
+        moe, names = (("block_sparse_moe.", ("w1", "w2", "w3")) if model_type == "mixtral"
+                      else ("mlp.", ("gate_proj", "down_proj", "up_proj")))
+        t[p + moe + "gate.weight"] = r(experts, h)
+        for e in range(experts):
+            for w in names:
+                t[p + moe + f"experts.{e}.{w}.weight"] = r(h, i) if w in ("w2", "down_proj") else r(i, h)
+    folder.mkdir()
+    save_file(t, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": layers}))
+    return t
+
+
+@pytest.mark.parametrize("model_type,filt,hits", [
+    ("mixtral", "mlp", ("block_sparse_moe.",)),           # the router and every expert: mlp.gate, mlp.experts.*
+    ("mixtral", "gate_up", (".w1.", ".w3.")),
+    ("mixtral", "experts.down_proj", (".w2.",)),
+    ("qwen3_moe", "up_proj", ("gate_proj", "up_proj")),  # both halves of the fused gate_up_proj
+    ("qwen3_moe", ".weight", ("embed", "norm", "lm_head", "q_proj", "layernorm", "mlp.gate.")),  # experts: no .weight
+])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_filters_see_mergekits_fused_expert_names(tmp_path, model_type, filt, hits, sliced):
+    """mergekit 0.1.5 reads these per-expert checkpoints as transformers 5's fused tensors and matches
+    `filter:` against those names; pymerge matched the names on disk (filter: mlp missed every Mixtral
+    expert and its router)."""
+    a = _moe(tmp_path / "a", model_type, 1)
+    b = _moe(tmp_path / "b", model_type, 2)
+    weight = [{"filter": filt, "value": 0.9}, {"value": 0.1}]
+    if sliced:
+        spec = {"merge_method": "linear", "slices": [{"sources": [
+            {"model": str(tmp_path / "a"), "layer_range": [0, 2], "parameters": {"weight": weight}},
+            {"model": str(tmp_path / "b"), "layer_range": [0, 2], "parameters": {"weight": 0.5}}]}]}
+    else:
+        spec = {"merge_method": "linear", "models": [
+            {"model": str(tmp_path / "a"), "parameters": {"weight": weight}},
+            {"model": str(tmp_path / "b"), "parameters": {"weight": 0.5}}]}
+    spec.update(dtype="float32", parameters={"normalize": False})
+    run_merge(parse_config(spec), tmp_path / "out")
+    out = _load(tmp_path / "out")
+    for name, x in a.items():
+        if sliced and "layers." not in name:
+            continue  # outside the stack: a slice merge takes those from its donor
+        wa = 0.9 if any(s in name for s in hits) else 0.1
+        torch.testing.assert_close(out[name], wa * x + 0.5 * b[name], msg=f"{name}: weight of a is not {wa}")
