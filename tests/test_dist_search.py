@@ -134,3 +134,45 @@ def test_evaluate_error_stops_every_rank(runs):
 
 def test_evaluate_error_inside_a_generation_stops_every_rank(runs):
     assert {res["later_error"] for res in runs[2]} == {"InputError: rank 1: evaluation failed later"}
+
+
+def resume_worker(rank, world, d, files):
+    """Resumes under a process group, plain pools (compress= allowed): states saved on another pool kind."""
+    import pymerge
+
+    def search(compress, budget, state):
+        pool = pymerge.CheckpointPool(files[:3], base=files[3], compress=compress)
+        res = pymerge.search.optimize(pool, lambda m: score({n: p.detach() for n, p in m.named_parameters()}, m),
+                                      model=build(), **{**SEARCH, "budget": budget},
+                                      state_path=state if rank == 0 else None)
+        return len(res.history)
+
+    out = {}
+    for label, first, second in (("int4 then exact", "int4", None), ("exact then int4", None, "int4")):
+        state = os.path.join(d, f"{label}.json")
+        search(first, 5, state)
+        try:
+            out[label] = search(second, 9, state)
+        except Exception as exc:
+            out[label] = f"{type(exc).__name__}: {exc}"
+        out[f"{label}, same kind"] = search(first, 9, state)
+    try:  # a single process's exact state (its pool sample recorded), resumed by int4 ranks
+        out["single then int4 ranks"] = search("int4", 9, os.path.join(d, "single_plain.json"))
+    except Exception as exc:
+        out["single then int4 ranks"] = f"{type(exc).__name__}: {exc}"
+    out["single then exact ranks"] = search(None, 9, os.path.join(d, "single_plain.json"))
+    return out
+
+
+def test_resume_on_a_pool_compressed_otherwise_is_refused_on_every_rank(tmp_path):
+    """The leader's stand-in pool did not say whether the real one was compressed: a state saved on an int4
+    pool was resumed on an exact one (and the reverse), mixing the scores of two merges (a bug hunt)."""
+    d = str(tmp_path)
+    files = write_checkpoints(d)
+    single_process(files, budget=5, state_path=os.path.join(d, "single_plain.json"))
+    for rank, res in enumerate(dist_helpers.run(resume_worker, 2, d, d, files)):
+        for label in ("int4 then exact", "exact then int4", "single then int4 ranks"):
+            assert isinstance(res[label], str) and "differs in pool (compressed)" in res[label], (rank, label)
+            assert res[label].startswith("InputError: " + ("rank 0: " if rank else "")), (rank, res[label])
+        for label in ("int4 then exact, same kind", "exact then int4, same kind", "single then exact ranks"):
+            assert res[label] == 9, (rank, label)

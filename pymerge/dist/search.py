@@ -41,7 +41,7 @@ def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log
     merge_kw = {k: v for k, v in kwargs.items() if k not in _SEARCH_ONLY}  # method, groups, names, parameters
     crew = _Crew(pool, evaluate, model, _scores, merge_kw)
     if dist.get_rank() == 0:
-        leader = _LeaderPool(pool, crew)
+        leader = _LeaderPool(pool, crew, _pool_facts(pool))
         try:
             result = optimize(leader, leader.evaluate, torch.nn.Module(), log=log, **kwargs)
         except Exception as exc:
@@ -61,6 +61,16 @@ def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log
             return msg[0][1]
         else:
             raise _ERRORS.get(msg[0][1], InputError)(f"rank 0: {msg[0][2]}")
+
+
+def _pool_facts(pool) -> dict:
+    """The pool as the state's fingerprint records it (_pool_contents), as a single process records it,
+    less the sample of its tensors where the ranks hold shards of them (not what one process samples)."""
+    from pymerge.search.optimize import _pool_contents
+    contents = _pool_contents(pool)
+    if getattr(pool, "group", None) is not None:
+        contents.pop("sample", None)
+    return contents
 
 
 class _Crew:
@@ -111,10 +121,12 @@ class _Crew:
 class _LeaderPool:
     """What the leader's optimize sees as the pool: materialize_many runs a generation on every rank."""
 
-    def __init__(self, pool, crew: _Crew):
+    def __init__(self, pool, crew: _Crew, contents: dict):
         self.num_checkpoints, self.device, self.crew = pool.num_checkpoints, pool.device, crew
         self.num_groups, self.labels, self.has_base = pool.num_groups, pool.labels, pool.has_base
-        self.dtype = getattr(pool, "dtype", None)  # in the state's fingerprint, as a single process records it
+        # the real pool's facts for the state's fingerprint (_pool_contents), as a single process records them:
+        # without whether it is compressed, a state saved on an int4 pool resumed on an exact one (mixed scores)
+        self.pool_contents = contents
         self._scores, self._done = {}, 0
 
     def materialize_many(self, weights, into, **kw):

@@ -382,11 +382,14 @@ def _pool_contents(pool) -> dict:
     model: fine-tunes often share frozen embeddings): in-memory sources are labelled by position only, so
     [A, B, C] resumed as [C, B, A] (or a dtype= added) was accepted and the saved weights paired with other
     checkpoints. Each is compared only where both searches recorded it: a compressed pool records neither
-    (a saved one forgets its dtype=), the distributed search's leader only the dtype (its ranks hold shards),
+    (a saved one forgets its dtype=), a distributed search's leader no sample where its ranks hold shards,
     so a state moves between one process and many as before. Whether the pool is compressed, and each
     tensor's format, is recorded by every CheckpointPool (a saved one keeps them): a search resumed on an
     int4 pool was accepted and its history mixed the scores of two merges."""
-    store = getattr(pool, "_compressed", False)  # False: the distributed leader's stand-in, which holds no tensors
+    recorded = getattr(pool, "pool_contents", None)  # the distributed leader's stand-in: its real pool's
+    if recorded is not None:
+        return dict(recorded)
+    store = getattr(pool, "_compressed", False)  # False: not a CheckpointPool
     if store:
         h = hashlib.sha256()
         for name in store.names:
