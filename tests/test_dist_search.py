@@ -176,3 +176,43 @@ def test_resume_on_a_pool_compressed_otherwise_is_refused_on_every_rank(tmp_path
             assert res[label].startswith("InputError: " + ("rank 0: " if rank else "")), (rank, res[label])
         for label in ("int4 then exact, same kind", "exact then int4, same kind", "single then exact ranks"):
             assert res[label] == 9, (rank, label)
+
+
+def arguments_worker(rank, world, d, files):
+    """Rank 1 passes other arguments (or builds another pool) than rank 0, plain pools."""
+    import pymerge
+
+    def search(compress=None, **kw):
+        pool = pymerge.CheckpointPool(files[:3], base=files[3], compress=compress)
+        kw = {k: v for k, v in {**SEARCH, "budget": 5, **kw}.items() if v is not None}  # None: left out
+        res = pymerge.search.optimize(pool, lambda m: score({n: p.detach() for n, p in m.named_parameters()}, m),
+                                      model=build(), **kw)
+        return [r["objective"] for r in res.history]
+
+    out = {"errors": {}}
+    for label, mine in (("method", dict(method="linear")), ("density", dict(density=0.3)), ("budget", dict(budget=0)),
+                        ("seed", dict(seed=4)), ("pool", dict(compress="int4"))):
+        try:
+            search(**(mine if rank == 1 else {}))
+            out["errors"][label] = None
+        except Exception as exc:
+            out["errors"][label] = f"{type(exc).__name__}: {exc}"
+    # alike: a parameter in method_params= or as a keyword, a numpy seed, the state file on rank 0 only
+    out["alike"] = search(state_path=os.path.join(d, "alike.json")) if rank == 0 else search(
+        density=None, method_params={"density": SEARCH["density"]}, seed=np.int64(SEARCH["seed"]))
+    return out
+
+
+def test_ranks_passing_other_arguments_fail_together(tmp_path):
+    """Only a sharded pool compared the ranks' arguments: with plain pools a rank passing another method or
+    parameters merged its share of the candidates with them, recorded as rank 0's, and a budget=0 was
+    ignored (a bug hunt)."""
+    d = str(tmp_path)
+    files = write_checkpoints(d)
+    results = dist_helpers.run(arguments_worker, 2, d, d, files)
+    errors = dist_helpers.agreed_errors(results)
+    for label in ("method", "density", "budget", "seed"):
+        assert errors[label].startswith("InputError: ranks called optimize with different arguments"), errors[label]
+    assert errors["pool"].startswith("InputError: ranks called optimize with different pools"), errors["pool"]
+    expected = [r["objective"] for r in single_process(files, budget=5).history]
+    assert results[0]["alike"] == results[1]["alike"] == expected

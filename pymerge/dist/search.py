@@ -1,6 +1,7 @@
 """pymerge.search.optimize across ranks: CMA-ES on rank 0, candidates materialized and evaluated everywhere.
 
-Rank 0 (the leader) runs the single-process optimize unchanged (same CMA-ES, same state file,
+The ranks first compare their arguments and pools (one all_reduce; a difference is the same error on
+every rank). Rank 0 (the leader) then runs the single-process optimize unchanged (same CMA-ES, same state file,
 same resume), but on a stand-in pool: each of its materialize_many calls (one generation)
 broadcasts the candidates' weights, every replica group materializes its share of them into
 its own model (candidate c goes to replica group c mod G) and runs evaluate(model) on all of its
@@ -32,16 +33,21 @@ def across_ranks(pool) -> Optional[Callable]:
 
 
 _SEARCH_ONLY = ("budget", "popsize", "sigma0", "seed", "state_path", "normalize", "x0", "bounds", "objective")
+_ARGUMENTS_DIFFER = ("ranks called optimize with different arguments (method, method parameters, budget, popsize, "
+                     "sigma0, seed, x0, bounds, normalize, groups, names or objective); every rank must pass the same")
+_POOLS_DIFFER = ("ranks called optimize with different pools (other checkpoints, compress= or dtype=); every rank "
+                 "must build the same pool")
 
 
 def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log=print, **kwargs):
     """Every rank calls this (through optimize) with the same arguments; `replicas` is unused (one model per rank)."""
     import torch.distributed as dist
     from pymerge.search.optimize import _scores
+    contents = _agreed_start(pool, kwargs)
     merge_kw = {k: v for k, v in kwargs.items() if k not in _SEARCH_ONLY}  # method, groups, names, parameters
     crew = _Crew(pool, evaluate, model, _scores, merge_kw)
     if dist.get_rank() == 0:
-        leader = _LeaderPool(pool, crew, _pool_facts(pool))
+        leader = _LeaderPool(pool, crew, contents)
         try:
             result = optimize(leader, leader.evaluate, torch.nn.Module(), log=log, **kwargs)
         except Exception as exc:
@@ -70,6 +76,31 @@ def _pool_facts(pool) -> dict:
     contents = _pool_contents(pool)
     if getattr(pool, "group", None) is not None:
         contents.pop("sample", None)
+    return contents
+
+
+def _agreed_start(pool, kwargs) -> dict:
+    """One all_reduce before the search: the same InputError on every rank unless all passed the same
+    arguments and built the same pool. Each rank merges its share of candidates with its own method and
+    parameters, and only rank 0's budget, seed... drive the search: on plain pools (nothing compares them
+    there, unlike a sharded pool's materialize) a rank passing others went unnoticed, its candidates merged
+    otherwise and recorded as rank 0's. Returns this rank's _pool_facts."""
+    import torch.distributed as dist
+    from pymerge.dist import collectives
+    from pymerge.dist.pool import _plain
+    from pymerge.pool.pool import method_params_of
+    error, arguments, facts, contents = None, 0, 0, {}
+    try:
+        args = {k: v for k, v in kwargs.items() if k != "state_path"}  # rank 0's file: the others may pass None
+        extra = {k: args.pop(k) for k in list(args) if k not in _SEARCH_ONLY + ("method", "groups", "names",
+                                                                               "method_params")}
+        args["method_params"] = method_params_of(args.pop("method_params", None), extra)  # either way alike
+        arguments = collectives.fingerprint(_plain(args))  # numbers by value, functions by name
+        contents = _pool_facts(pool)
+        facts = collectives.fingerprint(_plain([pool.num_checkpoints, pool.has_base, contents]))
+    except Exception as exc:  # noqa: BLE001  (raised on every rank by the agreement)
+        error = exc
+    collectives.agree(error, dist.group.WORLD, (arguments, facts), differs=(_ARGUMENTS_DIFFER, _POOLS_DIFFER))
     return contents
 
 
