@@ -5,6 +5,8 @@ helper, run by torchrun or by the tests themselves as a launcher):
                                       unreadable bytes would (only that rank sees it)
     PYMERGE_TEST_FAULT=RANK:stall     once its part starts streaming, the rank writes the file
                                       $PYMERGE_TEST_MARK and sleeps, for the test to kill it
+    PYMERGE_TEST_FAULT=RANK:die_at_install  the rank exits (code 9, as if killed) on reaching the last
+                                      agreement, its part and every other on disk
     RANK "*": every rank (each also writes $PYMERGE_TEST_MARK.<rank>)
 """
 import os
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 from pymerge import cli, merge
+from pymerge.dist import disk_merge
 from pymerge.errors import CheckpointError
 from pymerge.io import Checkpoint
 
@@ -30,6 +33,17 @@ def _stall(real):
     return stream_plan
 
 
+def _die_at_install(real):
+    calls = [0]
+
+    def agree(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # prepare, fill, install: every rank's part is durable
+            os._exit(9)
+        return real(*args, **kwargs)
+    return agree
+
+
 if __name__ == "__main__":
     rank, _, kind = os.environ.get("PYMERGE_TEST_FAULT", "-1:").partition(":")
     if rank == "*" or int(rank) == int(os.environ["RANK"]):
@@ -37,6 +51,8 @@ if __name__ == "__main__":
             Checkpoint.array = Checkpoint.tensor = _bad_read
         elif kind == "stall":
             merge.stream_plan = _stall(merge.stream_plan)
+        elif kind == "die_at_install":
+            disk_merge._agree = _die_at_install(disk_merge._agree)
         else:
             raise SystemExit(f"unknown fault {kind!r}")
     sys.exit(cli.main())

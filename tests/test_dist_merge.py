@@ -1,7 +1,8 @@
 """Distributed `pymerge merge` (pymerge/dist/disk_merge.py): torchrun and a bare launcher (RANK,
 WORLD_SIZE, MASTER_ADDR/PORT), gloo on this CPU. Equal to one process bit for bit; any failure on
 any rank (bad input only it sees, a killed rank) fails every rank, leaves no OUT (an existing OUT
-stays) and no temporary folder after the next run; nothing hangs (every wait has a timeout)."""
+stays) and no temporary folder after the next run, unless every part was on disk already (OUT is then
+installed, and rank 0 says so); nothing hangs (every wait has a timeout)."""
 import json
 import os
 import shutil
@@ -247,6 +248,25 @@ def test_killed_leader_under_torchrun_leaves_nothing_after_the_next_run(fam, tmp
     assert p.returncode != 0 and not out.exists()
     assert len(leftovers(out)) == 1  # what a SIGKILL leaves: the dead rank 0's folder...
     assert_same_tensors(out, single(cfg, out))  # ...which the next run clears
+    assert leftovers(out) == []
+
+
+def test_rank_lost_after_every_part_is_written_leaves_out_installed_and_says_so(fam, tmp_path):
+    """Rank 0 installed a complete OUT, then said "nothing was written" and exited 1 (a retry then failed on
+    the non-empty OUT): a rank lost after every part is on disk is now a warning on rank 0, exit 0; a rank
+    that saw the loss cannot know whether rank 0 installed, and says so (a bug hunt)."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", ties(base, fts))
+    expected = single(cfg, tmp_path / "one")
+    out = tmp_path / "out"
+    codes, lines = finish(launch(3, ["merge", cfg, out, "--quiet"], PYMERGE_TEST_FAULT="2:die_at_install"))
+    assert codes == [0, 1, 9], (codes, lines)
+    assert len(lines[0]) == 1 and lines[0][0].startswith("pymerge: warning: rank 0 lost the other ranks"), lines
+    assert lines[0][0].endswith(f"after every rank's part was written: {out} is installed and complete"), lines
+    assert len(lines[1]) == 1 and lines[1][0].startswith("pymerge: error: rank 1 lost the other ranks"), lines
+    assert lines[1][0].endswith("every part was written, so rank 0 may have installed OUT (complete): check it "
+                                "before a retry"), lines
+    assert_same_tensors(out, expected)
     assert leftovers(out) == []
 
 

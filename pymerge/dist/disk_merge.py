@@ -12,7 +12,9 @@ single-process merge, bit for bit.
 
 The ranks agree after each step: every rank's outcome is gathered, and any failure (bad input
 seen by one rank, an exception, a rank that died) is raised on every rank with the first failing
-rank's one-line message, before anything is installed. The process group carries only these few
+rank's one-line message, before anything is installed. Once every part is on disk, rank 0's install
+is the outcome: a rank lost after that leaves OUT installed and complete, rank 0 warns and succeeds,
+and a rank that saw the loss says rank 0 may have installed OUT. The process group carries only these few
 bytes (gloo; for --device cuda the group also has NCCL for the CUDA side) and its timeout
 (PYMERGE_DIST_TIMEOUT seconds, default 30 minutes: it must cover the slowest rank's part) bounds
 every wait; a rank that dies closes its connections, which fails the others' next collective.
@@ -113,11 +115,28 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
                              f"files, --out-shard-size or --random-seed: every rank must run the same command on "
                              f"the same files at the same paths)")
         _agree(lambda: fill(tmp_dir), dist, group)
-        _agree(lambda: state["writer"].commit() if rank == 0 else None, dist, group)
+        # Every rank's part is durable now, so rank 0's commit is the outcome and the others have nothing left
+        # to do: a rank lost after it (OOM killer, preemption) leaves a complete OUT, installed. Rank 0 then
+        # succeeds with a warning; it said "nothing was written" (exit 1), so users deleted a good model, and a
+        # retry failed on the non-empty OUT. Installing nothing instead cannot be promised: any rank can die
+        # right after whichever agreement comes last. The other ranks cannot know whether rank 0 installed.
+        warnings = list(state["plan"].warnings) if rank == 0 else []
+
+        def install():
+            if rank == 0:
+                state["writer"].commit()
+                state["installed"] = True
+        try:
+            _agree(install, dist, group, lost=None if rank == 0 else
+                   "every part was written, so rank 0 may have installed OUT (complete): check it before a retry")
+        except DistributedError as exc:
+            if not state.get("installed"):
+                raise
+            warnings.append(f"{exc}, after every rank's part was written: {out_dir} is installed and complete")
         plan, writer = state["plan"], state["writer"]
         return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
                            plan.output_bytes, time.perf_counter() - t0, device, list(writer.shard_names),
-                           plan.warnings if rank == 0 else [], rank=rank, world_size=world)
+                           warnings, rank=rank, world_size=world)
     finally:
         try:
             if "writer" in state:
@@ -166,10 +185,11 @@ def _writer(plan, parts, out_dir, out_shard_size, force, *, part, join=None) -> 
                          parts=parts, part=part, join=join)
 
 
-def _agree(step, dist, group) -> list:
+def _agree(step, dist, group, lost: Optional[str] = "nothing was written") -> list:
     """Runs step() on this rank and returns every rank's result. If it failed on any rank, every
     rank raises the first failing rank's error: the same InputError (exit 2) where it was one,
-    else a DistributedError naming the rank; the failing rank itself re-raises its own."""
+    else a DistributedError naming the rank; the failing rank itself re-raises its own. `lost`:
+    what a rank that lost the others says of the output."""
     result, error = None, None
     try:
         result = step()
@@ -182,8 +202,8 @@ def _agree(step, dist, group) -> list:
     except Exception as exc:  # a rank died, or did not answer within the timeout
         if error is not None:
             raise error
-        raise DistributedError(f"rank {dist.get_rank()} lost the other ranks ({_collective_error(exc)}); "
-                               f"nothing was written") from None
+        raise DistributedError(f"rank {dist.get_rank()} lost the other ranks ({_collective_error(exc)})"
+                               + (f"; {lost}" if lost else "")) from None
     failed = next(((r, g) for r, g in enumerate(gathered) if g[0] == "error"), None)
     if failed is None:
         return [g[1] for g in gathered]
