@@ -837,3 +837,32 @@ def test_a_resume_with_a_smaller_budget_says_it_runs_nothing(tmp_path):
     res = optimize(pool, evaluate, model=Vec(), budget=3, popsize=4, state_path=state, log=said.append)
     assert len(res.history) == 9 and said == ["the saved state already holds 9 candidates, more than budget=3: "
                                               "nothing to run, the result is the saved search"]
+
+
+def test_a_model_that_cannot_be_deep_copied_runs_with_one_replica_or_is_refused_in_one_line():
+    """optimize deep-copies the model for replicas (by default): a model holding a lock stopped it with
+    copy.deepcopy's TypeError traceback (a bug hunt). Without replicas= it falls back to one, saying why."""
+    import threading
+    pool, evaluate, _ = synthetic(n=3)
+    model = Vec()
+    model.lock = threading.Lock()
+    seen, lines = set(), []
+
+    def scored(m):
+        seen.add(id(m))
+        return evaluate(m)
+    res = optimize(pool, scored, model=model, budget=7, popsize=6, log=lines.append)
+    assert len(res.history) == 7 and seen == {id(model)}
+    assert "replicas=1" in lines[0] and "cannot be deep-copied (TypeError: cannot pickle" in lines[0]
+    with pytest.raises(InputError, match=r"^replicas=3: the model cannot be deep-copied \(TypeError: .*\); "
+                                         r"pass replicas=1$"):
+        optimize(pool, evaluate, model=model, budget=7, popsize=6, replicas=3, log=None)
+
+
+def test_the_docs_say_evaluate_gets_copies_and_when_to_pass_replicas_1():
+    """An evaluate that scores `model` through its own handle recorded other candidates' scores with the
+    default replicas; the docs said nothing of the copies (a bug hunt)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    for text in (optimize.__doc__, readme):
+        flat = " ".join(text.split())
+        assert "must score the model" in flat and "deep copies of `model`" in flat and "replicas=1" in flat

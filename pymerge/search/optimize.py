@@ -144,7 +144,15 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
 
     groups      None: N weights; "layer" or a function/dict: a [G, N] table (see CheckpointPool.materialize)
     objective   scores dict -> float to maximize (default: the macro-average over tasks)
-    replicas    model copies filled per materialize_many call (default: the population, memory allowing)
+    replicas    model copies filled per materialize_many call (default: the population, memory allowing;
+                1 where the model cannot be deep-copied, which is logged)
+
+    evaluate(m) must score the model m it is given: with replicas > 1 (the default) most candidates are
+    written into deep copies of `model`, not into `model` itself (one read of the pool fills them all,
+    several times faster than one candidate at a time). An evaluate bound to one model (a torch.compile
+    wrapper built once, an eval harness or pipeline holding `model`, a CUDA graph of its parameters)
+    scores `model` whatever it is given, so the history pairs weights with another candidate's score:
+    pass replicas=1 for it.
     Under an initialized torch.distributed group of several ranks, call it on every rank: see
     pymerge/dist/search.py (CMA-ES and state_path on rank 0, candidates split across replica groups).
     """
@@ -235,7 +243,18 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     history = state["history"]
     pop = es.popsize
     n_rep = _replica_count(pool, model, pop, replicas)
-    models = [model] + [copy.deepcopy(model) for _ in range(n_rep - 1)]
+    models = [model]
+    try:
+        models += [copy.deepcopy(model) for _ in range(n_rep - 1)]
+    except Exception as exc:  # a lock, an open file, a CUDA stream... in the model: deepcopy refuses them
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        why = f"{type(exc).__name__}: {why}" if why else type(exc).__name__
+        if replicas is not None:
+            raise InputError(f"replicas={replicas}: the model cannot be deep-copied ({why}); pass replicas=1") from None
+        models = [model]
+        if log:
+            log(f"evaluating one candidate at a time (replicas=1): the model cannot be deep-copied ({why})")
+    n_rep = len(models)
     kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
     def run(xs, generation):
