@@ -866,3 +866,33 @@ def test_the_docs_say_evaluate_gets_copies_and_when_to_pass_replicas_1():
     for text in (optimize.__doc__, readme):
         flat = " ".join(text.split())
         assert "must score the model" in flat and "deep copies of `model`" in flat and "replicas=1" in flat
+
+
+def test_a_state_resumed_with_another_base_or_objective_or_compressed_contents_is_refused(tmp_path):
+    """The fingerprint held only whether there was a base, not the objective, and no sample of a compressed
+    pool's contents: a resume on another base (or objective) replayed the old history and went on with
+    other merges, best_* comparing the two (a bug hunt). A state without these entries still resumes."""
+    g = torch.Generator().manual_seed(8)
+    base = {"theta": torch.randn(256, generator=g)}
+    other = {"theta": base["theta"] + 5}
+    cks = [{"theta": base["theta"] + 0.1 * torch.randn(256, generator=g)} for _ in range(3)]
+    evaluate = lambda m: float(m.theta.detach().mean())  # noqa: E731
+    kw = dict(model=Vec(256), popsize=3, log=None, method="task_arithmetic", normalize=False)
+    for compress in (None, "int8"):
+        state = str(tmp_path / f"{compress}.json")
+        optimize(CheckpointPool(cks, base=base, compress=compress), evaluate, budget=4, state_path=state, **kw)
+        with pytest.raises(InputError, match=r"differs in pool \(base_sample"):
+            optimize(CheckpointPool(cks, base=other, compress=compress), evaluate, budget=6, state_path=state, **kw)
+        with pytest.raises(InputError, match=r"differs in objective\)"):
+            optimize(CheckpointPool(cks, base=base, compress=compress), evaluate, budget=6, state_path=state,
+                     objective=lambda s: 1000 * s["score"], **kw)
+    with pytest.raises(InputError, match=r"differs in pool \(sample\)"):  # compressed, same base, other checkpoints
+        optimize(CheckpointPool(cks[::-1], base=base, compress="int8"), evaluate, budget=6,
+                 state_path=str(tmp_path / "int8.json"), **kw)
+    state = str(tmp_path / "None.json")
+    saved = json.load(open(state))  # written before the fingerprint held them: resumes, as then
+    del saved["fingerprint"]["objective"], saved["fingerprint"]["pool"]["base_sample"]
+    saved["digest"] = optimize_module._digest({k: v for k, v in saved.items() if k != "digest"})
+    json.dump(saved, open(state, "w"))
+    assert len(optimize(CheckpointPool(cks, base=other), evaluate, budget=6, state_path=state,
+                        objective=lambda s: s["score"], **kw).history) == 6

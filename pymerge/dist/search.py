@@ -76,6 +76,7 @@ def _pool_facts(pool) -> dict:
     contents = _pool_contents(pool)
     if getattr(pool, "group", None) is not None:
         contents.pop("sample", None)
+        contents.pop("base_sample", None)
     return contents
 
 

@@ -203,10 +203,11 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     outside = np.flatnonzero(~((x0 >= lo) & (x0 <= hi)))  # NaN too
     if len(outside):
         raise InputError(f"x0[{outside[0]}] is {x0[outside[0]]}, outside bounds [{lo}, {hi}]")
-    objective = objective or macro_average
     fingerprint = {"n": n, "groups": g, "seed": int(seed), "sigma0": float(sigma0),
                    "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
-                   "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method)}
+                   "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method),
+                   "objective": _rule(objective)}  # by name, as groups=: another one mixed two objectives' values
+    objective = objective or macro_average
     merge_params = method_params_of(method_params, more_method_params)
     fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
     # which checkpoints, in which order, and how tensors map to groups and targets: a resume with the
@@ -393,7 +394,7 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else repr(value)
 
 
-_OPTIONAL = ("dtype", "sample", "compressed")  # pool fingerprint entries not every search records (_pool_contents)
+_OPTIONAL = ("dtype", "sample", "compressed", "base_sample")  # pool fingerprint entries not every search records (_pool_contents)
 
 
 def _pool_contents(pool) -> dict:
@@ -404,31 +405,42 @@ def _pool_contents(pool) -> dict:
     (a saved one forgets its dtype=), a distributed search's leader no sample where its ranks hold shards,
     so a state moves between one process and many as before. Whether the pool is compressed, and each
     tensor's format, is recorded by every CheckpointPool (a saved one keeps them): a search resumed on an
-    int4 pool was accepted and its history mixed the scores of two merges."""
+    int4 pool was accepted and its history mixed the scores of two merges. The base is sampled as the
+    checkpoints are (base_sample), and a compressed pool's checkpoints by their formats, delta norms, errors
+    and first scales (layout-free: a saved and loaded pool holds its int4 codes otherwise): a search resumed
+    on another base replayed merges of another model."""
     recorded = getattr(pool, "pool_contents", None)  # the distributed leader's stand-in: its real pool's
     if recorded is not None:
         return dict(recorded)
     store = getattr(pool, "_compressed", False)  # False: not a CheckpointPool
+    base = getattr(pool, "_base", None)  # a compressed pool's is its store's
+    out = {"base_sample": _sample([base[name] for name in sorted(base)])} if base else {}
     if store:
         h = hashlib.sha256()
         for name in store.names:
             h.update(repr((name, [(e.fmt, e.nbytes) for e in store.entries[name]])).encode())
-        return {"compressed": h.hexdigest()[:16]}
-    out = {"dtype": str(getattr(pool, "dtype", None))}
+        sample = []
+        for i in range(pool.num_checkpoints):
+            es = [store.entries[name][i] for name in sorted(store.entries)]
+            sample.append(_sample([t for e in es for t in (e.scales, e.exact) if t is not None],
+                                  repr([(e.fmt, e.rel_error, e.delta_norm) for e in es]).encode()))
+        return {"compressed": h.hexdigest()[:16], "sample": sample, **out}
+    out["dtype"] = str(getattr(pool, "dtype", None))
     if store is None:
         out["compressed"] = None
     inputs = getattr(pool, "_inputs", None)
     if inputs:
         names = sorted(inputs)
-        sample = []
-        for i in range(pool.num_checkpoints):
-            h = hashlib.sha256()
-            for name in names[::-(-len(names) // 64) or 1]:  # at most 64
-                t = inputs[name][i]
-                h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            sample.append(h.hexdigest()[:16])
-        out["sample"] = sample
+        out["sample"] = [_sample([inputs[name][i] for name in names]) for i in range(pool.num_checkpoints)]
     return out
+
+
+def _sample(tensors, extra: bytes = b"") -> str:
+    """A digest of the first 16 values of at most 64 of tensors, spread over them (and of extra)."""
+    h = hashlib.sha256(extra)
+    for t in tensors[::-(-len(tensors) // 64) or 1]:
+        h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
@@ -459,6 +471,8 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
                 expected.pop("method_params", None)
             else:
                 saved = {**saved, "method_params": {}}
+        if "objective" not in saved:  # written before the fingerprint held it: not compared, as then
+            expected.pop("objective", None)
         if "pool" not in saved:  # written before the fingerprint held the checkpoints: not compared, as then
             expected.pop("pool", None)
         elif isinstance(saved["pool"], dict):  # dtype and sample: compared where both searches recorded them
