@@ -896,3 +896,42 @@ def test_a_state_resumed_with_another_base_or_objective_or_compressed_contents_i
     json.dump(saved, open(state, "w"))
     assert len(optimize(CheckpointPool(cks, base=other), evaluate, budget=6, state_path=state,
                         objective=lambda s: s["score"], **kw).history) == 6
+
+
+def test_a_second_search_on_one_state_path_or_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two searches sharing a state_path (or, in the CLI, an out folder) both ran and exited 0; one's state
+    and results silently replaced the other's (a bug hunt). The second is refused in one line; the locks go
+    with the search, whether it ends or fails."""
+    pool, evaluate, _ = synthetic(n=3)
+    path = str(tmp_path / "s.json")
+    refused = []
+
+    def nested(m):  # a second search started while the first runs
+        if not refused:
+            with pytest.raises(InputError, match=r"s.json: in use by another search \(it holds .*s.json.lock\)"):
+                optimize(pool, evaluate, model=Vec(), budget=4, popsize=3, seed=1, state_path=path, log=None)
+            refused.append(True)
+        return evaluate(m)
+    optimize(pool, nested, model=Vec(), budget=4, popsize=3, state_path=path, log=None)
+    assert refused and os.path.exists(path + ".lock")
+
+    def failing(m):
+        raise RuntimeError("evaluate failed")
+    with pytest.raises(RuntimeError):
+        optimize(pool, failing, model=Vec(), budget=4, popsize=3, seed=2, state_path=str(tmp_path / "f.json"),
+                 log=None)
+    assert len(optimize(pool, evaluate, model=Vec(), budget=7, popsize=3, state_path=path, log=None).history) == 7
+    cfg = _cli_setup(tmp_path, evaluate="nested_cli:evaluate")  # no state_path: the out folder's lock refuses it
+    (tmp_path / "nested_cli.py").write_text(textwrap.dedent("""
+        import os
+        from pymerge.search import cli_main
+        CODES = []
+        def evaluate(m):
+            if not CODES:  # a second search into the same out, while the first runs
+                CODES.append(None)
+                CODES[0] = cli_main([os.path.join(os.path.dirname(__file__), "s.yml")])
+            return -float(m.theta.detach().norm())
+    """))
+    assert cli_main([str(cfg)]) == 0 and importlib.import_module("nested_cli").CODES == [2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"error: out .*out: in use by another pymerge search", err[0])

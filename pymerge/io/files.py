@@ -3,12 +3,14 @@ never end), bounded reads of small files, JSON without RecursionError.
 
 Every failure is a CheckpointError (or the caller's error class) naming the path.
 """
+import errno
+import fcntl
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Type
+from typing import Callable, Optional, Type
 
 from pymerge.errors import CheckpointError, InputError
 
@@ -93,6 +95,25 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     finally:
         if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
             os.remove(tmp)
+
+
+def hold_lock(path, busy: str, error: Type[InputError] = InputError) -> Optional[int]:
+    """path (a folder, or a file made if absent, never through a link) opened and flock-ed exclusively without
+    waiting: its descriptor, locked until it is closed or the process ends, however it ends. error(busy) where
+    another holder has it. None on a filesystem without locks (nothing is locked there, as before)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise error(f"{path}: cannot open it to lock it: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise error(busy) from None
+        return None  # ENOLCK, EOPNOTSUPP...
+    return fd
 
 
 def check_replaceable(path, error: Type[InputError] = InputError) -> None:

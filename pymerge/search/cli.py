@@ -15,7 +15,8 @@
 
 best_merge.yml is a merge config (method, base_model, method_params, the best weights, dtype float32 and
 the model's dtype as out_dtype) that `pymerge merge` or mergekit turns into the best merge. Those four files in `out` are replaced as a whole (a link there is
-replaced, not written through); `out` is checked before the search starts.
+replaced, not written through); `out` is checked before the search starts, and locked while it runs: a
+second search into it is refused, as one onto the same state_path (its lock file, state_path.lock, stays).
 
 Entry points are imported with the config's folder on sys.path. Errors a user can cause exit 2.
 """
@@ -30,6 +31,7 @@ import yaml
 
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
+from pymerge.io.files import hold_lock
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
         "method_params", "search", "state_path", "out"}
@@ -218,21 +220,29 @@ def _run(args) -> int:
     out = args.out or rel(cfg.get("out", "search_out"))
     made = _prepare_out(out)
     method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
+    lock = None
     try:
+        # another search into OUT (as onto state_path, which optimize locks) is refused: one's results were lost
+        lock = hold_lock(out, f"out {out}: in use by another pymerge search; wait for it to finish or choose "
+                              "another out")
         result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
                           sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),
                           state_path=rel(cfg.get("state_path")), groups=s.get("groups"),
                           normalize=s.get("normalize", True), replicas=s.get("replicas"),
                           method=method, names=cfg.get("names"), method_params=method_params)
+        paths = result.save(out)
+        if result.best_weights.ndim == 1:
+            _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights,
+                       method, method_params, model, _dtype(cfg.get("dtype")),
+                       _merged_tensors(pool, model, cfg.get("names")))
+        elif os.path.lexists(os.path.join(out, "best_merge.yml")):  # an earlier flat search's: not this result
+            os.unlink(os.path.join(out, "best_merge.yml"))  # a link is removed, never its target
     except BaseException:
-        _unmake(made)
+        _unmake(made)  # empty folders only
         raise
-    paths = result.save(out)
-    if result.best_weights.ndim == 1:
-        _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights, method,
-                   method_params, model, _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
-    elif os.path.lexists(os.path.join(out, "best_merge.yml")):  # an earlier flat search's: not this result
-        os.unlink(os.path.join(out, "best_merge.yml"))  # a link is removed, never its target
+    finally:
+        if lock is not None:
+            os.close(lock)
     if "png" not in paths:
         print("(matplotlib is not installed: no search.png; pip install 'pymerge[plot]')")
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "

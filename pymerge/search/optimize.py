@@ -9,7 +9,9 @@ The objective is maximized; evaluate(model) returns a float or {task: score} (ma
 State is saved as JSON after every generation: the settings and every evaluated candidate. A re-run
 with the same state_path rebuilds CMA-ES by replaying that history (the search's RNG is its own and
 seeded, so the replay asks for the very candidates recorded, which is checked) and ends where an
-uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field.
+uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field. While a
+search runs it holds an exclusive lock on state_path + ".lock" (which stays): a second search on the same
+state_path is refused (both ran, and one's state overwrote the other's).
 """
 import copy
 import hashlib
@@ -232,92 +234,100 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         opts["popsize"] = int(popsize)
     with rng:
         es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
-    state = _load_state(state_path, fingerprint, (g, n))
-    pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
-    if state is None:
-        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0, "x0_done": False}
-    else:
-        pending = _replay(es, rng, state, state_path)
-        if any(not np.allclose(to_weights(r["x"]), r["weights"], rtol=1e-9, atol=1e-12) for r in state["history"]):
-            raise InputError(f"{state_path}: saved search state has weights that do not follow from its candidates; "
-                             "use another state_path or delete it")
-    history = state["history"]
-    pop = es.popsize
-    n_rep = _replica_count(pool, model, pop, replicas)
-    models = [model]
+    lock = _lock_state(state_path)  # before the state is read; held until the search ends
     try:
-        models += [copy.deepcopy(model) for _ in range(n_rep - 1)]
-    except Exception as exc:  # a lock, an open file, a CUDA stream... in the model: deepcopy refuses them
-        why = (str(exc).strip().splitlines() or [""])[0][:200]
-        why = f"{type(exc).__name__}: {why}" if why else type(exc).__name__
-        if replicas is not None:
-            raise InputError(f"replicas={replicas}: the model cannot be deep-copied ({why}); pass replicas=1") from None
-        models = [model]
-        if log:
-            log(f"evaluating one candidate at a time (replicas=1): the model cannot be deep-copied ({why})")
-    n_rep = len(models)
-    kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
-
-    def run(xs, generation):
-        """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives."""
-        out = []
-        for start in range(0, len(xs), n_rep):
-            batch = xs[start:start + n_rep]
-            weights = [to_weights(x) for x in batch]
-            t0 = time.perf_counter()
-            pool.materialize_many(weights, into=models[:len(batch)], **kw)
-            if pool.device.type == "cuda":
-                torch.cuda.synchronize(pool.device)
-            t_mat = (time.perf_counter() - t0) / len(batch)
-            for x, w, m in zip(batch, weights, models):
-                t1 = time.perf_counter()
-                scores = _scores(evaluate(m), len(history))
-                if history and scores.keys() != history[0]["scores"].keys():  # objectives would not compare
-                    raise InputError(f"evaluate returned tasks {sorted(scores)} for candidate {len(history)} but "
-                                     f"{sorted(history[0]['scores'])} for candidate 0; every candidate must score "
-                                     "the same tasks")
-                t_eval = time.perf_counter() - t1
-                obj = _number(raw := objective(scores))
-                if obj is None:
-                    raise InputError(f"objective returned {short(raw)} for candidate {len(history)}; it must "
-                                     "return a number")
-                history.append({"eval": len(history), "generation": generation, "objective": obj, "scores": scores,
-                                "weights": np.asarray(w).tolist(), "x": np.asarray(x).tolist(),
-                                "materialize_s": t_mat, "evaluate_s": t_eval})
-                out.append(obj)
-        return out
-
-    if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
-        run([x0], 0)
-        state["x0_done"] = True
-        _save_state(state_path, state)
-    t_start = time.perf_counter()
-    if log and len(history) > budget:  # the result holds every saved candidate, more than this budget
-        log(f"the saved state already holds {len(history)} candidates, more than budget={budget}: nothing to run, "
-            "the result is the saved search")
-    while len(history) < budget:
-        if pending is not None:  # a larger budget finishes that generation, as an uninterrupted run would
-            (xs, objs), pending = pending, None
-            gen = state["generation"]
+        state = _load_state(state_path, fingerprint, (g, n))
+        pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
+        if state is None:
+            state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0,
+                     "x0_done": False}
         else:
-            with rng:
-                xs = es.ask()
-            objs, gen = [], state["generation"] + 1
-        left = budget - len(history)
-        objs = objs + run(xs[len(objs):len(objs) + left], gen)
-        if len(objs) == len(xs):  # a partial last generation is evaluated but not told
-            with rng:
-                es.tell(xs, [_fitness(o) for o in objs])
-        state["generation"] = gen
-        _save_state(state_path, state)
-        if log:
-            recent = history[-len(objs):]
-            best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite, as the result's
-            log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
-                f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
-                f"{1e3 * np.mean([r['evaluate_s'] for r in recent]):.2f} ms evaluate  "
-                f"({time.perf_counter() - t_start:.1f} s)")
-    return _result(history, state["generation"])
+            pending = _replay(es, rng, state, state_path)
+            if any(not np.allclose(to_weights(r["x"]), r["weights"], rtol=1e-9, atol=1e-12)
+                   for r in state["history"]):
+                raise InputError(f"{state_path}: saved search state has weights that do not follow from its "
+                                 "candidates; use another state_path or delete it")
+        history = state["history"]
+        pop = es.popsize
+        n_rep = _replica_count(pool, model, pop, replicas)
+        models = [model]
+        try:
+            models += [copy.deepcopy(model) for _ in range(n_rep - 1)]
+        except Exception as exc:  # a lock, an open file, a CUDA stream... in the model: deepcopy refuses them
+            why = (str(exc).strip().splitlines() or [""])[0][:200]
+            why = f"{type(exc).__name__}: {why}" if why else type(exc).__name__
+            if replicas is not None:
+                raise InputError(f"replicas={replicas}: the model cannot be deep-copied ({why}); "
+                                 "pass replicas=1") from None
+            models = [model]
+            if log:
+                log(f"evaluating one candidate at a time (replicas=1): the model cannot be deep-copied ({why})")
+        n_rep = len(models)
+        kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
+
+        def run(xs, generation):
+            """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives."""
+            out = []
+            for start in range(0, len(xs), n_rep):
+                batch = xs[start:start + n_rep]
+                weights = [to_weights(x) for x in batch]
+                t0 = time.perf_counter()
+                pool.materialize_many(weights, into=models[:len(batch)], **kw)
+                if pool.device.type == "cuda":
+                    torch.cuda.synchronize(pool.device)
+                t_mat = (time.perf_counter() - t0) / len(batch)
+                for x, w, m in zip(batch, weights, models):
+                    t1 = time.perf_counter()
+                    scores = _scores(evaluate(m), len(history))
+                    if history and scores.keys() != history[0]["scores"].keys():  # objectives would not compare
+                        raise InputError(f"evaluate returned tasks {sorted(scores)} for candidate {len(history)} but "
+                                         f"{sorted(history[0]['scores'])} for candidate 0; every candidate must score "
+                                         "the same tasks")
+                    t_eval = time.perf_counter() - t1
+                    obj = _number(raw := objective(scores))
+                    if obj is None:
+                        raise InputError(f"objective returned {short(raw)} for candidate {len(history)}; it must "
+                                         "return a number")
+                    history.append({"eval": len(history), "generation": generation, "objective": obj, "scores": scores,
+                                    "weights": np.asarray(w).tolist(), "x": np.asarray(x).tolist(),
+                                    "materialize_s": t_mat, "evaluate_s": t_eval})
+                    out.append(obj)
+            return out
+
+        if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
+            run([x0], 0)
+            state["x0_done"] = True
+            _save_state(state_path, state)
+        t_start = time.perf_counter()
+        if log and len(history) > budget:  # the result holds every saved candidate, more than this budget
+            log(f"the saved state already holds {len(history)} candidates, more than budget={budget}: nothing to run, "
+                "the result is the saved search")
+        while len(history) < budget:
+            if pending is not None:  # a larger budget finishes that generation, as an uninterrupted run would
+                (xs, objs), pending = pending, None
+                gen = state["generation"]
+            else:
+                with rng:
+                    xs = es.ask()
+                objs, gen = [], state["generation"] + 1
+            left = budget - len(history)
+            objs = objs + run(xs[len(objs):len(objs) + left], gen)
+            if len(objs) == len(xs):  # a partial last generation is evaluated but not told
+                with rng:
+                    es.tell(xs, [_fitness(o) for o in objs])
+            state["generation"] = gen
+            _save_state(state_path, state)
+            if log:
+                recent = history[-len(objs):]
+                best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite, as the result's
+                log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
+                    f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
+                    f"{1e3 * np.mean([r['evaluate_s'] for r in recent]):.2f} ms evaluate  "
+                    f"({time.perf_counter() - t_start:.1f} s)")
+        return _result(history, state["generation"])
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _best_index(objectives) -> int:
@@ -441,6 +451,21 @@ def _sample(tensors, extra: bytes = b"") -> str:
     for t in tensors[::-(-len(tensors) // 64) or 1]:
         h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _lock_state(path: Optional[str]) -> Optional[int]:
+    """An exclusive lock on path + ".lock", or a one-line InputError: two searches sharing a state_path both
+    ran, each rewriting the state, and one's work was silently lost. The lock file stays (removed, a third
+    search could lock a new file while a second held the old one)."""
+    if not path:
+        return None
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as _save_state would
+    except OSError:
+        pass  # hold_lock names the problem
+    from pymerge.io.files import hold_lock
+    return hold_lock(path + ".lock", f"{path}: in use by another search (it holds {path}.lock); wait for it "
+                                     "to finish or use another state_path")
 
 
 def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
