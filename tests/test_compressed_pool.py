@@ -845,6 +845,11 @@ CORRUPTIONS = {
     "bad shape": (None, lambda h: h["tensors"][0].update(shape=[37, 54]), "expected"),
     "negative error": (None, lambda h: h["tensors"][0]["errors"].__setitem__(0, -1.0), "errors"),
     "short list": (None, lambda h: h["tensors"][0]["norms"].pop(), "one value per checkpoint"),
+    # finite, but checkpoint_errors() squared their product: an OverflowError traceback in load (a bug hunt)
+    "huge error": (None, lambda h: h["tensors"][0]["errors"].__setitem__(0, 1e308), r"bad\.safetensors: .* errors"),
+    "huge norm": (None, lambda h: h["tensors"][0]["norms"].__setitem__(0, 1e308), r"bad\.safetensors: .* norms"),
+    "int past float's range": (None, lambda h: h["tensors"][0]["norms"].__setitem__(0, 10**400), "norms"),
+    "int budget past float's range": (None, lambda h: h.update(error_budget=10**400), "error_budget"),
     "duplicate name": (None, lambda h: h["tensors"].append(dict(h["tensors"][0])), "appears twice"),
     "nan budget": (None, lambda h: h.update(error_budget=float("nan")), "error_budget"),
     "extra tensor": (lambda t: t.update(stray=torch.zeros(3)), None, "not part of a compressed pool"),

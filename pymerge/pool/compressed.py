@@ -50,6 +50,7 @@ import errno
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -639,6 +640,10 @@ def _decode_term(x, s, kind: int, numel: int) -> torch.Tensor:
 
 
 # ---- saved-file validation --------------------------------------------------------------------------
+# Beyond what encode() can write, and small enough that checkpoint_errors() squares sums of their products
+# without an OverflowError (1e308 passed as finite): a relative error is at most sqrt(numel) / 14 (every
+# element off by half a scale), a norm of float32 deltas under sqrt(numel) * 2 * FLOAT32_MAX < 1e49.
+_MAX_ERROR, _MAX_NORM = 1e10, 1e50
 _HEADER_KEYS = {"version", "block", "mode", "error_budget", "labels", "skipped", "tensors"}
 _ENTRY_KEYS = {"name", "shape", "formats", "errors", "norms"}
 
@@ -661,7 +666,7 @@ def _parse_header(path: str, metadata) -> dict:
     if h["mode"] not in COMPRESS_MODES:
         raise bad(f"mode {h['mode']!r} is not one of {COMPRESS_MODES}")
     budget = h["error_budget"]
-    if budget is not None and (not _is_number(budget) or not math.isfinite(budget) or budget <= 0):
+    if budget is not None and (not _is_number(budget) or not 0 < budget <= sys.float_info.max):  # 10**400 too
         raise bad(f"error_budget {budget!r} is not a finite number > 0")
     labels = h["labels"]
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
@@ -686,9 +691,9 @@ def _parse_header(path: str, metadata) -> dict:
                 raise bad(f"tensor {name!r}: {key} must list one value per checkpoint ({n})")
         if not all(f in FORMATS for f in entry["formats"]):
             raise bad(f"tensor {name!r}: formats {entry['formats']!r} must be among {FORMATS}")
-        for key in ("errors", "norms"):
-            if not all(_is_number(x) and math.isfinite(x) and x >= 0 for x in entry[key]):
-                raise bad(f"tensor {name!r}: {key} must be finite numbers >= 0")
+        for key, most in (("errors", _MAX_ERROR), ("norms", _MAX_NORM)):  # compared as given: NaN, inf fail
+            if not all(_is_number(x) and 0 <= x <= most for x in entry[key]):
+                raise bad(f"tensor {name!r}: {key} must be numbers from 0 to {most:g}")
     return h
 
 
