@@ -935,3 +935,21 @@ def test_a_second_search_on_one_state_path_or_out_is_refused_while_the_first_run
     assert cli_main([str(cfg)]) == 0 and importlib.import_module("nested_cli").CODES == [2]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(r"error: out .*out: in use by another pymerge search", err[0])
+
+
+def test_a_state_whose_candidates_score_other_tasks_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A state without a digest (as before digests) was never checked for every candidate scoring the same
+    tasks: with a task deleted from one, the search resumed and the report's plot failed with a KeyError
+    after history.json was written (a bug hunt)."""
+    cfg = _cli_setup(tmp_path, state_path="state.json", out="new/out")
+    assert cli_main([str(cfg)]) == 0
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["digest"], state["history"][3]["scores"]["a"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "new")
+    capsys.readouterr()
+    assert cli_main([str(cfg), "--budget", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state.json: not a valid search state: history[3].scores has tasks ['b'], candidate 0 " \
+                             "['a', 'b']; every candidate must score the same tasks" in err[0]
+    assert not (tmp_path / "new").exists()

@@ -586,6 +586,10 @@ def _check_history(state, shape) -> None:
             raise ValueError(f"{what}.scores must be a non-empty object")
         for k, v in r["scores"].items():
             number(v, f"{what}.scores[{k!r}]", finite=False)
+        if r["scores"].keys() != history[0]["scores"].keys():  # as optimize requires of new candidates (a state
+            # without a digest was not checked: the report then failed with a KeyError after history.json)
+            raise ValueError(f"{what}.scores has tasks {short(sorted(r['scores']))}, candidate 0 "
+                             f"{short(sorted(history[0]['scores']))}; every candidate must score the same tasks")
         array(r["weights"], (n,) if g == 1 else (g, n), f"{what}.weights")
         array(r["x"], (g * n,), f"{what}.x")
         for key in ("materialize_s", "evaluate_s"):
