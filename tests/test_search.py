@@ -435,8 +435,9 @@ def test_pareto_front_of_nothing_is_empty():
     assert pareto_front([]) == []
 
 
-def test_a_per_group_search_leaves_no_earlier_best_merge_yml(tmp_path):
-    """best_merge.yml (flat weights only) stayed from an earlier search beside the new history.json."""
+def test_a_per_group_search_leaves_no_earlier_best_merge_yml(tmp_path, capsys):
+    """best_merge.yml (flat weights only) stayed from an earlier search beside the new history.json. The
+    README said a search always writes one (a bug hunt): it and the CLI's last line say where the weights are."""
     g = torch.Generator().manual_seed(2)
     names = ["model.layers.0.w", "model.layers.1.w"]
     for i in range(3):
@@ -462,6 +463,10 @@ def test_a_per_group_search_leaves_no_earlier_best_merge_yml(tmp_path):
     assert cli_main([str(tmp_path / "s.yml")]) == 0
     assert not (tmp_path / "out" / "best_merge.yml").exists()
     assert np.asarray(json.load(open(tmp_path / "out" / "history.json"))["best"]["weights"]).ndim == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "no best_merge.yml: a per-group search's best weights (one row per group) are in history.json"
+    readme = " ".join(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split())
+    assert "per-group search (`search: {groups: layer}`, for one) writes no best_merge.yml" in readme
 
 
 def test_evaluate_must_score_the_same_tasks_every_time():

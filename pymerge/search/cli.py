@@ -11,10 +11,12 @@
     method: linear
     search: {budget: 200, popsize: null, sigma0: 0.2, seed: 0, groups: null, normalize: true}
     state_path: null                              # e.g. search_state.json: resumable (relative to the config)
-    out: search_out                               # history.json/.csv, search.png, best_merge.yml
+    out: search_out                               # history.json/.csv, search.png, best_merge.yml (flat weights)
 
 best_merge.yml is a merge config (method, base_model, method_params, the best weights, dtype float32 and
-the model's dtype as out_dtype) that `pymerge merge` or mergekit turns into the best merge. Those four files in `out` are replaced as a whole (a link there is
+the model's dtype as out_dtype) that `pymerge merge` or mergekit turns into the best merge. A per-group search
+(search.groups) writes none, and removes one an earlier search left in `out`: its best weights, one row
+per group, are in history.json ("best"). Those four files in `out` are replaced as a whole (a link there is
 replaced, not written through); `out` is checked before the search starts, and locked while it runs: a
 second search into it is refused, as one onto the same state_path (its lock file, state_path.lock, stays).
 
@@ -245,6 +247,10 @@ def _run(args) -> int:
             os.close(lock)
     if "png" not in paths:
         print("(matplotlib is not installed: no search.png; pip install 'pymerge[plot]')")
+    if result.best_weights.ndim == 1:
+        paths["yml"] = os.path.join(out, "best_merge.yml")
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "
           f"Pareto front: {len(result.pareto)} candidates; wrote {', '.join(paths.values())}")
+    if result.best_weights.ndim > 1:  # mergekit's layer gradients would not reproduce the table bit for bit
+        print("no best_merge.yml: a per-group search's best weights (one row per group) are in history.json")
     return 0
