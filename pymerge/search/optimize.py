@@ -259,7 +259,6 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             if replicas is not None:
                 raise InputError(f"replicas={replicas}: the model cannot be deep-copied ({why}); "
                                  "pass replicas=1") from None
-            models = [model]
             if log:
                 log(f"evaluating one candidate at a time (replicas=1): the model cannot be deep-copied ({why})")
         n_rep = len(models)
@@ -404,21 +403,23 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else repr(value)
 
 
-_OPTIONAL = ("dtype", "sample", "compressed", "base_sample")  # pool fingerprint entries not every search records (_pool_contents)
+# pool fingerprint entries not every search records (_pool_contents)
+_OPTIONAL = ("dtype", "sample", "compressed", "base_sample")
 
 
 def _pool_contents(pool) -> dict:
     """The pool's dtype= and a digest of the first bytes of 64 of each checkpoint's tensors (spread over the
     model: fine-tunes often share frozen embeddings): in-memory sources are labelled by position only, so
     [A, B, C] resumed as [C, B, A] (or a dtype= added) was accepted and the saved weights paired with other
-    checkpoints. Each is compared only where both searches recorded it: a compressed pool records neither
-    (a saved one forgets its dtype=), a distributed search's leader no sample where its ranks hold shards,
-    so a state moves between one process and many as before. Whether the pool is compressed, and each
+    checkpoints. Each is compared only where both searches recorded it: a compressed pool records no dtype
+    (a saved one forgets its dtype=) and samples its checkpoints otherwise (below); a distributed search's
+    leader records its real pool's facts, less the samples where its ranks hold shards, so a state moves
+    between one process and many as before. Whether the pool is compressed, and each
     tensor's format, is recorded by every CheckpointPool (a saved one keeps them): a search resumed on an
     int4 pool was accepted and its history mixed the scores of two merges. The base is sampled as the
-    checkpoints are (base_sample), and a compressed pool's checkpoints by their formats, delta norms, errors
-    and first scales (layout-free: a saved and loaded pool holds its int4 codes otherwise): a search resumed
-    on another base replayed merges of another model."""
+    checkpoints are (base_sample), and a compressed pool's checkpoints by their
+    formats, delta norms, errors and first scales (layout-free: a saved and loaded pool holds its int4 codes
+    otherwise): a search resumed on another base replayed merges of another model."""
     recorded = getattr(pool, "pool_contents", None)  # the distributed leader's stand-in: its real pool's
     if recorded is not None:
         return dict(recorded)
