@@ -117,6 +117,14 @@ def test_strided_inputs_give_the_contiguous_result(method):
     assert total == pytest.approx((xs[0] - base).abs().double().sum().item(), rel=1e-6) and kept == total
 
 
+def test_della_mask_of_a_tensor_without_rows():
+    """A sharded pool's rank may hold no row of a 3-D tensor (dim 0 smaller than the ranks): an empty mask
+    (x[0] raised IndexError there, while the other ranks waited in a collective)."""
+    x = torch.zeros(0, 4, 3)
+    keep = tvo.della_keep_torch(x, x, tvo.Sparsifier("della_magprune", 0.5, epsilon=0.1), 0, "w", 1, offset=12)
+    assert keep.shape == (0,) and keep.dtype == torch.bool
+
+
 def test_masks_do_not_depend_on_chunking():
     """The mask of element j is keyed by its global index: two chunks with offsets == one call."""
     base = torch.randn(64, 100)

@@ -436,3 +436,66 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["huge_lambda"].startswith("MergeConfigError: tensor ") and "parameter lambda is 1e+39" in e["huge_lambda"]
     assert all(res["numpy_density"] is None and res["scalar"] is None and res["scalar_bits"] for res in results), \
         [(res["numpy_density"], res["scalar"]) for res in results]
+
+
+# ---- DELLA on empty shards of 3-D tensors, and errors inside the merge (a bug hunt) ----------------------
+EMPTY_SHAPES = {"0.weight": (1, 4, 3), "0.bias": (1,), "1.weight": (5, 2), "1.bias": (5,)}  # dim 0 = 1: rank 1 has none
+
+
+def empty_shard_worker(rank, world, files):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    from pymerge.ops import task_vector_ops as tvo
+
+    def build_conv():
+        return torch.nn.Sequential(torch.nn.Conv1d(4, 1, 3), torch.nn.Linear(2, 5))
+
+    ckpts, base = files[:3], files[3]
+    m = fully_shard(build_conv(), mesh=init_device_mesh("cpu", (world,)))
+    pool, ref = pymerge.CheckpointPool(ckpts, base=base, shard_like=m), pymerge.CheckpointPool(ckpts, base=base)
+    out = {"bits": {}, "errors": {}}
+    # DELLA's ranks within rows on a rank holding no row: IndexError there, the other rank in a collective
+    for kw in (dict(method="della", density=0.5, epsilon=0.1, rescale=False),
+               dict(method="della_linear", density=0.5, epsilon=0.2)):  # L1 norms: a collective per tensor
+        want = build_conv()
+        ref.materialize(W3, into=want, **kw)
+        pool.materialize(W3, into=m, **kw)
+        out["bits"][kw["method"]] = all(torch.equal(p.full_tensor(), q.detach())
+                                        for p, q in zip(m.parameters(), want.parameters()))
+    # an error inside the merge on one rank (packing its second mask, after that model's L1 collective), the
+    # other rank then in the next one's: every rank raises it, and none keeps statistics the other lacks
+    # (the next call's collectives would pair one model's norms with another's)
+    real, calls = tvo.pack_bits, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    tvo.pack_bits = failing
+    kw = dict(method="della_linear", density=0.4, epsilon=0.2)
+    try:
+        pool.materialize(W3, into=m, **kw)
+    except Exception as exc:
+        out["errors"]["in_merge"] = f"{type(exc).__name__}: {exc}"
+    tvo.pack_bits = real
+    out["after"] = []
+    for kw in (kw, dict(method="ties", density=0.55)):  # the same call again, then another: still in step
+        want = build_conv()
+        ref.materialize(W3, into=want, **kw)
+        pool.materialize(W3, into=m, **kw)
+        out["after"].append(all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(m.parameters(),
+                                                                                           want.parameters())))
+    return out
+
+
+def test_della_on_empty_3d_shards_and_errors_inside_the_merge(tmp_path):
+    from datetime import timedelta
+    files = write_checkpoints(str(tmp_path), shapes=EMPTY_SHAPES)
+    results = dist_helpers.run(empty_shard_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=20), wall_s=90)
+    assert all(res["bits"] == {"della": True, "della_linear": True} for res in results), [r["bits"] for r in results]
+    assert dist_helpers.agreed_errors(results)["in_merge"] == "InputError: rank 1: injected failure"
+    assert all(res["after"] == [True, True] for res in results), [res["after"] for res in results]

@@ -5,7 +5,8 @@ global, computed with collectives over the pool's group (collectives.py) and cac
 (they depend on the checkpoints, never on the weights, so a search pays for them once). A tensor
 the pool holds that changed in place (its autograd version counter moved, as the single-process
 pool's cache keys see it) drops its cached statistics on every rank: the ranks agree on that
-decision in the same all_reduce as their errors, so their collectives stay in step.
+decision in the same all_reduce as their errors, so their collectives stay in step. An error while
+merging on one rank is agreed before the next collective (_in_step), and drops the tensors' statistics.
 
 - TIES, DARE (linear/ties), breadcrumbs (plain/ties): global magnitude rank boundaries, Philox
   masks keyed by the GLOBAL element index, and L1 rescale norms as exact sums (the single
@@ -71,15 +72,44 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     except Exception:  # parameters _plain cannot read: compare the method alone
         what = collectives.fingerprint(m.name)
     if collectives.agree(error, pool.group, what, flag=stale):  # some rank's inputs changed: all recompute
-        for key in [k for k in pool.stats_cache if k[0] in set(names)]:
-            del pool.stats_cache[key]
+        _drop_stats(pool, names)
     pool.stats_versions.update((n, pool.input_versions(n)) for n in names)
-    for task, out in tasks:
-        inputs = [t.to(out.device) for t in task.inputs]
-        base = task.base.to(out.device) if task.base is not None else None
-        task = TensorTask(inputs=inputs, base=base, model_params=task.model_params, params=task.params,
-                          name=task.name, seed=task.seed, backend=task.backend, num_threads=task.num_threads)
-        merge(pool, m, task, out)
+    # An error in the merge itself on one rank (DELLA's empty shard raised IndexError there) left the
+    # others in a statistic's collective: gloo aborted, or they waited until the timeout. The failing rank
+    # goes to the agree below, and every other rank meets it there or in _in_step before its next collective.
+    pool._loop_agreed, error = False, None
+    try:
+        try:
+            for task, out in tasks:
+                inputs = [t.to(out.device) for t in task.inputs]
+                base = task.base.to(out.device) if task.base is not None else None
+                task = TensorTask(inputs=inputs, base=base, model_params=task.model_params, params=task.params,
+                                  name=task.name, seed=task.seed, backend=task.backend, num_threads=task.num_threads)
+                merge(pool, m, task, out)
+        except Exception as exc:
+            if pool._loop_agreed:  # raised by _in_step: every rank has raised it
+                raise
+            error = exc
+        collectives.agree(error, pool.group)
+    except Exception:
+        _drop_stats(pool, names)  # the ranks stopped at different statistics: one's cache held what another's lacked
+        raise
+
+
+def _drop_stats(pool, names) -> None:
+    for key in [k for k in pool.stats_cache if k[0] in set(names)]:
+        del pool.stats_cache[key]
+
+
+def _in_step(pool, group) -> None:
+    """Before each collective of run_sharded's merge loop: one all_reduce that pairs with the last agree of
+    a rank that failed since (its error is then raised on every rank), not with a statistic's collective.
+    (Not between the rounds of one collectives.boundaries call: only bincounts of held keys run there.)"""
+    if group is None:  # no collective follows
+        return
+    pool._loop_agreed = True
+    collectives.agree(None, pool.group)
+    pool._loop_agreed = False
 
 
 def _group(pool, name):
@@ -145,12 +175,14 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     counted_gidx = lambda: _counted(pool, task.name, gidx())  # noqa: E731
     if sp.method == "magnitude":
         plan.mode = tvo.TOPK
+        _in_step(pool, group)
         plan.hi = collectives.boundaries([counted_keys], [max(1, int(sp.density * n))], [True], n, counted_gidx,
                                          group)[0]
     elif sp.method == "magnitude_outliers":
         target, n_top = int(sp.density * n), int(sp.gamma * n)
         n_bot = max(0, n - target - n_top)
         plan.mode = tvo.RANGE
+        _in_step(pool, group)
         plan.lo, plan.hi = collectives.boundaries([counted_keys, counted_keys], [min(n_bot, n), min(n_bot + target, n)],
                                                   [False, False], n, counted_gidx, group)
     elif sp.method == "random":
@@ -158,11 +190,12 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
         plan.thr = philox.keep_threshold(sp.density)
     keep = None
     if sp.method == "della_magprune":
-        plan.mode, keep = tvo.BITS, _della_keep(task, i, sp, box, group, start, _counts(pool, task.name))
+        plan.mode, keep = tvo.BITS, _della_keep(pool, task, i, sp, box, group, start, _counts(pool, task.name))
     elif sp.rescale == "l1" or start is None:
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
     if sp.rescale == "l1":
         parts = tvo.l1_parts(x.float() - base.float(), keep)
+        _in_step(pool, group)
         total, kept = collectives.sum_parts(_counted_parts(pool, task.name, parts), group)
         plan.scale = tvo.l1_ratio(total, kept)
     elif sp.rescale == "inverse_density":
@@ -181,7 +214,7 @@ def _check_della(pool, name: str, method: str) -> None:
                          "magnitudes within rows, so a sharded pool needs its rows whole on each rank (Shard(0))")
 
 
-def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, counted: bool) -> torch.Tensor:
+def _della_keep(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, counted: bool) -> torch.Tensor:
     """DELLA's keep-mask of this rank's elements (rows whole here; a 1-D tensor is one row: gathered)."""
     import torch.distributed as dist
     x, base = task.inputs[i], task.base
@@ -189,6 +222,7 @@ def _della_keep(task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start,
         return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start)
     d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
     parts = [None] * dist.get_world_size(group)
+    _in_step(pool, group)
     dist.all_gather_object(parts, (box.offset[0], d) if counted else None, group=group)
     full = torch.cat([p for _, p in sorted(filter(None, parts), key=lambda p: p[0])])
     keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
@@ -229,6 +263,7 @@ def _with_global_dots(pool, m, task: TensorTask, out: torch.Tensor) -> None:
         if group != "whole":  # each vector is local (checked up front): the single-process reduction
             return interp.group_dots(xs, base, sub, group, backend, num_threads)
         parts = interp.whole_dot_parts(xs, base, sub, backend, num_threads)
+        _in_step(pool, group_of)
         sums = collectives.sum_parts(_counted_parts(pool, task.name, parts), group_of)
         k = len(xs)
         iu = torch.triu_indices(k, k)

@@ -320,7 +320,7 @@ def _della_slices(x, base):
     if x.dim() <= 2:
         yield 0, (x if x.dim() == 2 else x.reshape(1, -1)), (base if base.dim() == 2 else base.reshape(1, -1))
         return
-    step = x[0].numel()
+    step = math.prod(x.shape[1:])  # not x[0].numel(): a rank's shard of a sharded pool may have no rows
     run = max(1, _DELLA_PIECE // max(1, step))
     for a in range(0, x.shape[0], run):
         yield a * step, x[a:a + run], base[a:a + run]
