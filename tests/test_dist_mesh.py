@@ -268,3 +268,48 @@ def test_layouts_the_pool_cannot_hold_fail_alike_everywhere(mesh_run):
         assert e["missing_" + layout].startswith("CheckpointError: rank 3: ") and "no such file" in e["missing_" + layout]
     assert e["crossed"].startswith("InputError: shard_like: no tensor is split across all the ranks")
     assert all(res["untouched"] and res["after_errors"] for res in mesh_run[2])
+
+
+# ---- HSDP: errors and arguments agreed over both replicas (a bug hunt) ------------------------------------
+def replicas_worker(rank, world, files):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    from pymerge.ops import task_vector_ops as tvo
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))  # replicas over "dp", shards over "tp"
+    m = fully_shard(torch.nn.Linear(6, 5), mesh=mesh)
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+    before = [p.to_local().clone() for p in m.parameters()]
+    errors = {}
+    # rank 3 alone passes a NaN weight: its replica raised it, the other replica wrote and returned
+    errors["nan_on_one_rank"] = error_of(lambda: pool.materialize(W3 if rank != 3 else [0.5, float("nan"), 0.2],
+                                                                  into=m, method="ties", density=0.5))
+    # the replicas pass different weights: each replica merged its own model, unnoticed
+    errors["replicas_differ"] = error_of(lambda: pool.materialize(W3 if rank < 2 else [0.2, 0.3, 0.5], into=m))
+    untouched = all(torch.equal(p.to_local(), b) for p, b in zip(m.parameters(), before))  # nothing written
+    # a failure inside the merge (after the checks: some tensors are written) on one rank of one replica
+    real = tvo.merge_planned
+    if rank == 3:
+        tvo.merge_planned = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure"))
+    errors["in_merge"] = error_of(lambda: pool.materialize(W3, into=m, method="ties", density=0.5))
+    tvo.merge_planned = real
+    pool.materialize(W3, into=m, method="ties", density=0.55)  # still in step
+    return {"errors": errors, "untouched": untouched, "merged": {n: p.full_tensor() for n, p in m.named_parameters()}}
+
+
+def test_hsdp_errors_and_weights_agree_across_replicas(tmp_path):
+    from datetime import timedelta
+
+    import pymerge
+    files = write_checkpoints(str(tmp_path), {"weight": (5, 6), "bias": (5,)})
+    want = torch.nn.Linear(6, 5)
+    pymerge.CheckpointPool(files[:3], base=files[3]).materialize(W3, into=want, method="ties", density=0.55)
+    results = dist_helpers.run(replicas_worker, 4, str(tmp_path), files, timeout=timedelta(seconds=30), wall_s=120)
+    e = dist_helpers.agreed_errors(results)
+    assert e["nan_on_one_rank"] == "InputError: rank 3: weights[1] is nan; weights must be finite"
+    assert e["replicas_differ"].startswith("InputError: ranks called the sharded pool with different arguments")
+    assert e["in_merge"] == "InputError: rank 3: injected failure"
+    for res in results:
+        assert res["untouched"]
+        assert all(torch.equal(res["merged"][n], p.detach()) for n, p in want.named_parameters())

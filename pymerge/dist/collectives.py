@@ -50,7 +50,7 @@ def fingerprint(*values) -> int:
 
 
 ARGUMENTS_DIFFER = ("ranks called the sharded pool with different arguments (weights, method or parameters); "
-                     "every rank of the group must pass the same")
+                     "every rank of the model's mesh, replicas included, must pass the same")
 
 
 def agree(error: Optional[BaseException], group, what=0, flag: bool = False, differs=ARGUMENTS_DIFFER) -> bool:

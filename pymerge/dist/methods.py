@@ -71,7 +71,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         what = collectives.fingerprint(m.name, [t.tolist() for t in tables], _plain(params), seed)  # 0.5 == np 0.5
     except Exception:  # parameters _plain cannot read: compare the method alone
         what = collectives.fingerprint(m.name)
-    if collectives.agree(error, pool.group, what, flag=stale):  # some rank's inputs changed: all recompute
+    if collectives.agree(error, pool.agreeing, what, flag=stale):  # some rank's inputs changed: all recompute
         _drop_stats(pool, names)
     pool.stats_versions.update((n, pool.input_versions(n)) for n in names)
     # An error in the merge itself on one rank (DELLA's empty shard raised IndexError there) left the
@@ -90,7 +90,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
             if pool._loop_agreed:  # raised by _in_step: every rank has raised it
                 raise
             error = exc
-        collectives.agree(error, pool.group)
+        collectives.agree(error, pool.agreeing)
     except Exception:
         _drop_stats(pool, names)  # the ranks stopped at different statistics: one's cache held what another's lacked
         raise
@@ -108,7 +108,7 @@ def _in_step(pool, group) -> None:
     if group is None:  # no collective follows
         return
     pool._loop_agreed = True
-    collectives.agree(None, pool.group)
+    collectives.agree(None, pool.agreeing)
     pool._loop_agreed = False
 
 

@@ -6,7 +6,8 @@
 The layout comes from shard_like's DTensors (pymerge/dist/layout.py); each rank reads only its
 boxes' bytes (reads.py). Merging then runs the single-process pool's code on local tensors: the
 targets' local tensors (same data_ptrs) are the outputs. Every materialize agrees on its checks
-with one small all_reduce (collectives.agree) before any write: targets are checked per rank
+with one small all_reduce (collectives.agree) over the model's whole mesh (self.agreeing: HSDP's
+replicas too) before any write: targets are checked per rank
 (local dtypes, devices, memory overlaps can differ between ranks), so one rank's error is raised
 on every rank with the same message and no rank waits in a collective the others never reach.
 Linear and task_arithmetic need nothing else: out[j] depends on element j alone. An FSDP2 model
@@ -51,6 +52,9 @@ class ShardedPool(CheckpointPool):
                 error = exc
         # from shard_like's whole layout: a rank failing before its first lookup agreed in another group (a hang)
         agreeing = agreement_group(model_boxes.values(), self.group)
+        # materialize agrees over it too: replicas return or raise together, and pass the same weights
+        # (the distributed search narrows it to one replica group while each merges its own candidates)
+        self.agreeing = agreeing
         collectives.agree(error, agreeing)
         # Collectives pair tensors by their place in self.names: a rank whose files lack a tensor, or hold
         # it in another dtype, must not build a pool, and one whose files list them in another order (a
@@ -105,7 +109,7 @@ class ShardedPool(CheckpointPool):
         except Exception as exc:
             if self._agreed:  # raised alike on every rank, or after the agreement (a kernel error)
                 raise
-            collectives.agree(exc, self.group, (0, 0), differs=_DIFFER)  # the others wait in _checked_plans's
+            collectives.agree(exc, self.agreeing, (0, 0), differs=_DIFFER)  # the others wait in _checked_plans's
             raise
 
     def _checked_plans(self, into: list, group_of: List[int], names, strict: bool):
@@ -117,12 +121,15 @@ class ShardedPool(CheckpointPool):
         except Exception as exc:
             error = exc
         self._agreed = True
+        # Over the whole mesh (self.agreeing), not the shard group: on HSDP a rank's error was raised in its
+        # replica only, while the other replica wrote and returned (a bug hunt).
         # With the arguments' digest: ranks passing different weights or methods wrote a model mixed from
-        # both (linear), or one returned while another waited for a method's statistics (a hang).
+        # both (linear), or one returned while another waited for a method's statistics (a hang); replicas
+        # passing different weights held different models after the call.
         # And the tensors planned: with strict=False, targets lacking a tensor on some ranks only put the
         # methods' per-tensor collectives out of step (gloo aborted a rank).
         planned = collectives.fingerprint([p.name for p in plans])
-        collectives.agree(error, self.group, (getattr(self, "_arguments", 0), planned), differs=_DIFFER)
+        collectives.agree(error, self.agreeing, (getattr(self, "_arguments", 0), planned), differs=_DIFFER)
         return plans
 
     def _plan(self, into: list, group_of: List[int], names, strict: bool):

@@ -126,17 +126,24 @@ class _Crew:
         from pymerge.dist import collectives
         mine, error = [], None
         group = getattr(self.pool, "group", None)  # the ranks that hold one model copy: a replica group
-        for c in range(self.replica, len(weights), self.replicas):
-            try:
-                self.pool.materialize(weights[c], into=self.model, **self.merge_kw)
-                mine.append((c, self.to_scores(self.evaluate(self.model), first_index + c)))
-            except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                error = (type(exc).__name__, f"rank {dist.get_rank()}: {first}")
-            # The group stops together: an evaluate() failing on one rank only left the others in the
-            # next candidate's collectives while it waited in the gather below (a hang until the timeout).
-            if collectives.agree(None, group, flag=error is not None) if group is not None else error is not None:
-                break
+        agreeing = getattr(self.pool, "agreeing", None)
+        if agreeing is not None:  # a sharded pool agrees over the whole mesh; here each replica group
+            self.pool.agreeing = group  # materializes its own candidates, as many as it has
+        try:
+            for c in range(self.replica, len(weights), self.replicas):
+                try:
+                    self.pool.materialize(weights[c], into=self.model, **self.merge_kw)
+                    mine.append((c, self.to_scores(self.evaluate(self.model), first_index + c)))
+                except Exception as exc:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    error = (type(exc).__name__, f"rank {dist.get_rank()}: {first}")
+                # The group stops together: an evaluate() failing on one rank only left the others in the
+                # next candidate's collectives while it waited in the gather below (a hang until the timeout).
+                if collectives.agree(None, group, flag=error is not None) if group is not None else error is not None:
+                    break
+        finally:
+            if agreeing is not None:
+                self.pool.agreeing = agreeing
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (mine, error))
         errors = [e for _, e in everyone if e is not None]
