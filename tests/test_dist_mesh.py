@@ -294,6 +294,10 @@ def replicas_worker(rank, world, files):
         tvo.merge_planned = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure"))
     errors["in_merge"] = error_of(lambda: pool.materialize(W3, into=m, method="ties", density=0.5))
     tvo.merge_planned = real
+    # a search whose one candidate reaches replica 0 only: that replica alone cached the statistics of
+    # density 0.55, and the whole-mesh materialize after it ran their collectives on two ranks of four (a hang)
+    pymerge.search.optimize(pool, lambda model: 0.0, model=m, budget=1, popsize=4, method="ties", density=0.55,
+                            log=None)
     pool.materialize(W3, into=m, method="ties", density=0.55)  # still in step
     return {"errors": errors, "untouched": untouched, "merged": {n: p.full_tensor() for n, p in m.named_parameters()}}
 

@@ -311,11 +311,13 @@ def test_sparse_and_nested_inputs_are_named_errors(kind):
     calls = {
         "weighted_sum": lambda: pymerge.weighted_sum([x, odd()], [0.5, 0.5]),
         "weighted_sum_many": lambda: pymerge.weighted_sum_many([odd(), x], [[0.5, 0.5]]),
+        "weighted_sum out": lambda: pymerge.weighted_sum([x, x], [0.5, 0.5], out=odd()),
+        "weighted_sum_many outs": lambda: pymerge.weighted_sum_many([x, x], [[0.5, 0.5]], outs=[odd()]),
         "sce": lambda: consensus_ops.sce([x, odd()], x, 0.5, torch.empty(4, 8)),
         "tv_merge": lambda: task_vector_ops.task_vector_merge(
             [x, x], odd(), torch.empty(4, 8), [task_vector_ops.Sparsifier("magnitude", 0.5)] * 2, [0.5, 0.5],
             consensus=False, normalize=False),
     }
     for op, call in calls.items():
-        with pytest.raises(ValueError, match=rf"(input [01]|the base): is a {kind} tensor; merges read dense"):
+        with pytest.raises(ValueError, match=rf"(input [01]|the base|out): is a {kind} tensor; merges read dense"):
             call()

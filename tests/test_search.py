@@ -1,10 +1,12 @@
 """Merge search: known optimum, resume == uninterrupted, Pareto front, reports, the CLI."""
+import functools
 import importlib
 import json
 import os
 import re
 import shutil
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -891,6 +893,19 @@ def test_a_state_resumed_with_another_base_or_objective_or_compressed_contents_i
         with pytest.raises(InputError, match=r"differs in objective\)"):
             optimize(CheckpointPool(cks, base=base, compress=compress), evaluate, budget=6, state_path=state,
                      objective=lambda s: 1000 * s["score"], **kw)
+    # the default passed by name is the default; partials binding other values are other objectives
+    from pymerge.search.optimize import macro_average
+    state = str(tmp_path / "named.json")
+    optimize(CheckpointPool(cks, base=base), evaluate, budget=3, state_path=state, **kw)
+    assert len(optimize(CheckpointPool(cks, base=base), evaluate, budget=4, state_path=state,
+                        objective=macro_average, **kw).history) == 4
+    scaled = lambda scores, k: k * scores["score"]  # noqa: E731
+    state = str(tmp_path / "partial.json")
+    optimize(CheckpointPool(cks, base=base), evaluate, budget=3, state_path=state,
+             objective=functools.partial(scaled, k=1), **kw)
+    with pytest.raises(InputError, match=r"differs in objective\)"):
+        optimize(CheckpointPool(cks, base=base), evaluate, budget=4, state_path=state,
+                 objective=functools.partial(scaled, k=1000), **kw)
     with pytest.raises(InputError, match=r"differs in pool \(sample\)"):  # compressed, same base, other checkpoints
         optimize(CheckpointPool(cks[::-1], base=base, compress="int8"), evaluate, budget=6,
                  state_path=str(tmp_path / "int8.json"), **kw)
@@ -940,6 +955,48 @@ def test_a_second_search_on_one_state_path_or_out_is_refused_while_the_first_run
     assert cli_main([str(cfg)]) == 0 and importlib.import_module("nested_cli").CODES == [2]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(r"error: out .*out: in use by another pymerge search", err[0])
+
+
+def test_a_forked_child_does_not_keep_the_state_lock(tmp_path):
+    """An evaluate that forks a long-lived worker (a multiprocessing pool) left the child holding the state's
+    lock, and the next search in the process was refused (a review of the lock's change)."""
+    import multiprocessing
+    pool, evaluate, _ = synthetic(n=3)
+    path = str(tmp_path / "s.json")
+    children = []
+
+    def forking(m):
+        if not children:  # a worker that outlives the search, forked while the lock is held
+            children.append(multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True))
+            children[0].start()
+        return evaluate(m)
+    try:
+        optimize(pool, forking, model=Vec(), budget=4, popsize=3, state_path=path, log=None)
+        assert children[0].is_alive()
+        assert len(optimize(pool, evaluate, model=Vec(), budget=7, popsize=3, state_path=path, log=None).history) == 7
+    finally:
+        children[0].kill()
+
+
+def test_a_finished_search_in_a_folder_without_write_access_is_read_back(tmp_path, monkeypatch):
+    """Its state was read back before the lock; then the lock file could not be made there, and the search
+    that only returns the saved result failed (a review of the lock's change). One that must go on fails
+    where it saves, naming the file."""
+    from pymerge.io import files
+    pool, evaluate, _ = synthetic(n=3)
+    done = str(tmp_path / "s.json")
+    first = optimize(pool, evaluate, model=Vec(), budget=4, popsize=3, state_path=done, log=None)
+    os.unlink(done + ".lock")
+    real = files.os.open
+
+    def no_write(path, flags, *a):  # as in a folder the user may read but not write (root writes anywhere)
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *a)
+    monkeypatch.setattr(files.os, "open", no_write)
+    again = optimize(pool, evaluate, model=Vec(), budget=4, popsize=3, state_path=done, log=None)
+    assert again.best_objective == first.best_objective and len(again.history) == 4
+    assert not os.path.exists(done + ".lock")
 
 
 def test_a_state_whose_candidates_score_other_tasks_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -41,9 +41,21 @@ _POOLS_DIFFER = ("ranks called optimize with different pools (other checkpoints,
 
 def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log=print, **kwargs):
     """Every rank calls this (through optimize) with the same arguments; `replicas` is unused (one model per rank)."""
+    contents = _agreed_start(pool, kwargs)
+    try:
+        return _search(optimize, pool, evaluate, model, contents, log, kwargs)
+    finally:
+        # Each replica group cached the statistics of its own candidates (none where it got none: budget=1),
+        # so after the search a whole-mesh materialize ran a statistic's collectives on some ranks only (a
+        # hang): every rank leaves with none. Every rank gets here, the search's errors being agreed.
+        cache = getattr(pool, "stats_cache", None)
+        if cache is not None:
+            cache.clear()
+
+
+def _search(optimize, pool, evaluate, model, contents, log, kwargs):
     import torch.distributed as dist
     from pymerge.search.optimize import _scores
-    contents = _agreed_start(pool, kwargs)
     merge_kw = {k: v for k, v in kwargs.items() if k not in _SEARCH_ONLY}  # method, groups, names, parameters
     crew = _Crew(pool, evaluate, model, _scores, merge_kw)
     if dist.get_rank() == 0:

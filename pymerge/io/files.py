@@ -97,14 +97,37 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
             os.remove(tmp)
 
 
-def hold_lock(path, busy: str, error: Type[InputError] = InputError) -> Optional[int]:
+_held_locks: set = set()  # descriptors hold_lock returned and release_lock has not closed
+
+
+def _close_held_in_child() -> None:
+    """A forked child (a multiprocessing pool an evaluate() starts) shares its parent's locked descriptors:
+    a child outliving the search kept the lock, and the next search in the parent was refused. Closing the
+    child's copies leaves the lock to the parent alone."""
+    for fd in list(_held_locks):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: bool = False) -> Optional[int]:
     """path (a folder, or a file made if absent, never through a link) opened and flock-ed exclusively without
-    waiting: its descriptor, locked until it is closed or the process ends, however it ends. error(busy) where
-    another holder has it. None on a filesystem without locks (nothing is locked there, as before)."""
+    waiting: its descriptor, locked until release_lock(fd) or the process ends, however it ends (a forked
+    child's copy is closed at the fork). error(busy) where another holder has it. None on a filesystem without
+    locks (nothing is locked there, as before), and with optional=True where the lock file cannot be made
+    (a read-only folder: whoever could write there could not lock it either)."""
     flags = os.O_RDONLY | os.O_DIRECTORY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
     try:
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
     except OSError as exc:
+        if optional and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return None
         raise error(f"{path}: cannot open it to lock it: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,7 +136,15 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError) -> Optional
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise error(busy) from None
         return None  # ENOLCK, EOPNOTSUPP...
+    _held_locks.add(fd)
     return fd
+
+
+def release_lock(fd: Optional[int]) -> None:
+    """Closes a descriptor hold_lock returned (None: nothing was locked), releasing its lock."""
+    if fd is not None:
+        _held_locks.discard(fd)
+        os.close(fd)
 
 
 def check_replaceable(path, error: Type[InputError] = InputError) -> None:

@@ -153,6 +153,7 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
         return out_dtype or default_out_dtype(tensors)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    check_layout(out, "out")
     if out.shape != first.shape:
         raise ValueError(f"out has shape {tuple(out.shape)} but the inputs have shape {tuple(first.shape)}")
     if out.device != first.device:

@@ -33,7 +33,7 @@ import yaml
 
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
-from pymerge.io.files import hold_lock
+from pymerge.io.files import hold_lock, release_lock
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
         "method_params", "search", "state_path", "out"}
@@ -243,8 +243,7 @@ def _run(args) -> int:
         _unmake(made)  # empty folders only
         raise
     finally:
-        if lock is not None:
-            os.close(lock)
+        release_lock(lock)
     if "png" not in paths:
         print("(matplotlib is not installed: no search.png; pip install 'pymerge[plot]')")
     if result.best_weights.ndim == 1:

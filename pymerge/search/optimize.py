@@ -14,6 +14,7 @@ search runs it holds an exclusive lock on state_path + ".lock" (which stays): a 
 state_path is refused (both ran, and one's state overwrote the other's).
 """
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import method_params_of
-from pymerge.io.files import read_small
+from pymerge.io.files import read_small, release_lock
 from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
@@ -208,7 +209,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     fingerprint = {"n": n, "groups": g, "seed": int(seed), "sigma0": float(sigma0),
                    "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
                    "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method),
-                   "objective": _rule(objective)}  # by name, as groups=: another one mixed two objectives' values
+                   # by name, as groups=: another one mixed two objectives' values (the default's name is None)
+                   "objective": None if objective is macro_average else _rule(objective)}
     objective = objective or macro_average
     merge_params = method_params_of(method_params, more_method_params)
     fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
@@ -325,8 +327,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                     f"({time.perf_counter() - t_start:.1f} s)")
         return _result(history, state["generation"])
     finally:
-        if lock is not None:
-            os.close(lock)
+        release_lock(lock)
 
 
 def _best_index(objectives) -> int:
@@ -395,6 +396,8 @@ def _rule(value):
         return value
     if isinstance(value, Mapping):
         return sorted((str(k), str(v)) for k, v in value.items())
+    if isinstance(value, functools.partial):  # its name is "partial" whatever it binds
+        return [_rule(value.func), repr(value.args), sorted((k, repr(v)) for k, v in value.keywords.items())]
     return getattr(value, "__qualname__", type(value).__name__)
 
 
@@ -465,8 +468,10 @@ def _lock_state(path: Optional[str]) -> Optional[int]:
     except OSError:
         pass  # hold_lock names the problem
     from pymerge.io.files import hold_lock
+    # optional: a finished search's state in a read-only folder is still read back (its result); one that
+    # must go on fails where it saves, naming the file
     return hold_lock(path + ".lock", f"{path}: in use by another search (it holds {path}.lock); wait for it "
-                                     "to finish or use another state_path")
+                                     "to finish or use another state_path", optional=True)
 
 
 def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]:
