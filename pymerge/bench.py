@@ -10,6 +10,7 @@ benchmarks/bench_weighted_sum.py in the source tree.
 import argparse
 import json
 import statistics
+import sys
 import time
 
 
@@ -80,10 +81,20 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     import torch
+    if args.device == "cuda" and not torch.cuda.is_available():  # torch's AssertionError traceback before
+        ap.error("--device cuda: CUDA is not available to this torch")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.elements, args.rounds = 1 << 20, 3
-    rows = run(device, args.elements, args.rounds)
+    try:
+        rows = run(device, args.elements, args.rounds)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # the inputs did not fit (--elements 1e9: 16 x 2 GB)
+        if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in str(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"pymerge bench: error: --elements {args.elements} does not fit in memory ({first[:200]}); "
+              "use fewer", file=sys.stderr)
+        return 2
     cols = list(rows[0])
     print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, best of {args.rounds})")
     print(" | ".join(cols))

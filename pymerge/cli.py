@@ -95,13 +95,23 @@ def _cmd_merge(args) -> int:
     if report.rank:  # a distributed merge: rank 0 speaks for all
         return 0
     for w in report.warnings:
-        print(f"pymerge: warning: {w}", file=sys.stderr)
+        _say(f"pymerge: warning: {w}")
     ranks = f" x {report.world_size} ranks" if report.world_size > 1 else ""
     if not args.quiet:
-        print(f"pymerge: merged {report.tensors} tensors ({report.input_bytes / 1e9:.2f} GB read, "
-              f"{report.output_bytes / 1e9:.2f} GB written in {len(report.shards)} shard(s)) into {report.out_dir} "
-              f"in {report.seconds:.2f} s on {report.device}{ranks}", file=sys.stderr)
+        _say(f"pymerge: merged {report.tensors} tensors ({report.input_bytes / 1e9:.2f} GB read, "
+             f"{report.output_bytes / 1e9:.2f} GB written in {len(report.shards)} shard(s)) into {report.out_dir} "
+             f"in {report.seconds:.2f} s on {report.device}{ranks}")
     return 0
+
+
+def _say(line: str) -> None:
+    """A line on stderr, or none where it cannot be written (its reader went away: `2>&1 | head`): the exit
+    status still tells the outcome, which a BrokenPipeError raised here turned into a failure after the
+    merge had installed OUT."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):  # AttributeError: no stderr at all (2>&-)
+        pass
 
 
 def _dispatch(args) -> int:
@@ -142,8 +152,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.args = rest + list(args.args)
     rc = _run(args)
     if as_script and args.command == "merge":
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):  # a reader gone away, or none: the status still counts
+                pass
         os._exit(rc)
     return rc
 
@@ -156,15 +169,15 @@ def _run(args) -> int:
     try:
         return _dispatch(args)
     except InputError as exc:
-        print(f"pymerge: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"pymerge: error: {_one_line(exc)}")
         return 2
     except DistributedError as exc:
-        print(f"pymerge: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"pymerge: error: {_one_line(exc)}")
         return 1
     except KeyboardInterrupt:
         done = INSTALLED[installed_before:]
-        print(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)" if done
-              else "pymerge: interrupted; no output was written", file=sys.stderr)
+        _say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)" if done
+             else "pymerge: interrupted; no output was written")
         return 130
     except OSError as exc:
         if exc.errno is None:
@@ -172,7 +185,7 @@ def _run(args) -> int:
         # The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
         # Without a file name nothing is blamed: the writer names OUT's files itself.
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
+        _say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}")
         return 2
     finally:
         if previous is not None:

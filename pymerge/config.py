@@ -123,6 +123,10 @@ def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
         raise error(f"{path}: not valid YAML{at}: {short(problem, 200)}") from None
     except RecursionError:
         raise error(f"{path}: not valid YAML: nested too deeply") from None
+    except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+        # PyYAML's constructors raise these for scalars it parsed but cannot build: 2024-02-30, !!float abc,
+        # !!bool maybe, an integer of more than 4300 digits
+        raise error(f"{path}: not valid YAML: {short(str(exc), 200)}") from None
     check_size(data, path, error)
     return data
 

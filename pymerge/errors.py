@@ -28,6 +28,8 @@ def short(value, limit: int = MAX_ECHO) -> str:
         text = repr(value) if not isinstance(value, (list, dict, tuple)) else _short_container(value, limit)
     except RecursionError:
         text = f"<deeply nested {type(value).__name__}>"
+    except ValueError:  # an int of more than 4300 digits (Python refuses to print it)
+        text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

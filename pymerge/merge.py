@@ -208,6 +208,9 @@ def _inputs_of(plan: "MergePlan"):
     for ck in {id(c): c for c in plan.checkpoints + [plan.donor]}.values():
         if ck.path.is_dir():
             yield "model folder", ck.path
+        adapter = getattr(ck, "adapter", None)  # `model+lora`: its path is the model's; OUT inside the adapter was taken
+        if adapter is not None:
+            yield "LoRA adapter folder", Path(adapter.folder)
         for f in ck.files:
             yield "model file", f
     for fname in ("config.json",) + TOKENIZER_FILES:
@@ -632,6 +635,9 @@ def _progress_bar(total: int, quiet: bool):
     if quiet:
         return None
     from tqdm import tqdm
+
+    from pymerge.progress import SafeStream
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging", dynamic_ncols=True,
+                file=SafeStream(),
                 smoothing=0.1, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                           "[{elapsed}<{remaining}, {rate_fmt}]")

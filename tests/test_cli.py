@@ -255,6 +255,31 @@ def test_python_m_pymerge_exit_codes(fam, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("stderr", ["reader gone", "full", "closed"])
+def test_a_merge_whose_stderr_cannot_be_written_still_merges(fam, tmp_path, stderr):
+    """A progress bar or report line that cannot be written (`2>&1 | head -c 1`: the reader went away; a
+    full or closed stderr) failed a merge that was otherwise complete (exit 1, no model), and a write failing
+    in the writer thread left tqdm's lock held: the merge hung forever (a bug hunt)."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "ok.yml", linear(fts))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pymerge", "merge", str(cfg), str(out), "--chunk-size", "1MiB"]
+    if stderr == "closed":
+        p = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", *cmd], cwd=ROOT, timeout=300)
+    elif stderr == "full":
+        with open("/dev/full", "w") as full:
+            p = subprocess.run(cmd, cwd=ROOT, stderr=full, timeout=300)
+    else:
+        r, w = os.pipe()
+        os.close(r)  # every write to w fails with EPIPE, as after `| head -c 1` has read its byte
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, stderr=w, timeout=300)
+        finally:
+            os.close(w)
+    assert p.returncode == 0
+    assert (out / "model.safetensors").is_file() and not leftovers(out)
+
+
 # The merge, slowed down inside the child process only (each chunk sleeps), so a signal lands midway.
 _SLOW_DRIVER = """
 import signal, sys, time

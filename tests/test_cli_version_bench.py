@@ -31,3 +31,22 @@ def test_bench_refuses_counts_it_cannot_run_in_one_line(capsys):
             cli.main(["bench", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and err[-1].startswith("pymerge bench: error:") and "Traceback" not in "".join(err)
+
+
+def test_bench_without_cuda_or_memory_is_one_line(capsys, monkeypatch):
+    """--device cuda on a CPU-only torch was torch's AssertionError traceback, and inputs that do not fit a
+    RuntimeError traceback (a bug hunt)."""
+    import pytest
+    import torch
+    from pymerge import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--device", "cuda", "--quick"])
+    assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+    def no_memory(*a):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000 bytes")
+    monkeypatch.setattr(bench, "run", no_memory)
+    assert cli.main(["bench", "--elements", "1e9", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pymerge bench: error: --elements 1000000000 does not fit in memory")

@@ -95,6 +95,20 @@ def test_bad_configs_name_the_problem(data, words):
         assert w in msg, (w, msg)
 
 
+@pytest.mark.parametrize("scalar", ["2024-02-30", "2024-13-01 10:00:00", "!!float abc", "!!bool maybe",
+                                    "!!timestamp nope", "1" + "0" * 4400])
+def test_yaml_scalars_yaml_cannot_build_are_config_errors(tmp_path, scalar):
+    """PyYAML parses these but its constructors raise ValueError, KeyError or AttributeError: a traceback
+    from pymerge merge and pymerge search (a bug hunt); an integer past Python's printable size crashed the
+    error message itself."""
+    p = tmp_path / "bad.yml"
+    p.write_text(f"merge_method: linear\nmodels: [a]\nnote: {scalar}\n")
+    with pytest.raises(MergeConfigError, match=r"bad.yml: not valid YAML: "):
+        load_config(p)
+    with pytest.raises(MergeConfigError, match=r"<an integer of 16610 bits>"):
+        parse_config({"merge_method": 10 ** 5000, "models": ["x"]})
+
+
 def test_yaml_errors_give_the_line(tmp_path):
     p = tmp_path / "bad.yml"
     p.write_text("merge_method: linear\nmodels:\n  - model: a\n   parameters: {weight: 1}\n")

@@ -316,6 +316,21 @@ def test_lora_merge_dtype_flag(family, tmp_path, capsys):
     assert "--lora-merge-dtype must be one of" in capsys.readouterr().err
 
 
+def test_out_inside_an_adapter_folder_is_refused(family, tmp_path, capsys):
+    """OUT inside the model folder was refused, inside the adapter's (an input too) it was written there (a
+    bug hunt): MODEL+LORA's path is the model's, and the adapter folder was never listed as an input."""
+    root, model, _, ads = family
+    adapter = tmp_path / "ad"
+    shutil.copytree(ads["plain"], adapter)
+    cfg = {"merge_method": "linear", "models": [{"model": f"{model}+{adapter}", "parameters": {"weight": 1.0}}]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    before = sorted(p.name for p in adapter.iterdir())
+    assert cli.main(["merge", str(tmp_path / "c.yml"), str(adapter / "merged"), "--quiet", "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lies inside the LoRA adapter folder" in err[0], err
+    assert sorted(p.name for p in adapter.iterdir()) == before
+
+
 def test_tokenizer_merge_reads_the_models_tokenizer(tmp_path, capsys):
     """A tokenizer merge takes MODEL+LORA's tokenizer from MODEL (mergekit: model.model.path): the
     same output as merging a copy of MODEL with the adapter merged in (what mergekit runs)."""

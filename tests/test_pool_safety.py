@@ -395,3 +395,13 @@ def test_a_compiled_or_parametrized_target_says_why_a_name_is_missing():
         parametrize.register_parametrization(m, "weight", torch.nn.Identity())
     with pytest.raises(InputError, match=r"holds it as 'parametrizations.weight.original': a parametrized tensor"):
         pool.materialize([0.5, 0.5], into=m)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0)])
+def test_a_cpu_device_with_an_index_is_the_cpu(device):
+    """device="cpu:0" was accepted, then every materialize refused: "tensor 't' is on cpu, the pool computes
+    on cpu:0" (CPU tensors carry no index; a bug hunt)."""
+    pool = CheckpointPool([{"t": torch.ones(4)}, {"t": torch.zeros(4)}], device=device)
+    target = {"t": torch.empty(4)}
+    pool.materialize([0.25, 0.75], into=target)
+    assert pool.device == torch.device("cpu") and torch.equal(target["t"], torch.full((4,), 0.25))

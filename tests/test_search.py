@@ -519,7 +519,9 @@ def test_a_state_from_another_pool_says_what_differs(tmp_path):
     ({"budget": 2.5}, "budget must be an integer from 1"), ({"budget": float("inf")}, "budget must be an integer"),
     ({"budget": 0}, "budget must be an integer from 1"), ({"popsize": 10**7}, "popsize must be an integer from 2"),
     ({"popsize": 1}, "popsize must be"), ({"model": None}, "model must be the live torch.nn.Module"),
-    ({"model": {"w": torch.zeros(3)}}, "model must be the live torch.nn.Module .*, got dict")])
+    ({"model": {"w": torch.zeros(3)}}, "model must be the live torch.nn.Module .*, got dict"),
+    ({"sigma0": 10**400}, "sigma0 must be"), ({"sigma0": 10**5000}, "sigma0 must be .*got <an integer of 16610 bits>"),
+    ({"bounds": (0, 10**400)}, "bounds must be two numbers"), ({"x0": [10**400] * 3}, "x0 must be 3 numbers")])
 def test_bad_search_arguments_are_one_clear_error(kwargs, message):
     """Were cma's bare AssertionError (sigma0 NaN, inf, tiny), ZeroDivisionError (0), "slice indices must be
     integers" (budget 2.5 or inf), AttributeError (model None), a minute of work (popsize 10**7)."""

@@ -251,10 +251,12 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
 
 def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     from tqdm import tqdm
+
+    from pymerge.progress import SafeStream
     runs = pool_runs(s.run_steps)
     total = pretraining(s.pretrain_steps).steps + sum(r.steps for r in runs)
     log(f"training: a shared pretraining run, then {len(runs)} runs ({total} steps in all)")
-    with tqdm(total=total, desc="training", unit="step", disable=None) as bar:
+    with tqdm(total=total, desc="training", unit="step", disable=None, file=SafeStream()) as bar:
         paths = build_checkpoints(os.path.join(out, "checkpoints"), s, progress=bar.update, log=log)
     t_train = time.perf_counter() - t0
     val, test = eval_sets(s, "val"), eval_sets(s, "test")
@@ -284,7 +286,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     # candidates in 11+ dimensions do not climb out of there as far as the soup already is.
     x0 = np.tile(np.where(soup > 0, 0.5, 0.0), groups)
     t1 = time.perf_counter()
-    with tqdm(total=budget, desc="search", unit="merge", disable=None) as bar:
+    with tqdm(total=budget, desc="search", unit="merge", disable=None, file=SafeStream()) as bar:
         def counted(m):
             bar.update(1)
             return evaluate(m)

@@ -767,7 +767,7 @@ def _resolve_device(device) -> torch.device:
         if index >= torch.cuda.device_count():
             raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         resolved = torch.device("cuda", index)
-    return resolved
+    return torch.device("cpu") if resolved.type == "cpu" else resolved  # "cpu:0": CPU tensors carry no index
 
 
 def _on_device(device: torch.device):

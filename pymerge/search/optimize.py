@@ -178,10 +178,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     given = sigma0
     try:
         sigma0 = float(sigma0) if not isinstance(sigma0, (str, bool)) else math.nan
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range (10**400)
         sigma0 = math.nan
     if not 1e-12 <= sigma0 <= 1e6:  # NaN too: cma asserts on it, divides by zero at 0
-        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {given!r}")
+        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {short(given)}")
     if not isinstance(model, torch.nn.Module):  # evaluate() runs it; replicas are deep copies of it
         raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
@@ -189,8 +189,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     replicas = None if replicas is None else _count(replicas, "replicas", 1, 10**6)
     try:
         lo, hi = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise InputError(f"bounds must be two numbers (low, high), got {bounds!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"bounds must be two numbers (low, high), got {short(bounds)}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise InputError(f"bounds must be finite with low < high, got ({lo}, {hi})")
     if normalize and lo < 0:  # a sum near 0 blew weights up to 1e8 or (at 0) stood in the uniform merge
@@ -199,8 +199,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     try:
         start = 1.0 / n if not normalize and lo <= 1.0 / n <= hi else (lo + hi) / 2
         x0 = np.full(dim, start) if x0 is None else np.ravel(np.asarray(x0, float))
-    except (TypeError, ValueError):
-        raise InputError(f"x0 must be {dim} numbers (groups x checkpoints), got {x0!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"x0 must be {dim} numbers (groups x checkpoints), got {short(x0)}") from None
     if x0.shape != (dim,):
         raise InputError(f"x0 must have {dim} values (groups x checkpoints), got {x0.size}")
     outside = np.flatnonzero(~((x0 >= lo) & (x0 <= hi)))  # NaN too
@@ -386,7 +386,7 @@ def _count(value, what: str, least: int, most: int) -> int:
     except (TypeError, ValueError, OverflowError):
         n = None
     if n is None or not least <= n <= most:
-        raise InputError(f"{what} must be an integer from {least} to {most}, got {value!r}")
+        raise InputError(f"{what} must be an integer from {least} to {most}, got {short(value)}")
     return n
 
 
