@@ -586,6 +586,22 @@ def _cli_setup(tmp_path, **extra):
     return tmp_path / "s.yml"
 
 
+def test_a_search_killed_while_writing_its_results_leaves_no_earlier_best_merge_yml(tmp_path, monkeypatch):
+    """The result files were replaced one at a time and best_merge.yml last: killed while the plot was drawn,
+    a search left the previous search's best_merge.yml beside its own history.json, and `pymerge merge` of it
+    built the old winner (a bug hunt)."""
+    cfg = _cli_setup(tmp_path, state_path="state.json")
+    assert cli_main([str(cfg)]) == 0 and (tmp_path / "out" / "best_merge.yml").exists()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the signal lands while the plot is drawn
+    monkeypatch.setattr(optimize_module, "plot", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main([str(cfg), "--budget", "9"])
+    assert len(json.load(open(tmp_path / "out" / "history.json"))["history"]) == 9  # this search's
+    assert not (tmp_path / "out" / "best_merge.yml").exists()  # not the last one's
+
+
 def test_a_truncated_state_is_named_so_and_the_failed_run_leaves_no_new_folder(tmp_path, capsys):
     """A cut-short state.json was reported as an older pymerge's pickle; and the failed run left OUT behind,
     empty (it is made before the state is read)."""

@@ -232,13 +232,16 @@ def _run(args) -> int:
                           state_path=rel(cfg.get("state_path")), groups=s.get("groups"),
                           normalize=s.get("normalize", True), replicas=s.get("replicas"),
                           method=method, names=cfg.get("names"), method_params=method_params)
+        best_yml = os.path.join(out, "best_merge.yml")
+        # An earlier search's goes first (a link is removed, never its target): written last, a kill before
+        # it left the old one beside this search's history, and `pymerge merge` of it built the old winner.
+        # A per-group search writes none (its weights are in history.json).
+        if os.path.lexists(best_yml):
+            os.unlink(best_yml)
         paths = result.save(out)
         if result.best_weights.ndim == 1:
-            _best_yaml(os.path.join(out, "best_merge.yml"), sources, rel(cfg.get("base")), result.best_weights,
-                       method, method_params, model, _dtype(cfg.get("dtype")),
-                       _merged_tensors(pool, model, cfg.get("names")))
-        elif os.path.lexists(os.path.join(out, "best_merge.yml")):  # an earlier flat search's: not this result
-            os.unlink(os.path.join(out, "best_merge.yml"))  # a link is removed, never its target
+            _best_yaml(best_yml, sources, rel(cfg.get("base")), result.best_weights, method, method_params, model,
+                       _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
     except BaseException:
         _unmake(made)  # empty folders only
         raise
