@@ -350,6 +350,28 @@ def test_one_demo_at_a_time_in_a_folder(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
+def test_a_demo_killed_while_installing_its_merge_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The previous merged/ was deleted before the new one was renamed in: a kill in between left no merged
+    model, and the killed run's merged.tmp* folder stayed for good (a bug hunt)."""
+    from pymerge.pool import CheckpointPool
+    config = run.default_config()
+    models = [TinyLlama(config) for _ in range(2)]
+    pool = CheckpointPool([m.state_dict() for m in models])
+    folder = str(tmp_path / "merged")
+    run._write_merge(pool, config, np.array([1.0, 0.0]), folder)
+    first = load_folder(folder)
+    (tmp_path / "merged.tmpkilled").mkdir()  # a killed run's
+    monkeypatch.setattr(run.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:  # a kill at the rename: swapped in one step (renameat2), the rename is never reached
+        run._write_merge(pool, config, np.array([0.0, 1.0]), folder)
+        want = models[1].state_dict()
+    except KeyboardInterrupt:  # a system without the swap: the previous model must still be there
+        want = first
+    got = load_folder(folder)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):
     """Called directly (no claim_out), a folder with no manifest and no demo marker is refused, not emptied."""
     folder = tmp_path / "mine"

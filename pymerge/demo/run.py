@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -27,6 +28,7 @@ from pymerge.demo.model import TinyLlama, save_hf
 from pymerge.demo.tasks import TASKS, Batch, generate, make_batch, score, split_seed, standard_error
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
 from pymerge.errors import InputError
+from pymerge.io.files import replace_file
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 
@@ -307,9 +309,11 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
                    seed=s.seed, settings=asdict(s), merged=merged, out=out)
     details = {k: {"val": v["val"], "test": v["test"], "weights": np.asarray(v["weights"]).tolist()}
                for k, v in rows.items()}
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"summary": summary, "details": details, "search": [
-            {"scores": h["scores"], "weights": h["weights"]} for h in res.history]}, fh, indent=1)
+    def write(tmp):  # replaced whole: written in place, a kill left it truncated
+        with open(tmp, "w") as fh:
+            json.dump({"summary": summary, "details": details, "search": [
+                {"scores": h["scores"], "weights": h["weights"]} for h in res.history]}, fh, indent=1)
+    replace_file(os.path.join(out, "results.json"), write)
     plotted = _plot(os.path.join(out, "demo.png"), rows, names, best_single, res.history)
     _print_table(rows, names, best_single, summary, log)
     if not plotted:
@@ -319,18 +323,26 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
 
 def _write_merge(pool, config, weights, folder: str) -> None:
     """The best merge as an HF folder, materialized in float32 from the same pool."""
+    from pymerge.io.writer import _exchange
     merged = TinyLlama(config)
     pool.materialize(weights, into=merged, groups="layer" if np.ndim(weights) == 2 else None)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp", dir=os.path.dirname(folder) or ".")  # a new name
+    parent, prefix = os.path.dirname(folder) or ".", os.path.basename(folder) + ".tmp"
+    for stale in os.listdir(parent):  # a killed demo's (one demo per folder at a time: claim_out's lock)
+        if stale.startswith(prefix) and os.path.isdir(os.path.join(parent, stale)):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)  # a new name
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the merged folder
     try:
         save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
                                                                  "checkpoints": pool.labels}})
-        if os.path.isdir(folder) and not os.path.islink(folder):
-            shutil.rmtree(folder)  # the demo's own (claim_out checked it)
-        os.replace(tmp, folder)
+        # the demo's own folder (claim_out checked it), swapped for the new one in one step where the system
+        # can: deleted first, a kill before the rename left no merged model at all
+        if not (os.path.isdir(folder) and not os.path.islink(folder) and _exchange(Path(tmp), Path(folder))):
+            if os.path.isdir(folder) and not os.path.islink(folder):
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old model
 
 
 def _summary(rows, names, best_single, sizes) -> Dict:
@@ -410,6 +422,6 @@ def _plot(path: str, rows, names, best_single, history) -> bool:
     a2.set_title(f"trade-off {a} vs {b}: the search's Pareto front")
     a2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return True
