@@ -350,7 +350,8 @@ def make_plan(config_or_path) -> MergePlan:
         plan = MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings), vocabulary=vocab,
                          chat_template=_chat_template(cfg, labels), copies=copies)
         if vocab is not None:
-            plan.config_overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
+            from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
+            vocab_size_override(model_cfg, plan.config_overrides, vocab.size)
         if mixed_ties:
             plan.config_overrides.update(tied.tie_override(model_cfg, names, plan.warnings))
     except BaseException:

@@ -419,7 +419,8 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
         warnings = list(cfg.warnings)
         if vocab is not None:
-            overrides["vocab_size"] = vocab.size  # mergekit sets it (padded) whatever the source
+            from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
+            vocab_size_override(donor_cfg, overrides, vocab.size)
         if tied.mixes_ties([open_ck(x.path) for x in first.sources + zipped.sources]):
             out_names = [tp.name for p in parts for tp in p.tensors]
             overrides.update(tied.tie_override(merge._read_model_config(donor), out_names, warnings))

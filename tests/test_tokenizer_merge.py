@@ -318,6 +318,36 @@ def test_an_added_entry_for_a_vocabulary_token_keeps_the_vocabulary_id(tmp_path,
     assert torch.allclose(out[out_id], (ea[vocab_id] + eb[vocab_id]) / 2, atol=1e-6)
 
 
+def test_vocab_size_is_written_where_the_config_keeps_it(models, tmp_path, capsys):
+    """A multimodal config (Mistral3, Gemma3, Qwen-VL) keeps vocab_size in text_config: the new size goes
+    there, as mergekit's vocab_size_config_key (plain and slices merges; the slices one also rewrites
+    text_config's layer count). A new top-level vocab_size beside the stale text_config one made
+    transformers refuse the output."""
+    _, m = models
+    vlm = {}
+    for k in ("a", "b"):
+        f = tmp_path / k
+        f.mkdir()
+        for p in Path(m[k]).iterdir():
+            (f / p.name).write_bytes(p.read_bytes())
+        cfg = json.loads((f / "config.json").read_text())
+        text = {"vocab_size": cfg.pop("vocab_size"), "num_hidden_layers": cfg.pop("num_hidden_layers")}
+        (f / "config.json").write_text(json.dumps({**cfg, "text_config": text}))
+        vlm[k] = str(f)
+    franken = {"merge_method": "passthrough", "base_model": vlm["a"], "tokenizer_source": "union",
+               "slices": [{"sources": [{"model": vlm["a"], "layer_range": [0, 2]}]},
+                          {"sources": [{"model": vlm["b"], "layer_range": [1, 2]}]}]}
+    for name, cfg, layers in (("plain", _union(vlm["a"], vlm["b"]), 2), ("slices", franken, 3)):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        rc, err = run_cli(["merge", path, tmp_path / name, "--quiet"], capsys)
+        assert rc == 0, err
+        out = json.loads((tmp_path / name / "config.json").read_text())
+        rows = lf.load_folder(tmp_path / name)["model.embed_tokens.weight"].shape[0]
+        assert rows == len(vocab_of(tmp_path / name)[0]) == 37 and "vocab_size" not in out, (name, rows, out)
+        assert out["text_config"] == {"vocab_size": rows, "num_hidden_layers": layers}, name
+
+
 # ---- bad input -------------------------------------------------------------------------------
 def _bad(tmp_path, capsys, cfg, *words):
     path = tmp_path / "bad.yml"

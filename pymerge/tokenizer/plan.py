@@ -25,6 +25,19 @@ def _vocab_size(model_cfg: dict):
     return None
 
 
+def vocab_size_override(model_cfg, overrides: dict, size: int) -> None:
+    """Sets config.json's vocab_size to size in overrides, where the donor's config keeps it (as mergekit's
+    vocab_size_config_key): a multimodal model's text_config.vocab_size, else the top level. A new
+    top-level key beside a stale text_config one made transformers refuse the output."""
+    model_cfg = model_cfg if isinstance(model_cfg, dict) else {}
+    text = overrides.get("text_config", model_cfg.get("text_config"))  # slices may have rewritten it already
+    nested = isinstance(text, dict) and "vocab_size" in text
+    if nested:
+        overrides["text_config"] = {**text, "vocab_size": size}
+    if "vocab_size" in model_cfg or not nested:
+        overrides["vocab_size"] = size
+
+
 def _embedding_rows(label: str, ck) -> int:
     for name in ck.names():
         if is_vocab_tensor(name) and ck.info(name).shape:
