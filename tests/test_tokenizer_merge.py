@@ -348,6 +348,43 @@ def test_vocab_size_is_written_where_the_config_keeps_it(models, tmp_path, capsy
         assert out["text_config"] == {"vocab_size": rows, "num_hidden_layers": layers}, name
 
 
+@pytest.mark.parametrize("layout", ["list", "files"])
+def test_named_chat_templates_are_kept(models, tmp_path, capsys, layout):
+    """The source's named templates (tool_use, rag, ...: a list in tokenizer_config.json, as transformers 4
+    saved them, or additional_chat_templates/NAME.jinja, as transformers 5 does) are written as
+    save_pretrained lays them out, as mergekit keeps them. Only the default one was written, so
+    apply_chat_template(tools=...) silently rendered it. A `chat_template:` replaces them all, as in mergekit."""
+    _, m = models
+    a = tmp_path / "a"
+    a.mkdir()
+    for p in Path(m["a"]).iterdir():
+        (a / p.name).write_bytes(p.read_bytes())
+    named = {"default": "{% for m in messages %}D {{ m['content'] }}{% endfor %}",
+             "tool_use": "{% for m in messages %}T {{ m['content'] }}{% endfor %}"}
+    config = json.loads((a / "tokenizer_config.json").read_text())
+    if layout == "list":
+        config["chat_template"] = [{"name": k, "template": v} for k, v in named.items()]
+    else:
+        (a / "chat_template.jinja").write_text(named["default"])
+        (a / "additional_chat_templates").mkdir()
+        (a / "additional_chat_templates" / "tool_use.jinja").write_text(named["tool_use"])
+    (a / "tokenizer_config.json").write_text(json.dumps(config))
+    for name, more, want in (("kept", {}, named), ("replaced", {"chat_template": "chatml"}, None)):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(_union(str(a), m["b"], **more), sort_keys=False))
+        out = tmp_path / name
+        rc, err = run_cli(["merge", path, out, "--quiet"], capsys)
+        assert rc == 0, err
+        assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+        extra = sorted(p.name for p in (out / "additional_chat_templates").glob("*"))
+        assert extra == (["tool_use.jinja"] if want else []), extra
+        if want:
+            assert (out / "chat_template.jinja").read_text() == named["default"]
+            assert (out / "additional_chat_templates" / "tool_use.jinja").read_text() == named["tool_use"]
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "kept").chat_template == named
+
+
 # ---- bad input -------------------------------------------------------------------------------
 def _bad(tmp_path, capsys, cfg, *words):
     path = tmp_path / "bad.yml"

@@ -17,6 +17,7 @@ from pymerge.lora import split_ref
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_DIR = "additional_chat_templates"  # named templates besides the default, NAME.jinja
 MAX_TOKENIZER_BYTES = 100_000_000
 _ADDED_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
@@ -35,18 +36,40 @@ class Tokenizer:
         return self.folder / TOKENIZER_JSON
 
     def template(self) -> Optional[str]:
-        """The chat template this tokenizer carries (chat_template.jinja wins, as in transformers)."""
-        f = self.folder / TEMPLATE_FILE
-        if os.path.lexists(f):
-            _inside(self.folder, f)
-            try:
-                return read_small(f).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise CheckpointError(f"{f}: is not UTF-8 text (byte {exc.start})") from None
+        """The chat template this tokenizer carries by default (what `chat_template: auto` counts)."""
+        return self.templates().get("default")
+
+    def templates(self) -> Dict[str, str]:
+        """Every chat template by name, as transformers loads them: chat_template.jinja ("default") and
+        additional_chat_templates/NAME.jinja where either exists, else tokenizer_config.json's
+        chat_template (a string is "default"; a list names each, as transformers 4 saved several)."""
+        out = {}
+        if os.path.lexists(self.folder / TEMPLATE_FILE):
+            out["default"] = _read_text(self.folder, self.folder / TEMPLATE_FILE)
+        for f in sorted((self.folder / TEMPLATE_DIR).glob("*.jinja")):
+            if f.name != ".jinja" and f.is_file():
+                out[f.name[:-len(".jinja")]] = _read_text(self.folder, f)
+        if out:
+            return out
         t = self.config.get("chat_template")
-        if isinstance(t, list):  # named templates: transformers' "default" one
-            t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
-        return t if isinstance(t, str) else None
+        if isinstance(t, str):
+            return {"default": t}
+        for e in t if isinstance(t, list) else ():
+            name = e.get("name") if isinstance(e, dict) else None
+            if isinstance(name, str) and isinstance(e.get("template"), str):
+                if name in ("", ".", "..") or "/" in name or "\\" in name:  # written as NAME.jinja
+                    raise CheckpointError(f"{self.folder / TOKENIZER_CONFIG}: chat template name {name!r} is not "
+                                          f"a file name")
+                out[name] = e["template"]
+        return out
+
+
+def _read_text(folder: Path, f: Path) -> str:
+    _inside(folder, f)
+    try:
+        return read_small(f).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{f}: is not UTF-8 text (byte {exc.start})") from None
 
 
 def model_folder(ref) -> Path:

@@ -1,14 +1,15 @@
 """The tokenizer files of a merge whose tokenizer pymerge changes: a merged vocabulary
 (`tokenizer_source` / `tokenizer:`) or a new chat template. What mergekit writes through
 transformers' save_pretrained: tokenizer.json, tokenizer_config.json without the template, and
-the template in chat_template.jinja; the source's special_tokens_map.json rides along."""
+the template in chat_template.jinja (named ones in additional_chat_templates/); the source's
+special_tokens_map.json rides along."""
 import json
 import os
 from pathlib import Path
-from typing import Set
+from typing import Dict, Set
 
 from pymerge.io.files import stays_inside
-from pymerge.tokenizer.files import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, read_json
+from pymerge.tokenizer.files import TEMPLATE_DIR, TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, read_json
 
 SPECIAL_MAP = "special_tokens_map.json"
 _FLAGS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
@@ -21,7 +22,9 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Set[str]
         src: Tokenizer = vocab.tokenizer
         # compact: json's indenting encoder is pure Python, seconds for a 150k-token vocabulary
         writer.write_text(TOKENIZER_JSON, json.dumps(vocab.doc, ensure_ascii=False))
-        _write_config(writer, src.config, template or src.template(), vocab.doc["added_tokens"])
+        # the source's templates, named ones too (mergekit saves them all); a `chat_template:` replaces them all
+        templates = {"default": template} if template is not None else src.templates()
+        _write_config(writer, src.config, templates, vocab.doc["added_tokens"])
         special = src.folder / SPECIAL_MAP
         if os.path.lexists(special) and stays_inside(src.folder, special):
             writer.copy_file(special, SPECIAL_MAP)
@@ -39,16 +42,16 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Set[str]
     config = {}
     if os.path.lexists(cpath) and stays_inside(donor, cpath):
         config = read_json(cpath)
-    _write_config(writer, config if isinstance(config, dict) else {}, template, None)
+    _write_config(writer, config if isinstance(config, dict) else {}, {"default": template}, None)
     return {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}
 
 
-def _write_config(writer, config: dict, template, added) -> None:
+def _write_config(writer, config: dict, templates: Dict[str, str], added) -> None:
     config = dict(config)
-    if template is not None or isinstance(config.get("chat_template"), str):
-        config.pop("chat_template", None)  # transformers saves it as chat_template.jinja
+    if templates or isinstance(config.get("chat_template"), str):
+        config.pop("chat_template", None)  # transformers saves them as .jinja files
     if added is not None and "added_tokens_decoder" in config:  # transformers 4's copy of added_tokens
         config["added_tokens_decoder"] = {str(e["id"]): {k: e.get(k, False) for k in _FLAGS} for e in added}
     writer.write_json(TOKENIZER_CONFIG, config)
-    if template is not None:
-        writer.write_text(TEMPLATE_FILE, template)
+    for name, text in templates.items():  # as transformers' save_pretrained lays them out
+        writer.write_text(TEMPLATE_FILE if name == "default" else f"{TEMPLATE_DIR}/{name}.jinja", text)
