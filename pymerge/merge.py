@@ -220,7 +220,15 @@ def _inputs_of(plan: "MergePlan"):
     for fname in _remote_code_of(folder, _read_model_config(plan.donor), (folder / "tokenizer_config.json").is_file()):
         yield "model file", folder / fname
     if plan.vocabulary is not None:  # `tokenizer_source: <model>` may name a folder outside the models
-        yield "tokenizer folder", Path(plan.vocabulary.tokenizer.folder)
+        folder = Path(plan.vocabulary.tokenizer.folder)
+        yield "tokenizer folder", folder
+        # its files too: a hub snapshot's link into blobs/, resolved, is what the merge reads
+        from pymerge.tokenizer.files import TEMPLATE_DIR
+        for f in [folder / n for n in TOKENIZER_FILES] + sorted((folder / TEMPLATE_DIR).glob("*.jinja")):
+            if os.path.lexists(f):
+                yield "tokenizer file", f
+                if os.path.islink(f):  # and the folder it links into (blobs/), as the model folder is
+                    yield "folder of the tokenizer file", Path(os.path.realpath(f)).parent
     if plan.config.source != "<config>" and Path(plan.config.source).exists():
         yield "config file", Path(plan.config.source)
 

@@ -469,6 +469,31 @@ def test_out_may_not_be_the_tokenizer_source(models, tmp_path, capsys):
         assert run_cli(["merge", path, tmp_path / f"out{i}", "--quiet"], capsys)[0] == 0
 
 
+def test_out_may_not_be_the_hub_blobs_of_the_tokenizer_source(models, tmp_path, capsys, monkeypatch):
+    """A hub ID as `tokenizer_source`: its snapshot's files link into ../../blobs, which the merge reads.
+    OUT = that blobs folder with --force was accepted and replaced it, breaking the cached model."""
+    _, m = models
+    tok = write_model(tmp_path / "tok", SPECIAL + W[:15], perturb_seed=4)
+    repo = tmp_path / "hub" / "models--org--tok"
+    snap, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    for f in tok.iterdir():  # as huggingface_hub lays a download out
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", f.name))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump({**_union(m["a"], m["b"]), "tokenizer_source": "org/tok"}, sort_keys=False))
+    before = sorted((p.name, p.read_bytes()) for p in blobs.iterdir())
+    for out, words in ((blobs, "is or holds the tokenizer file"), (blobs / "sub", "lies inside the folder of the "
+                                                                                "tokenizer file")):
+        rc, err = run_cli(["merge", path, out, "--quiet", "--force"], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err, (rc, err)
+    assert sorted((p.name, p.read_bytes()) for p in blobs.iterdir()) == before
+
+
 def test_bad_chat_template(models, tmp_path, capsys):
     _, m = models
     _bad(tmp_path, capsys, _union(m["a"], m["b"], chat_template="chatmlx"), "chat_template", "chatmlx")
