@@ -494,6 +494,21 @@ def test_out_may_not_be_the_hub_blobs_of_the_tokenizer_source(models, tmp_path, 
     assert sorted((p.name, p.read_bytes()) for p in blobs.iterdir()) == before
 
 
+def test_a_lone_surrogate_is_one_line_before_any_output(models, tmp_path, capsys):
+    """A lone surrogate escape ("\\ud800": JSON that Python reads, not Unicode) in a tokenizer.json token
+    (the tokenizers library refuses such a file) or in a chat template (written as UTF-8 .jinja): a
+    UnicodeEncodeError traceback while writing the output."""
+    _, m = models
+    b = write_model(tmp_path / "b", SPECIAL + W[:10] + X, perturb_seed=1)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["\ud800z"] = tok["model"]["vocab"].pop("x0")
+    (b / "tokenizer.json").write_text(json.dumps(tok))  # ensure_ascii: the file holds "\ud800z"
+    _bad(tmp_path, capsys, _union(m["a"], str(b)), "b/tokenizer.json", "lone surrogate '\\ud800'")
+    c = write_model(tmp_path / "c", SPECIAL + W + ["<pad>"], perturb_seed=2, template="{% for m in messages %}\ud800{% endfor %}")
+    for more in ({"chat_template": "auto", "tokenizer_source": None}, {"tokenizer_source": "base"}):
+        _bad(tmp_path, capsys, {**_union(str(c), m["a"]), **more}, "c/tokenizer_config.json", "lone surrogate")
+
+
 def test_bad_chat_template(models, tmp_path, capsys):
     _, m = models
     _bad(tmp_path, capsys, _union(m["a"], m["b"], chat_template="chatmlx"), "chat_template", "chatmlx")

@@ -5,6 +5,7 @@ its vocabulary is the model's (a mapping for BPE, WordLevel and WordPiece, a lis
 Unigram) plus `added_tokens`, each with its own id. No transformers, no tokenizers library: the
 output tokenizer is this file with added tokens appended, as tokenizers' add_tokens would.
 """
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class Tokenizer:
             return out
         t = self.config.get("chat_template")
         if isinstance(t, str):
-            return {"default": t}
+            out["default"] = t
         for e in t if isinstance(t, list) else ():
             name = e.get("name") if isinstance(e, dict) else None
             if isinstance(name, str) and isinstance(e.get("template"), str):
@@ -61,7 +62,21 @@ class Tokenizer:
                     raise CheckpointError(f"{self.folder / TOKENIZER_CONFIG}: chat template name {name!r} is not "
                                           f"a file name")
                 out[name] = e["template"]
+        for t in out.values():  # written to a .jinja file, UTF-8
+            _check_unicode(self.folder / TOKENIZER_CONFIG, t, "a chat template is written as UTF-8 text")
         return out
+
+
+def _check_unicode(path: Path, doc, why: str) -> None:
+    """A lone surrogate escape ("\\ud800") is JSON that Python reads, but no Unicode text: the tokenizers
+    library refuses such a tokenizer.json, and writing it (or a template holding one) out failed."""
+    text = json.dumps(doc, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        near = text[max(0, exc.start - 30):exc.end + 30]
+        raise CheckpointError(f"{path}: holds a lone surrogate {ascii(text[exc.start])} (in {ascii(near)}), which is "
+                              f"not Unicode text; {why}") from None
 
 
 def _read_text(folder: Path, f: Path) -> str:
@@ -86,6 +101,7 @@ def read_tokenizer(ref) -> Tokenizer:
                               f"(a fast tokenizer)")
     _inside(folder, path)
     doc = read_json(path)
+    _check_unicode(path, doc, "the tokenizers library cannot load it either")
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
         raise CheckpointError(f"{path}: is not a tokenizer.json (no 'model' mapping)")
     vocab = _model_vocab(doc["model"], path)
