@@ -509,6 +509,22 @@ def test_a_lone_surrogate_is_one_line_before_any_output(models, tmp_path, capsys
         _bad(tmp_path, capsys, {**_union(str(c), m["a"]), **more}, "c/tokenizer_config.json", "lone surrogate")
 
 
+def test_shared_or_missing_ids_name_the_file_and_the_token(models, tmp_path, capsys):
+    """The output's source tokenizer must number its tokens 0 .. n-1, each once. The error named no file
+    and no token, and said "0 .. 6" where the ids ran 0 .. 5."""
+    _, m = models
+    a = write_model(tmp_path / "a", SPECIAL + W + ["<pad>"])
+    tok = json.loads((a / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["w3b"] = tok["model"]["vocab"]["w3"]
+    (a / "tokenizer.json").write_text(json.dumps(tok))
+    _bad(tmp_path, capsys, {**_union(str(a), m["d"]), "tokenizer_source": "base"}, "a/tokenizer.json",
+         "tokens 'w3' and 'w3b' share id 6")
+    del tok["model"]["vocab"]["w3b"], tok["model"]["vocab"]["w3"]
+    (a / "tokenizer.json").write_text(json.dumps(tok))
+    _bad(tmp_path, capsys, {**_union(str(a), m["d"]), "tokenizer_source": "base"}, "a/tokenizer.json",
+         "no token has id 6 (23 tokens, ids up to 23)")
+
+
 def test_bad_chat_template(models, tmp_path, capsys):
     _, m = models
     _bad(tmp_path, capsys, _union(m["a"], m["b"], chat_template="chatmlx"), "chat_template", "chatmlx")

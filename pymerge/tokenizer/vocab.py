@@ -139,7 +139,8 @@ class _Added:
     takes the next id after the model's tokens and the added ones."""
 
     def __init__(self, doc: dict, tok: Tokenizer):
-        self.doc, self.vocab = doc, dict(tok.vocab)
+        _check_ids(tok)
+        self.doc, self.vocab, self.path = doc, dict(tok.vocab), tok.path
         self.by_id = {e["id"]: e for e in doc["added_tokens"]}
         self.keys = {_key(e) for e in self.by_id.values()}
         self.next_id = max([tok.model_size] + [e["id"] + 1 for e in doc["added_tokens"]])
@@ -162,11 +163,25 @@ class _Added:
 
     def finish(self) -> Dict[str, int]:
         self.doc["added_tokens"] = [self.by_id[i] for i in sorted(self.by_id)]
-        ids = sorted(set(self.vocab.values()))
-        if ids != list(range(len(ids))) or len(ids) != len(self.vocab):
-            raise CheckpointError(f"the output vocabulary's ids are not 0 .. {len(self.vocab) - 1}, each once "
-                                  f"(two tokens share an id, or ids have gaps); cannot build embedding rows for it")
+        if sorted(self.vocab.values()) != list(range(len(self.vocab))):  # a new token's id took a model token's
+            raise CheckpointError(f"{self.path}: adding tokens to it gives two tokens one id (its added_tokens "
+                                  f"lie among its vocabulary's ids); cannot build embedding rows for it")
         return self.vocab
+
+
+def _check_ids(tok: Tokenizer) -> None:
+    """The output's source must number its tokens 0 .. n-1, each once: output row i is token i's (new tokens
+    then take n, n+1, ...). tokenizers loads a shared id or a gap, but which token owns a row is then a guess."""
+    owner: Dict[int, str] = {}
+    for t, i in tok.vocab.items():
+        if i in owner:
+            raise CheckpointError(f"{tok.path}: tokens {owner[i]!r} and {t!r} share id {i}; the output vocabulary "
+                                  f"needs one token per id to build its embedding rows")
+        owner[i] = t
+    gap = next((i for i in range(len(owner)) if i not in owner), None)
+    if gap is not None:
+        raise CheckpointError(f"{tok.path}: no token has id {gap} ({len(owner)} tokens, ids up to {max(owner)}); "
+                              f"the output vocabulary needs ids 0 .. n-1, each once, to build its embedding rows")
 
 
 def _key(e: dict) -> tuple:
