@@ -385,6 +385,32 @@ def test_named_chat_templates_are_kept(models, tmp_path, capsys, layout):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "kept").chat_template == named
 
 
+@pytest.mark.parametrize("layout", ["map", "unigram"])
+def test_a_model_without_type_is_read_as_tokenizers_infers_it(models, tmp_path, capsys, layout):
+    """An older tokenizer.json whose model has no "type": the tokenizers library (so transformers and mergekit)
+    infers it (a listed vocab is Unigram; a mapping BPE, WordPiece or WordLevel, which all map tokens to
+    ids). It was refused. The merge equals the one with the type given."""
+    _, m = models
+    outs = []
+    for typed in (True, False):
+        b = write_model(tmp_path / f"b{typed}", SPECIAL + W[:10] + X, perturb_seed=1)
+        tok = json.loads((b / "tokenizer.json").read_text())
+        if layout == "unigram":
+            pieces = sorted(tok["model"]["vocab"], key=tok["model"]["vocab"].get)
+            tok["model"] = {"type": "Unigram", "unk_id": 0, "vocab": [[p, -float(i)] for i, p in enumerate(pieces)]}
+        if not typed:
+            del tok["model"]["type"]
+        (b / "tokenizer.json").write_text(json.dumps(tok))
+        path = tmp_path / f"{typed}.yml"
+        path.write_text(yaml.safe_dump(_union(m["a"], str(b)), sort_keys=False))
+        rc, err = run_cli(["merge", path, tmp_path / f"out{typed}", "--quiet"], capsys)
+        assert rc == 0, err
+        outs.append(lf.load_folder(tmp_path / f"out{typed}"))
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    tokenizers = pytest.importorskip("tokenizers")
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "outFalse" / "tokenizer.json")).get_vocab_size() == 36
+
+
 # ---- bad input -------------------------------------------------------------------------------
 def _bad(tmp_path, capsys, cfg, *words):
     path = tmp_path / "bad.yml"

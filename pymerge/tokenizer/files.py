@@ -133,6 +133,9 @@ def read_tokenizer(ref) -> Tokenizer:
 
 def _model_vocab(model: dict, path: Path) -> Dict[str, int]:
     kind, raw = model.get("type"), model.get("vocab")
+    if "type" not in model:  # an older file: tokenizers infers the type from the fields; of its four models
+        # only Unigram lists its vocab, and BPE, WordPiece and WordLevel all map tokens to ids, read alike here
+        kind = "Unigram" if isinstance(raw, list) else "WordLevel" if isinstance(raw, dict) else None
     if kind == "Unigram" and isinstance(raw, list):
         if not all(isinstance(e, list) and e and isinstance(e[0], str) for e in raw):
             raise CheckpointError(f"{path}: model.vocab of a Unigram model must list [piece, score] pairs")
