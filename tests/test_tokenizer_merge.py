@@ -530,7 +530,8 @@ def test_a_lone_surrogate_is_one_line_before_any_output(models, tmp_path, capsys
     tok["model"]["vocab"]["\ud800z"] = tok["model"]["vocab"].pop("x0")
     (b / "tokenizer.json").write_text(json.dumps(tok))  # ensure_ascii: the file holds "\ud800z"
     _bad(tmp_path, capsys, _union(m["a"], str(b)), "b/tokenizer.json", "lone surrogate '\\ud800'")
-    c = write_model(tmp_path / "c", SPECIAL + W + ["<pad>"], perturb_seed=2, template="{% for m in messages %}\ud800{% endfor %}")
+    c = write_model(tmp_path / "c", SPECIAL + W + ["<pad>"], perturb_seed=2,
+                    template="{% for m in messages %}\ud800{% endfor %}")
     for more in ({"chat_template": "auto", "tokenizer_source": None}, {"tokenizer_source": "base"}):
         _bad(tmp_path, capsys, {**_union(str(c), m["a"]), **more}, "c/tokenizer_config.json", "lone surrogate")
 
