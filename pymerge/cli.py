@@ -108,9 +108,11 @@ def _say(line: str) -> None:
     """A line on stderr, or none where it cannot be written (its reader went away: `2>&1 | head`): the exit
     status still tells the outcome, which a BrokenPipeError raised here turned into a failure after the
     merge had installed OUT."""
+    if sys.stderr is None:  # 2>&-: print(file=None) would write to stdout
+        return
     try:
         print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError, AttributeError):  # AttributeError: no stderr at all (2>&-)
+    except (OSError, ValueError):
         pass
 
 

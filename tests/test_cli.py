@@ -264,8 +264,10 @@ def test_a_merge_whose_stderr_cannot_be_written_still_merges(fam, tmp_path, stde
     cfg = write_cfg(tmp_path / "ok.yml", linear(fts))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pymerge", "merge", str(cfg), str(out), "--chunk-size", "1MiB"]
-    if stderr == "closed":
-        p = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", *cmd], cwd=ROOT, timeout=300)
+    if stderr == "closed":  # and its lines do not go to stdout instead (print(file=None) writes there)
+        p = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", *cmd], cwd=ROOT, timeout=300,
+                           stdout=subprocess.PIPE)
+        assert p.stdout == b""
     elif stderr == "full":
         with open("/dev/full", "w") as full:
             p = subprocess.run(cmd, cwd=ROOT, stderr=full, timeout=300)

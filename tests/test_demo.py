@@ -350,9 +350,12 @@ def test_one_demo_at_a_time_in_a_folder(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
-def test_a_demo_killed_while_installing_its_merge_keeps_the_previous_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", [True, False])
+def test_a_demo_killed_while_installing_its_merge_keeps_the_previous_one(tmp_path, monkeypatch, swap):
     """The previous merged/ was deleted before the new one was renamed in: a kill in between left no merged
-    model, and the killed run's merged.tmp* folder stayed for good (a bug hunt)."""
+    model, and the killed run's temporary folder stayed for good (a bug hunt). Swapped in one step where the
+    system can (renameat2), else moved aside and put back if the rename is interrupted."""
+    from pymerge.io import writer
     from pymerge.pool import CheckpointPool
     config = run.default_config()
     models = [TinyLlama(config) for _ in range(2)]
@@ -360,16 +363,21 @@ def test_a_demo_killed_while_installing_its_merge_keeps_the_previous_one(tmp_pat
     folder = str(tmp_path / "merged")
     run._write_merge(pool, config, np.array([1.0, 0.0]), folder)
     first = load_folder(folder)
-    (tmp_path / "merged.tmpkilled").mkdir()  # a killed run's
+    (tmp_path / ".merged.pymerge-demo-tmp-killed").mkdir()  # a killed run's
+    (tmp_path / "merged.tmp-mine").mkdir()  # the user's own: kept
+    if not swap:
+        monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
     monkeypatch.setattr(run.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:  # a kill at the rename: swapped in one step (renameat2), the rename is never reached
+    try:  # a kill at the rename (never reached after a swap)
         run._write_merge(pool, config, np.array([0.0, 1.0]), folder)
+        assert swap
         want = models[1].state_dict()
-    except KeyboardInterrupt:  # a system without the swap: the previous model must still be there
+    except KeyboardInterrupt:
+        assert not swap or writer._RENAMEAT2 is None
         want = first
     got = load_folder(folder)
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.tmp-mine"]
 
 
 def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):

@@ -1017,6 +1017,29 @@ def test_a_finished_search_in_a_folder_without_write_access_is_read_back(tmp_pat
     assert not os.path.exists(done + ".lock")
 
 
+def test_another_users_lock_file_still_locks(tmp_path, monkeypatch):
+    """STATE.lock made by another user (mode 0644) cannot be opened for writing: the search then ran without
+    a lock while the other user's held it (a review). flock needs no write access: it is opened read-only."""
+    from pymerge.io import files
+    path = str(tmp_path / "s.json.lock")
+    held = files.hold_lock(path, "busy")
+    real = files.os.open
+
+    def not_mine(p, flags, *a):
+        if str(p) == path and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p, flags, *a)
+    monkeypatch.setattr(files.os, "open", not_mine)
+    try:
+        with pytest.raises(InputError, match="busy"):
+            files.hold_lock(path, "busy", optional=True)
+    finally:
+        files.release_lock(held)
+    mine = files.hold_lock(path, "busy", optional=True)  # free again: locked through the read-only descriptor
+    assert mine is not None
+    files.release_lock(mine)
+
+
 def test_a_state_whose_candidates_score_other_tasks_is_refused_before_anything_is_written(tmp_path, capsys):
     """A state without a digest (as before digests) was never checked for every candidate scoring the same
     tasks: with a task deleted from one, the search resumed and the report's plot failed with a KeyError

@@ -348,6 +348,34 @@ def test_vocab_size_is_written_where_the_config_keeps_it(models, tmp_path, capsy
         assert out["text_config"] == {"vocab_size": rows, "num_hidden_layers": layers}, name
 
 
+def test_vocab_size_goes_to_text_config_where_the_donor_left_it_to_its_default():
+    """Gemma3 and Llama4 configs leave text_config.vocab_size to its default: a top-level key alone was
+    ignored by transformers (the output kept the old size), while mergekit sets text_config's (a review)."""
+    from pymerge.tokenizer.plan import vocab_size_override
+    for cfg, want in (({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}},
+                       ({"model_type": "gemma3_text", "vocab_size": 37}, None)),
+                      ({"vocab_size": 9, "text_config": {}}, ({"vocab_size": 37}, 37)),
+                      ({"model_type": "llama", "vocab_size": 9}, (None, 37))):
+        overrides = {}
+        vocab_size_override(cfg, overrides, 37)
+        assert (overrides.get("text_config"), overrides.get("vocab_size")) == want, cfg
+
+
+def test_chat_template_auto_reads_only_the_default_template(models, tmp_path, capsys):
+    """`chat_template: auto` counts and writes each model's default template only; a named one whose name or
+    text could not be written out (another model's, never used) failed the merge (a review)."""
+    _, m = models
+    c = write_model(tmp_path / "c", SPECIAL + W + ["<pad>"], perturb_seed=2)
+    config = json.loads((c / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": "{{ messages[0]['content'] }}"},
+                               {"name": "a/b", "template": "\ud800"}]
+    (c / "tokenizer_config.json").write_text(json.dumps(config))
+    path = tmp_path / "auto.yml"
+    path.write_text(yaml.safe_dump({**_union(str(c), m["a"]), "chat_template": "auto", "tokenizer_source": None}))
+    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+
+
 @pytest.mark.parametrize("layout", ["list", "files"])
 def test_named_chat_templates_are_kept(models, tmp_path, capsys, layout):
     """The source's named templates (tool_use, rag, ...: a list in tokenizer_config.json, as transformers 4

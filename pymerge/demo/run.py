@@ -326,23 +326,30 @@ def _write_merge(pool, config, weights, folder: str) -> None:
     from pymerge.io.writer import _exchange
     merged = TinyLlama(config)
     pool.materialize(weights, into=merged, groups="layer" if np.ndim(weights) == 2 else None)
-    parent, prefix = os.path.dirname(folder) or ".", os.path.basename(folder) + ".tmp"
+    parent = os.path.dirname(folder) or "."
+    prefix = f".{os.path.basename(folder)}.pymerge-demo-tmp-"  # a name no user picks: swept below
     for stale in os.listdir(parent):  # a killed demo's (one demo per folder at a time: claim_out's lock)
         if stale.startswith(prefix) and os.path.isdir(os.path.join(parent, stale)):
             shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)  # a new name
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the merged folder
+    old = tmp + "-old"
     try:
         save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
                                                                  "checkpoints": pool.labels}})
         # the demo's own folder (claim_out checked it), swapped for the new one in one step where the system
-        # can: deleted first, a kill before the rename left no merged model at all
+        # can; else moved aside first. Deleted first, a kill before the rename left no merged model at all.
         if not (os.path.isdir(folder) and not os.path.islink(folder) and _exchange(Path(tmp), Path(folder))):
             if os.path.isdir(folder) and not os.path.islink(folder):
-                shutil.rmtree(folder)
+                os.rename(folder, old)
             os.replace(tmp, folder)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.lexists(folder):  # interrupted between the two renames
+            os.rename(old, folder)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old model
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _summary(rows, names, best_single, sizes) -> Dict:

@@ -126,9 +126,16 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
     try:
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        if optional and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return None
-        raise error(f"{path}: cannot open it to lock it: {exc.strerror or exc}") from None
+        fd = None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not os.path.isdir(path):
+            try:  # another user's lock file, or a read-only folder: flock needs no write access
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                pass
+        if fd is None:
+            if optional and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return None
+            raise error(f"{path}: cannot open it to lock it: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

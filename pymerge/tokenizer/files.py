@@ -37,13 +37,18 @@ class Tokenizer:
         return self.folder / TOKENIZER_JSON
 
     def template(self) -> Optional[str]:
-        """The chat template this tokenizer carries by default (what `chat_template: auto` counts)."""
-        return self.templates().get("default")
+        """The chat template this tokenizer carries by default (what `chat_template: auto` counts and writes:
+        the others are neither read nor checked, as mergekit's auto ignores them)."""
+        t = self.templates(check=False).get("default")
+        if t is not None:
+            _check_unicode(self.folder / TOKENIZER_CONFIG, t, "a chat template is written as UTF-8 text")
+        return t
 
-    def templates(self) -> Dict[str, str]:
+    def templates(self, check: bool = True) -> Dict[str, str]:
         """Every chat template by name, as transformers loads them: chat_template.jinja ("default") and
         additional_chat_templates/NAME.jinja where either exists, else tokenizer_config.json's
-        chat_template (a string is "default"; a list names each, as transformers 4 saved several)."""
+        chat_template (a string is "default"; a list names each, as transformers 4 saved several).
+        check: refuse (one line) what cannot be written out as NAME.jinja in UTF-8."""
         out = {}
         if os.path.lexists(self.folder / TEMPLATE_FILE):
             out["default"] = _read_text(self.folder, self.folder / TEMPLATE_FILE)
@@ -58,11 +63,11 @@ class Tokenizer:
         for e in t if isinstance(t, list) else ():
             name = e.get("name") if isinstance(e, dict) else None
             if isinstance(name, str) and isinstance(e.get("template"), str):
-                if name in ("", ".", "..") or "/" in name or "\\" in name:  # written as NAME.jinja
+                if check and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):  # written as NAME.jinja
                     raise CheckpointError(f"{self.folder / TOKENIZER_CONFIG}: chat template name {name!r} is not "
                                           f"a file name")
                 out[name] = e["template"]
-        for t in out.values():  # written to a .jinja file, UTF-8
+        for t in out.values() if check else ():  # written to a .jinja file, UTF-8
             _check_unicode(self.folder / TOKENIZER_CONFIG, t, "a chat template is written as UTF-8 text")
         return out
 

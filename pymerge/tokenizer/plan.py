@@ -29,12 +29,13 @@ def _vocab_size(model_cfg: dict):
 
 
 def vocab_size_override(model_cfg, overrides: dict, size: int) -> None:
-    """Sets config.json's vocab_size to size in overrides, where the donor's config keeps it (as mergekit's
-    vocab_size_config_key): a multimodal model's text_config.vocab_size, else the top level. A new
-    top-level key beside a stale text_config one made transformers refuse the output."""
+    """Sets config.json's vocab_size to size in overrides, where transformers reads it (as mergekit's
+    vocab_size_config_key): a multimodal model's text_config.vocab_size, whether the donor wrote that key
+    or left it to its default (Gemma3), and the top level where the donor has one. A new top-level key
+    beside a stale (or default) text_config one made transformers refuse the output."""
     model_cfg = model_cfg if isinstance(model_cfg, dict) else {}
     text = overrides.get("text_config", model_cfg.get("text_config"))  # slices may have rewritten it already
-    nested = isinstance(text, dict) and "vocab_size" in text
+    nested = isinstance(text, dict)
     if nested:
         overrides["text_config"] = {**text, "vocab_size": size}
     if "vocab_size" in model_cfg or not nested:
