@@ -297,19 +297,22 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
                                           rows, cols, thr.data_ptr(), words.data_ptr(),
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
         return words, tuple(exact_sum.totals(torch.tensor(parts, device="cpu")))
-    keep = della_keep_torch(x, base, sp, model, name, seed, offset)
-    parts = sum(l1_parts(xs.float() - bs.float(), keep[start:start + xs.numel()])  # exact parts add up
-                for start, xs, bs in _della_slices(x, base))
+    keep, parts = della_keep_torch(x, base, sp, model, name, seed, offset, norms=True)
     return pack_bits(keep), tuple(exact_sum.totals(parts))
 
 
-def della_keep_torch(x, base, sp: Sparsifier, model, name, seed, offset=0) -> torch.Tensor:
-    """Flat boolean DELLA mask with torch ops (any device, any rank)."""
+def della_keep_torch(x, base, sp: Sparsifier, model, name, seed, offset=0, norms: bool = False):
+    """Flat boolean DELLA mask with torch ops (any device, any rank). norms: also the exact-sum parts of the
+    L1 norms of the delta and of its kept elements (l1_parts), from the same float32 delta of each piece."""
     keep = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
+    parts = 0
     for start, xs, bs in _della_slices(x, base):
-        k = _della_keep(xs, bs, sp, model, name, seed, offset + start)
+        d = xs.float() - bs.float()
+        k = _della_keep(d, sp, model, name, seed, offset + start)
         keep[start:start + k.numel()] = k
-    return keep
+        if norms:
+            parts = parts + l1_parts(d, k)  # exact parts add up
+    return (keep, parts) if norms else keep
 
 
 def _della_slices(x, base):
@@ -329,9 +332,9 @@ def _della_slices(x, base):
 _DELLA_PIECE = 1 << 20  # elements ranked at a time in a tensor of 3+ dimensions (~60 bytes each meanwhile)
 
 
-def _della_keep(x, base, sp: Sparsifier, model, name, seed, offset) -> torch.Tensor:
-    """The flat keep-mask of x (2+ dims; element 0 at global index offset), ranks of |x - base| along dim 1."""
-    d = x.float() - base.float()
+def _della_keep(d, sp: Sparsifier, model, name, seed, offset) -> torch.Tensor:
+    """The flat keep-mask of the float32 delta d (2+ dims; element 0 at global index offset), ranks of |d|
+    along dim 1."""
     keys = select.magnitude_keys(d).reshape(d.shape)
     order = torch.argsort(keys, dim=1, stable=True)
     cols = d.shape[1]
