@@ -13,6 +13,8 @@ import statistics
 import sys
 import time
 
+from pymerge.errors import first_line
+
 
 def _time(fns: dict, rounds: int, cuda: bool) -> dict:
     import torch
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # the inputs did not fit (--elements 1e9: 16 x 2 GB)
         if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in str(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         print(f"pymerge bench: error: --elements {args.elements} does not fit in memory ({first[:200]}); "
               "use fewer", file=sys.stderr)
         return 2

@@ -12,16 +12,14 @@ import platform
 import sys
 from typing import List, Tuple
 
+from pymerge.errors import first_line
+
 Row = Tuple[str, bool, str]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _cpu_row(native) -> Row:
     if native.cpu is None:
-        return "cpu extension", False, f"did not load: {_first_line(native.CPU_IMPORT_ERROR)} (ops use eager torch)"
+        return "cpu extension", False, f"did not load: {first_line(native.CPU_IMPORT_ERROR)} (ops use eager torch)"
     return "cpu extension", True, (f"C++ kernels, SIMD {native.cpu.simd_level()}, "
                                    f"up to {native.cpu.max_threads()} threads")
 
@@ -31,14 +29,14 @@ def _cuda_row(native) -> Row:
         return "cuda extension", True, f"CUDA C++ kernels (up to {native.cuda.MAX_INPUTS} inputs per launch)"
     if native._not_built(native.CUDA_IMPORT_ERROR):
         return "cuda extension", False, "not built (nvcc was not found, or PYMERGE_NO_CUDA=1, at install time)"
-    return "cuda extension", False, f"did not load: {_first_line(native.CUDA_IMPORT_ERROR)}"
+    return "cuda extension", False, f"did not load: {first_line(native.CUDA_IMPORT_ERROR)}"
 
 
 def _triton_row() -> Row:
     try:
         import triton
     except Exception as exc:  # noqa: BLE001  (a broken install raises more than ImportError)
-        return "triton", False, f"does not import: {_first_line(exc)}"
+        return "triton", False, f"does not import: {first_line(exc)}"
     mode = ("its CPU interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"
             else "kernels for CUDA tensors")
     return "triton", True, f"{triton.__version__}, {mode}"
@@ -48,7 +46,7 @@ def _torch_rows() -> List[Row]:
     try:
         import torch
     except Exception as exc:  # noqa: BLE001
-        return [("torch", False, f"does not import: {_first_line(exc)} (CPU merges of linear methods still run)")]
+        return [("torch", False, f"does not import: {first_line(exc)} (CPU merges of linear methods still run)")]
     built = torch.version.cuda or getattr(torch.version, "hip", None)
     rows = [("torch", True, f"{torch.__version__} ({'CUDA ' + built if built else 'CPU-only build'})")]
     if not built:

@@ -21,6 +21,12 @@ class DistributedError(RuntimeError):
 MAX_ECHO = 80  # characters of a user's value an error message repeats
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message reduced to its first line (its type's name where it has none): what one-line
+    reports (another rank's error, doctor's rows) repeat."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def short(value, limit: int = MAX_ECHO) -> str:
     """repr(value), cut to ``limit`` characters: an error echoes what was wrong, never a whole
     hostile input (a 250 MB expanded YAML alias, a 400-digit number, a binary file's bytes)."""

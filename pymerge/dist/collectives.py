@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, first_line
 from pymerge.ops import exact_sum
 from pymerge.ops.select import ALL_ASC, ALL_DESC, Boundary
 
@@ -71,7 +71,7 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
         raise InputError(messages[split[0]])
     mine = None
     if error is not None:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         mine = (type(error).__name__, first)
     messages = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, mine, group=group)

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pymerge.errors import CheckpointError, InputError, MergeConfigError
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, first_line
 
 _ERRORS = {c.__name__: c for c in (InputError, CheckpointError, MergeConfigError)}
 
@@ -64,7 +64,7 @@ def _search(optimize, pool, evaluate, model, contents, log, kwargs):
             result = optimize(leader, leader.evaluate, torch.nn.Module(), log=log, **kwargs)
         except Exception as exc:
             if not crew.failed_together:  # only the leader saw it (a bad state file, budget...): tell the others
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 dist.broadcast_object_list([("error", type(exc).__name__, first)], src=0)
             raise
         dist.broadcast_object_list([("done", result)], src=0)
@@ -147,7 +147,7 @@ class _Crew:
                     self.pool.materialize(weights[c], into=self.model, **self.merge_kw)
                     mine.append((c, self.to_scores(self.evaluate(self.model), first_index + c)))
                 except Exception as exc:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    first = first_line(exc)
                     error = (type(exc).__name__, f"rank {dist.get_rank()}: {first}")
                 # The group stops together: an evaluate() failing on one rank only left the others in the
                 # next candidate's collectives while it waited in the gather below (a hang until the timeout).

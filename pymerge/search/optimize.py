@@ -29,7 +29,7 @@ import torch
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import method_params_of
-from pymerge.io.files import read_small, release_lock
+from pymerge.io.files import hold_lock, read_small, release_lock
 from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
@@ -467,7 +467,6 @@ def _lock_state(path: Optional[str]) -> Optional[int]:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as _save_state would
     except OSError:
         pass  # hold_lock names the problem
-    from pymerge.io.files import hold_lock
     # optional: a finished search's state in a read-only folder is still read back (its result); one that
     # must go on fails where it saves, naming the file
     return hold_lock(path + ".lock", f"{path}: in use by another search (it holds {path}.lock); wait for it "
