@@ -372,12 +372,43 @@ def test_a_demo_killed_while_installing_its_merge_keeps_the_previous_one(tmp_pat
         run._write_merge(pool, config, np.array([0.0, 1.0]), folder)
         assert swap
         want = models[1].state_dict()
-    except KeyboardInterrupt:
-        assert not swap or writer._RENAMEAT2 is None
+    except KeyboardInterrupt:  # no swap here: renameat2 missing, or refused by the filesystem
         want = first
     got = load_folder(folder)
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.tmp-mine"]
+
+
+def test_a_stash_left_between_the_two_renames_is_put_back(tmp_path, monkeypatch):
+    """A demo killed between moving merged/ aside and renaming the new one in left the previous model in its
+    hidden stash, which the next run's sweep deleted: interrupted too, that run left no model at all (a
+    review). The sweep puts the stash back first."""
+    from pymerge.io import writer
+    from pymerge.pool import CheckpointPool
+    config = run.default_config()
+    model = TinyLlama(config)
+    pool = CheckpointPool([model.state_dict(), TinyLlama(config).state_dict()])
+    folder = tmp_path / "merged"
+    run._write_merge(pool, config, np.array([1.0, 0.0]), str(folder))
+    first = load_folder(folder)
+    folder.rename(tmp_path / ".merged.pymerge-demo-tmp-killed-old")  # what the kill left
+    monkeypatch.setattr(run, "save_hf", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run._write_merge(pool, config, np.array([0.0, 1.0]), str(folder))
+    got = load_folder(folder)
+    assert sorted(got) == sorted(first) and all(torch.equal(got[n], first[n]) for n in first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    # a second interrupt while the stash is put back: the stash was deleted all the same
+    monkeypatch.setattr(run, "save_hf", save_hf)
+    monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(run.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real_rename = os.rename
+    monkeypatch.setattr(run.os, "rename", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt())
+                        if str(b) == str(folder) else real_rename(a, b))
+    with pytest.raises(KeyboardInterrupt):
+        run._write_merge(pool, config, np.array([0.0, 1.0]), str(folder))
+    stash = [p for p in tmp_path.iterdir() if p.name.endswith("-old")]
+    assert len(stash) == 1 and torch.equal(load_folder(stash[0])[next(iter(first))], first[next(iter(first))])
 
 
 def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_path):

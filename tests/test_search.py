@@ -1,4 +1,5 @@
 """Merge search: known optimum, resume == uninterrupted, Pareto front, reports, the CLI."""
+import errno
 import functools
 import importlib
 import json
@@ -1038,6 +1039,18 @@ def test_another_users_lock_file_still_locks(tmp_path, monkeypatch):
     mine = files.hold_lock(path, "busy", optional=True)  # free again: locked through the read-only descriptor
     assert mine is not None
     files.release_lock(mine)
+    fifo = str(tmp_path / "fifo.lock")  # another user's FIFO there: the read-only open waited for a writer
+    os.mkfifo(fifo)
+    monkeypatch.setattr(files.os, "open", lambda p, flags, *a: not_mine(path if str(p) == fifo else p, flags, *a)
+                        if flags & (os.O_RDWR | os.O_WRONLY) else real(p, flags, *a))
+    assert files.hold_lock(fifo, "busy", optional=True) is None
+    monkeypatch.setattr(files.os, "open", not_mine)
+
+    def nfs(fd, op):  # NFS grants an exclusive flock only on a descriptor open for writing
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    monkeypatch.setattr(files.fcntl, "flock", nfs)
+    with pytest.raises(InputError, match="cannot lock it without write access"):
+        files.hold_lock(path, "busy", optional=True)
 
 
 def test_a_state_whose_candidates_score_other_tasks_is_refused_before_anything_is_written(tmp_path, capsys):

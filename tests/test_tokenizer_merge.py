@@ -12,6 +12,7 @@ pad_to_multiple_of) and `chat_template`, against mergekit-yaml 0.1.5.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -370,10 +371,18 @@ def test_chat_template_auto_reads_only_the_default_template(models, tmp_path, ca
     config["chat_template"] = [{"name": "default", "template": "{{ messages[0]['content'] }}"},
                                {"name": "a/b", "template": "\ud800"}]
     (c / "tokenizer_config.json").write_text(json.dumps(config))
+    (c / "additional_chat_templates").mkdir()  # a named one as a file, not UTF-8: not read either
+    (c / "additional_chat_templates" / "rag.jinja").write_bytes(b"\xff\xfe")
     path = tmp_path / "auto.yml"
     path.write_text(yaml.safe_dump({**_union(str(c), m["a"]), "chat_template": "auto", "tokenizer_source": None}))
     rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
     assert rc == 0, err
+    shutil.rmtree(c / "additional_chat_templates")
+    config["chat_template"] = [{"name": "default", "template": "x"}, {"name": "tool\ud800", "template": "y"}]
+    (c / "tokenizer_config.json").write_text(json.dumps(config))  # written as NAME.jinja by a tokenizer merge
+    (tmp_path / "named").mkdir()
+    _bad(tmp_path / "named", capsys, {**_union(str(c), m["a"]), "tokenizer_source": "base"},
+         "c/tokenizer_config.json", "lone surrogate")
 
 
 @pytest.mark.parametrize("layout", ["list", "files"])

@@ -328,9 +328,14 @@ def _write_merge(pool, config, weights, folder: str) -> None:
     pool.materialize(weights, into=merged, groups="layer" if np.ndim(weights) == 2 else None)
     parent = os.path.dirname(folder) or "."
     prefix = f".{os.path.basename(folder)}.pymerge-demo-tmp-"  # a name no user picks: swept below
-    for stale in os.listdir(parent):  # a killed demo's (one demo per folder at a time: claim_out's lock)
-        if stale.startswith(prefix) and os.path.isdir(os.path.join(parent, stale)):
-            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    for stale in sorted(os.listdir(parent)):  # a killed demo's (one demo per folder at a time: claim_out's lock)
+        path = os.path.join(parent, stale)
+        if not (stale.startswith(prefix) and os.path.isdir(path)):
+            continue
+        if stale.endswith("-old") and not os.path.lexists(folder):  # killed between its two renames below
+            os.rename(path, folder)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)  # a new name
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the merged folder
     old = tmp + "-old"
@@ -349,7 +354,8 @@ def _write_merge(pool, config, weights, folder: str) -> None:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old model
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(folder):  # a second interrupt during the put-back above: the stash stays (swept back)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _summary(rows, names, best_single, sizes) -> Dict:

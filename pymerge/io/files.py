@@ -129,7 +129,10 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
         fd = None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not os.path.isdir(path):
             try:  # another user's lock file, or a read-only folder: flock needs no write access
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no wait
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    fd = None
             except OSError:
                 pass
         if fd is None:
@@ -142,6 +145,9 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise error(busy) from None
+        if exc.errno == errno.EBADF:  # NFS locks only a descriptor open for writing: not "no locks here"
+            raise error(f"{path}: cannot lock it without write access on this filesystem; ask its owner, or "
+                        "choose another path") from None
         return None  # ENOLCK, EOPNOTSUPP...
     _held_locks.add(fd)
     return fd

@@ -38,17 +38,23 @@ class Tokenizer:
 
     def template(self) -> Optional[str]:
         """The chat template this tokenizer carries by default (what `chat_template: auto` counts and writes:
-        the others are neither read nor checked, as mergekit's auto ignores them)."""
-        t = self.templates(check=False).get("default")
+        the named ones are neither read nor checked, as mergekit's auto ignores them)."""
+        if os.path.lexists(self.folder / TEMPLATE_FILE):
+            t = _read_text(self.folder, self.folder / TEMPLATE_FILE)
+        else:
+            t = self.config.get("chat_template")
+            if isinstance(t, list):  # named templates: transformers' "default" one
+                t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+            t = t if isinstance(t, str) else None
         if t is not None:
             _check_unicode(self.folder / TOKENIZER_CONFIG, t, "a chat template is written as UTF-8 text")
         return t
 
-    def templates(self, check: bool = True) -> Dict[str, str]:
+    def templates(self) -> Dict[str, str]:
         """Every chat template by name, as transformers loads them: chat_template.jinja ("default") and
         additional_chat_templates/NAME.jinja where either exists, else tokenizer_config.json's
         chat_template (a string is "default"; a list names each, as transformers 4 saved several).
-        check: refuse (one line) what cannot be written out as NAME.jinja in UTF-8."""
+        What cannot be written out as NAME.jinja in UTF-8 is refused in one line."""
         out = {}
         if os.path.lexists(self.folder / TEMPLATE_FILE):
             out["default"] = _read_text(self.folder, self.folder / TEMPLATE_FILE)
@@ -63,12 +69,12 @@ class Tokenizer:
         for e in t if isinstance(t, list) else ():
             name = e.get("name") if isinstance(e, dict) else None
             if isinstance(name, str) and isinstance(e.get("template"), str):
-                if check and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):  # written as NAME.jinja
+                if name in ("", ".", "..") or any(c in name for c in "/\\\0"):  # written as NAME.jinja
                     raise CheckpointError(f"{self.folder / TOKENIZER_CONFIG}: chat template name {name!r} is not "
                                           f"a file name")
                 out[name] = e["template"]
-        for t in out.values() if check else ():  # written to a .jinja file, UTF-8
-            _check_unicode(self.folder / TOKENIZER_CONFIG, t, "a chat template is written as UTF-8 text")
+        for name, t in out.items():  # written to NAME.jinja, UTF-8: the name too
+            _check_unicode(self.folder / TOKENIZER_CONFIG, [name, t], "a chat template is written as UTF-8 text")
         return out
 
 
