@@ -57,6 +57,40 @@ def test_thread_pool_rethrows_a_workers_exception_in_the_caller(threads, fail_at
         assert ext._parallel_for_check(100_000, 100, threads, -1) == 100_000
 
 
+_FORK_CHILD = r"""
+import os, sys, threading, time
+from pymerge import _native
+ext = _native.require_cpu()
+assert ext._parallel_for_check(10_000, 10, 2, -1) == 10_000  # the pool has a worker now
+busy = threading.Thread(target=ext._parallel_for_check, args=(100_000, 1, 2, -1), daemon=True)
+if sys.argv[1] == "busy":  # another thread inside a kernel at the fork: it holds the pool's locks
+    busy.start()
+    time.sleep(0.3)
+pid = os.fork()
+if pid == 0:
+    ok = ext._parallel_for_check(10_000, 10, 2, -1) == 10_000
+    sys.exit(0 if ok else 3)  # a normal exit, which runs static destructors
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        os._exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.05)
+os.kill(pid, 9)  # hung: leave no stray process behind
+os._exit(4)
+"""
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("when", ["idle", "busy"])
+def test_a_forked_child_uses_the_thread_pool_and_exits(when):
+    """Was a hang: the child's exit waited forever in the static pool's destructor, and a child forked
+    while another thread ran a kernel blocked on the pool's lock, copied held, at its first call."""
+    proc = subprocess.run([sys.executable, "-c", _FORK_CHILD, when], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 _TRUNCATE_DURING_MERGE = r"""
 import os, sys
 from pymerge.merge import run_merge

@@ -10,6 +10,12 @@
 // Exceptions (as ATen's parallel_for): the first one thrown by any chunk, on any thread, is kept;
 // no further chunks start; the caller waits until every thread has left fn (fn lives on the
 // caller's stack), then rethrows it. A worker never lets one escape (that would be std::terminate).
+//
+// fork: a child has none of the parent's workers, and a lock another thread held at the fork stays
+// held. So the pool is never destroyed (a static one's destructor waited forever at a forked child's
+// exit) and a child starts over with a fresh pool, abandoning the parent's untouched (as torch does
+// with its own pool).
+#include <pthread.h>
 #include <sched.h>
 #include <algorithm>
 #include <cstdlib>
@@ -27,15 +33,6 @@ namespace {
 
 class Pool {
  public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
   void run(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
     std::lock_guard<std::mutex> one_job(job_mu_);  // callers from several Python threads take turns
     {
@@ -76,8 +73,7 @@ class Pool {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lk(mu_);
     for (;;) {
-      wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
+      wake_.wait(lk, [&] { return generation_ != seen; });
       seen = generation_;
       if (seats_ <= 0) continue;
       --seats_;
@@ -98,8 +94,23 @@ class Pool {
   std::exception_ptr error_;
   int seats_ = 0, active_ = 0;
   uint64_t generation_ = 0;
-  bool stop_ = false;
 };
+
+std::atomic<Pool*> the_pool{nullptr};  // leaked on purpose: see the top of this file
+
+void forget_pool_in_child() { the_pool.store(nullptr); }
+
+Pool& shared_pool() {
+  static const int registered = pthread_atfork(nullptr, nullptr, forget_pool_in_child);
+  (void)registered;
+  Pool* p = the_pool.load();
+  if (p == nullptr) {  // first use (or first in a forked child); two threads may race here
+    Pool* fresh = new Pool;
+    if (the_pool.compare_exchange_strong(p, fresh)) return *fresh;
+    delete fresh;  // another thread's pool won; this one never started a worker
+  }
+  return *p;
+}
 
 }  // namespace
 
@@ -123,8 +134,7 @@ void parallel_for(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
   grain = std::max<int64_t>(1, grain);
   threads = int(std::min<int64_t>(threads > 0 ? threads : default_threads(), (n + grain - 1) / grain));
   if (threads <= 1) return fn(0, n);
-  static Pool pool;
-  pool.run(n, grain, threads, fn);
+  shared_pool().run(n, grain, threads, fn);
 }
 
 namespace {
