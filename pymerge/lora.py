@@ -414,6 +414,9 @@ class LoraCheckpoint:
     def total_bytes(self) -> int:
         return sum(self.info(n).nbytes for n in self.names())
 
+    def check_unchanged(self) -> None:
+        self.ck.check_unchanged()  # the model's folder: its side files are the output's
+
     def close(self) -> None:
         self.adapter.close()
         self.ck.close()

@@ -8,7 +8,8 @@
    Anything a user can get wrong raises an InputError here.
 2. Stream (pymerge/streaming.py): tensors in file order, big ones in chunks of bounded size, into
    a ShardedWriter that writes beside OUT and renames at the end; config.json and tokenizer
-   files are added; any error or Ctrl-C leaves no partial model.
+   files are added; any error or Ctrl-C leaves no partial model. Before OUT is installed, every input
+   folder must still be the one opened (another merge installing a model there would mix the two).
 Under torchrun (or any launcher that sets RANK and WORLD_SIZE) the ranks split the tensors and
 each streams its part: pymerge/dist/disk_merge.py.
 
@@ -40,7 +41,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.files import read_json, stays_inside
-from pymerge.io.sigbus import MappingGuard
+from pymerge.io.sigbus import MappingGuard, identity
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
 from pymerge.sizes import MAX_BYTES, parse_size
@@ -183,6 +184,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
             stream_plan(plan, writer, device=device, chunk_bytes=chunk_bytes, threads=threads,
                         seed=random_seed or 0, progress=progress, quiet=quiet)
+            check_inputs_unchanged(plan)  # before the writer installs OUT
             shards = list(writer.shard_names)
         return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
                            plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
@@ -201,6 +203,21 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
                              f"(choose an OUT outside the inputs)")
         if p in out.parents:
             raise InputError(f"{out_dir}: lies inside the {what} {p}; choose an OUT outside the inputs")
+
+
+def check_inputs_unchanged(plan: "MergePlan") -> None:
+    """A CheckpointError if a model folder (or the tokenizer source) was replaced since the merge opened it.
+    The open shards keep the old files, but config.json, the tokenizer files and remote code are read by
+    path later: another merge installing a model there (--force) gave an output with one model's tensors
+    and the other's side files, silently. Call it after write_side_files, before the output is installed."""
+    for ck in {id(c): c for c in plan.checkpoints + [plan.donor]}.values():
+        check = getattr(ck, "check_unchanged", None)  # a Checkpoint or a LoraCheckpoint
+        if check is not None:
+            check()
+    tok = plan.vocabulary.tokenizer if plan.vocabulary is not None else None
+    if tok is not None and tok.folder_identity is not None and identity(tok.folder) != tok.folder_identity:
+        raise CheckpointError(f"{tok.folder} was replaced while it was being merged (another program wrote "
+                              "a model there); run the merge again")
 
 
 def _inputs_of(plan: "MergePlan"):

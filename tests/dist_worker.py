@@ -7,6 +7,10 @@ helper, run by torchrun or by the tests themselves as a launcher):
                                       $PYMERGE_TEST_MARK and sleeps, for the test to kill it
     PYMERGE_TEST_FAULT=RANK:die_at_install  the rank exits (code 9, as if killed) on reaching the last
                                       agreement, its part and every other on disk
+    PYMERGE_TEST_FAULT=RANK:replace_model  once every rank has opened the models and rank 0 has written
+                                      the side files, the rank renames the folder $PYMERGE_TEST_MODEL
+                                      aside and $PYMERGE_TEST_MODEL.new into its place (as another
+                                      merge's --force install would), then streams
     RANK "*": every rank (each also writes $PYMERGE_TEST_MARK.<rank>)
 """
 import os
@@ -33,6 +37,15 @@ def _stall(real):
     return stream_plan
 
 
+def _replace_model(real):
+    def stream_plan(*args, **kwargs):
+        model = os.environ["PYMERGE_TEST_MODEL"]
+        os.rename(model, model + ".old")
+        os.rename(model + ".new", model)
+        return real(*args, **kwargs)
+    return stream_plan
+
+
 def _die_at_install(real):
     calls = [0]
 
@@ -51,6 +64,8 @@ if __name__ == "__main__":
             Checkpoint.array = Checkpoint.tensor = _bad_read
         elif kind == "stall":
             merge.stream_plan = _stall(merge.stream_plan)
+        elif kind == "replace_model":
+            merge.stream_plan = _replace_model(merge.stream_plan)
         elif kind == "die_at_install":
             disk_merge._agree = _die_at_install(disk_merge._agree)
         else:

@@ -178,6 +178,27 @@ def test_existing_out_needs_force_and_is_kept(fam, tmp_path, capsys):
     assert rc == 0 and (empty / "config.json").is_file()
 
 
+def test_a_model_replaced_while_it_is_merged_is_refused(fam, tmp_path, capsys, monkeypatch):
+    """Another merge installing a model over an input (`pymerge merge ... X --force`) after this one opened
+    X's shards: the shards still read the old X, config.json and the tokenizer files were read from the new
+    one, and the output mixed them without a word. Now: exit 2, one line naming X, no OUT."""
+    import pymerge.merge
+    root, base, fts = fam
+    x, other = _copy(fts[0], tmp_path / "X"), _copy(fts[1], tmp_path / "other")
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=999)))
+    real = pymerge.merge.write_side_files
+
+    def replace_x_then_write(*args, **kwargs):  # as an installing merge's rename would, between open and copy
+        os.rename(x, tmp_path / "old-X")
+        os.rename(other, x)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pymerge.merge, "write_side_files", replace_x_then_write)
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([x, fts[1]])), out, "--quiet"], capsys),
+                    [f"{x} was replaced while it was being merged", "run the merge again"], out)
+
+
 def test_a_system_error_without_a_file_name_blames_no_file(fam, tmp_path, capsys, monkeypatch):
     """An OSError with no file name (an input's mmap, say) read 'output: Cannot allocate memory'."""
     import errno

@@ -215,6 +215,22 @@ def test_bad_bytes_seen_by_one_rank_fail_every_rank_and_keep_out(fam, tmp_path):
     assert sorted(os.listdir(out)) == ["keep.txt"] and leftovers(out) == []
 
 
+def test_a_model_replaced_while_it_is_merged_fails_every_rank(fam, tmp_path):
+    """Another merge installing a model over an input (--force) while the ranks merge it: rank 0 had copied
+    the side files of one version, the tensors came from whichever version each rank opened. Every rank
+    checks its models once its part is streamed: the same one line everywhere, nothing installed."""
+    root, base, fts = fam
+    x = tmp_path / "X"
+    shutil.copytree(fts[0], x)
+    shutil.copytree(fts[1], tmp_path / "X.new")
+    cfg = write_cfg(tmp_path / "c.yml", linear([x, fts[1]]))
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, ["merge", cfg, out], PYMERGE_TEST_FAULT="0:replace_model",
+                                 PYMERGE_TEST_MODEL=str(x)))
+    _same_error_everywhere(codes, lines, 2, [f"{x} was replaced while it was being merged", "run the merge again"])
+    assert not out.exists() and leftovers(out) == []
+
+
 def _wait_for(mark: Path, procs) -> int:
     deadline = time.monotonic() + LIMIT_S
     while not mark.exists():

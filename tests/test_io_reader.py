@@ -2,6 +2,7 @@
 import gc
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -426,6 +427,23 @@ def test_a_folder_replaced_while_its_shards_open_is_refused(tmp_path, monkeypatc
     monkeypatch.setattr(ck_mod, "open_tensor_file", swap_after_first)
     with pytest.raises(CheckpointError, match=r"m: the folder was replaced while its shards were being opened"):
         Checkpoint(folder)
+
+
+def test_check_unchanged_names_a_folder_replaced_after_opening(tmp_path):
+    """The open shards keep reading the old files; config.json and the tokenizer are read by path later.
+    check_unchanged (called by the merge after reading them) tells a folder replaced meanwhile, opened as a
+    folder or through one of its files."""
+    folder = make_sharded(tmp_path / "m", two_shards())
+    make_sharded(tmp_path / "other", two_shards())
+    with Checkpoint(folder) as ck, Checkpoint(folder / "model-00001-of-00002.safetensors") as one:
+        ck.check_unchanged()
+        one.check_unchanged()
+        os.rename(folder, tmp_path / "old")
+        os.rename(tmp_path / "other", folder)
+        for c in (ck, one):
+            with pytest.raises(CheckpointError, match=rf"^{re.escape(str(folder))} was replaced while it was being "
+                                                      r"merged .*; run the merge again$"):
+                c.check_unchanged()
 
 
 def test_index_not_json(tmp_path):

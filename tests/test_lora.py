@@ -161,6 +161,20 @@ def test_fan_in_fan_out(tmp_path, targets):
             assert torch.equal(ck.tensor(name), theirs[name]), name
 
 
+def test_check_unchanged_sees_the_model_folder_replaced(family, tmp_path):
+    """MODEL+LORA: the output's config.json and tokenizer are the model's, read after opening: the merge's
+    check that the folder is still the one opened must reach through the adapter to the model."""
+    root, model, _, ads = family
+    shutil.copytree(model, tmp_path / "m")
+    shutil.copytree(model, tmp_path / "new")
+    with open_model(f"{tmp_path / 'm'}+{ads['plain']}") as ck:
+        ck.check_unchanged()
+        (tmp_path / "m").rename(tmp_path / "old")
+        (tmp_path / "new").rename(tmp_path / "m")
+        with pytest.raises(CheckpointError, match="was replaced while it was being merged"):
+            ck.check_unchanged()
+
+
 def run_cli(cfg: dict, tmp_path, out_name="out", extra=()):
     path = tmp_path / f"{out_name}.yml"
     path.write_text(yaml.safe_dump(cfg))

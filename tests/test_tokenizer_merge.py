@@ -532,6 +532,26 @@ def test_out_may_not_be_the_tokenizer_source(models, tmp_path, capsys):
         assert run_cli(["merge", path, tmp_path / f"out{i}", "--quiet"], capsys)[0] == 0
 
 
+def test_a_tokenizer_source_replaced_while_it_is_merged_is_refused(models, tmp_path, capsys, monkeypatch):
+    """Its tokenizer.json is read when the merge is planned, its templates and special_tokens_map.json when
+    the output is written: a model installed over it in between (another merge's --force) mixed two
+    tokenizers into one output. Now: one line naming it, no OUT (plain and `slices:` merges)."""
+    import pymerge.merge
+    _, m = models
+    real = pymerge.merge.write_side_files
+    franken = {"merge_method": "passthrough", "slices": [{"sources": [{"model": m["a"], "layer_range": [0, 2]}]}]}
+    for i, cfg in enumerate([_union(m["a"], m["b"]), franken]):
+        tok = write_model(tmp_path / f"tok{i}", SPECIAL + W[:15], perturb_seed=4)
+        new = write_model(tmp_path / f"new{i}", SPECIAL + W[:15], perturb_seed=5, template=C_TEMPLATE)
+
+        def replace_then_write(*args, tok=tok, new=new, **kwargs):
+            os.rename(tok, tok.with_name(tok.name + ".old"))
+            os.rename(new, tok)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(pymerge.merge, "write_side_files", replace_then_write)
+        _bad(tmp_path, capsys, {**cfg, "tokenizer_source": str(tok)}, f"{tok} was replaced while it was being merged")
+
+
 def test_out_may_not_be_the_hub_blobs_of_the_tokenizer_source(models, tmp_path, capsys, monkeypatch):
     """A hub ID as `tokenizer_source`: its snapshot's files link into ../../blobs, which the merge reads.
     OUT = that blobs folder with --force was accepted and replaced it, breaking the cached model."""

@@ -72,8 +72,8 @@ def _share(plan, keep: set):
 def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, threads, force: bool, quiet: bool,
               chunk_bytes: int, random_seed, progress=None, copy_tokenizer: bool = True, model_card: bool = False):
     """run_merge's distributed twin (same arguments, checked by it); returns this rank's MergeReport."""
-    from pymerge.merge import (MergeReport, check_out_spares_inputs, make_plan, op_threads, stream_plan,
-                               write_side_files)
+    from pymerge.merge import (MergeReport, check_inputs_unchanged, check_out_spares_inputs, make_plan, op_threads,
+                               stream_plan, write_side_files)
 
     t0 = time.perf_counter()
     dist, group, created = _process_group(device)
@@ -103,6 +103,9 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
         mine = _share(plan, {id(t) for t, p in zip(plan.tensors + plan.copies, parts) if p == rank})
         stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
                     seed=random_seed or 0, progress=progress, quiet=quiet or rank != 0)
+        # Every rank: one that opened a model before another merge replaced it fails here, so rank 0's side
+        # files and every rank's tensors come from one version of each model, or nothing is installed.
+        check_inputs_unchanged(plan)
         if rank:
             state["writer"].commit()  # durable before rank 0 may install
 

@@ -291,13 +291,16 @@ class Checkpoint:
         try:
             if self.path.is_dir():
                 self.folder = self.path
-                before = identity(self.path)  # a symlinked folder: the one it names
+                # a symlinked folder: the one it names. Kept: check_unchanged compares it once the merge has
+                # read config.json and the tokenizer, which it reads by path after the shards are open
+                self.folder_identity = identity(self.path)
                 self._open_folder()
-                if identity(self.path) != before:  # shards opened by path: some from each folder
+                if identity(self.path) != self.folder_identity:  # shards opened by path: some from each folder
                     raise CheckpointError(f"{self.path}: the folder was replaced while its shards were being "
                                           "opened (another program wrote a model there); try again")
             else:
                 self.folder = self.path.parent
+                self.folder_identity = identity(self.folder)  # its config.json and tokenizer are read from there
                 shard = open_tensor_file(self.path)
                 self._shards.append(shard)
                 for name in shard.names():
@@ -347,6 +350,15 @@ class Checkpoint:
             if name not in weight_map:
                 raise CheckpointError(f"{shard.path}: tensor {name!r}: in this shard but not listed in "
                                       f"{index_path.name}")
+
+    def check_unchanged(self) -> None:
+        """Raises CheckpointError if the folder is no longer the one whose shards were opened. The open
+        shards keep reading the old files, but config.json, the tokenizer and remote code are read by path
+        later: another merge replacing the folder (--force) in between gave an output with this model's
+        tensors and the other model's side files. A merge calls this after reading them all."""
+        if identity(self.folder) != self.folder_identity:
+            raise CheckpointError(f"{self.folder} was replaced while it was being merged (another program wrote "
+                                  "a model there); run the merge again")
 
     # ---- access -----------------------------------------------------------------------------
     def names(self) -> List[str]:

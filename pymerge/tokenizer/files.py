@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 
 from pymerge.errors import CheckpointError
 from pymerge.io.files import read_json, read_small, stays_inside
+from pymerge.io.sigbus import identity
 from pymerge.lora import split_ref
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -31,6 +32,7 @@ class Tokenizer:
     vocab: Dict[str, int]          # every token (the model's and the added ones) -> id
     added: List[dict]              # tokenizer.json's added_tokens, checked
     model_size: int                # tokens of the model proper (where tokenizers numbers new tokens from)
+    folder_identity: Optional[tuple] = None  # the folder's when read: templates and special_tokens_map are read later
 
     @property
     def path(self) -> Path:
@@ -106,6 +108,7 @@ def model_folder(ref) -> Path:
 def read_tokenizer(ref) -> Tokenizer:
     """A model's tokenizer; a missing or corrupt file is a CheckpointError naming it."""
     folder = model_folder(ref)
+    before = identity(folder)  # before reading: a folder replaced after it is caught at the merge's end
     path = folder / TOKENIZER_JSON
     if not os.path.lexists(path):
         raise CheckpointError(f"{path}: not found; merging vocabularies needs each model's tokenizer.json "
@@ -139,7 +142,7 @@ def read_tokenizer(ref) -> Tokenizer:
         config = read_json(cpath)
         if not isinstance(config, dict):
             raise CheckpointError(f"{cpath}: is not a JSON object")
-    return Tokenizer(folder, doc, config, vocab, added, model_size)
+    return Tokenizer(folder, doc, config, vocab, added, model_size, before)
 
 
 def _model_vocab(model: dict, path: Path) -> Dict[str, int]:
