@@ -106,6 +106,21 @@ def test_split_by_bytes_is_contiguous_and_balanced():
     assert split_by_bytes([5] * 10, 2) == [0] * 5 + [1] * 5
 
 
+def test_a_torch_distributed_being_imported_is_no_process_group(fam, tmp_path, monkeypatch):
+    """Another thread importing torch leaves a half-initialized torch.distributed in sys.modules, without
+    is_initialized yet: run_merge raised AttributeError instead of merging in this process."""
+    import types
+
+    from pymerge.dist import disk_merge
+    for k in ("RANK", "WORLD_SIZE", disk_merge.OFF_ENV):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setitem(sys.modules, "torch.distributed", types.ModuleType("torch.distributed"))
+    assert disk_merge.launched() is False
+    root, base, fts = fam
+    run_merge(linear(fts), tmp_path / "out", device="cpu", quiet=True)
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_writer_parts_share_one_folder(tmp_path):
     """The writer's side of it: parts never share a shard; part 0 installs what all parts wrote."""
     entries = [(f"t{i}", "float32", (i + 1, 3)) for i in range(7)]

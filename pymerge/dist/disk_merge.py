@@ -46,7 +46,10 @@ def launched() -> bool:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return True
     dist = sys.modules.get("torch.distributed")  # never imported just to ask
-    return dist is not None and dist.is_available() and dist.is_initialized()
+    try:
+        return bool(dist is not None and dist.is_available() and dist.is_initialized())
+    except AttributeError:  # half-initialized: another thread is importing it, so no process group exists yet
+        return False
 
 
 def split_by_bytes(costs: Sequence[int], ranks: int) -> List[int]:
