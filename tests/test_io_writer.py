@@ -239,6 +239,30 @@ def test_existing_empty_out_is_replaced(tmp_path):
     assert os.listdir(tmp_path / "out") == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_an_empty_out_filled_by_another_writer_before_the_rename(tmp_path, monkeypatch, force):
+    """Two merges into one empty OUT: the other one installed between this one's 'OUT is empty' check and
+    its rename. The error named the hidden temporary folder ('.out.pymerge-tmp-PID: Directory not
+    empty'), with --force too; now it is the usual line about OUT, and --force replaces it."""
+    out, real = tmp_path / "out", writer_mod._keep_access
+    out.mkdir()
+
+    def fill_then_keep(o, tmp):
+        if not (out / "theirs.txt").exists():
+            (out / "theirs.txt").write_text("the other merge's")
+        real(o, tmp)
+    monkeypatch.setattr(writer_mod, "_keep_access", fill_then_keep)
+    t = {"a": torch.randn(3)}
+    if force:
+        write_all(out, t, force=True)
+        assert os.listdir(out) == ["model.safetensors"] and torch.equal(load_all(out)["a"], t["a"])
+    else:
+        with pytest.raises(InputError, match=rf"^{out} exists and is not empty; pass --force to replace it$"):
+            write_all(out, t)
+        assert os.listdir(out) == ["theirs.txt"]
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename_aside"])
 def test_force_replaces(tmp_path, monkeypatch, exchange):
     calls, real = [], writer_mod._exchange

@@ -481,9 +481,8 @@ class ShardedWriter:
             raise InputError(f"{tmp}: the temporary folder was removed or replaced by another program; "
                              "nothing installed")
         try:
-            if not os.path.lexists(out) or _is_empty_dir(out):
-                _keep_access(out, tmp)
-                os.rename(tmp, out)  # POSIX rename replaces an empty folder atomically
+            if (not os.path.lexists(out) or _is_empty_dir(out)) and _rename_onto_empty(tmp, out):
+                pass
             elif not out.is_dir():
                 raise InputError(f"{out}: exists and is not a folder")
             elif not self.force:
@@ -728,6 +727,21 @@ def _lock_held(folder: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _rename_onto_empty(tmp: Path, out: Path) -> bool:
+    """Renames tmp to OUT, found missing or an empty folder (POSIX rename replaces an empty folder
+    atomically). False where another writer filled OUT after that check (two merges into one empty
+    folder): the caller goes on as for an OUT found full, so the error names OUT, not the temporary
+    folder, and --force replaces it."""
+    _keep_access(out, tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
 
 
 def _keep_access(out: Path, tmp: Path) -> None:
