@@ -27,7 +27,9 @@ _NO_OPS = {
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mergekit-yaml compatibility (same meaning, or accepted with no effect)")
-    g.add_argument("--cuda", action=_BOOL, default=False, help="compute on the GPU (same as --device cuda)")
+    # default None: an explicit --no-cuda must be told apart from no flag (see merge_options)
+    g.add_argument("--cuda", action=_BOOL, default=None,
+                   help="compute on the GPU (same as --device cuda); --no-cuda: on the CPU, as in mergekit-yaml")
     g.add_argument("--gpu-rich", action="store_true", help="alias for --cuda")
     g.add_argument("-j", "--num-threads", type=int, default=None, metavar="N", help="same as --threads")
     g.add_argument("--copy-tokenizer", action=_BOOL, default=True,
@@ -60,6 +62,10 @@ def merge_options(args) -> Dict[str, Any]:
         args.threads = args.num_threads
     if (args.cuda or args.gpu_rich) and args.device == "auto":
         args.device = "cuda"
+    elif args.cuda is False and args.device == "auto":
+        # mergekit-yaml's --no-cuda computes on the CPU; `auto` would pick a GPU where one exists.
+        # An explicit --device wins, as in mergekit.
+        args.device = "cpu"
     if args.transformers_cache:
         os.environ["HF_HUB_CACHE"] = os.path.expanduser(args.transformers_cache)
     return {"copy_tokenizer": args.copy_tokenizer, "model_card": args.write_model_card,

@@ -454,6 +454,26 @@ def test_mergekit_flags(models, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "q").iterdir() if "safetensors" in p.name) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("flags", [["--no-cuda"], ["--cuda"], ["--gpu-rich"], ["--no-cuda", "--gpu-rich"],
+                                   ["--cuda", "--device", "cpu"], ["--no-cuda", "--device", "cuda"]])
+def test_cuda_flags_pick_mergekits_device(flags, monkeypatch):
+    """--no-cuda was ignored: `--device auto` then picked the GPU where mergekit-yaml computes on the CPU
+    (a docs bug hunt). With a GPU present, each flag set picks the device mergekit's own options pick."""
+    import pymerge.merge as m
+    from mergekit.options import MergeOptions
+    from pymerge import mergekit_flags
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(m, "_gpu_possible", lambda: True)
+    args = cli.build_parser().parse_args(["merge", "c.yml", "out"] + flags)
+    mergekit_flags.merge_options(args)
+    theirs = {"cuda": args.cuda, "gpu_rich": args.gpu_rich, "device": args.device if "--device" in flags else None}
+    assert m.pick_device(args.device) == MergeOptions(**{k: v for k, v in theirs.items() if v is not None}).device
+    # no flag at all: pymerge's own default (auto: the GPU when there is one) stays; mergekit's is the CPU
+    args = cli.build_parser().parse_args(["merge", "c.yml", "out"])
+    mergekit_flags.merge_options(args)
+    assert m.pick_device(args.device) == "cuda" and MergeOptions().device == "cpu"
+
+
 def _bad(m4, m6):
     b, f1, f2, _ = m4
     return {
