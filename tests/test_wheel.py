@@ -1,9 +1,13 @@
 """The main job after `pip install`: a wheel built from this tree, installed into a fresh venv outside
 the checkout with no extras, prints its version and backends and runs `pymerge demo --quick`; an
-optional feature whose extra is missing fails in one line naming the extra."""
+optional feature whose extra is missing fails in one line naming the extra. The sdist (what PyPI serves
+where no wheel fits) carries every native source and header the build compiles, and what the README's
+commands use."""
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 
 import pytest
@@ -15,6 +19,30 @@ def run(cmd, cwd, timeout=300, env=None):
     full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     full_env.update(env or {})
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sdist_carries_the_native_sources_and_the_readme_commands(tmp_path):
+    """The sdist held only the .cpp/.cu files named in Extension(sources=...): no header under csrc/, so
+    `pip install` from it failed on the first C++ file. Listing the tarball is cheap; compiling it is not."""
+    # From a copy without build leftovers: setuptools adds the files a stale *.egg-info/SOURCES.txt lists.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "*.o", "raw",
+        "demo_out"))
+    build = run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                 "print(build_meta.build_sdist(sys.argv[1]))", str(tmp_path)], cwd=src, timeout=120)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (sdist,) = tmp_path.glob("pymerge-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    native = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
+              for f in files if f.endswith((".h", ".cuh", ".cpp", ".cu"))}
+    assert any(n.endswith(".h") for n in native) and any(n.endswith(".cuh") for n in native)
+    assert sorted(native - names) == []
+    needed = {"setup.py", "pyproject.toml", "README.md", "Makefile", "requirements-dev.txt",
+              "docs/mergekit-compat.md", "tests/conftest.py", "benchmarks/bench_weighted_sum.py", "kernels/__init__.py"}
+    assert sorted(needed - names) == []
+    assert not any(n.endswith((".so", ".o", ".pyc")) for n in names)
 
 
 @pytest.mark.slow
