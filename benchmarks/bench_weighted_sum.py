@@ -40,7 +40,7 @@ def _loop(xs, wt):
     return acc.to(torch.bfloat16)
 
 
-def bench_case(n, numel, device, rounds, backends):
+def bench_case(n, numel, device, rounds, backends, threads=0):
     g = torch.Generator(device=device).manual_seed(n)
     xs = [torch.randn(numel, generator=g, device=device).bfloat16() for _ in range(n)]
     w = [1.0 / n] * n
@@ -57,7 +57,9 @@ def bench_case(n, numel, device, rounds, backends):
     }
     rows = [w] if device == "cpu" else wt.view(1, n)  # on the GPU: weights stay in device memory
     for b in backends:
-        fns[f"pymerge-{b}"] = (lambda b=b: weighted_sum_into(xs, rows, [out], backend=b))
+        # threads: pymerge's own pool sizes itself from OMP_NUM_THREADS or the affinity mask, not from
+        # torch.set_num_threads, so --threads must reach it too (else it alone ran on every core)
+        fns[f"pymerge-{b}"] = (lambda b=b: weighted_sum_into(xs, rows, [out], backend=b, num_threads=threads))
     secs = time_interleaved(fns, rounds, device)
     check = pymerge.weighted_sum(xs, w)
     ref = compiled(xs, wt).float()
@@ -94,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of torch and pymerge (default: all cores)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,7 +110,7 @@ def main(argv=None):
     rounds = args.rounds or (5 if args.quick else (10 if device == "cpu" else 30))
     rows = []
     for n, numel in cases:
-        rows += bench_case(n, numel, device, rounds, backends)
+        rows += bench_case(n, numel, device, rounds, backends, threads=args.threads or 0)
     title = "Fused weighted sum (bf16 in/out, fp32 accumulation)"
     table = write_results("weighted_sum", device, rows, ["N", "elements", "impl", "ms", "GB/s", "x copy", "x compile"],
                           title, plot=lambda p: plot(rows, p))

@@ -1,0 +1,47 @@
+"""The benchmark scripts' own plumbing, at tiny sizes (a docs bug hunt): their --help text, the options
+--quick must not override, bench_weighted_sum's --threads reaching pymerge's pool, and bench_tokenizer's
+row label against the merged model's real vocabulary."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _script(argv, tmp_path, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT, "PYMERGE_BENCH_RESULTS": str(tmp_path / "results"),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_bench_weighted_sum_threads_reach_pymerges_pool(monkeypatch):
+    """--threads set torch's threads only; pymerge's pool still ran on every core, so "x copy" and
+    "x compile" compared unequal thread counts."""
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks import bench_weighted_sum as bench
+    finally:
+        sys.path.remove(ROOT)
+    seen = []
+    real = bench.weighted_sum_into
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_threads", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "weighted_sum_into", spy)
+    monkeypatch.setattr(bench, "CASES", {"cpu": [(2, 4096)]})
+    monkeypatch.setattr(bench.torch, "compile", lambda f: f)  # the compiled peer is not under test
+    monkeypatch.setattr(bench, "write_results", lambda *a, **k: "")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--device", "cpu", "--threads", "1", "--rounds", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}, seen
