@@ -39,6 +39,7 @@ def main(argv=None):
     special = tm.SPECIAL
     words_a = special + [f"w{i}" for i in range(args.vocab - 3)]
     words_b = special + [f"w{i}" for i in range(half, half + args.vocab - 3)]
+    union = len(set(words_a) | set(words_b))  # vocab + half, counted (the label said vocab + half - 3)
     dims = dict(hidden=args.hidden, intermediate=args.hidden, heads=4, kv_heads=4)
     orig = lf.LlamaDims
     lf.LlamaDims = lambda **kw: orig(**{**kw, **dims})  # tm.write_model's layers, our width
@@ -66,7 +67,7 @@ def main(argv=None):
         for tool in args.tools.split(","):
             warm([a, b])
             r = run_tool(cmds[tool](work / f"out-{tool}"), work / f"out-{tool}")
-            rows.append({"tool": tool, "tokens": f"{args.vocab} + {args.vocab} -> {args.vocab + half - 3}",
+            rows.append({"tool": tool, "tokens": f"{args.vocab} + {args.vocab} -> {union}",
                          "hidden": args.hidden, **r})
             print(rows[-1], flush=True)
     how = "linear per slice, `slices:`" if args.slices else "linear"

@@ -45,3 +45,15 @@ def test_bench_weighted_sum_threads_reach_pymerges_pool(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert seen and set(seen) == {1}, seen
+
+
+def test_bench_tokenizer_labels_rows_with_the_union_size(tmp_path):
+    """The label said vocab + vocab/2 - 3 tokens (200 + 200 -> 297); the merged model has 300 rows."""
+    r = _script([os.path.join(BENCH, "bench_tokenizer.py"), "--vocab", "200", "--hidden", "64", "--tools", "pymerge",
+                 "--workdir", str(tmp_path / "w")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (result,) = (tmp_path / "results").glob("*/bench_tokenizer*.json")
+    (row,) = json.loads(result.read_text())["rows"]
+    with open(tmp_path / "w" / "v200-h64" / "out-pymerge" / "config.json") as f:
+        vocab_size = json.load(f)["vocab_size"]
+    assert vocab_size == 300 and row["tokens"] == f"200 + 200 -> {vocab_size}", row
