@@ -30,7 +30,7 @@ def load_other(path: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("other", help="the other build's _cpu extension (.so)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="0: the extension's default")

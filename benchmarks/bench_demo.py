@@ -46,7 +46,7 @@ def row(seed: int, r: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--quick", action="store_true", help="the --quick demo (plumbing only: tiny pool)")
     ap.add_argument("--budget", type=int, default=None)

@@ -19,7 +19,7 @@ from pymerge.ops.task_vector_ops import SelectionCache, Sparsifier, task_vector_
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--numel", type=float, default=64e6)
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=10)

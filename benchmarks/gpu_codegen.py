@@ -170,7 +170,7 @@ def cuda_rows() -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list (tests read it)")
     ap.add_argument("--no-cuda", dest="cuda", action="store_false", help="Triton kernels only")
     args = ap.parse_args(argv)

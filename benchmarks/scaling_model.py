@@ -283,7 +283,7 @@ def plot(path, paper):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     ap.add_argument("--no-measure", action="store_true", help="only the H200 prediction (no runs here)")
     args = ap.parse_args(argv)

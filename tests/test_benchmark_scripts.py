@@ -20,6 +20,32 @@ def _script(argv, tmp_path, timeout=300):
                           timeout=timeout)
 
 
+def test_help_descriptions_are_whole_sentences(tmp_path):
+    """--help used the docstring's first line, cutting sentences that wrap ("... held-out scores against
+    the"): it now gives the whole first paragraph."""
+    names = ["ab_weighted_sum", "bench_compressed_pool_quality", "bench_delta_decode", "bench_demo", "scaling_model",
+             "bench_weighted_sum"]
+    code = ("import contextlib, io, json, runpy, sys\nout = {}\n"
+            f"for name in {names!r}:\n"
+            "    sys.argv = [f'benchmarks/{name}.py', '--help']\n"
+            "    buf = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            "        try:\n"
+            "            runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "    out[name] = buf.getvalue()\n"
+            "print(json.dumps(out))\n")
+    r = _script(["-c", code], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    helps = json.loads(r.stdout.strip().splitlines()[-1])
+    for name in names:
+        with open(os.path.join(BENCH, f"{name}.py")) as f:
+            first = ast.get_docstring(ast.parse(f.read()), clean=False).split("\n\n")[0]
+        # argparse re-wraps the text (and may break after a hyphen): compare without whitespace
+        assert "".join(first.split()) in "".join(helps[name].split()), (name, helps[name][:800])
+
+
 def test_bench_weighted_sum_threads_reach_pymerges_pool(monkeypatch):
     """--threads set torch's threads only; pymerge's pool still ran on every core, so "x copy" and
     "x compile" compared unequal thread counts."""
