@@ -73,15 +73,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                                  epilog="Needs the C++ extension on its AVX2 path: on an AVX-512 CPU, run it with "
                                         "PYMERGE_SIMD=avx2.")
-    ap.add_argument("--quick", action="store_true", help="64K and 1M elements, 3 rounds")
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--quick", action="store_true", help="64K and 1M elements, 3 rounds (unless --rounds)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 9")
     args = ap.parse_args()
     if _native.cpu is None or _native.cpu.simd_level() != "avx2":
         sys.exit("bench_delta_decode: needs the C++ extension on its AVX2 path (the paired kernel's); "
                  f"this CPU takes {'no extension' if _native.cpu is None else _native.cpu.simd_level()}"
                  + ("; run it with PYMERGE_SIMD=avx2" if _native.cpu is not None and _native.cpu.simd_level() == "avx512"
                     else ""))
-    sizes, rounds = ((1 << 16, 1 << 20), 3) if args.quick else ((1 << 20, 1 << 24), args.rounds)
+    sizes = (1 << 16, 1 << 20) if args.quick else (1 << 20, 1 << 24)
+    rounds = args.rounds or (3 if args.quick else 9)  # an explicit --rounds wins over --quick
     rows = []
     for n in sizes:
         for threads in (1, 2):

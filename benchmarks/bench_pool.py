@@ -65,16 +65,17 @@ def mergekit_way(paths, weights, model):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="8e6 parameters, 2 rounds (unless given)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--params", type=float, default=None, help="parameters per checkpoint (bf16; default 64e6, 512e6 on cuda)")
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--k", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=None, help="default 5")
     args = ap.parse_args(argv)
     device = args.device
-    params = int(8e6 if args.quick else args.params or (512e6 if device == "cuda" else 64e6))
-    rounds = 2 if args.quick else args.rounds
+    # --quick picks the defaults only: an explicit --params/--rounds wins (it was overridden)
+    params = int(args.params or (8e6 if args.quick else 512e6 if device == "cuda" else 64e6))
+    rounds = args.rounds or (2 if args.quick else 5)
     n, k = args.n, args.k
     tmp = tempfile.mkdtemp(prefix="bench_pool_")
     paths = make_files(tmp, n, params)
@@ -136,7 +137,7 @@ def main(argv=None):
     out_dir = os.path.join(RESULTS, machine_label(device))
     os.makedirs(out_dir, exist_ok=True)
     meta = {"machine": machine_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "title": title,
-            "threads": torch.get_num_threads(), "quick": args.quick}
+            "threads": torch.get_num_threads(), "quick": args.quick, "rounds": rounds}
     name = "bench_pool_quick" if args.quick else "bench_pool"
     with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
         json.dump({**meta, "rows": rows_out, "summary": summary}, fh, indent=1)

@@ -46,6 +46,16 @@ def test_help_descriptions_are_whole_sentences(tmp_path):
         assert "".join(first.split()) in "".join(helps[name].split()), (name, helps[name][:800])
 
 
+def test_bench_pool_quick_keeps_explicit_params_and_rounds(tmp_path):
+    """--quick forced 8e6 parameters and 2 rounds over an explicit --params/--rounds."""
+    r = _script([os.path.join(BENCH, "bench_pool.py"), "--quick", "--params", "2e6", "--rounds", "1",
+                 "--n", "2", "--k", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (result,) = (tmp_path / "results").glob("*/bench_pool_quick.json")
+    meta = json.loads(result.read_text())
+    assert " x 2M bf16 params" in meta["title"] and meta["rounds"] == 1, meta["title"]
+
+
 def test_bench_weighted_sum_threads_reach_pymerges_pool(monkeypatch):
     """--threads set torch's threads only; pymerge's pool still ran on every core, so "x copy" and
     "x compile" compared unequal thread counts."""
