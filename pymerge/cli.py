@@ -1,8 +1,9 @@
 """The pymerge command: merge | demo | search | bench | doctor, and --version.
 
 Exit codes: 0 success; 2 bad input or a system error such as a full disk (one line on stderr
-naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 1 anything else, with
-the traceback, since that is a bug in pymerge.
+naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 141 stdout's
+reader went away (`pymerge doctor | head -1`: silent, as a tool stopped by SIGPIPE); 1 anything else, with the
+traceback, since that is a bug in pymerge.
 """
 import argparse
 import os
@@ -143,6 +144,51 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs a command and returns its exit code. Called without argv (the `pymerge` script,
     `python -m pymerge`), a finished merge ends the process at once: its output is committed and
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
+    try:
+        try:
+            rc = _main(argv)
+        except SystemExit:  # argparse's --version, --help and usage errors
+            _flush_stdout()
+            raise
+        _flush_stdout()
+        return rc
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return _stdout_reader_gone()
+
+
+def _flush_stdout() -> None:
+    """Delivers stdout's buffer here, where a reader gone away is handled (at interpreter exit Python
+    prints "Exception ignored ... BrokenPipeError" and exits 120)."""
+    if sys.stdout is not None:  # >&-
+        sys.stdout.flush()
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone away: a BrokenPipeError from elsewhere
+    (a peer's socket) stays an error."""
+    import select
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # None, closed, or not a file (captured)
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
+def _stdout_reader_gone() -> int:
+    """`pymerge doctor | head -1`: stop without a word and exit 141, as a tool that SIGPIPE stops (Python
+    ignores SIGPIPE, so the write raised instead). Buffered output goes to /dev/null: it would raise again
+    at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+def _main(argv: Optional[List[str]]) -> int:
     as_script = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
@@ -182,8 +228,8 @@ def _run(args) -> int:
              else "pymerge: interrupted; no output was written")
         return 130
     except OSError as exc:
-        if exc.errno is None:
-            raise
+        if exc.errno is None or (isinstance(exc, BrokenPipeError) and _stdout_gone()):
+            raise  # a bug; or stdout's reader gone away, which main() ends quietly
         # The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
         # Without a file name nothing is blamed: the writer names OUT's files itself.
         where = f"{exc.filename}: " if exc.filename else ""

@@ -303,6 +303,20 @@ def test_a_merge_whose_stderr_cannot_be_written_still_merges(fam, tmp_path, stde
     assert (out / "model.safetensors").is_file() and not leftovers(out)
 
 
+@pytest.mark.parametrize("command", [["doctor"], ["--version"], ["bench", "--elements", "4096", "--rounds", "1"]])
+def test_a_stdout_reader_gone_away_ends_quietly(command):
+    """`pymerge doctor | head -1` exited 2 with "pymerge: error: Broken pipe", and `pymerge --version | head -0`
+    printed a traceback (a docs bug hunt): now no word on stderr and 141, as a tool that SIGPIPE stops."""
+    r, w = os.pipe()
+    os.close(r)  # every write to w fails with EPIPE: the reader has gone away
+    try:
+        p = subprocess.run([sys.executable, "-m", "pymerge", *command], cwd=ROOT, stdout=w, stderr=subprocess.PIPE,
+                           text=True, timeout=300)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr[-2000:])
+
+
 # The merge, slowed down inside the child process only (each chunk sleeps), so a signal lands midway.
 _SLOW_DRIVER = """
 import signal, sys, time
