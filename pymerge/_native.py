@@ -5,6 +5,7 @@ Torch-free at import: dtypes are known by name (torch's names, "bfloat16"; safet
 torch-keyed tables (DTYPE_CODES, INPUT_DTYPES, OUTPUT_DTYPES) are built on first use.
 """
 import importlib
+import os
 import warnings
 from typing import Dict, Optional
 
@@ -96,6 +97,19 @@ except ImportError as exc:
     # Never silent: every CPU op would run on eager torch instead (slower, other rounding in places).
     warnings.warn(f"pymerge's C++ extension did not load ({exc}); CPU ops fall back to eager torch, which is "
                   "slower. `pymerge doctor` shows every backend.", RuntimeWarning, stacklevel=2)
+
+# The C++ side (simd_level) takes "avx2" or "scalar" and ignores anything else: say so rather than run
+# the default path silently (PYMERGE_SIMD=AVX2 ran AVX-512).
+SIMD_CHOICES = ("avx2", "scalar")
+_simd = os.environ.get("PYMERGE_SIMD")
+_simd_problem = None
+if _simd and _simd not in SIMD_CHOICES:
+    _simd_problem = (f"PYMERGE_SIMD={_simd!r} is ignored: it takes {' or '.join(SIMD_CHOICES)} "
+                     "(unset: the best path this CPU has)")
+elif _simd == "avx2" and cpu is not None and cpu.simd_level() != "avx2":
+    _simd_problem = f"PYMERGE_SIMD=avx2 is ignored: this CPU lacks AVX2, FMA, F16C or BMI2 (running {cpu.simd_level()})"
+if _simd_problem:  # one line: no importer's source line under it (line 0 has none)
+    warnings.warn_explicit(_simd_problem, RuntimeWarning, "pymerge", 0, module=__name__)
 
 try:
     cuda = importlib.import_module("pymerge._cuda")

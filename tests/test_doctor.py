@@ -72,3 +72,18 @@ def test_cuda_extension_warns_only_when_built_but_broken(exc, warns):
     assert r.returncode == 0, r.stderr
     assert ("CUDA extension did not load" in r.stderr) == warns, r.stderr
     assert ("did not load: libfoo.so.3" if warns else "not built (nvcc was not found") in r.stdout
+
+
+@pytest.mark.parametrize("value, warns", [("AVX2", True), ("sse", True), ("avx2", False), ("scalar", False),
+                                          ("", False)])
+def test_an_unknown_pymerge_simd_value_warns_in_one_line(value, warns):
+    """PYMERGE_SIMD=AVX2 (or any typo) was ignored without a word and the default path ran (a docs bug hunt)."""
+    r = subprocess.run([sys.executable, "-c", "import pymerge._native"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYMERGE_SIMD": value}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if not warns:
+        assert "PYMERGE_SIMD" not in r.stderr, r.stderr
+        return
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"PYMERGE_SIMD={value!r} is ignored" in lines[0], r.stderr
+    assert "avx2 or scalar" in lines[0]
