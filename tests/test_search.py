@@ -1069,3 +1069,32 @@ def test_a_state_whose_candidates_score_other_tasks_is_refused_before_anything_i
     assert len(err) == 1 and "state.json: not a valid search state: history[3].scores has tasks ['b'], candidate 0 " \
                              "['a', 'b']; every candidate must score the same tasks" in err[0]
     assert not (tmp_path / "new").exists()
+
+
+def test_no_plot_extra_no_cma_warning_and_hints_name_the_extra(tmp_path):
+    """Without matplotlib, cma's own "UserWarning: Could not import matplotlib.pyplot" was printed on every
+    search and demo run, and the demo's hint said `pip install matplotlib` where the search names the extra
+    (a docs bug hunt)."""
+    import subprocess
+    import sys
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["matplotlib"] = sys.modules["matplotlib.pyplot"] = None  # the plot extra is not installed
+        import torch
+        from pymerge.pool import CheckpointPool
+        from pymerge.search import optimize
+        pool = CheckpointPool([{"theta": torch.full((4,), float(i))} for i in range(3)])
+        model = torch.nn.Module()
+        model.theta = torch.nn.Parameter(torch.zeros(4))
+        optimize(pool, lambda m: -float(m.theta.sum()), model=model, budget=4, seed=0, log=None)
+        print("searched")
+        """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0 and "searched" in r.stdout, r.stderr[-2000:]
+    assert "matplotlib" not in r.stderr, r.stderr[-2000:]
+    for path in ("pymerge/demo/run.py", "pymerge/search/cli.py"):
+        with open(os.path.join(root, path)) as f:
+            hints = [line for line in f if "matplotlib is not installed" in line]
+        assert hints and all("pip install 'pymerge[plot]'" in h for h in hints), (path, hints)

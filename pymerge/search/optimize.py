@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -166,7 +167,11 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                       state_path=state_path, groups=groups, normalize=normalize, x0=x0, bounds=bounds,
                       method=method, objective=objective, replicas=replicas, names=names, log=log,
                       method_params=method_params, **more_method_params)
-    import cma
+    with warnings.catch_warnings():
+        # cma's own "Could not import matplotlib.pyplot" on every run without the plot extra: pymerge names
+        # the extra itself where a plot is skipped, and never calls cma's plotting
+        warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+        import cma
 
     n = pool.num_checkpoints
     g = 1 if groups is None else pool.num_groups(groups)
