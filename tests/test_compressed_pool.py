@@ -995,3 +995,24 @@ def test_a_delta_near_float32s_limit_is_held_exact(mode):
         out = {"w": torch.empty(128)}
         pool.materialize([1.0, 0.0], into=out, method=method, **kw)
         assert torch.isfinite(out["w"]).all(), method
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "auto"])
+@pytest.mark.parametrize("dtype, top, base", [(torch.float16, 65504.0, 0.0), (torch.float16, -65504.0, 0.0),
+                                              (torch.float16, 65504.0, 50000.0), (torch.float16, 65504.0, 60000.0),
+                                              (torch.bfloat16, 3.3895e38, 0.0)])
+def test_values_at_a_narrow_dtypes_limit_stay_finite(mode, dtype, top, base):
+    """Was inf, silently: a float16/bfloat16 block at the dtype's largest value took a bfloat16 scale
+    rounded up, so code 127 (int4: 7) decoded past it and weight 1 on that checkpoint gave inf where the
+    exact pool gives the checkpoint; compression_report() said int4/int8 within the budget. Such a
+    tensor now takes the next format or stays exact."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(200, generator=g) * top).to(dtype)
+    x[[0, 77, 199]] = top
+    b = torch.full((200,), base, dtype=dtype)
+    comp = CheckpointPool([{"w": x}], base={"w": b}, compress=mode)
+    got = {"w": torch.empty(200, dtype=dtype)}
+    comp.materialize([1.0], into=got)
+    assert torch.isfinite(got["w"]).all()
+    assert (got["w"].double() - x.double()).abs().max() <= comp.compression_report()[0]["rel_error"] * 2 * abs(top) + 64
+    assert torch.isfinite(comp.tensor(0, "w")).all()

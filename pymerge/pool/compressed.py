@@ -249,13 +249,28 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
                              "a compressed pool needs deltas finite in float32")
         if norm2 == 0:
             return Encoded("zero", 0.0, 0.0)
-        if float(scales.abs().max()) * (7 if fmt == "int4" else 127) > FLOAT32_MAX:
+        reach = float(scales.abs().max()) * (7 if fmt == "int4" else 127)
+        if reach > FLOAT32_MAX:
             continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
             #           base first and stays finite, but pool.tensor() and the selection methods decode it alone)
+        if theta.dtype in _NARROW and _decodes_past(theta.dtype, base, codes, scales, fmt, reach):
+            continue
         err = math.sqrt(err2 / norm2)
         if budget is None or err <= budget:
             return Encoded(fmt, err, math.sqrt(norm2), codes=codes, scales=scales)
     return Encoded("exact", 0.0, math.sqrt(norm2), exact=theta.clone())
+
+
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def _decodes_past(dtype: torch.dtype, base: torch.Tensor, codes, scales, fmt: str, reach: float) -> bool:
+    """Whether base + code * scale rounds to inf in the held dtype somewhere: near float16's or bfloat16's
+    largest value a block's scale, rounded up to bfloat16, takes code 127 (7) past it, and weight 1 on that
+    checkpoint gave inf where the exact pool gives the checkpoint. Decoded only where the bound says it may."""
+    if reach + float(base.abs().max()) <= torch.finfo(dtype).max:
+        return False
+    return bool(torch.isinf((base.float() + dequantize(codes, scales, fmt, base.numel())).to(dtype)).any())
 
 
 # ---- the store --------------------------------------------------------------------------------------
