@@ -595,3 +595,56 @@ def test_fake_tensors_are_not_taken_for_wrapper_subclasses():
         fake = torch.empty(4)
         assert backing_problem(fake) is None
     assert "TwoTensor whose data lives" in backing_problem(TwoTensor(torch.ones(4), torch.ones(4)))
+
+
+_WRAPPER_CASES = """
+import torch, pymerge
+from torch.testing._internal.two_tensor import TwoTensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from pymerge.ops import interp, library, select, elementwise_mix as E, task_vector_ops as T
+c, c2 = torch.randn(6), torch.randn(6)
+tt = TwoTensor(torch.randn(6), torch.randn(6))
+o = TwoTensor(torch.empty(6), torch.empty(6))
+cases = {
+    "ws_input": lambda: pymerge.weighted_sum([c, tt], [1.0, 2.0]),
+    "ws_many_input": lambda: pymerge.weighted_sum_many([c, tt], [[1.0, 2.0]]),
+    "ws_out": lambda: pymerge.weighted_sum([c, c2], [1.0, 2.0], out=o),
+    "ws_many_outs": lambda: pymerge.weighted_sum_many([c, c2], [[1.0, 2.0]], outs=[o]),
+    "group_lincomb_out": lambda: interp.group_lincomb([c, c2], None, False, "whole", torch.ones(1, 3), o),
+    "whole_dot_parts": lambda: interp.whole_dot_parts([c, tt], None, False),
+    "nearswap": lambda: E.nearswap(c, tt, 0.5, torch.empty(6)),
+    "tv_base": lambda: T.task_vector_merge([c, c2], tt, torch.empty(6), [T.Sparsifier("magnitude", 0.5)] * 2,
+                                           [0.5, 0.5], consensus=True, normalize=False),
+    "select_base": lambda: select.select_ranks(c, tt, [1, 3], True),
+    "kernel_wrapper": lambda: library._KERNELS["weighted_sum_many_out"]["cpu"]([c, tt], [[1.0, 2.0]], [torch.empty(6)]),
+    "kernel_fake": lambda: library._KERNELS["weighted_sum_many_out"]["cpu"](
+        [c, FakeTensorMode().from_tensor(c2)], [[1.0, 2.0]], [torch.empty(6)]),
+}
+for name, fn in cases.items():
+    try:
+        fn()
+        print(name, "returned", flush=True)
+    except ValueError as e:
+        print(name, "ValueError", str(e).replace("\\n", " "), flush=True)
+"""
+
+
+def test_a_wrapper_subclass_anywhere_is_refused_not_given_to_a_kernel_as_address_0():
+    """A wrapper subclass (DTensor, TwoTensor; data_ptr() 0) placed anywhere but first, or as out=/base, took the
+    eager fast path to a kernel: SIGSEGV, or (select_ranks' base) silently read as no base. Now one line, with
+    the DTensor hint; the kernels themselves refuse a subclass without an address (a FakeTensor too)."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", _WRAPPER_CASES], capture_output=True, text=True,
+                       env=env, timeout=300)
+    lines = dict(line.split(" ", 1) for line in p.stdout.splitlines())
+    assert p.returncode == 0 and len(lines) == 11, (p.returncode, p.stdout, p.stderr[-2000:])
+    for name, said in lines.items():
+        if name == "kernel_fake":
+            assert said.startswith("ValueError weighted_sum: input 1: is a FakeTensor"), said
+        else:
+            assert said.startswith("ValueError ") and "is a TwoTensor whose data lives in tensors inside it; " \
+                "pass plain tensors" in said, (name, said)

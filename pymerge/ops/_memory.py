@@ -80,6 +80,24 @@ def backing_problem(t: torch.Tensor) -> Optional[str]:
             f"frees a sharded parameter's storage); it has no data to use")
 
 
+def address_problem(t: torch.Tensor) -> Optional[str]:
+    """Why a kernel cannot take t's address (a tensor subclass without memory of its own: a wrapper such as
+    DTensor or TwoTensor, or a FakeTensor outside tracing, whose data_ptr() is 0), or None. Plain tensors
+    pass at the cost of one type lookup."""
+    if type(t) in PLAIN or not t.numel() or t.device.type == "meta":
+        return None
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(t):  # (its data_ptr() warns)
+        return f"is a {type(t).__name__} (a shape without data); a kernel needs real tensors"
+    try:
+        if t.data_ptr():
+            return None
+    except RuntimeError:
+        pass
+    return backing_problem(t) or (f"is a {type(t).__name__} without memory of its own (data_ptr() is 0); "
+                                  "pass plain tensors")
+
+
 def _wrapper(t: torch.Tensor) -> bool:
     """A wrapper subclass (DTensor, torch's TwoTensor): no memory of its own, data_ptr() 0. (A FakeTensor's
     data_ptr() is 0 too, but it is no wrapper: tracing and fake kernels pass it.)"""
@@ -135,11 +153,15 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
     view's extent, so a strided view over a storage shrunk with resize_ was read past its end by
     contiguous() or float() (a segfault) before a kernel's check_native saw it. `what` names the
     tensors, each numbered ("sce: input" -> "sce: input 2: ..."). Skipped while tracing (fake tensors;
-    the kernels check the real ones) and for tensor subclasses (their own ops read their data)."""
+    the kernels check the real ones) and for tensor subclasses (their own ops read their data), except a
+    wrapper (DTensor, TwoTensor): the ops have no rule for one, and one beside plain tensors reached a
+    kernel as address 0."""
     if torch.compiler.is_compiling():
         return
     for i, t in enumerate(tensors):
         if type(t) not in PLAIN:
+            if t is not None and _wrapper(t):
+                check_backed(t, f"{what} {i}", error)
             continue
         problem = layout_problem(t)  # before untyped_storage(), which a sparse tensor raised on
         if problem:
@@ -166,6 +188,10 @@ def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.
         for i, t in enumerate(group):
             if t is None:
                 continue
+            if type(t) not in PLAIN:  # a subclass's data_ptr() may be 0: the kernel wrote to address 0
+                problem = address_problem(t)
+                if problem:
+                    raise ValueError(f"{op}: {role} {i}: {problem}")
             if t.numel() != numel:
                 raise ValueError(f"{op}: {role} {i} has {t.numel()} elements, the op works on {numel}")
             if t.is_neg():  # its memory holds the values' negations: a kernel would read or write them as is

@@ -105,6 +105,19 @@ def eager(t: Tensor) -> bool:
             and torch._C._len_torch_function_stack() == 0)
 
 
+def all_plain(args) -> bool:
+    """Every tensor argument (also inside a list: inputs, outs, bits) of a plain type: a subclass elsewhere
+    than first (a DTensor, TwoTensor) must reach its own dispatch, not a kernel that took its address 0."""
+    for a in args:
+        if type(a) is list or type(a) is tuple:
+            for t in a:
+                if type(t) not in PLAIN and isinstance(t, Tensor):
+                    return False
+        elif type(a) not in PLAIN and isinstance(a, Tensor):
+            return False
+    return True
+
+
 _DIFFERENTIABLE = ("weighted_sum", "weighted_sum_many")  # autograd runs through the dispatcher
 
 
@@ -121,7 +134,7 @@ def call(name: str, *args):
     Under torch.compile, a tensor subclass (FakeTensor, functional tensors) or a dispatch mode, the
     call goes through torch.ops, which is what makes the ops traceable."""
     first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-    if eager(first) and not (name in _DIFFERENTIABLE and wants_grad(args[0], args[1])):
+    if eager(first) and all_plain(args) and not (name in _DIFFERENTIABLE and wants_grad(args[0], args[1])):
         kernel = _KERNELS[name].get(first.device.type)
         if kernel is not None:
             return kernel(*args)

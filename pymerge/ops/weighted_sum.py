@@ -182,7 +182,8 @@ def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor
     tensors = library.contiguous(tensors)
     op_backend = _op_backend(tensors[0], backend)
     if op_backend is not None:
-        plain = isinstance(rows, torch.Tensor) or library.eager(tensors[0])  # the eager kernels take lists
+        plain = isinstance(rows, torch.Tensor) or (library.eager(tensors[0])  # the eager kernels take lists
+                                                   and library.all_plain((tensors, outs)))
         weights = rows if plain else torch.tensor(rows, dtype=torch.float32, device=tensors[0].device)
         library.call("weighted_sum_many_out", tensors, weights, outs, op_backend, num_threads)
     elif pick_backend(tensors[0].device, backend) == "torch":
