@@ -648,3 +648,30 @@ def test_a_wrapper_subclass_anywhere_is_refused_not_given_to_a_kernel_as_address
         else:
             assert said.startswith("ValueError ") and "is a TwoTensor whose data lives in tensors inside it; " \
                 "pass plain tensors" in said, (name, said)
+
+
+def test_tensor_weights_stay_graph_inputs_under_make_fx_fake_tensors_and_aot():
+    """Tensor weights were read with tolist() under a dispatch mode: make_fx recorded the trace-time values as
+    a constant (a replay with new weights used the old ones), and fake/symbolic tracing, FakeTensorMode and
+    aot_function failed on data-dependent values. Now the op gets the tensor and checks its values when it runs."""
+    from functorch.compile import aot_function, nop
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    a, b = rand(7, torch.float32, 80), rand(7, torch.bfloat16, 81)
+    one = lambda a, b, w: pymerge.weighted_sum([a, b], w)  # noqa: E731
+    table = lambda a, b, w: pymerge.weighted_sum_many([a, b], torch.stack([w, w.flip(0)]))  # noqa: E731
+    rows = lambda a, b, w: pymerge.weighted_sum_many([a, b], [w, w.flip(0)])  # noqa: E731
+    w = torch.tensor([2.0, 5.0])
+    ref = [a.double() * 2.0 + b.double() * 5.0, a.double() * 5.0 + b.double() * 2.0]
+    for fn, n in ((one, 1), (table, 2), (rows, 2)):
+        traced = [make_fx(fn, tracing_mode=m)(a, b, torch.tensor([0.3, -0.7])) for m in ("real", "fake", "symbolic")]
+        assert all("_tensor_constant" not in g.code for g in traced)
+        for got in [g(a, b, w) for g in traced] + [aot_function(fn, nop)(a, b, w)]:
+            got = [got] if n == 1 else got
+            for g, r in zip(got, ref[:n]):
+                torch.testing.assert_close(g.double(), r, rtol=1e-6, atol=1e-5)
+        with FakeTensorMode():
+            out = fn(torch.empty(7), torch.empty(7), torch.empty(2))
+        assert all(o.shape == (7,) for o in ([out] if n == 1 else out))
+    with pytest.raises(ValueError, match="a weight is nan; weights must be finite"):
+        make_fx(one)(a, b, torch.tensor([0.3, -0.7]))(a, b, torch.tensor([float("nan"), 1.0]))

@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._memory import PLAIN, check_backed, check_readable, layout_problem
+from pymerge.ops._memory import PLAIN, _wrapper, check_backed, check_readable, layout_problem
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
 
@@ -56,9 +56,11 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         if weights.dim() != 1 or weights.dtype == torch.bool or weights.is_complex():
             raise ValueError(f"{what} must be a 1-D tensor of real numbers, got {weights.dtype} of shape "
                              f"{tuple(weights.shape)}")
-        if torch.compiler.is_compiling():  # values are not known while tracing: the kernel checks them
+        if values_unknown(weights):  # the op gets the tensor itself, and its kernel checks the values
             if weights.shape[0] != n:
                 raise ValueError(f"got {weights.shape[0]} {what} for {n} inputs")
+            if not torch.compiler.is_compiling() and _wrapper(weights):
+                check_backed(weights, what)  # a DTensor: the hint, not the dispatcher's mixed-types error
             return weights
         check_values_readable(weights, what)
         weights = weights.detach().double().cpu().tolist()
@@ -91,6 +93,14 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+def values_unknown(weights: torch.Tensor) -> bool:
+    """Whether a weight tensor must go to the op as a tensor, its values unread here: under torch.compile,
+    a dispatch mode (make_fx, FakeTensorMode: tolist() recorded the trace-time values as a constant, or
+    failed on a fake tensor) or for a subclass (a FakeTensor)."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(weights) not in PLAIN)
 
 
 def check_values_readable(t: torch.Tensor, what: str) -> None:

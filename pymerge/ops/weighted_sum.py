@@ -16,7 +16,7 @@ import torch
 from pymerge import _native, extras
 from pymerge.ops import library
 from pymerge.ops._checks import (check_inputs, check_separate, check_values_readable, check_weights,
-                                 refuse_tracked_items, resolve_out)
+                                 refuse_tracked_items, resolve_out, values_unknown)
 from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
 
@@ -34,7 +34,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     """
     tensors = check_inputs(tensors)
     check_readable(tensors, "weighted_sum: input")
-    w = check_weights(weights, len(tensors))  # a tensor only while torch.compile traces
+    w = check_weights(weights, len(tensors))  # a tensor only while traced (_checks.values_unknown)
     dtype = resolve_out(tensors, out_dtype, out)
     check_readable([out], "weighted_sum: output")
     if out is None and _op_backend(tensors[0], backend):
@@ -96,7 +96,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     check_readable(tensors, "weighted_sum: input")
     if isinstance(weight_rows, torch.Tensor) and weight_rows.dim() != 2:
         raise ValueError(f"weight_rows must be a [K, N] table, got shape {tuple(weight_rows.shape)}")
-    traced = isinstance(weight_rows, torch.Tensor) and torch.compiler.is_compiling()  # values unknown: checked by the kernel
+    traced = isinstance(weight_rows, torch.Tensor) and values_unknown(weight_rows)  # checked by the kernel
     if isinstance(weight_rows, torch.Tensor) and not traced:
         check_values_readable(weight_rows, "weight_rows")
     elif isinstance(weight_rows, (list, tuple)):
@@ -110,6 +110,10 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         rows = rows.to(torch.float32)
     else:
         rows = [check_weights(r, len(tensors), what=f"weights of row {k}") for k, r in enumerate(rows)]
+        dev = next((r.device for r in rows if isinstance(r, torch.Tensor)), None)
+        if dev is not None:  # a tensor row traced (values_unknown): one [K, N] table (torch.tensor took no tensors)
+            rows = torch.stack([r.to(torch.float32) if isinstance(r, torch.Tensor) else
+                                torch.tensor(r, dtype=torch.float32, device=dev) for r in rows])
     if outs is None:
         dtype = resolve_out(tensors, out_dtype, None)
         if _op_backend(tensors[0], backend):
