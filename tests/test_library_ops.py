@@ -675,3 +675,38 @@ def test_tensor_weights_stay_graph_inputs_under_make_fx_fake_tensors_and_aot():
         assert all(o.shape == (7,) for o in ([out] if n == 1 else out))
     with pytest.raises(ValueError, match="a weight is nan; weights must be finite"):
         make_fx(one)(a, b, torch.tensor([0.3, -0.7]))(a, b, torch.tensor([float("nan"), 1.0]))
+
+
+def test_raw_out_ops_refuse_tensors_in_an_autograd_graph():
+    """torch.library let the mutating ops write into an out in a graph (it kept its old grad_fn: backward ran
+    through values it no longer held), into a Parameter, or from an input requiring grad (its gradient
+    silently missing). Now each refuses with the wrappers' message, and runs under torch.no_grad()."""
+    P = torch.ops.pymerge
+    x, y = rand(6, torch.float32, 90), rand(6, torch.float32, 91)
+    xg = x.clone().requires_grad_()
+    xs, base, bits, ints, floats = _tv_case(97, 3)
+    tv_args = lambda xs, base, out: (xs, base, bits, ints, floats, True, False, 1.0, 1.0, 7, 0, 0, 0, out)  # noqa
+    calls = {
+        "weighted_sum_out": [lambda o: P.weighted_sum_out([x, y], torch.tensor([1.0, 2.0]), o),
+                             lambda o: P.weighted_sum_out([xg, y], torch.tensor([1.0, 2.0]), o)],
+        "weighted_sum_many_out": [lambda o: P.weighted_sum_many_out([x, y], torch.tensor([[1.0, 2.0]]), [o]),
+                                  lambda o: P.weighted_sum_many_out([x, y], torch.ones(1, 2, requires_grad=True), [o])],
+        "group_lincomb_out": [lambda o: P.group_lincomb_out([x, y], None, False, 1, 6, 0, torch.ones(1, 3), o),
+                              lambda o: P.group_lincomb_out([x, xg], None, False, 1, 6, 0, torch.ones(1, 3), o)],
+    }
+    for name, (to_out, from_input) in calls.items():
+        for call, out in ((to_out, torch.zeros(6, requires_grad=True)), (to_out, torch.ones(6, requires_grad=True) * 2),
+                          (to_out, torch.nn.Parameter(torch.zeros(6))), (from_input, torch.empty(6))):
+            with pytest.raises(RuntimeError, match=rf"^{name}\(\): out= does not record gradients, but an input or "
+                                                   "an output requires grad; call it under torch.no_grad()"):
+                call(out)
+    leaf = torch.zeros(97, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"^tv_merge_out\(\): out= does not record gradients"):
+        P.tv_merge_out(*tv_args(xs, base, leaf))
+    with pytest.raises(RuntimeError, match=r"^tv_merge_out\(\): out= does not record gradients"):
+        P.tv_merge_out(*tv_args(xs, base.clone().requires_grad_(), torch.empty(97)))
+    assert leaf.tolist() == [0.0] * 97
+    p = torch.nn.Parameter(torch.zeros(6))
+    with torch.no_grad():
+        P.weighted_sum_out([xg, y], torch.tensor([1.0, 2.0]), p)
+    torch.testing.assert_close(p.detach().double(), x.double() + 2 * y.double())

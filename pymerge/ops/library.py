@@ -128,6 +128,17 @@ def wants_grad(tensors, weights) -> bool:
                                         or isinstance(weights, Tensor) and weights.requires_grad)
 
 
+def no_grad_for_out(tensors, weights, outs, op: str) -> None:
+    """As torch's own out= ops: an output written in place records no gradient, so an input or an output
+    that wants one is an error rather than a silently detached result (the functional forms record it).
+    Written by address, an out in a graph kept its old grad_fn: backward ran through values it no
+    longer held. The public wrappers check before they call, the raw out= ops in their autograd kernel."""
+    if wants_grad([t for t in tensors if t is not None], weights) or wants_grad(outs, None):
+        instead = ", or leave out= out to get a result autograd tracks" if op.startswith("weighted_sum") else ""
+        raise RuntimeError(f"{op}(): out= does not record gradients, but an input or an output requires grad; "
+                           f"call it under torch.no_grad(){instead}")
+
+
 def call(name: str, *args):
     """Runs op pymerge::name. Plain tensors in eager mode go straight to the device's kernel: the
     dispatcher's Python round trip costs ~80 us a call, more than a small tensor's whole merge.
@@ -526,3 +537,33 @@ def _check_groups(xs, base, rows, cols, group, outs, num_threads, op) -> None:
 @register_fake("pymerge::group_lincomb_out")
 def _(xs, base, sub, rows, cols, group, coef, out, num_threads=0):
     _one_device("group_lincomb", xs, base, out, host_ok=[coef])
+
+
+# ---- the out= ops refuse tensors in an autograd graph ----------------------------------------------
+# torch.library's autograd kernel for a mutating op runs it with no word when an input or an output
+# requires grad (the op records nothing: an out kept its old grad_fn), and grad mode is off by the time
+# the op's own kernel runs. So each out= op gets an autograd kernel per device that checks first (a
+# device's Autograd key takes precedence over the generic one torch.library registered), then runs the
+# op below autograd as torch.library's does.
+_AUTOGRAD_LIB = torch.library.Library("pymerge", "IMPL")
+
+
+def _refuse_grads(name: str, tensors_of) -> None:
+    op = getattr(torch.ops.pymerge, name).default
+
+    def autograd_kernel(keyset, *args, **kwargs):
+        if torch.is_grad_enabled():
+            no_grad_for_out(*tensors_of(*args), name)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+
+    for key in ("AutogradCPU", "AutogradCUDA"):
+        _AUTOGRAD_LIB.impl(name, autograd_kernel, key, with_keyset=True)
+
+
+# (inputs, weights or coef, outs) of each
+_refuse_grads("weighted_sum_out", lambda tensors, weights, out, *_: (tensors, weights, [out]))
+_refuse_grads("weighted_sum_many_out", lambda tensors, weights, outs, *_: (tensors, weights, outs))
+_refuse_grads("tv_merge_out", lambda inputs, base, *rest: (list(inputs) + [base], None, [rest[11]]))
+_refuse_grads("group_lincomb_out", lambda xs, base, sub, rows, cols, group, coef, out, *_:
+              (list(xs) + [base], coef, [out]))

@@ -43,7 +43,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
                             _op_backend(tensors[0], backend), num_threads)
     given = out is not None
     if given:
-        _no_grad_for_out(tensors, weights, [out], "weighted_sum")
+        library.no_grad_for_out(tensors, weights, [out], "weighted_sum")
     elif library.wants_grad(tensors, weights):  # outside the op registry (eager torch, Triton's interpreter)
         return _tracked_sum(tensors, _learnt(weights, w), dtype)
     if out is None:
@@ -62,16 +62,6 @@ def _tracked_sum(tensors, w, dtype) -> torch.Tensor:
     for t, wi in zip(tensors[1:], w[1:]):
         acc = acc + t.float() * wi
     return acc.to(dtype)
-
-
-def _no_grad_for_out(tensors, weights, outs, op: str) -> None:
-    """As torch's own out= ops: an output written in place records no gradient, so an input or an output
-    that wants one is an error rather than a silently detached result (the functional forms record it).
-    Written by address, an out in a graph kept its old grad_fn: backward ran through values it no
-    longer held."""
-    if library.wants_grad(tensors, weights) or library.wants_grad(outs, None):
-        raise RuntimeError(f"{op}(): out= does not record gradients, but an input or an output requires grad; "
-                           "call it under torch.no_grad(), or leave out= out to get a result autograd tracks")
 
 
 def _learnt(given, checked):
@@ -134,7 +124,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
         check_separate(outs)
         check_readable(outs, "weighted_sum: output")
-        _no_grad_for_out(tensors, weight_rows, outs, "weighted_sum_many")
+        library.no_grad_for_out(tensors, weight_rows, outs, "weighted_sum_many")
     weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
     if not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
         mark_written(outs)
