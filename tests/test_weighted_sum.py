@@ -77,6 +77,21 @@ def test_weight_containers(weights):
     check_close(weighted_sum(xs, weights), xs, [0.25, 0.75])
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_numpy_weights_compile_as_in_eager(fullgraph):
+    """torch.compile traces numpy arrays and scalars as (0-d) arrays, which the numbers ABCs and float() do
+    not take there: fullgraph stopped in dynamo ("repr() on tensor"), and with graph breaks the valid weights
+    were refused ("weights must be numbers"). Now they become one traced tensor."""
+    xs = random_inputs(2, 100, [torch.bfloat16, torch.float32], seed=3)
+    torch._dynamo.reset()
+    one = torch.compile(lambda xs, w: weighted_sum(xs, w), fullgraph=fullgraph)
+    many = torch.compile(lambda xs, w: weighted_sum_many(xs, w), fullgraph=fullgraph)
+    for w in (np.array([0.25, -2.0]), [np.float64(0.25), np.float32(-2.0)], (0.25, np.int64(-2))):
+        check_close(one(xs, w), xs, [0.25, -2.0])
+    for got, row in zip(many(xs, np.array([[0.25, -2.0], [3.0, 0.5]])), ([0.25, -2.0], [3.0, 0.5])):
+        check_close(got, xs, row)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_nan_and_inf_propagate(dtype, backend):

@@ -52,6 +52,8 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
     """A sequence or 1-D tensor of n finite numbers within float32's range (the kernels multiply in
     float32), returned as Python floats. Strings, mappings and booleans are refused, not parsed:
     "12" was read as [1, 2] and a dict as its keys."""
+    if torch.compiler.is_compiling() and not isinstance(weights, torch.Tensor):
+        weights = _traced_numpy(weights, what)
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1 or weights.dtype == torch.bool or weights.is_complex():
             raise ValueError(f"{what} must be a 1-D tensor of real numbers, got {weights.dtype} of shape "
@@ -93,6 +95,19 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _traced_numpy(weights, what: str):
+    """Numpy weights as one tensor while torch.compile traces: it traces an array, and every numpy scalar, as
+    a (0-d) array, which neither float() nor the numbers ABCs take there (eager reads their values)."""
+    if isinstance(weights, np.ndarray):
+        return torch.as_tensor(weights)
+    if type(weights) in (list, tuple) and any(isinstance(w, (np.ndarray, np.generic)) for w in weights):
+        items = [torch.as_tensor(w) for w in weights]
+        if any(t.dim() or t.dtype == torch.bool or t.is_complex() for t in items):
+            raise TypeError(f"{what} must be real numbers")
+        return torch.stack([t.to(torch.float64) for t in items])
+    return weights
 
 
 def values_unknown(weights: torch.Tensor) -> bool:
