@@ -77,6 +77,19 @@ def test_weight_containers(weights):
     check_close(weighted_sum(xs, weights), xs, [0.25, 0.75])
 
 
+def test_decimal_weights_are_read_as_fractions_are():
+    """A Decimal is no numbers.Real, so it was refused ("weights must be numbers") where a Fraction is read."""
+    from decimal import Decimal
+    from fractions import Fraction
+    xs = random_inputs(2, 100, [torch.float32], seed=4)
+    check_close(weighted_sum(xs, [Decimal("0.1"), Decimal("-2.5")]), xs, [0.1, -2.5])
+    check_close(weighted_sum_many(xs, [[Decimal(3), Fraction(1, 4)]])[0], xs, [3.0, 0.25])
+    with pytest.raises(ValueError, match=r"^weights\[0\] is nan; weights must be finite$"):
+        weighted_sum(xs, [Decimal("NaN"), 1.0])
+    with pytest.raises(ValueError, match=r"^weights must be finite and within float32's range"):
+        weighted_sum(xs, [Decimal("1e400"), 1.0])  # float() says inf: not "is inf"
+
+
 @pytest.mark.parametrize("fullgraph", [True, False])
 def test_numpy_weights_compile_as_in_eager(fullgraph):
     """torch.compile traces numpy arrays and scalars as (0-d) arrays, which the numbers ABCs and float() do

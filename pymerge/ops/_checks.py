@@ -3,6 +3,7 @@ import math
 import numbers
 import operator
 from collections.abc import Mapping, Set as AbstractSet
+from decimal import Decimal
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -142,16 +143,20 @@ def first_out_of_range(values: Sequence[float]) -> Optional[int]:
 
 
 def _real(w) -> float:
-    """A real number as a float; a string, a boolean or anything else raises TypeError."""
+    """A real number (int, float, Fraction, Decimal, numpy) as a float; a string, a boolean or anything else
+    raises TypeError."""
     if type(w) is float or type(w) is int:  # the common case, without the ABC checks below (~0.5 us each)
         return float(w)
     if isinstance(w, torch.Tensor) and w.numel() == 1 and w.dtype != torch.bool and not w.is_complex():
         return float(w)
     if isinstance(w, (torch.SymFloat, torch.SymInt)):
         return w  # traced by torch.compile(dynamic=True)
-    if isinstance(w, (bool, np.bool_)) or not isinstance(w, (numbers.Real, np.integer, np.floating)):
+    if isinstance(w, (bool, np.bool_)) or not isinstance(w, (numbers.Real, np.integer, np.floating, Decimal)):
         raise TypeError(f"not a real number: {short(w)}")
-    return float(w)
+    value = float(w)  # a Decimal too, as a Fraction is (no numbers.Real: its arithmetic refuses floats)
+    if math.isinf(value) and isinstance(w, Decimal) and w.is_finite():
+        raise OverflowError(f"{w} is beyond float's range")  # float() said inf, as a Fraction's raises
+    return value
 
 
 def default_out_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
