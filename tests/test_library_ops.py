@@ -710,3 +710,21 @@ def test_raw_out_ops_refuse_tensors_in_an_autograd_graph():
     with torch.no_grad():
         P.weighted_sum_out([xg, y], torch.tensor([1.0, 2.0]), p)
     torch.testing.assert_close(p.detach().double(), x.double() + 2 * y.double())
+
+
+def test_torch_func_transforms_are_refused_in_one_line():
+    """vmap, grad, jacrev and jvp over the public ops failed inside check_readable with torch's "Cannot access
+    storage of BatchedTensorImpl / TensorWrapper"; now one line saying what to use instead."""
+    from torch.func import grad, jacrev, jvp, vmap
+    xs = [rand(5, torch.float32, 100 + i) for i in range(3)]
+    msg = r"is inside a torch.func transform \(vmap, grad, jacrev, jvp\), which pymerge's ops do not support"
+    calls = [lambda: vmap(lambda w: pymerge.weighted_sum(xs, w))(torch.randn(4, 3)),
+             lambda: vmap(lambda a: pymerge.weighted_sum([a, xs[1]], [1.0, 2.0]))(torch.randn(4, 5)),
+             lambda: vmap(lambda w: pymerge.weighted_sum_many(xs, w))(torch.randn(4, 2, 3)),
+             lambda: grad(lambda w: pymerge.weighted_sum(xs, w).sum())(torch.ones(3)),
+             lambda: jacrev(lambda a: pymerge.weighted_sum([a, xs[1]], [1.0, 2.0]))(xs[0]),
+             lambda: jvp(lambda a: pymerge.weighted_sum([a, xs[1]], [1.0, 2.0]), (xs[0],), (torch.ones(5),)),
+             lambda: vmap(lambda a: select.select_ranks(a, None, [1], True))(torch.randn(2, 5))]
+    for call in calls:
+        with pytest.raises(ValueError, match=msg):
+            call()

@@ -67,8 +67,14 @@ def negated_problem(t: torch.Tensor) -> Optional[str]:
     return "is a lazily negated view (x.conj().imag); merge into a tensor of your own" if t.is_neg() else None
 
 
+TRANSFORMED = ("is inside a torch.func transform (vmap, grad, jacrev, jvp), which pymerge's ops do not support; "
+               "use weighted_sum_many for a batch of weights, torch.autograd for gradients")
+
+
 def backing_problem(t: torch.Tensor) -> Optional[str]:
     """Why t's storage cannot hold every element it addresses, or None."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):  # no storage to ask about ("Cannot access storage")
+        return TRANSFORMED
     if _wrapper(t):  # its storage is a placeholder: a kernel given its address (0) wrote to address 0
         hint = (" (a DTensor: build the pool with shard_like=, or pass .to_local() / .full_tensor())"
                 if type(t).__name__ == "DTensor" else "")
@@ -158,11 +164,14 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
     kernel as address 0."""
     if torch.compiler.is_compiling():
         return
+    transformed = torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad: wrapped tensors
     for i, t in enumerate(tensors):
         if type(t) not in PLAIN:
             if t is not None and _wrapper(t):
                 check_backed(t, f"{what} {i}", error)
             continue
+        if transformed and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise error(f"{what} {i}: {TRANSFORMED}")
         problem = layout_problem(t)  # before untyped_storage(), which a sparse tensor raised on
         if problem:
             raise error(f"{what} {i}: {problem}")
