@@ -728,3 +728,23 @@ def test_torch_func_transforms_are_refused_in_one_line():
     for call in calls:
         with pytest.raises(ValueError, match=msg):
             call()
+
+
+def test_forward_mode_dual_tensors_are_refused_not_their_tangent_dropped():
+    """torch.library ops drop a dual tensor's tangent without a word (the result had none); the public ops
+    refuse one, as torch's own ops without a forward formula do. Plain tensors inside dual_level() still run."""
+    import torch.autograd.forward_ad as fwAD
+    xs = [rand(5, torch.float32, 110), rand(5, torch.float32, 111)]
+    msg = r"is a forward-mode AD dual tensor \(torch.autograd.forward_ad\), which pymerge's ops do not support"
+    with fwAD.dual_level():
+        w = fwAD.make_dual(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]))
+        a = fwAD.make_dual(xs[0], torch.ones(5))
+        for call in (lambda: pymerge.weighted_sum(xs, w),
+                     lambda: pymerge.weighted_sum([a, xs[1]], [3.0, 1.0]),
+                     lambda: pymerge.weighted_sum_many([xs[1], a], [[3.0, 1.0]]),
+                     lambda: pymerge.weighted_sum_many(xs, torch.stack([w, w])),
+                     lambda: select.select_ranks(a, None, [1], True)):
+            with pytest.raises(ValueError, match=msg):
+                call()
+        got = pymerge.weighted_sum(xs, [3.0, 1.0])
+    torch.testing.assert_close(got.double(), 3 * xs[0].double() + xs[1].double())

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._memory import PLAIN, _wrapper, check_backed, check_readable, layout_problem
+from pymerge.ops._memory import DUAL, PLAIN, _wrapper, check_backed, check_readable, is_dual, layout_problem
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
 
@@ -123,6 +123,8 @@ def check_values_readable(t: torch.Tensor, what: str) -> None:
     """A tensor whose values are read here (tolist): with data (not meta), backed by its storage."""
     if t.device.type == "meta":
         raise ValueError(f"{what} are on the meta device and hold no values")
+    if is_dual(t):  # tolist() drops the tangent
+        raise ValueError(f"{what}: {DUAL}")
     check_backed(t, what)
 
 

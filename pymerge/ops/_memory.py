@@ -10,6 +10,7 @@ import threading
 from typing import Iterable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 _probe_lock = threading.Lock()
 _probe_fds = None  # (read fd, write fd) of this process's probe pipe, made on first use
@@ -69,6 +70,15 @@ def negated_problem(t: torch.Tensor) -> Optional[str]:
 
 TRANSFORMED = ("is inside a torch.func transform (vmap, grad, jacrev, jvp), which pymerge's ops do not support; "
                "use weighted_sum_many for a batch of weights, torch.autograd for gradients")
+
+
+DUAL = ("is a forward-mode AD dual tensor (torch.autograd.forward_ad), which pymerge's ops do not support: "
+        "its tangent would be dropped; use reverse mode (backward, torch.autograd.functional.jvp)")
+
+
+def is_dual(t: torch.Tensor) -> bool:
+    """A tensor with a tangent at the current forward-AD level (torch.library ops drop it silently)."""
+    return fwAD._current_level >= 0 and fwAD.unpack_dual(t).tangent is not None
 
 
 def backing_problem(t: torch.Tensor) -> Optional[str]:
@@ -165,6 +175,7 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
     if torch.compiler.is_compiling():
         return
     transformed = torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad: wrapped tensors
+    dual = fwAD._current_level >= 0  # inside forward_ad.dual_level()
     for i, t in enumerate(tensors):
         if type(t) not in PLAIN:
             if t is not None and _wrapper(t):
@@ -172,6 +183,8 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
             continue
         if transformed and torch._C._functorch.is_functorch_wrapped_tensor(t):
             raise error(f"{what} {i}: {TRANSFORMED}")
+        if dual and is_dual(t):
+            raise error(f"{what} {i}: {DUAL}")
         problem = layout_problem(t)  # before untyped_storage(), which a sparse tensor raised on
         if problem:
             raise error(f"{what} {i}: {problem}")
