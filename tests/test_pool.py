@@ -728,3 +728,19 @@ def test_dtype_on_the_mmap_tier_is_refused_not_ignored(tmp_path):
     same.materialize([0.3, 0.7], into=a)
     host.materialize([0.3, 0.7], into=b)
     assert torch.equal(a["w"], b["w"])
+
+
+@pytest.mark.parametrize("kw", [{}, {"residency": "mmap"}, {"compress": "int8"}])
+def test_an_empty_tensor_with_huge_other_dims_is_held(tmp_path, kw):
+    """Was torch's 'Stride calculation overflowed' traceback: the reader built [0, 2**62, 2**62] with
+    torch.empty, whose contiguous strides overflow int64 (the safetensors library writes and reads it)."""
+    shape = (0, 2**62, 2**62)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({"w": torch.full((3,), float(i + 1)), "z": torch.empty(0).reshape(shape)}, paths[-1])
+    pool = CheckpointPool(paths, base=paths[0] if "compress" in kw else None, **kw)
+    into = {"w": torch.empty(3), "z": torch.empty(0).reshape(shape)}
+    pool.materialize([0.5, 0.5], into=into)
+    assert torch.allclose(into["w"], torch.full((3,), 1.5), atol=1e-2)
+    assert pool.tensor(1, "z").shape == shape

@@ -259,8 +259,9 @@ class SafetensorsFile:
         import torch
         info = self.info(name)
         mm = self._require_open()
-        if info.nbytes == 0:  # torch.frombuffer refuses count=0; there is nothing to share anyway
-            return torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:  # torch.frombuffer refuses count=0; there is nothing to share anyway. Reshaped:
+            # torch.empty([0, 2**62, 2**62]) overflowed computing contiguous strides, a reshape does not
+            return torch.empty(0, dtype=info.dtype).reshape(info.shape)
         raw = _frombuffer(mm, info.file_offset, info.nbytes)
         # The mapping is page-aligned, so the absolute offset decides alignment. safetensors pads the
         # header to 8 bytes but does not align offsets between tensors: a misaligned view would be
