@@ -758,3 +758,49 @@ def test_read_small_reads_in_pieces_and_keeps_its_limit(tmp_path):
               "print(len(read_small(sys.argv[1], InputError, limit=1 << 33)))")
     p = subprocess.run([sys.executable, "-c", capped, str(path)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "100", p.stderr[-1000:]
+
+
+_MANY_SHARDS = r"""
+import json, os, resource, sys
+import torch
+from safetensors.torch import save_file
+import pymerge
+from pymerge.errors import CheckpointError
+root, hard = sys.argv[1], sys.argv[2] == "hard"
+for d, v in (("a", 1.0), ("b", 3.0)):
+    os.makedirs(f"{root}/{d}")
+    weights = {}
+    for k in range(150):  # one tensor per shard: 300 shards in all, past the soft limit of 64
+        save_file({f"t{k}": torch.full((4,), v + k)}, f"{root}/{d}/s{k}.safetensors")
+        weights[f"t{k}"] = f"s{k}.safetensors"
+    json.dump({"metadata": {}, "weight_map": weights}, open(f"{root}/{d}/model.safetensors.index.json", "w"))
+_, h = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64 if hard else h))
+try:
+    pool = pymerge.CheckpointPool([f"{root}/a", f"{root}/b"], residency="mmap")
+except CheckpointError as e:
+    print(e)
+    sys.exit(2)
+out = {f"t{k}": torch.empty(4) for k in range(150)}
+pool.materialize([0.5, 0.5], into=out)
+assert all(torch.equal(out[f"t{k}"], torch.full((4,), 2.0 + k)) for k in range(150))
+print("soft limit now", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("limit", ["soft", "hard"])
+def test_more_shards_than_the_soft_open_file_limit_are_read(tmp_path, limit):
+    """Every shard is held open (an mmap keeps a descriptor of its own), so a model of more shards than
+    the soft limit (1024 is common; pymerge writes such models) could not be read: the soft limit is
+    raised to the hard one when descriptors run out; past the hard one the error says what to raise."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _MANY_SHARDS, str(tmp_path), limit], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if limit == "soft":
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "soft limit now" in p.stdout
+    else:
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert "Too many open files (raise the open-file limit: ulimit -n)" in p.stdout
+        assert len(p.stdout.strip().splitlines()) == 1

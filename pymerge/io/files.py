@@ -35,13 +35,44 @@ def check_file_or_folder(path, error: Type[InputError] = CheckpointError) -> Non
         raise error(f"{path}: is {kind_of(mode)}, not a model file or folder")
 
 
+def more_open_files() -> bool:
+    """Raises this process's soft open-file limit to its hard one; whether it rose. A checkpoint is read
+    with one descriptor per shard (an mmap keeps its own), held for the whole merge or pool, so a model
+    of more shards than the soft limit (1024 is common) that pymerge itself wrote could not be read back."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft >= target:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return True
+    except (ImportError, ValueError, OSError):
+        return False
+
+
+def retry_out_of_files(fn):
+    """fn(), once more after raising the open-file limit where it failed for want of descriptors."""
+    try:
+        return fn()
+    except OSError as exc:
+        if exc.errno != errno.EMFILE or not more_open_files():
+            raise
+    return fn()
+
+
+def fd_advice(exc: OSError) -> str:
+    return " (raise the open-file limit: ulimit -n)" if exc.errno == errno.EMFILE else ""
+
+
 def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
     """A read-only fd of a regular file. O_NONBLOCK: opening a FIFO returns at once instead of
     waiting for a writer; fstat then refuses it (and any device) before a byte is read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = retry_out_of_files(lambda: os.open(path, flags))
     except OSError as exc:
-        raise error(f"{path}: cannot open: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot open: {exc.strerror or exc}{fd_advice(exc)}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

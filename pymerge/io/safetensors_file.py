@@ -25,7 +25,7 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
-from pymerge.io.files import LFS_ADVICE, LFS_POINTER, open_regular
+from pymerge.io.files import LFS_ADVICE, LFS_POINTER, fd_advice, open_regular, retry_out_of_files
 from pymerge.io.sigbus import stamp as _stamp
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -124,10 +124,10 @@ class SafetensorsFile:
             self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
             self._parse(fd, size)
             # A file of only a header still maps fine: it is at least 8 bytes long.
-            try:
-                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            try:  # the map keeps a descriptor of its own (EMFILE: the soft limit is raised once)
+                self._mm = retry_out_of_files(lambda: mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
             except OSError as exc:  # ENOMEM under an address-space limit: the error carries no file name
-                raise self._error(f"cannot map the file into memory: {exc.strerror or exc}") from None
+                raise self._error(f"cannot map the file into memory: {exc.strerror or exc}{fd_advice(exc)}") from None
         finally:
             os.close(fd)
 
