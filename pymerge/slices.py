@@ -85,7 +85,8 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
         return SlicedConfig(_slices(data["slices"], "slices", err))
     modules = data["modules"]
     if not isinstance(modules, dict) or not modules:
-        raise err(f"'modules' must be a mapping of module names to definitions, got {described(modules)}")
+        got = "an empty mapping" if isinstance(modules, dict) else described(modules)
+        raise err(f"'modules' must be a mapping of module names to definitions, got {got}")
     if list(modules) != ["default"]:
         name = next(k for k in modules if k != "default")
         raise err(f"modules: unknown module {name!r}: pymerge merges single-stack models, whose one module is "

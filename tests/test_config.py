@@ -51,6 +51,7 @@ out_dtype: bfloat16
          models=None), ["slices[0]", "same number of layers"]),
     (cfg(modules={"decoder": {"slices": []}}, models=None), ["unknown module 'decoder'"]),
     (cfg(modules={}), ["modules"]),
+    (cfg(modules={}, models=None), ["'modules' must be a mapping", "got an empty mapping"]),
     (cfg(tokenizer={"source": "union"}, tokenizer_source="base"), ["either tokenizer_source or tokenizer"]),
     (cfg(tokenizer_source=3), ["tokenizer_source", "base, union or a model path"]),
     (cfg(tokenizer=["union"]), ["tokenizer must be a mapping"]),

@@ -397,3 +397,22 @@ def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dty
     for name, t in ours.items():
         assert torch.equal(t, theirs[name]), name
     assert not torch.equal(ours["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
+
+
+def test_fan_in_fan_out_true_on_a_square_linear_layer(family, tmp_path):
+    """peft resets fan_in_fan_out for an nn.Linear whatever the adapter's config says: a Llama adapter
+    saved (by hand, or another tool) with true was merged transposed on the square layers (q_proj here),
+    off by up to the weight's own size (a fuzz against mergekit)."""
+    import shutil
+    root, model, _, ads = family
+    adapter = tmp_path / "ad_fifo"
+    shutil.copytree(ads["plain"], adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    theirs = peft_merged(model, adapter)
+    with open_model(f"{model}+{adapter}") as ck:
+        ours = read_all(ck)
+    assert ours["model.layers.0.self_attn.q_proj.weight"].shape[0] == ours["model.layers.0.self_attn.q_proj.weight"].shape[1]
+    for name, t in ours.items():
+        assert torch.equal(t, theirs[name]), name
