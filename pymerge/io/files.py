@@ -14,6 +14,11 @@ from typing import Callable, Optional, Type
 
 from pymerge.errors import CheckpointError, InputError
 
+try:  # imported now: once descriptors have run out, importing a module (opening its file) fails too
+    import resource
+except ImportError:  # not POSIX
+    resource = None
+
 MAX_SMALL_FILE = 100_000_000  # config.json, index, YAML: bigger is not a config, and would be read whole
 
 
@@ -39,15 +44,16 @@ def more_open_files() -> bool:
     """Raises this process's soft open-file limit to its hard one; whether it rose. A checkpoint is read
     with one descriptor per shard (an mmap keeps its own), held for the whole merge or pool, so a model
     of more shards than the soft limit (1024 is common) that pymerge itself wrote could not be read back."""
+    if resource is None:
+        return False
     try:
-        import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = hard if hard != resource.RLIM_INFINITY else 1 << 20
         if soft != resource.RLIM_INFINITY and soft >= target:
             return False
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         return True
-    except (ImportError, ValueError, OSError):
+    except (ValueError, OSError):
         return False
 
 
