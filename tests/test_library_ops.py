@@ -728,6 +728,12 @@ def test_torch_func_transforms_are_refused_in_one_line():
     for call in calls:
         with pytest.raises(ValueError, match=msg):
             call()
+    # functionalize is no such transform: make_fx(functionalize(f)) traces the op as one node, as before
+    from torch.fx.experimental.proxy_tensor import make_fx
+    f = lambda a, b: pymerge.weighted_sum([a, b], [0.25, 0.75]) * 2
+    g = make_fx(torch.func.functionalize(f))(xs[0], xs[1])
+    assert "pymerge.weighted_sum" in g.code
+    torch.testing.assert_close(g(xs[1], xs[2]).double(), (0.5 * xs[1].double() + 1.5 * xs[2].double()))
 
 
 def test_forward_mode_dual_tensors_are_refused_not_their_tangent_dropped():

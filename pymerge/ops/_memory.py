@@ -81,9 +81,16 @@ def is_dual(t: torch.Tensor) -> bool:
     return fwAD._current_level >= 0 and fwAD.unpack_dual(t).tangent is not None
 
 
+def transformed(t: torch.Tensor) -> bool:
+    """Whether t is wrapped by a torch.func transform the ops do not support (vmap, grad: no storage to ask
+    about, 'Cannot access storage'). functionalize's wrappers are not: make_fx(functionalize(f)) traces the
+    ops as one node each."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) and not torch._is_functional_tensor(t)
+
+
 def backing_problem(t: torch.Tensor) -> Optional[str]:
     """Why t's storage cannot hold every element it addresses, or None."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(t):  # no storage to ask about ("Cannot access storage")
+    if transformed(t):
         return TRANSFORMED
     if _wrapper(t):  # its storage is a placeholder: a kernel given its address (0) wrote to address 0
         hint = (" (a DTensor: build the pool with shard_like=, or pass .to_local() / .full_tensor())"
@@ -174,14 +181,14 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
     kernel as address 0."""
     if torch.compiler.is_compiling():
         return
-    transformed = torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad: wrapped tensors
+    in_transform = torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad: wrapped tensors
     dual = fwAD._current_level >= 0  # inside forward_ad.dual_level()
     for i, t in enumerate(tensors):
         if type(t) not in PLAIN:
             if t is not None and _wrapper(t):
                 check_backed(t, f"{what} {i}", error)
             continue
-        if transformed and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if in_transform and transformed(t):
             raise error(f"{what} {i}: {TRANSFORMED}")
         if dual and is_dual(t):
             raise error(f"{what} {i}: {DUAL}")
