@@ -1010,9 +1010,12 @@ def test_values_at_a_narrow_dtypes_limit_stay_finite(mode, dtype, top, base):
     x = (torch.rand(200, generator=g) * top).to(dtype)
     x[[0, 77, 199]] = top
     b = torch.full((200,), base, dtype=dtype)
-    comp = CheckpointPool([{"w": x}], base={"w": b}, compress=mode)
-    got = {"w": torch.empty(200, dtype=dtype)}
-    comp.materialize([1.0], into=got)
-    assert torch.isfinite(got["w"]).all()
-    assert (got["w"].double() - x.double()).abs().max() <= comp.compression_report()[0]["rel_error"] * 2 * abs(top) + 64
-    assert torch.isfinite(comp.tensor(0, "w")).all()
+    # held as is, and held as float32 (a float32 base, or dtype=): the checkpoint's own range still holds
+    for base_w, kw in ((b, {}), (b.float(), {}), (b, {"dtype": torch.float32})):
+        comp = CheckpointPool([{"w": x}], base={"w": base_w}, compress=mode, **kw)
+        got = {"w": torch.empty(200, dtype=dtype)}
+        comp.materialize([1.0], into=got)
+        assert torch.isfinite(got["w"]).all(), (base_w.dtype, kw)
+        err = comp.compression_report()[0]["rel_error"]
+        assert (got["w"].double() - x.double()).abs().max() <= err * 2 * abs(top) + 64
+        assert torch.isfinite(comp.tensor(0, "w").to(dtype)).all()

@@ -238,9 +238,12 @@ def pairs_pay() -> bool:
     return _native.cpu is not None and _native.cpu.simd_level() == "avx2"
 
 
-def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str) -> Encoded:
-    """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`."""
+def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str,
+           stored: Optional[torch.dtype] = None) -> Encoded:
+    """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`;
+    stored: the tensor's dtype in its file (default: as held), whose range its decoded values keep."""
     theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
+    narrow = next((d for d in (stored, theta.dtype) if d in _NARROW), None)
     for fmt in ("int4", "int8") if mode == "auto" else (mode,):
         codes, scales, err2, norm2, bad = quantize(theta, base, fmt)
         if bad >= 0:
@@ -253,7 +256,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
         if reach > FLOAT32_MAX:
             continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
             #           base first and stays finite, but pool.tensor() and the selection methods decode it alone)
-        if theta.dtype in _NARROW and _decodes_past(theta.dtype, base, codes, scales, fmt, reach):
+        if narrow is not None and _decodes_past(narrow, base, codes, scales, fmt, reach):
             continue
         err = math.sqrt(err2 / norm2)
         if budget is None or err <= budget:
@@ -265,7 +268,7 @@ _NARROW = (torch.float16, torch.bfloat16)
 
 
 def _decodes_past(dtype: torch.dtype, base: torch.Tensor, codes, scales, fmt: str, reach: float) -> bool:
-    """Whether base + code * scale rounds to inf in the held dtype somewhere: near float16's or bfloat16's
+    """Whether base + code * scale rounds to inf in dtype (the checkpoint's own) somewhere: near float16's or bfloat16's
     largest value a block's scale, rounded up to bfloat16, takes code 127 (7) past it, and weight 1 on that
     checkpoint gave inf where the exact pool gives the checkpoint. Decoded only where the bound says it may."""
     if reach + float(base.abs().max()) <= torch.finfo(dtype).max:
@@ -325,7 +328,7 @@ class CompressedStore:
             held = dtype or _common([held_dtype(d, None) for d in [b.dtype] + [s.info(name)[0] for s in opened]])
             base[name] = b.to("cpu", held, copy=True).contiguous()
             entries[name] = [encode(s.tensor(name).detach().to("cpu", held), base[name], mode, budget,
-                                    f"{s.label}: tensor {name!r}") for s in opened]
+                                    f"{s.label}: tensor {name!r}", s.info(name)[0]) for s in opened]
         return cls(names, shapes, base, entries, [s.label for s in opened], mode, budget, skipped)
 
     def to(self, device: torch.device) -> "CompressedStore":
