@@ -263,6 +263,20 @@ def test_an_empty_out_filled_by_another_writer_before_the_rename(tmp_path, monke
     assert leftovers(tmp_path) == []
 
 
+def test_a_missing_out_made_a_file_before_the_rename(tmp_path, monkeypatch):
+    """The same race, where the other program made OUT a file: the error named the temporary folder
+    ('Not a directory'); now the usual line about OUT, and the file is kept."""
+    out, real = tmp_path / "out", writer_mod._keep_access
+
+    def make_file_then_keep(o, tmp):
+        out.write_text("theirs")
+        real(o, tmp)
+    monkeypatch.setattr(writer_mod, "_keep_access", make_file_then_keep)
+    with pytest.raises(InputError, match=rf"^{out}: exists and is not a folder$"):
+        write_all(out, {"a": torch.randn(3)})
+    assert out.read_text() == "theirs" and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename_aside"])
 def test_force_replaces(tmp_path, monkeypatch, exchange):
     calls, real = [], writer_mod._exchange

@@ -738,7 +738,7 @@ def _rename_onto_empty(tmp: Path, out: Path) -> bool:
     try:
         os.rename(tmp, out)
     except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):  # ENOTDIR: a file or link made there
             return False
         raise
     return True
