@@ -77,5 +77,6 @@ def main(argv=None) -> int:
     print(f"pymerge {pymerge.__version__} at {os.path.dirname(pymerge.__file__)} (Python {platform.python_version()})")
     for name, ok, detail in report():
         print(f"{name:16s} {'yes' if ok else 'no ':3s}  {detail}")
-    sys.stdout.flush()
+    if sys.stdout is not None:  # >&-: print() writes nowhere, flush() would raise
+        sys.stdout.flush()
     return 0

@@ -317,6 +317,13 @@ def test_a_stdout_reader_gone_away_ends_quietly(command):
     assert p.returncode == 141 and p.stderr == "", (p.returncode, p.stderr[-2000:])
 
 
+def test_doctor_with_stdout_closed():
+    """`pymerge doctor >&-` ended in an AttributeError traceback (doctor flushed a None sys.stdout)."""
+    p = subprocess.run(["bash", "-c", 'exec "$@" >&-', "bash", sys.executable, "-m", "pymerge", "doctor"], cwd=ROOT,
+                       stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-2000:])
+
+
 # The merge, slowed down inside the child process only (each chunk sleeps), so a signal lands midway.
 _SLOW_DRIVER = """
 import signal, sys, time

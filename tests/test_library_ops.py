@@ -700,6 +700,11 @@ def test_raw_out_ops_refuse_tensors_in_an_autograd_graph():
             with pytest.raises(RuntimeError, match=rf"^{name}\(\): out= does not record gradients, but an input or "
                                                    "an output requires grad; call it under torch.no_grad()"):
                 call(out)
+    # the raw ops have no optional out=: the advice names the functional op instead
+    with pytest.raises(RuntimeError, match=r"call torch.ops.pymerge.weighted_sum to get a result autograd tracks$"):
+        calls["weighted_sum_out"][1](torch.empty(6))
+    with pytest.raises(RuntimeError, match=r"call torch.ops.pymerge.weighted_sum_many to get a result"):
+        calls["weighted_sum_many_out"][1](torch.empty(6))
     leaf = torch.zeros(97, requires_grad=True)
     with pytest.raises(RuntimeError, match=r"^tv_merge_out\(\): out= does not record gradients"):
         P.tv_merge_out(*tv_args(xs, base, leaf))

@@ -134,7 +134,11 @@ def no_grad_for_out(tensors, weights, outs, op: str) -> None:
     Written by address, an out in a graph kept its old grad_fn: backward ran through values it no
     longer held. The public wrappers check before they call, the raw out= ops in their autograd kernel."""
     if wants_grad([t for t in tensors if t is not None], weights) or wants_grad(outs, None):
-        instead = ", or leave out= out to get a result autograd tracks" if op.startswith("weighted_sum") else ""
+        instead = {"weighted_sum": ", or leave out= out to get a result autograd tracks",
+                   "weighted_sum_many": ", or leave out= out to get a result autograd tracks",
+                   "weighted_sum_out": ", or call torch.ops.pymerge.weighted_sum to get a result autograd tracks",
+                   "weighted_sum_many_out": ", or call torch.ops.pymerge.weighted_sum_many to get a result autograd "
+                                            "tracks"}.get(op, "")
         raise RuntimeError(f"{op}(): out= does not record gradients, but an input or an output requires grad; "
                            f"call it under torch.no_grad(){instead}")
 
