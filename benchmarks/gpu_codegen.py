@@ -10,7 +10,12 @@ element. tests/test_gpu_codegen.py asserts the targets from these rows:
   one Philox call per 4 elements;
 - the CUDA delta-decode kernel (compressed pools): 16-byte loads of codes and dense terms, 16-byte
   stores, no local memory (the Triton one loads every element on its own: its rows show why the
-  CUDA kernel exists).
+  CUDA kernel exists);
+- the "sm_80" rows (A100, a default build target): every Triton kernel compiles for it. Triton has no
+  float8_e4m3fn (tl.float8e4nv) below sm_89, so the kernels build that load only when an input is one
+  (HAS_E4M3) and such calls go to the CUDA extension there; the mixed-dtype rows below are the variants
+  without it, which failed to compile for sm_80 while the load was always built. A row that does not
+  compile carries its "error" instead of the counts.
 
     python benchmarks/gpu_codegen.py [--json]      (needs triton; nvcc for the CUDA rows)
 """
@@ -27,15 +32,16 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32  # sm_90
+REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32  # sm_90 and sm_80 alike
+SMEM_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
 
 
-def blocks_per_sm(regs: int, threads: int, shared: int = 0) -> int:
+def blocks_per_sm(regs: int, threads: int, shared: int = 0, arch: int = 90) -> int:
     """Resident blocks per SM from registers (allocated per warp in units of 256) and warps."""
     warps = (threads + 31) // 32
     per_warp = -(-regs * 32 // 256) * 256
     by_regs = REGS_PER_SM // max(per_warp * warps, 1)
-    by_smem = (228 * 1024) // shared if shared else MAX_BLOCKS_PER_SM
+    by_smem = SMEM_PER_SM[arch] // shared if shared else MAX_BLOCKS_PER_SM
     return min(by_regs, MAX_WARPS_PER_SM // warps, MAX_BLOCKS_PER_SM, by_smem)
 
 
@@ -72,18 +78,31 @@ def cubin_regs(cubin: bytes) -> dict:
             "spill_bytes": int(re.search(r"LOCAL:(\d+)", r.stdout).group(1))}
 
 
-def triton_row(name, fn, signature, constexprs, divisible, num_warps, fp_fusion=True, elems=None):
+def triton_row(name, fn, signature, constexprs, divisible, num_warps, fp_fusion=True, elems=None, arch=90):
+    """One kernel variant compiled for sm_`arch`; for sm_80 a compile error becomes the row's "error"
+    (for sm_90 it stops the script: every row there must compile)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}  # a kernel from before HAS_E4M3 too
     types = {**signature, **{k: "constexpr" for k in constexprs}}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature={a: types[a] for a in fn.arg_names}, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion})
+    except Exception as e:
+        if arch == 90:
+            raise
+        while (e.__cause__ or e.__context__) is not None:  # Triton nests one error per inlined call: the innermost
+            e = e.__cause__ or e.__context__
+        why = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return {"kernel": name, "backend": "triton", "arch": arch, "threads": 32 * num_warps,
+                "error": why[-1] if why else type(e).__name__}
     ptx = k.asm["ptx"]
-    row = {"kernel": name, "backend": "triton", "threads": 32 * num_warps, **ptx_facts(ptx), **cubin_regs(k.asm["cubin"])}
-    row["blocks_per_sm"] = blocks_per_sm(row["registers"], row["threads"], k.metadata.shared)
+    row = {"kernel": name, "backend": "triton", "arch": arch, "threads": 32 * num_warps, **ptx_facts(ptx),
+           **cubin_regs(k.asm["cubin"])}
+    row["blocks_per_sm"] = blocks_per_sm(row["registers"], row["threads"], k.metadata.shared, arch)
     if elems:
         row["elems_per_thread"] = elems // row["threads"]
     return row
@@ -98,10 +117,11 @@ def triton_rows() -> list:
     ws_sig = {"addr_table": "*i64", "code_table": "*i32", "w_table": "*fp32", "out0": "*bf16", "out1": "*bf16",
               "out2": "*bf16", "out3": "*bf16", "start": "i64", "end": "i64", "n_in": "i32"}
     ptrs = ["addr_table", "code_table", "w_table", "out0", "out1", "out2", "out3"]
+    # mixed: every dtype among the inputs, float8_e4m3fn too (HAS_E4M3: the widest variant)
     for dt_name, dt in (("bf16", 2), ("fp32", 0), ("mixed", -1)):
         for k in (1, 4):
             rows.append(triton_row(f"weighted_sum {dt_name} K={k}", ws._weighted_sum_kernel, ws_sig,
-                                   {"IN_DT": dt, "K": k, "BLOCK": 4096, "ALIGNED": True},
+                                   {"IN_DT": dt, "K": k, "BLOCK": 4096, "ALIGNED": True, "HAS_E4M3": dt == -1},
                                    ptrs + ["start", "end"], num_warps=8, elems=4096))
     # the pool's hot path on a GPU: a whole model's weighted sums in one launch (full blocks; the
     # partial last block of each tensor goes in a second, masked launch)
@@ -113,7 +133,8 @@ def triton_rows() -> list:
         for k in (1, 4):
             rows.append(triton_row(f"grouped weighted_sum {dt_name} K={k} full blocks", wg._grouped_kernel, wg_sig,
                                    {"IN_DT": dt, "OUT_T": tl.bfloat16, "K": k, "BLOCK": 1024, "FULL": True,
-                                    "ALIGNED": True}, [a for a, t in wg_sig.items() if t.startswith("*")],
+                                    "ALIGNED": True, "HAS_E4M3": dt == -1},
+                                   [a for a, t in wg_sig.items() if t.startswith("*")],
                                    num_warps=4, elems=1024))
     tv_sig = {"tab": "*i64", "out_ptr": "*bf16", "start": "i64", "end": "i64", "n_models": "i32", "lam": "fp32",
               "divisor": "fp32"}
@@ -122,20 +143,59 @@ def triton_rows() -> list:
             rows.append(triton_row(
                 f"task_vectors bf16 consensus={int(consensus)} grouped={int(grouped)}", tv._tv_merge_kernel, tv_sig,
                 {"IN_DT": 2, "BASE_DT": 2, "CONSENSUS": consensus, "NORMALIZE": True, "GROUPED": grouped,
-                 "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False,
+                 "ALIGNED": True, "BLOCK": 1024, "HAS_E4M3": False}, ["tab", "out_ptr", "start", "end"], num_warps=4,
+                fp_fusion=False,
                 elems=1024))
     from pymerge.kernels import delta_decode as dd
     dd_sig = {"data_table": "*i64", "scale_table": "*i64", "kind_table": "*i32", "w_table": "*fp32", "out0": "*bf16",
               "out1": "*bf16", "out2": "*bf16", "out3": "*bf16", "numel": "i64", "n_terms": "i32"}
     for k in (1, 4):  # compressed pools: one kernel for every mix of int4/int8/dense terms
-        rows.append(triton_row(f"delta_decode bf16 K={k}", dd._delta_kernel, dd_sig, {"K": k, "BLOCK": 2048},
+        rows.append(triton_row(f"delta_decode bf16 K={k}", dd._delta_kernel, dd_sig,
+                               {"K": k, "BLOCK": 2048, "HAS_E4M3": False},
                                [a for a in dd_sig if a != "n_terms"], num_warps=8, elems=2048))
     # What Triton's launcher does with an integer argument equal to 1: it becomes a constant.
     one = {k: v for k, v in tv_sig.items() if k != "n_models"}
     rows.append(triton_row("task_vectors bf16 n_models=1 (specialized)", tv._tv_merge_kernel, one,
                            {"n_models": 1, "IN_DT": 2, "BASE_DT": 2, "CONSENSUS": True, "NORMALIZE": True,
-                            "GROUPED": True, "ALIGNED": True, "BLOCK": 1024}, ["tab", "out_ptr", "start", "end"],
-                           num_warps=4, fp_fusion=False, elems=1024))
+                            "GROUPED": True, "ALIGNED": True, "BLOCK": 1024, "HAS_E4M3": False},
+                           ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False, elems=1024))
+    return rows + sm80_rows(ws_sig, wg_sig, tv_sig, dd_sig)
+
+
+def sm80_rows(ws_sig, wg_sig, tv_sig, dd_sig) -> list:
+    """The variants an A100 (sm_80) runs: every kernel, with mixed input dtypes (float8_e5m2 among them,
+    float8_e4m3fn not: such calls go to the CUDA extension there), both block shapes."""
+    import triton.language as tl
+    from pymerge.kernels import delta_decode as dd
+    from pymerge.kernels import task_vectors as tv
+    from pymerge.kernels import weighted_sum as ws
+    from pymerge.kernels import weighted_sum_grouped as wg
+    rows = []
+    ws_ptrs = ["addr_table", "code_table", "w_table", "out0", "out1", "out2", "out3", "start", "end"]
+    for dt_name, dt in (("bf16", 2), ("fp8e5", 4), ("mixed", -1)):
+        rows.append(triton_row(f"sm_80 weighted_sum {dt_name} K=4", ws._weighted_sum_kernel, ws_sig,
+                               {"IN_DT": dt, "K": 4, "BLOCK": 4096, "ALIGNED": True, "HAS_E4M3": False},
+                               ws_ptrs, num_warps=8, elems=4096, arch=80))
+    rows.append(triton_row("sm_80 weighted_sum mixed K=2 tail", ws._weighted_sum_kernel, ws_sig,
+                           {"IN_DT": -1, "K": 2, "BLOCK": 16, "ALIGNED": False, "HAS_E4M3": False}, [], num_warps=1,
+                           arch=80))
+    wg_ptrs = [a for a, t in wg_sig.items() if t.startswith("*")]
+    for full, aligned in ((True, True), (False, False)):
+        rows.append(triton_row(f"sm_80 grouped weighted_sum mixed K=3 {'full blocks' if full else 'partial blocks'}",
+                               wg._grouped_kernel, wg_sig,
+                               {"IN_DT": -1, "OUT_T": tl.bfloat16, "K": 3, "BLOCK": 1024, "FULL": full,
+                                "ALIGNED": aligned, "HAS_E4M3": False}, wg_ptrs, num_warps=4, elems=1024, arch=80))
+    for in_name, in_dt, base_dt in (("mixed", -1, 2), ("bf16", 2, 2)):
+        rows.append(triton_row(f"sm_80 task_vectors {in_name} consensus=1 grouped=1", tv._tv_merge_kernel, tv_sig,
+                               {"IN_DT": in_dt, "BASE_DT": base_dt, "CONSENSUS": True, "NORMALIZE": True,
+                                "GROUPED": True, "ALIGNED": True, "BLOCK": 1024, "HAS_E4M3": False},
+                               ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False, elems=1024,
+                               arch=80))
+    rows.append(triton_row("sm_80 delta_decode bf16 K=4", dd._delta_kernel, dd_sig,
+                           {"K": 4, "BLOCK": 2048, "HAS_E4M3": False}, [a for a in dd_sig if a != "n_terms"],
+                           num_warps=8, elems=2048, arch=80))
+    rows.append(triton_row("sm_80 philox draws", tv._draws_kernel, {"out_ptr": "*i64", "tab": "*i64", "n": "i32"},
+                           {"BLOCK": 128, "GROUPED": True}, ["out_ptr", "tab"], num_warps=4, arch=80))
     return rows
 
 
@@ -164,7 +224,7 @@ def cuda_rows() -> list:
                 name += " vec" if short.group(3) == "1" else " scalar"
             start = entries.get(mangled)
             body = ptx[start:bounds[bounds.index(start) + 1]] if start is not None else ""
-            rows.append({"kernel": name, "backend": "cuda", "threads": 256, "registers": regs, "spill_bytes": spill,
+            rows.append({"kernel": name, "backend": "cuda", "arch": 90, "threads": 256, "registers": regs, "spill_bytes": spill,
                          "blocks_per_sm": blocks_per_sm(regs, 256), **(ptx_facts(body) if body else {})})
     return rows
 
@@ -180,11 +240,12 @@ def main(argv=None) -> int:
         return 0
     sys.path.insert(0, HERE)
     from common import write_results
-    cols = ["kernel", "backend", "threads", "registers", "spill_bytes", "blocks_per_sm", "v4_loads", "v2_loads", "scalar_loads",
+    cols = ["kernel", "backend", "arch", "threads", "registers", "spill_bytes", "blocks_per_sm", "v4_loads", "v2_loads", "scalar_loads",
             "scalar_b32_loads", "local_ops",
-            "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32"]
+            "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32", "error"]
     print(write_results("gpu_codegen_sm90", "cpu", rows, cols,
-                        "GPU kernels compiled for sm_90 on a machine without a GPU (ptxas -v, PTX)"))
+                        "GPU kernels compiled for sm_90 (and the sm_80 rows for an A100) on a machine without a GPU "
+                        "(ptxas -v, PTX)"))
     return 0
 
 

@@ -14,3 +14,27 @@ def triton_available() -> bool:
 def interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+E4M3 = 3  # dtype code of float8_e4m3fn (pymerge._native.DTYPE_CODES)
+
+
+def e4m3_unsupported(device, codes) -> bool:
+    """True when a Triton launch on `device` would read float8_e4m3fn (dtype code 3 among `codes`) and the
+    GPU cannot: Triton builds tl.float8e4nv for compute capability 8.9 and newer only (an A100, sm_80,
+    rejects the kernel at compile time). The ops route such calls to the CUDA extension (its conversion
+    runs on every GPU), else to torch. CPU tensors (Triton's interpreter) read it anywhere."""
+    if getattr(device, "type", None) != "cuda" or E4M3 not in codes:
+        return False
+    import torch
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def refuse_e4m3(device, codes, op: str) -> None:
+    """The Triton launchers' guard, for a call that reached one anyway (the ops route such calls first):
+    one line instead of Triton's compile error."""
+    if e4m3_unsupported(device, codes):
+        import torch
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"{op}: Triton cannot read float8_e4m3fn on this GPU (compute capability {major}.{minor}; "
+                           f"it needs 8.9 or newer); use backend 'cuda' or 'torch'")

@@ -17,7 +17,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import interpreted as _interpreted
+from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
 
 MAX_OUTPUTS = 4
 Q8, Q4 = 16, 17
@@ -40,7 +40,7 @@ if triton is not None:
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode(addr, scale_addr, kind, offs, mask):
+    def _decode(addr, scale_addr, kind, offs, mask, HAS_E4M3: tl.constexpr):
         # (x, s): the code (exact in float32) and its block's scale, or the dense value and 1
         if kind == 17:  # int4: 32-bit word (e % 128) % 16 of group e // 128, nibble h = (e % 128) // 16
             p = addr.to(tl.pointer_type(tl.uint32))
@@ -56,13 +56,13 @@ if triton is not None:
             x = c.to(tl.float32)
             s = s.to(tl.float32)
         else:
-            x = _load_mixed(addr, kind, offs, mask, False)
+            x = _load_mixed(addr, kind, offs, mask, False, HAS_E4M3)
             s = tl.zeros_like(x) + 1.0
         return x, s
 
     @triton.jit
     def _delta_kernel(data_table, scale_table, kind_table, w_table, out0, out1, out2, out3, numel, n_terms,
-                      K: tl.constexpr, BLOCK: tl.constexpr):
+                      K: tl.constexpr, BLOCK: tl.constexpr, HAS_E4M3: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -72,7 +72,8 @@ if triton is not None:
         acc2 = tl.full([BLOCK], -0.0, tl.float32)
         acc3 = tl.full([BLOCK], -0.0, tl.float32)
         for t in range(n_terms):
-            x, s = _decode(tl.load(data_table + t), tl.load(scale_table + t), tl.load(kind_table + t), offs, mask)
+            x, s = _decode(tl.load(data_table + t), tl.load(scale_table + t), tl.load(kind_table + t), offs, mask,
+                           HAS_E4M3)
             acc0 = tl.fma(tl.load(w_table + t) * s, x, acc0)
             if K > 1:
                 acc1 = tl.fma(tl.load(w_table + n_terms + t) * s, x, acc1)
@@ -119,6 +120,7 @@ def delta_accumulate(tensors, scales, kinds, numel: int, w, outs, block: int = 2
         if o.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"delta_accumulate: output dtype {o.dtype} is not float32, float16 or bfloat16")
     assert all(k in (Q8, Q4) or k in DTYPE_CODES.values() for k in kinds)
+    refuse_e4m3(device, kinds, "delta_accumulate")
     data_table, scale_table, kind_table = device_tables(tensors, scales, kinds, device)
     weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()
     if _interpreted():
@@ -128,4 +130,5 @@ def delta_accumulate(tensors, scales, kinds, numel: int, w, outs, block: int = 2
         group = outs[start:start + MAX_OUTPUTS]
         slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
         _delta_kernel[grid](data_table, scale_table, kind_table, weights[start:start + MAX_OUTPUTS], *slots,
-                            numel, len(tensors), K=len(group), BLOCK=block, num_warps=num_warps)
+                            numel, len(tensors), K=len(group), BLOCK=block, HAS_E4M3=E4M3 in kinds,
+                            num_warps=num_warps)

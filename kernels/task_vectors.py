@@ -30,7 +30,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import interpreted as _interpreted
+from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
 
 _MIXED = -1
 
@@ -78,11 +78,11 @@ if triton is not None:
 
     @triton.jit
     def _delta_value(tab, i, n, b, offs, goffs, goff0, mask, seed, h0, h1, IN_DT: tl.constexpr, BLOCK: tl.constexpr,
-                     GROUPED: tl.constexpr, ALIGNED: tl.constexpr):
+                     GROUPED: tl.constexpr, ALIGNED: tl.constexpr, HAS_E4M3: tl.constexpr):
         """v_i for one block: the sparsified, rescaled, weighted delta of model i."""
         addr = _field(tab, 0, i, n)
         if IN_DT == -1:
-            x = _load_mixed(addr, _field(tab, 1, i, n), offs, mask, ALIGNED)
+            x = _load_mixed(addr, _field(tab, 1, i, n), offs, mask, ALIGNED, HAS_E4M3)
         else:
             x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
         d = x - b
@@ -111,7 +111,8 @@ if triton is not None:
     @triton.jit
     def _tv_merge_kernel(tab, out_ptr, start, end, n_models, lam, divisor, IN_DT: tl.constexpr,
                          BASE_DT: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
-                         GROUPED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                         GROUPED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_E4M3: tl.constexpr):
         # Elements [start, end): the launcher runs the body (end a multiple of 16: 16-byte loads) and
         # the tail as separate launches, as kernels/weighted_sum.py does.
         pid = tl.program_id(0).to(tl.int64)
@@ -129,13 +130,13 @@ if triton is not None:
             s = tl.zeros([BLOCK], tl.float32)
             for i in range(n_models):
                 v, w = _delta_value(tab, i, n_models, b, offs, goffs, goff0, mask, seed, h0, h1, IN_DT, BLOCK, GROUPED,
-                                    ALIGNED)
+                                    ALIGNED, HAS_E4M3)
                 s += v
             positive = s >= 0
             div = tl.zeros([BLOCK], tl.float32)
             for i in range(n_models):
                 v, w = _delta_value(tab, i, n_models, b, offs, goffs, goff0, mask, seed, h0, h1, IN_DT, BLOCK, GROUPED,
-                                    ALIGNED)
+                                    ALIGNED, HAS_E4M3)
                 agree = tl.where(positive, v > 0, v < 0).to(tl.float32)
                 mixed += v * agree
                 div += w * agree
@@ -143,7 +144,7 @@ if triton is not None:
         else:
             for i in range(n_models):
                 v, w = _delta_value(tab, i, n_models, b, offs, goffs, goff0, mask, seed, h0, h1, IN_DT, BLOCK, GROUPED,
-                                    ALIGNED)
+                                    ALIGNED, HAS_E4M3)
                 mixed += v
             div = tl.zeros([BLOCK], tl.float32) + divisor
         if NORMALIZE:
@@ -199,6 +200,7 @@ def tv_merge(inputs, base, plans, out, *, consensus, normalize, lam, divisor, se
     n = len(inputs)
     codes = [DTYPE_CODES[t.dtype] for t in inputs]
     in_dt = codes[0] if all(c == codes[0] for c in codes) else _MIXED
+    refuse_e4m3(device, codes + [DTYPE_CODES[base.dtype]], "tv_merge")
     bits = [p.bits.to(device) if p.bits is not None else None for p in plans]
     columns = [
         [t.data_ptr() for t in inputs], codes, [p.mode for p in plans],
@@ -217,7 +219,7 @@ def tv_merge(inputs, base, plans, out, *, consensus, normalize, lam, divisor, se
             _tv_merge_kernel[(triton.cdiv(hi - lo, blk),)](
                 tab, out, lo, hi, n, float(lam), float(divisor), IN_DT=in_dt, BASE_DT=DTYPE_CODES[base.dtype],
                 CONSENSUS=bool(consensus), NORMALIZE=bool(normalize), GROUPED=offset % 4 == 0, ALIGNED=aligned,
-                BLOCK=blk, num_warps=warps, enable_fp_fusion=False)
+                BLOCK=blk, HAS_E4M3=E4M3 in codes, num_warps=warps, enable_fp_fusion=False)
     del bits  # kept alive until the launch was queued
 
 

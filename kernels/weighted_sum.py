@@ -16,7 +16,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import interpreted as _interpreted
+from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
 
 MAX_OUTPUTS = 4
 _MIXED = -1
@@ -48,18 +48,24 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _load_mixed(addr, code, offs, mask, ALIGNED: tl.constexpr):
-        # Runtime dtype dispatch; every branch yields float32.
+    def _load_mixed(addr, code, offs, mask, ALIGNED: tl.constexpr, HAS_E4M3: tl.constexpr):
+        # Runtime dtype dispatch; every branch yields float32. The float8_e4m3fn branch (code 3) is built
+        # only when HAS_E4M3 (the launcher sets it when an input is one): Triton has tl.float8e4nv from
+        # sm_89 on and rejects a kernel that merely contains it, taken or not, when compiling for an A100.
         if code == 0:
             x = _load_as_f32(addr, offs, mask, 0, ALIGNED)
         elif code == 1:
             x = _load_as_f32(addr, offs, mask, 1, ALIGNED)
         elif code == 2:
             x = _load_as_f32(addr, offs, mask, 2, ALIGNED)
-        elif code == 3:
-            x = _load_as_f32(addr, offs, mask, 3, ALIGNED)
         else:
-            x = _load_as_f32(addr, offs, mask, 4, ALIGNED)
+            if HAS_E4M3:
+                if code == 3:
+                    x = _load_as_f32(addr, offs, mask, 3, ALIGNED)
+                else:
+                    x = _load_as_f32(addr, offs, mask, 4, ALIGNED)
+            else:
+                x = _load_as_f32(addr, offs, mask, 4, ALIGNED)
         return x
 
     @triton.jit
@@ -68,7 +74,8 @@ if triton is not None:
 
     @triton.jit
     def _weighted_sum_kernel(addr_table, code_table, w_table, out0, out1, out2, out3, start, end, n_in,
-                             IN_DT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                             IN_DT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                             HAS_E4M3: tl.constexpr):
         # Elements [start, end). The launcher runs the body (end a multiple of 16, so Triton can
         # prove the mask constant over 16-byte vectors and loads 16 bytes at a time) and the short
         # tail as two launches; one launch over an odd end would load every element on its own.
@@ -85,7 +92,7 @@ if triton is not None:
         for i in range(n_in):
             addr = tl.load(addr_table + i)
             if IN_DT == -1:
-                x = _load_mixed(addr, tl.load(code_table + i), offs, mask, ALIGNED)
+                x = _load_mixed(addr, tl.load(code_table + i), offs, mask, ALIGNED, HAS_E4M3)
             else:
                 x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
             acc0 = tl.fma(tl.load(w_table + i), x, acc0)
@@ -148,6 +155,7 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
     numel = tensors[0].numel()
     codes = [DTYPE_CODES[t.dtype] for t in tensors]
     in_dt = codes[0] if all(c == codes[0] for c in codes) else _MIXED
+    refuse_e4m3(device, codes, "weighted_sum")
     addr_table, code_table = _tables(tensors, device)
     aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     if isinstance(rows, torch.Tensor):
@@ -169,4 +177,4 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
             if hi > lo:
                 _weighted_sum_kernel[(triton.cdiv(hi - lo, blk),)](
                     addr_table, code_table, w_table, *slots, lo, hi, len(tensors), IN_DT=in_dt, K=len(group),
-                    BLOCK=blk, ALIGNED=aligned, num_warps=num_warps if blk == block else 1)
+                    BLOCK=blk, ALIGNED=aligned, HAS_E4M3=E4M3 in codes, num_warps=num_warps if blk == block else 1)

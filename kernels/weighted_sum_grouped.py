@@ -20,7 +20,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import interpreted as _interpreted
+from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
 
 _MIXED = -1
 
@@ -30,7 +30,7 @@ if triton is not None:
     @triton.jit
     def _grouped_kernel(blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups, weights, n_in, k_total,
                         first, IN_DT: tl.constexpr, OUT_T: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
-                        FULL: tl.constexpr, ALIGNED: tl.constexpr):
+                        FULL: tl.constexpr, ALIGNED: tl.constexpr, HAS_E4M3: tl.constexpr):
         pid = first + tl.program_id(0)
         t = tl.load(blk_tensor + pid).to(tl.int64)
         start = tl.load(blk_start + pid)
@@ -50,7 +50,7 @@ if triton is not None:
             for i in range(n_in):
                 addr = tl.load(in_addr + t * n_in + i)
                 if IN_DT == -1:
-                    x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, ALIGNED)
+                    x = _load_mixed(addr, tl.load(in_code + t * n_in + i), offs, mask, ALIGNED, HAS_E4M3)
                 else:
                     x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
                 acc = tl.fma(tl.load(w_row + i), x, acc)  # one rounding, as the C++ fma
@@ -84,6 +84,8 @@ class GroupedTable:
         self.out_t = _out_type(out_dtypes.pop())
         codes = [[DTYPE_CODES[x.dtype] for x in xs] for xs in inputs]
         flat = {c for row in codes for c in row}
+        refuse_e4m3(device, flat, "weighted_sum")
+        self.has_e4m3 = E4M3 in flat
         self.in_dt = flat.pop() if len(flat) == 1 else _MIXED
         self.block = min(block, 1024) if _interpreted() else block
         numels = [xs[0].numel() for xs in inputs]
@@ -118,4 +120,5 @@ class GroupedTable:
         weights = weights.contiguous()
         for first, count, full, aligned in self.launches:
             _grouped_kernel[(count,)](*self.tables, weights, self.n, self.k, first, IN_DT=self.in_dt, OUT_T=self.out_t,
-                                      K=self.k, BLOCK=self.block, FULL=full, ALIGNED=aligned, num_warps=4)
+                                      K=self.k, BLOCK=self.block, FULL=full, ALIGNED=aligned,
+                                      HAS_E4M3=self.has_e4m3, num_warps=4)

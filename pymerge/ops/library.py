@@ -78,14 +78,19 @@ def _one_device(op: str, *groups, host_ok=()) -> None:
             raise ValueError(f"{op}: tensors on {ts[0].device} and {t.device}; every tensor must be on one device")
 
 
-def _cuda_backend(backend: str, entry: str) -> str:
-    """On CUDA: Triton when available (or asked for), else the CUDA extension, else eager torch."""
-    if backend in ("triton", "cuda", "torch"):
-        return backend
+def _cuda_backend(backend: str, entry: str, tensors=()) -> str:
+    """On CUDA: Triton when available (or asked for), else the CUDA extension, else eager torch. Triton
+    reads float8_e4m3fn only on GPUs of compute capability 8.9 and newer: a call with such an input
+    (among `tensors`) on an older GPU (an A100) takes the CUDA extension, else torch, even when Triton
+    was asked for."""
     from pymerge import kernels
-    if kernels.triton_available():
-        return "triton"
-    return "cuda" if _native.cuda is not None and hasattr(_native.cuda, entry) else "torch"
+    if backend not in ("triton", "cuda", "torch"):
+        backend = "triton" if kernels.triton_available() else "auto"
+    if backend == "triton" and tensors and kernels.e4m3_unsupported(tensors[0].device, _codes(tensors)):
+        backend = "auto"
+    if backend == "auto":
+        return "cuda" if _native.cuda is not None and hasattr(_native.cuda, entry) else "torch"
+    return backend
 
 
 _KERNELS = {}  # op name -> {device type: kernel}, for the eager fast path of `call`
@@ -218,7 +223,7 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
         weights = torch.tensor(weights, dtype=torch.float32)
     weights = weights.to(device=device, dtype=torch.float32).reshape(len(outs), len(tensors))
     with torch.cuda.device(device):
-        backend = _cuda_backend(backend, "weighted_sum_many")
+        backend = _cuda_backend(backend, "weighted_sum_many", tensors)
         if backend == "triton":
             from pymerge.kernels import weighted_sum as triton_ws
             triton_ws.weighted_sum_many(tensors, weights, outs)
@@ -392,14 +397,15 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
     inputs, (base,) = contiguous(inputs), contiguous([base])
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device)
     with torch.cuda.device(base.device):
-        if _cuda_backend(backend, "tv_merge") == "triton":
+        chosen = _cuda_backend(backend, "tv_merge", list(inputs) + [base])
+        if chosen == "triton":
             from pymerge.kernels import task_vectors as tk
             from pymerge.ops.task_vector_ops import plans_from_rows
             tk.tv_merge(inputs, base, plans_from_rows(bits, plan_ints, plan_floats), out, consensus=consensus,
                         normalize=normalize, lam=lam, divisor=divisor, seed=seed % _U64, h0=h0, h1=h1, offset=offset)
             return
-        ext = _native.require_cuda()
-        if len(inputs) > ext.MAX_TV_MODELS:  # more than one launch holds, and no Triton: eager torch, any number
+        ext = _native.require_cuda() if chosen == "cuda" else None
+        if ext is None or len(inputs) > ext.MAX_TV_MODELS:  # no kernel takes it: eager torch, any number
             from pymerge.ops.task_vector_ops import _merge_torch, plans_from_rows
             _merge_torch(inputs, base, plans_from_rows(bits, plan_ints, plan_floats), out, consensus, normalize, lam,
                          divisor, (h0, h1), seed % _U64, offset)

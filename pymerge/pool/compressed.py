@@ -617,6 +617,10 @@ def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torc
     strides: int4 group strides, interleaved terms, C++ only)."""
     if numel == 0:
         return
+    if backend == "triton":
+        from pymerge import kernels
+        if kernels.e4m3_unsupported(tensors[0].device, kinds):  # Triton reads e4m3 from sm_89 on; the extension anywhere
+            backend = "cuda" if hasattr(_native.cuda, "delta_accumulate") else "torch"
     if backend == "cpu":
         _native.require_cpu().delta_accumulate(
             [t.data_ptr() for t in tensors], [0 if s is None else s.data_ptr() for s in scales], list(kinds), numel,

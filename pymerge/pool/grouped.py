@@ -150,8 +150,13 @@ class PlanCache:
 
 def triton_table(plans, inputs: dict, n_groups: int):
     """A grouped Triton launch for the plans (pool tensors resident on the device), or None where
-    it does not apply (no plans, outputs of several dtypes)."""
+    it does not apply (no plans, outputs of several dtypes, float8_e4m3fn inputs on a GPU older than
+    sm_89, which Triton cannot read there: the per-tensor calls route them to a backend that can)."""
     if not plans or len({o.dtype for p in plans for o in p.outs}) != 1:
+        return None
+    from pymerge import kernels
+    xs = [x for p in plans for x in inputs[p.name]]
+    if kernels.e4m3_unsupported(xs[0].device, {_native.DTYPE_CODES[x.dtype] for x in xs}):
         return None
     from pymerge.kernels.weighted_sum_grouped import GroupedTable
     return GroupedTable([inputs[p.name] for p in plans], [p.outs for p in plans], [p.group for p in plans], n_groups)
