@@ -108,6 +108,12 @@ class CudaRunner:
         compute = torch.cuda.current_stream(self.device) if self.on_gpu else None
         if self.on_gpu:
             self.copy_stream.wait_stream(compute)  # weights and earlier work on the compute stream first
+            # The kernels below read the staging buffers on `compute`, which need not be the stream they were
+            # allocated on (a materialize under `with torch.cuda.stream(s)`): recorded there too, a pool dropped
+            # before `s` drains does not let the allocator hand their memory out while those kernels read it.
+            # (A no-op for the allocation stream itself; not testable without a GPU.)
+            for buf in (b for stage in self.stage for b in stage):
+                buf.record_stream(compute)
         j = 0
         for p in plans:
             ins = self.inputs[p.name]
