@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
 # One call on a GPU machine with no internet: build, quick benchmarks, GPU tests, fuller benchmarks.
-#   bash benchmarks/gpu_check.sh               on the GPU machine, inside one 10-minute device call
+#   bash benchmarks/gpu_check.sh               on the GPU machine, inside one device call
+#   PART=1 bash benchmarks/gpu_check.sh        build, quick benchmarks and the GPU tests only
+#   PART=2 bash benchmarks/gpu_check.sh        build, then the fuller benchmarks and the other gpu_*_check.sh;
+#                                              right after PART=1, on the still-warm machine that kept its
+#                                              build, with GPU_CHECK_BUILD=true (no rebuild)
 #   REHEARSE=1 bash benchmarks/gpu_check.sh    here, without a GPU: the same plumbing, GPU steps skipped
+# Device time: a task gets 15 minutes in all, a machine's start takes a minute or more, and none starts
+# with under 4 minutes left. DEADLINE (default 420 s; it was 540) keeps one call near 9 minutes with the
+# start and the transfers, so a failed first call can still be rerun. PART=1 then PART=2 (its DEADLINE
+# what the device time left allows) report every figure a whole run does, the first call's figures and
+# test results safe whatever happens to the second.
 # What comes back: $OUT/summary.md (step outcomes, then every table) and $OUT/gpu_check.tgz (every
 # log and result file) -- two files, well inside what the device tool returns. Logs live in a
 # scratch folder and are bundled after every step, so a run cut short still returns what it did.
 # Order matters for a cut run: build, then quick benchmarks (figures first), then the GPU tests,
 # then the fuller benchmarks. Every step runs under `timeout -k` with the smaller of its own limit
-# and the time left before DEADLINE (default 540 s).
+# and the time left before DEADLINE (default 420 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 PY=${PYTHON:-python3}
-END=$((SECONDS + ${DEADLINE:-540}))
+END=$((SECONDS + ${DEADLINE:-420}))
 REHEARSE=${REHEARSE:-0}
+PART=${PART:-all}
+case "$PART" in all|1|2) ;; *) echo "PART must be all, 1 or 2, got $PART" >&2; exit 2;; esac
+part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }  # part N: this run does part N
 BUILD=${GPU_CHECK_BUILD:-"$PY -m pip install --no-build-isolation --no-deps -e ."}
 export PYMERGE_CUDA_ARCHS=${PYMERGE_CUDA_ARCHS:-90}   # Hopper only: halves the nvcc time
 export PYTHONUNBUFFERED=1
@@ -70,26 +82,30 @@ if [ "$REHEARSE" = 1 ]; then DEV=cpu; else DEV=cuda; fi
 step build 200 $BUILD || { tail -30 "$WORK/build.log"; bundle; exit 1; }
 step backends 30 $PY -m pymerge doctor || $PY -c "import pymerge._cpu as p; print('cpu simd:', p.simd_level())"
 
-# Quick figures first: a run cut short still reports them.
-step bench_ws_quick 60 $PY benchmarks/bench_weighted_sum.py --device $DEV --quick; table weighted_sum
-step bench_pool_quick 60 $PY benchmarks/bench_pool.py --device $DEV --quick; table bench_pool_quick
-gpu_step bench_methods_quick 60 $PY benchmarks/bench_methods_gpu.py --numel 16e6 --rounds 5; table methods_gpu
+if part 1; then
+  # Quick figures first: a run cut short still reports them.
+  step bench_ws_quick 60 $PY benchmarks/bench_weighted_sum.py --device $DEV --quick; table weighted_sum
+  step bench_pool_quick 60 $PY benchmarks/bench_pool.py --device $DEV --quick; table bench_pool_quick
+  gpu_step bench_methods_quick 60 $PY benchmarks/bench_methods_gpu.py --numel 16e6 --rounds 5; table methods_gpu
 
-# Correctness on the GPU: the ops' backends first, then every other gpu-marked test.
-PYTEST="$PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=100"
-gpu_step tests_ops 120 $PYTEST -x tests/test_weighted_sum_gpu_backends.py
-gpu_step tests_gpu 150 $PYTEST -m gpu tests/ --ignore=tests/test_weighted_sum_gpu_backends.py
-[ "$REHEARSE" = 1 ] && step tests_rehearsal 120 $PYTEST -x tests/test_weighted_sum_gpu_backends.py tests/test_pool.py
+  # Correctness on the GPU: the ops' backends first, then every other gpu-marked test.
+  PYTEST="$PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=100"
+  gpu_step tests_ops 120 $PYTEST -x tests/test_weighted_sum_gpu_backends.py
+  gpu_step tests_gpu 150 $PYTEST -m gpu tests/ --ignore=tests/test_weighted_sum_gpu_backends.py
+  [ "$REHEARSE" = 1 ] && step tests_rehearsal 120 $PYTEST -x tests/test_weighted_sum_gpu_backends.py tests/test_pool.py
+fi
 
-# Fuller figures while time lasts.
-gpu_step bench_ws 120 $PY benchmarks/bench_weighted_sum.py --device cuda; table weighted_sum
-gpu_step bench_pool 90 $PY benchmarks/bench_pool.py --device cuda --params 128e6; table bench_pool
-gpu_step bench_cpool 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick; table bench_compressed_pool_quick
-gpu_step bench_cpool_cuda 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick --backend cuda; table bench_compressed_pool_quick_cuda
-gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
-for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
-  [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
-done
+if part 2; then
+  # Fuller figures while time lasts.
+  gpu_step bench_ws 120 $PY benchmarks/bench_weighted_sum.py --device cuda; table weighted_sum
+  gpu_step bench_pool 90 $PY benchmarks/bench_pool.py --device cuda --params 128e6; table bench_pool
+  gpu_step bench_cpool 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick; table bench_compressed_pool_quick
+  gpu_step bench_cpool_cuda 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick --backend cuda; table bench_compressed_pool_quick_cuda
+  gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
+  for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
+    [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
+  done
+fi
 
 bundle
 echo
