@@ -252,14 +252,18 @@ def _read_config(path: Path) -> dict:
 # transformers' Conv1D layers (weights stored (in, out)): peft merges these transposed and every nn.Linear
 # not, whatever fan_in_fan_out its config says (it sets the flag per layer, so a GPT-2 adapter on c_proj
 # and lm_head is saved with false).
-_CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+_CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp")
 _CONV1D_LAYERS = ("c_attn", "c_proj", "c_fc", "q_attn")
 
 
 def _model_type(ck) -> Optional[str]:
+    """config.json's model_type, or None where unknown or the model brings its own code (auto_map: a
+    GPT-2-derived one such as Jais holds Conv1D layers under its own type)."""
     from pymerge.merge import _read_model_config
     cfg = _read_model_config(ck)
-    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or cfg.get("auto_map"):
+        return None
+    kind = cfg.get("model_type")
     return kind if isinstance(kind, str) else None
 
 
@@ -364,6 +368,7 @@ class LoraCheckpoint:
     def tensor(self, name: str):
         if not self._changes(name):
             return self.ck.tensor(name)
+        import torch
         from pymerge import _native
         dtype = _native.torch_dtype(self._dtype or self.ck.info(name).dtype_name)
         deltas = self._deltas(name)
@@ -379,7 +384,9 @@ class LoraCheckpoint:
                 delta = delta.to(dtype).float()
             # W + delta in float32 (W upcast exactly), into the delta, which is ours: the same bits as
             # w.float() + delta without a float32 copy of W (a bfloat16 weight took ~11 bytes per element)
-            w = delta.add_(w).to(dtype).contiguous()  # contiguous: a transposed delta kept its strides
+            # W as float32 adds exactly from these; fp8 does not promote, and float64 rounds first, as before
+            exact = w if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else w.float()
+            w = delta.add_(exact).to(dtype).contiguous()  # contiguous: a transposed delta kept its strides
         return w
 
     def byte_view(self, name: str):

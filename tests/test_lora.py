@@ -416,3 +416,46 @@ def test_fan_in_fan_out_true_on_a_square_linear_layer(family, tmp_path):
     assert ours["model.layers.0.self_attn.q_proj.weight"].shape[0] == ours["model.layers.0.self_attn.q_proj.weight"].shape[1]
     for name, t in ours.items():
         assert torch.equal(t, theirs[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.float8_e5m2, torch.float16])
+def test_lora_on_checkpoints_of_other_dtypes_adds_in_float32(family, tmp_path, dtype):
+    """W + delta is float32 arithmetic on W as float32 (peft's merge in a float32 model); computed in place
+    in the delta, an fp8 W did not promote (an error) and a float64 W was added in float64 (other bits)."""
+    root, _, _, ads = family
+    model = lf.make_llama(tmp_path / "m", dims=DIMS, seed=3, dtype=dtype)
+    adapter = ads["plain"]
+    with open_model(f"{model}+{adapter}") as ck:
+        ours = read_all(ck)
+        deltas = {n: ck.adapter.delta(n) for n in ck.adapter.targets}
+        for n, t in ck.adapter.targets.items():  # peft rounds an embedding's delta to W's dtype first
+            if t.embedding:
+                deltas[n] = deltas[n].to(dtype).float()
+    base = lf.load_folder(model)
+    for name, t in ours.items():
+        want = (base[name].float() + deltas[name]).to(dtype) if name in deltas else base[name]
+        assert t.dtype == dtype and torch.equal(t.view(torch.uint8), want.contiguous().view(torch.uint8)), name
+
+
+def test_fan_in_fan_out_of_a_model_with_its_own_code_follows_the_adapter(family, tmp_path):
+    """A model bringing its own code (auto_map: Jais, BTLM are GPT-2-derived, with Conv1D layers under their
+    own model_type) is not taken for nn.Linear: a square layer follows the adapter's fan_in_fan_out."""
+    import shutil
+    root, model, _, ads = family
+    custom = tmp_path / "custom"
+    shutil.copytree(model, custom)
+    cfg = json.loads((custom / "config.json").read_text())
+    cfg.update(model_type="jais", auto_map={"AutoModelForCausalLM": "modeling_jais.JAISLMHeadModel"})
+    (custom / "config.json").write_text(json.dumps(cfg))
+    adapter = tmp_path / "ad"
+    shutil.copytree(ads["plain"], adapter)
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    acfg["fan_in_fan_out"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(acfg))
+    name = "model.layers.0.self_attn.q_proj.weight"  # square
+    with open_model(f"{custom}+{adapter}") as ck:
+        got, delta = ck.tensor(name), ck.adapter.delta(name)
+        assert ck.adapter.targets[name].transpose
+    base = lf.load_folder(model)[name]
+    assert torch.equal(got, (base.float() + delta).to(base.dtype))
+    assert not torch.equal(delta, delta.T)
