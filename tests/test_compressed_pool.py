@@ -1000,7 +1000,8 @@ def test_a_delta_near_float32s_limit_is_held_exact(mode):
 @pytest.mark.parametrize("mode", ["int8", "int4", "auto"])
 @pytest.mark.parametrize("dtype, top, base", [(torch.float16, 65504.0, 0.0), (torch.float16, -65504.0, 0.0),
                                               (torch.float16, 65504.0, 50000.0), (torch.float16, 65504.0, 60000.0),
-                                              (torch.bfloat16, 3.3895e38, 0.0)])
+                                              (torch.bfloat16, 3.3895e38, 0.0), (torch.bfloat16, 65280.0, 0.0),
+                                              (torch.bfloat16, 65280.0, 50000.0)])
 def test_values_at_a_narrow_dtypes_limit_stay_finite(mode, dtype, top, base):
     """Was inf, silently: a float16/bfloat16 block at the dtype's largest value took a bfloat16 scale
     rounded up, so code 127 (int4: 7) decoded past it and weight 1 on that checkpoint gave inf where the
@@ -1011,9 +1012,13 @@ def test_values_at_a_narrow_dtypes_limit_stay_finite(mode, dtype, top, base):
     x[[0, 77, 199]] = top
     b = torch.full((200,), base, dtype=dtype)
     # held as is, and held as float32 (a float32 base, or dtype=): the checkpoint's own range still holds
-    for base_w, kw in ((b, {}), (b.float(), {}), (b, {"dtype": torch.float32})):
+    held = [(b, {}), (b.float(), {}), (b, {"dtype": torch.float32})]
+    if dtype == torch.bfloat16 and abs(top) <= 65504:  # held as float16, whose range is the narrower one
+        held.append((b, {"dtype": torch.float16}))
+    for base_w, kw in held:
         comp = CheckpointPool([{"w": x}], base={"w": base_w}, compress=mode, **kw)
-        got = {"w": torch.empty(200, dtype=dtype)}
+        target = kw["dtype"] if kw.get("dtype") == torch.float16 else dtype  # a model in the held dtype
+        got = {"w": torch.empty(200, dtype=target)}
         comp.materialize([1.0], into=got)
         assert torch.isfinite(got["w"]).all(), (base_w.dtype, kw)
         err = comp.compression_report()[0]["rel_error"]

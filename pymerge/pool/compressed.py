@@ -243,7 +243,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
     """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`;
     stored: the tensor's dtype in its file (default: as held), whose range its decoded values keep."""
     theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
-    narrow = next((d for d in (stored, theta.dtype) if d in _NARROW), None)
+    narrow = [d for d in {stored, theta.dtype} if d in _NARROW]  # both where both are (float16 held, bfloat16 stored)
     for fmt in ("int4", "int8") if mode == "auto" else (mode,):
         codes, scales, err2, norm2, bad = quantize(theta, base, fmt)
         if bad >= 0:
@@ -256,7 +256,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
         if reach > FLOAT32_MAX:
             continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
             #           base first and stays finite, but pool.tensor() and the selection methods decode it alone)
-        if narrow is not None and _decodes_past(narrow, base, codes, scales, fmt, reach):
+        if any(_decodes_past(d, base, codes, scales, fmt, reach) for d in narrow):
             continue
         err = math.sqrt(err2 / norm2)
         if budget is None or err <= budget:
