@@ -1,5 +1,7 @@
 """pymerge's torch.library custom ops: opcheck on every op, torch.compile bit-exact against eager,
 CUDA-graph capture (GPU), and the native codes agreeing with Python's."""
+import os
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -739,6 +741,16 @@ def test_torch_func_transforms_are_refused_in_one_line():
     g = make_fx(torch.func.functionalize(f))(xs[0], xs[1])
     assert "pymerge.weighted_sum" in g.code
     torch.testing.assert_close(g(xs[1], xs[2]).double(), (0.5 * xs[1].double() + 1.5 * xs[2].double()))
+    # eager functionalize goes through the dispatcher: its wrappers have no memory a kernel could read
+    torch.testing.assert_close(torch.func.functionalize(f)(xs[1], xs[2]).double(),
+                               0.5 * xs[1].double() + 1.5 * xs[2].double())
+    code = ("import torch, pymerge\nx = torch.randn(8)\ntry:\n    torch.func.functionalize(lambda a: "
+            "pymerge.weighted_sum([a, a], [0.5, 0.5], out=torch.empty(8)))(x)\nexcept RuntimeError:\n    pass\n")
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])  # was SIGSEGV: address 0 written
 
 
 def test_forward_mode_dual_tensors_are_refused_not_their_tangent_dropped():

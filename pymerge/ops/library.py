@@ -107,7 +107,8 @@ def _kernel(name: str, device: str):
 def eager(t: Tensor) -> bool:
     """True when a call with t may skip the dispatcher (see `call`)."""
     return (type(t) in PLAIN and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and torch._C._len_torch_function_stack() == 0)
+            and torch._C._len_torch_function_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None)  # functionalize: wrappers with no memory
 
 
 def all_plain(args) -> bool:
