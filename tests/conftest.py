@@ -53,5 +53,5 @@ def pytest_collection_modifyitems(config, items):
         elif gpu and _backend(item) == "cuda" and _cuda_extension_missing():
             # A GPU host without the CUDA extension skips its cases (with -x it would stop at the first).
             item.add_marker(skip_no_ext)
-        if not gpu and not TRITON_INTERPRETED and ("triton_cpu" in item.keywords or _backend(item) == "triton"):
+        if not gpu and not TRITON_INTERPRETED and (item.get_closest_marker("triton_cpu") is not None or _backend(item) == "triton"):
             item.add_marker(skip_triton_cpu)
