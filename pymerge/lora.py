@@ -252,18 +252,14 @@ def _read_config(path: Path) -> dict:
 # transformers' Conv1D layers (weights stored (in, out)): peft merges these transposed and every nn.Linear
 # not, whatever fan_in_fan_out its config says (it sets the flag per layer, so a GPT-2 adapter on c_proj
 # and lm_head is saved with false).
-_CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp")
-_CONV1D_LAYERS = ("c_attn", "c_proj", "c_fc", "q_attn")
+_CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "jais", "btlm")
+_CONV1D_LAYERS = ("c_attn", "c_proj", "c_fc", "c_fc2", "q_attn")  # c_fc2: Jais's and BTLM's gated MLP
 
 
 def _model_type(ck) -> Optional[str]:
-    """config.json's model_type, or None where unknown or the model brings its own code (auto_map: a
-    GPT-2-derived one such as Jais holds Conv1D layers under its own type)."""
     from pymerge.merge import _read_model_config
     cfg = _read_model_config(ck)
-    if not isinstance(cfg, dict) or cfg.get("auto_map"):
-        return None
-    kind = cfg.get("model_type")
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
     return kind if isinstance(kind, str) else None
 
 
@@ -384,7 +380,10 @@ class LoraCheckpoint:
                 delta = delta.to(dtype).float()
             # W + delta in float32 (W upcast exactly), into the delta, which is ours: the same bits as
             # w.float() + delta without a float32 copy of W (a bfloat16 weight took ~11 bytes per element)
-            # W as float32 adds exactly from these; fp8 does not promote, and float64 rounds first, as before
+            if w.dtype.itemsize == 1:  # scaled fp8 checkpoints keep scales beside the weight, which this ignores
+                raise CheckpointError(f"{self.adapter.file.path}: LoRA on the float8 weight {name!r} is not supported "
+                                      "(a float8 checkpoint's values need its scales); merge the LoRA into a 16-bit copy")
+            # W as float32 adds exactly from these; a float64 W is rounded to float32 first, as peft's float32 merge
             exact = w if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else w.float()
             w = delta.add_(exact).to(dtype).contiguous()  # contiguous: a transposed delta kept its strides
         return w

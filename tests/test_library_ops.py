@@ -744,6 +744,9 @@ def test_torch_func_transforms_are_refused_in_one_line():
     # eager functionalize goes through the dispatcher: its wrappers have no memory a kernel could read
     torch.testing.assert_close(torch.func.functionalize(f)(xs[1], xs[2]).double(),
                                0.5 * xs[1].double() + 1.5 * xs[2].double())
+    ft = torch.func.functionalize(lambda a, b, w: pymerge.weighted_sum([a, b], w))  # tensor weights too
+    torch.testing.assert_close(ft(xs[1], xs[2], torch.tensor([0.5, 1.5])).double(),
+                               0.5 * xs[1].double() + 1.5 * xs[2].double())
     code = ("import torch, pymerge\nx = torch.randn(8)\ntry:\n    torch.func.functionalize(lambda a: "
             "pymerge.weighted_sum([a, a], [0.5, 0.5], out=torch.empty(8)))(x)\nexcept RuntimeError:\n    pass\n")
     import subprocess

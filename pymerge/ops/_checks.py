@@ -114,9 +114,10 @@ def _traced_numpy(weights, what: str):
 def values_unknown(weights: torch.Tensor) -> bool:
     """Whether a weight tensor must go to the op as a tensor, its values unread here: under torch.compile,
     a dispatch mode (make_fx, FakeTensorMode: tolist() recorded the trace-time values as a constant, or
-    failed on a fake tensor) or for a subclass (a FakeTensor)."""
+    failed on a fake tensor), functionalize (its wrappers hold no storage to read) or
+    for a subclass (a FakeTensor)."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or type(weights) not in PLAIN)
+            or type(weights) not in PLAIN or torch._is_functional_tensor(weights))
 
 
 def check_values_readable(t: torch.Tensor, what: str) -> None:
