@@ -137,16 +137,13 @@ def test_bf16_model_rounds_once_and_lora_merge_dtype(family):
         assert t.dtype == torch.float32 and torch.equal(t, theirs32[name]), name
 
 
-@pytest.mark.parametrize("targets", [["c_attn", "c_fc"], ["attn.c_proj", "lm_head"], ["c_attn", "lm_head"]])
-def test_fan_in_fan_out(tmp_path, targets):
-    # GPT-2's Conv1D holds W as (in, out); peft transposes B @ A for it and for no nn.Linear, whatever the
-    # config says: it sets fan_in_fan_out per layer, so an adapter on c_proj and lm_head is saved with false
-    # (pymerge applied c_proj's untransposed, square so silently wrong; a fuzz against mergekit)
+def gpt2_lora(tmp_path: Path, targets, fan_in_fan_out: bool) -> dict:
+    """A tiny GPT-2 at tmp_path/gpt2, a random peft adapter at tmp_path/ad; returns peft's merged state dict."""
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
                                                                  n_positions=16, tie_word_embeddings=False))
     model.save_pretrained(tmp_path / "gpt2")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=7, target_modules=targets,
-                                                    fan_in_fan_out=targets[-1] != "lm_head"))
+                                                    fan_in_fan_out=fan_in_fan_out))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -154,7 +151,15 @@ def test_fan_in_fan_out(tmp_path, targets):
                 p.copy_(torch.randn(p.shape, generator=g))
     pm.save_pretrained(tmp_path / "ad")
     base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
-    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    return peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "c_fc"], ["attn.c_proj", "lm_head"], ["c_attn", "lm_head"]])
+def test_fan_in_fan_out(tmp_path, targets):
+    # GPT-2's Conv1D holds W as (in, out); peft transposes B @ A for it and for no nn.Linear, whatever the
+    # config says: it sets fan_in_fan_out per layer, so an adapter on c_proj and lm_head is saved with false
+    # (pymerge applied c_proj's untransposed, square so silently wrong; a fuzz against mergekit)
+    theirs = gpt2_lora(tmp_path, targets, fan_in_fan_out=targets[-1] != "lm_head")
     with open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'ad'}") as ck:
         assert sum(name in ck.adapter.targets for name in ck.names()) == len(targets)
         for name in ck.names():
@@ -399,25 +404,6 @@ def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dty
     assert not torch.equal(ours["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
 
 
-def test_fan_in_fan_out_true_on_a_square_linear_layer(family, tmp_path):
-    """peft resets fan_in_fan_out for an nn.Linear whatever the adapter's config says: a Llama adapter
-    saved (by hand, or another tool) with true was merged transposed on the square layers (q_proj here),
-    off by up to the weight's own size (a fuzz against mergekit)."""
-    import shutil
-    root, model, _, ads = family
-    adapter = tmp_path / "ad_fifo"
-    shutil.copytree(ads["plain"], adapter)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg["fan_in_fan_out"] = True
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    theirs = peft_merged(model, adapter)
-    with open_model(f"{model}+{adapter}") as ck:
-        ours = read_all(ck)
-    assert ours["model.layers.0.self_attn.q_proj.weight"].shape[0] == ours["model.layers.0.self_attn.q_proj.weight"].shape[1]
-    for name, t in ours.items():
-        assert torch.equal(t, theirs[name]), name
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
 def test_lora_on_checkpoints_of_other_dtypes(family, tmp_path, dtype):
     """W + delta is float32 arithmetic on W as float32 (peft's merge in a float32 model). A float8 weight is
@@ -447,20 +433,8 @@ def test_lora_on_checkpoints_of_other_dtypes(family, tmp_path, dtype):
 def test_gpt2_derived_model_types_merge_conv1d_layers_transposed(tmp_path):
     """Jais and BTLM keep GPT-2's Conv1D layers (c_attn, c_proj, c_fc, c_fc2) under their own model_type: a
     square c_proj is merged transposed as peft does for Conv1D, while a Llama whose config carries an
-    auto_map (custom code over nn.Linear) still merges untransposed (the previous test's rule)."""
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
-                                                                 n_positions=16, tie_word_embeddings=False))
-    model.save_pretrained(tmp_path / "gpt2")
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=7, target_modules=["attn.c_proj"],
-                                                    fan_in_fan_out=True))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g))
-    pm.save_pretrained(tmp_path / "ad")
-    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
-    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    auto_map (custom code over nn.Linear) still merges untransposed (test_fan_in_fan_out_true_on_a_square_linear_layer)."""
+    theirs = gpt2_lora(tmp_path, ["attn.c_proj"], fan_in_fan_out=True)
     cfg = json.loads((tmp_path / "gpt2" / "config.json").read_text())
     cfg.update(model_type="jais", auto_map={"AutoModelForCausalLM": "modeling_jais.JAISLMHeadModel"})
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps(cfg))
@@ -470,21 +444,27 @@ def test_gpt2_derived_model_types_merge_conv1d_layers_transposed(tmp_path):
     assert torch.equal(got, theirs["transformer." + name])
 
 
-def test_fan_in_fan_out_true_on_a_llama_with_auto_map(family, tmp_path):
-    """A config.json with auto_map over nn.Linear layers (Phi-3, Qwen-1, re-saved Llamas): still untransposed."""
-    import shutil
+@pytest.mark.parametrize("auto_map", [False, True])
+def test_fan_in_fan_out_true_on_a_square_linear_layer(family, tmp_path, auto_map):
+    """peft resets fan_in_fan_out for an nn.Linear whatever the adapter's config says: a Llama adapter
+    saved (by hand, or another tool) with true was merged transposed on the square layers (q_proj here),
+    off by up to the weight's own size (a fuzz against mergekit). Also where config.json has an auto_map
+    over nn.Linear layers (Phi-3, Qwen-1, re-saved Llamas)."""
     root, model, _, ads = family
-    custom, adapter = tmp_path / "custom", tmp_path / "ad"
+    custom, adapter = tmp_path / "m", tmp_path / "ad_fifo"
     shutil.copytree(model, custom)
     shutil.copytree(ads["plain"], adapter)
-    cfg = json.loads((custom / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
-    (custom / "config.json").write_text(json.dumps(cfg))
+    if auto_map:
+        cfg = json.loads((custom / "config.json").read_text())
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+        (custom / "config.json").write_text(json.dumps(cfg))
     acfg = json.loads((adapter / "adapter_config.json").read_text())
     acfg["fan_in_fan_out"] = True
     (adapter / "adapter_config.json").write_text(json.dumps(acfg))
     theirs = peft_merged(model, adapter)
     with open_model(f"{custom}+{adapter}") as ck:
         ours = read_all(ck)
+    q = ours["model.layers.0.self_attn.q_proj.weight"]
+    assert q.shape[0] == q.shape[1]
     for name, t in ours.items():
         assert torch.equal(t, theirs[name]), name
