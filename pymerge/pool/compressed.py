@@ -239,9 +239,10 @@ def pairs_pay() -> bool:
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str,
-           stored: Optional[torch.dtype] = None) -> Encoded:
+           stored: torch.dtype, base_top: float) -> Encoded:
     """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`;
-    stored: the tensor's dtype in its file (default: as held), whose range its decoded values keep."""
+    stored: the tensor's dtype in its file, whose range its decoded values keep (as the held one's);
+    base_top: max |base| (the same base for every checkpoint: the caller takes it once)."""
     theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
     narrow = [d for d in {stored, theta.dtype} if d in _NARROW]  # both where both are (float16 held, bfloat16 stored)
     for fmt in ("int4", "int8") if mode == "auto" else (mode,):
@@ -256,7 +257,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
         if reach > FLOAT32_MAX:
             continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
             #           base first and stays finite, but pool.tensor() and the selection methods decode it alone)
-        if any(_decodes_past(d, base, codes, scales, fmt, reach) for d in narrow):
+        if any(reach + base_top > torch.finfo(d).max and _decodes_past(d, base, codes, scales, fmt) for d in narrow):
             continue
         err = math.sqrt(err2 / norm2)
         if budget is None or err <= budget:
@@ -267,12 +268,11 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
 _NARROW = (torch.float16, torch.bfloat16)
 
 
-def _decodes_past(dtype: torch.dtype, base: torch.Tensor, codes, scales, fmt: str, reach: float) -> bool:
+def _decodes_past(dtype: torch.dtype, base: torch.Tensor, codes, scales, fmt: str) -> bool:
     """Whether base + code * scale rounds to inf in dtype (the checkpoint's own) somewhere: near float16's or bfloat16's
     largest value a block's scale, rounded up to bfloat16, takes code 127 (7) past it, and weight 1 on that
-    checkpoint gave inf where the exact pool gives the checkpoint. Decoded only where the bound says it may."""
-    if reach + float(base.abs().max()) <= torch.finfo(dtype).max:
-        return False
+    checkpoint gave inf where the exact pool gives the checkpoint. encode() decodes only where max |base| plus
+    the largest |code * scale| says it may."""
     return bool(torch.isinf((base.float() + dequantize(codes, scales, fmt, base.numel())).to(dtype)).any())
 
 
@@ -327,8 +327,9 @@ class CompressedStore:
             # to bfloat16 before its delta was taken lost deltas below bfloat16's step (80 % error, reported 0.5 %).
             held = dtype or _common([held_dtype(d, None) for d in [b.dtype] + [s.info(name)[0] for s in opened]])
             base[name] = b.to("cpu", held, copy=True).contiguous()
+            top = float(base[name].abs().max()) if base[name].numel() else 0.0  # once, not per checkpoint
             entries[name] = [encode(s.tensor(name).detach().to("cpu", held), base[name], mode, budget,
-                                    f"{s.label}: tensor {name!r}", s.info(name)[0]) for s in opened]
+                                    f"{s.label}: tensor {name!r}", s.info(name)[0], top) for s in opened]
         return cls(names, shapes, base, entries, [s.label for s in opened], mode, budget, skipped)
 
     def to(self, device: torch.device) -> "CompressedStore":
