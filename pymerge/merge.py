@@ -40,8 +40,9 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
+from pymerge.io.checkpoint import check_folder_unchanged
 from pymerge.io.files import read_json, stays_inside
-from pymerge.io.sigbus import MappingGuard, identity
+from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
 from pymerge.sizes import MAX_BYTES, parse_size
@@ -214,10 +215,9 @@ def check_inputs_unchanged(plan: "MergePlan") -> None:
         check = getattr(ck, "check_unchanged", None)  # a Checkpoint or a LoraCheckpoint
         if check is not None:
             check()
-    tok = plan.vocabulary.tokenizer if plan.vocabulary is not None else None
-    if tok is not None and tok.folder_identity is not None and identity(tok.folder) != tok.folder_identity:
-        raise CheckpointError(f"{tok.folder} was replaced while it was being merged (another program wrote "
-                              "a model there); run the merge again")
+    if plan.vocabulary is not None:
+        tok = plan.vocabulary.tokenizer
+        check_folder_unchanged(tok.folder, tok.folder_identity)
 
 
 def _inputs_of(plan: "MergePlan"):

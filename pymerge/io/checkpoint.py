@@ -277,6 +277,13 @@ def open_tensor_file(path):
     return TorchFile(path) if path.suffix in _TORCH_SUFFIXES else SafetensorsFile(path)
 
 
+def check_folder_unchanged(folder, taken) -> None:
+    """CheckpointError where folder is no longer the one whose identity was `taken` (None: not taken)."""
+    if taken is not None and identity(folder) != taken:
+        raise CheckpointError(f"{folder} was replaced while it was being merged (another program wrote a model "
+                              "there); run the merge again")
+
+
 class Checkpoint:
     """A model's tensors across its shards. names() is the order a streaming merge should walk:
     shards in (sorted) file-name order, each in file order."""
@@ -356,9 +363,7 @@ class Checkpoint:
         shards keep reading the old files, but config.json, the tokenizer and remote code are read by path
         later: another merge replacing the folder (--force) in between gave an output with this model's
         tensors and the other model's side files. A merge calls this after reading them all."""
-        if identity(self.folder) != self.folder_identity:
-            raise CheckpointError(f"{self.folder} was replaced while it was being merged (another program wrote "
-                                  "a model there); run the merge again")
+        check_folder_unchanged(self.folder, self.folder_identity)
 
     # ---- access -----------------------------------------------------------------------------
     def names(self) -> List[str]:
