@@ -9,7 +9,6 @@
 import argparse
 import os
 import platform
-import sys
 from typing import List, Tuple
 
 from pymerge.errors import first_line
@@ -77,6 +76,4 @@ def main(argv=None) -> int:
     print(f"pymerge {pymerge.__version__} at {os.path.dirname(pymerge.__file__)} (Python {platform.python_version()})")
     for name, ok, detail in report():
         print(f"{name:16s} {'yes' if ok else 'no ':3s}  {detail}")
-    if sys.stdout is not None:  # >&-: print() writes nowhere, flush() would raise
-        sys.stdout.flush()
-    return 0
+    return 0  # stdout is flushed by cli.main, which ends a reader gone away quietly
