@@ -374,16 +374,16 @@ class LoraCheckpoint:
         # (the embedding's, then the head's: the last one stays)
         copies = [self.adapter.targets[t].base_copy for t in deltas if self.adapter.targets[t].base_copy]
         w = (self.adapter.file.tensor(copies[-1]) if copies else self.ck.tensor(name)).to(dtype)  # loads in dtype
+        if w.dtype.itemsize == 1:  # scaled fp8 checkpoints keep scales beside the weight, which this ignores
+            raise CheckpointError(f"{self.adapter.file.path}: LoRA on the float8 weight {name!r} is not supported "
+                                  "(a float8 checkpoint's values need its scales); merge the LoRA into a 16-bit copy")
         for target in deltas:  # merged in module order: the embedding, then the head
             delta = self.adapter.delta(target)
             if self.adapter.targets[target].embedding:  # peft rounds an embedding's delta to W's dtype first
                 delta = delta.to(dtype).float()
-            # W + delta in float32 (W upcast exactly), into the delta, which is ours: the same bits as
-            # w.float() + delta without a float32 copy of W (a bfloat16 weight took ~11 bytes per element)
-            if w.dtype.itemsize == 1:  # scaled fp8 checkpoints keep scales beside the weight, which this ignores
-                raise CheckpointError(f"{self.adapter.file.path}: LoRA on the float8 weight {name!r} is not supported "
-                                      "(a float8 checkpoint's values need its scales); merge the LoRA into a 16-bit copy")
-            # W as float32 adds exactly from these; a float64 W is rounded to float32 first, as peft's float32 merge
+            # W + delta in float32 (W upcast exactly; a float64 W rounded first, as peft's float32 merge), into
+            # the delta, which is ours: the same bits as w.float() + delta without a float32 copy of W (a
+            # bfloat16 weight took ~11 bytes per element)
             exact = w if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else w.float()
             w = delta.add_(exact).to(dtype).contiguous()  # contiguous: a transposed delta kept its strides
         return w
