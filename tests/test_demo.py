@@ -319,6 +319,23 @@ def test_a_users_results_json_is_not_taken_for_the_demos(tmp_path):
     assert (old / run.MARKER).exists()
 
 
+def test_a_killed_runs_temporaries_do_not_block_the_next_run(tmp_path):
+    """_write_merge's temporary folder was renamed .merged.pymerge-demo-tmp-*, but the check of OUT still let
+    through merged.tmp* only: a demo killed while writing its merge refused every later run into its folder
+    ('holds .merged.pymerge-demo-tmp-..., which the demo did not write'), before the sweep could run; a
+    killed write of results.json or demo.png left a temporary file that did the same."""
+    out = tmp_path / "out"
+    _claim(str(out))
+    for leftover in (".merged.pymerge-demo-tmp-abc", ".merged.pymerge-demo-tmp-abc-old", "merged.tmpxyz"):
+        (out / leftover).mkdir()
+    for leftover in ("results.json.tmpq1", "demo.png.tmpz9"):
+        (out / leftover).write_text("")
+    _claim(str(out))  # no InputError
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(run.InputError, match="holds notes.txt, which the demo did not write"):
+        _claim(str(out))
+
+
 def test_one_demo_at_a_time_in_a_folder(tmp_path, capsys, monkeypatch):
     """Two demos into one --out both ran (exit 0): the first printed its results while the folder held the
     second's. The marker is locked for the whole run: a second demo is refused at once, touching nothing."""

@@ -65,6 +65,16 @@ MARKER = ".pymerge-demo"  # in an output folder the demo made: what it may repla
 _OWN = {MARKER, "checkpoints", "merged", "results.json", "demo.png"}
 
 
+def _merge_tmp_prefix(folder: str) -> str:
+    """The temporary folders _write_merge makes beside `folder` (and sweeps at its next run)."""
+    return f".{os.path.basename(folder)}.pymerge-demo-tmp-"
+
+
+# what a killed run leaves in OUT: _write_merge's folders (and an older demo's merged.tmp*), replace_file's
+# results.json / demo.png temporaries (a claimed folder holding them is still the demo's)
+_LEFTOVERS = (_merge_tmp_prefix("merged"), "merged.tmp", "results.json.tmp", "demo.png.tmp")
+
+
 def claim_out(out: str) -> int:
     """Makes `out` the demo's, or raises InputError: an output folder must be absent, empty or one the
     demo wrote (its marker; or, from before the marker, its results.json or checkpoint manifest), and
@@ -111,7 +121,7 @@ def _check_out(out: str) -> None:
     entries = set(os.listdir(out)) if os.path.isdir(out) else set()
     ours = not entries or MARKER in entries or _is_ours(os.path.join(out, "results.json"), _RESULTS) \
         or _is_ours(os.path.join(out, "checkpoints", "manifest.json"), _MANIFEST)
-    extra = {e for e in entries - _OWN if not e.startswith("merged.tmp")}  # a crashed run's temporary folder
+    extra = {e for e in entries - _OWN if not e.startswith(_LEFTOVERS)}  # a killed run's temporaries
     if not ours or extra:
         strange = sorted(extra) or sorted(entries)
         raise InputError(f"{out}: holds {', '.join(strange[:3])}{' ...' if len(strange) > 3 else ''}, which the demo "
@@ -327,7 +337,7 @@ def _write_merge(pool, config, weights, folder: str) -> None:
     merged = TinyLlama(config)
     pool.materialize(weights, into=merged, groups="layer" if np.ndim(weights) == 2 else None)
     parent = os.path.dirname(folder) or "."
-    prefix = f".{os.path.basename(folder)}.pymerge-demo-tmp-"  # a name no user picks: swept below
+    prefix = _merge_tmp_prefix(folder)  # a name no user picks: swept below
     for stale in sorted(os.listdir(parent)):  # a killed demo's (one demo per folder at a time: claim_out's lock)
         path = os.path.join(parent, stale)
         if not (stale.startswith(prefix) and os.path.isdir(path)):
