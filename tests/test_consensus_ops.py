@@ -98,6 +98,38 @@ def test_sce_ties_pick_torch_topk_elements(n, topk):
     assert rel(out, ref.sce(base, xs, topk)) <= 1e-6
 
 
+NAN2 = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)[0]  # a NaN with another payload
+
+
+@pytest.mark.parametrize("case", ["distinct", "ties above the cut", "ties below the cut", "cut in ties",
+                                  "nan above the cut", "nans at the cut", "zero variances"])
+@pytest.mark.parametrize("n", [5, 1031, 200_003])
+def test_sce_mask_is_torch_topk(case, n):
+    """torch.topk's elements, whether the cut splits a run of equal variances or NaNs of two payloads or not
+    (the pairs hold a float32 and an int32 where torch's hold a float64 and an int64)."""
+    g = torch.Generator().manual_seed(n)
+    v = torch.rand(n, generator=g) + 0.5  # models v and -v: variance v^2, every element nonzero
+    topk = 0.6
+    k = int(n * topk)
+    order = v.argsort(descending=True)
+    if case == "ties above the cut":
+        v[order[:k // 2]] = 2.0
+    elif case == "ties below the cut":
+        v[order[k:]] = 0.25
+    elif case == "cut in ties":
+        v[order[max(k - 2, 0):k + 2]] = float(v[order[k]])
+    elif case == "nan above the cut":
+        v[order[:2]] = float("nan")
+    elif case == "nans at the cut":
+        v[order[:k + 2]] = torch.where(torch.arange(k + 2) % 2 == 0, float("nan"), NAN2)  # NaNs rank first
+    elif case == "zero variances":
+        v[::2] = 0  # not counted in k
+    xs, base = [v, -v], torch.zeros(n)
+    got = run(co.sce, xs, base, topk, shape=(n,))
+    want = run(co.sce, xs, base, topk, shape=(n,), backend="torch")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def nan_inf_case(shape, n, seed):
     base, xs = data(shape, n, seed)
     flat = [x.view(-1) for x in xs]

@@ -14,15 +14,18 @@ import resource, sys, torch
 from pymerge.ops import consensus_ops, task_vector_ops as tvo
 shape = tuple(int(s) for s in sys.argv[2].split("x"))
 g = torch.Generator().manual_seed(0)
-b, x = torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)
+b, x, y, z = (torch.empty(shape, dtype=torch.bfloat16) for _ in range(4))
 for i in range(0, shape[0], 4):  # a few rows at a time: whole-tensor float32 temporaries here raised the
     rows = torch.randn((min(4, shape[0] - i),) + shape[1:], generator=g)  # high-water mark the op is measured
     b[i:i + 4], x[i:i + 4] = rows, rows + 0.02 * torch.randn(rows.shape, generator=g)  # against, hiding its own
+    y[i:i + 4], z[i:i + 4] = (rows + 0.02 * torch.randn(rows.shape, generator=g) for _ in range(2))
 out = torch.empty_like(b)
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[1] == "della":
     tvo.task_vector_merge([x], b, out, [tvo.Sparsifier("della_magprune", 0.4, epsilon=0.15)], [1.0],
                           consensus=False, normalize=True, name="t")
+elif sys.argv[1] == "sce":
+    consensus_ops.sce([x, y, z], b, 0.5, out)
 else:
     consensus_ops.arcee_fusion(b, x, out)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) * 1024 / b.numel())
@@ -34,7 +37,10 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) * 1024 / b.numel
     ("della", "16x512x1024", 30),
     # float32 copies of base and model, the scores and the softmaxes: 16.2 bytes per element of bfloat16 inputs
     # (docs/mergekit-compat.md; the inputs, once made a whole float32 tensor at a time, hid half of it: 6.2)
-    ("arcee_fusion", "4096x4096", 18)])
+    ("arcee_fusion", "4096x4096", 18),
+    # the variances, the mask and torch.topk's (value, index) pairs: 21 bytes per element with pairs of
+    # float64 and int64 as torch's, 13 of float32 and int32 (the same comparisons, so the same elements)
+    ("sce", "4096x4096", 15)])
 def test_whole_tensor_temporaries_stay_bounded(method, shape, limit):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", PEAK, method, shape], capture_output=True, text=True, env=env,

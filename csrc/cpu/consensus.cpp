@@ -11,7 +11,8 @@
 //                  The mask m (0/1 bytes; none when select_topk >= 1) from sce_topk_mask.
 //   sce_topk_mask: the k largest variances, exactly the elements torch.topk (so mergekit) picks, ties
 //                  included: its CPU kernel's std::nth_element (std::partial_sort when k * 64 <= n) over
-//                  (value as float64, index) pairs in index order, NaN largest; without its sort of the result.
+//                  (value, index) pairs in index order, NaN largest; without its sort of the result.
+//                  (consensus_ops calls it only where the cut splits a run of equal variances.)
 //   ram_counts:    per model, #elements it moved (|d_i| > eps) that c > 1 models moved, and that only it did.
 //                  (ramplus_tl's boosts come from these; its mix is elementwise_mix.cpp's ram.)
 //   fusion_blend:  arcee_fusion's out = B + (x - B) [score >= threshold] (the scores come from torch:
@@ -222,12 +223,14 @@ void sce_merge(const std::vector<uintptr_t>& x, const std::vector<int>& dt, uint
   for_blocks(n, int(x.size()), num_threads, [&](int64_t s, float* sc) { fn(g, m, weights.data(), out, odt, s, sc); });
 }
 
-void sce_topk_mask(uintptr_t var, int64_t n, int64_t k, uintptr_t mask) {
-  if (!var || !mask || n < 1 || k < 1 || k > n) throw std::invalid_argument("sce_topk_mask: need 1 <= k <= n");
-  using elem_t = std::pair<double, int64_t>;
-  const float* v = reinterpret_cast<const float*>(var);
+// The k largest of (value, index) pairs in index order, by value alone, NaN largest: torch.topk's CPU
+// selection (its pairs hold a float64 and an int64; the comparisons, so the permutation, are the same for
+// a float and an int32 index: 8 bytes an element instead of 16 where n fits).
+template <class Index>
+void topk_pairs(const float* v, int64_t n, int64_t k, uint8_t* m) {
+  using elem_t = std::pair<float, Index>;
   std::vector<elem_t> queue(n);
-  for (int64_t j = 0; j < n; ++j) queue[j] = {double(v[j]), j};
+  for (int64_t j = 0; j < n; ++j) queue[j] = {v[j], Index(j)};
   auto larger = [](const elem_t& a, const elem_t& b) {
     return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
   };
@@ -235,9 +238,18 @@ void sce_topk_mask(uintptr_t var, int64_t n, int64_t k, uintptr_t mask) {
     std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), larger);
   else
     std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), larger);
-  uint8_t* m = reinterpret_cast<uint8_t*>(mask);
   std::memset(m, 0, size_t(n));
   for (int64_t i = 0; i < k; ++i) m[queue[i].second] = 1;
+}
+
+void sce_topk_mask(uintptr_t var, int64_t n, int64_t k, uintptr_t mask) {
+  if (!var || !mask || n < 1 || k < 1 || k > n) throw std::invalid_argument("sce_topk_mask: need 1 <= k <= n");
+  const float* v = reinterpret_cast<const float*>(var);
+  uint8_t* m = reinterpret_cast<uint8_t*>(mask);
+  if (n <= INT32_MAX)
+    topk_pairs<int32_t>(v, n, k, m);
+  else
+    topk_pairs<int64_t>(v, n, k, m);
 }
 
 // ---- ram / ramplus_tl ----------------------------------------------------------------------------
