@@ -68,7 +68,7 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
     if flags[0] == 0 and not split:
         return bool(flags[1])
     if flags[0] == 0:
-        raise InputError(messages[split[0]])
+        raise _on_every_rank(InputError(messages[split[0]]))
     mine = None
     if error is not None:
         first = first_line(error)
@@ -79,7 +79,18 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
     kind, message = messages[i]
     if any(m != messages[i] for m in messages):  # seen by some ranks only: say where
         message = f"rank {dist.get_global_rank(group, i)}: {message}"
-    raise _ERRORS.get(kind, InputError)(message) from (error if messages[i] == mine else None)
+    raise _on_every_rank(_ERRORS.get(kind, InputError)(message)) from (error if messages[i] == mine else None)
+
+
+def _on_every_rank(exc: BaseException) -> BaseException:
+    exc.raised_on_every_rank = True
+    return exc
+
+
+def settled(exc: BaseException) -> bool:
+    """Whether exc needs no agreement: agree() raised it alike on every rank, or a collective failed (another
+    would fail too, or wait as long)."""
+    return getattr(exc, "raised_on_every_rank", False) or isinstance(exc, dist.DistError)
 
 
 def agree_catalog(catalog: list, group) -> None:

@@ -10,7 +10,8 @@ with one small all_reduce (collectives.agree) over the model's whole mesh (self.
 replicas too) before any write: targets are checked per rank
 (local dtypes, devices, memory overlaps can differ between ranks), so one rank's error is raised
 on every rank with the same message and no rank waits in a collective the others never reach.
-Linear and task_arithmetic need nothing else: out[j] depends on element j alone. An FSDP2 model
+Linear and task_arithmetic need nothing else: out[j] depends on element j alone (one last all_reduce
+makes an error while writing every rank's too). An FSDP2 model
 left gathered by a forward pass is resharded first (no communication). Methods with whole-tensor
 statistics (methods.py) agree on their own checks and arguments with one more all_reduce, then
 compute the statistics with collectives (collectives.py).
@@ -100,17 +101,25 @@ class ShardedPool(CheckpointPool):
 
     def materialize_many(self, weight_rows, into, method: str = "linear", **kwargs) -> list:
         """CheckpointPool.materialize_many, with every check agreed across ranks before any write: an
-        error on one rank only (its targets' dtypes or memory, its arguments) is raised on every rank."""
-        self._agreed = False
+        error on one rank only (its targets' dtypes or memory, its arguments) is raised on every rank.
+        So is one after the writes began (a kernel's, a file that shrank under this rank): the ranks return
+        or raise together, never some with a merged model while another holds a half-written one."""
+        self._agreed = False  # whether this rank reached _checked_plans's agreement
         weight_rows = list(weight_rows)
         self._arguments = _digest(method, weight_rows, kwargs)
         try:
-            return super().materialize_many(weight_rows, into, method, **kwargs)
+            result = super().materialize_many(weight_rows, into, method, **kwargs)
         except Exception as exc:
-            if self._agreed:  # raised alike on every rank, or after the agreement (a kernel error)
+            if collectives.settled(exc):
                 raise
-            collectives.agree(exc, self.agreeing, (0, 0), differs=_DIFFER)  # the others wait in _checked_plans's
+            if self._agreed:  # this rank's alone, past the agreement: the others wait in the last one below
+                collectives.agree(exc, self.agreeing)
+            else:  # before it: they wait in _checked_plans's (two values compared)
+                collectives.agree(exc, self.agreeing, (0, 0), differs=_DIFFER)
             raise
+        if self._agreed:
+            collectives.agree(None, self.agreeing)
+        return result
 
     def _checked_plans(self, into: list, group_of: List[int], names, strict: bool):
         """Plans on every rank, then agrees: one rank's failure (a target of another dtype, memory
