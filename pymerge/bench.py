@@ -10,10 +10,10 @@ benchmarks/bench_weighted_sum.py in the source tree.
 import argparse
 import json
 import statistics
-import sys
 import time
 
 from pymerge.errors import first_line
+from pymerge.progress import say
 
 
 def _time(fns: dict, rounds: int, cuda: bool) -> dict:
@@ -57,7 +57,23 @@ def run(device: str, numel: int, rounds: int) -> list:
         gbs = {k: moved / s / 1e9 for k, s in secs.items()}
         rows.append({"N": n, "elements": numel, **{f"{k} GB/s": v for k, v in gbs.items()},
                      "pymerge / copy": gbs["pymerge"] / gbs["copy"]})
+        del xs, out, src, dst  # before the next N's inputs: one N's tensors at a time
     return rows
+
+
+def peak_bytes(numel: int) -> int:
+    """Memory run() holds at its peak (N = 16): the bf16 inputs and output, the copy's source and
+    destination, eager's float32 accumulator and one input made float32."""
+    n = 16
+    return numel * (2 * n + 2 + 2 * (n + 1) + 8)
+
+
+def _available(device: str) -> int:
+    import torch
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    from pymerge.sizes import host_available
+    return host_available()
 
 
 def _elements(text: str) -> int:
@@ -88,14 +104,18 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.elements, args.rounds = 1 << 20, 3
+    need, free = peak_bytes(args.elements), _available(device)
+    if need > free:  # Linux grants the allocations and kills the process when it touches them (a bug hunt)
+        say(f"pymerge bench: error: --elements {args.elements} does not fit in memory (needs {need / 1e9:.1f} GB, "
+            f"{free / 1e9:.1f} GB available on {device}); use fewer")
+        return 2
     try:
         rows = run(device, args.elements, args.rounds)
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # the inputs did not fit (--elements 1e9: 16 x 2 GB)
         if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in str(exc):
             raise
         first = first_line(exc)
-        print(f"pymerge bench: error: --elements {args.elements} does not fit in memory ({first[:200]}); "
-              "use fewer", file=sys.stderr)
+        say(f"pymerge bench: error: --elements {args.elements} does not fit in memory ({first[:200]}); use fewer")
         return 2
     cols = list(rows[0])
     print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, best of {args.rounds})")

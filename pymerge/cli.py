@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from pymerge import mergekit_flags
+from pymerge.progress import say
 
 
 def parse_size(text, zero: bool = False) -> int:
@@ -96,25 +97,13 @@ def _cmd_merge(args) -> int:
     if report.rank:  # a distributed merge: rank 0 speaks for all
         return 0
     for w in report.warnings:
-        _say(f"pymerge: warning: {w}")
+        say(f"pymerge: warning: {w}")
     ranks = f" x {report.world_size} ranks" if report.world_size > 1 else ""
     if not args.quiet:
-        _say(f"pymerge: merged {report.tensors} tensors ({report.input_bytes / 1e9:.2f} GB read, "
+        say(f"pymerge: merged {report.tensors} tensors ({report.input_bytes / 1e9:.2f} GB read, "
              f"{report.output_bytes / 1e9:.2f} GB written in {len(report.shards)} shard(s)) into {report.out_dir} "
              f"in {report.seconds:.2f} s on {report.device}{ranks}")
     return 0
-
-
-def _say(line: str) -> None:
-    """A line on stderr, or none where it cannot be written (its reader went away: `2>&1 | head`): the exit
-    status still tells the outcome, which a BrokenPipeError raised here turned into a failure after the
-    merge had installed OUT."""
-    if sys.stderr is None:  # 2>&-: print(file=None) would write to stdout
-        return
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 def _dispatch(args) -> int:
@@ -217,14 +206,14 @@ def _run(args) -> int:
     try:
         return _dispatch(args)
     except InputError as exc:
-        _say(f"pymerge: error: {_one_line(exc)}")
+        say(f"pymerge: error: {_one_line(exc)}")
         return 2
     except DistributedError as exc:
-        _say(f"pymerge: error: {_one_line(exc)}")
+        say(f"pymerge: error: {_one_line(exc)}")
         return 1
     except KeyboardInterrupt:
         done = INSTALLED[installed_before:]
-        _say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)" if done
+        say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)" if done
              else "pymerge: interrupted; no output was written")
         return 130
     except OSError as exc:
@@ -233,7 +222,7 @@ def _run(args) -> int:
         # The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
         # Without a file name nothing is blamed: the writer names OUT's files itself.
         where = f"{exc.filename}: " if exc.filename else ""
-        _say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}")
+        say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}")
         return 2
     finally:
         if previous is not None:

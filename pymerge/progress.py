@@ -1,5 +1,17 @@
-"""Progress bars that never stop the work they show."""
+"""Progress bars and lines on stderr that never stop the work they show."""
 import sys
+
+
+def say(line: str) -> None:
+    """A line on stderr, or none where it cannot be written (its reader went away: `2>&1 | head`): the exit
+    status still tells the outcome, which a BrokenPipeError raised here turned into a failure after the
+    work was done."""
+    if sys.stderr is None:  # 2>&-: print(file=None) would write to stdout (into --json's output)
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 class SafeStream:

@@ -10,6 +10,7 @@ Case, spaces and "_" are ignored; a fraction of a byte is dropped. Anything else
 negatives, non-finite or absurd sizes) is an InputError naming the setting.
 """
 import math
+import os
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -47,3 +48,14 @@ def _parse_text(text: str, what: str) -> Decimal:
     number = Decimal(m.group(1) + (m.group(2) or ""))
     return number * UNITS[m.group(3)] if number.adjusted() < 100 else number  # 1e999999: huge already
 
+
+def host_available() -> int:
+    """Bytes of memory this machine can give without swapping (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -416,3 +416,29 @@ def test_demo_options_pass_through(monkeypatch):
     monkeypatch.setattr(demo, "main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert cli.main(["demo", "--quick", "--out", "x", "--json"]) == 0
     assert seen["argv"] == ["--quick", "--out", "x", "--json"]
+
+
+@pytest.mark.parametrize("cmd", [["search", "nowhere.yml"], ["bench", "--elements", str(1 << 32)]])
+def test_other_commands_errors_never_reach_stdout_with_stderr_closed(tmp_path, cmd):
+    """With stderr closed (2>&-) Python sets sys.stderr to None, and print(file=None) writes to stdout:
+    `pymerge search`'s and `pymerge bench`'s error lines (and `pymerge demo --json`'s progress) went there."""
+    p = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, "-m", "pymerge", *cmd],
+                       cwd=tmp_path, timeout=300, stdout=subprocess.PIPE,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert p.returncode == 2 and p.stdout == b"", p.stdout
+
+
+def test_bench_refuses_elements_past_the_memory_before_allocating(monkeypatch, capsys):
+    """`pymerge bench --elements 4294967296` was killed by the OOM killer (exit 137 after 30 s at 24 GB): Linux
+    grants the allocations torch asks for and kills the process when it touches them, so the MemoryError the
+    bench caught never came. The peak is computed and compared with what the machine has first."""
+    from pymerge import bench
+
+    def never(*a):
+        raise AssertionError("allocated")
+    monkeypatch.setattr(bench, "run", never)
+    monkeypatch.setattr(bench, "_available", lambda device: 10**9)
+    assert bench.peak_bytes(1 << 20) < 10**9 < bench.peak_bytes(1 << 24)
+    assert bench.main(["--elements", str(1 << 24), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "does not fit in memory (needs 1.3 GB, 1.0 GB available on cpu)" in err

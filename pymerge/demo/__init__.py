@@ -14,7 +14,8 @@ merge (run.py). Nothing is downloaded; it needs only pymerge's own dependencies.
 """
 import argparse
 import json
-import sys
+
+from pymerge.progress import say
 
 __all__ = ["main"]
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     if args.threads is not None and not 0 <= args.threads <= 1024:
         ap.error(f"--threads must be from 0 (the default) to 1024, got {args.threads}")
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
-    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    log = say if args.json else print
     settings = Settings.quick(args.seed) if args.quick else Settings(seed=args.seed)
     budget = args.budget or (16 if args.quick else 120)
     eval_dtype = None if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)

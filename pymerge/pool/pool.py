@@ -26,6 +26,7 @@ from pymerge.ops._checks import as_int, check_threads
 from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
+from pymerge.sizes import host_available
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
 from pymerge.pool import compressed, grouped
 from pymerge.pool.sources import open_source
@@ -43,17 +44,6 @@ class _Plan:
     outs: List[torch.Tensor]      # contiguous views of the targets' storage (or temporaries, see fixups)
     targets: List[torch.Tensor]   # the caller's tensors, one per candidate
     fixups: List[Tuple[torch.Tensor, torch.Tensor]]  # (temporary, non-contiguous target) to copy back
-
-
-def _host_available() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def _guard_mapped(sources) -> MappingGuard:
@@ -304,7 +294,7 @@ class CheckpointPool:
                        for n in self.names)
         need = per_ckpt * (len(opened) + (1 if base_src else 0))
         self.nbytes = need
-        host_avail = _host_available()
+        host_avail = host_available()
         host_cap = min(self.memory_budget if self.memory_budget is not None else need, host_avail // 2)
         if forced is not None:
             if forced not in RESIDENCIES:

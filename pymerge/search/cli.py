@@ -34,6 +34,7 @@ import yaml
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
 from pymerge.io.files import hold_lock, release_lock
+from pymerge.progress import say
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
         "method_params", "search", "state_path", "out"}
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
     try:
         return _run(args)
     except InputError as exc:
-        print(f"pymerge search: error: {exc}", file=sys.stderr)
+        say(f"pymerge search: error: {exc}")
         return 2
 
 

@@ -133,8 +133,8 @@ def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
     if pool.device.type == "cuda":
         free = torch.cuda.mem_get_info(pool.device)[0]
     else:
-        from pymerge.pool.pool import _host_available
-        free = _host_available()
+        from pymerge.sizes import host_available
+        free = host_available()
     return max(1, min(popsize, int(free * 0.25 // max(size, 1)) + 1))
 
 
