@@ -492,6 +492,13 @@ def empty_shard_worker(rank, world, files):
     except Exception as exc:
         out["errors"]["in_linear"] = f"{type(exc).__name__}: {exc}"
     pool.__dict__.pop("_run_linear", None)
+    # no targets on one rank: it returned before the agreement the other waited in (until the timeout)
+    rows = [] if rank == 0 else [W3]
+    try:
+        pool.materialize_many(rows, into=[m] * len(rows))
+    except Exception as exc:
+        out["errors"]["none_here"] = f"{type(exc).__name__}: {exc}"
+    out["none_anywhere"] = pool.materialize_many([], into=[])
     out["after"] = []
     for kw in (kw, dict(method="ties", density=0.55), dict(method="linear")):  # still in step
         want = build_conv()
@@ -509,4 +516,6 @@ def test_della_on_empty_3d_shards_and_errors_inside_the_merge(tmp_path):
     assert all(res["bits"] == {"della": True, "della_linear": True} for res in results), [r["bits"] for r in results]
     assert dist_helpers.agreed_errors(results)["in_merge"] == "InputError: rank 1: injected failure"
     assert dist_helpers.agreed_errors(results)["in_linear"] == "InputError: rank 1: injected kernel failure"
+    assert dist_helpers.agreed_errors(results)["none_here"].startswith("InputError: ranks called the sharded pool with")
+    assert [res["none_anywhere"] for res in results] == [[], []]
     assert all(res["after"] == [True, True, True] for res in results), [res["after"] for res in results]

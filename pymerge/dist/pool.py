@@ -119,6 +119,8 @@ class ShardedPool(CheckpointPool):
             raise
         if self._agreed:
             collectives.agree(None, self.agreeing)
+        else:  # no targets, so no plans: a rank given some waits in _checked_plans's agreement
+            collectives.agree(None, self.agreeing, (self._arguments, collectives.fingerprint([])), differs=_DIFFER)
         return result
 
     def _checked_plans(self, into: list, group_of: List[int], names, strict: bool):
