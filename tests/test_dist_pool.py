@@ -519,3 +519,35 @@ def test_della_on_empty_3d_shards_and_errors_inside_the_merge(tmp_path):
     assert dist_helpers.agreed_errors(results)["none_here"].startswith("InputError: ranks called the sharded pool with")
     assert [res["none_anywhere"] for res in results] == [[], []]
     assert all(res["after"] == [True, True, True] for res in results), [res["after"] for res in results]
+
+
+def silent_peer_worker(rank, world, files):
+    """Rank 1 lives but never calls materialize: rank 0's agreement times out once, and that failure is not
+    agreed again (gloo raises a plain RuntimeError; a second collective on the closed pair replaced the
+    timeout's message with 'Application timeout caused pair closure', or on a live one waited again)."""
+    import time
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    m = fully_shard(build(), mesh=init_device_mesh("cpu", (world,)))
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+    if rank == 1:
+        time.sleep(6)
+        return {}
+    t0 = time.monotonic()
+    try:
+        pool.materialize(W3, into=m)
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return {"error": error, "seconds": time.monotonic() - t0}
+
+
+def test_a_failed_agreement_is_not_agreed_again(tmp_path):
+    from datetime import timedelta
+    files = write_checkpoints(str(tmp_path))
+    res = dist_helpers.run(silent_peer_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=3), wall_s=60)[0]
+    assert res["error"] is not None and "Timed out" in res["error"], res
+    assert res["seconds"] < 5, res  # one timeout (3 s), not two

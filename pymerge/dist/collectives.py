@@ -13,6 +13,7 @@ group has; its timeout bounds every wait), called in the same order on every ran
             same index tie-break) from all-reduced radix histograms: 11 + 10 + 10 key bits, then,
             only when the boundary splits a run of equal keys, a bisection over global indices.
 """
+import functools
 import hashlib
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -49,10 +50,32 @@ def fingerprint(*values) -> int:
                           "little") >> 2
 
 
+def _settling(fn):
+    """What fn raises needs no agreement: an error raised alike on every rank, or a collective's failure (gloo
+    raises a plain RuntimeError on a timeout; another collective would fail too, or wait as long)."""
+    @functools.wraps(fn)
+    def settling(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            try:
+                exc.pymerge_settled = True
+            except AttributeError:  # an exception type without a __dict__: agreed again at worst
+                pass
+            raise
+    return settling
+
+
+def settled(exc: BaseException) -> bool:
+    """Whether exc came out of agree(), agree_catalog() or agreed_order() (see _settling), or a DistError."""
+    return getattr(exc, "pymerge_settled", False) or isinstance(exc, dist.DistError)
+
+
 ARGUMENTS_DIFFER = ("ranks called the sharded pool with different arguments (weights, method or parameters); "
                      "every rank of the model's mesh, replicas included, must pass the same")
 
 
+@_settling
 def agree(error: Optional[BaseException], group, what=0, flag: bool = False, differs=ARGUMENTS_DIFFER) -> bool:
     """Raises on every rank of group if any rank had an error (or passed a different `what`: an int, or a
     tuple of ints each with its message in the tuple `differs`); else returns whether any rank raised
@@ -68,7 +91,7 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
     if flags[0] == 0 and not split:
         return bool(flags[1])
     if flags[0] == 0:
-        raise _on_every_rank(InputError(messages[split[0]]))
+        raise InputError(messages[split[0]])
     mine = None
     if error is not None:
         first = first_line(error)
@@ -79,20 +102,10 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
     kind, message = messages[i]
     if any(m != messages[i] for m in messages):  # seen by some ranks only: say where
         message = f"rank {dist.get_global_rank(group, i)}: {message}"
-    raise _on_every_rank(_ERRORS.get(kind, InputError)(message)) from (error if messages[i] == mine else None)
+    raise _ERRORS.get(kind, InputError)(message) from (error if messages[i] == mine else None)
 
 
-def _on_every_rank(exc: BaseException) -> BaseException:
-    exc.raised_on_every_rank = True
-    return exc
-
-
-def settled(exc: BaseException) -> bool:
-    """Whether exc needs no agreement: agree() raised it alike on every rank, or a collective failed (another
-    would fail too, or wait as long)."""
-    return getattr(exc, "raised_on_every_rank", False) or isinstance(exc, dist.DistError)
-
-
+@_settling
 def agree_catalog(catalog: list, group) -> None:
     """Raises the same InputError on every rank of group unless all hold the same catalog (a list of
     plain entries: checkpoint counts, then (tensor, dtypes) in any order): collectives pair tensors by
@@ -113,6 +126,7 @@ def agree_catalog(catalog: list, group) -> None:
                      "same checkpoints (no pool was built)")
 
 
+@_settling
 def agreed_order(names: List[str], group) -> List[str]:
     """The group's first rank's order of names (the same set on every rank, see agree_catalog): a copy of
     a file saved in another tensor order gives the same pool, tied targets written alike included."""
