@@ -227,8 +227,8 @@ void register_interp(py::module_& m) {
   m.def("group_dots", &group_dots, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
         py::arg("sub"), py::arg("rows"), py::arg("cols"), py::arg("group"), py::arg("num_threads") = 0,
         py::call_guard<py::gil_scoped_release>(), "Pairwise dot products per row or column (see csrc/cpu/interp.cpp).");
-  m.def("whole_dots", &whole_dots, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),
-        py::arg("sub"), py::arg("numel"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+  m.def("whole_dots", exact::parts_as_array(&whole_dots), py::arg("x"), py::arg("dtypes"), py::arg("base"),
+        py::arg("base_dtype"), py::arg("sub"), py::arg("numel"), py::arg("num_threads") = 0,
         "Exact pairwise dot products over whole tensors: int64 parts (pymerge/ops/exact_sum.py) per pair.");
   m.attr("EXACT_PARTS") = py::make_tuple(exact::kLow, exact::kBins);
   m.def("group_lincomb", &group_lincomb, py::arg("x"), py::arg("dtypes"), py::arg("base"), py::arg("base_dtype"),

@@ -517,12 +517,11 @@ void register_task_vectors(py::module_& m) {
         py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("consensus"), py::arg("normalize"),
         py::arg("lam"), py::arg("divisor"), py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("num_threads") = 0,
         py::call_guard<py::gil_scoped_release>(), "Fused task-vector merge (see csrc/cpu/task_vectors.cpp).");
-  m.def("tv_l1", &tv_l1, py::arg("model"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"), py::arg("offset"),
-        py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("num_threads") = 0,
-        py::call_guard<py::gil_scoped_release>(), "Exact sums of |d| and |d * keep| of one model's delta: int64 parts (pymerge/ops/exact_sum.py), twice.");
-  m.def("tv_della_mask", &tv_della_mask, py::arg("model"), py::arg("base"), py::arg("base_dtype"), py::arg("rows"),
-        py::arg("cols"), py::arg("thr"), py::arg("mask"), py::arg("seed"), py::arg("h0"), py::arg("h1"),
-        py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>(),
+  m.def("tv_l1", exact::parts_as_array(&tv_l1), py::arg("model"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"),
+        py::arg("offset"), py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("num_threads") = 0, "Exact sums of |d| and |d * keep| of one model's delta: int64 parts (pymerge/ops/exact_sum.py), twice.");
+  m.def("tv_della_mask", exact::parts_as_array(&tv_della_mask), py::arg("model"), py::arg("base"), py::arg("base_dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("thr"), py::arg("mask"), py::arg("seed"), py::arg("h0"), py::arg("h1"),
+        py::arg("num_threads") = 0,
         "DELLA keep-bitmask by per-row magnitude rank; returns its L1 norms' parts, as tv_l1.");
   py::class_<GroupedTVPlan>(m, "GroupedTVPlan", "Task table of a whole task-vector merge, run in one call.")
       .def(py::init<const std::vector<std::vector<uintptr_t>>&, const std::vector<std::vector<int>>&,

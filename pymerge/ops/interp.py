@@ -77,7 +77,7 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
             [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
             base.data_ptr() if base is not None else 0, _native.DTYPE_CODES[base.dtype] if base is not None else 0,
             sub, xs[0].numel(), num_threads)
-        return torch.tensor(flat, dtype=torch.int64, device="cpu").view(-1, exact_sum.PARTS)
+        return torch.from_numpy(flat).view(-1, exact_sum.PARTS)
     iu = torch.triu_indices(k, k, device="cpu").tolist()
     out = torch.zeros(len(iu[0]), exact_sum.PARTS, dtype=torch.int64, device="cpu")
     for s in range(0, xs[0].numel(), _BLOCK):

@@ -246,7 +246,7 @@ def model_l1_parts(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=T
         parts = _native.cpu.tv_l1(_spec(x, plan), base.data_ptr(),
                                   _native.DTYPE_CODES[base.dtype], x.numel(), offset, int(seed) & 0xFFFFFFFFFFFFFFFF,
                                   h0, h1, num_threads)
-        return torch.tensor(parts, device="cpu").view(2, -1)
+        return torch.from_numpy(parts).view(2, -1)
     out = torch.zeros(2, exact_sum.PARTS, dtype=torch.int64, device="cpu")
     xf, bf = x.reshape(-1), base.reshape(-1)
     for start in range(0, x.numel(), _TORCH_BLOCK):
@@ -296,7 +296,7 @@ def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_thr
         parts = _native.cpu.tv_della_mask(spec, base.data_ptr(), _native.DTYPE_CODES[base.dtype],
                                           rows, cols, thr.data_ptr(), words.data_ptr(),
                                           int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
-        return words, tuple(exact_sum.totals(torch.tensor(parts, device="cpu")))
+        return words, tuple(exact_sum.totals(torch.from_numpy(parts)))
     keep, parts = della_keep_torch(x, base, sp, model, name, seed, offset, norms=True)
     return pack_bits(keep), tuple(exact_sum.totals(parts))
 
