@@ -6,8 +6,8 @@
 // that holds the rank). When the bracket is a single key (the usual case when many |d| are equal, as
 // with bfloat16 checkpoints) the pass only counts, vectorized, and keeps per-block tie counts, so
 // finding the boundary's index reads one block more. A bracket the sample got wrong costs one pass
-// and the search continues over every key. Small tensors: a two-level radix histogram over the
-// float bits (15 high bits, then 16 low bits of the candidates' bucket).
+// and the search continues over every key. Smaller tensors: a two-level radix histogram over the
+// float bits (15 high bits, then 16 low bits of the candidates' bucket); the smallest, an nth_element.
 //
 // Order: "ascending" ranks elements by (|d|, index); "descending" by (-|d|, index) -- in both,
 // equal magnitudes go lowest index first, exactly like a stable sort in that direction.
@@ -282,6 +282,26 @@ std::pair<uint32_t, int64_t> select_bracketed(const SelectArgs& a, int64_t r) {
   throw std::logic_error("select: bracket passes did not converge");
 }
 
+// Tensors of at most kSortMax elements: one nth_element over (key << 32 | index) per rank, O(n): zeroing
+// and scanning the radix histograms' 96K bins cost ~120 us whatever the size (12x torch.kthvalue at 64
+// elements). The key's bits and the index order the pairs as the selection orders elements.
+constexpr int64_t kSortMax = 4096;
+
+std::pair<int64_t, int64_t> select_small(const SelectArgs& a, int64_t r, std::vector<uint64_t>& pairs) {
+  if (pairs.empty()) {
+    Buf w;
+    for (int64_t s = 0; s < a.numel; s += kBlock) {
+      const int64_t n = std::min(kBlock, a.numel - s);
+      block_keys(a, s, n, w.xb, w.bb, w.keys);
+      for (int64_t i = 0; i < n; ++i) pairs.push_back(uint64_t(w.keys[i]) << 32 | uint64_t(s + i));
+    }
+  }
+  std::nth_element(pairs.begin(), pairs.begin() + r, pairs.end());  // any arrangement: reused for every rank
+  const uint64_t t = pairs[r] >> 32;
+  const bool first_tie = std::none_of(pairs.begin(), pairs.begin() + r, [t](uint64_t e) { return e >> 32 == t; });
+  return {int64_t(uint32_t(t) ^ a.flip), first_tie ? 0 : int64_t(pairs[r] & 0xffffffffu)};  // as nth_tie's j == 0
+}
+
 // For each rank r in [0, numel]: (T, I) in the caller's key space (|d| bits), see the file comment.
 // Descending boundaries use T = -1 for "every element" (r == numel); ascending use T = 2^31.
 std::vector<std::pair<int64_t, int64_t>> select_ranks(uintptr_t x, int xdt, uintptr_t b, int bdt, int64_t numel,
@@ -293,9 +313,14 @@ std::vector<std::pair<int64_t, int64_t>> select_ranks(uintptr_t x, int xdt, uint
   a.threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : default_threads(), n_blocks)));
   std::vector<std::pair<int64_t, int64_t>> result;
   std::vector<int64_t> high;
+  std::vector<uint64_t> pairs;
   for (int64_t r : ranks) {
     if (r < 0 || r > numel) throw std::invalid_argument("select: rank out of range");
     if (r == numel) { result.push_back({descending ? -1 : (int64_t(1) << 31), 0}); continue; }
+    if (numel <= kSortMax) {
+      result.push_back(select_small(a, r, pairs));
+      continue;
+    }
     if (numel >= kBracketMin) {
       auto [t, idx] = select_bracketed(a, r);
       result.push_back({int64_t(t ^ a.flip), idx});
