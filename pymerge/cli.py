@@ -133,6 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs a command and returns its exit code. Called without argv (the `pymerge` script,
     `python -m pymerge`), a finished merge ends the process at once: its output is committed and
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
+    if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
+        sys.stderr = open(os.devnull, "w")
     try:
         try:
             rc = _main(argv)

@@ -418,10 +418,12 @@ def test_demo_options_pass_through(monkeypatch):
     assert seen["argv"] == ["--quick", "--out", "x", "--json"]
 
 
-@pytest.mark.parametrize("cmd", [["search", "nowhere.yml"], ["bench", "--elements", str(1 << 32)]])
+@pytest.mark.parametrize("cmd", [["search", "nowhere.yml"], ["bench", "--elements", str(1 << 32)], ["merge"],
+                                 ["bench", "--rounds", "0"]])
 def test_other_commands_errors_never_reach_stdout_with_stderr_closed(tmp_path, cmd):
     """With stderr closed (2>&-) Python sets sys.stderr to None, and print(file=None) writes to stdout:
-    `pymerge search`'s and `pymerge bench`'s error lines (and `pymerge demo --json`'s progress) went there."""
+    `pymerge search`'s and `pymerge bench`'s error lines (and `pymerge demo --json`'s progress) went there, and
+    argparse's usage of any command's usage error."""
     p = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "bash", sys.executable, "-m", "pymerge", *cmd],
                        cwd=tmp_path, timeout=300, stdout=subprocess.PIPE,
                        env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
