@@ -405,3 +405,25 @@ def test_a_cpu_device_with_an_index_is_the_cpu(device):
     target = {"t": torch.empty(4)}
     pool.materialize([0.25, 0.75], into=target)
     assert pool.device == torch.device("cpu") and torch.equal(target["t"], torch.full((4,), 0.25))
+
+
+def test_a_forward_inside_one_autocast_region_sees_each_merge():
+    """autocast caches its bfloat16 copies of parameters that require grad until the outermost region exits:
+    a search (or eval loop) run inside one region scored every candidate with the first one's weights."""
+    import pymerge
+    torch.manual_seed(0)
+    srcs = [torch.nn.Linear(16, 16).state_dict() for _ in range(2)]
+    pool = pymerge.CheckpointPool(srcs)
+    model, x = torch.nn.Linear(16, 16), torch.randn(4, 16)
+    outs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        for w in ([1.0, 0.0], [0.0, 1.0]):
+            pool.materialize(w, into=model)
+            outs.append(model(x))
+        for name in ("weight", "bias"):  # the raw op's out= writes by address too
+            pymerge.weighted_sum([srcs[0][name], srcs[1][name]], [0.5, 0.5], out=getattr(model, name))
+        outs.append(model(x))
+    for w, got in zip(([1.0, 0.0], [0.0, 1.0], [0.5, 0.5]), outs):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # a fresh region: no cache
+            pool.materialize(w, into=model)
+            assert torch.equal(got, model(x)), w
