@@ -100,6 +100,52 @@ def test_cached_plan_follows_replaced_and_moved_parameters():
     assert_matches(target, reference(models, w), torch.bfloat16)
 
 
+def test_cached_plan_survives_modules_built_outside_its_targets(monkeypatch):
+    """Any registration in the process (a transformers forward slicing its layers into a new ModuleList, a
+    loss module built between calls) dropped every cached plan: each call re-planned (22x slower). Only
+    registrations on a target's own modules can change what it holds."""
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    target, other = Tiny(), Tiny()
+    calls = []
+    real = pool._plan
+    monkeypatch.setattr(pool, "_plan", lambda *a: calls.append(1) or real(*a))
+    w = [0.2, 0.3, 0.5]
+    pool.materialize(w, into=target)
+    for between in (lambda: target.layers[:2], lambda: torch.nn.CrossEntropyLoss(),
+                    lambda: other.register_buffer("extra", torch.zeros(1)),
+                    lambda: setattr(other.head, "weight", torch.nn.Parameter(torch.zeros(101, 29)))):
+        between()
+        pool.materialize(w, into=target)
+    assert len(calls) == 1
+    assert_matches(target, reference(models, w), torch.float32)
+
+
+def test_cached_plan_follows_layers_replaced_and_parameters_added():
+    """Registrations on a target's own modules, which no other check sees: a layer replaced (the entry holds
+    the old layer's tensors, at their addresses), a parameter registered under a key the target lacked
+    (strict=False), a parameter added to a layer attached after the entry was built."""
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    target = Tiny()
+    w = [0.2, 0.3, 0.5]
+    pool.materialize(w, into=target)
+    target.layers[1] = torch.nn.Linear(29, 29)
+    pool.materialize(w, into=target)
+    assert_matches(target, reference(models, w), torch.float32)
+    del target.head.bias
+    pool.materialize(w, into=target, strict=False)
+    target.head.bias = torch.nn.Parameter(torch.zeros(101))
+    pool.materialize(w, into=target, strict=False)
+    assert_matches(target, reference(models, w), torch.float32)
+    layer = torch.nn.Linear(29, 29, bias=False)
+    target.layers[2] = layer
+    pool.materialize(w, into=target, strict=False)
+    layer.bias = torch.nn.Parameter(torch.zeros(29))
+    pool.materialize(w, into=target, strict=False)
+    assert_matches(target, reference(models, w), torch.float32)
+
+
 def test_cached_plan_follows_a_state_dict_target():
     models = make_models(2)
     pool = CheckpointPool([m.state_dict() for m in models])

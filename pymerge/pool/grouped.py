@@ -12,8 +12,11 @@ counters it bumps (one batched call) and the strided targets to copy back.
 
 A cached entry is reused while its targets are provably the ones it was built for:
 - the same target objects (the entry holds them, so their ids cannot be reused),
-- no parameter, buffer or submodule registered on any module since (a global registration hook
-  counts them: `module.w = nn.Parameter(...)`, weight tying),
+- no parameter, buffer or submodule registered since on a module of a target an entry was built for
+  (a global registration hook counts them: `module.w = nn.Parameter(...)`, weight tying, a layer
+  replaced). Modules of no target are not counted: a transformers forward slices its layers into a
+  new ModuleList every call, and a loss module built between calls registers too; neither changes
+  what a target holds, and counting them re-planned every call of an evaluation loop,
 - every target tensor still at the same address (`param.data = ...`, `module.half()` and
   `module.to()` swap storage without registering anything, and a new storage has a new address
   while the entry holds the old one alive),
@@ -23,6 +26,7 @@ A cached entry is reused while its targets are provably the ones it was built fo
 Anything else rebuilds the entry (the pool's full checks run again).
 """
 import threading
+import weakref
 from collections import OrderedDict
 from operator import attrgetter, is_
 from typing import Callable, List, Sequence
@@ -35,12 +39,23 @@ from pymerge.errors import MergeConfigError
 from pymerge.ops._versions import versions_of
 from pymerge.pool.weights import group_indices
 
-_registrations = 0  # parameters, buffers and submodules registered on any module so far
+_registrations = 0  # parameters, buffers and submodules registered on a watched module so far
+# id -> module, for every module of every target an entry was built for (by id: a module may define __eq__)
+_watched: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 
 
-def _count(*_args):
+def _count(module, *_args):
     global _registrations
-    _registrations += 1
+    if _watched.get(id(module)) is module:
+        _registrations += 1
+
+
+def _watch(into) -> None:
+    """Counts registrations on the targets' modules from now on (a later rebuild adds new submodules)."""
+    for m in into:
+        if isinstance(m, torch.nn.Module):
+            for sub in m.modules():
+                _watched[id(sub)] = sub
 
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_count)
@@ -122,6 +137,7 @@ class PlanCache:
                 self._entries.move_to_end(key)
                 return entry
             plans = build()
+            _watch(into)  # before the entry takes its generation: a registration from now on is seen
             entry = _Entry(list(into), targets_of(plans), plans, make_table(plans))
             self._entries[key] = entry
             while len(self._entries) > self.max_entries:
