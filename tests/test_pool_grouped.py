@@ -1,12 +1,17 @@
 """The CPU pool's one-call path (pymerge/pool/grouped.py): bit-identical to one kernel call per tensor,
 and a cached plan never writes into a tensor the target no longer holds."""
+import gc
+import threading
+import types
+import weakref
+
 import numpy as np
 import pytest
 import torch
 
 from pymerge import _cpu
 from pymerge.ops.weighted_sum import weighted_sum_into
-from pymerge.pool import CheckpointPool
+from pymerge.pool import CheckpointPool, grouped
 from test_pool import Tiny, assert_matches, make_models, reference
 
 
@@ -493,3 +498,75 @@ def test_plan_cache_lookups_do_not_race_another_threads_eviction(monkeypatch):
     ta.join(5)
     tb.join(5)
     assert not errors and not ta.is_alive() and not tb.is_alive()
+
+
+def test_a_dropped_target_is_freed_and_its_id_never_meets_its_entry(monkeypatch):
+    """The cache held its last 8 targets alive (a fresh model per candidate: 8 models of 64 MB kept in the
+    hunt's pipeline); it holds them weakly now, and a target's finalizer evicts its entry (and the tensors
+    it held). A new model given a dead one's id gets plans of its own, also where the eviction is still
+    pending (no finalizer here: valid() sees the dead reference)."""
+    import builtins
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    w = [0.2, 0.3, 0.5]
+    for finalized in (True, False):
+        if not finalized:
+            monkeypatch.setattr(grouped, "_finalizer", lambda *a: types.SimpleNamespace(detach=lambda: None))
+        target = Tiny()
+        pool.materialize([1.0, 0.0, 0.0], into=target)
+        alive, weight, dead = weakref.ref(target), weakref.ref(target.head.weight), id(target)
+        del target
+        gc.collect()
+        assert alive() is None
+        assert (weight() is None and not pool._plan_cache._entries) == finalized
+        new = Tiny()  # at the dead one's address, as CPython may place it (the cache's id() says so)
+        monkeypatch.setattr(grouped, "id", lambda obj: dead if obj is new else builtins.id(obj), raising=False)
+        pool.materialize(w, into=new)
+        assert_matches(new, reference(models, w), torch.float32)
+        assert len(pool._plan_cache._entries) == 1  # the stale entry was replaced, not kept beside it
+        monkeypatch.delattr(grouped, "id")
+        del new
+        gc.collect()
+
+
+def test_a_target_dying_inside_the_cache_is_evicted_without_waiting():
+    """A finalizer runs wherever the last reference goes: inside the cache's locked region (a gc during a
+    build, in the thread that holds the lock) or while another thread holds it. It must not wait for the
+    lock (a deadlock in the first case) nor evict in the middle of the holder's work: it leaves the
+    eviction to the holder, who does it before it lets go."""
+    cache = grouped.PlanCache()
+    inside, proceed = threading.Event(), threading.Event()
+
+    def entry(into, build=list):
+        return cache.entry(("k",), into, build, lambda plans: [], lambda plans: None)
+
+    def dies_inside():
+        doomed.clear()  # the last reference: the finalizer runs here, under the lock
+        still.append((gone,) in [key[0] for key in cache._entries])  # left to the holder, not done here
+        return []
+
+    def waits_inside():
+        inside.set()
+        proceed.wait(10)
+        return []
+    doomed, other, still = [torch.nn.Module()], [torch.nn.Module()], []
+    gone = id(doomed[0])
+    entry(doomed)
+    same_thread = threading.Thread(target=entry, args=(other, dies_inside), daemon=True)
+    same_thread.start()
+    same_thread.join(10)
+    assert not same_thread.is_alive() and still == [True]
+    assert [key[0] for key in cache._entries] == [(id(other[0]),)]
+
+    doomed = [torch.nn.Module()]
+    gone = id(doomed[0])
+    entry(doomed)
+    held = [torch.nn.Module()]
+    holder = threading.Thread(target=entry, args=(held, waits_inside), daemon=True)
+    holder.start()
+    assert inside.wait(10)
+    doomed.clear()  # the finalizer runs in this thread while the holder is inside: it must return at once
+    assert holder.is_alive()
+    proceed.set()
+    holder.join(10)
+    assert (gone,) not in [key[0] for key in cache._entries]

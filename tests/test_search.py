@@ -52,6 +52,33 @@ def test_reaches_the_known_optimum():
     assert res.history[0]["weights"] == pytest.approx([0.25] * 4)  # candidate 0: the uniform merge
 
 
+def test_the_pool_holds_no_replica_after_the_search():
+    """optimize fills deep copies of the model (replicas); the pool's plan cache kept them alive after it
+    returned (every copy, until the pool itself was dropped). They are freed with the search now, and
+    their plans dropped even where evaluate kept a copy."""
+    import gc
+    import weakref
+    pool, evaluate, _ = synthetic()
+    model, seen, kept = Vec(), weakref.WeakSet(), []
+    given = set()
+
+    def weakly(m):
+        seen.add(m)
+        given.add(id(m))
+        return evaluate(m)
+    optimize(pool, weakly, model=model, budget=14, popsize=7, log=None)
+    gc.collect()
+    assert len(given) == 7 and [m for m in seen if m is not model] == []
+
+    def strongly(m):
+        kept.append(m)
+        return evaluate(m)
+    optimize(pool, strongly, model=model, budget=14, popsize=7, log=None)
+    replicas = {id(m) for m in kept if m is not model}
+    assert len(replicas) == 6
+    assert not [key for key in pool._plan_cache._entries if replicas.intersection(key[0])]
+
+
 def _two_group_pool():
     """Three checkpoints of a model with an embedding group and one layer group, and a live model."""
     g = torch.Generator().manual_seed(1)

@@ -11,7 +11,9 @@ An entry also keeps what every call needs besides the kernel: the tuple of tenso
 counters it bumps (one batched call) and the strided targets to copy back.
 
 A cached entry is reused while its targets are provably the ones it was built for:
-- the same target objects (the entry holds them, so their ids cannot be reused),
+- the same target objects, alive: a module (or any target that can be) is held weakly, and its entry is
+  evicted when it dies (a finalizer), so a model dropped by the caller is freed and a new one given
+  its id never meets its entry; a dict, which cannot be, is held by its entry as before,
 - no parameter, buffer or submodule registered since on a module of a target an entry was built for
   (a global registration hook counts them: `module.w = nn.Parameter(...)`, weight tying, a layer
   replaced). Modules of no target are not counted: a transformers forward slices its layers into a
@@ -68,11 +70,12 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("into", "generation", "held", "ptrs", "layouts", "objects", "owners", "keys", "found", "plans",
-                 "native", "fixups", "selection")
+    __slots__ = ("targets", "generation", "held", "ptrs", "layouts", "objects", "owners", "keys", "found", "plans",
+                 "native", "fixups", "selection", "finalizers", "__weakref__")
 
     def __init__(self, into, watched, plans, native):
-        self.into = into                    # the targets themselves (keeps their ids unique)
+        self.targets = list(map(_reference, into))  # weak where possible: the entry must not keep a model alive
+        self.finalizers: list = []  # one per weakly held target: evicts the entry when the target dies
         self.generation = _registrations
         # The tensors the targets hold (not detached copies), one per plan and target: the version
         # counters a call bumps (a detached target shares its tensor's). None: a key the target lacked.
@@ -99,9 +102,36 @@ class _Entry:
             prefetch(self.objects)
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr; a view of the same
         # memory put in its place (param.data = param.data.t(), entry.t_()) keeps it but not its layout.
-        return (self.generation == _registrations
+        return (self.generation == _registrations and all(ref() is not None for ref in self.targets)
                 and all(map(is_, map(dict.get, self.owners, self.keys), self.found))
                 and list(map(_data_ptr, self.held)) == self.ptrs and _layouts(self.held) == self.layouts)
+
+    def detach(self) -> None:
+        """No longer in a cache: its targets' deaths need not evict it."""
+        for f in self.finalizers:
+            f.detach()
+
+
+def _reference(target):
+    """A weak reference to target, or a callable returning it where there can be none (a dict: held)."""
+    try:
+        return weakref.ref(target)
+    except TypeError:
+        return lambda: target
+
+
+def _target_died(cache_ref, key, entry_ref) -> None:
+    """A target's finalizer: its entry is evicted now, or by the lock's holder where the lock is taken (a
+    gc inside the cache, in this thread or another: never waited for, never entered twice)."""
+    cache = cache_ref()
+    if cache is None:
+        return
+    cache._dead.append((key, entry_ref))
+    if cache._lock.acquire(blocking=False):
+        try:
+            cache._evict_dead()
+        finally:
+            cache._lock.release()
 
 
 _size, _stride, _dtype = torch.Tensor.size, torch.Tensor.stride, attrgetter("dtype")
@@ -119,8 +149,10 @@ class PlanCache:
         self.max_entries = max_entries
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._groups: dict = {}
-        # two threads materializing from one pool: the LRU's pop in one raced the other's move_to_end (KeyError)
-        self._lock = threading.RLock()
+        # two threads materializing from one pool: the LRU's pop in one raced the other's move_to_end (KeyError).
+        # Not reentrant: a target's finalizer run inside (gc) must find it taken and leave the eviction to __exit__
+        self._lock = threading.Lock()
+        self._dead: list = []  # (key, weakref to its entry) whose target died while the lock was taken
 
     def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
         return PlanCache, (self.max_entries,)
@@ -131,22 +163,60 @@ class PlanCache:
         targets_of(plans) lists for every plan and target model (tensor as held, dict or None, key),
         make_table(plans) the table that runs them all in one call (None: not possible)."""
         key = (tuple(map(id, into)),) + key
-        with self._lock:
+        with self:
             entry = self._entries.get(key)
             if entry is not None and entry.valid():
                 self._entries.move_to_end(key)
                 return entry
             plans = build()
             _watch(into)  # before the entry takes its generation: a registration from now on is seen
-            entry = _Entry(list(into), targets_of(plans), plans, make_table(plans))
+            entry = _Entry(into, targets_of(plans), plans, make_table(plans))
+            self._drop(key)
             self._entries[key] = entry
+            entry.finalizers = [_finalizer(t, weakref.ref(self), key, weakref.ref(entry))
+                                for t, ref in zip(into, entry.targets) if isinstance(ref, weakref.ref)]
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                self._drop(next(iter(self._entries)))
             return entry
 
+    def forget(self, targets) -> None:
+        """Drops the entries written into any of targets (a search's replicas, once it is done with them)."""
+        ids = set(map(id, targets))
+        with self:
+            for key in [k for k in self._entries if ids.intersection(k[0])]:
+                self._drop(key)
+
     def clear(self) -> None:
-        self._entries.clear()
-        self._groups.clear()
+        with self:
+            for key in list(self._entries):
+                self._drop(key)
+            self._groups.clear()
+
+    def __enter__(self):
+        """The lock, with the entries whose target died meanwhile evicted on taking and before releasing it
+        (a finalizer that found it taken left them in _dead). Not a contextmanager: 1 us a call less."""
+        self._lock.acquire()
+        self._evict_dead()
+
+    def __exit__(self, *_exc):
+        try:
+            self._evict_dead()
+        finally:
+            self._lock.release()
+
+    def _evict_dead(self) -> None:
+        """Under the lock. Evicting may free other targets (their finalizers append here): until none is left."""
+        while self._dead:
+            key, entry_ref = self._dead.pop()
+            entry = entry_ref()
+            if entry is not None and self._entries.get(key) is entry:
+                self._drop(key)
+
+    def _drop(self, key) -> None:
+        """Under the lock: the entry under key (if any) leaves the cache, its finalizers with it."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry.detach()
 
     def group_of(self, names: Sequence[str], rule) -> List[int]:
         """group_indices(names, rule), remembered for the named rules (None, "layer")."""
@@ -162,6 +232,13 @@ class PlanCache:
         if key not in self._groups:
             self._groups[key] = max(self._groups[rule], default=0) + 1
         return self._groups[key]
+
+
+def _finalizer(target, cache_ref, key, entry_ref):
+    """Evicts the entry when target dies (only weak references: the cache and entry may die first)."""
+    f = weakref.finalize(target, _target_died, cache_ref, key, entry_ref)
+    f.atexit = False  # nothing to free at exit
+    return f
 
 
 def triton_table(plans, inputs: dict, n_groups: int):

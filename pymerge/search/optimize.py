@@ -242,6 +242,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     with rng:
         es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
     lock = _lock_state(state_path)  # before the state is read; held until the search ends
+    models = []
     try:
         state = _load_state(state_path, fingerprint, (g, n))
         pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
@@ -333,6 +334,15 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         return _result(history, state["generation"])
     finally:
         release_lock(lock)
+        _forget_replicas(pool, models[1:])
+
+
+def _forget_replicas(pool, replicas: list) -> None:
+    """The pool's cached plans for the deep copies hold their tensors: dropped with the search, even where
+    evaluate kept a copy (a pool without a plan cache, the distributed leader's, has none to drop)."""
+    forget = getattr(getattr(pool, "_plan_cache", None), "forget", None)
+    if forget is not None and replicas:
+        forget(replicas)
 
 
 def _best_index(objectives) -> int:
