@@ -230,6 +230,24 @@ def test_selection_methods_run_on_decoded_deltas(method, params):
     assert diff < 0.05 * sum(float(exact[n].double().norm() ** 2) for n in SHAPES) ** 0.5
 
 
+def test_a_method_error_found_in_a_later_tensor_writes_nothing():
+    """multislerp (decoded per tensor) refused 'layers.1.w', whose task vector is zero in checkpoint 1, with eps
+    0, after the tensors before it were written: now every tensor's coefficients come before any write."""
+    from pymerge.errors import MergeConfigError
+    shapes = {n: s for n, s in SHAPES.items() if n != "norm"}  # (one bfloat16 element may not move at all)
+    base, cks = _pool_inputs(shapes, seed=3)
+    cks[1]["layers.1.w"] = base["layers.1.w"].clone()
+    pool = CheckpointPool(cks, base=base, compress="int8")
+    model = {n: torch.zeros(s, dtype=torch.float32) for n, s in shapes.items()}
+    with pytest.raises(MergeConfigError, match="tensor layers.1.w: multislerp: model 1's task vector is zero"):
+        pool.materialize([0.5, 0.3, 0.2], into=model, method="multislerp", eps=0.0)
+    assert all(not t.any() for t in model.values())
+    pool.materialize([0.5, 0.3, 0.2], into=model, method="multislerp")  # the prepared coefficients are the ones used
+    plain = {n: torch.zeros(s, dtype=torch.float32) for n, s in shapes.items()}
+    CheckpointPool([{n: pool.tensor(i, n) for n in shapes} for i in range(3)], base=base).materialize(
+        [0.5, 0.3, 0.2], into=plain, method="multislerp")
+    assert all(torch.equal(model[n], plain[n]) for n in shapes)
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernels_decode_exactly(backend, monkeypatch):
     """With weight 1 every backend reproduces dequantize bit for bit (code * bfloat16 scale is exact)."""

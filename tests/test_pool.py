@@ -372,6 +372,46 @@ def test_registry_dispatch_passes_weights_and_params():
     mb._REGISTRY.pop("_test_scaled_delta")
 
 
+
+def _antipodal_last(base, models):
+    """Checkpoints 0 and 1 move head.weight (the last tensor in name order) in exactly opposite directions."""
+    sds = [m.state_dict() for m in models]
+    base["head.weight"] = torch.zeros_like(base["head.weight"])  # so that x - base is exact
+    delta = torch.randn_like(base["head.weight"])
+    sds[0]["head.weight"], sds[1]["head.weight"] = delta, -delta
+    return sds
+
+
+@pytest.mark.parametrize("case", ["zero task vector, eps 0", "antipodal", "group weights sum to 0", "candidate 1"])
+def test_a_method_error_found_in_a_later_tensor_writes_nothing(case):
+    """multislerp refused head.weight (its task vector zero with eps 0, antipodal inputs, a weight row summing to
+    0) after earlier tensors were written: the live model was left half merged. Every tensor's coefficients
+    and weights are checked before the first write."""
+    base_m, *models = make_models(4)
+    base = base_m.state_dict()
+    sds = [m.state_dict() for m in models]
+    kw, weights, match = {}, [[0.5, 0.3, 0.2]], "task vector is zero and eps is 0"
+    if case.startswith("zero") or case == "candidate 1":
+        sds[1]["head.weight"] = base["head.weight"].clone()
+        kw["eps"] = 0.0
+    if case == "antipodal":
+        sds, weights, match = _antipodal_last(base, models), [[1.0, 1.0, 0.0]], "weighted sum of the unit vectors is zero"
+    if case == "group weights sum to 0":
+        kw["groups"] = lambda n: 1 if n.startswith("head.") else 0
+        weights, match = [[[0.5, 0.3, 0.2], [1.0, -1.0, 0.0]]], "weights sum to 0 with normalize_weights"
+    if case == "candidate 1":
+        weights = [[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]
+    pool = CheckpointPool(sds, base=base)
+    targets = [Tiny() for _ in weights]
+    before = [snapshot(t) for t in targets]
+    with pytest.raises(MergeConfigError, match=f"tensor head.weight: multislerp.*{match}"):
+        pool.materialize_many(weights, into=targets, method="multislerp", **kw)
+    for t, b in zip(targets, before):
+        assert all(torch.equal(v, b[k]) for k, v in t.state_dict().items())
+    pool.materialize_many([[0.5, 0.3, 0.2]] * len(targets), into=targets, method="multislerp")  # the pool still merges
+    assert not torch.equal(targets[0].embed.weight, before[0]["embed.weight"])
+
+
 # ---- GPU ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("residency", ["device", "pinned", "mmap"])

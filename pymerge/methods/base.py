@@ -64,6 +64,8 @@ class TensorTask:
     cache_keys: Optional[List[Any]] = None
     # Replaces pymerge.ops.interp.group_dots for methods that reduce (a sharded pool sums across ranks).
     dots: Optional[Callable] = None
+    # What MergeMethod.prepare computed for merge_tensor (a few numbers), or None.
+    prepared: Any = None
 
 
 class MergeMethod:
@@ -91,6 +93,11 @@ class MergeMethod:
 
     def check_params(self, task: TensorTask) -> None:
         """Per-tensor parameter checks (ranges); raise MergeConfigError naming the tensor."""
+
+    def prepare(self, task: TensorTask) -> None:
+        """Work on the tensor's data whose outcome can refuse the merge (multislerp's coefficients), kept in
+        task.prepared (a few numbers). A pool prepares every tensor before it writes any, so such an error
+        leaves the models merged into as they were; merge_tensor computes it itself when not prepared."""
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         """Writes the merged tensor into ``out`` (contiguous, output dtype, inputs' shape)."""

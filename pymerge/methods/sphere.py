@@ -92,29 +92,37 @@ class MultiSlerp(MergeMethod):
     }
     chunkable = False  # norms and angles are whole-tensor statistics
 
+    def _settings(self, task: TensorTask):
+        w = [_number(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
+        normalize = _flag(task.params.get("normalize_weights", True), "normalize_weights")
+        return w, normalize, _number(task.params.get("eps", 1e-8), "eps", task.name)
+
     def check_params(self, task: TensorTask) -> None:
-        for i, mp in enumerate(task.model_params):
-            _number(mp.get("weight"), f"model {i} weight", task.name)
-        _flag(task.params.get("normalize_weights", True), "normalize_weights")
-        _number(task.params.get("eps", 1e-8), "eps", task.name)
+        w, normalize, _ = self._settings(task)
+        if normalize and len(w) > 1 and sum(w) == 0:  # the weights alone say so: refused before any tensor is read
+            raise MergeConfigError(f"tensor {task.name}: multislerp weights sum to 0 with normalize_weights: true "
+                                   f"(weights {w}); mergekit would write NaN here")
+
+    def prepare(self, task: TensorTask) -> None:
+        """The coefficients: their errors (a zero task vector with eps 0, antipodal inputs) depend on the data."""
+        if len(task.inputs) > 1 and task.inputs[0].numel():
+            task.prepared = self._coefs(task)
+
+    def _coefs(self, task: TensorTask) -> List[float]:
+        self.check_params(task)
+        w, normalize, eps = self._settings(task)
+        g = gram(task.inputs, task.base, task.backend, task.num_threads)
+        try:
+            return multislerp_coefs(g, w, normalize, eps)
+        except MergeConfigError as exc:
+            raise MergeConfigError(f"tensor {task.name}: {exc}") from None
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if len(task.inputs) == 1 or out.numel() == 0:
             out.copy_(task.inputs[0])
             return
-        w = [_number(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
-        normalize = _flag(task.params.get("normalize_weights", True), "normalize_weights")
-        eps = _number(task.params.get("eps", 1e-8), "eps", task.name)
-        if normalize and sum(w) == 0:
-            raise MergeConfigError(f"tensor {task.name}: multislerp weights sum to 0 with normalize_weights: true "
-                                   f"(weights {w}); mergekit would write NaN here")
-        base = task.base
-        g = gram(task.inputs, base, task.backend, task.num_threads)
-        try:
-            coefs = multislerp_coefs(g, w, normalize, eps)
-        except MergeConfigError as exc:
-            raise MergeConfigError(f"tensor {task.name}: {exc}") from None
-        _write(task, task.inputs, base, coefs, 1.0 if base is not None else 0.0, out)
+        coefs = task.prepared if task.prepared is not None else self._coefs(task)
+        _write(task, task.inputs, task.base, coefs, 1.0 if task.base is not None else 0.0, out)
 
 
 def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> List[float]:

@@ -571,7 +571,7 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
                seed: int, backend: str, num_threads: int) -> None:
     """Any registered method. Weighted sums (linear, task_arithmetic, ...) decode inside the fused kernel;
     the rest (TIES, DARE, SLERP, ...) merge base + decode(delta_i) in float32, one tensor at a time,
-    after a first pass has checked every tensor and candidate (nothing is written before that)."""
+    after a first pass has checked and prepared every tensor and candidate (nothing is written before that)."""
     from pymerge.methods.base import TensorTask, check_magnitudes
     from pymerge.methods.linear import WeightedSum
     n = len(store.labels)
@@ -604,10 +604,15 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
         for p, c_base, coef in jobs:
             store.accumulate(p.name, c_base, coef, p.outs, backend, num_threads)
         return
+    prepared = []  # what MergeMethod.prepare computed (a few numbers per tensor), so its errors come first too
     for p in plans:
-        tasks_of(p, decode=True)
-    for p in plans:
-        for task, out in zip(tasks_of(p, decode=True), p.outs):
+        tasks = tasks_of(p, decode=True)
+        for task in tasks:
+            method.prepare(task)
+        prepared.append([task.prepared for task in tasks])
+    for p, kept in zip(plans, prepared):
+        for task, out, pre in zip(tasks_of(p, decode=True), p.outs, kept):
+            task.prepared = pre
             method.merge_tensor(task, out)
 
 

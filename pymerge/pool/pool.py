@@ -692,7 +692,8 @@ class CheckpointPool:
                               num_threads=self.num_threads)
 
     def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
-        """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path)."""
+        """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path), after
+        every tensor and candidate is checked and prepared (MergeMethod.prepare): an error writes nothing."""
         from pymerge.methods.base import TensorTask, check_magnitudes, get_method
         m = get_method(method)
         m.validate(self.num_checkpoints, self.has_base)
@@ -723,6 +724,8 @@ class CheckpointPool:
                 check_magnitudes(m, task, self.labels)
                 tasks.append((task, p.outs[k]))
         with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
+            for task, _ in tasks:  # every tensor's data-dependent checks (multislerp's coefficients) first
+                m.prepare(task)
             for task, out in tasks:
                 m.merge_tensor(task, out)
 
