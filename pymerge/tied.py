@@ -27,8 +27,20 @@ def is_head(name: str) -> bool:
 
 def input_embedding(ck) -> Optional[str]:
     """The model's input embedding (its first vocabulary tensor that is not a head), or None."""
-    return next((n for n in ck.names() if is_vocab_tensor(n) and not is_head(n) and n.endswith("weight")
-                 and not is_neox_head(n) and len(ck.info(n).shape) == 2), None)
+    return embedding_of(ck.names(), lambda n: ck.info(n).shape)
+
+
+def embedding_of(names: Sequence[str], shape_of) -> Optional[str]:
+    """input_embedding over tensor names and a name -> shape function."""
+    return next((n for n in names if is_vocab_tensor(n) and not is_head(n) and n.endswith("weight")
+                 and not is_neox_head(n) and len(shape_of(n)) == 2), None)
+
+
+def tied_embedding(names: Sequence[str], shape_of) -> Optional[str]:
+    """The input embedding of a checkpoint that stores no output head (tied: the embedding is its head), or None."""
+    if any(is_head(n) or is_neox_head(n) for n in names):
+        return None
+    return embedding_of(names, shape_of)
 
 
 def head_source(ck, head: str) -> Optional[str]:

@@ -6,6 +6,7 @@ the tests assert on it. Reference: the single-process pool on the same files, bi
 import json
 import math
 import os
+import re
 import struct
 
 import numpy as np
@@ -270,13 +271,14 @@ def worker(rank, world, d, files):
         mine[0] = os.path.join(d, "missing.safetensors")
     out["errors"]["missing_on_one_replica"] = error_of(
         lambda: pymerge.CheckpointPool(mine, base=base, shard_like=replicated))
-    # a tied target whose checkpoints hold both names with other values: the last name in the single-process
-    # pool's order (the files') writes it; ordering names by the model instead wrote the other (a review)
+    # a tied target whose checkpoints hold both names with the same values: written once, as the single-process
+    # pool writes it; with other values refused alike on every rank (one merge would replace the other)
     class Tied(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, tie=True):
             super().__init__()
-            self.wte, self.head = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4, bias=False)
-            self.head.weight = self.wte.weight
+            self.wte, self.lm_head = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4, bias=False)
+            if tie:
+                self.lm_head.weight = self.wte.weight
 
     tied = [os.path.join(d, "tied", f"m{i}.safetensors") for i in range(2)]
     tm, tref = Tied(), Tied()
@@ -284,6 +286,17 @@ def worker(rank, world, d, files):
     pymerge.CheckpointPool(tied, shard_like=tm).materialize([0.5, 0.5], into=tm)
     pymerge.CheckpointPool(tied).materialize([0.5, 0.5], into=tref)
     out["tied_bits"] = torch.equal(tm.wte.weight.full_tensor(), tref.wte.weight.detach())
+    differ = [os.path.join(d, "tied", f"differ{i}.safetensors") for i in range(2)]
+    out["errors"]["tied_differ"] = error_of(lambda: pymerge.CheckpointPool(differ, shard_like=tm).materialize([0.5, 0.5], into=tm))
+    # checkpoints storing no head (tied) into a model whose head is its own: the single-process pool writes the
+    # merged embedding there; a sharded one refuses (the head may be laid out otherwise), strict=False leaves it
+    um = Tied(tie=False)
+    fully_shard(um, mesh=mesh)
+    head = um.lm_head.weight.full_tensor()
+    no_head = [os.path.join(d, "tied", f"nohead{i}.safetensors") for i in range(2)]
+    out["errors"]["untied_head"] = error_of(lambda: pymerge.CheckpointPool(no_head, shard_like=um).materialize([0.5, 0.5], into=um))
+    pymerge.CheckpointPool(no_head, shard_like=um).materialize([0.5, 0.5], into=um, strict=False)
+    out["untied_head_left"] = torch.equal(um.lm_head.weight.full_tensor(), head)
     # ... or lack a tensor, or hold one in another dtype: one agreed error (linear wrote nothing there, ties hung)
     for kind in ("lacking", "retyped"):
         mine = [os.path.join(d, kind, os.path.basename(f)) if rank == world - 1 else f for f in files]
@@ -311,9 +324,12 @@ def group(request, tmp_path_factory):
         dst.write(src.read()[:-10])
     from safetensors.torch import load_file
     os.mkdir(os.path.join(d, "tied"))
-    for i in range(2):  # the files list head.weight first (sorted), the module wte.weight
-        save_file({"wte.weight": torch.full((4, 3), 1.0 + i), "head.weight": torch.full((4, 3), 10.0 + i)},
+    for i in range(2):  # the files list lm_head.weight first (sorted), the module wte.weight
+        save_file({"wte.weight": torch.full((4, 3), 1.0 + i), "lm_head.weight": torch.full((4, 3), 1.0 + i)},
                   os.path.join(d, "tied", f"m{i}.safetensors"))
+        save_file({"wte.weight": torch.full((4, 3), 1.0 + i), "lm_head.weight": torch.full((4, 3), 10.0 + i)},
+                  os.path.join(d, "tied", f"differ{i}.safetensors"))
+        save_file({"wte.weight": torch.full((4, 3), 1.0 + i)}, os.path.join(d, "tied", f"nohead{i}.safetensors"))
     os.mkdir(os.path.join(d, "prefixed"))
     for f in files:
         sd = {"model." + k: v for k, v in load_file(f).items()}
@@ -426,7 +442,12 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["rows_split"].startswith("InputError: model_stock: tensor '1.weight' is split along the dimension")
     assert e["della_split"].startswith("InputError: della: tensor '1.weight' is split along dimension 1")
     assert all(res["untouched"] and res["after_errors"] for res in results)
-    assert all(res["reordered_bits"] and res["tied_bits"] for res in results)
+    assert all(res["reordered_bits"] and res["tied_bits"] and res["untied_head_left"] for res in results)
+    # (prefixed "rank 0: " where some rank holds empty shards of the tied tensor, so nothing to compare there)
+    assert re.match(r"InputError: (rank 0: )?pool tensors 'lm_head.weight' and 'wte.weight' hold different values, "
+                    "but the target ties them", e["tied_differ"]), e["tied_differ"]
+    assert re.match(r"InputError: (rank 0: )?the target's 'lm_head.weight' gets no pool tensor: the checkpoints are "
+                    r"tied \(they store 'wte.weight' and no output head\)", e["untied_head"]), e["untied_head"]
     last = world - 1
     assert e["lacking"] == (f"InputError: rank {last} read other checkpoints than rank 0: tensor '1.bias' is missing "
                             f"on rank {last} (1 in all); every rank must read the same checkpoints (no pool was built)")

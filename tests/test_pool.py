@@ -412,6 +412,132 @@ def test_a_method_error_found_in_a_later_tensor_writes_nothing(case):
     assert not torch.equal(targets[0].embed.weight, before[0]["embed.weight"])
 
 
+
+# ---- tied weights: the pool's checkpoints and the target tie differently ------------------------------
+class LM(torch.nn.Module):
+    """Hugging Face's names for an input embedding and an output head, tied or not."""
+
+    def __init__(self, tie: bool):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(11, 6)
+        self.model.norm = torch.nn.LayerNorm(6)
+        self.lm_head = torch.nn.Linear(6, 11, bias=False)
+        if tie:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def lm_states(n, tie: bool, seed=0):
+    """n checkpoints as saved: a tied one stores no lm_head.weight (as transformers saves it)."""
+    torch.manual_seed(seed)
+    out = []
+    for _ in range(n):
+        sd = {k: torch.randn_like(v) for k, v in LM(False).state_dict().items()}
+        if tie:
+            del sd["lm_head.weight"]
+        out.append(sd)
+    return out
+
+
+def merged(states, w, name):
+    return sum(wi * s[name].double() for wi, s in zip(w, states))
+
+
+def test_untied_checkpoints_into_a_tied_model_are_refused():
+    """Checkpoints holding lm_head.weight and embed_tokens.weight apart, merged into a model that ties them:
+    both merges targeted one tensor and the last silently replaced the other."""
+    states, w = lm_states(2, tie=False), [0.3, 0.7]
+    for target in (LM(True), {k: v.clone() for k, v in LM(True).state_dict().items()}):
+        if isinstance(target, dict):
+            target["lm_head.weight"] = target["model.embed_tokens.weight"]  # a state dict of a tied model
+        before = {k: v.clone() for k, v in target.items()} if isinstance(target, dict) else snapshot(target)
+        for method, kw in (("linear", {}), ("multislerp", {})):
+            with pytest.raises(InputError, match=r"^pool tensors 'model.embed_tokens.weight' and 'lm_head.weight' "
+                                                 r"hold different values, but the target ties them \(one tensor\).*"
+                                                 r"names=.*nothing was written$"):
+                CheckpointPool(states).materialize(w, into=target, method=method, **kw)
+        after = target if isinstance(target, dict) else target.state_dict()
+        assert all(torch.equal(v, before[k]) for k, v in after.items())
+    # what the message offers: leave one out, or untie the model
+    tied = LM(True)
+    CheckpointPool(states).materialize(w, into=tied, names=lambda n: None if n == "lm_head.weight" else n)
+    assert torch.allclose(tied.lm_head.weight.double(), merged(states, w, "model.embed_tokens.weight"), atol=1e-6)
+    untied = LM(False)
+    CheckpointPool(states).materialize(w, into=untied)
+    assert torch.allclose(untied.lm_head.weight.double(), merged(states, w, "lm_head.weight"), atol=1e-6)
+
+
+def test_tied_checkpoints_saved_with_both_names_into_a_tied_model():
+    """The same bits under both names in every checkpoint and the base (a tied model's state_dict()): one
+    merge, written once, on every path (the grouped call, a method, a compressed pool, several candidates)."""
+    states = lm_states(3, tie=True)
+    for s in states:
+        s["lm_head.weight"] = s["model.embed_tokens.weight"].clone()
+    base, states = states[0], states[1:]
+    for pool, method, kw in ((CheckpointPool(states), "linear", {}), (CheckpointPool(states, base=base), "ties",
+                             {"density": 0.5}), (CheckpointPool(states, base=base, compress="int8"), "multislerp", {})):
+        untied = LM(False)  # what each name gets on its own
+        pool.materialize([0.4, 0.6], into=untied, method=method, **kw)
+        assert torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+        targets = [LM(True), LM(True)]
+        pool.materialize_many([[0.4, 0.6]] * 2, into=targets, method=method, **kw)
+        assert all(torch.equal(t.lm_head.weight, untied.lm_head.weight) for t in targets), method
+    # a tied source module's state dict holds both names (one tensor): the same
+    modules = [LM(True) for _ in range(2)]
+    target = LM(True)
+    CheckpointPool(modules).materialize([0.5, 0.5], into=target)
+    want = merged([m.state_dict() for m in modules], [0.5, 0.5], "lm_head.weight")
+    assert torch.allclose(target.model.embed_tokens.weight.double(), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,kw", [("linear", {}), ("ties", {"density": 0.5}), ("multislerp", {})])
+def test_tied_checkpoints_fill_an_untied_head(method, kw):
+    """Checkpoints that store no lm_head.weight (tied) into a model whose head is its own: strict=True checked
+    only pool -> model, and the head kept its random init (or an earlier candidate's head). It now gets the
+    merged embedding, as the checkpoints' own models compute with it; strict=False leaves it."""
+    states = lm_states(4, tie=True)
+    base, states = states[0], states[1:]
+    pool = CheckpointPool(states, base=base)
+    for w in ([0.2, 0.3, 0.5], [0.6, 0.1, 0.3]):  # the second from the cached plans
+        model = LM(False)
+        pool.materialize(w, into=model, method=method, **kw)
+        assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    models = [LM(False), LM(False)]
+    pool.materialize_many([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]], into=models, method=method, **kw)
+    assert all(torch.equal(m.lm_head.weight, m.model.embed_tokens.weight) for m in models)
+    sd = {k: torch.zeros_like(v) for k, v in LM(False).state_dict().items()}  # a state dict, its head replaced
+    pool.materialize([0.2, 0.3, 0.5], into=sd, method=method, **kw)
+    sd["lm_head.weight"] = torch.zeros_like(sd["lm_head.weight"])
+    pool.materialize([0.2, 0.3, 0.5], into=sd, method=method, **kw)
+    assert torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    model = LM(False)
+    head = model.lm_head.weight.detach().clone()
+    pool.materialize([0.2, 0.3, 0.5], into=model, method=method, strict=False, **kw)
+    assert torch.equal(model.lm_head.weight, head)
+    # a tied model needs nothing more: its head is the embedding just written
+    tied = LM(True)
+    pool.materialize([0.2, 0.3, 0.5], into=tied, method=method, **kw)
+    assert torch.equal(tied.model.embed_tokens.weight, models[0].model.embed_tokens.weight)
+
+
+def test_an_untied_head_every_candidate_must_have_and_per_layer_weights():
+    states = lm_states(2, tie=True)
+    pool = CheckpointPool(states)
+    no_head = {k: torch.zeros_like(v) for k, v in LM(False).state_dict().items() if k != "lm_head.weight"}
+    model = LM(False)
+    before = snapshot(model)
+    with pytest.raises(InputError, match=r"every candidate must have the same tensors: 'lm_head.weight' \(an untied "
+                                         r"head, which gets the tied checkpoints' 'model.embed_tokens.weight'\) is "
+                                         r"in model\(s\) \[0\] but not in the others; nothing was written"):
+        pool.materialize_many([[0.5, 0.5]] * 2, into=[model, no_head])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    group = lambda n: 0 if "embed" in n else 1  # noqa: E731  (the head takes its embedding's weights)
+    pool.materialize([[0.9, 0.1], [0.1, 0.9]], into=model, groups=group)
+    assert torch.allclose(model.lm_head.weight.double(), merged(states, [0.9, 0.1], "model.embed_tokens.weight"),
+                          atol=1e-6)
+
+
 # ---- GPU ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("residency", ["device", "pinned", "mmap"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pymerge import _cpu
+from pymerge.errors import InputError
 from pymerge.ops.weighted_sum import weighted_sum_into
 from pymerge.pool import CheckpointPool, grouped
 from test_pool import Tiny, assert_matches, make_models, reference
@@ -169,8 +170,9 @@ def test_cached_plan_follows_a_state_dict_target():
 def test_cached_plan_sees_keys_added_to_a_state_dict_and_parameters_deleted(method):
     """With strict=False a key the dict gained later was never written; after `del module.w` (which
     registers nothing) strict=True wrote into the detached tensor instead of refusing."""
-    from pymerge.errors import InputError
     models = make_models(3)
+    for m in models:  # the same values under two names, so that a target may tie them (see below)
+        m.layers[1].bias.data.copy_(m.layers[0].bias)
     pool = CheckpointPool([m.state_dict() for m in models], base=models[0].state_dict())
     w = [0.2, 0.3, 0.5]
     kw = {"density": 0.5} if method == "ties" else {}
@@ -245,18 +247,25 @@ def test_extras_fail_in_one_line_naming_the_extra(monkeypatch):
     assert pick_backend(torch.device("cpu"), "auto") == "cpu"  # auto never needs an extra on the CPU
 
 
-def test_tied_target_written_once_by_the_last_tensor():
-    """Untied checkpoints into a model whose two names share one tensor: the later pool tensor is what
-    the target holds (as writing in order left it), never a mix written from two threads."""
+def test_tied_target_written_once():
+    """Checkpoints holding one tensor under two names (tied weights saved untied) into a model whose two names
+    share one tensor: written once, never from two threads at once. Checkpoints whose two tensors differ are
+    refused: writing both kept the later one's merge and silently dropped the other's."""
     g = torch.Generator().manual_seed(3)
     n = 300_000  # big enough to be split across threads
-    sources = [{"a.weight": torch.randn(n, generator=g), "b.weight": torch.randn(n, generator=g)} for _ in range(3)]
+    sources = [{"a.weight": x, "b.weight": x.clone()} for x in (torch.randn(n, generator=g) for _ in range(3))]
     pool = CheckpointPool(sources)
     shared = torch.empty(n)
     for _ in range(3):
         pool.materialize([0.2, 0.3, 0.5], into={"a.weight": shared, "b.weight": shared})
         want = sum(w * s["b.weight"].double() for w, s in zip([0.2, 0.3, 0.5], sources))
         torch.testing.assert_close(shared.double(), want, rtol=1e-6, atol=1e-6)
+    sources[1]["b.weight"][7] += 1  # one element of one checkpoint
+    before = shared.clone()
+    with pytest.raises(InputError, match="pool tensors 'a.weight' and 'b.weight' hold different values, but the "
+                                         "target ties them.*nothing was written"):
+        CheckpointPool(sources).materialize([0.2, 0.3, 0.5], into={"a.weight": shared, "b.weight": shared})
+    assert torch.equal(shared, before)
 
 
 # ---- one call for task_arithmetic and the task-vector family ---------------------------------------------

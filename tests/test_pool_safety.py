@@ -273,8 +273,11 @@ def test_two_views_of_one_memory_are_not_tied_weights():
     with pytest.raises(InputError, match="overlap without being the same tensor"):
         halves.materialize(W, into={"a": y.view(-1)[:8], "b": y.view(-1)[:8].view(torch.float16)})
     assert not x.any() and not y.any()
-    tied = {"a": x, "b": x}  # a real tie still works: written once, with the last name's merge
-    pool.materialize(W, into=tied)
+    tied = {"a": x, "b": x}  # a real tie of tensors that differ: refused (one merge would replace the other)...
+    with pytest.raises(InputError, match="hold different values, but the target ties them"):
+        pool.materialize(W, into=tied)
+    same = CheckpointPool([{"a": t, "b": t.clone()} for t in (pool.tensor(i, "b") for i in range(3))])
+    same.materialize(W, into=tied)  # ...and of equal ones written once
     torch.testing.assert_close(x, sum(w * pool.tensor(i, "b") for i, w in enumerate(W)))
 
 

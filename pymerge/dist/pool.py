@@ -27,7 +27,7 @@ from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe
 from pymerge.dist.reads import ShardedSource
 from pymerge.errors import InputError
 from pymerge.ops._versions import versions_of
-from pymerge.pool.pool import CheckpointPool, _fmt_bytes, _map_name, _tensors_of
+from pymerge.pool.pool import CheckpointPool, _fmt_bytes, _map_name, _tensors_of, _untied_heads
 
 
 class ShardedPool(CheckpointPool):
@@ -148,10 +148,12 @@ class ShardedPool(CheckpointPool):
         problems = []
         local = []
         self._param_of = {}  # pool tensor -> id of the targets' (global) tensors, one per model: _tie_key
+        self._global_targets = []  # for _tied_head_plans
         for k, target in enumerate(into):
             where = f" in model {k}" if len(into) > 1 else ""
             _reshard(target)
             tensors = _tensors_of(target)
+            self._global_targets.append(tensors)
             for name in self.names:
                 model_name = _map_name(name, names)
                 t = tensors.get(model_name) if model_name is not None else None
@@ -174,6 +176,16 @@ class ShardedPool(CheckpointPool):
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
                              + "; the pool holds shard_like's layout; nothing was written")
         return super()._plan(local, group_of, names, strict)
+
+    def _tied_head_plans(self, targets, mapped, group_of, problems) -> list:
+        """A sharded target's untied head is not filled from tied checkpoints' embedding (the two may be laid out
+        differently across ranks): refused in one line, where the single-process pool writes it."""
+        shapes = {n: b.global_shape for n, b in self.boxes.items()}
+        for head, emb in _untied_heads(self.names, self._tied_embedding(), self._global_targets, mapped, shapes):
+            problems.append(f"the target's {head!r} gets no pool tensor: the checkpoints are tied (they store {emb!r} "
+                            "and no output head), and a sharded pool does not write one into the other's layout; tie "
+                            "the target's head to its embedding, or pass strict=False to leave it as it is")
+        return []
 
     def _tie_key(self, plan):
         """Tied weights are one parameter, decided alike on every rank. Memory cannot say it here: a rank

@@ -44,6 +44,7 @@ class _Plan:
     outs: List[torch.Tensor]      # contiguous views of the targets' storage (or temporaries, see fixups)
     targets: List[torch.Tensor]   # the caller's tensors, one per candidate
     fixups: List[Tuple[torch.Tensor, torch.Tensor]]  # (temporary, non-contiguous target) to copy back
+    target: str = ""              # the targets' name for it (a tied checkpoint's embedding also fills the head)
 
 
 def _guard_mapped(sources) -> MappingGuard:
@@ -554,10 +555,50 @@ class CheckpointPool:
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         plans = self._plan(into, group_of, names, strict)
         self._check_overlaps(plans, len(into))
-        return _last_of_tied(plans, self._tie_key)
+        keys = [self._tie_key(p) for p in plans]
+        self._check_ties(plans, keys, len(into))
+        return _last_of_tied(plans, keys)
+
+    def _check_ties(self, plans: List[_Plan], keys: list, k: int) -> None:
+        """Two pool tensors that a target ties (one tensor under two names: embedding and head, layers sharing
+        a weight) get one merge: refused unless they hold the same bits in every checkpoint and the base (tied
+        checkpoints saved under both names). Writing both kept whichever came last, silently."""
+        for c in range(k):
+            if len({key[c] for key in keys}) == len(keys):
+                continue  # no tie in this candidate (the usual case)
+            first: dict = {}
+            for p, key in zip(plans, keys):
+                if p.targets[c].numel() == 0:  # nothing to write (and empty tensors may share an address)
+                    continue
+                other = first.setdefault(key[c], p)
+                if other.name != p.name and not self._same_data(other.name, p.name):
+                    where = f" (model {c})" if k > 1 else ""
+                    raise InputError(f"pool tensors {other.name!r} and {p.name!r} hold different values, but the "
+                                     f"target{where} ties them (one tensor): one merge would silently replace the "
+                                     "other. Untie the target's weights, or skip one with names= (a function "
+                                     f"returning None for {p.name!r}); nothing was written")
+
+    def _same_data(self, a: str, b: str) -> bool:
+        """Whether pool tensors a and b hold the same bits in every checkpoint and the base; kept in the
+        selection cache while no held tensor's version counter moves (a compressed pool's never do)."""
+        if self._compressed is not None:
+            st = self._compressed
+            key = ("same", a, b)
+            pairs = lambda: [(st.decoded(i, a), st.decoded(i, b)) for i in range(self.num_checkpoints)] + [  # noqa: E731
+                (st.base[a], st.base[b])]
+        else:
+            held = self._inputs[a] + self._inputs[b] + ([self._base[a], self._base[b]] if self._base else [])
+            key = ("same", a, b, tuple(versions_of(held)))
+            pairs = lambda: list(zip(self._inputs[a], self._inputs[b])) + (  # noqa: E731
+                [(self._base[a], self._base[b])] if self._base else [])
+        same = self._selection.get(key)
+        if same is None:
+            same = all(_same_bits(x, y) for x, y in pairs())
+            self._selection.put(key, same)
+        return same
 
     def _tie_key(self, plan: _Plan):
-        """What makes two plans write one tensor (tied weights, written once): the same memory."""
+        """What makes two plans write one tensor (tied weights, written once): the same memory, per candidate."""
         return tuple((t.data_ptr(), t.nbytes) for t in plan.targets)
 
     def _grouped_kind(self) -> Optional[str]:
@@ -614,42 +655,81 @@ class CheckpointPool:
                         problems.append(f"pool tensor {name!r} has no counterpart {model_name!r}{where}"
                                         f"{_wrapped_hint(model_name, tmap)}")
                     continue
-                if (kind := kind_problem(t)) is not None:  # before shape and dtype: a nested tensor has no sizes
-                    problems.append(f"tensor {model_name!r}{where} {kind}")
+                problem, out = self._checked_target(t, model_name, self.shapes[name], where)
+                if problem is not None:
+                    problems.append(problem)
                     continue
-                t = t.detach()
-                if tuple(t.shape) != self.shapes[name]:
-                    problems.append(f"tensor {model_name!r}{where} has shape {tuple(t.shape)}, "
-                                    f"the pool's has {self.shapes[name]}")
-                elif t.dtype not in OUTPUT_DTYPES:
-                    problems.append(f"tensor {model_name!r}{where} has dtype {t.dtype}; merges are written as "
-                                    "float32, float16 or bfloat16")
-                elif t.device.type != self.device.type or (self.device.index is not None
-                                                           and t.device.index != self.device.index):
-                    problems.append(f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}")
-                elif (unusable := _unusable_target(t)) is not None:
-                    problems.append(f"tensor {model_name!r}{where}: {unusable}")
-                elif t.is_contiguous():
-                    outs.append(t)
-                    dests.append(t)
-                else:  # rare (a transposed view): merge into a temporary, copy back after all checks
-                    tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                    outs.append(tmp)
-                    dests.append(t)
-                    fixups.append((tmp, t))
+                outs.append(out[0])
+                dests.append(out[1])
+                fixups.extend(out[2:])
             if problems and len(problems) >= 5:
                 break
             if len(outs) == len(into):
-                plans.append(_Plan(name, group_of[idx], outs, dests, fixups))
+                plans.append(_Plan(name, group_of[idx], outs, dests, fixups, model_name))
             elif outs and not strict and not problems:
                 # Skipping it for every candidate would leave stale values in those that have it.
                 have = [k for k, tmap in enumerate(targets) if model_name in tmap]
                 problems.append(f"with strict=False every candidate must have the same tensors: {model_name!r} is in "
                                 f"model(s) {have} but not in the others")
+        if strict and not problems:
+            plans += self._tied_head_plans(targets, mapped, group_of, problems)
         if problems:
             more = "" if len(problems) < 5 else " (and possibly more)"
             raise InputError("; ".join(problems[:5]) + more + "; nothing was written")
         return plans
+
+    def _checked_target(self, t: torch.Tensor, model_name: str, shape: tuple, where: str):
+        """(problem, None), or (None, (out, target[, (temporary, target)])): whether a merge of `shape` can be
+        written into target tensor t, and where (t itself, or a temporary copied back after every check)."""
+        if (kind := kind_problem(t)) is not None:  # before shape and dtype: a nested tensor has no sizes
+            return f"tensor {model_name!r}{where} {kind}", None
+        t = t.detach()
+        if tuple(t.shape) != shape:
+            return f"tensor {model_name!r}{where} has shape {tuple(t.shape)}, the pool's has {shape}", None
+        if t.dtype not in OUTPUT_DTYPES:
+            return (f"tensor {model_name!r}{where} has dtype {t.dtype}; merges are written as float32, float16 or "
+                    "bfloat16"), None
+        if t.device.type != self.device.type or (self.device.index is not None and t.device.index != self.device.index):
+            return f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}", None
+        if (unusable := _unusable_target(t)) is not None:
+            return f"tensor {model_name!r}{where}: {unusable}", None
+        if t.is_contiguous():
+            return None, (t, t)
+        tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # rare (a transposed view)
+        return None, (tmp, t, (tmp, t))
+
+    def _tied_head_plans(self, targets: List[dict], mapped: list, group_of: List[int], problems: list) -> List[_Plan]:
+        """Tied checkpoints (an input embedding and no output head: tied.py's rule, as `pymerge merge` reads
+        them) into targets whose untied head no pool tensor writes: the head gets the merged embedding, what
+        the checkpoints' own models compute with (left alone it kept its random init, or an earlier
+        candidate's head). Under strict=True only: strict=False leaves it as it is."""
+        plans = []
+        for head, emb in _untied_heads(self.names, self._tied_embedding(), targets, mapped, self.shapes):
+            outs, dests, fixups = [], [], []
+            for k, tmap in enumerate(targets):
+                if head not in tmap:
+                    have = [k for k, tmap in enumerate(targets) if head in tmap]
+                    problems.append(f"every candidate must have the same tensors: {head!r} (an untied head, which "
+                                    f"gets the tied checkpoints' {emb!r}) is in model(s) {have} but not in the others")
+                    break
+                problem, out = self._checked_target(tmap[head], head, self.shapes[emb],
+                                                    f" in model {k}" if len(targets) > 1 else "")
+                if problem is not None:
+                    problems.append(problem)
+                    break
+                outs.append(out[0])
+                dests.append(out[1])
+                fixups.extend(out[2:])
+            if len(outs) == len(targets):
+                plans.append(_Plan(emb, group_of[self.names.index(emb)], outs, dests, fixups, head))
+        return plans
+
+    def _tied_embedding(self) -> Optional[str]:
+        """The pool's input embedding when its checkpoints store no output head (tied), else None; once."""
+        if not hasattr(self, "_tied_emb"):
+            from pymerge.tied import tied_embedding
+            self._tied_emb = tied_embedding(self.names, self.shapes.__getitem__)
+        return self._tied_emb
 
     def _check_overlaps(self, plans: List[_Plan], k: int) -> None:
         """Refuses, before any write, targets that share memory with what the pool reads (a source model
@@ -836,12 +916,57 @@ def _view(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset(), t.dtype
 
 
-def _last_of_tied(plans: List[_Plan], tie_key) -> List[_Plan]:
-    """Tied weights (one tensor under two names, as embeddings and head) are written once, by the last
-    plan: what writing them in order left, and the grouped native call never writes one memory from
-    two threads at once."""
-    last = {tie_key(p): i for i, p in enumerate(plans)}
-    return plans if len(last) == len(plans) else [p for i, p in enumerate(plans) if last[tie_key(p)] == i]
+def _last_of_tied(plans: List[_Plan], keys: list) -> List[_Plan]:
+    """Tied weights (one tensor under two names, as embeddings and head; _check_ties has checked they get
+    the same merge) are written once, by the last plan: the grouped native call never writes one memory
+    from two threads at once."""
+    last = {key: i for i, key in enumerate(keys)}
+    return plans if len(last) == len(plans) else [p for i, p in enumerate(plans) if last[keys[i]] == i]
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether two held tensors are bit for bit the same (NaN payloads and signed zeros included)."""
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if x.data_ptr() == y.data_ptr() and x.stride() == y.stride():
+        return True
+    return torch.equal(x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8))
+
+
+_HEAD_ENDS = ("lm_head.weight", "decoder.weight", "vocab_projector.weight", "output.weight")  # tied.is_head's, prefiltered
+
+
+def _untied_heads(pool_names: Sequence[str], emb: Optional[str], targets: List[dict], mapped: list,
+                  shapes: dict) -> List[Tuple[str, str]]:
+    """(target head, pool embedding emb) for each output head some target holds untied (not its embedding's
+    memory), of the embedding's shape, that no pool tensor writes; none unless the checkpoints are tied."""
+    emb_target = mapped[pool_names.index(emb)] if emb is not None else None
+    if emb_target is None:
+        return []
+    from pymerge.tied import is_head
+    written = set(mapped)
+    heads = dict.fromkeys(n for tmap in targets for n in tmap
+                          if n.endswith(_HEAD_ENDS) and n not in written and is_head(n))
+    return [(head, emb) for head in heads
+            if any(head in tmap and _untied(tmap[head], tmap.get(emb_target), shapes[emb]) for tmap in targets)]
+
+
+def _untied(head: torch.Tensor, emb: Optional[torch.Tensor], shape: tuple) -> bool:
+    """Whether a target's head of the embedding's shape is a tensor of its own, not its embedding (one that
+    cannot be written, a meta one for instance, counts: its plan reports it)."""
+    if kind_problem(head) is not None:
+        return True
+    if tuple(head.shape) != shape:
+        return False
+    if emb is None or kind_problem(emb) is not None:
+        return True
+    return head is not emb and _memory(head) != _memory(emb)
+
+
+def _memory(t: torch.Tensor) -> tuple:
+    """Where t's elements are (a DTensor's: its local shard's; the wrapper has no address of its own)."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.data_ptr(), t.stride()
 
 
 def _cacheable(groups: GroupRule, names: NameMap) -> bool:
@@ -874,13 +999,12 @@ def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequenc
     out = []
     for m in into:
         if isinstance(m, dict):
-            keys = (_map_name(n, names) for n in pool_names)
+            keys = dict.fromkeys([_map_name(n, names) for n in pool_names] + [p.target for p in plans])
             out.extend((m.get(key), m, key) for key in keys if key is not None)
             continue
         held = _tensors_of(m)
         for p in plans:
-            key = _map_name(p.name, names)
-            out.append((held[key],) + _owner(m, key))
+            out.append((held[p.target],) + _owner(m, p.target))
     return out
 
 
