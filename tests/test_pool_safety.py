@@ -388,7 +388,7 @@ def test_a_compiled_or_parametrized_target_says_why_a_name_is_missing():
     pool = CheckpointPool([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
     compiled = torch.nn.Module()
     compiled._orig_mod = torch.nn.Linear(4, 4)  # what torch.compile's OptimizedModule holds, without compiling
-    with pytest.raises(InputError, match=r"no counterpart 'weight' \(the target is a torch.compile'd module: "
+    with pytest.raises(InputError, match=r"no counterpart \(the target is a torch.compile'd module: "
                                          r"pass names=\"_orig_mod.\""):
         pool.materialize([0.5, 0.5], into=compiled)
     pool.materialize([0.5, 0.5], into=compiled, names="_orig_mod.")
@@ -398,6 +398,56 @@ def test_a_compiled_or_parametrized_target_says_why_a_name_is_missing():
         parametrize.register_parametrization(m, "weight", torch.nn.Identity())
     with pytest.raises(InputError, match=r"holds it as 'parametrizations.weight.original': a parametrized tensor"):
         pool.materialize([0.5, 0.5], into=m)
+
+
+
+def test_missing_counterparts_say_what_the_target_holds_once():
+    """"pool tensor 'X' has no counterpart 'X'" repeated the name without a hint (transformers 5 renames
+    GPT-NeoX's embed_out to lm_head on load), the torch.compile hint came once per tensor, DataParallel's and
+    a pruned module's prefixes got none, and a lazy parameter leaked torch's own multi-line ValueError."""
+    import torch.nn.utils.prune as prune
+    seq = lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))  # noqa: E731
+    pool = CheckpointPool([seq(), seq()])
+
+    def error(target, **kw):
+        before = {k: v.clone() for k, v in target.state_dict().items() if ".1." not in f".{k}"}  # (lazy: no data)
+        with pytest.raises(InputError) as err:
+            pool.materialize([0.5, 0.5], into=target, **kw)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.endswith("; nothing was written"), msg
+        assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
+        return msg
+
+    compiled = torch.nn.Module()
+    compiled._orig_mod = seq()  # what torch.compile's OptimizedModule holds, without compiling
+    msg = error(compiled)
+    assert msg.startswith("pool tensors '0.weight', '0.bias', '1.weight' and 1 more have no counterpart (the target "
+                          "is a torch.compile'd module"), msg
+    assert msg.count("torch.compile") == 1
+    assert "pass names=\"module.\"" in error(torch.nn.DataParallel(seq()))
+    pruned = seq()
+    prune.l1_unstructured(pruned[1], "weight", 0.5)
+    assert error(pruned) == ("pool tensor '1.weight' has no counterpart (the target holds it as '1.weight_orig': a "
+                             "pruned tensor (torch.nn.utils.prune; the older spectral_norm too) is computed from it by "
+                             "a hook; merge before pruning, or make it permanent first (prune.remove)); nothing was "
+                             "written")
+    renamed = torch.nn.Module()
+    renamed.first, renamed.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    msg = error(renamed, names=lambda n: n.replace("0.", "first."))
+    assert msg.startswith("pool tensors '1.weight', '1.bias' have no counterpart (the target holds 'head.weight', of "
+                          "the shape of '1.weight', which no pool tensor writes: pass names= "), msg
+    assert "build the pool from the loaded models' state_dict()s" in msg
+    fused = torch.nn.Module()
+    fused.first, fused.experts = torch.nn.Linear(4, 4), torch.nn.Linear(4, 6)
+    msg = error(fused, names=lambda n: n.replace("0.", "first.").replace("1.", "mlp."))
+    assert msg.startswith("pool tensors '1.weight', '1.bias' have no counterpart (looked up as 'mlp.weight', "
+                          "'mlp.bias') (the target has no unwritten tensor of the shape of '1.weight'; its unwritten "
+                          "ones are 'experts.weight', 'experts.bias': pass names="), msg
+    lazy = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LazyLinear(3))
+    assert error(lazy).startswith("tensor '1.weight' is an uninitialized lazy parameter (LazyLinear and the like): "
+                                  "run a forward pass first; tensor '1.bias' is")
+    with pytest.raises(InputError, match="^source 0: tensor '1.weight' is an uninitialized lazy parameter"):
+        CheckpointPool([lazy, lazy])
 
 
 @pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0)])

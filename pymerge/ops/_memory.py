@@ -44,7 +44,9 @@ def extent_bytes(t: torch.Tensor) -> int:
 
 
 def kind_problem(t: torch.Tensor) -> Optional[str]:
-    """Why t is not a dense tensor with data a merge can read (sparse, nested, quantized, meta), or None."""
+    """Why t is not a dense tensor with data a merge can read (sparse, nested, quantized, meta, lazy), or None."""
+    if isinstance(t, torch.nn.parameter.UninitializedTensorMixin):  # its shape and data raise torch's own errors
+        return "is an uninitialized lazy parameter (LazyLinear and the like): run a forward pass first"
     problem = layout_problem(t)
     if problem:
         return problem

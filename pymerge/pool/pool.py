@@ -643,6 +643,7 @@ class CheckpointPool:
         targets = [_tensors_of(m) for m in into]
         plans = []
         problems = []
+        missing = []  # (pool name, target name, candidate) without a counterpart: said once, with a hint
         for idx, (name, model_name) in enumerate(zip(self.names, mapped)):
             if model_name is None:
                 continue
@@ -652,8 +653,7 @@ class CheckpointPool:
                 t = tmap.get(model_name)
                 if t is None:
                     if strict:
-                        problems.append(f"pool tensor {name!r} has no counterpart {model_name!r}{where}"
-                                        f"{_wrapped_hint(model_name, tmap)}")
+                        missing.append((name, model_name, k))
                     continue
                 problem, out = self._checked_target(t, model_name, self.shapes[name], where)
                 if problem is not None:
@@ -673,6 +673,8 @@ class CheckpointPool:
                                 f"model(s) {have} but not in the others")
         if strict and not problems:
             plans += self._tied_head_plans(targets, mapped, group_of, problems)
+        if missing:
+            problems[:0] = _missing_problems(missing, targets, self.shapes, set(mapped))
         if problems:
             more = "" if len(problems) < 5 else " (and possibly more)"
             raise InputError("; ".join(problems[:5]) + more + "; nothing was written")
@@ -974,16 +976,70 @@ def _cacheable(groups: GroupRule, names: NameMap) -> bool:
     return (groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
 
 
+def _missing_problems(missing: list, targets: List[dict], shapes: dict, written: set) -> List[str]:
+    """One problem per target lacking pool tensors, naming a few, with one hint: a wrapper's prefix or a
+    computed tensor (_wrapped_hint), else what the target holds instead of the first (_renamed_hint)."""
+    out = []
+    for k in dict.fromkeys(k for _, _, k in missing):
+        mine = [(name, model_name) for name, model_name, kk in missing if kk == k]
+        where = f" in model {k}" if len(targets) > 1 else ""
+        looked = [m for n, m in mine if m != n]
+        what = (f"pool tensor {mine[0][0]!r} has no counterpart" if len(mine) == 1 else
+                f"pool tensors {_some([n for n, _ in mine])} have no counterpart")
+        what += f" (looked up as {_some(looked)})" if looked else ""
+        tmap = targets[k]
+        hints = dict.fromkeys(h for _, m in mine if (h := _wrapped_hint(m, tmap)))
+        plain = [n for n, m in mine if not _wrapped_hint(m, tmap)]
+        if plain:
+            hints[_renamed_hint(plain[0], tmap, shapes, written)] = None
+        out.append(f"{what}{where} ({'; '.join(hints)})")
+    return out
+
+
 def _wrapped_hint(model_name: str, tensors: dict) -> str:
-    """Why a target lacks a name it seems to hold: wrapped by torch.compile or a parametrization."""
+    """Why a target lacks a name it seems to hold: wrapped (torch.compile, DataParallel/DDP), parametrized or
+    pruned; "" when none of these."""
     if "_orig_mod." + model_name in tensors:
-        return " (the target is a torch.compile'd module: pass names=\"_orig_mod.\" or merge into its _orig_mod)"
+        return "the target is a torch.compile'd module: pass names=\"_orig_mod.\" or merge into its _orig_mod"
+    if "module." + model_name in tensors:
+        return ("the target is wrapped in DataParallel or DistributedDataParallel: pass names=\"module.\" or merge "
+                "into its .module")
     head, _, leaf = model_name.rpartition(".")
     original = f"{head + '.' if head else ''}parametrizations.{leaf}.original"
     if original in tensors or original + "0" in tensors:
-        return (f" (the target holds it as {original!r}: a parametrized tensor (weight_norm, parametrize) is "
-                "computed from others; merge before parametrizing)")
+        return (f"the target holds it as {original!r}: a parametrized tensor (weight_norm, parametrize) is "
+                "computed from others; merge before parametrizing")
+    if model_name + "_orig" in tensors:
+        return (f"the target holds it as {model_name + '_orig'!r}: a pruned tensor (torch.nn.utils.prune; the older "
+                "spectral_norm too) is computed from it by a hook; merge before pruning, or make it permanent first "
+                "(prune.remove)")
     return ""
+
+
+def _renamed_hint(name: str, tmap: dict, shapes: dict, written: set) -> str:
+    """What the target holds instead of pool tensor `name` (its unwritten tensors of that shape, else a few of
+    them), and the two ways to pair the names."""
+    unwritten = [n for n, t in tmap.items() if n not in written and t.is_floating_point()]
+    alike = [n for n in unwritten if _shape_of(tmap[n]) == shapes[name]]
+    if alike:
+        held = f"the target holds {_some(alike)}, of the shape of {name!r}, which no pool tensor writes"
+    else:
+        held = f"the target has no unwritten tensor of the shape of {name!r}" + (
+            f"; its unwritten ones are {_some(unwritten)}" if unwritten else "")
+    return (held + ": pass names= (a prefix, or a function giving the target's name), or build the pool from "
+            "the loaded models' state_dict()s (transformers renames some tensors as it loads them, GPT-NeoX's "
+            "embed_out as lm_head, and fuses MoE experts into one tensor)")
+
+
+def _some(names: list) -> str:
+    return ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _shape_of(t: torch.Tensor) -> Optional[tuple]:
+    try:
+        return tuple(t.shape)
+    except (RuntimeError, ValueError):  # an uninitialized lazy parameter, a nested tensor
+        return None
 
 
 def _unusable_target(t: torch.Tensor) -> Optional[str]:
