@@ -467,6 +467,24 @@ def test_untied_checkpoints_into_a_tied_model_are_refused():
     assert torch.allclose(untied.lm_head.weight.double(), merged(states, w, "lm_head.weight"), atol=1e-6)
 
 
+def test_a_tie_across_weight_groups_is_refused():
+    """Two pool tensors with the same bits, which the target ties (layers sharing a weight), put in different
+    weight groups by groups=: the check compared the data only, and the last group's merge replaced the other."""
+    g = torch.Generator().manual_seed(0)
+    srcs = []
+    for _ in range(2):
+        w = torch.randn(64, generator=g)
+        srcs.append({"model.layers.0.mlp.weight": w, "model.layers.1.mlp.weight": w.clone()})
+    shared = torch.zeros(64)
+    target = {"model.layers.0.mlp.weight": shared, "model.layers.1.mlp.weight": shared}
+    with pytest.raises(InputError, match=r"ties pool tensors 'model.layers.0.mlp.weight' and "
+                                         r"'model.layers.1.mlp.weight' .* different weight groups.*nothing was written$"):
+        CheckpointPool(srcs).materialize([[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]], into=target, groups="layer")
+    assert not shared.any()
+    CheckpointPool(srcs).materialize([0.25, 0.75], into=target)  # one group: one merge, written once
+    assert torch.allclose(shared.double(), merged(srcs, [0.25, 0.75], "model.layers.0.mlp.weight"), atol=1e-6)
+
+
 def test_tied_checkpoints_saved_with_both_names_into_a_tied_model():
     """The same bits under both names in every checkpoint and the base (a tied model's state_dict()): one
     merge, written once, on every path (the grouped call, a method, a compressed pool, several candidates)."""
@@ -490,13 +508,27 @@ def test_tied_checkpoints_saved_with_both_names_into_a_tied_model():
     assert torch.allclose(target.model.embed_tokens.weight.double(), want, atol=1e-6)
 
 
+def saved(states, d):
+    """Each state dict as a .safetensors file under d (what transformers saves for a tied model: no head)."""
+    paths = []
+    for i, st in enumerate(states):
+        paths.append(os.path.join(d, f"s{i}.safetensors"))
+        save_file({k: v.contiguous() for k, v in st.items()}, paths[-1])
+    return paths
+
+
 @pytest.mark.parametrize("method,kw", [("linear", {}), ("ties", {"density": 0.5}), ("multislerp", {})])
-def test_tied_checkpoints_fill_an_untied_head(method, kw):
-    """Checkpoints that store no lm_head.weight (tied) into a model whose head is its own: strict=True checked
-    only pool -> model, and the head kept its random init (or an earlier candidate's head). It now gets the
-    merged embedding, as the checkpoints' own models compute with it; strict=False leaves it."""
+def test_tied_checkpoints_fill_an_untied_head(method, kw, tmp_path):
+    """Checkpoint files that store no lm_head.weight (tied) into a model whose head is its own: strict=True
+    checked only pool -> model, and the head kept its random init (or an earlier candidate's head). It now
+    gets the merged embedding, as the checkpoints' own models compute with it; strict=False leaves it. A pool
+    over state dicts without a head is a pool over part of a model: the head is left as it is."""
     states = lm_states(4, tie=True)
-    base, states = states[0], states[1:]
+    model = LM(False)
+    head = model.lm_head.weight.detach().clone()
+    CheckpointPool(states[1:], base=states[0]).materialize([0.2, 0.3, 0.5], into=model, method=method, **kw)
+    assert torch.equal(model.lm_head.weight, head)
+    base, *states = saved(states, str(tmp_path))
     pool = CheckpointPool(states, base=base)
     for w in ([0.2, 0.3, 0.5], [0.6, 0.1, 0.3]):  # the second from the cached plans
         model = LM(False)
@@ -521,9 +553,9 @@ def test_tied_checkpoints_fill_an_untied_head(method, kw):
     assert torch.equal(tied.model.embed_tokens.weight, models[0].model.embed_tokens.weight)
 
 
-def test_an_untied_head_every_candidate_must_have_and_per_layer_weights():
+def test_an_untied_head_every_candidate_must_have_and_per_layer_weights(tmp_path):
     states = lm_states(2, tie=True)
-    pool = CheckpointPool(states)
+    pool = CheckpointPool(saved(states, str(tmp_path)))
     no_head = {k: torch.zeros_like(v) for k, v in LM(False).state_dict().items() if k != "lm_head.weight"}
     model = LM(False)
     before = snapshot(model)

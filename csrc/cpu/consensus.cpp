@@ -12,7 +12,7 @@
 //   sce_topk_mask: the k largest variances, exactly the elements torch.topk (so mergekit) picks, ties
 //                  included: its CPU kernel's std::nth_element (std::partial_sort when k * 64 <= n) over
 //                  (value, index) pairs in index order, NaN largest; without its sort of the result.
-//                  (consensus_ops calls it only where the cut splits a run of equal variances.)
+//                  (float32 values and int32 indices where n fits: the same comparisons as torch's float64/int64.)
 //   ram_counts:    per model, #elements it moved (|d_i| > eps) that c > 1 models moved, and that only it did.
 //                  (ramplus_tl's boosts come from these; its mix is elementwise_mix.cpp's ram.)
 //   fusion_blend:  arcee_fusion's out = B + (x - B) [score >= threshold] (the scores come from torch:

@@ -203,6 +203,13 @@ class PlanCache:
             self._evict_dead()
         finally:
             self._lock.release()
+        # a finalizer that appended after that eviction found the lock still taken (its append came before
+        # its try, which came before this release): its entry would wait for the next call
+        if self._dead and self._lock.acquire(blocking=False):
+            try:
+                self._evict_dead()
+            finally:
+                self._lock.release()
 
     def _evict_dead(self) -> None:
         """Under the lock. Evicting may free other targets (their finalizers append here): until none is left."""

@@ -143,6 +143,7 @@ class CheckpointPool:
         self.memory_budget = parse_bytes(memory_budget)
         opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
         base_src = self._open(base, _label(base, "base")) if base is not None else None
+        self._from_files = all(s.mapped for s in opened)  # checkpoint files (tied.py's rule applies to them)
         guard = _guard_mapped(opened + ([base_src] if base_src else []))  # every tier copies from the maps
         try:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
@@ -277,6 +278,7 @@ class CheckpointPool:
         pool.backend = _pool_backend(pool.device, backend)
         pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
         pool.num_checkpoints, pool.labels, pool.has_base = len(store.labels), store.labels, True
+        pool._from_files = False  # where the checkpoints came from is not saved: no tied-head rule (README)
         pool._adopt(store)
         pool._finish(0)
         return pool
@@ -571,8 +573,13 @@ class CheckpointPool:
                 if p.targets[c].numel() == 0:  # nothing to write (and empty tensors may share an address)
                     continue
                 other = first.setdefault(key[c], p)
+                where = f" (model {c})" if k > 1 else ""
+                if other.name != p.name and other.group != p.group:  # the same data, weighted otherwise
+                    raise InputError(f"the target{where} ties pool tensors {other.name!r} and {p.name!r} (one "
+                                     "tensor), which groups= puts in different weight groups: one merge would "
+                                     "silently replace the other. Untie the target's weights, or skip one with "
+                                     "names=; nothing was written")
                 if other.name != p.name and not self._same_data(other.name, p.name):
-                    where = f" (model {c})" if k > 1 else ""
                     raise InputError(f"pool tensors {other.name!r} and {p.name!r} hold different values, but the "
                                      f"target{where} ties them (one tensor): one merge would silently replace the "
                                      "other. Untie the target's weights, or skip one with names= (a function "
@@ -727,7 +734,11 @@ class CheckpointPool:
         return plans
 
     def _tied_embedding(self) -> Optional[str]:
-        """The pool's input embedding when its checkpoints store no output head (tied), else None; once."""
+        """The pool's input embedding when its checkpoints are files that store no output head (tied), else
+        None; once. Not for state dicts or modules: one without a head is a pool over part of a model, whose
+        target tensors the pool lacks are left as they are (a module's state dict names tied weights twice)."""
+        if not self._from_files:
+            return None
         if not hasattr(self, "_tied_emb"):
             from pymerge.tied import tied_embedding
             self._tied_emb = tied_embedding(self.names, self.shapes.__getitem__)
