@@ -88,6 +88,8 @@ class MergeConfig:
 def check_seed(seed, what: str = "seed") -> int:
     """A random seed: an integer from -2**63 to 2**64 - 1, as torch.manual_seed takes (a negative one
     wraps like a uint64, as there). Larger ones wrapped silently: 2**64 gave seed 0's masks."""
+    if type(seed) is int and -(1 << 63) <= seed < 1 << 64:  # the common case (the pool's every call), no lookups
+        return seed
     try:
         n = None if isinstance(seed, bool) else operator.index(seed)
     except Exception:  # noqa: BLE001  (a float tensor's __index__ raises TypeError, a larger one RuntimeError)

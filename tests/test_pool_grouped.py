@@ -579,3 +579,59 @@ def test_a_target_dying_inside_the_cache_is_evicted_without_waiting():
     proceed.set()
     holder.join(10)
     assert (gone,) not in [key[0] for key in cache._entries]
+
+
+def test_cached_plan_of_contiguous_targets_follows_same_address_relayouts():
+    """An entry whose targets were all contiguous compares is_contiguous() instead of strides: a view put in a
+    tensor's place at the same address with the same shape and dtype (stride 0, a transposed square, a
+    reinterpreting dtype view) is not contiguous or not the same dtype, and is re-planned, never reused."""
+    g = torch.Generator().manual_seed(5)
+    pool = CheckpointPool([{"a": torch.randn(4, 4, generator=g), "b": torch.randn(16, generator=g)} for _ in range(3)])
+    w = [0.2, 0.3, 0.5]
+    want = {k: sum(wi * pool.tensor(i, k) for i, wi in enumerate(w)) for k in ("a", "b")}
+    sd = {"a": torch.zeros(4, 4), "b": torch.zeros(16)}
+    pool.materialize(w, into=sd)
+    entry = next(iter(pool._plan_cache._entries.values()))
+    assert entry.strides is None  # every target contiguous
+    sd["a"].t_()  # same address, same shape, transposed
+    pool.materialize(w, into=sd)
+    torch.testing.assert_close(sd["a"], want["a"])
+    with torch.no_grad():
+        sd["b"].as_strided_((16,), (0,))  # same address and shape, every element on one location: refused
+    with pytest.raises(Exception, match="several elements on one memory location"):
+        pool.materialize(w, into=sd)
+    # a non-contiguous target: its entry compares strides
+    strided = {"a": torch.zeros(4, 8)[:, ::2], "b": torch.zeros(16)}
+    pool.materialize(w, into=strided)
+    entry = pool._plan_cache._entries[next(reversed(pool._plan_cache._entries))]
+    assert entry.strides is not None
+    torch.testing.assert_close(strided["a"], want["a"])
+    strided["a"].set_(strided["a"].untyped_storage(), 0, (4, 4), (1, 8))  # same address, other strides
+    pool.materialize(w, into=strided)
+    torch.testing.assert_close(strided["a"], want["a"])
+
+
+@pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], (1, 0, 2), [0.5, 2, -1.5], [1e6, -1e6, 0.0], [0, 0, 0]])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_weight_table_fast_path_matches_the_full_parse(weights, normalize):
+    """Plain floats and ints skip the parse: the same table, and the same errors, as numpy-typed weights."""
+    from pymerge.errors import InputError
+    from pymerge.pool.weights import weight_table
+    slow = [np.float64(v) for v in weights]  # not plain floats: the full path
+    try:
+        want = weight_table(slow, 3, normalize)
+    except InputError as exc:
+        with pytest.raises(InputError, match=str(exc).replace("[", r"\[").replace("]", r"\]")):
+            weight_table(weights, 3, normalize)
+        return
+    got = weight_table(weights, 3, normalize)
+    assert got.dtype == np.float64 and got.shape == (1, 3) and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("weights", [[float("nan"), 0.0, 1.0], [float("inf"), 0.0, 1.0], [1e7, 0.0, 0.0],
+                                     [10 ** 400, 0, 0], [True, 0.5, 0.5], [0.5, 0.5], [0.2, 0.3, 0.5, 0.0]])
+def test_weight_table_refuses_what_the_fast_path_passes_on(weights):
+    from pymerge.errors import InputError
+    from pymerge.pool.weights import weight_table
+    with pytest.raises(InputError):
+        weight_table(weights, 3)

@@ -70,8 +70,8 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("targets", "generation", "held", "ptrs", "layouts", "objects", "owners", "keys", "found", "plans",
-                 "native", "fixups", "selection", "finalizers", "__weakref__")
+    __slots__ = ("targets", "generation", "held", "ptrs", "shapes", "dtypes", "strides", "objects", "owners", "keys",
+                 "found", "plans", "native", "fixups", "selection", "finalizers", "__weakref__")
 
     def __init__(self, into, watched, plans, native):
         self.targets = list(map(_reference, into))  # weak where possible: the entry must not keep a model alive
@@ -81,7 +81,10 @@ class _Entry:
         # counters a call bumps (a detached target shares its tensor's). None: a key the target lacked.
         self.held = tuple(t for t, _, _ in watched if t is not None)
         self.ptrs = list(map(_data_ptr, self.held))
-        self.layouts = _layouts(self.held)
+        self.shapes, self.dtypes = list(map(_shape, self.held)), list(map(_dtype, self.held))
+        # Strides, or None where every tensor is contiguous: then is_contiguous() (a bool, no tuple to build and
+        # compare) with the same address, shape and dtype says every element is where it was
+        self.strides = None if all(map(_contiguous, self.held)) else list(map(_stride, self.held))
         # What valid() and the version bump read of each (Python object, TensorImpl, StorageImpl):
         # prefetched at once, as the previous call's streaming evicted them (memory_hints.cpp).
         self.objects = np.array([a for t in self.held for a in (id(t), t._cdata, t.untyped_storage()._cdata)],
@@ -102,9 +105,17 @@ class _Entry:
             prefetch(self.objects)
         # Storage swaps (param.data = ..., module.half(), .to()) always move data_ptr; a view of the same
         # memory put in its place (param.data = param.data.t(), entry.t_()) keeps it but not its layout.
-        return (self.generation == _registrations and all(ref() is not None for ref in self.targets)
-                and all(map(is_, map(dict.get, self.owners, self.keys), self.found))
-                and list(map(_data_ptr, self.held)) == self.ptrs and _layouts(self.held) == self.layouts)
+        # One short-circuiting comparison per property (list == list: C loops), cheapest first.
+        if self.generation != _registrations:
+            return False
+        for ref in self.targets:
+            if ref() is None:
+                return False
+        held = self.held
+        return (all(map(is_, map(dict.get, self.owners, self.keys), self.found))
+                and list(map(_data_ptr, held)) == self.ptrs and list(map(_dtype, held)) == self.dtypes
+                and list(map(_shape, held)) == self.shapes
+                and (all(map(_contiguous, held)) if self.strides is None else list(map(_stride, held)) == self.strides))
 
     def detach(self) -> None:
         """No longer in a cache: its targets' deaths need not evict it."""
@@ -134,12 +145,10 @@ def _target_died(cache_ref, key, entry_ref) -> None:
             cache._lock.release()
 
 
-_size, _stride, _dtype = torch.Tensor.size, torch.Tensor.stride, attrgetter("dtype")
-
-
-def _layouts(tensors) -> tuple:
-    """Shapes, strides and dtypes (~0.2 us a tensor: a third of a cached call's fixed cost)."""
-    return list(map(_size, tensors)), list(map(_stride, tensors)), list(map(_dtype, tensors))
+# What valid() reads of each tensor besides data_ptr: the getters (shape, dtype) skip the argument parsing of the
+# methods (size(), stride()); a cached call's largest Python cost (~0.5 us a tensor on a loaded 2-core Xeon)
+_shape, _dtype = attrgetter("shape"), attrgetter("dtype")
+_stride, _contiguous = torch.Tensor.stride, torch.Tensor.is_contiguous
 
 
 class PlanCache:

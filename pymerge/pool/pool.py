@@ -469,7 +469,7 @@ class CheckpointPool:
                 lambda ps: _watched(ps, into, names, self.names),
                 lambda ps: make(ps, self._inputs, n_groups))
             plans, table = entry.plans, entry.native
-            if _capturing(self.device):
+            if self.device.type == "cuda" and _capturing(self.device):
                 self._captured[id(entry)] = entry
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.

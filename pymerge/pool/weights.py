@@ -54,8 +54,18 @@ def _has_bool(x) -> bool:
     return isinstance(x, (list, tuple)) and any(map(_has_bool, x))
 
 
+_PLAIN = frozenset((float, int))  # exactly these types: bool (an int subclass) and numpy scalars take the full path
+_within = MAX_MAGNITUDE.__ge__  # on abs(v): False for NaN and inf, and exact for ints past float's range
+
+
 def weight_table(weights, n: int, normalize: bool = False, what: str = "weights") -> np.ndarray:
     """Weights as a float64 [G, N] table (G = 1 for a flat list), finite, optionally rows summing to one."""
+    if (type(weights) is list or type(weights) is tuple) and len(weights) == n and set(map(type, weights)) <= _PLAIN \
+            and all(map(_within, map(abs, weights))):
+        # A search's every call: n plain numbers, finite and in range, so nothing below can refuse them (~1 us
+        # instead of ~7: the bool walk, the object-dtype parse and the finiteness checks are for other inputs)
+        table = np.array((weights,), dtype=np.float64)
+        return _normalized(table, what) if normalize else table
     if isinstance(weights, torch.Tensor):
         if weights.dtype == torch.bool or weights.is_complex():
             raise InputError(f"{what} must be real numbers, got a {weights.dtype} tensor")
@@ -90,17 +100,28 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
         where = f"[{i}]" if table.shape[0] == 1 else f"[{g}][{i}]"
         raise InputError(f"{what}{where} is {table[g, i]}; weights must be finite")
     if normalize:
-        sums = table.sum(axis=1, keepdims=True)
-        tiny = np.flatnonzero(np.abs(sums[:, 0]) < 1e-12)
-        if len(tiny):
-            raise InputError(f"{what}: row {tiny[0]} sums to {sums[tiny[0], 0]:g}; cannot normalize it to one")
-        table = table / sums
+        return _normalized(table, what)
+    _check_magnitude(table, what, "")
+    return table
+
+
+def _normalized(table: np.ndarray, what: str) -> np.ndarray:
+    """table's rows scaled to sum to one (finite rows only), checked again for magnitude."""
+    sums = table.sum(axis=1, keepdims=True)
+    tiny = np.flatnonzero(np.abs(sums[:, 0]) < 1e-12)
+    if len(tiny):
+        raise InputError(f"{what}: row {tiny[0]} sums to {sums[tiny[0], 0]:g}; cannot normalize it to one")
+    table = table / sums
+    _check_magnitude(table, what, " after normalizing")
+    return table
+
+
+def _check_magnitude(table: np.ndarray, what: str, after: str) -> None:
     if np.abs(table).max(initial=0.0) > MAX_MAGNITUDE:  # float32 kernels would turn it into inf or noise: a typo
         g, i = np.argwhere(np.abs(table) > MAX_MAGNITUDE)[0]
         where = f"[{i}]" if table.shape[0] == 1 else f"[{g}][{i}]"
-        raise InputError(f"{what}{where} is {table[g, i]:g}{' after normalizing' if normalize else ''}; "
+        raise InputError(f"{what}{where} is {table[g, i]:g}{after}; "
                          f"weights beyond {MAX_MAGNITUDE:g} make a non-finite or meaningless model")
-    return table
 
 
 def check_groups(groups: List[int], names: Sequence[str], n_rows: int, what: str = "weights") -> None:
