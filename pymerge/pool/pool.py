@@ -666,9 +666,7 @@ class CheckpointPool:
                 if problem is not None:
                     problems.append(problem)
                     continue
-                outs.append(out[0])
-                dests.append(out[1])
-                fixups.extend(out[2:])
+                _take(out, outs, dests, fixups)
             if problems and len(problems) >= 5:
                 break
             if len(outs) == len(into):
@@ -726,9 +724,7 @@ class CheckpointPool:
                 if problem is not None:
                     problems.append(problem)
                     break
-                outs.append(out[0])
-                dests.append(out[1])
-                fixups.extend(out[2:])
+                _take(out, outs, dests, fixups)
             if len(outs) == len(targets):
                 plans.append(_Plan(emb, group_of[self.names.index(emb)], outs, dests, fixups, head))
         return plans
@@ -927,6 +923,13 @@ def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], b
 
 def _view(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset(), t.dtype
+
+
+def _take(out: tuple, outs: list, dests: list, fixups: list) -> None:
+    """Adds one candidate's checked target (_checked_target's (out, target[, fixup])) to a plan's lists."""
+    outs.append(out[0])
+    dests.append(out[1])
+    fixups.extend(out[2:])
 
 
 def _last_of_tied(plans: List[_Plan], keys: list) -> List[_Plan]:
