@@ -49,11 +49,14 @@ def check_layout(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: {problem}")
 
 
-def check_weights(weights, n: int, what: str = "weights") -> List[float]:
+def check_weights(weights, n: int, what: str = "weights", compiling: Optional[bool] = None) -> List[float]:
     """A sequence or 1-D tensor of n finite numbers within float32's range (the kernels multiply in
     float32), returned as Python floats. Strings, mappings and booleans are refused, not parsed:
-    "12" was read as [1, 2] and a dict as its keys."""
-    if torch.compiler.is_compiling() and not isinstance(weights, torch.Tensor):
+    "12" was read as [1, 2] and a dict as its keys. compiling: torch.compiler.is_compiling(), where the
+    caller has read it."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if compiling and not isinstance(weights, torch.Tensor):
         weights = _traced_numpy(weights, what)
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1 or weights.dtype == torch.bool or weights.is_complex():
@@ -62,7 +65,7 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         if values_unknown(weights):  # the op gets the tensor itself, and its kernel checks the values
             if weights.shape[0] != n:
                 raise ValueError(f"got {weights.shape[0]} {what} for {n} inputs")
-            if not torch.compiler.is_compiling() and _wrapper(weights):
+            if not compiling and _wrapper(weights):
                 check_backed(weights, what)  # a DTensor: the hint, not the dispatcher's mixed-types error
             return weights
         check_values_readable(weights, what)
@@ -84,7 +87,7 @@ def check_weights(weights, n: int, what: str = "weights") -> List[float]:
         raise ValueError(f"{what} must be finite and within float32's range, got {short(weights)}") from None
     if len(values) != n:
         raise ValueError(f"got {len(values)} {what} for {n} inputs")
-    if torch.compiler.is_compiling():
+    if compiling:
         return values  # floats may be symbolic (dynamic=True): the kernel checks the values it is given
     bad = first_out_of_range(values)
     if bad is not None:
@@ -213,12 +216,13 @@ def require_inputs(tensors, op: str) -> None:
 
 
 def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tensor], op: str,
-                     base_first: bool = False) -> None:
+                     base_first: bool = False) -> tuple:
     """What an op over inputs and a base checks before it reads any: at least one input, every input of
     the base's shape (the native kernels see element counts only: (6, 4) beside (4, 6) was merged
     element by element), an output of as many elements (any shape), and every tensor backed by its
     storage (check_readable). Numbered as the kernels' checks number them: the base after the inputs,
-    or first (base_first)."""
+    or first (base_first). Returns what check_readable returned for the inputs and base, and for the
+    output (False without one): whether it checked them (not while tracing)."""
     require_inputs(xs, op)
     for i, t in enumerate(list(xs) + [base, out]):  # before .shape, which a nested tensor raised on
         if t is not None:
@@ -230,8 +234,9 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
             raise ValueError(f"{op}: input {i} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}")
     if out is not None and out.numel() != ref.numel():
         raise ValueError(f"{op}: output 0 has {out.numel()} elements, the op works on {ref.numel()}")
-    check_readable([base] + list(xs) if base_first else list(xs) + [base], f"{op}: input")
-    check_readable([out], f"{op}: output")
+    compiling = torch.compiler.is_compiling()
+    read = check_readable([base] + list(xs) if base_first else list(xs) + [base], f"{op}: input", compiling=compiling)
+    return read, out is not None and check_readable([out], f"{op}: output", compiling=compiling)
 
 
 def check_separate(outs: Sequence[torch.Tensor]) -> None:

@@ -16,6 +16,25 @@ _probe_lock = threading.Lock()
 _probe_fds = None  # (read fd, write fd) of this process's probe pipe, made on first use
 _libc = None
 PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types whose data is what it says (not a subclass)
+_TRUSTED = frozenset((int, float, bool, str, type(None), torch.dtype, *PLAIN))
+
+
+def trusted(*values) -> bool:
+    """Whether reading these arguments runs no code of the caller's: Python numbers, strings, dtypes and plain
+    tensors, in lists or tuples (two levels: rows of weights). An object of a type of its own could (a
+    __float__, __index__ or __eq__ that shrinks an input's storage after check_readable passed it), so a
+    wrapper given one lets the kernel check the tensors itself."""
+    for v in values:
+        if type(v) in _TRUSTED:
+            continue
+        if type(v) is not list and type(v) is not tuple:
+            return False
+        for u in v:
+            if type(u) in _TRUSTED:
+                continue
+            if (type(u) is not list and type(u) is not tuple) or not all(type(x) in _TRUSTED for x in u):
+                return False
+    return True
 
 
 def _after_fork_in_child() -> None:
@@ -173,16 +192,20 @@ def check_backed(t: torch.Tensor, what: str, error=ValueError) -> None:
         raise error(f"{what}: {problem}")
 
 
-def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=ValueError) -> None:
+def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=ValueError,
+                   compiling: Optional[bool] = None, dense: bool = False) -> bool:
     """Every tensor (None: absent) backed by its storage, before any torch op reads it: torch trusts a
     view's extent, so a strided view over a storage shrunk with resize_ was read past its end by
     contiguous() or float() (a segfault) before a kernel's check_native saw it. `what` names the
     tensors, each numbered ("sce: input" -> "sce: input 2: ..."). Skipped while tracing (fake tensors;
     the kernels check the real ones) and for tensor subclasses (their own ops read their data), except a
     wrapper (DTensor, TwoTensor): the ops have no rule for one, and one beside plain tensors reached a
-    kernel as address 0."""
-    if torch.compiler.is_compiling():
-        return
+    kernel as address 0. Returns whether it checked (not while tracing): a caller that hands these very
+    tensors to check_native says so there (inputs_backed=, outs_backed=), which then skips the storage test
+    this made. compiling: torch.compiler.is_compiling(), where the caller has read it; dense: the caller
+    has just refused other layouts than strided in these very tensors (_checks.check_inputs)."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
+        return False
     in_transform = torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad: wrapped tensors
     dual = fwAD._current_level >= 0  # inside forward_ad.dual_level()
     for i, t in enumerate(tensors):
@@ -194,11 +217,12 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
             raise error(f"{what} {i}: {TRANSFORMED}")
         if dual and is_dual(t):
             raise error(f"{what} {i}: {DUAL}")
-        problem = layout_problem(t)  # before untyped_storage(), which a sparse tensor raised on
+        problem = None if dense else layout_problem(t)  # before untyped_storage(), which a sparse tensor raised on
         if problem:
             raise error(f"{what} {i}: {problem}")
         if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
             check_backed(t, f"{what} {i}", error)  # the exact test (and the message)
+    return True
 
 
 def check_writable(t: torch.Tensor, what: str, error=ValueError) -> None:
@@ -208,14 +232,18 @@ def check_writable(t: torch.Tensor, what: str, error=ValueError) -> None:
 
 
 def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.Tensor], numel: int, op: str,
-                 device=None, dtypes=None) -> None:
+                 device=None, dtypes=None, inputs_backed: bool = False, outs_backed: bool = False) -> None:
     """Every tensor a native kernel reads (None: absent) or writes holds `numel` elements, backed by its
     storage, of one of `dtypes` on `device` (None: not checked); every output is writable. One pass
-    of a few attribute reads per tensor; a probe only for an output over foreign memory."""
+    of a few attribute reads per tensor; a probe only for an output over foreign memory.
+
+    inputs_backed / outs_backed: check_readable has checked these plain tensors (it returned True), or
+    contiguous() made them from tensors it checked: their storage is not tested a second time (the
+    same test, the same message; a subclass still is)."""
     cpu = device == "cpu"
     if device is not None and not cpu:
         device = torch.device(device)
-    for role, group in (("input", inputs), ("output", outs)):
+    for role, group, backed in (("input", inputs, inputs_backed), ("output", outs, outs_backed)):
         for i, t in enumerate(group):
             if t is None:
                 continue
@@ -231,6 +259,10 @@ def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.
                     device is not None and (not t.is_cpu if cpu else t.device != device)):
                 names = ", ".join(sorted(str(d).split(".")[-1] for d in dtypes or ()))
                 raise ValueError(f"{op}: {role} {i} is {t.dtype} on {t.device}; this kernel takes {names} on {device}")
+            if backed and type(t) in PLAIN:  # check_readable made this very test
+                if role == "output" and not t.untyped_storage().resizable():
+                    check_writable(t, f"{op}: {role} {i}")
+                continue
             st = t.untyped_storage()
             if st.nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
                 check_backed(t, f"{op}: {role} {i}")  # the exact test (and the message)

@@ -19,8 +19,8 @@ from pymerge import _native
 from pymerge.ops import elementwise_mix, select
 from pymerge.ops._checks import check_merge_args
 
-def _native_ok(op: str, tensors, out, backend: str) -> bool:
-    return elementwise_mix._native_ok(op, tensors, out, backend)
+def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
+    return elementwise_mix._native_ok(op, tensors, out, backend, read)
 
 
 def _ptrs(ts):
@@ -30,10 +30,10 @@ def _ptrs(ts):
 # ---- sce ---------------------------------------------------------------------------------------
 def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out: torch.Tensor,
         backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
-    check_merge_args(xs, base, out, "sce")
+    read = check_merge_args(xs, base, out, "sce")
     if out.numel() == 0:
         return out
-    if not _native_ok("sce_merge", list(xs) + [base], out, backend):
+    if not _native_ok("sce_merge", list(xs) + [base], out, backend, read):
         out.copy_(_sce_torch(xs, base, select_topk))
         return out
     xs, base = [x.contiguous() for x in xs], base.contiguous()
@@ -96,8 +96,8 @@ def _variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
 # ---- ramplus_tl ------------------------------------------------------------------------------------
 def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: float, eps: float,
                out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
-    check_merge_args(xs, base, out, "ramplus_tl")
-    if _native_ok("ram_counts", list(xs) + [base], out, backend):
+    read = check_merge_args(xs, base, out, "ramplus_tl")
+    if _native_ok("ram_counts", list(xs) + [base], out, backend, read):
         xs, base = [x.contiguous() for x in xs], base.contiguous()
         ptrs, codes = _ptrs(xs)
         shared, unique = _native.cpu.ram_counts(ptrs, codes, base.data_ptr(), _native.DTYPE_CODES[base.dtype],
@@ -117,12 +117,12 @@ def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: 
 # ---- arcee_fusion ----------------------------------------------------------------------------------
 def arcee_fusion(base: torch.Tensor, x: torch.Tensor, out: torch.Tensor, backend: str = "auto",
                  num_threads: int = 0) -> torch.Tensor:
-    check_merge_args([x], base, out, "arcee_fusion", base_first=True)  # before float() reads them
+    read = check_merge_args([x], base, out, "arcee_fusion", base_first=True)  # before float() reads them
     if out.numel() == 0:
         return out
     b, y = base.float(), x.float()
     scores = importance(y, b)
-    if not _native_ok("fusion_blend", (base, x), out, backend):
+    if not _native_ok("fusion_blend", (base, x), out, backend, read):
         out.copy_(b + (y - b) * (scores >= fusion_threshold(scores)))
         return out
     native = not bool((scores < 0).any())  # magnitude order is value order: one native selection

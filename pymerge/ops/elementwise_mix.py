@@ -13,24 +13,28 @@ import torch
 
 from pymerge import _native
 from pymerge.ops._checks import check_apart, check_merge_args
-from pymerge.ops._memory import check_native
+from pymerge.ops._memory import check_native, trusted
 
 
-def _native_ok(op: str, tensors, out, backend: str) -> bool:
+def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
+    """Whether the native kernel takes these, checked for it. read: what check_merge_args returned for these
+    very tensors, with no code of the caller's run since (their storage is not tested again)."""
     if backend not in ("auto", "cpu") or not hasattr(_native.cpu, op) or out.numel() == 0:
         return False
     if not (all(t.device.type == "cpu" and t.dtype in _native.DTYPE_CODES for t in tensors)
             and out.dtype in (torch.float32, torch.float16, torch.bfloat16) and out.is_contiguous()):
         return False
-    check_native(tensors, [out], out.numel(), op)  # the kernel will trust these addresses and sizes
+    trust = trusted(backend)  # (its == ran just now)
+    # the kernel will trust these addresses and sizes
+    check_native(tensors, [out], out.numel(), op, inputs_backed=read[0] and trust, outs_backed=read[1] and trust)
     check_apart(tensors, [out], op)
     return True
 
 
 def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, backend: str = "auto",
              num_threads: int = 0) -> torch.Tensor:
-    check_merge_args([x], base, out, "nearswap", base_first=True)
-    if _native_ok("nearswap", (base, x), out, backend):
+    read = check_merge_args([x], base, out, "nearswap", base_first=True)
+    if _native_ok("nearswap", (base, x), out, backend, read):
         base, x = base.contiguous(), x.contiguous()
         _native.cpu.nearswap(base.data_ptr(), _native.DTYPE_CODES[base.dtype], x.data_ptr(),
                              _native.DTYPE_CODES[x.dtype], out.numel(), float(t), out.data_ptr(),
@@ -44,9 +48,11 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, b
 
 def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.Tensor, backend: str = "auto",
         num_threads: int = 0, boosts: Optional[Sequence[float]] = None) -> torch.Tensor:
-    check_merge_args(xs, base, out, "ram")
+    read = check_merge_args(xs, base, out, "ram")
+    if not trusted(boosts):  # its numbers' __float__ are the caller's: the storage tested again
+        read = (False, False)
     boosts = [1.0] * len(xs) if boosts is None else [float(b) for b in boosts]
-    if _native_ok("ram", list(xs) + [base], out, backend):
+    if _native_ok("ram", list(xs) + [base], out, backend, read):
         xs, base = [x.contiguous() for x in xs], base.contiguous()
         _native.cpu.ram([x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs], base.data_ptr(),
                         _native.DTYPE_CODES[base.dtype], out.numel(), float(eps), boosts, out.data_ptr(),

@@ -46,12 +46,14 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
                backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group
     (the whole tensor: exact sums rounded once, see whole_dot_parts)."""
-    check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
+    read, _ = check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
+    # the kernel need not test them again where nothing read since could run code of the caller's
+    checked = (library.INPUTS,) if read and library.trusted(sub, group, backend, num_threads) else ()
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
     if _backend(xs[0], backend) == "cpu" and xs[0].numel():  # (an empty tensor's base has no address)
-        pairs = library.call("group_dots", xs, base, sub, rows, cols, GROUPS[group], num_threads)
+        pairs = library.call("group_dots", xs, base, sub, rows, cols, GROUPS[group], num_threads, checked=checked)
     else:
         pairs = _dots_torch(xs, base, sub, group, rows, cols)
     iu = torch.triu_indices(k, k, device="cpu")  # on the host whatever the default device (a meta result)
@@ -66,12 +68,13 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     """int64 [K(K+1)/2, PARTS]: the upper-triangle dot products <v_i, v_j> over the whole tensors as
     exact-sum parts (pymerge/ops/exact_sum.py). Element order does not matter, so the parts of the
     pieces of a split tensor (a sharded pool's local shards) add up to the whole tensor's."""
-    check_merge_args(xs, base, None, "whole_dots")
+    read, _ = check_merge_args(xs, base, None, "whole_dots")
+    backed = read and library.trusted(backend)  # (nothing of the caller's ran since: no second storage test)
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     if _backend(xs[0], backend) == "cpu" and xs[0].numel():
         base = base.contiguous() if base is not None else None
-        check_native(xs + [base], [], xs[0].numel(), "whole_dots")
+        check_native(xs + [base], [], xs[0].numel(), "whole_dots", inputs_backed=backed)
         check_threads(num_threads)
         flat = _native.require_cpu().whole_dots(
             [x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs],
@@ -110,8 +113,10 @@ def _dots_torch(xs, base, sub, group, rows, cols):
 def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
                   coef: torch.Tensor, out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B); coef is [G, K+1] (float32-rounded)."""
-    check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
+    read, read_out = check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
     check_backed(coef, "group_lincomb: coef")
+    # (the kernel need not test them again where nothing read since could run code of the caller's)
+    checked = (library.INPUTS,) if read and library.trusted(sub, group, coef, backend, num_threads) else ()
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
@@ -121,7 +126,10 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     if _backend(xs[0], backend) == "cpu":
         # the kernel writes by address
         target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, target, num_threads)
+        if target is out and read_out and checked:
+            checked += (library.OUTS,)  # (one of its own making the kernel checks)
+        library.call("group_lincomb_out", xs, base, sub, rows, cols, GROUPS[group], coef, target, num_threads,
+                     checked=checked)
         if target is not out:
             out.copy_(target)
         return out

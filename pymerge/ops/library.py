@@ -26,14 +26,16 @@ from torch.library import custom_op, register_fake
 
 from pymerge import _native
 from pymerge.ops._checks import check_apart, check_threads, first_out_of_range, require_inputs
-from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable
+from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable, trusted  # noqa: F401
 
 _U64 = 1 << 64
 
 
-def _check_native(inputs, outs, numel: int, op: str, device) -> None:
-    """Before a kernel gets raw addresses (pymerge/ops/_memory.py): sizes, storage, dtype and device."""
-    check_native(inputs, outs, numel, op, device, _native.DTYPE_CODES)
+def _check_native(inputs, outs, numel: int, op: str, device, inputs_backed: bool = False,
+                  outs_backed: bool = False) -> None:
+    """Before a kernel gets raw addresses (pymerge/ops/_memory.py): sizes, storage, dtype and device (the
+    storage of tensors check_readable checked, *_backed, not twice)."""
+    check_native(inputs, outs, numel, op, device, _native.DTYPE_CODES, inputs_backed, outs_backed)
 
 
 def _require_out(out: Tensor, op: str) -> None:
@@ -44,23 +46,39 @@ def _require_out(out: Tensor, op: str) -> None:
         raise ValueError(f"{op}: out must be contiguous, got strides {tuple(out.stride())} for shape {tuple(out.shape)}")
 
 
-def _check_read(op: str, inputs, **others) -> None:
-    """Before contiguous() or tolist() reads them (pymerge/ops/_memory.py: check_readable); others by name
-    (weights=, coef=: a tensor, or a list the eager path passes)."""
-    check_readable(inputs, f"{op}: input")
+# What a public wrapper has checked of the tensors it hands `call`: check_readable ran on these very
+# inputs ("inputs": the op's input tensors, its base too) or outputs ("outs"), and no code of the caller's
+# has run since (_memory.trusted), so a kernel the eager fast path runs need not test their storage again.
+# Whatever else a kernel gets (an output it makes, bitmasks, weights, coef) it checks in full, and so does
+# every call through torch.ops (the raw ops, and any call the fast path does not take).
+# "weights": the weights are lists of floats check_weights returned (finite, within float32's range).
+INPUTS, OUTS, WEIGHTS = "inputs", "outs", "weights"
+
+
+def _check_read(op: str, inputs, checked=(), **others) -> bool:
+    """Before contiguous() or tolist() reads them (pymerge/ops/_memory.py: check_readable), unless the public
+    wrapper did (`checked`); others by name (weights=, coef=: a tensor, or a list the eager path passes).
+    Returns whether check_readable has checked the inputs (not while tracing): check_native need not test
+    their storage again."""
+    if INPUTS in checked:  # (only the eager fast path passes it: not traced)
+        read = True
+    else:
+        read = check_readable(inputs, f"{op}: input")
     for name, t in others.items():
         if isinstance(t, Tensor):
             check_backed(t, f"{op}: {name}")
+    return read
 
 
 def _codes(ts) -> List[int]:
     return [_native.DTYPE_CODES[t.dtype] for t in ts]
 
 
-def contiguous(ts) -> List[Tensor]:
+def contiguous(ts, compiling: Optional[bool] = None) -> List[Tensor]:
     """Contiguous, the lazy negation of a view (x.conj().imag) applied: kernels read raw memory (traced,
-    the op applies it when it runs: is_neg() has no graph form)."""
-    if torch.compiler.is_compiling():
+    the op applies it when it runs: is_neg() has no graph form). compiling: torch.compiler.is_compiling(),
+    where the caller has read it."""
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return [t.contiguous() for t in ts]
     return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in ts]
 
@@ -149,16 +167,25 @@ def no_grad_for_out(tensors, weights, outs, op: str) -> None:
                            f"call it under torch.no_grad(){instead}")
 
 
-def call(name: str, *args):
+_WEIGHTED = ("weighted_sum", "weighted_sum_many", "weighted_sum_out", "weighted_sum_many_out")
+
+
+def call(name: str, *args, checked=()):
     """Runs op pymerge::name. Plain tensors in eager mode go straight to the device's kernel: the
     dispatcher's Python round trip costs ~80 us a call, more than a small tensor's whole merge.
     Under torch.compile, a tensor subclass (FakeTensor, functional tensors) or a dispatch mode, the
-    call goes through torch.ops, which is what makes the ops traceable."""
+    call goes through torch.ops, which is what makes the ops traceable.
+
+    The weighted sums take their weights as a tensor, or (the eager kernels; a tensor is made for the
+    op otherwise) as lists of floats. checked: what the public wrapper has checked (INPUTS, OUTS: its
+    promise, see above), for the kernel the fast path runs."""
     first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
     if eager(first) and all_plain(args) and not (name in _DIFFERENTIABLE and wants_grad(args[0], args[1])):
         kernel = _KERNELS[name].get(first.device.type)
         if kernel is not None:
-            return kernel(*args)
+            return kernel(*args, checked=checked)
+    if name in _WEIGHTED and not isinstance(args[1], Tensor):
+        args = (args[0], torch.tensor(args[1], dtype=torch.float32, device=first.device)) + args[2:]
     return getattr(torch.ops.pymerge, name)(*args)
 
 
@@ -185,20 +212,20 @@ def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Ten
 
 
 @_kernel("weighted_sum_many_out", "cpu")
-def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threads=0) -> None:
+def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threads=0, checked=()) -> None:
     """The kernel, its outputs checked by the caller (the public wrappers, or the op above). The eager
     fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
     numel = tensors[0].numel()
     if numel == 0:
         return
-    _check_read("weighted_sum", tensors, weights=weights)
-    tensors = contiguous(tensors)
-    _check_native(tensors, outs, numel, "weighted_sum", "cpu")
+    read = _check_read("weighted_sum", tensors, checked, weights=weights)
+    tensors = contiguous(tensors, False if read else None)
+    _check_native(tensors, outs, numel, "weighted_sum", "cpu", read, OUTS in checked)
     check_threads(num_threads)
     flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
     if len(flat) != len(outs) * len(tensors):
         raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
-    bad = first_out_of_range(flat)  # a weight a traced call never saw
+    bad = None if WEIGHTS in checked else first_out_of_range(flat)  # a weight a traced call never saw
     if bad is not None:
         raise ValueError(f"weighted_sum: a weight is {flat[bad]}; weights must be finite and within float32's range")
     _native.require_cpu().weighted_sum_many(
@@ -213,15 +240,15 @@ def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_t
 
 
 @_kernel("weighted_sum_many_out", "cuda")
-def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0):
+def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0, checked=()):
     if tensors[0].numel() == 0:
         return
-    _check_read("weighted_sum", tensors, weights=weights)
-    tensors = contiguous(tensors)
-    _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device)
+    read = _check_read("weighted_sum", tensors, checked, weights=weights)
+    tensors = contiguous(tensors, False if read else None)
+    _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
     device = tensors[0].device
-    if not isinstance(weights, Tensor):
-        weights = torch.tensor(weights, dtype=torch.float32)
+    if not isinstance(weights, Tensor):  # on the inputs' device, whatever the default one (meta)
+        weights = torch.tensor(weights, dtype=torch.float32, device=device)
     weights = weights.to(device=device, dtype=torch.float32).reshape(len(outs), len(tensors))
     with torch.cuda.device(device):
         backend = _cuda_backend(backend, "weighted_sum_many", tensors)
@@ -265,9 +292,15 @@ def weighted_sum_out(tensors: List[Tensor], weights: Tensor, out: Tensor, backen
     _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
 
 
-def _many_out(tensors, weights, outs, backend, num_threads):
+def _many_out(tensors, weights, outs, backend, num_threads, checked=()):
     """weighted_sum_many_out's kernel for the tensors' device (inside another op: no second dispatch)."""
-    _KERNELS["weighted_sum_many_out"][tensors[0].device.type](tensors, weights, outs, backend, num_threads)
+    _KERNELS["weighted_sum_many_out"][tensors[0].device.type](tensors, weights, outs, backend, num_threads,
+                                                              checked=checked)
+
+
+def _inputs_only(checked) -> tuple:
+    """What the wrapper checked, for a kernel that passes on outputs of its own making (checked in full)."""
+    return tuple(c for c in checked if c != OUTS)
 
 
 @register_fake("pymerge::weighted_sum_out")
@@ -276,13 +309,19 @@ def _(tensors, weights, out, backend="auto", num_threads=0):
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
-@_kernel("weighted_sum_many", "cpu")
-@_kernel("weighted_sum_many", "cuda")
 def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                       num_threads: int = 0) -> List[Tensor]:
+    return _weighted_sum_many(tensors, weights, out_dtype, backend, num_threads)
+
+
+@_kernel("weighted_sum_many", "cpu")
+@_kernel("weighted_sum_many", "cuda")
+def _weighted_sum_many(tensors, weights, out_dtype, backend="auto", num_threads=0, checked=()):
+    """The op's kernel; weights a [K, N] tensor or (from `call`) K lists of N floats."""
     require_inputs(tensors, "weighted_sum")
-    outs = [torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device) for _ in range(weights.shape[0])]
-    _many_out(tensors, weights, outs, backend, num_threads)
+    k = weights.shape[0] if isinstance(weights, Tensor) else len(weights)
+    outs = [torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device) for _ in range(k)]
+    _many_out(tensors, weights, outs, backend, num_threads, _inputs_only(checked))
     return outs
 
 
@@ -294,13 +333,19 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 
 
 @custom_op("pymerge::weighted_sum", mutates_args=())
-@_kernel("weighted_sum", "cpu")
-@_kernel("weighted_sum", "cuda")
 def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                  num_threads: int = 0) -> Tensor:
+    return _weighted_sum(tensors, weights, out_dtype, backend, num_threads)
+
+
+@_kernel("weighted_sum", "cpu")
+@_kernel("weighted_sum", "cuda")
+def _weighted_sum(tensors, weights, out_dtype, backend="auto", num_threads=0, checked=()):
+    """The op's kernel; weights an [N] tensor or (from `call`) a list of N floats."""
     require_inputs(tensors, "weighted_sum")
     out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
-    _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
+    rows = weights.reshape(1, -1) if isinstance(weights, Tensor) else [weights]
+    _many_out(tensors, rows, [out], backend, num_threads, _inputs_only(checked))
     return out
 
 
@@ -370,17 +415,24 @@ weighted_sum_many.register_autograd(_ws_many_backward, setup_context=_ws_setup)
 # A model's plan travels as one int64 row (mode, lo key, lo index, hi key, hi index, thr, model)
 # and one float row (scale, weight); DELLA bitmasks as optional tensors.
 @custom_op("pymerge::tv_merge_out", mutates_args=("out",), device_types="cpu")
-@_kernel("tv_merge_out", "cpu")
 def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]], plan_ints: List[int],
                  plan_floats: List[float], consensus: bool, normalize: bool, lam: float, divisor: float,
                  seed: int, h0: int, h1: int, offset: int, out: Tensor, backend: str = "auto",
                  num_threads: int = 0) -> None:
     """out = B + lam * combine(sparsified, weighted deltas); see pymerge/ops/task_vector_ops.py."""
+    _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
+                      offset, out, backend, num_threads)
+
+
+@_kernel("tv_merge_out", "cpu")
+def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
+                      offset, out, backend="auto", num_threads=0, checked=()) -> None:
     if base.numel() == 0:
         return
-    _check_read("tv_merge", list(inputs) + [base])
-    inputs, (base,) = contiguous(inputs), contiguous([base])
-    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu")
+    read = _check_read("tv_merge", list(inputs) + [base], checked)
+    compiling = False if read else None
+    inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu", read, OUTS in checked)
     check_threads(num_threads)
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
                                    _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
@@ -389,14 +441,21 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
 
 
 @tv_merge_out.register_kernel("cuda")
+def _tv_merge_out_cuda_op(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0,
+                          h1, offset, out, backend="auto", num_threads=0):
+    _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
+                       offset, out, backend, num_threads)
+
+
 @_kernel("tv_merge_out", "cuda")
 def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
-                       offset, out, backend="auto", num_threads=0):
+                       offset, out, backend="auto", num_threads=0, checked=()):
     if base.numel() == 0:
         return
-    _check_read("tv_merge", list(inputs) + [base])
-    inputs, (base,) = contiguous(inputs), contiguous([base])
-    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device)
+    read = _check_read("tv_merge", list(inputs) + [base], checked)
+    compiling = False if read else None
+    inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device, read, OUTS in checked)
     with torch.cuda.device(base.device):
         chosen = _cuda_backend(backend, "tv_merge", list(inputs) + [base])
         if chosen == "triton":
@@ -426,13 +485,14 @@ def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, div
 PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
 
 
-def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device) -> None:
+def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device, inputs_backed=False,
+              out_backed=False) -> None:
     n = len(inputs)
     if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
         raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
                          f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
     _require_out(out, "tv_merge")
-    _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device)
+    _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device, inputs_backed, out_backed)
     check_apart(list(inputs) + [base], [out], "tv_merge")
     if not 0 <= offset < 1 << 62:
         raise ValueError(f"tv_merge: offset must be from 0 to 2**62 - 1, got {offset}")
@@ -461,15 +521,20 @@ def model_specs(inputs, bits, plan_ints, plan_floats) -> list:
 
 # ---- magnitude rank selection (CPU kernel; other devices use the torch path in pymerge.ops.select) --
 @custom_op("pymerge::select_ranks", mutates_args=(), device_types="cpu")
-@_kernel("select_ranks", "cpu")
 def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending: bool,
                  num_threads: int = 0) -> Tensor:
     """int64 [len(ranks), 2]: the (key, index) boundary of every rank (see pymerge/ops/select.py)."""
-    _check_read("select_ranks", [x, base])
+    return _select_ranks(x, base, ranks, descending, num_threads)
+
+
+@_kernel("select_ranks", "cpu")
+def _select_ranks(x, base, ranks, descending, num_threads=0, checked=()) -> Tensor:
+    read = _check_read("select_ranks", [x, base], checked)
     check_threads(num_threads)
     x = x.contiguous()
     base = base.contiguous() if base is not None else None
-    _check_native([x, base], [], x.numel(), "select_ranks", "cpu")
+    # (a num_threads of the caller's own type ran its __index__ since check_readable: its storage test again)
+    _check_native([x, base], [], x.numel(), "select_ranks", "cpu", read and type(num_threads) is int)
     found = _native.require_cpu().select_ranks(
         x.data_ptr(), _native.DTYPE_CODES[x.dtype], base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, x.numel(), list(ranks), descending, num_threads)
@@ -484,15 +549,19 @@ def _(x, base, ranks, descending, num_threads=0):
 
 # ---- interpolation: per-group dot products and linear combinations (CPU kernels) -----------------
 @custom_op("pymerge::group_dots", mutates_args=(), device_types="cpu")
-@_kernel("group_dots", "cpu")
 def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                num_threads: int = 0) -> Tensor:
     """float64 [G, K(K+1)/2]: upper-triangle dot products of v_i = x_i - sub*B per group (the whole
     tensor: exact sums rounded once, pymerge/ops/exact_sum.py)."""
-    _check_read("group_dots", list(xs) + [base])
-    xs = contiguous(xs)
+    return _group_dots(xs, base, sub, rows, cols, group, num_threads)
+
+
+@_kernel("group_dots", "cpu")
+def _group_dots(xs, base, sub, rows, cols, group, num_threads=0, checked=()) -> Tensor:
+    read = _check_read("group_dots", list(xs) + [base], checked)
+    xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [], num_threads, "group_dots")
+    _check_groups(xs, base, rows, cols, group, [], num_threads, "group_dots", read)
     k = len(xs)
     if not xs[0].numel():  # every dot is 0 (and an empty base has no address: the kernel took it for none)
         return torch.zeros((1, rows, cols)[group], k * (k + 1) // 2, dtype=torch.float64, device="cpu")
@@ -515,14 +584,18 @@ def _(xs, base, sub, rows, cols, group, num_threads=0):
 
 
 @custom_op("pymerge::group_lincomb_out", mutates_args=("out",), device_types="cpu")
-@_kernel("group_lincomb_out", "cpu")
 def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                       coef: Tensor, out: Tensor, num_threads: int = 0) -> None:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B), coef float32 [G, K+1]."""
-    _check_read("group_lincomb", list(xs) + [base], coef=coef)
-    xs = contiguous(xs)
+    _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads)
+
+
+@_kernel("group_lincomb_out", "cpu")
+def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=0, checked=()) -> None:
+    read = _check_read("group_lincomb", list(xs) + [base], checked, coef=coef)
+    xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [out], num_threads, "group_lincomb")
+    _check_groups(xs, base, rows, cols, group, [out], num_threads, "group_lincomb", read, OUTS in checked)
     g = (1, rows, cols)[group]
     if coef.numel() != g * (len(xs) + 1):
         raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {len(xs) + 1} need "
@@ -536,11 +609,11 @@ def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows:
         coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
 
 
-def _check_groups(xs, base, rows, cols, group, outs, num_threads, op) -> None:
+def _check_groups(xs, base, rows, cols, group, outs, num_threads, op, inputs_backed=False, outs_backed=False) -> None:
     require_inputs(xs, op)
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
-    _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu")
+    _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu", inputs_backed, outs_backed)
     check_apart(list(xs) + [base], outs, op)
     check_threads(num_threads)
 

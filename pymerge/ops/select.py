@@ -59,11 +59,15 @@ def select_ranks(x: torch.Tensor, base: Optional[torch.Tensor], ranks: Sequence[
             raise ValueError(f"rank {r} outside [0, {numel}]")
     if base is not None and base.shape != x.shape:
         raise ValueError(f"base has shape {tuple(base.shape)} but x has {tuple(x.shape)}")
-    check_readable([x, base], "select_ranks: input")  # before any torch op reads them
+    read = check_readable([x, base], "select_ranks: input")  # before any torch op reads them
     if backend == "auto":
         backend = "cpu" if x.device.type == "cpu" and _native.cpu is not None else "torch"
     if backend == "cpu":
-        found = library.call("select_ranks", x, base, [int(r) for r in ranks], descending, num_threads)
+        # the kernel need not test x's and base's storage again where nothing read since could run code of the
+        # caller's (an int() of a rank of a type of its own: library.trusted)
+        checked = (library.INPUTS,) if read and library.trusted(ranks, descending, backend, num_threads) else ()
+        found = library.call("select_ranks", x, base, [int(r) for r in ranks], descending, num_threads,
+                             checked=checked)
         return [Boundary(int(t), int(i)) for t, i in found.tolist()]
     if backend != "torch":
         raise ValueError(f"select_ranks: unknown backend {backend!r}")

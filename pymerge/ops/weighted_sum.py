@@ -33,14 +33,22 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     ``out=`` receives the result in place and may be one of the inputs itself.
     """
     tensors = check_inputs(tensors)
-    check_readable(tensors, "weighted_sum: input")
-    w = check_weights(weights, len(tensors))  # a tensor only while traced (_checks.values_unknown)
+    compiling = torch.compiler.is_compiling()
+    read = check_readable(tensors, "weighted_sum: input", compiling=compiling, dense=True)
+    w = check_weights(weights, len(tensors), compiling=compiling)  # a tensor only traced (_checks.values_unknown)
+    # the kernel need not test the inputs' storage again, unless what was read since may have run code of the
+    # caller's (a number type's __float__: library.trusted)
+    checked = ()
+    if read and library.trusted(weights, out, out_dtype, backend, num_threads):
+        checked = (library.INPUTS,) if isinstance(w, torch.Tensor) else (library.INPUTS, library.WEIGHTS)
     dtype = resolve_out(tensors, out_dtype, out)
-    check_readable([out], "weighted_sum: output")
-    if out is None and _op_backend(tensors[0], backend):
-        return library.call("weighted_sum", library.contiguous(tensors),
-                            _weight_tensor(_learnt(weights, w), tensors[0].device), dtype,
-                            _op_backend(tensors[0], backend), num_threads)
+    if out is not None and check_readable([out], "weighted_sum: output", compiling=compiling, dense=True) and checked:
+        checked += (library.OUTS,)
+    if out is None:
+        op_backend = _op_backend(tensors[0], backend)
+        if op_backend:
+            return library.call("weighted_sum", library.contiguous(tensors, compiling),
+                                _op_weights(_learnt(weights, w)), dtype, op_backend, num_threads, checked=checked)
     given = out is not None
     if given:
         library.no_grad_for_out(tensors, weights, [out], "weighted_sum")
@@ -49,8 +57,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     rows = _weight_tensor(w, tensors[0].device).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
-    weighted_sum_into(tensors, rows, [out], backend=backend, num_threads=num_threads)
-    if given and not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
+    _sum_into(tensors, rows, [out], backend, num_threads, checked if given else ())
+    if given and not compiling:  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
 
@@ -67,12 +75,18 @@ def _tracked_sum(tensors, w, dtype) -> torch.Tensor:
 def _learnt(given, checked):
     """The caller's weight tensor itself where autograd should reach it (its values checked), else the
     checked values."""
-    return given if library.wants_grad((), given) else checked
+    return given if isinstance(given, torch.Tensor) and library.wants_grad((), given) else checked
 
 
 def _weight_tensor(w, device: torch.device) -> torch.Tensor:
     """On the inputs' device, not the default one (`with torch.device("meta")` sent the op to its fake kernel)."""
     return w.to(torch.float32) if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=torch.float32, device=device)
+
+
+def _op_weights(w):
+    """A weight tensor in float32; checked floats as they are (library.call makes the op's tensor, on the inputs'
+    device, only where the call goes through the dispatcher: the eager kernels take lists)."""
+    return w.to(torch.float32) if isinstance(w, torch.Tensor) else w
 
 
 def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Optional[List[torch.Tensor]] = None,
@@ -83,7 +97,11 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
     Every input is read once for all K outputs (the search loop's population step).
     """
     tensors = check_inputs(tensors)
-    check_readable(tensors, "weighted_sum: input")
+    compiling = torch.compiler.is_compiling()
+    read = check_readable(tensors, "weighted_sum: input", compiling=compiling, dense=True)
+    # (as in weighted_sum: arguments whose reading may run code of the caller's leave the kernel its own test)
+    trust = read and library.trusted(weight_rows, outs, out_dtype, backend, num_threads)
+    checked = (library.INPUTS,) if trust else ()  # (and WEIGHTS below: rows of checked floats)
     if isinstance(weight_rows, torch.Tensor) and weight_rows.dim() != 2:
         raise ValueError(f"weight_rows must be a [K, N] table, got shape {tuple(weight_rows.shape)}")
     traced = isinstance(weight_rows, torch.Tensor) and values_unknown(weight_rows)  # checked by the kernel
@@ -99,17 +117,21 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
             raise ValueError(f"got {rows.shape[1]} weights of row 0 for {len(tensors)} inputs")
         rows = rows.to(torch.float32)
     else:
-        rows = [check_weights(r, len(tensors), what=f"weights of row {k}") for k, r in enumerate(rows)]
+        rows = [check_weights(r, len(tensors), what=f"weights of row {k}", compiling=compiling)
+                for k, r in enumerate(rows)]
         dev = next((r.device for r in rows if isinstance(r, torch.Tensor)), None)
         if dev is not None:  # a tensor row traced (values_unknown): one [K, N] table (torch.tensor took no tensors)
             rows = torch.stack([r.to(torch.float32) if isinstance(r, torch.Tensor) else
                                 torch.tensor(r, dtype=torch.float32, device=dev) for r in rows])
+        elif checked:
+            checked += (library.WEIGHTS,)
     if outs is None:
         dtype = resolve_out(tensors, out_dtype, None)
-        if _op_backend(tensors[0], backend):
-            return library.call("weighted_sum_many", library.contiguous(tensors),
-                                _weight_tensor(_learnt(weight_rows, rows), tensors[0].device), dtype,
-                                _op_backend(tensors[0], backend), num_threads)
+        op_backend = _op_backend(tensors[0], backend)
+        if op_backend:
+            return library.call("weighted_sum_many", library.contiguous(tensors, compiling),
+                                _op_weights(_learnt(weight_rows, rows)), dtype, op_backend, num_threads,
+                                checked=checked)
         if library.wants_grad(tensors, weight_rows):  # outside the op registry (eager torch, Triton's interpreter)
             table = _learnt(weight_rows, rows)
             return [_tracked_sum(tensors, table[k], dtype) for k in range(len(rows))]
@@ -123,10 +145,11 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
                 raise TypeError(f"outs[{k}] is a {type(o).__name__}, not a torch.Tensor")
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
         check_separate(outs)
-        check_readable(outs, "weighted_sum: output")
+        if check_readable(outs, "weighted_sum: output", compiling=compiling, dense=True) and checked:
+            checked += (library.OUTS,)
         library.no_grad_for_out(tensors, weight_rows, outs, "weighted_sum_many")
-    weighted_sum_into(tensors, rows, outs, backend=backend, num_threads=num_threads)
-    if not torch.compiler.is_compiling():  # traced, the op's mutates_args tells autograd
+    _sum_into(tensors, rows, outs, backend, num_threads, checked)
+    if not compiling:  # traced, the op's mutates_args tells autograd
         mark_written(outs)
     return outs
 
@@ -154,6 +177,8 @@ def pick_backend(device: torch.device, backend: str = "auto", cuda_entry: str = 
 def _op_backend(t: torch.Tensor, backend: str) -> Optional[str]:
     """The backend argument of the custom op that runs `backend` on t's device, or None when it
     runs outside the op registry (eager torch; Triton on CPU tensors, i.e. the interpreter)."""
+    if backend == "auto" and t.is_cpu and _native.cpu is not None:  # the usual case, as pick_backend decides it
+        return "auto"
     chosen = pick_backend(t.device, backend)
     if chosen == "torch":
         return None
@@ -171,16 +196,19 @@ def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor
     keeps the GPU backends free of host round trips (the search loop updates it in place, and a
     CUDA graph can capture the call).
     """
+    _sum_into(tensors, rows, outs, backend, num_threads)
+
+
+def _sum_into(tensors, rows, outs, backend="auto", num_threads=0, checked=()) -> None:
+    """weighted_sum_into; checked: what the public wrapper checked (library.call)."""
     if tensors[0].numel() == 0:
         return
-    tensors = library.contiguous(tensors)
     op_backend = _op_backend(tensors[0], backend)
-    if op_backend is not None:
-        plain = isinstance(rows, torch.Tensor) or (library.eager(tensors[0])  # the eager kernels take lists
-                                                   and library.all_plain((tensors, outs)))
-        weights = rows if plain else torch.tensor(rows, dtype=torch.float32, device=tensors[0].device)
-        library.call("weighted_sum_many_out", tensors, weights, outs, op_backend, num_threads)
-    elif pick_backend(tensors[0].device, backend) == "torch":
+    if op_backend is not None:  # the op's kernel checks the tensors, then makes them contiguous
+        library.call("weighted_sum_many_out", tensors, rows, outs, op_backend, num_threads, checked=checked)
+        return
+    tensors = library.contiguous(tensors)
+    if pick_backend(tensors[0].device, backend) == "torch":
         torch_weighted_sum(tensors, rows, outs)
     else:  # Triton on CPU tensors: the interpreter (tests)
         from pymerge.kernels import weighted_sum as triton_ws

@@ -1,0 +1,170 @@
+"""Each public op checks each tensor once. Every check stays (tests/test_memory_checks.py,
+test_crashes.py, test_library_ops.py pin them), but the public wrapper, library.call's kernel and
+check_native had come to test the same inputs' storage three times per call: 30 -> 53 us a call at N = 2,
+and 1.8x slower per tensor on the pool's per-tensor path. These count, without timing anything, the
+storage reads (Tensor.untyped_storage: the test check_readable and check_native make) per tensor for one
+call, and torch.compiler.is_compiling() reads; and check that a wrapper's checks are trusted only where
+nothing of the caller's can run between them and the kernel (a number type whose __float__ frees an
+input's storage is still caught)."""
+import collections
+import numbers
+
+import pytest
+import torch
+
+import pymerge
+from pymerge import _native
+from pymerge.ops import consensus_ops, elementwise_mix, interp, select, task_vector_ops as tvo
+from pymerge.ops.weighted_sum import weighted_sum_into
+
+pytestmark = pytest.mark.skipif(_native.cpu is None, reason="the C++ extension is not built")
+
+
+@pytest.fixture
+def storage_reads(monkeypatch):
+    """Counts Tensor.untyped_storage() per tensor (by id) while the test runs."""
+    counts = collections.Counter()
+    real = torch.Tensor.untyped_storage
+
+    def counting(self):
+        counts[id(self)] += 1
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "untyped_storage", counting)
+    return counts
+
+
+def _once_each(counts, tensors):
+    return [counts[id(t)] for t in tensors]
+
+
+def test_weighted_sum_reads_each_input_storage_once(storage_reads):
+    for n in (2, 8):
+        xs = [torch.randn(64) for _ in range(n)]
+        storage_reads.clear()
+        got = pymerge.weighted_sum(xs, [1.0 / n] * n)
+        assert _once_each(storage_reads, xs) == [1] * n  # three times each before
+        torch.testing.assert_close(got, sum(x * (1.0 / n) for x in xs))
+
+
+def test_weighted_sum_with_out_reads_each_storage_once(storage_reads):
+    xs, out = [torch.randn(64) for _ in range(3)], torch.empty(64)
+    pymerge.weighted_sum(xs, [0.5, 0.25, 0.25], out=out)
+    # the output's: check_readable's test, and whether it may be resized (check_native's writability)
+    assert _once_each(storage_reads, xs) == [1, 1, 1] and storage_reads[id(out)] <= 2
+
+
+def test_weighted_sum_many_reads_each_input_storage_once(storage_reads):
+    xs = [torch.randn(64) for _ in range(3)]
+    pymerge.weighted_sum_many(xs, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert _once_each(storage_reads, xs) == [1, 1, 1]
+    storage_reads.clear()
+    outs = [torch.empty(64), torch.empty(64)]
+    pymerge.weighted_sum_many(xs, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), outs=outs)
+    assert _once_each(storage_reads, xs) == [1, 1, 1] and all(storage_reads[id(o)] <= 2 for o in outs)
+
+
+def test_weighted_sum_into_reads_each_input_storage_once(storage_reads):
+    """The pool's per-tensor path (names= a function, slerp, sharded pools): the kernel checks, once."""
+    xs, out = [torch.randn(64) for _ in range(5)], torch.empty(64)
+    weighted_sum_into(xs, [[0.2] * 5], [out])
+    assert _once_each(storage_reads, xs) == [1] * 5
+
+
+def test_the_other_ops_read_each_input_storage_once(storage_reads):
+    x, y, base = torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 16)
+    out = torch.empty(4, 16)
+    calls = {
+        "select_ranks": lambda: select.select_ranks(x, base, [3, 9], True),
+        "group_dots": lambda: interp.group_dots([x, y], base, True, "rows"),
+        "group_lincomb": lambda: interp.group_lincomb([x, y], base, True, "whole", torch.ones(1, 3), out),
+        "whole_dot_parts": lambda: interp.whole_dot_parts([x, y], base, True),
+        "merge_planned": lambda: tvo.merge_planned([x, y], base, [tvo.ModelPlan(weight=0.5, model=i) for i in (0, 1)],
+                                                   out, consensus=True, normalize=True),
+        "nearswap": lambda: elementwise_mix.nearswap(base, x, 0.3, out),
+        "ram": lambda: elementwise_mix.ram([x, y], base, 0.01, out),
+        "sce": lambda: consensus_ops.sce([x, y], base, 1.0, out),
+    }
+    for name, call in calls.items():
+        storage_reads.clear()
+        call()
+        seen = [x, base] if name in ("select_ranks", "nearswap") else [x, y, base]
+        assert _once_each(storage_reads, seen) == [1] * len(seen), name
+
+
+def test_raw_ops_and_kernels_still_check_every_tensor_themselves():
+    """torch.ops.pymerge.* and the kernels called directly trust nothing a wrapper did."""
+    from pymerge.ops import library
+    x = torch.ones(64)
+    freed = torch.ones(64)
+    freed.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="input 1: its storage holds 0 bytes"):
+        torch.ops.pymerge.weighted_sum([x, freed], torch.tensor([0.5, 0.5]), torch.float32)
+    with pytest.raises(ValueError, match="input 1: its storage holds 0 bytes"):
+        library._KERNELS["weighted_sum_many_out"]["cpu"]([x, freed], [[0.5, 0.5]], [torch.empty(64)])
+    with pytest.raises(ValueError, match="input 1: its storage holds 0 bytes"):
+        torch.ops.pymerge.select_ranks(x, freed, [3], True)
+    out = torch.empty(64)
+    out.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="output 0: its storage holds 0 bytes"):
+        library._KERNELS["weighted_sum_many_out"]["cpu"]([x, x], [[0.5, 0.5]], [out])
+
+
+def test_is_compiling_is_read_a_few_times_a_call_not_once_per_check(monkeypatch):
+    calls = []
+    real = torch.compiler.is_compiling
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: calls.append(1) or real())
+    xs, out = [torch.randn(64) for _ in range(8)], torch.empty(64)
+    for kw in ({}, {"out": out}):
+        calls.clear()
+        pymerge.weighted_sum(xs, [0.125] * 8, **kw)
+        assert len(calls) <= 3, (kw, len(calls))  # 8 before: each helper asked again
+
+
+class _Freeing:
+    """A number whose __float__ (or __index__) frees a tensor's storage: code of the caller's that runs
+    after the wrapper checked the tensors, so the kernel must test them again."""
+
+    def __init__(self, value, victim):
+        self.value, self.victim = value, victim
+
+    def __float__(self):
+        self.victim.untyped_storage().resize_(0)
+        return float(self.value)
+
+    def __index__(self):
+        self.victim.untyped_storage().resize_(0)
+        return int(self.value)
+
+
+numbers.Real.register(_Freeing)
+
+
+def test_code_of_the_callers_between_the_checks_and_the_kernel_is_not_trusted():
+    a = [torch.randn(64), torch.randn(64)]
+    with pytest.raises(ValueError, match="weighted_sum: input 1: its storage holds 0 bytes"):
+        pymerge.weighted_sum(a, [0.5, _Freeing(0.5, a[1])])
+    a = [torch.randn(64), torch.randn(64)]
+    with pytest.raises(ValueError, match="weighted_sum: input 0: its storage holds 0 bytes"):
+        pymerge.weighted_sum_many(a, [[0.5, _Freeing(0.5, a[0])]])
+    a = [torch.randn(64), torch.randn(64)]
+    with pytest.raises(ValueError, match="select_ranks: input 1: its storage holds 0 bytes"):
+        select.select_ranks(a[0], a[1], [3], True, num_threads=_Freeing(0, a[1]))
+    a = [torch.randn(64), torch.randn(64)]
+    with pytest.raises(ValueError, match="whole_dots: input 1: its storage holds 0 bytes"):
+        interp.group_dots(a, None, False, "whole", num_threads=_Freeing(0, a[1]))
+
+
+def test_a_backend_of_a_str_type_of_its_own_is_not_trusted():
+    """Its __eq__ runs when the wrapper picks the backend, after the wrapper's checks."""
+    a = [torch.randn(64), torch.randn(64)]
+
+    class Auto(str):
+        def __eq__(self, other):
+            a[1].untyped_storage().resize_(0)
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    with pytest.raises(ValueError, match="weighted_sum: input 1: its storage holds 0 bytes"):
+        pymerge.weighted_sum(a, [0.5, 0.5], backend=Auto("auto"))
