@@ -69,11 +69,8 @@ def peak_bytes(numel: int) -> int:
 
 
 def _available(device: str) -> int:
-    import torch
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    from pymerge.sizes import host_available
-    return host_available()
+    from pymerge.sizes import free_memory
+    return free_memory(device)
 
 
 def _elements(text: str) -> int:

@@ -49,6 +49,16 @@ def _parse_text(text: str, what: str) -> Decimal:
     return number * UNITS[m.group(3)] if number.adjusted() < 100 else number  # 1e999999: huge already
 
 
+def free_memory(device) -> int:
+    """Bytes a new allocation on `device` ("cpu", "cuda", a torch.device) can take: the GPU's free memory, or
+    host_available()."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return host_available()
+
+
 def host_available() -> int:
     """Bytes of memory this machine can give without swapping (Linux's MemAvailable; free pages elsewhere)."""
     try:

@@ -130,11 +130,8 @@ def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
     if replicas is not None:
         return max(1, min(int(replicas), popsize))
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if pool.device.type == "cuda":
-        free = torch.cuda.mem_get_info(pool.device)[0]
-    else:
-        from pymerge.sizes import host_available
-        free = host_available()
+    from pymerge.sizes import free_memory
+    free = free_memory(pool.device)
     return max(1, min(popsize, int(free * 0.25 // max(size, 1)) + 1))
 
 
