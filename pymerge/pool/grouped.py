@@ -138,11 +138,7 @@ def _target_died(cache_ref, key, entry_ref) -> None:
     if cache is None:
         return
     cache._dead.append((key, entry_ref))
-    if cache._lock.acquire(blocking=False):
-        try:
-            cache._evict_dead()
-        finally:
-            cache._lock.release()
+    cache._try_evict()
 
 
 # What valid() reads of each tensor besides data_ptr: the getters (shape, dtype) skip the argument parsing of the
@@ -214,7 +210,12 @@ class PlanCache:
             self._lock.release()
         # a finalizer that appended after that eviction found the lock still taken (its append came before
         # its try, which came before this release): its entry would wait for the next call
-        if self._dead and self._lock.acquire(blocking=False):
+        if self._dead:
+            self._try_evict()
+
+    def _try_evict(self) -> None:
+        """Evicts the dead targets' entries if the lock is free, else leaves them to its holder (never waits)."""
+        if self._lock.acquire(blocking=False):
             try:
                 self._evict_dead()
             finally:
