@@ -168,3 +168,33 @@ def test_a_backend_of_a_str_type_of_its_own_is_not_trusted():
 
     with pytest.raises(ValueError, match="weighted_sum: input 1: its storage holds 0 bytes"):
         pymerge.weighted_sum(a, [0.5, 0.5], backend=Auto("auto"))
+
+
+def _shrinking(victim: torch.Tensor, method: str):
+    """A tensor subclass whose `method`, called on it, shrinks victim's storage once (the caller's code, run
+    after the wrapper checked victim and before the kernel reads it)."""
+    armed = [True]
+
+    class Sneaky(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if armed[0] and getattr(func, "__name__", "") == method:
+                armed[0] = False
+                victim.untyped_storage().resize_(4)
+            return super().__torch_function__(func, types, args, kwargs or {})
+    return Sneaky
+
+
+@pytest.mark.skipif(_native.cpu is None, reason="the C++ extension is not built")
+def test_a_tensor_subclass_among_the_arguments_is_not_trusted():
+    """A subclass's __torch_function__ is the caller's code: nearswap's out.is_contiguous() and whole_dot_parts'
+    x.contiguous() ran it after the inputs were checked, and the kernel read a freed storage (SIGSEGV; a review)."""
+    n = 1 << 22  # 16 MiB: freed with munmap
+    base, x = torch.ones(n), torch.full((n,), 3.0)
+    out = torch.empty(n).as_subclass(_shrinking(base, "is_contiguous"))
+    with pytest.raises(ValueError, match=r"^nearswap: input 0: its storage holds 4 bytes"):
+        elementwise_mix.nearswap(base, x, 0.5, out)
+    a = torch.ones(n)
+    s = torch.full((n,), 2.0).as_subclass(_shrinking(a, "contiguous"))
+    with pytest.raises(ValueError, match=r"^whole_dots: input 0: its storage holds 4 bytes"):
+        interp.whole_dot_parts([a, s], None, False)

@@ -24,7 +24,8 @@ def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool
     if not (all(t.device.type == "cpu" and t.dtype in _native.DTYPE_CODES for t in tensors)
             and out.dtype in (torch.float32, torch.float16, torch.bfloat16) and out.is_contiguous()):
         return False
-    trust = trusted(backend)  # (its == ran just now)
+    # nothing of the caller's ran since: its == just now, and no subclass's __torch_function__ (out.numel()...)
+    trust = trusted(backend, list(tensors), out)
     # the kernel will trust these addresses and sizes
     check_native(tensors, [out], out.numel(), op, inputs_backed=read[0] and trust, outs_backed=read[1] and trust)
     check_apart(tensors, [out], op)

@@ -69,7 +69,8 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     exact-sum parts (pymerge/ops/exact_sum.py). Element order does not matter, so the parts of the
     pieces of a split tensor (a sharded pool's local shards) add up to the whole tensor's."""
     read, _ = check_merge_args(xs, base, None, "whole_dots")
-    backed = read and library.trusted(backend)  # (nothing of the caller's ran since: no second storage test)
+    # nothing of the caller's runs until the kernel (no subclass's contiguous()): no second storage test
+    backed = read and library.trusted(backend, xs, base)
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     if _backend(xs[0], backend) == "cpu" and xs[0].numel():
