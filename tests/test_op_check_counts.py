@@ -151,7 +151,7 @@ def test_code_of_the_callers_between_the_checks_and_the_kernel_is_not_trusted():
     with pytest.raises(ValueError, match="select_ranks: input 1: its storage holds 0 bytes"):
         select.select_ranks(a[0], a[1], [3], True, num_threads=_Freeing(0, a[1]))
     a = [torch.randn(64), torch.randn(64)]
-    with pytest.raises(ValueError, match="whole_dots: input 1: its storage holds 0 bytes"):
+    with pytest.raises(ValueError, match="group_dots: input 1: its storage holds 0 bytes"):
         interp.group_dots(a, None, False, "whole", num_threads=_Freeing(0, a[1]))
 
 
@@ -198,3 +198,57 @@ def test_a_tensor_subclass_among_the_arguments_is_not_trusted():
     s = torch.full((n,), 2.0).as_subclass(_shrinking(a, "contiguous"))
     with pytest.raises(ValueError, match=r"^whole_dots: input 0: its storage holds 4 bytes"):
         interp.whole_dot_parts([a, s], None, False)
+
+
+_N = 1 << 22  # 16 MiB: freed with munmap
+
+
+def _hostile_cases():
+    def ws(a, b, base, out, h):
+        return pymerge.weighted_sum([a, b], [0.5, 0.5], num_threads=h(1))
+
+    def ws_out(a, b, base, out, h):
+        return pymerge.weighted_sum([a, b], [0.5, 0.5], out=out, num_threads=h(1))
+
+    def ws_many(a, b, base, out, h):
+        return pymerge.weighted_sum_many([a, b], [[0.5, 0.5], [1.0, 0.0]], num_threads=h(1))
+
+    def into(a, b, base, out, h):
+        return weighted_sum_into([a, b], [[0.5, h(0.5)]], [out])
+
+    return {
+        "weighted_sum": ws, "weighted_sum out=": ws_out, "weighted_sum_many": ws_many, "weighted_sum_into": into,
+        "nearswap t": lambda a, b, base, out, h: elementwise_mix.nearswap(base, a, h(0.5), out),
+        "nearswap": lambda a, b, base, out, h: elementwise_mix.nearswap(base, a, 0.5, out, num_threads=h(1)),
+        "ram eps": lambda a, b, base, out, h: elementwise_mix.ram([a, b], base, h(1e-3), out),
+        "ram boosts": lambda a, b, base, out, h: elementwise_mix.ram([a, b], base, 1e-3, out, boosts=[h(1.0), 1.0]),
+        "ram": lambda a, b, base, out, h: elementwise_mix.ram([a, b], base, 1e-3, out, num_threads=h(1)),
+        "sce": lambda a, b, base, out, h: consensus_ops.sce([a, b], base, 0.5, out, num_threads=h(1)),
+        "sce topk": lambda a, b, base, out, h: consensus_ops.sce([a, b], base, h(0.5), out),
+        "ramplus_tl": lambda a, b, base, out, h: consensus_ops.ramplus_tl([a, b], base, 0.5, 0.2, 1e-3, out,
+                                                                          num_threads=h(1)),
+        "ramplus_tl r": lambda a, b, base, out, h: consensus_ops.ramplus_tl([a, b], base, h(0.5), 0.2, 1e-3, out),
+        "arcee_fusion": lambda a, b, base, out, h: consensus_ops.arcee_fusion(base, a, out, num_threads=h(1)),
+        "group_dots": lambda a, b, base, out, h: interp.group_dots([a, b], base, True, "whole", num_threads=h(1)),
+        "whole_dot_parts": lambda a, b, base, out, h: interp.whole_dot_parts([a, b], base, True, num_threads=h(1)),
+        "group_lincomb": lambda a, b, base, out, h: interp.group_lincomb([a, b], base, True, "whole",
+                                                                         torch.ones(1, 3), out, num_threads=h(1)),
+        "select_ranks": lambda a, b, base, out, h: select.select_ranks(a, base, [10], descending=True,
+                                                                       num_threads=h(1)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_hostile_cases()))
+@pytest.mark.parametrize("victim", ["input", "base", "out"])
+def test_a_number_of_the_callers_type_runs_before_the_storage_tests(case, victim):
+    """Every number of the caller's is converted before the tensors are tested, so the op reports the freed
+    tensor (or, where it never reads it, ignores it). num_threads went to the kernel unconverted, its __index__
+    running after the storage test (weighted_sum, sce, ram...: SIGSEGV); nearswap's t, ram's eps and boosts
+    were read after it too."""
+    a, b = torch.randn(_N), torch.randn(_N)
+    base, out = torch.randn(_N), torch.empty(_N)
+    target = {"input": a, "base": base, "out": out}[victim]
+    try:
+        _hostile_cases()[case](a, b, base, out, lambda v: _Freeing(v, target))
+    except ValueError as exc:
+        assert "storage holds 0 bytes" in str(exc) or "rank out of range" in str(exc), exc

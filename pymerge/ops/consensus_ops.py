@@ -17,7 +17,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import elementwise_mix, select
-from pymerge.ops._checks import check_merge_args
+from pymerge.ops._checks import check_merge_args, check_threads
 
 def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
     return elementwise_mix._native_ok(op, tensors, out, backend, read)
@@ -30,6 +30,8 @@ def _ptrs(ts):
 # ---- sce ---------------------------------------------------------------------------------------
 def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out: torch.Tensor,
         backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
+    select_topk, num_threads = float(select_topk), check_threads(num_threads)
     read = check_merge_args(xs, base, out, "sce")
     if out.numel() == 0:
         return out
@@ -96,12 +98,14 @@ def _variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
 # ---- ramplus_tl ------------------------------------------------------------------------------------
 def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: float, eps: float,
                out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
+    # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
+    r, alpha, eps, num_threads = float(r), float(alpha), float(eps), check_threads(num_threads)
     read = check_merge_args(xs, base, out, "ramplus_tl")
     if _native_ok("ram_counts", list(xs) + [base], out, backend, read):
         xs, base = [x.contiguous() for x in xs], base.contiguous()
         ptrs, codes = _ptrs(xs)
         shared, unique = _native.cpu.ram_counts(ptrs, codes, base.data_ptr(), _native.DTYPE_CODES[base.dtype],
-                                                out.numel(), float(eps), num_threads)
+                                                out.numel(), eps, num_threads)
         shared, unique = torch.tensor(shared, device="cpu"), torch.tensor(unique, device="cpu")
     else:
         b = base.float()
@@ -117,6 +121,7 @@ def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: 
 # ---- arcee_fusion ----------------------------------------------------------------------------------
 def arcee_fusion(base: torch.Tensor, x: torch.Tensor, out: torch.Tensor, backend: str = "auto",
                  num_threads: int = 0) -> torch.Tensor:
+    num_threads = check_threads(num_threads)  # the caller's __index__ before the storage tests, never after
     read = check_merge_args([x], base, out, "arcee_fusion", base_first=True)  # before float() reads them
     if out.numel() == 0:
         return out

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from pymerge import _native
-from pymerge.ops._checks import check_apart, check_merge_args
+from pymerge.ops._checks import check_apart, check_merge_args, check_threads
 from pymerge.ops._memory import check_native, trusted
 
 
@@ -34,11 +34,13 @@ def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool
 
 def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, backend: str = "auto",
              num_threads: int = 0) -> torch.Tensor:
+    # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
+    t, num_threads = float(t), check_threads(num_threads)
     read = check_merge_args([x], base, out, "nearswap", base_first=True)
     if _native_ok("nearswap", (base, x), out, backend, read):
         base, x = base.contiguous(), x.contiguous()
         _native.cpu.nearswap(base.data_ptr(), _native.DTYPE_CODES[base.dtype], x.data_ptr(),
-                             _native.DTYPE_CODES[x.dtype], out.numel(), float(t), out.data_ptr(),
+                             _native.DTYPE_CODES[x.dtype], out.numel(), t, out.data_ptr(),
                              _native.DTYPE_CODES[out.dtype], num_threads)
         return out
     a, b = base.float(), x.float()
@@ -49,14 +51,15 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, b
 
 def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.Tensor, backend: str = "auto",
         num_threads: int = 0, boosts: Optional[Sequence[float]] = None) -> torch.Tensor:
+    # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
+    eps, num_threads = float(eps), check_threads(num_threads)
+    boosts = None if boosts is None else [float(b) for b in boosts]
     read = check_merge_args(xs, base, out, "ram")
-    if not trusted(boosts):  # its numbers' __float__ are the caller's: the storage tested again
-        read = (False, False)
-    boosts = [1.0] * len(xs) if boosts is None else [float(b) for b in boosts]
+    boosts = [1.0] * len(xs) if boosts is None else boosts
     if _native_ok("ram", list(xs) + [base], out, backend, read):
         xs, base = [x.contiguous() for x in xs], base.contiguous()
         _native.cpu.ram([x.data_ptr() for x in xs], [_native.DTYPE_CODES[x.dtype] for x in xs], base.data_ptr(),
-                        _native.DTYPE_CODES[base.dtype], out.numel(), float(eps), boosts, out.data_ptr(),
+                        _native.DTYPE_CODES[base.dtype], out.numel(), eps, boosts, out.data_ptr(),
                         _native.DTYPE_CODES[out.dtype], num_threads)
         return out
     b = base.float()

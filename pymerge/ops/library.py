@@ -218,11 +218,12 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     numel = tensors[0].numel()
     if numel == 0:
         return
+    # the caller's numbers first: an __index__ or __float__ of theirs runs before the storage tests, never after
+    num_threads = check_threads(num_threads)
+    flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [float(w) for row in weights for w in row]
     read = _check_read("weighted_sum", tensors, checked, weights=weights)
     tensors = contiguous(tensors, False if read else None)
     _check_native(tensors, outs, numel, "weighted_sum", "cpu", read, OUTS in checked)
-    check_threads(num_threads)
-    flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [w for row in weights for w in row]
     if len(flat) != len(outs) * len(tensors):
         raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
     bad = None if WEIGHTS in checked else first_out_of_range(flat)  # a weight a traced call never saw
@@ -429,11 +430,11 @@ def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, nor
                       offset, out, backend="auto", num_threads=0, checked=()) -> None:
     if base.numel() == 0:
         return
+    num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu", read, OUTS in checked)
-    check_threads(num_threads)
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
                                    _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
                                    base.numel(), offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1,
@@ -529,12 +530,11 @@ def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending
 
 @_kernel("select_ranks", "cpu")
 def _select_ranks(x, base, ranks, descending, num_threads=0, checked=()) -> Tensor:
+    num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
     read = _check_read("select_ranks", [x, base], checked)
-    check_threads(num_threads)
     x = x.contiguous()
     base = base.contiguous() if base is not None else None
-    # (a num_threads of the caller's own type ran its __index__ since check_readable: its storage test again)
-    _check_native([x, base], [], x.numel(), "select_ranks", "cpu", read and type(num_threads) is int)
+    _check_native([x, base], [], x.numel(), "select_ranks", "cpu", read)
     found = _native.require_cpu().select_ranks(
         x.data_ptr(), _native.DTYPE_CODES[x.dtype], base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, x.numel(), list(ranks), descending, num_threads)
@@ -558,10 +558,11 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
 
 @_kernel("group_dots", "cpu")
 def _group_dots(xs, base, sub, rows, cols, group, num_threads=0, checked=()) -> Tensor:
+    num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
     read = _check_read("group_dots", list(xs) + [base], checked)
     xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [], num_threads, "group_dots", read)
+    _check_groups(xs, base, rows, cols, group, [], "group_dots", read)
     k = len(xs)
     if not xs[0].numel():  # every dot is 0 (and an empty base has no address: the kernel took it for none)
         return torch.zeros((1, rows, cols)[group], k * (k + 1) // 2, dtype=torch.float64, device="cpu")
@@ -592,10 +593,11 @@ def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows:
 
 @_kernel("group_lincomb_out", "cpu")
 def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=0, checked=()) -> None:
+    num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
     read = _check_read("group_lincomb", list(xs) + [base], checked, coef=coef)
     xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [out], num_threads, "group_lincomb", read, OUTS in checked)
+    _check_groups(xs, base, rows, cols, group, [out], "group_lincomb", read, OUTS in checked)
     g = (1, rows, cols)[group]
     if coef.numel() != g * (len(xs) + 1):
         raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {len(xs) + 1} need "
@@ -609,13 +611,12 @@ def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=
         coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
 
 
-def _check_groups(xs, base, rows, cols, group, outs, num_threads, op, inputs_backed=False, outs_backed=False) -> None:
+def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False) -> None:
     require_inputs(xs, op)
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
     _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu", inputs_backed, outs_backed)
     check_apart(list(xs) + [base], outs, op)
-    check_threads(num_threads)
 
 
 @register_fake("pymerge::group_lincomb_out")
