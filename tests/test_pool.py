@@ -942,3 +942,10 @@ def test_an_empty_tensor_with_huge_other_dims_is_held(tmp_path, kw):
     pool.materialize([0.5, 0.5], into=into)
     assert torch.allclose(into["w"], torch.full((3,), 1.5), atol=1e-2)
     assert pool.tensor(1, "z").shape == shape
+
+
+def test_a_weight_just_past_the_limit_is_shown_as_given():
+    """1e6 + 1 was reported as "is 1e+06" (%g's six digits): the refused weight must read as what was given."""
+    pool = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
+    with pytest.raises(InputError, match=r"weights\[1\] is 1000001\.0; weights beyond 1e\+06"):
+        pool.materialize([0.0, 1e6 + 1], into={"w": torch.empty(2)})

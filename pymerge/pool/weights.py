@@ -120,7 +120,7 @@ def _check_magnitude(table: np.ndarray, what: str, after: str) -> None:
     if np.abs(table).max(initial=0.0) > MAX_MAGNITUDE:  # float32 kernels would turn it into inf or noise: a typo
         g, i = np.argwhere(np.abs(table) > MAX_MAGNITUDE)[0]
         where = f"[{i}]" if table.shape[0] == 1 else f"[{g}][{i}]"
-        raise InputError(f"{what}{where} is {table[g, i]:g}{after}; "
+        raise InputError(f"{what}{where} is {float(table[g, i])!r}{after}; "
                          f"weights beyond {MAX_MAGNITUDE:g} make a non-finite or meaningless model")
 
 
