@@ -152,6 +152,36 @@ def test_cached_plan_follows_layers_replaced_and_parameters_added():
     assert_matches(target, reference(models, w), torch.float32)
 
 
+
+@pytest.mark.parametrize("prune", ["del", "insert", "delattr"])
+def test_cached_plan_sees_submodules_deleted_or_renumbered(prune):
+    """Deleting a layer from a ModuleList renumbers the rest and registers nothing: the cached plan wrote the
+    pool's layers.1 into the model's new layers.0 (and layers.0 into the dropped layer) where a fresh pool
+    refuses with strict=True; `del model.head` wrote into the detached head (a bug hunt)."""
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    w = [0.2, 0.3, 0.5]
+    target = Tiny()
+    pool.materialize(w, into=target)
+    if prune == "del":
+        del target.layers[0]
+    elif prune == "insert":  # layers 0, new, 1 (2 dropped): the same names, other modules
+        target.layers.insert(1, torch.nn.Linear(29, 29))
+        del target.layers[3]
+    else:
+        del target.head
+    if prune == "insert":  # every name still has its counterpart: the new names' tensors are written
+        pool.materialize(w, into=target)
+        assert_matches(target, reference(models, w), torch.float32)
+        return
+    with pytest.raises(InputError, match="have no counterpart"):
+        pool.materialize(w, into=target)
+    pool.materialize(w, into=target, strict=False)  # what the model still has gets its own names' merge
+    want = reference(models, w)
+    for name, t in target.state_dict().items():
+        if t.is_floating_point():
+            assert torch.allclose(t.double(), want[name], atol=1e-5), name
+
 def test_cached_plan_follows_a_state_dict_target():
     models = make_models(2)
     pool = CheckpointPool([m.state_dict() for m in models])

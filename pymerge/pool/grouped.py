@@ -78,8 +78,9 @@ class _Entry:
         self.finalizers: list = []  # one per weakly held target: evicts the entry when the target dies
         self.generation = _registrations
         # The tensors the targets hold (not detached copies), one per plan and target: the version
-        # counters a call bumps (a detached target shares its tensor's). None: a key the target lacked.
-        self.held = tuple(t for t, _, _ in watched if t is not None)
+        # counters a call bumps (a detached target shares its tensor's). None: a key the target lacked; a
+        # module: a submodule on a tensor's path (checked where it is held, below).
+        self.held = tuple(t for t, _, _ in watched if isinstance(t, torch.Tensor))
         self.ptrs = list(map(_data_ptr, self.held))
         self.shapes, self.dtypes = list(map(_shape, self.held)), list(map(_dtype, self.held))
         # Strides, or None where every tensor is contiguous: then is_contiguous() (a bool, no tuple to build and
@@ -89,8 +90,9 @@ class _Entry:
         # prefetched at once, as the previous call's streaming evicted them (memory_hints.cpp).
         self.objects = np.array([a for t in self.held for a in (id(t), t._cdata, t.untyped_storage()._cdata)],
                                 dtype=np.uint64)
-        # Where each tensor is held (a state dict, or its module's _parameters / _buffers) and under which
-        # key, and the keys a state dict lacked: deleting, replacing or adding one there registers nothing.
+        # Where each tensor (and submodule on its path) is held (a state dict, its module's _parameters /
+        # _buffers, its parent's _modules) and under which key, and the keys a state dict lacked: deleting,
+        # replacing or adding one there registers nothing.
         keyed = [(t, d, key) for t, d, key in watched if d is not None]
         self.owners, self.keys = [d for _, d, _ in keyed], [key for _, _, key in keyed]
         self.found = [t for t, _, _ in keyed]

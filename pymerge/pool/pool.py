@@ -1064,8 +1064,11 @@ def _unusable_target(t: torch.Tensor) -> Optional[str]:
 def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequence[str]) -> list:
     """(tensor as the target holds it, where it is held, its key) for every plan and target: what a cached
     plan checks is unchanged before it is reused. A module's tensor is held by its submodule's _parameters
-    or _buffers (replacing one registers, and so is seen anyway); a state dict's every key the pool has,
-    planned or not (one of two tied keys, one strict=False skipped: None), since nothing registers there."""
+    or _buffers (replacing one registers, and so is seen anyway), and each submodule on its path by its
+    parent's _modules, as (submodule, _modules, name): deleting or renumbering submodules (del model[2],
+    ModuleList's __delitem__ and insert) registers nothing, and the plan would write the old names' tensors
+    into the new ones. A state dict's every key the pool has, planned or not (one of two tied keys, one
+    strict=False skipped: None), since nothing registers there."""
     out = []
     for m in into:
         if isinstance(m, dict):
@@ -1075,6 +1078,23 @@ def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequenc
         held = _tensors_of(m)
         for p in plans:
             out.append((held[p.target],) + _owner(m, p.target))
+        out.extend(_links(m, {p.target.rpartition(".")[0] for p in plans}))
+    return out
+
+
+def _links(module: torch.nn.Module, paths) -> list:
+    """(submodule, its parent's _modules, its name there) for every submodule on the paths ("a.b.c": a, a.b
+    and a.b.c), each once."""
+    seen, out = set(), []
+    for path in paths:
+        parts = path.split(".") if path else []
+        for i in range(len(parts)):
+            prefix = ".".join(parts[:i + 1])
+            if prefix in seen:
+                continue
+            seen.add(prefix)
+            parent = module.get_submodule(".".join(parts[:i])) if i else module
+            out.append((parent._modules[parts[i]], parent._modules, parts[i]))
     return out
 
 
