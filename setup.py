@@ -55,6 +55,8 @@ class BuildExt(build_ext):
         return dst, True
 
     def build_extension(self, ext):
+        if self._reuse_in_place_build(ext):
+            return None
         cu = [s for s in ext.sources if s.endswith(".cu")]
         if not cu:
             return super().build_extension(ext)
@@ -87,6 +89,26 @@ class BuildExt(build_ext):
                 ext.library_dirs.append(os.path.join(cuda_home, libdir))
         ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
         return super().build_extension(ext)
+
+
+    def _reuse_in_place_build(self, ext) -> bool:
+        """A wheel built from a checkout whose CPU extension is built in place (`make install`'s editable
+        build) takes that library where it is newer than every native source, setup.py and pyproject.toml:
+        the same compiler and flags made it (they depend on no setting), and compiling it again cost the
+        wheel build two minutes. An sdist's build never has one; PYMERGE_REBUILD=1 compiles anyway."""
+        if self.inplace or ext.name != "pymerge._cpu" or os.environ.get("PYMERGE_REBUILD") == "1":
+            return False
+        built = os.path.join(HERE, *ext.name.split(".")[:-1], os.path.basename(self.get_ext_filename(ext.name)))
+        inputs = [os.path.join(HERE, p) for p in ext.sources] + glob.glob(os.path.join(HERE, "csrc", "**", "*.h"),
+                                                                          recursive=True)
+        inputs += [os.path.join(HERE, "setup.py"), os.path.join(HERE, "pyproject.toml")]
+        if not os.path.exists(built) or any(os.path.getmtime(p) >= os.path.getmtime(built) for p in inputs):
+            return False
+        dest = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        self.copy_file(built, dest)
+        print(f"reusing the in-place build {os.path.relpath(built, HERE)} (newer than its sources)")
+        return True
 
 
 cpu_ext = Pybind11Extension(
