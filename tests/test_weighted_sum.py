@@ -218,6 +218,8 @@ outs = []
 for size in (1, 15, 16, 17, 31, 4096 + 77, 16384 + 45, 70001, (1 << 22) + 37):  # the last one streams its stores
     for dtypes, n in ((IN_DTYPES, 7), ([torch.bfloat16], 3), (IN_DTYPES, 14), ([torch.bfloat16], 13)):
         # 13 and 14 inputs: AVX-512 sweeps them in passes of 4, partial sums kept between passes
+        if size > 10 ** 6 and n < 13:  # the streaming stores of both kernels (mixed, all-bfloat16): half the time
+            continue
         xs = random_inputs(n, size, dtypes, seed=size)
         xs[0].view(-1)[0] = float("nan")
         xs[1].view(-1)[-1] = float("inf")
