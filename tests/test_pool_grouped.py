@@ -665,3 +665,141 @@ def test_weight_table_refuses_what_the_fast_path_passes_on(weights):
     from pymerge.pool.weights import weight_table
     with pytest.raises(InputError):
         weight_table(weights, 3)
+
+
+def _fresh(srcs, w, target, **kw):
+    """What a new pool writes into `target` (or the error it raises)."""
+    try:
+        CheckpointPool(srcs, **kw).materialize(w, into=target)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4, bias=False)
+        self.b = torch.nn.Linear(4, 4, bias=False)
+
+
+def test_cached_plan_sees_a_tie_undone_or_its_second_name_deleted():
+    """Two names over one memory are written once, by the last plan, and only that plan's tensor was watched:
+    untying the first (`.data =`, which registers nothing) left it unwritten, and deleting its submodule was
+    not refused as a fresh pool refuses it (a bug hunt)."""
+    torch.manual_seed(0)
+    srcs = []
+    for _ in range(3):
+        x = torch.randn(4, 4)
+        srcs.append({"a.weight": x, "b.weight": x.clone()})  # tied weights saved under both names
+    w = [0.2, 0.3, 0.5]
+    want = sum(wi * s["a.weight"] for wi, s in zip(w, srcs))
+    model = _TwoLayers()
+    model.b.weight = torch.nn.Parameter(model.a.weight.data)  # two Parameters, one memory
+    pool = CheckpointPool(srcs)
+    pool.materialize(w, into=model)
+    model.a.weight.data = torch.zeros(4, 4)
+    pool.materialize(w, into=model)
+    torch.testing.assert_close(model.a.weight.data, want)
+    torch.testing.assert_close(model.b.weight.data, want)
+
+    model = _TwoLayers()
+    model.b = model.a  # one Linear under two names
+    pool.materialize(w, into=model)
+    del model.a
+    with pytest.raises(InputError, match="pool tensor 'a.weight' has no counterpart"):
+        pool.materialize(w, into=model)
+
+
+def test_cached_plan_rechecks_a_tie_when_a_borrowed_source_changes():
+    """A pool reading the caller's tensors in place follows their changes; a tie allowed because both names held
+    the same bits must be refused once they do not, as a fresh pool refuses it (the cached plan wrote one of the
+    two merges into the tied tensor; a bug hunt)."""
+    torch.manual_seed(0)
+    srcs = [{"a.weight": x, "b.weight": x.clone()} for x in torch.randn(3, 8)]
+    w = [0.2, 0.3, 0.5]
+    pool = CheckpointPool(srcs, residency="mmap")
+    shared = torch.zeros(8)
+    target = {"a.weight": shared, "b.weight": shared}
+    pool.materialize(w, into=target)
+    pool.materialize(w, into=target)  # (a cache hit: nothing moved)
+    srcs[1]["b.weight"].add_(1.0)
+    fresh = torch.zeros(8)
+    expected = _fresh(srcs, w, {"a.weight": fresh, "b.weight": fresh}, residency="mmap")
+    assert expected is not None and "hold different values" in expected
+    before = shared.clone()
+    with pytest.raises(InputError, match="hold different values"):
+        pool.materialize(w, into=target)
+    assert torch.equal(shared, before)
+
+
+def test_cached_plan_fills_a_head_untied_or_added_later(tmp_path):
+    """Tied checkpoint files (an embedding, no head) fill a target's untied head with the merged embedding. A head
+    tied to its embedding at the first call, or absent from a state dict, had no plan and was not watched: untied
+    or added later, the cached plan left it unwritten where a fresh pool fills it (a bug hunt)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({"model.embed_tokens.weight": torch.randn(11, 5), "model.norm.weight": torch.randn(5)}, paths[-1])
+    w = [0.2, 0.3, 0.5]
+    pool = CheckpointPool(paths)
+
+    def merged_embedding():
+        sd = {"model.embed_tokens.weight": torch.zeros(11, 5), "model.norm.weight": torch.zeros(5)}
+        CheckpointPool(paths).materialize(w, into=sd)
+        return sd["model.embed_tokens.weight"]
+
+    emb = torch.zeros(11, 5)
+    sd = {"model.embed_tokens.weight": emb, "lm_head.weight": emb, "model.norm.weight": torch.zeros(5)}
+    pool.materialize(w, into=sd)
+    sd["lm_head.weight"] = torch.zeros(11, 5)  # untied: a tensor of its own
+    pool.materialize(w, into=sd)
+    assert torch.equal(sd["lm_head.weight"], merged_embedding())
+
+    sd = {"model.embed_tokens.weight": torch.zeros(11, 5), "model.norm.weight": torch.zeros(5)}
+    pool.materialize(w, into=sd)
+    sd["lm_head.weight"] = torch.zeros(11, 5)  # added
+    pool.materialize(w, into=sd)
+    assert torch.equal(sd["lm_head.weight"], merged_embedding())
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.embed_tokens = torch.nn.Embedding(11, 5)
+            self.model.norm = torch.nn.LayerNorm(5, bias=False)
+            self.lm_head = torch.nn.Linear(5, 11, bias=False)
+
+    m = LM()
+    m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.data)  # tied (one memory)
+    pool.materialize(w, into=m)
+    m.lm_head.weight.data = torch.zeros(11, 5)  # untied, nothing registered
+    pool.materialize(w, into=m)
+    assert torch.equal(m.lm_head.weight.data, merged_embedding())
+
+
+def test_cached_plan_refuses_a_storage_shrunk_at_the_same_address():
+    """resize_(0) then resize_(fewer bytes) often gives the storage its old address back: the cached plan (same
+    data_ptr, shape, dtype, strides) wrote the whole tensor past the storage's end, a heap overflow that aborted
+    the process, where a fresh plan refuses it (a bug hunt)."""
+    n = 16384
+    torch.manual_seed(0)
+    srcs = [{"w": torch.randn(n)} for _ in range(2)]
+    pool = CheckpointPool(srcs)
+    kept = []
+    for _ in range(200):  # until the allocator hands the address back (most tries with glibc)
+        p = torch.zeros(n)
+        target = {"w": p}
+        pool.materialize([0.5, 0.5], into=target)
+        address = p.data_ptr()
+        p.untyped_storage().resize_(0)
+        p.untyped_storage().resize_(4 * n - 1024)
+        if p.data_ptr() == address:
+            break
+        kept.append(p)  # (held, so that the next try cannot take this address either)
+    else:
+        pytest.skip("the allocator never returned a freed address: nothing to test here")
+    with pytest.raises(InputError, match="storage holds 64512 bytes but the tensor spans 65536"):
+        pool.materialize([0.5, 0.5], into=target)

@@ -70,18 +70,19 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("targets", "generation", "held", "ptrs", "shapes", "dtypes", "strides", "objects", "owners", "keys",
-                 "found", "plans", "native", "fixups", "selection", "finalizers", "__weakref__")
+    __slots__ = ("targets", "generation", "held", "ptrs", "nbytes", "shapes", "dtypes", "strides", "objects", "owners", "keys",
+                 "found", "plans", "written", "recheck", "native", "fixups", "selection", "finalizers", "__weakref__")
 
     def __init__(self, into, watched, plans, native):
         self.targets = list(map(_reference, into))  # weak where possible: the entry must not keep a model alive
         self.finalizers: list = []  # one per weakly held target: evicts the entry when the target dies
         self.generation = _registrations
-        # The tensors the targets hold (not detached copies), one per plan and target: the version
-        # counters a call bumps (a detached target shares its tensor's). None: a key the target lacked; a
-        # module: a submodule on a tensor's path (checked where it is held, below).
+        # The tensors the targets hold (not detached copies), per watched key and target (see pool._watched).
+        # None: a key the target lacked; a module: a submodule on a tensor's path (checked where it is held).
         self.held = tuple(t for t, _, _ in watched if isinstance(t, torch.Tensor))
         self.ptrs = list(map(_data_ptr, self.held))
+        # storage sizes: a storage freed (resize_(0)) and given fewer bytes can come back at the same address
+        self.nbytes = list(map(_storage_nbytes, self.held))
         self.shapes, self.dtypes = list(map(_shape, self.held)), list(map(_dtype, self.held))
         # Strides, or None where every tensor is contiguous: then is_contiguous() (a bool, no tuple to build and
         # compare) with the same address, shape and dtype says every element is where it was
@@ -97,6 +98,11 @@ class _Entry:
         self.owners, self.keys = [d for _, d, _ in keyed], [key for _, _, key in keyed]
         self.found = [t for t, _, _ in keyed]
         self.plans = plans
+        # what a call writes, whose version counters it bumps: the held tensors over a plan's memory (a tied
+        # name's too), not the others watched (an unplanned head, an integer buffer)
+        written = set(map(_data_ptr, (t for p in plans for t in p.targets)))
+        self.written = tuple(t for t in self.held if _data_ptr(t) in written)
+        self.recheck = getattr(plans, "recheck", None)  # what else the plans depend on (see pool._Plans)
         self.native = native
         self.fixups = [f for p in plans for f in p.fixups]
         self.selection = None  # task-vector methods: the last selection pass (see TaskVectorCall)
@@ -117,7 +123,9 @@ class _Entry:
         return (all(map(is_, map(dict.get, self.owners, self.keys), self.found))
                 and list(map(_data_ptr, held)) == self.ptrs and list(map(_dtype, held)) == self.dtypes
                 and list(map(_shape, held)) == self.shapes
-                and (all(map(_contiguous, held)) if self.strides is None else list(map(_stride, held)) == self.strides))
+                and (all(map(_contiguous, held)) if self.strides is None else list(map(_stride, held)) == self.strides)
+                and list(map(_storage_nbytes, held)) == self.nbytes
+                and (self.recheck is None or self.recheck()))
 
     def detach(self) -> None:
         """No longer in a cache: its targets' deaths need not evict it."""
@@ -147,6 +155,10 @@ def _target_died(cache_ref, key, entry_ref) -> None:
 # methods (size(), stride()); a cached call's largest Python cost (~0.5 us a tensor on a loaded 2-core Xeon)
 _shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 _stride, _contiguous = torch.Tensor.stride, torch.Tensor.is_contiguous
+
+
+def _storage_nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
 
 
 class PlanCache:

@@ -106,6 +106,7 @@ class CheckpointPool:
     """
     _guard = MappingGuard(())  # none: only the mmap tier reads the files after construction
     _lent: tuple = ()  # none (a loaded or sharded pool): see __init__ and _check_borrowed
+    _lent_ids: frozenset = frozenset()
 
     def __new__(cls, *args, shard_like=None, **kwargs):
         if shard_like is not None and kwargs.get("compress") is not None:
@@ -466,14 +467,14 @@ class CheckpointPool:
             entry = self._plan_cache.entry(
                 ("flat" if flat else groups, names, strict, n_groups), into,
                 lambda: self._checked_plans(into, group_of, names, strict),
-                lambda ps: _watched(ps, into, names, self.names),
+                lambda ps: _watched(ps, into, names, self.names, self._tied_embedding() is not None),
                 lambda ps: make(ps, self._inputs, n_groups))
             plans, table = entry.plans, entry.native
             if self.device.type == "cuda" and _capturing(self.device):
                 self._captured[id(entry)] = entry
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
-            mark_written(entry.held)
+            mark_written(entry.written)
             if table is None:
                 self._run_linear(plans, tables)
             elif self._cuda is None:
@@ -490,7 +491,7 @@ class CheckpointPool:
             if entry is not None:
                 for tmp, target in entry.fixups:
                     target.copy_(tmp)
-                mark_written(entry.held)
+                mark_written(entry.written)
                 return into
         plans = self._checked_plans(into, group_of, names, strict)
         if method == "linear":
@@ -527,7 +528,7 @@ class CheckpointPool:
             call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
         entry = self._plan_cache.entry(key, into, lambda: self._checked_plans(into, group_of, names, strict),
-                                       lambda ps: _watched(ps, into, names, self.names), make)
+                                       lambda ps: _watched(ps, into, names, self.names, self._tied_embedding() is not None), make)
         if entry.native is None:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
@@ -559,7 +560,15 @@ class CheckpointPool:
         self._check_overlaps(plans, len(into))
         keys = [self._tie_key(p) for p in plans]
         self._check_ties(plans, keys, len(into))
-        return _last_of_tied(plans, keys)
+        once = _Plans(_last_of_tied(plans, keys))
+        tied = {(a.name, b.name) for a, b in _tie_pairs(plans, keys) if a.name != b.name}
+        # allowed for the sources' values now: a caller's tensor the pool reads in place may change (the pool's
+        # own copies and files do not)
+        held = [t for a, b in sorted(tied) for t in self._tie_sources(a, b) if id(t) in self._lent_ids]
+        if held:
+            at = versions_of(held)
+            once.recheck = lambda: versions_of(held) == at
+        return once
 
     def _check_ties(self, plans: List[_Plan], keys: list, k: int) -> None:
         """Two pool tensors that a target ties (one tensor under two names: embedding and head, layers sharing
@@ -594,8 +603,7 @@ class CheckpointPool:
             pairs = lambda: [(st.decoded(i, a), st.decoded(i, b)) for i in range(self.num_checkpoints)] + [  # noqa: E731
                 (st.base[a], st.base[b])]
         else:
-            held = self._inputs[a] + self._inputs[b] + ([self._base[a], self._base[b]] if self._base else [])
-            key = ("same", a, b, tuple(versions_of(held)))
+            key = ("same", a, b, tuple(versions_of(self._tie_sources(a, b))))
             pairs = lambda: list(zip(self._inputs[a], self._inputs[b])) + (  # noqa: E731
                 [(self._base[a], self._base[b])] if self._base else [])
         same = self._selection.get(key)
@@ -603,6 +611,12 @@ class CheckpointPool:
             same = all(_same_bits(x, y) for x, y in pairs())
             self._selection.put(key, same)
         return same
+
+    def _tie_sources(self, a: str, b: str) -> list:
+        """The held tensors whose values _same_data compares (a compressed pool's never change: none)."""
+        if self._compressed is not None:
+            return []
+        return self._inputs[a] + self._inputs[b] + ([self._base[a], self._base[b]] if self._base else [])
 
     def _tie_key(self, plan: _Plan):
         """What makes two plans write one tensor (tied weights, written once): the same memory, per candidate."""
@@ -932,6 +946,26 @@ def _take(out: tuple, outs: list, dests: list, fixups: list) -> None:
     fixups.extend(out[2:])
 
 
+class _Plans(list):
+    """Checked plans, and what else they depend on: recheck() is False once a cached entry of them may no longer
+    be used (tied pool tensors whose values no longer agree: the check that allowed the tie fails now)."""
+    recheck: Optional[Callable[[], bool]] = None
+
+
+def _tie_pairs(plans: List[_Plan], keys: list) -> list:
+    """(first plan, later plan) writing one memory in some candidate, for every later one (as _check_ties
+    pairs them)."""
+    out = []
+    for c in range(len(keys[0]) if keys else 0):
+        first: dict = {}
+        for p, key in zip(plans, keys):
+            if p.targets[c].numel():
+                other = first.setdefault(key[c], p)
+                if other is not p:
+                    out.append((other, p))
+    return out
+
+
 def _last_of_tied(plans: List[_Plan], keys: list) -> List[_Plan]:
     """Tied weights (one tensor under two names, as embeddings and head; _check_ties has checked they get
     the same merge) are written once, by the last plan: the grouped native call never writes one memory
@@ -1061,24 +1095,30 @@ def _unusable_target(t: torch.Tensor) -> Optional[str]:
     return backing_problem(t) or overlap_problem(t) or negated_problem(t) or write_problem(t)
 
 
-def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequence[str]) -> list:
+def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequence[str], heads: bool) -> list:
     """(tensor as the target holds it, where it is held, its key) for every plan and target: what a cached
     plan checks is unchanged before it is reused. A module's tensor is held by its submodule's _parameters
     or _buffers (replacing one registers, and so is seen anyway), and each submodule on its path by its
     parent's _modules, as (submodule, _modules, name): deleting or renumbering submodules (del model[2],
     ModuleList's __delitem__ and insert) registers nothing, and the plan would write the old names' tensors
-    into the new ones. A state dict's every key the pool has, planned or not (one of two tied keys, one
-    strict=False skipped: None), since nothing registers there."""
+    into the new ones. Every key the pool has, planned or not (the second of two tied names, whose plan was
+    dropped: untying them must be seen; in a state dict one strict=False skipped: None, since nothing registers
+    there). With tied checkpoint files (heads: True) every output head too, planned or not, and in a state dict
+    the usual head names it lacks: a head tied to its embedding, or absent, may be untied or added later and
+    must then get the embedding's merge (_tied_head_plans)."""
+    keys = dict.fromkeys([_map_name(n, names) for n in pool_names] + [p.target for p in plans])
+    keys.pop(None, None)
     out = []
     for m in into:
         if isinstance(m, dict):
-            keys = dict.fromkeys([_map_name(n, names) for n in pool_names] + [p.target for p in plans])
-            out.extend((m.get(key), m, key) for key in keys if key is not None)
+            extra = [k for k in m if isinstance(k, str) and k.endswith(_HEAD_ENDS)] + list(_HEAD_ENDS) if heads else []
+            out.extend((m.get(key), m, key) for key in dict.fromkeys(list(keys) + extra))
             continue
         held = _tensors_of(m)
-        for p in plans:
-            out.append((held[p.target],) + _owner(m, p.target))
-        out.extend(_links(m, {p.target.rpartition(".")[0] for p in plans}))
+        mine = dict.fromkeys([k for k in keys if k in held]
+                             + ([k for k in held if k.endswith(_HEAD_ENDS)] if heads else []))
+        out.extend((held[key],) + _owner(m, key) for key in mine)
+        out.extend(_links(m, {key.rpartition(".")[0] for key in mine}))
     return out
 
 
