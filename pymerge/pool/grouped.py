@@ -70,8 +70,9 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
-    __slots__ = ("targets", "generation", "held", "ptrs", "nbytes", "shapes", "dtypes", "strides", "objects", "owners", "keys",
-                 "found", "plans", "written", "recheck", "native", "fixups", "selection", "finalizers", "__weakref__")
+    __slots__ = ("targets", "generation", "held", "ptrs", "nbytes", "shapes", "dtypes", "strides", "objects",
+                 "owners", "keys", "found", "plans", "written", "recheck", "native", "fixups", "selection",
+                 "finalizers", "__weakref__")
 
     def __init__(self, into, watched, plans, native):
         self.targets = list(map(_reference, into))  # weak where possible: the entry must not keep a model alive

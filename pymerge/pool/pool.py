@@ -527,8 +527,9 @@ class CheckpointPool:
         else:
             call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
+        heads = self._tied_embedding() is not None
         entry = self._plan_cache.entry(key, into, lambda: self._checked_plans(into, group_of, names, strict),
-                                       lambda ps: _watched(ps, into, names, self.names, self._tied_embedding() is not None), make)
+                                       lambda ps: _watched(ps, into, names, self.names, heads), make)
         if entry.native is None:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
