@@ -560,9 +560,10 @@ class CheckpointPool:
         plans = self._plan(into, group_of, names, strict)
         self._check_overlaps(plans, len(into))
         keys = [self._tie_key(p) for p in plans]
-        self._check_ties(plans, keys, len(into))
+        pairs = _tie_pairs(plans, keys)
+        self._check_ties(pairs, len(into))
         once = _Plans(_last_of_tied(plans, keys))
-        tied = {(a.name, b.name) for a, b in _tie_pairs(plans, keys) if a.name != b.name}
+        tied = {(a.name, b.name) for _, a, b in pairs if a.name != b.name}
         # allowed for the sources' values now: a caller's tensor the pool reads in place may change (the pool's
         # own copies and files do not)
         held = [t for a, b in sorted(tied) for t in self._tie_sources(a, b) if id(t) in self._lent_ids]
@@ -571,29 +572,22 @@ class CheckpointPool:
             once.recheck = lambda: versions_of(held) == at
         return once
 
-    def _check_ties(self, plans: List[_Plan], keys: list, k: int) -> None:
+    def _check_ties(self, pairs: list, k: int) -> None:
         """Two pool tensors that a target ties (one tensor under two names: embedding and head, layers sharing
-        a weight) get one merge: refused unless they hold the same bits in every checkpoint and the base (tied
-        checkpoints saved under both names). Writing both kept whichever came last, silently."""
-        for c in range(k):
-            if len({key[c] for key in keys}) == len(keys):
-                continue  # no tie in this candidate (the usual case)
-            first: dict = {}
-            for p, key in zip(plans, keys):
-                if p.targets[c].numel() == 0:  # nothing to write (and empty tensors may share an address)
-                    continue
-                other = first.setdefault(key[c], p)
-                where = f" (model {c})" if k > 1 else ""
-                if other.name != p.name and other.group != p.group:  # the same data, weighted otherwise
-                    raise InputError(f"the target{where} ties pool tensors {other.name!r} and {p.name!r} (one "
-                                     "tensor), which groups= puts in different weight groups: one merge would "
-                                     "silently replace the other. Untie the target's weights, or skip one with "
-                                     "names=; nothing was written")
-                if other.name != p.name and not self._same_data(other.name, p.name):
-                    raise InputError(f"pool tensors {other.name!r} and {p.name!r} hold different values, but the "
-                                     f"target{where} ties them (one tensor): one merge would silently replace the "
-                                     "other. Untie the target's weights, or skip one with names= (a function "
-                                     f"returning None for {p.name!r}); nothing was written")
+        a weight; pairs: _tie_pairs') get one merge: refused unless they hold the same bits in every checkpoint
+        and the base (tied checkpoints saved under both names). Writing both kept whichever came last, silently."""
+        for c, other, p in pairs:
+            where = f" (model {c})" if k > 1 else ""
+            if other.name != p.name and other.group != p.group:  # the same data, weighted otherwise
+                raise InputError(f"the target{where} ties pool tensors {other.name!r} and {p.name!r} (one "
+                                 "tensor), which groups= puts in different weight groups: one merge would "
+                                 "silently replace the other. Untie the target's weights, or skip one with "
+                                 "names=; nothing was written")
+            if other.name != p.name and not self._same_data(other.name, p.name):
+                raise InputError(f"pool tensors {other.name!r} and {p.name!r} hold different values, but the "
+                                 f"target{where} ties them (one tensor): one merge would silently replace the "
+                                 "other. Untie the target's weights, or skip one with names= (a function "
+                                 f"returning None for {p.name!r}); nothing was written")
 
     def _same_data(self, a: str, b: str) -> bool:
         """Whether pool tensors a and b hold the same bits in every checkpoint and the base; kept in the
@@ -954,16 +948,18 @@ class _Plans(list):
 
 
 def _tie_pairs(plans: List[_Plan], keys: list) -> list:
-    """(first plan, later plan) writing one memory in some candidate, for every later one (as _check_ties
-    pairs them)."""
+    """(candidate, first plan, later plan) for every later plan writing one memory with an earlier one in
+    that candidate (keys: _tie_key's). Empty targets are skipped: nothing to write, and they may share an address."""
     out = []
     for c in range(len(keys[0]) if keys else 0):
+        if len({key[c] for key in keys}) == len(keys):
+            continue  # no tie in this candidate (the usual case)
         first: dict = {}
         for p, key in zip(plans, keys):
             if p.targets[c].numel():
                 other = first.setdefault(key[c], p)
                 if other is not p:
-                    out.append((other, p))
+                    out.append((c, other, p))
     return out
 
 
