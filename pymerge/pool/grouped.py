@@ -83,7 +83,7 @@ class _Entry:
         self.held = tuple(t for t, _, _ in watched if isinstance(t, torch.Tensor))
         self.ptrs = list(map(_data_ptr, self.held))
         # storage sizes: a storage freed (resize_(0)) and given fewer bytes can come back at the same address
-        self.nbytes = list(map(_storage_nbytes, self.held))
+        self.nbytes = list(map(_nbytes, map(_storage, self.held)))
         self.shapes, self.dtypes = list(map(_shape, self.held)), list(map(_dtype, self.held))
         # Strides, or None where every tensor is contiguous: then is_contiguous() (a bool, no tuple to build and
         # compare) with the same address, shape and dtype says every element is where it was
@@ -125,7 +125,7 @@ class _Entry:
                 and list(map(_data_ptr, held)) == self.ptrs and list(map(_dtype, held)) == self.dtypes
                 and list(map(_shape, held)) == self.shapes
                 and (all(map(_contiguous, held)) if self.strides is None else list(map(_stride, held)) == self.strides)
-                and list(map(_storage_nbytes, held)) == self.nbytes
+                and list(map(_nbytes, map(_storage, held))) == self.nbytes
                 and (self.recheck is None or self.recheck()))
 
     def detach(self) -> None:
@@ -156,10 +156,7 @@ def _target_died(cache_ref, key, entry_ref) -> None:
 # methods (size(), stride()); a cached call's largest Python cost (~0.5 us a tensor on a loaded 2-core Xeon)
 _shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 _stride, _contiguous = torch.Tensor.stride, torch.Tensor.is_contiguous
-
-
-def _storage_nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+_storage, _nbytes = torch.Tensor.untyped_storage, torch.UntypedStorage.nbytes  # two maps: no Python frame per tensor
 
 
 class PlanCache:
