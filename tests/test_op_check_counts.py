@@ -136,6 +136,10 @@ class _Freeing:
         self.victim.untyped_storage().resize_(0)
         return int(self.value)
 
+    def __bool__(self):
+        self.victim.untyped_storage().resize_(0)
+        return bool(self.value)
+
 
 numbers.Real.register(_Freeing)
 
@@ -235,6 +239,20 @@ def _hostile_cases():
                                                                          torch.ones(1, 3), out, num_threads=h(1)),
         "select_ranks": lambda a, b, base, out, h: select.select_ranks(a, base, [10], descending=True,
                                                                        num_threads=h(1)),
+        # flags and ranks: pybind11 called their __bool__ / __index__ in the kernel call (a review, SIGSEGV)
+        "group_dots sub": lambda a, b, base, out, h: interp.group_dots([a, b], base, h(True), "whole"),
+        "group_dots rows sub": lambda a, b, base, out, h: interp.group_dots([a.view(64, -1), b.view(64, -1)],
+                                                                            base.view(64, -1), h(True), "rows"),
+        "whole_dot_parts sub": lambda a, b, base, out, h: interp.whole_dot_parts([a, b], base, h(True)),
+        "group_lincomb sub": lambda a, b, base, out, h: interp.group_lincomb([a, b], base, h(True), "whole",
+                                                                             torch.ones(1, 3), out),
+        "select_ranks descending": lambda a, b, base, out, h: select.select_ranks(a, base, [10], descending=h(True)),
+        "merge_planned consensus": lambda a, b, base, out, h: tvo.merge_planned(
+            [a, b], base, [tvo.ModelPlan(weight=0.5, model=i) for i in (0, 1)], out, consensus=h(True),
+            normalize=False),
+        "merge_planned lam": lambda a, b, base, out, h: tvo.merge_planned(
+            [a, b], base, [tvo.ModelPlan(weight=0.5, model=i) for i in (0, 1)], out, consensus=False,
+            normalize=h(False), lam=h(1.0), offset=h(0)),
     }
 
 
@@ -252,3 +270,27 @@ def test_a_number_of_the_callers_type_runs_before_the_storage_tests(case, victim
         _hostile_cases()[case](a, b, base, out, lambda v: _Freeing(v, target))
     except ValueError as exc:
         assert "storage holds 0 bytes" in str(exc) or "rank out of range" in str(exc), exc
+
+
+@pytest.mark.skipif(_native.cpu is None, reason="the C++ extension is not built")
+def test_a_weights_tensor_is_tested_before_it_is_read():
+    """weighted_sum_many_out read a weights tensor (tolist) before testing its storage: a view reaching 64 MiB
+    into a storage shrunk to 8 bytes read freed memory (SIGSEGV; a review)."""
+    xs, outs = [torch.randn(64), torch.randn(64)], [torch.zeros(64)]
+    stride = 16 << 20
+    weights = torch.full((stride + 1,), 0.5).as_strided((1, 2), (2, stride))
+    weights.untyped_storage().resize_(0)
+    weights.untyped_storage().resize_(8)
+    with pytest.raises(ValueError, match="weighted_sum: weights: its storage holds 8 bytes"):
+        torch.ops.pymerge.weighted_sum_many_out(xs, weights, outs)
+    assert torch.equal(outs[0], torch.zeros(64))
+
+
+def test_ram_takes_one_boost_per_input_on_every_path():
+    """The torch path (GPU tensors, backend="torch") zipped the boosts with the inputs: a short list dropped
+    inputs silently where the C++ kernel refused it (a review)."""
+    xs, base = [torch.randn(16), torch.randn(16)], torch.zeros(16)
+    for backend in (["torch", "auto"] if _native.cpu is not None else ["torch"]):
+        for boosts in ([1.0], [1.0, 1.0, 1.0]):
+            with pytest.raises(ValueError, match="ram: one boost per input"):
+                elementwise_mix.ram(xs, base, 1e-3, torch.empty(16), backend=backend, boosts=boosts)

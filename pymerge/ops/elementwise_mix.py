@@ -55,6 +55,8 @@ def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.T
     eps, num_threads = float(eps), check_threads(num_threads)
     boosts = None if boosts is None else [float(b) for b in boosts]
     read = check_merge_args(xs, base, out, "ram")
+    if boosts is not None and len(boosts) != len(xs):
+        raise ValueError(f"ram: one boost per input ({len(xs)}), got {len(boosts)}")
     boosts = [1.0] * len(xs) if boosts is None else boosts
     if _native_ok("ram", list(xs) + [base], out, backend, read):
         xs, base = [x.contiguous() for x in xs], base.contiguous()

@@ -46,7 +46,8 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
                backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group
     (the whole tensor: exact sums rounded once, see whole_dot_parts)."""
-    num_threads = check_threads(num_threads)  # the caller's __index__ before the storage tests, never after
+    # the caller's __index__ and __bool__ before the storage tests, never after
+    num_threads, sub = check_threads(num_threads), bool(sub)
     read, _ = check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
     # the kernel need not test them again where nothing read since could run code of the caller's
     checked = (library.INPUTS,) if read and library.trusted(sub, group, backend, num_threads) else ()
@@ -69,7 +70,8 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     """int64 [K(K+1)/2, PARTS]: the upper-triangle dot products <v_i, v_j> over the whole tensors as
     exact-sum parts (pymerge/ops/exact_sum.py). Element order does not matter, so the parts of the
     pieces of a split tensor (a sharded pool's local shards) add up to the whole tensor's."""
-    num_threads = check_threads(num_threads)  # the caller's __index__ before the storage tests, never after
+    # the caller's __index__ and __bool__ before the storage tests, never after
+    num_threads, sub = check_threads(num_threads), bool(sub)
     read, _ = check_merge_args(xs, base, None, "whole_dots")
     # nothing of the caller's runs until the kernel (no subclass's contiguous()): no second storage test
     backed = read and library.trusted(backend, xs, base)
@@ -115,7 +117,8 @@ def _dots_torch(xs, base, sub, group, rows, cols):
 def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
                   coef: torch.Tensor, out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B); coef is [G, K+1] (float32-rounded)."""
-    num_threads = check_threads(num_threads)  # the caller's __index__ before the storage tests, never after
+    # the caller's __index__ and __bool__ before the storage tests, never after
+    num_threads, sub = check_threads(num_threads), bool(sub)
     read, read_out = check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
     check_backed(coef, "group_lincomb: coef")
     # (the kernel need not test them again where nothing read since could run code of the caller's)

@@ -18,6 +18,7 @@ Arguments are checked by the Python wrappers in pymerge.ops (which keep their si
 call these); the kernels assume contiguous inputs of one shape and device. Weights are float32
 tensors: on the CPU they are read on the host, on CUDA from device memory (no host sync).
 """
+import operator
 from typing import List, Optional
 
 import torch
@@ -219,9 +220,12 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     if numel == 0:
         return
     # the caller's numbers first: an __index__ or __float__ of theirs runs before the storage tests, never after
+    # (a weights tensor's own storage is tested first: tolist() reads it)
     num_threads = check_threads(num_threads)
-    flat = weights.reshape(-1).tolist() if isinstance(weights, Tensor) else [float(w) for row in weights for w in row]
+    flat = None if isinstance(weights, Tensor) else [float(w) for row in weights for w in row]
     read = _check_read("weighted_sum", tensors, checked, weights=weights)
+    if flat is None:
+        flat = weights.reshape(-1).tolist()
     tensors = contiguous(tensors, False if read else None)
     _check_native(tensors, outs, numel, "weighted_sum", "cpu", read, OUTS in checked)
     if len(flat) != len(outs) * len(tensors):
@@ -425,12 +429,22 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
                       offset, out, backend, num_threads)
 
 
+def _tv_scalars(plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset) -> tuple:
+    """A task-vector pass's numbers and flags as Python's own: the caller's __index__, __float__ or __bool__
+    run here, before the storage tests, never after them (in the kernel's argument conversion)."""
+    return ([operator.index(v) for v in plan_ints], [float(v) for v in plan_floats], bool(consensus),
+            bool(normalize), float(lam), float(divisor), operator.index(seed), operator.index(h0),
+            operator.index(h1), operator.index(offset))
+
+
 @_kernel("tv_merge_out", "cpu")
 def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
                       offset, out, backend="auto", num_threads=0, checked=()) -> None:
     if base.numel() == 0:
         return
     num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
+    plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset = _tv_scalars(
+        plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset)
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
@@ -453,6 +467,8 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
                        offset, out, backend="auto", num_threads=0, checked=()):
     if base.numel() == 0:
         return
+    plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset = _tv_scalars(
+        plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset)
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
@@ -531,13 +547,14 @@ def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending
 @_kernel("select_ranks", "cpu")
 def _select_ranks(x, base, ranks, descending, num_threads=0, checked=()) -> Tensor:
     num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
+    ranks, descending = [operator.index(r) for r in ranks], bool(descending)
     read = _check_read("select_ranks", [x, base], checked)
     x = x.contiguous()
     base = base.contiguous() if base is not None else None
     _check_native([x, base], [], x.numel(), "select_ranks", "cpu", read)
     found = _native.require_cpu().select_ranks(
         x.data_ptr(), _native.DTYPE_CODES[x.dtype], base.data_ptr() if base is not None else 0,
-        _native.DTYPE_CODES[base.dtype] if base is not None else 0, x.numel(), list(ranks), descending, num_threads)
+        _native.DTYPE_CODES[base.dtype] if base is not None else 0, x.numel(), ranks, descending, num_threads)
     return torch.tensor(found, dtype=torch.int64).reshape(len(ranks), 2)
 
 
@@ -556,9 +573,15 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
     return _group_dots(xs, base, sub, rows, cols, group, num_threads)
 
 
+def _group_scalars(sub, rows, cols, group) -> tuple:
+    """As _tv_scalars: the caller's __bool__ and __index__ before the storage tests."""
+    return bool(sub), operator.index(rows), operator.index(cols), operator.index(group)
+
+
 @_kernel("group_dots", "cpu")
 def _group_dots(xs, base, sub, rows, cols, group, num_threads=0, checked=()) -> Tensor:
     num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
+    sub, rows, cols, group = _group_scalars(sub, rows, cols, group)
     read = _check_read("group_dots", list(xs) + [base], checked)
     xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
@@ -594,6 +617,7 @@ def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows:
 @_kernel("group_lincomb_out", "cpu")
 def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=0, checked=()) -> None:
     num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
+    sub, rows, cols, group = _group_scalars(sub, rows, cols, group)
     read = _check_read("group_lincomb", list(xs) + [base], checked, coef=coef)
     xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
