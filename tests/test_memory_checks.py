@@ -154,6 +154,17 @@ def borrowed_reallocated():
         if a.data_ptr() != old:
             break
     p.materialize([0.5, 0.5], out)
+def borrowed_shrunk_in_place():  # (smaller at the same address: the address check alone missed it; a review)
+    for _ in range(50):
+        a = torch.ones(N)
+        p = pymerge.CheckpointPool([{"w": a}, {"w": torch.ones(N)}], residency="mmap")
+        p.materialize([0.5, 0.5], {"w": torch.empty(N)})
+        old = a.data_ptr()
+        a.untyped_storage().resize_(0)
+        a.untyped_storage().resize_(4 * N - 4096)
+        if a.data_ptr() == old:
+            break
+    p.materialize([0.5, 0.5], {"w": torch.empty(N)})
 def cached_target_then_freed():
     p, m = pool(), {"w": torch.empty(N)}
     p.materialize([0.5, 0.5], m)
@@ -171,6 +182,7 @@ cases = {
     "a borrowed source freed after a merge": borrowed_then_freed,
     "a borrowed base freed": borrowed_base_freed,
     "a borrowed source reallocated": borrowed_reallocated,
+    "a borrowed source shrunk in place": borrowed_shrunk_in_place,
     "a cached target freed": cached_target_then_freed,
 }
 """ + _RUN_CASES + r"""assert float(view.sum()) == 0.0  # nothing was written into the file's view
@@ -199,6 +211,9 @@ def test_unusable_targets_and_freed_storage_are_errors_not_crashes(tmp_path):
     assert lines["a borrowed source freed after a merge"].startswith(
         f"InputError: source 0: tensor 'w', which the pool reads in place: {no_data}")
     assert lines["a borrowed base freed"].startswith(f"InputError: base: tensor 'w', which the pool reads in place: {no_data}")
+    assert lines["a borrowed source shrunk in place"].startswith(
+        "InputError: source 0: tensor 'w', which the pool reads in place: its storage holds 258048 bytes but the "
+        "tensor spans 262144")
     assert lines["a borrowed source reallocated"].startswith(
         "InputError: source 0: tensor 'w', which the pool reads in place: its storage was reallocated")
 

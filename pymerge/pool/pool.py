@@ -191,7 +191,9 @@ class CheckpointPool:
         the caller's tensors read in place. Nothing handed out yet (see tensor())."""
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
-        self._lent_at = np.array([t.data_ptr() for _, _, t in self._lent], dtype=np.uint64)
+        # address and storage size: a storage freed (resize_(0)) and given fewer bytes may keep its address
+        self._lent_at = np.array([(t.data_ptr(), t.untyped_storage().nbytes()) for _, _, t in self._lent],
+                                 dtype=np.uint64).reshape(-1, 2)
         self._lent_ids = {id(t) for _, _, t in self._lent}
         self._owned = {}  # storage address -> (label, storage, address, bytes) of the pool's own, handed out
 
@@ -548,8 +550,9 @@ class CheckpointPool:
                                  "tensor from pool.tensor()); nothing was written. Build a new pool")
         if not self._lent:
             return
-        now = np.fromiter((t.data_ptr() for _, _, t in self._lent), np.uint64, len(self._lent))
-        moved = np.flatnonzero(now != self._lent_at)
+        now = np.fromiter((v for _, _, t in self._lent for v in (t.data_ptr(), t.untyped_storage().nbytes())),
+                          np.uint64, 2 * len(self._lent)).reshape(-1, 2)
+        moved = np.flatnonzero((now != self._lent_at).any(axis=1))
         if moved.size:
             label, name, t = self._lent[int(moved[0])]
             why = backing_problem(t) or "its storage was reallocated (resize_)"
