@@ -780,6 +780,76 @@ def test_cached_plan_fills_a_head_untied_or_added_later(tmp_path):
     assert torch.equal(m.lm_head.weight.data, merged_embedding())
 
 
+@pytest.mark.parametrize("embedding, head, names", [
+    ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", None),
+    ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight", None),
+    ("model.embed_tokens.weight", "base.lm_head.weight", "base."),
+])
+def test_cached_plan_fills_a_head_of_any_name_added_to_a_state_dict(tmp_path, embedding, head, names):
+    """Only the bare head names (lm_head.weight...) were watched in a state dict: a BERT-style or prefixed head
+    added after the first call was left unwritten where a fresh pool fills it (a review)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({embedding: torch.randn(11, 5), "x.norm.weight": torch.randn(5)}, paths[-1])
+    w = [0.2, 0.3, 0.5]
+    prefix = names or ""
+
+    def state():
+        return {prefix + embedding: torch.zeros(11, 5), prefix + "x.norm.weight": torch.zeros(5)}
+
+    pool = CheckpointPool(paths)
+    sd = state()
+    pool.materialize(w, into=sd, names=names)
+    sd[head] = torch.zeros(11, 5)
+    pool.materialize(w, into=sd, names=names)
+    fresh = dict(state(), **{head: torch.zeros(11, 5)})
+    CheckpointPool(paths).materialize(w, into=fresh, names=names)
+    assert torch.equal(fresh[head], fresh[prefix + embedding])  # what the cached call must do too
+    assert torch.equal(sd[head], fresh[head])
+
+
+def test_cached_plan_refuses_what_a_fresh_pool_refuses_in_a_state_dict():
+    """An entry added to a state dict registers nothing: a non-tensor one a fresh pool refuses was accepted (a
+    review). Every key and the dict's length are watched."""
+    srcs = [{"w": torch.randn(8)} for _ in range(2)]
+    pool = CheckpointPool(srcs)
+    sd = {"w": torch.zeros(8)}
+    pool.materialize([0.5, 0.5], into=sd)
+    sd["step"] = 5
+    for p in (pool, CheckpointPool(srcs)):
+        with pytest.raises(InputError, match="entry 'step' is a int, not a tensor"):
+            p.materialize([0.5, 0.5], into=sd)
+
+
+def test_cached_plan_writes_a_layer_inserted_at_the_end_with_strict_false():
+    """ModuleList.insert(len(layers), m) sets _modules[str(len)] directly (no registration): with strict=False the
+    pool's key for the new layer was not watched, and the cached plan left it unwritten (a review)."""
+    torch.manual_seed(0)
+    srcs = [{f"layers.{i}.weight": torch.randn(4, 4) for i in range(3)} for _ in range(2)]
+    w = [0.25, 0.75]
+
+    class M(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4, bias=False) for _ in range(n))
+
+    pool = CheckpointPool(srcs)
+    m = M(2)
+    pool.materialize(w, into=m, strict=False)
+    new = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        new.weight.zero_()
+    m.layers.insert(2, new)
+    pool.materialize(w, into=m, strict=False)
+    fresh = M(3)
+    CheckpointPool(srcs).materialize(w, into=fresh, strict=False)
+    assert torch.equal(m.layers[2].weight.data, fresh.layers[2].weight.data)
+    assert m.layers[2].weight.data.any()
+
+
 def test_cached_plan_refuses_a_storage_shrunk_at_the_same_address():
     """resize_(0) then resize_(fewer bytes) often gives the storage its old address back: the cached plan (same
     data_ptr, shape, dtype, strides) wrote the whole tensor past the storage's end, a heap overflow that aborted

@@ -1102,24 +1102,40 @@ def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequenc
     parent's _modules, as (submodule, _modules, name): deleting or renumbering submodules (del model[2],
     ModuleList's __delitem__ and insert) registers nothing, and the plan would write the old names' tensors
     into the new ones. Every key the pool has, planned or not (the second of two tied names, whose plan was
-    dropped: untying them must be seen; in a state dict one strict=False skipped: None, since nothing registers
-    there). With tied checkpoint files (heads: True) every output head too, planned or not, and in a state dict
-    the usual head names it lacks: a head tied to its embedding, or absent, may be untied or added later and
-    must then get the embedding's merge (_tied_head_plans)."""
+    dropped: untying them must be seen); one a module lacks (strict=False) as (None, the _modules of its
+    deepest submodule there, the next name): ModuleList.insert at the end registers nothing either. With tied
+    checkpoint files (heads: True) every output head too, planned or not: a head tied to its embedding may be
+    untied later and must then get the embedding's merge (_tied_head_plans). A state dict registers nothing:
+    every key it holds and every pool key it lacks (None) are watched, and its length (grouped._Entry)."""
     keys = dict.fromkeys([_map_name(n, names) for n in pool_names] + [p.target for p in plans])
     keys.pop(None, None)
     out = []
     for m in into:
         if isinstance(m, dict):
-            extra = [k for k in m if isinstance(k, str) and k.endswith(_HEAD_ENDS)] + list(_HEAD_ENDS) if heads else []
-            out.extend((m.get(key), m, key) for key in dict.fromkeys(list(keys) + extra))
+            out.extend((m.get(key), m, key) for key in dict.fromkeys(list(m) + list(keys)))
             continue
         held = _tensors_of(m)
         mine = dict.fromkeys([k for k in keys if k in held]
                              + ([k for k in held if k.endswith(_HEAD_ENDS)] if heads else []))
         out.extend((held[key],) + _owner(m, key) for key in mine)
         out.extend(_links(m, {key.rpartition(".")[0] for key in mine}))
+        out.extend(_absent(m, [k for k in keys if k not in held]))
     return out
+
+
+def _absent(module: torch.nn.Module, keys) -> list:
+    """(None, _modules, name) for each key's first missing submodule ("a.b.c.weight" without a.b: a's _modules,
+    "b"), each once; none where only the tensor is missing (registering one is seen)."""
+    out = {}
+    for key in keys:
+        parts, sub = key.split(".")[:-1], module
+        for part in parts:
+            nxt = sub._modules.get(part)
+            if nxt is None:
+                out[(id(sub._modules), part)] = (None, sub._modules, part)
+                break
+            sub = nxt
+    return list(out.values())
 
 
 def _links(module: torch.nn.Module, paths) -> list:
