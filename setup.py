@@ -54,12 +54,21 @@ class BuildExt(build_ext):
         os.replace(tmp, dst)
         return dst, True
 
+    def run(self):
+        # setuptools clears inplace while it builds (then copies the libraries into the source tree): kept here
+        self.in_place = self.inplace
+        return super().run()
+
     def build_extension(self, ext):
         if self._reuse_in_place_build(ext):
             return None
         cu = [s for s in ext.sources if s.endswith(".cu")]
         if not cu:
-            return super().build_extension(ext)
+            built = super().build_extension(ext)
+            if self.in_place and ext.name == "pymerge._cpu":
+                with open(self._stamp_path(ext), "w") as fh:  # what made it: see _reuse_in_place_build
+                    fh.write(self._build_settings(ext))
+            return built
         nvcc = find_nvcc()
         cuda_home = cuda_home_of(nvcc)
         archs = os.environ.get("PYMERGE_CUDA_ARCHS", "90;80").split(";")
@@ -91,19 +100,41 @@ class BuildExt(build_ext):
         return super().build_extension(ext)
 
 
+    def _in_place_path(self, ext) -> str:
+        return os.path.join(HERE, *ext.name.split(".")[:-1], os.path.basename(self.get_ext_filename(ext.name)))
+
+    def _stamp_path(self, ext) -> str:
+        return self._in_place_path(ext) + ".build"
+
+    def _build_settings(self, ext) -> str:
+        """What decides the library besides its sources: the compiler commands (CC, CFLAGS... folded in), the
+        flag variables themselves, pybind11 and the interpreter."""
+        import pybind11
+        c = self.compiler
+        env = {k: os.environ.get(k) for k in ("CC", "CXX", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS", "LDSHARED",
+                                              "ARCHFLAGS")}
+        return repr([getattr(c, "compiler_so", None), getattr(c, "compiler_cxx", None), getattr(c, "linker_so", None),
+                     sorted(env.items()), ext.extra_compile_args, ext.extra_link_args, pybind11.__version__,
+                     sys.version])
+
     def _reuse_in_place_build(self, ext) -> bool:
         """A wheel built from a checkout whose CPU extension is built in place (`make install`'s editable
-        build) takes that library where it is newer than every native source, setup.py and pyproject.toml:
-        the same compiler and flags made it (they depend on no setting), and compiling it again cost the
-        wheel build two minutes. An sdist's build never has one; PYMERGE_REBUILD=1 compiles anyway."""
-        if self.inplace or ext.name != "pymerge._cpu" or os.environ.get("PYMERGE_REBUILD") == "1":
+        build) takes that library where it is newer than every native source, setup.py and pyproject.toml
+        and was made with the same compiler, flags and pybind11 (the stamp the in-place build wrote beside
+        it): compiling it again cost the wheel build two minutes. An sdist's build never has one;
+        PYMERGE_REBUILD=1 compiles anyway."""
+        if self.in_place or ext.name != "pymerge._cpu" or os.environ.get("PYMERGE_REBUILD") == "1":
             return False
-        built = os.path.join(HERE, *ext.name.split(".")[:-1], os.path.basename(self.get_ext_filename(ext.name)))
+        built, stamp = self._in_place_path(ext), self._stamp_path(ext)
         inputs = [os.path.join(HERE, p) for p in ext.sources] + glob.glob(os.path.join(HERE, "csrc", "**", "*.h"),
                                                                           recursive=True)
         inputs += [os.path.join(HERE, "setup.py"), os.path.join(HERE, "pyproject.toml")]
-        if not os.path.exists(built) or any(os.path.getmtime(p) >= os.path.getmtime(built) for p in inputs):
+        if not os.path.exists(built) or not os.path.exists(stamp) \
+                or any(os.path.getmtime(p) >= os.path.getmtime(built) for p in inputs):
             return False
+        with open(stamp) as fh:
+            if fh.read() != self._build_settings(ext):
+                return False
         dest = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         self.copy_file(built, dest)

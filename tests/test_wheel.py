@@ -27,7 +27,7 @@ def test_sdist_carries_the_native_sources_and_the_readme_commands(tmp_path):
     # From a copy without build leftovers: setuptools adds the files a stale *.egg-info/SOURCES.txt lists.
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "*.o", "raw",
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.so", "*.so.build", "*.o", "raw",
         "demo_out"))
     build = run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
                  "print(build_meta.build_sdist(sys.argv[1]))", str(tmp_path)], cwd=src, timeout=120)
@@ -42,7 +42,36 @@ def test_sdist_carries_the_native_sources_and_the_readme_commands(tmp_path):
     needed = {"setup.py", "pyproject.toml", "README.md", "Makefile", "requirements-dev.txt",
               "docs/mergekit-compat.md", "tests/conftest.py", "benchmarks/bench_weighted_sum.py", "kernels/__init__.py"}
     assert sorted(needed - names) == []
-    assert not any(n.endswith((".so", ".o", ".pyc")) for n in names)
+    assert not any(n.endswith((".so", ".so.build", ".o", ".pyc")) for n in names)
+
+
+def _first_build_line(env: dict, where) -> str:
+    """What `setup.py build_ext` (a wheel's build, out of tree) does with the CPU extension, read from its first
+    lines: it is stopped there (a compile takes minutes)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    full_env.update(env, PYMERGE_NO_CUDA="1")
+    p = subprocess.Popen([sys.executable, "setup.py", "build_ext", "-b", str(where / "b"), "-t", str(where / "t")],
+                         cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in p.stdout:
+            if "reusing the in-place build" in line or "building 'pymerge._cpu'" in line:
+                return line.strip()
+        return ""
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+
+
+def test_a_wheel_reuses_the_in_place_library_only_if_built_alike(tmp_path):
+    """A wheel built from a checkout built in place takes its CPU library (two minutes less), but only where the
+    same compiler, flags and pybind11 made it: it took a library built with CXXFLAGS="-O0 -fsanitize=address"
+    into a plain build, and a plain one into a build the packager gave flags of their own (a review)."""
+    import glob
+    if not glob.glob(os.path.join(ROOT, "pymerge", "_cpu*.so.build")):
+        pytest.skip("no in-place build of this checkout (make install writes one)")
+    assert "reusing the in-place build" in _first_build_line({}, tmp_path / "plain")
+    for var, value in (("CXXFLAGS", "-O1"), ("CC", "gcc -g")):  # (each in a build folder of its own)
+        assert "building 'pymerge._cpu'" in _first_build_line({var: value}, tmp_path / var), var
 
 
 @pytest.mark.slow
