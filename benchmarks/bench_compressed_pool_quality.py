@@ -3,8 +3,9 @@ uncompressed search, and the merged model's relative error per format.
 
 Per seed, the demo's checkpoints are trained once (cached under --cache; the demo reuses a folder
 while its settings and code match) and held in an uncompressed pool and in int8, int4 and auto pools
-(base: the demo's shared pretrained checkpoint). On each pool the demo's search runs as `pymerge demo`
-runs it: every checkpoint and the greedy soup scored on validation, CMA-ES from the soup with the same
+(base: the demo's shared pretrained checkpoint). The demo's settings are those the README's table was
+measured with (`--pool mixtures`, 400 validation and 1500 test examples per task, sigma0 0.2: the demo's
+defaults until 2026-12-03). On each pool the demo's search runs as `pymerge demo` ran it then: every checkpoint and the greedy soup scored on validation, CMA-ES from the soup with the same
 seed and budget; its best merge is scored on the held-out test set. Two columns isolate compression
 from the search's trajectory (which diverges at the first candidate that scores differently): the
 uncompressed search's best weights scored on every pool, and the float32 merge of those weights on
@@ -98,7 +99,10 @@ def merged_error(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], b
 
 def one_seed(seed: int, args):
     """This seed's rows (one per pool) and its diagnosis rows."""
-    s = Settings.quick(seed) if args.quick else Settings(seed=seed)
+    # The demo's settings when the README's table was measured (before 2026-12-03: the "mixtures" pool,
+    # validation 400 and test 1500 examples per task, CMA-ES's default step), so that it reproduces
+    s = Settings.quick(seed, pool="mixtures") if args.quick else Settings(seed=seed, val_size=400, test_size=1500,
+                                                                          pool="mixtures")
     budget = args.budget or (6 if args.quick else 120)
     folder = os.path.join(args.cache, ("quick-" if args.quick else "") + f"seed{seed}")
     log = lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True)  # noqa: E731

@@ -1,9 +1,10 @@
 """The demo over several seeds: does the optimized merge beat the best single checkpoint (picked on
 validation), the uniform merge and the greedy soup on test by more than the test set's standard error?
 
-    python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--quick] [--threads 1] [--jobs 2] [--out bench_demo_out]
+    python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--pool stages|mixtures] [--quick] [--threads 1] [--jobs 2]
+        [--out bench_demo_out]
 
-Writes results/cpu/demo_seeds{,_quick}.json and .md after every seed (a long run that is stopped
+Writes results/cpu/demo_seeds{,_mixtures}{,_quick}.json and .md after every seed (a long run that is stopped
 keeps the seeds it finished).
 """
 import argparse
@@ -24,9 +25,9 @@ COLUMNS = ["seed", "best_single", "uniform", "greedy_soup", "optimized", "se", "
 
 
 def one_seed(job) -> dict:
-    seed, quick, budget, threads, out = job
+    seed, quick, budget, threads, out, pool = job
     torch.set_num_threads(threads or min(2, torch.get_num_threads()))
-    s = Settings.quick(seed) if quick else Settings(seed=seed)
+    s = Settings.quick(seed, pool) if quick else Settings(seed=seed, pool=pool)
     r = experiment(os.path.join(out, f"seed{seed}"), s, budget=budget or (16 if quick else 120),
                    log=lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True))
     return row(seed, r)
@@ -49,17 +50,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--quick", action="store_true", help="the --quick demo (plumbing only: tiny pool)")
+    ap.add_argument("--pool", choices=["stages", "mixtures"], default="stages", help="the demo's --pool")
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per seed")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")
     ap.add_argument("--out", default="bench_demo_out")
     args = ap.parse_args(argv)
-    jobs = [(seed, args.quick, args.budget, args.threads, args.out) for seed in args.seeds]
+    jobs = [(seed, args.quick, args.budget, args.threads, os.path.join(args.out, args.pool), args.pool)
+            for seed in args.seeds]
     rows = []
     with multiprocessing.get_context("spawn").Pool(max(1, args.jobs)) as workers:
         for row in workers.imap(one_seed, jobs):
             rows.append(row)
-            table = write_results("demo_seeds" + ("_quick" if args.quick else ""), "cpu", rows, COLUMNS,
+            name = "demo_seeds" + ("" if args.pool == "stages" else f"_{args.pool}") + ("_quick" if args.quick else "")
+            table = write_results(name, "cpu", rows, COLUMNS,
                                   title="pymerge demo over seeds: macro exact match on test, % (se: standard error "
                                         "of the optimized merge's macro-average)")
             print(table, flush=True)

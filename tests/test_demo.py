@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from pymerge import cli
-from pymerge.demo import run, tasks
+from pymerge.demo import run, tasks, train
 from pymerge.demo.model import LlamaConfig, TinyLlama, load_hf, save_hf
 from tests.llama_factory import load_folder
 
@@ -174,7 +174,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert summary["evaluations"] == 16 and summary["seconds"] > 0 and summary["cpu_seconds"] > 0
     assert summary["eval_dtype"] == str(run.default_eval_dtype()).split(".")[-1]
     w = np.asarray(summary["optimized_weights"])
-    assert len(w) == summary["checkpoints"] == 11 and abs(w.sum() - 1) < 1e-6
+    assert len(w) == summary["checkpoints"] == len(train.pool_runs(16)) == 9 and abs(w.sum() - 1) < 1e-6
     assert summary["nonzero_weights"] == int((w > 0.01).sum())
     assert 0 < summary["test_standard_error"] < 0.1
     for f in ("results.json", "demo.png", "merged/config.json", "merged/model.safetensors",
@@ -199,7 +199,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "reusing the checkpoints" in captured.err
     second = json.loads(captured.out.strip().splitlines()[-1])
-    assert np.asarray(second["optimized_weights"]).shape == (3, 11)
+    assert np.asarray(second["optimized_weights"]).shape == (3, 9)
     assert {summary["eval_dtype"], second["eval_dtype"]} == {"float32", "bfloat16"}
 
 
@@ -208,13 +208,32 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                                            (["--budget", "0"], "--budget must be at least 1"),
                                            (["--seed", "-1"], "--seed must be from 0 to 268435455, got -1"),
                                            # its training data would be seed 0's (seed * 1000 + k modulo 2**31)
-                                           (["--seed", "268435456"], "--seed must be from 0 to 268435455")])
+                                           (["--seed", "268435456"], "--seed must be from 0 to 268435455"),
+                                           (["--pool", "soups"], "argument --pool: invalid choice: 'soups'")])
 def test_demo_refuses_bad_numbers_in_one_line(tmp_path, capsys, args, message):
     """--threads -1 was a traceback from torch.set_num_threads."""
     from pymerge.demo import main
     with pytest.raises(SystemExit) as exc:
         main(["--quick", "--out", str(tmp_path / "o")] + args)
     assert exc.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_the_pools_runs_and_their_cache_keys():
+    """Two pools: the default "stages" (a generalist, runs continued from it, a too-hot run from the pretrained
+    model) and the earlier "mixtures". Each run's parent is an earlier run, names are unique, and the cache
+    key of the checkpoints tells the pools apart (a folder of one is never reused for the other)."""
+    for pool, n in (("stages", 9), ("mixtures", 11)):
+        runs = train.pool_runs(150, pool)
+        names = [r.name for r in runs]
+        assert len(runs) == n and len(set(names)) == n
+        assert all(r.parent is None or r.parent in names[:i] for i, r in enumerate(runs))
+        assert all(abs(sum(r.mixture.values()) - 1) < 1e-9 and set(r.mixture) == set(tasks.TASKS) for r in runs)
+    stages = train.pool_runs(150)
+    assert stages[0].name == "generalist" and stages[0].steps == 600
+    assert [r.parent for r in stages].count("generalist") == 7 and stages[-1].parent is None
+    assert run._fingerprint(run.Settings()) != run._fingerprint(run.Settings(pool="mixtures"))
+    with pytest.raises(ValueError, match="pool must be one of stages, mixtures, got 'soups'"):
+        train.pool_runs(150, "soups")
 
 
 def _tree(folder):

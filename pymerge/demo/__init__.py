@@ -2,14 +2,16 @@
 
 A small Llama-layout decoder (model.py) is pretrained once on a mixture of four generative tasks
 (tasks.py: addition, subtraction, string reversal, sorting; exact-match answers), then trained
-further in eleven runs that differ as the paper's do: data mixtures, a second stage continuing
-another run, objectives and hyperparameters (train.py). Each run is saved as a Hugging Face folder;
+further in runs that differ as the paper's do (train.py): by default a generalist and eight runs
+continued from it (specialists, hotter runs, a too-hot one) plus a too-hot run from the pretrained
+model; `--pool mixtures` trains eleven runs of different data mixtures, objectives and hyperparameters
+instead, two of them second stages. Each run is saved as a Hugging Face folder;
 a CheckpointPool materializes candidate merges into a live model, greedy decoding scores them
 (exact match), CMA-ES searches sum-to-one merge weights on the validation macro-average (from the greedy soup), and the
 held-out test set scores every checkpoint, the uniform merge, the greedy soup and the optimized
 merge (run.py). Nothing is downloaded; it needs only pymerge's own dependencies.
 
-    pymerge demo [--quick] [--out demo_out] [--budget N] [--seed S] [--per-layer] [--threads N]
+    pymerge demo [--quick] [--out demo_out] [--budget N] [--seed S] [--pool stages|mixtures] [--per-layer] [--threads N]
                  [--eval-dtype auto|bfloat16|float32] [--json]
 """
 import argparse
@@ -23,6 +25,7 @@ __all__ = ["main"]
 def main(argv=None) -> int:
     import torch
     from pymerge.demo.run import Settings, experiment
+    from pymerge.demo.train import POOLS
     ap = argparse.ArgumentParser(prog="pymerge demo", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smaller pool and search (CI; well under a minute)")
     ap.add_argument("--out", default="demo_out", help="output folder (default: demo_out/); checkpoints there are "
@@ -30,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, help="search candidates (default 120; 16 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-layer", action="store_true", help="a weight per checkpoint and layer group")
+    ap.add_argument("--pool", choices=sorted(POOLS), default="stages",
+                    help="the checkpoints: stages (default: a generalist and runs continued from it) or mixtures "
+                    "(runs of different data mixtures and hyperparameters from the pretrained model)")
     ap.add_argument("--threads", type=int, default=None, metavar="N",
                     help="torch threads (default: up to 2; use 1 on a busy machine)")
     ap.add_argument("--eval-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
@@ -46,7 +52,7 @@ def main(argv=None) -> int:
         ap.error(f"--threads must be from 0 (the default) to 1024, got {args.threads}")
     torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     log = say if args.json else print
-    settings = Settings.quick(args.seed) if args.quick else Settings(seed=args.seed)
+    settings = Settings.quick(args.seed, args.pool) if args.quick else Settings(seed=args.seed, pool=args.pool)
     budget = args.budget or (16 if args.quick else 120)
     eval_dtype = None if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)
     summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log, eval_dtype=eval_dtype)

@@ -42,18 +42,22 @@ def default_eval_dtype() -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+SEARCH_STEP = 0.05  # CMA-ES's initial step (sigma0) around the soup: demo_diagnosis.md §11-§12
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything that decides the checkpoints and the evaluation sets."""
     seed: int = 0
     pretrain_steps: int = 500
     run_steps: int = 150
-    val_size: int = 400     # examples per task
-    test_size: int = 1500   # examples per task
+    val_size: int = 1000    # examples per task
+    test_size: int = 3000   # examples per task
+    pool: str = "stages"    # train.POOLS
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "Settings":
-        return cls(seed=seed, pretrain_steps=80, run_steps=16, val_size=100, test_size=200)
+    def quick(cls, seed: int = 0, pool: str = "stages") -> "Settings":
+        return cls(seed=seed, pretrain_steps=80, run_steps=16, val_size=100, test_size=200, pool=pool)
 
 
 def eval_sets(s: Settings, split: str) -> Dict[str, Batch]:
@@ -161,7 +165,7 @@ def _is_ours(path: str, fields: Dict[str, type]) -> bool:
 def _fingerprint(s: Settings) -> str:
     """Settings, the runs, the model config, the code that trains and torch's version: a cache key."""
     key = {"settings": asdict(s), "pretrain": asdict(pretraining(s.pretrain_steps)),
-           "runs": [asdict(r) for r in pool_runs(s.run_steps)], "config": asdict(default_config()),
+           "runs": [asdict(r) for r in pool_runs(s.run_steps, s.pool)], "config": asdict(default_config()),
            "torch": torch.__version__,
            "code": [hashlib.sha256(inspect.getsource(m).encode()).hexdigest() for m in (model_mod, tasks_mod, train_mod)]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -171,7 +175,7 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
                       log=print) -> List[str]:
     """Trains the pool and writes one HF folder per run under `folder` (the pretrained model under
     folder/pretrained); a folder written by the same settings and code is reused as it is."""
-    runs = pool_runs(s.run_steps)
+    runs = pool_runs(s.run_steps, s.pool)
     paths = [os.path.join(folder, f"{i:02d}-{r.name.replace(':', '-').replace('>', '-')}") for i, r in enumerate(runs)]
     manifest = os.path.join(folder, "manifest.json")
     fp = _fingerprint(s)
@@ -265,7 +269,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     from tqdm import tqdm
 
     from pymerge.progress import SafeStream
-    runs = pool_runs(s.run_steps)
+    runs = pool_runs(s.run_steps, s.pool)
     total = pretraining(s.pretrain_steps).steps + sum(r.steps for r in runs)
     log(f"training: a shared pretraining run, then {len(runs)} runs ({total} steps in all)")
     with tqdm(total=total, desc="training", unit="step", disable=None, file=SafeStream()) as bar:
@@ -295,7 +299,9 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
         f"({budget} candidates), starting from the greedy soup")
     # The start: the greedy soup's checkpoints at 0.5, the rest at 0 (weights are normalized to sum to
     # one, so only ratios count). Starting from the uniform merge drags in the poor runs, and 120
-    # candidates in 11+ dimensions do not climb out of there as far as the soup already is.
+    # candidates in 11+ dimensions do not climb out of there as far as the soup already is. A local step
+    # (SEARCH_STEP): the gains past the soup are a tenth to a quarter of a specialist's weight, and a step
+    # of 0.2 mostly sampled candidates giving specialists so much that they forget the other tasks.
     x0 = np.tile(np.where(soup > 0, 0.5, 0.0), groups)
     t1 = time.perf_counter()
     with tqdm(total=budget, desc="search", unit="merge", disable=None, file=SafeStream()) as bar:
@@ -303,7 +309,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
             bar.update(1)
             return evaluate(m)
         res = optimize(pool, counted, model=model, budget=budget, seed=s.seed, groups="layer" if per_layer else None,
-                       x0=x0, log=None)
+                       x0=x0, sigma0=SEARCH_STEP, log=None)
     t_search = time.perf_counter() - t1
     rows["optimized merge"] = {"val": res.best_scores, "weights": res.best_weights}
     for r in rows.values():

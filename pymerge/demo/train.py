@@ -2,11 +2,11 @@
 the recycling paper's do (data mixtures, training stages, objectives, hyperparameters).
 
 Every run starts from the shared pretrained checkpoint (or, for a later stage, from another run's
-checkpoint) and trains briefly, at a small learning rate, on fresh examples from its own seeded stream,
-so the runs stay in one basin where weighted averages work (at 4x the rate they drifted apart and no
-average beat the best run on validation), and each ends with strengths of its own: more of a task in its
-mixture makes it better at that task and worse at the others; a too-high learning rate or a
-whole-sequence objective makes it worse overall, yet it still learnt something the others did not.
+checkpoint) and trains briefly on fresh examples from its own seeded stream, so the runs stay in one
+basin where weighted averages work, and each ends with strengths of its own: more of a task in its
+mixture makes it better at that task and worse at the others; a too-high learning rate makes it worse
+overall, yet it still learnt something the others did not. Two pools (POOLS): "stages" (the default: a
+generalist and runs continued from it) and "mixtures" (runs of different mixtures from the pretrained model).
 """
 import math
 from dataclasses import dataclass, field
@@ -49,8 +49,29 @@ def pretraining(steps: int) -> Run:
     return Run("pretrain", UNIFORM, steps, lr=3e-3, batch=96, objective="sequence")
 
 
-def pool_runs(steps: int) -> List[Run]:
-    """The runs of the pool, each `steps` long (a later stage: half that, on top of its parent)."""
+def stage_runs(steps: int) -> List[Run]:
+    """The default pool (`--pool stages`): a generalist trained further on the mixture, then runs continued from
+    it, each `steps` long: one specialist per task (its task alone, at a higher rate, so it gains on it and
+    forgets the rest), two hotter and longer ones, a too-hot run, and a too-hot run from the pretrained model.
+    The best merges are the generalist plus a small share of a specialist (WiSE-FT's interpolation, which a
+    specialist's own full weight or an equal-weight soup cannot express: benchmarks/results/cpu/
+    demo_diagnosis.md §11-§12)."""
+    hot = steps * 5 // 3
+    return [
+        Run("generalist", UNIFORM, 4 * steps, lr=1e-3),
+        *[Run(f"generalist>{t}", _mix(**{t: 1.0}), steps, lr=1e-3, parent="generalist") for t in TASKS],
+        Run("generalist>add-lr2e-3", _mix(add=1.0), hot, lr=2e-3, parent="generalist"),   # hot: forgets more
+        Run("generalist>sub-lr2e-3", _mix(sub=1.0), hot, lr=2e-3, parent="generalist"),
+        Run("generalist>lr8e-3", UNIFORM, steps, lr=8e-3, parent="generalist"),          # too hot: worse overall
+        Run("lr8e-3", UNIFORM, steps, lr=8e-3),
+    ]
+
+
+def mixture_runs(steps: int) -> List[Run]:
+    """The earlier default (`--pool mixtures`): eleven runs from the pretrained model that differ in data
+    mixture, objective and hyperparameters, two of them second stages, each `steps` long (a later stage: half
+    that, on top of its parent). Its best merges are near an equal-weight subset: what the greedy soup finds
+    (demo_diagnosis.md §1-§10)."""
     half = max(1, steps // 2)
     return [
         Run("add-heavy", _mix(add=0.55), steps),
@@ -65,6 +86,16 @@ def pool_runs(steps: int) -> List[Run]:
         Run("stage2:add-heavy>sub", _mix(sub=0.7), half, lr=3e-4, parent="add-heavy"),
         Run("stage2:sort-heavy>reverse", _mix(reverse=0.7), half, lr=3e-4, parent="sort-heavy"),
     ]
+
+
+POOLS = {"stages": stage_runs, "mixtures": mixture_runs}
+
+
+def pool_runs(steps: int, pool: str = "stages") -> List[Run]:
+    """The runs of the pool named `pool` (POOLS), each about `steps` long."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    return POOLS[pool](steps)
 
 
 def default_config() -> LlamaConfig:
