@@ -64,9 +64,14 @@ class BuildExt(build_ext):
             return None
         cu = [s for s in ext.sources if s.endswith(".cu")]
         if not cu:
+            lib = self.get_ext_fullpath(ext.name)
+            before = os.path.getmtime(lib) if os.path.exists(lib) else None
             built = super().build_extension(ext)
-            if self.in_place and ext.name == "pymerge._cpu":
-                with open(self._stamp_path(ext), "w") as fh:  # what made it: see _reuse_in_place_build
+            # what made it (see _reuse_in_place_build), written only where it was compiled now: a build
+            # skipped as up to date keeps a library made with the settings of its time
+            if self.in_place and ext.name == "pymerge._cpu" and os.path.exists(lib) \
+                    and os.path.getmtime(lib) != before:
+                with open(self._stamp_path(ext), "w") as fh:
                     fh.write(self._build_settings(ext))
             return built
         nvcc = find_nvcc()

@@ -9,6 +9,7 @@ input's storage is still caught)."""
 import collections
 import numbers
 
+import numpy as np
 import pytest
 import torch
 
@@ -294,3 +295,21 @@ def test_ram_takes_one_boost_per_input_on_every_path():
         for boosts in ([1.0], [1.0, 1.0, 1.0]):
             with pytest.raises(ValueError, match="ram: one boost per input"):
                 elementwise_mix.ram(xs, base, 1e-3, torch.empty(16), backend=backend, boosts=boosts)
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b, v: interp.group_dots([a, b], b, v, "whole"),
+    lambda a, b, v: interp.whole_dot_parts([a, b], b, v),
+    lambda a, b, v: select.select_ranks(a, b, [3], descending=v),
+    lambda a, b, v: tvo.merge_planned([a], b, [tvo.ModelPlan(weight=1.0, model=0)], torch.empty(64),
+                                      consensus=v, normalize=False),
+])
+def test_a_flag_is_a_bool_not_a_string(call):
+    """Flags are converted before the storage tests (their __bool__ is the caller's): bool() took "False" for
+    True, where pybind11 refused a string (a review). What pybind11 took still works."""
+    a, b = torch.randn(64), torch.randn(64)
+    for bad in ("False", "no", [0]):
+        with pytest.raises(TypeError, match="must be a bool, got"):
+            call(a, b, bad)
+    for good in (True, False, np.bool_(True), torch.tensor(False), 1, None):
+        call(a, b, good)

@@ -850,6 +850,60 @@ def test_cached_plan_writes_a_layer_inserted_at_the_end_with_strict_false():
     assert m.layers[2].weight.data.any()
 
 
+def test_cached_plan_writes_a_layer_put_in_place_of_one_without_the_tensor():
+    """strict=False, the pool's layers.1.lin.weight, the target's layers[1] without `lin`: ModuleList.insert(1, m)
+    puts a layer with it there, registering nothing. Only the missing link (layers[1]'s `lin`) was watched, not
+    layers[1] itself: the cached plan left the new layer's weight unwritten (a review)."""
+    class WithLin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4, bias=False)
+
+    def model():
+        m = torch.nn.Module()
+        m.layers = torch.nn.ModuleList([WithLin(), torch.nn.Module()])
+        return m
+
+    torch.manual_seed(0)
+    srcs = [{"layers.0.lin.weight": torch.randn(4, 4), "layers.1.lin.weight": torch.randn(4, 4)} for _ in range(2)]
+    w = [0.25, 0.75]
+    pool, m = CheckpointPool(srcs), model()
+    pool.materialize(w, into=m, strict=False)
+    new = WithLin()
+    with torch.no_grad():
+        new.lin.weight.zero_()
+    m.layers.insert(1, new)
+    pool.materialize(w, into=m, strict=False)
+    fresh = model()
+    fresh.layers.insert(1, WithLin())
+    CheckpointPool(srcs).materialize(w, into=fresh, strict=False)
+    assert torch.equal(m.layers[1].lin.weight.data, fresh.layers[1].lin.weight.data)
+    assert m.layers[1].lin.weight.data.any()
+
+
+def test_a_state_dicts_other_entries_are_neither_read_nor_a_reason_to_plan_again(monkeypatch):
+    """Every tensor of a state dict was watched, the pool's or not: a sparse, nested or mkldnn one there (no
+    address) made materialize raise, and replacing an unrelated entry (a step counter) planned every call (a
+    review). Only its keys are watched besides the pool's tensors."""
+    srcs = [{"w": torch.randn(8)} for _ in range(2)]
+    want = 0.5 * srcs[0]["w"] + 0.5 * srcs[1]["w"]
+    for extra in (torch.eye(3).to_sparse(), torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+                  torch.randn(4, 4).to_mkldnn() if torch.backends.mkldnn.is_available() else torch.ones(1)):
+        sd = {"w": torch.zeros(8), "extra": extra}
+        for _ in range(2):
+            CheckpointPool(srcs).materialize([0.5, 0.5], into=sd)
+            assert torch.equal(sd["w"], want)
+    pool, sd = CheckpointPool(srcs), {"w": torch.zeros(8), "step": torch.tensor(0)}
+    pool.materialize([0.5, 0.5], into=sd)
+    builds = []
+    real = CheckpointPool._checked_plans
+    monkeypatch.setattr(CheckpointPool, "_checked_plans", lambda self, *a: builds.append(1) or real(self, *a))
+    for i in range(3):
+        sd["step"] = torch.tensor(i)
+        pool.materialize([0.5, 0.5], into=sd)
+    assert builds == [] and torch.equal(sd["w"], want)
+
+
 def test_cached_plan_refuses_a_storage_shrunk_at_the_same_address():
     """resize_(0) then resize_(fewer bytes) often gives the storage its old address back: the cached plan (same
     data_ptr, shape, dtype, strides) wrote the whole tensor past the storage's end, a heap overflow that aborted

@@ -74,6 +74,37 @@ def test_a_wheel_reuses_the_in_place_library_only_if_built_alike(tmp_path):
         assert "building 'pymerge._cpu'" in _first_build_line({var: value}, tmp_path / var), var
 
 
+def test_a_build_skipped_as_up_to_date_keeps_the_stamp_of_the_flags_that_made_it(tmp_path):
+    """The stamp was written after every in-place build, one distutils skipped as up to date included: a library
+    built with CXXFLAGS of its own got a plain build's stamp and went into a plain wheel (a review). A scratch
+    tree with this setup.py and a one-line extension that reports the -DMARK it was compiled with."""
+    for f in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "x.cpp").write_text(
+        "#include <pybind11/pybind11.h>\n#ifndef MARK\n#define MARK 0\n#endif\n"
+        "PYBIND11_MODULE(_cpu, m) { m.attr(\"mark\") = MARK; }\n")
+    for pkg in ("pymerge", "kernels"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    env = {"PYMERGE_NO_CUDA": "1"}
+    build = [sys.executable, "setup.py", "build_ext"]
+    assert run(build + ["--inplace"], tmp_path, env=dict(env, CXXFLAGS="-DMARK=1")).returncode == 0
+    (stamp,) = (tmp_path / "pymerge").glob("_cpu*.so.build")
+    marked = stamp.read_text()
+    assert "-DMARK=1" in marked
+    again = run(build + ["--inplace"], tmp_path, env=env)  # up to date: not compiled, its stamp kept
+    assert again.returncode == 0 and "building 'pymerge._cpu'" not in again.stdout + again.stderr
+    assert stamp.read_text() == marked
+    wheel = run(build + ["-b", "out/b", "-t", "out/t"], tmp_path, env=env)
+    assert wheel.returncode == 0 and "building 'pymerge._cpu'" in wheel.stdout + wheel.stderr
+    (lib,) = (tmp_path / "out" / "b" / "pymerge").glob("_cpu*.so")
+    mark = run([sys.executable, "-c", "import _cpu; print(_cpu.mark)"], lib.parent)
+    assert mark.stdout.strip() == "0", mark.stderr
+    reuse = run(build + ["-b", "out2/b", "-t", "out2/t"], tmp_path, env=dict(env, CXXFLAGS="-DMARK=1"))
+    assert "reusing the in-place build" in reuse.stdout + reuse.stderr  # the same flags: taken as it is
+
+
 @pytest.mark.slow
 def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
     wheels = tmp_path / "wheels"

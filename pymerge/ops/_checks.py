@@ -306,6 +306,19 @@ def as_int(value) -> Optional[int]:
         return None
 
 
+def as_flag(value, what: str) -> bool:
+    """A flag as Python's bool, converted before the storage tests (its __bool__ is the caller's code): what
+    pybind11 took (bool, numpy's bool, None, a number or 0-d tensor through __bool__ or __index__), never a
+    string or a list, whose truth is their length ("False" would be True)."""
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return bool(value)
+    kind = type(value)
+    if getattr(kind, "__bool__", None) is None and getattr(kind, "__index__", None) is None \
+            or isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be a bool, got {short(value)} ({kind.__name__})")
+    return bool(value)
+
+
 def check_threads(num_threads, what: str = "num_threads") -> int:
     """An integer 0..65536 (0: every core the process may use)."""
     n = as_int(num_threads)

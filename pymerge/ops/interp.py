@@ -15,7 +15,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import exact_sum, library
-from pymerge.ops._checks import check_merge_args, check_threads
+from pymerge.ops._checks import as_flag, check_merge_args, check_threads
 from pymerge.ops._memory import check_backed, check_native
 
 GROUPS = {"whole": 0, "rows": 1, "cols": 2}
@@ -47,7 +47,7 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
     """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group
     (the whole tensor: exact sums rounded once, see whole_dot_parts)."""
     # the caller's __index__ and __bool__ before the storage tests, never after
-    num_threads, sub = check_threads(num_threads), bool(sub)
+    num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
     read, _ = check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
     # the kernel need not test them again where nothing read since could run code of the caller's
     checked = (library.INPUTS,) if read and library.trusted(sub, group, backend, num_threads) else ()
@@ -71,7 +71,7 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     exact-sum parts (pymerge/ops/exact_sum.py). Element order does not matter, so the parts of the
     pieces of a split tensor (a sharded pool's local shards) add up to the whole tensor's."""
     # the caller's __index__ and __bool__ before the storage tests, never after
-    num_threads, sub = check_threads(num_threads), bool(sub)
+    num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
     read, _ = check_merge_args(xs, base, None, "whole_dots")
     # nothing of the caller's runs until the kernel (no subclass's contiguous()): no second storage test
     backed = read and library.trusted(backend, xs, base)
@@ -118,7 +118,7 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
                   coef: torch.Tensor, out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B); coef is [G, K+1] (float32-rounded)."""
     # the caller's __index__ and __bool__ before the storage tests, never after
-    num_threads, sub = check_threads(num_threads), bool(sub)
+    num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
     read, read_out = check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
     check_backed(coef, "group_lincomb: coef")
     # (the kernel need not test them again where nothing read since could run code of the caller's)

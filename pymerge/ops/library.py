@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
-from pymerge.ops._checks import check_apart, check_threads, first_out_of_range, require_inputs
+from pymerge.ops._checks import as_flag, check_apart, check_threads, first_out_of_range, require_inputs
 from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable, trusted  # noqa: F401
 
 _U64 = 1 << 64
@@ -432,8 +432,8 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
 def _tv_scalars(plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset) -> tuple:
     """A task-vector pass's numbers and flags as Python's own: the caller's __index__, __float__ or __bool__
     run here, before the storage tests, never after them (in the kernel's argument conversion)."""
-    return ([operator.index(v) for v in plan_ints], [float(v) for v in plan_floats], bool(consensus),
-            bool(normalize), float(lam), float(divisor), operator.index(seed), operator.index(h0),
+    return ([operator.index(v) for v in plan_ints], [float(v) for v in plan_floats], as_flag(consensus, "consensus"),
+            as_flag(normalize, "normalize"), float(lam), float(divisor), operator.index(seed), operator.index(h0),
             operator.index(h1), operator.index(offset))
 
 
@@ -547,7 +547,7 @@ def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending
 @_kernel("select_ranks", "cpu")
 def _select_ranks(x, base, ranks, descending, num_threads=0, checked=()) -> Tensor:
     num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
-    ranks, descending = [operator.index(r) for r in ranks], bool(descending)
+    ranks, descending = [operator.index(r) for r in ranks], as_flag(descending, "select_ranks: descending")
     read = _check_read("select_ranks", [x, base], checked)
     x = x.contiguous()
     base = base.contiguous() if base is not None else None
@@ -575,7 +575,7 @@ def group_dots(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, c
 
 def _group_scalars(sub, rows, cols, group) -> tuple:
     """As _tv_scalars: the caller's __bool__ and __index__ before the storage tests."""
-    return bool(sub), operator.index(rows), operator.index(cols), operator.index(group)
+    return as_flag(sub, "sub"), operator.index(rows), operator.index(cols), operator.index(group)
 
 
 @_kernel("group_dots", "cpu")

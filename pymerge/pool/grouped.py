@@ -71,7 +71,7 @@ _data_ptr = torch.Tensor.data_ptr
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
     __slots__ = ("targets", "generation", "held", "ptrs", "nbytes", "shapes", "dtypes", "strides", "objects",
-                 "owners", "keys", "found", "sizes", "plans", "written", "recheck", "native", "fixups", "selection",
+                 "owners", "keys", "found", "dict_keys", "plans", "written", "recheck", "native", "fixups", "selection",
                  "finalizers", "__weakref__")
 
     def __init__(self, into, watched, plans, native):
@@ -98,8 +98,8 @@ class _Entry:
         keyed = [(t, d, key) for t, d, key in watched if d is not None]
         self.owners, self.keys = [d for _, d, _ in keyed], [key for _, _, key in keyed]
         self.found = [t for t, _, _ in keyed]
-        # a state dict's length: a key added (every key it held is watched above) registers nothing
-        self.sizes = [(d, len(d)) for d in into if isinstance(d, dict)]
+        # a state dict's keys (in order: a list compares in C): one added or removed registers nothing
+        self.dict_keys = [(d, list(d)) for d in into if isinstance(d, dict)]
         self.plans = plans
         # what a call writes, whose version counters it bumps: the held tensors over a plan's memory (a tied
         # name's too), not the others watched (an unplanned head, an integer buffer)
@@ -124,7 +124,7 @@ class _Entry:
                 return False
         held = self.held
         return (all(map(is_, map(dict.get, self.owners, self.keys), self.found))
-                and all(len(d) == n for d, n in self.sizes)
+                and all(list(d) == ks for d, ks in self.dict_keys)
                 and list(map(_data_ptr, held)) == self.ptrs and list(map(_dtype, held)) == self.dtypes
                 and list(map(_shape, held)) == self.shapes
                 and (all(map(_contiguous, held)) if self.strides is None else list(map(_stride, held)) == self.strides)

@@ -192,8 +192,7 @@ class CheckpointPool:
         self._spans = _Spans([(t, f"{self.labels[i]}'s {n!r}") for n, ts in self._inputs.items() for i, t in enumerate(ts)]
                              + [(t, f"the base's {n!r}") for n, t in self._base.items()], self.device)
         # address and storage size: a storage freed (resize_(0)) and given fewer bytes may keep its address
-        self._lent_at = np.array([(t.data_ptr(), t.untyped_storage().nbytes()) for _, _, t in self._lent],
-                                 dtype=np.uint64).reshape(-1, 2)
+        self._lent_at = _addresses_and_sizes([t for _, _, t in self._lent])
         self._lent_ids = {id(t) for _, _, t in self._lent}
         self._owned = {}  # storage address -> (label, storage, address, bytes) of the pool's own, handed out
 
@@ -550,9 +549,8 @@ class CheckpointPool:
                                  "tensor from pool.tensor()); nothing was written. Build a new pool")
         if not self._lent:
             return
-        now = np.fromiter((v for _, _, t in self._lent for v in (t.data_ptr(), t.untyped_storage().nbytes())),
-                          np.uint64, 2 * len(self._lent)).reshape(-1, 2)
-        moved = np.flatnonzero((now != self._lent_at).any(axis=1))
+        now = _addresses_and_sizes([t for _, _, t in self._lent])
+        moved = np.flatnonzero((now != self._lent_at).any(axis=0))
         if moved.size:
             label, name, t = self._lent[int(moved[0])]
             why = backing_problem(t) or "its storage was reallocated (resize_)"
@@ -944,6 +942,13 @@ def _take(out: tuple, outs: list, dests: list, fixups: list) -> None:
     fixups.extend(out[2:])
 
 
+def _addresses_and_sizes(ts: list) -> np.ndarray:
+    """uint64 [2, len(ts)]: data_ptr and storage bytes of each tensor (C-level maps: no Python frame per tensor)."""
+    n = len(ts)
+    return np.stack([np.fromiter(map(grouped._data_ptr, ts), np.uint64, n),
+                     np.fromiter(map(grouped._nbytes, map(grouped._storage, ts)), np.uint64, n)])
+
+
 class _Plans(list):
     """Checked plans, and what else they depend on: recheck() is False once a cached entry of them may no longer
     be used (tied pool tensors whose values no longer agree: the check that allowed the tie fails now)."""
@@ -1106,13 +1111,16 @@ def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequenc
     deepest submodule there, the next name): ModuleList.insert at the end registers nothing either. With tied
     checkpoint files (heads: True) every output head too, planned or not: a head tied to its embedding may be
     untied later and must then get the embedding's merge (_tied_head_plans). A state dict registers nothing:
-    every key it holds and every pool key it lacks (None) are watched, and its length (grouped._Entry)."""
+    every pool key it lacks (None) is watched, with heads every head it holds, and its keys (grouped._Entry:
+    one added, a head of any name or an entry a fresh pool refuses, must be seen). Its other values are
+    neither read nor written: not watched (a sparse tensor there has no address to compare)."""
     keys = dict.fromkeys([_map_name(n, names) for n in pool_names] + [p.target for p in plans])
     keys.pop(None, None)
     out = []
     for m in into:
         if isinstance(m, dict):
-            out.extend((m.get(key), m, key) for key in dict.fromkeys(list(m) + list(keys)))
+            extra = [k for k in m if isinstance(k, str) and k.endswith(_HEAD_ENDS)] if heads else []
+            out.extend((m.get(key), m, key) for key in dict.fromkeys(list(keys) + extra))
             continue
         held = _tensors_of(m)
         mine = dict.fromkeys([k for k in keys if k in held]
@@ -1124,15 +1132,16 @@ def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequenc
 
 
 def _absent(module: torch.nn.Module, keys) -> list:
-    """(None, _modules, name) for each key's first missing submodule ("a.b.c.weight" without a.b: a's _modules,
-    "b"), each once; none where only the tensor is missing (registering one is seen)."""
+    """For each key the module lacks ("a.b.c.weight" without a.b): (None, a's _modules, "b") for its first missing
+    submodule, and (submodule, _modules, name) for those before it (a): ModuleList.insert replacing one
+    registers nothing either. Each once; nothing where only the tensor is missing (registering one is seen)."""
     out = {}
     for key in keys:
         parts, sub = key.split(".")[:-1], module
         for part in parts:
             nxt = sub._modules.get(part)
+            out[(id(sub._modules), part)] = (nxt, sub._modules, part)
             if nxt is None:
-                out[(id(sub._modules), part)] = (None, sub._modules, part)
                 break
             sub = nxt
     return list(out.values())
