@@ -67,12 +67,8 @@ class BuildExt(build_ext):
             lib = self.get_ext_fullpath(ext.name)
             before = os.path.getmtime(lib) if os.path.exists(lib) else None
             built = super().build_extension(ext)
-            # what made it (see _reuse_in_place_build), written only where it was compiled now: a build
-            # skipped as up to date keeps a library made with the settings of its time
-            if self.in_place and ext.name == "pymerge._cpu" and os.path.exists(lib) \
-                    and os.path.getmtime(lib) != before:
-                with open(self._stamp_path(ext), "w") as fh:
-                    fh.write(self._build_settings(ext))
+            if ext.name == "pymerge._cpu" and os.path.exists(lib):
+                self._stamp(ext, lib, compiled=os.path.getmtime(lib) != before)
             return built
         nvcc = find_nvcc()
         cuda_home = cuda_home_of(nvcc)
@@ -104,6 +100,18 @@ class BuildExt(build_ext):
         ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
         return super().build_extension(ext)
 
+
+    def _stamp(self, ext, lib: str, compiled: bool) -> None:
+        """What made the library (see _reuse_in_place_build): written beside it where it was compiled now (a
+        build skipped as up to date keeps the settings of its time), and beside the in-place copy with it."""
+        if compiled:
+            with open(lib + ".build", "w") as fh:
+                fh.write(self._build_settings(ext))
+        if self.in_place:  # the library setuptools copies in place next: its stamp, or none
+            if os.path.exists(lib + ".build"):
+                shutil.copyfile(lib + ".build", self._stamp_path(ext))
+            elif os.path.exists(self._stamp_path(ext)):
+                os.remove(self._stamp_path(ext))
 
     def _in_place_path(self, ext) -> str:
         return os.path.join(HERE, *ext.name.split(".")[:-1], os.path.basename(self.get_ext_filename(ext.name)))

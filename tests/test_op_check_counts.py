@@ -308,8 +308,15 @@ def test_a_flag_is_a_bool_not_a_string(call):
     """Flags are converted before the storage tests (their __bool__ is the caller's): bool() took "False" for
     True, where pybind11 refused a string (a review). What pybind11 took still works."""
     a, b = torch.randn(64), torch.randn(64)
-    for bad in ("False", "no", [0]):
+    for bad in ("False", "no", [0], torch.tensor([True, False])):
         with pytest.raises(TypeError, match="must be a bool, got"):
             call(a, b, bad)
     for good in (True, False, np.bool_(True), torch.tensor(False), 1, None):
         call(a, b, good)
+
+    class Zero:  # __index__ and no __bool__: bool() took it for True
+        def __index__(self):
+            return 0
+
+    same = lambda r: r.tolist() if isinstance(r, torch.Tensor) else r  # noqa: E731
+    assert same(call(a, b, Zero())) == same(call(a, b, False))

@@ -904,6 +904,58 @@ def test_a_state_dicts_other_entries_are_neither_read_nor_a_reason_to_plan_again
     assert builds == [] and torch.equal(sd["w"], want)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_cached_plan_sees_a_layer_renumbered_into_an_index_the_pool_does_not_cover(strict):
+    """ModuleList's __delitem__ renumbers by putting a new _modules dict in place: the watched (old) dict still
+    held layers.1, so with a pool of layers.1 alone the cached plan wrote it into the layer renumbered to
+    layers.0, where a fresh pool refuses (strict) or writes nothing (a review). A module's dicts are watched."""
+    def model():
+        m = torch.nn.Module()
+        m.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4, bias=False) for _ in range(2)])
+        return m
+
+    torch.manual_seed(0)
+    srcs = [{"layers.1.weight": torch.randn(4, 4)} for _ in range(2)]
+    pool, m = CheckpointPool(srcs), model()
+    pool.materialize([0.25, 0.75], into=m, strict=strict)
+    del m.layers[0]
+    with torch.no_grad():
+        m.layers[0].weight.zero_()
+    if strict:
+        with pytest.raises(InputError, match="pool tensor 'layers.1.weight' has no counterpart"):
+            pool.materialize([0.25, 0.75], into=m, strict=strict)
+    else:
+        pool.materialize([0.25, 0.75], into=m, strict=strict)
+    assert not m.layers[0].weight.data.any()
+
+
+def test_cached_plan_sees_a_modules_parameter_dict_replaced_whole():
+    """module._parameters = {...} (private, but what some wrappers do) registers nothing: the cached plan wrote
+    the old parameter. Each module's dicts on a tensor's path are watched."""
+    srcs = [{"lin.weight": torch.randn(4, 4)} for _ in range(2)]
+    m = torch.nn.Module()
+    m.lin = torch.nn.Linear(4, 4, bias=False)
+    pool = CheckpointPool(srcs)
+    pool.materialize([0.5, 0.5], into=m)
+    new = torch.nn.Parameter(torch.zeros(4, 4))
+    m.lin._parameters = {"weight": new}
+    pool.materialize([0.5, 0.5], into=m)
+    assert torch.equal(new.data, 0.5 * srcs[0]["lin.weight"] + 0.5 * srcs[1]["lin.weight"])
+
+
+def test_a_state_dict_key_that_is_not_a_string_with_tied_checkpoint_files(tmp_path):
+    """With tied checkpoint files the head search called endswith on every target key: an int key raised
+    AttributeError (a review); a pool of state dicts took it."""
+    from safetensors.torch import save_file
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({"model.embed_tokens.weight": torch.randn(11, 5)}, paths[-1])
+    sd = {"model.embed_tokens.weight": torch.zeros(11, 5), 7: torch.zeros(1)}
+    CheckpointPool(paths).materialize([0.5, 0.5], into=sd)
+    assert sd["model.embed_tokens.weight"].any() and not sd[7].any()
+
+
 def test_cached_plan_refuses_a_storage_shrunk_at_the_same_address():
     """resize_(0) then resize_(fewer bytes) often gives the storage its old address back: the cached plan (same
     data_ptr, shape, dtype, strides) wrote the whole tensor past the storage's end, a heap overflow that aborted

@@ -103,6 +103,14 @@ def test_a_build_skipped_as_up_to_date_keeps_the_stamp_of_the_flags_that_made_it
     assert mark.stdout.strip() == "0", mark.stderr
     reuse = run(build + ["-b", "out2/b", "-t", "out2/t"], tmp_path, env=dict(env, CXXFLAGS="-DMARK=1"))
     assert "reusing the in-place build" in reuse.stdout + reuse.stderr  # the same flags: taken as it is
+    # a build into the shared build/ folder with other flags, then an in-place build that copies it as up to
+    # date: the copy's stamp comes with it (the in-place one described the library it replaced; a review)
+    assert run(build + ["--force"], tmp_path, env=dict(env, CXXFLAGS="-DMARK=2")).returncode == 0
+    assert run(build + ["--inplace"], tmp_path, env=env).returncode == 0
+    mark = run([sys.executable, "-c", "import _cpu; print(_cpu.mark)"], tmp_path / "pymerge")
+    assert mark.stdout.strip() == "2" and "-DMARK=2" in stamp.read_text(), mark.stderr
+    wheel = run(build + ["-b", "out3/b", "-t", "out3/t"], tmp_path, env=env)
+    assert "building 'pymerge._cpu'" in wheel.stdout + wheel.stderr
 
 
 @pytest.mark.slow

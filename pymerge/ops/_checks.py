@@ -313,10 +313,14 @@ def as_flag(value, what: str) -> bool:
     if isinstance(value, (bool, np.bool_)) or value is None:
         return bool(value)
     kind = type(value)
-    if getattr(kind, "__bool__", None) is None and getattr(kind, "__index__", None) is None \
-            or isinstance(value, (str, bytes)):
-        raise TypeError(f"{what} must be a bool, got {short(value)} ({kind.__name__})")
-    return bool(value)
+    try:
+        if getattr(kind, "__bool__", None) is not None and not isinstance(value, (str, bytes)):
+            return bool(value)
+        if getattr(kind, "__index__", None) is not None:  # (bool() would take its length or True, not its value)
+            return operator.index(value) != 0
+    except (TypeError, ValueError, RuntimeError) as exc:  # a tensor of many elements, a meta tensor
+        raise TypeError(f"{what} must be a bool, got {short(value)}: {exc}") from None
+    raise TypeError(f"{what} must be a bool, got {short(value)} ({kind.__name__})")
 
 
 def check_threads(num_threads, what: str = "num_threads") -> int:

@@ -1000,8 +1000,8 @@ def _untied_heads(pool_names: Sequence[str], emb: Optional[str], targets: List[d
         return []
     from pymerge.tied import is_head
     written = set(mapped)
-    heads = dict.fromkeys(n for tmap in targets for n in tmap
-                          if n.endswith(_HEAD_ENDS) and n not in written and is_head(n))
+    heads = dict.fromkeys(n for tmap in targets for n in tmap  # (a state dict's keys need not be strings)
+                          if isinstance(n, str) and n.endswith(_HEAD_ENDS) and n not in written and is_head(n))
     return [(head, emb) for head in heads
             if any(head in tmap and _untied(tmap[head], tmap.get(emb_target), shapes[emb]) for tmap in targets)]
 
@@ -1131,10 +1131,37 @@ def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequenc
     return out
 
 
+def _links(module: torch.nn.Module, paths) -> list:
+    """(submodule, its parent's _modules, its name there) for every submodule on the paths ("a.b.c": a, a.b
+    and a.b.c), each once, and the dicts of each of them and of the root (_own_dicts)."""
+    seen, out = set(), _own_dicts(module)  # (a module under two names: a link per name, its dicts once)
+    for path in paths:
+        parent, prefix = module, ""
+        for part in path.split(".") if path else []:
+            sub, prefix = parent._modules[part], f"{prefix}.{part}"
+            if prefix not in seen:
+                seen.add(prefix)
+                out.append((sub, parent._modules, part))
+                if id(sub) not in seen:
+                    seen.add(id(sub))
+                    out.extend(_own_dicts(sub))
+            parent = sub
+    return out
+
+
+def _own_dicts(module: torch.nn.Module) -> list:
+    """(dict, module.__dict__, name) for its _modules, _parameters and _buffers: ModuleList's and Sequential's
+    __delitem__ renumber by putting a new _modules dict in place, registering nothing (the old one, watched,
+    still held the old names)."""
+    d = module.__dict__
+    return [(d.get(name), d, name) for name in ("_modules", "_parameters", "_buffers")]
+
+
 def _absent(module: torch.nn.Module, keys) -> list:
     """For each key the module lacks ("a.b.c.weight" without a.b): (None, a's _modules, "b") for its first missing
-    submodule, and (submodule, _modules, name) for those before it (a): ModuleList.insert replacing one
-    registers nothing either. Each once; nothing where only the tensor is missing (registering one is seen)."""
+    submodule, and (submodule, _modules, name) for those before it (a) with their dicts (_own_dicts):
+    ModuleList.insert replacing one registers nothing either. Each once; nothing where only the tensor is
+    missing (registering one is seen)."""
     out = {}
     for key in keys:
         parts, sub = key.split(".")[:-1], module
@@ -1143,24 +1170,10 @@ def _absent(module: torch.nn.Module, keys) -> list:
             out[(id(sub._modules), part)] = (nxt, sub._modules, part)
             if nxt is None:
                 break
+            for d in _own_dicts(nxt):
+                out[(id(d[1]), d[2])] = d
             sub = nxt
     return list(out.values())
-
-
-def _links(module: torch.nn.Module, paths) -> list:
-    """(submodule, its parent's _modules, its name there) for every submodule on the paths ("a.b.c": a, a.b
-    and a.b.c), each once."""
-    seen, out = set(), []
-    for path in paths:
-        parts = path.split(".") if path else []
-        for i in range(len(parts)):
-            prefix = ".".join(parts[:i + 1])
-            if prefix in seen:
-                continue
-            seen.add(prefix)
-            parent = module.get_submodule(".".join(parts[:i])) if i else module
-            out.append((parent._modules[parts[i]], parent._modules, parts[i]))
-    return out
 
 
 def _owner(module: torch.nn.Module, key: str):
