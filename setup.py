@@ -100,7 +100,6 @@ class BuildExt(build_ext):
         ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
         return super().build_extension(ext)
 
-
     def _stamp(self, ext, lib: str, compiled: bool) -> None:
         """What made the library (see _reuse_in_place_build): written beside it where it was compiled now (a
         build skipped as up to date keeps the settings of its time), and beside the in-place copy with it."""

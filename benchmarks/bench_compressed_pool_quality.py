@@ -5,7 +5,8 @@ Per seed, the demo's checkpoints are trained once (cached under --cache; the dem
 while its settings and code match) and held in an uncompressed pool and in int8, int4 and auto pools
 (base: the demo's shared pretrained checkpoint). The demo's settings are those the README's table was
 measured with (`--pool mixtures`, 400 validation and 1500 test examples per task, sigma0 0.2: the demo's
-defaults until 2026-12-03). On each pool the demo's search runs as `pymerge demo` ran it then: every checkpoint and the greedy soup scored on validation, CMA-ES from the soup with the same
+defaults until 2026-12-03). On each pool the demo's search runs as `pymerge demo` ran it then: every
+checkpoint and the greedy soup scored on validation, CMA-ES from the soup with the same
 seed and budget; its best merge is scored on the held-out test set. Two columns isolate compression
 from the search's trajectory (which diverges at the first candidate that scores differently): the
 uncompressed search's best weights scored on every pool, and the float32 merge of those weights on

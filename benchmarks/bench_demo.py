@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import write_results  # noqa: E402
 from pymerge.demo.run import Settings, experiment  # noqa: E402
+from pymerge.demo.train import POOLS  # noqa: E402
 
 COLUMNS = ["seed", "best_single", "uniform", "greedy_soup", "optimized", "se", "beats_all_by_se", "nonzero",
            "train_seconds", "seconds", "cpu_seconds"]
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--quick", action="store_true", help="the --quick demo (plumbing only: tiny pool)")
-    ap.add_argument("--pool", choices=["stages", "mixtures"], default="stages", help="the demo's --pool")
+    ap.add_argument("--pool", choices=sorted(POOLS), default="stages", help="the demo's --pool")
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per seed")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")

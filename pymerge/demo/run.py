@@ -299,7 +299,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
         f"({budget} candidates), starting from the greedy soup")
     # The start: the greedy soup's checkpoints at 0.5, the rest at 0 (weights are normalized to sum to
     # one, so only ratios count). Starting from the uniform merge drags in the poor runs, and 120
-    # candidates in 11+ dimensions do not climb out of there as far as the soup already is. A local step
+    # candidates in 9+ dimensions do not climb out of there as far as the soup already is. A local step
     # (SEARCH_STEP): the gains past the soup are a tenth to a quarter of a specialist's weight, and a step
     # of 0.2 mostly sampled candidates giving specialists so much that they forget the other tasks.
     x0 = np.tile(np.where(soup > 0, 0.5, 0.0), groups)

@@ -467,8 +467,7 @@ class CheckpointPool:
             make = grouped.native_table if kind == "cpu" else grouped.triton_table
             entry = self._plan_cache.entry(
                 ("flat" if flat else groups, names, strict, n_groups), into,
-                lambda: self._checked_plans(into, group_of, names, strict),
-                lambda ps: _watched(ps, into, names, self.names, self._tied_embedding() is not None),
+                lambda: self._checked_plans(into, group_of, names, strict), self._watcher(into, names),
                 lambda ps: make(ps, self._inputs, n_groups))
             plans, table = entry.plans, entry.native
             if self.device.type == "cuda" and _capturing(self.device):
@@ -528,9 +527,8 @@ class CheckpointPool:
         else:
             call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
-        heads = self._tied_embedding() is not None
         entry = self._plan_cache.entry(key, into, lambda: self._checked_plans(into, group_of, names, strict),
-                                       lambda ps: _watched(ps, into, names, self.names, heads), make)
+                                       self._watcher(into, names), make)
         if entry.native is None:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
@@ -556,6 +554,10 @@ class CheckpointPool:
             why = backing_problem(t) or "its storage was reallocated (resize_)"
             raise InputError(f"{label}: tensor {name!r}, which the pool reads in place: {why}; nothing was written. "
                              "Build a new pool from the tensors as they are now")
+
+    def _watcher(self, into: list, names: NameMap) -> Callable[[list], list]:
+        """What a plan cache entry watches of the targets (_watched), worked out only when it is built."""
+        return lambda plans: _watched(plans, into, names, self.names, self._tied_embedding() is not None)
 
     def _checked_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool) -> List[_Plan]:
         plans = self._plan(into, group_of, names, strict)
