@@ -2,7 +2,7 @@
 validation), the uniform merge and the greedy soup on test by more than the test set's standard error?
 
     python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--pool stages|mixtures] [--quick] [--threads 1] [--jobs 2]
-        [--out bench_demo_out]
+        [--out bench_demo_out] [--name demo_seeds_fresh]
 
 Writes results/cpu/demo_seeds{,_mixtures}{,_quick}.json and .md after every seed (a long run that is stopped
 keeps the seeds it finished).
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per seed")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")
     ap.add_argument("--out", default="bench_demo_out")
+    ap.add_argument("--name", default=None, help="results file name (default demo_seeds[_POOL][_quick])")
     args = ap.parse_args(argv)
     jobs = [(seed, args.quick, args.budget, args.threads, os.path.join(args.out, args.pool), args.pool)
             for seed in args.seeds]
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     with multiprocessing.get_context("spawn").Pool(max(1, args.jobs)) as workers:
         for row in workers.imap(one_seed, jobs):
             rows.append(row)
-            name = "demo_seeds" + ("" if args.pool == "stages" else f"_{args.pool}") + ("_quick" if args.quick else "")
+            name = args.name or (
+                "demo_seeds" + ("" if args.pool == "stages" else f"_{args.pool}") + ("_quick" if args.quick else ""))
             table = write_results(name, "cpu", rows, COLUMNS,
                                   title="pymerge demo over seeds: macro exact match on test, % (se: standard error "
                                         "of the optimized merge's macro-average)")
