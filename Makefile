@@ -37,4 +37,4 @@ bench-quick: install
 	$(PY) benchmarks/bench_weighted_sum.py --quick
 
 clean:
-	rm -rf build *.egg-info pymerge/*.so $(VENV)
+	rm -rf build *.egg-info pymerge/*.so pymerge/*.so.build $(VENV)

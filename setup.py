@@ -150,6 +150,7 @@ class BuildExt(build_ext):
         dest = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         self.copy_file(built, dest)
+        shutil.copyfile(stamp, dest + ".build")  # an in-place build skipped later as up to date copies it back
         print(f"reusing the in-place build {os.path.relpath(built, HERE)} (newer than its sources)")
         return True
 

@@ -103,6 +103,9 @@ def test_a_build_skipped_as_up_to_date_keeps_the_stamp_of_the_flags_that_made_it
     assert mark.stdout.strip() == "0", mark.stderr
     reuse = run(build + ["-b", "out2/b", "-t", "out2/t"], tmp_path, env=dict(env, CXXFLAGS="-DMARK=1"))
     assert "reusing the in-place build" in reuse.stdout + reuse.stderr  # the same flags: taken as it is
+    # with its stamp: an in-place build from that folder, skipped as up to date, copies the stamp back
+    (taken,) = (tmp_path / "out2" / "b" / "pymerge").glob("_cpu*.so.build")
+    assert taken.read_text() == marked
     # a build into the shared build/ folder with other flags, then an in-place build that copies it as up to
     # date: the copy's stamp comes with it (the in-place one described the library it replaced; a review)
     assert run(build + ["--force"], tmp_path, env=dict(env, CXXFLAGS="-DMARK=2")).returncode == 0
