@@ -15,18 +15,23 @@ from pymerge import mergekit_flags
 from pymerge.progress import say
 
 
-def parse_size(text, zero: bool = False) -> int:
+def parse_size(text, zero: bool = False, minimum: int = 1) -> int:
     """A size option (see pymerge/sizes.py): '5GB', '500MB', '1.5GiB', '2e9', mergekit's '5B' (billion)."""
     from pymerge.errors import InputError
     from pymerge.sizes import parse_size as parse
     try:
-        return parse(text, zero=zero)
+        return parse(text, zero=zero, minimum=minimum)
     except InputError as exc:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
 
 def _shard_size(value) -> int:
     return parse_size(value, zero=True)  # 0: one file, as mergekit's writer splits only above 0
+
+
+def _chunk_size(value) -> int:
+    from pymerge.sizes import MIN_CHUNK_BYTES
+    return parse_size(value, minimum=MIN_CHUNK_BYTES)  # the floor run_merge applies: one message for both
 
 
 def _merge_parser(sub) -> argparse.ArgumentParser:
@@ -40,8 +45,9 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
                    help="maximum bytes per output shard, e.g. 5GB (default), 500MB, 2GiB; 0: one file (as mergekit)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="compute threads (default: every core but one, which the writer thread keeps busy)")
-    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
-                   help="scratch memory per chunk, 3 in flight (default 16MiB on the CPU, 128MiB pinned on the GPU)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=None, metavar="SIZE",
+                   help="scratch memory per chunk, 3 in flight (at least 1MiB; default 16MiB on the CPU, 128MiB "
+                        "pinned on the GPU)")
     p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,

@@ -320,6 +320,11 @@ class LoraCheckpoint:
                 raise CheckpointError(f"{ck.path}: tensor {weight!r} is {ck.info(weight).dtype_name}; LoRA applies "
                                       f"to floating-point weights")
 
+    @property
+    def lora_dtype(self) -> Optional[str]:
+        """The dtype the adapter is applied in (mergekit's --lora-merge-dtype), or None: each weight's own."""
+        return self._dtype
+
     def _tied_head(self, name: str) -> str:
         """A LoRA on the output head of a model that stores none (its head is its input embedding): peft's
         merge_and_unload adds the head's delta to that shared weight, after the embedding's own."""

@@ -45,7 +45,7 @@ from pymerge.io.files import read_json, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
-from pymerge.sizes import MAX_BYTES, parse_size
+from pymerge.sizes import MAX_BYTES, MIN_CHUNK_BYTES, parse_size
 
 # Scratch memory per chunk in flight (3 in flight). CPU: the output chunk and casts; small enough
 # that the writer finds it still in cache. GPU: the pinned staging of inputs and output; big
@@ -156,6 +156,46 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     can fix, before any output exists; on any failure no partial output is left behind.
     lora_merge_dtype: the dtype MODEL+LORA models take (mergekit's --lora-merge-dtype)."""
     t0 = time.perf_counter()
+
+    def arguments() -> MergeArguments:
+        return _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, chunk_bytes, random_seed,
+                                lora_merge_dtype)
+    if disk_merge.launched():  # every rank checks its arguments after joining: a refusal reaches the others
+        return disk_merge.run_ranks(arguments, out_dir, force=force, quiet=quiet, progress=progress,
+                                    copy_tokenizer=copy_tokenizer, model_card=model_card)
+    args = arguments()
+    plan = make_plan(args.config)
+    try:
+        check_out_spares_inputs(out_dir, plan)
+        entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors] + [(c.name, c.dtype, c.shape)
+                                                                            for c in plan.copies]
+        with ShardedWriter(out_dir, entries, max_shard_bytes=args.out_shard_size, force=force,
+                           metadata={"format": "pt"}) as writer:
+            write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
+            stream_plan(plan, writer, device=args.device, chunk_bytes=args.chunk_bytes, threads=args.threads,
+                        seed=args.random_seed or 0, progress=progress, quiet=quiet)
+            check_inputs_unchanged(plan)  # before the writer installs OUT
+            shards = list(writer.shard_names)
+        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
+                           plan.output_bytes, time.perf_counter() - t0, args.device, shards, plan.warnings)
+    finally:
+        plan.close()
+
+
+@dataclass
+class MergeArguments:
+    """run_merge's arguments, checked and with their defaults filled in."""
+    config: Union[str, Path, dict, MergeConfig]
+    device: str
+    out_shard_size: int
+    threads: Optional[int]
+    chunk_bytes: int
+    random_seed: Optional[int]
+
+
+def _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, chunk_bytes, random_seed,
+                     lora_merge_dtype) -> MergeArguments:
+    """InputError for an argument that cannot work (the config itself is read by make_plan)."""
     if lora_merge_dtype is not None:
         config_or_path = _with_lora_dtype(_as_config(config_or_path), lora_merge_dtype)
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir) or b"\0" in os.fsencode(out_dir):
@@ -169,28 +209,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     out_shard_size = parse_size(out_shard_size, "--out-shard-size", zero=True) or MAX_BYTES  # 0: unsplit, as mergekit
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES
-    chunk_bytes = parse_size(chunk_bytes, "--chunk-size", minimum=1 << 20)
-    if disk_merge.launched():
-        return disk_merge.run_ranks(config_or_path, out_dir, device=device, out_shard_size=out_shard_size,
-                                    threads=threads, force=force, quiet=quiet, chunk_bytes=chunk_bytes,
-                                    random_seed=random_seed, progress=progress, copy_tokenizer=copy_tokenizer,
-                                    model_card=model_card)
-    plan = make_plan(config_or_path)
-    try:
-        check_out_spares_inputs(out_dir, plan)
-        entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors] + [(c.name, c.dtype, c.shape)
-                                                                            for c in plan.copies]
-        with ShardedWriter(out_dir, entries, max_shard_bytes=int(out_shard_size), force=force,
-                           metadata={"format": "pt"}) as writer:
-            write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
-            stream_plan(plan, writer, device=device, chunk_bytes=chunk_bytes, threads=threads,
-                        seed=random_seed or 0, progress=progress, quiet=quiet)
-            check_inputs_unchanged(plan)  # before the writer installs OUT
-            shards = list(writer.shard_names)
-        return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
-                           plan.output_bytes, time.perf_counter() - t0, device, shards, plan.warnings)
-    finally:
-        plan.close()
+    chunk_bytes = parse_size(chunk_bytes, "--chunk-size", minimum=MIN_CHUNK_BYTES)
+    return MergeArguments(config_or_path, device, int(out_shard_size), threads, chunk_bytes, random_seed)
 
 
 def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:

@@ -19,6 +19,7 @@ from pymerge.errors import InputError, short
 # mergekit's parse_kmb reads k/m/b as thousand/million/billion: "5B" is 5e9 there, and here.
 UNITS = {"": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "b": 10**9, "g": 10**9, "gb": 10**9,
          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MIN_CHUNK_BYTES = 1 << 20  # the floor of --chunk-size (run_merge and the CLI)
 MAX_BYTES = 1 << 60  # 1 EiB: larger is a typo, and would overflow the int64 sizes of the kernels
 _NUMBER = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d+)?\s*([a-z]*)")
 _HINT = "use bytes or a unit like 500MB, 5GB, 1.5GiB"

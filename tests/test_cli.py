@@ -261,6 +261,21 @@ def test_parse_size_rejects(text):
         cli.parse_size(text)
 
 
+def test_chunk_size_floor_is_stated_once(fam, tmp_path, capsys):
+    """--chunk-size 0 said the minimum was 1 byte, then 1 was refused for a minimum of 1048576 (a bug hunt):
+    the command line refuses below the floor run_merge applies, with that floor in the message."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    for size in ("0", "1", "1MB"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["merge", str(cfg), str(tmp_path / "out"), "--chunk-size", size])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "--chunk-size" in err[-1] and "minimum of 1048576" in err[-1], err
+    assert not (tmp_path / "out").exists()
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--chunk-size", "1MiB", "--quiet"], capsys)
+    assert rc == 0, err
+
+
 # ---- real processes: exit codes, Ctrl-C, SIGKILL -------------------------------------------
 def test_python_m_pymerge_exit_codes(fam, tmp_path):
     root, base, fts = fam

@@ -40,8 +40,8 @@ def fam(tmp_path_factory):
 def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYMERGE_DIST_TIMEOUT="60",
-               OMP_NUM_THREADS="1", **extra)
+    env.update({"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                "PYMERGE_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", **extra})
     return env
 
 
@@ -53,15 +53,15 @@ def torchrun(ranks, argv, **env):
                             stderr=subprocess.PIPE, text=True)
 
 
-def launch(ranks, argv, **env):
+def launch(ranks, argv, rank_env=None, **env):
     """Every rank started by hand, as a launcher other than torchrun would: one Popen per rank
-    (argv, or argv(rank) for a command line of each rank's own)."""
+    (argv, or argv(rank) for a command line of each rank's own; rank_env(rank): variables of its own)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [subprocess.Popen([sys.executable, str(WORKER), *map(str, argv(r) if callable(argv) else argv)], stderr=subprocess.PIPE, text=True,
                              env=_env(RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                      MASTER_PORT=str(port), **env))
+                                      MASTER_PORT=str(port), **{**env, **(rank_env(r) if rank_env else {})}))
             for r in range(ranks)]
 
 
@@ -313,6 +313,62 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
     for flag, values in (("--out-shard-size", ("100KB", "200KB")), ("--random-seed", ("1", "2"))):
         codes, lines = finish(launch(2, lambda r: ["merge", cfgs[0], out, flag, values[r]]))
         _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+        assert not out.exists() and leftovers(out) == []
+
+
+def test_ranks_whose_configs_differ_in_compute_dtype_or_adapter_all_fail(tmp_path):
+    """Configs differing only in `dtype:` (float16 models, float32 out: no cast recorded, one rank rounding its
+    results to float16), or naming one model with two LoRA adapters: each rank wrote its share of its own
+    merge, exit 0 (a bug hunt). Refused before anything is written."""
+    dims = lf.LlamaDims(layers=2)
+    models = [lf.make_llama(tmp_path / name, dims=dims, dtype=torch.float16, seed=0, perturb_seed=ord(name))
+              for name in "ab"]
+    halves = {**linear(models), "out_dtype": "float32"}
+    adapters = [_adapter(tmp_path / f"lora{i}", dims, seed=i) for i in range(2)]
+    with_adapter = lambda i: {"merge_method": "linear", "models": [  # noqa: E731
+        {"model": f"{models[0]}+{adapters[i]}", "parameters": {"weight": 0.5}},
+        {"model": str(models[1]), "parameters": {"weight": 0.5}}]}
+    out = tmp_path / "out"
+    for name, pair in (("dtype", [{**halves, "dtype": "float32"}, halves]), ("adapter", [with_adapter(0), with_adapter(1)])):
+        cfgs = [write_cfg(tmp_path / f"{name}{r}.yml", c) for r, c in enumerate(pair)]
+        one = [single(c, tmp_path / f"one_{name}{r}") for r, c in enumerate(cfgs)]
+        assert any(bits(one[0][k]) != bits(one[1][k]) for k in one[0]), name  # two different merges
+        codes, lines = finish(launch(2, lambda r: ["merge", cfgs[r], out, "--out-shard-size", "20KB"]))
+        _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+        assert not out.exists() and leftovers(out) == []
+
+
+def _adapter(folder: Path, dims, seed: int) -> Path:
+    """A PEFT LoRA adapter (r 4) on every layer's q_proj and o_proj."""
+    from safetensors.torch import save_file
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["q_proj", "o_proj"]}))
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for i in range(dims.layers):
+        for m in ("q_proj", "o_proj"):
+            p = f"base_model.model.model.layers.{i}.self_attn.{m}."
+            t[p + "lora_A.weight"] = torch.randn(4, dims.hidden, generator=g) * 0.1
+            t[p + "lora_B.weight"] = torch.randn(dims.hidden, 4, generator=g) * 0.1
+    save_file(t, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_a_rank_refusing_its_arguments_fails_every_rank_at_once(fam, tmp_path):
+    """A rank refused an argument (--threads 0) or PYMERGE_DIST_TIMEOUT before joining the process group, so
+    the others waited in the rendezvous for the whole timeout, then said only that a rank had not joined (a
+    bug hunt): every rank now joins, then fails with the refusing rank's one line."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    for argv, rank_env, words in (
+            (lambda r: ["merge", cfg, out] + (["--threads", "0"] if r else []), None, ["--threads"]),
+            (["merge", cfg, out], lambda r: {"PYMERGE_DIST_TIMEOUT": "abc"} if r else {}, ["PYMERGE_DIST_TIMEOUT"])):
+        t0 = time.monotonic()
+        codes, lines = finish(launch(2, argv, rank_env))
+        _same_error_everywhere(codes, lines, 2, words)
+        assert time.monotonic() - t0 < 50  # not the 60 s timeout the ranks were given
         assert not out.exists() and leftovers(out) == []
 
 

@@ -72,23 +72,38 @@ def _share(plan, keep: set):
                    copies=[c for c in plan.copies if id(c) in keep])
 
 
-def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, threads, force: bool, quiet: bool,
-              chunk_bytes: int, random_seed, progress=None, copy_tokenizer: bool = True, model_card: bool = False):
-    """run_merge's distributed twin (same arguments, checked by it); returns this rank's MergeReport."""
+def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, copy_tokenizer: bool = True,
+              model_card: bool = False):
+    """run_merge's distributed twin: arguments() checks run_merge's other arguments (MergeArguments); returns
+    this rank's MergeReport. A rank refusing its arguments (or PYMERGE_DIST_TIMEOUT) says so in the first
+    agreement, after joining: refused before it, the others waited out the whole timeout in the rendezvous."""
     from pymerge.merge import (MergeReport, check_inputs_unchanged, check_out_spares_inputs, make_plan, op_threads,
                                stream_plan, write_side_files)
 
     t0 = time.perf_counter()
-    dist, group, created = _process_group(device)
+    refused = None
+    try:
+        timeout_s = _timeout_s()
+    except InputError as exc:
+        timeout_s, refused = DEFAULT_TIMEOUT_S, exc
+    try:
+        args = arguments()
+    except Exception as exc:  # noqa: BLE001  (raised in the first agreement)
+        args, refused = None, refused or exc
+    dist, group, created = _process_group("cpu" if args is None else args.device, timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = _local_cuda()
-    if threads is None:  # the host's cores shared by the ranks on it
-        threads = op_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    if args is not None:
+        device, chunk_bytes, out_shard_size, random_seed = (args.device, args.chunk_bytes, args.out_shard_size,
+                                                            args.random_seed)
+        if device.startswith("cuda"):
+            device = _local_cuda()
+        threads = args.threads or op_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # the host's
     state = {}  # what the steps build: plan, parts, writer
 
     def prepare():
-        plan = state["plan"] = make_plan(config_or_path)
+        if refused is not None:
+            raise refused
+        plan = state["plan"] = make_plan(args.config)
         check_out_spares_inputs(out_dir, plan)  # --force would delete an input
         state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
                                          for t in plan.tensors], world) + [world - 1] * len(plan.copies)  # last rank's
@@ -160,15 +175,28 @@ def run_ranks(config_or_path, out_dir, *, device: str, out_shard_size: int, thre
 
 def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
     """What every rank must agree on: OUT, the shard size (each rank names its shard files from it), the
-    seed (DARE's and DELLA's masks), the method, the checkpoints and every output tensor's name, shape,
-    dtypes and parameters (not the data: that would mean reading it all)."""
+    seed (DARE's and DELLA's masks), the method, the checkpoints (a LoRA adapter applied to one included) and
+    every field of every output tensor's plan (not the data: that would mean reading it all). Every field:
+    ranks whose configs differed only in `dtype:` rounded their shares' results differently, silently."""
     import hashlib
+    from dataclasses import fields
+    tensors = [tuple(_rows_digest(t.vocab) if f.name == "vocab" else getattr(t, f.name) for f in fields(t))
+               for t in plan.tensors]
     text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
-                 [os.path.abspath(c.path) for c in plan.checkpoints],
-                 [(t.name, t.shape, t.in_dtypes, t.out_dtype, t.casts, t.params, t.model_params, _rows_digest(t.vocab))
-                  for t in plan.tensors],
+                 [_checkpoint_identity(c) for c in plan.checkpoints], tensors,
                  [(c.name, c.dtype, c.shape) for c in plan.copies]))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checkpoint_identity(ck) -> tuple:
+    """A checkpoint's path; for `model+lora`, also the adapter's file, what it applies to each weight and the
+    dtype it is applied in (its path is the model's: ranks given two adapters on one model each wrote their
+    share with their own)."""
+    adapter = getattr(ck, "adapter", None)
+    if adapter is None:
+        return (os.path.abspath(ck.path),)
+    return (os.path.abspath(ck.path), os.path.abspath(adapter.file.path), sorted(adapter.targets.items()),
+            ck.lora_dtype)
 
 
 def _rows_digest(rows) -> Optional[str]:
@@ -221,10 +249,10 @@ def _agree(step, dist, group, lost: Optional[str] = "nothing was written") -> li
     raise DistributedError(f"rank {r} failed: {kind}: {message}")
 
 
-def _process_group(device: str):
+def _process_group(device: str, timeout_s: float):
     """(torch.distributed, the group agreements use, whether we initialized it)."""
     import torch.distributed as dist
-    timeout = timedelta(seconds=_timeout_s())
+    timeout = timedelta(seconds=timeout_s)
     if dist.is_initialized():  # the caller's group; agreements need a CPU (gloo) side
         cpu = "cpu" in [d.type for d in dist.group.WORLD._device_types] or dist.get_backend() == "gloo"
         return dist, (None if cpu else dist.new_group(backend="gloo", timeout=timeout)), False
