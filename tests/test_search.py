@@ -1125,3 +1125,96 @@ def test_no_plot_extra_no_cma_warning_and_hints_name_the_extra(tmp_path):
         with open(os.path.join(root, path)) as f:
             hints = [line for line in f if "matplotlib is not installed" in line]
         assert hints and all("pip install 'pymerge[plot]'" in h for h in hints), (path, hints)
+
+
+# ---- a bug hunt of the search (2026-12-03) ---------------------------------------------------------
+@pytest.mark.parametrize("result_file", ["history.json", "best_merge.yml"])
+def test_a_state_path_that_is_a_result_file_is_refused_before_the_search(tmp_path, capsys, result_file):
+    """state_path out/history.json: the report replaced the state (exit 0), and the resume failed on it;
+    out/best_merge.yml: removed before the report was written. Refused before anything runs, the file kept."""
+    cfg = _cli_setup(tmp_path, state_path=f"out/{result_file}")
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state_path" in err[0] and result_file in err[0], err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.symlink(tmp_path / "elsewhere.json", tmp_path / "link.json")  # links are resolved: a state in OUT by a link
+    (tmp_path / "s2.yml").write_text(cfg.read_text().replace(f"out/{result_file}", "link.json"))
+    os.replace(tmp_path / "elsewhere.json", tmp_path / "out" / result_file)
+    os.unlink(tmp_path / "link.json")
+    os.symlink(tmp_path / "out" / result_file, tmp_path / "link.json")
+    assert cli_main([str(tmp_path / "s2.yml")]) == 2
+    assert (tmp_path / "out" / result_file).read_text() == "{}"
+    capsys.readouterr()
+
+
+def test_seeds_are_taken_whole_and_counts_refuse_strings():
+    """A seed past 2**53 (time.time_ns()) was refused as out of range through float; seeds 2**32 apart ran one
+    search; budget='4' ran. Seeds 0..2**32-1 keep their streams (RandomState(seed): every search so far)."""
+    pool, evaluate, _ = synthetic(n=3)
+    runs = {seed: [r["x"] for r in optimize(pool, evaluate, model=Vec(), budget=5, popsize=2, seed=seed,
+                                             log=None).history]
+            for seed in (0, 2**32, 2**53 + 1, 2**63 - 1, -2**63)}
+    assert len({json.dumps(x) for x in runs.values()}) == len(runs)  # every seed its own search
+    assert np.array_equal(optimize_module._random_state(7).randn(5), np.random.RandomState(7).randn(5))
+    assert np.array_equal(optimize_module._random_state(2**32 - 1).randn(5), np.random.RandomState(2**32 - 1).randn(5))
+    for bad in ("4", b"4", True, 4.5, None):
+        with pytest.raises(InputError, match="budget must be an integer"):
+            optimize(pool, evaluate, model=Vec(), budget=bad, log=None)
+    assert len(optimize(pool, evaluate, model=Vec(), budget=np.int64(3), log=None).history) == 3
+
+
+def test_groups_without_tensors_are_not_searched_and_huge_tables_are_refused():
+    """A pool of blocks 30-31 under "layer" has 33 rows: all 99 weights were searched, 93 of them changing
+    nothing; group ids from a million asked CMA-ES for 65 TiB (MemoryError after 9 s)."""
+    g = torch.Generator().manual_seed(2)
+    sources = [{f"layers.{i}.w": torch.randn(8, generator=g) for i in (30, 31)} for _ in range(3)]
+    pool = CheckpointPool(sources)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module() for _ in range(32)])
+    for i in (30, 31):
+        model.layers[i].w = torch.nn.Parameter(torch.zeros(8))
+    goal = {30: sources[0]["layers.30.w"], 31: sources[2]["layers.31.w"]}
+
+    def evaluate(m):
+        return -sum(float(((m.layers[i].w.detach() - v) ** 2).sum()) for i, v in goal.items())
+    res = optimize(pool, evaluate, model=model, budget=200, groups="layer", seed=1, log=None)
+    assert res.best_weights.shape == (33, 3) and all(len(r["x"]) == 6 for r in res.history)
+    assert res.best_weights[31, 0] > 0.9 and res.best_weights[32, 2] > 0.9
+    np.testing.assert_allclose(res.best_weights[:31], 1 / 3)  # rows that hold nothing: at their start
+    ids = {f"layers.{i}.w": 10**6 + i for i in (30, 31)}
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="number the groups"):
+        optimize(pool, evaluate, model=model, budget=4, groups=ids, log=None)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_replicas_are_made_only_for_the_candidates_left(monkeypatch):
+    """budget=4 with popsize=20000 made 19,999 deep copies of the model; a finished search 499."""
+    pool, evaluate, _ = synthetic(n=3)
+    copies = [0]
+    real = optimize_module.copy.deepcopy
+
+    def counted(x, *a):
+        copies[0] += 1
+        return real(x, *a)
+    monkeypatch.setattr(optimize_module.copy, "deepcopy", counted)
+    assert len(optimize(pool, evaluate, model=Vec(), budget=4, popsize=500, log=None).history) == 4
+    assert copies[0] <= 3
+
+
+def test_a_state_folder_that_cannot_be_written_is_named_before_the_first_candidate():
+    """It failed after evaluating candidate 0 (minutes on a real model), naming a temporary file."""
+    pool, evaluate, _ = synthetic(n=3)
+    path = "/sys/pymerge-test-search-state.json"  # sysfs: no new files, for root too (the lock is optional there)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL))
+        os.unlink(path)
+        pytest.skip("/sys takes new files here")
+    except OSError:
+        pass
+    calls = []
+    with pytest.raises(InputError) as e:
+        optimize(pool, lambda m: calls.append(1) or evaluate(m), model=Vec(), budget=4, state_path=path, log=None)
+    assert str(e.value).startswith(path + ": cannot write the search state") and calls == []

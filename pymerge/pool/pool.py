@@ -406,6 +406,10 @@ class CheckpointPool:
         """How many rows a per-group weight table needs under a grouping rule."""
         return max(group_indices(self.names, groups), default=0) + 1
 
+    def groups_used(self, groups: GroupRule = "layer") -> List[int]:
+        """The rows of such a table that some tensor of the pool reads, ascending (the others change nothing)."""
+        return sorted(set(group_indices(self.names, groups)))
+
     def tensor(self, i: int, name: str) -> torch.Tensor:
         """Checkpoint i's resident tensor `name`, for reading only: on the host tier a view into the
         checkpoint's one buffer (holding it keeps that whole buffer alive; writing it would change the pool,

@@ -26,7 +26,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
 import torch
 import yaml
@@ -177,6 +177,19 @@ def _prepare_out(out: str) -> List[str]:
     return made
 
 
+OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")  # what a search writes into OUT
+
+
+def _check_state_apart(state_path: Optional[str], out: str) -> None:
+    """state_path must not be one of the result files written into OUT (links resolved): the report replaced
+    the state (or best_merge.yml's removal deleted it), and the resume failed on it."""
+    if not state_path:
+        return
+    if os.path.realpath(state_path) in {os.path.realpath(os.path.join(out, f)) for f in OUT_FILES}:
+        raise InputError(f"state_path {state_path}: is {os.path.realpath(state_path)}, where the search writes its "
+                         f"results ({', '.join(OUT_FILES)} in {out}); choose another state_path")
+
+
 def _unmake(made: List[str]) -> None:
     """A failed search leaves no new empty folder behind (a bad state file did: it is read after OUT is made)."""
     for folder in made:
@@ -209,6 +222,9 @@ def _run(args) -> int:
     def rel(p):
         return p if p is None or os.path.isabs(str(p)) else os.path.join(here, str(p))
     sources = [rel(s) for s in cfg["sources"]]
+    out = args.out or rel(cfg.get("out", "search_out"))
+    state_path = rel(cfg.get("state_path"))
+    _check_state_apart(state_path, out)
     build = load_entry_point(cfg["model"], "model")
     evaluate = load_entry_point(cfg["evaluate"], "evaluate")
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),
@@ -220,7 +236,6 @@ def _run(args) -> int:
     s = dict(cfg.get("search") or {})
     if args.budget is not None:
         s["budget"] = args.budget
-    out = args.out or rel(cfg.get("out", "search_out"))
     made = _prepare_out(out)
     method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
     lock = None
@@ -230,7 +245,7 @@ def _run(args) -> int:
                               "another out")
         result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
                           sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),
-                          state_path=rel(cfg.get("state_path")), groups=s.get("groups"),
+                          state_path=state_path, groups=s.get("groups"),
                           normalize=s.get("normalize", True), replicas=s.get("replicas"),
                           method=method, names=cfg.get("names"), method_params=method_params)
         best_yml = os.path.join(out, "best_merge.yml")

@@ -18,7 +18,9 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from pymerge.io.files import hold_lock, read_small, release_lock
 from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
+MAX_WEIGHTS = 5000  # in a search's weight table: CMA-ES's d x d matrices are 200 MB each there
 _ENTRY_KEYS = {"eval", "generation", "objective", "scores", "weights", "x", "materialize_s", "evaluate_s"}
 
 
@@ -75,15 +78,20 @@ class SearchResult:
         return paths
 
 
+def _random_state(seed: int) -> np.random.RandomState:
+    """numpy's RandomState for a seed: seeds 0..2**32-1 as RandomState(seed) (the streams of every search so
+    far); any other integer from its whole value (taken modulo 2**32, seeds 2**32 apart ran the same search)."""
+    if 0 <= seed < 2**32:
+        return np.random.RandomState(seed)
+    return np.random.RandomState(np.random.MT19937(np.random.SeedSequence([seed % 2**64, 1])))
+
+
 class _OwnRNG:
     """Keeps cma's uses of numpy's global RNG (its seeding, any draws besides randn) off the caller's stream
     and on a state of our own, saved with the search state."""
 
     def __init__(self, seed: int):
-        saved = np.random.get_state()
-        np.random.seed(seed % 2**32)
-        self.state = np.random.get_state()
-        np.random.set_state(saved)
+        self.state = _random_state(seed).get_state()  # as np.random.seed(seed) sets it, for seeds below 2**32
 
     def __enter__(self):
         self._saved = np.random.get_state()
@@ -172,9 +180,16 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
 
     n = pool.num_checkpoints
     g = 1 if groups is None else pool.num_groups(groups)
-    dim = g * n
+    # Only the rows of groups holding a tensor are searched (the others change nothing: a pool of blocks 30-31
+    # under "layer" has 33 rows, and searching all of them spent 93 of 99 coordinates on nothing)
+    used = list(range(g)) if groups is None else pool.groups_used(groups)
+    dim = len(used) * n
     if dim < 2:
         raise InputError("CMA-ES needs at least two weights to search (one checkpoint, no groups)")
+    if g * n > MAX_WEIGHTS:  # CMA-ES keeps d x d matrices (group ids from a million asked for 65 TiB), and
+        # every candidate's table is kept in the history
+        raise InputError(f"groups: ids up to {g - 1} make a table of {g} x {n} checkpoints = {g * n} weights; at most "
+                         f"{MAX_WEIGHTS}: number the groups 0, 1, 2... or use fewer")
     budget = _count(budget, "budget", 1, 10**9)
     popsize = None if popsize is None else _count(popsize, "popsize", 2, 10**5)
     given = sigma0
@@ -200,15 +215,16 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                          "near or at 0; use normalize=False with negative weights")
     try:
         start = 1.0 / n if not normalize and lo <= 1.0 / n <= hi else (lo + hi) / 2
-        x0 = np.full(dim, start) if x0 is None else np.ravel(np.asarray(x0, float))
+        x0 = np.full(g * n, start) if x0 is None else np.ravel(np.asarray(x0, float))
     except (TypeError, ValueError, OverflowError):
-        raise InputError(f"x0 must be {dim} numbers (groups x checkpoints), got {short(x0)}") from None
-    if x0.shape != (dim,):
-        raise InputError(f"x0 must have {dim} values (groups x checkpoints), got {x0.size}")
+        raise InputError(f"x0 must be {g * n} numbers (groups x checkpoints), got {short(x0)}") from None
+    if x0.shape != (g * n,):
+        raise InputError(f"x0 must have {g * n} values (groups x checkpoints), got {x0.size}")
     outside = np.flatnonzero(~((x0 >= lo) & (x0 <= hi)))  # NaN too
     if len(outside):
         raise InputError(f"x0[{outside[0]}] is {x0[outside[0]]}, outside bounds [{lo}, {hi}]")
     fingerprint = {"n": n, "groups": g, "seed": int(seed), "sigma0": float(sigma0),
+                   **({"used_groups": used} if len(used) < g else {}),
                    "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
                    "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method),
                    # by name, as groups=: another one mixed two objectives' values (the default's name is None)
@@ -223,8 +239,13 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     fingerprint["pool"] = {"sources": [os.path.normpath(label) for label in pool.labels], "base": bool(pool.has_base),
                            "groups": _rule(groups), "names": _rule(names), **_pool_contents(pool)}
 
+    start_table = x0.reshape(g, n)  # the rows of groups without tensors stay at their start
+    x0 = start_table[used].ravel()
+
     def to_weights(x):
-        w = np.clip(np.asarray(x, float), lo, hi).reshape(g, n)
+        w = np.array(start_table, float)
+        w[used] = np.asarray(x, float).reshape(len(used), n)
+        w = np.clip(w, lo, hi)
         if normalize:
             s = w.sum(axis=1, keepdims=True)
             w = np.where(s > 1e-12, w / np.where(s > 1e-12, s, 1.0), 1.0 / n)  # an all-zero row: uniform
@@ -232,7 +253,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
 
     rng = _OwnRNG(seed)
     # cma samples through opts["randn"]: a generator of our own, seeded, so a replay asks the same candidates.
-    opts = {"seed": seed % (2**32 - 1) + 1, "randn": np.random.RandomState(seed % 2**32).randn, "bounds": [lo, hi], "verbose": -9,
+    opts = {"seed": seed % (2**32 - 1) + 1, "randn": _random_state(seed).randn, "bounds": [lo, hi], "verbose": -9,
             "verb_disp": 0, "verb_log": 0, "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9, "tolstagnation": 10**9}
     if popsize:
         opts["popsize"] = int(popsize)
@@ -241,7 +262,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     lock = _lock_state(state_path)  # before the state is read; held until the search ends
     models = []
     try:
-        state = _load_state(state_path, fingerprint, (g, n))
+        state = _load_state(state_path, fingerprint, (g, n, dim))
         pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
         if state is None:
             state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0,
@@ -253,8 +274,11 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                 raise InputError(f"{state_path}: saved search state has weights that do not follow from its "
                                  "candidates; use another state_path or delete it")
         history = state["history"]
-        pop = es.popsize
-        n_rep = _replica_count(pool, model, pop, replicas)
+        left = budget - len(history)
+        if left > 0:
+            _check_writable(state_path)  # before the first candidate (minutes on a real model), not after it
+        # copies for at most the candidates left to run: popsize=20000 with budget=4 made 19,999
+        n_rep = _replica_count(pool, model, max(1, min(es.popsize, left)), replicas)
         models = [model]
         try:
             models += [copy.deepcopy(model) for _ in range(n_rep - 1)]
@@ -392,11 +416,17 @@ def _replay(es, rng, state: dict, path: str) -> Optional[Tuple[list, List[float]
 
 
 def _count(value, what: str, least: int, most: int) -> int:
-    """An integer least..most (a float or numpy integer with an integral value is accepted)."""
-    try:
-        n = int(value) if not isinstance(value, bool) and float(value) == int(value) else None
-    except (TypeError, ValueError, OverflowError):
-        n = None
+    """An integer least..most (a numpy integer, or a float with an integral value, is accepted; a str or bool
+    is not). Integers are taken as they are: through float, 2**53 + 1 (a time.time_ns() seed) was refused."""
+    n = None
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            n = operator.index(value)
+        except TypeError:
+            try:
+                n = int(value) if float(value) == int(value) else None
+            except (TypeError, ValueError, OverflowError):
+                n = None
     if n is None or not least <= n <= most:
         raise InputError(f"{what} must be an integer from {least} to {most}, got {short(value)}")
     return n
@@ -580,7 +610,7 @@ def _check_history(state, shape) -> None:
                 raise ValueError(f"{what} must have shape {list(want)}")
             row[:] = [float(number(x, what)) for x in row]  # ints past 2**64 made numpy object arrays
 
-    g, n = shape
+    g, n, dim = shape
     generation = integer(state["generation"], "generation")
     if not isinstance(state["x0_done"], bool):
         raise ValueError("x0_done must be true or false")
@@ -608,19 +638,35 @@ def _check_history(state, shape) -> None:
             raise ValueError(f"{what}.scores has tasks {short(sorted(r['scores']))}, candidate 0 "
                              f"{short(sorted(history[0]['scores']))}; every candidate must score the same tasks")
         array(r["weights"], (n,) if g == 1 else (g, n), f"{what}.weights")
-        array(r["x"], (g * n,), f"{what}.x")
+        array(r["x"], (dim,), f"{what}.x")
         for key in ("materialize_s", "evaluate_s"):
             if number(r[key], f"{what}.{key}") < 0:
                 raise ValueError(f"{what}.{key} is negative")
 
 
+def _check_writable(path: Optional[str]) -> None:
+    """InputError naming the state file where its folder cannot take it (made if missing, as _save_state makes it)."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the search state there ({exc.strerror or exc})") from None
+
+
 def _save_state(path: Optional[str], state: dict) -> None:
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     plain = json.loads(json.dumps(state))  # as it reads back: the digest is of that
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump({**plain, "digest": _digest(plain)}, fh)  # NaN scores are written as NaN, which json reads back
-    replace_file(path, write)  # a crash mid-write leaves the previous generation's state
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        replace_file(path, write)  # a crash mid-write leaves the previous generation's state
+    except OSError as exc:  # it named replace_file's temporary file
+        raise InputError(f"{path}: cannot write the search state ({exc.strerror or exc})") from None
