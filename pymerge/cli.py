@@ -80,8 +80,17 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, remembering its last usage error (subcommands' parsers are of this class too)."""
+    last_error: Optional[str] = None
+
+    def error(self, message):
+        _Parser.last_error = message
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pymerge", description="Fast, trustworthy model merging.")
+    ap = _Parser(prog="pymerge", description="Fast, trustworthy model merging.")
     ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -143,9 +152,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr = open(os.devnull, "w")
     try:
         try:
+            _Parser.last_error = None
             rc = _main(argv)
-        except SystemExit:  # argparse's --version, --help and usage errors
+        except SystemExit as exc:  # argparse's --version, --help and usage errors
             _flush_stdout()
+            if exc.code == 2 and _Parser.last_error is not None:
+                _refuse_with_other_ranks(sys.argv[1:] if argv is None else list(argv), _Parser.last_error)
             raise
         _flush_stdout()
         return rc
@@ -153,6 +165,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not _stdout_gone():
             raise
         return _stdout_reader_gone()
+
+
+def _refuse_with_other_ranks(argv: List[str], message: str) -> None:
+    """A distributed `pymerge merge` whose command line this rank refused: it joins the process group and fails
+    the first agreement with that line, as the other ranks' run_merge expects (it had exited before joining, so
+    a launcher other than torchrun, or another node's torchrun, left them waiting out the whole timeout)."""
+    if next((a for a in argv if not a.startswith("-")), None) != "merge":
+        return
+    from pymerge.dist import disk_merge
+    if disk_merge.launched():
+        disk_merge.refuse(f"command line: {message}")
 
 
 def _flush_stdout() -> None:

@@ -372,6 +372,21 @@ def test_a_rank_refusing_its_arguments_fails_every_rank_at_once(fam, tmp_path):
         assert not out.exists() and leftovers(out) == []
 
 
+def test_a_rank_whose_command_line_is_refused_fails_every_rank_at_once(fam, tmp_path):
+    """argparse refused one rank's options (another node's command line, a typo) before it could join: the
+    others waited out the whole timeout. It joins now and fails the first agreement with its usage error."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    procs = launch(2, lambda r: ["merge", cfg, out] + (["--threads", "abc"] if r else []))
+    codes, lines = finish(procs)
+    assert codes == [2, 2] and time.monotonic() - t0 < 50, (codes, lines)
+    assert lines[0] == ["pymerge: error: rank 1 refused its command line: argument --threads: invalid int value: "
+                        "'abc'"], lines
+    assert not out.exists() and leftovers(out) == []
+
+
 def test_ranks_whose_tokenizers_differ_all_fail(tmp_path):
     """Configs differing only in the tokenizer source (two models ordering two tokens the other way): rank 0
     wrote lm_head in one token order and rank 1 embed_tokens in the other, exit 0 (a bug hunt)."""

@@ -173,6 +173,36 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
                 pass
 
 
+def refuse(message: str) -> None:
+    """For a rank that cannot start its merge (its command line refused, said already): joins the process group
+    and fails the first agreement with message, so the other ranks fail at once with it (exit 2). Quiet where it
+    cannot join (RANK and WORLD_SIZE without a rendezvous, a lost group): this rank fails anyway."""
+    try:
+        timeout_s = _timeout_s()
+    except InputError:
+        timeout_s = DEFAULT_TIMEOUT_S
+    try:
+        dist, group, created = _process_group("cpu", timeout_s)
+    except (InputError, DistributedError):
+        return
+    try:
+        _agree(_raise(InputError(f"rank {dist.get_rank()} refused its {message}")), dist, group)
+    except (InputError, DistributedError):
+        pass  # this rank's own error, or a group lost meanwhile: it exits with its usage error either way
+    finally:
+        if created:
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group with a lost rank: nothing left to tidy
+                pass
+
+
+def _raise(error: BaseException):
+    def step():
+        raise error
+    return step
+
+
 def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
     """What every rank must agree on: OUT, the shard size (each rank names its shard files from it), the
     seed (DARE's and DELLA's masks), the method, the checkpoints (a LoRA adapter applied to one included) and
