@@ -104,8 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args) -> int:
+    from pymerge.errors import InputError
     from pymerge.merge import run_merge  # torch loads only for real work
-    extra = mergekit_flags.merge_options(args)
+    try:
+        extra = mergekit_flags.merge_options(args)
+    except InputError as exc:  # a distributed merge's other ranks hear of it (see _refuse_with_other_ranks)
+        _refuse_with_other_ranks(["merge"], str(exc))
+        raise
     report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
                        threads=args.threads, force=args.force, quiet=args.quiet,
                        chunk_bytes=args.chunk_size, random_seed=args.random_seed, **extra)

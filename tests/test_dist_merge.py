@@ -385,6 +385,10 @@ def test_a_rank_whose_command_line_is_refused_fails_every_rank_at_once(fam, tmp_
     assert lines[0] == ["pymerge: error: rank 1 refused its command line: argument --threads: invalid int value: "
                         "'abc'"], lines
     assert not out.exists() and leftovers(out) == []
+    codes, lines = finish(launch(2, lambda r: ["merge", cfg, out] + (["--no-safe-serialization"] if r else [])))
+    assert codes == [2, 2] and lines[0][0].startswith("pymerge: error: rank 1 refused its command line: "), lines
+    assert all(len(ls) == 1 and "--no-safe-serialization is not supported" in ls[0] for ls in lines), lines
+    assert not out.exists() and leftovers(out) == []
 
 
 def test_ranks_whose_tokenizers_differ_all_fail(tmp_path):
