@@ -249,8 +249,12 @@ def _run(args) -> int:
         return 1
     except KeyboardInterrupt:
         done = INSTALLED[installed_before:]
-        say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)" if done
-             else "pymerge: interrupted; no output was written")
+        if done:
+            say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)")
+        elif args.command == "merge":
+            say("pymerge: interrupted; no output was written")
+        else:  # the demo keeps the checkpoints it finished (the next run reuses them), a search its state
+            say(f"pymerge: {args.command} interrupted")
         return 130
     except OSError as exc:
         if exc.errno is None or (isinstance(exc, BrokenPipeError) and _stdout_gone()):

@@ -123,6 +123,22 @@ def test_splits_use_separate_streams():
     assert len(set(val) & set(test)) < 10
 
 
+def test_training_never_draws_a_validation_or_test_stream():
+    """The runs of demo seed s are seeded s * 1000 + k, and split_seed is linear modulo 2**31: for 14 seeds a
+    run's training stream was one of s's test or validation streams (--seed 56073721: pretraining drew the
+    reversal test set, 776 of its 3000 examples; a bug hunt). Other seeds keep their streams."""
+    first = next(iter(tasks.TASKS))
+    seed = 56073721
+    held_out = tasks.held_out_streams(seed)
+    assert tasks.split_seed(seed * 1000 + 1, "train", first) in held_out  # the collision is real
+    stream = train.training_stream(seed * 1000 + 1, held_out)
+    assert stream not in held_out and stream == train.training_stream(seed * 1000 + 1, held_out)
+    for s in range(20):
+        for k in range(1, 14):
+            assert train.training_stream(s * 1000 + k, tasks.held_out_streams(s)) == \
+                tasks.split_seed(s * 1000 + k, "train", first)
+
+
 def test_make_batch_marks_answer_and_eos():
     b = tasks.make_batch([("A1+2=", "3"), ("Rabc>", "cba")])
     assert b.ids[0].tolist()[:8] == [tasks.BOS] + tasks.encode("A1+2=3") + [tasks.EOS]
@@ -205,7 +221,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [(["--threads", "-1"], "--threads must be from 0 (the default) to 1024, got -1"),
                                            (["--threads", "1025"], "--threads must be from 0 (the default) to 1024"),
-                                           (["--budget", "0"], "--budget must be at least 1"),
+                                           (["--budget", "0"], "--budget must be from 1 to 1000000000, got 0"),
+                                           (["--budget", "1000000001"], "--budget must be from 1 to 1000000000"),
+                                           (["--out", ""], "--out must name a folder"),
                                            (["--seed", "-1"], "--seed must be from 0 to 268435455, got -1"),
                                            # its training data would be seed 0's (seed * 1000 + k modulo 2**31)
                                            (["--seed", "268435456"], "--seed must be from 0 to 268435455"),
@@ -455,3 +473,43 @@ def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_pat
     with pytest.raises(run.InputError, match="is not a folder the demo wrote"):
         run.build_checkpoints(str(folder), run.Settings.quick())
     assert (folder / "pretrained" / "weights.bin").read_text() == "mine"
+
+
+def test_a_checkpoint_changed_in_its_cache_is_trained_again_and_files_are_readable(tmp_path):
+    """A cached model.safetensors zeroed in place (same size) was reused, and every score changed with it (a
+    bug hunt). Its digest is in the manifest now. And safetensors wrote the models 0600 whatever the umask."""
+    folder = str(tmp_path / "checkpoints")
+    s = run.Settings.quick(0)
+    logs = []
+    paths = run.build_checkpoints(folder, s, log=logs.append)
+    target = os.path.join(paths[0], "model.safetensors")
+    good = open(target, "rb").read()
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~_umask()
+    run.build_checkpoints(folder, s, log=logs.append)
+    assert any("reusing" in m for m in logs)
+    with open(target, "r+b") as fh:
+        fh.seek(len(good) - 4096)
+        fh.write(bytes(4096))
+    logs.clear()
+    run.build_checkpoints(folder, s, log=logs.append)
+    assert any("changed since they were written" in m for m in logs) and open(target, "rb").read() == good
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_files_put_beside_the_merged_model_are_refused_not_deleted(tmp_path):
+    """OUT/merged is replaced whole: a README.md or tokenizer.json a user put there was deleted, exit 0."""
+    out = tmp_path / "out"
+    _claim(str(out))
+    (out / "merged").mkdir()
+    for name in ("config.json", "model.safetensors", "merge_weights.json"):
+        (out / "merged" / name).write_text("{}")
+    _claim(str(out))
+    (out / "merged" / "README.md").write_text("mine")
+    with pytest.raises(run.InputError, match="merged: holds README.md, which the demo did not write"):
+        _claim(str(out))
+    assert (out / "merged" / "README.md").read_text() == "mine"

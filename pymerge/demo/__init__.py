@@ -42,8 +42,10 @@ def main(argv=None) -> int:
                     help="the live model's dtype (auto: bfloat16 where the CPU multiplies it natively, else float32)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     args = ap.parse_args(argv)
-    if args.budget is not None and args.budget < 1:
-        ap.error("--budget must be at least 1")
+    if args.budget is not None and not 1 <= args.budget <= 10**9:  # the search's bounds, checked before training
+        ap.error(f"--budget must be from 1 to {10**9}, got {args.budget}")
+    if not args.out:
+        ap.error("--out must name a folder, got ''")
     # before training, not after it; below 2**28: the data streams are drawn from seed * 1000 + k modulo 2**31,
     # so seed s + 2**28 trained on the same examples as s (and s + 2**31 also scored on them)
     if not 0 <= args.seed <= 2**28 - 1:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pymerge.errors import CheckpointError
+from pymerge.io.files import new_file_mode
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def save_hf(model: TinyLlama, folder: str, dtype: torch.dtype = torch.float32, e
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(os.path.join(folder, "model.safetensors"), new_file_mode())  # safetensors writes 0600 whatever the umask
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(model.config.to_hf(dtype), fh, indent=2)
     for name, payload in (extra_files or {}).items():

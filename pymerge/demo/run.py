@@ -138,6 +138,12 @@ def _check_out(out: str) -> None:
                                       or (os.listdir(path) and not interrupted
                                           and not os.path.isfile(os.path.join(path, own_file)))):
             raise InputError(f"{path}: is not a folder the demo wrote (no {own_file}); move it or choose another --out")
+    merged = os.path.join(out, "merged")
+    strange = sorted(set(os.listdir(merged)) - _MERGED_FILES) if os.path.isdir(merged) and \
+        not os.path.islink(merged) else []
+    if strange:  # the merge replaces the whole folder: a README or tokenizer put beside it was deleted
+        raise InputError(f"{merged}: holds {', '.join(strange[:3])}{' ...' if len(strange) > 3 else ''}, which the "
+                         "demo did not write (it replaces this folder); move them or choose another --out")
     for name in ("results.json", "demo.png"):
         path = os.path.join(out, name)
         if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
@@ -149,6 +155,7 @@ def _check_out(out: str) -> None:
 _RESULTS = {"summary": dict, "details": dict, "search": list}
 _SUMMARY = ("best_single", "best_single_name", "optimized", "optimized_weights", "per_task", "settings")
 _MANIFEST = {"fingerprint": str, "settings": dict, "checkpoints": list}
+_MERGED_FILES = {"config.json", "model.safetensors", "merge_weights.json"}  # what _write_merge's save_hf writes
 
 
 def _is_ours(path: str, fields: Dict[str, type]) -> bool:
@@ -179,13 +186,17 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     paths = [os.path.join(folder, f"{i:02d}-{r.name.replace(':', '-').replace('>', '-')}") for i, r in enumerate(runs)]
     manifest = os.path.join(folder, "manifest.json")
     fp = _fingerprint(s)
+    files = [os.path.join(p, "model.safetensors") for p in [os.path.join(folder, "pretrained")] + paths]
     try:
         with open(manifest) as fh:
-            if json.load(fh).get("fingerprint") == fp and all(os.path.isfile(os.path.join(p, "model.safetensors"))
-                                                              for p in paths):
+            saved = json.load(fh)
+        if saved.get("fingerprint") == fp:
+            # by content too: a checkpoint changed in place (same size) was reused, and every score with it
+            if saved.get("sha256") == {os.path.relpath(f, folder): _sha256(f) for f in files}:
                 log(f"reusing the checkpoints in {folder} (same settings and code)")
                 return paths
-    except (OSError, ValueError):
+            log(f"the checkpoints in {folder} changed since they were written: training them again")
+    except (OSError, ValueError, AttributeError):
         pass
     _remove_stale(folder, manifest, paths)
     trained = train_pool(default_config(), pretraining(s.pretrain_steps), runs, seed=s.seed, progress=progress)
@@ -193,8 +204,17 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     for path, run in zip(paths, runs):
         save_hf(trained.models[run.name], path, extra_files={"training_run.json": asdict(run)})
     with open(manifest, "w") as fh:
-        json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths}, fh, indent=1)
+        json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths,
+                   "sha256": {os.path.relpath(f, folder): _sha256(f) for f in files}}, fh, indent=1)
     return paths
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:

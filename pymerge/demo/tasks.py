@@ -64,9 +64,16 @@ def generate(task: str, n: int, seed: int) -> List[Example]:
 
 
 def split_seed(seed: int, split: str, task: str) -> int:
-    """Disjoint streams for every (seed, split, task): training, validation and test never share one."""
+    """A stream for every (seed, split, task), distinct across splits and tasks of one seed. The training runs of
+    a demo seed s draw from seeds s * 1000 + k, whose streams can meet s's own validation or test streams
+    (modulo 2**31): train.training_stream steps around those."""
     return (seed * 1_000_003 + {"train": 1, "val": 2, "test": 3}[split] * 7919
             + list(TASKS).index(task) * 104_729) % 2**31
+
+
+def held_out_streams(seed: int) -> frozenset:
+    """The validation and test streams of a demo seed: no training run may draw from them."""
+    return frozenset(split_seed(seed, split, t) for split in ("val", "test") for t in TASKS)
 
 
 def encode(text: str) -> List[int]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pymerge.demo.model import LlamaConfig, TinyLlama
-from pymerge.demo.tasks import TASKS, TOKEN_ID, VOCAB, Batch, make_batch, sample, split_seed
+from pymerge.demo.tasks import TASKS, TOKEN_ID, VOCAB, Batch, held_out_streams, make_batch, sample, split_seed
 
 OBJECTIVES = ("answer", "sequence", "smoothed")
 
@@ -117,12 +117,25 @@ def _draw(run: Run, rng: np.random.RandomState) -> Batch:
     return make_batch([ex for t, c in zip(tasks, counts) for ex in sample(t, int(c), rng)])
 
 
-def train(model: TinyLlama, run: Run, seed: int, progress: Optional[Callable[[int], None]] = None) -> TinyLlama:
-    """AdamW with a short warmup and cosine decay, on fresh examples of the run's mixture."""
+def training_stream(seed: int, held_out: frozenset = frozenset()) -> int:
+    """The data stream of a run seeded seed: split_seed's training stream, or, where that is one of held_out
+    (with --seed 56073721 pretraining drew the reversal test set's examples), one derived from the seed by
+    numpy's SeedSequence that is not."""
+    stream, k = split_seed(seed, "train", next(iter(TASKS))), 0
+    while stream in held_out:
+        k += 1
+        stream = int(np.random.SeedSequence([seed, k]).generate_state(1)[0]) % 2**31
+    return stream
+
+
+def train(model: TinyLlama, run: Run, seed: int, progress: Optional[Callable[[int], None]] = None,
+          held_out: frozenset = frozenset()) -> TinyLlama:
+    """AdamW with a short warmup and cosine decay, on fresh examples of the run's mixture (never from the
+    streams in held_out: the demo seed's validation and test sets)."""
     if run.objective not in OBJECTIVES:
         raise ValueError(f"run {run.name}: objective must be one of {', '.join(OBJECTIVES)}, got {run.objective!r}")
     torch.manual_seed(seed)
-    rng = np.random.RandomState(split_seed(seed, "train", next(iter(TASKS))))
+    rng = np.random.RandomState(training_stream(seed, held_out))
     decay = [p for n, p in model.named_parameters() if p.dim() == 2]
     other = [p for n, p in model.named_parameters() if p.dim() != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
@@ -156,7 +169,8 @@ def train_pool(config: LlamaConfig, pretrain: Run, runs: List[Run], seed: int = 
                progress: Optional[Callable[[int], None]] = None) -> Pool:
     """The shared pretraining run, then every run from it (or from its parent run)."""
     torch.manual_seed(seed)
-    base = train(TinyLlama(config), pretrain, seed=seed * 1000 + 1, progress=progress)
+    held_out = held_out_streams(seed)
+    base = train(TinyLlama(config), pretrain, seed=seed * 1000 + 1, progress=progress, held_out=held_out)
     pool = Pool(pretrained=base, runs=list(runs))
     for i, run in enumerate(runs):
         if run.parent is not None and run.parent not in pool.models:
@@ -164,5 +178,5 @@ def train_pool(config: LlamaConfig, pretrain: Run, runs: List[Run], seed: int = 
         start = pool.models[run.parent] if run.parent else base
         model = TinyLlama(config)
         model.load_state_dict(start.state_dict())
-        pool.models[run.name] = train(model, run, seed=seed * 1000 + 2 + i, progress=progress)
+        pool.models[run.name] = train(model, run, seed=seed * 1000 + 2 + i, progress=progress, held_out=held_out)
     return pool
