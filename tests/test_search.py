@@ -1165,7 +1165,7 @@ def test_seeds_are_taken_whole_and_counts_refuse_strings():
     assert len(optimize(pool, evaluate, model=Vec(), budget=np.int64(3), log=None).history) == 3
 
 
-def test_groups_without_tensors_are_not_searched_and_huge_tables_are_refused():
+def test_groups_without_tensors_are_not_searched_and_huge_tables_are_refused(tmp_path):
     """A pool of blocks 30-31 under "layer" has 33 rows: all 99 weights were searched, 93 of them changing
     nothing; group ids from a million asked CMA-ES for 65 TiB (MemoryError after 9 s)."""
     g = torch.Generator().manual_seed(2)
@@ -1183,11 +1183,29 @@ def test_groups_without_tensors_are_not_searched_and_huge_tables_are_refused():
     assert res.best_weights.shape == (33, 3) and all(len(r["x"]) == 6 for r in res.history)
     assert res.best_weights[31, 0] > 0.9 and res.best_weights[32, 2] > 0.9
     np.testing.assert_allclose(res.best_weights[:31], 1 / 3)  # rows that hold nothing: at their start
+    path = str(tmp_path / "s.json")  # a resume replays it (its first candidate is the searched part of x0)
+    kw = dict(model=model, groups="layer", seed=1, popsize=4, log=None, state_path=path)
+    optimize(pool, evaluate, budget=6, **kw)
+    resumed = optimize(pool, evaluate, budget=10, **kw)
+    whole = optimize(pool, evaluate, budget=10, **{**kw, "state_path": None})
+    assert [r["x"] for r in resumed.history] == [r["x"] for r in whole.history]
     ids = {f"layers.{i}.w": 10**6 + i for i in (30, 31)}
     t0 = time.perf_counter()
     with pytest.raises(InputError, match="number the groups"):
         optimize(pool, evaluate, model=model, budget=4, groups=ids, log=None)
     assert time.perf_counter() - t0 < 5
+
+
+def test_a_state_of_a_seed_whose_stream_changed_is_refused_as_another_search(tmp_path):
+    """Seeds outside 0..2**32-1 drew seed % 2**32's stream before: such a state failed its replay as 'edited'."""
+    pool, evaluate, _ = synthetic(n=3)
+    path = str(tmp_path / "s.json")
+    optimize(pool, evaluate, model=Vec(), budget=4, popsize=2, seed=-1, state_path=path, log=None)
+    state = json.load(open(path))
+    del state["fingerprint"]["seed_stream"], state["digest"]  # as written before the change
+    json.dump(state, open(path, "w"))
+    with pytest.raises(InputError, match="seed_stream"):
+        optimize(pool, evaluate, model=Vec(), budget=6, popsize=2, seed=-1, state_path=path, log=None)
 
 
 def test_replicas_are_made_only_for_the_candidates_left(monkeypatch):

@@ -225,6 +225,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         raise InputError(f"x0[{outside[0]}] is {x0[outside[0]]}, outside bounds [{lo}, {hi}]")
     fingerprint = {"n": n, "groups": g, "seed": int(seed), "sigma0": float(sigma0),
                    **({"used_groups": used} if len(used) < g else {}),
+                   # seeds outside 0..2**32-1 drew seed % 2**32's stream before 2026-12-03: such a state is another search
+                   **({"seed_stream": 2} if not 0 <= seed < 2**32 else {}),
                    "popsize": int(popsize) if popsize else popsize, "normalize": bool(normalize),
                    "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method),
                    # by name, as groups=: another one mixed two objectives' values (the default's name is None)
@@ -268,7 +270,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0,
                      "x0_done": False}
         else:
-            pending = _replay(es, rng, state, state_path)
+            pending = _replay(es, rng, state, state_path, x0)
             if any(not np.allclose(to_weights(r["x"]), r["weights"], rtol=1e-9, atol=1e-12)
                    for r in state["history"]):
                 raise InputError(f"{state_path}: saved search state has weights that do not follow from its "
@@ -388,11 +390,12 @@ def _fitness(objective: float) -> float:
     return -objective if math.isfinite(objective) else 1e300
 
 
-def _replay(es, rng, state: dict, path: str) -> Optional[Tuple[list, List[float]]]:
+def _replay(es, rng, state: dict, path: str, x0) -> Optional[Tuple[list, List[float]]]:
     """Brings a fresh CMA-ES to where the saved run stopped: ask, check the recorded candidates, tell.
-    Returns the last generation's candidates and objectives if the budget ended it part-way (else None)."""
+    Returns the last generation's candidates and objectives if the budget ended it part-way (else None).
+    x0: the start searched (the fingerprint's, less the rows of groups without tensors)."""
     history = state["history"]
-    if history and not np.allclose(history[0]["x"], state["fingerprint"]["x0"], rtol=1e-9, atol=1e-12):
+    if history and not np.allclose(history[0]["x"], x0, rtol=1e-9, atol=1e-12):
         raise InputError(f"{path}: saved search state's first candidate is not x0; use another state_path or delete it")
     rows_of: Dict[int, List[dict]] = {}
     for r in history[1:]:
