@@ -109,7 +109,7 @@ def _cmd_merge(args) -> int:
     try:
         extra = mergekit_flags.merge_options(args)
     except InputError as exc:  # a distributed merge's other ranks hear of it (see _refuse_with_other_ranks)
-        _refuse_with_other_ranks(["merge"], str(exc))
+        _refuse_with_other_ranks(str(exc))
         raise
     report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
                        threads=args.threads, force=args.force, quiet=args.quiet,
@@ -161,8 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             rc = _main(argv)
         except SystemExit as exc:  # argparse's --version, --help and usage errors
             _flush_stdout()
-            if exc.code == 2 and _Parser.last_error is not None:
-                _refuse_with_other_ranks(sys.argv[1:] if argv is None else list(argv), _Parser.last_error)
+            words = [a for a in (sys.argv[1:] if argv is None else argv) if not str(a).startswith("-")]
+            if exc.code == 2 and _Parser.last_error is not None and words[:1] == ["merge"]:
+                _refuse_with_other_ranks(_Parser.last_error)
             raise
         _flush_stdout()
         return rc
@@ -172,12 +173,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _stdout_reader_gone()
 
 
-def _refuse_with_other_ranks(argv: List[str], message: str) -> None:
+def _refuse_with_other_ranks(message: str) -> None:
     """A distributed `pymerge merge` whose command line this rank refused: it joins the process group and fails
     the first agreement with that line, as the other ranks' run_merge expects (it had exited before joining, so
     a launcher other than torchrun, or another node's torchrun, left them waiting out the whole timeout)."""
-    if next((a for a in argv if not a.startswith("-")), None) != "merge":
-        return
     from pymerge.dist import disk_merge
     if disk_merge.launched():
         disk_merge.refuse(f"command line: {message}")

@@ -187,12 +187,15 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     manifest = os.path.join(folder, "manifest.json")
     fp = _fingerprint(s)
     files = [os.path.join(p, "model.safetensors") for p in [os.path.join(folder, "pretrained")] + paths]
+
+    def digests() -> Dict[str, str]:
+        return {os.path.relpath(f, folder): _sha256(f) for f in files}
     try:
         with open(manifest) as fh:
             saved = json.load(fh)
         if saved.get("fingerprint") == fp:
             # by content too: a checkpoint changed in place (same size) was reused, and every score with it
-            if saved.get("sha256") == {os.path.relpath(f, folder): _sha256(f) for f in files}:
+            if saved.get("sha256") == digests():
                 log(f"reusing the checkpoints in {folder} (same settings and code)")
                 return paths
             log(f"the checkpoints in {folder} changed since they were written: training them again")
@@ -205,7 +208,7 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
         save_hf(trained.models[run.name], path, extra_files={"training_run.json": asdict(run)})
     with open(manifest, "w") as fh:
         json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths,
-                   "sha256": {os.path.relpath(f, folder): _sha256(f) for f in files}}, fh, indent=1)
+                   "sha256": digests()}, fh, indent=1)
     return paths
 
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, DistributedError, InputError, MergeConfigError
@@ -81,11 +81,7 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
                                stream_plan, write_side_files)
 
     t0 = time.perf_counter()
-    refused = None
-    try:
-        timeout_s = _timeout_s()
-    except InputError as exc:
-        timeout_s, refused = DEFAULT_TIMEOUT_S, exc
+    timeout_s, refused = _timeout_or_default()
     try:
         args = arguments()
     except Exception as exc:  # noqa: BLE001  (raised in the first agreement)
@@ -167,10 +163,7 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         if "plan" in state:
             state["plan"].close()
         if created:
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a group with a lost rank: nothing left to tidy
-                pass
+            _leave(dist)
 
 
 def refuse(message: str) -> None:
@@ -178,29 +171,27 @@ def refuse(message: str) -> None:
     and fails the first agreement with message, so the other ranks fail at once with it (exit 2). Quiet where it
     cannot join (RANK and WORLD_SIZE without a rendezvous, a lost group): this rank fails anyway."""
     try:
-        timeout_s = _timeout_s()
-    except InputError:
-        timeout_s = DEFAULT_TIMEOUT_S
-    try:
-        dist, group, created = _process_group("cpu", timeout_s)
+        dist, group, created = _process_group("cpu", _timeout_or_default()[0])
     except (InputError, DistributedError):
         return
+
+    def step():
+        raise InputError(f"rank {dist.get_rank()} refused its {message}")
     try:
-        _agree(_raise(InputError(f"rank {dist.get_rank()} refused its {message}")), dist, group)
+        _agree(step, dist, group)
     except (InputError, DistributedError):
         pass  # this rank's own error, or a group lost meanwhile: it exits with its usage error either way
     finally:
         if created:
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a group with a lost rank: nothing left to tidy
-                pass
+            _leave(dist)
 
 
-def _raise(error: BaseException):
-    def step():
-        raise error
-    return step
+def _leave(dist) -> None:
+    """Destroys the process group this module made."""
+    try:
+        dist.destroy_process_group()
+    except Exception:  # a group with a lost rank: nothing left to tidy
+        pass
 
 
 def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
@@ -306,6 +297,15 @@ def _process_group(device: str, timeout_s: float):
 def _local_cuda() -> str:
     import torch
     return f"cuda:{torch.cuda.current_device()}"
+
+
+def _timeout_or_default() -> Tuple[float, Optional[InputError]]:
+    """(PYMERGE_DIST_TIMEOUT's seconds, None), or (the default, its InputError): a rank joins the others before
+    it reports a bad value, which left them waiting out their timeout where it refused to join."""
+    try:
+        return _timeout_s(), None
+    except InputError as exc:
+        return DEFAULT_TIMEOUT_S, exc
 
 
 def _timeout_s() -> float:
