@@ -170,13 +170,12 @@ def refuse(message: str) -> None:
     """For a rank that cannot start its merge (its command line refused, said already): joins the process group
     and fails the first agreement with message, so the other ranks fail at once with it (exit 2). Quiet where it
     cannot join (RANK and WORLD_SIZE without a rendezvous, a lost group): this rank fails anyway."""
+    def step():
+        raise InputError(f"rank {dist.get_rank()} refused its {message}")
     try:
         dist, group, created = _process_group("cpu", _timeout_or_default()[0])
     except (InputError, DistributedError):
         return
-
-    def step():
-        raise InputError(f"rank {dist.get_rank()} refused its {message}")
     try:
         _agree(step, dist, group)
     except (InputError, DistributedError):
