@@ -319,6 +319,62 @@ def test_an_added_entry_for_a_vocabulary_token_keeps_the_vocabulary_id(tmp_path,
     assert torch.allclose(out[out_id], (ea[vocab_id] + eb[vocab_id]) / 2, atol=1e-6)
 
 
+ADDED_ORDERS = [  # (id, content) as listed -> the ids tokenizers gives (six model tokens a .. f)
+    ([(7, "<x>"), (6, "<y>")], {"<x>": 6, "<y>": 7}),          # out of order
+    ([(6, "<x>"), (8, "<y>")], {"<x>": 6, "<y>": 7}),          # a gap
+    ([(6, "<x>"), (7, "<x>")], {"<x>": 6}),                    # a repeat
+    ([(1, "<x>")], {"<x>": 6}),                                # an id inside the model's vocabulary
+    ([(9, "c"), (3, "<x>"), (2, "<y>")], {"c": 2, "<x>": 6, "<y>": 7}),  # a model token keeps its id
+    ([(6, ""), (7, "<x>")], {"<x>": 6}),                       # an empty content is not a token
+]
+
+
+@pytest.mark.parametrize("listed,expected", ADDED_ORDERS)
+def test_added_tokens_get_the_ids_tokenizers_gives_them(tmp_path, listed, expected):
+    """tokenizers numbers added tokens in list order, whatever their "id" fields say; pymerge took the
+    fields as written, so a hand-edited list out of order merged embedding rows under the wrong tokens
+    (a hunt against mergekit: '<s>' and '<|im_end|>' swapped, exit 0)."""
+    from pymerge.tokenizer.files import read_tokenizer
+    entries = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": j % 2 == 0} for j, (i, c) in enumerate(listed)]
+    doc = {"version": "1.0", "added_tokens": entries, "normalizer": None, "pre_tokenizer": None,
+           "post_processor": None, "decoder": None, "truncation": None, "padding": None,
+           "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate("abcdef")}, "unk_token": "a"}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok = read_tokenizer(tmp_path)
+    assert {c: tok.vocab[c] for c in expected} == expected and "" not in tok.vocab
+    assert {e["content"]: e["id"] for e in tok.added} == expected  # and written so
+    try:
+        import tokenizers
+    except ImportError:
+        return
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    assert {c: theirs[c] for c in expected} == expected
+
+
+def test_rows_of_added_tokens_listed_out_of_order_follow_the_token(tmp_path, capsys):
+    """End to end: the output's source lists its added tokens out of id order; each merged row is the mean
+    of the rows the tokenizers' ids name."""
+    a = write_model(tmp_path / "a", SPECIAL + W[:8], seed=0, added=["<p>", "<q>"])
+    b = write_model(tmp_path / "b", SPECIAL + W[:8], seed=1, perturb_seed=2, added=["<p>", "<q>"])
+    for m in (a, b):
+        tok = json.loads((m / "tokenizer.json").read_text())
+        tok["added_tokens"][-2:] = tok["added_tokens"][-2:][::-1]  # "<q>" (id 12) listed before "<p>" (11)
+        (m / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+        "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    out = lf.load_folder(tmp_path / "out")["model.embed_tokens.weight"].double()
+    ea, eb = (lf.load_folder(m)["model.embed_tokens.weight"].double() for m in (a, b))
+    ids = {e["content"]: e["id"] for e in json.loads((tmp_path / "out" / "tokenizer.json").read_text())["added_tokens"]}
+    n = len(SPECIAL) + 8
+    for token, theirs in (("<q>", n), ("<p>", n + 1)):  # tokenizers: list order
+        assert torch.allclose(out[ids[token]], (ea[theirs] + eb[theirs]) / 2, atol=1e-6), token
+
+
 def test_vocab_size_is_written_where_the_config_keeps_it(models, tmp_path, capsys):
     """A multimodal config (Mistral3, Gemma3, Qwen-VL) keeps vocab_size in text_config: the new size goes
     there, as mergekit's vocab_size_config_key (plain and slices merges; the slices one also rewrites
@@ -477,6 +533,8 @@ def test_missing_or_corrupt_tokenizer(models, tmp_path, capsys):
     _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "ids")
     (broken / "tokenizer.json").write_text('{"model": {"type": "Mystery", "vocab": {}}}')
     _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "Mystery")
+    (broken / "tokenizer.json").write_text('{"model": {"type": "BPE", "merges": []}}')  # said BPE is unsupported
+    _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "model.vocab is missing")
 
 
 def test_a_tokenizer_source_that_does_not_exist_is_named_as_a_config_key(models, tmp_path, capsys):

@@ -123,17 +123,12 @@ def read_tokenizer(ref) -> Tokenizer:
     added = doc.get("added_tokens") or []
     if not isinstance(added, list):
         raise CheckpointError(f"{path}: 'added_tokens' must be a list")
-    added = list(added)
-    own = dict(vocab)
     for i, e in enumerate(added):
         if (not isinstance(e, dict) or not isinstance(e.get("content"), str) or not _is_id(e.get("id"))
                 or any(not isinstance(e.get(k, False), bool) for k in _ADDED_FLAGS)):
             raise CheckpointError(f"{path}: added_tokens[{i}] is not a token entry (id, content, flags)")
-        if e["content"] in own and own[e["content"]] != e["id"]:
-            # a token the model's vocabulary has keeps that id, whatever the entry says: tokenizers (and so
-            # transformers and mergekit) load it so, and save the entry with it
-            added[i] = e = dict(e, id=own[e["content"]])
-        vocab[e["content"]] = e["id"]
+    added = _number_added(added, vocab)
+    vocab.update((e["content"], e["id"]) for e in added)
     doc = dict(doc, added_tokens=added)
     config = {}
     cpath = folder / TOKENIZER_CONFIG
@@ -143,6 +138,30 @@ def read_tokenizer(ref) -> Tokenizer:
         if not isinstance(config, dict):
             raise CheckpointError(f"{cpath}: is not a JSON object")
     return Tokenizer(folder, doc, config, vocab, added, model_size, before)
+
+
+def _number_added(entries: List[dict], model_vocab: Dict[str, int]) -> List[dict]:
+    """The added tokens with the ids the tokenizers library (and so transformers and mergekit) gives them
+    when it loads the file, whatever their "id" fields say: in list order, a token the model's vocabulary
+    has keeps that id, a repeated content keeps its first id (the later entry's flags win), an empty one is
+    dropped, and each new one takes the next id past the model's vocabulary and the added ids so far.
+    Files tokenizers saved list them so already; a hand-edited list out of order merged rows under the
+    wrong tokens."""
+    by_content: Dict[str, dict] = {}
+    for e in entries:
+        content = e["content"]
+        if not content:
+            continue
+        if content in by_content:
+            token_id = by_content[content]["id"]
+        elif content in model_vocab:
+            token_id = model_vocab[content]
+        else:
+            top = max((x["id"] for x in by_content.values()), default=None)
+            size = len(model_vocab)
+            token_id = size if top is None or (top < size and size) else top + 1
+        by_content[content] = e if e["id"] == token_id else dict(e, id=token_id)
+    return list(by_content.values())
 
 
 def _model_vocab(model: dict, path: Path) -> Dict[str, int]:
@@ -158,8 +177,10 @@ def _model_vocab(model: dict, path: Path) -> Dict[str, int]:
         if not all(isinstance(k, str) and _is_id(v) for k, v in raw.items()):
             raise CheckpointError(f"{path}: model.vocab must map tokens to ids >= 0")
         return dict(raw)
-    raise CheckpointError(f"{path}: model type {kind!r} with this vocab layout is not supported "
-                          f"(BPE, WordLevel, WordPiece, Unigram)")
+    if kind in ("BPE", "WordLevel", "WordPiece", "Unigram"):
+        raise CheckpointError(f"{path}: model.vocab is missing or not a " + (
+            "list of [piece, score] pairs" if kind == "Unigram" else "mapping of tokens to ids") + f" ({kind} model)")
+    raise CheckpointError(f"{path}: model type {kind!r} is not supported (BPE, WordLevel, WordPiece, Unigram)")
 
 
 def _is_id(x) -> bool:
