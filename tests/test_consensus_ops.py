@@ -8,7 +8,7 @@ import torch
 
 import mergekit_rest_reference as ref
 from pymerge import _native
-from pymerge.ops import consensus_ops as co
+from pymerge.ops import consensus_ops as co, elementwise_mix as em, interp, task_vector_ops as tvo
 
 pytestmark = pytest.mark.skipif(_native.cpu is None or not hasattr(_native.cpu, "sce_merge"),
                                 reason="the C++ extension is not built")
@@ -206,8 +206,6 @@ def test_kernels_refuse_bad_arguments():
 def test_inputs_of_another_shape_are_refused_on_every_backend(backend):
     """The native kernels see element counts only: a (6, 4) input over a (4, 6) base was merged element by
     element (backend="torch" raised a broadcasting error), and group_dots / group_lincomb took it on both."""
-    from pymerge.ops import elementwise_mix as em
-    from pymerge.ops import interp
     b, x, out = torch.randn(4, 6), torch.randn(6, 4), torch.empty(4, 6)
     calls = {
         "nearswap": lambda: em.nearswap(b, x, 0.1, out, backend=backend),
@@ -228,3 +226,82 @@ def test_inputs_of_another_shape_are_refused_on_every_backend(backend):
     with pytest.raises(ValueError, match="^ram: needs at least one input$"):
         em.ram([], b, 1e-3, out, backend=backend)
     em.nearswap(b, b + 1, 0.5, out.view(24), backend=backend)  # any output shape of as many elements, as before
+
+
+OUT_OPS = {  # every op that writes an out= it is given (task_vector_merge: tests/test_library_ops.py's too)
+    "nearswap": lambda b, xs, out, backend: em.nearswap(b, xs[0], 0.3, out, backend=backend),
+    "ram": lambda b, xs, out, backend: em.ram(xs, b, 1e-5, out, backend=backend),
+    "sce": lambda b, xs, out, backend: co.sce(xs, b, 1.0, out, backend=backend),
+    "ramplus_tl": lambda b, xs, out, backend: co.ramplus_tl(xs, b, 0.5, 1.5, 1e-5, out, backend=backend),
+    "arcee_fusion": lambda b, xs, out, backend: co.arcee_fusion(b, xs[0], out, backend=backend),
+    "group_lincomb": lambda b, xs, out, backend: interp.group_lincomb(
+        xs, b, True, "whole", torch.tensor([[0.5, 0.5, 1.0]]), out, backend=backend),
+    "task_vector_merge": lambda b, xs, out, backend: tvo.task_vector_merge(
+        xs, b, out, [tvo.Sparsifier()] * 2, [1.0, 1.0], consensus=False, normalize=False, backend=backend),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OUT_OPS))
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_written_out_is_seen_by_autograd(op, backend):
+    """The native kernels write by address: a graph that had saved out backpropagated its new values in
+    silence (only weighted_sum bumped the version), and an input or out requiring grad gave a detached
+    result or a leaf written in place. Now: torch's "modified by an inplace operation" error, and out=
+    refused where a gradient is wanted, as torch's own out= ops and weighted_sum do."""
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(6, generator=g)
+    xs = [b + torch.randn(6, generator=g) for _ in range(2)]
+    p, out = torch.ones(6, requires_grad=True), torch.zeros(6)
+    loss = (p * out).sum()  # saves out (zeros) for d loss / d p
+    with torch.no_grad():
+        OUT_OPS[op](b, xs, out, backend)
+    assert out.abs().sum() > 0  # written
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    for wanting in ("input", "out"):
+        xs_g = [x.clone().requires_grad_(wanting == "input") for x in xs]
+        out_g = torch.zeros(6, requires_grad=wanting == "out")
+        with pytest.raises(RuntimeError, match="out= does not record gradients"):
+            OUT_OPS[op](b, xs_g, out_g, backend)
+        assert not out_g.detach().any()  # refused before it wrote
+        with torch.no_grad():
+            OUT_OPS[op](b, xs_g, out_g, backend)  # as torch: fine without grad mode
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_group_lincomb_writes_a_non_contiguous_out(backend):
+    """backend="torch" wrote the whole-tensor combination into reshape's copy of a transposed out, which
+    stayed all zeros."""
+    g = torch.Generator().manual_seed(1)
+    xs, base = [torch.randn(4, 6, generator=g) for _ in range(2)], torch.randn(4, 6, generator=g)
+    coef = torch.tensor([[0.25, 0.5, 1.0]])
+    want = base.double() + 0.25 * (xs[0].double() - base.double()) + 0.5 * (xs[1].double() - base.double())
+    for group in ("whole", "rows", "cols"):
+        rows = {"whole": 1, "rows": 4, "cols": 6}[group]
+        out = torch.zeros(6, 4).t()
+        interp.group_lincomb(xs, base, True, group, coef.expand(rows, 3).contiguous(), out, backend=backend)
+        assert (out.double() - want).abs().max() < 1e-6, group
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_group_dots_of_empty_rows_give_a_group_each(backend):
+    """A (5, 0) tensor has 5 empty rows (torch's per-row sum gives 5 zeros); group_dots gave 0 groups."""
+    assert interp.view_2d((5, 0), "rows") == (5, 0) and interp.view_2d((0, 5), "cols") == (0, 5)
+    assert interp.view_2d((2, 0, 3), "rows") == (0, 3) and interp.view_2d((2, 0, 3), "cols") == (2, 0)
+    assert interp.view_2d((), "rows") == (1, 1) and interp.view_2d((7,), "cols") == (7, 1)
+    for shape, group in (((5, 0), "rows"), ((0, 5), "cols")):
+        g = interp.group_dots([torch.ones(shape)] * 2, None, False, group, backend=backend)
+        assert g.shape == (5, 2, 2) and not g.any()
+
+
+@pytest.mark.parametrize("op", ["sce", "arcee_fusion"])
+def test_any_out_of_as_many_elements_on_the_torch_path_too(op):
+    """The cpu backend takes an out of another shape with as many elements; the torch path raised a size
+    mismatch from copy_."""
+    b, xs = data((4, 6), 2, 5)
+    outs = []
+    for backend in ("cpu", "torch"):
+        out = torch.empty(24)
+        OUT_OPS[op](b, xs, out, backend)
+        outs.append(out)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)

@@ -36,7 +36,7 @@ def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out:
     if out.numel() == 0:
         return out
     if not _native_ok("sce_merge", list(xs) + [base], out, backend, read):
-        out.copy_(_sce_torch(xs, base, select_topk))
+        out.copy_(_sce_torch(xs, base, select_topk).view(out.shape))  # (any out of as many elements)
         return out
     xs, base = [x.contiguous() for x in xs], base.contiguous()
     ptrs, codes = _ptrs(xs)
@@ -128,7 +128,7 @@ def arcee_fusion(base: torch.Tensor, x: torch.Tensor, out: torch.Tensor, backend
     b, y = base.float(), x.float()
     scores = importance(y, b)
     if not _native_ok("fusion_blend", (base, x), out, backend, read):
-        out.copy_(b + (y - b) * (scores >= fusion_threshold(scores)))
+        out.copy_((b + (y - b) * (scores >= fusion_threshold(scores))).view(out.shape))
         return out
     native = not bool((scores < 0).any())  # magnitude order is value order: one native selection
     threshold = fusion_threshold(scores, num_threads if native else None)

@@ -32,14 +32,11 @@ def _backend(t: torch.Tensor, backend: str) -> str:
 
 def view_2d(shape: Sequence[int], group: str) -> Tuple[int, int]:
     """[rows, cols] of a tensor for a grouping: rows = last-dim vectors, cols = dim-0 vectors."""
-    numel = math.prod(shape)
-    if group == "rows":
-        cols = shape[-1] if len(shape) else 1
-        return (numel // cols if cols else 0), cols
+    if group == "rows":  # (products, not numel divided: a (5, 0) tensor has 5 empty rows)
+        return math.prod(shape[:-1]), (shape[-1] if len(shape) else 1)
     if group == "cols":
-        rows = shape[0] if len(shape) else 1
-        return rows, (numel // rows if rows else 0)
-    return 1, numel
+        return (shape[0] if len(shape) else 1), math.prod(shape[1:])
+    return 1, math.prod(shape)
 
 
 def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
@@ -142,12 +139,16 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     coef = coef.to(xs[0].device)
     if group == "whole":
         n = xs[0].numel()
+        # by blocks into out's own memory (reshape of a non-contiguous out is a copy, which was written instead)
+        flat = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
         for s in range(0, n, _BLOCK):
             sl = slice(s, s + _BLOCK)
             acc = sum(coef[0, i] * v for i, v in enumerate(_vs(xs, base, sub, sl)))
             if base is not None:
                 acc = acc + coef[0, k] * base.reshape(-1)[sl].float()
-            out.reshape(-1)[sl] = acc.to(out.dtype)
+            flat[sl] = acc.to(out.dtype)
+        if not out.is_contiguous():
+            out.copy_(flat.view(out.shape))
         return out
     c = coef.view(rows, 1, k + 1) if group == "rows" else coef.view(1, cols, k + 1)
     vs = [v.view(rows, cols) for v in _vs(xs, base, sub)]
