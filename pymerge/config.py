@@ -454,8 +454,10 @@ def layer_t(tensor_name: str, n_layers: Union[None, int, Mapping[str, int]] = No
 
 
 # ---- parameters against a method -------------------------------------------------------------
-def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec]) -> None:
-    """Names and value types of every setting, against the method's declared parameters."""
+def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], params_where: str = "parameters",
+                        model_wheres: Optional[Sequence[str]] = None) -> None:
+    """Names and value types of every setting, against the method's declared parameters. params_where and
+    model_wheres (one per model): where the config holds cfg.parameters and each model's (a slice's own)."""
     model_params, global_params = method.model_params, method.global_params
     known = sorted(set(model_params) | set(global_params))
 
@@ -475,9 +477,9 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec]) -
                 except ValueError as exc:
                     raise MergeConfigError(cfg.where(f"{leaf_where}: {exc}")) from None
 
-    check(cfg.parameters, "parameters", True)
+    check(cfg.parameters, params_where, True)
     for i, m in enumerate(cfg.models):
-        check(m.parameters, f"models[{i}] ({m.path}).parameters", False)
+        check(m.parameters, model_wheres[i] if model_wheres else f"models[{i}] ({m.path}).parameters", False)
 
 
 def _leaves(setting, where):

@@ -265,16 +265,18 @@ def _model_type(ck) -> Optional[str]:
 
 def _fan_in_fan_out(model_type: Optional[str], name: str, weight: tuple, lora: tuple, configured: bool) -> bool:
     """Whether a layer's LoRA is merged transposed, as peft decides it per layer: by the layer's type
-    (the model's config names the architecture), else by which orientation the weight's shape fits
-    (a square one of a model whose type is known: nn.Linear, untransposed, as peft resets the flag
-    for it; of an unknown type: the adapter's fan_in_fan_out)."""
+    (the model's config names the architecture: Conv1D layers transposed, nn.Linear never, as peft resets
+    the flag for it and refuses an adapter of the transposed shape), else (an unknown type) by which
+    orientation the weight's shape fits, the adapter's fan_in_fan_out for a square one."""
     if model_type in _CONV1D_MODELS:
         return name.rsplit(".", 2)[-2] in _CONV1D_LAYERS
+    if model_type is not None:
+        return False
     if weight == lora and weight != lora[::-1]:
         return False
     if weight == lora[::-1] and weight != lora:
         return True
-    return configured if model_type is None else False
+    return configured
 
 
 def _pattern_value(patterns: dict, module: str, default, key: str, path: Path):

@@ -66,12 +66,13 @@ class SlicedConfig:
     slices: List[SliceSpec]
     module_parameters: Dict[str, Any] = field(default_factory=dict)
     whole_models: Optional[List[ModelSpec]] = None
+    where: str = "slices"  # where the config lists the slices: slices or modules.default.slices
 
     def model_refs(self) -> List[Tuple[str, str]]:
         """(where, path) of every model referenced, for path checks."""
-        refs = [(f"slices[{i}].sources[{j}]", x.path)
+        refs = [(f"{self.where}[{i}].sources[{j}]", x.path)
                 for i, s in enumerate(self.slices) for j, x in enumerate(s.sources)]
-        refs += [(f"slices[{i}].base_model", s.base_model) for i, s in enumerate(self.slices) if s.base_model]
+        refs += [(f"{self.where}[{i}].base_model", s.base_model) for i, s in enumerate(self.slices) if s.base_model]
         return refs + [(f"modules.default.models[{i}]", m.path) for i, m in enumerate(self.whole_models or [])]
 
 
@@ -102,7 +103,7 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
     if (mod.get("slices") is None) == (mod.get("models") is None):
         raise err(f"{where}: give exactly one of 'slices' or 'models'")
     if mod.get("slices") is not None:
-        return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err), params)
+        return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err), params, where=f"{where}.slices")
     models = mod["models"]
     if not isinstance(models, list) or not models:
         raise err(f"{where}.models must be a non-empty list, got {described(models)}")
@@ -359,10 +360,19 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             models = list(sliced.whole_models)
             if cfg.base_model and not any(merge._same_model(m.path, cfg.base_model) for m in models):
                 models.append(ModelSpec(cfg.base_model, {}))
-            slices = [SliceSpec([SourceSpec(m.path, (0, stack_of(m.path)[1]), m.parameters) for m in models])]
+            counts = {m.path: stack_of(m.path)[1] for m in models}
+            if len(set(counts.values())) > 1:  # (a shorter model first dropped the longer ones' last layers)
+                raise MergeConfigError(cfg.where("modules.default.models: every model must have as many layers, got "
+                                                 + ", ".join(f"{p} {n}" for p, n in counts.items())))
+            slices = [SliceSpec([SourceSpec(m.path, (0, counts[m.path]), m.parameters) for m in models])]
 
         for i, s in enumerate(slices):
-            _check_params(cfg, method, s, sliced.module_parameters, f"slices[{i}]")
+            if sliced.whole_models is None:
+                _check_params(cfg, method, s, sliced.module_parameters, f"{sliced.where}[{i}]",
+                              [f"{sliced.where}[{i}].sources[{j}]" for j in range(len(s.sources))])
+            else:  # (the base model appended last)
+                _check_params(cfg, method, s, sliced.module_parameters, "modules.default",
+                              [f"modules.default.models[{j}]" for j in range(len(sliced.whole_models))] + ["base_model"])
         donor_path = cfg.base_model or slices[0].sources[0].path
         donor = open_ck(donor_path)
         vocab = None
@@ -395,8 +405,10 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                     if x.layer_range[1] > n_layers:
                         raise MergeConfigError(cfg.where(f"slices[{i}].sources[{j}]: layer_range {list(x.layer_range)} "
                                                          f"goes past {x.path}'s {n_layers} layers"))
-                    per_source.append({_suffix(name, prefix, src_layer): name
-                                       for name in by_layer.get(src_layer, [])})
+                    if src_layer not in by_layer:  # counted by config.json, not in the file: a hole in the output
+                        raise CheckpointError(f"{x.path}: has no tensors of layer {src_layer} ({prefix}.{src_layer}.*), "
+                                              f"though its config counts {n_layers} layers")
+                    per_source.append({_suffix(name, prefix, src_layer): name for name in by_layer[src_layer]})
                 suffixes = list(per_source[0])
                 for j, names in enumerate(per_source[1:], 1):
                     if set(names) != set(suffixes):
@@ -496,12 +508,14 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [], copies=copies)
 
 
-def _check_params(cfg: MergeConfig, method, s: SliceSpec, module_params: dict, where: str) -> None:
-    """Names and types of every setting a slice uses, against the method (as for `models:`)."""
+def _check_params(cfg: MergeConfig, method, s: SliceSpec, module_params: dict, where: str,
+                  source_wheres: List[str]) -> None:
+    """Names and types of every setting a slice uses, against the method (as for `models:`); errors and
+    warnings name where the config holds it."""
     for scope_where, scope in ((f"{where}.parameters", s.parameters), ("modules.default.parameters", module_params)):
-        probe = MergeConfig(cfg.merge_method, [], parameters=scope, source=cfg.source)
-        check_method_params(probe, method, [])
-        cfg.warnings.extend(w.replace("parameters", scope_where, 1) for w in probe.warnings)
-    probe = MergeConfig(cfg.merge_method, [ModelSpec(x.path, x.parameters) for x in s.sources], source=cfg.source)
-    check_method_params(probe, method, probe.models)
-    cfg.warnings.extend(probe.warnings)
+        check_method_params(MergeConfig(cfg.merge_method, [], parameters=scope, source=cfg.source, warnings=cfg.warnings),
+                            method, [], params_where=scope_where)
+    probe = MergeConfig(cfg.merge_method, [ModelSpec(x.path, x.parameters) for x in s.sources], source=cfg.source,
+                        warnings=cfg.warnings)
+    check_method_params(probe, method, probe.models,
+                        model_wheres=[f"{w} ({x.path}).parameters" for w, x in zip(source_wheres, s.sources)])

@@ -277,6 +277,13 @@ def _broken(tmp_path, ads, name, edit_cfg=None, edit_weights=None):
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
+def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
+    """The LoRA laid out for the weight's transpose (B' A' = (B A)^T, as for a Conv1D): peft refuses it for
+    a Llama's nn.Linear; pymerge applied it transposed, exit 0 (a hunt against mergekit)."""
+    a, b = w[f"{module}.lora_A.weight"], w[f"{module}.lora_B.weight"]
+    w[f"{module}.lora_A.weight"], w[f"{module}.lora_B.weight"] = b.t().contiguous(), a.t().contiguous()
+
+
 @pytest.mark.parametrize("name, edit_cfg, edit_weights, message", [
     ("dora", lambda c: c.update(use_dora=True), None, r"use_dora: DoRA"),
     ("save", lambda c: c.update(modules_to_save=["lm_head"]), None, r"modules_to_save"),
@@ -288,6 +295,8 @@ Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     ("odd_key", None, lambda w: w.update({"base_model.model.x.weight": torch.zeros(2)}), r"'base_model.model.x"),
     ("shape", None, lambda w: w.update({Q_A: torch.zeros(4, 7)}), r"q_proj.weight' is \[48, 7\]"),
     ("conv", None, lambda w: w.update({Q_A: torch.zeros(4, 48, 1, 1)}), r"not convolutions"),
+    ("transposed", None, _transposed, r"LoRA for 'model.layers.0.mlp.down_proj.weight' is \[(\d+), (\d+)\], the weight "
+                                      r"in .* is \[\2, \1\]"),
     ("absent", None, lambda w: w.update({"base_model.model.model.nope.lora_A.weight": torch.zeros(4, 3),
                                          "base_model.model.model.nope.lora_B.weight": torch.zeros(3, 4)}),
      r"'model.nope.weight', which .* does not have"),

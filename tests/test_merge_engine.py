@@ -223,6 +223,62 @@ def test_gpt_neox_slices_take_the_head_from_the_last_slice(tmp_path, method, buf
     assert torch.equal(out["gpt_neox.layers.2.mlp.dense_4h_to_h.weight"], b["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"])
 
 
+def test_whole_models_of_different_depths_are_refused(tmp_path):
+    """modules: default: models: with a 3-layer model before a 2-layer one: the slice spanned the first's
+    count, so a shorter first model dropped the others' last layers (exit 0), and a longer first model was
+    refused as "layer 2 ... differ" (mergekit: "All inputs to a slice must contain the same number of layers")."""
+    from pymerge.errors import MergeConfigError
+    _gpt_neox(tmp_path / "a", 3, seed=1), _gpt_neox(tmp_path / "b", 2, seed=2)
+    for order in (("b", "a"), ("a", "b")):
+        cfg = {"merge_method": "linear", "dtype": "float32", "modules": {"default": {"models": [
+            {"model": str(tmp_path / m), "parameters": {"weight": 0.5}} for m in order]}}}
+        with pytest.raises(MergeConfigError, match=r"every model must have as many layers, got .*(/a 3.*/b 2|/b 2.*/a 3)"):
+            run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_slice_setting_is_named_where_the_config_holds_it(tmp_path):
+    """A typo in a slice's, a source's or a module's parameters was reported as the top-level `parameters:`
+    or as a `models[0]` the config does not have."""
+    from pymerge.errors import MergeConfigError
+    _gpt_neox(tmp_path / "a", 2, seed=1), _gpt_neox(tmp_path / "b", 2, seed=2)
+    src = lambda m, **p: {"model": str(tmp_path / m), "layer_range": [0, 2], **({"parameters": p} if p else {})}  # noqa: E731
+    top = {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0}}
+    for sliced, where in (
+            ({"slices": [{"sources": [src("a"), src("b")], "parameters": {"wieght": 1}}]}, r"slices\[0\]\.parameters"),
+            ({"slices": [{"sources": [src("a", wieght=1), src("b")]}]}, r"slices\[0\]\.sources\[0\] \(.*/a\)\.parameters"),
+            ({"modules": {"default": {"slices": [{"sources": [src("a"), src("b", wieght=1)]}]}}},
+             r"modules\.default\.slices\[0\]\.sources\[1\] \(.*/b\)\.parameters"),
+            ({"modules": {"default": {"slices": [{"sources": [src("a"), src("b")]}], "parameters": {"wieght": 1}}}},
+             r"modules\.default\.parameters"),
+            ({"modules": {"default": {"models": [{"model": str(tmp_path / "a"), "parameters": {"wieght": 1}}]}}},
+             r"modules\.default\.models\[0\] \(.*/a\)\.parameters")):
+        with pytest.raises(MergeConfigError, match=rf": {where}: unknown parameter 'wieght'"):
+            run_merge({**top, **sliced}, tmp_path / "out", device="cpu", quiet=True)
+
+
+@pytest.mark.parametrize("hole", ["counted, not stored", "one missing"])
+def test_a_slice_over_layers_the_file_lacks_is_refused(tmp_path, hole):
+    """A layer config.json counts but the file lacks: a slice over it wrote a model with that layer's
+    tensors missing and num_hidden_layers counting it (exit 0); a count of 10**9 looped without end."""
+    from safetensors.torch import save_file
+    t = _gpt_neox(tmp_path / "a", 4, seed=1)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    if hole == "counted, not stored":
+        config["num_hidden_layers"] = 10 ** 9
+        (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+        missing, ranges = 4, [[2, 6]]
+    else:
+        save_file({k: v for k, v in t.items() if ".layers.2." not in k}, str(tmp_path / "a" / "model.safetensors"),
+                  metadata={"format": "pt"})
+        missing, ranges = 2, [[0, 4]]
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": str(tmp_path / "a"), "layer_range": r}]} for r in ranges]}
+    with pytest.raises(CheckpointError, match=rf"/a: has no tensors of layer {missing} \(gpt_neox.layers.{missing}"):
+        run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_gpt_neox_with_buffers_merges(tmp_path):
     """Pythia-style checkpoints (a boolean causal mask in every layer): a plain merge copies the mask and
     merges the floats, masked_bias and inv_freq included."""
