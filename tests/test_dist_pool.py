@@ -307,6 +307,16 @@ def worker(rank, world, d, files):
         del target["1.bias"]
     out["errors"]["strict_false"] = error_of(lambda: fsdp_pool.materialize(W3, into=target, method="ties",
                                                                               density=0.55, strict=False))
+    # groups= functions of one name that group differently on each rank (a set's order, a hash seed): each rank
+    # wrote its shard with other checkpoints' weights (a hunt); the agreement hashes each tensor's group now
+    order = ["0", "1", "2"] if rank == 0 else ["1", "0", "2"]
+
+    def layer_group(name):
+        return min(order.index(name.split(".")[0]), 1)
+    before = full(models["fsdp"])["0.weight"]
+    out["errors"]["groups_differ"] = error_of(lambda: fsdp_pool.materialize(
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], into=models["fsdp"], groups=layer_group))
+    out["untouched_by_groups"] = torch.equal(full(models["fsdp"])["0.weight"], before)
     # the group is still in step after every failure
     fsdp_pool.materialize(W3, into=models["fsdp"], method="ties", density=0.55)
     again = full(models["fsdp"])["0.weight"]
@@ -453,7 +463,10 @@ def test_errors_are_agreed_without_a_hang(group):
                             f"on rank {last} (1 in all); every rank must read the same checkpoints (no pool was built)")
     assert e["retyped"].startswith(f"InputError: rank {last} read other checkpoints than rank 0: tensor '0.bias' has "
                                    "dtypes ['float16', 'bfloat16', 'float32', 'float32'] on rank")
-    assert e["strict_false"].startswith("InputError: ranks' targets hold different tensors (strict=False")
+    assert e["strict_false"].startswith("InputError: ranks planned different writes: their targets hold different "
+                                        "tensors (strict=False")
+    assert e["groups_differ"] == e["strict_false"] and "groups= or names= functions" in e["groups_differ"]
+    assert all(res["untouched_by_groups"] for res in results)
     assert e["huge_lambda"].startswith("MergeConfigError: tensor ") and "parameter lambda is 1e+39" in e["huge_lambda"]
     assert all(res["numpy_density"] is None and res["scalar"] is None and res["scalar_bits"] for res in results), \
         [(res["numpy_density"], res["scalar"]) for res in results]
@@ -572,3 +585,57 @@ def test_a_failed_agreement_is_not_agreed_again(tmp_path):
     res = dist_helpers.run(silent_peer_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=3), wall_s=60)[0]
     assert res["error"] is not None and "Timed out" in res["error"], res
     assert res["seconds"] < 5, res  # one timeout (3 s), not two
+
+
+def failed_forward_worker(rank, world, files):
+    """A forward that raised leaves FSDP2's root gathered, and reshard() does nothing then: the merge went
+    into the gathered copy, which the next reshard dropped, and the old weights came back (exit 0, a hunt)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import pymerge
+
+    def full(model):
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    m = fully_shard(build(), mesh=init_device_mesh("cpu", (world,)))
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+    out = {}
+    for when in ("materialize", "build"):
+        try:
+            m(torch.randn(2, 5))  # the wrong width: raises inside the forward, after the all-gather
+        except RuntimeError:
+            pass
+        before = full(m)
+        try:
+            if when == "build":
+                pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+            else:
+                pool.materialize(W3, into=m)
+            out[when] = None
+        except Exception as exc:
+            out[when] = f"{type(exc).__name__}: {exc}"
+        out[f"{when}_untouched"] = all(torch.equal(v, full(m)[k]) for k, v in before.items())
+        m.reset_iter_state()
+    pool.materialize(W3, into=m)  # after the reset: merged into the shards, kept past the next iteration
+    m(torch.randn(2, 13)).sum().backward()
+    m.reshard()
+    want = build()
+    pymerge.CheckpointPool(files[:3], base=files[3]).materialize(W3, into=want)
+    got = full(m)
+    out["merged_after_reset"] = all(torch.equal(got[k], p.detach()) for k, p in want.named_parameters())
+    return out
+
+
+def test_a_module_left_mid_iteration_is_refused(tmp_path):
+    files = write_checkpoints(str(tmp_path))
+    results = dist_helpers.run(failed_forward_worker, 2, str(tmp_path), files)
+    for res in results:
+        for when in ("materialize", "build"):
+            assert res[when] == ("InputError: FSDP module (the root) is in the middle of an iteration (a forward or "
+                                 "backward that raised?), its parameters gathered: call reset_iter_state() on the "
+                                 "root FSDP module first"), res
+            assert res[f"{when}_untouched"], when
+        assert res["merged_after_reset"]

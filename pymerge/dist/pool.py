@@ -38,8 +38,11 @@ class ShardedPool(CheckpointPool):
         if not dist.is_available() or not dist.is_initialized():
             raise InputError("shard_like needs an initialized torch.distributed process group "
                              "(torchrun, or dist.init_process_group)")
-        _reshard(shard_like)  # a forward pass left FSDP2's root gathered: the pool took it as replicated
-        absent: list = []  # a tensor on a mesh without this rank: this rank's error, agreed below
+        absent: list = []  # a tensor on a mesh without this rank, a module mid-iteration: this rank's error, agreed
+        try:
+            _reshard(shard_like)  # a forward pass left FSDP2's root gathered: the pool took it as replicated
+        except InputError as exc:
+            absent.append(exc)
         model_boxes = boxes_of(shard_like, absent)
         self.group = reduce_group(list(model_boxes.values()))
         self.boxes: Dict[str, Box] = _Counterparts(model_boxes, names)  # by checkpoint name
@@ -138,8 +141,10 @@ class ShardedPool(CheckpointPool):
         # both (linear), or one returned while another waited for a method's statistics (a hang); replicas
         # passing different weights held different models after the call.
         # And the tensors planned: with strict=False, targets lacking a tensor on some ranks only put the
-        # methods' per-tensor collectives out of step (gloo aborted a rank).
-        planned = collectives.fingerprint([p.name for p in plans])
+        # methods' per-tensor collectives out of step (gloo aborted a rank). As resolved, each with its weight
+        # group and target: groups= or names= functions of the same name that resolve differently (a set's
+        # order, a hash seed) wrote one checkpoint's rows on one rank and another's on the next.
+        planned = collectives.fingerprint([(p.name, p.group, p.target) for p in plans])
         collectives.agree(error, self.agreeing, (getattr(self, "_arguments", 0), planned), differs=_DIFFER)
         return plans
 
@@ -204,8 +209,9 @@ class ShardedPool(CheckpointPool):
 
 
 # What _checked_plans's agreement compares (the same call shape on every rank, materialize_many's too)
-_DIFFER = (collectives.ARGUMENTS_DIFFER, "ranks' targets hold different tensors (strict=False skips a tensor a target "
-           "lacks; it must be missing on every rank's targets or none); nothing was written")
+_DIFFER = (collectives.ARGUMENTS_DIFFER, "ranks planned different writes: their targets hold different tensors "
+           "(strict=False skips a tensor a target lacks; it must be missing on every rank's targets or none), or "
+           "their groups= or names= functions map the tensors differently; nothing was written")
 _DEFAULTS = {"groups": None, "normalize": False, "names": None, "strict": True, "seed": 0}
 
 
@@ -263,12 +269,30 @@ class _Counterparts(dict):
 
 def _reshard(target) -> None:
     """FSDP2 keeps the root module's parameters gathered after a forward pass: put its shards back
-    (local, no communication), so the merge lands in the shards the next forward gathers."""
+    (local, no communication), so the merge lands in the shards the next forward gathers. A module whose
+    forward or backward raised stays gathered (reshard() does nothing mid-iteration): the merge went into
+    the gathered copy, which FSDP dropped at its next reshard, and the old weights came back in silence."""
     if isinstance(target, torch.nn.Module):
         from torch.distributed.fsdp import FSDPModule
-        for module in target.modules():
+        for name, module in target.named_modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+                if _gathered(module):
+                    raise InputError(f"FSDP module {repr(name) if name else '(the root)'} is in the middle of an iteration (a "
+                                     "forward or backward that raised?), its parameters gathered: call "
+                                     "reset_iter_state() on the root FSDP module first")
+
+
+def _gathered(module) -> bool:
+    """Whether any of an FSDP2 module's parameters is not in its sharded state (torch's internals: False
+    where they differ from torch 2.13's, as before this check)."""
+    state = getattr(module, "_get_fsdp_state", lambda: None)()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        single = getattr(state, "_fsdp_param_group", None)
+        groups = [single] if single is not None else []
+    return any(getattr(getattr(p, "sharded_state", None), "name", "SHARDED") != "SHARDED"
+               for g in groups for p in getattr(g, "fsdp_params", ()))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
