@@ -305,3 +305,29 @@ def test_any_out_of_as_many_elements_on_the_torch_path_too(op):
         OUT_OPS[op](b, xs, out, backend)
         outs.append(out)
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_group_ops_check_their_arguments_on_every_backend(backend):
+    """The torch path took a misspelt group as the whole tensor, wrote an int or float64 out (truncated),
+    used row 0 of a coef with too many rows, and raised AttributeError for sub without a base; the cpu path
+    raised KeyError for the group name."""
+    xs, base = [torch.randn(4, 6), torch.randn(4, 6)], torch.randn(4, 6)
+    calls = [
+        (lambda: interp.group_dots(xs, None, False, "bogus", backend=backend),
+         "group_dots: group must be one of whole, rows, cols, got 'bogus'"),
+        (lambda: interp.group_dots(xs, None, True, "rows", backend=backend), "group_dots: sub needs a base"),
+        (lambda: interp.whole_dot_parts(xs, None, True, backend=backend), "whole_dots: sub needs a base"),
+        (lambda: interp.group_lincomb(xs, None, True, "rows", torch.randn(4, 3), torch.empty(4, 6), backend=backend),
+         "group_lincomb: sub needs a base"),
+        (lambda: interp.group_lincomb(xs, base, True, "whole", torch.randn(2, 3), torch.empty(4, 6), backend=backend),
+         "group_lincomb: coef has 6 entries; 1 groups x 3 need 3"),
+        (lambda: interp.group_lincomb(xs, base, True, "rows", torch.randn(6, 3), torch.empty(4, 6), backend=backend),
+         "group_lincomb: coef has 18 entries; 4 groups x 3 need 12"),
+    ] + [(lambda dtype=dtype: interp.group_lincomb(xs, base, True, "whole", torch.randn(1, 3),
+                                                   torch.empty(4, 6, dtype=dtype), backend=backend),
+          f"group_lincomb: out must be a float32, float16 or bfloat16 tensor, got {dtype}")
+         for dtype in (torch.float64, torch.int32)]
+    for call, message in calls:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            call()

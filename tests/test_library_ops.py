@@ -774,3 +774,75 @@ def test_forward_mode_dual_tensors_are_refused_not_their_tangent_dropped():
                 call()
         got = pymerge.weighted_sum(xs, [3.0, 1.0])
     torch.testing.assert_close(got.double(), 3 * xs[0].double() + xs[1].double())
+
+
+def test_raw_ops_refuse_forward_mode_instead_of_a_zero_tangent():
+    """torch.func.jvp / jacfwd through torch.ops.pymerge.* ran every op below autograd (no input requires
+    grad there): a tangent of zeros, exit 0 (a hunt). The public ops refused already; the raw ops now say
+    so too, and reverse mode and torch.compile are as before."""
+    from torch.func import jacfwd, jvp
+    P = torch.ops.pymerge
+    a, b = rand(10, torch.float32, 120).view(2, 5), rand(10, torch.float32, 121).view(2, 5)
+    w = torch.tensor([0.5, 2.0])
+    zeros = lambda: torch.zeros(2, 5)  # noqa: E731
+    fns = {
+        "weighted_sum": lambda t: P.weighted_sum([t, b], w, torch.float32),
+        "weighted_sum_many": lambda t: P.weighted_sum_many([t, b], w.view(1, 2), torch.float32)[0],
+        "weighted_sum_out": lambda t: (lambda o: (P.weighted_sum_out([t, b], w, o), o)[1])(zeros()),
+        "weighted_sum_many_out": lambda t: (lambda o: (P.weighted_sum_many_out([t, b], w.view(1, 2), [o]), o)[1])(
+            zeros()),
+        "tv_merge_out": lambda t: (lambda o: (P.tv_merge_out([t], b, [None], [0] * 7, [1.0, 1.0], False, False, 1.0,
+                                                             1.0, 0, 0, 0, 0, o), o)[1])(zeros()),
+        "group_dots": lambda t: P.group_dots([t], None, False, 2, 5, 1),
+        "group_lincomb_out": lambda t: (lambda o: (P.group_lincomb_out([t], None, False, 2, 5, 1, torch.ones(2, 2), o),
+                                                   o)[1])(zeros()),
+        "select_ranks": lambda t: P.select_ranks(t, None, [1, 4], True).float(),
+    }
+    assert set(fns) == set(OPS)
+    for name, f in fns.items():
+        for transform in (lambda: jvp(f, (a,), (torch.ones(2, 5),)), lambda: jacfwd(f)(a)):
+            with pytest.raises(RuntimeError, match=f"^pymerge::{name} has no forward-mode derivative"):
+                transform()
+        f(a)  # outside a transform: runs
+    x = a.clone().requires_grad_()
+    P.weighted_sum([x, b], w, torch.float32).sum().backward()
+    assert torch.equal(x.grad, torch.full((2, 5), 0.5))
+
+
+def test_raw_ops_refuse_what_the_public_ops_refuse_in_one_line():
+    """Through torch.ops.pymerge: inputs of other shapes with as many elements were merged in memory order
+    (a (3, 2) beside a (2, 3)); 0-d weights raised IndexError, complex ones pybind11's "incompatible function
+    arguments", [N, 1] weights passed forward and failed in backward; a tv plan's h0 past 32 bits or a
+    negative threshold got pybind11's error too (a hunt)."""
+    P = torch.ops.pymerge
+    a, b = torch.arange(6.0).reshape(2, 3), torch.arange(6.0).reshape(3, 2)
+    w = torch.tensor([1.0, 1.0])
+    shape = r"input 1 has shape \(3, 2\) but input 0 has \(2, 3\)"
+    calls = [
+        (lambda: P.weighted_sum([a, b], w, torch.float32), "weighted_sum: " + shape),
+        (lambda: P.weighted_sum_many([a, b], w.view(1, 2), torch.float32), "weighted_sum: " + shape),
+        (lambda: P.weighted_sum_out([a, b], w, torch.empty(6)), "weighted_sum: " + shape),
+        (lambda: P.weighted_sum_many_out([a, b], w.view(1, 2), [torch.empty(6)]), "weighted_sum: " + shape),
+        (lambda: P.tv_merge_out([a], b, [None], [0] * 7, [1.0, 1.0], False, False, 1.0, 1.0, 0, 0, 0, 0,
+                                torch.empty(6)), "tv_merge: " + shape),
+        (lambda: P.group_dots([a, b], None, False, 1, 6, 0), "group_dots: " + shape),
+        (lambda: P.group_lincomb_out([a], b, True, 1, 6, 0, torch.ones(1, 2), torch.empty(6)),
+         "group_lincomb: " + shape),
+        (lambda: P.select_ranks(a, b, [1], True), "select_ranks: " + shape),
+        (lambda: P.weighted_sum_many([a], torch.tensor(1.0), torch.float32),
+         r"weighted_sum: weights must be a \[K, N\] tensor, got shape \(\)"),
+        (lambda: P.weighted_sum([a, a], torch.tensor([1 + 1j, 2]), torch.float32),
+         "weighted_sum: weights must be real numbers, got a torch.complex64 tensor"),
+        (lambda: P.weighted_sum([a, a], w.view(2, 1), torch.float32),
+         r"weighted_sum: weights must be a \[N\] tensor, got shape \(2, 1\)"),
+        (lambda: P.tv_merge_out([a], a, [None], [0] * 7, [1.0, 1.0], False, False, 1.0, 1.0, 0, 2 ** 32, 0, 0,
+                                torch.empty(6)), "tv_merge: h0 and h1 must be from 0 to 2\\*\\*32 - 1"),
+        (lambda: P.tv_merge_out([a], a, [None], [3, 0, 0, 0, 0, -1, 0], [1.0, 1.0], False, False, 1.0, 1.0, 0, 0,
+                                0, 0, torch.empty(6)), "tv_merge: model 0's plan has mode 3 and threshold -1"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ValueError, match=f"^{message}"):
+            call()
+    # and traced: the fake kernels refuse the same shapes
+    with pytest.raises(Exception, match=shape):  # (dynamo wraps the fake kernel's ValueError)
+        torch.compile(lambda x, y: P.weighted_sum([x, y], w, torch.float32), fullgraph=True)(a, b)

@@ -39,12 +39,22 @@ def view_2d(shape: Sequence[int], group: str) -> Tuple[int, int]:
     return 1, math.prod(shape)
 
 
+def _check_group_args(op: str, base: Optional[torch.Tensor], sub: bool, group: Optional[str] = None) -> None:
+    """What both backends need, before either runs (the torch path took a group name of any spelling as
+    the whole tensor, and raised AttributeError for sub without a base)."""
+    if group is not None and (not isinstance(group, str) or group not in GROUPS):
+        raise ValueError(f"{op}: group must be one of {', '.join(GROUPS)}, got {group!r}")
+    if sub and base is None:
+        raise ValueError(f"{op}: sub needs a base")
+
+
 def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bool, group: str,
                backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """float64 [G, K, K] symmetric matrix of dot products of v_i = x_i - sub*B per group
     (the whole tensor: exact sums rounded once, see whole_dot_parts)."""
     # the caller's __index__ and __bool__ before the storage tests, never after
     num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
+    _check_group_args("group_dots", base, sub, group)
     read, _ = check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
     # the kernel need not test them again where nothing read since could run code of the caller's
     checked = (library.INPUTS,) if read and library.trusted(sub, group, backend, num_threads) else ()
@@ -69,6 +79,7 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     pieces of a split tensor (a sharded pool's local shards) add up to the whole tensor's."""
     # the caller's __index__ and __bool__ before the storage tests, never after
     num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
+    _check_group_args("whole_dots", base, sub)
     read, _ = check_merge_args(xs, base, None, "whole_dots")
     # nothing of the caller's runs until the kernel (no subclass's contiguous()): no second storage test
     backed = read and library.trusted(backend, xs, base)
@@ -116,13 +127,19 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B); coef is [G, K+1] (float32-rounded)."""
     # the caller's __index__ and __bool__ before the storage tests, never after
     num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
+    _check_group_args("group_lincomb", base, sub, group)
     read, read_out = check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
     check_backed(coef, "group_lincomb: coef")
+    if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # (the torch path wrote ints, truncated)
+        raise ValueError(f"group_lincomb: out must be a float32, float16 or bfloat16 tensor, got {out.dtype}")
     # (the kernel need not test them again where nothing read since could run code of the caller's)
     checked = (library.INPUTS,) if read and library.trusted(sub, group, coef, backend, num_threads) else ()
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
+    g = {"whole": 1, "rows": rows, "cols": cols}[group]
+    if coef.numel() != g * (k + 1):  # (the torch path used row 0 of a longer one)
+        raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {k + 1} need {g * (k + 1)}")
     coef = coef.to(torch.float32).reshape(-1, k + 1)
     if not xs[0].numel():
         return out  # nothing to write (a rank's empty shard: its base has no address for the kernel)

@@ -39,6 +39,26 @@ def _check_native(inputs, outs, numel: int, op: str, device, inputs_backed: bool
     check_native(inputs, outs, numel, op, device, _native.DTYPE_CODES, inputs_backed, outs_backed)
 
 
+def _same_shape(op: str, tensors) -> None:
+    """Every input (a base too; None skipped) has input 0's shape: the kernels see element counts only, so a
+    (3, 2) beside a (2, 3) was summed in memory order (torch's ops and the public wrappers refuse it)."""
+    tensors = [t for t in tensors if t is not None]
+    for i, t in enumerate(tensors[1:], 1):
+        if t.shape != tensors[0].shape:
+            raise ValueError(f"{op}: input {i} has shape {tuple(t.shape)} but input 0 has {tuple(tensors[0].shape)}")
+
+
+def _weights_of(weights: Tensor, dims: int, op: str) -> None:
+    """A raw op's weights: real numbers, [N] (dims 1) or [K, N] (dims 2). A 0-d tensor raised IndexError,
+    complex ones pybind11's "incompatible function arguments", and [N, 1] passed forward only for its
+    backward to fail."""
+    if weights.is_complex() or weights.dtype == torch.bool:
+        raise ValueError(f"{op}: weights must be real numbers, got a {weights.dtype} tensor")
+    if weights.dim() != dims:
+        raise ValueError(f"{op}: weights must be a {'[N]' if dims == 1 else '[K, N]'} tensor, got shape "
+                         f"{tuple(weights.shape)}")
+
+
 def _require_out(out: Tensor, op: str) -> None:
     """The kernels write float32, float16 or bfloat16, contiguously."""
     if out.dtype not in _native.OUTPUT_DTYPES:
@@ -198,6 +218,7 @@ def _check_outs(tensors, outs, op: str) -> None:
     from pymerge.ops._checks import check_separate
     if not tensors or not outs:
         raise ValueError(f"{op}: needs at least one input and one output")
+    _same_shape(op, tensors)
     for o in outs:
         _require_out(o, op)
     check_apart(tensors, outs, op, exact_ok=len(outs) == 1)
@@ -209,6 +230,7 @@ def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Ten
                           num_threads: int = 0) -> None:
     """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once)."""
     _check_outs(tensors, outs, "weighted_sum")
+    _weights_of(weights, 2, "weighted_sum")
     _weighted_sum_many_out_cpu(tensors, weights, outs, backend, num_threads)
 
 
@@ -269,6 +291,8 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
 
 @register_fake("pymerge::weighted_sum_many_out")
 def _(tensors, weights, outs, backend="auto", num_threads=0):
+    _same_shape("weighted_sum", tensors)
+    _weights_of(weights, 2, "weighted_sum")
     _one_device("weighted_sum", tensors, outs, host_ok=[weights])
 
 
@@ -294,6 +318,7 @@ def weighted_sum_out(tensors: List[Tensor], weights: Tensor, out: Tensor, backen
                      num_threads: int = 0) -> None:
     """out = sum_i weights[i] * tensors[i]; out may be one of the inputs (every block is read first)."""
     _check_outs(tensors, [out], "weighted_sum")
+    _weights_of(weights, 1, "weighted_sum")
     _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
 
 
@@ -310,12 +335,16 @@ def _inputs_only(checked) -> tuple:
 
 @register_fake("pymerge::weighted_sum_out")
 def _(tensors, weights, out, backend="auto", num_threads=0):
+    _same_shape("weighted_sum", tensors)
+    _weights_of(weights, 1, "weighted_sum")
     _one_device("weighted_sum", tensors, out, host_ok=[weights])
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
 def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                       num_threads: int = 0) -> List[Tensor]:
+    _same_shape("weighted_sum", tensors)  # (the public wrappers check before the fast path's kernel)
+    _weights_of(weights, 2, "weighted_sum")
     return _weighted_sum_many(tensors, weights, out_dtype, backend, num_threads)
 
 
@@ -333,6 +362,8 @@ def _weighted_sum_many(tensors, weights, out_dtype, backend="auto", num_threads=
 @register_fake("pymerge::weighted_sum_many")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     require_inputs(tensors, "weighted_sum")
+    _same_shape("weighted_sum", tensors)
+    _weights_of(weights, 2, "weighted_sum")
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
 
@@ -340,6 +371,8 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 @custom_op("pymerge::weighted_sum", mutates_args=())
 def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                  num_threads: int = 0) -> Tensor:
+    _same_shape("weighted_sum", tensors)
+    _weights_of(weights, 1, "weighted_sum")
     return _weighted_sum(tensors, weights, out_dtype, backend, num_threads)
 
 
@@ -357,6 +390,8 @@ def _weighted_sum(tensors, weights, out_dtype, backend="auto", num_threads=0, ch
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     require_inputs(tensors, "weighted_sum")
+    _same_shape("weighted_sum", tensors)
+    _weights_of(weights, 1, "weighted_sum")
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
@@ -448,7 +483,7 @@ def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, nor
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
-    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu", read, OUTS in checked)
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu", read, OUTS in checked, h0=h0, h1=h1)
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
                                    _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
                                    base.numel(), offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1,
@@ -472,7 +507,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
-    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device, read, OUTS in checked)
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device, read, OUTS in checked, h0=h0, h1=h1)
     with torch.cuda.device(base.device):
         chosen = _cuda_backend(backend, "tv_merge", list(inputs) + [base])
         if chosen == "triton":
@@ -496,6 +531,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
 @register_fake("pymerge::tv_merge_out")
 def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset, out,
       backend="auto", num_threads=0):
+    _same_shape("tv_merge", list(inputs) + [base])
     _one_device("tv_merge", inputs, base, out, bits)
 
 
@@ -503,12 +539,21 @@ PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
 
 
 def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device, inputs_backed=False,
-              out_backed=False) -> None:
+              out_backed=False, h0=0, h1=0) -> None:
     n = len(inputs)
     if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
         raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
                          f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
     _require_out(out, "tv_merge")
+    _same_shape("tv_merge", list(inputs) + [base])
+    # the C++ plan's types (pybind11 raised "incompatible function arguments" past them)
+    if not (0 <= h0 < 1 << 32 and 0 <= h1 < 1 << 32):
+        raise ValueError(f"tv_merge: h0 and h1 must be from 0 to 2**32 - 1, got {h0} and {h1}")
+    for i in range(n):
+        mode, thr = plan_ints[i * PLAN_INTS], plan_ints[i * PLAN_INTS + 5]
+        if not (-(1 << 31) <= mode < 1 << 31 and thr >= 0):
+            raise ValueError(f"tv_merge: model {i}'s plan has mode {mode} and threshold {thr}; a mode is a 32-bit "
+                             "integer, a threshold >= 0")
     _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device, inputs_backed, out_backed)
     check_apart(list(inputs) + [base], [out], "tv_merge")
     if not 0 <= offset < 1 << 62:
@@ -541,6 +586,7 @@ def model_specs(inputs, bits, plan_ints, plan_floats) -> list:
 def select_ranks(x: Tensor, base: Optional[Tensor], ranks: List[int], descending: bool,
                  num_threads: int = 0) -> Tensor:
     """int64 [len(ranks), 2]: the (key, index) boundary of every rank (see pymerge/ops/select.py)."""
+    _same_shape("select_ranks", [x, base])
     return _select_ranks(x, base, ranks, descending, num_threads)
 
 
@@ -560,6 +606,7 @@ def _select_ranks(x, base, ranks, descending, num_threads=0, checked=()) -> Tens
 
 @register_fake("pymerge::select_ranks")
 def _(x, base, ranks, descending, num_threads=0):
+    _same_shape("select_ranks", [x, base])
     _one_device("select_ranks", x, base)
     return x.new_empty((len(ranks), 2), dtype=torch.int64)
 
@@ -601,6 +648,7 @@ def _group_dots(xs, base, sub, rows, cols, group, num_threads=0, checked=()) -> 
 
 @register_fake("pymerge::group_dots")
 def _(xs, base, sub, rows, cols, group, num_threads=0):
+    _same_shape("group_dots", list(xs) + [base])
     _one_device("group_dots", xs, base)
     k = len(xs)
     g = (1, rows, cols)[group]
@@ -637,6 +685,7 @@ def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=
 
 def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False) -> None:
     require_inputs(xs, op)
+    _same_shape(op, list(xs) + [base])
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
     _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu", inputs_backed, outs_backed)
@@ -645,24 +694,45 @@ def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, ou
 
 @register_fake("pymerge::group_lincomb_out")
 def _(xs, base, sub, rows, cols, group, coef, out, num_threads=0):
+    _same_shape("group_lincomb", list(xs) + [base])
     _one_device("group_lincomb", xs, base, out, host_ok=[coef])
 
 
-# ---- the out= ops refuse tensors in an autograd graph ----------------------------------------------
+# ---- autograd kernels: out= ops refuse tensors in a graph, no op runs under forward-mode AD -----------
 # torch.library's autograd kernel for a mutating op runs it with no word when an input or an output
 # requires grad (the op records nothing: an out kept its old grad_fn), and grad mode is off by the time
-# the op's own kernel runs. So each out= op gets an autograd kernel per device that checks first (a
-# device's Autograd key takes precedence over the generic one torch.library registered), then runs the
-# op below autograd as torch.library's does.
+# the op's own kernel runs. And under torch.func.jvp / jacfwd (no input requires grad there) every op ran
+# below autograd: a tangent of zeros, in silence. So each op gets an autograd kernel per device that
+# checks first (a device's Autograd key takes precedence over the generic one torch.library registered),
+# then runs torch.library's own autograd kernel (functional ops: their backward) or the op below autograd.
 _AUTOGRAD_LIB = torch.library.Library("pymerge", "IMPL")
 
 
-def _refuse_grads(name: str, tensors_of) -> None:
+def _refuse_forward_mode(name: str, args) -> None:
+    from pymerge.ops._memory import is_dual
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, Tensor)]
+    if (interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp
+            or any(is_dual(t) for t in tensors)):  # (torch.autograd.forward_ad)
+        raise RuntimeError(f"pymerge::{name} has no forward-mode derivative (torch.func.jvp, jacfwd); use reverse "
+                           "mode (torch.autograd, torch.func.grad or jacrev) or plain torch ops")
+
+
+def _autograd_kernel(name: str, opdef=None, tensors_of=None) -> None:
+    """opdef: a functional op's CustomOpDef, whose generated autograd kernel runs after the checks;
+    tensors_of(*args) -> (inputs, weights or coef, outs): an out= op's, checked for gradients."""
     op = getattr(torch.ops.pymerge, name).default
+    generated = None
+    if opdef is not None:
+        from torch._library.autograd import make_autograd_impl
+        generated = make_autograd_impl(op, opdef)
 
     def autograd_kernel(keyset, *args, **kwargs):
-        if torch.is_grad_enabled():
+        _refuse_forward_mode(name, args)
+        if tensors_of is not None and torch.is_grad_enabled():
             no_grad_for_out(*tensors_of(*args), name)
+        if generated is not None:
+            return generated(keyset, *args, **kwargs)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
 
@@ -670,9 +740,11 @@ def _refuse_grads(name: str, tensors_of) -> None:
         _AUTOGRAD_LIB.impl(name, autograd_kernel, key, with_keyset=True)
 
 
+for _opdef in (weighted_sum, weighted_sum_many, select_ranks, group_dots):
+    _autograd_kernel(_opdef._name, opdef=_opdef)
 # (inputs, weights or coef, outs) of each
-_refuse_grads("weighted_sum_out", lambda tensors, weights, out, *_: (tensors, weights, [out]))
-_refuse_grads("weighted_sum_many_out", lambda tensors, weights, outs, *_: (tensors, weights, outs))
-_refuse_grads("tv_merge_out", lambda inputs, base, *rest: (list(inputs) + [base], None, [rest[11]]))
-_refuse_grads("group_lincomb_out", lambda xs, base, sub, rows, cols, group, coef, out, *_:
-              (list(xs) + [base], coef, [out]))
+_autograd_kernel("weighted_sum_out", tensors_of=lambda tensors, weights, out, *_: (tensors, weights, [out]))
+_autograd_kernel("weighted_sum_many_out", tensors_of=lambda tensors, weights, outs, *_: (tensors, weights, outs))
+_autograd_kernel("tv_merge_out", tensors_of=lambda inputs, base, *rest: (list(inputs) + [base], None, [rest[11]]))
+_autograd_kernel("group_lincomb_out", tensors_of=lambda xs, base, sub, rows, cols, group, coef, out, *_:
+                 (list(xs) + [base], coef, [out]))
