@@ -115,6 +115,18 @@ def test_generated_examples_are_right_and_seeded(task):
     assert len({a for _, a in exs}) > 5  # not a constant answer
 
 
+def test_unseen_in_validation_marks_test_prompts_validation_lacks():
+    """The demo's test and validation sets are independent draws: on addition and subtraction about half of
+    test's prompts also occur in validation, which the search saw. The mask picks the rest."""
+    s = run.Settings(seed=3, val_size=300, test_size=500)
+    val = {t: {p for p, _ in tasks.generate(t, 300, tasks.split_seed(3, "val", t))} for t in tasks.TASKS}
+    for t, mask in run.unseen_in_validation(s).items():
+        test = tasks.generate(t, 500, tasks.split_seed(3, "test", t))
+        assert mask.dtype == torch.bool and mask.tolist() == [p not in val[t] for p, _ in test]
+    masks = run.unseen_in_validation(run.Settings())
+    assert masks["add"].float().mean() < 0.7 and masks["reverse"].float().mean() > 0.99  # the default sizes
+
+
 def test_splits_use_separate_streams():
     seeds = {tasks.split_seed(s, split, t) for s in range(5) for split in ("train", "val", "test") for t in tasks.TASKS}
     assert len(seeds) == 5 * 3 * len(tasks.TASKS)
@@ -202,6 +214,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert macro(details["optimized merge"]) >= macro(details["greedy soup"])
     assert macro(details["greedy soup"]) >= max(macro(details[k]) for k in details if "merge" not in k
                                                  and k != "greedy soup")
+    # test examples whose prompts validation lacks: each row's accuracy there, the same exact matches recounted
+    s = run.Settings.quick()
+    unseen = run.unseen_in_validation(s)
+    u = summary["test_unseen"]
+    assert u["sizes"] == {t: int(m.sum()) for t, m in unseen.items()} and 0 < u["standard_error"] < 0.1
+    assert u["optimized"] == pytest.approx(np.mean(list(details["optimized merge"]["test_unseen"].values())))
+    model = load_hf(str(out / "merged")).to(getattr(torch, summary["eval_dtype"]))
+    got = tasks.score(model, {t: tasks.make_batch([e for e, new in zip(tasks.generate(t, s.test_size, tasks.split_seed(
+        s.seed, "test", t)), unseen[t].tolist()) if new]) for t in tasks.TASKS})
+    assert got == pytest.approx(details["optimized merge"]["test_unseen"], abs=0.02)  # (float32 vs the pool's merge)
     # the merged folder holds the optimized weights' merge
     merged = load_hf(str(out / "merged"))
     ckpts = sorted(p for p in os.listdir(out / "checkpoints") if p[0].isdigit())

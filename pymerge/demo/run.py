@@ -25,7 +25,7 @@ import torch
 
 from pymerge.demo import model as model_mod, tasks as tasks_mod, train as train_mod
 from pymerge.demo.model import TinyLlama, save_hf
-from pymerge.demo.tasks import TASKS, Batch, generate, make_batch, score, split_seed, standard_error
+from pymerge.demo.tasks import TASKS, Batch, generate, hits, make_batch, score, split_seed, standard_error
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
 from pymerge.errors import InputError
 from pymerge.io.files import replace_file
@@ -60,9 +60,23 @@ class Settings:
         return cls(seed=seed, pretrain_steps=80, run_steps=16, val_size=100, test_size=200, pool=pool)
 
 
-def eval_sets(s: Settings, split: str) -> Dict[str, Batch]:
+def eval_examples(s: Settings, split: str) -> Dict[str, List[Tuple[str, str]]]:
     n = s.val_size if split == "val" else s.test_size
-    return {t: make_batch(generate(t, n, split_seed(s.seed, split, t))) for t in TASKS}
+    return {t: generate(t, n, split_seed(s.seed, split, t)) for t in TASKS}
+
+
+def eval_sets(s: Settings, split: str) -> Dict[str, Batch]:
+    return {t: make_batch(examples) for t, examples in eval_examples(s, split).items()}
+
+
+def unseen_in_validation(s: Settings) -> Dict[str, torch.Tensor]:
+    """Per task, which test examples have a prompt that no validation example has ([test_size] bool).
+    Validation and test are independent draws, so on small prompt spaces they share prompts (about half
+    of addition's and subtraction's test set at the default sizes): scores on the rest show what the search,
+    which saw validation, does on prompts it never scored."""
+    val = {t: {prompt for prompt, _ in examples} for t, examples in eval_examples(s, "val").items()}
+    return {t: torch.tensor([prompt not in val[t] for prompt, _ in examples], dtype=torch.bool)
+            for t, examples in eval_examples(s, "test").items()}
 
 
 MARKER = ".pymerge-demo"  # in an output folder the demo made: what it may replace there
@@ -298,7 +312,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     with tqdm(total=total, desc="training", unit="step", disable=None, file=SafeStream()) as bar:
         paths = build_checkpoints(os.path.join(out, "checkpoints"), s, progress=bar.update, log=log)
     t_train = time.perf_counter() - t0
-    val, test = eval_sets(s, "val"), eval_sets(s, "test")
+    val, test, unseen = eval_sets(s, "val"), eval_sets(s, "test"), unseen_in_validation(s)
     pool, model, evaluate = evaluation(paths, val, eval_dtype)
     log(pool.describe())
     names = [r.name for r in runs]
@@ -307,6 +321,14 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     def on(split, w) -> Dict[str, float]:
         pool.materialize(w, into=model, groups="layer" if np.ndim(w) == 2 else None)
         return score(model, val if split == "val" else test)
+
+    def on_test(w) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """Scores on the whole test set and on its examples whose prompts validation lacks."""
+        pool.materialize(w, into=model, groups="layer" if np.ndim(w) == 2 else None)
+        per_example = hits(model, test)
+        return ({t: float(h.float().mean()) for t, h in per_example.items()},
+                {t: float(h[unseen[t]].float().mean()) if unseen[t].any() else None
+                 for t, h in per_example.items()})
 
     rows: Dict[str, Dict] = {}
     for i, name in enumerate(names):
@@ -336,17 +358,19 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     t_search = time.perf_counter() - t1
     rows["optimized merge"] = {"val": res.best_scores, "weights": res.best_weights}
     for r in rows.values():
-        r["test"] = on("test", r["weights"])
+        r["test"], r["test_unseen"] = on_test(r["weights"])
     best_single = names[int(np.argmax(singles))]  # picked on validation, as one would without a test set
 
     merged = os.path.join(out, "merged")
     _write_merge(pool, model.config, res.best_weights, merged)
-    summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS})
+    summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS},
+                       {t: int(m.sum()) for t, m in unseen.items()})
     summary.update(train_seconds=round(t_train, 1), search_seconds=round(t_search, 1),
                    seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(time.process_time() - cpu0, 1),
                    evaluations=len(res.history), per_layer=per_layer, eval_dtype=str(eval_dtype).split(".")[-1],
                    seed=s.seed, settings=asdict(s), merged=merged, out=out)
-    details = {k: {"val": v["val"], "test": v["test"], "weights": np.asarray(v["weights"]).tolist()}
+    details = {k: {"val": v["val"], "test": v["test"], "test_unseen": v["test_unseen"],
+                   "weights": np.asarray(v["weights"]).tolist()}
                for k, v in rows.items()}
     def write(tmp):  # replaced whole: written in place, a kill left it truncated
         with open(tmp, "w") as fh:
@@ -397,8 +421,9 @@ def _write_merge(pool, config, weights, folder: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _summary(rows, names, best_single, sizes) -> Dict:
+def _summary(rows, names, best_single, sizes, unseen_sizes) -> Dict:
     test = {k: v["test"] for k, v in rows.items()}
+    unseen = {k: v["test_unseen"] for k, v in rows.items()}
     w = np.asarray(rows["optimized merge"]["weights"])
     s = {
         "best_single": macro_average(test[best_single]), "best_single_name": best_single,
@@ -415,6 +440,13 @@ def _summary(rows, names, best_single, sizes) -> Dict:
     }
     for k in ("best_single", "uniform", "greedy_soup"):
         s[f"margin_over_{k}"] = s["optimized"] - s[k]
+    # the same on the test examples whose prompts validation lacks (unseen_in_validation); None where a
+    # task has none (tiny sets)
+    s["test_unseen"] = None if not all(unseen_sizes.values()) else {
+        "sizes": unseen_sizes, "standard_error": standard_error(unseen["optimized merge"], unseen_sizes),
+        **{k: macro_average(unseen[row]) for k, row in (("best_single", best_single), ("uniform", "uniform merge"),
+                                                         ("greedy_soup", "greedy soup"),
+                                                         ("optimized", "optimized merge"))}}
     return s
 
 
@@ -432,6 +464,11 @@ def _print_table(rows, names, best_single, summary, log) -> None:
         f"{summary['best_single']:.3f}, uniform {summary['uniform']:.3f}, greedy soup {summary['greedy_soup']:.3f} "
         f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0.01. "
         f"({summary['seconds']:.0f} s in all; merged model: {summary['merged']})")
+    u = summary["test_unseen"]
+    if u:
+        log(f"On the {sum(u['sizes'].values())} test examples whose prompts validation lacks: optimized "
+            f"{u['optimized']:.3f} vs best single {u['best_single']:.3f}, uniform {u['uniform']:.3f}, greedy soup "
+            f"{u['greedy_soup']:.3f} (standard error {u['standard_error']:.3f}).")
 
 
 def _plot(path: str, rows, names, best_single, history) -> bool:

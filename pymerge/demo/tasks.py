@@ -156,14 +156,19 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[str], max_new: int =
     return [decode(ids[r, start[r]:lengths[r]].tolist()) for r in range(len(rows))]
 
 
-def score(model: torch.nn.Module, sets: Dict[str, Batch]) -> Dict[str, float]:
-    """Exact-match accuracy per task."""
+def hits(model: torch.nn.Module, sets: Dict[str, Batch]) -> Dict[str, torch.Tensor]:
+    """Per task, exact match per example ([B] bool), in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
     try:
-        return {task: float(exact_match(model, b).float().mean()) for task, b in sets.items()}
+        return {task: exact_match(model, b) for task, b in sets.items()}
     finally:
         model.train(was_training)
+
+
+def score(model: torch.nn.Module, sets: Dict[str, Batch]) -> Dict[str, float]:
+    """Exact-match accuracy per task."""
+    return {task: float(h.float().mean()) for task, h in hits(model, sets).items()}
 
 
 def standard_error(scores: Dict[str, float], sizes: Dict[str, int]) -> float:
