@@ -54,7 +54,8 @@ def run(device: str, numel: int, rounds: int) -> list:
         secs = _time({"copy": lambda: dst.copy_(src), "eager": eager,
                       "pymerge": lambda: pymerge.weighted_sum(xs, w, out=out)}, rounds, device == "cuda")
         moved = (n + 1) * numel * 2
-        gbs = {k: moved / s / 1e9 for k, s in secs.items()}
+        # the copy's own bytes: its (n + 1) * numel / 2 elements round down for an odd product
+        gbs = {k: (2 * src.nbytes if k == "copy" else moved) / s / 1e9 for k, s in secs.items()}
         rows.append({"N": n, "elements": numel, **{f"{k} GB/s": v for k, v in gbs.items()},
                      "pymerge / copy": gbs["pymerge"] / gbs["copy"]})
         del xs, out, src, dst  # before the next N's inputs: one N's tensors at a time

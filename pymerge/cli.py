@@ -171,6 +171,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not _stdout_gone():
             raise
         return _stdout_reader_gone()
+    except OSError as exc:  # printing --version or --help, or the last flush, to a full disk: as _run's errors
+        if exc.errno is None:
+            raise
+        say(f"pymerge: error: {exc.strerror or _one_line(exc)}")
+        _discard_stdout()  # its buffer would raise again at exit
+        return 2
 
 
 def _refuse_with_other_ranks(message: str) -> None:
@@ -206,10 +212,19 @@ def _stdout_reader_gone() -> int:
     """`pymerge doctor | head -1`: stop without a word and exit 141, as a tool that SIGPIPE stops (Python
     ignores SIGPIPE, so the write raised instead). Buffered output goes to /dev/null: it would raise again
     at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    _discard_stdout()
     return 128 + signal.SIGPIPE
+
+
+def _discard_stdout() -> None:
+    """What stdout still buffers goes to /dev/null, where the flush at exit cannot fail."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # None, closed, or not a file (captured)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _main(argv: Optional[List[str]]) -> int:

@@ -50,3 +50,36 @@ def test_bench_without_cuda_or_memory_is_one_line(capsys, monkeypatch):
     assert cli.main(["bench", "--elements", "1e9", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pymerge bench: error: --elements 1000000000 does not fit in memory")
+
+
+def test_version_to_a_full_disk_is_one_line():
+    """`pymerge --version > /dev/full` printed a traceback and exited 1 (printed while parsing, outside the
+    command's OSError handling; a hunt)."""
+    import os
+    import subprocess
+    import sys
+    if not os.path.exists("/dev/full"):
+        import pytest
+        pytest.skip("no /dev/full on this system")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "pymerge", "--version"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=300, cwd=root)
+    assert (p.returncode, p.stderr) == (2, "pymerge: error: No space left on device\n")
+
+
+def test_bench_counts_the_bytes_each_row_moves(monkeypatch):
+    """The copy row counted (N + 1) x elements x 2 bytes, but its source holds (N + 1) x elements / 2 bf16
+    elements, rounded down: for an odd product it moved fewer (1.5x off at 1 element)."""
+    from pymerge import bench
+    monkeypatch.setattr(bench, "_time", lambda fns, rounds, cuda: {k: 1.0 for k in fns})  # 1 s each
+    for numel in (1, 3, 1001):
+        row = bench.run("cpu", numel, 1)[0]
+        assert row["N"] == 2
+        assert row["copy GB/s"] * 1e9 == pytest_approx(2 * 2 * ((3 * numel) // 2))
+        assert row["pymerge GB/s"] * 1e9 == pytest_approx(3 * numel * 2)
+
+
+def pytest_approx(x):
+    import pytest
+    return pytest.approx(x, rel=1e-12)

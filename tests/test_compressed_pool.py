@@ -796,6 +796,16 @@ def test_save_never_replaces_a_fifo_or_device(tmp_path):
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
 
 
+def test_save_to_an_empty_path_is_one_line(tmp_path, monkeypatch):
+    """save("") wrote the whole file, then failed renaming its temporary to '' (FileNotFoundError)."""
+    pool, _ = _saved(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(InputError, match="^save: the path is empty; name a .safetensors file$"):
+        pool.save("")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_save_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypatch, hard_links):
     """save(overwrite=False) checked exists() first and later os.replace'd its temporary file over whatever
@@ -945,7 +955,7 @@ def test_truncated_or_foreign_file_rejected(tmp_path):
     ({"compress": "int4", "error_budget": True}, "error_budget"),
     ({"compress": "int4", "error_budget": 10**400}, r"error_budget must be finite and > 0, got 1000.*\.\.\.$"),
     ({"compress": "int4", "residency": "mmap"}, "residency"),
-    ({"compress": "int4", "backend": "cuda"}, "backend 'cuda' needs a pool on a CUDA device"),
+    ({"compress": "int4", "backend": "cuda"}, "backend 'cuda' runs on cuda tensors; the pool is on cpu"),
     ({"compress": "int4", "shard_like": torch.nn.Linear(2, 2)}, "do not combine"),
 ])
 def test_bad_options(kwargs, message):

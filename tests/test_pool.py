@@ -949,3 +949,24 @@ def test_a_weight_just_past_the_limit_is_shown_as_given():
     pool = CheckpointPool([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
     with pytest.raises(InputError, match=r"weights\[1\] is 1000001\.0; weights beyond 1e\+06"):
         pool.materialize([0.0, 1e6 + 1], into={"w": torch.empty(2)})
+
+
+def test_weights_as_a_list_of_tensors_that_require_grad():
+    """list(alpha) of a learnable weight vector: numpy refused its 0-d elements with torch's "Can't call
+    numpy() on Tensor that requires grad" (the same values as one tensor were taken; a hunt)."""
+    g = torch.Generator().manual_seed(4)
+    sds = [{"w": torch.randn(8, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(sds)
+    alpha = torch.nn.Parameter(torch.tensor([0.2, 0.5, 0.3]))
+    want = sum(a * sd["w"].double() for a, sd in zip([0.2, 0.5, 0.3], sds))
+    for weights in (list(alpha), [list(alpha)], tuple(alpha)):
+        target = {"w": torch.zeros(8)}
+        pool.materialize(weights, into=target)
+        assert (target["w"].double() - want).abs().max() < 1e-6
+
+
+def test_a_backend_for_another_device_is_refused_when_the_pool_is_built():
+    """backend="cuda" on a CPU pool was accepted, then every materialize failed ("needs cuda tensors")."""
+    with pytest.raises(InputError, match="^backend 'cuda' runs on cuda tensors; the pool is on cpu$"):
+        CheckpointPool([{"w": torch.ones(2)}], backend="cuda")
+    CheckpointPool([{"w": torch.ones(2)}], backend="cpu").materialize([1.0], into={"w": torch.zeros(2)})

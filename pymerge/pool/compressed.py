@@ -471,6 +471,8 @@ class CompressedStore:
         """One .safetensors file: codes, scales and exact tensors, plus a JSON header in its metadata."""
         from safetensors.torch import save_file
         path = os.fspath(path)
+        if not path:  # (it wrote the whole file, then failed renaming it to '')
+            raise InputError("save: the path is empty; name a .safetensors file")
         if os.path.isdir(path):
             raise InputError(f"{path}: is a folder; save writes one .safetensors file")
         if os.path.exists(path) and not overwrite:

@@ -58,6 +58,13 @@ _PLAIN = frozenset((float, int))  # exactly these types: bool (an int subclass) 
 _within = MAX_MAGNITUDE.__ge__  # on abs(v): False for NaN and inf, and exact for ints past float's range
 
 
+def _detached(values):
+    """Lists (of lists) with tensors that require grad detached (their values are what counts here)."""
+    if isinstance(values, (list, tuple)):
+        return [_detached(v) for v in values]
+    return values.detach() if isinstance(values, torch.Tensor) else values
+
+
 def weight_table(weights, n: int, normalize: bool = False, what: str = "weights") -> np.ndarray:
     """Weights as a float64 [G, N] table (G = 1 for a flat list), finite, optionally rows summing to one."""
     if (type(weights) is list or type(weights) is tuple) and len(weights) == n and set(map(type, weights)) <= _PLAIN \
@@ -74,6 +81,8 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
         weights = weights.detach().cpu().double().numpy()
     if _has_bool(weights):  # numpy would read [True, 0.5] as [1.0, 0.5]
         raise InputError(f"{what} must be numbers, got {short(weights)}")
+    if isinstance(weights, (list, tuple)):  # list(alpha) of a learnable tensor: numpy refused its 0-d elements
+        weights = _detached(weights)
     try:
         table = np.asarray(weights)
         if table.dtype.kind == "O" and table.ndim and all(  # Fraction, Decimal, ints past 2**64: numbers,
