@@ -76,10 +76,10 @@ def test_bench_counts_the_bytes_each_row_moves(monkeypatch):
     for numel in (1, 3, 1001):
         row = bench.run("cpu", numel, 1)[0]
         assert row["N"] == 2
-        assert row["copy GB/s"] * 1e9 == pytest_approx(2 * 2 * ((3 * numel) // 2))
-        assert row["pymerge GB/s"] * 1e9 == pytest_approx(3 * numel * 2)
+        assert row["copy GB/s"] * 1e9 == _approx(2 * 2 * ((3 * numel) // 2))
+        assert row["pymerge GB/s"] * 1e9 == _approx(3 * numel * 2)
 
 
-def pytest_approx(x):
+def _approx(x):
     import pytest
     return pytest.approx(x, rel=1e-12)
