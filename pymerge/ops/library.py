@@ -27,7 +27,7 @@ from torch.library import custom_op, register_fake
 
 from pymerge import _native
 from pymerge.ops._checks import as_flag, check_apart, check_threads, first_out_of_range, require_inputs
-from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable, trusted  # noqa: F401
+from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable, is_dual, trusted  # noqa: F401
 
 _U64 = 1 << 64
 
@@ -48,10 +48,12 @@ def _same_shape(op: str, tensors) -> None:
             raise ValueError(f"{op}: input {i} has shape {tuple(t.shape)} but input 0 has {tuple(tensors[0].shape)}")
 
 
-def _weights_of(weights: Tensor, dims: int, op: str) -> None:
-    """A raw op's weights: real numbers, [N] (dims 1) or [K, N] (dims 2). A 0-d tensor raised IndexError,
-    complex ones pybind11's "incompatible function arguments", and [N, 1] passed forward only for its
-    backward to fail."""
+def _weighted_args(tensors, weights: Tensor, dims: int) -> None:
+    """A raw weighted sum's inputs of one shape, and weights of real numbers, [N] (dims 1) or [K, N] (dims 2).
+    A 0-d tensor raised IndexError, complex ones pybind11's "incompatible function arguments", and [N, 1]
+    passed forward only for its backward to fail."""
+    op = "weighted_sum"
+    _same_shape(op, tensors)
     if weights.is_complex() or weights.dtype == torch.bool:
         raise ValueError(f"{op}: weights must be real numbers, got a {weights.dtype} tensor")
     if weights.dim() != dims:
@@ -211,14 +213,15 @@ def call(name: str, *args, checked=()):
 
 
 # ---- weighted sum ---------------------------------------------------------------------------------
-def _check_outs(tensors, outs, op: str) -> None:
-    """What the public wrappers check of outputs (pymerge/ops/_checks.py), for a call through
-    torch.ops.pymerge: contiguous, separate from each other, and an input only when it is exactly
-    that input with one output (every block is read before it is written)."""
+def _check_outs(tensors, weights, outs, dims: int) -> None:
+    """What the public wrappers check of the out= forms' arguments (pymerge/ops/_checks.py), for a call
+    through torch.ops.pymerge: _weighted_args, and outputs contiguous, separate from each other, and an
+    input only when it is exactly that input with one output (every block is read before it is written)."""
     from pymerge.ops._checks import check_separate
+    op = "weighted_sum"
     if not tensors or not outs:
         raise ValueError(f"{op}: needs at least one input and one output")
-    _same_shape(op, tensors)
+    _weighted_args(tensors, weights, dims)
     for o in outs:
         _require_out(o, op)
     check_apart(tensors, outs, op, exact_ok=len(outs) == 1)
@@ -229,8 +232,7 @@ def _check_outs(tensors, outs, op: str) -> None:
 def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Tensor], backend: str = "auto",
                           num_threads: int = 0) -> None:
     """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once)."""
-    _check_outs(tensors, outs, "weighted_sum")
-    _weights_of(weights, 2, "weighted_sum")
+    _check_outs(tensors, weights, outs, 2)
     _weighted_sum_many_out_cpu(tensors, weights, outs, backend, num_threads)
 
 
@@ -262,7 +264,7 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
 
 @weighted_sum_many_out.register_kernel("cuda")
 def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_threads=0):
-    _check_outs(tensors, outs, "weighted_sum")
+    _check_outs(tensors, weights, outs, 2)
     _weighted_sum_many_out_cuda(tensors, weights, outs, backend, num_threads)
 
 
@@ -291,8 +293,7 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
 
 @register_fake("pymerge::weighted_sum_many_out")
 def _(tensors, weights, outs, backend="auto", num_threads=0):
-    _same_shape("weighted_sum", tensors)
-    _weights_of(weights, 2, "weighted_sum")
+    _weighted_args(tensors, weights, 2)
     _one_device("weighted_sum", tensors, outs, host_ok=[weights])
 
 
@@ -317,8 +318,7 @@ def _cuda_weighted_sum(tensors, weights, outs):
 def weighted_sum_out(tensors: List[Tensor], weights: Tensor, out: Tensor, backend: str = "auto",
                      num_threads: int = 0) -> None:
     """out = sum_i weights[i] * tensors[i]; out may be one of the inputs (every block is read first)."""
-    _check_outs(tensors, [out], "weighted_sum")
-    _weights_of(weights, 1, "weighted_sum")
+    _check_outs(tensors, weights, [out], 1)
     _many_out(tensors, weights.reshape(1, -1), [out], backend, num_threads)
 
 
@@ -335,16 +335,14 @@ def _inputs_only(checked) -> tuple:
 
 @register_fake("pymerge::weighted_sum_out")
 def _(tensors, weights, out, backend="auto", num_threads=0):
-    _same_shape("weighted_sum", tensors)
-    _weights_of(weights, 1, "weighted_sum")
+    _weighted_args(tensors, weights, 1)
     _one_device("weighted_sum", tensors, out, host_ok=[weights])
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
 def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                       num_threads: int = 0) -> List[Tensor]:
-    _same_shape("weighted_sum", tensors)  # (the public wrappers check before the fast path's kernel)
-    _weights_of(weights, 2, "weighted_sum")
+    _weighted_args(tensors, weights, 2)  # (the public wrappers check before the fast path's kernel)
     return _weighted_sum_many(tensors, weights, out_dtype, backend, num_threads)
 
 
@@ -362,8 +360,7 @@ def _weighted_sum_many(tensors, weights, out_dtype, backend="auto", num_threads=
 @register_fake("pymerge::weighted_sum_many")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     require_inputs(tensors, "weighted_sum")
-    _same_shape("weighted_sum", tensors)
-    _weights_of(weights, 2, "weighted_sum")
+    _weighted_args(tensors, weights, 2)
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
 
@@ -371,8 +368,7 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
 @custom_op("pymerge::weighted_sum", mutates_args=())
 def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype, backend: str = "auto",
                  num_threads: int = 0) -> Tensor:
-    _same_shape("weighted_sum", tensors)
-    _weights_of(weights, 1, "weighted_sum")
+    _weighted_args(tensors, weights, 1)
     return _weighted_sum(tensors, weights, out_dtype, backend, num_threads)
 
 
@@ -390,8 +386,7 @@ def _weighted_sum(tensors, weights, out_dtype, backend="auto", num_threads=0, ch
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     require_inputs(tensors, "weighted_sum")
-    _same_shape("weighted_sum", tensors)
-    _weights_of(weights, 1, "weighted_sum")
+    _weighted_args(tensors, weights, 1)
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
@@ -709,13 +704,12 @@ _AUTOGRAD_LIB = torch.library.Library("pymerge", "IMPL")
 
 
 def _refuse_forward_mode(name: str, args) -> None:
-    from pymerge.ops._memory import is_dual
     interpreter = torch._C._functorch.peek_interpreter_stack()
     tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, Tensor)]
     if (interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp
             or any(is_dual(t) for t in tensors)):  # (torch.autograd.forward_ad)
-        raise RuntimeError(f"pymerge::{name} has no forward-mode derivative (torch.func.jvp, jacfwd); use reverse "
-                           "mode (torch.autograd, torch.func.grad or jacrev) or plain torch ops")
+        raise RuntimeError(f"pymerge::{name} has no forward-mode derivative (torch.func.jvp, jacfwd); use "
+                           "reverse mode (torch.autograd: backward) or plain torch ops")
 
 
 def _autograd_kernel(name: str, opdef=None, tensors_of=None) -> None:
