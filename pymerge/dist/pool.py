@@ -278,9 +278,10 @@ def _reshard(target) -> None:
             if isinstance(module, FSDPModule):
                 module.reshard()
                 if _gathered(module):
-                    raise InputError(f"FSDP module {repr(name) if name else '(the root)'} is in the middle of an iteration (a "
-                                     "forward or backward that raised?), its parameters gathered: call "
-                                     "reset_iter_state() on the root FSDP module first")
+                    which = repr(name) if name else "(the root)"
+                    raise InputError(f"FSDP module {which} is in the middle of an iteration (a forward or backward "
+                                     "that raised?), its parameters gathered: call reset_iter_state() on the root "
+                                     "FSDP module first")
 
 
 def _gathered(module) -> bool:
