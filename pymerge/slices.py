@@ -366,13 +366,17 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                                  + ", ".join(f"{p} {n}" for p, n in counts.items())))
             slices = [SliceSpec([SourceSpec(m.path, (0, counts[m.path]), m.parameters) for m in models])]
 
-        for i, s in enumerate(slices):
+        def where(i: int) -> str:  # slice i, as the config holds it (modules.default: one slice of whole models)
+            return f"{sliced.where}[{i}]" if sliced.whole_models is None else "modules.default"
+
+        def source_where(i: int, j: int) -> str:
             if sliced.whole_models is None:
-                _check_params(cfg, method, s, sliced.module_parameters, f"{sliced.where}[{i}]",
-                              [f"{sliced.where}[{i}].sources[{j}]" for j in range(len(s.sources))])
-            else:  # (the base model appended last)
-                _check_params(cfg, method, s, sliced.module_parameters, "modules.default",
-                              [f"modules.default.models[{j}]" for j in range(len(sliced.whole_models))] + ["base_model"])
+                return f"{where(i)}.sources[{j}]"
+            return f"modules.default.models[{j}]" if j < len(sliced.whole_models) else "base_model"  # (appended)
+
+        for i, s in enumerate(slices):
+            _check_params(cfg, method, s, sliced.module_parameters, where(i),
+                          [source_where(i, j) for j in range(len(s.sources))])
         donor_path = cfg.base_model or slices[0].sources[0].path
         donor = open_ck(donor_path)
         vocab = None
@@ -388,7 +392,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                         for n in _outside_names(open_ck(x.path), stack_of(x.path)[0])[1]))
         parts, out_layer, origins = [], 0, []  # origins: (source model's config, its layer) per output layer
         if pre_names:
-            parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, "slices[0]",
+            parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, where(0),
                                vocab))
         for i, s in enumerate(slices):
             length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
@@ -403,7 +407,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                     prefix, n_layers, by_layer = stack_of(x.path)
                     src_layer = x.layer_range[0] + off
                     if x.layer_range[1] > n_layers:
-                        raise MergeConfigError(cfg.where(f"slices[{i}].sources[{j}]: layer_range {list(x.layer_range)} "
+                        raise MergeConfigError(cfg.where(f"{source_where(i, j)}: layer_range {list(x.layer_range)} "
                                                          f"goes past {x.path}'s {n_layers} layers"))
                     if src_layer not in by_layer:  # counted by config.json, not in the file: a hole in the output
                         raise CheckpointError(f"{x.path}: has no tensors of layer {src_layer} ({prefix}.{src_layer}.*), "
@@ -421,11 +425,11 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                                                        for j in range(len(s.sources))}))
                 out_layer += 1
                 origins.append((origin.path, origin.layer_range[0] + off))
-            parts.append(_part(cfg, method, s, sliced, entries, open_ck, f"slices[{i}]", vocab))
+            parts.append(_part(cfg, method, s, sliced, entries, open_ck, where(i), vocab))
         if post_names:  # a tied source's embedding stands for the head (pymerge/tied.py)
             entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})
                        for n in post_names]
-            parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, f"slices[{len(slices) - 1}]", vocab,
+            parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, where(len(slices) - 1), vocab,
                                filter_by_output=True))
         donor_cfg = merge._read_model_config(donor)
         configs = {path: merge._read_model_config(open_ck(path)) for path in {path for path, _ in origins}}

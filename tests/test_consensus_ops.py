@@ -261,9 +261,10 @@ def test_a_written_out_is_seen_by_autograd(op, backend):
     for wanting in ("input", "out"):
         xs_g = [x.clone().requires_grad_(wanting == "input") for x in xs]
         out_g = torch.zeros(6, requires_grad=wanting == "out")
+        version = out_g._version
         with pytest.raises(RuntimeError, match="out= does not record gradients"):
             OUT_OPS[op](b, xs_g, out_g, backend)
-        assert not out_g.detach().any()  # refused before it wrote
+        assert not out_g.detach().any() and out_g._version == version  # refused before it wrote
         with torch.no_grad():
             OUT_OPS[op](b, xs_g, out_g, backend)  # as torch: fine without grad mode
 
@@ -331,3 +332,15 @@ def test_group_ops_check_their_arguments_on_every_backend(backend):
     for call, message in calls:
         with pytest.raises(ValueError, match=f"^{message}$"):
             call()
+
+
+def test_a_refused_call_leaves_the_version_of_out():
+    """A call refused after the common checks (a coef of the wrong size, boosts of the wrong length) bumped
+    out's version though it wrote nothing: a graph that had saved it then raised on backward (a review)."""
+    b = torch.randn(6)
+    xs, out = [b + 1, b - 1], torch.zeros(6)
+    for call in (lambda: interp.group_lincomb(xs, b, True, "whole", torch.ones(5), out),
+                 lambda: em.ram(xs, b, 1e-5, out, boosts=[1.0])):
+        with pytest.raises(ValueError):
+            call()
+        assert out._version == 0

@@ -804,6 +804,9 @@ def test_raw_ops_refuse_forward_mode_instead_of_a_zero_tangent():
             with pytest.raises(RuntimeError, match=f"^pymerge::{name} has no forward-mode derivative"):
                 transform()
         f(a)  # outside a transform: runs
+        # inputs that do not depend on what jvp differentiates carry no tangent: their zero one is right
+        _, tangent = jvp(lambda t: t.double().sum() * f(a).double().sum(), (a,), (torch.ones(2, 5),))
+        assert float(tangent) == pytest.approx(10 * float(f(a).double().sum()), rel=1e-5), name
     x = a.clone().requires_grad_()
     P.weighted_sum([x, b], w, torch.float32).sum().backward()
     assert torch.equal(x.grad, torch.full((2, 5), 0.5))

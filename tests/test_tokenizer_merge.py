@@ -352,6 +352,31 @@ def test_added_tokens_get_the_ids_tokenizers_gives_them(tmp_path, listed, expect
     assert {c: theirs[c] for c in expected} == expected
 
 
+@pytest.mark.parametrize("model, listed, expected", [
+    # a vocabulary with gaps: new ids count from its size (2), past new ids only (not '<pad>''s 7)
+    ({"type": "WordLevel", "vocab": {"a": 0, "<pad>": 7}, "unk_token": "a"},
+     [(7, "<pad>"), (2, "<x>"), (3, "<y>")], {"<pad>": 7, "<x>": 2, "<y>": 3}),
+    # a Unigram listing a piece twice: its size is the list's length (5), not the distinct pieces
+    ({"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0], ["b", -2.0], ["a", -3.0], ["c", -4.0]]},
+     [(5, "<s>"), (6, "</s>")], {"<s>": 5, "</s>": 6}),
+])
+def test_added_token_ids_past_an_uneven_vocabulary(tmp_path, model, listed, expected):
+    """Two cases where the first numbering differed from tokenizers 0.23 (a review's fuzz)."""
+    from pymerge.tokenizer.files import read_tokenizer
+    entries = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for i, c in listed]
+    doc = {"version": "1.0", "added_tokens": entries, "normalizer": None, "pre_tokenizer": None,
+           "post_processor": None, "decoder": None, "truncation": None, "padding": None, "model": model}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    assert {c: read_tokenizer(tmp_path).vocab[c] for c in expected} == expected
+    try:
+        import tokenizers
+    except ImportError:
+        return
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    assert {c: theirs[c] for c in expected} == expected
+
+
 def test_rows_of_added_tokens_listed_out_of_order_follow_the_token(tmp_path, capsys):
     """End to end: the output's source lists its added tokens out of id order; each merged row is the mean
     of the rows the tokenizers' ids name."""

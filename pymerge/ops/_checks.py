@@ -12,7 +12,6 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._versions import mark_written
 from pymerge.ops._memory import DUAL, PLAIN, _wrapper, check_backed, check_readable, is_dual, layout_problem
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
@@ -240,10 +239,9 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
     read_out = out is not None and check_readable([out], f"{op}: output", compiling=compiling)
     if out is not None and not compiling:  # (traced, the op's out= schema tells autograd)
         from pymerge.ops.library import no_grad_for_out
-        # out is written by address or in place, recording no gradient: refused where one is wanted, and
-        # its version bumped so that a graph which saved it raises rather than backpropagating new values
+        # out is written by address or in place, recording no gradient: refused where one is wanted (the
+        # ops bump its version where they write it by address: _versions.mark_written)
         no_grad_for_out(list(xs) + [base], None, [out], op)
-        mark_written([out])
     return read, read_out
 
 

@@ -14,6 +14,7 @@ import torch
 from pymerge import _native
 from pymerge.ops._checks import check_apart, check_merge_args, check_threads
 from pymerge.ops._memory import check_native, trusted
+from pymerge.ops._versions import mark_written
 
 
 def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
@@ -29,6 +30,8 @@ def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool
     # the kernel will trust these addresses and sizes
     check_native(tensors, [out], out.numel(), op, inputs_backed=read[0] and trust, outs_backed=read[1] and trust)
     check_apart(tensors, [out], op)
+    # the kernel writes by address: a graph that saved out raises rather than backpropagating new values
+    mark_written([out])
     return True
 
 

@@ -17,6 +17,7 @@ from pymerge import _native
 from pymerge.ops import exact_sum, library
 from pymerge.ops._checks import as_flag, check_merge_args, check_threads
 from pymerge.ops._memory import check_backed, check_native
+from pymerge.ops._versions import mark_written
 
 GROUPS = {"whole": 0, "rows": 1, "cols": 2}
 _BLOCK = 1 << 20
@@ -152,6 +153,8 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
                      checked=checked)
         if target is not out:
             out.copy_(target)
+        else:  # written by address: as torch's own in-place writes, bump its version
+            mark_written([out])
         return out
     coef = coef.to(xs[0].device)
     if group == "whole":

@@ -704,10 +704,11 @@ _AUTOGRAD_LIB = torch.library.Library("pymerge", "IMPL")
 
 
 def _refuse_forward_mode(name: str, args) -> None:
-    interpreter = torch._C._functorch.peek_interpreter_stack()
+    """Refuses an input carrying a tangent: a forward_ad dual, or one torch.func.jvp made (a dual at the
+    autograd key, inside its wrapper). Inputs that do not depend on what jvp differentiates carry none:
+    their zero tangent is right, as for torch's own ops."""
     tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, Tensor)]
-    if (interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp
-            or any(is_dual(t) for t in tensors)):  # (torch.autograd.forward_ad)
+    if any(is_dual(t) for t in tensors):
         raise RuntimeError(f"pymerge::{name} has no forward-mode derivative (torch.func.jvp, jacfwd); use "
                            "reverse mode (torch.autograd: backward) or plain torch ops")
 

@@ -41,6 +41,7 @@ from pymerge import _native
 from pymerge.ops import exact_sum, library, philox, select
 from pymerge.ops._checks import as_int, check_merge_args
 from pymerge.ops._memory import check_native
+from pymerge.ops._versions import mark_written
 from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
 _M = _native.SPARSIFIER_MODES  # the kernels' per-model sparsifier modes (csrc/codes.h)
@@ -412,6 +413,7 @@ def merge_planned(inputs: Sequence[torch.Tensor], base: torch.Tensor, plans: Seq
                     divisor=divisor, seed=seed64, h0=h0, h1=h1, offset=offset)
     else:
         _merge_torch(inputs, base, plans, out, consensus, normalize, lam, divisor, name, seed, offset)
+    mark_written([out])  # (the kernels write by address: a graph that saved out raises on backward)
     return out
 
 

@@ -127,7 +127,7 @@ def read_tokenizer(ref) -> Tokenizer:
         if (not isinstance(e, dict) or not isinstance(e.get("content"), str) or not _is_id(e.get("id"))
                 or any(not isinstance(e.get(k, False), bool) for k in _ADDED_FLAGS)):
             raise CheckpointError(f"{path}: added_tokens[{i}] is not a token entry (id, content, flags)")
-    added = _number_added(added, vocab)
+    added = _number_added(added, vocab, len(doc["model"]["vocab"]))  # (a Unigram may list a piece twice)
     vocab.update((e["content"], e["id"]) for e in added)
     doc = dict(doc, added_tokens=added)
     config = {}
@@ -140,14 +140,15 @@ def read_tokenizer(ref) -> Tokenizer:
     return Tokenizer(folder, doc, config, vocab, added, model_size, before)
 
 
-def _number_added(entries: List[dict], model_vocab: Dict[str, int]) -> List[dict]:
+def _number_added(entries: List[dict], model_vocab: Dict[str, int], size: int) -> List[dict]:
     """The added tokens with the ids the tokenizers library (and so transformers and mergekit) gives them
     when it loads the file, whatever their "id" fields say: in list order, a token the model's vocabulary
     has keeps that id, a repeated content keeps its first id (the later entry's flags win), an empty one is
-    dropped, and each new one takes the next id past the model's vocabulary and the added ids so far.
-    Files tokenizers saved list them so already; a hand-edited list out of order merged rows under the
-    wrong tokens."""
+    dropped, and each new one takes the next id past the model's size (its entry count) and the ids of the
+    new ones so far (tokenizers 0.23: not those of tokens the vocabulary has). Files tokenizers saved list
+    them so already; a hand-edited list out of order merged rows under the wrong tokens."""
     by_content: Dict[str, dict] = {}
+    new_ids: List[int] = []
     for e in entries:
         content = e["content"]
         if not content:
@@ -157,9 +158,9 @@ def _number_added(entries: List[dict], model_vocab: Dict[str, int]) -> List[dict
         elif content in model_vocab:
             token_id = model_vocab[content]
         else:
-            top = max((x["id"] for x in by_content.values()), default=None)
-            size = len(model_vocab)
+            top = max(new_ids, default=None)
             token_id = size if top is None or (top < size and size) else top + 1
+            new_ids.append(token_id)
         by_content[content] = e if e["id"] == token_id else dict(e, id=token_id)
     return list(by_content.values())
 
