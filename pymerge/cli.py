@@ -174,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # printing --version or --help, or the last flush, to a full disk: as _run's errors
         if exc.errno is None:
             raise
-        say(f"pymerge: error: {exc.strerror or _one_line(exc)}")
+        _say_system_error(exc)
         _discard_stdout()  # its buffer would raise again at exit
         return 2
 
@@ -214,6 +214,13 @@ def _stdout_reader_gone() -> int:
     at exit."""
     _discard_stdout()
     return 128 + signal.SIGPIPE
+
+
+def _say_system_error(exc: OSError) -> None:
+    """The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
+    Without a file name nothing is blamed: the writer names OUT's files itself."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}")
 
 
 def _discard_stdout() -> None:
@@ -273,10 +280,7 @@ def _run(args) -> int:
     except OSError as exc:
         if exc.errno is None or (isinstance(exc, BrokenPipeError) and _stdout_gone()):
             raise  # a bug; or stdout's reader gone away, which main() ends quietly
-        # The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
-        # Without a file name nothing is blamed: the writer names OUT's files itself.
-        where = f"{exc.filename}: " if exc.filename else ""
-        say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}")
+        _say_system_error(exc)
         return 2
     finally:
         if previous is not None:
