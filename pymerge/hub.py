@@ -7,7 +7,7 @@ transformers/mergekit run) already put in the cache, laid out as
 The cache is HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
 $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order). Without
 @revision the `main` ref is used, else the only snapshot there is; a revision is a branch or tag (which
-may hold '/': refs/pr/1, feature/x), or a commit hash or a unique prefix of one.
+may hold '/': refs/pr/1, feature/x), or a commit hash or a unique prefix of at least 4 hex digits (as git takes).
 """
 import os
 import re
@@ -17,6 +17,8 @@ from typing import Optional
 from pymerge.errors import MergeConfigError
 
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HASH_PREFIX = re.compile(r"[0-9a-f]{4,40}")  # a commit hash, or a prefix of one git would take
+_COMMIT = re.compile(r"(?!\.{1,2}$)[\w.-]+")  # one snapshot folder's name (huggingface_hub: 40 hex digits)
 _REV = re.compile(r"(?!\.{1,2}(/|$))[\w.-]+(/(?!\.{1,2}(/|$))[\w.-]+)*")  # no '.' or '..' part: refs/ stays below
 
 
@@ -46,7 +48,8 @@ def resolve(ref: str) -> str:
         what = f"revision {rev!r} of " if rev else ""
         raise MergeConfigError(f"model {ref}: {what}{name} is not in the Hugging Face cache ({cache_dir()}); "
                                f"pymerge works offline: download it first (huggingface-cli download {name}"
-                               f"{' --revision ' + rev if rev else ''}) or give a local folder")
+                               f"{' --revision ' + rev if rev else ''} --cache-dir {cache_dir()}) or give a local "
+                               "folder")
     return str(snap)
 
 
@@ -68,15 +71,22 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
     if ref_file.is_file():
         commit = _read_ref(ref_file)
         return snaps / commit if (snaps / commit).is_dir() else None
-    if rev is not None:  # a commit hash, full or a unique prefix of one
+    if rev is not None and _HASH_PREFIX.fullmatch(rev):  # a commit hash, full or a unique prefix of one
+        # (not a tag '2' or 'c' that was never downloaded: a commit starting with that letter was merged)
         hits = sorted(p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev))
         if len(hits) > 1:
             raise MergeConfigError(f"revision {rev!r} of {_repo_of(root.name)} is "
                                    f"ambiguous: commits {hits[0].name} and {hits[1].name} in the cache "
                                    "start with it; give more of the hash")
         return hits[0] if hits else None
-    only = [p for p in snaps.iterdir() if p.is_dir()]
-    return only[0] if len(only) == 1 else None
+    if rev is not None:
+        return None
+    only = sorted(p for p in snaps.iterdir() if p.is_dir())
+    if len(only) > 1:
+        raise MergeConfigError(f"{_repo_of(root.name)} has {len(only)} snapshots in the Hugging Face cache "
+                               f"({', '.join(p.name[:12] for p in only[:3])}{', ...' if len(only) > 3 else ''}) and no refs/main to choose one; "
+                               "give the model as org/name@revision")
+    return only[0] if only else None
 
 
 def _read_ref(ref_file: Path) -> str:
@@ -84,10 +94,13 @@ def _read_ref(ref_file: Path) -> str:
     from pymerge.io.files import read_small
     data = read_small(ref_file, MergeConfigError, limit=4096)  # a hash and a newline
     try:
-        return data.decode("utf-8").strip()
+        commit = data.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
         raise MergeConfigError(f"{ref_file}: is not UTF-8 text (byte {exc.start}); a hub cache ref holds "
                                f"a commit hash") from None
+    if not _COMMIT.fullmatch(commit):  # ('' named the snapshots folder, '/abs' a folder outside the cache)
+        raise MergeConfigError(f"{ref_file}: holds {commit[:60]!r}, not a commit hash; download the model again")
+    return commit
 
 
 def id_of(path: str) -> Optional[str]:

@@ -324,6 +324,41 @@ def _fake_cache(root, model_dir, org_name, commit, branch="main"):
     (repo / "refs" / branch).write_text(commit)
 
 
+def test_hub_cache_refs_that_would_pick_another_model_are_refused(models, tmp_path, capsys, monkeypatch):
+    """A hunt of the offline hub cache: '@2' (a tag never downloaded) took the commit starting with '2'; an
+    empty refs/main named the snapshots folder, one holding an absolute path merged that folder (outside the
+    cache) as the model; two snapshots and no refs/main said "not in the cache"; a snapshot's link to a blob
+    never written said "no model.safetensors in this folder"."""
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    _fake_cache(cache, m4[1], "org/ft", "2" + "a" * 39)
+    repo = cache / "models--org--ft"
+    cfg = tmp_path / "c.yml"
+
+    def refused(model, *words):
+        cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [model]}))
+        rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+        assert not (tmp_path / "out").exists()
+    refused("org/ft@2", "revision '2' of org/ft is not in the Hugging Face cache")
+    for held in ("", str(m4[2])):
+        (repo / "refs" / "main").write_text(held)
+        refused("org/ft", "refs/main: holds", "not a commit hash")
+    (repo / "refs" / "main").unlink()
+    (repo / "snapshots" / ("b" * 40)).symlink_to(m4[2], target_is_directory=True)
+    refused("org/ft", "org/ft has 2 snapshots in the Hugging Face cache", "no refs/main", "org/name@revision")
+    broken = repo / "snapshots" / ("c" * 40)
+    broken.mkdir()
+    (broken / "model.safetensors").symlink_to("../../blobs/0123deadbeef")
+    refused("org/ft@cccc", "model.safetensors: is a broken link to ../../blobs/0123deadbeef")
+    # the download advice names the cache pymerge looked in (--transformers-cache sets it for pymerge only)
+    refused("org/nothere", f"huggingface-cli download org/nothere --cache-dir {cache})")
+    # a revision on a local folder: the error said the folder 'm@main' was not found
+    refused({"model": {"model": {"path": str(m4[1]), "revision": "main"}}},
+            f"{m4[1]} is a local folder; a revision (@main) applies to Hugging Face model IDs only")
+
+
 def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):
     _, m4, _ = models
     cache = tmp_path / "hub"

@@ -324,6 +324,8 @@ class Checkpoint:
             p = self.path / name
             if p.is_file():
                 return self._open_index(p) if index else self._open_single(p)
+            if os.path.islink(p):  # (an interrupted download leaves a snapshot's link to a blob never written)
+                raise CheckpointError(f"{p}: is a broken link to {os.readlink(p)} (an incomplete download?)")
         raise CheckpointError(f"{self.path}: no {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {BIN_NAME} "
                               f"or {BIN_INDEX} in this folder")
 
