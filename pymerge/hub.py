@@ -83,9 +83,9 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
         return None
     only = sorted(p for p in snaps.iterdir() if p.is_dir())
     if len(only) > 1:
+        listed = ", ".join(p.name[:12] for p in only[:3]) + (", ..." if len(only) > 3 else "")
         raise MergeConfigError(f"{_repo_of(root.name)} has {len(only)} snapshots in the Hugging Face cache "
-                               f"({', '.join(p.name[:12] for p in only[:3])}{', ...' if len(only) > 3 else ''}) and no refs/main to choose one; "
-                               "give the model as org/name@revision")
+                               f"({listed}) and no refs/main to choose one; give the model as org/name@revision")
     return only[0] if only else None
 
 

@@ -120,10 +120,10 @@ def test_unseen_in_validation_marks_test_prompts_validation_lacks():
     test's prompts also occur in validation, which the search saw. The mask picks the rest."""
     s = run.Settings(seed=3, val_size=300, test_size=500)
     val = {t: {p for p, _ in tasks.generate(t, 300, tasks.split_seed(3, "val", t))} for t in tasks.TASKS}
-    for t, mask in run.unseen_in_validation(s).items():
+    for t, mask in run.unseen_in_validation(run.eval_examples(s, "val"), run.eval_examples(s, "test")).items():
         test = tasks.generate(t, 500, tasks.split_seed(3, "test", t))
         assert mask.dtype == torch.bool and mask.tolist() == [p not in val[t] for p, _ in test]
-    masks = run.unseen_in_validation(run.Settings())
+    masks = run.unseen_in_validation(run.eval_examples(run.Settings(), "val"), run.eval_examples(run.Settings(), "test"))
     assert masks["add"].float().mean() < 0.7 and masks["reverse"].float().mean() > 0.99  # the default sizes
 
 
@@ -216,7 +216,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                                                  and k != "greedy soup")
     # test examples whose prompts validation lacks: each row's accuracy there, the same exact matches recounted
     s = run.Settings.quick()
-    unseen = run.unseen_in_validation(s)
+    unseen = run.unseen_in_validation(run.eval_examples(s, "val"), run.eval_examples(s, "test"))
     u = summary["test_unseen"]
     assert u["sizes"] == {t: int(m.sum()) for t, m in unseen.items()} and 0 < u["standard_error"] < 0.1
     assert u["optimized"] == pytest.approx(np.mean(list(details["optimized merge"]["test_unseen"].values())))

@@ -66,17 +66,22 @@ def eval_examples(s: Settings, split: str) -> Dict[str, List[Tuple[str, str]]]:
 
 
 def eval_sets(s: Settings, split: str) -> Dict[str, Batch]:
-    return {t: make_batch(examples) for t, examples in eval_examples(s, split).items()}
+    return batches(eval_examples(s, split))
 
 
-def unseen_in_validation(s: Settings) -> Dict[str, torch.Tensor]:
-    """Per task, which test examples have a prompt that no validation example has ([test_size] bool).
-    Validation and test are independent draws, so on small prompt spaces they share prompts (about half
+def batches(examples: Dict[str, List[Tuple[str, str]]]) -> Dict[str, Batch]:
+    return {t: make_batch(e) for t, e in examples.items()}
+
+
+def unseen_in_validation(val: Dict[str, List[Tuple[str, str]]], test: Dict[str, List[Tuple[str, str]]]
+                         ) -> Dict[str, torch.Tensor]:
+    """Per task, which test examples (eval_examples) have a prompt that no validation example has ([test_size]
+    bool). Validation and test are independent draws, so on small prompt spaces they share prompts (about half
     of addition's and subtraction's test set at the default sizes): scores on the rest show what the search,
     which saw validation, does on prompts it never scored."""
-    val = {t: {prompt for prompt, _ in examples} for t, examples in eval_examples(s, "val").items()}
-    return {t: torch.tensor([prompt not in val[t] for prompt, _ in examples], dtype=torch.bool)
-            for t, examples in eval_examples(s, "test").items()}
+    seen = {t: {prompt for prompt, _ in examples} for t, examples in val.items()}
+    return {t: torch.tensor([prompt not in seen[t] for prompt, _ in examples], dtype=torch.bool)
+            for t, examples in test.items()}
 
 
 MARKER = ".pymerge-demo"  # in an output folder the demo made: what it may replace there
@@ -312,19 +317,24 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     with tqdm(total=total, desc="training", unit="step", disable=None, file=SafeStream()) as bar:
         paths = build_checkpoints(os.path.join(out, "checkpoints"), s, progress=bar.update, log=log)
     t_train = time.perf_counter() - t0
-    val, test, unseen = eval_sets(s, "val"), eval_sets(s, "test"), unseen_in_validation(s)
+    val_examples, test_examples = eval_examples(s, "val"), eval_examples(s, "test")
+    val, test = batches(val_examples), batches(test_examples)
+    unseen = unseen_in_validation(val_examples, test_examples)
     pool, model, evaluate = evaluation(paths, val, eval_dtype)
     log(pool.describe())
     names = [r.name for r in runs]
     n = len(names)
 
-    def on(split, w) -> Dict[str, float]:
+    def merge(w) -> None:
         pool.materialize(w, into=model, groups="layer" if np.ndim(w) == 2 else None)
-        return score(model, val if split == "val" else test)
+
+    def on_val(w) -> Dict[str, float]:
+        merge(w)
+        return score(model, val)
 
     def on_test(w) -> Tuple[Dict[str, float], Dict[str, float]]:
         """Scores on the whole test set and on its examples whose prompts validation lacks."""
-        pool.materialize(w, into=model, groups="layer" if np.ndim(w) == 2 else None)
+        merge(w)
         per_example = hits(model, test)
         return ({t: float(h.float().mean()) for t, h in per_example.items()},
                 {t: float(h[unseen[t]].float().mean()) if unseen[t].any() else None
@@ -332,12 +342,12 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
 
     rows: Dict[str, Dict] = {}
     for i, name in enumerate(names):
-        rows[name] = {"val": on("val", np.eye(n)[i]), "weights": np.eye(n)[i]}
+        rows[name] = {"val": on_val(np.eye(n)[i]), "weights": np.eye(n)[i]}
     singles = [macro_average(rows[nm]["val"]) for nm in names]
     uniform = np.full(n, 1.0 / n)
-    rows["uniform merge"] = {"val": on("val", uniform), "weights": uniform}
+    rows["uniform merge"] = {"val": on_val(uniform), "weights": uniform}
     soup = greedy_soup(pool, model, evaluate, singles)
-    rows["greedy soup"] = {"val": on("val", soup), "weights": soup}
+    rows["greedy soup"] = {"val": on_val(soup), "weights": soup}
 
     groups = pool.num_groups("layer") if per_layer else 1
     log(f"searching {n}{f' x {groups} layer groups' if per_layer else ''} merge weights with CMA-ES on validation "

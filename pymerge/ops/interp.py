@@ -131,16 +131,15 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     _check_group_args("group_lincomb", base, sub, group)
     read, read_out = check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
     check_backed(coef, "group_lincomb: coef")
-    if out.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # (the torch path wrote ints, truncated)
+    if out.dtype not in _native.OUTPUT_DTYPES:  # (the torch path wrote ints, truncated)
         raise ValueError(f"group_lincomb: out must be a float32, float16 or bfloat16 tensor, got {out.dtype}")
     # (the kernel need not test them again where nothing read since could run code of the caller's)
     checked = (library.INPUTS,) if read and library.trusted(sub, group, coef, backend, num_threads) else ()
     xs = [x.contiguous() for x in xs]
     k = len(xs)
     rows, cols = view_2d(xs[0].shape, group)
-    g = {"whole": 1, "rows": rows, "cols": cols}[group]
-    if coef.numel() != g * (k + 1):  # (the torch path used row 0 of a longer one)
-        raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {k + 1} need {g * (k + 1)}")
+    # (the torch path used row 0 of a longer one)
+    library.check_coef_size(coef, {"whole": 1, "rows": rows, "cols": cols}[group], k)
     coef = coef.to(torch.float32).reshape(-1, k + 1)
     if not xs[0].numel():
         return out  # nothing to write (a rank's empty shard: its base has no address for the kernel)

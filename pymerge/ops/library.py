@@ -478,7 +478,7 @@ def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, nor
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
-    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, "cpu", read, OUTS in checked, h0=h0, h1=h1)
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, "cpu", read, OUTS in checked)
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
                                    _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
                                    base.numel(), offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1,
@@ -502,7 +502,7 @@ def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, no
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
-    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, base.device, read, OUTS in checked, h0=h0, h1=h1)
+    _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, base.device, read, OUTS in checked)
     with torch.cuda.device(base.device):
         chosen = _cuda_backend(backend, "tv_merge", list(inputs) + [base])
         if chosen == "triton":
@@ -533,8 +533,8 @@ def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, div
 PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
 
 
-def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, device, inputs_backed=False,
-              out_backed=False, h0=0, h1=0) -> None:
+def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, device, inputs_backed=False,
+              out_backed=False) -> None:
     n = len(inputs)
     if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
         raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
@@ -665,10 +665,7 @@ def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=
     xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
     _check_groups(xs, base, rows, cols, group, [out], "group_lincomb", read, OUTS in checked)
-    g = (1, rows, cols)[group]
-    if coef.numel() != g * (len(xs) + 1):
-        raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {g} groups x {len(xs) + 1} need "
-                         f"{g * (len(xs) + 1)}")
+    check_coef_size(coef, (1, rows, cols)[group], len(xs))
     _require_out(out, "group_lincomb")
     if not xs[0].numel():  # nothing to write (and an empty base has no address: the kernel took it for none)
         return
@@ -676,6 +673,13 @@ def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=
         [x.data_ptr() for x in xs], _codes(xs), base.data_ptr() if base is not None else 0,
         _native.DTYPE_CODES[base.dtype] if base is not None else 0, sub, rows, cols, group,
         coef.reshape(-1).tolist(), out.data_ptr(), _native.DTYPE_CODES[out.dtype], num_threads)
+
+
+def check_coef_size(coef: Tensor, groups: int, k: int) -> None:
+    """group_lincomb's coef: one row of K + 1 per group."""
+    if coef.numel() != groups * (k + 1):
+        raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {groups} groups x {k + 1} need "
+                         f"{groups * (k + 1)}")
 
 
 def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False) -> None:

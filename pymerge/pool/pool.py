@@ -916,9 +916,8 @@ def _pool_backend(device: torch.device, backend: str) -> str:
     if chosen == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise InputError(f"backend 'triton' runs on CUDA tensors (on the CPU only in Triton's interpreter, "
                          f"TRITON_INTERPRET=1); the pool is on {device}")
-    needs = {"cuda": "cuda", "cpu": "cpu"}.get(chosen)
-    if needs is not None and device.type != needs:  # (every materialize said "needs cuda tensors")
-        raise InputError(f"backend {chosen!r} runs on {needs} tensors; the pool is on {device}")
+    if chosen in ("cuda", "cpu") and device.type != chosen:  # (every materialize said "needs cuda tensors")
+        raise InputError(f"backend {chosen!r} runs on {chosen} tensors; the pool is on {device}")
     return chosen
 
 

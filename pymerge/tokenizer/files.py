@@ -148,7 +148,7 @@ def _number_added(entries: List[dict], model_vocab: Dict[str, int], size: int) -
     new ones so far (tokenizers 0.23: not those of tokens the vocabulary has). Files tokenizers saved list
     them so already; a hand-edited list out of order merged rows under the wrong tokens."""
     by_content: Dict[str, dict] = {}
-    new_ids: List[int] = []
+    last_new: Optional[int] = None  # (new ids only grow: the last is the highest)
     for e in entries:
         content = e["content"]
         if not content:
@@ -158,9 +158,8 @@ def _number_added(entries: List[dict], model_vocab: Dict[str, int], size: int) -
         elif content in model_vocab:
             token_id = model_vocab[content]
         else:
-            top = max(new_ids, default=None)
-            token_id = size if top is None or (top < size and size) else top + 1
-            new_ids.append(token_id)
+            token_id = size if last_new is None or (last_new < size and size) else last_new + 1
+            last_new = token_id
         by_content[content] = e if e["id"] == token_id else dict(e, id=token_id)
     return list(by_content.values())
 
