@@ -559,8 +559,5 @@ def check_paths(cfg: MergeConfig) -> None:
                 hub.resolve(p)
             except MergeConfigError as exc:
                 raise MergeConfigError(cfg.where(f"{where}: {exc}")) from None
-        folder, _, rev = p.rpartition("@")
-        if folder and os.path.isdir(folder):  # ({path: ./m, revision: main}: the error said ./m@main is missing)
-            raise MergeConfigError(cfg.where(f"{where}: {folder} is a local folder; a revision (@{rev}) applies to "
-                                             "Hugging Face model IDs only: drop it"))
-        raise MergeConfigError(cfg.where(f"{where}: model path not found: {p}"))
+        # ({path: ./m, revision: main}: the error said ./m@main is missing)
+        raise MergeConfigError(cfg.where(f"{where}: {hub.revision_on_folder(p) or f'model path not found: {p}'}"))

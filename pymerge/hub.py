@@ -28,6 +28,15 @@ def looks_like_id(ref: str) -> bool:
     return bool(_ID.fullmatch(name)) and (not rev or bool(_REV.fullmatch(rev))) and not os.path.exists(ref)
 
 
+def revision_on_folder(path: str) -> Optional[str]:
+    """Why a path that is not there is a local folder given a revision (./m@main, {path: ./m, revision: main}),
+    or None (no such folder, or the '@' belongs to a real name: runs/exp@lr3/step100 under runs/exp@lr3)."""
+    folder, _, rev = path.rpartition("@")
+    if not folder or not os.path.isdir(folder) or os.path.exists(f"{folder}@{rev.split('/')[0]}"):
+        return None
+    return f"{folder} is a local folder; a revision (@{rev}) applies to Hugging Face model IDs only: drop it"
+
+
 def cache_dir() -> Path:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):

@@ -105,7 +105,8 @@ def missing_side(ref: str) -> Optional[str]:
                     hub.resolve(p)
                 except MergeConfigError as exc:
                     return f"{ref}: {what}: {exc}"
-            return f"{ref}: {what} path not found: {p}"
+            on_folder = hub.revision_on_folder(p)
+            return f"{ref}: {what}: {on_folder}" if on_folder else f"{ref}: {what} path not found: {p}"
     return None
 
 

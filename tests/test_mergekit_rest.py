@@ -9,6 +9,7 @@
 3. Hub IDs, flags and bad configs: exit 2 with one line, no output.
 """
 import json
+import shutil
 import subprocess
 import sys
 
@@ -357,6 +358,26 @@ def test_hub_cache_refs_that_would_pick_another_model_are_refused(models, tmp_pa
     # a revision on a local folder: the error said the folder 'm@main' was not found
     refused({"model": {"model": {"path": str(m4[1]), "revision": "main"}}},
             f"{m4[1]} is a local folder; a revision (@main) applies to Hugging Face model IDs only")
+    refused(f"{m4[1]}@main+{m4[1]}", f"model: {m4[1]} is a local folder; a revision (@main) applies")  # a LoRA side
+    # an '@' that is part of a real folder's name is no revision (a review): the missing path is named
+    (tmp_path / "runs" / "exp").mkdir(parents=True)
+    (tmp_path / "runs" / "exp@lr3").mkdir()
+    refused(str(tmp_path / "runs" / "exp@lr3" / "step100"), f"model path not found: {tmp_path}/runs/exp@lr3/step100")
+    # a broken single-file link beside a good sharded index: the index loads, as before that check (a review)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(m4[1], sharded)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[:2]}, str(sharded / "a.safetensors"))
+    save_file({k: tensors[k] for k in names[2:]}, str(sharded / "b.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "a.safetensors" if i < 2 else "b.safetensors" for i, k in enumerate(names)}}))
+    (sharded / "model.safetensors").symlink_to("../../blobs/gone")
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [str(sharded)]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
 
 
 def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):

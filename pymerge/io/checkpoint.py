@@ -319,13 +319,16 @@ class Checkpoint:
 
     def _open_folder(self) -> None:
         # Hugging Face's own preference: safetensors over pickles, a single file over an index.
+        broken = None  # (an interrupted download leaves a snapshot's link to a blob never written)
         for name, index in ((SAFETENSORS_NAME, False), (SAFETENSORS_INDEX, True),
                             (BIN_NAME, False), (BIN_INDEX, True)):
             p = self.path / name
             if p.is_file():
                 return self._open_index(p) if index else self._open_single(p)
-            if os.path.islink(p):  # (an interrupted download leaves a snapshot's link to a blob never written)
-                raise CheckpointError(f"{p}: is a broken link to {os.readlink(p)} (an incomplete download?)")
+            if broken is None and os.path.islink(p):
+                broken = p
+        if broken is not None:  # only where nothing else loads (a broken single file beside a good index)
+            raise CheckpointError(f"{broken}: is a broken link to {os.readlink(broken)} (an incomplete download?)")
         raise CheckpointError(f"{self.path}: no {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {BIN_NAME} "
                               f"or {BIN_INDEX} in this folder")
 
