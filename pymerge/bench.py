@@ -88,20 +88,22 @@ def _elements(text: str) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pymerge bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    ap.add_argument("--elements", type=_elements, default=8 << 20, metavar="N",
+    ap.add_argument("--elements", type=_elements, default=None, metavar="N",
                     help="elements per input (default 8388608; 3e7 works)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="1M elements, 3 rounds (seconds)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 5")
+    ap.add_argument("--quick", action="store_true",
+                    help="1M elements, 3 rounds (seconds); --elements or --rounds given win")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON object on the last line")
     args = ap.parse_args(argv)
+    quick = args.quick  # the defaults it changes; options given on the command line stay
+    args.elements = args.elements if args.elements is not None else (1 << 20 if quick else 8 << 20)
+    args.rounds = args.rounds if args.rounds is not None else (3 if quick else 5)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():  # torch's AssertionError traceback before
         ap.error("--device cuda: CUDA is not available to this torch")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:
-        args.elements, args.rounds = 1 << 20, 3
     need, free = peak_bytes(args.elements), _available(device)
     if need > free:  # Linux grants the allocations and kills the process when it touches them (a bug hunt)
         say(f"pymerge bench: error: --elements {args.elements} does not fit in memory (needs {need / 1e9:.1f} GB, "

@@ -22,6 +22,17 @@ def test_bench_runs_from_the_package(capsys):
     assert all(r["pymerge GB/s"] > 0 and r["copy GB/s"] > 0 for r in last["rows"])
 
 
+def test_bench_quick_keeps_the_options_given(capsys, monkeypatch):
+    """--quick set 1M elements and 3 rounds over --elements/--rounds given with it."""
+    from pymerge import bench
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda device, numel, rounds: seen.append((numel, rounds)) or [{"N": 2}])
+    for args, want in ((["--quick"], (1 << 20, 3)), (["--quick", "--elements", "4099"], (4099, 3)),
+                       (["--rounds", "2", "--quick"], (1 << 20, 2)), ([], (8 << 20, 5))):
+        assert cli.main(["bench", "--device", "cpu", "--json", *args]) == 0
+        assert seen.pop() == want, args
+
+
 def test_bench_refuses_counts_it_cannot_run_in_one_line(capsys):
     """--elements 0 divided by zero, -5 was a torch traceback, inf an OverflowError past argparse (exit 1)."""
     import pytest

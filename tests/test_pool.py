@@ -234,6 +234,23 @@ def test_into_a_state_dict():
 
 
 # ---- errors leave the model unchanged ---------------------------------------------------------------
+@pytest.mark.parametrize("groups,match", [
+    ("layers", "groups must be 'layer'"),
+    ({"embed.weight": 0}, "no group given for tensor"),
+    (lambda n: -1, "groups are integers >= 0"),
+])
+def test_a_bad_group_rule_is_refused_with_flat_weights_too(groups, match):
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    t = Tiny()
+    before = snapshot(t)
+    for w in ([0.5, 0.5], [[0.5, 0.5]] * pool.num_groups()):  # flat weights once ignored the rule
+        with pytest.raises(InputError, match=match):
+            pool.materialize(w, into=t, groups=groups)
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("weights,match", [
     ([0.5, 0.5], "got 2 weights for 3 checkpoints"),
     ([0.5, float("nan"), 0.5], r"weights\[1\] is nan"),
@@ -277,6 +294,14 @@ def test_model_mismatches_name_the_tensor_and_write_nothing():
     lin = torch.nn.Linear(29, 101)
     pool.materialize([1.0, 0.0], into=lin, names=lambda n: n[5:] if n.startswith("head.") else n, strict=False)
     assert torch.equal(lin.weight, models[0].head.weight)
+    # ... and a rule or prefix that matches nothing is refused, not a call that writes nothing
+    for names, strict, match in ((lambda n: None, True, "maps every pool tensor to None"),
+                                 ("model.", False, "no target has any pool tensor .*'model.scale'")):
+        before = snapshot(lin)
+        with pytest.raises(InputError, match=match):
+            pool.materialize([0.0, 1.0], into=lin, names=names, strict=strict)
+        for k, v in lin.state_dict().items():
+            assert torch.equal(v, before[k]), k
     # ... but candidates that disagree on a tensor are refused: skipping it everywhere would leave
     # stale values in the candidates that have it
     full, part = Tiny(), torch.nn.Linear(29, 101)

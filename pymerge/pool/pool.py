@@ -458,7 +458,10 @@ class CheckpointPool:
             tables = [weight_table(w, n, normalize, what="weights" if len(into) == 1 else f"weights of candidate {k}")
                       for k, w in enumerate(weight_rows)]
         flat = not any(t.shape[0] > 1 for t in tables)
-        group_of = [0] * len(self.names) if flat else self._plan_cache.group_of(self.names, groups)
+        # the rule is resolved (so a bad one refused) even where flat weights put every tensor in one group
+        group_of = self._plan_cache.group_of(self.names, groups) if groups is not None or not flat else None
+        if flat:
+            group_of = [0] * len(self.names)
         for k, t in enumerate(tables):
             check_groups(group_of, self.names, t.shape[0], what="weights" if len(into) == 1 else f"candidate {k}'s weights")
         if method == "linear" and params:
@@ -699,6 +702,12 @@ class CheckpointPool:
         if problems:
             more = "" if len(problems) < 5 else " (and possibly more)"
             raise InputError("; ".join(problems[:5]) + more + "; nothing was written")
+        if not plans and self.names:  # a names= rule or strict=False that matched nothing: a silent no-op before
+            named = [m for m in mapped if m is not None]
+            why = ("names= maps every pool tensor to None" if not named else
+                   f"no target has any pool tensor under the names given (the first is {named[0]!r}), and "
+                   "strict=False skips the missing ones")
+            raise InputError(f"the merge would write nothing: {why}")
         return plans
 
     def _checked_target(self, t: torch.Tensor, model_name: str, shape: tuple, where: str):
