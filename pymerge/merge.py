@@ -254,8 +254,9 @@ def _inputs_of(plan: "MergePlan"):
         if (Path(plan.donor.folder) / fname).exists():
             yield "model file", Path(plan.donor.folder) / fname
     folder = Path(plan.donor.folder)  # copied into the output: OUT = <folder>/pkg would delete them
-    for fname in _remote_code_of(folder, _read_model_config(plan.donor), (folder / "tokenizer_config.json").is_file()):
-        yield "model file", folder / fname
+    tokenizer = Path(plan.vocabulary.tokenizer.folder) if plan.vocabulary is not None else folder
+    for source, fname in _remote_code_of(folder, _read_model_config(plan.donor), tokenizer):
+        yield "model file", source / fname
     if plan.vocabulary is not None:  # `tokenizer_source: <model>` may name a folder outside the models
         folder = Path(plan.vocabulary.tokenizer.folder)
         yield "tokenizer folder", folder
@@ -619,16 +620,16 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
         writer.write_json("config.json", model_cfg)
     folder = Path(donor.folder)
     from pymerge.tokenizer.output import write_tokenizer
-    skip = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
-    copied = []
+    skip, tokenizer = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
     for fname in TOKENIZER_FILES if copy_tokenizer else ():
         if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
-            copied.append(fname)
+            if fname == "tokenizer_config.json":
+                tokenizer = folder
     # without them the output cannot be loaded
-    for fname in _remote_code_of(folder, model_cfg, "tokenizer_config.json" in copied):
-        if _side_file_ok(plan, folder, fname):
-            writer.copy_file(folder / fname, fname)
+    for source, fname in _remote_code_of(folder, model_cfg, tokenizer):
+        if _side_file_ok(plan, source, fname):
+            writer.copy_file(source / fname, fname)
     if model_card:
         from pymerge.model_card import model_card as card
         writer.write_text("README.md", card(plan, Path(writer.out_dir).name))
@@ -654,17 +655,18 @@ def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
     return out
 
 
-def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer_config: bool) -> List[str]:
-    """The modules write_side_files copies from the donor's folder: those config.json's auto_map names, and
-    with tokenizer_config (its tokenizer_config.json is copied) those that file's auto_map names (a custom
-    tokenizer's tokenization_foo.py)."""
-    code = _remote_code_files(model_cfg, folder)
-    if tokenizer_config:
+def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer: Optional[Path]) -> List[Tuple[Path, str]]:
+    """(folder, module) write_side_files copies: those the donor's config.json's auto_map names, and those the
+    auto_map of the output's tokenizer_config.json names (a custom tokenizer's tokenization_foo.py), from
+    `tokenizer`, the folder that file was copied or edited from (the donor, or a tokenizer_source)."""
+    code = [(folder, m) for m in _remote_code_files(model_cfg, folder)]
+    config = None if tokenizer is None else tokenizer / "tokenizer_config.json"
+    if config is not None and config.is_file():
         try:
-            code += [m for m in _remote_code_files(read_json(folder / "tokenizer_config.json"), folder)
-                     if m not in code]
+            modules = _remote_code_files(read_json(config), tokenizer)
         except CheckpointError:  # not JSON: copied as it is
-            pass
+            modules = []
+        code += [(tokenizer, m) for m in modules if m not in {name for _, name in code}]
     return code
 
 

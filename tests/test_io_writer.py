@@ -550,6 +550,13 @@ def test_a_lock_file_not_locked_yet_leaves_the_pid_to_judge(tmp_path, monkeypatc
     (live / writer_mod._LOCK_NAME).touch()  # created, not locked yet
     write_all(tmp_path / "out", {"a": torch.ones(2)})
     assert live.is_dir()
+    # ...but a lock file unlocked for longer than a writer takes to lock it is a killed writer's whose pid
+    # another process took (pids repeat from run to run in a container): swept (it was kept for good)
+    made = time.time() - writer_mod._LOCK_GRACE_S - 5
+    os.utime(live / writer_mod._LOCK_NAME, (made, made))
+    (live / "model.safetensors").write_text("half")
+    write_all(tmp_path / "out", {"a": torch.ones(2)}, force=True)
+    assert not live.exists() and os.listdir(tmp_path) == ["out"]
     real, calls = writer_mod.fcntl.flock, []
 
     def probed_once(fd, op):  # the first try meets a probe's lock
@@ -779,3 +786,39 @@ def test_a_shard_whose_completing_fsync_failed_is_synced_at_commit(tmp_path, mon
     w.commit()
     shard = (tmp_path / "out" / "model-00001-of-00002.safetensors").stat().st_ino
     assert calls[0] == (shard, False) and (shard, True) in calls[1:]
+
+
+def test_an_out_that_links_to_a_folder_writes_there_and_keeps_the_link(tmp_path):
+    """OUT a symlink to an empty folder (on a bigger disk): "exists and is not empty", and --force replaced the
+    user's link with a folder on the link's filesystem (a bug hunt). The model goes where the link points, as
+    mergekit writes it; a link to no folder is refused."""
+    (tmp_path / "disk" / "merged").mkdir(parents=True)
+    link = tmp_path / "out"
+    os.symlink(tmp_path / "disk" / "merged", link)
+    write_all(link, {"a": torch.ones(2)})
+    assert link.is_symlink() and os.listdir(tmp_path / "disk" / "merged") == ["model.safetensors"]
+    with pytest.raises(InputError, match="disk/merged exists and is not empty; pass --force"):
+        write_all(link, {"a": torch.zeros(2)})
+    write_all(link, {"b": torch.zeros(3)}, force=True)
+    assert link.is_symlink() and set(load_all(link)) == {"b"} and leftovers(tmp_path / "disk") == []
+    for target in ("nowhere", "file"):
+        (tmp_path / "file").write_text("mine")
+        other = tmp_path / f"to_{target}"
+        os.symlink(tmp_path / target, other)
+        with pytest.raises(InputError, match="exists and is not a folder"):
+            write_all(other, {"a": torch.ones(2)}, force=True)
+        assert other.is_symlink() and (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_out_that_is_a_mount_point_is_refused_before_writing(tmp_path, monkeypatch):
+    """rename(2) onto a mount point (a container's /output volume) fails with EBUSY: the whole merge was written,
+    then refused naming the hidden temporary folder (a bug hunt). Refused first, naming OUT and what to do."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(writer_mod.os.path, "ismount", lambda p: os.fspath(p) == str(out) or real(p))
+    with pytest.raises(InputError, match=r"volume: is a mount point.*choose a folder inside it \(e.g. .*volume/model\)"):
+        ShardedWriter(out, [("a", torch.float32, (2,))])
+    assert os.listdir(tmp_path) == ["volume"] and os.listdir(out) == []
+    write_all(out / "model", {"a": torch.ones(2)})
+    assert os.listdir(out / "model") == ["model.safetensors"]

@@ -462,6 +462,21 @@ def test_a_custom_code_donors_modules_are_copied(models, tmp_path, capsys):
     copied = {p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".py"}
     assert copied == {"configuration_foo.py", "modeling_foo.py", "tokenization_foo.py"}
     assert (tmp_path / "out" / "modeling_foo.py").read_text() == "# modeling_foo.py\n"
+    # where pymerge writes tokenizer_config.json itself (a chat template, a merged vocabulary) its auto_map's
+    # module came along only from a copied file: the output named a module it lacked (a bug hunt)
+    tok_only = tmp_path / "tok_only"  # a tokenizer_source folder with a custom tokenizer and no custom model code
+    shutil.copytree(m4[1], tok_only)
+    (tok_only / "tokenizer_config.json").write_text(json.dumps(tok))
+    (tok_only / "tokenization_foo.py").write_text("# the tokenizer source's\n")
+    for k, (extra, source) in enumerate((({"chat_template": "chatml"}, donor), ({"tokenizer_source": "union"}, donor),
+                                         ({"tokenizer_source": str(tok_only)}, tok_only))):
+        cfg.write_text(yaml.safe_dump({"merge_method": "linear", **extra, "models": [
+            {"model": str(donor), "parameters": {"weight": 0.5}}, {"model": m4[1], "parameters": {"weight": 0.5}}]}))
+        out = tmp_path / f"out{k}"
+        rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+        assert rc == 0, err
+        assert "tokenization_foo" in (out / "tokenizer_config.json").read_text(), extra
+        assert (out / "tokenization_foo.py").read_text() == (source / "tokenization_foo.py").read_text(), extra
 
 
 def test_the_model_card_names_hub_ids_and_its_header_is_yaml(models, tmp_path, capsys, monkeypatch):

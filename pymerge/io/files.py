@@ -93,13 +93,15 @@ def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
 
 def out_location(path) -> Path:
     """The folder an output path names, as the kernel finds it ("link/.." is the parent of the link's
-    target, not the folder holding the link: abspath's textual ".." got that wrong), except that a
-    last component that is a symlink stays the link, so that replacing OUT replaces the link only."""
+    target, not the folder holding the link: abspath's textual ".." got that wrong). A last component
+    that is a symlink to a folder is that folder (the model goes where the link points, as mergekit
+    writes it; the link stays); any other link stays the link, which is no folder to write."""
     p = os.fspath(path)
     head, tail = os.path.split(p.rstrip(os.sep) or os.sep)
     if tail in ("", ".", ".."):
         return Path(os.path.realpath(p))
-    return Path(os.path.realpath(head or os.curdir)) / tail
+    where = Path(os.path.realpath(head or os.curdir)) / tail
+    return Path(os.path.realpath(where)) if os.path.islink(where) and os.path.isdir(where) else where
 
 
 def new_file_mode() -> int:

@@ -29,6 +29,7 @@ import shutil
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -81,7 +82,7 @@ class ShardedWriter:
                  parts: Optional[Sequence[int]] = None, part: Optional[int] = None, join=None):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.out_dir = out_location(out_dir)  # not resolve(): a symlinked OUT stays the link
+        self.out_dir = out_location(out_dir)  # not resolve(): "link/.." as the kernel finds it
         self.force = force
         self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
         self._slots: Dict[str, _Slot] = {}
@@ -620,6 +621,9 @@ def _check_out(out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
+    if os.path.ismount(out):  # rename(2) onto it fails (EBUSY), after the whole merge was written
+        raise InputError(f"{out}: is a mount point, and the model is installed by renaming a finished folder "
+                         f"onto OUT, which a mount point refuses; choose a folder inside it (e.g. {out / 'model'})")
     if not force and not _is_empty_dir(out):
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
 
@@ -655,7 +659,7 @@ def _beside(out: Path, tag: str) -> str:
 
 
 def _is_empty_dir(path: Path) -> bool:
-    # A symlink counts as occupied: renaming a folder onto it fails, and replacing it needs --force.
+    # A symlink counts as occupied: renaming a folder onto it fails (OUT is never a link to a folder here).
     if path.is_symlink() or not path.is_dir():
         return False
     with os.scandir(path) as it:
@@ -684,8 +688,21 @@ _OWNED_LOCK = threading.Lock()  # held from a writer's stale-folder sweep until 
 def _in_use(path: str, pid: int) -> bool:
     if _lock_held(path):  # a live writer, whose pid this process may not see (another namespace or host)
         return True
-    # no lock held: a killed writer's, or one between creating its lock file and locking it (the pid says)
-    return os.path.abspath(path) in _OWNED if pid == os.getpid() else _pid_alive(pid)
+    # no lock held: a killed writer's, or one between creating its lock file and locking it (the pid says,
+    # unless that lock file is older than any such moment: a process that took the dead writer's pid)
+    return os.path.abspath(path) in _OWNED if pid == os.getpid() else _pid_alive(pid) and not _abandoned(path)
+
+
+_LOCK_GRACE_S = 60.0  # a writer locks the file it made at once: unlocked for longer, it died
+
+
+def _abandoned(folder: str) -> bool:
+    """Whether folder's lock file exists, unlocked (checked first), and was made over _LOCK_GRACE_S ago."""
+    try:
+        made = os.stat(os.path.join(folder, _LOCK_NAME)).st_mtime
+    except OSError:  # none: no locks on that filesystem, or a folder stepped aside
+        return False
+    return time.time() - made > _LOCK_GRACE_S
 
 
 def _hold_lock(tmp_dir: Path) -> Optional[int]:

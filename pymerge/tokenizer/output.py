@@ -6,7 +6,7 @@ special_tokens_map.json rides along."""
 import json
 import os
 from pathlib import Path
-from typing import Dict, Set
+from typing import Dict, Optional, Set, Tuple
 
 from pymerge.io.files import stays_inside
 from pymerge.tokenizer.files import TEMPLATE_DIR, TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, read_json
@@ -15,8 +15,9 @@ SPECIAL_MAP = "special_tokens_map.json"
 _FLAGS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
 
 
-def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Set[str]:
-    """Writes what it changes; returns the donor's tokenizer files the caller must not copy."""
+def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Tuple[Set[str], Optional[Path]]:
+    """Writes what it changes; returns the donor's tokenizer files the caller must not copy, and the folder
+    whose tokenizer_config.json it wrote edited (None: it wrote none), whose auto_map modules must ride along."""
     vocab, template = plan.vocabulary, plan.chat_template
     if vocab is not None:  # mergekit saves a merged tokenizer even with --no-copy-tokenizer
         src: Tokenizer = vocab.tokenizer
@@ -29,21 +30,21 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Set[str]
         if os.path.lexists(special) and stays_inside(src.folder, special):
             writer.copy_file(special, SPECIAL_MAP)
         return {"tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json"}
+                "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json"}, src.folder
     if template is None:
-        return set()
+        return set(), None
     if not copy_tokenizer:
         plan.warnings.append("chat_template: no tokenizer is written (--no-copy-tokenizer); the template is not saved")
-        return set()
+        return set(), None
     cpath = donor / TOKENIZER_CONFIG
     if not (os.path.lexists(cpath) or os.path.lexists(donor / TOKENIZER_JSON)):
         plan.warnings.append(f"chat_template: {donor} has no tokenizer to carry the template; not saved")
-        return set()
+        return set(), None
     config = {}
     if os.path.lexists(cpath) and stays_inside(donor, cpath):
         config = read_json(cpath)
     _write_config(writer, config if isinstance(config, dict) else {}, {"default": template}, None)
-    return {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}
+    return {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}, donor
 
 
 def _write_config(writer, config: dict, templates: Dict[str, str], added) -> None:
