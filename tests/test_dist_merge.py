@@ -318,8 +318,9 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
 
 def test_ranks_whose_configs_differ_in_compute_dtype_or_adapter_all_fail(tmp_path):
     """Configs differing only in `dtype:` (float16 models, float32 out: no cast recorded, one rank rounding its
-    results to float16), or naming one model with two LoRA adapters: each rank wrote its share of its own
-    merge, exit 0 (a bug hunt). Refused before anything is written."""
+    results to float16), naming one model with two LoRA adapters, or slices reading another layer under the
+    same output names: each rank wrote its share of its own merge, exit 0 (bug hunts). Refused before
+    anything is written."""
     dims = lf.LlamaDims(layers=2)
     models = [lf.make_llama(tmp_path / name, dims=dims, dtype=torch.float16, seed=0, perturb_seed=ord(name))
               for name in "ab"]
@@ -328,8 +329,12 @@ def test_ranks_whose_configs_differ_in_compute_dtype_or_adapter_all_fail(tmp_pat
     with_adapter = lambda i: {"merge_method": "linear", "models": [  # noqa: E731
         {"model": f"{models[0]}+{adapters[i]}", "parameters": {"weight": 0.5}},
         {"model": str(models[1]), "parameters": {"weight": 0.5}}]}
+    sliced = lambda i: {"merge_method": "passthrough", "slices": [  # noqa: E731  (another layer, same names)
+        {"sources": [{"model": str(models[0]), "layer_range": [0, 1]}]},
+        {"sources": [{"model": str(models[1]), "layer_range": [i, i + 1]}]}]}
     out = tmp_path / "out"
-    for name, pair in (("dtype", [{**halves, "dtype": "float32"}, halves]), ("adapter", [with_adapter(0), with_adapter(1)])):
+    for name, pair in (("dtype", [{**halves, "dtype": "float32"}, halves]), ("adapter", [with_adapter(0), with_adapter(1)]),
+                       ("slices", [sliced(0), sliced(1)])):
         cfgs = [write_cfg(tmp_path / f"{name}{r}.yml", c) for r, c in enumerate(pair)]
         one = [single(c, tmp_path / f"one_{name}{r}") for r, c in enumerate(cfgs)]
         assert any(bits(one[0][k]) != bits(one[1][k]) for k in one[0]), name  # two different merges

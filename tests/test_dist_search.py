@@ -161,12 +161,22 @@ def resume_worker(rank, world, d, files):
     except Exception as exc:
         out["single then int4 ranks"] = f"{type(exc).__name__}: {exc}"
     out["single then exact ranks"] = search(None, 9, os.path.join(d, "single_plain.json"))
+    # a resumed search's candidates are numbered on from the state's (an error named candidate 0 for the 6th)
+    state = os.path.join(d, "numbered.json")
+    search(None, 5, state)
+    pool = pymerge.CheckpointPool(files[:3], base=files[3])
+    try:
+        pymerge.search.optimize(pool, lambda m: {"fit": "x"}, model=build(), **{**SEARCH, "budget": 9},
+                                state_path=state if rank == 0 else None)
+    except Exception as exc:
+        out["numbered"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
 def test_resume_on_a_pool_compressed_otherwise_is_refused_on_every_rank(tmp_path):
     """The leader's stand-in pool did not say whether the real one was compressed: a state saved on an int4
-    pool was resumed on an exact one (and the reverse), mixing the scores of two merges (a bug hunt)."""
+    pool was resumed on an exact one (and the reverse), mixing the scores of two merges (a bug hunt). And a
+    resumed search's errors name its candidates as one process does."""
     d = str(tmp_path)
     files = write_checkpoints(d)
     single_process(files, budget=5, state_path=os.path.join(d, "single_plain.json"))
@@ -176,6 +186,7 @@ def test_resume_on_a_pool_compressed_otherwise_is_refused_on_every_rank(tmp_path
             assert res[label].startswith("InputError: " + ("rank 0: " if rank else "")), (rank, res[label])
         for label in ("int4 then exact, same kind", "exact then int4, same kind", "single then exact ranks"):
             assert res[label] == 9, (rank, label)
+        assert "evaluate returned 'x' for task 'fit' of candidate 5;" in res["numbered"], res["numbered"]
 
 
 def arguments_worker(rank, world, d, files):
@@ -189,11 +200,24 @@ def arguments_worker(rank, world, d, files):
                                       model=build(), **kw)
         return [r["objective"] for r in res.history]
 
+    def grouping(first):  # functions of one name (grouping.<locals>.rule) that group, or map, otherwise per rank
+        def rule(name):
+            return int(name.startswith("0.")) if first else int(not name.startswith("0."))
+        return rule
+
+    def naming(swap):
+        def rule(name):
+            return {"2.weight": "2.bias", "2.bias": "2.weight"}.get(name, name) if swap else name
+        return rule
+
     out = {"errors": {}}
-    for label, mine in (("method", dict(method="linear")), ("density", dict(density=0.3)), ("budget", dict(budget=0)),
-                        ("seed", dict(seed=4)), ("pool", dict(compress="int4"))):
+    for label, mine, ours in (("method", dict(method="linear"), {}), ("density", dict(density=0.3), {}),
+                              ("budget", dict(budget=0), {}), ("seed", dict(seed=4), {}),
+                              ("pool", dict(compress="int4"), {}),
+                              ("groups", dict(groups=grouping(False)), dict(groups=grouping(True))),
+                              ("names", dict(names=naming(True)), dict(names=naming(False)))):
         try:
-            search(**(mine if rank == 1 else {}))
+            search(**(mine if rank == 1 else ours))
             out["errors"][label] = None
         except Exception as exc:
             out["errors"][label] = f"{type(exc).__name__}: {exc}"
@@ -211,7 +235,7 @@ def test_ranks_passing_other_arguments_fail_together(tmp_path):
     files = write_checkpoints(d)
     results = dist_helpers.run(arguments_worker, 2, d, d, files)
     errors = dist_helpers.agreed_errors(results)
-    for label in ("method", "density", "budget", "seed"):
+    for label in ("method", "density", "budget", "seed", "groups", "names"):
         assert errors[label].startswith("InputError: ranks called optimize with different arguments"), errors[label]
     assert errors["pool"].startswith("InputError: ranks called optimize with different pools"), errors["pool"]
     expected = [r["objective"] for r in single_process(files, budget=5).history]

@@ -202,8 +202,11 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
     from dataclasses import fields
     tensors = [tuple(_rows_digest(t.vocab) if f.name == "vocab" else getattr(t, f.name) for f in fields(t))
                for t in plan.tensors]
+    # each part's sources with their tensor maps: `slices:` differing in a layer_range read other layers
+    # under the same output names (a bug hunt: a model mixed from two configs, exit 0)
+    sources = [[_checkpoint_identity(c) for c in part.checkpoints] for part in plan.parts]
     text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
-                 [_checkpoint_identity(c) for c in plan.checkpoints], tensors,
+                 [_checkpoint_identity(c) for c in plan.checkpoints], sources, tensors,
                  [(c.name, c.dtype, c.shape) for c in plan.copies]))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -211,7 +214,11 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
 def _checkpoint_identity(ck) -> tuple:
     """A checkpoint's path; for `model+lora`, also the adapter's file, what it applies to each weight and the
     dtype it is applied in (its path is the model's: ranks given two adapters on one model each wrote their
-    share with their own)."""
+    share with their own); for a slice's view (pymerge.slices.RenamedCheckpoint), also which tensor each
+    output name reads."""
+    from pymerge.slices import RenamedCheckpoint
+    if isinstance(ck, RenamedCheckpoint):
+        return _checkpoint_identity(ck.ck) + (sorted(ck.map.items()),)
     adapter = getattr(ck, "adapter", None)
     if adapter is None:
         return (os.path.abspath(ck.path),)

@@ -101,14 +101,21 @@ def _agreed_start(pool, kwargs) -> dict:
     import torch.distributed as dist
     from pymerge.dist import collectives
     from pymerge.dist.pool import _plain
-    from pymerge.pool.pool import method_params_of
+    from pymerge.pool.pool import _map_name, method_params_of
+    from pymerge.pool.weights import group_indices
     error, arguments, facts, contents = None, 0, 0, {}
     try:
         args = {k: v for k, v in kwargs.items() if k != "state_path"}  # rank 0's file: the others may pass None
         extra = {k: args.pop(k) for k in list(args) if k not in _SEARCH_ONLY + ("method", "groups", "names",
                                                                                "method_params")}
         args["method_params"] = method_params_of(args.pop("method_params", None), extra)  # either way alike
-        arguments = collectives.fingerprint(_plain(args))  # numbers by value, functions by name
+        # groups=/names= functions as they resolve on the pool's tensors: two of one name that group or map them
+        # otherwise on some rank merged its share of the candidates with its own (a bug hunt)
+        if callable(args.get("groups")):
+            args["groups"] = group_indices(pool.names, args["groups"])
+        if callable(args.get("names")):
+            args["names"] = [_map_name(n, args["names"]) for n in pool.names]
+        arguments = collectives.fingerprint(_plain(args))  # numbers by value
         contents = _pool_facts(pool)
         facts = collectives.fingerprint(_plain([pool.num_checkpoints, pool.has_base, contents]))
     except Exception as exc:  # noqa: BLE001  (raised on every rank by the agreement)
@@ -180,6 +187,10 @@ class _LeaderPool:
         # without whether it is compressed, a state saved on an int4 pool resumed on an exact one (mixed scores)
         self.pool_contents = contents
         self._scores, self._done = {}, 0
+
+    def resumed_from(self, n: int) -> None:
+        """optimize's history holds n candidates already (a resumed state): the next one is candidate n."""
+        self._done = n
 
     def materialize_many(self, weights, into, **kw):
         import torch.distributed as dist

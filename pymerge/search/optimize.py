@@ -276,6 +276,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                 raise InputError(f"{state_path}: saved search state has weights that do not follow from its "
                                  "candidates; use another state_path or delete it")
         history = state["history"]
+        if hasattr(pool, "resumed_from"):  # the distributed search's stand-in: its ranks number candidates as here
+            pool.resumed_from(len(history))
         left = budget - len(history)
         if left > 0:
             _check_writable(state_path)  # before the first candidate (minutes on a real model), not after it
