@@ -9,7 +9,7 @@ their configs unchanged:
   or has no filter or "*", wins; its value may itself be a gradient). A single {filter, value}
   mapping is a one-element list. An empty list, or conditions that match nothing, give no value.
   The name a filter sees is mergekit's: for the mixture-of-experts layouts mergekit reads as
-  transformers 5's fused tensors (Mixtral, Qwen3-MoE), the fused name (see filter_name).
+  transformers 5's fused tensors (Mixtral, Qwen3-MoE), the fused name; GPT-2's, under `transformer.` (see filter_name).
 - Tensors outside the layer stack (embeddings, final norm, lm_head) take t = 0. In a model with a
   single layer the layer takes t = 1 (mergekit's rule).
 - A model's own parameters are looked at first, then the top-level ones; a scope that yields no
@@ -291,12 +291,23 @@ def _is_scalar(x) -> bool:
 
 
 # ---- values ----------------------------------------------------------------------------------
-def kind_of(default) -> type:
-    """A parameter's value type, from its default (mergekit declares types; our Param has defaults):
-    bool defaults make bool parameters, str defaults str ones, anything else (incl. REQUIRED) float."""
-    if isinstance(default, bool):
+class FlagOrName:
+    """A parameter that takes a boolean or one of a few names (rescale: true, false, l1, inverse_density);
+    picked, not interpolated, along a gradient."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+
+def kind_of(spec) -> Any:
+    """A method parameter's value type (mergekit declares types; our Param has defaults): its own kind if it
+    declares one, else bool defaults make bool parameters, str defaults str ones, anything else (incl.
+    REQUIRED) float."""
+    if getattr(spec, "kind", None) is not None:
+        return spec.kind
+    if isinstance(spec.default, bool):
         return bool
-    if isinstance(default, str):
+    if isinstance(spec.default, str):
         return str
     return float
 
@@ -330,6 +341,13 @@ def coerce(value, kind: type):
         if not isinstance(value, str):
             raise ValueError(f"{short(value)} is not a string")
         return value
+    if isinstance(kind, FlagOrName):
+        if isinstance(value, str) and value.strip().lower() in kind.names:
+            return value.strip().lower()
+        try:
+            return coerce(value, bool)
+        except ValueError:
+            raise ValueError(f"{short(value)} is not a boolean or one of {', '.join(kind.names)}") from None
     raise TypeError(f"unsupported parameter kind {kind}")
 
 
@@ -360,11 +378,14 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float = 0.0, kind: t
     return None
 
 
-# mergekit 0.1.5 reads these models' per-expert checkpoints in transformers 5's fused layout (its
-# architecture files name only the fused tensors) and matches `filter:` against the fused names:
-# with `filter: mlp`, Mixtral's block_sparse_moe.experts.N.w1 is an mlp tensor. Patterns (re.sub, in
-# order) from transformers' conversion_mapping.py for the model types mergekit has files for.
-_FUSED_NAMES = {
+# mergekit 0.1.5 matches `filter:` against its architecture files' names, not the checkpoint's. It reads these
+# models' per-expert checkpoints in transformers 5's fused layout (its files name only the fused tensors): with
+# `filter: mlp`, Mixtral's block_sparse_moe.experts.N.w1 is an mlp tensor (patterns from transformers'
+# conversion_mapping.py). And GPT-2's files name every tensor under `transformer.`, the unprefixed names of
+# openai-community/gpt2's own checkpoint (h.0.attn.c_attn.weight) being aliases: `filter: transformer.h.1.`
+# matches it. Patterns: re.sub, in order.
+_FILTER_NAMES = {
+    "gpt2": ((r"^(?=(?:wte|wpe|ln_f|h\.\d+)\.)", "transformer."),),
     "mixtral": ((r"\.block_sparse_moe\.", ".mlp."),
                 (r"\.experts\.\d+\.w[13]\.weight$", ".experts.gate_up_proj"),
                 (r"\.experts\.\d+\.w2\.weight$", ".experts.down_proj")),
@@ -374,11 +395,11 @@ _FUSED_NAMES = {
 
 
 def filter_name(tensor_name: str, model_type: Optional[str]) -> str:
-    """The name a `filter:` is matched against: the tensor's, or for a model type mergekit reads as
-    fused experts, the fused tensor it belongs to (model.layers.0.block_sparse_moe.experts.3.w1.weight
-    -> model.layers.0.mlp.experts.gate_up_proj)."""
-    for pattern, fused in _FUSED_NAMES.get(model_type, ()) if isinstance(model_type, str) else ():
-        tensor_name = re.sub(pattern, fused, tensor_name)
+    """The name a `filter:` is matched against: the tensor's, or as mergekit names it (_FILTER_NAMES): for a model
+    type it reads as fused experts, the fused tensor it belongs to (model.layers.0.block_sparse_moe.experts.3.w1
+    .weight -> model.layers.0.mlp.experts.gate_up_proj); GPT-2's h.1.ln_1.weight -> transformer.h.1.ln_1.weight."""
+    for pattern, name in _FILTER_NAMES.get(model_type, ()) if isinstance(model_type, str) else ():
+        tensor_name = re.sub(pattern, name, tensor_name)
     return tensor_name
 
 
@@ -470,7 +491,7 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
                 cfg.warnings.append(f"{where}: {name} is a global parameter of {method.name}; set it under the "
                                     f"top-level parameters (a per-model value is ignored, as in mergekit)")
             spec = model_params.get(name) or global_params.get(name)
-            kind = kind_of(spec.default)
+            kind = kind_of(spec)
             for leaf, leaf_where in _leaves(setting, f"{where}.{name}"):
                 try:
                     coerce(leaf, kind)
@@ -517,7 +538,7 @@ class ParamResolver:
         return g, per
 
     def _value(self, name, spec, scopes, tensor_name, seen, t, model: Optional[ModelSpec]):
-        v = resolve_one(name, scopes, seen, t, kind_of(spec.default))
+        v = resolve_one(name, scopes, seen, t, kind_of(spec))
         if v is not None:
             return v
         if spec.required:

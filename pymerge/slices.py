@@ -227,7 +227,7 @@ class _SliceResolver:
         return g, per
 
     def _value(self, name, spec, scopes, tensor_name, seen, t, model):
-        v = resolve_one(name, scopes, seen, t, kind_of(spec.default))
+        v = resolve_one(name, scopes, seen, t, kind_of(spec))
         if v is not None:
             return v
         if spec.required:

@@ -374,3 +374,59 @@ def test_filters_see_mergekits_fused_expert_names(tmp_path, model_type, filt, hi
             continue  # outside the stack: a slice merge takes those from its donor
         wa = 0.9 if any(s in name for s in hits) else 0.1
         torch.testing.assert_close(out[name], wa * x + 0.5 * b[name], msg=f"{name}: weight of a is not {wa}")
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+@pytest.mark.parametrize("filt,hits", [("transformer.h.1.", ("h.1.",)), ("transformer.wte", ("wte.",)),
+                                       ("h.0.attn", ("h.0.attn.",))])
+def test_filters_see_gpt2_names_under_transformer(tmp_path, prefix, filt, hits):
+    """mergekit's GPT-2 files name every tensor under `transformer.` (openai-community/gpt2's own unprefixed
+    names are aliases) and `filter:` sees those names: a filter written for mergekit matched nothing in pymerge
+    on an unprefixed checkpoint, silently (a bug hunt, checked against mergekit-yaml)."""
+    from safetensors.torch import save_file
+    tensors = []
+    for k, folder in enumerate((tmp_path / "a", tmp_path / "b")):
+        g = torch.Generator().manual_seed(k)
+        t = {prefix + n: torch.randn(*s, generator=g) for n, s in (
+            ("wte.weight", (16, 8)), ("wpe.weight", (8, 8)), ("ln_f.weight", (8,)), ("h.0.attn.c_attn.weight", (8, 24)),
+            ("h.0.ln_1.weight", (8,)), ("h.1.attn.c_attn.weight", (8, 24)), ("h.1.mlp.c_fc.weight", (8, 32)))}
+        folder.mkdir()
+        save_file(t, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+        tensors.append(t)
+    spec = {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False}, "models": [
+        {"model": str(tmp_path / "a"), "parameters": {"weight": [{"filter": filt, "value": 0.9}, {"value": 0.1}]}},
+        {"model": str(tmp_path / "b"), "parameters": {"weight": 0.5}}]}
+    run_merge(parse_config(spec), tmp_path / "out")
+    out = _load(tmp_path / "out")
+    for name, x in tensors[0].items():
+        wa = 0.9 if any(name[len(prefix):].startswith(h) for h in hits) else 0.1
+        torch.testing.assert_close(out[name], wa * x + 0.5 * tensors[1][name], msg=f"{name}: weight of a is not {wa}")
+
+
+def test_rescale_takes_its_rule_names_in_a_config(tmp_path):
+    """`rescale: l1` / `inverse_density` (documented, and taken by the pool API) were refused in every config as
+    "not a boolean" (a bug hunt). One fine-tune, TIES at density 0.5 without normalizing: inverse_density
+    doubles the kept task vector; l1 is true; a gradient picks per layer; other words are refused."""
+    from pymerge.errors import MergeConfigError
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1, perturb=0.3)
+
+    def merged(rescale, name):
+        spec = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+                "parameters": {"normalize": False, "rescale": rescale},
+                "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0, "density": 0.5}}]}
+        run_merge(parse_config(spec), tmp_path / name)
+        return _load(tmp_path / name)
+    b = _load(base)
+    off, inv, l1, true = (merged(r, n) for r, n in ((False, "off"), ("inverse_density", "inv"), ("l1", "l1"),
+                                                    (True, "true")))
+    assert any(not torch.equal(off[k], b[k]) for k in b)
+    for k in b:
+        torch.testing.assert_close(inv[k] - b[k], 2 * (off[k] - b[k]), msg=k)
+        assert torch.equal(l1[k], true[k]), k
+    picked = merged(["inverse_density", False], "picked")  # the first layer doubled, the last not
+    layers = sorted({int(k.split(".")[2]) for k in b if ".layers." in k})
+    first, last = (f"model.layers.{i}.mlp.down_proj.weight" for i in (layers[0], layers[-1]))
+    assert torch.equal(picked[first], inv[first]) and torch.equal(picked[last], off[last])
+    with pytest.raises(MergeConfigError, match="'sometimes' is not a boolean or one of l1, inverse_density"):
+        merged("sometimes", "bad")

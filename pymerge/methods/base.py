@@ -24,9 +24,11 @@ _REQUIRED = object()
 
 @dataclass(frozen=True)
 class Param:
-    """A parameter a method accepts. default=REQUIRED means the user must give it."""
+    """A parameter a method accepts. default=REQUIRED means the user must give it. kind: the values a config may
+    give (pymerge.config.kind_of), where the default's type does not say it."""
     default: Any = _REQUIRED
     doc: str = ""
+    kind: Any = None
 
     @property
     def required(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from pymerge.config import FlagOrName
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
 from pymerge.ops import task_vector_ops as tvo
 
@@ -125,7 +126,8 @@ class TaskVectorMethod(MergeMethod):
         cls.global_params = {
             "normalize": Param(cls.default_normalize, "divide by the sum of (agreeing) weights"),
             "rescale": Param(cls.default_rescale, "true/l1: match the L1 norm after sparsifying; "
-                                                  "inverse_density: multiply by 1/density"),
+                                                  "inverse_density: multiply by 1/density",
+                             FlagOrName("l1", "inverse_density")),
             "lambda": Param(1.0, "scale of the merged task vector"),
             "int8_mask": Param(False, "accepted for mergekit compatibility; no effect on results"),
         }
