@@ -116,6 +116,34 @@ def test_a_build_skipped_as_up_to_date_keeps_the_stamp_of_the_flags_that_made_it
     assert "building 'pymerge._cpu'" in wheel.stdout + wheel.stderr
 
 
+def test_an_nvcc_that_fails_leaves_the_cpu_build(tmp_path):
+    """An nvcc that cannot build the CUDA extension (a toolkit too old for compute_90, a host gcc it refuses)
+    stopped the whole install with a traceback, the CPU extension with it (a bug hunt): it is skipped with a
+    warning; PYMERGE_REQUIRE_CUDA=1 keeps the error. A scratch tree with this setup.py and an nvcc that fails."""
+    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path / "pyproject.toml")
+    for sub, name, text in (("cpu", "x.cpp", "#include <pybind11/pybind11.h>\nPYBIND11_MODULE(_cpu, m) {}\n"),
+                            ("cuda", "y.cu", "__global__ void k() {}\n")):
+        (tmp_path / "csrc" / sub).mkdir(parents=True)
+        (tmp_path / "csrc" / sub / name).write_text(text)
+    for pkg in ("pymerge", "kernels"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\ncase \"$*\" in *--dryrun*) exit 0;; esac\n"
+                    "echo \"nvcc fatal   : Unsupported gpu architecture 'compute_90'\" >&2\nexit 1\n")
+    nvcc.chmod(0o755)
+    env = {"CUDA_HOME": str(tmp_path / "cuda")}
+    build = [sys.executable, "setup.py", "build_ext", "-b", "out/b", "-t", "out/t"]
+    done = run(build, tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pymerge: warning: the CUDA extension is not built (nvcc exited with 1" in done.stderr, done.stderr[-3000:]
+    assert [p.name.split(".")[0] for p in (tmp_path / "out" / "b" / "pymerge").glob("*.so")] == ["_cpu"]
+    required = run(build[:-4] + ["-b", "out2/b", "-t", "out2/t"], tmp_path, env=dict(env, PYMERGE_REQUIRE_CUDA="1"))
+    assert required.returncode != 0 and "Unsupported gpu architecture" in required.stderr
+
+
 @pytest.mark.slow
 def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
     wheels = tmp_path / "wheels"
