@@ -549,6 +549,18 @@ class ParamResolver:
         return spec.default
 
 
+def unmatched_filters(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str]) -> List[str]:
+    """The `filter:` strings of these parameter scopes that no name (as filter_name gives it) contains."""
+    found: List[str] = []
+    for scope in scopes:
+        for setting in (scope or {}).values():
+            for cond in [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else ():
+                f = cond.get("filter") if isinstance(cond, dict) else None  # (a condition's value holds none)
+                if isinstance(f, str) and f != "*" and f not in found:
+                    found.append(f)
+    return [f for f in found if not any(f in n for n in names)]
+
+
 def _has_filter(setting) -> bool:
     if isinstance(setting, dict):
         return True

@@ -36,7 +36,8 @@ import numpy as np
 
 from pymerge import _native, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
-                            check_seed, count_layers, layer_t, load_config, parse_config)
+                            check_seed, count_layers, filter_name, layer_t, load_config, parse_config,
+                            unmatched_filters)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
@@ -390,11 +391,16 @@ def make_plan(config_or_path) -> MergePlan:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
         model_cfg = _read_model_config(donor)
         n_layers = count_layers(names, _num_layers(model_cfg))
-        resolver = ParamResolver(cfg, method, inputs, (model_cfg or {}).get("model_type"))
+        model_type = (model_cfg or {}).get("model_type")
+        resolver = ParamResolver(cfg, method, inputs, model_type)
         tensors, copies = plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, base is not None,
                                        vocab)
         plan = MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings), vocabulary=vocab,
                          chat_template=_chat_template(cfg, labels), copies=copies)
+        seen = [filter_name(n, model_type) for n in names]
+        for f in unmatched_filters([cfg.parameters] + [m.parameters for m in cfg.models], seen):  # a typo, likely
+            plan.warnings.append(f"filter {f!r} matches no tensor of this merge (names such as "
+                                 f"{seen[len(seen) // 2]!r}); its values are never used")
         if vocab is not None:
             from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
             vocab_size_override(model_cfg, plan.config_overrides, vocab.size)

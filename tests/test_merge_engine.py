@@ -430,3 +430,19 @@ def test_rescale_takes_its_rule_names_in_a_config(tmp_path):
     assert torch.equal(picked[first], inv[first]) and torch.equal(picked[last], off[last])
     with pytest.raises(MergeConfigError, match="'sometimes' is not a boolean or one of l1, inverse_density"):
         merged("sometimes", "bad")
+
+
+def test_a_filter_that_matches_no_tensor_is_warned_about(fam):
+    """A `filter:` with a typo (self_atn) silently gave its values to no tensor (a bug hunt's suggestion): the plan
+    warns, once per filter, naming it; filters that match (or '*') do not warn."""
+    base, fts, _ = fam
+    spec = {"merge_method": "linear", "parameters": {"weight": [{"filter": "self_atn", "value": 0.2}, {"value": 0.5}]},
+            "models": [{"model": str(fts[0]), "parameters": {"weight": [{"filter": "mlp", "value": 0.9},
+                                                                        {"filter": "*", "value": 0.1}]}},
+                       {"model": str(fts[1]), "parameters": {"weight": {"filter": "self_atn", "value": 0.3}}}]}
+    plan = make_plan(parse_config(spec))
+    try:
+        said = [w for w in plan.warnings if "matches no tensor" in w]
+        assert len(said) == 1 and said[0].startswith("filter 'self_atn' matches no tensor of this merge"), plan.warnings
+    finally:
+        plan.close()
