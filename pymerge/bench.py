@@ -12,6 +12,7 @@ import json
 import statistics
 import time
 
+from pymerge.argparser import ArgumentParser
 from pymerge.errors import first_line
 from pymerge.progress import say
 
@@ -86,7 +87,7 @@ def _elements(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="pymerge bench", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="pymerge bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     ap.add_argument("--elements", type=_elements, default=None, metavar="N",
                     help="elements per input (default 8388608; 3e7 works)")

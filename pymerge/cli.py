@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from pymerge import mergekit_flags
+from pymerge.argparser import ArgumentParser
 from pymerge.progress import say
 
 
@@ -80,7 +81,7 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(ArgumentParser):
     """argparse's parser, remembering its last usage error (subcommands' parsers are of this class too)."""
     last_error: Optional[str] = None
 

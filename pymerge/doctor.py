@@ -6,11 +6,11 @@
     cuda extension   no   not built (nvcc was not found, or PYMERGE_NO_CUDA=1, at install time)
     ...
 """
-import argparse
 import os
 import platform
 from typing import List, Tuple
 
+from pymerge.argparser import ArgumentParser
 from pymerge.errors import first_line
 
 Row = Tuple[str, bool, str]
@@ -71,7 +71,7 @@ def report() -> List[Row]:
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(prog="pymerge doctor", description=__doc__.splitlines()[0]).parse_args(argv)
+    ArgumentParser(prog="pymerge doctor", description=__doc__.splitlines()[0]).parse_args(argv)
     import pymerge
     print(f"pymerge {pymerge.__version__} at {os.path.dirname(pymerge.__file__)} (Python {platform.python_version()})")
     for name, ok, detail in report():

@@ -1,6 +1,8 @@
 """`pymerge --version` (version and backends) and `pymerge bench` (installed, no checkout needed)."""
 import json
 
+import pytest
+
 import pymerge
 from pymerge import cli
 
@@ -63,9 +65,11 @@ def test_bench_without_cuda_or_memory_is_one_line(capsys, monkeypatch):
     assert len(err) == 1 and err[0].startswith("pymerge bench: error: --elements 1000000000 does not fit in memory")
 
 
-def test_version_to_a_full_disk_is_one_line():
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["merge", "--help"], ["demo", "--help"],
+                                  ["search", "--help"], ["bench", "--help"], ["doctor", "--help"]])
+def test_version_or_help_to_a_full_disk_is_one_line(args):
     """`pymerge --version > /dev/full` printed a traceback and exited 1 (printed while parsing, outside the
-    command's OSError handling; a hunt)."""
+    command's OSError handling; a hunt); --help exited 0 having printed nothing (argparse swallows the error)."""
     import os
     import subprocess
     import sys
@@ -74,7 +78,7 @@ def test_version_to_a_full_disk_is_one_line():
         pytest.skip("no /dev/full on this system")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open("/dev/full", "w") as full:
-        p = subprocess.run([sys.executable, "-m", "pymerge", "--version"], stdout=full, stderr=subprocess.PIPE,
+        p = subprocess.run([sys.executable, "-m", "pymerge", *args], stdout=full, stderr=subprocess.PIPE,
                            text=True, timeout=300, cwd=root)
     assert (p.returncode, p.stderr) == (2, "pymerge: error: No space left on device\n")
 

@@ -14,9 +14,9 @@ merge (run.py). Nothing is downloaded; it needs only pymerge's own dependencies.
     pymerge demo [--quick] [--out demo_out] [--budget N] [--seed S] [--pool stages|mixtures] [--per-layer] [--threads N]
                  [--eval-dtype auto|bfloat16|float32] [--json]
 """
-import argparse
 import json
 
+from pymerge.argparser import ArgumentParser
 from pymerge.progress import say
 
 __all__ = ["main"]
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     import torch
     from pymerge.demo.run import Settings, experiment
     from pymerge.demo.train import POOLS
-    ap = argparse.ArgumentParser(prog="pymerge demo", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="pymerge demo", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smaller pool and search (CI; well under a minute)")
     ap.add_argument("--out", default="demo_out", help="output folder (default: demo_out/); checkpoints there are "
                     "reused when settings and code match")

@@ -22,7 +22,6 @@ second search into it is refused, as one onto the same state_path (its lock file
 
 Entry points are imported with the config's folder on sys.path. Errors a user can cause exit 2.
 """
-import argparse
 import importlib
 import os
 import sys
@@ -31,6 +30,7 @@ from typing import List, Optional
 import torch
 import yaml
 
+from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
 from pymerge.io.files import hold_lock, release_lock
@@ -200,7 +200,7 @@ def _unmake(made: List[str]) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="pymerge search", description="CMA-ES search over merge weights")
+    ap = ArgumentParser(prog="pymerge search", description="CMA-ES search over merge weights")
     ap.add_argument("config", help="YAML config (see `pydoc pymerge.search.cli`)")
     ap.add_argument("--out", help="output folder (overrides the config's out)")
     ap.add_argument("--budget", type=int, help="evaluations (overrides search.budget)")

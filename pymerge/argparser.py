@@ -1,0 +1,14 @@
+"""argparse's parser for pymerge's commands, except that help written to stdout must arrive: argparse
+swallows a failed write (OSError), so `pymerge --help > /dev/full` exited 0 having printed nothing. The
+error reaches cli.main, which says it in one line and exits 2 (a reader gone away: 141)."""
+import argparse
+import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def _print_message(self, message, file=None):
+        if message and file is not None and file is sys.stdout:
+            file.write(message)
+            file.flush()
+        else:  # stderr (usage errors): argparse's own, which a closed stderr cannot fail
+            super()._print_message(message, file)
