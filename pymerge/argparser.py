@@ -1,11 +1,17 @@
-"""argparse's parser for pymerge's commands, except that help written to stdout must arrive: argparse
-swallows a failed write (OSError), so `pymerge --help > /dev/full` exited 0 having printed nothing. The
-error reaches cli.main, which says it in one line and exits 2 (a reader gone away: 141)."""
+"""argparse's parser for pymerge's commands, except that
+- a usage error is one line, as every bad input is (argparse printed its whole usage block first: 20 lines
+  for `--chunk-size 512KiB`), pointing to --help;
+- help written to stdout must arrive: argparse swallows a failed write (OSError), so `pymerge --help >
+  /dev/full` exited 0 having printed nothing. The error reaches cli.main, which says it in one line and
+  exits 2 (a reader gone away: 141)."""
 import argparse
 import sys
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
     def _print_message(self, message, file=None):
         if message and file is not None and file is sys.stdout:
             file.write(message)

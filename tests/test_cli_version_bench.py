@@ -98,3 +98,18 @@ def test_bench_counts_the_bytes_each_row_moves(monkeypatch):
 def _approx(x):
     import pytest
     return pytest.approx(x, rel=1e-12)
+
+
+@pytest.mark.parametrize("args", [["merge", "c.yml", "out", "--chunk-size", "512KiB"],
+                                  ["merge", "c.yml", "out", "--out-shard-size", "5XB"],
+                                  ["merge", "c.yml", "out", "--random-seed", "x"], ["merge"], [],
+                                  ["bench", "--rounds", "x"], ["demo", "--budget", "x"], ["search"], ["doctor", "--x"]])
+def test_a_usage_error_is_one_line_pointing_to_help(args, capsys):
+    """A bad --chunk-size, --out-shard-size or --random-seed printed argparse's 19-line usage block before its
+    error, where the README promises one line (a hunt of the docs)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "usage:" not in err, err
+    prog = " ".join(["pymerge"] + args[:1])
+    assert err.startswith(f"{prog}: error: ") and err.endswith(f" (see {prog} --help)\n"), err
