@@ -8,6 +8,7 @@ every mismatch is a CheckpointError naming the file and the tensor.
 torch is imported only where needed: for .bin files and for tensor(); info() and array() (the
 tensor's bytes as a numpy view) of safetensors files need none.
 """
+import mmap
 import os
 import pickle
 import struct
@@ -112,10 +113,26 @@ class TorchFile:
         return a
 
     def prefetch(self, name: str) -> None:
-        self._get(name)  # torch's mmap gives no handle to advise on
+        """As SafetensorsFile.prefetch, on torch's map of the file (MADV_WILLNEED over the tensor's storage)."""
+        self._advise(name, getattr(mmap, "MADV_WILLNEED", None))
 
     def release(self, name: str) -> None:
-        self._get(name)
+        """As SafetensorsFile.release: the storage's pages leave the process (MADV_DONTNEED). Only where the
+        storage lies in torch's map of the file, whose pages this process never writes: they read back from
+        the file if touched again (a storage another tensor shares). Without it a merge of .bin checkpoints
+        held every page it had read, the whole model (a bug hunt)."""
+        self._advise(name, getattr(mmap, "MADV_DONTNEED", None))
+
+    def _advise(self, name: str, option) -> None:
+        storage = self._get(name).untyped_storage()
+        if option is None or self._range is None or storage.nbytes() == 0:
+            return
+        base, length = self._range
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        if not base <= start < end <= base + length:  # not in the map (cannot be, as located): leave it alone
+            return
+        start -= (start - base) % mmap.PAGESIZE  # madvise wants page-aligned starts; the map starts on a page
+        _madvise(start, end - start, option)
 
     def _get(self, name: str):
         state = self._require_open()
@@ -204,6 +221,23 @@ def _compressed(path: Path) -> bool:
             return any(info.compress_type != zipfile.ZIP_STORED for info in zf.infolist())
     except Exception:  # noqa: BLE001  not a zip (the legacy format) or a broken one: torch.load says what it is
         return False
+
+
+def _madvise(address: int, length: int, option: int) -> None:
+    """libc's madvise; advice only, so a refusal (or no libc) changes nothing."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+            _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.madvise(address, length, option)
+
+
+_LIBC = None  # ctypes' libc, loaded at the first advice (False: none here)
 
 
 def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
