@@ -15,6 +15,7 @@ import sys
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ParallelCompile("PYMERGE_BUILD_JOBS", default=0).install()  # C++ files compile in parallel (all cores)
@@ -58,21 +59,30 @@ class BuildExt(build_ext):
     def run(self):
         # setuptools clears inplace while it builds (then copies the libraries into the source tree): kept here
         self.in_place = self.inplace
-        for ext in [e for e in self.extensions if any(s.endswith(".cu") for s in e.sources)]:
+        return super().run()
+
+    def build_extensions(self):
+        """The CPU extension, then the CUDA one, which may fail without failing the install: an nvcc or a toolkit
+        that cannot build it (too old for compute_90, a host gcc it refuses, no static runtime to link) stopped
+        the whole install, the CPU build with it. pymerge installs without it instead, with a warning
+        (pip shows it with -v; PYMERGE_REQUIRE_CUDA=1 keeps the error)."""
+        cuda = [e for e in self.extensions if any(s.endswith(".cu") for s in e.sources)]
+        self.extensions = [e for e in self.extensions if e not in cuda]  # what the in-place copy and outputs list
+        super().build_extensions()
+        for ext in cuda:
             try:
                 self._compile_cuda(ext)
-            except (subprocess.CalledProcessError, OSError) as exc:
-                # An nvcc that cannot build it (a toolkit too old for compute_90, a host gcc it refuses) stopped the
-                # whole install, the CPU build with it: pymerge installs without its CUDA extension instead
+                self.build_extension(ext)
+            except (subprocess.CalledProcessError, OSError, CCompilerError) as exc:
                 if os.environ.get("PYMERGE_REQUIRE_CUDA") == "1":
                     raise
                 why = f"nvcc exited with {exc.returncode}: its error is above" \
-                    if isinstance(exc, subprocess.CalledProcessError) else exc
+                    if isinstance(exc, subprocess.CalledProcessError) else f"{type(exc).__name__}: {exc}"
                 print(f"pymerge: warning: the CUDA extension is not built ({why}); pymerge installs with its CPU "
-                      "extension (and Triton on GPUs). Fix nvcc and reinstall for it, PYMERGE_NO_CUDA=1 skips it, "
-                      "PYMERGE_REQUIRE_CUDA=1 makes this an error", file=sys.stderr)
-                self.extensions.remove(ext)
-        return super().run()
+                      "extension (and Triton on GPUs). Fix the CUDA toolkit and reinstall for it, PYMERGE_NO_CUDA=1 "
+                      "skips it, PYMERGE_REQUIRE_CUDA=1 makes this an error", file=sys.stderr)
+                continue
+            self.extensions.append(ext)
 
     def build_extension(self, ext):
         if self._reuse_in_place_build(ext):
@@ -85,7 +95,7 @@ class BuildExt(build_ext):
         return built
 
     def _compile_cuda(self, ext) -> None:
-        """nvcc compiles ext's .cu sources to objects, which the usual link then takes (run() calls it first)."""
+        """nvcc compiles ext's .cu sources to objects, which the usual link (build_extension) then takes."""
         cu = [s for s in ext.sources if s.endswith(".cu")]
         nvcc = find_nvcc()
         cuda_home = cuda_home_of(nvcc)

@@ -130,6 +130,7 @@ def require_cpu():
 
 def require_cuda():
     if cuda is None:
-        why = "nvcc was not found, or PYMERGE_NO_CUDA=1, at install time" if _not_built(CUDA_IMPORT_ERROR) else str(CUDA_IMPORT_ERROR)
+        why = ("nvcc was not found or failed, or PYMERGE_NO_CUDA=1, at install time" if _not_built(CUDA_IMPORT_ERROR)
+               else str(CUDA_IMPORT_ERROR))
         raise RuntimeError(f"pymerge's CUDA extension is not available ({why})")
     return cuda

@@ -3,7 +3,7 @@
     $ pymerge doctor
     pymerge 0.1.0 at /site-packages/pymerge (Python 3.11.7)
     cpu extension    yes  C++ kernels, SIMD avx2, up to 16 threads
-    cuda extension   no   not built (nvcc was not found, or PYMERGE_NO_CUDA=1, at install time)
+    cuda extension   no   not built (nvcc was not found or failed, or PYMERGE_NO_CUDA=1, at install time; ...)
     ...
 """
 import os
@@ -27,7 +27,8 @@ def _cuda_row(native) -> Row:
     if native.cuda is not None:
         return "cuda extension", True, f"CUDA C++ kernels (up to {native.cuda.MAX_INPUTS} inputs per launch)"
     if native._not_built(native.CUDA_IMPORT_ERROR):
-        return "cuda extension", False, "not built (nvcc was not found, or PYMERGE_NO_CUDA=1, at install time)"
+        return "cuda extension", False, ("not built (nvcc was not found or failed, or PYMERGE_NO_CUDA=1, at install "
+                                         "time; pip install -v says which)")
     return "cuda extension", False, f"did not load: {first_line(native.CUDA_IMPORT_ERROR)}"
 
 

@@ -788,19 +788,29 @@ def test_a_shard_whose_completing_fsync_failed_is_synced_at_commit(tmp_path, mon
     assert calls[0] == (shard, False) and (shard, True) in calls[1:]
 
 
-def test_an_out_that_links_to_a_folder_writes_there_and_keeps_the_link(tmp_path):
+def test_an_out_that_links_to_an_empty_folder_writes_there_and_keeps_the_link(tmp_path):
     """OUT a symlink to an empty folder (on a bigger disk): "exists and is not empty", and --force replaced the
     user's link with a folder on the link's filesystem (a bug hunt). The model goes where the link points, as
-    mergekit writes it; a link to no folder is refused."""
+    mergekit writes it. A link to a folder that holds anything stays a link that --force replaces, the folder
+    kept: following it made --force empty that folder (`out -> .`: the user's own; a review). A link to no
+    folder is refused."""
     (tmp_path / "disk" / "merged").mkdir(parents=True)
     link = tmp_path / "out"
     os.symlink(tmp_path / "disk" / "merged", link)
     write_all(link, {"a": torch.ones(2)})
     assert link.is_symlink() and os.listdir(tmp_path / "disk" / "merged") == ["model.safetensors"]
-    with pytest.raises(InputError, match="disk/merged exists and is not empty; pass --force"):
+    with pytest.raises(InputError, match=r"out: is a link to a folder that is not empty \(.*disk/merged\); pass "
+                                         r"--force to replace the link \(that folder is kept\)"):
         write_all(link, {"a": torch.zeros(2)})
     write_all(link, {"b": torch.zeros(3)}, force=True)
-    assert link.is_symlink() and set(load_all(link)) == {"b"} and leftovers(tmp_path / "disk") == []
+    assert not link.is_symlink() and set(load_all(link)) == {"b"} and leftovers(tmp_path) == []
+    assert os.listdir(tmp_path / "disk" / "merged") == ["model.safetensors"]  # kept
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    os.symlink(".", work / "here")  # a link to the folder that holds it
+    write_all(work / "here", {"c": torch.ones(1)}, force=True)
+    assert (work / "notes.txt").read_text() == "mine" and set(load_all(work / "here")) == {"c"}
     for target in ("nowhere", "file"):
         (tmp_path / "file").write_text("mine")
         other = tmp_path / f"to_{target}"
@@ -822,3 +832,24 @@ def test_an_out_that_is_a_mount_point_is_refused_before_writing(tmp_path, monkey
     assert os.listdir(tmp_path) == ["volume"] and os.listdir(out) == []
     write_all(out / "model", {"a": torch.ones(2)})
     assert os.listdir(out / "model") == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_mount_point_ismount_cannot_see_is_named_at_install(tmp_path, monkeypatch, force):
+    """A bind mount within one filesystem passes os.path.ismount: the rename onto it failed with EBUSY, a raw
+    OSError naming the temporary folder (a review). One line naming OUT, nothing left beside it, OUT as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if force:
+        (out / "old.txt").write_text("old")
+    real_rename = os.rename
+
+    def busy(src, dst, *a, **k):
+        if os.fspath(dst) == str(out) or os.fspath(src) == str(out):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+        return real_rename(src, dst, *a, **k)
+    monkeypatch.setattr(writer_mod.os, "rename", busy)
+    monkeypatch.setattr(writer_mod, "_exchange", lambda a, b: False)
+    with pytest.raises(InputError, match=r"out: is a mount point.*choose a folder inside it"):
+        write_all(out, {"a": torch.ones(2)}, force=force)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == (["old.txt"] if force else [])

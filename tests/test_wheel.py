@@ -116,10 +116,12 @@ def test_a_build_skipped_as_up_to_date_keeps_the_stamp_of_the_flags_that_made_it
     assert "building 'pymerge._cpu'" in wheel.stdout + wheel.stderr
 
 
-def test_an_nvcc_that_fails_leaves_the_cpu_build(tmp_path):
-    """An nvcc that cannot build the CUDA extension (a toolkit too old for compute_90, a host gcc it refuses)
-    stopped the whole install with a traceback, the CPU extension with it (a bug hunt): it is skipped with a
-    warning; PYMERGE_REQUIRE_CUDA=1 keeps the error. A scratch tree with this setup.py and an nvcc that fails."""
+@pytest.mark.parametrize("fails", ["compile", "link"])
+def test_an_nvcc_that_fails_leaves_the_cpu_build(tmp_path, fails):
+    """An nvcc that cannot build the CUDA extension (a toolkit too old for compute_90, a host gcc it refuses), or
+    a toolkit whose objects do not link (no static runtime), stopped the whole install with a traceback, the CPU
+    extension with it (a bug hunt, then its review): it is skipped with a warning; PYMERGE_REQUIRE_CUDA=1 keeps
+    the error. A scratch tree with this setup.py and an nvcc that fails, or writes an object that is none."""
     shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path / "pyproject.toml")
     for sub, name, text in (("cpu", "x.cpp", "#include <pybind11/pybind11.h>\nPYBIND11_MODULE(_cpu, m) {}\n"),
@@ -131,17 +133,23 @@ def test_an_nvcc_that_fails_leaves_the_cpu_build(tmp_path):
         (tmp_path / pkg / "__init__.py").write_text("")
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
-    nvcc.write_text("#!/bin/sh\ncase \"$*\" in *--dryrun*) exit 0;; esac\n"
-                    "echo \"nvcc fatal   : Unsupported gpu architecture 'compute_90'\" >&2\nexit 1\n")
+    fail = ("echo \"nvcc fatal   : Unsupported gpu architecture 'compute_90'\" >&2\nexit 1\n" if fails == "compile"
+            else 'while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done\necho "not an object" > "$out"\n')
+    nvcc.write_text("#!/bin/sh\ncase \"$*\" in *--dryrun*) exit 0;; esac\n" + fail)
     nvcc.chmod(0o755)
     env = {"CUDA_HOME": str(tmp_path / "cuda")}
     build = [sys.executable, "setup.py", "build_ext", "-b", "out/b", "-t", "out/t"]
     done = run(build, tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "pymerge: warning: the CUDA extension is not built (nvcc exited with 1" in done.stderr, done.stderr[-3000:]
+    said = "nvcc exited with 1" if fails == "compile" else "LinkError"
+    assert f"pymerge: warning: the CUDA extension is not built ({said}" in done.stderr, done.stderr[-3000:]
     assert [p.name.split(".")[0] for p in (tmp_path / "out" / "b" / "pymerge").glob("*.so")] == ["_cpu"]
     required = run(build[:-4] + ["-b", "out2/b", "-t", "out2/t"], tmp_path, env=dict(env, PYMERGE_REQUIRE_CUDA="1"))
-    assert required.returncode != 0 and "Unsupported gpu architecture" in required.stderr
+    assert required.returncode != 0 and "warning: the CUDA" not in required.stderr, required.stderr[-3000:]
+    # in place (an editable install): the CPU library is copied into the tree, nothing for the CUDA one
+    inplace = run(build[:-4] + ["--inplace"], tmp_path, env=env)
+    assert inplace.returncode == 0, inplace.stderr[-3000:]
+    assert [p.name.split(".")[0] for p in (tmp_path / "pymerge").glob("*.so")] == ["_cpu"]
 
 
 @pytest.mark.slow

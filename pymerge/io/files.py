@@ -94,14 +94,23 @@ def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
 def out_location(path) -> Path:
     """The folder an output path names, as the kernel finds it ("link/.." is the parent of the link's
     target, not the folder holding the link: abspath's textual ".." got that wrong). A last component
-    that is a symlink to a folder is that folder (the model goes where the link points, as mergekit
-    writes it; the link stays); any other link stays the link, which is no folder to write."""
+    that is a symlink to an empty folder is that folder (the model goes where the link points, as
+    mergekit writes it; the link stays); any other link stays the link, so that --force replaces the
+    link only (following it replaced whatever the folder held: `out -> .` emptied the user's folder)."""
     p = os.fspath(path)
     head, tail = os.path.split(p.rstrip(os.sep) or os.sep)
     if tail in ("", ".", ".."):
         return Path(os.path.realpath(p))
     where = Path(os.path.realpath(head or os.curdir)) / tail
-    return Path(os.path.realpath(where)) if os.path.islink(where) and os.path.isdir(where) else where
+    return Path(os.path.realpath(where)) if os.path.islink(where) and _empty_folder(where) else where
+
+
+def _empty_folder(path) -> bool:
+    try:
+        with os.scandir(path) as entries:  # (a link followed)
+            return next(entries, None) is None
+    except OSError:  # not a folder, dangling, unreadable
+        return False
 
 
 def new_file_mode() -> int:

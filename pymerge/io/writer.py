@@ -82,7 +82,7 @@ class ShardedWriter:
                  parts: Optional[Sequence[int]] = None, part: Optional[int] = None, join=None):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.out_dir = out_location(out_dir)  # not resolve(): "link/.." as the kernel finds it
+        self.out_dir = out_location(out_dir)  # not resolve(): "link/.." as the kernel finds it; a link kept
         self.force = force
         self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
         self._slots: Dict[str, _Slot] = {}
@@ -498,12 +498,14 @@ class ShardedWriter:
                     os.rename(out, aside)
                     os.rename(tmp, out)
             self._installed()
-        except BaseException:
+        except BaseException as exc:
             if _identity(out) != ours:  # OUT is not the new model: the old one goes back, abort cleans up
                 if aside is not None and not os.path.lexists(out) and os.path.lexists(aside):
                     os.rename(aside, out)
                 if aside is not None and not os.path.lexists(aside):
                     _OWNED.discard(os.path.abspath(aside))
+                if isinstance(exc, OSError) and exc.errno == errno.EBUSY:  # a mount point that ismount cannot
+                    raise InputError(_mount_point(out)) from None        # see (a bind mount within one disk)
                 raise
             if self._state != "committed":  # interrupted just after the swap: OUT is the new model, complete
                 self._installed()
@@ -622,10 +624,17 @@ def _check_out(out: Path, force: bool) -> None:
     if not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     if os.path.ismount(out):  # rename(2) onto it fails (EBUSY), after the whole merge was written
-        raise InputError(f"{out}: is a mount point, and the model is installed by renaming a finished folder "
-                         f"onto OUT, which a mount point refuses; choose a folder inside it (e.g. {out / 'model'})")
+        raise InputError(_mount_point(out))
+    if not force and out.is_symlink():  # (out_location follows a link to an empty folder only)
+        raise InputError(f"{out}: is a link to a folder that is not empty ({os.path.realpath(out)}); pass --force "
+                         "to replace the link (that folder is kept)")
     if not force and not _is_empty_dir(out):
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def _mount_point(out: Path) -> str:
+    return (f"{out}: is a mount point, and the model is installed by renaming a finished folder onto OUT, which "
+            f"a mount point refuses; choose a folder inside it (e.g. {out / 'model'})")
 
 
 def _not_a_folder(path: Path) -> str:
@@ -659,7 +668,7 @@ def _beside(out: Path, tag: str) -> str:
 
 
 def _is_empty_dir(path: Path) -> bool:
-    # A symlink counts as occupied: renaming a folder onto it fails (OUT is never a link to a folder here).
+    # A symlink counts as occupied: renaming a folder onto it fails, and replacing it needs --force.
     if path.is_symlink() or not path.is_dir():
         return False
     with os.scandir(path) as it:
