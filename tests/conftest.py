@@ -22,6 +22,32 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def _import_installed_kernels() -> None:
+    """The checkout's kernels/ folder (installed as pymerge.kernels) shadows Hugging Face's `kernels` package,
+    which transformers >= 5.25 requires and imports, wherever the checkout's root is on sys.path (`python -m
+    pytest` from it; a test importing benchmarks/): `from kernels import CUDAProperties` failed and every test
+    importing transformers errored. The installed one, where there is one, is imported first from elsewhere;
+    sys.modules then serves it to transformers."""
+    import importlib
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != root]
+    try:
+        importlib.import_module("kernels")
+    except Exception:  # noqa: BLE001  (transformers then decides as it would)
+        sys.modules.pop("kernels", None)
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels()
+
+
 def _backend(item):
     spec = getattr(item, "callspec", None)
     return spec.params.get("backend") if spec is not None else None

@@ -3,8 +3,6 @@ mergekit read them), its tasks score exact match as greedy decoding does, and --
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from pymerge import cli
 from pymerge.demo import run, tasks, train
 from pymerge.demo.model import LlamaConfig, TinyLlama, load_hf, save_hf
 from tests.llama_factory import load_folder
+from tests.mergekit_runner import run_mergekit_driver
 
 
 def _random_model(tied=False, seed=0, std=0.3, layers=2):
@@ -82,8 +81,7 @@ def test_mergekit_reads_the_demo_checkpoints(family, tmp_path):
     pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
     root, cfg, expected = family
     driver = "import sys\nfrom mergekit.scripts.run_yaml import main\nmain(sys.argv[1:], standalone_mode=False)\n"
-    proc = subprocess.run([sys.executable, "-c", driver, str(cfg), str(tmp_path / "mk"), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_mergekit_driver(driver, [cfg, tmp_path / "mk", "--quiet"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_merge(tmp_path / "mk", expected)
 

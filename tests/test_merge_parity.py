@@ -6,8 +6,6 @@ outputs must agree within relative error 1e-5; 16-bit outputs within one roundin
 16-bit format (the two tools round a float32 value that differs in its last bits).
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import yaml
 from safetensors import safe_open
 
 import llama_factory as lf
+from mergekit_runner import run_mergekit_driver
 from pymerge.merge import run_merge
 
 pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed (pip install mergekit==0.1.5)")
@@ -83,7 +82,7 @@ def parity(tmp_path_factory):
               "a = sys.argv[1:]\n"
               "for cfg, out in zip(a[::2], a[1::2]):\n"
               "    main([cfg, out, '--quiet'], standalone_mode=False)\n")
-    proc = subprocess.run([sys.executable, "-c", driver] + jobs, capture_output=True, text=True, timeout=900)
+    proc = run_mergekit_driver(driver, jobs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, configs
 

@@ -10,8 +10,6 @@
 """
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ import yaml
 
 import llama_factory as lf
 import mergekit_rest_reference as ref
+from mergekit_runner import run_mergekit_driver
 from pymerge import cli
 from pymerge.methods.base import TensorTask, get_method
 
@@ -256,8 +255,7 @@ def _mergekit(jobs):
     driver = ("import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
               "for cfg, out, extra in json.loads(sys.argv[1]):\n"
               "    main([cfg, out, '--quiet'] + extra, standalone_mode=False)\n")
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=900, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    proc = run_mergekit_driver(driver, [json.dumps(jobs)], env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

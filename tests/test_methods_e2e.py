@@ -23,6 +23,7 @@ import torch
 import yaml
 
 import llama_factory as lf
+from mergekit_runner import run_mergekit_driver
 from pymerge import cli
 
 pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed (pip install mergekit==0.1.5)")
@@ -104,7 +105,7 @@ def _mergekit(jobs):
               "for cfg, out in zip(a[::2], a[1::2]):\n"
               "    main([cfg, out, '--quiet'], standalone_mode=False)\n")
     args = [str(x) for job in jobs for x in job]
-    proc = subprocess.run([sys.executable, "-c", driver] + args, capture_output=True, text=True, timeout=900)
+    proc = run_mergekit_driver(driver, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

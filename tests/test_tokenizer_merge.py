@@ -13,8 +13,6 @@ pad_to_multiple_of) and `chat_template`, against mergekit-yaml 0.1.5.
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import torch
 import yaml
 
 import llama_factory as lf
+from mergekit_runner import run_mergekit_driver
 from pymerge import cli
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit 0.1.5 is not installed")
@@ -131,8 +130,7 @@ def run_mergekit(root, configs) -> Path:
     driver = ("import json, sys\nfrom mergekit.scripts.run_yaml import main\n"
               "for cfg, out in json.loads(sys.argv[1]):\n"
               "    main([cfg, out, '--quiet', '--no-cuda'], standalone_mode=False)\n")
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = run_mergekit_driver(driver, [json.dumps(jobs)], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
