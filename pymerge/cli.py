@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _merge_parser(sub)
+    ap.merge_parser = _merge_parser(sub)
     for name, text in (("demo", "run the demo (pymerge.demo)"), ("search", "merge-weight search (pymerge.search)"),
                        ("bench", "quick weighted-sum benchmark against copy bandwidth (pymerge.bench)"),
                        ("doctor", "which backends (C++, CUDA, Triton, GPUs) this install can use, and why not")):
@@ -241,8 +241,8 @@ def _main(argv: Optional[List[str]]) -> int:
     # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
     # option (`pymerge demo --quick`) through, so the rest of the line goes to them untouched.
     args, rest = build_parser().parse_known_args(argv)  # usage errors: argparse prints them, exits 2
-    if args.command == "merge" and rest:
-        build_parser().parse_args(argv)  # unknown merge options: the usual usage error
+    if args.command == "merge" and rest:  # unknown merge options: merge's usage error (see pymerge merge --help)
+        build_parser().merge_parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command != "merge":
         args.args = rest + list(args.args)
     rc = _run(args)

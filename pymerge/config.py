@@ -561,6 +561,12 @@ def unmatched_filters(scopes: Iterable[Mapping[str, Setting]], names: Sequence[s
     return [f for f in found if not any(f in n for n in names)]
 
 
+def unmatched_filter_warnings(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str]) -> List[str]:
+    """A warning per `filter:` of these scopes that no name (as filter_name gives it) contains: a typo, likely."""
+    return [f"filter {f!r} matches no tensor of this merge (names such as {names[len(names) // 2]!r}); its values "
+            f"are never used" for f in unmatched_filters(scopes, names)]
+
+
 def _has_filter(setting) -> bool:
     if isinstance(setting, dict):
         return True

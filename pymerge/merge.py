@@ -37,7 +37,7 @@ import numpy as np
 from pymerge import _native, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             check_seed, count_layers, filter_name, layer_t, load_config, parse_config,
-                            unmatched_filters)
+                            unmatched_filter_warnings)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
@@ -398,9 +398,7 @@ def make_plan(config_or_path) -> MergePlan:
         plan = MergePlan(cfg, method, inputs, base, checkpoints, tensors, donor, list(cfg.warnings), vocabulary=vocab,
                          chat_template=_chat_template(cfg, labels), copies=copies)
         seen = [filter_name(n, model_type) for n in names]
-        for f in unmatched_filters([cfg.parameters] + [m.parameters for m in cfg.models], seen):  # a typo, likely
-            plan.warnings.append(f"filter {f!r} matches no tensor of this merge (names such as "
-                                 f"{seen[len(seen) // 2]!r}); its values are never used")
+        plan.warnings += unmatched_filter_warnings([cfg.parameters] + [m.parameters for m in cfg.models], seen)
         if vocab is not None:
             from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
             vocab_size_override(model_cfg, plan.config_overrides, vocab.size)

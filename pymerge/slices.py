@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params,
-                            filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one)
+                            filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
+                            unmatched_filter_warnings)
 from pymerge.errors import CheckpointError, MergeConfigError, described
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
@@ -391,9 +392,10 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         post_names = list(dict.fromkeys(n for x in zipped.sources
                                         for n in _outside_names(open_ck(x.path), stack_of(x.path)[0])[1]))
         parts, out_layer, origins = [], 0, []  # origins: (source model's config, its layer) per output layer
+        seen: set = set()  # every name a filter of this merge sees
         if pre_names:
             parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, where(0),
-                               vocab))
+                               vocab, seen_names=seen))
         for i, s in enumerate(slices):
             length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
             # whose layers these are, for per-layer config lists: the slice's base model where it is a source
@@ -425,16 +427,19 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                                                        for j in range(len(s.sources))}))
                 out_layer += 1
                 origins.append((origin.path, origin.layer_range[0] + off))
-            parts.append(_part(cfg, method, s, sliced, entries, open_ck, where(i), vocab))
+            parts.append(_part(cfg, method, s, sliced, entries, open_ck, where(i), vocab, seen_names=seen))
         if post_names:  # a tied source's embedding stands for the head (pymerge/tied.py)
             entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})
                        for n in post_names]
             parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, where(len(slices) - 1), vocab,
-                               filter_by_output=True))
+                               filter_by_output=True, seen_names=seen))
         donor_cfg = merge._read_model_config(donor)
         configs = {path: merge._read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
         overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
         warnings = list(cfg.warnings)
+        scopes = [cfg.parameters, sliced.module_parameters] + [s.parameters for s in slices] + \
+            [x.parameters for s in slices for x in s.sources]
+        warnings += unmatched_filter_warnings(scopes, sorted(seen))
         if vocab is not None:
             from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
             vocab_size_override(donor_cfg, overrides, vocab.size)
@@ -460,12 +465,13 @@ def _outside_names(ck, prefix: str) -> Tuple[List[str], List[str]]:
 
 
 def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, label, vocab=None,
-          filter_by_output=False):
+          filter_by_output=False, seen_names: Optional[set] = None):
     """One MergePlan over the sources of a slice, tensors named as in the output. With a tokenizer
     merge (vocab), its vocabulary tensors are permuted to the output's tokens, default rows
     preferring the slice's base model (mergekit's rule). Filters see each source's tensor name (a
     shifted layer's), or with filter_by_output the output's: a tied model's head is read from its
-    embedding but is lm_head.weight to its filters, as mergekit names it."""
+    embedding but is lm_head.weight to its filters, as mergekit names it. seen_names collects the names
+    filters see (for unmatched_filters)."""
     from pymerge import merge
 
     base_path = s.base_model or cfg.base_model
@@ -508,6 +514,9 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
                               [s.parameters, sliced.module_parameters, cfg.parameters], kinds[:len(inputs)], kinds[0])
     for out, t, srcs in entries:
         resolver.where[out] = (t, [srcs[index[id(m)]] if srcs and not filter_by_output else out for m in inputs])
+        if seen_names is not None:
+            seen_names.add(filter_name(out, kinds[0]))
+            seen_names.update(filter_name(src, kind) for src, kind in zip(resolver.where[out][1], kinds))
     tensors, copies = merge.plan_tensors(cfg, method, resolver, views, labels, out_names, None, base is not None, vocab)
     return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [], copies=copies)
 

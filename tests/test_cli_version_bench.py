@@ -103,6 +103,7 @@ def _approx(x):
 @pytest.mark.parametrize("args", [["merge", "c.yml", "out", "--chunk-size", "512KiB"],
                                   ["merge", "c.yml", "out", "--out-shard-size", "5XB"],
                                   ["merge", "c.yml", "out", "--random-seed", "x"], ["merge"], [],
+                                  ["merge", "c.yml", "out", "--bogus"], ["merge", "c.yml", "out", "extra"],
                                   ["bench", "--rounds", "x"], ["demo", "--budget", "x"], ["search"], ["doctor", "--x"]])
 def test_a_usage_error_is_one_line_pointing_to_help(args, capsys):
     """A bad --chunk-size, --out-shard-size or --random-seed printed argparse's 19-line usage block before its

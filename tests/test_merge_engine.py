@@ -446,3 +446,26 @@ def test_a_filter_that_matches_no_tensor_is_warned_about(fam):
         assert len(said) == 1 and said[0].startswith("filter 'self_atn' matches no tensor of this merge"), plan.warnings
     finally:
         plan.close()
+
+
+def test_a_filter_that_matches_no_tensor_of_a_sliced_merge_is_warned_about(fam):
+    """The same in a `slices:` merge, in each of its scopes (the top level, a slice, a source); filters that match
+    a source's (shifted) layer name, an output name or '*' do not warn."""
+    base, fts, _ = fam
+    with safe_open(str(next(base.glob("*.safetensors"))), "pt") as h:
+        n = 1 + max(int(k.split(".")[2]) for k in h.keys() if ".layers." in k)
+    def source(m, lo, hi, **params):
+        return {"model": str(m), "layer_range": [lo, hi], **({"parameters": params} if params else {})}
+    spec = {"merge_method": "linear", "parameters": {"weight": [{"filter": "embed_tokns", "value": 0.2},
+                                                                {"filter": "lm_head", "value": 0.3}, {"value": 0.5}]},
+            "slices": [{"sources": [source(fts[0], 0, n, weight=[{"filter": "mlp", "value": 0.9}, {"value": 0.1}]),
+                                    source(fts[1], 0, n, weight=[{"filter": "self_atn", "value": 0.3},
+                                                                 {"filter": f"layers.{n - 1}.", "value": 0.4},
+                                                                 {"value": 0.2}])],
+                        "parameters": {"normalize": [{"filter": "nrm", "value": False}, {"filter": "*", "value": True}]}}]}
+    plan = make_plan(parse_config(spec))
+    try:
+        said = sorted(w.split(" matches")[0] for w in plan.warnings if "matches no tensor" in w)
+        assert said == ["filter 'embed_tokns'", "filter 'nrm'", "filter 'self_atn'"], plan.warnings
+    finally:
+        plan.close()
