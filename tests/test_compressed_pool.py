@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from safetensors import safe_open
+from triton_fma import UNFUSED_REASON, interpreter_rounds_fma_once
 from safetensors.torch import save_file
 
 from pymerge import _native
@@ -313,11 +314,15 @@ def test_every_backend_gives_the_same_bits(n, monkeypatch):
         assert bool(torch.signbit(want[0][zero[0]]).all()) and bool(zero[0].any())
         for backend in BACKENDS:
             out = got[backend, dtype]
+            if backend == "triton" and not interpreter_rounds_fma_once():
+                continue  # skipped below, once every other backend is checked
             if backend == "torch":
                 assert torch.equal(torch.signbit(out[zero]), torch.signbit(want[zero])), dtype
                 assert torch.equal(out.isnan(), want.isnan()), dtype
             else:
                 assert torch.equal(out.view(bits), want.view(bits)), (backend, dtype)
+    if not interpreter_rounds_fma_once():
+        pytest.skip(f"the C++ backends and torch agree; Triton's not compared: {UNFUSED_REASON}")
     # and the bits are the float64 sum within float32 accumulation: checked by the tests above
 
 
