@@ -241,8 +241,11 @@ def _main(argv: Optional[List[str]]) -> int:
     # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
     # option (`pymerge demo --quick`) through, so the rest of the line goes to them untouched.
     args, rest = build_parser().parse_known_args(argv)  # usage errors: argparse prints them, exits 2
-    if args.command == "merge" and rest:  # unknown merge options: merge's usage error (see pymerge merge --help)
-        build_parser().merge_parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "merge" and rest:  # unknown options: merge's usage error, or pymerge's before `merge`
+        parser = build_parser()
+        before = argv[:argv.index("merge")]
+        (parser if any(r in before for r in rest) else parser.merge_parser).error(
+            f"unrecognized arguments: {' '.join(rest)}")
     if args.command != "merge":
         args.args = rest + list(args.args)
     rc = _run(args)

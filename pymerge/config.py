@@ -549,22 +549,33 @@ class ParamResolver:
         return spec.default
 
 
-def unmatched_filters(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str]) -> List[str]:
-    """The `filter:` strings of these parameter scopes that no name (as filter_name gives it) contains."""
-    found: List[str] = []
+def unmatched_filters(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str],
+                      params: Optional[Iterable[str]] = None) -> List[Tuple[str, str]]:
+    """(parameter, `filter:` string) of these parameter scopes (of the parameters named, or all) where no name
+    (as filter_name gives it) contains the filter."""
+    found: List[Tuple[str, str]] = []
+    params = None if params is None else set(params)
     for scope in scopes:
-        for setting in (scope or {}).values():
+        for key, setting in (scope or {}).items():
+            if params is not None and key not in params:
+                continue
             for cond in [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else ():
                 f = cond.get("filter") if isinstance(cond, dict) else None  # (a condition's value holds none)
-                if isinstance(f, str) and f != "*" and f not in found:
-                    found.append(f)
-    return [f for f in found if not any(f in n for n in names)]
+                if isinstance(f, str) and f != "*" and (key, f) not in found:
+                    found.append((key, f))
+    return [(key, f) for key, f in found if not any(f in n for n in names)]
 
 
-def unmatched_filter_warnings(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str]) -> List[str]:
-    """A warning per `filter:` of these scopes that no name (as filter_name gives it) contains: a typo, likely."""
-    return [f"filter {f!r} matches no tensor of this merge (names such as {names[len(names) // 2]!r}); its values "
-            f"are never used" for f in unmatched_filters(scopes, names)]
+def unmatched_filter_warnings(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str],
+                              params: Optional[Iterable[str]] = None) -> List[str]:
+    """A warning per `filter:` of these scopes (of the parameters named, or all) that no name (as filter_name
+    gives it) contains: a typo, likely."""
+    return [unmatched_filter_warning(key, f, names) for key, f in unmatched_filters(scopes, names, params)]
+
+
+def unmatched_filter_warning(param: str, f: str, names: Sequence[str]) -> str:
+    return f"filter {f!r} of {param} matches no tensor of this merge (names such as {names[len(names) // 2]!r}); " \
+        "its values there are never used"
 
 
 def _has_filter(setting) -> bool:

@@ -42,7 +42,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.checkpoint import check_folder_unchanged
-from pymerge.io.files import read_json, stays_inside
+from pymerge.io.files import out_location, read_json, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
@@ -216,8 +216,11 @@ def _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, c
 
 def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
     """OUT must not be, hold or lie inside anything the merge reads (a model folder, a tensor or
-    tokenizer file, the config), symlinks resolved: --force replaces OUT, and would delete it."""
-    out = Path(os.path.realpath(out_dir))  # not Path.resolve(): a symlink loop raised RuntimeError there
+    tokenizer file, the config), symlinks resolved: --force replaces OUT, and would delete it. Both where
+    the writer puts the model (files.out_location: a link to a folder with files is replaced, not followed)
+    and, for a link, where it leads (writing through a link into an input is refused too)."""
+    out = out_location(out_dir)  # (realpath, not Path.resolve(): a symlink loop raised RuntimeError there)
+    target = Path(os.path.realpath(out_dir))
     for what, p in _inputs_of(plan):
         p = Path(os.path.realpath(p))
         if out == p or out in p.parents:
@@ -225,6 +228,9 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
                              f"(choose an OUT outside the inputs)")
         if p in out.parents:
             raise InputError(f"{out_dir}: lies inside the {what} {p}; choose an OUT outside the inputs")
+        if target != out and (target == p or target in p.parents or p in target.parents):
+            raise InputError(f"{out_dir}: links to {target}, which is, holds or lies inside the {what} {p}; "
+                             f"choose an OUT outside the inputs")
 
 
 def check_inputs_unchanged(plan: "MergePlan") -> None:

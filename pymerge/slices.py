@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params,
                             filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
-                            unmatched_filter_warnings)
+                            unmatched_filter_warning, unmatched_filters)
 from pymerge.errors import CheckpointError, MergeConfigError, described
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
@@ -392,7 +392,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         post_names = list(dict.fromkeys(n for x in zipped.sources
                                         for n in _outside_names(open_ck(x.path), stack_of(x.path)[0])[1]))
         parts, out_layer, origins = [], 0, []  # origins: (source model's config, its layer) per output layer
-        seen: set = set()  # every name a filter of this merge sees
+        seen: Tuple[set, set] = (set(), set())  # the names filters of per-model / global parameters see
         if pre_names:
             parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, where(0),
                                vocab, seen_names=seen))
@@ -439,7 +439,10 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         warnings = list(cfg.warnings)
         scopes = [cfg.parameters, sliced.module_parameters] + [s.parameters for s in slices] + \
             [x.parameters for s in slices for x in s.sources]
-        warnings += unmatched_filter_warnings(scopes, sorted(seen))
+        names = sorted(seen[1])
+        warnings += [unmatched_filter_warning(key, f, names) for key, f in
+                     unmatched_filters(scopes, sorted(seen[0]), method.model_params) +
+                     unmatched_filters(scopes, names, method.global_params)]
         if vocab is not None:
             from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
             vocab_size_override(donor_cfg, overrides, vocab.size)
@@ -465,13 +468,14 @@ def _outside_names(ck, prefix: str) -> Tuple[List[str], List[str]]:
 
 
 def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, label, vocab=None,
-          filter_by_output=False, seen_names: Optional[set] = None):
+          filter_by_output=False, seen_names: Optional[Tuple[set, set]] = None):
     """One MergePlan over the sources of a slice, tensors named as in the output. With a tokenizer
     merge (vocab), its vocabulary tensors are permuted to the output's tokens, default rows
     preferring the slice's base model (mergekit's rule). Filters see each source's tensor name (a
     shifted layer's), or with filter_by_output the output's: a tied model's head is read from its
     embedding but is lm_head.weight to its filters, as mergekit names it. seen_names collects the names
-    filters see (for unmatched_filters)."""
+    filters see (for unmatched_filters): those of per-model parameters (source names), then of the merge's
+    global ones (output names)."""
     from pymerge import merge
 
     base_path = s.base_model or cfg.base_model
@@ -514,9 +518,9 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
                               [s.parameters, sliced.module_parameters, cfg.parameters], kinds[:len(inputs)], kinds[0])
     for out, t, srcs in entries:
         resolver.where[out] = (t, [srcs[index[id(m)]] if srcs and not filter_by_output else out for m in inputs])
-        if seen_names is not None:
-            seen_names.add(filter_name(out, kinds[0]))
-            seen_names.update(filter_name(src, kind) for src, kind in zip(resolver.where[out][1], kinds))
+        if seen_names is not None:  # as _SliceResolver matches them
+            seen_names[0].update(filter_name(src, kind) for src, kind in zip(resolver.where[out][1], kinds))
+            seen_names[1].add(filter_name(out, kinds[0]))
     tensors, copies = merge.plan_tensors(cfg, method, resolver, views, labels, out_names, None, base is not None, vocab)
     return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [], copies=copies)
 

@@ -116,6 +116,30 @@ def test_force_refuses_an_out_that_is_holds_or_lies_in_an_input(workdir, capsys,
     assert leftovers(work / "ft1") == [] and not (work / "ft1" / "merged").exists()
 
 
+@pytest.mark.parametrize("elsewhere_has_files", [True, False])
+def test_force_and_a_link_inside_an_input(workdir, tmp_path, capsys, monkeypatch, elsewhere_has_files):
+    """OUT ft1/out -> a folder outside the inputs. The writer replaces such a link where its folder has files
+    (files.out_location), but the input check followed it, so --force wrote the model inside the input ft1
+    (found by a review): refused now, naming the input. Where the folder is empty the model goes there (outside
+    the inputs) and the link stays, as before."""
+    work, cfg, models = workdir
+    (tmp_path / "elsewhere").mkdir()
+    if elsewhere_has_files:
+        (tmp_path / "elsewhere" / "notes.txt").write_text("mine\n")
+    os.symlink(tmp_path / "elsewhere", work / "ft1" / "out")
+    monkeypatch.chdir(work)
+    before, theirs = _tree(work / "ft1"), _tree(tmp_path / "elsewhere")
+    rc, err = run_cli(["merge", "cfg.yml", "ft1/out", "--force", "--quiet"], capsys)
+    if elsewhere_has_files:
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "lies inside the model folder" in err, err
+        assert _tree(tmp_path / "elsewhere") == theirs
+    else:
+        assert rc == 0, err
+        assert (tmp_path / "elsewhere" / "model.safetensors").is_file()
+    assert (work / "ft1" / "out").is_symlink() and [f for f in _tree(work / "ft1") if not f[0].startswith("out")] == \
+        [f for f in before if not f[0].startswith("out")] and leftovers(work / "ft1") == []
+
+
 def test_force_through_a_symlink_and_dotdot_writes_where_the_kernel_looks(workdir, tmp_path, capsys, monkeypatch):
     """OUT "link/../ft1" is ft1 beside the link's target for the kernel (and the input check), but the
     writer collapsed the ".." as text and replaced the input ft1 beside the link (found by a review)."""
