@@ -574,7 +574,7 @@ def unmatched_filter_warnings(scopes: Iterable[Mapping[str, Setting]], names: Se
 
 
 def unmatched_filter_warning(param: str, f: str, names: Sequence[str]) -> str:
-    return f"filter {f!r} of {param} matches no tensor of this merge (names such as {names[len(names) // 2]!r}); " \
+    return f"filter {f!r} of {param} matches no tensor it applies to (names such as {names[len(names) // 2]!r}); " \
         "its values there are never used"
 
 

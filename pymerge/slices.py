@@ -392,10 +392,10 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         post_names = list(dict.fromkeys(n for x in zipped.sources
                                         for n in _outside_names(open_ck(x.path), stack_of(x.path)[0])[1]))
         parts, out_layer, origins = [], 0, []  # origins: (source model's config, its layer) per output layer
-        seen: Tuple[set, set] = (set(), set())  # the names filters of per-model / global parameters see
+        seen = [(set(), set()) for _ in slices]  # per slice: the names its per-model / global parameters' filters see
         if pre_names:
             parts.append(_part(cfg, method, first, sliced, [(n, 0.0, {}) for n in pre_names], open_ck, where(0),
-                               vocab, seen_names=seen))
+                               vocab, seen_names=seen[0]))
         for i, s in enumerate(slices):
             length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
             # whose layers these are, for per-layer config lists: the slice's base model where it is a source
@@ -427,22 +427,17 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                                                        for j in range(len(s.sources))}))
                 out_layer += 1
                 origins.append((origin.path, origin.layer_range[0] + off))
-            parts.append(_part(cfg, method, s, sliced, entries, open_ck, where(i), vocab, seen_names=seen))
+            parts.append(_part(cfg, method, s, sliced, entries, open_ck, where(i), vocab, seen_names=seen[i]))
         if post_names:  # a tied source's embedding stands for the head (pymerge/tied.py)
             entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})
                        for n in post_names]
             parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, where(len(slices) - 1), vocab,
-                               filter_by_output=True, seen_names=seen))
+                               filter_by_output=True, seen_names=seen[-1]))
         donor_cfg = merge._read_model_config(donor)
         configs = {path: merge._read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
         overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
         warnings = list(cfg.warnings)
-        scopes = [cfg.parameters, sliced.module_parameters] + [s.parameters for s in slices] + \
-            [x.parameters for s in slices for x in s.sources]
-        names = sorted(seen[1])
-        warnings += [unmatched_filter_warning(key, f, names) for key, f in
-                     unmatched_filters(scopes, sorted(seen[0]), method.model_params) +
-                     unmatched_filters(scopes, names, method.global_params)]
+        warnings += _unmatched_filter_warnings(method, [cfg.parameters, sliced.module_parameters], slices, seen)
         if vocab is not None:
             from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
             vocab_size_override(donor_cfg, overrides, vocab.size)
@@ -454,6 +449,20 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         for ck in opened.values():
             ck.close()
         raise
+
+
+def _unmatched_filter_warnings(method, merge_scopes, slices, seen) -> List[str]:
+    """Filters that no tensor they apply to matches, a typo likely: the merge's scopes against every slice's
+    names, a slice's own (and its sources') against its own; per-model parameters' filters see the sources'
+    tensor names, global ones the output's (as _SliceResolver matches them)."""
+    model_names, global_names = (sorted(set().union(*(pair[k] for pair in seen))) for k in (0, 1))
+    found: Dict[Tuple[str, str], List[str]] = {}  # (parameter, filter) -> example names
+    for scopes, (model_seen, global_seen) in [(merge_scopes, (model_names, global_names))] + [
+            ([s.parameters] + [x.parameters for x in s.sources], (sorted(m), sorted(g))) for s, (m, g) in zip(slices, seen)]:
+        for params, names in ((method.model_params, model_seen), (method.global_params, global_seen)):
+            for key, f in unmatched_filters(scopes, names, params):
+                found.setdefault((key, f), names)
+    return [unmatched_filter_warning(key, f, names) for (key, f), names in found.items()]
 
 
 def _suffix(name: str, prefix: str, layer: int) -> str:
