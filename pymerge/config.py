@@ -566,11 +566,9 @@ def unmatched_filters(scopes: Iterable[Mapping[str, Setting]], names: Sequence[s
     return [(key, f) for key, f in found if not any(f in n for n in names)]
 
 
-def unmatched_filter_warnings(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str],
-                              params: Optional[Iterable[str]] = None) -> List[str]:
-    """A warning per `filter:` of these scopes (of the parameters named, or all) that no name (as filter_name
-    gives it) contains: a typo, likely."""
-    return [unmatched_filter_warning(key, f, names) for key, f in unmatched_filters(scopes, names, params)]
+def unmatched_filter_warnings(scopes: Iterable[Mapping[str, Setting]], names: Sequence[str]) -> List[str]:
+    """A warning per `filter:` of these scopes that no name (as filter_name gives it) contains: a typo, likely."""
+    return [unmatched_filter_warning(key, f, names) for key, f in unmatched_filters(scopes, names)]
 
 
 def unmatched_filter_warning(param: str, f: str, names: Sequence[str]) -> str:

@@ -455,11 +455,12 @@ def _unmatched_filter_warnings(method, merge_scopes, slices, seen) -> List[str]:
     """Filters that no tensor they apply to matches, a typo likely: the merge's scopes against every slice's
     names, a slice's own (and its sources') against its own; per-model parameters' filters see the sources'
     tensor names, global ones the output's (as _SliceResolver matches them)."""
-    model_names, global_names = (sorted(set().union(*(pair[k] for pair in seen))) for k in (0, 1))
+    every = tuple(set().union(*(pair[k] for pair in seen)) for k in (0, 1))
+    groups = [(merge_scopes, every)] + [([s.parameters] + [x.parameters for x in s.sources], pair)
+                                        for s, pair in zip(slices, seen)]
     found: Dict[Tuple[str, str], List[str]] = {}  # (parameter, filter) -> example names
-    for scopes, (model_seen, global_seen) in [(merge_scopes, (model_names, global_names))] + [
-            ([s.parameters] + [x.parameters for x in s.sources], (sorted(m), sorted(g))) for s, (m, g) in zip(slices, seen)]:
-        for params, names in ((method.model_params, model_seen), (method.global_params, global_seen)):
+    for scopes, (model_seen, global_seen) in groups:
+        for params, names in ((method.model_params, sorted(model_seen)), (method.global_params, sorted(global_seen))):
             for key, f in unmatched_filters(scopes, names, params):
                 found.setdefault((key, f), names)
     return [unmatched_filter_warning(key, f, names) for (key, f), names in found.items()]

@@ -31,8 +31,9 @@ def test_sdist_carries_the_native_sources_and_the_readme_commands(tmp_path):
         "demo_out"))
     # As a build frontend runs the backend: the source folder is its cwd but not on sys.path (with it there, the
     # tree's kernels/ shadowed Hugging Face's kernels package, whose setuptools plugin egg_info then failed to load).
-    build = run([sys.executable, "-c", "import sys; sys.path[:] = [p for p in sys.path if p]; from setuptools import build_meta; "
-                 "print(build_meta.build_sdist(sys.argv[1]))", str(tmp_path)], cwd=src, timeout=120)
+    build = run([sys.executable, "-c", "import sys; sys.path[:] = [p for p in sys.path if p]; "
+                 "from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))", str(tmp_path)],
+                cwd=src, timeout=120)
     assert build.returncode == 0, build.stderr[-3000:]
     (sdist,) = tmp_path.glob("pymerge-*.tar.gz")
     with tarfile.open(sdist) as tar:

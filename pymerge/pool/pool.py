@@ -458,8 +458,8 @@ class CheckpointPool:
             tables = [weight_table(w, n, normalize, what="weights" if len(into) == 1 else f"weights of candidate {k}")
                       for k, w in enumerate(weight_rows)]
         flat = not any(t.shape[0] > 1 for t in tables)
-        # the rule is resolved (so a bad one refused) even where flat weights put every tensor in one group
-        group_of = self._plan_cache.group_of(self.names, groups) if groups is not None or not flat else None
+        if groups is not None or not flat:  # resolved (a bad rule refused) even where flat weights ignore it
+            group_of = self._plan_cache.group_of(self.names, groups)
         if flat:
             group_of = [0] * len(self.names)
         for k, t in enumerate(tables):
