@@ -25,7 +25,8 @@ import torch
 
 from pymerge.demo import model as model_mod, tasks as tasks_mod, train as train_mod
 from pymerge.demo.model import TinyLlama, save_hf
-from pymerge.demo.tasks import TASKS, Batch, generate, hits, make_batch, score, split_seed, standard_error
+from pymerge.demo.tasks import (TASKS, Batch, generate, hits, make_batch, paired_standard_error, score, split_seed,
+                                standard_error)
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
 from pymerge.errors import InputError
 from pymerge.io.files import replace_file
@@ -332,13 +333,14 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
         merge(w)
         return score(model, val)
 
-    def on_test(w) -> Tuple[Dict[str, float], Dict[str, float]]:
-        """Scores on the whole test set and on its examples whose prompts validation lacks."""
+    def on_test(w) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, torch.Tensor]]:
+        """Scores on the whole test set and on its examples whose prompts validation lacks, and the
+        per-example exact matches (for paired standard errors)."""
         merge(w)
         per_example = hits(model, test)
         return ({t: float(h.float().mean()) for t, h in per_example.items()},
                 {t: float(h[unseen[t]].float().mean()) if unseen[t].any() else None
-                 for t, h in per_example.items()})
+                 for t, h in per_example.items()}, per_example)
 
     rows: Dict[str, Dict] = {}
     for i, name in enumerate(names):
@@ -368,13 +370,12 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     t_search = time.perf_counter() - t1
     rows["optimized merge"] = {"val": res.best_scores, "weights": res.best_weights}
     for r in rows.values():
-        r["test"], r["test_unseen"] = on_test(r["weights"])
+        r["test"], r["test_unseen"], r["test_hits"] = on_test(r["weights"])
     best_single = names[int(np.argmax(singles))]  # picked on validation, as one would without a test set
 
     merged = os.path.join(out, "merged")
     _write_merge(pool, model.config, res.best_weights, merged)
-    summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS},
-                       {t: int(m.sum()) for t, m in unseen.items()})
+    summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS}, unseen)
     summary.update(train_seconds=round(t_train, 1), search_seconds=round(t_search, 1),
                    seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(time.process_time() - cpu0, 1),
                    evaluations=len(res.history), per_layer=per_layer, eval_dtype=str(eval_dtype).split(".")[-1],
@@ -431,9 +432,21 @@ def _write_merge(pool, config, weights, folder: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _summary(rows, names, best_single, sizes, unseen_sizes) -> Dict:
+BASELINES = ("best_single", "uniform", "greedy_soup")
+
+
+def _summary(rows, names, best_single, sizes, unseen) -> Dict:
+    """unseen: per task, the test examples whose prompts validation lacks (a bool mask)."""
+    row_of = {"best_single": best_single, "uniform": "uniform merge", "greedy_soup": "greedy soup",
+              "optimized": "optimized merge"}
+    unseen_sizes = {t: int(m.sum()) for t, m in unseen.items()}
+    test_hits = {k: v["test_hits"] for k, v in rows.items()}
+    unseen_hits = {k: {t: h[unseen[t]] for t, h in v.items()} for k, v in test_hits.items()}
+
+    def paired(per_example):  # the standard error of each margin, the optimized merge's and the baseline's
+        return {k: paired_standard_error(per_example["optimized merge"], per_example[row_of[k]]) for k in BASELINES}
     test = {k: v["test"] for k, v in rows.items()}
-    unseen = {k: v["test_unseen"] for k, v in rows.items()}
+    unseen_scores = {k: v["test_unseen"] for k, v in rows.items()}
     w = np.asarray(rows["optimized merge"]["weights"])
     s = {
         "best_single": macro_average(test[best_single]), "best_single_name": best_single,
@@ -448,15 +461,17 @@ def _summary(rows, names, best_single, sizes, unseen_sizes) -> Dict:
         "nonzero_weights": int(np.sum((w.reshape(-1, len(names)) > 0.01).any(axis=0))),
         "checkpoints": len(names),
     }
-    for k in ("best_single", "uniform", "greedy_soup"):
+    for k in BASELINES:
         s[f"margin_over_{k}"] = s["optimized"] - s[k]
+    # each margin's own standard error: both merges are scored on the same examples, so the noise in their
+    # difference is that of the examples on which they disagree
+    s["paired_standard_errors"] = paired(test_hits)
     # the same on the test examples whose prompts validation lacks (unseen_in_validation); None where a
     # task has none (tiny sets)
     s["test_unseen"] = None if not all(unseen_sizes.values()) else {
-        "sizes": unseen_sizes, "standard_error": standard_error(unseen["optimized merge"], unseen_sizes),
-        **{k: macro_average(unseen[row]) for k, row in (("best_single", best_single), ("uniform", "uniform merge"),
-                                                         ("greedy_soup", "greedy soup"),
-                                                         ("optimized", "optimized merge"))}}
+        "sizes": unseen_sizes, "standard_error": standard_error(unseen_scores["optimized merge"], unseen_sizes),
+        "paired_standard_errors": paired(unseen_hits),
+        **{k: macro_average(unseen_scores[row]) for k, row in row_of.items()}}
     return s
 
 
@@ -474,6 +489,10 @@ def _print_table(rows, names, best_single, summary, log) -> None:
         f"{summary['best_single']:.3f}, uniform {summary['uniform']:.3f}, greedy soup {summary['greedy_soup']:.3f} "
         f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0.01. "
         f"({summary['seconds']:.0f} s in all; merged model: {summary['merged']})")
+    paired = summary["paired_standard_errors"]
+    log("Margins of the optimized merge (paired standard error: the noise in the difference of two merges scored "
+        "on the same examples): " + ", ".join(
+            f"{summary['margin_over_' + k]:+.3f} over {k.replace('_', ' ')} ({paired[k]:.3f})" for k in BASELINES) + ".")
     u = summary["test_unseen"]
     if u:
         log(f"On the {sum(u['sizes'].values())} test examples whose prompts validation lacks: optimized "

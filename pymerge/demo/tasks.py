@@ -175,3 +175,15 @@ def standard_error(scores: Dict[str, float], sizes: Dict[str, int]) -> float:
     """Standard error of the macro-average of per-task accuracies (independent binomial tasks)."""
     var = sum(p * (1 - p) / sizes[t] for t, p in scores.items())
     return float(np.sqrt(var) / len(scores))
+
+
+def paired_standard_error(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
+    """Standard error of the difference of two models' macro-averages scored on the same examples (per task,
+    per-example exact matches a[t], b[t]): the spread of the per-example differences. Where two merges agree on
+    most examples it is far below either macro-average's standard_error, which treats them as independent."""
+    var = 0.0
+    for t, x in a.items():
+        d = x.double() - b[t].double()
+        if d.numel():
+            var += float(d.var(unbiased=False)) / d.numel()
+    return float(np.sqrt(var) / len(a))

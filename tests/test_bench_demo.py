@@ -1,0 +1,37 @@
+"""benchmarks/bench_demo.py's table row: the issue's bar (every margin above the optimized merge's standard
+error) and each margin against its own paired standard error."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import bench_demo  # noqa: E402
+
+
+def _summary(best_single, uniform, greedy_soup, optimized, se, paired, unseen=None):
+    return {"best_single": best_single, "uniform": uniform, "greedy_soup": greedy_soup, "optimized": optimized,
+            "test_standard_error": se, "paired_standard_errors": paired, "test_unseen": unseen,
+            "nonzero_weights": 3, "checkpoints": 9, "train_seconds": 1.0, "seconds": 2.0, "cpu_seconds": 3.0,
+            "per_task": {}, "optimized_val": 0.5}
+
+
+@pytest.mark.parametrize("paired, beats", [({"best_single": 0.001, "uniform": 0.01, "greedy_soup": 0.002}, True),
+                                           # the soup's margin (0.004) is under its paired se
+                                           ({"best_single": 0.001, "uniform": 0.01, "greedy_soup": 0.005}, False),
+                                           # so is the uniform merge's (0.2), though it is not the strongest
+                                           ({"best_single": 0.001, "uniform": 0.3, "greedy_soup": 0.002}, False)])
+def test_row_judges_each_margin_by_its_own_paired_standard_error(paired, beats):
+    r = bench_demo.row(3, _summary(0.70, 0.50, 0.706, 0.71, 0.0035, paired))
+    assert r["margin"] == pytest.approx(0.4) and r["beats_all_by_se"] is True
+    assert r["beats_all_by_paired_se"] is beats
+    assert r["paired_se"] == round(100 * paired["greedy_soup"], 2)  # the strongest baseline's: the soup
+
+
+def test_row_of_a_tie():
+    """The search returned the soup, which is the best single checkpoint: a zero margin beats nothing."""
+    r = bench_demo.row(1, _summary(0.72, 0.40, 0.72, 0.72, 0.0033, {"best_single": 0.0, "uniform": 0.01,
+                                                                   "greedy_soup": 0.0}))
+    assert (r["margin"], r["paired_se"], r["beats_all_by_se"], r["beats_all_by_paired_se"]) == (0.0, 0.0, False, False)
