@@ -25,6 +25,11 @@ COLUMNS = ["seed", "best_single", "uniform", "greedy_soup", "optimized", "se", "
            "beats_all_by_paired_se", "nonzero",
            "unseen_margin", "unseen_se", "unseen_beats_all_by_se", "train_seconds", "seconds", "cpu_seconds"]
 
+TITLE = ("pymerge demo over seeds: macro exact match on test, % (se: standard error of the optimized "
+         "merge's macro-average; paired_se: standard error of its margin over the strongest baseline, from the "
+         "per-example differences; beats_all_by_paired_se: the margin over each baseline above that margin's "
+         "paired standard error)")
+
 
 def one_seed(job) -> dict:
     seed, quick, budget, threads, out, pool = job
@@ -78,8 +83,7 @@ def main(argv=None) -> int:
             name = args.name or (
                 "demo_seeds" + ("" if args.pool == "stages" else f"_{args.pool}") + ("_quick" if args.quick else ""))
             table = write_results(name, "cpu", rows, COLUMNS,
-                                  title="pymerge demo over seeds: macro exact match on test, % (se: standard error "
-                                        "of the optimized merge's macro-average)")
+                                  title=TITLE)
             print(table, flush=True)
     wins = sum(r["beats_all_by_se"] for r in rows)
     print(f"optimized beats best single, uniform and greedy soup by > 1 s.e. on {wins} of {len(rows)} seeds; "

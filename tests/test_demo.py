@@ -191,24 +191,26 @@ def test_paired_standard_error_against_a_float64_reference():
     """The standard error of a difference of two macro-averages on the same examples: per task the spread of
     the per-example differences, over n; the macro-average's over the tasks' count."""
     g = np.random.default_rng(0)
-    sizes = {"a": 1, "b": 7, "c": 3001, "d": 0}
+    sizes = {"a": 1, "b": 7, "c": 3001}
     a = {t: torch.from_numpy(g.random(n) < 0.6) for t, n in sizes.items()}
     b = {t: torch.from_numpy(g.random(n) < 0.5) for t, n in sizes.items()}
     b["b"] = ~a["b"]  # disagreeing everywhere: the differences are +-1
     ref = 0.0
     for t, n in sizes.items():
-        if n:
-            d = [float(x) - float(y) for x, y in zip(a[t].tolist(), b[t].tolist())]
-            mean = sum(d) / n
-            ref += sum((x - mean) ** 2 for x in d) / n / n
-    assert tasks.paired_standard_error(a, b) == pytest.approx(np.sqrt(ref) / 4, rel=1e-12)
+        d = [float(x) - float(y) for x, y in zip(a[t].tolist(), b[t].tolist())]
+        mean = sum(d) / n
+        ref += sum((x - mean) ** 2 for x in d) / n / n
+    assert tasks.paired_standard_error(a, b) == pytest.approx(np.sqrt(ref) / 3, rel=1e-12)
     assert tasks.paired_standard_error(a, a) == 0.0  # one merge against itself: no noise in a zero margin
     # two merges that agree on all but a few examples: far below the independent bound
     near = {t: h.clone() for t, h in a.items()}
     near["c"][:30] = ~near["c"][:30]
     p = float(a["c"].double().mean())
-    independent = np.sqrt(2 * p * (1 - p) / sizes["c"]) / 4  # were the two merges scored on separate draws
+    independent = np.sqrt(2 * p * (1 - p) / sizes["c"]) / 3  # were the two merges scored on separate draws
     assert 0 < tasks.paired_standard_error(a, near) < independent / 5
+    with pytest.raises(ValueError, match="task 'd' has no examples"):  # no accuracy, so no macro-average
+        empty = torch.zeros(0, dtype=torch.bool)
+        tasks.paired_standard_error({**a, "d": empty}, {**b, "d": empty})
 
 
 def test_summary_reports_each_margins_paired_standard_error():
@@ -218,8 +220,8 @@ def test_summary_reports_each_margins_paired_standard_error():
     sizes = {t: 50 + 7 * i for i, t in enumerate(tasks.TASKS)}
     unseen = {t: torch.from_numpy(g.random(n) < 0.5) for t, n in sizes.items()}
     hits_of = {k: {t: torch.from_numpy(g.random(n) < p) for t, n in sizes.items()}
-               for k, p in (("g", 0.6), ("s", 0.3), ("uniform merge", 0.4), ("optimized merge", 0.62))}
-    hits_of["greedy soup"] = hits_of["g"]
+               for k, p in (("g", 0.6), ("s", 0.3), ("uniform merge", 0.4), ("greedy soup", 0.61),
+                            ("optimized merge", 0.62))}
     acc = lambda h: {t: float(x.double().mean()) for t, x in h.items()}  # noqa: E731
     rows = {k: {"test_hits": h, "test": acc(h), "val": acc(h),
                 "test_unseen": {t: float(x[unseen[t]].float().mean()) for t, x in h.items()},
@@ -229,14 +231,15 @@ def test_summary_reports_each_margins_paired_standard_error():
     assert s["paired_standard_errors"] == {
         "best_single": tasks.paired_standard_error(opt, hits_of["g"]),
         "uniform": tasks.paired_standard_error(opt, hits_of["uniform merge"]),
-        "greedy_soup": tasks.paired_standard_error(opt, hits_of["g"])}
+        "greedy_soup": tasks.paired_standard_error(opt, hits_of["greedy soup"])}
+    assert len(set(s["paired_standard_errors"].values())) == 3
     assert s["margin_over_greedy_soup"] == pytest.approx(
-        np.mean([float(opt[t].double().mean() - hits_of["g"][t].double().mean()) for t in sizes]))
+        np.mean([float(opt[t].double().mean() - hits_of["greedy soup"][t].double().mean()) for t in sizes]))
     masked = lambda h: {t: x[unseen[t]] for t, x in h.items()}  # noqa: E731
     assert s["test_unseen"]["paired_standard_errors"]["uniform"] == tasks.paired_standard_error(
         masked(opt), masked(hits_of["uniform merge"]))
     assert s["test_unseen"]["sizes"] == {t: int(m.sum()) for t, m in unseen.items()}
-    rows["optimized merge"] = rows["g"]  # the search returned its start
+    rows["optimized merge"] = rows["greedy soup"] = rows["g"]  # the soup is the best run, and the search returned it
     assert run._summary(rows, ["g", "s"], "g", sizes, unseen)["paired_standard_errors"]["greedy_soup"] == 0.0
 
 
@@ -258,6 +261,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert 0 < summary["test_standard_error"] < 0.1
     assert set(summary["paired_standard_errors"]) == set(run.BASELINES)
     assert all(0 <= v < 0.1 for v in summary["paired_standard_errors"].values())
+    assert summary["paired_standard_errors"]["uniform"] > 0  # the uniform merge and the search's best differ
     for f in ("results.json", "demo.png", "merged/config.json", "merged/model.safetensors",
               "checkpoints/pretrained/model.safetensors"):
         assert os.path.getsize(out / f) > 0, f

@@ -490,14 +490,16 @@ def _print_table(rows, names, best_single, summary, log) -> None:
         f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0.01. "
         f"({summary['seconds']:.0f} s in all; merged model: {summary['merged']})")
     paired = summary["paired_standard_errors"]
-    log("Margins of the optimized merge (paired standard error: the noise in the difference of two merges scored "
-        "on the same examples): " + ", ".join(
-            f"{summary['margin_over_' + k]:+.3f} over {k.replace('_', ' ')} ({paired[k]:.3f})" for k in BASELINES) + ".")
+    margins = lambda s, paired: ", ".join(  # noqa: E731  (rounded first: no "-0.000" for equal scores)
+        f"{round(s['optimized'] - s[k], 3) + 0.0:+.3f} over {k.replace('_', ' ')} ({paired[k]:.3f})" for k in BASELINES)
+    log("Margins of the optimized merge (paired standard error: the noise in the difference of two models scored "
+        f"on the same examples): {margins(summary, summary['paired_standard_errors'])}.")
     u = summary["test_unseen"]
     if u:
         log(f"On the {sum(u['sizes'].values())} test examples whose prompts validation lacks: optimized "
             f"{u['optimized']:.3f} vs best single {u['best_single']:.3f}, uniform {u['uniform']:.3f}, greedy soup "
-            f"{u['greedy_soup']:.3f} (standard error {u['standard_error']:.3f}).")
+            f"{u['greedy_soup']:.3f} (standard error {u['standard_error']:.3f}); margins "
+            f"{margins(u, u['paired_standard_errors'])}.")
 
 
 def _plot(path: str, rows, names, best_single, history) -> bool:

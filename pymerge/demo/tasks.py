@@ -179,11 +179,13 @@ def standard_error(scores: Dict[str, float], sizes: Dict[str, int]) -> float:
 
 def paired_standard_error(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     """Standard error of the difference of two models' macro-averages scored on the same examples (per task,
-    per-example exact matches a[t], b[t]): the spread of the per-example differences. Where two merges agree on
-    most examples it is far below either macro-average's standard_error, which treats them as independent."""
+    per-example exact matches a[t], b[t]): per task the variance of the per-example differences over the
+    task's size (population variance, as standard_error's p(1-p)/n). Two merges that disagree on few examples
+    have a paired error far below the sqrt(se_a^2 + se_b^2) of two independent test draws."""
     var = 0.0
     for t, x in a.items():
+        if not x.numel():
+            raise ValueError(f"paired_standard_error: task {t!r} has no examples")
         d = x.double() - b[t].double()
-        if d.numel():
-            var += float(d.var(unbiased=False)) / d.numel()
+        var += float(d.var(unbiased=False)) / d.numel()
     return float(np.sqrt(var) / len(a))
