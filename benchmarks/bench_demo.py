@@ -63,6 +63,41 @@ def row(seed: int, r: dict) -> dict:
             "optimized_val": r["optimized_val"]}
 
 
+def plot(rows, path) -> None:
+    """Per seed, the margin over the strongest baseline with two error bars: the optimized merge's standard
+    error (the issue's bar) and the margin's paired one (where the row has it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x, m = np.arange(len(rows)), [r["margin"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2), 4))
+    ax.bar(x, m, 0.6, color=["C2" if r["beats_all_by_se"] else "C7" for r in rows])
+    ax.errorbar(x - 0.1, m, yerr=[r["se"] for r in rows], fmt="none", ecolor="k", capsize=3,
+                label="± se of the optimized merge's macro-average (green: margin above it)")
+    paired = [i for i, r in enumerate(rows) if r.get("paired_se") is not None]
+    if paired:
+        ax.errorbar(x[paired] + 0.1, [m[i] for i in paired], yerr=[rows[i]["paired_se"] for i in paired], fmt="none",
+                    ecolor="C3", capsize=3, label="± paired se of the margin")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, [str(r["seed"]) for r in rows])
+    ax.set_xlabel("seed")
+    ax.set_ylabel("optimized - strongest baseline (points, test)")
+    ax.set_title("pymerge demo: the optimized merge's margin over the best single checkpoint, uniform merge and "
+                 "greedy soup", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -82,8 +117,8 @@ def main(argv=None) -> int:
             rows.append(row)
             name = args.name or (
                 "demo_seeds" + ("" if args.pool == "stages" else f"_{args.pool}") + ("_quick" if args.quick else ""))
-            table = write_results(name, "cpu", rows, COLUMNS,
-                                  title=TITLE)
+            table = write_results(name, "cpu", rows, COLUMNS, title=TITLE,
+                                  plot=(lambda path: plot(rows, path)) if can_plot() else None)
             print(table, flush=True)
     wins = sum(r["beats_all_by_se"] for r in rows)
     print(f"optimized beats best single, uniform and greedy soup by > 1 s.e. on {wins} of {len(rows)} seeds; "

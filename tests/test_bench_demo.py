@@ -35,3 +35,14 @@ def test_row_of_a_tie():
     r = bench_demo.row(1, _summary(0.72, 0.40, 0.72, 0.72, 0.0033, {"best_single": 0.0, "uniform": 0.01,
                                                                    "greedy_soup": 0.0}))
     assert (r["margin"], r["paired_se"], r["beats_all_by_se"], r["beats_all_by_paired_se"]) == (0.0, 0.0, False, False)
+
+
+def test_plot_of_the_margins(tmp_path):
+    """The PNG beside the table: rows with and without a paired standard error (older result files)."""
+    pytest.importorskip("matplotlib")
+    rows = [bench_demo.row(s, _summary(0.70, 0.50, 0.70, 0.70 + m, 0.0035,
+                                       {"best_single": 0.001, "uniform": 0.01, "greedy_soup": 0.001}))
+            for s, m in ((0, 0.0), (1, 0.01), (2, -0.002))]
+    del rows[0]["paired_se"]
+    bench_demo.plot(rows, str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
