@@ -82,9 +82,8 @@ def plot(rows, path) -> None:
     ax.set_xticks(x, [str(r["seed"]) for r in rows])
     ax.set_xlabel("seed")
     ax.set_ylabel("optimized - strongest baseline (points, test)")
-    ax.set_title("pymerge demo: the optimized merge's margin over the best single checkpoint, uniform merge and "
-                 "greedy soup", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.set_title("pymerge demo: the optimized merge over its strongest baseline", fontsize=9)
+    ax.legend(fontsize=7, loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
