@@ -489,7 +489,6 @@ def _print_table(rows, names, best_single, summary, log) -> None:
         f"{summary['best_single']:.3f}, uniform {summary['uniform']:.3f}, greedy soup {summary['greedy_soup']:.3f} "
         f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0.01. "
         f"({summary['seconds']:.0f} s in all; merged model: {summary['merged']})")
-    paired = summary["paired_standard_errors"]
     margins = lambda s, paired: ", ".join(  # noqa: E731  (rounded first: no "-0.000" for equal scores)
         f"{round(s['optimized'] - s[k], 3) + 0.0:+.3f} over {k.replace('_', ' ')} ({paired[k]:.3f})" for k in BASELINES)
     log("Margins of the optimized merge (paired standard error: the noise in the difference of two models scored "
