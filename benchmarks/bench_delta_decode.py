@@ -112,13 +112,7 @@ def main() -> None:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    try:
-        import matplotlib  # noqa: F401
-        has_plot = True
-    except ImportError:
-        has_plot = False
-    print(write_results("bench_delta_decode" + ("_quick" if args.quick else ""), "cpu", rows, columns, title,
-                        plot if has_plot else None))
+    print(write_results("bench_delta_decode" + ("_quick" if args.quick else ""), "cpu", rows, columns, title, plot))
 
 
 if __name__ == "__main__":

@@ -89,14 +89,6 @@ def plot(rows, path) -> None:
     plt.close(fig)
 
 
-def can_plot() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -116,8 +108,7 @@ def main(argv=None) -> int:
             rows.append(row)
             name = args.name or (
                 "demo_seeds" + ("" if args.pool == "stages" else f"_{args.pool}") + ("_quick" if args.quick else ""))
-            table = write_results(name, "cpu", rows, COLUMNS, title=TITLE,
-                                  plot=(lambda path: plot(rows, path)) if can_plot() else None)
+            table = write_results(name, "cpu", rows, COLUMNS, title=TITLE, plot=lambda path: plot(rows, path))
             print(table, flush=True)
     wins = sum(r["beats_all_by_se"] for r in rows)
     print(f"optimized beats best single, uniform and greedy soup by > 1 s.e. on {wins} of {len(rows)} seeds; "

@@ -1,6 +1,8 @@
 """Shared benchmark plumbing: timers, machine labels and result files (JSON, markdown, PNG)."""
+import importlib.util
 import json
 import os
+import sys
 import platform
 import statistics
 import time
@@ -65,7 +67,8 @@ def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int 
 
 
 def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None) -> str:
-    """Writes <name>.json and <name>.md (and <name>.png via plot(path)) under results/<machine>/."""
+    """Writes <name>.json and <name>.md (and <name>.png via plot(path), where matplotlib is installed) under
+    results/<machine>/."""
     folder = os.path.join(RESULTS, machine_label(device))
     os.makedirs(folder, exist_ok=True)
     meta = {"machine": machine_description(device), "date": time.strftime("%Y-%m-%d"), "title": title}
@@ -74,7 +77,9 @@ def write_results(name: str, device: str, rows: list, columns: list, title: str,
     table = markdown_table(rows, columns)
     with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")
-    if plot is not None:
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        print(f"(matplotlib is not installed: no {name}.png; pip install 'pymerge[plot]')", file=sys.stderr)
+    elif plot is not None:
         plot(os.path.join(folder, f"{name}.png"))
     return table
 
