@@ -440,11 +440,11 @@ def _summary(rows, names, best_single, sizes, unseen) -> Dict:
     row_of = {"best_single": best_single, "uniform": "uniform merge", "greedy_soup": "greedy soup",
               "optimized": "optimized merge"}
     unseen_sizes = {t: int(m.sum()) for t, m in unseen.items()}
-    test_hits = {k: v["test_hits"] for k, v in rows.items()}
-    unseen_hits = {k: {t: h[unseen[t]] for t, h in v.items()} for k, v in test_hits.items()}
 
-    def paired(per_example):  # the standard error of each margin, the optimized merge's and the baseline's
-        return {k: paired_standard_error(per_example["optimized merge"], per_example[row_of[k]]) for k in BASELINES}
+    def paired(mask=None):  # the standard error of each margin, on the test examples mask keeps (or all)
+        def hits_of(row):
+            return {t: h if mask is None else h[mask[t]] for t, h in rows[row]["test_hits"].items()}
+        return {k: paired_standard_error(hits_of("optimized merge"), hits_of(row_of[k])) for k in BASELINES}
     test = {k: v["test"] for k, v in rows.items()}
     unseen_scores = {k: v["test_unseen"] for k, v in rows.items()}
     w = np.asarray(rows["optimized merge"]["weights"])
@@ -465,12 +465,12 @@ def _summary(rows, names, best_single, sizes, unseen) -> Dict:
         s[f"margin_over_{k}"] = s["optimized"] - s[k]
     # each margin's own standard error: both merges are scored on the same examples, so the noise in their
     # difference is that of the examples on which they disagree
-    s["paired_standard_errors"] = paired(test_hits)
+    s["paired_standard_errors"] = paired()
     # the same on the test examples whose prompts validation lacks (unseen_in_validation); None where a
     # task has none (tiny sets)
     s["test_unseen"] = None if not all(unseen_sizes.values()) else {
         "sizes": unseen_sizes, "standard_error": standard_error(unseen_scores["optimized merge"], unseen_sizes),
-        "paired_standard_errors": paired(unseen_hits),
+        "paired_standard_errors": paired(unseen),
         **{k: macro_average(unseen_scores[row]) for k, row in row_of.items()}}
     return s
 
