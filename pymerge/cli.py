@@ -240,9 +240,9 @@ def _main(argv: Optional[List[str]]) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
     # option (`pymerge demo --quick`) through, so the rest of the line goes to them untouched.
-    args, rest = build_parser().parse_known_args(argv)  # usage errors: argparse prints them, exits 2
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)  # usage errors: argparse prints them, exits 2
     if args.command == "merge" and rest:  # unknown options: merge's usage error, or pymerge's before `merge`
-        parser = build_parser()
         before = argv[:argv.index("merge")]
         (parser if any(r in before for r in rest) else parser.merge_parser).error(
             f"unrecognized arguments: {' '.join(rest)}")
