@@ -1,10 +1,9 @@
 """Shared benchmark plumbing: timers, machine labels and result files (JSON, markdown, PNG)."""
-import importlib.util
 import json
 import os
-import sys
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -66,6 +65,14 @@ def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int 
     return {k: pick(v) for k, v in samples.items()}
 
 
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:  # missing, or installed but broken: no PNG either way, as before
+        return False
+
+
 def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None) -> str:
     """Writes <name>.json and <name>.md (and <name>.png via plot(path), where matplotlib is installed) under
     results/<machine>/."""
@@ -77,8 +84,8 @@ def write_results(name: str, device: str, rows: list, columns: list, title: str,
     table = markdown_table(rows, columns)
     with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")
-    if plot is not None and importlib.util.find_spec("matplotlib") is None:
-        print(f"(matplotlib is not installed: no {name}.png; pip install 'pymerge[plot]')", file=sys.stderr)
+    if plot is not None and not has_matplotlib():
+        print(f"(matplotlib is not installed or does not import: no {name}.png; pip install 'pymerge[plot]')", file=sys.stderr)
     elif plot is not None:
         plot(os.path.join(folder, f"{name}.png"))
     return table
