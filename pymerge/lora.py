@@ -27,6 +27,7 @@ from pymerge.errors import CheckpointError, MergeConfigError, short
 from pymerge.io.checkpoint import Checkpoint, open_tensor_file
 from pymerge.io.files import read_json
 from pymerge.io.safetensors_file import TensorInfo
+from pymerge.methods.base import MAX_MAGNITUDE
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -233,14 +234,17 @@ def _read_config(path: Path) -> dict:
     out = {}
     for key, default in (("r", 8), ("lora_alpha", 8)):
         v = cfg.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise CheckpointError(f"{path}: {key} must be a number, got {short(v)}")
+        if not _number(v):
+            raise CheckpointError(f"{path}: {key} must be a number of size at most {MAX_MAGNITUDE:g}, got {short(v)}")
         out[key] = v
     for key in ("rank_pattern", "alpha_pattern"):
         v = cfg.get(key) or {}
-        if not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                              for x in v.values()):
+        if not isinstance(v, dict):
             raise CheckpointError(f"{path}: {key} must map module patterns to numbers, got {short(v)}")
+        for pattern, x in v.items():  # a NaN or 1e308 here made a NaN or inf weight, exit 0
+            if not _number(x):
+                raise CheckpointError(f"{path}: {key}: pattern {short(pattern)} must map to a number of size at most "
+                                      f"{MAX_MAGNITUDE:g}, got {short(x)}")
         out[key] = v
     for key in ("use_rslora", "fan_in_fan_out"):
         v = cfg.get(key, False)
@@ -278,6 +282,11 @@ def _fan_in_fan_out(model_type: Optional[str], name: str, weight: tuple, lora: t
     if weight == lora[::-1] and weight != lora:
         return True
     return configured
+
+
+def _number(v) -> bool:
+    """A finite int or float no larger than merge coefficients may be (methods.base.MAX_MAGNITUDE)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_MAGNITUDE
 
 
 def _pattern_value(patterns: dict, module: str, default, key: str, path: Path):

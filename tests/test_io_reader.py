@@ -471,6 +471,23 @@ def test_index_shard_that_is_no_file_says_what_it_is(tmp_path, kind):
     assert f"is {kind}, not a regular file" in check_error(excinfo, folder / "odd.safetensors")
 
 
+@pytest.mark.parametrize("kind", ["a FIFO", "a folder", "a character device"])
+def test_single_file_that_is_no_file_says_what_it_is(tmp_path, kind):
+    """A FIFO or folder named model.safetensors was reported as "no model.safetensors ... in this folder", a link
+    to /dev/zero as "a broken link"; an index beside it still loads (Hugging Face's order skips non-files)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    single = folder / "model.safetensors"
+    {"a FIFO": lambda: os.mkfifo(single), "a folder": single.mkdir,
+     "a character device": lambda: single.symlink_to("/dev/zero")}[kind]()
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    assert check_error(excinfo, single).endswith(f"is {kind}, not a regular file")
+    sharded = make_sharded(tmp_path / "s", two_shards())
+    os.mkfifo(sharded / "model.safetensors")
+    assert set(Checkpoint(sharded).names()) == {k for t in two_shards().values() for k in t}
+
+
 def test_corrupt_shard_names_the_shard(tmp_path):
     folder = make_sharded(tmp_path / "m", two_shards())
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 4)
@@ -621,6 +638,18 @@ def test_files_that_are_no_checkpoint_say_what_they_are(tmp_path, name, data, sa
     message = str(excinfo.value)
     assert says in message and "set to `False`" not in message and "weights_only set to" not in message, message
     assert "add_safe_globals" not in message and "trust" not in message and not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("cut", [22, 100, 1000])
+def test_a_bin_cut_short_says_its_archive_is_damaged(tmp_path, cut):
+    """Cut within its zip directory (the file's end), torch's error was "[Errno 22] Invalid argument"."""
+    state = {f"layer{i}.weight": torch.randn(16, 8) for i in range(6)}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(path)
+    assert "is not a complete PyTorch checkpoint: its zip archive is damaged (truncated" in check_error(excinfo, path)
 
 
 def _short_record(state: dict, victim: str, keep: int) -> bytes:

@@ -21,7 +21,7 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
-from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, open_regular, read_json
+from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, open_regular, read_json
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo
 from pymerge.io.sigbus import identity, stamp as _stamp
 
@@ -165,6 +165,12 @@ def _check_torch_format(path: Path, size: int) -> None:
     if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):  # a zip; the legacy pickle
         what = "is empty" if size == 0 else "is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy one)"
         raise CheckpointError(f"{path}: {what}")
+    if head.startswith(b"PK"):  # a zip cut short lost its directory, at the end: torch said "[Errno 22] Invalid argument"
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: is not a complete PyTorch checkpoint: its zip archive is damaged "
+                                  f"(truncated or corrupted: {exc})") from None
 
 
 def _load_problem(exc: BaseException) -> str:
@@ -353,16 +359,20 @@ class Checkpoint:
 
     def _open_folder(self) -> None:
         # Hugging Face's own preference: safetensors over pickles, a single file over an index.
-        broken = None  # (an interrupted download leaves a snapshot's link to a blob never written)
+        unusable = None  # the first name present but not a file: why, where nothing else loads
         for name, index in ((SAFETENSORS_NAME, False), (SAFETENSORS_INDEX, True),
                             (BIN_NAME, False), (BIN_INDEX, True)):
             p = self.path / name
             if p.is_file():
                 return self._open_index(p) if index else self._open_single(p)
-            if broken is None and os.path.islink(p):
-                broken = p
-        if broken is not None:  # only where nothing else loads (a broken single file beside a good index)
-            raise CheckpointError(f"{broken}: is a broken link to {os.readlink(broken)} (an incomplete download?)")
+            if unusable is None and os.path.lexists(p):
+                unusable = p
+        if unusable is not None:  # (a broken single file beside a good index loads the index)
+            try:
+                why = f"is {kind_of(os.stat(unusable).st_mode)}, not a regular file"
+            except OSError:  # an interrupted download leaves a snapshot's link to a blob never written
+                why = f"is a broken link to {os.readlink(unusable)} (an incomplete download?)"
+            raise CheckpointError(f"{unusable}: {why}")
         raise CheckpointError(f"{self.path}: no {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {BIN_NAME} "
                               f"or {BIN_INDEX} in this folder")
 
