@@ -59,7 +59,15 @@ def test_torch_ops_check_what_the_kernels_trust():
         (lambda: P.weighted_sum([x, torch.ones(1)], torch.ones(2), torch.float32),
          r"input 1 has shape \(1,\) but input 0 has \(65536,\)"),  # (the shape check, before the kernel's count)
         (lambda: P.weighted_sum([x.double()], torch.ones(1), torch.float32), "input 0 is torch.float64 on cpu; this kernel takes bfloat16"),
-        (lambda: P.weighted_sum_out([x], torch.ones(3), torch.empty(N)), "3 weights for 1 outputs x 1 inputs"),
+        (lambda: P.weighted_sum_out([x], torch.ones(3), torch.empty(N)), r"weights of shape \(3,\) for 1 inputs"),
+        # a transposed table of as many numbers was read as [K, N]: wrong sums, no error (an audit)
+        (lambda: P.weighted_sum_many_out([x, x, x], torch.ones(3, 2), [torch.empty(N), torch.empty(N)]),
+         r"weights of shape \(3, 2\) for 3 inputs: \[K, N\] needs N = 3"),
+        (lambda: P.weighted_sum_many_out([x, x], torch.ones(2, 2), [torch.empty(N)]),
+         r"weights of shape \(2, 2\) for 1 outputs: \[K, N\] needs K = 1"),
+        (lambda: P.weighted_sum_many([x, x], torch.ones(2, 3), torch.float32), r"weights of shape \(2, 3\) for 2 inputs"),
+        (lambda: P.group_lincomb_out([torch.randn(10)], None, False, 2, 5, 1, torch.ones(4, dtype=torch.complex64),
+                                     torch.empty(10)), "^group_lincomb: coef must be real numbers, got a torch.complex64"),
         (lambda: P.select_ranks(x, torch.ones(1), [1], True), r"input 1 has shape \(1,\)"),
         (lambda: P.group_dots([torch.randn(10)], None, False, 100000, 100, 1), "100000 x 100 view"),
         (lambda: P.group_lincomb_out([torch.randn(10)], None, False, 2, 5, 1, torch.ones(3), torch.empty(10)),

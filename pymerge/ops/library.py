@@ -48,10 +48,11 @@ def _same_shape(op: str, tensors) -> None:
             raise ValueError(f"{op}: input {i} has shape {tuple(t.shape)} but input 0 has {tuple(tensors[0].shape)}")
 
 
-def _weighted_args(tensors, weights: Tensor, dims: int) -> None:
-    """A raw weighted sum's inputs of one shape, and weights of real numbers, [N] (dims 1) or [K, N] (dims 2).
-    A 0-d tensor raised IndexError, complex ones pybind11's "incompatible function arguments", and [N, 1]
-    passed forward only for its backward to fail."""
+def _weighted_args(tensors, weights: Tensor, dims: int, outs=None) -> None:
+    """A raw weighted sum's inputs of one shape, and weights of real numbers, [N] (dims 1) or [K, N] (dims 2;
+    K = len(outs) where given). A 0-d tensor raised IndexError, complex ones pybind11's "incompatible function
+    arguments", [N, 1] passed forward only for its backward to fail, and a transposed [N, K] table for K outputs
+    was read as [K, N] (wrong sums, no error)."""
     op = "weighted_sum"
     _same_shape(op, tensors)
     if weights.is_complex() or weights.dtype == torch.bool:
@@ -59,6 +60,12 @@ def _weighted_args(tensors, weights: Tensor, dims: int) -> None:
     if weights.dim() != dims:
         raise ValueError(f"{op}: weights must be a {'[N]' if dims == 1 else '[K, N]'} tensor, got shape "
                          f"{tuple(weights.shape)}")
+    if weights.shape[-1] != len(tensors):
+        raise ValueError(f"{op}: weights of shape {tuple(weights.shape)} for {len(tensors)} inputs: "
+                         f"{'[N]' if dims == 1 else '[K, N]'} needs N = {len(tensors)}")
+    if dims == 2 and outs is not None and weights.shape[0] != len(outs):
+        raise ValueError(f"{op}: weights of shape {tuple(weights.shape)} for {len(outs)} outputs: [K, N] needs "
+                         f"K = {len(outs)}")
 
 
 def _require_out(out: Tensor, op: str) -> None:
@@ -221,7 +228,7 @@ def _check_outs(tensors, weights, outs, dims: int) -> None:
     op = "weighted_sum"
     if not tensors or not outs:
         raise ValueError(f"{op}: needs at least one input and one output")
-    _weighted_args(tensors, weights, dims)
+    _weighted_args(tensors, weights, dims, outs)
     for o in outs:
         _require_out(o, op)
     check_apart(tensors, outs, op, exact_ok=len(outs) == 1)
@@ -293,7 +300,7 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
 
 @register_fake("pymerge::weighted_sum_many_out")
 def _(tensors, weights, outs, backend="auto", num_threads=0):
-    _weighted_args(tensors, weights, 2)
+    _weighted_args(tensors, weights, 2, outs)
     _one_device("weighted_sum", tensors, outs, host_ok=[weights])
 
 
@@ -676,7 +683,10 @@ def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=
 
 
 def check_coef_size(coef: Tensor, groups: int, k: int) -> None:
-    """group_lincomb's coef: one row of K + 1 per group."""
+    """group_lincomb's coef: real numbers (a complex tensor reached pybind11: a multi-line TypeError), one row
+    of K + 1 per group."""
+    if coef.is_complex() or coef.dtype == torch.bool:
+        raise ValueError(f"group_lincomb: coef must be real numbers, got a {coef.dtype} tensor")
     if coef.numel() != groups * (k + 1):
         raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {groups} groups x {k + 1} need "
                          f"{groups * (k + 1)}")
