@@ -223,7 +223,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if chat is not None:
         if not isinstance(chat, str):
             raise err(f"chat_template must be a string, got {described(chat)}")
-        cfg.chat_template = chat
+        cfg.chat_template = chat or None  # "" is no template, as in mergekit (it was exit 2 here)
     return cfg
 
 

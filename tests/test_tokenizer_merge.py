@@ -690,6 +690,21 @@ def test_shared_or_missing_ids_name_the_file_and_the_token(models, tmp_path, cap
          "no token has id 6 (23 tokens, ids up to 23)")
 
 
+@pytest.mark.parametrize("tokenizer_source", ["union", "base"])
+def test_an_empty_chat_template_is_none(models, tmp_path, capsys, tokenizer_source):
+    """`chat_template: ""` was exit 2 ("neither a built-in template ... nor a Jinja template"); mergekit takes it
+    for none (an audit against mergekit 0.1.5): the same files as without the key."""
+    _, m = models
+    outs = {}
+    for name, more in (("empty", {"chat_template": ""}), ("absent", {})):
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump({**_union(m["a"], m["b"], **more), "tokenizer_source": tokenizer_source}))
+        rc, err = run_cli(["merge", path, tmp_path / name, "--quiet"], capsys)
+        assert rc == 0, err
+        outs[name] = {f.name: f.read_bytes() for f in (tmp_path / name).iterdir() if f.name != "mergekit_config.yml"}
+    assert outs["empty"] == outs["absent"]
+
+
 def test_bad_chat_template(models, tmp_path, capsys):
     _, m = models
     _bad(tmp_path, capsys, _union(m["a"], m["b"], chat_template="chatmlx"), "chat_template", "chatmlx")
