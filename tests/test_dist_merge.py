@@ -175,6 +175,23 @@ def test_three_ranks_ties_equals_one_process(fam, tmp_path):
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == len(expected)
 
 
+def test_one_file_asked_of_two_ranks_is_a_warning(fam, tmp_path):
+    """--out-shard-size 0 (one file, as mergekit) was ignored silently under a launcher: each rank writes shards
+    of its own (an audit). Rank 0 now says so; the tensors are the one-process merge's."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", ties(base, fts))
+    expected = single(cfg, tmp_path / "one", out_shard_size=0)
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, ["merge", cfg, out, "--out-shard-size", "0", "--quiet"]))
+    assert codes == [0, 0], lines
+    assert_same_tensors(out, expected)
+    shards = len(list(out.glob("model-*.safetensors")))
+    assert shards >= 2 and lines[1] == [] and lines[0] == [
+        f"pymerge: warning: --out-shard-size 0 (one file) cannot hold under 2 ranks, each writing shards of its own: "
+        f"OUT has {shards}; merge in one process for a single model.safetensors"], lines
+
+
 def test_buffers_across_ranks_equal_one_process(fam, tmp_path):
     """A tensor that is not floating point (copied as the models hold it) is written by rank 0's part."""
     from safetensors.torch import save_file
@@ -448,6 +465,25 @@ def test_rank_variables_without_a_rendezvous_or_switched_off(fam, tmp_path, monk
     monkeypatch.setenv("PYMERGE_NO_DIST", "1")
     assert cli.main(["merge", str(cfg), str(out), "--quiet"]) == 0
     assert_same_tensors(out, single(cfg, tmp_path / "one"))
+
+
+def test_a_rank_whose_rank_0_never_comes_gives_up_in_its_timeout_in_one_line(fam, tmp_path):
+    """Rank 1 of a bare launcher with nothing at MASTER_PORT: torch's store client retried to 2-3x
+    PYMERGE_DIST_TIMEOUT and wrote ~40 lines of C++ backtraces before pymerge's line (an audit)."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYMERGE_DIST_TIMEOUT="3")
+    p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(out)], env=env, capture_output=True,
+                       text=True, timeout=LIMIT_S)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1, p.stderr[-3000:]
+    assert err[0].startswith(f"pymerge: error: rank 1 of 2 cannot join the process group at 127.0.0.1:{port}: no rank "
+                             f"0 listening there within 3 s"), err
+    assert not out.exists() and leftovers(out) == []
 
 
 def test_sliced_merge_across_ranks_equals_one_process(fam, tmp_path):

@@ -205,6 +205,24 @@ def test_cli_runs_a_config(tmp_path):
     assert cli_main([str(bad)]) == 2
 
 
+@pytest.mark.parametrize("state", ["c1.safetensors", "s.yml", "base.safetensors", "models/state.json"])
+def test_cli_refuses_a_state_path_that_is_an_input(tmp_path, capsys, state):
+    """A state_path naming a source or the config was read as a broken state, and the error advised deleting it
+    (an audit). Nothing is written or changed."""
+    (tmp_path / "models").mkdir()
+    extra = {"base": "base.safetensors"} if state == "base.safetensors" else {}
+    if state.startswith("models/"):
+        save_file({"theta": torch.zeros(16)}, str(tmp_path / "models" / "model.safetensors"))
+        extra = {"base": "models"}
+    cfg = _cli_setup(tmp_path, state_path=state, **extra)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"state_path {tmp_path / state}: is an input of the search" in err[0], err
+    assert "delete" not in err[0] and {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "out").exists()
+
+
 def test_method_params_reach_the_method_and_the_state_fingerprint(tmp_path):
     """A method's own `normalize` (or any name optimize takes itself) was out of reach: the search CLI's
     method_params: {normalize: true} crashed on a duplicate keyword. Now method_params= carries them to

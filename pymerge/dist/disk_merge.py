@@ -21,6 +21,7 @@ every wait; a rank that dies closes its connections, which fails the others' nex
 """
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 from pymerge import _native
 from pymerge.errors import CheckpointError, DistributedError, InputError, MergeConfigError
 from pymerge.io import ShardedWriter
+from pymerge.sizes import MAX_BYTES
 
 TIMEOUT_ENV = "PYMERGE_DIST_TIMEOUT"
 OFF_ENV = "PYMERGE_NO_DIST"  # =1: one process even where RANK and WORLD_SIZE are set (a job's own ranks)
@@ -138,6 +140,10 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         # retry failed on the non-empty OUT. Installing nothing instead cannot be promised: any rank can die
         # right after whichever agreement comes last. The other ranks cannot know whether rank 0 installed.
         warnings = list(state["plan"].warnings) if rank == 0 else []
+        shards = len(state["writer"].shard_names)
+        if rank == 0 and out_shard_size >= MAX_BYTES and shards > 1:  # (ignored silently, an audit found)
+            warnings.append(f"--out-shard-size 0 (one file) cannot hold under {world} ranks, each writing shards of "
+                            f"its own: OUT has {shards}; merge in one process for a single model.safetensors")
 
         def install():
             if rank == 0:
@@ -292,12 +298,33 @@ def _process_group(device: str, timeout_s: float):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
     try:
+        if os.environ["RANK"] != "0":
+            _wait_for_master(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], timeout_s)
         dist.init_process_group(backend, timeout=timeout)
     except Exception as exc:  # the rendezvous failed or timed out
         raise DistributedError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} cannot join the process "
                                f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: "
                                f"{_one_line(exc)}") from None
     return dist, None, True
+
+
+def _wait_for_master(addr: str, port: str, timeout_s: float) -> None:
+    """Until rank 0's store accepts connections, or timeout_s: torch's store client, given no listener, retried
+    past the timeout (2-3x it) and logged ~40 lines of C++ backtraces before its error (an audit)."""
+    try:
+        where = (addr, int(port))
+    except ValueError:
+        return  # torch's own error names it
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(where, timeout=max(0.1, min(5.0, end - time.monotonic()))):
+                return  # (the store takes a connection closed unused in silence)
+        except OSError as exc:
+            if time.monotonic() >= end:
+                raise RuntimeError(f"no rank 0 listening there within {timeout_s:g} s ({exc.strerror or exc}); is "
+                                   f"rank 0 running, and {TIMEOUT_ENV} long enough for it to start?") from None
+            time.sleep(0.25)
 
 
 def _local_cuda() -> str:

@@ -180,14 +180,21 @@ def _prepare_out(out: str) -> List[str]:
 OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")  # what a search writes into OUT
 
 
-def _check_state_apart(state_path: Optional[str], out: str) -> None:
+def _check_state_apart(state_path: Optional[str], out: str, inputs: List[str]) -> None:
     """state_path must not be one of the result files written into OUT (links resolved): the report replaced
-    the state (or best_merge.yml's removal deleted it), and the resume failed on it."""
+    the state (or best_merge.yml's removal deleted it), and the resume failed on it. Nor an input (the config,
+    a source or the base, or a file in one): the error for it, not a state, advised deleting it."""
     if not state_path:
         return
-    if os.path.realpath(state_path) in {os.path.realpath(os.path.join(out, f)) for f in OUT_FILES}:
-        raise InputError(f"state_path {state_path}: is {os.path.realpath(state_path)}, where the search writes its "
+    state = os.path.realpath(state_path)
+    if state in {os.path.realpath(os.path.join(out, f)) for f in OUT_FILES}:
+        raise InputError(f"state_path {state_path}: is {state}, where the search writes its "
                          f"results ({', '.join(OUT_FILES)} in {out}); choose another state_path")
+    for p in inputs:
+        p = os.path.realpath(p)
+        if state == p or state.startswith(p.rstrip(os.sep) + os.sep):
+            raise InputError(f"state_path {state_path}: is an input of the search{'' if state == p else f' (inside {p})'}; "
+                             "choose another state_path")
 
 
 def _unmake(made: List[str]) -> None:
@@ -224,7 +231,7 @@ def _run(args) -> int:
     sources = [rel(s) for s in cfg["sources"]]
     out = args.out or rel(cfg.get("out", "search_out"))
     state_path = rel(cfg.get("state_path"))
-    _check_state_apart(state_path, out)
+    _check_state_apart(state_path, out, [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else []))
     build = load_entry_point(cfg["model"], "model")
     evaluate = load_entry_point(cfg["evaluate"], "evaluate")
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),
