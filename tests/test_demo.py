@@ -1,8 +1,10 @@
 """The language-model demo: its checkpoints are real Llama folders (transformers, pymerge merge and
 mergekit read them), its tasks score exact match as greedy decoding does, and --quick runs end to end."""
 import json
+import re
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -552,6 +554,40 @@ def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_pat
     with pytest.raises(run.InputError, match="is not a folder the demo wrote"):
         run.build_checkpoints(str(folder), run.Settings.quick())
     assert (folder / "pretrained" / "weights.bin").read_text() == "mine"
+
+
+def test_a_file_put_in_a_cached_checkpoint_is_refused_before_retraining_deletes_it(tmp_path):
+    """A README.md put in a checkpoint folder was deleted with it, exit 0, when other settings retrained the
+    pool (an audit); nothing is removed now, and reusing the cache leaves it alone."""
+    folder = tmp_path / "checkpoints"
+    paths = run.build_checkpoints(str(folder), run.Settings.quick(0), log=lambda m: None)
+    note = Path(paths[1]) / "README.md"
+    note.write_text("mine")
+    run.build_checkpoints(str(folder), run.Settings.quick(0), log=lambda m: None)  # reused: untouched
+    before = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    with pytest.raises(run.InputError, match=rf"{re.escape(paths[1])}: holds README.md, which the demo did not write"):
+        run.build_checkpoints(str(folder), run.Settings.quick(1), log=lambda m: None)
+    assert note.read_text() == "mine" and sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
+
+
+@pytest.mark.parametrize("where", ["marker", "folder"])
+def test_an_out_that_cannot_be_written_is_refused_up_front(tmp_path, monkeypatch, where):
+    """A read-only OUT said its marker "is not a file the demo wrote" (there was none), or, holding a writable
+    marker, failed only at the merge's write, after the whole search (an audit). Simulated: root writes anyway."""
+    import errno
+    import tempfile
+    out = tmp_path / "out"
+    out.mkdir()
+    denied = OSError(errno.EACCES, "Permission denied")
+    if where == "marker":
+        real_open = os.open
+        monkeypatch.setattr(run.os, "open", lambda p, *a, **k: (_ for _ in ()).throw(denied)
+                            if str(p).endswith(run.MARKER) else real_open(p, *a, **k))
+    else:
+        monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: (_ for _ in ()).throw(denied))
+    with pytest.raises(run.InputError, match=rf"^{re.escape(str(out))}: cannot write there \(Permission denied\); "
+                                             "choose another --out$"):
+        run.claim_out(str(out))
 
 
 def test_a_checkpoint_changed_in_its_cache_is_trained_again_and_files_are_readable(tmp_path):

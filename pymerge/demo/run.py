@@ -114,6 +114,11 @@ def claim_out(out: str) -> int:
         _check_out(out)
         os.makedirs(out, exist_ok=True)
         lock = lock if lock is not None else _lock(marker)
+        try:  # a folder made read-only failed only at the merge's write, after the whole search
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as exc:
+            raise InputError(f"{out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
         os.ftruncate(lock, 0)
         os.write(lock, b"written by pymerge demo: it replaces checkpoints/, merged/, results.json and demo.png here\n")
     except BaseException:
@@ -128,6 +133,9 @@ def _lock(marker: str) -> int:
     try:
         fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # the folder (or the marker) is not writable
+            raise InputError(f"{os.path.dirname(marker)}: cannot write there ({exc.strerror}); choose another "
+                             "--out") from None
         why = "a link" if exc.errno == errno.ELOOP else exc.strerror
         raise InputError(f"{marker}: is not a file the demo wrote ({why}); move it or choose another --out") from None
     try:
@@ -176,6 +184,7 @@ _RESULTS = {"summary": dict, "details": dict, "search": list}
 _SUMMARY = ("best_single", "best_single_name", "optimized", "optimized_weights", "per_task", "settings")
 _MANIFEST = {"fingerprint": str, "settings": dict, "checkpoints": list}
 _MERGED_FILES = {"config.json", "model.safetensors", "merge_weights.json"}  # what _write_merge's save_hf writes
+_CHECKPOINT_FILES = {"config.json", "model.safetensors", "training_run.json"}  # what build_checkpoints' save_hf writes
 
 
 def _is_ours(path: str, fields: Dict[str, type]) -> bool:
@@ -254,7 +263,15 @@ def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
     if os.listdir(folder) and not os.path.isfile(manifest) and not claimed:  # build_checkpoints called directly
         raise InputError(f"{folder}: is not a folder the demo wrote (no manifest.json); move it or choose another")
     names = ["pretrained"] + [os.path.basename(str(p)) for p in list(listed) + list(paths)]
-    for path in [os.path.join(folder, n) for n in names if n not in ("", ".", "..")]:  # "x/", "..": not ours
+    folders = [os.path.join(folder, n) for n in names if n not in ("", ".", "..")]  # "x/", "..": not ours
+    for path in folders:  # all checked before any is removed: a README put in one was deleted with it
+        strange = sorted(set(os.listdir(path)) - _CHECKPOINT_FILES) if os.path.isdir(path) and \
+            not os.path.islink(path) else []
+        if strange:
+            raise InputError(f"{path}: holds {', '.join(strange[:3])}{' ...' if len(strange) > 3 else ''}, which the "
+                             "demo did not write (it retrains and replaces this folder); move them or choose another "
+                             "--out")
+    for path in folders:
         if os.path.islink(path):  # the link only: saving through it overwrote the folder it points to
             os.unlink(path)
         elif os.path.isdir(path):
