@@ -14,9 +14,15 @@ multislerp: weights w (normalized to sum 1 unless `normalize_weights: false`); u
 karcher: the iterative weighted Karcher mean of the unit vectors (uniform weights over every model,
   the base included), `max_iter` steps, stopping when the tangent norm drops below `tol`; the
   result is scaled by the mean norm.
+
+Where the weighted unit vectors nearly cancel (their mean's norm below CANCELLING of its largest possible
+value: nearly antipodal inputs with balancing weights), the coefficients grow as 1 / that norm and a
+quadratic form in them cancels to rounding noise (float64 Gram included): the result matched neither
+float64 nor mergekit (an audit). There the method runs on the vectors themselves, in float64 (mergekit's
+formulas, cancelling elementwise before squaring), holding K float64 copies of the tensor.
 """
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -42,18 +48,37 @@ def gram(xs, base=None, backend: str = "auto", num_threads: int = 0) -> torch.Te
     up the last-bit errors of a float32 block sum; big weight tensors never are."""
     if xs[0].numel() > _EXACT_LIMIT:
         return interp.group_dots(xs, base, base is not None, "whole", backend, num_threads)[0]
-    v = torch.stack([x.reshape(-1).float() - (base.reshape(-1).float() if base is not None else 0.0)
-                     for x in xs]).double()
+    v = _vectors(xs, base)
     return (v @ v.T).cpu()
 
 
-def _write(task: TensorTask, xs, base, coefs: List[float], base_coef: float, out: torch.Tensor) -> None:
+def _vectors(xs, base=None) -> torch.Tensor:
+    """float64 [K, numel] of v_i = x_i - B (the float32 difference, as mergekit takes it) or x_i."""
+    return torch.stack([x.reshape(-1).float() - (base.reshape(-1).float() if base is not None else 0.0)
+                        for x in xs]).double()
+
+
+CANCELLING = 1e-3  # see the module's docstring: past it, coefficient arithmetic loses the result's digits
+
+
+def _norm(v: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(v))
+
+
+def _write(task: TensorTask, xs, base, coefs, base_coef: float, out: torch.Tensor) -> None:
+    """out = B + sum_i c_i v_i; or, where coefs is the float64 result vector itself (the cancelling case),
+    B + that, rounded once."""
+    if isinstance(coefs, torch.Tensor):
+        res = coefs + base.reshape(-1).double() if base is not None else coefs
+        out.copy_(res.reshape(out.shape).to(device=out.device, dtype=out.dtype))
+        return
     row = torch.tensor([coefs + [base_coef]], dtype=torch.float64, device="cpu")
     interp.group_lincomb(xs, base, base is not None, "whole", row, out, task.backend, task.num_threads)
 
 
-def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: float) -> List[float]:
-    """Coefficients c of the result sum_i c_i v_i from the Gram matrix g of the v_i."""
+def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: float) -> Optional[List[float]]:
+    """Coefficients c of the result sum_i c_i v_i from the Gram matrix g of the v_i; None where the weighted
+    units nearly cancel (multislerp_vector's case)."""
     n = len(w)
     if normalize:
         total = sum(w)
@@ -65,6 +90,8 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
                                "(mergekit would write NaN here); set eps > 0")
     a = [w[i] / (norms[i] + eps) for i in range(n)]          # mean of units = sum a_i v_i
     mean_norm = math.sqrt(max(_quad(g, a), 0.0))
+    if mean_norm < CANCELLING * sum(abs(a[i]) * norms[i] for i in range(n)):
+        return None  # the units nearly cancel: too few digits left here (the vector form decides, eps included)
     if mean_norm < eps:
         if n == 2:
             return list(w)  # mergekit falls back to lerp
@@ -78,6 +105,28 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
     avg_norm = sum(norms[i] * w[i] for i in range(n))
     c, sc = math.cos(tn), (math.sin(tn) / tn if tn else 1.0)  # no tangent (eps 0): sin(x)/x's limit
     return [avg_norm * (m[i] * c + t[i] * sc) for i in range(n)]
+
+
+def multislerp_vector(v: torch.Tensor, w: List[float], normalize: bool, eps: float) -> torch.Tensor:
+    """mergekit's multislerp on the float64 vectors v [K, numel] (without the base): the cancelling case."""
+    if normalize:
+        total = sum(w)
+        w = [x / total for x in w]
+    wt = torch.tensor(w, dtype=torch.float64, device=v.device).view(-1, 1)
+    norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    units = v / (norms + eps)
+    mean = (units * wt).sum(0)
+    mean_norm = _norm(mean)
+    if mean_norm < eps:
+        if len(w) == 2:
+            return (v * wt).sum(0)  # mergekit falls back to lerp
+        raise MergeConfigError("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs with "
+                               "balancing weights); use other weights")
+    mean = mean / mean_norm
+    tangent = ((units - (units @ mean).view(-1, 1) * mean) * wt).sum(0)
+    tn = _norm(tangent) + eps
+    c, sc = math.cos(tn), (math.sin(tn) / tn if tn else 1.0)
+    return (mean * c + tangent * sc) * float((norms.view(-1) * wt.view(-1)).sum())
 
 
 @register
@@ -113,7 +162,8 @@ class MultiSlerp(MergeMethod):
         w, normalize, eps = self._settings(task)
         g = gram(task.inputs, task.base, task.backend, task.num_threads)
         try:
-            return multislerp_coefs(g, w, normalize, eps)
+            coefs = multislerp_coefs(g, w, normalize, eps)
+            return coefs if coefs is not None else multislerp_vector(_vectors(task.inputs, task.base), w, normalize, eps)
         except MergeConfigError as exc:
             raise MergeConfigError(f"tensor {task.name}: {exc}") from None
 
@@ -125,8 +175,9 @@ class MultiSlerp(MergeMethod):
         _write(task, task.inputs, task.base, coefs, 1.0 if task.base is not None else 0.0, out)
 
 
-def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> List[float]:
-    """Coefficients c of the Karcher mean sum_i c_i x_i (uniform weights) from the Gram matrix."""
+def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> Optional[List[float]]:
+    """Coefficients c of the Karcher mean sum_i c_i x_i (uniform weights) from the Gram matrix; None where the
+    units nearly cancel (karcher_vector's case)."""
     n = g.shape[0]
     norms = [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(n)]
     valid = [i for i in range(n) if norms[i] > tol]
@@ -141,6 +192,8 @@ def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> List[float]:
 
     mean = [na[j] / norms[j] if j in na else 0.0 for j in range(n)]
     mean_norm = math.sqrt(max(_quad(g, mean), 0.0))
+    if mean_norm < CANCELLING:  # (sum_i na_i |u_i| = 1)
+        return None
     mean = unit(valid[0]) if mean_norm < tol else [x / mean_norm for x in mean]
     for _ in range(max_iter):
         tangent = [0.0] * n
@@ -166,6 +219,39 @@ def karcher_coefs(g: torch.Tensor, max_iter: int, tol: float) -> List[float]:
             mean = [x / un for x in mean]
     scale = sum(alpha[i] * norms[i] for i in range(n))
     return [scale * x for x in mean]
+
+
+def karcher_vector(x: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """mergekit's Karcher mean on the float64 vectors x [K, numel]: the cancelling case."""
+    n = x.shape[0]
+    norms = [_norm(x[i]) for i in range(n)]
+    units = [x[i] / norms[i] if norms[i] else torch.zeros_like(x[i]) for i in range(n)]
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return torch.zeros_like(x[0])
+    na = {i: 1.0 / len(valid) for i in valid}  # uniform alphas over the valid ones, normalized
+    mean = sum(na[i] * units[i] for i in valid)
+    mean_norm = _norm(mean)
+    mean = units[valid[0]].clone() if mean_norm < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for i in valid:
+            dot = max(-1.0, min(1.0, float(mean @ units[i])))
+            theta = math.acos(dot)
+            if theta < tol or theta == 0:
+                continue
+            step = units[i] - dot * mean
+            if _norm(step) <= 1e-7:
+                continue  # antipodal: no direction (mergekit divides by sin(pi) ~ 1e-16 here)
+            tangent += na[i] * (theta / math.sin(theta)) * step
+        tn = _norm(tangent)
+        if tn < tol or tn == 0:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+        un = _norm(mean)
+        if un > tol:
+            mean = mean / un
+    return mean * sum(norms[i] / n for i in range(n))
 
 
 @register
@@ -194,4 +280,6 @@ class Karcher(MergeMethod):
             return
         max_iter, tol = self._settings(task)
         g = gram(task.inputs, None, task.backend, task.num_threads)
-        _write(task, task.inputs, None, karcher_coefs(g, max_iter, tol), 0.0, out)
+        coefs = karcher_coefs(g, max_iter, tol)
+        _write(task, task.inputs, None, coefs if coefs is not None else
+               karcher_vector(_vectors(task.inputs), max_iter, tol), 0.0, out)
