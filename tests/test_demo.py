@@ -570,7 +570,7 @@ def test_a_file_put_in_a_cached_checkpoint_is_refused_before_retraining_deletes_
     assert note.read_text() == "mine" and sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == before
 
 
-@pytest.mark.parametrize("where", ["marker", "folder"])
+@pytest.mark.parametrize("where", ["marker", "folder", "existing marker"])
 def test_an_out_that_cannot_be_written_is_refused_up_front(tmp_path, monkeypatch, where):
     """A read-only OUT said its marker "is not a file the demo wrote" (there was none), or, holding a writable
     marker, failed only at the merge's write, after the whole search (an audit). Simulated: root writes anyway."""
@@ -579,6 +579,15 @@ def test_an_out_that_cannot_be_written_is_refused_up_front(tmp_path, monkeypatch
     out = tmp_path / "out"
     out.mkdir()
     denied = OSError(errno.EACCES, "Permission denied")
+    if where == "existing marker":
+        _claim(str(out))
+        real_open = os.open
+        monkeypatch.setattr(run.os, "open", lambda p, *a, **k: (_ for _ in ()).throw(denied)
+                            if str(p).endswith(run.MARKER) else real_open(p, *a, **k))
+        with pytest.raises(run.InputError, match=rf"^{re.escape(str(out / run.MARKER))}: cannot be opened for writing "
+                                                 r"\(Permission denied\); choose another --out$"):
+            run.claim_out(str(out))
+        return
     if where == "marker":
         real_open = os.open
         monkeypatch.setattr(run.os, "open", lambda p, *a, **k: (_ for _ in ()).throw(denied)

@@ -188,8 +188,8 @@ def test_one_file_asked_of_two_ranks_is_a_warning(fam, tmp_path):
     assert_same_tensors(out, expected)
     shards = len(list(out.glob("model-*.safetensors")))
     assert shards >= 2 and lines[1] == [] and lines[0] == [
-        f"pymerge: warning: --out-shard-size 0 (one file) cannot hold under 2 ranks, each writing shards of its own: "
-        f"OUT has {shards}; merge in one process for a single model.safetensors"], lines
+        f"pymerge: warning: one unsplit file (--out-shard-size 0) cannot hold under 2 ranks, each writing shards of "
+        f"its own: OUT has {shards}; merge in one process for a single model.safetensors"], lines
 
 
 def test_buffers_across_ranks_equal_one_process(fam, tmp_path):
@@ -465,6 +465,22 @@ def test_rank_variables_without_a_rendezvous_or_switched_off(fam, tmp_path, monk
     monkeypatch.setenv("PYMERGE_NO_DIST", "1")
     assert cli.main(["merge", str(cfg), str(out), "--quiet"]) == 0
     assert_same_tensors(out, single(cfg, tmp_path / "one"))
+
+
+def test_the_wait_for_rank_0_ends_at_its_timeout_or_when_rank_0_listens():
+    """The check before the rendezvous: torch's store client retried to 2-3x the timeout (an audit)."""
+    from pymerge.dist.disk_merge import _wait_for_master
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="no rank 0 listening there within 1.5 s"):
+            _wait_for_master("127.0.0.1", str(port), 1.5)  # bound, not listening: refused
+        assert 1.5 <= time.monotonic() - t0 < 4.0
+        s.listen()
+        t0 = time.monotonic()
+        _wait_for_master("127.0.0.1", str(port), 30)
+        assert time.monotonic() - t0 < 2.0
 
 
 def test_a_rank_whose_rank_0_never_comes_gives_up_in_its_timeout_in_one_line(fam, tmp_path):

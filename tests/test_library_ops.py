@@ -560,6 +560,7 @@ def test_raw_ops_on_empty_tensors_and_bad_thread_counts():
     assert P.group_dots([e, e], e, True, 0, 5, 1).shape == (0, 3)
     assert P.group_dots([e, e], e, True, 0, 5, 2).tolist() == [[0.0] * 3] * 5
     for call in (lambda: P.weighted_sum([], torch.ones(0), torch.float32),
+                 lambda: P.weighted_sum([], torch.ones(2), torch.float32),  # not "[N] needs N = 0"
                  lambda: P.weighted_sum_many([], torch.ones(1, 0), torch.float32)):
         with pytest.raises(ValueError, match="^weighted_sum: needs at least one input$"):
             call()

@@ -152,6 +152,14 @@ def test_nearly_cancelling_units_match_float64():
         x = torch.randn(n, generator=g)
         xs = [x, -x * (1 - 1e-4) + 1e-4 * torch.randn(n, generator=g)]
         assert rel(ours("karcher", xs, None, [{}] * 2, {}), ref.karcher(xs)) <= 1e-6, n
+    # prepared (a pool prepares every tensor before writing any): the checks ran, no full-size result is kept
+    task = TensorTask([x, -x / 1024, -x / 1024], None, [{"weight": w} for w in (0.5, 0.25, 0.25)], {}, name="t")
+    method = get_method("multislerp")
+    method.prepare(task)
+    out = torch.empty_like(x)
+    assert task.prepared is None
+    method.merge_tensor(task, out)
+    assert rel(out, ref.multislerp(task.inputs, [0.5, 0.25, 0.25])) <= 1e-6
 
 
 def test_zero_tolerances_merge_or_fail_in_one_line():

@@ -134,8 +134,9 @@ def _lock(marker: str) -> int:
         fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # the folder (or the marker) is not writable
-            raise InputError(f"{os.path.dirname(marker)}: cannot write there ({exc.strerror}); choose another "
-                             "--out") from None
+            where = (f"{marker}: cannot be opened for writing" if os.path.lexists(marker) else
+                     f"{os.path.dirname(marker)}: cannot write there")
+            raise InputError(f"{where} ({exc.strerror}); choose another --out") from None
         why = "a link" if exc.errno == errno.ELOOP else exc.strerror
         raise InputError(f"{marker}: is not a file the demo wrote ({why}); move it or choose another --out") from None
     try:

@@ -142,8 +142,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         warnings = list(state["plan"].warnings) if rank == 0 else []
         shards = len(state["writer"].shard_names)
         if rank == 0 and out_shard_size >= MAX_BYTES and shards > 1:  # (ignored silently, an audit found)
-            warnings.append(f"--out-shard-size 0 (one file) cannot hold under {world} ranks, each writing shards of "
-                            f"its own: OUT has {shards}; merge in one process for a single model.safetensors")
+            warnings.append(f"one unsplit file (--out-shard-size 0) cannot hold under {world} ranks, each writing "
+                            f"shards of its own: OUT has {shards}; merge in one process for a single model.safetensors")
 
         def install():
             if rank == 0:

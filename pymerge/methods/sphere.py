@@ -19,7 +19,8 @@ Where the weighted unit vectors nearly cancel (their mean's norm below CANCELLIN
 value: nearly antipodal inputs with balancing weights), the coefficients grow as 1 / that norm and a
 quadratic form in them cancels to rounding noise (float64 Gram included): the result matched neither
 float64 nor mergekit (an audit). There the method runs on the vectors themselves, in float64 (mergekit's
-formulas, cancelling elementwise before squaring), holding K float64 copies of the tensor.
+formulas, cancelling elementwise before squaring), holding float64 copies of the inputs and temporaries
+(about 30 bytes per element per model), one tensor at a time.
 """
 import math
 from typing import List, Optional
@@ -155,9 +156,11 @@ class MultiSlerp(MergeMethod):
     def prepare(self, task: TensorTask) -> None:
         """The coefficients: their errors (a zero task vector with eps 0, antipodal inputs) depend on the data."""
         if len(task.inputs) > 1 and task.inputs[0].numel():
-            task.prepared = self._coefs(task)
+            coefs = self._coefs(task)  # its errors now; a cancelling tensor's float64 result is not kept (a pool
+            task.prepared = None if isinstance(coefs, torch.Tensor) else coefs  # prepares all before writing any)
 
-    def _coefs(self, task: TensorTask) -> List[float]:
+    def _coefs(self, task: TensorTask):
+        """The coefficients, or (the cancelling case) the float64 result vector without the base."""
         self.check_params(task)
         w, normalize, eps = self._settings(task)
         g = gram(task.inputs, task.base, task.backend, task.num_threads)

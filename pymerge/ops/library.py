@@ -60,7 +60,7 @@ def _weighted_args(tensors, weights: Tensor, dims: int, outs=None) -> None:
     if weights.dim() != dims:
         raise ValueError(f"{op}: weights must be a {'[N]' if dims == 1 else '[K, N]'} tensor, got shape "
                          f"{tuple(weights.shape)}")
-    if weights.shape[-1] != len(tensors):
+    if tensors and weights.shape[-1] != len(tensors):  # (no inputs: require_inputs says so)
         raise ValueError(f"{op}: weights of shape {tuple(weights.shape)} for {len(tensors)} inputs: "
                          f"{'[N]' if dims == 1 else '[K, N]'} needs N = {len(tensors)}")
     if dims == 2 and outs is not None and weights.shape[0] != len(outs):
