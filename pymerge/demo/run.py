@@ -128,6 +128,11 @@ def claim_out(out: str) -> int:
     return lock
 
 
+def _some(names: List[str]) -> str:
+    """The first three of names, for an error line."""
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
 def _lock(marker: str) -> int:
     """The marker, opened (created if absent; never through a link) and locked, or InputError."""
     try:
@@ -157,7 +162,7 @@ def _check_out(out: str) -> None:
     extra = {e for e in entries - _OWN if not e.startswith(_LEFTOVERS)}  # a killed run's temporaries
     if not ours or extra:
         strange = sorted(extra) or sorted(entries)
-        raise InputError(f"{out}: holds {', '.join(strange[:3])}{' ...' if len(strange) > 3 else ''}, which the demo "
+        raise InputError(f"{out}: holds {_some(strange)}, which the demo "
                          "did not write; choose an empty or new --out (the demo replaces what is in its folder)")
     for sub, own_file in (("checkpoints", "manifest.json"), ("merged", "merge_weights.json")):
         path = os.path.join(out, sub)
@@ -171,7 +176,7 @@ def _check_out(out: str) -> None:
     strange = sorted(set(os.listdir(merged)) - _MERGED_FILES) if os.path.isdir(merged) and \
         not os.path.islink(merged) else []
     if strange:  # the merge replaces the whole folder: a README or tokenizer put beside it was deleted
-        raise InputError(f"{merged}: holds {', '.join(strange[:3])}{' ...' if len(strange) > 3 else ''}, which the "
+        raise InputError(f"{merged}: holds {_some(strange)}, which the "
                          "demo did not write (it replaces this folder); move them or choose another --out")
     for name in ("results.json", "demo.png"):
         path = os.path.join(out, name)
@@ -269,7 +274,7 @@ def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
         strange = sorted(set(os.listdir(path)) - _CHECKPOINT_FILES) if os.path.isdir(path) and \
             not os.path.islink(path) else []
         if strange:
-            raise InputError(f"{path}: holds {', '.join(strange[:3])}{' ...' if len(strange) > 3 else ''}, which the "
+            raise InputError(f"{path}: holds {_some(strange)}, which the "
                              "demo did not write (it retrains and replaces this folder); move them or choose another "
                              "--out")
     for path in folders:

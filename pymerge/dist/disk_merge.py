@@ -140,8 +140,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         # retry failed on the non-empty OUT. Installing nothing instead cannot be promised: any rank can die
         # right after whichever agreement comes last. The other ranks cannot know whether rank 0 installed.
         warnings = list(state["plan"].warnings) if rank == 0 else []
-        shards = len(state["writer"].shard_names)
-        if rank == 0 and out_shard_size >= MAX_BYTES and shards > 1:  # (ignored silently, an audit found)
+        shards = len(state["writer"].shard_names) if rank == 0 else 1
+        if out_shard_size >= MAX_BYTES and shards > 1:  # (ignored silently, an audit found)
             warnings.append(f"one unsplit file (--out-shard-size 0) cannot hold under {world} ranks, each writing "
                             f"shards of its own: OUT has {shards}; merge in one process for a single model.safetensors")
 

@@ -48,9 +48,9 @@ class TorchFile:
         st = os.stat(self.path)
         # the file torch maps, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
         self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
-        _check_torch_format(self.path, st.st_size)
+        compressed = _check_torch_format(self.path, st.st_size)
         try:
-            state, mapped = _torch_load(self.path)
+            state, mapped = _torch_load(self.path, compressed)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
             raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {_load_problem(exc)}") from None
         if not isinstance(state, dict):
@@ -155,9 +155,10 @@ class TorchFile:
         self.close()
 
 
-def _check_torch_format(path: Path, size: int) -> None:
-    """A git-lfs pointer, or a file neither of torch.save's formats starts like, named as such (torch's
-    own error advised loading with weights_only=False, which pymerge never does)."""
+def _check_torch_format(path: Path, size: int) -> bool:
+    """A git-lfs pointer, a file neither of torch.save's formats starts like, or a zip whose directory is
+    damaged, named as such (torch's own error advised loading with weights_only=False, which pymerge never
+    does). Returns whether it is a zip with a compressed record (torch.save stores them all uncompressed)."""
     with open(path, "rb") as fh:
         head = fh.read(len(LFS_POINTER))
     if head == LFS_POINTER:
@@ -165,12 +166,14 @@ def _check_torch_format(path: Path, size: int) -> None:
     if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):  # a zip; the legacy pickle
         what = "is empty" if size == 0 else "is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy one)"
         raise CheckpointError(f"{path}: {what}")
-    if head.startswith(b"PK"):  # a zip cut short lost its directory, at the end: torch said "[Errno 22] Invalid argument"
-        try:
-            zipfile.ZipFile(path).close()
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: is not a complete PyTorch checkpoint: its zip archive is damaged "
-                                  f"(truncated or corrupted: {exc})") from None
+    if not head.startswith(b"PK"):
+        return False  # the legacy format
+    try:  # a zip cut short lost its directory, at the end: torch said "[Errno 22] Invalid argument"
+        with zipfile.ZipFile(path) as zf:
+            return any(info.compress_type != zipfile.ZIP_STORED for info in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: is not a complete PyTorch checkpoint: its zip archive is damaged "
+                              f"(truncated or corrupted: {exc})") from None
 
 
 def _load_problem(exc: BaseException) -> str:
@@ -202,12 +205,12 @@ def _unpickler_reason(text: str) -> str:
     return ""
 
 
-def _torch_load(path: Path):
-    """(state dict, whether torch memory-mapped the file)."""
+def _torch_load(path: Path, compressed: bool):
+    """(state dict, whether torch memory-mapped the file); compressed: _check_torch_format's answer."""
     import torch
     with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized...) are not the user's
         warnings.simplefilter("ignore")
-        if _compressed(path):
+        if compressed:
             # A zip re-packed with compression (DEFLATE): torch maps a record's compressed bytes as the tensor's
             # (garbage, or "Trying to resize storage that is not resizable"); read without a map, it inflates them.
             return torch.load(path, weights_only=True, map_location="cpu"), False
@@ -219,14 +222,6 @@ def _torch_load(path: Path):
                 raise
             return torch.load(path, weights_only=True, map_location="cpu"), False
 
-
-def _compressed(path: Path) -> bool:
-    """Whether the file is a zip with a compressed record (torch.save stores them all uncompressed)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(info.compress_type != zipfile.ZIP_STORED for info in zf.infolist())
-    except Exception:  # noqa: BLE001  not a zip (the legacy format) or a broken one: torch.load says what it is
-        return False
 
 
 def _madvise(address: int, length: int, option: int) -> None:

@@ -77,13 +77,22 @@ def _write(task: TensorTask, xs, base, coefs, base_coef: float, out: torch.Tenso
     interp.group_lincomb(xs, base, base is not None, "whole", row, out, task.backend, task.num_threads)
 
 
+def _normalized(w: List[float], normalize: bool) -> List[float]:
+    if not normalize:
+        return w
+    total = sum(w)
+    return [x / total for x in w]
+
+
+_ANTIPODAL = ("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs with balancing weights); "
+              "use other weights")
+
+
 def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: float) -> Optional[List[float]]:
     """Coefficients c of the result sum_i c_i v_i from the Gram matrix g of the v_i; None where the weighted
     units nearly cancel (multislerp_vector's case)."""
     n = len(w)
-    if normalize:
-        total = sum(w)
-        w = [x / total for x in w]
+    w = _normalized(w, normalize)
     norms = [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(n)]
     zero = next((i for i in range(n) if norms[i] + eps == 0), None)
     if zero is not None:
@@ -96,8 +105,7 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
     if mean_norm < eps:
         if n == 2:
             return list(w)  # mergekit falls back to lerp
-        raise MergeConfigError("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs with "
-                               "balancing weights); use other weights")
+        raise MergeConfigError(_ANTIPODAL)
     m = [x / mean_norm for x in a]
     gm = [sum(float(g[i, j]) * m[j] for j in range(n)) for i in range(n)]
     s = sum(w[i] * gm[i] / (norms[i] + eps) for i in range(n))  # sum w_i <u_i, m>
@@ -110,9 +118,7 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
 
 def multislerp_vector(v: torch.Tensor, w: List[float], normalize: bool, eps: float) -> torch.Tensor:
     """mergekit's multislerp on the float64 vectors v [K, numel] (without the base): the cancelling case."""
-    if normalize:
-        total = sum(w)
-        w = [x / total for x in w]
+    w = _normalized(w, normalize)
     wt = torch.tensor(w, dtype=torch.float64, device=v.device).view(-1, 1)
     norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
     units = v / (norms + eps)
@@ -121,8 +127,7 @@ def multislerp_vector(v: torch.Tensor, w: List[float], normalize: bool, eps: flo
     if mean_norm < eps:
         if len(w) == 2:
             return (v * wt).sum(0)  # mergekit falls back to lerp
-        raise MergeConfigError("multislerp: the weighted sum of the unit vectors is zero (antipodal inputs with "
-                               "balancing weights); use other weights")
+        raise MergeConfigError(_ANTIPODAL)
     mean = mean / mean_norm
     tangent = ((units - (units @ mean).view(-1, 1) * mean) * wt).sum(0)
     tn = _norm(tangent) + eps

@@ -55,8 +55,7 @@ def _weighted_args(tensors, weights: Tensor, dims: int, outs=None) -> None:
     was read as [K, N] (wrong sums, no error)."""
     op = "weighted_sum"
     _same_shape(op, tensors)
-    if weights.is_complex() or weights.dtype == torch.bool:
-        raise ValueError(f"{op}: weights must be real numbers, got a {weights.dtype} tensor")
+    _require_real(weights, "weights", op)
     if weights.dim() != dims:
         raise ValueError(f"{op}: weights must be a {'[N]' if dims == 1 else '[K, N]'} tensor, got shape "
                          f"{tuple(weights.shape)}")
@@ -66,6 +65,12 @@ def _weighted_args(tensors, weights: Tensor, dims: int, outs=None) -> None:
     if dims == 2 and outs is not None and weights.shape[0] != len(outs):
         raise ValueError(f"{op}: weights of shape {tuple(weights.shape)} for {len(outs)} outputs: [K, N] needs "
                          f"K = {len(outs)}")
+
+
+def _require_real(t: Tensor, what: str, op: str) -> None:
+    """Weights or coefficients of real numbers (complex ones reached pybind11: a multi-line TypeError)."""
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{op}: {what} must be real numbers, got a {t.dtype} tensor")
 
 
 def _require_out(out: Tensor, op: str) -> None:
@@ -683,10 +688,8 @@ def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=
 
 
 def check_coef_size(coef: Tensor, groups: int, k: int) -> None:
-    """group_lincomb's coef: real numbers (a complex tensor reached pybind11: a multi-line TypeError), one row
-    of K + 1 per group."""
-    if coef.is_complex() or coef.dtype == torch.bool:
-        raise ValueError(f"group_lincomb: coef must be real numbers, got a {coef.dtype} tensor")
+    """group_lincomb's coef: real numbers, one row of K + 1 per group."""
+    _require_real(coef, "coef", "group_lincomb")
     if coef.numel() != groups * (k + 1):
         raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {groups} groups x {k + 1} need "
                          f"{groups * (k + 1)}")
