@@ -850,6 +850,27 @@ def test_cached_plan_writes_a_layer_inserted_at_the_end_with_strict_false():
     assert m.layers[2].weight.data.any()
 
 
+@pytest.mark.parametrize("how", ["parameter", "buffer"])
+def test_cached_plan_writes_a_tensor_put_straight_into_a_modules_dicts(how):
+    """strict=False, a target without the pool's bias (Linear(bias=False)) or buffer: a tensor put straight into
+    module._parameters / _buffers (accelerate's set_module_tensor_to_device does) registers nothing, and the
+    cached plan kept skipping it, leaving its old value (an audit)."""
+    torch.manual_seed(0)
+    srcs = [{"weight": torch.randn(3, 4), "bias": torch.randn(3), "stat": torch.randn(3)} for _ in range(2)]
+    w = [0.25, 0.75]
+    pool = CheckpointPool(srcs)
+    m = torch.nn.Linear(4, 3, bias=False)
+    pool.materialize(w, into=m, strict=False)
+    if how == "parameter":
+        m._parameters["bias"] = torch.nn.Parameter(torch.zeros(3))
+    else:
+        m._buffers["stat"] = torch.zeros(3)
+    pool.materialize(w, into=m, strict=False)
+    key = "bias" if how == "parameter" else "stat"
+    want = (0.25 * srcs[0][key].double() + 0.75 * srcs[1][key].double()).float()
+    torch.testing.assert_close(getattr(m, key).data, want)
+
+
 def test_cached_plan_writes_a_layer_put_in_place_of_one_without_the_tensor():
     """strict=False, the pool's layers.1.lin.weight, the target's layers[1] without `lin`: ModuleList.insert(1, m)
     puts a layer with it there, registering nothing. Only the missing link (layers[1]'s `lin`) was watched, not

@@ -1177,11 +1177,13 @@ def _own_dicts(module: torch.nn.Module) -> list:
 def _absent(module: torch.nn.Module, keys) -> list:
     """For each key the module lacks ("a.b.c.weight" without a.b): (None, a's _modules, "b") for its first missing
     submodule, and (submodule, _modules, name) for those before it (a) with their dicts (_own_dicts):
-    ModuleList.insert replacing one registers nothing either. Each once; nothing where only the tensor is
-    missing (registering one is seen)."""
+    ModuleList.insert replacing one registers nothing either. Where only the tensor is missing, (None, the
+    submodule's _parameters or _buffers, its name): registering one is seen, but a tensor put straight into
+    those dicts (module._parameters["bias"] = p, as accelerate does) registers nothing. Each once."""
     out = {}
     for key in keys:
-        parts, sub = key.split(".")[:-1], module
+        *parts, leaf = key.split(".")
+        sub = module
         for part in parts:
             nxt = sub._modules.get(part)
             out[(id(sub._modules), part)] = (nxt, sub._modules, part)
@@ -1190,6 +1192,9 @@ def _absent(module: torch.nn.Module, keys) -> list:
             for d in _own_dicts(nxt):
                 out[(id(d[1]), d[2])] = d
             sub = nxt
+        else:
+            for d in (sub._parameters, sub._buffers):
+                out[(id(d), leaf)] = (None, d, leaf)
     return list(out.values())
 
 
