@@ -116,6 +116,28 @@ def test_candidates_sharing_memory_are_refused():
     assert_is(c, reference(models, W)) and assert_is(d, reference(models, W[::-1]))
 
 
+def test_strided_targets_that_share_no_element_are_written():
+    """Column slices of one fused weight (q = qkv[:, :4], k = qkv[:, 4:]) and interleaved rows have overlapping
+    extents but no common element: they were refused as overlapping (an audit). A partial overlap still is."""
+    g = torch.Generator().manual_seed(3)
+    srcs = [{"q": torch.randn(6, 4, generator=g), "k": torch.randn(6, 4, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(srcs)
+    want = {n: sum(w * s[n].double() for w, s in zip(W, srcs)) for n in ("q", "k")}
+    fused, rows = torch.zeros(6, 8), torch.zeros(12, 4)
+    for into in ({"q": fused[:, :4], "k": fused[:, 4:]}, {"q": rows[0::2], "k": rows[1::2]}):
+        pool.materialize(W, into=into)
+        for n in into:
+            torch.testing.assert_close(into[n].double(), want[n], rtol=1e-6, atol=1e-6)
+    a, b = torch.zeros(6, 8), torch.zeros(6, 8)  # two candidates, each in its own columns of one buffer
+    pool.materialize_many([W, W[::-1]], into=[{"q": a[:, :4], "k": b[:, :4]}, {"q": a[:, 4:], "k": b[:, 4:]}])
+    torch.testing.assert_close(a[:, 4:].double(), sum(w * s["q"].double() for w, s in zip(W[::-1], srcs)),
+                               rtol=1e-6, atol=1e-6)
+    wide = torch.zeros(6, 9)
+    with pytest.raises(InputError, match="targets of 'q' and 'k' overlap without being the same tensor"):
+        pool.materialize(W, into={"q": wide[:, :4], "k": wide[:, 3:7]})  # column 3 in both
+    assert not wide.any()
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
 def test_a_target_whose_elements_share_memory_is_refused_before_any_write(method):
     """An expanded view (stride 0) passed every check; the other tensors were written, then the copy back

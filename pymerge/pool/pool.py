@@ -782,7 +782,8 @@ class CheckpointPool:
             raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads "
                              "in place; merging into it would change later merges. Merge into a separate model "
                              "(nothing was written)")
-        clash = _target_overlap(spans, k, lambda i, j: _view(targets[i]) == _view(targets[j]))
+        clash = _target_overlap(spans, k, lambda i, j: _view(targets[i]) == _view(targets[j]),
+                                lambda i, j: _share_elements(targets[i], targets[j]))
         if clash is not None:
             (a, ca), (b, cb) = named(clash[0]), named(clash[1])
             if ca != cb:
@@ -930,10 +931,13 @@ def _pool_backend(device: torch.device, backend: str) -> str:
     return chosen
 
 
-def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], bool]):
+def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], bool],
+                    share: Callable[[int, int], bool]):
     """(row i, row j) of two targets sharing bytes (rows are plan-major, k candidates per plan), or None.
     The same view twice inside one candidate is allowed: tied weights (embeddings and head) written twice.
-    Two views of one span (X and X.t(), or another dtype) are not ties: each would need its own merge."""
+    Two views of one span (X and X.t(), or another dtype) are not ties: each would need its own merge.
+    Strided targets whose extents overlap may still share no element (column slices of a fused weight,
+    interleaved rows): share(i, j) decides."""
     cand = np.arange(len(spans)) % k
     keep = np.flatnonzero(spans[:, 1] > spans[:, 0])
     order = keep[np.argsort(spans[keep, 0], kind="stable")]
@@ -943,9 +947,28 @@ def _target_overlap(spans: np.ndarray, k: int, same_view: Callable[[int, int], b
         for i in range(j):
             tie = (cand[order[i]] == cand[order[j]] and s[i, 0] == s[j, 0] and s[i, 1] == s[j, 1]
                    and same_view(int(order[i]), int(order[j])))
-            if s[i, 1] > s[j, 0] and not tie:
+            if s[i, 1] > s[j, 0] and not tie and share(int(order[i]), int(order[j])):
                 return int(order[i]), int(order[j])
     return None
+
+
+_MARKED_MAX = 1 << 28  # elements of a shared extent share() marks (a bool each); beyond, overlapping extents clash
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors whose extents overlap hold a common element: contiguous ones do; strided views of one
+    element size are compared element by element (a flag per element of their joint extent); anything else
+    (other element sizes, misaligned views, an extent past _MARKED_MAX) is taken to."""
+    es = a.element_size()
+    if a.is_contiguous() and b.is_contiguous() or b.element_size() != es:
+        return True
+    lo = min(a.data_ptr(), b.data_ptr())
+    hi = max(map(lambda t: _span(t)[1], (a, b)))
+    if (a.data_ptr() - lo) % es or (b.data_ptr() - lo) % es or (hi - lo) // es > _MARKED_MAX:
+        return True
+    mark = torch.zeros((hi - lo + es - 1) // es, dtype=torch.bool, device=a.device)
+    mark.as_strided(a.shape, a.stride(), (a.data_ptr() - lo) // es).fill_(True)
+    return bool(mark.as_strided(b.shape, b.stride(), (b.data_ptr() - lo) // es).any())
 
 
 def _view(t: torch.Tensor) -> tuple:
