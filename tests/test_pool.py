@@ -253,6 +253,9 @@ def test_a_bad_group_rule_is_refused_with_flat_weights_too(groups, match):
 
 @pytest.mark.parametrize("weights,match", [
     ([0.5, 0.5], "got 2 weights for 3 checkpoints"),
+    ([torch.tensor([0.2]), torch.tensor([0.3]), torch.tensor([0.5])],
+     "a table of 3 rows .* of 1, for 3 checkpoints; one weight per checkpoint is 3 numbers, not one-element"),
+    ([[0.5, 0.5]] * 3, r"a table of 3 rows \(one per weight group\) of 2, for 3 checkpoints$"),
     ([0.5, float("nan"), 0.5], r"weights\[1\] is nan"),
     ([0.5, 0.5, float("inf")], r"weights\[2\] is inf"),
     ([[0.5, 0.5, 0.0]] * 2, "layers.1.weight.* is in group 2 but the weights table has 2 rows"),

@@ -97,10 +97,15 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
                          "or meaningless model") from None
     except (TypeError, ValueError):
         raise InputError(f"{what} must be numbers, got {short(weights)}") from None
+    rows = table.ndim == 2
     if table.ndim == 1:
         table = table[None, :]
     if table.ndim != 2:
         raise InputError(f"{what} must be N numbers or a [G, N] table, got shape {table.shape}")
+    if table.shape[1] != n and rows:  # ([[0.5], [0.5]] or one-element tensors: a table, read by rows)
+        raise InputError(f"{what} are a table of {table.shape[0]} rows (one per weight group) of {table.shape[1]}, "
+                         f"for {n} checkpoints" + (f"; one weight per checkpoint is {n} numbers, not one-element "
+                                                   "lists or tensors" if table.shape == (n, 1) else ""))
     if table.shape[1] != n:
         raise InputError(f"got {table.shape[1]} {what} for {n} checkpoints")
     if not np.isfinite(table).all():
