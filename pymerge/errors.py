@@ -40,12 +40,12 @@ def short(value, limit: int = MAX_ECHO) -> str:
 
 
 def described(value) -> str:
-    """What a config value is, for an error: "nothing", "a mapping", "a list", the string '...', or
+    """What a config value is, for an error: "nothing", "a mapping", "an empty list", the string '...', or
     the (shortened) value itself."""
     if value is None:
         return "nothing"
     if isinstance(value, (dict, list)):
-        return "a mapping" if isinstance(value, dict) else "a list"
+        return ("an empty " if not value else "a ") + ("mapping" if isinstance(value, dict) else "list")
     return f"the string {short(value)}" if isinstance(value, str) else short(value)
 
 

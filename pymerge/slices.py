@@ -25,6 +25,7 @@ checkpoints are renaming views (the output name reads the source's tensor): the 
 them unchanged, one after the other, into one writer.
 """
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -87,8 +88,7 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
         return SlicedConfig(_slices(data["slices"], "slices", err))
     modules = data["modules"]
     if not isinstance(modules, dict) or not modules:
-        got = "an empty mapping" if isinstance(modules, dict) else described(modules)
-        raise err(f"'modules' must be a mapping of module names to definitions, got {got}")
+        raise err(f"'modules' must be a mapping of module names to definitions, got {described(modules)}")
     if list(modules) != ["default"]:
         name = next(k for k in modules if k != "default")
         raise err(f"modules: unknown module {name!r}: pymerge merges single-stack models, whose one module is "
@@ -160,12 +160,26 @@ def _source(src, w, err) -> SourceSpec:
         raise err(f"{w}: unknown key {bad[0]!r} (known: {', '.join(SOURCE_KEYS)})")
     if "model" not in src:
         raise err(f"{w}: 'model' is missing")
-    lr = src.get("layer_range")
-    if (not isinstance(lr, list) or len(lr) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in lr)
-            or lr[0] < 0 or lr[1] <= lr[0]):
-        raise err(f"{w}.layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
+    raw = src.get("layer_range")
+    lr = list(map(_layer_number, raw)) if isinstance(raw, list) else None
+    if lr is None or len(lr) != 2 or None in lr or lr[0] < 0 or lr[1] <= lr[0]:
+        raise err(f"{w}.layer_range must be [start, end) with 0 <= start < end, got {raw!r}")
     return SourceSpec(_model_path(src["model"], f"{w}.model", err), (lr[0], lr[1]),
                       _parameters(src.get("parameters"), f"{w}.parameters", err))
+
+
+def _layer_number(x) -> Optional[int]:
+    """A layer index as mergekit's pydantic takes one: an int, a float with no fraction (2.0) or a string of
+    digits ("2"); None for anything else (2.5, true, "two")."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    if isinstance(x, str) and re.fullmatch(r"\s*[+-]?\d+\s*", x):
+        return int(x)
+    return None
 
 
 # ---- renaming views --------------------------------------------------------------------------
@@ -433,6 +447,8 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                        for n in post_names]
             parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, where(len(slices) - 1), vocab,
                                filter_by_output=True, seen_names=seen[-1]))
+        if vocab is None:
+            _check_vocabulary_rows(cfg, parts, open_ck, first.sources[0].path, zipped.sources[0].path)
         donor_cfg = merge._read_model_config(donor)
         configs = {path: merge._read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
         overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
@@ -449,6 +465,27 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         for ck in opened.values():
             ck.close()
         raise
+
+
+def _check_vocabulary_rows(cfg: MergeConfig, parts, open_ck, first: str, last: str) -> None:
+    """Without a tokenizer merge, the embedding comes from the first slice's models and lm_head from the last's:
+    models of different vocabulary sizes gave an output whose rows disagree (exit 0, a model nothing loads; so
+    in mergekit). Refused, unless a source model's own vocabulary tensors already disagree (an architecture
+    whose output head has other rows than its embedding)."""
+    from pymerge.tokenizer.vocab import is_vocab_tensor
+
+    def rows(path):
+        ck = open_ck(path)
+        return {ck.info(n).shape[0] for n in ck.names() if is_vocab_tensor(n) and ck.info(n).shape}
+
+    out = [(tp.name, tp.shape[0]) for p in parts for tp in p.tensors if is_vocab_tensor(tp.name) and tp.shape]
+    other = next(((n, r) for n, r in out if r != out[0][1]), None)
+    if other is None or len(rows(first)) > 1 or len(rows(last)) > 1:
+        return
+    raise MergeConfigError(cfg.where(
+        f"slices: the output's {out[0][0]} would have {out[0][1]} rows (from the first slice's {first}) and its "
+        f"{other[0]} {other[1]} (from the last slice's {last}): the models' vocabularies differ; set "
+        "tokenizer_source (union, base or a model) to merge them token by token"))
 
 
 def _unmatched_filter_warnings(method, merge_scopes, slices, seen) -> List[str]:

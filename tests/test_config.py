@@ -44,9 +44,12 @@ out_dtype: bfloat16
 
 @pytest.mark.parametrize("data, words", [
     (cfg(bogus=1), ["unknown key 'bogus'"]),
-    (cfg(slices=[{"sources": []}], models=None), ["slices[0].sources", "non-empty"]),
+    (cfg(slices=[{"sources": []}], models=None), ["slices[0].sources", "non-empty", "got an empty list"]),
     (cfg(slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}]}]), ["exactly one of", "models, slices"]),
     (cfg(slices=[{"sources": [{"model": "a", "layer_range": [2, 2]}]}], models=None), ["layer_range", "[2, 2]"]),
+    (cfg(slices=[{"sources": [{"model": "a", "layer_range": [0, 2.5]}]}], models=None), ["layer_range", "2.5"]),
+    (cfg(slices=[{"sources": [{"model": "a", "layer_range": [0, True]}]}], models=None), ["layer_range", "True"]),
+    (cfg(slices=[{"sources": [{"model": "a", "layer_range": ["0", "two"]}]}], models=None), ["layer_range", "two"]),
     (cfg(slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
          models=None), ["slices[0]", "same number of layers"]),
     (cfg(modules={"decoder": {"slices": []}}, models=None), ["unknown module 'decoder'"]),
@@ -69,7 +72,7 @@ out_dtype: bfloat16
     (cfg(chat_template=["chatml"]), ["chat_template must be a string"]),
     (cfg(merge_method=None), ["merge_method", "missing"]),
     (cfg(models=None), ["models", "missing"]),
-    (cfg(models=[]), ["models", "non-empty"]),
+    (cfg(models=[]), ["models", "non-empty", "got an empty list"]),
     (cfg(models=[{"model": "a", "weight": 1}]), ["models[0]", "unknown key 'weight'"]),
     (cfg(models=[{"parameters": {}}]), ["models[0]", "'model' is missing"]),
     (cfg(models=[{"model": "a"}, {"model": "a"}]), ["models[1]", "listed twice"]),
@@ -94,6 +97,14 @@ def test_bad_configs_name_the_problem(data, words):
     assert msg.startswith("c.yml: ")
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_layer_range_numbers_as_mergekit_takes_them():
+    """mergekit's pydantic takes [0.0, 2.0] and ["0", "2"] for [0, 2] (an audit: pymerge refused them)."""
+    from pymerge.slices import parse_sliced
+    for lr in ([0.0, 2.0], ["0", "2"], [0, " 2 "]):
+        spec = parse_sliced({"slices": [{"sources": [{"model": "a", "layer_range": lr}]}]}, MergeConfigError)
+        assert spec.slices[0].sources[0].layer_range == (0, 2)
 
 
 @pytest.mark.parametrize("scalar", ["2024-02-30", "2024-13-01 10:00:00", "!!float abc", "!!bool maybe",

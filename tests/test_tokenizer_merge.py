@@ -708,6 +708,15 @@ def test_an_empty_chat_template_is_none(models, tmp_path, capsys, tokenizer_sour
 def test_bad_chat_template(models, tmp_path, capsys):
     _, m = models
     _bad(tmp_path, capsys, _union(m["a"], m["b"], chat_template="chatmlx"), "chat_template", "chatmlx")
+    # a chat template alone is saved into the donor's tokenizer_config.json: one that is not a JSON object was
+    # written as {} plus the template, exit 0 (an audit); a union merge already refused it
+    odd = write_model(tmp_path / "odd", SPECIAL + W + ["<pad>"], perturb_seed=5)
+    (odd / "tokenizer_config.json").write_text("[1]")
+    for source in ("base", "union"):
+        _bad(tmp_path, capsys, {**_union(str(odd), m["a"], chat_template="chatml"), "tokenizer_source": source},
+             "odd/tokenizer_config.json", "is not a JSON object")
+    cfg = {k: v for k, v in _union(str(odd), m["a"], chat_template="chatml").items() if k != "tokenizer_source"}
+    _bad(tmp_path, capsys, cfg, "odd/tokenizer_config.json", "is not a JSON object")
 
 
 # ---- other executors -------------------------------------------------------------------------

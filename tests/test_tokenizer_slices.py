@@ -179,6 +179,11 @@ def test_bad_tokenizer_with_slices(models, tmp_path, capsys):
     _bad(tmp_path, capsys, {**_franken(m["a"], m["b"]), "tokenizer_source": None,
                             "tokenizer": {"tokens": {"w15": {"force": True}}}}, "tokenizer.tokens['w15']",
          "needs a source")
+    # no tokenizer setting: the embedding would be a's 24 rows and lm_head b's 30 (exit 0 and a model nothing
+    # loads, in mergekit too)
+    plain = {k: v for k, v in _franken(m["a"], m["b"]).items() if k != "tokenizer_source"}
+    _bad(tmp_path, capsys, plain, "model.embed_tokens.weight would have 24 rows", "lm_head.weight 30",
+         "set tokenizer_source")
     small = write_model(tmp_path / "small", SPECIAL + W + ["<pad>"], perturb_seed=6, layers=4)
     config = json.loads((small / "config.json").read_text())
     config["vocab_size"] = 20

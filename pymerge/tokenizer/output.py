@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional, Set, Tuple
 
+from pymerge.errors import CheckpointError
 from pymerge.io.files import stays_inside
 from pymerge.tokenizer.files import TEMPLATE_DIR, TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, read_json
 
@@ -43,7 +44,9 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Tuple[Se
     config = {}
     if os.path.lexists(cpath) and stays_inside(donor, cpath):
         config = read_json(cpath)
-    _write_config(writer, config if isinstance(config, dict) else {}, {"default": template}, None)
+        if not isinstance(config, dict):  # (written as {} plus the template: its settings lost, silently)
+            raise CheckpointError(f"{cpath}: is not a JSON object; the chat template is saved into it")
+    _write_config(writer, config, {"default": template}, None)
     return {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}, donor
 
 
