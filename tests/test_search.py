@@ -982,6 +982,26 @@ def test_a_state_resumed_with_another_base_or_objective_or_compressed_contents_i
                         objective=lambda s: s["score"], **kw).history) == 6
 
 
+def test_a_compressed_pools_state_resumes_whether_its_int4_codes_are_paired_or_not(tmp_path, monkeypatch):
+    """The fingerprint hashed each checkpoint's bytes as held: a CPU of the AVX2 path pairs int4 checkpoints, and a
+    tensor of an odd number of 64-element blocks then holds 34 bytes, not 66, so a state saved there was refused
+    on an AVX-512 machine (or a GPU) as "a different search" (an audit)."""
+    from pymerge.pool import compressed
+    g = torch.Generator().manual_seed(9)
+    base = {"theta": torch.randn(64 * 3, generator=g)}  # three blocks: an odd number
+    cks = [{"theta": base["theta"] + 0.1 * torch.randn(64 * 3, generator=g)} for _ in range(2)]
+    kw = dict(model=Vec(64 * 3), popsize=2, log=None, method="task_arithmetic", normalize=False)
+    evaluate = lambda m: float(m.theta.detach().mean())  # noqa: E731
+    state = str(tmp_path / "s.json")
+    held = []
+    for paired, budget in ((True, 2), (False, 4)):
+        monkeypatch.setattr(compressed, "pairs_pay", lambda paired=paired: paired)
+        pool = CheckpointPool(cks, base=base, compress="int4")
+        held.append([r["bytes"] for r in pool.compression_report()])
+        assert len(optimize(pool, evaluate, budget=budget, state_path=state, **kw).history) == budget
+    assert held[0] != held[1]  # the layouts did differ
+
+
 def test_a_second_search_on_one_state_path_or_out_is_refused_while_the_first_runs(tmp_path, capsys):
     """Two searches sharing a state_path (or, in the CLI, an out folder) both ran and exited 0; one's state
     and results silently replaced the other's (a bug hunt). The second is refused in one line; the locks go

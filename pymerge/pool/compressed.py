@@ -145,6 +145,14 @@ class Encoded:
         shared = self.pair.numel() // 2 if self.pair is not None else 0
         return own + shared + (self.group.numel() // self.width if self.group is not None else 0)
 
+    @property
+    def unpaired_nbytes(self) -> int:
+        """nbytes as a pool holding its int4 codes unpaired holds them (whole GROUPs per checkpoint): the same on
+        every machine (a pool of the AVX2 path pairs them; a tensor of an odd number of blocks then holds less)."""
+        if self.scales is None:
+            return self.nbytes
+        return code_count(self.scales.numel() * BLOCK, self.fmt) + self.scales.numel() * self.scales.element_size()
+
     def int_codes(self, numel: int) -> Optional[torch.Tensor]:
         """The codes in the saved layout: held, or taken out of the pair or interleaved buffer."""
         if self.pair is not None:
@@ -244,20 +252,24 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
     stored: the tensor's dtype in its file, whose range its decoded values keep (as the held one's);
     base_top: max |base| (the same base for every checkpoint: the caller takes it once)."""
     theta, base = theta.reshape(-1).contiguous(), base.reshape(-1).contiguous()
-    narrow = [d for d in {stored, theta.dtype} if d in _NARROW]  # both where both are (float16 held, bfloat16 stored)
+    # the dtypes whose range decoded values must keep: both where both are (float16 held, bfloat16 stored)
+    kept = [d for d in {stored, theta.dtype} if d in _RANGED]
     for fmt in ("int4", "int8") if mode == "auto" else (mode,):
         codes, scales, err2, norm2, bad = quantize(theta, base, fmt)
         if bad >= 0:
             raise InputError(f"{where}: delta from the base is not finite at element {bad} "
-                             f"(checkpoint {float(theta[bad])}, base {float(base[bad])}); "
+                             f"(checkpoint {float(theta[bad])}, base {float(base[bad])}"
+                             f"{_held_as(theta.dtype, stored, theta[bad], base[bad])}); "
                              "a compressed pool needs deltas finite in float32")
         if norm2 == 0:
             return Encoded("zero", 0.0, 0.0)
+        if mode == "auto" and codes.nbytes + scales.nbytes >= theta.nbytes:
+            continue  # a tiny tensor (under ~33 elements): its codes and scale cost more than itself
         reach = float(scales.abs().max()) * (7 if fmt == "int4" else 127)
         if reach > FLOAT32_MAX:
             continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
             #           base first and stays finite, but pool.tensor() and the selection methods decode it alone)
-        if any(reach + base_top > torch.finfo(d).max and _decodes_past(d, base, codes, scales, fmt) for d in narrow):
+        if any(reach + base_top > torch.finfo(d).max and _decodes_past(d, base, codes, scales, fmt) for d in kept):
             continue
         err = math.sqrt(err2 / norm2)
         if budget is None or err <= budget:
@@ -265,14 +277,22 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
     return Encoded("exact", 0.0, math.sqrt(norm2), exact=theta.clone())
 
 
-_NARROW = (torch.float16, torch.bfloat16)
+_RANGED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _held_as(held: torch.dtype, stored: torch.dtype, *values) -> str:
+    """Why an element is inf or NaN where the checkpoint's file holds a finite one: dtype= rounded it."""
+    if held == stored or all(map(math.isfinite, map(float, values))):
+        return ""
+    return f", as the pool holds them: dtype={str(held).replace('torch.', '')} rounds values past its range to inf"
 
 
 def _decodes_past(dtype: torch.dtype, base: torch.Tensor, codes, scales, fmt: str) -> bool:
-    """Whether base + code * scale rounds to inf in dtype (the checkpoint's own) somewhere: near float16's or bfloat16's
+    """Whether base + code * scale rounds to inf in dtype (the checkpoint's own) somewhere: near the dtype's
     largest value a block's scale, rounded up to bfloat16, takes code 127 (7) past it, and weight 1 on that
-    checkpoint gave inf where the exact pool gives the checkpoint. encode() decodes only where max |base| plus
-    the largest |code * scale| says it may."""
+    checkpoint gave inf where the exact pool gives the checkpoint (float32 too: the fused kernel's float32 sum
+    base + code * scale overflows there). encode() decodes only where max |base| plus the largest
+    |code * scale| says it may."""
     return bool(torch.isinf((base.float() + dequantize(codes, scales, fmt, base.numel())).to(dtype)).any())
 
 
@@ -286,6 +306,18 @@ class _Terms:
     strides: List[int]                # int4 terms: bytes from one group of codes to the next (64: contiguous)
     cols: np.ndarray                  # checkpoint index of terms 1..
     exact_cols: np.ndarray            # checkpoints held exact (their tensor carries the base)
+
+
+def _path(path, what: str) -> str:
+    """A str or os.PathLike path as a str; anything else (None, a number) a one-line InputError."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise InputError(f"{what}: the path must be a str or os.PathLike naming a .safetensors file, got "
+                         f"{type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    return path
 
 
 def _install_new(tmp: str, path: str) -> None:
@@ -470,7 +502,7 @@ class CompressedStore:
     def save(self, path, overwrite: bool = False) -> None:
         """One .safetensors file: codes, scales and exact tensors, plus a JSON header in its metadata."""
         from safetensors.torch import save_file
-        path = os.fspath(path)
+        path = _path(path, "save")
         if not path:  # (it wrote the whole file, then failed renaming it to '')
             raise InputError("save: the path is empty; name a .safetensors file")
         if os.path.isdir(path):
@@ -507,7 +539,7 @@ class CompressedStore:
 
         from pymerge.io import SafetensorsFile
         from pymerge.io.sigbus import MappingGuard
-        path = os.fspath(path)
+        path = _path(path, "load")
         # guarded as a merge's reads: a file truncated while it is read is a CheckpointError, not SIGBUS
         with SafetensorsFile(path) as f, MappingGuard([SimpleNamespace(shards=[f])], "being loaded") as guard:
             header = _parse_header(path, f.metadata)
