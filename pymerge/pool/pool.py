@@ -963,7 +963,7 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_contiguous() and b.is_contiguous() or b.element_size() != es:
         return True
     lo = min(a.data_ptr(), b.data_ptr())
-    hi = max(map(lambda t: _span(t)[1], (a, b)))
+    hi = max(_span(a)[1], _span(b)[1])
     if (a.data_ptr() - lo) % es or (b.data_ptr() - lo) % es or (hi - lo) // es > _MARKED_MAX:
         return True
     mark = torch.zeros((hi - lo + es - 1) // es, dtype=torch.bool, device=a.device)
