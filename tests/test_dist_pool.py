@@ -35,6 +35,8 @@ CASES = [
     ("model_stock_rows", 3, dict(method="model_stock", filter_wise=True)),  # per-row dots: rows must be local
     ("della", 3, dict(method="della", density=0.6, epsilon=0.1, rescale=False)),  # per-row ranks: rows local
     ("della_linear_l1", 3, dict(method="della_linear", density=0.5, epsilon=0.2)),
+    ("ram", 3, dict(method="ram")),  # elementwise, as linear: chunks of the single-process kernel
+    ("nearswap", 1, dict(method="nearswap", t=0.01)),
 ]
 FSDP_ONLY = {"model_stock_rows", "della", "della_linear_l1"}  # TP splits 1.weight's rows: refused, see errors
 
@@ -209,6 +211,11 @@ def worker(rank, world, d, files):
     out["errors"]["different_weights_linear"] = error_of(lambda: fsdp_pool.materialize(weights, into=models["fsdp"]))
     out["errors"]["different_methods"] = error_of(
         lambda: fsdp_pool.materialize(W3, into=models["fsdp"], **({"method": "ties", "density": 0.5} if rank == 1 else {})))
+    # weights that are not a list on one rank: refused there before its agreement, so the other rank's call
+    # was answered by the next call's agreement and the ranks went out of step (an audit: a gloo timeout)
+    out["errors"]["not_a_list_on_one_rank"] = error_of(
+        lambda: fsdp_pool.materialize_many([W3] if rank == 0 else 0.5, into=[models["fsdp"]]))
+    out["after_not_a_list"] = error_of(lambda: fsdp_pool.materialize(W3, into=models["fsdp"]))
     from pymerge.methods.base import MergeMethod, register
 
     @register
@@ -447,6 +454,8 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["dtensor_sources"].startswith("InputError: source 0: tensor ") and "is a DTensor" in e["dtensor_sources"]
     assert "different arguments" in e["different_weights_linear"] and "different arguments" in e["different_methods"]
     assert "test_whole_tensor_only is not supported on a sharded pool" in e["unsupported"]
+    assert "'float' object is not iterable" in e["not_a_list_on_one_rank"], e["not_a_list_on_one_rank"]
+    assert all(res["after_not_a_list"] is None for res in results)
     assert e["not_in_mesh"] == ("InputError: rank 1: shard_like tensor '1.weight': this rank is not in the tensor's "
                                 "mesh, so it holds no part of it"), e["not_in_mesh"]
     assert e["rows_split"].startswith("InputError: model_stock: tensor '1.weight' is split along the dimension")

@@ -108,9 +108,9 @@ class ShardedPool(CheckpointPool):
         So is one after the writes began (a kernel's, a file that shrank under this rank): the ranks return
         or raise together, never some with a merged model while another holds a half-written one."""
         self._agreed = False  # whether this rank reached _checked_plans's agreement
-        weight_rows = list(weight_rows)
-        self._arguments = _digest(method, weight_rows, kwargs)
-        try:
+        try:  # (weights that are not a list: refused here too, in step with the others' agreement)
+            weight_rows = list(weight_rows)
+            self._arguments = _digest(method, weight_rows, kwargs)
             result = super().materialize_many(weight_rows, into, method, **kwargs)
         except Exception as exc:
             if collectives.settled(exc):
