@@ -230,7 +230,8 @@ def main(argv=None):
         summary["speedup"] = round(best["mergekit"]["wall_s"] / best["pymerge"]["wall_s"], 2)
         summary["outputs"] = compare_outputs(args.workdir / "out-pymerge", args.workdir / "out-mergekit")
 
-    lines = [f"# {args.method}: base + {1 if args.method in PAIR_METHODS else N_FINETUNES} fine-tune(s), 297M-param Llama, bf16, 2 shards "
+    what = (f"base + {len(inputs) - 1}" if args.method in BASE_METHODS else str(len(inputs))) + " fine-tune(s)"
+    lines = [f"# {args.method}: {what}, 297M-param Llama, bf16, 2 shards "
              f"({input_bytes / 1e9:.2f} GB read); dtype {args.dtype}, out_dtype {args.out_dtype}", "",
              "| tool | best wall (s) | its CPU time (s) | walls of all runs (s) | peak RSS (MB) | peak anon (MB) "
              "| GB/s of input |", "|---|---|---|---|---|---|---|"]
@@ -239,7 +240,8 @@ def main(argv=None):
         lines.append(f"| {t} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {walls} | {r['peak_rss_mb']:.0f} | "
                      f"{r['peak_anon_mb']:.0f} | {r['input_gb_per_s']} |")
     if "speedup" in summary:
-        lines += ["", f"pymerge is {summary['speedup']}x faster (best wall of {args.repeats}, runs interleaved); "
+        how = "runs interleaved" if args.repeats > 1 else "one run each"
+        lines += ["", f"pymerge is {summary['speedup']}x faster (best wall of {args.repeats}, {how}); "
                   f"load average before the runs: {load_before}; outputs: {json.dumps(summary['outputs'])}"]
     table = "\n".join(lines)
     print("\n" + table)

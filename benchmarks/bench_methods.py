@@ -28,13 +28,22 @@ from pymerge.ops import task_vector_ops as tvo
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def best_of(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def best_interleaved(fns, repeat):
+    """Best time of each fn over `repeat` rounds, the fns taking turns within a round (after one untimed call
+    each), so that a machine's load drifting over the run weighs on every tool alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    best = [float("inf")] * len(fns)
+    for r in range(repeat):
+        order = list(range(len(fns)))[::-1 if r % 2 else 1]  # who goes first alternates
+        for i in order:
+            t0 = time.perf_counter()
+            fns[i]()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}  # their masks come from other generators
 
 
 def cases(n_models):
@@ -89,16 +98,22 @@ def main():
         mk = registry.get(name)
         group = TensorGroup.from_tensors(([base] if use_base else []) + inputs, base_index=0 if use_base else None)
         mk_params = dict(params)
-        t_mk = best_of(lambda: mk([group], parameters=mk_params), max(1, min(args.repeat, 2)))
-
         per_model = [{k: v[i] for k, v in params.items() if isinstance(v, list)} for i in range(n)]
         glob = {k: v for k, v in params.items() if not isinstance(v, list)}
         out = torch.empty(shape, dtype=dtype)
         task = TensorTask(inputs=inputs, base=base if use_base else None, model_params=per_model, params=glob,
                           name="bench.weight", seed=1)
         method = get_method(name)
-        t_pm = best_of(lambda: method.merge_tensor(task, out), args.repeat)
-        row = {"method": name, "mergekit_s": t_mk, "pymerge_s": t_pm, "speedup": t_mk / t_pm}
+        results = {}
+
+        def run_mergekit():
+            results["mergekit"] = mk([group], parameters=mk_params)
+
+        t_mk, t_pm = best_interleaved([run_mergekit, lambda: method.merge_tensor(task, out)], args.repeat)
+        ref = results["mergekit"].to(out.dtype).float()
+        close = torch.isclose(out.float(), ref, rtol=1e-3, atol=1e-5)  # the same merge, not another one faster
+        row = {"method": name, "mergekit_s": t_mk, "pymerge_s": t_pm, "speedup": t_mk / t_pm,
+               "agree": float(close.double().mean()) if name not in RANDOM else None}
         if isinstance(method, tv.TaskVectorMethod) and name in ("ties", "breadcrumbs_ties", "dare_ties"):
             # A search step: the same tensors again with new weights, thresholds from the caller's cache.
             cache = tvo.SelectionCache()
@@ -107,11 +122,12 @@ def main():
             method.merge_tensor(warm, out)
             step = TensorTask(inputs=inputs, base=base, model_params=[dict(p, weight=p["weight"] * 1.1) for p in per_model],
                               params=glob, name="bench.weight", seed=1, cache=cache)
-            row["pymerge_cached_s"] = best_of(lambda: method.merge_tensor(step, out), args.repeat)
+            row["pymerge_cached_s"] = best_interleaved([lambda: method.merge_tensor(step, out)], args.repeat)[0]
         rows.append(row)
         extra = f"  cached {row['pymerge_cached_s'] * 1e3:8.1f} ms" if "pymerge_cached_s" in row else ""
-        print(f"{name:17s} mergekit {t_mk * 1e3:9.1f} ms  pymerge {t_pm * 1e3:8.1f} ms  x{t_mk / t_pm:6.1f}{extra}",
-              flush=True)
+        agree = "random masks" if row["agree"] is None else f"{100 * row['agree']:.2f} % agree"
+        print(f"{name:17s} mergekit {t_mk * 1e3:9.1f} ms  pymerge {t_pm * 1e3:8.1f} ms  x{t_mk / t_pm:6.1f}  "
+              f"{agree}{extra}", flush=True)
 
     meta = {"shape": list(shape), "models": args.models, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
@@ -121,12 +137,16 @@ def main():
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
         f.write(f"Per-tensor merge, {args.models} models + base, {shape[0]}x{shape[1]} {args.dtype}, "
-                f"{meta['threads']} threads, best of {args.repeat}\n\n")
-        f.write("| method | mergekit 0.1.5 | pymerge | speedup | pymerge, cached thresholds |\n|---|---|---|---|---|\n")
+                f"{meta['threads']} threads, {meta['cpu']}, {time.strftime('%Y-%m-%d')}; best of {args.repeat} "
+                "rounds, the tools taking turns after a warm-up call each; agree: elements within rtol 1e-3 of "
+                "mergekit's (DARE/DELLA draw other random masks)\n\n")
+        f.write("| method | mergekit 0.1.5 | pymerge | speedup | agree | pymerge, cached thresholds |\n"
+                "|---|---|---|---|---|---|\n")
         for r in rows:
             c = f"{r['pymerge_cached_s'] * 1e3:.1f} ms" if "pymerge_cached_s" in r else ""
+            a = "-" if r["agree"] is None else f"{100 * r['agree']:.2f} %"
             f.write(f"| {r['method']} | {r['mergekit_s'] * 1e3:.1f} ms | {r['pymerge_s'] * 1e3:.1f} ms | "
-                    f"{r['speedup']:.1f}x | {c} |\n")
+                    f"{r['speedup']:.1f}x | {a} | {c} |\n")
 
 
 if __name__ == "__main__":

@@ -212,7 +212,8 @@ def check_here(quick: bool) -> dict:
         big = disk_runs(80e6 if quick else 160e6, 4, [1, 2], 1 if quick else 2, os.path.join(folder, "big"))
         small = disk_runs(4e6, 4, [1], 1 if quick else 2, os.path.join(folder, "small"))
     one = [r for r in big if r["R"] == 1][0]
-    d_eta, d_fixed = fit([((r["N"] + 1) * r["P"] * 2 / min(bw1, bw_node), r["seconds"]) for r in (one, small[0])])
+    # x = moved / bw_rank: predict() applies eta to bw_rank (a fit against min(bw1, bw_node) missed its own points)
+    d_eta, d_fixed = fit([((r["N"] + 1) * r["P"] * 2 / bw1, r["seconds"]) for r in (one, small[0])])
     for r in small + big:
         s = replace(here, params=r["P"], checkpoints=r["N"], ranks=r["R"], eta=d_eta, t_fixed=d_fixed)
         pred = predict(s, linear)["seconds"]
@@ -229,8 +230,8 @@ def check_here(quick: bool) -> dict:
 # H200 (../shared/BASELINES.md): device copy 4275 GB/s (read + written), 141 GB HBM, pinned host
 # to device 55.6 GB/s. Assumed: 8 GPUs per node with 2 TB of host memory and ~25 GB/s of local
 # NVMe reads (a DGX H200's 8 data drives); eta 0.85 (torch.compile's weighted sum reached 1.01x copy at N=2..16,
-# our Triton kernel 0.76-0.90x); NVLink/InfiniBand bus bandwidth 50 GB/s per GPU for all-reduces
-# across nodes (400 Gb/s NICs), 20 us per ring step; 5 us per kernel launch with one launch per
+# a plain Triton kernel 0.76-0.90x in ../shared/BASELINES.md; pymerge has no GPU figure yet);
+# NVLink/InfiniBand bus bandwidth 50 GB/s per GPU for all-reduces across nodes (400 Gb/s NICs), 20 us per ring step; 5 us per kernel launch with one launch per
 # tensor; 1 ms per candidate for the weights' broadcast and Python; a 100B Llama has ~80 layers x 9
 # tensors + 3 = 723 tensors.
 H200 = Setting(params=100e9, checkpoints=16, ranks=64, dtype_bytes=2, bw_rank=4275 * GB, bw_node=8 * 4275 * GB,
