@@ -10,7 +10,7 @@ the caller owns and passes in (as the pool does; no op caches anything by itself
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 
 import torch
@@ -26,6 +26,8 @@ from pymerge.methods.base import TensorTask, get_method
 from pymerge.ops import task_vector_ops as tvo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import machine_description  # noqa: E402
 
 
 def best_interleaved(fns, repeat):
@@ -110,7 +112,8 @@ def main():
             results["mergekit"] = mk([group], parameters=mk_params)
 
         t_mk, t_pm = best_interleaved([run_mergekit, lambda: method.merge_tensor(task, out)], args.repeat)
-        ref = results["mergekit"].to(out.dtype).float()
+        ref = results["mergekit"]
+        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).to(out.dtype).float()  # a tuple of one tensor
         close = torch.isclose(out.float(), ref, rtol=1e-3, atol=1e-5)  # the same merge, not another one faster
         row = {"method": name, "mergekit_s": t_mk, "pymerge_s": t_pm, "speedup": t_mk / t_pm,
                "agree": float(close.double().mean()) if name not in RANDOM else None}
@@ -130,7 +133,7 @@ def main():
               f"{agree}{extra}", flush=True)
 
     meta = {"shape": list(shape), "models": args.models, "dtype": args.dtype, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+            "cpu": machine_description("cpu"), "torch": torch.__version__}
     os.makedirs(args.out, exist_ok=True)
     tag = f"methods_{args.size}_{args.dtype}"
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
