@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params,
                             filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
                             unmatched_filter_warning, unmatched_filters)
-from pymerge.errors import CheckpointError, MergeConfigError, described
+from pymerge.errors import CheckpointError, MergeConfigError, described, short
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -163,23 +163,26 @@ def _source(src, w, err) -> SourceSpec:
     raw = src.get("layer_range")
     lr = list(map(_layer_number, raw)) if isinstance(raw, list) else None
     if lr is None or len(lr) != 2 or None in lr or lr[0] < 0 or lr[1] <= lr[0]:
-        raise err(f"{w}.layer_range must be [start, end) with 0 <= start < end, got {raw!r}")
+        raise err(f"{w}.layer_range must be [start, end) with 0 <= start < end, got {short(raw)}")
     return SourceSpec(_model_path(src["model"], f"{w}.model", err), (lr[0], lr[1]),
                       _parameters(src.get("parameters"), f"{w}.parameters", err))
 
 
+_INTEGRAL = re.compile(r"\s*([+-]?[0-9](?:_?[0-9]){0,17})(?:\.0*)?\s*")  # "2", " 2 ", "1_0", "2.0" (ASCII digits)
+
+
 def _layer_number(x) -> Optional[int]:
-    """A layer index as mergekit's pydantic takes one: an int, a float with no fraction (2.0) or a string of
-    digits ("2"); None for anything else (2.5, true, "two")."""
+    """A layer index as mergekit's pydantic takes one: an int, a float with no fraction (2.0) or a string of one
+    ("2", "1_0", "2.0"); None for anything else (2.5, "two", 5000 digits). Booleans are refused (pydantic takes
+    true for 1)."""
     if isinstance(x, bool):
         return None
     if isinstance(x, int):
         return x
     if isinstance(x, float) and x.is_integer():
         return int(x)
-    if isinstance(x, str) and re.fullmatch(r"\s*[+-]?\d+\s*", x):
-        return int(x)
-    return None
+    m = _INTEGRAL.fullmatch(x) if isinstance(x, str) else None
+    return int(m.group(1)) if m else None
 
 
 # ---- renaming views --------------------------------------------------------------------------

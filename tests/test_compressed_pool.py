@@ -1084,6 +1084,11 @@ def test_a_delta_made_infinite_by_dtype_says_so():
     with pytest.raises(InputError, match=r"element 0 \(checkpoint inf, base inf, as the pool holds them: "
                                          r"dtype=float16 rounds values past its range to inf\)"):
         CheckpointPool(fts, base=base, dtype=torch.float16, compress="int8")
+    for odd, held in ((float("nan"), torch.float16), (float("inf"), torch.float32)):  # not the rounding's doing
+        stored = torch.bfloat16 if held == torch.float32 else torch.float32
+        with pytest.raises(InputError, match=r"element 0 \(checkpoint (nan|inf), base 1.0\); a compressed"):
+            CheckpointPool([{"b": torch.tensor([odd, 1.5, 2.5]).to(stored)}],
+                           base={"b": torch.tensor([1.0, 1.0, 2.0]).to(stored)}, dtype=held, compress="int8")
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "auto"])

@@ -102,9 +102,12 @@ def test_bad_configs_name_the_problem(data, words):
 def test_layer_range_numbers_as_mergekit_takes_them():
     """mergekit's pydantic takes [0.0, 2.0] and ["0", "2"] for [0, 2] (an audit: pymerge refused them)."""
     from pymerge.slices import parse_sliced
-    for lr in ([0.0, 2.0], ["0", "2"], [0, " 2 "]):
+    for lr in ([0.0, 2.0], ["0", "2"], [0, " 2 "], ["+0", "2.0"], [0, "0_2"]):
         spec = parse_sliced({"slices": [{"sources": [{"model": "a", "layer_range": lr}]}]}, MergeConfigError)
         assert spec.slices[0].sources[0].layer_range == (0, 2)
+    for bad in ("1" * 5000, "\u0663", "2.5", "1e3", "2_", True):  # 5000 digits: int()'s limit was a traceback
+        with pytest.raises(MergeConfigError, match="layer_range must be"):
+            parse_sliced({"slices": [{"sources": [{"model": "a", "layer_range": [0, bad]}]}]}, MergeConfigError)
 
 
 @pytest.mark.parametrize("scalar", ["2024-02-30", "2024-13-01 10:00:00", "!!float abc", "!!bool maybe",

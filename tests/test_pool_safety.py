@@ -136,6 +136,13 @@ def test_strided_targets_that_share_no_element_are_written():
     with pytest.raises(InputError, match="targets of 'q' and 'k' overlap without being the same tensor"):
         pool.materialize(W, into={"q": wide[:, :4], "k": wide[:, 3:7]})  # column 3 in both
     assert not wide.any()
+    # views of other element sizes are not compared element by element: refused, saying it may be so
+    halves = CheckpointPool([{"q": s["q"], "k": s["k"].half()} for s in srcs])
+    mixed = torch.zeros(6, 8)
+    with pytest.raises(InputError, match="targets of 'q' and 'k' may overlap: views of one memory too large .or too "
+                                         "unlike. to check"):
+        halves.materialize(W, into={"q": mixed[:, :4], "k": mixed.view(torch.float16)[:, 8:12]})
+    assert not mixed.any()
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])

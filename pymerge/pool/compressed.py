@@ -264,7 +264,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
         if norm2 == 0:
             return Encoded("zero", 0.0, 0.0)
         if mode == "auto" and codes.nbytes + scales.nbytes >= theta.nbytes:
-            continue  # a tiny tensor (under ~33 elements): its codes and scale cost more than itself
+            continue  # a tiny tensor (<= 33 elements at 16 bits, <= 16 at 32): codes and scale cost more
         reach = float(scales.abs().max()) * (7 if fmt == "int4" else 127)
         if reach > FLOAT32_MAX:
             continue  # a delta near float32's limit: code * scale would decode to inf (the fused kernel adds the
@@ -281,10 +281,13 @@ _RANGED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _held_as(held: torch.dtype, stored: torch.dtype, *values) -> str:
-    """Why an element is inf or NaN where the checkpoint's file holds a finite one: dtype= rounded it."""
-    if held == stored or all(map(math.isfinite, map(float, values))):
+    """A hint where an element is inf as the pool holds it in a narrower dtype than its file's (dtype=): the
+    file may hold a finite value there (the values alone cannot tell; a NaN is never the rounding's)."""
+    values = [float(v) for v in values]
+    if not any(map(math.isinf, values)) or torch.finfo(held).max >= torch.finfo(stored).max:
         return ""
-    return f", as the pool holds them: dtype={str(held).replace('torch.', '')} rounds values past its range to inf"
+    return (f", as the pool holds them: dtype={str(held).replace('torch.', '')} rounds values past its range "
+            "to inf")
 
 
 def _decodes_past(dtype: torch.dtype, base: torch.Tensor, codes, scales, fmt: str) -> bool:

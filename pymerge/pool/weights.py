@@ -103,7 +103,8 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
     if table.ndim != 2:
         raise InputError(f"{what} must be N numbers or a [G, N] table, got shape {table.shape}")
     if table.shape[1] != n and rows:  # ([[0.5], [0.5]] or one-element tensors: a table, read by rows)
-        raise InputError(f"{what} are a table of {table.shape[0]} rows (one per weight group) of {table.shape[1]}, "
+        rows_of = f"{table.shape[0]} row{'s' if table.shape[0] != 1 else ''}"
+        raise InputError(f"{what} are a table of {rows_of} (one per weight group) of {table.shape[1]}, "
                          f"for {n} checkpoints" + (f"; one weight per checkpoint is {n} numbers, not one-element "
                                                    "lists or tensors" if table.shape == (n, 1) else ""))
     if table.shape[1] != n:

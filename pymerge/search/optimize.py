@@ -468,8 +468,9 @@ def _pool_contents(pool) -> dict:
     tensor's format, is recorded by every CheckpointPool (a saved one keeps them): a search resumed on an
     int4 pool was accepted and its history mixed the scores of two merges. The base is sampled as the
     checkpoints are (base_sample), and a compressed pool's checkpoints by their
-    formats, sizes as held unpaired, delta norms, errors and first scales (layout-free: a saved and loaded pool,
-    or one on a CPU of the AVX2 path, holds its int4 codes otherwise): a search resumed on another base replayed merges of another model."""
+    formats, sizes as held unpaired, delta norms, errors and first scales (layout-free: a saved and loaded
+    pool, or one on a CPU of the AVX2 path, holds its int4 codes otherwise): a search resumed on another base
+    replayed merges of another model."""
     recorded = getattr(pool, "pool_contents", None)  # the distributed leader's stand-in: its real pool's
     if recorded is not None:
         return dict(recorded)
