@@ -50,13 +50,22 @@ _REFUSED = {
 
 
 def split_ref(ref: str) -> Tuple[str, Optional[str]]:
-    """(model, adapter or None) of a reference; a path that exists as given is never split."""
+    """(model, adapter or None) of a reference; a path that exists as given is never split. With more than one
+    '+' (a path holding one: {model: {path: runs/a+b}, lora: ...}), the one split whose two sides are there."""
     if os.path.exists(ref) or "+" not in ref:
         return ref, None
     parts = ref.split("+")
-    if len(parts) != 2 or not all(parts):
-        raise MergeConfigError(f"model {ref}: cannot parse: a reference is MODEL or MODEL+LORA")
-    return parts[0], parts[1]
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1]
+    from pymerge import hub
+    there = lambda p: os.path.exists(p) or hub.looks_like_id(p)  # noqa: E731
+    splits = [("+".join(parts[:i]), "+".join(parts[i:])) for i in range(1, len(parts))]
+    found = [(m, a) for m, a in splits if m and a and there(m) and there(a)]
+    if len(found) != 1:
+        raise MergeConfigError(f"model {ref}: cannot parse: a reference is MODEL or MODEL+LORA"
+                               + (" (more than one '+' splits it into a model and an adapter that exist)"
+                                  if found else ""))
+    return found[0]
 
 
 def resolve_ref(ref: str) -> str:
@@ -195,10 +204,12 @@ class Adapter:
             targets[module + ".weight"] = _Target(got[a], got[b], scale, transpose, embedding, copy)
         return targets
 
-    def delta(self, name: str):
-        """scale * (B @ A) of one weight, float32 (peft's get_delta_weight)."""
+    def delta(self, name: str, dtype=None):
+        """scale * (B @ A) of one weight, float32 or `dtype` (peft's get_delta_weight: float32, or float64 where
+        the base layer is float64, peft's LoRA layers taking its dtype)."""
+        import torch
         t = self.targets[name]
-        a, b = self.file.tensor(t.a_key).float(), self.file.tensor(t.b_key).float()
+        a, b = (self.file.tensor(k).to(dtype or torch.float32) for k in (t.a_key, t.b_key))
         d = b @ a
         return (d.T if t.transpose else d).mul_(t.scale)  # in place: the product is ours, the bits are the same
 
@@ -261,6 +272,18 @@ _CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clv
 _CONV1D_LAYERS = ("c_attn", "c_proj", "c_fc", "c_fc2", "q_attn")  # c_fc2: Jais's and BTLM's gated MLP
 
 
+def _is_head(name: str) -> bool:
+    from pymerge.tied import is_head
+    return is_head(name)
+
+
+def _ties_embeddings(ck) -> bool:
+    """config.json says tie_word_embeddings: true (peft then merges the head's LoRA into the embedding)."""
+    from pymerge.merge import _read_model_config
+    cfg = _read_model_config(ck)
+    return isinstance(cfg, dict) and cfg.get("tie_word_embeddings") is True
+
+
 def _model_type(ck) -> Optional[str]:
     from pymerge.merge import _read_model_config
     cfg = _read_model_config(ck)
@@ -311,9 +334,12 @@ class LoraCheckpoint:
         self.path, self.folder = ck.path, ck.folder
         self._dtype = dtype
         self._onto: Dict[str, str] = {}  # head target of a tied model -> the embedding it shares its weight with
+        # a tied model's stored head -> its embedding: one weight to peft, so the head is the merged embedding
+        self._mirror: Dict[str, str] = {}
         model_type = _model_type(ck)
+        tied = _ties_embeddings(ck)
         for name in adapter.targets:
-            if name not in ck:
+            if name not in ck or (tied and _is_head(name)):  # (a tied model may store a copy of its head too)
                 name = self._tied_head(name)
             weight = self._onto.get(name, name)
             target = adapter.targets[name]
@@ -331,11 +357,18 @@ class LoraCheckpoint:
             if not _native.is_floating(ck.info(weight).dtype_name):
                 raise CheckpointError(f"{ck.path}: tensor {weight!r} is {ck.info(weight).dtype_name}; LoRA applies "
                                       f"to floating-point weights")
+        embedding = self._input_embedding() if tied else None
+        if embedding is not None and self._deltas(embedding):
+            self._mirror = {n: embedding for n in ck.names() if _is_head(n) and ck.info(n).shape == ck.info(embedding).shape}
 
     @property
     def lora_dtype(self) -> Optional[str]:
         """The dtype the adapter is applied in (mergekit's --lora-merge-dtype), or None: each weight's own."""
         return self._dtype
+
+    def _input_embedding(self) -> Optional[str]:
+        from pymerge.tied import input_embedding
+        return input_embedding(self.ck)
 
     def _tied_head(self, name: str) -> str:
         """A LoRA on the output head of a model that stores none (its head is its input embedding): peft's
@@ -368,6 +401,8 @@ class LoraCheckpoint:
     def _deltas(self, name: str) -> List[str]:
         """The adapter targets whose deltas land on weight `name`, in peft's merge order: its own, then a
         tied head's (the head shares this weight)."""
+        if name in self._mirror:
+            return self._deltas(self._mirror[name])
         own = [name] if name in self.adapter.targets else []
         return own + [h for h, e in self._onto.items() if e == name]
 
@@ -384,6 +419,8 @@ class LoraCheckpoint:
         import torch
         from pymerge import _native
         dtype = _native.torch_dtype(self._dtype or self.ck.info(name).dtype_name)
+        if name in self._mirror:  # a tied model's stored head: the merged shared weight, in the head's dtype
+            return self.tensor(self._mirror[name]).to(dtype)
         deltas = self._deltas(name)
         if not deltas:
             return self.ck.tensor(name).to(dtype)
@@ -394,15 +431,15 @@ class LoraCheckpoint:
         if w.dtype.itemsize == 1:  # scaled fp8 checkpoints keep scales beside the weight, which this ignores
             raise CheckpointError(f"{self.adapter.file.path}: LoRA on the float8 weight {name!r} is not supported "
                                   "(a float8 checkpoint's values need its scales); merge the LoRA into a 16-bit copy")
+        wide = torch.float64 if w.dtype == torch.float64 else torch.float32  # peft's arithmetic for this W
         for target in deltas:  # merged in module order: the embedding, then the head
-            delta = self.adapter.delta(target)
+            delta = self.adapter.delta(target, wide)
             if self.adapter.targets[target].embedding:  # peft rounds an embedding's delta to W's dtype first
-                delta = delta.to(dtype).float()
-            # W + delta in float32 (W upcast exactly; a float64 W rounded first, as peft's float32 merge), into
-            # the delta, which is ours: the same bits as w.float() + delta without a float32 copy of W (a
-            # bfloat16 weight took ~11 bytes per element)
-            exact = w if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else w.float()
-            w = delta.add_(exact).to(dtype).contiguous()  # contiguous: a transposed delta kept its strides
+                delta = delta.to(dtype).to(wide)
+            # W + delta in float32 (W upcast exactly; float64 for a float64 W, whose LoRA peft holds in float64),
+            # into the delta, which is ours: the same bits as w.to(wide) + delta without a copy of W (a bfloat16
+            # weight took ~11 bytes per element)
+            w = delta.add_(w).to(dtype).contiguous()  # contiguous: a transposed delta kept its strides
         return w
 
     def byte_view(self, name: str):

@@ -235,6 +235,25 @@ def test_cli_lora_on_each_side_and_hub_ids(family, tmp_path, monkeypatch):
     assert run_cli(cfg, tmp_path, "out2") == 0
 
 
+def test_a_plus_inside_a_path_of_the_mapping_form(family, tmp_path):
+    """{model: {path: runs/a+b/m}, lora: {path: ...}} was joined into one MODEL+LORA string and then refused as
+    three parts ("cannot parse"); mergekit merges it (an audit). The split whose two sides exist is taken."""
+    root, model, _, ads = family
+    odd = tmp_path / "a+b" / "m"
+    shutil.copytree(model, odd)
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "models": [{"model": {"model": {"path": str(odd)}, "lora": {"path": str(ads["plain"])}}}]}
+    assert run_cli(cfg, tmp_path) == 0
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    with open_model(f"{model}+{ads['plain']}") as ck:
+        want = read_all(ck)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    from pymerge.errors import MergeConfigError
+    from pymerge.lora import split_ref
+    with pytest.raises(MergeConfigError, match="cannot parse"):  # neither split's sides exist
+        split_ref(f"{tmp_path}/x+y+z")
+
+
 @pytest.mark.slow  # one mergekit-yaml subprocess (transformers + peft load): about a minute here
 def test_cli_against_mergekit(family, tmp_path):
     pytest.importorskip("mergekit")
@@ -392,15 +411,21 @@ def test_tokenizer_merge_reads_the_models_tokenizer(tmp_path, capsys):
         assert vocab_of(outs[0]) == vocab_of(outs[1]) and (outs[0] / "chat_template.jinja").read_text() == C_TEMPLATE
 
 
+@pytest.mark.parametrize("stored_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("targets", [["lm_head", "v_proj"], ["embed_tokens", "lm_head", "v_proj"]])
-def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dtype, targets):
+@pytest.mark.parametrize("targets", [["lm_head", "v_proj"], ["embed_tokens", "lm_head", "v_proj"],
+                                     ["embed_tokens", "v_proj"]])
+def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dtype, targets, stored_head):
     """A tied model stores no lm_head: a LoRA on it was refused ("which MODEL does not have") while peft's
     merge_and_unload (mergekit) adds it to the weight the head shares with the embedding, after the
-    embedding's own LoRA (found by a review)."""
+    embedding's own LoRA (found by a review). A tied model that stores a copy of its head too: the head's
+    LoRA went to that copy alone and the embedding kept its old weight (an audit); both are now the merged
+    shared weight, as peft's."""
     model = lf.make_llama(tmp_path / "tied", dims=DIMS, seed=5, dtype=dtype)
     weights = load_file(str(model / "model.safetensors"))
     weights.pop("lm_head.weight")
+    if stored_head:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
@@ -415,15 +440,16 @@ def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dty
     with open_model(f"{model}+{tmp_path / 'adapter'}") as ck:
         ours = read_all(ck)
     theirs = peft_merged(model, tmp_path / "adapter", dtype=dtype)
-    assert "lm_head.weight" not in ours
+    assert ("lm_head.weight" in ours) == stored_head
     for name, t in ours.items():
-        assert torch.equal(t, theirs[name]), name
+        assert torch.equal(t, theirs["model.embed_tokens.weight" if name == "lm_head.weight" else name]), name
     assert not torch.equal(ours["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
 def test_lora_on_checkpoints_of_other_dtypes(family, tmp_path, dtype):
-    """W + delta is float32 arithmetic on W as float32 (peft's merge in a float32 model). A float8 weight is
+    """W + delta is float32 arithmetic on W as float32 (peft's merge in a float32 model), float64 on a float64 W
+    (peft's LoRA layers take a float64 base layer's dtype: the merge was float32, 1e-7 off, an audit). A float8 weight is
     refused in one line: a scaled fp8 checkpoint's values need scales this merge does not read (since the
     arithmetic moved into the delta it was torch's 'Promotion for Float8 Types' error, before that the raw
     values took the delta)."""
@@ -437,14 +463,18 @@ def test_lora_on_checkpoints_of_other_dtypes(family, tmp_path, dtype):
                 ck.tensor(next(iter(ck.adapter.targets)))
             return
         ours = read_all(ck)
-        deltas = {n: ck.adapter.delta(n) for n in ck.adapter.targets}
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        deltas = {n: ck.adapter.delta(n, wide) for n in ck.adapter.targets}
         for n, t in ck.adapter.targets.items():  # peft rounds an embedding's delta to W's dtype first
             if t.embedding:
-                deltas[n] = deltas[n].to(dtype).float()
+                deltas[n] = deltas[n].to(dtype).to(wide)
     base = lf.load_folder(model)
     for name, t in ours.items():
-        want = (base[name].float() + deltas[name]).to(dtype) if name in deltas else base[name]
+        want = (base[name].to(wide) + deltas[name]).to(dtype) if name in deltas else base[name]
         assert t.dtype == dtype and torch.equal(t, want), name
+    if dtype == torch.float64:  # and peft's own merge, bit for bit
+        theirs = peft_merged(model, adapter, dtype=dtype)
+        assert all(torch.equal(t, theirs[name]) for name, t in ours.items())
 
 
 def test_gpt2_derived_model_types_merge_conv1d_layers_transposed(tmp_path):
