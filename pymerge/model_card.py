@@ -31,9 +31,10 @@ def model_card(plan, name: str) -> str:
                 models.append(spec.path)
     hub_ids = []
     for ref in ([cfg.base_model] if cfg.base_model else []) + models:
-        i = id_of(split_ref(ref)[0])
-        if i is not None and i not in hub_ids:
-            hub_ids.append(i)
+        for side in split_ref(ref):  # a LoRA's ID too, as mergekit lists it
+            i = id_of(side) if side is not None else None
+            if i is not None and i not in hub_ids:
+                hub_ids.append(i)
     meta = {"base_model": hub_ids, "library_name": "transformers", "tags": ["mergekit", "merge", "pymerge"]}
     if not hub_ids:
         del meta["base_model"]

@@ -233,6 +233,11 @@ def test_cli_lora_on_each_side_and_hub_ids(family, tmp_path, monkeypatch):
     cfg = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 0.5}},
                                                 {"model": f"{model}+{ads['plain']}", "parameters": {"weight": 0.5}}]}
     assert run_cli(cfg, tmp_path, "out2") == 0
+    # the model card's header lists the adapter's ID too, as mergekit's (it listed the model's alone: an audit)
+    cfg = {"merge_method": "passthrough", "models": [{"model": "org/base+org/adapter"}]}
+    assert run_cli(cfg, tmp_path, "out3", ["--write-model-card"]) == 0
+    header = yaml.safe_load((tmp_path / "out3" / "README.md").read_text().split("---")[1])
+    assert header["base_model"] == ["org/base", "org/adapter"]
 
 
 def test_a_plus_inside_a_path_of_the_mapping_form(family, tmp_path):
