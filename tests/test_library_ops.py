@@ -138,6 +138,23 @@ def test_compiled_fullgraph_matches_eager_bit_for_bit():
         assert e.dtype == c.dtype and torch.equal(e.view(torch.uint8) if e.dtype != torch.float64 else e, c.view(torch.uint8) if c.dtype != torch.float64 else c)
 
 
+def test_raw_ops_name_the_output_dtypes_and_compiled_calls_the_weights_range():
+    """torch.ops.pymerge.weighted_sum(xs, w, float64) listed float8 among the dtypes it takes, and float8 was then
+    'bad output dtype code'; a weight past float32's range traced with dynamic=True failed inside Inductor
+    (a float32 overflow while building the weights) instead of the one-line error eager gives (an audit)."""
+    xs, w = [torch.ones(4), torch.ones(4)], torch.tensor([1.0, 2.0])
+    for dtype in (torch.float64, torch.float8_e4m3fn, torch.int32):
+        for call in (lambda: torch.ops.pymerge.weighted_sum(xs, w, dtype),
+                     lambda: torch.ops.pymerge.weighted_sum_many(xs, w.view(1, 2), dtype)):
+            with pytest.raises(ValueError, match=f"^weighted_sum: out_dtype must be float32, float16 or bfloat16, "
+                                                 f"got {dtype}$"):
+                call()
+    compiled = torch.compile(lambda xs, a: pymerge.weighted_sum(xs, [a, 1.0]), fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(xs, 0.5), torch.full((4,), 1.5))
+    with pytest.raises(ValueError, match="a weight is 1e\\+39; weights must be finite and within float32's range"):
+        compiled(xs, 1e39)
+
+
 def test_native_codes_agree_with_python():
     cpu = _native.require_cpu()
     assert cpu.DTYPE_CODES == {n: _native.CODES_BY_NAME[n] for n in _native.INPUT_DTYPE_NAMES}

@@ -73,6 +73,12 @@ def _require_real(t: Tensor, what: str, op: str) -> None:
         raise ValueError(f"{op}: {what} must be real numbers, got a {t.dtype} tensor")
 
 
+def _require_out_dtype(dtype: torch.dtype, op: str) -> None:
+    """The dtypes the kernels write (an input's list, with float8, was the message for float64)."""
+    if dtype not in _native.OUTPUT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
 def _require_out(out: Tensor, op: str) -> None:
     """The kernels write float32, float16 or bfloat16, contiguously."""
     if out.dtype not in _native.OUTPUT_DTYPES:
@@ -219,8 +225,9 @@ def call(name: str, *args, checked=()):
         kernel = _KERNELS[name].get(first.device.type)
         if kernel is not None:
             return kernel(*args, checked=checked)
-    if name in _WEIGHTED and not isinstance(args[1], Tensor):
-        args = (args[0], torch.tensor(args[1], dtype=torch.float32, device=first.device)) + args[2:]
+    if name in _WEIGHTED and not isinstance(args[1], Tensor):  # float64: a weight past float32's range (traced
+        # unchecked) reaches the kernel's one-line error, not a float32 overflow inside the compiler
+        args = (args[0], torch.tensor(args[1], dtype=torch.float64, device=first.device)) + args[2:]
     return getattr(torch.ops.pymerge, name)(*args)
 
 
@@ -363,6 +370,7 @@ def weighted_sum_many(tensors: List[Tensor], weights: Tensor, out_dtype: torch.d
 def _weighted_sum_many(tensors, weights, out_dtype, backend="auto", num_threads=0, checked=()):
     """The op's kernel; weights a [K, N] tensor or (from `call`) K lists of N floats."""
     require_inputs(tensors, "weighted_sum")
+    _require_out_dtype(out_dtype, "weighted_sum")
     k = weights.shape[0] if isinstance(weights, Tensor) else len(weights)
     outs = [torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device) for _ in range(k)]
     _many_out(tensors, weights, outs, backend, num_threads, _inputs_only(checked))
@@ -372,6 +380,7 @@ def _weighted_sum_many(tensors, weights, out_dtype, backend="auto", num_threads=
 @register_fake("pymerge::weighted_sum_many")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     require_inputs(tensors, "weighted_sum")
+    _require_out_dtype(out_dtype, "weighted_sum")
     _weighted_args(tensors, weights, 2)
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
@@ -389,6 +398,7 @@ def weighted_sum(tensors: List[Tensor], weights: Tensor, out_dtype: torch.dtype,
 def _weighted_sum(tensors, weights, out_dtype, backend="auto", num_threads=0, checked=()):
     """The op's kernel; weights an [N] tensor or (from `call`) a list of N floats."""
     require_inputs(tensors, "weighted_sum")
+    _require_out_dtype(out_dtype, "weighted_sum")
     out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
     rows = weights.reshape(1, -1) if isinstance(weights, Tensor) else [weights]
     _many_out(tensors, rows, [out], backend, num_threads, _inputs_only(checked))
@@ -398,6 +408,7 @@ def _weighted_sum(tensors, weights, out_dtype, backend="auto", num_threads=0, ch
 @register_fake("pymerge::weighted_sum")
 def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     require_inputs(tensors, "weighted_sum")
+    _require_out_dtype(out_dtype, "weighted_sum")
     _weighted_args(tensors, weights, 1)
     _one_device("weighted_sum", tensors, host_ok=[weights])
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
