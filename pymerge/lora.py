@@ -61,10 +61,12 @@ def split_ref(ref: str) -> Tuple[str, Optional[str]]:
     there = lambda p: os.path.exists(p) or hub.looks_like_id(p)  # noqa: E731
     splits = [("+".join(parts[:i]), "+".join(parts[i:])) for i in range(1, len(parts))]
     found = [(m, a) for m, a in splits if m and a and there(m) and there(a)]
+    if not found:  # the adapter not there: split after the model that is (missing_side then names the adapter),
+        # unless what follows is several adapters that are (MODEL+LORA+LORA)
+        found = [(m, a) for m, a in splits if m and a and there(m) and not all(map(there, a.split("+")))]
     if len(found) != 1:
         raise MergeConfigError(f"model {ref}: cannot parse: a reference is MODEL or MODEL+LORA"
-                               + (" (more than one '+' splits it into a model and an adapter that exist)"
-                                  if found else ""))
+                               + (" (more than one '+' splits it into a model and an adapter)" if found else ""))
     return found[0]
 
 
@@ -272,6 +274,12 @@ _CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clv
 _CONV1D_LAYERS = ("c_attn", "c_proj", "c_fc", "c_fc2", "q_attn")  # c_fc2: Jais's and BTLM's gated MLP
 
 
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two tensors' bytes compared without a copy of either (memoryview equality of bytes is a memcmp)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) == \
+        memoryview(np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+
+
 def _is_head(name: str) -> bool:
     from pymerge.tied import is_head
     return is_head(name)
@@ -337,9 +345,9 @@ class LoraCheckpoint:
         # a tied model's stored head -> its embedding: one weight to peft, so the head is the merged embedding
         self._mirror: Dict[str, str] = {}
         model_type = _model_type(ck)
-        tied = _ties_embeddings(ck)
+        copies = self._stored_copies()  # heads a tied model stores beside the embedding, equal to it
         for name in adapter.targets:
-            if name not in ck or (tied and _is_head(name)):  # (a tied model may store a copy of its head too)
+            if name not in ck or name in copies:
                 name = self._tied_head(name)
             weight = self._onto.get(name, name)
             target = adapter.targets[name]
@@ -357,18 +365,31 @@ class LoraCheckpoint:
             if not _native.is_floating(ck.info(weight).dtype_name):
                 raise CheckpointError(f"{ck.path}: tensor {weight!r} is {ck.info(weight).dtype_name}; LoRA applies "
                                       f"to floating-point weights")
-        embedding = self._input_embedding() if tied else None
-        if embedding is not None and self._deltas(embedding):
-            self._mirror = {n: embedding for n in ck.names() if _is_head(n) and ck.info(n).shape == ck.info(embedding).shape}
+        for head in copies:
+            if self._deltas(copies[head]):
+                self._mirror[head] = copies[head]
 
     @property
     def lora_dtype(self) -> Optional[str]:
         """The dtype the adapter is applied in (mergekit's --lora-merge-dtype), or None: each weight's own."""
         return self._dtype
 
-    def _input_embedding(self) -> Optional[str]:
+    def _stored_copies(self) -> Dict[str, str]:
+        """{head: embedding} for the heads a tied model (config tie_word_embeddings: true) stores as exact copies
+        of its input embedding: transformers ties those (one weight, which peft's merge changes for both), and
+        leaves a head that differs, in shape or in value, untied."""
         from pymerge.tied import input_embedding
-        return input_embedding(self.ck)
+        if not _ties_embeddings(self.ck):
+            return {}
+        embedding = input_embedding(self.ck)
+        if embedding is None:
+            return {}
+        heads = [n for n in self.ck.names() if _is_head(n)]
+        if not (embedding in self.adapter.targets or any(h in self.adapter.targets for h in heads)):
+            return {}  # no LoRA on either: nothing to read
+        info = self.ck.info(embedding)
+        return {h: embedding for h in heads if (self.ck.info(h).shape, self.ck.info(h).dtype_name) ==
+                (info.shape, info.dtype_name) and _same_bytes(self.ck.array(h), self.ck.array(embedding))}
 
     def _tied_head(self, name: str) -> str:
         """A LoRA on the output head of a model that stores none (its head is its input embedding): peft's

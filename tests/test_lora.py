@@ -257,6 +257,8 @@ def test_a_plus_inside_a_path_of_the_mapping_form(family, tmp_path):
     from pymerge.lora import split_ref
     with pytest.raises(MergeConfigError, match="cannot parse"):  # neither split's sides exist
         split_ref(f"{tmp_path}/x+y+z")
+    from pymerge.lora import missing_side  # the model is there, the adapter is not: named as such
+    assert missing_side(f"{odd}+{tmp_path}/nothing").endswith(f"LoRA adapter path not found: {tmp_path}/nothing")
 
 
 @pytest.mark.slow  # one mergekit-yaml subprocess (transformers + peft load): about a minute here
@@ -416,7 +418,7 @@ def test_tokenizer_merge_reads_the_models_tokenizer(tmp_path, capsys):
         assert vocab_of(outs[0]) == vocab_of(outs[1]) and (outs[0] / "chat_template.jinja").read_text() == C_TEMPLATE
 
 
-@pytest.mark.parametrize("stored_head", [False, True])
+@pytest.mark.parametrize("stored_head", [False, "copy", "differs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("targets", [["lm_head", "v_proj"], ["embed_tokens", "lm_head", "v_proj"],
                                      ["embed_tokens", "v_proj"]])
@@ -425,12 +427,15 @@ def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dty
     merge_and_unload (mergekit) adds it to the weight the head shares with the embedding, after the
     embedding's own LoRA (found by a review). A tied model that stores a copy of its head too: the head's
     LoRA went to that copy alone and the embedding kept its old weight (an audit); both are now the merged
-    shared weight, as peft's."""
+    shared weight, as peft's. A stored head that differs from the embedding: transformers leaves it untied,
+    and so does the merge (a review)."""
     model = lf.make_llama(tmp_path / "tied", dims=DIMS, seed=5, dtype=dtype)
     weights = load_file(str(model / "model.safetensors"))
     weights.pop("lm_head.weight")
     if stored_head:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+        if stored_head == "differs":
+            weights["lm_head.weight"] += 1
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
@@ -445,10 +450,13 @@ def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dty
     with open_model(f"{model}+{tmp_path / 'adapter'}") as ck:
         ours = read_all(ck)
     theirs = peft_merged(model, tmp_path / "adapter", dtype=dtype)
-    assert ("lm_head.weight" in ours) == stored_head
+    assert ("lm_head.weight" in ours) == bool(stored_head)
+    tied_at_load = stored_head != "differs"
     for name, t in ours.items():
-        assert torch.equal(t, theirs["model.embed_tokens.weight" if name == "lm_head.weight" else name]), name
-    assert not torch.equal(ours["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
+        assert torch.equal(t, theirs["model.embed_tokens.weight" if name == "lm_head.weight" and tied_at_load
+                                     else name]), name
+    changed = tied_at_load or "embed_tokens" in targets  # (an untied head's LoRA leaves the embedding alone)
+    assert torch.equal(ours["model.embed_tokens.weight"], weights["model.embed_tokens.weight"]) != changed
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])

@@ -225,9 +225,12 @@ def call(name: str, *args, checked=()):
         kernel = _KERNELS[name].get(first.device.type)
         if kernel is not None:
             return kernel(*args, checked=checked)
-    if name in _WEIGHTED and not isinstance(args[1], Tensor):  # float64: a weight past float32's range (traced
-        # unchecked) reaches the kernel's one-line error, not a float32 overflow inside the compiler
-        args = (args[0], torch.tensor(args[1], dtype=torch.float64, device=first.device)) + args[2:]
+    if name in _WEIGHTED and not isinstance(args[1], Tensor):
+        # on the CPU float64: a weight past float32's range (traced unchecked) reaches the kernel's one-line error,
+        # not a float32 overflow inside the compiler; the CUDA kernels cannot check values without a sync, so
+        # there the overflow stays the compiler's (loud) error rather than an inf merge
+        wide = torch.float64 if first.device.type == "cpu" else torch.float32
+        args = (args[0], torch.tensor(args[1], dtype=wide, device=first.device)) + args[2:]
     return getattr(torch.ops.pymerge, name)(*args)
 
 
