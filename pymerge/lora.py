@@ -118,7 +118,10 @@ def missing_side(ref: str) -> Optional[str]:
                 except MergeConfigError as exc:
                     return f"{ref}: {what}: {exc}"
             on_folder = hub.revision_on_folder(p)
-            return f"{ref}: {what}: {on_folder}" if on_folder else f"{ref}: {what} path not found: {p}"
+            if on_folder:
+                return f"{ref}: {what}: {on_folder}"
+            one = " (a reference is MODEL or MODEL+LORA: one adapter)" if "+" in p and what != "model" else ""
+            return f"{ref}: {what} path not found: {p}{one}"
     return None
 
 
@@ -275,9 +278,13 @@ _CONV1D_LAYERS = ("c_attn", "c_proj", "c_fc", "c_fc2", "q_attn")  # c_fc2: Jais'
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    """Two tensors' bytes compared without a copy of either (memoryview equality of bytes is a memcmp)."""
-    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) == \
-        memoryview(np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+    """Two tensors' bytes equal, compared in 16 MiB chunks (bounded memory over large embeddings)."""
+    a = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    b = np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    if a.size != b.size:
+        return False
+    step = 1 << 24
+    return all(np.array_equal(a[i:i + step], b[i:i + step]) for i in range(0, a.size, step))
 
 
 def _is_head(name: str) -> bool:

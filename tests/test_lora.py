@@ -351,6 +351,7 @@ def test_refused_adapters(family, tmp_path, capsys, name, edit_cfg, edit_weights
     ("{m}+{tmp}/nowhere", r"models\[0\]: .*LoRA adapter path not found: .*nowhere"),
     ("{tmp}/nowhere+{a}", r"models\[0\]: .*model path not found: .*nowhere"),
     ("{m}+{a}+{a}", r"cannot parse"),
+    ("{m}+{a}+{tmp}/nowhere", r"LoRA adapter path not found: .*\+.*nowhere \(a reference is MODEL or MODEL\+LORA: one"),
     ("{m}+nobody/adapter", r"LoRA adapter: model nobody/adapter: nobody/adapter is not in the Hugging Face cache"),
     ("{m}+{m}", r"no adapter_config.json: not a PEFT adapter"),
 ])
@@ -528,3 +529,20 @@ def test_fan_in_fan_out_true_on_a_square_linear_layer(family, tmp_path, auto_map
     assert q.shape[0] == q.shape[1]
     for name, t in ours.items():
         assert torch.equal(t, theirs[name]), name
+
+
+def test_same_bytes_compares_every_chunk_and_bit_pattern():
+    """The tied-head check compares bytes: a difference in any 16 MiB chunk (the last one short), a sign of
+    zero, or sizes that differ tell tensors apart; the same NaN payload does not."""
+    import numpy as np
+    from pymerge.lora import _same_bytes
+    a = np.zeros((1 << 22) + 7, dtype=np.float32)  # 16 MiB + 28 bytes: two chunks
+    assert _same_bytes(a, a.copy())
+    for at in (0, (1 << 22) - 1, (1 << 22) + 6):
+        b = a.copy()
+        b[at] = -0.0
+        assert not _same_bytes(a, b), at
+    n = np.full(5, np.nan, dtype=np.float32)
+    assert _same_bytes(n, n.copy())
+    assert not _same_bytes(a[:5], a[:6])
+    assert _same_bytes(np.zeros(0, np.float32), np.zeros(0, np.float32))
