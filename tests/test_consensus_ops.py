@@ -327,11 +327,49 @@ def test_group_ops_check_their_arguments_on_every_backend(backend):
          "group_lincomb: coef has 18 entries; 4 groups x 3 need 12"),
     ] + [(lambda dtype=dtype: interp.group_lincomb(xs, base, True, "whole", torch.randn(1, 3),
                                                    torch.empty(4, 6, dtype=dtype), backend=backend),
-          f"group_lincomb: out must be a float32, float16 or bfloat16 tensor, got {dtype}")
+          f"group_lincomb: out has unsupported dtype {dtype}; supported: bfloat16, float16, float32")
          for dtype in (torch.float64, torch.int32)]
     for call, message in calls:
-        with pytest.raises(ValueError, match=f"^{message}$"):
+        with pytest.raises((ValueError, TypeError), match=f"^{message}$"):
             call()
+
+
+@pytest.mark.parametrize("op", sorted(OUT_OPS))
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("bad", ["int32 out", "int64 out", "float64 out", "complex input", "bool input"])
+def test_an_out_or_input_no_kernel_computes_in_is_refused(op, backend, bad):
+    """The torch paths (taken wherever the native kernel declined: an int out, a complex or bool input) wrote
+    ints, truncated, into an int out, dropped an imaginary part and computed bools as 0/1, with no error."""
+    b, xs = data((4, 6), 2, 3)
+    out = torch.empty(4, 6)
+    if bad.endswith("out"):
+        out = torch.full((4, 6), 7, dtype=getattr(torch, bad.split()[0]))
+        message = rf"^{op.replace('task_vector_merge', 'tv_merge')}: out has unsupported dtype {out.dtype}"
+    else:
+        xs = [x.to(torch.complex64) + 1j if bad == "complex input" else x > 0 for x in xs]
+        message = r"input \d is torch\.(complex64|bool); the inputs must be floating-point$"
+    before = out.clone()
+    with pytest.raises(TypeError, match=message):
+        OUT_OPS[op](b, xs, out, backend)
+    assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize("call", [
+    lambda b, x, out: co.sce([x, x], b, float("nan"), out),
+    lambda b, x, out: co.ramplus_tl([x, x], b, float("nan"), 0.2, 1e-3, out),
+    lambda b, x, out: co.ramplus_tl([x, x], b, 0.5, float("nan"), 1e-3, out),
+    lambda b, x, out: co.ramplus_tl([x, x], b, 0.5, 0.2, float("nan"), out),
+    lambda b, x, out: em.nearswap(b, x, float("nan"), out),
+    lambda b, x, out: em.ram([x], b, float("nan"), out),
+    lambda b, x, out: em.ram([x], b, 1e-3, out, boosts=[float("nan")]),
+])
+def test_a_nan_parameter_is_refused_by_name(call):
+    """select_topk=nan raised 'cannot convert float NaN to integer'; a NaN t, eps or boost computed NaNs or
+    the base without a word."""
+    b, (x,) = data((4, 6), 1, 4)
+    with pytest.raises(ValueError, match=r"^(sce|ramplus_tl|nearswap|ram): (select_topk|r|alpha|eps|t|a boost) "
+                                         r"is nan; give a number$"):
+        call(b, x, torch.empty(4, 6))
 
 
 def test_a_refused_call_leaves_the_version_of_out():

@@ -561,7 +561,9 @@ def test_task_vectors_refuse_a_dtype_the_kernels_do_not_read(sparsifier, dtype):
     """DARE with rescale="l1" and DELLA raised a bare KeyError: torch.float64 (their native passes checked
     sizes but not dtypes); magnitude already said which dtypes the kernel takes."""
     base = torch.arange(64).to(dtype)
-    with pytest.raises(ValueError, match=f"input 0 is {dtype} on cpu; this kernel takes bfloat16, float16, float32"):
+    message = (f"input 0 is {dtype} on cpu; this kernel takes bfloat16, float16, float32" if dtype.is_floating_point
+               else f"^tv_merge: input 0 is {dtype}; the inputs must be floating-point$")
+    with pytest.raises((ValueError, TypeError), match=message):
         tvo.task_vector_merge([base + 1], base, torch.empty(64), [sparsifier], [1.0], consensus=False, normalize=False)
 
 
@@ -867,3 +869,24 @@ def test_raw_ops_refuse_what_the_public_ops_refuse_in_one_line():
     # and traced: the fake kernels refuse the same shapes
     with pytest.raises(Exception, match=shape):  # (dynamo wraps the fake kernel's ValueError)
         torch.compile(lambda x, y: P.weighted_sum([x, y], w, torch.float32), fullgraph=True)(a, b)
+
+
+@pytest.mark.parametrize("backend", ["bogus", "cuda", "triton", "torch", ""])
+def test_raw_ops_refuse_a_backend_that_does_not_run_on_their_tensors(backend):
+    """The raw CPU kernels ran whatever backend string they were given ('bogus', 'cuda' on CPU tensors)
+    as 'auto'; the public wrappers refuse both."""
+    P = torch.ops.pymerge
+    x, y, w = torch.randn(10), torch.randn(10), torch.tensor([1.0, 2.0])
+    xs, base, bits, ints, floats = _tv_case(10, 10)
+    calls = [("weighted_sum", lambda: P.weighted_sum([x, y], w, torch.float32, backend)),
+             ("weighted_sum", lambda: P.weighted_sum_many([x, y], w.reshape(1, 2), torch.float32, backend)),
+             ("weighted_sum", lambda: P.weighted_sum_out([x, y], w, torch.empty(10), backend)),
+             ("weighted_sum", lambda: P.weighted_sum_many_out([x, y], w.reshape(1, 2), [torch.empty(10)], backend)),
+             ("tv_merge", lambda: P.tv_merge_out(xs, base, bits, ints, floats, False, True, 1.0, 1.0, 3, 1, 2, 0,
+                                                 torch.empty(10), backend))]
+    for op, call in calls:
+        with pytest.raises(ValueError, match=rf"^{op}: backend '{backend}' does not run on cpu tensors; "
+                                             "choose one of auto, cpu$"):
+            call()
+    for ok in ("auto", "cpu"):
+        assert torch.allclose(P.weighted_sum([x, y], w, torch.float32, ok), x + 2 * y)

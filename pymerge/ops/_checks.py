@@ -228,6 +228,12 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
         if t is not None:
             check_layout(t, f"{op}: " + ("input" if i < len(xs) else "the base" if i == len(xs) else "output")
                          + (f" {i}" if i < len(xs) else ""))
+    for i, t in enumerate(list(xs) + [base]):  # the torch paths would compute bools, or drop an imaginary part
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{op}: " + (f"input {i}" if i < len(xs) else "the base")
+                            + f" is {t.dtype}; the inputs must be floating-point")
+    if out is not None and out.dtype not in OUTPUT_DTYPES:  # (the torch paths wrote ints, truncated)
+        raise TypeError(f"{op}: out has unsupported dtype {out.dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
     ref, ref_name = (base, "the base") if base is not None else (xs[0], "input 0")
     for i, x in enumerate(xs):
         if x.shape != ref.shape:
@@ -327,6 +333,15 @@ def as_flag(value, what: str) -> bool:
     except (TypeError, ValueError, RuntimeError) as exc:  # a tensor of many elements, a meta tensor
         raise TypeError(f"{what} must be a bool, got {short(value)}: {exc}") from None
     raise TypeError(f"{what} must be a bool, got {short(value)} ({kind.__name__})")
+
+
+def not_nan(value, name: str, op: str) -> float:
+    """A parameter as a float, refused when NaN (a NaN threshold or fraction computes a NaN or an empty
+    selection without a word); infinities are the parameter's limits and stay."""
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{op}: {name} is nan; give a number")
+    return value
 
 
 def check_threads(num_threads, what: str = "num_threads") -> int:

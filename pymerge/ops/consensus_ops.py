@@ -17,7 +17,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import elementwise_mix, select
-from pymerge.ops._checks import check_merge_args, check_threads
+from pymerge.ops._checks import check_merge_args, check_threads, not_nan
 
 def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
     return elementwise_mix._native_ok(op, tensors, out, backend, read)
@@ -31,7 +31,7 @@ def _ptrs(ts):
 def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out: torch.Tensor,
         backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
-    select_topk, num_threads = float(select_topk), check_threads(num_threads)
+    select_topk, num_threads = not_nan(select_topk, "select_topk", "sce"), check_threads(num_threads)
     read = check_merge_args(xs, base, out, "sce")
     if out.numel() == 0:
         return out
@@ -99,7 +99,8 @@ def _variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
 def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: float, eps: float,
                out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
-    r, alpha, eps, num_threads = float(r), float(alpha), float(eps), check_threads(num_threads)
+    r, alpha, eps = (not_nan(v, n, "ramplus_tl") for v, n in ((r, "r"), (alpha, "alpha"), (eps, "eps")))
+    num_threads = check_threads(num_threads)
     read = check_merge_args(xs, base, out, "ramplus_tl")
     if _native_ok("ram_counts", list(xs) + [base], out, backend, read):
         xs, base = [x.contiguous() for x in xs], base.contiguous()

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from pymerge import _native
-from pymerge.ops._checks import check_apart, check_merge_args, check_threads
+from pymerge.ops._checks import check_apart, check_merge_args, check_threads, not_nan
 from pymerge.ops._memory import check_native, trusted
 from pymerge.ops._versions import mark_written
 
@@ -38,7 +38,7 @@ def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool
 def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, backend: str = "auto",
              num_threads: int = 0) -> torch.Tensor:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
-    t, num_threads = float(t), check_threads(num_threads)
+    t, num_threads = not_nan(t, "t", "nearswap"), check_threads(num_threads)
     read = check_merge_args([x], base, out, "nearswap", base_first=True)
     if _native_ok("nearswap", (base, x), out, backend, read):
         base, x = base.contiguous(), x.contiguous()
@@ -55,8 +55,8 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, b
 def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.Tensor, backend: str = "auto",
         num_threads: int = 0, boosts: Optional[Sequence[float]] = None) -> torch.Tensor:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
-    eps, num_threads = float(eps), check_threads(num_threads)
-    boosts = None if boosts is None else [float(b) for b in boosts]
+    eps, num_threads = not_nan(eps, "eps", "ram"), check_threads(num_threads)
+    boosts = None if boosts is None else [not_nan(b, "a boost", "ram") for b in boosts]
     read = check_merge_args(xs, base, out, "ram")
     if boosts is not None and len(boosts) != len(xs):
         raise ValueError(f"ram: one boost per input ({len(xs)}), got {len(boosts)}")

@@ -137,12 +137,24 @@ def _one_device(op: str, *groups, host_ok=()) -> None:
             raise ValueError(f"{op}: tensors on {ts[0].device} and {t.device}; every tensor must be on one device")
 
 
+_DEVICE_BACKENDS = {"cpu": ("auto", "cpu"), "cuda": ("auto", "triton", "cuda", "torch")}
+
+
+def _require_backend(backend: str, op: str, device: str) -> None:
+    """A raw op's backend names one that runs on its tensors' device (the wrappers pick one that does; a
+    raw call's 'bogus' or 'cuda' on CPU tensors ran the CPU kernel as if it were 'auto')."""
+    if backend not in _DEVICE_BACKENDS[device]:
+        raise ValueError(f"{op}: backend {backend!r} does not run on {device} tensors; "
+                         f"choose one of {', '.join(_DEVICE_BACKENDS[device])}")
+
+
 def _cuda_backend(backend: str, entry: str, tensors=()) -> str:
     """On CUDA: Triton when available (or asked for), else the CUDA extension, else eager torch. Triton
     reads float8_e4m3fn only on GPUs of compute capability 8.9 and newer: a call with such an input
     (among `tensors`) on an older GPU (an A100) takes the CUDA extension, else torch, even when Triton
     was asked for."""
     from pymerge import kernels
+    _require_backend(backend, entry, "cuda")
     if backend not in ("triton", "cuda", "torch"):
         backend = "triton" if kernels.triton_available() else "auto"
     if backend == "triton" and tensors and kernels.e4m3_unsupported(tensors[0].device, _codes(tensors)):
@@ -262,6 +274,7 @@ def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Ten
 def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threads=0, checked=()) -> None:
     """The kernel, its outputs checked by the caller (the public wrappers, or the op above). The eager
     fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
+    _require_backend(backend, "weighted_sum", "cpu")
     numel = tensors[0].numel()
     if numel == 0:
         return
@@ -496,6 +509,7 @@ def _tv_scalars(plan_ints, plan_floats, consensus, normalize, lam, divisor, seed
 @_kernel("tv_merge_out", "cpu")
 def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
                       offset, out, backend="auto", num_threads=0, checked=()) -> None:
+    _require_backend(backend, "tv_merge", "cpu")
     if base.numel() == 0:
         return
     num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
