@@ -189,6 +189,30 @@ def worker(rank, world, d, files):
         mine[1] = os.path.join(d, "missing.safetensors")
     out["errors"]["missing_on_one_rank"] = error_of(
         lambda: pymerge.CheckpointPool(mine, base=base, shard_like=models["fsdp"]))
+    # the same files in another order on one rank (an unsorted glob on another node), or another file with the
+    # same tensors in one slot: each rank merged its own pairing of weights and checkpoints, silently (an audit)
+    mine = list(ckpts)
+    if rank == world - 1:
+        mine[0], mine[2] = mine[2], mine[0]  # (model 1 is bfloat16: a swap with it shows in the dtypes)
+    out["errors"]["permuted_on_one_rank"] = error_of(
+        lambda: pymerge.CheckpointPool(mine, base=base, shard_like=models["fsdp"]))
+    mine = list(ckpts)
+    if rank == world - 1:
+        mine[2] = base
+    out["errors"]["other_file_on_one_rank"] = error_of(
+        lambda: pymerge.CheckpointPool(mine, base=base, shard_like=models["fsdp"]))
+    # a (dp, tp = 1) mesh, as a 2-D script with a tensor-parallel degree of 1 builds it: 1.weight carries
+    # Shard(1) over the size-1 "tp" dimension, whole rows on every rank; DELLA was refused as split by columns
+    mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+    m = build()
+    parallelize_module(m, mesh2["tp"], {"0": ColwiseParallel(), "1": RowwiseParallel()})
+    fully_shard(m, mesh=mesh2["dp"])
+    della = dict(method="della", density=0.5, epsilon=0.2)
+    out["tp1_della"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=m).materialize(
+        W3, into=m, **della))
+    ref_model = build()
+    refs[3].materialize(W3, into=ref_model, **della)
+    out["tp1_della_bits"] = all(torch.equal(full(m)[n], p.detach()) for n, p in ref_model.named_parameters())
     mine = list(ckpts)
     if rank == 0:
         mine[2] = os.path.join(d, "truncated.safetensors")
@@ -449,6 +473,12 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["layout_ties"] == e["layout"]
     assert "has shape (12, 13), the pool's has (11, 13)" in e["shape"]
     assert e["missing_on_one_rank"].startswith(f"CheckpointError: rank {world - 1}: ") and "no such file" in e["missing_on_one_rank"]
+    for key, slot in (("permuted_on_one_rank", 0), ("other_file_on_one_rank", 2)):
+        assert e[key] == (f"InputError: rank {world - 1} read other checkpoints than rank 0: checkpoint {slot} holds "
+                          f"other values on rank {world - 1} than on rank 0 (another file, or the checkpoints listed "
+                          "in another order); every rank must read the same checkpoints (no pool was built)"), e[key]
+    assert all(res["tp1_della"] is None and res["tp1_della_bits"] for res in results), \
+        [res["tp1_della"] for res in results]
     assert e["corrupt_on_one_rank"].startswith("CheckpointError: rank 0: ") and "truncated.safetensors" in e["corrupt_on_one_rank"]
     assert "different arguments" in e["different_weights"]
     assert e["dtensor_sources"].startswith("InputError: source 0: tensor ") and "is a DTensor" in e["dtensor_sources"]

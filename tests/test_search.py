@@ -1274,3 +1274,19 @@ def test_a_state_folder_that_cannot_be_written_is_named_before_the_first_candida
     with pytest.raises(InputError) as e:
         optimize(pool, lambda m: calls.append(1) or evaluate(m), model=Vec(), budget=4, state_path=path, log=None)
     assert str(e.value).startswith(path + ": cannot write the search state") and calls == []
+
+
+@pytest.mark.parametrize("second", ["c0.safetensors", "./c0.safetensors", "link.safetensors"])
+def test_cli_refuses_one_checkpoint_listed_twice_before_the_search(tmp_path, capsys, second):
+    """The search ran to the end and wrote a best_merge.yml listing the checkpoint twice, which `pymerge merge`
+    then refused (an audit): now one line before any work, nothing written."""
+    cfg = _cli_setup(tmp_path)
+    os.symlink(tmp_path / "c0.safetensors", tmp_path / "link.safetensors")
+    data = yaml.safe_load(cfg.read_text())
+    data["sources"] = ["c0.safetensors", "c1.safetensors", second]
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pymerge search: error: {cfg}: sources[0] (c0.safetensors) and sources[2] ({second}) are the "
+                   "same checkpoint; list it once"], err
+    assert not (tmp_path / "out").exists()

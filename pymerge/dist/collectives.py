@@ -108,7 +108,8 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
 @_settling
 def agree_catalog(catalog: list, group) -> None:
     """Raises the same InputError on every rank of group unless all hold the same catalog (a list of
-    plain entries: checkpoint counts, then (tensor, dtypes) in any order): collectives pair tensors by
+    plain entries: checkpoint counts, a list of digests of each checkpoint's values, then (tensor, dtypes) in
+    any order): collectives pair tensors by
     name, so one rank's other tensors would mix one tensor's statistics with another's, or hang."""
     if group is None:
         return
@@ -144,7 +145,7 @@ def _same(digest: int, group) -> bool:
 
 def _first_difference(a: list, b: list, first: str, other: str) -> str:
     head_a, head_b = [e for e in a if not isinstance(e, tuple)], [e for e in b if not isinstance(e, tuple)]
-    if head_a != head_b:
+    if head_a[:2] != head_b[:2]:
         return f"{other} has {head_b[0]} checkpoints (base: {head_b[1]}), {first} {head_a[0]} (base: {head_a[1]})"
     da, db = dict(e for e in a if isinstance(e, tuple)), dict(e for e in b if isinstance(e, tuple))
     missing = [n for n in da if n not in db]
@@ -153,8 +154,13 @@ def _first_difference(a: list, b: list, first: str, other: str) -> str:
     extra = [n for n in db if n not in da]
     if extra:
         return f"tensor {extra[0]!r} is on {other} only ({len(extra)} in all)"
-    name = next(n for n in da if da[n] != db[n])
-    return f"tensor {name!r} has dtypes {list(db[name])} on {other}, {list(da[name])} on {first}"
+    name = next((n for n in da if da[n] != db[n]), None)
+    if name is not None:
+        return f"tensor {name!r} has dtypes {list(db[name])} on {other}, {list(da[name])} on {first}"
+    # the same tensors: the values sampled from each checkpoint differ (ShardedPool)
+    k = next(k for k, (x, y) in enumerate(zip(head_a[2], head_b[2])) if x != y)
+    which = f"checkpoint {k}" if k < head_a[0] else "the base"
+    return f"{which} holds other values on {other} than on {first} (another file, or the checkpoints listed in another order)"
 
 
 # ---- exact sums -------------------------------------------------------------------------------------

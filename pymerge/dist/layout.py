@@ -106,7 +106,8 @@ def box_of(t: torch.Tensor, what: str) -> Box:
     local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
     signature = ("sharded", shape, mesh.device_type, tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
                  tuple(repr(p) for p in placements))
-    split = tuple(sorted({placements[i].dim % len(shape) for i in sharded}))
+    # a mesh dimension of size 1 splits nothing (tp = 1 in a 2-D script): DELLA's rows stay whole there
+    split = tuple(sorted({placements[i].dim % len(shape) for i in sharded if mesh.mesh.shape[i] > 1}))
     copy = mesh.mesh[tuple(slice(None) if d in sharded else coord[d] for d in range(mesh.ndim))]
     return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh, split,
                tuple(sorted(copy.flatten().tolist())))

@@ -48,6 +48,7 @@ class ShardedPool(CheckpointPool):
         self.boxes: Dict[str, Box] = _Counterparts(model_boxes, names)  # by checkpoint name
         self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
+        self._samples: List[int] = []  # per source (then the base) as opened: a digest of a few of its values
         error = absent[0] if absent else None
         if error is None:
             try:
@@ -64,7 +65,9 @@ class ShardedPool(CheckpointPool):
         # it in another dtype, must not build a pool, and one whose files list them in another order (a
         # copy re-saved by another tool) takes the first rank's order (ties' statistics mixed tensors).
         dtype = lambda t: str(t.dtype).replace("torch.", "")  # noqa: E731
-        collectives.agree_catalog([self.num_checkpoints, self.has_base] + [
+        # and each checkpoint's values: a rank given the list in another order (an unsorted glob on another
+        # node) or another file in one slot merged its own pairing of weights and checkpoints, silently
+        collectives.agree_catalog([self.num_checkpoints, self.has_base, self._samples] + [
             (n, tuple(map(dtype, self._inputs[n] + ([self._base[n]] if n in self._base else []))))
             for n in self.names], agreeing)
         self.names = collectives.agreed_order(self.names, agreeing)
@@ -90,7 +93,9 @@ class ShardedPool(CheckpointPool):
         return tuple(versions_of(self._inputs[name] + ([base] if base is not None else [])))
 
     def _open(self, src, label: str):
-        return ShardedSource(super()._open(src, label), self.boxes)
+        inner = super()._open(src, label)
+        self._samples.append(_values_sample(inner))
+        return ShardedSource(inner, self.boxes)
 
     def _reads_maps(self) -> bool:
         return False  # ShardedSource copies each rank's boxes out of the maps while the pool is built
@@ -299,3 +304,24 @@ def _gathered(module) -> bool:
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+_SAMPLED_TENSORS = 64  # tensors read per checkpoint: a page each from a file, spread over the names
+
+
+def _values_sample(source) -> int:
+    """A digest of the first 16 values of up to 64 of a source's floating-point tensors (spread over its sorted
+    names): every rank holds its sources whole or mapped, so ranks compare what each slot holds, not the
+    paths (node-local copies may live elsewhere), at a page read per tensor."""
+    import hashlib
+    names = sorted(n for n in source.names() if isinstance(source.info(n)[0], torch.dtype)
+                   and source.info(n)[0].is_floating_point)
+    digest = hashlib.blake2b(digest_size=8)
+    for n in names[::max(1, math.ceil(len(names) / _SAMPLED_TENSORS))]:
+        t = source.tensor(n).detach()
+        while t.dim() > 1:  # the first row, a view: no copy of a non-contiguous tensor
+            t = t[0]
+        head = t.reshape(-1)[:16].cpu().contiguous()
+        digest.update(n.encode("utf-8", "surrogatepass") + str(head.dtype).encode())
+        digest.update(head.view(torch.uint8).numpy().tobytes() if head.numel() else b"")
+    return int.from_bytes(digest.digest(), "little") >> 2

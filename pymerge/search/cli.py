@@ -90,6 +90,21 @@ def _load_config(path: str) -> dict:
     return cfg
 
 
+def _check_distinct(config: str, written: list, sources: list) -> None:
+    """One checkpoint listed twice (under any spelling: ./x, x/, a link, x/model.safetensors) is refused before
+    the search, as `pymerge merge` refuses the best_merge.yml that would list it twice."""
+    from pymerge.io import Checkpoint
+    seen: dict = {}
+    for i, path in enumerate(sources):
+        with Checkpoint(path) as ck:
+            key = frozenset(os.path.realpath(f) for f in ck.files)
+        if key in seen:
+            j = seen[key]
+            raise InputError(f"{config}: sources[{j}] ({written[j]}) and sources[{i}] ({written[i]}) are the same "
+                             "checkpoint; list it once")
+        seen[key] = i
+
+
 def _dtype(name):
     if name is None:
         return None
@@ -232,6 +247,7 @@ def _run(args) -> int:
     out = args.out or rel(cfg.get("out", "search_out"))
     state_path = rel(cfg.get("state_path"))
     _check_state_apart(state_path, out, [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else []))
+    _check_distinct(args.config, cfg["sources"], sources)
     build = load_entry_point(cfg["model"], "model")
     evaluate = load_entry_point(cfg["evaluate"], "evaluate")
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),
