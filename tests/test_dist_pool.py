@@ -678,3 +678,20 @@ def test_a_module_left_mid_iteration_is_refused(tmp_path):
                                  "root FSDP module first"), res
             assert res[f"{when}_untouched"], when
         assert res["merged_after_reset"]
+
+
+def test_the_values_sample_reads_any_shape_and_tells_checkpoints_apart():
+    """What ranks compare per checkpoint: the same for equal values in another memory layout or device-free
+    copy, different for other values; a (0, 4) tensor (no first row) raised IndexError (a review)."""
+    from pymerge.dist.pool import _values_sample
+    from pymerge.pool.sources import DictSource
+    g = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(5, 7, generator=g), "empty": torch.zeros(0, 4), "s": torch.tensor(2.0),
+         "e4": torch.randn(3, 2, generator=g).to(torch.float8_e4m3fn), "ids": torch.arange(3)}
+    b = {k: v.clone() for k, v in a.items()}
+    b["w"] = a["w"].t().contiguous().t()  # the same values, stored column-major
+    assert _values_sample(DictSource(a, "a")) == _values_sample(DictSource(b, "b"))
+    for k in ("w", "s", "e4"):
+        c = {n: v.clone() for n, v in a.items()}
+        c[k] = (c[k].float() + 1).to(c[k].dtype)
+        assert _values_sample(DictSource(c, "c")) != _values_sample(DictSource(a, "a")), k

@@ -319,6 +319,8 @@ def _values_sample(source) -> int:
     digest = hashlib.blake2b(digest_size=8)
     for n in names[::max(1, math.ceil(len(names) / _SAMPLED_TENSORS))]:
         t = source.tensor(n).detach()
+        if t.numel() == 0:  # a (0, N) tensor has no first row; its name and dtype are sampled all the same
+            t = t.reshape(-1)
         while t.dim() > 1:  # the first row, a view: no copy of a non-contiguous tensor
             t = t[0]
         head = t.reshape(-1)[:16].cpu().contiguous()

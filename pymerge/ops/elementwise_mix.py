@@ -56,7 +56,7 @@ def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.T
         num_threads: int = 0, boosts: Optional[Sequence[float]] = None) -> torch.Tensor:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
     eps, num_threads = not_nan(eps, "eps", "ram"), check_threads(num_threads)
-    boosts = None if boosts is None else [not_nan(b, "a boost", "ram") for b in boosts]
+    boosts = None if boosts is None else [float(b) for b in boosts]  # (ramplus_tl's 0/0 is NaN, as mergekit's)
     read = check_merge_args(xs, base, out, "ram")
     if boosts is not None and len(boosts) != len(xs):
         raise ValueError(f"ram: one boost per input ({len(xs)}), got {len(boosts)}")
