@@ -42,7 +42,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.checkpoint import check_folder_unchanged
-from pymerge.io.files import out_location, read_json, stays_inside
+from pymerge.io.files import out_location, read_json, same_files_key, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
@@ -435,7 +435,7 @@ def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: Lis
     seen: Dict[frozenset, str] = {}
     for spec, ck in zip(sources, checkpoints):
         where = next((f"models[{i}]" for i, m in enumerate(cfg.models) if m is spec), "base_model")
-        key = frozenset(os.path.realpath(f) for f in ck.files)
+        key = same_files_key(ck.files)
         if key in seen:
             raise MergeConfigError(cfg.where(f"{seen[key]} and {where} ({spec.path}) are the same model; "
                                              f"list it once"))

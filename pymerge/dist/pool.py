@@ -16,6 +16,7 @@ left gathered by a forward pass is resharded first (no communication). Methods w
 statistics (methods.py) agree on their own checks and arguments with one more all_reduce, then
 compute the statistics with collectives (collectives.py).
 """
+import hashlib
 import math
 from typing import Dict, List
 
@@ -313,9 +314,8 @@ def _values_sample(source) -> int:
     """A digest of the first 16 values of up to 64 of a source's floating-point tensors (spread over its sorted
     names): every rank holds its sources whole or mapped, so ranks compare what each slot holds, not the
     paths (node-local copies may live elsewhere), at a page read per tensor."""
-    import hashlib
-    names = sorted(n for n in source.names() if isinstance(source.info(n)[0], torch.dtype)
-                   and source.info(n)[0].is_floating_point)
+    dtypes = {n: source.info(n)[0] for n in source.names()}
+    names = sorted(n for n, d in dtypes.items() if isinstance(d, torch.dtype) and d.is_floating_point)
     digest = hashlib.blake2b(digest_size=8)
     for n in names[::max(1, math.ceil(len(names) / _SAMPLED_TENSORS))]:
         t = source.tensor(n).detach()

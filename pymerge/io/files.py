@@ -22,6 +22,12 @@ except ImportError:  # not POSIX
 MAX_SMALL_FILE = 100_000_000  # config.json, index, YAML: bigger is not a config, and would be read whole
 
 
+def same_files_key(files) -> frozenset:
+    """What makes two checkpoints one model: the files they read, links resolved (./x, x/, a link to x and
+    x/model.safetensors are all x)."""
+    return frozenset(os.path.realpath(f) for f in files)
+
+
 def kind_of(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):

@@ -21,6 +21,12 @@ def _dtype_names(dtypes):
     return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
 
 
+def check_out_dtype(out: torch.Tensor, what: str) -> None:
+    """An output the kernels write: float32, float16 or bfloat16."""
+    if out.dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"{what} has unsupported dtype {out.dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
+
+
 def check_inputs(tensors) -> List[torch.Tensor]:
     """Same shape, same device, supported float dtypes; returns the inputs as a list."""
     if isinstance(tensors, torch.Tensor):
@@ -194,8 +200,7 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
         raise ValueError(f"out has shape {tuple(out.shape)} but the inputs have shape {tuple(first.shape)}")
     if out.device != first.device:
         raise ValueError(f"out is on {out.device} but the inputs are on {first.device}")
-    if out.dtype not in OUTPUT_DTYPES:
-        raise TypeError(f"out has unsupported dtype {out.dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
+    check_out_dtype(out, "out")
     if out_dtype is not None and out_dtype != out.dtype:
         raise ValueError(f"out has dtype {out.dtype} but out_dtype={out_dtype}")
     if not out.is_contiguous():
@@ -232,8 +237,8 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{op}: " + (f"input {i}" if i < len(xs) else "the base")
                             + f" is {t.dtype}; the inputs must be floating-point")
-    if out is not None and out.dtype not in OUTPUT_DTYPES:  # (the torch paths wrote ints, truncated)
-        raise TypeError(f"{op}: out has unsupported dtype {out.dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
+    if out is not None:  # (the torch paths wrote ints, truncated)
+        check_out_dtype(out, f"{op}: out")
     ref, ref_name = (base, "the base") if base is not None else (xs[0], "input 0")
     for i, x in enumerate(xs):
         if x.shape != ref.shape:

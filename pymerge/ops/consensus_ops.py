@@ -99,7 +99,8 @@ def _variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
 def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: float, eps: float,
                out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
-    r, alpha, eps = (not_nan(v, n, "ramplus_tl") for v, n in ((r, "r"), (alpha, "alpha"), (eps, "eps")))
+    r, alpha = not_nan(r, "r", "ramplus_tl"), not_nan(alpha, "alpha", "ramplus_tl")
+    eps = not_nan(eps, "eps", "ramplus_tl")
     num_threads = check_threads(num_threads)
     read = check_merge_args(xs, base, out, "ramplus_tl")
     if _native_ok("ram_counts", list(xs) + [base], out, backend, read):

@@ -155,7 +155,7 @@ def _cuda_backend(backend: str, entry: str, tensors=()) -> str:
     was asked for."""
     from pymerge import kernels
     _require_backend(backend, entry, "cuda")
-    if backend not in ("triton", "cuda", "torch"):
+    if backend == "auto":
         backend = "triton" if kernels.triton_available() else "auto"
     if backend == "triton" and tensors and kernels.e4m3_unsupported(tensors[0].device, _codes(tensors)):
         backend = "auto"

@@ -33,7 +33,7 @@ import yaml
 from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
-from pymerge.io.files import hold_lock, release_lock
+from pymerge.io.files import hold_lock, release_lock, same_files_key
 from pymerge.progress import say
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
@@ -97,7 +97,7 @@ def _check_distinct(config: str, written: list, sources: list) -> None:
     seen: dict = {}
     for i, path in enumerate(sources):
         with Checkpoint(path) as ck:
-            key = frozenset(os.path.realpath(f) for f in ck.files)
+            key = same_files_key(ck.files)
         if key in seen:
             j = seen[key]
             raise InputError(f"{config}: sources[{j}] ({written[j]}) and sources[{i}] ({written[i]}) are the same "
