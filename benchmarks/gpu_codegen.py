@@ -61,7 +61,8 @@ def ptx_facts(ptx: str) -> dict:
             "fma_f32": len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ptx)),
             "div_rn_f32": len(re.findall(r"\bdiv\.rn(?:\.ftz)?\.f32\b", ptx)),
             "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx)),
-            "mul_hi_u32": len(re.findall(r"\bmul\.hi\.u32\b", ptx))}
+            "mul_hi_u32": len(re.findall(r"\bmul\.hi\.u32\b", ptx)),
+            "neg_zero_consts": ptx.count("0f80000000")}  # -0.0: the weighted sums' accumulator start
 
 
 def cubin_regs(cubin: bytes) -> dict:

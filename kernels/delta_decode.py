@@ -25,7 +25,7 @@ QBLOCK = 64
 
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_mixed
+    from pymerge.kernels.weighted_sum import _load_mixed, _neg_zeros
 
     @triton.jit
     def _store(out_ptr, offs, mask, acc):
@@ -67,10 +67,10 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         # -0.0 + p == p bit for bit (a +0.0 start would turn a -0.0 product into +0.0)
-        acc0 = tl.full([BLOCK], -0.0, tl.float32)
-        acc1 = tl.full([BLOCK], -0.0, tl.float32)
-        acc2 = tl.full([BLOCK], -0.0, tl.float32)
-        acc3 = tl.full([BLOCK], -0.0, tl.float32)
+        acc0 = _neg_zeros(BLOCK)
+        acc1 = _neg_zeros(BLOCK)
+        acc2 = _neg_zeros(BLOCK)
+        acc3 = _neg_zeros(BLOCK)
         for t in range(n_terms):
             x, s = _decode(tl.load(data_table + t), tl.load(scale_table + t), tl.load(kind_table + t), offs, mask,
                            HAS_E4M3)

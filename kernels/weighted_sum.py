@@ -34,6 +34,12 @@ if triton is not None:
         return p
 
     @triton.jit
+    def _neg_zeros(BLOCK: tl.constexpr):
+        # -0.0 from its bits: Triton 3.6 builds tl.full(..., -0.0) as +0.0 (it takes any value == 0 for
+        # the null constant), which turned every all-zero-product sum's -0.0 into +0.0 on an H200
+        return tl.full([BLOCK], 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _load_as_f32(addr, offs, mask, DT: tl.constexpr, ALIGNED: tl.constexpr):
         if DT == 0:
             x = tl.load(_typed(addr, tl.float32, ALIGNED) + offs, mask=mask, other=0.0)
@@ -85,10 +91,10 @@ if triton is not None:
         # -0.0 + w*x == w*x bit for bit (a +0.0 start would turn a -0.0 product into +0.0), so the
         # fused first step rounds exactly as the CPU's `acc = w * x`. tl.fma, not `acc += w * x`: the same
         # one rounding as the C++ kernel's fma whether or not the compiler contracts (the interpreter does not).
-        acc0 = tl.full([BLOCK], -0.0, tl.float32)
-        acc1 = tl.full([BLOCK], -0.0, tl.float32)
-        acc2 = tl.full([BLOCK], -0.0, tl.float32)
-        acc3 = tl.full([BLOCK], -0.0, tl.float32)
+        acc0 = _neg_zeros(BLOCK)
+        acc1 = _neg_zeros(BLOCK)
+        acc2 = _neg_zeros(BLOCK)
+        acc3 = _neg_zeros(BLOCK)
         for i in range(n_in):
             addr = tl.load(addr_table + i)
             if IN_DT == -1:

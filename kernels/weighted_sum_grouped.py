@@ -25,7 +25,7 @@ from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
 _MIXED = -1
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed, _typed
+    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed, _neg_zeros, _typed
 
     @triton.jit
     def _grouped_kernel(blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups, weights, n_in, k_total,
@@ -45,7 +45,7 @@ if triton is not None:
             mask = offs < tl.load(numels + t)
         g = tl.load(groups + t).to(tl.int64)
         for k in tl.static_range(K):  # K outputs: each re-reads the block, from cache after the first
-            acc = tl.full([BLOCK], -0.0, tl.float32)
+            acc = _neg_zeros(BLOCK)
             w_row = weights + (g * k_total + k) * n_in
             for i in range(n_in):
                 addr = tl.load(in_addr + t * n_in + i)

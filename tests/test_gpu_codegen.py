@@ -57,6 +57,15 @@ def test_grouped_launch_loads_16_bytes_at_a_time_on_full_blocks(rows):
         assert r["v2_loads"] == 0 or "mixed" in r["kernel"], r
 
 
+def test_weighted_sums_start_from_negative_zero(rows):
+    """The accumulators start at -0.0 (a -0.0 sum of -0.0 products, as the C++ kernels): Triton 3.6 compiled
+    tl.full(..., -0.0) as +0.0, which an H200 showed; the start is now built from its bits."""
+    for prefix in ("weighted_sum", "grouped weighted_sum", "delta_decode"):
+        for r in _triton(rows, prefix):
+            if "error" not in r:
+                assert r["neg_zero_consts"] >= 1, r["kernel"]
+
+
 def test_task_vector_pass_rounds_as_the_cpu(rows):
     for r in _triton(rows, "task_vectors"):
         assert r["fma_f32"] == 0, f"{r['kernel']}: FMA contraction changes the bits"

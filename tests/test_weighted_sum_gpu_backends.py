@@ -94,6 +94,27 @@ def test_triton_out_in_place():
     check_close(out, originals, [0.5, 0.5])
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_zero_sums_keep_the_cpu_kernels_sign(backend, out_dtype):
+    """Where every product is -0.0 the sum is -0.0, as the C++ kernel's (its accumulator starts at -0.0);
+    where one is +0.0 it is +0.0. Triton 3.6 compiled tl.full(..., -0.0) as +0.0: on an H200 every
+    such output came out +0.0 (found by the first GPU run)."""
+    if backend == "cuda" and DEVICE == "cpu":
+        pytest.skip("the CUDA kernel runs on a GPU only")
+    size = 2 * BLOCK + 5
+    pos, neg = torch.zeros(size, dtype=torch.bfloat16), torch.full((size,), -0.0, dtype=torch.bfloat16)
+    xs = [pos, neg.clone(), pos.clone()]
+    xs[1][size // 2:] = 0.0                   # second half: one product is +0.0 (+0.0 * 0.25), so the sum is +0.0
+    rows = [[-0.5, 0.25, -1.0], [-2.0, 0.5, -0.0]]
+    got = weighted_sum_many(_on(xs), rows, out_dtype=out_dtype, backend=backend)
+    want = weighted_sum_many(xs, rows, out_dtype=out_dtype, backend="cpu")
+    bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+    for g, w in zip(got, want):
+        assert torch.signbit(w[: size // 2]).all() and not torch.signbit(w[size // 2:]).any()
+        assert torch.equal(g.cpu().view(bits), w.view(bits)), backend
+
+
 def test_cuda_extension_builds_where_nvcc_is():
     import shutil
     if shutil.which("nvcc") is None:
