@@ -8,7 +8,7 @@
    L1 norms every call: what a one-shot merge pays per tensor): torch.profiler's top operators.
    The first run measured 680 ms (TIES) and 250-320 ms (DARE-TIES) per call, 0.45 ms once cached.
 
-    python benchmarks/gpu_profile.py [--workdir /tmp/pymerge-bench] [--out-root /tmp] [--skip-merge]
+    python benchmarks/gpu_profile.py [--workdir /tmp/pymerge-bench] [--out-root /dev/shm /tmp] [--skip-merge]
 """
 import argparse
 import cProfile
@@ -55,12 +55,15 @@ def profile_merge(args) -> None:
     bm.warm(fts)
     for threads in (8, 16):
         print(f"page cache -> pinned, {threads} threads: {pinned_copy_gbps(files, threads):.1f} GB/s")
-    out = args.out_root / "pymerge-gpu-profile"
-    for i in range(3):  # the first run compiles the Triton kernels
+    for root in args.out_root:  # tmpfs and a disk: what the output's writing costs
+        out = root / "pymerge-gpu-profile"
+        for i in range(3):  # the first run compiles the Triton kernels
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_merge(cfg, out, device="cuda", quiet=True, force=True)
+            print(f"merge into {root}, run {i}: {r.input_gb_per_s:.1f} GB/s of input "
+                  f"({r.input_bytes / 1e9:.2f} GB in {r.seconds:.3f} s)")
         shutil.rmtree(out, ignore_errors=True)
-        r = run_merge(cfg, out, device="cuda", quiet=True, force=True)
-        print(f"merge run {i}: {r.input_gb_per_s:.1f} GB/s of input ({r.input_bytes / 1e9:.2f} GB in {r.seconds:.3f} s)")
-    shutil.rmtree(out, ignore_errors=True)
+    out = args.out_root[0] / "pymerge-gpu-profile"
     prof = cProfile.Profile()
     prof.enable()
     r = run_merge(cfg, out, device="cuda", quiet=True, force=True)
@@ -101,7 +104,8 @@ def profile_ties(numel=16_000_000, n=3) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/pymerge-bench", type=Path)
-    ap.add_argument("--out-root", default="/tmp", type=Path)
+    ap.add_argument("--out-root", default=[Path("/dev/shm"), Path("/tmp")], type=Path, nargs="+",
+                    help="folders to write the merged model in (the first is profiled)")
     ap.add_argument("--skip-merge", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -67,3 +67,23 @@ def test_cpu_and_torch_backends_agree_with_nan_and_inf(n):
 def test_bad_rank():
     with pytest.raises(ValueError):
         select.select_ranks(torch.zeros(3), None, [4], True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bf16", "ties", "f32"])
+def test_gpu_ranks_select_the_cpu_kernels_elements(kind):
+    """The torch backend on CUDA tensors (the GPU's TIES thresholds) selects the C++ kernel's elements, ties and
+    NaN included. The boundaries' keys can differ where a NaN is at the boundary: the GPU's x - base is its
+    canonical NaN 0x7FFFFFFF, the CPU's keeps the input's payload (0x7FC00000), as the first H200 run showed;
+    each device's kernels compare keys computed on that device."""
+    n = 3_000_017
+    x, base = data(n, kind, seed=7), data(n, kind, seed=8)
+    x[[5, 99]] = float("nan")
+    ranks = [0, 1, 2, n // 7, n // 2, n - 1, n]
+    xg, bg = x.cuda(), base.cuda()
+    keys, keys_gpu = select.magnitude_keys(x, base), select.magnitude_keys(xg, bg)
+    for desc in (True, False):
+        want = select.select_ranks(x, base, ranks, desc, "cpu")
+        got = select.select_ranks(xg, bg, ranks, desc)
+        for r, b, g in zip(ranks, want, got):
+            assert torch.equal(select.before(keys_gpu, g, desc).cpu(), select.before(keys, b, desc)), (desc, r)
