@@ -80,15 +80,34 @@ class NotInMesh(InputError):
     """A DTensor on a mesh without this rank: an error on this rank only."""
 
 
+# (shape, id(mesh), placements) -> Box. box_of is a function of these alone (and this rank, fixed per mesh), and
+# a sharded pool checks every target tensor's layout on every call: DeviceMesh's layout arithmetic was 80 % of
+# a candidate of 64 tensors (12.7 ms on the CPU, 17 ms on an H200). The Box holds its mesh, so an id is never
+# reused while its entry lives.
+_BOXES: Dict[tuple, Box] = {}
+
+
 def box_of(t: torch.Tensor, what: str) -> Box:
     """The box this rank holds of tensor t (a DTensor or a plain tensor)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.distributed.tensor import DTensor, Replicate
     shape = tuple(t.shape)
     if not isinstance(t, DTensor) or all(isinstance(p, Replicate) for p in t.placements):
         return whole_box(shape)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     mesh, placements = t.device_mesh, tuple(t.placements)
+    key = (shape, id(mesh), placements)
+    box = _BOXES.get(key)
+    if box is None or box.mesh is not mesh:
+        box = _sharded_box(shape, mesh, placements, what)
+        if len(_BOXES) >= 65536:
+            _BOXES.clear()
+        _BOXES[key] = box
+    return box
+
+
+def _sharded_box(shape, mesh, placements, what: str) -> Box:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
     sharded = []
     for i, p in enumerate(placements):
         if type(p) in (Shard, _StridedShard):
