@@ -14,6 +14,9 @@
 # What comes back: $OUT/summary.md (step outcomes, then every table) and $OUT/gpu_check.tgz (every
 # log and result file) -- two files, well inside what the device tool returns. Logs live in a
 # scratch folder and are bundled after every step, so a run cut short still returns what it did.
+# The GPU machine has no registry: packages its image lacks (cma, for the distributed search check) come as
+# wheels in .devwheels/ (git-ignored; `pip download cma --no-deps -d .devwheels` here, then carry it), which this
+# script installs first.
 # Order matters for a cut run: build, then quick benchmarks (figures first), then the GPU tests,
 # then the fuller benchmarks. Every step runs under `timeout -k` with the smaller of its own limit
 # and the time left before DEADLINE (default 420 s).
@@ -79,6 +82,9 @@ if [ "$REHEARSE" = 1 ]; then DEV=cpu; else DEV=cuda; fi
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } | tee "$WORK/machine.log"
 
+if [ -d .devwheels ] && ls .devwheels/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps .devwheels/*.whl >"$WORK/wheels.log" 2>&1 || tail -3 "$WORK/wheels.log"
+fi
 step build 200 $BUILD || { tail -30 "$WORK/build.log"; bundle; exit 1; }
 step backends 30 $PY -m pymerge doctor || $PY -c "import pymerge._cpu as p; print('cpu simd:', p.simd_level())"
 
@@ -102,6 +108,7 @@ if part 2; then
   gpu_step bench_cpool 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick; table bench_compressed_pool_quick
   gpu_step bench_cpool_cuda 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick --backend cuda; table bench_compressed_pool_quick_cuda
   gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
+  gpu_step gpu_profile 90 $PY benchmarks/gpu_profile.py  # where the merge's and uncached TIES' time goes
   for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
     [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
   done
