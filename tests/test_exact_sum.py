@@ -86,6 +86,19 @@ def test_l1_norms_exact_native_and_torch(dtype, n):
     assert exact_sum.totals(pieces) == list(want)
 
 
+@pytest.mark.parametrize("block", [1000, 4096, 1 << 20])
+def test_torch_l1_norms_do_not_depend_on_the_block(block, monkeypatch):
+    """The torch path works block by block (4M elements on a GPU, 1M elsewhere: exact_sum.block_for): each
+    block's keep mask is drawn at its own global offset and its parts add exactly, whatever the block."""
+    n = 65537
+    x, base = wide(n, 4, torch.bfloat16), wide(n, 5, torch.bfloat16)
+    plan = tvo.ModelPlan(mode=tvo.RANDOM, thr=philox.keep_threshold(0.4), model=1)
+    want = tvo.model_l1(x, base, plan, name="w", seed=3, offset=7, cpu=True)
+    monkeypatch.setattr(exact_sum, "block_for", lambda device: block)
+    assert tvo.model_l1(x, base, plan, name="w", seed=3, offset=7, cpu=False) == want
+    assert exact_sum.totals(exact_sum.parts(x.float().double()))[0] == float(sum(Fraction(v) for v in x.float().tolist()))
+
+
 def test_native_parts_come_back_as_one_array(monkeypatch):
     """tv_l1, tv_della_mask and whole_dots returned ~4300 Python ints that torch.tensor() made a tensor of:
     ~1 ms per tensor and model (a DARE merge with a new seed spent 313 of 411 ms there; a bug hunt)."""

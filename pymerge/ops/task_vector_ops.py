@@ -250,8 +250,9 @@ def model_l1_parts(x, base, plan: ModelPlan, *, name="", seed=0, offset=0, cpu=T
         return torch.from_numpy(parts).view(2, -1)
     out = torch.zeros(2, exact_sum.PARTS, dtype=torch.int64, device="cpu")
     xf, bf = x.reshape(-1), base.reshape(-1)
-    for start in range(0, x.numel(), _TORCH_BLOCK):
-        d = xf[start:start + _TORCH_BLOCK].float() - bf[start:start + _TORCH_BLOCK].float()
+    block = exact_sum.block_for(x.device)
+    for start in range(0, x.numel(), block):
+        d = xf[start:start + block].float() - bf[start:start + block].float()
         keep = keep_mask_torch(plan, d, offset + start, name, seed)
         out += l1_parts(d, keep)
     return out
