@@ -83,7 +83,7 @@ if [ "$REHEARSE" = 1 ]; then DEV=cpu; else DEV=cuda; fi
 } | tee "$WORK/machine.log"
 
 if [ -d .devwheels ] && ls .devwheels/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .devwheels/*.whl >"$WORK/wheels.log" 2>&1 || tail -3 "$WORK/wheels.log"
+  step wheels 60 $PY -m pip install --no-index --no-deps .devwheels/*.whl
 fi
 step build 200 $BUILD || { tail -30 "$WORK/build.log"; bundle; exit 1; }
 step backends 30 $PY -m pymerge doctor || $PY -c "import pymerge._cpu as p; print('cpu simd:', p.simd_level())"
@@ -108,10 +108,10 @@ if part 2; then
   gpu_step bench_cpool 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick; table bench_compressed_pool_quick
   gpu_step bench_cpool_cuda 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick --backend cuda; table bench_compressed_pool_quick_cuda
   gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
-  gpu_step gpu_profile 90 $PY benchmarks/gpu_profile.py  # where the merge's and uncached TIES' time goes
   for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
     [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
   done
+  gpu_step gpu_profile 90 $PY benchmarks/gpu_profile.py  # last: where the merge's and uncached TIES' time goes
 fi
 
 bundle

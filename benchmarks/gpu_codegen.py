@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     from common import write_results
     cols = ["kernel", "backend", "arch", "threads", "registers", "spill_bytes", "blocks_per_sm", "v4_loads", "v2_loads", "scalar_loads",
             "scalar_b32_loads", "local_ops",
-            "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32", "error"]
+            "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32", "neg_zero_consts", "error"]
     print(write_results("gpu_codegen_sm90", "cpu", rows, cols,
                         "GPU kernels compiled for sm_90 (and the sm_80 rows for an A100) on a machine without a GPU "
                         "(ptxas -v, PTX)"))

@@ -6,7 +6,7 @@
    measured 5.7 GB/s of input against 55 GB/s pinned host-to-device.
 2. TIES / DARE-TIES on one 16M-element tensor with a fresh selection cache (threshold selection and
    L1 norms every call: what a one-shot merge pays per tensor): torch.profiler's top operators.
-   The first run measured 680 ms (TIES) and 250-320 ms (DARE-TIES) per call, 0.45 ms once cached.
+   The first run measured 676-682 ms (TIES) and 249-322 ms (DARE-TIES) per call, 0.45-0.63 ms once cached.
 
     python benchmarks/gpu_profile.py [--workdir /tmp/pymerge-bench] [--out-root /dev/shm /tmp] [--skip-merge]
 """

@@ -1,6 +1,7 @@
 """The CPU pool's one-call path (pymerge/pool/grouped.py): bit-identical to one kernel call per tensor,
 and a cached plan never writes into a tensor the target no longer holds."""
 import gc
+import os
 import threading
 import types
 import weakref
@@ -11,7 +12,7 @@ import torch
 
 from pymerge import _cpu
 from pymerge.errors import InputError
-from pymerge.ops.weighted_sum import weighted_sum_into
+from pymerge.ops.weighted_sum import weighted_sum_into, weighted_sum_many
 from pymerge.pool import CheckpointPool, grouped
 from test_pool import Tiny, assert_matches, make_models, reference
 
@@ -228,6 +229,40 @@ def test_cached_plan_sees_keys_added_to_a_state_dict_and_parameters_deleted(meth
     del target.head.bias
     with pytest.raises(InputError, match="pool tensor 'head.bias' has no counterpart"):
         pool.materialize(w, into=target, method=method, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_triton_zero_sums_keep_the_cpu_kernels_sign(dtype):
+    """Sums of -0.0 products are -0.0, as the C++ kernel's: the grouped kernel's accumulator starts at -0.0
+    (Triton 3.6 compiled tl.full(..., -0.0) as +0.0: the first H200 run found it in the other kernels)."""
+    pytest.importorskip("triton")
+    from pymerge.kernels.weighted_sum_grouped import GroupedTable
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = [1, 1500, 2048]                                  # partial and full blocks
+    ins = [[torch.zeros(n, dtype=dtype), torch.full((n,), -0.0, dtype=dtype)] for n in sizes]
+    for x in ins:
+        x[1][x[1].numel() // 2:] = 0.0                      # second half: one product is +0.0, the sum +0.0
+    w = torch.tensor([[[-0.5, 0.25]], [[-2.0, 0.5]]])        # [G, K, N]: every product of the first half is -0.0
+    groups = [0, 1, 0]
+    outs = [[torch.full((n,), 7.0, dtype=dtype, device=device)] for n in sizes]
+    table = GroupedTable([[x.to(device) for x in xs] for xs in ins], outs, groups, 2)
+    table.run(w.to(device))
+    for t, (xs, os) in enumerate(zip(ins, outs)):
+        want = weighted_sum_many(xs, w[groups[t]], out_dtype=dtype, backend="cpu")[0]
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.signbit(want[: sizes[t] // 2]).all()
+        assert torch.equal(os[0].cpu().view(bits), want.view(bits)), t
+
+
+def test_no_triton_kernel_builds_negative_zero_with_tl_full():
+    """tl.full(..., -0.0) is +0.0 under Triton 3.6 (any value == 0 becomes the null constant); the kernels
+    build -0.0 from its bits (weighted_sum._neg_zeros). A source check, since Triton 3.9 compiles both alike."""
+    import glob
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "kernels", "*.py")):
+        src = open(path).read()
+        assert not re.search(r"tl\.full\([^)]*-\s*0(\.0*)?\s*,", src), path
 
 
 def test_grouped_triton_launch_matches_per_tensor_launches():

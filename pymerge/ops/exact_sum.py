@@ -23,8 +23,9 @@ _BLOCK = 1 << 20     # elements binned at a time (bounds the temporaries)
 
 def block_for(device: torch.device) -> int:
     """Elements per block of the torch paths that work block by block: 4M on a GPU, where each torch op
-    is a launch costing ~5 us of host time (an uncached DARE-TIES tensor of 3 x 16M elements made 18,720
-    of them at 1M per block: 300 ms on an H200), 1M elsewhere. Either bounds the temporaries."""
+    is a launch and its host work (an uncached DARE-TIES tensor of 3 x 16M elements made 18,720 launches at
+    1M per block: ~300 ms of host time on an H200, the GPU busy ~100 ms of it), 1M elsewhere. Either bounds
+    the temporaries."""
     return _BLOCK << 2 if device.type == "cuda" else _BLOCK
 
 
