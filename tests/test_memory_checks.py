@@ -323,6 +323,23 @@ def test_task_vector_merge_checks_sparsifiers_and_offset(sparsifier, offset, mes
                              [1.0], consensus=False, normalize=False, offset=offset)
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_an_out_past_its_storage_is_reported_as_such_before_any_overlap(many, monkeypatch):
+    """An out= view past its shrunk storage was reported as "out partially overlaps input 0" wherever the
+    allocator put the storage's new 64-byte block next to an input (CI, once): the storage is checked before
+    the overlap test, which here is made to see an overlap whatever the addresses."""
+    from pymerge.ops import _checks
+    monkeypatch.setattr(_checks, "_overlaps_partially", lambda a, b: True)
+    y = torch.zeros(1024)
+    cut = torch.zeros(1 << 20)[:1024]
+    cut.untyped_storage().resize_(64)
+    with pytest.raises(ValueError, match="weighted_sum: output 0: its storage holds 64 bytes"):
+        if many:
+            pymerge.weighted_sum_many([y, y], [[1.0, 1.0]], outs=[cut], backend="torch")
+        else:
+            pymerge.weighted_sum([y, y], [1.0, 1.0], out=cut, backend="torch")
+
+
 @pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested"])
 @pytest.mark.filterwarnings("ignore:.*(Sparse CSR|nested tensors).*:UserWarning")
 def test_sparse_and_nested_inputs_are_named_errors(kind):

@@ -15,7 +15,7 @@ import torch
 
 from pymerge import _native, extras
 from pymerge.ops import library
-from pymerge.ops._checks import (check_inputs, check_separate, check_values_readable, check_weights,
+from pymerge.ops._checks import (check_inputs, check_layout, check_separate, check_values_readable, check_weights,
                                  refuse_tracked_items, resolve_out, values_unknown)
 from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
@@ -41,8 +41,14 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     checked = ()
     if read and library.trusted(weights, out, out_dtype, backend, num_threads):
         checked = (library.INPUTS,) if isinstance(w, torch.Tensor) else (library.INPUTS, library.WEIGHTS)
+    # out's storage before resolve_out's overlap test: a view past its shrunk storage was reported as an overlap
+    # wherever the allocator put the storage's new block next to an input
+    if isinstance(out, torch.Tensor):
+        check_layout(out, "out")
+    out_read = isinstance(out, torch.Tensor) and check_readable([out], "weighted_sum: output", compiling=compiling,
+                                                                 dense=True)
     dtype = resolve_out(tensors, out_dtype, out)
-    if out is not None and check_readable([out], "weighted_sum: output", compiling=compiling, dense=True) and checked:
+    if out_read and checked:
         checked += (library.OUTS,)
     if out is None:
         op_backend = _op_backend(tensors[0], backend)
@@ -143,9 +149,12 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         for k, o in enumerate(outs):
             if not isinstance(o, torch.Tensor):
                 raise TypeError(f"outs[{k}] is a {type(o).__name__}, not a torch.Tensor")
+            check_layout(o, "out")
+        outs_read = check_readable(outs, "weighted_sum: output", compiling=compiling, dense=True)  # as weighted_sum's
+        for o in outs:
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
         check_separate(outs)
-        if check_readable(outs, "weighted_sum: output", compiling=compiling, dense=True) and checked:
+        if outs_read and checked:
             checked += (library.OUTS,)
         library.no_grad_for_out(tensors, weight_rows, outs, "weighted_sum_many")
     _sum_into(tensors, rows, outs, backend, num_threads, checked)
