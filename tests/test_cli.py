@@ -56,6 +56,8 @@ def assert_rejected(result, words, out: Path):
 
 
 def leftovers(out: Path):
+    if not out.parent.is_dir():  # (a folder the merge made for OUT and removed again)
+        return []
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.pymerge-"))
 
 
@@ -197,6 +199,25 @@ def test_a_model_replaced_while_it_is_merged_is_refused(fam, tmp_path, capsys, m
     out = tmp_path / "out"
     assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([x, fts[1]])), out, "--quiet"], capsys),
                     [f"{x} was replaced while it was being merged", "run the merge again"], out)
+
+
+def test_out_under_missing_folders_is_made_and_a_failed_merge_removes_them(fam, tmp_path, capsys, monkeypatch):
+    """`mergekit-yaml cfg runs/x/out` makes runs/x; pymerge said "parent folder ... does not exist". It makes
+    them now, and removes them again when the merge fails (here: an input replaced mid-merge)."""
+    import pymerge.merge
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "runs" / "x" / "out"
+    rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert list(out.glob("*.safetensors"))
+
+    def fail(*args, **kwargs):
+        raise pymerge.merge.InputError("stop here")
+    monkeypatch.setattr(pymerge.merge, "write_side_files", fail)
+    out2 = tmp_path / "more" / "y" / "out"
+    assert_rejected(run_cli(["merge", cfg, out2, "--quiet"], capsys), ["stop here"], out2)
+    assert not (tmp_path / "more").exists()
 
 
 def test_a_system_error_without_a_file_name_blames_no_file(fam, tmp_path, capsys, monkeypatch):

@@ -353,17 +353,39 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
         assert leftovers(tmp_path) == [] and torch.equal(load_all(out)["a"], t["a"])
 
 
-def test_out_that_is_a_file_or_has_no_parent(tmp_path):
+def test_out_under_a_file_is_refused(tmp_path):
     """OUT f/x under a regular file f said f 'does not exist'."""
     (tmp_path / "f").write_text("x")
-    for bad, says in ((tmp_path / "f", "exists and is not a folder"), (tmp_path / "nope" / "out", "does not exist"),
+    for bad, says in ((tmp_path / "f", "exists and is not a folder"),
                       (tmp_path / "f" / "x", "parent folder " + str(tmp_path / "f") + " is a file, not a folder"),
-                      (tmp_path / "f" / "x" / "y", "cannot be used: Not a directory")):
+                      (tmp_path / "f" / "x" / "y", "parent folder " + str(tmp_path / "f") + " is a file, not a folder")):
         for force in (False, True):
             with pytest.raises(InputError) as excinfo:
                 ShardedWriter(bad, [("a", torch.float32, (1,))], force=force)
             assert str(bad) in str(excinfo.value) and says in str(excinfo.value), str(excinfo.value)
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_missing_parent_folders_are_made_and_removed_again_on_abort(tmp_path, monkeypatch):
+    """mergekit makes OUT's missing parents (os.makedirs); pymerge refused them. It makes them now, and an
+    aborted write (or one refused before it began) removes those it made, never a folder that was there."""
+    t = {"a": torch.randn(3)}
+    out = tmp_path / "runs" / "x" / "out"
+    write_all(out, t)
+    assert torch.equal(load_all(out)["a"], t["a"])
+    w = ShardedWriter(tmp_path / "more" / "deep" / "out", [("a", torch.float32, (3,))])
+    w.abort()
+    assert sorted(os.listdir(tmp_path)) == ["runs"]
+    (tmp_path / "kept").mkdir()
+    w = ShardedWriter(tmp_path / "kept" / "new" / "out", [("a", torch.float32, (3,))])
+    w.abort()
+    assert sorted(os.listdir(tmp_path)) == ["kept", "runs"] and os.listdir(tmp_path / "kept") == []
+    class Tiny:
+        f_bavail, f_frsize = 1, 4096
+    monkeypatch.setattr(writer_mod.os, "statvfs", lambda p: Tiny())
+    with pytest.raises(InputError, match="GB are free"):
+        ShardedWriter(tmp_path / "full" / "out", [("a", torch.float32, (100_000,))])
+    assert sorted(os.listdir(tmp_path)) == ["kept", "runs"]
 
 
 def test_not_enough_disk_space(tmp_path, monkeypatch):

@@ -98,26 +98,12 @@ class ShardedWriter:
         else:
             if part not in (None, 0):
                 raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
-            if not self.out_dir.parent.is_dir():
-                raise InputError(f"{self.out_dir}: parent folder {self.out_dir.parent} {_not_a_folder(self.out_dir.parent)}")
-            _check_name(self.out_dir)
-            with _OWNED_LOCK:  # another thread's writer must not take this folder for a killed run's
-                _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
-                _check_out(self.out_dir, force)
-                self.tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
-                self._check_space()
-                try:
-                    os.mkdir(self.tmp_dir)
-                    _OWNED.add(os.path.abspath(self.tmp_dir))
-                except FileExistsError:  # a live writer's (a stale one was swept above)
-                    who = "this process" if os.path.abspath(self.tmp_dir) in _OWNED else "another process"
-                    raise InputError(f"{self.out_dir}: another writer in {who} is writing it "
-                                     f"({self.tmp_dir} exists)") from None
-                except OSError as exc:  # a read-only or foreign parent folder
-                    raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
-                                     f"{exc.strerror or exc}") from None
-                self._lock_fd = _hold_lock(self.tmp_dir)
-                self._made = _identity(self.tmp_dir)  # install checks it is still this folder
+            self._made_parents = _make_parents(self.out_dir)
+            try:
+                self._open_tmp(force)
+            except BaseException:
+                _remove_empty(self._made_parents)
+                raise
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self._inflight = 0
@@ -540,6 +526,27 @@ class ShardedWriter:
             self._state = "committed"
         INSTALLED.append(self.out_dir)
 
+    def _open_tmp(self, force: bool) -> None:
+        """Part 0's temporary folder beside OUT (OUT's name checked, a killed run's leftovers swept)."""
+        _check_name(self.out_dir)
+        with _OWNED_LOCK:  # another thread's writer must not take this folder for a killed run's
+            _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
+            _check_out(self.out_dir, force)
+            self.tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
+            self._check_space()
+            try:
+                os.mkdir(self.tmp_dir)
+                _OWNED.add(os.path.abspath(self.tmp_dir))
+            except FileExistsError:  # a live writer's (a stale one was swept above)
+                who = "this process" if os.path.abspath(self.tmp_dir) in _OWNED else "another process"
+                raise InputError(f"{self.out_dir}: another writer in {who} is writing it "
+                                 f"({self.tmp_dir} exists)") from None
+            except OSError as exc:  # a read-only or foreign parent folder
+                raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
+                                 f"{exc.strerror or exc}") from None
+            self._lock_fd = _hold_lock(self.tmp_dir)
+            self._made = _identity(self.tmp_dir)  # install checks it is still this folder
+
     def abort(self) -> None:
         """Discards everything written so far. A no-op after commit or a previous abort."""
         with self._cond:
@@ -557,6 +564,7 @@ class ShardedWriter:
                 finally:
                     self._release_lock()
                     _OWNED.discard(os.path.abspath(self.tmp_dir))
+                    _remove_empty(self._made_parents)
         finally:
             with self._cond:
                 self._state = "aborted"
@@ -635,6 +643,40 @@ def _check_out(out: Path, force: bool) -> None:
 def _mount_point(out: Path) -> str:
     return (f"{out}: is a mount point, and the model is installed by renaming a finished folder onto OUT, which "
             f"a mount point refuses; choose a folder inside it (e.g. {out / 'model'})")
+
+
+def _make_parents(out: Path) -> List[Path]:
+    """Makes OUT's missing parent folders, as mergekit does (os.makedirs): returns those made, outermost first,
+    which an aborted write removes again if they are still empty. A file where a folder should be is refused."""
+    missing, p = [], out.parent
+    while not p.is_dir():
+        if os.path.lexists(p) or p.parent == p:  # a file, a broken link, a folder that cannot be reached...
+            raise InputError(f"{out}: parent folder {p} {_not_a_folder(p)}")
+        missing.append(p)
+        p = p.parent
+    made: List[Path] = []
+    for p in reversed(missing):
+        try:
+            os.mkdir(p)
+        except FileExistsError:
+            if not p.is_dir():
+                _remove_empty(made)
+                raise InputError(f"{out}: parent folder {p} {_not_a_folder(p)}") from None
+            continue  # another process made it: not ours to remove
+        except OSError as exc:
+            _remove_empty(made)
+            raise InputError(f"{out}: cannot create its parent folder {p}: {exc.strerror or exc}") from None
+        made.append(p)
+    return made
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Removes the folders _make_parents made, innermost first, while they are empty."""
+    for p in reversed(folders):
+        try:
+            os.rmdir(p)
+        except OSError:
+            return
 
 
 def _not_a_folder(path: Path) -> str:
