@@ -585,13 +585,16 @@ def test_token_sources_must_be_models_of_the_merge(models, tmp_path, capsys):
     _, m = models
     _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None,
                             "tokenizer": {"tokens": {"x1": {"source": m["c"]}}}},
-         "tokenizer.tokens['x1'].source", "not one of the models merged")
+         "bad.yml: tokenizer.tokens['x1'].source", "not one of the models merged")  # the config file named too
+    _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None,
+                            "tokenizer": {"tokens": {"x1": {"source": str(tmp_path / "nowhere")}}}},
+         "bad.yml: tokenizer.tokens['x1'].source", "(no such folder) is not one of the models merged")
     _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None,
                             "tokenizer": {"tokens": {"x1": {"source": m["a"]}}}},
-         "tokenizer.tokens['x1'].source", "lacks the token 'x1'")
+         "bad.yml: tokenizer.tokens['x1'].source", "lacks the token 'x1'")
     _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None,
                             "tokenizer": {"tokens": {"x1": {"force": True}}}},
-         "tokenizer.tokens['x1']", "needs a source")
+         "bad.yml: tokenizer.tokens['x1']", "needs a source")
     _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": None, "tokenizer": {"tokens": {
         "x1": {"source": {"kind": "model_token", "model": m["b"], "token_id": 99}}}}}, "token id 99 is out of range")
 

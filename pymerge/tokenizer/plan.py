@@ -13,7 +13,8 @@ def plan_vocabulary(cfg, models: Sequence[str], checkpoints, donor: str, read_co
         sizes[m] = _vocab_size(read_config(ck) or {}) or _embedding_rows(m, ck)
     same = {os.path.realpath(m): m for m in reversed(models)}  # other spellings of a model: its label
     base = same.get(os.path.realpath(cfg.base_model)) if cfg.base_model else None
-    vocab = build_vocabulary(cfg.tokenizer, list(dict.fromkeys(models)), same[os.path.realpath(donor)], base, sizes)
+    vocab = build_vocabulary(cfg.tokenizer, list(dict.fromkeys(models)), same[os.path.realpath(donor)], base, sizes,
+                             where=cfg.where)
     if cfg.chat_template is None:
         vocab.tokenizer.templates()  # written with it: a bad one is an error now, before any output
     return vocab

@@ -17,7 +17,7 @@ mergekit 0.1.5's semantics (mergekit/tokenizer/build.py and embed.py):
 - `pad_to_multiple_of` pads the row count up; each model's padding rows are the mean of its rows.
 """
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -52,6 +52,7 @@ class Vocabulary:
     spec: TokenizerSpec
     base: Optional[str]                # the config's base_model: its rows win for shared tokens
     _rows: Dict[tuple, "Rows"] = field(default_factory=dict)
+    where: Callable[[str], str] = str  # a config key -> its place in messages ("cfg.yml: key")
 
     @staticmethod
     def covers(name: str) -> bool:
@@ -88,9 +89,10 @@ class Rows:
 
 
 def build_vocabulary(spec: TokenizerSpec, models: Sequence[str], donor: str, base: Optional[str],
-                     vocab_sizes: Dict[str, int]) -> Vocabulary:
+                     vocab_sizes: Dict[str, int], where: Callable[[str], str] = str) -> Vocabulary:
     """models: every model of the merge (paths); donor: the base model, else the first; vocab_sizes:
-    each model's number of embedding rows that tokens may use (config.json's vocab_size)."""
+    each model's number of embedding rows that tokens may use (config.json's vocab_size); where: a config
+    key's place in messages (the config file's name before it, as the config's other errors)."""
     toks = {m: read_tokenizer(m) for m in [donor] + [m for m in models if m != donor]}
     for m, tok in toks.items():
         over = [(t, i) for t, i in tok.vocab.items() if i >= vocab_sizes[m]]
@@ -122,8 +124,8 @@ def build_vocabulary(spec: TokenizerSpec, models: Sequence[str], donor: str, bas
         own = tok.vocab
         p[ids] = [own.get(t, -1) for t in tokens]
         perms[m] = p
-    _check_token_models(spec, models)
-    return Vocabulary(out, doc, tokens, size, perms, {m: t.vocab for m, t in toks.items()}, spec, base)
+    _check_token_models(spec, models, where)
+    return Vocabulary(out, doc, tokens, size, perms, {m: t.vocab for m, t in toks.items()}, spec, base, where=where)
 
 
 def _copy_doc(doc: dict) -> dict:
@@ -204,13 +206,14 @@ def _union(added: _Added, toks: List[Tokenizer], base: Tokenizer) -> None:
         added.add(dict(e))
 
 
-def _check_token_models(spec: TokenizerSpec, models: Sequence[str]) -> None:
+def _check_token_models(spec: TokenizerSpec, models: Sequence[str], where: Callable[[str], str]) -> None:
     import os
     real = {os.path.realpath(m): m for m in models}
     for tok, s in spec.tokens.items():
         if s.source.model is not None and os.path.realpath(s.source.model) not in real:
-            raise MergeConfigError(f"tokenizer.tokens[{tok!r}].source: model {s.source.model} is not one of the "
-                                   f"models merged")
+            missing = "" if os.path.exists(s.source.model) else " (no such folder)"
+            raise MergeConfigError(where(f"tokenizer.tokens[{tok!r}].source: model {s.source.model}{missing} is not "
+                                         f"one of the models merged"))
 
 
 def _assign(v: Vocabulary, sources: List[str], rows: List[int], name: str) -> Rows:
@@ -232,7 +235,7 @@ def _assign(v: Vocabulary, sources: List[str], rows: List[int], name: str) -> Ro
         forced[j] = setting.force
         if not (setting.force or count[j] < k):
             continue  # every model has it: no default needed (mergekit computes none)
-        where = f"tokenizer.tokens[{tok!r}]"
+        where = v.where(f"tokenizer.tokens[{tok!r}]")
         src = setting.source
         if src.kind == "zero":
             kind[j] = ZERO
