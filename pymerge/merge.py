@@ -631,11 +631,18 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
     folder = Path(donor.folder)
     from pymerge.tokenizer.output import write_tokenizer
     skip, tokenizer = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
+    copied = set()
     for fname in TOKENIZER_FILES if copy_tokenizer else ():
         if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
+            copied.add(fname)
             if fname == "tokenizer_config.json":
                 tokenizer = folder
+    vocab_files = {"tokenizer.json", "tokenizer.model", "vocab.json"}
+    if copy_tokenizer and not (vocab_files & (copied | set(skip))):  # (mergekit logs "Failed to copy tokenizer")
+        plan.warnings.append(f"{folder}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json) in the model "
+                             "the output's side files come from; the output has none either (tokenizer_source "
+                             "names another)")
     # without them the output cannot be loaded
     for source, fname in _remote_code_of(folder, model_cfg, tokenizer):
         if _side_file_ok(plan, source, fname):

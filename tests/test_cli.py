@@ -220,6 +220,20 @@ def test_out_under_missing_folders_is_made_and_a_failed_merge_removes_them(fam, 
     assert not (tmp_path / "more").exists()
 
 
+def test_a_donor_without_a_tokenizer_is_warned_of(fam, tmp_path, capsys):
+    """The output's side files come from the base, else the first model: one without tokenizer files gave an
+    output without a tokenizer, silently (mergekit logs "Failed to copy tokenizer")."""
+    root, base, fts = fam
+    bare = _copy(fts[0], tmp_path / "bare")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / f).unlink(missing_ok=True)
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([bare, fts[1]])), tmp_path / "out"], capsys)
+    assert rc == 0 and "no tokenizer" in err and str(bare) in err, err
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "d.yml", linear([fts[1], bare])), tmp_path / "out2"], capsys)
+    assert rc == 0 and "no tokenizer" not in err, err
+
+
 def test_a_system_error_without_a_file_name_blames_no_file(fam, tmp_path, capsys, monkeypatch):
     """An OSError with no file name (an input's mmap, say) read 'output: Cannot allocate memory'."""
     import errno
