@@ -639,10 +639,11 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
             if fname == "tokenizer_config.json":
                 tokenizer = folder
     vocab_files = {"tokenizer.json", "tokenizer.model", "vocab.json"}
-    if copy_tokenizer and not (vocab_files & (copied | set(skip))):  # (mergekit logs "Failed to copy tokenizer")
-        plan.warnings.append(f"{folder}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json) in the model "
-                             "the output's side files come from; the output has none either (tokenizer_source "
-                             "names another)")
+    if copy_tokenizer and not vocab_files & (copied | set(skip)) and \
+            not any(os.path.lexists(folder / f) for f in vocab_files):  # (one not copied was warned of already)
+        plan.warnings.append(f"{folder}: holds none of the tokenizer files pymerge copies (tokenizer.json, "
+                             "tokenizer.model, vocab.json); the output has no tokenizer (mergekit logs 'Failed to "
+                             "copy tokenizer'; tokenizer_source can name another model's)")
     # without them the output cannot be loaded
     for source, fname in _remote_code_of(folder, model_cfg, tokenizer):
         if _side_file_ok(plan, source, fname):

@@ -388,6 +388,26 @@ def test_missing_parent_folders_are_made_and_removed_again_on_abort(tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["kept", "runs"]
 
 
+def test_a_link_to_nothing_above_out_is_refused_and_an_interrupt_leaves_no_folders(tmp_path, monkeypatch):
+    """A dangling link on OUT's path was resolved and its target made (an unmounted disk's link: the model
+    written onto the filesystem below); an interrupt while the parents were made left them behind."""
+    os.symlink(tmp_path / "missing" / "deep", tmp_path / "dl")
+    with pytest.raises(InputError, match="is a link to .*which does not exist"):
+        ShardedWriter(tmp_path / "dl" / "sub" / "out", [("a", torch.float32, (1,))])
+    assert sorted(os.listdir(tmp_path)) == ["dl"]
+    real, calls = os.mkdir, []
+
+    def interrupted(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(writer_mod.os, "mkdir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ShardedWriter(tmp_path / "a" / "b" / "c" / "out", [("a", torch.float32, (1,))])
+    assert sorted(os.listdir(tmp_path)) == ["dl"]
+
+
 def test_not_enough_disk_space(tmp_path, monkeypatch):
     class Tiny:
         f_bavail, f_frsize = 1, 4096

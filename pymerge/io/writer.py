@@ -98,7 +98,7 @@ class ShardedWriter:
         else:
             if part not in (None, 0):
                 raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
-            self._made_parents = _make_parents(self.out_dir)
+            self._made_parents = _make_parents(self.out_dir, out_dir)
             try:
                 self._open_tmp(force)
             except BaseException:
@@ -645,28 +645,36 @@ def _mount_point(out: Path) -> str:
             f"a mount point refuses; choose a folder inside it (e.g. {out / 'model'})")
 
 
-def _make_parents(out: Path) -> List[Path]:
+def _make_parents(out: Path, given) -> List[Path]:
     """Makes OUT's missing parent folders, as mergekit does (os.makedirs): returns those made, outermost first,
-    which an aborted write removes again if they are still empty. A file where a folder should be is refused."""
+    which an aborted write removes again if they are still empty. A file where a folder should be is refused,
+    and so is a link to nothing on the way as the user wrote it (out_location resolved it: an unmounted disk's
+    link would have had the model written onto the filesystem below)."""
     missing, p = [], out.parent
     while not p.is_dir():
-        if os.path.lexists(p) or p.parent == p:  # a file, a broken link, a folder that cannot be reached...
+        if os.path.lexists(p) or p.parent == p:  # a file, a folder that cannot be reached...
             raise InputError(f"{out}: parent folder {p} {_not_a_folder(p)}")
         missing.append(p)
         p = p.parent
+    if missing:
+        for q in Path(os.path.abspath(os.fspath(given))).parents:
+            if os.path.islink(q) and not os.path.exists(q):
+                raise InputError(f"{given}: {q} is a link to {os.readlink(q)}, which does not exist")
     made: List[Path] = []
-    for p in reversed(missing):
-        try:
-            os.mkdir(p)
-        except FileExistsError:
-            if not p.is_dir():
-                _remove_empty(made)
-                raise InputError(f"{out}: parent folder {p} {_not_a_folder(p)}") from None
-            continue  # another process made it: not ours to remove
-        except OSError as exc:
-            _remove_empty(made)
-            raise InputError(f"{out}: cannot create its parent folder {p}: {exc.strerror or exc}") from None
-        made.append(p)
+    try:
+        for p in reversed(missing):
+            try:
+                os.mkdir(p)
+            except FileExistsError:
+                if not p.is_dir():
+                    raise InputError(f"{out}: parent folder {p} {_not_a_folder(p)}") from None
+                continue  # another process made it: not ours to remove
+            except OSError as exc:
+                raise InputError(f"{out}: cannot create its parent folder {p}: {exc.strerror or exc}") from None
+            made.append(p)
+    except BaseException:  # an interrupt too: nothing made is left behind
+        _remove_empty(made)
+        raise
     return made
 
 

@@ -211,9 +211,15 @@ def _check_token_models(spec: TokenizerSpec, models: Sequence[str], where: Calla
     real = {os.path.realpath(m): m for m in models}
     for tok, s in spec.tokens.items():
         if s.source.model is not None and os.path.realpath(s.source.model) not in real:
-            missing = "" if os.path.exists(s.source.model) else " (no such folder)"
+            missing = "" if os.path.exists(s.source.model) or _not_a_path(s.source.model) else " (no such folder)"
             raise MergeConfigError(where(f"tokenizer.tokens[{tok!r}].source: model {s.source.model}{missing} is not "
                                          f"one of the models merged"))
+
+
+def _not_a_path(ref: str) -> bool:
+    """A hub id or a MODEL+LORA reference: no folder of that name is expected."""
+    from pymerge.hub import looks_like_id
+    return looks_like_id(ref) or "+" in ref
 
 
 def _assign(v: Vocabulary, sources: List[str], rows: List[int], name: str) -> Rows:
