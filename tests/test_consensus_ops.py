@@ -391,3 +391,21 @@ def test_ramplus_tl_with_epsilon_0_and_an_unmoved_model_gives_mergekit_nans():
         out = torch.empty(4)
         co.ramplus_tl([base.clone(), torch.ones(4)], base, 0.1, 0.2, 0.0, out, backend=backend)
         assert torch.isnan(out).all(), (backend, out)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 65537])
+def test_fusion_quartiles_by_rank_selection_are_kthvalues(n):
+    """On a GPU arcee_fusion's three quartiles come from the histogram rank selection (torch.kthvalue runs one
+    thread block on a CUDA tensor): the same values as kthvalue for non-negative float32, ties, zeros, inf, NaN."""
+    g = torch.Generator().manual_seed(n)
+    flat = torch.randn(n, generator=g).abs()
+    flat[: n // 4] = flat[0]                                  # a run of ties
+    if n > 10:
+        flat[[1, 5]] = 0.0
+        flat[3] = float("inf")
+        flat[7] = float("nan")
+    pos = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()
+    got = list(co._ranked(flat, pos, "torch", 0))
+    want = [torch.kthvalue(flat, p + 1).values for p in pos]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) or (a.isnan() and b.isnan()), (a, b)
