@@ -631,16 +631,14 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
     folder = Path(donor.folder)
     from pymerge.tokenizer.output import write_tokenizer
     skip, tokenizer = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
-    copied = set()
     for fname in TOKENIZER_FILES if copy_tokenizer else ():
         if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
-            copied.add(fname)
             if fname == "tokenizer_config.json":
                 tokenizer = folder
     vocab_files = {"tokenizer.json", "tokenizer.model", "vocab.json"}
-    if copy_tokenizer and not vocab_files & (copied | set(skip)) and \
-            not any(os.path.lexists(folder / f) for f in vocab_files):  # (one not copied was warned of already)
+    # none written (a merged vocabulary) nor in the donor (one there but not copied was warned of already)
+    if copy_tokenizer and not vocab_files & skip and not any(os.path.lexists(folder / f) for f in vocab_files):
         plan.warnings.append(f"{folder}: holds none of the tokenizer files pymerge copies (tokenizer.json, "
                              "tokenizer.model, vocab.json); the output has no tokenizer (mergekit logs 'Failed to "
                              "copy tokenizer'; tokenizer_source can name another model's)")

@@ -43,10 +43,10 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
         checked = (library.INPUTS,) if isinstance(w, torch.Tensor) else (library.INPUTS, library.WEIGHTS)
     # out's storage before resolve_out's overlap test: a view past its shrunk storage was reported as an overlap
     # wherever the allocator put the storage's new block next to an input
+    out_read = False
     if isinstance(out, torch.Tensor):
-        check_layout(out, "out")
-    out_read = isinstance(out, torch.Tensor) and check_readable([out], "weighted_sum: output", compiling=compiling,
-                                                                 dense=True)
+        check_layout(out, "out")  # (check_readable's dense test would name a sparse out otherwise)
+        out_read = check_readable([out], "weighted_sum: output", compiling=compiling, dense=True)
     dtype = resolve_out(tensors, out_dtype, out)
     if out_read and checked:
         checked += (library.OUTS,)
