@@ -393,19 +393,33 @@ def test_ramplus_tl_with_epsilon_0_and_an_unmoved_model_gives_mergekit_nans():
         assert torch.isnan(out).all(), (backend, out)
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 1000, 65537])
-def test_fusion_quartiles_by_rank_selection_are_kthvalues(n):
-    """On a GPU arcee_fusion's three quartiles come from the histogram rank selection (torch.kthvalue runs one
-    thread block on a CUDA tensor): the same values as kthvalue for non-negative float32, ties, zeros, inf, NaN."""
-    g = torch.Generator().manual_seed(n)
+@pytest.mark.parametrize("case", ["random", "ties", "edges at the quartiles", "all nan", "one", "zeros and denormals"])
+def test_fusion_quartiles_by_histogram_are_kthvalues(case):
+    """On a GPU arcee_fusion's three quartiles come from two histograms of the values' bits (torch.kthvalue runs
+    one thread block on a CUDA tensor): the values kthvalue gives, for non-negative float32 with ties, -0.0,
+    denormals, inf and NaN of either sign at the quartile ranks themselves."""
+    g = torch.Generator().manual_seed(len(case))
+    n = {"one": 1}.get(case, 65537)
     flat = torch.randn(n, generator=g).abs()
-    flat[: n // 4] = flat[0]                                  # a run of ties
-    if n > 10:
-        flat[[1, 5]] = 0.0
-        flat[3] = float("inf")
-        flat[7] = float("nan")
+    if case == "ties":
+        flat[: 3 * n // 4] = flat[0]
+    elif case == "edges at the quartiles":               # q1 -0.0 / +0.0, median inf, q3 NaN (both signs)
+        q = n // 4
+        flat[:q + 2] = torch.tensor([-0.0, 0.0]).repeat(q // 2 + 1)[:q + 2]
+        flat[q + 2: 2 * q + 2] = float("inf")
+        nan = torch.tensor([float("nan")]).view(torch.int32)
+        flat[2 * q + 2:] = torch.cat([nan, nan | torch.tensor([-2**31], dtype=torch.int32)]).view(torch.float32).repeat(n)[: n - 2 * q - 2]
+    elif case == "all nan":
+        flat[:] = float("nan")
+    elif case == "zeros and denormals":
+        flat[: n // 2] = 0.0
+        flat[n // 2: 3 * n // 4] = torch.tensor([1, 2, 0x7FFFFF], dtype=torch.int32).view(torch.float32).repeat(n)[: 3 * n // 4 - n // 2]
+    assert not bool((flat < 0).any())
     pos = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()
-    got = list(co._ranked(flat, pos, "torch", 0))
+    got = co._floats(co.quartile_keys(flat, pos), flat.device)
     want = [torch.kthvalue(flat, p + 1).values for p in pos]
     for a, b in zip(got, want):
-        assert torch.equal(a, b) or (a.isnan() and b.isnan()), (a, b)
+        assert a.dtype == torch.float32 and a.dim() == 0
+        assert (a.isnan() and b.isnan()) or (a == b and not a.isnan()), (case, a, b)
+    if case == "edges at the quartiles":
+        assert got[1].isinf() and got[2].isnan()  # the quartiles do land on the edge values

@@ -161,18 +161,23 @@ def fusion_threshold(scores: torch.Tensor, num_threads: Optional[int] = None) ->
     n = flat.numel()
     pos = (torch.tensor([0.25, 0.5, 0.75], device="cpu") * (n - 1)).long().tolist()  # float32 positions, as mergekit
     if num_threads is not None and flat.device.type == "cpu" and _native.cpu is not None:
-        q1, med, q3 = _ranked(flat, pos, "cpu", num_threads)
-    elif flat.device.type != "cpu" and flat.dtype == torch.float32 and not bool((flat < 0).any()):
+        # non-negative floats sort as their bits; NaN (above inf) sorts last, as in torch.sort
+        found = select.select_ranks(flat, None, pos, descending=False, num_threads=num_threads)
+        q1, med, q3 = _floats([b.key for b in found], flat.device)
+    elif flat.device.type == "cuda" and flat.dtype == torch.float32 and not bool((flat < 0).any()):
         # torch.kthvalue runs one thread block on a CUDA tensor (224 ms for 16M values on an H200, three per
-        # tensor here); the torch rank selection takes two histograms instead
-        q1, med, q3 = _ranked(flat, pos, "torch", 0)
+        # tensor here); two histograms of the same bits instead (int32 keys: 4 bytes per element)
+        q1, med, q3 = _floats(quartile_keys(flat, pos), flat.device)
     else:
         q1, med, q3 = (torch.kthvalue(flat, p + 1).values for p in pos)
     return med + 1.5 * (q3 - q1)
 
 
-def _ranked(flat: torch.Tensor, pos, backend: str, num_threads: int):
-    """The values of ranks pos of non-negative floats, which sort as their bits (NaN above inf, last, as in
-    torch.sort and kthvalue): select.select_ranks on the magnitude keys."""
-    found = select.select_ranks(flat, None, pos, descending=False, backend=backend, num_threads=num_threads)
-    return (torch.tensor([b.key], dtype=torch.int32).view(torch.float32)[0].to(flat.device) for b in found)
+def quartile_keys(flat: torch.Tensor, pos) -> list:
+    """The bits of the values of ranks pos of non-negative float32 values, which sort as their bits with the
+    sign cleared (-0.0 with +0.0, NaN of either sign last, as in torch.sort and kthvalue)."""
+    return select.smallest_keys(flat.contiguous().view(torch.int32) & 0x7FFFFFFF, pos)
+
+
+def _floats(keys, device) -> tuple:
+    return tuple(torch.tensor([k], dtype=torch.int32).view(torch.float32)[0].to(device) for k in keys)
