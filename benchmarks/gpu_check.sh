@@ -5,6 +5,9 @@
 #   PART=2 bash benchmarks/gpu_check.sh        build, then the fuller benchmarks and the other gpu_*_check.sh;
 #                                              right after PART=1, on the still-warm machine that kept its
 #                                              build, with GPU_CHECK_BUILD=true (no rebuild)
+#   PART=verify bash benchmarks/gpu_check.sh   build, the GPU tests, the other gpu_*_check.sh and gpu_profile: what a
+#                                              code change needs checked again, without the benchmarks
+#                                              (PROFILE_ARGS=--skip-merge leaves out the merge profile)
 #   REHEARSE=1 bash benchmarks/gpu_check.sh    here, without a GPU: the same plumbing, GPU steps skipped
 # Device time: a task gets 15 minutes in all, a machine's start takes a minute or more, and none starts
 # with under 4 minutes left. DEADLINE (default 420 s; it was 540) keeps one call near 9 minutes with the
@@ -29,8 +32,9 @@ PY=${PYTHON:-python3}
 END=$((SECONDS + ${DEADLINE:-420}))
 REHEARSE=${REHEARSE:-0}
 PART=${PART:-all}
-case "$PART" in all|1|2) ;; *) echo "PART must be all, 1 or 2, got $PART" >&2; exit 2;; esac
+case "$PART" in all|1|2|verify) ;; *) echo "PART must be all, 1, 2 or verify, got $PART" >&2; exit 2;; esac
 part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }  # part N: this run does part N
+checks() { part "$1" || [ "$PART" = verify ]; }       # the tests and checks of part N, also run by PART=verify
 BUILD=${GPU_CHECK_BUILD:-"$PY -m pip install --no-build-isolation --no-deps -e ."}
 export PYMERGE_CUDA_ARCHS=${PYMERGE_CUDA_ARCHS:-90}   # Hopper only: halves the nvcc time
 export PYTHONUNBUFFERED=1
@@ -93,7 +97,9 @@ if part 1; then
   step bench_ws_quick 60 $PY benchmarks/bench_weighted_sum.py --device $DEV --quick; table weighted_sum
   step bench_pool_quick 60 $PY benchmarks/bench_pool.py --device $DEV --quick; table bench_pool_quick
   gpu_step bench_methods_quick 60 $PY benchmarks/bench_methods_gpu.py --numel 16e6 --rounds 5; table methods_gpu
+fi
 
+if checks 1; then
   # Correctness on the GPU: the ops' backends first, then every other gpu-marked test.
   PYTEST="$PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=100"
   gpu_step tests_ops 120 $PYTEST -x tests/test_weighted_sum_gpu_backends.py
@@ -108,10 +114,13 @@ if part 2; then
   gpu_step bench_cpool 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick; table bench_compressed_pool_quick
   gpu_step bench_cpool_cuda 90 $PY benchmarks/bench_compressed_pool.py --device cuda --quick --backend cuda; table bench_compressed_pool_quick_cuda
   gpu_step bench_merge_gpu 120 $PY benchmarks/bench_merge_gpu.py --device cuda --out-root /tmp --results "$WORK/results/gpu"; table merge_linear_gpu
+fi
+
+if checks 2; then
   for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
     [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
   done
-  gpu_step gpu_profile 90 $PY benchmarks/gpu_profile.py  # last: where the merge's and uncached TIES' time goes
+  gpu_step gpu_profile 90 $PY benchmarks/gpu_profile.py ${PROFILE_ARGS:-}  # last: where the merge's and uncached TIES' time goes
 fi
 
 bundle

@@ -219,10 +219,12 @@ def cuda_rows() -> list:
                              r.stderr, re.S):
             mangled, spill, regs = m.group(1), int(m.group(2)), int(m.group(3))
             short = re.search(r"(weighted_sum_vec|weighted_sum_scalar|tv_merge_kernel|delta_accumulate_kernel)"
-                              r"(?:ILi(\d+)E(?:Lb(\d)E)?)?", mangled)
+                              r"(?:ILi(\d+)E(?:Lb(\d)E|Li(n?\d+)E)?)?", mangled)
             name = short.group(1) + (f" K={short.group(2)}" if short.group(2) else "") if short else mangled
             if short and short.group(3):
                 name += " vec" if short.group(3) == "1" else " scalar"
+            if short and short.group(4):  # the inputs' shared dtype code (csrc/codes.h), n1: mixed
+                name += " " + {"0": "f32", "1": "f16", "2": "bf16", "n1": "mixed"}[short.group(4)]
             start = entries.get(mangled)
             body = ptx[start:bounds[bounds.index(start) + 1]] if start is not None else ""
             rows.append({"kernel": name, "backend": "cuda", "arch": 90, "threads": 256, "registers": regs, "spill_bytes": spill,

@@ -7,6 +7,8 @@
 2. TIES / DARE-TIES on one 16M-element tensor with a fresh selection cache (threshold selection and
    L1 norms every call: what a one-shot merge pays per tensor): torch.profiler's top operators.
    The first run measured 676-682 ms (TIES) and 249-322 ms (DARE-TIES) per call, 0.45-0.63 ms once cached.
+3. arcee_fusion's threshold (three quartiles of 16M non-negative float32 scores): the histogram
+   selection it uses on a GPU against three torch.kthvalue calls, time and peak memory above the scores.
 
     python benchmarks/gpu_profile.py [--workdir /tmp/pymerge-bench] [--out-root /dev/shm /tmp] [--skip-merge]
 """
@@ -101,6 +103,30 @@ def profile_ties(numel=16_000_000, n=3) -> None:
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50))
 
 
+def profile_quartiles(numel=16_000_000) -> None:
+    from pymerge.ops.consensus_ops import fusion_threshold
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.rand(numel, generator=g, device="cuda").square_()
+    pos = (torch.tensor([0.25, 0.5, 0.75]) * (numel - 1)).long().tolist()
+
+    def kth():
+        q1, med, q3 = (torch.kthvalue(scores, p + 1).values for p in pos)
+        return med + 1.5 * (q3 - q1)
+
+    for name, fn in (("histograms (fusion_threshold)", lambda: fusion_threshold(scores)), ("3 x kthvalue", kth)):
+        value = fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        for _ in range(3):
+            value = fn()
+        torch.cuda.synchronize()
+        ms = 1e3 * (time.perf_counter() - t) / 3
+        peak = (torch.cuda.max_memory_allocated() - held) / scores.nbytes
+        print(f"arcee threshold, {name}: {ms:.1f} ms, peak {peak:.2f} x the scores' bytes, value {float(value):.6g}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/pymerge-bench", type=Path)
@@ -113,6 +139,7 @@ def main(argv=None):
     if not args.skip_merge:
         profile_merge(args)
     profile_ties()
+    profile_quartiles()
     return 0
 
 

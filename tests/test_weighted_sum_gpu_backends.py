@@ -9,7 +9,7 @@ import torch
 
 from pymerge import _native, kernels, weighted_sum, weighted_sum_many
 from triton_fma import UNFUSED_REASON, interpreter_rounds_fma_once
-from wsum_reference import IN_DTYPES, OUT_DTYPES, check_close, random_inputs, random_weights
+from wsum_reference import FP8, IN_DTYPES, OUT_DTYPES, check_close, random_inputs, random_weights
 
 # Only the Triton tests need triton: the CUDA extension's tests run (on a GPU) without it.
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="the triton package is not installed")
@@ -182,3 +182,40 @@ def test_gpu_weights_in_device_memory(backend, n):
         weighted_sum_into(xs, rows, outs, backend=backend)
         for o, row in zip(outs, new.tolist()):
             check_close(o, xs, row)
+
+
+def _same_bits(got, want):
+    """Equal bits, NaN for NaN (a GPU writes its canonical NaN, the CPU kernel keeps sign and payload)."""
+    g, w = got.cpu(), want.cpu()
+    nan = torch.isnan(w)
+    assert torch.equal(torch.isnan(g), nan), "NaN in other places than the CPU kernel's"
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[w.dtype]
+    same = g.view(bits) == w.view(bits)
+    assert bool((same | nan).all()), f"{int((~(same | nan)).sum())} of {w.numel()} elements differ from the CPU kernel's bits"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", ["bfloat16", "float16", "float32", "mixed"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9, 65, 70])
+def test_gpu_outputs_are_the_cpu_kernels_bits(backend, dtypes, n):
+    """Every backend's contract: float32 fmas in input order from -0.0, one rounding per output. The CUDA
+    kernel loads several inputs per step (a partial step when n is not a multiple of it), one to four outputs
+    per launch (five: two launches), more than 64 inputs through float32 partial sums, a scalar tail past the
+    last 8-element vector, and the scalar path for a misaligned input: all must give the CPU kernel's bits.
+    NaN, inf and signed zeros included."""
+    kinds = {"mixed": [torch.bfloat16, torch.float32, torch.float16] + FP8}.get(dtypes, [getattr(torch, dtypes)])
+    size = 8 * 4096 + 13
+    xs = random_inputs(n, size, kinds, seed=n)
+    xs[0][3], xs[-1][5], xs[n // 2][7] = float("nan"), float("inf"), -0.0
+    rows = [random_weights(n, seed=n + r) for r in range(5)]
+    for k in (1, 2, 3, 4, 5):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            got = weighted_sum_many(_on(xs), rows[:k], out_dtype=out_dtype, backend=backend)
+            want = weighted_sum_many(xs, rows[:k], out_dtype=out_dtype, backend="cpu")
+            for g, w in zip(got, want):
+                _same_bits(g, w)
+    shifted = [torch.cat([x[:1], x]) for x in _on(xs)]  # storage offset of one element: the scalar path
+    got = weighted_sum_many([s[1:] for s in shifted], rows[:2], out_dtype=torch.float16, backend=backend)
+    for g, w in zip(got, weighted_sum_many(xs, rows[:2], out_dtype=torch.float16, backend="cpu")):
+        _same_bits(g, w)

@@ -19,12 +19,18 @@ namespace pymerge_cuda {
 namespace {
 
 
-constexpr int kVec = 8;      // elements per thread per step: one 16-byte load of bf16/fp16
+constexpr int kVec = 8;      // elements per vector: one 16-byte load of bf16/fp16, two of float32
 constexpr int kThreads = 256;
-// Steps per thread per iteration: independent 16-byte loads in flight. Fewer outputs leave
-// registers for more steps; every instantiation stays within 128 registers (ptxas -v), so at
-// least two blocks (16 warps) are resident per SM (__launch_bounds__ below).
-template <int K> struct Unroll { static constexpr int value = K <= 2 ? 4 : 2; };
+constexpr int kMixed = -1;   // inputs of several dtypes (or float8): the load dispatches per input
+// Bytes in flight decide the bandwidth: each thread owns Vecs<K> vectors and loads Step<K> inputs for
+// all of them before it adds any (64 bytes of bf16 per thread per step), and 64 registers or fewer
+// (ptxas -v) keep 4 blocks of 256 threads resident per SM: 64 KB of loads in flight per SM. The first
+// version (4 vectors of one input per step, 96-128 registers, 2 blocks) ran at 0.44-0.49 of copy on
+// an H200, where the Triton kernel (32 registers, full occupancy) reached 0.89-0.91.
+constexpr int kMinBlocks = 4;
+// Inputs loaded per step: 64 bytes per thread (one 16-byte vector of bf16/fp16, two of float32, per input).
+// Mixed dtypes convert as they load, so they hold 8 floats per input and take fewer per step.
+template <int DT> struct Step { static constexpr int value = DT == F32 ? 2 : DT == kMixed ? 2 : 4; };
 
 struct Params {
   const void* in[kMaxInputs];
@@ -47,7 +53,7 @@ __device__ __forceinline__ float weight(const Params& p, int k, int i) {
   return p.w_dev ? __ldg(p.w_dev + k * p.w_stride + i) : p.w[k][i];
 }
 
-// Loads kVec consecutive elements starting at i (16-byte aligned for 2-byte types).
+// Loads kVec consecutive elements starting at i (16-byte aligned for 2-byte types), as float32.
 __device__ __forceinline__ void load_vec(const void* p, int64_t i, int dt, float (&x)[kVec]) {
   if (dt == BF16 || dt == F16) {
     uint4 raw = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i));
@@ -64,6 +70,34 @@ __device__ __forceinline__ void load_vec(const void* p, int64_t i, int dt, float
     for (int j = 0; j < kVec; ++j) x[j] = load_f32(p, i + j, dt);
   }
 }
+
+// kVec elements as loaded: raw bits of one dtype DT (4 registers for bf16/fp16, 8 for float32, turned into
+// float32 as they are added), or already float32 for kMixed.
+template <int DT> struct Loaded {
+  static constexpr int kWords = DT == kMixed ? kVec : DT == F32 ? 8 : 4;
+  uint32_t w[kWords];
+  __device__ __forceinline__ void load(const void* p, int64_t i, int dt) {
+    if constexpr (DT == kMixed) {
+      float x[kVec];
+      load_vec(p, i, dt, x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) w[j] = __float_as_uint(x[j]);
+    } else if constexpr (DT == F32) {
+      const uint4* q = reinterpret_cast<const uint4*>(static_cast<const float*>(p) + i);
+      uint4 a = __ldg(q), b = __ldg(q + 1);
+      w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+    } else {
+      uint4 a = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i));
+      w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+    }
+  }
+  __device__ __forceinline__ float operator[](int j) const {
+    if constexpr (DT == kMixed || DT == F32) return __uint_as_float(w[j]);
+    const uint32_t h = (w[j / 2] >> (16 * (j % 2))) & 0xFFFF;  // little-endian: element 2m is the low half
+    if constexpr (DT == BF16) return __uint_as_float(h << 16);
+    return __half2float(__ushort_as_half(uint16_t(h)));
+  }
+};
 
 __device__ __forceinline__ void store_vec(void* p, int64_t i, int dt, const float (&a)[kVec]) {
   if (dt == F32) {
@@ -86,47 +120,42 @@ __device__ __forceinline__ void store_one(void* p, int64_t i, int dt, float a) {
   else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(a);
 }
 
-// Vectorized body: every thread owns kUnroll groups of kVec elements per grid-stride step.
-template <int K>
-__global__ void __launch_bounds__(kThreads, 2) weighted_sum_vec(const __grid_constant__ Params p) {
-  constexpr int kUnroll = Unroll<K>::value;
+// Vectorized body: every thread owns one vector of kVec elements per grid-stride step. Sums start at
+// -0.0 (fma(w, x, -0.0) is w * x, bits and all) and add the inputs in order.
+template <int K, int DT>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) weighted_sum_vec(const __grid_constant__ Params p) {
+  constexpr int kS = Step<DT>::value;
   const int64_t n_vec = p.numel / kVec;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x * kUnroll;
-  for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x * kUnroll + threadIdx.x; v0 < n_vec; v0 += stride) {
-    float acc[kUnroll][K][kVec];
-    for (int i = 0; i < p.n_in; ++i) {
-      float x[kUnroll][kVec];
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < n_vec; v += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = v * kVec;
+    float acc[K][kVec];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        int64_t v = v0 + int64_t(u) * blockDim.x;
-        if (v < n_vec) load_vec(p.in[i], v * kVec, p.in_dtype[i], x[u]);
-      }
+    for (int k = 0; k < K; ++k) {
+      if (p.acc_in) load_vec(p.acc_in + k * p.acc_stride, e, F32, acc[k]);
+      else
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t(u) * blockDim.x;
-        if (v >= n_vec) continue;
+        for (int j = 0; j < kVec; ++j) acc[k][j] = -0.f;
+    }
+    for (int i0 = 0; i0 < p.n_in; i0 += kS) {
+      Loaded<DT> x[kS];
+#pragma unroll
+      for (int s = 0; s < kS; ++s)  // every load of the step issued before the first add
+        if (i0 + s < p.n_in) x[s].load(p.in[i0 + s], e, p.in_dtype[i0 + s]);
+#pragma unroll
+      for (int s = 0; s < kS; ++s) {
+        if (i0 + s >= p.n_in) break;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          float prev[kVec];
-          if (i == 0 && p.acc_in) load_vec(p.acc_in + k * p.acc_stride, v * kVec, F32, prev);
-          const float wk = weight(p, k, i);
+          const float wk = weight(p, k, i0 + s);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            if (i == 0 && !p.acc_in) acc[u][k][j] = wk * x[u][j];
-            else acc[u][k][j] = fmaf(wk, x[u][j], i == 0 ? prev[j] : acc[u][k][j]);
-          }
+          for (int j = 0; j < kVec; ++j) acc[k][j] = fmaf(wk, x[s][j], acc[k][j]);
         }
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      int64_t v = v0 + int64_t(u) * blockDim.x;
-      if (v >= n_vec) continue;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (p.acc_out) store_vec(p.acc_out + k * p.acc_stride, v * kVec, F32, acc[u][k]);
-        else store_vec(p.out[k], v * kVec, p.out_dtype[k], acc[u][k]);
-      }
+    for (int k = 0; k < K; ++k) {
+      if (p.acc_out) store_vec(p.acc_out + k * p.acc_stride, e, F32, acc[k]);
+      else store_vec(p.out[k], e, p.out_dtype[k], acc[k]);
     }
   }
 }
@@ -164,21 +193,38 @@ int sm_count() {
   return sms;
 }
 
-template <int K>
+template <int K, int DT>
 void launch_vec(const Params& p, int64_t n_vec, cudaStream_t s) {
-  int64_t per_block = int64_t(kThreads) * Unroll<K>::value;
-  int64_t blocks = std::min<int64_t>((n_vec + per_block - 1) / per_block, int64_t(sm_count()) * 16);
-  weighted_sum_vec<K><<<unsigned(blocks), kThreads, 0, s>>>(p);
+  int64_t blocks = std::min<int64_t>((n_vec + kThreads - 1) / kThreads, int64_t(sm_count()) * 16);
+  weighted_sum_vec<K, DT><<<unsigned(blocks), kThreads, 0, s>>>(p);
+}
+
+template <int DT>
+void launch_vec(const Params& p, int64_t n_vec, cudaStream_t s) {
+  switch (p.n_out) {
+    case 1: launch_vec<1, DT>(p, n_vec, s); break;
+    case 2: launch_vec<2, DT>(p, n_vec, s); break;
+    case 3: launch_vec<3, DT>(p, n_vec, s); break;
+    default: launch_vec<4, DT>(p, n_vec, s); break;
+  }
+}
+
+// The dtype all of the launch's inputs share, if it has a 16-byte load path; kMixed otherwise.
+int shared_dtype(const Params& p) {
+  for (int i = 1; i < p.n_in; ++i)
+    if (p.in_dtype[i] != p.in_dtype[0]) return kMixed;
+  const int dt = p.in_dtype[0];
+  return dt == BF16 || dt == F16 || dt == F32 ? dt : kMixed;
 }
 
 void launch(const Params& p, bool aligned, cudaStream_t s) {
   int64_t n_vec = aligned ? p.numel / kVec : 0;
   if (n_vec > 0) {
-    switch (p.n_out) {
-      case 1: launch_vec<1>(p, n_vec, s); break;
-      case 2: launch_vec<2>(p, n_vec, s); break;
-      case 3: launch_vec<3>(p, n_vec, s); break;
-      default: launch_vec<4>(p, n_vec, s); break;
+    switch (shared_dtype(p)) {
+      case BF16: launch_vec<BF16>(p, n_vec, s); break;
+      case F16: launch_vec<F16>(p, n_vec, s); break;
+      case F32: launch_vec<F32>(p, n_vec, s); break;
+      default: launch_vec<kMixed>(p, n_vec, s); break;
     }
   }
   int64_t rest = p.numel - n_vec * kVec;
