@@ -117,10 +117,10 @@ if part 2; then
 fi
 
 if checks 2; then
+  gpu_step gpu_profile 90 $PY benchmarks/gpu_profile.py ${PROFILE_ARGS:-}  # where the merge's and uncached TIES' time goes
   for extra in benchmarks/gpu_*_check.sh; do  # checks other parts of the project add (distributed, ...); each
     [ -f "$extra" ] && step "$(basename "$extra" .sh)" 150 env REHEARSE="$REHEARSE" bash "$extra"  # rehearses itself
   done
-  gpu_step gpu_profile 90 $PY benchmarks/gpu_profile.py ${PROFILE_ARGS:-}  # last: where the merge's and uncached TIES' time goes
 fi
 
 bundle

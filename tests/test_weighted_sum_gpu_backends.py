@@ -204,7 +204,7 @@ def test_gpu_outputs_are_the_cpu_kernels_bits(backend, dtypes, n):
     per launch (five: two launches), more than 64 inputs through float32 partial sums, a scalar tail past the
     last 8-element vector, and the scalar path for a misaligned input: all must give the CPU kernel's bits.
     NaN, inf and signed zeros included."""
-    kinds = {"mixed": [torch.bfloat16, torch.float32, torch.float16] + FP8}.get(dtypes, [getattr(torch, dtypes)])
+    kinds = [torch.bfloat16, torch.float32, torch.float16] + FP8 if dtypes == "mixed" else [getattr(torch, dtypes)]
     size = 8 * 4096 + 13
     xs = random_inputs(n, size, kinds, seed=n)
     xs[0][3], xs[-1][5], xs[n // 2][7] = float("nan"), float("inf"), -0.0
