@@ -223,14 +223,15 @@ def tv_merge(inputs, base, plans, out, *, consensus, normalize, lam, divisor, se
     del bits  # kept alive until the launch was queued
 
 
-def philox_draws(seed: int, name: str, model: int, offset: int, n: int, device=None, grouped=None) -> torch.Tensor:
-    """The Triton kernel's draws for elements offset .. offset+n-1 (tests compare them to the torch form).
+def philox_draws(seed: int, name, model: int, offset: int, n: int, device=None, grouped=None) -> torch.Tensor:
+    """The Triton kernel's draws for elements offset .. offset+n-1 (philox.draws on a GPU; tests compare them to
+    the torch form). name: the tensor's name or its name_hash().
 
     grouped: force the one-call-per-4-elements path (True) or the per-element path (False); by
     default the kernel's own choice (grouped when offset is a multiple of 4)."""
     from pymerge.ops.philox import name_hash
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    h0, h1 = name_hash(name)
+    h0, h1 = name if isinstance(name, tuple) else name_hash(name)
     grouped = offset % 4 == 0 if grouped is None else grouped
     if grouped and offset % 4:
         raise ValueError("grouped draws need an offset that is a multiple of 4")

@@ -41,6 +41,34 @@ def test_triton_draws_equal_torch(model, offset, grouped, seed):
     assert torch.equal(got.cpu(), philox.random_bits(seed, "a.b", model, offset, 300))
 
 
+@pytest.mark.parametrize("offset", [0, 6])
+def test_masks_from_the_triton_draws_equal_the_cpu_kernels(offset, monkeypatch):
+    """On a GPU the DARE / DELLA masks of the torch paths (L1 norms, DELLA ranks) take their draws from the
+    Triton kernel (philox.draws), one launch instead of ~250 torch ops; here the interpreter stands in for the
+    GPU: the L1 norms equal the C++ kernel's and the DELLA mask the torch form's (and the C++ kernel's for a
+    whole tensor), at a grouped and an ungrouped offset."""
+    pytest.importorskip("triton")
+    if not TRITON_INTERPRETED:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    from pymerge.kernels import task_vectors as tk
+    g = torch.Generator().manual_seed(offset)
+    x, base = torch.randn(3001, generator=g).bfloat16(), torch.randn(3001, generator=g).bfloat16()
+    plan = tvo.ModelPlan(mode=tvo.RANDOM, thr=philox.keep_threshold(0.3), model=2)
+    x2, base2 = x[:3000].view(30, 100), base[:3000].view(30, 100)
+    sp = tvo.Sparsifier("della_magprune", 0.4, epsilon=0.15)
+    want_l1 = tvo.model_l1(x, base, plan, name="m.w", seed=9, offset=offset, cpu=True)
+    want_della = tvo.della_keep_torch(x2, base2, sp, 1, "m.w", 9, offset)  # the torch form's draws
+    if offset == 0:  # the C++ DELLA mask is of a whole tensor
+        assert torch.equal(tvo.pack_bits(want_della), tvo._della_mask(x2, base2, sp, 1, "m.w", 9, 0, True, 0)[0])
+    calls = []
+    real = tk.philox_draws
+    monkeypatch.setattr(philox, "_kernel_draws", lambda device: True)
+    monkeypatch.setattr(tk, "philox_draws", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert tvo.model_l1(x, base, plan, name="m.w", seed=9, offset=offset, cpu=False) == want_l1
+    assert torch.equal(tvo.della_keep_torch(x2, base2, sp, 1, "m.w", 9, offset), want_della)
+    assert len(calls) >= 2, "the torch paths did not take the kernel's draws"
+
+
 def merge(name, xs, base, mp, params=None, seed=1, backend="auto", offset=0):
     out = torch.empty(base.shape, dtype=torch.float32)
     get_method(name).merge_tensor(TensorTask(xs, base, mp, params or {}, name="w", seed=seed, backend=backend,

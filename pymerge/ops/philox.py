@@ -88,6 +88,25 @@ def random_bits(seed: int, name, model: int, offset: int, numel: int,
     return words[(j >> 2) - g0, j & 3]
 
 
+def draws(seed: int, name, model: int, offset: int, numel: int, device=None) -> torch.Tensor:
+    """random_bits, computed by the Triton kernel on a GPU: one launch where the torch form is ~250 (10 rounds of
+    int64 ops, each a launch; an uncached DARE-TIES call on an H200 made ~5,000 launches, most of them here).
+    The torch form elsewhere, and while a CUDA graph is being captured (the kernel's table is a host copy)."""
+    if numel and _kernel_draws(device):
+        from pymerge.kernels import task_vectors as tk
+        if offset + numel > MAX_ELEMENTS:
+            raise ValueError(f"tensor {name!r} has more than 2**34 elements; the Philox counter layout cannot key it")
+        return tk.philox_draws(seed, name, model, offset, numel, device=device)
+    return random_bits(seed, name, model, offset, numel, device)
+
+
+def _kernel_draws(device) -> bool:
+    if device is None or torch.device(device).type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return False
+    from pymerge.kernels import triton_available
+    return triton_available()
+
+
 def bernoulli_mask(seed: int, name: str, model: int, offset: int, numel: int, p: float,
                    device=None) -> torch.Tensor:
     """Boolean keep-mask with P(keep) = p under the layout above."""

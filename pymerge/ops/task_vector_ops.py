@@ -278,7 +278,7 @@ def keep_mask_torch(plan: ModelPlan, d: torch.Tensor, e0: int, name: str, seed: 
             return select.before(keys, plan.hi, True, idx)
         return select.before(keys, plan.hi, False, idx) & ~select.before(keys, plan.lo, False, idx)
     if plan.mode == RANDOM:
-        return philox.random_bits(seed, name, plan.model, e0, n, d.device) < plan.thr
+        return philox.draws(seed, name, plan.model, e0, n, d.device) < plan.thr
     words = plan.bits.to(d.device)[idx >> 6]
     return ((words >> (idx & 63)) & 1).bool()
 
@@ -343,7 +343,7 @@ def _della_keep(d, sp: Sparsifier, model, name, seed, offset) -> torch.Tensor:
     pos = torch.arange(cols, device=d.device).view(1, cols, *([1] * (d.dim() - 2)))
     rank = torch.empty_like(order).scatter_(1, order, pos.expand_as(order).contiguous())
     thr = della_thresholds(sp.density, sp.epsilon, cols).to(d.device)
-    draws = philox.random_bits(seed, name, model, offset, d.numel(), d.device).reshape(d.shape)
+    draws = philox.draws(seed, name, model, offset, d.numel(), d.device).reshape(d.shape)
     return (draws < thr[rank]).reshape(-1)
 
 
