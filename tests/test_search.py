@@ -1290,3 +1290,22 @@ def test_cli_refuses_one_checkpoint_listed_twice_before_the_search(tmp_path, cap
     assert err == [f"pymerge search: error: {cfg}: sources[0] (c0.safetensors) and sources[2] ({second}) are the "
                    "same checkpoint; list it once"], err
     assert not (tmp_path / "out").exists()
+
+
+def test_replaced_files_are_on_disk_before_their_name(tmp_path, monkeypatch):
+    """The search's state (rewritten every generation), its reports and compressed pools are written beside their
+    path and renamed over it: the temporary file was never fsynced, so a power cut after the rename could leave
+    an empty state file where the last generation's had been. Now: the file's data, then the rename, then the
+    folder's entry."""
+    from pymerge.io import files
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    path = str(tmp_path / "state.json")
+    files.replace_file(path, lambda p: open(p, "w").write("{}"),
+                       install=lambda a, b: events.append(("install", b)) or real_replace(a, b))
+    kinds = [e[0] for e in events]
+    assert kinds == ["fsync", "install", "fsync"], events
+    assert events[0][1].startswith(path + ".tmp") and events[2][1] == str(tmp_path), events
+    assert open(path).read() == "{}"

@@ -145,10 +145,32 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
         # as open() would make it: mkstemp's 0600 (or that of a writer's own temporary file renamed over tmp,
         # as safetensors' save_file does) would stay on the result
         os.chmod(tmp, new_file_mode())
+        # the bytes on disk before the name points at them: after a crash, the old file or the new, never an
+        # empty one (a search's state is rewritten every generation; ext4 and xfs may keep data in memory)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         install(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
     finally:
         if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
             os.remove(tmp)
+
+
+def fsync_dir(path) -> None:
+    """A rename or a new file is durable only once its folder's entry is on disk too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders; nothing more we can do
+    finally:
+        os.close(fd)
 
 
 _held_locks: set = set()  # descriptors hold_lock returned and release_lock has not closed

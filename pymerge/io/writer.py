@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import kind_of, open_regular, out_location
+from pymerge.io.files import fsync_dir, kind_of, open_regular, out_location
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -452,7 +452,7 @@ class ShardedWriter:
             self._close_fds()
             self._sync_failed()
             for d in sorted(self._dirs, key=lambda p: -len(p.parts)):
-                _fsync_dir(d)
+                fsync_dir(d)
             self._install()
         except BaseException:
             self.abort()  # a no-op once _install put OUT in place
@@ -501,7 +501,7 @@ class ShardedWriter:
         # Held until OUT is in place (a peer that cannot see this pid would take a lock-less folder for a
         # killed run's), then removed from OUT: it was there for an instant.
         self._release_lock(out)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         old = aside if aside is not None else tmp  # the replaced model (nothing there after a plain rename)
         if os.path.lexists(old):
             self._discard(old)
@@ -971,18 +971,6 @@ def _start_writeback(fd: int, pos: int, nbytes: int) -> None:
         pass
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new file is durable only once its folder's entry is on disk too.
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; nothing more we can do
-    finally:
-        os.close(fd)
 
 
 def _load_renameat2():
