@@ -2,12 +2,13 @@
 # One call on a GPU machine with no internet: build, quick benchmarks, GPU tests, fuller benchmarks.
 #   bash benchmarks/gpu_check.sh               on the GPU machine, inside one device call
 #   PART=1 bash benchmarks/gpu_check.sh        build, quick benchmarks and the GPU tests only
-#   PART=2 bash benchmarks/gpu_check.sh        build, then the fuller benchmarks and the other gpu_*_check.sh;
+#   PART=2 bash benchmarks/gpu_check.sh        build, then the fuller benchmarks, gpu_profile and the other gpu_*_check.sh;
 #                                              right after PART=1, on the still-warm machine that kept its
 #                                              build, with GPU_CHECK_BUILD=true (no rebuild)
 #   PART=verify bash benchmarks/gpu_check.sh   build, the GPU tests, the other gpu_*_check.sh and gpu_profile: what a
 #                                              code change needs checked again, without the benchmarks
-#                                              (PROFILE_ARGS=--skip-merge leaves out the merge profile)
+#                                              (PROFILE_ARGS=--skip-merge leaves out the merge profile; about 6 minutes
+#                                              on an H200: give it DEADLINE=330 or more, else the NCCL check is cut)
 #   REHEARSE=1 bash benchmarks/gpu_check.sh    here, without a GPU: the same plumbing, GPU steps skipped
 # Device time: a task gets 15 minutes in all, a machine's start takes a minute or more, and none starts
 # with under 4 minutes left. DEADLINE (default 420 s; it was 540) keeps one call near 9 minutes with the

@@ -20,6 +20,8 @@ pymerge/ops/philox.py with c0 = j // 4, c1 = model index, (c2, c3) = name hash; 
 block starts on a multiple of 4 (always, unless the caller's offset is not), one call yields the
 draws of 4 consecutive elements.
 """
+import contextlib
+
 import numpy as np
 import torch
 
@@ -235,7 +237,9 @@ def philox_draws(seed: int, name, model: int, offset: int, n: int, device=None, 
     grouped = offset % 4 == 0 if grouped is None else grouped
     if grouped and offset % 4:
         raise ValueError("grouped draws need an offset that is a multiple of 4")
-    out = torch.empty(n, dtype=torch.int64, device=device)
-    tab = _to_device([_signed64(seed), model & 0xFFFFFFFF, h0, h1, offset], device)
-    _draws_kernel[(triton.cdiv(n, 128),)](out, tab, n, BLOCK=128, GROUPED=grouped)
+    # Triton launches on the current device's current stream: made the tensors' (cuda:1's draws launched on GPU 0)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        out = torch.empty(n, dtype=torch.int64, device=device)
+        tab = _to_device([_signed64(seed), model & 0xFFFFFFFF, h0, h1, offset], device)
+        _draws_kernel[(triton.cdiv(n, 128),)](out, tab, n, BLOCK=128, GROUPED=grouped)
     return out

@@ -33,12 +33,28 @@ def test_cpu_draws_equal_torch(offset, n):
 @pytest.mark.parametrize("model", [0, 1, 2])  # 1 once made Triton turn the argument into a constant
 @pytest.mark.parametrize("offset,grouped", [(5, False), (0, True), (0, False), (1 << 33, True), (4100, True)])
 @pytest.mark.parametrize("seed", [12345, 2**63 + 7])
-def test_triton_draws_equal_torch(model, offset, grouped, seed):
-    """Both Triton paths (one Philox call per element, one per 4 elements) give the reference draws."""
+@pytest.mark.parametrize("hashed", [False, True])
+def test_triton_draws_equal_torch(model, offset, grouped, seed, hashed):
+    """Both Triton paths (one Philox call per element, one per 4 elements) give the reference draws, for a
+    tensor named or given by its name_hash() (what the custom ops carry)."""
     pytest.importorskip("triton")
     from pymerge.kernels import task_vectors as tk
-    got = tk.philox_draws(seed, "a.b", model, offset, 300, grouped=grouped)
+    name = philox.name_hash("a.b") if hashed else "a.b"
+    got = tk.philox_draws(seed, name, model, offset, 300, grouped=grouped)
     assert torch.equal(got.cpu(), philox.random_bits(seed, "a.b", model, offset, 300))
+
+
+@pytest.mark.gpu
+def test_draws_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device: the draws of tensors on cuda:1 ran on GPU 0 (an illegal address,
+    or unordered against cuda:1's stream) until the launcher took the tensors' device."""
+    pytest.importorskip("triton")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    with torch.cuda.device(0):
+        got = philox.draws(7, "a.b", 3, 4, 100_003, device="cuda:1")
+        assert got.device == torch.device("cuda:1")
+        assert torch.equal(got.cpu(), philox.random_bits(7, "a.b", 3, 4, 100_003))
 
 
 @pytest.mark.parametrize("offset", [0, 6])

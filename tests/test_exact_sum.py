@@ -99,20 +99,25 @@ def test_torch_l1_norms_do_not_depend_on_the_block(block, monkeypatch):
     assert exact_sum.totals(exact_sum.parts(x.float().double()))[0] == float(sum(Fraction(v) for v in x.float().tolist()))
 
 
-@pytest.mark.parametrize("by_bincount", [False, True])
-def test_both_ways_of_counting_give_the_same_parts(by_bincount, monkeypatch):
+def test_both_ways_of_counting_give_the_same_parts(monkeypatch):
     """A GPU counts with torch.bincount's float64 sums (exact: integers of at most 2^27 each, at most 2^25 per
-    block), elsewhere and under deterministic algorithms with int64 index_add_; both fill the same parts.
-    The worst case for the float64 sums: a whole block of values whose mantissas are all ones, in one bin."""
-    monkeypatch.setattr(exact_sum, "_bincount_is_faster", lambda device: by_bincount)
+    block), elsewhere and under deterministic algorithms with int64 index_add_; both fill the same parts, for
+    values over the whole float64 range and in the worst case for the float64 sums: a GPU-sized block (4M)
+    of values whose mantissas are all ones, in one bin (sums near 2^49)."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(50_000, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-60, 60, (50_000,), generator=g).double())
     x[:3] = torch.tensor([1e300, -1e300, 5e-324], dtype=torch.float64)
-    assert exact_sum.total(exact_sum.parts(x)) == math.fsum(x.tolist())
     top = -(1 - 2.0 ** -53) * 2.0 ** 40
-    n = exact_sum.block_for(torch.device("cpu")) + 3
-    same = torch.full((n,), top, dtype=torch.float64)
-    assert exact_sum.total(exact_sum.parts(same)) == float(Fraction(top) * n)
+    block = exact_sum.block_for(torch.device("cuda"))
+    same = torch.full((block + 3,), top, dtype=torch.float64)
+    monkeypatch.setattr(exact_sum, "block_for", lambda device: block)
+    got = {}
+    for by_bincount in (False, True):
+        monkeypatch.setattr(exact_sum, "_bincount_is_faster", lambda device, b=by_bincount: b)
+        got[by_bincount] = exact_sum.parts(x), exact_sum.parts(same)
+    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], got[True][1])
+    assert exact_sum.total(got[True][0]) == math.fsum(x.tolist())
+    assert exact_sum.total(got[True][1]) == float(Fraction(top) * (block + 3))
 
 
 def test_native_parts_come_back_as_one_array(monkeypatch):

@@ -219,3 +219,23 @@ def test_gpu_outputs_are_the_cpu_kernels_bits(backend, dtypes, n):
     got = weighted_sum_many([s[1:] for s in shifted], rows[:2], out_dtype=torch.float16, backend=backend)
     for g, w in zip(got, weighted_sum_many(xs, rows[:2], out_dtype=torch.float16, backend="cpu")):
         _same_bits(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("n", [3, 70])
+def test_gpu_bits_past_the_first_grid_pass_and_with_device_weights(backend, n):
+    """The CUDA kernel's grid stops at 16 blocks per SM (~4.3M elements on an H200) and loops over the rest:
+    9M elements take a second pass. Weights in device memory (the search's graphs) take another load path, and
+    past 64 inputs another offset into them. Both must give the CPU kernel's bits."""
+    from pymerge.ops.weighted_sum import weighted_sum_into
+    size = (9_000_017 if n == 3 else 100_003)
+    xs = random_inputs(n, size, [torch.bfloat16], seed=n)
+    rows = [random_weights(n, seed=n + r) for r in range(2)]
+    want = weighted_sum_many(xs, rows, out_dtype=torch.bfloat16, backend="cpu")
+    for g, w in zip(weighted_sum_many(_on(xs), rows, out_dtype=torch.bfloat16, backend=backend), want):
+        _same_bits(g, w)
+    outs = [torch.empty(size, dtype=torch.bfloat16, device=DEVICE) for _ in rows]
+    weighted_sum_into(_on(xs), torch.tensor(rows, dtype=torch.float32, device=DEVICE), outs, backend=backend)
+    for g, w in zip(outs, want):
+        _same_bits(g, w)

@@ -59,7 +59,8 @@ def _add_counts(out: torch.Tensor, lo_bin: torch.Tensor, lo: torch.Tensor, hi: t
     """out[lo_bin] += lo and out[lo_bin + 26] += hi, exactly. bincount's float64 sums are exact: each
     term is an integer of magnitude at most 2^27 and a block holds at most 2^25 of them."""
     if by_bincount:
-        assert lo.numel() <= 1 << 25, "float64 bin sums would not be exact"
+        if lo.numel() > 1 << 25:
+            raise ValueError(f"exact_sum: a block of {lo.numel()} values; float64 bin sums are exact up to 2^25")
         out += torch.bincount(lo_bin, weights=lo.double(), minlength=PARTS).to(torch.int64)
         out += torch.bincount(lo_bin + 26, weights=hi.double(), minlength=PARTS).to(torch.int64)
     else:

@@ -101,8 +101,11 @@ def draws(seed: int, name, model: int, offset: int, numel: int, device=None) -> 
 
 
 def _kernel_draws(device) -> bool:
-    if device is None or torch.device(device).type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if device is None or torch.device(device).type != "cuda":
         return False
+    with torch.cuda.device(device):  # the tensors' device's stream, not the current device's
+        if torch.cuda.is_current_stream_capturing():
+            return False
     from pymerge.kernels import triton_available
     return triton_available()
 

@@ -162,6 +162,17 @@ _stride, _contiguous = torch.Tensor.stride, torch.Tensor.is_contiguous
 _storage, _nbytes = torch.Tensor.untyped_storage, torch.UntypedStorage.nbytes  # two maps: no Python frame per tensor
 
 
+class Planned:
+    """What a linear call needs of an _Entry, for plans made for this call alone (a ShardedPool's)."""
+    __slots__ = ("plans", "native", "written", "fixups")
+
+    def __init__(self, plans, make_table: Callable[[list], object]):
+        self.plans = plans
+        self.native = make_table(plans)
+        self.written = tuple(t for p in plans for t in p.targets)
+        self.fixups = [f for p in plans for f in p.fixups]
+
+
 class PlanCache:
     """Validated write plans (and their native task tables) per set of targets; a few entries, LRU."""
 

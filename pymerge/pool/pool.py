@@ -472,10 +472,9 @@ class CheckpointPool:
             # the hot path: plans checked once per set of targets, then one call per candidate
             n_groups = 1 if flat else self._plan_cache.num_groups(groups)
             make = grouped.native_table if kind == "cpu" else grouped.triton_table
-            entry = self._plan_cache.entry(
-                ("flat" if flat else groups, names, strict, n_groups), into,
-                lambda: self._checked_plans(into, group_of, names, strict), self._watcher(into, names),
-                lambda ps: make(ps, self._inputs, n_groups))
+            entry = self._plan_entry(("flat" if flat else groups, names, strict, n_groups), into, names,
+                                     lambda: self._checked_plans(into, group_of, names, strict),
+                                     lambda ps: make(ps, self._inputs, n_groups))
             plans, table = entry.plans, entry.native
             if self.device.type == "cuda" and _capturing(self.device):
                 self._captured[id(entry)] = entry
@@ -627,11 +626,14 @@ class CheckpointPool:
         """What makes two plans write one tensor (tied weights, written once): the same memory, per candidate."""
         return tuple((t.data_ptr(), t.nbytes) for t in plan.targets)
 
+    def _plan_entry(self, key: tuple, into: list, names, build: Callable[[], list], make: Callable[[list], object]):
+        """The linear hot path's plans and task table for these targets: cached, and checked on every call
+        against what the targets hold (a ShardedPool plans, and agrees, on every call instead)."""
+        return self._plan_cache.entry(key, into, build, self._watcher(into, names), make)
+
     def _grouped_kind(self) -> Optional[str]:
         """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
         tensors resident on the device), or None (per tensor: streamed tiers, the eager backend)."""
-        if type(self)._plan is not CheckpointPool._plan:
-            return None  # a subclass that plans differently (ShardedPool reshards FSDP2 targets) plans every call
         if self._compressed is not None:
             return None  # compressed pools decode inside their own kernel (pool/compressed.py)
         if self._cuda is None:
