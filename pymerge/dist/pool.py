@@ -183,7 +183,8 @@ class ShardedPool(CheckpointPool):
                             if name in self._not_in_layout else "")
                     problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
                                     f"{describe(want)}{hint}")
-            local.append({n: _local(t) for n, t in tensors.items()})
+            with torch.no_grad():  # to_local() gives the local tensor itself, not an autograd view per tensor
+                local.append({n: _local(t) for n, t in tensors.items()})
         if problems:
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
                              + "; the pool holds shard_like's layout; nothing was written")
@@ -314,10 +315,7 @@ def _gathered(module) -> bool:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
-    if not isinstance(t, DTensor):
-        return t
-    with torch.no_grad():  # the local tensor itself: with grad on, to_local() makes an autograd view (~10 us each)
-        return t.to_local()
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 _SAMPLED_TENSORS = 64  # tensors read per checkpoint: a page each from a file, spread over the names
