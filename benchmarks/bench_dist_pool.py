@@ -108,7 +108,7 @@ def main():
         r["speedup_vs_R1_1thread"] = one["ms_per_candidate"] / r["ms_per_candidate"]
     params = args.layers * (args.width * args.width + args.width)
     title = (f"Sharded pool (FSDP2, gloo): {args.checkpoints} checkpoints + base of {params / 1e6:.1f}M float32 "
-             f"parameters, best of {args.rounds}; machine shared and loaded")
+             f"parameters, best of {args.rounds}")
     print(write_results("dist_pool", "cpu", rows, ["ranks", "threads_per_rank", "method", "ms_per_candidate", "ms_median",
                                                    "speedup_vs_R1_1thread", "pool_MB_per_rank", "model_MB_per_rank",
                                                    "streamed_MB_per_rank", "peak_rss_MB_per_rank"], title))
