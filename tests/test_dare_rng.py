@@ -51,8 +51,10 @@ def test_draws_on_a_gpu_other_than_the_current_one():
     pytest.importorskip("triton")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
+    from pymerge.kernels import task_vectors as tk
+    assert philox._kernel_draws("cuda:1")  # philox.draws takes the kernel (not the torch form) there
     with torch.cuda.device(0):
-        got = philox.draws(7, "a.b", 3, 4, 100_003, device="cuda:1")
+        got = tk.philox_draws(7, "a.b", 3, 4, 100_003, device="cuda:1")
         assert got.device == torch.device("cuda:1")
         assert torch.equal(got.cpu(), philox.random_bits(7, "a.b", 3, 4, 100_003))
 

@@ -572,6 +572,28 @@ def empty_shard_worker(rank, world, files):
     except Exception as exc:
         out["errors"]["in_linear"] = f"{type(exc).__name__}: {exc}"
     grouped.native_table = native_table
+    # the table is kept by what it encodes, not one whose call raised: made at most once for two candidates
+    made = []
+    grouped.native_table = lambda *a: made.append(1) or native_table(*a)
+    for w in (W3, [0.2, 0.5, 0.3]):
+        pool.materialize(w, into=m)
+    grouped.native_table = native_table
+    out["tables_made"] = len(made)
+    # the grouped Triton launch over the local shards (in the interpreter here), rank 1's shard of the conv
+    # weight empty: the single-process pool's bits, its table kept between candidates too
+    from pymerge import kernels
+    if kernels.triton_available():
+        tpool, triton_table, made = pymerge.CheckpointPool(ckpts, base=base, shard_like=m, backend="triton"), \
+            grouped.triton_table, []
+        grouped.triton_table = lambda *a: made.append(1) or triton_table(*a)
+        same = []
+        for w in (W3, [0.2, 0.5, 0.3]):
+            want = build_conv()
+            ref.materialize(w, into=want)
+            tpool.materialize(w, into=m)
+            same.append(all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(m.parameters(), want.parameters())))
+        grouped.triton_table = triton_table
+        out["triton"] = (same, len(made))
     # no targets on one rank: it returned before the agreement the other waited in (until the timeout)
     rows = [] if rank == 0 else [W3]
     try:
@@ -596,6 +618,12 @@ def test_della_on_empty_3d_shards_and_errors_inside_the_merge(tmp_path):
     assert all(res["bits"] == {"della": True, "della_linear": True} for res in results), [r["bits"] for r in results]
     assert dist_helpers.agreed_errors(results)["in_merge"] == "InputError: rank 1: injected failure"
     assert dist_helpers.agreed_errors(results)["in_linear"] == "InputError: rank 1: injected kernel failure"
+    # rank 0 kept the table its half of the failed call made (valid: the same addresses); rank 1 dropped the
+    # one that raised and made it again
+    assert [res["tables_made"] for res in results] == [0, 1]
+    from pymerge import kernels
+    if kernels.triton_available():
+        assert [res["triton"] for res in results] == [([True, True], 1)] * 2, [res["triton"] for res in results]
     assert dist_helpers.agreed_errors(results)["none_here"].startswith("InputError: ranks called the sharded pool with")
     assert [res["none_anywhere"] for res in results] == [[], []]
     assert all(res["after"] == [True, True, True] for res in results), [res["after"] for res in results]

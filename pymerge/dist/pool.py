@@ -49,6 +49,7 @@ class ShardedPool(CheckpointPool):
         self.group = reduce_group(list(model_boxes.values()))
         self.boxes: Dict[str, Box] = _Counterparts(model_boxes, names)  # by checkpoint name
         self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
+        self._tables: dict = {}  # linear's grouped tables, by what they encode (_plan_entry)
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         self._samples: List[int] = []  # per source (then the base) as opened: a digest of a few of its values
         error = absent[0] if absent else None
@@ -120,6 +121,7 @@ class ShardedPool(CheckpointPool):
             self._arguments = _digest(method, weight_rows, kwargs)
             result = super().materialize_many(weight_rows, into, method, **kwargs)
         except Exception as exc:
+            self._tables.clear()  # a table whose call raised is not kept
             if collectives.settled(exc):
                 raise
             if self._agreed:  # this rank's alone, past the agreement: the others wait in the last one below
@@ -183,7 +185,7 @@ class ShardedPool(CheckpointPool):
                             if name in self._not_in_layout else "")
                     problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
                                     f"{describe(want)}{hint}")
-            with torch.no_grad():  # to_local() gives the local tensor itself, not an autograd view per tensor
+            with torch.no_grad():  # to_local() then skips its autograd Function (a no-grad view at most)
                 local.append({n: _local(t) for n, t in tensors.items()})
         if problems:
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
@@ -210,11 +212,24 @@ class ShardedPool(CheckpointPool):
     def _plan_entry(self, key, into, names, build, make):
         """Plans on every call (targets resharded, layouts checked, the ranks agreed: _checked_plans), then
         the single-process pool's one native call or grouped launch over the local shards: per tensor,
-        a candidate of 64 tensors spent ~100 us each in checks and a call of its own."""
-        return grouped.Planned(build(), make)
+        a candidate of 64 tensors spent ~100 us each in checks and a call of its own. The table is kept by
+        what it encodes (addresses, dtypes, sizes, groups), so an equal key is an equal table: building a
+        grouped Triton table costs ~18 ms per 64M elements (a block list and host-to-device copies)."""
+        plans = build()
+        found = (key, self._grouped_kind()) + tuple(
+            (tuple((x.data_ptr(), x.dtype) for x in self._inputs[p.name]), tuple((o.data_ptr(), o.dtype) for o in p.outs),
+             self._inputs[p.name][0].numel(), p.group) for p in plans)
+        table = self._tables.get(found)
+        if table is None:
+            if len(self._tables) >= _TABLES_KEPT:
+                self._tables.clear()  # no LRU order: nothing for two threads' calls to race on
+            table = self._tables[found] = make(plans)
+        return grouped.Planned(plans, table)
 
     def _one_call_method(self, *args, **kwargs):
-        return None  # task_arithmetic and the statistics' methods: per tensor, with collectives (dist/methods.py)
+        # task_arithmetic and the statistics' methods: per tensor, with collectives (dist/methods.py); the
+        # single-process version caches plans without an agreement across ranks
+        return None
 
     def _run_method(self, method: str, plans, tables, seed: int, params) -> None:
         from pymerge.dist.methods import run_sharded
@@ -224,6 +239,8 @@ class ShardedPool(CheckpointPool):
             return super()._run_method(method, plans, tables, seed, params)
         run_sharded(self, m, plans, tables, seed, params)
 
+
+_TABLES_KEPT = 8  # grouped tables a ShardedPool keeps (a search alternates between a few sets of targets)
 
 # What _checked_plans's agreement compares (the same call shape on every rank, materialize_many's too)
 _DIFFER = (collectives.ARGUMENTS_DIFFER, "ranks planned different writes: their targets hold different tensors "

@@ -971,8 +971,6 @@ def _start_writeback(fd: int, pos: int, nbytes: int) -> None:
         pass
 
 
-
-
 def _load_renameat2():
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2

@@ -166,9 +166,9 @@ class Planned:
     """What a linear call needs of an _Entry, for plans made for this call alone (a ShardedPool's)."""
     __slots__ = ("plans", "native", "written", "fixups")
 
-    def __init__(self, plans, make_table: Callable[[list], object]):
+    def __init__(self, plans, native):
         self.plans = plans
-        self.native = make_table(plans)
+        self.native = native
         self.written = tuple(t for p in plans for t in p.targets)
         self.fixups = [f for p in plans for f in p.fixups]
 
