@@ -1310,3 +1310,23 @@ def test_replaced_files_are_on_disk_before_their_name(tmp_path, monkeypatch):
     real = os.path.realpath(path)  # what /proc/self/fd names, a link in the temporary folder's path resolved
     assert events[0][1].startswith(real + ".tmp") and events[2][1] == os.path.dirname(real), events
     assert open(path).read() == "{}"
+
+
+@pytest.mark.parametrize("bad, message", [({"sigma0": "nan"}, "sigma0 must be a finite step size"),
+                                          ({"budget": 0}, "budget must be an integer from 1"),
+                                          ({"popsize": 1}, "popsize must be an integer from 2"),
+                                          ({"replicas": 2.5}, "replicas must be an integer"),
+                                          ({"seed": "x"}, "seed must be an integer")])
+def test_cli_refuses_search_settings_before_building_the_pool(tmp_path, capsys, monkeypatch, bad, message):
+    """A typo in search: was refused only after the pool was built (minutes for a large model) and the entry
+    points imported: the pool's description came first, then the one-line error."""
+    from pymerge import pool as pool_module
+    cfg = _cli_setup(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["search"].update(bad)
+    cfg.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(pool_module, "CheckpointPool", lambda *a, **k: pytest.fail("the pool was built"))
+    assert cli_main([str(cfg)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and message in out.err and len(out.err.strip().splitlines()) == 1, out
+    assert not (tmp_path / "out").exists()

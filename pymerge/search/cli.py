@@ -236,7 +236,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from pymerge.pool import CheckpointPool
-    from pymerge.search.optimize import optimize
+    from pymerge.search.optimize import optimize, search_settings
     cfg = _load_config(args.config)
     here = os.path.dirname(os.path.abspath(args.config))
     sys.path.insert(0, here)
@@ -248,6 +248,11 @@ def _run(args) -> int:
     state_path = rel(cfg.get("state_path"))
     _check_state_apart(state_path, out, [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else []))
     _check_distinct(args.config, cfg["sources"], sources)
+    s = dict(cfg.get("search") or {})
+    if args.budget is not None:
+        s["budget"] = args.budget
+    # before the pool is built (minutes for a large model) and the entry points imported: a typo is refused at once
+    search_settings(s.get("budget", 200), s.get("popsize"), s.get("sigma0", 0.2), s.get("seed", 0), s.get("replicas"))
     build = load_entry_point(cfg["model"], "model")
     evaluate = load_entry_point(cfg["evaluate"], "evaluate")
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),
@@ -256,9 +261,6 @@ def _run(args) -> int:
     model = build()
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model: {cfg['model']} returned a {type(model).__name__}, not an nn.Module")
-    s = dict(cfg.get("search") or {})
-    if args.budget is not None:
-        s["budget"] = args.budget
     made = _prepare_out(out)
     method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
     lock = None

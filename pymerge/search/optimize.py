@@ -143,6 +143,23 @@ def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
     return max(1, min(popsize, int(free * 0.25 // max(size, 1)) + 1))
 
 
+def search_settings(budget, popsize, sigma0, seed, replicas) -> tuple:
+    """optimize's scalar settings checked (InputError) and made numbers: (budget, popsize, sigma0, seed,
+    replicas). `pymerge search` checks them before it builds the pool, which can take minutes."""
+    budget = _count(budget, "budget", 1, 10**9)
+    popsize = None if popsize is None else _count(popsize, "popsize", 2, 10**5)
+    given = sigma0
+    try:
+        sigma0 = float(sigma0) if not isinstance(sigma0, (str, bool)) else math.nan
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range (10**400)
+        sigma0 = math.nan
+    if not 1e-12 <= sigma0 <= 1e6:  # NaN too: cma asserts on it, divides by zero at 0
+        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {short(given)}")
+    seed = _count(seed, "seed", -2**63, 2**63 - 1)  # any integer, as before (cma gets a 32-bit one below)
+    replicas = None if replicas is None else _count(replicas, "replicas", 1, 10**6)
+    return budget, popsize, sigma0, seed, replicas
+
+
 def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Optional[int] = None,
              sigma0: float = 0.2, seed: int = 0, state_path: Optional[str] = None, *, groups=None,
              normalize: bool = True, x0=None, bounds=(0.0, 1.0), method: str = "linear",
@@ -190,20 +207,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         # every candidate's table is kept in the history
         raise InputError(f"groups: ids up to {g - 1} make a table of {g} x {n} checkpoints = {g * n} weights; at most "
                          f"{MAX_WEIGHTS}: number the groups 0, 1, 2... or use fewer")
-    budget = _count(budget, "budget", 1, 10**9)
-    popsize = None if popsize is None else _count(popsize, "popsize", 2, 10**5)
-    given = sigma0
-    try:
-        sigma0 = float(sigma0) if not isinstance(sigma0, (str, bool)) else math.nan
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range (10**400)
-        sigma0 = math.nan
-    if not 1e-12 <= sigma0 <= 1e6:  # NaN too: cma asserts on it, divides by zero at 0
-        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {short(given)}")
+    budget, popsize, sigma0, seed, replicas = search_settings(budget, popsize, sigma0, seed, replicas)
     if not isinstance(model, torch.nn.Module):  # evaluate() runs it; replicas are deep copies of it
         raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
-    seed = _count(seed, "seed", -2**63, 2**63 - 1)  # any integer, as before (cma gets a 32-bit one below)
-    replicas = None if replicas is None else _count(replicas, "replicas", 1, 10**6)
     try:
         lo, hi = (float(b) for b in bounds)
     except (TypeError, ValueError, OverflowError):
