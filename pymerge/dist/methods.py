@@ -39,7 +39,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     from pymerge.methods.task_vectors import TaskVectorMethod
     from pymerge.pool.pool import _split_params
     if isinstance(m, TaskVectorMethod):
-        merge = _task_vectors
+        merge = functools.partial(_task_vectors, args_of={})
     elif hasattr(m, "dot_group"):  # slerp, nuslerp, model_stock: dot products, then elementwise
         merge = _with_global_dots
     else:
@@ -51,15 +51,19 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, map(pool.input_versions, names)))
         m.validate(pool.num_checkpoints, pool.has_base)
         per_model, global_params = _split_params(m, params, pool.num_checkpoints)
+        checked = set()  # (weight row, candidate): the parameters are those of every tensor the row weights
         for p in plans:
             for k, table in enumerate(tables):
-                w = table[p.group if table.shape[0] > 1 else 0]
+                row = p.group if table.shape[0] > 1 else 0
+                w = table[row]
                 mp = [dict(per_model[i], weight=float(w[i])) for i in range(pool.num_checkpoints)]
                 task = TensorTask(inputs=pool._inputs[p.name], base=pool._base.get(p.name), model_params=mp,
                                   params=dict(global_params), name=p.name, seed=seed, backend=pool.backend,
                                   num_threads=pool.num_threads)
-                m.check_params(task)
-                check_magnitudes(m, task, pool.labels)  # as the single-process pool: lambda 1e39 wrote NaN
+                if (row, k) not in checked:  # once, at the row's first tensor (the one an error names)
+                    m.check_params(task)
+                    check_magnitudes(m, task, pool.labels)  # as the single-process pool: lambda 1e39 wrote NaN
+                    checked.add((row, k))
                 if merge is _with_global_dots:
                     _check_vectors(pool, task.name, m.dot_group(task), m.name)
                 elif m.sparsification == "della_magprune":
@@ -134,15 +138,22 @@ def _counted_parts(pool, name, parts: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the task-vector family ---------------------------------------------------------------------------
-def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor) -> None:
+def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor, args_of: dict) -> None:
+    """One tensor; args_of keeps a call's resolved arguments by weights (the rest of the parameters is the
+    same for every tensor of the call): resolved per tensor, they cost ~60 us of Python each."""
     from pymerge.methods.task_vectors import task_vector_args
-    normalize, rescale = m._settings(task)
-    sparsifiers, weights, lam = task_vector_args(task, m.sparsification, rescale)
+    key = tuple(mp["weight"] for mp in task.model_params)
+    hit = args_of.get(key)
+    if hit is None:
+        normalize, rescale = m._settings(task)
+        sparsifiers, weights, lam = task_vector_args(task, m.sparsification, rescale)
+        hit = args_of[key] = (normalize, sparsifiers, weights, lam, tvo.linear_divisor(weights))
+    normalize, sparsifiers, weights, lam, divisor = hit
     start = pool.boxes[task.name].contiguous_start()
     plans = [_model_plan(pool, task, i, sp, w, start) for i, (sp, w) in enumerate(zip(sparsifiers, weights))]
     bits = start is None or any(p.mode == tvo.BITS for p in plans)  # bitmasks index the LOCAL elements
     tvo.merge_planned(task.inputs, task.base, plans, out, consensus=m.consensus, normalize=normalize, lam=lam,
-                      divisor=tvo.linear_divisor(weights), name=task.name, seed=task.seed,
+                      divisor=divisor, name=task.name, seed=task.seed,
                       offset=0 if bits else start, backend=task.backend, num_threads=task.num_threads)
 
 
