@@ -29,6 +29,40 @@ def freed(n: int = N) -> torch.Tensor:
     return t
 
 
+def test_a_read_only_page_inside_a_writable_output_is_refused():
+    """Only the output's first and last bytes were probed: a read-only page between them (an mprotect-ed map)
+    passed, and the kernels died on it (SIGSEGV) in weighted_sum, weighted_sum_many and a pool's materialize.
+    Run in a child process: if the check misses it, the crash must not take pytest with it."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import ctypes, mmap, sys, torch, pymerge
+        page = mmap.PAGESIZE
+        m = mmap.mmap(-1, 3 * page)
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        assert libc.mprotect(ctypes.c_void_p(start + page), page, mmap.PROT_READ) == 0
+        o = torch.frombuffer(m, dtype=torch.float32)
+        x = torch.randn(o.numel())
+        calls = [lambda: pymerge.weighted_sum([x], [1.0], out=o),
+                 lambda: pymerge.weighted_sum_many([x], [[1.0]], outs=[o]),
+                 lambda: pymerge.CheckpointPool([{"a": x}, {"a": x}]).materialize([0.5, 0.5], {"a": o})]
+        for call in calls:
+            try:
+                call()
+                print("written")
+            except (ValueError, pymerge.errors.InputError) as exc:
+                print("refused" if "read-only memory" in str(exc) else exc)
+        w = torch.frombuffer(mmap.mmap(-1, 3 * page), dtype=torch.float32)  # writable throughout: written
+        pymerge.weighted_sum([x], [2.0], out=w)
+        print(torch.equal(w, 2 * x))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split() == ["refused", "refused", "refused", "True"], r.stdout
+
+
 @pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 def test_writable_probe_tells_read_only_from_writable_and_changes_nothing():
     a = np.arange(1000, dtype=np.float32)
