@@ -1330,3 +1330,23 @@ def test_cli_refuses_search_settings_before_building_the_pool(tmp_path, capsys, 
     out = capsys.readouterr()
     assert out.out == "" and message in out.err and len(out.err.strip().splitlines()) == 1, out
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_out_that_would_write_over_or_into_an_input(tmp_path, capsys):
+    """OUT's result files replaced the search's own config where it was named best_merge.yml and OUT was its
+    folder, and --out naming a source model's folder wrote the results into it (an audit): refused in one line,
+    nothing changed."""
+    (tmp_path / "model").mkdir()
+    save_file({"theta": torch.zeros(16)}, str(tmp_path / "model" / "model.safetensors"))
+    cfg = _cli_setup(tmp_path, base="model", out=".")
+    own = cfg.rename(tmp_path / "best_merge.yml")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [([str(own)], "its best_merge.yml would replace"),
+             ([str(own), "--out", str(tmp_path / "model")], "is an input of the search"),
+             ([str(own), "--out", str(tmp_path / "model" / "results")], "is an input of the search (inside")]
+    for argv, message in cases:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "model" / "results").exists()

@@ -212,6 +212,19 @@ def _check_state_apart(state_path: Optional[str], out: str, inputs: List[str]) -
                              "choose another state_path")
 
 
+def _check_out_apart(out: str, inputs: List[str]) -> None:
+    """OUT must be neither an input folder nor inside one (the results went into a source model's folder),
+    and none of its result files an input (a config named best_merge.yml in OUT was replaced by the results)."""
+    where = os.path.realpath(out)
+    for p in map(os.path.realpath, inputs):
+        if os.path.isdir(p) and (where == p or where.startswith(p.rstrip(os.sep) + os.sep)):
+            raise InputError(f"out {out}: is an input of the search{'' if where == p else f' (inside {p})'}; "
+                             "choose another out")
+        for f in OUT_FILES:
+            if os.path.realpath(os.path.join(out, f)) == p:
+                raise InputError(f"out {out}: its {f} would replace {p}, an input of the search; choose another out")
+
+
 def _unmake(made: List[str]) -> None:
     """A failed search leaves no new empty folder behind (a bad state file did: it is read after OUT is made)."""
     for folder in made:
@@ -246,7 +259,9 @@ def _run(args) -> int:
     sources = [rel(s) for s in cfg["sources"]]
     out = args.out or rel(cfg.get("out", "search_out"))
     state_path = rel(cfg.get("state_path"))
-    _check_state_apart(state_path, out, [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else []))
+    inputs = [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else [])
+    _check_state_apart(state_path, out, inputs)
+    _check_out_apart(out, inputs)
     _check_distinct(args.config, cfg["sources"], sources)
     s = dict(cfg.get("search") or {})
     if args.budget is not None:
