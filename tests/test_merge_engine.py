@@ -279,6 +279,28 @@ def test_a_slice_over_layers_the_file_lacks_is_refused(tmp_path, hole):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("claimed", [5, 1000])
+def test_a_config_claiming_layers_the_tensors_lack_is_refused(tmp_path, claimed):
+    """The donor's config.json said 1000 layers for tensors of 4: gradient weights were placed for 1000 (layer 3
+    got t = 0.003 instead of 1) and the output's config.json claimed 1000 layers (exit 0; an audit). Refused,
+    naming the file; fewer than the tensors hold stays allowed (DeepSeek-V3's multi-token-prediction block
+    sits past num_hidden_layers), with the gradient over the config's count as mergekit places it."""
+    _gpt_neox(tmp_path / "a", 4, seed=1)
+    _gpt_neox(tmp_path / "b", 4, seed=2)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(tmp_path / "a"), "parameters": {"weight": [0.0, 1.0]}},
+        {"model": str(tmp_path / "b"), "parameters": {"weight": [1.0, 0.0]}}]}
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": claimed}))
+    with pytest.raises(CheckpointError, match=rf"/a/config.json: num_hidden_layers is {claimed}, but the checkpoints "
+                                              r"hold 4 layers \(gpt_neox.layers.0 to gpt_neox.layers.3\)"):
+        run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)  # fewer: merged, positions over 3 layers
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+
+
 def test_gpt_neox_with_buffers_merges(tmp_path):
     """Pythia-style checkpoints (a boolean causal mask in every layer): a plain merge copies the mask and
     merges the floats, masked_bias and inv_freq included."""
