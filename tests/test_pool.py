@@ -841,6 +841,15 @@ def test_num_threads_is_checked(bad):
     assert CheckpointPool([{"w": torch.ones(2)}], num_threads=np.int64(2)).num_threads == 2
 
 
+@pytest.mark.parametrize("bad", ["abc", 1.5, -5, 0, None, True, 1 << 41])
+def test_chunk_bytes_is_checked(bad):
+    """Read only on a GPU's streamed tiers, so a string, a float or a negative size was accepted on every other
+    pool (and a string raised a bare TypeError where it was read; a fuzzing audit)."""
+    with pytest.raises(InputError, match=r"chunk_bytes must be a whole number of bytes from 1 to 2\*\*40"):
+        CheckpointPool([{"w": torch.ones(2)}], chunk_bytes=bad)
+    assert CheckpointPool([{"w": torch.ones(2)}], chunk_bytes=np.int64(4096)).num_checkpoints == 1
+
+
 def test_materialize_many_with_no_candidates_does_nothing():
     """Was "grouped plan: need at least one input and one output", an IndexError with a method, and "need at
     least one array to stack" on a compressed pool."""

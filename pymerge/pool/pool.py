@@ -141,6 +141,10 @@ class CheckpointPool:
             error_budget = compressed.check_options(compress, error_budget, base is not None, residency)
             compressed.check_backend(self.backend, self.device)
         self.num_threads = _threads(num_threads)
+        chunk = as_int(chunk_bytes)
+        if chunk is None or not 1 <= chunk <= 1 << 40:  # read on a GPU's streamed tiers only: checked for every pool
+            raise InputError(f"chunk_bytes must be a whole number of bytes from 1 to 2**40, got {short(chunk_bytes)}")
+        chunk_bytes = chunk
         self.memory_budget = parse_bytes(memory_budget)
         opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
         base_src = self._open(base, _label(base, "base")) if base is not None else None
