@@ -484,6 +484,12 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
 
     def check(scope, where, allow_global: bool):
         for name, setting in scope.items():
+            if name == "weight" and name not in model_params and name not in global_params:
+                # configs carry a weight for every model whatever the method (templates, other methods' configs);
+                # mergekit ignores it where the method has none: a typo it is not, so a warning, not an error
+                cfg.warnings.append(f"{where}: merge_method {method.name} takes no weight; it is ignored, as in "
+                                    "mergekit")
+                continue
             if name not in model_params and name not in global_params:
                 raise MergeConfigError(cfg.where(f"{where}: unknown parameter {short(name)} for merge_method "
                                                  f"{method.name} (known: {', '.join(known) or 'none'})"))

@@ -162,6 +162,21 @@ def test_model_as_plain_string_and_missing_paths(tmp_path):
 
 
 # ---- parameters against the method ---------------------------------------------------------
+@pytest.mark.parametrize("method", ["sce", "model_stock", "slerp", "arcee_fusion", "nearswap", "karcher"])
+def test_a_weight_for_a_method_without_one_is_ignored_with_a_warning(method):
+    """Configs carry a weight for every model whatever the method, and mergekit ignores one a method does not
+    take; pymerge refused it as an unknown parameter (exit 2), so such a config did not switch unchanged (a
+    parity audit, sce). A warning now, for weight alone: a misspelt or another method's parameter stays an
+    error."""
+    m = get_method(method)
+    c = parse_config(cfg(models=[{"model": "a", "parameters": {"weight": 0.7}}], parameters={"weight": 0.5}))
+    check_method_params(c, m, c.models)
+    assert sum(f"merge_method {method} takes no weight; it is ignored, as in mergekit" in w for w in c.warnings) == 2
+    c = parse_config(cfg(models=[{"model": "a", "parameters": {"wieght": 0.7}}]))
+    with pytest.raises(MergeConfigError, match=f"unknown parameter 'wieght' for merge_method {method}"):
+        check_method_params(c, m, c.models)
+
+
 def test_unknown_and_mistyped_parameters():
     lin = get_method("linear")
     c = parse_config(cfg(parameters={"wieght": 1}))
