@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from pymerge.errors import InputError, MergeConfigError, described, short
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, described, short
 from pymerge.io.files import read_small
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
@@ -450,12 +450,22 @@ def main_stack(layers: Dict[str, int], tensors: Dict[str, int], num_hidden_layer
     return max(tensors, key=lambda p: (layers[p] == num_hidden_layers, tensors[p]))
 
 
-def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None) -> Dict[str, int]:
+def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None,
+                 config_path: Optional[str] = None) -> Dict[str, int]:
     """Layers per stack: max index + 1, except the main stack (main_stack) takes config.json's
-    num_hidden_layers when given (mergekit counts layers from the config)."""
+    num_hidden_layers when given (mergekit counts layers from the config). With config_path (the file that
+    count comes from), a count above the layers the tensors hold is refused: gradient weights were placed for
+    it (layer 1 of 2 got t = 0.001 for a config saying 1000) and the output's config.json claimed them
+    (transformers could not load it). Fewer is allowed: DeepSeek-V3 keeps a multi-token-prediction block
+    past its num_hidden_layers, which counts the positions as mergekit does."""
     layers, tensors = layer_stacks(names)
     if num_hidden_layers and tensors:
-        layers[main_stack(layers, tensors, int(num_hidden_layers))] = int(num_hidden_layers)
+        n = int(num_hidden_layers)
+        stack = main_stack(layers, tensors, n)
+        if config_path is not None and n > layers[stack]:
+            raise CheckpointError(f"{config_path}: num_hidden_layers is {n}, but the checkpoints hold {layers[stack]} "
+                                  f"layers ({stack}.0 to {stack}.{layers[stack] - 1}); fix the config or the checkpoints")
+        layers[stack] = n
     return layers
 
 

@@ -36,8 +36,8 @@ import numpy as np
 
 from pymerge import _native, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
-                            check_seed, count_layers, filter_name, layer_stacks, layer_t, load_config, main_stack,
-                            parse_config, unmatched_filter_warnings)
+                            check_seed, count_layers, filter_name, layer_t, load_config, parse_config,
+                            unmatched_filter_warnings)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
@@ -396,8 +396,7 @@ def make_plan(config_or_path) -> MergePlan:
         if not names:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
         model_cfg = _read_model_config(donor)
-        _check_layer_count(donor, names, _num_layers(model_cfg))
-        n_layers = count_layers(names, _num_layers(model_cfg))
+        n_layers = count_layers(names, _num_layers(model_cfg), config_path=os.path.join(donor.folder, "config.json"))
         model_type = (model_cfg or {}).get("model_type")
         resolver = ParamResolver(cfg, method, inputs, model_type)
         tensors, copies = plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, base is not None,
@@ -597,21 +596,6 @@ def _read_model_config(ck: Checkpoint) -> Optional[dict]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: is not a JSON object")
     return obj
-
-
-def _check_layer_count(donor, names, num_hidden_layers: Optional[int]) -> None:
-    """config.json's num_hidden_layers may not claim layers the tensors lack: gradient weights were placed for
-    its count (layer 1 of 2 got t = 0.001 for a config saying 1000) and the output's config.json claimed them
-    (transformers could not load it). Fewer is allowed: DeepSeek-V3 keeps a multi-token-prediction block
-    past its num_hidden_layers, which counts the positions as mergekit does."""
-    layers, tensors = layer_stacks(names)
-    if not num_hidden_layers or not tensors:
-        return
-    stack = main_stack(layers, tensors, num_hidden_layers)
-    if num_hidden_layers > layers[stack]:
-        raise CheckpointError(f"{os.path.join(donor.folder, 'config.json')}: num_hidden_layers is {num_hidden_layers}, "
-                              f"but the checkpoints hold {layers[stack]} layers ({stack}.0 to {stack}."
-                              f"{layers[stack] - 1}); fix the config or the checkpoints")
 
 
 def _num_layers(model_cfg: Optional[dict]) -> Optional[int]:

@@ -33,7 +33,7 @@ def parts(values: torch.Tensor) -> torch.Tensor:
     """int64 [PARTS] of the sum of the float64 values (any shape, any device; on the CPU)."""
     flat = values.reshape(-1)
     out = torch.zeros(PARTS, dtype=torch.int64, device=flat.device)
-    block = block_for(flat.device)
+    block, by_bincount = block_for(flat.device), _bincount_is_faster(flat.device)
     for s in range(0, flat.numel(), block):
         v = flat[s:s + block].double()
         finite = torch.isfinite(v)
@@ -44,7 +44,7 @@ def parts(values: torch.Tensor) -> torch.Tensor:
         big = (m * 2.0 ** 53).to(torch.int64)  # exact: |m| < 1 has 53 significant bits; v = big * 2^(e - 53)
         hi = big >> 26                          # floor: big = hi * 2^26 + lo with 0 <= lo < 2^26
         lo_bin = e.to(torch.int64) - 53 + LOW
-        _add_counts(out, lo_bin, big - (hi << 26), hi, by_bincount=_bincount_is_faster(flat.device))
+        _add_counts(out, lo_bin, big - (hi << 26), hi, by_bincount)
     return out.cpu()
 
 

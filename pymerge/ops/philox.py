@@ -77,8 +77,7 @@ def random_bits(seed: int, name, model: int, offset: int, numel: int,
                 device=None) -> torch.Tensor:
     """The 32-bit draws (int64 tensor) of elements offset .. offset+numel-1 of one model's tensor; name is the
     tensor's name or its name_hash() (what the custom ops carry)."""
-    if offset + numel > MAX_ELEMENTS:
-        raise ValueError(f"tensor {name!r} has more than 2**34 elements; the Philox counter layout cannot key it")
+    _check_keyable(name, offset, numel)
     j = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     g0 = offset // 4
     groups = torch.arange(g0, (offset + numel + 3) // 4, dtype=torch.int64, device=device)
@@ -94,10 +93,14 @@ def draws(seed: int, name, model: int, offset: int, numel: int, device=None) -> 
     The torch form elsewhere, and while a CUDA graph is being captured (the kernel's table is a host copy)."""
     if numel and _kernel_draws(device):
         from pymerge.kernels import task_vectors as tk
-        if offset + numel > MAX_ELEMENTS:
-            raise ValueError(f"tensor {name!r} has more than 2**34 elements; the Philox counter layout cannot key it")
+        _check_keyable(name, offset, numel)
         return tk.philox_draws(seed, name, model, offset, numel, device=device)
     return random_bits(seed, name, model, offset, numel, device)
+
+
+def _check_keyable(name, offset: int, numel: int) -> None:
+    if offset + numel > MAX_ELEMENTS:
+        raise ValueError(f"tensor {name!r} has more than 2**34 elements; the Philox counter layout cannot key it")
 
 
 def _kernel_draws(device) -> bool:

@@ -205,9 +205,8 @@ def _check_state_apart(state_path: Optional[str], out: str, inputs: List[str]) -
     if state in {os.path.realpath(os.path.join(out, f)) for f in OUT_FILES}:
         raise InputError(f"state_path {state_path}: is {state}, where the search writes its "
                          f"results ({', '.join(OUT_FILES)} in {out}); choose another state_path")
-    for p in inputs:
-        p = os.path.realpath(p)
-        if state == p or state.startswith(p.rstrip(os.sep) + os.sep):
+    for p in map(os.path.realpath, inputs):
+        if _within(state, p):
             raise InputError(f"state_path {state_path}: is an input of the search{'' if state == p else f' (inside {p})'}; "
                              "choose another state_path")
 
@@ -217,12 +216,17 @@ def _check_out_apart(out: str, inputs: List[str]) -> None:
     and none of its result files an input (a config named best_merge.yml in OUT was replaced by the results)."""
     where = os.path.realpath(out)
     for p in map(os.path.realpath, inputs):
-        if os.path.isdir(p) and (where == p or where.startswith(p.rstrip(os.sep) + os.sep)):
+        if os.path.isdir(p) and _within(where, p):
             raise InputError(f"out {out}: is an input of the search{'' if where == p else f' (inside {p})'}; "
                              "choose another out")
         for f in OUT_FILES:
             if os.path.realpath(os.path.join(out, f)) == p:
                 raise InputError(f"out {out}: its {f} would replace {p}, an input of the search; choose another out")
+
+
+def _within(path: str, p: str) -> bool:
+    """Whether the resolved path is p or lies inside it."""
+    return path == p or path.startswith(p.rstrip(os.sep) + os.sep)
 
 
 def _unmake(made: List[str]) -> None:
