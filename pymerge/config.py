@@ -454,10 +454,11 @@ def count_layers(names: Iterable[str], num_hidden_layers: Optional[int] = None,
                  config_path: Optional[str] = None) -> Dict[str, int]:
     """Layers per stack: max index + 1, except the main stack (main_stack) takes config.json's
     num_hidden_layers when given (mergekit counts layers from the config). With config_path (the file that
-    count comes from), a count above the layers the tensors hold is refused: gradient weights were placed for
-    it (layer 1 of 2 got t = 0.001 for a config saying 1000) and the output's config.json claimed them
-    (transformers could not load it). Fewer is allowed: DeepSeek-V3 keeps a multi-token-prediction block
-    past its num_hidden_layers, which counts the positions as mergekit does."""
+    count comes from; given where a gradient setting uses the positions), a count above the layers the tensors
+    hold is refused: gradient weights were placed for it (layer 1 of 2 got t = 0.001 for a config saying 1000).
+    Fewer is allowed: DeepSeek-V3 keeps a multi-token-prediction block past its num_hidden_layers, which counts
+    the positions as mergekit does. Without gradients the count is unused and not checked: LongCat-Flash's
+    config counts two sublayers per stored layer (56 for 28)."""
     layers, tensors = layer_stacks(names)
     if num_hidden_layers and tensors:
         n = int(num_hidden_layers)
@@ -590,6 +591,16 @@ def unmatched_filter_warnings(scopes: Iterable[Mapping[str, Setting]], names: Se
 def unmatched_filter_warning(param: str, f: str, names: Sequence[str]) -> str:
     return f"filter {f!r} of {param} matches no tensor it applies to (names such as {names[len(names) // 2]!r}); " \
         "its values there are never used"
+
+
+def uses_positions(cfg: MergeConfig) -> bool:
+    """Whether any setting is a gradient (a list of values over the layers), whose values depend on each tensor's
+    layer position and so on the layer count."""
+    def gradient(setting) -> bool:
+        if isinstance(setting, dict):
+            return gradient(setting["value"])
+        return isinstance(setting, list) and any(not isinstance(e, dict) or gradient(e["value"]) for e in setting)
+    return any(gradient(s) for scope in [cfg.parameters] + [m.parameters for m in cfg.models] for s in scope.values())
 
 
 def _has_filter(setting) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 from pymerge import _native, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             check_seed, count_layers, filter_name, layer_t, load_config, parse_config,
-                            unmatched_filter_warnings)
+                            unmatched_filter_warnings, uses_positions)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
@@ -396,7 +396,8 @@ def make_plan(config_or_path) -> MergePlan:
         if not names:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
         model_cfg = _read_model_config(donor)
-        n_layers = count_layers(names, _num_layers(model_cfg), config_path=os.path.join(donor.folder, "config.json"))
+        n_layers = count_layers(names, _num_layers(model_cfg),
+                                config_path=os.path.join(donor.folder, "config.json") if uses_positions(cfg) else None)
         model_type = (model_cfg or {}).get("model_type")
         resolver = ParamResolver(cfg, method, inputs, model_type)
         tensors, copies = plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, base is not None,

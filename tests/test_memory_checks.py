@@ -54,13 +54,20 @@ def test_a_read_only_page_inside_a_writable_output_is_refused():
                 print("written")
             except (ValueError, pymerge.errors.InputError) as exc:
                 print("refused" if "read-only memory" in str(exc) else exc)
+        # unaligned: the last element starts on the writable page and ends on the read-only one
+        straddle = torch.frombuffer(m, dtype=torch.float32, count=4, offset=page - 14)
+        try:
+            pymerge.weighted_sum([torch.ones(4)], [1.0], out=straddle)
+            print("written")
+        except ValueError as exc:
+            print("refused" if "read-only memory" in str(exc) else exc)
         w = torch.frombuffer(mmap.mmap(-1, 3 * page), dtype=torch.float32)  # writable throughout: written
         pymerge.weighted_sum([x], [2.0], out=w)
         print(torch.equal(w, 2 * x))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
-    assert r.stdout.split() == ["refused", "refused", "refused", "True"], r.stdout
+    assert r.stdout.split() == ["refused", "refused", "refused", "refused", "True"], r.stdout
 
 
 @pytest.mark.filterwarnings("ignore:The given buffer is not writable")

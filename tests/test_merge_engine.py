@@ -283,8 +283,9 @@ def test_a_slice_over_layers_the_file_lacks_is_refused(tmp_path, hole):
 def test_a_config_claiming_layers_the_tensors_lack_is_refused(tmp_path, claimed):
     """The donor's config.json said 1000 layers for tensors of 4: gradient weights were placed for 1000 (layer 3
     got t = 0.003 instead of 1) and the output's config.json claimed 1000 layers (exit 0; an audit). Refused,
-    naming the file; fewer than the tensors hold stays allowed (DeepSeek-V3's multi-token-prediction block
-    sits past num_hidden_layers), with the gradient over the config's count as mergekit places it."""
+    naming the file, where a gradient uses the positions; fewer than the tensors hold stays allowed (DeepSeek-V3's
+    multi-token-prediction block sits past num_hidden_layers), with the gradient over the config's count as
+    mergekit places it."""
     _gpt_neox(tmp_path / "a", 4, seed=1)
     _gpt_neox(tmp_path / "b", 4, seed=2)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
@@ -299,6 +300,11 @@ def test_a_config_claiming_layers_the_tensors_lack_is_refused(tmp_path, claimed)
     (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)  # fewer: merged, positions over 3 layers
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    # no gradient: the count is unused, so not checked (LongCat-Flash's config counts 2 sublayers per layer)
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": claimed}))
+    flat = {**cfg, "models": [{**m, "parameters": {"weight": 0.5}} for m in cfg["models"]]}
+    run_merge(flat, tmp_path / "flat", device="cpu", quiet=True)
+    assert json.loads((tmp_path / "flat" / "config.json").read_text())["num_hidden_layers"] == claimed
 
 
 def test_gpt_neox_with_buffers_merges(tmp_path):

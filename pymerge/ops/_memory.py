@@ -181,7 +181,8 @@ def write_problem(t: torch.Tensor) -> Optional[str]:
     if t.numel() == 0 or t.untyped_storage().resizable() or t.device.type != "cpu":
         return None
     first = t.data_ptr()
-    last = first + t.element_size() * sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    # the last element's last byte: an unaligned output's last element can straddle into the next page
+    last = first + t.element_size() * (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) - 1
     if _byte_writable(first) and _byte_writable(last) and (
             first // mmap.PAGESIZE == last // mmap.PAGESIZE or _mapped_writable(first, last) is not False):
         return None
