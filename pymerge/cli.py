@@ -117,7 +117,7 @@ def _cmd_merge(args) -> int:
                        chunk_bytes=args.chunk_size, random_seed=args.random_seed, **extra)
     if report.rank:  # a distributed merge: rank 0 speaks for all
         return 0
-    for w in report.warnings:
+    for w in dict.fromkeys(report.warnings):  # once each: a slice's every scope can repeat a module's warning
         say(f"pymerge: warning: {w}")
     ranks = f" x {report.world_size} ranks" if report.world_size > 1 else ""
     if not args.quiet:

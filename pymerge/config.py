@@ -492,14 +492,14 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
     model_wheres (one per model): where the config holds cfg.parameters and each model's (a slice's own)."""
     model_params, global_params = method.model_params, method.global_params
     known = sorted(set(model_params) | set(global_params))
+    ignored_weights: List[str] = []  # where a weight the method does not take was given: one warning for all
 
     def check(scope, where, allow_global: bool):
         for name, setting in scope.items():
             if name == "weight" and name not in model_params and name not in global_params:
                 # configs carry a weight for every model whatever the method (templates, other methods' configs);
                 # mergekit ignores it where the method has none: a typo it is not, so a warning, not an error
-                cfg.warnings.append(f"{where}: merge_method {method.name} takes no weight; it is ignored, as in "
-                                    "mergekit")
+                ignored_weights.append(where)
                 continue
             if name not in model_params and name not in global_params:
                 raise MergeConfigError(cfg.where(f"{where}: unknown parameter {short(name)} for merge_method "
@@ -518,6 +518,10 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
     check(cfg.parameters, params_where, True)
     for i, m in enumerate(cfg.models):
         check(m.parameters, model_wheres[i] if model_wheres else f"models[{i}] ({m.path}).parameters", False)
+    if ignored_weights:
+        more = f" and {len(ignored_weights) - 1} more" if len(ignored_weights) > 1 else ""
+        cfg.warnings.append(f"{ignored_weights[0]}{more}: merge_method {method.name} takes no weight; it is ignored, "
+                            "as in mergekit")
 
 
 def _leaves(setting, where):

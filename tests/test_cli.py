@@ -494,3 +494,16 @@ def test_bench_refuses_elements_past_the_memory_before_allocating(monkeypatch, c
     assert bench.main(["--elements", str(1 << 24), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "does not fit in memory (needs 1.3 GB, 1.0 GB available on cpu)" in err
+
+
+def test_an_ignored_weight_is_warned_of_once(fam, tmp_path, capsys):
+    """A weight for a method that takes none is ignored (as mergekit does) with a warning: one line for the whole
+    config, not one per model plus one for the global parameters (a review of the warning's first form)."""
+    root, base, fts = fam
+    cfg = {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.3, "weight": 1.0},
+           "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in (base, fts[0])]}
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), tmp_path / "out"], capsys)
+    assert rc == 0, err
+    lines = [x for x in err.splitlines() if "takes no weight" in x]
+    assert lines == ["pymerge: warning: parameters and 2 more: merge_method slerp takes no weight; it is ignored, "
+                     "as in mergekit"], err

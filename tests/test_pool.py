@@ -112,6 +112,20 @@ def test_streamed_tier_chunks_match(monkeypatch):
 
 
 @pytest.mark.triton_cpu
+def test_streamed_tier_stages_no_more_than_the_largest_tensor():
+    """chunk_bytes is a cap: a huge one (up to 2**40 passes the check) allocated staging buffers of that size, and
+    failed with the allocator's out-of-memory error on a GPU; the chunk is now at most the largest tensor's."""
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], backend="triton", residency="pinned", chunk_bytes=1 << 40)
+    largest = max(t.numel() for t in models[0].state_dict().values())
+    assert pool._cuda.chunk == -(-largest // 4096) * 4096
+    assert all(b.numel() == pool._cuda.chunk * 4 for stage in pool._cuda.stage for b in stage)
+    target, row = Tiny(), [0.2, -0.5, 1.25]
+    pool.materialize(row, into=target)
+    assert_matches(target, reference(models, row), torch.float32)
+
+
+@pytest.mark.triton_cpu
 def test_plan_entry_a_graph_captured_outlives_the_plan_cache(monkeypatch):
     """The grouped kernel's device address tables (and temporaries) belong to the pool's 8-entry plan cache:
     materializing into 8 other targets freed the ones a CUDA graph had captured, and its replays would have

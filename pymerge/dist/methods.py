@@ -142,7 +142,7 @@ def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor, args_of: dict) -
     """One tensor; args_of keeps a call's resolved arguments by weights (the rest of the parameters is the
     same for every tensor of the call): resolved per tensor, they cost ~60 us of Python each."""
     from pymerge.methods.task_vectors import task_vector_args
-    key = tuple(mp["weight"] for mp in task.model_params)
+    key = tuple(float(mp["weight"]).hex() for mp in task.model_params)  # by bits: -0.0 is not 0.0 (a zero's sign)
     hit = args_of.get(key)
     if hit is None:
         normalize, rescale = m._settings(task)

@@ -90,8 +90,10 @@ class CudaRunner:
 
     # ---- streaming from host memory ----------------------------------------------------------------
     def _setup_streaming(self, chunk_bytes: int) -> None:
-        biggest = max(t.element_size() for ts in self.inputs.values() for t in ts)
-        self.chunk = max(ALIGN, chunk_bytes // biggest // ALIGN * ALIGN)  # elements per chunk
+        biggest = max((t.element_size() for ts in self.inputs.values() for t in ts), default=1)
+        largest = max((t.numel() for ts in self.inputs.values() for t in ts), default=0)
+        # elements per chunk; never more than the largest tensor needs (a huge chunk_bytes staged nothing more)
+        self.chunk = max(ALIGN, min(chunk_bytes // biggest, -(-largest // ALIGN) * ALIGN) // ALIGN * ALIGN)
         dev = self.device if self.on_gpu else "cpu"
         self.stage = [[torch.empty(self.chunk * biggest, dtype=torch.uint8, device=dev) for _ in range(self.n)]
                       for _ in range(2)]
