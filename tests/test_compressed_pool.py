@@ -882,6 +882,9 @@ def _scale_past_lowest_code(t: dict) -> None:
 CORRUPTIONS = {
     "no header": (None, lambda h: h.clear(), "must be an object"),
     "bad version": (None, lambda h: h.update(version=7), "version 7"),
+    # JSON's true and 2.0 passed as versions 1 and 2 (true then failed on the codes' shapes, misleadingly)
+    "version true": (None, lambda h: h.update(version=True), "version True"),
+    "version 2.0": (None, lambda h: h.update(version=2.0), "version 2.0"),
     "bad format": (None, lambda h: h["tensors"][0]["formats"].__setitem__(0, "int2"), "formats"),
     "format swap": (None, lambda h: h["tensors"][0]["formats"].__setitem__(0, "int4"), "missing|not part"),
     "bad shape": (None, lambda h: h["tensors"][0].update(shape=[37, 54]), "expected"),

@@ -572,7 +572,7 @@ def empty_shard_worker(rank, world, files):
     except Exception as exc:
         out["errors"]["in_linear"] = f"{type(exc).__name__}: {exc}"
     grouped.native_table = native_table
-    # the table is kept by what it encodes, not one whose call raised: made at most once for two candidates
+    # not the table whose call raised: made once for two candidates
     made = []
     grouped.native_table = lambda *a: made.append(1) or native_table(*a)
     for w in (W3, [0.2, 0.5, 0.3]):
@@ -618,9 +618,9 @@ def test_della_on_empty_3d_shards_and_errors_inside_the_merge(tmp_path):
     assert all(res["bits"] == {"della": True, "della_linear": True} for res in results), [r["bits"] for r in results]
     assert dist_helpers.agreed_errors(results)["in_merge"] == "InputError: rank 1: injected failure"
     assert dist_helpers.agreed_errors(results)["in_linear"] == "InputError: rank 1: injected kernel failure"
-    # rank 0 kept the table its half of the failed call made (valid: the same addresses); rank 1 dropped the
-    # one that raised and made it again
-    assert [res["tables_made"] for res in results] == [0, 1]
+    # a call that raised drops its plans and table on every rank (every rank raised): made again once, then kept
+    # for the next candidate (the plans are reused only where every rank's are)
+    assert [res["tables_made"] for res in results] == [1, 1]
     from pymerge import kernels
     if kernels.triton_available():
         assert [res["triton"] for res in results] == [([True, True], 1)] * 2, [res["triton"] for res in results]
@@ -730,3 +730,67 @@ def test_the_values_sample_reads_any_shape_and_tells_checkpoints_apart():
         c = {n: v.clone() for n, v in a.items()}
         c[k] = (c[k].float() + 1).to(c[k].dtype)
         assert _values_sample(DictSource(c, "c")) != _values_sample(DictSource(a, "a")), k
+
+
+def kept_plans_worker(rank, world, files):
+    """Plans kept between calls (they cost ~20 us a tensor per call), reused only where every rank's are."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    ckpts, base = files[:3], files[3]
+    mesh = init_device_mesh("cpu", (world,))
+    m = build()
+    for layer in m:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    pool, ref = pymerge.CheckpointPool(ckpts, base=base, shard_like=m), pymerge.CheckpointPool(ckpts, base=base)
+    planned = []
+    real = pool._agreed_plans
+    pool._agreed_plans = lambda *a: planned.append(1) or real(*a)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    out = {"bits": [], "planned": []}
+
+    def check(w, **kw):
+        want = build()
+        ref.materialize(w, into=want, **kw)
+        pool.materialize(w, into=m, **kw)
+        out["bits"].append(all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(m.parameters(),
+                                                                                        want.parameters())))
+        out["planned"].append(len(planned))
+
+    def train_step():  # FSDP gathers and frees each layer's parameters, and leaves the root's gathered
+        m(torch.randn(4, 13)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    check(W3)
+    check([0.1, 0.6, 0.3])  # kept
+    train_step()
+    check(W3)  # kept: the training step registered nothing, and the root was resharded in place
+    check(W3, method="ties", density=0.55)  # the per-tensor methods keep theirs (another entry)
+    train_step()
+    check([0.2, 0.2, 0.6], method="ties", density=0.55)
+    # FSDP may put a new local tensor in a DTensor (reset_sharded_param): the kept plans wrote the old one, on
+    # that rank alone; the other ranks' plans were valid, and had they kept them while this one planned again,
+    # the ranks' agreements would be out of step (a hang)
+    if rank == 1:
+        w = m[0].weight
+        w._local_tensor = w._local_tensor.clone()
+    check(W3)
+    check([0.3, 0.3, 0.4])
+    if rank == 0:  # a parameter registered on one rank's model: that rank's entry is stale
+        m[2].register_buffer("extra", torch.zeros(1))
+    check([0.5, 0.25, 0.25], method="ties", density=0.55)
+    return out
+
+
+def test_plans_are_kept_while_every_rank_s_are_valid(tmp_path):
+    files = write_checkpoints(str(tmp_path))
+    from datetime import timedelta
+    results = dist_helpers.run(kept_plans_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30), wall_s=120)
+    for res in results:
+        assert res["bits"] == [True] * 8, res["bits"]
+        # linear plans once; ties once; after rank 1's new local tensor both ranks plan (linear), then keep
+        # them; rank 0's registration: both plan ties again
+        assert res["planned"] == [1, 1, 1, 2, 2, 3, 3, 4], res["planned"]

@@ -1,5 +1,5 @@
 """Tensors a kernel must not be handed (pymerge/ops/_memory.py): a storage freed with resize_(0) (as FSDP
-frees sharded parameters), read-only memory (a safetensors view, pool.tensor() on the mmap tier), a
+frees sharded parameters), read-only memory (a safetensors view, a pool's map on the mmap tier), a
 tensor smaller than the op's others, wrong dtypes or devices, through the public ops, torch.ops.pymerge
 and CheckpointPool. Each was a segmentation fault or a silent out-of-bounds read (found by fuzzing);
 each must be one clear error, with nothing written."""
@@ -225,7 +225,7 @@ cases = {
     "weighted_sum into a freed tensor": lambda: pymerge.weighted_sum([torch.ones(N)], [1.0], out=freed()),
     "weighted_sum of a freed tensor": lambda: pymerge.weighted_sum([freed(), freed()], [1.0, 1.0]),
     "materialize into a safetensors view": lambda: pool().materialize([0.5, 0.5], {"w": view}),
-    "materialize into pool.tensor()": lambda: pool().materialize([0.5, 0.5], {"w": mapped.tensor(0, "w")}),
+    "materialize into a mapped pool's view": lambda: pool().materialize([0.5, 0.5], {"w": mapped._inputs["w"][0]}),
     "materialize into a read-only map": lambda: pool().materialize([0.5, 0.5], {"w": torch.frombuffer(
         mmap.mmap(-1, 4 * N, prot=mmap.PROT_READ), dtype=torch.float32)}),
     "materialize into a freed tensor": lambda: pool().materialize([0.5, 0.5], {"w": freed()}),
@@ -253,7 +253,7 @@ def test_unusable_targets_and_freed_storage_are_errors_not_crashes(tmp_path):
         f"ValueError: weighted_sum: output 0: {no_data} (freed or shrunk with resize_, as FSDP frees a sharded " \
         "parameter's storage); it has no data to use"
     assert lines["weighted_sum of a freed tensor"].startswith(f"ValueError: weighted_sum: input 0: {no_data}")
-    for case in ("a safetensors view", "pool.tensor()", "a read-only map"):
+    for case in ("a safetensors view", "a mapped pool's view", "a read-only map"):
         assert lines[f"materialize into {case}"].startswith(f"InputError: tensor 'w': {read_only}"), case
         assert lines[f"materialize into {case}"].endswith("nothing was written"), case
     assert lines["materialize into a freed tensor"].startswith(f"InputError: tensor 'w': {no_data}")

@@ -1023,3 +1023,42 @@ def test_a_backend_for_another_device_is_refused_when_the_pool_is_built():
     with pytest.raises(InputError, match="^backend 'cuda' runs on cuda tensors; the pool is on cpu$"):
         CheckpointPool([{"w": torch.ones(2)}], backend="cuda")
     CheckpointPool([{"w": torch.ones(2)}], backend="cpu").materialize([1.0], into={"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("residency", ["host", "pinned"])
+def test_a_narrower_dtype_refuses_values_past_its_range(residency):
+    """dtype=float16 rounded finite checkpoint values past 65504 to inf, and every merge of them was inf or NaN,
+    silently (a pool audit; the compressed pool refused them already). Values in range, and infs the file holds
+    itself, still load."""
+    big = [{"w": torch.full((4,), 1.0e5), "b": torch.ones(3)}, {"w": torch.full((4,), -1.0e5), "b": torch.ones(3)}]
+    with pytest.raises(CheckpointError, match=r"source 0: tensor 'w' holds values up to 1e\+05, past float16's "
+                                              r"range \(largest finite 65504\)"):
+        CheckpointPool(big, dtype=torch.float16, residency=residency)
+    ok = [{"w": torch.tensor([65519.0, float("inf"), -1.0, 0.0]), "b": torch.ones(3)} for _ in range(2)]
+    pool = CheckpointPool(ok, dtype=torch.float16, residency=residency)
+    target = {"w": torch.empty(4), "b": torch.empty(3)}
+    pool.materialize([0.5, 0.5], into=target)
+    assert target["w"].tolist() == [65504.0, float("inf"), -1.0, 0.0]
+    assert CheckpointPool(big, dtype=torch.bfloat16, residency=residency).num_checkpoints == 2
+
+
+def test_mmap_tier_tensor_is_a_copy_a_torch_op_may_write(tmp_path):
+    """pool.tensor() on the mmap tier was a view of the read-only file map: t.add_(1) (any torch op writing it)
+    killed the process with SIGSEGV (a pool audit). It is a copy now; writing it changes neither the file nor
+    the pool's merges. A borrowed tensor is still the caller's own."""
+    from safetensors.torch import save_file
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+        save_file({"w": torch.full((64, 64), float(i + 1))}, paths[-1])
+    pool = CheckpointPool(paths, residency="mmap")
+    assert pool.residency == "mmap"
+    t = pool.tensor(0, "w")
+    t.add_(1)
+    assert float(pool.tensor(0, "w")[0, 0]) == 1.0
+    out = {"w": torch.empty(64, 64)}
+    pool.materialize([0.5, 0.5], into=out)
+    assert torch.equal(out["w"], torch.full((64, 64), 1.5))
+    mine = {"w": torch.ones(3)}
+    lent = CheckpointPool([mine, {"w": torch.ones(3)}], residency="mmap")
+    assert lent.tensor(0, "w") is mine["w"] or lent.tensor(0, "w").data_ptr() == mine["w"].data_ptr()

@@ -1,7 +1,7 @@
 """Checks before a kernel gets a tensor's raw address: that its memory is there and, for an output,
 writable. The kernels trust the address and size they are given, so without these a tensor whose
 storage was freed (resize_(0), as FSDP frees a sharded parameter's between uses), one smaller than
-the op's other tensors, or a read-only memory map (a safetensors view, pool.tensor() on the mmap tier)
+the op's other tensors, or a read-only memory map (a safetensors view, a pool's map on the mmap tier)
 would crash the process instead of raising.
 """
 import ctypes
@@ -186,8 +186,8 @@ def write_problem(t: torch.Tensor) -> Optional[str]:
     if _byte_writable(first) and _byte_writable(last) and (
             first // mmap.PAGESIZE == last // mmap.PAGESIZE or _mapped_writable(first, last) is not False):
         return None
-    return ("it is read-only memory (a view of a memory-mapped file, such as a safetensors tensor or pool.tensor() "
-            "on the mmap tier); write into a tensor of your own")
+    return ("it is read-only memory (a view of a memory-mapped file, such as a safetensors tensor); "
+            "write into a tensor of your own")
 
 
 def check_backed(t: torch.Tensor, what: str, error=ValueError) -> None:

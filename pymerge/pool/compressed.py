@@ -725,7 +725,8 @@ def _parse_header(path: str, metadata) -> dict:
         raise bad("its header is not valid JSON") from None
     if not isinstance(h, dict) or set(h) != _HEADER_KEYS:
         raise bad(f"its header must be an object with keys {sorted(_HEADER_KEYS)}")
-    if h["version"] not in (1, VERSION) or h["block"] != BLOCK:
+    if type(h["version"]) is not int or h["version"] not in (1, VERSION) or type(h["block"]) is not int \
+            or h["block"] != BLOCK:  # (JSON's true == 1 and 2.0 == 2 in Python: a version is a whole number)
         raise bad(f"version {h['version']!r} / block {h['block']!r}; this pymerge reads versions 1-{VERSION}, "
                   f"block {BLOCK}")
     if h["mode"] not in COMPRESS_MODES:

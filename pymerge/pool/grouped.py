@@ -35,6 +35,7 @@ from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from pymerge import _native
 from pymerge.errors import MergeConfigError
@@ -68,6 +69,11 @@ torch.nn.modules.module.register_module_module_registration_hook(_count)
 _data_ptr = torch.Tensor.data_ptr
 
 
+def _is_wrapper(t: torch.Tensor) -> bool:
+    """A tensor subclass that wraps others (DTensor): its data_ptr is 0, its memory its inner tensors'."""
+    return type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and is_traceable_wrapper_subclass(t)
+
+
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
     __slots__ = ("targets", "generation", "held", "ptrs", "nbytes", "shapes", "dtypes", "strides", "objects",
@@ -80,7 +86,9 @@ class _Entry:
         self.generation = _registrations
         # The tensors the targets hold (not detached copies), per watched key and target (see pool._watched).
         # None: a key the target lacked; a module: a submodule on a tensor's path (checked where it is held).
-        self.held = tuple(t for t, _, _ in watched if isinstance(t, torch.Tensor))
+        # A wrapper (a DTensor) has no memory of its own: its owner holds it (found), and the watcher lists the
+        # tensor it wraps (a ShardedPool's) as one more held tensor.
+        self.held = tuple(t for t, _, _ in watched if isinstance(t, torch.Tensor) and not _is_wrapper(t))
         self.ptrs = list(map(_data_ptr, self.held))
         # storage sizes: a storage freed (resize_(0)) and given fewer bytes can come back at the same address
         self.nbytes = list(map(_nbytes, map(_storage, self.held)))
@@ -162,17 +170,6 @@ _stride, _contiguous = torch.Tensor.stride, torch.Tensor.is_contiguous
 _storage, _nbytes = torch.Tensor.untyped_storage, torch.UntypedStorage.nbytes  # two maps: no Python frame per tensor
 
 
-class Planned:
-    """What a linear call needs of an _Entry, for plans made for this call alone (a ShardedPool's)."""
-    __slots__ = ("plans", "native", "written", "fixups")
-
-    def __init__(self, plans, native):
-        self.plans = plans
-        self.native = native
-        self.written = tuple(t for p in plans for t in p.targets)
-        self.fixups = [f for p in plans for f in p.fixups]
-
-
 class PlanCache:
     """Validated write plans (and their native task tables) per set of targets; a few entries, LRU."""
 
@@ -189,14 +186,18 @@ class PlanCache:
         return PlanCache, (self.max_entries,)
 
     def entry(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
-              make_table: Callable[[list], object]) -> _Entry:
+              make_table: Callable[[list], object], agree: Callable[[bool], bool] = None) -> _Entry:
         """The valid entry for `into` (and key), built when there is none: build() makes the plans,
         targets_of(plans) lists for every plan and target model (tensor as held, dict or None, key),
-        make_table(plans) the table that runs them all in one call (None: not possible)."""
+        make_table(plans) the table that runs them all in one call (None: not possible). agree(hit), where
+        given, turns this process's finding into the one every process takes alike (a ShardedPool's ranks)."""
         key = (tuple(map(id, into)),) + key
         with self:
             entry = self._entries.get(key)
-            if entry is not None and entry.valid():
+            hit = entry is not None and entry.valid()
+            if agree is not None:
+                hit = agree(hit)
+            if hit:
                 self._entries.move_to_end(key)
                 return entry
             plans = build()

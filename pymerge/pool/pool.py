@@ -77,6 +77,20 @@ def _checks_mapped_files(merge):
     return checked
 
 
+def _check_range(held: torch.Tensor, t: torch.Tensor, label: str, name: str) -> None:
+    """A pool held in a narrower dtype (dtype=float16) than its file's refuses values past that dtype's range:
+    they became inf, and every merge of them inf or NaN, silently (a compressed pool refused them already)."""
+    if (held.dtype == t.dtype or not held.dtype.is_floating_point or not t.dtype.is_floating_point
+            or torch.finfo(held.dtype).max >= torch.finfo(t.dtype).max):
+        return
+    if int(torch.isinf(held).sum()) > int(torch.isinf(t).sum()):
+        big = float(t.detach().abs().nan_to_num(nan=0.0).max())  # (infs counted alike: a finite one is largest)
+        raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, past "
+                              f"{str(held.dtype).replace('torch.', '')}'s range (largest finite "
+                              f"{torch.finfo(held.dtype).max:.6g}), where the pool's dtype= would make them inf; "
+                              "choose a wider dtype (bfloat16, float32) or none")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
@@ -358,6 +372,7 @@ class CheckpointPool:
             if tuple(t.shape) != tuple(shape):  # copy_ would broadcast: a source must give what it lists
                 raise CheckpointError(f"{src.label}: tensor {n!r} has shape {list(t.shape)}, listed as {list(shape)}")
             held[n] = buf[at:at + nbytes].view(dtype).view(shape).copy_(t)
+            _check_range(held[n], t, src.label, n)
         return held
 
     @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
@@ -376,6 +391,7 @@ class CheckpointPool:
             held = t.to("cpu", dtype)
             if self.residency == "pinned" and torch.cuda.is_available():
                 held = held.pin_memory()
+        _check_range(held, t, src.label, name)
         if held.data_ptr() == t.data_ptr() or not held.is_contiguous():
             # Never alias a caller's tensor or a file view: a model merged into must not change the pool.
             held = held.clone(memory_format=torch.contiguous_format)
@@ -417,8 +433,9 @@ class CheckpointPool:
     def tensor(self, i: int, name: str) -> torch.Tensor:
         """Checkpoint i's resident tensor `name`, for reading only: on the host tier a view into the
         checkpoint's one buffer (holding it keeps that whole buffer alive; writing it would change the pool,
-        and its storage cannot be resized; a device copy resized is refused at the next materialize); on the mmap tier a view of the file, which reads zeros past its end if another
-        program truncates it (the next materialize raises). A compressed pool decodes it, float32."""
+        and its storage cannot be resized; a device copy resized is refused at the next materialize); on the
+        mmap tier a copy of a file's tensor (the map is read-only: a torch op writing a view of it killed the
+        process), and a borrowed tensor as given (or the pool's contiguous copy of a strided one). A compressed pool decodes it, float32."""
         if (k := as_int(i)) is None or not 0 <= k < self.num_checkpoints:
             raise InputError(f"checkpoint index must be an integer in 0..{self.num_checkpoints - 1}, got {i!r}")
         if name not in self.shapes:
@@ -426,6 +443,8 @@ class CheckpointPool:
         if self._compressed is not None:
             return self._compressed.decoded(k, name)
         held = self._inputs[name][k]
+        if self.residency == "mmap" and id(held) not in self._lent_ids and not held.untyped_storage().resizable():
+            return held.clone()  # a file's map (the pool's guard makes one truncated meanwhile a CheckpointError)
         self._watch(held, f"checkpoint {self.labels[k]}")
         return held
 
@@ -503,7 +522,7 @@ class CheckpointPool:
                     target.copy_(tmp)
                 mark_written(entry.written)
                 return into
-        plans = self._checked_plans(into, group_of, names, strict)
+        plans = self._method_plans(into, group_of, names, strict, groups, flat)
         if method == "linear":
             self._run_linear(plans, tables)
         else:
@@ -513,6 +532,10 @@ class CheckpointPool:
                 target.copy_(tmp)
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
+
+    def _method_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool, groups, flat: bool):
+        """Checked plans for a call that merges tensor by tensor (a ShardedPool keeps them)."""
+        return self._checked_plans(into, group_of, names, strict)
 
     def _one_call_method(self, method, tables, group_of, flat, groups, names, strict, into, seed, params):
         """A registered method as one native call over every tensor and candidate (pool/grouped.py):
