@@ -11,6 +11,8 @@ helper, run by torchrun or by the tests themselves as a launcher):
                                       the side files, the rank renames the folder $PYMERGE_TEST_MODEL
                                       aside and $PYMERGE_TEST_MODEL.new into its place (as another
                                       merge's --force install would), then streams
+    PYMERGE_TEST_FAULT=RANK:other_values  the rank opens $PYMERGE_TEST_MODEL.other wherever the config names
+                                      the folder $PYMERGE_TEST_MODEL (another node's stale copy at the same path)
     RANK "*": every rank (each also writes $PYMERGE_TEST_MARK.<rank>)
 """
 import os
@@ -46,6 +48,16 @@ def _replace_model(real):
     return stream_plan
 
 
+def _other_values(real):
+    def init(self, source):
+        model = os.environ["PYMERGE_TEST_MODEL"]
+        same = os.path.abspath(source) == os.path.abspath(model)
+        real(self, model + ".other" if same else source)
+        if same:
+            self.path, self.folder = Path(source), Path(source)
+    return init
+
+
 def _die_at_install(real):
     calls = [0]
 
@@ -66,6 +78,8 @@ if __name__ == "__main__":
             merge.stream_plan = _stall(merge.stream_plan)
         elif kind == "replace_model":
             merge.stream_plan = _replace_model(merge.stream_plan)
+        elif kind == "other_values":
+            Checkpoint.__init__ = _other_values(Checkpoint.__init__)
         elif kind == "die_at_install":
             disk_merge._agree = _die_at_install(disk_merge._agree)
         else:

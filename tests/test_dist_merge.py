@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import llama_factory as lf
 from io_helpers import bits
@@ -331,6 +332,23 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
         codes, lines = finish(launch(2, lambda r: ["merge", cfgs[0], out, flag, values[r]]))
         _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
         assert not out.exists() and leftovers(out) == []
+
+
+def test_a_rank_reading_other_values_at_the_same_path_fails_every_rank(fam, tmp_path):
+    """Another file at the same path on one node (a stale copy): the same names, dtypes and shapes, so the same
+    plan; that rank merged its share from its own file, exit 0 (an audit). Each checkpoint's sample of values
+    is now part of what the ranks agree on."""
+    root, base, fts = fam
+    other = shutil.copytree(fts[1], str(fts[1]) + ".other")
+    shard = sorted(Path(other).glob("model-*.safetensors"))[-1]  # a shard the values sample reads a tensor of
+    tensors = load_file(str(shard))
+    tensors = {k: v + 1 for k, v in tensors.items()}
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, ["merge", write_cfg(tmp_path / "c.yml", linear(fts)), out],
+                                 PYMERGE_TEST_FAULT="1:other_values", PYMERGE_TEST_MODEL=str(fts[1])))
+    _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+    assert not out.exists() and leftovers(out) == []
 
 
 def test_ranks_whose_configs_differ_in_compute_dtype_or_adapter_all_fail(tmp_path):

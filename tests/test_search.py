@@ -1350,3 +1350,26 @@ def test_cli_refuses_an_out_that_would_write_over_or_into_an_input(tmp_path, cap
         assert len(err) == 1 and message in err[0], err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "model" / "results").exists()
+
+
+def test_a_search_refused_by_another_s_lock_leaves_the_folder_it_found_missing(tmp_path, capsys, monkeypatch):
+    """Two searches into a missing out: both saw it missing and both counted it as made; the one refused by the
+    other's lock removed it as a failed search's empty folder, while the other searched on, and a third search
+    then locked a new folder of that name and wrote its results beside the second's (a peers audit). The
+    refused one removes nothing now: the folder is the other's."""
+    from pymerge.search import cli as search_cli
+    cfg = _cli_setup(tmp_path)
+
+    def busy(path, message, *args, **kwargs):  # another search made the folder and holds it
+        raise InputError(message)
+    monkeypatch.setattr(search_cli, "hold_lock", busy)
+    assert cli_main([str(cfg)]) == 2
+    assert "in use by another pymerge search" in capsys.readouterr().err
+    assert (tmp_path / "out").is_dir()
+    monkeypatch.undo()
+    (tmp_path / "out").rmdir()
+    (tmp_path / "evalfail.py").write_text("def evaluate(m):\n    raise RuntimeError('evaluate failed')\n")
+    cfg = _cli_setup(tmp_path, evaluate="evalfail:evaluate")
+    with pytest.raises(RuntimeError, match="evaluate failed"):
+        cli_main([str(cfg)])
+    assert not (tmp_path / "out").exists()  # its own failed search's empty folder: removed, as before

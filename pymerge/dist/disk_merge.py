@@ -211,10 +211,45 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
     # each part's sources with their tensor maps: `slices:` differing in a layer_range read other layers
     # under the same output names (a bug hunt: a model mixed from two configs, exit 0)
     sources = [[_checkpoint_identity(c) for c in part.checkpoints] for part in plan.parts]
+    # and a sample of each checkpoint's bytes: another file at the same path on one node (a stale copy) merged
+    # that rank's share from it, exit 0 (an audit; the sharded pool compares such a sample too)
+    samples = {os.path.abspath(c.path): _values_sample(c) for c in _files_of(plan)}
     text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
                  [_checkpoint_identity(c) for c in plan.checkpoints], sources, tensors,
-                 [(c.name, c.dtype, c.shape) for c in plan.copies]))
+                 [(c.name, c.dtype, c.shape) for c in plan.copies], sorted(samples.items())))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _files_of(plan) -> list:
+    """The checkpoints as opened from their files (a slice's renaming view and a LoRA view unwrapped; an
+    adapter's file with them), each once."""
+    seen, out = set(), []
+    for ck in list(plan.checkpoints) + [c for part in plan.parts for c in part.checkpoints]:
+        for c in (_unwrapped(ck), getattr(getattr(ck, "adapter", None), "file", None)):
+            if c is not None and id(c) not in seen:
+                seen.add(id(c))
+                out.append(c)
+    return out
+
+
+def _unwrapped(ck):
+    while hasattr(ck, "ck"):  # RenamedCheckpoint, LoraCheckpoint: the checkpoint they read
+        ck = ck.ck
+    return ck
+
+
+_SAMPLED_TENSORS = 64  # per checkpoint: the first bytes of a page each, spread over its sorted names
+
+
+def _values_sample(ck) -> str:
+    """A digest of the first 64 bytes of up to 64 of a checkpoint's tensors, spread over its sorted names: a
+    page read per tensor, to tell two files with the same tensors apart."""
+    import hashlib
+    names = sorted(ck.names())
+    h = hashlib.sha256()
+    for name in names[::max(1, -(-len(names) // _SAMPLED_TENSORS))]:
+        h.update(name.encode("utf-8", "surrogatepass") + b"\0" + bytes(ck.array(name)[:64]))
+    return h.hexdigest()
 
 
 def _checkpoint_identity(ck) -> tuple:

@@ -282,11 +282,12 @@ def _run(args) -> int:
         raise InputError(f"model: {cfg['model']} returned a {type(model).__name__}, not an nn.Module")
     made = _prepare_out(out)
     method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
-    lock = None
+    lock, locked = None, False  # (None also where the filesystem has no locks: the search goes on unlocked)
     try:
         # another search into OUT (as onto state_path, which optimize locks) is refused: one's results were lost
         lock = hold_lock(out, f"out {out}: in use by another pymerge search; wait for it to finish or choose "
                               "another out")
+        locked = True
         result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
                           sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),
                           state_path=state_path, groups=s.get("groups"),
@@ -303,7 +304,8 @@ def _run(args) -> int:
             _best_yaml(best_yml, sources, rel(cfg.get("base")), result.best_weights, method, method_params, model,
                        _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
     except BaseException:
-        _unmake(made)  # empty folders only
+        if locked:  # not a folder another search made at the same moment and holds (it lost it)
+            _unmake(made)  # empty folders only
         raise
     finally:
         release_lock(lock)
