@@ -782,6 +782,9 @@ def kept_plans_worker(rank, world, files):
     if rank == 0:  # a parameter registered on one rank's model: that rank's entry is stale
         m[2].register_buffer("extra", torch.zeros(1))
     check([0.5, 0.25, 0.25], method="ties", density=0.55)
+    # a budget below the model's size chose the mmap tier and said so, but each rank copies its boxes out of the
+    # files (an audit): what it holds is described
+    out["describe"] = pymerge.CheckpointPool(ckpts, base=base, shard_like=m, memory_budget=1).describe()
     return out
 
 
@@ -794,3 +797,5 @@ def test_plans_are_kept_while_every_rank_s_are_valid(tmp_path):
         # linear plans once; ties once; after rank 1's new local tensor both ranks plan (linear), then keep
         # them; rank 0's registration: both plan ties again
         assert res["planned"] == [1, 1, 1, 2, 2, 3, 3, 4], res["planned"]
+        assert "residency host (each rank copies its shards out of the files" in res["describe"], res["describe"]
+        assert "mmap" not in res["describe"], res["describe"]

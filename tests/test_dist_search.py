@@ -240,3 +240,37 @@ def test_ranks_passing_other_arguments_fail_together(tmp_path):
     assert errors["pool"].startswith("InputError: ranks called optimize with different pools"), errors["pool"]
     expected = [r["objective"] for r in single_process(files, budget=5).history]
     assert results[0]["alike"] == results[1]["alike"] == expected
+
+
+def one_rank_fails_between_collectives_worker(rank, world, d, files):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    model = build()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=model)
+    calls = [0]
+
+    def evaluate(m):  # rank 1 fails before its sharded forward (its all-gathers), on its second candidate
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            raise ValueError("boom")
+        with torch.no_grad():
+            return float(m(torch.ones(2, 13)).sum())
+    try:
+        pymerge.search.optimize(pool, evaluate, model=model, **SEARCH)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def test_an_evaluate_failing_on_one_rank_between_collectives_reports_its_own_error(tmp_path):
+    """The other rank waits in the forward's all-gather until the process group's timeout (nothing can end a
+    peer's collective); the failing rank's error was lost, replaced by gloo's timeout (a scale-out audit)."""
+    from datetime import timedelta
+    files = write_checkpoints(str(tmp_path))
+    results = dist_helpers.run(one_rank_fails_between_collectives_worker, 2, str(tmp_path), str(tmp_path), files,
+                               timeout=timedelta(seconds=5), wall_s=120)
+    assert results[1].startswith("InputError: rank 1: boom (the other ranks never reached the agreement"), results[1]
+    assert results[0] is not None, results  # the timeout, on the rank that waited

@@ -103,8 +103,12 @@ class ShardedPool(CheckpointPool):
 
     def describe(self) -> str:
         sharded = sum(b.signature[0] == "sharded" for b in self.boxes.values())
-        return (super().describe() + f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "
-                f"{_fmt_bytes(self.nbytes)} on this rank")
+        text = super().describe()
+        if self.residency == "mmap":  # (chosen by the whole model's size) no rank reads the maps when it merges
+            text = text.replace(f"residency mmap ({self.reason})", "residency host (each rank copies its shards "
+                                "out of the files when the pool is built: memory_budget does not apply)")
+        return text + (f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "
+                       f"{_fmt_bytes(self.nbytes)} on this rank")
 
     __repr__ = describe
 

@@ -142,7 +142,6 @@ class _Crew:
 
     def run(self, weights, first_index: int):
         import torch.distributed as dist
-        from pymerge.dist import collectives
         mine, error = [], None
         group = getattr(self.pool, "group", None)  # the ranks that hold one model copy: a replica group
         agreeing = getattr(self.pool, "agreeing", None)
@@ -158,7 +157,7 @@ class _Crew:
                     error = (type(exc).__name__, f"rank {dist.get_rank()}: {first}")
                 # The group stops together: an evaluate() failing on one rank only left the others in the
                 # next candidate's collectives while it waited in the gather below (a hang until the timeout).
-                if collectives.agree(None, group, flag=error is not None) if group is not None else error is not None:
+                if _stop_together(group, error):
                     break
         finally:
             if agreeing is not None:
@@ -174,6 +173,24 @@ class _Crew:
             for c, s in got:
                 scores.setdefault(c, s)
         return [scores[c] for c in range(len(weights))]
+
+
+def _stop_together(group, error) -> bool:
+    """Whether any rank of group failed (error: this rank's (kind, message) or None). Where the agreement itself
+    fails (an evaluate() that raised on this rank before its own collectives, a sharded forward, left the others
+    waiting in them until the process group's timeout), this rank raises its own error, not the collective's."""
+    from pymerge.dist import collectives
+    if group is None:
+        return error is not None
+    try:
+        return collectives.agree(None, group, flag=error is not None)
+    except Exception as exc:
+        if error is None:
+            raise
+        raise _ERRORS.get(error[0], InputError)(
+            f"{error[1]} (the other ranks never reached the agreement after it: if evaluate runs collectives, "
+            "they waited in them until the process group's timeout; an evaluate must fail on every rank or "
+            "none)") from exc
 
 
 class _LeaderPool:
