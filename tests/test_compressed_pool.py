@@ -833,18 +833,18 @@ def test_save_never_replaces_a_file_that_appears_meanwhile(tmp_path, monkeypatch
         def no_link(*a, **k):
             raise OSError(errno.EPERM, "Operation not permitted")
         monkeypatch.setattr(os, "link", no_link)
-    real = safetensors.torch.save_file
+    real = cp.write_tensors
 
     def meanwhile(*a, **k):
         real(*a, **k)
         path.write_text("the user's file, written meanwhile")
-    monkeypatch.setattr(safetensors.torch, "save_file", meanwhile)
+    monkeypatch.setattr(cp, "write_tensors", meanwhile)
     with pytest.raises(InputError, match="new.safetensors: already exists; pass overwrite=True"):
         pool.save(path)
     assert path.read_text() == "the user's file, written meanwhile" and (tmp_path / "victim").read_text() == "the user's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.safetensors", f"new.safetensors.tmp{os.getpid()}",
                                                          "pool.safetensors", "victim"]  # no temporary file left
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(cp, "write_tensors", real)
     os.remove(path)
     umask = os.umask(0o027)
     try:
@@ -1121,3 +1121,23 @@ def test_values_at_a_narrow_dtypes_limit_stay_finite(mode, dtype, top, base):
         err = comp.compression_report()[0]["rel_error"]
         assert (got["w"].double() - x.double()).abs().max() <= err * 2 * abs(top) + 64
         assert torch.isfinite(comp.tensor(0, "w").to(dtype)).all()
+
+
+def test_save_writes_one_file_and_no_hidden_temporary_of_its_own(tmp_path, monkeypatch):
+    """safetensors' save_file wrote a hidden temporary file of its own (as large as the pool) and renamed it over
+    pymerge's: a save killed meanwhile left it for good (a peers audit). The pool now writes the file in place
+    of its own locked temporary file, in safetensors' layout (safetensors reads it as it reads its own)."""
+    from safetensors import safe_open
+    base, cks = _pool_inputs({"a": (8, 3), "b": (5,)}, n_ckpt=2)
+    pool = CheckpointPool(cks, base=base, compress="int4")
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: seen.append(sorted(os.listdir(tmp_path))) or real(a, b))
+    pool.save(tmp_path / "p.safetensors", overwrite=True)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(".p.safetensors.pymerge-tmp-"), seen
+    assert os.listdir(tmp_path) == ["p.safetensors"]
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        assert cp.META_KEY in f.metadata() and all(torch.equal(f.get_tensor(k), pool._compressed.base[k.split("/", 1)[1]])
+                                                   for k in f.keys() if k.startswith("base/"))
+    loaded = CheckpointPool.load(tmp_path / "p.safetensors")
+    assert all(torch.equal(loaded.tensor(i, n), pool.tensor(i, n)) for i in range(2) for n in ("a", "b"))

@@ -134,29 +134,62 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+_TMP_MARK = ".pymerge-tmp-"  # .<name>.pymerge-tmp-<random>: replace_file's temporary file for <name>
+
+
 def replace_file(path: str, write: Callable[[str], None], install: Callable[[str, str], None] = os.replace) -> None:
     """write(tmp) into a temporary file beside path, then install(tmp, path) (a rename over it): a symlink at
-    path is replaced, never written through (opening it for writing overwrote the user file it points to)."""
+    path is replaced, never written through (opening it for writing overwrote the user file it points to).
+    write must fill tmp in place. The temporary file is flock-ed while it lives, so the next replace_file of
+    path removes one a killed writer left (a search killed while saving its state, a pool while saving)."""
     check_replaceable(path)  # a FIFO or device would be replaced
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path) or ".")  # a new file
-    os.close(fd)
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    _sweep_stale(folder, f".{name}{_TMP_MARK}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=folder)  # a new file
     try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
         write(tmp)
-        # as open() would make it: mkstemp's 0600 (or that of a writer's own temporary file renamed over tmp,
-        # as safetensors' save_file does) would stay on the result
+        # as open() would make it: mkstemp's 0600 would stay on the result
         os.chmod(tmp, new_file_mode())
         # the bytes on disk before the name points at them: after a crash, the old file or the new, never an
         # empty one (a search's state is rewritten every generation; ext4 and xfs may keep data in memory)
-        fd = os.open(tmp, os.O_RDONLY)
+        os.fsync(fd)
+        install(tmp, path)
+        fsync_dir(folder)
+    finally:
         try:
-            os.fsync(fd)
+            if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
+                os.remove(tmp)
         finally:
             os.close(fd)
-        install(tmp, path)
-        fsync_dir(os.path.dirname(path) or ".")
-    finally:
-        if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
-            os.remove(tmp)
+
+
+def _sweep_stale(folder: str, prefix: str) -> None:
+    """Removes the temporary files of replace_file calls whose process died (their flock is free): a locked one
+    is a live writer's, in this process or another (any PID namespace or host the lock reaches)."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    except OSError:
+        return
+    for n in names:
+        p = os.path.join(folder, n)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises where a live writer holds it
+            if os.path.samestat(os.fstat(fd), os.lstat(p)):  # (not one made at that name since)
+                os.remove(p)
+        except OSError:
+            pass  # held, gone meanwhile, or no locks here: left alone
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(path) -> None:

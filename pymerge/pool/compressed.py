@@ -60,6 +60,7 @@ import torch
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
 from pymerge.io.files import check_replaceable, replace_file
+from pymerge.io.safetensors_file import write_tensors
 from pymerge.ops._checks import FLOAT32_MAX
 
 BLOCK = 64            # elements per scale
@@ -504,7 +505,6 @@ class CompressedStore:
     # ---- save / load -------------------------------------------------------------------------------
     def save(self, path, overwrite: bool = False) -> None:
         """One .safetensors file: codes, scales and exact tensors, plus a JSON header in its metadata."""
-        from safetensors.torch import save_file
         path = _path(path, "save")
         if not path:  # (it wrote the whole file, then failed renaming it to '')
             raise InputError("save: the path is empty; name a .safetensors file")
@@ -532,7 +532,7 @@ class CompressedStore:
                   "labels": self.labels, "skipped": self.skipped, "tensors": table}
         # a fresh temporary name (path.tmp<pid> was predictable: save_file wrote through a link planted there);
         # the old file or the complete new one, never half of it; without overwrite, never a file made meanwhile
-        replace_file(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header), "format": "pt"}),
+        replace_file(path, lambda tmp: write_tensors(tmp, tensors, {META_KEY: json.dumps(header), "format": "pt"}),
                      install=os.replace if overwrite else _install_new)
 
     @classmethod
