@@ -12,7 +12,6 @@ import stat
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from safetensors import safe_open
 from triton_fma import UNFUSED_REASON, interpreter_rounds_fma_once
