@@ -1,10 +1,10 @@
 """Sharded CheckpointPool on this CPU: time per candidate and memory per rank for R = 1 and 2 (gloo).
 
-    python benchmarks/bench_dist_pool.py [--layers 8] [--width 1024] [--checkpoints 4] [--rounds 5]
+    python benchmarks/bench_dist_pool.py [--layers 8] [--width 1024] [--checkpoints 4] [--rounds 5] [--name dist_pool]
 
 The same pool (N checkpoints + base of an MLP of `layers` width x width float32 linears) is
 materialized into an FSDP2 model over R ranks, one thread per rank (so R = 2 uses both cores),
-with R = 1 at one and at two threads as baselines. Per candidate: the slowest rank's best time
+with R = 1 at one and at two threads, and the single-process pool, as baselines. Per candidate: the slowest rank's best time
 of `rounds` (barrier before and after each), and the median as the spread. Per rank: the bytes the pool holds, the model's
 local bytes, and the bytes one candidate streams (inputs read + output written), the quantities
 a scaling model predicts from. Writes results/cpu/dist_pool.{json,md}.
@@ -66,6 +66,30 @@ def worker(rank, world, port, files, args, threads, out):
     os._exit(0)
 
 
+def single_process(files, args) -> list:
+    """The same candidates from the single-process pool into a plain model (one thread): the overhead of sharding."""
+    import pymerge
+    torch.set_num_threads(1)
+    model = build(args.layers, args.width)
+    pool = pymerge.CheckpointPool(files[:-1], base=files[-1], num_threads=1)
+    n, rows = pool.num_checkpoints, []
+    for method, kw in METHODS:
+        pool.materialize([1.0 / n] * n, into=model, method=method, **kw)
+        times = []
+        for r in range(args.rounds):
+            weights = [(i + r + 1) / (n * (n + 1) / 2 + n * r) for i in range(n)]
+            t = time.perf_counter()
+            pool.materialize(weights, into=model, method=method, **kw)
+            times.append(time.perf_counter() - t)
+        local = sum(p.numel() * 4 for p in model.parameters())
+        rows.append({"ranks": "plain", "threads_per_rank": 1, "method": method, "ms_per_candidate": 1e3 * min(times),
+                     "ms_median": 1e3 * statistics.median(times), "pool_MB_per_rank": pool.nbytes / 1e6,
+                     "model_MB_per_rank": local / 1e6,
+                     "streamed_MB_per_rank": (local * (n + (method != "linear")) + local) / 1e6,
+                     "peak_rss_MB_per_rank": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    return rows
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,6 +102,7 @@ def main():
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--checkpoints", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--name", default="dist_pool", help="results file name under results/cpu/")
     args = ap.parse_args()
     import torch.multiprocessing as mp
     from safetensors.torch import save_file
@@ -90,7 +115,7 @@ def main():
                                                      for k, v in base.items()}
             files.append(os.path.join(d, f"m{i}.safetensors"))
             save_file(sd, files[-1])
-        rows = []
+        rows = single_process(files, args)
         for world, threads in ((1, 1), (1, 2), (2, 1)):
             mp.spawn(worker, args=(world, free_port(), files, args, threads, d), nprocs=world, join=True)
             per_rank = [torch.load(os.path.join(d, f"r{world}_t{threads}_rank{r}.pt")) for r in range(world)]
@@ -105,12 +130,15 @@ def main():
                              "peak_rss_MB_per_rank": max(r["rss_mb"] for r in ranks)})
     for r in rows:
         one = next(b for b in rows if b["method"] == r["method"] and b["ranks"] == 1 and b["threads_per_rank"] == 1)
+        plain = next(b for b in rows if b["method"] == r["method"] and b["ranks"] == "plain")
+        r["x_plain_pool"] = r["ms_per_candidate"] / plain["ms_per_candidate"]
         r["speedup_vs_R1_1thread"] = one["ms_per_candidate"] / r["ms_per_candidate"]
     params = args.layers * (args.width * args.width + args.width)
     title = (f"Sharded pool (FSDP2, gloo): {args.checkpoints} checkpoints + base of {params / 1e6:.1f}M float32 "
-             f"parameters, best of {args.rounds}")
-    print(write_results("dist_pool", "cpu", rows, ["ranks", "threads_per_rank", "method", "ms_per_candidate", "ms_median",
-                                                   "speedup_vs_R1_1thread", "pool_MB_per_rank", "model_MB_per_rank",
+             f"parameters in {2 * args.layers} tensors, best of {args.rounds} (ranks 'plain': the single-process pool, "
+             "one thread)")
+    print(write_results(args.name, "cpu", rows, ["ranks", "threads_per_rank", "method", "ms_per_candidate", "ms_median",
+                                                 "speedup_vs_R1_1thread", "x_plain_pool", "pool_MB_per_rank", "model_MB_per_rank",
                                                    "streamed_MB_per_rank", "peak_rss_MB_per_rank"], title))
 
 

@@ -769,6 +769,8 @@ def kept_plans_worker(rank, world, files):
     train_step()
     check(W3)  # kept: the training step registered nothing, and the root was resharded in place
     check(W3, method="ties", density=0.55)  # the per-tensor methods keep theirs (another entry)
+    check(W3, method="task_arithmetic", **{"lambda": 0.9})  # one native call, as linear's (a third entry)
+    check([0.2, 0.3, 0.5], method="task_arithmetic", **{"lambda": 0.9})
     train_step()
     check([0.2, 0.2, 0.6], method="ties", density=0.55)
     # FSDP may put a new local tensor in a DTensor (reset_sharded_param): the kept plans wrote the old one, on
@@ -793,9 +795,9 @@ def test_plans_are_kept_while_every_rank_s_are_valid(tmp_path):
     from datetime import timedelta
     results = dist_helpers.run(kept_plans_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30), wall_s=120)
     for res in results:
-        assert res["bits"] == [True] * 8, res["bits"]
-        # linear plans once; ties once; after rank 1's new local tensor both ranks plan (linear), then keep
-        # them; rank 0's registration: both plan ties again
-        assert res["planned"] == [1, 1, 1, 2, 2, 3, 3, 4], res["planned"]
+        assert res["bits"] == [True] * 10, res["bits"]
+        # linear plans once; ties once; task_arithmetic once; after rank 1's new local tensor both ranks plan
+        # (linear), then keep them; rank 0's registration: both plan ties again
+        assert res["planned"] == [1, 1, 1, 2, 3, 3, 3, 4, 4, 5], res["planned"]
         assert "residency host (each rank copies its shards out of the files" in res["describe"], res["describe"]
         assert "mmap" not in res["describe"], res["describe"]

@@ -254,9 +254,13 @@ class ShardedPool(CheckpointPool):
                                  and (before is None or before()))
         return plans
 
-    def _one_call_method(self, *args, **kwargs):
-        # task_arithmetic and the statistics' methods: per tensor, with collectives (dist/methods.py); the
-        # single-process version caches plans without an agreement across ranks
+    def _one_call_method(self, method, *args):
+        """task_arithmetic (elementwise: one weighted sum with the base) as the single-process pool's one native
+        call over the local shards; the task-vector family per tensor, its statistics global (dist/methods.py)."""
+        from pymerge.methods.base import get_method
+        from pymerge.methods.linear import WeightedSum
+        if isinstance(get_method(method), WeightedSum):
+            return super()._one_call_method(method, *args)
         return None
 
     def _run_method(self, method: str, plans, tables, seed: int, params) -> None:

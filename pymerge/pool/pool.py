@@ -560,8 +560,7 @@ class CheckpointPool:
         else:
             call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
-        entry = self._plan_cache.entry(key, into, lambda: self._checked_plans(into, group_of, names, strict),
-                                       self._watcher(into, names), make)
+        entry = self._plan_entry(key, into, names, lambda: self._checked_plans(into, group_of, names, strict), make)
         if entry.native is None:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
