@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+import dist_helpers
 import pymerge
 from pymerge.dist import collectives
 from pymerge.dist.layout import Box
@@ -54,3 +55,26 @@ def test_shard_like_needs_a_process_group(tmp_path):
     sd = {"w": torch.ones(3)}
     with pytest.raises(InputError, match="initialized torch.distributed process group"):
         pymerge.CheckpointPool([sd, sd], shard_like=sd)
+
+
+def soft_worker(rank, world):
+    from pymerge.dist import collectives
+    import torch.distributed as dist
+    group = dist.group.WORLD
+    out = [collectives.agree(None, group, (7, 1), differs=("hard", None)),  # alike: no flag
+           collectives.agree(None, group, (7, rank), differs=("hard", None)),  # the soft value differs: the flag
+           collectives.agree(None, group, (7, 1), differs=("hard", None), flag=rank == 1)]
+    try:
+        collectives.agree(None, group, (rank, rank), differs=("hard", None))  # a hard one too: its message
+    except Exception as exc:
+        out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def test_a_value_whose_difference_only_raises_the_flag():
+    """agree's None message: a value compared across ranks whose difference is a decision (plan again), not an
+    error (the sharded pool's kept plans)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        results = dist_helpers.run(soft_worker, 2, d)
+    assert results == [[False, True, True, "InputError: hard"]] * 2, results

@@ -276,7 +276,6 @@ def replicas_worker(rank, world, files):
     from torch.distributed.fsdp import fully_shard
 
     import pymerge
-    from pymerge.ops import task_vector_ops as tvo
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))  # replicas over "dp", shards over "tp"
     m = fully_shard(torch.nn.Linear(6, 5), mesh=mesh)
     pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
@@ -289,11 +288,20 @@ def replicas_worker(rank, world, files):
     errors["replicas_differ"] = error_of(lambda: pool.materialize(W3 if rank < 2 else [0.2, 0.3, 0.5], into=m))
     untouched = all(torch.equal(p.to_local(), b) for p, b in zip(m.parameters(), before))  # nothing written
     # a failure inside the merge (after the checks: some tensors are written) on one rank of one replica
-    real = tvo.merge_planned
+    # (at a tensor's model plans, which the per-tensor path and the one native call both resolve, after the
+    # first tensor's statistics: its collectives ran)
+    from pymerge.dist import methods as dist_methods
+    real, calls = dist_methods._model_plan, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
     if rank == 3:
-        tvo.merge_planned = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure"))
+        dist_methods._model_plan = failing
     errors["in_merge"] = error_of(lambda: pool.materialize(W3, into=m, method="ties", density=0.5))
-    tvo.merge_planned = real
+    dist_methods._model_plan = real
     # a search whose one candidate reaches replica 0 only: that replica alone cached the statistics of
     # density 0.55, and the whole-mesh materialize after it ran their collectives on two ranks of four (a hang)
     pymerge.search.optimize(pool, lambda model: 0.0, model=m, budget=1, popsize=4, method="ties", density=0.55,

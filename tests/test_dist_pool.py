@@ -781,9 +781,30 @@ def kept_plans_worker(rank, world, files):
         w._local_tensor = w._local_tensor.clone()
     check(W3)
     check([0.3, 0.3, 0.4])
+    if rank == 1:  # new memory under the same local tensor object (set_data): the kept plans wrote the old one
+        w = m[1].weight
+        w._local_tensor.data = w._local_tensor.data.clone()
+    check([0.25, 0.5, 0.25])
     if rank == 0:  # a parameter registered on one rank's model: that rank's entry is stale
         m[2].register_buffer("extra", torch.zeros(1))
     check([0.5, 0.25, 0.25], method="ties", density=0.55)
+    # each rank a kept entry for two target models; then each rank passes the other one (strict=False: a model
+    # without the pool's last layer): the kept plans differ, so every rank plans again, and they refuse (a
+    # review: ranks reusing their entries wrote two models (linear) or crashed gloo (ties))
+    partial = torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Linear(11, 7), torch.nn.Identity())
+    for layer in list(partial)[:2]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(partial, mesh=mesh)
+    out["mixed"] = []
+    for kw in (dict(method="linear"), dict(method="ties", density=0.55), dict(method="ties", density=0.6)):
+        for target in (m, partial):
+            pool.materialize(W3, into=target, strict=False, **kw)
+        try:
+            pool.materialize(W3, into=m if rank == 0 else partial, strict=False, **kw)
+            out["mixed"].append("returned")
+        except Exception as exc:
+            out["mixed"].append(f"{type(exc).__name__}: {str(exc)[:40]}")
+    check(W3)  # still in step
     # a budget below the model's size chose the mmap tier and said so, but each rank copies its boxes out of the
     # files (an audit): what it holds is described
     out["describe"] = pymerge.CheckpointPool(ckpts, base=base, shard_like=m, memory_budget=1).describe()
@@ -795,9 +816,11 @@ def test_plans_are_kept_while_every_rank_s_are_valid(tmp_path):
     from datetime import timedelta
     results = dist_helpers.run(kept_plans_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30), wall_s=120)
     for res in results:
-        assert res["bits"] == [True] * 10, res["bits"]
+        assert res["bits"] == [True] * 12, res["bits"]
+        assert res["mixed"] == ["InputError: ranks planned different writes: their ta"] * 3, res["mixed"]
         # linear plans once; ties once; task_arithmetic once; after rank 1's new local tensor both ranks plan
-        # (linear), then keep them; rank 0's registration: both plan ties again
-        assert res["planned"] == [1, 1, 1, 2, 3, 3, 3, 4, 4, 5], res["planned"]
+        # (linear), then keep them; after its new memory under the same one, again; after rank 0's
+        # registration, ties again
+        assert res["planned"][:11] == [1, 1, 1, 2, 3, 3, 3, 4, 4, 5, 6], res["planned"]
         assert "residency host (each rank copies its shards out of the files" in res["describe"], res["describe"]
         assert "mmap" not in res["describe"], res["describe"]

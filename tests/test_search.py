@@ -1407,3 +1407,23 @@ def test_a_killed_writer_s_temporary_file_is_swept_by_the_next_write(tmp_path):
     replace_file(str(path), lambda tmp: open(tmp, "w").write("[]"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.pymerge-tmp-x", "state.json"]
     assert path.read_text() == "[]"
+
+
+def test_a_temporary_file_swept_before_it_is_locked_is_made_again(tmp_path, monkeypatch):
+    """Between mkstemp and flock another writer's sweep could take the new file for a dead writer's and remove
+    it; the writer then wrote a new, unlocked file by that name and fsynced the removed one (a review)."""
+    import tempfile
+    from pymerge.io import files
+    real, made = tempfile.mkstemp, []
+
+    def mkstemp_then_swept(prefix, dir):
+        fd, tmp = real(prefix=prefix, dir=dir)
+        made.append(tmp)
+        if len(made) == 1:
+            files._sweep_stale(dir, prefix)  # another process's sweep, in the window
+            assert not os.path.exists(tmp)
+        return fd, tmp
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_swept)
+    path = tmp_path / "state.json"
+    files.replace_file(str(path), lambda tmp: open(tmp, "w").write("{}"))
+    assert len(made) == 2 and path.read_text() == "{}" and os.listdir(tmp_path) == ["state.json"]

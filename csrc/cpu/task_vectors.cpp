@@ -380,8 +380,9 @@ std::vector<uint32_t> philox_draws(uint64_t seed, uint32_t model, uint32_t h0, u
 // the name hash and the weight group, built once per set of targets; each run brings what changes:
 // every tensor's model plans (the selection pass: mode, boundaries, threshold, model index as int64
 // [T, N, 7]; rescale factors float32 [T, N]; bitmask addresses uint64 [T, N]), the weights float32
-// [G, K, N] and divisors float32 [G, K]. Every (tensor, candidate) runs merge_block over the blocks
-// tv_merge would (offset 0), so the bits are tv_merge's; pieces of up to kBlocksPerChunk blocks are
+// [G, K, N] and divisors float32 [G, K], and optionally each tensor's offset int64 [T] (the global index of a
+// shard's first element: a sharded pool's local tensors). Every (tensor, candidate) runs merge_block over the
+// blocks tv_merge would (at that offset), so the bits are tv_merge's; pieces of up to kBlocksPerChunk blocks are
 // packed into spans of about kSpanBytes for the thread pool.
 class GroupedTVPlan {
  public:
@@ -439,7 +440,8 @@ class GroupedTVPlan {
            py::array_t<uint64_t, py::array::c_style | py::array::forcecast> bits,
            py::array_t<float, py::array::c_style | py::array::forcecast> weights,
            py::array_t<float, py::array::c_style | py::array::forcecast> divisors, bool consensus, bool normalize,
-           float lam, uint64_t seed, int num_threads) {
+           float lam, uint64_t seed, int num_threads,
+           py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets) {
     const int64_t T = int64_t(numel_.size()), N = n_in_, K = n_out_, G = n_groups_;
     auto need = [](const char* what, int64_t got, int64_t want) {
       if (got != want)
@@ -451,11 +453,13 @@ class GroupedTVPlan {
     need("bitmasks", bits.size(), T * N);
     need("weights", weights.size(), G * K * N);
     need("divisors", divisors.size(), G * K);
+    if (offsets.size() != 0) need("offsets", offsets.size(), T);  // none: every tensor from element 0
     const int64_t* r = ints.data();
     const float* sc = scales.data();
     const uint64_t* bm = bits.data();
     const float* w = weights.data();
     const float* dv = divisors.data();
+    const int64_t* off = offsets.size() ? offsets.data() : nullptr;
     std::vector<MergeArgs> args(size_t(T * K));
     for (int64_t t = 0; t < T; ++t) {
       const int64_t g = group_[size_t(t)];
@@ -475,7 +479,8 @@ class GroupedTVPlan {
         }
         a.base = base_[size_t(t)]; a.bdt = base_dt_[size_t(t)];
         a.out = out_[size_t(t * K + k)]; a.odt = out_dt_[size_t(t * K + k)];
-        a.numel = numel_[size_t(t)]; a.offset = 0;
+        a.numel = numel_[size_t(t)]; a.offset = off ? off[t] : 0;
+        if (a.offset < 0) throw std::invalid_argument("grouped task vectors: negative offset");
         a.consensus = consensus; a.normalize = normalize; a.lam = lam; a.divisor = dv[g * K + k];
         a.threads = 1;
       }
@@ -532,7 +537,9 @@ void register_task_vectors(py::module_& m) {
            py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("hashes"), py::arg("groups"), py::arg("n_groups"))
       .def("run", &GroupedTVPlan::run, py::arg("ints"), py::arg("scales"), py::arg("bits"), py::arg("weights"),
            py::arg("divisors"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("seed"),
-           py::arg("num_threads") = 0, "tv_merge of every tensor into every candidate (see task_vectors.cpp).")
+           py::arg("num_threads") = 0, py::arg("offsets") = py::array_t<int64_t>(0),
+           "tv_merge of every tensor into every candidate (see task_vectors.cpp); offsets: each tensor's first "
+           "element's global index (a shard's; tv_merge's offset), none for 0.")
       .def_property_readonly("num_tensors", &GroupedTVPlan::num_tensors)
       .def_property_readonly("num_spans", &GroupedTVPlan::num_spans);
   m.def("philox_draws", &philox_draws, py::arg("seed"), py::arg("model"), py::arg("h0"), py::arg("h1"),

@@ -78,8 +78,9 @@ ARGUMENTS_DIFFER = ("ranks called the sharded pool with different arguments (wei
 @_settling
 def agree(error: Optional[BaseException], group, what=0, flag: bool = False, differs=ARGUMENTS_DIFFER) -> bool:
     """Raises on every rank of group if any rank had an error (or passed a different `what`: an int, or a
-    tuple of ints each with its message in the tuple `differs`); else returns whether any rank raised
-    `flag` (a decision every rank must take alike, in the same call)."""
+    tuple of ints each with its message in the tuple `differs`, None for a value whose difference only raises
+    the flag); else returns whether any rank raised `flag` (a decision every rank must take alike, in the same
+    call)."""
     if group is None:
         if error is not None:
             raise error
@@ -88,10 +89,10 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
     flags = _all_reduce(torch.tensor([int(error is not None), int(flag)] + [v for w in whats for v in (w, -w)],
                                      dtype=torch.int64), group, dist.ReduceOp.MAX).tolist()
     split = [k for k in range(len(whats)) if flags[2 + 2 * k] != -flags[3 + 2 * k]]
-    if flags[0] == 0 and not split:
-        return bool(flags[1])
+    if flags[0] == 0 and all(messages[k] is None for k in split):
+        return bool(flags[1]) or bool(split)
     if flags[0] == 0:
-        raise InputError(messages[split[0]])
+        raise InputError(next(messages[k] for k in split if messages[k] is not None))
     mine = None
     if error is not None:
         first = first_line(error)

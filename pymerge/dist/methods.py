@@ -22,6 +22,7 @@ Other methods are refused with a clear error.
 import functools
 import math
 
+import numpy as np
 import torch
 
 from pymerge.dist import collectives
@@ -45,7 +46,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     else:
         raise InputError(f"merge_method {m.name} is not supported on a sharded pool (elementwise methods, "
                          "ties, dare_*, breadcrumbs*, della*, slerp, nuslerp and model_stock are)")
-    error, tasks, stale = None, [], False
+    error, tasks, stale, grouped_call = None, [], False, None
     names = [p.name for p in plans]
     try:
         stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, map(pool.input_versions, names)))
@@ -69,6 +70,12 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                 elif m.sparsification == "della_magprune":
                     _check_della(pool, task.name, m.name)
                 tasks.append((task, p.outs[k]))
+        table = getattr(pool, "_tv_table", None)  # the plans' native table (a CPU pool's, with a base)
+        if isinstance(m, TaskVectorMethod) and table is not None and plans:
+            from pymerge.pool.grouped import TaskVectorCall
+            call = TaskVectorCall(m, per_model, global_params, tables, table[1], names[0], seed)
+            if not any(sp.method == "della_magprune" for sp in call.sparsifiers):  # (its masks: per tensor)
+                grouped_call = (call, table[0])
     except Exception as exc:
         error = exc
     try:
@@ -84,6 +91,9 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     pool._loop_agreed, error = False, None
     try:
         try:
+            if grouped_call is not None:
+                _grouped_task_vectors(pool, *grouped_call, plans, seed)
+                tasks = []
             for task, out in tasks:
                 inputs = [t.to(out.device) for t in task.inputs]
                 base = task.base.to(out.device) if task.base is not None else None
@@ -155,6 +165,34 @@ def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor, args_of: dict) -
     tvo.merge_planned(task.inputs, task.base, plans, out, consensus=m.consensus, normalize=normalize, lam=lam,
                       divisor=divisor, name=task.name, seed=task.seed,
                       offset=0 if bits else start, backend=task.backend, num_threads=task.num_threads)
+
+
+def _grouped_task_vectors(pool, call, native, plans, seed: int) -> None:
+    """Every tensor's model plans over the GLOBAL tensors (as _task_vectors resolves them: cached per pool, with
+    collectives on a miss, in the agreed plan order on every rank), then one native call (GroupedTVPlan) over the
+    local shards, each tensor at its global offset: the per-tensor path's bits, without its ~80 us of Python
+    and checks per tensor and candidate."""
+    n = len(call.sparsifiers)
+    ints = np.zeros((len(plans), n, 7), dtype=np.int64)
+    scales = np.ones((len(plans), n), dtype=np.float32)
+    bits = np.zeros((len(plans), n), dtype=np.uint64)
+    offsets = np.zeros(len(plans), dtype=np.int64)
+    masks = []  # the bitmasks the native call reads, alive until it returns
+    for t, p in enumerate(plans):
+        task = TensorTask(inputs=pool._inputs[p.name], base=pool._base[p.name], model_params=[{}] * n, params={},
+                          name=p.name, seed=seed, backend=pool.backend, num_threads=pool.num_threads)
+        start = pool.boxes[p.name].contiguous_start()
+        mps = [_model_plan(pool, task, i, sp, 1.0, start) for i, sp in enumerate(call.sparsifiers)]
+        # bitmasks index the LOCAL elements (as merge_planned's offset 0 where any model takes one)
+        offsets[t] = 0 if start is None or any(mp.mode == tvo.BITS for mp in mps) else start
+        for i, mp in enumerate(mps):
+            ints[t, i] = (mp.mode, mp.lo.key, mp.lo.index, mp.hi.key, mp.hi.index, mp.thr, mp.model & 0xFFFFFFFF)
+            scales[t, i] = mp.scale
+            if mp.bits is not None:
+                masks.append(mp.bits)
+                bits[t, i] = mp.bits.data_ptr()
+    native.run(ints, scales, bits, call.weights, call.divisors, call.consensus, call.normalize, float(call.lam),
+               int(seed) & 0xFFFFFFFFFFFFFFFF, pool.num_threads, offsets)
 
 
 def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: float, start) -> tvo.ModelPlan:

@@ -28,6 +28,7 @@ from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe
 from pymerge.dist.reads import ShardedSource
 from pymerge.errors import InputError
 from pymerge.ops._versions import versions_of
+from pymerge.pool.grouped import native_tv_table
 from pymerge.pool.pool import CheckpointPool, _cacheable, _fmt_bytes, _map_name, _tensors_of, _untied_heads
 
 
@@ -118,11 +119,13 @@ class ShardedPool(CheckpointPool):
         So is one after the writes began (a kernel's, a file that shrank under this rank): the ranks return
         or raise together, never some with a merged model while another holds a half-written one."""
         self._agreed = False  # whether this rank reached _checked_plans's agreement
+        self._tv_table = None  # this call's task-vector table (_method_plans), if any
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
             result = super().materialize_many(weight_rows, into, method, **kwargs)
         except Exception as exc:
+            # every rank raises: every rank drops these targets' entries (the last agreement below, too)
             self._plan_cache.forget(into if isinstance(into, (list, tuple)) else [into])  # on every rank: all raise
             if collectives.settled(exc):
                 raise
@@ -131,10 +134,14 @@ class ShardedPool(CheckpointPool):
             else:  # before it: they wait in _checked_plans's (two values compared)
                 collectives.agree(exc, self.agreeing, (0, 0), differs=_DIFFER)
             raise
-        if self._agreed:
-            collectives.agree(None, self.agreeing)
-        else:  # no targets, so no plans: a rank given some waits in _checked_plans's agreement
-            collectives.agree(None, self.agreeing, (self._arguments, collectives.fingerprint([])), differs=_DIFFER)
+        try:
+            if self._agreed:
+                collectives.agree(None, self.agreeing)
+            else:  # no targets, so no plans: a rank given some waits in _checked_plans's agreement
+                collectives.agree(None, self.agreeing, (self._arguments, collectives.fingerprint([])), differs=_DIFFER)
+        except Exception:
+            self._plan_cache.forget(into if isinstance(into, (list, tuple)) else [into])
+            raise
         return result
 
     def _agreed_plans(self, into: list, group_of: List[int], names, strict: bool):
@@ -157,6 +164,7 @@ class ShardedPool(CheckpointPool):
         # order, a hash seed) wrote one checkpoint's rows on one rank and another's on the next.
         planned = collectives.fingerprint([(p.name, p.group, p.target) for p in plans])
         collectives.agree(error, self.agreeing, (getattr(self, "_arguments", 0), planned), differs=_DIFFER)
+        plans.planned = planned  # (a _Plans list) compared again where the plans are reused (_plan_entry)
         return plans
 
     def _plan(self, into: list, group_of: List[int], names, strict: bool):
@@ -221,18 +229,29 @@ class ShardedPool(CheckpointPool):
             _reshard(target)  # before the entry's check: a forward pass leaves the root's gathered tensors registered
 
         def agree(hit: bool) -> bool:
-            stale = collectives.agree(None, self.agreeing, (self._arguments, 0), differs=_DIFFER, flag=not hit)
+            # With each rank's plans as agreed when they were made: ranks whose entries differ (another target
+            # model each, strict=False) all plan again, and the plans' agreement then says how they differ
+            planned = getattr(self._plan_cache.peek(key, into), "plans", None) if hit else None
+            stale = collectives.agree(None, self.agreeing, (self._arguments, getattr(planned, "planned", 0)),
+                                      differs=(_DIFFER[0], None), flag=not hit)
             self._agreed = not stale  # past the agreement; a stale entry's plans agree in _checked_plans
             return not stale
 
         return self._plan_cache.entry(key, into, build, self._watcher(into, names), make, agree=agree)
 
     def _method_plans(self, into: list, group_of: List[int], names, strict: bool, groups, flat: bool):
+        """Plans kept as linear's are; with them, on a CPU pool with a base, the task-vector family's one native
+        table over the local shards (dist/methods.py runs it, once the statistics are global)."""
         build = lambda: self._checked_plans(into, group_of, names, strict)  # noqa: E731
         if not _cacheable(groups, names):
             return build()
-        return self._plan_entry(("per tensor", "flat" if flat else groups, names, strict), into, names, build,
-                                lambda plans: None).plans
+        n_groups = 1 if flat else self._plan_cache.num_groups(groups)
+        tv = self.has_base and self._grouped_kind() == "cpu"
+        entry = self._plan_entry(("per tensor", "flat" if flat else groups, names, strict, n_groups), into, names,
+                                 build, lambda plans: native_tv_table(plans, self._inputs, self._base, n_groups)
+                                 if tv else None)
+        self._tv_table = (entry.native, n_groups) if entry.native is not None else None
+        return entry.plans
 
     def _watcher(self, into: list, names):
         """The single-process pool's watch list, plus each target DTensor's local tensor: its memory is what the

@@ -145,12 +145,8 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     check_replaceable(path)  # a FIFO or device would be replaced
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
     _sweep_stale(folder, f".{name}{_TMP_MARK}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP_MARK}", dir=folder)  # a new file
+    fd, tmp = _locked_temporary(folder, f".{name}{_TMP_MARK}")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
         write(tmp)
         # as open() would make it: mkstemp's 0600 would stay on the result
         os.chmod(tmp, new_file_mode())
@@ -165,6 +161,24 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
                 os.remove(tmp)
         finally:
             os.close(fd)
+
+
+def _locked_temporary(folder: str, prefix: str):
+    """A new file (descriptor, path) flock-ed by this process. Between mkstemp and flock another process's sweep
+    may take it for a dead writer's and remove it: then another one."""
+    for _ in range(100):
+        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return fd, tmp  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                return fd, tmp
+        except OSError:
+            pass
+        os.close(fd)  # swept meanwhile
+    raise InputError(f"{folder}: cannot keep a temporary file there (removed as soon as made)")
 
 
 def _sweep_stale(folder: str, prefix: str) -> None:

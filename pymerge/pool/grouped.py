@@ -211,6 +211,10 @@ class PlanCache:
                 self._drop(next(iter(self._entries)))
             return entry
 
+    def peek(self, key: tuple, into: list):
+        """The entry kept for `into` (and key), valid or not, or None (entry() itself runs under the lock)."""
+        return self._entries.get((tuple(map(id, into)),) + key)
+
     def forget(self, targets) -> None:
         """Drops the entries written into any of targets (a search's replicas, once it is done with them)."""
         ids = set(map(id, targets))

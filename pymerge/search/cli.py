@@ -283,10 +283,10 @@ def _run(args) -> int:
     made = _prepare_out(out)
     method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
     lock, locked = None, False  # (None also where the filesystem has no locks: the search goes on unlocked)
+    busy = f"out {out}: in use by another pymerge search; wait for it to finish or choose another out"
     try:
         # another search into OUT (as onto state_path, which optimize locks) is refused: one's results were lost
-        lock = hold_lock(out, f"out {out}: in use by another pymerge search; wait for it to finish or choose "
-                              "another out")
+        lock = hold_lock(out, busy)
         locked = True
         result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
                           sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),
@@ -303,8 +303,8 @@ def _run(args) -> int:
         if result.best_weights.ndim == 1:
             _best_yaml(best_yml, sources, rel(cfg.get("base")), result.best_weights, method, method_params, model,
                        _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
-    except BaseException:
-        if locked:  # not a folder another search made at the same moment and holds (it lost it)
+    except BaseException as exc:
+        if locked or str(exc) != busy:  # not a folder another search made at the same moment and holds
             _unmake(made)  # empty folders only
         raise
     finally:
