@@ -1033,3 +1033,35 @@ def test_cached_plan_refuses_a_storage_shrunk_at_the_same_address():
         pytest.skip("the allocator never returned a freed address: nothing to test here")
     with pytest.raises(InputError, match="storage holds 64512 bytes but the tensor spans 65536"):
         pool.materialize([0.5, 0.5], into=target)
+
+
+def test_grouped_tv_plan_offsets_are_tv_merge_s():
+    """A sharded pool's local tensors start at a global element (offsets): DARE's draws and a top-k boundary's
+    index are those of the global elements, as tv_merge's offset gives them; a wrong-sized or negative offsets
+    table is refused."""
+    from pymerge.ops import philox
+    from pymerge.ops import task_vector_ops as tvo
+    from pymerge.ops import select
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(3000, generator=g)
+    x = b + 0.5  # deltas of one magnitude: a top-k boundary among them is decided by the elements' indexes
+    key = int(select.magnitude_keys(x, b)[0])
+    o, ref, at0 = torch.empty(3000), torch.empty(3000), torch.empty(3000)
+    plan = _cpu.GroupedTVPlan([[x.data_ptr()]], [[0]], [b.data_ptr()], [0], [3000], [[o.data_ptr()]], [[0]],
+                              [(5, 6)], [0], 1)
+    thr = philox.keep_threshold(0.5)
+    for mode, row in ((tvo.RANDOM, (tvo.RANDOM, 0, 0, 0, 0, thr, 0)),
+                      (tvo.TOPK, (tvo.TOPK, 0, 0, key, 5400, 0, 0))):  # global elements before 5400 kept
+        ints = np.array(row, dtype=np.int64).reshape(1, 1, 7)
+        args = dict(ints=ints, scales=np.ones((1, 1), np.float32), bits=np.zeros((1, 1), np.uint64),
+                    weights=np.ones((1, 1, 1), np.float32), divisors=np.ones((1, 1), np.float32), consensus=False,
+                    normalize=False, lam=1.0, seed=9)
+        plan.run(**args, offsets=np.array([5000], np.int64))
+        spec = [(x.data_ptr(), 0, row[0], row[1], row[2], row[3], row[4], row[5], 0, 1.0, 1.0, 0)]
+        _cpu.tv_merge(spec, b.data_ptr(), 0, ref.data_ptr(), 0, 3000, 5000, False, False, 1.0, 1.0, 9, 5, 6)
+        _cpu.tv_merge(spec, b.data_ptr(), 0, at0.data_ptr(), 0, 3000, 0, False, False, 1.0, 1.0, 9, 5, 6)
+        assert torch.equal(o, ref) and not torch.equal(o, at0), mode
+    with pytest.raises(ValueError, match="offsets must have 1 entries, got 2"):
+        plan.run(**args, offsets=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="negative offset"):
+        plan.run(**args, offsets=np.array([-1], np.int64))
