@@ -1427,3 +1427,30 @@ def test_a_temporary_file_swept_before_it_is_locked_is_made_again(tmp_path, monk
     path = tmp_path / "state.json"
     files.replace_file(str(path), lambda tmp: open(tmp, "w").write("{}"))
     assert len(made) == 2 and path.read_text() == "{}" and os.listdir(tmp_path) == ["state.json"]
+
+
+def test_a_temporary_file_a_sweep_holds_is_made_again(tmp_path, monkeypatch):
+    """A sweep holding the new file's lock at that moment (it then removes the file) was taken for a filesystem
+    without locks: the writer kept the doomed file (a second review)."""
+    import fcntl
+    import tempfile
+    from pymerge.io import files
+    real, made, held = tempfile.mkstemp, [], []
+
+    def mkstemp_held(prefix, dir):
+        fd, tmp = real(prefix=prefix, dir=dir)
+        made.append(tmp)
+        if len(made) == 1:  # another process's sweep: locked it, and removes it once this writer moves on
+            held.append(os.open(tmp, os.O_RDONLY))
+            fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, tmp
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_held)
+    path = tmp_path / "state.json"
+
+    def write(tmp):
+        assert tmp == made[-1] and len(made) == 2  # the second file, not the one the sweep holds
+        os.remove(made[0])
+        os.close(held[0])
+        open(tmp, "w").write("{}")
+    files.replace_file(str(path), write)
+    assert path.read_text() == "{}" and os.listdir(tmp_path) == ["state.json"]

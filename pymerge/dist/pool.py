@@ -124,7 +124,9 @@ class ShardedPool(CheckpointPool):
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
             result = super().materialize_many(weight_rows, into, method, **kwargs)
+            self._tv_table = None  # (its entry keeps it)
         except Exception as exc:
+            self._tv_table = None
             # every rank raises: every rank drops these targets' entries (the last agreement below, too)
             self._plan_cache.forget(into if isinstance(into, (list, tuple)) else [into])  # on every rank: all raise
             if collectives.settled(exc):
@@ -239,16 +241,18 @@ class ShardedPool(CheckpointPool):
 
         return self._plan_cache.entry(key, into, build, self._watcher(into, names), make, agree=agree)
 
-    def _method_plans(self, into: list, group_of: List[int], names, strict: bool, groups, flat: bool):
-        """Plans kept as linear's are; with them, on a CPU pool with a base, the task-vector family's one native
-        table over the local shards (dist/methods.py runs it, once the statistics are global)."""
+    def _method_plans(self, method: str, into: list, group_of: List[int], names, strict: bool, groups, flat: bool):
+        """Plans kept as linear's are; with them, for the task-vector family on a CPU pool, its one native table
+        over the local shards (dist/methods.py runs it, once the statistics are global)."""
+        from pymerge.methods.base import get_method
+        from pymerge.methods.task_vectors import TaskVectorMethod
         build = lambda: self._checked_plans(into, group_of, names, strict)  # noqa: E731
         if not _cacheable(groups, names):
             return build()
         n_groups = 1 if flat else self._plan_cache.num_groups(groups)
-        tv = self.has_base and self._grouped_kind() == "cpu"
-        entry = self._plan_entry(("per tensor", "flat" if flat else groups, names, strict, n_groups), into, names,
-                                 build, lambda plans: native_tv_table(plans, self._inputs, self._base, n_groups)
+        tv = isinstance(get_method(method), TaskVectorMethod) and self.has_base and self._grouped_kind() == "cpu"
+        entry = self._plan_entry(("per tensor", "flat" if flat else groups, names, strict, n_groups, tv), into,
+                                 names, build, lambda plans: native_tv_table(plans, self._inputs, self._base, n_groups)
                                  if tv else None)
         self._tv_table = (entry.native, n_groups) if entry.native is not None else None
         return entry.plans

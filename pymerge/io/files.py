@@ -170,13 +170,16 @@ def _locked_temporary(folder: str, prefix: str):
         fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return fd, tmp  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
-        try:
-            if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
-                return fd, tmp
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return fd, tmp  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
+            # a sweep holds it this moment, and removes it: another one
+        else:
+            try:
+                if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                    return fd, tmp
+            except OSError:
+                pass
         os.close(fd)  # swept meanwhile
     raise InputError(f"{folder}: cannot keep a temporary file there (removed as soon as made)")
 

@@ -523,7 +523,7 @@ class CheckpointPool:
                     target.copy_(tmp)
                 mark_written(entry.written)
                 return into
-        plans = self._method_plans(into, group_of, names, strict, groups, flat)
+        plans = self._method_plans(method, into, group_of, names, strict, groups, flat)
         if method == "linear":
             self._run_linear(plans, tables)
         else:
@@ -534,7 +534,8 @@ class CheckpointPool:
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
 
-    def _method_plans(self, into: list, group_of: List[int], names: NameMap, strict: bool, groups, flat: bool):
+    def _method_plans(self, method: str, into: list, group_of: List[int], names: NameMap, strict: bool, groups,
+                      flat: bool):
         """Checked plans for a call that merges tensor by tensor (a ShardedPool keeps them)."""
         return self._checked_plans(into, group_of, names, strict)
 
