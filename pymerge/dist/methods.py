@@ -48,6 +48,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                          "ties, dare_*, breadcrumbs*, della*, slerp, nuslerp and model_stock are)")
     error, tasks, stale, grouped_call = None, [], False, None
     names = [p.name for p in plans]
+    tv_table = getattr(pool, "_tv_table", None)  # (native table, groups) of the plans: a CPU pool's, with a base
+    # the task-vector family in one native call (DELLA's masks: per tensor): no per-tensor tasks to make
+    one_call = isinstance(m, TaskVectorMethod) and tv_table is not None and bool(plans) \
+        and m.sparsification != "della_magprune"
     try:
         stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, map(pool.input_versions, names)))
         m.validate(pool.num_checkpoints, pool.has_base)
@@ -56,6 +60,8 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         for p in plans:
             for k, table in enumerate(tables):
                 row = p.group if table.shape[0] > 1 else 0
+                if one_call and (row, k) in checked:
+                    continue
                 w = table[row]
                 mp = [dict(per_model[i], weight=float(w[i])) for i in range(pool.num_checkpoints)]
                 task = TensorTask(inputs=pool._inputs[p.name], base=pool._base.get(p.name), model_params=mp,
@@ -70,12 +76,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                 elif m.sparsification == "della_magprune":
                     _check_della(pool, task.name, m.name)
                 tasks.append((task, p.outs[k]))
-        table = getattr(pool, "_tv_table", None)  # the plans' native table (a CPU pool's, with a base)
-        if isinstance(m, TaskVectorMethod) and table is not None and plans:
+        if one_call:
             from pymerge.pool.grouped import TaskVectorCall
-            call = TaskVectorCall(m, per_model, global_params, tables, table[1], names[0], seed)
-            if not any(sp.method == "della_magprune" for sp in call.sparsifiers):  # (its masks: per tensor)
-                grouped_call = (call, table[0])
+            grouped_call = (TaskVectorCall(m, per_model, global_params, tables, tv_table[1], names[0], seed),
+                            tv_table[0])
     except Exception as exc:
         error = exc
     try:
