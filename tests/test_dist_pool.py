@@ -745,11 +745,14 @@ def kept_plans_worker(rank, world, files):
         fully_shard(layer, mesh=mesh)
     fully_shard(m, mesh=mesh)
     pool, ref = pymerge.CheckpointPool(ckpts, base=base, shard_like=m), pymerge.CheckpointPool(ckpts, base=base)
-    planned = []
+    planned, selected = [], []
     real = pool._agreed_plans
     pool._agreed_plans = lambda *a: planned.append(1) or real(*a)
+    from pymerge.dist import methods as dist_methods
+    real_select = dist_methods._select
+    dist_methods._select = lambda *a: selected.append(1) or real_select(*a)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    out = {"bits": [], "planned": []}
+    out = {"bits": [], "planned": [], "selected": []}
 
     def check(w, **kw):
         want = build()
@@ -758,6 +761,7 @@ def kept_plans_worker(rank, world, files):
         out["bits"].append(all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(m.parameters(),
                                                                                         want.parameters())))
         out["planned"].append(len(planned))
+        out["selected"].append(len(selected))
 
     def train_step():  # FSDP gathers and frees each layer's parameters, and leaves the root's gathered
         m(torch.randn(4, 13)).sum().backward()
@@ -808,6 +812,18 @@ def kept_plans_worker(rank, world, files):
     # a budget below the model's size chose the mmap tier and said so, but each rank copies its boxes out of the
     # files (an audit): what it holds is described
     out["describe"] = pymerge.CheckpointPool(ckpts, base=base, shard_like=m, memory_budget=1).describe()
+    # the task-vector call's resolved arrays are kept while the statistics are: a new density resolves again, and
+    # so does a checkpoint changed in place (its statistics dropped on every rank), with the new data's bits
+    n = len(selected)
+    check(W3, method="ties", density=0.55)
+    check([0.1, 0.2, 0.7], method="ties", density=0.55)
+    check(W3, method="ties", density=0.7)
+    with torch.no_grad():
+        pool._inputs["0.weight"][1].mul_(1.7)  # the pool's own copy, changed in place (its version counter moves)
+        ref._inputs["0.weight"][1].mul_(1.7)
+    check(W3, method="ties", density=0.7)
+    out["selected_after"] = [x - n for x in out["selected"][-4:]]
+    dist_methods._select = real_select
     return out
 
 
@@ -816,11 +832,12 @@ def test_plans_are_kept_while_every_rank_s_are_valid(tmp_path):
     from datetime import timedelta
     results = dist_helpers.run(kept_plans_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30), wall_s=120)
     for res in results:
-        assert res["bits"] == [True] * 12, res["bits"]
+        assert res["bits"] == [True] * 16, res["bits"]
         assert res["mixed"] == ["InputError: ranks planned different writes: their ta"] * 3, res["mixed"]
         # linear plans once; ties once; task_arithmetic once; after rank 1's new local tensor both ranks plan
         # (linear), then keep them; after its new memory under the same one, again; after rank 0's
         # registration, ties again
         assert res["planned"][:11] == [1, 1, 1, 2, 3, 3, 3, 4, 4, 5, 6], res["planned"]
         assert "residency host (each rank copies its shards out of the files" in res["describe"], res["describe"]
+        assert res["bits"][-4:] == [True] * 4 and res["selected_after"] == [1, 1, 2, 3], res["selected_after"]
         assert "mmap" not in res["describe"], res["describe"]

@@ -175,13 +175,26 @@ def _grouped_task_vectors(pool, call, native, plans, seed: int) -> None:
     """Every tensor's model plans over the GLOBAL tensors (as _task_vectors resolves them: cached per pool, with
     collectives on a miss, in the agreed plan order on every rank), then one native call (GroupedTVPlan) over the
     local shards, each tensor at its global offset: the per-tensor path's bits, without its ~80 us of Python
-    and checks per tensor and candidate."""
+    and checks per tensor and candidate. The resolved arrays are kept while the pool's statistics stay as they
+    were (their generation: any statistic computed or dropped moves it, on every rank alike)."""
+    kept = pool.kept_selection
+    if kept is not None and kept[0] is native and kept[1] == (call.key, pool.stats_cache.generation):
+        _, _, ints, scales, bits, offsets, _masks = kept  # nothing the statistics say has changed since
+    else:
+        ints, scales, bits, offsets, masks = _select(pool, call, plans, seed)
+        pool.kept_selection = (native, (call.key, pool.stats_cache.generation), ints, scales, bits, offsets, masks)
+    native.run(ints, scales, bits, call.weights, call.divisors, call.consensus, call.normalize, float(call.lam),
+               int(seed) & 0xFFFFFFFFFFFFFFFF, pool.num_threads, offsets)
+
+
+def _select(pool, call, plans, seed: int):
+    """(ints, scales, bitmask addresses, offsets, the bitmasks) of every tensor and model, for GroupedTVPlan.run."""
     n = len(call.sparsifiers)
     ints = np.zeros((len(plans), n, 7), dtype=np.int64)
     scales = np.ones((len(plans), n), dtype=np.float32)
     bits = np.zeros((len(plans), n), dtype=np.uint64)
     offsets = np.zeros(len(plans), dtype=np.int64)
-    masks = []  # the bitmasks the native call reads, alive until it returns
+    masks = []  # the bitmasks the native call reads, alive while these arrays are
     for t, p in enumerate(plans):
         task = TensorTask(inputs=pool._inputs[p.name], base=pool._base[p.name], model_params=[{}] * n, params={},
                           name=p.name, seed=seed, backend=pool.backend, num_threads=pool.num_threads)
@@ -195,8 +208,7 @@ def _grouped_task_vectors(pool, call, native, plans, seed: int) -> None:
             if mp.bits is not None:
                 masks.append(mp.bits)
                 bits[t, i] = mp.bits.data_ptr()
-    native.run(ints, scales, bits, call.weights, call.divisors, call.consensus, call.normalize, float(call.lam),
-               int(seed) & 0xFFFFFFFFFFFFFFFF, pool.num_threads, offsets)
+    return ints, scales, bits, offsets, masks
 
 
 def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: float, start) -> tvo.ModelPlan:

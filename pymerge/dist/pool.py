@@ -48,7 +48,8 @@ class ShardedPool(CheckpointPool):
         model_boxes = boxes_of(shard_like, absent)
         self.group = reduce_group(list(model_boxes.values()))
         self.boxes: Dict[str, Box] = _Counterparts(model_boxes, names)  # by checkpoint name
-        self.stats_cache: dict = {}  # (tensor, model, sparsifier...) -> thresholds, scales, masks
+        self.stats_cache = StatsCache()  # (tensor, model, sparsifier...) -> thresholds, scales, masks
+        self.kept_selection = None  # the task-vector call's last resolved arrays (dist/methods.py)
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         self._samples: List[int] = []  # per source (then the base) as opened: a digest of a few of its values
         error = absent[0] if absent else None
@@ -337,6 +338,24 @@ def _plain(value):
     if callable(value):
         return getattr(value, "__qualname__", type(value).__name__)
     return repr(value)
+
+
+class StatsCache(dict):
+    """A sharded pool's global statistics. `generation` moves with every item set or deleted and every clear
+    (the only changes made to it): what was derived from them is current while it stays."""
+    generation = 0
+
+    def __setitem__(self, key, value):
+        self.generation += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.generation += 1
+        super().__delitem__(key)
+
+    def clear(self):
+        self.generation += 1
+        super().clear()
 
 
 class _Counterparts(dict):
