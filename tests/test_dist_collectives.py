@@ -78,3 +78,17 @@ def test_a_value_whose_difference_only_raises_the_flag():
     with tempfile.TemporaryDirectory() as d:
         results = dist_helpers.run(soft_worker, 2, d)
     assert results == [[False, True, True, "InputError: hard"]] * 2, results
+
+
+def test_stats_cache_counts_every_change():
+    """The sharded task-vector call reuses its resolved arrays while the generation stays: dict's update,
+    setdefault, pop, popitem and |= bypass __setitem__/__delitem__ (a review), so each counts itself."""
+    from pymerge.dist.pool import StatsCache
+    c = StatsCache()
+    changes = [lambda: c.__setitem__("a", 1), lambda: c.update(b=2), lambda: c.setdefault("c", 3),
+               lambda: c.pop("a"), lambda: c.popitem(), lambda: c.__ior__({"x": 1}), lambda: c.__delitem__("x"),
+               c.clear]
+    for k, change in enumerate(changes, 1):
+        change()
+        assert c.generation == k
+    assert c == {} and isinstance(c, StatsCache)

@@ -176,13 +176,16 @@ def _grouped_task_vectors(pool, call, native, plans, seed: int) -> None:
     collectives on a miss, in the agreed plan order on every rank), then one native call (GroupedTVPlan) over the
     local shards, each tensor at its global offset: the per-tensor path's bits, without its ~80 us of Python
     and checks per tensor and candidate. The resolved arrays are kept while the pool's statistics stay as they
-    were (their generation: any statistic computed or dropped moves it, on every rank alike)."""
+    were (their generation: any statistic computed or dropped moves it). Ranks may differ in that (one
+    reuses, another resolves) only with the same statistics cached, so a rank resolving meets only cache hits,
+    which run no collectives; and the native table, rebuilt on every rank or none, is the same on all."""
     kept = pool.kept_selection
-    if kept is not None and kept[0] is native and kept[1] == (call.key, pool.stats_cache.generation):
-        _, _, ints, scales, bits, offsets, _masks = kept  # nothing the statistics say has changed since
+    cache = pool.stats_cache
+    if kept is not None and kept[0] is native and kept[1] is cache and kept[2] == (call.key, cache.generation):
+        ints, scales, bits, offsets = kept[3:7]  # nothing the statistics say has changed since
     else:
         ints, scales, bits, offsets, masks = _select(pool, call, plans, seed)
-        pool.kept_selection = (native, (call.key, pool.stats_cache.generation), ints, scales, bits, offsets, masks)
+        pool.kept_selection = (native, cache, (call.key, cache.generation), ints, scales, bits, offsets, masks)
     native.run(ints, scales, bits, call.weights, call.divisors, call.consensus, call.normalize, float(call.lam),
                int(seed) & 0xFFFFFFFFFFFFFFFF, pool.num_threads, offsets)
 

@@ -127,7 +127,7 @@ class ShardedPool(CheckpointPool):
             result = super().materialize_many(weight_rows, into, method, **kwargs)
             self._tv_table = None  # (its entry keeps it)
         except Exception as exc:
-            self._tv_table = None
+            self._tv_table = self.kept_selection = None
             # every rank raises: every rank drops these targets' entries (after the last agreement below, too)
             self._plan_cache.forget(into if isinstance(into, (list, tuple)) else [into])
             if collectives.settled(exc):
@@ -341,21 +341,44 @@ def _plain(value):
 
 
 class StatsCache(dict):
-    """A sharded pool's global statistics. `generation` moves with every item set or deleted and every clear
-    (the only changes made to it): what was derived from them is current while it stays."""
+    """A sharded pool's global statistics. `generation` moves with every change (each of dict's ways to make one:
+    they bypass each other): what was derived from them is current while it and the cache object stay."""
     generation = 0
 
-    def __setitem__(self, key, value):
+    def _bump(self) -> None:
         self.generation += 1
+
+    def __setitem__(self, key, value):
+        self._bump()
         super().__setitem__(key, value)
 
     def __delitem__(self, key):
-        self.generation += 1
+        self._bump()
         super().__delitem__(key)
 
+    def __ior__(self, other):
+        self._bump()
+        return super().__ior__(other)
+
     def clear(self):
-        self.generation += 1
+        self._bump()
         super().clear()
+
+    def update(self, *args, **kwargs):
+        self._bump()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._bump()
+        return super().setdefault(key, default)
+
+    def pop(self, *args):
+        self._bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
 
 
 class _Counterparts(dict):

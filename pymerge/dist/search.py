@@ -51,6 +51,7 @@ def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log
         cache = getattr(pool, "stats_cache", None)
         if cache is not None:
             cache.clear()
+            pool.kept_selection = None  # (what was derived from them: its bitmasks and table freed now)
 
 
 def _search(optimize, pool, evaluate, model, contents, log, kwargs):
