@@ -31,6 +31,7 @@ from pymerge.errors import InputError
 from pymerge.methods.base import TensorTask
 from pymerge.ops import interp, philox, select
 from pymerge.ops import task_vector_ops as tvo
+from pymerge.pool.grouped import Selection
 
 
 def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
@@ -75,7 +76,8 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                     _check_vectors(pool, task.name, m.dot_group(task), m.name)
                 elif m.sparsification == "della_magprune":
                     _check_della(pool, task.name, m.name)
-                tasks.append((task, p.outs[k]))
+                if not one_call:  # (the one native call takes the plans, not tasks)
+                    tasks.append((task, p.outs[k]))
         if one_call:
             from pymerge.pool.grouped import TaskVectorCall
             grouped_call = (TaskVectorCall(m, per_model, global_params, tables, tv_table[1], names[0], seed),
@@ -97,7 +99,6 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         try:
             if grouped_call is not None:
                 _grouped_task_vectors(pool, *grouped_call, plans, seed)
-                tasks = []
             for task, out in tasks:
                 inputs = [t.to(out.device) for t in task.inputs]
                 base = task.base.to(out.device) if task.base is not None else None
@@ -182,22 +183,18 @@ def _grouped_task_vectors(pool, call, native, plans, seed: int) -> None:
     kept = pool.kept_selection
     cache = pool.stats_cache
     if kept is not None and kept[0] is native and kept[1] is cache and kept[2] == (call.key, cache.generation):
-        ints, scales, bits, offsets = kept[3:7]  # nothing the statistics say has changed since
+        sel, offsets = kept[3:]  # nothing the statistics say has changed since
     else:
-        ints, scales, bits, offsets, masks = _select(pool, call, plans, seed)
-        pool.kept_selection = (native, cache, (call.key, cache.generation), ints, scales, bits, offsets, masks)
-    native.run(ints, scales, bits, call.weights, call.divisors, call.consensus, call.normalize, float(call.lam),
-               int(seed) & 0xFFFFFFFFFFFFFFFF, pool.num_threads, offsets)
+        sel, offsets = _select(pool, call, plans, seed)
+        pool.kept_selection = (native, cache, (call.key, cache.generation), sel, offsets)
+    native.run(sel.ints, sel.scales, sel.bits, call.weights, call.divisors, call.consensus, call.normalize,
+               float(call.lam), int(seed) & 0xFFFFFFFFFFFFFFFF, pool.num_threads, offsets)
 
 
 def _select(pool, call, plans, seed: int):
-    """(ints, scales, bitmask addresses, offsets, the bitmasks) of every tensor and model, for GroupedTVPlan.run."""
+    """Every tensor's model plans (grouped.Selection) and its offset, for GroupedTVPlan.run."""
     n = len(call.sparsifiers)
-    ints = np.zeros((len(plans), n, 7), dtype=np.int64)
-    scales = np.ones((len(plans), n), dtype=np.float32)
-    bits = np.zeros((len(plans), n), dtype=np.uint64)
-    offsets = np.zeros(len(plans), dtype=np.int64)
-    masks = []  # the bitmasks the native call reads, alive while these arrays are
+    sel, offsets = Selection(len(plans), n), np.zeros(len(plans), dtype=np.int64)
     for t, p in enumerate(plans):
         task = TensorTask(inputs=pool._inputs[p.name], base=pool._base[p.name], model_params=[{}] * n, params={},
                           name=p.name, seed=seed, backend=pool.backend, num_threads=pool.num_threads)
@@ -206,12 +203,8 @@ def _select(pool, call, plans, seed: int):
         # bitmasks index the LOCAL elements (as merge_planned's offset 0 where any model takes one)
         offsets[t] = 0 if start is None or any(mp.mode == tvo.BITS for mp in mps) else start
         for i, mp in enumerate(mps):
-            ints[t, i] = (mp.mode, mp.lo.key, mp.lo.index, mp.hi.key, mp.hi.index, mp.thr, mp.model & 0xFFFFFFFF)
-            scales[t, i] = mp.scale
-            if mp.bits is not None:
-                masks.append(mp.bits)
-                bits[t, i] = mp.bits.data_ptr()
-    return ints, scales, bits, offsets, masks
+            sel.put(t, i, mp)
+    return sel, offsets
 
 
 def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: float, start) -> tvo.ModelPlan:

@@ -105,12 +105,14 @@ class ShardedPool(CheckpointPool):
 
     def describe(self) -> str:
         sharded = sum(b.signature[0] == "sharded" for b in self.boxes.values())
-        text = super().describe()
+        return super().describe() + (f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "
+                                     f"{_fmt_bytes(self.nbytes)} on this rank")
+
+    def _residency_text(self) -> str:
         if self.residency == "mmap":  # (chosen by the whole model's size) no rank reads the maps when it merges
-            text = text.replace(f"residency mmap ({self.reason})", "residency host (each rank copies its shards "
-                                "out of the files when the pool is built: memory_budget does not apply)")
-        return text + (f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "
-                       f"{_fmt_bytes(self.nbytes)} on this rank")
+            return ("host (each rank copies its shards out of the files when the pool is built: memory_budget "
+                    "does not apply)")
+        return super()._residency_text()
 
     __repr__ = describe
 
@@ -233,12 +235,12 @@ class ShardedPool(CheckpointPool):
         for target in into:
             _reshard(target)  # before the entry's check: a forward pass leaves the root's gathered tensors registered
 
-        def agree(hit: bool) -> bool:
+        def agree(valid) -> bool:
             # With each rank's plans as agreed when they were made: ranks whose entries differ (another target
             # model each, strict=False) all plan again, and the plans' agreement then says how they differ
-            planned = getattr(self._plan_cache.peek(key, into), "plans", None) if hit else None
-            stale = collectives.agree(None, self.agreeing, (self._arguments, getattr(planned, "planned", 0)),
-                                      differs=(_DIFFER[0], None), flag=not hit)
+            planned = getattr(valid.plans, "planned", 0) if valid is not None else 0
+            stale = collectives.agree(None, self.agreeing, (self._arguments, planned), differs=(_DIFFER[0], None),
+                                      flag=valid is None)
             self._agreed = not stale  # past the agreement; a stale entry's plans agree in _checked_plans
             return not stale
 

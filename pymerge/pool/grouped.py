@@ -186,17 +186,18 @@ class PlanCache:
         return PlanCache, (self.max_entries,)
 
     def entry(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
-              make_table: Callable[[list], object], agree: Callable[[bool], bool] = None) -> _Entry:
+              make_table: Callable[[list], object], agree: Callable[[object], bool] = None) -> _Entry:
         """The valid entry for `into` (and key), built when there is none: build() makes the plans,
         targets_of(plans) lists for every plan and target model (tensor as held, dict or None, key),
-        make_table(plans) the table that runs them all in one call (None: not possible). agree(hit), where
-        given, turns this process's finding into the one every process takes alike (a ShardedPool's ranks)."""
+        make_table(plans) the table that runs them all in one call (None: not possible). agree(entry), where
+        given, turns this process's finding (its valid entry, or None) into the one every process takes alike
+        (a ShardedPool's ranks): whether to use it."""
         key = (tuple(map(id, into)),) + key
         with self:
             entry = self._entries.get(key)
             hit = entry is not None and entry.valid()
             if agree is not None:
-                hit = agree(hit)
+                hit = agree(entry if hit else None)
             if hit:
                 self._entries.move_to_end(key)
                 return entry
@@ -210,10 +211,6 @@ class PlanCache:
             while len(self._entries) > self.max_entries:
                 self._drop(next(iter(self._entries)))
             return entry
-
-    def peek(self, key: tuple, into: list):
-        """The entry kept for `into` (and key), valid or not, or None (entry() itself runs under the lock)."""
-        return self._entries.get((tuple(map(id, into)),) + key)
 
     def forget(self, targets) -> None:
         """Drops the entries written into any of targets (a search's replicas, once it is done with them)."""
@@ -429,11 +426,7 @@ class TaskVectorCall:
     def _select(self, plans, inputs: dict, base: dict, cache, num_threads: int):
         """(key, tensors watched, their versions, int64 [T, N, 7], float32 [T, N], uint64 [T, N], masks)."""
         from pymerge.ops.task_vector_ops import plan_model
-        n = len(self.sparsifiers)
-        ints = np.zeros((len(plans), n, 7), dtype=np.int64)
-        scales = np.ones((len(plans), n), dtype=np.float32)
-        bits = np.zeros((len(plans), n), dtype=np.uint64)
-        masks, watched = [], []
+        sel, watched = Selection(len(plans), len(self.sparsifiers)), []
         for t, p in enumerate(plans):
             xs, b = inputs[p.name], base[p.name]
             watched += xs
@@ -444,9 +437,24 @@ class TaskVectorCall:
                                     cache_key=tuple(versions_of((x, b))), backend="cpu", num_threads=num_threads)
                 except ValueError as exc:
                     raise MergeConfigError(f"tensor {p.name}: {exc}") from None
-                ints[t, i] = (mp.mode, mp.lo.key, mp.lo.index, mp.hi.key, mp.hi.index, mp.thr, mp.model & 0xFFFFFFFF)
-                scales[t, i] = mp.scale
-                if mp.bits is not None:
-                    masks.append(mp.bits)
-                    bits[t, i] = mp.bits.data_ptr()
-        return self.key, watched, versions_of(watched), ints, scales, bits, masks
+                sel.put(t, i, mp)
+        return self.key, watched, versions_of(watched), sel.ints, sel.scales, sel.bits, sel.masks
+
+
+class Selection:
+    """Every tensor's model plans as GroupedTVPlan.run takes them: int64 [T, N, 7] (mode, boundaries, threshold,
+    model), float32 [T, N] rescale factors, uint64 [T, N] bitmask addresses, and the bitmasks, alive while it is."""
+
+    def __init__(self, n_tensors: int, n_models: int):
+        self.ints = np.zeros((n_tensors, n_models, 7), dtype=np.int64)
+        self.scales = np.ones((n_tensors, n_models), dtype=np.float32)
+        self.bits = np.zeros((n_tensors, n_models), dtype=np.uint64)
+        self.masks: list = []
+
+    def put(self, t: int, i: int, mp) -> None:
+        """Model i's plan (task_vector_ops.ModelPlan) of tensor t."""
+        self.ints[t, i] = (mp.mode, mp.lo.key, mp.lo.index, mp.hi.key, mp.hi.index, mp.thr, mp.model & 0xFFFFFFFF)
+        self.scales[t, i] = mp.scale
+        if mp.bits is not None:
+            self.masks.append(mp.bits)
+            self.bits[t, i] = mp.bits.data_ptr()

@@ -412,10 +412,13 @@ class CheckpointPool:
                         "changing them with torch ops changes later merges (not through .data or numpy, "
                         "which cached statistics do not see)")
         return (f"CheckpointPool: {self.num_checkpoints} checkpoints{' + base' if self.has_base else ''}, "
-                f"{len(self.names)} tensors, {_fmt_bytes(self.nbytes)}; residency {self.residency} "
-                f"({self.reason}); backend {self.backend} on {self.device}{borrowed}")
+                f"{len(self.names)} tensors, {_fmt_bytes(self.nbytes)}; residency {self._residency_text()}; "
+                f"backend {self.backend} on {self.device}{borrowed}")
 
     __repr__ = describe
+
+    def _residency_text(self) -> str:
+        return f"{self.residency} ({self.reason})"
 
     def model_nbytes(self) -> int:
         """Bytes of one checkpoint as the pool stores it (what one materialize writes, at the same dtype)."""
