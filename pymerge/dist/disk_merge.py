@@ -238,18 +238,10 @@ def _unwrapped(ck):
     return ck
 
 
-_SAMPLED_TENSORS = 64  # per checkpoint: the first bytes of a page each, spread over its sorted names
-
-
-def _values_sample(ck) -> str:
-    """A digest of the first 64 bytes of up to 64 of a checkpoint's tensors, spread over its sorted names: a
-    page read per tensor, to tell two files with the same tensors apart."""
-    import hashlib
-    names = sorted(ck.names())
-    h = hashlib.sha256()
-    for name in names[::max(1, -(-len(names) // _SAMPLED_TENSORS))]:
-        h.update(name.encode("utf-8", "surrogatepass") + b"\0" + bytes(ck.array(name)[:64]))
-    return h.hexdigest()
+def _values_sample(ck) -> int:
+    """collectives.values_sample of a checkpoint's tensors, 64 bytes of each."""
+    from pymerge.dist.collectives import values_sample
+    return values_sample(ck.names(), lambda name: bytes(ck.array(name)[:64]))
 
 
 def _checkpoint_identity(ck) -> tuple:

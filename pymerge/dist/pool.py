@@ -16,7 +16,6 @@ left gathered by a forward pass is resharded first (no communication). Methods w
 statistics (methods.py) agree on their own checks and arguments with one more all_reduce, then
 compute the statistics with collectives (collectives.py).
 """
-import hashlib
 import math
 from typing import Dict, List
 
@@ -440,23 +439,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-_SAMPLED_TENSORS = 64  # tensors read per checkpoint: a page each from a file, spread over the names
-
-
 def _values_sample(source) -> int:
-    """A digest of the first 16 values of up to 64 of a source's floating-point tensors (spread over its sorted
-    names): every rank holds its sources whole or mapped, so ranks compare what each slot holds, not the
-    paths (node-local copies may live elsewhere), at a page read per tensor."""
-    dtypes = {n: source.info(n)[0] for n in source.names()}
-    names = sorted(n for n, d in dtypes.items() if isinstance(d, torch.dtype) and d.is_floating_point)
-    digest = hashlib.blake2b(digest_size=8)
-    for n in names[::max(1, math.ceil(len(names) / _SAMPLED_TENSORS))]:
+    """collectives.values_sample of a source's floating-point tensors: the first 16 values of each one's first
+    row (a view: no copy of a non-contiguous tensor), with its dtype."""
+    def head(n: str) -> bytes:
         t = source.tensor(n).detach()
         if t.numel() == 0:  # a (0, N) tensor has no first row; its name and dtype are sampled all the same
             t = t.reshape(-1)
-        while t.dim() > 1:  # the first row, a view: no copy of a non-contiguous tensor
+        while t.dim() > 1:
             t = t[0]
-        head = t.reshape(-1)[:16].cpu().contiguous()
-        digest.update(n.encode("utf-8", "surrogatepass") + str(head.dtype).encode())
-        digest.update(head.view(torch.uint8).numpy().tobytes() if head.numel() else b"")
-    return int.from_bytes(digest.digest(), "little") >> 2
+        t = t.reshape(-1)[:16].cpu().contiguous()
+        return str(t.dtype).encode() + (t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    dtypes = {n: source.info(n)[0] for n in source.names()}
+    return collectives.values_sample(
+        [n for n, d in dtypes.items() if isinstance(d, torch.dtype) and d.is_floating_point], head)
