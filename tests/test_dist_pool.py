@@ -841,3 +841,45 @@ def test_plans_are_kept_while_every_rank_s_are_valid(tmp_path):
         assert "residency host (each rank copies its shards out of the files" in res["describe"], res["describe"]
         assert res["bits"][-4:] == [True] * 4 and res["selected_after"] == [1, 1, 2, 3], res["selected_after"]
         assert "mmap" not in res["describe"], res["describe"]
+
+
+def two_threads_worker(rank, world, files):
+    """Rank 0 merges in a thread that waits in an agreement (rank 1 comes late) while its main thread calls
+    too: refused at once (it would have paired its collectives with rank 1's first call), and the pool works
+    on after the first call returns."""
+    import threading
+    import time
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    m = fully_shard(build(), mesh=init_device_mesh("cpu", (world,)))
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+    refused, first = None, []
+    if rank == 0:
+        thread = threading.Thread(target=lambda: first.append(pool.materialize(W3, into=m) is m))
+        thread.start()
+        time.sleep(0.5)
+        try:
+            pool.materialize([0.2, 0.3, 0.5], into=m)
+        except Exception as exc:
+            refused = f"{type(exc).__name__}: {exc}"
+        thread.join()
+    else:
+        time.sleep(2)
+        first.append(pool.materialize(W3, into=m) is m)
+    pool.materialize([0.2, 0.3, 0.5], into=m)
+    return {"refused": refused, "first": first, "later": m[0].weight.to_local().clone()}
+
+
+def test_a_second_thread_s_call_is_refused(tmp_path):
+    from datetime import timedelta
+    files = write_checkpoints(str(tmp_path))
+    results = dist_helpers.run(two_threads_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30), wall_s=120)
+    assert results[0]["refused"] is not None and results[0]["refused"].startswith(
+        "InputError: this sharded pool is already merging in another thread"), results[0]["refused"]
+    assert results[1]["refused"] is None and all(res["first"] == [True] for res in results), results
+    import pymerge
+    want = pymerge.CheckpointPool(files[:3], base=files[3]).materialize([0.2, 0.3, 0.5], into=build())[0].weight
+    assert torch.equal(torch.cat([res["later"] for res in results]), want.detach())

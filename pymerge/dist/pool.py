@@ -17,6 +17,7 @@ statistics (methods.py) agree on their own checks and arguments with one more al
 compute the statistics with collectives (collectives.py).
 """
 import math
+import threading
 from typing import Dict, List
 
 import numpy as np
@@ -51,6 +52,7 @@ class ShardedPool(CheckpointPool):
         self.kept_selection = None  # the task-vector call's last resolved arrays (dist/methods.py)
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         self._samples: List[int] = []  # per source (then the base) as opened: a digest of a few of its values
+        self._one_call = threading.Lock()  # materialize_many's per-call state, and its collectives' order
         error = absent[0] if absent else None
         if error is None:
             try:
@@ -119,7 +121,19 @@ class ShardedPool(CheckpointPool):
         """CheckpointPool.materialize_many, with every check agreed across ranks before any write: an
         error on one rank only (its targets' dtypes or memory, its arguments) is raised on every rank.
         So is one after the writes began (a kernel's, a file that shrank under this rank): the ranks return
-        or raise together, never some with a merged model while another holds a half-written one."""
+        or raise together, never some with a merged model while another holds a half-written one.
+        One call at a time: the ranks pair their collectives by their order, so a second thread's call is
+        refused before it reaches one (waiting instead could pair it with another rank's first call)."""
+        if not self._one_call.acquire(blocking=False):
+            raise InputError("this sharded pool is already merging in another thread: its ranks pair their "
+                             "collectives by order, so it makes one call at a time (a pool per thread, each "
+                             "with a process group of its own, for more)")
+        try:
+            return self._materialize_many(weight_rows, into, method, **kwargs)
+        finally:
+            self._one_call.release()
+
+    def _materialize_many(self, weight_rows, into, method: str, **kwargs) -> list:
         self._agreed = False  # whether this rank reached _checked_plans's agreement
         self._tv_table = None  # this call's task-vector table (_method_plans), if any
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
