@@ -883,3 +883,22 @@ def test_a_second_thread_s_call_is_refused(tmp_path):
     import pymerge
     want = pymerge.CheckpointPool(files[:3], base=files[3]).materialize([0.2, 0.3, 0.5], into=build())[0].weight
     assert torch.equal(torch.cat([res["later"] for res in results]), want.detach())
+
+
+def test_input_versions_follow_in_place_changes_and_never_reuse_an_inference_tensor_s():
+    """The sharded task-vector call's statistics are kept while these are unchanged: read each call (the plain
+    counters, cached per tensor), and an inference tensor's (no counter) differ every time."""
+    from pymerge.dist.pool import ShardedPool
+    pool = ShardedPool.__new__(ShardedPool)
+    pool._held, pool._plain_versions = {}, True
+    a, b, base = torch.zeros(3), torch.ones(3), torch.ones(3)
+    pool._inputs, pool._base = {"w": [a, b]}, {"w": base}
+    first = pool.input_versions("w")
+    assert pool.input_versions("w") == first and len(first) == 3
+    base.add_(1)
+    assert pool.input_versions("w") != first
+    with torch.inference_mode():
+        c = torch.zeros(3)
+    pool._inputs["v"] = [a, c]
+    assert pool.input_versions("v") != pool.input_versions("v")
+    assert pool.input_versions("w") == pool.input_versions("w")

@@ -53,8 +53,9 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     # the task-vector family in one native call (DELLA's masks: per tensor): no per-tensor tasks to make
     one_call = isinstance(m, TaskVectorMethod) and tv_table is not None and bool(plans) \
         and m.sparsification != "della_magprune"
+    versions = list(map(pool.input_versions, names))  # read once: nothing writes the inputs before the merge
     try:
-        stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, map(pool.input_versions, names)))
+        stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, versions))
         m.validate(pool.num_checkpoints, pool.has_base)
         per_model, global_params = _split_params(m, params, pool.num_checkpoints)
         checked = set()  # (weight row, candidate): the parameters are those of every tensor the row weights
@@ -90,7 +91,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         what = collectives.fingerprint(m.name)
     if collectives.agree(error, pool.agreeing, what, flag=stale):  # some rank's inputs changed: all recompute
         _drop_stats(pool, names)
-    pool.stats_versions.update((n, pool.input_versions(n)) for n in names)
+    pool.stats_versions.update(zip(names, versions))
     # An error in the merge itself on one rank (DELLA's empty shard raised IndexError there) left the
     # others in a statistic's collective: gloo aborted, or they waited until the timeout. The failing rank
     # goes to the agree below, and every other rank meets it there or in _in_step before its next collective.

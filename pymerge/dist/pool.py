@@ -52,6 +52,8 @@ class ShardedPool(CheckpointPool):
         self.kept_selection = None  # the task-vector call's last resolved arrays (dist/methods.py)
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         self._samples: List[int] = []  # per source (then the base) as opened: a digest of a few of its values
+        self._held: dict = {}  # tensor -> the checkpoints' and base's as this rank holds them (input_versions)
+        self._plain_versions = True  # none of those is an inference tensor (which has no version counter)
         self._one_call = threading.Lock()  # materialize_many's per-call state, and its collectives' order
         error = absent[0] if absent else None
         if error is None:
@@ -93,8 +95,13 @@ class ShardedPool(CheckpointPool):
 
     def input_versions(self, name: str) -> tuple:
         """Autograd version counters of the checkpoints' and base's tensor `name` as this rank holds them."""
-        base = self._base.get(name)
-        return tuple(versions_of(self._inputs[name] + ([base] if base is not None else [])))
+        held = self._held.get(name)
+        if held is None:
+            base = self._base.get(name)
+            held = self._held[name] = tuple(self._inputs[name] + ([base] if base is not None else []))
+            self._plain_versions &= not any(t.is_inference() for t in held)  # (fixed for a tensor's life)
+        # a search's every call reads them all (512 tensors: 1 ms of is_inference() calls at R = 1)
+        return tuple(t._version for t in held) if self._plain_versions else tuple(versions_of(held))
 
     def _open(self, src, label: str):
         inner = super()._open(src, label)
