@@ -137,7 +137,8 @@ def worker(rank, world, d, files):
             pools[layout, n_src] = pymerge.CheckpointPool(ckpts[:n_src], base=base, shard_like=m)
             if n_src == 3:
                 out["reads"][layout] = reads.touched
-                out["nbytes"][layout] = (pools[layout, 3].nbytes, refs[3].nbytes)
+                out["nbytes"][layout] = (pools[layout, 3].nbytes, refs[3].nbytes, pools[layout, 3].whole_nbytes,
+                                         pools[layout, 3].describe())
             reads.touched = None
     for layout, m in models.items():
         for label, n_src, kw in CASES:
@@ -433,6 +434,11 @@ def test_rank_count_independent(tmp_path_factory, group):
             assert all(torch.equal(tensors[n], seen[3][key][n]) for n in SHAPES), key
 
 
+def pymerge_fmt_bytes(n):
+    from pymerge.pool.pool import _fmt_bytes
+    return _fmt_bytes(n)
+
+
 def test_each_rank_holds_its_share(group):
     world, files, results = group
     per_rank = []
@@ -445,6 +451,11 @@ def test_each_rank_holds_its_share(group):
         per_rank.append(held)
     unsharded = sum(math.prod(s) * itemsize for s in SHAPES.values() for itemsize in (4, 2, 4, 4))
     assert sum(per_rank) == unsharded  # FSDP2 shards every tensor: nothing is held twice
+    for res in results:  # describe() says whose the sizes are, and the whole (it gave this rank's as the pool's)
+        _, single, whole, text = res["nbytes"]["fsdp"]
+        assert whole == unsharded, (whole, unsharded)
+        assert text.endswith(f"tensors split across ranks (the sizes above are this rank's share of "
+                             f"{pymerge_fmt_bytes(unsharded)})"), text
     assert max(per_rank) <= unsharded / world * 1.5
 
 

@@ -99,6 +99,16 @@ def worker(rank, world, d, files):
         out["later_error"] = None
     except Exception as exc:
         out["later_error"] = f"{type(exc).__name__}: {exc}"
+    try:  # a sharded pool merges with collectives: no search of one rank's own
+        pymerge.search.optimize(pool, evaluate, model=model, distributed=False, **SEARCH)
+        out["sharded_alone"] = None
+    except Exception as exc:
+        out["sharded_alone"] = f"{type(exc).__name__}: {exc}"
+    if rank == 0:  # one rank's own search on a plain pool, the other rank elsewhere (it waited in the start's
+        # agreement until the group's timeout)
+        res = pymerge.search.optimize(plain, lambda m: score({n: p.detach() for n, p in m.named_parameters()}, m),
+                                      model=build(), distributed=False, **SEARCH)
+        out["alone"] = [(r["x"], r["objective"], r["scores"]) for r in res.history], res.best_index
     return out
 
 
@@ -274,3 +284,14 @@ def test_an_evaluate_failing_on_one_rank_between_collectives_reports_its_own_err
                                timeout=timedelta(seconds=5), wall_s=120)
     assert results[1].startswith("InputError: rank 1: boom (the other ranks never reached the agreement"), results[1]
     assert results[0] is not None, results  # the timeout, on the rank that waited
+
+
+def test_a_rank_may_search_alone_on_a_plain_pool(runs):
+    ref_history, ref_best, results = runs
+    history, best = results[0]["alone"]
+    assert best == ref_best and len(history) == len(ref_history)
+    for (x, obj, sc), (rx, robj, rsc) in zip(history, ref_history):
+        assert np.array_equal(x, rx) and obj == robj and sc == rsc
+    for res in results:
+        assert res["sharded_alone"].startswith("InputError: distributed=False: a sharded pool merges with "
+                                               "collectives"), res["sharded_alone"]

@@ -895,3 +895,79 @@ def test_raw_ops_refuse_a_backend_that_does_not_run_on_their_tensors(backend):
             call()
     for ok in ("auto", "cpu"):
         assert torch.allclose(P.weighted_sum([x, y], w, torch.float32, ok), x + 2 * y)
+
+
+def test_raw_task_vector_op_refuses_plans_the_kernels_would_truncate_and_a_bitmask_under_its_output():
+    """The public wrappers make these plans; a call through torch.ops got none of their checks: a top-k key past
+    32 bits kept every element (uint32 truncation), an offset past philox's range repeated offset 0's draws, and a
+    bitmask sharing the output's memory was read as the output overwrote it (an audit)."""
+    P = torch.ops.pymerge
+    x, base, out = torch.arange(1.0, 65.0), torch.zeros(64), torch.empty(64)
+
+    def run(ints, offset=0, bits=None, o=out):
+        P.tv_merge_out([x], base, [bits], ints, [1.0, 1.0], False, False, 1.0, 1.0, 0, 0, 0, offset, o)
+    run([tvo.TOPK, 0, 0, (1 << 31) - 1, 0, 0, 0])  # the largest key: keeps nothing, as the boundary says
+    assert int((out != 0).sum()) == 0
+    for key in (1 << 31, 1 << 32, 1 << 40, -2):
+        with pytest.raises(ValueError, match="top-k boundary key"):
+            run([tvo.TOPK, 0, 0, key, 0, 0, 0])
+    run([tvo.RANGE, 0, 0, 1 << 31, 0, 0, 0])  # [0, 2**31): every key
+    assert torch.equal(out, x)
+    for lo, hi in ((-1, 5), (0, (1 << 31) + 1), (1 << 33, 1 << 33)):
+        with pytest.raises(ValueError, match="range boundary keys"):
+            run([tvo.RANGE, lo, 0, hi, 0, 0, 0])
+    from pymerge.ops import philox
+    run([tvo.RANDOM, 0, 0, 0, 0, 1 << 31, 0], offset=philox.MAX_ELEMENTS - 64)  # the last window: fine
+    for offset in (philox.MAX_ELEMENTS - 63, philox.MAX_ELEMENTS, -1):
+        with pytest.raises(ValueError, match="offset"):
+            run([tvo.RANDOM, 0, 0, 0, 0, 1 << 31, 0], offset=offset)
+    store = torch.zeros(64)
+    bits = store.view(torch.int64)[:1]
+    bits.fill_(-1)
+    with pytest.raises(ValueError, match="bitmask 0 shares memory with the output"):
+        run([tvo.BITS, 0, 0, 0, 0, 0, 0], bits=bits, o=store)
+    run([tvo.BITS, 0, 0, 0, 0, 0, 0], bits=bits.clone())
+    assert torch.equal(out, x)
+
+
+def test_group_lincomb_refuses_coefficients_float32_cannot_hold():
+    x, y = torch.randn(6, 7), torch.randn(6, 7)
+    for big in (1e39, -4e38):
+        coef = torch.full((6, 3), 0.5, dtype=torch.float64)
+        coef[2, 1] = big
+        with pytest.raises(ValueError, match="beyond float32's range"):
+            interp.group_lincomb([x, y], None, False, "rows", coef, torch.empty(6, 7))
+    coef = torch.full((1, 3), 0.5, dtype=torch.float64)
+    coef[0, 0] = float("nan")  # NaN (a NaN checkpoint's dot product) propagates, as mergekit's does
+    out = interp.group_lincomb([x, y], None, False, "whole", coef, torch.empty(6, 7))
+    assert out.isnan().all()
+    coef[0, 0] = 3e38  # within range
+    out = interp.group_lincomb([x, y], None, False, "whole", coef, torch.empty(6, 7))
+    assert torch.isfinite(out).any()
+
+
+def test_out_forms_refuse_an_inference_tensor_outside_inference_mode_as_torch_s_do():
+    P = torch.ops.pymerge
+    a, b = torch.ones(8), torch.full((8,), 2.0)
+    with torch.inference_mode():
+        target = torch.zeros(8)
+    with pytest.raises(RuntimeError):  # torch's own rule
+        torch.add(a, b, out=target)
+    with torch.inference_mode():
+        target.zero_()  # (torch's add wrote it before it raised)
+    calls = [lambda: pymerge.weighted_sum([a, b], [1.0, 1.0], out=target),
+             lambda: pymerge.weighted_sum_many([a, b], [[1.0, 1.0]], outs=[target]),
+             lambda: P.weighted_sum_out([a, b], torch.tensor([1.0, 1.0]), target),
+             lambda: P.weighted_sum_many_out([a, b], torch.tensor([[1.0, 1.0]]), [target]),
+             lambda: P.tv_merge_out([a], b, [None], [tvo.NONE] + [0] * 6, [1.0, 1.0], False, False, 1.0, 1.0,
+                                    0, 0, 0, 0, target),
+             lambda: P.group_lincomb_out([a], None, False, 1, 8, 0, torch.ones(1, 2), target)]
+    for k, call in enumerate(calls):
+        with pytest.raises(RuntimeError, match="out is an inference tensor"):
+            call()
+        assert torch.equal(target, torch.zeros(8)), k
+        with torch.inference_mode():
+            call()
+        assert not torch.equal(target, torch.zeros(8)), k
+        with torch.inference_mode():
+            target.zero_()

@@ -204,6 +204,22 @@ def test_every_written_tensor_gets_a_new_version(monkeypatch, way):
     assert_is(c, reference(models, W))
 
 
+@pytest.mark.parametrize("method, kw, n", [("slerp", {"t": 0.3}, 1), ("ties", {"density": 0.6}, 2),
+                                          ("nearswap", {"t": 0.5}, 1), ("task_arithmetic", {}, 2),
+                                          ("della", {"density": 0.6, "epsilon": 0.1}, 2), ("model_stock", {}, 2)])
+def test_a_model_made_under_inference_mode_is_filled_by_every_method_path(method, kw, n):
+    """The out= forms refuse an inference tensor outside inference mode (torch's rule for the caller's out=);
+    the pool fills a model made there wherever it is called, by every path (native, grouped, per tensor)."""
+    models = linears(n + 1)
+    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict())
+    want = torch.nn.Linear(13, 7)
+    pool.materialize([1.0] * n, into=want, method=method, seed=3, **kw)
+    with torch.inference_mode():
+        c = torch.nn.Linear(13, 7)
+    pool.materialize([1.0] * n, into=c, method=method, seed=3, **kw)
+    assert all(torch.equal(c.state_dict()[k], v) for k, v in want.state_dict().items())
+
+
 # ---- item 10: GPU work runs on the pool's device, not the current one --------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -81,6 +81,8 @@ class ShardedPool(CheckpointPool):
         self.boxes = {n: self.boxes[n] for n in self.names}
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
+        self.whole_nbytes = sum(math.prod(self.boxes[n].global_shape) * t.element_size()  # every rank's together
+                                for n in self.names for t in self._inputs[n] + ([self._base[n]] if n in self._base else []))
 
     def _check_catalog(self) -> None:
         """Before any tensor is held: checkpoints whose names shard_like mostly lacks (names= forgotten) were
@@ -113,8 +115,8 @@ class ShardedPool(CheckpointPool):
 
     def describe(self) -> str:
         sharded = sum(b.signature[0] == "sharded" for b in self.boxes.values())
-        return super().describe() + (f"; sharded: {sharded} of {len(self.names)} tensors split across ranks, "
-                                     f"{_fmt_bytes(self.nbytes)} on this rank")
+        return super().describe() + (f"; sharded: {sharded} of {len(self.names)} tensors split across ranks (the "
+                                     f"sizes above are this rank's share of {_fmt_bytes(self.whole_nbytes)})")
 
     def _residency_text(self) -> str:
         if self.residency == "mmap":  # (chosen by the whole model's size) no rank reads the maps when it merges

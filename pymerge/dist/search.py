@@ -19,17 +19,31 @@ from typing import Callable, Optional
 
 import torch
 
-from pymerge.errors import CheckpointError, InputError, MergeConfigError, first_line
+from pymerge.errors import CheckpointError, InputError, MergeConfigError, first_line, short
 
 _ERRORS = {c.__name__: c for c in (InputError, CheckpointError, MergeConfigError)}
 
 
-def across_ranks(pool) -> Optional[Callable]:
-    """The distributed driver when a process group of several ranks is up (and pool is not our stand-in)."""
+def across_ranks(pool, distributed: Optional[bool] = None) -> Optional[Callable]:
+    """The distributed driver when a process group of several ranks is up (and pool is not our stand-in), unless
+    the caller asked for a search of its own (distributed=False: one rank alone waited in the start's agreement
+    for the others until the group's timeout)."""
     import torch.distributed as dist
-    if isinstance(pool, _LeaderPool) or not (dist.is_available() and dist.is_initialized()):
+    if distributed not in (None, True, False):
+        raise InputError(f"distributed must be True, False or None, got {short(distributed)}")
+    if isinstance(pool, _LeaderPool):
         return None
-    return optimize_across_ranks if dist.get_world_size() > 1 else None
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed is False:
+        from pymerge.dist.pool import ShardedPool
+        if isinstance(pool, ShardedPool):
+            raise InputError("distributed=False: a sharded pool merges with collectives over its ranks, so every "
+                             "rank takes part in its search; build a pool without shard_like for a search of "
+                             "this rank's own")
+        return None
+    if distributed and not several:
+        raise InputError("distributed=True needs an initialized torch.distributed process group of several ranks")
+    return optimize_across_ranks if several else None
 
 
 _SEARCH_ONLY = ("budget", "popsize", "sigma0", "seed", "state_path", "normalize", "x0", "bounds", "objective")

@@ -26,7 +26,10 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
-from pymerge.ops._checks import as_flag, check_apart, check_threads, first_out_of_range, require_inputs
+from pymerge.ops import philox
+from pymerge.ops._checks import (FLOAT32_MAX, _overlaps, addresses_unknown, as_flag, check_apart, check_threads,
+                                 check_inference_out, first_out_of_range, require_inputs,
+                                 values_unknown)
 from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable, is_dual, trusted  # noqa: F401
 
 _U64 = 1 << 64
@@ -258,6 +261,7 @@ def _check_outs(tensors, weights, outs, dims: int) -> None:
     _weighted_args(tensors, weights, dims, outs)
     for o in outs:
         _require_out(o, op)
+        check_inference_out(o, op)
     check_apart(tensors, outs, op, exact_ok=len(outs) == 1)
     check_separate(outs)
 
@@ -494,6 +498,7 @@ def tv_merge_out(inputs: List[Tensor], base: Tensor, bits: List[Optional[Tensor]
                  seed: int, h0: int, h1: int, offset: int, out: Tensor, backend: str = "auto",
                  num_threads: int = 0) -> None:
     """out = B + lam * combine(sparsified, weighted deltas); see pymerge/ops/task_vector_ops.py."""
+    check_inference_out(out, "tv_merge")  # (a call through torch.ops: the pool's own writes may fill one)
     _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
                       offset, out, backend, num_threads)
 
@@ -584,15 +589,24 @@ def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, d
     # the C++ plan's types (pybind11 raised "incompatible function arguments" past them)
     if not (0 <= h0 < 1 << 32 and 0 <= h1 < 1 << 32):
         raise ValueError(f"tv_merge: h0 and h1 must be from 0 to 2**32 - 1, got {h0} and {h1}")
+    modes = _native.SPARSIFIER_MODES
     for i in range(n):
-        mode, thr = plan_ints[i * PLAN_INTS], plan_ints[i * PLAN_INTS + 5]
+        mode, lo_key, _, hi_key, _, thr, _ = plan_ints[i * PLAN_INTS:(i + 1) * PLAN_INTS]
         if not (-(1 << 31) <= mode < 1 << 31 and thr >= 0):
             raise ValueError(f"tv_merge: model {i}'s plan has mode {mode} and threshold {thr}; a mode is a 32-bit "
                              "integer, a threshold >= 0")
+        # the kernels compare 32-bit magnitude keys (pymerge/ops/select.py): a boundary past them was truncated
+        if mode == modes["topk"] and not -1 <= hi_key < 1 << 31:
+            raise ValueError(f"tv_merge: model {i}'s top-k boundary key is {hi_key}; keys are from -1 (keep "
+                             "every element) to 2**31 - 1")
+        if mode == modes["range"] and not (0 <= lo_key <= 1 << 31 and 0 <= hi_key <= 1 << 31):
+            raise ValueError(f"tv_merge: model {i}'s range boundary keys are {lo_key} and {hi_key}; keys are "
+                             "from 0 to 2**31")
     _check_native(list(inputs) + [base], [out], base.numel(), "tv_merge", device, inputs_backed, out_backed)
     check_apart(list(inputs) + [base], [out], "tv_merge")
-    if not 0 <= offset < 1 << 62:
-        raise ValueError(f"tv_merge: offset must be from 0 to 2**62 - 1, got {offset}")
+    if not 0 <= offset <= philox.MAX_ELEMENTS - base.numel():  # the draws' 32-bit counter would wrap
+        raise ValueError(f"tv_merge: offset {offset} and {base.numel()} elements pass the "
+                         f"{philox.MAX_ELEMENTS} elements a tensor's draws and bits index")
     for i, b in enumerate(bits):
         if b is None:
             continue
@@ -602,6 +616,8 @@ def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, d
             raise ValueError(f"tv_merge: bitmask {i} has {b.numel() * 64} bits, fewer than the "
                              f"{offset + base.numel()} that elements {offset}..{offset + base.numel() - 1} index")
         check_backed(b, f"tv_merge: bitmask {i}")
+        if not addresses_unknown([out]) and _overlaps(out, b):  # read word by word as the output is written
+            raise ValueError(f"tv_merge: bitmask {i} shares memory with the output; pass it in a tensor of its own")
 
 
 def model_specs(inputs, bits, plan_ints, plan_floats) -> list:
@@ -694,6 +710,7 @@ def _(xs, base, sub, rows, cols, group, num_threads=0):
 def group_lincomb_out(xs: List[Tensor], base: Optional[Tensor], sub: bool, rows: int, cols: int, group: int,
                       coef: Tensor, out: Tensor, num_threads: int = 0) -> None:
     """out = coef[g, K] * B + sum_i coef[g, i] * (x_i - sub*B), coef float32 [G, K+1]."""
+    check_inference_out(out, "group_lincomb")
     _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads)
 
 
@@ -721,6 +738,14 @@ def check_coef_size(coef: Tensor, groups: int, k: int) -> None:
     if coef.numel() != groups * (k + 1):
         raise ValueError(f"group_lincomb: coef has {coef.numel()} entries; {groups} groups x {k + 1} need "
                          f"{groups * (k + 1)}")
+    if coef.dtype == torch.float64 and coef.device.type == "cpu" and coef.numel() and not values_unknown(coef):
+        # finite ones that float32 (the kernels') turns into inf: a model of inf and NaN, silently (NaN and inf
+        # themselves pass, as a NaN checkpoint's dot products propagate them, as mergekit's do)
+        finite = coef.detach().reshape(-1)
+        finite = finite[torch.isfinite(finite)].abs()
+        if finite.numel() and float(finite.max()) > FLOAT32_MAX:
+            raise ValueError(f"group_lincomb: a coefficient is {float(finite.max()):g}, beyond float32's range "
+                             "(the kernels multiply in float32)")
 
 
 def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False) -> None:

@@ -165,7 +165,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
              normalize: bool = True, x0=None, bounds=(0.0, 1.0), method: str = "linear",
              objective: Optional[Callable[[Dict[str, float]], float]] = None, replicas: Optional[int] = None,
              names=None, log: Optional[Callable[[str], None]] = print, method_params: Optional[Dict] = None,
-             **more_method_params) -> SearchResult:
+             distributed: Optional[bool] = None, **more_method_params) -> SearchResult:
     """CMA-ES (cma package, ask/tell) over the pool's merge weights; returns a SearchResult.
 
     groups      None: N weights; "layer" or a function/dict: a [G, N] table (see CheckpointPool.materialize)
@@ -181,9 +181,11 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     pass replicas=1 for it.
     Under an initialized torch.distributed group of several ranks, call it on every rank: see
     pymerge/dist/search.py (CMA-ES and state_path on rank 0, candidates split across replica groups).
+    distributed=False runs this process's search alone there (a plain pool only: a sharded pool's every
+    merge is a collective); None (the default) decides by the process group.
     """
     from pymerge.dist.search import across_ranks
-    spread = across_ranks(pool)
+    spread = across_ranks(pool, distributed)
     if spread is not None:  # under torch.distributed: CMA-ES on rank 0, candidates on every replica group
         return spread(optimize, pool, evaluate, model, budget=budget, popsize=popsize, sigma0=sigma0, seed=seed,
                       state_path=state_path, groups=groups, normalize=normalize, x0=x0, bounds=bounds,
