@@ -971,3 +971,16 @@ def test_out_forms_refuse_an_inference_tensor_outside_inference_mode_as_torch_s_
         assert not torch.equal(target, torch.zeros(8)), k
         with torch.inference_mode():
             target.zero_()
+
+
+def test_copies_of_non_contiguous_inputs_past_the_available_memory_are_refused(monkeypatch):
+    """An input expand()ed to 2**31 elements holds no memory of its own, but its contiguous copy does: two of them
+    and the output were SIGKILLed by the OOM killer on a 24 GB machine (an audit), before any error."""
+    import pymerge.sizes
+    monkeypatch.setattr(pymerge.sizes, "host_available", lambda: 2 << 30)
+    a = torch.ones(1).expand(1 << 28)  # 1 GiB as float32, once copied
+    with pytest.raises(ValueError, match=r"copies of 2 non-contiguous input\(s\) and the output need 3.0 GiB, more "
+                                         r"than the 2.0 GiB"):
+        pymerge.weighted_sum([a, a], [0.5, 0.5])
+    small = torch.ones(1).expand(1000)  # far below a GiB: copied as before
+    assert torch.equal(pymerge.weighted_sum([small, small], [0.5, 0.5]), torch.ones(1000))

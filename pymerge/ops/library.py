@@ -124,7 +124,26 @@ def contiguous(ts, compiling: Optional[bool] = None) -> List[Tensor]:
     where the caller has read it."""
     if torch.compiler.is_compiling() if compiling is None else compiling:
         return [t.contiguous() for t in ts]
+    copies = [t for t in ts if not t.is_contiguous() or t.is_neg()]
+    if copies:
+        _check_copy_fits(copies)
     return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in ts]
+
+
+def _check_copy_fits(copies: List[Tensor]) -> None:
+    """Host copies past the memory this machine has: an input expand()ed to 2**31 elements (no memory of its
+    own) was copied whole, twice, and the kernel got the OOM killer's SIGKILL (an audit), not an error."""
+    host = [t for t in copies if t.device.type == "cpu"]
+    # and the output the kernel then fills (allocated, not yet touched: MemAvailable does not count it yet)
+    need = sum(t.numel() * t.element_size() for t in host) + max((t.numel() * 4 for t in host), default=0)
+    if need < 1 << 30:  # (the usual case: /proc/meminfo is read only for copies of a GiB and more)
+        return
+    from pymerge.sizes import host_available
+    available = host_available()
+    if need > available:
+        raise ValueError(f"the contiguous copies of {len(host)} non-contiguous input(s) and the output need "
+                         f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB this machine has available; pass "
+                         "contiguous tensors (an expand()ed one is copied whole)")
 
 
 def _one_device(op: str, *groups, host_ok=()) -> None:
