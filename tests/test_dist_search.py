@@ -295,3 +295,15 @@ def test_a_rank_may_search_alone_on_a_plain_pool(runs):
     for res in results:
         assert res["sharded_alone"].startswith("InputError: distributed=False: a sharded pool merges with "
                                                "collectives"), res["sharded_alone"]
+
+
+def test_distributed_takes_a_bool_or_none():
+    """0 == False but is not False: it ran the distributed search where False ran this rank's own (a review)."""
+    from pymerge.dist.search import across_ranks
+    from pymerge.errors import InputError
+    for bad in (0, 1, np.False_, "no"):
+        with pytest.raises(InputError, match="distributed must be True, False or None"):
+            across_ranks(object(), bad)
+    assert across_ranks(object(), False) is None and across_ranks(object(), None) is None  # no process group here
+    with pytest.raises(InputError, match="distributed=True needs an initialized"):
+        across_ranks(object(), True)

@@ -7,6 +7,7 @@
 - materialize writes through raw pointers, so it bumps each written tensor's version counter:
   a backward through weights saved before a materialize raises torch's in-place error.
 """
+import contextlib
 import pytest
 import numpy as np
 import torch
@@ -207,16 +208,22 @@ def test_every_written_tensor_gets_a_new_version(monkeypatch, way):
 @pytest.mark.parametrize("method, kw, n", [("slerp", {"t": 0.3}, 1), ("ties", {"density": 0.6}, 2),
                                           ("nearswap", {"t": 0.5}, 1), ("task_arithmetic", {}, 2),
                                           ("della", {"density": 0.6, "epsilon": 0.1}, 2), ("model_stock", {}, 2)])
-def test_a_model_made_under_inference_mode_is_filled_by_every_method_path(method, kw, n):
+@pytest.mark.parametrize("way", ["plain", "torch backend", "dict groups", "default device"])
+def test_a_model_made_under_inference_mode_is_filled_by_every_method_path(method, kw, n, way):
     """The out= forms refuse an inference tensor outside inference mode (torch's rule for the caller's out=);
-    the pool fills a model made there wherever it is called, by every path (native, grouped, per tensor)."""
+    the pool fills a model made there wherever it is called, by every path: native, grouped, per tensor through
+    the public wrappers (the torch backend, a dict of groups), and through torch.ops (a TorchFunctionMode such as
+    set_default_device takes every call there). The per-tensor ones were refused in the first form (a review)."""
     models = linears(n + 1)
-    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict())
+    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict(),
+                          backend="torch" if way == "torch backend" else "auto")
+    extra = {"groups": {"weight": 0, "bias": 0}} if way == "dict groups" else {}
     want = torch.nn.Linear(13, 7)
-    pool.materialize([1.0] * n, into=want, method=method, seed=3, **kw)
+    pool.materialize([1.0] * n, into=want, method=method, seed=3, **kw, **extra)
     with torch.inference_mode():
         c = torch.nn.Linear(13, 7)
-    pool.materialize([1.0] * n, into=c, method=method, seed=3, **kw)
+    with torch.device("cpu") if way == "default device" else contextlib.nullcontext():
+        pool.materialize([1.0] * n, into=c, method=method, seed=3, **kw, **extra)
     assert all(torch.equal(c.state_dict()[k], v) for k, v in want.state_dict().items())
 
 

@@ -29,7 +29,7 @@ def across_ranks(pool, distributed: Optional[bool] = None) -> Optional[Callable]
     the caller asked for a search of its own (distributed=False: one rank alone waited in the start's agreement
     for the others until the group's timeout)."""
     import torch.distributed as dist
-    if distributed not in (None, True, False):
+    if distributed is not None and type(distributed) is not bool:  # (0 == False, but 0 is not False below)
         raise InputError(f"distributed must be True, False or None, got {short(distributed)}")
     if isinstance(pool, _LeaderPool):
         return None

@@ -223,8 +223,8 @@ def require_inputs(tensors, op: str) -> None:
 
 def check_inference_out(out: torch.Tensor, op: str) -> None:
     """As torch's own out= ops: an inference tensor is written only inside inference mode (the kernels write
-    by address, and wrote one anywhere). For the caller's out= (the public weighted sums, the raw ops); a
-    pool writes into a model made under inference mode wherever it is called, as it always has."""
+    by address, and wrote one anywhere). For the caller's out= (the public weighted sums, the raw ops); a pool
+    writes a model made under inference mode through temporaries of its own (pool.py's _copy_back)."""
     if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference(); the op's own check runs when it does)
         return
     if out.is_inference() and not torch.is_inference_mode_enabled():

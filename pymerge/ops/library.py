@@ -125,8 +125,9 @@ def contiguous(ts, compiling: Optional[bool] = None) -> List[Tensor]:
     if torch.compiler.is_compiling() if compiling is None else compiling:
         return [t.contiguous() for t in ts]
     copies = [t for t in ts if not t.is_contiguous() or t.is_neg()]
-    if copies:
-        _check_copy_fits(copies)
+    if not copies:
+        return list(ts)
+    _check_copy_fits(copies)
     return [t if t.is_contiguous() and not t.is_neg() else t.resolve_neg().contiguous() for t in ts]
 
 
@@ -134,7 +135,8 @@ def _check_copy_fits(copies: List[Tensor]) -> None:
     """Host copies past the memory this machine has: an input expand()ed to 2**31 elements (no memory of its
     own) was copied whole, twice, and the kernel got the OOM killer's SIGKILL (an audit), not an error."""
     host = [t for t in copies if t.device.type == "cpu"]
-    # and the output the kernel then fills (allocated, not yet touched: MemAvailable does not count it yet)
+    # and an output the kernel then fills (allocated, not yet touched: MemAvailable does not count it yet; where
+    # the caller gave one, a margin near the limit)
     need = sum(t.numel() * t.element_size() for t in host) + max((t.numel() * 4 for t in host), default=0)
     if need < 1 << 30:  # (the usual case: /proc/meminfo is read only for copies of a GiB and more)
         return
@@ -552,6 +554,7 @@ def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, nor
 @tv_merge_out.register_kernel("cuda")
 def _tv_merge_out_cuda_op(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0,
                           h1, offset, out, backend="auto", num_threads=0):
+    check_inference_out(out, "tv_merge")
     _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
                        offset, out, backend, num_threads)
 
@@ -760,11 +763,13 @@ def check_coef_size(coef: Tensor, groups: int, k: int) -> None:
     if coef.dtype == torch.float64 and coef.device.type == "cpu" and coef.numel() and not values_unknown(coef):
         # finite ones that float32 (the kernels') turns into inf: a model of inf and NaN, silently (NaN and inf
         # themselves pass, as a NaN checkpoint's dot products propagate them, as mergekit's do)
-        finite = coef.detach().reshape(-1)
-        finite = finite[torch.isfinite(finite)].abs()
-        if finite.numel() and float(finite.max()) > FLOAT32_MAX:
-            raise ValueError(f"group_lincomb: a coefficient is {float(finite.max()):g}, beyond float32's range "
-                             "(the kernels multiply in float32)")
+        largest = float(coef.detach().abs().max())  # (NaN where one is NaN)
+        if not largest <= FLOAT32_MAX:  # rare: then only the finite ones count
+            finite = coef.detach().reshape(-1)
+            finite = finite[torch.isfinite(finite)].abs()
+            if finite.numel() and float(finite.max()) > FLOAT32_MAX:
+                raise ValueError(f"group_lincomb: a coefficient is {float(finite.max()):g}, beyond float32's range "
+                                 "(the kernels multiply in float32)")
 
 
 def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False) -> None:

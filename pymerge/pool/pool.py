@@ -516,14 +516,12 @@ class CheckpointPool:
                 with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                     w = self._cuda.weights(tables)  # [G, K, N] on the device
                     table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
-            for tmp, target in entry.fixups:
-                target.copy_(tmp)
+            _copy_back(entry.fixups)
             return into
         if kind == "cpu" and method != "linear":
             entry = self._one_call_method(method, tables, group_of, flat, groups, names, strict, into, seed, params)
             if entry is not None:
-                for tmp, target in entry.fixups:
-                    target.copy_(tmp)
+                _copy_back(entry.fixups)
                 mark_written(entry.written)
                 return into
         plans = self._method_plans(method, into, group_of, names, strict, groups, flat)
@@ -531,9 +529,7 @@ class CheckpointPool:
             self._run_linear(plans, tables)
         else:
             self._run_method(method, plans, tables, seed, params)
-        for p in plans:
-            for tmp, target in p.fixups:
-                target.copy_(tmp)
+        _copy_back(f for p in plans for f in p.fixups)
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
 
@@ -758,9 +754,13 @@ class CheckpointPool:
             return f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}", None
         if (unusable := _unusable_target(t)) is not None:
             return f"tensor {model_name!r}{where}: {unusable}", None
-        if t.is_contiguous():
+        if t.is_contiguous() and not t.is_inference():
             return None, (t, t)
-        tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # rare (a transposed view)
+        # rare: a transposed view; or a model made under inference mode, which torch's in-place ops (the torch
+        # backend, a method's own) write only inside it: each write goes to a tensor of the pool's, then is copied
+        # back there (_copy_back). The temporary is never an inference tensor, whatever mode this call is in.
+        with torch.inference_mode(False):
+            tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
         return None, (tmp, t, (tmp, t))
 
     def _tied_head_plans(self, targets: List[dict], mapped: list, group_of: List[int], problems: list) -> List[_Plan]:
@@ -1010,6 +1010,17 @@ def _shared_elements(a: torch.Tensor, b: torch.Tensor) -> Optional[bool]:
 
 def _view(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset(), t.dtype
+
+
+def _copy_back(fixups) -> None:
+    """Each (temporary, target) of the plans: the merge written into the target (an inference tensor's inside
+    inference mode, where torch lets it be written; the pool fills such a model wherever it is called)."""
+    for tmp, target in fixups:
+        if target.is_inference() and not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                target.copy_(tmp)
+        else:
+            target.copy_(tmp)
 
 
 def _take(out: tuple, outs: list, dests: list, fixups: list) -> None:
