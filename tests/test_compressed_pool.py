@@ -790,6 +790,28 @@ def test_save_load_round_trip(tmp_path):
         CheckpointPool([{"a": torch.ones(2)}]).save(tmp_path / "x.safetensors")
 
 
+def test_save_never_writes_over_a_checkpoint_the_pool_was_built_from(tmp_path):
+    """overwrite=True replaced a fine-tune's (or the base's) file with the compressed pool (an audit); a link to
+    it too. pymerge merge refuses an OUT that is an input for the same reason."""
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(64, 3, generator=gen)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    (tmp_path / "ft").mkdir()
+    for i in range(2):
+        save_file({"w": base["w"] + 0.01 * torch.randn(64, 3, generator=gen)}, str(tmp_path / "ft" / f"m{i}.safetensors"))
+    files = [str(tmp_path / "ft" / f"m{i}.safetensors") for i in range(2)]
+    pool = CheckpointPool(files, base=str(tmp_path / "base.safetensors"), compress="int8")
+    os.symlink(files[1], tmp_path / "link.safetensors")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")}
+    for target in (files[0], tmp_path / "base.safetensors", tmp_path / "link.safetensors"):
+        with pytest.raises(InputError, match="a checkpoint file this pool was built from; choose another path"):
+            pool.save(target, overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.safetensors")} == before
+    pool.save(tmp_path / "pool.safetensors")  # anywhere else
+    assert CheckpointPool.load(tmp_path / "pool.safetensors").names == ["w"]
+
+
 def test_save_never_replaces_a_fifo_or_device(tmp_path):
     """Was: os.replace swapped the FIFO (or, as root, /dev/null) for a regular file. (Only a FIFO here: a
     regression must not cost the test machine its /dev/null.)"""

@@ -385,6 +385,21 @@ def test_tensor_in_two_shards(tmp_path):
     assert "model-00001-of-00002.safetensors" in msg
 
 
+def test_index_listing_a_tensor_twice_is_refused(tmp_path):
+    """json keeps a key's last entry: the index's second "head" won, silently, or a shard that lacks it was
+    reported missing in the tensor's name (an audit). Now the duplicate itself, in one line."""
+    shards = two_shards()
+    folder = make_sharded(tmp_path / "m", shards)
+    index = folder / "model.safetensors.index.json"
+    text = index.read_text()
+    assert text.count('"head": "model-00002-of-00002.safetensors"') == 1
+    index.write_text(text.replace('"head": "model-00002-of-00002.safetensors"',
+                                  '"head": "model-00001-of-00002.safetensors", "head": "model-00002-of-00002.safetensors"'))
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    assert "key 'head' appears twice in one object" in check_error(excinfo, index)
+
+
 @pytest.mark.parametrize("shard", ["../evil.safetensors", "./../evil.safetensors", "sub/../x.safetensors", ".", "./",
                                    "/abs.safetensors"])
 def test_index_shard_outside_folder(tmp_path, shard):
@@ -877,3 +892,14 @@ def test_a_bin_files_released_tensors_leave_the_process(tmp_path):
     assert _resident_kb(base) < 2048, _resident_kb(base)
     assert all(torch.equal(f.tensor(n), state[n]) for n in state)  # read back from the file
     f.close()
+
+
+def test_a_link_loop_is_named_a_loop(tmp_path):
+    """model.safetensors linking to itself was reported "a broken link to ... (an incomplete download?)"."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to("model.safetensors")
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    assert check_error(excinfo, folder / "model.safetensors").endswith(
+        "is a link that leads back to itself (through model.safetensors)")

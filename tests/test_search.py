@@ -1454,3 +1454,50 @@ def test_a_temporary_file_a_sweep_holds_is_made_again(tmp_path, monkeypatch):
         open(tmp, "w").write("{}")
     files.replace_file(str(path), write)
     assert path.read_text() == "{}" and os.listdir(tmp_path) == ["state.json"]
+
+
+@pytest.mark.parametrize("how", ["renamed over", "rewritten", "removed"])
+def test_a_checkpoint_replaced_during_the_search_writes_no_best_merge_yml(tmp_path, capsys, how):
+    """A source replaced mid-search (a fresh download renamed over it) on the host tier, which holds copies: the
+    search scored the old file's merges and exited 0 with a best_merge.yml naming the new one, which `pymerge
+    merge` built into another model (an audit). Now one line, exit 2, the results kept, no best_merge.yml."""
+    cfg = _cli_setup(tmp_path)
+    target = tmp_path / "c1.safetensors"
+    module = "evalchange_" + how.replace(" ", "_")  # (a module of its own: imported modules are cached by name)
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
+        import os
+        from safetensors.torch import save_file
+        import torch
+        SEEN = [0]
+        def evaluate(m):
+            SEEN[0] += 1
+            if SEEN[0] == 3:
+                if {how!r} == "renamed over":
+                    save_file({{"theta": torch.ones(16)}}, {str(target) + '.new'!r})
+                    os.replace({str(target) + '.new'!r}, {str(target)!r})
+                elif {how!r} == "rewritten":
+                    os.utime({str(target)!r}, ns=(0, 0))  # (a rewrite moves the ctime as this does)
+                else:
+                    os.unlink({str(target)!r})
+            return -float(m.theta.detach().norm())
+    """))
+    cfg.write_text(cfg.read_text().replace("evalcli:evaluate", f"{module}:evaluate"))
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(target) in err[0] and "best_merge.yml" in err[0] and "not written" in err[0], err
+    assert (tmp_path / "out" / "history.json").exists() and not (tmp_path / "out" / "best_merge.yml").exists()
+
+
+def test_a_state_path_that_is_a_checkpoint_file_of_the_pool_is_refused(tmp_path):
+    """Through the Python API (the CLI refused it already): the file was read as a broken state and the error
+    advised deleting it, a model's weights (an audit)."""
+    cfg = _cli_setup(tmp_path)
+    pool = CheckpointPool([str(tmp_path / f"c{i}.safetensors") for i in range(3)])
+    before = (tmp_path / "c1.safetensors").read_bytes()
+    for given in (tmp_path / "c1.safetensors", tmp_path / "link.safetensors"):
+        if given.name == "link.safetensors":
+            os.symlink(tmp_path / "c1.safetensors", given)
+        with pytest.raises(InputError, match=r"is .*c1.safetensors, a checkpoint file of the pool; choose another"):
+            optimize(pool, lambda m: 0.0, model=Vec(16), budget=3, state_path=str(given), log=None)
+    assert (tmp_path / "c1.safetensors").read_bytes() == before and cfg.exists()
+    assert not os.path.exists(str(tmp_path / "c1.safetensors") + ".lock")

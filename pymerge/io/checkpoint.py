@@ -8,6 +8,7 @@ every mismatch is a CheckpointError naming the file and the tensor.
 torch is imported only where needed: for .bin files and for tensor(); info() and array() (the
 tensor's bytes as a numpy view) of safetensors files need none.
 """
+import errno
 import mmap
 import os
 import pickle
@@ -365,8 +366,9 @@ class Checkpoint:
         if unusable is not None:  # (a broken single file beside a good index loads the index)
             try:
                 why = f"is {kind_of(os.stat(unusable).st_mode)}, not a regular file"
-            except OSError:  # an interrupted download leaves a snapshot's link to a blob never written
-                why = f"is a broken link to {os.readlink(unusable)} (an incomplete download?)"
+            except OSError as exc:  # an interrupted download leaves a snapshot's link to a blob never written
+                why = (f"is a link that leads back to itself (through {os.readlink(unusable)})" if exc.errno == errno.ELOOP
+                       else f"is a broken link to {os.readlink(unusable)} (an incomplete download?)")
             raise CheckpointError(f"{unusable}: {why}")
         raise CheckpointError(f"{self.path}: no {SAFETENSORS_NAME}, {SAFETENSORS_INDEX}, {BIN_NAME} "
                               f"or {BIN_INDEX} in this folder")
@@ -478,7 +480,7 @@ class Checkpoint:
 
 
 def _read_weight_map(index_path: Path) -> Dict[str, str]:
-    index = read_json(index_path)
+    index = read_json(index_path, unique_keys=True)  # a tensor listed twice: the last entry won, silently
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: no 'weight_map' object")

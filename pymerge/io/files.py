@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Type
 
-from pymerge.errors import CheckpointError, InputError
+from pymerge.errors import CheckpointError, InputError, short
 
 try:  # imported now: once descriptors have run out, importing a module (opening its file) fails too
     import resource
@@ -321,14 +321,30 @@ def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX
         os.close(fd)
 
 
-def read_json(path, error: Type[InputError] = CheckpointError):
-    """A small JSON file, parsed; every problem (I/O, not UTF-8, not JSON, nested too deeply) is one line."""
+class _TwiceInOneObject(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _TwiceInOneObject(k)
+        out[k] = v
+    return out
+
+
+def read_json(path, error: Type[InputError] = CheckpointError, unique_keys: bool = False):
+    """A small JSON file, parsed; every problem (I/O, not UTF-8, not JSON, nested too deeply) is one line.
+    unique_keys: a key given twice in one object is one too (json keeps the last, silently)."""
     data = read_small(path, error)
     if data.startswith(LFS_POINTER):  # a clone without `git lfs pull` (an index.json can be stored in LFS too)
         raise error(f"{path}: is a git-lfs pointer (a small text file standing in for this one): run "
                     f"`git lfs pull` where the model was cloned")
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys if unique_keys else None)
+    except _TwiceInOneObject as exc:
+        raise error(f"{path}: key {short(exc.args[0])} appears twice in one object") from None
     except UnicodeDecodeError as exc:
         raise error(f"{path}: is not UTF-8 text (byte {exc.start})") from None
     except ValueError as exc:

@@ -21,7 +21,7 @@ from pymerge import _native
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
-from pymerge.io.sigbus import MappingGuard
+from pymerge.io.sigbus import MappingGuard, identity, stamp
 from pymerge.ops._checks import as_int, check_threads
 from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
@@ -121,6 +121,7 @@ class CheckpointPool:
     """
     _guard = MappingGuard(())  # none: only the mmap tier reads the files after construction
     _lent: tuple = ()  # none (a loaded or sharded pool): see __init__ and _check_borrowed
+    _files: list = []  # none (a loaded pool, state dicts): (path, (device, inode), stamp) of each file read
     _lent_ids: frozenset = frozenset()
 
     def __new__(cls, *args, shard_like=None, **kwargs):
@@ -164,6 +165,7 @@ class CheckpointPool:
         opened = [self._open(s, _label(s, f"source {i}")) for i, s in enumerate(sources)]
         base_src = self._open(base, _label(base, "base")) if base is not None else None
         self._from_files = all(s.mapped for s in opened)  # checkpoint files (tied.py's rule applies to them)
+        self._files = _files_read(opened + ([base_src] if base_src else []))
         guard = _guard_mapped(opened + ([base_src] if base_src else []))  # every tier copies from the maps
         try:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
@@ -287,7 +289,40 @@ class CheckpointPool:
 
     def save(self, path, overwrite: bool = False) -> None:
         """Writes a compressed pool to one .safetensors file; CheckpointPool.load(path) restores it."""
-        self._require_compressed().save(path, overwrite)
+        store = self._require_compressed()
+        read = self.read_file(path)
+        if read is not None:  # overwrite=True replaced a fine-tune (or the base) with the pool
+            raise InputError(f"{path}: is {read}, a checkpoint file this pool was built from; choose another path")
+        store.save(path, overwrite)
+
+    def read_file(self, path) -> Optional[str]:
+        """The checkpoint file this pool was built from that `path` is (the same file, or a link to it), else None:
+        what must not be written over (a saved pool, a search's state)."""
+        try:
+            path = os.fspath(path)
+        except TypeError:
+            return None
+        same, real = identity(path), os.path.realpath(path)
+        for p, ident, _ in self._files:
+            if ident == same or os.path.realpath(p) == real:
+                return p
+        return None
+
+    def changed_file(self) -> Optional[str]:
+        """A line naming the first checkpoint file removed, replaced (renamed over: a fresh download) or rewritten
+        since this pool read it, else None: a result that names the files (a search's best_merge.yml) would then
+        not rebuild what the pool merged (the host tiers hold copies, and the mmap tier's guard sees only
+        writes into the file it maps)."""
+        for p, ident, was in self._files:
+            try:
+                st = os.stat(p)
+            except OSError:
+                return f"{p}: removed since the pool read it"
+            if (st.st_dev, st.st_ino) != ident:
+                return f"{p}: replaced by another file since the pool read it"
+            if was is not None and stamp(st) != was:
+                return f"{p}: rewritten since the pool read it"
+        return None
 
     @classmethod
     def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":
@@ -1010,6 +1045,18 @@ def _shared_elements(a: torch.Tensor, b: torch.Tensor) -> Optional[bool]:
 
 def _view(t: torch.Tensor) -> tuple:
     return t.shape, t.stride(), t.storage_offset(), t.dtype
+
+
+def _files_read(sources) -> list:
+    """(absolute path, (device, inode), stamp) of each checkpoint file the sources mapped, once each."""
+    out, seen = [], set()
+    for src in sources:
+        for f in getattr(getattr(src, "_inner", src), "shards", ()):  # (a sharded pool's sources wrap the files')
+            ident = getattr(f, "mapped_identity", None)
+            if ident is not None and ident not in seen:
+                seen.add(ident)
+                out.append((os.path.abspath(f.path), ident, getattr(f, "mapped_stamp", None)))
+    return out
 
 
 def _copy_back(fixups) -> None:
