@@ -211,9 +211,11 @@ def test_every_written_tensor_gets_a_new_version(monkeypatch, way):
 @pytest.mark.parametrize("way", ["plain", "torch backend", "dict groups", "default device"])
 def test_a_model_made_under_inference_mode_is_filled_by_every_method_path(method, kw, n, way):
     """The out= forms refuse an inference tensor outside inference mode (torch's rule for the caller's out=);
-    the pool fills a model made there wherever it is called, by every path: native, grouped, per tensor through
-    the public wrappers (the torch backend, a dict of groups), and through torch.ops (a TorchFunctionMode such as
-    set_default_device takes every call there). The per-tensor ones were refused in the first form (a review)."""
+    the pool fills a model made there wherever it is called, by every path its kernels write: native, grouped,
+    per tensor through the public wrappers (a dict of groups), and through torch.ops (a TorchFunctionMode such
+    as set_default_device takes every call there); the per-tensor ones were refused in a first form (a review).
+    backend='torch' writes with torch's in-place ops: there the pool writes inside inference mode (it raised
+    partway through the merge before)."""
     models = linears(n + 1)
     pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict(),
                           backend="torch" if way == "torch backend" else "auto")

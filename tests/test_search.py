@@ -1476,7 +1476,7 @@ def test_a_checkpoint_replaced_during_the_search_writes_no_best_merge_yml(tmp_pa
                     save_file({{"theta": torch.ones(16)}}, {str(target) + '.new'!r})
                     os.replace({str(target) + '.new'!r}, {str(target)!r})
                 elif {how!r} == "rewritten":
-                    os.utime({str(target)!r}, ns=(0, 0))  # (a rewrite moves the ctime as this does)
+                    os.utime({str(target)!r}, ns=(0, 0))  # (a rewrite moves the mtime as this does)
                 else:
                     os.unlink({str(target)!r})
             return -float(m.theta.detach().norm())
@@ -1497,7 +1497,34 @@ def test_a_state_path_that_is_a_checkpoint_file_of_the_pool_is_refused(tmp_path)
     for given in (tmp_path / "c1.safetensors", tmp_path / "link.safetensors"):
         if given.name == "link.safetensors":
             os.symlink(tmp_path / "c1.safetensors", given)
-        with pytest.raises(InputError, match=r"is .*c1.safetensors, a checkpoint file of the pool; choose another"):
+        with pytest.raises(InputError, match=r"is the checkpoint file .*c1.safetensors, which the pool was built from; "
+                                             r"choose another state_path"):
             optimize(pool, lambda m: 0.0, model=Vec(16), budget=3, state_path=str(given), log=None)
     assert (tmp_path / "c1.safetensors").read_bytes() == before and cfg.exists()
     assert not os.path.exists(str(tmp_path / "c1.safetensors") + ".lock")
+
+
+def test_what_the_pool_was_built_from_is_known_and_a_chmod_is_no_change(tmp_path):
+    """pool.changed_file() (what the search checks before best_merge.yml) and pool.read_file() (what saving must
+    not write over): a chmod or a new hard link moves only the ctime and is no change (a review: hours of search
+    ended with exit 2); a folder source's index and config are its files too (a review: save replaced an index)."""
+    from safetensors.torch import save_file
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"theta": torch.zeros(16)}, str(folder / "model-00001-of-00001.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"theta": "model-00001-of-00001.safetensors"}}))
+    (folder / "config.json").write_text("{}")
+    save_file({"theta": torch.ones(16)}, str(tmp_path / "c.safetensors"))
+    pool = CheckpointPool([str(folder), str(tmp_path / "c.safetensors")])
+    assert pool.changed_file() is None
+    os.chmod(tmp_path / "c.safetensors", 0o600)
+    os.link(tmp_path / "c.safetensors", tmp_path / "hard.safetensors")
+    assert pool.changed_file() is None
+    assert pool.read_file(tmp_path / "hard.safetensors") == f"the checkpoint file {tmp_path / 'c.safetensors'}"
+    for inside in ("model.safetensors.index.json", "config.json", "new.safetensors"):
+        assert pool.read_file(folder / inside) == f"inside the model folder {folder}", inside
+    assert pool.read_file(tmp_path / "elsewhere.json") is None and pool.read_file(None) is None
+    os.utime(tmp_path / "c.safetensors", ns=(0, 0))
+    assert pool.changed_file() == f"{tmp_path / 'c.safetensors'}: rewritten since the pool read it"
+    assert CheckpointPool([{"theta": torch.ones(16)}]).changed_file() is None

@@ -1,4 +1,5 @@
 """Argument checks shared by the fused ops: one clear message per mistake, before any work."""
+import contextvars
 import math
 import numbers
 import operator
@@ -221,13 +222,18 @@ def require_inputs(tensors, op: str) -> None:
         raise ValueError(f"{op}: needs at least one input")
 
 
+# Set while a pool writes its targets: check_inference_out's rule is for the caller's out=, and the pool fills a
+# model made under inference mode wherever it is called (its kernels write by address), whichever way its writes
+# go (a public wrapper; a raw op, through torch.ops under a TorchFunctionMode).
+FILLING_TARGETS = contextvars.ContextVar("pymerge_filling_targets", default=False)
+
+
 def check_inference_out(out: torch.Tensor, op: str) -> None:
     """As torch's own out= ops: an inference tensor is written only inside inference mode (the kernels write
-    by address, and wrote one anywhere). For the caller's out= (the public weighted sums, the raw ops); a pool
-    writes a model made under inference mode through temporaries of its own (pool.py's _copy_back)."""
+    by address, and wrote one anywhere). For the caller's out= (the public weighted sums, the raw ops)."""
     if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference(); the op's own check runs when it does)
         return
-    if out.is_inference() and not torch.is_inference_mode_enabled():
+    if out.is_inference() and not torch.is_inference_mode_enabled() and not FILLING_TARGETS.get():
         raise RuntimeError(f"{op}: out is an inference tensor, which is written only inside torch.inference_mode(); "
                            "call it there, or pass a clone")
 

@@ -22,7 +22,7 @@ from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard, identity, stamp
-from pymerge.ops._checks import as_int, check_threads
+from pymerge.ops._checks import FILLING_TARGETS, as_int, check_threads
 from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
@@ -67,11 +67,14 @@ def _checks_mapped_files(merge):
     @functools.wraps(merge)
     def checked(self, *args, **kwargs):
         self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one", sizes=True)
+        filling = FILLING_TARGETS.set(True)  # the caller's out= rule for inference tensors is not the pool's
         try:
             out = merge(self, *args, **kwargs)
         except Exception:  # a KeyboardInterrupt passes as it is
             self._guard.check(then=incomplete, sizes=True)
             raise
+        finally:
+            FILLING_TARGETS.reset(filling)
         self._guard.check(then=incomplete, sizes=True)
         return out
     return checked
@@ -122,6 +125,7 @@ class CheckpointPool:
     _guard = MappingGuard(())  # none: only the mmap tier reads the files after construction
     _lent: tuple = ()  # none (a loaded or sharded pool): see __init__ and _check_borrowed
     _files: list = []  # none (a loaded pool, state dicts): (path, (device, inode), stamp) of each file read
+    _folders: list = []  # the model folders among its sources (their index and config are theirs too)
     _lent_ids: frozenset = frozenset()
 
     def __new__(cls, *args, shard_like=None, **kwargs):
@@ -166,6 +170,8 @@ class CheckpointPool:
         base_src = self._open(base, _label(base, "base")) if base is not None else None
         self._from_files = all(s.mapped for s in opened)  # checkpoint files (tied.py's rule applies to them)
         self._files = _files_read(opened + ([base_src] if base_src else []))
+        self._folders = [os.path.abspath(s) for s in list(sources) + [base]
+                         if isinstance(s, (str, os.PathLike)) and os.path.isdir(s)]
         guard = _guard_mapped(opened + ([base_src] if base_src else []))  # every tier copies from the maps
         try:
             self.names, self.shapes, self.skipped = _catalog(opened, base_src)
@@ -291,13 +297,14 @@ class CheckpointPool:
         """Writes a compressed pool to one .safetensors file; CheckpointPool.load(path) restores it."""
         store = self._require_compressed()
         read = self.read_file(path)
-        if read is not None:  # overwrite=True replaced a fine-tune (or the base) with the pool
-            raise InputError(f"{path}: is {read}, a checkpoint file this pool was built from; choose another path")
+        if read is not None:  # overwrite=True replaced a fine-tune (or the base, or its index) with the pool
+            raise InputError(f"{path}: is {read}, which this pool was built from; choose another path")
         store.save(path, overwrite)
 
     def read_file(self, path) -> Optional[str]:
-        """The checkpoint file this pool was built from that `path` is (the same file, or a link to it), else None:
-        what must not be written over (a saved pool, a search's state)."""
+        """What `path` is of the checkpoints this pool was built from ("the checkpoint file F": the same file or a
+        link to it; "inside the model folder D": a folder source's index, config or anything beside them), else
+        None: what must not be written over (a saved pool, a search's state)."""
         try:
             path = os.fspath(path)
         except TypeError:
@@ -305,12 +312,15 @@ class CheckpointPool:
         same, real = identity(path), os.path.realpath(path)
         for p, ident, _ in self._files:
             if ident == same or os.path.realpath(p) == real:
-                return p
+                return f"the checkpoint file {p}"
+        for folder in self._folders:
+            if os.path.commonpath([real, os.path.realpath(folder)]) == os.path.realpath(folder):
+                return f"inside the model folder {folder}"
         return None
 
     def changed_file(self) -> Optional[str]:
         """A line naming the first checkpoint file removed, replaced (renamed over: a fresh download) or rewritten
-        since this pool read it, else None: a result that names the files (a search's best_merge.yml) would then
+        (its mtime moved) since this pool read it, else None: a result that names the files (a search's best_merge.yml) would then
         not rebuild what the pool merged (the host tiers hold copies, and the mmap tier's guard sees only
         writes into the file it maps)."""
         for p, ident, was in self._files:
@@ -320,7 +330,7 @@ class CheckpointPool:
                 return f"{p}: removed since the pool read it"
             if (st.st_dev, st.st_ino) != ident:
                 return f"{p}: replaced by another file since the pool read it"
-            if was is not None and stamp(st) != was:
+            if was is not None and stamp(st)[0] != was[0]:  # the mtime: a chmod or a new hard link moves the ctime
                 return f"{p}: rewritten since the pool read it"
         return None
 
@@ -560,10 +570,11 @@ class CheckpointPool:
                 mark_written(entry.written)
                 return into
         plans = self._method_plans(method, into, group_of, names, strict, groups, flat)
-        if method == "linear":
-            self._run_linear(plans, tables)
-        else:
-            self._run_method(method, plans, tables, seed, params)
+        with _torch_writes(self, plans):
+            if method == "linear":
+                self._run_linear(plans, tables)
+            else:
+                self._run_method(method, plans, tables, seed, params)
         _copy_back(f for p in plans for f in p.fixups)
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
@@ -789,12 +800,9 @@ class CheckpointPool:
             return f"tensor {model_name!r}{where} is on {t.device}, the pool computes on {self.device}", None
         if (unusable := _unusable_target(t)) is not None:
             return f"tensor {model_name!r}{where}: {unusable}", None
-        if t.is_contiguous() and not t.is_inference():
+        if t.is_contiguous():
             return None, (t, t)
-        # rare: a transposed view; or a model made under inference mode, which torch's in-place ops (the torch
-        # backend, a method's own) write only inside it: each write goes to a tensor of the pool's, then is copied
-        # back there (_copy_back). The temporary is never an inference tensor, whatever mode this call is in.
-        with torch.inference_mode(False):
+        with torch.inference_mode(False):  # rare (a transposed view); never an inference tensor, as plans are kept
             tmp = torch.empty(t.shape, dtype=t.dtype, device=t.device)
         return None, (tmp, t, (tmp, t))
 
@@ -1059,9 +1067,23 @@ def _files_read(sources) -> list:
     return out
 
 
+def _torch_writes(pool, plans):
+    """Where backend='torch' writes a model made under inference mode (torch's in-place ops, which torch allows
+    only inside it; the kernels write by address): on the CPU, inside inference mode (what the pool keeps of a
+    call is numbers and its own tensors, made before), elsewhere refused before any write (it raised partway)."""
+    if pool.backend != "torch" or torch.is_inference_mode_enabled() or not any(
+            t.is_inference() for p in plans for t in p.targets):
+        return contextlib.nullcontext()
+    if pool.device.type == "cpu":
+        return torch.inference_mode()
+    raise InputError("the model merged into was made under torch.inference_mode(), and backend='torch' writes it "
+                     "with torch's in-place ops, which torch allows only there: call materialize inside "
+                     "torch.inference_mode() (nothing was written)")
+
+
 def _copy_back(fixups) -> None:
-    """Each (temporary, target) of the plans: the merge written into the target (an inference tensor's inside
-    inference mode, where torch lets it be written; the pool fills such a model wherever it is called)."""
+    """Each (temporary, transposed target) of the plans: the merge written into the target (an inference tensor's
+    inside inference mode, where torch lets it be written: the pool fills such a model wherever it is called)."""
     for tmp, target in fixups:
         if target.is_inference() and not torch.is_inference_mode_enabled():
             with torch.inference_mode():

@@ -272,7 +272,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
     read = pool.read_file(state_path) if state_path and hasattr(pool, "read_file") else None
     if read is not None:  # (its error, not a state's, advised deleting it; its lock files went beside it)
-        raise InputError(f"state_path {state_path}: is {read}, a checkpoint file of the pool; choose another "
+        raise InputError(f"state_path {state_path}: is {read}, which the pool was built from; choose another "
                          "state_path")
     lock = _lock_state(state_path)  # before the state is read; held until the search ends
     models = []
