@@ -64,7 +64,7 @@ def version_text() -> str:
     from pymerge import __version__, _native
     cpu = f"cpu ({_native.cpu.simd_level()})" if _native.cpu is not None else "cpu: NOT BUILT"
     cuda = "cuda extension" if _native.cuda is not None else "no cuda extension (built without nvcc or nvcc failed, or with PYMERGE_NO_CUDA=1)"
-    triton = "triton" if importlib.util.find_spec("triton") is not None else "no triton (pip install 'pymerge[triton]')"
+    triton = "triton" if importlib.util.find_spec("triton") is not None else "no triton (pip install triton)"
     try:
         torch = f"torch {importlib.metadata.version('torch')}"
     except importlib.metadata.PackageNotFoundError:

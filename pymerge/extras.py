@@ -1,4 +1,6 @@
-"""Optional dependencies: each feature that needs one says, in one line, which extra installs it."""
+"""Optional dependencies: each feature that needs one says, in one line, which package to install, by its own
+name (this pymerge installs from a checkout or a wheel: `pip install -U 'pymerge[plot]'` fetched PyPI's
+pymerge, another project)."""
 import importlib
 
 from pymerge.errors import InputError
@@ -12,7 +14,7 @@ class MissingExtraError(InputError, ImportError):
 
 
 def require(module: str, feature: str):
-    """Imports `module` for `feature`, or raises MissingExtraError naming `pip install 'pymerge[extra]'`."""
+    """Imports `module` for `feature`, or raises MissingExtraError naming `pip install <package>` (the extra's)."""
     root = module.split(".")[0]
     package, extra = EXTRAS[root]
     try:
@@ -21,4 +23,4 @@ def require(module: str, feature: str):
         if exc.name is not None and exc.name.split(".")[0] != root:
             raise  # the package is there but something it needs is broken: show the real error
         raise MissingExtraError(f"{feature} needs {package}, which is not installed: "
-                                f"pip install 'pymerge[{extra}]'") from None
+                                f"pip install {package} (pymerge's [{extra}] extra)") from None

@@ -191,4 +191,4 @@ def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
                   cwd=work)
     assert missing.returncode != 0
     last = missing.stderr.strip().splitlines()[-1]
-    assert "MissingExtraError" in last and "pip install 'pymerge[triton]'" in last, missing.stderr[-2000:]
+    assert "MissingExtraError" in last and "pip install triton (pymerge's [triton] extra)" in last, missing.stderr[-2000:]

@@ -414,7 +414,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     plotted = _plot(os.path.join(out, "demo.png"), rows, names, best_single, res.history)
     _print_table(rows, names, best_single, summary, log)
     if not plotted:
-        log("(matplotlib is not installed: no demo.png; pip install 'pymerge[plot]')")
+        log("(matplotlib is not installed: no demo.png; pip install matplotlib)")
     return summary
 
 

@@ -316,7 +316,7 @@ def _run(args) -> int:
     finally:
         release_lock(lock)
     if "png" not in paths:
-        print("(matplotlib is not installed: no search.png; pip install 'pymerge[plot]')")
+        print("(matplotlib is not installed: no search.png; pip install matplotlib)")
     if result.best_weights.ndim == 1:
         paths["yml"] = os.path.join(out, "best_merge.yml")
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "
