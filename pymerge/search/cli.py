@@ -320,7 +320,7 @@ def _run(args) -> int:
     if result.best_weights.ndim == 1:
         paths["yml"] = os.path.join(out, "best_merge.yml")
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "
-          f"Pareto front: {len(result.pareto)} candidates; wrote {', '.join(paths.values())}")
+          f"Pareto front: {len(result.pareto)} candidate{'s' if len(result.pareto) != 1 else ''}; wrote {', '.join(paths.values())}")
     if result.best_weights.ndim > 1:  # mergekit's layer gradients would not reproduce the table bit for bit
         print("no best_merge.yml: a per-group search's best weights (one row per group) are in history.json")
     return 0
