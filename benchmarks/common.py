@@ -85,7 +85,7 @@ def write_results(name: str, device: str, rows: list, columns: list, title: str,
     with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")
     if plot is not None and not has_matplotlib():
-        print(f"(matplotlib is not installed or does not import: no {name}.png; pip install 'pymerge[plot]')", file=sys.stderr)
+        print(f"(matplotlib is not installed or does not import: no {name}.png; pip install matplotlib)", file=sys.stderr)
     elif plot is not None:
         plot(os.path.join(folder, f"{name}.png"))
     return table

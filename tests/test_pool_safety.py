@@ -12,6 +12,7 @@ import pytest
 import numpy as np
 import torch
 
+import pymerge
 import pymerge.ops._versions as versions
 from pymerge.errors import InputError, MergeConfigError
 from pymerge.pool import CheckpointPool
@@ -534,3 +535,24 @@ def test_a_forward_inside_one_autocast_region_sees_each_merge():
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # a fresh region: no cache
             pool.materialize(w, into=model)
             assert torch.equal(got, model(x)), w
+
+
+def test_a_caller_s_function_run_by_the_pool_keeps_the_out_rule():
+    """The pool's own writes are exempt from the out= rule for inference tensors; a groups= function of the
+    caller's, which the pool calls, is not (the exemption covered the whole call in a first form: a review)."""
+    models = linears(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    with torch.inference_mode():
+        victim = torch.zeros(3)
+    seen = []
+
+    def groups(name):
+        try:
+            pymerge.weighted_sum([torch.ones(3), torch.ones(3)], [1.0, 1.0], out=victim)
+            seen.append("written")
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        return 0
+    pool.materialize([[0.5, 0.5]], into=torch.nn.Linear(13, 7), groups=groups)
+    assert seen and all("out is an inference tensor" in s for s in seen), seen
+    assert torch.equal(victim, torch.zeros(3))

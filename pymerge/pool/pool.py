@@ -67,14 +67,11 @@ def _checks_mapped_files(merge):
     @functools.wraps(merge)
     def checked(self, *args, **kwargs):
         self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one", sizes=True)
-        filling = FILLING_TARGETS.set(True)  # the caller's out= rule for inference tensors is not the pool's
         try:
             out = merge(self, *args, **kwargs)
         except Exception:  # a KeyboardInterrupt passes as it is
             self._guard.check(then=incomplete, sizes=True)
             raise
-        finally:
-            FILLING_TARGETS.reset(filling)
         self._guard.check(then=incomplete, sizes=True)
         return out
     return checked
@@ -554,7 +551,8 @@ class CheckpointPool:
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
             mark_written(entry.written)
             if table is None:
-                self._run_linear(plans, tables)
+                with _pool_writes():
+                    self._run_linear(plans, tables)
             elif self._cuda is None:
                 table.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
             else:
@@ -1067,18 +1065,32 @@ def _files_read(sources) -> list:
     return out
 
 
+@contextlib.contextmanager
+def _pool_writes():
+    """While the pool writes its targets (not while a caller's groups= or names= function runs): the out= rule for
+    inference tensors (ops/_checks.py) is the caller's, and the pool fills a model made under inference mode
+    wherever it is called, whichever way its writes reach the ops (a wrapper; torch.ops under a TorchFunctionMode)."""
+    token = FILLING_TARGETS.set(True)
+    try:
+        yield
+    finally:
+        FILLING_TARGETS.reset(token)
+
+
+@contextlib.contextmanager
 def _torch_writes(pool, plans):
-    """Where backend='torch' writes a model made under inference mode (torch's in-place ops, which torch allows
-    only inside it; the kernels write by address): on the CPU, inside inference mode (what the pool keeps of a
-    call is numbers and its own tensors, made before), elsewhere refused before any write (it raised partway)."""
-    if pool.backend != "torch" or torch.is_inference_mode_enabled() or not any(
-            t.is_inference() for p in plans for t in p.targets):
-        return contextlib.nullcontext()
-    if pool.device.type == "cpu":
-        return torch.inference_mode()
-    raise InputError("the model merged into was made under torch.inference_mode(), and backend='torch' writes it "
-                     "with torch's in-place ops, which torch allows only there: call materialize inside "
-                     "torch.inference_mode() (nothing was written)")
+    """_pool_writes; and where backend='torch' writes a model made under inference mode (torch's in-place ops,
+    which torch allows only inside it; the kernels write by address): on the CPU inside inference mode (what the
+    pool keeps of such a call: numbers, and dot products it only reads), elsewhere refused before any write (it
+    raised partway)."""
+    inference = pool.backend == "torch" and not torch.is_inference_mode_enabled() and any(
+        t.is_inference() for p in plans for t in p.targets)
+    if inference and pool.device.type != "cpu":
+        raise InputError("the model merged into was made under torch.inference_mode(), and backend='torch' writes "
+                         "it with torch's in-place ops, which torch allows only there: call materialize inside "
+                         "torch.inference_mode() (nothing was written)")
+    with _pool_writes(), torch.inference_mode() if inference else contextlib.nullcontext():
+        yield
 
 
 def _copy_back(fixups) -> None:
