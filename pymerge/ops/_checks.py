@@ -196,7 +196,6 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
         return out_dtype or default_out_dtype(tensors)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    check_inference_out(out, "weighted_sum")
     check_layout(out, "out")
     if out.shape != first.shape:
         raise ValueError(f"out has shape {tuple(out.shape)} but the inputs have shape {tuple(first.shape)}")
@@ -228,11 +227,11 @@ def require_inputs(tensors, op: str) -> None:
 FILLING_TARGETS = contextvars.ContextVar("pymerge_filling_targets", default=False)
 
 
-def check_inference_out(out: torch.Tensor, op: str) -> None:
+def check_inference_out(out: torch.Tensor, op: str, compiling: Optional[bool] = None) -> None:
     """As torch's own out= ops: an inference tensor is written only inside inference mode (the kernels write
     by address, and wrote one anywhere). For the caller's out= (the public weighted sums, the raw ops)."""
-    if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference(); the op's own check runs when it does)
-        return
+    if torch.compiler.is_compiling() if compiling is None else compiling:  # (dynamo cannot trace is_inference();
+        return                                                             # the op's own check runs when it does)
     if out.is_inference() and not torch.is_inference_mode_enabled() and not FILLING_TARGETS.get():
         raise RuntimeError(f"{op}: out is an inference tensor, which is written only inside torch.inference_mode(); "
                            "call it there, or pass a clone")

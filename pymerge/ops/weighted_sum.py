@@ -15,8 +15,8 @@ import torch
 
 from pymerge import _native, extras
 from pymerge.ops import library
-from pymerge.ops._checks import (check_inputs, check_layout, check_separate, check_values_readable, check_weights,
-                                 refuse_tracked_items, resolve_out, values_unknown)
+from pymerge.ops._checks import (check_inference_out, check_inputs, check_layout, check_separate, check_values_readable,
+                                 check_weights, refuse_tracked_items, resolve_out, values_unknown)
 from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
 
@@ -46,6 +46,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     out_read = False
     if isinstance(out, torch.Tensor):
         check_layout(out, "out")  # (check_readable's dense test would name a sparse out otherwise)
+        check_inference_out(out, "weighted_sum", compiling)
         out_read = check_readable([out], "weighted_sum: output", compiling=compiling, dense=True)
     dtype = resolve_out(tensors, out_dtype, out)
     if out_read and checked:
@@ -150,6 +151,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
             if not isinstance(o, torch.Tensor):
                 raise TypeError(f"outs[{k}] is a {type(o).__name__}, not a torch.Tensor")
             check_layout(o, "out")
+            check_inference_out(o, "weighted_sum_many", compiling)
         outs_read = check_readable(outs, "weighted_sum: output", compiling=compiling, dense=True)  # as weighted_sum's
         for o in outs:
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
