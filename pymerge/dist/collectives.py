@@ -50,21 +50,6 @@ def fingerprint(*values) -> int:
                           "little") >> 2
 
 
-SAMPLED_TENSORS = 64  # tensors sampled per checkpoint: a page read each from a file, spread over the names
-
-
-def values_sample(names: Iterable[str], head: Callable[[str], bytes]) -> int:
-    """A 62-bit digest of the first bytes (head(name): up to a page) of up to SAMPLED_TENSORS of a checkpoint's
-    tensors, spread over its sorted names: ranks compare what each file holds, not its path (node-local copies
-    live elsewhere; a stale copy on one node merged that rank's share from it, silently). Files that differ
-    only past the sampled bytes go unseen: reading them whole would cost a merge's reads."""
-    names = sorted(names)
-    digest = hashlib.blake2b(digest_size=8)
-    for n in names[::max(1, -(-len(names) // SAMPLED_TENSORS))]:
-        digest.update(n.encode("utf-8", "surrogatepass") + b"\0" + head(n))
-    return int.from_bytes(digest.digest(), "little") >> 2
-
-
 def _settling(fn):
     """What fn raises needs no agreement: an error raised alike on every rank, or a collective's failure (gloo
     raises a plain RuntimeError on a timeout; another collective would fail too, or wait as long)."""

@@ -239,8 +239,8 @@ def _unwrapped(ck):
 
 
 def _values_sample(ck) -> int:
-    """collectives.values_sample of a checkpoint's tensors, 64 bytes of each."""
-    from pymerge.dist.collectives import values_sample
+    """values_sample (dist/sample.py) of a checkpoint's tensors, 64 bytes of each."""
+    from pymerge.dist.sample import values_sample
     return values_sample(ck.names(), lambda name: bytes(ck.array(name)[:64]))
 
 

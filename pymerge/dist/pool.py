@@ -26,6 +26,7 @@ import torch
 from pymerge.dist import collectives
 from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, reduce_group
 from pymerge.dist.reads import ShardedSource
+from pymerge.dist.sample import values_sample
 from pymerge.errors import InputError
 from pymerge.ops._versions import versions_of
 from pymerge.pool.grouped import native_tv_table
@@ -463,7 +464,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _values_sample(source) -> int:
-    """collectives.values_sample of a source's floating-point tensors: the first 16 values of each one's first
+    """values_sample (dist/sample.py) of a source's floating-point tensors: the first 16 values of each one's first
     row (a view: no copy of a non-contiguous tensor), with its dtype."""
     def head(n: str) -> bytes:
         t = source.tensor(n).detach()
@@ -474,5 +475,5 @@ def _values_sample(source) -> int:
         t = t.reshape(-1)[:16].cpu().contiguous()
         return str(t.dtype).encode() + (t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     dtypes = {n: source.info(n)[0] for n in source.names()}
-    return collectives.values_sample(
+    return values_sample(
         [n for n, d in dtypes.items() if isinstance(d, torch.dtype) and d.is_floating_point], head)
