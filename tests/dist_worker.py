@@ -16,6 +16,7 @@ helper, run by torchrun or by the tests themselves as a launcher):
     RANK "*": every rank (each also writes $PYMERGE_TEST_MARK.<rank>)
 """
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,9 @@ def _die_at_install(real):
 
 
 if __name__ == "__main__":
+    # a terminal's Ctrl-C, as the tests send it: a suite started in the background (a shell's `cmd &`) has SIGINT
+    # ignored, which every process it starts inherits, and the interrupted rank slept on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rank, _, kind = os.environ.get("PYMERGE_TEST_FAULT", "-1:").partition(":")
     if rank == "*" or int(rank) == int(os.environ["RANK"]):
         if kind == "bad_read":
