@@ -75,15 +75,14 @@ class ShardedPool(CheckpointPool):
         # and each checkpoint's values: a rank given the list in another order (an unsorted glob on another
         # node) or another file in one slot merged its own pairing of weights and checkpoints, silently
         collectives.agree_catalog([self.num_checkpoints, self.has_base, self._samples] + [
-            (n, tuple(map(dtype, self._inputs[n] + ([self._base[n]] if n in self._base else []))))
-            for n in self.names], agreeing)
+            (n, tuple(map(dtype, self._held_of(n)))) for n in self.names], agreeing)
         self.names = collectives.agreed_order(self.names, agreeing)
         self._not_in_layout = self.boxes.missing
         self.boxes = {n: self.boxes[n] for n in self.names}
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
         self.whole_nbytes = sum(math.prod(self.boxes[n].global_shape) * t.element_size()  # every rank's together
-                                for n in self.names for t in self._inputs[n] + ([self._base[n]] if n in self._base else []))
+                                for n in self.names for t in self._held_of(n))
 
     def _check_catalog(self) -> None:
         """Before any tensor is held: checkpoints whose names shard_like mostly lacks (names= forgotten) were
@@ -96,13 +95,18 @@ class ShardedPool(CheckpointPool):
                              "most of their elements, have no counterpart in shard_like, and each rank would hold "
                              "them whole; pass names= mapping the checkpoints' names to its names")
 
-    def input_versions(self, name: str) -> tuple:
-        """Autograd version counters of the checkpoints' and base's tensor `name` as this rank holds them."""
+    def _held_of(self, name: str) -> tuple:
+        """The checkpoints' and base's tensor `name` as this rank holds them (fixed once the pool is built)."""
         held = self._held.get(name)
         if held is None:
             base = self._base.get(name)
             held = self._held[name] = tuple(self._inputs[name] + ([base] if base is not None else []))
             self._plain_versions &= not any(t.is_inference() for t in held)  # (fixed for a tensor's life)
+        return held
+
+    def input_versions(self, name: str) -> tuple:
+        """Autograd version counters of the checkpoints' and base's tensor `name` as this rank holds them."""
+        held = self._held_of(name)
         # a search's every call reads them all (512 tensors: 1 ms of is_inference() calls at R = 1)
         return tuple(t._version for t in held) if self._plain_versions else tuple(versions_of(held))
 
@@ -253,8 +257,9 @@ class ShardedPool(CheckpointPool):
         call's arguments and the kept plans' fingerprint, and where one rank's entry is missing, stale (a target
         changed, an eviction) or different, every rank plans again and agrees on the plans (_checked_plans).
         (This agreement meets _agreed_plans's only on ranks whose arguments differ: its first value raises on
-        both alike; the fingerprint's None message, only here, makes a difference a replan, not an error.) Planned per call, a candidate of 512 small tensors took 10 ms at
-        R = 1 on a 2-core CPU against 0.4 ms for the single-process pool (layouts, checks, to_local)."""
+        both alike; the fingerprint's None message, only here, makes a difference a replan, not an error.)
+        Planned per call, a candidate of 512 small tensors took 10 ms at R = 1 on a 2-core CPU against 0.4 ms
+        for the single-process pool (layouts, checks, to_local)."""
         for target in into:
             _reshard(target)  # before the entry's check: a forward pass leaves the root's gathered tensors registered
 

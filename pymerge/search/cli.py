@@ -300,13 +300,14 @@ def _run(args) -> int:
         if os.path.lexists(best_yml):
             os.unlink(best_yml)
         paths = result.save(out)
-        # a checkpoint replaced during the search (a fresh download renamed over it): best_merge.yml, which names
-        # the files, built another merge than the one scored, exit 0 (an audit)
-        changed = pool.changed_file() if result.best_weights.ndim == 1 else None
-        if changed is not None:
-            raise InputError(f"{changed}: best_merge.yml, which names the checkpoint files, would not rebuild the "
-                             f"merge the search scored, so it was not written (the search's results are in {out})")
         if result.best_weights.ndim == 1:
+            # a checkpoint replaced during the search (a fresh download renamed over it): best_merge.yml, which
+            # names the files, built another merge than the one scored, exit 0 (an audit)
+            changed = pool.changed_file()
+            if changed is not None:
+                raise InputError(f"{changed}: best_merge.yml, which names the checkpoint files, would not rebuild "
+                                 f"the merge the search scored, so it was not written (the search's results are "
+                                 f"in {out})")
             _best_yaml(best_yml, sources, rel(cfg.get("base")), result.best_weights, method, method_params, model,
                        _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
     except BaseException as exc:
