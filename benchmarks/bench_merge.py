@@ -16,7 +16,6 @@ under benchmarks/results/cpu/.
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -221,10 +220,12 @@ def main(argv=None):
                   f"peak anon {r['peak_anon_mb']:7.0f} MB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
 
     best = {t: min(rs, key=lambda r: r["wall_s"]) for t, rs in runs.items()}
+    from common import machine_description  # imports torch: after the timed runs
+    machine = machine_description("cpu")
     summary = {
         "method": args.method, "params": params, "dtype": args.dtype, "out_dtype": args.out_dtype,
-        "models": len(inputs), "input_bytes": input_bytes, "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "load_average_before": load_before, "runs": runs, "best": best,
+        "models": len(inputs), "input_bytes": input_bytes, "machine": machine, "date": time.strftime("%Y-%m-%d"),
+        "load_average_before": load_before, "runs": runs, "best": best,
     }
     if "mergekit" in best and "pymerge" in best:
         summary["speedup"] = round(best["mergekit"]["wall_s"] / best["pymerge"]["wall_s"], 2)
@@ -232,7 +233,8 @@ def main(argv=None):
 
     what = (f"base + {len(inputs) - 1}" if args.method in BASE_METHODS else str(len(inputs))) + " fine-tune(s)"
     lines = [f"# {args.method}: {what}, 297M-param Llama, bf16, 2 shards "
-             f"({input_bytes / 1e9:.2f} GB read); dtype {args.dtype}, out_dtype {args.out_dtype}", "",
+             f"({input_bytes / 1e9:.2f} GB read); dtype {args.dtype}, out_dtype {args.out_dtype}",
+             f"{machine}, {summary['date']}", "",
              "| tool | best wall (s) | its CPU time (s) | walls of all runs (s) | peak RSS (MB) | peak anon (MB) "
              "| GB/s of input |", "|---|---|---|---|---|---|---|"]
     for t, r in best.items():

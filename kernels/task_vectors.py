@@ -4,7 +4,8 @@ Same contract as csrc/cpu/task_vectors.cpp (see pymerge/ops/task_vector_ops.py):
 d_i = x_i - B, keep_i from the model's sparsifier (rank boundary, Philox draw, or DELLA bitmask),
 v_i = keep_i ? (d_i * r_i) * w_i : d_i * 0, optional sign consensus, normalize, lambda, + B, one
 rounding to the output dtype, bit for bit as the CPU: the launch disables FMA contraction and the
-division rounds to nearest.
+division rounds to nearest. One exception: a NaN comes out as the GPU's canonical NaN, where the CPU
+keeps its sign and payload (so do kernels/weighted_sum.py and weighted_sum_grouped.py).
 
 Every per-call value (input addresses, dtype codes, per-model settings, seed, name hash, element
 offset) travels in ONE int64 table, copied to the device with one non-blocking copy from pinned

@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import stat
 
 import numpy as np
@@ -821,6 +822,20 @@ def test_save_never_replaces_a_fifo_or_device(tmp_path):
     with pytest.raises(InputError, match="pipe: is a FIFO, not a regular file; refusing to replace it"):
         pool.save(fifo, overwrite=True)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+
+
+@pytest.mark.parametrize("where", ["missing", "existing"])
+def test_save_to_a_path_ending_in_a_separator_is_one_line(tmp_path, where):
+    """Was (missing folder): a FileNotFoundError naming a hidden temporary file inside it, after the whole pool
+    was gathered for writing."""
+    pool, _ = _saved(tmp_path)
+    path = str(tmp_path / "out") + "/"
+    if where == "existing":
+        os.mkdir(path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=f"^{re.escape(path)}: (ends in '/', a folder's name; name a file|is a folder)"):
+        pool.save(path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_save_and_load_of_something_not_a_path_are_one_line(tmp_path):

@@ -174,6 +174,32 @@ def test_native_codes_agree_with_python():
         _native.check_codes(Stale)
 
 
+def test_the_cuda_kernel_refuses_list_weights_inside_a_capture(monkeypatch):
+    """A list is made a device tensor by a host copy, which a capture cannot hold: the op says to pass a CUDA
+    tensor before torch's own error invalidates the capture (the kernel runs on CPU tensors here, the capture
+    faked)."""
+    from pymerge.ops import library
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    xs, out = [torch.randn(5), torch.randn(5)], [torch.empty(5)]
+    with pytest.raises(ValueError, match="inside a CUDA graph capture pass the weights as a CUDA tensor"):
+        library._weighted_sum_many_out_cuda(xs, [[0.5, 0.5]], out)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(Exception) as err:  # not capturing: the list passes the check (then fails on CPU tensors)
+        library._weighted_sum_many_out_cuda(xs, [[0.5, 0.5]], out)
+    assert "capture" not in str(err.value)
+
+
+@pytest.mark.gpu
+def test_gpu_ops_refuse_list_weights_inside_a_capture():
+    xs = [torch.randn(1000, device="cuda") for _ in range(2)]
+    out = torch.empty(1000, device="cuda")
+    pymerge.weighted_sum(xs, [0.5, 0.5], out=out)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pymerge.weighted_sum(xs, [0.5, 0.5], out=out)
+
+
 @pytest.mark.gpu
 def test_gpu_ops_capture_in_a_cuda_graph():
     xs = [torch.randn(100003, device="cuda").to(d) for d in (torch.bfloat16, torch.float32, torch.bfloat16)]

@@ -358,6 +358,18 @@ def test_a_state_path_that_is_not_a_regular_file_is_refused(tmp_path, kind):
         optimize(pool, evaluate, model=Vec(), budget=10, popsize=6, seed=4, state_path=str(path), log=None)
 
 
+@pytest.mark.parametrize("where", ["missing", "existing"])
+def test_a_state_path_ending_in_a_separator_is_refused_in_one_line(tmp_path, where):
+    """Was: "<path>/.lock: cannot open it to lock it" (missing folder), a message about a file never named."""
+    pool, evaluate, _ = synthetic(n=3)
+    path = str(tmp_path / "state") + "/"
+    if where == "existing":
+        os.mkdir(path)
+    with pytest.raises(InputError, match=f"^{re.escape(path)}: ends in '/', a folder's name; name a file$"):
+        optimize(pool, evaluate, model=Vec(), budget=10, popsize=6, seed=4, state_path=path, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["state"] if where == "existing" else [])
+
+
 def test_resume_with_nan_scores_and_groups(tmp_path):
     """NaN objectives round-trip through the JSON state; a per-group search resumes exactly too."""
     sources, pool, model = _two_group_pool()

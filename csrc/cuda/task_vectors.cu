@@ -2,7 +2,8 @@
 // csrc/cpu/task_vectors.cpp and kernels/task_vectors.py. Each input element is read once per
 // model walk; with consensus the models are walked twice (sign election, then agreeing sum),
 // the second read of the same elements coming from L2. Philox4x32-10 with the layout of
-// pymerge/ops/philox.py, so masks match the CPU and Triton bit for bit.
+// pymerge/ops/philox.py, so masks match the CPU and Triton bit for bit. One exception, as in
+// weighted_sum.cu: a NaN comes out as the GPU's canonical NaN (the CPU keeps its sign and payload).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>

@@ -7,7 +7,7 @@ reads.py        reads exactly those boxes from the checkpoints' bytes
 collectives.py  errors all ranks agree on; exact global sums and magnitude rank boundaries
 sample.py       a digest of a few bytes of each checkpoint, which ranks compare
 pool.py         ShardedPool, what CheckpointPool(..., shard_like=model) builds
-methods.py      TIES/DARE/breadcrumbs/SLERP with global statistics on local shards
+methods.py      TIES/DARE/breadcrumbs/DELLA/SLERP/NuSLERP/Model Stock with global statistics on local shards
 search.py       pymerge.search.optimize across ranks and replica groups
 disk_merge.py   `pymerge merge` under torchrun (or RANK/WORLD_SIZE): tensors split by bytes, rank 0 installs
 """

@@ -15,7 +15,7 @@ group has; its timeout bounds every wait), called in the same order on every ran
 """
 import functools
 import hashlib
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist

@@ -288,7 +288,11 @@ def release_lock(fd: Optional[int]) -> None:
 
 def check_replaceable(path, error: Type[InputError] = InputError) -> None:
     """A path we are about to replace (write a temporary file, then rename it over the path) must be
-    absent or a regular file: renaming over a FIFO or a device (/dev/null, as root) would replace it."""
+    absent or a regular file: renaming over a FIFO or a device (/dev/null, as root) would replace it. A path
+    ending in a separator names a folder (the temporary file beside it went into that folder, or failed there
+    naming itself)."""
+    if str(path).endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+        raise error(f"{path}: ends in {os.sep!r}, a folder's name; name a file")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

@@ -29,7 +29,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
 
     Inputs: N >= 1 tensors of one shape and device, float32/float16/bfloat16/float8 in any mix.
     Non-contiguous inputs are copied to contiguous memory first (correct, but an extra pass).
-    The result is rounded once (nearest even) to out_dtype (default: the inputs' promoted dtype).
+    The result is rounded once (nearest even) to out_dtype (default: the inputs' promoted dtype; float8
+    inputs count as bfloat16: there is no float8 output).
     ``out=`` receives the result in place and may be one of the inputs itself.
     """
     tensors = check_inputs(tensors)
@@ -72,7 +73,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
 
 def _tracked_sum(tensors, w, dtype) -> torch.Tensor:
     """The eager backend's arithmetic (float32 accumulation in input order, rounded once) as torch ops that
-    autograd records: where no registered op runs, gradients still flow as they do through the op."""
+    autograd records: where no registered op runs, gradients still flow as they do through the op. torch
+    has no float32 fused multiply-add, so each step rounds twice: about an ulp off the kernels' bits."""
     acc = tensors[0].float() * w[0]
     for t, wi in zip(tensors[1:], w[1:]):
         acc = acc + t.float() * wi

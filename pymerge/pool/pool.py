@@ -112,6 +112,8 @@ class CheckpointPool:
                    pool falls to the next tier. `pool.residency` and `pool.describe()` say which.
     residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one
     backend        weighted_sum backend ("auto": C++ on the CPU, Triton on CUDA)
+    num_threads    the CPU kernels' threads (0: every core this process may use)
+    chunk_bytes    staging size when a GPU pool streams its checkpoints from pinned host memory (64 MiB)
     compress       "int8", "int4" or "auto": hold each checkpoint as its quantized delta from `base`
                    (pymerge/pool/compressed.py); error_budget caps each tensor's relative delta error
     shard_like     under torch.distributed: a module or state dict of DTensors (FSDP2, tensor parallel);

@@ -9,7 +9,9 @@
     memory_budget: null                           # e.g. 8GB
     names: null                                   # prefix added to pool names to find model tensors
     method: linear
-    search: {budget: 200, popsize: null, sigma0: 0.2, seed: 0, groups: null, normalize: true}
+    method_params: {}                             # the method's parameters, e.g. {density: 0.5} for ties
+    search: {budget: 200, popsize: null, sigma0: 0.2, seed: 0, groups: null, normalize: true,
+             replicas: null}                      # replicas: models filled at once (default: what memory allows)
     state_path: null                              # e.g. search_state.json: resumable (relative to the config)
     out: search_out                               # history.json/.csv, search.png, best_merge.yml (flat weights)
 

@@ -32,7 +32,7 @@ import torch
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import method_params_of
-from pymerge.io.files import hold_lock, read_small, release_lock
+from pymerge.io.files import check_replaceable, hold_lock, read_small, release_lock
 from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
@@ -524,6 +524,7 @@ def _lock_state(path: Optional[str]) -> Optional[int]:
     search could lock a new file while a second held the old one)."""
     if not path:
         return None
+    check_replaceable(path)  # before a lock file is made beside it
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as _save_state would
     except OSError:
