@@ -105,6 +105,28 @@ def load_config(path) -> MergeConfig:
     return parse_config(read_yaml(path), source=path)
 
 
+class _UniqueKeysLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """The safe loader, except that a key written twice in one mapping is an error (YAML requires unique keys;
+    PyYAML kept the last: `weight: 1` then `weight: 0` merged with 0, silently). A key a merge (`<<: *x`)
+    brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+            except TypeError:  # unhashable: the constructor's own error follows
+                continue
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"key {short(key)} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
     """A small YAML file (a merge or search config), safely: a regular file of at most
     MAX_CONFIG_BYTES, safe types only, aliases bounded (check_size); one-line errors."""
@@ -117,7 +139,7 @@ def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
     except UnicodeDecodeError as exc:
         raise error(f"{path}: cannot read config: not UTF-8 text (byte {exc.start})") from None
     try:
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        data = yaml.load(text, Loader=_UniqueKeysLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -316,8 +338,10 @@ def coerce(value, kind: type):
     """One scalar as mergekit's pydantic (lax mode) would take it; ValueError when it cannot."""
     if kind is float:
         if isinstance(value, str):
-            try:
-                value = float(value.strip().replace("_", ""))
+            try:  # Python's float as pydantic's: "1_000" but not "1__0" or "_1"; ASCII digits only (not "١")
+                if not value.isascii():
+                    raise ValueError
+                value = float(value.strip())
             except ValueError:
                 raise ValueError(f"{short(value)} is not a number") from None
         elif not isinstance(value, (int, float)):
@@ -334,8 +358,8 @@ def coerce(value, kind: type):
             return value
         if isinstance(value, (int, float)) and value in (0, 1):
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:  # no spaces around it, as pydantic
+            return value.lower() in _TRUE
         raise ValueError(f"{short(value)} is not a boolean")
     if kind is str:
         if not isinstance(value, str):
@@ -639,4 +663,5 @@ def check_paths(cfg: MergeConfig) -> None:
             except MergeConfigError as exc:
                 raise MergeConfigError(cfg.where(f"{where}: {exc}")) from None
         # ({path: ./m, revision: main}: the error said ./m@main is missing)
-        raise MergeConfigError(cfg.where(f"{where}: {hub.revision_on_folder(p) or f'model path not found: {p}'}"))
+        shown = p if p.isprintable() and p.strip() == p and p else short(p)  # "m\0x", "  ": visible, quoted
+        raise MergeConfigError(cfg.where(f"{where}: {hub.revision_on_folder(p) or f'model path not found: {shown}'}"))

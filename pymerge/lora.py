@@ -46,6 +46,7 @@ _REFUSED = {
     "target_parameters": "target_parameters (LoRA on bare parameters)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
 }
 
 

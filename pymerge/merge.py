@@ -148,6 +148,13 @@ class MergeReport:
         return self.input_bytes / max(self.seconds, 1e-9) / 1e9
 
 
+def check_thread_flag(threads, flag: str) -> None:
+    """None (the default), or a thread count the kernels take; one line naming the flag the user gave."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise InputError(f"{flag} must be an integer from 1 to {MAX_THREADS}, got {short(threads)}")
+
+
 def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, device: str = "auto",
               out_shard_size: float = DEFAULT_SHARD_BYTES, threads: Optional[int] = None, force: bool = False,
               quiet: bool = False, chunk_bytes: Optional[int] = None, random_seed: Optional[int] = None,
@@ -204,9 +211,7 @@ def _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, c
     if random_seed is not None:
         random_seed = check_seed(random_seed, "--random-seed")
     device = pick_device(device)
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                or not 1 <= threads <= MAX_THREADS):
-        raise InputError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {short(threads)}")
+    check_thread_flag(threads, "--threads")
     out_shard_size = parse_size(out_shard_size, "--out-shard-size", zero=True) or MAX_BYTES  # 0: unsplit, as mergekit
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_GPU_CHUNK_BYTES if device.startswith("cuda") else DEFAULT_CHUNK_BYTES

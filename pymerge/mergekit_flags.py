@@ -59,6 +59,8 @@ def merge_options(args) -> Dict[str, Any]:
     if not args.safe_serialization:
         raise InputError("--no-safe-serialization is not supported: pymerge writes safetensors only")
     if args.num_threads is not None and args.threads is None:
+        from pymerge.merge import check_thread_flag
+        check_thread_flag(args.num_threads, "-j/--num-threads")
         args.threads = args.num_threads
     if (args.cuda or args.gpu_rich) and args.device == "auto":
         args.device = "cuda"

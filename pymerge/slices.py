@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params,
+from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params, coerce,
                             filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
                             unmatched_filter_warning, unmatched_filters)
 from pymerge.errors import CheckpointError, MergeConfigError, described, short
@@ -143,9 +143,12 @@ def _slices(raw, where, err) -> List[SliceSpec]:
             if x.path in seen:
                 raise err(f"{w}.sources[{j}]: model {x.path} is listed twice in this slice")
             seen.add(x.path)
-        rw = s.get("residual_weight")
-        if rw is not None and (isinstance(rw, bool) or not isinstance(rw, (int, float))):
-            raise err(f"{w}.residual_weight must be a number, got {described(rw)}")
+        rw = s.get("residual_weight")  # mergekit takes it (a float, pydantic's lax rules) and never uses it
+        if rw is not None:
+            try:
+                coerce(rw, float)
+            except ValueError:
+                raise err(f"{w}.residual_weight must be a number, got {described(rw)}") from None
         base = s.get("base_model")
         out.append(SliceSpec(sources, _model_path(base, f"{w}.base_model", err) if base is not None else None,
                              _parameters(s.get("parameters"), f"{w}.parameters", err)))
@@ -202,6 +205,9 @@ class RenamedCheckpoint:
 
     def info(self, name):
         return self.ck.info(self.map[name])
+
+    def source_name(self, name) -> str:
+        return self.map[name]
 
     def tensor(self, name):
         return self.ck.tensor(self.map[name])
@@ -448,7 +454,11 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         if post_names:  # a tied source's embedding stands for the head (pymerge/tied.py)
             entries = [(n, 0.0, {j: tied.head_source(open_ck(x.path), n) or n for j, x in enumerate(zipped.sources)})
                        for n in post_names]
-            parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, where(len(slices) - 1), vocab,
+            label = where(len(slices) - 1)
+            if len(last.sources) > len(first.sources):  # a base past the cut read "not among this slice's sources"
+                label += (f" (the tensors after the layers take its first {len(first.sources)} sources, as many as "
+                          f"{where(0)} has: mergekit's rule)")
+            parts.append(_part(cfg, method, zipped, sliced, entries, open_ck, label, vocab,
                                filter_by_output=True, seen_names=seen[-1]))
         if vocab is None:
             _check_vocabulary_rows(cfg, parts, open_ck, first.sources[0].path, zipped.sources[0].path)

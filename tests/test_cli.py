@@ -161,6 +161,20 @@ def test_bad_configs_exit_2_with_one_line(fam, tmp_path, capsys, case, words):
     assert_rejected(run_cli(["merge", cfg, out], capsys), words, out)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["-j", "0"], ["-j/--num-threads must be an integer from 1 to"]),  # named --threads, a flag not typed
+    (["--num-threads", "5000"], ["-j/--num-threads must be an integer from 1 to 4096, got 5000"]),
+    (["--threads", "0"], ["--threads must be an integer from 1 to"]),
+])
+def test_thread_flags_are_named_as_given(fam, tmp_path, capsys, flags, words):
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", cfg, out] + flags, capsys)
+    assert_rejected((rc, err), words, out)
+    assert "-j" in err if flags[0] != "--threads" else "-j" not in err
+
+
 def test_existing_out_needs_force_and_is_kept(fam, tmp_path, capsys):
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", linear(fts))

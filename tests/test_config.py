@@ -1,11 +1,12 @@
 """pymerge.config: parsing mergekit YAML, parameter gradients/filters/precedence, layer positions."""
 import math
 import random
+import re
 
 import pytest
 
-from pymerge.config import (ParamResolver, check_method_params, check_paths, count_layers, evaluate_setting,
-                            layer_of, layer_t, load_config, parse_config, resolve_params)
+from pymerge.config import (ParamResolver, check_method_params, check_paths, coerce, count_layers, evaluate_setting,
+                            layer_of, layer_t, load_config, parse_config, read_yaml, resolve_params)
 from pymerge.errors import InputError, MergeConfigError
 from pymerge.methods.base import get_method
 
@@ -311,3 +312,54 @@ def test_evaluate_setting_matches_mergekit():
 def test_errors_are_input_errors():
     assert issubclass(MergeConfigError, InputError)
     assert math.isfinite(evaluate_setting(1e308, "n", 0.0))
+
+
+def test_a_key_written_twice_in_one_mapping_is_refused_with_its_line(tmp_path):
+    """PyYAML (and so mergekit) keeps the last of two equal keys: `weight: 1` then `weight: 0` merged with 0,
+    exit 0. YAML requires unique keys; a merge key (`<<: *x`) may still be overridden, as YAML intends."""
+    p = tmp_path / "dup.yml"
+    p.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n      weight: 0\n")
+    with pytest.raises(MergeConfigError, match=r"dup.yml: not valid YAML at line 6, column 7: .*key 'weight' "
+                                               r"appears twice in one mapping"):
+        load_config(p)
+    p.write_text("merge_method: linear\nmerge_method: slerp\nmodels: [a]\n")
+    with pytest.raises(MergeConfigError, match=r"line 2, column 1: .*key 'merge_method' appears twice"):
+        load_config(p)
+    p.write_text("x: &b {weight: 1, density: 0.5}\nmerge_method: ties\nmodels:\n"
+                 "  - model: a\n    parameters: {<<: *b, weight: 0.3}\n")
+    assert read_yaml(p)["models"][0]["parameters"] == {"weight": 0.3, "density": 0.5}
+
+
+def test_numbers_and_booleans_in_strings_as_pydantic_takes_them():
+    """coerce stripped every '_' and took any Unicode digit: "1__0" was 10, "_1" 1 and "\\u0661" 1, which
+    mergekit's pydantic refuses; " true " was True (pydantic refuses the spaces around a boolean)."""
+    for text, value in (("1_000", 1000.0), (" 1.5 ", 1.5), ("+1", 1.0), (".5", 0.5), ("1e3", 1000.0)):
+        assert coerce(text, float) == value
+    for text in ("1__0", "_1", "1_", "\u0661", "0x10", "1 000"):
+        with pytest.raises(ValueError, match="is not a number"):
+            coerce(text, float)
+    assert coerce("TRUE", bool) is True and coerce("off", bool) is False
+    with pytest.raises(ValueError, match="is not a boolean"):
+        coerce(" true ", bool)
+
+
+def test_residual_weight_takes_what_mergekit_takes():
+    """mergekit reads slices[].residual_weight as a float (pydantic's lax rules) and never uses it: "0.5" was
+    refused here."""
+    from pymerge.slices import parse_sliced
+    for rw in ("0.5", True, 1):
+        parse_sliced({"slices": [{"residual_weight": rw, "sources": [{"model": "a", "layer_range": [0, 1]}]}]},
+                     MergeConfigError)
+    with pytest.raises(MergeConfigError, match=r"slices\[0\]\.residual_weight must be a number, got the string 'x'"):
+        parse_sliced({"slices": [{"residual_weight": "x", "sources": [{"model": "a", "layer_range": [0, 1]}]}]},
+                     MergeConfigError)
+
+
+@pytest.mark.parametrize("path, shown", [("m\0x", "'m\\x00x'"), ("  ", "'  '"), ("nope", "nope")])
+def test_a_missing_model_path_is_shown_visibly(tmp_path, monkeypatch, path, shown):
+    """A NUL byte reached stderr raw, blanks printed as nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    c = parse_config(cfg(models=[path]))
+    with pytest.raises(MergeConfigError, match=rf"model path not found: {re.escape(shown)}$"):
+        check_paths(c)

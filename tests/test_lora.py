@@ -313,6 +313,9 @@ def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
 @pytest.mark.parametrize("name, edit_cfg, edit_weights, message", [
     ("dora", lambda c: c.update(use_dora=True), None, r"use_dora: DoRA"),
     ("save", lambda c: c.update(modules_to_save=["lm_head"]), None, r"modules_to_save"),
+    # peft 0.21's block-diagonal factors (narrower A or B) were refused as a rank or shape the adapter contradicts
+    ("bdlora", lambda c: c.update(use_bdlora={"target_modules_bd_a": ["q_proj"], "nblocks": 2}), None,
+     r"use_bdlora: block-diagonal LoRA"),
     ("bias", lambda c: c.update(bias="all"), None, r"bias 'all'"),
     ("ia3", lambda c: c.update(peft_type="IA3"), None, r"peft_type 'IA3'"),
     ("rank", lambda c: c.update(r=3), None, r"do not have rank r = 3"),

@@ -1,5 +1,6 @@
 """The engine's planning (roles, dtypes, parameters) and streaming details (chunks, whole tensors)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -542,3 +543,33 @@ def test_a_slices_own_filters_are_checked_against_that_slice(fam):
         assert "layers.2." not in slice0.split("names such as")[1], plan.warnings  # slice 0's names
     finally:
         plan.close()
+
+
+def test_slice_errors_name_each_models_own_tensor_and_the_zip_cut(fam, tmp_path):
+    """Two audit findings on messages: a shape mismatch inside `slices:` named the output's tensor (layer 0),
+    not the models' (layer 1: m/a's was fine); a last slice with more sources than the first (mergekit zips the
+    tensors after the layers to the first's count) said the base "is not among this slice's sources" while it
+    was listed there, past the cut."""
+    from safetensors.torch import load_file, save_file
+    from pymerge.errors import MergeConfigError
+    base, fts, _ = fam
+    odd = tmp_path / "odd"
+    shutil.copytree(fts[0], odd)
+    f = next(odd.glob("*.safetensors"))
+    t = load_file(f)
+    w = t["model.layers.1.mlp.up_proj.weight"]
+    t["model.layers.1.mlp.up_proj.weight"] = torch.cat([w, w[:1]])
+    save_file(t, f, metadata={"format": "pt"})
+    src = lambda m, a, b: {"model": str(m), "layer_range": [a, b]}  # noqa: E731
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0},
+           "slices": [{"sources": [src(fts[1], 1, 2), src(odd, 1, 2)]}]}
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.up_proj.weight': shape \[\d+, \d+\] in "
+                       r".*ft2 \(its 'model.layers.1.mlp.up_proj.weight'\) but \[\d+, \d+\] in .*odd \(its "
+                       r"'model.layers.1.mlp.up_proj.weight'\)"):
+        make_plan(parse_config(cfg))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"weight": 1.0},
+           "slices": [{"sources": [src(base, 0, 1), src(fts[0], 0, 1)]},
+                      {"sources": [src(fts[0], 1, 2), src(fts[1], 1, 2), src(base, 1, 2)]}]}
+    with pytest.raises(MergeConfigError, match=r"slices\[1\] \(the tensors after the layers take its first 2 sources, "
+                       r"as many as slices\[0\] has: mergekit's rule\): the base model .*base is not among"):
+        make_plan(parse_config(cfg))

@@ -677,6 +677,19 @@ def test_a_lone_surrogate_is_one_line_before_any_output(models, tmp_path, capsys
         _bad(tmp_path, capsys, {**_union(str(c), m["a"]), **more}, "c/tokenizer_config.json", "lone surrogate")
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("source", ["union", "model"])
+def test_a_tokenizer_json_holding_nan_is_one_line(models, tmp_path, capsys, constant, source):
+    """Python's json reads NaN and Infinity, the tokenizers library refuses the file: the merge exited 0 and
+    wrote a tokenizer.json holding it, which nothing could load (mergekit fails on such a file)."""
+    _, m = models
+    b = write_model(tmp_path / "b", SPECIAL + W[:10] + X, perturb_seed=1)
+    text = (b / "tokenizer.json").read_text()
+    (b / "tokenizer.json").write_text(text.replace('"model": {', f'"model": {{"dropout": {constant}, ', 1))
+    cfg = _union(m["a"], str(b), tokenizer_source="union" if source == "union" else str(b))
+    _bad(tmp_path, capsys, cfg, "b/tokenizer.json", f"holds {constant}, which is not JSON")
+
+
 def test_shared_or_missing_ids_name_the_file_and_the_token(models, tmp_path, capsys):
     """The output's source tokenizer must number its tokens 0 .. n-1, each once. The error named no file
     and no token, and said "0 .. 6" where the ids ran 0 .. 5."""

@@ -539,9 +539,16 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequenc
                 if other[1:] == shape[1:]:
                     continue
             if other != shape:
-                raise CheckpointError(f"tensor {n!r}: shape {list(shape)} in {first_label} "
-                                      f"but {list(other)} in {label}")
+                raise CheckpointError(f"tensor {n!r}: shape {list(shape)} in {first_label}{_own_name(first, n)} "
+                                      f"but {list(other)} in {label}{_own_name(ck, n)}")
     return wanted
+
+
+def _own_name(ck, name: str) -> str:
+    """Where a view renames its tensors (a slice's layer shifted into the output's numbering), the name the
+    model's file gives it: the output's name alone pointed at the wrong layer of the model."""
+    own = ck.source_name(name) if hasattr(ck, "source_name") else name
+    return f" (its {own!r})" if own != name else ""
 
 
 def _and_more(items: list) -> str:

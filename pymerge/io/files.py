@@ -338,15 +338,27 @@ def _unique_keys(pairs):
     return out
 
 
-def read_json(path, error: Type[InputError] = CheckpointError, unique_keys: bool = False):
+class _NotJSON(Exception):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _NotJSON(name)
+
+
+def read_json(path, error: Type[InputError] = CheckpointError, unique_keys: bool = False, standard: bool = False):
     """A small JSON file, parsed; every problem (I/O, not UTF-8, not JSON, nested too deeply) is one line.
-    unique_keys: a key given twice in one object is one too (json keeps the last, silently)."""
+    unique_keys: a key given twice in one object is one too (json keeps the last, silently). standard: NaN,
+    Infinity and -Infinity, which Python's json takes and strict parsers (the tokenizers library) refuse, too."""
     data = read_small(path, error)
     if data.startswith(LFS_POINTER):  # a clone without `git lfs pull` (an index.json can be stored in LFS too)
         raise error(f"{path}: is a git-lfs pointer (a small text file standing in for this one): run "
                     f"`git lfs pull` where the model was cloned")
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys if unique_keys else None)
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys if unique_keys else None,
+                          parse_constant=_refuse_constant if standard else None)
+    except _NotJSON as exc:
+        raise error(f"{path}: holds {exc.args[0]}, which is not JSON (strict readers refuse the file)") from None
     except _TwiceInOneObject as exc:
         raise error(f"{path}: key {short(exc.args[0])} appears twice in one object") from None
     except UnicodeDecodeError as exc:

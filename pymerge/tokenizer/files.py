@@ -114,7 +114,7 @@ def read_tokenizer(ref) -> Tokenizer:
         raise CheckpointError(f"{path}: not found; merging vocabularies needs each model's tokenizer.json "
                               f"(a fast tokenizer)")
     _inside(folder, path)
-    doc = read_json(path)
+    doc = read_json(path, standard=True)  # the tokenizers library refuses NaN: so would it the merged file
     _check_unicode(path, doc, "the tokenizers library cannot load it either")
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
         raise CheckpointError(f"{path}: is not a tokenizer.json (no 'model' mapping)")
