@@ -126,6 +126,30 @@ def test_nan_and_inf(method, backend):
     assert torch.allclose(out[fin].double(), ref[fin], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", [[0.3, 0.3, 0.2], [-0.3, -0.2, -0.1], [0.5, -0.2, 0.4], [1.0, 0.0, 0.0],
+                                     [0.5, 0.3, 0.2]])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_task_arithmetic_non_finite_as_the_delta_form(backend, weights):
+    """mergekit computes base + sum c_i (x_i - base): an inf base gives NaN there (x - base = -inf, times c > 0,
+    plus inf), or inf where every c < 0. The rewrite base * (1 - sum c) + sum c x gave inf (an audit,
+    against mergekit-yaml). Every element class: inf/-inf/NaN in the base, in the inputs, in both, finite."""
+    base, xs = models((9, 130), seed=3)
+    base.view(-1)[[0, 1, 2, 3]] = torch.tensor([float("inf"), -float("inf"), float("nan"), float("inf")])
+    xs[0].view(-1)[[3, 4, 5]] = torch.tensor([float("inf"), float("inf"), float("nan")])
+    xs[1].view(-1)[[4, 6]] = -float("inf")
+    params = {"lambda": 1.0, "normalize": False}
+    out = run("task_arithmetic", xs, base, [{"weight": w} for w in weights], params, backend=backend)
+    ref = base.double() + sum(w * (x.double() - base.double()) for w, x in zip(weights, xs))
+    assert torch.equal(out.isnan(), ref.isnan()), (out.view(-1)[:8], ref.view(-1)[:8])
+    assert torch.equal(out.isinf() & (out > 0), ref.isinf() & (ref > 0))
+    fin = ref.isfinite()
+    assert rel_err(out[fin], ref[fin]) <= 2e-6
+    alone = torch.empty_like(base)  # no models: the base as it is, infinities and NaNs too
+    get_method("task_arithmetic").merge_tensor(TensorTask(inputs=[], base=base, model_params=[], params=params,
+                                                          name="t.w", backend=backend), alone)
+    assert torch.equal(alone.view(torch.int32), base.view(torch.int32))
+
+
 def test_model_is_the_base_gives_base():
     """A model identical to the base has a zero task vector: TIES of it alone returns the base."""
     base, xs = models((10, 10))

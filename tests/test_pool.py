@@ -1062,3 +1062,26 @@ def test_mmap_tier_tensor_is_a_copy_a_torch_op_may_write(tmp_path):
     mine = {"w": torch.ones(3)}
     lent = CheckpointPool([mine, {"w": torch.ones(3)}], residency="mmap")
     assert lent.tensor(0, "w") is mine["w"] or lent.tensor(0, "w").data_ptr() == mine["w"].data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_pool_task_arithmetic_keeps_the_delta_forms_infinities(backend):
+    """An inf in the base: mergekit's base + sum c (x - base) is NaN (sum c > 0) or inf (every c < 0); the pool's
+    one-call table gave inf for both (base * (1 - sum c) + sum c x)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(1000, generator=g)}
+    base["w"][:3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    xs = [{"w": base["w"] + 0.1 * torch.randn(1000, generator=g)} for _ in range(3)]
+    for x in xs:
+        x["w"][:3] = torch.tensor([1.0, 2.0, 3.0])
+    pool = CheckpointPool(xs, base=base, backend=backend)
+    target = torch.nn.Module()
+    target.w = torch.nn.Parameter(torch.empty(1000), requires_grad=False)
+    for w in ([0.3, 0.3, 0.2], [-0.3, -0.2, -0.1]):
+        pool.materialize(w, into=target, method="task_arithmetic")
+        b = base["w"].double()
+        ref = b + sum(c * (x["w"].double() - b) for c, x in zip(w, xs))
+        out = target.w.detach().double()
+        assert torch.equal(out.isnan(), ref.isnan()), (w, out[:3], ref[:3])
+        assert torch.equal(out[:3].nan_to_num(0.0), ref[:3].nan_to_num(0.0))  # inf where the delta form has inf
+        assert (out[3:] - ref[3:]).abs().max() <= 1e-6

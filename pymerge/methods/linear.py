@@ -4,9 +4,12 @@ linear           out = sum_i w_i x_i / sum_i w_i   (normalize, default true)   o
 task_arithmetic  out = base + lambda * sum_i w_i (x_i - base) / D,  D = sum_i w_i if normalize
                  (default false; D = 1 when |sum w| < 1e-8, as mergekit does) else 1
 
-task_arithmetic is rewritten as base * (1 - sum_i c_i) + sum_i c_i x_i with c_i = lambda w_i / D:
-one pass over every input, no delta tensors. In float32 this stays within ~1e-7 relative of
-mergekit's delta form (tests/test_merge_parity.py checks 1e-5 end to end).
+task_arithmetic is rewritten as (base - (sum_i c_i) base) + sum_i c_i x_i with c_i = lambda w_i / D:
+one pass over every input (the base's second read comes from cache), no delta tensors. In float32
+this stays within ~1e-7 relative of mergekit's delta form (tests/test_merge_parity.py checks 1e-5 end
+to end). The base's two terms keep its infinities as the delta form treats them: an inf base gives NaN
+where sum c >= 0 (x - base is -inf, times c > 0, plus the base), inf where every c < 0 (base * (1 - sum c)
+gave inf for any sum c != 1); with c of mixed signs summing below 0 mergekit's NaN is inf here.
 
 Not mergekit's behaviour, on purpose: linear with normalize and weights summing to 0 is an error
 here (mergekit divides by zero and writes a model of NaN/inf).
@@ -85,16 +88,18 @@ class TaskArithmetic(WeightedSum):
     }
 
     def coefficients(self, task: TensorTask) -> List[float]:
-        """[c_base, c_1, ..., c_n] for base and inputs."""
+        """[c_1, ..., c_n]: each task vector's scale."""
         w = _weights(task)
         scale = task.params["lambda"]
         if task.params["normalize"]:
             total = sum(w)
             if abs(total) >= 1e-8:  # mergekit's own guard: a tiny sum divides by 1
                 scale = scale / total
-        c = [scale * x for x in w]
-        return [1.0 - sum(c)] + c
+        return [scale * x for x in w]
 
     def weights_for(self, task: TensorTask) -> Tuple[List[int], List[float]]:
         n = len(task.model_params)
-        return [n] + list(range(n)), self.coefficients(task)  # the base first
+        if n == 0:  # nothing to add: the base as it is (an inf stays inf, as in mergekit)
+            return [n], [1.0]
+        c = self.coefficients(task)
+        return [n, n] + list(range(n)), [1.0, -sum(c)] + c  # base - (sum c) base: one rounding, infs kept
