@@ -1085,3 +1085,25 @@ def test_pool_task_arithmetic_keeps_the_delta_forms_infinities(backend):
         assert torch.equal(out.isnan(), ref.isnan()), (w, out[:3], ref[:3])
         assert torch.equal(out[:3].nan_to_num(0.0), ref[:3].nan_to_num(0.0))  # inf where the delta form has inf
         assert (out[3:] - ref[3:]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["trace", "script"])
+def test_torchscript_targets_are_filled_on_every_call(kind):
+    """A traced model's second call raised TypeError (the plan cache read its parameter wrapper as a dict), a
+    scripted model's first a RuntimeError (get_submodule): TorchScript targets are planned per call."""
+    torch.manual_seed(0)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    ms = [net() for _ in range(3)]
+    pool = CheckpointPool([m.state_dict() for m in ms[1:]], base=ms[0].state_dict())
+    x = torch.randn(5, 8)
+    target = torch.jit.trace(net(), x) if kind == "trace" else torch.jit.script(net())
+    for method, w, kw in (("linear", [0.3, 0.7], {}), ("linear", [1.0, 0.0], {}),
+                          ("task_arithmetic", [0.5, 0.2], {}), ("ties", [0.5, 0.5], {"density": 0.5})):
+        pool.materialize(w, into=target, method=method, **kw)
+        ref = net()
+        pool.materialize(w, into=ref, method=method, **kw)
+        assert torch.equal(target(x), ref(x)), (method, w)
+        for name, p in ref.state_dict().items():
+            assert torch.equal(target.state_dict()[name], p), name

@@ -538,7 +538,7 @@ class CheckpointPool:
         if method == "linear" and params:
             raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
                                    "(use normalize= for sum-to-one)")
-        kind = self._grouped_kind() if _cacheable(groups, names) else None
+        kind = self._grouped_kind() if _cacheable(groups, names, into) else None
         if method == "linear" and kind:
             # the hot path: plans checked once per set of targets, then one call per candidate
             n_groups = 1 if flat else self._plan_cache.num_groups(groups)
@@ -1195,9 +1195,12 @@ def _memory(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.stride()
 
 
-def _cacheable(groups: GroupRule, names: NameMap) -> bool:
-    """Plans can be cached only under rules that are values (a function or dict may change)."""
-    return (groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
+def _cacheable(groups: GroupRule, names: NameMap, into: list) -> bool:
+    """Plans can be cached only under rules that are values (a function or dict may change), and for targets
+    whose tensors the cache can watch: a TorchScript module (torch.jit.trace/script) keeps them in wrappers of
+    its C++ object, not the dicts a cached entry checks (a traced target's second call raised a TypeError)."""
+    return ((groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
+            and not any(isinstance(t, torch.jit.ScriptModule) for t in into))
 
 
 def _missing_problems(missing: list, targets: List[dict], shapes: dict, written: set) -> List[str]:
