@@ -4,8 +4,9 @@ validation), the uniform merge and the greedy soup on test by more than the test
     python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--pool stages|mixtures] [--quick] [--threads 1] [--jobs 2]
         [--out bench_demo_out] [--name demo_seeds_fresh]
 
-Writes results/cpu/demo_seeds{,_mixtures}{,_quick}.json and .md after every seed (a long run that is stopped
-keeps the seeds it finished).
+Writes results/<machine>/demo_seeds{,_mixtures}{,_quick}.json and .md (or --name's) after every seed (a long run
+that is stopped keeps the seeds it finished); over_0.01: checkpoints weighing more than 0.01 (the "nonzero" column
+of tables written before 2026-12-05).
 """
 import argparse
 import multiprocessing
@@ -22,7 +23,7 @@ from pymerge.demo.run import BASELINES, Settings, experiment  # noqa: E402
 from pymerge.demo.train import POOLS  # noqa: E402
 
 COLUMNS = ["seed", "best_single", "uniform", "greedy_soup", "optimized", "se", "beats_all_by_se", "paired_se",
-           "beats_all_by_paired_se", "nonzero",
+           "beats_all_by_paired_se", "over_0.01",
            "unseen_margin", "unseen_se", "unseen_beats_all_by_se", "train_seconds", "seconds", "cpu_seconds"]
 
 TITLE = ("pymerge demo over seeds: macro exact match on test, % (se: standard error of the optimized "
@@ -35,7 +36,8 @@ def one_seed(job) -> dict:
     seed, quick, budget, threads, out, pool = job
     torch.set_num_threads(threads or min(2, torch.get_num_threads()))
     s = Settings.quick(seed, pool) if quick else Settings(seed=seed, pool=pool)
-    r = experiment(os.path.join(out, f"seed{seed}"), s, budget=budget or (16 if quick else 120),
+    budget = (16 if quick else 120) if budget is None else budget  # 0 became 120 (`budget or 120`)
+    r = experiment(os.path.join(out, f"seed{seed}"), s, budget=budget,
                    log=lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True))
     return row(seed, r)
 
@@ -58,7 +60,7 @@ def row(seed: int, r: dict) -> dict:
             "unseen_margin": pct(margin(unseen)) if unseen else None,
             "unseen_se": pct(unseen["standard_error"]) if unseen else None,
             "unseen_beats_all_by_se": bool(margin(unseen) > unseen["standard_error"]) if unseen else None,
-            "nonzero": f"{r['nonzero_weights']}/{r['checkpoints']}", "train_seconds": r["train_seconds"],
+            "over_0.01": f"{r['weights_over_0_01']}/{r['checkpoints']}", "train_seconds": r["train_seconds"],
             "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "per_task": r["per_task"],
             "optimized_val": r["optimized_val"]}
 
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_demo_out")
     ap.add_argument("--name", default=None, help="results file name (default demo_seeds[_POOL][_quick])")
     args = ap.parse_args(argv)
+    if args.budget is not None and args.budget < 1:
+        ap.error(f"--budget must be at least 1, got {args.budget}")
     jobs = [(seed, args.quick, args.budget, args.threads, os.path.join(args.out, args.pool), args.pool)
             for seed in args.seeds]
     rows = []

@@ -278,7 +278,7 @@ def _run(args) -> int:
             say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)")
         elif args.command == "merge":
             say("pymerge: interrupted; no output was written")
-        else:  # the demo keeps the checkpoints it finished (the next run reuses them), a search its state
+        else:  # the demo keeps its checkpoints once all are trained (the next run reuses them), a search its state
             say(f"pymerge: {args.command} interrupted")
         return 130
     except OSError as exc:

@@ -14,7 +14,8 @@ from benchmarks import bench_demo  # noqa: E402
 def _summary(best_single, uniform, greedy_soup, optimized, se, paired, unseen=None):
     return {"best_single": best_single, "uniform": uniform, "greedy_soup": greedy_soup, "optimized": optimized,
             "test_standard_error": se, "paired_standard_errors": paired, "test_unseen": unseen,
-            "nonzero_weights": 3, "checkpoints": 9, "train_seconds": 1.0, "seconds": 2.0, "cpu_seconds": 3.0,
+            "nonzero_weights": 5, "weights_over_0_01": 3, "checkpoints": 9, "train_seconds": 1.0, "seconds": 2.0,
+            "cpu_seconds": 3.0,
             "per_task": {}, "optimized_val": 0.5}
 
 
@@ -28,6 +29,7 @@ def test_row_judges_each_margin_by_its_own_paired_standard_error(paired, beats):
     assert r["margin"] == pytest.approx(0.4) and r["beats_all_by_se"] is True
     assert r["beats_all_by_paired_se"] is beats
     assert r["paired_se"] == round(100 * paired["greedy_soup"], 2)  # the strongest baseline's: the soup
+    assert r["over_0.01"] == "3/9"  # weights over 0.01, not the summary's count of positive ones (5)
 
 
 def test_row_of_a_tie():

@@ -259,7 +259,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert summary["eval_dtype"] == str(run.default_eval_dtype()).split(".")[-1]
     w = np.asarray(summary["optimized_weights"])
     assert len(w) == summary["checkpoints"] == len(train.pool_runs(16)) == 9 and abs(w.sum() - 1) < 1e-6
-    assert summary["nonzero_weights"] == int((w > 0.01).sum())
+    assert summary["nonzero_weights"] == int((w > 0).sum()) and summary["weights_over_0_01"] == int((w > 0.01).sum())
     assert 0 < summary["test_standard_error"] < 0.1
     assert set(summary["paired_standard_errors"]) == set(run.BASELINES)
     assert all(0 <= v < 0.1 for v in summary["paired_standard_errors"].values())
@@ -617,6 +617,14 @@ def test_a_checkpoint_changed_in_its_cache_is_trained_again_and_files_are_readab
     logs.clear()
     run.build_checkpoints(folder, s, log=logs.append)
     assert any("changed since they were written" in m for m in logs) and open(target, "rb").read() == good
+    config = os.path.join(paths[0], "config.json")  # was reused edited (other scores), or broken (a traceback)
+    good = open(config, "rb").read()
+    for edit in (good.replace(b'"rope_theta": ', b'"rope_theta": 1'), b"{garbage"):
+        assert edit != good
+        open(config, "wb").write(edit)
+        logs.clear()
+        run.build_checkpoints(folder, s, log=logs.append)
+        assert any("changed since they were written" in m for m in logs) and open(config, "rb").read() == good
 
 
 def _umask() -> int:

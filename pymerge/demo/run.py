@@ -221,7 +221,9 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     paths = [os.path.join(folder, f"{i:02d}-{r.name.replace(':', '-').replace('>', '-')}") for i, r in enumerate(runs)]
     manifest = os.path.join(folder, "manifest.json")
     fp = _fingerprint(s)
-    files = [os.path.join(p, "model.safetensors") for p in [os.path.join(folder, "pretrained")] + paths]
+    # the config too: a changed rope_theta was reused as "the same settings" (other scores), a broken one a traceback
+    files = [os.path.join(p, f) for p in [os.path.join(folder, "pretrained")] + paths
+             for f in ("model.safetensors", "config.json")]
 
     def digests() -> Dict[str, str]:
         return {os.path.relpath(f, folder): _sha256(f) for f in files}
@@ -301,8 +303,9 @@ def evaluation(paths: List[str], sets: Dict[str, Batch], dtype: Optional[torch.d
 
 
 def greedy_soup(pool, model, evaluate, singles: List[float]) -> np.ndarray:
-    """Wortsman et al.'s greedy soup on validation: checkpoints best-first, each kept only if the
-    uniform average with it scores at least as well."""
+    """Wortsman et al.'s greedy soup (their Algorithm 1) on validation: checkpoints best-first (equal scores: the
+    later one first), each kept if the uniform average with it scores at least as well; one that does not is
+    left out and the next is tried."""
     n = pool.num_checkpoints
     order = np.argsort(singles, kind="stable")[::-1]
     chosen, best = [int(order[0])], singles[order[0]]
@@ -480,8 +483,9 @@ def _summary(rows, names, best_single, sizes, unseen) -> Dict:
         "per_task": {k: test[k] for k in (best_single, "uniform merge", "greedy soup", "optimized merge")},
         "test_standard_error": standard_error(test["optimized merge"], sizes),
         "optimized_weights": w.tolist(),
-        # weight > 0.01 in any layer group counts a checkpoint as used
-        "nonzero_weights": int(np.sum((w.reshape(-1, len(names)) > 0.01).any(axis=0))),
+        # a checkpoint counts where its weight is positive (over 0.01) in any layer group
+        "nonzero_weights": int(np.sum((w.reshape(-1, len(names)) > 0).any(axis=0))),
+        "weights_over_0_01": int(np.sum((w.reshape(-1, len(names)) > 0.01).any(axis=0))),
         "checkpoints": len(names),
     }
     for k in BASELINES:
@@ -510,7 +514,8 @@ def _print_table(rows, names, best_single, summary, log) -> None:
     log("")
     log(f"* best single checkpoint on validation. Optimized merge {summary['optimized']:.3f} vs best single "
         f"{summary['best_single']:.3f}, uniform {summary['uniform']:.3f}, greedy soup {summary['greedy_soup']:.3f} "
-        f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0.01. "
+        f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0, "
+        f"{summary['weights_over_0_01']} > 0.01. "
         f"({summary['seconds']:.0f} s in all; merged model: {summary['merged']})")
     margins = lambda s, paired: ", ".join(  # noqa: E731  (rounded first: no "-0.000" for equal scores)
         f"{round(s['optimized'] - s[k], 3) + 0.0:+.3f} over {k.replace('_', ' ')} ({paired[k]:.3f})" for k in BASELINES)
