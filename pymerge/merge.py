@@ -442,6 +442,8 @@ def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: Lis
     for spec, ck in zip(sources, checkpoints):
         where = next((f"models[{i}]" for i, m in enumerate(cfg.models) if m is spec), "base_model")
         key = same_files_key(ck.files)
+        if not key:  # an index listing no file: two such were "the same model"
+            raise MergeConfigError(cfg.where(f"{where} ({spec.path}): holds no tensors (its index lists no file)"))
         if key in seen:
             raise MergeConfigError(cfg.where(f"{seen[key]} and {where} ({spec.path}) are the same model; "
                                              f"list it once"))

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -105,6 +106,9 @@ CORRUPT = [
                                 '"data_offsets": [0, 1]}}', b"\0", None, None, "lone surrogate", True),
     ("dim_past_int64", {"w": {"dtype": "U8", "shape": [0, 2**64 + 5], "data_offsets": [0, 0]}}, b"", None, "w",
      "below 2**63", True),
+    # a product past 2**64 before a 0: accepted (0 bytes) and written, a file the library refuses (an audit)
+    ("product_overflows_before_a_zero", {"w": {"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]}},
+     b"", None, "w", "overflows: the product of its sizes passes 2**64", True),
     # torch's reductions raised "only tensors with up to 64 dims are supported" mid-merge (arcee_fusion)
     ("too_many_dims", {"w": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, b"\0" * 4, None, "w",
      "shape has 65 dimensions; pymerge supports at most 64", False),
@@ -576,6 +580,65 @@ def test_a_bin_rezipped_with_compression_is_read_inflated(tmp_path):
     with Checkpoint(path) as ck:
         assert all(torch.equal(ck.tensor(k), v) for k, v in state.items())
         assert ck.shards[0].mapped_range() is None  # in memory: nothing for the SIGBUS guard
+
+
+def test_a_bin_whose_compressed_records_inflate_past_memory_is_refused(tmp_path, monkeypatch):
+    """A 500 KB DEFLATE-repacked .bin inflated to 512 MiB at open (any ratio: a zip bomb): its records' inflated
+    sizes are summed from the zip directory first."""
+    import zipfile
+    import pymerge.sizes
+    torch.save({"w": torch.zeros(1 << 16)}, tmp_path / "plain.bin")
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(tmp_path / "plain.bin") as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert os.path.getsize(path) < 4096
+    monkeypatch.setattr(pymerge.sizes, "host_available", lambda: 100_000)
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: its compressed records inflate to \d+ bytes, more "
+                                              r"than the 100000 bytes of memory available"):
+        Checkpoint(path)
+    monkeypatch.setattr(pymerge.sizes, "host_available", lambda: 1 << 30)
+    with Checkpoint(path) as ck:
+        assert torch.equal(ck.tensor("w"), torch.zeros(1 << 16))
+
+
+def test_a_bin_saved_in_the_other_byte_order_is_read_unmapped(tmp_path, monkeypatch):
+    """torch.save on a big-endian machine (s390x): torch.load(mmap=True) swaps each storage in its map's private
+    pages, and releasing a tensor's pages (the streaming merge does, MADV_DONTNEED) brought back the file's
+    unswapped bytes: a tied head read after its embedding's release was garbage, the merge NaN, exit 0."""
+    import types
+    import torch.serialization as ser
+    from pymerge.io.checkpoint import TorchFile
+    other = "big" if sys.byteorder == "little" else "little"
+    values = torch.arange(1, 4097, dtype=torch.float32)  # 4 pages
+    swapped = torch.from_numpy(values.numpy().byteswap())  # the file holds the other order's bytes
+    fake_sys = types.SimpleNamespace(**{k: getattr(sys, k) for k in dir(sys) if not k.startswith("__")})
+    fake_sys.byteorder = other
+    monkeypatch.setattr(ser, "sys", fake_sys)
+    torch.save({"embed.weight": swapped, "lm_head.weight": swapped}, tmp_path / "pytorch_model.bin")  # one storage
+    monkeypatch.undo()
+    f = TorchFile(tmp_path / "pytorch_model.bin")
+    assert torch.equal(f.tensor("embed.weight"), values)
+    f.release("embed.weight")
+    assert torch.equal(f.tensor("lm_head.weight"), values)
+    assert f.mapped_range() is None  # read whole: nothing for the SIGBUS guard, nothing advised away
+
+
+@pytest.mark.parametrize("name, words", [("__metadata__", "the name is reserved by safetensors"),
+                                         ("x\ud800", "not text (a lone surrogate)")], ids=["reserved", "surrogate"])
+def test_a_bin_tensor_name_safetensors_cannot_store_is_refused(tmp_path, name, words):
+    """'__metadata__' reached the writer (a ValueError traceback, exit 1); a lone surrogate was written into a
+    file neither safetensors nor pymerge reads back (exit 0)."""
+    torch.save({name: torch.zeros(2), "w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        Checkpoint(tmp_path / "pytorch_model.bin")
+
+
+def test_a_bin_tensor_of_a_dtype_safetensors_lacks_is_refused_at_open(tmp_path):
+    """complex128 reached the pool as a KeyError traceback (the CLI already refused it, later)."""
+    torch.save({"c": torch.zeros(2, dtype=torch.complex128), "w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="tensor 'c' has dtype complex128, which safetensors cannot store"):
+        Checkpoint(tmp_path / "pytorch_model.bin")
 
 
 @pytest.mark.parametrize("sizes", [(4099, 1, 0, 17), (1, 1), (0, 16), (0, 16, 16)])  # an empty storage first: no address

@@ -573,3 +573,16 @@ def test_slice_errors_name_each_models_own_tensor_and_the_zip_cut(fam, tmp_path)
     with pytest.raises(MergeConfigError, match=r"slices\[1\] \(the tensors after the layers take its first 2 sources, "
                        r"as many as slices\[0\] has: mergekit's rule\): the base model .*base is not among"):
         make_plan(parse_config(cfg))
+
+
+def test_models_whose_index_lists_no_file_are_named_empty_not_the_same(tmp_path):
+    """Two folders each with {"weight_map": {}} were "the same model; list it once" (their empty file sets equal)."""
+    from pymerge.errors import MergeConfigError
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / m), "parameters": {"weight": 1.0}}
+                                                for m in ("a", "b")]}
+    with pytest.raises(MergeConfigError, match=r"models\[0\] \(.*a\): holds no tensors \(its index lists no file\)"):
+        run_merge(parse_config(cfg), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -13,8 +13,10 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -49,21 +51,29 @@ class TorchFile:
         st = os.stat(self.path)
         # the file torch maps, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
         self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
-        compressed = _check_torch_format(self.path, st.st_size)
+        readable_mapped = _check_torch_format(self.path, st.st_size)
         try:
-            state, mapped = _torch_load(self.path, compressed)
+            state, mapped = _torch_load(self.path, not readable_mapped)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
             raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {_load_problem(exc)}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: holds a {type(state).__name__}, not a state dict of tensors")
+        from pymerge.io.safetensors_file import _encodable
         from pymerge.ops._memory import kind_problem, overlap_problem
         for name, t in state.items():
             if not isinstance(name, str):
                 raise CheckpointError(f"{self.path}: entry key {short(name)} is not a string (a tensor name)")
+            if name == "__metadata__" or not _encodable(name):  # safetensors could not hold it in a merged file
+                raise CheckpointError(f"{self.path}: tensor {short(name)}: the name is "
+                                      + ("reserved by safetensors" if name == "__metadata__" else
+                                         "not text (a lone surrogate): safetensors cannot store it"))
             if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
             if (problem := kind_problem(t)) is not None:  # sparse, nested, quantized, meta
                 raise CheckpointError(f"{self.path}: tensor {name!r} {problem}")
+            if str(t.dtype).replace("torch.", "") not in _native.DTYPE_INFO:  # complex128, bits8, uint3...
+                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}, "
+                                      "which safetensors cannot store")
             if t.numel() * t.element_size() > _MAX_EXPANDED and overlap_problem(t) is not None:
                 # an expanded tensor: a few stored bytes that would be copied out to all it claims (a 2 KB file
                 # of "1 GiB"). Small ones (a buffer saved as arange(8).expand(4, 8)) load as torch loads them.
@@ -159,7 +169,11 @@ class TorchFile:
 def _check_torch_format(path: Path, size: int) -> bool:
     """A git-lfs pointer, a file neither of torch.save's formats starts like, or a zip whose directory is
     damaged, named as such (torch's own error advised loading with weights_only=False, which pymerge never
-    does). Returns whether it is a zip with a compressed record (torch.save stores them all uncompressed)."""
+    does). Returns whether torch may map it: a zip whose records are stored (as torch.save writes them) in this
+    machine's byte order. A compressed record (a re-packed zip) must be inflated, and within the memory
+    available (a 500 KB file claimed 512 MiB); a file saved in the other byte order (torch.save on s390x) is
+    swapped in the map's private pages, which releasing a tensor's pages (MADV_DONTNEED) turned back into
+    the file's unswapped bytes: a merge of NaN, exit 0."""
     with open(path, "rb") as fh:
         head = fh.read(len(LFS_POINTER))
     if head == LFS_POINTER:
@@ -168,13 +182,23 @@ def _check_torch_format(path: Path, size: int) -> bool:
         what = "is empty" if size == 0 else "is not a PyTorch checkpoint (neither torch.save's zip format nor its legacy one)"
         raise CheckpointError(f"{path}: {what}")
     if not head.startswith(b"PK"):
-        return False  # the legacy format
+        return True  # the legacy format (_torch_load reads it whole)
     try:  # a zip cut short lost its directory, at the end: torch said "[Errno 22] Invalid argument"
         with zipfile.ZipFile(path) as zf:
-            return any(info.compress_type != zipfile.ZIP_STORED for info in zf.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            infos = zf.infolist()
+            packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+            order = [i for i in infos if i.filename.rsplit("/", 1)[-1] == "byteorder" and i.file_size <= 16]
+            byteorder = zf.read(order[0]).decode("ascii", "replace").strip() if order else sys.byteorder
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, zlib.error) as exc:
         raise CheckpointError(f"{path}: is not a complete PyTorch checkpoint: its zip archive is damaged "
                               f"(truncated or corrupted: {exc})") from None
+    if packed:
+        from pymerge.sizes import host_available
+        inflated, free = sum(i.file_size for i in packed), host_available()
+        if inflated > free:
+            raise CheckpointError(f"{path}: its compressed records inflate to {inflated} bytes, more than the "
+                                  f"{free} bytes of memory available")
+    return not packed and byteorder == sys.byteorder
 
 
 def _load_problem(exc: BaseException) -> str:
@@ -207,13 +231,14 @@ def _unpickler_reason(text: str) -> str:
 
 
 def _torch_load(path: Path, compressed: bool):
-    """(state dict, whether torch memory-mapped the file); compressed: _check_torch_format's answer."""
+    """(state dict, whether torch memory-mapped the file); compressed: not mappable (_check_torch_format)."""
     import torch
     with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized...) are not the user's
         warnings.simplefilter("ignore")
         if compressed:
             # A zip re-packed with compression (DEFLATE): torch maps a record's compressed bytes as the tensor's
             # (garbage, or "Trying to resize storage that is not resizable"); read without a map, it inflates them.
+            # (And a file in the other byte order: see _check_torch_format.)
             return torch.load(path, weights_only=True, map_location="cpu"), False
         try:
             return torch.load(path, mmap=True, weights_only=True, map_location="cpu"), True

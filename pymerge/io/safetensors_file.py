@@ -208,7 +208,17 @@ class SafetensorsFile:
         begin, end = offsets
         if begin > end:
             raise self._error(f"data_offsets [{begin}, {end}] end before they begin", name)
-        need = math.prod(shape) * _native.DTYPE_INFO[dtype][0]
+        # multiplied left to right as safetensors does (checked usize products): [2**62, 2**62, 0] holds no bytes,
+        # but the library refuses it, and so a file pymerge writes of it
+        count = 1
+        for d in shape:
+            count *= d
+            if count >= 2**64:
+                break
+        need = count * _native.DTYPE_INFO[dtype][0]
+        if need >= 2**64:
+            raise self._error(f"shape {_dims(shape)} overflows: the product of its sizes passes 2**64 (safetensors "
+                              "refuses it, even where a later size is 0)", name)
         if end - begin != need:
             raise self._error(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but dtype {code} "
                        f"x shape {_dims(shape)} needs {need}", name)

@@ -138,7 +138,7 @@ class ShardedWriter:
         for k, entry in enumerate(entries):
             name, dtype, shape = entry
             if not isinstance(name, str) or name in self._slots or name == "__metadata__":
-                raise ValueError(f"tensor name {name!r} is not a string, is reserved or appears twice")
+                raise InputError(f"tensor name {short(name)} is not a string, is reserved or appears twice")
             try:
                 dname = _native.dtype_name(dtype)
             except KeyError:
