@@ -108,23 +108,29 @@ def load_config(path) -> MergeConfig:
 class _UniqueKeysLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     """The safe loader, except that a key written twice in one mapping is an error (YAML requires unique keys;
     PyYAML kept the last: `weight: 1` then `weight: 0` merged with 0, silently). A key a merge (`<<: *x`)
-    brings in may still be overridden, as YAML intends."""
+    brings in may still be overridden, as YAML intends. Checked as each mapping was written: PyYAML flattens a
+    mapping merged into another in place (its merged keys beside its own) before constructing it, so the check
+    runs in flatten_mapping, first, once per mapping. Keys are compared with their type: 1, 1.0 and true are
+    three keys to YAML."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                twice = key in seen
-            except TypeError:  # unhashable: the constructor's own error follows
-                continue
-            if twice:
-                raise yaml.constructor.ConstructorError(None, None, f"key {short(key)} appears twice in one mapping",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_checked_mappings", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    twice = (type(key), key) in seen
+                except TypeError:  # unhashable: the constructor's own error follows
+                    continue
+                if twice:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {short(key)} appears twice in one "
+                                                            "mapping", key_node.start_mark)
+                seen.add((type(key), key))
+        super().flatten_mapping(node)
 
 
 def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:

@@ -328,6 +328,13 @@ def test_a_key_written_twice_in_one_mapping_is_refused_with_its_line(tmp_path):
     p.write_text("x: &b {weight: 1, density: 0.5}\nmerge_method: ties\nmodels:\n"
                  "  - model: a\n    parameters: {<<: *b, weight: 0.3}\n")
     assert read_yaml(p)["models"][0]["parameters"] == {"weight": 0.3, "density": 0.5}
+    # chained merges: PyYAML flattens `tuned` in place (its merged density beside its own) before building it
+    p.write_text("merge_method: ties\nmodels:\n  - model: a\n    parameters: &tuned\n"
+                 "      <<: &defaults {weight: 0.5, density: 0.5}\n      density: 0.7\n"
+                 "parameters:\n  <<: *tuned\n  weight: 0.4\n")
+    data = read_yaml(p)
+    assert data["models"][0]["parameters"] == {"weight": 0.5, "density": 0.7}
+    assert data["parameters"] == {"weight": 0.4, "density": 0.7}
 
 
 def test_numbers_and_booleans_in_strings_as_pydantic_takes_them():

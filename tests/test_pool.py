@@ -1087,10 +1087,11 @@ def test_pool_task_arithmetic_keeps_the_delta_forms_infinities(backend):
         assert (out[3:] - ref[3:]).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("kind", ["trace", "script"])
+@pytest.mark.parametrize("kind", ["trace", "script", "nested_script", "nested_trace"])
 def test_torchscript_targets_are_filled_on_every_call(kind):
     """A traced model's second call raised TypeError (the plan cache read its parameter wrapper as a dict), a
-    scripted model's first a RuntimeError (get_submodule): TorchScript targets are planned per call."""
+    scripted model's first a RuntimeError (get_submodule); so did a plain model holding a scripted or traced
+    submodule (a review): targets holding TorchScript modules are planned per call."""
     torch.manual_seed(0)
 
     def net():
@@ -1098,7 +1099,10 @@ def test_torchscript_targets_are_filled_on_every_call(kind):
     ms = [net() for _ in range(3)]
     pool = CheckpointPool([m.state_dict() for m in ms[1:]], base=ms[0].state_dict())
     x = torch.randn(5, 8)
-    target = torch.jit.trace(net(), x) if kind == "trace" else torch.jit.script(net())
+    n = net()
+    target = {"trace": lambda: torch.jit.trace(n, x), "script": lambda: torch.jit.script(n),
+              "nested_script": lambda: torch.nn.Sequential(torch.jit.script(n[0]), n[1], torch.jit.script(n[2])),
+              "nested_trace": lambda: torch.nn.Sequential(torch.jit.trace(n[0], x), n[1], n[2])}[kind]()
     for method, w, kw in (("linear", [0.3, 0.7], {}), ("linear", [1.0, 0.0], {}),
                           ("task_arithmetic", [0.5, 0.2], {}), ("ties", [0.5, 0.5], {"density": 0.5})):
         pool.materialize(w, into=target, method=method, **kw)

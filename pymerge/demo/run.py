@@ -232,10 +232,13 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
             saved = json.load(fh)
         if saved.get("fingerprint") == fp:
             # by content too: a checkpoint changed in place (same size) was reused, and every score with it
-            if saved.get("sha256") == digests():
+            now = digests()
+            if saved.get("sha256") == now:
                 log(f"reusing the checkpoints in {folder} (same settings and code)")
                 return paths
-            log(f"the checkpoints in {folder} changed since they were written: training them again")
+            older = set(saved.get("sha256") or {}) != set(now)  # a manifest of fewer files (no config.json's)
+            log(f"the checkpoints in {folder} " + ("were written by an older pymerge demo" if older else
+                "changed since they were written") + ": training them again")
     except (OSError, ValueError, AttributeError):
         pass
     _remove_stale(folder, manifest, paths)
@@ -483,7 +486,7 @@ def _summary(rows, names, best_single, sizes, unseen) -> Dict:
         "per_task": {k: test[k] for k in (best_single, "uniform merge", "greedy soup", "optimized merge")},
         "test_standard_error": standard_error(test["optimized merge"], sizes),
         "optimized_weights": w.tolist(),
-        # a checkpoint counts where its weight is positive (over 0.01) in any layer group
+        # a checkpoint counts where its weight is positive (the second count: over 0.01) in any layer group
         "nonzero_weights": int(np.sum((w.reshape(-1, len(names)) > 0).any(axis=0))),
         "weights_over_0_01": int(np.sum((w.reshape(-1, len(names)) > 0.01).any(axis=0))),
         "checkpoints": len(names),

@@ -280,7 +280,7 @@ class ShardedPool(CheckpointPool):
         from pymerge.methods.base import get_method
         from pymerge.methods.task_vectors import TaskVectorMethod
         build = lambda: self._checked_plans(into, group_of, names, strict)  # noqa: E731
-        if not _cacheable(groups, names, into):
+        if not _cacheable(groups, names):
             return build()
         n_groups = 1 if flat else self._plan_cache.num_groups(groups)
         tv = isinstance(get_method(method), TaskVectorMethod) and self.has_base and self._grouped_kind() == "cpu"

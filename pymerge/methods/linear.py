@@ -9,7 +9,8 @@ one pass over every input (the base's second read comes from cache), no delta te
 this stays within ~1e-7 relative of mergekit's delta form (tests/test_merge_parity.py checks 1e-5 end
 to end). The base's two terms keep its infinities as the delta form treats them: an inf base gives NaN
 where sum c >= 0 (x - base is -inf, times c > 0, plus the base), inf where every c < 0 (base * (1 - sum c)
-gave inf for any sum c != 1); with c of mixed signs summing below 0 mergekit's NaN is inf here.
+gave inf for any sum c != 1); with c summing below 0 with mixed signs or a zero among them, mergekit's NaN
+is inf here. Large lambda (1e3 and up) costs both forms ~1e-5 relative in float32.
 
 Not mergekit's behaviour, on purpose: linear with normalize and weights summing to 0 is an error
 here (mergekit divides by zero and writes a model of NaN/inf).

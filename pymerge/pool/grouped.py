@@ -203,7 +203,13 @@ class PlanCache:
                 return entry
             plans = build()
             _watch(into)  # before the entry takes its generation: a registration from now on is seen
-            entry = _Entry(into, targets_of(plans), plans, make_table(plans))
+            watched = targets_of(plans)
+            entry = _Entry(into, watched, plans, make_table(plans))
+            if not all(isinstance(d, dict) for _, d, _ in watched if d is not None):
+                # a TorchScript module (torch.jit.trace/script, or one inside a target) keeps its tensors in
+                # wrappers of its C++ object, which valid() cannot check (a traced target's second call raised
+                # a TypeError): this call's entry only, planned again next call
+                return entry
             self._drop(key)
             self._entries[key] = entry
             entry.finalizers = [_finalizer(t, weakref.ref(self), key, weakref.ref(entry))

@@ -538,7 +538,7 @@ class CheckpointPool:
         if method == "linear" and params:
             raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
                                    "(use normalize= for sum-to-one)")
-        kind = self._grouped_kind() if _cacheable(groups, names, into) else None
+        kind = self._grouped_kind() if _cacheable(groups, names) else None
         if method == "linear" and kind:
             # the hot path: plans checked once per set of targets, then one call per candidate
             n_groups = 1 if flat else self._plan_cache.num_groups(groups)
@@ -1195,12 +1195,9 @@ def _memory(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.stride()
 
 
-def _cacheable(groups: GroupRule, names: NameMap, into: list) -> bool:
-    """Plans can be cached only under rules that are values (a function or dict may change), and for targets
-    whose tensors the cache can watch: a TorchScript module (torch.jit.trace/script) keeps them in wrappers of
-    its C++ object, not the dicts a cached entry checks (a traced target's second call raised a TypeError)."""
-    return ((groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
-            and not any(isinstance(t, torch.jit.ScriptModule) for t in into))
+def _cacheable(groups: GroupRule, names: NameMap) -> bool:
+    """Plans can be cached only under rules that are values (a function or dict may change)."""
+    return (groups is None or isinstance(groups, str)) and (names is None or isinstance(names, str))
 
 
 def _missing_problems(missing: list, targets: List[dict], shapes: dict, written: set) -> List[str]:
@@ -1358,7 +1355,9 @@ def _absent(module: torch.nn.Module, keys) -> list:
 def _owner(module: torch.nn.Module, key: str):
     """The dict that holds module's tensor `key` (a submodule's _parameters or _buffers), and its name there."""
     path, _, leaf = key.rpartition(".")
-    sub = module.get_submodule(path) if path else module
+    sub = module
+    for part in path.split(".") if path else ():  # not get_submodule: a TorchScript module has none
+        sub = sub._modules[part]
     return (sub._parameters if leaf in sub._parameters else sub._buffers), leaf
 
 
