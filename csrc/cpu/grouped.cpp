@@ -45,6 +45,7 @@ class GroupedPlan {
       if (numels[t] < 0) throw std::invalid_argument(where + ": negative numel");
       ws::check_codes(in_dtypes[t], out_dtypes[t]);
       in_.insert(in_.end(), in_ptrs[t].begin(), in_ptrs[t].end());
+      streams_.push_back(ws::distinct_inputs(in_ptrs[t].data(), n_in_));
       in_dt_.insert(in_dt_.end(), in_dtypes[t].begin(), in_dtypes[t].end());
       out_.insert(out_.end(), out_ptrs[t].begin(), out_ptrs[t].end());
       out_dt_.insert(out_dt_.end(), out_dtypes[t].begin(), out_dtypes[t].end());
@@ -85,7 +86,7 @@ class GroupedPlan {
   void run_piece(const Piece& pc, const float* w) const {
     const size_t t = size_t(pc.tensor);
     const ws::Job J{in_.data() + t * n_in_, in_dt_.data() + t * n_in_, n_in_, w + group_[t] * n_out_ * n_in_,
-                    out_.data() + t * n_out_, out_dt_.data() + t * n_out_, n_out_, stream_};
+                    out_.data() + t * n_out_, out_dt_.data() + t * n_out_, n_out_, stream_, streams_[t]};
     ws::run_range(J, pc.start, pc.end, false);
   }
 
@@ -117,7 +118,7 @@ class GroupedPlan {
   bool stream_ = false;
   std::vector<uintptr_t> in_, out_;
   std::vector<int> in_dt_, out_dt_, group_;
-  std::vector<int64_t> numel_;
+  std::vector<int64_t> numel_, streams_;  // streams_: distinct inputs of each tensor (ws::Job::streams)
   std::vector<Piece> pieces_;
   std::vector<Span> spans_;
 };

@@ -83,7 +83,9 @@ constexpr int64_t kInputsPerPass = 4;
 constexpr int64_t kPassOutputs = 1;       // up to this many outputs
 constexpr int64_t kPassBlock = 16384;     // elements per block when sweeping in passes: partials in L2
 
-inline bool in_passes(const Job& J) { return J.n_in > kDirectInputs && J.n_out <= kPassOutputs; }
+inline bool in_passes(const Job& J) {
+  return (J.streams > 0 ? J.streams : J.n_in) > kDirectInputs && J.n_out <= kPassOutputs;
+}
 
 // Inputs [i0, i1) of strips at a time; the partial sums of K outputs live at part[k * kPassBlock + j]
 // between passes (a pass that does not start at input 0 loads them, one that does not end at the last
@@ -393,6 +395,13 @@ void ws::check_codes(const std::vector<int>& in_dtypes, const std::vector<int>& 
 
 void ws::fence() { _mm_sfence(); }
 
+int64_t ws::distinct_inputs(const uintptr_t* in, int64_t n) {
+  if (n <= kDirectInputs) return n;
+  std::vector<uintptr_t> sorted(in, in + n);
+  std::sort(sorted.begin(), sorted.end());
+  return int64_t(std::unique(sorted.begin(), sorted.end()) - sorted.begin());
+}
+
 void ws::run_range(const Job& J, int64_t start, int64_t end, bool fence) {
   static const BlockFn block = pick_block();
   // Inputs swept in passes (block_avx512) take longer blocks, their partial sums in L2.
@@ -409,7 +418,7 @@ void ws::run_range(const Job& J, int64_t start, int64_t end, bool fence) {
     // block is re-read from cache for each group.
     for (int64_t k0 = 0; k0 < J.n_out; k0 += kOutputsPerPass) {
       const Job G{J.in, J.in_dt, J.n_in, J.w + k0 * J.n_in, J.out + k0, J.out_dt + k0,
-                  std::min(kOutputsPerPass, J.n_out - k0), J.stream};
+                  std::min(kOutputsPerPass, J.n_out - k0), J.stream, J.streams};
       block(G, b, std::min(step, end - b), accs.data(), xbuf.data());
     }
   }
@@ -429,7 +438,7 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   ws::check_codes(in_dtypes, out_dtypes);
   if (numel <= 0) return;
   const Job J{in_ptrs.data(), in_dtypes.data(), n_in, weights.data(), out_ptrs.data(), out_dtypes.data(), n_out,
-              numel * 2 >= ws::kStreamBytes};
+              numel * 2 >= ws::kStreamBytes, ws::distinct_inputs(in_ptrs.data(), n_in)};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
   const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + ws::kMinPerThread - 1) / ws::kMinPerThread)));

@@ -22,7 +22,13 @@ struct Job {
   const int* out_dt;
   int64_t n_out;
   bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
+  // Distinct input addresses (0: n_in): memory streams, which decide a sweep in passes (task_arithmetic reads
+  // its base twice, the second time from cache: 7 models and a base are 9 inputs but 8 streams).
+  int64_t streams = 0;
 };
+
+// How many of in[0, n) differ (n where n is small enough that it cannot matter).
+int64_t distinct_inputs(const uintptr_t* in, int64_t n);
 
 // Elements [start, end) of every output of J, on the calling thread. With fence (the default), this
 // thread's streaming stores are made visible before it returns; a caller running many short ranges
