@@ -110,26 +110,28 @@ class _UniqueKeysLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     PyYAML kept the last: `weight: 1` then `weight: 0` merged with 0, silently). A key a merge (`<<: *x`)
     brings in may still be overridden, as YAML intends. Checked as each mapping was written: PyYAML flattens a
     mapping merged into another in place (its merged keys beside its own) before constructing it, so the check
-    runs in flatten_mapping, first, once per mapping. Keys are compared with their type: 1, 1.0 and true are
-    three keys to YAML."""
+    runs in flatten_mapping, first, once per mapping. 1, 1.0 and true are three keys to YAML but one to Python (the
+    last would win): refused too."""
 
     def flatten_mapping(self, node):
         checked = self.__dict__.setdefault("_checked_mappings", set())
         if id(node) not in checked:
             checked.add(id(node))
-            seen = set()
+            seen = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key = self.construct_object(key_node)
+                # a key written "=" (YAML's value tag) is the string "=", as flatten_mapping makes it
+                key = "=" if key_node.tag == "tag:yaml.org,2002:value" else self.construct_object(key_node)
                 try:
-                    twice = (type(key), key) in seen
+                    first = seen.get(key, seen)
                 except TypeError:  # unhashable: the constructor's own error follows
                     continue
-                if twice:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {short(key)} appears twice in one "
-                                                            "mapping", key_node.start_mark)
-                seen.add((type(key), key))
+                if first is not seen:
+                    twice = (f"key {short(key)} appears twice in one mapping" if type(first) is type(key) else
+                             f"keys {short(first)} and {short(key)} of one mapping are one key once read")
+                    raise yaml.constructor.ConstructorError(None, None, twice, key_node.start_mark)
+                seen[key] = key
         super().flatten_mapping(node)
 
 

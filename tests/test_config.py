@@ -335,6 +335,11 @@ def test_a_key_written_twice_in_one_mapping_is_refused_with_its_line(tmp_path):
     data = read_yaml(p)
     assert data["models"][0]["parameters"] == {"weight": 0.5, "density": 0.7}
     assert data["parameters"] == {"weight": 0.4, "density": 0.7}
+    p.write_text("a: {1: x, true: y}\n")  # two keys to YAML, one to Python: the last won
+    with pytest.raises(MergeConfigError, match=r"keys 1 and True of one mapping are one key once read"):
+        read_yaml(p)
+    p.write_text("=: 1\nb: 2\n")  # YAML's value tag, a plain string key to PyYAML
+    assert read_yaml(p) == {"=": 1, "b": 2}
 
 
 def test_numbers_and_booleans_in_strings_as_pydantic_takes_them():

@@ -1540,3 +1540,17 @@ def test_what_the_pool_was_built_from_is_known_and_a_chmod_is_no_change(tmp_path
     os.utime(tmp_path / "c.safetensors", ns=(0, 0))
     assert pool.changed_file() == f"{tmp_path / 'c.safetensors'}: rewritten since the pool read it"
     assert CheckpointPool([{"theta": torch.ones(16)}]).changed_file() is None
+
+
+def test_cli_names_a_source_whose_index_lists_no_file(tmp_path, capsys):
+    """Two such folders were "the same checkpoint; list it once" (their empty file sets are equal)."""
+    cfg = _cli_setup(tmp_path)
+    for name in ("e1", "e2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    data = yaml.safe_load(cfg.read_text())
+    data["sources"] = ["e1", "e2"]
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pymerge search: error: {cfg}: sources[0] (e1): holds no tensors (its index lists no file)"], err

@@ -188,8 +188,9 @@ def _check_torch_format(path: Path, size: int) -> bool:
             infos = zf.infolist()
             packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
             order = [i for i in infos if i.filename.rsplit("/", 1)[-1] == "byteorder" and i.file_size <= 16]
-            byteorder = zf.read(order[0]).decode("ascii", "replace").strip() if order else sys.byteorder
-    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, zlib.error) as exc:
+            # no record: little-endian, as torch.load takes it (torch.serialization's default load endianness)
+            byteorder = zf.read(order[0]).decode("ascii", "replace").strip() if order else "little"
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError, EOFError, zlib.error) as exc:
         raise CheckpointError(f"{path}: is not a complete PyTorch checkpoint: its zip archive is damaged "
                               f"(truncated or corrupted: {exc})") from None
     if packed:

@@ -209,6 +209,7 @@ class PlanCache:
                 # a TorchScript module (torch.jit.trace/script, or one inside a target) keeps its tensors in
                 # wrappers of its C++ object, which valid() cannot check (a traced target's second call raised
                 # a TypeError): this call's entry only, planned again next call
+                self._drop(key)  # an earlier entry for these targets is stale (a submodule became TorchScript)
                 return entry
             self._drop(key)
             self._entries[key] = entry

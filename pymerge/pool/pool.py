@@ -1339,7 +1339,7 @@ def _absent(module: torch.nn.Module, keys) -> list:
         *parts, leaf = key.split(".")
         sub = module
         for part in parts:
-            nxt = sub._modules.get(part)
+            nxt = sub._modules[part] if part in sub._modules else None  # (a TorchScript module's has no get)
             out[(id(sub._modules), part)] = (nxt, sub._modules, part)
             if nxt is None:
                 break

@@ -100,6 +100,8 @@ def _check_distinct(config: str, written: list, sources: list) -> None:
     for i, path in enumerate(sources):
         with Checkpoint(path) as ck:
             key = same_files_key(ck.files)
+        if not key:  # an index listing no file: two such were "the same checkpoint"
+            raise InputError(f"{config}: sources[{i}] ({written[i]}): holds no tensors (its index lists no file)")
         if key in seen:
             j = seen[key]
             raise InputError(f"{config}: sources[{j}] ({written[j]}) and sources[{i}] ({written[i]}) are the same "
