@@ -1,4 +1,5 @@
 """Exceptions a user can cause. The CLI turns any InputError into one line on stderr and exit 2."""
+import sys
 
 
 class InputError(ValueError):
@@ -30,6 +31,9 @@ def first_line(exc: BaseException) -> str:
 def short(value, limit: int = MAX_ECHO) -> str:
     """repr(value), cut to ``limit`` characters: an error echoes what was wrong, never a whole
     hostile input (a 250 MB expanded YAML alias, a 400-digit number, a binary file's bytes)."""
+    unreadable = _without_data(value)
+    if unreadable is not None:
+        return unreadable
     try:
         text = repr(value) if not isinstance(value, (list, dict, tuple)) else _short_container(value, limit)
     except RecursionError:
@@ -37,6 +41,21 @@ def short(value, limit: int = MAX_ECHO) -> str:
     except ValueError:  # an int of more than 4300 digits (Python refuses to print it)
         text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _without_data(value):
+    """A plain tensor whose storage was freed (resize_(0), as FSDP does) described without its values, which its
+    repr reads past the storage (a segfault in an error message); None for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is None or type(value) not in (torch.Tensor, torch.nn.Parameter) or value.device.type == "meta":
+        return None
+    try:
+        from pymerge.ops._memory import extent_bytes
+        if value.layout != torch.strided or value.untyped_storage().nbytes() >= extent_bytes(value):
+            return None
+    except Exception:  # noqa: BLE001  (a quantized or otherwise unusual tensor: its repr is torch's business)
+        return None
+    return f"<a {str(value.dtype).replace('torch.', '')} tensor of shape {list(value.shape)} whose storage is freed>"
 
 
 def described(value) -> str:

@@ -1177,3 +1177,13 @@ def test_save_writes_one_file_and_no_hidden_temporary_of_its_own(tmp_path, monke
                                                    for k in f.keys() if k.startswith("base/"))
     loaded = CheckpointPool.load(tmp_path / "p.safetensors")
     assert all(torch.equal(loaded.tensor(i, n), pool.tensor(i, n)) for i in range(2) for n in ("a", "b"))
+
+
+def test_save_overwrite_given_as_a_string_is_refused_not_read_as_true(tmp_path):
+    """overwrite="no" replaced the existing file (a string's truth is its length)."""
+    pool, _ = _saved(tmp_path)
+    path = tmp_path / "keep.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(InputError, match="overwrite must be a bool, got 'no'"):
+        pool.save(path, overwrite="no")
+    assert path.read_bytes() == b"precious"

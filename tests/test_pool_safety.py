@@ -8,6 +8,7 @@
   a backward through weights saved before a materialize raises torch's in-place error.
 """
 import contextlib
+import re
 import pytest
 import numpy as np
 import torch
@@ -556,3 +557,66 @@ def test_a_caller_s_function_run_by_the_pool_keeps_the_out_rule():
     pool.materialize([[0.5, 0.5]], into=torch.nn.Linear(13, 7), groups=groups)
     assert seen and all("out is an inference tensor" in s for s in seen), seen
     assert torch.equal(victim, torch.zeros(3))
+
+
+def _freed(values):
+    t = torch.tensor(values)
+    t.untyped_storage().resize_(0)
+    return t
+
+
+@pytest.mark.parametrize("weights, words", [
+    (lambda: _freed([0.2, 0.3, 0.5]), "storage holds 0 bytes"),  # torch's own conversion segfaulted
+    (lambda: torch.tensor([0.5]).expand(10**8), "got a tensor of shape [100000000]"),  # 1.5 GB before the error
+    (lambda: torch.tensor([0.2, 0.3, 0.5]).to_sparse(), "sparse"),  # a raw TypeError
+    (lambda: "0.5", "must be"),
+])
+def test_weights_that_cannot_be_read_are_one_line_before_any_copy(weights, words):
+    """An API audit: each of these crashed, blew up memory or raised a raw error."""
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    target = linears(1, seed=9)[0]
+    before = snapshot(target)
+    with pytest.raises(InputError, match=re.escape(words)):
+        pool.materialize(weights(), into=target)
+    assert unchanged(target, before)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"normalize": "False"}, "normalize must be a bool, got 'False'"),  # was read as true: normalized
+    ({"strict": torch.tensor([1, 0])}, "strict must be a bool"),
+    ({"method": ["linear"]}, "merge_method must be a method's name"),
+    ({"names": lambda n: [n]}, "it must give a name (str) or None"),
+    ({"method": "task_arithmetic", "lambda": "x"}, "lambda must be a number, got 'x'"),  # multiplied a str
+])
+def test_flags_and_names_of_the_wrong_type_are_refused(kw, words):
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict())
+    target = linears(1, seed=9)[0]
+    before = snapshot(target)
+    with pytest.raises((InputError, MergeConfigError), match=re.escape(words)):
+        pool.materialize([0.5, 0.5], into=target, **kw)
+    assert unchanged(target, before)
+
+
+def test_task_arithmetic_normalize_given_as_a_string_is_refused_not_read_as_true():
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict())
+    with pytest.raises(MergeConfigError, match="normalize must be true or false, got 'no'"):
+        pool.materialize([0.5, 0.25], into=linears(1, seed=9)[0], method="task_arithmetic",
+                         method_params={"normalize": "no"})
+
+
+def test_a_target_that_calls_the_pool_while_it_is_planned_is_refused_not_deadlocked():
+    """A dict subclass whose items() called materialize waited forever for the plan cache's lock."""
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+
+    class Calling(dict):
+        def items(self):
+            pool.materialize([0.2, 0.3, 0.5], into=linears(1, seed=3)[0])
+            return super().items()
+    target = Calling({k: torch.empty_like(v) for k, v in models[0].state_dict().items()})
+    with pytest.raises(InputError, match="the pool was called again while it planned a call"):
+        pool.materialize([0.2, 0.3, 0.5], into=target)
+    pool.materialize([0.2, 0.3, 0.5], into=linears(1, seed=4)[0])  # the pool still works

@@ -1554,3 +1554,58 @@ def test_cli_names_a_source_whose_index_lists_no_file(tmp_path, capsys):
     assert cli_main([str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"pymerge search: error: {cfg}: sources[0] (e1): holds no tensors (its index lists no file)"], err
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"evaluate": None}, "evaluate must be a function, got None"),  # failed after the first merge into model
+    ({"objective": 5}, "objective must be a function, got 5"),
+    ({"log": 5}, "log must be a function, got 5"),  # failed after the first generation
+    ({"state_path": 3}, "state_path must be a path, got 3"),  # an int was taken for an open file descriptor
+    ({"state_path": "s\0.json"}, "holds a NUL character"),
+    ({"normalize": "no"}, "normalize must be a bool, got 'no'"),  # ran normalized
+    ({"bounds": "01"}, "bounds must be two numbers"),  # was (0, 1)
+    ({"x0": [True, False, True, False]}, "x0 must be 4 numbers"),
+])
+def test_search_arguments_are_checked_before_anything_is_written(tmp_path, kw, words):
+    pool, evaluate, _ = synthetic(n=4)
+    model = Vec()
+    before = model.theta.detach().clone()
+    args = {"evaluate": evaluate, "log": None, **kw}
+    with pytest.raises(InputError, match=re.escape(words)):
+        optimize(pool, args.pop("evaluate"), model=model, budget=4, popsize=2, **args)
+    assert torch.equal(model.theta.detach(), before) and list(tmp_path.iterdir()) == []
+
+
+def test_state_path_may_be_a_pathlib_path(tmp_path):
+    """Path(...) + ".lock" raised TypeError after the state's folder was made."""
+    pool, evaluate, _ = synthetic(n=3)
+    path = tmp_path / "new" / "state.json"
+    first = optimize(pool, evaluate, model=Vec(), budget=6, popsize=3, seed=1, state_path=path, log=None)
+    assert path.is_file()
+    again = optimize(pool, evaluate, model=Vec(), budget=6, popsize=3, seed=1, state_path=str(path), log=None)
+    assert again.best_objective == first.best_objective and len(again.history) == len(first.history)
+
+
+def test_an_x0_tensor_whose_storage_is_freed_is_refused_not_read():
+    """np.asarray read heap memory past the freed storage: garbage as the search's start."""
+    pool, evaluate, _ = synthetic(n=3)
+    x0 = torch.full((3,), 1 / 3)
+    x0.untyped_storage().resize_(0)
+    with pytest.raises(InputError, match="x0: its storage holds 0 bytes"):
+        optimize(pool, evaluate, model=Vec(), budget=4, popsize=2, x0=x0, log=None)
+    with pytest.raises(InputError, match="x0 must have 3 values"):  # checked before the copy
+        optimize(pool, evaluate, model=Vec(), budget=4, popsize=2, x0=torch.tensor([0.3]).expand(10**8), log=None)
+    grad = torch.full((3,), 1 / 3, requires_grad=True)  # numpy's "Can't call numpy() on Tensor that requires grad"
+    assert optimize(pool, evaluate, model=Vec(), budget=2, popsize=2, x0=grad, log=None).history
+
+
+def test_pareto_front_and_macro_average_refuse_what_they_cannot_read_and_scale():
+    from pymerge.search.report import macro_average, pareto_front
+    with pytest.raises(InputError, match="scores must be a non-empty dict"):
+        macro_average([1, 2])  # an IndexError
+    with pytest.raises(InputError, match="scores must be a non-empty dict"):
+        macro_average({})  # NaN with numpy's warning
+    with pytest.raises(InputError, match="points must be a list of score vectors"):
+        pareto_front(None)
+    x = np.linspace(0, 1, 4000)
+    assert pareto_front(np.stack([x, 1 - x], 1)) == list(range(4000))  # every point on the front: 40 s before

@@ -2,6 +2,7 @@
 against the float64 reference of tests/wsum_reference.py, plus every bad input."""
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -406,3 +407,21 @@ def test_weighted_sum_many_refuses_shared_outputs_and_malformed_arguments():
     a, b = torch.empty(3), torch.empty(3)
     weighted_sum_many(x, [[1.0, 1.0], [2.0, 2.0]], outs=[a, b])  # separate outputs: fine
     assert a.tolist() == [2.0] * 3 and b.tolist() == [4.0] * 3
+
+
+def test_weights_that_cannot_be_read_are_refused_before_any_copy():
+    """An API audit: an expand()ed weight tensor of 10**8 was copied (4.6 GB) before its length was refused; a
+    sparse one, a meta or a freed 0-d tensor among the weights raised torch's own errors (the freed one's repr in
+    the message read past its storage: a segfault)."""
+    xs = [torch.ones(4)] * 3
+    with pytest.raises(ValueError, match="got 100000000 weights for 3 inputs"):
+        weighted_sum(xs, torch.tensor([0.5]).expand(10**8))
+    with pytest.raises(ValueError, match=r"weight_rows must be a \[K, 3\] table"):
+        weighted_sum_many(xs, torch.tensor([[0.5]]).expand(10**7, 2))
+    with pytest.raises(ValueError, match="sparse"):
+        weighted_sum(xs, torch.tensor([0.2, 0.3, 0.5]).to_sparse())
+    freed = torch.tensor(0.5)
+    freed.untyped_storage().resize_(0)
+    for bad, words in ((torch.tensor(0.5, device="meta"), "device='meta'"), (freed, "whose storage is freed")):
+        with pytest.raises(TypeError, match=re.escape(words)):
+            weighted_sum(xs, [bad, 0.2, 0.3])

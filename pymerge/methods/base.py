@@ -10,6 +10,7 @@ see plain numbers.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional
@@ -145,8 +146,32 @@ def register(cls):
     return cls
 
 
+def number_param(value: Any, what: str, name: str) -> float:
+    try:
+        x = float(value)
+    except OverflowError:  # an int past float's range (10**400)
+        x = math.inf
+    except (TypeError, ValueError):
+        raise MergeConfigError(f"{what} must be a number, got {value!r} (tensor {name})") from None
+    if not math.isfinite(x):
+        raise MergeConfigError(f"{what} is {x} for tensor {name}; it must be finite")
+    return x
+
+
+def flag_param(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise MergeConfigError(f"{what} must be true or false, got {value!r}")
+
+
 def get_method(name: str) -> MergeMethod:
     import pymerge.methods  # registers linear and task_arithmetic
+    if not isinstance(name, str):  # (a list raised "unhashable type")
+        raise MergeConfigError(f"merge_method must be a method's name, got {short(name)}")
     if name not in _REGISTRY:
         pymerge.methods.load_all()  # the rest (they import torch)
     try:

@@ -18,7 +18,7 @@ native passes on the CPU (pymerge/ops/consensus_ops.py); top-k ties keep the low
 import torch
 
 from pymerge.methods.base import MergeMethod, Param, TensorTask, register
-from pymerge.methods.task_vectors import _flag, _number
+from pymerge.methods.base import flag_param, number_param
 from pymerge.ops import consensus_ops, elementwise_mix
 
 
@@ -37,19 +37,19 @@ class Sce(_TaskVectorConsensus):
     chunkable = False
 
     def check_params(self, task: TensorTask) -> None:
-        _number(task.params.get("select_topk", 1.0), "select_topk", task.name)
-        _flag(task.params.get("int8_mask", False), "int8_mask")
+        number_param(task.params.get("select_topk", 1.0), "select_topk", task.name)
+        flag_param(task.params.get("int8_mask", False), "int8_mask")
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if not task.inputs or out.numel() == 0:
             out.copy_(task.base)
             return
-        topk = _number(task.params.get("select_topk", 1.0), "select_topk", task.name)
+        topk = number_param(task.params.get("select_topk", 1.0), "select_topk", task.name)
         consensus_ops.sce(task.inputs, task.base, topk, out, task.backend, task.num_threads)
 
 
 def _ram_eps(task):
-    return _number(task.params.get("epsilon", 1e-5), "epsilon", task.name)
+    return number_param(task.params.get("epsilon", 1e-5), "epsilon", task.name)
 
 
 @register
@@ -80,14 +80,14 @@ class RamPlusTl(_TaskVectorConsensus):
 
     def check_params(self, task: TensorTask) -> None:
         for k in ("r", "alpha"):
-            _number(task.params.get(k, self.global_params[k].default), k, task.name)
+            number_param(task.params.get(k, self.global_params[k].default), k, task.name)
         _ram_eps(task)
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if not task.inputs or out.numel() == 0:
             out.copy_(task.base)
             return
-        r = _number(task.params.get("r", 0.1), "r", task.name)
-        alpha = _number(task.params.get("alpha", 0.2), "alpha", task.name)
+        r = number_param(task.params.get("r", 0.1), "r", task.name)
+        alpha = number_param(task.params.get("alpha", 0.2), "alpha", task.name)
         consensus_ops.ramplus_tl(task.inputs, task.base, r, alpha, _ram_eps(task), out, task.backend,
                                  task.num_threads)

@@ -23,7 +23,7 @@ give the same bits. This module imports torch only when merge_tensor runs.
 from typing import List, Tuple
 
 from pymerge.errors import MergeConfigError
-from pymerge.methods.base import MergeMethod, Param, REQUIRED, TensorTask, register
+from pymerge.methods.base import MergeMethod, Param, REQUIRED, TensorTask, flag_param, number_param, register
 
 
 class WeightedSum(MergeMethod):
@@ -57,7 +57,7 @@ class Linear(WeightedSum):
 
     def coefficients(self, task: TensorTask) -> List[float]:
         w = _weights(task)
-        if task.params["normalize"]:
+        if flag_param(task.params["normalize"], "normalize"):  # (a pool's "false" was true)
             total = sum(w)
             if total == 0:
                 raise MergeConfigError(f"tensor {task.name}: linear weights sum to 0 with normalize: true "
@@ -91,8 +91,8 @@ class TaskArithmetic(WeightedSum):
     def coefficients(self, task: TensorTask) -> List[float]:
         """[c_1, ..., c_n]: each task vector's scale."""
         w = _weights(task)
-        scale = task.params["lambda"]
-        if task.params["normalize"]:
+        scale = number_param(task.params["lambda"], "lambda", task.name)  # ("1" multiplied a string)
+        if flag_param(task.params["normalize"], "normalize"):
             total = sum(w)
             if abs(total) >= 1e-8:  # mergekit's own guard: a tiny sum divides by 1
                 scale = scale / total

@@ -6,7 +6,7 @@ per tensor. One reduction pass for the Gram matrix of offsets, one elementwise p
 import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, TensorTask, register
-from pymerge.methods.task_vectors import _flag
+from pymerge.methods.base import flag_param
 from pymerge.ops import interp
 
 
@@ -24,11 +24,11 @@ class ModelStock(MergeMethod):
                                    f"{n_models} other model(s){'' if has_base else ' and no base_model'}")
 
     def check_params(self, task: TensorTask) -> None:
-        _flag(task.params.get("filter_wise", False), "filter_wise")
+        flag_param(task.params.get("filter_wise", False), "filter_wise")
 
     def dot_group(self, task: TensorTask) -> str:
         """The vectors the cosines are taken between (see interp.group_dots)."""
-        filter_wise = _flag(task.params.get("filter_wise", False), "filter_wise")
+        filter_wise = flag_param(task.params.get("filter_wise", False), "filter_wise")
         return "rows" if filter_wise and task.base.dim() >= 2 else "whole"
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:

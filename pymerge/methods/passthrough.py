@@ -2,7 +2,7 @@
 import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, TensorTask, register
-from pymerge.methods.task_vectors import _number
+from pymerge.methods.base import number_param
 from pymerge.ops.weighted_sum import weighted_sum_into
 
 
@@ -18,11 +18,11 @@ class Passthrough(MergeMethod):
     def check_params(self, task: TensorTask) -> None:
         scale = task.model_params[0].get("scale") if task.model_params else None
         if scale is not None:
-            _number(scale, "scale", task.name)
+            number_param(scale, "scale", task.name)
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if len(task.inputs) != 1:
             raise MergeConfigError(f"tensor {task.name}: passthrough takes exactly one model, got {len(task.inputs)}")
         scale = task.model_params[0].get("scale") if task.model_params else None
-        w = 1.0 if scale is None else _number(scale, "scale", task.name)  # 1 * x is exact: a plain copy
+        w = 1.0 if scale is None else number_param(scale, "scale", task.name)  # 1 * x is exact: a plain copy
         weighted_sum_into([task.inputs[0]], [[w]], [out], backend=task.backend, num_threads=task.num_threads)

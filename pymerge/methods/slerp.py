@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
-from pymerge.methods.task_vectors import _flag, _number
+from pymerge.methods.base import flag_param, number_param
 from pymerge.ops import interp
 
 
@@ -34,7 +34,7 @@ class Slerp(MergeMethod):
                                    f"other (t = 1); got {total} model(s){'' if has_base else ' and no base_model'}")
 
     def check_params(self, task: TensorTask) -> None:
-        _number(task.params.get("t"), "t", task.name)
+        number_param(task.params.get("t"), "t", task.name)
 
     def dot_group(self, task: TensorTask) -> str:
         """The vectors the angle is measured between (see interp.group_dots): the whole tensor."""
@@ -43,7 +43,7 @@ class Slerp(MergeMethod):
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if task.base is None or len(task.inputs) != 1:
             raise MergeConfigError(f"tensor {task.name}: slerp needs the base_model and exactly one other model")
-        t = _number(task.params.get("t"), "t", task.name)
+        t = number_param(task.params.get("t"), "t", task.name)
         xs = [task.base, task.inputs[0]]
         g = (task.dots or interp.group_dots)(xs, None, False, self.dot_group(task), task.backend, task.num_threads)[0]
         ca, cb = interp.slerp_coefs(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
@@ -71,14 +71,14 @@ class NuSlerp(MergeMethod):
 
     def check_params(self, task: TensorTask) -> None:
         for i, mp in enumerate(task.model_params):
-            _number(mp.get("weight"), f"model {i} weight", task.name)
-        _flag(task.params.get("nuslerp_flatten", True), "nuslerp_flatten")
-        _flag(task.params.get("nuslerp_row_wise", False), "nuslerp_row_wise")
+            number_param(mp.get("weight"), f"model {i} weight", task.name)
+        flag_param(task.params.get("nuslerp_flatten", True), "nuslerp_flatten")
+        flag_param(task.params.get("nuslerp_row_wise", False), "nuslerp_row_wise")
 
     def dot_group(self, task: TensorTask) -> str:
         """The vectors interpolated between (see interp.group_dots)."""
-        flatten = _flag(task.params.get("nuslerp_flatten", True), "nuslerp_flatten")
-        row_wise = _flag(task.params.get("nuslerp_row_wise", False), "nuslerp_row_wise")
+        flatten = flag_param(task.params.get("nuslerp_flatten", True), "nuslerp_flatten")
+        row_wise = flag_param(task.params.get("nuslerp_row_wise", False), "nuslerp_row_wise")
         if flatten or task.inputs[0].dim() < 2:
             return "whole"  # a 1-D tensor is one vector along either dim
         return "cols" if row_wise else "rows"
@@ -86,7 +86,7 @@ class NuSlerp(MergeMethod):
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if len(task.inputs) != 2:
             raise MergeConfigError(f"tensor {task.name}: nuslerp needs exactly two models besides the base")
-        w = [_number(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
+        w = [number_param(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
         total = w[0] + w[1]
         t = 0.5 if abs(total) < 1e-6 else w[1] / total
         group = self.dot_group(task)

@@ -28,7 +28,7 @@ from typing import List, Optional
 import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
-from pymerge.methods.task_vectors import _flag, _number
+from pymerge.methods.base import flag_param, number_param
 from pymerge.ops import interp
 
 
@@ -148,9 +148,9 @@ class MultiSlerp(MergeMethod):
     chunkable = False  # norms and angles are whole-tensor statistics
 
     def _settings(self, task: TensorTask):
-        w = [_number(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
-        normalize = _flag(task.params.get("normalize_weights", True), "normalize_weights")
-        return w, normalize, _number(task.params.get("eps", 1e-8), "eps", task.name)
+        w = [number_param(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
+        normalize = flag_param(task.params.get("normalize_weights", True), "normalize_weights")
+        return w, normalize, number_param(task.params.get("eps", 1e-8), "eps", task.name)
 
     def check_params(self, task: TensorTask) -> None:
         w, normalize, _ = self._settings(task)
@@ -274,10 +274,10 @@ class Karcher(MergeMethod):
     chunkable = False
 
     def _settings(self, task: TensorTask):
-        max_iter = _number(task.params.get("max_iter", 10), "max_iter", task.name)
+        max_iter = number_param(task.params.get("max_iter", 10), "max_iter", task.name)
         if max_iter != int(max_iter):
             raise MergeConfigError(f"max_iter must be a whole number, got {max_iter} (tensor {task.name})")
-        return int(max_iter), _number(task.params.get("tol", 1e-5), "tol", task.name)
+        return int(max_iter), number_param(task.params.get("tol", 1e-5), "tol", task.name)
 
     def check_params(self, task: TensorTask) -> None:
         self._settings(task)

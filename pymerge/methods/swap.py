@@ -15,7 +15,7 @@ Arithmetic in float32 (mergekit computes in the load dtype; equal for float32).
 import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
-from pymerge.methods.task_vectors import _number
+from pymerge.methods.base import number_param
 from pymerge.ops import consensus_ops, elementwise_mix
 
 
@@ -42,10 +42,10 @@ class NearSwap(_BaseAndOne):
     chunkable = True
 
     def check_params(self, task: TensorTask) -> None:
-        _number(task.params.get("t"), "t", task.name)
+        number_param(task.params.get("t"), "t", task.name)
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
-        t = _number(task.params.get("t"), "t", task.name)
+        t = number_param(task.params.get("t"), "t", task.name)
         self._pair(task)
         elementwise_mix.nearswap(task.base, task.inputs[0], t, out, task.backend, task.num_threads)
 

@@ -25,7 +25,8 @@ from typing import Any, Optional
 import torch
 
 from pymerge.config import FlagOrName
-from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
+from pymerge.methods.base import (MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, flag_param, number_param,
+                                  register)
 from pymerge.ops import task_vector_ops as tvo
 
 
@@ -44,26 +45,6 @@ def parse_rescale(value: Any) -> Optional[str]:
         if v == "inverse_density":
             return "inverse_density"
     raise MergeConfigError(f"rescale must be true, false, l1 or inverse_density; got {value!r}")
-
-
-def _number(value: Any, what: str, name: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise MergeConfigError(f"{what} must be a number, got {value!r} (tensor {name})") from None
-    if not math.isfinite(x):
-        raise MergeConfigError(f"{what} is {x} for tensor {name}; it must be finite")
-    return x
-
-
-def _flag(value: Any, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    raise MergeConfigError(f"{what} must be true or false, got {value!r}")
 
 
 def merge_task_vectors(task: TensorTask, out: torch.Tensor, *, sparsification: Optional[str], consensus: bool,
@@ -88,19 +69,19 @@ def task_vector_args(task: TensorTask, sparsification: Optional[str], rescale: O
         what = f"model {i}"
         if mp.get("weight") is None:
             raise MergeConfigError(f"{what} has no weight for tensor {task.name}")
-        weights.append(_number(mp["weight"], f"{what} weight", task.name))
+        weights.append(number_param(mp["weight"], f"{what} weight", task.name))
         sp = tvo.Sparsifier(
             method=sparsification,
-            density=_number(mp.get("density", 1.0), f"{what} density", task.name),
-            gamma=_number(mp.get("gamma", 0.01), f"{what} gamma", task.name),
-            epsilon=_number(mp.get("epsilon", 0.15), f"{what} epsilon", task.name),
+            density=number_param(mp.get("density", 1.0), f"{what} density", task.name),
+            gamma=number_param(mp.get("gamma", 0.01), f"{what} gamma", task.name),
+            epsilon=number_param(mp.get("epsilon", 0.15), f"{what} epsilon", task.name),
             rescale=rescale)
         try:
             tvo.check_sparsifier(sp, what)
         except ValueError as exc:
             raise MergeConfigError(f"{exc} (tensor {task.name})") from None
         sparsifiers.append(sp)
-    return sparsifiers, weights, _number(task.params.get("lambda", 1.0), "lambda", task.name)
+    return sparsifiers, weights, number_param(task.params.get("lambda", 1.0), "lambda", task.name)
 
 
 class TaskVectorMethod(MergeMethod):
@@ -133,17 +114,17 @@ class TaskVectorMethod(MergeMethod):
         }
 
     def _settings(self, task: TensorTask):
-        normalize = _flag(task.params.get("normalize", self.default_normalize), "normalize")
+        normalize = flag_param(task.params.get("normalize", self.default_normalize), "normalize")
         rescale = parse_rescale(task.params.get("rescale", self.default_rescale))
-        _flag(task.params.get("int8_mask", False), "int8_mask")
+        flag_param(task.params.get("int8_mask", False), "int8_mask")
         return normalize, rescale
 
     def check_params(self, task: TensorTask) -> None:
         self._settings(task)
         for i, mp in enumerate(task.model_params):
-            sp = tvo.Sparsifier(self.sparsification, _number(mp.get("density", 1.0), f"model {i} density", task.name),
-                                _number(mp.get("gamma", 0.01), f"model {i} gamma", task.name),
-                                _number(mp.get("epsilon", 0.15), f"model {i} epsilon", task.name))
+            sp = tvo.Sparsifier(self.sparsification, number_param(mp.get("density", 1.0), f"model {i} density", task.name),
+                                number_param(mp.get("gamma", 0.01), f"model {i} gamma", task.name),
+                                number_param(mp.get("epsilon", 0.15), f"model {i} epsilon", task.name))
             try:
                 tvo.check_sparsifier(sp, f"model {i}")
             except ValueError as exc:

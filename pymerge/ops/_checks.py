@@ -13,7 +13,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._memory import DUAL, PLAIN, _wrapper, check_backed, check_readable, is_dual, layout_problem
+from pymerge.ops._memory import (DUAL, PLAIN, _wrapper, backing_problem, check_backed, check_readable, is_dual,
+                                 layout_problem)
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
 
@@ -75,7 +76,10 @@ def check_weights(weights, n: int, what: str = "weights", compiling: Optional[bo
             if not compiling and _wrapper(weights):
                 check_backed(weights, what)  # a DTensor: the hint, not the dispatcher's mixed-types error
             return weights
+        check_layout(weights, what)  # sparse: "Cannot access storage of SparseTensorImpl"
         check_values_readable(weights, what)
+        if weights.shape[0] != n:  # before the copy (an expand()ed 10**8 weights took 4.6 GB to be refused)
+            raise ValueError(f"got {weights.shape[0]} {what} for {n} inputs")
         weights = weights.detach().double().cpu().tolist()
     if type(weights) not in (list, tuple) and isinstance(weights, (str, bytes, Mapping, AbstractSet)):
         raise TypeError(f"{what} must be a sequence of numbers, got {short(weights)}")
@@ -161,6 +165,8 @@ def _real(w) -> float:
     if type(w) is float or type(w) is int:  # the common case, without the ABC checks below (~0.5 us each)
         return float(w)
     if isinstance(w, torch.Tensor) and w.numel() == 1 and w.dtype != torch.bool and not w.is_complex():
+        if w.is_meta or layout_problem(w) or backing_problem(w):  # float() raised torch's own errors
+            raise TypeError(f"a tensor holding no readable value: {short(w)}")
         return float(w)
     if isinstance(w, (torch.SymFloat, torch.SymInt)):
         return w  # traced by torch.compile(dynamic=True)

@@ -115,7 +115,10 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         raise ValueError(f"weight_rows must be a [K, N] table, got shape {tuple(weight_rows.shape)}")
     traced = isinstance(weight_rows, torch.Tensor) and values_unknown(weight_rows)  # checked by the kernel
     if isinstance(weight_rows, torch.Tensor) and not traced:
+        check_layout(weight_rows, "weight_rows")
         check_values_readable(weight_rows, "weight_rows")
+        if weight_rows.shape[1] != len(tensors):  # before the copy (an expand()ed table)
+            raise ValueError(f"weight_rows must be a [K, {len(tensors)}] table, got shape {tuple(weight_rows.shape)}")
     elif isinstance(weight_rows, (list, tuple)):
         refuse_tracked_items(weight_rows, "weight_rows", "one [K, N] tensor")
     rows = weight_rows if traced else weight_rows.tolist() if isinstance(weight_rows, torch.Tensor) else list(weight_rows)

@@ -61,7 +61,7 @@ from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
 from pymerge.io.files import check_replaceable, replace_file
 from pymerge.io.safetensors_file import write_tensors
-from pymerge.ops._checks import FLOAT32_MAX
+from pymerge.ops._checks import FLOAT32_MAX, as_flag
 
 BLOCK = 64            # elements per scale
 GROUP = 128           # int4 packing unit (two blocks): 16 words, nibble h of word i is element 16h + i
@@ -510,6 +510,10 @@ class CompressedStore:
             raise InputError("save: the path is empty; name a .safetensors file")
         if os.path.isdir(path):
             raise InputError(f"{path}: is a folder; save writes one .safetensors file")
+        try:
+            overwrite = as_flag(overwrite, "overwrite")  # "no" replaced the file
+        except TypeError as exc:
+            raise InputError(str(exc)) from None
         if os.path.exists(path) and not overwrite:
             raise InputError(f"{path}: already exists; pass overwrite=True to replace it")
         check_replaceable(path)

@@ -38,7 +38,7 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from pymerge import _native
-from pymerge.errors import MergeConfigError
+from pymerge.errors import InputError, MergeConfigError
 from pymerge.ops._versions import versions_of
 from pymerge.pool.weights import group_indices
 
@@ -181,6 +181,7 @@ class PlanCache:
         # Not reentrant: a target's finalizer run inside (gc) must find it taken and leave the eviction to __exit__
         self._lock = threading.Lock()
         self._dead: list = []  # (key, weakref to its entry) whose target died while the lock was taken
+        self._planning = threading.local()  # set while this thread plans under the lock (caller code runs there)
 
     def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
         return PlanCache, (self.max_entries,)
@@ -193,6 +194,9 @@ class PlanCache:
         given, turns this process's finding (its valid entry, or None) into the one every process takes alike
         (a ShardedPool's ranks): whether to use it."""
         key = (tuple(map(id, into)),) + key
+        if getattr(self._planning, "active", False):  # would wait for the lock this thread holds: forever
+            raise InputError("the pool was called again while it planned a call (from a target's own code: its "
+                             "items(), named_parameters() or a property); nothing was written")
         with self:
             entry = self._entries.get(key)
             hit = entry is not None and entry.valid()
@@ -201,10 +205,14 @@ class PlanCache:
             if hit:
                 self._entries.move_to_end(key)
                 return entry
-            plans = build()
-            _watch(into)  # before the entry takes its generation: a registration from now on is seen
-            watched = targets_of(plans)
-            entry = _Entry(into, watched, plans, make_table(plans))
+            self._planning.active = True
+            try:
+                plans = build()
+                _watch(into)  # before the entry takes its generation: a registration from now on is seen
+                watched = targets_of(plans)
+                entry = _Entry(into, watched, plans, make_table(plans))
+            finally:
+                self._planning.active = False
             if not all(isinstance(d, dict) for _, d, _ in watched if d is not None):
                 # a TorchScript module (torch.jit.trace/script, or one inside a target) keeps its tensors in
                 # wrappers of its C++ object, which valid() cannot check (a traced target's second call raised

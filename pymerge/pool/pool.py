@@ -22,7 +22,7 @@ from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard, identity, stamp
-from pymerge.ops._checks import FILLING_TARGETS, as_int, check_threads
+from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
@@ -142,12 +142,12 @@ class CheckpointPool:
                  memory_budget=None, residency: Optional[str] = None, backend: str = "auto",
                  num_threads: int = 0, chunk_bytes: int = 64 << 20, shard_like=None, compress: Optional[str] = None,
                  error_budget: Optional[float] = None):
-        if isinstance(sources, (str, os.PathLike, dict, torch.nn.Module)):
+        if isinstance(sources, (str, os.PathLike, dict, torch.nn.Module)) or not hasattr(sources, "__iter__"):
             raise InputError("sources must be a list of checkpoints (paths, state dicts or modules)")
         sources = list(sources)
         if not sources:
             raise InputError("a CheckpointPool needs at least one source")
-        if dtype is not None and dtype not in OUTPUT_DTYPES:
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in OUTPUT_DTYPES):
             raise InputError(f"dtype {dtype} is not a storage dtype the kernels read; use float32, float16 or bfloat16")
         self.device = _resolve_device(device)
         self.dtype = dtype
@@ -486,8 +486,8 @@ class CheckpointPool:
         process), and a borrowed tensor as given (or the pool's contiguous copy of a strided one). A compressed pool decodes it, float32."""
         if (k := as_int(i)) is None or not 0 <= k < self.num_checkpoints:
             raise InputError(f"checkpoint index must be an integer in 0..{self.num_checkpoints - 1}, got {i!r}")
-        if name not in self.shapes:
-            raise InputError(f"no tensor {name!r} in this pool")
+        if not isinstance(name, str) or name not in self.shapes:
+            raise InputError(f"no tensor {short(name)} in this pool")
         if self._compressed is not None:
             return self._compressed.decoded(k, name)
         held = self._inputs[name][k]
@@ -513,7 +513,13 @@ class CheckpointPool:
         """K candidates from one pass over the checkpoints: into[k] receives the merge with weight_rows[k]."""
         params = method_params_of(method_params, params)
         seed = check_seed(seed)
+        try:  # "False" was read as true (normalized); a tensor of two values raised torch's error
+            normalize, strict = as_flag(normalize, "normalize"), as_flag(strict, "strict")
+        except TypeError as exc:
+            raise InputError(str(exc)) from None
         into = list(into) if isinstance(into, (list, tuple)) else [into]
+        if isinstance(weight_rows, (str, bytes, Mapping)) or not hasattr(weight_rows, "__iter__"):
+            raise InputError(f"weight_rows must be a list of weight rows, one per model, got {short(weight_rows)}")
         weight_rows = list(weight_rows)
         if len(weight_rows) != len(into):
             raise InputError(f"got {len(weight_rows)} weight rows for {len(into)} target models")
@@ -1442,7 +1448,10 @@ def _map_name(name: str, names: NameMap) -> Optional[str]:
     if isinstance(names, str):
         return names + name
     if callable(names):
-        return names(name)
+        mapped = names(name)
+        if mapped is not None and not isinstance(mapped, str):  # a list: "unhashable type", bytes: a concat error
+            raise InputError(f"names= mapped tensor {name!r} to {short(mapped)}; it must give a name (str) or None")
+        return mapped
     raise InputError(f"names must be a prefix string or a function, got {type(names).__name__}")
 
 

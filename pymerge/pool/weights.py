@@ -13,6 +13,7 @@ import torch
 from pymerge.config import layer_of  # one layer rule for configs and pool alike
 from pymerge.errors import InputError, short
 from pymerge.methods.base import MAX_MAGNITUDE
+from pymerge.ops._checks import check_layout, check_values_readable
 from pymerge.sizes import parse_size
 
 GroupRule = Union[None, str, Callable[[str], int], Dict[str, int]]
@@ -48,10 +49,12 @@ def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:
     return [int(g) for g in out]
 
 
-def _has_bool(x) -> bool:
+def _has_bool(x, depth: int = 0) -> bool:
     if isinstance(x, (bool, np.bool_)):
         return True
-    return isinstance(x, (list, tuple)) and any(map(_has_bool, x))
+    if depth > 2:  # deeper than a [G, N] table (a list holding itself recursed without end): numpy refuses it
+        return False
+    return isinstance(x, (list, tuple)) and any(_has_bool(v, depth + 1) for v in x)
 
 
 _PLAIN = frozenset((float, int))  # exactly these types: bool (an int subclass) and numpy scalars take the full path
@@ -78,6 +81,14 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
             raise InputError(f"{what} must be real numbers, got a {weights.dtype} tensor")
         if weights.is_meta:
             raise InputError(f"{what} are a tensor on the meta device, which holds no values")
+        try:  # a storage freed with resize_(0): torch's own conversion segfaulted; sparse: a raw TypeError
+            check_layout(weights, what)
+            check_values_readable(weights, what)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if weights.dim() not in (1, 2) or weights.shape[-1] != n:  # before the copy (an expand()ed 10**8 weights)
+            raise InputError(f"{what} must be {n} numbers or a [G, {n}] table, got a tensor of shape "
+                             f"{list(weights.shape)}")
         weights = weights.detach().cpu().double().numpy()
     if _has_bool(weights):  # numpy would read [True, 0.5] as [1.0, 0.5]
         raise InputError(f"{what} must be numbers, got {short(weights)}")

@@ -33,6 +33,8 @@ from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import method_params_of
 from pymerge.io.files import check_replaceable, hold_lock, read_small, release_lock
+from pymerge.ops._checks import as_flag, check_layout, check_values_readable
+from pymerge.pool.weights import _has_bool
 from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
@@ -184,6 +186,16 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     distributed=False runs this process's search alone there (a plain pool only: a sharded pool's every
     merge is a collective); None (the default) decides by the process group.
     """
+    # what the search calls and where it saves, checked before anything is written (evaluate=None failed after
+    # the first merge into model; state_path=Path(...) after its folders were made)
+    for what, fn in (("evaluate", evaluate), ("objective", objective), ("log", log)):
+        if not callable(fn) and (fn is not None or what == "evaluate"):
+            raise InputError(f"{what} must be a function, got {short(fn)}")
+    try:
+        normalize = as_flag(normalize, "normalize")
+    except TypeError as exc:
+        raise InputError(str(exc)) from None
+    state_path = _state_path(state_path)
     from pymerge.dist.search import across_ranks
     spread = across_ranks(pool, distributed)
     if spread is not None:  # under torch.distributed: CMA-ES on rank 0, candidates on every replica group
@@ -214,6 +226,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
     try:
+        if isinstance(bounds, (str, bytes, dict)):  # "01" was (0, 1), a dict its keys
+            raise TypeError
         lo, hi = (float(b) for b in bounds)
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"bounds must be two numbers (low, high), got {short(bounds)}") from None
@@ -224,7 +238,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                          "near or at 0; use normalize=False with negative weights")
     try:
         start = 1.0 / n if not normalize and lo <= 1.0 / n <= hi else (lo + hi) / 2
-        x0 = np.full(g * n, start) if x0 is None else np.ravel(np.asarray(x0, float))
+        x0 = np.full(g * n, start) if x0 is None else _x0_values(x0, g * n)
+    except InputError:
+        raise
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"x0 must be {g * n} numbers (groups x checkpoints), got {short(x0)}") from None
     if x0.shape != (g * n,):
@@ -516,6 +532,44 @@ def _sample(tensors, extra: bytes = b"") -> str:
     for t in tensors[::-(-len(tensors) // 64) or 1]:
         h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _state_path(path) -> Optional[str]:
+    """state_path as a str (a pathlib.Path too; it failed after making the folders), or None for none."""
+    if path is None:
+        return None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):  # an int was taken for an open file descriptor
+        raise InputError(f"state_path must be a path, got {short(path)}")
+    path = os.fspath(path)
+    if "\0" in path:
+        raise InputError(f"state_path {short(path)}: holds a NUL character")
+    return path or None
+
+
+def _x0_values(x0, size: int) -> np.ndarray:
+    """x0's numbers, flat; a tensor's checked first (a freed storage was read as heap garbage; a requires_grad
+    one raised numpy's error) and its size before it is copied; booleans are not numbers."""
+    if isinstance(x0, torch.Tensor):
+        try:
+            check_layout(x0, "x0")
+            check_values_readable(x0, "x0")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if x0.numel() != size:
+            raise InputError(f"x0 must have {size} values (groups x checkpoints), got {x0.numel()}")
+        if x0.dtype == torch.bool or x0.is_complex():
+            raise TypeError
+        x0 = x0.detach().cpu().double().numpy()
+    if _has_bool(x0):  # numpy reads [True, 0.5] as [1.0, 0.5]
+        raise TypeError
+    values = np.asarray(x0)
+    if values.dtype.kind not in "iuf" and values.dtype != object:
+        raise TypeError
+    if values.dtype == object and any(isinstance(v, (bool, np.bool_)) for v in values.reshape(-1)):
+        raise TypeError
+    return np.ravel(values.astype(float))
 
 
 def _lock_state(path: Optional[str]) -> Optional[int]:

@@ -6,33 +6,36 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from pymerge.errors import InputError, short
 from pymerge.io.files import replace_file
 
 
 def macro_average(scores: Dict[str, float]) -> float:
+    """The mean of a dict of task scores (the search's default objective)."""
+    if not isinstance(scores, dict) or not scores:  # a list raised IndexError, {} gave NaN with numpy's warning
+        raise InputError(f"scores must be a non-empty dict task -> score, got {short(scores)}")
     return float(np.mean([scores[k] for k in sorted(scores)]))
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
     """Indices of the non-dominated points (every coordinate maximized); of equal points the first stays.
     Points with a NaN or infinite coordinate (a failed evaluation) are neither on the front nor dominate."""
-    pts = np.asarray(points, dtype=np.float64)
-    if not len(pts):
-        return []
-    valid = np.isfinite(pts.reshape(len(pts), -1)).all(axis=1)
+    try:
+        pts = np.asarray(points, dtype=np.float64)
+        if not len(pts):
+            return []
+        pts = pts.reshape(len(pts), -1)
+    except (TypeError, ValueError):
+        raise InputError(f"points must be a list of score vectors, got {short(points)}") from None
+    valid = np.isfinite(pts).all(axis=1)
     front = []
-    for i, p in enumerate(pts):
-        if not valid[i]:
-            continue
-        dominated = False
-        for j, q in enumerate(pts):
-            if j == i or not valid[j]:
-                continue
-            if np.all(q >= p) and (np.any(q > p) or j < i):
-                dominated = True
-                break
-        if not dominated:
-            front.append(i)
+    for i in np.flatnonzero(valid):  # one row against all at once: 4,000 points on the front took 40 s one by one
+        p = pts[i]
+        ge = valid & (pts >= p).all(axis=1)
+        beats = ge & ((pts > p).any(axis=1) | (np.arange(len(pts)) < i))
+        beats[i] = False
+        if not beats.any():
+            front.append(int(i))
     return front
 
 
