@@ -418,6 +418,37 @@ def test_hugging_face_cache_links_are_followed(fam, tmp_path, capsys):
     assert (out / "tokenizer.json").read_text() == '{"tok": 1}' and (out / "config.json").is_file()
 
 
+@pytest.mark.parametrize("layout", ["inside_a_snapshot", "local_dir"])
+def test_hugging_face_cache_links_from_other_folders_are_followed(fam, tmp_path, capsys, layout):
+    """A model in a folder inside a snapshot (checkpoint-500/) was refused; an older `huggingface-cli download
+    --local-dir` links its large files (a 9 MB tokenizer.json) into the cache's blobs, and the merge left the
+    tokenizer out with a warning (exit 0: a tokenizer_config.json without its tokenizer.json). mergekit reads
+    both. A link to a blob of the cache's own files (not a model's) stays refused."""
+    root, base, fts = fam
+    repo = tmp_path / "hub" / "models--org--name"
+    blobs = repo / "blobs"
+    folder = repo / "snapshots" / "abc123" / "checkpoint-500" if layout == "inside_a_snapshot" else tmp_path / "dl"
+    folder.mkdir(parents=True)
+    blobs.mkdir(parents=True)
+    for f in sorted(fts[0].iterdir()):
+        shutil.copy(f, blobs / f"hash-{f.name}")
+        os.symlink(os.path.relpath(blobs / f"hash-{f.name}", folder), folder / f.name)
+    (blobs / "hash-tokenizer.json").write_text('{"tok": 1}')
+    out = tmp_path / "out"
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([folder, fts[1]])), out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert (out / "tokenizer.json").read_text() == '{"tok": 1}' and (out / "config.json").is_file()
+    assert "outside the model folder" not in err
+    other = tmp_path / "cache" / "notes" / "blobs"
+    other.mkdir(parents=True)
+    (other / "secret").write_text("hunter2")
+    os.unlink(folder / "tokenizer.json")
+    os.symlink(other / "secret", folder / "tokenizer.json")
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([folder, fts[1]])), out, "--quiet", "--force"],
+                      capsys)
+    assert rc == 0 and "outside the model folder" in err and not (out / "tokenizer.json").exists()
+
+
 
 def test_a_hub_cache_ref_that_is_not_text_is_one_line(fam, tmp_path, capsys, monkeypatch):
     """refs/main of binary junk was a UnicodeDecodeError traceback (bug hunt)."""

@@ -966,3 +966,20 @@ def test_a_link_loop_is_named_a_loop(tmp_path):
         Checkpoint(folder)
     assert check_error(excinfo, folder / "model.safetensors").endswith(
         "is a link that leads back to itself (through model.safetensors)")
+
+
+@pytest.mark.parametrize("suffix", [".BIN", ".ckpt", ".Safetensors"])
+def test_shards_are_read_by_their_kind_whatever_their_suffix_case(tmp_path, suffix):
+    """An index naming pickled shards *.BIN (or *.ckpt) had them opened as safetensors ("header length exceeds the
+    limit"); transformers and mergekit open everything not named .safetensors (any case) with torch.load."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    name = f"shard-00001-of-00001{suffix}"
+    if suffix.lower() == ".safetensors":
+        safetensors.torch.save_file(state, tmp_path / name)
+        index = "model.safetensors.index.json"
+    else:
+        torch.save(state, tmp_path / name)
+        index = "pytorch_model.bin.index.json"
+    (tmp_path / index).write_text(json.dumps({"weight_map": {k: name for k in state}}))
+    with Checkpoint(tmp_path) as ck:
+        assert all(torch.equal(ck.tensor(k), v) for k, v in state.items())

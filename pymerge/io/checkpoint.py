@@ -334,9 +334,21 @@ def _maps_file_at(begin: int, st: os.stat_result) -> bool:
 
 
 def open_tensor_file(path):
-    """A SafetensorsFile, or a TorchFile for .bin/.pt/.pth."""
+    """A SafetensorsFile for .safetensors, a TorchFile for .bin/.pt/.pth (any case, as transformers and mergekit
+    read them: a shard named .BIN was read as safetensors, "header length exceeds the limit"); any other name by
+    its first bytes (a zip: torch.save's; else safetensors, whose errors then say what is wrong)."""
     path = Path(path)
-    return TorchFile(path) if path.suffix in _TORCH_SUFFIXES else SafetensorsFile(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if suffix in _TORCH_SUFFIXES:
+        return TorchFile(path)
+    try:
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"
+    except OSError:
+        zipped = False  # (the reader's own open names the problem)
+    return TorchFile(path) if zipped else SafetensorsFile(path)
 
 
 def check_folder_unchanged(folder, taken) -> None:

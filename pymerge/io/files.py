@@ -370,13 +370,18 @@ def read_json(path, error: Type[InputError] = CheckpointError, unique_keys: bool
 
 
 def stays_inside(folder, path) -> bool:
-    """True when ``path`` (a file in the model folder), symlinks resolved, is still inside the folder,
-    or inside the blobs of a Hugging Face cache (models--org--name/snapshots/<rev>/f -> ../../blobs/<hash>).
+    """True when ``path`` (a file in the model folder), symlinks resolved, is still inside the folder, or is a
+    blob of a Hugging Face cache: the folder's own repository's where the folder is a snapshot or inside one
+    (models--org--name/snapshots/<rev>[/sub]/f -> .../blobs/<hash>), any cached model's where it is not (an older
+    `huggingface-cli download --local-dir` linked its large files, tokenizer.json too, into the cache).
     A link leaving the folder could copy any file the user can read (~/.ssh/...) into a shared merge."""
     root, target = Path(os.path.realpath(folder)), Path(os.path.realpath(path))  # a link loop: no RuntimeError
     if target == root or root in target.parents:
         return True
-    return root.parent.name == "snapshots" and root.parent.parent / "blobs" in target.parents
+    for up in (root, *root.parents):
+        if up.parent.name == "snapshots":
+            return up.parent.parent / "blobs" in target.parents
+    return target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
