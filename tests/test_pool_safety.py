@@ -620,3 +620,13 @@ def test_a_target_that_calls_the_pool_while_it_is_planned_is_refused_not_deadloc
     with pytest.raises(InputError, match="the pool was called again while it planned a call"):
         pool.materialize([0.2, 0.3, 0.5], into=target)
     pool.materialize([0.2, 0.3, 0.5], into=linears(1, seed=4)[0])  # the pool still works
+
+
+def test_task_arithmetic_normalize_may_be_a_numpy_bool():
+    """The parameter check took bool, int and float only: np.bool_ (what a numpy comparison gives) was refused."""
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models[1:]], base=models[0].state_dict())
+    a, b = linears(1, seed=9)[0], linears(1, seed=9)[0]
+    pool.materialize([0.5, 0.25], into=a, method="task_arithmetic", method_params={"normalize": np.bool_(True)})
+    pool.materialize([0.5, 0.25], into=b, method="task_arithmetic", method_params={"normalize": True})
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -1564,6 +1564,7 @@ def test_cli_names_a_source_whose_index_lists_no_file(tmp_path, capsys):
     ({"state_path": "s\0.json"}, "holds a NUL character"),
     ({"normalize": "no"}, "normalize must be a bool, got 'no'"),  # ran normalized
     ({"bounds": "01"}, "bounds must be two numbers"),  # was (0, 1)
+    ({"bounds": (False, True)}, "bounds must be two numbers"),
     ({"x0": [True, False, True, False]}, "x0 must be 4 numbers"),
 ])
 def test_search_arguments_are_checked_before_anything_is_written(tmp_path, kw, words):

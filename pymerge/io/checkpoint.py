@@ -343,11 +343,13 @@ def open_tensor_file(path):
         return SafetensorsFile(path)
     if suffix in _TORCH_SUFFIXES:
         return TorchFile(path)
+    fd = open_regular(path)  # a FIFO: refused, not waited on (a plain open blocked for a writer forever)
     try:
-        with open(path, "rb") as fh:
-            zipped = fh.read(4) == b"PK\x03\x04"
+        zipped = os.read(fd, 4) == b"PK\x03\x04"
     except OSError:
         zipped = False  # (the reader's own open names the problem)
+    finally:
+        os.close(fd)
     return TorchFile(path) if zipped else SafetensorsFile(path)
 
 

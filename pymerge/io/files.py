@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -369,6 +370,9 @@ def read_json(path, error: Type[InputError] = CheckpointError, unique_keys: bool
         raise error(f"{path}: cannot read as JSON: nested too deeply") from None
 
 
+_HASH_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
 def stays_inside(folder, path) -> bool:
     """True when ``path`` (a file in the model folder), symlinks resolved, is still inside the folder, or is a
     blob of a Hugging Face cache: the folder's own repository's where the folder is a snapshot or inside one
@@ -381,7 +385,9 @@ def stays_inside(folder, path) -> bool:
     for up in (root, *root.parents):
         if up.parent.name == "snapshots":
             return up.parent.parent / "blobs" in target.parents
-    return target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+    # a blob is named by its content's hash (git's sha1 or LFS's sha256): another model's file, never ~/.ssh's
+    return (target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+            and _HASH_NAME.fullmatch(target.name) is not None)
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"

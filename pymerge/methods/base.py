@@ -15,6 +15,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional
 
+import numpy as np
+
 if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
     import torch
 
@@ -159,11 +161,11 @@ def number_param(value: Any, what: str, name: str) -> float:
 
 
 def flag_param(value: Any, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    if isinstance(value, (int, float)) and value in (0, 1):
+    if isinstance(value, numbers.Real) and value in (0, 1):  # numpy's integers and floats too
         return bool(value)
     raise MergeConfigError(f"{what} must be true or false, got {value!r}")
 

@@ -19,7 +19,6 @@ consensus, and mergekit 0.1.5's parameters and defaults:
 it never changes a result, so it is accepted and ignored. task_arithmetic lives in linear.py and
 may call merge_task_vectors() with no sparsifier.
 """
-import math
 from typing import Any, Optional
 
 import torch

@@ -226,8 +226,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         raise InputError(f"model must be the live torch.nn.Module candidates are written into, "
                          f"got {type(model).__name__}")
     try:
-        if isinstance(bounds, (str, bytes, dict)):  # "01" was (0, 1), a dict its keys
-            raise TypeError
+        if isinstance(bounds, (str, bytes, dict)) or any(isinstance(b, (bool, np.bool_, str, bytes)) for b in bounds):
+            raise TypeError  # "01" was (0, 1), a dict its keys, (False, True) and ("0", "1") numbers
         lo, hi = (float(b) for b in bounds)
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"bounds must be two numbers (low, high), got {short(bounds)}") from None
@@ -538,11 +538,9 @@ def _state_path(path) -> Optional[str]:
     """state_path as a str (a pathlib.Path too; it failed after making the folders), or None for none."""
     if path is None:
         return None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if not isinstance(path, (str, os.PathLike)):  # an int was taken for an open file descriptor
+    if not isinstance(path, (str, bytes, os.PathLike)):  # an int was taken for an open file descriptor
         raise InputError(f"state_path must be a path, got {short(path)}")
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))
     if "\0" in path:
         raise InputError(f"state_path {short(path)}: holds a NUL character")
     return path or None
