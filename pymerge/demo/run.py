@@ -477,6 +477,7 @@ def _summary(rows, names, best_single, sizes, unseen) -> Dict:
     test = {k: v["test"] for k, v in rows.items()}
     unseen_scores = {k: v["test_unseen"] for k, v in rows.items()}
     w = np.asarray(rows["optimized merge"]["weights"])
+    groups = w.reshape(-1, len(names))  # one row per layer group (one row without --per-layer)
     s = {
         "best_single": macro_average(test[best_single]), "best_single_name": best_single,
         "best_single_in_hindsight": max(macro_average(test[nm]) for nm in names),
@@ -487,8 +488,8 @@ def _summary(rows, names, best_single, sizes, unseen) -> Dict:
         "test_standard_error": standard_error(test["optimized merge"], sizes),
         "optimized_weights": w.tolist(),
         # a checkpoint counts where its weight is positive (the second count: over 0.01) in any layer group
-        "nonzero_weights": int(np.sum((w.reshape(-1, len(names)) > 0).any(axis=0))),
-        "weights_over_0_01": int(np.sum((w.reshape(-1, len(names)) > 0.01).any(axis=0))),
+        "nonzero_weights": int(np.sum((groups > 0).any(axis=0))),
+        "weights_over_0_01": int(np.sum((groups > 0.01).any(axis=0))),
         "checkpoints": len(names),
     }
     for k in BASELINES:

@@ -51,9 +51,9 @@ class TorchFile:
         st = os.stat(self.path)
         # the file torch maps, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
         self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
-        readable_mapped = _check_torch_format(self.path, st.st_size)
+        mappable = _check_torch_format(self.path, st.st_size)
         try:
-            state, mapped = _torch_load(self.path, not readable_mapped)
+            state, mapped = _torch_load(self.path, mappable)
         except Exception as exc:  # torch.load raises OSError, RuntimeError, UnpicklingError, EOFError...
             raise CheckpointError(f"{self.path}: cannot load as a PyTorch checkpoint: {_load_problem(exc)}") from None
         if not isinstance(state, dict):
@@ -71,9 +71,8 @@ class TorchFile:
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
             if (problem := kind_problem(t)) is not None:  # sparse, nested, quantized, meta
                 raise CheckpointError(f"{self.path}: tensor {name!r} {problem}")
-            if str(t.dtype).replace("torch.", "") not in _native.DTYPE_INFO:  # complex128, bits8, uint3...
-                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}, "
-                                      "which safetensors cannot store")
+            if (dtype := _native.dtype_name(t.dtype)) not in _native.DTYPE_INFO:  # complex128, bits8, uint3...
+                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
             if t.numel() * t.element_size() > _MAX_EXPANDED and overlap_problem(t) is not None:
                 # an expanded tensor: a few stored bytes that would be copied out to all it claims (a 2 KB file
                 # of "1 GiB"). Small ones (a buffer saved as arange(8).expand(4, 8)) load as torch loads them.
@@ -231,12 +230,12 @@ def _unpickler_reason(text: str) -> str:
     return ""
 
 
-def _torch_load(path: Path, compressed: bool):
-    """(state dict, whether torch memory-mapped the file); compressed: not mappable (_check_torch_format)."""
+def _torch_load(path: Path, mappable: bool):
+    """(state dict, whether torch memory-mapped the file); mappable: _check_torch_format's answer."""
     import torch
     with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized...) are not the user's
         warnings.simplefilter("ignore")
-        if compressed:
+        if not mappable:
             # A zip re-packed with compression (DEFLATE): torch maps a record's compressed bytes as the tensor's
             # (garbage, or "Trying to resize storage that is not resizable"); read without a map, it inflates them.
             # (And a file in the other byte order: see _check_torch_format.)

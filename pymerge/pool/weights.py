@@ -49,6 +49,16 @@ def group_indices(names: Sequence[str], rule: GroupRule) -> List[int]:
     return [int(g) for g in out]
 
 
+def check_readable_values(t: torch.Tensor, what: str) -> None:
+    """A tensor whose values are read here (weights, a search's x0): dense, with data, as an InputError (a storage
+    freed with resize_(0): torch's own conversion segfaulted; sparse: a raw TypeError)."""
+    try:
+        check_layout(t, what)
+        check_values_readable(t, what)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _has_bool(x, depth: int = 0) -> bool:
     if isinstance(x, (bool, np.bool_)):
         return True
@@ -81,11 +91,7 @@ def weight_table(weights, n: int, normalize: bool = False, what: str = "weights"
             raise InputError(f"{what} must be real numbers, got a {weights.dtype} tensor")
         if weights.is_meta:
             raise InputError(f"{what} are a tensor on the meta device, which holds no values")
-        try:  # a storage freed with resize_(0): torch's own conversion segfaulted; sparse: a raw TypeError
-            check_layout(weights, what)
-            check_values_readable(weights, what)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        check_readable_values(weights, what)
         if weights.dim() not in (1, 2) or weights.shape[-1] != n:  # before the copy (an expand()ed 10**8 weights)
             raise InputError(f"{what} must be {n} numbers or a [G, {n}] table, got a tensor of shape "
                              f"{list(weights.shape)}")

@@ -33,8 +33,8 @@ from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import method_params_of
 from pymerge.io.files import check_replaceable, hold_lock, read_small, release_lock
-from pymerge.ops._checks import as_flag, check_layout, check_values_readable
-from pymerge.pool.weights import _has_bool
+from pymerge.ops._checks import as_flag
+from pymerge.pool.weights import _has_bool, check_readable_values
 from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
@@ -550,11 +550,7 @@ def _x0_values(x0, size: int) -> np.ndarray:
     """x0's numbers, flat; a tensor's checked first (a freed storage was read as heap garbage; a requires_grad
     one raised numpy's error) and its size before it is copied; booleans are not numbers."""
     if isinstance(x0, torch.Tensor):
-        try:
-            check_layout(x0, "x0")
-            check_values_readable(x0, "x0")
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        check_readable_values(x0, "x0")
         if x0.numel() != size:
             raise InputError(f"x0 must have {size} values (groups x checkpoints), got {x0.numel()}")
         if x0.dtype == torch.bool or x0.is_complex():
