@@ -262,9 +262,10 @@ def _main(argv: Optional[List[str]]) -> int:
 def _run(args) -> int:
     from pymerge.errors import DistributedError, InputError
     from pymerge.io.writer import INSTALLED
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
-    installed_before = len(INSTALLED)
-    try:
+    installed_before, previous = len(INSTALLED), None
+    try:  # the handler installed inside: a SIGTERM just after it, before the try, was a raw traceback
+        if _main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         return _dispatch(args)
     except InputError as exc:
         say(f"pymerge: error: {_one_line(exc)}")

@@ -383,7 +383,7 @@ def test_missing_parent_folders_are_made_and_removed_again_on_abort(tmp_path, mo
     class Tiny:
         f_bavail, f_frsize = 1, 4096
     monkeypatch.setattr(writer_mod.os, "statvfs", lambda p: Tiny())
-    with pytest.raises(InputError, match="GB are free"):
+    with pytest.raises(InputError, match="needs 400.10 KB but only 4.10 KB are free"):
         ShardedWriter(tmp_path / "full" / "out", [("a", torch.float32, (100_000,))])
     assert sorted(os.listdir(tmp_path)) == ["kept", "runs"]
 
@@ -412,7 +412,7 @@ def test_not_enough_disk_space(tmp_path, monkeypatch):
     class Tiny:
         f_bavail, f_frsize = 1, 4096
     monkeypatch.setattr(writer_mod.os, "statvfs", lambda p: Tiny())
-    with pytest.raises(InputError, match="GB are free"):
+    with pytest.raises(InputError, match="needs 400.10 KB but only 4.10 KB are free"):
         ShardedWriter(tmp_path / "out", [("a", torch.float32, (100_000,))])
     assert os.listdir(tmp_path) == []
 
@@ -895,3 +895,112 @@ def test_a_mount_point_ismount_cannot_see_is_named_at_install(tmp_path, monkeypa
     with pytest.raises(InputError, match=r"out: is a mount point.*choose a folder inside it"):
         write_all(out, {"a": torch.ones(2)}, force=force)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == (["old.txt"] if force else [])
+
+
+def _fake_mountinfo(tmp_path, monkeypatch, *points):
+    """A mountinfo listing the real root and the given mount points, escaped as the kernel writes them."""
+    def escape(p):
+        return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in str(p))
+    lines = ["22 1 254:0 / / rw,relatime - ext4 /dev/vda rw"]
+    lines += [f"{40 + i} 22 254:0 /x {escape(p)} rw,relatime - ext4 /dev/vda rw" for i, p in enumerate(points)]
+    info = tmp_path / "mountinfo"
+    info.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(writer_mod, "MOUNTINFO", str(info))
+
+
+def test_force_refuses_an_out_holding_a_mount_point(tmp_path, monkeypatch):
+    """--force deleted the old OUT with everything in it: a bind mount of the user's models inside OUT (a container
+    volume) lost the models themselves, exit 0 (an audit). Refused before writing; nothing deleted."""
+    out = tmp_path / "out"
+    (out / "my models" / "A").mkdir(parents=True)
+    (out / "my models" / "A" / "model.safetensors").write_text("precious")
+    _fake_mountinfo(tmp_path, monkeypatch, out / "my models")
+    with pytest.raises(InputError, match=r"out: .*my models inside it is a mount point.*unmount it or choose another"):
+        write_all(out, {"a": torch.ones(2)}, force=True)
+    assert (out / "my models" / "A" / "model.safetensors").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["mountinfo", "out"]
+    _fake_mountinfo(tmp_path, monkeypatch, tmp_path / "elsewhere", tmp_path / "outside")  # (not below OUT)
+    write_all(out, {"a": torch.ones(2)}, force=True)
+    assert os.listdir(out) == ["model.safetensors"]
+
+
+def test_a_folder_holding_a_mount_point_is_never_deleted(tmp_path, monkeypatch):
+    """A mount made inside OUT during the merge, or inside a killed run's leftovers: the replaced folder is left
+    garbage-named, its mounted files untouched, where it would have been deleted through the mount."""
+    gone = tmp_path / "old"
+    (gone / "mnt").mkdir(parents=True)
+    (gone / "mnt" / "f").write_text("kept")
+    _fake_mountinfo(tmp_path, monkeypatch, gone / "mnt")
+    writer_mod._remove_tree(gone)
+    assert (gone / "mnt" / "f").read_text() == "kept"
+    _fake_mountinfo(tmp_path, monkeypatch)
+    writer_mod._remove_tree(gone)
+    assert not gone.exists()
+    monkeypatch.setattr(writer_mod, "MOUNTINFO", str(tmp_path / "no-proc"))  # no /proc: found by walking
+    (gone / "mnt").mkdir(parents=True)
+    real = os.path.ismount
+    monkeypatch.setattr(writer_mod.os.path, "ismount", lambda p: os.fspath(p) == str(gone / "mnt") or real(p))
+    assert writer_mod.mounts_within(gone) == [str(gone / "mnt")]
+    writer_mod._remove_tree(gone)
+    assert (gone / "mnt").is_dir()
+
+
+def test_force_with_a_real_bind_mount_inside_out(tmp_path):
+    """The same with a real bind mount, where this machine lets the tests mount (root in a container)."""
+    models, out = tmp_path / "models", tmp_path / "out"
+    (models / "A").mkdir(parents=True)
+    (models / "A" / "model.safetensors").write_text("precious")
+    (out / "models").mkdir(parents=True)
+    if subprocess.run(["mount", "--bind", str(models), str(out / "models")], capture_output=True).returncode:
+        pytest.skip("mount --bind is not permitted here (the fake-mountinfo tests above cover the logic)")
+    try:
+        with pytest.raises(InputError, match="inside it is a mount point"):
+            write_all(out, {"a": torch.ones(2)}, force=True)
+        assert (models / "A" / "model.safetensors").read_text() == "precious"
+    finally:
+        subprocess.run(["umount", str(out / "models")], check=True)
+
+
+def test_a_side_file_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    """A config.json, model card or index that hit 'File too large' or a full disk said only that, naming no file
+    (an audit): named as OUT's file, nothing left."""
+    out = tmp_path / "out"
+    real_open = open
+
+    def full(path, *a, **k):
+        if os.fspath(path).endswith(("config.json", "README.md", "model.safetensors.index.json")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", full)
+    for add in (lambda w: w.write_json("config.json", {"a": 1}), lambda w: w.write_text("README.md", "card")):
+        w = ShardedWriter(out, [("a", torch.float32, (2,))])
+        with pytest.raises(OSError, match="No space left on device") as info:
+            add(w)
+        assert info.value.filename == str(out / os.path.basename(info.value.filename))
+        assert os.path.basename(info.value.filename) in ("config.json", "README.md")
+        w.abort()
+        assert os.listdir(tmp_path) == []
+    w = ShardedWriter(out, [("a", torch.float32, (2,)), ("b", torch.float32, (2,))], max_shard_bytes=8)
+    w.write("a", torch.ones(2))
+    w.write("b", torch.ones(2))
+    with pytest.raises(OSError) as info:
+        w.commit()
+    assert info.value.filename == str(out / "model.safetensors.index.json")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_out_folder_keeps_its_extended_attributes(tmp_path):
+    """The model is installed by renaming a new folder onto OUT: a user.* label or a POSIX default ACL (stored as
+    an extended attribute) on the folder the user made for OUT was lost (an audit)."""
+    for force in (False, True):
+        out = tmp_path / f"out{force}"
+        out.mkdir()
+        if force:
+            (out / "old.txt").write_text("old")
+        try:
+            os.setxattr(out, "user.project", b"llm-merges")
+        except OSError as exc:
+            pytest.skip(f"this filesystem takes no user extended attributes ({exc.strerror})")
+        write_all(out, {"a": torch.ones(2)}, force=force)
+        assert os.listdir(out) == ["model.safetensors"]
+        assert os.getxattr(out, "user.project") == b"llm-merges"

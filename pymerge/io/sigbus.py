@@ -64,11 +64,13 @@ class MappingGuard:
                 if _cut(f, path, identity, end - begin):
                     self._shrunk = f
                     break
-                if self._rewritten is None and _rewritten(path, identity, self._stamps.get(id(f))):
-                    self._rewritten = f
+                if self._rewritten is None:
+                    how = _rewritten(path, identity, self._stamps.get(id(f)))
+                    if how is not None:
+                        self._rewritten = (f, how)
         if self._rewritten is not None and self._shrunk is None:
-            raise CheckpointError(f"{self._rewritten.path}: the file changed while {self._doing} (another program "
-                                  f"rewrote it in place: its timestamps moved); {then}")
+            f, how = self._rewritten
+            raise CheckpointError(f"{f.path}: the file changed while {self._doing} ({how}); {then}")
         if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
             return
         hits, address = self._ext.sigbus_guard_hits()
@@ -121,16 +123,22 @@ def stamp(st: os.stat_result) -> tuple:
     return st.st_mtime_ns, st.st_ctime_ns
 
 
-def _rewritten(path: str, identity: Optional[tuple], was: Optional[tuple]) -> bool:
-    """Whether the mapped file (still at path) was written since it was mapped: a map reads the new bytes,
-    mixed with whatever was computed from the old ones (same size: no cut to see)."""
+def _rewritten(path: str, identity: Optional[tuple], was: Optional[tuple]) -> Optional[str]:
+    """How the mapped file (still at path) may have been written since it was mapped (a map reads the new
+    bytes, mixed with whatever was computed from the old ones; same size: no cut to see), or None."""
     if was is None:
-        return False
+        return None
     try:
         st = os.stat(path)
     except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == identity and stamp(st) != was
+        return None
+    now = stamp(st)
+    if (st.st_dev, st.st_ino) != identity or now == was:
+        return None
+    if now[0] != was[0]:
+        return "another program rewrote it in place: its modification time moved"
+    return ("its status changed: a chmod, chown or hard link to it, or a rewrite that set its modification time "
+            "back; if nothing rewrote it, run again")
 
 
 def _shrank(path: str, identity: Optional[tuple], length: int) -> bool:

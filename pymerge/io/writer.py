@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -196,8 +197,8 @@ class ShardedWriter:
             return
         free, need = st.f_bavail * st.f_frsize, sum(self._sizes)
         if 0 < free < need:  # 0: some filesystems don't report; don't block on them
-            raise InputError(f"{self.out_dir}: the merged model needs {need / 1e9:.2f} GB but only "
-                             f"{free / 1e9:.2f} GB are free on {self.out_dir.parent}")
+            raise InputError(f"{self.out_dir}: the merged model needs {_size(need)} but only "
+                             f"{_size(free)} are free on {self.out_dir.parent}")
 
     def _create_shard(self, i: int) -> int:
         path = self.tmp_dir / self.shard_names[i]
@@ -356,17 +357,27 @@ class ShardedWriter:
     def write_json(self, relname: str, obj) -> Path:
         """Adds a JSON file (config.json, generation_config.json...) to the output."""
         path = self._extra_path(relname)
-        _dump_json(path, obj)
+        try:
+            _dump_json(path, obj)
+        except OSError as exc:  # "File too large" alone named no file (an audit)
+            raise self._file_error(exc, relname) from None
         return path
 
     def write_text(self, relname: str, text: str) -> Path:
         """Adds a UTF-8 text file (a model card) to the output."""
         path = self._extra_path(relname)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise self._file_error(exc, relname) from None
         return path
+
+    def _file_error(self, exc: OSError, relname: str) -> OSError:
+        """exc naming OUT's file, not the hidden temporary folder's."""
+        return OSError(exc.errno, exc.strerror, str(self.out_dir / relname))
 
     def copy_file(self, src, relname: Optional[str] = None) -> Path:
         """Adds a copy of ``src`` (a tokenizer file, say) to the output as ``relname``."""
@@ -444,9 +455,12 @@ class ShardedWriter:
                     self._state = "committed"
                 return self.out_dir
             if len(self.shard_names) > 1:
-                _dump_json(self.tmp_dir / INDEX_NAME, {
-                    "metadata": {"total_size": self.total_bytes},
-                    "weight_map": {n: self.shard_of(n) for n in self._order}})
+                try:
+                    _dump_json(self.tmp_dir / INDEX_NAME, {
+                        "metadata": {"total_size": self.total_bytes},
+                        "weight_map": {n: self.shard_of(n) for n in self._order}})
+                except OSError as exc:
+                    raise self._file_error(exc, INDEX_NAME) from None
             for fd in self._fds.values():
                 os.fsync(fd)
             self._close_fds()
@@ -617,6 +631,14 @@ class ShardedWriter:
 
 
 # ---- helpers -------------------------------------------------------------------------------
+def _size(nbytes: int) -> str:
+    """Bytes in a readable unit ("0.00 GB" of 0.00 GB free said nothing for a small model)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def _check_metadata(metadata) -> Dict[str, str]:
     if metadata is None:
         return {}
@@ -638,6 +660,11 @@ def _check_out(out: Path, force: bool) -> None:
                          "to replace the link (that folder is kept)")
     if not force and not _is_empty_dir(out):
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+    if force and not out.is_symlink():  # (a link alone is replaced; the folder it names is kept)
+        inside = mounts_within(out)
+        if inside:
+            raise InputError(f"{out}: {inside[0]} inside it is a mount point, and --force deletes the old OUT "
+                             "with everything in it, the mounted files too; unmount it or choose another OUT")
 
 
 def _mount_point(out: Path) -> str:
@@ -839,6 +866,22 @@ def _keep_access(out: Path, tmp: Path) -> None:
         os.chmod(tmp, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
     except OSError:
         pass
+    _copy_xattrs(out, tmp)
+
+
+def _copy_xattrs(src: Path, dst: Path) -> None:
+    """The folder's extended attributes too: a POSIX default ACL that shares a team's outputs (stored as
+    system.posix_acl_default) was lost with the swapped folder, and so were user.* labels (an audit). Best
+    effort: an attribute this user may not set (security.*) or a filesystem without them is skipped."""
+    try:
+        names = os.listxattr(src)
+    except (OSError, AttributeError):  # none here, or no xattrs on this platform
+        return
+    for name in names:
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError:
+            pass
 
 
 def _garbage_name(out: Path) -> Path:
@@ -891,7 +934,7 @@ def _remove_stale(out: Path) -> None:
         return
     for e in entries:
         if e.name.startswith(del_prefix) and _garbage_suffix(e.name[len(del_prefix):]):  # whoever left it
-            shutil.rmtree(e.path, ignore_errors=True)  # another run may be deleting it too
+            _remove_tree(Path(e.path), ignore_errors=True)  # another run may be deleting it too
             continue
         for prefix in (old_prefix, tmp_prefix):
             pid = e.name[len(prefix):]
@@ -909,7 +952,7 @@ def _remove_stale(out: Path) -> None:
                 else:  # claimed first: two runs sweeping one folder both deleted it (ENOENT)
                     gone = _claim(e.path, out)
                     if gone is not None:
-                        shutil.rmtree(gone, ignore_errors=True)
+                        _remove_tree(gone, ignore_errors=True)
                 break
 
 
@@ -927,11 +970,41 @@ def _identity(path: Path):
     return st.st_dev, st.st_ino
 
 
-def _remove_tree(path: Path) -> None:
+def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
+    """Deletes a replaced or stale folder, never into a filesystem mounted inside it (a bind mount of a
+    user's models in a container): such a folder is left where it is, garbage-named, for its owner."""
     if os.path.islink(path):
         os.unlink(path)
-    elif os.path.lexists(path):
-        shutil.rmtree(path)
+    elif os.path.lexists(path) and not mounts_within(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def mounts_within(path) -> List[str]:
+    """Mount points at or below path: from /proc/self/mountinfo where there is one (a bind mount within one
+    disk has the same st_dev as its parent folder, which os.path.ismount cannot see), else by walking."""
+    root = os.path.realpath(path)
+    below = root.rstrip("/") + "/"
+    try:
+        with open(MOUNTINFO, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = None
+    if lines is not None:
+        found = []
+        for line in lines:
+            fields = line.split(b" ")
+            if len(fields) > 4:  # the 5th field is the mount point, with space, tab, newline and backslash as octal escapes
+                point = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4]))
+                if point == root or point.startswith(below):
+                    found.append(point)
+        return found
+    found = [root] if os.path.ismount(root) else []
+    for folder, dirs, _ in os.walk(root):
+        found += [os.path.join(folder, d) for d in dirs if os.path.ismount(os.path.join(folder, d))]
+    return found
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
