@@ -10,12 +10,17 @@ noise floor.
 """
 import argparse
 import importlib.util
+import os
+import sys
 import statistics
 import time
 
 import torch
 
-from pymerge import _native
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import positive_int  # noqa: E402
+
+from pymerge import _native  # noqa: E402
 
 CASES = [(16, 8 << 20, 1), (12, 8 << 20, 1), (32, 4 << 20, 1), (9, 8 << 20, 1), (8, 16 << 20, 1),
          (4, 32 << 20, 1), (2, 32 << 20, 1), (16, 6 << 20, 2), (16, 4 << 20, 3), (16, 4 << 20, 4),
@@ -32,7 +37,7 @@ def load_other(path: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("other", help="the other build's _cpu extension (.so)")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=positive_int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="0: the extension's default")
     args = ap.parse_args()
     builds = {"other": load_other(args.other), "this": _native.require_cpu()}
@@ -41,7 +46,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         xs = [torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(n)]
         outs = [torch.empty(numel, dtype=torch.bfloat16) for _ in range(k)]
-        src = torch.empty((n + k) * numel // 2, dtype=torch.bfloat16)  # copy: the same bytes read + written
+        # copy: the same bytes read + written, from written memory (a never-written one reads the zero page)
+        src = torch.randn((n + k) * numel // 2).to(torch.bfloat16)
         dst = torch.empty_like(src)
         call = ([x.data_ptr() for x in xs], [code] * n, numel, [1.0 / n] * (n * k), [o.data_ptr() for o in outs],
                 [code] * k, args.threads)

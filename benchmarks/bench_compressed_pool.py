@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pool import Stack  # noqa: E402
-from common import markdown_table, time_interleaved, write_results  # noqa: E402
+from common import markdown_table, positive_int, time_interleaved, write_results  # noqa: E402
 
 from pymerge.pool import CheckpointPool, compressed  # noqa: E402
 
@@ -169,13 +169,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="4e6 parameters, 2 rounds (unless given)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: pools on the GPU, Triton kernels")
     ap.add_argument("--params", type=float, default=None, help="default 40e6")
-    ap.add_argument("--n", type=int, nargs="+", default=[8, 16], help="pool sizes")
-    ap.add_argument("--rounds", type=int, default=None, help="default 5")
+    ap.add_argument("--n", type=positive_int, nargs="+", default=[8, 16], help="pool sizes")
+    ap.add_argument("--rounds", type=positive_int, default=None, help="default 5")
     ap.add_argument("--backend", default="auto", help="every pool's backend (auto: C++ on the CPU, Triton on CUDA)")
     args = ap.parse_args(argv)
     # --quick picks the defaults only: an explicit --params/--rounds wins
     params = int(args.params or (4e6 if args.quick else 40e6))
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     torch.set_num_threads(2)
     speed_tables(args, params, rounds, ("_quick" if args.quick else "") + ("" if args.backend == "auto" else f"_{args.backend}"))
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_results  # noqa: E402
+from common import positive_int, write_results  # noqa: E402
 
 from pymerge import _native  # noqa: E402
 from pymerge.pool import compressed as cp  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
                                  epilog="Needs the C++ extension on its AVX2 path: on an AVX-512 CPU, run it with "
                                         "PYMERGE_SIMD=avx2.")
     ap.add_argument("--quick", action="store_true", help="64K and 1M elements, 3 rounds (unless --rounds)")
-    ap.add_argument("--rounds", type=int, default=None, help="default 9")
+    ap.add_argument("--rounds", type=positive_int, default=None, help="default 9")
     args = ap.parse_args()
     if _native.cpu is None or _native.cpu.simd_level() != "avx2":
         sys.exit("bench_delta_decode: needs the C++ extension on its AVX2 path (the paired kernel's); "
@@ -82,7 +82,7 @@ def main() -> None:
                  + ("; run it with PYMERGE_SIMD=avx2" if _native.cpu is not None and _native.cpu.simd_level() == "avx512"
                     else ""))
     sizes = (1 << 16, 1 << 20) if args.quick else (1 << 20, 1 << 24)
-    rounds = args.rounds or (3 if args.quick else 9)  # an explicit --rounds wins over --quick
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 9)  # an explicit --rounds wins over --quick
     rows = []
     for n in sizes:
         for threads in (1, 2):

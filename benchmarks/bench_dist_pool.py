@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import positive_int, write_results  # noqa: E402
 
 METHODS = (("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.5}))
 
@@ -101,7 +101,7 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--checkpoints", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--name", default="dist_pool", help="results file name under results/cpu/")
     args = ap.parse_args()
     import torch.multiprocessing as mp

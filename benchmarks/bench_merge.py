@@ -185,8 +185,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tools", default="mergekit,pymerge")
     ap.add_argument("--threads", type=int, default=None, help="pymerge --threads")
-    ap.add_argument("--results", default=ROOT / "benchmarks" / "results" / "cpu", type=Path)
+    ap.add_argument("--results", default=Path(os.environ.get("PYMERGE_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
+                    / "cpu", type=Path)
     args = ap.parse_args(argv)
+    if args.repeats < 1:  # 0 was a ValueError after the models were made
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    unknown = set(args.tools.split(",")) - {"mergekit", "pymerge"}
+    if unknown:  # a KeyError
+        ap.error(f"--tools: unknown tool {', '.join(sorted(unknown))}; known: mergekit, pymerge")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
 
     params = {}
     for kv in args.param:
@@ -220,7 +228,7 @@ def main(argv=None):
                   f"peak anon {r['peak_anon_mb']:7.0f} MB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
 
     best = {t: min(rs, key=lambda r: r["wall_s"]) for t, rs in runs.items()}
-    from common import machine_description  # imports torch: after the timed runs
+    from common import machine_description, result_name, write_atomic  # imports torch: after the timed runs
     machine = machine_description("cpu")
     summary = {
         "method": args.method, "params": params, "dtype": args.dtype, "out_dtype": args.out_dtype,
@@ -248,9 +256,9 @@ def main(argv=None):
     table = "\n".join(lines)
     print("\n" + table)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = f"merge_{args.method}"
-    (args.results / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (args.results / f"{stem}.md").write_text(table + "\n")
+    stem = result_name(str(args.results), f"merge_{args.method}", machine)
+    write_atomic(str(args.results / f"{stem}.json"), json.dumps(summary, indent=2))
+    write_atomic(str(args.results / f"{stem}.md"), table)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ merge-method functions on the same tensors (default: three 4096x4096 float32 mod
 
     .venv/bin/python benchmarks/bench_methods.py [--size 4096] [--models 3] [--dtype float32] [--repeat 3]
 
-Prints a table and writes benchmarks/results/cpu/methods.{json,md}. For TIES it also times a
+Prints a table and writes benchmarks/results/cpu/methods_<size>_<dtype>.{json,md} (with --only, a file of its
+own: methods_<size>_<dtype>_only-<names>). For TIES it also times a
 "search step": the same tensors merged again with new weights, thresholds from a SelectionCache
 the caller owns and passes in (as the pool does; no op caches anything by itself).
 """
@@ -27,7 +28,7 @@ from pymerge.ops import task_vector_ops as tvo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import machine_description  # noqa: E402
+from common import RESULTS, load_average, machine_description, positive_int, result_name, write_atomic  # noqa: E402
 
 
 def best_interleaved(fns, repeat):
@@ -76,13 +77,17 @@ def cases(n_models):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--size", type=positive_int, default=4096)
+    ap.add_argument("--models", type=positive_int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=positive_int, default=3)
     ap.add_argument("--only", default="", help="comma-separated method names")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "cpu"))
     args = ap.parse_args()
+    known = [name for name, _, _ in cases(args.models)]
+    unknown = sorted(set(filter(None, args.only.split(","))) - set(known))
+    if unknown:  # an unknown name wrote an empty table, exit 0
+        ap.error(f"--only: unknown method {', '.join(unknown)}; known: {', '.join(known)}")
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     shape = (args.size, args.size)
@@ -133,23 +138,24 @@ def main():
               f"{agree}{extra}", flush=True)
 
     meta = {"shape": list(shape), "models": args.models, "dtype": args.dtype, "threads": torch.get_num_threads(),
-            "cpu": machine_description("cpu"), "torch": torch.__version__}
+            "cpu": machine_description("cpu"), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "repeat": args.repeat, "only": sorted(only), **load_average()}
     os.makedirs(args.out, exist_ok=True)
-    tag = f"methods_{args.size}_{args.dtype}"
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-        f.write(f"Per-tensor merge, {args.models} models + base, {shape[0]}x{shape[1]} {args.dtype}, "
-                f"{meta['threads']} threads, {meta['cpu']}, {time.strftime('%Y-%m-%d')}; best of {args.repeat} "
-                "rounds, the tools taking turns after a warm-up call each; agree: elements within rtol 1e-3 of "
-                "mergekit's (DARE/DELLA draw other random masks)\n\n")
-        f.write("| method | mergekit 0.1.5 | pymerge | speedup | agree | pymerge, cached thresholds |\n"
-                "|---|---|---|---|---|---|\n")
-        for r in rows:
-            c = f"{r['pymerge_cached_s'] * 1e3:.1f} ms" if "pymerge_cached_s" in r else ""
-            a = "-" if r["agree"] is None else f"{100 * r['agree']:.2f} %"
-            f.write(f"| {r['method']} | {r['mergekit_s'] * 1e3:.1f} ms | {r['pymerge_s'] * 1e3:.1f} ms | "
-                    f"{r['speedup']:.1f}x | {a} | {c} |\n")
+    tag = f"methods_{args.size}_{args.dtype}" + ("_only-" + "-".join(sorted(only)) if only else "")  # not the whole table's
+    tag = result_name(args.out, tag, meta["cpu"])
+    write_atomic(os.path.join(args.out, f"{tag}.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"Per-tensor merge, {args.models} models + base, {shape[0]}x{shape[1]} {args.dtype}, "
+             f"{meta['threads']} threads, {meta['cpu']}, {meta['date']}; best of {args.repeat} "
+             "rounds, the tools taking turns after a warm-up call each; agree: elements within rtol 1e-3 of "
+             "mergekit's (DARE/DELLA draw other random masks)\n",
+             "| method | mergekit 0.1.5 | pymerge | speedup | agree | pymerge, cached thresholds |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        c = f"{r['pymerge_cached_s'] * 1e3:.1f} ms" if "pymerge_cached_s" in r else ""
+        a = "-" if r["agree"] is None else f"{100 * r['agree']:.2f} %"
+        lines.append(f"| {r['method']} | {r['mergekit_s'] * 1e3:.1f} ms | {r['pymerge_s'] * 1e3:.1f} ms | "
+                     f"{r['speedup']:.1f}x | {a} | {c} |")
+    write_atomic(os.path.join(args.out, f"{tag}.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

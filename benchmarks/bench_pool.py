@@ -10,6 +10,7 @@ buffer of the same dtype, timed in the same run, interleaved (the machine's band
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -19,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, machine_description, machine_label, markdown_table, time_interleaved  # noqa: E402
+from common import (RESULTS, load_average, machine_description, machine_label, markdown_table, positive_int,  # noqa: E402
+                    result_name, time_interleaved, write_atomic)
 
 from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
 from pymerge.pool import CheckpointPool  # noqa: E402
@@ -52,9 +54,10 @@ def mergekit_way(paths, weights, model):
     it with mergekit's linear arithmetic (float32 accumulator, addcmul per model, normalize, cast), load."""
     handles = [safe_open(p, framework="pt") for p in paths]
     merged = {}
-    w = torch.tensor(weights, dtype=torch.float32)
+    device = next(model.parameters()).device  # on cuda, the arithmetic there too, as mergekit --cuda does it
+    w = torch.tensor(weights, dtype=torch.float32, device=device)
     for name in handles[0].keys():
-        tensors = [h.get_tensor(name) for h in handles]
+        tensors = [h.get_tensor(name).to(device) for h in handles]
         acc = torch.zeros_like(tensors[0], dtype=torch.float32)
         for t, c in zip(tensors, w):
             acc.addcmul_(t, c)
@@ -68,16 +71,30 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="8e6 parameters, 2 rounds (unless given)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--params", type=float, default=None, help="parameters per checkpoint (bf16; default 64e6, 512e6 on cuda)")
-    ap.add_argument("--n", type=int, default=5)
-    ap.add_argument("--k", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=None, help="default 5")
+    ap.add_argument("--n", type=positive_int, default=5)
+    ap.add_argument("--k", type=positive_int, default=6)
+    ap.add_argument("--rounds", type=positive_int, default=None, help="default 5")
     args = ap.parse_args(argv)
     device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available to this torch")
+    if args.params is not None and not MIN_PARAMS <= args.params <= 1e12:  # (Stack's 64-wide matrices)
+        ap.error(f"--params must be from {MIN_PARAMS} to 1e12, got {args.params:g}")
     # --quick picks the defaults only: an explicit --params/--rounds wins (it was overridden)
     params = int(args.params or (8e6 if args.quick else 512e6 if device == "cuda" else 64e6))
-    rounds = args.rounds or (2 if args.quick else 5)
-    n, k = args.n, args.k
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     tmp = tempfile.mkdtemp(prefix="bench_pool_")
+    try:  # the checkpoints go, whatever happens (a failed run left them in /tmp)
+        run(args, device, params, rounds, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+MIN_PARAMS = 18 * 64 * 64  # the smallest Stack: 16 layers + a 2-row embedding of 64 x 64
+
+
+def run(args, device, params, rounds, tmp):
+    n, k = args.n, args.k
     paths = make_files(tmp, n, params)
     pool = CheckpointPool(paths, device=device)
     print(pool.describe())
@@ -137,16 +154,12 @@ def main(argv=None):
     out_dir = os.path.join(RESULTS, machine_label(device))
     os.makedirs(out_dir, exist_ok=True)
     meta = {"machine": machine_description(device), "date": time.strftime("%Y-%m-%d %H:%M"), "title": title,
-            "threads": torch.get_num_threads(), "quick": args.quick, "rounds": rounds}
-    name = "bench_pool_quick" if args.quick else "bench_pool"
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
-        json.dump({**meta, "rows": rows_out, "summary": summary}, fh, indent=1)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
-        fh.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n\n"
+            "threads": torch.get_num_threads(), "quick": args.quick, "rounds": rounds, **load_average()}
+    name = result_name(out_dir, "bench_pool_quick" if args.quick else "bench_pool", meta["machine"])
+    write_atomic(os.path.join(out_dir, f"{name}.json"), json.dumps({**meta, "rows": rows_out, "summary": summary},
+                                                                    indent=1))
+    write_atomic(os.path.join(out_dir, f"{name}.md"), f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n\n"
                  + "\n".join(f"- {k2}: {v:.2f}" for k2, v in summary.items()) + "\n")
-    for p in paths:
-        os.remove(p)
-    os.rmdir(tmp)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_results  # noqa: E402
+from common import positive_int, write_results  # noqa: E402
 
 from pymerge.pool import CheckpointPool  # noqa: E402
 
@@ -169,12 +169,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two small models, 5 rounds (unless --rounds)")
     ap.add_argument("--full", action="store_true", help="1M to 500M parameters, 100 and 1000 tensors each")
     ap.add_argument("--sweep", action="store_true", help="5M parameters in 100 to 3000 tensors: native call vs materialize")
-    ap.add_argument("--n", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=None, help="default 15 (--sweep: at least 30)")
+    ap.add_argument("--n", type=positive_int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=None, help="default 15 (--sweep: at least 30)")
     ap.add_argument("--no-methods", action="store_true", help="skip the task_arithmetic / ties / dare_ties rows")
     args = ap.parse_args(argv)
     if args.sweep:
-        rows = sweep(args.n, max(args.rounds or 15, 30))
+        rows = sweep(args.n, max(args.rounds or 15, 30))  # (--rounds is at least 1)
         cols = ["params", "tensors", "copy ms", "native call ms", "materialize ms", "native / copy",
                 "materialize / copy", "materialize / copy, median per round", "rest per tensor us (medians)", "load"]
         print(write_results("bench_pool_grouped_sweep", "cpu", rows, cols,
@@ -187,7 +187,7 @@ def main(argv=None):
         sizes = [(p, t) for p in (1e6, 5e6, 20e6, 100e6, 500e6) for t in (100, 1000)]
     else:
         sizes = [(1e6, 100), (5e6, 100), (5e6, 1000), (20e6, 100), (20e6, 1000), (100e6, 300)]
-    rounds = args.rounds or (5 if args.quick else 15)  # an explicit --rounds wins over --quick
+    rounds = args.rounds if args.rounds is not None else (5 if args.quick else 15)  # an explicit --rounds wins over --quick
     rows = []
     for params, tensors in sizes:
         rows.append(case(int(params), tensors, args.n, rounds))

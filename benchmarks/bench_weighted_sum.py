@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, time_interleaved, write_results  # noqa: E402
+from common import machine_description, positive_int, spread, time_interleaved, write_results  # noqa: E402
 
 import pymerge  # noqa: E402
 from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
@@ -62,7 +62,8 @@ def bench_case(n, numel, device, rounds, backends, threads=0):
         # threads: pymerge's own pool sizes itself from OMP_NUM_THREADS or the affinity mask, not from
         # torch.set_num_threads, so --threads must reach it too (else it alone ran on every core)
         fns[f"pymerge-{b}"] = (lambda b=b: weighted_sum_into(xs, rows, [out], backend=b, num_threads=threads))
-    secs = time_interleaved(fns, rounds, device)
+    samples = {}
+    secs = time_interleaved(fns, rounds, device, samples_out=samples)
     ref = torch.empty_like(out)
     compiled(xs, wt, ref)
     outs = {"eager": torch.empty_like(out)}
@@ -74,9 +75,13 @@ def bench_case(n, numel, device, rounds, backends, threads=0):
         assert torch.allclose(o.float(), ref.float(), rtol=1e-2, atol=1e-2), f"{k} disagrees with torch.compile"
     gbs = {k: (2 * src.numel() * 2 if k == "copy" else moved) / s / 1e9 for k, s in secs.items()}
     rows = []
-    for k in fns:
+    for k in fns:  # x copy per round: copy's time over this one's in the same round (the same bytes for all)
+        per_round = spread([c * (2 * src.numel() * 2) / (t * moved) if k != "copy" else 1.0
+                            for c, t in zip(samples["copy"], samples[k])])
         rows.append({"N": n, "elements": numel, "impl": k, "ms": secs[k] * 1e3, "GB/s": gbs[k],
-                     "x copy": gbs[k] / gbs["copy"], "x compile": gbs[k] / gbs["torch.compile"]})
+                     "x copy": gbs[k] / gbs["copy"], "x compile": gbs[k] / gbs["torch.compile"],
+                     "x copy per round": f"{per_round['min']:.2f}-{per_round['max']:.2f}",
+                     "ms per round": [1e3 * t for t in samples[k]]})
     return rows
 
 
@@ -101,11 +106,14 @@ def plot(rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads of torch and pymerge (default: all cores)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds (results: weighted_sum_quick.*)")
+    ap.add_argument("--rounds", type=positive_int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None,
+                    help="CPU threads of torch and pymerge (default: all cores)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available to this torch")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -115,13 +123,17 @@ def main(argv=None):
     cases = CASES[device]
     if args.quick:
         cases = [(n, p // 8) for n, p in cases]
-    rounds = args.rounds or (5 if args.quick else (10 if device == "cpu" else 30))
+    rounds = args.rounds if args.rounds is not None else (5 if args.quick else (10 if device == "cpu" else 30))
     rows = []
     for n, numel in cases:
         rows += bench_case(n, numel, device, rounds, backends, threads=args.threads or 0)
     title = "Fused weighted sum (bf16 in/out, fp32 accumulation)"
-    table = write_results("weighted_sum", device, rows, ["N", "elements", "impl", "ms", "GB/s", "x copy", "x compile"],
-                          title, plot=lambda p: plot(rows, p))
+    # the quick form's own name: it replaced the full table the README quotes (an audit)
+    table = write_results("weighted_sum_quick" if args.quick else "weighted_sum", device, rows,
+                          ["N", "elements", "impl", "ms", "GB/s", "x copy", "x copy per round", "x compile"],
+                          title, plot=lambda p: plot(rows, p),
+                          meta={"rounds": rounds, "quick": args.quick, "threads": args.threads or torch.get_num_threads(),
+                                "statistic": "median" if device == "cuda" else "best"})
     print(f"{title} on {machine_description(device)}")
     print(table)
     return 0

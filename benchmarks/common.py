@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timers, machine labels and result files (JSON, markdown, PNG)."""
+"""Shared benchmark plumbing: timers, machine labels, option types and result files (JSON, markdown, PNG)."""
+import argparse
 import json
 import os
 import platform
@@ -73,22 +74,92 @@ def has_matplotlib() -> bool:
         return False
 
 
-def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None) -> str:
+def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None, meta=None) -> str:
     """Writes <name>.json and <name>.md (and <name>.png via plot(path), where matplotlib is installed) under
-    results/<machine>/."""
+    results/<machine>/, each file whole or not at all; meta (rounds, quick...) goes into the JSON with the
+    machine, date and load average."""
     folder = os.path.join(RESULTS, machine_label(device))
     os.makedirs(folder, exist_ok=True)
-    meta = {"machine": machine_description(device), "date": time.strftime("%Y-%m-%d"), "title": title}
-    with open(os.path.join(folder, f"{name}.json"), "w") as f:
-        json.dump({**meta, "rows": rows}, f, indent=1)
+    machine = machine_description(device)
+    name = result_name(folder, name, machine)
+    meta = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "title": title, **load_average(), **(meta or {})}
+    write_atomic(os.path.join(folder, f"{name}.json"), json.dumps({**meta, "rows": rows}, indent=1))
     table = markdown_table(rows, columns)
-    with open(os.path.join(folder, f"{name}.md"), "w") as f:
-        f.write(f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")
+    write_atomic(os.path.join(folder, f"{name}.md"), f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")
+    png = os.path.join(folder, f"{name}.png")
     if plot is not None and not has_matplotlib():
         print(f"(matplotlib is not installed or does not import: no {name}.png; pip install matplotlib)", file=sys.stderr)
+        if os.path.exists(png):  # an earlier run's plot beside this run's table
+            os.remove(png)
     elif plot is not None:
-        plot(os.path.join(folder, f"{name}.png"))
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.png")  # savefig picks the format from the suffix
+        try:
+            plot(tmp)
+            if os.path.exists(tmp):  # (a plot that drew nothing leaves nothing)
+                os.replace(tmp, png)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return table
+
+
+def write_atomic(path: str, text: str) -> None:
+    """The file whole or not at all: an interrupted run left a truncated JSON in place of the last good one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _model_of(machine: str) -> str:
+    """The CPU or GPU model in a machine description, less its core count and torch version."""
+    return machine.split(" (torch")[0].split(", ")[0].strip()
+
+
+def result_name(folder: str, name: str, machine: str) -> str:
+    """name, or name_<this machine's model> where folder's name.json was measured on another model of CPU or GPU:
+    results/cpu/ holds tables of several machines that the README quotes, which a run elsewhere replaced."""
+    try:
+        with open(os.path.join(folder, f"{name}.json")) as f:
+            old = json.load(f)
+        recorded = old.get("machine") or old.get("meta", {}).get("cpu")
+    except (OSError, ValueError, AttributeError):
+        return name
+    if not isinstance(recorded, str) or _model_of(recorded) == _model_of(machine):
+        return name
+    slug = "".join(c if c.isalnum() else "-" for c in _model_of(machine).lower()).strip("-")
+    slug = "-".join(filter(None, slug.split("-")))[:60] or "other"
+    print(f"({folder}/{name}.json was measured on {_model_of(recorded)}: this machine's results go to "
+          f"{name}_{slug}.*)", file=sys.stderr)
+    return f"{name}_{slug}"
+
+
+def load_average() -> dict:
+    """The machine's load when the results were written (a busy machine's figures are not a quiet one's)."""
+    try:
+        return {"load_average": [round(x, 2) for x in os.getloadavg()]}
+    except (OSError, AttributeError):
+        return {}
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 rounds silently ran the default, -1 raised past argparse)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def spread(values) -> dict:
+    """min, median and max of per-round figures: one best-of figure hides how much a loaded machine moved."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def markdown_table(rows, columns):

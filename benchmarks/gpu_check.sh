@@ -95,7 +95,7 @@ step backends 30 $PY -m pymerge doctor || $PY -c "import pymerge._cpu as p; prin
 
 if part 1; then
   # Quick figures first: a run cut short still reports them.
-  step bench_ws_quick 60 $PY benchmarks/bench_weighted_sum.py --device $DEV --quick; table weighted_sum
+  step bench_ws_quick 60 $PY benchmarks/bench_weighted_sum.py --device $DEV --quick; table weighted_sum_quick
   step bench_pool_quick 60 $PY benchmarks/bench_pool.py --device $DEV --quick; table bench_pool_quick
   gpu_step bench_methods_quick 60 $PY benchmarks/bench_methods_gpu.py --numel 16e6 --rounds 5; table methods_gpu
 fi

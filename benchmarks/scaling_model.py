@@ -41,7 +41,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import RESULTS, machine_description, markdown_table, time_interleaved  # noqa: E402
+from common import RESULTS, machine_description, markdown_table, result_name, time_interleaved, write_atomic  # noqa: E402
 
 GB = 1e9
 
@@ -314,12 +314,19 @@ def main(argv=None):
                 + ", ".join(f"{m} {n}" for m, n in fewest.items()))
     out = "\n\n".join(text)
     print(out)
-    name = "scaling_model" if not args.no_measure else "scaling_model_prediction"
-    with open(os.path.join(folder, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(folder, f"{name}.md"), "w") as f:
-        f.write(f"{result['machine']}, {result['date']}\n\n{out}\n")
-    plot(os.path.join(folder, "scaling_model.png"), paper)
+    # the quick form's own name: it replaced the full run's tables that the README quotes (an audit)
+    name = "scaling_model_prediction" if args.no_measure else "scaling_model_quick" if args.quick else "scaling_model"
+    name = result_name(folder, name, result["machine"])
+    write_atomic(os.path.join(folder, f"{name}.json"), json.dumps(result, indent=1))
+    write_atomic(os.path.join(folder, f"{name}.md"), f"{result['machine']}, {result['date']}\n\n{out}")
+    png = os.path.join(folder, "scaling_model.png")  # the H200 prediction alone: the same whichever run wrote it
+    tmp = os.path.join(folder, f".scaling_model.{os.getpid()}.png")
+    try:
+        plot(tmp, paper)
+        os.replace(tmp, png)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 For N = 2, 8 and 16 bf16 inputs (bf16 output, float32 accumulation) it times `dst.copy_(src)` over the
 same bytes (the ceiling), eager PyTorch and pymerge, interleaved, best of `rounds` (median on the GPU).
-GB/s counts bytes read + written. The full benchmark, with torch.compile and plots, is
+GB/s counts bytes read + written; the ratio to copy is also given round by round (min-max), and a note
+says when the copy's own times varied so much that the machine is too busy for the figures to hold. The full benchmark, with torch.compile and plots, is
 benchmarks/bench_weighted_sum.py in the source tree.
 """
 import argparse
@@ -17,7 +18,8 @@ from pymerge.errors import first_line
 from pymerge.progress import say
 
 
-def _time(fns: dict, rounds: int, cuda: bool) -> dict:
+def _time(fns: dict, rounds: int, cuda: bool) -> tuple:
+    """(seconds per function: best, median on the GPU; every round's seconds per function)."""
     import torch
     samples = {k: [] for k in fns}
     for f in fns.values():
@@ -32,7 +34,7 @@ def _time(fns: dict, rounds: int, cuda: bool) -> dict:
                 torch.cuda.synchronize()
             samples[k].append(time.perf_counter() - t)
     pick = statistics.median if cuda else min
-    return {k: pick(v) for k, v in samples.items()}
+    return {k: pick(v) for k, v in samples.items()}, samples
 
 
 def run(device: str, numel: int, rounds: int) -> list:
@@ -43,7 +45,8 @@ def run(device: str, numel: int, rounds: int) -> list:
         xs = [torch.randn(numel, device=device).bfloat16() for _ in range(n)]
         w = [1.0 / n] * n
         out = torch.empty(numel, dtype=torch.bfloat16, device=device)
-        src = torch.empty((n + 1) * numel // 2, dtype=torch.bfloat16, device=device)
+        # written: a never-written source reads the kernel's shared zero page, which overstated copy (an audit)
+        src = torch.randn((n + 1) * numel // 2, device=device).bfloat16()
         dst = torch.empty_like(src)
 
         def eager():
@@ -52,13 +55,16 @@ def run(device: str, numel: int, rounds: int) -> list:
                 acc.add_(x.float(), alpha=wi)
             out.copy_(acc)
 
-        secs = _time({"copy": lambda: dst.copy_(src), "eager": eager,
-                      "pymerge": lambda: pymerge.weighted_sum(xs, w, out=out)}, rounds, device == "cuda")
+        secs, samples = _time({"copy": lambda: dst.copy_(src), "eager": eager,
+                               "pymerge": lambda: pymerge.weighted_sum(xs, w, out=out)}, rounds, device == "cuda")
         moved = (n + 1) * numel * 2
         # the copy's own bytes: its (n + 1) * numel / 2 elements round down for an odd product
         gbs = {k: (2 * src.nbytes if k == "copy" else moved) / s / 1e9 for k, s in secs.items()}
+        per_round = [(moved / p) / (2 * src.nbytes / c) for p, c in zip(samples["pymerge"], samples["copy"])]
         rows.append({"N": n, "elements": numel, **{f"{k} GB/s": v for k, v in gbs.items()},
-                     "pymerge / copy": gbs["pymerge"] / gbs["copy"]})
+                     "pymerge / copy": gbs["pymerge"] / gbs["copy"],
+                     "per round": f"{min(per_round):.2f}-{max(per_round):.2f}",
+                     "copy spread": max(samples["copy"]) / min(samples["copy"])})
         del xs, out, src, dst  # before the next N's inputs: one N's tensors at a time
     return rows
 
@@ -83,6 +89,8 @@ def _elements(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 1 <= value <= 1 << 32:
         raise argparse.ArgumentTypeError(f"must be from 1 to {1 << 32}, got {text!r}")
+    if value != int(value):  # 1.5 was taken as 1
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}")
     return int(value)
 
 
@@ -118,11 +126,17 @@ def main(argv=None) -> int:
         first = first_line(exc)
         say(f"pymerge bench: error: --elements {args.elements} does not fit in memory ({first[:200]}); use fewer")
         return 2
-    cols = list(rows[0])
-    print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, best of {args.rounds})")
+    cols = [c for c in rows[0] if c != "copy spread"]
+    pick = "median" if device == "cuda" else "best"
+    print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, {pick} of {args.rounds} rounds; "
+          "per round: the ratio to copy in each round, lowest-highest)")
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    busy = max(r.get("copy spread", 1.0) for r in rows)
+    if busy > 1.5:  # torch's copy on OpenMP threads stalls when a core is taken: ratios of 0.1 or 19 (an audit)
+        print(f"note: the copy's own time varied {busy:.1f}x between rounds: this machine is busy, and the ratios "
+              "to copy do not hold; rerun on a quiet machine or with more --rounds")
     if args.json:
         print(json.dumps({"device": device, "rows": rows}))
     return 0

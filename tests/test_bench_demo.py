@@ -55,13 +55,43 @@ def test_write_results_draws_the_png_only_with_matplotlib(tmp_path, monkeypatch,
     from benchmarks import common
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
     drawn = []
+
+    def draw(path):  # drawn under a temporary name (.png: savefig's format), then renamed: whole or not at all
+        drawn.append(path)
+        with open(path, "w") as f:
+            f.write("png")
     rows = [{"a": 1}]
-    common.write_results("t", "cpu", rows, ["a"], "title", plot=drawn.append)
     folder = tmp_path / common.machine_label("cpu")
     if common.has_matplotlib():
-        assert drawn == [str(folder / "t.png")]
+        common.write_results("t", "cpu", rows, ["a"], "title", plot=draw)
+        assert len(drawn) == 1 and drawn[0].endswith(".png") and (folder / "t.png").read_text() == "png"
+        assert sorted(os.listdir(folder)) == ["t.json", "t.md", "t.png"]
     monkeypatch.setattr(common, "has_matplotlib", lambda: False)
     drawn.clear()
-    common.write_results("u", "cpu", rows, ["a"], "title", plot=drawn.append)
-    assert drawn == [] and (folder / "u.md").exists()
+    (folder / "u.png").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "u.png").write_text("an earlier run's")
+    common.write_results("u", "cpu", rows, ["a"], "title", plot=draw)
+    assert drawn == [] and (folder / "u.md").exists() and not (folder / "u.png").exists()
     assert "matplotlib is not installed or does not import: no u.png" in capsys.readouterr().err
+
+
+def test_results_of_another_machine_are_kept(tmp_path, monkeypatch, capsys):
+    """results/cpu/ holds tables of several machines that the README quotes: a run on another CPU replaced them
+    (an audit). Its results go beside them, named after its CPU; the same CPU replaces its own; the JSON records
+    the load average and what the script passes."""
+    import json
+    from benchmarks import common
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    folder = tmp_path / common.machine_label("cpu")
+    folder.mkdir()
+    (folder / "t.json").write_text(json.dumps({"machine": "Intel(R) Xeon(R) Platinum 8488C, 2 cores, torch 2.13.0+cpu"}))
+    monkeypatch.setattr(common, "machine_description", lambda d: "AMD EPYC 9R14, 2 cores, torch 2.13.0+cpu")
+    common.write_results("t", "cpu", [{"a": 1}], ["a"], "title", meta={"rounds": 3})
+    assert "Xeon" in (folder / "t.json").read_text()
+    mine = json.loads((folder / "t_amd-epyc-9r14.json").read_text())
+    assert mine["rounds"] == 3 and mine["machine"].startswith("AMD EPYC 9R14") and "load_average" in mine
+    assert "this machine's results go to t_amd-epyc-9r14" in capsys.readouterr().err
+    monkeypatch.setattr(common, "machine_description", lambda d: "Intel(R) Xeon(R) Platinum 8488C, 4 cores, torch 2.4")
+    common.write_results("t", "cpu", [{"a": 2}], ["a"], "title")
+    assert json.loads((folder / "t.json").read_text())["rows"] == [{"a": 2}]
+    assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]

@@ -102,3 +102,41 @@ def test_bench_tokenizer_labels_rows_with_the_union_size(tmp_path):
     with open(tmp_path / "w" / "v200-h64" / "out-pymerge" / "config.json") as f:
         vocab_size = json.load(f)["vocab_size"]
     assert vocab_size == 300 and row["tokens"] == f"200 + 200 -> {vocab_size}", row
+
+
+def test_bad_options_are_one_line_and_write_nothing(tmp_path):
+    """--rounds 0 silently ran the full default, -1 raised past argparse, --params 1e4 divided by zero (and left
+    its checkpoints in /tmp), an unknown --only method wrote an empty table with exit 0, --tools foo was a KeyError
+    (an audit). One process runs every script's main, as a user's command line would."""
+    cases = [("bench_weighted_sum", ["--rounds", "0"], "--rounds: must be at least 1"),
+             ("bench_weighted_sum", ["--device", "tpu"], "invalid choice: 'tpu'"),
+             ("bench_weighted_sum", ["--threads", "-1"], "--threads: must be at least 1"),
+             ("bench_pool", ["--params", "1e4"], "--params must be from 73728"),
+             ("bench_pool", ["--k", "0"], "--k: must be at least 1"),
+             ("bench_methods", ["--only", "nosuch"], "--only: unknown method nosuch"),
+             ("bench_methods", ["--repeat", "0"], "--repeat: must be at least 1"),
+             ("bench_merge", ["--tools", "foo"], "--tools: unknown tool foo"),
+             ("bench_merge", ["--repeats", "0"], "--repeats must be at least 1"),
+             ("bench_compressed_pool", ["--rounds", "0"], "--rounds: must be at least 1"),
+             ("bench_delta_decode", ["--rounds", "0"], "--rounds: must be at least 1"),
+             ("bench_pool_grouped", ["--n", "0"], "--n: must be at least 1")]
+    code = ("import contextlib, io, json, runpy, sys\nout = []\n"
+            f"for name, args, _ in {cases!r}:\n"
+            "    sys.argv = [f'benchmarks/{name}.py'] + args\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        try:\n"
+            "            runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "            code = 0\n"
+            "        except SystemExit as exc:\n"
+            "            code = exc.code\n"
+            "    out.append((code, err.getvalue()))\n"
+            "print(json.dumps(out))\n")
+    before = set(os.listdir("/tmp"))
+    r = _script(["-c", code], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for (name, args, message), (code, err) in zip(cases, got):
+        assert code == 2 and message in err and "Traceback" not in err, (name, args, err[-600:])
+    assert not (tmp_path / "results").exists()
+    assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("bench_pool_")}

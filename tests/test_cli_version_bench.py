@@ -87,7 +87,7 @@ def test_bench_counts_the_bytes_each_row_moves(monkeypatch):
     """The copy row counted (N + 1) x elements x 2 bytes, but its source holds (N + 1) x elements / 2 bf16
     elements, rounded down: for an odd product it moved fewer (1.5x off at 1 element)."""
     from pymerge import bench
-    monkeypatch.setattr(bench, "_time", lambda fns, rounds, cuda: {k: 1.0 for k in fns})  # 1 s each
+    monkeypatch.setattr(bench, "_time", lambda fns, rounds, cuda: ({k: 1.0 for k in fns}, {k: [1.0] for k in fns}))
     for numel in (1, 3, 1001):
         row = bench.run("cpu", numel, 1)[0]
         assert row["N"] == 2
@@ -115,3 +115,27 @@ def test_a_usage_error_is_one_line_pointing_to_help(args, capsys):
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "usage:" not in err, err
     prog = " ".join(["pymerge"] + args[:1 if args[:1] != ["--bogus"] else 0])
     assert err.startswith(f"{prog}: error: ") and err.endswith(f" (see {prog} --help)\n"), err
+
+
+def test_bench_copies_written_memory_and_reports_each_rounds_ratio(monkeypatch, capsys):
+    """The copy read a never-written source (the kernel's zero page: copy overstated by 15-25 %), and one best-of
+    ratio hid that a loaded machine moved it from 0.1 to 19 (an audit): the ratio is given round by round, and a
+    copy whose own times varied past 1.5x gets a note."""
+    from pymerge import bench
+    copied = []
+
+    def fake(fns, rounds, cuda):
+        copied.append(fns["copy"]())  # copy_ returns its destination: what the copy read
+        copy = [1.0, 2.0] if len(copied) == 2 else [1.0, 1.0]  # N = 8: the copy took twice as long once
+        return {k: 1.0 for k in fns}, {"copy": copy, "eager": [1.0, 1.0], "pymerge": [1.0, 0.5]}
+    monkeypatch.setattr(bench, "_time", fake)
+    assert cli.main(["bench", "--elements", "1000", "--rounds", "2", "--device", "cpu"]) == 0
+    assert all(bool(c.ne(0).any()) for c in copied)
+    out = capsys.readouterr().out
+    assert "best of 2 rounds" in out and "per round" in out
+    lines = out.splitlines()  # per round: copy's time over pymerge's (the same bytes): 1/1 and 1/0.5; N = 8: 2/0.5
+    assert lines[2].startswith("2 |") and "| 1.00-2.00" in lines[2] and "| 1.00-4.00" in lines[3]
+    assert "note: the copy's own time varied 2.0x between rounds" in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--elements", "1.5"])
+    assert "must be a whole number" in capsys.readouterr().err
