@@ -13,6 +13,7 @@ helper, run by torchrun or by the tests themselves as a launcher):
                                       merge's --force install would), then streams
     PYMERGE_TEST_FAULT=RANK:other_values  the rank opens $PYMERGE_TEST_MODEL.other wherever the config names
                                       the folder $PYMERGE_TEST_MODEL (another node's stale copy at the same path)
+    PYMERGE_TEST_FAULT=RANK:interrupt  the rank's streaming raises KeyboardInterrupt (a SIGTERM to that rank alone)
     RANK "*": every rank (each also writes $PYMERGE_TEST_MARK.<rank>)
 """
 import os
@@ -59,6 +60,10 @@ def _other_values(real):
     return init
 
 
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def _die_at_install(real):
     calls = [0]
 
@@ -84,6 +89,8 @@ if __name__ == "__main__":
             merge.stream_plan = _replace_model(merge.stream_plan)
         elif kind == "other_values":
             Checkpoint.__init__ = _other_values(Checkpoint.__init__)
+        elif kind == "interrupt":
+            merge.stream_plan = _interrupt
         elif kind == "die_at_install":
             disk_merge._agree = _die_at_install(disk_merge._agree)
         else:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import llama_factory as lf
 from io_helpers import bits
 from pymerge.dist.disk_merge import split_by_bytes
+from pymerge.errors import InputError
 from pymerge.io.writer import ShardedWriter
 from pymerge.merge import run_merge
 from test_cli import leftovers, write_cfg
@@ -149,6 +150,34 @@ def test_writer_parts_share_one_folder(tmp_path):
     assert all(torch.equal(got[n], data[n]) for n in data) and leftovers(out) == []
     with pytest.raises(Exception, match="cannot join"):
         ShardedWriter(tmp_path / "x", entries, parts=parts, part=1, join=tmp_path / "nowhere")
+
+
+def test_a_part_that_wrote_into_another_folder_is_not_installed(tmp_path, monkeypatch):
+    """A rank that joined a folder of the same name that rank 0 cannot see (a node-local disk holding a killed
+    run's folder of the same pid) wrote its shards there, and rank 0 installed an index naming shards OUT lacks,
+    exit 0 on every rank (an audit). Part 0 checks the other parts' shards (size and header) before installing."""
+    import pymerge.io.writer as writer_mod
+    monkeypatch.setattr(writer_mod, "PARTS_VISIBLE_S", 0.0)
+    entries = [(f"t{i}", "float32", (i + 1, 3)) for i in range(4)]
+    parts = [0, 0, 1, 1]
+    out, elsewhere = tmp_path / "out", tmp_path / "node-local"
+    elsewhere.mkdir()
+    for how in ("missing", "another plan"):
+        lead = ShardedWriter(out, entries, max_shard_bytes=40, parts=parts, part=0)
+        other = ShardedWriter(out, entries if how == "missing" else entries[:3] + [("t3", "float32", (5, 3))],
+                              max_shard_bytes=40, parts=parts, part=1,
+                              join=elsewhere if how == "missing" else lead.tmp_dir)
+        for (n, _, shape), p in zip(entries, parts):
+            (lead if p == 0 else other).write(n, torch.ones(shape if n != "t3" or how == "missing" else (5, 3)))
+        other.commit()
+        want = ("is missing in the temporary folder.*another folder of the same name" if how == "missing" else
+                "is not the one planned .another size or header. in the temporary folder.*planned another model")
+        with pytest.raises(InputError, match=f"out: shard model-0000.-of-0000..safetensors of part 1 {want}.*"
+                           "nothing installed"):
+            lead.commit()
+        assert not out.exists() and leftovers(out) == []
+        for f in elsewhere.iterdir():
+            f.unlink()
 
 
 def test_torchrun_linear_equals_one_process(fam, tmp_path):
@@ -332,6 +361,13 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
         codes, lines = finish(launch(2, lambda r: ["merge", cfgs[0], out, flag, values[r]]))
         _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
         assert not out.exists() and leftovers(out) == []
+    # what rank 0 alone writes: a `chat_template:` on one rank only, or a side-file flag (rank 0's won, exit 0)
+    templated = write_cfg(tmp_path / "t.yml", {**linear(fts), "chat_template": "chatml"})
+    for argv in (lambda r: ["merge", [cfgs[0], templated][r], out],
+                 lambda r: ["merge", cfgs[0], out] + (["--no-copy-tokenizer"] if r else [])):
+        codes, lines = finish(launch(2, argv))
+        _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+        assert not out.exists() and leftovers(out) == []
 
 
 def test_a_rank_reading_other_values_at_the_same_path_fails_every_rank(fam, tmp_path):
@@ -446,6 +482,18 @@ def test_ranks_whose_tokenizers_differ_all_fail(tmp_path):
     out = tmp_path / "out"
     codes, lines = finish(launch(2, lambda r: ["merge", cfgs[r], out]))
     _same_error_everywhere(codes, lines, 2, ["rank 1 plans a different merge than rank 0"])
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_one_interrupted_rank_is_named_as_interrupted(fam, tmp_path):
+    """A SIGTERM to one rank: the others said "rank 1 failed: KeyboardInterrupt: KeyboardInterrupt" (an audit)."""
+    root, base, fts = fam
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, ["merge", write_cfg(tmp_path / "c.yml", linear(fts)), out, "--quiet"],
+                                 PYMERGE_TEST_FAULT="1:interrupt"))
+    assert codes == [1, 130], (codes, lines)
+    assert lines[0] == ["pymerge: error: rank 1 was interrupted (Ctrl-C or SIGTERM)"], lines
+    assert lines[1] == ["pymerge: interrupted; no output was written"], lines
     assert not out.exists() and leftovers(out) == []
 
 

@@ -110,7 +110,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
             tmp_dir = str(writer.tmp_dir)
-        return tmp_dir, _fingerprint(plan, out_dir, out_shard_size, random_seed)
+        return tmp_dir, _fingerprint(plan, out_dir, out_shard_size, random_seed,
+                                     flags=(bool(force), bool(copy_tokenizer), bool(model_card)))
 
     def fill(tmp_dir):
         plan, parts = state["plan"], state["parts"]
@@ -131,8 +132,9 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         odd = next((r for r, (_, fp) in enumerate(prepared) if fp != prepared[0][1]), None)
         if odd is not None:  # every rank sees the same list, so every rank raises this
             raise InputError(f"rank {odd} plans a different merge than rank 0 (another config, OUT, checkpoint "
-                             f"files, --out-shard-size or --random-seed: every rank must run the same command on "
-                             f"the same files at the same paths)")
+                             f"files, --out-shard-size, --random-seed, --force, --copy-tokenizer or "
+                             f"--write-model-card: every rank must run the same command on the same files at the "
+                             f"same paths)")
         _agree(lambda: fill(tmp_dir), dist, group)
         # Every rank's part is durable now, so rank 0's commit is the outcome and the others have nothing left
         # to do: a rank lost after it (OOM killer, preemption) leaves a complete OUT, installed. Rank 0 then
@@ -199,11 +201,15 @@ def _leave(dist) -> None:
         pass
 
 
-def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
+def _fingerprint(plan, out_dir, out_shard_size, random_seed, flags=()) -> str:
     """What every rank must agree on: OUT, the shard size (each rank names its shard files from it), the
     seed (DARE's and DELLA's masks), the method, the checkpoints (a LoRA adapter applied to one included) and
     every field of every output tensor's plan (not the data: that would mean reading it all). Every field:
-    ranks whose configs differed only in `dtype:` rounded their shares' results differently, silently."""
+    ranks whose configs differed only in `dtype:` rounded their shares' results differently, silently. And what
+    rank 0 alone uses (the side files: config.json's overrides, the chat template, the donor; the flags): ranks
+    whose configs differed only in `chat_template:` wrote rank 0's, exit 0 (an audit). The config is compared as
+    parsed, less the path it was read from (a copy of it on each node)."""
+    import dataclasses
     import hashlib
     from dataclasses import fields
     tensors = [tuple(_rows_digest(t.vocab) if f.name == "vocab" else getattr(t, f.name) for f in fields(t))
@@ -216,7 +222,9 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed) -> str:
     samples = {os.path.abspath(c.path): _values_sample(c) for c in _files_of(plan)}
     text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
                  [_checkpoint_identity(c) for c in plan.checkpoints], sources, tensors,
-                 [(c.name, c.dtype, c.shape) for c in plan.copies], sorted(samples.items())))
+                 [(c.name, c.dtype, c.shape) for c in plan.copies], sorted(samples.items()),
+                 repr(dataclasses.replace(plan.config, source=None, warnings=[])), plan.chat_template,
+                 sorted(plan.config_overrides.items()), os.path.abspath(plan.donor.path), tuple(flags)))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -306,6 +314,8 @@ def _agree(step, dist, group, lost: Optional[str] = "nothing was written") -> li
         raise error  # an interrupted rank says so (exit 130), whichever rank failed first
     if kind in _SAME_ON_EVERY_RANK:
         raise _SAME_ON_EVERY_RANK[kind](message)
+    if kind == "KeyboardInterrupt":  # ("rank 1 failed: KeyboardInterrupt: KeyboardInterrupt")
+        raise DistributedError(f"rank {r} was interrupted (Ctrl-C or SIGTERM)")
     raise DistributedError(f"rank {r} failed: {kind}: {message}")
 
 

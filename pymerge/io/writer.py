@@ -454,6 +454,7 @@ class ShardedWriter:
                 with self._cond:
                     self._state = "committed"
                 return self.out_dir
+            self._check_other_parts()
             if len(self.shard_names) > 1:
                 try:
                     _dump_json(self.tmp_dir / INDEX_NAME, {
@@ -474,6 +475,41 @@ class ShardedWriter:
         with self._cond:
             self._state = "committed"
         return self.out_dir
+
+    def _check_other_parts(self) -> None:
+        """The other parts' shards are in this folder, as planned (their size and header): a part that joined a
+        folder of the same name that this process cannot see (a node-local disk holding a killed run's folder
+        of the same pid) wrote its shards there, and an index naming shards OUT lacks was installed, exit 0
+        (an audit). Looked up again for a few seconds: a network filesystem may show another node's new file
+        late."""
+        others = [i for i in range(len(self.shard_names)) if i not in self._own]
+        deadline = time.monotonic() + PARTS_VISIBLE_S
+        while others:
+            bad = [(i, why) for i in others for why in [self._shard_differs(i)] if why]
+            if not bad:
+                return
+            if time.monotonic() > deadline:
+                i, why = bad[0]
+                hint = ("that part wrote into another folder of the same name (is OUT's parent folder one "
+                        "filesystem that every process shares?)" if why == "is missing" else
+                        "that part planned another model, or another run wrote there")
+                raise InputError(f"{self.out_dir}: shard {self.shard_names[i]} of part {self._parts[i]} {why} in "
+                                 f"the temporary folder {self.tmp_dir}: {hint}; nothing installed")
+            time.sleep(0.2)
+
+    def _shard_differs(self, i: int) -> Optional[str]:
+        path = self.tmp_dir / self.shard_names[i]
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(len(self._headers[i]))
+        except FileNotFoundError:
+            return "is missing"
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror or exc})"
+        if size != self._sizes[i] or head != self._headers[i]:
+            return "is not the one planned (another size or header)"
+        return None
 
     def _install(self) -> None:
         out, tmp, parent = self.out_dir, self.tmp_dir, self.out_dir.parent
@@ -980,6 +1016,7 @@ def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
 
 
 MOUNTINFO = "/proc/self/mountinfo"
+PARTS_VISIBLE_S = 5.0  # how long part 0 looks for the other parts' shards (a network filesystem shows them late)
 
 
 def mounts_within(path) -> List[str]:
