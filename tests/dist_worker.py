@@ -13,6 +13,8 @@ helper, run by torchrun or by the tests themselves as a launcher):
                                       merge's --force install would), then streams
     PYMERGE_TEST_FAULT=RANK:other_values  the rank opens $PYMERGE_TEST_MODEL.other wherever the config names
                                       the folder $PYMERGE_TEST_MODEL (another node's stale copy at the same path)
+    PYMERGE_TEST_FAULT=RANK:endless  the rank's streaming never ends by itself: it reports progress every 20 ms
+                                      for up to 120 s, then fails ("never stopped")
     PYMERGE_TEST_FAULT=RANK:interrupt  the rank's streaming raises KeyboardInterrupt (a SIGTERM to that rank alone)
     RANK "*": every rank (each also writes $PYMERGE_TEST_MARK.<rank>)
 """
@@ -60,6 +62,14 @@ def _other_values(real):
     return init
 
 
+def _endless(plan, writer, *, progress=None, **kwargs):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress.update(1)
+        time.sleep(0.02)
+    raise RuntimeError("never stopped")
+
+
 def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
@@ -89,6 +99,8 @@ if __name__ == "__main__":
             merge.stream_plan = _replace_model(merge.stream_plan)
         elif kind == "other_values":
             Checkpoint.__init__ = _other_values(Checkpoint.__init__)
+        elif kind == "endless":
+            merge.stream_plan = _endless
         elif kind == "interrupt":
             merge.stream_plan = _interrupt
         elif kind == "die_at_install":

@@ -485,6 +485,22 @@ def test_ranks_whose_tokenizers_differ_all_fail(tmp_path):
     assert not out.exists() and leftovers(out) == []
 
 
+def test_a_failing_rank_stops_the_others_streaming(fam, tmp_path):
+    """A rank failing on its first tensor: the others streamed their whole shares before the agreement said so (an
+    audit; minutes on a large model). They now stop at their next chunk: rank 0 here never ends its share by itself
+    (it would fail "never stopped" after 120 s), and every rank gives rank 1's error."""
+    root, base, fts = fam
+    out = tmp_path / "out"
+    faults = {0: "0:endless", 1: "1:bad_read"}
+    t0 = time.monotonic()
+    codes, lines = finish(launch(2, ["merge", write_cfg(tmp_path / "c.yml", linear(fts)), out, "--quiet"],
+                                 rank_env=lambda r: {"PYMERGE_TEST_FAULT": faults[r]}))
+    assert codes == [2, 2], (codes, lines)
+    assert all(len(ls) == 1 and "cannot read its bytes: Input/output error" in ls[0] for ls in lines), lines
+    assert time.monotonic() - t0 < 100, "rank 0 streamed on"
+    assert not out.exists() and leftovers(out) == []
+
+
 def test_one_interrupted_rank_is_named_as_interrupted(fam, tmp_path):
     """A SIGTERM to one rank: the others said "rank 1 failed: KeyboardInterrupt: KeyboardInterrupt" (an audit)."""
     root, base, fts = fam

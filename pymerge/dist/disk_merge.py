@@ -19,6 +19,7 @@ bytes (gloo; for --device cuda the group also has NCCL for the CUDA side) and it
 (PYMERGE_DIST_TIMEOUT seconds, default 30 minutes: it must cover the slowest rank's part) bounds
 every wait; a rank that dies closes its connections, which fails the others' next collective.
 """
+import itertools
 import os
 import re
 import socket
@@ -97,6 +98,7 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             device = _local_cuda()
         threads = args.threads or op_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # the host's
     state = {}  # what the steps build: plan, parts, writer
+    run = next(_RUNS)  # (counted before any step can fail: every rank counts every call)
 
     def prepare():
         if refused is not None:
@@ -115,11 +117,19 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
 
     def fill(tmp_dir):
         plan, parts = state["plan"], state["parts"]
-        if rank:
-            state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
         mine = _share(plan, {id(t) for t, p in zip(plan.tensors + plan.copies, parts) if p == rank})
-        stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
-                    seed=random_seed or 0, progress=progress, quiet=quiet or rank != 0)
+        watch = _PeerWatch(dist, f"pymerge-failed/{tmp_dir}/{run}", rank, progress,
+                           None if quiet or rank != 0 or progress is not None else mine.input_bytes)
+        try:
+            if rank:
+                state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
+            stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
+                        seed=random_seed or 0, progress=watch, quiet=True)
+        except BaseException as exc:
+            watch.failed(exc)  # the other ranks stop streaming their shares at their next chunk
+            raise
+        finally:
+            watch.close()
         # Every rank: one that opened a model before another merge replaced it fails here, so rank 0's side
         # files and every rank's tensors come from one version of each model, or nothing is installed.
         check_inputs_unchanged(plan)
@@ -172,6 +182,55 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             state["plan"].close()
         if created:
             _leave(dist)
+
+
+_RUNS = itertools.count()  # run_ranks calls in this process: every rank makes them in the same order
+
+
+class PeerFailed(Exception):
+    """Another rank failed while this one streamed its share: it stops; the agreement names that rank's error."""
+
+
+class _PeerWatch:
+    """The progress hook of one rank's share: at most every half second, whether another rank has failed (a key
+    in the process group's store, which the failing rank sets); then raises PeerFailed, and this rank stops its
+    share at once. Every rank streamed its whole share before the agreement said that another had failed on its
+    first tensor (an audit). Without the store's API (another torch), the ranks stop at the agreement as before."""
+
+    def __init__(self, dist, key: str, rank: int, inner=None, total: Optional[int] = None):
+        from pymerge.merge import _progress_bar
+        self.key, self.rank, self.inner, self.last = key, rank, inner, time.monotonic()
+        self.bar = _progress_bar(total, False) if total is not None else None  # rank 0's bar, as before
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001  (a private API: absent or changed)
+            self.store = None
+
+    def update(self, n: int) -> None:
+        for bar in (self.inner, self.bar):
+            if bar is not None:
+                bar.update(n)
+        now = time.monotonic()
+        if self.store is None or now - self.last < 0.5:
+            return
+        self.last = now
+        try:
+            failed = self.store.check([self.key])
+        except Exception:  # noqa: BLE001  (the store lost: the agreement will say so)
+            return
+        if failed:
+            raise PeerFailed(f"rank {self.rank} stopped: another rank failed")
+
+    def failed(self, exc: BaseException) -> None:
+        if self.store is not None and not isinstance(exc, PeerFailed):
+            try:
+                self.store.set(self.key, str(self.rank))
+            except Exception:  # noqa: BLE001
+                pass
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def refuse(message: str) -> None:
@@ -306,7 +365,9 @@ def _agree(step, dist, group, lost: Optional[str] = "nothing was written") -> li
             raise error
         raise DistributedError(f"rank {dist.get_rank()} lost the other ranks ({_collective_error(exc)})"
                                + (f"; {lost}" if lost else "")) from None
-    failed = next(((r, g) for r, g in enumerate(gathered) if g[0] == "error"), None)
+    # the first rank's own error: not one that only stopped because another failed (PeerFailed)
+    failed = next(((r, g) for r, g in enumerate(gathered) if g[0] == "error" and g[1] != "PeerFailed"),
+                  next(((r, g) for r, g in enumerate(gathered) if g[0] == "error"), None))
     if failed is None:
         return [g[1] for g in gathered]
     r, (_, kind, message) = failed
