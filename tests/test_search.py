@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pymerge.errors import InputError
 from pymerge.pool import CheckpointPool
@@ -404,7 +404,7 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     state = str(tmp_path / "s.json")
     evaluate = lambda m: -float(m.theta.detach().norm())  # noqa: E731
     optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=4, popsize=3, state_path=state, log=None)
-    with pytest.raises(InputError, match=r"differs in pool \(sample, sources\)\) \(sources are compared by their paths"):
+    with pytest.raises(InputError, match=r"differs in pool \(sample, sources, spread\)\) \(sources are compared by their paths"):
         optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None)
     with pytest.raises(InputError, match=r"differs in pool \(groups\)\); use another"):
         optimize(CheckpointPool(files), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None,
@@ -444,10 +444,41 @@ def test_a_state_from_reordered_in_memory_sources_or_another_dtype_is_refused(tm
                         log=None).history) == 6
     saved = json.load(open(state))
     del saved["fingerprint"]["pool"]["dtype"], saved["fingerprint"]["pool"]["sample"]
+    del saved["fingerprint"]["pool"]["spread"]
     saved["digest"] = optimize_module._digest({k: v for k, v in saved.items() if k != "digest"})
     json.dump(saved, open(state, "w"))
     assert len(optimize(CheckpointPool(sources), evaluate, model=Vec(16), budget=7, popsize=3, state_path=state,
                         log=None).history) == 7
+
+
+def test_a_checkpoint_rewritten_past_its_first_values_between_runs_is_refused(tmp_path):
+    """A checkpoint rewritten between a search and its resume, its first values kept (a frozen head, an edited
+    file), was accepted: the history mixed two models' scores, and best_merge.yml named the new file with the old
+    one's best weights (an audit). Values spread through each tensor are part of the state's fingerprint."""
+    g = torch.Generator().manual_seed(9)
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({"theta": torch.randn(4096, generator=g), "head": torch.randn(8, 8, generator=g)}, files[-1])
+    state = str(tmp_path / "s.json")
+    evaluate = lambda m: -float(m.theta.detach().norm())  # noqa: E731
+    model = lambda: torch.nn.ParameterDict({"theta": torch.nn.Parameter(torch.zeros(4096)),  # noqa: E731
+                                            "head": torch.nn.Parameter(torch.zeros(8, 8))})
+    optimize(CheckpointPool(files), evaluate, model=model(), budget=4, popsize=3, state_path=state, log=None)
+    tensors = load_file(files[2])
+    tensors["theta"][2000:2100] += 1  # the first 16 values (what the fingerprint sampled) unchanged
+    save_file(tensors, files[2])
+    with pytest.raises(InputError, match=r"differs in pool \(spread\)"):
+        optimize(CheckpointPool(files), evaluate, model=model(), budget=6, popsize=3, state_path=state, log=None)
+
+
+def test_a_method_without_weights_is_refused_before_anything_runs(tmp_path):
+    """karcher, model_stock, sce... take no per-model weight: every candidate was the same merge, the whole budget
+    spent on it, exit 0 (an audit)."""
+    sources = [{"theta": torch.randn(16)} for _ in range(3)]
+    for method in ("karcher", "model_stock", "sce", "slerp", "passthrough"):
+        with pytest.raises(InputError, match=f"method {method}: takes no per-model weight"):
+            optimize(CheckpointPool(sources), lambda m: 0.0, model=Vec(16), budget=4, log=None, method=method)
 
 
 def test_a_state_resumed_on_a_pool_compressed_otherwise_is_refused(tmp_path):
@@ -567,7 +598,7 @@ def test_an_objective_that_returns_no_number_is_an_input_error():
 def test_a_state_from_another_pool_says_what_differs(tmp_path):
     _, _, path = _state(tmp_path)  # three checkpoints
     pool, evaluate, _ = synthetic(n=4)
-    with pytest.raises(InputError, match=r"different search \(differs in n, pool \(sample, sources\), x0\)"):
+    with pytest.raises(InputError, match=r"different search \(differs in n, pool \(sample, sources, spread\), x0\)"):
         optimize(pool, evaluate, model=Vec(), budget=30, popsize=6, seed=4, state_path=str(path), log=None)
 
 
@@ -658,6 +689,31 @@ def test_a_search_killed_while_writing_its_results_leaves_no_earlier_best_merge_
         cli_main([str(cfg), "--budget", "9"])
     assert len(json.load(open(tmp_path / "out" / "history.json"))["history"]) == 9  # this search's
     assert not (tmp_path / "out" / "best_merge.yml").exists()  # not the last one's
+    # and no other earlier file beside it: search.png (and history.csv, written after the json) were the last one's
+    assert not (tmp_path / "out" / "search.png").exists()
+    monkeypatch.setattr(optimize_module, "write_csv", killed)  # killed before the csv: the json alone is there
+    with pytest.raises(KeyboardInterrupt):
+        cli_main([str(cfg), "--budget", "12"])
+    assert sorted(os.listdir(tmp_path / "out")) == ["history.json"]
+
+
+def test_cli_refuses_an_empty_out_a_weightless_method_and_hints_at_yaml_numbers(tmp_path, capsys):
+    """--out "" was ignored (the results went to the config's out); a method without weights spent the whole budget
+    on one merge; sigma0: 1e-3 (text to PyYAML) was refused without saying why (an audit). One line each, before the
+    pool is built; nothing written."""
+    cfg = _cli_setup(tmp_path)
+    assert cli_main([str(cfg), "--out", ""]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--out: an empty path")
+    for key, value, message in (("method", "karcher", "method karcher: takes no per-model weight"),
+                                ("search", {"sigma0": "1e-3"}, "YAML reads 1e3 or 1e-3 as text; write 1000 or 1.0e-3"),
+                                ("search", {"budget": "1e3"}, "YAML reads 1e3 or 1e-3 as text")):
+        data = yaml.safe_load(cfg.read_text())
+        data[key] = value
+        cfg.write_text(yaml.safe_dump(data))
+        assert cli_main([str(cfg)]) == 2, key
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_truncated_state_is_named_so_and_the_failed_run_leaves_no_new_folder(tmp_path, capsys):

@@ -3,7 +3,7 @@
     sources: [ckpt_a/, ckpt_b.safetensors, ...]   # HF folders or .safetensors files
     base: null                                    # optional base checkpoint
     model: mypkg.evalmod:build_model              # entry point: () -> the nn.Module merged into
-    evaluate: mypkg.evalmod:evaluate              # entry point: (model) -> float | {task: score}
+    evaluate: mypkg.evalmod:evaluate              # entry point: (model) -> float | {task: score}, higher is better
     device: cpu                                   # or cuda
     dtype: null                                   # storage dtype of the pool (float32, bfloat16, ...)
     memory_budget: null                           # e.g. 8GB
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from pymerge.pool import CheckpointPool
-    from pymerge.search.optimize import optimize, search_settings
+    from pymerge.search.optimize import check_searchable, optimize, search_settings
     cfg = _load_config(args.config)
     here = os.path.dirname(os.path.abspath(args.config))
     sys.path.insert(0, here)
@@ -265,7 +265,9 @@ def _run(args) -> int:
     def rel(p):
         return p if p is None or os.path.isabs(str(p)) else os.path.join(here, str(p))
     sources = [rel(s) for s in cfg["sources"]]
-    out = args.out or rel(cfg.get("out", "search_out"))
+    if args.out is not None and not args.out:  # "" was ignored: the results went to the config's out
+        raise InputError("--out: an empty path")
+    out = args.out if args.out is not None else rel(cfg.get("out", "search_out"))
     state_path = rel(cfg.get("state_path"))
     inputs = [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else [])
     _check_state_apart(state_path, out, inputs)
@@ -276,6 +278,7 @@ def _run(args) -> int:
         s["budget"] = args.budget
     # before the pool is built (minutes for a large model) and the entry points imported: a typo is refused at once
     search_settings(s.get("budget", 200), s.get("popsize"), s.get("sigma0", 0.2), s.get("seed", 0), s.get("replicas"))
+    check_searchable(cfg.get("method", "linear"))
     build = load_entry_point(cfg["model"], "model")
     evaluate = load_entry_point(cfg["evaluate"], "evaluate")
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),

@@ -66,6 +66,11 @@ class SearchResult:
         os.makedirs(out_dir, exist_ok=True)
         paths = {k: os.path.join(out_dir, f) for k, f in
                  (("json", "history.json"), ("csv", "history.csv"), ("png", "search.png"))}
+        # an earlier search's go first (a link is removed, never its target): an interrupt or a failing plot
+        # between the writes left this search's history.json beside the other's csv and plot (an audit)
+        for path in paths.values():
+            if os.path.lexists(path):
+                os.unlink(path)
         write_json(paths["json"], {
             "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
                      "weights": self.best_weights},
@@ -145,6 +150,22 @@ def _replica_count(pool, model, popsize: int, replicas: Optional[int]) -> int:
     return max(1, min(popsize, int(free * 0.25 // max(size, 1)) + 1))
 
 
+def check_searchable(method) -> None:
+    """A method that takes no per-model weight (karcher, model_stock, sce, slerp...) merges every candidate
+    alike: the whole budget went on one merge, exit 0, and best_merge.yml carried weights it ignores (an
+    audit). An unknown name is left to the merge's own error."""
+    from pymerge.errors import MergeConfigError
+    from pymerge.methods.base import get_method
+    try:
+        m = get_method(method)
+    except MergeConfigError:
+        return
+    if "weight" not in m.model_params:
+        raise InputError(f"method {method}: takes no per-model weight, so every candidate would be the same merge "
+                         "and there is nothing to search; use a weighted method (linear, task_arithmetic, ties, "
+                         "dare_ties, della...)")
+
+
 def search_settings(budget, popsize, sigma0, seed, replicas) -> tuple:
     """optimize's scalar settings checked (InputError) and made numbers: (budget, popsize, sigma0, seed,
     replicas). `pymerge search` checks them before it builds the pool, which can take minutes."""
@@ -156,7 +177,7 @@ def search_settings(budget, popsize, sigma0, seed, replicas) -> tuple:
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range (10**400)
         sigma0 = math.nan
     if not 1e-12 <= sigma0 <= 1e6:  # NaN too: cma asserts on it, divides by zero at 0
-        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {short(given)}")
+        raise InputError(f"sigma0 must be a finite step size from 1e-12 to 1e6, got {short(given)}{_yaml_hint(given)}")
     seed = _count(seed, "seed", -2**63, 2**63 - 1)  # any integer, as before (cma gets a 32-bit one below)
     replicas = None if replicas is None else _count(replicas, "replicas", 1, 10**6)
     return budget, popsize, sigma0, seed, replicas
@@ -196,6 +217,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     except TypeError as exc:
         raise InputError(str(exc)) from None
     state_path = _state_path(state_path)
+    check_searchable(method)
     from pymerge.dist.search import across_ranks
     spread = across_ranks(pool, distributed)
     if spread is not None:  # under torch.distributed: CMA-ES on rank 0, candidates on every replica group
@@ -462,8 +484,19 @@ def _count(value, what: str, least: int, most: int) -> int:
             except (TypeError, ValueError, OverflowError):
                 n = None
     if n is None or not least <= n <= most:
-        raise InputError(f"{what} must be an integer from {least} to {most}, got {short(value)}")
+        raise InputError(f"{what} must be an integer from {least} to {most}, got {short(value)}{_yaml_hint(value)}")
     return n
+
+
+def _yaml_hint(value) -> str:
+    """YAML 1.1 (PyYAML) reads 1e3 and 1e-3 as text: a config's number refused as a string said only that."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (a string: YAML reads 1e3 or 1e-3 as text; write 1000 or 1.0e-3)"
+    return ""
 
 
 def _rule(value):
@@ -483,7 +516,7 @@ def _plain(value):
 
 
 # pool fingerprint entries not every search records (_pool_contents)
-_OPTIONAL = ("dtype", "sample", "compressed", "base_sample")
+_OPTIONAL = ("dtype", "sample", "compressed", "base_sample", "spread")
 
 
 def _pool_contents(pool) -> dict:
@@ -523,14 +556,23 @@ def _pool_contents(pool) -> dict:
     if inputs:
         names = sorted(inputs)
         out["sample"] = [_sample([inputs[name][i] for name in names]) for i in range(pool.num_checkpoints)]
+        # and values spread through each tensor: a checkpoint rewritten between a search and its resume with its
+        # first values kept (another fine-tune of a frozen head, an edited file) mixed two models' scores in one
+        # history, exit 0 (an audit). Old states lack it: compared only where both record it.
+        out["spread"] = [_sample([inputs[name][i] for name in names], spread=True)
+                         for i in range(pool.num_checkpoints)]
     return out
 
 
-def _sample(tensors, extra: bytes = b"") -> str:
-    """A digest of the first 16 values of at most 64 of tensors, spread over them (and of extra)."""
+def _sample(tensors, extra: bytes = b"", spread: bool = False) -> str:
+    """A digest of the first 16 values of at most 64 of tensors, spread over them (and of extra); spread=True:
+    of 64 values spread evenly through each of them instead (a page each, where the pool maps its files)."""
     h = hashlib.sha256(extra)
     for t in tensors[::-(-len(tensors) // 64) or 1]:
-        h.update(t.reshape(-1)[:16].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = t.detach().reshape(-1)
+        if spread and flat.numel() > 64:
+            flat = flat[torch.linspace(0, flat.numel() - 1, 64, dtype=torch.float64).long().to(flat.device)]
+        h.update(flat[:16 if not spread else 64].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
