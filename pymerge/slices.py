@@ -298,6 +298,9 @@ class SlicedPlan:
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # GPT-2, GPTBigCode, Jais: n_layer
 _PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # one entry per layer (transformers checks the length)
+# lists of the indices of some layers: LFM2's attention layers (beside its convolutions), Qwen-MoE's dense-MLP
+# layers, Bamba's and GraniteMoeHybrid's attention layers (beside Mamba)
+_LAYER_INDEX_KEYS = ("full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
 
 
 def _layer_count(model_cfg, layers: int) -> dict:
@@ -334,7 +337,24 @@ def _per_layer(model_cfg, origins: List[Tuple[Optional[dict], int]]) -> dict:
             ok = isinstance(theirs, list) and len(theirs) == _num_layers(src_cfg) and layer < len(theirs)
             values.append(theirs[layer] if ok else mine[layer % len(mine)])
         out[key] = values
+    # An index list: output layer k is listed where its source layer is listed in its source's config (else the
+    # donor's). Copied as the donor had it, LFM2's full_attn_idxs built a convolution where a slice had put an
+    # attention layer: its weights were left out at load, randomly initialized, exit 0 (an audit).
+    for key in _LAYER_INDEX_KEYS:
+        mine = model_cfg.get(key) if isinstance(model_cfg, dict) else None
+        if not _index_list(mine):
+            continue
+        listed = []
+        for k, (src_cfg, layer) in enumerate(origins):
+            theirs = src_cfg.get(key) if isinstance(src_cfg, dict) else None
+            if layer in (theirs if _index_list(theirs) else mine):
+                listed.append(k)
+        out[key] = listed
     return out
+
+
+def _index_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
 def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:

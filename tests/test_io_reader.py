@@ -818,6 +818,22 @@ def test_check_compatible_ok_with_mixed_dtypes(tmp_path):
     assert check_compatible([]) == []
 
 
+def test_check_compatible_names_a_prefix_more_or_less(tmp_path):
+    """GPT-2's own checkpoint (h.0.attn...) with a fine-tune transformers saved (transformer.h.0.attn...): the bare
+    "missing tensor" did not say that the other model holds it under a prefix more (an audit)."""
+    a = ckpt(tmp_path, "a", {"transformer.h.0.w": torch.ones(2), "transformer.wte.weight": torch.ones(2)})
+    b = ckpt(tmp_path, "b", {"h.0.w": torch.ones(2), "wte.weight": torch.ones(2)})
+    for pair, name, other in (([a, b], "transformer.h.0.w", "h.0.w"), ([b, a], "h.0.w", "transformer.h.0.w")):
+        with pytest.raises(CheckpointError, match=rf"missing tensor '{name}' that .* has \(and 1 more\) "
+                           rf"\(it names that tensor '{other}': the two name their tensors with and without the "
+                           r"prefix 'transformer\.'"):
+            check_compatible(pair)
+    c = ckpt(tmp_path, "c", {"transformer.h.0.w": torch.ones(2)})
+    with pytest.raises(CheckpointError) as info:
+        check_compatible([a, c])
+    assert "prefix" not in str(info.value)
+
+
 def test_check_compatible_missing_and_extra(tmp_path):
     a = ckpt(tmp_path, "a", {"x": torch.ones(2), "y": torch.ones(2)})
     b = ckpt(tmp_path, "b", {"x": torch.ones(2)})

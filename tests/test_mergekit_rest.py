@@ -685,6 +685,35 @@ def test_slices_write_per_layer_lists_for_the_layers_written(tmp_path):
         assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == kinds[str(base)], form
 
 
+def test_slices_write_layer_index_lists_for_the_layers_written(tmp_path):
+    """LFM2's full_attn_idxs (the attention layers among its convolutions) was copied as the donor had it: a slice
+    putting an attention layer where the donor has a convolution built a convolution there, its weights left out
+    at load and randomly initialized, exit 0 (an audit). Each output layer is listed where its source layer is
+    listed in its own model's config (else the donor's); Qwen-MoE's mlp_only_layers alike."""
+    import shutil
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    assert layers >= 2
+    own = {str(base): [0], str(ft): [layers - 1]}  # base: its first layer listed; ft: its last
+    for m in (base, ft):
+        (m / "config.json").write_text(json.dumps({**config, "full_attn_idxs": own[str(m)], "mlp_only_layers": [],
+                                                    "layer_types": ["x"] * layers}))
+    cfg = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(base), "layer_range": [0, layers]}]},
+        {"sources": [{"model": str(ft), "layer_range": [0, layers]}]}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 2 * layers
+    assert written["full_attn_idxs"] == [0, 2 * layers - 1] and written["mlp_only_layers"] == []
+    # a source without the list: the donor's (the first slice's model's) for its layers
+    (ft / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(tmp_path / "out")
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["full_attn_idxs"] == [0, layers]
+
+
 def test_slices_set_a_multimodal_configs_layers_inside_text_config(tmp_path):
     """A config that counts its layers only in text_config got a new top-level num_hidden_layers beside the
     stale text_config count and layer_types (transformers builds the text model from text_config)."""

@@ -536,6 +536,20 @@ def _read_weight_map(index_path: Path) -> Dict[str, str]:
     return names
 
 
+def _prefix_hint(name: str, have) -> str:
+    """Where the other checkpoint holds the same tensor under a prefix more or less (GPT-2's own checkpoints
+    say h.0.attn..., those transformers saves transformer.h.0.attn...), says so: the bare "missing tensor"
+    left users guessing (an audit)."""
+    for other in have:
+        if other.endswith("." + name) or name.endswith("." + other):
+            longer, shorter = (other, name) if len(other) > len(name) else (name, other)
+            prefix = longer[:len(longer) - len(shorter)]
+            return (f" (it names that tensor {other!r}: the two name their tensors with and without the prefix "
+                    f"{prefix!r}, as GPT-2's original and transformers-saved checkpoints do; tensors merge by "
+                    f"name, so save one of them again with the other's names)")
+    return ""
+
+
 def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequence[str]] = None,
                      names: Optional[Sequence[str]] = None, rows_may_differ=None) -> List[str]:
     """Checks the checkpoints can be merged tensor by tensor: same tensor names, same shapes
@@ -558,7 +572,7 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequenc
             missing = [n for n in wanted if n not in have]
             if missing:
                 raise CheckpointError(f"{label}: missing tensor {missing[0]!r} that {first_label} has"
-                                      + _and_more(missing))
+                                      + _and_more(missing) + _prefix_hint(missing[0], have))
             extra = [n for n in ck.names() if n not in first]
             if extra:
                 raise CheckpointError(f"{label}: has tensor {extra[0]!r} that {first_label} lacks"
