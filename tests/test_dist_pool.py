@@ -233,6 +233,12 @@ def worker(rank, world, d, files):
     partial = dict(models["fsdp"].state_dict())
     partial["1.weight"] = distribute_tensor(torch.zeros(SHAPES["1.weight"]), DeviceMesh("cpu", [0]), [Shard(0)])
     out["errors"]["not_in_mesh"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=partial))
+    # a tensor laid out otherwise on one rank (another sharding plan there): each rank checked its targets against
+    # its own layout only, and merged from overlapping pieces or waited in other collectives (an audit)
+    other = dict(models["fsdp"].state_dict())
+    if rank == world - 1:
+        other["0.weight"] = torch.zeros(SHAPES["0.weight"])  # whole on this rank
+    out["errors"]["layout_on_one_rank"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=other))
     out["errors"]["different_weights_linear"] = error_of(lambda: fsdp_pool.materialize(weights, into=models["fsdp"]))
     out["errors"]["different_methods"] = error_of(
         lambda: fsdp_pool.materialize(W3, into=models["fsdp"], **({"method": "ties", "density": 0.5} if rank == 1 else {})))
@@ -483,6 +489,11 @@ def test_errors_are_agreed_without_a_hang(group):
     assert e["layout"].startswith("InputError") and "the pool holds (Shard(dim=0))" in e["layout"]
     assert e["layout_ties"] == e["layout"]
     assert "has shape (12, 13), the pool's has (11, 13)" in e["shape"]
+    shape = list(SHAPES["0.weight"])
+    assert e["layout_on_one_rank"] == (f"InputError: tensor '0.weight' is laid out whole {shape} on rank {world - 1} "
+                                       f"but {shape} as (Shard(dim=0)) on a cpu mesh of shape [{world}] on rank 0; "
+                                       "every rank must build the pool from the same layout (shard_like: the same "
+                                       "sharding plan on every rank)"), e["layout_on_one_rank"]
     assert e["missing_on_one_rank"].startswith(f"CheckpointError: rank {world - 1}: ") and "no such file" in e["missing_on_one_rank"]
     for key, slot in (("permuted_on_one_rank", 0), ("other_file_on_one_rank", 2)):
         assert e[key] == (f"InputError: rank {world - 1} read other checkpoints than rank 0: checkpoint {slot} holds "

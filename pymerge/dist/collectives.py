@@ -129,6 +129,28 @@ def agree_catalog(catalog: list, group) -> None:
 
 
 @_settling
+def agree_layouts(layouts: list, group) -> None:
+    """Raises the same InputError on every rank of group unless every rank that holds a part of each tensor
+    describes its layout alike (layouts: (name, layout_key) in the agreed order; None where this rank holds
+    none of it). Each rank checked its targets against its own pool's layout only: a tensor sharded on one
+    dimension on one rank and another on the next merged ties' statistics from overlapping pieces (a wrong
+    merge, exit 0), and one replicated on one rank only left the ranks in different collectives (a hang until
+    the timeout; an audit)."""
+    if group is None or _same(fingerprint(layouts), group):
+        return
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, layouts, group=group)
+    for i, (name, _) in enumerate(layouts):
+        seen = [(r, g[i][1]) for r, g in enumerate(gathered) if g[i][1] is not None]
+        odd = next(((r, key) for r, key in seen if key != seen[0][1]), None)
+        if odd is not None:
+            (r0, key0), (r1, key1) = seen[0], odd
+            raise InputError(f"tensor {name!r} is laid out {key1} on rank {dist.get_global_rank(group, r1)} but "
+                             f"{key0} on rank {dist.get_global_rank(group, r0)}; every rank must build the pool "
+                             "from the same layout (shard_like: the same sharding plan on every rank)")
+
+
+@_settling
 def agreed_order(names: List[str], group) -> List[str]:
     """The group's first rank's order of names (the same set on every rank, see agree_catalog): a copy of
     a file saved in another tensor order gives the same pool, tied targets written alike included."""

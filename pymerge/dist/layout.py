@@ -187,6 +187,19 @@ def describe(box: Box) -> str:
     return f"({', '.join(placements)}) on a {dev} mesh of shape {list(mshape)} ({where})"
 
 
+def layout_key(box: Box) -> Optional[str]:
+    """A tensor's layout as every rank of its mesh describes it alike (not by the mesh's own ranks, which differ
+    between the sub-meshes of FSDP x TP), or None where this rank holds none of it (a mesh without it)."""
+    if box.signature[0] == "absent":
+        return None
+    if box.signature[0] == "replicated":
+        return f"whole {list(box.global_shape)}"
+    _, shape, dev, _, mshape, placements = box.signature
+    names = box.mesh.mesh_dim_names
+    return (f"{list(shape)} as ({', '.join(placements)}) on a {dev} mesh of shape {list(mshape)}"
+            + (f" {list(names)}" if names else ""))
+
+
 def reduce_group(boxes) -> Optional[object]:
     """The process group of the ranks that hold different pieces of one copy of the model (None:
     nothing is sharded): one tensor's copy must span all the others' (e.g. FSDP2 x TP: the linears

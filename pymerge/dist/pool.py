@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pymerge.dist import collectives
-from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, reduce_group
+from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, layout_key, reduce_group
 from pymerge.dist.reads import ShardedSource
 from pymerge.dist.sample import values_sample
 from pymerge.errors import InputError
@@ -79,6 +79,7 @@ class ShardedPool(CheckpointPool):
         self.names = collectives.agreed_order(self.names, agreeing)
         self._not_in_layout = self.boxes.missing
         self.boxes = {n: self.boxes[n] for n in self.names}
+        collectives.agree_layouts([(n, layout_key(self.boxes[n])) for n in self.names], agreeing)
         held = [t for ts in self._inputs.values() for t in ts] + list(self._base.values())
         self.nbytes = sum(t.numel() * t.element_size() for t in held)  # exactly what this rank holds
         self.whole_nbytes = sum(math.prod(self.boxes[n].global_shape) * t.element_size()  # every rank's together

@@ -104,6 +104,7 @@ def _pool_facts(pool) -> dict:
     if getattr(pool, "group", None) is not None:
         contents.pop("sample", None)
         contents.pop("base_sample", None)
+        contents.pop("spread", None)
     return contents
 
 
