@@ -47,7 +47,7 @@ def main() -> None:
         xs = [torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(n)]
         outs = [torch.empty(numel, dtype=torch.bfloat16) for _ in range(k)]
         # copy: the same bytes read + written, from written memory (a never-written one reads the zero page)
-        src = torch.randn((n + k) * numel // 2).to(torch.bfloat16)
+        src = torch.empty((n + k) * numel // 2, dtype=torch.bfloat16).normal_()
         dst = torch.empty_like(src)
         call = ([x.data_ptr() for x in xs], [code] * n, numel, [1.0 / n] * (n * k), [o.data_ptr() for o in outs],
                 [code] * k, args.threads)

@@ -74,14 +74,15 @@ def has_matplotlib() -> bool:
         return False
 
 
-def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None, meta=None) -> str:
+def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None, meta=None,
+                  per_machine: bool = True) -> str:
     """Writes <name>.json and <name>.md (and <name>.png via plot(path), where matplotlib is installed) under
     results/<machine>/, each file whole or not at all; meta (rounds, quick...) goes into the JSON with the
-    machine, date and load average."""
+    machine, date and load average. per_machine=False: the same on any machine (a compiler's output)."""
     folder = os.path.join(RESULTS, machine_label(device))
     os.makedirs(folder, exist_ok=True)
     machine = machine_description(device)
-    name = result_name(folder, name, machine)
+    name = result_name(folder, name, machine) if per_machine else name
     meta = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "title": title, **load_average(), **(meta or {})}
     write_atomic(os.path.join(folder, f"{name}.json"), json.dumps({**meta, "rows": rows}, indent=1))
     table = markdown_table(rows, columns)

@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32", "neg_zero_consts", "error"]
     print(write_results("gpu_codegen_sm90", "cpu", rows, cols,
                         "GPU kernels compiled for sm_90 (and the sm_80 rows for an A100) on a machine without a GPU "
-                        "(ptxas -v, PTX)"))
+                        "(ptxas -v, PTX)", per_machine=False))
     return 0
 
 

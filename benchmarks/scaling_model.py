@@ -323,7 +323,8 @@ def main(argv=None):
     tmp = os.path.join(folder, f".scaling_model.{os.getpid()}.png")
     try:
         plot(tmp, paper)
-        os.replace(tmp, png)
+        if os.path.exists(tmp):  # (no matplotlib: no plot)
+            os.replace(tmp, png)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

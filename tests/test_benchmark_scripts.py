@@ -140,3 +140,15 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path):
         assert code == 2 and message in err and "Traceback" not in err, (name, args, err[-600:])
     assert not (tmp_path / "results").exists()
     assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("bench_pool_")}
+
+
+def test_scaling_model_without_matplotlib_writes_its_tables(tmp_path):
+    """Its plot is drawn under a temporary name and renamed: without matplotlib nothing was drawn, and the rename
+    raised FileNotFoundError after the tables were written (exit 1; found by review)."""
+    code = ("import runpy, sys\nsys.modules['matplotlib'] = None\n"
+            "sys.argv = ['benchmarks/scaling_model.py', '--no-measure']\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    r = _script(["-c", code], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = tmp_path / "results" / "cpu"
+    assert sorted(os.listdir(folder)) == ["scaling_model_prediction.json", "scaling_model_prediction.md"]

@@ -1004,3 +1004,37 @@ def test_an_out_folder_keeps_its_extended_attributes(tmp_path):
         write_all(out, {"a": torch.ones(2)}, force=force)
         assert os.listdir(out) == ["model.safetensors"]
         assert os.getxattr(out, "user.project") == b"llm-merges"
+
+
+def test_an_out_with_a_posix_acl_keeps_it_and_its_owner_keeps_rwx(tmp_path):
+    """The ACL (system.posix_acl_access carries the mode bits) was copied after the chmod that gives the owner
+    rwx, undoing it: an OUT of mode 0570 stayed so, and the writer could not take its lock file out of the
+    installed model (found by review). Copied first; the named entry stays, the owner gets rwx."""
+    import struct
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o570)
+    # version 2; user::r-x, user 12345:rwx, group::rwx, mask::rwx, other::---
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident) for tag, perm, ident in (
+        (0x01, 5, 0xFFFFFFFF), (0x02, 7, 12345), (0x04, 7, 0xFFFFFFFF), (0x10, 7, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)))
+    try:
+        os.setxattr(out, "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"this filesystem takes no POSIX ACLs ({exc.strerror})")
+    write_all(out, {"a": torch.ones(2)})
+    assert os.listdir(out) == ["model.safetensors"]
+    assert os.stat(out).st_mode & 0o700 == 0o700
+    kept = os.getxattr(out, "system.posix_acl_access")
+    entries = [struct.unpack("<HHI", kept[i:i + 8]) for i in range(4, len(kept), 8)]
+    assert (0x02, 7, 12345) in entries and (0x01, 7, 0xFFFFFFFF) in entries
+
+
+def test_a_bind_mounted_out_is_named_as_a_mount_point(tmp_path, monkeypatch):
+    """OUT itself a bind mount within one disk (ismount cannot see it) read "OUT: OUT inside it is a mount point"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    _fake_mountinfo(tmp_path, monkeypatch, out)
+    with pytest.raises(InputError, match=r"out: is a mount point.*choose a folder inside it"):
+        write_all(out, {"a": torch.ones(2)}, force=True)
+    assert os.listdir(out) == ["old.txt"]

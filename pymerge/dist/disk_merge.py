@@ -19,9 +19,9 @@ bytes (gloo; for --device cuda the group also has NCCL for the CUDA side) and it
 (PYMERGE_DIST_TIMEOUT seconds, default 30 minutes: it must cover the slowest rank's part) bounds
 every wait; a rank that dies closes its connections, which fails the others' next collective.
 """
-import itertools
 import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -98,7 +98,6 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             device = _local_cuda()
         threads = args.threads or op_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # the host's
     state = {}  # what the steps build: plan, parts, writer
-    run = next(_RUNS)  # (counted before any step can fail: every rank counts every call)
 
     def prepare():
         if refused is not None:
@@ -107,45 +106,50 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         check_out_spares_inputs(out_dir, plan)  # --force would delete an input
         state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
                                          for t in plan.tensors], world) + [world - 1] * len(plan.copies)  # last rank's
-        tmp_dir = None
+        tmp_dir, run = None, None
         if rank == 0:
             writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
-            tmp_dir = str(writer.tmp_dir)
-        return tmp_dir, _fingerprint(plan, out_dir, out_shard_size, random_seed,
-                                     flags=(bool(force), bool(copy_tokenizer), bool(model_card)))
+            tmp_dir, run = str(writer.tmp_dir), secrets.token_hex(8)  # this run's name in the store (see fill)
+        return (tmp_dir, run), _fingerprint(plan, out_dir, out_shard_size, random_seed,
+                                            flags=(bool(force), bool(copy_tokenizer), bool(model_card)))
 
-    def fill(tmp_dir):
+    def fill(tmp_dir, run):
         plan, parts = state["plan"], state["parts"]
         mine = _share(plan, {id(t) for t, p in zip(plan.tensors + plan.copies, parts) if p == rank})
-        watch = _PeerWatch(dist, f"pymerge-failed/{tmp_dir}/{run}", rank, progress,
-                           None if quiet or rank != 0 or progress is not None else mine.input_bytes)
+        watch = state["watch"] = _PeerWatch(dist, f"pymerge-failed/{run}", rank, progress,
+                                            None if quiet or rank != 0 or progress is not None else mine.input_bytes)
         try:
             if rank:
                 state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
             stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
                         seed=random_seed or 0, progress=watch, quiet=True)
+            watch.close()
+            # Every rank: one that opened a model before another merge replaced it fails here, so rank 0's side
+            # files and every rank's tensors come from one version of each model, or nothing is installed.
+            check_inputs_unchanged(plan)
+            if rank:
+                state["writer"].commit()  # durable before rank 0 may install
         except BaseException as exc:
             watch.failed(exc)  # the other ranks stop streaming their shares at their next chunk
             raise
         finally:
             watch.close()
-        # Every rank: one that opened a model before another merge replaced it fails here, so rank 0's side
-        # files and every rank's tensors come from one version of each model, or nothing is installed.
-        check_inputs_unchanged(plan)
-        if rank:
-            state["writer"].commit()  # durable before rank 0 may install
 
     try:
         prepared = _agree(prepare, dist, group)
-        tmp_dir = prepared[0][0]
+        tmp_dir, run = prepared[0][0]
         odd = next((r for r, (_, fp) in enumerate(prepared) if fp != prepared[0][1]), None)
         if odd is not None:  # every rank sees the same list, so every rank raises this
             raise InputError(f"rank {odd} plans a different merge than rank 0 (another config, OUT, checkpoint "
                              f"files, --out-shard-size, --random-seed, --force, --copy-tokenizer or "
                              f"--write-model-card: every rank must run the same command on the same files at the "
                              f"same paths)")
-        _agree(lambda: fill(tmp_dir), dist, group)
+        try:
+            _agree(lambda: fill(tmp_dir, run), dist, group)
+        finally:
+            if rank == 0 and "watch" in state:
+                state["watch"].forget()  # the store outlives this merge (a process group of the caller's own)
         # Every rank's part is durable now, so rank 0's commit is the outcome and the others have nothing left
         # to do: a rank lost after it (OOM killer, preemption) leaves a complete OUT, installed. Rank 0 then
         # succeeds with a warning; it said "nothing was written" (exit 1), so users deleted a good model, and a
@@ -182,9 +186,6 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             state["plan"].close()
         if created:
             _leave(dist)
-
-
-_RUNS = itertools.count()  # run_ranks calls in this process: every rank makes them in the same order
 
 
 class PeerFailed(Exception):
@@ -231,6 +232,15 @@ class _PeerWatch:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def forget(self) -> None:
+        """Deletes the key (once every rank is past the agreement that follows fill)."""
+        if self.store is not None:
+            try:
+                self.store.delete_key(self.key)
+            except Exception:  # noqa: BLE001  (never set, or a store that cannot delete: a random name anyway)
+                pass
 
 
 def refuse(message: str) -> None:
@@ -282,9 +292,16 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed, flags=()) -> str:
     text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
                  [_checkpoint_identity(c) for c in plan.checkpoints], sources, tensors,
                  [(c.name, c.dtype, c.shape) for c in plan.copies], sorted(samples.items()),
-                 repr(dataclasses.replace(plan.config, source=None, warnings=[])), plan.chat_template,
+                 _canonical(dataclasses.replace(plan.config, source=None, warnings=[])), plan.chat_template,
                  sorted(plan.config_overrides.items()), os.path.abspath(plan.donor.path), tuple(flags)))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _canonical(config) -> str:
+    """The parsed config as text that does not depend on the order its mappings were written in."""
+    import dataclasses
+    import json
+    return json.dumps(dataclasses.asdict(config), sort_keys=True, default=repr)
 
 
 def _files_of(plan) -> list:

@@ -698,6 +698,8 @@ def _check_out(out: Path, force: bool) -> None:
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
     if force and not out.is_symlink():  # (a link alone is replaced; the folder it names is kept)
         inside = mounts_within(out)
+        if inside and inside[0] == os.path.realpath(out):  # a bind mount within one disk: ismount cannot see it
+            raise InputError(_mount_point(out))
         if inside:
             raise InputError(f"{out}: {inside[0]} inside it is a mount point, and --force deletes the old OUT "
                              "with everything in it, the mounted files too; unmount it or choose another OUT")
@@ -894,6 +896,7 @@ def _keep_access(out: Path, tmp: Path) -> None:
         return
     if not stat.S_ISDIR(st.st_mode):
         return
+    _copy_xattrs(out, tmp)  # first: a POSIX ACL carries the mode bits, which the chmod below then sets
     try:
         os.chown(tmp, -1, st.st_gid)
     except OSError:
@@ -902,7 +905,6 @@ def _keep_access(out: Path, tmp: Path) -> None:
         os.chmod(tmp, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
     except OSError:
         pass
-    _copy_xattrs(out, tmp)
 
 
 def _copy_xattrs(src: Path, dst: Path) -> None:
@@ -1040,7 +1042,9 @@ def mounts_within(path) -> List[str]:
         return found
     found = [root] if os.path.ismount(root) else []
     for folder, dirs, _ in os.walk(root):
-        found += [os.path.join(folder, d) for d in dirs if os.path.ismount(os.path.join(folder, d))]
+        mounted = [d for d in dirs if os.path.ismount(os.path.join(folder, d))]
+        found += [os.path.join(folder, d) for d in mounted]
+        dirs[:] = [d for d in dirs if d not in mounted]  # (not into a mounted network share)
     return found
 
 

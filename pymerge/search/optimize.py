@@ -217,7 +217,6 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     except TypeError as exc:
         raise InputError(str(exc)) from None
     state_path = _state_path(state_path)
-    check_searchable(method)
     from pymerge.dist.search import across_ranks
     spread = across_ranks(pool, distributed)
     if spread is not None:  # under torch.distributed: CMA-ES on rank 0, candidates on every replica group
@@ -225,6 +224,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                       state_path=state_path, groups=groups, normalize=normalize, x0=x0, bounds=bounds,
                       method=method, objective=objective, replicas=replicas, names=names, log=log,
                       method_params=method_params, **more_method_params)
+    check_searchable(method)  # (after the ranks' agreement on the arguments: a rank alone must not refuse)
     with warnings.catch_warnings():
         # cma's own "Could not import matplotlib.pyplot" on every run without the plot extra: pymerge names
         # the extra itself where a plot is skipped, and never calls cma's plotting
