@@ -93,24 +93,29 @@ def write_results(name: str, device: str, rows: list, columns: list, title: str,
         if os.path.exists(png):  # an earlier run's plot beside this run's table
             os.remove(png)
     elif plot is not None:
-        tmp = os.path.join(folder, f".{name}.{os.getpid()}.png")  # savefig picks the format from the suffix
-        try:
-            plot(tmp)
-            if os.path.exists(tmp):  # (a plot that drew nothing leaves nothing)
-                os.replace(tmp, png)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_plot(png, plot)
     return table
 
 
 def write_atomic(path: str, text: str) -> None:
-    """The file whole or not at all: an interrupted run left a truncated JSON in place of the last good one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    """The file whole or not at all (pymerge's replace_file): an interrupted run left a truncated JSON in place of
+    the last good one."""
+    from pymerge.io.files import replace_file
+
+    def write(tmp):
         with open(tmp, "w") as f:
             f.write(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, path)
+    replace_file(path, write)
+
+
+def write_plot(png: str, draw) -> None:
+    """draw(path) into a temporary .png beside png (savefig takes the format from the suffix, so not
+    replace_file's name), renamed over it; nothing where draw drew nothing (no matplotlib)."""
+    tmp = os.path.join(os.path.dirname(png), f".{os.path.basename(png)}.{os.getpid()}.png")
+    try:
+        draw(tmp)
+        if os.path.exists(tmp):
+            os.replace(tmp, png)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

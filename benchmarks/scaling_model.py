@@ -41,7 +41,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import RESULTS, machine_description, markdown_table, result_name, time_interleaved, write_atomic  # noqa: E402
+from common import (RESULTS, machine_description, markdown_table, result_name, time_interleaved,  # noqa: E402
+                    write_atomic, write_plot)
 
 GB = 1e9
 
@@ -319,15 +320,8 @@ def main(argv=None):
     name = result_name(folder, name, result["machine"])
     write_atomic(os.path.join(folder, f"{name}.json"), json.dumps(result, indent=1))
     write_atomic(os.path.join(folder, f"{name}.md"), f"{result['machine']}, {result['date']}\n\n{out}")
-    png = os.path.join(folder, "scaling_model.png")  # the H200 prediction alone: the same whichever run wrote it
-    tmp = os.path.join(folder, f".scaling_model.{os.getpid()}.png")
-    try:
-        plot(tmp, paper)
-        if os.path.exists(tmp):  # (no matplotlib: no plot)
-            os.replace(tmp, png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # the H200 prediction alone: the same whichever run wrote it
+    write_plot(os.path.join(folder, "scaling_model.png"), lambda path: plot(path, paper))
 
 
 if __name__ == "__main__":
