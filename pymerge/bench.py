@@ -16,6 +16,7 @@ import time
 from pymerge.argparser import ArgumentParser
 from pymerge.errors import first_line
 from pymerge.progress import say
+from pymerge.sizes import format_size
 
 
 def _time(fns: dict, rounds: int, cuda: bool) -> tuple:
@@ -115,8 +116,8 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     need, free = peak_bytes(args.elements), _available(device)
     if need > free:  # Linux grants the allocations and kills the process when it touches them (a bug hunt)
-        say(f"pymerge bench: error: --elements {args.elements} does not fit in memory (needs {need / 1e9:.1f} GB, "
-            f"{free / 1e9:.1f} GB available on {device}); use fewer")
+        say(f"pymerge bench: error: --elements {args.elements} does not fit in memory (needs {format_size(need)}, "
+            f"{format_size(free)} available on {device}); use fewer")
         return 2
     try:
         rows = run(device, args.elements, args.rounds)

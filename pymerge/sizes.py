@@ -1,5 +1,6 @@
 """Byte sizes written by people: one parser for the CLI (--out-shard-size, --chunk-size), the search
-config and the pool (memory_budget), so a size means the same everywhere.
+config and the pool (memory_budget), so a size means the same everywhere; and one way to write
+a size back (format_size).
 
     parse_size("5GB") == 5_000_000_000      decimal units: k/kb, m/mb, g/gb, t/tb (powers of 1000)
     parse_size("1.5GiB") == 1_610_612_736   binary units: kib, mib, gib, tib (powers of 1024)
@@ -48,6 +49,15 @@ def _parse_text(text: str, what: str) -> Decimal:
         raise InputError(f"{what}: {short(text)} is not a size ({_HINT})")
     number = Decimal(m.group(1) + (m.group(2) or ""))
     return number * UNITS[m.group(3)] if number.adjusted() < 100 else number  # 1e999999: huge already
+
+
+def format_size(nbytes: float) -> str:
+    """Bytes as people read them, in decimal units with one decimal ("1.3 GB", "45.0 MB", "512 bytes"): one
+    format for every message that states a size (free space, pool residency, bench memory)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"  # not "B": a size written "5B" reads as 5e9 (mergekit)
 
 
 def free_memory(device) -> int:

@@ -303,6 +303,16 @@ def test_parse_size(text, value):
     assert cli.parse_size(text) == value
 
 
+@pytest.mark.parametrize("nbytes, text", [(0, "0 bytes"), (999, "999 bytes"), (1000, "1.0 KB"), (400_100, "400.1 KB"),
+                                           (45_000_000, "45.0 MB"), (1_300_000_000, "1.3 GB"), (2e13, "20.0 TB")])
+def test_format_size(nbytes, text):
+    """One format for every message that states a size (the writer's free space, the pool, bench)."""
+    from pymerge.sizes import format_size, parse_size
+    assert format_size(nbytes) == text
+    if nbytes >= 1000:  # reads back ("999 B" would not: a bare B is a billion, as in mergekit)
+        assert abs(parse_size(text.replace(" ", "")) - nbytes) <= 0.05 * nbytes
+
+
 @pytest.mark.parametrize("text", ["", "GB", "5 parsecs", "-1", "0"])
 def test_parse_size_rejects(text):
     import argparse

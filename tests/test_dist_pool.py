@@ -441,8 +441,8 @@ def test_rank_count_independent(tmp_path_factory, group):
 
 
 def pymerge_fmt_bytes(n):
-    from pymerge.pool.pool import _fmt_bytes
-    return _fmt_bytes(n)
+    from pymerge.sizes import format_size
+    return format_size(n)
 
 
 def test_each_rank_holds_its_share(group):

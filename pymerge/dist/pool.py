@@ -30,7 +30,8 @@ from pymerge.dist.sample import values_sample
 from pymerge.errors import InputError
 from pymerge.ops._versions import versions_of
 from pymerge.pool.grouped import native_tv_table
-from pymerge.pool.pool import CheckpointPool, _cacheable, _fmt_bytes, _map_name, _tensors_of, _untied_heads
+from pymerge.pool.pool import CheckpointPool, _cacheable, _map_name, _tensors_of, _untied_heads
+from pymerge.sizes import format_size
 
 
 class ShardedPool(CheckpointPool):
@@ -122,7 +123,7 @@ class ShardedPool(CheckpointPool):
     def describe(self) -> str:
         sharded = sum(b.signature[0] == "sharded" for b in self.boxes.values())
         return super().describe() + (f"; sharded: {sharded} of {len(self.names)} tensors split across ranks (the "
-                                     f"sizes above are this rank's share of {_fmt_bytes(self.whole_nbytes)})")
+                                     f"sizes above are this rank's share of {format_size(self.whole_nbytes)})")
 
     def _residency_text(self) -> str:
         if self.residency == "mmap":  # (chosen by the whole model's size) no rank reads the maps when it merges

@@ -39,6 +39,7 @@ from pymerge import _native
 from pymerge.errors import InputError, short
 from pymerge.io.files import fsync_dir, kind_of, open_regular, out_location
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
+from pymerge.sizes import format_size
 
 INDEX_NAME = "model.safetensors.index.json"
 _TMP_TAG = ".pymerge-tmp-"  # .<outname>.pymerge-tmp-<pid>: the folder being written
@@ -197,8 +198,8 @@ class ShardedWriter:
             return
         free, need = st.f_bavail * st.f_frsize, sum(self._sizes)
         if 0 < free < need:  # 0: some filesystems don't report; don't block on them
-            raise InputError(f"{self.out_dir}: the merged model needs {_size(need)} but only "
-                             f"{_size(free)} are free on {self.out_dir.parent}")
+            raise InputError(f"{self.out_dir}: the merged model needs {format_size(need)} but only "
+                             f"{format_size(free)} are free on {self.out_dir.parent}")
 
     def _create_shard(self, i: int) -> int:
         path = self.tmp_dir / self.shard_names[i]
@@ -667,14 +668,6 @@ class ShardedWriter:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def _size(nbytes: int) -> str:
-    """Bytes in a readable unit ("0.00 GB" of 0.00 GB free said nothing for a small model)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} bytes"
-
-
 def _check_metadata(metadata) -> Dict[str, str]:
     if metadata is None:
         return {}

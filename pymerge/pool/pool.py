@@ -26,7 +26,7 @@ from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
-from pymerge.sizes import host_available
+from pymerge.sizes import format_size, host_available
 from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
 from pymerge.pool import compressed, grouped
 from pymerge.pool.sources import open_source
@@ -90,14 +90,6 @@ def _check_range(held: torch.Tensor, t: torch.Tensor, label: str, name: str) -> 
                               f"{str(held.dtype).replace('torch.', '')}'s range (largest finite "
                               f"{torch.finfo(held.dtype).max:.6g}), where the pool's dtype= would make them inf; "
                               "choose a wider dtype (bfloat16, float32) or none")
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 class CheckpointPool:
@@ -378,13 +370,13 @@ class CheckpointPool:
             free, _ = torch.cuda.mem_get_info(self.device)
             dev_cap = min(self.memory_budget if self.memory_budget is not None else need, int(free * 0.9))
             if need <= dev_cap:
-                return "device", f"{_fmt_bytes(need)} fits in GPU memory ({_fmt_bytes(free)} free)"
+                return "device", f"{format_size(need)} fits in GPU memory ({format_size(free)} free)"
             if need <= host_cap:
-                return "pinned", f"{_fmt_bytes(need)} exceeds the GPU budget; pinned host memory, streamed in chunks"
-            return "mmap", f"{_fmt_bytes(need)} exceeds the GPU and host budgets; streamed from the memory map"
+                return "pinned", f"{format_size(need)} exceeds the GPU budget; pinned host memory, streamed in chunks"
+            return "mmap", f"{format_size(need)} exceeds the GPU and host budgets; streamed from the memory map"
         if need <= host_cap:
-            return "host", f"{_fmt_bytes(need)} fits in RAM ({_fmt_bytes(host_avail)} available)"
-        return "mmap", f"{_fmt_bytes(need)} exceeds the host budget; read from the memory map (page cache)"
+            return "host", f"{format_size(need)} fits in RAM ({format_size(host_avail)} available)"
+        return "mmap", f"{format_size(need)} exceeds the host budget; read from the memory map (page cache)"
 
     @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
     def _hold_all(self, src) -> Dict[str, torch.Tensor]:
@@ -456,7 +448,7 @@ class CheckpointPool:
                         "changing them with torch ops changes later merges (not through .data or numpy, "
                         "which cached statistics do not see)")
         return (f"CheckpointPool: {self.num_checkpoints} checkpoints{' + base' if self.has_base else ''}, "
-                f"{len(self.names)} tensors, {_fmt_bytes(self.nbytes)}; residency {self._residency_text()}; "
+                f"{len(self.names)} tensors, {format_size(self.nbytes)}; residency {self._residency_text()}; "
                 f"backend {self.backend} on {self.device}{borrowed}")
 
     __repr__ = describe
