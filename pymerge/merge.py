@@ -42,7 +42,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.checkpoint import check_folder_unchanged
-from pymerge.io.files import out_location, read_json, same_files_key, stays_inside
+from pymerge.io.files import out_location, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
@@ -436,18 +436,12 @@ def _chat_template(cfg: MergeConfig, models: Sequence[str]) -> Optional[str]:
 
 
 def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: List[Checkpoint]) -> None:
-    """One model listed twice under other spellings (./x, x/, a symlink, x/model.safetensors) would
-    silently count twice: models are the same when they read the same files."""
-    seen: Dict[frozenset, str] = {}
-    for spec, ck in zip(sources, checkpoints):
-        where = next((f"models[{i}]" for i, m in enumerate(cfg.models) if m is spec), "base_model")
-        key = same_files_key(ck.files)
-        if not key:  # an index listing no file: two such were "the same model"
-            raise MergeConfigError(cfg.where(f"{where} ({spec.path}): holds no tensors (its index lists no file)"))
-        if key in seen:
-            raise MergeConfigError(cfg.where(f"{seen[key]} and {where} ({spec.path}) are the same model; "
-                                             f"list it once"))
-        seen[key] = f"{where} ({spec.path})"
+    """One model listed twice under other spellings would silently count twice (io.files.repeated_model)."""
+    labelled = [(next((f"models[{i}]" for i, m in enumerate(cfg.models) if m is spec), "base_model")
+                 + f" ({spec.path})", ck.files) for spec, ck in zip(sources, checkpoints)]
+    problem = repeated_model(labelled)
+    if problem:
+        raise MergeConfigError(cfg.where(problem))
 
 
 def _same_model(a: str, b: Optional[str]) -> bool:

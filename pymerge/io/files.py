@@ -11,7 +11,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Type
+from typing import Callable, Dict, Optional, Type
 
 from pymerge.errors import CheckpointError, InputError, short
 
@@ -23,10 +23,19 @@ except ImportError:  # not POSIX
 MAX_SMALL_FILE = 100_000_000  # config.json, index, YAML: bigger is not a config, and would be read whole
 
 
-def same_files_key(files) -> frozenset:
-    """What makes two checkpoints one model: the files they read, links resolved (./x, x/, a link to x and
-    x/model.safetensors are all x)."""
-    return frozenset(os.path.realpath(f) for f in files)
+def repeated_model(labelled_files, noun: str = "model") -> Optional[str]:
+    """Why a list of (label, files read) cannot be merged as given, or None: one model listed twice under other
+    spellings (./x, x/, a link to x, x/model.safetensors: the same files, links resolved) would silently count
+    twice, and an index listing no file holds no tensors (two such were "the same")."""
+    seen: Dict[frozenset, str] = {}
+    for label, files in labelled_files:
+        key = frozenset(os.path.realpath(f) for f in files)
+        if not key:
+            return f"{label}: holds no tensors (its index lists no file)"
+        if key in seen:
+            return f"{seen[key]} and {label} are the same {noun}; list it once"
+        seen[key] = label
+    return None
 
 
 def kind_of(mode: int) -> str:

@@ -35,7 +35,7 @@ import yaml
 from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
-from pymerge.io.files import hold_lock, release_lock, same_files_key
+from pymerge.io.files import hold_lock, release_lock, repeated_model
 from pymerge.progress import say
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
@@ -96,17 +96,13 @@ def _check_distinct(config: str, written: list, sources: list) -> None:
     """One checkpoint listed twice (under any spelling: ./x, x/, a link, x/model.safetensors) is refused before
     the search, as `pymerge merge` refuses the best_merge.yml that would list it twice."""
     from pymerge.io import Checkpoint
-    seen: dict = {}
+    labelled = []
     for i, path in enumerate(sources):
         with Checkpoint(path) as ck:
-            key = same_files_key(ck.files)
-        if not key:  # an index listing no file: two such were "the same checkpoint"
-            raise InputError(f"{config}: sources[{i}] ({written[i]}): holds no tensors (its index lists no file)")
-        if key in seen:
-            j = seen[key]
-            raise InputError(f"{config}: sources[{j}] ({written[j]}) and sources[{i}] ({written[i]}) are the same "
-                             "checkpoint; list it once")
-        seen[key] = i
+            labelled.append((f"sources[{i}] ({written[i]})", ck.files))
+    problem = repeated_model(labelled, noun="checkpoint")
+    if problem:
+        raise InputError(f"{config}: {problem}")
 
 
 def _dtype(name):
