@@ -455,6 +455,46 @@ def test_a_method_error_found_in_a_later_tensor_writes_nothing(case):
     assert not torch.equal(targets[0].embed.weight, before[0]["embed.weight"])
 
 
+@pytest.mark.parametrize("method", ["multislerp", "karcher"])
+def test_a_coefficient_beyond_float32_found_in_a_later_tensor_writes_nothing(method):
+    """A task vector of 1e-44 with eps 0 (multislerp) or tol 0 (karcher) needs a coefficient of ~1e43, which
+    the float32 kernels refused at the write, after earlier tensors were written, as a bare ValueError naming
+    no tensor (an audit): the coefficients' range is checked when they are prepared."""
+    base_m, *models = make_models(3)
+    base, sds = base_m.state_dict(), [m.state_dict() for m in models]
+    base["head.weight"] = torch.zeros_like(base["head.weight"])
+    tiny = torch.zeros_like(base["head.weight"])
+    tiny.view(-1)[0] = 1e-44  # a float32 subnormal: its norm's inverse is far beyond float32
+    sds[1]["head.weight"] = tiny
+    kw = {"eps": 0.0} if method == "multislerp" else {"tol": 0.0}
+    pool = CheckpointPool(sds, base=base) if method == "multislerp" else CheckpointPool(sds)
+    target = Tiny()
+    before = snapshot(target)
+    with pytest.raises(MergeConfigError, match=f"^tensor head.weight: {method} needs a coefficient of .*e\\+4.*float32"):
+        pool.materialize([0.5, 0.5], into=target, method=method, **kw)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    pool.materialize([0.5, 0.5], into=target, method=method)  # the defaults merge it
+    assert all(torch.isfinite(v).all() for v in target.state_dict().values())
+
+
+def test_an_error_no_check_foresaw_says_the_targets_hold_a_partial_merge(monkeypatch):
+    """Should a method's merge_tensor still raise after earlier tensors were written (a check prepare lacks),
+    the error says the live model is partly merged rather than leaving it silently half written."""
+    from pymerge.methods import sphere
+    base_m, *models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], base=base_m.state_dict())
+    real = sphere.MultiSlerp.merge_tensor
+
+    def failing(self, task, out):
+        if task.name == "head.weight":
+            raise ValueError("group_lincomb: something no check foresaw")
+        real(self, task, out)
+    monkeypatch.setattr(sphere.MultiSlerp, "merge_tensor", failing)
+    with pytest.raises(MergeConfigError, match=r"something no check foresaw; \d+ of \d+ tensors were written "
+                                                r"before it: the targets hold a partial merge"):
+        pool.materialize([0.5, 0.5], into=Tiny(), method="multislerp")
+
+
 
 # ---- tied weights: the pool's checkpoints and the target tie differently ------------------------------
 class LM(torch.nn.Module):

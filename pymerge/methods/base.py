@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
     import torch
 
-from pymerge.errors import MergeConfigError, short  # noqa: F401  (MergeConfigError re-exported for method modules)
+from pymerge.errors import MergeConfigError, first_line, short  # noqa: F401  (MergeConfigError re-exported for method modules)
 
 _REQUIRED = object()
 
@@ -112,6 +112,21 @@ class MergeMethod:
 # No merge needs a parameter or a coefficient this large, and beyond it float32 arithmetic turns
 # ordinary (finite) weights into inf, NaN or noise: a weight, lambda or t of 1e300 is a typo.
 MAX_MAGNITUDE = 1e6
+
+
+def merge_prepared(method: MergeMethod, pairs, total: int) -> None:
+    """merge_tensor for each (task, out) of a pool's write, every task checked and prepared already. An error
+    prepare did not foresee, raised after some targets were written, says so: the models are not as they were."""
+    written = 0
+    for task, out in pairs:
+        try:
+            method.merge_tensor(task, out)
+        except ValueError as exc:
+            if not written:
+                raise
+            raise MergeConfigError(f"{first_line(exc)}; {written} of {total} tensors were written before it: the "
+                                   "targets hold a partial merge") from exc
+        written += 1
 
 
 def check_magnitudes(method: MergeMethod, task: TensorTask, labels: Optional[List[str]] = None) -> None:

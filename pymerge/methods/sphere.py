@@ -30,6 +30,7 @@ import torch
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, register
 from pymerge.methods.base import flag_param, number_param
 from pymerge.ops import interp
+from pymerge.ops._checks import FLOAT32_MAX
 
 
 def _quad(g: torch.Tensor, a: List[float], b: List[float] = None) -> float:
@@ -75,6 +76,18 @@ def _write(task: TensorTask, xs, base, coefs, base_coef: float, out: torch.Tenso
         return
     row = torch.tensor([coefs + [base_coef]], dtype=torch.float64, device="cpu")
     interp.group_lincomb(xs, base, base is not None, "whole", row, out, task.backend, task.num_threads)
+
+
+def _in_range(coefs, method: str):
+    """Coefficients the float32 kernels can multiply by, checked in prepare (before a pool writes any tensor):
+    a finite one beyond float32's range (a near-zero task vector with eps 0, values near float32's limit) would
+    be refused at the write, after other tensors were written. NaN and inf pass: a NaN checkpoint's propagate."""
+    if isinstance(coefs, list):
+        big = max((abs(c) for c in coefs if math.isfinite(c)), default=0.0)
+        if big > FLOAT32_MAX:
+            raise MergeConfigError(f"{method} needs a coefficient of {big:.3g}, beyond float32's "
+                                   "range (a vector of nearly zero norm, or values near float32's limit)")
+    return coefs
 
 
 def _normalized(w: List[float], normalize: bool) -> List[float]:
@@ -171,7 +184,9 @@ class MultiSlerp(MergeMethod):
         g = gram(task.inputs, task.base, task.backend, task.num_threads)
         try:
             coefs = multislerp_coefs(g, w, normalize, eps)
-            return coefs if coefs is not None else multislerp_vector(_vectors(task.inputs, task.base), w, normalize, eps)
+            if coefs is not None:
+                return _in_range(coefs, "multislerp")
+            return multislerp_vector(_vectors(task.inputs, task.base), w, normalize, eps)
         except MergeConfigError as exc:
             raise MergeConfigError(f"tensor {task.name}: {exc}") from None
 
@@ -282,12 +297,25 @@ class Karcher(MergeMethod):
     def check_params(self, task: TensorTask) -> None:
         self._settings(task)
 
+    def prepare(self, task: TensorTask) -> None:
+        """The coefficients, as multislerp's: their range error depends on the data."""
+        if len(task.inputs) > 1 and task.inputs[0].numel():
+            coefs = self._coefs(task)
+            task.prepared = None if isinstance(coefs, torch.Tensor) else coefs
+
+    def _coefs(self, task: TensorTask):
+        max_iter, tol = self._settings(task)
+        g = gram(task.inputs, None, task.backend, task.num_threads)
+        coefs = karcher_coefs(g, max_iter, tol)
+        if coefs is not None:
+            try:
+                return _in_range(coefs, "karcher")
+            except MergeConfigError as exc:
+                raise MergeConfigError(f"tensor {task.name}: {exc}") from None
+        return karcher_vector(_vectors(task.inputs), max_iter, tol)  # the cancelling case, float64
+
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         if len(task.inputs) == 1 or out.numel() == 0:
             out.copy_(task.inputs[0])
             return
-        max_iter, tol = self._settings(task)
-        g = gram(task.inputs, None, task.backend, task.num_threads)
-        coefs = karcher_coefs(g, max_iter, tol)
-        _write(task, task.inputs, None, coefs if coefs is not None else
-               karcher_vector(_vectors(task.inputs), max_iter, tol), 0.0, out)
+        _write(task, task.inputs, None, task.prepared if task.prepared is not None else self._coefs(task), 0.0, out)

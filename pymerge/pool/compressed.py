@@ -613,7 +613,7 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
     """Any registered method. Weighted sums (linear, task_arithmetic, ...) decode inside the fused kernel;
     the rest (TIES, DARE, SLERP, ...) merge base + decode(delta_i) in float32, one tensor at a time,
     after a first pass has checked and prepared every tensor and candidate (nothing is written before that)."""
-    from pymerge.methods.base import TensorTask, check_magnitudes
+    from pymerge.methods.base import TensorTask, check_magnitudes, merge_prepared
     from pymerge.methods.linear import WeightedSum
     n = len(store.labels)
     weighted = isinstance(method, WeightedSum)
@@ -651,10 +651,12 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
         for task in tasks:
             method.prepare(task)
         prepared.append([task.prepared for task in tasks])
-    for p, kept in zip(plans, prepared):
-        for task, out, pre in zip(tasks_of(p, decode=True), p.outs, kept):
-            task.prepared = pre
-            method.merge_tensor(task, out)
+    def pairs():
+        for p, kept in zip(plans, prepared):
+            for task, out, pre in zip(tasks_of(p, decode=True), p.outs, kept):
+                task.prepared = pre
+                yield task, out
+    merge_prepared(method, pairs(), sum(len(p.outs) for p in plans))
 
 
 # ---- kernels ------------------------------------------------------------------------------------------

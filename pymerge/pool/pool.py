@@ -886,7 +886,7 @@ class CheckpointPool:
     def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
         """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path), after
         every tensor and candidate is checked and prepared (MergeMethod.prepare): an error writes nothing."""
-        from pymerge.methods.base import TensorTask, check_magnitudes, get_method
+        from pymerge.methods.base import TensorTask, check_magnitudes, get_method, merge_prepared
         m = get_method(method)
         m.validate(self.num_checkpoints, self.has_base)
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
@@ -918,8 +918,7 @@ class CheckpointPool:
         with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
             for task, _ in tasks:  # every tensor's data-dependent checks (multislerp's coefficients) first
                 m.prepare(task)
-            for task, out in tasks:
-                m.merge_tensor(task, out)
+            merge_prepared(m, tasks, len(tasks))
 
 
 def _cached_dots(cache: SelectionCache, key: tuple) -> Callable:
