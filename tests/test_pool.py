@@ -1,5 +1,6 @@
 """CheckpointPool against a float64 reference: every backend that runs here, in place, errors before writes."""
 import copy
+import json
 import os
 
 import numpy as np
@@ -636,6 +637,29 @@ def test_tied_checkpoints_fill_an_untied_head(method, kw, tmp_path):
     assert torch.equal(tied.model.embed_tokens.weight, models[0].model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("config", [{"tie_word_embeddings": False}, {"text_config": {"tie_word_embeddings": False}},
+                                    {"tie_word_embeddings": True}, None])
+def test_backbone_folders_saved_without_their_head_leave_the_targets_head(config, tmp_path):
+    """Folders of a backbone saved without its head (AutoModel / LlamaModel: config.json says
+    tie_word_embeddings: false) merged into a model with its own trained head: the tied rule overwrote that
+    head with the merged embedding (an audit). A config that says the model is untied now keeps the rule off;
+    one that says tied, or none, keeps it on."""
+    states = lm_states(3, tie=True)
+    folders = []
+    for i, st in enumerate(states):
+        folders.append(tmp_path / f"m{i}")
+        folders[-1].mkdir()
+        save_file({k: v.contiguous() for k, v in st.items()}, str(folders[-1] / "model.safetensors"))
+        if config is not None:
+            (folders[-1] / "config.json").write_text(json.dumps(config))
+    model = LM(False)
+    head = model.lm_head.weight.detach().clone()
+    CheckpointPool(folders).materialize([0.2, 0.3, 0.5], into=model)
+    untied = config is not None and False in (config.get("tie_word_embeddings"),
+                                              config.get("text_config", {}).get("tie_word_embeddings"))
+    assert torch.equal(model.lm_head.weight, head if untied else model.model.embed_tokens.weight)
+
+
 def test_an_untied_head_every_candidate_must_have_and_per_layer_weights(tmp_path):
     states = lm_states(2, tie=True)
     pool = CheckpointPool(saved(states, str(tmp_path)))
@@ -1000,6 +1024,37 @@ def test_a_backend_that_cannot_run_is_refused_when_the_pool_is_built(monkeypatch
             CheckpointPool([{"w": torch.ones(3)}], base=base, backend="triton", compress=compress)
     with pytest.raises(InputError, match="unknown backend 'gpu'"):
         CheckpointPool([{"w": torch.ones(3)}], backend="gpu")
+
+
+def test_the_mmap_tier_counts_the_copies_it_must_hold(tmp_path):
+    """The kernels read no float64: the mmap tier held such tensors as float32 copies in RAM while describe()
+    said it read the files in place, so memory_budget="1MB" held 201 MB (an audit). The copies now count
+    against the budget: past it the pool is refused (naming the cure); within it describe() says so."""
+    g = torch.Generator().manual_seed(5)
+    for i in range(2):
+        save_file({"big": torch.randn(4096, generator=g).to(torch.bfloat16),
+                   "small": torch.randn(64, generator=g, dtype=torch.float64)}, str(tmp_path / f"c{i}.safetensors"))
+    files = [str(tmp_path / f"c{i}.safetensors") for i in range(2)]
+    with pytest.raises(InputError, match=r"mmap tier.*float64.*held converted in RAM: 512 bytes, beyond the host "
+                                         r"budget of 100 bytes; convert the checkpoints"):
+        CheckpointPool(files, memory_budget=100)
+    pool = CheckpointPool(files, memory_budget=4000)  # the 2 x 64 float32 copies fit, the 2 x 8 KB do not
+    assert pool.residency == "mmap" and "512 bytes of float64 (or other) tensors held converted in RAM" in pool.describe()
+    host = CheckpointPool(files, residency="host")
+    a, b = {"big": torch.empty(4096), "small": torch.empty(64)}, {"big": torch.empty(4096), "small": torch.empty(64)}
+    pool.materialize([0.3, 0.7], into=a)
+    host.materialize([0.3, 0.7], into=b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="held converted in RAM"):  # a pool of float64 only: mmap would hold it all
+        CheckpointPool(_f64_files(tmp_path), memory_budget="1KB")
+
+
+def _f64_files(tmp_path):
+    paths = []
+    for i in range(2):
+        save_file({"w": torch.randn(1000, dtype=torch.float64)}, str(tmp_path / f"d{i}.safetensors"))
+        paths.append(str(tmp_path / f"d{i}.safetensors"))
+    return paths
 
 
 def test_dtype_on_the_mmap_tier_is_refused_not_ignored(tmp_path):

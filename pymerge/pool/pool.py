@@ -350,7 +350,24 @@ class CheckpointPool:
         return compressed.held_dtype(t.dtype, self.dtype, INPUT_DTYPES)
 
     def _choose(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str]:
-        per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64)) * compressed.held_dtype(_first_dtype(opened[0], n), self.dtype, INPUT_DTYPES).itemsize
+        """The residency tier and why. The mmap tier reads the files in place, except tensors of dtypes the kernels
+        do not read (float64, some float8s): those it holds converted in RAM, which must fit the budget too."""
+        residency, reason, host_cap = self._pick(opened, base_src, forced)
+        if residency == "mmap":
+            sources = list(opened) + ([base_src] if base_src else [])
+            copied = sum(_mmap_copy_bytes(src, n, self.dtype) for src in sources for n in self.names)
+            if copied > host_cap:
+                raise InputError(f"this pool reads its files in place (mmap tier: {reason}), but their tensors in "
+                                 f"dtypes the kernels do not read (float64, ...) would be held converted in RAM: "
+                                 f"{format_size(copied)}, beyond the host budget of {format_size(host_cap)}; convert "
+                                 "the checkpoints to float32 or bfloat16, or raise memory_budget")
+            if copied:
+                reason += f"; {format_size(copied)} of float64 (or other) tensors held converted in RAM"
+        return residency, reason
+
+    def _pick(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str, int]:
+        per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64))
+                       * compressed.held_dtype(_first_dtype(opened[0], n), self.dtype, INPUT_DTYPES).itemsize
                        for n in self.names)
         need = per_ckpt * (len(opened) + (1 if base_src else 0))
         self.nbytes = need
@@ -365,18 +382,21 @@ class CheckpointPool:
                 raise InputError("residency 'host' is for device='cpu'; on CUDA use 'device', 'pinned' or 'mmap'")
             if forced == "pinned" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise InputError("residency 'pinned' streams host memory to a GPU: it needs device='cuda'")
-            return forced, "forced by residency="
+            return forced, "forced by residency=", host_cap
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             dev_cap = min(self.memory_budget if self.memory_budget is not None else need, int(free * 0.9))
             if need <= dev_cap:
-                return "device", f"{format_size(need)} fits in GPU memory ({format_size(free)} free)"
+                return "device", f"{format_size(need)} fits in GPU memory ({format_size(free)} free)", host_cap
             if need <= host_cap:
-                return "pinned", f"{format_size(need)} exceeds the GPU budget; pinned host memory, streamed in chunks"
-            return "mmap", f"{format_size(need)} exceeds the GPU and host budgets; streamed from the memory map"
+                return ("pinned", f"{format_size(need)} exceeds the GPU budget; pinned host memory, streamed in chunks",
+                        host_cap)
+            return ("mmap", f"{format_size(need)} exceeds the GPU and host budgets; streamed from the memory map",
+                    host_cap)
         if need <= host_cap:
-            return "host", f"{format_size(need)} fits in RAM ({format_size(host_avail)} available)"
-        return "mmap", f"{format_size(need)} exceeds the host budget; read from the memory map (page cache)"
+            return "host", f"{format_size(need)} fits in RAM ({format_size(host_avail)} available)", host_cap
+        return ("mmap", f"{format_size(need)} exceeds the host budget; read from the memory map (page cache)",
+                host_cap)
 
     @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
     def _hold_all(self, src) -> Dict[str, torch.Tensor]:
@@ -831,12 +851,15 @@ class CheckpointPool:
     def _tied_embedding(self) -> Optional[str]:
         """The pool's input embedding when its checkpoints are files that store no output head (tied), else
         None; once. Not for state dicts or modules: one without a head is a pool over part of a model, whose
-        target tensors the pool lacks are left as they are (a module's state dict names tied weights twice)."""
+        target tensors the pool lacks are left as they are (a module's state dict names tied weights twice); nor
+        for a folder whose config.json says the model is untied (AutoModel's backbone, saved without its head:
+        the target's own head stays as it is)."""
         if not self._from_files:
             return None
         if not hasattr(self, "_tied_emb"):
             from pymerge.tied import tied_embedding
-            self._tied_emb = tied_embedding(self.names, self.shapes.__getitem__)
+            untied = any(_config_says_untied(f) for f in self._folders)  # a backbone saved without its head
+            self._tied_emb = None if untied else tied_embedding(self.names, self.shapes.__getitem__)
         return self._tied_emb
 
     def _check_overlaps(self, plans: List[_Plan], k: int) -> None:
@@ -1393,6 +1416,32 @@ def _check_mmap_dtype(sources, names, dtype: torch.dtype, reason: str) -> None:
                 raise InputError(f"dtype={dtype} rounds {src.label}'s {n!r} ({have}) as the pool copies it, but this "
                                  f"pool reads its files in place (mmap tier: {reason}); drop dtype= (merges compute "
                                  "in float32 anyway), or hold copies: residency='host' where the memory is there")
+
+
+def _config_says_untied(folder: str) -> bool:
+    """Whether the folder's config.json says tie_word_embeddings: false (at the top or in its text_config); an
+    unreadable or missing one says nothing."""
+    from pymerge.io.files import read_json
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        cfg = read_json(path)
+    except InputError:
+        return False
+    if not isinstance(cfg, dict):
+        return False
+    text = cfg.get("text_config")
+    return cfg.get("tie_word_embeddings") is False or (isinstance(text, dict) and text.get("tie_word_embeddings") is False)
+
+
+def _mmap_copy_bytes(src, name: str, forced: Optional[torch.dtype]) -> int:
+    """Bytes the mmap tier holds in RAM for one source's tensor: a converted copy where the kernels cannot read
+    its dtype (_hold), nothing where it is read in place."""
+    dtype, shape = src.info(name)
+    if dtype in INPUT_DTYPES:
+        return 0
+    return int(np.prod(shape, dtype=np.int64)) * compressed.held_dtype(dtype, forced, INPUT_DTYPES).itemsize
 
 
 def _first_dtype(src, name: str) -> torch.dtype:
