@@ -846,6 +846,61 @@ def test_save_and_load_of_something_not_a_path_are_one_line(tmp_path):
                 call(bad)
 
 
+def test_save_and_load_paths_given_as_bytes_or_holding_a_nul(tmp_path):
+    """A bytes path (accepted on purpose) raised TypeError from a pool built from folders (comparing it with
+    str folders), and a NUL character a bare 'embedded null byte' ValueError (an audit)."""
+    from safetensors.torch import save_file
+    base = {"w": torch.randn(64, 3)}
+    for name, sd in (("base", base), ("ft", {"w": base["w"] + 0.01})):
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+    pool = CheckpointPool([str(tmp_path / "ft")], base=str(tmp_path / "base"), compress="int8")
+    target = os.fsencode(str(tmp_path / "pool.safetensors"))
+    pool.save(target)
+    assert CheckpointPool.load(target).names == ["w"]
+    with pytest.raises(InputError, match="^save: the path .* holds a NUL character$"):
+        pool.save(os.fsencode(str(tmp_path / "ft" / "model.safetensors")) + b"\0x", overwrite=True)
+    for call, what in ((lambda p: pool.save(p), "save"), (CheckpointPool.load, "load")):
+        with pytest.raises(InputError, match=f"^{what}: the path .* holds a NUL character$"):
+            call(str(tmp_path / "p.safetensors") + "\0x")
+
+
+def test_a_pool_too_large_for_one_header_is_refused_before_writing(tmp_path, monkeypatch):
+    """A pool of ~40,000 tensors x 8 checkpoints saved a 104 MB header, which every reader (ours, the
+    safetensors library's) refuses above 100 MB: saved fine, never loadable (an audit). Refused unwritten."""
+    from pymerge.io import safetensors_file
+    pool, _ = _saved(tmp_path)
+    (tmp_path / "pool.safetensors").write_bytes(b"the user's")
+    monkeypatch.setattr(safetensors_file, "MAX_HEADER_BYTES", 2000)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(InputError, match=r"pool.safetensors \(5 tensors x 3 checkpoints\): its header would be \d+ "
+                                         r"bytes for \d+ tensors, more than the 2000 bytes safetensors readers accept"):
+        pool.save(tmp_path / "pool.safetensors", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "pool.safetensors").read_bytes() == b"the user's"
+
+
+def test_save_into_a_folder_that_takes_no_file_names_the_folder(tmp_path):
+    """A FileNotFoundError (or PermissionError) named the hidden temporary file the user never chose."""
+    pool, _ = _saved(tmp_path)
+    with pytest.raises(InputError, match=r"^/proc/self/pool.safetensors: cannot create a file in /proc/self: "):
+        pool.save("/proc/self/pool.safetensors")
+
+
+def test_compressing_uses_the_pools_threads(monkeypatch):
+    """num_threads= ("the CPU kernels' threads") was not passed to the encoder: building a compressed pool took
+    every core, oversubscribing processes pinned to one each (an audit)."""
+    seen = []
+    real = cp.quantize
+
+    def spy(theta, base, fmt, num_threads=0):
+        seen.append(num_threads)
+        return real(theta, base, fmt, num_threads)
+    monkeypatch.setattr(cp, "quantize", spy)
+    base = {"w": torch.randn(300)}
+    CheckpointPool([{"w": base["w"] + 0.01}, {"w": base["w"] - 0.01}], base=base, compress="auto", num_threads=1)
+    assert seen and set(seen) == {1}
+
+
 def test_save_to_an_empty_path_is_one_line(tmp_path, monkeypatch):
     """save("") wrote the whole file, then failed renaming its temporary to '' (FileNotFoundError)."""
     pool, _ = _saved(tmp_path)

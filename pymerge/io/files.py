@@ -155,7 +155,10 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     check_replaceable(path)  # a FIFO or device would be replaced
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
     _sweep_stale(folder, f".{name}{_TMP_MARK}")
-    fd, tmp = _locked_temporary(folder, f".{name}{_TMP_MARK}")
+    try:
+        fd, tmp = _locked_temporary(folder, f".{name}{_TMP_MARK}")
+    except OSError as exc:  # (it named the temporary file, which the user never chose)
+        raise InputError(f"{path}: cannot create a file in {folder}: {exc.strerror or exc}") from None
     try:
         write(tmp)
         # as open() would make it: mkstemp's 0600 would stay on the result

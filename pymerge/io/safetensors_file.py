@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from pymerge import _native
-from pymerge.errors import CheckpointError, short
+from pymerge.errors import CheckpointError, InputError, short
 from pymerge.io.files import LFS_ADVICE, LFS_POINTER, fd_advice, open_regular, retry_out_of_files
 from pymerge.io.sigbus import stamp as _stamp
 
@@ -372,11 +372,12 @@ def _frombuffer(mm: mmap.mmap, offset: int, nbytes: int):
         return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
 
 
-def write_tensors(path, tensors, metadata: Optional[Dict[str, str]] = None) -> None:
+def write_tensors(path, tensors, metadata: Optional[Dict[str, str]] = None, label=None) -> None:
     """Writes torch tensors as one safetensors file into the existing file at path, in place (safetensors'
     save_file renames a hidden temporary file of its own over path: a writer killed meanwhile left it behind,
     as large as the file, where nothing would sweep it). Tensors in the safetensors library's order (largest
-    element size first, then by name: every tensor aligned to its element size)."""
+    element size first, then by name: every tensor aligned to its element size). label: the file errors name
+    (path, a temporary file, by default)."""
     import torch
     codes = _torch_tables()["TORCH_TO_SAFETENSORS"]
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
@@ -389,6 +390,9 @@ def write_tensors(path, tensors, metadata: Optional[Dict[str, str]] = None) -> N
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:  # a file no reader (ours, the safetensors library's) would open: refused unwritten
+        raise InputError(f"{label or path}: its header would be {len(raw)} bytes for {len(tensors)} tensors, more than "
+                         f"the {MAX_HEADER_BYTES} bytes safetensors readers accept")
     with open(path, "r+b") as f:
         f.truncate(0)
         f.write(struct.pack("<Q", len(raw)) + raw)

@@ -248,7 +248,7 @@ def pairs_pay() -> bool:
 
 
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str,
-           stored: torch.dtype, base_top: float) -> Encoded:
+           stored: torch.dtype, base_top: float, num_threads: int = 0) -> Encoded:
     """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`;
     stored: the tensor's dtype in its file, whose range its decoded values keep (as the held one's);
     base_top: max |base| (the same base for every checkpoint: the caller takes it once)."""
@@ -256,7 +256,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
     # the dtypes whose range decoded values must keep: both where both are (float16 held, bfloat16 stored)
     kept = [d for d in {stored, theta.dtype} if d in _RANGED]
     for fmt in ("int4", "int8") if mode == "auto" else (mode,):
-        codes, scales, err2, norm2, bad = quantize(theta, base, fmt)
+        codes, scales, err2, norm2, bad = quantize(theta, base, fmt, num_threads)
         if bad >= 0:
             raise InputError(f"{where}: delta from the base is not finite at element {bad} "
                              f"(checkpoint {float(theta[bad])}, base {float(base[bad])}"
@@ -321,6 +321,8 @@ def _path(path, what: str) -> str:
                          f"{type(path).__name__}") from None
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    if "\0" in path:  # (os calls raise a bare "embedded null byte")
+        raise InputError(f"{what}: the path {short(path)} holds a NUL character")
     return path
 
 
@@ -355,7 +357,8 @@ class CompressedStore:
 
     @classmethod
     def build(cls, opened, base_src, names, shapes, mode: str, budget: Optional[float],
-              dtype: Optional[torch.dtype], skipped=()) -> "CompressedStore":
+              dtype: Optional[torch.dtype], skipped=(), num_threads: int = 0) -> "CompressedStore":
+        """num_threads: the encoder's CPU threads (the pool's; 0: every core)."""
         base, entries = {}, {}
         for name in names:
             b = base_src.tensor(name).detach()
@@ -365,7 +368,8 @@ class CompressedStore:
             base[name] = b.to("cpu", held, copy=True).contiguous()
             top = float(base[name].abs().max()) if base[name].numel() else 0.0  # once, not per checkpoint
             entries[name] = [encode(s.tensor(name).detach().to("cpu", held), base[name], mode, budget,
-                                    f"{s.label}: tensor {name!r}", s.info(name)[0], top) for s in opened]
+                                    f"{s.label}: tensor {name!r}", s.info(name)[0], top, num_threads)
+                            for s in opened]
         return cls(names, shapes, base, entries, [s.label for s in opened], mode, budget, skipped)
 
     def to(self, device: torch.device) -> "CompressedStore":
@@ -536,7 +540,9 @@ class CompressedStore:
                   "labels": self.labels, "skipped": self.skipped, "tensors": table}
         # a fresh temporary name (path.tmp<pid> was predictable: save_file wrote through a link planted there);
         # the old file or the complete new one, never half of it; without overwrite, never a file made meanwhile
-        replace_file(path, lambda tmp: write_tensors(tmp, tensors, {META_KEY: json.dumps(header), "format": "pt"}),
+        meta = {META_KEY: json.dumps(header), "format": "pt"}
+        replace_file(path, lambda tmp: write_tensors(tmp, tensors, meta, label=f"{path} ({len(self.names)} tensors x "
+                                                                          f"{len(self.labels)} checkpoints)"),
                      install=os.replace if overwrite else _install_new)
 
     @classmethod

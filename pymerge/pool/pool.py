@@ -174,7 +174,7 @@ class CheckpointPool:
             self._compressed = None
             if compress is not None:
                 self._adopt(compressed.CompressedStore.build(opened, base_src, self.names, self.shapes, compress,
-                                                             error_budget, dtype, self.skipped))
+                                                             error_budget, dtype, self.skipped, self.num_threads))
             else:
                 self.residency, self.reason = self._choose(opened, base_src, residency)
                 if self.residency == "mmap" and dtype is not None:
@@ -287,6 +287,7 @@ class CheckpointPool:
     def save(self, path, overwrite: bool = False) -> None:
         """Writes a compressed pool to one .safetensors file; CheckpointPool.load(path) restores it."""
         store = self._require_compressed()
+        path = compressed._path(path, "save")  # bytes and NUL characters too, before read_file compares it
         read = self.read_file(path)
         if read is not None:  # overwrite=True replaced a fine-tune (or the base, or its index) with the pool
             raise InputError(f"{path}: is {read}, which this pool was built from; choose another path")
