@@ -988,6 +988,14 @@ def test_out_forms_refuse_an_inference_tensor_outside_inference_mode_as_torch_s_
              lambda: P.tv_merge_out([a], b, [None], [tvo.NONE] + [0] * 6, [1.0, 1.0], False, False, 1.0, 1.0,
                                     0, 0, 0, 0, target),
              lambda: P.group_lincomb_out([a], None, False, 1, 8, 0, torch.ones(1, 2), target)]
+    # the public wrappers' CPU paths wrote it by address, silently (an audit)
+    from pymerge.ops import elementwise_mix, interp
+    calls += [lambda: interp.group_lincomb([a], b, True, "whole", torch.ones(1, 2, dtype=torch.float64), target,
+                                           backend="cpu"),
+              lambda: tvo.task_vector_merge([a, b], b, target, [tvo.Sparsifier("magnitude", 0.5)] * 2, [1, 1],
+                                            consensus=True, normalize=False, backend="cpu"),
+              lambda: elementwise_mix.ram([a, b], b, 1e-5, target, backend="cpu"),
+              lambda: elementwise_mix.nearswap(b, a, 0.5, target, backend="cpu")]
     for k, call in enumerate(calls):
         with pytest.raises(RuntimeError, match="out is an inference tensor"):
             call()
@@ -1010,3 +1018,35 @@ def test_copies_of_non_contiguous_inputs_past_the_available_memory_are_refused(m
         pymerge.weighted_sum([a, a], [0.5, 0.5])
     small = torch.ones(1).expand(1000)  # far below a GiB: copied as before
     assert torch.equal(pymerge.weighted_sum([small, small], [0.5, 0.5]), torch.ones(1000))
+
+
+def test_torch_jit_trace_records_the_ops_or_refuses_out():
+    """torch.jit.trace sees only what passes the dispatcher: the eager fast path (a kernel run by address) left
+    only the output's torch.empty in the trace, which then returned uninitialized memory (an audit). Traced,
+    the functional forms go through the dispatcher; out= forms (the tracer drops writes into a Tensor[]) are
+    refused in one line; nearswap-like ops take their torch path."""
+    import warnings
+    from pymerge.ops import elementwise_mix
+    a, b = torch.randn(37), torch.randn(37)
+    x, y = torch.randn(37), torch.randn(37)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own TracerWarnings
+        one = torch.jit.trace(lambda a, b: pymerge.weighted_sum([a, b], [0.25, 0.75]), (a, b))
+        many = torch.jit.trace(lambda a, b: pymerge.weighted_sum_many([a, b], [[0.5, 0.5], [1.0, -2.0]]), (a, b))
+
+        def swap(a, b):
+            o = torch.zeros(37)
+            elementwise_mix.nearswap(a, b, 0.5, o)
+            return o
+        traced_swap = torch.jit.trace(swap, (a, b))
+
+        def into(a, b):
+            o = torch.zeros(37)
+            pymerge.weighted_sum([a, b], [0.5, 0.5], out=o)
+            return o
+        with pytest.raises(RuntimeError, match="torch.jit.trace does not record writes into out=; trace the "
+                                               "functional form"):
+            torch.jit.trace(into, (a, b))
+    assert torch.equal(one(x, y), pymerge.weighted_sum([x, y], [0.25, 0.75]))
+    assert all(torch.equal(p, q) for p, q in zip(many(x, y), pymerge.weighted_sum_many([x, y], [[0.5, 0.5], [1.0, -2.0]])))
+    assert torch.equal(traced_swap(x, y), swap(x, y))

@@ -276,6 +276,7 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
         # out is written by address or in place, recording no gradient: refused where one is wanted (the
         # ops bump its version where they write it by address: _versions.mark_written)
         no_grad_for_out(list(xs) + [base], None, [out], op)
+        check_inference_out(out, op, compiling)  # (the CPU paths wrote one by address outside inference mode)
     return read, read_out
 
 

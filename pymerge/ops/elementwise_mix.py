@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from pymerge import _native
+from pymerge.ops import library
 from pymerge.ops._checks import check_apart, check_merge_args, check_threads, not_nan
 from pymerge.ops._memory import check_native, trusted
 from pymerge.ops._versions import mark_written
@@ -20,8 +21,8 @@ from pymerge.ops._versions import mark_written
 def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
     """Whether the native kernel takes these, checked for it. read: what check_merge_args returned for these
     very tensors, with no code of the caller's run since (their storage is not tested again)."""
-    if backend not in ("auto", "cpu") or not hasattr(_native.cpu, op) or out.numel() == 0:
-        return False
+    if backend not in ("auto", "cpu") or not hasattr(_native.cpu, op) or out.numel() == 0 or library.tracing():
+        return False  # (torch.jit.trace records the torch path; a write by address it would miss)
     if not (all(t.device.type == "cpu" and t.dtype in _native.DTYPE_CODES for t in tensors)
             and out.dtype in (torch.float32, torch.float16, torch.bfloat16) and out.is_contiguous()):
         return False

@@ -199,9 +199,16 @@ def _kernel(name: str, device: str):
     return wrap
 
 
+def tracing() -> bool:
+    """Whether torch.jit.trace is recording: it sees only what passes through the dispatcher (a kernel run by
+    address was missing from its trace, which returned uninitialized memory)."""
+    return torch._C._get_tracing_state() is not None
+
+
 def eager(t: Tensor) -> bool:
     """True when a call with t may skip the dispatcher (see `call`)."""
-    return (type(t) in PLAIN and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+    return (type(t) in PLAIN and not torch.compiler.is_compiling() and not tracing()
+            and torch._C._len_torch_dispatch_stack() == 0
             and torch._C._len_torch_function_stack() == 0
             and torch._C._functorch.peek_interpreter_stack() is None)  # functionalize: wrappers with no memory
 
@@ -256,6 +263,9 @@ def call(name: str, *args, checked=()):
     The weighted sums take their weights as a tensor, or (the eager kernels; a tensor is made for the
     op otherwise) as lists of floats. checked: what the public wrapper has checked (INPUTS, OUTS: its
     promise, see above), for the kernel the fast path runs."""
+    if name.endswith("_out") and tracing():  # the tracer drops writes into a Tensor[] of outs: a stale trace
+        raise RuntimeError(f"pymerge::{name}: torch.jit.trace does not record writes into out=; "
+                           "trace the functional form (no out=), or use torch.compile or torch.export")
     first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
     if eager(first) and all_plain(args) and not (name in _DIFFERENTIABLE and wants_grad(args[0], args[1])):
         kernel = _KERNELS[name].get(first.device.type)
@@ -301,8 +311,6 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
     _require_backend(backend, "weighted_sum", "cpu")
     numel = tensors[0].numel()
-    if numel == 0:
-        return
     # the caller's numbers first: an __index__ or __float__ of theirs runs before the storage tests, never after
     # (a weights tensor's own storage is tested first: tolist() reads it)
     num_threads = check_threads(num_threads)
@@ -317,6 +325,8 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     bad = None if WEIGHTS in checked else first_out_of_range(flat)  # a weight a traced call never saw
     if bad is not None:
         raise ValueError(f"weighted_sum: a weight is {flat[bad]}; weights must be finite and within float32's range")
+    if numel == 0:  # (after the checks: an empty call with a wrong out or weights is as wrong as any)
+        return
     _native.require_cpu().weighted_sum_many(
         [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
         [o.data_ptr() for o in outs], _codes(outs), num_threads)
@@ -330,8 +340,6 @@ def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_t
 
 @_kernel("weighted_sum_many_out", "cuda")
 def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0, checked=()):
-    if tensors[0].numel() == 0:
-        return
     read = _check_read("weighted_sum", tensors, checked, weights=weights)
     tensors = contiguous(tensors, False if read else None)
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
@@ -342,6 +350,8 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
                              "(a list is copied to the device once, at capture, and never again)")
         weights = torch.tensor(weights, dtype=torch.float32, device=device)
     weights = weights.to(device=device, dtype=torch.float32).reshape(len(outs), len(tensors))
+    if tensors[0].numel() == 0:  # (after the checks, as the CPU kernel's)
+        return
     with torch.cuda.device(device):
         backend = _cuda_backend(backend, "weighted_sum_many", tensors)
         if backend == "triton":
@@ -539,8 +549,6 @@ def _tv_scalars(plan_ints, plan_floats, consensus, normalize, lam, divisor, seed
 def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
                       offset, out, backend="auto", num_threads=0, checked=()) -> None:
     _require_backend(backend, "tv_merge", "cpu")
-    if base.numel() == 0:
-        return
     num_threads = check_threads(num_threads)  # (before the storage tests: an __index__ of the caller's)
     plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset = _tv_scalars(
         plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset)
@@ -548,6 +556,8 @@ def _tv_merge_out_cpu(inputs, base, bits, plan_ints, plan_floats, consensus, nor
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, "cpu", read, OUTS in checked)
+    if base.numel() == 0:  # (after the checks, as weighted_sum's)
+        return
     _native.require_cpu().tv_merge(model_specs(inputs, bits, plan_ints, plan_floats), base.data_ptr(),
                                    _native.DTYPE_CODES[base.dtype], out.data_ptr(), _native.DTYPE_CODES[out.dtype],
                                    base.numel(), offset, consensus, normalize, lam, divisor, seed % _U64, h0, h1,
@@ -565,14 +575,14 @@ def _tv_merge_out_cuda_op(inputs, base, bits, plan_ints, plan_floats, consensus,
 @_kernel("tv_merge_out", "cuda")
 def _tv_merge_out_cuda(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1,
                        offset, out, backend="auto", num_threads=0, checked=()):
-    if base.numel() == 0:
-        return
     plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset = _tv_scalars(
         plan_ints, plan_floats, consensus, normalize, lam, divisor, seed, h0, h1, offset)
     read = _check_read("tv_merge", list(inputs) + [base], checked)
     compiling = False if read else None
     inputs, (base,) = contiguous(inputs, compiling), contiguous([base], compiling)
     _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, base.device, read, OUTS in checked)
+    if base.numel() == 0:
+        return
     with torch.cuda.device(base.device):
         chosen = _cuda_backend(backend, "tv_merge", list(inputs) + [base])
         if chosen == "triton":
