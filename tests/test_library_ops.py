@@ -1,6 +1,7 @@
 """pymerge's torch.library custom ops: opcheck on every op, torch.compile bit-exact against eager,
 CUDA-graph capture (GPU), and the native codes agreeing with Python's."""
 import os
+import re
 
 import pytest
 import torch
@@ -1050,3 +1051,47 @@ def test_torch_jit_trace_records_the_ops_or_refuses_out():
     assert torch.equal(one(x, y), pymerge.weighted_sum([x, y], [0.25, 0.75]))
     assert all(torch.equal(p, q) for p, q in zip(many(x, y), pymerge.weighted_sum_many([x, y], [[0.5, 0.5], [1.0, -2.0]])))
     assert torch.equal(traced_swap(x, y), swap(x, y))
+
+
+_P = torch.ops.pymerge
+_REFUSED_BY_METADATA = {  # calls every kernel refuses before reading data; dev: where the tensors are made
+    "float64 inputs": lambda dev: _P.weighted_sum([torch.ones(4, dtype=torch.float64, device=dev)] * 2,
+                                                  torch.tensor([1., 1.]), torch.float32),
+    "backend bogus": lambda dev: _P.weighted_sum([torch.ones(4, device=dev)] * 2, torch.tensor([1., 1.]),
+                                                 torch.float32, "bogus"),
+    "num_threads -1": lambda dev: _P.weighted_sum_many([torch.ones(4, device=dev)] * 2, torch.ones(1, 2),
+                                                       torch.float32, "auto", -1),
+    "no outputs": lambda dev: _P.weighted_sum_many([torch.ones(4, device=dev)] * 2, torch.ones(0, 2), torch.float32),
+    "out of 5 elements": lambda dev: _P.weighted_sum_out([torch.ones(4, device=dev)] * 2, torch.tensor([1., 1.]),
+                                                         torch.empty(5, device=dev)),
+    "int32 out": lambda dev: _P.weighted_sum_many_out([torch.ones(4, device=dev)] * 2, torch.ones(1, 2),
+                                                      [torch.empty(4, dtype=torch.int32, device=dev)]),
+    "non-contiguous out": lambda dev: _P.weighted_sum_out([torch.ones(4, 2, device=dev)] * 2, torch.ones(2),
+                                                          torch.empty(2, 4, device=dev).t()),
+    "rank past the elements": lambda dev: _P.select_ranks(torch.ones(4, device=dev), None, [5], True),
+    "rows x cols not the elements": lambda dev: _P.group_dots([torch.ones(2, 3, device=dev)] * 2, None, False, 4, 3, 1),
+    "group -1": lambda dev: _P.group_dots([torch.ones(2, 3, device=dev)] * 2, None, False, 2, 3, -1),
+    "sub without a base": lambda dev: _P.group_lincomb_out([torch.ones(2, 3, device=dev)] * 2, None, True, 2, 3, 1,
+                                                           torch.ones(2, 3), torch.empty(2, 3, device=dev)),
+    "coef of the wrong size": lambda dev: _P.group_lincomb_out([torch.ones(2, 3, device=dev)] * 2, None, False, 2, 3,
+                                                               1, torch.ones(5), torch.empty(2, 3, device=dev)),
+    "plan of the wrong length": lambda dev: _P.tv_merge_out([torch.ones(4, device=dev)], torch.ones(4, device=dev),
+                                                            [None], [0] * 3, [1.0, 1.0], False, False, 1.0, 1.0, 0, 0,
+                                                            0, 0, torch.empty(4, device=dev)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_REFUSED_BY_METADATA))
+def test_the_fake_kernels_refuse_what_the_real_ones_refuse(case):
+    """The fake (shape) kernels run for meta tensors and under tracing: 22 calls the real kernels refuse got a
+    result there (an output of the wrong size, a rank past the tensor, float64 inputs...; an audit). Each now
+    fails with the real kernel's message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    call = _REFUSED_BY_METADATA[case]
+    with pytest.raises(ValueError) as real:
+        call("cpu")
+    with FakeTensorMode(), pytest.raises(ValueError, match=re.escape(str(real.value))):
+        call("cpu")
+    cpu_only = str(real.value).split(" does not run on")[0].split(" on cpu;")[0]  # (meta tensors: other device)
+    with pytest.raises(ValueError, match=re.escape(cpu_only)):
+        call("meta")

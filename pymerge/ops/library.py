@@ -172,6 +172,40 @@ def _require_backend(backend: str, op: str, device: str) -> None:
                          f"choose one of {', '.join(_DEVICE_BACKENDS[device])}")
 
 
+def _fake_checks(op: str, inputs, outs=(), numel=None, backend=None, num_threads=None) -> None:
+    """What the real kernels refuse without reading data or addresses (input and output dtypes, output sizes
+    and layout, the backend, the thread count), for the fake kernels: a call on meta tensors, or traced,
+    fails as the real call would instead of returning a result (an audit found 22 such calls)."""
+    inputs = [t for t in inputs if t is not None]
+    for i, t in enumerate(inputs):
+        if t.dtype not in _native.DTYPE_CODES:  # (check_native's words)
+            names = ", ".join(sorted(str(d).split(".")[-1] for d in _native.DTYPE_CODES))
+            raise ValueError(f"{op}: input {i} is {t.dtype} on {t.device}; this kernel takes {names} on {t.device}")
+    for k, o in enumerate(outs):
+        _require_out(o, op)
+        if numel is not None and o.numel() != numel:
+            raise ValueError(f"{op}: output {k} has {o.numel()} elements, the op works on {numel}")
+    if backend is not None and inputs:
+        device = inputs[0].device.type
+        allowed = _DEVICE_BACKENDS.get(device, tuple(dict.fromkeys(b for v in _DEVICE_BACKENDS.values() for b in v)))
+        if backend not in allowed:
+            raise ValueError(f"{op}: backend {backend!r} does not run on {device} tensors; choose one of "
+                             f"{', '.join(allowed)}")
+    if num_threads is not None:
+        check_threads(num_threads)
+
+
+def _fake_weights(weights: Tensor) -> None:
+    """A weighted sum's weights, where a fake kernel can read them (CPU values beside meta inputs; traced ones
+    are unknown): as the kernel refuses them."""
+    if weights.device.type == "cpu" and not values_unknown(weights):
+        flat = weights.detach().reshape(-1).tolist()
+        bad = first_out_of_range(flat)
+        if bad is not None:
+            raise ValueError(f"weighted_sum: a weight is {flat[bad]}; weights must be finite and within float32's "
+                             "range")
+
+
 def _cuda_backend(backend: str, entry: str, tensors=()) -> str:
     """On CUDA: Triton when available (or asked for), else the CUDA extension, else eager torch. Triton
     reads float8_e4m3fn only on GPUs of compute capability 8.9 and newer: a call with such an input
@@ -366,8 +400,12 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
 
 @register_fake("pymerge::weighted_sum_many_out")
 def _(tensors, weights, outs, backend="auto", num_threads=0):
+    if not tensors or not outs:
+        raise ValueError("weighted_sum: needs at least one input and one output")
     _weighted_args(tensors, weights, 2, outs)
     _one_device("weighted_sum", tensors, outs, host_ok=[weights])
+    _fake_checks("weighted_sum", tensors, outs, tensors[0].numel(), backend, num_threads)
+    _fake_weights(weights)
 
 
 def _cuda_weighted_sum(tensors, weights, outs):
@@ -408,8 +446,11 @@ def _inputs_only(checked) -> tuple:
 
 @register_fake("pymerge::weighted_sum_out")
 def _(tensors, weights, out, backend="auto", num_threads=0):
+    require_inputs(tensors, "weighted_sum")
     _weighted_args(tensors, weights, 1)
     _one_device("weighted_sum", tensors, out, host_ok=[weights])
+    _fake_checks("weighted_sum", tensors, [out], tensors[0].numel(), backend, num_threads)
+    _fake_weights(weights)
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
@@ -437,6 +478,10 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     _require_out_dtype(out_dtype, "weighted_sum")
     _weighted_args(tensors, weights, 2)
     _one_device("weighted_sum", tensors, host_ok=[weights])
+    _fake_checks("weighted_sum", tensors, (), None, backend, num_threads)
+    _fake_weights(weights)
+    if weights.shape[0] == 0:
+        raise ValueError("weighted_sum: need at least one input and one output")
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
 
 
@@ -465,6 +510,8 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     _require_out_dtype(out_dtype, "weighted_sum")
     _weighted_args(tensors, weights, 1)
     _one_device("weighted_sum", tensors, host_ok=[weights])
+    _fake_checks("weighted_sum", tensors, (), None, backend, num_threads)
+    _fake_weights(weights)
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
 
@@ -608,6 +655,11 @@ def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, div
       backend="auto", num_threads=0):
     _same_shape("tv_merge", list(inputs) + [base])
     _one_device("tv_merge", inputs, base, out, bits)
+    n = len(inputs)
+    if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
+        raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
+                         f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
+    _fake_checks("tv_merge", list(inputs) + [base], [out], base.numel(), backend, num_threads)
 
 
 PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
@@ -694,6 +746,9 @@ def _select_ranks(x, base, ranks, descending, num_threads=0, checked=()) -> Tens
 def _(x, base, ranks, descending, num_threads=0):
     _same_shape("select_ranks", [x, base])
     _one_device("select_ranks", x, base)
+    _fake_checks("select_ranks", [x, base], num_threads=num_threads)
+    if any(not 0 <= r <= x.numel() for r in ranks):
+        raise ValueError("select: rank out of range")
     return x.new_empty((len(ranks), 2), dtype=torch.int64)
 
 
@@ -718,7 +773,7 @@ def _group_dots(xs, base, sub, rows, cols, group, num_threads=0, checked=()) -> 
     read = _check_read("group_dots", list(xs) + [base], checked)
     xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [], "group_dots", read)
+    _check_groups(xs, base, rows, cols, group, [], "group_dots", read, sub=sub)
     k = len(xs)
     if not xs[0].numel():  # every dot is 0 (and an empty base has no address: the kernel took it for none)
         return torch.zeros((1, rows, cols)[group], k * (k + 1) // 2, dtype=torch.float64, device="cpu")
@@ -734,8 +789,7 @@ def _group_dots(xs, base, sub, rows, cols, group, num_threads=0, checked=()) -> 
 
 @register_fake("pymerge::group_dots")
 def _(xs, base, sub, rows, cols, group, num_threads=0):
-    _same_shape("group_dots", list(xs) + [base])
-    _one_device("group_dots", xs, base)
+    _fake_groups(xs, base, sub, rows, cols, group, "group_dots", num_threads)
     k = len(xs)
     g = (1, rows, cols)[group]
     return xs[0].new_empty((g, k * (k + 1) // 2), dtype=torch.float64)
@@ -756,7 +810,7 @@ def _group_lincomb_out(xs, base, sub, rows, cols, group, coef, out, num_threads=
     read = _check_read("group_lincomb", list(xs) + [base], checked, coef=coef)
     xs = contiguous(xs, False if read else None)
     base = base.contiguous() if base is not None else None
-    _check_groups(xs, base, rows, cols, group, [out], "group_lincomb", read, OUTS in checked)
+    _check_groups(xs, base, rows, cols, group, [out], "group_lincomb", read, OUTS in checked, sub=sub)
     check_coef_size(coef, (1, rows, cols)[group], len(xs))
     _require_out(out, "group_lincomb")
     if not xs[0].numel():  # nothing to write (and an empty base has no address: the kernel took it for none)
@@ -785,19 +839,34 @@ def check_coef_size(coef: Tensor, groups: int, k: int) -> None:
                                  "(the kernels multiply in float32)")
 
 
-def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False) -> None:
+def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False, sub=False) -> None:
     require_inputs(xs, op)
     _same_shape(op, list(xs) + [base])
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
+    if sub and base is None:  # (the C++ kernel's "interp: sub needs a base" named no op)
+        raise ValueError(f"{op}: sub needs a base")
     _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu", inputs_backed, outs_backed)
     check_apart(list(xs) + [base], outs, op)
 
 
 @register_fake("pymerge::group_lincomb_out")
 def _(xs, base, sub, rows, cols, group, coef, out, num_threads=0):
-    _same_shape("group_lincomb", list(xs) + [base])
+    _fake_groups(xs, base, sub, rows, cols, group, "group_lincomb", num_threads, out)
     _one_device("group_lincomb", xs, base, out, host_ok=[coef])
+    check_coef_size(coef, (1, rows, cols)[group], len(xs))
+
+
+def _fake_groups(xs, base, sub, rows, cols, group, op, num_threads, out=None) -> None:
+    """The group ops' checks that read no data (_check_groups, the kernel's base rule), for their fakes."""
+    require_inputs(xs, op)
+    _same_shape(op, list(xs) + [base])
+    _one_device(op, xs, base)
+    if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
+        raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
+    if sub and base is None:
+        raise ValueError(f"{op}: sub needs a base")
+    _fake_checks(op, list(xs) + [base], [out] if out is not None else (), xs[0].numel(), None, num_threads)
 
 
 # ---- autograd kernels: out= ops refuse tensors in a graph, no op runs under forward-mode AD -----------
