@@ -27,7 +27,7 @@ them unchanged, one after the other, into one writer.
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params, coerce,
                             filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
@@ -235,8 +235,9 @@ class _SliceResolver:
     the source tensor names that per-model filters see."""
 
     def __init__(self, cfg: MergeConfig, method, model_scopes: List[dict], global_scopes: List[dict],
-                 model_types: List[Optional[str]], out_type: Optional[str]):
+                 model_types: List[Optional[str]], out_type: Optional[str], model_paths: Sequence[str] = ()):
         self.cfg, self.method = cfg, method
+        self.model_paths = list(model_paths)  # what an error names per input (as ParamResolver's do)
         self.model_scopes, self.global_scopes = model_scopes, global_scopes
         self.model_types, self.out_type = model_types, out_type  # for the names filters see (filter_name)
         self.where: Dict[str, Tuple[float, List[str]]] = {}  # out name -> (t, source name per input)
@@ -255,9 +256,11 @@ class _SliceResolver:
         if v is not None:
             return v
         if spec.required:
-            who = f"input {model}" if model is not None else "the merge"
+            who = "the merge" if model is None else (f"model {self.model_paths[model]}" if model < len(self.model_paths)
+                                                     else f"input {model}")
             raise MergeConfigError(self.cfg.where(f"no value of required parameter {name!r} for {who} at tensor "
-                                                  f"{tensor_name}"))
+                                                  f"{tensor_name} (set it in the source's parameters or the "
+                                                  f"top-level parameters)"))
         return spec.default
 
 
@@ -595,7 +598,8 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     merge.check_compatible(views, labels=labels, names=out_names, rows_may_differ=vocab.covers if vocab else None)
     kinds = [(merge._read_model_config(open_ck(m.path)) or {}).get("model_type") for m in order]
     resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
-                              [s.parameters, sliced.module_parameters, cfg.parameters], kinds[:len(inputs)], kinds[0])
+                              [s.parameters, sliced.module_parameters, cfg.parameters], kinds[:len(inputs)], kinds[0],
+                              [m.path for m in inputs])
     for out, t, srcs in entries:
         resolver.where[out] = (t, [srcs[index[id(m)]] if srcs and not filter_by_output else out for m in inputs])
         if seen_names is not None:  # as _SliceResolver matches them

@@ -128,7 +128,9 @@ def test_bad_checkpoints_exit_2_with_one_line(fam, tmp_path, capsys, kind, words
     ("unknown_method", ["unknown merge_method 'lineer'"]),
     ("missing_path", ["model path not found", "nowhere"]),
     ("nan_weight", ["weight", "nan is not a finite number"]),
-    ("missing_weight", ["no value of required parameter 'weight'"]),
+    ("missing_weight", ["no value of required parameter 'weight' for model "]),
+    ("missing_weight_slices", ["no value of required parameter 'weight' for model "]),  # was "for input 1"
+    ("passthrough_with_a_base", ["passthrough takes at most 1 model(s) in all (a base_model counts as one), got 2"]),
     ("zero_sum", ["weights sum to 0"]),
     ("slices", ["slices[0]", "goes past", "layers"]),
     ("ta_without_base", ["task_arithmetic needs a base_model"]),
@@ -147,6 +149,9 @@ def test_bad_configs_exit_2_with_one_line(fam, tmp_path, capsys, case, words):
                       f"  - model: {b}\n    parameters: {{weight: 1}}\n",
         "missing_weight": {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
                                                                {"model": b}]},
+        "missing_weight_slices": {"merge_method": "linear", "slices": [{"sources": [
+            {"model": a, "layer_range": [0, 1], "parameters": {"weight": 1}}, {"model": b, "layer_range": [0, 1]}]}]},
+        "passthrough_with_a_base": {"merge_method": "passthrough", "base_model": a, "models": [b]},
         "zero_sum": {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}},
                                                          {"model": b, "parameters": {"weight": -1}}]},
         "slices": {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 99]}]}]},

@@ -89,12 +89,14 @@ class MergeMethod:
         """Raises MergeConfigError when the model count or base model does not fit the method."""
         if self.base_model == "required" and not has_base:
             raise MergeConfigError(f"merge_method {self.name} needs a base_model")
+        # a method without a base role takes a base_model as one more input: its count includes it
+        counted = "in all (a base_model counts as one)" if self.base_model == "none" else "besides the base"
         if n_models < self.min_models:
             raise MergeConfigError(f"merge_method {self.name} needs at least {self.min_models} model(s) "
-                                   f"besides the base, got {n_models}")
+                                   f"{counted}, got {n_models}")
         if self.max_models is not None and n_models > self.max_models:
             raise MergeConfigError(f"merge_method {self.name} takes at most {self.max_models} model(s) "
-                                   f"besides the base, got {n_models}")
+                                   f"{counted}, got {n_models}")
 
     def check_params(self, task: TensorTask) -> None:
         """Per-tensor parameter checks (ranges); raise MergeConfigError naming the tensor."""
