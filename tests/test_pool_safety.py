@@ -454,6 +454,15 @@ def test_a_compiled_or_parametrized_target_says_why_a_name_is_missing():
         parametrize.register_parametrization(m, "weight", torch.nn.Identity())
     with pytest.raises(InputError, match=r"holds it as 'parametrizations.weight.original': a parametrized tensor"):
         pool.materialize([0.5, 0.5], into=m)
+    # the older weight_norm: the hint said the target held it as 'weight_v' (same shape), and names= pointing
+    # there wrote the merge into v, a wrong model (weight = g * v / |v|; an audit)
+    old = torch.nn.Linear(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (deprecated for the parametrization)
+        torch.nn.utils.weight_norm(old)
+    with pytest.raises(InputError, match=r"holds it as 'weight_g' and 'weight_v': the older torch.nn.utils.weight_norm "
+                                         r"computes it from them"):
+        pool.materialize([0.5, 0.5], into=old)
 
 
 

@@ -1254,6 +1254,10 @@ def _wrapped_hint(model_name: str, tensors: dict) -> str:
     if original in tensors or original + "0" in tensors:
         return (f"the target holds it as {original!r}: a parametrized tensor (weight_norm, parametrize) is "
                 "computed from others; merge before parametrizing")
+    if model_name + "_g" in tensors and model_name + "_v" in tensors:  # (its _v has the weight's shape: a trap)
+        return (f"the target holds it as {model_name + '_g'!r} and {model_name + '_v'!r}: the older "
+                "torch.nn.utils.weight_norm computes it from them (weight = g * v / |v|); merge before applying it, "
+                "or remove it first (torch.nn.utils.remove_weight_norm)")
     if model_name + "_orig" in tensors:
         return (f"the target holds it as {model_name + '_orig'!r}: a pruned tensor (torch.nn.utils.prune; the older "
                 "spectral_norm too) is computed from it by a hook; merge before pruning, or make it permanent first "
