@@ -379,7 +379,9 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
     device = tensors[0].device
     if not isinstance(weights, Tensor):  # on the inputs' device, whatever the default one (meta)
-        if torch.cuda.is_current_stream_capturing():  # a host copy would break the capture in torch's words
+        with torch.cuda.device(device):  # (the inputs' device's stream: another one may be current)
+            capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:  # a host copy would break the capture in torch's words
             raise ValueError("weighted_sum: inside a CUDA graph capture pass the weights as a CUDA tensor "
                              "(a list is copied to the device once, at capture, and never again)")
         weights = torch.tensor(weights, dtype=torch.float32, device=device)
