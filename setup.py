@@ -15,6 +15,7 @@ import sys
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.install_lib import install_lib
 from setuptools.errors import CCompilerError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -181,6 +182,19 @@ class BuildExt(build_ext):
         return True
 
 
+class InstallLib(install_lib):
+    """Installs (into a wheel too) what build_lib holds but the libraries' build stamps: they record the build's
+    compiler commands for in-place rebuilds, and are no part of the package (they were in every wheel)."""
+
+    def run(self):
+        super().run()
+        for stamp in glob.glob(os.path.join(self.install_dir, "pymerge", "*.so.build")):
+            os.remove(stamp)
+
+    def get_outputs(self):
+        return [p for p in super().get_outputs() if not p.endswith(".so.build")]
+
+
 cpu_ext = Pybind11Extension(
     "pymerge._cpu",
     _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))),
@@ -205,6 +219,6 @@ setup(
     packages=find_packages(include=["pymerge", "pymerge.*"]) + ["pymerge.kernels"],  # every subpackage, and kernels/
     package_dir={"pymerge.kernels": "kernels"},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "install_lib": InstallLib},
     zip_safe=False,
 )

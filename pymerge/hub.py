@@ -1,11 +1,12 @@
 """Hugging Face model IDs (`org/name`, `org/name@revision`) resolved offline from the local hub cache.
 
-pymerge never downloads: an ID names a snapshot that `huggingface-cli download` (or any
-transformers/mergekit run) already put in the cache, laid out as
+pymerge never downloads: an ID names a snapshot that `hf download` (`huggingface-cli download` before
+huggingface_hub 1.0, or any transformers/mergekit run) already put in the cache, laid out as
     <cache>/models--org--name/refs/<branch>          (a file holding a commit hash)
     <cache>/models--org--name/snapshots/<commit>/    (the files)
 The cache is HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
-$XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order). Without
+$XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order; $VARS and ~
+expanded, as it expands them). Without
 @revision the `main` ref is used, else the only snapshot there is; a revision is a branch or tag (which
 may hold '/': refs/pr/1, feature/x), or a commit hash or a unique prefix of at least 4 hex digits (as git takes).
 """
@@ -40,10 +41,15 @@ def revision_on_folder(path: str) -> Optional[str]:
 def cache_dir() -> Path:
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
+            return _expanded(os.environ[var])
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+        return _expanded(os.environ["HF_HOME"]) / "hub"
+    return _expanded(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface" / "hub"
+
+
+def _expanded(value: str) -> Path:
+    """huggingface_hub's expansion of its path variables ($VARS, then ~): HF_HOME='$SCRATCH/hf' is one folder."""
+    return Path(os.path.expanduser(os.path.expandvars(value)))
 
 
 def resolve(ref: str) -> str:
@@ -52,14 +58,27 @@ def resolve(ref: str) -> str:
     if rev and not _REV.fullmatch(rev):
         raise MergeConfigError(f"model {ref}: {rev!r} is not a revision (a branch, tag or commit)")
     root = cache_dir() / ("models--" + name.replace("/", "--"))
-    snap = _snapshot(root, rev or None)
+    download = (f"hf download {name}{' --revision ' + rev if rev else ''} --cache-dir {cache_dir()} "
+                "(huggingface-cli download before huggingface_hub 1.0)")
+    try:
+        snap = _snapshot(root, rev or None)
+    except _MissingSnapshot as exc:
+        raise MergeConfigError(f"model {ref}: {exc}; an interrupted download? download it again ({download})"
+                               f"{exc.hint}") from None
     if snap is None:
         what = f"revision {rev!r} of " if rev else ""
-        raise MergeConfigError(f"model {ref}: {what}{name} is not in the Hugging Face cache ({cache_dir()}); "
-                               f"pymerge works offline: download it first (huggingface-cli download {name}"
-                               f"{' --revision ' + rev if rev else ''} --cache-dir {cache_dir()}) or give a local "
-                               "folder")
+        raise MergeConfigError(f"model {ref}: {what}{name} is not in the Hugging Face cache ({cache_dir()})"
+                               f"{' nor a local folder' if not rev else ''}; pymerge works offline: download it "
+                               f"first ({download}) or give a local folder")
     return str(snap)
+
+
+class _MissingSnapshot(Exception):
+    """A ref naming a commit whose snapshot folder is not in the cache; hint: the snapshots that are."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
 
 
 def resolve_if_cached(ref: str) -> str:
@@ -79,7 +98,13 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
     ref_file = root / "refs" / (rev or "main")
     if ref_file.is_file():
         commit = _read_ref(ref_file)
-        return snaps / commit if (snaps / commit).is_dir() else None
+        if (snaps / commit).is_dir():
+            return snaps / commit
+        cached = sorted(p.name for p in snaps.iterdir() if p.is_dir())
+        hint = (f"; cached: {', '.join(c[:12] for c in cached[:3])}{', ...' if len(cached) > 3 else ''} "
+                f"(give one as {_repo_of(root.name)}@<commit>)") if cached else ""
+        raise _MissingSnapshot(f"refs/{rev or 'main'} names commit {commit[:12]}, whose snapshot is not in the cache",
+                               hint)
     if rev is not None and _HASH_PREFIX.fullmatch(rev):  # a commit hash, full or a unique prefix of one
         # (not a tag '2' or 'c' that was never downloaded: a commit starting with that letter was merged)
         hits = sorted(p for p in snaps.iterdir() if p.is_dir() and p.name.startswith(rev))

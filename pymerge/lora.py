@@ -130,8 +130,8 @@ def open_model(ref: str, lora_dtype: Optional[str] = None):
     """A Checkpoint, or for MODEL+LORA the model with the adapter applied (LoraCheckpoint)."""
     model, adapter = split_ref(ref)
     if adapter is None:
-        return Checkpoint(ref)
-    ck, opened = Checkpoint(model), None
+        return _checkpoint(ref)
+    ck, opened = _checkpoint(model), None
     try:
         opened = Adapter(adapter)
         return LoraCheckpoint(ck, opened, lora_dtype)
@@ -140,6 +140,21 @@ def open_model(ref: str, lora_dtype: Optional[str] = None):
             opened.close()
         ck.close()
         raise
+
+
+def _checkpoint(path: str) -> Checkpoint:
+    """Checkpoint(path); a snapshot of the hub cache that cannot be read is named by its model ID too (the error
+    named only the cache's path, for a model written org/name@rev), with the cure for an incomplete download."""
+    try:
+        return Checkpoint(path)
+    except CheckpointError as exc:
+        from pymerge import hub
+        name = hub.id_of(path)
+        if name is None:
+            raise
+        why = "" if "incomplete download" in str(exc) else " an incomplete download?"
+        raise CheckpointError(f"model {name}@{Path(path).name[:12]} (from the Hugging Face cache): {exc};{why} "
+                              "download it again") from None
 
 
 @dataclass

@@ -380,9 +380,20 @@ def test_hub_cache_refs_that_would_pick_another_model_are_refused(models, tmp_pa
     broken = repo / "snapshots" / ("c" * 40)
     broken.mkdir()
     (broken / "model.safetensors").symlink_to("../../blobs/0123deadbeef")
-    refused("org/ft@cccc", "model.safetensors: is a broken link to ../../blobs/0123deadbeef")
+    refused("org/ft@cccc", "model org/ft@cccccccccccc (from the Hugging Face cache): ",  # (it named the path only)
+            "model.safetensors: is a broken link to ../../blobs/0123deadbeef", "download it again")
     # the download advice names the cache pymerge looked in (--transformers-cache sets it for pymerge only)
-    refused("org/nothere", f"huggingface-cli download org/nothere --cache-dir {cache})")
+    refused("org/nothere", "not in the Hugging Face cache", "nor a local folder",
+            f"hf download org/nothere --cache-dir {cache} (huggingface-cli download before huggingface_hub 1.0)")
+    # a ref naming a commit whose snapshot is missing (an interrupted update) said "not in the cache", hiding the
+    # snapshot that is (an audit)
+    upd = cache / "models--org--upd"
+    (upd / "refs").mkdir(parents=True)
+    (upd / "snapshots").mkdir()
+    (upd / "snapshots" / ("a" * 40)).symlink_to(m4[2], target_is_directory=True)
+    (upd / "refs" / "main").write_text("e" * 40)
+    refused("org/upd", f"refs/main names commit {'e' * 12}, whose snapshot is not in the cache; an interrupted "
+            f"download? download it again", f"cached: {'a' * 12} (give one as org/upd@<commit>)")
     # a revision on a local folder: the error said the folder 'm@main' was not found
     refused({"model": {"model": {"path": str(m4[1]), "revision": "main"}}},
             f"{m4[1]} is a local folder; a revision (@main) applies to Hugging Face model IDs only")
@@ -406,6 +417,18 @@ def test_hub_cache_refs_that_would_pick_another_model_are_refused(models, tmp_pa
     cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [str(sharded)]}))
     rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
     assert rc == 0, err
+
+
+def test_hub_cache_variables_are_expanded_as_huggingface_hub_does(tmp_path, monkeypatch):
+    """HF_HOME='$SCRATCH/hf' was taken literally: a cache huggingface_hub finds was 'not in the cache' (an audit)."""
+    from pymerge import hub
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MYROOT", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", "$MYROOT/home")
+    assert hub.cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", "${MYROOT}/cache")
+    assert hub.cache_dir() == tmp_path / "cache"
 
 
 def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):

@@ -162,6 +162,11 @@ def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
                  ROOT], cwd=tmp_path, timeout=600, env={"PYMERGE_NO_CUDA": "1"})
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("pymerge-*.whl")
+    import zipfile
+    with zipfile.ZipFile(wheel) as zf:  # the build stamps beside the libraries are no part of the package
+        names = zf.namelist()
+    assert any(n.startswith("pymerge/_cpu") and n.endswith(".so") for n in names), names
+    assert not [n for n in names if n.endswith(".so.build") or n.startswith("tests/")], names
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
