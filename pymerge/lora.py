@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from pymerge.errors import CheckpointError, MergeConfigError, short
-from pymerge.io.checkpoint import Checkpoint, open_tensor_file
+from pymerge.io.checkpoint import Checkpoint, open_tensor_file, read_model_config
 from pymerge.io.files import read_json
 from pymerge.io.safetensors_file import TensorInfo
 from pymerge.methods.base import MAX_MAGNITUDE
@@ -310,14 +310,12 @@ def _is_head(name: str) -> bool:
 
 def _ties_embeddings(ck) -> bool:
     """config.json says tie_word_embeddings: true (peft then merges the head's LoRA into the embedding)."""
-    from pymerge.merge import _read_model_config
-    cfg = _read_model_config(ck)
+    cfg = read_model_config(ck)
     return isinstance(cfg, dict) and cfg.get("tie_word_embeddings") is True
 
 
 def _model_type(ck) -> Optional[str]:
-    from pymerge.merge import _read_model_config
-    cfg = _read_model_config(ck)
+    cfg = read_model_config(ck)
     kind = cfg.get("model_type") if isinstance(cfg, dict) else None
     return kind if isinstance(kind, str) else None
 

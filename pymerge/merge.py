@@ -39,9 +39,8 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
                             check_seed, count_layers, filter_name, layer_t, load_config, parse_config,
                             unmatched_filter_warnings, uses_positions)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
-from pymerge.dist import disk_merge
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
-from pymerge.io.checkpoint import check_folder_unchanged
+from pymerge.io.checkpoint import check_folder_unchanged, read_model_config
 from pymerge.io.files import out_location, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
@@ -168,6 +167,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     def arguments() -> MergeArguments:
         return _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, chunk_bytes, random_seed,
                                 lora_merge_dtype)
+    from pymerge.dist import disk_merge  # (the layer above: it plans each rank's part through this module)
     if disk_merge.launched():  # every rank checks its arguments after joining: a refusal reaches the others
         return disk_merge.run_ranks(arguments, out_dir, force=force, quiet=quiet, progress=progress,
                                     copy_tokenizer=copy_tokenizer, model_card=model_card)
@@ -267,7 +267,7 @@ def _inputs_of(plan: "MergePlan"):
             yield "model file", Path(plan.donor.folder) / fname
     folder = Path(plan.donor.folder)  # copied into the output: OUT = <folder>/pkg would delete them
     tokenizer = Path(plan.vocabulary.tokenizer.folder) if plan.vocabulary is not None else folder
-    for source, fname in _remote_code_of(folder, _read_model_config(plan.donor), tokenizer):
+    for source, fname in _remote_code_of(folder, read_model_config(plan.donor), tokenizer):
         yield "model file", source / fname
     if plan.vocabulary is not None:  # `tokenizer_source: <model>` may name a folder outside the models
         folder = Path(plan.vocabulary.tokenizer.folder)
@@ -396,11 +396,11 @@ def make_plan(config_or_path) -> MergePlan:
         vocab = None
         if cfg.tokenizer is not None:
             from pymerge.tokenizer.plan import plan_vocabulary
-            vocab = plan_vocabulary(cfg, labels, checkpoints, donor_path, _read_model_config)
+            vocab = plan_vocabulary(cfg, labels, checkpoints, donor_path, read_model_config)
         names = check_compatible(checkpoints, labels=labels, rows_may_differ=vocab.covers if vocab else None)
         if not names:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
-        model_cfg = _read_model_config(donor)
+        model_cfg = read_model_config(donor)
         n_layers = count_layers(names, _num_layers(model_cfg),
                                 config_path=os.path.join(donor.folder, "config.json") if uses_positions(cfg) else None)
         model_type = (model_cfg or {}).get("model_type")
@@ -587,19 +587,6 @@ def _dname(dt) -> str:
     return _native.dtype_name(dt)
 
 
-def _read_model_config(ck: Checkpoint) -> Optional[dict]:
-    path = Path(ck.folder) / "config.json"
-    if not os.path.lexists(path):
-        return None
-    if not stays_inside(ck.folder, path):  # its contents go into the output: same rule as the tokenizer
-        raise CheckpointError(f"{path}: is a link to a file outside the model folder; copy the file "
-                              f"into the folder to use it")
-    obj = read_json(path)  # refuses a FIFO or a device, and a link that leads nowhere
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: is not a JSON object")
-    return obj
-
-
 def _num_layers(model_cfg: Optional[dict]) -> Optional[int]:
     if not model_cfg:
         return None
@@ -615,7 +602,7 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
                      model_card: bool = False) -> None:
     """config.json from the donor (base, else first model) with the output dtype; its tokenizer."""
     cfg, donor = plan.config, plan.donor
-    model_cfg = _read_model_config(donor)
+    model_cfg = read_model_config(donor)
     if model_cfg is None:
         plan.warnings.append(f"{donor.folder}: no config.json; the output has none either")
     else:

@@ -33,6 +33,7 @@ from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, ch
                             filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
                             unmatched_filter_warning, unmatched_filters)
 from pymerge.errors import CheckpointError, MergeConfigError, described, short
+from pymerge.io.checkpoint import read_model_config
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -383,7 +384,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         def stack_of(path):  # (prefix, layer count, {layer: [names]}) of a model's main layer stack
             if path not in stacks:
                 ck = open_ck(path)
-                n = merge._num_layers(merge._read_model_config(ck))
+                n = merge._num_layers(read_model_config(ck))
                 layers, tensors = layer_stacks(ck.names())
                 if not layers:
                     raise CheckpointError(f"{path}: no layer stack (no '.layers.N.' tensors) to slice")
@@ -430,7 +431,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         if cfg.tokenizer is not None:  # every model of the config, as mergekit's referenced_models
             from pymerge.tokenizer.plan import plan_vocabulary
             models = list(dict.fromkeys([donor_path] + [x.path for s in slices for x in s.sources]))
-            vocab = plan_vocabulary(cfg, models, [open_ck(m) for m in models], donor_path, merge._read_model_config)
+            vocab = plan_vocabulary(cfg, models, [open_ck(m) for m in models], donor_path, read_model_config)
         first, last = slices[0], slices[-1]
         zipped = SliceSpec(last.sources[:len(first.sources)], last.base_model, last.parameters)  # as mergekit zips
         prefix0 = stack_of(first.sources[0].path)[0]
@@ -485,8 +486,8 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                filter_by_output=True, seen_names=seen[-1]))
         if vocab is None:
             _check_vocabulary_rows(cfg, parts, open_ck, first.sources[0].path, zipped.sources[0].path)
-        donor_cfg = merge._read_model_config(donor)
-        configs = {path: merge._read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
+        donor_cfg = read_model_config(donor)
+        configs = {path: read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
         overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
         warnings = list(cfg.warnings)
         warnings += _unmatched_filter_warnings(method, [cfg.parameters, sliced.module_parameters], slices, seen)
@@ -495,7 +496,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             vocab_size_override(donor_cfg, overrides, vocab.size)
         if tied.mixes_ties([open_ck(x.path) for x in first.sources + zipped.sources]):
             out_names = [tp.name for p in parts for tp in p.tensors]
-            overrides.update(tied.tie_override(merge._read_model_config(donor), out_names, warnings))
+            overrides.update(tied.tie_override(read_model_config(donor), out_names, warnings))
         return SlicedPlan(cfg, method, parts, donor, list(opened.values()), overrides, warnings, vocabulary=vocab)
     except BaseException:
         for ck in opened.values():
@@ -596,7 +597,7 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     if vocab is not None:
         vocab = vocab.for_base(base_path)
     merge.check_compatible(views, labels=labels, names=out_names, rows_may_differ=vocab.covers if vocab else None)
-    kinds = [(merge._read_model_config(open_ck(m.path)) or {}).get("model_type") for m in order]
+    kinds = [(read_model_config(open_ck(m.path)) or {}).get("model_type") for m in order]
     resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
                               [s.parameters, sliced.module_parameters, cfg.parameters], kinds[:len(inputs)], kinds[0],
                               [m.path for m in inputs])

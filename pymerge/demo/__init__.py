@@ -2,9 +2,9 @@
 
 A small Llama-layout decoder (model.py) is pretrained once on a mixture of four generative tasks
 (tasks.py: addition, subtraction, string reversal, sorting; exact-match answers), then trained
-further in runs that differ as the paper's do (train.py): by default a generalist and eight runs
-continued from it (specialists, hotter runs, a too-hot one) plus a too-hot run from the pretrained
-model; `--pool mixtures` trains eleven runs of different data mixtures, objectives and hyperparameters
+further in runs that differ as the paper's do (train.py): by default nine runs, a generalist and seven
+runs continued from it (four specialists, two hotter ones, a too-hot one) plus a too-hot run from the
+pretrained model; `--pool mixtures` trains eleven runs of different data mixtures, objectives and hyperparameters
 instead, two of them second stages. Each run is saved as a Hugging Face folder;
 a CheckpointPool materializes candidate merges into a live model, greedy decoding scores them
 (exact match), CMA-ES searches sum-to-one merge weights on the validation macro-average (from the greedy soup), and the

@@ -24,7 +24,8 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
-from pymerge.io.files import LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, open_regular, read_json
+from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, open_regular, read_json,
+                              stays_inside)
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo
 from pymerge.io.sigbus import identity, stamp as _stamp
 
@@ -606,3 +607,18 @@ def _own_name(ck, name: str) -> str:
 
 def _and_more(items: list) -> str:
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def read_model_config(ck: "Checkpoint") -> Optional[dict]:
+    """A model folder's config.json as a dict, or None where there is none (one whose contents the output would
+    carry: never a link out of the folder)."""
+    path = Path(ck.folder) / "config.json"
+    if not os.path.lexists(path):
+        return None
+    if not stays_inside(ck.folder, path):  # its contents go into the output: same rule as the tokenizer
+        raise CheckpointError(f"{path}: is a link to a file outside the model folder; copy the file "
+                              f"into the folder to use it")
+    obj = read_json(path)  # refuses a FIFO or a device, and a link that leads nowhere
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: is not a JSON object")
+    return obj
