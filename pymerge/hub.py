@@ -5,7 +5,7 @@ huggingface_hub 1.0, or any transformers/mergekit run) already put in the cache,
     <cache>/models--org--name/refs/<branch>          (a file holding a commit hash)
     <cache>/models--org--name/snapshots/<commit>/    (the files)
 The cache is HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
-$XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order; $VARS and ~
+$XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order; ~ and $VARS
 expanded, as it expands them). Without
 @revision the `main` ref is used, else the only snapshot there is; a revision is a branch or tag (which
 may hold '/': refs/pr/1, feature/x), or a commit hash or a unique prefix of at least 4 hex digits (as git takes).
@@ -48,8 +48,8 @@ def cache_dir() -> Path:
 
 
 def _expanded(value: str) -> Path:
-    """huggingface_hub's expansion of its path variables ($VARS, then ~): HF_HOME='$SCRATCH/hf' is one folder."""
-    return Path(os.path.expanduser(os.path.expandvars(value)))
+    """huggingface_hub's expansion of its path variables (~, then $VARS): HF_HOME='$SCRATCH/hf' is one folder."""
+    return Path(os.path.expandvars(os.path.expanduser(value)))
 
 
 def resolve(ref: str) -> str:

@@ -144,7 +144,7 @@ def open_model(ref: str, lora_dtype: Optional[str] = None):
 
 def _checkpoint(path: str) -> Checkpoint:
     """Checkpoint(path); a snapshot of the hub cache that cannot be read is named by its model ID too (the error
-    named only the cache's path, for a model written org/name@rev), with the cure for an incomplete download."""
+    named only the cache's path, for a model written org/name@rev)."""
     try:
         return Checkpoint(path)
     except CheckpointError as exc:
@@ -152,9 +152,7 @@ def _checkpoint(path: str) -> Checkpoint:
         name = hub.id_of(path)
         if name is None:
             raise
-        why = "" if "incomplete download" in str(exc) else " an incomplete download?"
-        raise CheckpointError(f"model {name}@{Path(path).name[:12]} (from the Hugging Face cache): {exc};{why} "
-                              "download it again") from None
+        raise CheckpointError(f"model {name}@{Path(path).name[:12]} (from the Hugging Face cache): {exc}") from None
 
 
 @dataclass

@@ -371,7 +371,8 @@ def make_plan(config_or_path) -> MergePlan:
     try:
         method = get_method(cfg.merge_method)
         inputs, base = _roles(cfg, method)
-        method.validate(len(inputs), base is not None)
+        method.validate(len(inputs), base is not None,
+                        base_among=method.base_model == "none" and bool(cfg.base_model))
     except MergeConfigError as exc:
         msg = str(exc)
         raise MergeConfigError(msg if msg.startswith(cfg.source) else cfg.where(msg)) from None

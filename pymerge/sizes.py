@@ -52,12 +52,16 @@ def _parse_text(text: str, what: str) -> Decimal:
 
 
 def format_size(nbytes: float) -> str:
-    """Bytes as people read them, in decimal units with one decimal ("1.3 GB", "45.0 MB", "512 bytes"): one
-    format for every message that states a size (free space, pool residency, bench memory)."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{int(nbytes)} bytes"  # not "B": a size written "5B" reads as 5e9 (mergekit)
+    """Bytes as people read them, in decimal units with two decimals ("1.05 GB", "45.00 MB", "512 bytes"): one
+    format for every message that states a size (free space, pool residency, bench memory). Two decimals, so
+    that a need and the free space beside it ("needs 1.05 GB but only 1.00 GB are free") differ where they do."""
+    if nbytes < 1000:
+        n = int(nbytes)
+        return f"{n} byte{'' if n == 1 else 's'}"  # not "B": a size written "5B" reads as 5e9 (mergekit)
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if round(nbytes / scale, 2) >= 1:  # (999,999 bytes is 1.00 MB, not 1000.00 KB)
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1e3:.2f} KB"
 
 
 def free_memory(device) -> int:

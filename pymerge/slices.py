@@ -582,7 +582,7 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
             raise MergeConfigError(cfg.where(f"{label}: merge_method {method.name} needs a base_model"))
         inputs = [m for m in specs if m is not base]
     try:
-        method.validate(len(inputs), base is not None)
+        method.validate(len(inputs), base is not None, base_among=method.base_model == "none" and bool(base_path))
     except MergeConfigError as exc:
         raise MergeConfigError(cfg.where(f"{label}: {exc}")) from None
     order = inputs + ([base] if base is not None else [])

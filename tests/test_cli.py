@@ -130,7 +130,7 @@ def test_bad_checkpoints_exit_2_with_one_line(fam, tmp_path, capsys, kind, words
     ("nan_weight", ["weight", "nan is not a finite number"]),
     ("missing_weight", ["no value of required parameter 'weight' for model "]),
     ("missing_weight_slices", ["no value of required parameter 'weight' for model "]),  # was "for input 1"
-    ("passthrough_with_a_base", ["passthrough takes at most 1 model(s) in all (a base_model counts as one), got 2"]),
+    ("passthrough_with_a_base", ["passthrough takes at most 1 model(s) in all (its base_model among them), got 2"]),
     ("zero_sum", ["weights sum to 0"]),
     ("slices", ["slices[0]", "goes past", "layers"]),
     ("ta_without_base", ["task_arithmetic needs a base_model"]),
@@ -308,8 +308,9 @@ def test_parse_size(text, value):
     assert cli.parse_size(text) == value
 
 
-@pytest.mark.parametrize("nbytes, text", [(0, "0 bytes"), (999, "999 bytes"), (1000, "1.0 KB"), (400_100, "400.1 KB"),
-                                           (45_000_000, "45.0 MB"), (1_300_000_000, "1.3 GB"), (2e13, "20.0 TB")])
+@pytest.mark.parametrize("nbytes, text", [(0, "0 bytes"), (1, "1 byte"), (999, "999 bytes"), (1000, "1.00 KB"),
+                                           (400_100, "400.10 KB"), (999_950, "1.00 MB"), (45_000_000, "45.00 MB"),
+                                           (1_049_000_000, "1.05 GB"), (2e13, "20.00 TB")])
 def test_format_size(nbytes, text):
     """One format for every message that states a size (the writer's free space, the pool, bench)."""
     from pymerge.sizes import format_size, parse_size
@@ -522,7 +523,7 @@ def test_bench_refuses_elements_past_the_memory_before_allocating(monkeypatch, c
     assert bench.peak_bytes(1 << 20) < 10**9 < bench.peak_bytes(1 << 24)
     assert bench.main(["--elements", str(1 << 24), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "does not fit in memory (needs 1.3 GB, 1.0 GB available on cpu)" in err
+    assert err.splitlines() == [err] and "does not fit in memory (needs 1.28 GB, 1.00 GB available on cpu)" in err
 
 
 def test_an_ignored_weight_is_warned_of_once(fam, tmp_path, capsys):

@@ -383,7 +383,7 @@ def test_missing_parent_folders_are_made_and_removed_again_on_abort(tmp_path, mo
     class Tiny:
         f_bavail, f_frsize = 1, 4096
     monkeypatch.setattr(writer_mod.os, "statvfs", lambda p: Tiny())
-    with pytest.raises(InputError, match="needs 400.1 KB but only 4.1 KB are free"):
+    with pytest.raises(InputError, match="needs 400.10 KB but only 4.10 KB are free"):
         ShardedWriter(tmp_path / "full" / "out", [("a", torch.float32, (100_000,))])
     assert sorted(os.listdir(tmp_path)) == ["kept", "runs"]
 
@@ -412,7 +412,7 @@ def test_not_enough_disk_space(tmp_path, monkeypatch):
     class Tiny:
         f_bavail, f_frsize = 1, 4096
     monkeypatch.setattr(writer_mod.os, "statvfs", lambda p: Tiny())
-    with pytest.raises(InputError, match="needs 400.1 KB but only 4.1 KB are free"):
+    with pytest.raises(InputError, match="needs 400.10 KB but only 4.10 KB are free"):
         ShardedWriter(tmp_path / "out", [("a", torch.float32, (100_000,))])
     assert os.listdir(tmp_path) == []
 

@@ -10,6 +10,7 @@
 """
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,7 +382,7 @@ def test_hub_cache_refs_that_would_pick_another_model_are_refused(models, tmp_pa
     broken.mkdir()
     (broken / "model.safetensors").symlink_to("../../blobs/0123deadbeef")
     refused("org/ft@cccc", "model org/ft@cccccccccccc (from the Hugging Face cache): ",  # (it named the path only)
-            "model.safetensors: is a broken link to ../../blobs/0123deadbeef", "download it again")
+            "model.safetensors: is a broken link to ../../blobs/0123deadbeef")
     # the download advice names the cache pymerge looked in (--transformers-cache sets it for pymerge only)
     refused("org/nothere", "not in the Hugging Face cache", "nor a local folder",
             f"hf download org/nothere --cache-dir {cache} (huggingface-cli download before huggingface_hub 1.0)")
@@ -429,6 +430,10 @@ def test_hub_cache_variables_are_expanded_as_huggingface_hub_does(tmp_path, monk
     assert hub.cache_dir() == tmp_path / "home" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", "${MYROOT}/cache")
     assert hub.cache_dir() == tmp_path / "cache"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~ first, then $VARS (huggingface_hub's order): a ~ a
+    monkeypatch.setenv("MYROOT", "~/x")                     # variable brings stays (it finds the same folder)
+    monkeypatch.setenv("HF_HUB_CACHE", "$MYROOT/c")
+    assert hub.cache_dir() == Path("~/x/c")
 
 
 def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):

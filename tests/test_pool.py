@@ -652,12 +652,13 @@ def test_backbone_folders_saved_without_their_head_leave_the_targets_head(config
         save_file({k: v.contiguous() for k, v in st.items()}, str(folders[-1] / "model.safetensors"))
         if config is not None:
             (folders[-1] / "config.json").write_text(json.dumps(config))
-    model = LM(False)
-    head = model.lm_head.weight.detach().clone()
-    CheckpointPool(folders).materialize([0.2, 0.3, 0.5], into=model)
     untied = config is not None and False in (config.get("tie_word_embeddings"),
                                               config.get("text_config", {}).get("tie_word_embeddings"))
-    assert torch.equal(model.lm_head.weight, head if untied else model.model.embed_tokens.weight)
+    for sources in (folders, [f / "model.safetensors" for f in folders]):  # the folders, or their files
+        model = LM(False)
+        head = model.lm_head.weight.detach().clone()
+        CheckpointPool(sources).materialize([0.2, 0.3, 0.5], into=model)
+        assert torch.equal(model.lm_head.weight, head if untied else model.model.embed_tokens.weight)
 
 
 def test_an_untied_head_every_candidate_must_have_and_per_layer_weights(tmp_path):
@@ -1035,8 +1036,9 @@ def test_the_mmap_tier_counts_the_copies_it_must_hold(tmp_path):
         save_file({"big": torch.randn(4096, generator=g).to(torch.bfloat16),
                    "small": torch.randn(64, generator=g, dtype=torch.float64)}, str(tmp_path / f"c{i}.safetensors"))
     files = [str(tmp_path / f"c{i}.safetensors") for i in range(2)]
-    with pytest.raises(InputError, match=r"mmap tier.*float64.*held converted in RAM: 512 bytes, beyond the host "
-                                         r"budget of 100 bytes; convert the checkpoints"):
+    with pytest.raises(InputError, match=r"mmap tier.*float64.*held converted in RAM: 512 bytes, beyond memory_budget "
+                                         r"\(100 bytes\); convert the checkpoints to float32 or bfloat16, or raise "
+                                         r"memory_budget$"):
         CheckpointPool(files, memory_budget=100)
     pool = CheckpointPool(files, memory_budget=4000)  # the 2 x 64 float32 copies fit, the 2 x 8 KB do not
     assert pool.residency == "mmap" and "512 bytes of float64 (or other) tensors held converted in RAM" in pool.describe()
@@ -1047,6 +1049,13 @@ def test_the_mmap_tier_counts_the_copies_it_must_hold(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(InputError, match="held converted in RAM"):  # a pool of float64 only: mmap would hold it all
         CheckpointPool(_f64_files(tmp_path), memory_budget="1KB")
+    # forced, with no budget: the copies need only fit the memory (a review: they were held to the bfloat16 first
+    # checkpoint's size, and refused)
+    for i in range(2):
+        save_file({"big": torch.randn(4096, generator=g, dtype=torch.float64),
+                   "small": torch.randn(64, generator=g, dtype=torch.float64)}, str(tmp_path / f"e{i}.safetensors"))
+    forced = CheckpointPool([files[0]] + [str(tmp_path / f"e{i}.safetensors") for i in range(2)], residency="mmap")
+    assert "held converted in RAM" in forced.describe()
 
 
 def _f64_files(tmp_path):

@@ -158,6 +158,8 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     try:
         fd, tmp = _locked_temporary(folder, f".{name}{_TMP_MARK}")
     except OSError as exc:  # (it named the temporary file, which the user never chose)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the folder's fault
+            raise InputError(f"{path}: cannot open a file to write it: {exc.strerror}{fd_advice(exc)}") from None
         raise InputError(f"{path}: cannot create a file in {folder}: {exc.strerror or exc}") from None
     try:
         write(tmp)

@@ -85,12 +85,12 @@ class MergeMethod:
     # up front), so the engine may stream a big tensor in row chunks with bounded memory.
     chunkable: ClassVar[bool] = False
 
-    def validate(self, n_models: int, has_base: bool) -> None:
-        """Raises MergeConfigError when the model count or base model does not fit the method."""
+    def validate(self, n_models: int, has_base: bool, base_among: bool = False) -> None:
+        """Raises MergeConfigError when the model count or base model does not fit the method. base_among: the
+        count includes a base_model (a config's, for a method without a base role, which takes it as an input)."""
         if self.base_model == "required" and not has_base:
             raise MergeConfigError(f"merge_method {self.name} needs a base_model")
-        # a method without a base role takes a base_model as one more input: its count includes it
-        counted = "in all (a base_model counts as one)" if self.base_model == "none" else "besides the base"
+        counted = "in all (its base_model among them)" if base_among else "besides the base"
         if n_models < self.min_models:
             raise MergeConfigError(f"merge_method {self.name} needs at least {self.min_models} model(s) "
                                    f"{counted}, got {n_models}")

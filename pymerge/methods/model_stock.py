@@ -18,7 +18,7 @@ class ModelStock(MergeMethod):
     global_params = {"filter_wise": Param(False, "one interpolation factor per row instead of per tensor")}
     chunkable = False
 
-    def validate(self, n_models: int, has_base: bool) -> None:
+    def validate(self, n_models: int, has_base: bool, base_among: bool = False) -> None:
         if not has_base or n_models < 2:
             raise MergeConfigError(f"merge_method model_stock needs a base_model and at least two other models; got "
                                    f"{n_models} other model(s){'' if has_base else ' and no base_model'}")

@@ -27,7 +27,7 @@ class Slerp(MergeMethod):
     global_params = {"t": Param(REQUIRED, "interpolation factor: 0 = base_model, 1 = the other model")}
     chunkable = False  # the angle is a whole-tensor statistic
 
-    def validate(self, n_models: int, has_base: bool) -> None:
+    def validate(self, n_models: int, has_base: bool, base_among: bool = False) -> None:
         if not has_base or n_models != 1:
             total = n_models + int(has_base)
             raise MergeConfigError(f"merge_method slerp takes exactly two models, the base_model (t = 0) and one "
@@ -64,7 +64,7 @@ class NuSlerp(MergeMethod):
     }
     chunkable = False
 
-    def validate(self, n_models: int, has_base: bool) -> None:
+    def validate(self, n_models: int, has_base: bool, base_among: bool = False) -> None:
         if n_models != 2:
             raise MergeConfigError(f"merge_method nuslerp takes exactly two models besides the base_model, "
                                    f"got {n_models}")

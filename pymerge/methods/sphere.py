@@ -90,6 +90,15 @@ def _in_range(coefs, method: str):
     return coefs
 
 
+def _prepare(method, task: TensorTask) -> None:
+    """multislerp's and karcher's prepare: the coefficients (method._coefs) computed now, so that their errors
+    come before a pool writes any tensor; a cancelling tensor's float64 result vector is not kept (a pool
+    prepares every tensor first: it would hold one per tensor), merge_tensor computes it again."""
+    if len(task.inputs) > 1 and task.inputs[0].numel():
+        coefs = method._coefs(task)
+        task.prepared = None if isinstance(coefs, torch.Tensor) else coefs
+
+
 def _normalized(w: List[float], normalize: bool) -> List[float]:
     if not normalize:
         return w
@@ -173,9 +182,7 @@ class MultiSlerp(MergeMethod):
 
     def prepare(self, task: TensorTask) -> None:
         """The coefficients: their errors (a zero task vector with eps 0, antipodal inputs) depend on the data."""
-        if len(task.inputs) > 1 and task.inputs[0].numel():
-            coefs = self._coefs(task)  # its errors now; a cancelling tensor's float64 result is not kept (a pool
-            task.prepared = None if isinstance(coefs, torch.Tensor) else coefs  # prepares all before writing any)
+        _prepare(self, task)
 
     def _coefs(self, task: TensorTask):
         """The coefficients, or (the cancelling case) the float64 result vector without the base."""
@@ -299,9 +306,7 @@ class Karcher(MergeMethod):
 
     def prepare(self, task: TensorTask) -> None:
         """The coefficients, as multislerp's: their range error depends on the data."""
-        if len(task.inputs) > 1 and task.inputs[0].numel():
-            coefs = self._coefs(task)
-            task.prepared = None if isinstance(coefs, torch.Tensor) else coefs
+        _prepare(self, task)
 
     def _coefs(self, task: TensorTask):
         max_iter, tol = self._settings(task)

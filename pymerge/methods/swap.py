@@ -24,7 +24,7 @@ class _BaseAndOne(MergeMethod):
     min_models = 1
     max_models = 1
 
-    def validate(self, n_models: int, has_base: bool) -> None:
+    def validate(self, n_models: int, has_base: bool, base_among: bool = False) -> None:
         if not has_base or n_models != 1:
             raise MergeConfigError(f"merge_method {self.name} takes exactly two models, the base_model and one other; "
                                    f"got {n_models + int(has_base)} model(s){'' if has_base else ' and no base_model'}")

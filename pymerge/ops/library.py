@@ -18,6 +18,7 @@ Arguments are checked by the Python wrappers in pymerge.ops (which keep their si
 call these); the kernels assume contiguous inputs of one shape and device. Weights are float32
 tensors: on the CPU they are read on the host, on CUDA from device memory (no host sync).
 """
+import contextlib
 import operator
 from typing import List, Optional
 
@@ -191,7 +192,7 @@ def _fake_checks(op: str, inputs, outs=(), numel=None, backend=None, num_threads
         if backend not in allowed:
             raise ValueError(f"{op}: backend {backend!r} does not run on {device} tensors; choose one of "
                              f"{', '.join(allowed)}")
-    if num_threads is not None:
+    if num_threads is not None and not (inputs and inputs[0].device.type == "cuda"):  # (the CUDA kernels ignore it)
         check_threads(num_threads)
 
 
@@ -379,7 +380,8 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
     device = tensors[0].device
     if not isinstance(weights, Tensor):  # on the inputs' device, whatever the default one (meta)
-        with torch.cuda.device(device):  # (the inputs' device's stream: another one may be current)
+        # the inputs' device's stream (another device may be current; CPU tensors: the tests' faked capture)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             capturing = torch.cuda.is_current_stream_capturing()
         if capturing:  # a host copy would break the capture in torch's words
             raise ValueError("weighted_sum: inside a CUDA graph capture pass the weights as a CUDA tensor "
@@ -841,13 +843,18 @@ def check_coef_size(coef: Tensor, groups: int, k: int) -> None:
                                  "(the kernels multiply in float32)")
 
 
-def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False, sub=False) -> None:
+def _check_group_view(xs, base, rows, cols, group, op, sub) -> None:
+    """The group ops' checks of their arguments alone (the real kernels' and the fakes')."""
     require_inputs(xs, op)
     _same_shape(op, list(xs) + [base])
     if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
         raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
     if sub and base is None:  # (the C++ kernel's "interp: sub needs a base" named no op)
         raise ValueError(f"{op}: sub needs a base")
+
+
+def _check_groups(xs, base, rows, cols, group, outs, op, inputs_backed=False, outs_backed=False, sub=False) -> None:
+    _check_group_view(xs, base, rows, cols, group, op, sub)
     _check_native(list(xs) + [base], outs, xs[0].numel(), op, "cpu", inputs_backed, outs_backed)
     check_apart(list(xs) + [base], outs, op)
 
@@ -860,14 +867,9 @@ def _(xs, base, sub, rows, cols, group, coef, out, num_threads=0):
 
 
 def _fake_groups(xs, base, sub, rows, cols, group, op, num_threads, out=None) -> None:
-    """The group ops' checks that read no data (_check_groups, the kernel's base rule), for their fakes."""
-    require_inputs(xs, op)
-    _same_shape(op, list(xs) + [base])
+    """The group ops' checks that read no data, for their fakes."""
+    _check_group_view(xs, base, rows, cols, group, op, sub)
     _one_device(op, xs, base)
-    if group not in (0, 1, 2) or rows < 0 or cols < 0 or rows * cols != xs[0].numel():
-        raise ValueError(f"{op}: a {rows} x {cols} view (group {group}) of {xs[0].numel()} elements is not valid")
-    if sub and base is None:
-        raise ValueError(f"{op}: sub needs a base")
     _fake_checks(op, list(xs) + [base], [out] if out is not None else (), xs[0].numel(), None, num_threads)
 
 

@@ -12,6 +12,7 @@ import functools
 import os
 import weakref
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -353,20 +354,25 @@ class CheckpointPool:
     def _choose(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str]:
         """The residency tier and why. The mmap tier reads the files in place, except tensors of dtypes the kernels
         do not read (float64, some float8s): those it holds converted in RAM, which must fit the budget too."""
-        residency, reason, host_cap = self._pick(opened, base_src, forced)
-        if residency == "mmap":
+        residency, reason = self._pick(opened, base_src, forced)
+        if residency == "mmap" and self._reads_maps():  # (a sharded pool copies its shards anyway)
             sources = list(opened) + ([base_src] if base_src else [])
             copied = sum(_mmap_copy_bytes(src, n, self.dtype) for src in sources for n in self.names)
-            if copied > host_cap:
+            half = host_available() // 2
+            by_budget = self.memory_budget is not None and self.memory_budget < half
+            cap = self.memory_budget if by_budget else half
+            if copied > cap:
+                limit, cure = ("memory_budget", "raise memory_budget") if by_budget else \
+                    ("half of the available memory", "free memory")
                 raise InputError(f"this pool reads its files in place (mmap tier: {reason}), but their tensors in "
                                  f"dtypes the kernels do not read (float64, ...) would be held converted in RAM: "
-                                 f"{format_size(copied)}, beyond the host budget of {format_size(host_cap)}; convert "
-                                 "the checkpoints to float32 or bfloat16, or raise memory_budget")
+                                 f"{format_size(copied)}, beyond {limit} ({format_size(cap)}); convert the "
+                                 f"checkpoints to float32 or bfloat16, or {cure}")
             if copied:
                 reason += f"; {format_size(copied)} of float64 (or other) tensors held converted in RAM"
         return residency, reason
 
-    def _pick(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str, int]:
+    def _pick(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str]:
         per_ckpt = sum(int(np.prod(self.shapes[n], dtype=np.int64))
                        * compressed.held_dtype(_first_dtype(opened[0], n), self.dtype, INPUT_DTYPES).itemsize
                        for n in self.names)
@@ -383,21 +389,18 @@ class CheckpointPool:
                 raise InputError("residency 'host' is for device='cpu'; on CUDA use 'device', 'pinned' or 'mmap'")
             if forced == "pinned" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise InputError("residency 'pinned' streams host memory to a GPU: it needs device='cuda'")
-            return forced, "forced by residency=", host_cap
+            return forced, "forced by residency="
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             dev_cap = min(self.memory_budget if self.memory_budget is not None else need, int(free * 0.9))
             if need <= dev_cap:
-                return "device", f"{format_size(need)} fits in GPU memory ({format_size(free)} free)", host_cap
+                return "device", f"{format_size(need)} fits in GPU memory ({format_size(free)} free)"
             if need <= host_cap:
-                return ("pinned", f"{format_size(need)} exceeds the GPU budget; pinned host memory, streamed in chunks",
-                        host_cap)
-            return ("mmap", f"{format_size(need)} exceeds the GPU and host budgets; streamed from the memory map",
-                    host_cap)
+                return "pinned", f"{format_size(need)} exceeds the GPU budget; pinned host memory, streamed in chunks"
+            return "mmap", f"{format_size(need)} exceeds the GPU and host budgets; streamed from the memory map"
         if need <= host_cap:
-            return "host", f"{format_size(need)} fits in RAM ({format_size(host_avail)} available)", host_cap
-        return ("mmap", f"{format_size(need)} exceeds the host budget; read from the memory map (page cache)",
-                host_cap)
+            return "host", f"{format_size(need)} fits in RAM ({format_size(host_avail)} available)"
+        return "mmap", f"{format_size(need)} exceeds the host budget; read from the memory map (page cache)"
 
     @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
     def _hold_all(self, src) -> Dict[str, torch.Tensor]:
@@ -859,7 +862,9 @@ class CheckpointPool:
             return None
         if not hasattr(self, "_tied_emb"):
             from pymerge.tied import tied_embedding
-            untied = any(_config_says_untied(f) for f in self._folders)  # a backbone saved without its head
+            # a backbone saved without its head: the folders given, or those holding the files given
+            folders = dict.fromkeys(self._folders + [os.path.dirname(p) for p, _, _ in self._files])
+            untied = any(_config_says_untied(f) for f in folders)
             self._tied_emb = None if untied else tied_embedding(self.names, self.shapes.__getitem__)
         return self._tied_emb
 
@@ -1426,12 +1431,9 @@ def _check_mmap_dtype(sources, names, dtype: torch.dtype, reason: str) -> None:
 def _config_says_untied(folder: str) -> bool:
     """Whether the folder's config.json says tie_word_embeddings: false (at the top or in its text_config); an
     unreadable or missing one says nothing."""
-    from pymerge.io.files import read_json
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return False
+    from pymerge.io.checkpoint import read_model_config
     try:
-        cfg = read_json(path)
+        cfg = read_model_config(SimpleNamespace(folder=folder))
     except InputError:
         return False
     if not isinstance(cfg, dict):
