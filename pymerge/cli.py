@@ -168,6 +168,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         _flush_stdout()
         return rc
+    except KeyboardInterrupt:  # before a command started (its own interrupt is _run's): importing, parsing
+        say("pymerge: interrupted")
+        return 130
     except BrokenPipeError:
         if not _stdout_gone():
             raise
@@ -286,6 +289,12 @@ def _run(args) -> int:
         if exc.errno is None or (isinstance(exc, BrokenPipeError) and _stdout_gone()):
             raise  # a bug; or stdout's reader gone away, which main() ends quietly
         _say_system_error(exc)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # the machine's limits (ulimit -v, a cgroup), not a bug: one line
+        if isinstance(exc, RuntimeError) and "can't start new thread" not in str(exc):
+            raise
+        what = "out of memory" if isinstance(exc, MemoryError) else "cannot start a thread (out of memory or threads)"
+        say(f"pymerge: error: {what}; lower --chunk-size or the thread count, or raise the limit (ulimit -v, -u)")
         return 2
     finally:
         if previous is not None:

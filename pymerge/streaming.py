@@ -129,7 +129,9 @@ class _Sink:
     def __init__(self, writer, progress, on_done, guard=None):
         self.writer, self.progress, self.on_done = writer, progress, on_done
         self.guard = guard  # MappingGuard: a chunk computed from a truncated input is never written
-        self.q: "queue.Queue" = queue.Queue()
+        # SimpleQueue: a put is one C call, never a Python lock a signal can leave held (a KeyboardInterrupt
+        # inside Queue.put, just after it took its mutex, left abandon()'s put(None) waiting forever; bpo-29988)
+        self.q: "queue.SimpleQueue" = queue.SimpleQueue()
         self.error: Optional[BaseException] = None
         self._pending = 0                      # chunks queued or being written
         self._idle = threading.Condition()
@@ -213,7 +215,7 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
             progress=None) -> None:
     raw = torch_free(plan, device)
     chunk_bytes = min(chunk_bytes, _largest_need(plan, scratch_per_element))
-    free: "queue.Queue" = queue.Queue()
+    free: "queue.SimpleQueue" = queue.SimpleQueue()  # (see _Sink.q)
     for _ in range(N_SLOTS):  # pages appear only when first written
         free.put(_allocate(_raw_buffer if raw else _torch_buffer, chunk_bytes))
 
@@ -370,7 +372,7 @@ def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, reader
     chunk_bytes = min(chunk_bytes, _largest_need(plan, lambda tp: max(gpu_budget(tp))))
     # Device buffers may be larger than the pinned ones (casts, narrow results) by a small factor.
     dev_bytes = 2 * chunk_bytes
-    free: "queue.Queue" = queue.Queue()
+    free: "queue.SimpleQueue" = queue.SimpleQueue()  # (see _Sink.q)
     for _ in range(N_SLOTS):
         free.put(_allocate(lambda n: _Slot(n, dev_bytes, dev), chunk_bytes))
     h2d, compute, d2h = torch.cuda.Stream(dev), torch.cuda.Stream(dev), torch.cuda.Stream(dev)

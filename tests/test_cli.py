@@ -308,6 +308,32 @@ def test_parse_size(text, value):
     assert cli.parse_size(text) == value
 
 
+def test_an_interrupt_before_a_command_starts_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while pymerge imported its modules (before the command's own handling) printed a traceback and died
+    by the signal (an audit): it is one line and exit 130, as an interrupted command's."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["merge", "c.yml", "out"]) == 130
+    assert capsys.readouterr().err == "pymerge: interrupted\n"
+
+
+@pytest.mark.parametrize("exc, words", [(MemoryError(), "out of memory"),
+                                        (RuntimeError("can't start new thread"), "cannot start a thread")])
+def test_running_out_of_memory_or_threads_is_one_line(monkeypatch, capsys, exc, words):
+    """Under `ulimit -v` a merge died with a 30-line traceback and exit 1 (a MemoryError, or threading's
+    "can't start new thread"; an audit): the machine's limits are the user's to raise, in one line, exit 2."""
+    def short_of(args):
+        raise exc
+    monkeypatch.setattr(cli, "_dispatch", short_of)
+    assert cli.main(["merge", "c.yml", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"pymerge: error: {words}")
+    monkeypatch.setattr(cli, "_dispatch", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError stays a bug's traceback
+        cli.main(["merge", "c.yml", "out"])
+
+
 @pytest.mark.parametrize("nbytes, text", [(0, "0 bytes"), (1, "1 byte"), (999, "999 bytes"), (1000, "1.00 KB"),
                                            (400_100, "400.10 KB"), (999_950, "1.00 MB"), (45_000_000, "45.00 MB"),
                                            (1_049_000_000, "1.05 GB"), (2e13, "20.00 TB")])
@@ -446,6 +472,37 @@ def _wait_for_temp(proc, out: Path, timeout=120):
         time.sleep(0.02)
     proc.kill()
     raise AssertionError("merge never started writing")
+
+
+# A KeyboardInterrupt delivered inside queue.Queue.put just after it took its mutex (the window CPython leaves
+# between a with-statement's acquire and its block, bpo-29988), forced on the third chunk handed to the writer.
+_HELD_LOCK_DRIVER = """
+import queue, sys, threading
+orig_put, calls = queue.Queue.put, [0]
+def put(self, item, block=True, timeout=None):
+    if threading.current_thread() is threading.main_thread() and isinstance(item, tuple) and len(item) == 6:
+        calls[0] += 1
+        if calls[0] == 3:
+            self.mutex.acquire()
+            raise KeyboardInterrupt
+    return orig_put(self, item, block, timeout)
+queue.Queue.put = put
+from pymerge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_interrupt_inside_a_queue_put_never_hangs_the_merge(slow_fam, tmp_path):
+    """One Ctrl-C in about 100 froze `pymerge merge` for good (an audit): landing inside Queue.put after it took
+    its lock, it left the lock held, and the cleanup's put(None) on that queue waited forever. The writer's
+    queues take no Python lock (SimpleQueue)."""
+    base, fts = slow_fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _HELD_LOCK_DRIVER, "merge", str(cfg), str(out), "--quiet",
+                           "--chunk-size", "1MiB"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode in (0, 130), proc.stderr[-2000:]  # (0: no Queue.put was reached at all)
+    assert proc.returncode == 0 or (not out.exists() and leftovers(out) == [])
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])

@@ -97,6 +97,32 @@ def linear(fts):
                                                  for m, w in zip(fts, (0.3, 0.7))]}
 
 
+def test_sigterm_keeps_its_default_action_while_a_rank_joins(monkeypatch):
+    """The rendezvous blocks in C++, where the CLI's Python SIGTERM handler never runs: torchrun's SIGTERM (a
+    peer died while the others joined) was ignored until its SIGKILL 30 s later (an audit). While a rank joins,
+    SIGTERM has its default action; the handler is back afterwards, whether the join failed or not."""
+    import torch.distributed as dist
+    from pymerge.dist import disk_merge
+    from pymerge.errors import DistributedError
+    seen = []
+
+    def join(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise RuntimeError("no peers")
+    monkeypatch.setattr(dist, "init_process_group", join)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(var, value)
+    handler = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(DistributedError, match="cannot join the process group"):
+            disk_merge._process_group("cpu", 1.0)
+        assert seen == [signal.SIG_DFL] and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_split_by_bytes_is_contiguous_and_balanced():
     for costs, ranks in [([5] * 10, 2), ([1, 100, 1, 1, 1], 3), ([7] * 3, 5), ([0, 0], 2), ([], 4),
                          ([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], 3)]:

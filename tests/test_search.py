@@ -1381,6 +1381,25 @@ def test_replaced_files_are_on_disk_before_their_name(tmp_path, monkeypatch):
     assert open(path).read() == "{}"
 
 
+def test_a_nameless_write_error_names_the_file_being_written(tmp_path, capsys):
+    """A full disk under a buffered write (a search's history.csv, its plot, a saved pool) raised OSError with
+    no file name: the CLI said only "No space left on device" (an audit). replace_file names its file."""
+    from pymerge import cli
+    from pymerge.io import files
+    path = str(tmp_path / "history.csv")
+
+    def full(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("eval,objective\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError) as err:
+        files.replace_file(path, full)
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, path)
+    assert os.listdir(tmp_path) == []  # nothing half written, no temporary file
+    cli._say_system_error(err.value)
+    assert path in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad, message", [({"sigma0": "nan"}, "sigma0 must be a finite step size"),
                                           ({"budget": 0}, "budget must be an integer from 1"),
                                           ({"popsize": 1}, "popsize must be an integer from 2"),

@@ -19,11 +19,14 @@ bytes (gloo; for --device cuda the group also has NCCL for the CUDA side) and it
 (PYMERGE_DIST_TIMEOUT seconds, default 30 minutes: it must cover the slowest rank's part) bounds
 every wait; a rank that dies closes its connections, which fails the others' next collective.
 """
+import contextlib
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -413,14 +416,30 @@ def _process_group(device: str, timeout_s: float):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
     try:
-        if os.environ["RANK"] != "0":
-            _wait_for_master(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], timeout_s)
-        dist.init_process_group(backend, timeout=timeout)
+        with _sigterm_default():
+            if os.environ["RANK"] != "0":
+                _wait_for_master(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], timeout_s)
+            dist.init_process_group(backend, timeout=timeout)
     except Exception as exc:  # the rendezvous failed or timed out
         raise DistributedError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} cannot join the process "
                                f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: "
                                f"{_one_line(exc)}") from None
     return dist, None, True
+
+
+@contextlib.contextmanager
+def _sigterm_default():
+    """SIGTERM at its default action while a rank joins: the rendezvous blocks in C++, where the CLI's Python
+    handler never runs, so torchrun's SIGTERM (a peer died) was ignored until its SIGKILL 30 s later; nothing
+    exists yet that a handler would clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _wait_for_master(addr: str, port: str, timeout_s: float) -> None:

@@ -170,6 +170,11 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
         os.fsync(fd)
         install(tmp, path)
         fsync_dir(folder)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # a buffered write's or fsync's error names no file ("No space left on device"): the file being written
+        raise OSError(exc.errno, exc.strerror, path) from None
     finally:
         try:
             if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
