@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,23 @@ def test_extra_files(tmp_path):
             w.copy_file(tmp_path / "missing.txt")
     assert json.loads((out / "config.json").read_text()) == {"model_type": "llama", "name": "ü"}
     assert (out / "tokenizer.json").read_text() == '{"v": 1}' == (out / "sub" / "tok.json").read_text()
+
+
+def test_a_side_file_that_cannot_be_copied_names_both_files(tmp_path, monkeypatch):
+    """A full disk while copying tokenizer.json said "<input>/tokenizer.json: cannot copy into the output: No
+    space left on device", as if the input were at fault (an audit): the output's file is named too."""
+    src = tmp_path / "tokenizer.json"
+    src.write_text('{"v": 1}')
+    out = tmp_path / "out"
+
+    def full(f_in, f_out, length=0):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    with ShardedWriter(out, [("a", torch.float32, (1,))]) as w:
+        w.write("a", torch.ones(1))
+        with pytest.raises(InputError, match=f"^{src}: cannot copy it to {out}/tokenizer.json: No space left on "
+                                             "device$"):
+            w.copy_file(src)
 
 
 # ---- atomicity ----------------------------------------------------------------------------------

@@ -383,7 +383,8 @@ class ShardedWriter:
     def copy_file(self, src, relname: Optional[str] = None) -> Path:
         """Adds a copy of ``src`` (a tokenizer file, say) to the output as ``relname``."""
         src = Path(src)
-        path = self._extra_path(relname if relname is not None else src.name)
+        relname = relname if relname is not None else src.name
+        path = self._extra_path(relname)
         fd = open_regular(src, InputError)  # a FIFO or a device: refused, never read
         try:
             # The copy is no more readable than the source (a 0600 file stays 0600), never executable.
@@ -394,7 +395,8 @@ class ShardedWriter:
                 f_out.flush()
                 os.fsync(f_out.fileno())
         except OSError as exc:
-            raise InputError(f"{src}: cannot copy into the output: {exc.strerror or exc}") from None
+            # both named: the source's read or the output's disk (full, say) may have failed
+            raise InputError(f"{src}: cannot copy it to {self.out_dir / relname}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
         return path
