@@ -165,3 +165,65 @@ def test_a_pool_of_many_tensors_keeps_the_statistics_of_several_settings():
     assert pool._selection.max_entries >= 2 * n * 3
     small = CheckpointPool([{"w": torch.ones(3)}] * 2)
     assert small._selection.max_entries == 65536
+
+
+def test_a_write_while_thresholds_are_computed_is_seen_next_call(monkeypatch):
+    """Another thread's in-place write to a pool tensor while a TIES call computed its thresholds was recorded as
+    seen (the versions were read after the work): every later call kept the old data's thresholds (43 of 60
+    threaded trials differed from a fresh pool; an audit). The versions are read first now."""
+    torch.manual_seed(0)
+    names = ("a", "b")
+    base = {n: torch.zeros(1000) for n in names}
+    pool = CheckpointPool([{n: torch.randn(1000) for n in names} for _ in range(2)], base=base)
+    target = {n: torch.empty(1000) for n in names}
+    pool.materialize([0.5, 0.5], into=target, method="ties", density=0.2)
+    real = tvo.plan_model
+
+    def meanwhile(x, b, sp, w, i, *, name="", **kw):
+        if name == "b" and i == 1:  # where the other thread's write lands: 'a' planned already
+            with torch.no_grad():
+                pool.tensor(0, "a").mul_(10)
+        return real(x, b, sp, w, i, name=name, **kw)
+    with torch.no_grad():
+        pool.tensor(1, "b").add_(0)  # a change: the next call selects again
+    monkeypatch.setattr(tvo, "plan_model", meanwhile)
+    pool.materialize([0.5, 0.5], into=target, method="ties", density=0.2)
+    monkeypatch.setattr(tvo, "plan_model", real)
+    pool.materialize([0.5, 0.5], into=target, method="ties", density=0.2)  # nothing changes from here on
+    now = [{n: pool.tensor(i, n).clone() for n in names} for i in range(2)]
+    fresh = {n: torch.empty(1000) for n in names}
+    CheckpointPool(now, base=base).materialize([0.5, 0.5], into=fresh, method="ties", density=0.2)
+    assert all(torch.equal(target[n], fresh[n]) for n in names)
+
+
+def _child_materializes(pool, queue):
+    target = {"w": torch.empty(64)}
+    pool.materialize([0.5, 0.5], into=target, method="ties", density=0.5)
+    queue.put(float(target["w"].abs().sum()))
+
+
+def test_a_child_forked_while_another_thread_held_the_pools_locks_can_use_the_pool():
+    """A DataLoader worker forked while another thread planned a call inherited the pool's cache locks held,
+    and waited for them forever (1 fork in ~100; an audit). A forked child renews them."""
+    import multiprocessing
+    pool = CheckpointPool([{"w": torch.randn(64)}, {"w": torch.randn(64)}], base={"w": torch.zeros(64)})
+    expected = {"w": torch.empty(64)}
+    pool.materialize([0.5, 0.5], into=expected, method="ties", density=0.5)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    locks = [pool._plan_cache._lock, pool._selection._lock]
+    for lock in locks:  # as another thread of this process would hold them at the fork
+        lock.acquire()
+    try:
+        child = ctx.Process(target=_child_materializes, args=(pool, queue))
+        child.start()
+    finally:
+        for lock in locks:
+            lock.release()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    assert got == float(expected["w"].abs().sum()) and child.exitcode == 0

@@ -38,6 +38,7 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from pymerge import _native
+from pymerge.forks import renew_after_fork
 from pymerge.ops import exact_sum, library, philox, select
 from pymerge.ops._checks import as_int, check_merge_args
 from pymerge.ops._memory import check_native
@@ -89,6 +90,12 @@ class SelectionCache:
         self._data: "OrderedDict[tuple, tuple]" = OrderedDict()
         self.hits = self.misses = 0
         self._lock = threading.Lock()
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock of its own, and no entries (one may have been half put at the fork)."""
+        self._lock = threading.Lock()
+        self._data = OrderedDict()
 
     def get(self, key):
         with self._lock:  # two threads on one pool: one's eviction raced the other's move_to_end (as PlanCache)

@@ -38,6 +38,7 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from pymerge import _native
+from pymerge.forks import renew_after_fork
 from pymerge.errors import InputError, MergeConfigError
 from pymerge.ops._versions import versions_of
 from pymerge.pool.weights import group_indices
@@ -182,6 +183,14 @@ class PlanCache:
         self._lock = threading.Lock()
         self._dead: list = []  # (key, weakref to its entry) whose target died while the lock was taken
         self._planning = threading.local()  # set while this thread plans under the lock (caller code runs there)
+        renew_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock of its own (another thread may have held the parent's), no entries."""
+        for entry in self._entries.values():
+            entry.detach()
+        self._entries, self._groups, self._dead = OrderedDict(), {}, []
+        self._lock, self._planning = threading.Lock(), threading.local()
 
     def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
         return PlanCache, (self.max_entries,)
@@ -441,19 +450,24 @@ class TaskVectorCall:
     def _select(self, plans, inputs: dict, base: dict, cache, num_threads: int):
         """(key, tensors watched, their versions, int64 [T, N, 7], float32 [T, N], uint64 [T, N], masks)."""
         from pymerge.ops.task_vector_ops import plan_model
-        sel, watched = Selection(len(plans), len(self.sparsifiers)), []
+        sel = Selection(len(plans), len(self.sparsifiers))
+        watched = [t for p in plans for t in (*inputs[p.name], base[p.name])]
+        # the versions before any data is read: a tensor changed in place meanwhile (another thread) has a newer
+        # one, so the next call selects again (read after, they marked these thresholds as the new data's)
+        versions = versions_of(watched)
+        at = 0
         for t, p in enumerate(plans):
             xs, b = inputs[p.name], base[p.name]
-            watched += xs
-            watched.append(b)
+            b_version = versions[at + len(xs)]
             for i, (x, sp) in enumerate(zip(xs, self.sparsifiers)):
                 try:
                     mp = plan_model(x, b, sp, 1.0, i, name=p.name, seed=self.seed, cache=cache,
-                                    cache_key=tuple(versions_of((x, b))), backend="cpu", num_threads=num_threads)
+                                    cache_key=(versions[at + i], b_version), backend="cpu", num_threads=num_threads)
                 except ValueError as exc:
                     raise MergeConfigError(f"tensor {p.name}: {exc}") from None
                 sel.put(t, i, mp)
-        return self.key, watched, versions_of(watched), sel.ints, sel.scales, sel.bits, sel.masks
+            at += len(xs) + 1
+        return self.key, watched, versions, sel.ints, sel.scales, sel.bits, sel.masks
 
 
 class Selection:

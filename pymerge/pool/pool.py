@@ -665,14 +665,15 @@ class CheckpointPool:
         self._check_overlaps(plans, len(into))
         keys = [self._tie_key(p) for p in plans]
         pairs = _tie_pairs(plans, keys)
-        self._check_ties(pairs, len(into))
-        once = _Plans(_last_of_tied(plans, keys))
         tied = {(a.name, b.name) for _, a, b in pairs if a.name != b.name}
         # allowed for the sources' values now: a caller's tensor the pool reads in place may change (the pool's
-        # own copies and files do not)
+        # own copies and files do not); their versions before the check reads them (a write meanwhile: checked
+        # again next call)
         held = [t for a, b in sorted(tied) for t in self._tie_sources(a, b) if id(t) in self._lent_ids]
+        at = versions_of(held)
+        self._check_ties(pairs, len(into))
+        once = _Plans(_last_of_tied(plans, keys))
         if held:
-            at = versions_of(held)
             once.recheck = lambda: versions_of(held) == at
         return once
 
