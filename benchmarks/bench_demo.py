@@ -102,8 +102,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_demo_out")
     ap.add_argument("--name", default=None, help="results file name (default demo_seeds[_POOL][_quick])")
     args = ap.parse_args(argv)
-    if args.budget is not None and args.budget < 1:
-        ap.error(f"--budget must be at least 1, got {args.budget}")
+    # the demo's own bounds (pymerge/demo/__init__.py), checked here: a worker's error was a traceback, and a
+    # seed out of range ran (the demo refuses it: its data streams would repeat another seed's)
+    if args.budget is not None and not 1 <= args.budget <= 10**9:
+        ap.error(f"--budget must be from 1 to {10**9}, got {args.budget}")
+    if args.threads is not None and not 0 <= args.threads <= 1024:
+        ap.error(f"--threads must be from 0 (the demo's default) to 1024, got {args.threads}")
+    bad = [s for s in args.seeds if not 0 <= s <= 2**28 - 1]
+    if bad:
+        ap.error(f"--seeds must be from 0 to {2**28 - 1}, got {bad[0]}")
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
     jobs = [(seed, args.quick, args.budget, args.threads, os.path.join(args.out, args.pool), args.pool)
             for seed in args.seeds]
     rows = []

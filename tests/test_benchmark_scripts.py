@@ -119,7 +119,10 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path):
              ("bench_merge", ["--repeats", "0"], "--repeats must be at least 1"),
              ("bench_compressed_pool", ["--rounds", "0"], "--rounds: must be at least 1"),
              ("bench_delta_decode", ["--rounds", "0"], "--rounds: must be at least 1"),
-             ("bench_pool_grouped", ["--n", "0"], "--n: must be at least 1")]
+             ("bench_pool_grouped", ["--n", "0"], "--n: must be at least 1"),
+             ("bench_demo", ["--threads", "-1"], "--threads must be from 0"),  # was a worker's traceback
+             ("bench_demo", ["--seeds", "0", "-5"], "--seeds must be from 0 to 268435455, got -5"),  # ran
+             ("bench_demo", ["--budget", str(10**10)], "--budget must be from 1 to 1000000000")]
     code = ("import contextlib, io, json, runpy, sys\nout = []\n"
             f"for name, args, _ in {cases!r}:\n"
             "    sys.argv = [f'benchmarks/{name}.py'] + args\n"

@@ -288,6 +288,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     ckpts = sorted(p for p in os.listdir(out / "checkpoints") if p[0].isdigit())
     ref = sum(wi * load_hf(str(out / "checkpoints" / p)).state_dict()["model.norm.weight"] for wi, p in zip(w, ckpts))
     torch.testing.assert_close(merged.state_dict()["model.norm.weight"], ref, rtol=1e-5, atol=1e-5)
+    # merge_weights.json names the checkpoints relative to its folder (relative to where the demo ran, they
+    # named nothing read from elsewhere; an audit)
+    record = json.loads((out / "merged" / "merge_weights.json").read_text())
+    assert [os.path.normpath(out / "merged" / c) for c in record["checkpoints"]] == \
+        [os.path.normpath(out / "checkpoints" / p) for p in ckpts] and record["weights"] == pytest.approx(w)
 
     # a second run with the same settings reuses the checkpoints; per-layer weights work on them, and
     # the live model takes the dtype asked for

@@ -443,8 +443,11 @@ def _write_merge(pool, config, weights, folder: str) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the merged folder
     old = tmp + "-old"
     try:
+        # the checkpoints relative to this folder (as given they were relative to where the demo ran: read
+        # from elsewhere, they named nothing); ../checkpoints/<run> stays right when the demo folder moves
+        checkpoints = [os.path.relpath(label, folder) for label in pool.labels]
         save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
-                                                                 "checkpoints": pool.labels}})
+                                                                 "checkpoints": checkpoints}})
         # the demo's own folder (claim_out checked it), swapped for the new one in one step where the system
         # can; else moved aside first. Deleted first, a kill before the rename left no merged model at all.
         if not (os.path.isdir(folder) and not os.path.islink(folder) and _exchange(Path(tmp), Path(folder))):
