@@ -458,3 +458,36 @@ def test_a_checkpoint_rewritten_in_place_under_an_mmap_pool_is_refused(tmp_path)
     with pytest.raises(CheckpointError, match="the file changed while the pool was reading it .its status changed: "
                        "a chmod, chown or hard link to it, or a rewrite that set its modification time back"):
         fresh.materialize([0.5, 0.5], into=target, method="ties", density=0.5)
+
+
+_UNGUARDED_FAULT = """
+import faulthandler, mmap, os, sys
+import numpy as np
+from pymerge import _native
+cpu = _native.require_cpu()
+path, n = sys.argv[1], 1 << 20
+with open(path, "wb") as f:
+    f.write(np.ones(n, dtype=np.float32).tobytes())
+fd = os.open(path, os.O_RDWR)
+mm = mmap.mmap(fd, n * 4, prot=mmap.PROT_READ)
+base = np.frombuffer(mm, dtype=np.float32).ctypes.data
+cpu.sigbus_guard_add(base + 4096 * 8, 4096)   # our handler, first (its previous: the default action)
+faulthandler.enable()                          # faulthandler's, keeping ours as its previous
+cpu.sigbus_guard_add(base + 4096 * 16, 4096)   # ours again in front, faulthandler's as our previous
+os.ftruncate(fd, 4096)
+out = np.empty(n, dtype=np.float32)
+print("reading", flush=True)
+cpu.weighted_sum_many([base], [0], n, [1.0], [out.ctypes.data], [0], 1)  # past the end, outside the guards
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.skipif(_native.cpu is None, reason="no C++ extension")
+def test_a_fault_outside_the_guards_under_faulthandler_ends_as_a_bus_error(tmp_path):
+    """With faulthandler enabled between two guard registrations (pytest and `python -X faulthandler` enable it),
+    each handler forwarded to the other: a fault outside every guarded range looped to a stack overflow, a
+    SIGSEGV with the traceback printed five times (an audit). It dies of its SIGBUS, one traceback printed."""
+    r = subprocess.run([sys.executable, "-c", _UNGUARDED_FAULT, str(tmp_path / "m.bin")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == -7 and "survived" not in r.stdout, (r.returncode, r.stderr[-2000:])  # SIGBUS
+    assert r.stderr.count("Fatal Python error: Bus error") == 1, r.stderr[-2000:]

@@ -36,13 +36,27 @@ std::atomic<uintptr_t> g_last_fault{0};
 struct sigaction g_previous;
 std::mutex g_mu;  // registration and installation (never taken in the handler)
 
+// Set while this thread forwards a fault. A previous handler that chains back to us (faulthandler, enabled
+// after our first install and so keeping ours as its own previous, once install() put ours back in front of
+// it) raised the signal into us again, and we forwarded it back: a loop to a stack overflow (SIGSEGV,
+// tracebacks printed over and over). Entered again while forwarding, the default action ends it. Per thread
+// (a fault on another thread meanwhile still gets its traceback); initial-exec TLS: no allocation in a handler.
+__thread bool t_forwarding __attribute__((tls_model("initial-exec"))) = false;
+
 void forward(int sig, siginfo_t* info, void* ctx) {
-  if (g_previous.sa_flags & SA_SIGINFO) {
-    if (g_previous.sa_sigaction) return g_previous.sa_sigaction(sig, info, ctx);
-  } else if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN) {
-    return g_previous.sa_handler(sig);
+  if (t_forwarding) {
+    signal(sig, SIG_DFL);  // return: the raise (or the access) repeats under the default action
+    return;
   }
-  signal(sig, SIG_DFL);  // return: the faulting access repeats and the default action ends the process
+  t_forwarding = true;
+  if (g_previous.sa_flags & SA_SIGINFO) {
+    if (g_previous.sa_sigaction) g_previous.sa_sigaction(sig, info, ctx);
+  } else if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN) {
+    g_previous.sa_handler(sig);
+  } else {
+    signal(sig, SIG_DFL);  // return: the faulting access repeats and the default action ends the process
+  }
+  t_forwarding = false;
 }
 
 void on_sigbus(int sig, siginfo_t* info, void* ctx) {
