@@ -15,7 +15,10 @@ def renew_after_fork(obj) -> None:
 
 def _in_child() -> None:
     for obj in list(_LIVE):
-        obj._after_fork()
+        try:  # one failing must not leave the others' locks as inherited
+            obj._after_fork()
+        except Exception:  # noqa: BLE001  (a fork hook's exception is only printed; the next object goes on)
+            pass
 
 
 if hasattr(os, "register_at_fork"):

@@ -113,12 +113,17 @@ def test_sigterm_keeps_its_default_action_while_a_rank_joins(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
         monkeypatch.setenv(var, value)
-    handler = lambda signum, frame: None  # noqa: E731
-    previous = signal.signal(signal.SIGTERM, handler)
+    from pymerge import cli
+    user = lambda signum, frame: None  # noqa: E731
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        with pytest.raises(DistributedError, match="cannot join the process group"):
-            disk_merge._process_group("cpu", 1.0)
-        assert seen == [signal.SIG_DFL] and signal.getsignal(signal.SIGTERM) is handler
+        for handler, during in ((cli._on_sigterm, signal.SIG_DFL), (user, user), (signal.SIG_IGN, signal.SIG_IGN)):
+            signal.signal(signal.SIGTERM, handler)
+            seen.clear()
+            with pytest.raises(DistributedError, match="cannot join the process group"):
+                disk_merge._process_group("cpu", 1.0)
+            # the CLI's handler only: a library caller's own (or SIG_IGN) is theirs to keep (a review)
+            assert seen == [during] and signal.getsignal(signal.SIGTERM) == handler, handler
     finally:
         signal.signal(signal.SIGTERM, previous)
 

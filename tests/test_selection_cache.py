@@ -227,3 +227,26 @@ def test_a_child_forked_while_another_thread_held_the_pools_locks_can_use_the_po
         if child.is_alive():
             child.kill()
     assert got == float(expected["w"].abs().sum()) and child.exitcode == 0
+
+
+def test_a_fork_from_code_run_under_the_pools_lock_leaves_the_child_holding_it():
+    """A fork from a target's own code while the pool planned (under its lock): the child's renewed lock was
+    free, and leaving the lock in the child raised "release unlocked lock" (a review). The forking thread held
+    it: so does the child's."""
+    import os
+    from pymerge.pool import grouped
+    cache = grouped.PlanCache()
+    pid = None
+    try:
+        with cache:
+            pid = os.fork()
+        if pid == 0:
+            with cache:  # free again, and usable
+                pass
+            os._exit(0)
+    except BaseException:
+        if pid == 0:
+            os._exit(1)
+        raise
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -39,12 +39,14 @@ std::mutex g_mu;  // registration and installation (never taken in the handler)
 // Set while this thread forwards a fault. A previous handler that chains back to us (faulthandler, enabled
 // after our first install and so keeping ours as its own previous, once install() put ours back in front of
 // it) raised the signal into us again, and we forwarded it back: a loop to a stack overflow (SIGSEGV,
-// tracebacks printed over and over). Entered again while forwarding, the default action ends it. Per thread
-// (a fault on another thread meanwhile still gets its traceback); initial-exec TLS: no allocation in a handler.
+// tracebacks printed over and over). A signal raised (si_code <= 0: raise, kill) into us while forwarding is
+// that loop: the default action ends it. A fault (si_code > 0) is forwarded as ever, so a previous handler
+// that never returned (a siglongjmp) leaves no stale flag in its way. Per thread (a fault on another thread
+// meanwhile still gets its traceback); initial-exec TLS: no allocation in a handler.
 __thread bool t_forwarding __attribute__((tls_model("initial-exec"))) = false;
 
 void forward(int sig, siginfo_t* info, void* ctx) {
-  if (t_forwarding) {
+  if (t_forwarding && info != nullptr && info->si_code <= 0) {
     signal(sig, SIG_DFL);  // return: the raise (or the access) repeats under the default action
     return;
   }

@@ -432,14 +432,16 @@ def _sigterm_default():
     """SIGTERM at its default action while a rank joins: the rendezvous blocks in C++, where the CLI's Python
     handler never runs, so torchrun's SIGTERM (a peer died) was ignored until its SIGKILL 30 s later; nothing
     exists yet that a handler would clean up."""
-    if threading.current_thread() is not threading.main_thread():
+    current = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    # only the CLI's own handler: a library caller's handler (or SIG_IGN) is theirs to keep
+    if getattr(current, "__module__", None) != "pymerge.cli" or getattr(current, "__name__", None) != "_on_sigterm":
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, current)
 
 
 def _wait_for_master(addr: str, port: str, timeout_s: float) -> None:

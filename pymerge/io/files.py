@@ -171,10 +171,11 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
         install(tmp, path)
         fsync_dir(folder)
     except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
-            raise
-        # a buffered write's or fsync's error names no file ("No space left on device"): the file being written
-        raise OSError(exc.errno, exc.strerror, path) from None
+        if exc.filename is None and exc.errno is not None:
+            # a buffered write's or fsync's error names no file ("No space left on device"): the file being
+            # written (its type and traceback kept)
+            exc.filename = path
+        raise
     finally:
         try:
             if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name

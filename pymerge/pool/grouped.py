@@ -183,14 +183,21 @@ class PlanCache:
         self._lock = threading.Lock()
         self._dead: list = []  # (key, weakref to its entry) whose target died while the lock was taken
         self._planning = threading.local()  # set while this thread plans under the lock (caller code runs there)
+        self._owner = None  # the thread holding the lock (_after_fork)
         renew_after_fork(self)
 
     def _after_fork(self) -> None:
-        """In a forked child: a lock of its own (another thread may have held the parent's), no entries."""
+        """In a forked child: a lock of its own (another thread may have held the parent's), no entries. Where
+        the forking thread held it (a fork from a target's own code while the pool planned), so does the child's
+        only thread: its __exit__ releases it."""
         for entry in self._entries.values():
             entry.detach()
         self._entries, self._groups, self._dead = OrderedDict(), {}, []
-        self._lock, self._planning = threading.Lock(), threading.local()
+        self._lock = threading.Lock()
+        if self._owner == threading.get_ident():
+            self._lock.acquire()
+        else:
+            self._planning, self._owner = threading.local(), None
 
     def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
         return PlanCache, (self.max_entries,)
@@ -253,12 +260,14 @@ class PlanCache:
         """The lock, with the entries whose target died meanwhile evicted on taking and before releasing it
         (a finalizer that found it taken left them in _dead). Not a contextmanager: 1 us a call less."""
         self._lock.acquire()
+        self._owner = threading.get_ident()
         self._evict_dead()
 
     def __exit__(self, *_exc):
         try:
             self._evict_dead()
         finally:
+            self._owner = None
             self._lock.release()
         # a finalizer that appended after that eviction found the lock still taken (its append came before
         # its try, which came before this release): its entry would wait for the next call
