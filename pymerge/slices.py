@@ -236,7 +236,7 @@ class _SliceResolver:
     the source tensor names that per-model filters see."""
 
     def __init__(self, cfg: MergeConfig, method, model_scopes: List[dict], global_scopes: List[dict],
-                 model_types: List[Optional[str]], out_type: Optional[str], model_paths: Sequence[str] = ()):
+                 model_types: List[Optional[str]], out_type: Optional[str], model_paths: Sequence[str]):
         self.cfg, self.method = cfg, method
         self.model_paths = list(model_paths)  # what an error names per input (as ParamResolver's do)
         self.model_scopes, self.global_scopes = model_scopes, global_scopes
@@ -257,8 +257,7 @@ class _SliceResolver:
         if v is not None:
             return v
         if spec.required:
-            who = "the merge" if model is None else (f"model {self.model_paths[model]}" if model < len(self.model_paths)
-                                                     else f"input {model}")
+            who = "the merge" if model is None else f"model {self.model_paths[model]}"
             raise MergeConfigError(self.cfg.where(f"no value of required parameter {name!r} for {who} at tensor "
                                                   f"{tensor_name} (set it in the source's parameters or the "
                                                   f"top-level parameters)"))

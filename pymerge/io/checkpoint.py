@@ -610,12 +610,17 @@ def _and_more(items: list) -> str:
 
 
 def read_model_config(ck: "Checkpoint") -> Optional[dict]:
+    """The checkpoint's folder's config.json (read_config_json)."""
+    return read_config_json(ck.folder)
+
+
+def read_config_json(folder) -> Optional[dict]:
     """A model folder's config.json as a dict, or None where there is none (one whose contents the output would
     carry: never a link out of the folder)."""
-    path = Path(ck.folder) / "config.json"
+    path = Path(folder) / "config.json"
     if not os.path.lexists(path):
         return None
-    if not stays_inside(ck.folder, path):  # its contents go into the output: same rule as the tokenizer
+    if not stays_inside(folder, path):  # its contents go into the output: same rule as the tokenizer
         raise CheckpointError(f"{path}: is a link to a file outside the model folder; copy the file "
                               f"into the folder to use it")
     obj = read_json(path)  # refuses a FIFO or a device, and a link that leads nowhere

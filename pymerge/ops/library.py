@@ -173,10 +173,11 @@ def _require_backend(backend: str, op: str, device: str) -> None:
                          f"choose one of {', '.join(_DEVICE_BACKENDS[device])}")
 
 
-def _fake_checks(op: str, inputs, outs=(), numel=None, backend=None, num_threads=None) -> None:
+def _fake_checks(op: str, inputs, outs=(), numel=None, backend=None, num_threads=None, weights=None) -> None:
     """What the real kernels refuse without reading data or addresses (input and output dtypes, output sizes
-    and layout, the backend, the thread count), for the fake kernels: a call on meta tensors, or traced,
-    fails as the real call would instead of returning a result (an audit found 22 such calls)."""
+    and layout, the backend, the thread count; a weighted sum's weights where they can be read: CPU values
+    beside meta inputs, not traced ones), for the fake kernels: a call on meta tensors, or traced, fails as the
+    real call would instead of returning a result (an audit found 22 such calls)."""
     inputs = [t for t in inputs if t is not None]
     for i, t in enumerate(inputs):
         if t.dtype not in _native.DTYPE_CODES:  # (check_native's words)
@@ -194,17 +195,15 @@ def _fake_checks(op: str, inputs, outs=(), numel=None, backend=None, num_threads
                              f"{', '.join(allowed)}")
     if num_threads is not None and not (inputs and inputs[0].device.type == "cuda"):  # (the CUDA kernels ignore it)
         check_threads(num_threads)
+    if weights is not None and weights.device.type == "cpu" and not values_unknown(weights):
+        _check_weight_values(weights.detach().reshape(-1).tolist())
 
 
-def _fake_weights(weights: Tensor) -> None:
-    """A weighted sum's weights, where a fake kernel can read them (CPU values beside meta inputs; traced ones
-    are unknown): as the kernel refuses them."""
-    if weights.device.type == "cpu" and not values_unknown(weights):
-        flat = weights.detach().reshape(-1).tolist()
-        bad = first_out_of_range(flat)
-        if bad is not None:
-            raise ValueError(f"weighted_sum: a weight is {flat[bad]}; weights must be finite and within float32's "
-                             "range")
+def _check_weight_values(flat: List[float]) -> None:
+    """A weighted sum's weights as the kernels take them: finite, within float32's range."""
+    bad = first_out_of_range(flat)
+    if bad is not None:
+        raise ValueError(f"weighted_sum: a weight is {flat[bad]}; weights must be finite and within float32's range")
 
 
 def _cuda_backend(backend: str, entry: str, tensors=()) -> str:
@@ -316,14 +315,18 @@ def call(name: str, *args, checked=()):
 
 
 # ---- weighted sum ---------------------------------------------------------------------------------
+def _require_inputs_and_outs(tensors, outs) -> None:
+    if not tensors or not outs:
+        raise ValueError("weighted_sum: needs at least one input and one output")
+
+
 def _check_outs(tensors, weights, outs, dims: int) -> None:
     """What the public wrappers check of the out= forms' arguments (pymerge/ops/_checks.py), for a call
     through torch.ops.pymerge: _weighted_args, and outputs contiguous, separate from each other, and an
     input only when it is exactly that input with one output (every block is read before it is written)."""
     from pymerge.ops._checks import check_separate
     op = "weighted_sum"
-    if not tensors or not outs:
-        raise ValueError(f"{op}: needs at least one input and one output")
+    _require_inputs_and_outs(tensors, outs)
     _weighted_args(tensors, weights, dims, outs)
     for o in outs:
         _require_out(o, op)
@@ -357,9 +360,8 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     _check_native(tensors, outs, numel, "weighted_sum", "cpu", read, OUTS in checked)
     if len(flat) != len(outs) * len(tensors):
         raise ValueError(f"weighted_sum: {len(flat)} weights for {len(outs)} outputs x {len(tensors)} inputs")
-    bad = None if WEIGHTS in checked else first_out_of_range(flat)  # a weight a traced call never saw
-    if bad is not None:
-        raise ValueError(f"weighted_sum: a weight is {flat[bad]}; weights must be finite and within float32's range")
+    if WEIGHTS not in checked:  # a weight a traced call never saw
+        _check_weight_values(flat)
     if numel == 0:  # (after the checks: an empty call with a wrong out or weights is as wrong as any)
         return
     _native.require_cpu().weighted_sum_many(
@@ -404,12 +406,10 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
 
 @register_fake("pymerge::weighted_sum_many_out")
 def _(tensors, weights, outs, backend="auto", num_threads=0):
-    if not tensors or not outs:
-        raise ValueError("weighted_sum: needs at least one input and one output")
+    _require_inputs_and_outs(tensors, outs)
     _weighted_args(tensors, weights, 2, outs)
     _one_device("weighted_sum", tensors, outs, host_ok=[weights])
-    _fake_checks("weighted_sum", tensors, outs, tensors[0].numel(), backend, num_threads)
-    _fake_weights(weights)
+    _fake_checks("weighted_sum", tensors, outs, tensors[0].numel(), backend, num_threads, weights)
 
 
 def _cuda_weighted_sum(tensors, weights, outs):
@@ -453,8 +453,7 @@ def _(tensors, weights, out, backend="auto", num_threads=0):
     require_inputs(tensors, "weighted_sum")
     _weighted_args(tensors, weights, 1)
     _one_device("weighted_sum", tensors, out, host_ok=[weights])
-    _fake_checks("weighted_sum", tensors, [out], tensors[0].numel(), backend, num_threads)
-    _fake_weights(weights)
+    _fake_checks("weighted_sum", tensors, [out], tensors[0].numel(), backend, num_threads, weights)
 
 
 @custom_op("pymerge::weighted_sum_many", mutates_args=())
@@ -482,8 +481,7 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     _require_out_dtype(out_dtype, "weighted_sum")
     _weighted_args(tensors, weights, 2)
     _one_device("weighted_sum", tensors, host_ok=[weights])
-    _fake_checks("weighted_sum", tensors, (), None, backend, num_threads)
-    _fake_weights(weights)
+    _fake_checks("weighted_sum", tensors, (), None, backend, num_threads, weights)
     if weights.shape[0] == 0:
         raise ValueError("weighted_sum: need at least one input and one output")
     return [tensors[0].new_empty(tensors[0].shape, dtype=out_dtype) for _ in range(weights.shape[0])]
@@ -514,8 +512,7 @@ def _(tensors, weights, out_dtype, backend="auto", num_threads=0):
     _require_out_dtype(out_dtype, "weighted_sum")
     _weighted_args(tensors, weights, 1)
     _one_device("weighted_sum", tensors, host_ok=[weights])
-    _fake_checks("weighted_sum", tensors, (), None, backend, num_threads)
-    _fake_weights(weights)
+    _fake_checks("weighted_sum", tensors, (), None, backend, num_threads, weights)
     return tensors[0].new_empty(tensors[0].shape, dtype=out_dtype)
 
 
@@ -659,29 +656,30 @@ def _(inputs, base, bits, plan_ints, plan_floats, consensus, normalize, lam, div
       backend="auto", num_threads=0):
     _same_shape("tv_merge", list(inputs) + [base])
     _one_device("tv_merge", inputs, base, out, bits)
-    n = len(inputs)
-    if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
-        raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
-                         f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
+    _check_plan_lengths(len(inputs), bits, plan_ints, plan_floats)
     _fake_checks("tv_merge", list(inputs) + [base], [out], base.numel(), backend, num_threads)
 
 
 PLAN_INTS, PLAN_FLOATS = 7, 2  # entries per model in plan_ints / plan_floats
 
 
-def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, device, inputs_backed=False,
-              out_backed=False) -> None:
-    n = len(inputs)
+def _check_plan_lengths(n: int, bits, plan_ints, plan_floats) -> None:
+    """A task-vector pass's plan for n inputs: a bitmask entry, PLAN_INTS ints and PLAN_FLOATS floats each."""
     if len(bits) != n or len(plan_ints) != n * PLAN_INTS or len(plan_floats) != n * PLAN_FLOATS:
         raise ValueError(f"tv_merge: {n} inputs need {n} bitmask entries, {n * PLAN_INTS} plan ints and "
                          f"{n * PLAN_FLOATS} plan floats; got {len(bits)}, {len(plan_ints)}, {len(plan_floats)}")
+
+
+def _check_tv(inputs, base, bits, plan_ints, plan_floats, offset, out, h0, h1, device, inputs_backed=False,
+              out_backed=False) -> None:
+    _check_plan_lengths(len(inputs), bits, plan_ints, plan_floats)
     _require_out(out, "tv_merge")
     _same_shape("tv_merge", list(inputs) + [base])
     # the C++ plan's types (pybind11 raised "incompatible function arguments" past them)
     if not (0 <= h0 < 1 << 32 and 0 <= h1 < 1 << 32):
         raise ValueError(f"tv_merge: h0 and h1 must be from 0 to 2**32 - 1, got {h0} and {h1}")
     modes = _native.SPARSIFIER_MODES
-    for i in range(n):
+    for i in range(len(inputs)):
         mode, lo_key, _, hi_key, _, thr, _ = plan_ints[i * PLAN_INTS:(i + 1) * PLAN_INTS]
         if not (-(1 << 31) <= mode < 1 << 31 and thr >= 0):
             raise ValueError(f"tv_merge: model {i}'s plan has mode {mode} and threshold {thr}; a mode is a 32-bit "

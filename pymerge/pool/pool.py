@@ -12,7 +12,6 @@ import functools
 import os
 import weakref
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -1432,12 +1431,12 @@ def _check_mmap_dtype(sources, names, dtype: torch.dtype, reason: str) -> None:
 def _config_says_untied(folder: str) -> bool:
     """Whether the folder's config.json says tie_word_embeddings: false (at the top or in its text_config); an
     unreadable or missing one says nothing."""
-    from pymerge.io.checkpoint import read_model_config
+    from pymerge.io.checkpoint import read_config_json
     try:
-        cfg = read_model_config(SimpleNamespace(folder=folder))
+        cfg = read_config_json(folder)
     except InputError:
         return False
-    if not isinstance(cfg, dict):
+    if cfg is None:
         return False
     text = cfg.get("text_config")
     return cfg.get("tie_word_embeddings") is False or (isinstance(text, dict) and text.get("tie_word_embeddings") is False)
