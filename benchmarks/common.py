@@ -35,13 +35,23 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int = 5, samples_out=None) -> dict:
+# Pause before each timed CPU call: torch's OpenMP workers spin for a while after a parallel region
+# (libgomp: 300,000 iterations unless OMP_WAIT_POLICY says otherwise, milliseconds), and on a small
+# machine they take the cores from whatever runs next. Without it, every function timed right after a
+# torch peer paid for that peer's spinning: pymerge's weighted sum after torch.compile on 2 cores,
+# 18.0 ms alone and 20.7 ms after it (N = 8 x 32M bfloat16), which read as 0.90x torch.compile.
+CPU_SETTLE_S = 0.05
+
+
+def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int = 5, samples_out=None,
+                     settle_s: float = CPU_SETTLE_S) -> dict:
     """Seconds per call for each function: median on the GPU (events), best on the noisy CPU; every
     round's sample goes into samples_out[name] when a dict is given (for per-round ratios).
 
     Rounds alternate between the functions so drifting machine load hits them all alike. On the
     GPU each sample spans several back-to-back calls, so host overhead between launches hides
-    behind queued work the way it does in a real loop.
+    behind queued work the way it does in a real loop. On the CPU each call starts after settle_s
+    of idle (see CPU_SETTLE_S), so no function is timed against another's spinning threads.
     """
     samples = {k: [] for k in fns}
     for f in fns.values():
@@ -57,6 +67,7 @@ def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int 
                 end.synchronize()
                 samples[name].append(start.elapsed_time(end) / 1e3 / calls_per_sample)
             else:
+                time.sleep(settle_s)
                 t = time.perf_counter()
                 f()
                 samples[name].append(time.perf_counter() - t)
