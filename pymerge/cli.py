@@ -50,7 +50,9 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
                    help="scratch memory per chunk, 3 in flight (at least 1MiB; default 16MiB on the CPU, 128MiB "
                         "pinned on the GPU)")
     p.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for randomized methods")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists and is not empty (the whole folder: files the merge does not "
+                        "write are deleted)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                    help="no progress bar (--no-quiet, mergekit's spelling of the default, shows it)")
     mergekit_flags.add_flags(p)

@@ -59,6 +59,14 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  #
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "video_preprocessor_config.json")
+# Other tokenizers' vocabularies (what transformers' save_pretrained writes for them): without the file, a
+# copied tokenizer_config.json loads and maps every word to [UNK] (BertTokenizer's vocab.txt).
+VOCABULARY_FILES = ("vocab.txt", "spiece.model", "sentencepiece.bpe.model", "bpe.codes", "tiktoken.model")
+VOCABULARY_SUFFIXES = (".model", ".tiktoken", ".spm")  # qwen.tiktoken, source.spm, ice_text.model...
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # never a vocabulary, whatever a config says
+# A vision or speech model's processor (mergekit's "tagalong" files for Mistral3, Gemma3, Llama 4, Qwen-VL,
+# Whisper): copied from the donor even with --no-copy-tokenizer, as mergekit does.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "normalizer.json")
 # Converting these to the compute dtype loses nothing, so inputs stay as they are on disk.
 _EXACT_UP = {("bfloat16", "float32"), ("float16", "float32")}
 
@@ -621,17 +629,24 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
     folder = Path(donor.folder)
     from pymerge.tokenizer.output import write_tokenizer
     skip, tokenizer = write_tokenizer(plan, writer, folder, copy_tokenizer)  # a merged vocabulary or a chat template
-    for fname in TOKENIZER_FILES if copy_tokenizer else ():
+    # a merged vocabulary (tokenizer.json written) replaces the donor's, in whatever format
+    vocabulary = [] if "tokenizer.json" in skip else _vocabulary_files(folder)
+    for fname in [*TOKENIZER_FILES, *vocabulary] if copy_tokenizer else ():
         if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
             if fname == "tokenizer_config.json":
                 tokenizer = folder
+    for fname in PROCESSOR_FILES:
+        if os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
+            writer.copy_file(folder / fname, fname)
     vocab_files = {"tokenizer.json", "tokenizer.model", "vocab.json"}
     # none written (a merged vocabulary) nor in the donor (one there but not copied was warned of already)
-    if copy_tokenizer and not vocab_files & skip and not any(os.path.lexists(folder / f) for f in vocab_files):
-        plan.warnings.append(f"{folder}: holds none of the tokenizer files pymerge copies (tokenizer.json, "
-                             "tokenizer.model, vocab.json); the output has no tokenizer (mergekit logs 'Failed to "
-                             "copy tokenizer'; tokenizer_source can name another model's)")
+    if (copy_tokenizer and not vocab_files & skip and not vocabulary
+            and not any(os.path.lexists(folder / f) for f in vocab_files)):
+        plan.warnings.append(f"{folder}: holds no tokenizer vocabulary pymerge knows (tokenizer.json, "
+                             "tokenizer.model, vocab.json, vocab.txt, *.model, *.tiktoken...); the output's "
+                             "tokenizer, if any, is its configuration alone (enough only for a class that needs "
+                             "no vocabulary file, such as ByT5's; tokenizer_source can name another model's)")
     # without them the output cannot be loaded
     for source, fname in _remote_code_of(folder, model_cfg, tokenizer):
         if _side_file_ok(plan, source, fname):
@@ -641,6 +656,49 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
         writer.write_text("README.md", card(plan, Path(writer.out_dir).name))
     if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
         writer.copy_file(cfg.source, "mergekit_config.yml")
+
+
+def _vocabulary_files(folder: Path) -> List[str]:
+    """The donor's vocabulary files beyond TOKENIZER_FILES: known names and suffixes, and any file its
+    tokenizer_config.json names under a "*_file" key (vocab_file, spm_file...; transformers' init arguments)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    found = [n for n in names if n in VOCABULARY_FILES or n.endswith(VOCABULARY_SUFFIXES)]
+    config = folder / "tokenizer_config.json"
+    try:
+        settings = read_json(config) if config.is_file() else {}
+    except CheckpointError:  # not JSON: copied as it is, names nothing
+        settings = {}
+    for key, value in (settings.items() if isinstance(settings, dict) else ()):
+        if (key.endswith("_file") and isinstance(value, str) and value in names and value not in found
+                and not value.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(folder / value)):
+            found.append(value)
+    return [n for n in found if n not in TOKENIZER_FILES and os.path.isfile(folder / n)]
+
+
+# transformers' get_relative_import_files: "from .foo import X" and "import .foo" name foo.py beside the module
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+)\s*$)", re.MULTILINE)
+
+
+def _with_relative_imports(folder: Path, modules: List[str]) -> List[str]:
+    """modules and every module beside them that they import relatively, recursively (custom modeling code
+    split into modeling_foo.py and foo_layers.py loads only with both)."""
+    out, todo = list(modules), list(modules)
+    while todo:
+        module = todo.pop()
+        try:
+            text = (folder / module).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        here = str(Path(module).parent)
+        for m in _RELATIVE_IMPORT.finditer(text):
+            name = os.path.normpath(os.path.join(here, f"{m.group(1) or m.group(2)}.py"))
+            if name not in out and os.path.isfile(folder / name):
+                out.append(name)
+                todo.append(name)
+    return out
 
 
 def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
@@ -658,7 +716,7 @@ def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
         fname = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"  # no '..' part left: every dot is a '/'
         if fname not in out and not fname.startswith("/") and os.path.isfile(folder / fname):
             out.append(fname)
-    return out
+    return _with_relative_imports(folder, out)
 
 
 def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer: Optional[Path]) -> List[Tuple[Path, str]]:

@@ -535,6 +535,60 @@ def test_a_custom_code_donors_modules_are_copied(models, tmp_path, capsys):
         assert (out / "tokenization_foo.py").read_text() == (source / "tokenization_foo.py").read_text(), extra
 
 
+def test_a_donors_processor_vocabulary_files_and_sibling_modules_are_copied(models, tmp_path, capsys):
+    """Three files a merged folder needs that were left behind (an audit): a vision model's processor
+    (preprocessor_config.json, processor_config.json: mergekit copies them even with --no-copy-tokenizer), a
+    tokenizer's vocabulary in another format (BertTokenizer's vocab.txt: the copied tokenizer_config.json
+    loaded and mapped every word to [UNK]; spiece.model, qwen.tiktoken, a file tokenizer_config.json names
+    as vocab_file) and a module that custom modeling code imports relatively (from .foo_layers import X).
+    A merged vocabulary (tokenizer.json written) replaces the donor's in every format."""
+    import shutil
+    _, m4, _ = models
+    donor = tmp_path / "donor"
+    shutil.copytree(m4[0], donor)
+    for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        (donor / f).unlink(missing_ok=True)
+    vocab = {"vocab.txt": "[PAD]\n[UNK]\nhello\n", "spiece.model": "sp", "qwen.tiktoken": "tk",
+             "my_words.list": "named by vocab_file", "weights.bin": "named, but weights",
+             "preprocessor_config.json": '{"image_size": 4}', "processor_config.json": '{"processor_class": "P"}'}
+    for name, text in vocab.items():
+        (donor / name).write_text(text)
+    (donor / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                             "vocab_file": "my_words.list", "merges_file": "weights.bin"}))
+    config = json.loads((donor / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_foo.FooModel"}
+    (donor / "config.json").write_text(json.dumps(config))
+    (donor / "modeling_foo.py").write_text("from .foo_layers import SCALE\nimport os\n")
+    (donor / "foo_layers.py").write_text("from .foo_utils import helper  # noqa\nSCALE = 2\n")
+    (donor / "foo_utils.py").write_text("def helper(): pass\n")
+    (donor / "unrelated.py").write_text("# not imported\n")
+    cfg = tmp_path / "c.yml"
+
+    def merge(out, *flags, **extra):
+        cfg.write_text(yaml.safe_dump({"merge_method": "linear", **extra, "models": [
+            {"model": str(donor), "parameters": {"weight": 0.5}}, {"model": m4[1], "parameters": {"weight": 0.5}}]}))
+        rc, err = run_cli(["merge", cfg, tmp_path / out, "--quiet", *flags], capsys)
+        assert rc == 0, err
+        return {p.name for p in (tmp_path / out).iterdir()}, err
+
+    files, err = merge("out")
+    for name in ("vocab.txt", "spiece.model", "qwen.tiktoken", "my_words.list", "preprocessor_config.json",
+                 "processor_config.json", "modeling_foo.py", "foo_layers.py", "foo_utils.py"):
+        assert name in files, name
+        assert (tmp_path / "out" / name).read_text() == (donor / name).read_text(), name
+    assert "weights.bin" not in files and "unrelated.py" not in files
+    assert "vocabulary" not in err, err
+    files, _ = merge("bare", "--no-copy-tokenizer")
+    assert {"preprocessor_config.json", "processor_config.json"} <= files and "vocab.txt" not in files
+    shutil.copy(Path(m4[0]) / "tokenizer.json", donor / "tokenizer.json")  # union needs fast tokenizers
+    files, _ = merge("union", tokenizer_source="union")
+    assert "tokenizer.json" in files and not {"vocab.txt", "spiece.model", "qwen.tiktoken"} & files
+    for name in ("vocab.txt", "spiece.model", "qwen.tiktoken", "my_words.list", "tokenizer.json"):
+        (donor / name).unlink()
+    files, err = merge("none")
+    assert "holds no tokenizer vocabulary pymerge knows" in err and str(donor) in err, err
+
+
 def test_the_model_card_names_hub_ids_and_its_header_is_yaml(models, tmp_path, capsys, monkeypatch):
     """The card listed cached models by their snapshot path (a local path in base_model:, no Hub link), and a
     base_model with ': ' or '#' or '[' made its header other or invalid YAML (a bug hunt)."""
