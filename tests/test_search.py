@@ -1360,6 +1360,98 @@ def test_cli_refuses_one_checkpoint_listed_twice_before_the_search(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "linear"])
+def test_cli_refuses_a_base_among_the_sources_for_a_method_that_takes_one(tmp_path, capsys, method):
+    """base: c0 with c0 also a source: the pool weighed c0 as one more model, best_merge.yml listed it under
+    models and `pymerge merge` (as mergekit) took it as the base alone, so a normalized method rebuilt another
+    merge than the one scored, exit 0 (an audit). Refused in one line first; linear takes no base: searched."""
+    params = {} if method == "linear" else {"normalize": True, **({"density": 0.9} if method == "dare_linear" else {})}
+    cfg = _cli_setup(tmp_path, base="./c0.safetensors", method=method, method_params=params)
+    rc = cli_main([str(cfg)])
+    err = capsys.readouterr().err.strip().splitlines()
+    if method == "linear":
+        assert rc == 0, err
+        return
+    assert rc == 2 and err == [f"pymerge search: error: {cfg}: base (./c0.safetensors) and sources[0] (c0.safetensors) "
+                               f"are the same checkpoint; list it once; a {method} search takes the base as the base "
+                               "alone (its task vector is zero): remove it from sources"], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_unwritable_out_and_empty_paths_before_the_search(tmp_path, capsys, monkeypatch):
+    """A read-only out was found when the results were written, after the whole budget (an audit); out: ""
+    wrote the results into the config's folder, over a user's history.csv there. One line each, first."""
+    import tempfile as tempfile_module
+    cfg = _cli_setup(tmp_path)
+    calls, real = [], tempfile_module.NamedTemporaryFile
+
+    def read_only(*a, dir=None, **k):
+        if dir is not None and os.path.abspath(dir) == str(tmp_path / "out"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile_module, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr("evalcli.evaluate", lambda m: calls.append(1) or 0.0, raising=False)
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"pymerge search: error: out {tmp_path / 'out'}: cannot write there (Read-only file system)", err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("history*"))
+    monkeypatch.undo()
+    (tmp_path / "history.csv").write_text("mine")
+    for key in ("out", "base", "state_path"):
+        data = yaml.safe_load(cfg.read_text())
+        for k in ("out", "base", "state_path"):
+            data.pop(k, None)
+        data[key] = ""
+        cfg.write_text(yaml.safe_dump(data))
+        assert cli_main([str(cfg)]) == 2, key
+        assert capsys.readouterr().err.strip().splitlines() == [f"pymerge search: error: {cfg}: {key} is an empty path"]
+    assert (tmp_path / "history.csv").read_text() == "mine"
+
+
+def test_cli_resume_refuses_another_evaluate_entry_point(tmp_path, capsys):
+    """The config's evaluate: changed between a run and its resume: the history mixed two benchmarks' scores and
+    picked its best across them (an audit). The entry point is in the state's fingerprint now."""
+    cfg = _cli_setup(tmp_path, state_path="state.json")
+    assert cli_main([str(cfg)]) == 0
+    capsys.readouterr()
+    data = yaml.safe_load(cfg.read_text())
+    data["evaluate"] = "evalcli:evaluate_inf"
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli_main([str(cfg), "--budget", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluate" in err[0] and "state.json" in err[0], err
+    assert len(json.load(open(tmp_path / "state.json"))["history"]) == 6
+    data["evaluate"] = "evalcli:evaluate"  # the same one again resumes
+    cfg.write_text(yaml.safe_dump(data))
+    assert cli_main([str(cfg), "--budget", "9"]) == 0
+
+
+def test_cli_a_module_beside_the_config_does_not_replace_the_search_libraries(tmp_path, capsys, monkeypatch):
+    """A cma.py beside the config (as Python puts a script's folder first) replaced the cma package: a traceback
+    (an audit). The libraries are imported first, and the config's folder leaves sys.path after the search."""
+    import sys
+    cfg = _cli_setup(tmp_path)
+    (tmp_path / "cma.py").write_text("raise SystemExit('the user cma.py was imported')\n")
+    monkeypatch.delitem(sys.modules, "cma", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert cli_main([str(cfg)]) == 0, capsys.readouterr().err
+    assert str(tmp_path) not in sys.path
+
+
+def test_result_save_into_a_file_is_one_line(tmp_path):
+    pool = CheckpointPool([{"theta": torch.ones(3)}, {"theta": torch.zeros(3)}])
+
+    class Vec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = torch.nn.Parameter(torch.zeros(3))
+    result = optimize(pool, lambda m: float(m.theta.detach().sum()), model=Vec(), budget=2, popsize=2, log=None)
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'f'}: exists and is not a folder"):
+        result.save(str(tmp_path / "f"))
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 def test_replaced_files_are_on_disk_before_their_name(tmp_path, monkeypatch):
     """The search's state (rewritten every generation), its reports and compressed pools are written beside their
     path and renamed over it: the temporary file was never fsynced, so a power cut after the rename could leave

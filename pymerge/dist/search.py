@@ -220,6 +220,7 @@ class _LeaderPool:
         # the real pool's facts for the state's fingerprint (_pool_contents), as a single process records them:
         # without whether it is compressed, a state saved on an int4 pool resumed on an exact one (mixed scores)
         self.pool_contents = contents
+        self.evaluate_name = getattr(crew.evaluate, "evaluate_name", None)  # the user's, not this stand-in's
         self._scores, self._done = {}, 0
 
     def resumed_from(self, n: int) -> None:

@@ -27,6 +27,7 @@ Entry points are imported with the config's folder on sys.path. Errors a user ca
 import importlib
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 import torch
@@ -84,6 +85,9 @@ def _load_config(path: str) -> dict:
     for key in ("model", "evaluate", "method", "out"):
         if key in cfg and not isinstance(cfg[key], str):
             raise InputError(f"{path}: {key} must be a string, got {short(cfg[key])}")
+    for key in ("base", "state_path", "out"):  # "" is the config's own folder: out: "" wrote the results there
+        if cfg.get(key) == "":
+            raise InputError(f"{path}: {key} is an empty path")
     if not isinstance(cfg.get("method_params") or {}, dict):
         raise InputError(f"{path}: method_params must be a mapping, got {short(cfg['method_params'])}")
     normalize = (cfg.get("search") or {}).get("normalize", True)
@@ -92,10 +96,15 @@ def _load_config(path: str) -> dict:
     return cfg
 
 
-def _check_distinct(config: str, written: list, sources: list) -> None:
+def _check_distinct(config: str, written: list, sources: list, base: Optional[str] = None,
+                    written_base: Optional[str] = None, method: str = "linear") -> None:
     """One checkpoint listed twice (under any spelling: ./x, x/, a link, x/model.safetensors) is refused before
-    the search, as `pymerge merge` refuses the best_merge.yml that would list it twice."""
+    the search, as `pymerge merge` refuses the best_merge.yml that would list it twice. So is a base among the
+    sources for a method that takes one: the pool weighs it as one more model (a zero task vector), while
+    best_merge.yml, as mergekit, takes a base listed under models as the base only, so a normalized method's
+    rebuilt merge was another one (task_arithmetic with normalize: true, dare_linear, della_linear...)."""
     from pymerge.io import Checkpoint
+    from pymerge.methods.base import get_method
     labelled = []
     for i, path in enumerate(sources):
         with Checkpoint(path) as ck:
@@ -103,6 +112,17 @@ def _check_distinct(config: str, written: list, sources: list) -> None:
     problem = repeated_model(labelled, noun="checkpoint")
     if problem:
         raise InputError(f"{config}: {problem}")
+    try:
+        takes_base = get_method(method).base_model != "none"
+    except Exception:  # an unknown method: check_searchable names it
+        return
+    if base is None or not takes_base:
+        return
+    with Checkpoint(base) as ck:
+        problem = repeated_model([(f"base ({written_base})", ck.files), *labelled], noun="checkpoint")
+    if problem:
+        raise InputError(f"{config}: {problem}; a {method} search takes the base as the base alone (its task "
+                         "vector is zero): remove it from sources")
 
 
 def _dtype(name):
@@ -187,6 +207,12 @@ def _prepare_out(out: str) -> List[str]:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise InputError(f"out {out}: cannot create it: {exc.strerror or exc}") from None
+    try:  # a read-only folder was found when the results were written, after the whole search
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".pymerge-search-", suffix=".probe"):
+            pass
+    except OSError as exc:
+        _unmake(made)
+        raise InputError(f"out {out}: cannot write there ({exc.strerror or exc})") from None
     for name in _OUT_FILES:
         check_replaceable(os.path.join(out, name))
     return made
@@ -252,11 +278,34 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from pymerge.pool import CheckpointPool
-    from pymerge.search.optimize import check_searchable, optimize, search_settings
     cfg = _load_config(args.config)
     here = os.path.dirname(os.path.abspath(args.config))
-    sys.path.insert(0, here)
+    _import_search_libraries()  # first: a cma.py beside the config must not stand in for them
+    sys.path.insert(0, here)  # the entry points' modules, as Python finds a script's (taken out when done)
+    try:
+        return _search(args, cfg, here)
+    finally:
+        if here in sys.path:
+            sys.path.remove(here)
+
+
+def _import_search_libraries() -> None:
+    """Imports the libraries the search imports later (cma; matplotlib for the plot, where installed)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+        import cma  # noqa: F401
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        pass
+
+
+def _search(args, cfg: dict, here: str) -> int:
+    from pymerge.pool import CheckpointPool
+    from pymerge.search.optimize import NamedEvaluate, check_searchable, optimize, search_settings
 
     def rel(p):
         return p if p is None or os.path.isabs(str(p)) else os.path.join(here, str(p))
@@ -268,7 +317,8 @@ def _run(args) -> int:
     inputs = [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else [])
     _check_state_apart(state_path, out, inputs)
     _check_out_apart(out, inputs)
-    _check_distinct(args.config, cfg["sources"], sources)
+    _check_distinct(args.config, cfg["sources"], sources, rel(cfg.get("base")), cfg.get("base"),
+                    cfg.get("method", "linear"))
     s = dict(cfg.get("search") or {})
     if args.budget is not None:
         s["budget"] = args.budget
@@ -276,7 +326,7 @@ def _run(args) -> int:
     search_settings(s.get("budget", 200), s.get("popsize"), s.get("sigma0", 0.2), s.get("seed", 0), s.get("replicas"))
     check_searchable(cfg.get("method", "linear"))
     build = load_entry_point(cfg["model"], "model")
-    evaluate = load_entry_point(cfg["evaluate"], "evaluate")
+    evaluate = NamedEvaluate(load_entry_point(cfg["evaluate"], "evaluate"), cfg["evaluate"])
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),
                           dtype=_dtype(cfg.get("dtype")), memory_budget=cfg.get("memory_budget"))
     print(pool.describe())

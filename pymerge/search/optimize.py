@@ -63,7 +63,11 @@ class SearchResult:
     def save(self, out_dir: str, title: str = "merge search", markers=None) -> Dict[str, str]:
         """history.json, history.csv and search.png under out_dir; returns their paths. Without matplotlib
         (the `plot` extra) there is no search.png (an earlier one is removed: it would show another search)."""
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as exc:  # a file of that name: FileExistsError's traceback
+            what = "exists and is not a folder" if os.path.lexists(out_dir) else "cannot create it"
+            raise InputError(f"{out_dir}: {what} ({exc.strerror or exc})") from None
         paths = {k: os.path.join(out_dir, f) for k, f in
                  (("json", "history.json"), ("csv", "history.csv"), ("png", "search.png"))}
         # an earlier search's go first (a link is removed, never its target): an interrupt or a failing plot
@@ -201,7 +205,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     several times faster than one candidate at a time). An evaluate bound to one model (a torch.compile
     wrapper built once, an eval harness or pipeline holding `model`, a CUDA graph of its parameters)
     scores `model` whatever it is given, so the history pairs weights with another candidate's score:
-    pass replicas=1 for it.
+    pass replicas=1 for it. On return `model` holds the last candidate written into it, not the best
+    (pool.materialize(result.best_weights, into=model, method=..., ...) puts the best there).
     Under an initialized torch.distributed group of several ranks, call it on every rank: see
     pymerge/dist/search.py (CMA-ES and state_path on rank 0, candidates split across replica groups).
     distributed=False runs this process's search alone there (a plain pool only: a sharded pool's every
@@ -278,6 +283,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                    "bounds": [lo, hi], "x0": x0.tolist(), "method": str(method),
                    # by name, as groups=: another one mixed two objectives' values (the default's name is None)
                    "objective": None if objective is macro_average else _rule(objective)}
+    # which scores, where evaluate is named (NamedEvaluate); the distributed leader's stands for the user's
+    named = getattr(pool, "evaluate_name", None) or getattr(evaluate, "evaluate_name", None)
+    if named is not None:
+        fingerprint["evaluate"] = named
     objective = objective or macro_average
     merge_params = method_params_of(method_params, more_method_params)
     fingerprint["method_params"] = json.loads(json.dumps(merge_params, sort_keys=True, default=_plain))
@@ -510,6 +519,18 @@ def _rule(value):
     return getattr(value, "__qualname__", type(value).__name__)
 
 
+class NamedEvaluate:
+    """evaluate= under a name the state's fingerprint records (`pymerge search`'s `evaluate:` entry point): a
+    resume with another entry point mixed two benchmarks' scores in one history (an audit). A plain function is
+    recorded by no name, so a wrapper around the same one (a timer, a retry) resumes its search."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.evaluate_name = fn, name
+
+    def __call__(self, model):
+        return self.fn(model)
+
+
 def _plain(value):
     """A method parameter as JSON for the fingerprint: arrays as lists, anything else as its repr."""
     return value.tolist() if hasattr(value, "tolist") else repr(value)
@@ -655,6 +676,9 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
                 saved = {**saved, "method_params": {}}
         if "objective" not in saved:  # written before the fingerprint held it: not compared, as then
             expected.pop("objective", None)
+        if "evaluate" not in saved or "evaluate" not in expected:  # named in both searches, or not compared
+            saved = {k: v for k, v in saved.items() if k != "evaluate"}
+            expected.pop("evaluate", None)
         if "pool" not in saved:  # written before the fingerprint held the checkpoints: not compared, as then
             expected.pop("pool", None)
         elif isinstance(saved["pool"], dict):  # dtype and sample: compared where both searches recorded them
