@@ -5,6 +5,7 @@ collective has the group's timeout; workers end with destroy_process_group and o
 """
 import os
 import pickle
+import re
 import socket
 import time
 import traceback
@@ -63,12 +64,22 @@ def run(fn, world: int, out_dir: str, *args, timeout: timedelta = TIMEOUT, wall_
 
 
 def agreed_errors(results) -> dict:
-    """Each error each rank recorded under results[r]["errors"][key]: one line, the same on every rank
-    (an error seen by one rank is raised on all). Returns rank 0's."""
+    """Each error each rank recorded under results[r]["errors"][key]: one line on every rank. The user's input
+    (InputError, CheckpointError, MergeConfigError) is the same error on every rank; anything else is raised
+    as it was where it happened and as a DistributedError naming it on the others ("DistributedError: rank R:
+    MESSAGE (KIND there)"), which is what this returns for it; else rank 0's."""
     errors = [res["errors"] for res in results]
+    agreed = {}
     for key in errors[0]:
-        msgs = {e[key] for e in errors}
-        assert len(msgs) == 1, f"{key}: ranks disagree: {msgs}"
-        msg = msgs.pop()
-        assert msg is not None and "\n" not in msg, key
-    return errors[0]
+        msgs = [e[key] for e in errors]
+        assert all(m is not None and "\n" not in m for m in msgs), (key, msgs)
+        if len(set(msgs)) == 1:
+            agreed[key] = msgs[0]
+            continue
+        peers = {m for m in msgs if m.startswith("DistributedError: ")}
+        assert len(peers) == 1, f"{key}: ranks disagree: {set(msgs)}"
+        peer = peers.pop()
+        m = re.fullmatch(r"DistributedError: (?:rank \d+: )?(.*) \((\w+) there\)", peer)
+        assert m and all(own == f"{m.group(2)}: {m.group(1)}" for own in set(msgs) - {peer}), f"{key}: {set(msgs)}"
+        agreed[key] = peer
+    return agreed

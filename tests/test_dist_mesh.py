@@ -321,7 +321,7 @@ def test_hsdp_errors_and_weights_agree_across_replicas(tmp_path):
     e = dist_helpers.agreed_errors(results)
     assert e["nan_on_one_rank"] == "InputError: rank 3: weights[1] is nan; weights must be finite"
     assert e["replicas_differ"].startswith("InputError: ranks called the sharded pool with different arguments")
-    assert e["in_merge"] == "InputError: rank 3: injected failure"
+    assert e["in_merge"] == "DistributedError: rank 3: injected failure (RuntimeError there)"
     for res in results:
         assert res["untouched"]
         assert all(torch.equal(res["merged"][n], p.detach()) for n, p in want.named_parameters())

@@ -638,8 +638,8 @@ def test_della_on_empty_3d_shards_and_errors_inside_the_merge(tmp_path):
     files = write_checkpoints(str(tmp_path), shapes=EMPTY_SHAPES)
     results = dist_helpers.run(empty_shard_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=20), wall_s=90)
     assert all(res["bits"] == {"della": True, "della_linear": True} for res in results), [r["bits"] for r in results]
-    assert dist_helpers.agreed_errors(results)["in_merge"] == "InputError: rank 1: injected failure"
-    assert dist_helpers.agreed_errors(results)["in_linear"] == "InputError: rank 1: injected kernel failure"
+    assert dist_helpers.agreed_errors(results)["in_merge"] == "DistributedError: rank 1: injected failure (RuntimeError there)"
+    assert dist_helpers.agreed_errors(results)["in_linear"] == "DistributedError: rank 1: injected kernel failure (RuntimeError there)"
     # a call that raised drops its plans and table on every rank (every rank raised): made again once, then kept
     # for the next candidate (the plans are reused only where every rank's are)
     assert [res["tables_made"] for res in results] == [1, 1]
@@ -735,6 +735,42 @@ def test_a_module_left_mid_iteration_is_refused(tmp_path):
                                  "root FSDP module first"), res
             assert res[f"{when}_untouched"], when
         assert res["merged_after_reset"]
+
+
+def backward_after_merge_worker(rank, world, files):
+    """forward, materialize, backward: FSDP2 saved its gathered parameters for the backward and gathers the
+    merged shards into them again before it, keeping their version counters, so the backward mixed the old
+    activations with the new weights, silently (an audit: gradients off by up to 0.09), where a plain or
+    tensor-parallel model raises torch's in-place error as the README says."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    torch.manual_seed(0)
+    m = build()
+    for sub in (m[0], m):
+        fully_shard(sub, mesh=init_device_mesh("cpu", (world,)))
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+    out = {}
+    y = m(torch.randn(4, 13))
+    pool.materialize(W3, into=m)
+    try:
+        y.sum().backward()
+        out["stale"] = None
+    except RuntimeError as exc:
+        out["stale"] = str(exc)
+    m.reset_iter_state()
+    m.zero_grad()
+    m(torch.randn(4, 13)).sum().backward()  # a forward after the merge: its backward runs as usual
+    out["fresh"] = all(p.grad is not None for p in m.parameters())
+    return out
+
+
+def test_a_backward_through_a_forward_from_before_a_merge_raises_under_fsdp(tmp_path):
+    files = write_checkpoints(str(tmp_path))
+    for res in dist_helpers.run(backward_after_merge_worker, 2, str(tmp_path), files):
+        assert res["stale"] is not None and "modified by an inplace operation" in res["stale"], res
+        assert res["fresh"], res
 
 
 def test_the_values_sample_reads_any_shape_and_tells_checkpoints_apart():

@@ -574,6 +574,26 @@ def _freed(values):
     return t
 
 
+@pytest.mark.parametrize("method, param", [("task_arithmetic", "lambda"), ("ties", "density")])
+def test_a_parameter_that_frees_a_borrowed_source_is_refused_before_the_kernel(method, param):
+    """A pool reading the caller's tensors in place checked them when materialize began, then read the method's
+    parameters (caller code: a number-like object's __float__) and ran the kernel on a source that code had
+    freed: SIGSEGV (an API audit; TIES on its second, cached call). Checked again just before the kernel."""
+    g = torch.Generator().manual_seed(0)
+    src = [{"w": torch.randn(64, 64, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(src, base={"w": torch.randn(64, 64, generator=g)}, residency="mmap")
+    target = {"w": torch.zeros(64, 64)}
+    value = 1.0 if param == "lambda" else 0.5
+    pool.materialize([0.2, 0.3, 0.5], into=target, method=method, **{param: value})  # the plan cached
+
+    class FreesOnRead:
+        def __float__(self):
+            src[1]["w"].untyped_storage().resize_(0)  # as FSDP frees a sharded parameter's storage
+            return value
+    with pytest.raises(InputError, match=r"source 1: tensor 'w', which the pool reads in place: its storage holds 0"):
+        pool.materialize([0.2, 0.3, 0.5], into=target, method=method, **{param: FreesOnRead()})
+
+
 @pytest.mark.parametrize("weights, words", [
     (lambda: _freed([0.2, 0.3, 0.5]), "storage holds 0 bytes"),  # torch's own conversion segfaulted
     (lambda: torch.tensor([0.5]).expand(10**8), "got a tensor of shape [100000000]"),  # 1.5 GB before the error

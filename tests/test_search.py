@@ -1773,6 +1773,11 @@ def test_pareto_front_and_macro_average_refuse_what_they_cannot_read_and_scale()
         macro_average([1, 2])  # an IndexError
     with pytest.raises(InputError, match="scores must be a non-empty dict"):
         macro_average({})  # NaN with numpy's warning
+    with pytest.raises(InputError, match=r"scores\['a'\] must be a number, got \[1, 2\]"):
+        macro_average({"a": [1, 2], "b": 0.5})  # 1.5 from the list's mean, as if its items were tasks
+    with pytest.raises(InputError, match=r"scores\['a'\] must be a number, got None"):
+        macro_average({"a": None})
+    assert macro_average({"a": 1, "b": np.float32(0.5)}) == 0.75
     with pytest.raises(InputError, match="points must be a list of score vectors"):
         pareto_front(None)
     x = np.linspace(0, 1, 4000)

@@ -1,5 +1,6 @@
 """weighted_sum / weighted_sum_many on the CPU: C++ kernel (every SIMD path) and the torch fallback,
 against the float64 reference of tests/wsum_reference.py, plus every bad input."""
+import itertools
 import math
 import os
 import re
@@ -324,6 +325,13 @@ def _x(*shape, dtype=torch.float32):
     (lambda: weighted_sum([_x(), _x()], ["0.5", 0.5]), TypeError, "weights must be numbers"),
     (lambda: weighted_sum([_x(), _x()], torch.tensor([True, False])), ValueError, "1-D tensor of real numbers"),
     (lambda: weighted_sum_many([_x(), _x()], [["0.2", "0.8"]]), TypeError, "weights of row 0 must be numbers"),
+    # an API fuzz: a mapping's keys were taken as the rows (and merged) or as the inputs; None said "'NoneType'
+    # object is not iterable"; an endless generator of weights grew memory without bound
+    (lambda: weighted_sum_many([_x(), _x()], {(0.2, 0.8): "A"}), TypeError, "weight_rows must be a .K, N. table"),
+    (lambda: weighted_sum_many([_x(), _x()], None), TypeError, "weight_rows must be a .K, N. table of weights, got None"),
+    (lambda: weighted_sum({"a": _x()}, [1.0]), TypeError, "tensors must be a sequence of tensors, got"),
+    (lambda: weighted_sum(None, [1.0]), TypeError, "tensors must be a sequence of tensors, got None"),
+    (lambda: weighted_sum([_x(), _x()], itertools.count()), ValueError, "got more than 2 weights for 2 inputs"),
     # finite in float64, inf in the float32 kernels (1e39 * 0 gave NaN)
     (lambda: weighted_sum([_x(), _x()], [1e39, 1.0]), ValueError, r"weights\[0\] is 1e\+39, beyond float32's range"),
     (lambda: weighted_sum([_x(), _x()], [10**400, 1]), ValueError, r"weights must be finite and within float32's range"),

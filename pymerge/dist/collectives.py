@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from pymerge.errors import CheckpointError, InputError, MergeConfigError, first_line
+from pymerge.errors import CheckpointError, DistributedError, InputError, MergeConfigError, first_line
 from pymerge.ops import exact_sum
 from pymerge.ops.select import ALL_ASC, ALL_DESC, Boundary
 
@@ -96,14 +96,24 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
     mine = None
     if error is not None:
         first = first_line(error)
-        mine = (type(error).__name__, first)
+        # the user's input by its family (a subclass such as NotInMesh is an InputError), else its own type
+        mine = (next((c.__name__ for c in type(error).__mro__ if _ERRORS.get(c.__name__) is c), type(error).__name__),
+                first)
     messages = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, mine, group=group)
     i = next(i for i, m in enumerate(messages) if m is not None)
     kind, message = messages[i]
     if any(m != messages[i] for m in messages):  # seen by some ranks only: say where
         message = f"rank {dist.get_global_rank(group, i)}: {message}"
-    raise _ERRORS.get(kind, InputError)(message) from (error if messages[i] == mine else None)
+    if kind in _ERRORS:  # the user's input, alike on every rank: the same one-line error everywhere
+        raise _ERRORS[kind](message) from (error if messages[i] == mine else None)
+    # Anything else (a RuntimeError, a MemoryError) stays itself where it was raised: a pipeline that catches
+    # MemoryError to back off caught nothing, every rank raised InputError (an audit); the others say which
+    # rank failed, as a DistributedError (the CLI's one line, exit 1), as the torchrun merge does.
+    if error is not None:
+        raise error
+    where = "" if message.startswith("rank ") else f"rank {dist.get_global_rank(group, i)}: "
+    raise DistributedError(f"{where}{message} ({kind} there)")
 
 
 @_settling

@@ -28,7 +28,7 @@ from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe
 from pymerge.dist.reads import ShardedSource
 from pymerge.dist.sample import values_sample
 from pymerge.errors import InputError
-from pymerge.ops._versions import versions_of
+from pymerge.ops._versions import mark_written, versions_of
 from pymerge.pool.grouped import native_tv_table
 from pymerge.pool.pool import CheckpointPool, _cacheable, _map_name, _tensors_of, _untied_heads
 from pymerge.sizes import format_size
@@ -155,7 +155,10 @@ class ShardedPool(CheckpointPool):
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
-            result = super().materialize_many(weight_rows, into, method, **kwargs)
+            try:
+                result = super().materialize_many(weight_rows, into, method, **kwargs)
+            finally:  # (an error may come after the writes began)
+                _mark_gathered_stale(into)
             self._tv_table = None  # (its entry keeps it)
         except Exception as exc:
             self._tv_table = self.kept_selection = None
@@ -448,16 +451,39 @@ def _reshard(target) -> None:
                                      "FSDP module first")
 
 
-def _gathered(module) -> bool:
-    """Whether any of an FSDP2 module's parameters is not in its sharded state (torch's internals: False
-    where they differ from torch 2.13's, as before this check)."""
+def _mark_gathered_stale(into) -> None:
+    """Bumps the version counter of FSDP2's gathered (unsharded) parameters of the targets: a forward saved
+    those for its backward, and the merge wrote the shards, which FSDP gathers again before the backward
+    while keeping the counters. A backward through a forward from before the merge then raises torch's
+    in-place error, as for every other pool, where it mixed the old activations with the new weights in
+    silence (an audit: gradients off by up to 0.09). Torch's internals: nothing where they differ."""
+    from torch.distributed.fsdp import FSDPModule
+    stale = []
+    for target in (into if isinstance(into, (list, tuple)) else [into]):
+        if not isinstance(target, torch.nn.Module):
+            continue
+        for module in target.modules():
+            if isinstance(module, FSDPModule):
+                stale += [u for p in _fsdp_params(module)
+                          if isinstance(u := getattr(p, "_unsharded_param", None), torch.Tensor)]
+    if stale:
+        mark_written(stale)
+
+
+def _fsdp_params(module) -> list:
+    """An FSDP2 module's FSDPParams (torch's internals: none where they differ from torch 2.13's)."""
     state = getattr(module, "_get_fsdp_state", lambda: None)()
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is None:
         single = getattr(state, "_fsdp_param_group", None)
         groups = [single] if single is not None else []
-    return any(getattr(getattr(p, "sharded_state", None), "name", "SHARDED") != "SHARDED"
-               for g in groups for p in getattr(g, "fsdp_params", ()))
+    return [p for g in groups for p in getattr(g, "fsdp_params", ())]
+
+
+def _gathered(module) -> bool:
+    """Whether any of an FSDP2 module's parameters is not in its sharded state (torch's internals: False
+    where they differ from torch 2.13's, as before this check)."""
+    return any(getattr(getattr(p, "sharded_state", None), "name", "SHARDED") != "SHARDED" for p in _fsdp_params(module))
 
 
 def _is_dtensor(t) -> bool:

@@ -1,5 +1,6 @@
 """Argument checks shared by the fused ops: one clear message per mistake, before any work."""
 import contextvars
+import itertools
 import math
 import numbers
 import operator
@@ -33,6 +34,8 @@ def check_inputs(tensors) -> List[torch.Tensor]:
     """Same shape, same device, supported float dtypes; returns the inputs as a list."""
     if isinstance(tensors, torch.Tensor):
         raise TypeError("tensors must be a sequence of tensors, not a single tensor")
+    if isinstance(tensors, (str, bytes, Mapping, AbstractSet)) or not hasattr(tensors, "__iter__"):
+        raise TypeError(f"tensors must be a sequence of tensors, got {short(tensors)}")  # a dict: its keys
     tensors = list(tensors)
     if not tensors:
         raise ValueError("need at least one input tensor, got an empty list")
@@ -84,9 +87,10 @@ def check_weights(weights, n: int, what: str = "weights", compiling: Optional[bo
     if type(weights) not in (list, tuple) and isinstance(weights, (str, bytes, Mapping, AbstractSet)):
         raise TypeError(f"{what} must be a sequence of numbers, got {short(weights)}")
     plain = type(weights) in (list, tuple) and set(map(type, weights)) <= {float, int}  # the usual case, in C
+    unsized = not plain and not hasattr(weights, "__len__")
     if not plain:
-        try:
-            weights = list(weights)  # read once (a generator)
+        try:  # read once (a generator), and no further than one past n (itertools.count() never ended)
+            weights = list(itertools.islice(weights, n + 1)) if unsized else list(weights)
         except (TypeError, ValueError):
             raise TypeError(f"{what} must be numbers, got {short(weights)}") from None
         refuse_tracked_items(weights, what, "one 1-D tensor")
@@ -97,7 +101,8 @@ def check_weights(weights, n: int, what: str = "weights", compiling: Optional[bo
     except OverflowError:  # an integer past float's range (10**400)
         raise ValueError(f"{what} must be finite and within float32's range, got {short(weights)}") from None
     if len(values) != n:
-        raise ValueError(f"got {len(values)} {what} for {n} inputs")
+        count = f"more than {n}" if unsized and len(values) > n else len(values)
+        raise ValueError(f"got {count} {what} for {n} inputs")
     if compiling:
         return values  # floats may be symbolic (dynamic=True): the kernel checks the values it is given
     bad = first_out_of_range(values)

@@ -9,11 +9,13 @@ Backends share one contract (see tests/test_weighted_sum.py for the float64 refe
 The native backends run as the custom ops pymerge::weighted_sum[_many][_out] (pymerge/ops/library.py),
 so these wrappers compile (torch.compile, fullgraph) and capture (CUDA graphs) as single nodes.
 """
+from collections.abc import Mapping, Set as AbstractSet
 from typing import List, Optional, Sequence
 
 import torch
 
 from pymerge import _native, extras
+from pymerge.errors import short
 from pymerge.ops import library
 from pymerge.ops._checks import (check_inference_out, check_inputs, check_layout, check_separate, check_values_readable,
                                  check_weights, refuse_tracked_items, resolve_out, values_unknown)
@@ -121,6 +123,8 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
             raise ValueError(f"weight_rows must be a [K, {len(tensors)}] table, got shape {tuple(weight_rows.shape)}")
     elif isinstance(weight_rows, (list, tuple)):
         refuse_tracked_items(weight_rows, "weight_rows", "one [K, N] tensor")
+    elif isinstance(weight_rows, (str, bytes, Mapping, AbstractSet)) or not hasattr(weight_rows, "__iter__"):
+        raise TypeError(f"weight_rows must be a [K, N] table of weights, got {short(weight_rows)}")  # a dict: its keys
     rows = weight_rows if traced else weight_rows.tolist() if isinstance(weight_rows, torch.Tensor) else list(weight_rows)
     if not len(rows):
         raise ValueError("need at least one row of weights")

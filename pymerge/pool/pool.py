@@ -629,6 +629,9 @@ class CheckpointPool:
             call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
         entry = self._plan_entry(key, into, names, lambda: self._checked_plans(into, group_of, names, strict), make)
+        # again: the method's parameters were read since the first check, and a number-like one whose __float__
+        # freed a source the pool reads in place (as FSDP's resize_(0)) left the kernel reading freed memory
+        self._check_borrowed()
         if entry.native is None:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import numbers
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -14,7 +15,13 @@ def macro_average(scores: Dict[str, float]) -> float:
     """The mean of a dict of task scores (the search's default objective)."""
     if not isinstance(scores, dict) or not scores:  # a list raised IndexError, {} gave NaN with numpy's warning
         raise InputError(f"scores must be a non-empty dict task -> score, got {short(scores)}")
-    return float(np.mean([scores[k] for k in sorted(scores)]))
+    values = []
+    for k in sorted(scores):  # a list's mean was taken as if its items were tasks; a str raised numpy's error
+        v = scores[k]
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+            raise InputError(f"scores[{k!r}] must be a number, got {short(v)}")
+        values.append(float(v))
+    return float(np.mean(values))
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
