@@ -174,7 +174,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
 
     def arguments() -> MergeArguments:
         return _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, chunk_bytes, random_seed,
-                                lora_merge_dtype)
+                                lora_merge_dtype, progress)
     from pymerge.dist import disk_merge  # (the layer above: it plans each rank's part through this module)
     if disk_merge.launched():  # every rank checks its arguments after joining: a refusal reaches the others
         return disk_merge.run_ranks(arguments, out_dir, force=force, quiet=quiet, progress=progress,
@@ -210,8 +210,10 @@ class MergeArguments:
 
 
 def _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, chunk_bytes, random_seed,
-                     lora_merge_dtype) -> MergeArguments:
+                     lora_merge_dtype, progress=None) -> MergeArguments:
     """InputError for an argument that cannot work (the config itself is read by make_plan)."""
+    if progress is not None and not callable(getattr(progress, "update", None)):  # 5: AttributeError mid-merge
+        raise InputError(f"progress must be a progress bar with update(n) (tqdm's), got {short(progress)}")
     if lora_merge_dtype is not None:
         config_or_path = _with_lora_dtype(_as_config(config_or_path), lora_merge_dtype)
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir) or b"\0" in os.fsencode(out_dir):

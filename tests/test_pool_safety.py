@@ -8,6 +8,7 @@
   a backward through weights saved before a materialize raises torch's in-place error.
 """
 import contextlib
+import os
 import re
 import pytest
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 import pymerge
 import pymerge.ops._versions as versions
-from pymerge.errors import InputError, MergeConfigError
+from pymerge.errors import CheckpointError, InputError, MergeConfigError
 from pymerge.pool import CheckpointPool
 
 W = [0.5, 0.3, 0.2]
@@ -659,3 +660,26 @@ def test_task_arithmetic_normalize_may_be_a_numpy_bool():
     pool.materialize([0.5, 0.25], into=a, method="task_arithmetic", method_params={"normalize": np.bool_(True)})
     pool.materialize([0.5, 0.25], into=b, method="task_arithmetic", method_params={"normalize": True})
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_one_line_errors_an_api_fuzz_found(tmp_path):
+    """Each of these was a traceback from inside pymerge or a misleading message (an API fuzz): a generator of
+    target models taken for one model; optimize(None); a raw op's weights=None; run_merge(progress=5) after the
+    output folder was made; a float64 value past float32's range told to choose a wider pool dtype= (none is)."""
+    from pymerge.search import optimize
+    g = torch.Generator().manual_seed(1)
+    src = [{"w": torch.randn(4, generator=g)} for _ in range(2)]
+    pool = CheckpointPool(src)
+    gen = pool.materialize_many([[0.5, 0.5], [0.2, 0.8]], ({"w": torch.zeros(4)} for _ in range(2)))
+    lst = pool.materialize_many([[0.5, 0.5], [0.2, 0.8]], [{"w": torch.zeros(4)} for _ in range(2)])
+    assert all(torch.equal(a["w"], b["w"]) for a, b in zip(gen, lst)) and not torch.equal(gen[0]["w"], gen[1]["w"])
+    with pytest.raises(InputError, match="^pool must be a CheckpointPool, got None$"):
+        optimize(None, lambda m: 0.0, model=None)
+    with pytest.raises(TypeError, match="^weighted_sum: weights must be a tensor, got None$"):
+        torch.ops.pymerge.weighted_sum_out([torch.ones(2)], None, torch.empty(2))
+    with pytest.raises(InputError, match=r"^progress must be a progress bar with update\(n\) \(tqdm's\), got 5$"):
+        pymerge.run_merge({"merge_method": "linear", "models": []}, tmp_path / "out", progress=5)
+    assert os.listdir(tmp_path) == []
+    big = [{"w": torch.tensor([1e300, 1.0], dtype=torch.float64)}, {"w": torch.ones(2, dtype=torch.float64)}]
+    with pytest.raises(CheckpointError, match="in which the kernels hold a float64 checkpoint; no pool dtype holds them"):
+        CheckpointPool(big)

@@ -18,6 +18,7 @@ compute the statistics with collectives (collectives.py).
 """
 import math
 import threading
+from collections.abc import Iterator
 from typing import Dict, List
 
 import numpy as np
@@ -152,6 +153,8 @@ class ShardedPool(CheckpointPool):
     def _materialize_many(self, weight_rows, into, method: str, **kwargs) -> list:
         self._agreed = False  # whether this rank reached _checked_plans's agreement
         self._tv_table = None  # this call's task-vector table (_method_plans), if any
+        if isinstance(into, Iterator):  # read once, here: the forgetting and FSDP's counters below need it again
+            into = list(into)
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)

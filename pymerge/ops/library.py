@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.library import custom_op, register_fake
 
 from pymerge import _native
+from pymerge.errors import short
 from pymerge.ops import philox
 from pymerge.ops._checks import (FLOAT32_MAX, _overlaps, addresses_unknown, as_flag, check_apart, check_threads,
                                  check_inference_out, first_out_of_range, require_inputs,
@@ -73,6 +74,8 @@ def _weighted_args(tensors, weights: Tensor, dims: int, outs=None) -> None:
 
 def _require_real(t: Tensor, what: str, op: str) -> None:
     """Weights or coefficients of real numbers (complex ones reached pybind11: a multi-line TypeError)."""
+    if not isinstance(t, Tensor):  # None: "'NoneType' object has no attribute 'is_complex'"
+        raise TypeError(f"{op}: {what} must be a tensor, got {short(t)}")
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{op}: {what} must be real numbers, got a {t.dtype} tensor")
 

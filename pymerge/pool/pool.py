@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -86,10 +87,13 @@ def _check_range(held: torch.Tensor, t: torch.Tensor, label: str, name: str) -> 
     if bool(torch.isinf(held).any()) and int(torch.isinf(held).sum()) > int(torch.isinf(t).sum()):  # (the file's
         # own infs, rare, are counted only where the held copy has any: a second read of the source)
         big = float(t.detach().abs().nan_to_num(nan=0.0).max())  # (infs counted alike: a finite one is largest)
-        raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, past "
-                              f"{str(held.dtype).replace('torch.', '')}'s range (largest finite "
-                              f"{torch.finfo(held.dtype).max:.6g}), where the pool's dtype= would make them inf; "
-                              "choose a wider dtype (bfloat16, float32) or none")
+        where = (f"past {str(held.dtype).replace('torch.', '')}'s range (largest finite "
+                 f"{torch.finfo(held.dtype).max:.6g}), ")
+        if held.dtype == torch.float32:  # no dtype= would help: the kernels read float64 checkpoints as float32
+            raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, {where}in which the "
+                                  "kernels hold a float64 checkpoint; no pool dtype holds them")
+        raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, {where}where the pool's "
+                              "dtype= would make them inf; choose a wider dtype (bfloat16, float32) or none")
 
 
 class CheckpointPool:
@@ -532,7 +536,8 @@ class CheckpointPool:
             normalize, strict = as_flag(normalize, "normalize"), as_flag(strict, "strict")
         except TypeError as exc:
             raise InputError(str(exc)) from None
-        into = list(into) if isinstance(into, (list, tuple)) else [into]
+        # a generator of models is several targets (it was taken for one: "2 weight rows for 1 target models")
+        into = list(into) if isinstance(into, (list, tuple)) or isinstance(into, Iterator) else [into]
         if isinstance(weight_rows, (str, bytes, Mapping)) or not hasattr(weight_rows, "__iter__"):
             raise InputError(f"weight_rows must be a list of weight rows, one per model, got {short(weight_rows)}")
         weight_rows = list(weight_rows)

@@ -214,6 +214,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     """
     # what the search calls and where it saves, checked before anything is written (evaluate=None failed after
     # the first merge into model; state_path=Path(...) after its folders were made)
+    if not callable(getattr(pool, "materialize_many", None)):  # None: "'NoneType' object has no attribute ..."
+        raise InputError(f"pool must be a CheckpointPool, got {short(pool)}")
     for what, fn in (("evaluate", evaluate), ("objective", objective), ("log", log)):
         if not callable(fn) and (fn is not None or what == "evaluate"):
             raise InputError(f"{what} must be a function, got {short(fn)}")
