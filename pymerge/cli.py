@@ -265,7 +265,7 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def _run(args) -> int:
-    from pymerge.errors import DistributedError, InputError
+    from pymerge.errors import DistributedError, InputError, InterruptedAfterParts
     from pymerge.io.writer import INSTALLED
     installed_before, previous = len(INSTALLED), None
     try:  # the handler installed inside: a SIGTERM just after it, before the try, was a raw traceback
@@ -278,9 +278,11 @@ def _run(args) -> int:
     except DistributedError as exc:
         say(f"pymerge: error: {_one_line(exc)}")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         done = INSTALLED[installed_before:]
-        if done:
+        if isinstance(exc, InterruptedAfterParts):
+            say(f"pymerge: interrupted after {exc}")
+        elif done:
             say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)")
         elif args.command == "merge":
             say("pymerge: interrupted; no output was written")

@@ -19,6 +19,11 @@ class DistributedError(RuntimeError):
     out). Not the user's input, but not a traceback either: the CLI prints one line, exits 1."""
 
 
+class InterruptedAfterParts(KeyboardInterrupt):
+    """An interrupt on a rank above 0 of a torchrun merge after every part was written: rank 0 may have
+    installed OUT, complete, so "no output was written" would be false (users deleted good models on it)."""
+
+
 MAX_ECHO = 80  # characters of a user's value an error message repeats
 
 

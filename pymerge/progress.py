@@ -8,8 +8,9 @@ def say(line: str) -> None:
     work was done."""
     if sys.stderr is None:  # 2>&-: print(file=None) would write to stdout (into --json's output)
         return
-    try:
-        print(line, file=sys.stderr, flush=True)
+    try:  # one write: print's two (the line, then its newline) ran two ranks' lines together under torchrun
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
     except (OSError, ValueError):
         pass
 

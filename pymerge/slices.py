@@ -216,6 +216,10 @@ class RenamedCheckpoint:
     def array(self, name):
         return self.ck.array(self.map[name])
 
+    def head(self, name, n: int) -> bytes:
+        head = getattr(self.ck, "head", None)
+        return head(self.map[name], n) if head is not None else bytes(self.ck.array(self.map[name])[:n])
+
     def prefetch(self, name) -> None:
         self.ck.prefetch(self.map[name])
 

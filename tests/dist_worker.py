@@ -7,6 +7,8 @@ helper, run by torchrun or by the tests themselves as a launcher):
                                       $PYMERGE_TEST_MARK and sleeps, for the test to kill it
     PYMERGE_TEST_FAULT=RANK:die_at_install  the rank exits (code 9, as if killed) on reaching the last
                                       agreement, its part and every other on disk
+    PYMERGE_TEST_FAULT=RANK:interrupt_at_install  the rank raises KeyboardInterrupt (torchrun's SIGTERM) on
+                                      reaching the last agreement, its part and every other on disk
     PYMERGE_TEST_FAULT=RANK:replace_model  once every rank has opened the models and rank 0 has written
                                       the side files, the rank renames the folder $PYMERGE_TEST_MODEL
                                       aside and $PYMERGE_TEST_MODEL.new into its place (as another
@@ -74,12 +76,14 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def _die_at_install(real):
+def _die_at_install(real, interrupt=False):
     calls = [0]
 
     def agree(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 3:  # prepare, fill, install: every rank's part is durable
+            if interrupt:
+                raise KeyboardInterrupt
             os._exit(9)
         return real(*args, **kwargs)
     return agree
@@ -103,8 +107,8 @@ if __name__ == "__main__":
             merge.stream_plan = _endless
         elif kind == "interrupt":
             merge.stream_plan = _interrupt
-        elif kind == "die_at_install":
-            disk_merge._agree = _die_at_install(disk_merge._agree)
+        elif kind in ("die_at_install", "interrupt_at_install"):
+            disk_merge._agree = _die_at_install(disk_merge._agree, interrupt=kind == "interrupt_at_install")
         else:
             raise SystemExit(f"unknown fault {kind!r}")
     sys.exit(cli.main())

@@ -594,3 +594,24 @@ def test_an_ignored_weight_is_warned_of_once(fam, tmp_path, capsys):
     lines = [x for x in err.splitlines() if "takes no weight" in x]
     assert lines == ["pymerge: warning: parameters and 2 more: merge_method slerp takes no weight; it is ignored, "
                      "as in mergekit"], err
+
+
+def test_a_line_on_stderr_is_one_write(monkeypatch):
+    """print() wrote a line and its newline in two writes: under torchrun (python -u, one shared stderr) two
+    ranks' lines ran together, "...was writtenpymerge: ..." (an audit)."""
+    from pymerge.progress import say
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+    rec = Recorder()
+    monkeypatch.setattr(sys, "stderr", rec)
+    say("pymerge: error: one line")
+    assert rec.writes == ["pymerge: error: one line\n"]

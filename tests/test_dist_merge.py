@@ -379,6 +379,19 @@ def test_rank_lost_after_every_part_is_written_leaves_out_installed_and_says_so(
     assert leftovers(out) == []
 
 
+def test_a_rank_interrupted_while_rank_0_installs_does_not_say_nothing_was_written(fam, tmp_path):
+    """torchrun's SIGTERM reaching rank 1 while rank 0 installed OUT: rank 1 said "interrupted; no output was
+    written" while OUT was installed and complete (an audit; users deleted good models on such a line)."""
+    root, base, fts = fam
+    out = tmp_path / "out"
+    codes, lines = finish(launch(2, ["merge", write_cfg(tmp_path / "c.yml", linear(fts)), out, "--quiet"],
+                                 PYMERGE_TEST_FAULT="1:interrupt_at_install"))
+    assert codes[1] == 130, (codes, lines)
+    assert lines[1] == [f"pymerge: interrupted after every part was written, so rank 0 may have installed {out} "
+                        "(complete): check it before a retry"], lines
+    assert leftovers(out) == []
+
+
 def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
     """E.g. nodes that hold different copies of a checkpoint: refused before anything is written."""
     root, base, fts = fam

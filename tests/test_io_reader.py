@@ -1007,3 +1007,21 @@ def test_a_shard_of_an_unknown_suffix_that_is_a_fifo_is_refused_not_waited_on(tm
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-1"}}))
     with pytest.raises(CheckpointError, match="FIFO"):
         Checkpoint(tmp_path)
+
+
+def test_head_reads_a_tensors_first_bytes_without_readahead(tmp_path, monkeypatch):
+    """The ranks' sample of 64 bytes of 64 tensors per checkpoint read through the map, whose page faults read
+    the disk's readahead window around each (8 MiB on an audit's machine: most of every file on every rank).
+    head() preads them with POSIX_FADV_RANDOM: the same bytes as the map's, misaligned or empty tensors too."""
+    tensors = {"a": torch.randn(100, 100), "b": torch.randn(3).bfloat16(), "c": torch.randn(5).half(),
+               "z": torch.empty(0)}
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    advice = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advice.append(how) or real(fd, off, n, how))
+    with Checkpoint(path) as ck:
+        for name in tensors:
+            for n in (1, 6, 64, 10**6):
+                assert ck.head(name, n) == bytes(ck.array(name)[:n]), (name, n)
+    assert advice and set(advice) == {os.POSIX_FADV_RANDOM}

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from pymerge import _native
-from pymerge.errors import CheckpointError, DistributedError, InputError, MergeConfigError
+from pymerge.errors import CheckpointError, DistributedError, InputError, InterruptedAfterParts, MergeConfigError
 from pymerge.io import ShardedWriter
 from pymerge.sizes import MAX_BYTES
 
@@ -168,9 +168,13 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             if rank == 0:
                 state["writer"].commit()
                 state["installed"] = True
+        maybe = "every part was written, so rank 0 may have installed OUT (complete): check it before a retry"
         try:
-            _agree(install, dist, group, lost=None if rank == 0 else
-                   "every part was written, so rank 0 may have installed OUT (complete): check it before a retry")
+            _agree(install, dist, group, lost=None if rank == 0 else maybe)
+        except KeyboardInterrupt:  # (torchrun's SIGTERM too) while rank 0 installs: not "no output was written"
+            if rank == 0:
+                raise
+            raise InterruptedAfterParts(maybe.replace("OUT", str(out_dir))) from None
         except DistributedError as exc:
             if not state.get("installed"):
                 raise
@@ -326,9 +330,12 @@ def _unwrapped(ck):
 
 
 def _values_sample(ck) -> int:
-    """values_sample (dist/sample.py) of a checkpoint's tensors, 64 bytes of each."""
+    """values_sample (dist/sample.py) of a checkpoint's tensors, 64 bytes of each (read without readahead where
+    the checkpoint can: Checkpoint.head)."""
     from pymerge.dist.sample import values_sample
-    return values_sample(ck.names(), lambda name: bytes(ck.array(name)[:64]))
+    head = getattr(ck, "head", None)
+    return values_sample(ck.names(), (lambda name: head(name, 64)) if head is not None else
+                         (lambda name: bytes(ck.array(name)[:64])))
 
 
 def _checkpoint_identity(ck) -> tuple:

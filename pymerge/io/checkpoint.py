@@ -482,6 +482,11 @@ class Checkpoint:
         """The tensor's bytes as a flat, read-only uint8 numpy view (no torch for safetensors)."""
         return self._shard(name).array(name)
 
+    def head(self, name: str, n: int) -> bytes:
+        """The tensor's first n bytes, without reading around them where the file allows (SafetensorsFile.head)."""
+        shard = self._shard(name)
+        return shard.head(name, n) if hasattr(shard, "head") else bytes(shard.array(name)[:n])
+
     def file_of(self, name: str) -> Path:
         return self._shard(name).path
 
