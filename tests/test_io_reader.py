@@ -1025,3 +1025,25 @@ def test_head_reads_a_tensors_first_bytes_without_readahead(tmp_path, monkeypatc
             for n in (1, 6, 64, 10**6):
                 assert ck.head(name, n) == bytes(ck.array(name)[:n]), (name, n)
     assert advice and set(advice) == {os.POSIX_FADV_RANDOM}
+
+
+def test_mixed_expert_layouts_are_named_as_such(tmp_path):
+    """One Mixtral fine-tune stored per expert (save_pretrained), one fused (a transformers 5 state dict): the
+    error named a 'missing tensor' that was there in another layout (an audit; mergekit converts them)."""
+    from pymerge.io import check_compatible
+    per_expert = {f"model.layers.0.mlp.experts.{e}.{w}.weight": torch.zeros(2, 2) for e in range(2) for w in ("w1", "w2")}
+    fused = {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 4, 2),
+             "model.layers.0.mlp.experts.down_proj": torch.zeros(2, 2, 2)}
+    for name, tensors in (("a", per_expert), ("b", fused)):
+        safetensors.torch.save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    for first, second in (("a", "b"), ("b", "a")):
+        with Checkpoint(tmp_path / f"{first}.safetensors") as x, Checkpoint(tmp_path / f"{second}.safetensors") as y:
+            with pytest.raises(CheckpointError, match=r"missing tensor .* \(the two store their experts in different "
+                                                      r"layouts, one per expert \(experts\.N\.\*\) and one fused"):
+                check_compatible([x, y])
+    plain = {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}
+    safetensors.torch.save_file(plain, str(tmp_path / "c.safetensors"))
+    with Checkpoint(tmp_path / "a.safetensors") as x, Checkpoint(tmp_path / "c.safetensors") as y:
+        with pytest.raises(CheckpointError) as e:
+            check_compatible([x, y])
+    assert "store their experts" not in str(e.value)

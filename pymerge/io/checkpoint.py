@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -556,6 +557,22 @@ def _prefix_hint(name: str, have) -> str:
     return ""
 
 
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
+_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)(\.weight)?$")
+
+
+def _layout_hint(name: str, have) -> str:
+    """Where one checkpoint stores a mixture of experts per expert (experts.0.w1, what save_pretrained writes)
+    and the other fused (experts.gate_up_proj, a state dict of transformers 5's module), says so: "missing
+    tensor" named a tensor that is there, in another layout (an audit; mergekit converts, pymerge does not)."""
+    mine, theirs = bool(_PER_EXPERT.search(name)), any(_FUSED_EXPERTS.search(n) for n in have)
+    if not (mine and theirs) and not (_FUSED_EXPERTS.search(name) and any(_PER_EXPERT.search(n) for n in have)):
+        return ""
+    return (" (the two store their experts in different layouts, one per expert (experts.N.*) and one fused "
+            "(experts.gate_up_proj, experts.down_proj); tensors merge by name: save one again in the other's "
+            "layout, e.g. both through transformers' save_pretrained)")
+
+
 def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequence[str]] = None,
                      names: Optional[Sequence[str]] = None, rows_may_differ=None) -> List[str]:
     """Checks the checkpoints can be merged tensor by tensor: same tensor names, same shapes
@@ -578,7 +595,8 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Optional[Sequenc
             missing = [n for n in wanted if n not in have]
             if missing:
                 raise CheckpointError(f"{label}: missing tensor {missing[0]!r} that {first_label} has"
-                                      + _and_more(missing) + _prefix_hint(missing[0], have))
+                                      + _and_more(missing) + (_prefix_hint(missing[0], have)
+                                                              or _layout_hint(missing[0], have)))
             extra = [n for n in ck.names() if n not in first]
             if extra:
                 raise CheckpointError(f"{label}: has tensor {extra[0]!r} that {first_label} lacks"
