@@ -117,6 +117,8 @@ class GroupedTable:
         """weights: float32 [G, K, N] on the tables' device (read there: no host sync)."""
         if tuple(weights.shape) != (self.n_groups, self.k, self.n):
             raise ValueError(f"weights must have shape {(self.n_groups, self.k, self.n)}, got {tuple(weights.shape)}")
+        if weights.dtype != torch.float32 or weights.device != self.tables[0].device:  # bfloat16 was read as it was
+            raise ValueError(f"weights must be float32 on {self.tables[0].device}, got {weights.dtype} on {weights.device}")
         weights = weights.contiguous()
         for first, count, full, aligned in self.launches:
             _grouped_kernel[(count,)](*self.tables, weights, self.n, self.k, first, IN_DT=self.in_dt, OUT_T=self.out_t,

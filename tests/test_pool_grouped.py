@@ -1065,3 +1065,33 @@ def test_grouped_tv_plan_offsets_are_tv_merge_s():
         plan.run(**args, offsets=np.zeros(2, np.int64))
     with pytest.raises(ValueError, match="negative offset"):
         plan.run(**args, offsets=np.array([-1], np.int64))
+
+
+def test_device_weights_normalize_to_the_host_rows_bits():
+    """GPU weights were normalized in float32 on the device, host ones in float64 then rounded: a third of rows
+    came out 1 ulp apart, so a merge's bits depended on where its weights lived (a Triton audit). _device_table
+    is plain torch: checked here on CPU tensors."""
+    from pymerge.pool.pool import _device_table
+    from pymerge.pool.weights import weight_table
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(2, 10))
+        w = rng.random(n).astype(np.float32)
+        host = weight_table(w.tolist(), n, normalize=True).astype(np.float32)
+        dev = _device_table(torch.from_numpy(w), n, normalize=True)
+        assert dev.dtype == torch.float32 and np.array_equal(dev.numpy(), host), (w, dev, host)
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_triton_grouped_table_refuses_weights_it_would_misread(dtype):
+    """GroupedTable.run checked the weights' shape only: bfloat16 weights were read as bfloat16 (0.3003 for 0.3),
+    float64 ones would make tl.fma compute in float64 on a GPU (a Triton audit). Float32 on the tables' device."""
+    from pymerge.kernels.weighted_sum_grouped import GroupedTable
+    x = [torch.full((5,), 1.0), torch.full((5,), 2.0)]
+    out = [[torch.empty(5)]]
+    table = GroupedTable([x], out, [0], 1)
+    with pytest.raises(ValueError, match=f"weights must be float32 on cpu, got {dtype} on cpu"):
+        table.run(torch.tensor([[[0.1, 0.2]]], dtype=dtype))
+    table.run(torch.tensor([[[0.1, 0.2]]]))
+    assert torch.allclose(out[0][0], torch.full((5,), 0.5))

@@ -1409,8 +1409,10 @@ def _device_table(w: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
     if w.dim() not in (1, 2) or w.shape[-1] != n:
         raise InputError(f"weights on the GPU must have shape [{n}] or [G, {n}], got {list(w.shape)}")
     w = w.view(1, n) if w.dim() == 1 else w
-    w = w if w.dtype == torch.float32 and w.is_contiguous() else w.float().contiguous()
-    return w / w.sum(dim=1, keepdim=True) if normalize else w
+    if normalize:  # in float64, then rounded once, as the host's rows (_normalized): in float32 a third of rows
+        w = w.double()  # came out 1 ulp apart, and a merge's bits depended on where its weights lived (an audit)
+        return (w / w.sum(dim=1, keepdim=True)).float()
+    return w if w.dtype == torch.float32 and w.is_contiguous() else w.float().contiguous()
 
 
 def _label(src, default: str) -> str:
