@@ -40,6 +40,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
                             unmatched_filter_warnings, uses_positions)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
+from pymerge.io.writer import holds_working_folder, working_folder_note
 from pymerge.io.checkpoint import check_folder_unchanged, read_model_config
 from pymerge.io.files import out_location, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
@@ -64,9 +65,13 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenize
 VOCABULARY_FILES = ("vocab.txt", "spiece.model", "sentencepiece.bpe.model", "bpe.codes", "tiktoken.model")
 VOCABULARY_SUFFIXES = (".model", ".tiktoken", ".spm")  # qwen.tiktoken, source.spm, ice_text.model...
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # never a vocabulary, whatever a config says
+MAX_VOCABULARY_BYTES = 256 << 20  # a file matched by its suffix alone and larger is taken for something else
 # A vision or speech model's processor (mergekit's "tagalong" files for Mistral3, Gemma3, Llama 4, Qwen-VL,
 # Whisper): copied from the donor even with --no-copy-tokenizer, as mergekit does.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "normalizer.json")
+# written or copied otherwise: a `*_file` key naming one made the merge fail on the second copy (a review)
+_WRITTEN_OTHERWISE = {"config.json", "mergekit_config.yml", "README.md", "model.safetensors.index.json",
+                      *PROCESSOR_FILES}
 # Converting these to the compute dtype loses nothing, so inputs stay as they are on disk.
 _EXACT_UP = {("bfloat16", "float32"), ("float16", "float32")}
 
@@ -185,6 +190,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         check_out_spares_inputs(out_dir, plan)
         entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors] + [(c.name, c.dtype, c.shape)
                                                                             for c in plan.copies]
+        inside = os.path.abspath(out_dir) if holds_working_folder(out_dir) else None  # (before OUT is replaced)
         with ShardedWriter(out_dir, entries, max_shard_bytes=args.out_shard_size, force=force,
                            metadata={"format": "pt"}) as writer:
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
@@ -192,6 +198,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
                         seed=args.random_seed or 0, progress=progress, quiet=quiet)
             check_inputs_unchanged(plan)  # before the writer installs OUT
             shards = list(writer.shard_names)
+        if inside:
+            plan.warnings.append(working_folder_note(inside))
         return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
                            plan.output_bytes, time.perf_counter() - t0, args.device, shards, plan.warnings)
     finally:
@@ -661,13 +669,20 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
 
 
 def _vocabulary_files(folder: Path) -> List[str]:
-    """The donor's vocabulary files beyond TOKENIZER_FILES: known names and suffixes, and any file its
-    tokenizer_config.json names under a "*_file" key (vocab_file, spm_file...; transformers' init arguments)."""
+    """The donor's vocabulary files beyond TOKENIZER_FILES: known names and suffixes (a suffix's match only up to
+    MAX_VOCABULARY_BYTES), and any file its tokenizer_config.json names under a "*_file" key (vocab_file,
+    spm_file...; transformers' init arguments), never one the merge writes or copies otherwise."""
     try:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    found = [n for n in names if n in VOCABULARY_FILES or n.endswith(VOCABULARY_SUFFIXES)]
+
+    def small(n: str) -> bool:
+        try:
+            return os.path.getsize(folder / n) <= MAX_VOCABULARY_BYTES
+        except OSError:
+            return False
+    found = [n for n in names if n in VOCABULARY_FILES or n.endswith(VOCABULARY_SUFFIXES) and small(n)]
     config = folder / "tokenizer_config.json"
     try:
         settings = read_json(config) if config.is_file() else {}
@@ -677,7 +692,8 @@ def _vocabulary_files(folder: Path) -> List[str]:
         if (key.endswith("_file") and isinstance(value, str) and value in names and value not in found
                 and not value.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(folder / value)):
             found.append(value)
-    return [n for n in found if n not in TOKENIZER_FILES and os.path.isfile(folder / n)]
+    return [n for n in found if n not in TOKENIZER_FILES and n not in _WRITTEN_OTHERWISE and not n.endswith(".py")
+            and os.path.isfile(folder / n)]
 
 
 # transformers' get_relative_import_files: "from .foo import X" and "import .foo" name foo.py beside the module
@@ -724,15 +740,21 @@ def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
 def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer: Optional[Path]) -> List[Tuple[Path, str]]:
     """(folder, module) write_side_files copies: those the donor's config.json's auto_map names, and those the
     auto_map of the output's tokenizer_config.json names (a custom tokenizer's tokenization_foo.py), from
-    `tokenizer`, the folder that file was copied or edited from (the donor, or a tokenizer_source)."""
+    `tokenizer`, the folder that file was copied or edited from (the donor, or a tokenizer_source), and those the
+    donor's processor files name (preprocessor_config.json, processor_config.json)."""
     code = [(folder, m) for m in _remote_code_files(model_cfg, folder)]
-    config = None if tokenizer is None else tokenizer / "tokenizer_config.json"
-    if config is not None and config.is_file():
+    configs = [] if tokenizer is None else [(tokenizer, "tokenizer_config.json")]
+    # a custom processor's modules too (Phi-3-vision's processing_phi3_v.py): its files are copied from the donor
+    configs += [(folder, f) for f in ("preprocessor_config.json", "processor_config.json")]
+    for where, fname in configs:
+        config = where / fname
+        if not config.is_file():
+            continue
         try:
-            modules = _remote_code_files(read_json(config), tokenizer)
+            modules = _remote_code_files(read_json(config), where)
         except CheckpointError:  # not JSON: copied as it is
             modules = []
-        code += [(tokenizer, m) for m in modules if m not in {name for _, name in code}]
+        code += [(where, m) for m in modules if m not in {name for _, name in code}]
     return code
 
 

@@ -615,3 +615,19 @@ def test_a_line_on_stderr_is_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stderr", rec)
     say("pymerge: error: one line")
     assert rec.writes == ["pymerge: error: one line\n"]
+
+
+def test_a_merge_into_the_working_folder_says_out_is_a_new_folder(fam, tmp_path, capsys, monkeypatch):
+    """`cd out && pymerge merge ../c.yml .` left the shell in the replaced folder, deleted, where `ls` showed
+    nothing, exit 0 and not a word (an audit). The model is there, and the merge says to cd into it again."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    rc, err = run_cli(["merge", cfg, ".", "--quiet"], capsys)
+    assert rc == 0 and f"{out} is a new folder holding the model" in err and f"`cd {out}` there" in err, err
+    assert (out / "config.json").exists()
+    monkeypatch.chdir(tmp_path)
+    rc, err = run_cli(["merge", cfg, tmp_path / "out2", "--quiet"], capsys)
+    assert rc == 0 and "new folder" not in err, err

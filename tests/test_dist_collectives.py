@@ -92,3 +92,41 @@ def test_stats_cache_counts_every_change():
         change()
         assert c.generation == k
     assert c == {} and isinstance(c, StatsCache)
+
+
+def mixed_errors_worker(rank, world):
+    """Each rank fails (or not) as the plan below says, in one agreement."""
+    import torch.distributed as dist
+
+    from pymerge.dist import collectives
+    from pymerge.errors import InputError
+    plans = {"input_and_memory": [InputError("bad weights"), MemoryError("out of memory here"), None],
+             "runtime_and_input": [RuntimeError("kernel failed"), InputError("bad weights"), None],
+             "runtime_alone": [None, RuntimeError("kernel failed"), None]}
+    out = {}
+    for name, errors in plans.items():
+        mine = errors[rank]
+        try:
+            collectives.agree(mine, dist.group.WORLD)
+            out[name] = None
+        except BaseException as exc:
+            out[name] = (type(exc).__name__, str(exc), exc is mine)
+    return out
+
+
+def test_ranks_failing_differently_each_keep_what_is_not_input():
+    """Several ranks failing at once: a MemoryError beside another rank's InputError became that InputError on
+    every rank (a caller backing off on MemoryError caught nothing), and a rank with its own InputError beside
+    another's RuntimeError raised it without saying where (a review). A rank's own failure that is not input
+    stays itself; the others raise the first input error, named by rank, else a DistributedError."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        results = dist_helpers.run(mixed_errors_worker, 3, d)
+    r0, r1, r2 = results
+    assert r0["input_and_memory"] == r2["input_and_memory"] == ("InputError", "rank 0: bad weights", False), results
+    assert r1["input_and_memory"] == ("MemoryError", "out of memory here", True), results
+    assert r0["runtime_and_input"] == ("RuntimeError", "kernel failed", True), results
+    assert r1["runtime_and_input"][:2] == r2["runtime_and_input"][:2] == ("InputError", "rank 1: bad weights"), results
+    assert r1["runtime_alone"] == ("RuntimeError", "kernel failed", True), results
+    assert r0["runtime_alone"] == r2["runtime_alone"] == ("DistributedError", "rank 1: kernel failed (RuntimeError there)",
+                                                          False), results

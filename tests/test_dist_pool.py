@@ -763,6 +763,14 @@ def backward_after_merge_worker(rank, world, files):
     m.zero_grad()
     m(torch.randn(4, 13)).sum().backward()  # a forward after the merge: its backward runs as usual
     out["fresh"] = all(p.grad is not None for p in m.parameters())
+    m.zero_grad()
+    y = m(torch.randn(4, 13))
+    try:  # refused before any write: the forward's backward still runs
+        pool.materialize([0.5, 0.5], into=m)
+    except Exception as exc:
+        out["refused"] = type(exc).__name__
+    y.sum().backward()
+    out["after_refusal"] = all(p.grad is not None for p in m.parameters())
     return out
 
 
@@ -770,7 +778,7 @@ def test_a_backward_through_a_forward_from_before_a_merge_raises_under_fsdp(tmp_
     files = write_checkpoints(str(tmp_path))
     for res in dist_helpers.run(backward_after_merge_worker, 2, str(tmp_path), files):
         assert res["stale"] is not None and "modified by an inplace operation" in res["stale"], res
-        assert res["fresh"], res
+        assert res["fresh"] and res["refused"] == "InputError" and res["after_refusal"], res
 
 
 def test_the_values_sample_reads_any_shape_and_tells_checkpoints_apart():

@@ -1047,3 +1047,14 @@ def test_mixed_expert_layouts_are_named_as_such(tmp_path):
         with pytest.raises(CheckpointError) as e:
             check_compatible([x, y])
     assert "store their experts" not in str(e.value)
+
+
+def test_head_reads_the_mapped_file_when_another_is_at_its_path(tmp_path):
+    """head() reopened the path: a file renamed over it after the checkpoint was opened gave the new file's
+    bytes while the merge reads the mapped old one, so a rank with a stale copy looked like the others (a review)."""
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"a": torch.zeros(8)}, str(path))
+    with Checkpoint(path) as ck:
+        safetensors.torch.save_file({"a": torch.ones(8)}, str(tmp_path / "new.safetensors"))
+        os.replace(tmp_path / "new.safetensors", path)
+        assert ck.head("a", 16) == bytes(ck.array("a")[:16]) == bytes(16)

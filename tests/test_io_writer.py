@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -284,14 +283,14 @@ def test_an_empty_out_filled_by_another_writer_before_the_rename(tmp_path, monke
     """Two merges into one empty OUT: the other one installed between this one's 'OUT is empty' check and
     its rename. The error named the hidden temporary folder ('.out.pymerge-tmp-PID: Directory not
     empty'), with --force too; now it is the usual line about OUT, and --force replaces it."""
-    out, real = tmp_path / "out", writer_mod._rename_no_replace
+    out, real = tmp_path / "out", writer_mod._keep_access
     out.mkdir()
 
-    def fill_then_move(src, dst):  # the other merge's file lands while this one fills OUT in place
+    def fill_then_keep(o, tmp):
         if not (out / "theirs.txt").exists():
             (out / "theirs.txt").write_text("the other merge's")
-        return real(src, dst)
-    monkeypatch.setattr(writer_mod, "_rename_no_replace", fill_then_move)
+        real(o, tmp)
+    monkeypatch.setattr(writer_mod, "_keep_access", fill_then_keep)
     t = {"a": torch.randn(3)}
     if force:
         write_all(out, t, force=True)
@@ -301,55 +300,6 @@ def test_an_empty_out_filled_by_another_writer_before_the_rename(tmp_path, monke
             write_all(out, t)
         assert os.listdir(out) == ["theirs.txt"]
     assert leftovers(tmp_path) == []
-
-
-def test_an_empty_out_is_filled_in_place_and_keeps_its_identity(tmp_path):
-    """`cd out && pymerge merge cfg .`: the finished folder was renamed onto the empty OUT, so the shell's
-    working folder was a deleted one, and `ls` there showed nothing (an audit). OUT is the same folder
-    after the merge, a descriptor opened on it before sees the model, config.json moves in last."""
-    out = tmp_path / "out"
-    out.mkdir()
-    before = os.stat(out)
-    fd = os.open(out, os.O_RDONLY)
-    order = []
-    real = writer_mod._rename_no_replace
-
-    def recording(src, dst):
-        order.append(os.path.basename(dst))
-        return real(src, dst)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(writer_mod, "_rename_no_replace", recording)
-            t = {"a": torch.randn(5), "b": torch.randn(7)}
-            with ShardedWriter(out, plan(t), max_shard_bytes=30) as w:
-                w.write_json("config.json", {"x": 1})
-                for k, v in t.items():
-                    w.write(k, v)
-        assert (os.stat(out).st_ino, os.stat(out).st_dev) == (before.st_ino, before.st_dev)
-        assert sorted(os.listdir(fd)) == sorted(order) and order[-1] == "config.json" and len(order) == 4
-    finally:
-        os.close(fd)
-    assert all(torch.equal(load_all(out)[k], v) for k, v in t.items()) and leftovers(tmp_path) == []
-
-
-@pytest.mark.parametrize("fail", ["interrupt", "oserror"])
-def test_an_interrupted_fill_in_place_leaves_out_empty(tmp_path, monkeypatch, fail):
-    """Filled in place, an interrupt or an error between two entries must not leave half a model in OUT:
-    the entries moved go back, the temporary folder is removed, OUT is empty as it was."""
-    out = tmp_path / "out"
-    out.mkdir()
-    real, calls = writer_mod._rename_no_replace, []
-
-    def second_fails(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt if fail == "interrupt" else OSError(errno.EIO, "Input/output error", str(dst))
-        return real(src, dst)
-    monkeypatch.setattr(writer_mod, "_rename_no_replace", second_fails)
-    t = {"a": torch.randn(5), "b": torch.randn(7)}
-    with pytest.raises(KeyboardInterrupt if fail == "interrupt" else OSError):
-        write_all(out, t, max_shard_bytes=30)
-    assert len(calls) == 2 and os.listdir(out) == [] and leftovers(tmp_path) == []
 
 
 def test_a_missing_out_made_a_file_before_the_rename(tmp_path, monkeypatch):
@@ -979,11 +929,7 @@ def test_a_mount_point_ismount_cannot_see_is_named_at_install(tmp_path, monkeypa
         if os.fspath(dst) == str(out) or os.fspath(src) == str(out):
             raise OSError(errno.EBUSY, "Device or resource busy", str(src))
         return real_rename(src, dst, *a, **k)
-
-    def cross_device(src, dst):  # a rename into a mount point, which an empty OUT is filled by
-        raise OSError(errno.EXDEV, "Invalid cross-device link", str(dst))
     monkeypatch.setattr(writer_mod.os, "rename", busy)
-    monkeypatch.setattr(writer_mod, "_rename_no_replace", cross_device)
     monkeypatch.setattr(writer_mod, "_exchange", lambda a, b: False)
     with pytest.raises(InputError, match=r"out: is a mount point.*choose a folder inside it"):
         write_all(out, {"a": torch.ones(2)}, force=force)
@@ -1116,11 +1062,6 @@ def test_an_out_with_a_posix_acl_keeps_it_and_its_owner_keeps_rwx(tmp_path):
         pytest.skip(f"this filesystem takes no POSIX ACLs ({exc.strerror})")
     write_all(out, {"a": torch.ones(2)})
     assert os.listdir(out) == ["model.safetensors"]
-    # an empty OUT is filled in place (it keeps its ACL and mode as they were); a full one is replaced with
-    # --force by a folder that gets them, its owner with rwx
-    assert stat.S_IMODE(os.stat(out).st_mode) == 0o570 and os.getxattr(out, "system.posix_acl_access") == acl
-    write_all(out, {"a": torch.zeros(2)}, force=True)
-    assert torch.equal(load_all(out)["a"], torch.zeros(2))
     assert os.stat(out).st_mode & 0o700 == 0o700
     kept = os.getxattr(out, "system.posix_acl_access")
     entries = [struct.unpack("<HHI", kept[i:i + 8]) for i in range(4, len(kept), 8)]
@@ -1136,3 +1077,17 @@ def test_a_bind_mounted_out_is_named_as_a_mount_point(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"out: is a mount point.*choose a folder inside it"):
         write_all(out, {"a": torch.ones(2)}, force=True)
     assert os.listdir(out) == ["old.txt"]
+
+
+def test_a_merge_run_from_inside_out_says_out_is_a_new_folder(tmp_path, monkeypatch, capsys):
+    """`cd out && pymerge merge ../c.yml .`: the finished model is renamed onto OUT, so the shell that ran it
+    still looks at the old folder, deleted, and `ls` shows nothing (an audit). Filling OUT in place instead
+    would leave half a model behind a kill; the merge says what happened and what to do."""
+    from pymerge.io.writer import holds_working_folder
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    monkeypatch.chdir(out / "sub")
+    assert holds_working_folder(".") and holds_working_folder(out) and holds_working_folder(out / "sub")
+    assert not holds_working_folder(tmp_path / "x") and not holds_working_folder(out / "sub" / "missing")
+    monkeypatch.chdir(tmp_path)
+    assert not holds_working_folder(out)

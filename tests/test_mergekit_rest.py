@@ -589,6 +589,34 @@ def test_a_donors_processor_vocabulary_files_and_sibling_modules_are_copied(mode
     assert "holds no tokenizer vocabulary pymerge knows" in err and str(donor) in err, err
 
 
+def test_vocabulary_files_never_clash_with_files_the_merge_writes(models, tmp_path, capsys):
+    """A `*_file` key of tokenizer_config.json naming preprocessor_config.json or config.json was copied a second
+    time and the merge failed after all its work; a 300 MB foo.model was copied as a vocabulary; a custom
+    processor's module (processor_config.json's auto_map) was left behind (a review)."""
+    import shutil
+    _, m4, _ = models
+    donor = tmp_path / "donor"
+    shutil.copytree(m4[0], donor)
+    (donor / "preprocessor_config.json").write_text('{"auto_map": {"AutoImageProcessor": "image_processing_foo.P"}}')
+    (donor / "processor_config.json").write_text('{"auto_map": {"AutoProcessor": "processing_foo.P"}}')
+    for name in ("image_processing_foo.py", "processing_foo.py"):
+        (donor / name).write_text(f"# {name}\n")
+    tok = json.loads((donor / "tokenizer_config.json").read_text()) if (donor / "tokenizer_config.json").exists() else {}
+    tok.update({"vocab_file": "preprocessor_config.json", "merges_file": "config.json", "spm_file": "small.model"})
+    (donor / "tokenizer_config.json").write_text(json.dumps(tok))
+    (donor / "small.model").write_text("sp")
+    with open(donor / "big.model", "wb") as f:  # sparse: no disk used
+        f.truncate(300 << 20)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(donor), "parameters": {"weight": 0.5}}, {"model": m4[1], "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"small.model", "image_processing_foo.py", "processing_foo.py", "preprocessor_config.json"} <= files
+    assert "big.model" not in files
+
+
 def test_the_model_card_names_hub_ids_and_its_header_is_yaml(models, tmp_path, capsys, monkeypatch):
     """The card listed cached models by their snapshot path (a local path in base_model:, no Hub link), and a
     base_model with ': ' or '#' or '[' made its header other or invalid YAML (a bug hunt)."""

@@ -101,19 +101,21 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
                 first)
     messages = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, mine, group=group)
-    i = next(i for i, m in enumerate(messages) if m is not None)
-    kind, message = messages[i]
-    if any(m != messages[i] for m in messages):  # seen by some ranks only: say where
-        message = f"rank {dist.get_global_rank(group, i)}: {message}"
-    if kind in _ERRORS:  # the user's input, alike on every rank: the same one-line error everywhere
-        raise _ERRORS[kind](message) from (error if messages[i] == mine else None)
-    # Anything else (a RuntimeError, a MemoryError) stays itself where it was raised: a pipeline that catches
-    # MemoryError to back off caught nothing, every rank raised InputError (an audit); the others say which
-    # rank failed, as a DistributedError (the CLI's one line, exit 1), as the torchrun merge does.
-    if error is not None:
+    # Anything but the user's input (a RuntimeError, a MemoryError) stays itself where it was raised: a pipeline
+    # that catches MemoryError to back off caught nothing when every rank raised InputError (an audit). The
+    # others raise the first rank's input error if any rank had one, else a DistributedError naming the failure
+    # (the CLI's one line, exit 1), as the torchrun merge does.
+    if error is not None and mine[0] not in _ERRORS:
         raise error
-    where = "" if message.startswith("rank ") else f"rank {dist.get_global_rank(group, i)}: "
-    raise DistributedError(f"{where}{message} ({kind} there)")
+    picked = next((m for m in messages if m is not None and m[0] in _ERRORS), None) or \
+        next(m for m in messages if m is not None)
+    i = messages.index(picked)
+    kind, message = picked
+    if any(m != picked for m in messages):  # seen by some ranks only: say where
+        message = f"rank {dist.get_global_rank(group, i)}: {message}"
+    if kind in _ERRORS:  # the same one-line error on every rank
+        raise _ERRORS[kind](message) from (error if picked == mine else None)
+    raise DistributedError(f"{message} ({kind} there)")
 
 
 @_settling

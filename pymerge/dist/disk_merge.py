@@ -36,6 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 from pymerge import _native
 from pymerge.errors import CheckpointError, DistributedError, InputError, InterruptedAfterParts, MergeConfigError
 from pymerge.io import ShardedWriter
+from pymerge.io.writer import holds_working_folder, working_folder_note
 from pymerge.sizes import MAX_BYTES
 
 TIMEOUT_ENV = "PYMERGE_DIST_TIMEOUT"
@@ -159,6 +160,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         # retry failed on the non-empty OUT. Installing nothing instead cannot be promised: any rank can die
         # right after whichever agreement comes last. The other ranks cannot know whether rank 0 installed.
         warnings = list(state["plan"].warnings) if rank == 0 else []
+        inside = os.path.abspath(out_dir) if rank == 0 and holds_working_folder(out_dir) else None  # (before OUT
+        # is replaced: the working folder's path cannot be read once it is deleted)
         shards = len(state["writer"].shard_names) if rank == 0 else 1
         if out_shard_size >= MAX_BYTES and shards > 1:  # (ignored silently, an audit found)
             warnings.append(f"one unsplit file (--out-shard-size 0) cannot hold under {world} ranks, each writing "
@@ -168,6 +171,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             if rank == 0:
                 state["writer"].commit()
                 state["installed"] = True
+                if inside:
+                    warnings.append(working_folder_note(inside))
         maybe = "every part was written, so rank 0 may have installed OUT (complete): check it before a retry"
         try:
             _agree(install, dist, group, lost=None if rank == 0 else maybe)

@@ -160,8 +160,11 @@ class ShardedPool(CheckpointPool):
             self._arguments = _digest(method, weight_rows, kwargs)
             try:
                 result = super().materialize_many(weight_rows, into, method, **kwargs)
-            finally:  # (an error may come after the writes began)
-                _mark_gathered_stale(into)
+            except BaseException:
+                if self._agreed:  # past the plans' agreement the writes may have begun; a refusal wrote nothing
+                    _mark_gathered_stale(into)
+                raise
+            _mark_gathered_stale(into)
             self._tv_table = None  # (its entry keeps it)
         except Exception as exc:
             self._tv_table = self.kept_selection = None

@@ -310,11 +310,15 @@ class SafetensorsFile:
         on the map reads the disk's whole readahead window around it (8 MiB on a machine an audit used), so the
         ranks' sample of 64 tensors per checkpoint read most of each file on every rank."""
         info = self.info(name)
+        mm = self._require_open()
         n = min(n, info.nbytes)
         if n <= 0:
             return b""
         fd = open_regular(self.path)
         try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self.mapped_identity:  # another file at the path now: the mapped one's
+                return bytes(mm[info.file_offset:info.file_offset + n])  # bytes, which the merge reads
             try:
                 os.posix_fadvise(fd, info.file_offset, n, os.POSIX_FADV_RANDOM)
             except (AttributeError, OSError):  # advice only

@@ -521,8 +521,7 @@ class ShardedWriter:
             raise InputError(f"{tmp}: the temporary folder was removed or replaced by another program; "
                              "nothing installed")
         try:
-            if (not os.path.lexists(out) and _rename_onto_empty(tmp, out)
-                    or _is_empty_dir(out) and _fill_in_place(tmp, out)):
+            if (not os.path.lexists(out) or _is_empty_dir(out)) and _rename_onto_empty(tmp, out):
                 pass
             elif not out.is_dir():
                 raise InputError(f"{out}: exists and is not a folder")
@@ -881,64 +880,6 @@ def _rename_onto_empty(tmp: Path, out: Path) -> bool:
     return True
 
 
-_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
-
-
-def _fill_in_place(tmp: Path, out: Path) -> bool:
-    """Moves tmp's entries into OUT, an existing empty folder, which keeps its identity: renaming the
-    finished folder onto it left a shell whose working folder OUT was (`pymerge merge cfg .`) in a deleted
-    folder that showed nothing (an audit); OUT keeps its mode, owner and ACLs as they are. config.json moves
-    last, so no loader takes a half-moved folder for a model; on any error or interrupt the entries moved so
-    far go back. False where OUT filled up meanwhile (another writer): the caller goes on as for an OUT found
-    full. A bind mount that os.path.ismount cannot see refuses renames into it (EXDEV): named as such."""
-    names = sorted((n for n in os.listdir(tmp) if n != _LOCK_NAME), key=lambda n: (n == "config.json", n))
-    moved = []
-    try:
-        if not _is_empty_dir(out):
-            return False
-        for name in names:
-            try:
-                if not _rename_no_replace(tmp / name, out / name):
-                    raise FileExistsError(errno.EEXIST, "filled by another writer", str(out / name))
-            except PermissionError:
-                if moved:
-                    raise
-                return _rename_onto_empty(tmp, out)  # a folder its owner cannot write in: replaced, as before
-            moved.append(name)
-        if sorted(os.listdir(out)) != sorted(names):  # another writer's files beside ours
-            raise FileExistsError(errno.EEXIST, "filled by another writer", str(out))
-        fsync_dir(out)
-    except BaseException as exc:
-        for name in reversed(moved):
-            try:
-                os.rename(out / name, tmp / name)
-            except OSError:
-                pass
-        if isinstance(exc, FileExistsError):
-            return False
-        if isinstance(exc, OSError) and exc.errno == errno.EXDEV:
-            raise InputError(_mount_point(out)) from None
-        raise
-    return True
-
-
-def _rename_no_replace(src: Path, dst: Path) -> bool:
-    """Renames src to dst unless dst exists (False). renameat2's RENAME_NOREPLACE where the filesystem has it,
-    else a check just before the rename."""
-    if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            return False
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(dst))
-    if os.path.lexists(dst):
-        return False
-    os.rename(src, dst)
-    return True
-
-
 def _keep_access(out: Path, tmp: Path) -> None:
     """A folder the user made for OUT (empty, or replaced with --force) keeps its group and its permission
     bits for group and others: the renamed temp folder had the umask's, which made a group-private OUT
@@ -1085,6 +1026,23 @@ def _remove_whole(path: Path) -> None:
         raise interrupted
 
 
+def holds_working_folder(out) -> bool:
+    """Whether this process's working folder is OUT, an existing folder, or lies inside it: installing renames
+    a new folder onto that path, so a shell started there (`cd out && pymerge merge ../c.yml .`) still looks at
+    the old one, deleted, and sees nothing (an audit). The merge says so; filling OUT in place instead would
+    leave half a model there if the process were killed midway."""
+    try:
+        cwd, where = os.path.realpath(os.getcwd()), os.path.realpath(out)
+    except OSError:
+        return False
+    return os.path.isdir(where) and (cwd == where or cwd.startswith(where.rstrip(os.sep) + os.sep))
+
+
+def working_folder_note(out) -> str:
+    return (f"{out} is a new folder holding the model: a shell whose working folder was {out} (or one inside it) "
+            f"still shows the old one, now deleted; `cd {out}` there to see the model")
+
+
 MOUNTINFO = "/proc/self/mountinfo"
 PARTS_VISIBLE_S = 5.0  # how long part 0 looks for the other parts' shards (a network filesystem shows them late)
 
@@ -1164,6 +1122,7 @@ def _load_renameat2():
 
 
 _RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -35,7 +35,7 @@ from pymerge.pool.pool import method_params_of
 from pymerge.io.files import check_replaceable, hold_lock, read_small, release_lock
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values
-from pymerge.search.report import macro_average, pareto_front, plot, replace_file, write_csv, write_json
+from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
 MAX_WEIGHTS = 5000  # in a search's weight table: CMA-ES's d x d matrices are 200 MB each there
@@ -113,15 +113,7 @@ class _OwnRNG:
         np.random.set_state(self._saved)
 
 
-def _number(value) -> Optional[float]:
-    """value as a float where it is a real number (Python, numpy, a one-element tensor), else None:
-    a string ("0.5") or a bool was parsed as a score, which the pool refuses as a weight."""
-    if isinstance(value, (str, bytes, bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError, OverflowError, RuntimeError):  # OverflowError: an int past float's range
-        return None
+_number = as_number  # (report.py: torch-free)
 
 
 def _scores(value, index: int) -> Dict[str, float]:

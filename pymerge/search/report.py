@@ -2,13 +2,23 @@
 import csv
 import json
 import math
-import numbers
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from pymerge.errors import InputError, short
 from pymerge.io.files import replace_file
+
+
+def as_number(value) -> Optional[float]:
+    """value as a float where it is a real number (Python, numpy, a one-element tensor), else None:
+    a string ("0.5") or a bool was parsed as a score, which the pool refuses as a weight."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("torch.bool", "bool"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # OverflowError: an int past float's range
+        return None
 
 
 def macro_average(scores: Dict[str, float]) -> float:
@@ -17,10 +27,10 @@ def macro_average(scores: Dict[str, float]) -> float:
         raise InputError(f"scores must be a non-empty dict task -> score, got {short(scores)}")
     values = []
     for k in sorted(scores):  # a list's mean was taken as if its items were tasks; a str raised numpy's error
-        v = scores[k]
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-            raise InputError(f"scores[{k!r}] must be a number, got {short(v)}")
-        values.append(float(v))
+        v = as_number(scores[k])
+        if v is None:
+            raise InputError(f"scores[{k!r}] must be a number, got {short(scores[k])}")
+        values.append(v)
     return float(np.mean(values))
 
 
