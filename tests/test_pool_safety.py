@@ -683,3 +683,72 @@ def test_one_line_errors_an_api_fuzz_found(tmp_path):
     big = [{"w": torch.tensor([1e300, 1.0], dtype=torch.float64)}, {"w": torch.ones(2, dtype=torch.float64)}]
     with pytest.raises(CheckpointError, match="in which the kernels hold a float64 checkpoint; no pool dtype holds them"):
         CheckpointPool(big)
+
+
+@pytest.mark.parametrize("residency", ["host", "mmap"])
+def test_a_bin_checkpoint_cut_while_the_pool_opens_it_is_an_error_not_a_sigbus(tmp_path, monkeypatch, residency):
+    """pytorch_model.bin cut by another program just after torch.load mapped it: pymerge could no longer read the
+    zip to locate the map, took it for an unmappable file and guarded nothing: SIGBUS while the pool copied it
+    (host) or at the first materialize (mmap; an audit). The file's stat before the load is compared."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import os, torch
+        import pymerge, pymerge.io.checkpoint as ck
+        d = {str(tmp_path)!r}
+        for i in range(2):
+            os.makedirs(f"{{d}}/m{{i}}")
+            torch.save({{"w": torch.randn(256, 256)}}, f"{{d}}/m{{i}}/pytorch_model.bin")
+        victim, real = f"{{d}}/m1/pytorch_model.bin", ck._torch_load
+        def load_then_cut(path, mappable):
+            out = real(path, mappable)
+            if str(path) == victim:
+                os.truncate(victim, os.path.getsize(victim) // 2)
+            return out
+        ck._torch_load = load_then_cut
+        try:
+            pool = pymerge.CheckpointPool([f"{{d}}/m0", f"{{d}}/m1"], residency={residency!r})
+            pool.materialize([0.5, 0.5], into={{"w": torch.zeros(256, 256)}})
+            print("no error")
+        except pymerge.errors.CheckpointError as e:
+            print("error:", e)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("pytorch_model.bin: changed while it was being read (cut, rewritten or "
+                                       "replaced); read it again once it is complete"), run.stdout
+
+
+@pytest.mark.parametrize("bf16_first", [True, False])
+def test_the_memory_budget_counts_every_checkpoint_in_its_own_dtype(tmp_path, bf16_first):
+    """The pool sized every checkpoint as the first one: a bfloat16 first beside float32 ones held 235 MB under a
+    150 MB budget, and one listed last fell to the memory map under a budget it fit (an audit)."""
+    from safetensors.torch import save_file
+    paths = []
+    for i in range(4):
+        t = torch.randn(1 << 20, generator=torch.Generator().manual_seed(i))
+        save_file({"w": t.bfloat16() if i == 0 else t}, str(tmp_path / f"c{i}.safetensors"))
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+    if not bf16_first:
+        paths = paths[1:] + paths[:1]
+    need = (1 << 20) * (2 + 3 * 4)
+    over = CheckpointPool(paths, memory_budget=need - 1)
+    fits = CheckpointPool(paths, memory_budget=need)
+    assert over.nbytes == fits.nbytes == need
+    assert over.residency == "mmap" and fits.residency == "host"
+
+
+def test_pool_tensor_from_a_cut_file_is_an_error_not_zeros(tmp_path):
+    """pool.tensor() on the mmap tier copied the map: a file cut meanwhile gave a tensor of zeros, silently,
+    though the comment said the guard made it an error (an audit). It checks the files after the copy."""
+    from safetensors.torch import save_file
+    paths = []
+    for i in range(2):
+        save_file({"a": torch.ones(4096), "b": torch.randn(1 << 16)}, str(tmp_path / f"c{i}.safetensors"))
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+    pool = CheckpointPool(paths, residency="mmap")
+    assert torch.equal(pool.tensor(1, "a"), torch.ones(4096))
+    os.truncate(paths[1], os.path.getsize(paths[1]) // 2)
+    with pytest.raises(CheckpointError, match="c1.safetensors: the file shrank .* the tensor returned would not be"):
+        pool.tensor(1, "b")

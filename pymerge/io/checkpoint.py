@@ -86,7 +86,7 @@ class TorchFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r}: shape has {t.dim()} dimensions; pymerge "
                                       f"supports at most {MAX_DIMS}")
         self._state: Optional[dict] = state
-        self._range = _mapping_of(self.path, state) if mapped else None
+        self._range = _mapping_of(self.path, state, st) if mapped else None
 
     def mapped_range(self) -> Optional[Tuple[int, int]]:
         """(address, length) of torch's memory map of the file (for pymerge/io/sigbus.py), or None where
@@ -269,21 +269,32 @@ def _madvise(address: int, length: int, option: int) -> None:
 _LIBC = None  # ctypes' libc, loaded at the first advice (False: none here)
 
 
-def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
+def _mapping_of(path: Path, state: dict, loaded: os.stat_result) -> Optional[Tuple[int, int]]:
     """Where torch.load(mmap=True) mapped the file: it maps the whole file once and every storage is a
     slice of that map at its zip record's data offset, so the map starts at (a storage's address - its
     record's offset). Every storage must agree, and where /proc/self/maps exists the map found there must
     be this file's, from its first byte; otherwise None (no guard: nothing is assumed). A storage longer
     than its record is a CheckpointError: mapped, torch does not check, and the tensor read the records
-    after it."""
+    after it. So is a file changed since `loaded` (its stat before torch mapped it): a cut then left this
+    unable to read the zip, None, and every later read of the map unguarded, a SIGBUS (an audit)."""
+    def unchanged() -> None:
+        try:
+            now = path.stat()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot be read again ({exc.strerror or exc})") from None
+        if (now.st_dev, now.st_ino, now.st_size) != (loaded.st_dev, loaded.st_ino, loaded.st_size) or \
+                _stamp(now) != _stamp(loaded):
+            raise CheckpointError(f"{path}: changed while it was being read (cut, rewritten or replaced); "
+                                  "read it again once it is complete")
     storages = {}  # address -> (bytes, a tensor's name)
     for name, t in state.items():
         if t.untyped_storage().nbytes() > 0:
             storages.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), name))
     if not storages:
         return None
+    unchanged()
+    st = loaded
     try:
-        st = path.stat()
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
             records = {}  # data offset -> bytes (0: an empty storage, or one cut to nothing)
             for info in zf.infolist():
@@ -296,6 +307,7 @@ def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
                 records[info.header_offset + 30 + name_len + extra_len] = info.file_size
     except (OSError, zipfile.BadZipFile, ValueError):
+        unchanged()  # (a cut while the records were read)
         return None  # not a zip torch can map
     # The first storage is at one of the records' offsets (the first with data, unless a record was cut
     # to nothing): the one at which every storage lands on a record locates the map.
@@ -311,6 +323,7 @@ def _mapping_of(path: Path, state: dict) -> Optional[Tuple[int, int]]:
                                   f"the file says {nbytes} (a truncated or corrupt file)")
     if not _maps_file_at(begin, st):
         return None
+    unchanged()  # the range below is the file as torch mapped it: the guard then sees a later cut
     return begin, st.st_size
 
 
