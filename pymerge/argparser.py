@@ -13,7 +13,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def _print_message(self, message, file=None):
-        if message and file is not None and file is sys.stdout:
+        if file is None:  # help or version with stdout closed (>&-): dropped, as any stdout output (not to stderr)
+            return
+        if message and file is sys.stdout:
             file.write(message)
             file.flush()
         else:  # stderr (usage errors): argparse's own, which a closed stderr cannot fail

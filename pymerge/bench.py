@@ -19,6 +19,10 @@ from pymerge.progress import say
 from pymerge.sizes import format_size
 
 
+CPU_SETTLE_S = 0.05  # idle before each timed CPU call: torch's OpenMP workers spin for milliseconds after an op,
+# and on a small machine they took the cores from pymerge timed right after copy (benchmarks/common.py)
+
+
 def _time(fns: dict, rounds: int, cuda: bool) -> tuple:
     """(seconds per function: best, median on the GPU; every round's seconds per function)."""
     import torch
@@ -29,6 +33,8 @@ def _time(fns: dict, rounds: int, cuda: bool) -> tuple:
         for k, f in fns.items():
             if cuda:
                 torch.cuda.synchronize()
+            else:
+                time.sleep(CPU_SETTLE_S)
             t = time.perf_counter()
             f()
             if cuda:
@@ -64,7 +70,7 @@ def run(device: str, numel: int, rounds: int) -> list:
         per_round = [(moved / p) / (2 * src.nbytes / c) for p, c in zip(samples["pymerge"], samples["copy"])]
         rows.append({"N": n, "elements": numel, **{f"{k} GB/s": v for k, v in gbs.items()},
                      "pymerge / copy": gbs["pymerge"] / gbs["copy"],
-                     "per round": f"{min(per_round):.2f}-{max(per_round):.2f}",
+                     "per round": [min(per_round), max(per_round)],
                      "copy spread": max(samples["copy"]) / min(samples["copy"])})
         del xs, out, src, dst  # before the next N's inputs: one N's tensors at a time
     return rows
@@ -103,13 +109,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="default 5")
     ap.add_argument("--quick", action="store_true",
                     help="1M elements, 3 rounds (seconds); --elements or --rounds given win")
-    ap.add_argument("--json", action="store_true", help="print the rows as one JSON object on the last line")
+    ap.add_argument("--json", action="store_true",
+                    help="print the rows as one JSON object, the only line on stdout (the table goes to stderr)")
     args = ap.parse_args(argv)
     quick = args.quick  # the defaults it changes; options given on the command line stay
     args.elements = args.elements if args.elements is not None else (1 << 20 if quick else 8 << 20)
     args.rounds = args.rounds if args.rounds is not None else (3 if quick else 5)
-    if args.rounds < 1:
-        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not 1 <= args.rounds <= 10**6:  # (99999999999 ran until killed)
+        ap.error(f"--rounds must be from 1 to 1000000, got {args.rounds}")
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():  # torch's AssertionError traceback before
         ap.error("--device cuda: CUDA is not available to this torch")
@@ -127,17 +134,25 @@ def main(argv=None) -> int:
         first = first_line(exc)
         say(f"pymerge bench: error: --elements {args.elements} does not fit in memory ({first[:200]}); use fewer")
         return 2
+    log = say if args.json else print  # --json: stdout holds the JSON alone (`| jq .` failed on the table)
     cols = [c for c in rows[0] if c != "copy spread"]
     pick = "median" if device == "cuda" else "best"
-    print(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, {pick} of {args.rounds} rounds; "
-          "per round: the ratio to copy in each round, lowest-highest)")
-    print(" | ".join(cols))
+    rounds = f"{args.rounds} round{'s' if args.rounds != 1 else ''}"
+    log(f"pymerge weighted sum on {device} (bf16 in/out, float32 accumulation, {pick} of {rounds}; "
+        "per round: the ratio to copy in each round, lowest-highest)")
+    log(" | ".join(cols))
     for r in rows:
-        print(" | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        log(" | ".join("-".join(f"{v:.2f}" for v in r[c]) if isinstance(r[c], list) else
+                       f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
     busy = max(r.get("copy spread", 1.0) for r in rows)
     if busy > 1.5:  # torch's copy on OpenMP threads stalls when a core is taken: ratios of 0.1 or 19 (an audit)
-        print(f"note: the copy's own time varied {busy:.1f}x between rounds: this machine is busy, and the ratios "
-              "to copy do not hold; rerun on a quiet machine or with more --rounds")
+        log(f"note: the copy's own time varied {busy:.2f}x between rounds: this machine is busy, and the ratios "
+            "to copy do not hold; rerun on a quiet machine or with more --rounds")
     if args.json:
         print(json.dumps({"device": device, "rows": rows}))
     return 0
+
+
+if __name__ == "__main__":  # python -m pymerge.bench (did nothing)
+    import sys
+    sys.exit(main())

@@ -64,8 +64,12 @@ def version_text() -> str:
     import importlib.metadata
     import importlib.util
     from pymerge import __version__, _native
-    cpu = f"cpu ({_native.cpu.simd_level()})" if _native.cpu is not None else "cpu: NOT BUILT"
-    cuda = "cuda extension" if _native.cuda is not None else "no cuda extension (built without nvcc or nvcc failed, or with PYMERGE_NO_CUDA=1)"
+    def missing(name: str, error, unbuilt: str) -> str:  # built but not loading is not "not built" (an audit)
+        return unbuilt if _native._not_built(error) else f"{name} extension built but does not load (see pymerge doctor)"
+    cpu = (f"cpu ({_native.cpu.simd_level()})" if _native.cpu is not None else
+           missing("cpu", _native.CPU_IMPORT_ERROR, "cpu: NOT BUILT"))
+    cuda = "cuda extension" if _native.cuda is not None else missing(
+        "cuda", _native.CUDA_IMPORT_ERROR, "no cuda extension (built without nvcc or nvcc failed, or with PYMERGE_NO_CUDA=1)")
     triton = "triton" if importlib.util.find_spec("triton") is not None else "no triton (pip install triton)"
     try:
         torch = f"torch {importlib.metadata.version('torch')}"
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    ap.commands = sub.choices  # (a dict filled below: _main names an unknown option given without a command)
     ap.merge_parser = _merge_parser(sub)
     for name, text in (("demo", "run the demo (pymerge.demo)"), ("search", "merge-weight search (pymerge.search)"),
                        ("bench", "quick weighted-sum benchmark against copy bandwidth (pymerge.bench)"),
@@ -156,6 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs a command and returns its exit code. Called without argv (the `pymerge` script,
     `python -m pymerge`), a finished merge ends the process at once: its output is committed and
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
+    _fill_closed_descriptors()
     if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
         sys.stderr = open(os.devnull, "w")
     try:
@@ -183,6 +189,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         _say_system_error(exc)
         _discard_stdout()  # its buffer would raise again at exit
         return 2
+
+
+def _fill_closed_descriptors() -> None:
+    """Descriptors 0-2 closed by the caller (`>&- 2>&-`) are opened on /dev/null, each at its own number: the
+    next file opened took number 2 (a demo's lock file), where torch's and libgomp's C code write their
+    messages (a CLI audit). sys.stdout and sys.stderr stay None, so what would go there is dropped."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _refuse_with_other_ranks(message: str) -> None:
@@ -246,6 +266,10 @@ def _main(argv: Optional[List[str]]) -> int:
     # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
     # option (`pymerge demo --quick`) through, so the rest of the line goes to them untouched.
     parser = build_parser()
+    if not any(a in parser.commands for a in argv):  # `pymerge --bogus` said only that COMMAND is required
+        unknown = [a for a in argv if a.startswith("-") and a not in ("-h", "--help", "--version")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args, rest = parser.parse_known_args(argv)  # usage errors: argparse prints them, exits 2
     if args.command == "merge" and rest:  # unknown options: merge's usage error, or pymerge's before `merge`
         before = argv[:argv.index("merge")]

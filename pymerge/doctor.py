@@ -78,3 +78,8 @@ def main(argv=None) -> int:
     for name, ok, detail in report():
         print(f"{name:16s} {'yes' if ok else 'no ':3s}  {detail}")
     return 0  # stdout is flushed by cli.main, which ends a reader gone away quietly
+
+
+if __name__ == "__main__":  # python -m pymerge.doctor (did nothing)
+    import sys
+    sys.exit(main())

@@ -18,10 +18,14 @@ def test_version_names_the_version_and_backends(capsys):
 
 
 def test_bench_runs_from_the_package(capsys):
+    """--json: stdout is the JSON alone, the table on stderr (`| jq .` failed on the table; a CLI audit)."""
     assert cli.main(["bench", "--elements", "4099", "--rounds", "1", "--json"]) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cap = capsys.readouterr()
+    last = json.loads(cap.out)
     assert last["device"] == "cpu" and [r["N"] for r in last["rows"]] == [2, 8, 16]
     assert all(r["pymerge GB/s"] > 0 and r["copy GB/s"] > 0 for r in last["rows"])
+    assert all(len(r["per round"]) == 2 and r["per round"][0] <= r["per round"][1] for r in last["rows"])
+    assert "best of 1 round;" in cap.err and "pymerge / copy" in cap.err
 
 
 def test_bench_quick_keeps_the_options_given(capsys, monkeypatch):
@@ -39,7 +43,7 @@ def test_bench_refuses_counts_it_cannot_run_in_one_line(capsys):
     """--elements 0 divided by zero, -5 was a torch traceback, inf an OverflowError past argparse (exit 1)."""
     import pytest
     for args in (["--elements", "0"], ["--elements", "-5"], ["--elements", "inf"], ["--elements", "x"],
-                 ["--rounds", "0"]):
+                 ["--rounds", "0"], ["--rounds", "99999999999"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(["bench", *args])
         err = capsys.readouterr().err.strip().splitlines()
@@ -135,7 +139,40 @@ def test_bench_copies_written_memory_and_reports_each_rounds_ratio(monkeypatch, 
     assert "best of 2 rounds" in out and "per round" in out
     lines = out.splitlines()  # per round: copy's time over pymerge's (the same bytes): 1/1 and 1/0.5; N = 8: 2/0.5
     assert lines[2].startswith("2 |") and "| 1.00-2.00" in lines[2] and "| 1.00-4.00" in lines[3]
-    assert "note: the copy's own time varied 2.0x between rounds" in out
+    assert "note: the copy's own time varied 2.00x between rounds" in out
     with pytest.raises(SystemExit):
         cli.main(["bench", "--elements", "1.5"])
     assert "must be a whole number" in capsys.readouterr().err
+
+
+def test_cli_audit_entry_points(capsys, monkeypatch, tmp_path):
+    """A CLI audit: `pymerge --bogus` said only that COMMAND is required; --version called an extension that
+    was built but failed to load "not built"; `python -m pymerge.doctor` did nothing, exit 0; help with stdout
+    closed went to stderr; descriptors closed by the caller were reused by the next file opened (a demo's lock
+    file became descriptor 2, where C code writes its messages)."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from pymerge import _native
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--bogus"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "pymerge: error: unrecognized arguments: --bogus (see pymerge --help)"
+    monkeypatch.setattr(_native, "cpu", None)
+    monkeypatch.setattr(_native, "CPU_IMPORT_ERROR", ImportError("undefined symbol: x"))
+    assert "cpu extension built but does not load (see pymerge doctor)" in cli.version_text()
+    monkeypatch.setattr(_native, "CPU_IMPORT_ERROR", ModuleNotFoundError("no", name="pymerge._cpu"))
+    assert "cpu: NOT BUILT" in cli.version_text()
+    run = subprocess.run([sys.executable, "-m", "pymerge.doctor"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("pymerge "), run
+    run = subprocess.run(["sh", "-c", f"exec >&-; {sys.executable} -m pymerge --help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    script = ("import os\nos.close(1); os.close(2)\nfrom pymerge import cli\ncli._fill_closed_descriptors()\n"
+              f"fd = os.open({str(tmp_path / 'f')!r}, os.O_CREAT | os.O_WRONLY)\n"
+              f"open({str(tmp_path / 'fd')!r}, 'w').write(str(fd))\n")
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 0
+    assert int((tmp_path / "fd").read_text()) > 2

@@ -192,6 +192,22 @@ def _merged_tensors(pool, model, names) -> list:
 _OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")
 
 
+def _check_out(out: str) -> None:
+    """What _prepare_out refuses of an OUT that exists, without making anything."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"out {out}: exists and is not a folder")
+    if os.path.isdir(out):
+        _probe_writable(out)
+
+
+def _probe_writable(out: str) -> None:
+    try:  # a read-only folder was found when the results were written, after the whole search
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".pymerge-search-", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise InputError(f"out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _prepare_out(out: str) -> List[str]:
     """Before the search, not after it: OUT is a folder (made if missing) whose result files, where they
     exist, are regular files or links (links are replaced, never written through). Returns the folders
@@ -207,12 +223,11 @@ def _prepare_out(out: str) -> List[str]:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise InputError(f"out {out}: cannot create it: {exc.strerror or exc}") from None
-    try:  # a read-only folder was found when the results were written, after the whole search
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".pymerge-search-", suffix=".probe"):
-            pass
-    except OSError as exc:
+    try:
+        _probe_writable(out)
+    except InputError:
         _unmake(made)
-        raise InputError(f"out {out}: cannot write there ({exc.strerror or exc})") from None
+        raise
     for name in _OUT_FILES:
         check_replaceable(os.path.join(out, name))
     return made
@@ -325,6 +340,7 @@ def _search(args, cfg: dict, here: str) -> int:
     # before the pool is built (minutes for a large model) and the entry points imported: a typo is refused at once
     search_settings(s.get("budget", 200), s.get("popsize"), s.get("sigma0", 0.2), s.get("seed", 0), s.get("replicas"))
     check_searchable(cfg.get("method", "linear"))
+    _check_out(out)  # before the pool is built (minutes for a large model): a file there was found after it
     build = load_entry_point(cfg["model"], "model")
     evaluate = NamedEvaluate(load_entry_point(cfg["evaluate"], "evaluate"), cfg["evaluate"])
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),
