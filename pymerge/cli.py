@@ -161,7 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs a command and returns its exit code. Called without argv (the `pymerge` script,
     `python -m pymerge`), a finished merge ends the process at once: its output is committed and
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
-    _fill_closed_descriptors()
+    if argv is None:  # the script's own process (a library caller's descriptors are its own business)
+        _fill_closed_descriptors()
     if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
         sys.stderr = open(os.devnull, "w")
     try:
@@ -199,10 +200,15 @@ def _fill_closed_descriptors() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+            except OSError:  # no /dev/null (a minimal chroot): as before
+                return
             if null != fd:
-                os.dup2(null, fd)
+                os.dup2(null, fd)  # (inheritable)
                 os.close(null)
+            else:
+                os.set_inheritable(fd, True)  # os.open's are not: children started with it closed again
 
 
 def _refuse_with_other_ranks(message: str) -> None:
@@ -266,8 +272,9 @@ def _main(argv: Optional[List[str]]) -> int:
     # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
     # option (`pymerge demo --quick`) through, so the rest of the line goes to them untouched.
     parser = build_parser()
-    if not any(a in parser.commands for a in argv):  # `pymerge --bogus` said only that COMMAND is required
-        unknown = [a for a in argv if a.startswith("-") and a not in ("-h", "--help", "--version")]
+    asked = any(a == "-h" or len(a) > 2 and ("--help".startswith(a) or "--version".startswith(a)) for a in argv)
+    if not asked and not any(a in parser.commands for a in argv):  # `pymerge --bogus` said only "COMMAND required"
+        unknown = [a for a in argv if a.startswith("-")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args, rest = parser.parse_known_args(argv)  # usage errors: argparse prints them, exits 2

@@ -171,8 +171,14 @@ def test_cli_audit_entry_points(capsys, monkeypatch, tmp_path):
     run = subprocess.run(["sh", "-c", f"exec >&-; {sys.executable} -m pymerge --help"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and run.stderr == "", run.stderr
-    script = ("import os\nos.close(1); os.close(2)\nfrom pymerge import cli\ncli._fill_closed_descriptors()\n"
+    script = ("import os, subprocess, sys\nos.close(1); os.close(2)\nfrom pymerge import cli\n"
+              "cli._fill_closed_descriptors()\n"
               f"fd = os.open({str(tmp_path / 'f')!r}, os.O_CREAT | os.O_WRONLY)\n"
-              f"open({str(tmp_path / 'fd')!r}, 'w').write(str(fd))\n")
+              "child = subprocess.run([sys.executable, '-c', 'import os; os.fstat(1); os.fstat(2)']).returncode\n"
+              f"open({str(tmp_path / 'fd')!r}, 'w').write(f'{{fd}} {{child}}')\n")
     assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 0
-    assert int((tmp_path / "fd").read_text()) > 2
+    fd, child = map(int, (tmp_path / "fd").read_text().split())
+    assert fd > 2 and child == 0  # (a child inherited the filled descriptors: os.open's are not inheritable)
+    for flag in ("--vers", "--version --bogus"):  # argparse's abbreviation, and --version before anything else
+        assert subprocess.run([sys.executable, "-m", "pymerge", *flag.split()], capture_output=True,
+                              timeout=120).returncode == 0, flag

@@ -771,6 +771,14 @@ def backward_after_merge_worker(rank, world, files):
         out["refused"] = type(exc).__name__
     y.sum().backward()
     out["after_refusal"] = all(p.grad is not None for p in m.parameters())
+    m.zero_grad()
+    y = m(torch.randn(4, 13))
+    try:  # refused at the plans' agreement (no target tensor of those names): nothing written either
+        pool.materialize(W3, into=m, names=lambda n: "missing." + n)
+    except Exception as exc:
+        out["refused_at_plans"] = type(exc).__name__
+    y.sum().backward()
+    out["after_plans_refusal"] = all(p.grad is not None for p in m.parameters())
     return out
 
 
@@ -779,6 +787,7 @@ def test_a_backward_through_a_forward_from_before_a_merge_raises_under_fsdp(tmp_
     for res in dist_helpers.run(backward_after_merge_worker, 2, str(tmp_path), files):
         assert res["stale"] is not None and "modified by an inplace operation" in res["stale"], res
         assert res["fresh"] and res["refused"] == "InputError" and res["after_refusal"], res
+        assert res["refused_at_plans"] == "InputError" and res["after_plans_refusal"], res
 
 
 def test_the_values_sample_reads_any_shape_and_tells_checkpoints_apart():

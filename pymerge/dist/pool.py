@@ -152,6 +152,7 @@ class ShardedPool(CheckpointPool):
 
     def _materialize_many(self, weight_rows, into, method: str, **kwargs) -> list:
         self._agreed = False  # whether this rank reached _checked_plans's agreement
+        self._planned = False  # whether the ranks agreed on plans this call writes with (past it, writes may begin)
         self._tv_table = None  # this call's task-vector table (_method_plans), if any
         if isinstance(into, Iterator):  # read once, here: the forgetting and FSDP's counters below need it again
             into = list(into)
@@ -161,7 +162,7 @@ class ShardedPool(CheckpointPool):
             try:
                 result = super().materialize_many(weight_rows, into, method, **kwargs)
             except BaseException:
-                if self._agreed:  # past the plans' agreement the writes may have begun; a refusal wrote nothing
+                if self._planned:  # past the plans' agreement the writes may have begun; a refusal wrote nothing
                     _mark_gathered_stale(into)
                 raise
             _mark_gathered_stale(into)
@@ -207,6 +208,7 @@ class ShardedPool(CheckpointPool):
         # order, a hash seed) wrote one checkpoint's rows on one rank and another's on the next.
         planned = collectives.fingerprint([(p.name, p.group, p.target) for p in plans])
         collectives.agree(error, self.agreeing, (getattr(self, "_arguments", 0), planned), differs=_DIFFER)
+        self._planned = True
         plans.planned = planned  # (a _Plans list) compared again where the plans are reused (_plan_entry)
         return plans
 
@@ -281,6 +283,7 @@ class ShardedPool(CheckpointPool):
             stale = collectives.agree(None, self.agreeing, (self._arguments, planned), differs=(_DIFFER[0], None),
                                       flag=valid is None)
             self._agreed = not stale  # past the agreement; a stale entry's plans agree in _checked_plans
+            self._planned = not stale  # the kept plans, agreed: the writes follow
             return not stale
 
         return self._plan_cache.entry(key, into, build, self._watcher(into, names), make, agree=agree)

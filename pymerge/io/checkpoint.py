@@ -282,8 +282,9 @@ def _mapping_of(path: Path, state: dict, loaded: os.stat_result) -> Optional[Tup
             now = path.stat()
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot be read again ({exc.strerror or exc})") from None
-        if (now.st_dev, now.st_ino, now.st_size) != (loaded.st_dev, loaded.st_ino, loaded.st_size) or \
-                _stamp(now) != _stamp(loaded):
+        # (the mtime, not the ctime: a chmod or a new hard link meanwhile is no change to refuse here)
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != \
+                (loaded.st_dev, loaded.st_ino, loaded.st_size, loaded.st_mtime_ns):
             raise CheckpointError(f"{path}: changed while it was being read (cut, rewritten or replaced); "
                                   "read it again once it is complete")
     storages = {}  # address -> (bytes, a tensor's name)

@@ -314,7 +314,10 @@ class SafetensorsFile:
         n = min(n, info.nbytes)
         if n <= 0:
             return b""
-        fd = open_regular(self.path)
+        try:
+            fd = open_regular(self.path)
+        except FileNotFoundError:  # deleted since: the map still holds it
+            return bytes(mm[info.file_offset:info.file_offset + n])
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != self.mapped_identity:  # another file at the path now: the mapped one's

@@ -194,10 +194,13 @@ _OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")
 
 def _check_out(out: str) -> None:
     """What _prepare_out refuses of an OUT that exists, without making anything."""
+    from pymerge.io.files import check_replaceable
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"out {out}: exists and is not a folder")
     if os.path.isdir(out):
         _probe_writable(out)
+        for name in _OUT_FILES:
+            check_replaceable(os.path.join(out, name))
 
 
 def _probe_writable(out: str) -> None:
