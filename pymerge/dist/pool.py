@@ -157,6 +157,11 @@ class ShardedPool(CheckpointPool):
         if isinstance(into, Iterator):  # read once, here: the forgetting and FSDP's counters below need it again
             into = list(into)
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
+            # FSDP2 roots gathered by a forward go back to their shards on every rank first: a rank refusing its
+            # weights before its plans left its root gathered where the others resharded, and the backward's
+            # all-gathers then met on one rank only (gloo aborted the process; a review)
+            for target in (into if isinstance(into, (list, tuple)) else [into]):
+                _reshard(target)
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
             try:
