@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from pymerge.bench import CPU_SETTLE_S  # the idle before each timed CPU call (why: pymerge/bench.py)
+
 # PYMERGE_BENCH_RESULTS redirects every table (gpu_check.sh collects a run's results in its own folder).
 RESULTS = os.environ.get("PYMERGE_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -33,14 +35,6 @@ def machine_description(device: str) -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-# Pause before each timed CPU call: torch's OpenMP workers spin for a while after a parallel region
-# (libgomp: 300,000 iterations unless OMP_WAIT_POLICY says otherwise, milliseconds), and on a small
-# machine they take the cores from whatever runs next. Without it, every function timed right after a
-# torch peer paid for that peer's spinning: pymerge's weighted sum after torch.compile on 2 cores,
-# 18.0 ms alone and 20.7 ms after it (N = 8 x 32M bfloat16), which read as 0.90x torch.compile.
-CPU_SETTLE_S = 0.05
 
 
 def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int = 5, samples_out=None,

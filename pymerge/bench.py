@@ -19,8 +19,11 @@ from pymerge.progress import say
 from pymerge.sizes import format_size
 
 
-CPU_SETTLE_S = 0.05  # idle before each timed CPU call: torch's OpenMP workers spin for milliseconds after an op,
-# and on a small machine they took the cores from pymerge timed right after copy (benchmarks/common.py)
+# Idle before each timed CPU call (here and in benchmarks/common.py): torch's OpenMP workers spin after a parallel
+# region (libgomp: 300,000 iterations unless OMP_WAIT_POLICY says otherwise, milliseconds), and on a small machine
+# they take the cores from whatever is timed next: pymerge's weighted sum right after torch.compile on 2 cores,
+# 20.7 ms instead of 18.0 (N = 8 x 32M bfloat16), which read as 0.90x torch.compile.
+CPU_SETTLE_S = 0.05
 
 
 def _time(fns: dict, rounds: int, cuda: bool) -> tuple:

@@ -40,7 +40,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
                             unmatched_filter_warnings, uses_positions)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
-from pymerge.io.writer import holds_working_folder, working_folder_note
+from pymerge.io.writer import working_folder_note, working_folder_within
 from pymerge.io.checkpoint import check_folder_unchanged, read_model_config
 from pymerge.io.files import out_location, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
@@ -190,7 +190,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
         check_out_spares_inputs(out_dir, plan)
         entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors] + [(c.name, c.dtype, c.shape)
                                                                             for c in plan.copies]
-        inside = os.path.abspath(out_dir) if holds_working_folder(out_dir) else None  # (before OUT is replaced)
+        inside = working_folder_within(out_dir)  # (before OUT is replaced)
         with ShardedWriter(out_dir, entries, max_shard_bytes=args.out_shard_size, force=force,
                            metadata={"format": "pt"}) as writer:
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
@@ -690,7 +690,7 @@ def _vocabulary_files(folder: Path) -> List[str]:
         settings = {}
     for key, value in (settings.items() if isinstance(settings, dict) else ()):
         if (key.endswith("_file") and isinstance(value, str) and value in names and value not in found
-                and not value.endswith(_WEIGHT_SUFFIXES) and os.path.isfile(folder / value)):
+                and not value.endswith(_WEIGHT_SUFFIXES)):
             found.append(value)
     return [n for n in found if n not in TOKENIZER_FILES and n not in _WRITTEN_OTHERWISE and not n.endswith(".py")
             and os.path.isfile(folder / n)]
@@ -745,7 +745,7 @@ def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer: Optional
     code = [(folder, m) for m in _remote_code_files(model_cfg, folder)]
     configs = [] if tokenizer is None else [(tokenizer, "tokenizer_config.json")]
     # a custom processor's modules too (Phi-3-vision's processing_phi3_v.py): its files are copied from the donor
-    configs += [(folder, f) for f in ("preprocessor_config.json", "processor_config.json")]
+    configs += [(folder, f) for f in PROCESSOR_FILES]
     for where, fname in configs:
         config = where / fname
         if not config.is_file():

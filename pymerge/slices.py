@@ -33,7 +33,7 @@ from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, ch
                             filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
                             unmatched_filter_warning, unmatched_filters)
 from pymerge.errors import CheckpointError, MergeConfigError, described, short
-from pymerge.io.checkpoint import read_model_config
+from pymerge.io.checkpoint import head_bytes, read_model_config
 
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -217,8 +217,7 @@ class RenamedCheckpoint:
         return self.ck.array(self.map[name])
 
     def head(self, name, n: int) -> bytes:
-        head = getattr(self.ck, "head", None)
-        return head(self.map[name], n) if head is not None else bytes(self.ck.array(self.map[name])[:n])
+        return head_bytes(self.ck, self.map[name], n)
 
     def prefetch(self, name) -> None:
         self.ck.prefetch(self.map[name])

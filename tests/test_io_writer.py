@@ -1083,11 +1083,11 @@ def test_a_merge_run_from_inside_out_says_out_is_a_new_folder(tmp_path, monkeypa
     """`cd out && pymerge merge ../c.yml .`: the finished model is renamed onto OUT, so the shell that ran it
     still looks at the old folder, deleted, and `ls` shows nothing (an audit). Filling OUT in place instead
     would leave half a model behind a kill; the merge says what happened and what to do."""
-    from pymerge.io.writer import holds_working_folder
+    from pymerge.io.writer import working_folder_within
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     monkeypatch.chdir(out / "sub")
-    assert holds_working_folder(".") and holds_working_folder(out) and holds_working_folder(out / "sub")
-    assert not holds_working_folder(tmp_path / "x") and not holds_working_folder(out / "sub" / "missing")
+    assert working_folder_within(".") and working_folder_within(out) and working_folder_within(out / "sub")
+    assert not working_folder_within(tmp_path / "x") and not working_folder_within(out / "sub" / "missing")
     monkeypatch.chdir(tmp_path)
-    assert not holds_working_folder(out)
+    assert not working_folder_within(out)

@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 from pymerge import _native
 from pymerge.errors import CheckpointError, DistributedError, InputError, InterruptedAfterParts, MergeConfigError
 from pymerge.io import ShardedWriter
-from pymerge.io.writer import holds_working_folder, working_folder_note
+from pymerge.io.writer import working_folder_note, working_folder_within
 from pymerge.sizes import MAX_BYTES
 
 TIMEOUT_ENV = "PYMERGE_DIST_TIMEOUT"
@@ -160,8 +160,7 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         # retry failed on the non-empty OUT. Installing nothing instead cannot be promised: any rank can die
         # right after whichever agreement comes last. The other ranks cannot know whether rank 0 installed.
         warnings = list(state["plan"].warnings) if rank == 0 else []
-        inside = os.path.abspath(out_dir) if rank == 0 and holds_working_folder(out_dir) else None  # (before OUT
-        # is replaced: the working folder's path cannot be read once it is deleted)
+        inside = working_folder_within(out_dir) if rank == 0 else None  # (before rank 0 replaces OUT)
         shards = len(state["writer"].shard_names) if rank == 0 else 1
         if out_shard_size >= MAX_BYTES and shards > 1:  # (ignored silently, an audit found)
             warnings.append(f"one unsplit file (--out-shard-size 0) cannot hold under {world} ranks, each writing "
@@ -338,9 +337,8 @@ def _values_sample(ck) -> int:
     """values_sample (dist/sample.py) of a checkpoint's tensors, 64 bytes of each (read without readahead where
     the checkpoint can: Checkpoint.head)."""
     from pymerge.dist.sample import values_sample
-    head = getattr(ck, "head", None)
-    return values_sample(ck.names(), (lambda name: head(name, 64)) if head is not None else
-                         (lambda name: bytes(ck.array(name)[:64])))
+    from pymerge.io.checkpoint import head_bytes
+    return values_sample(ck.names(), lambda name: head_bytes(ck, name, 64))
 
 
 def _checkpoint_identity(ck) -> tuple:

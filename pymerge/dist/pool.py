@@ -154,28 +154,29 @@ class ShardedPool(CheckpointPool):
         self._agreed = False  # whether this rank reached _checked_plans's agreement
         self._planned = False  # whether the ranks agreed on plans this call writes with (past it, writes may begin)
         self._tv_table = None  # this call's task-vector table (_method_plans), if any
-        if isinstance(into, Iterator):  # read once, here: the forgetting and FSDP's counters below need it again
-            into = list(into)
+        # as the single-process pool takes them (a generator read once, here: it is needed again below)
+        targets = list(into) if isinstance(into, (list, tuple, Iterator)) else [into]
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
-            # FSDP2 roots gathered by a forward go back to their shards on every rank first: a rank refusing its
-            # weights before its plans left its root gathered where the others resharded, and the backward's
-            # all-gathers then met on one rank only (gloo aborted the process; a review)
-            for target in (into if isinstance(into, (list, tuple)) else [into]):
+            # FSDP2 roots a forward left gathered go back to their shards, on every rank first thing: the merge must
+            # land in the shards the next forward gathers (gathered, it went into a copy FSDP drops); and a rank
+            # refusing its weights before its plans had left its root gathered where the others resharded, so
+            # the backward's all-gathers met on one rank only (gloo aborted the process; a review)
+            for target in targets:
                 _reshard(target)
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
             try:
-                result = super().materialize_many(weight_rows, into, method, **kwargs)
+                result = super().materialize_many(weight_rows, targets, method, **kwargs)
             except BaseException:
                 if self._planned:  # past the plans' agreement the writes may have begun; a refusal wrote nothing
-                    _mark_gathered_stale(into)
+                    _mark_gathered_stale(targets)
                 raise
-            _mark_gathered_stale(into)
+            _mark_gathered_stale(targets)
             self._tv_table = None  # (its entry keeps it)
         except Exception as exc:
             self._tv_table = self.kept_selection = None
             # every rank raises: every rank drops these targets' entries (after the last agreement below, too)
-            self._plan_cache.forget(into if isinstance(into, (list, tuple)) else [into])
+            self._plan_cache.forget(targets)
             if collectives.settled(exc):
                 raise
             if self._agreed:  # this rank's alone, past the agreement: the others wait in the last one below
@@ -189,7 +190,7 @@ class ShardedPool(CheckpointPool):
             else:  # no targets, so no plans: a rank given some waits in _checked_plans's agreement
                 collectives.agree(None, self.agreeing, (self._arguments, collectives.fingerprint([])), differs=_DIFFER)
         except Exception:
-            self._plan_cache.forget(into if isinstance(into, (list, tuple)) else [into])
+            self._plan_cache.forget(targets)
             raise
         return result
 
@@ -225,7 +226,6 @@ class ShardedPool(CheckpointPool):
         self._global_targets = []  # for _tied_head_plans
         for k, target in enumerate(into):
             where = f" in model {k}" if len(into) > 1 else ""
-            _reshard(target)
             tensors = _tensors_of(target)
             self._global_targets.append(tensors)
             for name in self.names:
@@ -278,9 +278,6 @@ class ShardedPool(CheckpointPool):
         both alike; the fingerprint's None message, only here, makes a difference a replan, not an error.)
         Planned per call, a candidate of 512 small tensors took 10 ms at R = 1 on a 2-core CPU against 0.4 ms
         for the single-process pool (layouts, checks, to_local)."""
-        for target in into:
-            _reshard(target)  # before the entry's check: a forward pass leaves the root's gathered tensors registered
-
         def agree(valid) -> bool:
             # With each rank's plans as agreed when they were made: ranks whose entries differ (another target
             # model each, strict=False) all plan again, and the plans' agreement then says how they differ
@@ -465,7 +462,7 @@ def _reshard(target) -> None:
                                      "FSDP module first")
 
 
-def _mark_gathered_stale(into) -> None:
+def _mark_gathered_stale(targets: list) -> None:
     """Bumps the version counter of FSDP2's gathered (unsharded) parameters of the targets: a forward saved
     those for its backward, and the merge wrote the shards, which FSDP gathers again before the backward
     while keeping the counters. A backward through a forward from before the merge then raises torch's
@@ -473,7 +470,7 @@ def _mark_gathered_stale(into) -> None:
     silence (an audit: gradients off by up to 0.09). Torch's internals: nothing where they differ."""
     from torch.distributed.fsdp import FSDPModule
     stale = []
-    for target in (into if isinstance(into, (list, tuple)) else [into]):
+    for target in targets:
         if not isinstance(target, torch.nn.Module):
             continue
         for module in target.modules():

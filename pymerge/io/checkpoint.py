@@ -498,9 +498,7 @@ class Checkpoint:
         return self._shard(name).array(name)
 
     def head(self, name: str, n: int) -> bytes:
-        """The tensor's first n bytes, without reading around them where the file allows (SafetensorsFile.head)."""
-        shard = self._shard(name)
-        return shard.head(name, n) if hasattr(shard, "head") else bytes(shard.array(name)[:n])
+        return head_bytes(self._shard(name), name, n)
 
     def file_of(self, name: str) -> Path:
         return self._shard(name).path
@@ -555,6 +553,13 @@ def _read_weight_map(index_path: Path) -> Dict[str, str]:
                                   f"in this folder")
         names[name] = p.name
     return names
+
+
+def head_bytes(source, name: str, n: int) -> bytes:
+    """A tensor's first n bytes from any checkpoint-like source: its head() where it has one (read without
+    reading around them: SafetensorsFile.head), else its array's."""
+    head = getattr(source, "head", None)
+    return head(name, n) if head is not None else bytes(source.array(name)[:n])
 
 
 def _prefix_hint(name: str, have) -> str:

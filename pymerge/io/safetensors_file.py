@@ -316,19 +316,20 @@ class SafetensorsFile:
             return b""
         try:
             fd = open_regular(self.path)
-        except FileNotFoundError:  # deleted since: the map still holds it
-            return bytes(mm[info.file_offset:info.file_offset + n])
+        except FileNotFoundError:  # deleted since
+            fd = None
         try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != self.mapped_identity:  # another file at the path now: the mapped one's
-                return bytes(mm[info.file_offset:info.file_offset + n])  # bytes, which the merge reads
+            st = os.fstat(fd) if fd is not None else None
+            if st is None or (st.st_dev, st.st_ino) != self.mapped_identity:
+                return bytes(mm[info.file_offset:info.file_offset + n])  # the mapped file's bytes, which a merge reads
             try:
                 os.posix_fadvise(fd, info.file_offset, n, os.POSIX_FADV_RANDOM)
             except (AttributeError, OSError):  # advice only
                 pass
             return os.pread(fd, n, info.file_offset)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def prefetch(self, name: str) -> None:
         """Asks the kernel to start reading the tensor's pages now (MADV_WILLNEED), so a streaming

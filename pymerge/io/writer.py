@@ -1026,16 +1026,18 @@ def _remove_whole(path: Path) -> None:
         raise interrupted
 
 
-def holds_working_folder(out) -> bool:
-    """Whether this process's working folder is OUT, an existing folder, or lies inside it: installing renames
-    a new folder onto that path, so a shell started there (`cd out && pymerge merge ../c.yml .`) still looks at
-    the old one, deleted, and sees nothing (an audit). The merge says so; filling OUT in place instead would
-    leave half a model there if the process were killed midway."""
+def working_folder_within(out) -> Optional[str]:
+    """OUT's absolute path where this process's working folder is OUT, an existing folder, or lies inside it,
+    else None. Read before the install: it renames a new folder onto that path, so a shell started there (`cd out
+    && pymerge merge ../c.yml .`) still looks at the old one, deleted, and sees nothing (an audit), and the
+    working folder's path cannot be read once it is deleted. The merge says so (working_folder_note); filling
+    OUT in place instead would leave half a model there if the process were killed midway."""
     try:
         cwd, where = os.path.realpath(os.getcwd()), os.path.realpath(out)
     except OSError:
-        return False
-    return os.path.isdir(where) and (cwd == where or cwd.startswith(where.rstrip(os.sep) + os.sep))
+        return None
+    inside = os.path.isdir(where) and (cwd == where or cwd.startswith(where.rstrip(os.sep) + os.sep))
+    return os.path.abspath(out) if inside else None
 
 
 def working_folder_note(out) -> str:

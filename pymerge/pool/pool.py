@@ -540,7 +540,7 @@ class CheckpointPool:
         except TypeError as exc:
             raise InputError(str(exc)) from None
         # a generator of models is several targets (it was taken for one: "2 weight rows for 1 target models")
-        into = list(into) if isinstance(into, (list, tuple)) or isinstance(into, Iterator) else [into]
+        into = list(into) if isinstance(into, (list, tuple, Iterator)) else [into]
         if isinstance(weight_rows, (str, bytes, Mapping)) or not hasattr(weight_rows, "__iter__"):
             raise InputError(f"weight_rows must be a list of weight rows, one per model, got {short(weight_rows)}")
         weight_rows = list(weight_rows)

@@ -189,7 +189,7 @@ def _merged_tensors(pool, model, names) -> list:
     return [tensors[m] for n in pool.names if (m := _map_name(n, names)) is not None and m in tensors]
 
 
-_OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")
+OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")  # what a search writes into OUT
 
 
 def _check_out(out: str) -> None:
@@ -199,7 +199,7 @@ def _check_out(out: str) -> None:
         raise InputError(f"out {out}: exists and is not a folder")
     if os.path.isdir(out):
         _probe_writable(out)
-        for name in _OUT_FILES:
+        for name in OUT_FILES:
             check_replaceable(os.path.join(out, name))
 
 
@@ -215,9 +215,7 @@ def _prepare_out(out: str) -> List[str]:
     """Before the search, not after it: OUT is a folder (made if missing) whose result files, where they
     exist, are regular files or links (links are replaced, never written through). Returns the folders
     it made, deepest first: a search that fails removes them again (_unmake)."""
-    from pymerge.io.files import check_replaceable
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise InputError(f"out {out}: exists and is not a folder")
+    _check_out(out)  # (a file there: before anything is made)
     made, folder = [], os.path.abspath(out)
     while not os.path.lexists(folder):
         made.append(folder)
@@ -226,17 +224,13 @@ def _prepare_out(out: str) -> List[str]:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise InputError(f"out {out}: cannot create it: {exc.strerror or exc}") from None
-    try:
-        _probe_writable(out)
-    except InputError:
-        _unmake(made)
-        raise
-    for name in _OUT_FILES:
-        check_replaceable(os.path.join(out, name))
+    if made:  # a folder found was checked above
+        try:
+            _check_out(out)
+        except InputError:
+            _unmake(made)
+            raise
     return made
-
-
-OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")  # what a search writes into OUT
 
 
 def _check_state_apart(state_path: Optional[str], out: str, inputs: List[str]) -> None:
