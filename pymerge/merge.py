@@ -745,7 +745,7 @@ def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer: Optional
     code = [(folder, m) for m in _remote_code_files(model_cfg, folder)]
     configs = [] if tokenizer is None else [(tokenizer, "tokenizer_config.json")]
     # a custom processor's modules too (Phi-3-vision's processing_phi3_v.py): its files are copied from the donor
-    configs += [(folder, f) for f in PROCESSOR_FILES]
+    configs += [(folder, f) for f in ("preprocessor_config.json", "processor_config.json")]
     for where, fname in configs:
         config = where / fname
         if not config.is_file():

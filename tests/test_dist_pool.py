@@ -683,6 +683,51 @@ def test_a_failed_agreement_is_not_agreed_again(tmp_path):
     assert res["seconds"] < 5, res  # one timeout (3 s), not two
 
 
+def forward_inside_the_call_worker(rank, world, files):
+    """Caller code run inside a call (a generator of weight rows, a groups= function) may run a forward, which
+    leaves the FSDP2 root gathered after the call's first reshard: each target is resharded again as it is
+    planned, so the merge still lands in the shards (a review of a refactor that dropped that)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import pymerge
+    torch.manual_seed(0)
+    m = fully_shard(build(), mesh=init_device_mesh("cpu", (world,)))
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+    want = build()
+    pymerge.CheckpointPool(files[:3], base=files[3]).materialize(W3, into=want)
+
+    def forward():
+        with torch.no_grad():
+            m(torch.randn(2, 13))
+
+    def rows():
+        forward()
+        yield W3
+
+    def groups(name):
+        forward()
+        return 0
+    out = {}
+    for label, call in (("rows", lambda: pool.materialize_many(rows(), [m])),
+                        ("groups", lambda: pool.materialize(W3, into=m, groups=groups))):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.to_local().zero_()
+        call()
+        m.reshard()
+        got = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in m.named_parameters()}
+        out[label] = all(torch.equal(got[n], p.detach()) for n, p in want.named_parameters())
+    return out
+
+
+def test_a_forward_run_by_caller_code_inside_a_call_still_merges_into_the_shards(tmp_path):
+    files = write_checkpoints(str(tmp_path))
+    for res in dist_helpers.run(forward_inside_the_call_worker, 2, str(tmp_path), files):
+        assert res == {"rows": True, "groups": True}, res
+
+
 def failed_forward_worker(rank, world, files):
     """A forward that raised leaves FSDP2's root gathered, and reshard() does nothing then: the merge went
     into the gathered copy, which the next reshard dropped, and the old weights came back (exit 0, a hunt)."""

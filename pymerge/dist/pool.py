@@ -226,6 +226,7 @@ class ShardedPool(CheckpointPool):
         self._global_targets = []  # for _tied_head_plans
         for k, target in enumerate(into):
             where = f" in model {k}" if len(into) > 1 else ""
+            _reshard(target)  # again: caller code since the call's first reshard (names=, groups=) may run a forward
             tensors = _tensors_of(target)
             self._global_targets.append(tensors)
             for name in self.names:
@@ -278,6 +279,9 @@ class ShardedPool(CheckpointPool):
         both alike; the fingerprint's None message, only here, makes a difference a replan, not an error.)
         Planned per call, a candidate of 512 small tensors took 10 ms at R = 1 on a 2-core CPU against 0.4 ms
         for the single-process pool (layouts, checks, to_local)."""
+        for target in into:
+            _reshard(target)  # before the entry's check: a forward pass leaves the root's gathered tensors registered
+
         def agree(valid) -> bool:
             # With each rank's plans as agreed when they were made: ranks whose entries differ (another target
             # model each, strict=False) all plan again, and the plans' agreement then says how they differ

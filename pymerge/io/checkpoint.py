@@ -498,6 +498,7 @@ class Checkpoint:
         return self._shard(name).array(name)
 
     def head(self, name: str, n: int) -> bytes:
+        """The tensor's first n bytes, without reading around them where the file allows (SafetensorsFile.head)."""
         return head_bytes(self._shard(name), name, n)
 
     def file_of(self, name: str) -> Path:

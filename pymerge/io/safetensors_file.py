@@ -316,7 +316,7 @@ class SafetensorsFile:
             return b""
         try:
             fd = open_regular(self.path)
-        except FileNotFoundError:  # deleted since
+        except CheckpointError:  # deleted since, or no regular file there now (open_regular's words for OSError)
             fd = None
         try:
             st = os.fstat(fd) if fd is not None else None

@@ -193,7 +193,8 @@ OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")  # w
 
 
 def _check_out(out: str) -> None:
-    """What _prepare_out refuses of an OUT that exists, without making anything."""
+    """What _prepare_out refuses of an OUT (not a folder; a folder it cannot write in, or whose result files
+    cannot be replaced), without making anything."""
     from pymerge.io.files import check_replaceable
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"out {out}: exists and is not a folder")
@@ -215,7 +216,8 @@ def _prepare_out(out: str) -> List[str]:
     """Before the search, not after it: OUT is a folder (made if missing) whose result files, where they
     exist, are regular files or links (links are replaced, never written through). Returns the folders
     it made, deepest first: a search that fails removes them again (_unmake)."""
-    _check_out(out)  # (a file there: before anything is made)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"out {out}: exists and is not a folder")
     made, folder = [], os.path.abspath(out)
     while not os.path.lexists(folder):
         made.append(folder)
@@ -224,12 +226,11 @@ def _prepare_out(out: str) -> List[str]:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise InputError(f"out {out}: cannot create it: {exc.strerror or exc}") from None
-    if made:  # a folder found was checked above
-        try:
-            _check_out(out)
-        except InputError:
-            _unmake(made)
-            raise
+    try:
+        _check_out(out)
+    except InputError:
+        _unmake(made)
+        raise
     return made
 
 
