@@ -481,6 +481,10 @@ def test_one_demo_at_a_time_in_a_folder(tmp_path, capsys, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run.experiment(str(out), run.Settings.quick(), budget=1, log=lambda m: None)
     _claim(str(out))  # the interrupted run let it go
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):  # a folder it made, left holding only its lock file, is removed
+        run.experiment(str(fresh), run.Settings.quick(), budget=1, log=lambda m: None)
+    assert not fresh.exists() and out.exists()
     # a link in place of the marker: never written through
     (tmp_path / "mine.txt").write_text("mine")
     os.remove(out / run.MARKER)

@@ -225,6 +225,10 @@ def test_memory_budget_picks_the_memory_map():
     assert pool.residency == "mmap" and "budget" in pool.describe()
     pool = CheckpointPool([m.state_dict() for m in models], memory_budget="1GiB")
     assert pool.residency == "host"
+    # forcing copies beyond the budget asks for two things at once: refused (it held them in silence)
+    with pytest.raises(InputError, match=r"residency='host' holds a copy of every checkpoint, .* beyond memory_budget"):
+        CheckpointPool([m.state_dict() for m in models], memory_budget="1KB", residency="host")
+    assert CheckpointPool([m.state_dict() for m in models], memory_budget="1KB", residency="mmap").residency == "mmap"
 
 
 def test_pool_never_aliases_a_source_model():

@@ -330,11 +330,27 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
     """The whole demo; writes under `out` and returns the summary."""
     eval_dtype = eval_dtype or default_eval_dtype()
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time too: wall time means little on a shared machine
+    made = not os.path.lexists(out)
     lock = claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
     try:
         return _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0)
+    except BaseException:
+        if made:
+            _remove_if_only_marker(out)
+        raise
     finally:
         os.close(lock)  # on every way out (an error, Ctrl-C): the next demo may have the folder
+
+
+def _remove_if_only_marker(out: str) -> None:
+    """A folder this run made and that holds nothing but its marker (stopped before any checkpoint was
+    written) is removed, not left as an empty-looking folder for the user to puzzle over."""
+    try:
+        if os.listdir(out) == [MARKER]:
+            os.remove(os.path.join(out, MARKER))  # still locked by us: no other demo holds it
+            os.rmdir(out)
+    except OSError:
+        pass  # best effort: the next demo accepts the folder as the demo's anyway
 
 
 def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
@@ -521,7 +537,8 @@ def _print_table(rows, names, best_single, summary, log) -> None:
     log("")
     log(f"* best single checkpoint on validation. Optimized merge {summary['optimized']:.3f} vs best single "
         f"{summary['best_single']:.3f}, uniform {summary['uniform']:.3f}, greedy soup {summary['greedy_soup']:.3f} "
-        f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints weigh > 0, "
+        f"(test standard error {se:.3f}); {summary['nonzero_weights']} of {len(names)} checkpoints "
+        f"{'weighs' if summary['nonzero_weights'] == 1 else 'weigh'} > 0, "
         f"{summary['weights_over_0_01']} > 0.01. "
         f"({summary['seconds']:.0f} s in all; merged model: {summary['merged']})")
     margins = lambda s, paired: ", ".join(  # noqa: E731  (rounded first: no "-0.000" for equal scores)

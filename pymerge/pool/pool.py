@@ -106,7 +106,8 @@ class CheckpointPool:
                    it: float64 is held as float32, a float8 variant they lack as bfloat16)
     memory_budget  cap on the bytes the pool itself holds resident (int, or "8GB"); over it, the
                    pool falls to the next tier. `pool.residency` and `pool.describe()` say which.
-    residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one
+    residency      force a tier ("device", "pinned", "host", "mmap") instead of choosing one; a tier of
+                   copies must fit memory_budget where one is given
     backend        weighted_sum backend ("auto": C++ on the CPU, Triton on CUDA)
     num_threads    the CPU kernels' threads (0: every core this process may use)
     chunk_bytes    staging size when a GPU pool streams its checkpoints from pinned host memory (64 MiB)
@@ -393,6 +394,11 @@ class CheckpointPool:
                 raise InputError("residency 'host' is for device='cpu'; on CUDA use 'device', 'pinned' or 'mmap'")
             if forced == "pinned" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise InputError("residency 'pinned' streams host memory to a GPU: it needs device='cuda'")
+            if forced != "mmap" and self.memory_budget is not None and need > self.memory_budget:
+                # both asked for: holding copies and holding no more than the budget (it held them in silence)
+                raise InputError(f"residency={forced!r} holds a copy of every checkpoint, {format_size(need)}, "
+                                 f"beyond memory_budget ({format_size(self.memory_budget)}); raise memory_budget, "
+                                 "or use residency='mmap' (or no residency) to read the files in place")
             return forced, "forced by residency="
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
