@@ -101,6 +101,8 @@ def device_tables(tensors, scales, kinds, device):
     hit = _TABLES.get(key)
     if hit is None:
         if len(_TABLES) > 65536:
+            if device.type == "cuda":  # a queued kernel (any stream) may still read a table freed here
+                torch.cuda.synchronize(device)
             _TABLES.clear()
         hit = _TABLES[key] = (
             torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device),

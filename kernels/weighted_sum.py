@@ -127,7 +127,8 @@ def _tables(tensors, device):
 
     Reusing them keeps repeated calls (the search loop) free of host-to-device copies, so they can
     be captured in a CUDA graph. A key holds the addresses themselves, so a hit is always right.
-    Eviction is least-recently-used, and never touches a table a graph captured.
+    Eviction is least-recently-used, waits for the device's queued work, and never touches a table a graph
+    captured.
     """
     key = (str(device),) + tuple((t.data_ptr(), DTYPE_CODES[t.dtype]) for t in tensors)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -139,8 +140,13 @@ def _tables(tensors, device):
         addrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
         codes = torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int32).to(device)
         hit = _TABLES[key] = (addrs, codes)
-        while len(_TABLES) > _TABLES_MAX:
-            _TABLES.popitem(last=False)
+        if len(_TABLES) > _TABLES_MAX:
+            # a kernel on another stream may still read the table: the allocator would reuse its memory on the
+            # stream that made it, unordered with that kernel (rare: past _TABLES_MAX sets of inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            while len(_TABLES) > _TABLES_MAX:
+                _TABLES.popitem(last=False)
     elif key in _TABLES:
         _TABLES.move_to_end(key)
     if capturing:
