@@ -851,6 +851,7 @@ def test_best_merge_yml_of_a_pool_with_a_lower_dtype_says_it_is_one_rounding_awa
     ({"evaluate": "evalcli:NOT_A_FUNCTION"}, "is a int, not a function"),
     ({"method_params": [1]}, "method_params must be a mapping"),
     ({"out": "c0.safetensors"}, "exists and is not a folder"),
+    ({"out": "c0.safetensors/new/out"}, "cannot create it: "),  # found after the pool was built
 ])
 def test_search_cli_config_errors_are_one_line_before_the_search(tmp_path, capsys, change, message):
     cfg = _cli_setup(tmp_path)
@@ -858,9 +859,11 @@ def test_search_cli_config_errors_are_one_line_before_the_search(tmp_path, capsy
     data.update(change)
     cfg.write_text(yaml.safe_dump(data))
     assert cli_main([str(cfg)]) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out" / "history.json").exists()
+    assert captured.out == "", captured.out  # refused before the pool was built (it prints what it holds)
 
 
 def test_an_infinite_score_is_never_the_best(tmp_path, capsys):

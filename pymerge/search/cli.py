@@ -202,6 +202,15 @@ def _check_out(out: str) -> None:
         _probe_writable(out)
         for name in OUT_FILES:
             check_replaceable(os.path.join(out, name))
+        return
+    # a missing OUT is made after the pool is built: one it cannot make was found then (minutes in)
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise InputError(f"out {out}: cannot create it: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"out {out}: cannot create it: {folder} is not writable")
 
 
 def _probe_writable(out: str) -> None:
