@@ -1242,3 +1242,75 @@ def test_save_overwrite_given_as_a_string_is_refused_not_read_as_true(tmp_path):
     with pytest.raises(InputError, match="overwrite must be a bool, got 'no'"):
         pool.save(path, overwrite="no")
     assert path.read_bytes() == b"precious"
+
+
+def test_a_tensor_unchanged_from_the_base_may_hold_inf_and_nan(tmp_path):
+    """A mask buffer of -inf, the same in the base and every checkpoint, was refused as a non-finite delta (an
+    audit): unchanged tensors cost nothing, as the README says, and merge to the base's bits; saved and loaded."""
+    base, cks = _pool_inputs({"a": (70,)}, n_ckpt=2, dtype=torch.float32)
+    mask = torch.tensor([0.0, -float("inf"), float("nan"), float("inf"), -0.0])
+    base["mask"] = mask.clone()
+    for ck in cks:
+        ck["mask"] = mask.clone()
+    pool = CheckpointPool(cks, base=base, compress="int8")
+    assert [r["format"] for r in pool.compression_report() if r["tensor"] == "mask"] == ["zero", "zero"]
+    pool.save(tmp_path / "p.safetensors")
+    for p in (pool, CheckpointPool.load(tmp_path / "p.safetensors")):
+        out = {"a": torch.empty(70), "mask": torch.empty(5)}
+        p.materialize([0.3, 0.7], into=out)
+        assert torch.equal(out["mask"].view(torch.int32), mask.view(torch.int32))
+        ref = 0.3 * cks[0]["a"].double() + 0.7 * cks[1]["a"].double()
+        assert float((out["a"].double() - ref).abs().max()) < 1e-2 * 2 / 127
+    cks[1]["mask"][0] = 1.0  # a change beside the infinities: the delta is not finite there, refused as before
+    with pytest.raises(InputError, match="source 1: tensor 'mask': delta from the base is not finite at element 1"):
+        CheckpointPool(cks, base=base, compress="int8")
+
+
+def test_a_saved_pool_keeps_its_tied_head_rule(tmp_path):
+    """Checkpoint files with an embedding and no head merge into a target's own head too; a saved and loaded
+    pool forgot it (a search resumed on it mixed two merges' scores in one history, an audit). The rule is
+    saved with the pool; the search's fingerprint records it (a pool of the same state dicts does not apply it);
+    a file saved before the rule existed loads without it."""
+    from pymerge.search.optimize import _pool_contents
+    gen = torch.Generator().manual_seed(4)
+    base = {"model.embed_tokens.weight": torch.randn(11, 8, generator=gen), "model.w": torch.randn(8, 8, generator=gen)}
+    paths = []
+    for i in range(3):
+        save_file({k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+                  str(tmp_path / f"c{i}.safetensors"))
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+    save_file(base, str(tmp_path / "base.safetensors"))
+
+    def target():
+        return {"model.embed_tokens.weight": torch.empty(11, 8), "model.w": torch.empty(8, 8),
+                "lm_head.weight": torch.zeros(11, 8)}
+    pool = CheckpointPool(paths, base=str(tmp_path / "base.safetensors"), compress="int8")
+    pool.save(tmp_path / "p.safetensors")
+    loaded = CheckpointPool.load(tmp_path / "p.safetensors")
+    for p in (pool, loaded):
+        out = target()
+        p.materialize([0.3, 0.3, 0.4], into=out)
+        assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
+    assert _pool_contents(loaded)["tied"] == _pool_contents(pool)["tied"] == "model.embed_tokens.weight"
+    from safetensors.torch import load_file
+    dicts = CheckpointPool([load_file(p) for p in paths], base=load_file(str(tmp_path / "base.safetensors")),
+                           compress="int8")
+    assert _pool_contents(dicts)["tied"] is None
+    old = _rewrite(tmp_path / "p.safetensors", tmp_path / "old.safetensors", None, lambda h: h.pop("tied_embedding"))
+    out = target()
+    CheckpointPool.load(old).materialize([0.3, 0.3, 0.4], into=out)
+    assert not out["lm_head.weight"].any()  # left as it was
+    bad = _rewrite(tmp_path / "p.safetensors", tmp_path / "bad.safetensors", None,
+                   lambda h: h.update(tied_embedding="nope"))
+    with pytest.raises(CheckpointError, match="tied_embedding 'nope' is not one of its tensors"):
+        CheckpointPool.load(bad)
+
+
+def test_a_sharded_pools_load_gives_a_plain_pool(tmp_path):
+    """ShardedPool.load (inherited) built a ShardedPool without its shards: AttributeError on use (an audit)."""
+    from pymerge.dist.pool import ShardedPool
+    pool, path = _saved(tmp_path)
+    loaded = ShardedPool.load(path)
+    assert type(loaded) is CheckpointPool
+    out = {n: torch.empty(s) for n, s in SHAPES.items()}
+    loaded.materialize([0.2, 0.5, 0.3], into=out)

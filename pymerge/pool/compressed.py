@@ -247,6 +247,10 @@ def pairs_pay() -> bool:
     return _native.cpu is not None and _native.cpu.simd_level() == "avx2"
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[float], where: str,
            stored: torch.dtype, base_top: float, num_threads: int = 0) -> Encoded:
     """One checkpoint tensor (as held) against the base (as held, same dtype) in compress mode `mode`;
@@ -257,6 +261,8 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
     kept = [d for d in {stored, theta.dtype} if d in _RANGED]
     for fmt in ("int4", "int8") if mode == "auto" else (mode,):
         codes, scales, err2, norm2, bad = quantize(theta, base, fmt, num_threads)
+        if bad >= 0 and _same_bits(theta, base):  # a mask buffer of -inf, unchanged: costs nothing, as documented
+            return Encoded("zero", 0.0, 0.0)
         if bad >= 0:
             raise InputError(f"{where}: delta from the base is not finite at element {bad} "
                              f"(checkpoint {float(theta[bad])}, base {float(base[bad])}"
@@ -353,6 +359,7 @@ class CompressedStore:
                  skipped: Sequence[str] = ()):
         self.names, self.shapes, self.base, self.entries = names, shapes, base, entries
         self.labels, self.mode, self.budget, self.skipped = list(labels), mode, budget, list(skipped)
+        self.tied_embedding: Optional[str] = None  # the pool's tied-head rule, saved with it (pool.py sets it)
         self._terms: Dict[str, _Terms] = {}
 
     @classmethod
@@ -537,7 +544,8 @@ class CompressedStore:
                           "errors": [e.rel_error for e in self.entries[name]],
                           "norms": [e.delta_norm for e in self.entries[name]]})
         header = {"version": VERSION, "block": BLOCK, "mode": self.mode, "error_budget": self.budget,
-                  "labels": self.labels, "skipped": self.skipped, "tensors": table}
+                  "labels": self.labels, "skipped": self.skipped, "tensors": table,
+                  "tied_embedding": self.tied_embedding}
         # a fresh temporary name (path.tmp<pid> was predictable: save_file wrote through a link planted there);
         # the old file or the complete new one, never half of it; without overwrite, never a file made meanwhile
         meta = {META_KEY: json.dumps(header), "format": "pt"}
@@ -567,6 +575,8 @@ class CompressedStore:
             if extra:
                 raise CheckpointError(f"{path}: tensor {extra[0]!r} is not part of a compressed pool")
             loaded = {}
+            # a base tensor every checkpoint holds bit for bit (format zero) may hold inf/NaN: a mask buffer
+            unchanged = {f"base/{e['name']}" for e in header["tensors"] if set(e["formats"]) == {"zero"}}
             for key, (dtypes, shape) in expected.items():
                 info = f.info(key)
                 if info.dtype not in dtypes or tuple(info.shape) != shape:
@@ -574,7 +584,7 @@ class CompressedStore:
                     raise CheckpointError(f"{path}: tensor {key!r} is {info.dtype_name} {list(info.shape)}, "
                                           f"expected {want} {list(shape)}")
                 t = f.tensor(key).clone()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if t.is_floating_point() and key not in unchanged and not bool(torch.isfinite(t).all()):
                     raise CheckpointError(f"{path}: tensor {key!r} holds non-finite values")
                 if key.endswith("/scales") and bool((t < 0).any()):
                     raise CheckpointError(f"{path}: tensor {key!r} holds negative scales")
@@ -598,8 +608,10 @@ class CompressedStore:
                         float(e.scales.max()) * (8 if e.fmt == "int4" else 128) > FLOAT32_MAX:  # codes -8 / -128 too
                     raise CheckpointError(f"{path}: tensor '{i}/{name}/scales' holds scales that decode past "
                                           "float32's range (encode() never writes these)")
-        return cls(names, shapes, base, entries, header["labels"], header["mode"], header["error_budget"],
-                   header["skipped"])
+        store = cls(names, shapes, base, entries, header["labels"], header["mode"], header["error_budget"],
+                    header["skipped"])
+        store.tied_embedding = header.get("tied_embedding")  # (files saved before it: no rule)
+        return store
 
 
 def _dense_kind(t: torch.Tensor) -> int:
@@ -722,6 +734,7 @@ def _decode_term(x, s, kind: int, numel: int) -> torch.Tensor:
 # element off by half a scale), a norm of float32 deltas under sqrt(numel) * 2 * FLOAT32_MAX < 1e49.
 _MAX_ERROR, _MAX_NORM = 1e10, 1e50
 _HEADER_KEYS = {"version", "block", "mode", "error_budget", "labels", "skipped", "tensors"}
+_OPTIONAL_HEADER_KEYS = {"tied_embedding"}  # files saved before it lack it
 _ENTRY_KEYS = {"name", "shape", "formats", "errors", "norms"}
 
 
@@ -735,8 +748,9 @@ def _parse_header(path: str, metadata) -> dict:
         h = json.loads(raw)
     except (ValueError, RecursionError):
         raise bad("its header is not valid JSON") from None
-    if not isinstance(h, dict) or set(h) != _HEADER_KEYS:
-        raise bad(f"its header must be an object with keys {sorted(_HEADER_KEYS)}")
+    if not isinstance(h, dict) or not _HEADER_KEYS <= set(h) <= _HEADER_KEYS | _OPTIONAL_HEADER_KEYS:
+        raise bad(f"its header must be an object with keys {sorted(_HEADER_KEYS)} (and optionally "
+                  f"{sorted(_OPTIONAL_HEADER_KEYS)})")
     if type(h["version"]) is not int or h["version"] not in (1, VERSION) or type(h["block"]) is not int \
             or h["block"] != BLOCK:  # (JSON's true == 1 and 2.0 == 2 in Python: a version is a whole number)
         raise bad(f"version {h['version']!r} / block {h['block']!r}; this pymerge reads versions 1-{VERSION}, "
@@ -772,6 +786,9 @@ def _parse_header(path: str, metadata) -> dict:
         for key, most in (("errors", _MAX_ERROR), ("norms", _MAX_NORM)):  # compared as given: NaN, inf fail
             if not all(_is_number(x) and 0 <= x <= most for x in entry[key]):
                 raise bad(f"tensor {name!r}: {key} must be numbers from 0 to {most:g}")
+    tied = h.get("tied_embedding")
+    if tied is not None and tied not in seen:
+        raise bad(f"tied_embedding {tied!r} is not one of its tensors")
     return h
 
 

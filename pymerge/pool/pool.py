@@ -292,6 +292,7 @@ class CheckpointPool:
     def save(self, path, overwrite: bool = False) -> None:
         """Writes a compressed pool to one .safetensors file; CheckpointPool.load(path) restores it."""
         store = self._require_compressed()
+        store.tied_embedding = self._tied_embedding()  # kept by load(): the loaded pool merges as this one
         path = compressed._path(path, "save")  # bytes and NUL characters too, before read_file compares it
         read = self.read_file(path)
         if read is not None:  # overwrite=True replaced a fine-tune (or the base, or its index) with the pool
@@ -335,13 +336,14 @@ class CheckpointPool:
     def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":
         """A compressed pool saved with save(), checked as strictly as any checkpoint; nothing re-compressed."""
         store = compressed.CompressedStore.load(path)
-        pool = cls.__new__(cls)
+        pool = object.__new__(CheckpointPool)  # a plain pool, also from ShardedPool.load (whole tensors: no shards)
         pool.device = _resolve_device(device)
         pool.dtype, pool.memory_budget, pool.num_threads = None, None, _threads(num_threads)
         pool.backend = _pool_backend(pool.device, backend)
         pool.names, pool.shapes, pool.skipped = store.names, store.shapes, store.skipped
         pool.num_checkpoints, pool.labels, pool.has_base = len(store.labels), store.labels, True
-        pool._from_files = False  # where the checkpoints came from is not saved: no tied-head rule (README)
+        pool._from_files = False  # where the checkpoints came from is not saved; their tied-head rule is
+        pool._tied_emb = store.tied_embedding  # (a search resumed on the loaded pool merged the head otherwise)
         pool._adopt(store)
         pool._finish(0)
         return pool
@@ -875,14 +877,15 @@ class CheckpointPool:
         target tensors the pool lacks are left as they are (a module's state dict names tied weights twice); nor
         for a folder whose config.json says the model is untied (AutoModel's backbone, saved without its head:
         the target's own head stays as it is)."""
+        if hasattr(self, "_tied_emb"):  # (a loaded pool's is the saved one's)
+            return self._tied_emb
         if not self._from_files:
             return None
-        if not hasattr(self, "_tied_emb"):
-            from pymerge.tied import tied_embedding
-            # a backbone saved without its head: the folders given, or those holding the files given
-            folders = dict.fromkeys(self._folders + [os.path.dirname(p) for p, _, _ in self._files])
-            untied = any(_config_says_untied(f) for f in folders)
-            self._tied_emb = None if untied else tied_embedding(self.names, self.shapes.__getitem__)
+        from pymerge.tied import tied_embedding
+        # a backbone saved without its head: the folders given, or those holding the files given
+        folders = dict.fromkeys(self._folders + [os.path.dirname(p) for p, _, _ in self._files])
+        untied = any(_config_says_untied(f) for f in folders)
+        self._tied_emb = None if untied else tied_embedding(self.names, self.shapes.__getitem__)
         return self._tied_emb
 
     def _check_overlaps(self, plans: List[_Plan], k: int) -> None:

@@ -531,7 +531,7 @@ def _plain(value):
 
 
 # pool fingerprint entries not every search records (_pool_contents)
-_OPTIONAL = ("dtype", "sample", "compressed", "base_sample", "spread")
+_OPTIONAL = ("dtype", "sample", "compressed", "base_sample", "spread", "tied")
 
 
 def _pool_contents(pool) -> dict:
@@ -547,13 +547,16 @@ def _pool_contents(pool) -> dict:
     checkpoints are (base_sample), and a compressed pool's checkpoints by their
     formats, sizes as held unpaired, delta norms, errors and first scales (layout-free: a saved and loaded
     pool, or one on a CPU of the AVX2 path, holds its int4 codes otherwise): a search resumed on another base
-    replayed merges of another model."""
+    replayed merges of another model. Whether the pool writes its merged embedding into a target's own head
+    (tied checkpoint files) is recorded too."""
     recorded = getattr(pool, "pool_contents", None)  # the distributed leader's stand-in: its real pool's
     if recorded is not None:
         return dict(recorded)
     store = getattr(pool, "_compressed", False)  # False: not a CheckpointPool
     base = getattr(pool, "_base", None)  # a compressed pool's is its store's
     out = {"base_sample": _sample([base[name] for name in sorted(base)])} if base else {}
+    if hasattr(pool, "_tied_embedding"):  # whether the merged embedding is written into a target's own head: a
+        out["tied"] = pool._tied_embedding()  # pool of files resumed as one of state dicts (or a saved pool) merged the head otherwise
     if store:
         h = hashlib.sha256()
         for name in store.names:
