@@ -423,3 +423,45 @@ def test_fusion_quartiles_by_histogram_are_kthvalues(case):
         assert (a.isnan() and b.isnan()) or (a == b and not a.isnan()), (case, a, b)
     if case == "edges at the quartiles":
         assert got[1].isinf() and got[2].isnan()  # the quartiles do land on the edge values
+
+
+def _method_calls(x, base, out):
+    """Each method op over inputs [x, x], the base and out (as the pool calls them)."""
+    return {
+        "nearswap": lambda **k: em.nearswap(base, x, 0.5, out, **k),
+        "ram": lambda **k: em.ram([x, x], base, 0.0, out, **k),
+        "sce": lambda **k: co.sce([x, x], base, 1.0, out, **k),
+        "ramplus_tl": lambda **k: co.ramplus_tl([x, x], base, 0.1, 0.2, 0.0, out, **k),
+        "arcee_fusion": lambda **k: co.arcee_fusion(base, x, out, **k),
+        "group_lincomb": lambda **k: interp.group_lincomb([x, x], base, True, "whole", torch.ones(1, 3), out, **k),
+        "group_dots": lambda **k: interp.group_dots([x, x], base, True, "whole", **k),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_method_calls(None, None, None)))
+def test_method_ops_name_a_tensor_on_another_device_and_refuse_unknown_backends(op):
+    """A meta input beside CPU ones raised torch's own error (naming no input, or a copy); an unknown backend
+    name ran the torch path in silence (an audit). Both one-line ValueErrors now, before any write."""
+    x, base, out = torch.ones(8), torch.zeros(8), torch.full((8,), 7.0)
+    meta = torch.ones(8, device="meta")
+    with pytest.raises(ValueError, match="is on meta but .* is on cpu"):
+        _method_calls(meta, base, out)[op]()
+    if op != "group_dots":
+        with pytest.raises(ValueError, match="output 0 is on meta but .* is on cpu"):
+            _method_calls(x, base, torch.empty(8, device="meta"))[op]()
+    with pytest.raises(ValueError, match="backend must be one of .*got 'bogus'"):
+        _method_calls(x, base, out)[op](backend="bogus")
+    assert torch.equal(out, torch.full((8,), 7.0))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_group_dots_refuses_inputs_that_want_a_gradient(backend):
+    """Its kernel's result was silently detached (the torch path tracked some groups): refused in one line."""
+    x = torch.randn(4, 5, requires_grad=True)
+    base = torch.zeros(4, 5)
+    for group in ("whole", "rows"):
+        with pytest.raises(RuntimeError, match="group_dots\\(\\): records no gradient"):
+            interp.group_dots([x, x.detach()], base, True, group, backend=backend)
+    with torch.no_grad():
+        g = interp.group_dots([x, x], base, True, "whole", backend=backend)
+    assert torch.allclose(g[0, 0, 0], (x.detach().double() ** 2).sum())

@@ -363,6 +363,17 @@ def test_device_mismatch_is_rejected():
         weighted_sum([_x(), meta], [1.0, 1.0])
 
 
+def test_meta_outputs_are_shapes_not_overlaps():
+    """Every meta tensor is at address 0: a meta out= was refused as overlapping its inputs (an audit), where
+    the functional forms and the raw ops give shapes."""
+    from pymerge import weighted_sum_many
+    m = lambda dt=torch.float32: torch.empty(5, 7, device="meta", dtype=dt)  # noqa: E731
+    out = m(torch.bfloat16)
+    assert weighted_sum([m(), m(torch.float16)], [0.5, 0.5], out=out) is out
+    outs = [m(), m()]
+    assert all(a is b for a, b in zip(weighted_sum_many([m(), m()], [[0.5, 0.5]] * 2, outs=outs), outs))
+
+
 def test_cpu_backend_refuses_other_devices():
     with pytest.raises(ValueError, match="backend 'cpu' needs cpu tensors"):
         weighted_sum([torch.zeros(4, device="meta")], [1.0], backend="cpu")

@@ -273,6 +273,10 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
             raise ValueError(f"{op}: input {i} has shape {tuple(x.shape)} but {ref_name} has {tuple(ref.shape)}")
     if out is not None and out.numel() != ref.numel():
         raise ValueError(f"{op}: output 0 has {out.numel()} elements, the op works on {ref.numel()}")
+    for i, t in enumerate(list(xs) + [out]):  # (torch's own message named no input, or the copy)
+        if t is not None and t.device != ref.device:
+            what = f"input {i}" if i < len(xs) else "output 0"
+            raise ValueError(f"{op}: {what} is on {t.device} but {ref_name} is on {ref.device}")
     compiling = torch.compiler.is_compiling()
     read = check_readable([base] + list(xs) if base_first else list(xs) + [base], f"{op}: input", compiling=compiling)
     read_out = out is not None and check_readable([out], f"{op}: output", compiling=compiling)
@@ -319,8 +323,9 @@ def check_apart(inputs: Sequence[Optional[torch.Tensor]], outs: Sequence[torch.T
 
 def addresses_unknown(tensors: Sequence[torch.Tensor]) -> bool:
     """Under torch.compile, FakeTensorMode or make_fx tensors have no real addresses (data_ptr 0 or an
-    error): overlaps are checked when the op runs on real tensors."""
-    return torch.compiler.is_compiling() or any(type(t) not in PLAIN and is_fake(t) for t in tensors)
+    error): overlaps are checked when the op runs on real tensors. Meta tensors have none either (every
+    one is at 0: a meta out= was refused as overlapping its inputs), and nothing is written to them."""
+    return torch.compiler.is_compiling() or any(t.is_meta or (type(t) not in PLAIN and is_fake(t)) for t in tensors)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -24,6 +24,8 @@ _BLOCK = 1 << 20
 
 
 def _backend(t: torch.Tensor, backend: str) -> str:
+    if backend not in ("auto", "cpu", "torch", "triton", "cuda"):  # (any other name ran the torch path)
+        raise ValueError(f"backend must be one of auto, cpu, torch, triton, cuda; got {backend!r}")
     if backend == "auto":
         return "cpu" if t.device.type == "cpu" and _native.cpu is not None else "torch"
     if backend not in ("cpu", "torch"):
@@ -57,6 +59,10 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
     num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
     _check_group_args("group_dots", base, sub, group)
     read, _ = check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [*xs, base]):
+        # the kernel's result was silently detached (the torch path tracked some groups, not "whole")
+        raise RuntimeError("group_dots(): records no gradient, but an input requires grad; call it under "
+                           "torch.no_grad() or pass detached tensors")
     # the kernel need not test them again where nothing read since could run code of the caller's
     checked = (library.INPUTS,) if read and library.trusted(sub, group, backend, num_threads) else ()
     xs = [x.contiguous() for x in xs]
