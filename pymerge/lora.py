@@ -221,6 +221,9 @@ class Adapter:
             scale = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
             transpose = embedding or bool(cfg["fan_in_fan_out"])
             targets[module + ".weight"] = _Target(got[a], got[b], scale, transpose, embedding, copy)
+        if not targets:  # (peft merges it as the model itself, exit 0: a wrong save, found only in evaluation)
+            raise CheckpointError(f"{self.file.path}: holds no LoRA weights; applied, it would leave the model as "
+                                  "it is")
         return targets
 
     def delta(self, name: str, dtype=None):
@@ -259,9 +262,12 @@ def _read_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: bias {short(cfg['bias'])}: trained biases are not supported "
                               f"(only bias 'none')")
     init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda", "loftq"):
+    # (peft's LoRA-GA rewrites the base as PiSSA, OLoRA and CorDA do: "lora_ga".split("_")[0] let it through)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
         raise CheckpointError(f"{path}: init_lora_weights {init!r} changes the base weights; not supported")
-    out = {}
+    # MiCA's merge rounds every delta to W's dtype before adding it (peft's MiCA variants), as plain LoRA
+    # does for embeddings only
+    out = {"rounds_delta": isinstance(init, str) and init.lower() == "mica"}
     for key, default in (("r", 8), ("lora_alpha", 8)):
         v = cfg.get(key, default)
         if not _number(v):
@@ -277,7 +283,8 @@ def _read_config(path: Path) -> dict:
                                       f"{MAX_MAGNITUDE:g}, got {short(x)}")
         out[key] = v
     for key in ("use_rslora", "fan_in_fan_out"):
-        v = cfg.get(key, False)
+        v = cfg.get(key)
+        v = False if v is None else v  # (null: false, as peft reads it)
         if not isinstance(v, bool):
             raise CheckpointError(f"{path}: {key} must be true or false, got {short(v)}")
         out[key] = v
@@ -474,8 +481,8 @@ class LoraCheckpoint:
         wide = torch.float64 if w.dtype == torch.float64 else torch.float32  # peft's arithmetic for this W
         for target in deltas:  # merged in module order: the embedding, then the head
             delta = self.adapter.delta(target, wide)
-            if self.adapter.targets[target].embedding:  # peft rounds an embedding's delta to W's dtype first
-                delta = delta.to(dtype).to(wide)
+            if self.adapter.targets[target].embedding or self.adapter.config["rounds_delta"]:
+                delta = delta.to(dtype).to(wide)  # peft rounds an embedding's (and MiCA's) delta to W's dtype first
             # W + delta in float32 (W upcast exactly; float64 for a float64 W, whose LoRA peft holds in float64),
             # into the delta, which is ours: the same bits as w.to(wide) + delta without a copy of W (a bfloat16
             # weight took ~11 bytes per element)

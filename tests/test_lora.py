@@ -137,6 +137,29 @@ def test_bf16_model_rounds_once_and_lora_merge_dtype(family):
         assert t.dtype == torch.float32 and torch.equal(t, theirs32[name]), name
 
 
+def test_mica_rounds_each_delta_as_peft_does(family, tmp_path):
+    """peft's MiCA variant rounds a linear layer's delta to W's dtype before adding it (plain LoRA does so for
+    embeddings only): a bf16 model differed from merge_and_unload by a bf16 step in ~30% of elements (an audit)."""
+    root, _, model_bf16, ads = family
+    mica = _broken(tmp_path, {"plain": ads["bf16"]}, "mica", lambda c: c.update(init_lora_weights="mica"))
+    with open_model(f"{model_bf16}+{mica}") as ck:
+        ours = read_all(ck)
+    with open_model(f"{model_bf16}+{ads['bf16']}") as ck:
+        plain = read_all(ck)
+    theirs = peft_merged(model_bf16, mica)
+    assert all(torch.equal(t, theirs[n]) for n, t in ours.items())
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
+                           plain["model.layers.0.self_attn.q_proj.weight"])  # the case needs a difference
+
+
+def test_null_flags_read_as_false(family, tmp_path):
+    """peft reads use_rslora / fan_in_fan_out: null as false; they were refused as not true or false."""
+    root, model, _, ads = family
+    nulls = _broken(tmp_path, ads, "nulls", lambda c: c.update(use_rslora=None, fan_in_fan_out=None))
+    with open_model(f"{model}+{nulls}") as ck, open_model(f"{model}+{ads['plain']}") as plain:
+        assert all(torch.equal(ck.tensor(n), plain.tensor(n)) for n in ck.names())
+
+
 def gpt2_lora(tmp_path: Path, targets, fan_in_fan_out: bool) -> dict:
     """A tiny GPT-2 at tmp_path/gpt2, a random peft adapter at tmp_path/ad; returns peft's merged state dict."""
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
@@ -317,6 +340,9 @@ def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
     ("bdlora", lambda c: c.update(use_bdlora={"target_modules_bd_a": ["q_proj"], "nblocks": 2}), None,
      r"use_bdlora: block-diagonal LoRA"),
     ("bias", lambda c: c.update(bias="all"), None, r"bias 'all'"),
+    # LoRA-GA rewrites the base as PiSSA does: "lora_ga".split("_")[0] read as plain LoRA, exit 0 (an audit)
+    ("lora_ga", lambda c: c.update(init_lora_weights="lora_ga"), None, r"'lora_ga' changes the base weights"),
+    ("pissa", lambda c: c.update(init_lora_weights="pissa_niter_4"), None, r"'pissa_niter_4' changes the base"),
     ("ia3", lambda c: c.update(peft_type="IA3"), None, r"peft_type 'IA3'"),
     ("rank", lambda c: c.update(r=3), None, r"do not have rank r = 3"),
     ("pattern", lambda c: c.update(rank_pattern={"(": 2}), None, r"pattern '\(' is not a regular"),
@@ -332,6 +358,7 @@ def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
     ("odd_key", None, lambda w: w.update({"base_model.model.x.weight": torch.zeros(2)}), r"'base_model.model.x"),
     ("shape", None, lambda w: w.update({Q_A: torch.zeros(4, 7)}), r"q_proj.weight' is \[48, 7\]"),
     ("conv", None, lambda w: w.update({Q_A: torch.zeros(4, 48, 1, 1)}), r"not convolutions"),
+    ("empty", None, lambda w: w.clear(), r"holds no LoRA weights"),  # peft: the model itself, exit 0
     ("transposed", None, _transposed, r"LoRA for 'model.layers.0.mlp.down_proj.weight' is \[(\d+), (\d+)\], the weight "
                                       r"in .* is \[\2, \1\]"),
     ("absent", None, lambda w: w.update({"base_model.model.model.nope.lora_A.weight": torch.zeros(4, 3),
@@ -549,3 +576,17 @@ def test_same_bytes_compares_every_chunk_and_bit_pattern():
     assert _same_bytes(n, n.copy())
     assert not _same_bytes(a[:5], a[:6])
     assert _same_bytes(np.zeros(0, np.float32), np.zeros(0, np.float32))
+
+
+def test_a_lora_reference_given_to_a_pool_says_what_it_is(family):
+    """A pool (or `pymerge search`) given MODEL+LORA said "no such file or folder" of two folders that exist."""
+    from pymerge.io import Checkpoint
+    from pymerge.pool import CheckpointPool
+    root, model, _, ads = family
+    ref = f"{model}+{ads['plain']}"
+    for call in (lambda: CheckpointPool([ref, str(model)]), lambda: Checkpoint(ref)):
+        with pytest.raises(CheckpointError, match=r"\+.*: no such file or folder; MODEL\+LORA references are read "
+                                                  r"by pymerge merge only"):
+            call()
+    with pytest.raises(CheckpointError, match=r"nowhere: no such file or folder$"):
+        Checkpoint(f"{model}+{root}/nowhere")

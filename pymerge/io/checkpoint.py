@@ -375,6 +375,16 @@ def check_folder_unchanged(folder, taken) -> None:
                               "there); run the merge again")
 
 
+def lora_hint(path: str) -> str:
+    """For a missing path that is MODEL+LORA of two that exist (pymerge merge's reference, given where only
+    checkpoints are read: "no such file or folder" alone left the user looking at two folders that exist)."""
+    model, plus, adapter = path.rpartition("+")
+    if plus and os.path.exists(model) and os.path.isdir(adapter):
+        return ("; MODEL+LORA references are read by pymerge merge only: merge the adapter into a checkpoint "
+                "first (pymerge merge with merge_method: passthrough and model: MODEL+LORA)")
+    return ""
+
+
 class Checkpoint:
     """A model's tensors across its shards. names() is the order a streaming merge should walk:
     shards in (sorted) file-name order, each in file order."""
@@ -384,7 +394,7 @@ class Checkpoint:
         self._shards: list = []
         self._where: Dict[str, object] = {}
         if not self.path.exists():
-            raise CheckpointError(f"{self.path}: no such file or folder")
+            raise CheckpointError(f"{self.path}: no such file or folder{lora_hint(str(source))}")
         check_file_or_folder(self.path)
         try:
             if self.path.is_dir():

@@ -11,6 +11,7 @@ import torch
 
 from pymerge.errors import CheckpointError, InputError
 from pymerge.io import Checkpoint
+from pymerge.io.checkpoint import lora_hint
 from pymerge.ops._memory import check_backed, kind_problem
 
 
@@ -92,5 +93,5 @@ def open_source(src, label: str):
         raise InputError(f"{label}: expected a path, a state dict or a module, got {type(src).__name__}")
     path = os.fspath(src)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: no such file or folder{lora_hint(path)}")
     return _CheckpointSource(Checkpoint(path), path)
