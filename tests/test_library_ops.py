@@ -139,6 +139,18 @@ def test_compiled_fullgraph_matches_eager_bit_for_bit():
         assert e.dtype == c.dtype and torch.equal(e.view(torch.uint8) if e.dtype != torch.float64 else e, c.view(torch.uint8) if c.dtype != torch.float64 else c)
 
 
+def test_group_lincomb_wrapper_compiles_fullgraph():
+    """Its coef storage test ran while tracing (the op tests it when it runs): a graph break (an audit)."""
+    from pymerge.ops import interp
+    g = torch.Generator().manual_seed(5)
+    b, x, y = (torch.randn(5, 7, generator=g) for _ in range(3))
+    coef = torch.randn(5, 3, generator=g)
+
+    def f(b, x, y):
+        return interp.group_lincomb([x, y], b, True, "rows", coef, torch.empty(5, 7)) * 1
+    assert torch.equal(torch.compile(f, fullgraph=True)(b, x, y), f(b, x, y))
+
+
 def test_raw_ops_name_the_output_dtypes_and_compiled_calls_the_weights_range():
     """torch.ops.pymerge.weighted_sum(xs, w, float64) listed float8 among the dtypes it takes, and float8 was then
     'bad output dtype code'; a weight past float32's range traced with dynamic=True failed inside Inductor

@@ -329,7 +329,8 @@ def _x(*shape, dtype=torch.float32):
     # object is not iterable"; an endless generator of weights grew memory without bound
     (lambda: weighted_sum_many([_x(), _x()], {(0.2, 0.8): "A"}), TypeError, "weight_rows must be a .K, N. table"),
     (lambda: weighted_sum_many([_x(), _x()], None), TypeError, "weight_rows must be a .K, N. table of weights, got None"),
-    (lambda: weighted_sum({"a": _x()}, [1.0]), TypeError, "tensors must be a sequence of tensors, got"),
+    (lambda: weighted_sum({"a": _x()}, [1.0]), TypeError, r"tensors must be a sequence of tensors, got a dict of 1 "
+                                                          r"entries; pass list\(d.values\(\)\)$"),
     (lambda: weighted_sum(None, [1.0]), TypeError, "tensors must be a sequence of tensors, got None"),
     (lambda: weighted_sum([_x(), _x()], itertools.count()), ValueError, "got more than 2 weights for 2 inputs"),
     # finite in float64, inf in the float32 kernels (1e39 * 0 gave NaN)

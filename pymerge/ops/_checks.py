@@ -34,7 +34,10 @@ def check_inputs(tensors) -> List[torch.Tensor]:
     """Same shape, same device, supported float dtypes; returns the inputs as a list."""
     if isinstance(tensors, torch.Tensor):
         raise TypeError("tensors must be a sequence of tensors, not a single tensor")
-    if isinstance(tensors, (str, bytes, Mapping, AbstractSet)) or not hasattr(tensors, "__iter__"):
+    if isinstance(tensors, Mapping):  # (its repr echoed every tensor, over many lines)
+        raise TypeError(f"tensors must be a sequence of tensors, got a {type(tensors).__name__} of "
+                        f"{len(tensors)} entries; pass list(d.values())")
+    if isinstance(tensors, (str, bytes, AbstractSet)) or not hasattr(tensors, "__iter__"):
         raise TypeError(f"tensors must be a sequence of tensors, got {short(tensors)}")  # a dict: its keys
     tensors = list(tensors)
     if not tensors:
