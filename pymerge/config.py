@@ -206,9 +206,10 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if unknown:
         raise err(f"unknown key {short(unknown[0])} (known: {', '.join(TOP_KEYS)})")
     sliced = None
-    if data.get("slices") is not None or data.get("modules") is not None:
-        from pymerge.slices import parse_sliced
-        sliced = parse_sliced(data, err)
+    from pymerge.slices import parse_sliced, present
+    if present(data.get("slices")) or present(data.get("modules")) or (
+            not present(data.get("models")) and (data.get("slices") is not None or data.get("modules") is not None)):
+        sliced = parse_sliced(data, err)  # (an empty list or mapping beside a full one is absent, as mergekit reads it)
 
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
@@ -268,7 +269,7 @@ def _model_path(value, where, err) -> str:
 
 
 def _dtype(value, key, err) -> Optional[str]:
-    if value is None:
+    if value is None or value == "":  # (mergekit reads an empty name as unset)
         return None
     name = value[len("torch."):] if isinstance(value, str) and value.startswith("torch.") else value
     if name in DTYPES:

@@ -80,9 +80,17 @@ class SlicedConfig:
 
 
 # ---- parsing ---------------------------------------------------------------------------------
+def present(value) -> bool:
+    """A models/slices/modules key that counts as given: an empty list or mapping is absent, as mergekit
+    reads it (`models: []` beside `slices:` was refused)."""
+    return value is not None and not (isinstance(value, (list, dict)) and not value)
+
+
 def parse_sliced(data: dict, err) -> SlicedConfig:
     """The `slices:` or `modules:` part of a config (exactly one of models/slices/modules)."""
-    given = [k for k in ("models", "slices", "modules") if data.get(k) is not None]
+    keys = ("models", "slices", "modules")
+    # (where all are empty or absent, the empty ones, for the error that names them)
+    given = [k for k in keys if present(data.get(k))] or [k for k in keys if data.get(k) is not None]
     if len(given) != 1:
         raise err(f"exactly one of 'models', 'slices' or 'modules' must be given, got {', '.join(given)}")
     if "slices" in given:
@@ -102,9 +110,9 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
     if bad:
         raise err(f"{where}: unknown key {bad[0]!r} (known: {', '.join(MODULE_KEYS)})")
     params = _parameters(mod.get("parameters"), f"{where}.parameters", err)
-    if (mod.get("slices") is None) == (mod.get("models") is None):
+    if present(mod.get("slices")) == present(mod.get("models")):
         raise err(f"{where}: give exactly one of 'slices' or 'models'")
-    if mod.get("slices") is not None:
+    if present(mod.get("slices")):
         return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err), params, where=f"{where}.slices")
     models = mod["models"]
     if not isinstance(models, list) or not models:
@@ -424,6 +432,10 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                 return f"{where(i)}.sources[{j}]"
             return f"modules.default.models[{j}]" if j < len(sliced.whole_models) else "base_model"  # (appended)
 
+        # the top-level parameters once (as a models: config's): a typo there merged in silence, a bad value
+        # raised a traceback from the resolver
+        check_method_params(MergeConfig(cfg.merge_method, [], parameters=cfg.parameters, source=cfg.source,
+                                        warnings=cfg.warnings), method, [], params_where="parameters")
         for i, s in enumerate(slices):
             _check_params(cfg, method, s, sliced.module_parameters, where(i),
                           [source_where(i, j) for j in range(len(s.sources))])

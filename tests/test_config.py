@@ -19,6 +19,19 @@ def cfg(**kw):
 
 
 # ---- parsing -------------------------------------------------------------------------------
+def test_an_empty_models_slices_or_modules_beside_another_is_absent():
+    """mergekit reads an empty list or mapping as not given; pymerge refused `models: []` beside `slices:`."""
+    sliced = {"sources": [{"model": "a", "layer_range": [0, 2]}]}
+    assert parse_config(cfg(models=[], slices=[sliced])).models == []
+    assert [m.path for m in parse_config(cfg(slices=[], modules={})).models] == ["a", "b"]
+    assert parse_config(cfg(models=None, modules={"default": {"slices": [sliced], "models": []}})).models == []
+
+
+def test_an_empty_dtype_is_unset_as_in_mergekit():
+    c = parse_config(cfg(dtype="", out_dtype=""))
+    assert (c.dtype, c.out_dtype) == (None, None)
+
+
 def test_parses_a_full_config(tmp_path):
     p = tmp_path / "m.yml"
     p.write_text("""
@@ -54,7 +67,6 @@ out_dtype: bfloat16
     (cfg(slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
          models=None), ["slices[0]", "same number of layers"]),
     (cfg(modules={"decoder": {"slices": []}}, models=None), ["unknown module 'decoder'"]),
-    (cfg(modules={}), ["modules"]),
     (cfg(modules={}, models=None), ["'modules' must be a mapping", "got an empty mapping"]),
     (cfg(tokenizer={"source": "union"}, tokenizer_source="base"), ["either tokenizer_source or tokenizer"]),
     (cfg(tokenizer_source=3), ["tokenizer_source", "base, union or a model path"]),

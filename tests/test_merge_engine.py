@@ -256,6 +256,14 @@ def test_a_slice_setting_is_named_where_the_config_holds_it(tmp_path):
              r"modules\.default\.models\[0\] \(.*/a\)\.parameters")):
         with pytest.raises(MergeConfigError, match=rf": {where}: unknown parameter 'wieght'"):
             run_merge({**top, **sliced}, tmp_path / "out", device="cpu", quiet=True)
+    # the top-level parameters of a slices config: a typo merged in silence, a bad value raised a traceback
+    sliced = {"slices": [{"sources": [src("a"), src("b")]}]}
+    for params, message in (({"wieght": 1}, r"parameters: unknown parameter 'wieght'"),
+                            ({"weight": "abc"}, r"parameters\.weight: 'abc' is not a number"),
+                            ({"weight": [1, float("nan")]}, r"parameters\.weight\[1\]: nan is not a finite number")):
+        with pytest.raises(MergeConfigError, match=message):
+            run_merge({**top, **sliced, "parameters": params}, tmp_path / "out", device="cpu", quiet=True)
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("hole", ["counted, not stored", "one missing"])
