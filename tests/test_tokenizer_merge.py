@@ -773,3 +773,28 @@ def assert_gpu_matches_cpu(cfg, tmp_path):
     for k in b:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
         assert close(a[k], b[k]), (cfg.stem, k)
+
+
+def test_auto_ignores_a_config_template_that_named_template_files_override(tmp_path):
+    """transformers reads tokenizer_config.json's template only where the folder holds no template file: with
+    additional_chat_templates/NAME.jinja alone, the model has no default template, and mergekit's auto does not
+    count it; pymerge counted the config's (a model carrying it twice outvoted another, an audit)."""
+    from pymerge.tokenizer.files import read_tokenizer
+    c = write_model(tmp_path / "c", SPECIAL + W + ["<pad>"], perturb_seed=2)
+    config = json.loads((c / "tokenizer_config.json").read_text())
+    config["chat_template"] = "B{{ messages[0]['content'] }}"
+    (c / "tokenizer_config.json").write_text(json.dumps(config))
+    assert read_tokenizer(c).template() == config["chat_template"]
+    (c / "additional_chat_templates").mkdir()
+    (c / "additional_chat_templates" / "tool_use.jinja").write_text("T")
+    assert read_tokenizer(c).template() is None
+    (c / "chat_template.jinja").write_text("D")
+    assert read_tokenizer(c).template() == "D"
+
+
+def test_phi1_head_rows_are_indexed_by_token():
+    """phi-1 / phi-1.5's MixFormerSequential head (layers.{n + 1}.linear) was merged by position, not by token."""
+    from pymerge.tokenizer.vocab import is_vocab_tensor
+    assert is_vocab_tensor("layers.25.linear.weight") and is_vocab_tensor("layers.3.linear.bias")
+    assert is_vocab_tensor("layers.0.wte.weight")
+    assert not is_vocab_tensor("model.layers.3.linear.weight") and not is_vocab_tensor("layers.3.linear.scale")

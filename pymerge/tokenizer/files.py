@@ -43,6 +43,8 @@ class Tokenizer:
         the named ones are neither read nor checked, as mergekit's auto ignores them)."""
         if os.path.lexists(self.folder / TEMPLATE_FILE):
             t = _read_text(self.folder, self.folder / TEMPLATE_FILE)
+        elif any(f.name != ".jinja" and f.is_file() for f in (self.folder / TEMPLATE_DIR).glob("*.jinja")):
+            t = None  # named template files only: transformers then ignores the config's (as templates() reads them)
         else:
             t = self.config.get("chat_template")
             if isinstance(t, list):  # named templates: transformers' "default" one

@@ -16,6 +16,7 @@ mergekit 0.1.5's semantics (mergekit/tokenizer/build.py and embed.py):
   no model has.
 - `pad_to_multiple_of` pads the row count up; each model's padding rows are the mean of its rows.
 """
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -31,13 +32,17 @@ VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias", "embe
                   "lm_head.linear.weight", "lm_head.linear.bias", "cls.predictions.decoder.weight",
                   "cls.predictions.bias", "vocab_projector.weight", "vocab_projector.bias")
 VOCAB_NAMES = ("shared.weight", "output.weight", "backbone.embeddings.weight", "transformer.output_layer.weight")
+# phi-1 / phi-1.5's MixFormerSequential head, layers.{num_layers + 1}.linear (only the head has a .linear there;
+# its rows were merged by position, not by token: an audit)
+_PHI1_HEAD = re.compile(r"layers\.\d+\.linear\.(weight|bias)")
 
 # What a row of the output is, per token (Rows.default_kind)
 KEEP, MEAN, ROW, ZERO = 0, 1, 2, 3
 
 
 def is_vocab_tensor(name: str) -> bool:
-    return name in VOCAB_NAMES or any(name == s or name.endswith("." + s) for s in VOCAB_SUFFIXES)
+    return name in VOCAB_NAMES or any(name == s or name.endswith("." + s) for s in VOCAB_SUFFIXES) or \
+        _PHI1_HEAD.fullmatch(name) is not None
 
 
 @dataclass
