@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
 
 from pymerge import _native  # noqa: E402
+from pymerge.bench import CPU_SETTLE_S  # noqa: E402
 from pymerge.ops import exact_sum, interp, philox  # noqa: E402
 from pymerge.ops import task_vector_ops as tvo  # noqa: E402
 
@@ -46,6 +47,7 @@ def timed(fns: dict, rounds: int) -> dict:
         f()
     for _ in range(rounds):
         for k, f in fns.items():
+            time.sleep(CPU_SETTLE_S)  # no call timed against another's still-spinning threads
             t = time.perf_counter()
             f()
             samples[k].append(time.perf_counter() - t)

@@ -20,6 +20,7 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
 
 import pymerge.methods.model_stock  # noqa: F401  (registers)
+from pymerge.bench import CPU_SETTLE_S
 import pymerge.methods.passthrough  # noqa: F401
 import pymerge.methods.slerp  # noqa: F401
 import pymerge.methods.task_vectors as tv
@@ -40,6 +41,7 @@ def best_interleaved(fns, repeat):
     for r in range(repeat):
         order = list(range(len(fns)))[::-1 if r % 2 else 1]  # who goes first alternates
         for i in order:
+            time.sleep(CPU_SETTLE_S)  # torch's spinning OpenMP workers (after mergekit's ops) left to stop first
             t0 = time.perf_counter()
             fns[i]()
             best[i] = min(best[i], time.perf_counter() - t0)

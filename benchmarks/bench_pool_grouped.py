@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import positive_int, write_results  # noqa: E402
 
+from pymerge.bench import CPU_SETTLE_S  # noqa: E402
 from pymerge.pool import CheckpointPool  # noqa: E402
 
 COPY_CAP = 1 << 30  # bytes moved per copy sample, at most
@@ -49,6 +50,7 @@ def sample(fns: dict, rounds: int) -> dict:
     out = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            time.sleep(CPU_SETTLE_S)  # torch's spinning OpenMP workers (after copy_) left to stop first
             t = time.perf_counter()
             f()
             out[k].append(time.perf_counter() - t)
