@@ -58,9 +58,13 @@ class Method:
 
 # TIES/DARE-TIES thresholds: the exact global k-th magnitude of each task vector by radix select
 # over float32 magnitudes, 4 rounds of 256-bin int64 histograms (each round re-reads the inputs),
-# every tensor's histograms all-reduced together. Linear and task_arithmetic need no statistics.
+# every tensor's histograms all-reduced together. Linear and task_arithmetic need no statistics. The
+# thresholds depend on the checkpoints and the density, not the weights: a search's pool keeps them
+# between candidates (the pool's statistics cache), so after its first candidate TIES moves what
+# task_arithmetic moves ("ties, cached").
 METHODS = {m.name: m for m in (Method("linear"), Method("task_arithmetic", base=1),
-                               Method("ties", base=1, passes=4, rounds=4, stat_bytes=256 * 8))}
+                               Method("ties", base=1, passes=4, rounds=4, stat_bytes=256 * 8),
+                               Method("ties, cached", base=1))}
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,10 @@ def fit(points):
     n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else my / mx
-    fixed = max(0.0, my - slope * mx)
+    fixed = my - slope * mx
+    if fixed < 0:  # no negative fixed cost: the best line through the origin (clamping kept the old slope, and
+        #            every prediction came out high: an audit)
+        slope, fixed = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
     return 1.0 / slope, fixed
 
 

@@ -155,3 +155,25 @@ def test_scaling_model_without_matplotlib_writes_its_tables(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     folder = tmp_path / "results" / "cpu"
     assert sorted(os.listdir(folder)) == ["scaling_model_prediction.json", "scaling_model_prediction.md"]
+
+
+def test_scaling_fit_never_keeps_a_slope_whose_intercept_it_clamped():
+    """A negative intercept was clamped to 0 with the old slope kept: every prediction came out high (an audit).
+    The fit is then the best line through the origin."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("scaling_model", os.path.join(BENCH, "scaling_model.py"))
+    sm = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, BENCH)
+    try:
+        spec.loader.exec_module(sm)
+    finally:
+        sys.path.remove(BENCH)
+    eta, fixed = sm.fit([(1.0, 2.0), (2.0, 4.0), (3.0, 6.0)])  # exact: t = 2x
+    assert abs(eta - 0.5) < 1e-12 and abs(fixed) < 1e-12
+    points = [(1.0, 0.5), (2.0, 2.0), (3.0, 3.6)]  # least squares meets the axis below 0
+    eta, fixed = sm.fit(points)
+    assert fixed == 0.0
+    residuals = [y - x / eta for x, y in points]
+    assert abs(sum(r * x for r, (x, _) in zip(residuals, points))) < 1e-9  # the through-origin normal equation
+    eta, fixed = sm.fit([(1.0, 3.0), (2.0, 4.0), (3.0, 5.0)])  # a real fixed cost stays
+    assert abs(eta - 1.0) < 1e-12 and abs(fixed - 2.0) < 1e-12
