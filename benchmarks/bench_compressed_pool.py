@@ -10,7 +10,8 @@ relative error per format; what a sparse top-k format would cost at int4's error
 Fine-tunes: base ~ N(0, 0.02) in bfloat16; each checkpoint adds a Student-t (5 dof) task vector of
 scale 1e-3 (heavy-ish tails, as real deltas), rounded to bfloat16; the embedding is left frozen in
 every other checkpoint (stored as format "zero"). Checkpoints are .safetensors files read once.
-Timings: materialize into a live bf16 model, best of --rounds, the pools interleaved in one run; the
+Timings: materialize into a live bf16 model, best of --rounds on the CPU (median on CUDA), the pools
+interleaved in one run; the
 speed-up over the bf16 pool also per round (the same round's bf16 time over the pool's), as spread.
 Writes benchmarks/results/<machine>/bench_compressed_pool{,_error,_topk}.{json,md}.
 """

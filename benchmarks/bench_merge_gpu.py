@@ -55,12 +55,14 @@ def main(argv=None):
     ap.add_argument("--method", default="linear")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cuda", help="accepted for gpu_check.sh; only cuda is measured")
-    ap.add_argument("--results", default=ROOT / "benchmarks" / "results" / "gpu", type=Path)
+    ap.add_argument("--results", default=None, type=Path,
+                    help="folder for the tables (default: results/<this GPU>/, as the other benchmarks write)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_merge_gpu: no CUDA device")
 
     import bench_merge as bm
+    from common import RESULTS, load_average, machine_description, machine_label, write_atomic
     from pymerge.merge import run_merge
     base, fts = bm.ensure_models(args.workdir)
     cfg = args.workdir / f"gpu_{args.method}.yml"
@@ -80,7 +82,9 @@ def main(argv=None):
             runs.append(r.input_gb_per_s)
     shutil.rmtree(out, ignore_errors=True)
     best = max(runs)
-    res = {"device": torch.cuda.get_device_name(), "pinned_h2d_gbps": round(h2d, 1),
+    res = {"device": torch.cuda.get_device_name(), "machine": machine_description("cuda"),
+           "date": time.strftime("%Y-%m-%d"), **load_average(), "repeats": args.repeats,
+           "statistic": "best of the runs after a first (compiling) one", "pinned_h2d_gbps": round(h2d, 1),
            "safe_open_cuda_gbps": round(st, 1), "pymerge_input_gbps": round(best, 1),
            "fraction_of_h2d": round(best / h2d, 3), "x_safe_open": round(best / st, 2),
            "runs_gbps": [round(x, 1) for x in runs], "method": args.method, "out_root": str(args.out_root)}
@@ -88,15 +92,17 @@ def main(argv=None):
     ok = best >= 0.7 * h2d and best >= 4 * st
     verdict = f"target (>= 70% of pinned H2D and >= 4x safe_open): {'met' if ok else 'NOT met'}"
     print(verdict)
-    args.results.mkdir(parents=True, exist_ok=True)
+    results = args.results or Path(RESULTS) / machine_label("cuda")
+    results.mkdir(parents=True, exist_ok=True)
     stem = f"merge_{args.method}_gpu"
-    (args.results / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.results / f"{stem}.md").write_text(
-        f"# merge {args.method} on {res['device']}: warm page cache -> output in {args.out_root}\n\n"
-        "| pinned H2D GB/s | safe_open(cuda) GB/s | pymerge input GB/s | of H2D | x safe_open |\n"
-        "|---|---|---|---|---|\n"
-        f"| {res['pinned_h2d_gbps']} | {res['safe_open_cuda_gbps']} | {res['pymerge_input_gbps']} | "
-        f"{res['fraction_of_h2d']:.0%} | {res['x_safe_open']} |\n\n{verdict}\n")
+    write_atomic(str(results / f"{stem}.json"), json.dumps(res, indent=2) + "\n")
+    table = (f"# merge {args.method} on {res['machine']}, {res['date']}: warm page cache -> output in "
+             f"{args.out_root}; best of {args.repeats} runs\n\n"
+             "| pinned H2D GB/s | safe_open(cuda) GB/s | pymerge input GB/s | of H2D | x safe_open |\n"
+             "|---|---|---|---|---|\n"
+             f"| {res['pinned_h2d_gbps']} | {res['safe_open_cuda_gbps']} | {res['pymerge_input_gbps']} | "
+             f"{res['fraction_of_h2d']:.0%} | {res['x_safe_open']} |\n\n{verdict}\n")
+    write_atomic(str(results / f"{stem}.md"), table)
     return 0 if ok else 1
 
 
