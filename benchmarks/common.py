@@ -88,7 +88,9 @@ def write_results(name: str, device: str, rows: list, columns: list, title: str,
     os.makedirs(folder, exist_ok=True)
     machine = machine_description(device)
     name = result_name(folder, name, machine) if per_machine else name
-    meta = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "title": title, **load_average(), **(meta or {})}
+    # the command line and the SIMD override: every script's options on record, whatever meta it passes
+    meta = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "title": title, **load_average(),
+            "argv": sys.argv[1:], "PYMERGE_SIMD": os.environ.get("PYMERGE_SIMD"), **(meta or {})}
     write_atomic(os.path.join(folder, f"{name}.json"), json.dumps({**meta, "rows": rows}, indent=1))
     table = markdown_table(rows, columns)
     write_atomic(os.path.join(folder, f"{name}.md"), f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")

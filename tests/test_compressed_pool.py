@@ -1304,6 +1304,11 @@ def test_a_saved_pool_keeps_its_tied_head_rule(tmp_path):
                    lambda h: h.update(tied_embedding="nope"))
     with pytest.raises(CheckpointError, match="tied_embedding 'nope' is not one of its tensors"):
         CheckpointPool.load(bad)
+    for value in ([], {}, [""], 3):  # (a list was looked up in a set: TypeError, a fuzzer)
+        bad = _rewrite(tmp_path / "p.safetensors", tmp_path / "bad.safetensors", None,
+                       lambda h, v=value: h.update(tied_embedding=v))
+        with pytest.raises(CheckpointError, match="tied_embedding .* is not one of its tensors"):
+            CheckpointPool.load(bad)
 
 
 def test_a_sharded_pools_load_gives_a_plain_pool(tmp_path):

@@ -787,7 +787,7 @@ def _parse_header(path: str, metadata) -> dict:
             if not all(_is_number(x) and 0 <= x <= most for x in entry[key]):
                 raise bad(f"tensor {name!r}: {key} must be numbers from 0 to {most:g}")
     tied = h.get("tied_embedding")
-    if tied is not None and tied not in seen:
+    if tied is not None and (not isinstance(tied, str) or tied not in seen):
         raise bad(f"tied_embedding {tied!r} is not one of its tensors")
     return h
 
