@@ -17,12 +17,24 @@ RESULTS = os.environ.get("PYMERGE_BENCH_RESULTS") or os.path.join(os.path.dirnam
 
 def machine_label(device: str) -> str:
     """Folder name for results: the GPU's name (e.g. 'nvidia-h200'), 'cpu' (a CPU with AVX-512, where
-    the first tables were measured), or 'cpu-avx2' / 'cpu-scalar' (the SIMD path pymerge takes here)."""
+    the first tables were measured), or 'cpu-avx2' / 'cpu-scalar' (the CPU's own best SIMD path), with
+    '-as-avx2' / '-as-scalar' where PYMERGE_SIMD forces a narrower one."""
     if device == "cuda":
         return torch.cuda.get_device_name().lower().replace(" ", "-")
     from pymerge import _native
-    level = _native.cpu.simd_level() if _native.cpu is not None else "scalar"
-    return "cpu" if level == "avx512" else f"cpu-{level}"
+    if _native.cpu is None:
+        return "cpu-scalar"
+    level = _native.cpu.simd_level()  # the path taken (PYMERGE_SIMD may force a narrower one)
+    forced = os.environ.pop("PYMERGE_SIMD", None)
+    try:
+        own = _native.cpu.simd_level()  # the CPU's own (the kernels read the variable per call)
+    finally:
+        if forced is not None:
+            os.environ["PYMERGE_SIMD"] = forced
+    folder = "cpu" if own == "avx512" else f"cpu-{own}"
+    # a path forced narrower is not the CPU of that folder (an AVX-512 run as avx2 went into cpu-avx2/, the
+    # AVX2-only machine's tables)
+    return folder if level == own else f"{folder}-as-{level}"
 
 
 def machine_description(device: str) -> str:
