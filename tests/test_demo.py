@@ -1,9 +1,11 @@
 """The language-model demo: its checkpoints are real Llama folders (transformers, pymerge merge and
 mergekit read them), its tasks score exact match as greedy decoding does, and --quick runs end to end."""
+import inspect
 import json
 import re
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -654,3 +656,35 @@ def test_files_put_beside_the_merged_model_are_refused_not_deleted(tmp_path):
     with pytest.raises(run.InputError, match="merged: holds README.md, which the demo did not write"):
         _claim(str(out))
     assert (out / "merged" / "README.md").read_text() == "mine"
+
+
+def test_an_interrupted_retraining_keeps_the_cached_checkpoints(tmp_path, monkeypatch):
+    """The stale cache was removed before training: a Ctrl-C during it left checkpoints/ empty while the old
+    merged/ and results.json still named them (an audit). Removed once the new pool is trained (in memory)."""
+    folder = tmp_path / "checkpoints"
+    (folder / "00-old").mkdir(parents=True)
+    (folder / "00-old" / "config.json").write_text("{}")
+    (folder / "manifest.json").write_text(json.dumps({"fingerprint": "old", "checkpoints": [str(folder / "00-old")]}))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run, "train_pool", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.build_checkpoints(str(folder), run.Settings.quick(), log=lambda m: None)
+    assert (folder / "00-old" / "config.json").exists() and (folder / "manifest.json").exists()
+
+
+def test_signals_wait_for_the_outputs_of_one_run():
+    """merged/ was swapped in before results.json and demo.png were written: a Ctrl-C between them left one
+    run's merge beside another's results (an audit). The three are written with SIGINT and SIGTERM held."""
+    import signal
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with run._signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("written")
+    assert done == ["written"]
+    src = inspect.getsource(run._experiment)
+    held = src[src.index("with _signals_held():"):src.index("_print_table(")]
+    assert all(step in held for step in ("_write_merge(", "replace_file(", "_plot("))

@@ -7,6 +7,7 @@ exact match -> CMA-ES on validation -> baselines and the best merge, scored on t
     pool, model, evaluate = run.evaluation(paths, run.eval_sets(s, "val"))
     result = pymerge.search.optimize(pool, evaluate, model=model, budget=100)
 """
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -14,7 +15,9 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -241,8 +244,10 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
                 "changed since they were written") + ": training them again")
     except (OSError, ValueError, AttributeError):
         pass
-    _remove_stale(folder, manifest, paths)
+    _remove_stale(folder, manifest, paths, remove=False)  # a folder not ours is refused before minutes of training
     trained = train_pool(default_config(), pretraining(s.pretrain_steps), runs, seed=s.seed, progress=progress)
+    # removed once the new ones are trained (in memory): an interrupted training kept the old cache
+    _remove_stale(folder, manifest, paths)
     save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
     for path, run in zip(paths, runs):
         save_hf(trained.models[run.name], path, extra_files={"training_run.json": asdict(run)})
@@ -260,9 +265,10 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
+def _remove_stale(folder: str, manifest: str, paths: List[str], remove: bool = True) -> None:
     """A stale cache (or a save that was interrupted before its manifest): removes what this function
-    writes there (the pretrained model, the runs' folders, those its manifest lists), nothing else."""
+    writes there (the pretrained model, the runs' folders, those its manifest lists), nothing else;
+    remove=False: only the checks, which refuse a folder that holds what the demo did not write."""
     if not os.path.isdir(folder):
         return
     try:
@@ -282,13 +288,15 @@ def _remove_stale(folder: str, manifest: str, paths: List[str]) -> None:
             raise InputError(f"{path}: holds {_some(strange)}, which the "
                              "demo did not write (it retrains and replaces this folder); move them or choose another "
                              "--out")
+        if os.path.lexists(path) and not os.path.islink(path) and not os.path.isdir(path):
+            raise InputError(f"{path}: is not a folder the demo wrote; move it or choose another --out")
+    if not remove:
+        return
     for path in folders:
         if os.path.islink(path):  # the link only: saving through it overwrote the folder it points to
             os.unlink(path)
         elif os.path.isdir(path):
             shutil.rmtree(path)
-        elif os.path.lexists(path):
-            raise InputError(f"{path}: is not a folder the demo wrote; move it or choose another --out")
     if os.path.lexists(manifest):  # a link too (writing through it would replace its target)
         os.remove(manifest)
 
@@ -419,25 +427,51 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     best_single = names[int(np.argmax(singles))]  # picked on validation, as one would without a test set
 
     merged = os.path.join(out, "merged")
-    _write_merge(pool, model.config, res.best_weights, merged)
-    summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS}, unseen)
-    summary.update(train_seconds=round(t_train, 1), search_seconds=round(t_search, 1),
-                   seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(time.process_time() - cpu0, 1),
-                   evaluations=len(res.history), per_layer=per_layer, eval_dtype=str(eval_dtype).split(".")[-1],
-                   seed=s.seed, settings=asdict(s), merged=merged, out=out)
-    details = {k: {"val": v["val"], "test": v["test"], "test_unseen": v["test_unseen"],
-                   "weights": np.asarray(v["weights"]).tolist()}
-               for k, v in rows.items()}
-    def write(tmp):  # replaced whole: written in place, a kill left it truncated
-        with open(tmp, "w") as fh:
-            json.dump({"summary": summary, "details": details, "search": [
-                {"scores": h["scores"], "weights": h["weights"]} for h in res.history]}, fh, indent=1)
-    replace_file(os.path.join(out, "results.json"), write)
-    plotted = _plot(os.path.join(out, "demo.png"), rows, names, best_single, res.history)
+    with _signals_held():  # merged/, results.json and demo.png of one run: a Ctrl-C between them mixed two runs'
+        _write_merge(pool, model.config, res.best_weights, merged)
+        summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS}, unseen)
+        summary.update(train_seconds=round(t_train, 1), search_seconds=round(t_search, 1),
+                       seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(time.process_time() - cpu0, 1),
+                       evaluations=len(res.history), per_layer=per_layer, eval_dtype=str(eval_dtype).split(".")[-1],
+                       seed=s.seed, settings=asdict(s), merged=merged, out=out)
+        details = {k: {"val": v["val"], "test": v["test"], "test_unseen": v["test_unseen"],
+                       "weights": np.asarray(v["weights"]).tolist()}
+                   for k, v in rows.items()}
+
+        def write(tmp):  # replaced whole: written in place, a kill left it truncated
+            with open(tmp, "w") as fh:
+                json.dump({"summary": summary, "details": details, "search": [
+                    {"scores": h["scores"], "weights": h["weights"]} for h in res.history]}, fh, indent=1)
+        replace_file(os.path.join(out, "results.json"), write)
+        plotted = _plot(os.path.join(out, "demo.png"), rows, names, best_single, res.history)
     _print_table(rows, names, best_single, summary, log)
     if not plotted:
         log("(matplotlib is not installed: no demo.png; pip install matplotlib)")
     return summary
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: its writes land together.
+    (Python handlers, not a signal mask: the process's other threads, torch's and the kernels', would take a
+    masked signal and the main thread would still raise at once.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = old[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)  # KeyboardInterrupt, or the CLI's SIGTERM exit
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def _write_merge(pool, config, weights, folder: str) -> None:
@@ -574,8 +608,8 @@ def _plot(path: str, rows, names, best_single, history) -> bool:
     a1.set_title("scores per task, held-out test")
     a1.legend(fontsize=7)
     single_val = np.array([[rows[nm]["val"][t] for t in tasks] for nm in names])
-    with np.errstate(invalid="ignore", divide="ignore"):  # a task every checkpoint scores alike: no correlation
-        corr = np.nan_to_num(np.corrcoef(single_val.T))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a task every checkpoint scores alike: no correlation,
+        corr = np.nan_to_num(np.corrcoef(single_val.T), nan=1.0)  # and no trade-off to plot (0 was picked over > 0)
     i, j = np.unravel_index(np.argmin(corr + 2 * np.eye(len(tasks))), corr.shape)
     a, b = tasks[i], tasks[j]
     pts = [[h["scores"][a], h["scores"][b]] for h in history]
