@@ -17,6 +17,7 @@ $(VENV)/.deps: requirements-dev.txt
 # Rebuilds the C++/CUDA extensions whenever a native source changes.
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(NATIVE)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@$(PY) -c "from pymerge import _native as n; n.cpu is None and print('pymerge: warning: the C++ extension was not built (no C++17 compiler?): CPU ops run as eager torch, slower; install g++ and make clean install')"
 	touch $@
 
 install: $(VENV)/.built

@@ -124,7 +124,9 @@ except ImportError as exc:
 
 def require_cpu():
     if cpu is None:
-        raise RuntimeError(f"pymerge's C++ extension is not built ({CPU_IMPORT_ERROR}); reinstall with `pip install -e .`")
+        raise RuntimeError(f"pymerge's C++ extension is not built ({CPU_IMPORT_ERROR}); reinstall pymerge where a C++17 "
+                           "compiler is found (`pip install -e .` in a checkout); `pymerge doctor` says which copy "
+                           "is imported")
     return cpu
 
 

@@ -200,8 +200,8 @@ FORCE_TORCH_ENV = "PYMERGE_FORCE_TORCH"
 
 def torch_free(plan, device: str = "cpu") -> bool:
     """True when the CPU executor runs this plan without torch (see the module docstring)."""
-    if device != "cpu" or os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0"):
-        return False
+    if device != "cpu" or os.environ.get(FORCE_TORCH_ENV, "") not in ("", "0") or _native.cpu is None:
+        return False  # (without the C++ extension: the torch ops' fallbacks; the raw path had none, a traceback)
     if not callable(getattr(plan.method, "weights_for", None)) or not plan.method.chunkable:
         return False
     return all(not tp.double_round and all(c is None for c in tp.casts) and tp.vocab is None for tp in plan.tensors)

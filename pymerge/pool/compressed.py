@@ -84,6 +84,9 @@ def check_options(compress, error_budget, has_base: bool, residency) -> Optional
         raise InputError(f"compress={compress!r} stores each checkpoint as its delta from a base: pass base=")
     if residency is not None:
         raise InputError("a compressed pool is held resident; residency= does not apply (drop it)")
+    if _native.cpu is None:  # its encoder is C++ only (a RuntimeError from deep inside the build otherwise)
+        raise InputError(f"compress={compress!r} needs pymerge's C++ extension, which is not built here "
+                         f"({_native.CPU_IMPORT_ERROR}); reinstall pymerge where a C++17 compiler is found")
     if error_budget is None:
         return DEFAULT_BUDGET if compress == "auto" else None
     if isinstance(error_budget, bool) or not isinstance(error_budget, (int, float, np.floating, np.integer)):
