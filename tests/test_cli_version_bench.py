@@ -182,3 +182,33 @@ def test_cli_audit_entry_points(capsys, monkeypatch, tmp_path):
     for flag in ("--vers", "--version --bogus"):  # argparse's abbreviation, and --version before anything else
         assert subprocess.run([sys.executable, "-m", "pymerge", *flag.split()], capture_output=True,
                               timeout=120).returncode == 0, flag
+
+
+def test_without_the_cpp_extension_merges_run_on_torch(tmp_path, monkeypatch):
+    """A pip install without a C++ compiler gives pymerge without pymerge._cpu: the streaming merge's raw path
+    then raised a RuntimeError traceback (an install audit); it takes the torch ops' fallbacks. A compressed
+    pool, whose encoder is C++ only, is refused in one line."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pymerge import _native
+    from pymerge.errors import InputError
+    from pymerge.merge import run_merge
+    from pymerge.pool import CheckpointPool
+    g = torch.Generator().manual_seed(1)
+    sds = [{"a": torch.randn(37, 5, generator=g).bfloat16(), "b": torch.randn(11, generator=g)} for _ in range(2)]
+    for i, sd in enumerate(sds):
+        save_file(sd, str(tmp_path / f"m{i}.safetensors"))
+    monkeypatch.setattr(_native, "cpu", None)
+    monkeypatch.setattr(_native, "CPU_IMPORT_ERROR", ModuleNotFoundError("no", name="pymerge._cpu"))
+    cfg = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(tmp_path / f"m{i}.safetensors"), "parameters": {"weight": w}} for i, w in enumerate((0.3, 0.7))]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k in sds[0]:
+        ref = 0.3 * sds[0][k].double() + 0.7 * sds[1][k].double()
+        assert got[k].dtype == torch.float32  # (dtype: float32)
+        assert float((got[k].double() - ref).abs().max()) <= float(ref.abs().max()) * 2 ** -22, k
+    with pytest.raises(InputError, match="compress='int8' needs pymerge's C.. extension, which is not built here"):
+        CheckpointPool(sds[1:], base=sds[0], compress="int8")
