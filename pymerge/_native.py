@@ -95,7 +95,8 @@ except ImportError as exc:
     cpu = None
     CPU_IMPORT_ERROR = exc
     # Never silent: every CPU op would run on eager torch instead (slower, other rounding in places).
-    warnings.warn(f"pymerge's C++ extension did not load ({exc}); CPU ops fall back to eager torch, which is "
+    what = "was not built (no C++17 compiler at install time?)" if _not_built(exc) else f"did not load ({exc})"
+    warnings.warn(f"pymerge's C++ extension {what}; CPU ops fall back to eager torch, which is "
                   "slower. `pymerge doctor` shows every backend.", RuntimeWarning, stacklevel=2)
 
 # The C++ side (simd_level) takes "avx2" or "scalar" and ignores anything else: say so rather than run

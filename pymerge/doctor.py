@@ -17,6 +17,9 @@ Row = Tuple[str, bool, str]
 
 
 def _cpu_row(native) -> Row:
+    if native.cpu is None and native._not_built(native.CPU_IMPORT_ERROR):
+        return "cpu extension", False, ("not built (no C++17 compiler at install time?): ops use eager torch, slower; "
+                                        "install g++ and reinstall pymerge")
     if native.cpu is None:
         return "cpu extension", False, f"did not load: {first_line(native.CPU_IMPORT_ERROR)} (ops use eager torch)"
     return "cpu extension", True, (f"C++ kernels, SIMD {native.cpu.simd_level()}, "

@@ -61,6 +61,24 @@ def test_a_cpu_extension_that_does_not_load_warns_and_doctor_says_why():
     assert "backend auto     yes  cpu -> torch" in r.stdout
 
 
+def test_a_cpu_extension_never_built_says_so():
+    """Installed without a C++ compiler (setup.py goes on without the extension): "did not load: No module named
+    'pymerge._cpu'" read as a broken install; the warning and doctor say it was not built, and what to do."""
+    r = _python("""
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import pymerge._native as n
+        assert n.cpu is None
+        print([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)][0])
+        from pymerge.cli import main
+        main(["doctor"])
+    """, "pymerge._cpu", 'ModuleNotFoundError("no", name="pymerge._cpu")')
+    assert r.returncode == 0, r.stderr
+    assert "C++ extension was not built (no C++17 compiler at install time?)" in r.stdout
+    assert "cpu extension    no   not built (no C++17 compiler at install time?): ops use eager torch" in r.stdout
+
+
 @pytest.mark.parametrize("exc, warns", [(BROKEN, True), ('ModuleNotFoundError("no", name="pymerge._cuda")', False)])
 def test_cuda_extension_warns_only_when_built_but_broken(exc, warns):
     r = _python("""
