@@ -792,9 +792,44 @@ def test_auto_ignores_a_config_template_that_named_template_files_override(tmp_p
     assert read_tokenizer(c).template() == "D"
 
 
-def test_phi1_head_rows_are_indexed_by_token():
-    """phi-1 / phi-1.5's MixFormerSequential head (layers.{n + 1}.linear) was merged by position, not by token."""
+def test_phi1_head_rows_are_indexed_by_token(tmp_path, capsys):
+    """phi-1 / phi-1.5's MixFormerSequential head (layers.{n + 1}.linear) was merged by position, not by token
+    (mergekit's phi-1 layout marks it token-indexed; an audit). Only in that layout: another model's
+    layers.N.linear (Zamba2's hybrid layers) is no vocabulary tensor."""
+    from safetensors.torch import load_file, save_file
+
     from pymerge.tokenizer.vocab import is_vocab_tensor
-    assert is_vocab_tensor("layers.25.linear.weight") and is_vocab_tensor("layers.3.linear.bias")
-    assert is_vocab_tensor("layers.0.wte.weight")
-    assert not is_vocab_tensor("model.layers.3.linear.weight") and not is_vocab_tensor("layers.3.linear.scale")
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(29)]
+
+    def phi1(name, order, seed):
+        f = tmp_path / name
+        f.mkdir()
+        g = torch.Generator().manual_seed(seed)
+        t = {"layers.0.wte.weight": torch.randn(len(words), 16, generator=g),
+             "layers.1.mixer.Wqkv.weight": torch.randn(48, 16, generator=g), "layers.2.ln.weight": torch.ones(16),
+             "layers.2.linear.weight": torch.randn(len(words), 16, generator=g),
+             "layers.2.linear.bias": torch.randn(len(words), generator=g)}
+        save_file(t, str(f / "model.safetensors"), metadata={"format": "pt"})
+        (f / "config.json").write_text(json.dumps({"model_type": "mixformer-sequential", "n_layer": 1,
+                                                   "vocab_size": len(words), "n_embd": 16}))
+        vocab = {w: i for i, w in enumerate(order)}
+        (f / "tokenizer.json").write_text(json.dumps({
+            "version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": None, "decoder": None, "truncation": None, "padding": None,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
+        (f / "tokenizer_config.json").write_text("{}")
+        return f, t, vocab
+    a, ta, va = phi1("a", words, 0)
+    b, tb, vb = phi1("b", words[:3] + words[3:][::-1], 1)  # the same tokens, other ids
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(a), "dtype": "float32",
+                                    "tokenizer_source": "base", "models": [
+                                        {"model": str(a), "parameters": {"weight": 0.5}},
+                                        {"model": str(b), "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name in ("layers.0.wte.weight", "layers.2.linear.weight", "layers.2.linear.bias"):
+        want = torch.stack([(ta[name][va[w]] + tb[name][vb[w]]) / 2 for w in words])
+        torch.testing.assert_close(out[name], want, rtol=1e-6, atol=1e-6, msg=name)
+    assert not is_vocab_tensor("layers.3.linear.weight")  # outside that layout

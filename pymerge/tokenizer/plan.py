@@ -3,7 +3,7 @@ import os
 from typing import Callable, Dict, Sequence
 
 from pymerge.errors import CheckpointError
-from pymerge.tokenizer.vocab import Vocabulary, build_vocabulary, is_vocab_tensor
+from pymerge.tokenizer.vocab import PHI1_EMBEDDING, Vocabulary, build_vocabulary, is_vocab_tensor
 
 
 def plan_vocabulary(cfg, models: Sequence[str], checkpoints, donor: str, read_config: Callable) -> Vocabulary:
@@ -15,6 +15,7 @@ def plan_vocabulary(cfg, models: Sequence[str], checkpoints, donor: str, read_co
     base = same.get(os.path.realpath(cfg.base_model)) if cfg.base_model else None
     vocab = build_vocabulary(cfg.tokenizer, list(dict.fromkeys(models)), same[os.path.realpath(donor)], base, sizes,
                              where=cfg.where)
+    vocab.phi1 = all(PHI1_EMBEDDING in set(ck.names()) for ck in checkpoints)
     if cfg.chat_template is None:
         vocab.tokenizer.templates()  # written with it: a bad one is an error now, before any output
     return vocab

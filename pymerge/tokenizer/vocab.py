@@ -32,17 +32,18 @@ VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias", "embe
                   "lm_head.linear.weight", "lm_head.linear.bias", "cls.predictions.decoder.weight",
                   "cls.predictions.bias", "vocab_projector.weight", "vocab_projector.bias")
 VOCAB_NAMES = ("shared.weight", "output.weight", "backbone.embeddings.weight", "transformer.output_layer.weight")
-# phi-1 / phi-1.5's MixFormerSequential head, layers.{num_layers + 1}.linear (only the head has a .linear there;
-# its rows were merged by position, not by token: an audit)
-_PHI1_HEAD = re.compile(r"layers\.\d+\.linear\.(weight|bias)")
+# phi-1 / phi-1.5's MixFormerSequential head, layers.{num_layers + 1}.linear (its rows were merged by position,
+# not by token: an audit); by token only in a checkpoint of that layout (PHI1_EMBEDDING): other models have
+# layers.N.linear tensors of their own (Zamba2's hybrid layers)
+PHI1_HEAD = re.compile(r"layers\.\d+\.linear\.(weight|bias)")
+PHI1_EMBEDDING = "layers.0.wte.weight"
 
 # What a row of the output is, per token (Rows.default_kind)
 KEEP, MEAN, ROW, ZERO = 0, 1, 2, 3
 
 
 def is_vocab_tensor(name: str) -> bool:
-    return name in VOCAB_NAMES or any(name == s or name.endswith("." + s) for s in VOCAB_SUFFIXES) or \
-        _PHI1_HEAD.fullmatch(name) is not None
+    return name in VOCAB_NAMES or any(name == s or name.endswith("." + s) for s in VOCAB_SUFFIXES)
 
 
 @dataclass
@@ -58,10 +59,10 @@ class Vocabulary:
     base: Optional[str]                # the config's base_model: its rows win for shared tokens
     _rows: Dict[tuple, "Rows"] = field(default_factory=dict)
     where: Callable[[str], str] = str  # a config key -> its place in messages ("cfg.yml: key")
+    phi1: bool = False                 # the models are phi-1's MixFormerSequential layout (PHI1_HEAD)
 
-    @staticmethod
-    def covers(name: str) -> bool:
-        return is_vocab_tensor(name)
+    def covers(self, name: str) -> bool:
+        return is_vocab_tensor(name) or (self.phi1 and PHI1_HEAD.fullmatch(name) is not None)
 
     def for_base(self, base: Optional[str]) -> "Vocabulary":
         """The same vocabulary whose default rows prefer another base model's (a slice's
