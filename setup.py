@@ -16,7 +16,7 @@ from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.install_lib import install_lib
-from setuptools.errors import CCompilerError, CompileError, ExecError as DistutilsExecError, LinkError
+from setuptools.errors import CCompilerError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ParallelCompile("PYMERGE_BUILD_JOBS", default=0).install()  # C++ files compile in parallel (all cores)
@@ -69,19 +69,20 @@ class BuildExt(build_ext):
         (pip shows it with -v; PYMERGE_REQUIRE_CUDA=1 keeps the error)."""
         cuda = [e for e in self.extensions if any(s.endswith(".cu") for s in e.sources)]
         self.extensions = [e for e in self.extensions if e not in cuda]  # what the in-place copy and outputs list
-        try:
-            super().build_extensions()
-        except (CCompilerError, DistutilsExecError, CompileError, LinkError, OSError) as exc:
-            # no C++17 compiler: pip failed outright, where pymerge runs on torch alone (slower; compressed pools
-            # need the extension). PYMERGE_REQUIRE_CPU=1 (make install, CI) keeps the error.
+        missing = self._missing_compiler()
+        if missing is not None:
+            # no C++ compiler: pip failed outright, where pymerge runs on torch alone (slower; compressed pools
+            # need the extension). Only a missing compiler: a compile error in csrc/ stays an error (it would
+            # leave an older in-place build to be tested).
             if os.environ.get("PYMERGE_REQUIRE_CPU") == "1":
-                raise
-            print(f"pymerge: warning: the C++ extension is not built ({type(exc).__name__}: {exc}); pymerge installs "
+                raise CCompilerError(f"pymerge: no C++ compiler ({missing} is not found) and PYMERGE_REQUIRE_CPU=1")
+            print(f"pymerge: warning: the C++ extension is not built ({missing} is not found); pymerge installs "
                   "without it and its CPU ops run as eager torch, several times slower (compressed pools need it). "
                   "Install a C++17 compiler (g++ or clang++) and reinstall for it; PYMERGE_REQUIRE_CPU=1 makes this "
                   "an error", file=sys.stderr)
             self.extensions = []
             return  # (the CUDA extension links with the same compiler)
+        super().build_extensions()
         for ext in cuda:
             try:
                 self._compile_cuda(ext)
@@ -96,6 +97,14 @@ class BuildExt(build_ext):
                       "skips it, PYMERGE_REQUIRE_CUDA=1 makes this an error", file=sys.stderr)
                 continue
             self.extensions.append(ext)
+
+    def _missing_compiler(self):
+        """The first program of the C++ compile and link commands that is not on PATH, or None."""
+        for cmd in (getattr(self.compiler, "compiler_so", None), getattr(self.compiler, "compiler_cxx", None),
+                    getattr(self.compiler, "linker_so", None)):
+            if cmd and shutil.which(cmd[0]) is None:
+                return cmd[0]
+        return None
 
     def build_extension(self, ext):
         if self._reuse_in_place_build(ext):
