@@ -207,8 +207,8 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         raise err(f"unknown key {short(unknown[0])} (known: {', '.join(TOP_KEYS)})")
     sliced = None
     from pymerge.slices import parse_sliced, present
-    if present(data.get("slices")) or present(data.get("modules")) or (
-            not present(data.get("models")) and (data.get("slices") is not None or data.get("modules") is not None)):
+    if present(data, "slices") or present(data, "modules") or (
+            not present(data, "models") and (data.get("slices") is not None or data.get("modules") is not None)):
         sliced = parse_sliced(data, err)  # (an empty list or mapping beside a full one is absent, as mergekit reads it)
 
     method = data.get("merge_method")

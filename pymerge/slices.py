@@ -80,17 +80,21 @@ class SlicedConfig:
 
 
 # ---- parsing ---------------------------------------------------------------------------------
-def present(value) -> bool:
-    """A models/slices/modules key that counts as given: an empty list or mapping is absent, as mergekit
-    reads it (`models: []` beside `slices:` was refused)."""
-    return value is not None and not (isinstance(value, (list, dict)) and not value)
+_EMPTY = {"models": list, "slices": list, "modules": dict}
+
+
+def present(data: dict, key: str) -> bool:
+    """Whether models/slices/modules counts as given: an empty one of its own kind (a list; modules: a mapping)
+    is absent, as mergekit reads it (`models: []` beside `slices:` was refused); `slices: {}` is not."""
+    value = data.get(key)
+    return value is not None and not (isinstance(value, _EMPTY[key]) and not value)
 
 
 def parse_sliced(data: dict, err) -> SlicedConfig:
     """The `slices:` or `modules:` part of a config (exactly one of models/slices/modules)."""
     keys = ("models", "slices", "modules")
     # (where all are empty or absent, the empty ones, for the error that names them)
-    given = [k for k in keys if present(data.get(k))] or [k for k in keys if data.get(k) is not None]
+    given = [k for k in keys if present(data, k)] or [k for k in keys if data.get(k) is not None]
     if len(given) != 1:
         raise err(f"exactly one of 'models', 'slices' or 'modules' must be given, got {', '.join(given)}")
     if "slices" in given:
@@ -110,9 +114,9 @@ def parse_sliced(data: dict, err) -> SlicedConfig:
     if bad:
         raise err(f"{where}: unknown key {bad[0]!r} (known: {', '.join(MODULE_KEYS)})")
     params = _parameters(mod.get("parameters"), f"{where}.parameters", err)
-    if present(mod.get("slices")) == present(mod.get("models")):
+    if present(mod, "slices") == present(mod, "models"):
         raise err(f"{where}: give exactly one of 'slices' or 'models'")
-    if present(mod.get("slices")):
+    if present(mod, "slices"):
         return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err), params, where=f"{where}.slices")
     models = mod["models"]
     if not isinstance(models, list) or not models:

@@ -25,6 +25,9 @@ def test_an_empty_models_slices_or_modules_beside_another_is_absent():
     assert parse_config(cfg(models=[], slices=[sliced])).models == []
     assert [m.path for m in parse_config(cfg(slices=[], modules={})).models] == ["a", "b"]
     assert parse_config(cfg(models=None, modules={"default": {"slices": [sliced], "models": []}})).models == []
+    for wrong_kind in ({"slices": {}}, {"modules": []}):  # mergekit refuses these: an empty one of another kind
+        with pytest.raises(MergeConfigError, match="exactly one of 'models', 'slices' or 'modules'"):
+            parse_config(cfg(**wrong_kind))
 
 
 def test_an_empty_dtype_is_unset_as_in_mergekit():

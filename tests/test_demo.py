@@ -685,6 +685,19 @@ def test_signals_wait_for_the_outputs_of_one_run():
             time.sleep(0.05)
             done.append("written")
     assert done == ["written"]
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C acts at once
+        with run._signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("not reached")
+    with pytest.raises(OSError, match="disk full"):  # an error in the block stays itself
+        with run._signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise OSError("disk full")
+    assert done == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     src = inspect.getsource(run._experiment)
     held = src[src.index("with _signals_held():"):src.index("_print_table(")]
     assert all(step in held for step in ("_write_merge(", "replace_file(", "_plot("))

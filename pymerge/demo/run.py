@@ -453,25 +453,43 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
 @contextlib.contextmanager
 def _signals_held():
     """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: its writes land together.
-    (Python handlers, not a signal mask: the process's other threads, torch's and the kernels', would take a
-    masked signal and the main thread would still raise at once.)"""
-    if threading.current_thread() is not threading.main_thread():
+    A second one acts at once; an error in the block goes on as itself. (Python handlers, not a signal mask:
+    the process's other threads, torch's and the kernels', would take a masked signal and the main thread
+    would still raise at once.)"""
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.getsignal(sig) for sig in held} if threading.current_thread() is threading.main_thread() \
+        else {}
+    if not old or any(h is None for h in old.values()):  # another thread, or a handler installed from C
         yield
         return
-    pending = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    old = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in held}
+    pending, released = [], []
+
+    def deliver(sig, frame):
+        handler = old[sig]
+        if callable(handler):
+            handler(sig, frame)  # KeyboardInterrupt, or the CLI's SIGTERM exit
+        elif handler == signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+
+    def hold(sig, frame):
+        if released or sig in pending:  # after the block (a restore not yet made), or a second one: at once
+            deliver(sig, frame)
+        else:
+            pending.append(sig)
+
+    for sig in held:
+        signal.signal(sig, hold)
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if pending:
-            handler = old[pending[0]]
-            if callable(handler):
-                handler(pending[0], None)  # KeyboardInterrupt, or the CLI's SIGTERM exit
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), pending[0])
+        released.append(True)
+        for sig in held:
+            signal.signal(sig, old[sig])
+        if pending and not failed:
+            deliver(pending[0], None)
 
 
 def _write_merge(pool, config, weights, folder: str) -> None:

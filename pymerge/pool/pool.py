@@ -336,7 +336,10 @@ class CheckpointPool:
     def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":
         """A compressed pool saved with save(), checked as strictly as any checkpoint; nothing re-compressed."""
         store = compressed.CompressedStore.load(path)
-        pool = object.__new__(CheckpointPool)  # a plain pool, also from ShardedPool.load (whole tensors: no shards)
+        if cls is not CheckpointPool:
+            from pymerge.dist.pool import ShardedPool
+            cls = CheckpointPool if issubclass(cls, ShardedPool) else cls  # a plain pool: whole tensors, no shards
+        pool = object.__new__(cls)
         pool.device = _resolve_device(device)
         pool.dtype, pool.memory_budget, pool.num_threads = None, None, _threads(num_threads)
         pool.backend = _pool_backend(pool.device, backend)
