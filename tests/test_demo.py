@@ -678,6 +678,19 @@ def test_signals_wait_for_the_outputs_of_one_run():
     """merged/ was swapped in before results.json and demo.png were written: a Ctrl-C between them left one
     run's merge beside another's results (an audit). The three are written with SIGINT and SIGTERM held."""
     import signal
+    # (a shell starts background jobs with SIGINT ignored, and Python then leaves it so: set it as a terminal has it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _signals_cases()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    src = inspect.getsource(run._experiment)
+    held = src[src.index("with _signals_held():"):src.index("_print_table(")]
+    assert all(step in held for step in ("_write_merge(", "replace_file(", "_plot("))
+
+
+def _signals_cases():
+    import signal
     done = []
     with pytest.raises(KeyboardInterrupt):
         with run._signals_held():
@@ -698,6 +711,9 @@ def test_signals_wait_for_the_outputs_of_one_run():
             time.sleep(0.05)
             raise OSError("disk full")
     assert done == ["written"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    src = inspect.getsource(run._experiment)
-    held = src[src.index("with _signals_held():"):src.index("_print_table(")]
-    assert all(step in held for step in ("_write_merge(", "replace_file(", "_plot("))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored before: still ignored after, nothing raised
+    with run._signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append("ignored")
+    assert done == ["written", "ignored"] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
