@@ -206,10 +206,9 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if unknown:
         raise err(f"unknown key {short(unknown[0])} (known: {', '.join(TOP_KEYS)})")
     sliced = None
-    from pymerge.slices import parse_sliced, present
-    if present(data, "slices") or present(data, "modules") or (
-            not present(data, "models") and (data.get("slices") is not None or data.get("modules") is not None)):
-        sliced = parse_sliced(data, err)  # (an empty list or mapping beside a full one is absent, as mergekit reads it)
+    if data.get("slices") is not None or data.get("modules") is not None:
+        from pymerge.slices import parse_sliced
+        sliced = parse_sliced(data, err)  # (None: an empty one beside `models:`, absent as mergekit reads it)
 
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:

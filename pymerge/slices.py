@@ -90,13 +90,16 @@ def present(data: dict, key: str) -> bool:
     return value is not None and not (isinstance(value, _EMPTY[key]) and not value)
 
 
-def parse_sliced(data: dict, err) -> SlicedConfig:
-    """The `slices:` or `modules:` part of a config (exactly one of models/slices/modules)."""
+def parse_sliced(data: dict, err) -> Optional[SlicedConfig]:
+    """The `slices:` or `modules:` part of a config (exactly one of models/slices/modules), or None where the
+    one given is `models:` (beside an empty slices/modules)."""
     keys = ("models", "slices", "modules")
     # (where all are empty or absent, the empty ones, for the error that names them)
     given = [k for k in keys if present(data, k)] or [k for k in keys if data.get(k) is not None]
     if len(given) != 1:
         raise err(f"exactly one of 'models', 'slices' or 'modules' must be given, got {', '.join(given)}")
+    if given == ["models"]:
+        return None
     if "slices" in given:
         return SlicedConfig(_slices(data["slices"], "slices", err))
     modules = data["modules"]
@@ -438,8 +441,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
 
         # the top-level parameters once (as a models: config's): a typo there merged in silence, a bad value
         # raised a traceback from the resolver
-        check_method_params(MergeConfig(cfg.merge_method, [], parameters=cfg.parameters, source=cfg.source,
-                                        warnings=cfg.warnings), method, [], params_where="parameters")
+        _check_scope(cfg, method, cfg.parameters, "parameters")
         for i, s in enumerate(slices):
             _check_params(cfg, method, s, sliced.module_parameters, where(i),
                           [source_where(i, j) for j in range(len(s.sources))])
@@ -628,13 +630,18 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     return merge.MergePlan(cfg, method, inputs, base, views, tensors, views[0], [], copies=copies)
 
 
+def _check_scope(cfg: MergeConfig, method, scope: dict, where: str) -> None:
+    """One scope's global settings (the config's, a slice's, the module's) against the method."""
+    check_method_params(MergeConfig(cfg.merge_method, [], parameters=scope, source=cfg.source, warnings=cfg.warnings),
+                        method, [], params_where=where)
+
+
 def _check_params(cfg: MergeConfig, method, s: SliceSpec, module_params: dict, where: str,
                   source_wheres: List[str]) -> None:
     """Names and types of every setting a slice uses, against the method (as for `models:`); errors and
     warnings name where the config holds it."""
-    for scope_where, scope in ((f"{where}.parameters", s.parameters), ("modules.default.parameters", module_params)):
-        check_method_params(MergeConfig(cfg.merge_method, [], parameters=scope, source=cfg.source, warnings=cfg.warnings),
-                            method, [], params_where=scope_where)
+    _check_scope(cfg, method, s.parameters, f"{where}.parameters")
+    _check_scope(cfg, method, module_params, "modules.default.parameters")
     probe = MergeConfig(cfg.merge_method, [ModelSpec(x.path, x.parameters) for x in s.sources], source=cfg.source,
                         warnings=cfg.warnings)
     check_method_params(probe, method, probe.models,
