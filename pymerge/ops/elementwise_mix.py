@@ -16,16 +16,13 @@ from pymerge.ops import library
 from pymerge.ops._checks import check_apart, check_merge_args, check_threads, not_nan
 from pymerge.ops._memory import check_native, trusted
 from pymerge.ops._versions import mark_written
-
-
-# the pool passes its own backend: the GPU ones run these as torch ops
-BACKENDS = ("auto", "cpu", "torch", "triton", "cuda")
+from pymerge.ops.weighted_sum import BACKENDS
 
 
 def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
     """Whether the native kernel takes these, checked for it. read: what check_merge_args returned for these
     very tensors, with no code of the caller's run since (their storage is not tested again)."""
-    if backend not in BACKENDS:  # (any other name ran the torch path)
+    if backend not in BACKENDS:  # (any other name ran the torch path; the pool passes its own: GPU ones run torch)
         raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend not in ("auto", "cpu") or not hasattr(_native.cpu, op) or out.numel() == 0 or library.tracing():
         return False  # (torch.jit.trace records the torch path; a write by address it would miss)

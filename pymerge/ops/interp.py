@@ -18,14 +18,15 @@ from pymerge.ops import exact_sum, library
 from pymerge.ops._checks import as_flag, check_merge_args, check_threads
 from pymerge.ops._memory import check_backed, check_native
 from pymerge.ops._versions import mark_written
+from pymerge.ops.weighted_sum import BACKENDS
 
 GROUPS = {"whole": 0, "rows": 1, "cols": 2}
 _BLOCK = 1 << 20
 
 
 def _backend(t: torch.Tensor, backend: str) -> str:
-    if backend not in ("auto", "cpu", "torch", "triton", "cuda"):  # (any other name ran the torch path)
-        raise ValueError(f"backend must be one of auto, cpu, torch, triton, cuda; got {backend!r}")
+    if backend not in BACKENDS:  # (any other name ran the torch path)
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
         return "cpu" if t.device.type == "cpu" and _native.cpu is not None else "torch"
     if backend not in ("cpu", "torch"):
