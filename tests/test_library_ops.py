@@ -282,6 +282,29 @@ def test_ops_refuse_a_meta_tensor_beside_real_ones():
             call()
 
 
+def test_method_ops_answer_an_all_meta_call_with_its_shape_or_one_line():
+    """sce, ramplus_tl and the sparsified task-vector merge need data for their per-tensor numbers: an all-meta
+    call raised torch's errors (Tensor.item() on meta, bincount has no meta kernel) where weighted_sum, ram and
+    nearswap return the meta out. They return it too; the dot products, numbers on the host, refuse in one line."""
+    from pymerge.ops import consensus_ops, interp, task_vector_ops as tv
+    m = lambda: torch.empty(6, 5, device="meta")  # noqa: E731
+    xs, base = [m(), m(), m()], m()
+    for method in tv.SPARSIFIERS:
+        out = m()
+        assert tv.task_vector_merge(xs, base, out, [tv.Sparsifier(method, 0.5)] * 3, [1.0] * 3,
+                                    consensus=True, normalize=True) is out
+    out = m()
+    assert consensus_ops.sce(xs, base, 0.5, out) is out
+    assert consensus_ops.ramplus_tl(xs, base, 0.1, 0.2, 1e-8, out) is out
+    with pytest.raises(ValueError, match="offset must be"):  # the arguments are still checked
+        tv.task_vector_merge(xs, base, m(), [tv.Sparsifier()] * 3, [1.0] * 3, consensus=True, normalize=True,
+                             offset=-1)
+    with pytest.raises(ValueError, match="group_dots: dot products need data; got meta tensors"):
+        interp.group_dots(xs, base, True, "whole")
+    with pytest.raises(ValueError, match="whole_dots: dot products need data; got meta tensors"):
+        interp.whole_dot_parts(xs, base, True)
+
+
 def test_lazily_negated_views_are_read_as_their_values():
     """x.conj().imag is a contiguous view whose memory holds +2 for the value -2: the kernels read the
     memory (+2). Inputs are resolved; an output like it, or such an input to a raw op, is refused."""

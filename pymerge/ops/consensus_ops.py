@@ -33,7 +33,7 @@ def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
     select_topk, num_threads = not_nan(select_topk, "select_topk", "sce"), check_threads(num_threads)
     read = check_merge_args(xs, base, out, "sce")
-    if out.numel() == 0:
+    if out.numel() == 0 or out.is_meta:  # (meta: a shape-only call, as the other ops answer it)
         return out
     if not _native_ok("sce_merge", list(xs) + [base], out, backend, read):
         out.copy_(_sce_torch(xs, base, select_topk).view(out.shape))  # (any out of as many elements)
@@ -103,6 +103,8 @@ def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: 
     eps = not_nan(eps, "eps", "ramplus_tl")
     num_threads = check_threads(num_threads)
     read = check_merge_args(xs, base, out, "ramplus_tl")
+    if out.is_meta:  # a shape-only call: the boosts need data
+        return out
     if _native_ok("ram_counts", list(xs) + [base], out, backend, read):
         xs, base = [x.contiguous() for x in xs], base.contiguous()
         ptrs, codes = _ptrs(xs)

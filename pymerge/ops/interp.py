@@ -60,6 +60,8 @@ def group_dots(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub: bo
     num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
     _check_group_args("group_dots", base, sub, group)
     read, _ = check_merge_args(xs, base, None, "group_dots")  # before contiguous() reads them
+    if xs[0].is_meta:  # the result is numbers on the host: a meta call has none to give
+        raise ValueError("group_dots: dot products need data; got meta tensors")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [*xs, base]):
         # the kernel's result was silently detached (the torch path tracked some groups, not "whole")
         raise RuntimeError("group_dots(): records no gradient, but an input requires grad; call it under "
@@ -89,6 +91,8 @@ def whole_dot_parts(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], su
     num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
     _check_group_args("whole_dots", base, sub)
     read, _ = check_merge_args(xs, base, None, "whole_dots")
+    if xs[0].is_meta:  # the result is numbers on the host: a meta call has none to give
+        raise ValueError("whole_dots: dot products need data; got meta tensors")
     # nothing of the caller's runs until the kernel (no subclass's contiguous()): no second storage test
     backed = read and library.trusted(backend, xs, base)
     xs = [x.contiguous() for x in xs]

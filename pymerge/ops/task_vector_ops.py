@@ -43,13 +43,13 @@ from pymerge.ops import exact_sum, library, philox, select
 from pymerge.ops._checks import as_int, check_merge_args
 from pymerge.ops._memory import check_native
 from pymerge.ops._versions import mark_written
+from pymerge.ops.weighted_sum import BACKENDS  # noqa: F401  (re-exported: the names this op takes)
 from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 
 _M = _native.SPARSIFIER_MODES  # the kernels' per-model sparsifier modes (csrc/codes.h)
 NONE, TOPK, RANGE, RANDOM, BITS, ZERO = (_M[k] for k in ("none", "topk", "range", "random", "bits", "zero"))
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALES = (None, "l1", "inverse_density")
-BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
 _TORCH_BLOCK = 1 << 20  # elements per block of the torch fallback: bounds its temporaries
 
 
@@ -503,6 +503,8 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
         if offset and sparsifiers[i].method == "della_magprune":  # its mask ranks whole rows of one tensor
             raise ValueError(f"input {i}: DELLA's mask ranks whole rows of the tensor; call it on the whole "
                              "tensor (offset 0), not on a piece")
+    if out.is_meta:  # a shape-only call (the thresholds need data), as the other ops answer it
+        return out
     plans = [plan_model(x, base, sp, w, i, name=name, seed=seed, offset=offset, cache=cache,
                         cache_key=None if cache_keys is None else cache_keys[i], backend=backend,
                         num_threads=num_threads)
