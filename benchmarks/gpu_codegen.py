@@ -62,7 +62,8 @@ def ptx_facts(ptx: str) -> dict:
             "div_rn_f32": len(re.findall(r"\bdiv\.rn(?:\.ftz)?\.f32\b", ptx)),
             "div_approx_f32": len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx)),
             "mul_hi_u32": len(re.findall(r"\bmul\.hi\.u32\b", ptx)),
-            "neg_zero_consts": ptx.count("0f80000000")}  # -0.0: the weighted sums' accumulator start
+            "neg_zero_consts": ptx.count("0f80000000"),  # -0.0: the weighted sums' accumulator start
+            "ftz_ops": len(re.findall(r"\.ftz\b", ptx))}  # flush-to-zero: subnormals would differ from the CPU
 
 
 def cubin_regs(cubin: bytes) -> dict:
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     from common import write_results
     cols = ["kernel", "backend", "arch", "threads", "registers", "spill_bytes", "blocks_per_sm", "v4_loads", "v2_loads", "scalar_loads",
             "scalar_b32_loads", "local_ops",
-            "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32", "neg_zero_consts", "error"]
+            "fma_f32", "div_rn_f32", "div_approx_f32", "mul_hi_u32", "neg_zero_consts", "ftz_ops", "error"]
     print(write_results("gpu_codegen_sm90", "cpu", rows, cols,
                         "GPU kernels compiled for sm_90 (and the sm_80 rows for an A100) on a machine without a GPU "
                         "(ptxas -v, PTX)", per_machine=False))

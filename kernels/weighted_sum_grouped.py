@@ -112,6 +112,19 @@ class GroupedTable:
                        put([[x.data_ptr() for x in xs] for xs in inputs], torch.int64),
                        put(codes, torch.int32), put([[o.data_ptr() for o in os] for os in outputs], torch.int64),
                        put(numels, torch.int64), put(list(groups), torch.int32))
+        # the streams the tables are known to be ordered on: the one they were made on, then each launch's (run)
+        self._streams = {torch.cuda.current_stream(device)} if device.type == "cuda" else set()
+
+    def _record_stream(self) -> None:
+        """A launch on a stream the tables were not made on: when the plan cache drops them (an eviction, a
+        target collected), the allocator would hand their memory out again on their own stream, unordered with
+        this launch, which may not have run yet. record_stream holds it until the launch's work is done. (A
+        capture keeps its entries alive instead: the pool holds them for replays.)"""
+        stream = torch.cuda.current_stream(self.tables[0].device)
+        if stream not in self._streams and not torch.cuda.is_current_stream_capturing():
+            for t in self.tables:
+                t.record_stream(stream)
+            self._streams.add(stream)
 
     def run(self, weights: torch.Tensor) -> None:
         """weights: float32 [G, K, N] on the tables' device (read there: no host sync)."""
@@ -120,6 +133,8 @@ class GroupedTable:
         if weights.dtype != torch.float32 or weights.device != self.tables[0].device:  # bfloat16 was read as it was
             raise ValueError(f"weights must be float32 on {self.tables[0].device}, got {weights.dtype} on {weights.device}")
         weights = weights.contiguous()
+        if self.tables[0].is_cuda:
+            self._record_stream()
         for first, count, full, aligned in self.launches:
             _grouped_kernel[(count,)](*self.tables, weights, self.n, self.k, first, IN_DT=self.in_dt, OUT_T=self.out_t,
                                       K=self.k, BLOCK=self.block, FULL=full, ALIGNED=aligned,

@@ -66,6 +66,13 @@ def test_weighted_sums_start_from_negative_zero(rows):
                 assert r["neg_zero_consts"] >= 1, r["kernel"]
 
 
+def test_no_kernel_flushes_subnormals(rows):
+    """The fma/div counts accept a .ftz form; a flush-to-zero op would change subnormal results from the CPU
+    kernels' bits without failing them (a review): no op of any kernel may carry .ftz."""
+    compiled = [r for r in rows.values() if "ftz_ops" in r]  # every row whose PTX was read
+    assert compiled and all(r["ftz_ops"] == 0 for r in compiled), [r["kernel"] for r in compiled if r["ftz_ops"]]
+
+
 def test_task_vector_pass_rounds_as_the_cpu(rows):
     for r in _triton(rows, "task_vectors"):
         assert r["fma_f32"] == 0, f"{r['kernel']}: FMA contraction changes the bits"

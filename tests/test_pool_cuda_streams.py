@@ -50,3 +50,52 @@ def test_materialize_on_two_streams_keeps_each_calls_weights(backend):
     for w, out in zip(weights[:2], outs[:2]):
         want = sum(wi * sd["a"].double() for wi, sd in zip(w, sds)).float()
         torch.testing.assert_close(out["a"].cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_evicted_grouped_tables_outlive_a_launch_queued_on_another_stream():
+    """The grouped kernel's address tables are made on the stream current when the plan was built; a launch on
+    another stream, then the plan's eviction (past max_entries target sets) before that launch ran, handed their
+    memory back to the first stream, where new tensors overwrote it under the queued kernel (a review)."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(1)
+    sds = [{"a": torch.randn(1 << 16, generator=g), "b": torch.randn(4099, generator=g)} for _ in range(2)]
+    pool = pymerge.CheckpointPool(sds, device="cuda", backend="triton")
+    w = [0.25, 0.75]
+    want = {k: (w[0] * sds[0][k].double() + w[1] * sds[1][k].double()).float() for k in sds[0]}
+    side = torch.cuda.Stream()
+    targets = [{k: torch.empty_like(v, device="cuda") for k, v in sds[0].items()}
+               for _ in range(pool._plan_cache.max_entries + 2)]
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # every launch below waits behind this on the side stream
+        for out in targets:  # each new target set evicts the oldest plan and its tables
+            pool.materialize(w, into=out)
+    for _ in range(64):  # on the default stream: memory the evicted tables held, written at once
+        torch.full((1 << 12,), -1, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    for out in targets:
+        for k in out:
+            torch.testing.assert_close(out[k].cpu(), want[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_a_first_grouped_call_inside_a_capture_says_to_run_it_once_first():
+    """A plan-cache miss under capture built the grouped kernel's tables by a host-to-device copy, which
+    the capture refused with torch's error (a review); it says what to do, and a warmed call captures."""
+    pytest.importorskip("triton")
+    sds = [{"a": torch.randn(4099)} for _ in range(2)]
+    pool = pymerge.CheckpointPool(sds, device="cuda", backend="triton")
+    out, w = {"a": torch.empty(4099, device="cuda")}, torch.tensor([0.25, 0.75], device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), pytest.raises(pymerge.InputError, match="run it once with these targets"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pool.materialize(w, into=out)
+    torch.cuda.synchronize()
+    pool.materialize(w, into=out)  # warmed: the next capture holds the launch
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pool.materialize(w, into=out)
+    w.copy_(torch.tensor([1.0, 0.0], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out["a"].cpu(), sds[0]["a"])

@@ -329,6 +329,10 @@ def triton_table(plans, inputs: dict, n_groups: int):
     xs = [x for p in plans for x in inputs[p.name]]
     if kernels.e4m3_unsupported(xs[0].device, {_native.DTYPE_CODES[x.dtype] for x in xs}):
         return None
+    if xs[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # (torch's error would invalidate the capture and name neither cause nor cure)
+        raise InputError("materialize: run it once with these targets before capturing it in a CUDA graph (the "
+                         "grouped kernel's address tables are made by a host-to-device copy, which a capture cannot hold)")
     from pymerge.kernels.weighted_sum_grouped import GroupedTable
     return GroupedTable([inputs[p.name] for p in plans], [p.outs for p in plans], [p.group for p in plans], n_groups)
 
