@@ -231,6 +231,8 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
 
 
 def require_inputs(tensors, op: str) -> None:
+    if isinstance(tensors, torch.Tensor):  # (its truth value raised torch's "ambiguous" error)
+        raise TypeError(f"{op}: the inputs must be a sequence of tensors, not a single tensor (list(t) for its rows)")
     if not tensors:
         raise ValueError(f"{op}: needs at least one input")
 
@@ -270,6 +272,8 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
                             + f" is {t.dtype}; the inputs must be floating-point")
     if out is not None:  # (the torch paths wrote ints, truncated)
         check_out_dtype(out, f"{op}: out")
+        if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):  # (torch's copy_ error named nothing)
+            raise ValueError(f"{op}: out has elements that share memory (an expanded view); pass a tensor of its own")
     ref, ref_name = (base, "the base") if base is not None else (xs[0], "input 0")
     for i, x in enumerate(xs):
         if x.shape != ref.shape:
@@ -380,9 +384,26 @@ def as_flag(value, what: str) -> bool:
 def not_nan(value, name: str, op: str) -> float:
     """A parameter as a float, refused when NaN (a NaN threshold or fraction computes a NaN or an empty
     selection without a word); infinities are the parameter's limits and stay."""
-    value = float(value)
+    if isinstance(value, (str, bytes)):  # float() parsed them: "0.5" was taken, None gave float()'s own words
+        raise TypeError(f"{op}: {name} must be a number, got {short(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float's range
+        raise ValueError(f"{op}: {name} is beyond float's range, got {short(value)}") from None
+    except (TypeError, ValueError, RuntimeError):  # None, a list, a tensor of several elements or none
+        raise TypeError(f"{op}: {name} must be a number, got {short(value)}") from None
     if value != value:
         raise ValueError(f"{op}: {name} is nan; give a number")
+    return value
+
+
+def float32_param(value, name: str, op: str, finite: bool = False) -> float:
+    """not_nan, and within float32's range where the op computes with it in float32 (a finite 1e39 became
+    inf there, or torch's overflow error); finite: infinities refused too."""
+    value = not_nan(value, name, op)
+    if (finite and not math.isfinite(value)) or (math.isfinite(value) and abs(value) > FLOAT32_MAX):
+        raise ValueError(f"{op}: {name} is {value:g}; it must be {'finite and ' if finite else ''}within float32's "
+                         "range (the op computes with it in float32)")
     return value
 
 

@@ -17,7 +17,7 @@ import torch
 
 from pymerge import _native
 from pymerge.ops import elementwise_mix, select
-from pymerge.ops._checks import check_merge_args, check_threads, not_nan
+from pymerge.ops._checks import check_merge_args, check_threads, float32_param, not_nan
 
 def _native_ok(op: str, tensors, out, backend: str, read=(False, False)) -> bool:
     return elementwise_mix._native_ok(op, tensors, out, backend, read)
@@ -36,7 +36,7 @@ def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, select_topk: float, out:
     if out.numel() == 0 or out.is_meta:  # (meta: a shape-only call, as the other ops answer it)
         return out
     if not _native_ok("sce_merge", list(xs) + [base], out, backend, read):
-        out.copy_(_sce_torch(xs, base, select_topk).view(out.shape))  # (any out of as many elements)
+        out.copy_(_sce_torch(xs, base, select_topk).reshape(out.shape))  # (any out of as many elements)
         return out
     xs, base = [x.contiguous() for x in xs], base.contiguous()
     ptrs, codes = _ptrs(xs)
@@ -99,8 +99,9 @@ def _variance_mask(d: torch.Tensor, density: float) -> torch.Tensor:
 def ramplus_tl(xs: Sequence[torch.Tensor], base: torch.Tensor, r: float, alpha: float, eps: float,
                out: torch.Tensor, backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     # the caller's numbers first: an __float__ or __index__ of theirs runs before the storage tests, never after
-    r, alpha = not_nan(r, "r", "ramplus_tl"), not_nan(alpha, "alpha", "ramplus_tl")
-    eps = not_nan(eps, "eps", "ramplus_tl")
+    # float32 arithmetic, as mergekit's (a finite 1e39 raised torch's overflow error, naming nothing)
+    r, alpha = float32_param(r, "r", "ramplus_tl"), float32_param(alpha, "alpha", "ramplus_tl")
+    eps = float32_param(eps, "eps", "ramplus_tl")
     num_threads = check_threads(num_threads)
     read = check_merge_args(xs, base, out, "ramplus_tl")
     if out.is_meta:  # a shape-only call: the boosts need data
@@ -132,7 +133,7 @@ def arcee_fusion(base: torch.Tensor, x: torch.Tensor, out: torch.Tensor, backend
     b, y = base.float(), x.float()
     scores = importance(y, b)
     if not _native_ok("fusion_blend", (base, x), out, backend, read):
-        out.copy_((b + (y - b) * (scores >= fusion_threshold(scores))).view(out.shape))
+        out.copy_((b + (y - b) * (scores >= fusion_threshold(scores))).reshape(out.shape))
         return out
     native = not bool((scores < 0).any())  # magnitude order is value order: one native selection
     threshold = fusion_threshold(scores, num_threads if native else None)

@@ -52,7 +52,7 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor, b
         return out
     a, b = base.float(), x.float()
     w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
-    out.copy_((w * b + (1 - w) * a).view(out.shape))
+    out.copy_((w * b + (1 - w) * a).reshape(out.shape))
     return out
 
 
@@ -80,5 +80,5 @@ def ram(xs: Sequence[torch.Tensor], base: torch.Tensor, eps: float, out: torch.T
     for d, m, boost in zip(deltas, moved, boosts):
         z = d * m
         acc += z * unique * boost + z * shared / count.clamp(min=1)  # mergekit's products: NaN/inf deltas give NaN
-    out.copy_((b + acc).view(out.shape))
+    out.copy_((b + acc).reshape(out.shape))
     return out

@@ -14,8 +14,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from pymerge import _native
+from pymerge.errors import short
 from pymerge.ops import exact_sum, library
-from pymerge.ops._checks import as_flag, check_merge_args, check_threads
+from pymerge.ops._checks import as_flag, check_layout, check_merge_args, check_threads
 from pymerge.ops._memory import check_backed, check_native
 from pymerge.ops._versions import mark_written
 from pymerge.ops.weighted_sum import BACKENDS
@@ -141,8 +142,15 @@ def group_lincomb(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], sub:
     num_threads, sub = check_threads(num_threads), as_flag(sub, "sub")
     _check_group_args("group_lincomb", base, sub, group)
     read, read_out = check_merge_args(xs, base, out, "group_lincomb")  # before contiguous() reads them
+    if not isinstance(coef, torch.Tensor):  # (a list raised pybind11's four-line TypeError)
+        raise TypeError(f"group_lincomb: coef must be a float tensor [G, K+1], got {short(coef)}")
+    check_layout(coef, "group_lincomb: coef")
+    if coef.is_meta and not xs[0].is_meta:
+        raise ValueError("group_lincomb: coef is a meta tensor; the kernels need its values")
     if not torch.compiler.is_compiling():  # (traced, coef has no storage to test: the op checks it when it runs)
         check_backed(coef, "group_lincomb: coef")
+        # out is written in place: a coef wanting a gradient lost it in silence (the raw op refused it)
+        library.no_grad_for_out([], coef, [], "group_lincomb")
     # (the kernel need not test them again where nothing read since could run code of the caller's)
     checked = (library.INPUTS,) if read and library.trusted(sub, group, coef, backend, num_threads) else ()
     xs = [x.contiguous() for x in xs]

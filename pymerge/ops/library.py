@@ -30,7 +30,7 @@ from pymerge import _native
 from pymerge.errors import short
 from pymerge.ops import philox
 from pymerge.ops._checks import (FLOAT32_MAX, _overlaps, addresses_unknown, as_flag, check_apart, check_threads,
-                                 check_inference_out, first_out_of_range, require_inputs,
+                                 check_inference_out, check_layout, first_out_of_range, require_inputs,
                                  values_unknown)
 from pymerge.ops._memory import PLAIN, check_backed, check_native, check_readable, is_dual, trusted  # noqa: F401
 
@@ -78,6 +78,7 @@ def _require_real(t: Tensor, what: str, op: str) -> None:
         raise TypeError(f"{op}: {what} must be a tensor, got {short(t)}")
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{op}: {what} must be real numbers, got a {t.dtype} tensor")
+    check_layout(t, f"{op}: {what}")  # (sparse weights raised torch's "reshape is not implemented")
 
 
 def _require_out_dtype(dtype: torch.dtype, op: str) -> None:

@@ -30,6 +30,7 @@ sums rounded once, pymerge/ops/exact_sum.py, so a sharded pool gets the same bit
 "inverse_density" by 1 / density; None leaves the kept values as they are.
 """
 import math
+import numbers
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,9 +39,10 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from pymerge import _native
+from pymerge.errors import short
 from pymerge.forks import renew_after_fork
 from pymerge.ops import exact_sum, library, philox, select
-from pymerge.ops._checks import as_int, check_merge_args
+from pymerge.ops._checks import as_int, check_merge_args, check_weights, float32_param, require_inputs
 from pymerge.ops._memory import check_native
 from pymerge.ops._versions import mark_written
 from pymerge.ops.weighted_sum import BACKENDS  # noqa: F401  (re-exported: the names this op takes)
@@ -152,6 +154,12 @@ def della_thresholds(density: float, epsilon: float, cols: int) -> torch.Tensor:
 
 def check_sparsifier(sp: Sparsifier, what: str) -> None:
     """Raises ValueError for parameters no merge can use (the caller adds the tensor name)."""
+    if not isinstance(sp, Sparsifier):
+        raise TypeError(f"{what}: a sparsifier must be a Sparsifier, got {short(sp)}")
+    for field in ("density", "gamma", "epsilon"):
+        value = getattr(sp, field)
+        if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{what}: the sparsifier's {field} must be a number, got {short(value)}")
     if sp.method not in SPARSIFIERS:
         raise ValueError(f"{what}: unknown sparsification {sp.method!r}")
     if sp.rescale not in RESCALES:
@@ -484,8 +492,17 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
                       cache: Optional[SelectionCache] = None, cache_keys: Optional[Sequence[Hashable]] = None,
                       backend: str = "auto", num_threads: int = 0) -> torch.Tensor:
     """Plans every model (thresholds from the caller's cache, if any) and runs the fused pass into out."""
-    if len(inputs) != len(sparsifiers) or len(inputs) != len(weights):
-        raise ValueError("need one sparsifier and one weight per input")
+    # the arguments' kinds and values first: a weight of 1e39 (inf in the float32 kernels) or NaN merged in
+    # silence, and a wrong kind raised from deep inside (a str name, a str sparsifier, a cache of another type)
+    require_inputs(inputs, "tv_merge")
+    weights = check_weights(weights, len(inputs), "weights", compiling=False)
+    lam = float32_param(lam, "lam", "tv_merge", finite=True)
+    if not isinstance(name, str):
+        raise TypeError(f"tv_merge: name must be a string (the tensor's name: it seeds its random draws), got {short(name)}")
+    if cache is not None and not isinstance(cache, SelectionCache):
+        raise TypeError(f"tv_merge: cache must be a SelectionCache or None, got {short(cache)}")
+    if isinstance(sparsifiers, (str, bytes)) or len(inputs) != len(sparsifiers):
+        raise ValueError("need one sparsifier per input")
     if cache_keys is not None and len(cache_keys) != len(inputs):
         raise ValueError("need one cache key per input")
     index = as_int(offset)
@@ -498,6 +515,8 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
     if offset + base.numel() > philox.MAX_ELEMENTS:  # the kernels' 32-bit draw counter would wrap
         raise ValueError(f"offset + numel is {offset + base.numel()}; the random draws index at most "
                          f"{philox.MAX_ELEMENTS} elements of one tensor")
+    if isinstance(weights, torch.Tensor) and not out.is_meta:  # (check_weights keeps a meta tensor: no values)
+        raise ValueError("tv_merge: weights are a meta tensor; the plans need their values")
     for i, x in enumerate(inputs):
         check_sparsifier(sparsifiers[i], f"input {i}")
         if offset and sparsifiers[i].method == "della_magprune":  # its mask ranks whole rows of one tensor
