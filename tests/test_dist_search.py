@@ -99,6 +99,17 @@ def worker(rank, world, d, files):
         out["later_error"] = None
     except Exception as exc:
         out["later_error"] = f"{type(exc).__name__}: {exc}"
+
+    def bad_input(m):  # the user's input error: the same one line on every rank
+        evaluate(m)
+        if rank == world - 1:
+            raise pymerge.InputError("no such task 'qa'")
+        return 1.0
+    try:
+        pymerge.search.optimize(pool, bad_input, model=model, **SEARCH)
+        out["input_error"] = None
+    except Exception as exc:
+        out["input_error"] = f"{type(exc).__name__}: {exc}"
     try:  # a sharded pool merges with collectives: no search of one rank's own
         pymerge.search.optimize(pool, evaluate, model=model, distributed=False, **SEARCH)
         out["sharded_alone"] = None
@@ -136,14 +147,17 @@ def test_distributed_search_equals_single_process(runs, label):
 
 
 def test_evaluate_error_stops_every_rank(runs):
-    errors = {res["error"] for res in runs[2]}
-    assert len(errors) == 1
-    msg = errors.pop()
-    assert msg == "InputError: rank 1: evaluation failed here"
+    """The error itself where it was raised, a DistributedError naming it on the others: every rank raised an
+    InputError, so a caller catching MemoryError (or torch's out-of-memory error) to back off caught nothing and
+    the CLI took an evaluate's bug for bad input (a scale-out audit)."""
+    assert [res["error"] for res in runs[2]] == ["DistributedError: rank 1: evaluation failed here (ValueError there)",
+                                                 "ValueError: evaluation failed here"]
+    assert [res["input_error"] for res in runs[2]] == ["InputError: rank 1: no such task 'qa'"] * 2
 
 
 def test_evaluate_error_inside_a_generation_stops_every_rank(runs):
-    assert {res["later_error"] for res in runs[2]} == {"InputError: rank 1: evaluation failed later"}
+    assert [res["later_error"] for res in runs[2]] == [
+        "DistributedError: rank 1: evaluation failed later (ValueError there)", "ValueError: evaluation failed later"]
 
 
 def resume_worker(rank, world, d, files):
@@ -271,7 +285,7 @@ def one_rank_fails_between_collectives_worker(rank, world, d, files):
     try:
         pymerge.search.optimize(pool, evaluate, model=model, **SEARCH)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}" + "".join(f" | {note}" for note in getattr(exc, "__notes__", []))
     return None
 
 
@@ -282,7 +296,7 @@ def test_an_evaluate_failing_on_one_rank_between_collectives_reports_its_own_err
     files = write_checkpoints(str(tmp_path))
     results = dist_helpers.run(one_rank_fails_between_collectives_worker, 2, str(tmp_path), str(tmp_path), files,
                                timeout=timedelta(seconds=5), wall_s=120)
-    assert results[1].startswith("InputError: rank 1: boom (the other ranks never reached the agreement"), results[1]
+    assert results[1].startswith("ValueError: boom | the other ranks never reached the agreement"), results[1]
     assert results[0] is not None, results  # the timeout, on the rank that waited
 
 

@@ -75,6 +75,26 @@ ARGUMENTS_DIFFER = ("ranks called the sharded pool with different arguments (wei
                      "every rank of the model's mesh, replicas included, must pass the same")
 
 
+def error_kind(error: BaseException) -> str:
+    """An error as ranks exchange it: the user's input by its family (a subclass such as NotInMesh is an
+    InputError), anything else by its own type's name."""
+    return next((c.__name__ for c in type(error).__mro__ if _ERRORS.get(c.__name__) is c), type(error).__name__)
+
+
+def raise_agreed(errors: list, own: Optional[BaseException]):
+    """Raises what every rank raises once the ranks' errors are known (errors: the (kind, message) of each rank
+    that failed, in rank order; own: this rank's, or None). Anything but the user's input (a RuntimeError, a
+    MemoryError) stays itself where it was raised: a pipeline that catches MemoryError to back off caught
+    nothing when every rank raised InputError (an audit). The others raise the first rank's input error if any
+    rank had one, else a DistributedError naming the failure (the CLI's one line, exit 1)."""
+    if own is not None and error_kind(own) not in _ERRORS:
+        raise own
+    kind, message = next((e for e in errors if e[0] in _ERRORS), errors[0])
+    if kind in _ERRORS:
+        raise _ERRORS[kind](message) from own
+    raise DistributedError(f"{message} ({kind} there)")
+
+
 @_settling
 def agree(error: Optional[BaseException], group, what=0, flag: bool = False, differs=ARGUMENTS_DIFFER) -> bool:
     """Raises on every rank of group if any rank had an error (or passed a different `what`: an int, or a
@@ -97,14 +117,10 @@ def agree(error: Optional[BaseException], group, what=0, flag: bool = False, dif
     if error is not None:
         first = first_line(error)
         # the user's input by its family (a subclass such as NotInMesh is an InputError), else its own type
-        mine = (next((c.__name__ for c in type(error).__mro__ if _ERRORS.get(c.__name__) is c), type(error).__name__),
-                first)
+        mine = (error_kind(error), first)
     messages = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, mine, group=group)
-    # Anything but the user's input (a RuntimeError, a MemoryError) stays itself where it was raised: a pipeline
-    # that catches MemoryError to back off caught nothing when every rank raised InputError (an audit). The
-    # others raise the first rank's input error if any rank had one, else a DistributedError naming the failure
-    # (the CLI's one line, exit 1), as the torchrun merge does.
+    # as raise_agreed, but naming the rank where only some ranks saw the error
     if error is not None and mine[0] not in _ERRORS:
         raise error
     picked = next((m for m in messages if m is not None and m[0] in _ERRORS), None) or \

@@ -70,6 +70,7 @@ def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log
 
 def _search(optimize, pool, evaluate, model, contents, log, kwargs):
     import torch.distributed as dist
+    from pymerge.dist import collectives
     from pymerge.search.optimize import _scores
     merge_kw = {k: v for k, v in kwargs.items() if k not in _SEARCH_ONLY}  # method, groups, names, parameters
     crew = _Crew(pool, evaluate, model, _scores, merge_kw)
@@ -80,7 +81,7 @@ def _search(optimize, pool, evaluate, model, contents, log, kwargs):
         except Exception as exc:
             if not crew.failed_together:  # only the leader saw it (a bad state file, budget...): tell the others
                 first = first_line(exc)
-                dist.broadcast_object_list([("error", type(exc).__name__, first)], src=0)
+                dist.broadcast_object_list([("error", collectives.error_kind(exc), first)], src=0)
             raise
         dist.broadcast_object_list([("done", result)], src=0)
         return result
@@ -93,7 +94,7 @@ def _search(optimize, pool, evaluate, model, contents, log, kwargs):
         elif kind == "done":
             return msg[0][1]
         else:
-            raise _ERRORS.get(msg[0][1], InputError)(f"rank 0: {msg[0][2]}")
+            collectives.raise_agreed([(msg[0][1], f"rank 0: {msg[0][2]}")], None)
 
 
 def _pool_facts(pool) -> dict:
@@ -158,7 +159,8 @@ class _Crew:
 
     def run(self, weights, first_index: int):
         import torch.distributed as dist
-        mine, error = [], None
+        from pymerge.dist import collectives
+        mine, error, own = [], None, None
         group = getattr(self.pool, "group", None)  # the ranks that hold one model copy: a replica group
         agreeing = getattr(self.pool, "agreeing", None)
         if agreeing is not None:  # a sharded pool agrees over the whole mesh; here each replica group
@@ -169,11 +171,10 @@ class _Crew:
                     self.pool.materialize(weights[c], into=self.model, **self.merge_kw)
                     mine.append((c, self.to_scores(self.evaluate(self.model), first_index + c)))
                 except Exception as exc:
-                    first = first_line(exc)
-                    error = (type(exc).__name__, f"rank {dist.get_rank()}: {first}")
+                    own, error = exc, (collectives.error_kind(exc), f"rank {dist.get_rank()}: {first_line(exc)}")
                 # The group stops together: an evaluate() failing on one rank only left the others in the
                 # next candidate's collectives while it waited in the gather below (a hang until the timeout).
-                if _stop_together(group, error):
+                if _stop_together(group, error, own):
                     break
         finally:
             if agreeing is not None:
@@ -181,9 +182,9 @@ class _Crew:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (mine, error))
         errors = [e for _, e in everyone if e is not None]
-        if errors:
+        if errors:  # (the user's input error on every rank; anything else stays itself where it was raised)
             self.failed_together = True
-            raise _ERRORS.get(errors[0][0], InputError)(errors[0][1])
+            collectives.raise_agreed(errors, own)
         scores = {}
         for got, _ in everyone:
             for c, s in got:
@@ -191,10 +192,11 @@ class _Crew:
         return [scores[c] for c in range(len(weights))]
 
 
-def _stop_together(group, error) -> bool:
-    """Whether any rank of group failed (error: this rank's (kind, message) or None). Where the agreement itself
-    fails (an evaluate() that raised on this rank before its own collectives, a sharded forward, left the others
-    waiting in them until the process group's timeout), this rank raises its own error, not the collective's."""
+def _stop_together(group, error, own) -> bool:
+    """Whether any rank of group failed (error: this rank's (kind, message) or None; own: its exception). Where the
+    agreement itself fails (an evaluate() that raised on this rank before its own collectives, a sharded forward,
+    left the others waiting in them until the process group's timeout), this rank raises its own error, not the
+    collective's: the user's input error as one line saying so, anything else itself with that as a note."""
     from pymerge.dist import collectives
     if group is None:
         return error is not None
@@ -203,10 +205,12 @@ def _stop_together(group, error) -> bool:
     except Exception as exc:
         if error is None:
             raise
-        raise _ERRORS.get(error[0], InputError)(
-            f"{error[1]} (the other ranks never reached the agreement after it: if evaluate runs collectives, "
-            "they waited in them until the process group's timeout; an evaluate must fail on every rank or "
-            "none)") from exc
+        why = ("the other ranks never reached the agreement after it: if evaluate runs collectives, they waited in "
+               "them until the process group's timeout; an evaluate must fail on every rank or none")
+        if error[0] not in _ERRORS:
+            own.add_note(why)
+            raise own from exc
+        raise _ERRORS[error[0]](f"{error[1]} ({why})") from exc
 
 
 class _LeaderPool:
