@@ -153,7 +153,11 @@ def _dispatch(args) -> int:
     raise AssertionError(args.command)
 
 
+_SIGNALLED: list = []  # the signals the CLI's handler took during this call of main
+
+
 def _on_sigterm(signum, frame):
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt  # same clean abort as Ctrl-C
 
 
@@ -165,6 +169,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fill_closed_descriptors()
     if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
         sys.stderr = open(os.devnull, "w")
+    # SIGTERM as Ctrl-C from the start: one while importing or parsing ended the process without a word (-15).
+    # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
+    _SIGNALLED.clear()
+    previous = {}
+    if _main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
     try:
         try:
             _Parser.last_error = None
@@ -180,6 +192,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # before a command started (its own interrupt is _run's): importing, parsing
         say("pymerge: interrupted")
         return 130
+    except ImportError:  # an interrupt inside an extension's import comes out as its ImportError (numpy's: a
+        if not _SIGNALLED:  # 40-line traceback, exit 1, for a Ctrl-C at start-up)
+            raise
+        say("pymerge: interrupted")
+        return 130
     except BrokenPipeError:
         if not _stdout_gone():
             raise
@@ -190,6 +207,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _say_system_error(exc)
         _discard_stdout()  # its buffer would raise again at exit
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fill_closed_descriptors() -> None:
@@ -326,9 +346,14 @@ def _run(args) -> int:
         _say_system_error(exc)
         return 2
     except (MemoryError, RuntimeError) as exc:  # the machine's limits (ulimit -v, a cgroup), not a bug: one line
-        if isinstance(exc, RuntimeError) and "can't start new thread" not in str(exc):
+        text = str(exc)
+        # torch's allocators raise RuntimeErrors: "DefaultCPUAllocator: can't allocate memory: ...", and on a GPU
+        # torch.OutOfMemoryError ("CUDA out of memory"); a whole-tensor method's buffers were a traceback
+        torch_oom = "can't allocate memory" in text or type(exc).__name__ == "OutOfMemoryError"
+        if isinstance(exc, RuntimeError) and not torch_oom and "can't start new thread" not in text:
             raise
-        what = "out of memory" if isinstance(exc, MemoryError) else "cannot start a thread (out of memory or threads)"
+        what = "out of memory" if isinstance(exc, MemoryError) or torch_oom else \
+            "cannot start a thread (out of memory or threads)"
         say(f"pymerge: error: {what}; lower --chunk-size or the thread count, or raise the limit (ulimit -v, -u)")
         return 2
     finally:

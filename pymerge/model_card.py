@@ -5,6 +5,7 @@ base model and tags, the method, every model merged, the YAML), not the same wor
 the hub cache are named by their ID, as written in the config (never the local snapshot path), and
 the header's base_model lists hub IDs only, as mergekit's does.
 """
+import re
 from pathlib import Path
 
 import yaml
@@ -48,7 +49,10 @@ def model_card(plan, name: str) -> str:
                       "", "Models merged:", ""] + [f"* {_named(m)}" for m in models]
     source = Path(cfg.source)
     if source.is_file():
-        lines += ["", "## Configuration", "", "```yaml", source.read_text(encoding="utf-8").rstrip(), "```"]
+        text = source.read_text(encoding="utf-8").rstrip()
+        # a fence longer than any run of backticks in the config (a chat template's ``` line ended a fixed one)
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+        lines += ["", "## Configuration", "", f"{fence}yaml", text, fence]
     return _utf8("\n".join(lines) + "\n")
 
 

@@ -318,8 +318,12 @@ def test_an_interrupt_before_a_command_starts_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "pymerge: interrupted\n"
 
 
-@pytest.mark.parametrize("exc, words", [(MemoryError(), "out of memory"),
-                                        (RuntimeError("can't start new thread"), "cannot start a thread")])
+@pytest.mark.parametrize("exc, words", [
+    (MemoryError(), "out of memory"), (RuntimeError("can't start new thread"), "cannot start a thread"),
+    # torch's CPU allocator (a whole-tensor method's buffer under ulimit -v: a 32-line traceback, exit 1; an audit)
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 65536 bytes. Error code 12"),
+     "out of memory"),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory")])
 def test_running_out_of_memory_or_threads_is_one_line(monkeypatch, capsys, exc, words):
     """Under `ulimit -v` a merge died with a 30-line traceback and exit 1 (a MemoryError, or threading's
     "can't start new thread"; an audit): the machine's limits are the user's to raise, in one line, exit 2."""
@@ -505,6 +509,33 @@ def test_an_interrupt_inside_a_queue_put_never_hangs_the_merge(slow_fam, tmp_pat
     assert proc.returncode == 0 or (not out.exists() and leftovers(out) == [])
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_starting_is_130_and_one_line(sig, tmp_path):
+    """The SIGTERM handler came with the command (_run), after the imports and the parsing: a SIGTERM while
+    starting ended the process without a word (status -15, an audit); and a Ctrl-C inside numpy's import came
+    out as its ImportError (a 40-line traceback, exit 1). Both are the interrupt they were, from main's start."""
+    driver = ("import signal, sys, numpy.random\n"  # numpy's import, interrupted as start-up could be
+              "import pymerge.cli as cli\n"
+              "real = cli._main\n"
+              "def starting(argv):\n"
+              "    try:\n"
+              "        signal.raise_signal(signal.%s)\n"
+              "    except KeyboardInterrupt:  # as numpy's C import turned it\n"
+              "        raise ImportError('PyCapsule_Import could not import module \"datetime\"')\n"
+              "cli._main = starting\n"
+              "sys.exit(cli.main())\n") % sig.name
+    proc = subprocess.run([sys.executable, "-c", driver, "merge", "c.yml", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert proc.returncode == 130 and proc.stderr == "pymerge: interrupted\n", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_an_import_error_without_an_interrupt_stays_a_traceback(monkeypatch):
+    monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(ImportError("no module named x")))
+    with pytest.raises(ImportError, match="no module named x"):
+        cli.main(["merge", "c.yml", "out"])
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
 def test_interrupt_leaves_nothing_and_keeps_old_out(slow_fam, tmp_path, sig, code):
     base, fts = slow_fam
@@ -520,6 +551,29 @@ def test_interrupt_leaves_nothing_and_keeps_old_out(slow_fam, tmp_path, sig, cod
     assert "interrupted" in err and "Traceback" not in err
     assert (out / "keep.txt").read_text() == "old model" and sorted(os.listdir(out)) == ["keep.txt"]
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("step", ["_release_lock", "fsync_dir"])
+def test_an_interrupt_just_after_the_swap_removes_the_replaced_model(fam, tmp_path, capsys, monkeypatch, step):
+    """A Ctrl-C while the lock was released or the parent fsynced, OUT already the new model, left the whole
+    replaced model (the user's extra files included) beside OUT until a merge into OUT again (an audit)."""
+    import pymerge.io.writer as writer
+    root, base, fts = fam
+    out = tmp_path / "out"
+    assert run_cli(["merge", write_cfg(tmp_path / "a.yml", linear(fts[:1])), out, "--quiet"], capsys)[0] == 0
+    (out / "note.txt").write_text("old model")
+    owner = writer.ShardedWriter if step == "_release_lock" else writer
+    real = getattr(owner, step)
+
+    def then_interrupted(*args):
+        real(*args)
+        if step == "_release_lock" or os.path.abspath(args[0]) == str(tmp_path):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(owner, step, then_interrupted)
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "b.yml", linear(fts)), out, "--quiet", "--force"], capsys)
+    assert rc == 130 and err == f"pymerge: interrupted after writing {out} (complete)\n", err
+    assert not (out / "note.txt").exists() and (out / "model.safetensors").is_file()
+    assert leftovers(out) == [] and sorted(os.listdir(tmp_path)) == ["a.yml", "b.yml", "out"]
 
 
 def test_sigkill_midway_then_next_run_cleans_up(slow_fam, tmp_path, capsys):

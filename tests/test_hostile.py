@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import llama_factory as lf
@@ -330,6 +331,26 @@ def test_a_model_card_for_an_out_name_that_is_not_utf8(fam, tmp_path, capsys):
                       capsys)
     assert rc == 0, err
     assert "# out\\xff\n" in (out / "README.md").read_text(encoding="utf-8")
+
+def yaml_dump(cfg) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def test_a_model_card_fences_a_config_holding_backticks(fam, tmp_path, capsys):
+    """A chat template holding a ``` line ended the card's fixed ```yaml fence: the rest of the config
+    rendered as text and the closing fence opened an empty block (an audit). The fence outruns the config's."""
+    import re
+    root, base, fts = fam
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml_dump(linear(fts)) + "chat_template: |\n  ```\n  {{ messages }}\n  ````\n")
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet", "--write-model-card"], capsys)
+    assert rc == 0, err
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    opening = re.search(r"^(`{3,})yaml$", card, re.M)
+    assert opening and len(opening.group(1)) == 5, card
+    body = card[opening.end():]
+    assert body.rstrip().endswith("\n" + opening.group(1)) and cfg.read_text().rstrip() in body
+
 
 def test_odd_but_readable_names_and_config_values_merge(fam, tmp_path, capsys):
     """A config.json value holding a lone surrogate escape ("\\ud800": Python's json reads it) failed as

@@ -553,12 +553,14 @@ class ShardedWriter:
             raise
         # Held until OUT is in place (a peer that cannot see this pid would take a lock-less folder for a
         # killed run's), then removed from OUT: it was there for an instant.
-        self._release_lock(out)
-        fsync_dir(parent)
         old = aside if aside is not None else tmp  # the replaced model (nothing there after a plain rename)
-        if os.path.lexists(old):
-            self._discard(old)
-        _OWNED.difference_update({os.path.abspath(tmp), os.path.abspath(old)})
+        try:
+            self._release_lock(out)
+            fsync_dir(parent)
+        finally:  # a Ctrl-C in either left the whole replaced model beside OUT (until a merge into OUT again)
+            if os.path.lexists(old):
+                self._discard(old)
+            _OWNED.difference_update({os.path.abspath(tmp), os.path.abspath(old)})
 
     def _discard(self, old: Path) -> None:
         """Removes the replaced model once OUT is installed: renamed to a name that only ever means
