@@ -223,7 +223,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         raise err("'models' is missing: list the models to merge")
     if not isinstance(models_raw, list) or (not models_raw and sliced is None):
         raise err(f"'models' must be a non-empty list, got {described(models_raw)}")
-    models, seen = [], set()
+    models, seen = [], {}
     for i, entry in enumerate(models_raw):
         where = f"models[{i}]"
         if isinstance(entry, str):
@@ -236,9 +236,12 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         if "model" not in entry:
             raise err(f"{where}: 'model' is missing")
         path = _model_path(entry["model"], f"{where}.model", err)
+        spelled = entry["model"] if isinstance(entry["model"], str) else path  # (an ID: path is its snapshot)
         if path in seen:
-            raise err(f"{where}: model {path} is listed twice")
-        seen.add(path)
+            first_where, first = seen[path]
+            also = "" if first == spelled else f" as {_shown(first)}"
+            raise err(f"{where}: model {_shown(spelled)} is listed twice ({first_where}{also})")
+        seen[path] = (where, spelled)
         models.append(ModelSpec(path, _parameters(entry.get("parameters"), f"{where} ({path}).parameters", err)))
 
     cfg = MergeConfig(
@@ -255,6 +258,11 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
             raise err(f"chat_template must be a string, got {described(chat)}")
         cfg.chat_template = chat or None  # "" is no template, as in mergekit (it was exit 2 here)
     return cfg
+
+
+def _shown(path: str) -> str:
+    """A path or ID as given where it reads as one ("m\\0x", "  ": visible, quoted)."""
+    return path if path.isprintable() and path.strip() == path and path else short(path)
 
 
 def _model_path(value, where, err) -> str:
@@ -671,5 +679,4 @@ def check_paths(cfg: MergeConfig) -> None:
             except MergeConfigError as exc:
                 raise MergeConfigError(cfg.where(f"{where}: {exc}")) from None
         # ({path: ./m, revision: main}: the error said ./m@main is missing)
-        shown = p if p.isprintable() and p.strip() == p and p else short(p)  # "m\0x", "  ": visible, quoted
-        raise MergeConfigError(cfg.where(f"{where}: {hub.revision_on_folder(p) or f'model path not found: {shown}'}"))
+        raise MergeConfigError(cfg.where(f"{where}: {hub.revision_on_folder(p) or f'model path not found: {_shown(p)}'}"))

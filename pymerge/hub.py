@@ -7,7 +7,8 @@ huggingface_hub 1.0, or any transformers/mergekit run) already put in the cache,
 The cache is HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
 $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order; ~ and $VARS
 expanded, as it expands them). Without
-@revision the `main` ref is used, else the only snapshot there is; a revision is a branch or tag (which
+@revision the `main` ref is used, else the only snapshot there is where no other ref names it (one
+downloaded by its hash); a revision is a branch or tag (which
 may hold '/': refs/pr/1, feature/x), or a commit hash or a unique prefix of at least 4 hex digits (as git takes).
 """
 import os
@@ -120,7 +121,26 @@ def _snapshot(root: Path, rev: Optional[str]) -> Optional[Path]:
         listed = ", ".join(p.name[:12] for p in only[:3]) + (", ..." if len(only) > 3 else "")
         raise MergeConfigError(f"{_repo_of(root.name)} has {len(only)} snapshots in the Hugging Face cache "
                                f"({listed}) and no refs/main to choose one; give the model as org/name@revision")
+    named = _refs_naming(root, only[0].name) if only else []
+    if named:  # another revision's: `hf download org/m --revision refs/pr/1` merged as org/m, silently (an audit)
+        raise MergeConfigError(f"{_repo_of(root.name)} has no refs/main in the Hugging Face cache; its only snapshot "
+                               f"is {named[0]}'s (commit {only[0].name[:12]}): give the model as "
+                               f"{_repo_of(root.name)}@{named[0]}, or download its main revision")
     return only[0] if only else None
+
+
+def _refs_naming(root: Path, commit: str) -> list:
+    """The refs (branches, tags, refs/pr/N) of a cached repo whose file holds commit, sorted; unreadable ones
+    are skipped (the fallback they guard is for a snapshot downloaded by its hash, which no ref names)."""
+    refs = root / "refs"
+    found = []
+    for path in sorted(refs.rglob("*")) if refs.is_dir() else []:
+        try:
+            if path.is_file() and path.stat().st_size <= 4096 and path.read_text("utf-8").strip() == commit:
+                found.append(path.relative_to(refs).as_posix())
+        except (OSError, UnicodeDecodeError):
+            continue
+    return found
 
 
 def _read_ref(ref_file: Path) -> str:

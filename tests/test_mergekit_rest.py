@@ -395,6 +395,27 @@ def test_hub_cache_refs_that_would_pick_another_model_are_refused(models, tmp_pa
     (upd / "refs" / "main").write_text("e" * 40)
     refused("org/upd", f"refs/main names commit {'e' * 12}, whose snapshot is not in the cache; an interrupted "
             f"download? download it again", f"cached: {'a' * 12} (give one as org/upd@<commit>)")
+    # the only snapshot, but another revision's (`hf download org/pr --revision refs/pr/1`): merged as org/pr, the
+    # card saying org/pr (an audit); one downloaded by its hash (no ref names it) is still the model
+    pr = cache / "models--org--pr"
+    (pr / "refs" / "refs" / "pr").mkdir(parents=True)  # (huggingface_hub's path for revision refs/pr/1)
+    (pr / "snapshots").mkdir()
+    (pr / "snapshots" / ("d" * 40)).symlink_to(m4[2], target_is_directory=True)
+    (pr / "refs" / "refs" / "pr" / "1").write_text("d" * 40)
+    refused("org/pr", "org/pr has no refs/main in the Hugging Face cache; its only snapshot is refs/pr/1's "
+            f"(commit {'d' * 12}): give the model as org/pr@refs/pr/1")
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/pr@refs/pr/1"]}))
+    assert run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)[0] == 0
+    shutil.rmtree(tmp_path / "out")
+    (pr / "refs" / "refs" / "pr" / "1").unlink()
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/pr"]}))
+    assert run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)[0] == 0
+    shutil.rmtree(tmp_path / "out")
+    # one model under two spellings: the error named the snapshot's path, neither spelling (an audit)
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": "org/pr", "parameters": {"weight": 1.0}}, {"model": f"org/pr@{'d' * 8}", "parameters": {"weight": 1.0}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and f"models[1]: model org/pr@{'d' * 8} is listed twice (models[0] as org/pr)" in err, err
     # a revision on a local folder: the error said the folder 'm@main' was not found
     refused({"model": {"model": {"path": str(m4[1]), "revision": "main"}}},
             f"{m4[1]} is a local folder; a revision (@main) applies to Hugging Face model IDs only")
