@@ -164,6 +164,21 @@ def id_of(path: str) -> Optional[str]:
     return _repo_of(p.parent.parent.name) if p.parent.name == "snapshots" else None
 
 
+def pinned_commit(path: str) -> Optional[str]:
+    """The commit of a hub cache snapshot folder that is not the one refs/main names (another branch, a tag, a
+    PR, a commit given by hash), else None: what tells `org/name@v1` from `org/name` where both are named."""
+    p = Path(path)
+    if p.parent.name != "snapshots":
+        return None
+    main = p.parent.parent / "refs" / "main"
+    try:
+        if main.is_file() and main.stat().st_size <= 4096 and main.read_text("utf-8").strip() == p.name:
+            return None
+    except (OSError, UnicodeDecodeError):
+        pass
+    return p.name
+
+
 def _repo_of(folder: str) -> Optional[str]:
     """`org/name` of a cache's models--org--name folder (resolve's inverse), else None."""
     if not folder.startswith("models--") or folder.count("--") != 2:

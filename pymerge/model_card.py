@@ -2,7 +2,8 @@
 
 mergekit writes its own template; this card carries the same facts (Hub metadata header with the
 base model and tags, the method, every model merged, the YAML), not the same wording. Models from
-the hub cache are named by their ID, as written in the config (never the local snapshot path), and
+the hub cache are named by their ID (never the local snapshot path), with the commit where it is not
+the main revision's, and
 the header's base_model lists hub IDs only, as mergekit's does.
 """
 import re
@@ -10,17 +11,24 @@ from pathlib import Path
 
 import yaml
 
-from pymerge.hub import id_of
+from pymerge.hub import id_of, pinned_commit
 from pymerge.lora import split_ref
 
 
 def _named(ref: str) -> str:
-    """The reference with each cached side as its hub ID (a link to the Hub), else as given."""
+    """The reference with each cached side as its hub ID (a link to the Hub; with the commit where it is not the
+    main revision's: org/m@v1 beside org/m read as one model twice), else as given."""
     sides = [s for s in split_ref(ref) if s is not None]
     ids = [id_of(s) for s in sides]
     if all(i is None for i in ids):
         return ref
-    return "+".join(f"[{i}](https://huggingface.co/{i})" if i else s for s, i in zip(sides, ids))
+
+    def link(side: str, repo: str) -> str:
+        commit = pinned_commit(side)
+        if commit is None:
+            return f"[{repo}](https://huggingface.co/{repo})"
+        return f"[{repo}@{commit[:12]}](https://huggingface.co/{repo}/tree/{commit})"
+    return "+".join(link(s, i) if i else s for s, i in zip(sides, ids))
 
 
 def model_card(plan, name: str) -> str:

@@ -660,6 +660,19 @@ def test_the_model_card_names_hub_ids_and_its_header_is_yaml(models, tmp_path, c
         assert "* [org/ft](https://huggingface.co/org/ft)" in card and str(cache) not in card
         assert ("with [org/base](https://huggingface.co/org/base) as the base." if i == 0 else
                 f"with `{odd}` as the base.") in card  # a link inside backticks showed as code
+    # org/ft@v1 beside org/ft: both were listed as org/ft (an audit); a revision other than main's names its commit
+    v1 = cache / "models--org--ft" / "snapshots" / ("c" * 40)
+    v1.symlink_to(m4[2], target_is_directory=True)
+    (cache / "models--org--ft" / "refs" / "v1").write_text("c" * 40)
+    cfg = tmp_path / "c2.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "org/base", "models": [
+        {"model": "org/ft", "parameters": {"weight": 0.5}}, {"model": "org/ft@v1", "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "o2", "--quiet", "--write-model-card"], capsys)
+    assert rc == 0, err
+    card = (tmp_path / "o2" / "README.md").read_text()
+    assert "* [org/ft](https://huggingface.co/org/ft)\n" in card, card
+    assert f"* [org/ft@{'c' * 12}](https://huggingface.co/org/ft/tree/{'c' * 40})\n" in card, card
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == ["org/base", "org/ft"]
 
 
 def test_mergekit_flags(models, tmp_path, capsys):
@@ -945,3 +958,33 @@ def test_slices_refuse_a_one_layer_text_stack_beside_a_vision_tower(tmp_path):
     cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(m), "layer_range": [0, 1]}]}]}
     with pytest.raises(MergeConfigError, match=r"has 2 layer stacks \(model.layers, visual.blocks\)"):
         run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+
+
+def test_a_cached_snapshot_missing_a_shard_says_to_download_again(models, tmp_path, capsys, monkeypatch):
+    """A download stopped between shards (its blob left .incomplete) said only "shard ... is missing", where a
+    broken link said what to do (a hub-cache audit)."""
+    from safetensors.torch import load_file, save_file
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    snap = cache / "models--org--cut" / "snapshots" / ("a" * 40)
+    shutil.copytree(m4[1], snap)
+    tensors = load_file(str(snap / "model.safetensors"))
+    (snap / "model.safetensors").unlink()
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[:2]}, str(snap / "a.safetensors"))  # b.safetensors never arrived
+    (snap / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "a.safetensors" if i < 2 else "b.safetensors" for i, k in enumerate(names)}}))
+    (cache / "models--org--cut" / "refs").mkdir()
+    (cache / "models--org--cut" / "refs" / "main").write_text("a" * 40)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/cut"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and "shard 'b.safetensors'" in err and "is missing; an incomplete download? download it again" \
+        in err and len(err.strip().splitlines()) == 1, err
+    # a local folder missing a shard is no download: no such advice
+    local = tmp_path / "local"
+    shutil.copytree(snap, local)
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [str(local)]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and err.rstrip().endswith("is missing"), err

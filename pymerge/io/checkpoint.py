@@ -451,8 +451,10 @@ class Checkpoint:
         for fname in sorted(by_shard):
             p = self.path / fname
             if not os.path.lexists(p):  # a FIFO or a folder there: open_tensor_file says which
+                # (a hub cache snapshot: a download stopped before that shard; its blob may be left .incomplete)
+                hint = "; an incomplete download? download it again" if self.path.parent.name == "snapshots" else ""
                 raise CheckpointError(f"{index_path}: shard {fname!r} (holding tensor {by_shard[fname][0]!r}) "
-                                      f"is missing")
+                                      f"is missing{hint}")
             shard = open_tensor_file(p)
             self._shards.append(shard)
             for name in shard.names():
