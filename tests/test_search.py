@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import textwrap
 import time
 
@@ -392,6 +393,44 @@ def test_resume_with_nan_scores_and_groups(tmp_path):
     assert str([r["scores"] for r in resumed.history]) == str([r["scores"] for r in full.history])
 
 
+def test_a_resume_with_a_groups_or_names_function_that_maps_otherwise_is_refused(tmp_path):
+    """A function was recorded by its name only: every lambda is "<lambda>", so a resume whose groups= swapped
+    the rows (or names= the targets) was accepted, the saved best's score from another merge (an audit). What
+    the function does to the pool's tensors is compared; another function object doing the same resumes."""
+    sources, pool, model = _two_group_pool()
+    evaluate = lambda m: -float((m.embed.w.detach() - sources[1]["embed.w"]).pow(2).sum())  # noqa: E731
+    path = str(tmp_path / "s.json")
+    run = dict(model=model, popsize=4, seed=1, state_path=path, log=None)
+    optimize(pool, evaluate, budget=5, groups=lambda n: 0 if n.startswith("embed") else 1, **run)
+    with pytest.raises(InputError, match=r"differs in pool \(group_of\)\); use another"):
+        optimize(pool, evaluate, budget=9, groups=lambda n: 1 if n.startswith("embed") else 0, **run)
+    res = optimize(pool, evaluate, budget=9, groups=lambda name: 1 - name.startswith("embed"), **run)  # the same map
+    assert len(res.history) == 9
+    path = str(tmp_path / "n.json")
+    run["state_path"] = path
+    optimize(pool, evaluate, budget=5, names=lambda n: n, **run)
+    swap = {"embed.w": "layers.0.w", "layers.0.w": "embed.w"}
+    with pytest.raises(InputError, match=r"differs in pool \(target_of\)\); use another"):
+        optimize(pool, evaluate, budget=9, names=lambda n: swap[n], **run)
+    assert len(optimize(pool, evaluate, budget=9, names=lambda name: str(name), **run).history) == 9
+
+
+def test_a_state_path_whose_folder_cannot_be_made_is_named(tmp_path, monkeypatch):
+    """A new folder in a read-only one: its error was swallowed and the lock file's reported ("state.json.lock:
+    cannot open it to lock it: No such file or directory", a file the user never named; an audit). (Root
+    ignores permissions: the refusal is simulated.)"""
+    sources, pool, model = _two_group_pool()
+    (tmp_path / "ro").mkdir()
+    path = str(tmp_path / "ro" / "sub" / "state.json")
+
+    def read_only(name, mode=0o777, exist_ok=False):
+        raise PermissionError(13, "Permission denied", name)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(InputError, match=r"state.json: cannot create its folder .*/ro/sub: Permission denied; "
+                                         r"choose another state_path$"):
+        optimize(pool, lambda m: 0.0, model=model, budget=3, popsize=2, state_path=path, log=None)
+
+
 def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     """Resumed with the sources reordered, the saved weights were paired with other checkpoints: the
     history's best was not the merge best_merge.yml then built. A path spelled with "./" is the same; a
@@ -648,6 +687,18 @@ def test_the_default_start_lies_inside_the_bounds():
 
 
 # ---- the search CLI's files and config (found by a review, 2026-12-02) ---------------------------------------
+def test_cli_refuses_a_state_path_that_is_an_entry_points_module(tmp_path, capsys, monkeypatch):
+    """The model/evaluate module was not among the inputs compared: as state_path it was read as a corrupt state,
+    and the error advised deleting the user's code (an audit)."""
+    monkeypatch.delitem(sys.modules, "evalcli", raising=False)  # (another test's folder's module otherwise)
+    cfg = _cli_setup(tmp_path, state_path="evalcli.py")
+    code = (tmp_path / "evalcli.py").read_bytes()
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"state_path {tmp_path / 'evalcli.py'}: is an input of the search" in err[0], err
+    assert (tmp_path / "evalcli.py").read_bytes() == code and not (tmp_path / "out").exists()
+
+
 def _cli_setup(tmp_path, **extra):
     g = torch.Generator().manual_seed(5)
     base = {"theta": torch.randn(16, generator=g)}

@@ -219,7 +219,7 @@ class _LeaderPool:
     def __init__(self, pool, crew: _Crew, contents: dict):
         self.num_checkpoints, self.device, self.crew = pool.num_checkpoints, pool.device, crew
         self.num_groups, self.labels, self.has_base = pool.num_groups, pool.labels, pool.has_base
-        self.groups_used = pool.groups_used
+        self.groups_used, self.names = pool.groups_used, pool.names  # (names: a groups=/names= function's rows)
         self.read_file = getattr(pool, "read_file", lambda path: None)  # (state_path: checked on the leader)
         # the real pool's facts for the state's fingerprint (_pool_contents), as a single process records them:
         # without whether it is compressed, a state saved on an int4 pool resumed on an exact one (mixed scores)

@@ -61,6 +61,11 @@ def load_entry_point(spec: str, what: str):
     return obj
 
 
+def _module_file(spec: str) -> Optional[str]:
+    """The file of an imported entry point's module ('module:function'), if it has one."""
+    return getattr(sys.modules.get(spec.partition(":")[0]), "__file__", None)
+
+
 def _load_config(path: str) -> dict:
     cfg = read_yaml(path, InputError)  # bounded: no FIFO, no billion laughs
     if not isinstance(cfg, dict):
@@ -350,6 +355,9 @@ def _search(args, cfg: dict, here: str) -> int:
     _check_out(out)  # before the pool is built (minutes for a large model): a file there was found after it
     build = load_entry_point(cfg["model"], "model")
     evaluate = NamedEvaluate(load_entry_point(cfg["evaluate"], "evaluate"), cfg["evaluate"])
+    # the entry points' own files are inputs too (known once imported): a state_path naming one was read as a
+    # corrupt state, the error advising to delete it (an audit)
+    _check_state_apart(state_path, out, [f for f in (_module_file(cfg["model"]), _module_file(cfg["evaluate"])) if f])
     pool = CheckpointPool(sources, base=rel(cfg.get("base")), device=cfg.get("device", "cpu"),
                           dtype=_dtype(cfg.get("dtype")), memory_budget=cfg.get("memory_budget"))
     print(pool.describe())

@@ -31,10 +31,10 @@ import torch
 
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
-from pymerge.pool.pool import method_params_of
+from pymerge.pool.pool import _map_name, method_params_of
 from pymerge.io.files import check_replaceable, hold_lock, read_small, release_lock
 from pymerge.ops._checks import as_flag
-from pymerge.pool.weights import _has_bool, check_readable_values
+from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
@@ -289,7 +289,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     # look-up: a saved compressed pool keeps them after its files are gone); the base as present or not
     # (a saved compressed pool does not keep its label)
     fingerprint["pool"] = {"sources": [os.path.normpath(label) for label in pool.labels], "base": bool(pool.has_base),
-                           "groups": _rule(groups), "names": _rule(names), **_pool_contents(pool)}
+                           "groups": _rule(groups), "names": _rule(names), **_resolved_rules(pool, groups, names),
+                           **_pool_contents(pool)}
 
     start_table = x0.reshape(g, n)  # the rows of groups without tensors stay at their start
     x0 = start_table[used].ravel()
@@ -513,6 +514,18 @@ def _rule(value):
     return getattr(value, "__qualname__", type(value).__name__)
 
 
+def _resolved_rules(pool, groups, names) -> dict:
+    """What a groups= or names= function does to the pool's tensors: its name alone ("<lambda>" for every
+    lambda, the same for an edited function) let a resume pair the saved weight rows with other groups or
+    targets, its best's score from another merge (an audit)."""
+    rules = {}
+    if callable(groups):
+        rules["group_of"] = group_indices(pool.names, groups)
+    if callable(names):
+        rules["target_of"] = [_map_name(n, names) for n in pool.names]
+    return rules
+
+
 class NamedEvaluate:
     """evaluate= under a name the state's fingerprint records (`pymerge search`'s `evaluate:` entry point): a
     resume with another entry point mixed two benchmarks' scores in one history (an audit). A plain function is
@@ -531,7 +544,7 @@ def _plain(value):
 
 
 # pool fingerprint entries not every search records (_pool_contents)
-_OPTIONAL = ("dtype", "sample", "compressed", "base_sample", "spread", "tied")
+_OPTIONAL = ("dtype", "sample", "compressed", "base_sample", "spread", "tied", "group_of", "target_of")
 
 
 def _pool_contents(pool) -> dict:
@@ -633,10 +646,14 @@ def _lock_state(path: Optional[str]) -> Optional[int]:
     if not path:
         return None
     check_replaceable(path)  # before a lock file is made beside it
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as _save_state would
-    except OSError:
-        pass  # hold_lock names the problem
+        os.makedirs(folder, exist_ok=True)  # as _save_state would
+    except OSError as exc:
+        if not os.path.isdir(folder):  # (the lock file's "No such file or directory" named neither file nor cause)
+            raise InputError(f"{path}: cannot create its folder {folder}: {exc.strerror or exc}; choose another "
+                             "state_path") from None
+        # there (made meanwhile, or a link to a folder): hold_lock names any other problem
     # optional: a finished search's state in a read-only folder is still read back (its result); one that
     # must go on fails where it saves, naming the file
     return hold_lock(path + ".lock", f"{path}: in use by another search (it holds {path}.lock); wait for it "
