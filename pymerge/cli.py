@@ -173,11 +173,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
     _SIGNALLED.clear()
     previous = {}
-    if _main_thread():
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
-    try:
+    try:  # (installed inside: one arriving between the two installs is the interrupt below, and both restored)
+        if _main_thread():
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
         try:
             _Parser.last_error = None
             rc = _main(argv)

@@ -236,7 +236,10 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         if "model" not in entry:
             raise err(f"{where}: 'model' is missing")
         path = _model_path(entry["model"], f"{where}.model", err)
-        spelled = entry["model"] if isinstance(entry["model"], str) else path  # (an ID: path is its snapshot)
+        spelled = entry["model"]  # as written (an ID's path is its snapshot's), a mapping as MODEL[@REV][+LORA]
+        if isinstance(spelled, dict):
+            from pymerge import lora
+            spelled = lora.ref_from_mapping(spelled, f"{where}.model")
         if path in seen:
             first_where, first = seen[path]
             also = "" if first == spelled else f" as {_shown(first)}"

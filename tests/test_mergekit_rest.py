@@ -416,6 +416,11 @@ def test_hub_cache_refs_that_would_pick_another_model_are_refused(models, tmp_pa
         {"model": "org/pr", "parameters": {"weight": 1.0}}, {"model": f"org/pr@{'d' * 8}", "parameters": {"weight": 1.0}}]}))
     rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
     assert rc == 2 and f"models[1]: model org/pr@{'d' * 8} is listed twice (models[0] as org/pr)" in err, err
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [  # the mapping form, as MODEL@REV
+        {"model": "org/pr", "parameters": {"weight": 1.0}},
+        {"model": {"model": {"path": "org/pr", "revision": "d" * 6}}, "parameters": {"weight": 1.0}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and f"models[1]: model org/pr@{'d' * 6} is listed twice (models[0] as org/pr)" in err, err
     # a revision on a local folder: the error said the folder 'm@main' was not found
     refused({"model": {"model": {"path": str(m4[1]), "revision": "main"}}},
             f"{m4[1]} is a local folder; a revision (@main) applies to Hugging Face model IDs only")

@@ -152,3 +152,26 @@ def test_raw_weighted_sum_names_sparse_weights():
     x, y = _fresh(7, shape=(4, 5))[:2]
     with pytest.raises(ValueError, match="weighted_sum: weights: is a sparse_coo tensor"):
         torch.ops.pymerge.weighted_sum([x, y], torch.ones(2).to_sparse(), torch.float32)
+
+
+def test_task_vector_weights_as_real_tensors_under_a_mode_or_subclass_and_tensor_densities():
+    """check_weights leaves a tensor it cannot read here (a dispatch mode, a subclass) to the op: the new meta
+    refusal took those for meta (a review); and a 0-d tensor density, which merged before, is a number."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+    x, y, b = _fresh(8, shape=(16,))
+    want = b.double() + 0.5 * (x.double() - b.double()) + 0.5 * (y.double() - b.double())
+    for weights in (torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5]).as_subclass(Sub)):
+        out = torch.empty(16)
+        with Passing():
+            _tv([x, y], b, out, weights=weights)
+        torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    out = torch.empty(16)
+    _tv([x, y], b, out, sparsifiers=[tv.Sparsifier("magnitude", torch.tensor(1.0))] * 2)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)

@@ -66,11 +66,17 @@ def test_evicted_grouped_tables_outlive_a_launch_queued_on_another_stream():
     side = torch.cuda.Stream()
     targets = [{k: torch.empty_like(v, device="cuda") for k, v in sds[0].items()}
                for _ in range(pool._plan_cache.max_entries + 2)]
+    pool.materialize(w, into=targets[0])  # its plan's tables made on the default stream
+    torch.cuda.synchronize()
+    for t in targets[0].values():
+        t.fill_(float("nan"))
     with torch.cuda.stream(side):
         torch.cuda._sleep(200_000_000)  # every launch below waits behind this on the side stream
-        for out in targets:  # each new target set evicts the oldest plan and its tables
+        pool.materialize(w, into=targets[0])  # a cache hit: the default stream's tables, launched on side
+        for out in targets[1:]:  # each new target set evicts the oldest plan: targets[0]'s goes first
             pool.materialize(w, into=out)
-    for _ in range(64):  # on the default stream: memory the evicted tables held, written at once
+    assert not any(key[0] == (id(targets[0]),) for key in pool._plan_cache._entries)  # evicted, launch pending
+    for _ in range(64):  # on the default stream, where its tables' memory went back: written at once
         torch.full((1 << 12,), -1, dtype=torch.int64, device="cuda")
     torch.cuda.synchronize()
     for out in targets:

@@ -413,6 +413,12 @@ def test_a_resume_with_a_groups_or_names_function_that_maps_otherwise_is_refused
     with pytest.raises(InputError, match=r"differs in pool \(target_of\)\); use another"):
         optimize(pool, evaluate, budget=9, names=lambda n: swap[n], **run)
     assert len(optimize(pool, evaluate, budget=9, names=lambda name: str(name), **run).history) == 9
+    # by tensor name, not the pool's order (the first checkpoint's, or rank 0's): the same checkpoints saved in
+    # another tensor order are the same search (a review)
+    reordered = CheckpointPool([dict(reversed(list(sd.items()))) for sd in sources])
+    assert reordered.names == pool.names[::-1]
+    run["state_path"] = str(tmp_path / "s.json")
+    assert len(optimize(reordered, evaluate, budget=11, groups=lambda n: 1 - n.startswith("embed"), **run).history) == 11
 
 
 def test_a_state_path_whose_folder_cannot_be_made_is_named(tmp_path, monkeypatch):

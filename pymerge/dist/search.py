@@ -208,7 +208,8 @@ def _stop_together(group, error, own) -> bool:
         why = ("the other ranks never reached the agreement after it: if evaluate runs collectives, they waited in "
                "them until the process group's timeout; an evaluate must fail on every rank or none")
         if error[0] not in _ERRORS:
-            own.add_note(why)
+            if hasattr(own, "add_note"):  # (Python 3.11+; before it the error goes as it is)
+                own.add_note(why)
             raise own from exc
         raise _ERRORS[error[0]](f"{error[1]} ({why})") from exc
 

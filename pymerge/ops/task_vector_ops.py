@@ -30,7 +30,6 @@ sums rounded once, pymerge/ops/exact_sum.py, so a sharded pool gets the same bit
 "inverse_density" by 1 / density; None leaves the kept values as they are.
 """
 import math
-import numbers
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -158,8 +157,12 @@ def check_sparsifier(sp: Sparsifier, what: str) -> None:
         raise TypeError(f"{what}: a sparsifier must be a Sparsifier, got {short(sp)}")
     for field in ("density", "gamma", "epsilon"):
         value = getattr(sp, field)
-        if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{what}: the sparsifier's {field} must be a number, got {short(value)}")
+        try:  # a number, a numpy or 0-d tensor one; not a string float() would parse, nor a bool
+            if isinstance(value, (bool, str, bytes)):
+                raise TypeError
+            float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{what}: the sparsifier's {field} must be a number, got {short(value)}") from None
     if sp.method not in SPARSIFIERS:
         raise ValueError(f"{what}: unknown sparsification {sp.method!r}")
     if sp.rescale not in RESCALES:
@@ -515,7 +518,7 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
     if offset + base.numel() > philox.MAX_ELEMENTS:  # the kernels' 32-bit draw counter would wrap
         raise ValueError(f"offset + numel is {offset + base.numel()}; the random draws index at most "
                          f"{philox.MAX_ELEMENTS} elements of one tensor")
-    if isinstance(weights, torch.Tensor) and not out.is_meta:  # (check_weights keeps a meta tensor: no values)
+    if isinstance(weights, torch.Tensor) and weights.is_meta and not out.is_meta:  # (check_weights keeps it)
         raise ValueError("tv_merge: weights are a meta tensor; the plans need their values")
     for i, x in enumerate(inputs):
         check_sparsifier(sparsifiers[i], f"input {i}")

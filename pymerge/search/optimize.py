@@ -518,11 +518,11 @@ def _resolved_rules(pool, groups, names) -> dict:
     """What a groups= or names= function does to the pool's tensors: its name alone ("<lambda>" for every
     lambda, the same for an edited function) let a resume pair the saved weight rows with other groups or
     targets, its best's score from another merge (an audit)."""
-    rules = {}
+    rules = {}  # by tensor name (the pool's order is the first checkpoint's, or rank 0's)
     if callable(groups):
-        rules["group_of"] = group_indices(pool.names, groups)
+        rules["group_of"] = sorted(zip(pool.names, group_indices(pool.names, groups)))
     if callable(names):
-        rules["target_of"] = [_map_name(n, names) for n in pool.names]
+        rules["target_of"] = sorted((n, _map_name(n, names)) for n in pool.names)
     return rules
 
 
