@@ -179,6 +179,19 @@ def pinned_commit(path: str) -> Optional[str]:
     return p.name
 
 
+def shown(ref: str) -> str:
+    """A model reference as messages name it: a cached snapshot (each side of MODEL+LORA) as its ID, with the
+    commit where it is not main's (org/m@<commit>), never the cache's snapshot path; anything else as given."""
+    from pymerge.lora import split_ref
+    sides = [s for s in split_ref(ref) if s is not None]
+    named = []
+    for side in sides:
+        repo = id_of(side)
+        commit = pinned_commit(side) if repo else None
+        named.append(side if repo is None else repo if commit is None else f"{repo}@{commit[:12]}")
+    return "+".join(named) if named else ref
+
+
 def _repo_of(folder: str) -> Optional[str]:
     """`org/name` of a cache's models--org--name folder (resolve's inverse), else None."""
     if not folder.startswith("models--") or folder.count("--") != 2:

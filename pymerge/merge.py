@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from pymerge import _native, tied
+from pymerge import _native, hub, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             check_seed, count_layers, filter_name, layer_t, load_config, parse_config,
                             unmatched_filter_warnings, uses_positions)
@@ -416,7 +416,8 @@ def make_plan(config_or_path) -> MergePlan:
         if cfg.tokenizer is not None:
             from pymerge.tokenizer.plan import plan_vocabulary
             vocab = plan_vocabulary(cfg, labels, checkpoints, donor_path, read_model_config)
-        names = check_compatible(checkpoints, labels=labels, rows_may_differ=vocab.covers if vocab else None)
+        names = check_compatible(checkpoints, labels=[hub.shown(label) for label in labels],  # IDs, not snapshots
+                                 rows_may_differ=vocab.covers if vocab else None)
         if not names:
             raise CheckpointError(f"{labels[0]}: holds no tensors")
         model_cfg = read_model_config(donor)

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from pymerge import hub
 from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params, coerce,
                             filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
                             unmatched_filter_warning, unmatched_filters)
@@ -616,7 +617,8 @@ def _part(cfg, method, s: SliceSpec, sliced: SlicedConfig, entries, open_ck, lab
     out_names = [out for out, _, _ in entries]
     if vocab is not None:
         vocab = vocab.for_base(base_path)
-    merge.check_compatible(views, labels=labels, names=out_names, rows_may_differ=vocab.covers if vocab else None)
+    merge.check_compatible(views, labels=[hub.shown(label) for label in labels], names=out_names,
+                           rows_may_differ=vocab.covers if vocab else None)
     kinds = [(read_model_config(open_ck(m.path)) or {}).get("model_type") for m in order]
     resolver = _SliceResolver(cfg, method, [m.parameters for m in inputs],
                               [s.parameters, sliced.module_parameters, cfg.parameters], kinds[:len(inputs)], kinds[0],

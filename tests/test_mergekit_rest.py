@@ -993,3 +993,26 @@ def test_a_cached_snapshot_missing_a_shard_says_to_download_again(models, tmp_pa
     cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [str(local)]}))
     rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
     assert rc == 2 and err.rstrip().endswith("is missing"), err
+
+
+def test_errors_name_hub_models_by_their_id_not_the_snapshot_path(models, tmp_path, capsys, monkeypatch):
+    """A tensor missing from a cached model was reported under <cache>/models--org--m/snapshots/<commit> where
+    the config said org/m or org/m@v1 (a hub-cache audit); a revision other than main's shows its commit."""
+    from safetensors.torch import load_file, save_file
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    _fake_cache(cache, m4[0], "org/base", "a" * 40)
+    cut = tmp_path / "cut"
+    shutil.copytree(m4[1], cut)
+    tensors = load_file(str(cut / "model.safetensors"))
+    gone = sorted(tensors)[-1]
+    del tensors[gone]
+    save_file(tensors, str(cut / "model.safetensors"))
+    _fake_cache(cache, cut, "org/cut", "b" * 40, branch="v1")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "org/base", "models": [
+        {"model": "org/cut@v1", "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and f"org/base: has tensor {gone!r} that org/cut@{'b' * 12} lacks" in err, err
+    assert str(cache) not in err and len(err.strip().splitlines()) == 1

@@ -218,8 +218,9 @@ def _check_token_models(spec: TokenizerSpec, models: Sequence[str], where: Calla
     for tok, s in spec.tokens.items():
         if s.source.model is not None and os.path.realpath(s.source.model) not in real:
             missing = "" if os.path.exists(s.source.model) or _not_a_path(s.source.model) else " (no such folder)"
-            raise MergeConfigError(where(f"tokenizer.tokens[{tok!r}].source: model {s.source.model}{missing} is not "
-                                         f"one of the models merged"))
+            from pymerge.hub import shown
+            raise MergeConfigError(where(f"tokenizer.tokens[{tok!r}].source: model {shown(s.source.model)}{missing} "
+                                         "is not one of the models merged"))
 
 
 def _not_a_path(ref: str) -> bool:
