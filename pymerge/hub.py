@@ -19,15 +19,22 @@ from typing import Optional
 from pymerge.errors import MergeConfigError
 
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_LEGACY = re.compile(r"[A-Za-z0-9][\w.]*(-[\w.]+)*")  # an org-less ID: no '--' (the cache's separator)
 _HASH_PREFIX = re.compile(r"[0-9a-f]{4,40}")  # a commit hash, or a prefix of one git would take
 _COMMIT = re.compile(r"(?!\.{1,2}$)[\w.-]+")  # one snapshot folder's name (huggingface_hub: 40 hex digits)
 _REV = re.compile(r"(?!\.{1,2}(/|$))[\w.-]+(/(?!\.{1,2}(/|$))[\w.-]+)*")  # no '.' or '..' part: refs/ stays below
 
 
 def looks_like_id(ref: str) -> bool:
-    """True for `org/name` or `org/name@revision` (and not an existing local path)."""
+    """True for `org/name` or `org/name@revision` (and not an existing local path), or a legacy ID without an
+    org (`gpt2`, `bert-base-uncased`) that is in the cache (mergekit takes those; without the cache, such a name
+    stays a local path not found)."""
     name, _, rev = ref.partition("@")
-    return bool(_ID.fullmatch(name)) and (not rev or bool(_REV.fullmatch(rev))) and not os.path.exists(ref)
+    if rev and not _REV.fullmatch(rev) or os.path.exists(ref):
+        return False
+    if _ID.fullmatch(name):
+        return True
+    return bool(_LEGACY.fullmatch(name)) and (cache_dir() / f"models--{name}" / "snapshots").is_dir()
 
 
 def revision_on_folder(path: str) -> Optional[str]:
@@ -67,6 +74,9 @@ def resolve(ref: str) -> str:
         raise MergeConfigError(f"model {ref}: {exc}; an interrupted download? download it again ({download})"
                                f"{exc.hint}") from None
     if snap is None:
+        legacy = os.environ.get("TRANSFORMERS_CACHE")  # (huggingface_hub no longer reads it; --transformers-cache does)
+        if legacy and (_expanded(legacy) / root.name / "snapshots").is_dir():
+            download = f"{download}, or pass --transformers-cache {legacy}, where it is"
         what = f"revision {rev!r} of " if rev else ""
         raise MergeConfigError(f"model {ref}: {what}{name} is not in the Hugging Face cache ({cache_dir()})"
                                f"{' nor a local folder' if not rev else ''}; pymerge works offline: download it "
@@ -193,7 +203,8 @@ def shown(ref: str) -> str:
 
 
 def _repo_of(folder: str) -> Optional[str]:
-    """`org/name` of a cache's models--org--name folder (resolve's inverse), else None."""
-    if not folder.startswith("models--") or folder.count("--") != 2:
+    """`org/name` of a cache's models--org--name folder (resolve's inverse; `name` of a legacy models--name),
+    else None."""
+    if not folder.startswith("models--") or folder.count("--") not in (1, 2) or folder == "models--":
         return None
     return folder[len("models--"):].replace("--", "/")

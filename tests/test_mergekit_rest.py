@@ -1016,3 +1016,50 @@ def test_errors_name_hub_models_by_their_id_not_the_snapshot_path(models, tmp_pa
     rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
     assert rc == 2 and f"org/base: has tensor {gone!r} that org/cut@{'b' * 12} lacks" in err, err
     assert str(cache) not in err and len(err.strip().splitlines()) == 1
+
+
+def test_legacy_ids_without_an_org_and_a_model_only_under_transformers_cache(models, tmp_path, capsys, monkeypatch):
+    """`model: gpt2` (an ID from before organizations) was "model path not found" with models--gpt2 cached,
+    where mergekit and huggingface_hub take it; a name neither cached nor a folder stays that error. A model only
+    under the TRANSFORMERS_CACHE that huggingface_hub no longer reads is pointed to --transformers-cache."""
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    _fake_cache(cache, m4[1], "gpt2", "a" * 40)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["gpt2"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet", "--write-model-card"], capsys)
+    assert rc == 0, err
+    assert torch.equal(lf.load_folder(tmp_path / "out")["model.norm.weight"], lf.load_folder(m4[1])["model.norm.weight"])
+    assert "* [gpt2](https://huggingface.co/gpt2)" in (tmp_path / "out" / "README.md").read_text()
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["gpt3"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out2", "--quiet"], capsys)
+    assert rc == 2 and err.rstrip().endswith("model path not found: gpt3"), err
+    old = tmp_path / "old_cache"
+    _fake_cache(old, m4[2], "org/old", "b" * 40)
+    monkeypatch.setenv("TRANSFORMERS_CACHE", str(old))
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/old"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out2", "--quiet"], capsys)
+    assert rc == 2 and f"or pass --transformers-cache {old}, where it is" in err, err
+    rc, err = run_cli(["merge", cfg, tmp_path / "out2", "--quiet", "--transformers-cache", str(old)], capsys)
+    assert rc == 0, err
+
+
+def test_a_side_file_linking_to_a_blob_never_written_says_so(models, tmp_path, capsys, monkeypatch):
+    """config.json in a snapshot, a link into blobs/ whose blob is gone, said "cannot open: No such file or
+    directory" with no word of what to do (a hub-cache audit); a model file's link already said it."""
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    snap = cache / "models--org--side" / "snapshots" / ("a" * 40)
+    shutil.copytree(m4[1], snap)
+    (snap / "config.json").unlink()
+    (snap / "config.json").symlink_to("../../blobs/0abc")
+    (cache / "models--org--side" / "refs").mkdir()
+    (cache / "models--org--side" / "refs" / "main").write_text("a" * 40)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/side"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and err.rstrip().endswith("config.json: is a broken link to ../../blobs/0abc (an incomplete "
+                                             "download? download the model again)"), err

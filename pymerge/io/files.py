@@ -94,6 +94,10 @@ def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
     try:
         fd = retry_out_of_files(lambda: os.open(path, flags))
     except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.islink(path):  # a hub snapshot's link to a blob never written
+            cached = os.sep + "snapshots" + os.sep in os.path.abspath(path)
+            raise error(f"{path}: is a broken link to {os.readlink(path)}"
+                        f"{' (an incomplete download? download the model again)' if cached else ''}") from None
         raise error(f"{path}: cannot open: {exc.strerror or exc}{fd_advice(exc)}") from None
     try:
         mode = os.fstat(fd).st_mode
