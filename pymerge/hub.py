@@ -19,6 +19,7 @@ from typing import Optional
 from pymerge.errors import MergeConfigError
 
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_MAX_ID = 200  # characters of org/name, beyond the Hub's own limit (96)
 _LEGACY = re.compile(r"[A-Za-z0-9][\w.]*(-[\w.]+)*")  # an org-less ID: no '--' (the cache's separator)
 _HASH_PREFIX = re.compile(r"[0-9a-f]{4,40}")  # a commit hash, or a prefix of one git would take
 _COMMIT = re.compile(r"(?!\.{1,2}$)[\w.-]+")  # one snapshot folder's name (huggingface_hub: 40 hex digits)
@@ -30,11 +31,20 @@ def looks_like_id(ref: str) -> bool:
     org (`gpt2`, `bert-base-uncased`) that is in the cache (mergekit takes those; without the cache, such a name
     stays a local path not found)."""
     name, _, rev = ref.partition("@")
-    if rev and not _REV.fullmatch(rev) or os.path.exists(ref):
-        return False
+    if len(name) > _MAX_ID or rev and not _REV.fullmatch(rev) or os.path.exists(ref):
+        return False  # (the Hub's IDs are at most 96 characters: a 100,000-character one was echoed whole)
     if _ID.fullmatch(name):
         return True
-    return bool(_LEGACY.fullmatch(name)) and (cache_dir() / f"models--{name}" / "snapshots").is_dir()
+    return bool(_LEGACY.fullmatch(name)) and _is_dir(cache_dir() / f"models--{name}" / "snapshots")
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, False where the name cannot be looked up at all (a 100,000-character name: ENAMETOOLONG,
+    which is_dir raises, and the error echoed the whole path)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def revision_on_folder(path: str) -> Optional[str]:
@@ -75,7 +85,7 @@ def resolve(ref: str) -> str:
                                f"{exc.hint}") from None
     if snap is None:
         legacy = os.environ.get("TRANSFORMERS_CACHE")  # (huggingface_hub no longer reads it; --transformers-cache does)
-        if legacy and (_expanded(legacy) / root.name / "snapshots").is_dir():
+        if legacy and _is_dir(_expanded(legacy) / root.name / "snapshots"):
             download = f"{download}, or pass --transformers-cache {legacy}, where it is"
         what = f"revision {rev!r} of " if rev else ""
         raise MergeConfigError(f"model {ref}: {what}{name} is not in the Hugging Face cache ({cache_dir()})"
