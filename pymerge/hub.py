@@ -153,14 +153,16 @@ def _refs_naming(root: Path, commit: str) -> list:
     """The refs (branches, tags, refs/pr/N) of a cached repo whose file holds commit, sorted; unreadable ones
     are skipped (the fallback they guard is for a snapshot downloaded by its hash, which no ref names)."""
     refs = root / "refs"
-    found = []
-    for path in sorted(refs.rglob("*")) if refs.is_dir() else []:
-        try:
-            if path.is_file() and path.stat().st_size <= 4096 and path.read_text("utf-8").strip() == commit:
-                found.append(path.relative_to(refs).as_posix())
-        except (OSError, UnicodeDecodeError):
-            continue
-    return found
+    return [path.relative_to(refs).as_posix() for path in (sorted(refs.rglob("*")) if refs.is_dir() else [])
+            if path.is_file() and _ref_commit(path) == commit]
+
+
+def _ref_commit(ref_file: Path) -> Optional[str]:
+    """_read_ref's commit, or None where the file cannot be read as one."""
+    try:
+        return _read_ref(ref_file)
+    except (MergeConfigError, OSError):
+        return None
 
 
 def _read_ref(ref_file: Path) -> str:
@@ -191,24 +193,21 @@ def pinned_commit(path: str) -> Optional[str]:
     if p.parent.name != "snapshots":
         return None
     main = p.parent.parent / "refs" / "main"
-    try:
-        if main.is_file() and main.stat().st_size <= 4096 and main.read_text("utf-8").strip() == p.name:
-            return None
-    except (OSError, UnicodeDecodeError):
-        pass
-    return p.name
+    return None if main.is_file() and _ref_commit(main) == p.name else p.name
+
+
+def cached_sides(ref: str) -> list:
+    """Each side of a reference (MODEL or MODEL+LORA) as (side, its hub ID or None, pinned_commit or None)."""
+    from pymerge.lora import split_ref
+    sides = [s for s in split_ref(ref) if s is not None]
+    return [(s, repo, pinned_commit(s) if repo else None) for s, repo in ((s, id_of(s)) for s in sides)]
 
 
 def shown(ref: str) -> str:
     """A model reference as messages name it: a cached snapshot (each side of MODEL+LORA) as its ID, with the
     commit where it is not main's (org/m@<commit>), never the cache's snapshot path; anything else as given."""
-    from pymerge.lora import split_ref
-    sides = [s for s in split_ref(ref) if s is not None]
-    named = []
-    for side in sides:
-        repo = id_of(side)
-        commit = pinned_commit(side) if repo else None
-        named.append(side if repo is None else repo if commit is None else f"{repo}@{commit[:12]}")
+    named = [side if repo is None else repo if commit is None else f"{repo}@{commit[:12]}"
+             for side, repo, commit in cached_sides(ref)]
     return "+".join(named) if named else ref
 
 

@@ -11,24 +11,19 @@ from pathlib import Path
 
 import yaml
 
-from pymerge.hub import id_of, pinned_commit
+from pymerge.hub import cached_sides, id_of
 from pymerge.lora import split_ref
 
 
 def _named(ref: str) -> str:
     """The reference with each cached side as its hub ID (a link to the Hub; with the commit where it is not the
     main revision's: org/m@v1 beside org/m read as one model twice), else as given."""
-    sides = [s for s in split_ref(ref) if s is not None]
-    ids = [id_of(s) for s in sides]
-    if all(i is None for i in ids):
+    sides = cached_sides(ref)
+    if all(repo is None for _, repo, _ in sides):
         return ref
-
-    def link(side: str, repo: str) -> str:
-        commit = pinned_commit(side)
-        if commit is None:
-            return f"[{repo}](https://huggingface.co/{repo})"
-        return f"[{repo}@{commit[:12]}](https://huggingface.co/{repo}/tree/{commit})"
-    return "+".join(link(s, i) if i else s for s, i in zip(sides, ids))
+    return "+".join(side if repo is None else f"[{repo}](https://huggingface.co/{repo})" if commit is None
+                    else f"[{repo}@{commit[:12]}](https://huggingface.co/{repo}/tree/{commit})"
+                    for side, repo, commit in sides)
 
 
 def model_card(plan, name: str) -> str:
