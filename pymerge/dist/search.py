@@ -19,9 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pymerge.errors import CheckpointError, InputError, MergeConfigError, first_line, short
-
-_ERRORS = {c.__name__: c for c in (InputError, CheckpointError, MergeConfigError)}
+from pymerge.errors import InputError, first_line, short
 
 
 def across_ranks(pool, distributed: Optional[bool] = None) -> Optional[Callable]:
@@ -207,11 +205,11 @@ def _stop_together(group, error, own) -> bool:
             raise
         why = ("the other ranks never reached the agreement after it: if evaluate runs collectives, they waited in "
                "them until the process group's timeout; an evaluate must fail on every rank or none")
-        if error[0] not in _ERRORS:
+        if error[0] not in collectives._ERRORS:  # (the user's input errors, by kind)
             if hasattr(own, "add_note"):  # (Python 3.11+; before it the error goes as it is)
                 own.add_note(why)
             raise own from exc
-        raise _ERRORS[error[0]](f"{error[1]} ({why})") from exc
+        raise collectives._ERRORS[error[0]](f"{error[1]} ({why})") from exc
 
 
 class _LeaderPool:
