@@ -20,6 +20,7 @@ from pymerge.errors import MergeConfigError
 
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _MAX_ID = 200  # characters of org/name, beyond the Hub's own limit (96)
+_MAX_REV = 255  # characters of a revision (a file name under refs/; a longer one raised ENAMETOOLONG, echoed whole)
 _LEGACY = re.compile(r"[A-Za-z0-9][\w.]*(-[\w.]+)*")  # an org-less ID: no '--' (the cache's separator)
 _HASH_PREFIX = re.compile(r"[0-9a-f]{4,40}")  # a commit hash, or a prefix of one git would take
 _COMMIT = re.compile(r"(?!\.{1,2}$)[\w.-]+")  # one snapshot folder's name (huggingface_hub: 40 hex digits)
@@ -31,7 +32,7 @@ def looks_like_id(ref: str) -> bool:
     org (`gpt2`, `bert-base-uncased`) that is in the cache (mergekit takes those; without the cache, such a name
     stays a local path not found)."""
     name, _, rev = ref.partition("@")
-    if len(name) > _MAX_ID or rev and not _REV.fullmatch(rev) or os.path.exists(ref):
+    if len(name) > _MAX_ID or len(rev) > _MAX_REV or rev and not _REV.fullmatch(rev) or os.path.exists(ref):
         return False  # (the Hub's IDs are at most 96 characters: a 100,000-character one was echoed whole)
     if _ID.fullmatch(name):
         return True
@@ -153,14 +154,17 @@ def _refs_naming(root: Path, commit: str) -> list:
     """The refs (branches, tags, refs/pr/N) of a cached repo whose file holds commit, sorted; unreadable ones
     are skipped (the fallback they guard is for a snapshot downloaded by its hash, which no ref names)."""
     refs = root / "refs"
-    return [path.relative_to(refs).as_posix() for path in (sorted(refs.rglob("*")) if refs.is_dir() else [])
-            if path.is_file() and _ref_commit(path) == commit]
+    try:
+        paths = sorted(refs.rglob("*")) if _is_dir(refs) else []
+    except OSError:  # a refs folder that cannot be listed (another user's cache)
+        paths = []
+    return [path.relative_to(refs).as_posix() for path in paths if _ref_commit(path) == commit]
 
 
 def _ref_commit(ref_file: Path) -> Optional[str]:
-    """_read_ref's commit, or None where the file cannot be read as one."""
+    """_read_ref's commit, or None where there is no file that can be read as one (is_file raises EACCES too)."""
     try:
-        return _read_ref(ref_file)
+        return _read_ref(ref_file) if ref_file.is_file() else None
     except (MergeConfigError, OSError):
         return None
 
@@ -193,7 +197,7 @@ def pinned_commit(path: str) -> Optional[str]:
     if p.parent.name != "snapshots":
         return None
     main = p.parent.parent / "refs" / "main"
-    return None if main.is_file() and _ref_commit(main) == p.name else p.name
+    return None if _ref_commit(main) == p.name else p.name
 
 
 def cached_sides(ref: str) -> list:

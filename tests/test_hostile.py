@@ -251,7 +251,8 @@ def test_error_messages_echo_a_bounded_part_of_the_input(fam, tmp_path, capsys):
              "w.yml": linear(fts, parameters={"weight": "y" * 100_000}),
              "dtype.yml": linear(fts, dtype=["z" * 1000] * 100),
              "path.yml": linear([fts[0], "p" * 100_000]),  # (a legacy hub ID's look-up raised ENAMETOOLONG)
-             "id.yml": linear([fts[0], "o/" + "p" * 100_000])}  # (an org/name ID's, echoed whole)
+             "id.yml": linear([fts[0], "o/" + "p" * 100_000]),  # (an org/name ID's, echoed whole)
+             "rev.yml": linear([fts[0], "o/p@" + "r" * 100_000])}  # (a revision's: a ref file name too long)
     for name, data in cases.items():
         rc, err = run_cli(["merge", write_cfg(tmp_path / name, data), tmp_path / "out"], capsys)
         assert rc == 2 and len(err) < 1100 and len(err.strip().splitlines()) == 1, (name, err[:300])

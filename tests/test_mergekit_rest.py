@@ -1063,3 +1063,17 @@ def test_a_side_file_linking_to_a_blob_never_written_says_so(models, tmp_path, c
     rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
     assert rc == 2 and err.rstrip().endswith("config.json: is a broken link to ../../blobs/0abc (an incomplete "
                                              "download? download the model again)"), err
+
+
+@pytest.mark.parametrize("rev", ["a" * 5000, "/".join(["a"] * 3000)])
+def test_a_revision_too_long_for_a_ref_file_is_one_bounded_line(models, tmp_path, capsys, monkeypatch, rev):
+    """org/m@<5,000 characters> of a cached org/m looked up refs/<rev>: ENAMETOOLONG, the whole path echoed (a
+    review). Longer than any revision can be, it is no ID: a path not found, echoed in part."""
+    _, m4, _ = models
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    _fake_cache(cache, m4[1], "org/m", "a" * 40)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [f"org/m@{rev}"]}))
+    rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 2 and "model path not found: org/m@" in err and len(err) < 1100 and len(err.splitlines()) == 1, err
