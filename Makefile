@@ -22,8 +22,12 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(NATIVE)
 
 install: $(VENV)/.built
 
+# two test processes (pytest-xdist), a test file each at a time: most tests run on one core, and the suite took
+# 31 min on a 2-core machine run one after another. TEST_JOBS=0 runs them in this process.
+TEST_JOBS ?= 2
+
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests
 
 test-fast: install
 	$(PY) -m pytest -q -x -p no:cacheprovider -m "not slow" tests

@@ -101,9 +101,9 @@ def merged_error(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], b
 def one_seed(seed: int, args):
     """This seed's rows (one per pool) and its diagnosis rows."""
     # The demo's settings when the README's table was measured (before 2026-12-03: the "mixtures" pool,
-    # validation 400 and test 1500 examples per task, CMA-ES's default step), so that it reproduces
-    s = Settings.quick(seed, pool="mixtures") if args.quick else Settings(seed=seed, val_size=400, test_size=1500,
-                                                                          pool="mixtures")
+    # validation 400 and test 1500 examples per task, CMA-ES's default step), so that it reproduces; --quick:
+    # the demo's own --quick (a cache of `pymerge demo --quick`'s checkpoints is reused)
+    s = Settings.quick(seed) if args.quick else Settings(seed=seed, val_size=400, test_size=1500, pool="mixtures")
     budget = args.budget or (6 if args.quick else 120)
     folder = os.path.join(args.cache, ("quick-" if args.quick else "") + f"seed{seed}")
     log = lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True)  # noqa: E731

@@ -137,7 +137,9 @@ def _cmd_merge(args) -> int:
 def _dispatch(args) -> int:
     if args.command == "merge":
         return _cmd_merge(args)
-    rest = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
+    # a "--" goes to the command's own parser, which ends its options there (`search -- -c.yml`: dropped, the
+    # config named -c.yml was taken for an option); a last one ends nothing (argparse calls it unrecognized)
+    rest = list(args.args[:-1] if args.args[-1:] == ["--"] else args.args)
     if args.command == "demo":
         from pymerge import demo
         return demo.main(rest) or 0

@@ -81,3 +81,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_no_ext)
         if not gpu and not TRITON_INTERPRETED and (item.get_closest_marker("triton_cpu") is not None or _backend(item) == "triton"):
             item.add_marker(skip_triton_cpu)
+
+
+@pytest.fixture(scope="session")
+def quick_demo_checkpoints(tmp_path_factory):
+    """The demo's --quick checkpoints (seed 0), trained once for the tests that run the demo or its benchmarks
+    (training is most of a quick run): a copy of this folder as OUT/checkpoints is reused, as the demo reuses
+    its own cache (same settings and code, files unchanged)."""
+    from pymerge.demo import run
+    folder = tmp_path_factory.mktemp("quick_demo") / "checkpoints"
+    run.build_checkpoints(str(folder), run.Settings.quick(), log=lambda m: None)
+    return folder

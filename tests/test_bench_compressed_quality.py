@@ -3,6 +3,7 @@ references, and its --quick run end to end (the demo's --quick checkpoints, ever
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -41,10 +42,12 @@ def test_standard_error_of_a_macro_average():
 
 
 @pytest.mark.slow
-def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys):
+def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys, quick_demo_checkpoints):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "results"))
+    shutil.copytree(quick_demo_checkpoints, tmp_path / "cache" / "quick-seed0")  # the demo's --quick checkpoints
     assert bench.main(["--quick", "--budget", "3", "--auto-budgets", "0.15", "--cache", str(tmp_path / "cache")]) == 0
-    assert "int4: search within 0.2 points" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "int4: search within 0.2 points" in captured.out and "reusing the checkpoints" in captured.err
     with open(tmp_path / "results" / common.machine_label("cpu") / "bench_compressed_pool_quality_quick.json") as fh:
         rows = json.load(fh)["rows"]
     with open(tmp_path / "results" / common.machine_label("cpu") / "bench_compressed_pool_quality_quick.md") as fh:

@@ -609,6 +609,22 @@ def test_demo_options_pass_through(monkeypatch):
     assert seen["argv"] == ["--quick", "--out", "x", "--json"]
 
 
+def test_a_double_dash_ends_the_subcommands_options(monkeypatch, tmp_path, capsys):
+    """`pymerge search -- -c.yml` said "the following arguments are required: config": every "--" was dropped
+    before the subcommand's parser, which then took the config named -c.yml for an option (an audit)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["search", "--", "-c.yml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pymerge search: error: -c.yml: config file not found"], err
+    assert cli.main(["search", "--budget", "2", "--", "-c.yml"]) == 2
+    assert "-c.yml: config file not found" in capsys.readouterr().err
+    seen = {}
+    import pymerge.demo as demo
+    monkeypatch.setattr(demo, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert cli.main(["demo", "--quick", "--"]) == 0 and seen["argv"] == ["--quick"]  # a last one ends nothing
+    assert cli.main(["doctor", "--"]) == 0
+
+
 @pytest.mark.parametrize("cmd", [["search", "nowhere.yml"], ["bench", "--elements", str(1 << 32)], ["merge"],
                                  ["bench", "--rounds", "0"]])
 def test_other_commands_errors_never_reach_stdout_with_stderr_closed(tmp_path, cmd):

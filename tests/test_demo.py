@@ -248,11 +248,13 @@ def test_summary_reports_each_margins_paired_standard_error():
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, capsys):
+def test_demo_quick_end_to_end(tmp_path, capsys, quick_demo_checkpoints):
     from pymerge import demo
     out = tmp_path / "demo_out"
+    shutil.copytree(quick_demo_checkpoints, out / "checkpoints")  # trained once for the session
     assert demo.main(["--quick", "--json", "--out", str(out)]) == 0
     captured = capsys.readouterr()
+    assert "reusing the checkpoints" in captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
     for key in ("best_single", "uniform", "optimized", "greedy_soup", "best_single_in_hindsight", "optimized_val"):
         assert 0.0 <= summary[key] <= 1.0, key
@@ -453,8 +455,12 @@ def test_a_killed_runs_temporaries_do_not_block_the_next_run(tmp_path):
     _claim(str(out))
     for leftover in (".merged.pymerge-demo-tmp-abc", ".merged.pymerge-demo-tmp-abc-old", "merged.tmpxyz"):
         (out / leftover).mkdir()
-    for leftover in ("results.json.tmpq1", "demo.png.tmpz9"):
+    # an older demo's names, and replace_file's (a run killed while writing them: "holds .results.json.pymerge-
+    # tmp-0iizwrzu, which the demo did not write", an audit)
+    for leftover in ("results.json.tmpq1", "demo.png.tmpz9", ".results.json.pymerge-tmp-0iizwrzu",
+                     ".demo.png.pymerge-tmp-k2"):
         (out / leftover).write_text("")
+    assert run.replace_file_prefix("results.json") == ".results.json.pymerge-tmp-"  # the names replace_file gives
     _claim(str(out))  # no InputError
     (out / "notes.txt").write_text("mine")
     with pytest.raises(run.InputError, match="holds notes.txt, which the demo did not write"):
@@ -487,6 +493,15 @@ def test_one_demo_at_a_time_in_a_folder(tmp_path, capsys, monkeypatch):
     with pytest.raises(KeyboardInterrupt):  # a folder it made, left holding only its lock file, is removed
         run.experiment(str(fresh), run.Settings.quick(), budget=1, log=lambda m: None)
     assert not fresh.exists() and out.exists()
+    # and so are the parents it made (an audit: fresh/ and fresh/sub/ stayed); a folder that was there and
+    # empty is left as it was, without the marker
+    with pytest.raises(KeyboardInterrupt):
+        run.experiment(str(fresh / "sub" / "demo"), run.Settings.quick(), budget=1, log=lambda m: None)
+    assert not fresh.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run.experiment(str(tmp_path / "empty"), run.Settings.quick(), budget=1, log=lambda m: None)
+    assert os.listdir(tmp_path / "empty") == []
     # a link in place of the marker: never written through
     (tmp_path / "mine.txt").write_text("mine")
     os.remove(out / run.MARKER)
@@ -567,9 +582,10 @@ def test_build_checkpoints_alone_never_empties_a_folder_it_did_not_write(tmp_pat
     assert (folder / "pretrained" / "weights.bin").read_text() == "mine"
 
 
-def test_a_file_put_in_a_cached_checkpoint_is_refused_before_retraining_deletes_it(tmp_path):
+def test_a_file_put_in_a_cached_checkpoint_is_refused_before_retraining_deletes_it(tmp_path, monkeypatch):
     """A README.md put in a checkpoint folder was deleted with it, exit 0, when other settings retrained the
     pool (an audit); nothing is removed now, and reusing the cache leaves it alone."""
+    _fake_training(monkeypatch)
     folder = tmp_path / "checkpoints"
     paths = run.build_checkpoints(str(folder), run.Settings.quick(0), log=lambda m: None)
     note = Path(paths[1]) / "README.md"
@@ -610,9 +626,10 @@ def test_an_out_that_cannot_be_written_is_refused_up_front(tmp_path, monkeypatch
         run.claim_out(str(out))
 
 
-def test_a_checkpoint_changed_in_its_cache_is_trained_again_and_files_are_readable(tmp_path):
+def test_a_checkpoint_changed_in_its_cache_is_trained_again_and_files_are_readable(tmp_path, monkeypatch):
     """A cached model.safetensors zeroed in place (same size) was reused, and every score changed with it (a
     bug hunt). Its digest is in the manifest now. And safetensors wrote the models 0600 whatever the umask."""
+    _fake_training(monkeypatch)  # (what is checked is the cache, not training)
     folder = str(tmp_path / "checkpoints")
     s = run.Settings.quick(0)
     logs = []
@@ -672,6 +689,89 @@ def test_an_interrupted_retraining_keeps_the_cached_checkpoints(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         run.build_checkpoints(str(folder), run.Settings.quick(), log=lambda m: None)
     assert (folder / "00-old" / "config.json").exists() and (folder / "manifest.json").exists()
+
+
+def _fake_training(monkeypatch, fail_saving=None):
+    """train_pool returns small random models at once; fail_saving: an OSError the first write of a
+    checkpoint file raises."""
+    def trained(config, pretrain, runs, seed=0, progress=None):
+        models = {r.name: _random_model(seed=i) for i, r in enumerate(runs)}
+        return train.Pool(pretrained=_random_model(seed=99), runs=list(runs), models=models)
+    monkeypatch.setattr(run, "train_pool", trained)
+    if fail_saving is not None:
+        import pymerge.demo.model as model_mod
+
+        class Full:
+            def __init__(self, *a, **k):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                return False
+
+            def write(self, data):
+                raise fail_saving
+        monkeypatch.setattr(model_mod, "open", Full, raising=False)
+
+
+def test_retraining_removes_the_results_of_the_checkpoints_it_replaces(tmp_path, monkeypatch):
+    """A rerun with other settings interrupted once its new checkpoints were saved left the old merged/ and
+    results.json beside them: merge_weights.json named ../checkpoints/* with weights that no longer summed to
+    the merged model, and results.json another seed's scores (an audit). They go before the old checkpoints."""
+    out = tmp_path / "out"
+    _claim(str(out))
+    (out / "merged").mkdir()
+    for name in ("config.json", "model.safetensors", "merge_weights.json"):
+        (out / "merged" / name).write_text("{}")
+    (out / ".merged.pymerge-demo-tmp-x-old").mkdir()  # a killed merge's stash: put back as merged/ otherwise
+    (out / "results.json").write_text(json.dumps(_OLD_RESULTS))
+    (out / "demo.png").write_bytes(b"png")
+    (out / "checkpoints" / "00-old").mkdir(parents=True)
+    (out / "checkpoints" / "manifest.json").write_text(json.dumps({"fingerprint": "another seed's",
+                                                                   "checkpoints": [str(out / "checkpoints" / "00-old")]}))
+    _fake_training(monkeypatch)
+    saved = []
+
+    def interrupted(*a, **k):  # stopped once the checkpoints are saved, before this run's merge is written
+        saved.extend(sorted(os.listdir(out / "checkpoints")))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run, "evaluation", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.experiment(str(out), run.Settings.quick(), budget=1, log=lambda m: None)
+    assert "manifest.json" in saved and "00-old" not in saved  # the new checkpoints were in place
+    assert sorted(os.listdir(out)) == sorted([run.MARKER, "checkpoints"])
+    # checkpoints reused as they are: an earlier run's results stay (they describe the same checkpoints)
+    (out / "results.json").write_text(json.dumps(_OLD_RESULTS))
+    with pytest.raises(KeyboardInterrupt):
+        run.experiment(str(out), run.Settings.quick(), budget=1, log=lambda m: None)
+    assert (out / "results.json").exists()
+
+
+def test_a_full_disk_while_saving_checkpoints_is_one_line(tmp_path, monkeypatch, capsys):
+    """safetensors' save_file raised its own SafetensorError on a full disk, not an OSError: a 33-line
+    traceback and exit 1, where `pymerge search` says the file and the system's reason, exit 2 (an audit)."""
+    import errno
+    _fake_training(monkeypatch, fail_saving=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--budget", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("model.safetensors: No space left on device"), err
+    assert err[0].startswith(f"pymerge: error: {out / 'checkpoints' / 'pretrained'}"), err
+    with pytest.raises(OSError) as exc:
+        save_hf(_random_model(), str(tmp_path / "m"))
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / "m" / "model.safetensors")
+
+
+def test_a_plot_not_drawn_leaves_no_earlier_one(tmp_path, monkeypatch):
+    """Without matplotlib the demo said "no demo.png" and left an earlier run's demo.png beside its results."""
+    import sys
+    png = tmp_path / "demo.png"
+    png.write_bytes(b"an earlier run's plot")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert run._plot(str(png), {}, [], "", []) is False
+    assert not png.exists()
 
 
 def test_signals_wait_for_the_outputs_of_one_run():

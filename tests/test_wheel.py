@@ -156,7 +156,7 @@ def test_an_nvcc_that_fails_leaves_the_cpu_build(tmp_path, fails):
 
 
 @pytest.mark.slow
-def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
+def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path, quick_demo_checkpoints):
     wheels = tmp_path / "wheels"
     build = run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(wheels),
                  ROOT], cwd=tmp_path, timeout=600, env={"PYMERGE_NO_CUDA": "1"})
@@ -184,8 +184,12 @@ def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
     where = run([py, "-c", "import pymerge, os; print(os.path.dirname(pymerge.__file__))"], cwd=work)
     assert str(env_dir) in where.stdout, where.stdout  # the installed copy, not the checkout
 
+    # the checkpoints the session trained: the installed demo reuses them (same settings and code), so its
+    # cache key does not depend on where pymerge is installed
+    shutil.copytree(quick_demo_checkpoints, work / "demo_out" / "checkpoints")
     demo = run([pymerge, "demo", "--quick"], cwd=work, timeout=300)
     assert demo.returncode == 0, (demo.stdout[-2000:], demo.stderr[-3000:])
+    assert "reusing the checkpoints" in demo.stdout, demo.stdout[-2000:]
 
     bench = run([pymerge, "bench", "--elements", "65536", "--rounds", "1"], cwd=work)
     assert bench.returncode == 0, bench.stderr[-2000:]

@@ -12,10 +12,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pymerge.errors import CheckpointError
-from pymerge.io.files import new_file_mode
 
 
 @dataclass(frozen=True)
@@ -164,13 +163,18 @@ def save_hf(model: TinyLlama, folder: str, dtype: torch.dtype = torch.float32, e
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(os.path.join(folder, "model.safetensors"), new_file_mode())  # safetensors writes 0600 whatever the umask
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump(model.config.to_hf(dtype), fh, indent=2)
-    for name, payload in (extra_files or {}).items():
-        with open(os.path.join(folder, name), "w") as fh:
-            json.dump(payload, fh, indent=2)
+    # serialized in memory (the demo's models are small) and written as any file: safetensors' own save_file
+    # raised its SafetensorError on a full disk, which no caller took for the system error it is
+    files = {"model.safetensors": save(tensors, metadata={"format": "pt"}),
+             "config.json": json.dumps(model.config.to_hf(dtype), indent=2).encode(),
+             **{name: json.dumps(payload, indent=2).encode() for name, payload in (extra_files or {}).items()}}
+    for name, data in files.items():
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:  # a failed write or close names no file
+            raise OSError(exc.errno, exc.strerror, path) from None
     return folder
 
 

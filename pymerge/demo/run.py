@@ -32,7 +32,7 @@ from pymerge.demo.tasks import (TASKS, Batch, generate, hits, make_batch, paired
                                 standard_error)
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
 from pymerge.errors import InputError
-from pymerge.io.files import replace_file
+from pymerge.io.files import replace_file, replace_file_prefix
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 
@@ -99,7 +99,8 @@ def _merge_tmp_prefix(folder: str) -> str:
 
 # what a killed run leaves in OUT: _write_merge's folders (and an older demo's merged.tmp*), replace_file's
 # results.json / demo.png temporaries (a claimed folder holding them is still the demo's)
-_LEFTOVERS = (_merge_tmp_prefix("merged"), "merged.tmp", "results.json.tmp", "demo.png.tmp")
+_LEFTOVERS = (_merge_tmp_prefix("merged"), "merged.tmp", "results.json.tmp", "demo.png.tmp",
+              *(replace_file_prefix(n) for n in ("results.json", "demo.png")))
 
 
 def claim_out(out: str) -> int:
@@ -217,9 +218,10 @@ def _fingerprint(s: Settings) -> str:
 
 
 def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int], None]] = None,
-                      log=print) -> List[str]:
+                      log=print, replacing: Callable[[], None] = lambda: None) -> List[str]:
     """Trains the pool and writes one HF folder per run under `folder` (the pretrained model under
-    folder/pretrained); a folder written by the same settings and code is reused as it is."""
+    folder/pretrained); a folder written by the same settings and code is reused as it is. replacing() is
+    called just before an old cache is removed (what was made from it stops describing the checkpoints)."""
     runs = pool_runs(s.run_steps, s.pool)
     paths = [os.path.join(folder, f"{i:02d}-{r.name.replace(':', '-').replace('>', '-')}") for i, r in enumerate(runs)]
     manifest = os.path.join(folder, "manifest.json")
@@ -247,6 +249,7 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     _remove_stale(folder, manifest, paths, remove=False)  # a folder not ours is refused before minutes of training
     trained = train_pool(default_config(), pretraining(s.pretrain_steps), runs, seed=s.seed, progress=progress)
     # removed once the new ones are trained (in memory): an interrupted training kept the old cache
+    replacing()
     _remove_stale(folder, manifest, paths)
     save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
     for path, run in zip(paths, runs):
@@ -338,27 +341,55 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
     """The whole demo; writes under `out` and returns the summary."""
     eval_dtype = eval_dtype or default_eval_dtype()
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time too: wall time means little on a shared machine
-    made = not os.path.lexists(out)
-    lock = claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
+    made, folder = [], os.path.abspath(out)  # the folders claim_out makes (OUT and its parents), deepest first
+    while not os.path.lexists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        lock = claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         return _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0)
     except BaseException:
-        if made:
-            _remove_if_only_marker(out)
+        _remove_if_only_marker(out)
+        _remove_empty(made)
         raise
     finally:
         os.close(lock)  # on every way out (an error, Ctrl-C): the next demo may have the folder
 
 
+def _remove_results(out: str) -> None:
+    """merged/, results.json and demo.png of an earlier run, before the checkpoints they describe are replaced:
+    a run stopped after that left them beside the new checkpoints (merge_weights.json naming ../checkpoints/*,
+    which no longer summed to the merged model). claim_out checked that they are the demo's."""
+    stashes = [n for n in os.listdir(out) if n.startswith(_merge_tmp_prefix("merged"))]  # a killed _write_merge's
+    for name in ["results.json", "demo.png", "merged"] + stashes:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 def _remove_if_only_marker(out: str) -> None:
-    """A folder this run made and that holds nothing but its marker (stopped before any checkpoint was
-    written) is removed, not left as an empty-looking folder for the user to puzzle over."""
+    """A run stopped before any checkpoint was written leaves no marker in a folder holding nothing else
+    (_remove_empty then removes the folder if the run made it), not an empty-looking folder to puzzle over."""
     try:
         if os.listdir(out) == [MARKER]:
             os.remove(os.path.join(out, MARKER))  # still locked by us: no other demo holds it
-            os.rmdir(out)
     except OSError:
         pass  # best effort: the next demo accepts the folder as the demo's anyway
+
+
+def _remove_empty(made: List[str]) -> None:
+    """The folders a stopped run made (deepest first), where they are still empty."""
+    for folder in made:
+        try:
+            os.rmdir(folder)  # an empty one only: whatever was written there meanwhile stays
+        except OSError:
+            return
 
 
 def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
@@ -369,7 +400,8 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     total = pretraining(s.pretrain_steps).steps + sum(r.steps for r in runs)
     log(f"training: a shared pretraining run, then {len(runs)} runs ({total} steps in all)")
     with tqdm(total=total, desc="training", unit="step", disable=None, file=SafeStream()) as bar:
-        paths = build_checkpoints(os.path.join(out, "checkpoints"), s, progress=bar.update, log=log)
+        paths = build_checkpoints(os.path.join(out, "checkpoints"), s, progress=bar.update, log=log,
+                                  replacing=lambda: _remove_results(out))
     t_train = time.perf_counter() - t0
     val_examples, test_examples = eval_examples(s, "val"), eval_examples(s, "test")
     val, test = batches(val_examples), batches(test_examples)
@@ -609,7 +641,9 @@ def _plot(path: str, rows, names, best_single, history) -> bool:
     """Scores per task (test) and, for the two tasks that trade off most, the search's Pareto front (val)."""
     try:
         import matplotlib
-    except ImportError:
+    except ImportError:  # an earlier run's plot would pass for this one's
+        if os.path.lexists(path):
+            os.remove(path)
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -151,6 +151,11 @@ def new_file_mode() -> int:
 _TMP_MARK = ".pymerge-tmp-"  # .<name>.pymerge-tmp-<random>: replace_file's temporary file for <name>
 
 
+def replace_file_prefix(name: str) -> str:
+    """How the temporary files of replace_file(<folder>/name) begin (one a killed writer left is one of these)."""
+    return f".{name}{_TMP_MARK}"
+
+
 def replace_file(path: str, write: Callable[[str], None], install: Callable[[str, str], None] = os.replace) -> None:
     """write(tmp) into a temporary file beside path, then install(tmp, path) (a rename over it): a symlink at
     path is replaced, never written through (opening it for writing overwrote the user file it points to).
@@ -158,9 +163,9 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     path removes one a killed writer left (a search killed while saving its state, a pool while saving)."""
     check_replaceable(path)  # a FIFO or device would be replaced
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
-    _sweep_stale(folder, f".{name}{_TMP_MARK}")
+    _sweep_stale(folder, replace_file_prefix(name))
     try:
-        fd, tmp = _locked_temporary(folder, f".{name}{_TMP_MARK}")
+        fd, tmp = _locked_temporary(folder, replace_file_prefix(name))
     except OSError as exc:  # (it named the temporary file, which the user never chose)
         if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the folder's fault
             raise InputError(f"{path}: cannot open a file to write it: {exc.strerror}{fd_advice(exc)}") from None

@@ -349,7 +349,8 @@ def _search(args, cfg: dict, here: str) -> int:
     s = dict(cfg.get("search") or {})
     if args.budget is not None:
         s["budget"] = args.budget
-    # before the pool is built (minutes for a large model) and the entry points imported: a typo is refused at once
+    # before the pool is built (minutes for a large model) and the entry points imported: a typo in the search
+    # settings is refused at once (a method's own arguments are checked once the pool knows its checkpoints)
     search_settings(s.get("budget", 200), s.get("popsize"), s.get("sigma0", 0.2), s.get("seed", 0), s.get("replicas"))
     check_searchable(cfg.get("method", "linear"))
     _check_out(out)  # before the pool is built (minutes for a large model): a file there was found after it
