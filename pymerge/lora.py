@@ -232,8 +232,15 @@ class Adapter:
         import torch
         t = self.targets[name]
         a, b = (self.file.tensor(k).to(dtype or torch.float32) for k in (t.a_key, t.b_key))
-        d = b @ a
-        return (d.T if t.transpose else d).mul_(t.scale)  # in place: the product is ours, the bits are the same
+        d = (b @ a).mul_(t.scale)  # in place: the product is ours, the bits are the same
+        # a NaN or inf in A or B (a diverged training) made the whole weight NaN, exit 0, where a NaN lora_alpha
+        # is refused: one reduction over the delta, against the matmul that made it
+        if not bool(torch.isfinite(d).all()):
+            bad = [k for k in (t.a_key, t.b_key) if not bool(torch.isfinite(self.file.tensor(k)).all())]
+            why = f"its tensor {bad[0]!r} holds NaN or inf" if bad else "its B @ A overflows"
+            raise CheckpointError(f"{self.file.path}: the LoRA delta of {name!r} is not finite ({why}); applied, "
+                                  "it would make that weight NaN or inf")
+        return d.T if t.transpose else d
 
     def delta_shape(self, name: str, transpose: Optional[bool] = None) -> Tuple[int, int]:
         t = self.targets[name]

@@ -507,6 +507,7 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                filter_by_output=True, seen_names=seen[-1]))
         if vocab is None:
             _check_vocabulary_rows(cfg, parts, open_ck, first.sources[0].path, zipped.sources[0].path)
+        _check_donor_shapes(cfg, parts, donor_path, donor, stack_of(donor_path), prefix0, vocab is not None)
         donor_cfg = read_model_config(donor)
         configs = {path: read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
         overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
@@ -544,6 +545,40 @@ def _check_vocabulary_rows(cfg: MergeConfig, parts, open_ck, first: str, last: s
         f"slices: the output's {out[0][0]} would have {out[0][1]} rows (from the first slice's {first}) and its "
         f"{other[0]} {other[1]} (from the last slice's {last}): the models' vocabularies differ; set "
         "tokenizer_source (union, base or a model) to merge them token by token"))
+
+
+def _check_donor_shapes(cfg: MergeConfig, parts, donor_path: str, donor, donor_stack, out_prefix: str,
+                        merged_vocab: bool) -> None:
+    """The output's config.json is the donor's (its layer count and per-layer lists set): a tensor shaped
+    otherwise than the donor's of that name (outside the layers), or of that kind in a donor whose layers all
+    share its shape, made a model nothing loads, exit 0 (as in mergekit): layers of a model with another
+    hidden or intermediate size, an embedding of another vocabulary size than the donor's (an audit). With a
+    tokenizer merge the vocabulary tensors' rows are the merged vocabulary's, and only their width counts."""
+    from pymerge.tokenizer.vocab import is_vocab_tensor
+    prefix, _, by_layer = donor_stack
+    kinds: Dict[str, set] = {}  # per tensor kind, its shapes over the donor's layers
+    for layer, names in by_layer.items():
+        for n in names:
+            kinds.setdefault(_suffix(n, prefix, layer), set()).add(tuple(donor.info(n).shape))
+    donor_names = set(donor.names())
+    for tp in (tp for p in parts for tp in p.tensors):
+        li = layer_of(tp.name)
+        if li and li[0] == out_prefix:
+            shapes = kinds.get(_suffix(tp.name, out_prefix, li[1]), ())
+            want = next(iter(shapes)) if len(shapes) == 1 else None  # layers of several shapes: per-layer config
+        else:
+            want = tuple(donor.info(tp.name).shape) if tp.name in donor_names else None
+        vocab = is_vocab_tensor(tp.name)
+        got = tuple(tp.shape)
+        if want is None or (got[1:] if merged_vocab and vocab else got) == (want[1:] if merged_vocab and vocab else want):
+            continue
+        hint = ("the models' vocabularies differ; set tokenizer_source (union, base or a model) to merge them token "
+                "by token" if vocab and got[1:] == want[1:] else "the models differ in shape (hidden or intermediate "
+                "size); slice models of one shape")
+        raise MergeConfigError(cfg.where(
+            f"slices: the output's {tp.name} would be {list(got)}, but {donor_path}, whose config.json the output "
+            f"takes, has {list(want)}{'' if vocab else ' in its layers' if li and li[0] == out_prefix else ''}: "
+            f"nothing would load that model ({hint})"))
 
 
 def _unmatched_filter_warnings(method, merge_scopes, slices, seen) -> List[str]:

@@ -377,6 +377,31 @@ def test_refused_adapters(family, tmp_path, capsys, name, edit_cfg, edit_weights
     assert not (tmp_path / "out").exists()
 
 
+def _set(key, value):
+    def edit(w):
+        w[key] = w[key].clone()
+        w[key].view(-1)[1] = value
+    return edit
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("nan_a", _set(Q_A, float("nan")), r"its tensor '.*q_proj.lora_A.weight' holds NaN or inf"),
+    ("inf_b", _set(Q_A.replace("_A", "_B"), float("-inf")), r"its tensor '.*q_proj.lora_B.weight' holds NaN or inf"),
+    ("overflow", lambda w: (_set(Q_A, 3e38)(w), _set(Q_A.replace("_A", "_B"), 3e38)(w)), r"its B @ A overflows"),
+])
+def test_an_adapter_whose_delta_is_not_finite_is_refused(family, tmp_path, capsys, name, edit, message):
+    """NaN or inf in lora_A / lora_B (a diverged training) merged into a NaN or inf weight, exit 0, where a NaN
+    lora_alpha doing the same is refused (an audit)."""
+    root, model, _, ads = family
+    bad = _broken(tmp_path, ads, name, edit_weights=edit)
+    cfg = {"merge_method": "linear", "models": [{"model": f"{model}+{bad}", "parameters": {"weight": 1.0}}]}
+    assert run_cli(cfg, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "LoRA delta of 'model.layers.0.self_attn.q_proj.weight' is " \
+        "not finite" in err[0] and re.search(message, err[0]), err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("ref, message", [
     ("{m}+{tmp}/nowhere", r"models\[0\]: .*LoRA adapter path not found: .*nowhere"),
     ("{tmp}/nowhere+{a}", r"models\[0\]: .*model path not found: .*nowhere"),

@@ -193,6 +193,35 @@ def test_bad_tokenizer_with_slices(models, tmp_path, capsys):
     _bad(tmp_path, capsys, _franken(m["a"], str(small)), "small/tokenizer.json", "not found")
 
 
+def test_slices_of_another_shape_than_the_donor_are_refused(models, tmp_path, capsys):
+    """config.json is the donor's: layers of a model with another hidden or intermediate size, or an embedding
+    of another vocabulary size than the donor's, wrote a model nothing loads, exit 0 (in mergekit too; an
+    audit). Refused before any output."""
+    _, m = models
+    dims = lf.LlamaDims(hidden=16, layers=4, intermediate=24, heads=2, kv_heads=1, vocab=24)
+    small = lf.make_llama(tmp_path / "small", dims=dims, seed=1)
+    wide = lf.make_llama(tmp_path / "wide", dims=lf.LlamaDims(**{**lf.dims_dict(dims), "hidden": 32}), seed=2)
+    inter = lf.make_llama(tmp_path / "inter", dims=lf.LlamaDims(**{**lf.dims_dict(dims), "intermediate": 40}), seed=3)
+    for other, words in ((wide, ["input_layernorm.weight would be [32]", "has [16] in its layers"]),
+                         (inter, ["would be [16, 40]", "has [16, 24] in its layers"])):
+        cfg = {"merge_method": "passthrough", "slices": [{"sources": [src(str(small), 0, 2)]},
+                                                         {"sources": [src(str(other), 2, 4)]}]}
+        _bad(tmp_path, capsys, cfg, "slices: the output's model.layers.2.", *words, "hidden or intermediate size")
+        # every layer from the other model, the config from a base_model of another shape
+        _bad(tmp_path, capsys, {**cfg, "base_model": str(small), "slices": cfg["slices"][1:]},
+             "model.layers.0." if other is inter else "model.embed_tokens.weight would be [24, 32]",
+             "hidden or intermediate size")
+    # the donor (base_model) b has 30 embedding rows, the output a's 24: config.json said vocab_size 30
+    _bad(tmp_path, capsys, {"merge_method": "passthrough", "base_model": m["b"], "slices": [
+        {"sources": [src(m["a"], 0, 2)]}]}, "model.embed_tokens.weight would be [24, 16]", f"{m['b']}, whose "
+         "config.json the output takes, has [30, 16]", "set tokenizer_source")
+    # the same with a tokenizer merge: rows are the merged vocabulary's, and it merges
+    cfg = tmp_path / "ok.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "base_model": m["b"], "tokenizer_source": "base",
+                                   "slices": [{"sources": [src(m["a"], 0, 2)]}]}))
+    assert run_cli(["merge", cfg, tmp_path / "ok", "--quiet"], capsys)[0] == 0
+
+
 # ---- other executors -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_ranks_write_the_same_merge(parity, tmp_path, capsys):
