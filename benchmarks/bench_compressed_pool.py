@@ -173,17 +173,29 @@ def speed_tables(args, params: int, rounds: int, suffix: str) -> None:
                         "A sparse top-k delta at int4's error (checkpoint 0): density needed and its cost"))
 
 
+def _count(text: str) -> int:
+    """--params: a number of parameters such as 4e6, at least 1 (0 silently ran the 40M default)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1e12:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 1e12, got {text}")
+    return int(value)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="4e6 parameters, 2 rounds (unless given)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: pools on the GPU, Triton kernels")
-    ap.add_argument("--params", type=float, default=None, help="default 40e6")
+    ap.add_argument("--params", type=_count, default=None, help="default 40e6")
     ap.add_argument("--n", type=positive_int, nargs="+", default=[8, 16], help="pool sizes")
     ap.add_argument("--rounds", type=positive_int, default=None, help="default 5")
-    ap.add_argument("--backend", default="auto", help="every pool's backend (auto: C++ on the CPU, Triton on CUDA)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton", "cuda"],
+                    help="every pool's backend (auto: C++ on the CPU, Triton on CUDA)")
     args = ap.parse_args(argv)
     # --quick picks the defaults only: an explicit --params/--rounds wins
-    params = int(args.params or (4e6 if args.quick else 40e6))
+    params = args.params or int(4e6 if args.quick else 40e6)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     torch.set_num_threads(2)
     speed_tables(args, params, rounds, ("_quick" if args.quick else "") + ("" if args.backend == "auto" else f"_{args.backend}"))

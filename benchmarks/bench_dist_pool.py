@@ -98,9 +98,9 @@ def free_port():
 
 def main():
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--checkpoints", type=int, default=4)
+    ap.add_argument("--layers", type=positive_int, default=8)
+    ap.add_argument("--width", type=positive_int, default=1024)
+    ap.add_argument("--checkpoints", type=positive_int, default=4)
     ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--name", default="dist_pool", help="results file name under results/cpu/")
     args = ap.parse_args()

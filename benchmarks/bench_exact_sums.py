@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_results  # noqa: E402
+from common import positive_int, write_results  # noqa: E402
 
 from pymerge import _native  # noqa: E402
 from pymerge.bench import CPU_SETTLE_S  # noqa: E402
@@ -33,7 +33,10 @@ from pymerge.ops import task_vector_ops as tvo  # noqa: E402
 
 def load_old(checkout: str, package: str = "pymerge_old"):
     """The other checkout's C++ module, under another package name (same init symbol, PyInit__cpu)."""
-    path = glob.glob(os.path.join(checkout, "pymerge", "_cpu*.so"))[0]
+    found = glob.glob(os.path.join(checkout, "pymerge", "_cpu*.so"))
+    if not found:  # (an IndexError)
+        raise SystemExit(f"bench_exact_sums: {checkout}: no pymerge/_cpu*.so there; build that checkout first")
+    path = found[0]
     spec = importlib.util.spec_from_file_location(f"{package}._cpu", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -57,8 +60,8 @@ def timed(fns: dict, rounds: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--old", required=True, help="checkout whose pymerge/_cpu*.so has the float-partial kernels")
-    ap.add_argument("--numel", type=int, default=1 << 22)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--numel", type=positive_int, default=1 << 22)
+    ap.add_argument("--rounds", type=positive_int, default=7)
     ap.add_argument("--before", help="checkout whose pymerge/_cpu*.so has an earlier version of the exact sums")
     args = ap.parse_args()
     old, new = load_old(args.old), _native.cpu

@@ -53,11 +53,13 @@ def main(argv=None):
     ap.add_argument("--workdir", default="/tmp/pymerge-bench", type=Path)
     ap.add_argument("--out-root", default="/dev/shm", type=Path)
     ap.add_argument("--method", default="linear")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)  # (checked below: common imports torch's CUDA state)
     ap.add_argument("--device", default="cuda", help="accepted for gpu_check.sh; only cuda is measured")
     ap.add_argument("--results", default=None, type=Path,
                     help="folder for the tables (default: results/<this GPU>/, as the other benchmarks write)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:  # max([]) after the models were made
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_merge_gpu: no CUDA device")
 

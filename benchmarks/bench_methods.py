@@ -29,7 +29,7 @@ from pymerge.ops import task_vector_ops as tvo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import RESULTS, load_average, machine_description, positive_int, result_name, write_atomic  # noqa: E402
+from common import RESULTS, load_average, machine_description, machine_label, positive_int, result_name, write_atomic  # noqa: E402
 
 
 def best_interleaved(fns, repeat):
@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=positive_int, default=3)
     ap.add_argument("--only", default="", help="comma-separated method names")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "cpu"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, machine_label("cpu")))
     args = ap.parse_args()
     known = [name for name, _, _ in cases(args.models)]
     unknown = sorted(set(filter(None, args.only.split(","))) - set(known))

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import time_interleaved, write_results  # noqa: E402
+from common import positive_int, time_interleaved, write_results  # noqa: E402
 
 from pymerge.ops.task_vector_ops import SelectionCache, Sparsifier, task_vector_merge  # noqa: E402
 
@@ -21,8 +21,8 @@ from pymerge.ops.task_vector_ops import SelectionCache, Sparsifier, task_vector_
 def main(argv=None):
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--numel", type=float, default=64e6)
-    ap.add_argument("--models", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--models", type=positive_int, default=3)
+    ap.add_argument("--rounds", type=positive_int, default=10)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device")

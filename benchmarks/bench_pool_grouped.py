@@ -175,6 +175,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=positive_int, default=None, help="default 15 (--sweep: at least 30)")
     ap.add_argument("--no-methods", action="store_true", help="skip the task_arithmetic / ties / dare_ties rows")
     args = ap.parse_args(argv)
+    if sum((args.quick, args.full, args.sweep)) > 1:  # (--sweep --quick ran the whole sweep, --quick --full quick)
+        ap.error("--quick, --full and --sweep are three different runs: give one")
     if args.sweep:
         rows = sweep(args.n, max(args.rounds or 15, 30))  # (--rounds is at least 1)
         cols = ["params", "tensors", "copy ms", "native call ms", "materialize ms", "native / copy",

@@ -21,18 +21,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def main(argv=None):
     from bench_merge import run_tool, warm
-    from common import write_results
+    from common import positive_int, write_results
     import llama_factory as lf
     import test_tokenizer_merge as tm
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--vocab", type=positive_int, default=8000)
+    ap.add_argument("--hidden", type=positive_int, default=512)
+    ap.add_argument("--repeats", type=positive_int, default=1)  # (0 wrote an empty table over the results)
     ap.add_argument("--slices", action="store_true", help="the union through slices: (per-slice merges)")
     ap.add_argument("--tools", default="mergekit,pymerge")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pymerge-bench-tokenizer"))
     args = ap.parse_args(argv)
+    unknown = set(args.tools.split(",")) - {"mergekit", "pymerge"}
+    if unknown:  # a KeyError after the models were made
+        ap.error(f"--tools: unknown tool {', '.join(sorted(unknown))}; known: mergekit, pymerge")
 
     work = args.workdir / f"v{args.vocab}-h{args.hidden}"
     half = args.vocab // 2

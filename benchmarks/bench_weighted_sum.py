@@ -75,12 +75,15 @@ def bench_case(n, numel, device, rounds, backends, threads=0):
         assert torch.allclose(o.float(), ref.float(), rtol=1e-2, atol=1e-2), f"{k} disagrees with torch.compile"
     gbs = {k: (2 * src.numel() * 2 if k == "copy" else moved) / s / 1e9 for k, s in secs.items()}
     rows = []
-    for k in fns:  # x copy per round: copy's time over this one's in the same round (the same bytes for all)
-        per_round = spread([c * (2 * src.numel() * 2) / (t * moved) if k != "copy" else 1.0
+    copied = 2 * src.numel() * 2
+    for k in fns:  # per round: this one's rate over copy's (torch.compile's) in the same round
+        per_round = spread([(moved / t) / (copied / c) if k != "copy" else 1.0
                             for c, t in zip(samples["copy"], samples[k])])
+        vs_compile = spread([tc / t for tc, t in zip(samples["torch.compile"], samples[k])])  # (the same bytes)
         rows.append({"N": n, "elements": numel, "impl": k, "ms": secs[k] * 1e3, "GB/s": gbs[k],
                      "x copy": gbs[k] / gbs["copy"], "x compile": gbs[k] / gbs["torch.compile"],
                      "x copy per round": f"{per_round['min']:.2f}-{per_round['max']:.2f}",
+                     "x compile per round": f"{vs_compile['min']:.2f}-{vs_compile['max']:.2f}",
                      "ms per round": [1e3 * t for t in samples[k]]})
     return rows
 
@@ -130,7 +133,8 @@ def main(argv=None):
     title = "Fused weighted sum (bf16 in/out, fp32 accumulation)"
     # the quick form's own name: it replaced the full table the README quotes (an audit)
     table = write_results("weighted_sum_quick" if args.quick else "weighted_sum", device, rows,
-                          ["N", "elements", "impl", "ms", "GB/s", "x copy", "x copy per round", "x compile"],
+                          ["N", "elements", "impl", "ms", "GB/s", "x copy", "x copy per round", "x compile",
+                           "x compile per round"],
                           title, plot=lambda p: plot(rows, p),
                           meta={"rounds": rounds, "quick": args.quick, "threads": args.threads or torch.get_num_threads(),
                                 "statistic": "median" if device == "cuda" else "best"})

@@ -41,7 +41,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import (RESULTS, machine_description, markdown_table, result_name, time_interleaved,  # noqa: E402
+from common import (RESULTS, machine_description, machine_label, markdown_table, result_name, time_interleaved,  # noqa: E402
                     write_atomic, write_plot)
 
 GB = 1e9
@@ -206,7 +206,9 @@ def check_here(quick: bool) -> dict:
     eta, t_fixed = fit(pts)
     rows = []
     for r in runs:
-        s = replace(here, params=r["P"], checkpoints=r["N"], bw_rank=bw_pool, bw_node=bw_pool, eta=eta,
+        # the fit's own form, t = moved / (eta * bw_pool) + t_fixed: a node cap of bw_pool capped eta at 1 (the
+        # fit found 1.12), and every row's model time was too high by that much (an audit)
+        s = replace(here, params=r["P"], checkpoints=r["N"], bw_rank=bw_pool, bw_node=math.inf, eta=eta,
                     t_fixed=t_fixed)
         pred = predict(s, linear)["seconds"]
         rows.append({"check": "pool materialize, R=1", "P (M)": r["P"] / 1e6, "N": r["N"], "R": 1,
@@ -296,7 +298,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     ap.add_argument("--no-measure", action="store_true", help="only the H200 prediction (no runs here)")
     args = ap.parse_args(argv)
-    folder = os.path.join(RESULTS, "cpu")
+    folder = os.path.join(RESULTS, machine_label("cpu"))  # (an AVX2 machine's tables landed beside the AVX-512 ones)
     os.makedirs(folder, exist_ok=True)
     result = {"machine": machine_description("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"),
               "model": __doc__.split("\n\n")[2], "methods": {k: asdict(m) for k, m in METHODS.items()},

@@ -248,6 +248,7 @@ def test_summary_reports_each_margins_paired_standard_error():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_demo")  # (one test process trains the checkpoints once for the three)
 def test_demo_quick_end_to_end(tmp_path, capsys, quick_demo_checkpoints):
     from pymerge import demo
     out = tmp_path / "demo_out"

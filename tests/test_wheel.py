@@ -156,6 +156,7 @@ def test_an_nvcc_that_fails_leaves_the_cpu_build(tmp_path, fails):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_demo")  # (one test process trains the checkpoints once for the three)
 def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path, quick_demo_checkpoints):
     wheels = tmp_path / "wheels"
     build = run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(wheels),
