@@ -298,7 +298,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     ap.add_argument("--no-measure", action="store_true", help="only the H200 prediction (no runs here)")
     args = ap.parse_args(argv)
-    folder = os.path.join(RESULTS, machine_label("cpu"))  # (an AVX2 machine's tables landed beside the AVX-512 ones)
+    # runs here under the machine's own folder (an AVX2 machine's landed beside the AVX-512 ones); the H200
+    # prediction alone depends on no machine
+    folder = os.path.join(RESULTS, "cpu" if args.no_measure else machine_label("cpu"))
     os.makedirs(folder, exist_ok=True)
     result = {"machine": machine_description("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"),
               "model": __doc__.split("\n\n")[2], "methods": {k: asdict(m) for k, m in METHODS.items()},
