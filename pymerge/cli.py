@@ -137,9 +137,13 @@ def _cmd_merge(args) -> int:
 def _dispatch(args) -> int:
     if args.command == "merge":
         return _cmd_merge(args)
-    # a "--" goes to the command's own parser, which ends its options there (`search -- -c.yml`: dropped, the
-    # config named -c.yml was taken for an option); a last one ends nothing (argparse calls it unrecognized)
-    rest = list(args.args[:-1] if args.args[-1:] == ["--"] else args.args)
+    # search's parser takes a "--" as the end of its options (`search -- -c.yml`: dropped, the config named -c.yml
+    # was taken for an option); demo, bench and doctor take no operands, so a leading "--" is dropped for them
+    # (`pymerge bench -- --rounds 1`)
+    if args.command == "search":
+        rest = list(args.args)
+    else:
+        rest = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
     if args.command == "demo":
         from pymerge import demo
         return demo.main(rest) or 0

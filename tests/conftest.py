@@ -88,7 +88,14 @@ def quick_demo_checkpoints(tmp_path_factory):
     """The demo's --quick checkpoints (seed 0), trained once for the tests that run the demo or its benchmarks
     (training is most of a quick run): a copy of this folder as OUT/checkpoints is reused, as the demo reuses
     its own cache (same settings and code, files unchanged)."""
+    import fcntl
     from pymerge.demo import run
-    folder = tmp_path_factory.mktemp("quick_demo") / "checkpoints"
-    run.build_checkpoints(str(folder), run.Settings.quick(), log=lambda m: None)
+    # under pytest-xdist, in the folder the workers' own temporary folders share, once for all of them
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / "quick_demo" / "checkpoints"
+    folder.parent.mkdir(exist_ok=True)
+    with open(root / "quick_demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first one's training, then reuses it
+        run.build_checkpoints(str(folder), run.Settings.quick(), log=lambda m: None)
     return folder

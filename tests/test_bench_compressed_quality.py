@@ -42,7 +42,6 @@ def test_standard_error_of_a_macro_average():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_demo")  # (one test process trains the checkpoints once for the three)
 def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys, quick_demo_checkpoints):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "results"))
     shutil.copytree(quick_demo_checkpoints, tmp_path / "cache" / "quick-seed0")  # the demo's --quick checkpoints

@@ -621,7 +621,7 @@ def test_a_double_dash_ends_the_subcommands_options(monkeypatch, tmp_path, capsy
     seen = {}
     import pymerge.demo as demo
     monkeypatch.setattr(demo, "main", lambda argv: seen.setdefault("argv", argv) and 0)
-    assert cli.main(["demo", "--quick", "--"]) == 0 and seen["argv"] == ["--quick"]  # a last one ends nothing
+    assert cli.main(["demo", "--", "--quick"]) == 0 and seen["argv"] == ["--quick"]  # no operands: dropped
     assert cli.main(["doctor", "--"]) == 0
 
 

@@ -248,7 +248,6 @@ def test_summary_reports_each_margins_paired_standard_error():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_demo")  # (one test process trains the checkpoints once for the three)
 def test_demo_quick_end_to_end(tmp_path, capsys, quick_demo_checkpoints):
     from pymerge import demo
     out = tmp_path / "demo_out"
@@ -748,6 +747,19 @@ def test_retraining_removes_the_results_of_the_checkpoints_it_replaces(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run.experiment(str(out), run.Settings.quick(), budget=1, log=lambda m: None)
     assert (out / "results.json").exists()
+    # a file put into an old checkpoint during training refuses the replacement: the results stay with the
+    # checkpoints they describe (a review: they were removed first)
+    (out / "checkpoints" / "manifest.json").write_text(json.dumps({"fingerprint": "another seed's",
+                                                                   "checkpoints": []}))
+    trained = run.train_pool
+
+    def meanwhile(*a, **k):
+        (out / "checkpoints" / "pretrained" / "README.md").write_text("mine")
+        return trained(*a, **k)
+    monkeypatch.setattr(run, "train_pool", meanwhile)
+    with pytest.raises(run.InputError, match="holds README.md"):
+        run.experiment(str(out), run.Settings.quick(), budget=1, log=lambda m: None)
+    assert (out / "results.json").exists() and (out / "checkpoints" / "pretrained" / "model.safetensors").exists()
 
 
 def test_a_full_disk_while_saving_checkpoints_is_one_line(tmp_path, monkeypatch, capsys):

@@ -156,7 +156,6 @@ def test_an_nvcc_that_fails_leaves_the_cpu_build(tmp_path, fails):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_demo")  # (one test process trains the checkpoints once for the three)
 def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path, quick_demo_checkpoints):
     wheels = tmp_path / "wheels"
     build = run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(wheels),
@@ -190,7 +189,10 @@ def test_wheel_runs_the_demo_in_a_fresh_venv(tmp_path, quick_demo_checkpoints):
     shutil.copytree(quick_demo_checkpoints, work / "demo_out" / "checkpoints")
     demo = run([pymerge, "demo", "--quick"], cwd=work, timeout=300)
     assert demo.returncode == 0, (demo.stdout[-2000:], demo.stderr[-3000:])
-    assert "reusing the checkpoints" in demo.stdout, demo.stdout[-2000:]
+    import torch
+    theirs = run([py, "-c", "import torch; print(torch.__version__)"], cwd=work).stdout.strip()
+    if theirs == torch.__version__:  # (torch's version is part of the cache key: another build trains again)
+        assert "reusing the checkpoints" in demo.stdout, demo.stdout[-2000:]
 
     bench = run([pymerge, "bench", "--elements", "65536", "--rounds", "1"], cwd=work)
     assert bench.returncode == 0, bench.stderr[-2000:]

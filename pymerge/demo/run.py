@@ -248,7 +248,9 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
         pass
     _remove_stale(folder, manifest, paths, remove=False)  # a folder not ours is refused before minutes of training
     trained = train_pool(default_config(), pretraining(s.pretrain_steps), runs, seed=s.seed, progress=progress)
-    # removed once the new ones are trained (in memory): an interrupted training kept the old cache
+    # removed once the new ones are trained (in memory): an interrupted training kept the old cache; checked
+    # again first (a file put there during training), so that a refusal leaves the results beside their checkpoints
+    _remove_stale(folder, manifest, paths, remove=False)
     replacing()
     _remove_stale(folder, manifest, paths)
     save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
