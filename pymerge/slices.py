@@ -507,7 +507,11 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
                                filter_by_output=True, seen_names=seen[-1]))
         if vocab is None:
             _check_vocabulary_rows(cfg, parts, open_ck, first.sources[0].path, zipped.sources[0].path)
-        _check_donor_shapes(cfg, parts, donor_path, donor, stack_of(donor_path), prefix0, vocab is not None)
+        try:  # a base_model that is no source was never asked for its layer stack: one it lacks is no error here
+            donor_stack = stack_of(donor_path)
+        except (MergeConfigError, CheckpointError):
+            donor_stack = (None, 0, {})
+        _check_donor_shapes(cfg, parts, donor_path, donor, donor_stack, prefix0, vocab is not None)
         donor_cfg = read_model_config(donor)
         configs = {path: read_model_config(open_ck(path)) for path in {path for path, _ in origins}}
         overrides = _layer_overrides(donor_cfg, out_layer, [(configs[path], layer) for path, layer in origins])
