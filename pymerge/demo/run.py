@@ -32,7 +32,7 @@ from pymerge.demo.tasks import (TASKS, Batch, generate, hits, make_batch, paired
                                 standard_error)
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
 from pymerge.errors import InputError
-from pymerge.io.files import replace_file, replace_file_prefix
+from pymerge.io.files import missing_folders, remove_empty_folders, replace_file, replace_file_prefix
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 
@@ -343,20 +343,17 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
     """The whole demo; writes under `out` and returns the summary."""
     eval_dtype = eval_dtype or default_eval_dtype()
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time too: wall time means little on a shared machine
-    made, folder = [], os.path.abspath(out)  # the folders claim_out makes (OUT and its parents), deepest first
-    while not os.path.lexists(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
+    made = missing_folders(out)  # the folders claim_out makes (OUT and its parents)
     try:
         lock = claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
     except BaseException:
-        _remove_empty(made)
+        remove_empty_folders(made)
         raise
     try:
         return _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0)
     except BaseException:
         _remove_if_only_marker(out)
-        _remove_empty(made)
+        remove_empty_folders(made)
         raise
     finally:
         os.close(lock)  # on every way out (an error, Ctrl-C): the next demo may have the folder
@@ -377,21 +374,12 @@ def _remove_results(out: str) -> None:
 
 def _remove_if_only_marker(out: str) -> None:
     """A run stopped before any checkpoint was written leaves no marker in a folder holding nothing else
-    (_remove_empty then removes the folder if the run made it), not an empty-looking folder to puzzle over."""
+    (experiment then removes the folder if the run made it), not an empty-looking folder to puzzle over."""
     try:
         if os.listdir(out) == [MARKER]:
             os.remove(os.path.join(out, MARKER))  # still locked by us: no other demo holds it
     except OSError:
         pass  # best effort: the next demo accepts the folder as the demo's anyway
-
-
-def _remove_empty(made: List[str]) -> None:
-    """The folders a stopped run made (deepest first), where they are still empty."""
-    for folder in made:
-        try:
-            os.rmdir(folder)  # an empty one only: whatever was written there meanwhile stays
-        except OSError:
-            return
 
 
 def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:

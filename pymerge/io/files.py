@@ -11,7 +11,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Iterable, List, Optional, Type
 
 from pymerge.errors import CheckpointError, InputError, short
 
@@ -146,6 +146,25 @@ def new_file_mode() -> int:
     umask = os.umask(0o077)  # no /proc: the only other way, briefly 077 (never looser than a user's)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def missing_folders(path: str) -> List[str]:
+    """path and those of its parents that do not exist, deepest first: what os.makedirs(path) would make."""
+    made, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    return made
+
+
+def remove_empty_folders(folders: Iterable) -> None:
+    """Removes folders in the order given (deepest first) while each is empty: those a failed run made, without
+    whatever was written there meanwhile."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 _TMP_MARK = ".pymerge-tmp-"  # .<name>.pymerge-tmp-<random>: replace_file's temporary file for <name>

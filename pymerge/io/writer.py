@@ -37,7 +37,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import fsync_dir, kind_of, open_regular, out_location
+from pymerge.io.files import fsync_dir, kind_of, open_regular, out_location, remove_empty_folders
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 from pymerge.sizes import format_size
 
@@ -742,11 +742,7 @@ def _make_parents(out: Path, given) -> List[Path]:
 
 def _remove_empty(folders: Sequence[Path]) -> None:
     """Removes the folders _make_parents made, innermost first, while they are empty."""
-    for p in reversed(folders):
-        try:
-            os.rmdir(p)
-        except OSError:
-            return
+    remove_empty_folders(reversed(folders))
 
 
 def _not_a_folder(path: Path) -> str:

@@ -36,7 +36,7 @@ import yaml
 from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
-from pymerge.io.files import hold_lock, release_lock, repeated_model
+from pymerge.io.files import hold_lock, missing_folders, release_lock, remove_empty_folders, repeated_model
 from pymerge.progress import say
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
@@ -229,13 +229,10 @@ def _probe_writable(out: str) -> None:
 def _prepare_out(out: str) -> List[str]:
     """Before the search, not after it: OUT is a folder (made if missing) whose result files, where they
     exist, are regular files or links (links are replaced, never written through). Returns the folders
-    it made, deepest first: a search that fails removes them again (_unmake)."""
+    it made, deepest first: a search that fails removes them again (remove_empty_folders)."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"out {out}: exists and is not a folder")
-    made, folder = [], os.path.abspath(out)
-    while not os.path.lexists(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
+    made = missing_folders(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -243,7 +240,7 @@ def _prepare_out(out: str) -> List[str]:
     try:
         _check_out(out)
     except InputError:
-        _unmake(made)
+        remove_empty_folders(made)
         raise
     return made
 
@@ -280,15 +277,6 @@ def _check_out_apart(out: str, inputs: List[str]) -> None:
 def _within(path: str, p: str) -> bool:
     """Whether the resolved path is p or lies inside it."""
     return path == p or path.startswith(p.rstrip(os.sep) + os.sep)
-
-
-def _unmake(made: List[str]) -> None:
-    """A failed search leaves no new empty folder behind (a bad state file did: it is read after OUT is made)."""
-    for folder in made:
-        try:
-            os.rmdir(folder)  # empty ones only: whatever was written there meanwhile stays
-        except OSError:
-            return
 
 
 def main(argv=None) -> int:
@@ -397,7 +385,7 @@ def _search(args, cfg: dict, here: str) -> int:
                        _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
     except BaseException as exc:
         if locked or str(exc) != busy:  # not a folder another search made at the same moment and holds
-            _unmake(made)  # empty folders only
+            remove_empty_folders(made)  # a failed search leaves no new empty folder (a bad state file is read after)
         raise
     finally:
         release_lock(lock)
