@@ -24,11 +24,11 @@ install: $(VENV)/.built
 
 # two test processes (pytest-xdist), a test file each at a time (a module's fixtures are made once): most tests
 # run on one core, and the suite took 31 min on a 2-core machine run one after another. TEST_JOBS=0 runs them in
-# this process.
+# this process. Files go out in the order tests/conftest.py sorts them (the longest first).
 TEST_JOBS ?= 2
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: install
 	$(PY) -m pytest -q -x -p no:cacheprovider -m "not slow" tests

@@ -29,23 +29,27 @@ from pymerge.ops import task_vector_ops as tvo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import RESULTS, load_average, machine_description, machine_label, positive_int, result_name, write_atomic  # noqa: E402
+from common import (RESULTS, load_average, machine_description, machine_label, positive_int, result_name,  # noqa: E402
+                    spread, write_atomic)
 
 
-def best_interleaved(fns, repeat):
+def best_interleaved(fns, repeat, samples=None):
     """Best time of each fn over `repeat` rounds, the fns taking turns within a round (after one untimed call
-    each), so that a machine's load drifting over the run weighs on every tool alike."""
+    each), so that a machine's load drifting over the run weighs on every tool alike. samples, a list: each
+    fn's time in every round is appended to it (a list per fn), for per-round ratios."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    times = [[] for _ in fns]
     for r in range(repeat):
         order = list(range(len(fns)))[::-1 if r % 2 else 1]  # who goes first alternates
         for i in order:
             time.sleep(CPU_SETTLE_S)  # torch's spinning OpenMP workers (after mergekit's ops) left to stop first
             t0 = time.perf_counter()
             fns[i]()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            times[i].append(time.perf_counter() - t0)
+    if samples is not None:
+        samples.extend(times)
+    return [min(t) for t in times]
 
 
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}  # their masks come from other generators
@@ -118,11 +122,14 @@ def main():
         def run_mergekit():
             results["mergekit"] = mk([group], parameters=mk_params)
 
-        t_mk, t_pm = best_interleaved([run_mergekit, lambda: method.merge_tensor(task, out)], args.repeat)
+        rounds = []
+        t_mk, t_pm = best_interleaved([run_mergekit, lambda: method.merge_tensor(task, out)], args.repeat, rounds)
+        per_round = spread([m / p for m, p in zip(*rounds)])  # the two tools' times in the same round
         ref = results["mergekit"]
         ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).to(out.dtype).float()  # a tuple of one tensor
         close = torch.isclose(out.float(), ref, rtol=1e-3, atol=1e-5)  # the same merge, not another one faster
         row = {"method": name, "mergekit_s": t_mk, "pymerge_s": t_pm, "speedup": t_mk / t_pm,
+               "speedup_per_round": per_round, "mergekit_s_per_round": rounds[0], "pymerge_s_per_round": rounds[1],
                "agree": float(close.double().mean()) if name not in RANDOM else None}
         if isinstance(method, tv.TaskVectorMethod) and name in ("ties", "breadcrumbs_ties", "dare_ties"):
             # A search step: the same tensors again with new weights, thresholds from the caller's cache.
@@ -148,15 +155,17 @@ def main():
     write_atomic(os.path.join(args.out, f"{tag}.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"Per-tensor merge, {args.models} models + base, {shape[0]}x{shape[1]} {args.dtype}, "
              f"{meta['threads']} threads, {meta['cpu']}, {meta['date']}; best of {args.repeat} "
-             "rounds, the tools taking turns after a warm-up call each; agree: elements within rtol 1e-3 of "
+             "rounds, the tools taking turns after a warm-up call each; speedup per round: mergekit's time over "
+             "pymerge's in the same round, min-max; agree: elements within rtol 1e-3 of "
              "mergekit's (DARE/DELLA draw other random masks)\n",
-             "| method | mergekit 0.1.5 | pymerge | speedup | agree | pymerge, cached thresholds |",
-             "|---|---|---|---|---|---|"]
+             "| method | mergekit 0.1.5 | pymerge | speedup | speedup per round | agree | pymerge, cached thresholds |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = f"{r['pymerge_cached_s'] * 1e3:.1f} ms" if "pymerge_cached_s" in r else ""
         a = "-" if r["agree"] is None else f"{100 * r['agree']:.2f} %"
         lines.append(f"| {r['method']} | {r['mergekit_s'] * 1e3:.1f} ms | {r['pymerge_s'] * 1e3:.1f} ms | "
-                     f"{r['speedup']:.1f}x | {a} | {c} |")
+                     f"{r['speedup']:.1f}x | {r['speedup_per_round']['min']:.1f}-{r['speedup_per_round']['max']:.1f}x | "
+                     f"{a} | {c} |")
     write_atomic(os.path.join(args.out, f"{tag}.md"), "\n".join(lines) + "\n")
 
 

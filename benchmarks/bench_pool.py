@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS, load_average, machine_description, machine_label, markdown_table, positive_int,  # noqa: E402
-                    result_name, time_interleaved, write_atomic)
+                    result_name, spread, time_interleaved, write_atomic)
 
 from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
 from pymerge.pool import CheckpointPool  # noqa: E402
@@ -120,21 +120,30 @@ def run(args, device, params, rounds, tmp):
         "materialize_many": lambda: pool.materialize_many(rows, into=targets),
         "separate": lambda: [pool.materialize(r, into=t) for r, t in zip(rows, targets)],
     }
-    t = time_interleaved(fns, rounds, device)
+    samples = {}
+    t = time_interleaved(fns, rounds, device, samples_out=samples)
     t_mk = time_interleaved({"mergekit": lambda: mergekit_way(paths, w, targets[0])}, max(1, rounds // 2), device)["mergekit"]
     gb = 1e9
     copy_bw = (n + 1) * model_bytes / t["copy"] / gb
     mat_bw = (n + 1) * model_bytes / t["materialize"] / gb
     fused_bw = (n + 1) * model_bytes / t["fused"] / gb
     many_bw = (n + k) * model_bytes / t["materialize_many"] / gb
+
+    def per_round(name, moved_models):
+        """This row's rate over copy's in the same round, min-max over the rounds (a best-of hides the spread)."""
+        r = spread([(moved_models / x) / ((n + 1) / c) for c, x in zip(samples["copy"], samples[name])])
+        return {"vs copy per round": f"{r['min']:.2f}-{r['max']:.2f}", "ms per round": [1e3 * x for x in samples[name]]}
+
     rows_out = [
-        {"what": "torch copy_ (same bytes)", "ms": 1e3 * t["copy"], "GB/s": copy_bw, "vs copy": 1.0},
+        {"what": "torch copy_ (same bytes)", "ms": 1e3 * t["copy"], "GB/s": copy_bw, "vs copy": 1.0,
+         "ms per round": [1e3 * x for x in samples["copy"]]},
         {"what": "fused weighted_sum, one flat tensor (same bytes)", "ms": 1e3 * t["fused"], "GB/s": fused_bw,
-         "vs copy": fused_bw / copy_bw},
+         "vs copy": fused_bw / copy_bw, **per_round("fused", n + 1)},
         {"what": f"materialize, N={n}, K=1 (live model)", "ms": 1e3 * t["materialize"], "GB/s": mat_bw,
-         "vs copy": mat_bw / copy_bw},
+         "vs copy": mat_bw / copy_bw, **per_round("materialize", n + 1)},
         {"what": f"materialize_many, N={n}, K={k}", "ms": 1e3 * t["materialize_many"], "GB/s": many_bw,
-         "vs copy": many_bw / copy_bw, "per candidate ms": 1e3 * t["materialize_many"] / k},
+         "vs copy": many_bw / copy_bw, "per candidate ms": 1e3 * t["materialize_many"] / k,
+         **per_round("materialize_many", n + k)},
         {"what": f"{k} separate materialize calls", "ms": 1e3 * t["separate"],
          "GB/s": k * (n + 1) * model_bytes / t["separate"] / gb, "per candidate ms": 1e3 * t["separate"] / k},
         {"what": "mergekit's way (re-read safetensors, merge, load_state_dict)", "ms": 1e3 * t_mk,
@@ -148,7 +157,7 @@ def run(args, device, params, rounds, tmp):
         "per_candidate_speedup_vs_mergekit_way": t_mk / (t["materialize_many"] / k),
         "single_speedup_vs_mergekit_way": t_mk / t["materialize"],
     }
-    cols = ["what", "ms", "GB/s", "vs copy", "per candidate ms"]
+    cols = ["what", "ms", "GB/s", "vs copy", "vs copy per round", "per candidate ms"]
     title = (f"CheckpointPool on {device}: {n} checkpoints x {params / 1e6:.0f}M bf16 params "
              f"({model_bytes / 1e6:.0f} MB each), residency {pool.residency}")
     table = markdown_table(rows_out, cols)

@@ -157,9 +157,11 @@ def methods(n: int, rounds: int, sizes) -> list:
                                                                 names=lambda s: s, **kw),
                         "one_call": lambda: pool.materialize(w, into=target, method=method, **kw)}, rounds)
             best = {k: min(v) for k, v in t.items()}
+            ratio = sorted(a / b for a, b in zip(t["per_tensor"], t["one_call"]))  # the same round's two calls
             rows.append({"params": f"{params / 1e6:g}M", "tensors": tensors, "method": method,
                          "per-tensor ms": 1e3 * best["per_tensor"], "one call ms": 1e3 * best["one_call"],
                          "speedup": best["per_tensor"] / best["one_call"],
+                         "speedup, median per round": statistics.median(ratio), "range": f"{ratio[0]:.2f}-{ratio[-1]:.2f}",
                          "GB/s (N+2 model sizes)": (n + 2) * pool.model_nbytes() / best["one_call"] / 1e9,
                          "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"})
             print({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
@@ -211,8 +213,8 @@ def main(argv=None):
     if not args.no_methods:
         m_sizes = [(1e6, 100), (5e6, 1000)] if args.quick else [(5e6, 1000), (20e6, 100)]
         mrows = methods(args.n, max(3, rounds // 3), [(int(p), t) for p, t in m_sizes])
-        mcols = ["params", "tensors", "method", "per-tensor ms", "one call ms", "speedup", "GB/s (N+2 model sizes)",
-                 "load"]
+        mcols = ["params", "tensors", "method", "per-tensor ms", "one call ms", "speedup", "speedup, median per round",
+                 "range", "GB/s (N+2 model sizes)", "load"]
         print(write_results(name + "_methods", "cpu", mrows, mcols,
                             f"CheckpointPool.materialize of registered methods, N={args.n} bf16 checkpoints + base, "
                             "CPU: one native call vs one kernel call per tensor"))

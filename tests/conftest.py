@@ -7,6 +7,7 @@ the gpu-marked tests run the same kernels on the device there. `TRITON_INTERPRET
 GPU host runs those in the interpreter instead (and skips the gpu-marked Triton cases, since the
 interpreter cannot read device memory through raw addresses).
 """
+import collections
 import os
 import sys
 
@@ -81,6 +82,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_no_ext)
         if not gpu and not TRITON_INTERPRETED and (item.get_closest_marker("triton_cpu") is not None or _backend(item) == "triton"):
             item.add_marker(skip_triton_cpu)
+    # The order pytest-xdist hands out files in (make test passes --no-loadscope-reorder): the longest first, then
+    # the others by their number of tests, as xdist's own reorder does. By that count alone test_wheel.py (a
+    # wheel, a fresh venv, the demo: ~5 min) came last and ran alone at the end while the other worker idled.
+    counts = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: (item.path.name not in _LONGEST_FILES, -counts[item.path]))  # stable: a file's own order kept
+
+
+_LONGEST_FILES = ("test_wheel.py", "test_demo.py")
 
 
 @pytest.fixture(scope="session")
