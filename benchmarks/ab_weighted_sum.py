@@ -6,7 +6,8 @@ against another build's (for a kernel change, where run-to-run noise hides 20 %)
 Each round runs the other build, this one and a copy of the same bytes, in alternating order (the
 first call of a round pays for the previous one's cache state). Prints GB/s (best round) and the
 per-round ratio this/other: median [min, max]. A case whose code did not change reads ~1.00: the
-noise floor.
+noise floor. Writes the table as JSON (every round's times) and markdown under benchmarks/results/<machine>/
+(--name, default ab_weighted_sum).
 """
 import argparse
 import importlib.util
@@ -18,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CPU_SETTLE_S, positive_int  # noqa: E402
+from common import CPU_SETTLE_S, positive_int, write_results  # noqa: E402
 
 from pymerge import _native  # noqa: E402
 
@@ -39,9 +40,11 @@ def main() -> None:
     ap.add_argument("other", help="the other build's _cpu extension (.so)")
     ap.add_argument("--rounds", type=positive_int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="0: the extension's default")
+    ap.add_argument("--name", default="ab_weighted_sum", help="results file name")
     args = ap.parse_args()
     builds = {"other": load_other(args.other), "this": _native.require_cpu()}
     code = _native.DTYPE_CODES[torch.bfloat16]
+    rows = []
     for n, numel, k in CASES:
         g = torch.Generator().manual_seed(0)
         xs = [torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(n)]
@@ -67,6 +70,13 @@ def main() -> None:
         print(f"N={n:2d} K={k} {numel >> 20:2d}M  other {gbs['other']:5.1f}  this {gbs['this']:5.1f}  "
               f"copy {gbs['copy']:5.1f} GB/s  this/other median {statistics.median(ratios):.2f} "
               f"[{min(ratios):.2f}, {max(ratios):.2f}]", flush=True)
+        rows.append({"N": n, "K": k, "elements": numel, **{f"{name} GB/s": v for name, v in gbs.items()},
+                     "this/other median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                     "ms per round": {name: [1e3 * x for x in s] for name, s in secs.items()}})
+    write_results(args.name, "cpu", rows, ["N", "K", "elements", "other GB/s", "this GB/s", "copy GB/s",
+                                           "this/other median", "min", "max"],
+                  "Two builds of the fused weighted sum in one process (bf16 in and out; per-round ratio this/other)",
+                  meta={"other": os.path.abspath(args.other), "rounds": args.rounds, "threads": args.threads})
 
 
 if __name__ == "__main__":

@@ -185,8 +185,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tools", default="mergekit,pymerge")
     ap.add_argument("--threads", type=int, default=None, help="pymerge --threads")
-    ap.add_argument("--results", default=Path(os.environ.get("PYMERGE_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
-                    / "cpu", type=Path)
+    ap.add_argument("--results", default=None, type=Path,
+                    help="folder for the JSON and markdown (default: benchmarks/results/<this machine>/)")
     args = ap.parse_args(argv)
     if args.repeats < 1:  # 0 was a ValueError after the models were made
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -228,8 +228,10 @@ def main(argv=None):
                   f"peak anon {r['peak_anon_mb']:7.0f} MB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
 
     best = {t: min(rs, key=lambda r: r["wall_s"]) for t, rs in runs.items()}
-    from common import machine_description, result_name, write_atomic  # imports torch: after the timed runs
+    from common import RESULTS, machine_description, machine_label, result_name, write_atomic  # imports torch: after the timed runs
     machine = machine_description("cpu")
+    if args.results is None:  # this machine's folder, as every other script's (it was cpu/ on any machine)
+        args.results = Path(RESULTS) / machine_label("cpu")
     summary = {
         "method": args.method, "params": params, "dtype": args.dtype, "out_dtype": args.out_dtype,
         "models": len(inputs), "input_bytes": input_bytes, "machine": machine, "date": time.strftime("%Y-%m-%d"),
