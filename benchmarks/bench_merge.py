@@ -5,7 +5,7 @@ Generates (once, cached under --workdir) a base + 4 fine-tunes of a ~297M-parame
 the other methods), runs each tool --repeats times on a warm page cache and records, per run:
 wall time, peak RSS (VmHWM) and peak anonymous memory (RssAnon, sampled every 10 ms; mapped
 checkpoint pages are file-backed and do not count). Prints a table and writes JSON + markdown
-under benchmarks/results/cpu/.
+under benchmarks/results/<machine>/ (--results).
 
     .venv/bin/python benchmarks/bench_merge.py                 # linear
     .venv/bin/python benchmarks/bench_merge.py --method ties --param density=0.5

@@ -95,8 +95,9 @@ def write_results(name: str, device: str, rows: list, columns: list, title: str,
                   per_machine: bool = True) -> str:
     """Writes <name>.json and <name>.md (and <name>.png via plot(path), where matplotlib is installed) under
     results/<machine>/, each file whole or not at all; meta (rounds, quick...) goes into the JSON with the
-    machine, date and load average. per_machine=False: the same on any machine (a compiler's output)."""
-    folder = os.path.join(RESULTS, machine_label(device))
+    machine, date and load average. per_machine=False: the same on any machine (a compiler's output): one file,
+    under results/cpu/, whichever machine wrote it (an AVX2 machine wrote a second copy under cpu-avx2/)."""
+    folder = os.path.join(RESULTS, machine_label(device) if per_machine else "cpu")
     os.makedirs(folder, exist_ok=True)
     machine = machine_description(device)
     name = result_name(folder, name, machine) if per_machine else name
