@@ -46,12 +46,14 @@ def test_pymerge(benchmark, n, backend):
 @pytest.mark.parametrize("n", [2, 8])
 def test_torch_eager(benchmark, n):
     xs, w, out = _inputs(n)
-    acc = torch.empty(NUMEL, dtype=torch.float32, device=DEVICE)  # allocated once, as a careful user would
+    # float32 buffers allocated once, as a careful user would (a mixed-dtype acc.add_(x) casts element by element)
+    acc, buf = (torch.empty(NUMEL, dtype=torch.float32, device=DEVICE) for _ in range(2))
 
     def eager():
         acc.zero_()
         for x, wi in zip(xs, w):
-            acc.add_(x, alpha=wi)  # bf16 into float32 in place: no float32 copy of x
+            buf.copy_(x)
+            acc.add_(buf, alpha=wi)
         out.copy_(acc)
     _run(benchmark, eager, (n + 1) * NUMEL * 2)
 
