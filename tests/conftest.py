@@ -86,10 +86,11 @@ def pytest_collection_modifyitems(config, items):
     # the others by their number of tests, as xdist's own reorder does. By that count alone test_wheel.py (a
     # wheel, a fresh venv, the demo: ~5 min) came last and ran alone at the end while the other worker idled.
     counts = collections.Counter(item.path for item in items)
-    items.sort(key=lambda item: (item.path.name not in _LONGEST_FILES, -counts[item.path]))  # stable: a file's own order kept
+    first = {name: i for i, name in enumerate(_LONGEST_FILES)}
+    items.sort(key=lambda item: (first.get(item.path.name, len(first)), -counts[item.path]))  # stable: a file's own order kept
 
 
-_LONGEST_FILES = ("test_wheel.py", "test_demo.py")
+_LONGEST_FILES = ("test_wheel.py", "test_demo.py")  # in this order
 
 
 @pytest.fixture(scope="session")
