@@ -294,8 +294,10 @@ def test_an_evaluate_failing_on_one_rank_between_collectives_reports_its_own_err
     peer's collective); the failing rank's error was lost, replaced by gloo's timeout (a scale-out audit)."""
     from datetime import timedelta
     files = write_checkpoints(str(tmp_path))
+    # 20 s: the other rank waits that long in its all-gather; 5 s also timed out a collective before the failure on
+    # a loaded 2-core CI machine (the run then failed with gloo's timeout on both ranks)
     results = dist_helpers.run(one_rank_fails_between_collectives_worker, 2, str(tmp_path), str(tmp_path), files,
-                               timeout=timedelta(seconds=5), wall_s=120)
+                               timeout=timedelta(seconds=20), wall_s=180)
     assert results[1].startswith("ValueError: boom | the other ranks never reached the agreement"), results[1]
     assert results[0] is not None, results  # the timeout, on the rank that waited
 
