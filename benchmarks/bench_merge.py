@@ -174,6 +174,16 @@ def compare_outputs(a: Path, b: Path) -> dict:
             "max_diff_in_rounding_steps": round(max_ulps, 3), "fraction_differing": flips / max(total, 1)}
 
 
+def tools_option(ap: argparse.ArgumentParser, text: str) -> list:
+    """--tools (this script's and bench_tokenizer's): comma-separated names, each mergekit or pymerge; an unknown
+    one is a usage error (it was a KeyError after the models were made)."""
+    tools = text.split(",")
+    unknown = set(tools) - {"mergekit", "pymerge"}
+    if unknown:
+        ap.error(f"--tools: unknown tool {', '.join(sorted(unknown))}; known: mergekit, pymerge")
+    return tools
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/pymerge-bench", type=Path)
@@ -190,9 +200,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeats < 1:  # 0 was a ValueError after the models were made
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
-    unknown = set(args.tools.split(",")) - {"mergekit", "pymerge"}
-    if unknown:  # a KeyError
-        ap.error(f"--tools: unknown tool {', '.join(sorted(unknown))}; known: mergekit, pymerge")
+    tools = tools_option(ap, args.tools)
     if args.threads is not None and args.threads < 1:
         ap.error(f"--threads must be at least 1, got {args.threads}")
 
@@ -214,7 +222,6 @@ def main(argv=None):
         "pymerge": lambda out: [sys.executable, "-m", "pymerge", "merge", str(cfg_path), str(out), "--quiet",
                                 "--force"] + (["--threads", str(args.threads)] if args.threads else []),
     }
-    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     runs = {t: [] for t in tools}
     warm(inputs)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())

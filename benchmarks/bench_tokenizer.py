@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main(argv=None):
-    from bench_merge import run_tool, warm
+    from bench_merge import run_tool, tools_option, warm
     from common import positive_int, write_results
     import llama_factory as lf
     import test_tokenizer_merge as tm
@@ -33,9 +33,7 @@ def main(argv=None):
     ap.add_argument("--tools", default="mergekit,pymerge")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pymerge-bench-tokenizer"))
     args = ap.parse_args(argv)
-    unknown = set(args.tools.split(",")) - {"mergekit", "pymerge"}
-    if unknown:  # a KeyError after the models were made
-        ap.error(f"--tools: unknown tool {', '.join(sorted(unknown))}; known: mergekit, pymerge")
+    tools = tools_option(ap, args.tools)
 
     work = args.workdir / f"v{args.vocab}-h{args.hidden}"
     half = args.vocab // 2
@@ -67,7 +65,7 @@ def main(argv=None):
                                     "--device", "cpu"]}
     rows = []
     for _ in range(args.repeats):
-        for tool in args.tools.split(","):
+        for tool in tools:
             warm([a, b])
             r = run_tool(cmds[tool](work / f"out-{tool}"), work / f"out-{tool}")
             rows.append({"tool": tool, "tokens": f"{args.vocab} + {args.vocab} -> {union}",
