@@ -37,16 +37,25 @@ def machine_label(device: str) -> str:
     return folder if level == own else f"{folder}-as-{level}"
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The GPU, or the CPU's model name, core count and (x86) family/model/stepping: a virtual machine's model
+    name can be a bare "AMD EPYC" for a Zen 1 at 2 GHz and for a Zen 3, whose float32 work per cycle differs 2x."""
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or "cpu"
+    info = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block is enough
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    cpu = info.get("model name") or platform.processor() or "cpu"
+    ids = [f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if info.get(k)]
+    family = f", {' '.join(ids).replace('cpu family', 'family')}" if ids else ""
+    return f"{cpu}, {os.cpu_count()} cores{family}, torch {torch.__version__}"
 
 
 def time_interleaved(fns: dict, rounds: int, device: str, calls_per_sample: int = 5, samples_out=None,

@@ -95,3 +95,20 @@ def test_results_of_another_machine_are_kept(tmp_path, monkeypatch, capsys):
     common.write_results("t", "cpu", [{"a": 2}], ["a"], "title")
     assert json.loads((folder / "t.json").read_text())["rows"] == [{"a": 2}]
     assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_machine_description_records_the_cpus_family_and_model(tmp_path):
+    """Two AVX2 hosts both named "AMD EPYC" (a Zen 3 and a Zen 1 class one, float32 work per cycle 2x apart) were
+    told apart only by the JSON's date: the description records family, model and stepping, after the core count
+    so that result_name still compares the model name alone."""
+    import torch
+    from benchmarks import common
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 2\n\n"
+    info = tmp_path / "cpuinfo"
+    info.write_text(block.format(0, 23) + block.format(1, 25))  # the first processor's block is the one read
+    described = common.machine_description("cpu", cpuinfo=str(info))
+    assert described == f"AMD EPYC, {os.cpu_count()} cores, family 23 model 1 stepping 2, torch {torch.__version__}"
+    assert common._model_of(described) == "AMD EPYC"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n\n")  # an Arm host: no family
+    assert common.machine_description("cpu", cpuinfo=str(info)).endswith(f" cores, torch {torch.__version__}")
+    assert common.machine_description("cpu", cpuinfo=str(tmp_path / "absent")).endswith(f"torch {torch.__version__}")
