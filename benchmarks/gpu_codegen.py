@@ -8,9 +8,10 @@ element. tests/test_gpu_codegen.py asserts the targets from these rows:
 - at least 2 resident blocks per SM for every kernel;
 - the task-vector kernel: no fma.rn.f32 (contraction off), div.rn.f32 (no approximate division),
   one Philox call per 4 elements;
-- the CUDA delta-decode kernel (compressed pools): 16-byte loads of codes and dense terms, 16-byte
-  stores, no local memory (the Triton one loads every element on its own: its rows show why the
-  CUDA kernel exists);
+- the delta-decode kernels (compressed pools): the CUDA one loads codes and dense terms 16 bytes at a
+  time, stores 16 bytes, no local memory; the Triton one (the default on a GPU) loads them 16 bytes at a
+  time on its aligned body too, and one scale per row of 64 elements (it had loaded every element and
+  its scale on its own: 48 scalar loads per thread and block);
 - the "sm_80" rows (A100, a default build target): every Triton kernel compiles for it. Triton has no
   float8_e4m3fn (tl.float8e4nv) below sm_89, so the kernels build that load only when an input is one
   (HAS_E4M3) and such calls go to the CUDA extension there; the mixed-dtype rows below are the variants
@@ -150,10 +151,10 @@ def triton_rows() -> list:
                 elems=1024))
     from pymerge.kernels import delta_decode as dd
     dd_sig = {"data_table": "*i64", "scale_table": "*i64", "kind_table": "*i32", "w_table": "*fp32", "out0": "*bf16",
-              "out1": "*bf16", "out2": "*bf16", "out3": "*bf16", "numel": "i64", "n_terms": "i32"}
-    for k in (1, 4):  # compressed pools: one kernel for every mix of int4/int8/dense terms
+              "out1": "*bf16", "out2": "*bf16", "out3": "*bf16", "start": "i64", "end": "i64", "n_terms": "i32"}
+    for k in (1, 4):  # compressed pools: one kernel for every mix of int4/int8/dense terms (the aligned body)
         rows.append(triton_row(f"delta_decode bf16 K={k}", dd._delta_kernel, dd_sig,
-                               {"K": k, "BLOCK": 2048, "HAS_E4M3": False},
+                               {"K": k, "BLOCK": 2048, "COLS": 64, "ALIGNED": True, "HAS_E4M3": False},
                                [a for a in dd_sig if a != "n_terms"], num_warps=8, elems=2048))
     # What Triton's launcher does with an integer argument equal to 1: it becomes a constant.
     one = {k: v for k, v in tv_sig.items() if k != "n_models"}
@@ -194,8 +195,11 @@ def sm80_rows(ws_sig, wg_sig, tv_sig, dd_sig) -> list:
                                ["tab", "out_ptr", "start", "end"], num_warps=4, fp_fusion=False, elems=1024,
                                arch=80))
     rows.append(triton_row("sm_80 delta_decode bf16 K=4", dd._delta_kernel, dd_sig,
-                           {"K": 4, "BLOCK": 2048, "HAS_E4M3": False}, [a for a in dd_sig if a != "n_terms"],
-                           num_warps=8, elems=2048, arch=80))
+                           {"K": 4, "BLOCK": 2048, "COLS": 64, "ALIGNED": True, "HAS_E4M3": False},
+                           [a for a in dd_sig if a != "n_terms"], num_warps=8, elems=2048, arch=80))
+    rows.append(triton_row("sm_80 delta_decode bf16 K=2 tail", dd._delta_kernel, dd_sig,
+                           {"K": 2, "BLOCK": 16, "COLS": 16, "ALIGNED": False, "HAS_E4M3": False}, [], num_warps=1,
+                           arch=80))
     rows.append(triton_row("sm_80 philox draws", tv._draws_kernel, {"out_ptr": "*i64", "tab": "*i64", "n": "i32"},
                            {"BLOCK": 128, "GROUPED": True}, ["out_ptr", "tab"], num_warps=4, arch=80))
     return rows

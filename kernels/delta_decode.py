@@ -25,7 +25,9 @@ QBLOCK = 64
 
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_mixed, _neg_zeros
+    from pymerge.kernels.weighted_sum import _load_mixed, _typed
+
+    _QBLOCK = tl.constexpr(QBLOCK)  # elements per scale (a global a kernel reads must be a constexpr)
 
     @triton.jit
     def _store(out_ptr, offs, mask, acc):
@@ -40,41 +42,60 @@ if triton is not None:
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode(addr, scale_addr, kind, offs, mask, HAS_E4M3: tl.constexpr):
-        # (x, s): the code (exact in float32) and its block's scale, or the dense value and 1
+    def _neg_zeros_2d(ROWS: tl.constexpr, COLS: tl.constexpr):
+        # -0.0 from its bits (weighted_sum's _neg_zeros: Triton builds tl.full(..., -0.0) as +0.0)
+        return tl.full([ROWS, COLS], 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _scale(scale_addr, sidx, smask):
+        return tl.load(scale_addr.to(tl.pointer_type(tl.bfloat16)) + sidx, mask=smask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _decode(addr, scale_addr, kind, offs, mask, sidx, smask, ALIGNED: tl.constexpr, HAS_E4M3: tl.constexpr):
+        # (x, s): the code (exact in float32) and its block's scale, or the dense value and 1; s has sidx's shape
+        # (a scale per row of 64 elements, or per element). ALIGNED (every term 16-byte aligned, offs in whole
+        # runs of 16 from a multiple of 16): codes and dense values load 16 bytes at a time, where an address
+        # from the table alone gave one load per element
         if kind == 17:  # int4: 32-bit word (e % 128) % 16 of group e // 128, nibble h = (e % 128) // 16
-            p = addr.to(tl.pointer_type(tl.uint32))
+            p = _typed(addr, tl.uint32, ALIGNED)
             word = tl.load(p + (offs // 128) * 16 + offs % 16, mask=mask, other=0)
             nib = ((word >> (((offs % 128) // 16) * 4).to(tl.uint32)) & 15).to(tl.int32)
-            s = tl.load(scale_addr.to(tl.pointer_type(tl.bfloat16)) + offs // 64, mask=mask, other=0.0)
             x = (nib - 8).to(tl.float32)
-            s = s.to(tl.float32)
+            s = _scale(scale_addr, sidx, smask)
         elif kind == 16:
-            p = addr.to(tl.pointer_type(tl.int8))
-            c = tl.load(p + offs, mask=mask, other=0)
-            s = tl.load(scale_addr.to(tl.pointer_type(tl.bfloat16)) + offs // 64, mask=mask, other=0.0)
-            x = c.to(tl.float32)
-            s = s.to(tl.float32)
+            p = _typed(addr, tl.int8, ALIGNED)
+            x = tl.load(p + offs, mask=mask, other=0).to(tl.float32)
+            s = _scale(scale_addr, sidx, smask)
         else:
-            x = _load_mixed(addr, kind, offs, mask, False, HAS_E4M3)
-            s = tl.zeros_like(x) + 1.0
+            x = _load_mixed(addr, kind, offs, mask, ALIGNED, HAS_E4M3)
+            s = tl.zeros_like(sidx).to(tl.float32) + 1.0
         return x, s
 
     @triton.jit
-    def _delta_kernel(data_table, scale_table, kind_table, w_table, out0, out1, out2, out3, numel, n_terms,
-                      K: tl.constexpr, BLOCK: tl.constexpr, HAS_E4M3: tl.constexpr):
+    def _delta_kernel(data_table, scale_table, kind_table, w_table, out0, out1, out2, out3, start, end, n_terms,
+                      K: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr, ALIGNED: tl.constexpr,
+                      HAS_E4M3: tl.constexpr):
+        # a block is BLOCK // COLS rows of COLS elements
         pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+        first = start + pid * BLOCK
+        rows = tl.arange(0, BLOCK // COLS)[:, None]
+        offs = first + rows * COLS + tl.arange(0, COLS)[None, :]
+        mask = offs < end
+        if COLS == _QBLOCK:  # rows of one scale block each (first is a multiple of 64): a scale load and a
+            sidx = first // _QBLOCK + rows  # coefficient w * s per row, not per element
+            smask = first + rows * _QBLOCK < end
+        else:
+            sidx = offs // _QBLOCK
+            smask = mask
         # -0.0 + p == p bit for bit (a +0.0 start would turn a -0.0 product into +0.0)
-        acc0 = _neg_zeros(BLOCK)
-        acc1 = _neg_zeros(BLOCK)
-        acc2 = _neg_zeros(BLOCK)
-        acc3 = _neg_zeros(BLOCK)
+        acc0 = _neg_zeros_2d(BLOCK // COLS, COLS)
+        acc1 = _neg_zeros_2d(BLOCK // COLS, COLS)
+        acc2 = _neg_zeros_2d(BLOCK // COLS, COLS)
+        acc3 = _neg_zeros_2d(BLOCK // COLS, COLS)
         for t in range(n_terms):
             x, s = _decode(tl.load(data_table + t), tl.load(scale_table + t), tl.load(kind_table + t), offs, mask,
-                           HAS_E4M3)
-            acc0 = tl.fma(tl.load(w_table + t) * s, x, acc0)
+                           sidx, smask, ALIGNED, HAS_E4M3)
+            acc0 = tl.fma(tl.load(w_table + t) * s, x, acc0)  # coef = float32(w * s), broadcast along its row
             if K > 1:
                 acc1 = tl.fma(tl.load(w_table + n_terms + t) * s, x, acc1)
             if K > 2:
@@ -88,7 +109,6 @@ if triton is not None:
             _store(out2, offs, mask, acc2)
         if K > 3:
             _store(out3, offs, mask, acc3)
-
 
 _TABLES = {}  # (device, addresses, kinds) -> device tables, built once per tensor's terms
 
@@ -127,10 +147,19 @@ def delta_accumulate(tensors, scales, kinds, numel: int, w, outs, block: int = 2
     weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()
     if _interpreted():
         block, num_warps = min(block, 1024), 4
-    grid = (triton.cdiv(numel, block),)
-    for start in range(0, len(outs), MAX_OUTPUTS):
-        group = outs[start:start + MAX_OUTPUTS]
+    if block % QBLOCK:
+        raise ValueError(f"delta_accumulate: block must be a multiple of {QBLOCK}, got {block}")
+    # the body (whole runs of 16 elements, in rows of one scale block) with 16-byte loads where every term
+    # allows them, then the last numel % 16 elements element by element: as weighted_sum's launcher
+    aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
+    body = numel - numel % 16
+    for first in range(0, len(outs), MAX_OUTPUTS):
+        group = outs[first:first + MAX_OUTPUTS]
         slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
-        _delta_kernel[grid](data_table, scale_table, kind_table, weights[start:start + MAX_OUTPUTS], *slots,
-                            numel, len(tensors), K=len(group), BLOCK=block, HAS_E4M3=E4M3 in kinds,
-                            num_warps=num_warps)
+        for lo, hi, blk in ((0, body, block), (body, numel, 16)):
+            if hi > lo:
+                _delta_kernel[(triton.cdiv(hi - lo, blk),)](
+                    data_table, scale_table, kind_table, weights[first:first + MAX_OUTPUTS], *slots, lo, hi,
+                    len(tensors), K=len(group), BLOCK=blk, COLS=QBLOCK if blk == block else blk,
+                    ALIGNED=aligned and blk == block, HAS_E4M3=E4M3 in kinds,
+                    num_warps=num_warps if blk == block else 1)

@@ -326,6 +326,40 @@ def test_every_backend_gives_the_same_bits(n, monkeypatch):
     # and the bits are the float64 sum within float32 accumulation: checked by the tests above
 
 
+@pytest.mark.parametrize("n", [15, 16, 64 + 16, 2 * 1024 + 48 + 5])
+def test_triton_decode_body_and_tail_launches_on_unaligned_terms(n, monkeypatch):
+    """The Triton decode runs whole runs of 16 elements in rows of one scale block (16-byte loads where every
+    term is 16-byte aligned), then the last n % 16 elements: a dense term 2 bytes off alignment turns the
+    vector loads off, and every split gives the C++ kernel's bits (n = 2101: the body ends inside a row of
+    its third block)."""
+    if not interpreter_rounds_fma_once():
+        pytest.skip(UNFUSED_REASON)
+    from pymerge.kernels import delta_decode
+    terms, scales, kinds = _mixed_terms(n, seed=n)
+    wide = torch.randn(n + 1, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    terms.append(wide[1:])  # 2 bytes past a 64-byte boundary
+    scales.append(None)
+    kinds.append(_native.DTYPE_CODES[torch.bfloat16])
+    assert terms[-1].data_ptr() % 16 == 2
+    w = np.random.default_rng(n).normal(size=(3, len(terms))).astype(np.float32)
+    launches = []
+    kernel = delta_decode._delta_kernel
+    monkeypatch.setattr(delta_decode, "_delta_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: launches.append((a[8], a[9], kw["BLOCK"], kw["COLS"], kw["ALIGNED"])) or kernel[grid](*a, **kw))})())
+    for dtype in (torch.float32, torch.bfloat16):
+        got = [torch.full((n,), 7.0, dtype=dtype) for _ in range(len(w))]
+        want = [torch.full((n,), 7.0, dtype=dtype) for _ in range(len(w))]
+        cp.run_terms(terms, scales, kinds, n, w, got, "triton")
+        monkeypatch.setenv("PYMERGE_SIMD", "scalar")
+        cp.run_terms(terms, scales, kinds, n, w, want, "cpu")
+        monkeypatch.delenv("PYMERGE_SIMD")
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert all(torch.equal(a.view(bits), b.view(bits)) for a, b in zip(got, want)), (n, dtype)
+    body = n - n % 16
+    split = ([(0, body, 1024, 64, False)] if body else []) + ([(body, n, 16, 16, False)] if n % 16 else [])
+    assert launches == split * 2, launches
+
+
 # ---- paired int4 (CPU pools: csrc/cpu/delta_decode.cpp's integer path) -----------------------------
 def _assert_same_saved_files(pool, other, tmp_path):
     """Two pools that hold the same codes in different layouts save the same tensors."""

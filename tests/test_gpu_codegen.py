@@ -48,6 +48,18 @@ def test_triton_aligned_paths_load_16_bytes_at_a_time(rows):
         assert r["v4_loads"] >= 1 and r["scalar_loads"] == 0 and r["v2_loads"] == 0, r
 
 
+def test_triton_delta_decode_loads_16_bytes_and_a_scale_per_row(rows):
+    """Compressed pools on a GPU take the Triton decode by default. It loaded every code, dense value and
+    scale on its own (48 scalar loads per thread and block of 2048, no vector load: an address from the
+    table carries no alignment facts, and a scale index offs // 64 is not known constant per thread). Its
+    aligned body now loads int4 words, int8 codes and dense terms 16 bytes at a time (int8: 8 bytes, one
+    thread's 8 codes) and one scale per row of 64 elements: 2 scalar loads are left, int4's and int8's scale."""
+    for k in (1, 4):
+        r = rows[f"delta_decode bf16 K={k} / triton"]
+        assert r["v4_loads"] >= 6 and r["scalar_loads"] <= 2, r  # int4 2, float32 2, float16 1, bfloat16 1
+        assert r["fma_f32"] == 8 * k, r  # one fma per element and output: 2048 elements over 256 threads
+
+
 def test_grouped_launch_loads_16_bytes_at_a_time_on_full_blocks(rows):
     """The pool's GPU hot path: an address table carries no alignment facts and a mask from the table's
     element count is not constant, so it loaded every element on its own before full blocks got their
