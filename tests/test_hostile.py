@@ -442,16 +442,19 @@ def test_hugging_face_cache_links_are_followed(fam, tmp_path, capsys):
     assert (out / "tokenizer.json").read_text() == '{"tok": 1}' and (out / "config.json").is_file()
 
 
-@pytest.mark.parametrize("layout", ["inside_a_snapshot", "local_dir"])
+@pytest.mark.parametrize("layout", ["inside_a_snapshot", "local_dir", "local_dir_under_a_folder_named_snapshots"])
 def test_hugging_face_cache_links_from_other_folders_are_followed(fam, tmp_path, capsys, layout):
     """A model in a folder inside a snapshot (checkpoint-500/) was refused; an older `huggingface-cli download
     --local-dir` links its large files (a 9 MB tokenizer.json) into the cache's blobs, and the merge left the
     tokenizer out with a warning (exit 0: a tokenizer_config.json without its tokenizer.json). mergekit reads
-    both. A link to a blob of the cache's own files (not a model's) stays refused."""
+    both. A link to a blob of the cache's own files (not a model's) stays refused. A --local-dir folder under
+    any folder named snapshots (/data/snapshots/run1) was taken for a cache snapshot, and its links refused
+    (a review): only a models--org--name repository's snapshots/ is one."""
     root, base, fts = fam
     repo = tmp_path / "hub" / "models--org--name"
     blobs = repo / "blobs"
-    folder = repo / "snapshots" / "abc123" / "checkpoint-500" if layout == "inside_a_snapshot" else tmp_path / "dl"
+    folder = {"inside_a_snapshot": repo / "snapshots" / "abc123" / "checkpoint-500", "local_dir": tmp_path / "dl",
+              "local_dir_under_a_folder_named_snapshots": tmp_path / "data" / "snapshots" / "run1"}[layout]
     folder.mkdir(parents=True)
     blobs.mkdir(parents=True)
     blob = {f.name: hashlib.sha256(f.name.encode()).hexdigest() for f in fts[0].iterdir()}  # named by content hash
@@ -473,7 +476,7 @@ def test_hugging_face_cache_links_from_other_folders_are_followed(fam, tmp_path,
         os.symlink(secret, folder / "tokenizer.json")
         rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([folder, fts[1]])), out, "--quiet",
                            "--force"], capsys)
-        if layout == "local_dir":
+        if layout != "inside_a_snapshot":
             assert rc == 0 and "outside the model folder" in err and not (out / "tokenizer.json").exists()
 
 

@@ -430,8 +430,8 @@ def stays_inside(folder, path) -> bool:
     root, target = Path(os.path.realpath(folder)), Path(os.path.realpath(path))  # a link loop: no RuntimeError
     if target == root or root in target.parents:
         return True
-    for up in (root, *root.parents):
-        if up.parent.name == "snapshots":
+    for up in (root, *root.parents):  # a repository's snapshots/ (a folder named snapshots elsewhere is not one)
+        if up.parent.name == "snapshots" and up.parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
             return up.parent.parent / "blobs" in target.parents
     # a blob is named by its content's hash (git's sha1 or LFS's sha256): another model's file, never ~/.ssh's
     return (target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
