@@ -110,6 +110,19 @@ def worker(rank, world, d, files):
         out["input_error"] = None
     except Exception as exc:
         out["input_error"] = f"{type(exc).__name__}: {exc}"
+    def nearly(m):  # a GPU's nondeterministic reductions: the ranks' scores differ in the last bits
+        scores = evaluate(m)
+        return {**scores, "fit": scores["fit"] * (1 + 1e-9 * rank)}
+    out["nearly"] = len(pymerge.search.optimize(pool, nearly, model=model, **SEARCH).history)
+
+    def unreduced(m):  # a data-parallel metric not reduced across the group: each rank scored its own share
+        scores = evaluate(m)
+        return {**scores, "fit": scores["fit"] + rank}
+    try:
+        pymerge.search.optimize(pool, unreduced, model=model, **SEARCH)
+        out["unreduced"] = None
+    except Exception as exc:
+        out["unreduced"] = f"{type(exc).__name__}: {exc}"
     try:  # a sharded pool merges with collectives: no search of one rank's own
         pymerge.search.optimize(pool, evaluate, model=model, distributed=False, **SEARCH)
         out["sharded_alone"] = None
@@ -158,6 +171,17 @@ def test_evaluate_error_stops_every_rank(runs):
 def test_evaluate_error_inside_a_generation_stops_every_rank(runs):
     assert [res["later_error"] for res in runs[2]] == [
         "DistributedError: rank 1: evaluation failed later (ValueError there)", "ValueError: evaluation failed later"]
+
+
+def test_ranks_of_a_replica_group_returning_other_scores_stop_every_rank(runs):
+    """Every rank of a replica group scores each of its candidates; the lowest rank's scores were taken silently,
+    so a data-parallel evaluate that forgot to reduce its metric drove CMA-ES with rank 0's share (a scale-out
+    audit). Scores within 1e-4 relative (a GPU's last bits) are the same scores."""
+    assert [res["nearly"] for res in runs[2]] == [SEARCH["budget"]] * 2
+    errors = [res["unreduced"] for res in runs[2]]
+    assert errors[0] == errors[1] and errors[0].startswith(
+        "InputError: evaluate returned different scores on ranks 0 and 1 of one replica group for candidate 0 ("), errors
+    assert "reduce a metric computed on each rank's share of the data across the group" in errors[0]
 
 
 def resume_worker(rank, world, d, files):

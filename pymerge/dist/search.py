@@ -8,7 +8,8 @@ its own model (candidate c goes to replica group c mod G) and runs evaluate(mode
 ranks, and the scores come back with one all_gather. The other ranks serve those calls until
 the leader broadcasts the result, which every rank returns. So a distributed run proposes the
 same candidates and returns the same result as a single-process run with the same seed (as far
-as evaluate gives the same scores).
+as evaluate gives the same scores). Every rank of a replica group must return the same scores (within 1e-4
+relative): a difference is one error on every rank, not the lowest rank's scores taken silently.
 
 Replica groups: the ranks of one pool.group (the ranks that hold different shards of one model,
 e.g. one row of a (replicas, shards) mesh) form one group; a pool that is not sharded makes
@@ -183,11 +184,30 @@ class _Crew:
         if errors:  # (the user's input error on every rank; anything else stays itself where it was raised)
             self.failed_together = True
             collectives.raise_agreed(errors, own)
-        scores = {}
-        for got, _ in everyone:
+        scores, first = {}, {}
+        for rank, (got, _) in enumerate(everyone):
             for c, s in got:
-                scores.setdefault(c, s)
+                if c not in scores:
+                    scores[c], first[c] = s, rank
+                elif not _same_scores(scores[c], s):
+                    # every rank of the group scored candidate c: the lowest rank's scores were taken silently
+                    # (a data-parallel evaluate that forgot to reduce its metric drove CMA-ES with one rank's share)
+                    self.failed_together = True  # every rank raises this, from the same gathered scores
+                    raise InputError(
+                        f"evaluate returned different scores on ranks {first[c]} and {rank} of one replica group for "
+                        f"candidate {first_index + c} ({short(scores[c])} and {short(s)}); every rank of a group must "
+                        "return the same scores: reduce a metric computed on each rank's share of the data across "
+                        "the group (torch.distributed.all_reduce) before returning it")
         return [scores[c] for c in range(len(weights))]
+
+
+def _same_scores(a: dict, b: dict) -> bool:
+    """The same tasks with the same scores, within 1e-4 relative (a GPU's nondeterministic reductions differ in the
+    last bits between ranks; different shares of the data differ far more), NaN as NaN."""
+    import math
+    return a.keys() == b.keys() and all(
+        math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-9) or (math.isnan(x) and math.isnan(y))
+        for x, y in ((a[k], b[k]) for k in a))
 
 
 def _stop_together(group, error, own) -> bool:
