@@ -232,8 +232,8 @@ class RenamedCheckpoint:
     def array(self, name):
         return self.ck.array(self.map[name])
 
-    def head(self, name, n: int) -> bytes:
-        return head_bytes(self.ck, self.map[name], n)
+    def head(self, name, n: int, at: int = 0) -> bytes:
+        return head_bytes(self.ck, self.map[name], n, at)
 
     def prefetch(self, name) -> None:
         self.ck.prefetch(self.map[name])

@@ -414,15 +414,24 @@ def test_ranks_that_plan_different_merges_all_fail(fam, tmp_path):
         assert not out.exists() and leftovers(out) == []
 
 
-def test_a_rank_reading_other_values_at_the_same_path_fails_every_rank(fam, tmp_path):
+@pytest.mark.parametrize("changed", ["every value", "the last row only"])
+def test_a_rank_reading_other_values_at_the_same_path_fails_every_rank(fam, tmp_path, changed):
     """Another file at the same path on one node (a stale copy): the same names, dtypes and shapes, so the same
     plan; that rank merged its share from its own file, exit 0 (an audit). Each checkpoint's sample of values
-    is now part of what the ranks agree on."""
+    is now part of what the ranks agree on: 64 bytes at the start, the middle and the end of each sampled tensor
+    (the first 64 alone missed a copy that differed in its last rows, as an embedding's added tokens: an audit)."""
     root, base, fts = fam
+    shutil.rmtree(str(fts[1]) + ".other", ignore_errors=True)  # the other parameter's (fam is the module's)
     other = shutil.copytree(fts[1], str(fts[1]) + ".other")
     shard = sorted(Path(other).glob("model-*.safetensors"))[-1]  # a shard the values sample reads a tensor of
     tensors = load_file(str(shard))
-    tensors = {k: v + 1 for k, v in tensors.items()}
+    if changed == "every value":
+        tensors = {k: v + 1 for k, v in tensors.items()}
+    else:
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        for v in tensors.values():
+            v.view(-1)[-(v.shape[-1] if v.dim() > 1 else 1):] += 1
+            assert v.dim() < 2 or v.numel() * v.element_size() > 64 + v.shape[-1] * v.element_size()
     save_file(tensors, str(shard), metadata={"format": "pt"})
     out = tmp_path / "out"
     codes, lines = finish(launch(2, ["merge", write_cfg(tmp_path / "c.yml", linear(fts)), out],

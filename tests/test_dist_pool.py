@@ -849,6 +849,9 @@ def test_the_values_sample_reads_any_shape_and_tells_checkpoints_apart():
         c = {n: v.clone() for n, v in a.items()}
         c[k] = (c[k].float() + 1).to(c[k].dtype)
         assert _values_sample(DictSource(c, "c")) != _values_sample(DictSource(a, "a")), k
+    c = {n: v.clone() for n, v in a.items()}
+    c["w"][-1, -1] += 1  # the last row only (an embedding's added tokens): its first row alone missed it
+    assert _values_sample(DictSource(c, "c")) != _values_sample(DictSource(a, "a"))
 
 
 def kept_plans_worker(rank, world, files):

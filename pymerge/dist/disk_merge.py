@@ -334,11 +334,17 @@ def _unwrapped(ck):
 
 
 def _values_sample(ck) -> int:
-    """values_sample (dist/sample.py) of a checkpoint's tensors, 64 bytes of each (read without readahead where
-    the checkpoint can: Checkpoint.head)."""
+    """values_sample (dist/sample.py) of a checkpoint's tensors: 64 bytes at the start, the middle and the end of
+    each (read without readahead where the checkpoint can: Checkpoint.head). The first 64 alone missed a node's
+    stale copy that differed in its last rows (an embedding's added tokens): that rank merged its share from it,
+    exit 0 (an audit)."""
     from pymerge.dist.sample import values_sample
     from pymerge.io.checkpoint import head_bytes
-    return values_sample(ck.names(), lambda name: head_bytes(ck, name, 64))
+
+    def sample(name: str) -> bytes:
+        nbytes = ck.info(name).nbytes
+        return b"".join(head_bytes(ck, name, 64, at) for at in (0, nbytes // 2 // 64 * 64, max(0, nbytes - 64)))
+    return values_sample(ck.names(), sample)
 
 
 def _checkpoint_identity(ck) -> tuple:

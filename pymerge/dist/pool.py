@@ -513,15 +513,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _values_sample(source) -> int:
     """values_sample (dist/sample.py) of a source's floating-point tensors: the first 16 values of each one's first
-    row (a view: no copy of a non-contiguous tensor), with its dtype."""
+    row and the last 16 of its last row (views: no copy of a non-contiguous tensor), with its dtype. (The first
+    row alone missed a copy that differed in its last rows, as an embedding's added tokens: an audit of the
+    torchrun merge's same sample.)"""
     def head(n: str) -> bytes:
-        t = source.tensor(n).detach()
-        if t.numel() == 0:  # a (0, N) tensor has no first row; its name and dtype are sampled all the same
+        whole = source.tensor(n).detach()
+        if whole.numel() == 0:  # a (0, N) tensor has no first row; its name and dtype are sampled all the same
+            whole = whole.reshape(-1)
+        parts = []
+        for row in (0, -1):
+            t = whole
+            while t.dim() > 1:
+                t = t[row]
             t = t.reshape(-1)
-        while t.dim() > 1:
-            t = t[0]
-        t = t.reshape(-1)[:16].cpu().contiguous()
-        return str(t.dtype).encode() + (t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            parts.append((t[:16] if row == 0 else t[-16:]).cpu().contiguous())
+        return str(whole.dtype).encode() + b"".join(
+            t.view(torch.uint8).numpy().tobytes() for t in parts if t.numel())
     dtypes = {n: source.info(n)[0] for n in source.names()}
     return values_sample(
         [n for n, d in dtypes.items() if isinstance(d, torch.dtype) and d.is_floating_point], head)

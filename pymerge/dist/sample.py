@@ -7,10 +7,11 @@ SAMPLED_TENSORS = 64  # tensors sampled per checkpoint: a page read each from a 
 
 
 def values_sample(names: Iterable[str], head: Callable[[str], bytes]) -> int:
-    """A 62-bit digest of the first bytes (head(name): up to a page) of up to SAMPLED_TENSORS of a checkpoint's
-    tensors, spread over its sorted names: ranks compare what each file holds, not its path (node-local copies
-    live elsewhere; a stale copy on one node merged that rank's share from it, silently). Files that differ
-    only past the sampled bytes go unseen: reading them whole would cost a merge's reads."""
+    """A 62-bit digest of a few bytes (head(name): a torchrun merge's 64 at the start, middle and end of each; a
+    sharded pool's first and last 16 values) of up to SAMPLED_TENSORS of a checkpoint's tensors, spread over its
+    sorted names: ranks compare what each file holds, not its path (node-local copies live elsewhere; a stale copy
+    on one node merged that rank's share from it, silently). Files that differ only outside the sampled bytes go
+    unseen: reading them whole would cost a merge's reads."""
     names = sorted(names)
     digest = hashlib.blake2b(digest_size=8)
     for n in names[::max(1, -(-len(names) // SAMPLED_TENSORS))]:

@@ -509,9 +509,9 @@ class Checkpoint:
         """The tensor's bytes as a flat, read-only uint8 numpy view (no torch for safetensors)."""
         return self._shard(name).array(name)
 
-    def head(self, name: str, n: int) -> bytes:
-        """The tensor's first n bytes, without reading around them where the file allows (SafetensorsFile.head)."""
-        return head_bytes(self._shard(name), name, n)
+    def head(self, name: str, n: int, at: int = 0) -> bytes:
+        """The tensor's n bytes from byte `at`, without reading around them where the file allows (SafetensorsFile.head)."""
+        return head_bytes(self._shard(name), name, n, at)
 
     def file_of(self, name: str) -> Path:
         return self._shard(name).path
@@ -568,11 +568,14 @@ def _read_weight_map(index_path: Path) -> Dict[str, str]:
     return names
 
 
-def head_bytes(source, name: str, n: int) -> bytes:
-    """A tensor's first n bytes from any checkpoint-like source: its head() where it has one (read without
-    reading around them: SafetensorsFile.head), else its array's."""
+def head_bytes(source, name: str, n: int, at: int = 0) -> bytes:
+    """A tensor's n bytes from byte `at` (its first n by default) from any checkpoint-like source: its head() where
+    it has one (read without reading around them: SafetensorsFile.head), else its array's."""
     head = getattr(source, "head", None)
-    return head(name, n) if head is not None else bytes(source.array(name)[:n])
+    if head is not None:
+        return head(name, n, at) if at else head(name, n)
+    raw = np.ascontiguousarray(source.array(name)).reshape(-1).view(np.uint8)
+    return bytes(raw[max(at, 0):max(at, 0) + max(n, 0)])
 
 
 def _prefix_hint(name: str, have) -> str:

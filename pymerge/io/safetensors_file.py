@@ -305,13 +305,15 @@ class SafetensorsFile:
             raw.flags.writeable = False
         return raw
 
-    def head(self, name: str, n: int) -> bytes:
-        """The tensor's first n bytes (fewer if it holds fewer), read with pread and no readahead: a page fault
-        on the map reads the disk's whole readahead window around it (8 MiB on a machine an audit used), so the
-        ranks' sample of 64 tensors per checkpoint read most of each file on every rank."""
+    def head(self, name: str, n: int, at: int = 0) -> bytes:
+        """The tensor's n bytes from byte `at` (its first n by default; fewer where it ends first), read with pread
+        and no readahead: a page fault on the map reads the disk's whole readahead window around it (8 MiB on a
+        machine an audit used), so the ranks' sample of 64 tensors per checkpoint read most of each file on every
+        rank."""
         info = self.info(name)
         mm = self._require_open()
-        n = min(n, info.nbytes)
+        at = min(max(at, 0), info.nbytes)
+        n = min(n, info.nbytes - at)
         if n <= 0:
             return b""
         try:
@@ -321,12 +323,12 @@ class SafetensorsFile:
         try:
             st = os.fstat(fd) if fd is not None else None
             if st is None or (st.st_dev, st.st_ino) != self.mapped_identity:
-                return bytes(mm[info.file_offset:info.file_offset + n])  # the mapped file's bytes, which a merge reads
+                return bytes(mm[info.file_offset + at:info.file_offset + at + n])  # the mapped file's, which a merge reads
             try:
-                os.posix_fadvise(fd, info.file_offset, n, os.POSIX_FADV_RANDOM)
+                os.posix_fadvise(fd, info.file_offset + at, n, os.POSIX_FADV_RANDOM)
             except (AttributeError, OSError):  # advice only
                 pass
-            return os.pread(fd, n, info.file_offset)
+            return os.pread(fd, n, info.file_offset + at)
         finally:
             if fd is not None:
                 os.close(fd)
