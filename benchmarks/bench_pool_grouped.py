@@ -3,6 +3,7 @@ kernel call per tensor, against same-run copy bandwidth, across model sizes and 
 cost of a call; and the registered methods (task_arithmetic, ties, dare_ties) as one call vs per tensor.
 
     python benchmarks/bench_pool_grouped.py [--quick | --full | --sweep] [--n 5] [--rounds 15] [--no-methods]
+                                            [--compressed]   (int8 / int4 pools: one call vs per tensor)
 
 --full: 1M to 500M parameters, 100 and 1000 tensors each (about 14 GB of RAM at 500M, N = 5).
 --sweep: where the time of a model of many small tensors goes: 5M parameters in 100 to 3000 tensors, the
@@ -168,6 +169,35 @@ def methods(n: int, rounds: int, sizes) -> list:
     return rows
 
 
+def compressed(n: int, rounds: int, sizes) -> list:
+    """Delta-compressed pools (int8, int4) on the C++ backend: one native call per candidate (the cached
+    LinearTable) vs one decode call per tensor (~100 us of Python each before 2026-12-06: the only path then),
+    beside the bf16 pool's one call."""
+    rows = []
+    for params, tensors in sizes:
+        torch.manual_seed(0)
+        base = {k: (0.02 * torch.randn(v.shape)).to(v.dtype) for k, v in Flat(params, tensors).state_dict().items()}
+        fts = [{k: (v.float() + 1e-3 * torch.randn(v.shape)).to(v.dtype) for k, v in base.items()} for _ in range(n)]
+        plain = CheckpointPool(fts, base=base, device="cpu")
+        for fmt in ("int8", "int4"):
+            pool = CheckpointPool(fts, base=base, device="cpu", compress=fmt)
+            targets = [Flat(params, tensors) for _ in range(3)]
+            w = [1.0 / n] * n
+            load0 = os.getloadavg()[0]
+            t = sample({"per_tensor": lambda: pool.materialize(w, into=targets[0], names=lambda s: s),
+                        "one_call": lambda: pool.materialize(w, into=targets[1]),
+                        "bf16": lambda: plain.materialize(w, into=targets[2])}, rounds)
+            best = {k: min(v) for k, v in t.items()}
+            ratio = sorted(a / b for a, b in zip(t["per_tensor"], t["one_call"]))
+            rows.append({"params": f"{params / 1e6:g}M", "tensors": tensors, "format": fmt,
+                         "per-tensor ms": 1e3 * best["per_tensor"], "one call ms": 1e3 * best["one_call"],
+                         "speedup": best["per_tensor"] / best["one_call"],
+                         "speedup, median per round": statistics.median(ratio), "range": f"{ratio[0]:.2f}-{ratio[-1]:.2f}",
+                         "bf16 pool ms": 1e3 * best["bf16"], "load": f"{load0:.1f}-{os.getloadavg()[0]:.1f}"})
+            print({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two small models, 5 rounds (unless --rounds)")
@@ -176,6 +206,8 @@ def main(argv=None):
     ap.add_argument("--n", type=positive_int, default=5)
     ap.add_argument("--rounds", type=positive_int, default=None, help="default 15 (--sweep: at least 30)")
     ap.add_argument("--no-methods", action="store_true", help="skip the task_arithmetic / ties / dare_ties rows")
+    ap.add_argument("--compressed", action="store_true",
+                    help="only the int8 / int4 pools: one native call vs one decode call per tensor")
     args = ap.parse_args(argv)
     if sum((args.quick, args.full, args.sweep)) > 1:  # (--sweep --quick ran the whole sweep, --quick --full quick)
         ap.error("--quick, --full and --sweep are three different runs: give one")
@@ -186,6 +218,15 @@ def main(argv=None):
         print(write_results("bench_pool_grouped_sweep", "cpu", rows, cols,
                             f"CheckpointPool.materialize, N={args.n} bf16 checkpoints, CPU: the native call alone vs the "
                             "whole call, same bytes in more tensors (best of interleaved rounds)"))
+        return
+    if args.compressed:
+        c_sizes = [(1e6, 100), (5e6, 1000)] if args.quick else [(0.3e6, 300), (5e6, 1000), (20e6, 100), (40e6, 18)]
+        rows = compressed(args.n, args.rounds or (5 if args.quick else 15), [(int(p), t) for p, t in c_sizes])
+        cols = ["params", "tensors", "format", "per-tensor ms", "one call ms", "speedup", "speedup, median per round",
+                "range", "bf16 pool ms", "load"]
+        print(write_results("bench_pool_grouped_compressed" + ("_quick" if args.quick else ""), "cpu", rows, cols,
+                            f"Compressed CheckpointPools, N={args.n} bf16 fine-tunes + base, CPU: one native call per "
+                            "candidate vs one decode call per tensor (best of interleaved rounds)"))
         return
     if args.quick:
         sizes = [(1e6, 100), (5e6, 1000)]

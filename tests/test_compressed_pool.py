@@ -326,6 +326,49 @@ def test_every_backend_gives_the_same_bits(n, monkeypatch):
     # and the bits are the float64 sum within float32 accumulation: checked by the tests above
 
 
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("mode", ["int4", "int8", "auto"])
+def test_the_one_call_linear_path_gives_the_per_tensor_bits(simd, mode, monkeypatch):
+    """A C++ pool's linear merges run as one native call over every tensor (LinearTable, kept in the plan
+    cache; 300 tensors of 1024 elements: 34 -> 1.5 ms per candidate). Its term weights are gathered from one
+    float64 table: the same bits as the per-tensor path, for every format (zero and exact entries, the AVX2
+    path's paired int4 terms, interleaved ones), weight groups, candidates, target dtypes, an empty tensor and
+    a transposed target; and as close to the float64 reference."""
+    monkeypatch.setenv("PYMERGE_SIMD", simd)  # before the pool: it pairs its int4 checkpoints on the AVX2 path
+    shapes = {**SHAPES, "odd": (4099,)}
+    base, cks = _pool_inputs(shapes, n_ckpt=4, seed=9)
+    cks[1]["norm"] = base["norm"].clone()                       # a zero entry
+    cks[2]["layers.0.w"] = torch.randn(129).to(torch.bfloat16)  # a big delta: auto keeps it exact
+    budget = 1e-2 if mode == "auto" else None
+    one, per_tensor = (CheckpointPool(cks, base=base, compress=mode, error_budget=budget, backend="cpu")
+                       for _ in range(2))
+    monkeypatch.setattr(per_tensor, "_grouped_kind", lambda: None)
+    rng = np.random.default_rng(3)
+    dtypes = (torch.bfloat16, torch.float32, torch.float16)
+    for groups, rows in ((None, 1), ("layer", 3)):
+        tables = [rng.normal(size=(rows, 4)) for _ in range(3)]
+        for round_ in range(2):  # the second call takes the cached table
+            got = [{n: torch.full(s, float("nan"), dtype=dt) for n, s in shapes.items()} for dt in dtypes]
+            got[1]["layers.1.w"] = torch.full((3, 67), float("nan")).t()  # a transposed target: a temporary
+            want = [{n: torch.full(s, float("nan"), dtype=dt) for n, s in shapes.items()} for dt in dtypes]
+            one.materialize_many(tables, got, groups=groups)
+            per_tensor.materialize_many(tables, want, groups=groups)
+            for g, w in zip(got, want):
+                for n in shapes:
+                    assert _same_bits(g[n].contiguous(), w[n]), (groups, round_, n, g[n].dtype)
+        tables_of = [t if t.shape[0] == 1 else t[[0, 0, 1, 2, 0, 0]] for t in tables]  # group per tensor (layer)
+        for k, model in enumerate(got):
+            for i, n in enumerate(shapes):
+                coef = tables_of[k][0 if tables_of[k].shape[0] == 1 else i].tolist()
+                _check_close(model[n].contiguous(), _reference(one, 0.0, coef, n), one, n, 0.0, coef)
+    tables = [entry.native for entry in one._plan_cache._entries.values()]
+    assert tables and all(isinstance(t, cp.LinearTable) for t in tables), tables
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 @pytest.mark.parametrize("n", [15, 16, 64 + 16, 2 * 1024 + 48 + 5])
 def test_triton_decode_body_and_tail_launches_on_unaligned_terms(n, monkeypatch):
     """The Triton decode runs whole runs of 16 elements in rows of one scale block (16-byte loads where every

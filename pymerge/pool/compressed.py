@@ -629,6 +629,54 @@ def run_linear(store: CompressedStore, plans, tables: List[np.ndarray], backend:
         store.accumulate(p.name, np.zeros(len(tables)), coef, p.outs, backend, num_threads)
 
 
+class LinearTable:
+    """A compressed pool's linear merges into one set of targets, one native call per materialize (C++ backend).
+
+    Built once per set of targets (the pool's plan cache keeps it, as the float pools' GroupedPlan): every
+    tensor's terms and outputs are checked then, and each call only gathers every tensor's term weights with a
+    few numpy operations and runs the DeltaPlan. The weights are accumulate()'s, bit for bit: the same float64
+    sums over the same rows, rounded once to float32. Per tensor (accumulate, then run_terms) a model of 300
+    tensors of 1024 elements took 34 ms per candidate on a 2-core AVX2 EPYC, ~100 us of Python per tensor."""
+
+    def __init__(self, store: CompressedStore, plans, n_groups: int, n: int):
+        plans = [p for p in plans if store.base[p.name].numel()]  # an empty tensor has no terms to read
+        terms = [store.terms(p.name) for p in plans]
+        self.native = _native.require_cpu().DeltaPlan(
+            [[t.data_ptr() for t in T.tensors] for T in terms],
+            [[0 if s is None else s.data_ptr() for s in T.scales] for T in terms],
+            [list(T.kinds) for T in terms], [store.base[p.name].numel() for p in plans],
+            [[o.data_ptr() for o in p.outs] for p in plans],
+            [[_native.DTYPE_CODES[o.dtype] for o in p.outs] for p in plans], [list(T.strides) for T in terms])
+        self._terms = terms  # the tensors the native plan reads, alive while it is
+        self.shape = (n_groups, len(plans[0].outs) if plans else 0, n)  # [G, K, N]: the coefficients' table
+        G, K, N = self.shape
+        # tensor t's weights [K, T_t] gathered from [coef (G*K*N values), base coefficients (E*G*K values)]:
+        # the base term's per set of checkpoints held exact (few: most tensors have none), then coef's columns
+        sets: Dict[tuple, int] = {}
+        self._exact: List[np.ndarray] = []
+        index = []
+        ks = np.arange(K)
+        for p, T in zip(plans, terms):
+            e = sets.setdefault(tuple(T.exact_cols.tolist()), len(sets))
+            if e == len(self._exact):
+                self._exact.append(T.exact_cols)
+            base = G * K * N + (e * G + p.group) * K + ks
+            cols = (p.group * K + ks)[:, None] * N + T.cols[None, :]
+            index.append(np.concatenate([base[:, None], cols], axis=1).ravel())
+        self._index = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+
+    def run(self, tables: List[np.ndarray], num_threads: int = 0) -> None:
+        """tables: candidate k's float64 [G or 1, N] weights."""
+        G, K, N = self.shape
+        coef = np.empty(self.shape)
+        for k, t in enumerate(tables):
+            coef[:, k, :] = t[0] if t.shape[0] == 1 else t[:G]
+        total = np.zeros((G, K)) + coef.sum(axis=2)  # accumulate's c_base + coef.sum(axis=1), c_base = 0
+        base = [total - coef[:, :, cols].sum(axis=2) for cols in self._exact]
+        src = np.concatenate([coef.ravel()] + [b.ravel() for b in base])
+        self.native.run(src[self._index].astype(np.float32), num_threads)
+
+
 def run_method(store: CompressedStore, method, per_model, global_params, plans, tables: List[np.ndarray],
                seed: int, backend: str, num_threads: int) -> None:
     """Any registered method. Weighted sums (linear, task_arithmetic, ...) decode inside the fused kernel;

@@ -582,10 +582,13 @@ class CheckpointPool:
         if method == "linear" and kind:
             # the hot path: plans checked once per set of targets, then one call per candidate
             n_groups = 1 if flat else self._plan_cache.num_groups(groups)
-            make = grouped.native_table if kind == "cpu" else grouped.triton_table
+            if kind == "compressed":
+                make = lambda ps: compressed.LinearTable(self._compressed, ps, n_groups, n)  # noqa: E731
+            else:
+                make = functools.partial(grouped.native_table if kind == "cpu" else grouped.triton_table,
+                                         inputs=self._inputs, n_groups=n_groups)
             entry = self._plan_entry(("flat" if flat else groups, names, strict, n_groups), into, names,
-                                     lambda: self._checked_plans(into, group_of, names, strict),
-                                     lambda ps: make(ps, self._inputs, n_groups))
+                                     lambda: self._checked_plans(into, group_of, names, strict), make)
             plans, table = entry.plans, entry.native
             if self.device.type == "cuda" and _capturing(self.device):
                 self._captured[id(entry)] = entry
@@ -595,6 +598,8 @@ class CheckpointPool:
             if table is None:
                 with _pool_writes():
                     self._run_linear(plans, tables)
+            elif kind == "compressed":
+                table.run(tables, self.num_threads)
             elif self._cuda is None:
                 table.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
             else:
@@ -751,8 +756,8 @@ class CheckpointPool:
     def _grouped_kind(self) -> Optional[str]:
         """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
         tensors resident on the device), or None (per tensor: streamed tiers, the eager backend)."""
-        if self._compressed is not None:
-            return None  # compressed pools decode inside their own kernel (pool/compressed.py)
+        if self._compressed is not None:  # decoded inside their own kernel: one native call on the C++ backend
+            return "compressed" if self.backend == "cpu" else None
         if self._cuda is None:
             return "cpu" if self.backend == "cpu" else None
         return "triton" if self.backend == "triton" and not self._cuda.streamed else None
