@@ -585,8 +585,8 @@ class CheckpointPool:
             if kind == "compressed":
                 make = lambda ps: compressed.LinearTable(self._compressed, ps, n_groups, n)  # noqa: E731
             else:
-                make = functools.partial(grouped.native_table if kind == "cpu" else grouped.triton_table,
-                                         inputs=self._inputs, n_groups=n_groups)
+                table_of = grouped.native_table if kind == "cpu" else grouped.triton_table
+                make = lambda ps: table_of(ps, self._inputs, n_groups)  # noqa: E731
             entry = self._plan_entry(("flat" if flat else groups, names, strict, n_groups), into, names,
                                      lambda: self._checked_plans(into, group_of, names, strict), make)
             plans, table = entry.plans, entry.native

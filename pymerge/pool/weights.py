@@ -4,7 +4,6 @@ Everything here runs on the host before anything is written, so a bad weight nev
 """
 import decimal
 import numbers
-import re
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
