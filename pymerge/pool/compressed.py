@@ -636,9 +636,11 @@ class LinearTable:
     tensor's terms and outputs are checked then, and each call only gathers every tensor's term weights with a
     few numpy operations and runs the DeltaPlan. The weights are accumulate()'s, bit for bit: the same float64
     sums over the same rows, rounded once to float32. Per tensor (accumulate, then run_terms) a model of 300
-    tensors of 1024 elements took 34 ms per candidate on a 2-core AVX2 EPYC, ~100 us of Python per tensor."""
+    tensors of 1024 elements took 38 ms per candidate on a 2-core AVX2 EPYC at N = 5, ~100 us of Python per tensor;
+    2.4 ms in one call (benchmarks/results/cpu-avx2/bench_pool_grouped_compressed.md)."""
 
     def __init__(self, store: CompressedStore, plans, n_groups: int, n: int):
+        k = len(plans[0].outs) if plans else 0  # candidates (every plan has one target per candidate)
         plans = [p for p in plans if store.base[p.name].numel()]  # an empty tensor has no terms to read
         terms = [store.terms(p.name) for p in plans]
         self.native = _native.require_cpu().DeltaPlan(
@@ -648,7 +650,7 @@ class LinearTable:
             [[o.data_ptr() for o in p.outs] for p in plans],
             [[_native.DTYPE_CODES[o.dtype] for o in p.outs] for p in plans], [list(T.strides) for T in terms])
         self._terms = terms  # the tensors the native plan reads, alive while it is
-        self.shape = (n_groups, len(plans[0].outs) if plans else 0, n)  # [G, K, N]: the coefficients' table
+        self.shape = (n_groups, k, n)  # [G, K, N]: the coefficients' table
         G, K, N = self.shape
         # tensor t's weights [K, T_t] gathered from [coef (G*K*N values), base coefficients (E*G*K values)]:
         # the base term's per set of checkpoints held exact (few: most tensors have none), then coef's columns
@@ -667,6 +669,8 @@ class LinearTable:
 
     def run(self, tables: List[np.ndarray], num_threads: int = 0) -> None:
         """tables: candidate k's float64 [G or 1, N] weights."""
+        if not self._index.size:  # only empty tensors planned (strict=False into a model of those): nothing to do
+            return
         G, K, N = self.shape
         coef = np.empty(self.shape)
         for k, t in enumerate(tables):
