@@ -755,7 +755,8 @@ class CheckpointPool:
 
     def _grouped_kind(self) -> Optional[str]:
         """Which one-call path linear merges take: "cpu" (C++ task table), "triton" (one launch over
-        tensors resident on the device), or None (per tensor: streamed tiers, the eager backend)."""
+        tensors resident on the device), "compressed" (a compressed pool's C++ DeltaPlan: compressed.LinearTable),
+        or None (per tensor: streamed tiers, the eager backend, a compressed pool on a GPU)."""
         if self._compressed is not None:  # decoded inside their own kernel: one native call on the C++ backend
             return "compressed" if self.backend == "cpu" else None
         if self._cuda is None:
