@@ -660,56 +660,27 @@ Terms make_terms(const std::vector<uintptr_t>& data, const std::vector<uintptr_t
   return T;
 }
 
-void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& scales,
-                      const std::vector<int>& kinds, int64_t numel, const std::vector<float>& weights,
-                      const std::vector<uintptr_t>& out_ptrs, const std::vector<int>& out_dtypes, int num_threads,
-                      std::vector<int64_t> group_strides) {
-  const Terms T = make_terms(data, scales, kinds, numel, out_ptrs, out_dtypes, std::move(group_strides),
-                             "delta_accumulate");
-  if (int64_t(weights.size()) != T.n_terms * T.n_out)
-    throw std::invalid_argument("delta_accumulate: inconsistent argument lengths");
-  if (numel <= 0) return;
-  const BlockFn block = pick_block(T.n_pairs > 0);
-  const Job J = T.job(weights.data());
-  const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-  const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
-  const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + kMinPerThread - 1) / kMinPerThread)));
-  parallel_for(n_blocks, kBlocksPerChunk, threads, [&](int64_t b0, int64_t b1) {
-    thread_local std::vector<float> accs, xbuf;
-    accs.resize(T.acc_floats);
-    xbuf.resize(kBlock);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * kBlock;
-      block(J, start, std::min(kBlock, numel - start), accs.data(), xbuf.data());
-    }
-    _mm_sfence();  // make this thread's streaming stores visible before the call returns
-  });
-}
-
 // A compressed pool's whole linear merge into one set of targets, run in one call: per tensor its
 // terms and outputs (checked once, when the pool plans those targets), then per call only the
 // weights. Called per tensor, a model of many small tensors paid ~100 us of Python and a thread
 // wake-up per tensor (300 tensors of 1024 elements, N = 5: 38 ms per candidate, 2.4 ms in one call,
 // 1.7 ms for the bf16 pool's GroupedPlan). Work is cut into pieces of at most kBlocksPerChunk blocks of one tensor, packed in
 // order into spans of about kSpanElems elements: a span is a piece of a big tensor or many small ones.
+// delta_accumulate runs a plan of its one tensor.
 class DeltaPlan {
  public:
   DeltaPlan(const std::vector<std::vector<uintptr_t>>& data, const std::vector<std::vector<uintptr_t>>& scales,
             const std::vector<std::vector<int>>& kinds, const std::vector<int64_t>& numels,
             const std::vector<std::vector<uintptr_t>>& outs, const std::vector<std::vector<int>>& out_dtypes,
-            const std::vector<std::vector<int64_t>>& strides) {
-    const size_t n = numels.size();
-    if (data.size() != n || scales.size() != n || kinds.size() != n || outs.size() != n || out_dtypes.size() != n ||
-        strides.size() != n)
-      throw std::invalid_argument("delta plan: one entry per tensor in every table");
-    int64_t offset = 0, span_elems = 0, first = 0;
-    for (size_t t = 0; t < n; ++t) {
-      if (numels[t] < 0) throw std::invalid_argument("delta plan: tensor " + std::to_string(t) + ": negative numel");
-      tensors_.push_back(make_terms(data[t], scales[t], kinds[t], numels[t], outs[t], out_dtypes[t], strides[t],
-                                    "delta plan: tensor " + std::to_string(t)));
-      const Terms& T = tensors_.back();
-      w_offset_.push_back(offset);
-      offset += T.n_terms * T.n_out;
+            const std::vector<std::vector<int64_t>>& strides)
+      : DeltaPlan(checked_terms(data, scales, kinds, numels, outs, out_dtypes, strides)) {}
+
+  explicit DeltaPlan(std::vector<Terms> tensors) : tensors_(std::move(tensors)) {
+    int64_t span_elems = 0, first = 0;
+    for (size_t t = 0; t < tensors_.size(); ++t) {
+      const Terms& T = tensors_[t];
+      w_offset_.push_back(n_weights_);
+      n_weights_ += T.n_terms * T.n_out;
       acc_floats_ = std::max(acc_floats_, T.acc_floats);
       total_elems_ += T.numel;
       const int64_t n_blocks = (T.numel + kBlock - 1) / kBlock;
@@ -725,16 +696,20 @@ class DeltaPlan {
       }
     }
     if (first < int64_t(pieces_.size())) spans_.push_back({first, int64_t(pieces_.size())});
-    n_weights_ = offset;
   }
 
   // weights: float32, tensor t's [n_out, n_terms] (C order) after the tensors before it
-  void run(py::array_t<float, py::array::c_style | py::array::forcecast> weights, int num_threads) {
+  void run_array(py::array_t<float, py::array::c_style | py::array::forcecast> weights, int num_threads) {
     if (weights.size() != n_weights_)
       throw std::invalid_argument("delta plan: weights must have " + std::to_string(n_weights_) + " entries, got " +
                                   std::to_string(weights.size()));
     const float* w = weights.data();
     py::gil_scoped_release nogil;
+    run(w, num_threads);
+  }
+
+  // w: n_weights() floats (the GIL released, or never held: delta_accumulate's binding)
+  void run(const float* w, int num_threads) const {
     const BlockFn blocks[2] = {pick_block(false), pick_block(true)};  // per call: PYMERGE_SIMD may change
     const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
     const int threads = int(std::max<int64_t>(1, std::min(wanted, (total_elems_ + kMinPerThread - 1) / kMinPerThread)));
@@ -764,6 +739,24 @@ class DeltaPlan {
 
  private:
   static constexpr int64_t kSpanElems = kBlocksPerChunk * kBlock;
+
+  static std::vector<Terms> checked_terms(
+      const std::vector<std::vector<uintptr_t>>& data, const std::vector<std::vector<uintptr_t>>& scales,
+      const std::vector<std::vector<int>>& kinds, const std::vector<int64_t>& numels,
+      const std::vector<std::vector<uintptr_t>>& outs, const std::vector<std::vector<int>>& out_dtypes,
+      const std::vector<std::vector<int64_t>>& strides) {
+    const size_t n = numels.size();
+    if (data.size() != n || scales.size() != n || kinds.size() != n || outs.size() != n || out_dtypes.size() != n ||
+        strides.size() != n)
+      throw std::invalid_argument("delta plan: one entry per tensor in every table");
+    std::vector<Terms> tensors;
+    for (size_t t = 0; t < n; ++t) {
+      if (numels[t] < 0) throw std::invalid_argument("delta plan: tensor " + std::to_string(t) + ": negative numel");
+      tensors.push_back(make_terms(data[t], scales[t], kinds[t], numels[t], outs[t], out_dtypes[t], strides[t],
+                                   "delta plan: tensor " + std::to_string(t)));
+    }
+    return tensors;
+  }
   struct Piece { int64_t tensor, b0, b1; };  // blocks [b0, b1) of one tensor
   struct Span { int64_t first, last; };      // pieces [first, last)
 
@@ -774,6 +767,20 @@ class DeltaPlan {
   size_t acc_floats_ = 0;
   int64_t total_elems_ = 0, n_weights_ = 0;
 };
+
+void delta_accumulate(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& scales,
+                      const std::vector<int>& kinds, int64_t numel, const std::vector<float>& weights,
+                      const std::vector<uintptr_t>& out_ptrs, const std::vector<int>& out_dtypes, int num_threads,
+                      std::vector<int64_t> group_strides) {
+  Terms T = make_terms(data, scales, kinds, numel, out_ptrs, out_dtypes, std::move(group_strides),
+                       "delta_accumulate");
+  if (int64_t(weights.size()) != T.n_terms * T.n_out)
+    throw std::invalid_argument("delta_accumulate: inconsistent argument lengths");
+  if (numel <= 0) return;
+  std::vector<Terms> one;
+  one.push_back(std::move(T));
+  DeltaPlan(std::move(one)).run(weights.data(), num_threads);  // one tensor: pieces of kBlocksPerChunk blocks
+}
 
 // ---- encoding (pool construction) ---------------------------------------------------------------
 // delta = double(theta) - double(base); per block of 64: s = the smallest bfloat16 >= max|delta| / qmax,
@@ -878,7 +885,7 @@ void register_delta_decode(py::module_& m) {
                     const std::vector<std::vector<int64_t>>&>(),
            py::arg("data_ptrs"), py::arg("scale_ptrs"), py::arg("kinds"), py::arg("numels"), py::arg("out_ptrs"),
            py::arg("out_dtypes"), py::arg("group_strides"))
-      .def("run", &DeltaPlan::run, py::arg("weights"), py::arg("num_threads") = 0,
+      .def("run", &DeltaPlan::run_array, py::arg("weights"), py::arg("num_threads") = 0,
            "delta_accumulate for every tensor t, its weights [n_out, n_terms] at t's offset of one float32 array.")
       .def_property_readonly("num_tensors", &DeltaPlan::num_tensors)
       .def_property_readonly("num_spans", &DeltaPlan::num_spans)
