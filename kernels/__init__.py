@@ -19,6 +19,14 @@ def interpreted() -> bool:
 E4M3 = 3  # dtype code of float8_e4m3fn (pymerge._native.DTYPE_CODES)
 
 
+def body_and_tail(numel: int, block: int, num_warps: int) -> list:
+    """The launches over numel elements, (lo, hi, block, num_warps) each, empty ones left out: the body, whole
+    runs of 16 elements (a mask constant over each run lets aligned loads go 16 bytes at a time), in blocks of
+    `block`; then the last numel % 16 elements in blocks of 16 on one warp."""
+    body = numel - numel % 16
+    return [r for r in ((0, body, block, num_warps), (body, numel, 16, 1)) if r[1] > r[0]]
+
+
 def e4m3_unsupported(device, codes) -> bool:
     """True when a Triton launch on `device` would read float8_e4m3fn (dtype code 3 among `codes`) and the
     GPU cannot: Triton builds tl.float8e4nv for compute capability 8.9 and newer only (an A100, sm_80,

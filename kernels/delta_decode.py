@@ -17,7 +17,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
+from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3
 
 MAX_OUTPUTS = 4
 Q8, Q4 = 16, 17
@@ -152,14 +152,13 @@ def delta_accumulate(tensors, scales, kinds, numel: int, w, outs, block: int = 2
     # the body (whole runs of 16 elements, in rows of one scale block) with 16-byte loads where every term
     # allows them, then the last numel % 16 elements element by element: as weighted_sum's launcher
     aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
-    body = numel - numel % 16
+    launches = body_and_tail(numel, block, num_warps)
     for first in range(0, len(outs), MAX_OUTPUTS):
         group = outs[first:first + MAX_OUTPUTS]
         slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
-        for lo, hi, blk in ((0, body, block), (body, numel, 16)):
-            if hi > lo:
-                _delta_kernel[(triton.cdiv(hi - lo, blk),)](
-                    data_table, scale_table, kind_table, weights[first:first + MAX_OUTPUTS], *slots, lo, hi,
-                    len(tensors), K=len(group), BLOCK=blk, COLS=QBLOCK if blk == block else blk,
-                    ALIGNED=aligned and blk == block, HAS_E4M3=E4M3 in kinds,
-                    num_warps=num_warps if blk == block else 1)
+        for lo, hi, blk, warps in launches:
+            body = blk == block  # rows of one scale block (block is a multiple of 64, never the tail's 16)
+            _delta_kernel[(triton.cdiv(hi - lo, blk),)](
+                data_table, scale_table, kind_table, weights[first:first + MAX_OUTPUTS], *slots, lo, hi,
+                len(tensors), K=len(group), BLOCK=blk, COLS=QBLOCK if body else blk, ALIGNED=aligned and body,
+                HAS_E4M3=E4M3 in kinds, num_warps=warps)

@@ -33,7 +33,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
+from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3
 
 _MIXED = -1
 
@@ -216,13 +216,11 @@ def tv_merge(inputs, base, plans, out, *, consensus, normalize, lam, divisor, se
     aligned = all(t.data_ptr() % 16 == 0 for t in (*inputs, base))
     if _interpreted():
         block = min(block, 256)
-    body = numel - numel % 16
-    for lo, hi, blk, warps in ((0, body, block, num_warps), (body, numel, 16, 1)):
-        if hi > lo:
-            _tv_merge_kernel[(triton.cdiv(hi - lo, blk),)](
-                tab, out, lo, hi, n, float(lam), float(divisor), IN_DT=in_dt, BASE_DT=DTYPE_CODES[base.dtype],
-                CONSENSUS=bool(consensus), NORMALIZE=bool(normalize), GROUPED=offset % 4 == 0, ALIGNED=aligned,
-                BLOCK=blk, HAS_E4M3=E4M3 in codes, num_warps=warps, enable_fp_fusion=False)
+    for lo, hi, blk, warps in body_and_tail(numel, block, num_warps):
+        _tv_merge_kernel[(triton.cdiv(hi - lo, blk),)](
+            tab, out, lo, hi, n, float(lam), float(divisor), IN_DT=in_dt, BASE_DT=DTYPE_CODES[base.dtype],
+            CONSENSUS=bool(consensus), NORMALIZE=bool(normalize), GROUPED=offset % 4 == 0, ALIGNED=aligned,
+            BLOCK=blk, HAS_E4M3=E4M3 in codes, num_warps=warps, enable_fp_fusion=False)
     del bits  # kept alive until the launch was queued
 
 

@@ -16,7 +16,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
+from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3
 
 MAX_OUTPUTS = 4
 _MIXED = -1
@@ -180,13 +180,12 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
         weights = (weights.pin_memory() if device.type == "cuda" else weights).to(device, non_blocking=True)
     if _interpreted():
         block, num_warps = min(block, 1024), 4
-    body = numel - numel % 16
+    launches = body_and_tail(numel, block, num_warps)
     for start in range(0, len(outs), MAX_OUTPUTS):
         group = outs[start:start + MAX_OUTPUTS]
         w_table = weights[start:start + MAX_OUTPUTS]
         slots = group + [group[0]] * (MAX_OUTPUTS - len(group))
-        for lo, hi, blk in ((0, body, block), (body, numel, 16)):
-            if hi > lo:
-                _weighted_sum_kernel[(triton.cdiv(hi - lo, blk),)](
-                    addr_table, code_table, w_table, *slots, lo, hi, len(tensors), IN_DT=in_dt, K=len(group),
-                    BLOCK=blk, ALIGNED=aligned, HAS_E4M3=E4M3 in codes, num_warps=num_warps if blk == block else 1)
+        for lo, hi, blk, warps in launches:
+            _weighted_sum_kernel[(triton.cdiv(hi - lo, blk),)](
+                addr_table, code_table, w_table, *slots, lo, hi, len(tensors), IN_DT=in_dt, K=len(group),
+                BLOCK=blk, ALIGNED=aligned, HAS_E4M3=E4M3 in codes, num_warps=warps)

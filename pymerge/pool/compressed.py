@@ -655,26 +655,21 @@ class LinearTable:
         # tensor t's weights [K, T_t] gathered from [coef (G*K*N values), base coefficients (E*G*K values)]:
         # the base term's per set of checkpoints held exact (few: most tensors have none), then coef's columns
         sets: Dict[tuple, int] = {}
-        self._exact: List[np.ndarray] = []
         index = []
         ks = np.arange(K)
         for p, T in zip(plans, terms):
             e = sets.setdefault(tuple(T.exact_cols.tolist()), len(sets))
-            if e == len(self._exact):
-                self._exact.append(T.exact_cols)
             base = G * K * N + (e * G + p.group) * K + ks
             cols = (p.group * K + ks)[:, None] * N + T.cols[None, :]
             index.append(np.concatenate([base[:, None], cols], axis=1).ravel())
         self._index = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+        self._exact = [np.array(cols, dtype=np.int64) for cols in sets]  # in the order of their numbers e
 
-    def run(self, tables: List[np.ndarray], num_threads: int = 0) -> None:
-        """tables: candidate k's float64 [G or 1, N] weights."""
+    def run(self, coef: np.ndarray, num_threads: int = 0) -> None:
+        """coef: float64 [G, K, N], candidate k's weights per group (grouped.weight_array)."""
         if not self._index.size:  # only empty tensors planned (strict=False into a model of those): nothing to do
             return
-        G, K, N = self.shape
-        coef = np.empty(self.shape)
-        for k, t in enumerate(tables):
-            coef[:, k, :] = t[0] if t.shape[0] == 1 else t[:G]
+        G, K, _ = self.shape
         total = np.zeros((G, K)) + coef.sum(axis=2)  # accumulate's c_base + coef.sum(axis=1), c_base = 0
         base = [total - coef[:, :, cols].sum(axis=2) for cols in self._exact]
         src = np.concatenate([coef.ravel()] + [b.ravel() for b in base])

@@ -354,9 +354,9 @@ def native_table(plans, inputs: dict, n_groups: int):
                            out_codes, [p.group for p in plans], n_groups)
 
 
-def weight_array(tables: Sequence[np.ndarray], n_groups: int, n: int) -> np.ndarray:
-    """float32 [G, K, N]: candidate k's weights per group (a one-row table serves every group)."""
-    w = np.empty((n_groups, len(tables), n), dtype=np.float32)
+def weight_array(tables: Sequence[np.ndarray], n_groups: int, n: int, dtype=np.float32) -> np.ndarray:
+    """[G, K, N] (float32 by default): candidate k's weights per group (a one-row table serves every group)."""
+    w = np.empty((n_groups, len(tables), n), dtype=dtype)
     for k, t in enumerate(tables):
         w[:, k, :] = t[0] if t.shape[0] == 1 else t[:n_groups]
     return w

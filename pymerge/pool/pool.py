@@ -598,8 +598,8 @@ class CheckpointPool:
             if table is None:
                 with _pool_writes():
                     self._run_linear(plans, tables)
-            elif kind == "compressed":
-                table.run(tables, self.num_threads)
+            elif kind == "compressed":  # float64: the per-tensor path's sums, bit for bit
+                table.run(grouped.weight_array(tables, n_groups, n, np.float64), self.num_threads)
             elif self._cuda is None:
                 table.run(grouped.weight_array(tables, n_groups, self.num_checkpoints), self.num_threads)
             else:
