@@ -355,7 +355,7 @@ def test_the_one_call_linear_path_gives_the_per_tensor_bits(simd, mode, monkeypa
             per_tensor.materialize_many(tables, want, groups=groups)
             for g, w in zip(got, want):
                 for n in shapes:
-                    assert _same_bits(g[n].contiguous(), w[n]), (groups, round_, n, g[n].dtype)
+                    assert cp._same_bits(g[n].contiguous(), w[n]), (groups, round_, n, g[n].dtype)
         tables_of = [t if t.shape[0] == 1 else t[[0, 0, 1, 2, 0, 0]] for t in tables]  # group per tensor (layer)
         for k, model in enumerate(got):
             for i, n in enumerate(shapes):
@@ -374,10 +374,6 @@ def test_the_one_call_path_into_empty_tensors_only_writes_nothing():
         model = {"e": torch.zeros(0, 4)}
         assert pool.materialize([0.2, 0.3, 0.5], into=model, strict=False) is model and model["e"].shape == (0, 4)
         pool.materialize_many([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], [model, {"e": torch.zeros(0, 4)}], strict=False)
-
-
-def _same_bits(a, b):
-    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 @pytest.mark.parametrize("n", [15, 16, 64 + 16, 2 * 1024 + 48 + 5])
