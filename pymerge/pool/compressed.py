@@ -667,6 +667,8 @@ class LinearTable:
 
     def run(self, coef: np.ndarray, num_threads: int = 0) -> None:
         """coef: float64 [G, K, N], candidate k's weights per group (grouped.weight_array)."""
+        if coef.shape != self.shape:  # the gather index is laid out for this shape only
+            raise ValueError(f"LinearTable.run: a [G, K, N] = {list(self.shape)} table, got {list(coef.shape)}")
         if not self._index.size:  # only empty tensors planned (strict=False into a model of those): nothing to do
             return
         G, K, _ = self.shape
