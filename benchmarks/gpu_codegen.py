@@ -124,8 +124,13 @@ def triton_rows() -> list:
     for dt_name, dt in (("bf16", 2), ("fp32", 0), ("mixed", -1)):
         for k in (1, 4):
             rows.append(triton_row(f"weighted_sum {dt_name} K={k}", ws._weighted_sum_kernel, ws_sig,
-                                   {"IN_DT": dt, "K": k, "BLOCK": 4096, "ALIGNED": True, "HAS_E4M3": dt == -1},
-                                   ptrs + ["start", "end"], num_warps=8, elems=4096))
+                                   {"IN_DT": dt, "K": k, "BLOCK": 4096, "ALIGNED": True, "HAS_E4M3": dt == -1,
+                                    "DELTA": False}, ptrs + ["start", "end"], num_warps=8, elems=4096))
+    # task_arithmetic's delta form (a base held in registers beside the sums)
+    for k in (1, 4):
+        rows.append(triton_row(f"weighted_sum bf16 K={k} delta", ws._weighted_sum_kernel, ws_sig,
+                               {"IN_DT": 2, "K": k, "BLOCK": 4096, "ALIGNED": True, "HAS_E4M3": False, "DELTA": True},
+                               ptrs + ["start", "end"], num_warps=8, elems=4096))
     # the pool's hot path on a GPU: a whole model's weighted sums in one launch (full blocks; the
     # partial last block of each tensor goes in a second, masked launch)
     from pymerge.kernels import weighted_sum_grouped as wg
@@ -177,10 +182,10 @@ def sm80_rows(ws_sig, wg_sig, tv_sig, dd_sig) -> list:
     ws_ptrs = ["addr_table", "code_table", "w_table", "out0", "out1", "out2", "out3", "start", "end"]
     for dt_name, dt in (("bf16", 2), ("fp8e5", 4), ("mixed", -1)):
         rows.append(triton_row(f"sm_80 weighted_sum {dt_name} K=4", ws._weighted_sum_kernel, ws_sig,
-                               {"IN_DT": dt, "K": 4, "BLOCK": 4096, "ALIGNED": True, "HAS_E4M3": False},
+                               {"IN_DT": dt, "K": 4, "BLOCK": 4096, "ALIGNED": True, "HAS_E4M3": False, "DELTA": False},
                                ws_ptrs, num_warps=8, elems=4096, arch=80))
     rows.append(triton_row("sm_80 weighted_sum mixed K=2 tail", ws._weighted_sum_kernel, ws_sig,
-                           {"IN_DT": -1, "K": 2, "BLOCK": 16, "ALIGNED": False, "HAS_E4M3": False}, [], num_warps=1,
+                           {"IN_DT": -1, "K": 2, "BLOCK": 16, "ALIGNED": False, "HAS_E4M3": False, "DELTA": False}, [], num_warps=1,
                            arch=80))
     wg_ptrs = [a for a, t in wg_sig.items() if t.startswith("*")]
     for full, aligned in ((True, True), (False, False)):
@@ -224,12 +229,14 @@ def cuda_rows() -> list:
                              r.stderr, re.S):
             mangled, spill, regs = m.group(1), int(m.group(2)), int(m.group(3))
             short = re.search(r"(weighted_sum_vec|weighted_sum_scalar|tv_merge_kernel|delta_accumulate_kernel)"
-                              r"(?:ILi(\d+)E(?:Lb(\d)E|Li(n?\d+)E)?)?", mangled)
+                              r"(?:ILi(\d+)E(?:Lb(\d)E|Li(n?\d+)E(?:Lb(\d)E)?)?)?", mangled)
             name = short.group(1) + (f" K={short.group(2)}" if short.group(2) else "") if short else mangled
             if short and short.group(3):
                 name += " vec" if short.group(3) == "1" else " scalar"
             if short and short.group(4):  # the inputs' shared dtype code (csrc/codes.h), n1: mixed
                 name += " " + {"0": "f32", "1": "f16", "2": "bf16", "n1": "mixed"}[short.group(4)]
+            if short and short.group(5) == "1":  # weighted_sum_vec's delta form (task_arithmetic)
+                name += " delta"
             start = entries.get(mangled)
             body = ptx[start:bounds[bounds.index(start) + 1]] if start is not None else ""
             rows.append({"kernel": name, "backend": "cuda", "arch": 90, "threads": 256, "registers": regs, "spill_bytes": spill,

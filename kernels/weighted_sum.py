@@ -4,6 +4,8 @@ One program owns BLOCK output elements. The inputs come as a table of raw addres
 so N is a runtime loop bound: no recompilation per N. When all inputs share a dtype it is a
 compile-time constant (one load path); mixed dtypes branch per input on a dtype code.
 K outputs (a population) are produced from one read of the inputs, up to MAX_OUTPUTS per launch.
+With delta, input 0 is a base B and the sum is the C++ kernel's delta form (csrc/cpu/weighted_sum.cpp):
+fma(w_0, B, sum_{i>=1} w_i (x_i - B)), task_arithmetic as mergekit computes it.
 """
 from collections import OrderedDict
 
@@ -79,9 +81,19 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _load_input(addr_table, code_table, i, offs, mask, IN_DT: tl.constexpr, ALIGNED: tl.constexpr,
+                    HAS_E4M3: tl.constexpr):
+        addr = tl.load(addr_table + i)
+        if IN_DT == -1:
+            x = _load_mixed(addr, tl.load(code_table + i), offs, mask, ALIGNED, HAS_E4M3)
+        else:
+            x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
+        return x
+
+    @triton.jit
     def _weighted_sum_kernel(addr_table, code_table, w_table, out0, out1, out2, out3, start, end, n_in,
                              IN_DT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                             HAS_E4M3: tl.constexpr):
+                             HAS_E4M3: tl.constexpr, DELTA: tl.constexpr):
         # Elements [start, end). The launcher runs the body (end a multiple of 16, so Triton can
         # prove the mask constant over 16-byte vectors and loads 16 bytes at a time) and the short
         # tail as two launches; one launch over an odd end would load every element on its own.
@@ -95,12 +107,12 @@ if triton is not None:
         acc1 = _neg_zeros(BLOCK)
         acc2 = _neg_zeros(BLOCK)
         acc3 = _neg_zeros(BLOCK)
-        for i in range(n_in):
-            addr = tl.load(addr_table + i)
-            if IN_DT == -1:
-                x = _load_mixed(addr, tl.load(code_table + i), offs, mask, ALIGNED, HAS_E4M3)
-            else:
-                x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
+        if DELTA:  # input 0 is the base: the terms are x_i - B, and B's own term comes last
+            b = _load_input(addr_table, code_table, 0, offs, mask, IN_DT, ALIGNED, HAS_E4M3)
+        for i in range(DELTA, n_in):
+            x = _load_input(addr_table, code_table, i, offs, mask, IN_DT, ALIGNED, HAS_E4M3)
+            if DELTA:
+                x = x - b
             acc0 = tl.fma(tl.load(w_table + i), x, acc0)
             if K > 1:
                 acc1 = tl.fma(tl.load(w_table + n_in + i), x, acc1)
@@ -108,6 +120,14 @@ if triton is not None:
                 acc2 = tl.fma(tl.load(w_table + 2 * n_in + i), x, acc2)
             if K > 3:
                 acc3 = tl.fma(tl.load(w_table + 3 * n_in + i), x, acc3)
+        if DELTA:
+            acc0 = tl.fma(tl.load(w_table), b, acc0)
+            if K > 1:
+                acc1 = tl.fma(tl.load(w_table + n_in), b, acc1)
+            if K > 2:
+                acc2 = tl.fma(tl.load(w_table + 2 * n_in), b, acc2)
+            if K > 3:
+                acc3 = tl.fma(tl.load(w_table + 3 * n_in), b, acc3)
         _store(out0, offs, mask, acc0)
         if K > 1:
             _store(out1, offs, mask, acc1)
@@ -154,10 +174,11 @@ def _tables(tensors, device):
     return hit
 
 
-def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8) -> None:
+def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8, delta: bool = False) -> None:
     """Launches the kernel; inputs contiguous and validated, outs contiguous, one device.
 
     rows: K lists of N floats, or a float32 [K, N] tensor (kept on the device: no host sync).
+    delta: tensors[0] is a base the others are taken relative to (the module docstring).
     """
     if triton is None:
         raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
@@ -188,4 +209,4 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
         for lo, hi, blk, warps in launches:
             _weighted_sum_kernel[(triton.cdiv(hi - lo, blk),)](
                 addr_table, code_table, w_table, *slots, lo, hi, len(tensors), IN_DT=in_dt, K=len(group),
-                BLOCK=blk, ALIGNED=aligned, HAS_E4M3=E4M3 in codes, num_warps=warps)
+                BLOCK=blk, ALIGNED=aligned, HAS_E4M3=E4M3 in codes, DELTA=bool(delta), num_warps=warps)

@@ -13,7 +13,7 @@ another stream to the writer thread, which hands the slot back once the chunk is
 Never cudaMemcpy from the mapping itself: pageable copies run at a fraction of pinned speed.
 
 CPU without torch: for a weighted-sum method (pymerge/methods/linear.py: linear, task_arithmetic;
-``weights_for`` gives the sources and coefficients) whose inputs need no rounding to ``dtype`` and
+``weights_for`` gives the sources and coefficients, ``delta`` the form) whose inputs need no rounding to ``dtype`` and
 whose result needs no second rounding, the executor hands raw pointers into the mapped
 checkpoints (numpy views) and into numpy output buffers straight to the C++ kernel that
 ops.weighted_sum calls, with the same arguments: the same bits, and torch is never imported
@@ -284,7 +284,7 @@ def _address(a: np.ndarray) -> int:
 
 def _raw_tensor(plan, tp, sink, free, chunk_bytes, num_threads) -> None:
     """One tensor of a weighted-sum method, without torch: what the method's merge_tensor does
-    through ops.weighted_sum (same sources, order, coefficients, kernel), on raw pointers."""
+    through ops.weighted_sum (same sources, order, coefficients, form, kernel), on raw pointers."""
     task = TensorTask(inputs=[], base=None, model_params=tp.model_params, params=tp.params, name=tp.name)
     order, coef = plan.method.weights_for(task)  # source i: plan.checkpoints[i] (inputs..., then base)
     arrays = [plan.checkpoints[i].array(tp.name) for i in order]  # kept alive while the kernel reads
@@ -299,7 +299,7 @@ def _raw_tensor(plan, tp, sink, free, chunk_bytes, num_threads) -> None:
         sink.check()
         out = buf[:n * out_size]
         kernel([p + off * s for p, s in zip(ptrs, sizes)], codes, n, coef, [_address(out)], [out_code],
-               num_threads)
+               num_threads, getattr(plan.method, "delta", False))
         sink.put(tp.name, out, off, buf, n * in_per_el)
 
 

@@ -126,6 +126,21 @@ def test_cuda_weighted_sum_keeps_64_bytes_in_flight_per_thread(rows):
         assert rows[f"weighted_sum_vec K={k} mixed / cuda"]["blocks_per_sm"] >= 4
 
 
+def test_cuda_delta_sums_keep_their_loads_without_spilling(rows):
+    """task_arithmetic's delta form holds the base's vector beside the sums: with 3 or 4 outputs it keeps 3 blocks
+    resident (at 4 it spilled 48-264 bytes), loads 16 bytes at a time and adds the base's term once per output."""
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    for k in (1, 2, 3, 4):
+        for dt in ("bf16", "f16", "f32", "mixed"):
+            r = rows[f"weighted_sum_vec K={k} {dt} delta / cuda"]
+            assert r["blocks_per_sm"] >= (4 if k <= 2 else 3) and r["spill_bytes"] == 0 and r["local_ops"] == 0, r
+            assert r["v4_loads"] >= 2 * k + 3, r  # the sums' 2 each, the inputs' and the base's
+            plain = rows[f"weighted_sum_vec K={k} {dt} / cuda"]
+            assert r["fma_f32"] > plain["fma_f32"] * 0.7, (r, plain)  # (not a kernel that lost its sums)
+
+
 def test_cuda_delta_decode_moves_16_bytes_at_a_time(rows):
     """Compressed pools are bandwidth-bound on a GPU: the vector path loads int4 codes and dense
     terms 16 bytes at a time, stores 16 bytes, keeps everything in registers, and rounds with one

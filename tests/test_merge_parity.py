@@ -3,7 +3,8 @@
 mergekit runs once, in a subprocess, over every config (its own mergekit-yaml command, called
 through its click entry point so the ~5 s import is paid once); pymerge runs in process. Float32
 outputs must agree within relative error 1e-5; 16-bit outputs within one rounding step of the
-16-bit format (the two tools round a float32 value that differs in its last bits).
+16-bit format (the two tools round a float32 value that differs in its last bits), in under 0.2 % of
+a tensor's elements.
 """
 import json
 from pathlib import Path
@@ -59,6 +60,14 @@ def _configs(fp32, bf16, tied):
             "parameters": {"normalize": True, "lambda": 1.3}, "dtype": "float32", "out_dtype": "float32"},
         "ta_bf16_out": {"merge_method": "task_arithmetic", "base_model": b16, "models": [
             {"model": f, "parameters": {"weight": 1.0}} for f in f16], "dtype": "float32", "out_dtype": "bfloat16"},
+        # bfloat16 halfway points: the one-pass rewrite of task_arithmetic rounded 2.3 % of these elements one
+        # step away from mergekit (a review, 2026-12-06); the delta form rounds them as mergekit does
+        "ta_bf16_halfway": {"merge_method": "task_arithmetic", "base_model": b16, "models": [
+            {"model": f16[0], "parameters": {"weight": 0.7}}, {"model": f16[1], "parameters": {"weight": 0.5}}],
+            "dtype": "float32", "out_dtype": "bfloat16"},
+        "ta_bf16_lambda": {"merge_method": "task_arithmetic", "base_model": b16, "models": [
+            {"model": f, "parameters": {"weight": 1.0}} for f in f16[:2]],
+            "parameters": {"lambda": 0.3}, "dtype": "float32", "out_dtype": "bfloat16"},
         "ta_tied_fp16": {"merge_method": "task_arithmetic", "base_model": bt, "models": [
             {"model": ft[0], "parameters": {"weight": 0.6}}, {"model": ft[1], "parameters": {"weight": 0.8}}],
             "dtype": "float32", "out_dtype": "float16"},
@@ -107,7 +116,9 @@ def _assert_same(ours, theirs, name, precision=None):
             eps = torch.finfo(precision or b.dtype).eps
             diff = (a64 - b64).abs()
             assert bool((diff <= eps * b64.abs() + 1e-7 * scale).all()), (name, k, diff.max().item())
-            assert (diff > 0).double().mean().item() < 0.02, (name, k)
+            # measured 2026-12-06: at most 0.07 % of a tensor's elements (linear), 0.03 % (task_arithmetic); the
+            # one-pass task_arithmetic this replaced differed in 2.3 % at weights 0.7 / 0.5 (ta_bf16_halfway)
+            assert (diff > 0).double().mean().item() < 0.002, (name, k)
 
 
 @pytest.mark.parametrize("name", list(_configs(("b", ["a", "a", "a"]), ("b", ["a", "a", "a"]),

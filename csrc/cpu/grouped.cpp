@@ -24,8 +24,9 @@ class GroupedPlan {
  public:
   GroupedPlan(const std::vector<std::vector<uintptr_t>>& in_ptrs, const std::vector<std::vector<int>>& in_dtypes,
               const std::vector<int64_t>& numels, const std::vector<std::vector<uintptr_t>>& out_ptrs,
-              const std::vector<std::vector<int>>& out_dtypes, const std::vector<int>& groups, int64_t n_groups)
-      : n_groups_(n_groups) {
+              const std::vector<std::vector<int>>& out_dtypes, const std::vector<int>& groups, int64_t n_groups,
+              bool delta)
+      : n_groups_(n_groups), delta_(delta) {
     const size_t t_count = numels.size();
     if (in_ptrs.size() != t_count || in_dtypes.size() != t_count || out_ptrs.size() != t_count ||
         out_dtypes.size() != t_count || groups.size() != t_count)
@@ -86,7 +87,7 @@ class GroupedPlan {
   void run_piece(const Piece& pc, const float* w) const {
     const size_t t = size_t(pc.tensor);
     const ws::Job J{in_.data() + t * n_in_, in_dt_.data() + t * n_in_, n_in_, w + group_[t] * n_out_ * n_in_,
-                    out_.data() + t * n_out_, out_dt_.data() + t * n_out_, n_out_, stream_, streams_[t]};
+                    out_.data() + t * n_out_, out_dt_.data() + t * n_out_, n_out_, stream_, streams_[t], delta_};
     ws::run_range(J, pc.start, pc.end, false);
   }
 
@@ -115,7 +116,7 @@ class GroupedPlan {
   }
 
   int64_t n_in_ = 0, n_out_ = 0, n_groups_ = 1, total_elems_ = 0;
-  bool stream_ = false;
+  bool stream_ = false, delta_ = false;  // delta: ws::Job::delta for every tensor (input 0 its base)
   std::vector<uintptr_t> in_, out_;
   std::vector<int> in_dt_, out_dt_, group_;
   std::vector<int64_t> numel_, streams_;  // streams_: distinct inputs of each tensor (ws::Job::streams)
@@ -127,9 +128,9 @@ void register_grouped(py::module_& m) {
   py::class_<GroupedPlan>(m, "GroupedPlan", "Task table of a whole weighted-sum merge, run in one call.")
       .def(py::init<const std::vector<std::vector<uintptr_t>>&, const std::vector<std::vector<int>>&,
                     const std::vector<int64_t>&, const std::vector<std::vector<uintptr_t>>&,
-                    const std::vector<std::vector<int>>&, const std::vector<int>&, int64_t>(),
+                    const std::vector<std::vector<int>>&, const std::vector<int>&, int64_t, bool>(),
            py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("numels"), py::arg("out_ptrs"), py::arg("out_dtypes"),
-           py::arg("groups"), py::arg("n_groups"))
+           py::arg("groups"), py::arg("n_groups"), py::arg("delta") = false)
       .def("run", &GroupedPlan::run, py::arg("weights"), py::arg("num_threads") = 0,
            "out[t][k] = sum_i weights[group[t], k, i] * in[t][i] for every tensor t (float32 [G, K, N] weights).")
       .def_property_readonly("num_tensors", &GroupedPlan::num_tensors)

@@ -1,7 +1,9 @@
 // Fused weighted sum of N checkpoints into K outputs: out_k = sum_i W[k,i] * x_i.
 // Each input element is read once and converted to float32 in registers; accumulation is in
 // float32, in input order (first term w*x, then fused multiply-adds); every output is written once
-// with round-to-nearest-even. Work is split into L1-sized blocks spread over the thread pool
+// with round-to-nearest-even. A delta job (ws::Job::delta, task_arithmetic) takes input 0 as the base B:
+// the sum runs over d_i = x_i - B from input 1 on (first w*d, then fmas), and B's own term comes last,
+// fma(w_0, B, sum) (w_0 * B alone when B is the only input). Work is split into L1-sized blocks spread over the thread pool
 // (parallel.cpp); grouped.cpp runs the same blocks over every tensor of a model in one call.
 #include <immintrin.h>
 #include <pybind11/stl.h>
@@ -53,9 +55,25 @@ inline char* out_at(const Job& J, int64_t k, int64_t e) {
 
 // Portable block: each input block is converted once into xbuf (or straight into the accumulator
 // when K = 1), then fused-multiply-added into K float32 accumulators, then stored once.
+// xbuf: 2 * kBlock floats (a delta job keeps the base's block in the second half).
 template <class Acc, class AccFirst, class Store>
 void block_buffered(const Job& J, int64_t start, int64_t len, float* accs, float* xbuf, AccFirst acc_first,
                     Acc acc_next, Store store) {
+  if (J.delta) {
+    auto src = [&](int64_t i) { return reinterpret_cast<const char*>(J.in[i]) + start * dtype_size(J.in_dt[i]); };
+    float* base = xbuf + kBlock;
+    acc_first(base, src(0), len, 1.0f, J.in_dt[0]);  // 1 * x: the value itself
+    for (int64_t i = 1; i < J.n_in; ++i) {
+      acc_first(xbuf, src(i), len, 1.0f, J.in_dt[i]);
+      for (int64_t j = 0; j < len; ++j) xbuf[j] -= base[j];
+      for (int64_t k = 0; k < J.n_out; ++k)
+        (i == 1 ? acc_first : acc_next)(accs + k * kBlock, xbuf, len, J.w[k * J.n_in + i], F32);
+    }
+    for (int64_t k = 0; k < J.n_out; ++k)
+      (J.n_in == 1 ? acc_first : acc_next)(accs + k * kBlock, base, len, J.w[k * J.n_in], F32);
+    for (int64_t k = 0; k < J.n_out; ++k) store(out_at(J, k, start), accs + k * kBlock, len, J.out_dt[k]);
+    return;
+  }
   for (int64_t i = 0; i < J.n_in; ++i) {
     const char* src = reinterpret_cast<const char*>(J.in[i]) + start * dtype_size(J.in_dt[i]);
     if (J.n_out == 1) {
@@ -131,23 +149,37 @@ AVX512_TARGET inline void store16_masked(char* p, __m512 x, int dt, __mmask16 m)
   _mm256_mask_storeu_epi16(p, m, h);
 }
 
+// A delta job's last step: the base's own term, fma(w_0, B, sum), or w_0 * B where B is the only input.
+template <int K>
+AVX512_TARGET inline void add_base(__m512 (&acc)[K][2], const __m512 (&b)[2], const float* w, int64_t n_in) {
+  for (int k = 0; k < K; ++k) {
+    const __m512 wk = _mm512_set1_ps(w[k * n_in]);
+    acc[k][0] = n_in > 1 ? _mm512_fmadd_ps(wk, b[0], acc[k][0]) : _mm512_mul_ps(wk, b[0]);
+    acc[k][1] = n_in > 1 ? _mm512_fmadd_ps(wk, b[1], acc[k][1]) : _mm512_mul_ps(wk, b[1]);
+  }
+}
+
 template <int K>
 AVX512_TARGET void tail_avx512(const Job& J, int64_t k0, int64_t e, int64_t n) {
   const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n > 16 ? __mmask16((1u << (n - 16)) - 1) : __mmask16(0);
-  __m512 acc[K][2];
+  __m512 acc[K][2], b[2];
+  const int64_t first = J.delta ? 1 : 0;  // the input whose term starts the sums
   for (int64_t i = 0; i < J.n_in; ++i) {
     const int dt = J.in_dt[i];
     const size_t es = dtype_size(dt);
     const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
-    const __m512 x0 = load16_masked(src, dt, m0), x1 = load16_masked(src + 16 * es, dt, m1);
+    __m512 x0 = load16_masked(src, dt, m0), x1 = load16_masked(src + 16 * es, dt, m1);
+    if (J.delta && i == 0) { b[0] = x0; b[1] = x1; continue; }
+    if (J.delta) { x0 = _mm512_sub_ps(x0, b[0]); x1 = _mm512_sub_ps(x1, b[1]); }
     const float* w = J.w + k0 * J.n_in + i;
     for (int k = 0; k < K; ++k) {
       const __m512 wk = _mm512_set1_ps(w[k * J.n_in]);
-      acc[k][0] = i ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
-      acc[k][1] = i ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+      acc[k][0] = i != first ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
+      acc[k][1] = i != first ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
     }
   }
+  if (J.delta) add_base<K>(acc, b, J.w + k0 * J.n_in, J.n_in);
   for (int k = 0; k < K; ++k) {
     const int dt = J.out_dt[k0 + k];
     char* dst = out_at(J, k0 + k, e);
@@ -163,29 +195,39 @@ AVX512_TARGET void strips_avx512(const Job& J, int64_t k0, int64_t start, int64_
     stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 64 : 32) == 0;
   const bool last = P.i1 == J.n_in;
   const int64_t ahead = prefetch_bytes(J, P);
+  const int64_t first = J.delta ? 1 : 0;  // the input whose term starts the sums (a delta job's base: none)
+  const int bdt = J.in_dt[0];
+  const size_t bes = dtype_size(bdt);
   for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
     const int64_t e = start + j;
-    __m512 acc[K][2];
+    __m512 acc[K][2], b[2];
     if (!P.first())
       for (int k = 0; k < K; ++k) {
         acc[k][0] = _mm512_loadu_ps(P.part + k * kPassBlock + j);
         acc[k][1] = _mm512_loadu_ps(P.part + k * kPassBlock + j + 16);
       }
-    for (int64_t i = P.i0; i < P.i1; ++i) {
+    if (J.delta) {  // the base's strip, in every pass (after the first, from cache)
+      const char* src = reinterpret_cast<const char*>(J.in[0]) + e * bes;
+      if (P.first()) _mm_prefetch(src + ahead, _MM_HINT_T0);
+      b[0] = load16_any(src, bdt); b[1] = load16_any(src + 16 * bes, bdt);
+    }
+    for (int64_t i = std::max(P.i0, first); i < P.i1; ++i) {
       const int dt = J.in_dt[i];
       const size_t es = dtype_size(dt);
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
       _mm_prefetch(src + ahead, _MM_HINT_T0);
       if (es == 4) _mm_prefetch(src + ahead + 64, _MM_HINT_T0);
-      const __m512 x0 = load16_any(src, dt), x1 = load16_any(src + 16 * es, dt);
+      __m512 x0 = load16_any(src, dt), x1 = load16_any(src + 16 * es, dt);
+      if (J.delta) { x0 = _mm512_sub_ps(x0, b[0]); x1 = _mm512_sub_ps(x1, b[1]); }
       const float* w = J.w + k0 * J.n_in + i;
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) {
         const __m512 wk = _mm512_set1_ps(w[k * J.n_in]);
-        acc[k][0] = i ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
-        acc[k][1] = i ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+        acc[k][0] = i != first ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
+        acc[k][1] = i != first ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
       }
     }
+    if (last && J.delta) add_base<K>(acc, b, J.w + k0 * J.n_in, J.n_in);
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) {
       if (!last) {
@@ -220,27 +262,36 @@ AVX512_TARGET void strips_bf16(const Job& J, int64_t k0, int64_t start, int64_t 
   const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
   const bool last = P.i1 == J.n_in;
   const int64_t ahead = prefetch_bytes(J, P);
+  const int64_t first = J.delta ? 1 : 0;
   for (int64_t j = 0; j + kStrip <= len; j += kStrip) {
     const int64_t e = start + j;
-    __m512 acc[K][2];
+    __m512 acc[K][2], b[2];
     if (!P.first())
       for (int k = 0; k < K; ++k) {
         acc[k][0] = _mm512_loadu_ps(P.part + k * kPassBlock + j);
         acc[k][1] = _mm512_loadu_ps(P.part + k * kPassBlock + j + 16);
       }
-    for (int64_t i = P.i0; i < P.i1; ++i) {
+    if (J.delta) {  // the base's strip (even and odd halves as the inputs'), in every pass
+      const char* src = reinterpret_cast<const char*>(J.in[0]) + e * 2;
+      if (P.first()) _mm_prefetch(src + ahead, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(src);
+      b[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); b[1] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    }
+    for (int64_t i = std::max(P.i0, first); i < P.i1; ++i) {
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * 2;
       _mm_prefetch(src + ahead, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(src);
-      const __m512 x0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), x1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      __m512 x0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), x1 = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+      if (J.delta) { x0 = _mm512_sub_ps(x0, b[0]); x1 = _mm512_sub_ps(x1, b[1]); }
       const float* w = J.w + k0 * J.n_in + i;
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) {
         const __m512 wk = _mm512_set1_ps(w[k * J.n_in]);
-        acc[k][0] = i ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
-        acc[k][1] = i ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
+        acc[k][0] = i != first ? _mm512_fmadd_ps(wk, x0, acc[k][0]) : _mm512_mul_ps(wk, x0);
+        acc[k][1] = i != first ? _mm512_fmadd_ps(wk, x1, acc[k][1]) : _mm512_mul_ps(wk, x1);
       }
     }
+    if (last && J.delta) add_base<K>(acc, b, J.w + k0 * J.n_in, J.n_in);
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) {
       if (!last) {  // the even and odd halves as they are: the next pass reads them back alike
@@ -306,20 +357,40 @@ AVX2_TARGET inline void accumulate_strip(__m256 (&acc)[K][2], __m256 x0, __m256 
   }
 }
 
+// A delta job's last step, as add_base.
+template <int K>
+AVX2_TARGET inline void add_base_avx2(__m256 (&acc)[K][2], const __m256 (&b)[2], const float* w, int64_t n_in) {
+#pragma GCC unroll 6
+  for (int k = 0; k < K; ++k) {
+    const __m256 wk = _mm256_set1_ps(w[k * n_in]);
+    acc[k][0] = n_in > 1 ? _mm256_fmadd_ps(wk, b[0], acc[k][0]) : _mm256_mul_ps(wk, b[0]);
+    acc[k][1] = n_in > 1 ? _mm256_fmadd_ps(wk, b[1], acc[k][1]) : _mm256_mul_ps(wk, b[1]);
+  }
+}
+
 template <int K>
 AVX2_TARGET void strips_avx2(const Job& J, int64_t k0, int64_t start, int64_t len) {
   bool stream[K];
   for (int k = 0; k < K; ++k)  // stream only where every strip's store is aligned (bf16: 16 B, f32: 32 B)
     stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % (J.out_dt[k0 + k] == F32 ? 32 : 16) == 0;
+  const int64_t first = J.delta ? 1 : 0;  // the input whose term starts the sums (a delta job's base: none)
   for (int64_t j = 0; j + kStrip2 <= len; j += kStrip2) {
     const int64_t e = start + j;
-    __m256 acc[K][2];
-    for (int64_t i = 0; i < J.n_in; ++i) {
+    __m256 acc[K][2], b[2];
+    if (J.delta) {  // the base's strip
+      const int dt = J.in_dt[0];
+      const char* src = reinterpret_cast<const char*>(J.in[0]) + e * dtype_size(dt);
+      b[0] = load8_any(src, dt); b[1] = load8_any(src + 8 * dtype_size(dt), dt);
+    }
+    for (int64_t i = first; i < J.n_in; ++i) {
       const int dt = J.in_dt[i];
       const size_t es = dtype_size(dt);
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * es;
-      accumulate_strip<K>(acc, load8_any(src, dt), load8_any(src + 8 * es, dt), J.w + k0 * J.n_in + i, J.n_in, i == 0);
+      __m256 x0 = load8_any(src, dt), x1 = load8_any(src + 8 * es, dt);
+      if (J.delta) { x0 = _mm256_sub_ps(x0, b[0]); x1 = _mm256_sub_ps(x1, b[1]); }
+      accumulate_strip<K>(acc, x0, x1, J.w + k0 * J.n_in + i, J.n_in, i == first);
     }
+    if (J.delta) add_base_avx2<K>(acc, b, J.w + k0 * J.n_in, J.n_in);
 #pragma GCC unroll 6
     for (int k = 0; k < K; ++k) {
       const int dt = J.out_dt[k0 + k];
@@ -337,15 +408,22 @@ AVX2_TARGET void strips_bf16_avx2(const Job& J, int64_t k0, int64_t start, int64
   bool stream[K];
   for (int k = 0; k < K; ++k) stream[k] = J.stream && reinterpret_cast<uintptr_t>(out_at(J, k0 + k, start)) % 32 == 0;
   const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
+  const int64_t first = J.delta ? 1 : 0;
   for (int64_t j = 0; j + kStrip2 <= len; j += kStrip2) {
     const int64_t e = start + j;
-    __m256 acc[K][2];
-    for (int64_t i = 0; i < J.n_in; ++i) {
+    __m256 acc[K][2], b[2];
+    if (J.delta) {  // the base's strip, even and odd halves as the inputs'
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(J.in[0]) + e * 2));
+      b[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); b[1] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    }
+    for (int64_t i = first; i < J.n_in; ++i) {
       const char* src = reinterpret_cast<const char*>(J.in[i]) + e * 2;
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-      accumulate_strip<K>(acc, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-                          _mm256_castsi256_ps(_mm256_and_si256(v, high)), J.w + k0 * J.n_in + i, J.n_in, i == 0);
+      __m256 x0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), x1 = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      if (J.delta) { x0 = _mm256_sub_ps(x0, b[0]); x1 = _mm256_sub_ps(x1, b[1]); }
+      accumulate_strip<K>(acc, x0, x1, J.w + k0 * J.n_in + i, J.n_in, i == first);
     }
+    if (J.delta) add_base_avx2<K>(acc, b, J.w + k0 * J.n_in, J.n_in);
 #pragma GCC unroll 6
     for (int k = 0; k < K; ++k) {
       const __m256i h = _mm256_or_si256(bf16_round_bits_8(acc[k][0]), _mm256_slli_epi32(bf16_round_bits_8(acc[k][1]), 16));
@@ -412,13 +490,13 @@ void ws::run_range(const Job& J, int64_t start, int64_t end, bool fence) {
   const bool some_passes = block == block_avx512 && J.n_in > kDirectInputs;
   accs.resize(std::max(size_t(std::min(J.n_out, kOutputsPerPass) * kBlock),
                        some_passes ? size_t(kPassOutputs * kPassBlock) : size_t(0)));
-  xbuf.resize(kBlock);
+  xbuf.resize(2 * kBlock);  // an input's block, and a delta job's base (block_buffered)
   for (int64_t b = start; b < end; b += step) {
     // Any number of outputs, kOutputsPerPass at a time: the accumulators stay bounded and the
     // block is re-read from cache for each group.
     for (int64_t k0 = 0; k0 < J.n_out; k0 += kOutputsPerPass) {
       const Job G{J.in, J.in_dt, J.n_in, J.w + k0 * J.n_in, J.out + k0, J.out_dt + k0,
-                  std::min(kOutputsPerPass, J.n_out - k0), J.stream, J.streams};
+                  std::min(kOutputsPerPass, J.n_out - k0), J.stream, J.streams, J.delta};
       block(G, b, std::min(step, end - b), accs.data(), xbuf.data());
     }
   }
@@ -429,7 +507,7 @@ namespace {
 
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
-                       const std::vector<int>& out_dtypes, int num_threads) {
+                       const std::vector<int>& out_dtypes, int num_threads, bool delta) {
   const int64_t n_in = int64_t(in_ptrs.size()), n_out = int64_t(out_ptrs.size());
   if (n_in == 0 || n_out == 0) throw std::invalid_argument("weighted_sum: need at least one input and one output");
   if (int64_t(in_dtypes.size()) != n_in || int64_t(out_dtypes.size()) != n_out ||
@@ -438,7 +516,7 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   ws::check_codes(in_dtypes, out_dtypes);
   if (numel <= 0) return;
   const Job J{in_ptrs.data(), in_dtypes.data(), n_in, weights.data(), out_ptrs.data(), out_dtypes.data(), n_out,
-              numel * 2 >= ws::kStreamBytes, ws::distinct_inputs(in_ptrs.data(), n_in)};
+              numel * 2 >= ws::kStreamBytes, ws::distinct_inputs(in_ptrs.data(), n_in), delta};
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
   const int64_t wanted = num_threads > 0 ? num_threads : default_threads();
   const int threads = int(std::max<int64_t>(1, std::min(wanted, (numel + ws::kMinPerThread - 1) / ws::kMinPerThread)));
@@ -451,8 +529,9 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
 void register_weighted_sum(py::module_& m) {
   m.def("weighted_sum_many", &weighted_sum_many, py::arg("in_ptrs"), py::arg("in_dtypes"), py::arg("numel"),
         py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("num_threads") = 0,
-        py::call_guard<py::gil_scoped_release>(),
-        "out_k = sum_i weights[k*N+i] * in_i over numel elements (raw pointers, dtype codes).");
+        py::arg("delta") = false, py::call_guard<py::gil_scoped_release>(),
+        "out_k = sum_i weights[k*N+i] * in_i over numel elements (raw pointers, dtype codes); delta: in_0 is a "
+        "base B, out_k = weights[k*N] * B + sum_{i>=1} weights[k*N+i] * (in_i - B).");
 }
 
 PYMERGE_REGISTER(register_weighted_sum);

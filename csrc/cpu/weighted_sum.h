@@ -12,7 +12,10 @@ constexpr int64_t kBlock = 4096;                // floats per accumulator block:
 constexpr int64_t kMinPerThread = int64_t(1) << 18;  // elements: below this a second thread costs more than it gives
 constexpr int64_t kStreamBytes = 8 << 20;       // outputs above this skip the cache
 
-// N inputs, K outputs, weights w[k * N + i].
+// N inputs, K outputs, weights w[k * N + i]. With delta, input 0 is a base B that every later input is
+// taken relative to: out_k = w[k,0] * B + sum_{i>=1} w[k,i] * (x_i - B), each x_i - B formed in float32
+// (task_arithmetic as mergekit computes it: from bfloat16 checkpoints the differences are exact, and a
+// result on a bfloat16 halfway point rounds as the exact one does).
 struct Job {
   const uintptr_t* in;
   const int* in_dt;
@@ -25,6 +28,7 @@ struct Job {
   // Distinct input addresses (0: n_in): memory streams, which decide a sweep in passes (task_arithmetic reads
   // its base twice, the second time from cache: 7 models and a base are 9 inputs but 8 streams).
   int64_t streams = 0;
+  bool delta = false;
 };
 
 // How many of in[0, n) differ (n where n is small enough that it cannot matter).

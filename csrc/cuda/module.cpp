@@ -18,7 +18,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("device_count", [] { int n = 0; return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0; });
   m.def("weighted_sum_many", &pymerge_cuda::weighted_sum_many, py::arg("in_ptrs"), py::arg("in_dtypes"),
         py::arg("numel"), py::arg("weights"), py::arg("out_ptrs"), py::arg("out_dtypes"), py::arg("scratch"),
-        py::arg("stream"), py::arg("weights_dev") = 0, py::call_guard<py::gil_scoped_release>());
+        py::arg("stream"), py::arg("weights_dev") = 0, py::arg("delta") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("delta_accumulate", &pymerge_cuda::delta_accumulate, py::arg("data_table"), py::arg("scale_table"),
         py::arg("kind_table"), py::arg("weights"), py::arg("n_terms"), py::arg("numel"), py::arg("out_ptrs"),
         py::arg("out_dtypes"), py::arg("aligned"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),

@@ -1,6 +1,7 @@
 // CUDA weighted sum of N checkpoints into K outputs: out_k = sum_i W[k,i] * x_i.
 // Same contract as the CPU kernel: float32 accumulation in input order, one read of every input
-// element, one round-to-nearest-even store per output element. One exception: a NaN comes out as the
+// element, one round-to-nearest-even store per output element, and the CPU kernel's delta form (a base B:
+// out_k = fma(w_k0, B, sum_i w_ki (x_i - B)), task_arithmetic). One exception: a NaN comes out as the
 // GPU's canonical NaN (sign and payload not kept), where the CPU kernel keeps them. Raw pointers, dtype codes and the
 // caller's stream come in from Python; nothing here links libtorch.
 #include <cuda_bf16.h>
@@ -30,7 +31,13 @@ constexpr int kMixed = -1;   // inputs of several dtypes (or float8): the load d
 constexpr int kMinBlocks = 4;
 // Inputs loaded per step: 64 bytes per thread (one 16-byte vector of bf16/fp16, two of float32, per input).
 // Mixed dtypes convert as they load, so they hold 8 floats per input and take fewer per step.
-template <int DT> struct Step { static constexpr int value = DT == F32 ? 2 : DT == kMixed ? 2 : 4; };
+// A delta sum holds its base's vector too: with 3 or 4 outputs that needs more than 64 registers, so those
+// keep 3 blocks resident (80 registers) rather than halve each thread's loads, and 4 outputs of 16-bit inputs
+// load 3 inputs per step (48 bytes; 4 spilled).
+template <int DT, int K = 1, bool Delta = false> struct Step {
+  static constexpr int value = DT == F32 ? 2 : DT == kMixed ? 2 : Delta && K == 4 ? 3 : 4;
+};
+template <int K, bool Delta> struct MinBlocks { static constexpr int value = Delta && K >= 3 ? 3 : kMinBlocks; };
 
 struct Params {
   const void* in[kMaxInputs];
@@ -43,6 +50,10 @@ struct Params {
   const float* acc_in;  // float32 partial sums from an earlier launch (row k at k * acc_stride), or null
   float* acc_out;       // write float32 partial sums here instead of the outputs, or null
   int64_t acc_stride;   // scratch_stride(numel): keeps every row 16-byte aligned for the vector path
+  const void* base;     // delta form: every input is taken relative to this base, or null
+  int base_dtype;
+  const float* w0_dev;  // the base's own weights (row k at w0_dev + k * w_stride), or null: use w0
+  float w0[kMaxOutputs];
   int n_in, n_out;
   int64_t numel;
 };
@@ -51,6 +62,10 @@ struct Params {
 // a host round trip (CUDA graphs, the search loop).
 __device__ __forceinline__ float weight(const Params& p, int k, int i) {
   return p.w_dev ? __ldg(p.w_dev + k * p.w_stride + i) : p.w[k][i];
+}
+
+__device__ __forceinline__ float base_weight(const Params& p, int k) {
+  return p.w0_dev ? __ldg(p.w0_dev + k * p.w_stride) : p.w0[k];
 }
 
 // Loads kVec consecutive elements starting at i (16-byte aligned for 2-byte types), as float32.
@@ -121,10 +136,11 @@ __device__ __forceinline__ void store_one(void* p, int64_t i, int dt, float a) {
 }
 
 // Vectorized body: every thread owns one vector of kVec elements per grid-stride step. Sums start at
-// -0.0 (fma(w, x, -0.0) is w * x, bits and all) and add the inputs in order.
-template <int K, int DT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) weighted_sum_vec(const __grid_constant__ Params p) {
-  constexpr int kS = Step<DT>::value;
+// -0.0 (fma(w, x, -0.0) is w * x, bits and all) and add the inputs in order; with a base, x - B, and
+// the base's own term after the last input (in the launch that writes the outputs).
+template <int K, int DT, bool Delta>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<K, Delta>::value)) weighted_sum_vec(const __grid_constant__ Params p) {
+  constexpr int kS = Step<DT, K, Delta>::value;
   const int64_t n_vec = p.numel / kVec;
   for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < n_vec; v += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = v * kVec;
@@ -136,6 +152,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) weighted_sum_vec(const _
 #pragma unroll
         for (int j = 0; j < kVec; ++j) acc[k][j] = -0.f;
     }
+    Loaded<DT> b;  // (a compile-time choice: the plain sum keeps its registers)
+    if constexpr (Delta) b.load(p.base, e, p.base_dtype);
     for (int i0 = 0; i0 < p.n_in; i0 += kS) {
       Loaded<DT> x[kS];
 #pragma unroll
@@ -148,10 +166,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) weighted_sum_vec(const _
         for (int k = 0; k < K; ++k) {
           const float wk = weight(p, k, i0 + s);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) acc[k][j] = fmaf(wk, x[s][j], acc[k][j]);
+          for (int j = 0; j < kVec; ++j) acc[k][j] = fmaf(wk, Delta ? x[s][j] - b[j] : x[s][j], acc[k][j]);
         }
       }
     }
+    if (Delta && !p.acc_out)
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const float wk = base_weight(p, k);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) acc[k][j] = fmaf(wk, b[j], acc[k][j]);
+      }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       if (p.acc_out) store_vec(p.acc_out + k * p.acc_stride, e, F32, acc[k]);
@@ -163,12 +188,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) weighted_sum_vec(const _
 // Scalar body: the tail past the last full vector, or everything when a pointer is misaligned.
 __global__ void weighted_sum_scalar(const __grid_constant__ Params p, int64_t begin) {
   for (int64_t e = begin + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.numel; e += int64_t(gridDim.x) * blockDim.x) {
+    const float b = p.base ? load_f32(p.base, e, p.base_dtype) : 0.f;
     for (int k = 0; k < p.n_out; ++k) {
-      float acc = p.acc_in ? p.acc_in[k * p.acc_stride + e] : 0.f;
+      float acc = p.acc_in ? p.acc_in[k * p.acc_stride + e] : -0.f;
       for (int i = 0; i < p.n_in; ++i) {
-        float x = load_f32(p.in[i], e, p.in_dtype[i]);
-        acc = (i == 0 && !p.acc_in) ? weight(p, k, i) * x : fmaf(weight(p, k, i), x, acc);
+        const float x = load_f32(p.in[i], e, p.in_dtype[i]);
+        acc = fmaf(weight(p, k, i), p.base ? x - b : x, acc);  // (from -0.0: the first is w * x, bits and all)
       }
+      if (p.base && !p.acc_out) acc = fmaf(base_weight(p, k), b, acc);
       if (p.acc_out) p.acc_out[k * p.acc_stride + e] = acc;
       else store_one(p.out[k], e, p.out_dtype[k], acc);
     }
@@ -196,7 +223,8 @@ int sm_count() {
 template <int K, int DT>
 void launch_vec(const Params& p, int64_t n_vec, cudaStream_t s) {
   int64_t blocks = std::min<int64_t>((n_vec + kThreads - 1) / kThreads, int64_t(sm_count()) * 16);
-  weighted_sum_vec<K, DT><<<unsigned(blocks), kThreads, 0, s>>>(p);
+  if (p.base) weighted_sum_vec<K, DT, true><<<unsigned(blocks), kThreads, 0, s>>>(p);
+  else weighted_sum_vec<K, DT, false><<<unsigned(blocks), kThreads, 0, s>>>(p);
 }
 
 template <int DT>
@@ -209,11 +237,12 @@ void launch_vec(const Params& p, int64_t n_vec, cudaStream_t s) {
   }
 }
 
-// The dtype all of the launch's inputs share, if it has a 16-byte load path; kMixed otherwise.
+// The dtype all of the launch's inputs (and base) share, if it has a 16-byte load path; kMixed otherwise.
 int shared_dtype(const Params& p) {
+  const int dt = p.n_in ? p.in_dtype[0] : p.base_dtype;
   for (int i = 1; i < p.n_in; ++i)
-    if (p.in_dtype[i] != p.in_dtype[0]) return kMixed;
-  const int dt = p.in_dtype[0];
+    if (p.in_dtype[i] != dt) return kMixed;
+  if (p.base && p.base_dtype != dt) return kMixed;
   return dt == BF16 || dt == F16 || dt == F32 ? dt : kMixed;
 }
 
@@ -240,17 +269,20 @@ void launch(const Params& p, bool aligned, cudaStream_t s) {
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
                        const std::vector<int>& out_dtypes, uintptr_t scratch, uintptr_t stream,
-                       uintptr_t weights_dev) {
+                       uintptr_t weights_dev, bool delta) {
   const int n_in = int(in_ptrs.size()), n_out = int(out_ptrs.size());
   if (n_in == 0 || n_out == 0 || n_out > kMaxOutputs) throw std::invalid_argument("weighted_sum: need 1..4 outputs and >= 1 input");
   if (int(in_dtypes.size()) != n_in || int(out_dtypes.size()) != n_out ||
       (!weights_dev && int64_t(weights.size()) != int64_t(n_in) * n_out))
     throw std::invalid_argument("weighted_sum: inconsistent argument lengths");
-  if (n_in > kMaxInputs && !scratch) throw std::invalid_argument("weighted_sum: more than 64 inputs need a float32 scratch buffer");
+  const int terms = delta ? n_in - 1 : n_in;  // inputs summed (a delta call's base is input 0, not a term)
+  const int skip = n_in - terms;
+  if (terms > kMaxInputs && !scratch) throw std::invalid_argument("weighted_sum: more than 64 inputs need a float32 scratch buffer");
   if (numel <= 0) return;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Inputs beyond kMaxInputs go in several launches that carry float32 partial sums in scratch.
-  for (int first = 0; first < n_in; first += kMaxInputs) {
+  // Inputs beyond kMaxInputs go in several launches that carry float32 partial sums in scratch (a delta
+  // call's base alone: one launch with none).
+  for (int first = skip; first < n_in || first == skip; first += kMaxInputs) {
     const int cnt = std::min(kMaxInputs, n_in - first);
     const bool last = first + cnt == n_in;
     Params p{};
@@ -258,9 +290,17 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
     p.acc_stride = scratch_stride(numel);
     p.w_dev = weights_dev ? reinterpret_cast<const float*>(weights_dev) + first : nullptr;
     p.w_stride = n_in;
-    p.acc_in = first ? reinterpret_cast<const float*>(scratch) : nullptr;
+    p.acc_in = first > skip ? reinterpret_cast<const float*>(scratch) : nullptr;
     p.acc_out = last ? nullptr : reinterpret_cast<float*>(scratch);
     bool aligned = true;
+    if (delta) {
+      p.base = reinterpret_cast<const void*>(in_ptrs[0]);
+      p.base_dtype = in_dtypes[0];
+      aligned &= in_ptrs[0] % 16 == 0;
+      p.w0_dev = weights_dev ? reinterpret_cast<const float*>(weights_dev) : nullptr;
+      if (!weights_dev)
+        for (int k = 0; k < n_out; ++k) p.w0[k] = weights[size_t(k) * n_in];
+    }
     for (int i = 0; i < cnt; ++i) {
       p.in[i] = reinterpret_cast<const void*>(in_ptrs[first + i]);
       p.in_dtype[i] = in_dtypes[first + i];

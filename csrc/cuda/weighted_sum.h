@@ -13,5 +13,5 @@ inline int64_t scratch_stride(int64_t numel) { return (numel + 7) / 8 * 8; }
 void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<int>& in_dtypes, int64_t numel,
                        const std::vector<float>& weights, const std::vector<uintptr_t>& out_ptrs,
                        const std::vector<int>& out_dtypes, uintptr_t scratch, uintptr_t stream,
-                       uintptr_t weights_dev = 0);
+                       uintptr_t weights_dev = 0, bool delta = false);
 }  // namespace pymerge_cuda

@@ -4,21 +4,24 @@ linear           out = sum_i w_i x_i / sum_i w_i   (normalize, default true)   o
 task_arithmetic  out = base + lambda * sum_i w_i (x_i - base) / D,  D = sum_i w_i if normalize
                  (default false; D = 1 when |sum w| < 1e-8, as mergekit does) else 1
 
-task_arithmetic is rewritten as (base - (sum_i c_i) base) + sum_i c_i x_i with c_i = lambda w_i / D:
-one pass over every input (the base's second read comes from cache), no delta tensors. In float32
-this stays within ~1e-7 relative of mergekit's delta form (tests/test_merge_parity.py checks 1e-5 end
-to end). The base's two terms keep its infinities as the delta form treats them: an inf base gives NaN
-where sum c >= 0 (x - base is -inf, times c > 0, plus the base), inf where every c < 0 (base * (1 - sum c)
-gave inf for any sum c != 1); with c summing below 0 with mixed signs or a zero among them, mergekit's NaN
-is inf here. Large lambda (1e3 and up) costs both forms ~1e-5 relative in float32.
+task_arithmetic runs in mergekit's delta form, in one pass and with no delta tensors: the weighted-sum
+kernels' delta mode (csrc/cpu/weighted_sum.cpp) forms each x_i - base in float32 as it reads x_i and
+sums c_i (x_i - base), c_i = lambda w_i / D, then adds the base. From 16-bit checkpoints every difference
+is exact, so a result on a 16-bit halfway point rounds as mergekit's and the exact one do; the one-pass
+rewrite (base - (sum c) base) + sum c x used before rounded 2.3 % of bfloat16 elements one step away from
+mergekit at weights 0.7 / 0.5 (tests/test_merge_parity.py). Infinities and NaN come out as mergekit's
+(the same differences, products and sums: an inf base with c_i > 0 gives NaN, with every c_i < 0 inf).
+Large lambda (1e3 and up) costs both ~1e-5 relative in float32.
 
 Not mergekit's behaviour, on purpose: linear with normalize and weights summing to 0 is an error
 here (mergekit divides by zero and writes a model of NaN/inf).
 
 Both are WeightedSum methods: weights_for(task) says which sources are summed, in which order,
-with which coefficients. merge_tensor (torch) and the engine's torch-free CPU path
-(pymerge/streaming.py) both use it, so the arithmetic has one source of truth and the two paths
-give the same bits. This module imports torch only when merge_tensor runs.
+with which coefficients, and `delta` whether the first is a base the others are taken relative to.
+merge_tensor (torch), the engine's torch-free CPU path (pymerge/streaming.py) and the pool's one-call
+tables all use them, so the arithmetic has one source of truth and every path gives the same bits.
+linear_weights() writes the same sum as plain coefficients of each source (compressed pools, magnitude
+checks). This module imports torch only when merge_tensor runs.
 """
 from typing import List, Tuple
 
@@ -27,20 +30,30 @@ from pymerge.methods.base import MergeMethod, Param, REQUIRED, TensorTask, flag_
 
 
 class WeightedSum(MergeMethod):
-    """A method whose result is sum_k c_k * source_k, accumulated in float32 in the order given."""
+    """A method whose result is sum_k c_k * source_k, accumulated in float32 in the order given; with
+    delta, c_0 * s_0 + sum_{k>=1} c_k * (s_k - s_0) (ops.weighted_sum.delta_sum)."""
     chunkable = True
+    delta = False
 
     def weights_for(self, task: TensorTask) -> Tuple[List[int], List[float]]:
-        """(sources, coefficients): source i < len(task.model_params) is input i, source
-        len(task.model_params) is the base. Needs only task.model_params, params and name."""
+        """(sources, coefficients) as the kernels sum them: source i < len(task.model_params) is input i,
+        source len(task.model_params) is the base. Needs only task.model_params, params and name."""
         raise NotImplementedError
 
+    def linear_weights(self, task: TensorTask) -> Tuple[List[int], List[float]]:
+        """The same sum as sum_k c_k * source_k (a delta sum's base gets c_0 - sum_{k>=1} c_k as a second term)."""
+        order, coef = self.weights_for(task)
+        if not self.delta or len(order) == 1:
+            return order, coef
+        return [order[0]] + list(order), [coef[0], -sum(coef[1:])] + list(coef[1:])
+
     def merge_tensor(self, task: TensorTask, out) -> None:
-        from pymerge.ops.weighted_sum import weighted_sum
+        from pymerge.ops.weighted_sum import delta_sum, weighted_sum
         n = len(task.model_params)
         order, coef = self.weights_for(task)
         srcs = [task.inputs[i] if i < n else task.base for i in order]
-        weighted_sum(srcs, coef, out=out, backend=task.backend, num_threads=task.num_threads)
+        (delta_sum if self.delta else weighted_sum)(srcs, coef, out=out, backend=task.backend,
+                                                    num_threads=task.num_threads)
 
 
 def _weights(task: TensorTask) -> List[float]:
@@ -75,6 +88,7 @@ class Linear(WeightedSum):
 @register
 class TaskArithmetic(WeightedSum):
     name = "task_arithmetic"
+    delta = True
     base_model = "required"
     min_models = 0  # mergekit returns the base unchanged when there is nothing else
     model_params = {
@@ -100,7 +114,4 @@ class TaskArithmetic(WeightedSum):
 
     def weights_for(self, task: TensorTask) -> Tuple[List[int], List[float]]:
         n = len(task.model_params)
-        if n == 0:  # nothing to add: the base as it is (an inf stays inf, as in mergekit)
-            return [n], [1.0]
-        c = self.coefficients(task)
-        return [n, n] + list(range(n)), [1.0, -sum(c)] + c  # base - (sum c) base: one rounding, infs kept
+        return [n] + list(range(n)), [1.0] + self.coefficients(task)  # base + sum c_i (x_i - base)

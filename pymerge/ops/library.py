@@ -8,7 +8,7 @@ Triton or the CUDA extension, launched under a device guard on the current strea
     pymerge::weighted_sum(tensors, weights[N], out_dtype) -> Tensor
     pymerge::weighted_sum_out(tensors, weights[N], out!)
     pymerge::weighted_sum_many(tensors, weights[K, N], out_dtype) -> Tensor[]
-    pymerge::weighted_sum_many_out(tensors, weights[K, N], outs!)
+    pymerge::weighted_sum_many_out(tensors, weights[K, N], outs!, delta=False)   delta: tensors[0] is a base
     pymerge::tv_merge_out(inputs, base, plan..., out!)             the task-vector pass
     pymerge::select_ranks(x, base?, ranks, descending) -> [R, 2]   magnitude rank boundaries (key, index)
     pymerge::group_dots(xs, base?, sub, group) -> float64 [G, K(K+1)/2]
@@ -341,14 +341,17 @@ def _check_outs(tensors, weights, outs, dims: int) -> None:
 
 @custom_op("pymerge::weighted_sum_many_out", mutates_args=("outs",), device_types="cpu")
 def weighted_sum_many_out(tensors: List[Tensor], weights: Tensor, outs: List[Tensor], backend: str = "auto",
-                          num_threads: int = 0) -> None:
-    """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once)."""
+                          num_threads: int = 0, delta: bool = False) -> None:
+    """outs[k] = sum_i weights[k, i] * tensors[i] (float32 accumulation, rounded once). delta: tensors[0] is a
+    base B, outs[k] = weights[k, 0] * B + sum_{i>=1} weights[k, i] * (tensors[i] - B) (task_arithmetic's form,
+    csrc/cpu/weighted_sum.cpp)."""
     _check_outs(tensors, weights, outs, 2)
-    _weighted_sum_many_out_cpu(tensors, weights, outs, backend, num_threads)
+    _weighted_sum_many_out_cpu(tensors, weights, outs, backend, num_threads, delta)
 
 
 @_kernel("weighted_sum_many_out", "cpu")
-def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threads=0, checked=()) -> None:
+def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threads=0, delta=False,
+                               checked=()) -> None:
     """The kernel, its outputs checked by the caller (the public wrappers, or the op above). The eager
     fast path of `call` may pass weights as K lists of N floats (no tensor to build)."""
     _require_backend(backend, "weighted_sum", "cpu")
@@ -370,17 +373,17 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
         return
     _native.require_cpu().weighted_sum_many(
         [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
-        [o.data_ptr() for o in outs], _codes(outs), num_threads)
+        [o.data_ptr() for o in outs], _codes(outs), num_threads, bool(delta))
 
 
 @weighted_sum_many_out.register_kernel("cuda")
-def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_threads=0):
+def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_threads=0, delta=False):
     _check_outs(tensors, weights, outs, 2)
-    _weighted_sum_many_out_cuda(tensors, weights, outs, backend, num_threads)
+    _weighted_sum_many_out_cuda(tensors, weights, outs, backend, num_threads, delta)
 
 
 @_kernel("weighted_sum_many_out", "cuda")
-def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0, checked=()):
+def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0, delta=False, checked=()):
     read = _check_read("weighted_sum", tensors, checked, weights=weights)
     tensors = contiguous(tensors, False if read else None)
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
@@ -400,23 +403,23 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
         backend = _cuda_backend(backend, "weighted_sum_many", tensors)
         if backend == "triton":
             from pymerge.kernels import weighted_sum as triton_ws
-            triton_ws.weighted_sum_many(tensors, weights, outs)
+            triton_ws.weighted_sum_many(tensors, weights, outs, delta=bool(delta))
         elif backend == "cuda":
-            _cuda_weighted_sum(tensors, weights, outs)
+            _cuda_weighted_sum(tensors, weights, outs, bool(delta))
         else:
             from pymerge.ops.weighted_sum import torch_weighted_sum
-            torch_weighted_sum(tensors, weights.double().cpu().tolist(), outs)
+            torch_weighted_sum(tensors, weights.double().cpu().tolist(), outs, bool(delta))
 
 
 @register_fake("pymerge::weighted_sum_many_out")
-def _(tensors, weights, outs, backend="auto", num_threads=0):
+def _(tensors, weights, outs, backend="auto", num_threads=0, delta=False):
     _require_inputs_and_outs(tensors, outs)
     _weighted_args(tensors, weights, 2, outs)
     _one_device("weighted_sum", tensors, outs, host_ok=[weights])
     _fake_checks("weighted_sum", tensors, outs, tensors[0].numel(), backend, num_threads, weights)
 
 
-def _cuda_weighted_sum(tensors, weights, outs):
+def _cuda_weighted_sum(tensors, weights, outs, delta=False):
     """The CUDA extension's launch: weights a float32 [K, N] device tensor, read on the device."""
     ext = _native.require_cuda()
     device = tensors[0].device
@@ -430,7 +433,7 @@ def _cuda_weighted_sum(tensors, weights, outs):
             scratch = torch.empty(len(group) * ext.scratch_stride(numel), dtype=torch.float32, device=device)
         ext.weighted_sum_many([t.data_ptr() for t in tensors], _codes(tensors), numel, [],
                               [o.data_ptr() for o in group], _codes(group),
-                              scratch.data_ptr() if scratch is not None else 0, stream, rows.data_ptr())
+                              scratch.data_ptr() if scratch is not None else 0, stream, rows.data_ptr(), delta)
 
 
 @custom_op("pymerge::weighted_sum_out", mutates_args=("out",))

@@ -35,6 +35,21 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     inputs count as bfloat16: there is no float8 output).
     ``out=`` receives the result in place and may be one of the inputs itself.
     """
+    return _weighted_sum(tensors, weights, out_dtype, out, backend, num_threads, delta=False)
+
+
+def delta_sum(tensors: Sequence[torch.Tensor], weights, *, out: torch.Tensor, backend: str = "auto",
+              num_threads: int = 0) -> torch.Tensor:
+    """weighted_sum's out= form with tensors[0] a base B that the others are taken relative to:
+    out = weights[0] * B + sum_{i>=1} weights[i] * (tensors[i] - B), each difference formed in float32, the
+    sum in input order, B's own term last (task_arithmetic as mergekit computes it: from 16-bit checkpoints
+    every difference is exact, and a result on a halfway point of the output dtype rounds as the exact one)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"delta_sum: out must be a tensor, got {short(out)}")
+    return _weighted_sum(tensors, weights, None, out, backend, num_threads, delta=True)
+
+
+def _weighted_sum(tensors, weights, out_dtype, out, backend, num_threads, delta: bool) -> torch.Tensor:
     tensors = check_inputs(tensors)
     compiling = torch.compiler.is_compiling()
     read = check_readable(tensors, "weighted_sum: input", compiling=compiling, dense=True)
@@ -67,7 +82,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights, *, out_dtype: Optiona
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     rows = _weight_tensor(w, tensors[0].device).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
-    _sum_into(tensors, rows, [out], backend, num_threads, checked if given else ())
+    _sum_into(tensors, rows, [out], backend, num_threads, checked if given else (), delta)
     if given and not compiling:  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
@@ -209,30 +224,30 @@ def _op_backend(t: torch.Tensor, backend: str) -> Optional[str]:
 
 
 def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor],
-                      backend: str = "auto", num_threads: int = 0) -> None:
+                      backend: str = "auto", num_threads: int = 0, delta: bool = False) -> None:
     """The unchecked core: inputs, weights and outputs already validated (pool and merge call it).
 
     rows: K lists of N floats, or a float32 [K, N] tensor on the inputs' device. A device tensor
     keeps the GPU backends free of host round trips (the search loop updates it in place, and a
-    CUDA graph can capture the call).
+    CUDA graph can capture the call). delta: tensors[0] is a base (delta_sum).
     """
-    _sum_into(tensors, rows, outs, backend, num_threads)
+    _sum_into(tensors, rows, outs, backend, num_threads, (), delta)
 
 
-def _sum_into(tensors, rows, outs, backend="auto", num_threads=0, checked=()) -> None:
+def _sum_into(tensors, rows, outs, backend="auto", num_threads=0, checked=(), delta=False) -> None:
     """weighted_sum_into; checked: what the public wrapper checked (library.call)."""
     if tensors[0].numel() == 0:
         return
     op_backend = _op_backend(tensors[0], backend)
     if op_backend is not None:  # the op's kernel checks the tensors, then makes them contiguous
-        library.call("weighted_sum_many_out", tensors, rows, outs, op_backend, num_threads, checked=checked)
+        library.call("weighted_sum_many_out", tensors, rows, outs, op_backend, num_threads, delta, checked=checked)
         return
     tensors = library.contiguous(tensors)
     if pick_backend(tensors[0].device, backend) == "torch":
-        torch_weighted_sum(tensors, rows, outs)
+        torch_weighted_sum(tensors, rows, outs, delta)
     else:  # Triton on CPU tensors: the interpreter (tests)
         from pymerge.kernels import weighted_sum as triton_ws
-        triton_ws.weighted_sum_many(tensors, rows, outs)
+        triton_ws.weighted_sum_many(tensors, rows, outs, delta=delta)
 
 
 def _require_device(t: torch.Tensor, kind: str, backend: str):
@@ -240,7 +255,18 @@ def _require_device(t: torch.Tensor, kind: str, backend: str):
         raise ValueError(f"backend {backend!r} needs {kind} tensors, got tensors on {t.device}")
 
 
-def torch_weighted_sum(tensors, rows, outs):
-    """The eager fallback (any device): float32 accumulation in input order."""
+def torch_weighted_sum(tensors, rows, outs, delta: bool = False):
+    """The eager fallback (any device): float32 accumulation in input order (delta: delta_sum's form)."""
     for row, out in zip(rows, outs):
-        out.copy_(_tracked_sum(tensors, row, torch.float32))
+        out.copy_(_delta_sum_torch(tensors, row) if delta else _tracked_sum(tensors, row, torch.float32))
+
+
+def _delta_sum_torch(tensors, w) -> torch.Tensor:
+    """delta_sum's order in torch ops (each step rounds twice: no float32 fma, as _tracked_sum)."""
+    b = tensors[0].float()
+    if len(tensors) == 1:
+        return b * w[0]
+    acc = (tensors[1].float() - b) * w[1]
+    for t, wi in zip(tensors[2:], w[2:]):
+        acc = acc + (t.float() - b) * wi
+    return acc + b * w[0]

@@ -706,7 +706,7 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
         for p in plans:
             c_base, coef = np.zeros(len(tables)), np.zeros((len(tables), n))
             for k, task in enumerate(tasks_of(p, decode=False)):
-                for src, c in zip(*method.weights_for(task)):
+                for src, c in zip(*method.linear_weights(task)):  # (the decoded terms are deltas already)
                     if src < n:
                         coef[k, src] += c
                     else:

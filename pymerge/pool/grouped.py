@@ -337,9 +337,9 @@ def triton_table(plans, inputs: dict, n_groups: int):
     return GroupedTable([inputs[p.name] for p in plans], [p.outs for p in plans], [p.group for p in plans], n_groups)
 
 
-def native_table(plans, inputs: dict, n_groups: int):
+def native_table(plans, inputs: dict, n_groups: int, delta: bool = False):
     """A GroupedPlan for the plans, or None where the C++ path does not apply (no plans, no build,
-    a dtype the kernels do not read)."""
+    a dtype the kernels do not read). delta: each tensor's first input is a base (WeightedSum.delta)."""
     cpu = _native.cpu
     if cpu is None or not plans:
         return None
@@ -351,7 +351,7 @@ def native_table(plans, inputs: dict, n_groups: int):
         return None
     return cpu.GroupedPlan([[t.data_ptr() for t in inputs[p.name]] for p in plans], in_codes,
                            [inputs[p.name][0].numel() for p in plans], [[o.data_ptr() for o in p.outs] for p in plans],
-                           out_codes, [p.group for p in plans], n_groups)
+                           out_codes, [p.group for p in plans], n_groups, delta)
 
 
 def weight_array(tables: Sequence[np.ndarray], n_groups: int, n: int, dtype=np.float32) -> np.ndarray:
@@ -364,8 +364,8 @@ def weight_array(tables: Sequence[np.ndarray], n_groups: int, n: int, dtype=np.f
 
 def method_coefficients(method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
                         name_of: Callable[[int], str], seed: int):
-    """(sources, float32 [G, K, S] coefficients) of a WeightedSum method (task_arithmetic) for every weight
-    group and candidate: source i < N is checkpoint i, source N the base, in the method's order (the same
+    """(sources, float32 [G, K, S] coefficients) of a WeightedSum method (task_arithmetic: a delta sum) for every
+    weight group and candidate: source i < N is checkpoint i, source N the base, in the method's order (the same
     for every group and candidate: the order depends on the method alone). Parameters are checked here
     exactly as the per-tensor path checks them, once per group and candidate instead of per tensor."""
     from pymerge.methods.base import MAX_MAGNITUDE, TensorTask, check_magnitudes

@@ -648,7 +648,7 @@ class CheckpointPool:
             order, coef = grouped.method_coefficients(m, per_model, global_params, tables, n_groups, first, seed)
             sources = lambda: {n: [self._inputs[n][i] if i < self.num_checkpoints else self._base[n]  # noqa: E731
                                    for i in order] for n in self.names}
-            make = lambda ps: grouped.native_table(ps, sources(), n_groups)  # noqa: E731
+            make = lambda ps: grouped.native_table(ps, sources(), n_groups, m.delta)  # noqa: E731
         else:
             call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
