@@ -386,7 +386,7 @@ def test_resume_with_nan_scores_and_groups(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         optimize(pool, _interrupting(evaluate, 22), model=model, budget=40, popsize=6, groups="layer", seed=2,
                  state_path=path, log=None)
-    calls["n"] = 19  # the evaluations of the three saved generations (1 + 3 * 6), as if never interrupted
+    calls["n"] = len(json.loads(open(path).read())["history"])  # the evaluations saved, as if never interrupted
     resumed = optimize(pool, evaluate, model=model, budget=40, popsize=6, groups="layer", seed=2, state_path=path,
                        log=None)
     assert [r["x"] for r in resumed.history] == [r["x"] for r in full.history]
@@ -907,6 +907,20 @@ def test_best_merge_yml_of_a_pool_with_a_lower_dtype_says_it_is_one_rounding_awa
     ({"state_path": 5}, "state_path must be a string"),
     ({"evaluate": "evalcli:NOT_A_FUNCTION"}, "is a int, not a function"),
     ({"method_params": [1]}, "method_params must be a mapping"),
+    # taken for "none" before (a 200-evaluation search with the defaults, exit 0: an audit)
+    ({"search": []}, "search must be a mapping"),
+    ({"search": 0}, "search must be a mapping"),
+    ({"method_params": 0}, "method_params must be a mapping"),
+    ({"method_params": False}, "method_params must be a mapping"),
+    # importlib's ValueError and TypeError were tracebacks
+    ({"model": ":build"}, "model: expected 'module:function'"),
+    ({"model": ".evalcli:build"}, "model: expected 'module:function'"),
+    ({"evaluate": "evalcli:"}, "evaluate: expected 'module:function'"),
+    # refused after the pool and the model were built
+    ({"method": "nope"}, "nope"),
+    ({"method": "ties"}, "needs a base_model"),
+    ({"method_params": {"nope": 1}}, "has no parameter 'nope'"),
+    ({"state_path": "."}, "is a folder, not a file"),
     ({"out": "c0.safetensors"}, "exists and is not a folder"),
     ({"out": "c0.safetensors/new/out"}, "cannot create it: "),  # found after the pool was built
 ])
@@ -1842,3 +1856,68 @@ def test_pareto_front_and_macro_average_refuse_what_they_cannot_read_and_scale()
         pareto_front(None)
     x = np.linspace(0, 1, 4000)
     assert pareto_front(np.stack([x, 1 - x], 1)) == list(range(4000))  # every point on the front: 40 s before
+
+
+def test_a_resume_into_another_model_is_refused(tmp_path):
+    """The state's fingerprint names the model scored (its class, and its tensors' names, dtypes and shapes): a
+    resume into a bfloat16 build of it mixed bfloat16 scores into the float32 history, exit 0 (an audit)."""
+    pool, evaluate, _ = synthetic()
+    path = str(tmp_path / "s.json")
+    optimize(pool, evaluate, model=Vec(), budget=5, popsize=4, state_path=path, log=None)
+    with pytest.raises(InputError, match="differs in model"):
+        optimize(pool, evaluate, model=Vec().to(torch.bfloat16), budget=9, popsize=4, state_path=path, log=None)
+
+    class Other(Vec):
+        pass
+    with pytest.raises(InputError, match="differs in model"):
+        optimize(pool, evaluate, model=Other(), budget=9, popsize=4, state_path=path, log=None)
+    # the same model again resumes; a state written before the fingerprint named the model is not compared
+    optimize(pool, evaluate, model=Vec(), budget=9, popsize=4, state_path=path, log=None)
+    state = json.loads(open(path).read())
+    del state["fingerprint"]["model"]
+    state.pop("digest")
+    open(path, "w").write(json.dumps(state))
+    assert len(optimize(pool, evaluate, model=Vec().to(torch.bfloat16), budget=13, popsize=4, state_path=path,
+                        log=None).history) == 13
+
+
+def test_an_interrupt_keeps_every_finished_batch_of_a_generation(tmp_path):
+    """The state was written once per generation: a Ctrl-C after 6 of a generation's 8 candidates lost all 6
+    (minutes each on a real model). Each batch is saved now, and the resumed search is the uninterrupted one."""
+    pool, evaluate, _ = synthetic()
+    full = optimize(pool, evaluate, model=Vec(), budget=25, popsize=8, seed=3, replicas=1, log=None)
+    path = str(tmp_path / "s.json")
+    with pytest.raises(KeyboardInterrupt):
+        optimize(pool, _interrupting(evaluate, 7), model=Vec(), budget=25, popsize=8, seed=3, replicas=1,
+                 state_path=path, log=None)
+    assert len(json.loads(open(path).read())["history"]) == 7  # the start and 6 of generation 1
+    calls = {"n": 0}
+
+    def counted(m):
+        calls["n"] += 1
+        return evaluate(m)
+    resumed = optimize(pool, counted, model=Vec(), budget=25, popsize=8, seed=3, replicas=1, state_path=path,
+                       log=None)
+    assert calls["n"] == 25 - 7
+    assert [r["x"] for r in resumed.history] == [r["x"] for r in full.history]
+    assert [r["objective"] for r in resumed.history] == [r["objective"] for r in full.history]
+
+
+def test_an_evaluate_that_only_returns_nan_stops_after_one_generation(tmp_path):
+    """Before, the whole budget ran (CMA-ES learns nothing from NaN) and only then came the error."""
+    pool, _, _ = synthetic()
+    calls = {"n": 0}
+
+    def nan(m):
+        calls["n"] += 1
+        return float("nan")
+    with pytest.raises(InputError, match=r"every candidate so far \(5, .*scored NaN or inf; check evaluate"):
+        optimize(pool, nan, model=Vec(), budget=200, popsize=4, log=None)
+    assert calls["n"] == 5
+    # one finite score among them and the search goes on
+    calls["n"] = 0
+
+    def mostly_nan(m):
+        calls["n"] += 1
+        return -1.0 if calls["n"] == 3 else float("nan")
+    assert len(optimize(pool, mostly_nan, model=Vec(), budget=20, popsize=4, log=None).history) == 20

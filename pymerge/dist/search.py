@@ -244,6 +244,8 @@ class _LeaderPool:
         # without whether it is compressed, a state saved on an int4 pool resumed on an exact one (mixed scores)
         self.pool_contents = contents
         self.evaluate_name = getattr(crew.evaluate, "evaluate_name", None)  # the user's, not this stand-in's
+        from pymerge.search.optimize import _model_signature
+        self.model_signature = _model_signature(crew.model)  # the model scored, not optimize's stand-in
         self._scores, self._done = {}, 0
 
     def resumed_from(self, n: int) -> None:

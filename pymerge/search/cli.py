@@ -48,10 +48,13 @@ def load_entry_point(spec: str, what: str):
     if not isinstance(spec, str) or ":" not in spec:
         raise InputError(f"{what}: expected 'module:function', got {short(spec)}")
     mod, _, fn = spec.partition(":")
+    # an empty or relative module name raised ValueError or TypeError from importlib: a traceback (an audit)
+    if not mod or mod.startswith(".") or not fn or any(not part for part in fn.split(".")):
+        raise InputError(f"{what}: expected 'module:function' (an absolute module name), got {short(spec)}")
     try:
         obj = importlib.import_module(mod)
-    except ImportError as exc:
-        raise InputError(f"{what}: cannot import module {short(mod)} ({exc})") from None
+    except (ImportError, ValueError, TypeError, SyntaxError) as exc:
+        raise InputError(f"{what}: cannot import module {short(mod)} ({type(exc).__name__}: {exc})") from None
     for part in fn.split("."):
         if not hasattr(obj, part):
             raise InputError(f"{what}: module {short(mod)} has no attribute {short(fn)}")
@@ -76,9 +79,12 @@ def _load_config(path: str) -> dict:
     for key in ("sources", "model", "evaluate"):
         if key not in cfg:
             raise InputError(f"{path}: missing key {key!r}")
-    if not isinstance(cfg.get("search") or {}, dict):
-        raise InputError(f"{path}: search must be a mapping, got {short(cfg['search'])}")
-    bad = sorted(set(cfg.get("search") or {}) - _SEARCH)
+    for key in ("search", "method_params"):  # absent or empty: none (a list or a 0 was taken for none, an audit)
+        if cfg.get(key) is None:
+            cfg[key] = {}
+        elif not isinstance(cfg[key], dict):
+            raise InputError(f"{path}: {key} must be a mapping, got {short(cfg[key])}")
+    bad = sorted(set(cfg["search"]) - _SEARCH)
     if bad:
         raise InputError(f"{path}: unknown search key {short(bad[0])}; known: {', '.join(sorted(_SEARCH))}")
     sources = cfg["sources"]
@@ -93,9 +99,7 @@ def _load_config(path: str) -> dict:
     for key in ("base", "state_path", "out"):  # "" is the config's own folder: out: "" wrote the results there
         if cfg.get(key) == "":
             raise InputError(f"{path}: {key} is an empty path")
-    if not isinstance(cfg.get("method_params") or {}, dict):
-        raise InputError(f"{path}: method_params must be a mapping, got {short(cfg['method_params'])}")
-    normalize = (cfg.get("search") or {}).get("normalize", True)
+    normalize = cfg["search"].get("normalize", True)
     if not isinstance(normalize, bool):
         raise InputError(f"{path}: search.normalize must be true or false, got {short(normalize)}")
     return cfg
@@ -245,12 +249,25 @@ def _prepare_out(out: str) -> List[str]:
     return made
 
 
+def _check_method(method: str, params: dict, n_sources: int, has_base: bool) -> None:
+    """The method's name, its base and its parameters' names, before the pool is built (minutes for a large
+    model): an unknown method, a missing base or a misspelt parameter was refused only after it (an audit)."""
+    from pymerge.methods.base import get_method
+    from pymerge.pool.pool import _split_params
+    m = get_method(method)  # (MergeConfigError, an InputError, names the method)
+    m.validate(n_sources, has_base)
+    _split_params(m, params, n_sources)
+
+
 def _check_state_apart(state_path: Optional[str], out: str, inputs: List[str]) -> None:
     """state_path must not be one of the result files written into OUT (links resolved): the report replaced
     the state (or best_merge.yml's removal deleted it), and the resume failed on it. Nor an input (the config,
-    a source or the base, or a file in one): the error for it, not a state, advised deleting it."""
+    a source or the base, or a file in one): the error for it, not a state, advised deleting it. Nor a folder
+    (refused before the pool is built, not after)."""
     if not state_path:
         return
+    if os.path.isdir(state_path):
+        raise InputError(f"state_path {state_path}: is a folder, not a file; name a file for the search state")
     state = os.path.realpath(state_path)
     if state in {os.path.realpath(os.path.join(out, f)) for f in OUT_FILES}:
         raise InputError(f"state_path {state_path}: is {state}, where the search writes its "
@@ -334,13 +351,14 @@ def _search(args, cfg: dict, here: str) -> int:
     _check_out_apart(out, inputs)
     _check_distinct(args.config, cfg["sources"], sources, rel(cfg.get("base")), cfg.get("base"),
                     cfg.get("method", "linear"))
-    s = dict(cfg.get("search") or {})
+    s = dict(cfg["search"])
     if args.budget is not None:
         s["budget"] = args.budget
     # before the pool is built (minutes for a large model) and the entry points imported: a typo in the search
     # settings is refused at once (a method's own arguments are checked once the pool knows its checkpoints)
     search_settings(s.get("budget", 200), s.get("popsize"), s.get("sigma0", 0.2), s.get("seed", 0), s.get("replicas"))
     check_searchable(cfg.get("method", "linear"))
+    _check_method(cfg.get("method", "linear"), cfg["method_params"], len(sources), bool(cfg.get("base")))
     _check_out(out)  # before the pool is built (minutes for a large model): a file there was found after it
     build = load_entry_point(cfg["model"], "model")
     evaluate = NamedEvaluate(load_entry_point(cfg["evaluate"], "evaluate"), cfg["evaluate"])
@@ -354,7 +372,7 @@ def _search(args, cfg: dict, here: str) -> int:
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model: {cfg['model']} returned a {type(model).__name__}, not an nn.Module")
     made = _prepare_out(out)
-    method, method_params = cfg.get("method", "linear"), cfg.get("method_params") or {}
+    method, method_params = cfg.get("method", "linear"), cfg["method_params"]
     lock, locked = None, False  # (None also where the filesystem has no locks: the search goes on unlocked)
     busy = f"out {out}: in use by another pymerge search; wait for it to finish or choose another out"
     try:

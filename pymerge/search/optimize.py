@@ -288,6 +288,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     # sources reordered paired the saved weights with other checkpoints. Labels as given (no filesystem
     # look-up: a saved compressed pool keeps them after its files are gone); the base as present or not
     # (a saved compressed pool does not keep its label)
+    # which model scores the candidates: its class and its tensors' names, dtypes and shapes (a resume into a
+    # bfloat16 build of the model mixed its scores with the float32 ones, exit 0: an audit)
+    fingerprint["model"] = getattr(pool, "model_signature", None) or _model_signature(model)  # (distributed: rank 0's)
     fingerprint["pool"] = {"sources": [os.path.normpath(label) for label in pool.labels], "base": bool(pool.has_base),
                            "groups": _rule(groups), "names": _rule(names), **_resolved_rules(pool, groups, names),
                            **_pool_contents(pool)}
@@ -352,8 +355,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         n_rep = len(models)
         kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
-        def run(xs, generation):
-            """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives."""
+        def run(xs, generation, save=False):
+            """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives.
+            save: the state after each batch (an interrupt loses at most one batch, not the generation)."""
             out = []
             for start in range(0, len(xs), n_rep):
                 batch = xs[start:start + n_rep]
@@ -379,6 +383,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                                     "weights": np.asarray(w).tolist(), "x": np.asarray(x).tolist(),
                                     "materialize_s": t_mat, "evaluate_s": t_eval})
                     out.append(obj)
+                if save and start + n_rep < len(xs):  # (the generation's end is saved after tell)
+                    state["generation"] = generation  # a part of it, which a resume finishes (_replay)
+                    _save_state(state_path, state)
             return out
 
         if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
@@ -398,12 +405,16 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                     xs = es.ask()
                 objs, gen = [], state["generation"] + 1
             left = budget - len(history)
-            objs = objs + run(xs[len(objs):len(objs) + left], gen)
+            objs = objs + run(xs[len(objs):len(objs) + left], gen, save=True)
             if len(objs) == len(xs):  # a partial last generation is evaluated but not told
                 with rng:
                     es.tell(xs, [_fitness(o) for o in objs])
             state["generation"] = gen
             _save_state(state_path, state)
+            if len(objs) == len(xs) and all(not math.isfinite(r["objective"]) for r in history):
+                # CMA-ES learns nothing from them: the rest of the budget went on a random walk (an audit)
+                raise InputError(f"every candidate so far ({len(history)}, the start and a whole generation) scored "
+                                 "NaN or inf; check evaluate() (the search state is saved)")
             if log:
                 recent = history[-len(objs):]
                 best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite, as the result's
@@ -415,6 +426,19 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     finally:
         release_lock(lock)
         _forget_replicas(pool, models[1:])
+
+
+def _model_signature(model) -> dict:
+    """The model's class and a digest of its tensors' names, dtypes and shapes (its values change every
+    candidate; DTensors give their global shapes). The class as the user wrote it: fully_shard's subclass
+    (FSDP<name>, torch.distributed's) would refuse a single process's state on the ranks."""
+    cls = next((c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed.")), type(model))
+    items = []
+    for kind, named in (("p", "named_parameters"), ("b", "named_buffers")):
+        for name, t in getattr(model, named, lambda: ())():
+            items.append(f"{kind} {name} {str(t.dtype).replace('torch.', '')} {list(t.shape)}")
+    return {"class": f"{cls.__module__}.{cls.__qualname__}",
+            "tensors": hashlib.sha256("\n".join(items).encode()).hexdigest()[:32]}
 
 
 def _forget_replicas(pool, replicas: list) -> None:
@@ -688,8 +712,9 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
                 expected.pop("method_params", None)
             else:
                 saved = {**saved, "method_params": {}}
-        if "objective" not in saved:  # written before the fingerprint held it: not compared, as then
-            expected.pop("objective", None)
+        for key in ("objective", "model"):  # written before the fingerprint held them: not compared, as then
+            if key not in saved:
+                expected.pop(key, None)
         if "evaluate" not in saved or "evaluate" not in expected:  # named in both searches, or not compared
             saved = {k: v for k, v in saved.items() if k != "evaluate"}
             expected.pop("evaluate", None)
