@@ -239,3 +239,10 @@ def test_delta_sum_needs_an_out():
     xs = random_inputs(2, 8, [torch.float32])
     with pytest.raises(TypeError, match="out must be a tensor"):
         delta_sum(xs, [1.0, 0.5], out=None)
+
+
+def test_inputs_that_want_gradients_are_refused_in_delta_sums_words():
+    xs = random_inputs(2, 8, [torch.float32])
+    xs[1].requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"^delta_sum\(\): out= does not record gradients.*torch.no_grad\(\)$"):
+        delta_sum(xs, [1.0, 0.5], out=torch.empty(8))

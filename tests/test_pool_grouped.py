@@ -1095,3 +1095,29 @@ def test_the_triton_grouped_table_refuses_weights_it_would_misread(dtype):
         table.run(torch.tensor([[[0.1, 0.2]]], dtype=dtype))
     table.run(torch.tensor([[[0.1, 0.2]]]))
     assert torch.allclose(out[0][0], torch.full((5,), 0.5))
+
+
+def test_task_arithmetic_coefficients_are_checked_alike_on_both_paths():
+    """The size limit applies to the coefficients the kernels multiply by ([1] + c in the delta form). The
+    per-tensor path also checked the base's -sum c of the one-pass form, which the one-call table no longer
+    holds: a group's weights [6e5, 6e5] were refused tensor by tensor and accepted in one call (a review)."""
+    g = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.a", "model.layers.1.b"]
+    base = {n: torch.randn(64, generator=g) for n in names}
+    srcs = [{n: base[n] + 0.01 * torch.randn(64, generator=g) for n in names} for _ in range(2)]
+    pool = CheckpointPool(srcs, base=base)
+    for row, lam, ok in (([6e5, 6e5], 1.0, True), ([2e5, 0.5], 10.0, False)):  # c = lambda * w: 2e6 refused
+        w = np.array([[0.5, 0.5], [0.5, 0.5], row])
+        outcomes = []
+        for kw in ({}, {"names": lambda n: n}):  # one call; per tensor (a names= function is not cached)
+            out = {n: torch.empty(64) for n in names}
+            try:
+                pool.materialize(w, into=out, method="task_arithmetic", groups="layer", **kw, **{"lambda": lam})
+                outcomes.append(out)
+            except InputError as exc:
+                assert "coefficient of" in str(exc) and "is 2e+06" in str(exc), exc
+                outcomes.append(None)
+        assert [o is not None for o in outcomes] == [ok, ok], row
+        if ok:
+            for n in names:
+                assert torch.equal(outcomes[0][n], outcomes[1][n])

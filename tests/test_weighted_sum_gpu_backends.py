@@ -239,3 +239,30 @@ def test_gpu_bits_past_the_first_grid_pass_and_with_device_weights(backend, n):
     weighted_sum_into(_on(xs), torch.tensor(rows, dtype=torch.float32, device=DEVICE), outs, backend=backend)
     for g, w in zip(outs, want):
         _same_bits(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", ["bfloat16", "float32", "mixed"])
+@pytest.mark.parametrize("n", [1, 2, 4, 9, 65, 66, 70])
+@pytest.mark.parametrize("k", [1, 3, 4, 5])
+def test_gpu_delta_sums_are_the_cpu_kernels_bits(backend, dtypes, n, k):
+    """task_arithmetic's delta form (tensors[0] a base) on the GPU: the vector and scalar kernels, the CUDA
+    extension's launches past 64 terms with partial sums in scratch, base weights read from device memory with a
+    row stride, and more outputs than one launch holds, against the C++ kernel's bits (a review: only compiled
+    until a GPU ran this)."""
+    from pymerge.ops.weighted_sum import weighted_sum_into
+    kinds = {"bfloat16": [torch.bfloat16], "float32": [torch.float32], "mixed": IN_DTYPES}[dtypes]
+    size = 70_001 if n < 65 else 9_001
+    cpu = random_inputs(n, size, kinds, seed=n * 7 + k)
+    cpu[0][5] = float("inf")
+    cpu[-1][9] = float("nan")
+    rows = torch.randn(k, n, generator=torch.Generator().manual_seed(n + k))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        want = [torch.empty(size, dtype=out_dtype) for _ in range(k)]
+        weighted_sum_into(cpu, rows.tolist(), want, backend="cpu", delta=True)
+        for weights in (rows.tolist(), rows.to(DEVICE)):  # host lists, and a device table read in place
+            got = [torch.empty(size, dtype=out_dtype, device=DEVICE) for _ in range(k)]
+            weighted_sum_into(_on(cpu), weights, got, backend=backend, delta=True)
+            for g, w in zip(got, want):
+                _same_bits(g, w)

@@ -25,8 +25,8 @@ struct Job {
   const int* out_dt;
   int64_t n_out;
   bool stream;  // non-temporal stores: outputs too big to stay in cache anyway
-  // Distinct input addresses (0: n_in): memory streams, which decide a sweep in passes (task_arithmetic reads
-  // its base twice, the second time from cache: 7 models and a base are 9 inputs but 8 streams).
+  // Distinct input addresses (0: n_in): memory streams, which decide a sweep in passes (a caller may list one
+  // tensor twice, the second read coming from cache: 9 inputs, 8 streams).
   int64_t streams = 0;
   bool delta = false;
 };

@@ -138,9 +138,9 @@ def check_magnitudes(method: MergeMethod, task: TensorTask, labels: Optional[Lis
     found = [(f"parameter {k}", v) for k, v in task.params.items()]
     found += [(f"{label}: parameter {k}", v) for label, mp in zip(labels, task.model_params) for k, v in mp.items()]
     _check_sizes(task.name, found)  # first: the coefficients are computed from them
-    linear_weights = getattr(method, "linear_weights", None)  # (a delta sum's as plain coefficients, its -sum c too)
-    if callable(linear_weights):
-        order, coef = linear_weights(task)
+    weights_for = getattr(method, "weights_for", None)  # the coefficients the kernels multiply by
+    if callable(weights_for):
+        order, coef = weights_for(task)
         names = labels + ["base_model"]
         _check_sizes(task.name, [(f"coefficient of {names[i] if i < len(names) else i}", c) for i, c in zip(order, coef)])
 

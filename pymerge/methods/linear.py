@@ -20,8 +20,8 @@ Both are WeightedSum methods: weights_for(task) says which sources are summed, i
 with which coefficients, and `delta` whether the first is a base the others are taken relative to.
 merge_tensor (torch), the engine's torch-free CPU path (pymerge/streaming.py) and the pool's one-call
 tables all use them, so the arithmetic has one source of truth and every path gives the same bits.
-linear_weights() writes the same sum as plain coefficients of each source (compressed pools, magnitude
-checks). This module imports torch only when merge_tensor runs.
+linear_weights() writes the same sum as plain coefficients of each source (compressed pools, whose
+terms are deltas already). This module imports torch only when merge_tensor runs.
 """
 from typing import List, Tuple
 

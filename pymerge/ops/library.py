@@ -429,7 +429,7 @@ def _cuda_weighted_sum(tensors, weights, outs, delta=False):
         group = outs[start:start + ext.MAX_OUTPUTS]
         rows = weights[start:start + ext.MAX_OUTPUTS].contiguous()
         scratch = None
-        if len(tensors) > ext.MAX_INPUTS:
+        if len(tensors) - delta > ext.MAX_INPUTS:  # (a delta call's base is no term)
             scratch = torch.empty(len(group) * ext.scratch_stride(numel), dtype=torch.float32, device=device)
         ext.weighted_sum_many([t.data_ptr() for t in tensors], _codes(tensors), numel, [],
                               [o.data_ptr() for o in group], _codes(group),

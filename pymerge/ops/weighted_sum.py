@@ -76,7 +76,7 @@ def _weighted_sum(tensors, weights, out_dtype, out, backend, num_threads, delta:
                                 _op_weights(_learnt(weights, w)), dtype, op_backend, num_threads, checked=checked)
     given = out is not None
     if given:
-        library.no_grad_for_out(tensors, weights, [out], "weighted_sum")
+        library.no_grad_for_out(tensors, weights, [out], "delta_sum" if delta else "weighted_sum")
     elif library.wants_grad(tensors, weights):  # outside the op registry (eager torch, Triton's interpreter)
         return _tracked_sum(tensors, _learnt(weights, w), dtype)
     if out is None:
