@@ -374,14 +374,16 @@ class LoraCheckpoint:
         self.ck, self.adapter = ck, adapter
         self.path, self.folder = ck.path, ck.folder
         self._dtype = dtype
-        self._onto: Dict[str, str] = {}  # head target of a tied model -> the embedding it shares its weight with
+        # adapter target -> the weight it lands on where that has another name: a tied model's head -> the embedding
+        # it shares; a module under the model class's prefix -> the checkpoint's name without it (GPT-2's layout)
+        self._onto: Dict[str, str] = {}
         # a tied model's stored head -> its embedding: one weight to peft, so the head is the merged embedding
         self._mirror: Dict[str, str] = {}
         model_type = _model_type(ck)
         copies = self._stored_copies()  # heads a tied model stores beside the embedding, equal to it
         for name in adapter.targets:
             if name not in ck or name in copies:
-                name = self._tied_head(name)
+                name = self._elsewhere(name)
             weight = self._onto.get(name, name)
             target = adapter.targets[name]
             if not target.embedding:
@@ -424,15 +426,29 @@ class LoraCheckpoint:
         return {h: embedding for h in heads if (self.ck.info(h).shape, self.ck.info(h).dtype_name) ==
                 (info.shape, info.dtype_name) and _same_bytes(self.ck.array(h), self.ck.array(embedding))}
 
-    def _tied_head(self, name: str) -> str:
-        """A LoRA on the output head of a model that stores none (its head is its input embedding): peft's
-        merge_and_unload adds the head's delta to that shared weight, after the embedding's own."""
+    def _elsewhere(self, name: str) -> str:
+        """A LoRA whose target the checkpoint stores under another name. On the output head of a model that
+        stores none (its head is its input embedding), peft's merge_and_unload adds the head's delta to that
+        shared weight, after the embedding's own. Under the model class's prefix where the checkpoint has none
+        (openai-community/gpt2 stores h.0.attn.c_attn.weight, which transformers loads into
+        GPT2LMHeadModel's transformer.h.0...: adapters name that), or the reverse: the one weight that matches
+        (mergekit, loading through transformers, applies these; they were refused: an audit)."""
         from pymerge.tied import input_embedding, is_head
         embedding = input_embedding(self.ck) if is_head(name) else None
-        if embedding is None:
+        weight = embedding if embedding is not None else self._unprefixed(name)
+        if weight is None:
             raise CheckpointError(f"{self.adapter.file.path}: LoRA for {name!r}, which {self.ck.path} does not have")
-        self._onto[name] = embedding
+        self._onto[name] = weight
         return name
+
+    def _unprefixed(self, name: str) -> Optional[str]:
+        """The checkpoint's weight for an adapter target that differs from it by a leading prefix, or None."""
+        names = self.ck.names()
+        first, _, rest = name.partition(".")
+        if rest and rest in self.ck and not any(n.startswith(first + ".") for n in names):
+            return rest  # the adapter's model wraps the stored one (transformer.h.0... for h.0...)
+        longer = [n for n in names if n.endswith("." + name)]
+        return longer[0] if len(longer) == 1 and longer[0] not in self.adapter.targets else None
 
     def names(self) -> List[str]:
         return self.ck.names()

@@ -615,3 +615,37 @@ def test_a_lora_reference_given_to_a_pool_says_what_it_is(family):
             call()
     with pytest.raises(CheckpointError, match=r"nowhere: no such file or folder$"):
         Checkpoint(f"{model}+{root}/nowhere")
+
+
+@pytest.mark.parametrize("layout", ["unprefixed checkpoint", "unprefixed adapter"])
+def test_a_lora_whose_target_names_carry_another_prefix_lands_on_its_weight(tmp_path, layout):
+    """openai-community/gpt2 stores h.0.attn.c_attn.weight (no `transformer.`), which transformers loads into
+    GPT2LMHeadModel, so adapters trained on it name transformer.h.0...: mergekit (through transformers) applies
+    them, pymerge refused them (an audit). An adapter trained on the bare GPT2Model (h.0...) onto a checkpoint of
+    GPT2LMHeadModel is the reverse case."""
+    theirs = gpt2_lora(tmp_path, ["c_attn", "c_fc"], fan_in_fan_out=True)
+    model, adapter = tmp_path / "gpt2", tmp_path / "ad"
+    if layout == "unprefixed checkpoint":
+        weights = load_file(str(model / "model.safetensors"))
+        save_file({k.removeprefix("transformer."): v.contiguous() for k, v in weights.items()},
+                  str(model / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weights = load_file(str(adapter / "adapter_model.safetensors"))
+        save_file({k.replace("base_model.model.transformer.", "base_model.model."): v for k, v in weights.items()},
+                  str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open_model(f"{model}+{adapter}") as ck:
+        changed = 0
+        for name in ck.names():
+            want = theirs[name if name in theirs else "transformer." + name]
+            assert torch.equal(ck.tensor(name), want), name
+            changed += "c_attn" in name and name.endswith("weight") or "c_fc.weight" in name
+        assert changed == 2
+
+
+def test_a_lora_for_a_weight_the_model_lacks_is_still_refused(tmp_path):
+    gpt2_lora(tmp_path, ["c_attn"], fan_in_fan_out=True)
+    weights = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    save_file({k.replace(".h.0.", ".h.7."): v for k, v in weights.items()},
+              str(tmp_path / "ad" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"LoRA for 'transformer.h.7.attn.c_attn.weight', which .* does not have"):
+        open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'ad'}")

@@ -558,6 +558,17 @@ def test_missing_or_corrupt_tokenizer(models, tmp_path, capsys):
     _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "Mystery")
     (broken / "tokenizer.json").write_text('{"model": {"type": "BPE", "merges": []}}')  # said BPE is unsupported
     _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json", "model.vocab is missing")
+    # an added token without its five flags: the union's tokenizer.json, exit 0, was one tokenizers cannot load
+    # (missing field 'single_word'; an audit)
+    for flag in ("single_word", "lstrip", "rstrip", "normalized", "special"):
+        tok = json.loads((m_a := Path(m["a"]) / "tokenizer.json").read_text())
+        tok["added_tokens"] = [{"id": 3, "content": "zz"} | {f: False for f in ("single_word", "lstrip", "rstrip",
+                                                                               "normalized", "special") if f != flag}]
+        tok["model"]["vocab"] = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"])}
+        (broken / "tokenizer.json").write_text(json.dumps(tok))
+        _bad(tmp_path, capsys, _union(m["a"], str(broken)), "broken/tokenizer.json",
+             "added_tokens[0] is not a token entry")
+    assert m_a.exists()
 
 
 def test_a_tokenizer_source_that_does_not_exist_is_named_as_a_config_key(models, tmp_path, capsys):
@@ -833,3 +844,29 @@ def test_phi1_head_rows_are_indexed_by_token(tmp_path, capsys):
         want = torch.stack([(ta[name][va[w]] + tb[name][vb[w]]) / 2 for w in words])
         torch.testing.assert_close(out[name], want, rtol=1e-6, atol=1e-6, msg=name)
     assert not is_vocab_tensor("layers.3.linear.weight")  # outside that layout
+
+
+def test_a_tokenizer_source_in_mergekits_mapping_form_is_that_model(models, tmp_path, capsys):
+    """mergekit takes {model: ..., lora: ...} wherever a model goes: tokenizer_source, tokenizer.source and a
+    token's source; pymerge took it under models: only and refused it there (an audit)."""
+    _, m = models
+
+    def merged(name, **tok):
+        cfg = {"merge_method": "linear", "base_model": m["a"], "models": [
+            {"model": m["a"], "parameters": {"weight": 0.6}}, {"model": m["b"], "parameters": {"weight": 0.4}}],
+            "dtype": "float32", **tok}
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        rc, err = run_cli(["merge", path, tmp_path / name, "--quiet"], capsys)
+        assert rc == 0, err
+        return lf.load_folder(tmp_path / name), (tmp_path / name / "tokenizer.json").read_bytes()
+
+    for plain, mapped in (
+            ({"tokenizer_source": m["b"]}, {"tokenizer_source": {"model": m["b"]}}),
+            ({"tokenizer": {"source": m["b"], "tokens": {"<|im_start|>": {"source": m["b"], "force": True}}}},
+             {"tokenizer": {"source": {"model": m["b"]},
+                            "tokens": {"<|im_start|>": {"source": {"model": {"path": m["b"]}}, "force": True}}}})):
+        (want, want_tok), (got, got_tok) = merged("plain", **plain), merged("mapped", **mapped)
+        assert got_tok == want_tok
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        shutil.rmtree(tmp_path / "plain"), shutil.rmtree(tmp_path / "mapped")

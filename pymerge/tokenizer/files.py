@@ -127,7 +127,7 @@ def read_tokenizer(ref) -> Tokenizer:
         raise CheckpointError(f"{path}: 'added_tokens' must be a list")
     for i, e in enumerate(added):
         if (not isinstance(e, dict) or not isinstance(e.get("content"), str) or not _is_id(e.get("id"))
-                or any(not isinstance(e.get(k, False), bool) for k in _ADDED_FLAGS)):
+                or any(not isinstance(e.get(k), bool) for k in _ADDED_FLAGS)):  # (tokenizers needs all five)
             raise CheckpointError(f"{path}: added_tokens[{i}] is not a token entry (id, content, flags)")
     added = _number_added(added, vocab, len(doc["model"]["vocab"]))  # (a Unigram may list a piece twice)
     vocab.update((e["content"], e["id"]) for e in added)

@@ -80,8 +80,11 @@ def parse_tokenizer(data: dict, err: Callable[[str], Exception],
 def _source(value, where, err, model_path) -> str:
     if value in ("base", "union"):
         return value
+    if isinstance(value, dict) and value:  # mergekit's {model: ..., lora: ...}, as under models: (an audit)
+        return model_path(value, where)
     if not isinstance(value, str) or not value:
-        raise err(f"{where} must be base, union or a model path, got {described(value)}")
+        raise err(f"{where} must be base, union or a model path (or a mapping of model and lora), "
+                  f"got {described(value)}")
     return model_path(value, where)
 
 
@@ -119,6 +122,8 @@ def _token_source(src, where, err, model_path) -> TokenSource:
     if not isinstance(src, dict):
         raise err(f"{where} must be a model, {{kind: zero}} or {{kind: model_token, model, token | token_id}}, "
                   f"got {described(src)}")
+    if "kind" not in src and "model" in src:  # a model in mergekit's mapping form {model: ..., lora: ...}
+        return TokenSource("model", model=model_path(src, where))
     kind = src.get("kind")
     if kind == "zero":
         if set(src) != {"kind"}:
