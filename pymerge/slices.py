@@ -319,10 +319,60 @@ class SlicedPlan:
 
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # GPT-2, GPTBigCode, Jais: n_layer
-_PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # one entry per layer (transformers checks the length)
+# one entry per layer (transformers checks the length; Nemotron-H takes its depth from layers_block_type)
+_PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "layers_block_type")
+_PER_LAYER_STRINGS = ("hybrid_override_pattern",)  # one character per layer (Nemotron-H: M, *, -)
 # lists of the indices of some layers: LFM2's attention layers (beside its convolutions), Qwen-MoE's dense-MLP
 # layers, Bamba's and GraniteMoeHybrid's attention layers (beside Mamba)
 _LAYER_INDEX_KEYS = ("full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
+
+
+# transformers' sliding_window_pattern where a config leaves it out (Gemma-2 alternates, layer 0 sliding)
+_SLIDING_DEFAULTS = {"gemma2": 2, "gemma3_text": 6, "cohere2": 4}
+
+
+def _positional_kind(cfg, i: int) -> tuple:
+    """What a config derives for layer i from its position alone (no per-layer list says it): sliding or full
+    attention (Gemma-2 alternates; Gemma-3 and Cohere2 by sliding_window_pattern), attention or Mamba and MoE or
+    dense MLP (Jamba's periods and offsets), dense first layers (DeepSeek, GLM4-MoE: first_k_dense_replace,
+    moe_layer_freq), sparse steps (Qwen-MoE: decoder_sparse_step). transformers builds these from the layer's
+    index: moved to another index, a layer is built as another kind."""
+    if not isinstance(cfg, dict):
+        return ()
+    kind = []
+    if "layer_types" not in cfg:
+        pattern = cfg.get("sliding_window_pattern", _SLIDING_DEFAULTS.get(cfg.get("model_type")))
+        if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+            kind.append(("sliding", bool((i + 1) % pattern)))
+    for period, offset in (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")):
+        p, o = cfg.get(period), cfg.get(offset, 0)
+        if isinstance(p, int) and not isinstance(p, bool) and p > 0 and isinstance(o, int):
+            kind.append((period, i % p == o))
+    k = cfg.get("first_k_dense_replace")
+    if isinstance(k, int) and not isinstance(k, bool):
+        freq = cfg.get("moe_layer_freq", 1)
+        freq = freq if isinstance(freq, int) and not isinstance(freq, bool) and freq > 0 else 1
+        kind.append(("moe", i >= k and i % freq == 0))
+    step = cfg.get("decoder_sparse_step")
+    if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+        kind.append(("sparse", (i + 1) % step == 0))
+    return tuple(kind)
+
+
+def _check_positional_kinds(model_cfg, origins: List[Tuple[Optional[dict], int]]) -> None:
+    """Exit 2 where an output layer would be built as another kind than its source layer: the kinds that
+    config.json derives from positions cannot be rewritten per layer (Gemma-2's attention types flipped, Jamba's
+    and GLM4-MoE's moved layers loaded with random weights, exit 0: an audit; mergekit crashes or does the same)."""
+    for k, (src_cfg, layer) in enumerate(origins):
+        want, got = _positional_kind(src_cfg if isinstance(src_cfg, dict) else model_cfg, layer), \
+            _positional_kind(model_cfg, k)
+        if want != got:
+            which = ", ".join(name for (name, a), (_, b) in zip(want, got) if a != b) or "its layer kinds"
+            raise MergeConfigError(
+                f"slices: output layer {k} comes from source layer {layer}, but config.json derives each layer's kind "
+                f"from its position ({which}): loaded, it would be built as another kind of layer. Give the "
+                f"models' config.json an explicit per-layer list (layer_types) or keep the layers at positions of "
+                f"their kind")
 
 
 def _layer_count(model_cfg, layers: int) -> dict:
@@ -349,16 +399,19 @@ def _per_layer(model_cfg, origins: List[Tuple[Optional[dict], int]]) -> dict:
     transformers refused to load the output."""
     from pymerge.merge import _num_layers
     out = {}
-    for key in _PER_LAYER_KEYS:
+    for key in _PER_LAYER_KEYS + _PER_LAYER_STRINGS:
+        kind = str if key in _PER_LAYER_STRINGS else list
         mine = model_cfg.get(key) if isinstance(model_cfg, dict) else None
-        if not isinstance(mine, list) or not mine:
+        if not isinstance(mine, kind) or not mine:
             continue
         values = []
         for src_cfg, layer in origins:
             theirs = src_cfg.get(key) if isinstance(src_cfg, dict) else None
-            ok = isinstance(theirs, list) and len(theirs) == _num_layers(src_cfg) and layer < len(theirs)
+            depth = _num_layers(src_cfg) or (len(theirs) if isinstance(theirs, kind) else None)
+            ok = isinstance(theirs, kind) and len(theirs) == depth and layer < len(theirs)
             values.append(theirs[layer] if ok else mine[layer % len(mine)])
-        out[key] = values
+        out[key] = "".join(values) if kind is str else values
+    _check_positional_kinds(model_cfg, origins)
     # An index list: output layer k is listed where its source layer is listed in its source's config (else the
     # donor's). Copied as the donor had it, LFM2's full_attn_idxs built a convolution where a slice had put an
     # attention layer: its weights were left out at load, randomly initialized, exit 0 (an audit).

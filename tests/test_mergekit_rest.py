@@ -1077,3 +1077,63 @@ def test_a_revision_too_long_for_a_ref_file_is_one_bounded_line(models, tmp_path
     cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [f"org/m@{rev}"]}))
     rc, err = run_cli(["merge", cfg, tmp_path / "out", "--quiet"], capsys)
     assert rc == 2 and "model path not found: org/m@" in err and len(err) < 1100 and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("keys, moved_ok, moved_bad", [
+    # Gemma-2 alternates (layer 0 sliding) without a list; Gemma-3 and Cohere2 by sliding_window_pattern
+    ({"model_type": "gemma2"}, [0, 1, 0, 1], [0, 1, 1]),
+    ({"sliding_window_pattern": 3}, [0, 1, 2, 0, 1, 2], [0, 1, 0]),
+    ({"attn_layer_period": 2, "attn_layer_offset": 1}, [0, 1, 0, 1], [0, 1, 1]),  # Jamba
+    ({"first_k_dense_replace": 1}, [0, 1, 1], [0, 1, 0]),  # GLM4-MoE, DeepSeek: dense first layers
+    ({"decoder_sparse_step": 2}, [0, 1, 0, 1], [1, 0]),  # Qwen-MoE
+])
+def test_slices_refuse_moving_layers_whose_kind_config_json_derives_from_their_position(tmp_path, keys, moved_ok,
+                                                                                          moved_bad):
+    """Without a per-layer list, transformers builds each layer's kind (sliding or full attention, attention or
+    Mamba, dense or MoE) from its index: a stack that moved a layer to an index of another kind was written, exit
+    0, and loaded with flipped attention types or random weights (an audit). Refused now; a stack that keeps
+    every layer at an index of its kind, or a config with an explicit layer_types list, merges."""
+    import shutil
+    from pymerge.errors import MergeConfigError
+    from pymerge.merge import run_merge
+    base, _ = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **keys}))
+
+    def stack(layers):
+        return {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(base), "layer_range": [i, i + 1]}]} for i in layers]}
+    run_merge(stack(moved_ok), tmp_path / "ok", device="cpu", quiet=True)
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["num_hidden_layers"] == len(moved_ok)
+    with pytest.raises(MergeConfigError, match="derives each layer's kind from its position"):
+        run_merge(stack(moved_bad), tmp_path / "bad", device="cpu", quiet=True)
+    assert not (tmp_path / "bad").exists()
+    if "layer_types" not in keys and ("model_type" in keys or "sliding_window_pattern" in keys):
+        # an explicit list says each layer's kind: it is rewritten per layer, and the stack merges
+        (base / "config.json").write_text(json.dumps({**config, **keys, "layer_types": [
+            f"kind{i}" for i in range(config["num_hidden_layers"])]}))
+        run_merge(stack(moved_bad), tmp_path / "listed", device="cpu", quiet=True)
+        assert json.loads((tmp_path / "listed" / "config.json").read_text())["layer_types"] == \
+            [f"kind{i}" for i in moved_bad]
+    shutil.rmtree(tmp_path / "ok")
+
+
+def test_slices_rewrite_nemotron_h_layer_lists(tmp_path):
+    """Nemotron-H (transformers 5) takes its depth from layers_block_type and older configs spell the same as
+    hybrid_override_pattern: left at the donor's, the output loaded with the donor's depth, the stacked layers
+    dropped as unexpected keys (an audit)."""
+    from pymerge.merge import run_merge
+    base, _ = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    kinds = ["mamba", "attention", "mlp", "moe"][:n] + ["mamba"] * max(0, n - 4)
+    pattern = "".join({"mamba": "M", "attention": "*", "mlp": "-", "moe": "E"}[k] for k in kinds)
+    (base / "config.json").write_text(json.dumps({**config, "layers_block_type": kinds,
+                                                   "hybrid_override_pattern": pattern}))
+    order = list(range(n)) + list(range(1, n))
+    run_merge({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(base), "layer_range": [0, n]}]},
+        {"sources": [{"model": str(base), "layer_range": [1, n]}]}]}, tmp_path / "out", device="cpu", quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["layers_block_type"] == [kinds[i] for i in order]
+    assert written["hybrid_override_pattern"] == "".join(pattern[i] for i in order)
