@@ -362,8 +362,8 @@ def test_task_arithmetic_lambda_is_checked_before_anything_is_written(path, lam)
     base = {n: torch.randn(6, generator=g) for n in names}
     pool = CheckpointPool(sources, base=base, compress="int8" if path == "int8" else None)
     target = {n: torch.full((6,), 7.0) for n in names}
-    # 1e3: fine in the first groups, the last group's base coefficient is 1 - 3e6 (beyond 1e6)
-    table = [[0.5, 0.3, 0.2]] * (pool.num_groups("layer") - 1) + [[1e3, 1e3, 1e3]]
+    # 1e3: fine in the first groups, the last group's coefficients lambda * w are 2e6 (beyond 1e6)
+    table = [[0.5, 0.3, 0.2]] * (pool.num_groups("layer") - 1) + [[2e3, 2e3, 2e3]]
     kw = {"names": (lambda n: n)} if path == "per tensor" else {}
     with pytest.raises(MergeConfigError, match=r"parameter lambda is|coefficient of"):
         pool.materialize(table, into=target, method="task_arithmetic", groups="layer", **kw, **{"lambda": lam})
