@@ -430,9 +430,10 @@ class LoraCheckpoint:
         """A LoRA whose target the checkpoint stores under another name. On the output head of a model that
         stores none (its head is its input embedding), peft's merge_and_unload adds the head's delta to that
         shared weight, after the embedding's own. Under the model class's prefix where the checkpoint has none
-        (openai-community/gpt2 stores h.0.attn.c_attn.weight, which transformers loads into
-        GPT2LMHeadModel's transformer.h.0...: adapters name that), or the reverse: the one weight that matches
-        (mergekit, loading through transformers, applies these; they were refused: an audit)."""
+        (openai-community/gpt2 stores h.0.attn.c_attn.weight, which transformers loads into GPT2LMHeadModel's
+        transformer.h.0...: adapters name that; mergekit, loading through transformers, applies these, and they
+        were refused: an audit). The reverse (an adapter without the prefix on a checkpoint with it) stays
+        refused: peft finds no such module there and merges nothing."""
         from pymerge.tied import input_embedding, is_head
         embedding = input_embedding(self.ck) if is_head(name) else None
         weight = embedding if embedding is not None else self._unprefixed(name)
@@ -442,13 +443,13 @@ class LoraCheckpoint:
         return name
 
     def _unprefixed(self, name: str) -> Optional[str]:
-        """The checkpoint's weight for an adapter target that differs from it by a leading prefix, or None."""
-        names = self.ck.names()
+        """The stored weight an adapter target names under a leading prefix the checkpoint lacks, or None (also
+        where the adapter names that weight itself: one delta per weight, as peft merges)."""
         first, _, rest = name.partition(".")
-        if rest and rest in self.ck and not any(n.startswith(first + ".") for n in names):
+        if rest and rest in self.ck and rest not in self.adapter.targets \
+                and not any(n.startswith(first + ".") for n in self.ck.names()):
             return rest  # the adapter's model wraps the stored one (transformer.h.0... for h.0...)
-        longer = [n for n in names if n.endswith("." + name)]
-        return longer[0] if len(longer) == 1 and longer[0] not in self.adapter.targets else None
+        return None
 
     def names(self) -> List[str]:
         return self.ck.names()

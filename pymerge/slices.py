@@ -331,48 +331,62 @@ _LAYER_INDEX_KEYS = ("full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
 _SLIDING_DEFAULTS = {"gemma2": 2, "gemma3_text": 6, "cohere2": 4}
 
 
-def _positional_kind(cfg, i: int) -> tuple:
-    """What a config derives for layer i from its position alone (no per-layer list says it): sliding or full
-    attention (Gemma-2 alternates; Gemma-3 and Cohere2 by sliding_window_pattern), attention or Mamba and MoE or
-    dense MLP (Jamba's periods and offsets), dense first layers (DeepSeek, GLM4-MoE: first_k_dense_replace,
-    moe_layer_freq), sparse steps (Qwen-MoE: decoder_sparse_step). transformers builds these from the layer's
-    index: moved to another index, a layer is built as another kind."""
+def _positional_kinds(cfg, i: int) -> dict:
+    """What a config derives for layer i from its position alone, where no per-layer list says it (a list is
+    rewritten per layer instead): sliding or full attention (Gemma-2 alternates; Gemma-3 and Cohere2 by
+    sliding_window_pattern; not with layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not with
+    layers_block_type, which Zamba's transformers honours), MoE or dense MLP (Jamba's expert_layer_period/offset;
+    DeepSeek's and GLM4-MoE's first_k_dense_replace and moe_layer_freq; Qwen-MoE's decoder_sparse_step).
+    transformers builds these from the layer's index: moved to another index, a layer is built as another kind."""
     if not isinstance(cfg, dict):
-        return ()
-    kind = []
-    if "layer_types" not in cfg:
-        pattern = cfg.get("sliding_window_pattern", _SLIDING_DEFAULTS.get(cfg.get("model_type")))
-        if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
-            kind.append(("sliding", bool((i + 1) % pattern)))
-    for period, offset in (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset")):
-        p, o = cfg.get(period), cfg.get(offset, 0)
-        if isinstance(p, int) and not isinstance(p, bool) and p > 0 and isinstance(o, int):
-            kind.append((period, i % p == o))
-    k = cfg.get("first_k_dense_replace")
-    if isinstance(k, int) and not isinstance(k, bool):
-        freq = cfg.get("moe_layer_freq", 1)
-        freq = freq if isinstance(freq, int) and not isinstance(freq, bool) and freq > 0 else 1
-        kind.append(("moe", i >= k and i % freq == 0))
-    step = cfg.get("decoder_sparse_step")
-    if isinstance(step, int) and not isinstance(step, bool) and step > 0:
-        kind.append(("sparse", (i + 1) % step == 0))
-    return tuple(kind)
+        return {}
+
+    def number(key, default=None):
+        v = cfg.get(key, default)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+    kinds = {}
+    pattern = cfg.get("sliding_window_pattern", _SLIDING_DEFAULTS.get(cfg.get("model_type")))
+    if "layer_types" not in cfg and isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+        kinds["sliding"] = bool((i + 1) % pattern)
+    for period, offset, listed in (("attn_layer_period", "attn_layer_offset", "layers_block_type"),
+                                   ("expert_layer_period", "expert_layer_offset", None)):
+        p, o = number(period), number(offset, 0)
+        if p and p > 0 and o is not None and (listed is None or listed not in cfg):
+            kinds[period] = i % p == o
+    k = number("first_k_dense_replace")
+    if k is not None:
+        freq = number("moe_layer_freq", 1) or 1
+        kinds["moe"] = i >= k and i % max(freq, 1) == 0
+    step = number("decoder_sparse_step")
+    if step and step > 0:
+        kinds["sparse"] = (i + 1) % step == 0
+    return kinds
+
+
+def _listed_kinds(cfg, i: int) -> dict:
+    """The kinds a config's own per-layer list gives layer i (layer_types: sliding or not)."""
+    types = cfg.get("layer_types") if isinstance(cfg, dict) else None
+    return {"sliding": types[i] == "sliding_attention"} if isinstance(types, list) and i < len(types) else {}
 
 
 def _check_positional_kinds(model_cfg, origins: List[Tuple[Optional[dict], int]]) -> None:
-    """Exit 2 where an output layer would be built as another kind than its source layer: the kinds that
+    """Exit 2 where an output layer would be built as another kind than its source layer: the kinds the written
     config.json derives from positions cannot be rewritten per layer (Gemma-2's attention types flipped, Jamba's
-    and GLM4-MoE's moved layers loaded with random weights, exit 0: an audit; mergekit crashes or does the same)."""
+    and GLM4-MoE's moved layers loaded with random weights, exit 0: an audit; mergekit crashes or does the same).
+    A source layer's kind comes from its own config: its list where it has one, else its positions."""
     for k, (src_cfg, layer) in enumerate(origins):
-        want, got = _positional_kind(src_cfg if isinstance(src_cfg, dict) else model_cfg, layer), \
-            _positional_kind(model_cfg, k)
-        if want != got:
-            which = ", ".join(name for (name, a), (_, b) in zip(want, got) if a != b) or "its layer kinds"
+        built = _positional_kinds(model_cfg, k)
+        if not built:
+            continue
+        src = src_cfg if isinstance(src_cfg, dict) else model_cfg
+        was = {**_positional_kinds(src, layer), **_listed_kinds(src, layer)}
+        differ = [aspect for aspect, value in built.items() if aspect in was and was[aspect] != value]
+        if differ:
             raise MergeConfigError(
                 f"slices: output layer {k} comes from source layer {layer}, but config.json derives each layer's kind "
-                f"from its position ({which}): loaded, it would be built as another kind of layer. Give the "
-                f"models' config.json an explicit per-layer list (layer_types) or keep the layers at positions of "
-                f"their kind")
+                f"from its position ({', '.join(differ)}): loaded, it would be built as another kind of layer. Give "
+                f"the models' config.json an explicit per-layer list (layer_types) or keep the layers at positions "
+                f"of their kind")
 
 
 def _layer_count(model_cfg, layers: int) -> dict:

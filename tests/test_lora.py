@@ -621,8 +621,8 @@ def test_a_lora_reference_given_to_a_pool_says_what_it_is(family):
 def test_a_lora_whose_target_names_carry_another_prefix_lands_on_its_weight(tmp_path, layout):
     """openai-community/gpt2 stores h.0.attn.c_attn.weight (no `transformer.`), which transformers loads into
     GPT2LMHeadModel, so adapters trained on it name transformer.h.0...: mergekit (through transformers) applies
-    them, pymerge refused them (an audit). An adapter trained on the bare GPT2Model (h.0...) onto a checkpoint of
-    GPT2LMHeadModel is the reverse case."""
+    them, pymerge refused them (an audit). The reverse, an adapter without the prefix (h.0...) on a checkpoint of
+    GPT2LMHeadModel, stays refused: peft finds no such module and merges nothing."""
     theirs = gpt2_lora(tmp_path, ["c_attn", "c_fc"], fan_in_fan_out=True)
     model, adapter = tmp_path / "gpt2", tmp_path / "ad"
     if layout == "unprefixed checkpoint":
@@ -633,6 +633,10 @@ def test_a_lora_whose_target_names_carry_another_prefix_lands_on_its_weight(tmp_
         weights = load_file(str(adapter / "adapter_model.safetensors"))
         save_file({k.replace("base_model.model.transformer.", "base_model.model."): v for k, v in weights.items()},
                   str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if layout == "unprefixed adapter":
+        with pytest.raises(CheckpointError, match=r"LoRA for 'h.0.attn.c_attn.weight', which .* does not have"):
+            open_model(f"{model}+{adapter}")
+        return
     with open_model(f"{model}+{adapter}") as ck:
         changed = 0
         for name in ck.names():

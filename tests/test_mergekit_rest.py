@@ -1137,3 +1137,34 @@ def test_slices_rewrite_nemotron_h_layer_lists(tmp_path):
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["layers_block_type"] == [kinds[i] for i in order]
     assert written["hybrid_override_pattern"] == "".join(pattern[i] for i in order)
+
+
+def test_layer_kinds_are_compared_from_each_models_own_config(tmp_path):
+    """A source's layer kind comes from its own config.json: its layer_types where it has the list, its positions
+    otherwise. Comparing the two forms refused every stack of Gemma-2 models saved by old and new transformers
+    (one with layer_types, one without), even one that moved nothing (a review). A list the donor keeps
+    (layers_block_type beside Jamba-style periods, as Zamba's) is rewritten, so it is not compared."""
+    import shutil
+    from pymerge.errors import MergeConfigError
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    alternating = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
+    (ft / "config.json").write_text(json.dumps({**config, "model_type": "gemma2", "layer_types": alternating}))
+    for first, second in ((base, ft), (ft, base)):
+        run_merge({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(first), "layer_range": [0, 1]}]},
+            {"sources": [{"model": str(second), "layer_range": [1, n]}]}]}, tmp_path / "out", device="cpu", quiet=True)
+        shutil.rmtree(tmp_path / "out")
+    with pytest.raises(MergeConfigError, match=r"output layer 1 comes from source layer 0.*\(sliding\)"):
+        run_merge({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": str(base), "layer_range": [0, 1]}]},
+            {"sources": [{"model": str(ft), "layer_range": [0, 1]}]}]}, tmp_path / "out", device="cpu", quiet=True)
+    # Zamba keeps layers_block_type (rewritten per layer) beside its attention period: not refused
+    (base / "config.json").write_text(json.dumps({**config, "attn_layer_period": 2, "attn_layer_offset": 1,
+                                                   "layers_block_type": ["mamba", "hybrid"] * (n // 2) + ["mamba"] * (n % 2)}))
+    run_merge({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(base), "layer_range": [0, 1]}]},
+        {"sources": [{"model": str(base), "layer_range": [0, n]}]}]}, tmp_path / "out", device="cpu", quiet=True)

@@ -53,8 +53,8 @@ def load_entry_point(spec: str, what: str):
         raise InputError(f"{what}: expected 'module:function' (an absolute module name), got {short(spec)}")
     try:
         obj = importlib.import_module(mod)
-    except (ImportError, ValueError, TypeError, SyntaxError) as exc:
-        raise InputError(f"{what}: cannot import module {short(mod)} ({type(exc).__name__}: {exc})") from None
+    except ImportError as exc:  # (an error of the module's own code keeps its traceback)
+        raise InputError(f"{what}: cannot import module {short(mod)} ({exc})") from None
     for part in fn.split("."):
         if not hasattr(obj, part):
             raise InputError(f"{what}: module {short(mod)} has no attribute {short(fn)}")

@@ -6,7 +6,8 @@ The search vector x lives in [0, 1]^(G*N) (G = 1 unless per-group weights are as
 weights are x reshaped to [G, N], each row divided by its sum when normalize=True (the default,
 a weighted average as in the recycling paper). Candidate 0 is x0 (the uniform merge by default).
 The objective is maximized; evaluate(model) returns a float or {task: score} (macro-averaged).
-State is saved as JSON after every generation: the settings and every evaluated candidate. A re-run
+State is saved as JSON after every generation, and after a batch of candidates where _SAVE_EVERY_S have
+passed since the last save: the settings and every evaluated candidate. A re-run
 with the same state_path rebuilds CMA-ES by replaying that history (the search's RNG is its own and
 seeded, so the replay asks for the very candidates recorded, which is checked) and ends where an
 uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field. While a
@@ -38,6 +39,7 @@ from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
 
 STATE_VERSION = 2  # 1 was a pickle
+_SAVE_EVERY_S = 30.0  # in mid-generation, the state is saved after a batch once this long has passed
 MAX_WEIGHTS = 5000  # in a search's weight table: CMA-ES's d x d matrices are 200 MB each there
 _ENTRY_KEYS = {"eval", "generation", "objective", "scores", "weights", "x", "materialize_s", "evaluate_s"}
 
@@ -355,9 +357,13 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         n_rep = len(models)
         kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
+        saved = [time.monotonic()]  # when the state was last written
+
         def run(xs, generation, save=False):
             """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives.
-            save: the state after each batch (an interrupt loses at most one batch, not the generation)."""
+            save: the state after a batch, where _SAVE_EVERY_S have passed since the last save (an interrupt
+            loses the candidates of those seconds and one batch, not the generation; each save writes the whole
+            history, so a save per candidate of a long search cost more than it kept: a review)."""
             out = []
             for start in range(0, len(xs), n_rep):
                 batch = xs[start:start + n_rep]
@@ -383,9 +389,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                                     "weights": np.asarray(w).tolist(), "x": np.asarray(x).tolist(),
                                     "materialize_s": t_mat, "evaluate_s": t_eval})
                     out.append(obj)
-                if save and start + n_rep < len(xs):  # (the generation's end is saved after tell)
+                if save and start + n_rep < len(xs) and time.monotonic() - saved[0] >= _SAVE_EVERY_S:
                     state["generation"] = generation  # a part of it, which a resume finishes (_replay)
-                    _save_state(state_path, state)
+                    _save_state(state_path, state)  # (the generation's end is saved after tell)
+                    saved[0] = time.monotonic()
             return out
 
         if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
@@ -411,10 +418,11 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                     es.tell(xs, [_fitness(o) for o in objs])
             state["generation"] = gen
             _save_state(state_path, state)
+            saved[0] = time.monotonic()
             if len(objs) == len(xs) and all(not math.isfinite(r["objective"]) for r in history):
                 # CMA-ES learns nothing from them: the rest of the budget went on a random walk (an audit)
-                raise InputError(f"every candidate so far ({len(history)}, the start and a whole generation) scored "
-                                 "NaN or inf; check evaluate() (the search state is saved)")
+                raise InputError(f"every candidate so far ({len(history)}) scored NaN or inf; check evaluate()"
+                                 + (f" (the search state is saved in {state_path})" if state_path else ""))
             if log:
                 recent = history[-len(objs):]
                 best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite, as the result's
@@ -486,7 +494,7 @@ def _replay(es, rng, state: dict, path: str, x0) -> Optional[Tuple[list, List[fl
         rows = rows_of.get(gen, [])
         with rng:
             xs = es.ask()
-        partial_ok = gen == last  # only the budget's end leaves a generation evaluated in part
+        partial_ok = gen == last  # a budget's end, or a save in mid-generation, leaves the last one in part
         if not rows or len(rows) > len(xs) or (len(rows) < len(xs) and not partial_ok) or not np.allclose(
                 [r["x"] for r in rows], np.asarray(xs[:len(rows)]), rtol=1e-9, atol=1e-12):
             raise InputError(f"{path}: saved search state does not replay at generation {gen} (edited, or written "

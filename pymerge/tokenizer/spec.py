@@ -122,7 +122,7 @@ def _token_source(src, where, err, model_path) -> TokenSource:
     if not isinstance(src, dict):
         raise err(f"{where} must be a model, {{kind: zero}} or {{kind: model_token, model, token | token_id}}, "
                   f"got {described(src)}")
-    if "kind" not in src and "model" in src:  # a model in mergekit's mapping form {model: ..., lora: ...}
+    if "kind" not in src and "model" in src and set(src) <= {"model", "lora"}:  # mergekit's {model, lora} form
         return TokenSource("model", model=model_path(src, where))
     kind = src.get("kind")
     if kind == "zero":
