@@ -214,8 +214,8 @@ def test_triton_gives_the_cpu_bits():
     """The Triton kernel's delta form (the interpreter here) against the C++ kernel, bit for bit, on the
     cases small enough for the interpreter; NaN payloads aside (the GPU kernels' documented exception), and
     bfloat16 outputs only on a GPU (the interpreter truncates to bfloat16)."""
-    small = [(xs, rows, dt) for xs, rows, dt in _cases() if xs[0].numel() < 20000 and len(rows) <= 7
-             and not (dt == torch.bfloat16 and INTERPRETED)]
+    small = [(xs, rows, dt) for xs, rows, dt in _cases() if xs[0].numel() < 5000 and len(rows) <= 3
+             and not (dt == torch.bfloat16 and INTERPRETED)]  # (every body and tail launch; 43 s at < 20000)
     for xs, rows, out_dtype in small:
         want = [torch.empty(xs[0].shape, dtype=out_dtype) for _ in rows]
         got = [torch.empty(xs[0].shape, dtype=out_dtype) for _ in rows]
