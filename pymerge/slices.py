@@ -345,8 +345,8 @@ def _positional_kinds(cfg, i: int) -> dict:
         v = cfg.get(key, default)
         return v if isinstance(v, int) and not isinstance(v, bool) else None
     kinds = {}
-    pattern = cfg.get("sliding_window_pattern", _SLIDING_DEFAULTS.get(cfg.get("model_type")))
-    if "layer_types" not in cfg and isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+    pattern = number("sliding_window_pattern", _SLIDING_DEFAULTS.get(cfg.get("model_type")))
+    if "layer_types" not in cfg and pattern and pattern > 0:
         kinds["sliding"] = bool((i + 1) % pattern)
     for period, offset, listed in (("attn_layer_period", "attn_layer_offset", "layers_block_type"),
                                    ("expert_layer_period", "expert_layer_offset", None)):
@@ -355,8 +355,8 @@ def _positional_kinds(cfg, i: int) -> dict:
             kinds[period] = i % p == o
     k = number("first_k_dense_replace")
     if k is not None:
-        freq = number("moe_layer_freq", 1) or 1
-        kinds["moe"] = i >= k and i % max(freq, 1) == 0
+        freq = max(number("moe_layer_freq", 1) or 1, 1)
+        kinds["moe"] = i >= k and i % freq == 0
     step = number("decoder_sparse_step")
     if step and step > 0:
         kinds["sparse"] = (i + 1) % step == 0
