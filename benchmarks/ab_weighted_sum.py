@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CPU_SETTLE_S, positive_int, write_results  # noqa: E402
+from common import CPU_SETTLE_S, charts, positive_int, write_results  # noqa: E402
 
 from pymerge import _native  # noqa: E402
 
@@ -73,9 +73,10 @@ def main() -> None:
         rows.append({"N": n, "K": k, "elements": numel, **{f"{name} GB/s": v for name, v in gbs.items()},
                      "this/other median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
                      "ms per round": {name: [1e3 * x for x in s] for name, s in secs.items()}})
+    title = "Two builds of the fused weighted sum in one process (bf16 in and out; per-round ratio this/other)"
+    draw = charts().drawing(charts().CHARTS["ab_weighted_sum"], rows, title)  # its own chart, whatever --name says
     write_results(args.name, "cpu", rows, ["N", "K", "elements", "other GB/s", "this GB/s", "copy GB/s",
-                                           "this/other median", "min", "max"],
-                  "Two builds of the fused weighted sum in one process (bf16 in and out; per-round ratio this/other)",
+                                           "this/other median", "min", "max"], title, plot=draw,
                   meta={"other": os.path.abspath(args.other), "rounds": args.rounds, "threads": args.threads})
 
 

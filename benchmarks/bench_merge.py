@@ -235,7 +235,7 @@ def main(argv=None):
                   f"peak anon {r['peak_anon_mb']:7.0f} MB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
 
     best = {t: min(rs, key=lambda r: r["wall_s"]) for t, rs in runs.items()}
-    from common import RESULTS, machine_description, machine_label, result_name, write_atomic  # imports torch: after the timed runs
+    from common import RESULTS, charts, machine_description, machine_label, result_name, write_atomic  # imports torch: after the timed runs
     machine = machine_description("cpu")
     if args.results is None:  # this machine's folder, as every other script's (it was cpu/ on any machine)
         args.results = Path(RESULTS) / machine_label("cpu")
@@ -268,6 +268,7 @@ def main(argv=None):
     stem = result_name(str(args.results), f"merge_{args.method}", machine)
     write_atomic(str(args.results / f"{stem}.json"), json.dumps(summary, indent=2))
     write_atomic(str(args.results / f"{stem}.md"), table)
+    charts().plot_file(str(args.results / f"{stem}.json"))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main(argv=None):
         raise SystemExit("bench_merge_gpu: no CUDA device")
 
     import bench_merge as bm
-    from common import RESULTS, load_average, machine_description, machine_label, write_atomic
+    from common import RESULTS, charts, load_average, machine_description, machine_label, write_atomic
     from pymerge.merge import run_merge
     base, fts = bm.ensure_models(args.workdir)
     cfg = args.workdir / f"gpu_{args.method}.yml"
@@ -105,6 +105,7 @@ def main(argv=None):
              f"| {res['pinned_h2d_gbps']} | {res['safe_open_cuda_gbps']} | {res['pymerge_input_gbps']} | "
              f"{res['fraction_of_h2d']:.0%} | {res['x_safe_open']} |\n\n{verdict}\n")
     write_atomic(str(results / f"{stem}.md"), table)
+    charts().plot_file(str(results / f"{stem}.json"))
     return 0 if ok else 1
 
 

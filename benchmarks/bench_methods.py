@@ -29,7 +29,7 @@ from pymerge.ops import task_vector_ops as tvo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (RESULTS, load_average, machine_description, machine_label, positive_int, result_name,  # noqa: E402
+from common import (RESULTS, charts, load_average, machine_description, machine_label, positive_int, result_name,  # noqa: E402
                     spread, write_atomic)
 
 
@@ -167,6 +167,7 @@ def main():
                      f"{r['speedup']:.1f}x | {r['speedup_per_round']['min']:.1f}-{r['speedup_per_round']['max']:.1f}x | "
                      f"{a} | {c} |")
     write_atomic(os.path.join(args.out, f"{tag}.md"), "\n".join(lines) + "\n")
+    charts().plot_file(os.path.join(args.out, f"{tag}.json"))
 
 
 if __name__ == "__main__":

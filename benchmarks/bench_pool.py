@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (RESULTS, load_average, machine_description, machine_label, markdown_table, positive_int,  # noqa: E402
+from common import (RESULTS, charts, load_average, machine_description, machine_label, markdown_table, positive_int,  # noqa: E402
                     result_name, spread, time_interleaved, write_atomic)
 
 from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
@@ -172,6 +172,7 @@ def run(args, device, params, rounds, tmp):
                                                                     indent=1))
     write_atomic(os.path.join(out_dir, f"{name}.md"), f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n\n"
                  + "\n".join(f"- {k2}: {v:.2f}" for k2, v in summary.items()) + "\n")
+    charts().plot_file(os.path.join(out_dir, f"{name}.json"))
 
 
 if __name__ == "__main__":

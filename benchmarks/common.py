@@ -102,10 +102,11 @@ def has_matplotlib() -> bool:
 
 def write_results(name: str, device: str, rows: list, columns: list, title: str, plot=None, meta=None,
                   per_machine: bool = True) -> str:
-    """Writes <name>.json and <name>.md (and <name>.png via plot(path), where matplotlib is installed) under
-    results/<machine>/, each file whole or not at all; meta (rounds, quick...) goes into the JSON with the
-    machine, date and load average. per_machine=False: the same on any machine (a compiler's output): one file,
-    under results/cpu/, whichever machine wrote it (an AVX2 machine wrote a second copy under cpu-avx2/)."""
+    """Writes <name>.json and <name>.md (and <name>.png via plot(path), or else the chart charts.py keeps for
+    that kind of table, where matplotlib is installed) under results/<machine>/, each file whole or not at all;
+    meta (rounds, quick...) goes into the JSON with the machine, date and load average. per_machine=False: the
+    same on any machine (a compiler's output): one file, under results/cpu/, whichever machine wrote it (an AVX2
+    machine wrote a second copy under cpu-avx2/)."""
     folder = os.path.join(RESULTS, machine_label(device) if per_machine else "cpu")
     os.makedirs(folder, exist_ok=True)
     machine = machine_description(device)
@@ -116,14 +117,29 @@ def write_results(name: str, device: str, rows: list, columns: list, title: str,
     write_atomic(os.path.join(folder, f"{name}.json"), json.dumps({**meta, "rows": rows}, indent=1))
     table = markdown_table(rows, columns)
     write_atomic(os.path.join(folder, f"{name}.md"), f"### {title}\n{meta['machine']}, {meta['date']}\n\n{table}\n")
+    if plot is None:
+        chart = charts().chart_for(name)
+        plot = chart and charts().drawing(chart, rows, f"{title}\n{machine}, {meta['date']}")
     png = os.path.join(folder, f"{name}.png")
-    if plot is not None and not has_matplotlib():
-        print(f"(matplotlib is not installed or does not import: no {name}.png; pip install matplotlib)", file=sys.stderr)
+    if plot is not None and has_matplotlib():
+        write_plot(png, plot)
+    else:
+        if plot is not None:
+            print(f"(matplotlib is not installed or does not import: no {name}.png; pip install matplotlib)",
+                  file=sys.stderr)
         if os.path.exists(png):  # an earlier run's plot beside this run's table
             os.remove(png)
-    elif plot is not None:
-        write_plot(png, plot)
     return table
+
+
+def charts():
+    """benchmarks/charts.py, imported as the scripts import this module (benchmarks/ on sys.path) or as the
+    tests do (benchmarks.charts)."""
+    try:
+        import charts as module
+    except ImportError:
+        from benchmarks import charts as module
+    return module
 
 
 def write_atomic(path: str, text: str) -> None:
