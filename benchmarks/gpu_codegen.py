@@ -81,6 +81,12 @@ def cubin_regs(cubin: bytes) -> dict:
             "spill_bytes": int(re.search(r"LOCAL:(\d+)", r.stdout).group(1))}
 
 
+def loop_starts(ttir: str) -> str:
+    """The constant lower bounds of the kernel's scf.for loops, in order ("1 0"): a bound written as a constexpr
+    bool compiled to -1 (the interpreter, Python's range, reads True as 1)."""
+    return " ".join(re.findall(r"scf\.for %\S+ = %c(-?\d+)(?:_i\d+)?\b", ttir))
+
+
 def triton_row(name, fn, signature, constexprs, divisible, num_warps, fp_fusion=True, elems=None, arch=90):
     """One kernel variant compiled for sm_`arch`; for sm_80 a compile error becomes the row's "error"
     (for sm_90 it stops the script: every row there must compile)."""
@@ -104,7 +110,7 @@ def triton_row(name, fn, signature, constexprs, divisible, num_warps, fp_fusion=
                 "error": why[-1] if why else type(e).__name__}
     ptx = k.asm["ptx"]
     row = {"kernel": name, "backend": "triton", "arch": arch, "threads": 32 * num_warps, **ptx_facts(ptx),
-           **cubin_regs(k.asm["cubin"])}
+           **cubin_regs(k.asm["cubin"]), "loop_starts": loop_starts(k.asm["ttir"])}
     row["blocks_per_sm"] = blocks_per_sm(row["registers"], row["threads"], k.metadata.shared, arch)
     if elems:
         row["elems_per_thread"] = elems // row["threads"]

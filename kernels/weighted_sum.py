@@ -109,7 +109,9 @@ if triton is not None:
         acc3 = _neg_zeros(BLOCK)
         if DELTA:  # input 0 is the base: the terms are x_i - B, and B's own term comes last
             b = _load_input(addr_table, code_table, 0, offs, mask, IN_DT, ALIGNED, HAS_E4M3)
-        for i in range(DELTA, n_in):
+        # 1 if DELTA, not range(DELTA, ...): compiled, a True constexpr is an i1 that the loop's signed i32
+        # bound sign-extends to -1 (the interpreter's Python range reads it as 1; a review of the TTIR)
+        for i in range(1 if DELTA else 0, n_in):
             x = _load_input(addr_table, code_table, i, offs, mask, IN_DT, ALIGNED, HAS_E4M3)
             if DELTA:
                 x = x - b

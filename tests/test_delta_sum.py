@@ -246,3 +246,45 @@ def test_inputs_that_want_gradients_are_refused_in_delta_sums_words():
     xs[1].requires_grad_(True)
     with pytest.raises(RuntimeError, match=r"^delta_sum\(\): out= does not record gradients.*torch.no_grad\(\)$"):
         delta_sum(xs, [1.0, 0.5], out=torch.empty(8))
+
+
+def test_weighted_sum_into_refuses_an_output_partly_over_an_input():
+    """Its eager path skipped the overlap test that the op (and torch.compile) make: an output a few elements
+    ahead of an input overwrote what the next block read (max error 2.4, an audit). Exactly an input is fine."""
+    buf, other = torch.randn(4100), torch.randn(4000)
+    for delta in (False, True):
+        with pytest.raises(ValueError, match="output 0 partially overlaps input 0"):
+            weighted_sum_into([buf[:4000], other], [[0.5, 0.5]], [buf[7:4007]], delta=delta)
+    for delta, k in ((False, 0), (True, 0), (False, 1), (True, 1)):
+        xs = [torch.randn(4000), torch.randn(4000)]
+        want = (0.5 * xs[0].double() + 0.25 * (xs[1].double() - (xs[0].double() if delta else 0))).float()
+        weighted_sum_into(xs, [[0.5, 0.25]], [xs[k]], delta=delta)
+        assert torch.allclose(xs[k], want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="delta must be a bool"):
+        weighted_sum_into([other, other], [[0.5, 0.5]], [torch.empty(4000)], delta="False")
+
+
+def test_cuda_entry_checks_host_weights_as_the_cpu_kernel_does():
+    """The CUDA op took a host list of NaN, inf or past-float32 weights (a NaN or inf merge on a GPU, an
+    error on the CPU; a review): refused before any tensor is read, so CPU tensors show it here."""
+    from pymerge.ops import library
+    xs, outs = [torch.randn(8), torch.randn(8)], [torch.empty(8)]
+    for bad in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(ValueError, match="weighted_sum: a weight is"):
+            library._weighted_sum_many_out_cuda(xs, [[0.5, bad]], outs, delta=True)
+    with pytest.raises(TypeError, match="delta must be a bool"):
+        library._weighted_sum_many_out_cuda(xs, [[0.5, 0.5]], outs, delta="no")
+
+
+def test_compiled_empty_out_call_checks_its_weights():
+    """Compiled, the value checks of the weights are the op's; an empty out= call returned before the op, so a
+    NaN weight passed under torch.compile and was refused eagerly (an audit)."""
+    xs, out = [torch.empty(0), torch.empty(0)], torch.empty(0)
+
+    def call(xs, out):
+        delta_sum(xs, [1.0, float("nan")], out=out)
+        return out
+    with pytest.raises(ValueError, match="nan"):
+        call(xs, out)
+    with pytest.raises(Exception, match="nan"):
+        torch.compile(call, fullgraph=True, backend="eager")(xs, out)

@@ -169,3 +169,15 @@ def test_every_triton_kernel_compiles_for_sm80(rows):
     for k, r in sm80.items():  # the A100's aligned paths load 16 bytes at a time too
         if "K=4" in k and "weighted_sum" in k or "full blocks" in k:
             assert r["v4_loads"] >= 1 and r["scalar_loads"] == 0, r
+
+
+def test_triton_loops_start_where_the_interpreter_starts_them(rows):
+    """`range(DELTA, n_in)` with DELTA a True constexpr compiled to a loop from -1 (an i1 sign-extended to the
+    loop's i32): every delta sum on a GPU read 8 bytes before its address table, where the interpreter's Python
+    range started at 1 (a review of the TTIR)."""
+    for name, r in rows.items():
+        if r["backend"] == "triton" and "error" not in r:
+            assert all(int(s) >= 0 for s in r["loop_starts"].split()), (name, r["loop_starts"])
+    for name, r in rows.items():
+        if name.startswith("weighted_sum bf16 K=") and r["backend"] == "triton":
+            assert r["loop_starts"] == ("1" if "delta" in name else "0"), (name, r["loop_starts"])

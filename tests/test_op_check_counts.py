@@ -221,8 +221,12 @@ def _hostile_cases():
     def into(a, b, base, out, h):
         return weighted_sum_into([a, b], [[0.5, h(0.5)]], [out])
 
+    def into_delta(a, b, base, out, h):  # bool(delta) ran in the kernel call, after the storage tests (SIGSEGV)
+        return weighted_sum_into([base, a, b], [[1.0, 0.5, 0.5]], [out], delta=h(True))
+
     return {
         "weighted_sum": ws, "weighted_sum out=": ws_out, "weighted_sum_many": ws_many, "weighted_sum_into": into,
+        "weighted_sum_into delta": into_delta,
         "nearswap t": lambda a, b, base, out, h: elementwise_mix.nearswap(base, a, h(0.5), out),
         "nearswap": lambda a, b, base, out, h: elementwise_mix.nearswap(base, a, 0.5, out, num_threads=h(1)),
         "ram eps": lambda a, b, base, out, h: elementwise_mix.ram([a, b], base, h(1e-3), out),
@@ -303,6 +307,7 @@ def test_ram_takes_one_boost_per_input_on_every_path():
     lambda a, b, v: select.select_ranks(a, b, [3], descending=v),
     lambda a, b, v: tvo.merge_planned([a], b, [tvo.ModelPlan(weight=1.0, model=0)], torch.empty(64),
                                       consensus=v, normalize=False),
+    lambda a, b, v: weighted_sum_into([a, b], [[0.5, 0.5]], [torch.empty(64)], delta=v),
 ])
 def test_a_flag_is_a_bool_not_a_string(call):
     """Flags are converted before the storage tests (their __bool__ is the caller's): bool() took "False" for

@@ -33,7 +33,7 @@ constexpr int kMinBlocks = 4;
 // Mixed dtypes convert as they load, so they hold 8 floats per input and take fewer per step.
 // A delta sum holds its base's vector too: with 3 or 4 outputs that needs more than 64 registers, so those
 // keep 3 blocks resident (80 registers) rather than halve each thread's loads, and 4 outputs of 16-bit inputs
-// load 3 inputs per step (48 bytes; 4 spilled).
+// load 3 inputs per step (48 bytes; no spill on sm_90, 16 bytes spilled on sm_80).
 template <int DT, int K = 1, bool Delta = false> struct Step {
   static constexpr int value = DT == F32 ? 2 : DT == kMixed ? 2 : Delta && K == 4 ? 3 : 4;
 };
@@ -275,6 +275,9 @@ void weighted_sum_many(const std::vector<uintptr_t>& in_ptrs, const std::vector<
   if (int(in_dtypes.size()) != n_in || int(out_dtypes.size()) != n_out ||
       (!weights_dev && int64_t(weights.size()) != int64_t(n_in) * n_out))
     throw std::invalid_argument("weighted_sum: inconsistent argument lengths");
+  // the codes as the CPU kernel checks them (a float8 output code was stored as bf16 past the buffer's end)
+  for (int dt : in_dtypes) if (dt < F32 || dt > kMaxInputDType) throw std::invalid_argument("weighted_sum: bad input dtype code");
+  for (int dt : out_dtypes) if (dt < F32 || dt > kMaxOutputDType) throw std::invalid_argument("weighted_sum: bad output dtype code");
   const int terms = delta ? n_in - 1 : n_in;  // inputs summed (a delta call's base is input 0, not a term)
   const int skip = n_in - terms;
   if (terms > kMaxInputs && !scratch) throw std::invalid_argument("weighted_sum: more than 64 inputs need a float32 scratch buffer");

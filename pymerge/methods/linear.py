@@ -11,6 +11,8 @@ is exact, so a result on a 16-bit halfway point rounds as mergekit's and the exa
 rewrite (base - (sum c) base) + sum c x used before rounded 2.3 % of bfloat16 elements one step away from
 mergekit at weights 0.7 / 0.5 (tests/test_merge_parity.py). Infinities and NaN come out as mergekit's
 (the same differences, products and sums: an inf base with c_i > 0 gives NaN, with every c_i < 0 inf).
+One bit differs where the result is zero: a -0.0 base whose sources are all zeros, with every c_i < 0, gives
+-0.0 here (the sum of -0.0 terms) and +0.0 in mergekit (torch's sum starts from +0.0); -0.0 == +0.0.
 Large lambda (1e3 and up) costs both ~1e-5 relative in float32.
 
 Not mergekit's behaviour, on purpose: linear with normalize and weights summing to 0 is an error

@@ -3,7 +3,7 @@ import torch
 
 from pymerge.methods.base import MergeConfigError, MergeMethod, Param, TensorTask, register
 from pymerge.methods.base import number_param
-from pymerge.ops.weighted_sum import weighted_sum_into
+from pymerge.ops.weighted_sum import sum_into
 
 
 @register
@@ -25,4 +25,4 @@ class Passthrough(MergeMethod):
             raise MergeConfigError(f"tensor {task.name}: passthrough takes exactly one model, got {len(task.inputs)}")
         scale = task.model_params[0].get("scale") if task.model_params else None
         w = 1.0 if scale is None else number_param(scale, "scale", task.name)  # 1 * x is exact: a plain copy
-        weighted_sum_into([task.inputs[0]], [[w]], [out], backend=task.backend, num_threads=task.num_threads)
+        sum_into([task.inputs[0]], [[w]], [out], backend=task.backend, num_threads=task.num_threads)

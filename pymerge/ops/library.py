@@ -358,7 +358,7 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
     numel = tensors[0].numel()
     # the caller's numbers first: an __index__ or __float__ of theirs runs before the storage tests, never after
     # (a weights tensor's own storage is tested first: tolist() reads it)
-    num_threads = check_threads(num_threads)
+    num_threads, delta = check_threads(num_threads), as_flag(delta, "delta")
     flat = None if isinstance(weights, Tensor) else [float(w) for row in weights for w in row]
     read = _check_read("weighted_sum", tensors, checked, weights=weights)
     if flat is None:
@@ -373,7 +373,7 @@ def _weighted_sum_many_out_cpu(tensors, weights, outs, backend="auto", num_threa
         return
     _native.require_cpu().weighted_sum_many(
         [t.data_ptr() for t in tensors], _codes(tensors), numel, flat,
-        [o.data_ptr() for o in outs], _codes(outs), num_threads, bool(delta))
+        [o.data_ptr() for o in outs], _codes(outs), num_threads, delta)
 
 
 @weighted_sum_many_out.register_kernel("cuda")
@@ -384,6 +384,11 @@ def _weighted_sum_many_out_cuda_op(tensors, weights, outs, backend="auto", num_t
 
 @_kernel("weighted_sum_many_out", "cuda")
 def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_threads=0, delta=False, checked=()):
+    delta = as_flag(delta, "delta")  # the caller's __bool__ before the storage tests, as on the CPU
+    if not isinstance(weights, Tensor):  # host numbers: checked as the CPU kernel checks them (no device sync)
+        weights = [[float(w) for w in row] for row in weights]
+        if WEIGHTS not in checked:
+            _check_weight_values([w for row in weights for w in row])
     read = _check_read("weighted_sum", tensors, checked, weights=weights)
     tensors = contiguous(tensors, False if read else None)
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
@@ -403,12 +408,12 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
         backend = _cuda_backend(backend, "weighted_sum_many", tensors)
         if backend == "triton":
             from pymerge.kernels import weighted_sum as triton_ws
-            triton_ws.weighted_sum_many(tensors, weights, outs, delta=bool(delta))
+            triton_ws.weighted_sum_many(tensors, weights, outs, delta=delta)
         elif backend == "cuda":
-            _cuda_weighted_sum(tensors, weights, outs, bool(delta))
+            _cuda_weighted_sum(tensors, weights, outs, delta)
         else:
             from pymerge.ops.weighted_sum import torch_weighted_sum
-            torch_weighted_sum(tensors, weights.double().cpu().tolist(), outs, bool(delta))
+            torch_weighted_sum(tensors, weights.double().cpu().tolist(), outs, delta)
 
 
 @register_fake("pymerge::weighted_sum_many_out")

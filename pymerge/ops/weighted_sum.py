@@ -17,7 +17,7 @@ import torch
 from pymerge import _native, extras
 from pymerge.errors import short
 from pymerge.ops import library
-from pymerge.ops._checks import (check_inference_out, check_inputs, check_layout, check_separate, check_values_readable,
+from pymerge.ops._checks import (as_flag, check_apart, check_inference_out, check_inputs, check_layout, check_separate, check_values_readable,
                                  check_weights, refuse_tracked_items, resolve_out, values_unknown)
 from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
@@ -225,22 +225,33 @@ def _op_backend(t: torch.Tensor, backend: str) -> Optional[str]:
 
 def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor],
                       backend: str = "auto", num_threads: int = 0, delta: bool = False) -> None:
-    """The unchecked core: inputs, weights and outputs already validated (pool and merge call it).
+    """outs[k] = sum_i rows[k][i] * tensors[i] (delta: delta_sum's form, tensors[0] a base), for callers that
+    validated their inputs, weights and outputs (weighted_sum_many(outs=) is the checked form). Checked here:
+    only what would corrupt memory or the result unseen (the kernels check shapes and dtypes): delta is a bool,
+    and no output overlaps an input other than exactly (a partial overlap overwrote what the next block read).
 
     rows: K lists of N floats, or a float32 [K, N] tensor on the inputs' device. A device tensor
     keeps the GPU backends free of host round trips (the search loop updates it in place, and a
-    CUDA graph can capture the call). delta: tensors[0] is a base (delta_sum).
+    CUDA graph can capture the call).
     """
+    delta = as_flag(delta, "delta")  # (its __bool__ is the caller's code: before any pointer is taken)
+    check_apart(tensors, outs, "weighted_sum", exact_ok=len(outs) == 1)
+    sum_into(tensors, rows, outs, backend, num_threads, delta)
+
+
+def sum_into(tensors, rows, outs, backend="auto", num_threads=0, delta: bool = False) -> None:
+    """weighted_sum_into without its checks, for the pool and the merge engine, whose targets are checked apart
+    from their sources once (check_apart costs ~70 us a call: a third of a small tensor's merge)."""
     _sum_into(tensors, rows, outs, backend, num_threads, (), delta)
 
 
 def _sum_into(tensors, rows, outs, backend="auto", num_threads=0, checked=(), delta=False) -> None:
     """weighted_sum_into; checked: what the public wrapper checked (library.call)."""
-    if tensors[0].numel() == 0:
-        return
     op_backend = _op_backend(tensors[0], backend)
-    if op_backend is not None:  # the op's kernel checks the tensors, then makes them contiguous
+    if op_backend is not None:  # the op's kernel checks the tensors (and, compiled, the weights), empty ones too
         library.call("weighted_sum_many_out", tensors, rows, outs, op_backend, num_threads, delta, checked=checked)
+        return
+    if tensors[0].numel() == 0:
         return
     tensors = library.contiguous(tensors)
     if pick_backend(tensors[0].device, backend) == "torch":

@@ -12,7 +12,7 @@
   the device (double buffering: the copy of chunk j+1 overlaps the kernel on chunk j); events order
   the streams, the host never waits on the GPU (the mmap tier's pageable reads excepted).
 
-Launches go through weighted_sum_into with the weights as a float32 [K, N] device tensor: the
+Launches go through sum_into with the weights as a float32 [K, N] device tensor: the
 GPU backends read them from memory and cache their address tables per input set (the staging
 buffers keep fixed addresses, so every chunk hits that cache).
 On the CPU (tests, TRITON_INTERPRET=1) the same code runs with streams and pinning left out.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pymerge.errors import InputError
-from pymerge.ops.weighted_sum import weighted_sum_into
+from pymerge.ops.weighted_sum import sum_into
 
 ALIGN = 4096  # elements; chunk sizes are multiples of it
 
@@ -85,8 +85,7 @@ class CudaRunner:
                 return self._run_streamed(plans, w, backend)
             for p in plans:
                 w_kn = w[p.group if w.shape[0] > 1 else 0]
-                weighted_sum_into(self.inputs[p.name], w_kn.tolist() if backend == "torch" else w_kn, p.outs,
-                                  backend=backend)
+                sum_into(self.inputs[p.name], w_kn.tolist() if backend == "torch" else w_kn, p.outs, backend=backend)
 
     # ---- streaming from host memory ----------------------------------------------------------------
     def _setup_streaming(self, chunk_bytes: int) -> None:
@@ -128,7 +127,7 @@ class CudaRunner:
                 staged = self._copy_chunk(ins, b, start, n)
                 if self.on_gpu:
                     compute.wait_event(self.ready[b])
-                weighted_sum_into(staged, w_kn, [o[start:start + n] for o in flat_outs], backend=backend)
+                sum_into(staged, w_kn, [o[start:start + n] for o in flat_outs], backend=backend)
                 if self.on_gpu:
                     self.done[b].record(compute)
                 j += 1

@@ -28,7 +28,7 @@ from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, 
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.sizes import format_size, host_available
-from pymerge.ops.weighted_sum import pick_backend, weighted_sum_into
+from pymerge.ops.weighted_sum import pick_backend, sum_into
 from pymerge.pool import compressed, grouped
 from pymerge.pool.sources import open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
@@ -938,8 +938,7 @@ class CheckpointPool:
         n_groups = max(t.shape[0] for t in tables)
         rows = [[t[g if t.shape[0] > 1 else 0].tolist() for t in tables] for g in range(n_groups)]
         for p in plans:
-            weighted_sum_into(self._inputs[p.name], rows[p.group], p.outs, backend=self.backend,
-                              num_threads=self.num_threads)
+            sum_into(self._inputs[p.name], rows[p.group], p.outs, backend=self.backend, num_threads=self.num_threads)
 
     def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
         """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path), after
