@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     from pymerge.demo.run import Settings, experiment
     from pymerge.demo.train import POOLS
     ap = ArgumentParser(prog="pymerge demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller pool and search (CI; about a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="shorter training, smaller evaluation sets and search (the CI form: its checkpoints barely "
+                    "train; about a minute on 2 cores)")
     ap.add_argument("--out", default="demo_out", help="output folder, made with its parents if missing (default: demo_out/); "
                     "checkpoints there are reused when settings and code match")
     ap.add_argument("--budget", type=int, help="search candidates (default 120; 16 with --quick)")
