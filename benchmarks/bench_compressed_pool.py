@@ -11,7 +11,7 @@ Fine-tunes: base ~ N(0, 0.02) in bfloat16; each checkpoint adds a Student-t (5 d
 scale 1e-3 (heavy-ish tails, as real deltas), rounded to bfloat16; the embedding is left frozen in
 every other checkpoint (stored as format "zero"). Checkpoints are .safetensors files read once.
 Timings: materialize into a live bf16 model, best of --rounds on the CPU (median on CUDA), the pools
-interleaved in one run; the
+interleaved in one run with a copy of the bytes the bf16 pool moves (x copy: a row's GB/s over that copy's); the
 speed-up over the bf16 pool also per round (the same round's bf16 time over the pool's), as spread.
 Writes benchmarks/results/<machine>/bench_compressed_pool{,_error,_topk}.{json,md}.
 """
@@ -115,24 +115,27 @@ def speed(params: int, ns, rounds: int, tmp: str, device: str, backend: str):
             build_s[label] = time.perf_counter() - t
             print(f"N={n} {label}: {pools[label].describe()} (built in {build_s[label]:.1f} s)", flush=True)
         w = list(np.random.default_rng(n).dirichlet(np.ones(n)))
+        moved = {label: _moved(p) for label, p in pools.items()}
+        # the same-run bandwidth bar: a copy reading and writing as many bytes as the bf16 pool's materialize moves
+        src = torch.ones(moved["bf16"] // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
         samples = {}
-        times = time_interleaved({label: (lambda p=p: p.materialize(w, into=model)) for label, p in pools.items()},
-                                 rounds, device, samples_out=samples)
+        times = time_interleaved({**{label: (lambda p=p: p.materialize(w, into=model)) for label, p in pools.items()},
+                                  "copy": lambda: dst.copy_(src)}, rounds, device, samples_out=samples)
+        copy_gbs = 2 * src.numel() / times["copy"] / 1e9
+        del src, dst
         ref_bytes, ref_t = pools["bf16"].nbytes, times["bf16"]
         for label, p in pools.items():
-            # what a linear materialize moves: the checkpoints (and, compressed, the base their deltas add to) read
-            # once, the output written once. An uncompressed pool holds its base but a linear merge never reads
-            # it: counting it overstated the bf16 rows' GB/s by 1/(N+1) (an audit)
-            unread = sum(t.nbytes for t in p._base.values()) if p._compressed is None else 0
-            read = p.nbytes - unread + p.model_nbytes()
+            read = moved[label]
             per_round = sorted(b / x for b, x in zip(samples["bf16"], samples[label]))  # same round, same load
             rows.append({"N": n, "pool": label, "held MB": p.nbytes / 1e6, "x fewer bytes": ref_bytes / p.nbytes,
                          "ms per candidate": 1e3 * times[label], "x faster": ref_t / times[label],
                          "x faster per round (min / median / max)":
                              f"{per_round[0]:.2f} / {statistics.median(per_round):.2f} / {per_round[-1]:.2f}",
                          "MB read + written": read / 1e6,
-                         "GB/s (read + write)": read / times[label] / 1e9, "build s": build_s[label],
-                         "formats": _mix(p)})
+                         "GB/s (read + write)": read / times[label] / 1e9,
+                         "x copy": read / times[label] / 1e9 / copy_gbs, "copy GB/s": copy_gbs,
+                         "build s": build_s[label], "formats": _mix(p)})
             if label != "bf16":
                 err = merged_error(p, pools["bf16"], w, params, device)
                 worst = max(p._compressed.checkpoint_errors())
@@ -142,6 +145,14 @@ def speed(params: int, ns, rounds: int, tmp: str, device: str, backend: str):
             extra["topk"] = [topk_cost(pools["int4"], base_path, paths, nm) for nm in ("layers.0", "embed")]
         del pools
     return rows, errors, extra
+
+
+def _moved(p) -> int:
+    """What a linear materialize moves: the checkpoints (and, compressed, the base their deltas add to) read once,
+    the output written once. An uncompressed pool holds its base but a linear merge never reads it: counting it
+    overstated the bf16 rows' GB/s by 1/(N+1) (an audit)."""
+    unread = sum(t.nbytes for t in p._base.values()) if p._compressed is None else 0
+    return p.nbytes - unread + p.model_nbytes()
 
 
 def _mix(pool) -> str:
@@ -161,8 +172,8 @@ def speed_tables(args, params: int, rounds: int, suffix: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     title = f"Delta-compressed pools, {params / 1e6:.0f}M-parameter bf16 fine-tunes, materialize into a live model"
     cols = ["N", "pool", "held MB", "x fewer bytes", "ms per candidate", "x faster",
-            "x faster per round (min / median / max)", "MB read + written", "GB/s (read + write)", "build s",
-            "formats"]
+            "x faster per round (min / median / max)", "MB read + written", "GB/s (read + write)", "x copy",
+            "copy GB/s", "build s", "formats"]
     meta = {"n": args.n, "rounds": rounds, "statistic": "best round" if args.device == "cpu" else "median round",
             "backend": args.backend, "PYMERGE_SIMD": os.environ.get("PYMERGE_SIMD")}
     print(write_results("bench_compressed_pool" + suffix, args.device, rows, cols, title, meta=meta))
