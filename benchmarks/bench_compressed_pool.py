@@ -117,13 +117,12 @@ def speed(params: int, ns, rounds: int, tmp: str, device: str, backend: str):
         w = list(np.random.default_rng(n).dirichlet(np.ones(n)))
         moved = {label: _moved(p) for label, p in pools.items()}
         # the same-run bandwidth bar: a copy reading and writing as many bytes as the bf16 pool's materialize moves
-        src = torch.ones(moved["bf16"] // 2, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
+        buf = torch.ones(2, moved["bf16"] // 2, dtype=torch.uint8, device=device)  # source and destination
         samples = {}
         times = time_interleaved({**{label: (lambda p=p: p.materialize(w, into=model)) for label, p in pools.items()},
-                                  "copy": lambda: dst.copy_(src)}, rounds, device, samples_out=samples)
-        copy_gbs = 2 * src.numel() / times["copy"] / 1e9
-        del src, dst
+                                  "copy": lambda: buf[1].copy_(buf[0])}, rounds, device, samples_out=samples)
+        copy_gbs = buf.numel() / times["copy"] / 1e9  # read + written
+        buf = None  # (up to a bf16 pool's size: freed before the next N's pools)
         ref_bytes, ref_t = pools["bf16"].nbytes, times["bf16"]
         for label, p in pools.items():
             read = moved[label]
