@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pool import Stack  # noqa: E402
-from common import markdown_table, positive_int, time_interleaved, write_results  # noqa: E402
+from common import positive_int, time_interleaved, write_results  # noqa: E402
 
 from pymerge.pool import CheckpointPool, compressed  # noqa: E402
 
