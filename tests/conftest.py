@@ -48,6 +48,12 @@ def _import_installed_kernels() -> None:
 
 _import_installed_kernels()
 
+# the interpreter with a GPU's float conversions (tests/triton_exact.py): where this holds, Triton's bfloat16 and
+# float8 paths are compared with the C++ kernels bit for bit here too
+import triton_exact  # noqa: E402
+
+TRITON_EXACT = triton_exact.install()
+
 
 def _backend(item):
     spec = getattr(item, "callspec", None)

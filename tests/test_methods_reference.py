@@ -12,6 +12,7 @@ import pymerge.methods.slerp  # noqa: F401
 import pymerge.methods.task_vectors  # noqa: F401
 from pymerge.methods.base import TensorTask, get_method
 from pymerge.ops import task_vector_ops as tvo
+from conftest import TRITON_EXACT
 from methods_reference import (M, ref_model_stock, ref_nuslerp, ref_slerp, ref_task_vectors, rel_err)
 
 SHAPES = [(1,), (7,), (1023,), (1025,), (33, 65), (3, 2049)]
@@ -77,6 +78,23 @@ def test_task_vector_methods_triton(method, shape):
     out = run(method, xs, base, mp, params={"lambda": 0.7}, backend="triton", cache=plans)
     check(out, ref_task_vectors(xs, base, w, d, method, lam=0.7, seed=7, name="t.w"))
     assert torch.equal(out, run(method, xs, base, mp, params={"lambda": 0.7}, backend="cpu", cache=plans))
+
+
+@pytest.mark.triton_cpu
+@pytest.mark.skipif(not TRITON_EXACT, reason="this Triton's interpreter converts bfloat16 otherwise than a GPU "
+                    "(tests/triton_exact.py could not give it a GPU's conversions)")
+@pytest.mark.parametrize("method", M)
+def test_task_vector_methods_triton_bfloat16_bits(method):
+    """bfloat16 models (a bfloat16 base) into a bfloat16 output: the Triton pass bit for bit against the C++ pass,
+    its bfloat16 loads and the store's rounding included, which the interpreter's own truncating conversions
+    kept out of every bit test (tests/triton_exact.py gives it a GPU's)."""
+    pytest.importorskip("triton")
+    base, xs = models(TINY[-1], dtype=torch.bfloat16, seed=4)
+    w, d, mp = tv_params(3)
+    plans = tvo.SelectionCache()
+    kw = dict(params={"lambda": 0.7}, out_dtype=torch.bfloat16, cache=plans)
+    got, want = run(method, xs, base, mp, backend="triton", **kw), run(method, xs, base, mp, backend="cpu", **kw)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
