@@ -113,6 +113,16 @@ if triton is not None:
 _TABLES = {}  # (device, addresses, kinds) -> device tables, built once per tensor's terms
 
 
+def device_weights(w, device) -> torch.Tensor:
+    """The [K, T] float32 weights on `device`. On a GPU through pinned memory, without blocking: a pageable copy
+    waits for the stream (one host sync per tensor and candidate, the GPU idle while Python prepares the next);
+    the caching host allocator keeps the pinned block until the copy has run."""
+    host = torch.as_tensor(w, dtype=torch.float32).contiguous()
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def device_tables(tensors, scales, kinds, device):
     """(term addresses int64, scale addresses int64, kinds int32) on `device`, cached per terms;
     the Triton and CUDA kernels read them."""
@@ -121,8 +131,9 @@ def device_tables(tensors, scales, kinds, device):
     hit = _TABLES.get(key)
     if hit is None:
         if len(_TABLES) > 65536:
-            if device.type == "cuda":  # a queued kernel (any stream) may still read a table freed here
-                torch.cuda.synchronize(device)
+            # a queued kernel (any stream) may still read a table freed here, on any of the GPUs they serve
+            for name in sorted({k[0] for k in _TABLES if k[0].startswith("cuda")}):
+                torch.cuda.synchronize(name)
             _TABLES.clear()
         hit = _TABLES[key] = (
             torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device),
@@ -144,7 +155,7 @@ def delta_accumulate(tensors, scales, kinds, numel: int, w, outs, block: int = 2
     assert all(k in (Q8, Q4) or k in DTYPE_CODES.values() for k in kinds)
     refuse_e4m3(device, kinds, "delta_accumulate")
     data_table, scale_table, kind_table = device_tables(tensors, scales, kinds, device)
-    weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()
+    weights = device_weights(w, device)
     if _interpreted():
         block, num_warps = min(block, 1024), 4
     if block % QBLOCK:

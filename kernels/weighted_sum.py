@@ -164,9 +164,11 @@ def _tables(tensors, device):
         hit = _TABLES[key] = (addrs, codes)
         if len(_TABLES) > _TABLES_MAX:
             # a kernel on another stream may still read the table: the allocator would reuse its memory on the
-            # stream that made it, unordered with that kernel (rare: past _TABLES_MAX sets of inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            # stream that made it, unordered with that kernel (rare: past _TABLES_MAX sets of inputs). The
+            # evicted tables' own devices (one cache serves every GPU)
+            evicted = list(_TABLES)[:len(_TABLES) - _TABLES_MAX]
+            for name in sorted({key[0] for key in evicted if key[0].startswith("cuda")}):
+                torch.cuda.synchronize(name)
             while len(_TABLES) > _TABLES_MAX:
                 _TABLES.popitem(last=False)
     elif key in _TABLES:

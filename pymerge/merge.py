@@ -359,6 +359,9 @@ def pick_device(device: str) -> str:
         import torch
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available (this torch: {torch.__version__})")
+        count = torch.cuda.device_count()
+        if device != "cuda" and int(device.split(":")[1]) >= count:  # (CUDA's "invalid device ordinal" came late)
+            raise InputError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return device
     raise InputError(f"--device must be auto, cpu or cuda, got {short(device)}")
 

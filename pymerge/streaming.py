@@ -376,6 +376,8 @@ def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, reader
     for _ in range(N_SLOTS):
         free.put(_allocate(lambda n: _Slot(n, dev_bytes, dev), chunk_bytes))
     h2d, compute, d2h = torch.cuda.Stream(dev), torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    for s in (h2d, compute, d2h):  # the slots' device memory may be a block the caller's queued kernels still use:
+        s.wait_stream(torch.cuda.current_stream(dev))  # the allocator hands it out in that stream's order only
     pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="pymerge-reader")
 
     def give_back(token):

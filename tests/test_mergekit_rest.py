@@ -1168,3 +1168,16 @@ def test_layer_kinds_are_compared_from_each_models_own_config(tmp_path):
     run_merge({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(base), "layer_range": [0, 1]}]},
         {"sources": [{"model": str(base), "layer_range": [0, n]}]}]}, tmp_path / "out", device="cpu", quiet=True)
+
+
+def test_a_cuda_index_past_the_devices_is_one_line(monkeypatch):
+    """--device cuda:5 on a machine of 2 GPUs failed inside the merge with CUDA's 'invalid device ordinal',
+    after the writer had opened (a review); the pool checked its index, the merge did not."""
+    import torch
+    from pymerge import merge as m
+    from pymerge.errors import InputError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert m.pick_device("cuda:1") == "cuda:1" and m.pick_device("cuda") == "cuda"
+    with pytest.raises(InputError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        m.pick_device("cuda:2")

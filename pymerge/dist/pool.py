@@ -380,6 +380,10 @@ def _plain(value):
         return sorted((str(k), _plain(v)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.device.type not in ("cpu", "meta"):
+        # a GPU tensor (np.asarray raised on it, and the ranks' parameters went uncompared): a small one by value
+        # (one copy to the host), a large one by shape
+        return ["device", list(value.shape)] if value.numel() > 1024 else _plain(value.detach().cpu())
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return np.asarray(value.detach() if isinstance(value, torch.Tensor) else value, dtype=np.float64).tolist()
     if isinstance(value, (bool, int, float, np.integer, np.floating)):

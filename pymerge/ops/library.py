@@ -400,7 +400,11 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
         if capturing:  # a host copy would break the capture in torch's words
             raise ValueError("weighted_sum: inside a CUDA graph capture pass the weights as a CUDA tensor "
                              "(a list is copied to the device once, at capture, and never again)")
-        weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        weights = torch.tensor(weights, dtype=torch.float32)
+        # through pinned memory, not waiting: a pageable copy synchronizes the stream (every merge_tensor and
+        # streamed chunk on a GPU waited for the queued kernels; a review). The caching host allocator keeps the
+        # pinned block until the copy has run.
+        weights = weights.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else weights.to(device)
     weights = weights.to(device=device, dtype=torch.float32).reshape(len(outs), len(tensors))
     if tensors[0].numel() == 0:  # (after the checks, as the CPU kernel's)
         return

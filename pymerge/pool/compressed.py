@@ -751,10 +751,10 @@ def run_terms(tensors, scales, kinds, numel: int, w: np.ndarray, outs: List[torc
         from pymerge.kernels import delta_decode
         delta_decode.delta_accumulate(tensors, scales, kinds, numel, w, outs)
     elif backend == "cuda":
-        from pymerge.kernels.delta_decode import device_tables
+        from pymerge.kernels.delta_decode import device_tables, device_weights
         device = tensors[0].device
         data, scale_ptrs, kind_codes = device_tables(tensors, scales, kinds, device)
-        weights = torch.as_tensor(w, dtype=torch.float32).to(device).contiguous()  # [K, T], stream-ordered
+        weights = device_weights(w, device)  # [K, T], stream-ordered
         aligned = all(t.data_ptr() % 16 == 0 for t in list(tensors) + list(outs))  # 16-byte vector loads/stores
         _native.require_cuda().delta_accumulate(
             data.data_ptr(), scale_ptrs.data_ptr(), kind_codes.data_ptr(), weights.data_ptr(), len(kinds), numel,

@@ -18,6 +18,7 @@ buffers keep fixed addresses, so every chunk hits that cache).
 On the CPU (tests, TRITON_INTERPRET=1) the same code runs with streams and pinning left out.
 """
 import contextlib
+import threading
 from typing import Dict, List
 
 import numpy as np
@@ -38,12 +39,19 @@ class CudaRunner:
         self._w_host: List[torch.Tensor] = []  # pinned ring the weights are staged through
         self._w_events: List = []
         self._w_slot = 0
+        # one call at a time on the host (pools are used from several threads): two calls shared the staging sets,
+        # their events and the pinned ring slot (a review: 12 of 24 tensors wrong in a simulation of two threads)
+        self._lock = threading.RLock()
         if self.streamed:
             self._setup_streaming(chunk_bytes)
 
     # ---- weights -----------------------------------------------------------------------------------
     def weights(self, tables: List[np.ndarray]) -> torch.Tensor:
         """[G, K, N] float32 weights on the device; a CUDA tensor given by the caller is used as is."""
+        with self._lock:
+            return self._weights(tables)
+
+    def _weights(self, tables: List[np.ndarray]) -> torch.Tensor:
         g = max(t.shape[0] for t in tables)
         if isinstance(tables[0], torch.Tensor):  # the caller's CUDA weights: views, no copy for one candidate
             if len(tables) == 1:
@@ -77,8 +85,8 @@ class CudaRunner:
     # ---- launches ----------------------------------------------------------------------------------
     def run_linear(self, plans, tables: List[np.ndarray], backend: str) -> None:
         # Events, streams and launches belong to the pool's GPU, whichever device is current.
-        with torch.cuda.device(self.device) if self.on_gpu else contextlib.nullcontext():
-            w = self.weights(tables)
+        with self._lock, torch.cuda.device(self.device) if self.on_gpu else contextlib.nullcontext():
+            w = self._weights(tables)
             if backend == "torch":  # the eager fallback takes Python floats (a host sync; it is slow anyway)
                 w = w.cpu().double().numpy()
             if self.streamed:
@@ -98,6 +106,9 @@ class CudaRunner:
                       for _ in range(2)]
         if self.on_gpu:
             self.copy_stream = torch.cuda.Stream(self.device)
+            # the staging memory may be a block the allocation stream's queued kernels still use: the side
+            # stream starts after them (the allocator orders a reused block on that stream only)
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             self.ready = [torch.cuda.Event(), torch.cuda.Event()]
             self.done = [torch.cuda.Event(), torch.cuda.Event()]
             for buf in (b for stage in self.stage for b in stage):

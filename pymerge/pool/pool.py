@@ -590,8 +590,6 @@ class CheckpointPool:
             entry = self._plan_entry(("flat" if flat else groups, names, strict, n_groups), into, names,
                                      lambda: self._checked_plans(into, group_of, names, strict), make)
             plans, table = entry.plans, entry.native
-            if self.device.type == "cuda" and _capturing(self.device):
-                self._captured[id(entry)] = entry
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
             mark_written(entry.written)
@@ -606,6 +604,8 @@ class CheckpointPool:
                 with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                     w = self._cuda.weights(tables)  # [G, K, N] on the device
                     table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
+            if self.device.type == "cuda" and _capturing(self.device):  # a graph now reads its tables: kept alive
+                self._captured[id(entry)] = entry  # (after the launch: a refused capture pinned them for good)
             _copy_back(entry.fixups)
             return into
         if kind == "cpu" and method != "linear":
@@ -951,16 +951,13 @@ class CheckpointPool:
             with _on_device(self.device):
                 return compressed.run_method(self._compressed, m, per_model, global_params, plans, tables, seed,
                                              self.backend, self.num_threads)
-        tasks = []
+        groups = []  # per plan: its tasks and outputs
         for p in plans:
             inputs = self._inputs[p.name]
             base = self._base.get(p.name)
             base_version = versions_of([base])[0] if base is not None else 0
             keys = [(v, base_version) for v in versions_of(inputs)]  # checkpoint i's data as of now (see _selection)
-            if inputs[0].device != self.device:  # streamed tiers: the method gets whole tensors on the device
-                with _on_device(self.device):
-                    inputs = [t.to(self.device, non_blocking=True) for t in inputs]
-                    base = base.to(self.device, non_blocking=True) if base is not None else None
+            tasks = []
             for k, table in enumerate(tables):
                 w = table[p.group if table.shape[0] > 1 else 0]
                 mp = [dict(per_model[i], weight=float(w[i])) for i in range(self.num_checkpoints)]
@@ -972,10 +969,41 @@ class CheckpointPool:
                 m.check_params(task)
                 check_magnitudes(m, task, self.labels)
                 tasks.append((task, p.outs[k]))
+            groups.append(tasks)
+
+        def on_device(tasks):  # streamed tiers: the method gets whole tensors on the device, one tensor's at a time
+            host = tasks[0][0]
+            if host.inputs[0].device == self.device:
+                return contextlib.nullcontext()
+            inputs = [t.to(self.device, non_blocking=True) for t in host.inputs]
+            base = host.base.to(self.device, non_blocking=True) if host.base is not None else None
+            return _swapped(tasks, inputs, base)
+
+        def pairs():
+            for tasks in groups:
+                with on_device(tasks):
+                    yield from tasks
         with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
-            for task, _ in tasks:  # every tensor's data-dependent checks (multislerp's coefficients) first
-                m.prepare(task)
-            merge_prepared(m, tasks, len(tasks))
+            for tasks in groups:  # every tensor's data-dependent checks (multislerp's coefficients) first
+                with on_device(tasks):
+                    for task, _ in tasks:
+                        m.prepare(task)
+            # (all of a streamed pool's tensors on the device at once needed the GPU memory it was streamed for)
+            merge_prepared(m, pairs(), sum(len(tasks) for tasks in groups))
+
+
+@contextlib.contextmanager
+def _swapped(tasks, inputs, base):
+    """The tasks' inputs and base replaced by (device copies) inputs and base in the block, then the host ones
+    again, so the copies go as the block ends (the caching allocator reuses them in stream order)."""
+    host_inputs, host_base = tasks[0][0].inputs, tasks[0][0].base
+    for task, _ in tasks:
+        task.inputs, task.base = inputs, base
+    try:
+        yield
+    finally:
+        for task, _ in tasks:
+            task.inputs, task.base = host_inputs, host_base
 
 
 def _cached_dots(cache: SelectionCache, key: tuple) -> Callable:
