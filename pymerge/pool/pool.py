@@ -972,8 +972,8 @@ class CheckpointPool:
             groups.append(tasks)
 
         def on_device(tasks):  # streamed tiers: the method gets whole tensors on the device, one tensor's at a time
-            host = tasks[0][0]
-            if host.inputs[0].device == self.device:
+            host = tasks[0][0] if tasks else None
+            if host is None or host.inputs[0].device == self.device:
                 return contextlib.nullcontext()
             inputs = [t.to(self.device, non_blocking=True) for t in host.inputs]
             base = host.base.to(self.device, non_blocking=True) if host.base is not None else None
