@@ -123,6 +123,9 @@ def speed(params: int, ns, rounds: int, tmp: str, device: str, backend: str):
                                   "copy": lambda: buf[1].copy_(buf[0])}, rounds, device, samples_out=samples)
         copy_gbs = buf.numel() / times["copy"] / 1e9  # read + written
         buf = None  # (up to a bf16 pool's size: freed before the next N's pools)
+        if moved["bf16"] / times["bf16"] / 1e9 > 1.2 * copy_gbs:  # (torch's OpenMP copy stalls on busy cores)
+            print(f"N={n}: the copy ran at {copy_gbs:.2f} GB/s, slower than the bf16 pool's merge: a busy machine, "
+                  "whose x copy column does not hold", file=sys.stderr, flush=True)
         ref_bytes, ref_t = pools["bf16"].nbytes, times["bf16"]
         for label, p in pools.items():
             read = moved[label]

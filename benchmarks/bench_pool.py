@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS, charts, load_average, machine_description, machine_label, markdown_table, positive_int,  # noqa: E402
                     result_name, spread, time_interleaved, write_atomic)
 
-from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
+from pymerge.ops.weighted_sum import sum_into  # noqa: E402
 from pymerge.pool import CheckpointPool  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def run(args, device, params, rounds, tmp):
 
     fns = {
         "copy": lambda: dst.copy_(src),
-        "fused": lambda: weighted_sum_into(flat, flat_w, [flat_out]),
+        "fused": lambda: sum_into(flat, flat_w, [flat_out]),
         "materialize": lambda: pool.materialize(w, into=targets[0]),
         "materialize_many": lambda: pool.materialize_many(rows, into=targets),
         "separate": lambda: [pool.materialize(r, into=t) for r, t in zip(rows, targets)],

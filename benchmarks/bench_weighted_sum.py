@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_description, positive_int, spread, time_interleaved, write_results  # noqa: E402
 
 import pymerge  # noqa: E402
-from pymerge.ops.weighted_sum import weighted_sum_into  # noqa: E402
+from pymerge.ops.weighted_sum import sum_into  # noqa: E402
 
 CASES = {  # (N, elements per checkpoint)
     "cpu": [(2, 32 << 20), (8, 32 << 20), (16, 8 << 20)],
@@ -68,7 +68,7 @@ def bench_case(n, numel, device, rounds, backends, threads=0):
     for b in backends:
         # threads: pymerge's own pool sizes itself from OMP_NUM_THREADS or the affinity mask, not from
         # torch.set_num_threads, so --threads must reach it too (else it alone ran on every core)
-        fns[f"pymerge-{b}"] = (lambda b=b: weighted_sum_into(xs, rows, [out], backend=b, num_threads=threads))
+        fns[f"pymerge-{b}"] = (lambda b=b: sum_into(xs, rows, [out], backend=b, num_threads=threads))
     samples = {}
     secs = time_interleaved(fns, rounds, device, samples_out=samples)
     ref = torch.empty_like(out)
@@ -77,7 +77,7 @@ def bench_case(n, numel, device, rounds, backends, threads=0):
     eager(xs, w, outs["eager"], acc, buf)
     for b in backends:  # what was timed, each into its own output
         outs[f"pymerge-{b}"] = torch.empty_like(out)
-        weighted_sum_into(xs, rows, [outs[f"pymerge-{b}"]], backend=b, num_threads=threads)
+        sum_into(xs, rows, [outs[f"pymerge-{b}"]], backend=b, num_threads=threads)
     for k, o in outs.items():  # float32 sums in other orders: within one bfloat16 rounding
         assert torch.allclose(o.float(), ref.float(), rtol=1e-2, atol=1e-2), f"{k} disagrees with torch.compile"
     gbs = {k: (2 * src.numel() * 2 if k == "copy" else moved) / s / 1e9 for k, s in secs.items()}

@@ -6,7 +6,7 @@ bench_weighted_sum.py prints the same comparison as a table with same-run ratios
 import pytest
 import torch
 
-from pymerge.ops.weighted_sum import weighted_sum_into
+from pymerge.ops.weighted_sum import sum_into
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUMEL = (64 << 20) if DEVICE == "cuda" else (32 << 20)  # the size; note the 300 MB L3 here
@@ -40,7 +40,7 @@ def test_pymerge(benchmark, n, backend):
     xs, w, out = _inputs(n)
     # on a GPU the weights in device memory, as torch.compile's are: a list is copied from the host every call
     rows = [w] if DEVICE == "cpu" else torch.tensor([w], dtype=torch.float32, device=DEVICE)
-    _run(benchmark, lambda: weighted_sum_into(xs, rows, [out], backend=backend), (n + 1) * NUMEL * 2)
+    _run(benchmark, lambda: sum_into(xs, rows, [out], backend=backend), (n + 1) * NUMEL * 2)
 
 
 @pytest.mark.parametrize("n", [2, 8])

@@ -65,7 +65,7 @@ def test_bench_weighted_sum_threads_reach_pymerges_pool(monkeypatch):
     finally:
         sys.path.remove(ROOT)
     seen = []
-    real = bench.weighted_sum_into
+    real = bench.sum_into
     outs = {"compile": [], "pymerge": []}
 
     def compiled(f):  # torch.compile's peer writes into a preallocated output, as pymerge's does: a new
@@ -79,7 +79,7 @@ def test_bench_weighted_sum_threads_reach_pymerges_pool(monkeypatch):
         outs["pymerge"].append(args[2][0].data_ptr())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "weighted_sum_into", spy)
+    monkeypatch.setattr(bench, "sum_into", spy)
     monkeypatch.setattr(bench, "CASES", {"cpu": [(2, 4096)]})
     monkeypatch.setattr(bench.torch, "compile", compiled)
     monkeypatch.setattr(bench, "write_results", lambda *a, **k: "")

@@ -291,3 +291,23 @@ def test_compiled_empty_out_call_checks_its_weights():
         call(xs, out)
     with pytest.raises(Exception, match="nan"):
         torch.compile(call, fullgraph=True, backend="eager")(xs, out)
+
+
+def test_cuda_entry_refuses_bad_dtype_codes_before_any_launch():
+    """The raw CUDA weighted sum took any output code: a float8 code was stored as bfloat16, past the buffer
+    (a review). Its checks run before any CUDA call, so the built extension shows them without a GPU."""
+    from pymerge import _native
+    if _native.cuda is None:
+        pytest.skip("the CUDA extension is not built (no nvcc)")
+    for ins, outs, what in (([99], [0], "input"), ([-2], [0], "input"), ([0], [3], "output"), ([0], [-1], "output")):
+        with pytest.raises(ValueError, match=f"weighted_sum: bad {what} dtype code"):
+            _native.cuda.weighted_sum_many([16], ins, 8, [1.0], [16], outs, 0, 0, 0, False)
+
+
+def test_cuda_entry_checks_a_host_weight_tensor_too():
+    """A CPU tensor of weights for CUDA inputs skipped the value check that lists got (no sync needed)."""
+    from pymerge.ops import library
+    xs, outs = [torch.randn(8), torch.randn(8)], [torch.empty(8)]
+    for bad in (float("nan"), 1e39):
+        with pytest.raises(ValueError, match="weighted_sum: a weight is"):
+            library._weighted_sum_many_out_cuda(xs, torch.tensor([[0.5, bad]], dtype=torch.float64), outs)
