@@ -120,6 +120,10 @@ def device_weights(w, device) -> torch.Tensor:
     host = torch.as_tensor(w, dtype=torch.float32).contiguous()
     if device.type != "cuda":
         return host.to(device)
+    with torch.cuda.device(device):
+        if torch.cuda.is_current_stream_capturing():  # the graph would keep the capture's weights, and its block
+            raise RuntimeError("delta_accumulate: a compressed pool cannot be captured in a CUDA graph (its weights "
+                               "come from the host on every call)")
     return host.pin_memory().to(device, non_blocking=True)
 
 

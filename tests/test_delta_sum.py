@@ -311,3 +311,14 @@ def test_cuda_entry_checks_a_host_weight_tensor_too():
     for bad in (float("nan"), 1e39):
         with pytest.raises(ValueError, match="weighted_sum: a weight is"):
             library._weighted_sum_many_out_cuda(xs, torch.tensor([[0.5, bad]], dtype=torch.float64), outs)
+
+
+def test_cuda_entry_tests_a_weight_tensors_storage_before_reading_it():
+    """The value check read a CPU weight tensor (tolist) before its storage was tested: a freed one raised
+    torch's own error instead of the project's line (a review)."""
+    from pymerge.ops import library
+    xs, outs = [torch.randn(8), torch.randn(8)], [torch.empty(8)]
+    weights = torch.tensor([[0.5, 0.5]])
+    weights.untyped_storage().resize_(0)
+    with pytest.raises(ValueError, match="weights: its storage holds 0 bytes"):
+        library._weighted_sum_many_out_cuda(xs, weights, outs)

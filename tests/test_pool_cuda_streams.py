@@ -147,13 +147,17 @@ def test_one_call_at_a_time_on_a_runner(monkeypatch):
         start = time.perf_counter()
         time.sleep(0.002)
         out = real(*args)
-        spans.append((threading.get_ident(), start, time.perf_counter()))
+        spans.append((threading.current_thread().name, start, time.perf_counter()))  # (idents are reused)
         return out
     monkeypatch.setattr(runner, "_copy_chunk", slow_copy)
     outs = [torch.empty(4096), torch.empty(4096)]
-    jobs = [threading.Thread(target=runner.run_linear, args=([SimpleNamespace(name="w", group=0, outs=[o])],
-                                                               [np.array([[0.25, 0.75]], dtype=np.float32)],
-                                                               "torch")) for o in outs]
+    both = threading.Barrier(2)  # the two calls at once
+
+    def call(out):
+        both.wait()
+        runner.run_linear([SimpleNamespace(name="w", group=0, outs=[out])],
+                          [np.array([[0.25, 0.75]], dtype=np.float32)], "torch")
+    jobs = [threading.Thread(target=call, args=(o,), name=f"call{k}") for k, o in enumerate(outs)]
     for j in jobs:
         j.start()
     for j in jobs:

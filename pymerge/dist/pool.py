@@ -383,7 +383,8 @@ def _plain(value):
     if isinstance(value, torch.Tensor) and value.device.type not in ("cpu", "meta"):
         # a GPU tensor (np.asarray raised on it, and the ranks' parameters went uncompared): a small one by value
         # (one copy to the host), a large one by shape
-        return ["device", list(value.shape)] if value.numel() > 1024 else _plain(value.detach().cpu())
+        small = value.numel() <= 1024 and not torch.cuda.is_current_stream_capturing()  # (a copy would break it)
+        return _plain(value.detach().to("cpu", torch.float64)) if small else ["device", list(value.shape)]
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return np.asarray(value.detach() if isinstance(value, torch.Tensor) else value, dtype=np.float64).tolist()
     if isinstance(value, (bool, int, float, np.integer, np.floating)):

@@ -389,9 +389,10 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
         weights = [[float(w) for w in row] for row in weights]
         if WEIGHTS not in checked:
             _check_weight_values([w for row in weights for w in row])
-    elif weights.device.type == "cpu" and WEIGHTS not in checked and not values_unknown(weights):  # (no sync either)
+    read = _check_read("weighted_sum", tensors, checked, weights=weights)  # (a weights tensor's storage too)
+    if isinstance(weights, Tensor) and weights.device.type == "cpu" and WEIGHTS not in checked \
+            and not values_unknown(weights):  # its values, as a list's (no sync either)
         _check_weight_values(weights.detach().reshape(-1).tolist())
-    read = _check_read("weighted_sum", tensors, checked, weights=weights)
     tensors = contiguous(tensors, False if read else None)
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
     device = tensors[0].device

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pymerge.errors import InputError
+from pymerge.forks import renew_after_fork
 from pymerge.ops.weighted_sum import sum_into
 
 ALIGN = 4096  # elements; chunk sizes are multiples of it
@@ -42,8 +43,13 @@ class CudaRunner:
         # one call at a time on the host (pools are used from several threads): two calls shared the staging sets,
         # their events and the pinned ring slot (a review: 12 of 24 tensors wrong in a simulation of two threads)
         self._lock = threading.RLock()
+        renew_after_fork(self)
         if self.streamed:
             self._setup_streaming(chunk_bytes)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock of its own (another thread may have held the parent's)."""
+        self._lock = threading.RLock()
 
     # ---- weights -----------------------------------------------------------------------------------
     def weights(self, tables: List[np.ndarray]) -> torch.Tensor:

@@ -943,7 +943,7 @@ class CheckpointPool:
     def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
         """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path), after
         every tensor and candidate is checked and prepared (MergeMethod.prepare): an error writes nothing."""
-        from pymerge.methods.base import TensorTask, check_magnitudes, get_method, merge_prepared
+        from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method, merge_prepared
         m = get_method(method)
         m.validate(self.num_checkpoints, self.has_base)
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
@@ -984,12 +984,15 @@ class CheckpointPool:
                 with on_device(tasks):
                     yield from tasks
         with _on_device(self.device):  # kernels, copies and events on the pool's GPU, not the current one
-            for tasks in groups:  # every tensor's data-dependent checks (multislerp's coefficients) first
-                with on_device(tasks):
-                    for task, _ in tasks:
-                        m.prepare(task)
-            # (all of a streamed pool's tensors on the device at once needed the GPU memory it was streamed for)
-            merge_prepared(m, pairs(), sum(len(tasks) for tasks in groups))
+            if type(m).prepare is not MergeMethod.prepare:  # (multislerp, karcher: a streamed tier copies twice)
+                for tasks in groups:  # every tensor's data-dependent checks (multislerp's coefficients) first
+                    with on_device(tasks):
+                        for task, _ in tasks:
+                            m.prepare(task)
+            # (all of a streamed pool's tensors on the device at once needed the GPU memory it was streamed for;
+            # closed on the way out: an error's traceback kept the generator, and one tensor's copies, alive)
+            with contextlib.closing(pairs()) as each:
+                merge_prepared(m, each, sum(len(tasks) for tasks in groups))
 
 
 @contextlib.contextmanager
