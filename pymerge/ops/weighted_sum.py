@@ -17,8 +17,9 @@ import torch
 from pymerge import _native, extras
 from pymerge.errors import short
 from pymerge.ops import library
-from pymerge.ops._checks import (as_flag, check_apart, check_inference_out, check_inputs, check_layout, check_separate, check_values_readable,
-                                 check_weights, refuse_tracked_items, resolve_out, values_unknown)
+from pymerge.ops._checks import (as_flag, check_apart, check_inference_out, check_inputs, check_layout, check_separate,
+                                 check_values_readable, check_weights, refuse_tracked_items, resolve_out,
+                                 values_unknown)
 from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
 
