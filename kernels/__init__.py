@@ -27,6 +27,24 @@ def body_and_tail(numel: int, block: int, num_warps: int) -> list:
     return [r for r in ((0, body, block, num_warps), (body, numel, 16, 1)) if r[1] > r[0]]
 
 
+def to_device(values, dtype, device):
+    """values (numbers, nested lists or an array) as a `dtype` tensor on `device`. On a GPU one non-blocking copy
+    from pinned memory: a pageable copy synchronizes the stream (one host wait per call), and the caching host
+    allocator keeps the pinned block until the copy has run. (Under a CUDA graph capture the graph would keep this
+    call's values: the callers refuse it first.)"""
+    import torch
+    t = torch.as_tensor(values, dtype=dtype).contiguous()
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def synchronize_gpus(keys) -> None:
+    """Waits for every GPU that cache keys (device name first) name: a table freed from a cache may still be read
+    by a kernel queued on any stream of its own device (one cache serves every GPU)."""
+    import torch
+    for name in sorted({key[0] for key in keys if key[0].startswith("cuda")}):
+        torch.cuda.synchronize(name)
+
+
 def e4m3_unsupported(device, codes) -> bool:
     """True when a Triton launch on `device` would read float8_e4m3fn (dtype code 3 among `codes`) and the
     GPU cannot: Triton builds tl.float8e4nv for compute capability 8.9 and newer only (an A100, sm_80,

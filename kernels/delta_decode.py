@@ -17,7 +17,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3
+from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3, synchronize_gpus, to_device
 
 MAX_OUTPUTS = 4
 Q8, Q4 = 16, 17
@@ -114,17 +114,14 @@ _TABLES = {}  # (device, addresses, kinds) -> device tables, built once per tens
 
 
 def device_weights(w, device) -> torch.Tensor:
-    """The [K, T] float32 weights on `device`. On a GPU through pinned memory, without blocking: a pageable copy
-    waits for the stream (one host sync per tensor and candidate, the GPU idle while Python prepares the next);
-    the caching host allocator keeps the pinned block until the copy has run."""
-    host = torch.as_tensor(w, dtype=torch.float32).contiguous()
-    if device.type != "cuda":
-        return host.to(device)
-    with torch.cuda.device(device):
-        if torch.cuda.is_current_stream_capturing():  # the graph would keep the capture's weights, and its block
-            raise RuntimeError("delta_accumulate: a compressed pool cannot be captured in a CUDA graph (its weights "
-                               "come from the host on every call)")
-    return host.pin_memory().to(device, non_blocking=True)
+    """The [K, T] float32 weights on `device`, without a stream sync (to_device: one per tensor and candidate
+    before, the GPU idle while Python prepared the next)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            if torch.cuda.is_current_stream_capturing():  # the graph would keep the capture's weights, and its block
+                raise RuntimeError("delta_accumulate: a compressed pool cannot be captured in a CUDA graph (its "
+                                   "weights come from the host on every call)")
+    return to_device(w, torch.float32, device)
 
 
 def device_tables(tensors, scales, kinds, device):
@@ -135,9 +132,7 @@ def device_tables(tensors, scales, kinds, device):
     hit = _TABLES.get(key)
     if hit is None:
         if len(_TABLES) > 65536:
-            # a queued kernel (any stream) may still read a table freed here, on any of the GPUs they serve
-            for name in sorted({k[0] for k in _TABLES if k[0].startswith("cuda")}):
-                torch.cuda.synchronize(name)
+            synchronize_gpus(_TABLES)  # a queued kernel (any stream) may still read a table freed here
             _TABLES.clear()
         hit = _TABLES[key] = (
             torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device),

@@ -33,7 +33,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3
+from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3, to_device
 
 _MIXED = -1
 
@@ -172,14 +172,11 @@ def _f32_bits(x: float) -> int:
 
 
 def _to_device(values, device) -> torch.Tensor:
-    """One int64 table on the device: one non-blocking copy from pinned memory on a GPU."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the Triton task-vector pass cannot be captured in a CUDA graph "
-                               "(its per-call table is copied from the host)")
-        t = t.pin_memory()  # the caching host allocator keeps it until the copy has run
-    return t.to(device, non_blocking=True)
+    """One int64 table on the device (to_device: no stream sync on a GPU)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the Triton task-vector pass cannot be captured in a CUDA graph "
+                           "(its per-call table is copied from the host)")
+    return to_device(values, torch.int64, device)
 
 
 def _signed64(v: int) -> int:

@@ -18,7 +18,7 @@ except ImportError:  # triton is optional on the CPU
     triton = None
 
 from pymerge._native import DTYPE_CODES
-from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3
+from pymerge.kernels import E4M3, body_and_tail, interpreted as _interpreted, refuse_e4m3, synchronize_gpus, to_device
 
 MAX_OUTPUTS = 4
 _MIXED = -1
@@ -164,11 +164,8 @@ def _tables(tensors, device):
         hit = _TABLES[key] = (addrs, codes)
         if len(_TABLES) > _TABLES_MAX:
             # a kernel on another stream may still read the table: the allocator would reuse its memory on the
-            # stream that made it, unordered with that kernel (rare: past _TABLES_MAX sets of inputs). The
-            # evicted tables' own devices (one cache serves every GPU)
-            evicted = list(_TABLES)[:len(_TABLES) - _TABLES_MAX]
-            for name in sorted({key[0] for key in evicted if key[0].startswith("cuda")}):
-                torch.cuda.synchronize(name)
+            # stream that made it, unordered with that kernel (rare: past _TABLES_MAX sets of inputs)
+            synchronize_gpus(list(_TABLES)[:len(_TABLES) - _TABLES_MAX])
             while len(_TABLES) > _TABLES_MAX:
                 _TABLES.popitem(last=False)
     elif key in _TABLES:
@@ -201,8 +198,7 @@ def weighted_sum_many(tensors, rows, outs, block: int = 4096, num_warps: int = 8
         raise ValueError("weighted_sum: inside a CUDA graph capture pass the weights as a CUDA tensor "
                          "(host weights would be copied once at capture and never again)")
     else:
-        weights = torch.tensor(rows, dtype=torch.float32)
-        weights = (weights.pin_memory() if device.type == "cuda" else weights).to(device, non_blocking=True)
+        weights = to_device(rows, torch.float32, device)
     if _interpreted():
         block, num_warps = min(block, 1024), 4
     launches = body_and_tail(numel, block, num_warps)

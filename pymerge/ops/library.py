@@ -199,7 +199,13 @@ def _fake_checks(op: str, inputs, outs=(), numel=None, backend=None, num_threads
                              f"{', '.join(allowed)}")
     if num_threads is not None and not (inputs and inputs[0].device.type == "cuda"):  # (the CUDA kernels ignore it)
         check_threads(num_threads)
-    if weights is not None and weights.device.type == "cpu" and not values_unknown(weights):
+    if weights is not None:
+        _check_host_weights(weights)
+
+
+def _check_host_weights(weights: Tensor) -> None:
+    """A weights tensor's values where they can be read without a device sync (a CPU tensor, not traced)."""
+    if weights.device.type == "cpu" and not values_unknown(weights):
         _check_weight_values(weights.detach().reshape(-1).tolist())
 
 
@@ -390,9 +396,8 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
         if WEIGHTS not in checked:
             _check_weight_values([w for row in weights for w in row])
     read = _check_read("weighted_sum", tensors, checked, weights=weights)  # (a weights tensor's storage too)
-    if isinstance(weights, Tensor) and weights.device.type == "cpu" and WEIGHTS not in checked \
-            and not values_unknown(weights):  # its values, as a list's (no sync either)
-        _check_weight_values(weights.detach().reshape(-1).tolist())
+    if isinstance(weights, Tensor) and WEIGHTS not in checked:  # its values, as a list's
+        _check_host_weights(weights)
     tensors = contiguous(tensors, False if read else None)
     _check_native(tensors, outs, tensors[0].numel(), "weighted_sum", tensors[0].device, read, OUTS in checked)
     device = tensors[0].device
@@ -403,11 +408,8 @@ def _weighted_sum_many_out_cuda(tensors, weights, outs, backend="auto", num_thre
         if capturing:  # a host copy would break the capture in torch's words
             raise ValueError("weighted_sum: inside a CUDA graph capture pass the weights as a CUDA tensor "
                              "(a list is copied to the device once, at capture, and never again)")
-        weights = torch.tensor(weights, dtype=torch.float32)
-        # through pinned memory, not waiting: a pageable copy synchronizes the stream (every merge_tensor and
-        # streamed chunk on a GPU waited for the queued kernels; a review). The caching host allocator keeps the
-        # pinned block until the copy has run.
-        weights = weights.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else weights.to(device)
+        from pymerge.kernels import to_device  # (a pageable copy waited for every merge_tensor's queued kernels)
+        weights = to_device(weights, torch.float32, device)
     weights = weights.to(device=device, dtype=torch.float32).reshape(len(outs), len(tensors))
     if tensors[0].numel() == 0:  # (after the checks, as the CPU kernel's)
         return

@@ -83,7 +83,7 @@ def _weighted_sum(tensors, weights, out_dtype, out, backend, num_threads, delta:
     if out is None:
         out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     rows = _weight_tensor(w, tensors[0].device).reshape(1, -1) if isinstance(w, torch.Tensor) else [w]
-    _sum_into(tensors, rows, [out], backend, num_threads, checked if given else (), delta)
+    sum_into(tensors, rows, [out], backend, num_threads, delta, checked if given else ())
     if given and not compiling:  # traced, the op's mutates_args tells autograd
         mark_written([out])  # written by address: tell autograd, as a torch out= op would
     return out
@@ -184,7 +184,7 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
         if outs_read and checked:
             checked += (library.OUTS,)
         library.no_grad_for_out(tensors, weight_rows, outs, "weighted_sum_many")
-    _sum_into(tensors, rows, outs, backend, num_threads, checked)
+    sum_into(tensors, rows, outs, backend, num_threads, checked=checked)
     if not compiling:  # traced, the op's mutates_args tells autograd
         mark_written(outs)
     return outs
@@ -240,14 +240,10 @@ def weighted_sum_into(tensors: List[torch.Tensor], rows, outs: List[torch.Tensor
     sum_into(tensors, rows, outs, backend, num_threads, delta)
 
 
-def sum_into(tensors, rows, outs, backend="auto", num_threads=0, delta: bool = False) -> None:
+def sum_into(tensors, rows, outs, backend="auto", num_threads=0, delta: bool = False, checked=()) -> None:
     """weighted_sum_into without its checks, for the pool and the merge engine, whose targets are checked apart
-    from their sources once (check_apart costs ~70 us a call: a third of a small tensor's merge)."""
-    _sum_into(tensors, rows, outs, backend, num_threads, (), delta)
-
-
-def _sum_into(tensors, rows, outs, backend="auto", num_threads=0, checked=(), delta=False) -> None:
-    """weighted_sum_into; checked: what the public wrapper checked (library.call)."""
+    from their sources once (check_apart costs ~70 us a call: a third of a small tensor's merge), and for the
+    public wrappers; checked: what such a wrapper checked (library.call)."""
     op_backend = _op_backend(tensors[0], backend)
     if op_backend is not None:  # the op's kernel checks the tensors (and, compiled, the weights), empty ones too
         library.call("weighted_sum_many_out", tensors, rows, outs, op_backend, num_threads, delta, checked=checked)
