@@ -190,6 +190,13 @@ def id_of(path: str) -> Optional[str]:
     return _repo_of(p.parent.parent.name) if p.parent.name == "snapshots" else None
 
 
+def refs_of(path) -> Optional[Path]:
+    """The refs/ folder of the cached repo whose snapshot folder `path` is, else None: resolving `org/name` read
+    refs/main there, so it is one of the merge's inputs (an OUT there deleted refs/main; an audit)."""
+    p = Path(path)
+    return p.parent.parent / "refs" if id_of(str(p)) is not None else None
+
+
 def pinned_commit(path: str) -> Optional[str]:
     """The commit of a hub cache snapshot folder that is not the one refs/main names (another branch, a tag, a
     PR, a commit given by hash), else None: what tells `org/name@v1` from `org/name` where both are named."""

@@ -271,7 +271,19 @@ def check_inputs_unchanged(plan: "MergePlan") -> None:
 
 
 def _inputs_of(plan: "MergePlan"):
-    """(what, path) of everything a merge reads."""
+    """(what, path) of everything a merge reads: _read_by's, and the refs/ folder of each hub cache snapshot among
+    them (resolving `org/name` read it)."""
+    seen = set()
+    for what, path in _read_by(plan):
+        yield what, path
+        refs = hub.refs_of(path) if what.endswith("folder") else None
+        if refs is not None and refs not in seen:
+            seen.add(refs)
+            yield "Hugging Face cache refs folder", refs
+
+
+def _read_by(plan: "MergePlan"):
+    """(what, path) of the files and folders a merge reads."""
     for ck in {id(c): c for c in plan.checkpoints + [plan.donor]}.values():
         if ck.path.is_dir():
             yield "model folder", ck.path

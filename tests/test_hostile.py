@@ -493,6 +493,24 @@ def test_a_hub_cache_ref_that_is_not_text_is_one_line(fam, tmp_path, capsys, mon
     assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear(["org/name", fts[1]])), out], capsys),
                     [str(repo / "refs" / "main"), "not UTF-8"], out)
 
+
+@pytest.mark.parametrize("where", ["refs", "refs/inside"])
+def test_out_in_the_hub_cache_refs_that_resolved_a_model_is_refused(fam, tmp_path, capsys, monkeypatch, where):
+    """`org/name` is resolved through refs/main: an OUT of the cache's refs/ folder, --force, replaced it (exit 0,
+    refs/main gone; the next merge of org/name with two snapshots cached failed; an audit)."""
+    root, base, fts = fam
+    repo = tmp_path / "hub" / "models--org--name"
+    shutil.copytree(fts[0], repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = repo / where
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear(["org/name", fts[1]])), out, "--force"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Hugging Face cache refs folder" in lines[0], err
+    assert sorted(p.name for p in (repo / "refs").iterdir()) == ["main"]
+    assert (repo / "refs" / "main").read_text() == "abc123\n"
+
 def test_copied_side_files_keep_restrictive_modes(fam, tmp_path, capsys):
     root, base, fts = fam
     m = _donor(fam, tmp_path)
