@@ -77,6 +77,7 @@ out_dtype: bfloat16
     (cfg(tokenizer={"sauce": "union"}), ["tokenizer: unknown key 'sauce'"]),
     (cfg(tokenizer={"pad_to_multiple_of": -8}), ["pad_to_multiple_of", "-8"]),
     (cfg(tokenizer={"pad_to_multiple_of": True}), ["pad_to_multiple_of"]),
+    (cfg(tokenizer={"pad_to_multiple_of": "²"}), ["pad_to_multiple_of", "²"]),  # isdigit, int() refuses: a traceback
     (cfg(tokenizer={"tokens": ["a"]}), ["tokenizer.tokens must be a mapping"]),
     (cfg(tokenizer={"tokens": {"x": {"force": "yes"}}}), ["tokenizer.tokens['x'].force"]),
     (cfg(tokenizer={"tokens": {"x": {"source": {"kind": "one"}}}}), ["tokenizer.tokens['x'].source.kind"]),

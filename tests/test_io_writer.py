@@ -560,6 +560,15 @@ def test_stale_temp_left_under_this_process_pid_is_removed(tmp_path):
     assert (tmp_path / "again").is_dir() and sorted(os.listdir(tmp_path)) == ["again", "other", "out"]
 
 
+def test_stray_folders_beside_out_named_with_unicode_digits_are_left_alone(tmp_path):
+    """'.out.pymerge-tmp-²' passed str.isdigit, and int() raised: every write to OUT was a traceback (an audit)."""
+    strays = [tmp_path / f".out.pymerge-{tag}-²" for tag in ("tmp", "old")] + [tmp_path / ".out.pymerge-del-²"]
+    for p in strays:
+        p.mkdir()
+    write_all(tmp_path / "out", {"a": torch.ones(2)})
+    assert sorted(os.listdir(tmp_path)) == sorted(["out"] + [p.name for p in strays])
+
+
 def test_a_second_writer_thread_never_takes_the_firsts_folder_for_stale(tmp_path, monkeypatch):
     """Between one writer's mkdir and its listing as this process's, another thread's writer for the same
     OUT took the new folder for a killed run's and deleted it (a review): the sweep and the mkdir are one step."""

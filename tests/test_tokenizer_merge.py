@@ -846,6 +846,47 @@ def test_phi1_head_rows_are_indexed_by_token(tmp_path, capsys):
     assert not is_vocab_tensor("layers.3.linear.weight")  # outside that layout
 
 
+@pytest.mark.parametrize("head", ["lm_head", "cls.predictions"])
+def test_masked_lm_output_bias_copies_are_indexed_by_token(tmp_path, capsys, head):
+    """RoBERTa's and BERT's masked-LM checkpoints as transformers 4 saved them hold the output bias twice:
+    <head>.bias and its tied copy <head>.decoder.bias, the one a loaded model adds. The copy was merged by
+    position (1.22 off the per-token mean; an audit), and refused where the vocabularies differ in size."""
+    from safetensors.torch import load_file, save_file
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(13)]
+
+    def mlm(name, order, seed):
+        f = tmp_path / name
+        f.mkdir()
+        g = torch.Generator().manual_seed(seed)
+        bias = torch.randn(len(order), generator=g)
+        t = {"embeddings.word_embeddings.weight": torch.randn(len(order), 8, generator=g),
+             f"{head}.decoder.weight": torch.randn(len(order), 8, generator=g),
+             f"{head}.bias": bias, f"{head}.decoder.bias": bias.clone()}
+        save_file(t, str(f / "model.safetensors"), metadata={"format": "pt"})
+        (f / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": len(order),
+                                                   "hidden_size": 8, "num_hidden_layers": 0}))
+        vocab = {w: i for i, w in enumerate(order)}
+        (f / "tokenizer.json").write_text(json.dumps({
+            "version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": None, "decoder": None, "truncation": None, "padding": None,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
+        (f / "tokenizer_config.json").write_text("{}")
+        return f, t, vocab
+    a, ta, va = mlm("a", words, 0)
+    b, tb, vb = mlm("b", words[:3] + words[3:][::-1] + ["x1", "x2"], 1)  # the same tokens, other ids, and more
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(a), "dtype": "float32",
+                                    "tokenizer_source": "base", "models": [
+                                        {"model": str(a), "parameters": {"weight": 0.5}},
+                                        {"model": str(b), "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name in ("embeddings.word_embeddings.weight", f"{head}.bias", f"{head}.decoder.bias"):
+        want = torch.stack([(ta[name][va[w]] + tb[name][vb[w]]) / 2 for w in words])
+        torch.testing.assert_close(out[name], want, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_a_tokenizer_source_in_mergekits_mapping_form_is_that_model(models, tmp_path, capsys):
     """mergekit takes {model: ..., lora: ...} wherever a model goes: tokenizer_source, tokenizer.source and a
     token's source; pymerge took it under models: only and refused it there (an audit)."""

@@ -969,7 +969,7 @@ def _remove_stale(out: Path) -> None:
             continue
         for prefix in (old_prefix, tmp_prefix):
             pid = e.name[len(prefix):]
-            if e.name.startswith(prefix) and pid.isdigit() and not _in_use(e.path, int(pid)):
+            if e.name.startswith(prefix) and _is_pid(pid) and not _in_use(e.path, int(pid)):
                 if prefix == old_prefix and not os.path.lexists(out):
                     try:
                         os.rename(e.path, out)
@@ -987,9 +987,15 @@ def _remove_stale(out: Path) -> None:
                 break
 
 
+def _is_pid(text: str) -> bool:
+    """ASCII digits only: str.isdigit takes "²", which int() refuses (a stray folder beside OUT named so was a
+    traceback on every merge into that folder; an audit)."""
+    return text.isascii() and text.isdigit()
+
+
 def _garbage_suffix(suffix: str) -> bool:
     pid, _, token = suffix.partition("-")
-    return pid.isdigit() and (not token or all(c in "0123456789abcdef" for c in token))
+    return _is_pid(pid) and (not token or all(c in "0123456789abcdef" for c in token))
 
 
 def _identity(path: Path):

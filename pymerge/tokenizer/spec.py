@@ -91,7 +91,7 @@ def _source(value, where, err, model_path) -> str:
 def _pad(value, err) -> Optional[int]:
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdecimal():  # (isdigit: "²", which int() refuses)
         value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)

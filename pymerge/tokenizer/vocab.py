@@ -26,11 +26,14 @@ from pymerge.errors import CheckpointError, MergeConfigError
 from pymerge.tokenizer.files import Tokenizer, added_entry, read_tokenizer
 from pymerge.tokenizer.spec import TokenizerSpec
 
-# Tensors indexed by token id on axis 0, by name (the names mergekit's architectures mark so).
+# Tensors indexed by token id on axis 0, by name (the names mergekit's architectures mark so, and the output
+# bias's tied copy that masked-LM checkpoints saved by transformers 4 hold beside it, decoder.bias: merged by
+# position, it was the bias a loaded model adds; an audit).
 VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias", "embed_in.weight", "embed_out.weight",
                   "wte.weight", "word_embeddings.weight", "tok_embeddings.weight", "lm_head.decoder.weight",
-                  "lm_head.linear.weight", "lm_head.linear.bias", "cls.predictions.decoder.weight",
-                  "cls.predictions.bias", "vocab_projector.weight", "vocab_projector.bias")
+                  "lm_head.decoder.bias", "lm_head.linear.weight", "lm_head.linear.bias",
+                  "cls.predictions.decoder.weight", "predictions.decoder.bias", "cls.predictions.bias",
+                  "vocab_projector.weight", "vocab_projector.bias")
 VOCAB_NAMES = ("shared.weight", "output.weight", "backbone.embeddings.weight", "transformer.output_layer.weight")
 # phi-1 / phi-1.5's MixFormerSequential head, layers.{num_layers + 1}.linear (its rows were merged by position,
 # not by token: an audit); by token only in a checkpoint of that layout (PHI1_EMBEDDING): other models have
