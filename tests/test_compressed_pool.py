@@ -1256,12 +1256,26 @@ def test_a_float32_checkpoint_at_float32s_limit_stays_finite(mode):
     assert float(out["w"][0]) == top
 
 
-def test_a_delta_made_infinite_by_dtype_says_so():
-    """dtype=float16 rounds 1.1e5 to inf: the error blamed the checkpoint ("checkpoint inf, base inf")."""
+def test_values_made_infinite_by_dtype_are_refused():
+    """dtype=float16 rounds 1.1e5 to inf: the error blamed the checkpoint ("checkpoint inf, base inf"); and a tensor
+    the fine-tunes left unchanged (inf in both, as held) was taken for a zero delta: every merge of it inf, where
+    the uncompressed pool refuses it (an audit). Refused as the uncompressed pool does, naming the source; the
+    file's own infs still load (an unchanged one is a zero delta)."""
     base, fts = {"b": torch.tensor([1e5, 1.0, 2.0])}, [{"b": torch.tensor([1.1e5, 1.5, 2.5])}]
-    with pytest.raises(InputError, match=r"element 0 \(checkpoint inf, base inf, as the pool holds them: "
-                                         r"dtype=float16 rounds values past its range to inf\)"):
+    with pytest.raises(CheckpointError, match=r"^base: tensor 'b' holds values up to 1e\+05, past float16's range"):
         CheckpointPool(fts, base=base, dtype=torch.float16, compress="int8")
+    for held, big in ((torch.float16, 1e5), (None, 1e39)):  # float64 files are held as float32
+        frozen = torch.full((8,), big, dtype=torch.float64)
+        src = [{"w": torch.ones(8, dtype=torch.float64) * (1 + i), "f": frozen.clone()} for i in range(2)]
+        for b in ({"w": torch.zeros(8, dtype=torch.float64), "f": frozen.clone()}, {"w": torch.zeros(8), "f": torch.ones(8)}):
+            with pytest.raises(CheckpointError, match=r"(base|source 0): tensor 'f' holds values up to 1e\+(05|39)"):
+                CheckpointPool(src, base=b, dtype=held, compress="int8")
+    f = torch.tensor([float("inf"), 1.5, 2.5])
+    pool = CheckpointPool([{"b": f.clone(), "w": torch.ones(4)}], base={"b": f.clone(), "w": torch.zeros(4)},
+                          dtype=torch.float16, compress="int8")
+    out = {"b": torch.empty(3), "w": torch.empty(4)}
+    pool.materialize([1.0], into=out)
+    assert out["b"].tolist() == f.tolist() and torch.allclose(out["w"], torch.ones(4), rtol=1e-3)  # (int8)
     for odd, held in ((float("nan"), torch.float16), (float("inf"), torch.float32)):  # not the rounding's doing
         stored = torch.bfloat16 if held == torch.float32 else torch.float32
         with pytest.raises(InputError, match=r"element 0 \(checkpoint (nan|inf), base 1.0\); a compressed"):

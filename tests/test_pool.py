@@ -1226,3 +1226,26 @@ def test_torchscript_targets_are_filled_on_every_call(kind):
     ref = net()
     extra.materialize([0.5, 0.5], into=ref, strict=False)
     assert torch.equal(target(x), ref(x))
+
+
+def test_what_a_method_leaves_out_is_warned_about():
+    """karcher (no per-model weight, no base role) merged [0.9, 0.1] as [1, 1] and left the pool's base out, where
+    `pymerge merge` takes a base_model as one more input: silently (an audit). Warned, from the caller's line;
+    equal weights, or a method that uses what it is given, warn nothing."""
+    import warnings
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, generator=g)}
+    src = [{"w": base["w"] + 0.3 * torch.randn(64, generator=g)} for _ in range(2)]
+    pool, out = CheckpointPool(src, base=base), {"w": torch.empty(64)}
+    with pytest.warns(UserWarning) as got:
+        pool.materialize([0.9, 0.1], into=out, method="karcher")
+    messages = sorted(str(w.message) for w in got)
+    assert len(messages) == 2 and "karcher has no base role" in messages[0] and "no per-model weight" in messages[1]
+    assert all(w.filename == __file__ for w in got)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CheckpointPool(src).materialize([1.0, 1.0], into=out, method="karcher")
+        pool.materialize([0.9, 0.1], into=out, method="task_arithmetic")
+        pool.materialize([0.9, 0.1], into=out)  # linear: documented to ignore the base
+    with pytest.warns(UserWarning, match="model_stock takes no per-model weight"):
+        pool.materialize([0.2, 0.8], into=out, method="model_stock")

@@ -62,6 +62,7 @@ from pymerge.errors import CheckpointError, InputError, short
 from pymerge.io.files import check_replaceable, replace_file
 from pymerge.io.safetensors_file import write_tensors
 from pymerge.ops._checks import FLOAT32_MAX, as_flag
+from pymerge.pool.sources import check_range
 
 BLOCK = 64            # elements per scale
 GROUP = 128           # int4 packing unit (two blocks): 16 words, nibble h of word i is element 16h + i
@@ -268,8 +269,7 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
             return Encoded("zero", 0.0, 0.0)
         if bad >= 0:
             raise InputError(f"{where}: delta from the base is not finite at element {bad} "
-                             f"(checkpoint {float(theta[bad])}, base {float(base[bad])}"
-                             f"{_held_as(theta.dtype, stored, theta[bad], base[bad])}); "
+                             f"(checkpoint {float(theta[bad])}, base {float(base[bad])}); "
                              "a compressed pool needs deltas finite in float32")
         if norm2 == 0:
             return Encoded("zero", 0.0, 0.0)
@@ -288,16 +288,6 @@ def encode(theta: torch.Tensor, base: torch.Tensor, mode: str, budget: Optional[
 
 
 _RANGED = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _held_as(held: torch.dtype, stored: torch.dtype, *values) -> str:
-    """A hint where an element is inf as the pool holds it in a narrower dtype than its file's (dtype=): the
-    file may hold a finite value there (the values alone cannot tell; a NaN is never the rounding's)."""
-    values = [float(v) for v in values]
-    if not any(map(math.isinf, values)) or torch.finfo(held).max >= torch.finfo(stored).max:
-        return ""
-    return (f", as the pool holds them: dtype={str(held).replace('torch.', '')} rounds values past its range "
-            "to inf")
 
 
 def _decodes_past(dtype: torch.dtype, base: torch.Tensor, codes, scales, fmt: str) -> bool:
@@ -354,6 +344,14 @@ def _install_new(tmp: str, path: str) -> None:
         os.replace(tmp, path)
 
 
+def _held(source, name: str, held: torch.dtype) -> torch.Tensor:
+    """A checkpoint's tensor in the pool's held dtype, refused where that makes its values inf (check_range)."""
+    t = source.tensor(name).detach()
+    h = t.to("cpu", held)
+    check_range(h, t, source.label, name)
+    return h
+
+
 class CompressedStore:
     """The base (exact) and every checkpoint's encoded delta, per tensor; kernels run from here."""
 
@@ -376,10 +374,10 @@ class CompressedStore:
             # to bfloat16 before its delta was taken lost deltas below bfloat16's step (80 % error, reported 0.5 %).
             held = dtype or _common([held_dtype(d, None) for d in [b.dtype] + [s.info(name)[0] for s in opened]])
             base[name] = b.to("cpu", held, copy=True).contiguous()
+            check_range(base[name], b, base_src.label, name)
             top = float(base[name].abs().max()) if base[name].numel() else 0.0  # once, not per checkpoint
-            entries[name] = [encode(s.tensor(name).detach().to("cpu", held), base[name], mode, budget,
-                                    f"{s.label}: tensor {name!r}", s.info(name)[0], top, num_threads)
-                            for s in opened]
+            entries[name] = [encode(_held(s, name, held), base[name], mode, budget, f"{s.label}: tensor {name!r}",
+                                    s.info(name)[0], top, num_threads) for s in opened]
         return cls(names, shapes, base, entries, [s.label for s in opened], mode, budget, skipped)
 
     def to(self, device: torch.device) -> "CompressedStore":

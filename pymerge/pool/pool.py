@@ -10,6 +10,8 @@ every tensor written has its autograd version counter bumped, as a torch in-plac
 import contextlib
 import functools
 import os
+import sys
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.sizes import format_size, host_available
 from pymerge.ops.weighted_sum import pick_backend, sum_into
 from pymerge.pool import compressed, grouped
-from pymerge.pool.sources import open_source
+from pymerge.pool.sources import check_range, open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
 
 RESIDENCIES = ("device", "pinned", "host", "mmap")
@@ -78,29 +80,34 @@ def _checks_mapped_files(merge):
     return checked
 
 
-def _check_range(held: torch.Tensor, t: torch.Tensor, label: str, name: str) -> None:
-    """A pool held in a narrower dtype (dtype=float16) than its file's refuses values past that dtype's range:
-    they became inf, and every merge of them inf or NaN, silently (a compressed pool refused them already)."""
-    if (held.dtype == t.dtype or not held.dtype.is_floating_point or not t.dtype.is_floating_point
-            or torch.finfo(held.dtype).max >= torch.finfo(t.dtype).max):
-        return
-    if bool(torch.isinf(held).any()) and int(torch.isinf(held).sum()) > int(torch.isinf(t).sum()):  # (the file's
-        # own infs, rare, are counted only where the held copy has any: a second read of the source)
-        big = float(t.detach().abs().nan_to_num(nan=0.0).max())  # (infs counted alike: a finite one is largest)
-        where = (f"past {str(held.dtype).replace('torch.', '')}'s range (largest finite "
-                 f"{torch.finfo(held.dtype).max:.6g}), ")
-        if held.dtype == torch.float32:  # no dtype= would help: the kernels read float64 checkpoints as float32
-            raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, {where}in which the "
-                                  "kernels hold a float64 checkpoint; no pool dtype holds them")
-        raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, {where}where the pool's "
-                              "dtype= would make them inf; choose a wider dtype (bfloat16, float32) or none")
+def _caller_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside pymerge (the caller's line, whichever path led here)."""
+    package, level, frame = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 2, sys._getframe(2)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_ignored(m, tables: List[np.ndarray], has_base: bool) -> None:
+    """A warning where a method leaves out what the caller gave (once per place, as Python's warnings go):
+    weights that differ, for a method that takes no per-model weight (karcher, slerp, model_stock...: every
+    such merge was the same, silently; `pymerge merge` warns so too), and the pool's base for a method without a
+    base role but linear's (karcher: `pymerge merge` takes a base_model as one more input; an audit)."""
+    if "weight" not in m.model_params and any(np.ptp(t, axis=1).max(initial=0.0) > 0 for t in tables):
+        warnings.warn(f"method {m.name} takes no per-model weight: the weights given are ignored (the merge is "
+                      "the same for any weights)", UserWarning, stacklevel=_caller_level())
+    if has_base and m.base_model == "none" and m.name != "linear":
+        warnings.warn(f"method {m.name} has no base role: the pool's base is not one of its inputs (pymerge merge "
+                      "takes a base_model as one more input; to merge it, make it one of the pool's sources)",
+                      UserWarning, stacklevel=_caller_level())
 
 
 class CheckpointPool:
     """A fixed set of checkpoints (and an optional base) to merge into live models, fast and in place.
 
     sources        HF folders, .safetensors files, state dicts or modules (all with the same tensors)
-    base           optional base checkpoint (methods such as task_arithmetic need it; linear ignores it)
+    base           optional base checkpoint (methods such as task_arithmetic need it; linear ignores it, and
+                   karcher and passthrough, which have no base role, leave it out with a warning)
     device         where merges are computed: "cpu" or "cuda[:i]"; targets must live there
     dtype          storage dtype of the resident copies (None keeps each file's dtype where the kernels read
                    it: float64 is held as float32, a float8 variant they lack as bfloat16)
@@ -448,7 +455,7 @@ class CheckpointPool:
             if tuple(t.shape) != tuple(shape):  # copy_ would broadcast: a source must give what it lists
                 raise CheckpointError(f"{src.label}: tensor {n!r} has shape {list(t.shape)}, listed as {list(shape)}")
             held[n] = buf[at:at + nbytes].view(dtype).view(shape).copy_(t)
-            _check_range(held[n], t, src.label, n)
+            check_range(held[n], t, src.label, n)
         return held
 
     @torch.inference_mode(False)  # the pool's own copies keep version counters (its caches read them)
@@ -467,7 +474,7 @@ class CheckpointPool:
             held = t.to("cpu", dtype)
             if self.residency == "pinned" and torch.cuda.is_available():
                 held = held.pin_memory()
-        _check_range(held, t, src.label, name)
+        check_range(held, t, src.label, name)
         if held.data_ptr() == t.data_ptr() or not held.is_contiguous():
             # Never alias a caller's tensor or a file view: a model merged into must not change the pool.
             held = held.clone(memory_format=torch.contiguous_format)
@@ -946,6 +953,7 @@ class CheckpointPool:
         from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method, merge_prepared
         m = get_method(method)
         m.validate(self.num_checkpoints, self.has_base)
+        _warn_ignored(m, tables, self.has_base)
         per_model, global_params = _split_params(m, params, self.num_checkpoints)
         if self._compressed is not None:
             with _on_device(self.device):

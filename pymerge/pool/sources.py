@@ -15,6 +15,24 @@ from pymerge.io.checkpoint import lora_hint
 from pymerge.ops._memory import check_backed, kind_problem
 
 
+def check_range(held: torch.Tensor, t: torch.Tensor, label: str, name: str) -> None:
+    """A pool held in a narrower dtype (dtype=float16) than its file's refuses values past that dtype's range:
+    they became inf, and every merge of them inf or NaN, silently (a compressed pool held them so too, and took a frozen tensor's infs for an unchanged one; audits)."""
+    if (held.dtype == t.dtype or not held.dtype.is_floating_point or not t.dtype.is_floating_point
+            or torch.finfo(held.dtype).max >= torch.finfo(t.dtype).max):
+        return
+    if bool(torch.isinf(held).any()) and int(torch.isinf(held).sum()) > int(torch.isinf(t).sum()):  # (the file's
+        # own infs, rare, are counted only where the held copy has any: a second read of the source)
+        big = float(t.detach().abs().nan_to_num(nan=0.0).max())  # (infs counted alike: a finite one is largest)
+        where = (f"past {str(held.dtype).replace('torch.', '')}'s range (largest finite "
+                 f"{torch.finfo(held.dtype).max:.6g}), ")
+        if held.dtype == torch.float32:  # no dtype= would help: the kernels read float64 checkpoints as float32
+            raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, {where}in which the "
+                                  "kernels hold a float64 checkpoint; no pool dtype holds them")
+        raise CheckpointError(f"{label}: tensor {name!r} holds values up to {big:.4g}, {where}where the pool's "
+                              "dtype= would make them inf; choose a wider dtype (bfloat16, float32) or none")
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
         return False
