@@ -1934,3 +1934,47 @@ def test_mid_generation_saves_wait_for_the_interval(tmp_path):
         optimize(pool, _interrupting(evaluate, 7), model=Vec(), budget=25, popsize=8, seed=3, replicas=1,
                  state_path=path, log=None)
     assert len(json.loads(open(path).read())["history"]) == 1  # the start: generation 1 took less than 30 s
+
+
+def test_one_checkpoint_per_group_with_normalize_is_refused():
+    """One checkpoint, groups="layer": each row normalized to [1], every candidate the same merge, the whole budget
+    spent on it (an audit). normalize=False searches the rows' scale."""
+    sources, _, model = _two_group_pool()
+    pool = CheckpointPool(sources[:1])
+    with pytest.raises(InputError, match="one checkpoint with normalize=True.*pass normalize=False"):
+        optimize(pool, lambda m: 0.0, model=model, budget=4, groups="layer", log=None)
+    res = optimize(pool, lambda m: -float(m.embed.w.detach().abs().sum()), model=model, budget=6, popsize=3,
+                   groups="layer", normalize=False, log=None)
+    assert len({tuple(np.ravel(r["weights"])) for r in res.history}) > 1
+
+
+def test_weights_stay_finite_and_sum_to_one_where_the_sum_overflows():
+    """bounds near float's limit: each row's sum overflowed to inf and every weight became 0 (an audit)."""
+    pool, evaluate, _ = synthetic(n=3)
+    res = optimize(pool, evaluate, model=Vec(), budget=4, popsize=2, bounds=(0, 1e308), x0=[1e308] * 3, log=None)
+    for r in res.history:
+        w = np.asarray(r["weights"])
+        assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0)
+    assert np.allclose(res.history[0]["weights"], 1 / 3)
+
+
+def test_a_complex_score_is_no_number():
+    """numpy's complex128(0.5+3j) was taken as 0.5 (float() keeps the real part, with a ComplexWarning; an audit)."""
+    from pymerge.search.report import as_number, macro_average
+    assert as_number(np.complex128(1 + 5j)) is None and as_number(np.array([1 + 0j])) is None
+    with pytest.raises(InputError, match=r"scores\['a'\] must be a number"):
+        macro_average({"a": np.complex128(1 + 5j)})
+    pool, _, _ = synthetic(n=3)
+    with pytest.raises(InputError, match="evaluate must return a float"):
+        optimize(pool, lambda m: np.complex128(0.5 + 3j), model=Vec(), budget=3, popsize=3, log=None)
+
+
+def test_task_names_with_dollar_signs_are_plotted_verbatim(tmp_path):
+    """'acc $k_5_shot$' is math to matplotlib: the plot raised after the whole search had run, and no best_merge.yml
+    was written (an audit)."""
+    pytest.importorskip("matplotlib")
+    from pymerge.search.report import plot
+    history = [{"eval": i, "objective": 0.1 * i, "scores": {"acc $k_5_shot$": 0.1 * i, "b$": 0.2}} for i in range(3)]
+    plot(str(tmp_path / "s.png"), history, ["acc $k_5_shot$", "b$"], [0, 2], title="$x_1_2$",
+         markers={"ck $a_b_c$": {"acc $k_5_shot$": 0.3, "b$": 0.1}})
+    assert (tmp_path / "s.png").stat().st_size > 0

@@ -240,6 +240,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     dim = len(used) * n
     if dim < 2:
         raise InputError("CMA-ES needs at least two weights to search (one checkpoint, no groups)")
+    if normalize and n < 2:  # each group's one weight normalized to 1: every candidate the same merge (an audit)
+        raise InputError("one checkpoint with normalize=True: each group's weights sum to one, so every candidate "
+                         "would be the same merge; pass normalize=False to search the scale of its weights")
     if g * n > MAX_WEIGHTS:  # CMA-ES keeps d x d matrices (group ids from a million asked for 65 TiB), and
         # every candidate's table is kept in the history
         raise InputError(f"groups: ids up to {g - 1} make a table of {g} x {n} checkpoints = {g * n} weights; at most "
@@ -305,7 +308,11 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         w[used] = np.asarray(x, float).reshape(len(used), n)
         w = np.clip(w, lo, hi)
         if normalize:
-            s = w.sum(axis=1, keepdims=True)
+            with np.errstate(over="ignore"):
+                s = w.sum(axis=1, keepdims=True)
+            if not np.isfinite(s).all():  # bounds near float's limit: the sum overflowed (all-zero weights)
+                w = w / w.max(axis=1, keepdims=True)
+                s = w.sum(axis=1, keepdims=True)
             w = np.where(s > 1e-12, w / np.where(s > 1e-12, s, 1.0), 1.0 / n)  # an all-zero row: uniform
         return w[0] if g == 1 else w
 

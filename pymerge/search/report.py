@@ -15,6 +15,8 @@ def as_number(value) -> Optional[float]:
     a string ("0.5") or a bool was parsed as a score, which the pool refuses as a weight."""
     if isinstance(value, (str, bytes, bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("torch.bool", "bool"):
         return None
+    if getattr(getattr(value, "dtype", None), "kind", "") == "c":  # numpy's complex: float() kept its real part
+        return None
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError, RuntimeError):  # OverflowError: an int past float's range
@@ -109,6 +111,7 @@ def plot(path: str, history: List[dict], tasks: List[str], front: List[int], tit
     require("matplotlib", "plotting the search").use("Agg")
     import matplotlib.pyplot as plt
     two = len(tasks) == 2
+    title, markers = _plain(title), {_plain(k): v for k, v in (markers or {}).items()}
     fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4.2))
     ax = axes[0] if two else axes
     ev = [r["eval"] for r in history]
@@ -128,10 +131,10 @@ def plot(path: str, history: List[dict], tasks: List[str], front: List[int], tit
         fr = sorted(front, key=lambda i: history[i]["scores"][a])
         ax.plot([history[i]["scores"][a] for i in fr], [history[i]["scores"][b] for i in fr], "o-", color="C3",
                 label="Pareto front")
-        for i, (name, s) in enumerate((markers or {}).items()):
+        for i, (name, s) in enumerate(markers.items()):
             ax.scatter([s[a]], [s[b]], marker="*", s=90, color=f"C{(i % 7) + 4}", label=name, zorder=3)
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
+        ax.set_xlabel(_plain(a))
+        ax.set_ylabel(_plain(b))
         ax.set_title("scores per task")
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -139,3 +142,9 @@ def plot(path: str, history: List[dict], tasks: List[str], front: List[int], tit
         replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
+
+
+def _plain(text: str) -> str:
+    """A task or marker name as matplotlib draws it verbatim: a "$" pair is math to it, and "acc $k_5_shot$" raised
+    once the whole search had run (an audit)."""
+    return str(text).replace("$", r"\$")
