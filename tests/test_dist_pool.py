@@ -1024,3 +1024,84 @@ def test_input_versions_follow_in_place_changes_and_never_reuse_an_inference_ten
     pool._inputs["v"] = [a, c]
     assert pool.input_versions("v") != pool.input_versions("v")
     assert pool.input_versions("w") == pool.input_versions("w")
+
+
+def ranks_differ_worker(rank, world, files):
+    """Ranks passing other weights or checkpoints, or refusing an argument alone, where nothing compared them
+    (audits): list(alpha) of a learnable tensor as weights (its digest failed, every rank's was 0: FSDP2's
+    shards merged with each rank's weights), a model all Replicate() (no pool group: no agreement at all), and
+    compress= refused on one rank before the agreement (the others waited out the group's timeout)."""
+    import time
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    import pymerge
+    mesh = init_device_mesh("cpu", (world,))
+
+    def error_of(fn):
+        t0 = time.monotonic()
+        try:
+            fn()
+            return None, time.monotonic() - t0
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
+
+    out = {}
+    m = fully_shard(build(), mesh=mesh)
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
+    alpha = torch.tensor(W3 if rank == 0 else [0.2, 0.3, 0.5], requires_grad=True)
+    out["grad_weights"] = error_of(lambda: pool.materialize(list(alpha), into=m))
+    same = torch.tensor(W3, requires_grad=True)
+    out["grad_weights_same"] = error_of(lambda: pool.materialize(list(same), into=m))
+
+    rep = build()
+    for name, p in list(rep.named_parameters()):
+        mod, attr = rep.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        setattr(mod, attr, torch.nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()])))
+    rpool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=rep)
+    out["replicated_weights"] = error_of(lambda: rpool.materialize(W3 if rank == 0 else [0.2, 0.3, 0.5], into=rep))
+    out["replicated_same"] = error_of(lambda: rpool.materialize(W3, into=rep))
+    mine = files[:3] if rank == 0 else [files[0], files[2], files[1]]
+    out["replicated_files"] = error_of(lambda: pymerge.CheckpointPool(mine, base=files[3], shard_like=rep))
+    out["compress_one_rank"] = error_of(lambda: pymerge.CheckpointPool(
+        files[:3], base=files[3], shard_like=m, **({"compress": "int8"} if rank == 1 else {})))
+
+    # FSDP2 over TP with an empty TP shard: a (3, 1) weight's one column over tp = 2 leaves rank 1 a (0, 0) local
+    # tensor where the layout says (3, 0), and every merge into the very model the pool was built from was refused
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+    from safetensors.torch import save_file
+    small = [os.path.join(os.path.dirname(files[0]), f"small{i}.safetensors") for i in range(2)]
+    if rank == 0:
+        for i, f in enumerate(small):
+            save_file({"0.weight": torch.full((3, 1), float(i + 1)), "0.bias": torch.full((3,), float(i))}, f)
+    torch.distributed.barrier()
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    tp = torch.nn.Sequential(torch.nn.Linear(1, 3))
+    parallelize_module(tp, mesh2["tp"], {"0": RowwiseParallel()})
+    fully_shard(tp, mesh=mesh2["dp"])
+    out["empty_shard"] = error_of(lambda: pymerge.CheckpointPool(small, shard_like=tp).materialize([0.25, 0.75],
+                                                                                                 into=tp))
+    w = tp[0].weight
+    shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+    out["empty_shard_local"] = (tuple(w.to_local().shape), tuple(shape), w.to_local().detach().reshape(-1).tolist())
+    return out
+
+
+def test_ranks_that_differ_are_refused_on_every_rank(tmp_path):
+    from datetime import timedelta
+    files = write_checkpoints(str(tmp_path))
+    results = dist_helpers.run(ranks_differ_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=20), wall_s=120)
+    for res in results:
+        assert "crash" not in res, res
+        for case in ("grad_weights", "replicated_weights"):
+            assert "ranks called the sharded pool with different arguments" in (res[case][0] or ""), (case, res)
+        assert "read other checkpoints than rank 0" in (res["replicated_files"][0] or ""), res
+        error, seconds = res["compress_one_rank"]
+        assert "compress= and shard_like= do not combine" in (error or "") and seconds < 10, res
+        assert res["grad_weights_same"][0] is None and res["replicated_same"][0] is None, res
+        assert res["empty_shard"][0] is None, res
+    assert results[0]["empty_shard_local"] == ((3, 1), (3, 1), [1.75] * 3), results[0]
+    assert results[1]["empty_shard_local"] == ((0, 0), (3, 0), []), results[1]  # (FSDP2's empty shard's shape)

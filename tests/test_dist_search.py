@@ -263,7 +263,8 @@ def arguments_worker(rank, world, d, files):
                               ("budget", dict(budget=0), {}), ("seed", dict(seed=4), {}),
                               ("pool", dict(compress="int4"), {}),
                               ("groups", dict(groups=grouping(False)), dict(groups=grouping(True))),
-                              ("names", dict(names=naming(True)), dict(names=naming(False)))):
+                              ("names", dict(names=naming(True)), dict(names=naming(False))),
+                              ("log", dict(log=5), {}), ("normalize", dict(normalize="yes"), {})):
         try:
             search(**(mine if rank == 1 else ours))
             out["errors"][label] = None
@@ -286,6 +287,9 @@ def test_ranks_passing_other_arguments_fail_together(tmp_path):
     for label in ("method", "density", "budget", "seed", "groups", "names"):
         assert errors[label].startswith("InputError: ranks called optimize with different arguments"), errors[label]
     assert errors["pool"].startswith("InputError: ranks called optimize with different pools"), errors["pool"]
+    # refused by optimize's own checks on rank 1 alone: rank 0 waited in the start's agreement (an audit)
+    assert errors["log"] == "InputError: rank 1: log must be a function, got 5", errors["log"]
+    assert errors["normalize"].startswith("InputError: rank 1: normalize must be a bool"), errors["normalize"]
     expected = [r["objective"] for r in single_process(files, budget=5).history]
     assert results[0]["alike"] == results[1]["alike"] == expected
 

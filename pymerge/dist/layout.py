@@ -91,8 +91,10 @@ def box_of(t: torch.Tensor, what: str) -> Box:
     """The box this rank holds of tensor t (a DTensor or a plain tensor)."""
     from torch.distributed.tensor import DTensor, Replicate
     shape = tuple(t.shape)
-    if not isinstance(t, DTensor) or all(isinstance(p, Replicate) for p in t.placements):
+    if not isinstance(t, DTensor):
         return whole_box(shape)
+    if all(isinstance(p, Replicate) for p in t.placements):  # whole on every rank, its mesh kept: agreement_group
+        return Box(shape, (0,) * len(shape), shape, ("replicated", shape), mesh=t.device_mesh)
     mesh, placements = t.device_mesh, tuple(t.placements)
     key = (shape, id(mesh), tuple((type(p), p) for p in placements))  # types: a strided shard == Shard in old torch
     box = _BOXES.get(key)
@@ -236,9 +238,11 @@ def counts(box: Box, group) -> bool:
 def agreement_group(boxes, group) -> Optional[object]:
     """The ranks that build a pool together and agree on its errors: every rank of the mesh the model
     lives on (replica groups too: a rank that cannot read its checkpoint fails every replica, so no
-    replica waits for it in a later collective), else the pool's group."""
+    replica waits for it in a later collective), else the pool's group. A model all Replicate() has no pool
+    group, yet its ranks hold copies that must agree: they compared nothing, and replicas given other weights
+    or checkpoints held different values, silently (an audit)."""
     import torch.distributed as dist
     roots = {id(root): root for root in (b.mesh._get_root_mesh() for b in boxes if b.mesh is not None)}
-    if group is not None and len(roots) == 1 and next(iter(roots.values())).size() == dist.get_world_size():
+    if len(roots) == 1 and next(iter(roots.values())).size() == dist.get_world_size():
         return dist.group.WORLD
     return group

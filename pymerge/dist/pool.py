@@ -19,7 +19,7 @@ compute the statistics with collectives (collectives.py).
 import math
 import threading
 from collections.abc import Iterator
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from pymerge.errors import InputError
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.pool.grouped import native_tv_table
 from pymerge.pool.pool import CheckpointPool, _cacheable, _map_name, _tensors_of, _untied_heads
+from pymerge.pool.weights import _detached
 from pymerge.sizes import format_size
 
 
@@ -44,6 +45,9 @@ class ShardedPool(CheckpointPool):
             raise InputError("shard_like needs an initialized torch.distributed process group "
                              "(torchrun, or dist.init_process_group)")
         absent: list = []  # a tensor on a mesh without this rank, a module mid-iteration: this rank's error, agreed
+        if kwargs.get("compress") is not None:  # (refused on one rank alone, the others waited: agreed too)
+            absent.append(InputError("compress= and shard_like= do not combine yet: a compressed pool holds whole "
+                                     "tensors"))
         try:
             _reshard(shard_like)  # a forward pass left FSDP2's root gathered: the pool took it as replicated
         except InputError as exc:
@@ -246,8 +250,9 @@ class ShardedPool(CheckpointPool):
                             if name in self._not_in_layout else "")
                     problems.append(f"tensor {model_name!r}{where} is {describe(have)}, the pool holds "
                                     f"{describe(want)}{hint}")
+            by_model_name = {_map_name(n, names): self.boxes[n] for n in self.names}
             with torch.no_grad():  # to_local() then skips its autograd Function (a no-grad view at most)
-                local.append({n: _local(t) for n, t in tensors.items()})
+                local.append({n: _local(t, by_model_name.get(n)) for n, t in tensors.items()})
         if problems:
             raise InputError("; ".join(problems[:3]) + (" (and more)" if len(problems) > 3 else "")
                              + "; the pool holds shard_like's layout; nothing was written")
@@ -363,8 +368,8 @@ def _digest(method, weight_rows, kwargs) -> int:
     functions (groups=, names=) by name. 0 where they cannot be read (the call then fails alike)."""
     try:
         rows = [("device", tuple(w.shape)) if isinstance(w, torch.Tensor) and w.device.type != "cpu"
-                else np.asarray(w.detach() if isinstance(w, torch.Tensor) else w, dtype=np.float64).tolist()
-                for w in weight_rows]
+                else np.asarray(_detached(w), dtype=np.float64).tolist()  # (list(alpha) of a learnable tensor: its
+                for w in weight_rows]                                       # 0-d elements too; 0 left it uncompared)
         args = {**_DEFAULTS, **kwargs}
         params = {**(args.pop("method_params", None) or {}), **{k: args.pop(k) for k in list(args)
                                                                 if k not in _DEFAULTS}}
@@ -511,9 +516,17 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _local(t: torch.Tensor, box: Optional[Box] = None) -> torch.Tensor:
+    """A DTensor's local tensor (a plain tensor itself); an empty one in its box's shape: FSDP2 over TP holds an
+    empty TP shard as (0, 0) where the layout says (3, 0), and every merge into the model the pool was built
+    from was refused (an audit). It holds no data to write."""
     from torch.distributed.tensor import DTensor
-    return t.to_local() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    local = t.to_local()
+    if box is not None and local.numel() == 0 and box.numel == 0 and tuple(local.shape) != box.shape:
+        return local.reshape(box.shape)
+    return local
 
 
 def _values_sample(source) -> int:

@@ -52,9 +52,10 @@ _POOLS_DIFFER = ("ranks called optimize with different pools (other checkpoints,
                  "must build the same pool")
 
 
-def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log=print, **kwargs):
-    """Every rank calls this (through optimize) with the same arguments; `replicas` is unused (one model per rank)."""
-    contents = _agreed_start(pool, kwargs)
+def optimize_across_ranks(optimize, pool, evaluate, model, *, replicas=None, log=print, refused=None, **kwargs):
+    """Every rank calls this (through optimize) with the same arguments; `replicas` is unused (one model per rank).
+    refused: this rank's error in optimize's own checks, which the start's agreement raises on every rank."""
+    contents = _agreed_start(pool, kwargs, refused)
     try:
         return _search(optimize, pool, evaluate, model, contents, log, kwargs)
     finally:
@@ -108,7 +109,7 @@ def _pool_facts(pool) -> dict:
     return contents
 
 
-def _agreed_start(pool, kwargs) -> dict:
+def _agreed_start(pool, kwargs, refused: Optional[Exception] = None) -> dict:
     """One all_reduce before the search: the same InputError on every rank unless all passed the same
     arguments and built the same pool. Each rank merges its share of candidates with its own method and
     parameters, and only rank 0's budget, seed... drive the search: on plain pools (nothing compares them
@@ -119,8 +120,10 @@ def _agreed_start(pool, kwargs) -> dict:
     from pymerge.dist.pool import _plain
     from pymerge.pool.pool import _map_name, method_params_of
     from pymerge.pool.weights import group_indices
-    error, arguments, facts, contents = None, 0, 0, {}
+    error, arguments, facts, contents = refused, 0, 0, {}
     try:
+        if refused is not None:
+            raise refused
         args = {k: v for k, v in kwargs.items() if k != "state_path"}  # rank 0's file: the others may pass None
         extra = {k: args.pop(k) for k in list(args) if k not in _SEARCH_ONLY + ("method", "groups", "names",
                                                                                "method_params")}

@@ -132,8 +132,6 @@ class CheckpointPool:
     _lent_ids: frozenset = frozenset()
 
     def __new__(cls, *args, shard_like=None, **kwargs):
-        if shard_like is not None and kwargs.get("compress") is not None:
-            raise InputError("compress= and shard_like= do not combine yet: a compressed pool holds whole tensors")
         if shard_like is None and "names" in kwargs:
             raise InputError("names= at construction finds each tensor's counterpart in shard_like=; without it, "
                              "pass names= to materialize")

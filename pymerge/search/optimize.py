@@ -210,21 +210,27 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     # the first merge into model; state_path=Path(...) after its folders were made)
     if not callable(getattr(pool, "materialize_many", None)):  # None: "'NoneType' object has no attribute ..."
         raise InputError(f"pool must be a CheckpointPool, got {short(pool)}")
-    for what, fn in (("evaluate", evaluate), ("objective", objective), ("log", log)):
-        if not callable(fn) and (fn is not None or what == "evaluate"):
-            raise InputError(f"{what} must be a function, got {short(fn)}")
-    try:
-        normalize = as_flag(normalize, "normalize")
-    except TypeError as exc:
-        raise InputError(str(exc)) from None
-    state_path = _state_path(state_path)
+    refused = None  # under torch.distributed, raised on every rank by the ranks' first agreement: a rank refusing
+    try:            # its own log= alone left the others waiting in it until the group's timeout (an audit)
+        for what, fn in (("evaluate", evaluate), ("objective", objective), ("log", log)):
+            if not callable(fn) and (fn is not None or what == "evaluate"):
+                raise InputError(f"{what} must be a function, got {short(fn)}")
+        try:
+            normalize = as_flag(normalize, "normalize")
+        except TypeError as exc:
+            raise InputError(str(exc)) from None
+        state_path = _state_path(state_path)
+    except InputError as exc:
+        refused = exc
     from pymerge.dist.search import across_ranks
     spread = across_ranks(pool, distributed)
     if spread is not None:  # under torch.distributed: CMA-ES on rank 0, candidates on every replica group
         return spread(optimize, pool, evaluate, model, budget=budget, popsize=popsize, sigma0=sigma0, seed=seed,
                       state_path=state_path, groups=groups, normalize=normalize, x0=x0, bounds=bounds,
                       method=method, objective=objective, replicas=replicas, names=names, log=log,
-                      method_params=method_params, **more_method_params)
+                      method_params=method_params, refused=refused, **more_method_params)
+    if refused is not None:
+        raise refused
     check_searchable(method)  # (after the ranks' agreement on the arguments: a rank alone must not refuse)
     with warnings.catch_warnings():
         # cma's own "Could not import matplotlib.pyplot" on every run without the plot extra: pymerge names
