@@ -1978,3 +1978,18 @@ def test_task_names_with_dollar_signs_are_plotted_verbatim(tmp_path):
     plot(str(tmp_path / "s.png"), history, ["acc $k_5_shot$", "b$"], [0, 2], title="$x_1_2$",
          markers={"ck $a_b_c$": {"acc $k_5_shot$": 0.3, "b$": 0.1}})
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_cli_under_torchrun_is_refused_in_one_line_unless_told_to_run_alone(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank ran a search of its own, racing for out's lock: one failed "in use", another was
+    killed by torchrun (an audit)."""
+    cfg = _cli_setup(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    capsys.readouterr()
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs in one process, not under torchrun" in err[0] and "PYMERGE_NO_DIST=1" in err[0]
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("PYMERGE_NO_DIST", "1")
+    assert cli_main([str(cfg)]) == 0 and (tmp_path / "out" / "best_merge.yml").exists()

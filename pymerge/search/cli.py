@@ -310,6 +310,11 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    from pymerge.dist.disk_merge import OFF_ENV, launched
+    if launched():  # every rank ran a search of its own, racing for out's lock (an audit)
+        raise InputError("pymerge search runs in one process, not under torchrun (each rank ran a search of its own); "
+                         "for a search across ranks, call pymerge.search.optimize on every rank of your own script "
+                         f"(README: Across processes and machines), or set {OFF_ENV}=1 to run this one alone")
     cfg = _load_config(args.config)
     here = os.path.dirname(os.path.abspath(args.config))
     _import_search_libraries()  # first: a cma.py beside the config must not stand in for them
