@@ -474,8 +474,11 @@ class LoraCheckpoint:
         tied head's (the head shares this weight)."""
         if name in self._mirror:
             return self._deltas(self._mirror[name])
+        from pymerge.tied import is_head
         own = [name] if name in self.adapter.targets else []
-        return own + [h for h, e in self._onto.items() if e == name]
+        # its own under a prefix the checkpoint lacks (GPT-2's transformer.wte for wte) before a head's: in the
+        # adapter's (sorted) order lm_head came first, one rounding off peft on a third of wte's elements (an audit)
+        return own + sorted((h for h, e in self._onto.items() if e == name), key=is_head)
 
     def _changes(self, name: str) -> bool:
         if self._deltas(name):

@@ -653,3 +653,29 @@ def test_a_lora_for_a_weight_the_model_lacks_is_still_refused(tmp_path):
               str(tmp_path / "ad" / "adapter_model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"LoRA for 'transformer.h.7.attn.c_attn.weight', which .* does not have"):
         open_model(f"{tmp_path / 'gpt2'}+{tmp_path / 'ad'}")
+
+
+def test_lora_on_an_unprefixed_gpt2_embedding_and_its_tied_head_merges_in_peft_order(tmp_path):
+    """openai-community/gpt2's layout (wte.weight, no transformer. prefix, no lm_head) with LoRA on wte and lm_head:
+    both deltas land on wte.weight, and the head's was added first (the adapter's sorted order): a third of wte's
+    bfloat16 elements one rounding off peft's merge_and_unload (an audit). Now the embedding's own, then the head's."""
+    torch.manual_seed(1)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40,
+                                                             n_positions=32))
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    save_file({k.removeprefix("transformer."): v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()
+               if k != "lm_head.weight"}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    m.config.save_pretrained(model)
+    pm = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(model, dtype=torch.float32),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "wte", "lm_head"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "ad")
+    base = transformers.GPT2LMHeadModel.from_pretrained(model, dtype=torch.bfloat16)
+    want = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).merge_and_unload().transformer.wte.weight
+    with open_model(f"{model}+{tmp_path / 'ad'}") as ck:
+        assert ck._deltas("wte.weight") == ["transformer.wte.weight", "lm_head.weight"]
+        assert torch.equal(ck.tensor("wte.weight"), want.detach())

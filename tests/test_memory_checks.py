@@ -403,3 +403,29 @@ def test_sparse_and_nested_inputs_are_named_errors(kind):
     for op, call in calls.items():
         with pytest.raises(ValueError, match=rf"(input [01]|the base|out): is a {kind} tensor; merges read dense"):
             call()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("op", ["group_lincomb", "task_vector_merge", "sce", "ramplus_tl", "ram", "nearswap",
+                                "arcee_fusion"])
+def test_an_out_partly_over_an_input_is_refused_on_every_backend(op, backend):
+    """The native kernels refused it; the torch paths (backend="torch", and group_lincomb on every GPU: SLERP,
+    NuSLERP, Model Stock) wrote block by block over what a later block read: 1000 elements wrong (an audit)."""
+    from pymerge.ops import consensus_ops, elementwise_mix, interp, task_vector_ops as tv
+    n, shift = (1 << 20) + 4096, 1000
+    big = torch.arange(n + shift, dtype=torch.float32)
+    x, out, base = big[:n], big[shift:], torch.zeros(n)
+    before = big.clone()
+    calls = {
+        "group_lincomb": lambda: interp.group_lincomb([x], None, False, "whole", torch.tensor([[2.0, 0.0]]), out,
+                                                      backend=backend),
+        "task_vector_merge": lambda: tv.task_vector_merge([x], base, out, [tv.Sparsifier()], [1.0], consensus=False,
+                                                          normalize=False, backend=backend),
+        "sce": lambda: consensus_ops.sce([x, base.clone()], base, 1.0, out, backend=backend),
+        "ramplus_tl": lambda: consensus_ops.ramplus_tl([x, base.clone()], base, 0.1, 0.2, 1e-5, out, backend=backend),
+        "ram": lambda: elementwise_mix.ram([x, base.clone()], base, 1e-5, out, backend=backend),
+        "nearswap": lambda: elementwise_mix.nearswap(base, x, 0.5, out, backend=backend),
+        "arcee_fusion": lambda: consensus_ops.arcee_fusion(base, x, out, backend=backend)}
+    with pytest.raises(ValueError, match=r"output 0 partially overlaps input \d"):
+        calls[op]()
+    assert torch.equal(big, before)
