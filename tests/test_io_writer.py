@@ -1100,3 +1100,35 @@ def test_a_merge_run_from_inside_out_says_out_is_a_new_folder(tmp_path, monkeypa
     assert not working_folder_within(tmp_path / "x") and not working_folder_within(out / "sub" / "missing")
     monkeypatch.chdir(tmp_path)
     assert not working_folder_within(out)
+
+
+def test_a_shard_is_a_safetensors_file_only_once_its_data_is_written(tmp_path):
+    """A merge killed mid-write (SIGKILL, the OOM killer) left a hidden folder whose model.safetensors loaded
+    without error, 23 of 24 tensors zeros (an audit): the header's length now comes last, after the data."""
+    entries = [("a", torch.float32, (4,)), ("b", torch.float32, (3,)), ("empty", torch.float32, (0,)),
+               ("c", torch.float32, (2,))]
+    w = ShardedWriter(tmp_path / "out", entries, max_shard_bytes=20)
+    shards = {name: w.tmp_dir / w.shard_of(name) for name, _, _ in entries}
+    assert len(set(shards.values())) >= 2 and shards["a"] != shards["b"]
+
+    def loads(path):
+        try:
+            safetensors.torch.load_file(str(path))
+            return True
+        except Exception:  # noqa: BLE001  (safetensors' own error kinds)
+            return False
+
+    def whole(names):  # the shards holding only tensors in names (and empty ones) load; the others do not
+        for name in ("a", "b", "c"):
+            done = all(n in names or n == "empty" for n, _, _ in entries if shards[n] == shards[name])
+            assert loads(shards[name]) == done, (name, names)
+            assert done or shards[name].read_bytes()[:8] == bytes(8)
+    whole(set())
+    w.write("a", torch.ones(4))
+    w.write("b", torch.ones(2))  # two of b's three elements
+    whole({"a"})
+    w.write("b", torch.ones(1), offset=2)
+    w.write("c", torch.full((2,), 2.0))
+    whole({"a", "b", "c"})
+    w.commit()
+    assert safetensors.torch.load_file(str(tmp_path / "out" / w.shard_of("c")))["c"].tolist() == [2.0, 2.0]

@@ -1,7 +1,9 @@
 """Writes a merged model as safetensors shards: atomically, in any order, in pieces, in bounded memory.
 
 The whole plan (names, dtypes, shapes) is known before any data, so every shard's header is
-written up front and its file pre-sized; tensors then land at fixed offsets with os.pwrite, from
+written up front (all but its 8-byte length, written once the shard's data is: a killed run's shard is
+no safetensors file a reader accepts, not a model of zeros) and its file pre-sized; tensors then land
+at fixed offsets with os.pwrite, from
 any thread, a chunk at a time. Everything goes to a temporary folder beside OUT which is renamed
 into place at commit, so OUT holds either the previous contents or the complete new model.
 
@@ -116,6 +118,7 @@ class ShardedWriter:
         self._users: Dict[int, int] = {}  # shard -> writes in flight through its fd
         self._unsynced: set = set()  # shards whose completing fsync failed: commit fsyncs them again
         self._left = {i: self._sizes[i] - len(self._headers[i]) for i in self._own}  # data bytes not yet written
+        self._headed = {i for i in self._own if not self._left[i]}  # shards whose header length is written
         self._dirs = {self.tmp_dir}  # folders to fsync at commit
         try:
             for i in sorted(self._own):
@@ -207,8 +210,9 @@ class ShardedWriter:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:  # too many open files, say: name OUT's shard, not the hidden temporary folder
             raise self._shard_error(exc, i) from None
+        head = self._headers[i] if i in self._headed else bytes(8) + self._headers[i][8:]  # length: _head_shard
         try:
-            _pwrite_all(fd, memoryview(self._headers[i]), 0)
+            _pwrite_all(fd, memoryview(head), 0)
             os.ftruncate(fd, self._sizes[i])  # sparse: no disk blocks until the data is written
         except OSError as exc:
             os.close(fd)
@@ -217,6 +221,31 @@ class ShardedWriter:
             os.close(fd)
             raise
         return fd
+
+    def _head_shard(self, fd: int, i: int) -> None:
+        """Writes shard i's header length, once all its data is written (before its completing fsync)."""
+        try:
+            _pwrite_all(fd, memoryview(self._headers[i][:8]), 0)
+        except OSError as exc:
+            raise self._shard_error(exc, i) from None
+        self._headed.add(i)
+
+    def _head_the_rest(self) -> None:
+        """At commit (no write in flight): the header lengths of shards whose last write found the writer
+        committing, which leaves the fd open for commit's fsync."""
+        for i in sorted(self._own - self._headed):
+            fd = self._fds.get(i)
+            if fd is not None:
+                self._head_shard(fd, i)
+                continue
+            fd = self._open_shard(i)
+            try:
+                self._head_shard(fd, i)
+                os.fsync(fd)
+            except OSError as exc:
+                raise self._shard_error(exc, i) from None
+            finally:
+                os.close(fd)
 
     def _shard_error(self, exc: OSError, i: int) -> OSError:
         """exc naming OUT's shard i, not the hidden temporary folder (or no file: "No space left on device")."""
@@ -325,6 +354,7 @@ class ShardedWriter:
             try:
                 if done is not None:
                     try:
+                        self._head_shard(done, shard)
                         os.fsync(done)
                     except OSError as exc:
                         with self._cond:
@@ -449,6 +479,7 @@ class ShardedWriter:
                 more = f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else ""
                 raise RuntimeError(f"{self.out_dir}: tensor {missing[0]}{more}; not committing")
         try:
+            self._head_the_rest()
             if self._joined:  # another process installs the folder: make this part durable
                 for fd in self._fds.values():
                     os.fsync(fd)
