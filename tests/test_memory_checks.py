@@ -429,3 +429,24 @@ def test_an_out_partly_over_an_input_is_refused_on_every_backend(op, backend):
     with pytest.raises(ValueError, match=r"output 0 partially overlaps input \d"):
         calls[op]()
     assert torch.equal(big, before)
+
+
+def test_a_negated_output_view_is_told_to_merge_into_a_tensor_of_its_own():
+    """The advice was an input's, 'pass t.resolve_neg()': for an output that is a copy, the result lost (an audit)."""
+    import pymerge
+    z = torch.zeros(1, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"output 0 is a lazily negated view .*merge into a tensor of your own$"):
+        pymerge.weighted_sum([torch.ones(1)], [2.0], out=z.conj().imag)
+
+
+def test_num_threads_far_past_the_cores_starts_at_most_4_workers_per_core():
+    """num_threads=65536 (accepted: the op's bound) left ~3,000 idle threads for the process's life, and where the
+    system refused one, a bare "Resource temporarily unavailable" (an audit). In a fresh process: its own count."""
+    code = ("import os, torch\nfrom pymerge.ops import interp\nbefore = len(os.listdir('/proc/self/task'))\n"
+            "interp.group_dots([torch.randn(1 << 22)], None, False, 'whole', num_threads=65536)\n"
+            "print(len(os.listdir('/proc/self/task')) - before)")
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("counts threads through /proc")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert 0 < int(run.stdout.split()[-1]) <= 4 * (os.cpu_count() or 1), run.stdout

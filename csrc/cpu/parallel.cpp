@@ -25,6 +25,7 @@
 #include <exception>
 #include <mutex>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include "cpu/common.h"
 
@@ -35,9 +36,16 @@ class Pool {
  public:
   void run(int64_t n, int64_t grain, int threads, const ChunkFn& fn) {
     std::lock_guard<std::mutex> one_job(job_mu_);  // callers from several Python threads take turns
+    // Workers are kept for the process's life: num_threads=65536 left 3,000 idle threads behind, and a failed
+    // thread creation was a bare "Resource temporarily unavailable" (an audit). Beyond 4 per core nothing is
+    // gained; where the system refuses more, the chunks run on the workers there are.
+    threads = std::min<int64_t>(threads, 4 * int64_t(std::max(1u, std::thread::hardware_concurrency())));
     {
       std::lock_guard<std::mutex> lk(mu_);
-      while (int(workers_.size()) < threads - 1) workers_.emplace_back([this] { loop(); });
+      try {
+        while (int(workers_.size()) < threads - 1) workers_.emplace_back([this] { loop(); });
+      } catch (const std::system_error&) {
+      }
       fn_ = &fn;
       n_ = n;
       grain_ = grain;
