@@ -1962,6 +1962,7 @@ def test_a_complex_score_is_no_number():
     """numpy's complex128(0.5+3j) was taken as 0.5 (float() keeps the real part, with a ComplexWarning; an audit)."""
     from pymerge.search.report import as_number, macro_average
     assert as_number(np.complex128(1 + 5j)) is None and as_number(np.array([1 + 0j])) is None
+    assert as_number(torch.tensor(1 + 0j)) is None and as_number(torch.tensor(0.5)) == 0.5
     with pytest.raises(InputError, match=r"scores\['a'\] must be a number"):
         macro_average({"a": np.complex128(1 + 5j)})
     pool, _, _ = synthetic(n=3)
@@ -1993,3 +1994,12 @@ def test_cli_under_torchrun_is_refused_in_one_line_unless_told_to_run_alone(tmp_
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv("PYMERGE_NO_DIST", "1")
     assert cli_main([str(cfg)]) == 0 and (tmp_path / "out" / "best_merge.yml").exists()
+
+
+def test_cli_in_a_job_of_one_rank_runs(tmp_path, monkeypatch):
+    """RANK and WORLD_SIZE=1 (torchrun --nproc-per-node 1, a cluster's single worker): no race, so the search runs
+    (a review of the torchrun refusal)."""
+    cfg = _cli_setup(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli_main([str(cfg)]) == 0

@@ -846,7 +846,7 @@ def test_phi1_head_rows_are_indexed_by_token(tmp_path, capsys):
     assert not is_vocab_tensor("layers.3.linear.weight")  # outside that layout
 
 
-@pytest.mark.parametrize("head", ["lm_head", "cls.predictions"])
+@pytest.mark.parametrize("head", ["lm_head", "cls.predictions", "predictions"])  # RoBERTa, BERT, ALBERT
 def test_masked_lm_output_bias_copies_are_indexed_by_token(tmp_path, capsys, head):
     """RoBERTa's and BERT's masked-LM checkpoints as transformers 4 saved them hold the output bias twice:
     <head>.bias and its tied copy <head>.decoder.bias, the one a loaded model adds. The copy was merged by
@@ -882,7 +882,7 @@ def test_masked_lm_output_bias_copies_are_indexed_by_token(tmp_path, capsys, hea
     rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
     assert rc == 0, err
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
-    for name in ("embeddings.word_embeddings.weight", f"{head}.bias", f"{head}.decoder.bias"):
+    for name in ("embeddings.word_embeddings.weight", f"{head}.bias", f"{head}.decoder.bias", f"{head}.decoder.weight"):
         want = torch.stack([(ta[name][va[w]] + tb[name][vb[w]]) / 2 for w in words])
         torch.testing.assert_close(out[name], want, rtol=1e-6, atol=1e-6, msg=name)
 

@@ -31,7 +31,7 @@ from pymerge.dist.sample import values_sample
 from pymerge.errors import InputError
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.pool.grouped import native_tv_table
-from pymerge.pool.pool import CheckpointPool, _cacheable, _map_name, _tensors_of, _untied_heads
+from pymerge.pool.pool import CheckpointPool, _cacheable, _map_name, _tensors_of, _untied_heads, _warn_ignored
 from pymerge.pool.weights import _detached
 from pymerge.sizes import format_size
 
@@ -351,6 +351,7 @@ class ShardedPool(CheckpointPool):
         m = get_method(method)
         if m.chunkable:  # elementwise (linear, task_arithmetic, passthrough): the local shards are all it needs
             return super()._run_method(method, plans, tables, seed, params)
+        _warn_ignored(m, tables, self.has_base)  # (as the single-process pool's _run_method does)
         run_sharded(self, m, plans, tables, seed, params)
 
 

@@ -119,6 +119,9 @@ class ShardedWriter:
         self._unsynced: set = set()  # shards whose completing fsync failed: commit fsyncs them again
         self._left = {i: self._sizes[i] - len(self._headers[i]) for i in self._own}  # data bytes not yet written
         self._headed = {i for i in self._own if not self._left[i]}  # shards whose header length is written
+        self._names_in: Dict[int, List[str]] = {i: [] for i in self._own}  # shard -> its tensors, in order
+        for name in self._order:
+            self._names_in.get(self._slots[name].shard, []).append(name)
         self._dirs = {self.tmp_dir}  # folders to fsync at commit
         try:
             for i in sorted(self._own):
@@ -354,7 +357,10 @@ class ShardedWriter:
             try:
                 if done is not None:
                     try:
-                        self._head_shard(done, shard)
+                        with self._cond:  # by ranges, not bytes: a chunk written twice counts twice (a review)
+                            whole = not self._missing(shard)
+                        if whole:  # else commit heads it, once _missing finds nothing
+                            self._head_shard(done, shard)
                         os.fsync(done)
                     except OSError as exc:
                         with self._cond:
@@ -447,9 +453,10 @@ class ShardedWriter:
         return path
 
     # ---- finishing --------------------------------------------------------------------------
-    def _missing(self) -> List[str]:
+    def _missing(self, shard: Optional[int] = None) -> List[str]:
+        """The tensors (of shard, or of every shard this writer owns) not yet written whole."""
         out = []
-        for name in self._order:
+        for name in self._order if shard is None else self._names_in[shard]:
             slot = self._slots[name]
             if slot.shard not in self._own:
                 continue  # another process's part: the caller agrees with it on success

@@ -310,8 +310,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from pymerge.dist.disk_merge import OFF_ENV, launched
-    if launched():  # every rank ran a search of its own, racing for out's lock (an audit)
+    from pymerge.dist.disk_merge import OFF_ENV
+    if _several_ranks():  # every rank ran a search of its own, racing for out's lock (an audit)
         raise InputError("pymerge search runs in one process, not under torchrun (each rank ran a search of its own); "
                          "for a search across ranks, call pymerge.search.optimize on every rank of your own script "
                          f"(README: Across processes and machines), or set {OFF_ENV}=1 to run this one alone")
@@ -324,6 +324,21 @@ def _run(args) -> int:
     finally:
         if here in sys.path:
             sys.path.remove(here)
+
+
+def _several_ranks() -> bool:
+    """Under torchrun (or a launcher's RANK and WORLD_SIZE, or a process group) of more than one rank, unless
+    PYMERGE_NO_DIST=1: a job of one rank (torchrun --nproc-per-node 1, a cluster's single worker) runs the search."""
+    from pymerge.dist.disk_merge import launched
+    if not launched():
+        return False
+    try:
+        if int(os.environ.get("WORLD_SIZE", "0")) > 1:
+            return True
+    except ValueError:
+        pass
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def _import_search_libraries() -> None:

@@ -317,7 +317,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             with np.errstate(over="ignore"):
                 s = w.sum(axis=1, keepdims=True)
             if not np.isfinite(s).all():  # bounds near float's limit: the sum overflowed (all-zero weights)
-                w = w / w.max(axis=1, keepdims=True)
+                with np.errstate(invalid="ignore", divide="ignore"):  # an all-zero row: 0/0, made uniform below
+                    w = w / w.max(axis=1, keepdims=True)
+                w = np.nan_to_num(w, nan=0.0)
                 s = w.sum(axis=1, keepdims=True)
             w = np.where(s > 1e-12, w / np.where(s > 1e-12, s, 1.0), 1.0 / n)  # an all-zero row: uniform
         return w[0] if g == 1 else w

@@ -15,7 +15,8 @@ def as_number(value) -> Optional[float]:
     a string ("0.5") or a bool was parsed as a score, which the pool refuses as a weight."""
     if isinstance(value, (str, bytes, bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("torch.bool", "bool"):
         return None
-    if getattr(getattr(value, "dtype", None), "kind", "") == "c":  # numpy's complex: float() kept its real part
+    dtype = getattr(value, "dtype", None)
+    if getattr(dtype, "kind", "") == "c" or getattr(dtype, "is_complex", False):  # float() kept the real part
         return None
     try:
         return float(value)

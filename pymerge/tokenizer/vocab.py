@@ -32,7 +32,7 @@ from pymerge.tokenizer.spec import TokenizerSpec
 VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "lm_head.bias", "embed_in.weight", "embed_out.weight",
                   "wte.weight", "word_embeddings.weight", "tok_embeddings.weight", "lm_head.decoder.weight",
                   "lm_head.decoder.bias", "lm_head.linear.weight", "lm_head.linear.bias",
-                  "cls.predictions.decoder.weight", "predictions.decoder.bias", "cls.predictions.bias",
+                  "predictions.decoder.weight", "predictions.decoder.bias", "predictions.bias",  # BERT's cls., ALBERT's
                   "vocab_projector.weight", "vocab_projector.bias")
 VOCAB_NAMES = ("shared.weight", "output.weight", "backbone.embeddings.weight", "transformer.output_layer.weight")
 # phi-1 / phi-1.5's MixFormerSequential head, layers.{num_layers + 1}.linear (its rows were merged by position,
