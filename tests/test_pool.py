@@ -1249,3 +1249,16 @@ def test_what_a_method_leaves_out_is_warned_about():
         pool.materialize([0.9, 0.1], into=out)  # linear: documented to ignore the base
     with pytest.warns(UserWarning, match="model_stock takes no per-model weight"):
         pool.materialize([0.2, 0.8], into=out, method="model_stock")
+
+
+def test_a_per_model_parameter_may_be_a_cpu_tensor():
+    """density=torch.tensor([0.5, 0.7]) was refused ("model 0 density must be a number") where a list or a numpy
+    array is one value per checkpoint (an audit)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, generator=g)}
+    src = [{"w": base["w"] + 0.1 * torch.randn(64, generator=g)} for _ in range(2)]
+    pool = CheckpointPool(src, base=base)
+    outs = [{"w": torch.empty(64)} for _ in range(3)]
+    for out, density in zip(outs, (torch.tensor([0.5, 0.7]), [0.5, 0.7], np.array([0.5, 0.7]))):
+        pool.materialize([0.5, 0.5], into=out, method="ties", density=density)
+    assert torch.equal(outs[0]["w"], outs[1]["w"]) and torch.equal(outs[1]["w"], outs[2]["w"])

@@ -1608,6 +1608,8 @@ def _split_params(method, params: dict, n: int):
         value = params.get(key, spec.default)
         if value is spec.default and spec.required:
             raise MergeConfigError(f"method {method.name} needs parameter {key!r}")
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.device.type == "cpu":
+            value = value.detach().tolist()  # one per checkpoint, as a list or numpy array (it was refused: an audit)
         values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * n
         if len(values) != n:
             raise MergeConfigError(f"parameter {key!r}: got {len(values)} values for {n} checkpoints")
