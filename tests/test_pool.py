@@ -1262,3 +1262,22 @@ def test_a_per_model_parameter_may_be_a_cpu_tensor():
     for out, density in zip(outs, (torch.tensor([0.5, 0.7]), [0.5, 0.7], np.array([0.5, 0.7]))):
         pool.materialize([0.5, 0.5], into=out, method="ties", density=density)
     assert torch.equal(outs[0]["w"], outs[1]["w"]) and torch.equal(outs[1]["w"], outs[2]["w"])
+
+
+def test_a_module_source_with_extra_state_merges_its_weights():
+    """A module whose get_extra_state() returns an object (TransformerEngine's modules) was refused outright
+    ("entry '0._extra_state' is a dict, not a tensor"; an audit): its weights merge, the object is no weight."""
+    class WithExtra(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"fp8": "meta"}
+
+        def set_extra_state(self, state):
+            pass
+    torch.manual_seed(0)
+    src = [torch.nn.Sequential(WithExtra(3, 2)) for _ in range(2)]
+    target = torch.nn.Sequential(WithExtra(3, 2))
+    CheckpointPool(src).materialize([0.5, 0.5], into=target)
+    want = (src[0][0].weight + src[1][0].weight) / 2
+    torch.testing.assert_close(target[0].weight.detach(), want.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(InputError, match="entry '0._extra_state' is a dict, not a tensor"):
+        CheckpointPool([dict(s.state_dict()) for s in src])  # a state dict given as such: every entry is the caller's

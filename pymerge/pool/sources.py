@@ -103,8 +103,10 @@ class _CheckpointSource:
 
 def open_source(src, label: str):
     """One pool source: a state dict (or nn.Module), or a path to an HF folder / .safetensors file."""
-    if isinstance(src, torch.nn.Module):
-        return DictSource(src.state_dict(), label)
+    if isinstance(src, torch.nn.Module):  # less a module's get_extra_state() objects, which are no weights (a module
+        # holding one, as TransformerEngine's do, was refused outright: an audit)
+        return DictSource({k: v for k, v in src.state_dict().items() if isinstance(v, torch.Tensor)
+                           or k.rpartition(".")[2] != "_extra_state"}, label)
     if isinstance(src, dict):
         return DictSource(src, label)
     if not isinstance(src, (str, os.PathLike)):
