@@ -803,12 +803,37 @@ def test_auto_ignores_a_config_template_that_named_template_files_override(tmp_p
     assert read_tokenizer(c).template() == "D"
 
 
+def _word_level_folder(folder, tensors, config, order) -> dict:
+    """folder as a model of `tensors` with a word-level tokenizer of the words in `order`; returns its vocab."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    vocab = {w: i for i, w in enumerate(order)}
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None, "decoder": None, "truncation": None, "padding": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
+    (folder / "tokenizer_config.json").write_text("{}")
+    return vocab
+
+
+def _half_and_half(tmp_path, a, b, capsys) -> dict:
+    """The tensors of a linear merge of a and b at 0.5 each, a the base and the tokenizer's source."""
+    from safetensors.torch import load_file
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(a), "dtype": "float32",
+                                    "tokenizer_source": "base", "models": [
+                                        {"model": str(a), "parameters": {"weight": 0.5}},
+                                        {"model": str(b), "parameters": {"weight": 0.5}}]}))
+    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    return load_file(str(tmp_path / "out" / "model.safetensors"))
+
+
 def test_phi1_head_rows_are_indexed_by_token(tmp_path, capsys):
     """phi-1 / phi-1.5's MixFormerSequential head (layers.{n + 1}.linear) was merged by position, not by token
     (mergekit's phi-1 layout marks it token-indexed; an audit). Only in that layout: another model's
     layers.N.linear (Zamba2's hybrid layers) is no vocabulary tensor."""
-    from safetensors.torch import load_file, save_file
-
     from pymerge.tokenizer.vocab import is_vocab_tensor
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(29)]
 
@@ -820,26 +845,11 @@ def test_phi1_head_rows_are_indexed_by_token(tmp_path, capsys):
              "layers.1.mixer.Wqkv.weight": torch.randn(48, 16, generator=g), "layers.2.ln.weight": torch.ones(16),
              "layers.2.linear.weight": torch.randn(len(words), 16, generator=g),
              "layers.2.linear.bias": torch.randn(len(words), generator=g)}
-        save_file(t, str(f / "model.safetensors"), metadata={"format": "pt"})
-        (f / "config.json").write_text(json.dumps({"model_type": "mixformer-sequential", "n_layer": 1,
-                                                   "vocab_size": len(words), "n_embd": 16}))
-        vocab = {w: i for i, w in enumerate(order)}
-        (f / "tokenizer.json").write_text(json.dumps({
-            "version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
-            "post_processor": None, "decoder": None, "truncation": None, "padding": None,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
-        (f / "tokenizer_config.json").write_text("{}")
-        return f, t, vocab
+        return f, t, _word_level_folder(f, t, {"model_type": "mixformer-sequential", "n_layer": 1,
+                                               "vocab_size": len(words), "n_embd": 16}, order)
     a, ta, va = phi1("a", words, 0)
     b, tb, vb = phi1("b", words[:3] + words[3:][::-1], 1)  # the same tokens, other ids
-    path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(a), "dtype": "float32",
-                                    "tokenizer_source": "base", "models": [
-                                        {"model": str(a), "parameters": {"weight": 0.5}},
-                                        {"model": str(b), "parameters": {"weight": 0.5}}]}))
-    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
-    assert rc == 0, err
-    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    out = _half_and_half(tmp_path, a, b, capsys)
     for name in ("layers.0.wte.weight", "layers.2.linear.weight", "layers.2.linear.bias"):
         want = torch.stack([(ta[name][va[w]] + tb[name][vb[w]]) / 2 for w in words])
         torch.testing.assert_close(out[name], want, rtol=1e-6, atol=1e-6, msg=name)
@@ -851,7 +861,6 @@ def test_masked_lm_output_bias_copies_are_indexed_by_token(tmp_path, capsys, hea
     """RoBERTa's and BERT's masked-LM checkpoints as transformers 4 saved them hold the output bias twice:
     <head>.bias and its tied copy <head>.decoder.bias, the one a loaded model adds. The copy was merged by
     position (1.22 off the per-token mean; an audit), and refused where the vocabularies differ in size."""
-    from safetensors.torch import load_file, save_file
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(13)]
 
     def mlm(name, order, seed):
@@ -862,26 +871,11 @@ def test_masked_lm_output_bias_copies_are_indexed_by_token(tmp_path, capsys, hea
         t = {"embeddings.word_embeddings.weight": torch.randn(len(order), 8, generator=g),
              f"{head}.decoder.weight": torch.randn(len(order), 8, generator=g),
              f"{head}.bias": bias, f"{head}.decoder.bias": bias.clone()}
-        save_file(t, str(f / "model.safetensors"), metadata={"format": "pt"})
-        (f / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": len(order),
-                                                   "hidden_size": 8, "num_hidden_layers": 0}))
-        vocab = {w: i for i, w in enumerate(order)}
-        (f / "tokenizer.json").write_text(json.dumps({
-            "version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
-            "post_processor": None, "decoder": None, "truncation": None, "padding": None,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}))
-        (f / "tokenizer_config.json").write_text("{}")
-        return f, t, vocab
+        return f, t, _word_level_folder(f, t, {"model_type": "bert", "vocab_size": len(order), "hidden_size": 8,
+                                               "num_hidden_layers": 0}, order)
     a, ta, va = mlm("a", words, 0)
     b, tb, vb = mlm("b", words[:3] + words[3:][::-1] + ["x1", "x2"], 1)  # the same tokens, other ids, and more
-    path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(a), "dtype": "float32",
-                                    "tokenizer_source": "base", "models": [
-                                        {"model": str(a), "parameters": {"weight": 0.5}},
-                                        {"model": str(b), "parameters": {"weight": 0.5}}]}))
-    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
-    assert rc == 0, err
-    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    out = _half_and_half(tmp_path, a, b, capsys)
     for name in ("embeddings.word_embeddings.weight", f"{head}.bias", f"{head}.decoder.bias", f"{head}.decoder.weight"):
         want = torch.stack([(ta[name][va[w]] + tb[name][vb[w]]) / 2 for w in words])
         torch.testing.assert_close(out[name], want, rtol=1e-6, atol=1e-6, msg=name)
