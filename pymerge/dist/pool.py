@@ -41,13 +41,13 @@ class ShardedPool(CheckpointPool):
 
     def __init__(self, sources, base=None, *args, shard_like=None, names=None, **kwargs):
         import torch.distributed as dist
-        if not dist.is_available() or not dist.is_initialized():
-            raise InputError("shard_like needs an initialized torch.distributed process group "
-                             "(torchrun, or dist.init_process_group)")
         absent: list = []  # a tensor on a mesh without this rank, a module mid-iteration: this rank's error, agreed
         if kwargs.get("compress") is not None:  # (refused on one rank alone, the others waited: agreed too)
             absent.append(InputError("compress= and shard_like= do not combine yet: a compressed pool holds whole "
                                      "tensors"))
+        if not dist.is_available() or not dist.is_initialized():  # no ranks to agree with
+            raise absent[0] if absent else InputError("shard_like needs an initialized torch.distributed process "
+                                                      "group (torchrun, or dist.init_process_group)")
         try:
             _reshard(shard_like)  # a forward pass left FSDP2's root gathered: the pool took it as replicated
         except InputError as exc:
