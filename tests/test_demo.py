@@ -847,3 +847,53 @@ def test_more_threads_than_cores_gets_a_note(monkeypatch, capsys):
         assert capsys.readouterr().err == ""
     finally:
         torch.set_num_threads(threads)
+
+
+_TINY = dict(pretrain_steps=2, run_steps=1, val_size=10, test_size=20)
+
+
+@pytest.mark.parametrize("during", ["search", "training"])
+def test_a_file_put_into_merged_while_the_demo_runs_is_refused_not_deleted(tmp_path, monkeypatch, during):
+    """merged/ was checked at the start only: a README.md put there during the minutes of search (or of a
+    retraining, another seed) was deleted with the old merge, exit 0 (an audit)."""
+    _fake_training(monkeypatch)
+    out = str(tmp_path / "out")
+    run.experiment(out, run.Settings(seed=3, **_TINY), budget=3, log=lambda m: None)
+    note = tmp_path / "out" / "merged" / "README.md"
+    name = "optimize" if during == "search" else "train_pool"
+    real = getattr(run, name)
+
+    def meanwhile(*a, **k):
+        note.write_text("my notes")
+        return real(*a, **k)
+    monkeypatch.setattr(run, name, meanwhile)
+    with pytest.raises(run.InputError, match="merged: holds README.md, which the demo did not write"):
+        run.experiment(out, run.Settings(seed=3 if during == "search" else 4, **_TINY), budget=3, log=lambda m: None)
+    assert note.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("key, value", [("sha256", 1), ("sha256", [["a"]]), ("checkpoints", None),
+                                        ("checkpoints", 5)])
+def test_a_manifest_edited_by_hand_retrains(tmp_path, monkeypatch, key, value):
+    """"checkpoints": null or "sha256": 1 was a TypeError traceback (an audit): the cache is retrained."""
+    _fake_training(monkeypatch)
+    s, folder = run.Settings(seed=0, **_TINY), str(tmp_path / "checkpoints")
+    run.build_checkpoints(folder, s, log=lambda m: None)
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    manifest[key] = value
+    json.dump(manifest, open(os.path.join(folder, "manifest.json"), "w"))
+    open(os.path.join(folder, "pretrained", "config.json"), "a").write(" ")  # the digests must be compared
+    logs = []
+    run.build_checkpoints(folder, s, log=logs.append)
+    assert any("training them again" in m for m in logs), logs
+
+
+def test_the_merged_folder_follows_the_umask(tmp_path, monkeypatch):
+    """merged/ was made 0755 whatever the umask (its files followed it; an audit)."""
+    _fake_training(monkeypatch)
+    mask = os.umask(0o077)
+    try:
+        run.experiment(str(tmp_path / "out"), run.Settings(seed=3, **_TINY), budget=3, log=lambda m: None)
+    finally:
+        os.umask(mask)
+    assert oct(os.stat(tmp_path / "out" / "merged").st_mode & 0o777) == oct(0o700)

@@ -32,7 +32,7 @@ from pymerge.demo.tasks import (TASKS, Batch, generate, hits, make_batch, paired
                                 standard_error)
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
 from pymerge.errors import InputError
-from pymerge.io.files import missing_folders, remove_empty_folders, replace_file, replace_file_prefix
+from pymerge.io.files import missing_folders, new_file_mode, remove_empty_folders, replace_file, replace_file_prefix
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 
@@ -176,16 +176,22 @@ def _check_out(out: str) -> None:
                                       or (os.listdir(path) and not interrupted
                                           and not os.path.isfile(os.path.join(path, own_file)))):
             raise InputError(f"{path}: is not a folder the demo wrote (no {own_file}); move it or choose another --out")
-    merged = os.path.join(out, "merged")
-    strange = sorted(set(os.listdir(merged)) - _MERGED_FILES) if os.path.isdir(merged) and \
-        not os.path.islink(merged) else []
-    if strange:  # the merge replaces the whole folder: a README or tokenizer put beside it was deleted
-        raise InputError(f"{merged}: holds {_some(strange)}, which the "
-                         "demo did not write (it replaces this folder); move them or choose another --out")
+    _check_merged(os.path.join(out, "merged"))
     for name in ("results.json", "demo.png"):
         path = os.path.join(out, name)
         if os.path.lexists(path) and not os.path.isfile(path) or os.path.islink(path):
             raise InputError(f"{path}: is not a file the demo wrote; move it or choose another --out")
+
+
+def _check_merged(merged: str) -> None:
+    """merged/ holds only what the demo writes there: it replaces the whole folder, and a README or tokenizer put
+    beside it was deleted. At the start and again just before it is replaced or removed (a file put there during
+    the minutes of training or search was deleted, exit 0: an audit)."""
+    strange = sorted(set(os.listdir(merged)) - _MERGED_FILES) if os.path.isdir(merged) and \
+        not os.path.islink(merged) else []
+    if strange:
+        raise InputError(f"{merged}: holds {_some(strange)}, which the "
+                         "demo did not write (it replaces this folder); move them or choose another --out")
 
 
 # What a demo from before the marker wrote, and no one else's JSON is likely to hold: a user's
@@ -241,7 +247,8 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
             if saved.get("sha256") == now:
                 log(f"reusing the checkpoints in {folder} (same settings and code)")
                 return paths
-            older = set(saved.get("sha256") or {}) != set(now)  # a manifest of fewer files (no config.json's)
+            recorded = saved.get("sha256")  # a manifest of fewer files (no config.json's), or edited by hand
+            older = not isinstance(recorded, dict) or set(recorded) != set(now)
             log(f"the checkpoints in {folder} " + ("were written by an older pymerge demo" if older else
                 "changed since they were written") + ": training them again")
     except (OSError, ValueError, AttributeError):
@@ -280,6 +287,8 @@ def _remove_stale(folder: str, manifest: str, paths: List[str], remove: bool = T
         with open(manifest) as fh:
             listed = json.load(fh).get("checkpoints", [])
     except (OSError, ValueError, AttributeError):
+        listed = []
+    if not isinstance(listed, list):  # a manifest edited by hand ("checkpoints": null) was a TypeError traceback
         listed = []
     claimed = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(folder)), MARKER))
     if os.listdir(folder) and not os.path.isfile(manifest) and not claimed:  # build_checkpoints called directly
@@ -364,6 +373,7 @@ def _remove_results(out: str) -> None:
     a run stopped after that left them beside the new checkpoints (merge_weights.json naming ../checkpoints/*,
     which no longer summed to the merged model). claim_out checked that they are the demo's."""
     stashes = [n for n in os.listdir(out) if n.startswith(_merge_tmp_prefix("merged"))]  # a killed _write_merge's
+    _check_merged(os.path.join(out, "merged"))
     for name in ["results.json", "demo.png", "merged"] + stashes:
         path = os.path.join(out, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -529,8 +539,10 @@ def _write_merge(pool, config, weights, folder: str) -> None:
             os.rename(path, folder)
         else:
             shutil.rmtree(path, ignore_errors=True)
+    _check_merged(folder)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)  # a new name
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the merged folder
+    mode = new_file_mode()  # mkdtemp's 0700 would stay on the merged folder; 0755 ignored a umask of 077
+    os.chmod(tmp, mode | (mode & 0o444) >> 2)  # a folder's x where its r is
     old = tmp + "-old"
     try:
         # the checkpoints relative to this folder (as given they were relative to where the demo ran: read
