@@ -1267,7 +1267,8 @@ def test_values_made_infinite_by_dtype_are_refused():
     for held, big in ((torch.float16, 1e5), (None, 1e39)):  # float64 files are held as float32
         frozen = torch.full((8,), big, dtype=torch.float64)
         src = [{"w": torch.ones(8, dtype=torch.float64) * (1 + i), "f": frozen.clone()} for i in range(2)]
-        for b in ({"w": torch.zeros(8, dtype=torch.float64), "f": frozen.clone()}, {"w": torch.zeros(8), "f": torch.ones(8)}):
+        for b in ({"w": torch.zeros(8, dtype=torch.float64), "f": frozen.clone()},
+                  {"w": torch.zeros(8), "f": torch.ones(8)}):
             with pytest.raises(CheckpointError, match=r"(base|source 0): tensor 'f' holds values up to 1e\+(05|39)"):
                 CheckpointPool(src, base=b, dtype=held, compress="int8")
     f = torch.tensor([float("inf"), 1.5, 2.5])

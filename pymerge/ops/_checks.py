@@ -285,12 +285,13 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
             what = f"input {i}" if i < len(xs) else "output 0"
             raise ValueError(f"{op}: {what} is on {t.device} but {ref_name} is on {ref.device}")
     compiling = torch.compiler.is_compiling()
-    read = check_readable([base] + list(xs) if base_first else list(xs) + [base], f"{op}: input", compiling=compiling)
+    inputs = [base] + list(xs) if base_first else list(xs) + [base]  # numbered as the kernels number them
+    read = check_readable(inputs, f"{op}: input", compiling=compiling)
     read_out = out is not None and check_readable([out], f"{op}: output", compiling=compiling)
     if out is not None:  # the native kernels refuse it too; the torch paths (a GPU's, backend="torch") wrote
         # block by block over what a later block read: silently wrong (an audit). After the storage tests: freed
         # tensors' addresses (FSDP's resize_(0)) overlap, and the error was that, not the freed storage (a review)
-        check_apart([base] + list(xs) if base_first else list(xs) + [base], [out], op)
+        check_apart(inputs, [out], op)
     if out is not None and not compiling:  # (traced, the op's out= schema tells autograd)
         from pymerge.ops.library import no_grad_for_out
         # out is written by address or in place, recording no gradient: refused where one is wanted (the

@@ -259,8 +259,9 @@ def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.
                 raise ValueError(f"{op}: {role} {i} has {t.numel()} elements, the op works on {numel}")
             if t.is_neg():  # its memory holds the values' negations: a kernel would read or write them as is
                 # (an output's resolve_neg() is a copy: the result would be lost; an audit)
-                raise ValueError(f"{op}: {role} {i} " + (negated_problem(t) if role == "output" else
-                                                         "is a lazily negated view (x.conj().imag); pass t.resolve_neg()"))
+                advice = negated_problem(t) if role == "output" else \
+                    "is a lazily negated view (x.conj().imag); pass t.resolve_neg()"
+                raise ValueError(f"{op}: {role} {i} {advice}")
             if (dtypes is not None and t.dtype not in dtypes) or (
                     device is not None and (not t.is_cpu if cpu else t.device != device)):
                 names = ", ".join(sorted(str(d).split(".")[-1] for d in dtypes or ()))

@@ -17,7 +17,8 @@ from pymerge.ops._memory import check_backed, kind_problem
 
 def check_range(held: torch.Tensor, t: torch.Tensor, label: str, name: str) -> None:
     """A pool held in a narrower dtype (dtype=float16) than its file's refuses values past that dtype's range:
-    they became inf, and every merge of them inf or NaN, silently (a compressed pool held them so too, and took a frozen tensor's infs for an unchanged one; audits)."""
+    they became inf, and every merge of them inf or NaN, silently (a compressed pool held them so too, and took a
+    frozen tensor's infs for an unchanged one; audits)."""
     if (held.dtype == t.dtype or not held.dtype.is_floating_point or not t.dtype.is_floating_point
             or torch.finfo(held.dtype).max >= torch.finfo(t.dtype).max):
         return
