@@ -113,10 +113,13 @@ def main(argv=None) -> int:
         ap.error(f"--seeds must be from 0 to {2**28 - 1}, got {bad[0]}")
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:  # two workers would share one output folder (the second refused mid-run) and one row
+        ap.error(f"--seeds names seed {repeated[0]} more than once")
     jobs = [(seed, args.quick, args.budget, args.threads, os.path.join(args.out, args.pool), args.pool)
             for seed in args.seeds]
     rows = []
-    with multiprocessing.get_context("spawn").Pool(max(1, args.jobs)) as workers:
+    with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as workers:  # no idle workers
         for row in workers.imap(one_seed, jobs):
             rows.append(row)
             name = args.name or (

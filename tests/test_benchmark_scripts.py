@@ -122,7 +122,9 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path):
              ("bench_pool_grouped", ["--n", "0"], "--n: must be at least 1"),
              ("bench_demo", ["--threads", "-1"], "--threads must be from 0"),  # was a worker's traceback
              ("bench_demo", ["--seeds", "0", "-5"], "--seeds must be from 0 to 268435455, got -5"),  # ran
-             ("bench_demo", ["--budget", str(10**10)], "--budget must be from 1 to 1000000000")]
+             ("bench_demo", ["--budget", str(10**10)], "--budget must be from 1 to 1000000000"),
+             # two workers shared one folder: the second's "in use" refusal was a traceback
+             ("bench_demo", ["--seeds", "3", "0", "3"], "--seeds names seed 3 more than once")]
     code = ("import contextlib, io, json, runpy, sys\nout = []\n"
             f"for name, args, _ in {cases!r}:\n"
             "    sys.argv = [f'benchmarks/{name}.py'] + args\n"

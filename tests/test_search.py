@@ -670,6 +670,7 @@ def test_bad_search_arguments_are_one_clear_error(kwargs, message):
     ({"bounds": (0,)}, r"bounds must be two numbers \(low, high\)"),
     ({"bounds": (float("nan"), 1)}, "bounds must be finite with low < high"),
     ({"bounds": (1, 0)}, "bounds must be finite with low < high"),
+    ({"bounds": (0, 5e-324)}, r"bounds \(0.0, 5e-324\) are narrower than 1e-12"),  # cma's bare AssertionError
     ({"bounds": (-1, 1)}, r"bounds \(-1.0, 1.0\) reach below 0, where normalize=True"),
     ({"x0": [float("nan")] * 3}, r"x0\[0\] is nan, outside bounds"),
     ({"x0": [0.5, 5, 0.5]}, r"x0\[1\] is 5.0, outside bounds \[0.0, 1.0\]"),
@@ -1524,6 +1525,13 @@ def test_result_save_into_a_file_is_one_line(tmp_path):
     with pytest.raises(InputError, match=rf"^{tmp_path / 'f'}: exists and is not a folder"):
         result.save(str(tmp_path / "f"))
     assert (tmp_path / "f").read_text() == "mine"
+    # a folder where one of its files goes: a raw IsADirectoryError, after the earlier search's json was removed
+    out = tmp_path / "out"
+    (out / "history.csv").mkdir(parents=True)
+    (out / "history.json").write_text("earlier")
+    with pytest.raises(InputError, match=rf"^{out / 'history.csv'}: is a folder, where the search writes a file"):
+        result.save(str(out))
+    assert (out / "history.json").read_text() == "earlier"
 
 
 def test_replaced_files_are_on_disk_before_their_name(tmp_path, monkeypatch):

@@ -72,6 +72,9 @@ class SearchResult:
             raise InputError(f"{out_dir}: {what} ({exc.strerror or exc})") from None
         paths = {k: os.path.join(out_dir, f) for k, f in
                  (("json", "history.json"), ("csv", "history.csv"), ("png", "search.png"))}
+        for path in paths.values():  # checked before anything is removed: a raw IsADirectoryError after some were
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise InputError(f"{path}: is a folder, where the search writes a file (move it away)")
         # an earlier search's go first (a link is removed, never its target): an interrupt or a failing plot
         # between the writes left this search's history.json beside the other's csv and plot (an audit)
         for path in paths.values():
@@ -265,6 +268,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         raise InputError(f"bounds must be two numbers (low, high), got {short(bounds)}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise InputError(f"bounds must be finite with low < high, got ({lo}, {hi})")
+    if hi - lo < 1e-12:  # as sigma0's floor: cma's bound transform divides by the width (5e-324: an AssertionError)
+        raise InputError(f"bounds ({lo}, {hi}) are narrower than 1e-12: nothing to search between them")
     if normalize and lo < 0:  # a sum near 0 blew weights up to 1e8 or (at 0) stood in the uniform merge
         raise InputError(f"bounds ({lo}, {hi}) reach below 0, where normalize=True would divide candidates by sums "
                          "near or at 0; use normalize=False with negative weights")
