@@ -10,7 +10,9 @@ GPU: reader threads copy each chunk from the mapped pages into pinned staging bu
 the next chunk is read while the current one is on the GPU); host-to-device copies run on a side
 stream and overlap the kernel of the previous chunk; results come back through pinned buffers on
 another stream to the writer thread, which hands the slot back once the chunk is on disk.
-Never cudaMemcpy from the mapping itself: pageable copies run at a fraction of pinned speed.
+Chunks are never copied to the device from the mapping itself: pageable copies run at a fraction of pinned
+speed. (A whole-tensor method's tensor larger than a slot and a tokenizer merge's embedding are: plain copies,
+once per such tensor, after the pipeline is drained.)
 
 CPU without torch: for a weighted-sum method (pymerge/methods/linear.py: linear, task_arithmetic;
 ``weights_for`` gives the sources and coefficients, ``delta`` the form) whose inputs need no rounding to ``dtype`` and
@@ -401,8 +403,10 @@ def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, reader
                     with torch.cuda.stream(compute):
                         stream_vocab_tensor(plan, tp, sink, device=dev, chunk_bytes=chunk_bytes, seed=seed,
                                             num_threads=num_threads)
-                    continue
-                _gpu_whole(plan, tp, views, dev, sink, free, seed, num_threads, compute)
+                else:
+                    _gpu_whole(plan, tp, views, dev, sink, free, seed, num_threads, compute)
+                for ck in _unique(plan.checkpoints):  # copied to the device: its pages leave, as _gpu_chunk's do
+                    ck.release(tp.name)  # (they stayed mapped in the process: a review)
                 continue
             slot = free.get()
             sink.check()
