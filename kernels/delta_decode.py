@@ -25,21 +25,9 @@ QBLOCK = 64
 
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_mixed, _typed
+    from pymerge.kernels.weighted_sum import _load_mixed, _store, _typed
 
     _QBLOCK = tl.constexpr(QBLOCK)  # elements per scale (a global a kernel reads must be a constexpr)
-
-    @triton.jit
-    def _store(out_ptr, offs, mask, acc):
-        if out_ptr.dtype.element_ty == tl.bfloat16:
-            # nearest even on the bits, as the C++ store (the interpreter's float cast truncates);
-            # NaNs stay quiet NaNs
-            b = acc.to(tl.uint32, bitcast=True)
-            r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            r = tl.where(acc != acc, (b >> 16) | 0x40, r)
-            tl.store(out_ptr.to(tl.pointer_type(tl.uint16)) + offs, r.to(tl.uint16), mask=mask)
-        else:
-            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _neg_zeros_2d(ROWS: tl.constexpr, COLS: tl.constexpr):

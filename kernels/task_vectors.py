@@ -45,7 +45,7 @@ _FIELDS = 12
 
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed
+    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed, _store
 
     @triton.jit
     def _field(tab, f, i, n):
@@ -154,7 +154,7 @@ if triton is not None:
             mixed = tl.div_rn(mixed, div)
         mixed = mixed * lam
         res = b + mixed
-        tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
+        _store(out_ptr, offs, mask, res)  # bfloat16: nearest even on the bits
 
     @triton.jit
     def _draws_kernel(out_ptr, tab, n, BLOCK: tl.constexpr, GROUPED: tl.constexpr):

@@ -78,7 +78,15 @@ if triton is not None:
 
     @triton.jit
     def _store(out_ptr, offs, mask, acc):
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            # nearest even on the bits, as the C++ store and a GPU's cvt.rn (the interpreter's float cast truncated
+            # half of all outputs one step toward zero: an audit); NaNs stay quiet NaNs
+            b = acc.to(tl.uint32, bitcast=True)
+            r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            r = tl.where(acc != acc, (b >> 16) | 0x40, r)
+            tl.store(out_ptr.to(tl.pointer_type(tl.uint16)) + offs, r.to(tl.uint16), mask=mask)
+        else:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _load_input(addr_table, code_table, i, offs, mask, IN_DT: tl.constexpr, ALIGNED: tl.constexpr,

@@ -25,7 +25,7 @@ from pymerge.kernels import E4M3, interpreted as _interpreted, refuse_e4m3
 _MIXED = -1
 
 if triton is not None:
-    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed, _neg_zeros, _typed
+    from pymerge.kernels.weighted_sum import _load_as_f32, _load_mixed, _neg_zeros, _store, _typed
 
     @triton.jit
     def _grouped_kernel(blk_tensor, blk_start, in_addr, in_code, out_addr, numels, groups, weights, n_in, k_total,
@@ -55,7 +55,7 @@ if triton is not None:
                     x = _load_as_f32(addr, offs, mask, IN_DT, ALIGNED)
                 acc = tl.fma(tl.load(w_row + i), x, acc)  # one rounding, as the C++ fma
             out = _typed(tl.load(out_addr + t * k_total + k), OUT_T, ALIGNED)
-            tl.store(out + offs, acc.to(OUT_T), mask=mask)
+            _store(out, offs, mask, acc)  # bfloat16: nearest even on the bits
 
 
 _OUT_TYPES = {}

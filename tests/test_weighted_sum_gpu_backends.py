@@ -266,3 +266,41 @@ def test_gpu_delta_sums_are_the_cpu_kernels_bits(backend, dtypes, n, k):
             weighted_sum_into(_on(cpu), weights, got, backend=backend, delta=True)
             for g, w in zip(got, want):
                 _same_bits(g, w)
+
+
+@needs_triton
+def test_the_interpreters_own_bfloat16_stores_round_to_nearest_even(tmp_path):
+    """backend="triton" on CPU tensors under TRITON_INTERPRET=1, without tests/triton_exact.py's conversions (a
+    user's process has none): weighted_sum, the grouped table and tv_merge stored bfloat16 with a float cast the
+    interpreter truncates (half of all outputs one step toward zero; an audit). Bit for bit with the C++ kernels
+    now, subnormals, infinities and NaNs (their quiet bits) included."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import torch
+from pymerge.ops.weighted_sum import weighted_sum
+from pymerge.ops.task_vector_ops import Sparsifier, task_vector_merge
+from pymerge.kernels.weighted_sum_grouped import GroupedTable
+g = torch.Generator().manual_seed(3)
+x = torch.randn(1031, generator=g) * torch.exp2(torch.randint(-140, 100, (1031,), generator=g).float())
+x[:6] = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), -0.0, 1 + 3 * 2 ** -9])
+bits = lambda t: t.view(torch.int16).tolist()
+out = {}
+for b in ("cpu", "triton"):
+    ws = weighted_sum([x], [1.0], out_dtype=torch.bfloat16, backend=b)
+    tv = torch.empty(x.shape, dtype=torch.bfloat16)
+    task_vector_merge([x], torch.zeros_like(x), tv, [Sparsifier()], [1.0], consensus=False, normalize=False,
+                      backend=b)
+    out[b] = (bits(ws), bits(tv))
+grouped = torch.empty(x.shape, dtype=torch.bfloat16)
+GroupedTable([[x]], [[grouped]], [0], 1).run(torch.ones(1, 1, 1))
+assert out["triton"][0] == out["cpu"][0], "weighted_sum"
+assert out["triton"][1] == out["cpu"][1], "tv_merge"
+assert bits(grouped) == out["cpu"][0], "grouped"
+assert out["cpu"][0][5] == bits(torch.tensor([1.0078125], dtype=torch.bfloat16))[0]
+print("same bits")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "same bits" in r.stdout, r.stderr[-3000:]
