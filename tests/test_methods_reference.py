@@ -168,6 +168,60 @@ def test_task_arithmetic_non_finite_as_the_delta_form(backend, weights):
     assert torch.equal(alone.view(torch.int32), base.view(torch.int32))
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                                    "della_linear"])
+def test_only_the_base_gives_the_base(method):
+    """A config whose only model is the base: mergekit writes the base, as task_arithmetic, sce and ram did; these
+    exited 2, needing a model besides it (an audit, against mergekit-yaml)."""
+    base, _ = models((5, 7))
+    base.view(-1)[:2] = torch.tensor([float("inf"), float("nan")])
+    m = get_method(method)
+    m.validate(0, True)
+    out = torch.empty_like(base)
+    task = TensorTask(inputs=[], base=base, model_params=[], params={}, name="t.w")
+    m.check_params(task)
+    m.merge_tensor(task, out)
+    assert torch.equal(out.view(torch.int32), base.view(torch.int32))
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {"normalize": True, "lambda": 1.0}),
+                                            ("dare_linear", {"normalize": True}),
+                                            ("breadcrumbs", {"normalize": True}),
+                                            ("della_linear", {"normalize": True})])
+def test_one_normalize_divisor_for_every_linear_method(method, params):
+    """mergekit's normalize divides by the weights' float32 sum, by 1 where it is under 1e-8. task_arithmetic summed
+    in float64: [0.3, -0.1, -0.2] was a zero sum there (the task vectors added unscaled) and 1.5e-8 in mergekit
+    and in pymerge's own sparsifying methods (every coefficient 2e7). Now one rule: that sum, whose coefficients
+    are beyond 1e6, refused by every method; the sparsifying ones had no coefficient check (weights [1, -0.9999999]
+    wrote deltas of 8e6: an audit). [1e-8, 0] is at float32's 1e-8, not under it: the first model, as mergekit."""
+    from pymerge.methods.base import check_magnitudes
+    from pymerge.errors import MergeConfigError
+    base, xs = models((6, 5), n=3)
+    extra = {} if method == "task_arithmetic" else {"density": 1.0}
+    for weights in ([0.3, -0.1, -0.2], [1.0, -0.9999999, 0.0]):
+        task = TensorTask(inputs=[], base=None, model_params=[{"weight": w, **extra} for w in weights], params=params,
+                          name="t.w")
+        get_method(method).check_params(task)
+        with pytest.raises(MergeConfigError, match=r"tensor t.w: coefficient of model 0 is [0-9.]+e\+0[67]"):
+            check_magnitudes(get_method(method), task)
+    out = run(method, xs[:2], base, [{"weight": w, **extra} for w in (1e-8, 0.0)], params)
+    assert torch.allclose(out, xs[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_multislerp_of_infinite_task_vectors_is_nan_as_mergekit(n, with_base):
+    """An inf in every task vector: mergekit writes the tensor NaN (inf norms make NaN units). The coefficients from
+    the Gram matrix divided by inf norms to 0: a plain average of the finite elements (two models) or a refusal
+    blaming antipodal weights (three; an audit, against mergekit-yaml)."""
+    import pymerge.methods.sphere  # noqa: F401  (registers multislerp)
+    base, xs = models((6, 7), n=n)
+    for i, x in enumerate(xs):
+        x.view(-1)[i] = float("inf")
+    out = run("multislerp", xs, base if with_base else None, [{"weight": 1.0 + i} for i in range(n)])
+    assert out.isnan().all()
+
+
 def test_model_is_the_base_gives_base():
     """A model identical to the base has a zero task vector: TIES of it alone returns the base."""
     base, xs = models((10, 10))

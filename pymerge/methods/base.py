@@ -143,6 +143,9 @@ def check_magnitudes(method: MergeMethod, task: TensorTask, labels: Optional[Lis
         order, coef = weights_for(task)
         names = labels + ["base_model"]
         _check_sizes(task.name, [(f"coefficient of {names[i] if i < len(names) else i}", c) for i, c in zip(order, coef)])
+    scales = getattr(method, "task_vector_scales", None)  # the sparsifying methods': no weights_for
+    if callable(scales):
+        _check_sizes(task.name, [(f"coefficient of {label}", c) for label, c in zip(labels, scales(task))])
 
 
 def _check_sizes(tensor: str, found: list) -> None:
@@ -157,6 +160,17 @@ def _check_sizes(tensor: str, found: list) -> None:
 
 
 _REGISTRY: Dict[str, MergeMethod] = {}
+
+
+def linear_divisor(weights) -> float:
+    """mergekit's non-consensus normalize divisor: the weights' float32 sum, 1 where it is under 1e-8 in size (both
+    in float32, as mergekit compares). task_arithmetic and the sparsifying methods share it: task_arithmetic's
+    float64 sum took [0.3, -0.1, -0.2] for zero where they and mergekit do not (an audit). numpy, not torch: the
+    engine's torch-free path computes linear coefficients."""
+    total = np.float32(0)
+    for w in weights:  # in order, as a reduction over the models
+        total = np.float32(total + np.float32(w))
+    return 1.0 if abs(total) < np.float32(1e-8) else float(total)
 
 
 def register(cls):

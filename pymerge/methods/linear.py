@@ -28,7 +28,8 @@ terms are deltas already). This module imports torch only when merge_tensor runs
 from typing import List, Tuple
 
 from pymerge.errors import MergeConfigError
-from pymerge.methods.base import MergeMethod, Param, REQUIRED, TensorTask, flag_param, number_param, register
+from pymerge.methods.base import (MergeMethod, Param, REQUIRED, TensorTask, flag_param, linear_divisor, number_param,
+                                  register)
 
 
 class WeightedSum(MergeMethod):
@@ -109,9 +110,7 @@ class TaskArithmetic(WeightedSum):
         w = _weights(task)
         scale = number_param(task.params["lambda"], "lambda", task.name)  # ("1" multiplied a string)
         if flag_param(task.params["normalize"], "normalize"):
-            total = sum(w)
-            if abs(total) >= 1e-8:  # mergekit's own guard: a tiny sum divides by 1
-                scale = scale / total
+            scale = scale / linear_divisor(w)  # mergekit's own guard: a tiny sum divides by 1
         return [scale * x for x in w]
 
     def weights_for(self, task: TensorTask) -> Tuple[List[int], List[float]]:

@@ -114,6 +114,8 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
     """Coefficients c of the result sum_i c_i v_i from the Gram matrix g of the v_i; None where the weighted
     units nearly cancel (multislerp_vector's case)."""
     n = len(w)
+    if not bool(torch.isfinite(g).all()):  # an inf or NaN in the vectors: mergekit's NaNs come from the vector form
+        return None  # (here a zero 1/inf made the units "cancel": a plain average or the antipodal error; an audit)
     w = _normalized(w, normalize)
     norms = [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(n)]
     zero = next((i for i in range(n) if norms[i] + eps == 0), None)

@@ -24,8 +24,8 @@ from typing import Any, Optional
 import torch
 
 from pymerge.config import FlagOrName
-from pymerge.methods.base import (MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, flag_param, number_param,
-                                  register)
+from pymerge.methods.base import (MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, flag_param,
+                                  linear_divisor, number_param, register)
 from pymerge.ops import task_vector_ops as tvo
 
 
@@ -86,7 +86,7 @@ def task_vector_args(task: TensorTask, sparsification: Optional[str], rescale: O
 class TaskVectorMethod(MergeMethod):
     """A generalized task-arithmetic method; subclasses pick sparsification and consensus."""
     base_model = "required"
-    min_models = 1
+    min_models = 0  # mergekit returns the base unchanged when there is nothing else (these exited 2: an audit)
     sparsification: Optional[str] = None
     consensus: bool = False
     default_normalize = False
@@ -129,8 +129,23 @@ class TaskVectorMethod(MergeMethod):
             except ValueError as exc:
                 raise MergeConfigError(f"{exc} (tensor {task.name})") from None
 
+    def task_vector_scales(self, task: TensorTask) -> list:
+        """lambda * w_i / divisor: what each (sparsified) task vector is multiplied by, for check_magnitudes (weights
+        [1, -0.9999999] with normalize wrote |out - base| ~ 8e6 at density 1 where task_arithmetic refused them:
+        an audit). Under sign consensus the divisor is per element (the agreeing weights' sum): 1 here."""
+        normalize, _ = self._settings(task)
+        if any(mp.get("weight") is None for mp in task.model_params):
+            return []  # the merge names the missing weight
+        w = [number_param(mp["weight"], f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
+        lam = number_param(task.params.get("lambda", 1.0), "lambda", task.name)
+        divisor = linear_divisor(w) if normalize and not self.consensus else 1.0
+        return [lam * x / divisor for x in w]
+
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         normalize, rescale = self._settings(task)
+        if not task.inputs and task.base is not None:  # only the base: as mergekit, the base unchanged
+            out.copy_(task.base)
+            return
         merge_task_vectors(task, out, sparsification=self.sparsification, consensus=self.consensus,
                            normalize=normalize, rescale=rescale)
 

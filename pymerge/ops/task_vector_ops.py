@@ -40,6 +40,7 @@ import torch
 from pymerge import _native
 from pymerge.errors import short
 from pymerge.forks import renew_after_fork
+from pymerge.methods.base import linear_divisor  # noqa: F401  (tvo.linear_divisor: one rule for every method)
 from pymerge.ops import exact_sum, library, philox, select
 from pymerge.ops._checks import as_int, check_merge_args, check_weights, float32_param, require_inputs
 from pymerge.ops._memory import check_native
@@ -381,12 +382,6 @@ def pack_bits(keep: torch.Tensor) -> torch.Tensor:
 
 
 _PACK_BLOCK = 64 << 16  # bits packed at a time (a multiple of 64)
-
-
-def linear_divisor(weights: Sequence[float]) -> float:
-    """mergekit's non-consensus divisor: the float32 sum of weights, 1 where |sum| < 1e-8."""
-    s = float(torch.tensor(list(weights), dtype=torch.float32, device="cpu").sum())
-    return 1.0 if abs(s) < 1e-8 else s
 
 
 def pick_backend(device: torch.device, backend: str = "auto") -> str:
