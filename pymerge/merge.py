@@ -22,6 +22,7 @@ The plan names dtypes by torch's names ("bfloat16", see pymerge/_native.py) and 
 a CPU merge with a weighted-sum method (linear, task_arithmetic) runs without it (see
 pymerge/streaming.py); other methods, the GPU and a `--device auto` that may find a GPU load it.
 """
+import copy
 import glob
 import math
 import os
@@ -317,8 +318,10 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
                 seed: int, progress=None, quiet: bool = False) -> None:
     """Streams every tensor of the plan into the writer (which must hold them all)."""
     from pymerge import streaming  # the executors (CPU, GPU)
+    torch_threads = None  # the caller's, given back at the end: a library caller trained on with N (an audit)
     if threads is not None and streaming.uses_torch(plan, device):
         import torch
+        torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
     bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
     try:
@@ -330,6 +333,9 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
     finally:
         if bar is not None and progress is None:
             bar.close()
+        if torch_threads is not None:
+            import torch
+            torch.set_num_threads(torch_threads)
 
 
 def write_copies(plan: MergePlan, writer: ShardedWriter) -> None:
@@ -498,8 +504,8 @@ def _with_lora_dtype(cfg: MergeConfig, name) -> MergeConfig:
 
 
 def _as_config(x) -> MergeConfig:
-    if isinstance(x, MergeConfig):
-        return x
+    if isinstance(x, MergeConfig):  # a copy: a run's lora_merge_dtype and warnings stayed in the caller's object,
+        return copy.deepcopy(x)      # and the next run_merge of it used that dtype (an audit)
     if isinstance(x, dict):
         return parse_config(x)
     if not isinstance(x, (str, os.PathLike)):

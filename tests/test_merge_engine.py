@@ -594,3 +594,34 @@ def test_models_whose_index_lists_no_file_are_named_empty_not_the_same(tmp_path)
     with pytest.raises(MergeConfigError, match=r"models\[0\] \(.*a\): holds no tensors \(its index lists no file\)"):
         run_merge(parse_config(cfg), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_run_merge_leaves_the_callers_config_as_it_was(fam, tmp_path):
+    """run_merge of a MergeConfig wrote its lora_merge_dtype into the caller's object (the next call without one
+    merged MODEL+LORA models in that dtype) and appended each run's warnings to it (reported again by every later
+    run; an audit). The object is copied now."""
+    base, fts, _ = fam
+    cfg = parse_config({"merge_method": "linear", "models": [
+        {"model": str(fts[0]), "parameters": {"weight": 0.5, "normalize": True}},  # a global parameter: a warning
+        {"model": str(fts[1]), "parameters": {"weight": 0.5}}]})
+    said = []
+    for i, dtype in enumerate([None, "bfloat16", None]):
+        report = run_merge(cfg, tmp_path / f"out{i}", device="cpu", quiet=True, lora_merge_dtype=dtype)
+        said.append(len(report.warnings))
+    assert cfg.lora_merge_dtype is None and cfg.warnings == []
+    assert said[0] >= 1 and said == [said[0]] * 3, said
+
+
+def test_run_merge_gives_torchs_thread_count_back(fam, tmp_path):
+    """run_merge(threads=1) of a merge torch computes left torch at one thread for the caller's later work (an
+    audit)."""
+    base, fts, _ = fam
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        spec = {"merge_method": "ties", "base_model": str(base), "models": [
+            {"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts]}
+        run_merge(parse_config(spec), tmp_path / "out", device="cpu", quiet=True, threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
