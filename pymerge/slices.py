@@ -334,7 +334,7 @@ _SLIDING_DEFAULTS = {"gemma2": 2, "gemma3_text": 6, "cohere2": 4}
 def _positional_kinds(cfg, i: int) -> dict:
     """What a config derives for layer i from its position alone, where no per-layer list says it (a list is
     rewritten per layer instead): sliding or full attention (Gemma-2 alternates; Gemma-3 and Cohere2 by
-    sliding_window_pattern; not with layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not with
+    sliding_window_pattern; Qwen2's family from max_window_layers on, with use_sliding_window; not with layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not with
     layers_block_type, which Zamba's transformers honours), MoE or dense MLP (Jamba's expert_layer_period/offset;
     DeepSeek's and GLM4-MoE's first_k_dense_replace and moe_layer_freq; Qwen-MoE's decoder_sparse_step).
     transformers builds these from the layer's index: moved to another index, a layer is built as another kind."""
@@ -348,6 +348,10 @@ def _positional_kinds(cfg, i: int) -> dict:
     pattern = number("sliding_window_pattern", _SLIDING_DEFAULTS.get(cfg.get("model_type")))
     if "layer_types" not in cfg and pattern and pattern > 0:
         kinds["sliding"] = bool((i + 1) % pattern)
+    window_from = number("max_window_layers")  # Qwen2, Qwen2-MoE, Qwen3, Qwen2.5-VL, Dots1 (an audit)
+    if "layer_types" not in cfg and window_from is not None and cfg.get("use_sliding_window") is True \
+            and cfg.get("sliding_window") is not None:
+        kinds["sliding"] = i >= window_from
     for period, offset, listed in (("attn_layer_period", "attn_layer_offset", "layers_block_type"),
                                    ("expert_layer_period", "expert_layer_offset", None)):
         p, o = number(period), number(offset, 0)

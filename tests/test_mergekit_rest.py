@@ -1086,6 +1086,8 @@ def test_a_revision_too_long_for_a_ref_file_is_one_bounded_line(models, tmp_path
     ({"attn_layer_period": 2, "attn_layer_offset": 1}, [0, 1, 0, 1], [0, 1, 1]),  # Jamba
     ({"first_k_dense_replace": 1}, [0, 1, 1], [0, 1, 0]),  # GLM4-MoE, DeepSeek: dense first layers
     ({"decoder_sparse_step": 2}, [0, 1, 0, 1], [1, 0]),  # Qwen-MoE
+    # Qwen2's family: sliding from max_window_layers on, where use_sliding_window (exit 0 before: an audit)
+    ({"max_window_layers": 1, "use_sliding_window": True, "sliding_window": 4}, [0, 1, 1], [1, 0]),
 ])
 def test_slices_refuse_moving_layers_whose_kind_config_json_derives_from_their_position(tmp_path, keys, moved_ok,
                                                                                           moved_bad):
