@@ -195,15 +195,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 _refuse_with_other_ranks(_Parser.last_error)
             raise
         _flush_stdout()
-        return rc
+        return _interrupted(argv is None) if rc == 130 else rc
     except KeyboardInterrupt:  # before a command started (its own interrupt is _run's): importing, parsing
         say("pymerge: interrupted")
-        return 130
+        return _interrupted(argv is None)
     except ImportError:  # an interrupt inside an extension's import comes out as its ImportError (numpy's: a
         if not _SIGNALLED:  # 40-line traceback, exit 1, for a Ctrl-C at start-up)
             raise
         say("pymerge: interrupted")
-        return 130
+        return _interrupted(argv is None)
     except BrokenPipeError:
         if not _stdout_gone():
             raise
@@ -217,6 +217,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _interrupted(as_script: bool) -> int:
+    """130, an interrupted run's status. The script's process ends here: CPython 3.11 marks a KeyboardInterrupt
+    raised inside eval() (namedtuple's, while a module imports) as unhandled even once caught, and the process
+    then killed itself with SIGINT at exit: -2, not 130, for 2-3 % of SIGTERMs at start-up (an audit)."""
+    if as_script:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):  # a reader gone away, or none: the status still counts
+                pass
+        os._exit(130)
+    return 130
 
 
 def _fill_closed_descriptors() -> None:

@@ -530,6 +530,27 @@ def test_an_interrupt_while_starting_is_130_and_one_line(sig, tmp_path):
     assert proc.returncode == 130 and proc.stderr == "pymerge: interrupted\n", (proc.returncode, proc.stderr[-2000:])
 
 
+def test_an_interrupted_start_ends_the_scripts_process_with_130(tmp_path):
+    """CPython 3.11 marks a KeyboardInterrupt raised inside eval() of a string (namedtuple's, while a module
+    imports) as unhandled even once caught: `python -m pymerge` then killed itself with SIGINT at exit (-2, not
+    130) for 3 of 120 SIGTERMs at start-up (an audit). The script's process now ends in main with 130; a library
+    caller's main() returns it."""
+    driver = ("import pymerge.cli as cli\n"
+              "cli._main = lambda argv: eval('(_ for _ in ()).throw(KeyboardInterrupt())')\n"
+              "cli.main()\n"
+              "print('main returned')\n")
+    proc = subprocess.run([sys.executable, "-c", driver, "merge", "c.yml", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stdout == "" and proc.stderr == "pymerge: interrupted\n", \
+        (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_an_interrupt_in_a_library_callers_main_is_returned(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.main(["merge", "c.yml", "out"]) == 130
+    assert capsys.readouterr().err == "pymerge: interrupted\n"
+
+
 def test_an_import_error_without_an_interrupt_stays_a_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(ImportError("no module named x")))
     with pytest.raises(ImportError, match="no module named x"):
