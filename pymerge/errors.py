@@ -1,4 +1,5 @@
 """Exceptions a user can cause. The CLI turns any InputError into one line on stderr and exit 2."""
+import re
 import sys
 
 
@@ -45,6 +46,7 @@ def short(value, limit: int = MAX_ECHO) -> str:
         text = f"<deeply nested {type(value).__name__}>"
     except ValueError:  # an int of more than 4300 digits (Python refuses to print it)
         text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else f"<{type(value).__name__}>"
+    text = re.sub(r"\s*\n\s*", " ", text)  # one line: a tensor's or an array's repr spans several
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -25,6 +25,7 @@ pymerge/streaming.py); other methods, the GPU and a `--device auto` that may fin
 import copy
 import glob
 import math
+import numbers
 import os
 import re
 import sys
@@ -177,6 +178,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
     can fix, before any output exists; on any failure no partial output is left behind.
     lora_merge_dtype: the dtype MODEL+LORA models take (mergekit's --lora-merge-dtype)."""
     t0 = time.perf_counter()
+    force, quiet, copy_tokenizer, model_card = (_flag(v, name) for v, name in (
+        (force, "force"), (quiet, "quiet"), (copy_tokenizer, "copy_tokenizer"), (model_card, "model_card")))
 
     def arguments() -> MergeArguments:
         return _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, chunk_bytes, random_seed,
@@ -216,6 +219,16 @@ class MergeArguments:
     threads: Optional[int]
     chunk_bytes: int
     random_seed: Optional[int]
+
+
+def _flag(value, name: str) -> bool:
+    """run_merge's flags: a bool (numpy's too), None or an integer; force="False" was true (a string's length) and
+    replaced the user's OUT (an audit). Not the ops' as_flag: this module runs without torch."""
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value) != 0
+    raise InputError(f"{name} must be True or False, got {short(value)}")
 
 
 def _check_arguments(config_or_path, out_dir, device, out_shard_size, threads, chunk_bytes, random_seed,
@@ -319,12 +332,13 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
     """Streams every tensor of the plan into the writer (which must hold them all)."""
     from pymerge import streaming  # the executors (CPU, GPU)
     torch_threads = None  # the caller's, given back at the end: a library caller trained on with N (an audit)
-    if threads is not None and streaming.uses_torch(plan, device):
-        import torch
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-    bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
+    bar = None
     try:
+        if threads is not None and streaming.uses_torch(plan, device):
+            import torch
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        bar = progress if progress is not None else _progress_bar(plan.input_bytes, quiet)
         run = streaming.run_gpu if device.startswith("cuda") else streaming.run_cpu
         for part in plan.parts:  # a `slices:` merge has several (pymerge/slices.py)
             run(part, writer, device=device, chunk_bytes=chunk_bytes, num_threads=threads or op_threads(), seed=seed,

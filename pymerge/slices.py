@@ -329,13 +329,17 @@ _LAYER_INDEX_KEYS = ("full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
 
 # transformers' sliding_window_pattern where a config leaves it out (Gemma-2 alternates, layer 0 sliding)
 _SLIDING_DEFAULTS = {"gemma2": 2, "gemma3_text": 6, "cohere2": 4}
+# sliding attention from layer max_window_layers on (its default here), where use_sliding_window says so (Dots1:
+# wherever sliding_window is set); transformers 5's configs (an audit and a review)
+_WINDOW_FROM = {"qwen2": 28, "qwen3": 28, "qwen2_vl_text": 80, "qwen2_5_vl_text": 80, "qwen2_5_omni_text": 28,
+                "qwen3_omni_moe_text": 28, "dots1": 62}
 
 
 def _positional_kinds(cfg, i: int) -> dict:
     """What a config derives for layer i from its position alone, where no per-layer list says it (a list is
     rewritten per layer instead): sliding or full attention (Gemma-2 alternates; Gemma-3 and Cohere2 by
-    sliding_window_pattern; Qwen2's family from max_window_layers on, with use_sliding_window; not with
-    layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not with layers_block_type, which
+    sliding_window_pattern; Qwen2's family by max_window_layers, with use_sliding_window (_WINDOW_FROM, and
+    Qwen2-MoE's alternation); not with layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not with layers_block_type, which
     Zamba's transformers honours), MoE or dense MLP (Jamba's expert_layer_period/offset;
     DeepSeek's and GLM4-MoE's first_k_dense_replace and moe_layer_freq; Qwen-MoE's decoder_sparse_step).
     transformers builds these from the layer's index: moved to another index, a layer is built as another kind."""
@@ -349,10 +353,17 @@ def _positional_kinds(cfg, i: int) -> dict:
     pattern = number("sliding_window_pattern", _SLIDING_DEFAULTS.get(cfg.get("model_type")))
     if "layer_types" not in cfg and pattern and pattern > 0:
         kinds["sliding"] = bool((i + 1) % pattern)
-    window_from = number("max_window_layers")  # Qwen2, Qwen2-MoE, Qwen3, Qwen2.5-VL, Dots1 (an audit)
-    if "layer_types" not in cfg and window_from is not None and cfg.get("use_sliding_window") is True \
-            and cfg.get("sliding_window") is not None:
-        kinds["sliding"] = i >= window_from
+    model_type = cfg.get("model_type")
+    if "layer_types" not in cfg and model_type in _WINDOW_FROM:  # transformers' defaults for keys left out
+        start = number("max_window_layers", _WINDOW_FROM[model_type])
+        windowed = cfg.get("sliding_window", 4096) is not None and (model_type == "dots1" or
+                                                                   bool(cfg.get("use_sliding_window", False)))
+        if windowed and start is not None:
+            kinds["sliding"] = i >= start
+    if "layer_types" not in cfg and model_type == "qwen2_moe" and bool(cfg.get("use_sliding_window", False)):
+        below = number("max_window_layers", 28)  # Qwen2-MoE: every other layer below it (transformers 5)
+        if below is not None:
+            kinds["sliding"] = bool((i + 1) % 2) and i < below
     for period, offset, listed in (("attn_layer_period", "attn_layer_offset", "layers_block_type"),
                                    ("expert_layer_period", "expert_layer_offset", None)):
         p, o = number(period), number(offset, 0)

@@ -353,6 +353,8 @@ def test_group_lincomb_into_a_strided_output(group):
 @pytest.mark.parametrize("sparsifier, offset, message", [
     (dict(method="della", density=0.5), 0, "input 0: unknown sparsification 'della'"),
     (dict(method="della_magprune", density=0.5, epsilon=5.0), 0, "input 0: epsilon must keep density"),
+    # a negative epsilon past density: 1.5 and -0.5, clamped, kept none of the largest magnitudes (an audit)
+    (dict(method="della_magprune", density=0.5, epsilon=-1.0), 0, "input 0: epsilon must keep density"),
     (dict(), 2**70, "offset must be an integer from 0 to 2\\*\\*62 - 1"),
     (dict(), -1, "offset must be an integer from 0"),
 ])

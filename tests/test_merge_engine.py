@@ -625,3 +625,20 @@ def test_run_merge_gives_torchs_thread_count_back(fam, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flag", ["force", "quiet", "copy_tokenizer", "model_card"])
+def test_run_merge_flags_are_bools_never_strings(fam, tmp_path, flag):
+    """force="False" was true (a string's length): run_merge replaced an existing OUT and the user's file in it (an
+    audit). A string (or a list) is one line now, nothing touched; bools, numpy's and integers work."""
+    from pymerge.errors import InputError
+    base, fts, _ = fam
+    spec = {"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in fts]}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(InputError, match=f"^{flag} must be True or False, got 'False'"):
+        run_merge(parse_config(spec), out, device="cpu", **{"quiet": True, flag: "False"})
+    assert (out / "mine.txt").read_text() == "keep"
+    import numpy as np
+    run_merge(parse_config(spec), tmp_path / "o2", device="cpu", **{"quiet": True, flag: np.bool_(True)})

@@ -1086,8 +1086,11 @@ def test_a_revision_too_long_for_a_ref_file_is_one_bounded_line(models, tmp_path
     ({"attn_layer_period": 2, "attn_layer_offset": 1}, [0, 1, 0, 1], [0, 1, 1]),  # Jamba
     ({"first_k_dense_replace": 1}, [0, 1, 1], [0, 1, 0]),  # GLM4-MoE, DeepSeek: dense first layers
     ({"decoder_sparse_step": 2}, [0, 1, 0, 1], [1, 0]),  # Qwen-MoE
-    # Qwen2's family: sliding from max_window_layers on, where use_sliding_window (exit 0 before: an audit)
-    ({"max_window_layers": 1, "use_sliding_window": True, "sliding_window": 4}, [0, 1, 1], [1, 0]),
+    # Qwen2's family: sliding from max_window_layers on, where use_sliding_window (exit 0 before: an audit); Dots1
+    # wherever sliding_window is (its default: 4096); Qwen2-MoE every other layer below max_window_layers
+    ({"model_type": "qwen2", "max_window_layers": 1, "use_sliding_window": True}, [0, 1, 1], [1, 0]),
+    ({"model_type": "dots1", "max_window_layers": 1}, [0, 1, 1], [1, 0]),
+    ({"model_type": "qwen2_moe", "max_window_layers": 3, "use_sliding_window": True}, [0, 1, 2, 1], [1, 0]),
 ])
 def test_slices_refuse_moving_layers_whose_kind_config_json_derives_from_their_position(tmp_path, keys, moved_ok,
                                                                                           moved_bad):
@@ -1118,6 +1121,23 @@ def test_slices_refuse_moving_layers_whose_kind_config_json_derives_from_their_p
         assert json.loads((tmp_path / "listed" / "config.json").read_text())["layer_types"] == \
             [f"kind{i}" for i in moved_bad]
     shutil.rmtree(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("keys", [{"model_type": "qwen2", "max_window_layers": 1},  # use_sliding_window: False
+                                  {"model_type": "qwen2", "max_window_layers": 1, "use_sliding_window": True,
+                                   "sliding_window": None},
+                                  {"model_type": "qwen3_moe", "max_window_layers": 1, "use_sliding_window": True}])
+def test_slices_move_layers_of_one_kind_where_the_config_windows_none_or_all(tmp_path, keys):
+    """Qwen2 without a sliding window, and Qwen3-MoE (every layer windowed alike): no position rule, the stack
+    merges (a review: a rule keyed on max_window_layers alone refused Qwen3-MoE's)."""
+    from pymerge.merge import run_merge
+    base, _ = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, **keys}))
+    run_merge({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(base), "layer_range": [i, i + 1]}]} for i in (1, 0)]}, tmp_path / "out",
+        device="cpu", quiet=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
 def test_slices_rewrite_nemotron_h_layer_lists(tmp_path):

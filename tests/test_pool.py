@@ -1281,3 +1281,65 @@ def test_a_module_source_with_extra_state_merges_its_weights():
     torch.testing.assert_close(target[0].weight.detach(), want.detach(), rtol=1e-6, atol=1e-7)
     with pytest.raises(InputError, match="entry '0._extra_state' is a dict, not a tensor"):
         CheckpointPool([dict(s.state_dict()) for s in src])  # a state dict given as such: every entry is the caller's
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"])
+def test_every_candidates_coefficients_are_checked_whatever_its_place(method):
+    """Weights [1, -0.9999999] with normalize need coefficients of 8e6, refused; the one native call of the
+    sparsifying methods checked the first candidate's only, so that pair merged (deltas x5e5) as the second of
+    a population and was refused as the first (a review). Refused in either place now, nothing written."""
+    torch.manual_seed(0)
+    base = {"w": torch.randn(64, 64)}
+    pool = CheckpointPool([{"w": base["w"] + 0.01 * torch.randn(64, 64)} for _ in range(2)], base=base)
+    ok, bad = [0.5, 0.5], [1.0, -0.9999999]
+    extra = {} if method == "task_arithmetic" else {"density": 1.0}
+    for order in ([ok, bad], [bad, ok]):
+        into = [{"w": torch.zeros(64, 64)}, {"w": torch.zeros(64, 64)}]
+        with pytest.raises(MergeConfigError, match=r"^tensor w: coefficient of .* is 8\.38861e\+06"):
+            pool.materialize_many(order, into=into, method=method, method_params={"normalize": True, **extra})
+        assert all(not t["w"].any() for t in into)
+    into = [{"w": torch.zeros(64, 64)}]
+    pool.materialize_many([ok], into=into, method=method, method_params={"normalize": True, **extra})  # still merges
+    assert into[0]["w"].any()
+
+
+def test_a_source_freed_by_the_callers_weight_is_refused_not_read(tmp_path):
+    """The borrowed sources were checked before the weights were read: a weight's __float__ (the caller's code)
+    that freed a source (FSDP's resize_(0)) sent the linear hot path into freed memory, a segfault (an audit).
+    Checked again after; run in a process of its own (the failure mode is a crash)."""
+    import subprocess
+    import sys
+    code = """
+import torch
+from fractions import Fraction
+from pymerge.errors import InputError
+from pymerge.pool import CheckpointPool
+s = [{"w": torch.ones(64)}, {"w": torch.full((64,), 2.0)}]
+pool = CheckpointPool(s, residency="mmap")
+assert pool.borrowed == ["source 0", "source 1"], pool.borrowed
+class W(Fraction):
+    def __float__(self):
+        s[0]["w"].untyped_storage().resize_(0)
+        return 0.5
+out = {"w": torch.zeros(64)}
+try:
+    pool.materialize([W(1, 2), 0.5], into=out)
+except InputError as exc:
+    assert "source 0: tensor 'w', which the pool reads in place" in str(exc), exc
+    assert not out["w"].any()
+    print("refused")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("method, kw", [("slerp", dict(t=[0.5] * 10**5)), ("ties", dict(density=torch.ones(40, 40))),
+                                        ("ties", dict(method_params={"rescale": "x" * 10**5}))])
+def test_a_hostile_parameter_is_echoed_short_on_one_line(method, kw):
+    """A parameter's error echoed its whole repr: a 500,000-character message for t=[0.5]*10**5, seven lines for a
+    40x40 density tensor (an audit). errors.short's length, one line."""
+    pool = CheckpointPool([{"w": torch.randn(3, 4)}], base={"w": torch.randn(3, 4)})
+    with pytest.raises(MergeConfigError) as info:
+        pool.materialize([1.0], into={"w": torch.zeros(3, 4)}, method=method, **kw)
+    message = str(info.value)
+    assert len(message) < 400 and "\n" not in message, message

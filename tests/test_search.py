@@ -1864,6 +1864,12 @@ def test_pareto_front_and_macro_average_refuse_what_they_cannot_read_and_scale()
         pareto_front(None)
     x = np.linspace(0, 1, 4000)
     assert pareto_front(np.stack([x, 1 - x], 1)) == list(range(4000))  # every point on the front: 40 s before
+    # an audit: inf for two finite scores, sorted's raw TypeError, a tensor's RuntimeError, complex's real part
+    assert macro_average({"a": 1e308, "b": 1e308}) == 1e308
+    assert macro_average({1: 0.5, "a": 0.25}) == 0.375
+    for points in (torch.ones(3, 2, requires_grad=True), [[1 + 2j, 0.5]]):
+        with pytest.raises(InputError, match="points must be a list of score vectors"):
+            pareto_front(points)
 
 
 def test_a_resume_into_another_model_is_refused(tmp_path):

@@ -162,15 +162,18 @@ def _check_sizes(tensor: str, found: list) -> None:
 _REGISTRY: Dict[str, MergeMethod] = {}
 
 
-def linear_divisor(weights) -> float:
-    """mergekit's non-consensus normalize divisor: the weights' float32 sum, 1 where it is under 1e-8 in size (both
-    in float32, as mergekit compares). task_arithmetic and the sparsifying methods share it: task_arithmetic's
-    float64 sum took [0.3, -0.1, -0.2] for zero where they and mergekit do not (an audit). numpy, not torch: the
-    engine's torch-free path computes linear coefficients."""
-    total = np.float32(0)
-    for w in weights:  # in order, as a reduction over the models
-        total = np.float32(total + np.float32(w))
-    return 1.0 if abs(total) < np.float32(1e-8) else float(total)
+def linear_divisor(weights, total: Optional[float] = None) -> float:
+    """mergekit's non-consensus normalize divisor: the weights' float32 sum `total`, 1 where it is under 1e-8 in size
+    (compared in float32, as mergekit compares). Without `total`, the float32 sum in order, without torch (the
+    engine's torch-free path computes task_arithmetic's coefficients): torch's own sum, which the task-vector
+    kernels divide by as mergekit does (ops.task_vector_ops.linear_divisor), adds 5 or more numbers in another
+    order, so their last bits may differ; the test near 1e-8 is the same rule. task_arithmetic's float64 sum took
+    [0.3, -0.1, -0.2] for zero where both and mergekit do not (an audit)."""
+    if total is None:
+        total = np.float32(0)
+        for w in weights:
+            total = np.float32(total + np.float32(w))
+    return 1.0 if abs(np.float32(total)) < np.float32(1e-8) else float(total)
 
 
 def register(cls):
@@ -185,7 +188,7 @@ def number_param(value: Any, what: str, name: str) -> float:
     except OverflowError:  # an int past float's range (10**400)
         x = math.inf
     except (TypeError, ValueError):
-        raise MergeConfigError(f"{what} must be a number, got {value!r} (tensor {name})") from None
+        raise MergeConfigError(f"{what} must be a number, got {short(value)} (tensor {name})") from None
     if not math.isfinite(x):
         raise MergeConfigError(f"{what} is {x} for tensor {name}; it must be finite")
     return x
@@ -198,7 +201,7 @@ def flag_param(value: Any, what: str) -> bool:
         return value.lower() == "true"
     if isinstance(value, numbers.Real) and value in (0, 1):  # numpy's integers and floats too
         return bool(value)
-    raise MergeConfigError(f"{what} must be true or false, got {value!r}")
+    raise MergeConfigError(f"{what} must be true or false, got {short(value)}")
 
 
 def get_method(name: str) -> MergeMethod:

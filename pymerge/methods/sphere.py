@@ -114,8 +114,8 @@ def multislerp_coefs(g: torch.Tensor, w: List[float], normalize: bool, eps: floa
     """Coefficients c of the result sum_i c_i v_i from the Gram matrix g of the v_i; None where the weighted
     units nearly cancel (multislerp_vector's case)."""
     n = len(w)
-    if not bool(torch.isfinite(g).all()):  # an inf or NaN in the vectors: mergekit's NaNs come from the vector form
-        return None  # (here a zero 1/inf made the units "cancel": a plain average or the antipodal error; an audit)
+    if not bool(torch.isfinite(g).all()):  # finite vectors whose products overflowed (_coefs took non-finite ones):
+        return None  # the float64 vector form decides (1/inf made the units "cancel": a wrong average; an audit)
     w = _normalized(w, normalize)
     norms = [math.sqrt(max(float(g[i, i]), 0.0)) for i in range(n)]
     zero = next((i for i in range(n) if norms[i] + eps == 0), None)
@@ -191,6 +191,11 @@ class MultiSlerp(MergeMethod):
         self.check_params(task)
         w, normalize, eps = self._settings(task)
         g = gram(task.inputs, task.base, task.backend, task.num_threads)
+        if not bool(torch.isfinite(g).all()) and not all(bool(torch.isfinite(x).all()) for x in
+                                                          [*task.inputs, *([task.base] if task.base is not None else [])]):
+            # an inf or NaN in a task vector makes mergekit's units, so every element, NaN: NaN coefficients write
+            # that in the one pass (the float64 vector form held ~36 bytes per element per model for it: a review)
+            return [math.nan] * len(task.inputs)
         try:
             coefs = multislerp_coefs(g, w, normalize, eps)
             if coefs is not None:

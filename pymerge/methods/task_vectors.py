@@ -24,8 +24,9 @@ from typing import Any, Optional
 import torch
 
 from pymerge.config import FlagOrName
-from pymerge.methods.base import (MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, flag_param,
-                                  linear_divisor, number_param, register)
+from pymerge.errors import short
+from pymerge.methods.base import (MergeConfigError, MergeMethod, Param, REQUIRED, TensorTask, flag_param, number_param,
+                                  register)
 from pymerge.ops import task_vector_ops as tvo
 
 
@@ -43,7 +44,7 @@ def parse_rescale(value: Any) -> Optional[str]:
             return None
         if v == "inverse_density":
             return "inverse_density"
-    raise MergeConfigError(f"rescale must be true, false, l1 or inverse_density; got {value!r}")
+    raise MergeConfigError(f"rescale must be true, false, l1 or inverse_density; got {short(value)}")
 
 
 def merge_task_vectors(task: TensorTask, out: torch.Tensor, *, sparsification: Optional[str], consensus: bool,
@@ -138,7 +139,7 @@ class TaskVectorMethod(MergeMethod):
             return []  # the merge names the missing weight
         w = [number_param(mp["weight"], f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
         lam = number_param(task.params.get("lambda", 1.0), "lambda", task.name)
-        divisor = linear_divisor(w) if normalize and not self.consensus else 1.0
+        divisor = tvo.linear_divisor(w) if normalize and not self.consensus else 1.0
         return [lam * x / divisor for x in w]
 
     def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:

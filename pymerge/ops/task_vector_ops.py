@@ -40,7 +40,7 @@ import torch
 from pymerge import _native
 from pymerge.errors import short
 from pymerge.forks import renew_after_fork
-from pymerge.methods.base import linear_divisor  # noqa: F401  (tvo.linear_divisor: one rule for every method)
+from pymerge.methods import base as method_base
 from pymerge.ops import exact_sum, library, philox, select
 from pymerge.ops._checks import as_int, check_merge_args, check_weights, float32_param, require_inputs
 from pymerge.ops._memory import check_native
@@ -173,7 +173,10 @@ def check_sparsifier(sp: Sparsifier, what: str) -> None:
     if sp.method == "magnitude_outliers" and not (math.isfinite(sp.gamma) and 0 <= sp.gamma <= 1):
         raise ValueError(f"{what}: gamma must be in [0, 1], got {sp.gamma}")
     if sp.method == "della_magprune" and 0 < sp.density < 1:
-        if not (math.isfinite(sp.epsilon) and 0 < sp.density - sp.epsilon and sp.density + sp.epsilon < 1):
+        # both ends (a negative epsilon, which inverts the ranks' probabilities as mergekit's does, may put
+        # either one outside: epsilon -1 kept nothing of the largest magnitudes; mergekit raises; an audit)
+        lo, hi = sp.density - sp.epsilon, sp.density + sp.epsilon
+        if not (math.isfinite(sp.epsilon) and 0 < lo < 1 and 0 < hi < 1):
             raise ValueError(f"{what}: epsilon must keep density +/- epsilon inside (0, 1); "
                              f"got density {sp.density}, epsilon {sp.epsilon}")
 
@@ -382,6 +385,12 @@ def pack_bits(keep: torch.Tensor) -> torch.Tensor:
 
 
 _PACK_BLOCK = 64 << 16  # bits packed at a time (a multiple of 64)
+
+
+def linear_divisor(weights: Sequence[float]) -> float:
+    """mergekit's non-consensus divisor, to its last bit: torch's float32 sum of the weights (mergekit's), 1 where
+    it is under 1e-8 (methods.base.linear_divisor's rule)."""
+    return method_base.linear_divisor(weights, float(torch.tensor(list(weights), dtype=torch.float32).sum()))
 
 
 def pick_backend(device: torch.device, backend: str = "auto") -> str:

@@ -435,15 +435,18 @@ class TaskVectorCall:
         self.seed = seed
         self.consensus = method.consensus
         self.weights = weight_array(tables, n_groups, n)
-        # Sparsifiers, flags and lambda do not depend on the weights (finite already): checked once
+        # Sparsifiers, flags and lambda do not depend on the weights (finite already): checked once; the
+        # coefficients (check_magnitudes) per candidate (the first one's alone let a later one write deltas x5e5)
         row = tables[0][0]
         task = TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
                           model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
         method.check_params(task)
-        check_magnitudes(method, task)
         self.normalize, rescale = method._settings(task)
         self.sparsifiers, _, self.lam = task_vector_args(task, method.sparsification, rescale)
         rows = [[tuple(map(float, t[g if t.shape[0] > 1 else 0])) for t in tables] for g in range(n_groups)]
+        for r in dict.fromkeys(r for rs in rows for r in rs):  # every candidate's: lambda * w / D depends on w
+            check_magnitudes(method, TensorTask(inputs=[], base=task.base, params=task.params, name=name, seed=seed,
+                                                model_params=[dict(per_model[i], weight=r[i]) for i in range(n)]))
         divisor = {r: linear_divisor(r) for r in set(sum(rows, []))}  # float32 sums, as the per-tensor path's
         self.divisors = np.array([[divisor[r] for r in rs] for rs in rows], dtype=np.float32)
         random = any(sp.method in ("random", "della_magprune") for sp in self.sparsifiers)

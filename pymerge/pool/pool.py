@@ -580,6 +580,8 @@ class CheckpointPool:
             group_of = [0] * len(self.names)
         for k, t in enumerate(tables):
             check_groups(group_of, self.names, t.shape[0], what="weights" if len(into) == 1 else f"candidate {k}'s weights")
+        self._check_borrowed()  # again: a weight's __float__ or a groups rule is the caller's code, which may have
+        # freed a source since (the linear hot path then read freed memory: a segfault; an audit)
         if method == "linear" and params:
             raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
                                    "(use normalize= for sum-to-one)")

@@ -29,23 +29,34 @@ def macro_average(scores: Dict[str, float]) -> float:
     if not isinstance(scores, dict) or not scores:  # a list raised IndexError, {} gave NaN with numpy's warning
         raise InputError(f"scores must be a non-empty dict task -> score, got {short(scores)}")
     values = []
-    for k in sorted(scores):  # a list's mean was taken as if its items were tasks; a str raised numpy's error
+    try:
+        keys = sorted(scores)
+    except TypeError:  # keys of several types ({1: .5, "a": .3}): sorted's raw TypeError
+        keys = sorted(scores, key=lambda k: (type(k).__name__, repr(k)))
+    for k in keys:  # a list's mean was taken as if its items were tasks; a str raised numpy's error
         v = as_number(scores[k])
         if v is None:
-            raise InputError(f"scores[{k!r}] must be a number, got {short(scores[k])}")
+            raise InputError(f"scores[{short(k)}] must be a number, got {short(scores[k])}")
         values.append(v)
-    return float(np.mean(values))
+    with np.errstate(over="ignore"):  # (handled below)
+        mean = float(np.mean(values))
+    if math.isinf(mean) and all(math.isfinite(v) for v in values):  # the sum overflowed: 1e308 twice gave inf
+        mean = math.fsum(v / len(values) for v in values)
+    return mean
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
     """Indices of the non-dominated points (every coordinate maximized); of equal points the first stays.
     Points with a NaN or infinite coordinate (a failed evaluation) are neither on the front nor dominate."""
     try:
-        pts = np.asarray(points, dtype=np.float64)
+        pts = np.asarray(points)
+        if pts.dtype.kind == "c":  # float64 kept the real part with numpy's warning only (as_number refuses it)
+            raise TypeError
+        pts = pts.astype(np.float64)
         if not len(pts):
             return []
         pts = pts.reshape(len(pts), -1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor that requires grad
         raise InputError(f"points must be a list of score vectors, got {short(points)}") from None
     valid = np.isfinite(pts).all(axis=1)
     front = []
