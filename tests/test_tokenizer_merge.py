@@ -905,3 +905,11 @@ def test_a_tokenizer_source_in_mergekits_mapping_form_is_that_model(models, tmp_
         assert got_tok == want_tok
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
         shutil.rmtree(tmp_path / "plain"), shutil.rmtree(tmp_path / "mapped")
+
+
+def test_an_unknown_chat_template_name_is_named_once():
+    """"c.yml: chat_template: chat_template 'x' is neither ..." said the key twice (an audit of the docs)."""
+    from pymerge.errors import MergeConfigError
+    from pymerge.tokenizer.templates import resolve_template
+    with pytest.raises(MergeConfigError, match=r"^c.yml: chat_template: 'nonexistent_name' is neither a built-in"):
+        resolve_template("nonexistent_name", lambda: [], "c.yml: chat_template")

@@ -390,7 +390,8 @@ _PACK_BLOCK = 64 << 16  # bits packed at a time (a multiple of 64)
 def linear_divisor(weights: Sequence[float]) -> float:
     """mergekit's non-consensus divisor, to its last bit: torch's float32 sum of the weights (mergekit's), 1 where
     it is under 1e-8 (methods.base.linear_divisor's rule)."""
-    return method_base.linear_divisor(weights, float(torch.tensor(list(weights), dtype=torch.float32).sum()))
+    total = torch.tensor(list(weights), dtype=torch.float32, device="cpu").sum()  # (cpu: a meta default device)
+    return method_base.linear_divisor(weights, float(total))
 
 
 def pick_backend(device: torch.device, backend: str = "auto") -> str:

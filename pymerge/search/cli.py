@@ -298,7 +298,7 @@ def _within(path: str, p: str) -> bool:
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="pymerge search", description="CMA-ES search over merge weights")
-    ap.add_argument("config", help="YAML config (see `pydoc pymerge.search.cli`)")
+    ap.add_argument("config", help="YAML config (see `python -m pydoc pymerge.search.cli`)")
     ap.add_argument("--out", help="output folder (overrides the config's out)")
     ap.add_argument("--budget", type=int, help="evaluations (overrides search.budget)")
     args = ap.parse_args(argv)

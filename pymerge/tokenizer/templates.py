@@ -6,7 +6,7 @@ transformers (trim_blocks, lstrip_blocks) they give the same conversations as me
 from collections import Counter
 from typing import Callable, Optional, Sequence
 
-from pymerge.errors import MergeConfigError
+from pymerge.errors import MergeConfigError, short
 
 BUILTIN = {
     "chatml": (
@@ -67,6 +67,6 @@ def resolve_template(value: str, templates: Callable[[], Sequence[Optional[str]]
     if len(value) < 256 and "\n" not in value and "{" not in value and value in BUILTIN:
         return BUILTIN[value]
     if len(value) < 20 or "{" not in value:
-        raise MergeConfigError(f"{where}: chat_template {value!r} is neither a built-in template "
+        raise MergeConfigError(f"{where}: {short(value)} is neither a built-in template "  # (where names the key)
                                f"({', '.join(sorted(BUILTIN))}), auto, nor a Jinja template")
     return value
