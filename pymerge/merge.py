@@ -226,8 +226,12 @@ def _flag(value, name: str) -> bool:
     replaced the user's OUT (an audit). Not the ops' as_flag: this module runs without torch."""
     if isinstance(value, (bool, np.bool_)) or value is None:
         return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value) != 0
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value in (0, 1):
+        return value == 1
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # a 0-d array or tensor
+        item = value.item()
+        if isinstance(item, (bool, np.bool_)) or isinstance(item, numbers.Real) and item in (0, 1):
+            return bool(item)
     raise InputError(f"{name} must be True or False, got {short(value)}")
 
 

@@ -331,8 +331,8 @@ _LAYER_INDEX_KEYS = ("full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
 _SLIDING_DEFAULTS = {"gemma2": 2, "gemma3_text": 6, "cohere2": 4}
 # sliding attention from layer max_window_layers on (its default here), where use_sliding_window says so (Dots1:
 # wherever sliding_window is set); transformers 5's configs (an audit and a review)
-_WINDOW_FROM = {"qwen2": 28, "qwen3": 28, "qwen2_vl_text": 80, "qwen2_5_vl_text": 80, "qwen2_5_omni_text": 28,
-                "qwen3_omni_moe_text": 28, "dots1": 62}
+_WINDOW_FROM = {"qwen2": 28, "qwen3": 28, "qwen2_vl": 80, "qwen2_5_vl": 80, "qwen2_vl_text": 80, "qwen2_5_vl_text": 80,
+                "qwen2_5_omni_text": 28, "dots1": 62}  # (the VL configs on the hub are flat: their text keys on top)
 
 
 def _positional_kinds(cfg, i: int) -> dict:

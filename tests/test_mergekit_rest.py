@@ -1090,6 +1090,7 @@ def test_a_revision_too_long_for_a_ref_file_is_one_bounded_line(models, tmp_path
     # wherever sliding_window is (its default: 4096); Qwen2-MoE every other layer below max_window_layers
     ({"model_type": "qwen2", "max_window_layers": 1, "use_sliding_window": True}, [0, 1, 1], [1, 0]),
     ({"model_type": "dots1", "max_window_layers": 1}, [0, 1, 1], [1, 0]),
+    ({"model_type": "qwen2_5_vl", "max_window_layers": 1, "use_sliding_window": True}, [0, 1, 1], [1, 0]),  # flat
     ({"model_type": "qwen2_moe", "max_window_layers": 3, "use_sliding_window": True}, [0, 1, 2, 1], [1, 0]),
 ])
 def test_slices_refuse_moving_layers_whose_kind_config_json_derives_from_their_position(tmp_path, keys, moved_ok,
@@ -1126,7 +1127,9 @@ def test_slices_refuse_moving_layers_whose_kind_config_json_derives_from_their_p
 @pytest.mark.parametrize("keys", [{"model_type": "qwen2", "max_window_layers": 1},  # use_sliding_window: False
                                   {"model_type": "qwen2", "max_window_layers": 1, "use_sliding_window": True,
                                    "sliding_window": None},
-                                  {"model_type": "qwen3_moe", "max_window_layers": 1, "use_sliding_window": True}])
+                                  {"model_type": "qwen3_moe", "max_window_layers": 1, "use_sliding_window": True},
+                                  {"model_type": "qwen3_omni_moe_text", "max_window_layers": 1,
+                                   "use_sliding_window": True}])
 def test_slices_move_layers_of_one_kind_where_the_config_windows_none_or_all(tmp_path, keys):
     """Qwen2 without a sliding window, and Qwen3-MoE (every layer windowed alike): no position rule, the stack
     merges (a review: a rule keyed on max_window_layers alone refused Qwen3-MoE's)."""

@@ -1343,3 +1343,21 @@ def test_a_hostile_parameter_is_echoed_short_on_one_line(method, kw):
         pool.materialize([1.0], into={"w": torch.zeros(3, 4)}, method=method, **kw)
     message = str(info.value)
     assert len(message) < 400 and "\n" not in message, message
+
+
+def test_a_source_freed_by_a_methods_parameter_is_the_pools_one_line():
+    """The same through a method's parameter, read after the pool's checks (slerp's t whose __float__ frees the
+    base): the kernel's own storage error, not the pool's "nothing was written" (a review)."""
+    from fractions import Fraction
+    s = [{"w": torch.ones(1 << 12)}, {"w": torch.full((1 << 12,), 2.0)}]
+    pool = CheckpointPool(s[1:], base=s[0], residency="mmap")
+    assert pool.borrowed == ["source 0", "base"]
+
+    class T(Fraction):
+        def __float__(self):
+            s[0]["w"].untyped_storage().resize_(0)
+            return 0.5
+    out = {"w": torch.zeros(1 << 12)}
+    with pytest.raises(InputError, match="^base: tensor 'w', which the pool reads in place: .*nothing was written"):
+        pool.materialize([1.0], into=out, method="slerp", t=T(1, 2))
+    assert not out["w"].any()

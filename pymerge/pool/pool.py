@@ -596,6 +596,7 @@ class CheckpointPool:
                 make = lambda ps: table_of(ps, self._inputs, n_groups)  # noqa: E731
             entry = self._plan_entry(("flat" if flat else groups, names, strict, n_groups), into, names,
                                      lambda: self._checked_plans(into, group_of, names, strict), make)
+            self._check_borrowed()  # (the targets' checks read the caller's modules)
             plans, table = entry.plans, entry.native
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
@@ -978,6 +979,7 @@ class CheckpointPool:
                 check_magnitudes(m, task, self.labels)
                 tasks.append((task, p.outs[k]))
             groups.append(tasks)
+        self._check_borrowed()  # the parameters' number-likes (the caller's code) were read since: as above
 
         def on_device(tasks):  # streamed tiers: the method gets whole tensors on the device, one tensor's at a time
             host = tasks[0][0] if tasks else None
