@@ -42,7 +42,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="0: the extension's default")
     ap.add_argument("--name", default="ab_weighted_sum", help="results file name")
     args = ap.parse_args()
-    builds = {"other": load_other(args.other), "this": _native.require_cpu()}
+    try:  # a missing or foreign file was a 13-line traceback (an audit)
+        other = load_other(args.other)
+    except (ImportError, OSError, AttributeError) as exc:
+        ap.error(f"{args.other}: not a loadable _cpu extension ({str(exc).splitlines()[0] if str(exc) else exc})")
+    builds = {"other": other, "this": _native.require_cpu()}
     code = _native.DTYPE_CODES[torch.bfloat16]
     rows = []
     for n, numel, k in CASES:

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pool import Stack  # noqa: E402
 from common import positive_int, time_interleaved, write_results  # noqa: E402
 
+from pymerge.kernels import interpreted as kernels_interpreted  # noqa: E402
 from pymerge.pool import CheckpointPool, compressed  # noqa: E402
 
 MODES = [("bf16", None, None), ("int8", "int8", None), ("int4", "int4", None), ("auto 1e-2", "auto", 1e-2),
@@ -207,6 +208,13 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton", "cuda"],
                     help="every pool's backend (auto: C++ on the CPU, Triton on CUDA)")
     args = ap.parse_args(argv)
+    # refused here, as bench_pool's: they were tracebacks after the checkpoints were written (an audit)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available to this torch")
+    if args.device == "cpu" and (args.backend == "cuda" or args.backend == "triton" and not kernels_interpreted()):
+        ap.error(f"--backend {args.backend} runs on --device cuda (triton on the CPU: with TRITON_INTERPRET=1)")
+    if args.device == "cuda" and args.backend == "cpu":
+        ap.error("--backend cpu runs on --device cpu")
     # --quick picks the defaults only: an explicit --params/--rounds wins
     params = args.params or int(4e6 if args.quick else 40e6)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)

@@ -166,7 +166,14 @@ def plot_file(path: str) -> bool:
         from benchmarks.common import has_matplotlib, write_plot
     name = os.path.splitext(os.path.basename(path))[0]
     chart = chart_for(name)
-    if chart is None or not has_matplotlib():
+    if chart is None:
+        return False
+    if not has_matplotlib():  # as write_results: an earlier run's plot beside this run's table is removed (an audit)
+        png = os.path.splitext(path)[0] + ".png"
+        print(f"(matplotlib is not installed or does not import: no {name}.png; pip install matplotlib)",
+              file=sys.stderr)
+        if os.path.exists(png):
+            os.remove(png)
         return False
     with open(path) as f:
         data = json.load(f)
@@ -189,6 +196,12 @@ def main(argv=None) -> int:
     ap.add_argument("files", nargs="*", help="result JSON files (default: every one under benchmarks/results/)")
     ap.add_argument("--force", action="store_true", help="redraw PNGs that exist")
     args = ap.parse_args(argv)
+    try:
+        from common import has_matplotlib
+    except ImportError:
+        from benchmarks.common import has_matplotlib
+    if not has_matplotlib():  # (plot_file would take every stored PNG for stale and remove it)
+        ap.error("drawing needs matplotlib: pip install matplotlib")
     files = args.files or sorted(os.path.join(d, f) for d, _, fs in os.walk(RESULTS) for f in fs if f.endswith(".json"))
     drawn = 0
     for path in files:

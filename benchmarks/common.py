@@ -167,8 +167,12 @@ def write_plot(png: str, draw) -> None:
 
 
 def _model_of(machine: str) -> str:
-    """The CPU or GPU model in a machine description, less its core count and torch version."""
-    return machine.split(" (torch")[0].split(", ")[0].strip()
+    """The CPU or GPU model in a machine description, less its core count, stepping and torch version: the
+    family and model stay (a Zen 1 and a Zen 3 are both "AMD EPYC": a Zen 3 run replaced the Zen 1 table the
+    README quotes; an audit)."""
+    parts = machine.split(" (torch")[0].split(", ")
+    family = [p.split(" stepping")[0] for p in parts[1:] if p.startswith("family ")]
+    return ", ".join([parts[0].strip()] + family)
 
 
 def result_name(folder: str, name: str, machine: str) -> str:
@@ -178,13 +182,16 @@ def result_name(folder: str, name: str, machine: str) -> str:
         with open(os.path.join(folder, f"{name}.json")) as f:
             old = json.load(f)
         recorded = old.get("machine") or old.get("meta", {}).get("cpu")
+    except FileNotFoundError:
+        return name
     except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and _model_of(recorded) == _model_of(machine):
         return name
-    if not isinstance(recorded, str) or _model_of(recorded) == _model_of(machine):
-        return name
+    recorded = _model_of(recorded) if isinstance(recorded, str) else "a machine it does not record"  # (kept)
     slug = "".join(c if c.isalnum() else "-" for c in _model_of(machine).lower()).strip("-")
     slug = "-".join(filter(None, slug.split("-")))[:60] or "other"
-    print(f"({folder}/{name}.json was measured on {_model_of(recorded)}: this machine's results go to "
+    print(f"({folder}/{name}.json was measured on {recorded}: this machine's results go to "
           f"{name}_{slug}.*)", file=sys.stderr)
     return f"{name}_{slug}"
 

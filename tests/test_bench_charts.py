@@ -91,3 +91,20 @@ def test_charts_script_draws_missing_pngs_only(tmp_path):
     assert kept.read_bytes() == b"kept" and not (tmp_path / "unknown_kind.png").exists()
     assert charts.main(["--force", str(tmp_path / "bench_pool.json")]) == 0
     assert kept.read_bytes()[:8] == PNG
+
+
+def test_plot_file_without_matplotlib_removes_the_stale_png_and_says_so(tmp_path, monkeypatch, capsys):
+    """bench_pool, bench_methods and bench_merge draw through plot_file: without matplotlib the earlier run's PNG
+    stayed beside the new table, without a word (write_results removed it; an audit). The charts script itself
+    refuses to run without matplotlib (it would take every stored PNG for stale)."""
+    monkeypatch.setattr(common, "has_matplotlib", lambda: False)
+    table = tmp_path / "bench_pool.json"
+    table.write_text(json.dumps({"rows": [{"what": "copy", "ms": 1.0}]}))
+    (tmp_path / "bench_pool.png").write_bytes(PNG)
+    assert charts.plot_file(str(table)) is False
+    assert not (tmp_path / "bench_pool.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    (tmp_path / "bench_pool.png").write_bytes(PNG)
+    with pytest.raises(SystemExit):
+        charts.main([str(table)])
+    assert (tmp_path / "bench_pool.png").exists()

@@ -99,8 +99,8 @@ def test_results_of_another_machine_are_kept(tmp_path, monkeypatch, capsys):
 
 def test_machine_description_records_the_cpus_family_and_model(tmp_path):
     """Two AVX2 hosts both named "AMD EPYC" (a Zen 3 and a Zen 1 class one, float32 work per cycle 2x apart) were
-    told apart only by the JSON's date: the description records family, model and stepping, after the core count
-    so that result_name still compares the model name alone."""
+    told apart only by the JSON's date: the description records family, model and stepping, and result_name
+    compares the model name with the family and model (a Zen 3 run replaced the Zen 1 table: an audit)."""
     import torch
     from benchmarks import common
     block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 2\n\n"
@@ -108,7 +108,15 @@ def test_machine_description_records_the_cpus_family_and_model(tmp_path):
     info.write_text(block.format(0, 23) + block.format(1, 25))  # the first processor's block is the one read
     described = common.machine_description("cpu", cpuinfo=str(info))
     assert described == f"AMD EPYC, {os.cpu_count()} cores, family 23 model 1 stepping 2, torch {torch.__version__}"
-    assert common._model_of(described) == "AMD EPYC"
+    assert common._model_of(described) == "AMD EPYC, family 23 model 1"
+    zen1 = tmp_path / "zen1"
+    zen1.mkdir()
+    (zen1 / "t.json").write_text('{"machine": "%s"}' % described)
+    zen3 = described.replace("family 23", "family 25")
+    assert common.result_name(str(zen1), "t", zen3) == "t_amd-epyc-family-25-model-1"
+    assert common.result_name(str(zen1), "t", described.replace("2 cores", "4 cores")) == "t"  # the same kind
+    (zen1 / "old.json").write_text('{"meta": {"cpu": "x86_64"}}')  # a table that records no machine: kept
+    assert common.result_name(str(zen1), "old", described) == "old_amd-epyc-family-23-model-1"
     info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n\n")  # an Arm host: no family
     assert common.machine_description("cpu", cpuinfo=str(info)).endswith(f" cores, torch {torch.__version__}")
     assert common.machine_description("cpu", cpuinfo=str(tmp_path / "absent")).endswith(f"torch {torch.__version__}")

@@ -118,6 +118,9 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path):
              ("bench_merge", ["--tools", "foo"], "--tools: unknown tool foo"),
              ("bench_merge", ["--repeats", "0"], "--repeats must be at least 1"),
              ("bench_compressed_pool", ["--rounds", "0"], "--rounds: must be at least 1"),
+             # tracebacks after the checkpoints were written, and ab's missing .so (an audit)
+             ("bench_compressed_pool", ["--backend", "cuda"], "--backend cuda runs on --device cuda"),
+             ("ab_weighted_sum", ["/nonexistent/_cpu.so"], "/nonexistent/_cpu.so: not a loadable _cpu extension"),
              ("bench_delta_decode", ["--rounds", "0"], "--rounds: must be at least 1"),
              ("bench_pool_grouped", ["--n", "0"], "--n: must be at least 1"),
              ("bench_demo", ["--threads", "-1"], "--threads must be from 0"),  # was a worker's traceback
