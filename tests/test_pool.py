@@ -1361,3 +1361,40 @@ def test_a_source_freed_by_a_methods_parameter_is_the_pools_one_line():
     with pytest.raises(InputError, match="^base: tensor 'w', which the pool reads in place: .*nothing was written"):
         pool.materialize([1.0], into=out, method="slerp", t=T(1, 2))
     assert not out["w"].any()
+
+
+def test_an_interrupt_at_any_moment_never_leaves_the_plan_cache_locked(tmp_path):
+    """A Ctrl-C landing at the first instruction of the cache's Python-level __exit__ (or just after its acquire)
+    left the lock held: every later materialize waited forever (an audit: held after 14-37 interrupts). Now the
+    lock's own `with`. 4,000 calls into new targets, each interrupted at a random moment by a timer."""
+    import subprocess
+    import sys
+    code = """
+import random, signal, torch
+from pymerge.pool import CheckpointPool
+torch.manual_seed(0)
+pool = CheckpointPool([{"w": torch.randn(64), "v": torch.randn(64)} for _ in range(2)], num_threads=1)
+signal.signal(signal.SIGALRM, signal.default_int_handler)
+random.seed(1)
+interrupts = 0
+for i in range(4000):
+    t = {"w": torch.empty(64), "v": torch.empty(64)}
+    try:
+        signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-6, 300e-6))
+        pool.materialize([0.5, 0.5], t, method="ties" if i % 2 else "linear", **({"density": 0.5} if i % 2 else {}))
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    except KeyboardInterrupt:
+        interrupts += 1
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    except KeyboardInterrupt:
+        interrupts += 1
+    assert not pool._plan_cache._lock.locked(), (i, interrupts)
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+out = {"w": torch.empty(64), "v": torch.empty(64)}
+pool.materialize([0.5, 0.5], out)
+print("interrupts", interrupts)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("interrupts "), (r.returncode, r.stdout, r.stderr[-3000:])
+    assert int(r.stdout.split()[1]) > 100, r.stdout  # the timer did interrupt calls

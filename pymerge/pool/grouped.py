@@ -179,7 +179,8 @@ class PlanCache:
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
         self._groups: dict = {}
         # two threads materializing from one pool: the LRU's pop in one raced the other's move_to_end (KeyError).
-        # Not reentrant: a target's finalizer run inside (gc) must find it taken and leave the eviction to __exit__
+        # Not reentrant: a target's finalizer run inside (gc) must find it taken and leave the eviction to the
+        # end of entry()
         self._lock = threading.Lock()
         self._dead: list = []  # (key, weakref to its entry) whose target died while the lock was taken
         self._planning = threading.local()  # set while this thread plans under the lock (caller code runs there)
@@ -189,14 +190,12 @@ class PlanCache:
     def _after_fork(self) -> None:
         """In a forked child: a lock of its own (another thread may have held the parent's), no entries. Where
         the forking thread held it (a fork from a target's own code while the pool planned), so does the child's
-        only thread: its __exit__ releases it."""
+        only thread: its `with` releases it (the copied lock, held)."""
         for entry in self._entries.values():
             entry.detach()
         self._entries, self._groups, self._dead = OrderedDict(), {}, []
-        self._lock = threading.Lock()
-        if self._owner == threading.get_ident():
-            self._lock.acquire()
-        else:
+        if self._owner != threading.get_ident():
+            self._lock = threading.Lock()
             self._planning, self._owner = threading.local(), None
 
     def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
@@ -213,74 +212,73 @@ class PlanCache:
         if getattr(self._planning, "active", False):  # would wait for the lock this thread holds: forever
             raise InputError("the pool was called again while it planned a call (from a target's own code: its "
                              "items(), named_parameters() or a property); nothing was written")
-        with self:
-            entry = self._entries.get(key)
-            hit = entry is not None and entry.valid()
-            if agree is not None:
-                hit = agree(entry if hit else None)
-            if hit:
-                self._entries.move_to_end(key)
-                return entry
-            self._planning.active = True
-            try:
-                plans = build()
-                _watch(into)  # before the entry takes its generation: a registration from now on is seen
-                watched = targets_of(plans)
-                entry = _Entry(into, watched, plans, make_table(plans))
-            finally:
-                self._planning.active = False
-            if not all(isinstance(d, dict) for _, d, _ in watched if d is not None):
-                # a TorchScript module (torch.jit.trace/script, or one inside a target) keeps its tensors in
-                # wrappers of its C++ object, which valid() cannot check (a traced target's second call raised
-                # a TypeError): this call's entry only, planned again next call
-                self._drop(key)  # an earlier entry for these targets is stale (a submodule became TorchScript)
-                return entry
-            self._drop(key)
-            self._entries[key] = entry
-            entry.finalizers = [_finalizer(t, weakref.ref(self), key, weakref.ref(entry))
-                                for t, ref in zip(into, entry.targets) if isinstance(ref, weakref.ref)]
-            while len(self._entries) > self.max_entries:
-                self._drop(next(iter(self._entries)))
+        try:
+            with self._lock:  # the lock's own (C) enter and exit: a Ctrl-C in a Python-level __exit__, before its
+                try:  # try, left it held and every later call waiting forever (an audit)
+                    self._owner = threading.get_ident()
+                    self._evict_dead()
+                    return self._entry(key, into, build, targets_of, make_table, agree)
+                finally:
+                    self._owner = None
+                    self._evict_dead()
+        finally:
+            if self._dead:  # a finalizer that found the lock taken after that eviction: its entry goes now
+                self._try_evict()
+
+    def _entry(self, key, into, build, targets_of, make_table, agree) -> _Entry:
+        """entry()'s work, under the lock."""
+        entry = self._entries.get(key)
+        hit = entry is not None and entry.valid()
+        if agree is not None:
+            hit = agree(entry if hit else None)
+        if hit:
+            self._entries.move_to_end(key)
             return entry
+        self._planning.active = True
+        try:
+            plans = build()
+            _watch(into)  # before the entry takes its generation: a registration from now on is seen
+            watched = targets_of(plans)
+            entry = _Entry(into, watched, plans, make_table(plans))
+        finally:
+            self._planning.active = False
+        if not all(isinstance(d, dict) for _, d, _ in watched if d is not None):
+            # a TorchScript module (torch.jit.trace/script, or one inside a target) keeps its tensors in
+            # wrappers of its C++ object, which valid() cannot check (a traced target's second call raised
+            # a TypeError): this call's entry only, planned again next call
+            self._drop(key)  # an earlier entry for these targets is stale (a submodule became TorchScript)
+            return entry
+        self._drop(key)
+        self._entries[key] = entry
+        entry.finalizers = [_finalizer(t, weakref.ref(self), key, weakref.ref(entry))
+                            for t, ref in zip(into, entry.targets) if isinstance(ref, weakref.ref)]
+        while len(self._entries) > self.max_entries:
+            self._drop(next(iter(self._entries)))
+        return entry
 
     def forget(self, targets) -> None:
         """Drops the entries written into any of targets (a search's replicas, once it is done with them)."""
         ids = set(map(id, targets))
-        with self:
+        with self._lock:
             for key in [k for k in self._entries if ids.intersection(k[0])]:
                 self._drop(key)
+            self._evict_dead()
 
     def clear(self) -> None:
-        with self:
+        with self._lock:
             for key in list(self._entries):
                 self._drop(key)
             self._groups.clear()
-
-    def __enter__(self):
-        """The lock, with the entries whose target died meanwhile evicted on taking and before releasing it
-        (a finalizer that found it taken left them in _dead). Not a contextmanager: 1 us a call less."""
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-        self._evict_dead()
-
-    def __exit__(self, *_exc):
-        try:
             self._evict_dead()
-        finally:
-            self._owner = None
-            self._lock.release()
-        # a finalizer that appended after that eviction found the lock still taken (its append came before
-        # its try, which came before this release): its entry would wait for the next call
-        if self._dead:
-            self._try_evict()
 
     def _try_evict(self) -> None:
-        """Evicts the dead targets' entries if the lock is free, else leaves them to its holder (never waits)."""
-        if self._lock.acquire(blocking=False):
-            try:
-                self._evict_dead()
-            finally:
-                self._lock.release()
+        """Evicts the dead targets' entries if the lock is free, else leaves them to its holder (this very thread
+        in a gc inside the cache: never entered twice). Taken by `with` (C-level): an interrupt between a plain
+        acquire and its try would leave it held."""
+        if self._lock.locked():
+            return
+        with self._lock:  # (another thread taking it since: a short wait for its call)
+            self._evict_dead()
 
     def _evict_dead(self) -> None:
         """Under the lock. Evicting may free other targets (their finalizers append here): until none is left."""

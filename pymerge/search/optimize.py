@@ -22,6 +22,7 @@ import math
 import operator
 import os
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -102,20 +103,29 @@ def _random_state(seed: int) -> np.random.RandomState:
     return np.random.RandomState(np.random.MT19937(np.random.SeedSequence([seed % 2**64, 1])))
 
 
+_GLOBAL_RNG_SWAP = threading.Lock()  # one search's swap at a time (see _OwnRNG)
+
+
 class _OwnRNG:
     """Keeps cma's uses of numpy's global RNG (its seeding, any draws besides randn) off the caller's stream
-    and on a state of our own, saved with the search state."""
+    and on a state of our own, saved with the search state. The swaps of searches in several threads take turns:
+    interleaved, one saved another's state as the caller's and left it there (an audit). A thread drawing from
+    numpy's global RNG while a search is inside cma (ask, tell) still draws from the search's state."""
 
     def __init__(self, seed: int):
         self.state = _random_state(seed).get_state()  # as np.random.seed(seed) sets it, for seeds below 2**32
 
-    def __enter__(self):
-        self._saved = np.random.get_state()
-        np.random.set_state(self.state)
-
-    def __exit__(self, *exc):
-        self.state = np.random.get_state()
-        np.random.set_state(self._saved)
+    def run(self, fn):
+        """fn() on this search's state of numpy's global RNG. The lock's own `with`: a Ctrl-C between a Python-level
+        acquire and its try would leave it held, and every later search waiting."""
+        with _GLOBAL_RNG_SWAP:
+            saved = np.random.get_state()
+            try:
+                np.random.set_state(self.state)
+                return fn()
+            finally:
+                self.state = np.random.get_state()
+                np.random.set_state(saved)
 
 
 _number = as_number  # (report.py: torch-free)
@@ -335,8 +345,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             "verb_disp": 0, "verb_log": 0, "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9, "tolstagnation": 10**9}
     if popsize:
         opts["popsize"] = int(popsize)
-    with rng:
-        es = cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts)
+    es = rng.run(lambda: cma.CMAEvolutionStrategy(x0.tolist(), sigma0, opts))
     read = pool.read_file(state_path) if state_path and hasattr(pool, "read_file") else None
     if read is not None:  # (its error, not a state's, advised deleting it; its lock files went beside it)
         raise InputError(f"state_path {state_path}: is {read}, which the pool was built from; choose another "
@@ -428,14 +437,12 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                 (xs, objs), pending = pending, None
                 gen = state["generation"]
             else:
-                with rng:
-                    xs = es.ask()
+                xs = rng.run(es.ask)
                 objs, gen = [], state["generation"] + 1
             left = budget - len(history)
             objs = objs + run(xs[len(objs):len(objs) + left], gen, save=True)
             if len(objs) == len(xs):  # a partial last generation is evaluated but not told
-                with rng:
-                    es.tell(xs, [_fitness(o) for o in objs])
+                rng.run(lambda: es.tell(xs, [_fitness(o) for o in objs]))
             state["generation"] = gen
             _save_state(state_path, state)
             saved[0] = time.monotonic()
@@ -512,16 +519,14 @@ def _replay(es, rng, state: dict, path: str, x0) -> Optional[Tuple[list, List[fl
     last = state["generation"]
     for gen in range(1, last + 1):
         rows = rows_of.get(gen, [])
-        with rng:
-            xs = es.ask()
+        xs = rng.run(es.ask)
         partial_ok = gen == last  # a budget's end, or a save in mid-generation, leaves the last one in part
         if not rows or len(rows) > len(xs) or (len(rows) < len(xs) and not partial_ok) or not np.allclose(
                 [r["x"] for r in rows], np.asarray(xs[:len(rows)]), rtol=1e-9, atol=1e-12):
             raise InputError(f"{path}: saved search state does not replay at generation {gen} (edited, or written "
                              "by other versions of cma/numpy); use another state_path or delete it")
         if len(rows) == len(xs):
-            with rng:
-                es.tell(xs, [_fitness(r["objective"]) for r in rows])
+            rng.run(lambda: es.tell(xs, [_fitness(r["objective"]) for r in rows]))
         elif gen == last:
             return xs, [r["objective"] for r in rows]
     return None
