@@ -237,13 +237,20 @@ def test_a_fork_from_code_run_under_the_pools_lock_leaves_the_child_holding_it()
     from pymerge.pool import grouped
     cache = grouped.PlanCache()
     pid = None
+
+    def build():  # the pool's planning, under the lock: a target's code forks here
+        nonlocal pid
+        pid = os.fork()
+        return []
+
+    def entry(make):
+        return cache.entry(("k",), [], make, lambda plans: [], lambda plans: None)
     try:
-        with cache:
-            pid = os.fork()
+        entry(build)
         if pid == 0:
-            with cache:  # free again, and usable
-                pass
-            os._exit(0)
+            entry(lambda: [])  # free again, and usable (the key's entry is kept: planned once more or not)
+            cache.clear()
+            os._exit(0 if not cache._lock.locked() else 2)
     except BaseException:
         if pid == 0:
             os._exit(1)
