@@ -98,6 +98,8 @@ def test_plot_file_without_matplotlib_removes_the_stale_png_and_says_so(tmp_path
     stayed beside the new table, without a word (write_results removed it; an audit). The charts script itself
     refuses to run without matplotlib (it would take every stored PNG for stale)."""
     monkeypatch.setattr(common, "has_matplotlib", lambda: False)
+    if "common" in sys.modules:  # (plot_file imports it as the scripts do, where benchmarks/ is on sys.path)
+        monkeypatch.setattr(sys.modules["common"], "has_matplotlib", lambda: False, raising=False)
     table = tmp_path / "bench_pool.json"
     table.write_text(json.dumps({"rows": [{"what": "copy", "ms": 1.0}]}))
     (tmp_path / "bench_pool.png").write_bytes(PNG)

@@ -2049,3 +2049,16 @@ def test_two_searches_in_two_threads_leave_the_callers_numpy_stream_as_it_was():
             t.join(120)
         assert together == alone
         assert np.random.rand() == np.random.RandomState(5).rand()
+
+
+def test_a_child_forked_while_a_search_swaps_the_rng_can_search():
+    """The searches' RNG-swap lock held by another thread at a fork (a fork pool's workers that search) was held in
+    the child for good: its first search hung (a review). The child gets a lock of its own."""
+    import importlib
+    opt = importlib.import_module("pymerge.search.optimize")  # (the package's `optimize` is the function)
+    with opt._GLOBAL_RNG_SWAP:  # as another thread inside cma's tell at the fork
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if not opt._GLOBAL_RNG_SWAP.locked() else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -263,6 +263,8 @@ class PlanCache:
             for key in [k for k in self._entries if ids.intersection(k[0])]:
                 self._drop(key)
             self._evict_dead()
+        if self._dead:  # a finalizer that found the lock taken after that eviction
+            self._try_evict()
 
     def clear(self) -> None:
         with self._lock:
@@ -270,15 +272,19 @@ class PlanCache:
                 self._drop(key)
             self._groups.clear()
             self._evict_dead()
+        if self._dead:
+            self._try_evict()
 
     def _try_evict(self) -> None:
-        """Evicts the dead targets' entries if the lock is free, else leaves them to its holder (this very thread
-        in a gc inside the cache: never entered twice). Taken by `with` (C-level): an interrupt between a plain
-        acquire and its try would leave it held."""
-        if self._lock.locked():
-            return
-        with self._lock:  # (another thread taking it since: a short wait for its call)
-            self._evict_dead()
+        """Evicts the dead targets' entries if the lock is free, else leaves them to its holder (never waits: a
+        finalizer may run in a thread holding another lock that the holder of this one waits for). (A plain
+        acquire: an interrupt in the instant between it and the try would leave the lock held; a finalizer's
+        path, rare, where entry()'s every call was the audit's hang.)"""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._evict_dead()
+            finally:
+                self._lock.release()
 
     def _evict_dead(self) -> None:
         """Under the lock. Evicting may free other targets (their finalizers append here): until none is left."""

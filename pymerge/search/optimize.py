@@ -106,6 +106,14 @@ def _random_state(seed: int) -> np.random.RandomState:
 _GLOBAL_RNG_SWAP = threading.Lock()  # one search's swap at a time (see _OwnRNG)
 
 
+def _renew_swap_lock() -> None:  # a forked child's own: another thread may have held the parent's (a review)
+    global _GLOBAL_RNG_SWAP
+    _GLOBAL_RNG_SWAP = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_swap_lock)
+
+
 class _OwnRNG:
     """Keeps cma's uses of numpy's global RNG (its seeding, any draws besides randn) off the caller's stream
     and on a state of our own, saved with the search state. The swaps of searches in several threads take turns:
