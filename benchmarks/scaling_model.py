@@ -41,8 +41,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import (RESULTS, machine_description, machine_label, markdown_table, result_name, time_interleaved,  # noqa: E402
-                    write_atomic, write_plot)
+from common import (RESULTS, load_average, machine_description, machine_label, markdown_table,  # noqa: E402
+                    result_name, time_interleaved, write_atomic, write_plot)
 
 GB = 1e9
 
@@ -302,7 +302,9 @@ def main(argv=None):
     # prediction alone depends on no machine
     folder = os.path.join(RESULTS, "cpu" if args.no_measure else machine_label("cpu"))
     os.makedirs(folder, exist_ok=True)
-    result = {"machine": machine_description("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"),
+    result = {"machine": machine_description("cpu"), "date": time.strftime("%Y-%m-%d %H:%M"), **load_average(),
+              "argv": sys.argv[1:] if argv is None else list(argv),  # as write_results records (an audit)
+              "PYMERGE_SIMD": os.environ.get("PYMERGE_SIMD"),
               "model": __doc__.split("\n\n")[2], "methods": {k: asdict(m) for k, m in METHODS.items()},
               "h200_assumptions": asdict(H200)}
     text = []

@@ -160,6 +160,8 @@ def test_scaling_model_without_matplotlib_writes_its_tables(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     folder = tmp_path / "results" / "cpu"
     assert sorted(os.listdir(folder)) == ["scaling_model_prediction.json", "scaling_model_prediction.md"]
+    recorded = json.loads((folder / "scaling_model_prediction.json").read_text())  # as every script's (an audit)
+    assert recorded["argv"] == ["--no-measure"] and "load_average" in recorded
 
 
 def test_scaling_fit_never_keeps_a_slope_whose_intercept_it_clamped():

@@ -81,7 +81,8 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                     tasks.append((task, p.outs[k]))
         if one_call:
             from pymerge.pool.grouped import TaskVectorCall
-            grouped_call = (TaskVectorCall(m, per_model, global_params, tables, tv_table[1], names[0], seed),
+            grouped_call = (TaskVectorCall(m, per_model, global_params, tables, tv_table[1], names[0], seed,
+                                           pool.labels),
                             tv_table[0])
     except Exception as exc:
         error = exc

@@ -31,7 +31,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from operator import attrgetter, is_
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -431,7 +431,8 @@ class TaskVectorCall:
     candidate. Parameters are checked exactly as the per-tensor path checks them."""
 
     def __init__(self, method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
-                 name: str, seed: int):
+                 name: str, seed: int, labels: Optional[List[str]] = None):
+        """labels: the checkpoints' names in messages, as the per-tensor path's (the pool's labels)."""
         from pymerge.methods.base import TensorTask, check_magnitudes
         from pymerge.methods.task_vectors import task_vector_args
         from pymerge.ops.task_vector_ops import linear_divisor
@@ -450,7 +451,8 @@ class TaskVectorCall:
         rows = [[tuple(map(float, t[g if t.shape[0] > 1 else 0])) for t in tables] for g in range(n_groups)]
         for r in dict.fromkeys(r for rs in rows for r in rs):  # every candidate's: lambda * w / D depends on w
             check_magnitudes(method, TensorTask(inputs=[], base=task.base, params=task.params, name=name, seed=seed,
-                                                model_params=[dict(per_model[i], weight=r[i]) for i in range(n)]))
+                                                model_params=[dict(per_model[i], weight=r[i]) for i in range(n)]),
+                             labels)
         divisor = {r: linear_divisor(r) for r in set(sum(rows, []))}  # float32 sums, as the per-tensor path's
         self.divisors = np.array([[divisor[r] for r in rs] for rs in rows], dtype=np.float32)
         random = any(sp.method in ("random", "della_magprune") for sp in self.sparsifiers)

@@ -658,7 +658,8 @@ class CheckpointPool:
                                    for i in order] for n in self.names}
             make = lambda ps: grouped.native_table(ps, sources(), n_groups, m.delta)  # noqa: E731
         else:
-            call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed)
+            call = grouped.TaskVectorCall(m, per_model, global_params, tables, n_groups, self.names[0], seed,
+                                          self.labels)
             make = lambda ps: grouped.native_tv_table(ps, self._inputs, self._base, n_groups)  # noqa: E731
         entry = self._plan_entry(key, into, names, lambda: self._checked_plans(into, group_of, names, strict), make)
         # again: the method's parameters were read since the first check, and a number-like one whose __float__
