@@ -433,28 +433,34 @@ class TaskVectorCall:
     def __init__(self, method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
                  name: str, seed: int, labels: Optional[List[str]] = None):
         """labels: the checkpoints' names in messages, as the per-tensor path's (the pool's labels)."""
-        from pymerge.methods.base import TensorTask, check_magnitudes
+        from pymerge.methods.base import MAX_MAGNITUDE, TensorTask, check_magnitudes
         from pymerge.methods.task_vectors import task_vector_args
         from pymerge.ops.task_vector_ops import linear_divisor
         n = len(per_model)
         self.seed = seed
         self.consensus = method.consensus
         self.weights = weight_array(tables, n_groups, n)
-        # Sparsifiers, flags and lambda do not depend on the weights (finite already): checked once; the
-        # coefficients (check_magnitudes) per candidate (the first one's alone let a later one write deltas x5e5)
-        row = tables[0][0]
-        task = TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
-                          model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
+
+        def task_of(row) -> TensorTask:
+            return TensorTask(inputs=[], base=torch.empty(0), params=dict(global_params), name=name, seed=seed,
+                              model_params=[dict(per_model[i], weight=float(row[i])) for i in range(n)])
+        # Sparsifiers, flags and lambda do not depend on the weights (finite already): checked once, on the first
+        # candidate; the coefficients lambda * w / D on every candidate (below)
+        task = task_of(tables[0][0])
         method.check_params(task)
+        check_magnitudes(method, task, labels)
         self.normalize, rescale = method._settings(task)
         self.sparsifiers, _, self.lam = task_vector_args(task, method.sparsification, rescale)
         rows = [[tuple(map(float, t[g if t.shape[0] > 1 else 0])) for t in tables] for g in range(n_groups)]
-        for r in dict.fromkeys(r for rs in rows for r in rs):  # every candidate's: lambda * w / D depends on w
-            check_magnitudes(method, TensorTask(inputs=[], base=task.base, params=task.params, name=name, seed=seed,
-                                                model_params=[dict(per_model[i], weight=r[i]) for i in range(n)]),
-                             labels)
         divisor = {r: linear_divisor(r) for r in set(sum(rows, []))}  # float32 sums, as the per-tensor path's
         self.divisors = np.array([[divisor[r] for r in rs] for rs in rows], dtype=np.float32)
+        # every candidate's at once, as method_coefficients' (the first one's alone let a later one write deltas
+        # x5e5: a review), in float64 as task_vector_scales computes them; check_magnitudes words the refusal
+        by = np.array([[divisor[r] if self.normalize and not self.consensus else 1.0 for r in rs] for rs in rows])
+        scales = self.lam * np.asarray(rows, dtype=np.float64) / by[..., None]
+        bad = np.argwhere(~(np.abs(scales) <= MAX_MAGNITUDE))
+        if len(bad):
+            check_magnitudes(method, task_of(rows[bad[0][0]][bad[0][1]]), labels)
         random = any(sp.method in ("random", "della_magprune") for sp in self.sparsifiers)
         self.key = (method.name, tuple(self.sparsifiers), int(seed) if random else 0)
         self.keep = not any(sp.method == "della_magprune" and sp.density < 1 for sp in self.sparsifiers)

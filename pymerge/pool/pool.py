@@ -580,8 +580,6 @@ class CheckpointPool:
             group_of = [0] * len(self.names)
         for k, t in enumerate(tables):
             check_groups(group_of, self.names, t.shape[0], what="weights" if len(into) == 1 else f"candidate {k}'s weights")
-        self._check_borrowed()  # again: a weight's __float__ or a groups rule is the caller's code, which may have
-        # freed a source since (the linear hot path then read freed memory: a segfault; an audit)
         if method == "linear" and params:
             raise MergeConfigError(f"method linear takes no parameters here, got {', '.join(sorted(params))} "
                                    "(use normalize= for sum-to-one)")
@@ -596,7 +594,9 @@ class CheckpointPool:
                 make = lambda ps: table_of(ps, self._inputs, n_groups)  # noqa: E731
             entry = self._plan_entry(("flat" if flat else groups, names, strict, n_groups), into, names,
                                      lambda: self._checked_plans(into, group_of, names, strict), make)
-            self._check_borrowed()  # (the targets' checks read the caller's modules)
+            # again: a weight's __float__, a groups rule, the targets' checks are the caller's code, which may have
+            # freed a source since (the hot path then read freed memory: a segfault; an audit)
+            self._check_borrowed()
             plans, table = entry.plans, entry.native
             # A backward through the old weights now raises. Bumped before the call: the entry's check has
             # just brought the targets' tensor objects into cache, which the call's streaming then evicts.
@@ -625,6 +625,7 @@ class CheckpointPool:
         plans = self._method_plans(method, into, group_of, names, strict, groups, flat)
         with _torch_writes(self, plans):
             if method == "linear":
+                self._check_borrowed()  # again, as the hot path's
                 self._run_linear(plans, tables)
             else:
                 self._run_method(method, plans, tables, seed, params)
