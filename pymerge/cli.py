@@ -224,13 +224,18 @@ def _interrupted(as_script: bool) -> int:
     raised inside eval() (namedtuple's, while a module imports) as unhandled even once caught, and the process
     then killed itself with SIGINT at exit: -2, not 130, for 2-3 % of SIGTERMs at start-up (an audit)."""
     if as_script:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError, AttributeError):  # a reader gone away, or none: the status still counts
-                pass
-        os._exit(130)
+        _end_process(130)
     return 130
+
+
+def _end_process(rc: int) -> None:
+    """Ends the script's process with status rc, its output flushed, skipping the interpreter's teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # a reader gone away, or none: the status still counts
+            pass
+    os._exit(rc)
 
 
 def _fill_closed_descriptors() -> None:
@@ -327,12 +332,7 @@ def _main(argv: Optional[List[str]]) -> int:
         args.args = rest + list(args.args)
     rc = _run(args)
     if as_script and args.command == "merge":
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError, AttributeError):  # a reader gone away, or none: the status still counts
-                pass
-        os._exit(rc)
+        _end_process(rc)
     return rc
 
 

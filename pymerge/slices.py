@@ -339,8 +339,8 @@ def _positional_kinds(cfg, i: int) -> dict:
     """What a config derives for layer i from its position alone, where no per-layer list says it (a list is
     rewritten per layer instead): sliding or full attention (Gemma-2 alternates; Gemma-3 and Cohere2 by
     sliding_window_pattern; Qwen2's family by max_window_layers, with use_sliding_window (_WINDOW_FROM, and
-    Qwen2-MoE's alternation); not with layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not with layers_block_type, which
-    Zamba's transformers honours), MoE or dense MLP (Jamba's expert_layer_period/offset;
+    Qwen2-MoE's alternation); not with layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not
+    with layers_block_type, which Zamba's transformers honours), MoE or dense MLP (Jamba's expert_layer_period/offset;
     DeepSeek's and GLM4-MoE's first_k_dense_replace and moe_layer_freq; Qwen-MoE's decoder_sparse_step).
     transformers builds these from the layer's index: moved to another index, a layer is built as another kind."""
     if not isinstance(cfg, dict):

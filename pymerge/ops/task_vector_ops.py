@@ -173,11 +173,11 @@ def check_sparsifier(sp: Sparsifier, what: str) -> None:
     if sp.method == "magnitude_outliers" and not (math.isfinite(sp.gamma) and 0 <= sp.gamma <= 1):
         raise ValueError(f"{what}: gamma must be in [0, 1], got {sp.gamma}")
     if sp.method == "della_magprune" and 0 < sp.density < 1:
-        # mergekit's test, and both ends probabilities (a negative epsilon inverts the ranks' probabilities, as
-        # mergekit's does, and may put an end outside [0, 1]: epsilon -1 kept nothing of the largest magnitudes,
-        # where mergekit's bernoulli raises; an audit)
+        # mergekit's test (0 < lo, hi < 1), and both ends probabilities: a negative epsilon inverts the ranks'
+        # probabilities, as mergekit's does, and may put an end outside [0, 1] (epsilon -1 kept nothing of the
+        # largest magnitudes, where mergekit's bernoulli raises; an audit)
         lo, hi = sp.density - sp.epsilon, sp.density + sp.epsilon
-        if not (math.isfinite(sp.epsilon) and 0 < lo and hi < 1 and 0 <= min(lo, hi) and max(lo, hi) <= 1):
+        if not (math.isfinite(sp.epsilon) and 0 < lo <= 1 and 0 <= hi < 1):
             raise ValueError(f"{what}: epsilon must keep density +/- epsilon inside (0, 1); "
                              f"got density {sp.density}, epsilon {sp.epsilon}")
 
