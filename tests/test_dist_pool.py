@@ -1105,3 +1105,38 @@ def test_ranks_that_differ_are_refused_on_every_rank(tmp_path):
         assert res["empty_shard"][0] is None, res
     assert results[0]["empty_shard_local"] == ((3, 1), (3, 1), [1.75] * 3), results[0]
     assert results[1]["empty_shard_local"] == ((0, 0), (3, 0), []), results[1]  # (FSDP2's empty shard's shape)
+
+
+def test_a_sharded_pools_copy_moved_by_the_callers_groups_rule_is_refused(tmp_path):
+    """A groups rule (the caller's code) that moved a copy the sharded pool holds (pool.tensor() of a converted
+    float64 source, resized) merged ties without a word once the single-process pool's second check had moved to
+    paths the sharded pool's tensor-by-tensor merge does not take (a review). One rank, its own process."""
+    import subprocess
+    import sys
+    code = """
+import os, torch, torch.distributed as dist
+from datetime import timedelta
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + os.getpid() % 20000))
+dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
+from pymerge.errors import InputError
+from pymerge.pool.pool import CheckpointPool
+g = torch.Generator().manual_seed(0)
+src = [{"w": torch.randn(64, 64, generator=g, dtype=torch.float64)} for _ in range(3)]
+target = {"w": torch.zeros(64, 64)}
+pool = CheckpointPool(src, base={"w": torch.randn(64, 64, generator=g, dtype=torch.float64)}, residency="mmap",
+                      shard_like=target)
+pool.materialize([0.2, 0.3, 0.5], into=target, method="ties")
+held = pool.tensor(1, "w")
+def rule(name):
+    held.untyped_storage().resize_(held.untyped_storage().nbytes() * 4)
+    return 0
+try:
+    pool.materialize([0.2, 0.3, 0.5], into=target, method="ties", groups=rule)
+    print("merged")
+except InputError as exc:
+    print("refused" if "the pool's copy of checkpoint source 1 was freed or moved" in str(exc) else str(exc))
+dist.destroy_process_group()
+os._exit(0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stdout, r.stderr[-2000:])

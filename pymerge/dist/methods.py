@@ -84,6 +84,9 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
             grouped_call = (TaskVectorCall(m, per_model, global_params, tables, tv_table[1], names[0], seed,
                                            pool.labels),
                             tv_table[0])
+        # the weights, a groups rule and the parameters read so far are the caller's code, which may have freed
+        # or moved what the pool holds (as the single-process pool checks; agreed below: one line on every rank)
+        pool._check_borrowed()
     except Exception as exc:
         error = exc
     try:
