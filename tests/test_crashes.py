@@ -275,6 +275,50 @@ def test_checkpoint_truncated_under_an_mmap_pool_is_an_error(tmp_path, weights):
     assert "others ok" in out
 
 
+_CUT_AFTER_ANOTHER_HANDLER = r"""
+import faulthandler, os, signal, sys, torch
+from torch.utils.data import DataLoader, Dataset
+from pymerge import CheckpointPool
+from pymerge.errors import CheckpointError
+a, b = sys.argv[1:3]
+how = os.environ["HOW"]
+victim = os.path.join(a, "model.safetensors")
+pool = CheckpointPool([a, b], residency="mmap")
+model = {n: torch.zeros(s) for n, s in pool.shapes.items()}
+def cut_then_name(name, done=[]):  # after the pool's size checks, before its kernel reads the maps
+    if not done:
+        done.append(os.truncate(victim, 0))
+    return name
+def merge(*_):
+    try:
+        pool.materialize([0.5, 0.5], into=model, names=cut_then_name)
+        return "merged without an error"
+    except CheckpointError as e:
+        return f"error: {e}"
+class Cut(Dataset):
+    __len__, __getitem__ = lambda self: 1, merge
+if how == "faulthandler":
+    faulthandler.enable()
+    print(merge())
+elif how == "signal":
+    signal.signal(signal.SIGBUS, lambda *_: os._exit(3))
+    print(merge())
+else:  # a DataLoader worker installs a SIGBUS handler of its own, which ends the worker
+    print(list(DataLoader(Cut(), batch_size=None, num_workers=1, timeout=120))[0])
+"""
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("how", ["faulthandler", "signal", "dataloader"])
+def test_a_cut_under_an_mmap_pool_is_an_error_after_another_sigbus_handler(tmp_path, how, monkeypatch):
+    """A pool's guard lives as long as the pool; a SIGBUS handler installed since (faulthandler.enable(), a
+    DataLoader worker's at start-up) took the signal first and the cut file killed the process or the worker
+    (an audit). Each materialize puts the guard's handler back in front."""
+    monkeypatch.setenv("HOW", how)
+    victim, out = _pool_script(tmp_path, _CUT_AFTER_ANOTHER_HANDLER, n_finetunes=1)
+    assert f"error: {victim / 'model.safetensors'}: the file shrank while the pool was reading it" in out, out
+
+
 _TRUNCATE_WHILE_BUILDING = r"""
 import os, sys
 from pymerge import CheckpointPool

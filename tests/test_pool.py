@@ -1398,3 +1398,36 @@ print("interrupts", interrupts)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("interrupts "), (r.returncode, r.stdout, r.stderr[-3000:])
     assert int(r.stdout.split()[1]) > 100, r.stdout  # the timer did interrupt calls
+
+
+def test_a_tensor_left_out_as_integers_must_be_integers_in_every_source(tmp_path):
+    """The pool left out what the first source held as integers without looking at the others: a float head
+    in the second source (a corrupt header's I32 in the first, same bytes) went unmerged and the live model
+    kept its old head (an audit). Refused in either order, as `pymerge merge` refuses it."""
+    good = {"w": torch.randn(4, 2), "head": torch.randn(4, 2)}
+    bad = {"w": torch.randn(4, 2), "head": torch.randint(0, 9, (4, 2), dtype=torch.int32)}
+    wide = {"w": torch.randn(4, 2), "head": torch.randint(0, 9, (8,), dtype=torch.int32)}
+    for sources in ([bad, good], [good, bad]):
+        with pytest.raises(CheckpointError, match="tensor 'head' has dtype torch"):
+            CheckpointPool(sources)
+    with pytest.raises(CheckpointError, match=r"tensor 'head' has dtype torch.int32 and shape \[8\]"):
+        CheckpointPool([bad, wide])
+    CheckpointPool([bad, {k: v.clone() for k, v in bad.items()}])  # integers everywhere: left out, as before
+
+
+def test_a_float_target_of_a_tensor_held_as_integers_is_refused_under_strict():
+    """One source holding as integers what the live model holds as floats: the model's tensor kept its old
+    values without a word under strict=True (an audit). Refused there; strict=False leaves it alone."""
+    src = {"w": torch.randn(4, 2), "head": torch.randint(0, 9, (4, 2), dtype=torch.int32),
+           "steps": torch.tensor(3)}
+    pool = CheckpointPool([src])
+    assert pool.skipped == ["head", "steps"]
+    target = {"w": torch.zeros(4, 2), "head": torch.full((4, 2), 7.0), "steps": torch.tensor(0)}
+    with pytest.raises(InputError, match="tensor 'head' is torch.float32, but the checkpoints hold it as integers"):
+        pool.materialize([1.0], into=target)
+    assert target["w"].abs().sum() == 0
+    pool.materialize([1.0], into=target, strict=False)
+    assert torch.equal(target["w"], src["w"]) and (target["head"] == 7).all() and target["steps"] == 0
+    plain = {"w": torch.zeros(4, 2), "steps": torch.tensor(0)}  # an integer buffer in the model: as before
+    pool.materialize([1.0], into=plain)
+    assert torch.equal(plain["w"], src["w"])

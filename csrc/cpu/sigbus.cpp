@@ -115,6 +115,9 @@ void register_sigbus(pybind11::module_& m) {
   m.def("sigbus_guard_add", &add_range, pybind11::arg("address"), pybind11::arg("length"),
         "Guards a read-only file mapping: a SIGBUS inside it reads zeros and is counted. Returns a slot.");
   m.def("sigbus_guard_remove", &remove_range, pybind11::arg("slot"));
+  m.def("sigbus_guard_install", &install,
+        "Puts the handler back in front where a handler installed since replaced it (a DataLoader worker's, "
+        "faulthandler's), keeping that one to forward other faults to. One sigaction query where nothing did.");
   m.def("sigbus_guard_hits", [] { return std::make_pair(g_hits.load(), g_last_fault.load()); },
         "(faults patched so far, address of the last one).");
 }

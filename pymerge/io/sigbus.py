@@ -59,6 +59,11 @@ class MappingGuard:
         """Raises if a mapped file shrank. A fault says so at once; with sizes=True each file's size is
         looked at too (one stat each): a cut inside the last page reads zeros without any fault, so the
         merge calls this once its reads are done, the pool around every materialize."""
+        if self._slots:
+            # A handler installed since the guard started (a DataLoader worker's, faulthandler.enable(): a
+            # pool's guard lives as long as the pool) took the signal in front of ours and killed the process
+            # on a cut file (an audit): ours goes back in front before the next reads, forwarding to it.
+            self._ext.sigbus_guard_install()
         if sizes and self._shrunk is None:
             for begin, end, f, path, identity in self._ranges:
                 if _cut(f, path, identity, end - begin):

@@ -832,6 +832,7 @@ class CheckpointPool:
                                 f"model(s) {have} but not in the others")
         if strict and not problems:
             plans += self._tied_head_plans(targets, mapped, group_of, problems)
+            problems += self._float_targets_of_skipped(targets, names)
         if missing:
             problems[:0] = _missing_problems(missing, targets, self.shapes, set(mapped))
         if problems:
@@ -844,6 +845,21 @@ class CheckpointPool:
                    "strict=False skips the missing ones")
             raise InputError(f"the merge would write nothing: {why}")
         return plans
+
+    def _float_targets_of_skipped(self, targets: List[dict], names: NameMap) -> List[str]:
+        """strict=True: a target's float tensor that the checkpoints hold as integers (left out of the pool, as
+        step counters are) would keep its old values silently (an audit: a corrupt header's I32 lm_head)."""
+        problems = []
+        for name in self.skipped:
+            model_name = _map_name(name, names)
+            for k, tmap in enumerate(targets):
+                t = tmap.get(model_name) if model_name is not None else None
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    where = f" in model {k}" if len(targets) > 1 else ""
+                    problems.append(f"tensor {model_name!r}{where} is {t.dtype}, but the checkpoints hold it as "
+                                    "integers, which are not merged (strict=False leaves it as it is)")
+                    break
+        return problems
 
     def _checked_target(self, t: torch.Tensor, model_name: str, shape: tuple, where: str):
         """(problem, None), or (None, (out, target[, (temporary, target)])): whether a merge of `shape` can be
@@ -1557,6 +1573,11 @@ def _catalog(opened, base_src):
                                       f"{first.label} has {list(shapes[name])}")
             if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise CheckpointError(f"{src.label}: tensor {name!r} has dtype {dtype}, {first.label} has a float")
+        for name in skipped:  # left out by the first source's dtype: a float elsewhere went unmerged (an audit)
+            (dtype, shape), (first_dtype, first_shape) = src.info(name), first.info(name)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point or shape != first_shape:
+                raise CheckpointError(f"{src.label}: tensor {name!r} has dtype {dtype} and shape {list(shape)}, "
+                                      f"{first.label} has {first_dtype} and {list(first_shape)}")
     if not names:
         raise CheckpointError(f"{first.label}: no floating-point tensors to merge")
     return names, shapes, skipped
