@@ -43,4 +43,4 @@ bench-quick: install
 	$(PY) benchmarks/bench_weighted_sum.py --quick
 
 clean:
-	rm -rf build *.egg-info pymerge/*.so pymerge/*.so.build $(VENV)
+	rm -rf build dist *.egg-info pymerge/*.so pymerge/*.so.build $(VENV)

@@ -216,9 +216,13 @@ class InstallLib(install_lib):
         return [p for p in super().get_outputs() if not p.endswith(".so.build")]
 
 
+# Headers as dependencies: setuptools rebuilds a library only where an input is newer, and a wheel built beside an
+# earlier build shipped the old library after a header-only change (an audit).
+HEADERS = _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.h"), recursive=True))
 cpu_ext = Pybind11Extension(
     "pymerge._cpu",
     _rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))),
+    depends=HEADERS,
     include_dirs=["csrc"],
     cxx_std=17,
     extra_compile_args=["-O3", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-Wno-maybe-uninitialized"],
@@ -231,6 +235,7 @@ if cuda_sources and find_nvcc() and sys.platform.startswith("linux"):
         "pymerge._cuda",
         _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
              + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp"))),
+        depends=HEADERS + _rel(glob.glob(os.path.join(HERE, "csrc", "**", "*.cuh"), recursive=True)),
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O2"],

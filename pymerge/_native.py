@@ -86,6 +86,17 @@ def _not_built(exc: Optional[ImportError]) -> bool:
     return isinstance(exc, ModuleNotFoundError) and exc.name in ("pymerge._cpu", "pymerge._cuda")
 
 
+def not_built_reason() -> str:
+    """Why an absent extension is absent, as far as can be told: pymerge imported from its source checkout (`python
+    -m pymerge` run in it after `pip install .` imports the checkout's uncompiled copy; an audit: reinstalling, which
+    the message advised, changed nothing), else no compiler when it was installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return (f"not built in this source checkout ({root}): run from outside it to use an installed pymerge, or "
+                "build it here with `pip install --no-build-isolation -e .`")
+    return "not built (no C++17 compiler at install time?)"
+
+
 CPU_IMPORT_ERROR: Optional[ImportError] = None
 CUDA_IMPORT_ERROR: Optional[ImportError] = None
 try:  # import_module, not `from pymerge import`: an absent module must raise ModuleNotFoundError (see _not_built)
@@ -95,7 +106,7 @@ except ImportError as exc:
     cpu = None
     CPU_IMPORT_ERROR = exc
     # Never silent: every CPU op would run on eager torch instead (slower, other rounding in places).
-    what = "was not built (no C++17 compiler at install time?)" if _not_built(exc) else f"did not load ({exc})"
+    what = f"was {not_built_reason()}" if _not_built(exc) else f"did not load ({exc})"
     warnings.warn(f"pymerge's C++ extension {what}; CPU ops fall back to eager torch, which is "
                   "slower. `pymerge doctor` shows every backend.", RuntimeWarning, stacklevel=2)
 

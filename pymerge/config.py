@@ -9,7 +9,8 @@ their configs unchanged:
   or has no filter or "*", wins; its value may itself be a gradient). A single {filter, value}
   mapping is a one-element list. An empty list, or conditions that match nothing, give no value.
   The name a filter sees is mergekit's: for the mixture-of-experts layouts mergekit reads as
-  transformers 5's fused tensors (Mixtral, Qwen3-MoE), the fused name; GPT-2's, under `transformer.` (see filter_name).
+  transformers 5's fused tensors (Mixtral, Qwen2/3-MoE, DeepSeek...), the fused name; GPT-2's, under
+  `transformer.` (see filter_name).
 - Tensors outside the layer stack (embeddings, final norm, lm_head) take t = 0. In a model with a
   single layer the layer takes t = 1 (mergekit's rule).
 - A model's own parameters are looked at first, then the top-level ones; a scope that yields no
@@ -29,7 +30,6 @@ import operator
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import yaml
@@ -421,19 +421,39 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float = 0.0, kind: t
     return None
 
 
-# mergekit 0.1.5 matches `filter:` against its architecture files' names, not the checkpoint's. It reads these
-# models' per-expert checkpoints in transformers 5's fused layout (its files name only the fused tensors): with
-# `filter: mlp`, Mixtral's block_sparse_moe.experts.N.w1 is an mlp tensor (patterns from transformers'
-# conversion_mapping.py). And GPT-2's files name every tensor under `transformer.`, the unprefixed names of
-# openai-community/gpt2's own checkpoint (h.0.attn.c_attn.weight) being aliases: `filter: transformer.h.1.`
-# matches it. Patterns: re.sub, in order.
+# mergekit 0.1.5 matches `filter:` against its architecture's names, not the checkpoint's: its JSON files' (Mixtral,
+# Qwen3-MoE name only transformers 5's fused expert tensors) and, for a model type without one (its "auto" path), the
+# names of transformers' own model, to which transformers' conversion_mapping.py renames and fuses a checkpoint's
+# tensors. So with `filter: mlp`, Mixtral's block_sparse_moe.experts.N.w1 is an mlp tensor, and with `filter:
+# gate_up_proj` so is Qwen2-MoE's mlp.experts.N.up_proj (it was not: an audit). The families below are those
+# mappings' expert renames and fusions (transformers 5.25; glm4_moe and granitemoehybrid have JSON files naming the
+# checkpoint's tensors). And GPT-2's files name every tensor under `transformer.`, the unprefixed names of
+# openai-community/gpt2's own checkpoint (h.0.attn.c_attn.weight) being aliases: `filter: transformer.h.1.` matches
+# it. Patterns: re.sub, in order.
+_FUSED_MLP_EXPERTS = ((r"mlp\.experts\.\d+\.(?:gate|up)_proj\.weight$", "mlp.experts.gate_up_proj"),
+                      (r"mlp\.experts\.\d+\.down_proj\.weight$", "mlp.experts.down_proj"))
+_MIXTRAL = ((r"\.block_sparse_moe\.", ".mlp."),
+            (r"\.experts\.\d+\.w[13]\.weight$", ".experts.gate_up_proj"),
+            (r"\.experts\.\d+\.w2\.weight$", ".experts.down_proj"))
+_GRANITE_MOE = ((r"block_sparse_moe\.input_linear\.weight$", "block_sparse_moe.experts.gate_up_proj"),
+                (r"block_sparse_moe\.output_linear\.weight$", "block_sparse_moe.experts.down_proj"),
+                (r"block_sparse_moe\.router\.layer\.weight$", "block_sparse_moe.router.weight"))
 _FILTER_NAMES = {
     "gpt2": ((r"^(?=(?:wte|wpe|ln_f|h\.\d+)\.)", "transformer."),),
-    "mixtral": ((r"\.block_sparse_moe\.", ".mlp."),
-                (r"\.experts\.\d+\.w[13]\.weight$", ".experts.gate_up_proj"),
-                (r"\.experts\.\d+\.w2\.weight$", ".experts.down_proj")),
-    "qwen3_moe": ((r"mlp\.experts\.\d+\.(?:gate|up)_proj\.weight$", "mlp.experts.gate_up_proj"),
-                  (r"mlp\.experts\.\d+\.down_proj\.weight$", "mlp.experts.down_proj")),
+    **{t: _MIXTRAL for t in ("mixtral", "minimax", "minimax_m2")},
+    "phimoe": _MIXTRAL + ((r"\.gate\.weight$", ".router.weight"),),
+    **{t: _FUSED_MLP_EXPERTS for t in (
+        "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_text", "qwen3_omni_moe_thinker",
+        "olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "hunyuan_v1_moe", "glm4_moe_lite",
+        "glm4v_moe", "glm_moe_dsa", "longcat_flash", "mellum", "sarvam_mla", "solar_open", "cohere2_moe", "afmoe",
+        "beam")},
+    "ernie4_5_moe": _FUSED_MLP_EXPERTS + ((r"mlp\.moe_statics\.e_score_correction_bias$",
+                                           "mlp.gate.moe_statics.e_score_correction_bias"),),
+    "exaone_moe": _FUSED_MLP_EXPERTS + ((r"mlp\.e_score_correction_bias$", "mlp.gate.e_score_correction_bias"),),
+    "qwen3_5_moe_text": ((r"^model\.language_model\.", "model."),) + _FUSED_MLP_EXPERTS,
+    "jamba": ((r"feed_forward\.experts\.\d+\.(?:gate|up)_proj\.weight$", "feed_forward.experts.gate_up_proj"),
+              (r"feed_forward\.experts\.\d+\.down_proj\.weight$", "feed_forward.experts.down_proj")),
+    **{t: _GRANITE_MOE for t in ("granitemoe", "granitemoeshared")},
 }
 
 

@@ -398,11 +398,14 @@ def _check_positional_kinds(model_cfg, origins: List[Tuple[Optional[dict], int]]
         was = {**_positional_kinds(src, layer), **_listed_kinds(src, layer)}
         differ = [aspect for aspect, value in built.items() if aspect in was and was[aspect] != value]
         if differ:
+            # only attention types have a per-layer list transformers reads (an audit: the hint was given for
+            # Qwen2-MoE's decoder_sparse_step, whose models had layer_types already)
+            listable = "give the models' config.json an explicit per-layer list (layer_types) or " \
+                if differ == ["sliding"] else ""
             raise MergeConfigError(
                 f"slices: output layer {k} comes from source layer {layer}, but config.json derives each layer's kind "
-                f"from its position ({', '.join(differ)}): loaded, it would be built as another kind of layer. Give "
-                f"the models' config.json an explicit per-layer list (layer_types) or keep the layers at positions "
-                f"of their kind")
+                f"from its position ({', '.join(differ)}): loaded, it would be built as another kind of layer; "
+                f"{listable}keep the layers at positions of their kind")
 
 
 def _layer_count(model_cfg, layers: int) -> dict:

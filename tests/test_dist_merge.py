@@ -652,3 +652,20 @@ def test_sliced_merge_across_ranks_equals_one_process(fam, tmp_path):
     assert_same_tensors(out, expected)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
     assert not (out / "tokenizer.json").exists() and (out / "README.md").is_file()
+
+
+def test_ranks_compare_model_paths_as_the_same_path_however_spelt():
+    """m1/ on one rank and m1 on the others was refused as "a different merge" (an audit); another model is not."""
+    from pymerge.config import parse_config
+    from pymerge.dist.disk_merge import _canonical
+
+    def config(a, b, base):
+        return parse_config({"merge_method": "ties", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5, "density": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}]})
+    one = _canonical(config("/x/m1", "/x/m2", "/x/base"))
+    assert one == _canonical(config("/x/m1/", "/x//m2", "/x/./base/"))
+    assert one != _canonical(config("/x/m1", "/x/m3", "/x/base")) != _canonical(config("/x/m1", "/x/m2", "/x/b"))
+    def sliced(path):
+        return parse_config({"merge_method": "passthrough", "slices": [{"sources": [
+            {"model": path, "layer_range": [0, 1]}]}]})
+    assert _canonical(sliced("m1/")) == _canonical(sliced("m1")) != _canonical(sliced("m2"))

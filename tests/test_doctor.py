@@ -1,6 +1,7 @@
 """No silent fallbacks (issue 8, item 10): an extension that fails to load warns with its error,
 and `pymerge doctor` says which backends work and why the others do not."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,8 +23,9 @@ def test_doctor_lists_every_backend(capsys):
     assert ("CUDA devices" in out) or ("cuda:0" in out)
 
 
-def _python(code: str, block: str = "", exc: str = ""):
-    """Runs code in a fresh interpreter where importing `block` raises `exc` (a broken or absent build)."""
+def _python(code: str, block: str = "", exc: str = "", root: str = ROOT):
+    """Runs code in a fresh interpreter where importing `block` raises `exc` (a broken or absent build), pymerge
+    imported from `root`."""
     hook = textwrap.dedent(f"""
         import sys
         class _Block:
@@ -32,9 +34,9 @@ def _python(code: str, block: str = "", exc: str = ""):
                     raise {exc}
         sys.meta_path.insert(0, _Block())
     """) if block else ""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="default")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="default")
     return subprocess.run([sys.executable, "-c", hook + textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=120, cwd=root)  # -c puts the working folder first on the path
 
 
 BROKEN = 'ImportError("libfoo.so.3: cannot open shared object file")'
@@ -61,9 +63,16 @@ def test_a_cpu_extension_that_does_not_load_warns_and_doctor_says_why():
     assert "backend auto     yes  cpu -> torch" in r.stdout
 
 
-def test_a_cpu_extension_never_built_says_so():
+@pytest.mark.parametrize("where", ["installed", "checkout"])
+def test_a_cpu_extension_never_built_says_so(tmp_path, where):
     """Installed without a C++ compiler (setup.py goes on without the extension): "did not load: No module named
-    'pymerge._cpu'" read as a broken install; the warning and doctor say it was not built, and what to do."""
+    'pymerge._cpu'" read as a broken install; the warning and doctor say it was not built, and what to do. Imported
+    from the source checkout (`python -m pymerge` run there after `pip install .`), they say that instead: a
+    reinstall, which they advised, changed nothing (an audit)."""
+    root = ROOT
+    if where == "installed":  # the package alone, as site-packages holds it (no setup.py or csrc/ beside it)
+        root = str(tmp_path)
+        shutil.copytree(os.path.join(ROOT, "pymerge"), tmp_path / "pymerge", ignore=shutil.ignore_patterns("*.so"))
     r = _python("""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
@@ -73,10 +82,16 @@ def test_a_cpu_extension_never_built_says_so():
         print([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)][0])
         from pymerge.cli import main
         main(["doctor"])
-    """, "pymerge._cpu", 'ModuleNotFoundError("no", name="pymerge._cpu")')
+    """, "pymerge._cpu", 'ModuleNotFoundError("no", name="pymerge._cpu")', root=root)
     assert r.returncode == 0, r.stderr
-    assert "C++ extension was not built (no C++17 compiler at install time?)" in r.stdout
-    assert "cpu extension    no   not built (no C++17 compiler at install time?): ops use eager torch" in r.stdout
+    if where == "installed":
+        assert "C++ extension was not built (no C++17 compiler at install time?)" in r.stdout
+        assert "cpu extension    no   not built (no C++17 compiler at install time?): ops use eager torch, slower; " \
+               "install g++" in r.stdout
+    else:
+        why = f"not built in this source checkout ({ROOT}): run from outside it to use an installed pymerge"
+        assert f"C++ extension was {why}" in r.stdout
+        assert f"cpu extension    no   {why}" in r.stdout and "install g++" not in r.stdout
 
 
 @pytest.mark.parametrize("exc, warns", [(BROKEN, True), ('ModuleNotFoundError("no", name="pymerge._cuda")', False)])

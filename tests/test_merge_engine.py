@@ -386,6 +386,11 @@ def _moe(folder, model_type: str, seed: int, layers: int = 2, experts: int = 2, 
     ("mixtral", "experts.down_proj", (".w2.",)),
     ("qwen3_moe", "up_proj", ("gate_proj", "up_proj")),  # both halves of the fused gate_up_proj
     ("qwen3_moe", ".weight", ("embed", "norm", "lm_head", "q_proj", "layernorm", "mlp.gate.")),  # experts: no .weight
+    # model types without a mergekit JSON file: read through transformers' conversion mapping (an audit: qwen2_moe)
+    ("qwen2_moe", "gate_up_proj", ("gate_proj", "up_proj")),
+    ("deepseek_v3", "experts.down_proj", ("down_proj",)),
+    ("olmoe", ".weight", ("embed", "norm", "lm_head", "q_proj", "layernorm", "mlp.gate.")),
+    ("llama", "gate_up_proj", ()),  # a dense model type: the names on disk
 ])
 @pytest.mark.parametrize("sliced", [False, True])
 def test_filters_see_mergekits_fused_expert_names(tmp_path, model_type, filt, hits, sliced):

@@ -1111,9 +1111,11 @@ def test_slices_refuse_moving_layers_whose_kind_config_json_derives_from_their_p
             {"sources": [{"model": str(base), "layer_range": [i, i + 1]}]} for i in layers]}
     run_merge(stack(moved_ok), tmp_path / "ok", device="cpu", quiet=True)
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["num_hidden_layers"] == len(moved_ok)
-    with pytest.raises(MergeConfigError, match="derives each layer's kind from its position"):
+    with pytest.raises(MergeConfigError, match="derives each layer's kind from its position") as refused:
         run_merge(stack(moved_bad), tmp_path / "bad", device="cpu", quiet=True)
     assert not (tmp_path / "bad").exists()
+    # a layer_types list is a remedy for attention types only (it was offered for MoE and Mamba layers too)
+    assert ("layer_types" in str(refused.value)) == ("(sliding)" in str(refused.value)), str(refused.value)
     if "layer_types" not in keys and ("model_type" in keys or "sliding_window_pattern" in keys):
         # an explicit list says each layer's kind: it is rewritten per layer, and the stack merges
         (base / "config.json").write_text(json.dumps({**config, **keys, "layer_types": [

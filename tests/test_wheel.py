@@ -3,6 +3,7 @@ the checkout with no extras, prints its version and backends and runs `pymerge d
 optional feature whose extra is missing fails in one line naming the extra. The sdist (what PyPI serves
 where no wheel fits) carries every native source and header the build compiles, and what the README's
 commands use."""
+import glob
 import os
 import shutil
 import subprocess
@@ -46,6 +47,9 @@ def test_sdist_carries_the_native_sources_and_the_readme_commands(tmp_path):
               "docs/mergekit-compat.md", "tests/conftest.py", "benchmarks/bench_weighted_sum.py", "kernels/__init__.py"}
     assert sorted(needed - names) == []
     assert not any(n.endswith((".so", ".so.build", ".o", ".pyc")) for n in names)
+    # the GPU checks' logs the README points to (they were left out: an audit)
+    logs = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", "*.log"))}
+    assert sorted(logs - names) == []
 
 
 def _first_build_line(env: dict, where) -> str:
@@ -117,6 +121,35 @@ def test_a_build_skipped_as_up_to_date_keeps_the_stamp_of_the_flags_that_made_it
     assert mark.stdout.strip() == "2" and "-DMARK=2" in stamp.read_text(), mark.stderr
     wheel = run(build + ["-b", "out3/b", "-t", "out3/t"], tmp_path, env=env)
     assert "building 'pymerge._cpu'" in wheel.stdout + wheel.stderr
+
+
+def test_a_header_change_rebuilds_the_library(tmp_path):
+    """setuptools rebuilds a library only where an input is newer, and the headers were no input: a wheel built
+    beside an earlier build after a header-only change shipped the old library (an audit). A scratch tree with
+    this setup.py and a one-line extension whose value comes from a header."""
+    for f in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "mark.h").write_text("#define MARK 1\n")
+    (tmp_path / "csrc" / "cpu" / "x.cpp").write_text(
+        '#include <pybind11/pybind11.h>\n#include "cpu/mark.h"\nPYBIND11_MODULE(_cpu, m) { m.attr("mark") = MARK; }\n')
+    for pkg in ("pymerge", "kernels"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    build = [sys.executable, "setup.py", "build_ext", "-b", "out/b", "-t", "out/t"]
+    env = {"PYMERGE_NO_CUDA": "1"}
+    assert run(build, tmp_path, env=env).returncode == 0
+    again = run(build, tmp_path, env=env)
+    assert again.returncode == 0 and "building 'pymerge._cpu'" not in again.stdout + again.stderr  # up to date
+    header = tmp_path / "csrc" / "cpu" / "mark.h"
+    header.write_text("#define MARK 2\n")
+    later = os.path.getmtime(next((tmp_path / "out" / "b" / "pymerge").glob("_cpu*.so"))) + 5
+    os.utime(header, (later, later))  # newer than the library, whatever the file system's time resolution
+    rebuilt = run(build, tmp_path, env=env)
+    assert rebuilt.returncode == 0 and "building 'pymerge._cpu'" in rebuilt.stdout + rebuilt.stderr
+    (lib,) = (tmp_path / "out" / "b" / "pymerge").glob("_cpu*.so")
+    mark = run([sys.executable, "-c", "import _cpu; print(_cpu.mark)"], lib.parent)
+    assert mark.stdout.strip() == "2", mark.stderr
 
 
 @pytest.mark.parametrize("fails", ["compile", "link"])

@@ -309,10 +309,18 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed, flags=()) -> str:
 
 
 def _canonical(config) -> str:
-    """The parsed config as text that does not depend on the order its mappings were written in."""
+    """The parsed config as text that does not depend on the order its mappings were written in, nor on how its
+    model paths are spelt (m1/ and m1 on two ranks were "a different merge": an audit; the checkpoints themselves
+    are compared by identity)."""
     import dataclasses
     import json
-    return json.dumps(dataclasses.asdict(config), sort_keys=True, default=repr)
+
+    def spelt_once(x):
+        if isinstance(x, dict):
+            return {k: os.path.normpath(v) if k in ("path", "base_model") and isinstance(v, str) and v else
+                    spelt_once(v) for k, v in x.items()}
+        return [spelt_once(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(spelt_once(dataclasses.asdict(config)), sort_keys=True, default=repr)
 
 
 def _files_of(plan) -> list:
