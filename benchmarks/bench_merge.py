@@ -125,6 +125,7 @@ def run_tool(cmd, out: Path):
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{stderr[-3000:]}")
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    # MiB: /proc reports KiB (the keys keep their names, which the stored results use)
     return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 2), "peak_rss_mb": round(sampler.hwm_kb / 1024, 1),
             "peak_anon_mb": round(sampler.peak_anon_kb / 1024, 1)}
 
@@ -231,8 +232,8 @@ def main(argv=None):
             r["input_gb_per_s"] = round(input_bytes / r["wall_s"] / 1e9, 2)
             runs[tool].append(r)
             print(f"{tool:9s} run {rep + 1}: {r['wall_s']:7.2f} s (cpu {r['cpu_s']:6.2f} s)  "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                  f"peak anon {r['peak_anon_mb']:7.0f} MB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MiB  "
+                  f"peak anon {r['peak_anon_mb']:7.0f} MiB  ({r['input_gb_per_s']} GB/s of input)", flush=True)
 
     best = {t: min(rs, key=lambda r: r["wall_s"]) for t, rs in runs.items()}
     from common import RESULTS, charts, machine_description, machine_label, result_name, write_atomic  # imports torch: after the timed runs
@@ -252,7 +253,7 @@ def main(argv=None):
     lines = [f"# {args.method}: {what}, 297M-param Llama, bf16, 2 shards "
              f"({input_bytes / 1e9:.2f} GB read); dtype {args.dtype}, out_dtype {args.out_dtype}",
              f"{machine}, {summary['date']}", "",
-             "| tool | best wall (s) | its CPU time (s) | walls of all runs (s) | peak RSS (MB) | peak anon (MB) "
+             "| tool | best wall (s) | its CPU time (s) | walls of all runs (s) | peak RSS (MiB) | peak anon (MiB) "
              "| GB/s of input |", "|---|---|---|---|---|---|---|"]
     for t, r in best.items():
         walls = ", ".join(f"{x['wall_s']:.2f}" for x in runs[t])
