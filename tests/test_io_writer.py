@@ -351,7 +351,8 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
     """Ctrl-C just after OUT was swapped in ran abort(), which removed the temporary folder, by then the old
     model's, and the CLI said 'no output was written' (found by a review). Now: interrupted after the swap,
     OUT is the new model and INSTALLED says so; between the two renames of the fallback, the old OUT goes
-    back at once; while removing the old OUT, the merge is done and the old copy is left for the next run."""
+    back at once; while removing the old OUT, the merge is done and the removal finishes before the interrupt
+    goes on (most of the old model stayed beside OUT, hidden, until a merge into OUT again: an audit)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -370,8 +371,12 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
         if when == "between the renames" and ".pymerge-old-" in str(b):
             raise KeyboardInterrupt
 
+    interrupted = []
+
     def remove(path):
-        if when == "while removing the old OUT" and (path / "old.txt").exists():
+        if when == "while removing the old OUT" and (path / "old.txt").exists() and not interrupted:
+            interrupted.append(path)
+            (path / "old.txt").unlink()  # part of it removed, then the interrupt
             raise KeyboardInterrupt
         real_remove(path)
 
@@ -387,6 +392,8 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
     else:
         assert os.listdir(out) == ["model.safetensors"] and torch.equal(load_all(out)["a"], t["a"])
         assert writer_mod.INSTALLED[before:] == [out]
+        if when == "while removing the old OUT":
+            assert interrupted and leftovers(tmp_path) == []
         monkeypatch.undo()
         write_all(out, t, force=True)  # the next writer for OUT, even in this process, cleans up and succeeds
         assert leftovers(tmp_path) == [] and torch.equal(load_all(out)["a"], t["a"])

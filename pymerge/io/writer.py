@@ -603,12 +603,12 @@ class ShardedWriter:
     def _discard(self, old: Path) -> None:
         """Removes the replaced model once OUT is installed: renamed to a name that only ever means
         garbage (the next writer for OUT removes it, whatever its pid; it is never put back as OUT),
-        then deleted. An interrupt still propagates (the CLI says OUT is complete); an OSError leaves
+        then deleted, wholly. An interrupt still propagates after (the CLI says OUT is complete); an OSError leaves
         the rest for the next writer: the merge itself is done."""
         gone = _garbage_name(self.out_dir)
         try:
             os.rename(old, gone)
-            _remove_tree(gone)
+            _remove_whole(gone)  # finished where an interrupt lands inside (most of the old model stayed: an audit)
         except OSError:
             pass
 
