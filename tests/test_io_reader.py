@@ -1060,3 +1060,36 @@ def test_head_reads_the_mapped_file_when_another_is_at_its_path(tmp_path):
         assert ck.head("a", 16) == bytes(ck.array("a")[:16]) == bytes(16)
         os.unlink(path)  # deleted: open_regular's error is a CheckpointError, which head() once let through
         assert ck.head("a", 16) == bytes(16)
+
+
+@pytest.mark.parametrize("stored, refused", [
+    # DeepSeek-V3's float8 blocks with their inverse scales; compressed-tensors' and ModelOpt's weight_scale
+    ({"l.weight": torch.float8_e4m3fn, "l.weight_scale_inv": torch.float32}, "is float8_e4m3fn with its scales in "
+                                                                              "'l.weight_scale_inv'"),
+    ({"l.weight": torch.float8_e5m2, "l.weight_scale": torch.float32, "l.input_scale": torch.float32},
+     "is float8_e5m2 with its scales in 'l.weight_scale'"),
+    ({"l.qweight": torch.int32, "l.qzeros": torch.int32, "l.scales": torch.float16}, "is int32, packed by GPTQ or AWQ"),
+    ({"l.weight": torch.uint8, "l.weight.absmax": torch.float32}, "is uint8, packed by bitsandbytes (its scales in "
+                                                                  "'l.weight.absmax')"),
+    ({"l.weight": torch.int8, "l.SCB": torch.float32}, "is int8, packed by bitsandbytes (its scales in 'l.SCB')"),
+    ({"l.weight": torch.float8_e4m3fn, "l.bias": torch.float32}, None),  # plain float8: merged as any float
+    ({"l.weight": torch.bfloat16, "l.weight_scale": torch.float32}, None),  # a float weight beside a float scale
+    ({"l.qweight": torch.float16}, None),  # a float tensor that happens to be called so
+    ({"step": torch.int64, "step.absmax": torch.int64}, None),
+])
+def test_quantized_checkpoints_are_refused_when_opened(tmp_path, stored, refused):
+    """Merged as they were, a float8 checkpoint's values without their scales gave a model off by up to 55 % once
+    dequantized, and a GPTQ pool merged the scales and left the integers, exit 0 (an audit)."""
+    from pymerge.pool import CheckpointPool
+    tensors = {n: torch.ones(4, 4).to(dtype) for n, dtype in stored.items()}
+    safetensors.torch.save_file(tensors, str(tmp_path / "model.safetensors"))
+    state = {n: t.clone() for n, t in tensors.items()}
+    if refused is None:
+        Checkpoint(tmp_path).close()
+        return
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: tensor") + ".*" + re.escape(refused)
+                       + ".*: a quantized checkpoint, whose stored values are not the weights; dequantize it first$"):
+        Checkpoint(tmp_path)
+    for source in (str(tmp_path), state):  # a pool of state dicts too
+        with pytest.raises(CheckpointError, match=re.escape(refused)):
+            CheckpointPool([source, source] if isinstance(source, str) else [state, state])

@@ -417,6 +417,7 @@ class Checkpoint:
             self.close()
             raise
         self._names = [n for s in self._shards for n in s.names()]
+        refuse_quantized(str(self.path), self._names, lambda n: self.info(n).dtype_name, self.close)
 
     def _open_folder(self) -> None:
         # Hugging Face's own preference: safetensors over pickles, a single file over an index.
@@ -548,6 +549,49 @@ class Checkpoint:
 
     def __repr__(self):
         return f"Checkpoint({str(self.path)!r}, {len(self._where)} tensors in {len(self._shards)} files)"
+
+
+_SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scale_2")  # DeepSeek-V3's; compressed-tensors' and ModelOpt's
+
+
+def refuse_quantized(label: str, names, dtype_of, cleanup=None) -> None:
+    """A CheckpointError for a quantized checkpoint, whose stored values are not the weights: a float8 tensor with
+    its scales beside it (X.weight and X.weight_scale_inv: the weights are value x scale, per block) or packed
+    integers (GPTQ's and AWQ's X.qweight; bitsandbytes' X.weight beside X.weight.absmax or X.SCB). Merged as they
+    were, float8 ones gave a model off by up to 55 % once dequantized and GPTQ ones half a merge (the scales
+    merged, the integers left), exit 0 (an audit; mergekit crashes or does the same). Plain float8 tensors merge
+    as any float, integer buffers as before."""
+    have = set(names)
+    for name in names:
+        how = _quantized(name, have, dtype_of)
+        if how is not None:
+            if cleanup is not None:
+                cleanup()
+            raise CheckpointError(f"{label}: tensor {name!r} {how}: a quantized checkpoint, whose stored values "
+                                  "are not the weights; dequantize it first")
+
+
+def _quantized(name: str, have: set, dtype_of) -> Optional[str]:
+    """How tensor `name` is stored quantized (refuse_quantized), or None."""
+    dtype = _dtype_of(dtype_of, name)
+    if dtype is None or (_native.is_floating(dtype) and not dtype.startswith("float8")):
+        return None
+    if dtype.startswith("float8"):
+        scale = next((name + s for s in _SCALE_SUFFIXES if name + s in have), None)
+        return None if scale is None else f"is {dtype} with its scales in {scale!r}"
+    if name.endswith(".qweight"):
+        return f"is {dtype}, packed by GPTQ or AWQ"
+    for scales in (name + ".absmax", name[:-len("weight")] + "SCB" if name.endswith(".weight") else None):
+        if scales in have and _native.is_floating(_dtype_of(dtype_of, scales) or ""):
+            return f"is {dtype}, packed by bitsandbytes (its scales in {scales!r})"
+    return None
+
+
+def _dtype_of(dtype_of, name: str) -> Optional[str]:
+    try:
+        return _native.dtype_name(dtype_of(name))
+    except KeyError:  # a dtype the table does not know
+        return None
 
 
 def _read_weight_map(index_path: Path) -> Dict[str, str]:

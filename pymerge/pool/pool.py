@@ -24,6 +24,7 @@ from pymerge import _native
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
+from pymerge.io.checkpoint import refuse_quantized
 from pymerge.io.sigbus import MappingGuard, identity, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
@@ -1549,6 +1550,8 @@ def _catalog(opened, base_src):
     first = opened[0]
     names, shapes, skipped = [], {}, []
     first_names = first.names()
+    for src in opened + ([base_src] if base_src else []):  # state dicts and modules too (files: as they open)
+        refuse_quantized(src.label, src.names(), lambda n, src=src: src.info(n)[0])
     for name in first_names:
         dtype, shape = first.info(name)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
