@@ -93,7 +93,7 @@ def not_built_reason() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.exists(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
         return (f"not built in this source checkout ({root}): run from outside it to use an installed pymerge, or "
-                "build it here with `pip install --no-build-isolation -e .`")
+                "build it here with `pip install --no-build-isolation -e .` (a C++17 compiler needed)")
     return "not built (no C++17 compiler at install time?)"
 
 

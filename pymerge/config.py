@@ -427,7 +427,8 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float = 0.0, kind: t
 # tensors. So with `filter: mlp`, Mixtral's block_sparse_moe.experts.N.w1 is an mlp tensor, and with `filter:
 # gate_up_proj` so is Qwen2-MoE's mlp.experts.N.up_proj (it was not: an audit). The families below are those
 # mappings' expert renames and fusions (transformers 5.25; glm4_moe and granitemoehybrid have JSON files naming the
-# checkpoint's tensors). And GPT-2's files name every tensor under `transformer.`, the unprefixed names of
+# checkpoint's tensors, afmoe a class naming each expert; param2moe and sarvam_moe, whose mappings split a fused qkv
+# into three tensors, are not here). And GPT-2's files name every tensor under `transformer.`, the unprefixed names of
 # openai-community/gpt2's own checkpoint (h.0.attn.c_attn.weight) being aliases: `filter: transformer.h.1.` matches
 # it. Patterns: re.sub, in order.
 _FUSED_MLP_EXPERTS = ((r"mlp\.experts\.\d+\.(?:gate|up)_proj\.weight$", "mlp.experts.gate_up_proj"),
@@ -445,8 +446,14 @@ _FILTER_NAMES = {
     **{t: _FUSED_MLP_EXPERTS for t in (
         "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_text", "qwen3_omni_moe_thinker",
         "olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "hunyuan_v1_moe", "glm4_moe_lite",
-        "glm4v_moe", "glm_moe_dsa", "longcat_flash", "mellum", "sarvam_mla", "solar_open", "cohere2_moe", "afmoe",
-        "beam")},
+        "glm4v_moe", "glm_moe_dsa", "longcat_flash", "mellum", "sarvam_mla", "solar_open", "cohere2_moe", "beam")},
+    "mimo_v2_flash": _FUSED_MLP_EXPERTS + ((r"self_attn\.attention_sink_bias$", "self_attn.sinks"),),
+    "minicpm5_moe": _FUSED_MLP_EXPERTS + ((r"self_attn\.q_proj\.", "self_attn.q_gate_proj."),),
+    "qwen4_exp_text": ((r"^model\.language_model\.", "model."),) + _FUSED_MLP_EXPERTS,
+    "lfm2_moe": ((r"feed_forward\.experts\.\d+\.w[13]\.weight$", "feed_forward.experts.gate_up_proj"),
+                 (r"feed_forward\.experts\.\d+\.w2\.weight$", "feed_forward.experts.down_proj")),
+    "nemotron_h": ((r"^backbone\.", "model."), (r"mixer\.experts\.\d+\.up_proj\.weight$", "mixer.experts.up_proj"),
+                   (r"mixer\.experts\.\d+\.down_proj\.weight$", "mixer.experts.down_proj")),
     "ernie4_5_moe": _FUSED_MLP_EXPERTS + ((r"mlp\.moe_statics\.e_score_correction_bias$",
                                            "mlp.gate.moe_statics.e_score_correction_bias"),),
     "exaone_moe": _FUSED_MLP_EXPERTS + ((r"mlp\.e_score_correction_bias$", "mlp.gate.e_score_correction_bias"),),

@@ -319,6 +319,37 @@ def test_a_cut_under_an_mmap_pool_is_an_error_after_another_sigbus_handler(tmp_p
     assert f"error: {victim / 'model.safetensors'}: the file shrank while the pool was reading it" in out, out
 
 
+_FAULT_AFTER_FAULTHANDLER_DISABLED = r"""
+import faulthandler, mmap, os, sys, torch
+from pymerge import CheckpointPool
+a, b = sys.argv[1:3]
+pool = CheckpointPool([a, b], residency="mmap")  # our handler in front
+faulthandler.enable()                            # faulthandler's in front, ours its previous
+pool.materialize([0.5, 0.5], into={n: torch.zeros(s) for n, s in pool.shapes.items()})  # ours in front again
+faulthandler.disable()                           # ours stays; faulthandler's, our previous, now returns at once
+path = os.path.join(os.path.dirname(a), "other.bin")
+with open(path, "wb") as fh:
+    fh.write(b"x" * 8192)
+fh = open(path, "rb")
+m = mmap.mmap(fh.fileno(), 8192, prot=mmap.PROT_READ)
+os.truncate(path, 0)
+print("reading", flush=True)
+m[4096]  # a fault outside the pool's files
+print("survived", flush=True)
+"""
+
+
+@needs_cpu_ext
+def test_a_fault_forwarded_to_a_handler_that_returns_ends_as_a_bus_error(tmp_path):
+    """A previous handler that returns without curing the fault (faulthandler, disabled after the guard put itself
+    back in front of it) was handed the same fault forever: the process spun at 100 % CPU (a review). It dies of
+    its SIGBUS, as without the guard."""
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1)
+    p = subprocess.run([sys.executable, "-c", _FAULT_AFTER_FAULTHANDLER_DISABLED, str(fts[0]), str(base)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == -7 and "reading" in p.stdout and "survived" not in p.stdout, (p.returncode, p.stderr[-2000:])
+
+
 _TRUNCATE_WHILE_BUILDING = r"""
 import os, sys
 from pymerge import CheckpointPool

@@ -1431,3 +1431,14 @@ def test_a_float_target_of_a_tensor_held_as_integers_is_refused_under_strict():
     plain = {"w": torch.zeros(4, 2), "steps": torch.tensor(0)}  # an integer buffer in the model: as before
     pool.materialize([1.0], into=plain)
     assert torch.equal(plain["w"], src["w"])
+
+
+def test_a_names_function_is_not_needed_for_the_integer_tensors_left_out():
+    """The strict check of targets' float tensors against the integer ones left out called names= on those too:
+    a mapping built from pool.names raised its KeyError (a review)."""
+    src = {"w": torch.randn(3), "steps": torch.tensor(3)}
+    pool = CheckpointPool([src])
+    mapping = {n: "model." + n for n in pool.names}
+    target = {"model.w": torch.zeros(3), "model.steps": torch.tensor(0)}
+    pool.materialize([1.0], into=target, names=mapping.__getitem__)
+    assert torch.equal(target["model.w"], src["w"])

@@ -340,6 +340,9 @@ def _x(*shape, dtype=torch.float32):
     (lambda: weighted_sum([_x()], [1.0], out=_x(dtype=torch.int64)), TypeError, "out has unsupported dtype"),
     (lambda: weighted_sum([_x()], [1.0], out=_x(), out_dtype=torch.bfloat16), ValueError, "out has dtype torch.float32 but out_dtype"),
     (lambda: weighted_sum([_x()], [1.0], out_dtype=torch.int8), TypeError, "unsupported out_dtype"),
+    # a name was "unsupported out_dtype bfloat16; supported: bfloat16, ..." (an audit)
+    (lambda: weighted_sum([_x()], [1.0], out_dtype="bfloat16"), TypeError,
+     r"^out_dtype must be a torch.dtype \(torch.bfloat16, torch.float16 or torch.float32\), got 'bfloat16'$"),
     (lambda: weighted_sum([_x(4, 4)], [1.0], out=_x(4, 4).t()), ValueError, "out must be contiguous"),
     (lambda: weighted_sum([_x()], [1.0], backend="gpu"), ValueError, "unknown backend 'gpu'"),
     (lambda: weighted_sum([_x()], [1.0], out="x"), TypeError, "out must be a torch.Tensor"),

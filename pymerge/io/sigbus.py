@@ -27,6 +27,7 @@ class MappingGuard:
         # each mapped file once, however many of the checkpoints (views, a model listed twice) share it
         self._files = list({id(s): s for ck in checkpoints for s in ck.shards if hasattr(s, "mapped_range")}.values())
         self._ext = _native.cpu if hasattr(_native.cpu, "sigbus_guard_add") else None
+        self._reinstall = getattr(self._ext, "sigbus_guard_install", None)  # (an older build lacks it)
         self._ranges: List[Tuple[int, int, object, str, tuple]] = []  # (begin, end, file, abs path, (dev, inode))
         self._slots: List[int] = []
         self._hits: Optional[int] = None
@@ -59,11 +60,11 @@ class MappingGuard:
         """Raises if a mapped file shrank. A fault says so at once; with sizes=True each file's size is
         looked at too (one stat each): a cut inside the last page reads zeros without any fault, so the
         merge calls this once its reads are done, the pool around every materialize."""
-        if self._slots:
+        if self._slots and self._reinstall is not None:
             # A handler installed since the guard started (a DataLoader worker's, faulthandler.enable(): a
             # pool's guard lives as long as the pool) took the signal in front of ours and killed the process
             # on a cut file (an audit): ours goes back in front before the next reads, forwarding to it.
-            self._ext.sigbus_guard_install()
+            self._reinstall()
         if sizes and self._shrunk is None:
             for begin, end, f, path, identity in self._ranges:
                 if _cut(f, path, identity, end - begin):

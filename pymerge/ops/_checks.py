@@ -204,6 +204,9 @@ def resolve_out(tensors, out_dtype: Optional[torch.dtype], out: Optional[torch.T
     read an input an earlier one already overwrote, so callers pass False then.
     """
     first = tensors[0]
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):  # "bfloat16" was "unsupported ... supported:
+        raise TypeError("out_dtype must be a torch.dtype (torch.bfloat16, torch.float16 or torch.float32), got "
+                        f"{short(out_dtype)}")  # bfloat16" (an audit)
     if out_dtype is not None and out_dtype not in OUTPUT_DTYPES:
         raise TypeError(f"unsupported out_dtype {out_dtype}; supported: {_dtype_names(OUTPUT_DTYPES)}")
     if out is None:
