@@ -45,24 +45,23 @@ std::mutex g_mu;  // registration and installation (never taken in the handler)
 // meanwhile still gets its traceback); initial-exec TLS: no allocation in a handler.
 __thread bool t_forwarding __attribute__((tls_model("initial-exec"))) = false;
 
-// The address this thread last forwarded a fault at. A previous handler that returns without curing the fault gets
-// the same fault again, forever: faulthandler, kept as our previous while it was in front and disabled since, returns
-// at once (the process spun at 100 % CPU where it died of the SIGBUS before; a review). A second forward of one
-// address takes the default action instead.
-__thread uintptr_t t_last_forwarded __attribute__((tls_model("initial-exec"))) = 0;
+// The address of the last fault this thread forwarded and the previous handler returned from. One that returns
+// without curing the fault gets the same fault again, forever: faulthandler, kept as our previous while it was in
+// front and disabled since, returns at once (the process spun at 100 % CPU where it died of the SIGBUS before; a
+// review). The same fault again takes the default action instead. (A handler that jumps out, never returning, is
+// handed every fault as before.)
+__thread uintptr_t t_returned_at __attribute__((tls_model("initial-exec"))) = 0;
 
 void forward(int sig, siginfo_t* info, void* ctx) {
   if (t_forwarding && info != nullptr && info->si_code <= 0) {
     signal(sig, SIG_DFL);  // return: the raise (or the access) repeats under the default action
     return;
   }
-  if (info != nullptr && info->si_code > 0) {
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
-    if (addr == t_last_forwarded) {
-      signal(sig, SIG_DFL);  // return: the access repeats under the default action
-      return;
-    }
-    t_last_forwarded = addr;
+  const bool fault = info != nullptr && info->si_code > 0;
+  const uintptr_t addr = fault ? reinterpret_cast<uintptr_t>(info->si_addr) : 0;
+  if (fault && addr == t_returned_at) {
+    signal(sig, SIG_DFL);  // return: the access repeats under the default action
+    return;
   }
   t_forwarding = true;
   if (g_previous.sa_flags & SA_SIGINFO) {
@@ -73,6 +72,7 @@ void forward(int sig, siginfo_t* info, void* ctx) {
     signal(sig, SIG_DFL);  // return: the faulting access repeats and the default action ends the process
   }
   t_forwarding = false;
+  if (fault) t_returned_at = addr;
 }
 
 void on_sigbus(int sig, siginfo_t* info, void* ctx) {
