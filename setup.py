@@ -186,8 +186,7 @@ class BuildExt(build_ext):
         if self.in_place or ext.name != "pymerge._cpu" or os.environ.get("PYMERGE_REBUILD") == "1":
             return False
         built, stamp = self._in_place_path(ext), self._stamp_path(ext)
-        inputs = [os.path.join(HERE, p) for p in ext.sources] + glob.glob(os.path.join(HERE, "csrc", "**", "*.h"),
-                                                                          recursive=True)
+        inputs = [os.path.join(HERE, p) for p in list(ext.sources) + list(ext.depends)]  # .cpp files and headers
         inputs += [os.path.join(HERE, "setup.py"), os.path.join(HERE, "pyproject.toml")]
         if not os.path.exists(built) or not os.path.exists(stamp) \
                 or any(os.path.getmtime(p) >= os.path.getmtime(built) for p in inputs):

@@ -86,12 +86,19 @@ def _not_built(exc: Optional[ImportError]) -> bool:
     return isinstance(exc, ModuleNotFoundError) and exc.name in ("pymerge._cpu", "pymerge._cuda")
 
 
-def not_built_reason() -> str:
-    """Why an absent extension is absent, as far as can be told: pymerge imported from its source checkout (`python
-    -m pymerge` run in it after `pip install .` imports the checkout's uncompiled copy; an audit: reinstalling, which
-    the message advised, changed nothing), else no compiler when it was installed."""
+def source_checkout() -> Optional[str]:
+    """The source checkout pymerge was imported from (`python -m pymerge` run in it after `pip install .` imports
+    the checkout's copy, uncompiled), or None for an installed copy."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.exists(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+    checkout = os.path.exists(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc"))
+    return root if checkout else None
+
+
+def not_built_reason() -> str:
+    """Why an absent extension is absent, as far as can be told: imported from the source checkout (an audit: the
+    reinstall the message advised changed nothing), else no compiler when it was installed."""
+    root = source_checkout()
+    if root is not None:
         return (f"not built in this source checkout ({root}): run from outside it to use an installed pymerge, or "
                 "build it here with `pip install --no-build-isolation -e .` (a C++17 compiler needed)")
     return "not built (no C++17 compiler at install time?)"

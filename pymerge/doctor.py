@@ -18,9 +18,8 @@ Row = Tuple[str, bool, str]
 
 def _cpu_row(native) -> Row:
     if native.cpu is None and native._not_built(native.CPU_IMPORT_ERROR):
-        reason = native.not_built_reason()
-        fix = "" if "checkout" in reason else "; install g++ and reinstall pymerge"
-        return "cpu extension", False, f"{reason}: ops use eager torch, slower{fix}"
+        fix = "" if native.source_checkout() else "; install g++ and reinstall pymerge"
+        return "cpu extension", False, f"{native.not_built_reason()}: ops use eager torch, slower{fix}"
     if native.cpu is None:
         return "cpu extension", False, f"did not load: {first_line(native.CPU_IMPORT_ERROR)} (ops use eager torch)"
     return "cpu extension", True, (f"C++ kernels, SIMD {native.cpu.simd_level()}, "

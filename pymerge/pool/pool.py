@@ -24,7 +24,6 @@ from pymerge import _native
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
-from pymerge.io.checkpoint import refuse_quantized
 from pymerge.io.sigbus import MappingGuard, identity, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
@@ -1551,14 +1550,12 @@ def _first_dtype(src, name: str) -> torch.dtype:
 def _catalog(opened, base_src):
     """Names (first source's order), shapes, and the non-float tensors left out; every source must agree."""
     first = opened[0]
-    names, shapes, skipped = [], {}, []
+    names, shapes, skipped = [], {}, {}
     first_names = first.names()
-    for src in opened + ([base_src] if base_src else []):  # state dicts and modules too (files: as they open)
-        refuse_quantized(src.label, src.names(), lambda n, src=src: src.info(n)[0])
     for name in first_names:
         dtype, shape = first.info(name)
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            skipped.append(name)  # integer buffers (step counters, position ids) are not merged
+        if not _is_float(dtype):
+            skipped[name] = dtype, shape  # integer buffers (step counters, position ids) are not merged
             continue
         names.append(name)
         shapes[name] = shape
@@ -1577,16 +1574,20 @@ def _catalog(opened, base_src):
             if shape != shapes[name]:
                 raise CheckpointError(f"{src.label}: tensor {name!r} has shape {list(shape)}, "
                                       f"{first.label} has {list(shapes[name])}")
-            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            if not _is_float(dtype):
                 raise CheckpointError(f"{src.label}: tensor {name!r} has dtype {dtype}, {first.label} has a float")
-        for name in skipped:  # left out by the first source's dtype: a float elsewhere went unmerged (an audit)
-            (dtype, shape), (first_dtype, first_shape) = src.info(name), first.info(name)
-            if isinstance(dtype, torch.dtype) and dtype.is_floating_point or shape != first_shape:
+        for name, (first_dtype, first_shape) in skipped.items():  # left out by the first source's dtype: a float
+            dtype, shape = src.info(name)  # elsewhere went unmerged (an audit)
+            if _is_float(dtype) or shape != first_shape:
                 raise CheckpointError(f"{src.label}: tensor {name!r} has dtype {dtype} and shape {list(shape)}, "
                                       f"{first.label} has {first_dtype} and {list(first_shape)}")
     if not names:
         raise CheckpointError(f"{first.label}: no floating-point tensors to merge")
-    return names, shapes, skipped
+    return names, shapes, list(skipped)
+
+
+def _is_float(dtype) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
 def _map_name(name: str, names: NameMap) -> Optional[str]:

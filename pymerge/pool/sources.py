@@ -11,7 +11,7 @@ import torch
 
 from pymerge.errors import CheckpointError, InputError
 from pymerge.io import Checkpoint
-from pymerge.io.checkpoint import lora_hint
+from pymerge.io.checkpoint import lora_hint, refuse_quantized
 from pymerge.ops._memory import check_backed, kind_problem
 
 
@@ -59,6 +59,7 @@ class DictSource:
                 raise InputError(f"{label}: tensor {k!r} {problem}")
             check_backed(v, f"{label}: tensor {k!r}", InputError)  # a freed storage (FSDP's resize_(0))
             self._state[k] = v.detach().resolve_neg()  # a lazily negated view: its values, not its memory
+        refuse_quantized(label, list(self._state), lambda n: self._state[n].dtype)  # as a Checkpoint on opening
 
     def names(self) -> List[str]:
         return list(self._state)
