@@ -1068,14 +1068,18 @@ def test_head_reads_the_mapped_file_when_another_is_at_its_path(tmp_path):
                                                                               "'l.weight_scale_inv'"),
     ({"l.weight": torch.float8_e5m2, "l.weight_scale": torch.float32, "l.input_scale": torch.float32},
      "is float8_e5m2 with its scales in 'l.weight_scale'"),
-    ({"l.qweight": torch.int32, "l.qzeros": torch.int32, "l.scales": torch.float16}, "is int32, packed by GPTQ or AWQ"),
-    ({"l.weight": torch.uint8, "l.weight.absmax": torch.float32}, "is uint8, packed by bitsandbytes (its scales in "
-                                                                  "'l.weight.absmax')"),
-    ({"l.weight": torch.int8, "l.SCB": torch.float32}, "is int8, packed by bitsandbytes (its scales in 'l.SCB')"),
+    ({"l.qweight": torch.int32, "l.qzeros": torch.int32, "l.scales": torch.float16}, "is int32, packed"),
+    ({"l.weight": torch.uint8, "l.weight.absmax": torch.float32}, "is uint8 with its scales in 'l.weight.absmax'"),
+    ({"l.weight": torch.uint8, "l.weight.absmax": torch.uint8}, "is uint8 with its scales in 'l.weight.absmax'"),
+    ({"l.weight": torch.int8, "l.SCB": torch.float32}, "is int8 with its scales in 'l.SCB'"),
+    # compressed-tensors' int8 and packed int4, HQQ's (a review)
+    ({"l.weight": torch.int8, "l.weight_scale": torch.float16}, "is int8 with its scales in 'l.weight_scale'"),
+    ({"l.weight_packed": torch.int32, "l.weight_scale": torch.float16}, "is int32, packed"),
+    ({"l.W_q": torch.uint8, "l.scale": torch.float16, "l.zero": torch.float16}, "is uint8, packed"),
     ({"l.weight": torch.float8_e4m3fn, "l.bias": torch.float32}, None),  # plain float8: merged as any float
     ({"l.weight": torch.bfloat16, "l.weight_scale": torch.float32}, None),  # a float weight beside a float scale
     ({"l.qweight": torch.float16}, None),  # a float tensor that happens to be called so
-    ({"step": torch.int64, "step.absmax": torch.int64}, None),
+    ({"step": torch.int64, "position_ids": torch.int64, "ls1.scale": torch.float32}, None),
 ])
 def test_quantized_checkpoints_are_refused_when_opened(tmp_path, stored, refused):
     """Merged as they were, a float8 checkpoint's values without their scales gave a model off by up to 55 % once

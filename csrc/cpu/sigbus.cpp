@@ -13,6 +13,7 @@
 // The handler only reads atomics and calls mmap(2), a plain system call on Linux.
 #include <signal.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 #include <atomic>
 #include <cstdint>
@@ -45,12 +46,24 @@ std::mutex g_mu;  // registration and installation (never taken in the handler)
 // meanwhile still gets its traceback); initial-exec TLS: no allocation in a handler.
 __thread bool t_forwarding __attribute__((tls_model("initial-exec"))) = false;
 
-// The address of the last fault this thread forwarded and the previous handler returned from. One that returns
-// without curing the fault gets the same fault again, forever: faulthandler, kept as our previous while it was in
-// front and disabled since, returns at once (the process spun at 100 % CPU where it died of the SIGBUS before; a
-// review). The same fault again takes the default action instead. (A handler that jumps out, never returning, is
-// handed every fault as before.)
-__thread uintptr_t t_returned_at __attribute__((tls_model("initial-exec"))) = 0;
+// The last fault this thread forwarded and the previous handler returned from: its address and when. One that
+// returns without curing the fault gets the same fault again at once, forever: faulthandler, kept as our previous
+// while it was in front and disabled since, returns at once (the process spun at 100 % CPU where it died of the
+// SIGBUS before; a review). The same address again within a second takes the default action instead; later, or
+// elsewhere, the previous handler is asked again (one that cured a fault there, and a mapping reusing the address,
+// see it as before; a handler that jumps out, never returning, is handed every fault).
+struct Returned {
+  uintptr_t addr;
+  int64_t ns;
+  bool valid;
+};
+__thread Returned t_returned __attribute__((tls_model("initial-exec"))) = {0, 0, false};
+
+int64_t monotonic_ns() {  // clock_gettime: async-signal-safe
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 void forward(int sig, siginfo_t* info, void* ctx) {
   if (t_forwarding && info != nullptr && info->si_code <= 0) {
@@ -59,7 +72,7 @@ void forward(int sig, siginfo_t* info, void* ctx) {
   }
   const bool fault = info != nullptr && info->si_code > 0;
   const uintptr_t addr = fault ? reinterpret_cast<uintptr_t>(info->si_addr) : 0;
-  if (fault && addr == t_returned_at) {
+  if (fault && t_returned.valid && addr == t_returned.addr && monotonic_ns() - t_returned.ns < 1000000000) {
     signal(sig, SIG_DFL);  // return: the access repeats under the default action
     return;
   }
@@ -72,7 +85,7 @@ void forward(int sig, siginfo_t* info, void* ctx) {
     signal(sig, SIG_DFL);  // return: the faulting access repeats and the default action ends the process
   }
   t_forwarding = false;
-  if (fault) t_returned_at = addr;
+  if (fault) t_returned = {addr, monotonic_ns(), true};
 }
 
 void on_sigbus(int sig, siginfo_t* info, void* ctx) {

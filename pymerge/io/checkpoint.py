@@ -551,16 +551,19 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self._where)} tensors in {len(self._shards)} files)"
 
 
-_SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scale_2")  # DeepSeek-V3's; compressed-tensors' and ModelOpt's
+_SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scale_2", ".absmax")  # DeepSeek-V3's; compressed-tensors' and
+#                                                                    ModelOpt's; bitsandbytes 4-bit's (any dtype)
+_PACKED_SUFFIXES = (".qweight", ".weight_packed", ".W_q")  # GPTQ's and AWQ's; compressed-tensors'; HQQ's
 
 
 def refuse_quantized(label: str, names, dtype_of, cleanup=None) -> None:
-    """A CheckpointError for a quantized checkpoint, whose stored values are not the weights: a float8 tensor with
-    its scales beside it (X.weight and X.weight_scale_inv: the weights are value x scale, per block) or packed
-    integers (GPTQ's and AWQ's X.qweight; bitsandbytes' X.weight beside X.weight.absmax or X.SCB). Merged as they
-    were, float8 ones gave a model off by up to 55 % once dequantized and GPTQ ones half a merge (the scales
-    merged, the integers left), exit 0 (an audit; mergekit crashes or does the same). Plain float8 tensors merge
-    as any float, integer buffers as before."""
+    """A CheckpointError for a quantized checkpoint, whose stored values are not the weights: a float8 or integer
+    tensor with its scales beside it (X.weight and X.weight_scale_inv: the weights are value x scale, per block;
+    compressed-tensors' int8 X.weight_scale; bitsandbytes' X.weight.absmax or X.SCB) or packed integers (GPTQ's and
+    AWQ's X.qweight, compressed-tensors' X.weight_packed, HQQ's X.W_q). Merged as they were, float8 ones gave a model
+    off by up to 55 % once dequantized and integer ones half a merge (the scales merged, the integers left), exit 0
+    (audits; mergekit crashes or does the same). Plain float8 tensors merge as any float, integer buffers as
+    before."""
     have = set(names)
     for name in names:
         how = _quantized(name, have, dtype_of)
@@ -576,14 +579,12 @@ def _quantized(name: str, have: set, dtype_of) -> Optional[str]:
     dtype = _dtype_of(dtype_of, name)
     if dtype is None or (_native.is_floating(dtype) and not dtype.startswith("float8")):
         return None
-    if dtype.startswith("float8"):
-        scale = next((name + s for s in _SCALE_SUFFIXES if name + s in have), None)
-        return None if scale is None else f"is {dtype} with its scales in {scale!r}"
-    if name.endswith(".qweight"):
-        return f"is {dtype}, packed by GPTQ or AWQ"
-    for scales in (name + ".absmax", name[:-len("weight")] + "SCB" if name.endswith(".weight") else None):
-        if scales in have and _native.is_floating(_dtype_of(dtype_of, scales) or ""):
-            return f"is {dtype}, packed by bitsandbytes (its scales in {scales!r})"
+    scales = [name + s for s in _SCALE_SUFFIXES] + ([name[:-len("weight")] + "SCB"] if name.endswith(".weight") else [])
+    scale = next((s for s in scales if s in have), None)
+    if scale is not None:
+        return f"is {dtype} with its scales in {scale!r}"
+    if not dtype.startswith("float8") and name.endswith(_PACKED_SUFFIXES):
+        return f"is {dtype}, packed"
     return None
 
 

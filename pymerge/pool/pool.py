@@ -853,8 +853,8 @@ class CheckpointPool:
         for name in self.skipped:
             try:
                 model_name = _map_name(name, names)
-            except Exception:  # noqa: BLE001  a names= function made for the merged tensors only (a KeyError
-                continue  # from a dict of pool.names: a review): the integer tensors are never written anyway
+            except LookupError:  # a names= function made for the merged tensors only (a KeyError from a dict
+                continue  # of pool.names: a review): the integer tensors are never written anyway
             for k, tmap in enumerate(targets):
                 t = tmap.get(model_name) if model_name is not None else None
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
