@@ -391,8 +391,13 @@ MAX_ERROR_CHARS = 1000  # a message naming a hostile input (a 10 MB model path) 
 
 
 def _one_line(exc: BaseException) -> str:
+    """The message on one line, its middle cut where it is too long: the cause comes last (a path past PATH_MAX
+    printed whole left no room for "File name too long"; an audit)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    tail = MAX_ERROR_CHARS // 3
+    return text[:MAX_ERROR_CHARS - tail - 5] + " ... " + text[-tail:]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -549,6 +549,10 @@ class LoraCheckpoint:
         return self.ck.files + self.adapter.files
 
     @property
+    def index_file(self) -> Optional[Path]:
+        return self.ck.index_file
+
+    @property
     def total_bytes(self) -> int:
         return sum(self.info(n).nbytes for n in self.names())
 

@@ -42,7 +42,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
                             unmatched_filter_warnings, uses_positions)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
-from pymerge.io.writer import working_folder_note, working_folder_within
+from pymerge.io.writer import leftover_prefixes, working_folder_note, working_folder_within
 from pymerge.io.checkpoint import check_folder_unchanged, read_model_config
 from pymerge.io.files import out_location, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
@@ -204,6 +204,8 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
             shards = list(writer.shard_names)
         if inside:
             plan.warnings.append(working_folder_note(inside))
+        if writer.not_removed:
+            plan.warnings.append(writer.not_removed)
         return MergeReport(Path(out_dir), plan.method.name, len(plan.tensors) + len(plan.copies), plan.input_bytes,
                            plan.output_bytes, time.perf_counter() - t0, args.device, shards, plan.warnings)
     finally:
@@ -262,8 +264,16 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
     and, for a link, where it leads (writing through a link into an input is refused too)."""
     out = out_location(out_dir)  # (realpath, not Path.resolve(): a symlink loop raised RuntimeError there)
     target = Path(os.path.realpath(out_dir))
+    swept = leftover_prefixes(out)
     for what, p in _inputs_of(plan):
         p = Path(os.path.realpath(p))
+        # the writer first sweeps a killed run's folders beside OUT (.OUT.pymerge-tmp-<pid>, ...): one read as
+        # a model was deleted, or put back as OUT, before it was read (an audit)
+        leftover = next((a for a in (p, *p.parents) if a.parent == out.parent and a.name.startswith(swept)), None)
+        if leftover is not None:
+            where = "is" if leftover == p else f"lies in {leftover},"
+            raise InputError(f"{out_dir}: the {what} {p} {where} named as a killed run's leftover, which the writer "
+                             "for OUT removes; rename it, or choose another OUT")
         if out == p or out in p.parents:
             raise InputError(f"{out_dir}: is or holds the {what} {p}; the merge would replace it "
                              f"(choose an OUT outside the inputs)")
@@ -310,6 +320,9 @@ def _read_by(plan: "MergePlan"):
             yield "LoRA adapter folder", Path(adapter.folder)
         for f in ck.files:
             yield "model file", f
+        index = getattr(ck, "index_file", None)  # a link into OUT: --force deleted it (an audit)
+        if index is not None:
+            yield "model index file", index
     for fname in ("config.json",) + TOKENIZER_FILES:
         if (Path(plan.donor.folder) / fname).exists():
             yield "model file", Path(plan.donor.folder) / fname

@@ -897,6 +897,30 @@ def test_save_never_writes_over_a_checkpoint_the_pool_was_built_from(tmp_path):
     assert CheckpointPool.load(tmp_path / "pool.safetensors").names == ["w"]
 
 
+def test_save_never_replaces_a_link_inside_a_source_folder(tmp_path):
+    """A Hugging Face cache snapshot's files are links into blobs/: save(<snapshot>/config.json, overwrite=True)
+    compared the link's target (in blobs/, outside the folder) and replaced the link with the pool (an audit)."""
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(5)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    snaps = []
+    for i in range(3):
+        snap = tmp_path / "snapshots" / f"rev{i}"
+        snap.mkdir(parents=True)
+        save_file({"w": torch.randn(64, 3, generator=gen)}, str(blobs / f"w{i}"))
+        (blobs / f"c{i}").write_text('{"model_type": "llama"}')
+        os.symlink(f"../../blobs/w{i}", snap / "model.safetensors")
+        os.symlink(f"../../blobs/c{i}", snap / "config.json")
+        snaps.append(snap)
+    pool = CheckpointPool([str(p) for p in snaps[1:]], base=str(snaps[0]), compress="int8")
+    before = {p: (p.is_symlink(), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    for target in (snaps[1] / "config.json", snaps[0] / "config.json", snaps[2] / "notes.safetensors"):
+        with pytest.raises(InputError, match="inside the model folder .*, which this pool was built from"):
+            pool.save(target, overwrite=True)
+    assert {p: (p.is_symlink(), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_save_never_replaces_a_fifo_or_device(tmp_path):
     """Was: os.replace swapped the FIFO (or, as root, /dev/null) for a regular file. (Only a FIFO here: a
     regression must not cost the test machine its /dev/null.)"""

@@ -1,5 +1,6 @@
 """The language-model demo: its checkpoints are real Llama folders (transformers, pymerge merge and
 mergekit read them), its tasks score exact match as greedy decoding does, and --quick runs end to end."""
+import errno
 import inspect
 import json
 import re
@@ -777,14 +778,46 @@ def test_a_full_disk_while_saving_checkpoints_is_one_line(tmp_path, monkeypatch,
     assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / "m" / "model.safetensors")
 
 
-def test_a_plot_not_drawn_leaves_no_earlier_one(tmp_path, monkeypatch):
-    """Without matplotlib the demo said "no demo.png" and left an earlier run's demo.png beside its results."""
+@pytest.mark.parametrize("plot", ["not drawn", "failed"])
+def test_a_plot_not_drawn_leaves_no_earlier_one(tmp_path, monkeypatch, plot):
+    """Without matplotlib the demo said "no demo.png" and left an earlier run's demo.png beside its results; a
+    plot that failed to write (a full disk) did the same (an audit)."""
     import sys
-    png = tmp_path / "demo.png"
+    out = str(tmp_path / "out")
+    run.experiment(out, run.Settings(seed=3, **_TINY), budget=3, log=lambda m: None)
+    png = tmp_path / "out" / "demo.png"
     png.write_bytes(b"an earlier run's plot")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    assert run._plot(str(png), {}, [], "", []) is False
+    if plot == "not drawn":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+        run.experiment(out, run.Settings(seed=3, **_TINY), budget=4, log=lambda m: None)
+    else:
+        def full_disk(path, *args):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        monkeypatch.setattr(run, "_plot", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            run.experiment(out, run.Settings(seed=3, **_TINY), budget=4, log=lambda m: None)
+    with open(tmp_path / "out" / "results.json") as fh:
+        assert json.load(fh)["summary"]["evaluations"] == 4  # this run's results, and no other run's plot
     assert not png.exists()
+
+
+def test_a_full_disk_while_writing_the_merge_names_merged(tmp_path, monkeypatch):
+    """The error named the hidden temporary folder the merge is written into (.merged.pymerge-demo-tmp-*/...),
+    which the user never chose (an audit); the earlier merge and results stay."""
+    out = str(tmp_path / "out")
+    run.experiment(out, run.Settings(seed=3, **_TINY), budget=3, log=lambda m: None)
+    before = _tree(out)
+    real = run.save_hf
+
+    def full(model, folder, *args, **kwargs):
+        if ".pymerge-demo-tmp-" in folder:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(folder, "model.safetensors"))
+        return real(model, folder, *args, **kwargs)
+    monkeypatch.setattr(run, "save_hf", full)
+    with pytest.raises(OSError) as exc:
+        run.experiment(out, run.Settings(seed=3, **_TINY), budget=4, log=lambda m: None)
+    assert exc.value.filename == os.path.join(out, "merged", "model.safetensors")
+    assert _tree(out) == before
 
 
 def test_signals_wait_for_the_outputs_of_one_run():

@@ -1,5 +1,6 @@
 """A hostile or careless user (issue 8): inputs never deleted, no crash, no hang, no traceback,
 no leak, no silently wrong merge. Each case is exit 2 with one line naming the problem."""
+import errno
 import hashlib
 import os
 import shutil
@@ -116,6 +117,56 @@ def test_force_refuses_an_out_that_is_holds_or_lies_in_an_input(workdir, capsys,
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "input" in err, err
     assert _tree(work) == before  # every model and the config still there, byte for byte
     assert leftovers(work / "ft1") == [] and not (work / "ft1" / "merged").exists()
+
+
+def test_force_spares_an_index_that_links_into_out(workdir, capsys, monkeypatch):
+    """A sharded input whose model.safetensors.index.json is a link into OUT: the input check listed the shards
+    it read but not the index, so --force deleted it with OUT and the input no longer loaded (an audit)."""
+    work, cfg, models = workdir
+    monkeypatch.chdir(work)
+    rc, err = run_cli(["merge", "cfg.yml", "sharded", "--out-shard-size", "2000", "--quiet"], capsys)
+    assert rc == 0 and (work / "sharded" / "model.safetensors.index.json").is_file(), err
+    (work / "out").mkdir()
+    os.replace(work / "sharded" / "model.safetensors.index.json", work / "out" / "idx.json")
+    os.symlink("../out/idx.json", work / "sharded" / "model.safetensors.index.json")
+    write_cfg(work / "cfg2.yml", linear(["ft1", "sharded"]))
+    before = _tree(work)
+    rc, err = run_cli(["merge", "cfg2.yml", "out", "--force", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "is or holds the model index file" in err, err
+    assert _tree(work) == before
+
+
+def test_a_replaced_out_that_cannot_be_deleted_is_said(workdir, capsys, monkeypatch):
+    """--force over an OUT holding a folder the user may not delete from left the old model beside OUT, hidden,
+    for good, and said nothing (an audit): the merge succeeds and names where the old model is."""
+    from pymerge.io import writer
+    work, cfg, models = workdir
+    monkeypatch.chdir(work)
+    assert run_cli(["merge", "cfg.yml", "out", "--quiet"], capsys)[0] == 0
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    monkeypatch.setattr(writer, "_remove_whole", denied)
+    rc, err = run_cli(["merge", "cfg.yml", "out", "--force", "--quiet"], capsys)
+    left = [p.name for p in work.iterdir() if p.name.startswith(".out.pymerge-del-")]
+    assert rc == 0 and len(left) == 1 and "could not be deleted (Permission denied)" in err and left[0] in err, err
+    assert (work / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tag", ["tmp", "old"])
+def test_an_input_named_as_a_killed_runs_leftover_is_refused(workdir, capsys, monkeypatch, tag):
+    """A model at .OUT.pymerge-tmp-<dead pid> (where the README says a killed run leaves its new model) read as an
+    input of a merge into OUT: the writer's sweep deleted it before the merge read it, and blamed "another program";
+    at .OUT.pymerge-old-<pid> it was renamed to OUT (an audit). Refused now, the input kept."""
+    work, cfg, models = workdir
+    monkeypatch.chdir(work)
+    leftover = work / f".out.pymerge-{tag}-999999999"
+    shutil.copytree(models[1], leftover)
+    write_cfg(work / "cfg2.yml", linear(["ft1", leftover.name]))
+    before = _tree(work)
+    rc, err = run_cli(["merge", "cfg2.yml", "out", "--quiet"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "named as a killed run's leftover" in err, err
+    assert _tree(work) == before and not (work / "out").exists()
 
 
 @pytest.mark.parametrize("elsewhere_has_files", [True, False])

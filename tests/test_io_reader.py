@@ -898,23 +898,42 @@ for d, v in (("a", 1.0), ("b", 3.0)):
         weights[f"t{k}"] = f"s{k}.safetensors"
     json.dump({"metadata": {}, "weight_map": weights}, open(f"{root}/{d}/model.safetensors.index.json", "w"))
 before = len(os.listdir("/proc/self/fd"))
-try:
-    pool = pymerge.CheckpointPool([f"{root}/a", f"{root}/b"], residency="mmap")
-except CheckpointError as e:
-    print(e)
-    sys.exit(2)
+pool = pymerge.CheckpointPool([f"{root}/a", f"{root}/b"], residency="mmap")
 out = {f"t{k}": torch.empty(4) for k in range(150)}
 pool.materialize([0.5, 0.5], into=out)
 assert all(torch.equal(out[f"t{k}"], torch.full((4,), 2.0 + k)) for k in range(150))
 print("merged with", len(os.listdir("/proc/self/fd")) - before, "more descriptors open")
+if hard:  # the CLI's merge too, and a shard cut under a map that keeps no descriptor is still told apart
+    from pymerge.cli import main
+    cfg = f"{root}/m.yml"
+    open(cfg, "w").write(f"merge_method: linear\nmodels:\n- model: {root}/a\n  parameters: {{weight: 1}}\n"
+                         f"- model: {root}/b\n  parameters: {{weight: 3}}\ndtype: float32\n")
+    assert main(["merge", cfg, f"{root}/out", "--quiet"]) == 0
+    from safetensors.torch import load_file
+    merged = {}
+    for f in os.listdir(f"{root}/out"):
+        if f.endswith(".safetensors"):
+            merged.update(load_file(f"{root}/out/{f}"))
+    assert all(torch.equal(merged[f"t{k}"], torch.full((4,), 2.5 + k)) for k in range(150)), "merge"
+    from pymerge.io import Checkpoint
+    ck = Checkpoint(f"{root}/a")
+    from pymerge.io.sigbus import MappingGuard
+    with MappingGuard([ck]) as guard:
+        os.truncate(f"{root}/a/s7.safetensors", 8)  # inside the map's one page: no fault, zeros read
+        try:
+            guard.check(sizes=True)
+        except CheckpointError as e:
+            print("cut:", e)
 """
 
 
 @pytest.mark.parametrize("limit", ["soft", "hard"])
-def test_more_shards_than_the_soft_open_file_limit_are_read(tmp_path, limit):
+def test_more_shards_than_the_open_file_limit_are_read(tmp_path, limit):
     """Every shard is held open (an mmap keeps a descriptor of its own), so a model of more shards than
     the soft limit (1024 is common; pymerge writes such models) could not be read: the soft limit is
-    raised to the hard one when descriptors run out; past the hard one the error says what to raise."""
+    raised to the hard one when descriptors run out, and past the hard one the files are mapped by libc's mmap,
+    which keeps no descriptor (4 x 265 shards under a hard limit of 1024 were refused, where mergekit, which opens
+    them lazily, merged them: an audit)."""
     import resource
     import subprocess
     import sys
@@ -927,13 +946,13 @@ def test_more_shards_than_the_soft_open_file_limit_are_read(tmp_path, limit):
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64 if limit == "hard" else hard))
     p = subprocess.run([sys.executable, "-c", _MANY_SHARDS, str(tmp_path), limit], capture_output=True, text=True,
                        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), preexec_fn=lower)
-    if limit == "soft":
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert "more descriptors open" in p.stdout
+    assert p.returncode == 0, p.stderr[-2000:]
+    opened = int(p.stdout.split("merged with ")[1].split()[0])
+    if limit == "hard":
+        assert opened <= 32, p.stdout  # half the limit of 64: the rest left to the writer and the rest
+        assert "s7.safetensors: the file shrank while being merged" in p.stdout, p.stdout
     else:
-        assert p.returncode == 2, p.stderr[-2000:]
-        assert "Too many open files (raise the open-file limit: ulimit -n)" in p.stdout
-        assert len(p.stdout.strip().splitlines()) == 1
+        assert opened >= 300, p.stdout  # the soft limit raised: each map keeps a descriptor (a cut is told by it)
 
 
 def _resident_kb(address: int) -> int:

@@ -1555,6 +1555,22 @@ def test_replaced_files_are_on_disk_before_their_name(tmp_path, monkeypatch):
     assert open(path).read() == "{}"
 
 
+def test_a_name_near_the_limit_is_replaced_and_a_long_error_keeps_its_cause(tmp_path):
+    """A legal 250-byte state file could not be written: replace_file's temporary name (a dot, the name, a tag and
+    8 characters) passed NAME_MAX; and the CLI cut an error past 1,000 characters at its end, which dropped the
+    cause ("File name too long") after a long path (an audit)."""
+    from pymerge import cli
+    from pymerge.io import files
+    path = str(tmp_path / ("s" * 245 + ".json"))
+    for text in ("{}", "[]"):
+        files.replace_file(path, lambda p: open(p, "w").write(text))
+        assert open(path).read() == text
+    assert os.listdir(tmp_path) == [os.path.basename(path)]
+    assert files.replace_file_prefix("state.json") == ".state.json.pymerge-tmp-"  # short names as before
+    line = cli._one_line(OSError(f"{'x/' * 2000}: File name too long"))
+    assert len(line) <= cli.MAX_ERROR_CHARS and line.startswith("x/x/") and line.endswith(": File name too long")
+
+
 def test_a_nameless_write_error_names_the_file_being_written(tmp_path, capsys):
     """A full disk under a buffered write (a search's history.csv, its plot, a saved pool) raised OSError with
     no file name: the CLI said only "No space left on device" (an audit). replace_file names its file."""

@@ -474,6 +474,10 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
             with open(tmp, "w") as fh:
                 json.dump({"summary": summary, "details": details, "search": [
                     {"scores": h["scores"], "weights": h["weights"]} for h in res.history]}, fh, indent=1)
+        # the old plot goes first: a plot that failed (a full disk) or was not drawn (no matplotlib) left the last
+        # run's beside this run's results (an audit)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, "demo.png"))
         replace_file(os.path.join(out, "results.json"), write)
         plotted = _plot(os.path.join(out, "demo.png"), rows, names, best_single, res.history)
     _print_table(rows, names, best_single, summary, log)
@@ -548,8 +552,13 @@ def _write_merge(pool, config, weights, folder: str) -> None:
         # the checkpoints relative to this folder (as given they were relative to where the demo ran: read
         # from elsewhere, they named nothing); ../checkpoints/<run> stays right when the demo folder moves
         checkpoints = [os.path.relpath(label, folder) for label in pool.labels]
-        save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
-                                                                 "checkpoints": checkpoints}})
+        try:
+            save_hf(merged, tmp, extra_files={"merge_weights.json": {"weights": np.asarray(weights).tolist(),
+                                                                     "checkpoints": checkpoints}})
+        except OSError as exc:  # named the hidden temporary folder, which the user never chose (an audit)
+            if exc.filename is not None and os.path.dirname(exc.filename) == tmp:
+                exc.filename = os.path.join(folder, os.path.basename(exc.filename))
+            raise
         # the demo's own folder (claim_out checked it), swapped for the new one in one step where the system
         # can; else moved aside first. Deleted first, a kill before the rename left no merged model at all.
         if not (os.path.isdir(folder) and not os.path.islink(folder) and _exchange(Path(tmp), Path(folder))):
@@ -643,9 +652,7 @@ def _plot(path: str, rows, names, best_single, history) -> bool:
     """Scores per task (test) and, for the two tasks that trade off most, the search's Pareto front (val)."""
     try:
         import matplotlib
-    except ImportError:  # an earlier run's plot would pass for this one's
-        if os.path.lexists(path):
-            os.remove(path)
+    except ImportError:  # (an earlier run's plot is gone: experiment() removes it first)
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

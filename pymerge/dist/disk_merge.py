@@ -172,6 +172,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
                 state["installed"] = True
                 if inside:
                     warnings.append(working_folder_note(inside))
+                if state["writer"].not_removed:
+                    warnings.append(state["writer"].not_removed)
         maybe = "every part was written, so rank 0 may have installed OUT (complete): check it before a retry"
         try:
             _agree(install, dist, group, lost=None if rank == 0 else maybe)

@@ -393,6 +393,7 @@ class Checkpoint:
         self.path = Path(source)
         self._shards: list = []
         self._where: Dict[str, object] = {}
+        self.index_file: Optional[Path] = None  # the index the shards were listed by, where there is one
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or folder{lora_hint(str(source))}")
         check_file_or_folder(self.path)
@@ -445,6 +446,7 @@ class Checkpoint:
         self._where = {n: shard for n in shard.names()}
 
     def _open_index(self, index_path: Path) -> None:
+        self.index_file = index_path
         weight_map = _read_weight_map(index_path)
         by_shard: Dict[str, List[str]] = {}
         for name, fname in weight_map.items():

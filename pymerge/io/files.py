@@ -5,6 +5,7 @@ Every failure is a CheckpointError (or the caller's error class) naming the path
 """
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -171,8 +172,13 @@ _TMP_MARK = ".pymerge-tmp-"  # .<name>.pymerge-tmp-<random>: replace_file's temp
 
 
 def replace_file_prefix(name: str) -> str:
-    """How the temporary files of replace_file(<folder>/name) begin (one a killed writer left is one of these)."""
-    return f".{name}{_TMP_MARK}"
+    """How the temporary files of replace_file(<folder>/name) begin (one a killed writer left is one of these). A
+    name near NAME_MAX is cut and hashed, so that the prefix and mkstemp's 8 characters still fit in one name (a
+    legal 250-byte state file could not be written: an audit)."""
+    raw = os.fsencode(name)
+    if 1 + len(raw) + len(_TMP_MARK) + 8 > 255:
+        raw = raw[:64] + b"-" + hashlib.sha256(raw).hexdigest()[:16].encode()
+    return f".{os.fsdecode(raw)}{_TMP_MARK}"
 
 
 def replace_file(path: str, write: Callable[[str], None], install: Callable[[str, str], None] = os.replace) -> None:

@@ -11,6 +11,9 @@ the last view is gone (torch.frombuffer keeps the mmap object alive).
 Torch loads only for tensor() (and the torch-keyed tables): header checks, info() and array()
 (a numpy view of the tensor's bytes) need none, so a CPU weighted-sum merge runs without it.
 """
+import ctypes
+import errno
+import functools
 import json
 import math
 import mmap
@@ -18,6 +21,7 @@ import os
 import struct
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -26,7 +30,8 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
-from pymerge.io.files import LFS_ADVICE, LFS_POINTER, fd_advice, open_regular, retry_out_of_files
+from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, fd_advice, more_open_files, open_regular, resource,
+                              retry_out_of_files)
 from pymerge.io.sigbus import stamp as _stamp
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -116,7 +121,8 @@ class SafetensorsFile:
         self.metadata: Optional[Dict[str, str]] = None
         self._infos: Dict[str, TensorInfo] = {}
         self._names: List[str] = []
-        self._mm: Optional[mmap.mmap] = None
+        self._mm = None  # an mmap.mmap, or a memoryview of a map that keeps no descriptor (then _address is its start)
+        self._address: Optional[int] = None
         fd = open_regular(self.path)  # a FIFO or a device: refused, never read
         try:
             st = os.fstat(fd)
@@ -124,13 +130,49 @@ class SafetensorsFile:
             # the file mapped, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
             self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
             self._parse(fd, size)
-            # A file of only a header still maps fine: it is at least 8 bytes long.
-            try:  # the map keeps a descriptor of its own (EMFILE: the soft limit is raised once)
-                self._mm = retry_out_of_files(lambda: mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
-            except OSError as exc:  # ENOMEM under an address-space limit: the error carries no file name
-                raise self._error(f"cannot map the file into memory: {exc.strerror or exc}{fd_advice(exc)}") from None
+            self._mm = self._map(fd, size)  # a file of only a header still maps fine: it is at least 8 bytes long
         finally:
             os.close(fd)
+
+    def _map(self, fd: int, size: int):
+        """The file mapped read-only. Python's mmap keeps a descriptor of its own, which tells a cut file from its
+        size (mapped_size); past half the open-file limit the maps keep none: every shard is mapped for the whole
+        merge or pool, and 4 x 265 shards under a hard limit of 1024 were refused, where mergekit, which opens them
+        lazily, merged them (an audit)."""
+        with _KEPT_LOCK:  # the soft limit raised to the hard one first, where it can be
+            keep = _KEPT[0] < _descriptor_budget() or (more_open_files() and _KEPT[0] < _descriptor_budget())
+            _KEPT[0] += keep
+        if not keep:
+            return self._map_without_descriptor(fd, size)
+        try:  # EMFILE: the soft limit is raised once
+            mm = retry_out_of_files(lambda: mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+        except OSError as exc:
+            _kept_closed()
+            if exc.errno == errno.EMFILE:  # the process's other files took the rest
+                return self._map_without_descriptor(fd, size)
+            # ENOMEM under an address-space limit: the error carries no file name
+            raise self._error(f"cannot map the file into memory: {exc.strerror or exc}") from None
+        weakref.finalize(mm, _kept_closed)
+        return mm
+
+    def _map_without_descriptor(self, fd: int, size: int) -> memoryview:
+        """The file mapped by libc's mmap, read-only, as a memoryview that holds no descriptor: unmapped when the
+        last view of it is gone."""
+        try:
+            libc = _libc()
+        except OSError:  # no libc to load: a descriptor or nothing
+            try:
+                return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise self._error(f"cannot map the file into memory: {exc.strerror}{fd_advice(exc)}") from None
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address is None or address == ctypes.c_void_p(-1).value:
+            why = os.strerror(ctypes.get_errno())
+            raise self._error(f"cannot map the file into memory: {why}") from None
+        pages = (ctypes.c_ubyte * size).from_address(address)
+        weakref.finalize(pages, libc.munmap, address, size)
+        self._address = address
+        return memoryview(pages).cast("B").toreadonly()
 
     # ---- validation -------------------------------------------------------------------------
     def _error(self, problem: str, tensor: Optional[str] = None) -> CheckpointError:
@@ -346,25 +388,33 @@ class SafetensorsFile:
     def _advise(self, name: str, option) -> None:
         info = self.info(name)
         mm = self._require_open()
-        if option is None or info.nbytes == 0 or not hasattr(mm, "madvise"):
+        if option is None or info.nbytes == 0:
             return
         start = info.file_offset - info.file_offset % mmap.PAGESIZE  # madvise wants page-aligned starts
+        length = info.file_offset + info.nbytes - start
+        if self._address is not None:  # advice only: a failure is never worth failing a merge over
+            _libc().madvise(ctypes.c_void_p(self._address + start), ctypes.c_size_t(length), option)
+            return
+        if not hasattr(mm, "madvise"):
+            return
         try:
-            mm.madvise(option, start, info.file_offset + info.nbytes - start)
+            mm.madvise(option, start, length)
         except OSError:
-            pass  # advice only: never worth failing a merge over
+            pass
 
     def mapped_range(self) -> Tuple[int, int]:
         """(address, length) of the file's memory map (for pymerge/io/sigbus.py)."""
         mm = self._require_open()
         return np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0], len(mm)
 
-    def mapped_size(self) -> int:
+    def mapped_size(self) -> Optional[int]:
         """The size of the mapped file now, through the map's own descriptor (a rename of the path to
-        another file does not change it): smaller than the map when the file was cut (pymerge/io/sigbus.py)."""
-        return self._require_open().size()
+        another file does not change it): smaller than the map when the file was cut (pymerge/io/sigbus.py).
+        None where the map keeps no descriptor (more files than the open-file limit allows)."""
+        mm = self._require_open()
+        return None if self._address is not None else mm.size()
 
-    def _require_open(self) -> mmap.mmap:
+    def _require_open(self):
         if self._mm is None:
             raise ValueError(f"{self.path}: file is closed")
         return self._mm
@@ -382,6 +432,36 @@ class SafetensorsFile:
 
     def __repr__(self):
         return f"SafetensorsFile({str(self.path)!r}, {len(self._names)} tensors)"
+
+
+_KEPT, _KEPT_LOCK = [0], threading.Lock()  # live maps that keep a descriptor of their own
+
+
+def _kept_closed() -> None:
+    with _KEPT_LOCK:
+        _KEPT[0] -= 1
+
+
+def _descriptor_budget() -> int:
+    """How many maps may keep a descriptor: half the soft open-file limit, the rest left to everything else."""
+    if resource is None:
+        return 512
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError):
+        return 512
+    return (1 << 20) if soft == resource.RLIM_INFINITY else soft // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _libc() -> ctypes.CDLL:
+    """libc's mmap, munmap and madvise, typed (OSError where there is no libc to load)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
 
 
 def _empty_bytes() -> np.ndarray:

@@ -114,12 +114,11 @@ def _cut(f, path: str, identity: Optional[tuple], length: int) -> bool:
     """Whether the mapped file is now shorter than its map: through the map's own descriptor where the file
     object has one (safetensors), else by path when the path still names the mapped file."""
     size = getattr(f, "mapped_size", None)
-    if size is None:
-        return _shrank(path, identity, length)
     try:
-        return size() < length
+        now = size() if size is not None else None
     except (OSError, ValueError):  # closed meanwhile: nothing read through it any more
         return False
+    return _shrank(path, identity, length) if now is None else now < length
 
 
 def stamp(st: os.stat_result) -> tuple:

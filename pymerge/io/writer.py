@@ -110,6 +110,7 @@ class ShardedWriter:
                 raise
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
+        self.not_removed: Optional[str] = None  # a note where the replaced OUT could not be deleted
         self._inflight = 0
         # Shard index -> fd, open only while a shard is being written: a model of more shards than the
         # open-file limit (1024 is common) can be written. A shard is fsynced and closed once every byte
@@ -609,8 +610,11 @@ class ShardedWriter:
         try:
             os.rename(old, gone)
             _remove_whole(gone)  # finished where an interrupt lands inside (most of the old model stayed: an audit)
-        except OSError:
-            pass
+        except OSError as exc:  # said: a folder the user cannot delete stayed beside OUT for good, silently (an audit)
+            left = gone if os.path.lexists(gone) else old
+            if os.path.lexists(left):
+                self.not_removed = (f"the model OUT held before could not be deleted ({exc.strerror or exc}): it is "
+                                    f"left at {left}; delete it yourself")
 
     def _installed(self) -> None:
         """The point of no return: OUT is the new model. An interrupt from here on must neither delete
@@ -1023,6 +1027,12 @@ def _remove_stale(out: Path) -> None:
                     if gone is not None:
                         _remove_tree(gone, ignore_errors=True)
                 break
+
+
+def leftover_prefixes(out: Path) -> Tuple[str, ...]:
+    """The name prefixes of the folders beside OUT that a writer for OUT sweeps as killed runs' leftovers
+    (removes, or puts back as OUT): an input there would be deleted before the merge read it."""
+    return tuple(_beside(out, tag) for tag in (_TMP_TAG, _OLD_TAG, _DEL_TAG))
 
 
 def _is_pid(text: str) -> bool:

@@ -313,11 +313,15 @@ class CheckpointPool:
         except TypeError:
             return None
         same, real = identity(path), os.path.realpath(path)
+        # where a writer puts the file: a link is replaced, not followed (a hub snapshot's config.json, a link into
+        # blobs/, was replaced by the pool: its realpath lies outside the snapshot; an audit)
+        spot = os.path.join(os.path.realpath(os.path.dirname(path) or os.curdir), os.path.basename(path))
         for p, ident, _ in self._files:
-            if ident == same or os.path.realpath(p) == real:
+            if ident == same or os.path.realpath(p) in (real, spot):
                 return f"the checkpoint file {p}"
         for folder in self._folders:
-            if os.path.commonpath([real, os.path.realpath(folder)]) == os.path.realpath(folder):
+            inside = os.path.realpath(folder)
+            if any(os.path.commonpath([where, inside]) == inside for where in (real, spot)):
                 return f"inside the model folder {folder}"
         return None
 
@@ -451,7 +455,8 @@ class CheckpointPool:
         for n, dtype, shape, at, nbytes in layout:
             t = src.tensor(n).detach()
             if tuple(t.shape) != tuple(shape):  # copy_ would broadcast: a source must give what it lists
-                raise CheckpointError(f"{src.label}: tensor {n!r} has shape {list(t.shape)}, listed as {list(shape)}")
+                raise CheckpointError(f"{src.label}: tensor {short(n)} has shape {list(t.shape)}, "
+                                      f"listed as {list(shape)}")
             held[n] = buf[at:at + nbytes].view(dtype).view(shape).copy_(t)
             check_range(held[n], t, src.label, n)
         return held
@@ -689,8 +694,8 @@ class CheckpointPool:
         if moved.size:
             label, name, t = self._lent[int(moved[0])]
             why = backing_problem(t) or "its storage was reallocated (resize_)"
-            raise InputError(f"{label}: tensor {name!r}, which the pool reads in place: {why}; nothing was written. "
-                             "Build a new pool from the tensors as they are now")
+            raise InputError(f"{label}: tensor {short(name)}, which the pool reads in place: {why}; nothing was "
+                             "written. Build a new pool from the tensors as they are now")
 
     def _watcher(self, into: list, names: NameMap) -> Callable[[list], list]:
         """What a plan cache entry watches of the targets (_watched), worked out only when it is built."""
@@ -798,9 +803,9 @@ class CheckpointPool:
             first = {}
             for name, model_name in zip(self.names, mapped):
                 if model_name is not None and first.setdefault(model_name, name) != name:
-                    raise InputError(f"names= maps pool tensors {first[model_name]!r} and {name!r} to one target "
-                                     f"tensor {model_name!r}; map each to its own name, or one to None to skip it "
-                                     "(nothing was written)")
+                    raise InputError(f"names= maps pool tensors {short(first[model_name])} and {short(name)} to "
+                                     f"one target tensor {short(model_name)}; map each to its own name, or one to None "
+                                     "to skip it (nothing was written)")
         targets = [_tensors_of(m) for m in into]
         plans = []
         problems = []
@@ -940,9 +945,9 @@ class CheckpointPool:
         if hit is not None:
             (name, c), what = named(hit[0]), hit[1]
             where = f" of candidate {c}" if k > 1 else ""
-            raise InputError(f"into: the target of {name!r}{where} shares memory with {what}, which the pool reads "
-                             "in place; merging into it would change later merges. Merge into a separate model "
-                             "(nothing was written)")
+            raise InputError(f"into: the target of {short(name)}{where} shares memory with {what}, which the "
+                             "pool reads in place; merging into it would change later merges. Merge into a separate "
+                             "model (nothing was written)")
         clash = _target_overlap(spans, k, lambda i, j: _view(targets[i]) == _view(targets[j]),
                                 lambda i, j: _shared_elements(targets[i], targets[j]) is not False)
         if clash is not None:
@@ -1366,9 +1371,9 @@ def _renamed_hint(name: str, tmap: dict, shapes: dict, written: set) -> str:
     unwritten = [n for n, t in tmap.items() if n not in written and t.is_floating_point()]
     alike = [n for n in unwritten if _shape_of(tmap[n]) == shapes[name]]
     if alike:
-        held = f"the target holds {_some(alike)}, of the shape of {name!r}, which no pool tensor writes"
+        held = f"the target holds {_some(alike)}, of the shape of {short(name)}, which no pool tensor writes"
     else:
-        held = f"the target has no unwritten tensor of the shape of {name!r}" + (
+        held = f"the target has no unwritten tensor of the shape of {short(name)}" + (
             f"; its unwritten ones are {_some(unwritten)}" if unwritten else "")
     return (held + ": pass names= (a prefix, or a function giving the target's name), or build the pool from "
             "the loaded models' state_dict()s (transformers renames some tensors as it loads them, GPT-NeoX's "
@@ -1515,9 +1520,10 @@ def _check_mmap_dtype(sources, names, dtype: torch.dtype, reason: str) -> None:
         for n in names:
             have = src.info(n)[0]
             if have in INPUT_DTYPES and have != dtype:
-                raise InputError(f"dtype={dtype} rounds {src.label}'s {n!r} ({have}) as the pool copies it, but this "
-                                 f"pool reads its files in place (mmap tier: {reason}); drop dtype= (merges compute "
-                                 "in float32 anyway), or hold copies: residency='host' where the memory is there")
+                raise InputError(f"dtype={dtype} rounds {src.label}'s {short(n)} ({have}) as the pool copies it, "
+                                 f"but this pool reads its files in place (mmap tier: {reason}); drop dtype= (merges "
+                                 "compute in float32 anyway), or hold copies: residency='host' where the memory is "
+                                 "there")
 
 
 def _config_says_untied(folder: str) -> bool:
@@ -1568,18 +1574,19 @@ def _catalog(opened, base_src):
                                   f"{len(missing)} missing in all")
         extra = sorted(have - ref)
         if extra:
-            raise CheckpointError(f"{src.label}: tensor {extra[0]!r} is not in {first.label}; {len(extra)} extra in all")
+            raise CheckpointError(f"{src.label}: tensor {short(extra[0])} is not in {first.label}; "
+                                  f"{len(extra)} extra in all")
         for name in names:
             dtype, shape = src.info(name)
             if shape != shapes[name]:
-                raise CheckpointError(f"{src.label}: tensor {name!r} has shape {list(shape)}, "
+                raise CheckpointError(f"{src.label}: tensor {short(name)} has shape {list(shape)}, "
                                       f"{first.label} has {list(shapes[name])}")
             if not _is_float(dtype):
-                raise CheckpointError(f"{src.label}: tensor {name!r} has dtype {dtype}, {first.label} has a float")
+                raise CheckpointError(f"{src.label}: tensor {short(name)} has dtype {dtype}, {first.label} has a float")
         for name, (first_dtype, first_shape) in skipped.items():  # left out by the first source's dtype: a float
             dtype, shape = src.info(name)  # elsewhere went unmerged (an audit)
             if _is_float(dtype) or shape != first_shape:
-                raise CheckpointError(f"{src.label}: tensor {name!r} has dtype {dtype} and shape {list(shape)}, "
+                raise CheckpointError(f"{src.label}: tensor {short(name)} has dtype {dtype} and shape {list(shape)}, "
                                       f"{first.label} has {first_dtype} and {list(first_shape)}")
     if not names:
         raise CheckpointError(f"{first.label}: no floating-point tensors to merge")
@@ -1598,7 +1605,8 @@ def _map_name(name: str, names: NameMap) -> Optional[str]:
     if callable(names):
         mapped = names(name)
         if mapped is not None and not isinstance(mapped, str):  # a list: "unhashable type", bytes: a concat error
-            raise InputError(f"names= mapped tensor {name!r} to {short(mapped)}; it must give a name (str) or None")
+            raise InputError(f"names= mapped tensor {short(name)} to {short(mapped)}; it must give a name (str) "
+                             "or None")
         return mapped
     raise InputError(f"names must be a prefix string or a function, got {type(names).__name__}")
 
