@@ -79,6 +79,7 @@ class MergeConfig:
     sliced: Optional[Any] = None         # a `slices:` / `modules:` config (pymerge.slices.SlicedConfig)
     lora_merge_dtype: Optional[str] = None  # dtype of MODEL+LORA models (--lora-merge-dtype; None: their own)
     warnings: List[str] = field(default_factory=list)
+    text: Optional[str] = None           # a config given as a dict, as YAML: what OUT records of it (no file to copy)
 
     def where(self, what: str) -> str:
         return f"{self.source}: {what}"
@@ -192,6 +193,14 @@ def check_size(data, source: str = "<config>", error: Type[InputError] = MergeCo
         return n
 
     size(data, 0)
+
+
+def yaml_text(data: dict) -> Optional[str]:
+    """A config given as a dict, as the YAML file it could have been; None where a value has no YAML form."""
+    try:
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    except (yaml.YAMLError, TypeError, ValueError, RecursionError):  # a numpy scalar, a Path...
+        return None
 
 
 def parse_config(data: Any, source: str = "<config>") -> MergeConfig:

@@ -23,6 +23,7 @@ a CPU merge with a weighted-sum method (linear, task_arithmetic) runs without it
 pymerge/streaming.py); other methods, the GPU and a `--device auto` that may find a GPU load it.
 """
 import copy
+import dataclasses
 import glob
 import math
 import numbers
@@ -39,7 +40,7 @@ import numpy as np
 from pymerge import _native, hub, tied
 from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_params, check_paths,
                             check_seed, count_layers, filter_name, layer_t, load_config, parse_config,
-                            unmatched_filter_warnings, uses_positions)
+                            unmatched_filter_warnings, uses_positions, yaml_text)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.writer import leftover_prefixes, working_folder_note, working_folder_within
@@ -537,8 +538,8 @@ def _with_lora_dtype(cfg: MergeConfig, name) -> MergeConfig:
 def _as_config(x) -> MergeConfig:
     if isinstance(x, MergeConfig):  # a copy: a run's lora_merge_dtype and warnings stayed in the caller's object,
         return copy.deepcopy(x)      # and the next run_merge of it used that dtype (an audit)
-    if isinstance(x, dict):
-        return parse_config(x)
+    if isinstance(x, dict):  # recorded in OUT as a file would be (it left none: an audit)
+        return dataclasses.replace(parse_config(x), text=yaml_text(x))
     if not isinstance(x, (str, os.PathLike)):
         raise MergeConfigError(f"the config must be a path, a dict or a MergeConfig, got {short(x)}")
     return load_config(x)
@@ -717,7 +718,10 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
     if model_card:
         from pymerge.model_card import model_card as card
         writer.write_text("README.md", card(plan, Path(writer.out_dir).name))
-    if Path(cfg.source).is_file():  # provenance, under the name mergekit and the Hub use
+    # provenance, under the name mergekit and the Hub use ("<config>": a dict, never a file of that name here)
+    if cfg.text is not None:
+        writer.write_text("mergekit_config.yml", cfg.text)
+    elif cfg.source != "<config>" and Path(cfg.source).is_file():
         writer.copy_file(cfg.source, "mergekit_config.yml")
 
 

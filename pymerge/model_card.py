@@ -51,8 +51,9 @@ def model_card(plan, name: str) -> str:
                       "", "## Merge details", "", f"Merge method: `{cfg.merge_method}`" + base,
                       "", "Models merged:", ""] + [f"* {_named(m)}" for m in models]
     source = Path(cfg.source)
-    if source.is_file():
-        text = source.read_text(encoding="utf-8").rstrip()
+    text = cfg.text.rstrip() if cfg.text is not None else (
+        source.read_text(encoding="utf-8").rstrip() if cfg.source != "<config>" and source.is_file() else None)
+    if text is not None:
         # a fence longer than any run of backticks in the config (a chat template's ``` line ended a fixed one)
         fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
         lines += ["", "## Configuration", "", f"{fence}yaml", text, fence]

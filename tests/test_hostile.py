@@ -405,6 +405,24 @@ def test_a_model_card_fences_a_config_holding_backticks(fam, tmp_path, capsys):
     assert body.rstrip().endswith("\n" + opening.group(1)) and cfg.read_text().rstrip() in body
 
 
+def test_a_dict_config_is_recorded_in_out_and_no_file_named_config_is(fam, tmp_path, monkeypatch):
+    """run_merge(dict) wrote no mergekit_config.yml and a card without its config, though the docs say the
+    config is always recorded; and a file named "<config>" in the working folder (a dict's placeholder source)
+    was copied in as the config of a merge it never described (an audit)."""
+    from pymerge.merge import run_merge
+    root, base, fts = fam
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "<config>").write_text("merge_method: slerp  # some other merge entirely\n")
+    cfg = linear(fts, dtype="float32")
+    run_merge(cfg, tmp_path / "out", quiet=True, model_card=True)
+    recorded = (tmp_path / "out" / "mergekit_config.yml").read_text(encoding="utf-8")
+    assert yaml.safe_load(recorded) == cfg and "slerp" not in recorded
+    assert recorded.rstrip() in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    run_merge(tmp_path / "out" / "mergekit_config.yml", tmp_path / "again", quiet=True)  # it merges the same
+    again, first = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("again", "out"))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_odd_but_readable_names_and_config_values_merge(fam, tmp_path, capsys):
     """A config.json value holding a lone surrogate escape ("\\ud800": Python's json reads it) failed as
     UnicodeEncodeError while writing the output's config.json; a 5000-digit layer index hit int()'s digit
