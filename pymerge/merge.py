@@ -489,6 +489,8 @@ def make_plan(config_or_path) -> MergePlan:
             vocab_size_override(model_cfg, plan.config_overrides, vocab.size)
         if mixed_ties:
             plan.config_overrides.update(tied.tie_override(model_cfg, names, plan.warnings))
+        else:
+            plan.config_overrides.update(tied.masked_head_override(model_cfg, names, method, plan.warnings))
     except BaseException:
         for ck in opened.values():
             ck.close()

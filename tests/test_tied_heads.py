@@ -154,3 +154,30 @@ def test_bad_mixed_merges(models, tmp_path, capsys):
         rc, err = run_cli(["merge", path, out, "--quiet"], capsys)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "shape" in err, (rc, err)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("method, untied", [("dare_ties", True), ("della", True), ("ties", False),
+                                            ("dare_linear", True), ("linear", False)])
+def test_a_tied_config_with_a_stored_head_under_random_masks(tmp_path, capsys, method, untied):
+    """Models whose config ties the head to the embedding and that store it as a copy (many uploads do): DARE's
+    and DELLA's masks, drawn per tensor name, gave the two different values while config.json still said tied,
+    so loaders that tie by the config dropped the merged head, and transformers 5 kept it (an audit). The config
+    says false then, with a warning; a deterministic method keeps them equal and the config as it was."""
+    from safetensors.torch import save_file
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=2)
+    for folder in [base, *fts]:
+        state = lf.load_folder(folder)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    params = {"weight": 0.5} if method == "linear" else {"weight": 0.5, "density": 0.5}
+    cfg = {"merge_method": method, "models": [{"model": str(f), "parameters": params} for f in fts],
+           "dtype": "float32", **({} if method == "linear" else {"base_model": str(base)})}
+    got, config, err = _merge(tmp_path / "run", capsys, cfg)
+    equal = torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    assert equal is not untied
+    assert config["tie_word_embeddings"] is not untied
+    assert ("tie_word_embeddings set to false" in err) is untied, err
