@@ -337,9 +337,14 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def _run(args) -> int:
+    from pymerge.io.writer import recording_installs
+    with recording_installs() as installed:
+        return _run_recorded(args, installed)
+
+
+def _run_recorded(args, installed) -> int:
     from pymerge.errors import DistributedError, InputError, InterruptedAfterParts
-    from pymerge.io.writer import INSTALLED
-    installed_before, previous = len(INSTALLED), None
+    previous = None
     try:  # the handler installed inside: a SIGTERM just after it, before the try, was a raw traceback
         if _main_thread():
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -351,11 +356,10 @@ def _run(args) -> int:
         say(f"pymerge: error: {_one_line(exc)}")
         return 1
     except KeyboardInterrupt as exc:
-        done = INSTALLED[installed_before:]
         if isinstance(exc, InterruptedAfterParts):
             say(f"pymerge: interrupted after {exc}")
-        elif done:
-            say(f"pymerge: interrupted after writing {', '.join(map(str, done))} (complete)")
+        elif installed:
+            say(f"pymerge: interrupted after writing {', '.join(map(str, installed))} (complete)")
         elif args.command == "merge":
             say("pymerge: interrupted; no output was written")
         else:  # the demo keeps its checkpoints once all are trained (the next run reuses them), a search its state

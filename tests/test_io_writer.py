@@ -350,7 +350,7 @@ def test_force_interrupted_keeps_old_out(tmp_path):
 def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_path, monkeypatch, when):
     """Ctrl-C just after OUT was swapped in ran abort(), which removed the temporary folder, by then the old
     model's, and the CLI said 'no output was written' (found by a review). Now: interrupted after the swap,
-    OUT is the new model and INSTALLED says so; between the two renames of the fallback, the old OUT goes
+    OUT is the new model and recording_installs says so; between the two renames of the fallback, the old OUT goes
     back at once; while removing the old OUT, the merge is done and the removal finishes before the interrupt
     goes on (most of the old model stayed beside OUT, hidden, until a merge into OUT again: an audit)."""
     out = tmp_path / "out"
@@ -383,15 +383,15 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
     monkeypatch.setattr(writer_mod, "_exchange", exchange)
     monkeypatch.setattr(writer_mod.os, "rename", rename)
     monkeypatch.setattr(writer_mod, "_remove_tree", remove)
-    before = len(writer_mod.INSTALLED)
     t = {"a": torch.randn(3)}
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is never swallowed; the CLI reads INSTALLED
-        write_all(out, t, force=True)
+    with writer_mod.recording_installs() as installed:  # what the CLI reads
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C is never swallowed
+            write_all(out, t, force=True)
     if when == "between the renames":
-        assert os.listdir(out) == ["old.txt"] and leftovers(tmp_path) == [] and len(writer_mod.INSTALLED) == before
+        assert os.listdir(out) == ["old.txt"] and leftovers(tmp_path) == [] and installed == []
     else:
         assert os.listdir(out) == ["model.safetensors"] and torch.equal(load_all(out)["a"], t["a"])
-        assert writer_mod.INSTALLED[before:] == [out]
+        assert installed == [out]
         if when == "while removing the old OUT":
             assert interrupted and leftovers(tmp_path) == []
         monkeypatch.undo()

@@ -1442,3 +1442,51 @@ def test_a_names_function_is_not_needed_for_the_integer_tensors_left_out():
     target = {"model.w": torch.zeros(3), "model.steps": torch.tensor(0)}
     pool.materialize([1.0], into=target, names=mapping.__getitem__)
     assert torch.equal(target["model.w"], src["w"])
+
+
+def test_a_dropped_pool_leaves_nothing_on_the_model_it_wrote_into():
+    """Each pool's plan cache put a finalizer on the model it merged into (to evict its entry when the model
+    dies); a pool dropped first left it registered, one per pool, for as long as the model lived: a training loop
+    that builds a pool every few steps grew without bound (an audit)."""
+    import gc
+    import weakref
+    model = torch.nn.Linear(4, 3)
+    sds = [{"weight": torch.randn(3, 4), "bias": torch.randn(3)} for _ in range(2)]
+
+    def once():
+        pool = CheckpointPool(sds)
+        with torch.no_grad():
+            pool.materialize([0.3, 0.7], into=model)
+        return weakref.ref(pool)
+    once()
+    gc.collect()
+    before = len(weakref.finalize._registry)
+    pools = [once() for _ in range(40)]
+    gc.collect()
+    assert all(p() is None for p in pools)
+    assert len(weakref.finalize._registry) - before <= 1
+    torch.testing.assert_close(model.weight.detach(), 0.3 * sds[0]["weight"] + 0.7 * sds[1]["weight"])
+
+
+def test_state_dicts_written_into_are_not_kept_alive_by_the_pool():
+    """A dict cannot be weakly referenced, so the plan cache held each state dict it wrote into: a fresh dict per
+    candidate (to save each) kept up to 8 whole models alive after the caller dropped them (an audit). The last one
+    only now; one dict written again and again keeps its plans."""
+    import gc
+    import weakref
+    sds = [{"w": torch.randn(1000), "b": torch.randn(3)} for _ in range(2)]
+    pool = CheckpointPool(sds)
+    refs = []
+    for _ in range(6):
+        target = {"w": torch.empty(1000), "b": torch.empty(3)}
+        pool.materialize([0.5, 0.5], into=target)
+        refs.append(weakref.ref(target["w"]))
+        del target
+    gc.collect()
+    assert sum(r() is not None for r in refs) <= 1
+    kept = {"w": torch.empty(1000), "b": torch.empty(3)}
+    pool.materialize([0.5, 0.5], into=kept)
+    entry = next(iter(pool._plan_cache._entries.values()))
+    pool.materialize([0.2, 0.8], into=kept)
+    assert next(iter(pool._plan_cache._entries.values())) is entry  # the same plans, reused
+    torch.testing.assert_close(kept["w"], 0.2 * sds[0]["w"] + 0.8 * sds[1]["w"])

@@ -222,10 +222,15 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     if sp.method in ("magnitude", "della_magprune") and sp.density <= 0:
         plan.mode = tvo.ZERO
         return plan
-    key = (task.name, i, sp, int(task.seed) if sp.method in ("random", "della_magprune") else None)
+    seeded = sp.method in ("random", "della_magprune")
+    key = (task.name, i, sp, int(task.seed) if seeded else None)
     hit = pool.stats_cache.get(key)
     if hit is None:
-        hit = pool.stats_cache[key] = _resolve(pool, task, i, sp, n, start)
+        hit = _resolve(pool, task, i, sp, n, start)
+        if seeded:  # another seed's mask of this tensor and model goes: a search draws a new seed per candidate
+            pool.stats_cache.put_seeded(key, hit)
+        else:
+            pool.stats_cache[key] = hit
     plan.mode, plan.lo, plan.hi, plan.thr, plan.scale, plan.bits = hit
     return plan
 

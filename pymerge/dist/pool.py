@@ -403,15 +403,32 @@ def _plain(value):
 
 class StatsCache(dict):
     """A sharded pool's global statistics. `generation` moves with every change (each of dict's ways to make one:
-    they bypass each other): what was derived from them is current while it and the cache object stay."""
+    they bypass each other): what was derived from them is current while it and the cache object stay.
+
+    Bounded (it grew by an entry per tensor and model with every new seed or density, and DELLA's entries hold a
+    mask of the local shard: an audit): past MAX_ENTRIES it starts again empty, and `seeded` keeps one seed's masks
+    per tensor, model and sparsifier. Both follow the sequence of misses alone, which every rank runs alike (a miss
+    runs collectives), so the ranks keep the same entries."""
     generation = 0
+    MAX_ENTRIES = 1 << 16
 
     def _bump(self) -> None:
         self.generation += 1
 
     def __setitem__(self, key, value):
         self._bump()
+        if key not in self and len(self) >= self.MAX_ENTRIES:
+            self.clear()
         super().__setitem__(key, value)
+
+    def put_seeded(self, key, value) -> None:
+        """key = (what..., seed) -> value, replacing another seed's entry for the same what."""
+        seeded = self.__dict__.setdefault("seeded", {})
+        old = seeded.get(key[:-1])
+        if old is not None and old != key:
+            self.pop(old, None)
+        self[key] = value
+        seeded[key[:-1]] = key
 
     def __delitem__(self, key):
         self._bump()
@@ -423,6 +440,7 @@ class StatsCache(dict):
 
     def clear(self):
         self._bump()
+        self.__dict__.get("seeded", {}).clear()
         super().clear()
 
     def update(self, *args, **kwargs):

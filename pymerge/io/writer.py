@@ -19,6 +19,7 @@ and the writers of the other parts ``join`` that folder and only fill their own 
 Writeback of each chunk starts as it is written (sync_file_range, where Linux has it), so the
 fsync at commit, which still comes before the rename, finds little left to flush.
 """
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -64,7 +65,19 @@ class _Slot:
     written: List[Tuple[int, int]] = field(default_factory=list)  # element ranges [begin, end)
 
 
-INSTALLED: List[Path] = []  # every OUT a writer of this process installed (what an interrupt may report)
+_RECORDS: List[List[Path]] = []  # recording_installs()'s lists, open now
+
+
+@contextlib.contextmanager
+def recording_installs():
+    """A list of every OUT a writer of this process installs while the block runs (what an interrupt reports:
+    the CLI). Only while recording: a module-level list kept every OUT of a long-lived process (an audit)."""
+    done: List[Path] = []
+    _RECORDS.append(done)
+    try:
+        yield done
+    finally:
+        _RECORDS.remove(done)
 
 
 class ShardedWriter:
@@ -621,7 +634,8 @@ class ShardedWriter:
         it (abort would take the old model's folder for its own) nor be reported as 'no output'."""
         with self._cond:
             self._state = "committed"
-        INSTALLED.append(self.out_dir)
+        for done in list(_RECORDS):
+            done.append(self.out_dir)
 
     def _open_tmp(self, force: bool) -> None:
         """Part 0's temporary folder beside OUT (OUT's name checked, a killed run's leftovers swept)."""

@@ -145,6 +145,14 @@ class _Entry:
         for f in self.finalizers:
             f.detach()
 
+    # gone with its cache (a pool dropped): each finalizer stayed registered on a model that outlived the pool, one
+    # per pool a training loop built and dropped (an audit)
+    __del__ = detach
+
+
+def _holds_a_dict(entry: _Entry) -> bool:
+    return any(not isinstance(ref, weakref.ref) for ref in entry.targets)
+
 
 def _reference(target):
     """A weak reference to target, or a callable returning it where there can be none (a dict: held)."""
@@ -252,6 +260,10 @@ class PlanCache:
         self._entries[key] = entry
         entry.finalizers = [_finalizer(t, weakref.ref(self), key, weakref.ref(entry))
                             for t, ref in zip(into, entry.targets) if isinstance(ref, weakref.ref)]
+        if len(entry.finalizers) < len(into):  # a state dict, held (no weak reference to a dict): the last one only,
+            # or a fresh dict per candidate kept up to max_entries whole models alive after the caller dropped them
+            for old in [k for k, e in self._entries.items() if e is not entry and _holds_a_dict(e)]:
+                self._drop(old)
         while len(self._entries) > self.max_entries:
             self._drop(next(iter(self._entries)))
         return entry
