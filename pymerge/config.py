@@ -196,10 +196,20 @@ def check_size(data, source: str = "<config>", error: Type[InputError] = MergeCo
 
 
 def yaml_text(data: dict) -> Optional[str]:
-    """A config given as a dict, as the YAML file it could have been; None where a value has no YAML form."""
+    """A config given as a dict, as the YAML file it could have been (numpy scalars, tuples and paths as the YAML
+    values they stand for); None where a value has no YAML form."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {plain(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, os.PathLike):
+            return os.fspath(x)
+        item = getattr(x, "item", None)  # a numpy or torch scalar
+        return item() if callable(item) and getattr(x, "ndim", None) == 0 else x
     try:
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    except (yaml.YAMLError, TypeError, ValueError, RecursionError):  # a numpy scalar, a Path...
+        return yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True)
+    except (yaml.YAMLError, TypeError, ValueError, RecursionError):
         return None
 
 

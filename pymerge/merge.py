@@ -43,7 +43,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
                             unmatched_filter_warnings, uses_positions, yaml_text)
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
-from pymerge.io.writer import leftover_prefixes, working_folder_note, working_folder_within
+from pymerge.io.writer import swept_name, working_folder_note, working_folder_within
 from pymerge.io.checkpoint import check_folder_unchanged, read_model_config
 from pymerge.io.files import out_location, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
@@ -265,16 +265,18 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
     and, for a link, where it leads (writing through a link into an input is refused too)."""
     out = out_location(out_dir)  # (realpath, not Path.resolve(): a symlink loop raised RuntimeError there)
     target = Path(os.path.realpath(out_dir))
-    swept = leftover_prefixes(out)
-    for what, p in _inputs_of(plan):
-        p = Path(os.path.realpath(p))
+    for what, given in _inputs_of(plan):
+        p = Path(os.path.realpath(given))
         # the writer first sweeps a killed run's folders beside OUT (.OUT.pymerge-tmp-<pid>, ...): one read as
-        # a model was deleted, or put back as OUT, before it was read (an audit)
-        leftover = next((a for a in (p, *p.parents) if a.parent == out.parent and a.name.startswith(swept)), None)
+        # a model was deleted, or put back as OUT, before it was read (an audit); a link of such a name too
+        named = os.path.abspath(given)
+        spot = Path(os.path.realpath(os.path.dirname(named))) / os.path.basename(named)
+        leftover = next((a for a in (spot, p, *spot.parents, *p.parents)
+                         if a.parent == out.parent and swept_name(out, a.name)), None)
         if leftover is not None:
-            where = "is" if leftover == p else f"lies in {leftover},"
-            raise InputError(f"{out_dir}: the {what} {p} {where} named as a killed run's leftover, which the writer "
-                             "for OUT removes; rename it, or choose another OUT")
+            where = "is" if leftover in (spot, p) else f"lies in {leftover},"
+            raise InputError(f"{out_dir}: the {what} {given} {where} named as a killed run's leftover, which the "
+                             "writer for OUT removes; rename it, or choose another OUT")
         if out == p or out in p.parents:
             raise InputError(f"{out_dir}: is or holds the {what} {p}; the merge would replace it "
                              f"(choose an OUT outside the inputs)")
@@ -490,7 +492,7 @@ def make_plan(config_or_path) -> MergePlan:
         if mixed_ties:
             plan.config_overrides.update(tied.tie_override(model_cfg, names, plan.warnings))
         else:
-            plan.config_overrides.update(tied.masked_head_override(model_cfg, names, method, plan.warnings))
+            plan.config_overrides.update(tied.masked_head_override(model_cfg, plan.tensors, method, plan.warnings))
     except BaseException:
         for ck in opened.values():
             ck.close()
@@ -541,7 +543,10 @@ def _as_config(x) -> MergeConfig:
     if isinstance(x, MergeConfig):  # a copy: a run's lora_merge_dtype and warnings stayed in the caller's object,
         return copy.deepcopy(x)      # and the next run_merge of it used that dtype (an audit)
     if isinstance(x, dict):  # recorded in OUT as a file would be (it left none: an audit)
-        return dataclasses.replace(parse_config(x), text=yaml_text(x))
+        cfg = dataclasses.replace(parse_config(x), text=yaml_text(x))
+        if cfg.text is None:
+            cfg.warnings.append("the config holds values YAML cannot write: OUT records no mergekit_config.yml")
+        return cfg
     if not isinstance(x, (str, os.PathLike)):
         raise MergeConfigError(f"the config must be a path, a dict or a MergeConfig, got {short(x)}")
     return load_config(x)

@@ -606,11 +606,11 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
         if vocab is not None:
             from pymerge.tokenizer.plan import vocab_size_override  # mergekit sets it (padded) whatever the source
             vocab_size_override(donor_cfg, overrides, vocab.size)
-        out_names = [tp.name for p in parts for tp in p.tensors]
+        out_tensors = [tp for p in parts for tp in p.tensors]
         if tied.mixes_ties([open_ck(x.path) for x in first.sources + zipped.sources]):
-            overrides.update(tied.tie_override(donor_cfg, out_names, warnings))
+            overrides.update(tied.tie_override(donor_cfg, [tp.name for tp in out_tensors], warnings))
         else:
-            overrides.update(tied.masked_head_override(donor_cfg, out_names, method, warnings))
+            overrides.update(tied.masked_head_override(donor_cfg, out_tensors, method, warnings))
         return SlicedPlan(cfg, method, parts, donor, list(opened.values()), overrides, warnings, vocabulary=vocab)
     except BaseException:
         for ck in opened.values():

@@ -90,13 +90,16 @@ def tie_override(model_cfg: Optional[dict], out_names: Sequence[str], warnings: 
 RANDOM_SPARSIFIERS = ("random", "della_magprune")  # DARE's and DELLA's masks: drawn per tensor name
 
 
-def masked_head_override(model_cfg: Optional[dict], out_names: Sequence[str], method, warnings: List[str]) -> dict:
+def masked_head_override(model_cfg: Optional[dict], tensors: Sequence, method, warnings: List[str]) -> dict:
     """config.json's tie_word_embeddings for a merge whose random masks (DARE, DELLA) are drawn per tensor name, of
     models whose config ties the head to the embedding yet stores it (many uploads keep a copy): the two merge to
     different values, and a loader that ties them by the config drops the merged head, where transformers 5 keeps
-    it (an audit: logits 4 % apart, the top token differing at 12 % of positions). Set to false, with a warning."""
-    heads = [n for n in out_names if is_head(n)]
-    if (getattr(method, "sparsification", None) not in RANDOM_SPARSIFIERS or not heads
+    it (an audit: logits 4 % apart, the top token differing at 12 % of positions). Set to false, with a warning,
+    where a mask is drawn for them (a density below 1). tensors: the plan's (name, model_params)."""
+    heads = [t.name for t in tensors if is_head(t.name)]
+    drawn = any(float(mp.get("density", 1.0)) < 1 for t in tensors if is_head(t.name) or is_vocab_tensor(t.name)
+                for mp in t.model_params)
+    if (getattr(method, "sparsification", None) not in RANDOM_SPARSIFIERS or not heads or not drawn
             or not isinstance(model_cfg, dict) or model_cfg.get("tie_word_embeddings") is not True):
         return {}
     warnings.append(f"config.json: tie_word_embeddings set to false: {method.name}'s random masks, drawn per "

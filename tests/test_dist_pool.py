@@ -1165,6 +1165,8 @@ def bounded_stats_worker(rank, world, files):
         out["sizes"].append(len(pool.stats_cache))
     for seed in range(12):  # one seed's masks per tensor and model are kept
         check(method="della", density=0.6, epsilon=0.1, rescale=False, seed=seed)
+    for density in (0.5, 0.7, 0.6):  # one density's
+        check(method="della", density=density, epsilon=0.1, rescale=False, seed=11)
     for seed in (3, 4):
         check(method="dare_ties", density=0.5, seed=seed)
     StatsCache.MAX_ENTRIES = 40  # past it the cache starts again, alike on every rank
@@ -1182,7 +1184,7 @@ def test_the_statistics_cache_is_bounded_over_seeds_and_densities(tmp_path):
                                wall_s=120)
     for res in results:
         assert all(res["bits"]), res["bits"]
-        della = res["sizes"][:12]
-        assert della[1:] == [della[0]] * 11, della  # no growth with the seed
-        assert max(res["sizes"][14:]) <= 40, res["sizes"]
+        della = res["sizes"][:15]
+        assert della[1:] == [della[0]] * 14, della  # no growth with the seed or the density
+        assert max(res["sizes"][17:]) <= 40, res["sizes"]
     assert results[0]["sizes"] == results[1]["sizes"]

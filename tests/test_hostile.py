@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -153,20 +154,28 @@ def test_a_replaced_out_that_cannot_be_deleted_is_said(workdir, capsys, monkeypa
     assert (work / "out" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("tag", ["tmp", "old"])
+@pytest.mark.parametrize("tag", ["tmp", "old", "link", "del", "notes"])
 def test_an_input_named_as_a_killed_runs_leftover_is_refused(workdir, capsys, monkeypatch, tag):
     """A model at .OUT.pymerge-tmp-<dead pid> (where the README says a killed run leaves its new model) read as an
     input of a merge into OUT: the writer's sweep deleted it before the merge read it, and blamed "another program";
-    at .OUT.pymerge-old-<pid> it was renamed to OUT (an audit). Refused now, the input kept."""
+    at .OUT.pymerge-old-<pid> it was renamed to OUT (an audit); a link of such a name was unlinked (a review).
+    Refused now, the input kept; a name the sweep leaves alone (no pid) merges."""
     work, cfg, models = workdir
     monkeypatch.chdir(work)
-    leftover = work / f".out.pymerge-{tag}-999999999"
-    shutil.copytree(models[1], leftover)
-    write_cfg(work / "cfg2.yml", linear(["ft1", leftover.name]))
+    name = {"link": ".out.pymerge-tmp-999999999", "del": ".out.pymerge-del-999999999-0a1b2c3d",
+            "notes": ".out.pymerge-tmp-notes"}.get(tag, f".out.pymerge-{tag}-999999999")
+    if tag == "link":
+        os.symlink(models[1].name, work / name)
+    else:
+        shutil.copytree(models[1], work / name)
+    write_cfg(work / "cfg2.yml", linear(["ft1", name]))
     before = _tree(work)
     rc, err = run_cli(["merge", "cfg2.yml", "out", "--quiet"], capsys)
+    if tag == "notes":
+        assert rc == 0 and (work / name / "model.safetensors").is_file(), err
+        return
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "named as a killed run's leftover" in err, err
-    assert _tree(work) == before and not (work / "out").exists()
+    assert _tree(work) == before and not (work / "out").exists() and os.path.lexists(work / name)
 
 
 @pytest.mark.parametrize("elsewhere_has_files", [True, False])
@@ -414,6 +423,7 @@ def test_a_dict_config_is_recorded_in_out_and_no_file_named_config_is(fam, tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "<config>").write_text("merge_method: slerp  # some other merge entirely\n")
     cfg = linear(fts, dtype="float32")
+    cfg["models"][0]["parameters"]["weight"] = np.float64(1.0)  # accepted as 1.0: written so (a review)
     run_merge(cfg, tmp_path / "out", quiet=True, model_card=True)
     recorded = (tmp_path / "out" / "mergekit_config.yml").read_text(encoding="utf-8")
     assert yaml.safe_load(recorded) == cfg and "slerp" not in recorded

@@ -1490,3 +1490,7 @@ def test_state_dicts_written_into_are_not_kept_alive_by_the_pool():
     pool.materialize([0.2, 0.8], into=kept)
     assert next(iter(pool._plan_cache._entries.values())) is entry  # the same plans, reused
     torch.testing.assert_close(kept["w"], 0.2 * sds[0]["w"] + 0.8 * sds[1]["w"])
+    entries = len(pool._plan_cache._entries)
+    pool.materialize([0.5, 0.5], into=kept, strict=False)  # another entry for the same dict: both kept
+    pool.materialize([0.2, 0.8], into=kept)
+    assert len(pool._plan_cache._entries) == entries + 1 and entry in pool._plan_cache._entries.values()

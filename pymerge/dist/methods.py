@@ -116,7 +116,9 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
             error = exc
         collectives.agree(error, pool.agreeing)
     except Exception:
-        _drop_stats(pool, names)  # the ranks stopped at different statistics: one's cache held what another's lacked
+        # the ranks stopped at different statistics: one's cache held what another's lacked, and the cap may have
+        # emptied one rank's alone (a review): all of it goes, on every rank
+        pool.stats_cache.clear()
         raise
 
 
@@ -227,8 +229,8 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     hit = pool.stats_cache.get(key)
     if hit is None:
         hit = _resolve(pool, task, i, sp, n, start)
-        if seeded:  # another seed's mask of this tensor and model goes: a search draws a new seed per candidate
-            pool.stats_cache.put_seeded(key, hit)
+        if seeded:  # another seed's or density's mask of this tensor and model goes (a mask per shard element)
+            pool.stats_cache.put_seeded(key, (task.name, i, sp.method), hit)
         else:
             pool.stats_cache[key] = hit
     plan.mode, plan.lo, plan.hi, plan.thr, plan.scale, plan.bits = hit

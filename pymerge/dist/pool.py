@@ -406,8 +406,8 @@ class StatsCache(dict):
     they bypass each other): what was derived from them is current while it and the cache object stay.
 
     Bounded (it grew by an entry per tensor and model with every new seed or density, and DELLA's entries hold a
-    mask of the local shard: an audit): past MAX_ENTRIES it starts again empty, and `seeded` keeps one seed's masks
-    per tensor, model and sparsifier. Both follow the sequence of misses alone, which every rank runs alike (a miss
+    mask of the local shard: an audit): past MAX_ENTRIES it starts again empty, and `seeded` keeps one mask (one
+    seed's, one density's) per tensor, model and sparsifier. Both follow the sequence of misses alone, which every rank runs alike (a miss
     runs collectives), so the ranks keep the same entries."""
     generation = 0
     MAX_ENTRIES = 1 << 16
@@ -421,14 +421,14 @@ class StatsCache(dict):
             self.clear()
         super().__setitem__(key, value)
 
-    def put_seeded(self, key, value) -> None:
-        """key = (what..., seed) -> value, replacing another seed's entry for the same what."""
+    def put_seeded(self, key, family, value) -> None:
+        """key -> value, replacing the entry put last for the same family (a tensor, model and sparsifier)."""
         seeded = self.__dict__.setdefault("seeded", {})
-        old = seeded.get(key[:-1])
+        old = seeded.get(family)
         if old is not None and old != key:
             self.pop(old, None)
         self[key] = value
-        seeded[key[:-1]] = key
+        seeded[family] = key
 
     def __delitem__(self, key):
         self._bump()

@@ -170,7 +170,8 @@ class SafetensorsFile:
             why = os.strerror(ctypes.get_errno())
             raise self._error(f"cannot map the file into memory: {why}") from None
         pages = (ctypes.c_ubyte * size).from_address(address)
-        weakref.finalize(pages, libc.munmap, address, size)
+        unmap = weakref.finalize(pages, libc.munmap, address, size)
+        unmap.atexit = False  # at exit a daemon thread or an atexit handler may still read through a view
         self._address = address
         return memoryview(pages).cast("B").toreadonly()
 
@@ -435,6 +436,16 @@ class SafetensorsFile:
 
 
 _KEPT, _KEPT_LOCK = [0], threading.Lock()  # live maps that keep a descriptor of their own
+
+
+def _renew_kept_lock() -> None:
+    """In a forked child: a lock of its own (another thread of the parent may have held it at the fork)."""
+    global _KEPT_LOCK
+    _KEPT_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_kept_lock)
 
 
 def _kept_closed() -> None:

@@ -65,7 +65,7 @@ class _Slot:
     written: List[Tuple[int, int]] = field(default_factory=list)  # element ranges [begin, end)
 
 
-_RECORDS: List[List[Path]] = []  # recording_installs()'s lists, open now
+_RECORDS: Dict[int, List[Path]] = {}  # recording_installs()'s lists, open now, by id (two may be equal)
 
 
 @contextlib.contextmanager
@@ -73,11 +73,16 @@ def recording_installs():
     """A list of every OUT a writer of this process installs while the block runs (what an interrupt reports:
     the CLI). Only while recording: a module-level list kept every OUT of a long-lived process (an audit)."""
     done: List[Path] = []
-    _RECORDS.append(done)
+    _RECORDS[id(done)] = done
     try:
         yield done
     finally:
-        _RECORDS.remove(done)
+        del _RECORDS[id(done)]
+
+
+def _record_install(out: Path) -> None:
+    for done in list(_RECORDS.values()):  # (one C call: another thread's recording may begin or end meanwhile)
+        done.append(out)
 
 
 class ShardedWriter:
@@ -620,22 +625,23 @@ class ShardedWriter:
         then deleted, wholly. An interrupt still propagates after (the CLI says OUT is complete); an OSError leaves
         the rest for the next writer: the merge itself is done."""
         gone = _garbage_name(self.out_dir)
+        why = "it holds a mount point"  # _remove_tree leaves such a folder, whole
         try:
             os.rename(old, gone)
             _remove_whole(gone)  # finished where an interrupt lands inside (most of the old model stayed: an audit)
         except OSError as exc:  # said: a folder the user cannot delete stayed beside OUT for good, silently (an audit)
-            left = gone if os.path.lexists(gone) else old
-            if os.path.lexists(left):
-                self.not_removed = (f"the model OUT held before could not be deleted ({exc.strerror or exc}): it is "
-                                    f"left at {left}; delete it yourself")
+            why = exc.strerror or str(exc)
+        left = gone if os.path.lexists(gone) else old
+        if os.path.lexists(left):
+            self.not_removed = f"the model OUT held before could not be deleted ({why}): it is left at {left}; " \
+                               "delete it yourself"
 
     def _installed(self) -> None:
         """The point of no return: OUT is the new model. An interrupt from here on must neither delete
         it (abort would take the old model's folder for its own) nor be reported as 'no output'."""
         with self._cond:
             self._state = "committed"
-        for done in list(_RECORDS):
-            done.append(self.out_dir)
+        _record_install(self.out_dir)
 
     def _open_tmp(self, force: bool) -> None:
         """Part 0's temporary folder beside OUT (OUT's name checked, a killed run's leftovers swept)."""
@@ -1043,10 +1049,14 @@ def _remove_stale(out: Path) -> None:
                 break
 
 
-def leftover_prefixes(out: Path) -> Tuple[str, ...]:
-    """The name prefixes of the folders beside OUT that a writer for OUT sweeps as killed runs' leftovers
-    (removes, or puts back as OUT): an input there would be deleted before the merge read it."""
-    return tuple(_beside(out, tag) for tag in (_TMP_TAG, _OLD_TAG, _DEL_TAG))
+def swept_name(out: Path, name: str) -> bool:
+    """Whether a writer for OUT sweeps an entry of that name beside OUT as a run's leftover (removes it, or puts it
+    back as OUT; a live writer's it leaves alone, but it is no one else's either): an input there would be deleted
+    before the merge read it. _remove_stale's matching."""
+    tmp_prefix, old_prefix, del_prefix = (_beside(out, tag) for tag in (_TMP_TAG, _OLD_TAG, _DEL_TAG))
+    if name.startswith(del_prefix):
+        return _garbage_suffix(name[len(del_prefix):])
+    return any(name.startswith(p) and _is_pid(name[len(p):]) for p in (tmp_prefix, old_prefix))
 
 
 def _is_pid(text: str) -> bool:

@@ -150,8 +150,9 @@ class _Entry:
     __del__ = detach
 
 
-def _holds_a_dict(entry: _Entry) -> bool:
-    return any(not isinstance(ref, weakref.ref) for ref in entry.targets)
+def _holds_a_dict_but(entry: _Entry, ids: set) -> bool:
+    """Whether the entry holds a state dict (strongly) whose id is not among ids."""
+    return any(not isinstance(ref, weakref.ref) and id(ref()) not in ids for ref in entry.targets)
 
 
 def _reference(target):
@@ -260,9 +261,11 @@ class PlanCache:
         self._entries[key] = entry
         entry.finalizers = [_finalizer(t, weakref.ref(self), key, weakref.ref(entry))
                             for t, ref in zip(into, entry.targets) if isinstance(ref, weakref.ref)]
-        if len(entry.finalizers) < len(into):  # a state dict, held (no weak reference to a dict): the last one only,
-            # or a fresh dict per candidate kept up to max_entries whole models alive after the caller dropped them
-            for old in [k for k, e in self._entries.items() if e is not entry and _holds_a_dict(e)]:
+        if len(entry.finalizers) < len(into):  # a state dict, held (no weak reference to a dict): only those of this
+            # call, or a fresh dict per candidate kept up to max_entries whole models alive after the caller dropped
+            # them (an audit); other entries for these dicts (other methods) stay
+            mine = set(map(id, into))
+            for old in [k for k, e in self._entries.items() if _holds_a_dict_but(e, mine)]:
                 self._drop(old)
         while len(self._entries) > self.max_entries:
             self._drop(next(iter(self._entries)))
