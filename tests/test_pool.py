@@ -1040,18 +1040,19 @@ def test_the_mmap_tier_counts_the_copies_it_must_hold(tmp_path):
         save_file({"big": torch.randn(4096, generator=g).to(torch.bfloat16),
                    "small": torch.randn(64, generator=g, dtype=torch.float64)}, str(tmp_path / f"c{i}.safetensors"))
     files = [str(tmp_path / f"c{i}.safetensors") for i in range(2)]
-    with pytest.raises(InputError, match=r"mmap tier.*float64.*held converted in RAM: 512 bytes, beyond memory_budget "
-                                         r"\(100 bytes\); convert the checkpoints to float32 or bfloat16, or raise "
-                                         r"memory_budget$"):
+    with pytest.raises(InputError, match=r"mmap tier.*but 512 bytes would be held in RAM \(512 bytes of tensors in "
+                                         r"dtypes the kernels do not read \(float64, ...\), converted\), beyond "
+                                         r"memory_budget \(100 bytes\); convert the checkpoints to safetensors in "
+                                         r"float32 or bfloat16, or raise memory_budget$"):
         CheckpointPool(files, memory_budget=100)
     pool = CheckpointPool(files, memory_budget=4000)  # the 2 x 64 float32 copies fit, the 2 x 8 KB do not
-    assert pool.residency == "mmap" and "512 bytes of float64 (or other) tensors held converted in RAM" in pool.describe()
+    assert pool.residency == "mmap" and "512 bytes held in RAM (512 bytes of tensors in dtypes" in pool.describe()
     host = CheckpointPool(files, residency="host")
     a, b = {"big": torch.empty(4096), "small": torch.empty(64)}, {"big": torch.empty(4096), "small": torch.empty(64)}
     pool.materialize([0.3, 0.7], into=a)
     host.materialize([0.3, 0.7], into=b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(InputError, match="held converted in RAM"):  # a pool of float64 only: mmap would hold it all
+    with pytest.raises(InputError, match="held in RAM"):  # a pool of float64 only: mmap would hold it all
         CheckpointPool(_f64_files(tmp_path), memory_budget="1KB")
     # forced, with no budget: the copies need only fit the memory (a review: they were held to the bfloat16 first
     # checkpoint's size, and refused)
@@ -1059,7 +1060,28 @@ def test_the_mmap_tier_counts_the_copies_it_must_hold(tmp_path):
         save_file({"big": torch.randn(4096, generator=g, dtype=torch.float64),
                    "small": torch.randn(64, generator=g, dtype=torch.float64)}, str(tmp_path / f"e{i}.safetensors"))
     forced = CheckpointPool([files[0]] + [str(tmp_path / f"e{i}.safetensors") for i in range(2)], residency="mmap")
-    assert "held converted in RAM" in forced.describe()
+    assert "held in RAM" in forced.describe()
+
+
+def test_the_mmap_tier_counts_bin_files_torch_reads_whole(tmp_path):
+    """A legacy .bin (torch < 1.6's format) cannot be mapped: torch reads it whole, so a pool under memory_budget
+    held the whole model in RAM while describe() said it read the memory map (an audit). Counted now."""
+    g = torch.Generator().manual_seed(6)
+    (tmp_path / "old").mkdir()
+    torch.save({"w": torch.randn(4096, generator=g)}, tmp_path / "old" / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    save_file({"w": torch.randn(4096, generator=g)}, str(tmp_path / "new.safetensors"))
+    sources = [str(tmp_path / "old"), str(tmp_path / "new.safetensors")]
+    with pytest.raises(InputError, match=r"but 16.38 KB would be held in RAM \(16.38 KB of .bin files torch cannot "
+                                         r"map \(the legacy format, or compressed\), whole\), beyond memory_budget"):
+        CheckpointPool(sources, memory_budget="10KB")
+    pool = CheckpointPool(sources, memory_budget="20KB")  # the mmap tier: the safetensors file is read in place
+    assert pool.residency == "mmap" and "16.38 KB held in RAM" in pool.describe(), pool.describe()
+    out = {"w": torch.empty(4096)}
+    pool.materialize([0.5, 0.5], into=out)
+    from safetensors.torch import load_file
+    want = 0.5 * torch.load(tmp_path / "old" / "pytorch_model.bin")["w"] + 0.5 * load_file(sources[1])["w"]
+    torch.testing.assert_close(out["w"], want)
 
 
 def _f64_files(tmp_path):
@@ -1494,3 +1516,27 @@ def test_state_dicts_written_into_are_not_kept_alive_by_the_pool():
     pool.materialize([0.5, 0.5], into=kept, strict=False)  # another entry for the same dict: both kept
     pool.materialize([0.2, 0.8], into=kept)
     assert len(pool._plan_cache._entries) == entries + 1 and entry in pool._plan_cache._entries.values()
+
+
+def test_della_on_the_mmap_tier_holds_one_tensors_masks_at_a_time(tmp_path, monkeypatch):
+    """The one native call drew DELLA's masks (a bit per element and checkpoint) for every tensor first: N/16 of
+    a bfloat16 model held during each call, in a pool whose memory_budget kept the model out of RAM (an audit).
+    The mmap tier merges DELLA tensor by tensor; the bits are the host tier's (the one call's)."""
+    from pymerge.pool import grouped
+    g = torch.Generator().manual_seed(7)
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / f"c{i}.safetensors"))
+        save_file({f"t{k}": torch.randn(257, generator=g) for k in range(5)}, files[-1])
+    kw = dict(method="della", density=0.5, epsilon=0.1, seed=3)
+    host = CheckpointPool(files[1:], base=files[0], residency="host")
+    want = {f"t{k}": torch.empty(257) for k in range(5)}
+    host.materialize([0.2, 0.3, 0.5], into=want, **kw)
+    mmap = CheckpointPool(files[1:], base=files[0], residency="mmap")
+    monkeypatch.setattr(grouped.TaskVectorCall, "run", lambda *a: pytest.fail("every tensor's masks at once"))
+    got = {f"t{k}": torch.empty(257) for k in range(5)}
+    mmap.materialize([0.2, 0.3, 0.5], into=got, **kw)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ties = {f"t{k}": torch.empty(257) for k in range(5)}
+    with pytest.raises(pytest.fail.Exception):  # the other task-vector methods keep the one call (no masks held)
+        mmap.materialize([0.2, 0.3, 0.5], into=ties, method="ties", density=0.5)

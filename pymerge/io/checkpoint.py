@@ -87,6 +87,7 @@ class TorchFile:
                                       f"supports at most {MAX_DIMS}")
         self._state: Optional[dict] = state
         self._range = _mapping_of(self.path, state, st) if mapped else None
+        self.in_memory = not mapped  # read whole into RAM (the legacy format, a compressed zip): held as long as open
 
     def mapped_range(self) -> Optional[Tuple[int, int]]:
         """(address, length) of torch's memory map of the file (for pymerge/io/sigbus.py), or None where

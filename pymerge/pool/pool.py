@@ -376,18 +376,21 @@ class CheckpointPool:
         if residency == "mmap" and self._reads_maps():  # (a sharded pool copies its shards anyway)
             sources = list(opened) + ([base_src] if base_src else [])
             copied = sum(_mmap_copy_bytes(src, n, self.dtype) for src in sources for n in self.names)
+            # and .bin files torch read whole (the legacy format, a compressed zip): held whatever the tier (a pool
+            # under a budget of 100 MB held 326 MB of them, saying it read the memory map: an audit)
+            whole = sum(map(_read_whole_bytes, sources))
             half = host_available() // 2
             by_budget = self.memory_budget is not None and self.memory_budget < half
             cap = self.memory_budget if by_budget else half
-            if copied > cap:
+            if copied + whole > cap:
                 limit, cure = ("memory_budget", "raise memory_budget") if by_budget else \
                     ("half of the available memory", "free memory")
-                raise InputError(f"this pool reads its files in place (mmap tier: {reason}), but their tensors in "
-                                 f"dtypes the kernels do not read (float64, ...) would be held converted in RAM: "
-                                 f"{format_size(copied)}, beyond {limit} ({format_size(cap)}); convert the "
-                                 f"checkpoints to float32 or bfloat16, or {cure}")
-            if copied:
-                reason += f"; {format_size(copied)} of float64 (or other) tensors held converted in RAM"
+                raise InputError(f"this pool reads its files in place (mmap tier: {reason}), but "
+                                 f"{format_size(copied + whole)} would be held in RAM ({_held_in_ram(copied, whole)}), "
+                                 f"beyond {limit} ({format_size(cap)}); convert the checkpoints to safetensors in "
+                                 f"float32 or bfloat16, or {cure}")
+            if copied or whole:
+                reason += f"; {format_size(copied + whole)} held in RAM ({_held_in_ram(copied, whole)})"
         return residency, reason
 
     def _pick(self, opened, base_src, forced: Optional[str]) -> Tuple[str, str]:
@@ -675,6 +678,11 @@ class CheckpointPool:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
             entry.native.run(coef, self.num_threads)
+        elif not call.keep and self.residency == "mmap":
+            # DELLA's masks, a bit per element and checkpoint, are drawn for every tensor before the one call: N/16
+            # of a bfloat16 model, in a pool whose budget keeps the model out of RAM (an audit). Tensor by tensor
+            # (the same bits), one tensor's masks at a time
+            self._run_method(method, entry.plans, tables, seed, params)
         else:
             call.run(entry, self._inputs, self._base, self._selection, self.num_threads)
         return entry
@@ -1547,6 +1555,18 @@ def _mmap_copy_bytes(src, name: str, forced: Optional[torch.dtype]) -> int:
     if dtype in INPUT_DTYPES:
         return 0
     return int(np.prod(shape, dtype=np.int64)) * compressed.held_dtype(dtype, forced, INPUT_DTYPES).itemsize
+
+
+def _read_whole_bytes(src) -> int:
+    """Bytes of a source's files that torch read whole into RAM (a legacy or compressed .bin): held in every tier."""
+    shards = getattr(getattr(src, "_ckpt", None), "shards", None) or []
+    return sum(f.info(n).nbytes for f in shards if getattr(f, "in_memory", False) for n in f.names())
+
+
+def _held_in_ram(copied: int, whole: int) -> str:
+    return "; ".join(filter(None, (
+        copied and f"{format_size(copied)} of tensors in dtypes the kernels do not read (float64, ...), converted",
+        whole and f"{format_size(whole)} of .bin files torch cannot map (the legacy format, or compressed), whole")))
 
 
 def _first_dtype(src, name: str) -> torch.dtype:
