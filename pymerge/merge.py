@@ -269,12 +269,12 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
         p = Path(os.path.realpath(given))
         # the writer first sweeps a killed run's folders beside OUT (.OUT.pymerge-tmp-<pid>, ...): one read as
         # a model was deleted, or put back as OUT, before it was read (an audit); a link of such a name too
-        named = os.path.abspath(given)
-        spot = Path(os.path.realpath(os.path.dirname(named))) / os.path.basename(named)
-        leftover = next((a for a in (spot, p, *spot.parents, *p.parents)
-                         if a.parent == out.parent and swept_name(out, a.name)), None)
+        named = Path(os.path.abspath(given))  # every folder on the way as given, links unresolved (a link of such a
+        # name is unlinked: a review), and as resolved
+        leftover = next((a for a in (named, *named.parents, p, *p.parents)
+                         if a.name and Path(os.path.realpath(a.parent)) == out.parent and swept_name(out, a.name)), None)
         if leftover is not None:
-            where = "is" if leftover in (spot, p) else f"lies in {leftover},"
+            where = "is" if leftover in (named, p) else f"lies in {leftover},"
             raise InputError(f"{out_dir}: the {what} {given} {where} named as a killed run's leftover, which the "
                              "writer for OUT removes; rename it, or choose another OUT")
         if out == p or out in p.parents:

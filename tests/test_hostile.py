@@ -154,7 +154,7 @@ def test_a_replaced_out_that_cannot_be_deleted_is_said(workdir, capsys, monkeypa
     assert (work / "out" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("tag", ["tmp", "old", "link", "del", "notes"])
+@pytest.mark.parametrize("tag", ["tmp", "old", "link", "del", "notes", "inside a link"])
 def test_an_input_named_as_a_killed_runs_leftover_is_refused(workdir, capsys, monkeypatch, tag):
     """A model at .OUT.pymerge-tmp-<dead pid> (where the README says a killed run leaves its new model) read as an
     input of a merge into OUT: the writer's sweep deleted it before the merge read it, and blamed "another program";
@@ -164,11 +164,17 @@ def test_an_input_named_as_a_killed_runs_leftover_is_refused(workdir, capsys, mo
     monkeypatch.chdir(work)
     name = {"link": ".out.pymerge-tmp-999999999", "del": ".out.pymerge-del-999999999-0a1b2c3d",
             "notes": ".out.pymerge-tmp-notes"}.get(tag, f".out.pymerge-{tag}-999999999")
+    source = name
     if tag == "link":
         os.symlink(models[1].name, work / name)
+    elif tag == "inside a link":  # a model in a folder reached through a link of such a name (a review)
+        name, source = ".out.pymerge-tmp-999999999", ".out.pymerge-tmp-999999999/m"
+        (work / "holder").mkdir()
+        shutil.copytree(models[1], work / "holder" / "m")
+        os.symlink("holder", work / name)
     else:
         shutil.copytree(models[1], work / name)
-    write_cfg(work / "cfg2.yml", linear(["ft1", name]))
+    write_cfg(work / "cfg2.yml", linear(["ft1", source]))
     before = _tree(work)
     rc, err = run_cli(["merge", "cfg2.yml", "out", "--quiet"], capsys)
     if tag == "notes":

@@ -1068,20 +1068,22 @@ def test_the_mmap_tier_counts_bin_files_torch_reads_whole(tmp_path):
     held the whole model in RAM while describe() said it read the memory map (an audit). Counted now."""
     g = torch.Generator().manual_seed(6)
     (tmp_path / "old").mkdir()
-    torch.save({"w": torch.randn(4096, generator=g)}, tmp_path / "old" / "pytorch_model.bin",
-               _use_new_zipfile_serialization=False)
-    save_file({"w": torch.randn(4096, generator=g)}, str(tmp_path / "new.safetensors"))
+    w = torch.randn(4096, generator=g)  # and a second name for the same storage (a tied head): counted once
+    torch.save({"w": w, "v": w[:2048]}, tmp_path / "old" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    save_file({"w": torch.randn(4096, generator=g), "v": torch.randn(2048, generator=g)},
+              str(tmp_path / "new.safetensors"))
     sources = [str(tmp_path / "old"), str(tmp_path / "new.safetensors")]
     with pytest.raises(InputError, match=r"but 16.38 KB would be held in RAM \(16.38 KB of .bin files torch cannot "
                                          r"map \(the legacy format, or compressed\), whole\), beyond memory_budget"):
         CheckpointPool(sources, memory_budget="10KB")
     pool = CheckpointPool(sources, memory_budget="20KB")  # the mmap tier: the safetensors file is read in place
     assert pool.residency == "mmap" and "16.38 KB held in RAM" in pool.describe(), pool.describe()
-    out = {"w": torch.empty(4096)}
+    out = {"w": torch.empty(4096), "v": torch.empty(2048)}
     pool.materialize([0.5, 0.5], into=out)
     from safetensors.torch import load_file
-    want = 0.5 * torch.load(tmp_path / "old" / "pytorch_model.bin")["w"] + 0.5 * load_file(sources[1])["w"]
-    torch.testing.assert_close(out["w"], want)
+    old, new = torch.load(tmp_path / "old" / "pytorch_model.bin"), load_file(sources[1])
+    for k in out:
+        torch.testing.assert_close(out[k], 0.5 * old[k] + 0.5 * new[k])
 
 
 def _f64_files(tmp_path):
@@ -1521,8 +1523,9 @@ def test_state_dicts_written_into_are_not_kept_alive_by_the_pool():
 def test_della_on_the_mmap_tier_holds_one_tensors_masks_at_a_time(tmp_path, monkeypatch):
     """The one native call drew DELLA's masks (a bit per element and checkpoint) for every tensor first: N/16 of
     a bfloat16 model held during each call, in a pool whose memory_budget kept the model out of RAM (an audit).
-    The mmap tier merges DELLA tensor by tensor; the bits are the host tier's (the one call's)."""
-    from pymerge.pool import grouped
+    Past MAX_MASK_BYTES the mmap tier merges DELLA tensor by tensor; the bits are the host tier's (the one call's),
+    into a model made under inference mode too (a review: the per-tensor path's writes were refused there)."""
+    from pymerge.pool import grouped, pool as pool_mod
     g = torch.Generator().manual_seed(7)
     files = []
     for i in range(4):
@@ -1533,10 +1536,17 @@ def test_della_on_the_mmap_tier_holds_one_tensors_masks_at_a_time(tmp_path, monk
     want = {f"t{k}": torch.empty(257) for k in range(5)}
     host.materialize([0.2, 0.3, 0.5], into=want, **kw)
     mmap = CheckpointPool(files[1:], base=files[0], residency="mmap")
-    monkeypatch.setattr(grouped.TaskVectorCall, "run", lambda *a: pytest.fail("every tensor's masks at once"))
-    got = {f"t{k}": torch.empty(257) for k in range(5)}
-    mmap.materialize([0.2, 0.3, 0.5], into=got, **kw)
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    ties = {f"t{k}": torch.empty(257) for k in range(5)}
-    with pytest.raises(pytest.fail.Exception):  # the other task-vector methods keep the one call (no masks held)
-        mmap.materialize([0.2, 0.3, 0.5], into=ties, method="ties", density=0.5)
+    calls = []
+    real_run = grouped.TaskVectorCall.run
+    monkeypatch.setattr(grouped.TaskVectorCall, "run", lambda *a: calls.append(1) or real_run(*a))
+    small = {f"t{k}": torch.empty(257) for k in range(5)}
+    mmap.materialize([0.2, 0.3, 0.5], into=small, **kw)  # masks under the cap: the one call
+    assert calls == [1] and all(torch.equal(small[k], want[k]) for k in want)
+    monkeypatch.setattr(pool_mod, "MAX_MASK_BYTES", 0)
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            got = {f"t{k}": torch.empty(257) for k in range(5)}
+        mmap.materialize([0.2, 0.3, 0.5], into=got, **kw)
+        assert calls == [1] and all(torch.equal(got[k], want[k]) for k in want)
+    mmap.materialize([0.2, 0.3, 0.5], into=got, method="ties", density=0.5)  # no masks held: the one call
+    assert calls == [1, 1]

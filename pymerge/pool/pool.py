@@ -36,6 +36,8 @@ from pymerge.pool.sources import check_range, open_source
 from pymerge.pool.weights import GroupRule, check_groups, group_indices, parse_bytes, weight_table
 
 RESIDENCIES = ("device", "pinned", "host", "mmap")
+# DELLA's masks of every tensor, drawn before one native call: past this the mmap tier merges tensor by tensor
+MAX_MASK_BYTES = 64 << 20
 NameMap = Union[None, str, Callable[[str], Optional[str]]]
 
 
@@ -678,14 +680,19 @@ class CheckpointPool:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
             entry.native.run(coef, self.num_threads)
-        elif not call.keep and self.residency == "mmap":
+        elif not call.keep and self.residency == "mmap" and self._mask_bytes() > MAX_MASK_BYTES:
             # DELLA's masks, a bit per element and checkpoint, are drawn for every tensor before the one call: N/16
             # of a bfloat16 model, in a pool whose budget keeps the model out of RAM (an audit). Tensor by tensor
-            # (the same bits), one tensor's masks at a time
-            self._run_method(method, entry.plans, tables, seed, params)
+            # (the same bits), one tensor's masks at a time (drawn again per candidate: slower)
+            with _torch_writes(self, entry.plans):
+                self._run_method(method, entry.plans, tables, seed, params)
         else:
             call.run(entry, self._inputs, self._base, self._selection, self.num_threads)
         return entry
+
+    def _mask_bytes(self) -> int:
+        """DELLA's masks for every tensor at once: a bit per element and checkpoint."""
+        return self.num_checkpoints * sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values()) // 8
 
     def _check_borrowed(self) -> None:
         """The caller's tensors the pool reads in place, and the pool's own it handed out (_watch), must still
@@ -1558,9 +1565,16 @@ def _mmap_copy_bytes(src, name: str, forced: Optional[torch.dtype]) -> int:
 
 
 def _read_whole_bytes(src) -> int:
-    """Bytes of a source's files that torch read whole into RAM (a legacy or compressed .bin): held in every tier."""
+    """Bytes of a source's files that torch read whole into RAM (a legacy or compressed .bin): held in every tier.
+    Each storage once (a tied head shares the embedding's; a view holds all of its storage)."""
     shards = getattr(getattr(src, "_ckpt", None), "shards", None) or []
-    return sum(f.info(n).nbytes for f in shards if getattr(f, "in_memory", False) for n in f.names())
+    held = {}
+    for f in shards:
+        if getattr(f, "in_memory", False):
+            for n in f.names():
+                storage = f.tensor(n).untyped_storage()
+                held[storage.data_ptr()] = storage.nbytes()
+    return sum(held.values())
 
 
 def _held_in_ram(copied: int, whole: int) -> str:
