@@ -752,3 +752,46 @@ def test_pool_tensor_from_a_cut_file_is_an_error_not_zeros(tmp_path):
     os.truncate(paths[1], os.path.getsize(paths[1]) // 2)
     with pytest.raises(CheckpointError, match="c1.safetensors: the file shrank .* the tensor returned would not be"):
         pool.tensor(1, "b")
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass without memory of its own (data_ptr() 0) and without __tensor_flatten__."""
+    @staticmethod
+    def __new__(cls, elem):
+        r = torch.Tensor._make_wrapper_subclass(cls, elem.shape, strides=elem.stride(), dtype=elem.dtype,
+                                                device=elem.device)
+        r.elem = elem
+        return r
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+        out = func(*tree_map(lambda x: x.elem if isinstance(x, _Wrapper) else x, args),
+                   **tree_map(lambda x: x.elem if isinstance(x, _Wrapper) else x, kwargs or {}))
+        return tree_map(lambda x: _Wrapper(x) if isinstance(x, torch.Tensor) else x, out)
+
+
+@pytest.mark.parametrize("kind", ["fake", "wrapper"])
+@pytest.mark.parametrize("residency", ["host", "mmap"])
+def test_tensors_without_memory_are_refused_as_targets_and_sources(kind, residency):
+    """A FakeTensor or a wrapper subclass (data_ptr() 0) passed every pool check, and the native tables wrote or
+    read address 0: a segfault, where the ops refuse them in one line (an audit)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()
+    g = torch.Generator().manual_seed(1)
+    a, b = {"weight": torch.randn(4, 6, generator=g)}, {"weight": torch.randn(4, 6, generator=g)}
+    empty = (lambda t: mode.from_tensor(t)) if kind == "fake" else _Wrapper
+    pool = CheckpointPool([a, b], residency=residency)
+    for method in ("linear", "ties"):
+        with pytest.raises(InputError, match="tensor 'weight': is a .*(shape without data|without memory of its own)"
+                                             ".*nothing was written"):
+            if method == "linear":
+                pool.materialize([0.3, 0.7], into={"weight": empty(torch.zeros(4, 6))})
+            else:
+                CheckpointPool([a, b], base={"weight": torch.zeros(4, 6)}, residency=residency).materialize(
+                    [0.3, 0.7], into={"weight": empty(torch.zeros(4, 6))}, method="ties", density=0.5)
+    with pytest.raises(InputError, match="source 0: tensor 'weight' is a .*(shape without data|without memory)"):
+        CheckpointPool([{"weight": empty(a["weight"].clone())}, b], residency=residency)
+    out = {"weight": torch.empty(4, 6)}
+    pool.materialize([0.3, 0.7], into=out)  # real targets as before
+    torch.testing.assert_close(out["weight"], 0.3 * a["weight"] + 0.7 * b["weight"])

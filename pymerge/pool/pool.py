@@ -26,7 +26,8 @@ from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io.sigbus import MappingGuard, identity, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
-from pymerge.ops._memory import backing_problem, kind_problem, negated_problem, overlap_problem, write_problem
+from pymerge.ops._memory import (address_problem, backing_problem, kind_problem, negated_problem, overlap_problem,
+                                 write_problem)
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.sizes import format_size, host_available
@@ -1407,8 +1408,10 @@ def _shape_of(t: torch.Tensor) -> Optional[tuple]:
 
 
 def _unusable_target(t: torch.Tensor) -> Optional[str]:
-    """Why a kernel may not write into t (its storage freed, read-only memory, elements sharing memory), or None."""
-    return backing_problem(t) or overlap_problem(t) or negated_problem(t) or write_problem(t)
+    """Why a kernel may not write into t (no memory of its own: a FakeTensor or a wrapper, whose address 0 the
+    native tables wrote to, a segfault: an audit; its storage freed, read-only memory, elements sharing memory), or
+    None."""
+    return address_problem(t) or backing_problem(t) or overlap_problem(t) or negated_problem(t) or write_problem(t)
 
 
 def _watched(plans: List[_Plan], into: list, names: NameMap, pool_names: Sequence[str], heads: bool) -> list:

@@ -12,7 +12,7 @@ import torch
 from pymerge.errors import CheckpointError, InputError
 from pymerge.io import Checkpoint
 from pymerge.io.checkpoint import lora_hint, refuse_quantized
-from pymerge.ops._memory import check_backed, kind_problem
+from pymerge.ops._memory import address_problem, check_backed, kind_problem
 
 
 def check_range(held: torch.Tensor, t: torch.Tensor, label: str, name: str) -> None:
@@ -55,7 +55,8 @@ class DictSource:
                 raise InputError(f"{label}: tensor {k!r} is a DTensor (a sharded model's); a pool's sources are "
                                  "whole tensors: pass checkpoint files or a full state dict (torch.distributed's "
                                  "get_model_state_dict with full_state_dict=True)")
-            if (problem := kind_problem(v)) is not None:  # sparse, nested, quantized, meta
+            # sparse, nested, quantized, meta; a FakeTensor or a wrapper without memory (read at address 0 in place)
+            if (problem := kind_problem(v) or address_problem(v)) is not None:
                 raise InputError(f"{label}: tensor {k!r} {problem}")
             check_backed(v, f"{label}: tensor {k!r}", InputError)  # a freed storage (FSDP's resize_(0))
             self._state[k] = v.detach().resolve_neg()  # a lazily negated view: its values, not its memory
