@@ -55,10 +55,11 @@ class DictSource:
                 raise InputError(f"{label}: tensor {k!r} is a DTensor (a sharded model's); a pool's sources are "
                                  "whole tensors: pass checkpoint files or a full state dict (torch.distributed's "
                                  "get_model_state_dict with full_state_dict=True)")
-            # sparse, nested, quantized, meta; a FakeTensor or a wrapper without memory (read at address 0 in place)
-            if (problem := kind_problem(v) or address_problem(v)) is not None:
+            if (problem := kind_problem(v)) is not None:  # sparse, nested, quantized, meta
                 raise InputError(f"{label}: tensor {k!r} {problem}")
             check_backed(v, f"{label}: tensor {k!r}", InputError)  # a freed storage (FSDP's resize_(0))
+            if (problem := address_problem(v)) is not None:  # a FakeTensor, a wrapper: read at address 0 in place
+                raise InputError(f"{label}: tensor {k!r}: {problem}")
             self._state[k] = v.detach().resolve_neg()  # a lazily negated view: its values, not its memory
         refuse_quantized(label, list(self._state), lambda n: self._state[n].dtype)  # as a Checkpoint on opening
 
