@@ -312,7 +312,9 @@ def main(argv=None):
         here = check_here(args.quick)
         result["here"] = here
         cols = ["check", "P (M)", "N", "R", "measured ms", "GB/s", "model ms", "error %", "fitted"]
-        text.append(f"### Scaling model vs runs on this machine (loaded; copy {here['copy_GBps_1_thread']:.1f} GB/s "
+        load = result.get("load_average")  # as measured, never a fixed word (a file said "loaded" of a quiet run)
+        where = f"load average {', '.join(map(str, load))}; " if load else ""
+        text.append(f"### Scaling model vs runs on this machine ({where}copy {here['copy_GBps_1_thread']:.1f} GB/s "
                     f"on 1 thread, {here['copy_GBps_all_cores']:.1f} GB/s on all cores, {here['pool_copy_GBps']:.1f} GB/s timed with the pool runs; pool fit: eta "
                     f"{here['pool_fit']['eta']:.2f}, fixed {1e3 * here['pool_fit']['t_fixed_s']:.2f} ms; disk-merge "
                     f"fit: eta {here['disk_fit']['eta']:.2f}, fixed {here['disk_fit']['t_fixed_s']:.2f} s)\n\n"
