@@ -267,12 +267,13 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
     target = Path(os.path.realpath(out_dir))
     for what, given in _inputs_of(plan):
         p = Path(os.path.realpath(given))
-        # the writer first sweeps a killed run's folders beside OUT (.OUT.pymerge-tmp-<pid>, ...): one read as
-        # a model was deleted, or put back as OUT, before it was read (an audit); a link of such a name too
-        named = Path(os.path.abspath(given))  # every folder on the way as given, links unresolved (a link of such a
-        # name is unlinked: a review), and as resolved
-        leftover = next((a for a in (named, *named.parents, p, *p.parents)
-                         if a.name and Path(os.path.realpath(a.parent)) == out.parent and swept_name(out, a.name)), None)
+        # The writer first sweeps a killed run's folders beside OUT (.OUT.pymerge-tmp-<pid>, ...): one read as a
+        # model was deleted, or put back as OUT, before it was read (an audit). Every folder on the way, as given
+        # (a link of such a name is unlinked: a review) and as resolved; the name tested first, the realpath only
+        # for the few that match.
+        named = Path(os.path.abspath(given))
+        leftover = next((a for a in (named, *named.parents, p, *p.parents) if a.name and swept_name(out, a.name)
+                         and Path(os.path.realpath(a.parent)) == out.parent), None)
         if leftover is not None:
             where = "is" if leftover in (named, p) else f"lies in {leftover},"
             raise InputError(f"{out_dir}: the {what} {given} {where} named as a killed run's leftover, which the "

@@ -87,8 +87,6 @@ def tie_override(model_cfg: Optional[dict], out_names: Sequence[str], warnings: 
     return {"tie_word_embeddings": tied}
 
 
-RANDOM_SPARSIFIERS = ("random", "della_magprune")  # DARE's and DELLA's masks: drawn per tensor name
-
 
 def masked_head_override(model_cfg: Optional[dict], tensors: Sequence, method, warnings: List[str]) -> dict:
     """config.json's tie_word_embeddings for a merge whose random masks (DARE, DELLA) are drawn per tensor name, of
@@ -96,11 +94,14 @@ def masked_head_override(model_cfg: Optional[dict], tensors: Sequence, method, w
     different values, and a loader that ties them by the config drops the merged head, where transformers 5 keeps
     it (an audit: logits 4 % apart, the top token differing at 12 % of positions). Set to false, with a warning,
     where a mask is drawn for them (a density below 1). tensors: the plan's (name, model_params)."""
+    sparsification = getattr(method, "sparsification", None)  # a task-vector method's (torch is loaded then)
+    if sparsification is None or not isinstance(model_cfg, dict) or model_cfg.get("tie_word_embeddings") is not True:
+        return {}
+    from pymerge.ops.task_vector_ops import SEEDED
     heads = [t.name for t in tensors if is_head(t.name)]
     drawn = any(float(mp.get("density", 1.0)) < 1 for t in tensors if is_head(t.name) or is_vocab_tensor(t.name)
                 for mp in t.model_params)
-    if (getattr(method, "sparsification", None) not in RANDOM_SPARSIFIERS or not heads or not drawn
-            or not isinstance(model_cfg, dict) or model_cfg.get("tie_word_embeddings") is not True):
+    if sparsification not in SEEDED or not heads or not drawn:
         return {}
     warnings.append(f"config.json: tie_word_embeddings set to false: {method.name}'s random masks, drawn per "
                     f"tensor, give {heads[0]} other values than the input embedding it is tied to (the models store "

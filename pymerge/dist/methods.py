@@ -224,7 +224,7 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     if sp.method in ("magnitude", "della_magprune") and sp.density <= 0:
         plan.mode = tvo.ZERO
         return plan
-    seeded = sp.method in ("random", "della_magprune")
+    seeded = sp.method in tvo.SEEDED
     key = (task.name, i, sp, int(task.seed) if seeded else None)
     hit = pool.stats_cache.get(key)
     if hit is None:

@@ -407,10 +407,14 @@ class StatsCache(dict):
 
     Bounded (it grew by an entry per tensor and model with every new seed or density, and DELLA's entries hold a
     mask of the local shard: an audit): past MAX_ENTRIES it starts again empty, and `seeded` keeps one mask (one
-    seed's, one density's) per tensor, model and sparsifier. Both follow the sequence of misses alone, which every rank runs alike (a miss
-    runs collectives), so the ranks keep the same entries."""
+    seed's, one density's) per tensor, model and sparsifier. Both follow the sequence of misses alone, which every
+    rank runs alike (a miss runs collectives), so the ranks keep the same entries."""
     generation = 0
     MAX_ENTRIES = 1 << 16
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seeded: dict = {}  # family (tensor, model, sparsifier) -> the key put_seeded put last
 
     def _bump(self) -> None:
         self.generation += 1
@@ -423,12 +427,11 @@ class StatsCache(dict):
 
     def put_seeded(self, key, family, value) -> None:
         """key -> value, replacing the entry put last for the same family (a tensor, model and sparsifier)."""
-        seeded = self.__dict__.setdefault("seeded", {})
-        old = seeded.get(family)
+        old = self.seeded.get(family)
         if old is not None and old != key:
             self.pop(old, None)
         self[key] = value
-        seeded[family] = key
+        self.seeded[family] = key
 
     def __delitem__(self, key):
         self._bump()
@@ -440,7 +443,7 @@ class StatsCache(dict):
 
     def clear(self):
         self._bump()
-        self.__dict__.get("seeded", {}).clear()
+        self.seeded.clear()
         super().clear()
 
     def update(self, *args, **kwargs):

@@ -27,7 +27,7 @@ from pymerge import _native
 from pymerge.errors import CheckpointError, short
 from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, open_regular, read_json,
                               stays_inside)
-from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo
+from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo, madvise
 from pymerge.io.sigbus import identity, stamp as _stamp
 
 _MAX_EXPANDED = 16 << 20  # bytes an expanded .bin tensor may claim (each read copies it out whole)
@@ -145,7 +145,7 @@ class TorchFile:
         if not base <= start < end <= base + length:  # not in the map (cannot be, as located): leave it alone
             return
         start -= (start - base) % mmap.PAGESIZE  # madvise wants page-aligned starts; the map starts on a page
-        _madvise(start, end - start, option)
+        madvise(start, end - start, option)
 
     def _get(self, name: str):
         state = self._require_open()
@@ -251,23 +251,6 @@ def _torch_load(path: Path, mappable: bool):
                 raise
             return torch.load(path, weights_only=True, map_location="cpu"), False
 
-
-
-def _madvise(address: int, length: int, option: int) -> None:
-    """libc's madvise; advice only, so a refusal (or no libc) changes nothing."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        try:
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-            _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.madvise(address, length, option)
-
-
-_LIBC = None  # ctypes' libc, loaded at the first advice (False: none here)
 
 
 def _mapping_of(path: Path, state: dict, loaded: os.stat_result) -> Optional[Tuple[int, int]]:

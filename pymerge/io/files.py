@@ -171,14 +171,20 @@ def remove_empty_folders(folders: Iterable) -> None:
 _TMP_MARK = ".pymerge-tmp-"  # .<name>.pymerge-tmp-<random>: replace_file's temporary file for <name>
 
 
+def fitted_name(name: str, room: int) -> str:
+    """name, or, where it and `room` more bytes would pass NAME_MAX (255 bytes), its first 64 bytes and a hash of
+    it: the base of the hidden names made beside a file or folder."""
+    raw = os.fsencode(name)
+    if len(raw) + room > 255:
+        raw = raw[:64] + b"-" + hashlib.sha256(raw).hexdigest()[:16].encode()
+    return os.fsdecode(raw)
+
+
 def replace_file_prefix(name: str) -> str:
     """How the temporary files of replace_file(<folder>/name) begin (one a killed writer left is one of these). A
     name near NAME_MAX is cut and hashed, so that the prefix and mkstemp's 8 characters still fit in one name (a
     legal 250-byte state file could not be written: an audit)."""
-    raw = os.fsencode(name)
-    if 1 + len(raw) + len(_TMP_MARK) + 8 > 255:
-        raw = raw[:64] + b"-" + hashlib.sha256(raw).hexdigest()[:16].encode()
-    return f".{os.fsdecode(raw)}{_TMP_MARK}"
+    return f".{fitted_name(name, 1 + len(_TMP_MARK) + 8)}{_TMP_MARK}"
 
 
 def replace_file(path: str, write: Callable[[str], None], install: Callable[[str, str], None] = os.replace) -> None:

@@ -160,7 +160,7 @@ class SafetensorsFile:
         last view of it is gone."""
         try:
             libc = _libc()
-        except OSError:  # no libc to load: a descriptor or nothing
+        except (OSError, AttributeError):  # no libc to load: a descriptor or nothing
             try:
                 return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except OSError as exc:
@@ -393,8 +393,8 @@ class SafetensorsFile:
             return
         start = info.file_offset - info.file_offset % mmap.PAGESIZE  # madvise wants page-aligned starts
         length = info.file_offset + info.nbytes - start
-        if self._address is not None:  # advice only: a failure is never worth failing a merge over
-            _libc().madvise(ctypes.c_void_p(self._address + start), ctypes.c_size_t(length), option)
+        if self._address is not None:
+            madvise(self._address + start, length, option)
             return
         if not hasattr(mm, "madvise"):
             return
@@ -473,6 +473,15 @@ def _libc() -> ctypes.CDLL:
     libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return libc
+
+
+def madvise(address: int, length: int, option: int) -> None:
+    """libc's madvise; advice only, so a refusal (or no libc) changes nothing."""
+    try:
+        libc = _libc()
+    except (OSError, AttributeError):
+        return
+    libc.madvise(address, length, option)
 
 
 def _empty_bytes() -> np.ndarray:

@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import fsync_dir, kind_of, open_regular, out_location, remove_empty_folders
+from pymerge.io.files import fitted_name, fsync_dir, kind_of, open_regular, out_location, remove_empty_folders
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 from pymerge.sizes import format_size
 
@@ -831,10 +830,7 @@ def _check_name(out: Path) -> None:
 def _beside(out: Path, tag: str) -> str:
     """'.<OUT's name><tag>', the prefix of the folders written beside OUT (a pid follows). A name
     near NAME_MAX is cut and hashed so that the prefix and the pid still fit in one name."""
-    raw = os.fsencode(out.name)
-    if len(raw) + len(tag) + 1 + 30 > 255:  # a pid, or a pid, "-" and 8 hex digits
-        raw = raw[:64] + b"-" + hashlib.sha256(raw).hexdigest()[:16].encode()
-    return f".{os.fsdecode(raw)}{tag}"
+    return f".{fitted_name(out.name, 1 + len(tag) + 30)}{tag}"  # a pid, or a pid, "-" and 8 hex digits
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -1020,43 +1016,58 @@ def _zombie(pid: int) -> bool:
 def _remove_stale(out: Path) -> None:
     """Clears what writers killed mid-run left beside OUT (their pid is gone): half-written temp
     folders go; an old OUT stranded aside by a crash mid-replace goes back if OUT is missing."""
-    tmp_prefix, old_prefix, del_prefix = _beside(out, _TMP_TAG), _beside(out, _OLD_TAG), _beside(out, _DEL_TAG)
     try:
         entries = list(os.scandir(out.parent))
     except OSError:
         return
+    prefixes = _leftover_prefixes(out)
     for e in entries:
-        if e.name.startswith(del_prefix) and _garbage_suffix(e.name[len(del_prefix):]):  # whoever left it
-            _remove_tree(Path(e.path), ignore_errors=True)  # another run may be deleting it too
+        kind = _leftover(prefixes, e.name)
+        if kind is None:
             continue
-        for prefix in (old_prefix, tmp_prefix):
-            pid = e.name[len(prefix):]
-            if e.name.startswith(prefix) and _is_pid(pid) and not _in_use(e.path, int(pid)):
-                if prefix == old_prefix and not os.path.lexists(out):
-                    try:
-                        os.rename(e.path, out)
-                    except FileNotFoundError:  # another run put it back first
-                        pass
-                elif os.path.islink(e.path):
-                    try:
-                        os.unlink(e.path)
-                    except FileNotFoundError:  # another run's sweep took it
-                        pass
-                else:  # claimed first: two runs sweeping one folder both deleted it (ENOENT)
-                    gone = _claim(e.path, out)
-                    if gone is not None:
-                        _remove_tree(gone, ignore_errors=True)
-                break
+        tag, pid = kind
+        if tag == _DEL_TAG:  # whoever left it
+            _remove_tree(Path(e.path), ignore_errors=True)  # another run may be deleting it too
+        elif _in_use(e.path, pid):
+            continue
+        elif tag == _OLD_TAG and not os.path.lexists(out):
+            try:
+                os.rename(e.path, out)
+            except FileNotFoundError:  # another run put it back first
+                pass
+        elif os.path.islink(e.path):
+            try:
+                os.unlink(e.path)
+            except FileNotFoundError:  # another run's sweep took it
+                pass
+        else:  # claimed first: two runs sweeping one folder both deleted it (ENOENT)
+            gone = _claim(e.path, out)
+            if gone is not None:
+                _remove_tree(gone, ignore_errors=True)
+
+
+def _leftover_prefixes(out: Path) -> List[Tuple[str, str]]:
+    return [(tag, _beside(out, tag)) for tag in (_DEL_TAG, _OLD_TAG, _TMP_TAG)]
+
+
+def _leftover(prefixes: List[Tuple[str, str]], name: str) -> Optional[Tuple[str, Optional[int]]]:
+    """(tag, pid) of an entry beside OUT named as a writer's leftover (pid None for garbage, whoever left it), or
+    None. prefixes: _leftover_prefixes(OUT)."""
+    for tag, prefix in prefixes:
+        if name.startswith(prefix):
+            suffix = name[len(prefix):]
+            if tag == _DEL_TAG:
+                return (tag, None) if _garbage_suffix(suffix) else None
+            if _is_pid(suffix):
+                return tag, int(suffix)
+    return None
 
 
 def swept_name(out: Path, name: str) -> bool:
     """Whether a writer for OUT sweeps an entry of that name beside OUT as a run's leftover (removes it, or puts it
     back as OUT; a live writer's it leaves alone, but it is no one else's either): an input there would be deleted
-    before the merge read it. _remove_stale's matching."""
-    tmp_prefix, old_prefix, del_prefix = (_beside(out, tag) for tag in (_TMP_TAG, _OLD_TAG, _DEL_TAG))
-    if name.startswith(del_prefix):
-        return _garbage_suffix(name[len(del_prefix):])
-    return any(name.startswith(p) and _is_pid(name[len(p):]) for p in (tmp_prefix, old_prefix))
+    before the merge read it."""
+    return _leftover(_leftover_prefixes(out), name) is not None
 
 
 def _is_pid(text: str) -> bool:

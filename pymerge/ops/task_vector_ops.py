@@ -51,6 +51,7 @@ from pymerge.ops.weighted_sum import pick_backend as _pick_backend
 _M = _native.SPARSIFIER_MODES  # the kernels' per-model sparsifier modes (csrc/codes.h)
 NONE, TOPK, RANGE, RANDOM, BITS, ZERO = (_M[k] for k in ("none", "topk", "range", "random", "bits", "zero"))
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
+SEEDED = ("random", "della_magprune")  # DARE's and DELLA's: masks drawn from the seed, per tensor name
 RESCALES = (None, "l1", "inverse_density")
 _TORCH_BLOCK = 1 << 20  # elements per block of the torch fallback: bounds its temporaries
 

@@ -450,7 +450,7 @@ class TaskVectorCall:
         """labels: the checkpoints' names in messages, as the per-tensor path's (the pool's labels)."""
         from pymerge.methods.base import MAX_MAGNITUDE, TensorTask, check_magnitudes
         from pymerge.methods.task_vectors import task_vector_args
-        from pymerge.ops.task_vector_ops import linear_divisor
+        from pymerge.ops.task_vector_ops import SEEDED, linear_divisor
         n = len(per_model)
         self.seed = seed
         self.consensus = method.consensus
@@ -476,7 +476,7 @@ class TaskVectorCall:
         bad = np.argwhere(~(np.abs(scales) <= MAX_MAGNITUDE))
         if len(bad):
             check_magnitudes(method, task_of(rows[bad[0][0]][bad[0][1]]), labels)
-        random = any(sp.method in ("random", "della_magprune") for sp in self.sparsifiers)
+        random = any(sp.method in SEEDED for sp in self.sparsifiers)
         self.key = (method.name, tuple(self.sparsifiers), int(seed) if random else 0)
         self.keep = not any(sp.method == "della_magprune" and sp.density < 1 for sp in self.sparsifiers)
 
