@@ -416,6 +416,9 @@ class StatsCache(dict):
         super().__init__(*args, **kwargs)
         self.seeded: dict = {}  # family (tensor, model, sparsifier) -> the key put_seeded put last
 
+    def __reduce__(self):  # (a dict's pickle and copy set the items, through __setitem__, before the attributes)
+        return StatsCache, (dict(self),), {**self.__dict__, "seeded": dict(self.seeded)}
+
     def _bump(self) -> None:
         self.generation += 1
 

@@ -160,7 +160,7 @@ class SafetensorsFile:
         last view of it is gone."""
         try:
             libc = _libc()
-        except (OSError, AttributeError):  # no libc to load: a descriptor or nothing
+        except OSError:  # no libc to load: a descriptor or nothing
             try:
                 return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except OSError as exc:
