@@ -94,6 +94,22 @@ def test_stats_cache_counts_every_change():
     assert c == {} and isinstance(c, StatsCache)
 
 
+def test_stats_cache_pickles_and_copies_with_its_seeded_families(monkeypatch):
+    """A dict subclass's pickle and copy set its items, through __setitem__, before its attributes: an item past
+    the cap cleared a cache whose seeded families were not there yet (AttributeError; a review)."""
+    import copy
+    import pickle
+    from pymerge.dist.pool import StatsCache
+    monkeypatch.setattr(StatsCache, "MAX_ENTRIES", 2)
+    c = StatsCache({k: k for k in range(5)})  # past the cap: dict's own __init__ takes no notice
+    c.put_seeded(("w", 0, "random", 7), ("w", 0, "random"), "mask")
+    for d in (pickle.loads(pickle.dumps(c)), copy.copy(c), copy.deepcopy(c)):
+        assert dict(d) == dict(c) and d.seeded == c.seeded and d.seeded is not c.seeded
+        assert d.generation == c.generation and isinstance(d, StatsCache)
+        d.put_seeded(("w", 0, "random", 8), ("w", 0, "random"), "other")  # the copy's seed replaces its own
+        assert ("w", 0, "random", 7) not in d and ("w", 0, "random", 7) in c
+
+
 def mixed_errors_worker(rank, world):
     """Each rank fails (or not) as the plan below says, in one agreement."""
     import torch.distributed as dist
