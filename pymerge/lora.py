@@ -14,6 +14,7 @@ after the embedding's own LoRA, as peft's merge does.
 What changes more than these weights (DoRA, modules_to_save, LoRA biases, trainable tokens, layer
 replication, convolution LoRA, ...) is refused with a one-line reason naming the adapter file.
 """
+import functools
 import math
 import os
 import re
@@ -357,11 +358,47 @@ def _pattern_value(patterns: dict, module: str, default, key: str, path: Path):
     """peft's get_pattern_key: the first pattern p with module matching (.*\\.)?(p)$."""
     for p in patterns:
         try:
+            if _backtracks(p):
+                raise CheckpointError(f"{path}: {key}: pattern {short(p)} nests or chains repetition ((a+)+, (a|b)*, "
+                                      f".*.*.*.*): matching it can take exponential time; name the modules instead")
             if re.match(rf"(.*\.)?({p})$", module):
                 return patterns[p]
         except re.error as exc:
-            raise CheckpointError(f"{path}: {key}: pattern {p!r} is not a regular expression: {exc}") from None
+            raise CheckpointError(f"{path}: {key}: pattern {short(p)} is not a regular expression: {exc}") from None
     return default
+
+
+try:  # the parser re compiles with (sre_parse before Python 3.11)
+    from re import _parser as _re_parser
+except ImportError:  # pragma: no cover
+    import sre_parse as _re_parser
+
+
+@functools.lru_cache(maxsize=256)
+def _backtracks(pattern: str) -> bool:
+    """Whether a regex can backtrack catastrophically on a module name: a repeat holding a repeat or an alternation
+    (exponential: "(.*.*)*!" ran for minutes on a 31-character name, as in peft), or more than three repeats in all
+    (polynomial of that degree, plus the prefix's own). An adapter's patterns are module names and simple wildcards."""
+    repeats = 0
+
+    def walk(sub, inside: bool) -> bool:
+        nonlocal repeats
+        for op, av in sub:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") and av[1] > 1:
+                repeats += 1
+                if inside or repeats > 3 or walk(av[2], True):
+                    return True
+            elif name == "BRANCH" and inside:
+                return True
+            else:
+                for x in av if isinstance(av, (tuple, list)) else (av,):
+                    parts = x if isinstance(x, list) else [x]
+                    if any(isinstance(y, _re_parser.SubPattern) and walk(y, inside) for y in parts):
+                        return True
+        return False
+
+    return walk(_re_parser.parse(pattern), False)
 
 
 class LoraCheckpoint:

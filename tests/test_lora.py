@@ -122,6 +122,22 @@ def test_rslora_and_patterns_change_the_scale(family):
         assert t["model.layers.1.self_attn.v_proj.weight"].scale == pytest.approx(5 / 2)
 
 
+@pytest.mark.parametrize("patterns", [
+    {r".*\.(q|v)_proj": 3, r"layers\.[0-9]+\.mlp\..*": 5},  # wildcards and an alternation outside a repeat
+    {r"model.layers.1.self_attn.q_proj": 7, "q_proj": 2, r"x{2,5}": 9},  # names; the first that matches wins
+    {r"(?:layers\.1)\..*": 4, r"^model\.layers\.0\..*_proj$": 6},
+])
+def test_patterns_match_as_peft_does(patterns):
+    """The refusal of backtracking patterns keeps every ordinary one: the value is that of the first pattern p
+    with re.match((.*\\.)?(p)$) on the module, as peft's get_pattern_key."""
+    from pymerge.lora import _pattern_value
+    modules = [f"model.layers.{i}.{m}" for i in range(3)
+               for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "mlp.up_proj")]
+    for module in modules:
+        want = next((v for p, v in patterns.items() if re.match(rf"(.*\.)?({p})$", module)), -1)
+        assert _pattern_value(patterns, module, -1, "rank_pattern", Path("c.json")) == want, module
+
+
 def test_bf16_model_rounds_once_and_lora_merge_dtype(family):
     root, _, model_bf16, ads = family
     with open_model(f"{model_bf16}+{ads['bf16']}") as ck:
@@ -346,6 +362,10 @@ def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
     ("ia3", lambda c: c.update(peft_type="IA3"), None, r"peft_type 'IA3'"),
     ("rank", lambda c: c.update(r=3), None, r"do not have rank r = 3"),
     ("pattern", lambda c: c.update(rank_pattern={"(": 2}), None, r"pattern '\(' is not a regular"),
+    # catastrophic backtracking: "(.*.*)*!" ran for minutes per module name, as in peft (a security audit)
+    ("redos_nested", lambda c: c.update(rank_pattern={"(.*.*)*!": 2}), None, r"rank_pattern: pattern '\(\.\*\.\*\)\*!' nests"),
+    ("redos_branch", lambda c: c.update(alpha_pattern={"(a|aa)*b": 2}), None, r"alpha_pattern: .* exponential time"),
+    ("redos_chain", lambda c: c.update(rank_pattern={".*.*.*.*x": 2}), None, r"rank_pattern: .* nests or chains"),
     # a NaN, inf or 1e308 in a pattern made a NaN or inf weight with exit 0, as it would at the top level
     ("alpha_nan", lambda c: c.update(alpha_pattern={"q_proj": float("nan")}), None,
      r"alpha_pattern: pattern 'q_proj' must map to a number of size at most 1e\+06, got nan"),

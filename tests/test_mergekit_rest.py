@@ -615,6 +615,16 @@ def test_a_donors_processor_vocabulary_files_and_sibling_modules_are_copied(mode
     assert "holds no tokenizer vocabulary pymerge knows" in err and str(donor) in err, err
 
 
+def test_the_relative_import_scan_stays_on_its_line():
+    """Its pattern's leading \\s matched newlines, so every blank line of a donor's module began a match that ran over
+    the rest of the file: quadratic, minutes for 200 KB of blank lines (a security audit). A match starts where its
+    line does, and the imports transformers follows are still found."""
+    from pymerge.merge import _RELATIVE_IMPORT
+    text = "\n\n\n  from .foo_layers import X\n\t\nimport .foo_utils\nimport .no extra\nx = 'from .not_one import y'\n"
+    found = [(m.start(), m.group(1) or m.group(2)) for m in _RELATIVE_IMPORT.finditer(text)]
+    assert found == [(3, "foo_layers"), (text.index("import .foo_utils"), "foo_utils")], found
+
+
 def test_vocabulary_files_never_clash_with_files_the_merge_writes(models, tmp_path, capsys):
     """A `*_file` key of tokenizer_config.json naming preprocessor_config.json or config.json was copied a second
     time and the merge failed after all its work; a 300 MB foo.model was copied as a vocabulary; a custom

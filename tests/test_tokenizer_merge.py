@@ -746,6 +746,25 @@ def test_bad_chat_template(models, tmp_path, capsys):
     _bad(tmp_path, capsys, cfg, "odd/tokenizer_config.json", "is not a JSON object")
 
 
+def test_a_chat_template_over_a_linked_out_tokenizer_config_says_its_settings_are_lost(models, tmp_path, capsys):
+    """A donor's tokenizer_config.json linking out of its folder is not copied, with a warning; with `chat_template:`
+    the template was saved into {} (tokenizer_class, bos/eos tokens gone) without one (a security audit)."""
+    _, m = models
+    donor = write_model(tmp_path / "donor", SPECIAL + W + ["<pad>"], perturb_seed=5)
+    outside = tmp_path / "elsewhere.json"
+    (donor / "tokenizer_config.json").rename(outside)
+    (donor / "tokenizer_config.json").symlink_to(outside)
+    cfg = {k: v for k, v in _union(str(donor), m["a"], chat_template="chatml").items() if k != "tokenizer_source"}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, err = run_cli(["merge", path, tmp_path / "out", "--quiet"], capsys)
+    assert rc == 0, err
+    assert f"{donor}/tokenizer_config.json: is a link to a file outside the model folder" in err
+    assert "saved without its settings" in err, err
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {}
+    assert "im_start" in (tmp_path / "out" / "chat_template.jinja").read_text()
+
+
 # ---- other executors -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_ranks_write_the_same_merge(parity, tmp_path, capsys):

@@ -46,6 +46,9 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Tuple[Se
         config = read_json(cpath)
         if not isinstance(config, dict):  # (written as {} plus the template: its settings lost, silently)
             raise CheckpointError(f"{cpath}: is not a JSON object; the chat template is saved into it")
+    elif os.path.lexists(cpath):  # as without a template (merge.py's side files), but said: its settings are lost
+        plan.warnings.append(f"{cpath}: is a link to a file outside the model folder; not copied: the chat template "
+                             f"is saved without its settings")
     _write_config(writer, config, {"default": template}, None)
     return {"tokenizer_config.json", "chat_template.jinja", "chat_template.json"}, donor
 
