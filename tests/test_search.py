@@ -465,12 +465,17 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
     loaded = CheckpointPool.load(str(tmp_path / "pool.safetensors"))
     assert len(optimize(loaded, evaluate, model=Vec(16), budget=6, popsize=3, state_path=cstate,
                         log=None).history) == 6
-    saved = json.load(open(state))  # a state written before the fingerprint held the pool still resumes
-    del saved["fingerprint"]["pool"]
-    saved["digest"] = optimize_module._digest({k: v for k, v in saved.items() if k != "digest"})
-    json.dump(saved, open(state, "w"))
-    assert len(optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=7, popsize=3, state_path=state,
-                        log=None).history) == 7
+    # a state written before the fingerprint held the pool (or the model, the objective, the method's parameters)
+    # resumed unchecked, here on the sources reordered, and was saved back so (an audit): refused
+    for key in ("pool", "model", "objective", "method_params"):
+        saved = json.load(open(state))
+        del saved["fingerprint"][key]
+        saved.pop("digest")
+        json.dump(saved, open(tmp_path / "old.json", "w"))
+        with pytest.raises(InputError, match=rf"old.json: saved search state was written by an older pymerge, which did "
+                                             rf"not record the {key} it searched"):
+            optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=7, popsize=3,
+                     state_path=str(tmp_path / "old.json"), log=None)
 
 
 def test_a_state_from_reordered_in_memory_sources_or_another_dtype_is_refused(tmp_path):
@@ -978,9 +983,10 @@ def test_an_edited_state_is_refused_even_where_replaying_cannot_tell(tmp_path):
     assert [r["x"] for r in resumed.history] == [r["x"] for r in straight.history]
 
 
-def test_any_integer_seed_runs_reproducibly_and_old_states_with_method_params_resume(tmp_path):
-    """The review of the argument checks: seeds outside 0..2**32-2 ran before and must still; a state saved
-    before the fingerprint held method parameters resumes (they were not compared then)."""
+def test_any_integer_seed_runs_reproducibly_and_old_states_without_method_params_are_refused(tmp_path):
+    """The review of the argument checks: seeds outside 0..2**32-2 ran before and must still. A state saved
+    before the fingerprint held method parameters resumed, with other parameters too: it cannot be checked
+    (an audit), and is refused."""
     pool, evaluate, _ = synthetic(n=3)
     for seed in (-1, 2**32 - 1, 2**40):
         a = optimize(pool, evaluate, model=Vec(), budget=5, popsize=2, seed=seed, log=None)
@@ -993,8 +999,8 @@ def test_any_integer_seed_runs_reproducibly_and_old_states_with_method_params_re
     state = json.load(open(path))
     del state["fingerprint"]["method_params"], state["digest"]
     json.dump(state, open(path, "w"))
-    resumed = optimize(base_pool, evaluate, state_path=path, **{**kw, "budget": 9})
-    assert len(resumed.history) == 9
+    with pytest.raises(InputError, match="older pymerge, which did not record the method_params it searched"):
+        optimize(base_pool, evaluate, state_path=path, **{**kw, "budget": 9})
 
 
 def test_result_files_get_the_umask_mode_without_setting_the_umask(tmp_path, monkeypatch):
@@ -1085,7 +1091,7 @@ def test_the_docs_say_evaluate_gets_copies_and_when_to_pass_replicas_1():
 def test_a_state_resumed_with_another_base_or_objective_or_compressed_contents_is_refused(tmp_path):
     """The fingerprint held only whether there was a base, not the objective, and no sample of a compressed
     pool's contents: a resume on another base (or objective) replayed the old history and went on with
-    other merges, best_* comparing the two (a bug hunt). A state without these entries still resumes."""
+    other merges, best_* comparing the two (a bug hunt). A state without the base's sample still resumes."""
     g = torch.Generator().manual_seed(8)
     base = {"theta": torch.randn(256, generator=g)}
     other = {"theta": base["theta"] + 5}
@@ -1117,12 +1123,17 @@ def test_a_state_resumed_with_another_base_or_objective_or_compressed_contents_i
         optimize(CheckpointPool(cks[::-1], base=base, compress="int8"), evaluate, budget=6,
                  state_path=str(tmp_path / "int8.json"), **kw)
     state = str(tmp_path / "None.json")
-    saved = json.load(open(state))  # written before the fingerprint held them: resumes, as then
-    del saved["fingerprint"]["objective"], saved["fingerprint"]["pool"]["base_sample"]
+    saved = json.load(open(state))  # written before the fingerprint held the base's sample: resumes, as then
+    del saved["fingerprint"]["pool"]["base_sample"]
     saved["digest"] = optimize_module._digest({k: v for k, v in saved.items() if k != "digest"})
     json.dump(saved, open(state, "w"))
-    assert len(optimize(CheckpointPool(cks, base=other), evaluate, budget=6, state_path=state,
-                        objective=lambda s: s["score"], **kw).history) == 6
+    assert len(optimize(CheckpointPool(cks, base=other), evaluate, budget=6, state_path=state, **kw).history) == 6
+    saved = json.load(open(state))  # nor the objective: it resumed with any (an audit), refused
+    del saved["fingerprint"]["objective"]
+    saved["digest"] = optimize_module._digest({k: v for k, v in saved.items() if k != "digest"})
+    json.dump(saved, open(state, "w"))
+    with pytest.raises(InputError, match="older pymerge, which did not record the objective it searched"):
+        optimize(CheckpointPool(cks, base=base), evaluate, budget=7, state_path=state, **kw)
 
 
 def test_a_compressed_pools_state_resumes_whether_its_int4_codes_are_paired_or_not(tmp_path, monkeypatch):
@@ -1901,14 +1912,15 @@ def test_a_resume_into_another_model_is_refused(tmp_path):
         pass
     with pytest.raises(InputError, match="differs in model"):
         optimize(pool, evaluate, model=Other(), budget=9, popsize=4, state_path=path, log=None)
-    # the same model again resumes; a state written before the fingerprint named the model is not compared
+    # the same model again resumes; a state written before the fingerprint named the model was not compared, and
+    # resumed into the bfloat16 build (an audit): refused
     optimize(pool, evaluate, model=Vec(), budget=9, popsize=4, state_path=path, log=None)
     state = json.loads(open(path).read())
     del state["fingerprint"]["model"]
     state.pop("digest")
     open(path, "w").write(json.dumps(state))
-    assert len(optimize(pool, evaluate, model=Vec().to(torch.bfloat16), budget=13, popsize=4, state_path=path,
-                        log=None).history) == 13
+    with pytest.raises(InputError, match="older pymerge, which did not record the model it searched"):
+        optimize(pool, evaluate, model=Vec().to(torch.bfloat16), budget=13, popsize=4, state_path=path, log=None)
 
 
 def test_an_interrupt_keeps_every_finished_batch_of_a_generation(tmp_path, monkeypatch):
@@ -2078,3 +2090,65 @@ def test_a_child_forked_while_a_search_swaps_the_rng_can_search():
             os._exit(0 if not opt._GLOBAL_RNG_SWAP.locked() else 3)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_resume_with_another_objective_of_the_same_name_is_refused(tmp_path):
+    """objective= is fingerprinted by name, and every lambda's is "<lambda>": a search resumed with another mixed
+    the two objectives' values in one history, its best picked among the old ones (an audit). Each saved objective
+    must be this objective of its saved scores; the same rule written again resumes."""
+    pool, evaluate, _ = synthetic()
+    path = str(tmp_path / "s.json")
+    kw = dict(model=Vec(), popsize=4, state_path=path, log=None)
+    optimize(pool, evaluate, budget=5, objective=lambda s: s["score"], **kw)
+    with pytest.raises(InputError, match=r"s.json: saved candidate 0 has objective .*, but this search's objective of "
+                                         r"its scores is .*: the state is from a search with another objective="):
+        optimize(pool, evaluate, budget=9, objective=lambda s: 100 * s["score"], **kw)
+    assert len(optimize(pool, evaluate, budget=9, objective=lambda s: s["score"], **kw).history) == 9
+
+
+def test_a_report_is_never_written_over_a_search_state(tmp_path):
+    """state_path="out/history.json", then result.save("out"): the report replaced the state, and the next resume
+    failed on it (an audit; `pymerge search` refuses such a state_path). Refused, nothing removed."""
+    pool, evaluate, _ = synthetic()
+    out = tmp_path / "out"
+    state = out / "history.json"
+    res = optimize(pool, evaluate, model=Vec(), budget=5, popsize=4, state_path=str(state), log=None)
+    (out / "history.csv").write_text("kept")
+    before = state.read_bytes()
+    with pytest.raises(InputError, match=r"history.json: is a search's saved state \(a state_path\), where the report"):
+        res.save(str(out))
+    assert state.read_bytes() == before and (out / "history.csv").read_text() == "kept"
+    assert len(optimize(pool, evaluate, model=Vec(), budget=9, popsize=4, state_path=str(state),
+                        log=None).history) == 9
+    paths = res.save(str(tmp_path / "report"))  # elsewhere, and over an earlier report
+    assert set(json.loads(open(paths["json"]).read())) >= {"best", "history"}
+    assert res.save(str(tmp_path / "report"))["json"] == paths["json"]
+
+
+def test_a_state_path_naming_a_loaded_pools_file_is_refused(tmp_path):
+    """A loaded compressed pool kept no record of its file: a state_path naming it was read as a corrupt state,
+    the error advising to delete it (hours of compression), and a lock file went beside it (an audit)."""
+    g = torch.Generator().manual_seed(2)
+    base = {"theta": torch.randn(64, generator=g)}
+    cks = [{"theta": base["theta"] + 0.1 * torch.randn(64, generator=g)} for _ in range(3)]
+    saved = tmp_path / "pool.safetensors"
+    CheckpointPool(cks, base=base, compress="int8").save(str(saved))
+    before = saved.read_bytes()
+    loaded = CheckpointPool.load(str(saved))
+    evaluate = lambda m: float(m.theta.detach().mean())  # noqa: E731
+    for spelling in (str(saved), str(tmp_path / "." / "pool.safetensors")):
+        with pytest.raises(InputError, match=rf"state_path {re.escape(spelling)}: is the saved pool {saved}, which the "
+                                             r"pool was built from; choose another state_path"):
+            optimize(loaded, evaluate, model=Vec(64), budget=4, popsize=3, state_path=spelling, log=None,
+                     method="task_arithmetic")
+    with pytest.raises(InputError, match=r"is the saved pool .*, which this pool was built from"):
+        loaded.save(str(saved), overwrite=True)
+    assert saved.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["pool.safetensors"]
+    other = tmp_path / "other" / "model.safetensors"  # any safetensors file: not "delete it to start afresh"
+    other.parent.mkdir()
+    save_file({"theta": torch.zeros(64)}, str(other))
+    with pytest.raises(InputError, match=r"model.safetensors: is a safetensors file \(a model's or a saved pool's\), "
+                                         r"not a search state; choose another state_path"):
+        optimize(loaded, evaluate, model=Vec(64), budget=4, popsize=3, state_path=str(other), log=None,
+                 method="task_arithmetic")
+    assert os.listdir(other.parent) == ["model.safetensors"]  # no lock file beside it

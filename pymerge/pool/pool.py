@@ -132,6 +132,7 @@ class CheckpointPool:
     _lent: tuple = ()  # none (a loaded or sharded pool): see __init__ and _check_borrowed
     _files: list = []  # none (a loaded pool, state dicts): (path, (device, inode), stamp) of each file read
     _folders: list = []  # the model folders among its sources (their index and config are theirs too)
+    _saved_file: tuple = ()  # a loaded pool's: (path, (device, inode)) of the file it was loaded from
     _lent_ids: frozenset = frozenset()
 
     def __new__(cls, *args, shard_like=None, **kwargs):
@@ -322,6 +323,10 @@ class CheckpointPool:
         for p, ident, _ in self._files:
             if ident == same or os.path.realpath(p) in (real, spot):
                 return f"the checkpoint file {p}"
+        # a loaded pool's own file: a state_path naming it was read as a corrupt state, whose error advised
+        # deleting it (hours of compression; an audit)
+        if self._saved_file and (self._saved_file[1] == same or os.path.realpath(self._saved_file[0]) in (real, spot)):
+            return f"the saved pool {self._saved_file[0]}"
         for folder in self._folders:
             inside = os.path.realpath(folder)
             if any(os.path.commonpath([where, inside]) == inside for where in (real, spot)):
@@ -348,6 +353,7 @@ class CheckpointPool:
     def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":
         """A compressed pool saved with save(), checked as strictly as any checkpoint; nothing re-compressed."""
         store = compressed.CompressedStore.load(path)
+        saved_file = (os.path.abspath(path), identity(path))
         if cls is not CheckpointPool:
             from pymerge.dist.pool import ShardedPool
             cls = CheckpointPool if issubclass(cls, ShardedPool) else cls  # a plain pool: whole tensors, no shards
@@ -359,6 +365,7 @@ class CheckpointPool:
         pool.num_checkpoints, pool.labels, pool.has_base = len(store.labels), store.labels, True
         pool._from_files = False  # where the checkpoints came from is not saved; their tied-head rule is
         pool._tied_emb = store.tied_embedding  # (a search resumed on the loaded pool merged the head otherwise)
+        pool._saved_file = saved_file
         pool._adopt(store)
         pool._finish(0)
         return pool

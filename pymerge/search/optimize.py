@@ -76,6 +76,10 @@ class SearchResult:
         for path in paths.values():  # checked before anything is removed: a raw IsADirectoryError after some were
             if os.path.isdir(path) and not os.path.islink(path):
                 raise InputError(f"{path}: is a folder, where the search writes a file (move it away)")
+            if _is_search_state(path):  # state_path="out/history.json", then save("out"): the report replaced the
+                # state, and the resume failed on it (an audit; `pymerge search` refuses such a state_path)
+                raise InputError(f"{path}: is a search's saved state (a state_path), where the report writes; save "
+                                 "the report into another folder")
         # an earlier search's go first (a link is removed, never its target): an interrupt or a failing plot
         # between the writes left this search's history.json beside the other's csv and plot (an audit)
         for path in paths.values():
@@ -93,6 +97,23 @@ class SearchResult:
                 os.unlink(paths["png"])  # a link is removed, never its target
             del paths["png"]
         return paths
+
+
+def _head(path: str, n: int) -> bytes:
+    """The first n bytes of a regular file at path, else b"" (a FIFO would block the open)."""
+    try:
+        if not os.path.isfile(path):
+            return b""
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def _is_search_state(path: str) -> bool:
+    """Whether path is a file that begins as _save_state writes one."""
+    head = _head(path, 40)
+    return head.startswith(b'{"version": ') and b', "fingerprint": ' in head
 
 
 def _random_state(seed: int) -> np.random.RandomState:
@@ -358,6 +379,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     if read is not None:  # (its error, not a state's, advised deleting it; its lock files went beside it)
         raise InputError(f"state_path {state_path}: is {read}, which the pool was built from; choose another "
                          "state_path")
+    if state_path and _head(state_path, 10)[8:] == b'{"':  # not "truncated or not JSON; delete it", nor a lock beside
+        raise InputError(f"state_path {state_path}: is a safetensors file (a model's or a saved pool's), not a search "
+                         "state; choose another state_path")
     lock = _lock_state(state_path)  # before the state is read; held until the search ends
     models = []
     try:
@@ -367,6 +391,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0,
                      "x0_done": False}
         else:
+            _check_objectives(state["history"], objective, state_path)
             pending = _replay(es, rng, state, state_path, x0)
             if any(not np.allclose(to_weights(r["x"]), r["weights"], rtol=1e-9, atol=1e-12)
                    for r in state["history"]):
@@ -748,20 +773,19 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     try:
         _check_header(state)
         saved, expected = state["fingerprint"], json.loads(json.dumps(fingerprint))  # as it reads back from disk
-        if "method_params" not in saved:  # written without any (a digest says since 2026-12-02): none may
-            if digest is None:  # be added on resume; older files did not record them: not compared, as then
-                expected.pop("method_params", None)
-            else:
-                saved = {**saved, "method_params": {}}
-        for key in ("objective", "model"):  # written before the fingerprint held them: not compared, as then
-            if key not in saved:
-                expected.pop(key, None)
+        if "method_params" not in saved and digest is not None:  # written without any (a digest says since
+            saved = {**saved, "method_params": {}}  # 2026-12-02): none may be added on resume
+        # an older pymerge's state lacks what it did not record: not compared, it resumed on other checkpoints or
+        # into a bfloat16 build of the model, and was saved back unchecked, on every later resume too (an audit)
+        unrecorded = [key for key in ("method_params", "objective", "model", "pool") if key not in saved]
+        if unrecorded:
+            raise InputError(f"{path}: saved search state was written by an older pymerge, which did not record the "
+                             f"{', '.join(unrecorded)} it searched: it cannot be checked against this search; "
+                             "use another state_path or delete it")
         if "evaluate" not in saved or "evaluate" not in expected:  # named in both searches, or not compared
             saved = {k: v for k, v in saved.items() if k != "evaluate"}
             expected.pop("evaluate", None)
-        if "pool" not in saved:  # written before the fingerprint held the checkpoints: not compared, as then
-            expected.pop("pool", None)
-        elif isinstance(saved["pool"], dict):  # dtype and sample: compared where both searches recorded them
+        if isinstance(saved["pool"], dict):  # dtype and sample: compared where both searches recorded them
             both = set(saved["pool"]) & set(expected["pool"])
             saved = {**saved, "pool": {k: v for k, v in saved["pool"].items() if k in both or k not in _OPTIONAL}}
             expected["pool"] = {k: v for k, v in expected["pool"].items() if k in both or k not in _OPTIONAL}
@@ -782,6 +806,17 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: not a valid search state: {exc}") from None
     return state
+
+
+def _check_objectives(history: List[dict], objective, path: str) -> None:
+    """Each saved objective must be objective(its saved scores): objective= is fingerprinted by name, every lambda's
+    is "<lambda>", and a resume with another one mixed two objectives' values in one history (an audit)."""
+    for r in history:
+        again = _number(objective(dict(r["scores"])))
+        if again is None or not (again == r["objective"] or (math.isnan(again) and math.isnan(r["objective"]))):
+            raise InputError(f"{path}: saved candidate {r['eval']} has objective {r['objective']!r}, but this "
+                             f"search's objective of its scores is {short(again)}: the state is from a search with "
+                             "another objective=; use another state_path or delete it")
 
 
 def _digest(state: dict) -> str:
