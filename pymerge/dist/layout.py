@@ -40,10 +40,6 @@ class Box:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
-    def is_whole(self) -> bool:
-        return self.shape == self.global_shape
-
     def contiguous_start(self) -> Optional[int]:
         """The global flat index of the first element when the box is one contiguous run, else None."""
         d = 0  # leading dimensions of length 1 (or an empty box) do not break contiguity
