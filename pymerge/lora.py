@@ -363,8 +363,9 @@ def _pattern_value(patterns: dict, module: str, default, key: str, path: Path):
                                       f".*.*.*.*): matching it can take exponential time; name the modules instead")
             if re.match(rf"(.*\.)?({p})$", module):
                 return patterns[p]
-        except re.error as exc:
-            raise CheckpointError(f"{path}: {key}: pattern {short(p)} is not a regular expression: {exc}") from None
+        except (re.error, RecursionError) as exc:  # (thousands of nested groups: the parser's recursion)
+            why = exc if isinstance(exc, re.error) else "nested too deeply"
+            raise CheckpointError(f"{path}: {key}: pattern {short(p)} is not a regular expression: {why}") from None
     return default
 
 

@@ -366,6 +366,7 @@ def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
     ("redos_nested", lambda c: c.update(rank_pattern={"(.*.*)*!": 2}), None, r"rank_pattern: pattern '\(\.\*\.\*\)\*!' nests"),
     ("redos_branch", lambda c: c.update(alpha_pattern={"(a|aa)*b": 2}), None, r"alpha_pattern: .* exponential time"),
     ("redos_chain", lambda c: c.update(rank_pattern={".*.*.*.*x": 2}), None, r"rank_pattern: .* nests or chains"),
+    ("deep", lambda c: c.update(rank_pattern={"(" * 5000 + "q" + ")" * 5000: 2}), None, r"nested too deeply"),
     # a NaN, inf or 1e308 in a pattern made a NaN or inf weight with exit 0, as it would at the top level
     ("alpha_nan", lambda c: c.update(alpha_pattern={"q_proj": float("nan")}), None,
      r"alpha_pattern: pattern 'q_proj' must map to a number of size at most 1e\+06, got nan"),
