@@ -16,8 +16,9 @@ their configs unchanged:
 - A model's own parameters are looked at first, then the top-level ones; a scope that yields no
   value falls through to the next. Global (shared) parameters come from the top level only.
 
-Where pymerge is stricter than mergekit (which ignores them silently): unknown keys, unknown
-parameter names, non-finite numbers, parameters or weighted-sum coefficients beyond 1e6 in size
+Keys neither reads are ignored, as mergekit does, with a warning (config.check_keys), but for a near miss
+of a known key (a typo) and a few whose silent drop merges something else (_MISPLACED). Where pymerge is
+stricter than mergekit (which ignores them silently): mistyped keys and parameter names, non-finite numbers, parameters or weighted-sum coefficients beyond 1e6 in size
 (pymerge/methods/base.py), and duplicate models (also under other spellings of one path: ./x, x/,
 a symlink, x/model.safetensors) are errors; per-model values of global parameters produce a
 warning (neither tool uses them). A config file is read safely: a regular file of at most 10 MB,
@@ -25,6 +26,7 @@ YAML aliases expanding to at most 100_000 values, 50 levels deep.
 
 This module needs no torch: dtypes stay names until the engine maps them.
 """
+import difflib
 import math
 import operator
 import os
@@ -41,6 +43,17 @@ TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_
             "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
 MODEL_KEYS = ("model", "parameters")
 CONDITION_KEYS = ("filter", "value")
+# every parameter a built-in method takes (test_config checks it against the registry, which imports torch)
+MERGE_PARAMETERS = ("alpha", "density", "eps", "epsilon", "filter_wise", "gamma", "int8_mask", "lambda", "max_iter",
+                    "normalize", "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "r", "rescale", "scale",
+                    "select_topk", "t", "tol", "weight")
+# keys mergekit ignores where ignoring them merges something other than the config asks for: refused, with the fix
+_MISPLACED = {
+    "revision": "a revision goes with its model (model: {path: M, revision: R}, or M@R); mergekit ignores it here "
+                "and merges the default branch",
+    "pattern": "older mergekit's name for filter; mergekit 0.1.5 ignores it and gives the value to every tensor: "
+               "rename it filter",
+}
 DTYPES = ("float32", "bfloat16", "float16")
 _MERGEKIT_ONLY_DTYPES = ("float64", "int64")
 MAX_CONFIG_BYTES = 10_000_000  # a merge config is a few KB
@@ -213,6 +226,29 @@ def yaml_text(data: dict) -> Optional[str]:
         return None
 
 
+def check_keys(mapping: dict, known: Sequence[str], where: str, err, ignored: List[str]) -> None:
+    """Keys of mapping outside known: mergekit ignores them silently, and so does pymerge, with a warning added to
+    ignored (published configs carry LazyMergekit's name:, other methods' parameters, keys of older mergekit:
+    refused, they did not switch unchanged; an audit of 51 real configs). Refused, every one named at once: a near
+    miss of a known key (dype, merge_methd: a typo, which mergekit's silent default turns into another merge) and a
+    key of _MISPLACED."""
+    bad = [k for k in mapping if k not in known]
+    refused = []
+    for k in bad:
+        near = difflib.get_close_matches(k, known, 1, 0.75) if isinstance(k, str) else []
+        if isinstance(k, str) and k in _MISPLACED:
+            refused.append(f"{short(k)}: {_MISPLACED[k]}")
+        elif near:
+            refused.append(f"{short(k)} (did you mean {near[0]!r}?)")
+    if refused:
+        raise err(f"{where + ': ' if where else ''}unknown key{'s' * (len(refused) > 1)} {'; '.join(refused)} "
+                  f"(known: {', '.join(known)})")
+    if bad:
+        hint = " (a merge parameter goes under parameters:)" if any(k in MERGE_PARAMETERS for k in bad) else ""
+        ignored.append(f"{where or 'config'}: {', '.join(map(short, bad))}: not read by mergekit 0.1.5 nor pymerge "
+                       f"here; ignored{hint}")
+
+
 def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     """Checks a config already loaded from YAML (a dict) and returns a MergeConfig."""
     def err(msg):
@@ -221,13 +257,12 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     check_size(data, source)
     if not isinstance(data, dict):
         raise err(f"the config must be a mapping of keys, got {described(data)}")
-    unknown = [k for k in data if k not in TOP_KEYS]
-    if unknown:
-        raise err(f"unknown key {short(unknown[0])} (known: {', '.join(TOP_KEYS)})")
+    ignored: List[str] = []  # warnings for the keys neither tool reads
+    check_keys(data, TOP_KEYS, "", err, ignored)
     sliced = None
     if data.get("slices") is not None or data.get("modules") is not None:
         from pymerge.slices import parse_sliced
-        sliced = parse_sliced(data, err)  # (None: an empty one beside `models:`, absent as mergekit reads it)
+        sliced = parse_sliced(data, err, ignored)  # (None: an empty one beside `models:`, absent as mergekit reads it)
 
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
@@ -249,9 +284,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
             entry = {"model": entry}
         if not isinstance(entry, dict):
             raise err(f"{where} must be a mapping with 'model' and 'parameters', got {described(entry)}")
-        bad = [k for k in entry if k not in MODEL_KEYS]
-        if bad:
-            raise err(f"{where}: unknown key {short(bad[0])} (known: {', '.join(MODEL_KEYS)})")
+        check_keys(entry, MODEL_KEYS, where, err, ignored)
         if "model" not in entry:
             raise err(f"{where}: 'model' is missing")
         path = _model_path(entry["model"], f"{where}.model", err)
@@ -264,13 +297,14 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
             also = "" if first == spelled else f" as {_shown(first)}"
             raise err(f"{where}: model {_shown(spelled)} is listed twice ({first_where}{also})")
         seen[path] = (where, spelled)
-        models.append(ModelSpec(path, _parameters(entry.get("parameters"), f"{where} ({path}).parameters", err)))
+        models.append(ModelSpec(path, _parameters(entry.get("parameters"), f"{where} ({path}).parameters", err,
+                                                  ignored)))
 
     cfg = MergeConfig(
         merge_method=method, models=models, base_model=base,
-        parameters=_parameters(data.get("parameters"), "parameters", err),
+        parameters=_parameters(data.get("parameters"), "parameters", err, ignored),
         dtype=_dtype(data.get("dtype"), "dtype", err), out_dtype=_dtype(data.get("out_dtype"), "out_dtype", err),
-        source=source, sliced=sliced)
+        source=source, sliced=sliced, warnings=ignored)
 
     from pymerge.tokenizer.spec import parse_tokenizer
     cfg.tokenizer = parse_tokenizer(data, err, lambda value, where: _model_path(value, where, err))
@@ -308,7 +342,7 @@ def _dtype(value, key, err) -> Optional[str]:
     raise err(f"{key}: unknown dtype {short(value)}; use one of {', '.join(DTYPES)}")
 
 
-def _parameters(value, where, err) -> Dict[str, Setting]:
+def _parameters(value, where, err, ignored: List[str]) -> Dict[str, Setting]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -316,11 +350,11 @@ def _parameters(value, where, err) -> Dict[str, Setting]:
     for name, setting in value.items():
         if not isinstance(name, str):
             raise err(f"{where}: parameter name {short(name)} is not a string")
-        _check_setting(setting, f"{where}.{name}", err)
+        _check_setting(setting, f"{where}.{name}", err, ignored)
     return dict(value)
 
 
-def _check_setting(setting, where, err, nested=False) -> None:
+def _check_setting(setting, where, err, ignored: List[str], nested=False) -> None:
     """Structure only (types of values are checked against the method in check_method_params)."""
     if _is_scalar(setting):
         return
@@ -336,14 +370,12 @@ def _check_setting(setting, where, err, nested=False) -> None:
     if not all(isinstance(e, dict) for e in setting):
         raise err(f"{where}: a list must hold only numbers or only {{filter, value}} entries, not both")
     for j, cond in enumerate(setting):
-        bad = [k for k in cond if k not in CONDITION_KEYS]
-        if bad:
-            raise err(f"{where}[{j}]: unknown key {short(bad[0])} (a condition has 'filter' and 'value')")
+        check_keys(cond, CONDITION_KEYS, f"{where}[{j}]", err, ignored)
         if "value" not in cond:
             raise err(f"{where}[{j}]: 'value' is missing")
         if cond.get("filter") is not None and not isinstance(cond["filter"], str):
             raise err(f"{where}[{j}].filter must be a string, got {described(cond['filter'])}")
-        _check_setting(cond["value"], f"{where}[{j}].value", err, nested=True)
+        _check_setting(cond["value"], f"{where}[{j}].value", err, ignored, nested=True)
 
 
 def _is_scalar(x) -> bool:
@@ -581,18 +613,22 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
     model_wheres (one per model): where the config holds cfg.parameters and each model's (a slice's own)."""
     model_params, global_params = method.model_params, method.global_params
     known = sorted(set(model_params) | set(global_params))
-    ignored_weights: List[str] = []  # where a weight the method does not take was given: one warning for all
+    ignored: Dict[str, List[str]] = {}  # a parameter the method does not take -> where: one warning for each
 
     def check(scope, where, allow_global: bool):
         for name, setting in scope.items():
-            if name == "weight" and name not in model_params and name not in global_params:
-                # configs carry a weight for every model whatever the method (templates, other methods' configs);
-                # mergekit ignores it where the method has none: a typo it is not, so a warning, not an error
-                ignored_weights.append(where)
-                continue
             if name not in model_params and name not in global_params:
-                raise MergeConfigError(cfg.where(f"{where}: unknown parameter {short(name)} for merge_method "
-                                                 f"{method.name} (known: {', '.join(known) or 'none'})"))
+                # mergekit ignores a parameter its method does not take: configs carry a weight for every model
+                # whatever the method, other methods' parameters (normalize under sce), older ones; ignored with a
+                # warning. A near miss of one (wieght, desnity: mergekit's default would stand in) is refused
+                near = [] if name in MERGE_PARAMETERS else difflib.get_close_matches(
+                    name, sorted(set(known) | set(MERGE_PARAMETERS)), 1, 0.75)
+                if near:
+                    raise MergeConfigError(cfg.where(f"{where}: unknown parameter {short(name)} for merge_method "
+                                                     f"{method.name} (did you mean {near[0]!r}? known: "
+                                                     f"{', '.join(known) or 'none'})"))
+                ignored.setdefault(name, []).append(where)
+                continue
             if name not in model_params and not allow_global:
                 cfg.warnings.append(f"{where}: {name} is a global parameter of {method.name}; set it under the "
                                     f"top-level parameters (a per-model value is ignored, as in mergekit)")
@@ -607,10 +643,10 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
     check(cfg.parameters, params_where, True)
     for i, m in enumerate(cfg.models):
         check(m.parameters, model_wheres[i] if model_wheres else f"models[{i}] ({m.path}).parameters", False)
-    if ignored_weights:
-        more = f" and {len(ignored_weights) - 1} more" if len(ignored_weights) > 1 else ""
-        cfg.warnings.append(f"{ignored_weights[0]}{more}: merge_method {method.name} takes no weight; it is ignored, "
-                            "as in mergekit")
+    for name, wheres in ignored.items():
+        more = f" and {len(wheres) - 1} more" if len(wheres) > 1 else ""
+        what = f"takes no {name}" if name in MERGE_PARAMETERS else f"takes no parameter {short(name)} (nor does any method)"
+        cfg.warnings.append(f"{wheres[0]}{more}: merge_method {method.name} {what}; it is ignored, as in mergekit")
 
 
 def _leaves(setting, where):

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pymerge import hub
-from pymerge.config import (MergeConfig, ModelSpec, _model_path, _parameters, check_method_params, coerce,
-                            filter_name, kind_of, layer_of, layer_stacks, main_stack, resolve_one,
-                            unmatched_filter_warning, unmatched_filters)
+from pymerge.config import (MODEL_KEYS, MergeConfig, ModelSpec, _model_path, _parameters, check_keys,
+                            check_method_params, coerce, filter_name, kind_of, layer_of, layer_stacks, main_stack,
+                            resolve_one, unmatched_filter_warning, unmatched_filters)
 from pymerge.errors import CheckpointError, MergeConfigError, described, short
 from pymerge.io.checkpoint import head_bytes, read_model_config
 
@@ -91,7 +91,7 @@ def present(data: dict, key: str) -> bool:
     return value is not None and not (isinstance(value, _EMPTY[key]) and not value)
 
 
-def parse_sliced(data: dict, err) -> Optional[SlicedConfig]:
+def parse_sliced(data: dict, err, ignored: List[str]) -> Optional[SlicedConfig]:
     """The `slices:` or `modules:` part of a config (exactly one of models/slices/modules), or None where the
     one given is `models:` (beside an empty slices/modules)."""
     keys = ("models", "slices", "modules")
@@ -102,7 +102,7 @@ def parse_sliced(data: dict, err) -> Optional[SlicedConfig]:
     if given == ["models"]:
         return None
     if "slices" in given:
-        return SlicedConfig(_slices(data["slices"], "slices", err))
+        return SlicedConfig(_slices(data["slices"], "slices", err, ignored))
     modules = data["modules"]
     if not isinstance(modules, dict) or not modules:
         raise err(f"'modules' must be a mapping of module names to definitions, got {described(modules)}")
@@ -114,14 +114,12 @@ def parse_sliced(data: dict, err) -> Optional[SlicedConfig]:
     where = "modules.default"
     if not isinstance(mod, dict):
         raise err(f"{where} must be a mapping with 'slices' or 'models', got {described(mod)}")
-    bad = [k for k in mod if k not in MODULE_KEYS]
-    if bad:
-        raise err(f"{where}: unknown key {bad[0]!r} (known: {', '.join(MODULE_KEYS)})")
-    params = _parameters(mod.get("parameters"), f"{where}.parameters", err)
+    check_keys(mod, MODULE_KEYS, where, err, ignored)
+    params = _parameters(mod.get("parameters"), f"{where}.parameters", err, ignored)
     if present(mod, "slices") == present(mod, "models"):
         raise err(f"{where}: give exactly one of 'slices' or 'models'")
     if present(mod, "slices"):
-        return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err), params, where=f"{where}.slices")
+        return SlicedConfig(_slices(mod["slices"], f"{where}.slices", err, ignored), params, where=f"{where}.slices")
     models = mod["models"]
     if not isinstance(models, list) or not models:
         raise err(f"{where}.models must be a non-empty list, got {described(models)}")
@@ -129,14 +127,15 @@ def parse_sliced(data: dict, err) -> Optional[SlicedConfig]:
     for i, m in enumerate(models):
         w = f"{where}.models[{i}]"
         m = {"model": m} if isinstance(m, str) else m
-        if not isinstance(m, dict) or "model" not in m or any(k not in ("model", "parameters") for k in m):
+        if not isinstance(m, dict) or "model" not in m:
             raise err(f"{w} must be a mapping with 'model' and optional 'parameters'")
+        check_keys(m, MODEL_KEYS, w, err, ignored)
         specs.append(ModelSpec(_model_path(m["model"], f"{w}.model", err),
-                               _parameters(m.get("parameters"), f"{w}.parameters", err)))
+                               _parameters(m.get("parameters"), f"{w}.parameters", err, ignored)))
     return SlicedConfig([], params, specs)
 
 
-def _slices(raw, where, err) -> List[SliceSpec]:
+def _slices(raw, where, err, ignored: List[str]) -> List[SliceSpec]:
     if not isinstance(raw, list) or not raw:
         raise err(f"'{where}' must be a non-empty list of slices, got {described(raw)}")
     out = []
@@ -144,13 +143,11 @@ def _slices(raw, where, err) -> List[SliceSpec]:
         w = f"{where}[{i}]"
         if not isinstance(s, dict):
             raise err(f"{w} must be a mapping with 'sources', got {described(s)}")
-        bad = [k for k in s if k not in SLICE_KEYS]
-        if bad:
-            raise err(f"{w}: unknown key {bad[0]!r} (known: {', '.join(SLICE_KEYS)})")
+        check_keys(s, SLICE_KEYS, w, err, ignored)
         srcs = s.get("sources")
         if not isinstance(srcs, list) or not srcs:
             raise err(f"{w}.sources must be a non-empty list, got {described(srcs)}")
-        sources = [_source(src, f"{w}.sources[{j}]", err) for j, src in enumerate(srcs)]
+        sources = [_source(src, f"{w}.sources[{j}]", err, ignored) for j, src in enumerate(srcs)]
         lengths = {b - a for a, b in (x.layer_range for x in sources)}
         if len(lengths) > 1:
             raise err(f"{w}: every source of a slice must span the same number of layers, got "
@@ -168,16 +165,14 @@ def _slices(raw, where, err) -> List[SliceSpec]:
                 raise err(f"{w}.residual_weight must be a number, got {described(rw)}") from None
         base = s.get("base_model")
         out.append(SliceSpec(sources, _model_path(base, f"{w}.base_model", err) if base is not None else None,
-                             _parameters(s.get("parameters"), f"{w}.parameters", err)))
+                             _parameters(s.get("parameters"), f"{w}.parameters", err, ignored)))
     return out
 
 
-def _source(src, w, err) -> SourceSpec:
+def _source(src, w, err, ignored: List[str]) -> SourceSpec:
     if not isinstance(src, dict):
         raise err(f"{w} must be a mapping with 'model' and 'layer_range', got {described(src)}")
-    bad = [k for k in src if k not in SOURCE_KEYS]
-    if bad:
-        raise err(f"{w}: unknown key {bad[0]!r} (known: {', '.join(SOURCE_KEYS)})")
+    check_keys(src, SOURCE_KEYS, w, err, ignored)
     if "model" not in src:
         raise err(f"{w}: 'model' is missing")
     raw = src.get("layer_range")
@@ -185,7 +180,7 @@ def _source(src, w, err) -> SourceSpec:
     if lr is None or len(lr) != 2 or None in lr or lr[0] < 0 or lr[1] <= lr[0]:
         raise err(f"{w}.layer_range must be [start, end) with 0 <= start < end, got {short(raw)}")
     return SourceSpec(_model_path(src["model"], f"{w}.model", err), (lr[0], lr[1]),
-                      _parameters(src.get("parameters"), f"{w}.parameters", err))
+                      _parameters(src.get("parameters"), f"{w}.parameters", err, ignored))
 
 
 _INTEGRAL = re.compile(r"\s*([+-]?[0-9](?:_?[0-9]){0,17})(?:\.0*)?\s*")  # "2", " 2 ", "1_0", "2.0" (ASCII digits)

@@ -741,8 +741,9 @@ def _bad(m4, m6):
         "arcee_no_base": ({"merge_method": "arcee_fusion", "models": [f1, f2]}, ["arcee_fusion", "base_model"]),
         "karcher_fractional_iter": ({"merge_method": "karcher", "models": [f1, f2], "parameters": {"max_iter": 2.5}},
                                     ["max_iter", "whole number"]),
-        "sce_unknown_param": ({"merge_method": "sce", "base_model": b, "models": [f1],
-                               "parameters": {"density": 0.5}}, ["unknown parameter 'density'", "sce"]),
+        "sce_mistyped_param": ({"merge_method": "sce", "base_model": b, "models": [f1],
+                                "parameters": {"select_top": 0.5}}, ["unknown parameter 'select_top'", "sce",
+                                                                     "did you mean 'select_topk'"]),
         "slice_base_not_a_source": ({"merge_method": "ties", "base_model": b, "slices": [
             {"sources": [{"model": f1, "layer_range": [0, 2]}], "parameters": {"weight": 1.0}}]},
             ["slices[0]", "base model", "not among"]),
