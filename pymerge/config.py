@@ -18,11 +18,12 @@ their configs unchanged:
 
 Keys neither reads are ignored, as mergekit does, with a warning (config.check_keys), but for a near miss
 of a known key (a typo) and a few whose silent drop merges something else (_MISPLACED). Where pymerge is
-stricter than mergekit (which ignores them silently): mistyped keys and parameter names, non-finite numbers, parameters or weighted-sum coefficients beyond 1e6 in size
-(pymerge/methods/base.py), and duplicate models (also under other spellings of one path: ./x, x/,
-a symlink, x/model.safetensors) are errors; per-model values of global parameters produce a
-warning (neither tool uses them). A config file is read safely: a regular file of at most 10 MB,
-YAML aliases expanding to at most 100_000 values, 50 levels deep.
+stricter than mergekit (which ignores them silently): mistyped keys and parameter names, non-finite
+numbers, parameters or weighted-sum coefficients beyond 1e6 in size (pymerge/methods/base.py), and
+duplicate models (also under other spellings of one path: ./x, x/, a symlink, x/model.safetensors) are
+errors; per-model values of global parameters produce a warning (neither tool uses them). A config file
+is read safely: a regular file of at most 10 MB, YAML aliases expanding to at most 100_000 values, 50
+levels deep.
 
 This module needs no torch: dtypes stay names until the engine maps them.
 """
@@ -645,7 +646,8 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
         check(m.parameters, model_wheres[i] if model_wheres else f"models[{i}] ({m.path}).parameters", False)
     for name, wheres in ignored.items():
         more = f" and {len(wheres) - 1} more" if len(wheres) > 1 else ""
-        what = f"takes no {name}" if name in MERGE_PARAMETERS else f"takes no parameter {short(name)} (nor does any method)"
+        what = f"takes no {name}" if name in MERGE_PARAMETERS else \
+            f"takes no parameter {short(name)} (nor does any method)"
         cfg.warnings.append(f"{wheres[0]}{more}: merge_method {method.name} {what}; it is ignored, as in mergekit")
 
 

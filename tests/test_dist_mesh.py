@@ -182,6 +182,11 @@ def worker(rank, world, d, files, refs):
     scattered = {"q_proj.weight": DTensor.from_local(torch.zeros(4, 10), mesh["tp"], [_StridedShard(0, split_factor=2)],
                                                      shape=torch.Size((8, 10)), stride=(10, 1))}
     out["errors"]["scattered"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=scattered))
+    from pymerge.dist import layout as box_layout  # torch before 2.10 lacks what reads strided shards as boxes
+    real, box_layout._knows_strided_offsets = box_layout._knows_strided_offsets, lambda: False
+    out["errors"]["old_torch"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base,
+                                                                         shard_like=models["fsdp_tp"]))
+    box_layout._knows_strided_offsets = real
     crossed = {n: DTensor.from_local(torch.zeros(5, s[1]), mesh[axis], [Shard(0)], shape=torch.Size(s),
                                      stride=(s[1], 1))
                for (n, s), axis in zip([(n, SHAPES[n]) for n in ("q_proj.weight", "k_proj.weight")], ("dp", "tp"))}
@@ -264,6 +269,8 @@ def test_layouts_the_pool_cannot_hold_fail_alike_everywhere(mesh_run):
     assert e["partial"].startswith("InputError: shard_like tensor 'q_proj.weight': placement Partial(sum)")
     assert e["scattered"].startswith("InputError: shard_like tensor 'q_proj.weight': placements") and \
         "not one contiguous range" in e["scattered"]
+    assert e["old_torch"].startswith("InputError: shard_like tensor ") and \
+        "(FSDP2 over tensor parallel) need torch 2.10 or newer" in e["old_torch"], e["old_torch"]
     for layout in ("hsdp", "tp_replicas"):
         assert e["missing_" + layout].startswith("CheckpointError: rank 3: ") and "no such file" in e["missing_" + layout]
     assert e["crossed"].startswith("InputError: shard_like: no tensor is split across all the ranks")

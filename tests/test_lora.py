@@ -363,7 +363,8 @@ def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
     ("rank", lambda c: c.update(r=3), None, r"do not have rank r = 3"),
     ("pattern", lambda c: c.update(rank_pattern={"(": 2}), None, r"pattern '\(' is not a regular"),
     # catastrophic backtracking: "(.*.*)*!" ran for minutes per module name, as in peft (a security audit)
-    ("redos_nested", lambda c: c.update(rank_pattern={"(.*.*)*!": 2}), None, r"rank_pattern: pattern '\(\.\*\.\*\)\*!' nests"),
+    ("redos_nested", lambda c: c.update(rank_pattern={"(.*.*)*!": 2}), None,
+     r"rank_pattern: pattern '\(\.\*\.\*\)\*!' nests"),
     ("redos_branch", lambda c: c.update(alpha_pattern={"(a|aa)*b": 2}), None, r"alpha_pattern: .* exponential time"),
     ("redos_chain", lambda c: c.update(rank_pattern={".*.*.*.*x": 2}), None, r"rank_pattern: .* nests or chains"),
     ("deep", lambda c: c.update(rank_pattern={"(" * 5000 + "q" + ")" * 5000: 2}), None, r"nested too deeply"),

@@ -472,8 +472,8 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
         del saved["fingerprint"][key]
         saved.pop("digest")
         json.dump(saved, open(tmp_path / "old.json", "w"))
-        with pytest.raises(InputError, match=rf"old.json: saved search state was written by an older pymerge, which did "
-                                             rf"not record the {key} it searched"):
+        with pytest.raises(InputError, match=rf"old.json: saved search state was written by an older pymerge, "
+                                             rf"which did not record the {key} it searched"):
             optimize(CheckpointPool(files[::-1]), evaluate, model=Vec(16), budget=7, popsize=3,
                      state_path=str(tmp_path / "old.json"), log=None)
 

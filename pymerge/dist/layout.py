@@ -113,8 +113,11 @@ def _sharded_box(shape, mesh, placements, what: str) -> Box:
         elif not isinstance(p, Replicate):
             raise InputError(f"{what}: placement {p!r} is not held by a sharded pool (Shard(d), Replicate and "
                              "FSDP2's strided shards are)")
-    if any(type(p) is _StridedShard for p in placements) and \
-            not _boxes_everywhere(shape, tuple(mesh.mesh.shape), placements):
+    strided = any(type(p) is _StridedShard for p in placements)
+    if strided and not _knows_strided_offsets():
+        raise InputError(f"{what}: placements {placements} (FSDP2 over tensor parallel) need torch 2.10 or newer "
+                         f"to be read as boxes; this is torch {torch.__version__}")
+    if strided and not _boxes_everywhere(shape, tuple(mesh.mesh.shape), placements):
         raise InputError(f"{what}: placements {placements} give some rank rows that are not one contiguous range "
                          "of the tensor; a sharded pool holds one box per rank")
     coord = mesh.get_coordinate()
@@ -128,6 +131,15 @@ def _sharded_box(shape, mesh, placements, what: str) -> Box:
     copy = mesh.mesh[tuple(slice(None) if d in sharded else coord[d] for d in range(mesh.ndim))]
     return Box(shape, tuple(offset), tuple(local_shape), signature, tuple(sharded), mesh, split,
                tuple(sorted(copy.flatten().tolist())))
+
+
+def _knows_strided_offsets() -> bool:
+    """Whether torch has the function _boxes_everywhere asks (torch 2.10 on; an audit of older releases)."""
+    try:
+        from torch.distributed.tensor._utils import _get_shard_size_and_offsets  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
