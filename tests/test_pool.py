@@ -1390,23 +1390,26 @@ def test_a_source_freed_by_a_methods_parameter_is_the_pools_one_line():
 def test_an_interrupt_at_any_moment_never_leaves_the_plan_cache_locked(tmp_path):
     """A Ctrl-C landing at the first instruction of the cache's Python-level __exit__ (or just after its acquire)
     left the lock held: every later materialize waited forever (an audit: held after 14-37 interrupts). Now the
-    lock's own `with`. 4,000 calls into new targets, each interrupted at a random moment by a timer."""
+    lock's own `with`. 4,000 calls into new targets, each interrupted at a random moment by a timer; half of them
+    ties, which needs the pool's base (without one every ties call was refused before it merged: an audit)."""
     import subprocess
     import sys
     code = """
 import random, signal, torch
 from pymerge.pool import CheckpointPool
 torch.manual_seed(0)
-pool = CheckpointPool([{"w": torch.randn(64), "v": torch.randn(64)} for _ in range(2)], num_threads=1)
+pool = CheckpointPool([{"w": torch.randn(64), "v": torch.randn(64)} for _ in range(2)],
+                      base={"w": torch.randn(64), "v": torch.randn(64)}, num_threads=1)
 signal.signal(signal.SIGALRM, signal.default_int_handler)
 random.seed(1)
-interrupts = 0
+interrupts = ties_done = 0
 for i in range(4000):
     t = {"w": torch.empty(64), "v": torch.empty(64)}
     try:
-        signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-6, 300e-6))
+        signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-6, 5e-3 if i % 2 else 300e-6))  # ties takes longer
         pool.materialize([0.5, 0.5], t, method="ties" if i % 2 else "linear", **({"density": 0.5} if i % 2 else {}))
         signal.setitimer(signal.ITIMER_REAL, 0)
+        ties_done += i % 2
     except KeyboardInterrupt:
         interrupts += 1
     try:
@@ -1417,11 +1420,11 @@ for i in range(4000):
 signal.signal(signal.SIGALRM, signal.SIG_IGN)
 out = {"w": torch.empty(64), "v": torch.empty(64)}
 pool.materialize([0.5, 0.5], out)
-print("interrupts", interrupts)
+print("interrupts", interrupts, ties_done)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("interrupts "), (r.returncode, r.stdout, r.stderr[-3000:])
-    assert int(r.stdout.split()[1]) > 100, r.stdout  # the timer did interrupt calls
+    assert int(r.stdout.split()[1]) > 100 and int(r.stdout.split()[2]) > 0, r.stdout  # interrupted, and merged
 
 
 def test_a_tensor_left_out_as_integers_must_be_integers_in_every_source(tmp_path):
