@@ -432,6 +432,17 @@ def _gpu_possible() -> bool:
 def make_plan(config_or_path) -> MergePlan:
     """Every check that can fail on user input, before any output is written."""
     cfg = _as_config(config_or_path)
+    try:
+        return _make_plan(cfg)
+    except InputError as exc:  # warnings print after a merge: a key ignored, the cause of this error, went unsaid
+        ignored = [w for w in cfg.warnings if "ignored" in w]  # (models[0].weight beside parameters:)
+        if not ignored or type(exc).__init__ is not InputError.__init__:
+            raise
+        more = f" and {len(ignored) - 1} more" if len(ignored) > 1 else ""
+        raise type(exc)(f"{exc} (where the config has keys that were ignored: {ignored[0]}{more})") from None
+
+
+def _make_plan(cfg: MergeConfig) -> MergePlan:
     if cfg.sliced is not None:
         from pymerge.slices import make_sliced_plan
         check_paths(cfg)

@@ -230,6 +230,28 @@ def test_keys_mergekit_ignores_are_ignored_with_a_warning():
         check_method_params(c, get_method("linear"), c.models)
 
 
+def test_an_error_names_the_keys_that_were_ignored(tmp_path, capsys):
+    """Warnings print after a merge: a weight written beside parameters: (ignored, as by mergekit) left only "no
+    value of required parameter 'weight'", its cause unsaid. The one error line names the ignored key."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from pymerge import cli
+    for n in "ab":
+        save_file({"x": torch.ones(4)}, str(tmp_path / f"{n}.safetensors"))
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(tmp_path / "a.safetensors"), "weight": 0.5},
+        {"model": str(tmp_path / "b.safetensors"), "parameters": {"weight": 0.5}}]}))
+    assert cli.main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no value of required parameter 'weight'" in err[0], err
+    assert err[0].endswith("(where the config has keys that were ignored: models[0]: 'weight': not read by mergekit "
+                           "0.1.5 nor pymerge here; ignored (a merge parameter goes under parameters:))"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_parameters_are_every_methods():
     """config.MERGE_PARAMETERS (torch-free: the registry imports torch) tells another method's parameter from an
     unknown one: it must be every registered method's."""
