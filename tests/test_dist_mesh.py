@@ -184,6 +184,7 @@ def worker(rank, world, d, files, refs):
     out["errors"]["scattered"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=scattered))
     from pymerge.dist import layout as box_layout  # torch before 2.10 lacks what reads strided shards as boxes
     real, box_layout._knows_strided_offsets = box_layout._knows_strided_offsets, lambda: False
+    box_layout._BOXES.clear()  # (the boxes of the pools above)
     out["errors"]["old_torch"] = error_of(lambda: pymerge.CheckpointPool(ckpts, base=base,
                                                                          shard_like=models["fsdp_tp"]))
     box_layout._knows_strided_offsets = real
