@@ -27,7 +27,6 @@ levels deep.
 
 This module needs no torch: dtypes stay names until the engine maps them.
 """
-import difflib
 import math
 import operator
 import os
@@ -227,6 +226,31 @@ def yaml_text(data: dict) -> Optional[str]:
         return None
 
 
+def _near_miss(key, known: Iterable[str]) -> List[str]:
+    """The known names a typo away from key (one edit, a swap of neighbours counting as one; two from 8
+    characters on; none under 4 characters), closest first: license is not slices, nor k r."""
+    if not isinstance(key, str) or len(key) < 4:
+        return []
+    most = 1 if len(key) < 8 else 2
+    found = sorted((d, name) for name in known if (d := _edits(key, name, most)) <= most)
+    return [name for _, name in found]
+
+
+def _edits(a: str, b: str, most: int) -> int:
+    """Edits from a to b (insert, delete, replace, swap of neighbours), or most + 1 where more."""
+    if abs(len(a) - len(b)) > most:
+        return most + 1
+    prev2, prev = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return min(prev[-1], most + 1)
+
+
 def check_keys(mapping: dict, known: Sequence[str], where: str, err, ignored: List[str]) -> None:
     """Keys of mapping outside known: mergekit ignores them silently, and so does pymerge, with a warning added to
     ignored (published configs carry LazyMergekit's name:, other methods' parameters, keys of older mergekit:
@@ -236,7 +260,7 @@ def check_keys(mapping: dict, known: Sequence[str], where: str, err, ignored: Li
     bad = [k for k in mapping if k not in known]
     refused = []
     for k in bad:
-        near = difflib.get_close_matches(k, known, 1, 0.75) if isinstance(k, str) else []
+        near = _near_miss(k, known)
         if isinstance(k, str) and k in _MISPLACED:
             refused.append(f"{short(k)}: {_MISPLACED[k]}")
         elif near:
@@ -622,8 +646,7 @@ def check_method_params(cfg: MergeConfig, method, inputs: Sequence[ModelSpec], p
                 # mergekit ignores a parameter its method does not take: configs carry a weight for every model
                 # whatever the method, other methods' parameters (normalize under sce), older ones; ignored with a
                 # warning. A near miss of one (wieght, desnity: mergekit's default would stand in) is refused
-                near = [] if name in MERGE_PARAMETERS else difflib.get_close_matches(
-                    name, sorted(set(known) | set(MERGE_PARAMETERS)), 1, 0.75)
+                near = [] if name in MERGE_PARAMETERS else _near_miss(name, set(known) | set(MERGE_PARAMETERS))
                 if near:
                     raise MergeConfigError(cfg.where(f"{where}: unknown parameter {short(name)} for merge_method "
                                                      f"{method.name} (did you mean {near[0]!r}? known: "

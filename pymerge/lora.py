@@ -359,7 +359,7 @@ def _pattern_value(patterns: dict, module: str, default, key: str, path: Path):
     for p in patterns:
         try:
             if _backtracks(p):
-                raise CheckpointError(f"{path}: {key}: pattern {short(p)} nests or chains repetition ((a+)+, (a|b)*, "
+                raise CheckpointError(f"{path}: {key}: pattern {short(p)} nests or chains repetition ((a+)+, (a|aa)*, "
                                       f".*.*.*.*): matching it can take exponential time; name the modules instead")
             if re.match(rf"(.*\.)?({p})$", module):
                 return patterns[p]
@@ -377,26 +377,30 @@ except ImportError:  # pragma: no cover
 
 @functools.lru_cache(maxsize=256)
 def _backtracks(pattern: str) -> bool:
-    """Whether a regex can backtrack catastrophically on a module name: a repeat holding a repeat or an alternation
-    (exponential: "(.*.*)*!" ran for minutes on a 31-character name, as in peft), or more than three repeats in all
-    (polynomial of that degree, plus the prefix's own). An adapter's patterns are module names and simple wildcards."""
-    repeats = 0
+    """Whether a regex can backtrack catastrophically on a module name. Its choice points (a repeat of variable
+    count, ? included, and an alternation) multiply: refused, one inside a repeat of more than one pass
+    (exponential: "(.*.*)*!" ran for minutes on a 31-character name, as in peft; "(?:.?){24}!" seconds) and more
+    than three in all (polynomial of that degree or exponential, plus the prefix's own). An adapter's patterns are
+    module names and simple wildcards."""
+    choices = 0
 
     def walk(sub, inside: bool) -> bool:
-        nonlocal repeats
+        nonlocal choices
         for op, av in sub:
             name = str(op)
-            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") and av[1] > 1:
-                repeats += 1
-                if inside or repeats > 3 or walk(av[2], True):
+            repeat = name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+            if (repeat and av[0] != av[1]) or name == "BRANCH":
+                choices += 1
+                if inside or choices > 3:
                     return True
-            elif name == "BRANCH" and inside:
-                return True
-            else:
-                for x in av if isinstance(av, (tuple, list)) else (av,):
-                    parts = x if isinstance(x, list) else [x]
-                    if any(isinstance(y, _re_parser.SubPattern) and walk(y, inside) for y in parts):
-                        return True
+            if repeat:
+                if walk(av[2], inside or av[1] > 1):
+                    return True
+                continue
+            for x in av if isinstance(av, (tuple, list)) else (av,):
+                parts = x if isinstance(x, list) else [x]
+                if any(isinstance(y, _re_parser.SubPattern) and walk(y, inside) for y in parts):
+                    return True
         return False
 
     return walk(_re_parser.parse(pattern), False)

@@ -434,12 +434,14 @@ def make_plan(config_or_path) -> MergePlan:
     cfg = _as_config(config_or_path)
     try:
         return _make_plan(cfg)
-    except InputError as exc:  # warnings print after a merge: a key ignored, the cause of this error, went unsaid
-        ignored = [w for w in cfg.warnings if "ignored" in w]  # (models[0].weight beside parameters:)
-        if not ignored or type(exc).__init__ is not InputError.__init__:
+    except MergeConfigError as exc:  # warnings print after a merge: a key ignored, this error's cause, went unsaid
+        # (models[0].weight beside parameters:); those holding a merge parameter first (a review: name: hid it)
+        ignored = sorted((w for w in cfg.warnings if "ignored" in w), key=lambda w: "merge parameter" not in w)
+        if not ignored:
             raise
-        more = f" and {len(ignored) - 1} more" if len(ignored) > 1 else ""
-        raise type(exc)(f"{exc} (where the config has keys that were ignored: {ignored[0]}{more})") from None
+        more = f"; and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        raise MergeConfigError(f"{exc} (where the config has keys that were ignored: {'; '.join(ignored[:3])}"
+                               f"{more})") from None
 
 
 def _make_plan(cfg: MergeConfig) -> MergePlan:

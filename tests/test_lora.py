@@ -125,7 +125,8 @@ def test_rslora_and_patterns_change_the_scale(family):
 @pytest.mark.parametrize("patterns", [
     {r".*\.(q|v)_proj": 3, r"layers\.[0-9]+\.mlp\..*": 5},  # wildcards and an alternation outside a repeat
     {r"model.layers.1.self_attn.q_proj": 7, "q_proj": 2, r"x{2,5}": 9},  # names; the first that matches wins
-    {r"(?:layers\.1)\..*": 4, r"^model\.layers\.0\..*_proj$": 6},
+    {r"(?:layers\.1)\..*": 4, r"^model\.layers\.0\..*_proj$": 6, r"(q_proj|up_proj)": 8},
+    {r".*layers\.\d+\..*attn": 3},  # three choice points (a fourth is refused)
 ])
 def test_patterns_match_as_peft_does(patterns):
     """The refusal of backtracking patterns keeps every ordinary one: the value is that of the first pattern p
@@ -367,6 +368,9 @@ def _transposed(w, module="base_model.model.model.layers.0.mlp.down_proj"):
      r"rank_pattern: pattern '\(\.\*\.\*\)\*!' nests"),
     ("redos_branch", lambda c: c.update(alpha_pattern={"(a|aa)*b": 2}), None, r"alpha_pattern: .* exponential time"),
     ("redos_chain", lambda c: c.update(rank_pattern={".*.*.*.*x": 2}), None, r"rank_pattern: .* nests or chains"),
+    # choice points the first guard did not count (a review): ? inside a counted repeat, alternations in a row
+    ("redos_optional", lambda c: c.update(rank_pattern={"(?:.?){24}!": 2}), None, r"rank_pattern: .* nests or chains"),
+    ("redos_unrolled", lambda c: c.update(rank_pattern={"(?:.|..)" * 26 + "!": 2}), None, r"nests or chains"),
     ("deep", lambda c: c.update(rank_pattern={"(" * 5000 + "q" + ")" * 5000: 2}), None, r"nested too deeply"),
     # a NaN, inf or 1e308 in a pattern made a NaN or inf weight with exit 0, as it would at the top level
     ("alpha_nan", lambda c: c.update(alpha_pattern={"q_proj": float("nan")}), None,

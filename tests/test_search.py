@@ -2103,6 +2103,9 @@ def test_a_resume_with_another_objective_of_the_same_name_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"s.json: saved candidate 0 has objective .*, but this search's objective of "
                                          r"its scores is .*: the state is from a search with another objective="):
         optimize(pool, evaluate, budget=9, objective=lambda s: 100 * s["score"], **kw)
+    with pytest.raises(InputError, match=r"s.json: this search's objective raised KeyError \(\"'other'\"\) on "
+                                         r"saved candidate 0's scores: the state is from a search with another"):
+        optimize(pool, evaluate, budget=9, objective=lambda s: s["other"], **kw)
     assert len(optimize(pool, evaluate, budget=9, objective=lambda s: s["score"], **kw).history) == 9
 
 

@@ -812,7 +812,12 @@ def _check_objectives(history: List[dict], objective, path: str) -> None:
     """Each saved objective must be objective(its saved scores): objective= is fingerprinted by name, every lambda's
     is "<lambda>", and a resume with another one mixed two objectives' values in one history (an audit)."""
     for r in history:
-        again = _number(objective(dict(r["scores"])))
+        try:
+            again = _number(objective(dict(r["scores"])))
+        except Exception as exc:  # (a KeyError: another objective's tasks; a review)
+            raise InputError(f"{path}: this search's objective raised {type(exc).__name__} ({short(str(exc))}) on "
+                             f"saved candidate {r['eval']}'s scores: the state is from a search with another "
+                             "objective=; use another state_path or delete it") from None
         if again is None or not (again == r["objective"] or (math.isnan(again) and math.isnan(r["objective"]))):
             raise InputError(f"{path}: saved candidate {r['eval']} has objective {r['objective']!r}, but this "
                              f"search's objective of its scores is {short(again)}: the state is from a search with "
