@@ -45,7 +45,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.writer import swept_name, working_folder_note, working_folder_within
 from pymerge.io.checkpoint import check_folder_unchanged, read_model_config
-from pymerge.io.files import out_location, read_json, repeated_model, stays_inside
+from pymerge.io.files import out_location, present, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
@@ -340,7 +340,7 @@ def _read_by(plan: "MergePlan"):
         # its files too: a hub snapshot's link into blobs/, resolved, is what the merge reads
         from pymerge.tokenizer.files import TEMPLATE_DIR
         for f in [folder / n for n in TOKENIZER_FILES] + sorted((folder / TEMPLATE_DIR).glob("*.jinja")):
-            if os.path.lexists(f):
+            if present(f):
                 yield "tokenizer file", f
                 if os.path.islink(f):  # and the folder it links into (blobs/), as the model folder is
                     yield "folder of the tokenizer file", Path(os.path.realpath(f)).parent
@@ -717,17 +717,17 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
     # a merged vocabulary (tokenizer.json written) replaces the donor's, in whatever format
     vocabulary = [] if "tokenizer.json" in skip else _vocabulary_files(folder)
     for fname in [*TOKENIZER_FILES, *vocabulary] if copy_tokenizer else ():
-        if fname not in skip and os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
+        if fname not in skip and present(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
             if fname == "tokenizer_config.json":
                 tokenizer = folder
     for fname in PROCESSOR_FILES:
-        if os.path.lexists(folder / fname) and _side_file_ok(plan, folder, fname):
+        if present(folder / fname) and _side_file_ok(plan, folder, fname):
             writer.copy_file(folder / fname, fname)
     vocab_files = {"tokenizer.json", "tokenizer.model", "vocab.json"}
     # none written (a merged vocabulary) nor in the donor (one there but not copied was warned of already)
     if (copy_tokenizer and not vocab_files & skip and not vocabulary
-            and not any(os.path.lexists(folder / f) for f in vocab_files)):
+            and not any(present(folder / f) for f in vocab_files)):
         plan.warnings.append(f"{folder}: holds no tokenizer vocabulary pymerge knows (tokenizer.json, "
                              "tokenizer.model, vocab.json, vocab.txt, *.model, *.tiktoken...); the output's "
                              "tokenizer, if any, is its configuration alone (enough only for a class that needs "

@@ -346,13 +346,16 @@ def test_force_interrupted_keeps_old_out(tmp_path):
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["old.txt"]
 
 
-@pytest.mark.parametrize("when", ["after the swap", "between the renames", "while removing the old OUT"])
+@pytest.mark.parametrize("when", ["after the swap", "between the renames", "while removing the old OUT",
+                                  "before the old OUT is named garbage"])
 def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_path, monkeypatch, when):
     """Ctrl-C just after OUT was swapped in ran abort(), which removed the temporary folder, by then the old
     model's, and the CLI said 'no output was written' (found by a review). Now: interrupted after the swap,
     OUT is the new model and recording_installs says so; between the two renames of the fallback, the old OUT goes
     back at once; while removing the old OUT, the merge is done and the removal finishes before the interrupt
-    goes on (most of the old model stayed beside OUT, hidden, until a merge into OUT again: an audit)."""
+    goes on (most of the old model stayed beside OUT, hidden, until a merge into OUT again: an audit). Before the
+    old OUT was renamed to garbage, it stayed listed as this process's: every later writer to OUT in this process
+    was refused as 'another writer in this process' (an audit); now the next one removes it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -380,9 +383,14 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
             raise KeyboardInterrupt
         real_remove(path)
 
+    def garbage_name(out):
+        raise KeyboardInterrupt
+
     monkeypatch.setattr(writer_mod, "_exchange", exchange)
     monkeypatch.setattr(writer_mod.os, "rename", rename)
     monkeypatch.setattr(writer_mod, "_remove_tree", remove)
+    if when == "before the old OUT is named garbage":
+        monkeypatch.setattr(writer_mod, "_garbage_name", garbage_name)
     t = {"a": torch.randn(3)}
     with writer_mod.recording_installs() as installed:  # what the CLI reads
         with pytest.raises(KeyboardInterrupt):  # Ctrl-C is never swallowed
@@ -394,9 +402,53 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
         assert installed == [out]
         if when == "while removing the old OUT":
             assert interrupted and leftovers(tmp_path) == []
+        if when == "before the old OUT is named garbage":  # left beside OUT, no longer this process's
+            [old] = leftovers(tmp_path)
+            assert os.listdir(tmp_path / old) == ["old.txt"] and os.path.abspath(tmp_path / old) not in writer_mod._OWNED
         monkeypatch.undo()
         write_all(out, t, force=True)  # the next writer for OUT, even in this process, cleans up and succeeds
         assert leftovers(tmp_path) == [] and torch.equal(load_all(out)["a"], t["a"])
+
+
+@pytest.mark.parametrize("where", ["_hold_lock", "_identity"])
+def test_an_interrupt_while_the_temporary_folder_is_locked_leaves_nothing(tmp_path, monkeypatch, where):
+    """Ctrl-C while the writer waited for its folder's lock file (a peer's sweep probing it) left the folder and
+    an open descriptor, and the folder listed as this process's: every later writer to OUT in this process was
+    refused as 'another writer in this process' (an audit)."""
+    out = tmp_path / "out"
+    real_flock, real_identity = writer_mod.fcntl.flock, writer_mod._identity
+    calls = []
+
+    class Fcntl:
+        LOCK_EX, LOCK_NB = writer_mod.fcntl.LOCK_EX, writer_mod.fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, op):
+            calls.append(op)
+            if len(calls) == 1:
+                raise BlockingIOError(errno.EAGAIN, "a sweep probing the new lock file")
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # while it waited
+            return real_flock(fd, op)
+
+    def identity(path):
+        if ".pymerge-tmp-" in str(path):
+            raise KeyboardInterrupt
+        return real_identity(path)
+
+    if where == "_hold_lock":
+        monkeypatch.setattr(writer_mod, "fcntl", Fcntl)
+    else:
+        monkeypatch.setattr(writer_mod, "_identity", identity)
+    fds = len(os.listdir("/proc/self/fd"))
+    t = {"a": torch.randn(3)}
+    with pytest.raises(KeyboardInterrupt):
+        write_all(out, t)
+    assert os.listdir(tmp_path) == [] and len(os.listdir("/proc/self/fd")) == fds
+    assert not any(str(tmp_path) in p for p in writer_mod._OWNED)
+    monkeypatch.undo()
+    write_all(out, t)
+    assert os.listdir(tmp_path) == ["out"] and torch.equal(load_all(out)["a"], t["a"])
 
 
 def test_out_under_a_file_is_refused(tmp_path):

@@ -647,3 +647,31 @@ def test_run_merge_flags_are_bools_never_strings(fam, tmp_path, flag):
     assert (out / "mine.txt").read_text() == "keep"
     import numpy as np
     run_merge(parse_config(spec), tmp_path / "o2", device="cpu", **{"quiet": True, flag: np.bool_(True)})
+
+
+def test_a_side_file_that_cannot_be_looked_up_fails_the_merge(fam, tmp_path, monkeypatch):
+    """An EIO from lstat() of the donor's config.json or tokenizer files read as 'absent' (os.path.lexists): the
+    merge exited 0 with the file missing from OUT (an audit). Only a name that is not there is absent now; any
+    other failure is a one-line error naming the file, and nothing is written."""
+    import errno
+    import os
+    base, fts, _ = fam
+    cfg = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
+           "models": [{"model": str(fts[0])}, {"model": str(fts[1])}]}
+    side = sorted(f.name for f in base.iterdir() if not f.name.endswith(".safetensors"))
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(side)
+    real = os.lstat
+    for name in side:
+        failing = str(base / name)
+
+        def lstat(path, *a, **kw):
+            if os.fspath(path) == failing:
+                raise OSError(errno.EIO, "Input/output error", failing)
+            return real(path, *a, **kw)
+        monkeypatch.setattr(os, "lstat", lstat)
+        with pytest.raises(CheckpointError, match=f"^{failing}: cannot look it up: Input/output error$"):
+            run_merge(cfg, tmp_path / "out", quiet=True)
+        monkeypatch.undo()
+        assert os.listdir(tmp_path) == []
+    run_merge(cfg, tmp_path / "out", quiet=True)
+    assert side == sorted(f.name for f in (tmp_path / "out").iterdir() if f.name in side)

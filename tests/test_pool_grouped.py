@@ -1121,3 +1121,28 @@ def test_task_arithmetic_coefficients_are_checked_alike_on_both_paths():
         if ok:
             for n in names:
                 assert torch.equal(outcomes[0][n], outcomes[1][n])
+
+
+@pytest.mark.parametrize("exc", [MemoryError, KeyboardInterrupt])
+def test_an_entry_that_fails_as_it_is_made_leaves_no_error_behind(monkeypatch, exc):
+    """An entry whose __init__ failed first (a MemoryError or Ctrl-C) printed a second error when collected:
+    'Exception ignored in _Entry.detach: AttributeError: finalizers' (an audit). The call raises the first one
+    alone, and the next call merges."""
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    target = Tiny()
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    real = grouped._reference
+
+    def failing(into):
+        raise exc
+    monkeypatch.setattr(grouped, "_reference", failing)
+    with pytest.raises(exc):
+        pool.materialize([0.25, 0.75], into=target)
+    gc.collect()
+    monkeypatch.setattr(grouped, "_reference", real)
+    pool.materialize([0.25, 0.75], into=target)
+    gc.collect()
+    assert unraisable == []
+    assert_matches(target, reference(models, [0.25, 0.75]), torch.float32)

@@ -1272,6 +1272,41 @@ def test_another_users_lock_file_still_locks(tmp_path, monkeypatch):
         files.hold_lock(path, "busy", optional=True)
 
 
+class _FlockThenInterrupt:
+    """fcntl whose first flock locks, then raises KeyboardInterrupt: a Ctrl-C landing as the lock was taken."""
+
+    def __init__(self, real):
+        self.real, self.armed = real, True
+        self.LOCK_EX, self.LOCK_NB, self.LOCK_SH, self.LOCK_UN = real.LOCK_EX, real.LOCK_NB, real.LOCK_SH, real.LOCK_UN
+
+    def flock(self, fd, op):
+        self.real.flock(fd, op)
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_as_a_lock_is_taken_leaves_it_free(tmp_path, monkeypatch):
+    """A Ctrl-C as the state's lock was taken (before optimize's try) kept it, on a descriptor nobody held: every
+    later search on that state_path in this process was refused as 'in use by another search'. One as a state's
+    temporary file was locked kept that file and its descriptor (an audit)."""
+    from pymerge.io import files
+    pool, evaluate, _ = synthetic(n=2, d=8)
+    state = str(tmp_path / "s.json")
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(files, "fcntl", _FlockThenInterrupt(files.fcntl))
+    with pytest.raises(KeyboardInterrupt):
+        optimize(pool, evaluate, model=Vec(8), budget=4, popsize=2, state_path=state, log=None)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    monkeypatch.setattr(files, "fcntl", _FlockThenInterrupt(files.fcntl))
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_file(state, lambda p: open(p, "w").write("{}"))
+    assert sorted(os.listdir(tmp_path)) == ["s.json.lock"] and len(os.listdir("/proc/self/fd")) == fds
+    monkeypatch.undo()
+    result = optimize(pool, evaluate, model=Vec(8), budget=4, popsize=2, state_path=state, log=None)
+    assert len(result.history) == 4 and len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_a_state_whose_candidates_score_other_tasks_is_refused_before_anything_is_written(tmp_path, capsys):
     """A state without a digest (as before digests) was never checked for every candidate scoring the same
     tasks: with a task deleted from one, the search resumed and the report's plot failed with a KeyError

@@ -26,7 +26,7 @@ import numpy as np
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
 from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, open_regular, read_json,
-                              stays_inside)
+                              present, stays_inside)
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo, madvise
 from pymerge.io.sigbus import identity, stamp as _stamp
 
@@ -707,7 +707,7 @@ def read_config_json(folder) -> Optional[dict]:
     """A model folder's config.json as a dict, or None where there is none (one whose contents the output would
     carry: never a link out of the folder)."""
     path = Path(folder) / "config.json"
-    if not os.path.lexists(path):
+    if not present(path):
         return None
     if not stays_inside(folder, path):  # its contents go into the output: same rule as the tokenizer
         raise CheckpointError(f"{path}: is a link to a file outside the model folder; copy the file "

@@ -47,6 +47,21 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+def present(path, error: Type[InputError] = CheckpointError) -> bool:
+    """os.path.lexists, but only a name that is not there is absent: any other failure to look (EIO, EACCES) is an
+    error naming the path. lexists said False: a donor's config.json or tokenizer on a failing disk was left out
+    of the merge, exit 0 (an audit)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise error(f"{path}: cannot look it up: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the name: no file has it
+        return False
+    return True
+
+
 def check_file_or_folder(path, error: Type[InputError] = CheckpointError) -> None:
     """A model path must be a regular file or a folder (symlinks followed); never a FIFO or device."""
     try:
@@ -230,19 +245,34 @@ def _locked_temporary(folder: str, prefix: str):
     for _ in range(100):
         fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return fd, tmp  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
-            # a sweep holds it this moment, and removes it: another one
-        else:
             try:
-                if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
-                    return fd, tmp
-            except OSError:
-                pass
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return fd, tmp  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
+                # a sweep holds it this moment, and removes it: another one
+            else:
+                try:
+                    if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                        return fd, tmp
+                except OSError:  # (fstat cannot fail on an open fd; lstat's ENOENT: swept)
+                    pass
+        except BaseException:  # a Ctrl-C as it locked: the file, kept locked, was never swept in this process
+            _remove_own(fd, tmp)
+            raise
         os.close(fd)  # swept meanwhile
     raise InputError(f"{folder}: cannot keep a temporary file there (removed as soon as made)")
+
+
+def _remove_own(fd: int, tmp: str) -> None:
+    """Removes a temporary file this process made (still the file fd names), then closes fd."""
+    try:
+        if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+            os.remove(tmp)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sweep_stale(folder: str, prefix: str) -> None:
@@ -328,6 +358,8 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
             raise error(f"{path}: cannot open it to lock it: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _held_locks.add(fd)
+        return fd
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -336,8 +368,10 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
             raise error(f"{path}: cannot lock it without write access on this filesystem; ask its owner, or "
                         "choose another path") from None
         return None  # ENOLCK, EOPNOTSUPP...
-    _held_locks.add(fd)
-    return fd
+    except BaseException:  # a Ctrl-C as it locked: a lock kept by nobody refused every later user in this process
+        _held_locks.discard(fd)
+        os.close(fd)
+        raise
 
 
 def release_lock(fd: Optional[int]) -> None:

@@ -605,18 +605,25 @@ class ShardedWriter:
             if self._state != "committed":  # interrupted just after the swap: OUT is the new model, complete
                 self._installed()
             self._release_lock(out)
-            self._discard(aside if aside is not None else tmp)
+            self._drop_replaced(aside if aside is not None else tmp)
             raise
         # Held until OUT is in place (a peer that cannot see this pid would take a lock-less folder for a
         # killed run's), then removed from OUT: it was there for an instant.
-        old = aside if aside is not None else tmp  # the replaced model (nothing there after a plain rename)
         try:
             self._release_lock(out)
             fsync_dir(parent)
         finally:  # a Ctrl-C in either left the whole replaced model beside OUT (until a merge into OUT again)
+            self._drop_replaced(aside if aside is not None else tmp)
+
+    def _drop_replaced(self, old: Path) -> None:
+        """Discards the replaced model at old (nothing there after a plain rename), then unlists this writer's
+        folders whatever happens: one still listed after an interrupt refused every later writer to OUT in this
+        process, and a folder left unlisted is a stale one the next writer for OUT removes."""
+        try:
             if os.path.lexists(old):
                 self._discard(old)
-            _OWNED.difference_update({os.path.abspath(tmp), os.path.abspath(old)})
+        finally:
+            _OWNED.difference_update({os.path.abspath(self.tmp_dir), os.path.abspath(old)})
 
     def _discard(self, old: Path) -> None:
         """Removes the replaced model once OUT is installed: renamed to a name that only ever means
@@ -652,7 +659,6 @@ class ShardedWriter:
             self._check_space()
             try:
                 os.mkdir(self.tmp_dir)
-                _OWNED.add(os.path.abspath(self.tmp_dir))
             except FileExistsError:  # a live writer's (a stale one was swept above)
                 who = "this process" if os.path.abspath(self.tmp_dir) in _OWNED else "another process"
                 raise InputError(f"{self.out_dir}: another writer in {who} is writing it "
@@ -660,8 +666,17 @@ class ShardedWriter:
             except OSError as exc:  # a read-only or foreign parent folder
                 raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
                                  f"{exc.strerror or exc}") from None
-            self._lock_fd = _hold_lock(self.tmp_dir)
-            self._made = _identity(self.tmp_dir)  # install checks it is still this folder
+            _OWNED.add(os.path.abspath(self.tmp_dir))
+            try:
+                self._lock_fd = _hold_lock(self.tmp_dir)
+                self._made = _identity(self.tmp_dir)  # install checks it is still this folder
+            except BaseException:  # a Ctrl-C here left the folder listed as this process's: every later
+                try:               # writer to OUT in this process was refused (an audit)
+                    self._release_lock()
+                    _remove_whole(self.tmp_dir)
+                finally:
+                    _OWNED.discard(os.path.abspath(self.tmp_dir))
+                raise
 
     def abort(self) -> None:
         """Discards everything written so far. A no-op after commit or a previous abort."""
@@ -902,6 +917,9 @@ def _hold_lock(tmp_dir: Path) -> Optional[int]:
         except OSError:
             pass
         return None
+    except BaseException:  # a Ctrl-C while it waited: the caller removes the folder, and the fd is nobody's
+        os.close(fd)
+        raise
 
 
 def _lock_held(folder: str) -> bool:

@@ -142,7 +142,7 @@ class _Entry:
 
     def detach(self) -> None:
         """No longer in a cache: its targets' deaths need not evict it."""
-        for f in self.finalizers:
+        for f in getattr(self, "finalizers", ()):  # none where __init__ failed first (an interrupt, MemoryError)
             f.detach()
 
     # gone with its cache (a pool dropped): each finalizer stayed registered on a model that outlived the pool, one

@@ -382,9 +382,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     if state_path and _head(state_path, 10)[8:] == b'{"':  # not "truncated or not JSON; delete it", nor a lock beside
         raise InputError(f"state_path {state_path}: is a safetensors file (a model's or a saved pool's), not a search "
                          "state; choose another state_path")
-    lock = _lock_state(state_path)  # before the state is read; held until the search ends
-    models = []
+    lock, models = None, []
     try:
+        lock = _lock_state(state_path)  # before the state is read; held until the search ends (an interrupt too)
         state = _load_state(state_path, fingerprint, (g, n, dim))
         pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
         if state is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from pymerge.errors import CheckpointError
-from pymerge.io.files import read_json, read_small, stays_inside
+from pymerge.io.files import present, read_json, read_small, stays_inside
 from pymerge.io.sigbus import identity
 from pymerge.lora import split_ref
 
@@ -40,7 +40,7 @@ class Tokenizer:
     def template(self) -> Optional[str]:
         """The chat template this tokenizer carries by default (what `chat_template: auto` counts and writes:
         the named ones are neither read nor checked, as mergekit's auto ignores them)."""
-        if os.path.lexists(self.folder / TEMPLATE_FILE):
+        if present(self.folder / TEMPLATE_FILE):
             t = _read_text(self.folder, self.folder / TEMPLATE_FILE)
         elif any(f.name != ".jinja" and f.is_file() for f in (self.folder / TEMPLATE_DIR).glob("*.jinja")):
             t = None  # named template files only: transformers then ignores the config's (as templates() reads them)
@@ -59,7 +59,7 @@ class Tokenizer:
         chat_template (a string is "default"; a list names each, as transformers 4 saved several).
         What cannot be written out as NAME.jinja in UTF-8 is refused in one line."""
         out = {}
-        if os.path.lexists(self.folder / TEMPLATE_FILE):
+        if present(self.folder / TEMPLATE_FILE):
             out["default"] = _read_text(self.folder, self.folder / TEMPLATE_FILE)
         for f in sorted((self.folder / TEMPLATE_DIR).glob("*.jinja")):
             if f.name != ".jinja" and f.is_file():
@@ -111,7 +111,7 @@ def read_tokenizer(ref) -> Tokenizer:
     folder = model_folder(ref)
     before = identity(folder)  # before reading: a folder replaced after it is caught at the merge's end
     path = folder / TOKENIZER_JSON
-    if not os.path.lexists(path):
+    if not present(path):
         raise CheckpointError(f"{path}: not found; merging vocabularies needs each model's tokenizer.json "
                               f"(a fast tokenizer)")
     _inside(folder, path)
@@ -133,7 +133,7 @@ def read_tokenizer(ref) -> Tokenizer:
     doc = dict(doc, added_tokens=added)
     config = {}
     cpath = folder / TOKENIZER_CONFIG
-    if os.path.lexists(cpath):
+    if present(cpath):
         _inside(folder, cpath)
         config = read_json(cpath)
         if not isinstance(config, dict):
@@ -205,7 +205,7 @@ def folder_template(ref) -> Optional[str]:
     folder = model_folder(ref)
     config = {}
     cpath = folder / TOKENIZER_CONFIG
-    if os.path.lexists(cpath):
+    if present(cpath):
         _inside(folder, cpath)
         config = read_json(cpath)
     holder = Tokenizer(folder, {}, config if isinstance(config, dict) else {}, {}, [], 0)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, Optional, Set, Tuple
 
 from pymerge.errors import CheckpointError
-from pymerge.io.files import stays_inside
+from pymerge.io.files import present, stays_inside
 from pymerge.tokenizer.files import TEMPLATE_DIR, TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON, Tokenizer, read_json
 
 SPECIAL_MAP = "special_tokens_map.json"
@@ -28,7 +28,7 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Tuple[Se
         templates = {"default": template} if template is not None else src.templates()
         _write_config(writer, src.config, templates, vocab.doc["added_tokens"])
         special = src.folder / SPECIAL_MAP
-        if os.path.lexists(special) and stays_inside(src.folder, special):
+        if present(special) and stays_inside(src.folder, special):
             writer.copy_file(special, SPECIAL_MAP)
         return {"tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                 "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json"}, src.folder
@@ -38,15 +38,15 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Tuple[Se
         plan.warnings.append("chat_template: no tokenizer is written (--no-copy-tokenizer); the template is not saved")
         return set(), None
     cpath = donor / TOKENIZER_CONFIG
-    if not (os.path.lexists(cpath) or os.path.lexists(donor / TOKENIZER_JSON)):
+    if not (present(cpath) or present(donor / TOKENIZER_JSON)):
         plan.warnings.append(f"chat_template: {donor} has no tokenizer to carry the template; not saved")
         return set(), None
     config = {}
-    if os.path.lexists(cpath) and stays_inside(donor, cpath):
+    if present(cpath) and stays_inside(donor, cpath):
         config = read_json(cpath)
         if not isinstance(config, dict):  # (written as {} plus the template: its settings lost, silently)
             raise CheckpointError(f"{cpath}: is not a JSON object; the chat template is saved into it")
-    elif os.path.lexists(cpath):  # as without a template (merge.py's side files), but said: its settings are lost
+    elif present(cpath):  # as without a template (merge.py's side files), but said: its settings are lost
         plan.warnings.append(f"{cpath}: is a link to a file outside the model folder; not copied: the chat template "
                              f"is saved without its settings")
     _write_config(writer, config, {"default": template}, None)
