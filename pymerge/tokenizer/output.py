@@ -4,7 +4,6 @@ transformers' save_pretrained: tokenizer.json, tokenizer_config.json without the
 the template in chat_template.jinja (named ones in additional_chat_templates/); the source's
 special_tokens_map.json rides along."""
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional, Set, Tuple
 
