@@ -674,6 +674,8 @@ class ShardedWriter:
                 try:               # writer to OUT in this process was refused (an audit)
                     self._release_lock()
                     _remove_whole(self.tmp_dir)
+                except OSError:  # left unlisted: the next writer for OUT sweeps it; the first error is the one raised
+                    pass
                 finally:
                     _OWNED.discard(os.path.abspath(self.tmp_dir))
                 raise
