@@ -763,7 +763,7 @@ def _vocabulary_files(folder: Path) -> List[str]:
     found = [n for n in names if n in VOCABULARY_FILES or n.endswith(VOCABULARY_SUFFIXES) and small(n)]
     config = folder / "tokenizer_config.json"
     try:
-        settings = read_json(config) if config.is_file() else {}
+        settings = read_json(config) if _is_file(config) else {}
     except CheckpointError:  # not JSON: copied as it is, names nothing
         settings = {}
     for key, value in (settings.items() if isinstance(settings, dict) else ()):
@@ -771,7 +771,7 @@ def _vocabulary_files(folder: Path) -> List[str]:
                 and not value.endswith(_WEIGHT_SUFFIXES)):
             found.append(value)
     return [n for n in found if n not in TOKENIZER_FILES and n not in _WRITTEN_OTHERWISE and not n.endswith(".py")
-            and os.path.isfile(folder / n)]
+            and _is_file(folder / n)]
 
 
 # transformers' get_relative_import_files: "from .foo import X" and "import .foo" name foo.py beside the module
@@ -793,7 +793,7 @@ def _with_relative_imports(folder: Path, modules: List[str]) -> List[str]:
         here = str(Path(module).parent)
         for m in _RELATIVE_IMPORT.finditer(text):
             name = os.path.normpath(os.path.join(here, f"{m.group(1) or m.group(2)}.py"))
-            if name not in out and os.path.isfile(folder / name):
+            if name not in out and _is_file(folder / name):
                 out.append(name)
                 todo.append(name)
     return out
@@ -812,7 +812,7 @@ def _remote_code_files(model_cfg: Optional[dict], folder: Path) -> List[str]:
         if not isinstance(ref, str) or "--" in ref or "." not in ref:
             continue
         fname = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"  # no '..' part left: every dot is a '/'
-        if fname not in out and not fname.startswith("/") and os.path.isfile(folder / fname):
+        if fname not in out and not fname.startswith("/") and _is_file(folder / fname):
             out.append(fname)
     return _with_relative_imports(folder, out)
 
@@ -828,7 +828,7 @@ def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer: Optional
     configs += [(folder, f) for f in ("preprocessor_config.json", "processor_config.json")]
     for where, fname in configs:
         config = where / fname
-        if not config.is_file():
+        if not _is_file(config):
             continue
         try:
             modules = _remote_code_files(read_json(config), where)
@@ -836,6 +836,11 @@ def _remote_code_of(folder: Path, model_cfg: Optional[dict], tokenizer: Optional
             modules = []
         code += [(where, m) for m in modules if m not in {name for _, name in code}]
     return code
+
+
+def _is_file(path) -> bool:
+    """os.path.isfile, but a file that cannot be looked up (EIO) is a one-line error, not a file left out of OUT."""
+    return present(path) and os.path.isfile(path)
 
 
 def _side_file_ok(plan: MergePlan, folder: Path, fname: str) -> bool:

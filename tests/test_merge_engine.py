@@ -675,3 +675,35 @@ def test_a_side_file_that_cannot_be_looked_up_fails_the_merge(fam, tmp_path, mon
         assert os.listdir(tmp_path) == []
     run_merge(cfg, tmp_path / "out", quiet=True)
     assert side == sorted(f.name for f in (tmp_path / "out").iterdir() if f.name in side)
+
+
+def test_a_custom_module_that_cannot_be_looked_up_fails_the_merge(fam, tmp_path, monkeypatch):
+    """The donor's custom code (config.json's auto_map), checked with os.path.isfile: an EIO left it out of OUT,
+    which then could not be loaded with trust_remote_code, exit 0."""
+    import errno
+    import os
+    base, fts, _ = fam
+    donor = tmp_path / "donor"
+    shutil.copytree(base, donor)
+    config = json.loads((donor / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (donor / "config.json").write_text(json.dumps(config))
+    (donor / "modeling_x.py").write_text("from .x_layers import Block\n")
+    (donor / "x_layers.py").write_text("Block = None\n")
+    cfg = {"merge_method": "linear", "base_model": str(donor), "parameters": {"weight": 0.5},
+           "models": [{"model": str(fts[0])}, {"model": str(fts[1])}]}
+    real = os.lstat
+    for name in ("modeling_x.py", "x_layers.py"):
+        failing = str(donor / name)
+
+        def lstat(path, *a, **kw):
+            if os.fspath(path) == failing:
+                raise OSError(errno.EIO, "Input/output error", failing)
+            return real(path, *a, **kw)
+        monkeypatch.setattr(os, "lstat", lstat)
+        with pytest.raises(CheckpointError, match=f"^{failing}: cannot look it up: Input/output error$"):
+            run_merge(cfg, tmp_path / "out", quiet=True)
+        monkeypatch.undo()
+        assert not (tmp_path / "out").exists()
+    run_merge(cfg, tmp_path / "out", quiet=True)
+    assert {"modeling_x.py", "x_layers.py"} <= set(os.listdir(tmp_path / "out"))

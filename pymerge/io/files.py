@@ -56,6 +56,8 @@ def present(path, error: Type[InputError] = CheckpointError) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # no file has such a name
+            return False
         raise error(f"{path}: cannot look it up: {exc.strerror or exc}") from None
     except ValueError:  # a NUL in the name: no file has it
         return False
