@@ -404,7 +404,8 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
             assert interrupted and leftovers(tmp_path) == []
         if when == "before the old OUT is named garbage":  # left beside OUT, no longer this process's
             [old] = leftovers(tmp_path)
-            assert os.listdir(tmp_path / old) == ["old.txt"] and os.path.abspath(tmp_path / old) not in writer_mod._OWNED
+            assert os.listdir(tmp_path / old) == ["old.txt"]
+            assert os.path.abspath(tmp_path / old) not in writer_mod._OWNED
         monkeypatch.undo()
         write_all(out, t, force=True)  # the next writer for OUT, even in this process, cleans up and succeeds
         assert leftovers(tmp_path) == [] and torch.equal(load_all(out)["a"], t["a"])

@@ -1307,6 +1307,37 @@ def test_an_interrupt_as_a_lock_is_taken_leaves_it_free(tmp_path, monkeypatch):
     assert len(result.history) == 4 and len(os.listdir("/proc/self/fd")) == fds
 
 
+def test_a_state_or_pool_file_that_cannot_be_looked_up_is_never_taken_for_none(tmp_path, monkeypatch):
+    """Were an EIO read as 'no file' (os.path.exists), a search would start afresh and its first save replace the
+    saved state (its whole history), and a compressed pool's save replace a file without overwrite=True."""
+    pool, evaluate, _ = synthetic(n=2, d=8)
+    state = str(tmp_path / "s.json")
+    first = optimize(pool, evaluate, model=Vec(8), budget=4, popsize=2, state_path=state, log=None)
+    saved = open(state, "rb").read()
+    compressed = CheckpointPool([{"theta": torch.randn(8)} for _ in range(2)], base={"theta": torch.zeros(8)},
+                                compress="int8")
+    compressed.save(str(tmp_path / "pool.safetensors"))
+    kept = open(tmp_path / "pool.safetensors", "rb").read()
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def failing(real):
+        def look(path, *a, **kw):
+            if os.fspath(path) in (state, str(tmp_path / "pool.safetensors")):
+                raise OSError(errno.EIO, "Input/output error", os.fspath(path))
+            return real(path, *a, **kw)
+        return look
+    monkeypatch.setattr(os, "stat", failing(real_stat))
+    monkeypatch.setattr(os, "lstat", failing(real_lstat))
+    with pytest.raises(InputError, match=f"^{re.escape(state)}: cannot (look it up|access): Input/output error$"):
+        optimize(pool, evaluate, model=Vec(8), budget=6, popsize=2, state_path=state, log=None)
+    with pytest.raises(InputError, match="pool.safetensors: cannot (look it up|access): Input/output error$"):
+        compressed.save(str(tmp_path / "pool.safetensors"))
+    monkeypatch.undo()
+    assert open(state, "rb").read() == saved and open(tmp_path / "pool.safetensors", "rb").read() == kept
+    again = optimize(pool, evaluate, model=Vec(8), budget=4, popsize=2, state_path=state, log=None)
+    assert again.best_objective == first.best_objective
+
+
 def test_a_state_whose_candidates_score_other_tasks_is_refused_before_anything_is_written(tmp_path, capsys):
     """A state without a digest (as before digests) was never checked for every candidate scoring the same
     tasks: with a task deleted from one, the search resumed and the report's plot failed with a KeyError
