@@ -3,12 +3,18 @@
   for `--chunk-size 512KiB`), pointing to --help;
 - help written to stdout must arrive: argparse swallows a failed write (OSError), so `pymerge --help >
   /dev/full` exited 0 having printed nothing. The error reaches cli.main, which says it in one line and
-  exits 2 (a reader gone away: 141)."""
+  exits 2 (a reader gone away: 141);
+- an option is never abbreviated (a script that ran under pymerge failed under mergekit-yaml, or the reverse)."""
 import argparse
 import sys
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # no abbreviated options: mergekit-yaml refuses `--write-model`, which argparse took for --write-model-card
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

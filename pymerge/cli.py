@@ -120,9 +120,10 @@ def _cmd_merge(args) -> int:
     except InputError as exc:  # a distributed merge's other ranks hear of it (see _refuse_with_other_ranks)
         _refuse_with_other_ranks(str(exc))
         raise
-    report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
-                       threads=args.threads, force=args.force, quiet=args.quiet,
-                       chunk_bytes=args.chunk_size, random_seed=args.random_seed, **extra)
+    with mergekit_flags.hub_cache(args):
+        report = run_merge(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size,
+                           threads=args.threads, force=args.force, quiet=args.quiet,
+                           chunk_bytes=args.chunk_size, random_seed=args.random_seed, **extra)
     if report.rank:  # a distributed merge: rank 0 speaks for all
         return 0
     for w in dict.fromkeys(report.warnings):  # once each: a slice's every scope can repeat a module's warning

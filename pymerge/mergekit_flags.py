@@ -5,6 +5,7 @@ documented no-op (docs/mergekit-compat.md); the two that would change the output
 does not support fail with a one-line reason.
 """
 import argparse
+import contextlib
 import os
 from typing import Any, Dict
 
@@ -58,9 +59,12 @@ def merge_options(args) -> Dict[str, Any]:
                          "vocabulary size")
     if not args.safe_serialization:
         raise InputError("--no-safe-serialization is not supported: pymerge writes safetensors only")
-    if args.num_threads is not None and args.threads is None:
+    if args.num_threads is not None:  # checked even beside --threads (-j 0 passed there)
         from pymerge.merge import check_thread_flag
         check_thread_flag(args.num_threads, "-j/--num-threads")
+        if args.threads is not None and args.threads != args.num_threads:  # which one wins is nowhere said
+            raise InputError(f"--threads {args.threads} and -j/--num-threads {args.num_threads} disagree; "
+                             "give one of them")
         args.threads = args.num_threads
     if (args.cuda or args.gpu_rich) and args.device == "auto":
         args.device = "cuda"
@@ -68,7 +72,23 @@ def merge_options(args) -> Dict[str, Any]:
         # mergekit-yaml's --no-cuda computes on the CPU; `auto` would pick a GPU where one exists.
         # An explicit --device wins, as in mergekit.
         args.device = "cpu"
-    if args.transformers_cache:
-        os.environ["HF_HUB_CACHE"] = os.path.expanduser(args.transformers_cache)
     return {"copy_tokenizer": args.copy_tokenizer, "model_card": args.write_model_card,
             "lora_merge_dtype": args.lora_merge_dtype}
+
+
+@contextlib.contextmanager
+def hub_cache(args):
+    """HF_HUB_CACHE set to --transformers-cache (absolute) for this merge alone: set for good, a later merge in the
+    same process (cli.main called from Python) still looked up IDs there, without the flag (an audit)."""
+    if not args.transformers_cache:
+        yield
+        return
+    before = os.environ.get("HF_HUB_CACHE")
+    os.environ["HF_HUB_CACHE"] = os.path.abspath(os.path.expanduser(args.transformers_cache))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_CACHE", None)
+        else:
+            os.environ["HF_HUB_CACHE"] = before

@@ -170,6 +170,8 @@ def test_bad_configs_exit_2_with_one_line(fam, tmp_path, capsys, case, words):
     (["-j", "0"], ["-j/--num-threads must be an integer from 1 to"]),  # named --threads, a flag not typed
     (["--num-threads", "5000"], ["-j/--num-threads must be an integer from 1 to 4096, got 5000"]),
     (["--threads", "0"], ["--threads must be an integer from 1 to"]),
+    (["--threads", "2", "-j", "0"], ["-j/--num-threads must be an integer from 1 to"]),  # (beside --threads: unread)
+    (["--threads", "1", "-j", "2"], ["--threads 1 and -j/--num-threads 2 disagree"]),  # (-j was dropped silently)
 ])
 def test_thread_flags_are_named_as_given(fam, tmp_path, capsys, flags, words):
     root, base, fts = fam
@@ -177,7 +179,23 @@ def test_thread_flags_are_named_as_given(fam, tmp_path, capsys, flags, words):
     out = tmp_path / "out"
     rc, err = run_cli(["merge", cfg, out] + flags, capsys)
     assert_rejected((rc, err), words, out)
-    assert "-j" in err if flags[0] != "--threads" else "-j" not in err
+    assert "-j" in err if "-j" in flags or "--num-threads" in flags else "-j" not in err
+
+
+@pytest.mark.parametrize("command, flag", [("merge", "--write-model"), ("merge", "--no-copy"), ("merge", "--rand"),
+                                           ("search", "--conf"), ("bench", "--round")])
+def test_an_abbreviated_option_is_refused(fam, tmp_path, capsys, command, flag):
+    """argparse took an unambiguous prefix for the option (`--write-model` wrote a model card, `--rand 3` set
+    the seed), where mergekit-yaml refuses it: a script ran under one tool and failed under the other."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    args = {"merge": [cfg, out, flag, "3"], "search": [flag, cfg], "bench": [flag, "1"]}[command]
+    with pytest.raises(SystemExit) as e:
+        cli.main([command] + [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
 
 
 def test_existing_out_needs_force_and_is_kept(fam, tmp_path, capsys):

@@ -9,6 +9,7 @@
 3. Hub IDs, flags and bad configs: exit 2 with one line, no output.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -485,6 +486,10 @@ def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):
     rc, err = run_cli(["merge", cfg, tmp_path / "o2", "--quiet", "--transformers-cache", cache], capsys)
     assert rc == 0, err
     assert torch.equal(lf.load_folder(tmp_path / "o2")["model.norm.weight"], b["model.norm.weight"])
+    # for that merge alone: set for good, a later merge in this process still found IDs there (an audit)
+    assert "HF_HUB_CACHE" not in os.environ
+    rc, err = run_cli(["merge", cfg, tmp_path / "o2b", "--quiet"], capsys)
+    assert rc == 2 and "not in the Hugging Face cache" in err
     cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/other@main"]}))
     rc, err = run_cli(["merge", cfg, tmp_path / "o3", "--quiet"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1
