@@ -316,6 +316,21 @@ def test_gradients_interpolate_over_t():
     assert evaluate_setting([], "n", 0.6) is None
     assert evaluate_setting([True, False], "n", 0.4, kind=bool) is True   # discrete: index int(t*(n-1))
     assert evaluate_setting([True, False], "n", 1.0, kind=bool) is False
+
+
+@pytest.mark.parametrize("values", [[True, False], [False, True, False], ["a", "b", "c", "d"],
+                                    [True, False, True, False, True], [0.5, 2.0, -1.0], [1e-3, "2e-3"]])
+def test_gradients_resolve_as_mergekit_does_at_every_t(values):
+    """Discrete values (bools, strings) pick index int(t * (n - 1)), numbers interpolate: against mergekit's own
+    evaluate_setting at 41 points (a mutation audit: round() for int() went unnoticed)."""
+    theirs = pytest.importorskip("mergekit.config").evaluate_setting
+    kind = bool if isinstance(values[0], bool) else str if isinstance(values[0], str) else float
+    validate = float if kind is float else (lambda v: v)
+    for k in range(41):
+        t = k / 40
+        want = theirs("model.layers.3.x", values, t, validate=validate)
+        got = evaluate_setting(values, "model.layers.3.x", t, kind=kind)
+        assert got == pytest.approx(want, rel=1e-12) if kind is float else got == want, (t, got, want)
     assert evaluate_setting("1e-1", "n", 0.0) == 0.1
 
 

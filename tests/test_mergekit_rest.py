@@ -264,7 +264,10 @@ def _configs(m4, m6):
             {"sources": [{"model": f1, "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.8]}},
                          {"model": f3, "layer_range": [2, 4]}], "parameters": {"weight": 0.6}},
             {"sources": [{"model": f2, "layer_range": [1, 4], "parameters": {"weight": 1.0}},
-                         {"model": f1, "layer_range": [0, 3], "parameters": {"weight": mlp_or(0.3, 2.0)}}]}],
+                         {"model": f1, "layer_range": [0, 3], "parameters": {"weight": mlp_or(0.3, 2.0)}}]},
+            # one layer: a gradient's t is 1 there, as in mergekit (f1 alone), not 0 (f2 alone)
+            {"sources": [{"model": f1, "layer_range": [3, 4], "parameters": {"weight": [0.0, 1.0]}},
+                         {"model": f2, "layer_range": [0, 1], "parameters": {"weight": [1.0, 0.0]}}]}],
             "parameters": {"normalize": False, "weight": 0.1}, **f32},
         "slices_ties_base": {"merge_method": "ties", "base_model": b, "slices": [
             {"sources": [{"model": b, "layer_range": [0, 4]}, {"model": f1, "layer_range": [0, 4]},
@@ -274,6 +277,11 @@ def _configs(m4, m6):
             "slices": [{"sources": [{"model": f1, "layer_range": [0, 2]}, {"model": f2, "layer_range": [2, 4]}]},
                        {"sources": [{"model": f3, "layer_range": [1, 4]}, {"model": f1, "layer_range": [0, 3]}]}],
             "parameters": {"weight": [1.0, 0.2]}}}, **f32},
+        # a slice's own parameters over its module's, its module's over the top level's
+        "modules_slices_linear": {"merge_method": "linear", "modules": {"default": {
+            "slices": [{"sources": [{"model": f1, "layer_range": [0, 4]}, {"model": f2, "layer_range": [0, 4]}],
+                        "parameters": {"weight": [0.3, 0.9]}}],
+            "parameters": {"weight": 1.0, "normalize": False}}}, "parameters": {"weight": 2.0}, **f32},
         "modules_models": {"merge_method": "karcher", "base_model": tb, "modules": {"default": {
             "models": [{"model": t1}, {"model": t2}]}}, **f32},
     }

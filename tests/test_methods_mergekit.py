@@ -175,9 +175,11 @@ def test_model_counts():
 
 
 def test_declared_params_match_mergekit():
-    """Names and defaults of every parameter, as mergekit 0.1.5 declares them."""
-    for name in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                 "slerp", "nuslerp", "model_stock", "passthrough"):
+    """Names and defaults of every parameter of every method mergekit 0.1.5 has, as it declares them (ram's
+    epsilon was unpinned: a mutation audit)."""
+    names = [m.spec.name for m in registry.registered_methods()]
+    assert len(names) >= 20 and {"ram", "sce", "karcher", "multislerp", "arcee_fusion"} <= set(names)
+    for name in names:
         spec = registry.get(name).spec
         ours_ = {**get_method(name).model_params, **get_method(name).global_params}
         theirs = {p.name: p for p in spec.parameters}
@@ -187,3 +189,79 @@ def test_declared_params_match_mergekit():
                 assert ours_[k].default == p.default, (name, k)
             else:
                 assert ours_[k].required, (name, k)
+
+
+# ---- edge cases a mutation audit found unpinned: each against mergekit ----------------------------
+def test_dare_rescale_where_every_changed_element_is_dropped_keeps_the_base():
+    """The L1 rescale divides by the kept deltas' norm: 0 where DARE drops every changed element. mergekit then
+    leaves the (empty) delta unscaled; a wrong guard wrote NaN there."""
+    base = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    x = base.clone()
+    x[7] += 1.0  # one element changed
+    kept = 0
+    for seed in range(40):
+        for method in ("dare_linear", "dare_ties"):
+            out = torch.empty_like(base)
+            task = TensorTask([x], base, [{"weight": 1.0, "density": 0.1}], {}, name="w", seed=seed)
+            get_method(method).check_params(task)
+            get_method(method).merge_tensor(task, out)
+            assert torch.isfinite(out).all(), (method, seed)
+            assert torch.equal(out, base) or torch.allclose(out, x, rtol=0, atol=1e-6), (method, seed)
+            kept += not torch.equal(out, base)
+    assert 0 < kept < 80  # both outcomes seen
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-2])
+def test_sce_with_fine_tune_sized_deltas(scale):
+    """sce's variance selection at deltas of 1e-3 (mean squares 1e-6, a real fine-tune's): a threshold fitted to
+    deltas of 1 picked other elements, off by more than the deltas themselves."""
+    base, xs = tensors((64, 64), 3, seed=0, scale=scale)
+    for topk in (1.0, 0.5):
+        ref = mk("sce", [base] + xs, 0, {"select_topk": topk})
+        assert (ours("sce", xs, base, [{}] * 3, {"select_topk": topk}) - ref).abs().max() <= 1e-3 * scale
+
+
+def test_slerp_between_opposite_tensors_is_lerp():
+    """cos = -1: mergekit falls back to lerp (its |dot| test); the signed test gave zeros."""
+    a = torch.tensor([1.0, 2.0, -3.0, 4.0])
+    for t in (0.3, 0.5, 0.8):
+        ref = mk("slerp", [a, -a], 0, {"t": t})
+        assert torch.allclose(ours("slerp", [-a], a, [{}], {"t": t}), ref, rtol=0, atol=1e-6), t
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_an_exact_sign_tie_elects_positive_on_every_backend(method, backend):
+    """Task vectors summing to exactly 0: mergekit's sign election takes >= 0 as positive. The torch backend's
+    own test was unpinned (> 0 there gave the negated vector)."""
+    base = torch.zeros(5, 7)
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(3))
+    params = {"weight": [1.0, 1.0], "density": [1.0, 1.0]}
+    ref = mk(method, [base, x, -x], 0, params)
+    got = ours(method, [x, -x], base, [{"weight": 1.0, "density": 1.0}] * 2, {}, backend)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6) and torch.allclose(got, x.abs(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("density, epsilon, refused", [(0.5, 0.5, True), (0.3, 0.7, True), (0.7, 0.3, True),
+                                                       (0.5, 0.6, True), (0.5, 0.49, False), (0.5, -0.5, False)])
+def test_della_epsilon_must_keep_density_inside_0_1_as_in_mergekit(density, epsilon, refused):
+    base, xs = tensors((8, 16), 1, seed=0)
+    params = {"weight": [1.0], "density": [density], "epsilon": [epsilon]}
+    if refused:
+        with pytest.raises(ValueError, match="Epsilon must be chosen"):
+            mk("della", [base] + xs, 0, params)
+        with pytest.raises(MergeConfigError, match=r"epsilon must keep density \+/- epsilon inside \(0, 1\)"):
+            ours("della", xs, base, [{"weight": 1.0, "density": density, "epsilon": epsilon}], {})
+    else:
+        mk("della", [base] + xs, 0, params)
+        ours("della", xs, base, [{"weight": 1.0, "density": density, "epsilon": epsilon}], {})
+
+
+def test_a_flag_given_as_a_string_reads_as_its_word():
+    """normalize: "True" (a quoted YAML value) is true, "FALSE" false, in any case; other strings are refused."""
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
+    mp = [{"weight": 1.0}, {"weight": 1.0}]
+    for word, want in (("True", [2.0, 3.5]), ("TRUE", [2.0, 3.5]), ("false", [4.0, 7.0]), ("FALSE", [4.0, 7.0])):
+        assert ours("linear", [a, b], None, mp, {"normalize": word}).tolist() == want, word
+    with pytest.raises(MergeConfigError, match="must be true or false"):
+        ours("linear", [a, b], None, mp, {"normalize": "yes please"})

@@ -206,6 +206,12 @@ def test_one_normalize_divisor_for_every_linear_method(method, params):
             check_magnitudes(get_method(method), task)
     out = run(method, xs[:2], base, [{"weight": w, **extra} for w in (1e-8, 0.0)], params)
     assert torch.allclose(out, xs[0], rtol=0, atol=1e-6)
+    # [0.1, 0.2, -0.3]: float32 sum 0 (divisor 1, as mergekit), float64 sum 5.6e-17 (a merge of deltas x 1.8e16):
+    # the merge itself divides as the rule says (a mutation audit: only the rule was pinned)
+    weights = (0.1, 0.2, -0.3)
+    out = run(method, xs, base, [{"weight": w, **extra} for w in weights], params)
+    ref = base.double() + sum(w * (x.double() - base.double()) for w, x in zip(weights, xs))
+    assert torch.allclose(out.double(), ref, rtol=0, atol=1e-5)
 
 
 def test_the_kernels_divisor_is_torchs_float32_sum_to_the_last_bit():

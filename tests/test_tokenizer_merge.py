@@ -104,6 +104,10 @@ def configs(m):
         "linear_union_bf16": {"merge_method": "linear", "models": [
             {"model": b, "parameters": {"weight": 1.0}}, {"model": c, "parameters": {"weight": 2.0}}],
             "base_model": c, "tokenizer": {"pad_to_multiple_of": 12}, "dtype": "bfloat16"},
+        # a vocabulary already a multiple (of 1: every one) keeps its size
+        "union_pad_already_a_multiple": {"merge_method": "linear", "models": [
+            {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}],
+            "tokenizer": {"source": "union", "pad_to_multiple_of": 1}, **F32},
         "chat_template_only": {"merge_method": "linear", "models": [
             {"model": a, "parameters": {"weight": 1.0}}, {"model": d, "parameters": {"weight": 1.0}}],
             "chat_template": "llama3", **F32},
