@@ -1,4 +1,5 @@
 """Merge search: known optimum, resume == uninterrupted, Pareto front, reports, the CLI."""
+import contextlib
 import errno
 import functools
 import importlib
@@ -22,6 +23,7 @@ from pymerge.search import cli_main, optimize
 from pymerge.search.report import pareto_front
 
 optimize_module = importlib.import_module("pymerge.search.optimize")  # the package names the function alike
+search_cli = importlib.import_module("pymerge.search.cli")
 
 
 class Vec(torch.nn.Module):
@@ -738,26 +740,35 @@ def _cli_setup(tmp_path, **extra):
     return tmp_path / "s.yml"
 
 
-def test_a_search_killed_while_writing_its_results_leaves_no_earlier_best_merge_yml(tmp_path, monkeypatch):
-    """The result files were replaced one at a time and best_merge.yml last: killed while the plot was drawn,
-    a search left the previous search's best_merge.yml beside its own history.json, and `pymerge merge` of it
-    built the old winner (a bug hunt)."""
+def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier_ones_whole(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """The result files were replaced one at a time and best_merge.yml last: killed while the plot was drawn, a
+    search left the previous search's best_merge.yml beside its own history.json, and `pymerge merge` of it built
+    the old winner (a bug hunt). Then they were deleted first: a write that failed (a file size limit, a full disk)
+    lost the earlier search's results and this one's (an audit). Now they are moved into place together once all
+    are written: an interrupt or a failure anywhere before leaves the earlier search's files as they were."""
     cfg = _cli_setup(tmp_path, state_path="state.json")
-    assert cli_main([str(cfg)]) == 0 and (tmp_path / "out" / "best_merge.yml").exists()
+    out = tmp_path / "out"
+    assert cli_main([str(cfg)]) == 0 and (out / "best_merge.yml").exists()
+    earlier = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert {"history.json", "history.csv", "best_merge.yml"} <= set(earlier)
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the signal lands while the plot is drawn
-    monkeypatch.setattr(optimize_module, "plot", killed)
-    with pytest.raises(KeyboardInterrupt):
-        cli_main([str(cfg), "--budget", "9"])
-    assert len(json.load(open(tmp_path / "out" / "history.json"))["history"]) == 9  # this search's
-    assert not (tmp_path / "out" / "best_merge.yml").exists()  # not the last one's
-    # and no other earlier file beside it: search.png (and history.csv, written after the json) were the last one's
-    assert not (tmp_path / "out" / "search.png").exists()
-    monkeypatch.setattr(optimize_module, "write_csv", killed)  # killed before the csv: the json alone is there
-    with pytest.raises(KeyboardInterrupt):
-        cli_main([str(cfg), "--budget", "12"])
-    assert sorted(os.listdir(tmp_path / "out")) == ["history.json"]
+
+    def too_large(path, *a, **k):
+        raise InputError(f"{path}: File too large")
+    for where, fault, budget in (("plot", killed, 9), ("write_csv", killed, 12), ("write_json", too_large, 14),
+                                 ("_best_yaml", too_large, 16)):
+        monkeypatch.setattr(search_cli if where == "_best_yaml" else optimize_module, where, fault)
+        with pytest.raises(KeyboardInterrupt) if fault is killed else contextlib.nullcontext():
+            assert cli_main([str(cfg), "--budget", str(budget)]) == 2
+        monkeypatch.undo()
+        assert {n: (out / n).read_bytes() for n in os.listdir(out)} == earlier, where  # nothing else there either
+    (out / f"{optimize_module._STAGE_PREFIX}4194304-x").mkdir()  # a SIGKILL-ed save's (no such pid): swept
+    assert cli_main([str(cfg), "--budget", "16"]) == 0  # resumed from the state: this search's, all of them
+    assert len(json.load(open(out / "history.json"))["history"]) == 16
+    assert set(os.listdir(out)) == set(earlier) and (out / "best_merge.yml").read_bytes() != earlier["best_merge.yml"]
 
 
 def test_cli_refuses_an_empty_out_a_weightless_method_and_hints_at_yaml_numbers(tmp_path, capsys):

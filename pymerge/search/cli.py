@@ -18,12 +18,13 @@
 best_merge.yml is a merge config (method, base_model, method_params, the best weights, dtype float32 and
 the model's dtype as out_dtype) that `pymerge merge` or mergekit turns into the best merge. A per-group search
 (search.groups) writes none, and removes one an earlier search left in `out`: its best weights, one row
-per group, are in history.json ("best"). Those four files in `out` are replaced as a whole (a link there is
-replaced, not written through); `out` is checked before the search starts, and locked while it runs: a
+per group, are in history.json ("best"). Those four files in `out` are replaced as a whole, once all are
+written (a failed or interrupted save leaves the earlier search's; a link there is replaced, not written through); `out` is checked before the search starts, and locked while it runs: a
 second search into it is refused, as one onto the same state_path (its lock file, state_path.lock, stays).
 
 Entry points are imported with the config's folder on sys.path. Errors a user can cause exit 2.
 """
+import functools
 import importlib
 import os
 import sys
@@ -404,23 +405,22 @@ def _search(args, cfg: dict, here: str) -> int:
                           state_path=state_path, groups=s.get("groups"),
                           normalize=s.get("normalize", True), replicas=s.get("replicas"),
                           method=method, names=cfg.get("names"), method_params=method_params)
-        best_yml = os.path.join(out, "best_merge.yml")
-        # An earlier search's goes first (a link is removed, never its target): written last, a kill before
-        # it left the old one beside this search's history, and `pymerge merge` of it built the old winner.
-        # A per-group search writes none (its weights are in history.json).
-        if os.path.lexists(best_yml):
-            os.unlink(best_yml)
-        paths = result.save(out)
-        if result.best_weights.ndim == 1:
-            # a checkpoint replaced during the search (a fresh download renamed over it): best_merge.yml, which
-            # names the files, built another merge than the one scored, exit 0 (an audit)
-            changed = pool.changed_file()
-            if changed is not None:
-                raise InputError(f"{changed}: best_merge.yml, which names the checkpoint files, would not rebuild "
-                                 f"the merge the search scored, so it was not written (the search's results are "
-                                 f"in {out})")
-            _best_yaml(best_yml, sources, rel(cfg.get("base")), result.best_weights, method, method_params, model,
-                       _dtype(cfg.get("dtype")), _merged_tensors(pool, model, cfg.get("names")))
+        # best_merge.yml is saved with the rest, or an earlier search's is removed with the rest: left beside this
+        # search's history, `pymerge merge` of it built the old winner. A per-group search writes none (its
+        # weights are in history.json), nor one whose checkpoint was replaced during the search (a fresh download
+        # renamed over it): naming the files, it would build another merge than the one scored (an audit).
+        changed = pool.changed_file() if result.best_weights.ndim == 1 else None
+        best = None
+        if result.best_weights.ndim == 1 and changed is None:
+            best = functools.partial(_best_yaml, sources=sources, base=rel(cfg.get("base")),
+                                     weights=result.best_weights, method=method, method_params=method_params,
+                                     model=model, pool_dtype=_dtype(cfg.get("dtype")),
+                                     merged=_merged_tensors(pool, model, cfg.get("names")))
+        paths = result.save(out, extra={"best_merge.yml": best})
+        if changed is not None:
+            raise InputError(f"{changed}: best_merge.yml, which names the checkpoint files, would not rebuild "
+                             f"the merge the search scored, so it was not written (the search's results are "
+                             f"in {out})")
     except BaseException as exc:
         if locked or str(exc) != busy:  # not a folder another search made at the same moment and holds
             remove_empty_folders(made)  # a failed search leaves no new empty folder (a bad state file is read after)
@@ -429,8 +429,6 @@ def _search(args, cfg: dict, here: str) -> int:
         release_lock(lock)
     if "png" not in paths:
         print("(matplotlib is not installed: no search.png; pip install matplotlib)")
-    if result.best_weights.ndim == 1:
-        paths["yml"] = os.path.join(out, "best_merge.yml")
     print(f"best objective {result.best_objective:.4f} {result.best_scores} after {len(result.history)} evaluations; "
           f"Pareto front: {len(result.pareto)} candidate{'s' if len(result.pareto) != 1 else ''}; wrote {', '.join(paths.values())}")
     if result.best_weights.ndim > 1:  # mergekit's layer gradients would not reproduce the table bit for bit

@@ -21,6 +21,7 @@ import json
 import math
 import operator
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -34,7 +35,7 @@ import torch
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import _map_name, method_params_of
-from pymerge.io.files import check_replaceable, hold_lock, read_small, release_lock
+from pymerge.io.files import check_replaceable, fsync_dir, hold_lock, read_small, release_lock
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
@@ -63,40 +64,77 @@ class SearchResult:
     def pareto_candidates(self) -> List[dict]:
         return [self.history[i] for i in self.pareto]
 
-    def save(self, out_dir: str, title: str = "merge search", markers=None) -> Dict[str, str]:
-        """history.json, history.csv and search.png under out_dir; returns their paths. Without matplotlib
-        (the `plot` extra) there is no search.png (an earlier one is removed: it would show another search)."""
+    def save(self, out_dir: str, title: str = "merge search", markers=None,
+             extra: Optional[Dict[str, Optional[Callable[[str], None]]]] = None) -> Dict[str, str]:
+        """history.json, history.csv and search.png under out_dir, and extra's files (a name -> a function writing
+        that file at the path it is given, or None: an earlier one is removed); returns their paths. Without
+        matplotlib (the `plot` extra) there is no search.png (an earlier one is removed: it would show another
+        search). They are written into a hidden folder in out_dir, then moved into place together: a write that
+        fails (a full disk, a file size limit) or an interrupt leaves the earlier search's files as they were,
+        never a mix of two searches' (an audit: deleted first, a failing write lost them all)."""
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as exc:  # a file of that name: FileExistsError's traceback
             what = "exists and is not a folder" if os.path.lexists(out_dir) else "cannot create it"
             raise InputError(f"{out_dir}: {what} ({exc.strerror or exc})") from None
-        paths = {k: os.path.join(out_dir, f) for k, f in
-                 (("json", "history.json"), ("csv", "history.csv"), ("png", "search.png"))}
-        for path in paths.values():  # checked before anything is removed: a raw IsADirectoryError after some were
+        names = {"json": "history.json", "csv": "history.csv", "png": "search.png", **{n: n for n in extra or {}}}
+        paths = {k: os.path.join(out_dir, n) for k, n in names.items()}
+        for path in paths.values():  # checked before anything is written: a raw IsADirectoryError after some were
             if os.path.isdir(path) and not os.path.islink(path):
                 raise InputError(f"{path}: is a folder, where the search writes a file (move it away)")
             if _is_search_state(path):  # state_path="out/history.json", then save("out"): the report replaced the
                 # state, and the resume failed on it (an audit; `pymerge search` refuses such a state_path)
                 raise InputError(f"{path}: is a search's saved state (a state_path), where the report writes; save "
                                  "the report into another folder")
-        # an earlier search's go first (a link is removed, never its target): an interrupt or a failing plot
-        # between the writes left this search's history.json beside the other's csv and plot (an audit)
-        for path in paths.values():
-            if os.path.lexists(path):
-                os.unlink(path)
-        write_json(paths["json"], {
-            "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
-                     "weights": self.best_weights},
-            "tasks": self.tasks, "pareto": self.pareto, "generations": self.generations, "history": self.history})
-        write_csv(paths["csv"], self.history, self.tasks)
+        _sweep_stages(out_dir)
         try:
-            plot(paths["png"], self.history, self.tasks, self.pareto, title=title, markers=markers)
-        except MissingExtraError:
-            if os.path.lexists(paths["png"]):
-                os.unlink(paths["png"])  # a link is removed, never its target
-            del paths["png"]
+            stage = tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{os.getpid()}-", dir=out_dir)
+        except OSError as exc:
+            raise InputError(f"{out_dir}: cannot write the search's results there ({exc.strerror or exc})") from None
+        try:
+            staged = {k: os.path.join(stage, n) for k, n in names.items()}
+            write_json(staged["json"], {
+                "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
+                         "weights": self.best_weights},
+                "tasks": self.tasks, "pareto": self.pareto, "generations": self.generations, "history": self.history})
+            write_csv(staged["csv"], self.history, self.tasks)
+            try:
+                plot(staged["png"], self.history, self.tasks, self.pareto, title=title, markers=markers)
+            except MissingExtraError:
+                pass
+            for name, write in (extra or {}).items():
+                if write is not None:
+                    write(staged[name])
+            for k in list(paths):
+                if os.path.lexists(staged[k]):
+                    os.replace(staged[k], paths[k])  # a link at the path is replaced, never its target
+                else:  # an earlier search's, which would be taken for this one's
+                    if os.path.lexists(paths[k]):
+                        os.unlink(paths[k])
+                    del paths[k]
+            fsync_dir(out_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         return paths
+
+
+_STAGE_PREFIX = ".pymerge-results-"  # + pid: Result.save's folder, gone once its files are in place
+
+
+def _sweep_stages(out_dir: str) -> None:
+    """Removes the folders of saves whose process died (a SIGKILL mid-save left one, hidden, in OUT)."""
+    try:
+        names = [n for n in os.listdir(out_dir) if n.startswith(_STAGE_PREFIX)]
+    except OSError:
+        return
+    for n in names:
+        try:
+            pid = int(n[len(_STAGE_PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+        except (ValueError, OSError):  # not a pid, or another user's live process
+            pass
 
 
 def _head(path: str, n: int) -> bytes:
