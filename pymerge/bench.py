@@ -109,7 +109,7 @@ def _elements(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="pymerge bench", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="pymerge bench", description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     ap.add_argument("--elements", type=_elements, default=None, metavar="N",
                     help="elements per input (default 8388608; 3e7 works)")

@@ -75,7 +75,7 @@ def report() -> List[Row]:
 
 
 def main(argv=None) -> int:
-    ArgumentParser(prog="pymerge doctor", description=__doc__.splitlines()[0]).parse_args(argv)
+    ArgumentParser(prog="pymerge doctor", description=(__doc__ or "").partition("\n")[0]).parse_args(argv)
     import pymerge
     print(f"pymerge {pymerge.__version__} at {os.path.dirname(pymerge.__file__)} (Python {platform.python_version()})")
     for name, ok, detail in report():

@@ -771,6 +771,25 @@ def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier
     assert set(os.listdir(out)) == set(earlier) and (out / "best_merge.yml").read_bytes() != earlier["best_merge.yml"]
 
 
+def test_commands_under_python_OO(tmp_path):
+    """python -OO strips docstrings: doctor, bench and demo built their help from __doc__ (AttributeError, exit 1),
+    and the search died inside cma's import, which reads its own (an audit). The first run; the search says why
+    in one line, exit 2."""
+    import subprocess
+    cfg = _cli_setup(tmp_path)
+    env = {**os.environ, "PYTHONOPTIMIZE": "2"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for command in (["doctor"], ["bench", "--help"], ["demo", "--help"]):
+        p = subprocess.run([sys.executable, "-m", "pymerge", *command], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, (command, p.stderr)
+    p = subprocess.run([sys.executable, "-m", "pymerge", "search", str(cfg)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "cma" in err[0] and "without -OO" in err[0], p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_refuses_an_empty_out_a_weightless_method_and_hints_at_yaml_numbers(tmp_path, capsys):
     """--out "" was ignored (the results went to the config's out); a method without weights spent the whole budget
     on one merge; sigma0: 1e-3 (text to PyYAML) was refused without saying why (an audit). One line each, before the

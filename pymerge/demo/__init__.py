@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     import torch
     from pymerge.demo.run import Settings, experiment
     from pymerge.demo.train import POOLS
-    ap = ArgumentParser(prog="pymerge demo", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="pymerge demo", description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter training, smaller evaluation sets and search (the CI form: its checkpoints barely "
                     "train; about a minute on 2 cores)")
     ap.add_argument("--out", default="demo_out", help="output folder, made with its parents if missing (default: demo_out/); "

@@ -344,10 +344,8 @@ def _several_ranks() -> bool:
 
 def _import_search_libraries() -> None:
     """Imports the libraries the search imports later (cma; matplotlib for the plot, where installed)."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
-        import cma  # noqa: F401
+    from pymerge.search.optimize import import_cma
+    import_cma()
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -22,6 +22,7 @@ import math
 import operator
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -135,6 +136,21 @@ def _sweep_stages(out_dir: str) -> None:
             shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
         except (ValueError, OSError):  # not a pid, or another user's live process
             pass
+
+
+def import_cma():
+    """The cma package, imported without its own "Could not import matplotlib.pyplot" warning (pymerge names the
+    extra itself where a plot is skipped, and never calls cma's plotting); one line where it cannot be imported
+    (under python -OO it reads the docstrings -OO strips: a traceback)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+        try:
+            import cma
+        except Exception as exc:  # noqa: BLE001  (whatever the library raises as it loads)
+            hint = "; run Python without -OO, whose stripped docstrings cma reads" if sys.flags.optimize >= 2 else ""
+            raise InputError(f"the search's CMA-ES library (cma) cannot be imported: {type(exc).__name__}: "
+                             f"{exc}{hint}") from None
+    return cma
 
 
 def _head(path: str, n: int) -> bytes:
@@ -312,11 +328,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     if refused is not None:
         raise refused
     check_searchable(method)  # (after the ranks' agreement on the arguments: a rank alone must not refuse)
-    with warnings.catch_warnings():
-        # cma's own "Could not import matplotlib.pyplot" on every run without the plot extra: pymerge names
-        # the extra itself where a plot is skipped, and never calls cma's plotting
-        warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
-        import cma
+    cma = import_cma()
 
     n = pool.num_checkpoints
     g = 1 if groups is None else pool.num_groups(groups)
