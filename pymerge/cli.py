@@ -175,6 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
     if argv is None:  # the script's own process (a library caller's descriptors are its own business)
         _fill_closed_descriptors()
+        _escape_unencodable_output()
     if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
         sys.stderr = open(os.devnull, "w")
     # SIGTERM as Ctrl-C from the start: one while importing or parsing ended the process without a word (-15).
@@ -237,6 +238,18 @@ def _end_process(rc: int) -> None:
         except (OSError, ValueError, AttributeError):  # a reader gone away, or none: the status still counts
             pass
     os._exit(rc)
+
+
+def _escape_unencodable_output() -> None:
+    """stdout escapes what its encoding cannot write (é under PYTHONIOENCODING=ascii), as Python's stderr does: a
+    search's last line, naming its non-ASCII out, raised UnicodeEncodeError after every result was written (an
+    audit)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # closed, or not a text stream of its own
+            pass
 
 
 def _fill_closed_descriptors() -> None:

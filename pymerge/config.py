@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, described, short
-from pymerge.io.files import read_small
+from pymerge.io.files import read_small, unencodable
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
@@ -774,6 +774,9 @@ def check_paths(cfg: MergeConfig) -> None:
     for where, p in refs:
         if os.path.exists(p):
             continue
+        why = unencodable(p)  # (exists() said False: "model path not found" for a folder that is there)
+        if why is not None:
+            raise MergeConfigError(cfg.where(f"{where}: {why}"))
         from pymerge import hub, lora
         try:
             missing = lora.missing_side(p)

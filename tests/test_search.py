@@ -790,6 +790,34 @@ def test_commands_under_python_OO(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_non_ascii_paths_under_an_ascii_locale(tmp_path):
+    """A non-ASCII out: printed to an ASCII stdout, the search's last line raised UnicodeEncodeError after every
+    result was written (exit 1); under LC_ALL=C without UTF-8 mode, where no such file can be named, realpath
+    raised it (a traceback), and a merge said 'model path not found' of a folder that is there (an audit)."""
+    import subprocess
+    cfg = _cli_setup(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["out"] = "out_\u00e9"
+    cfg.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in ("LANG", "PYTHONUTF8")}
+    p = subprocess.run([sys.executable, "-m", "pymerge", "search", str(cfg)], cwd=tmp_path, capture_output=True,
+                       env={**env, "PYTHONIOENCODING": "ascii"}, timeout=120)
+    assert p.returncode == 0 and b"out_\\xe9" in p.stdout, p.stderr
+    assert "history.json" in os.listdir(tmp_path / "out_\u00e9")
+    data["out"] = "out2_\u00e9"
+    cfg.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    merge = tmp_path / "m.yml"
+    merge.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": "c0_\u00e9.safetensors", "parameters": {"weight": 1.0}}]}, allow_unicode=True), encoding="utf-8")
+    os.symlink(tmp_path / "c0.safetensors", tmp_path / "c0_\u00e9.safetensors")
+    for command in (["search", str(cfg)], ["merge", str(merge), "o"]):
+        p = subprocess.run([sys.executable, "-m", "pymerge", *command], cwd=tmp_path, capture_output=True, text=True,
+                           env={**env, "LC_ALL": "C", "PYTHONUTF8": "0"}, timeout=120)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and "cannot name a file under this locale" in err[0], p.stderr
+    assert not (tmp_path / "out2_\u00e9").exists() and not (tmp_path / "o").exists()
+
+
 def test_cli_refuses_an_empty_out_a_weightless_method_and_hints_at_yaml_numbers(tmp_path, capsys):
     """--out "" was ignored (the results went to the config's out); a method without weights spent the whole budget
     on one merge; sigma0: 1e-3 (text to PyYAML) was refused without saying why (an audit). One line each, before the

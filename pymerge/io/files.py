@@ -10,6 +10,7 @@ import json
 import os
 import re
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Type
@@ -45,6 +46,19 @@ def kind_of(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def unencodable(path) -> Optional[str]:
+    """Why path can name no file in this process (é where the locale's filesystem encoding is ASCII: LC_ALL=C
+    without Python's UTF-8 mode), else None."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return (f"{path!r} cannot name a file under this locale (filesystem encoding {sys.getfilesystemencoding()}); "
+                "use a UTF-8 locale (LANG=C.UTF-8) or PYTHONUTF8=1")
+    except TypeError:  # not a path at all: the caller's own check says so
+        return None
+    return None
 
 
 def present(path, error: Type[InputError] = CheckpointError) -> bool:

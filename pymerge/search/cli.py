@@ -37,7 +37,8 @@ import yaml
 from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, short
-from pymerge.io.files import hold_lock, missing_folders, release_lock, remove_empty_folders, repeated_model
+from pymerge.io.files import (hold_lock, missing_folders, release_lock, remove_empty_folders, repeated_model,
+                              unencodable)
 from pymerge.progress import say
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
@@ -307,6 +308,12 @@ def main(argv=None) -> int:
         return _run(args)
     except InputError as exc:
         say(f"pymerge search: error: {exc}")
+        return 2
+    except UnicodeEncodeError as exc:  # a path of the config the locale cannot name (a traceback from realpath)
+        why = unencodable(exc.object) if isinstance(exc.object, str) else None
+        if why is None:
+            raise
+        say(f"pymerge search: error: {why}")
         return 2
 
 
