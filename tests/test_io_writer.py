@@ -452,6 +452,34 @@ def test_an_interrupt_while_the_temporary_folder_is_locked_leaves_nothing(tmp_pa
     assert os.listdir(tmp_path) == ["out"] and torch.equal(load_all(out)["a"], t["a"])
 
 
+@pytest.mark.parametrize("fails", [1, 2])
+def test_a_cleanup_out_of_descriptors_never_hides_the_error(tmp_path, monkeypatch, fails):
+    """Out of descriptors (ulimit -n), a merge's error (a file it could not copy) started the abort, whose removal
+    of the temporary folder needs descriptors too: its EMFILE replaced the error, naming the hidden folder, which
+    stayed (an audit). The lock's descriptor is given up and the removal tried again; where it still fails, the
+    first error is raised, and the next writer for OUT removes the folder."""
+    out = tmp_path / "out"
+    real = writer_mod._remove_tree
+    calls = []
+
+    def remove(path):
+        calls.append(path)
+        if len(calls) <= fails:
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        real(path)
+    monkeypatch.setattr(writer_mod, "_remove_tree", remove)
+    t = {"a": torch.randn(3)}
+    with pytest.raises(InputError, match="the merge's own error"):
+        with ShardedWriter(out, plan(t)) as w:
+            w.write("a", t["a"])
+            raise InputError("the merge's own error")
+    assert len(calls) == 2 and not out.exists()
+    assert leftovers(tmp_path) == ([] if fails == 1 else [calls[0].name])
+    monkeypatch.undo()
+    write_all(out, t)
+    assert os.listdir(tmp_path) == ["out"] and torch.equal(load_all(out)["a"], t["a"])
+
+
 def test_out_under_a_file_is_refused(tmp_path):
     """OUT f/x under a regular file f said f 'does not exist'."""
     (tmp_path / "f").write_text("x")

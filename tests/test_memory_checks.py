@@ -3,6 +3,7 @@ frees sharded parameters), read-only memory (a safetensors view, a pool's map on
 tensor smaller than the op's others, wrong dtypes or devices, through the public ops, torch.ops.pymerge
 and CheckpointPool. Each was a segmentation fault or a silent out-of-bounds read (found by fuzzing);
 each must be one clear error, with nothing written."""
+import errno
 import mmap
 import os
 import subprocess
@@ -88,6 +89,20 @@ def test_writable_probe_tells_read_only_from_writable_and_changes_nothing():
     short = torch.zeros(10).as_strided((3,), (4,), 1)
     short.untyped_storage().resize_(20)  # shrunk under the view: 5 of the 10 elements left
     assert "holds 20 bytes but the tensor spans 40" in _memory.backing_problem(short)
+
+
+@pytest.mark.filterwarnings("ignore:The given buffer is not writable")
+def test_a_probe_without_descriptors_says_so_in_one_line(monkeypatch):
+    """Out of descriptors (ulimit -n), the probe's pipe raised a bare 'Too many open files', naming nothing."""
+    from pymerge.errors import InputError
+    t = torch.from_numpy(np.arange(10, dtype=np.float32))
+
+    def no_pipe():
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(_memory, "_probe_fds", None)
+    monkeypatch.setattr(_memory.os, "pipe", no_pipe)
+    with pytest.raises(InputError, match="checks a tensor's memory is writable: Too many open files .*ulimit -n"):
+        _memory.write_problem(t)
 
 
 @needs_cpu_ext

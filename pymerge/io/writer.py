@@ -693,7 +693,13 @@ class ShardedWriter:
             if not self._joined:  # the folder is part 0's to remove
                 try:
                     if _identity(self.tmp_dir) == self._made:  # never another program's folder of that name
-                        _remove_whole(self.tmp_dir)
+                        try:
+                            _remove_whole(self.tmp_dir)
+                        except OSError as exc:
+                            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                                raise
+                            self._release_lock()  # out of descriptors: the removal's own need the lock's
+                            _remove_whole(self.tmp_dir)
                 finally:
                     self._release_lock()
                     _OWNED.discard(os.path.abspath(self.tmp_dir))
@@ -729,11 +735,21 @@ class ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        failed = exc_type is not None
         try:
-            if exc_type is None:
+            if not failed:
                 self.commit()
-        finally:
-            self.abort()  # after a commit: a no-op; after any exception, KeyboardInterrupt too: clean up
+        except BaseException:
+            failed = True
+            raise
+        finally:  # after a commit: a no-op; after any exception, KeyboardInterrupt too: clean up
+            if failed:
+                try:
+                    self.abort()
+                except OSError:  # the first error is the one to tell (out of descriptors, the removal failed too and
+                    pass         # named the hidden folder: an audit); unlisted, the next writer for OUT removes it
+            else:
+                self.abort()
         return False
 
     def __del__(self):

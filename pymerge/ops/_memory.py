@@ -308,7 +308,13 @@ def _byte_writable(address: int) -> bool:
                 fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_ssize_t
             _libc = libc
         if _probe_fds is None:
-            _probe_fds = os.pipe()
+            try:
+                _probe_fds = os.pipe()
+            except OSError as exc:  # (a bare "Too many open files", naming nothing: an audit)
+                from pymerge.errors import InputError
+                from pymerge.io.files import fd_advice
+                raise InputError(f"cannot open the pipe that checks a tensor's memory is writable: "
+                                 f"{exc.strerror or exc}{fd_advice(exc)}") from None
             for fd in _probe_fds:  # never block, even on a pipe an interrupted probe left a byte in
                 os.set_blocking(fd, False)
         r, w = _probe_fds
