@@ -637,6 +637,25 @@ def test_a_rank_whose_rank_0_never_comes_gives_up_in_its_timeout_in_one_line(fam
     assert not out.exists() and leftovers(out) == []
 
 
+@pytest.mark.parametrize("variables, says", [
+    ({"RANK": "5", "WORLD_SIZE": "1"}, "RANK=5 is not a rank of WORLD_SIZE=1 (0 to 0)"),
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc': must be an integer of at least 0"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "abc"}, "LOCAL_WORLD_SIZE='abc': must be an integer"),
+])
+def test_a_launchers_bad_variables_are_refused_before_joining(fam, tmp_path, variables, says):
+    """RANK=5 of WORLD_SIZE=1 waited the whole timeout (30 minutes by default) for a rank 0 that could not come;
+    LOCAL_WORLD_SIZE=abc was a ValueError's traceback (an audit). One line each, at once."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT="1", PYMERGE_DIST_TIMEOUT="1800", **variables)
+    p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(out)], env=env, capture_output=True,
+                       text=True, timeout=LIMIT_S)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and says in err[0], p.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_sliced_merge_across_ranks_equals_one_process(fam, tmp_path):
     """A `slices:` frankenmerge (several plans in one output) split over 2 ranks; mergekit-yaml's
     --no-copy-tokenizer / --write-model-card reach the rank that writes the side files."""

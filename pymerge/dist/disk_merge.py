@@ -100,7 +100,7 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
                                                             args.random_seed)
         if device.startswith("cuda"):
             device = _local_cuda()
-        threads = args.threads or op_threads(processes=int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # the host's
+        threads = args.threads or op_threads(processes=_env_int("LOCAL_WORLD_SIZE", 1, 1))  # the host's
     state = {}  # what the steps build: plan, parts, writer
 
     def prepare():
@@ -437,9 +437,17 @@ def _process_group(device: str, timeout_s: float):
     if missing:
         raise InputError(f"a distributed merge needs {', '.join(missing)} set: launch it with torchrun, or set "
                          f"RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+    # checked before joining: RANK=5 of WORLD_SIZE=1 waited the whole timeout (30 minutes) for a rank 0, and
+    # LOCAL_WORLD_SIZE=abc was a ValueError's traceback after it (an audit)
+    world = _env_int("WORLD_SIZE", 1, 1)
+    rank = _env_int("RANK", 0, 0)
+    if rank >= world:
+        raise InputError(f"RANK={rank} is not a rank of WORLD_SIZE={world} (0 to {world - 1})")
+    _env_int("LOCAL_WORLD_SIZE", 1, 1)
+    local_rank = _env_int("LOCAL_RANK", 0, 0)
     if device.startswith("cuda"):
         import torch
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
     try:
         with _sigterm_default():
@@ -492,6 +500,18 @@ def _wait_for_master(addr: str, port: str, timeout_s: float) -> None:
 def _local_cuda() -> str:
     import torch
     return f"cuda:{torch.cuda.current_device()}"
+
+
+def _env_int(name: str, default: int, least: int) -> int:
+    """A launcher's integer variable (absent or empty: default), at least `least`; one line naming it otherwise."""
+    text = os.environ.get(name, "")
+    try:
+        value = int(text) if text.strip() else default
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise InputError(f"{name}={text!r}: must be an integer of at least {least} (set by torchrun or the launcher)")
+    return value
 
 
 def _timeout_or_default() -> Tuple[float, Optional[InputError]]:
