@@ -187,6 +187,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
+            # a closed terminal or ssh session (SIGHUP) too, unless ignored (nohup): it left the temporary
+            # folder, a model's size, beside OUT until the next merge into it (an audit)
+            if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+                previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_sigterm)
         try:
             _Parser.last_error = None
             rc = _main(argv)
