@@ -3,7 +3,7 @@ vs separate calls, and mergekit's way (re-read the safetensors and merge per can
 
     python benchmarks/bench_pool.py [--quick] [--params 64e6] [--n 5] [--k 6]
 
-Writes benchmarks/results/<machine>/bench_pool.{json,md}; --device cuda keeps the pool in GPU memory. Bytes counted: materialize moves (N+1) model-sizes
+Writes benchmarks/results/<machine>/bench_pool.{json,md} (bench_pool_quick.* with --quick); --device cuda keeps the pool in GPU memory. Bytes counted: materialize moves (N+1) model-sizes
 (N read, 1 written); materialize_many moves (N+K). The copy baseline is torch's dst.copy_(src) over a
 buffer of the same dtype, timed in the same run, interleaved (the machine's bandwidth drifts).
 """

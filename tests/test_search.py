@@ -752,6 +752,9 @@ def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier
     assert cli_main([str(cfg)]) == 0 and (out / "best_merge.yml").exists()
     earlier = {n: (out / n).read_bytes() for n in os.listdir(out)}
     assert {"history.json", "history.csv", "best_merge.yml"} <= set(earlier)
+    # its sources are .safetensors files, which mergekit cannot read (a docs audit)
+    assert b"# It names .safetensors files, which pymerge merge reads; mergekit 0.1.5 reads model folders only" \
+        in earlier["best_merge.yml"]
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the signal lands while the plot is drawn

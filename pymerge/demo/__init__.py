@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="demo_out", help="output folder, made with its parents if missing (default: demo_out/); "
                     "checkpoints there are reused when settings and code match")
     ap.add_argument("--budget", type=int, help="search candidates (default 120; 16 with --quick)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help=f"the data, training and search seed, 0 to {2**28 - 1} "
+                    "(default 0)")
     ap.add_argument("--per-layer", action="store_true", help="a weight per checkpoint and layer group")
     ap.add_argument("--pool", choices=sorted(POOLS), default="stages",
                     help="the checkpoints: stages (default: a generalist and runs continued from it) or mixtures "

@@ -1,6 +1,6 @@
 """`pymerge search CONFIG.yml`: a merge-weight search from a YAML file.
 
-    sources: [ckpt_a/, ckpt_b.safetensors, ...]   # HF folders or .safetensors files
+    sources: [ckpt_a/, ckpt_b.safetensors, ...]   # HF folders or .safetensors files (mergekit: folders only)
     base: null                                    # optional base checkpoint
     model: mypkg.evalmod:build_model              # entry point: () -> the nn.Module merged into
     evaluate: mypkg.evalmod:evaluate              # entry point: (model) -> float | {task: score}, higher is better
@@ -16,8 +16,8 @@
     out: search_out                               # history.json/.csv, search.png, best_merge.yml (flat weights)
 
 best_merge.yml is a merge config (method, base_model, method_params, the best weights, dtype float32 and
-the model's dtype as out_dtype) that `pymerge merge` or mergekit turns into the best merge. A per-group search
-(search.groups) writes none, and removes one an earlier search left in `out`: its best weights, one row
+the model's dtype as out_dtype) that `pymerge merge` or mergekit (folders only) turns into the best merge. A
+per-group search (search.groups) writes none, and removes one an earlier search left in `out`: its best weights, one row
 per group, are in history.json ("best"). Those four files in `out` are replaced as a whole, once all are
 written (a failed or interrupted save leaves the earlier search's; a link there is replaced, not written through); `out` is checked before the search starts, and locked while it runs: a
 second search into it is refused, as one onto the same state_path (its lock file, state_path.lock, stays).
@@ -185,6 +185,9 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
         note += (f"# The model searched holds tensors of several dtypes ({names}): the search scored each one rounded\n"
                  f"# to its tensor's dtype, while this merge writes them all in {cfg['dtype']}; round them as the model\n"
                  "# does (load the merge into it) to get the merge the search scored.\n")
+    if any(os.path.isfile(s) for s in [*sources, *([base] if base else [])]):  # (mergekit: a traceback)
+        note += ("# It names .safetensors files, which pymerge merge reads; mergekit 0.1.5 reads model folders only\n"
+                 "# (their config.json).\n")
 
     def write(tmp):
         with open(tmp, "w") as fh:
