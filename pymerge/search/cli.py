@@ -17,10 +17,11 @@
 
 best_merge.yml is a merge config (method, base_model, method_params, the best weights, dtype float32 and
 the model's dtype as out_dtype) that `pymerge merge` or mergekit (folders only) turns into the best merge. A
-per-group search (search.groups) writes none, and removes one an earlier search left in `out`: its best weights, one row
-per group, are in history.json ("best"). Those four files in `out` are replaced as a whole, once all are
-written (a failed or interrupted save leaves the earlier search's; a link there is replaced, not written through); `out` is checked before the search starts, and locked while it runs: a
-second search into it is refused, as one onto the same state_path (its lock file, state_path.lock, stays).
+per-group search (search.groups) writes none, and removes one an earlier search left in `out`: its best
+weights, one row per group, are in history.json ("best"). Those four files in `out` are replaced as a whole,
+once all are written (a failed or interrupted save leaves the earlier search's; a link there is replaced, not
+written through); `out` is checked before the search starts, and locked while it runs: a second search into
+it is refused, as one onto the same state_path (its lock file, state_path.lock, stays).
 
 Entry points are imported with the config's folder on sys.path. Errors a user can cause exit 2.
 """
