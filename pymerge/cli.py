@@ -1,10 +1,10 @@
 """The pymerge command: merge | demo | search | bench | doctor, and --version.
 
 Exit codes: 0 success; 2 bad input or a system error such as a full disk (one line on stderr
-naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C or SIGTERM; no output left behind); 141 stdout's
-reader went away (`pymerge doctor | head -1`: silent, as a tool stopped by SIGPIPE); 1 a distributed failure (another
-rank failed or was lost, or this rank cannot join: one line, a DistributedError) or anything else, with the traceback,
-since that is a bug in pymerge.
+naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C, SIGTERM or SIGHUP; no output left
+behind); 141 stdout's reader went away (`pymerge doctor | head -1`: silent, as a tool stopped by SIGPIPE); 1 a
+distributed failure (another rank failed or was lost, or this rank cannot join: one line, a DistributedError) or
+anything else, with the traceback, since that is a bug in pymerge.
 """
 import argparse
 import os

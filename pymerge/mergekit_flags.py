@@ -78,13 +78,14 @@ def merge_options(args) -> Dict[str, Any]:
 
 @contextlib.contextmanager
 def hub_cache(args):
-    """HF_HUB_CACHE set to --transformers-cache (absolute) for this merge alone: set for good, a later merge in the
-    same process (cli.main called from Python) still looked up IDs there, without the flag (an audit)."""
+    """HF_HUB_CACHE set to --transformers-cache (~ and $VARS expanded, as huggingface_hub does, then made absolute)
+    for this merge alone: set for good, a later merge in the same process (cli.main called from Python) still
+    looked up IDs there, without the flag (an audit)."""
     if not args.transformers_cache:
         yield
         return
     before = os.environ.get("HF_HUB_CACHE")
-    os.environ["HF_HUB_CACHE"] = os.path.abspath(os.path.expanduser(args.transformers_cache))
+    os.environ["HF_HUB_CACHE"] = os.path.abspath(os.path.expandvars(os.path.expanduser(args.transformers_cache)))
     try:
         yield
     finally:

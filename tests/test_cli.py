@@ -183,14 +183,14 @@ def test_thread_flags_are_named_as_given(fam, tmp_path, capsys, flags, words):
 
 
 @pytest.mark.parametrize("command, flag", [("merge", "--write-model"), ("merge", "--no-copy"), ("merge", "--rand"),
-                                           ("search", "--conf"), ("bench", "--round")])
+                                           ("search", "--bud"), ("bench", "--round")])
 def test_an_abbreviated_option_is_refused(fam, tmp_path, capsys, command, flag):
     """argparse took an unambiguous prefix for the option (`--write-model` wrote a model card, `--rand 3` set
     the seed), where mergekit-yaml refuses it: a script ran under one tool and failed under the other."""
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", linear(fts))
     out = tmp_path / "out"
-    args = {"merge": [cfg, out, flag, "3"], "search": [flag, cfg], "bench": [flag, "1"]}[command]
+    args = {"merge": [cfg, out, flag, "3"], "search": [cfg, flag, "3"], "bench": [flag, "1"]}[command]
     with pytest.raises(SystemExit) as e:
         cli.main([command] + [str(a) for a in args])
     err = capsys.readouterr().err

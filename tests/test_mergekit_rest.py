@@ -498,6 +498,10 @@ def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):
     assert "HF_HUB_CACHE" not in os.environ
     rc, err = run_cli(["merge", cfg, tmp_path / "o2b", "--quiet"], capsys)
     assert rc == 2 and "not in the Hugging Face cache" in err
+    # $VARS expanded as huggingface_hub does (made absolute first, '$SCRATCH/hf' was a folder under the cwd)
+    monkeypatch.setenv("MY_HUB", str(cache))
+    rc, err = run_cli(["merge", cfg, tmp_path / "o2c", "--quiet", "--transformers-cache", "$MY_HUB"], capsys)
+    assert rc == 0, err
     cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/other@main"]}))
     rc, err = run_cli(["merge", cfg, tmp_path / "o3", "--quiet"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1

@@ -761,17 +761,57 @@ def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier
 
     def too_large(path, *a, **k):
         raise InputError(f"{path}: File too large")
+
+    def efbig(path, *a, **k):
+        raise OSError(errno.EFBIG, "File too large", path)
     for where, fault, budget in (("plot", killed, 9), ("write_csv", killed, 12), ("write_json", too_large, 14),
-                                 ("_best_yaml", too_large, 16)):
+                                 ("_best_yaml", too_large, 16), ("write_csv", efbig, 17)):
         monkeypatch.setattr(search_cli if where == "_best_yaml" else optimize_module, where, fault)
-        with pytest.raises(KeyboardInterrupt) if fault is killed else contextlib.nullcontext():
+        # (an OSError is the pymerge command's to say in one line, naming its file)
+        expected = {killed: KeyboardInterrupt, efbig: OSError}.get(fault)
+        with pytest.raises(expected) if expected else contextlib.nullcontext() as raised:
             assert cli_main([str(cfg), "--budget", str(budget)]) == 2
         monkeypatch.undo()
         assert {n: (out / n).read_bytes() for n in os.listdir(out)} == earlier, where  # nothing else there either
-    (out / f"{optimize_module._STAGE_PREFIX}4194304-x").mkdir()  # a SIGKILL-ed save's (no such pid): swept
-    assert cli_main([str(cfg), "--budget", "16"]) == 0  # resumed from the state: this search's, all of them
-    assert len(json.load(open(out / "history.json"))["history"]) == 16
-    assert set(os.listdir(out)) == set(earlier) and (out / "best_merge.yml").read_bytes() != earlier["best_merge.yml"]
+        # the file in out, not in the hidden folder (gone by then: a review)
+        name = "history.csv" if where == "write_csv" else "best_merge.yml" if where == "_best_yaml" else "history.json"
+        if fault is efbig:
+            assert raised.value.filename == str(out / name)
+        elif fault is too_large:
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.endswith(f"{out / name}: File too large"), err
+    # an interrupt while the files are moved into place waits for the moves (a review: a new history.json beside
+    # the earlier search's best_merge.yml)
+    real_replace = os.replace
+    moved = []
+
+    def replace_then_interrupted(a, b):
+        real_replace(a, b)
+        moved.append(b)
+        if len(moved) == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(optimize_module.os, "replace", replace_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main([str(cfg), "--budget", "18"])
+    monkeypatch.undo()
+    assert len(moved) == 4 and set(os.listdir(out)) == set(earlier)
+    assert len(json.load(open(out / "history.json"))["history"]) == 18
+    assert (out / "best_merge.yml").read_bytes() != earlier["best_merge.yml"]  # this search's too
+    # a killed save's hidden folder is swept once unlocked and a minute old; a live save's (locked), never
+    dead, live = (out / f"{optimize_module._STAGE_PREFIX}dead"), (out / f"{optimize_module._STAGE_PREFIX}live")
+    dead.mkdir()
+    live.mkdir()
+    for folder in (dead, live):
+        os.utime(folder, (time.time() - 120, time.time() - 120))
+    import fcntl
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert cli_main([str(cfg), "--budget", "20"]) == 0  # resumed from the state: this search's, all of them
+    finally:
+        os.close(fd)
+    assert len(json.load(open(out / "history.json"))["history"]) == 20
+    assert set(os.listdir(out)) == set(earlier) | {live.name}
 
 
 def test_commands_under_python_OO(tmp_path):

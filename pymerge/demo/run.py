@@ -488,11 +488,11 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: its writes land together.
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends, then act as they would have: its writes land together.
     A second one acts at once; an error in the block goes on as itself. (Python handlers, not a signal mask:
     the process's other threads, torch's and the kernels', would take a masked signal and the main thread
     would still raise at once.)"""
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = tuple(sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None)
     old = {sig: signal.getsignal(sig) for sig in held} if threading.current_thread() is threading.main_thread() \
         else {}
     if not old or any(h is None for h in old.values()):  # another thread, or a handler installed from C

@@ -422,7 +422,7 @@ def _agree(step, dist, group, lost: Optional[str] = "nothing was written") -> li
     if kind in _SAME_ON_EVERY_RANK:
         raise _SAME_ON_EVERY_RANK[kind](message)
     if kind == "KeyboardInterrupt":  # ("rank 1 failed: KeyboardInterrupt: KeyboardInterrupt")
-        raise DistributedError(f"rank {r} was interrupted (Ctrl-C or SIGTERM)")
+        raise DistributedError(f"rank {r} was interrupted (Ctrl-C, SIGTERM or SIGHUP)")
     raise DistributedError(f"rank {r} failed: {kind}: {message}")
 
 
@@ -451,11 +451,11 @@ def _process_group(device: str, timeout_s: float):
     backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
     try:
         with _sigterm_default():
-            if os.environ["RANK"] != "0":
+            if rank != 0:  # (RANK=00 is rank 0, which waited the whole timeout for itself: a review)
                 _wait_for_master(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], timeout_s)
             dist.init_process_group(backend, timeout=timeout)
     except Exception as exc:  # the rendezvous failed or timed out
-        raise DistributedError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} cannot join the process "
+        raise DistributedError(f"rank {rank} of {world} cannot join the process "
                                f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: "
                                f"{_one_line(exc)}") from None
     return dist, None, True
@@ -463,19 +463,22 @@ def _process_group(device: str, timeout_s: float):
 
 @contextlib.contextmanager
 def _sigterm_default():
-    """SIGTERM at its default action while a rank joins: the rendezvous blocks in C++, where the CLI's Python
-    handler never runs, so torchrun's SIGTERM (a peer died) was ignored until its SIGKILL 30 s later; nothing
-    exists yet that a handler would clean up."""
-    current = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    """SIGTERM (and SIGHUP) at its default action while a rank joins: the rendezvous blocks in C++, where the CLI's
+    Python handler never runs, so torchrun's SIGTERM (a peer died) was ignored until its SIGKILL 30 s later, and a
+    SIGHUP for the whole timeout (a review); nothing exists yet that a handler would clean up."""
+    main = threading.current_thread() is threading.main_thread()
+    signals = [sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
+    current = {sig: signal.getsignal(sig) for sig in signals} if main else {}
     # only the CLI's own handler: a library caller's handler (or SIG_IGN) is theirs to keep
-    if getattr(current, "__module__", None) != "pymerge.cli" or getattr(current, "__name__", None) != "_on_sigterm":
-        yield
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ours = [sig for sig, h in current.items()
+            if getattr(h, "__module__", None) == "pymerge.cli" and getattr(h, "__name__", None) == "_on_sigterm"]
+    for sig in ours:
+        signal.signal(sig, signal.SIG_DFL)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, current)
+        for sig in ours:
+            signal.signal(sig, current[sig])
 
 
 def _wait_for_master(addr: str, port: str, timeout_s: float) -> None:

@@ -735,22 +735,31 @@ class ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        failed = exc_type is not None
-        try:
-            if not failed:
+        if exc_type is None:
+            try:
                 self.commit()
-        except BaseException:
-            failed = True
-            raise
-        finally:  # after a commit: a no-op; after any exception, KeyboardInterrupt too: clean up
-            if failed:
-                try:
-                    self.abort()
-                except OSError:  # the first error is the one to tell (out of descriptors, the removal failed too and
-                    pass         # named the hidden folder: an audit); unlisted, the next writer for OUT removes it
-            else:
-                self.abort()
+            except BaseException as first:
+                self._abort_after(first)
+                raise
+            self.abort()  # after a commit: a no-op
+        else:  # any exception, KeyboardInterrupt too: clean up
+            self._abort_after(exc)
         return False
+
+    def _abort_after(self, first: BaseException) -> None:
+        """abort() after the error `first`, which stays the error raised: a failed removal of the temporary folder
+        (out of descriptors, as the merge was) replaced it, naming the hidden folder (an audit). The folder left,
+        unlisted (the next writer for OUT removes it), is said in an InputError's message, else in not_removed."""
+        try:
+            self.abort()
+        except OSError as err:
+            left = f"its temporary folder {self.tmp_dir} could not be removed ({err.strerror or err}): delete it"
+            self.not_removed = left
+            if isinstance(first, InputError):
+                try:
+                    raise type(first)(f"{first}; {left}") from None
+                except TypeError:  # a subclass of other arguments: its own message alone
+                    pass
 
     def __del__(self):
         # A writer dropped without commit/abort must not leave its temp folder behind.

@@ -313,12 +313,6 @@ def main(argv=None) -> int:
     except InputError as exc:
         say(f"pymerge search: error: {exc}")
         return 2
-    except UnicodeEncodeError as exc:  # a path of the config the locale cannot name (a traceback from realpath)
-        why = unencodable(exc.object) if isinstance(exc.object, str) else None
-        if why is None:
-            raise
-        say(f"pymerge search: error: {why}")
-        return 2
 
 
 def _run(args) -> int:
@@ -377,6 +371,10 @@ def _search(args, cfg: dict, here: str) -> int:
     out = args.out if args.out is not None else rel(cfg.get("out", "search_out"))
     state_path = rel(cfg.get("state_path"))
     inputs = [args.config, *sources] + ([rel(cfg["base"])] if cfg.get("base") else [])
+    for path in [out, state_path, *inputs]:  # first: os.path calls raised UnicodeEncodeError (a traceback)
+        why = unencodable(path) if path is not None else None
+        if why is not None:
+            raise InputError(why)
     _check_state_apart(state_path, out, inputs)
     _check_out_apart(out, inputs)
     _check_distinct(args.config, cfg["sources"], sources, rel(cfg.get("base")), cfg.get("base"),

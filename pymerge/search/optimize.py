@@ -15,6 +15,7 @@ search runs it holds an exclusive lock on state_path + ".lock" (which stays): a 
 state_path is refused (both ran, and one's state overwrote the other's).
 """
 import copy
+import fcntl
 import functools
 import hashlib
 import json
@@ -70,9 +71,10 @@ class SearchResult:
         """history.json, history.csv and search.png under out_dir, and extra's files (a name -> a function writing
         that file at the path it is given, or None: an earlier one is removed); returns their paths. Without
         matplotlib (the `plot` extra) there is no search.png (an earlier one is removed: it would show another
-        search). They are written into a hidden folder in out_dir, then moved into place together: a write that
-        fails (a full disk, a file size limit) or an interrupt leaves the earlier search's files as they were,
-        never a mix of two searches' (an audit: deleted first, a failing write lost them all)."""
+        search). They are written into a hidden folder in out_dir, then moved into place together once all are
+        written: a write that fails (a full disk, a file size limit) or an interrupt before leaves the earlier
+        search's files as they were (an audit: deleted first, a failing write lost them all), and one during the
+        moves waits for them to finish (only a kill then leaves a mix of two searches' files)."""
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as exc:  # a file of that name: FileExistsError's traceback
@@ -89,53 +91,97 @@ class SearchResult:
                                  "the report into another folder")
         _sweep_stages(out_dir)
         try:
-            stage = tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{os.getpid()}-", dir=out_dir)
+            stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out_dir)
+            lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
         except OSError as exc:
             raise InputError(f"{out_dir}: cannot write the search's results there ({exc.strerror or exc})") from None
         try:
             staged = {k: os.path.join(stage, n) for k, n in names.items()}
-            write_json(staged["json"], {
-                "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
-                         "weights": self.best_weights},
-                "tasks": self.tasks, "pareto": self.pareto, "generations": self.generations, "history": self.history})
-            write_csv(staged["csv"], self.history, self.tasks)
             try:
-                plot(staged["png"], self.history, self.tasks, self.pareto, title=title, markers=markers)
-            except MissingExtraError:
-                pass
-            for name, write in (extra or {}).items():
-                if write is not None:
-                    write(staged[name])
-            for k in list(paths):
-                if os.path.lexists(staged[k]):
-                    os.replace(staged[k], paths[k])  # a link at the path is replaced, never its target
-                else:  # an earlier search's, which would be taken for this one's
-                    if os.path.lexists(paths[k]):
-                        os.unlink(paths[k])
-                    del paths[k]
+                write_json(staged["json"], {
+                    "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
+                             "weights": self.best_weights},
+                    "tasks": self.tasks, "pareto": self.pareto, "generations": self.generations,
+                    "history": self.history})
+                write_csv(staged["csv"], self.history, self.tasks)
+                try:
+                    plot(staged["png"], self.history, self.tasks, self.pareto, title=title, markers=markers)
+                except MissingExtraError:
+                    pass
+                for name, write in (extra or {}).items():
+                    if write is not None:
+                        write(staged[name])
+            except (InputError, OSError) as exc:
+                raise _named_in(exc, stage, out_dir) from None
+            _install_together(staged, paths)
             fsync_dir(out_dir)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+            release_lock(lock)
         return paths
 
 
-_STAGE_PREFIX = ".pymerge-results-"  # + pid: Result.save's folder, gone once its files are in place
+_STAGE_PREFIX = ".pymerge-results-"  # SearchResult.save's hidden folder in out, gone once its files are in place
+_STAGE_GRACE_S = 60.0  # a save locks the folder it made at once: unlocked for longer, its process died
 
 
 def _sweep_stages(out_dir: str) -> None:
-    """Removes the folders of saves whose process died (a SIGKILL mid-save left one, hidden, in OUT)."""
+    """Removes the folders of saves that died (a SIGKILL mid-save left one, hidden, in out): unlocked, and older
+    than a moment. A live save's is locked, in whatever process, PID namespace or host (flock, not its pid)."""
     try:
         names = [n for n in os.listdir(out_dir) if n.startswith(_STAGE_PREFIX)]
     except OSError:
         return
     for n in names:
+        path = os.path.join(out_dir, n)
         try:
-            pid = int(n[len(_STAGE_PREFIX):].split("-", 1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
-        except (ValueError, OSError):  # not a pid, or another user's live process
+            if time.time() - os.lstat(path).st_mtime < _STAGE_GRACE_S:  # just made: its lock may be a moment away
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live save's (or no locks on this filesystem: left alone)
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _named_in(exc, stage: str, out_dir: str):
+    """exc naming the file it was writing as the one in out_dir (the hidden folder is gone once it is read)."""
+    if isinstance(exc, OSError) and isinstance(exc.filename, str) and exc.filename.startswith(stage):
+        exc.filename = out_dir + exc.filename[len(stage):]
+    elif isinstance(exc, InputError) and stage in str(exc):
+        try:
+            return type(exc)(str(exc).replace(stage, out_dir))
+        except TypeError:  # a subclass of other arguments: as it is
             pass
+    return exc
+
+
+def _install_together(staged: Dict[str, str], paths: Dict[str, str]) -> None:
+    """Moves each staged file onto its path, or removes the path's earlier file where none was staged (dropping it
+    from paths), finishing even where an interrupt lands inside, which is raised after: a mix of two searches'
+    files (a new history beside an old best_merge.yml) is worse than a moment's delay (a review)."""
+    made = {k: os.path.lexists(staged[k]) for k in paths}
+    interrupted = None
+    for k in list(paths):
+        while True:
+            try:
+                if made[k] and os.path.lexists(staged[k]):
+                    os.replace(staged[k], paths[k])  # a link at the path is replaced, never its target
+                elif not made[k] and os.path.lexists(paths[k]):  # an earlier search's: it would pass for this one's
+                    os.unlink(paths[k])
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if not made[k]:
+            del paths[k]
+    if interrupted is not None:
+        raise interrupted
 
 
 def import_cma():
