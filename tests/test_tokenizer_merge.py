@@ -104,8 +104,9 @@ def configs(m):
         "linear_union_bf16": {"merge_method": "linear", "models": [
             {"model": b, "parameters": {"weight": 1.0}}, {"model": c, "parameters": {"weight": 2.0}}],
             "base_model": c, "tokenizer": {"pad_to_multiple_of": 12}, "dtype": "bfloat16"},
-        # a vocabulary already a multiple (of 1: every one) keeps its size
-        "union_pad_already_a_multiple": {"merge_method": "linear", "models": [
+        # a vocabulary already a multiple (of 1: every one) keeps its size (a base_model: without one, mergekit
+        # takes the tokenizer's base from a set, in another order each run)
+        "union_pad_already_a_multiple": {"merge_method": "linear", "base_model": a, "models": [
             {"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}],
             "tokenizer": {"source": "union", "pad_to_multiple_of": 1}, **F32},
         "chat_template_only": {"merge_method": "linear", "models": [
