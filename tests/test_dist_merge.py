@@ -55,12 +55,17 @@ def torchrun(ranks, argv, **env):
                             stderr=subprocess.PIPE, text=True)
 
 
+def _free_port() -> int:
+    """A port nothing listens on (for a moment: the OS gives it out again only after others)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(ranks, argv, rank_env=None, **env):
     """Every rank started by hand, as a launcher other than torchrun would: one Popen per rank
     (argv, or argv(rank) for a command line of each rank's own; rank_env(rank): variables of its own)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     return [subprocess.Popen([sys.executable, str(WORKER), *map(str, argv(r) if callable(argv) else argv)], stderr=subprocess.PIPE, text=True,
                              env=_env(RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                       MASTER_PORT=str(port), **{**env, **(rank_env(r) if rank_env else {})}))
@@ -626,9 +631,7 @@ def test_a_rank_whose_rank_0_never_comes_gives_up_in_its_timeout_in_one_line(fam
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", linear(fts))
     out = tmp_path / "out"
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = _env(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYMERGE_DIST_TIMEOUT="3")
     p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(out)], env=env, capture_output=True,
                        text=True, timeout=LIMIT_S)
@@ -652,9 +655,7 @@ def test_a_launchers_bad_variables_are_refused_before_joining(fam, tmp_path, var
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", linear(fts))
     out = tmp_path / "out"
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = _env(**{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYMERGE_DIST_TIMEOUT": "1800", **variables})
     p = subprocess.run([sys.executable, "-m", "pymerge", "merge", str(cfg), str(out)], env=env, capture_output=True,
                        text=True, timeout=LIMIT_S)
