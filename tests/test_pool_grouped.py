@@ -153,7 +153,6 @@ def test_cached_plan_follows_layers_replaced_and_parameters_added():
     assert_matches(target, reference(models, w), torch.float32)
 
 
-
 @pytest.mark.parametrize("prune", ["del", "insert", "delattr"])
 def test_cached_plan_sees_submodules_deleted_or_renumbered(prune):
     """Deleting a layer from a ModuleList renumbers the rest and registers nothing: the cached plan wrote the
@@ -380,7 +379,6 @@ def test_one_call_methods_are_bit_identical_to_per_tensor_calls(method):
         for k in range(2):
             for nm in names:
                 assert torch.equal(one[k][nm].view(torch.uint8), per[k][nm].view(torch.uint8)), (method, k, nm)
-
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della"])
@@ -815,6 +813,41 @@ def test_cached_plan_fills_a_head_untied_or_added_later(tmp_path):
     assert torch.equal(m.lm_head.weight.data, merged_embedding())
 
 
+def test_cached_plan_fills_a_head_module_registered_later(tmp_path):
+    """Tied checkpoint files (an embedding, no head) merged into a module without a head, then
+    `m.lm_head = nn.Linear(...)`: registering a module bumps the generation the cached plan checks first; without
+    that check the stale plan was reused and the new head stayed zero where a fresh pool fills it (a mutation
+    audit)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({"model.embed_tokens.weight": torch.randn(11, 5), "model.norm.weight": torch.randn(5)}, paths[-1])
+    w = [0.2, 0.3, 0.5]
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.embed_tokens = torch.nn.Embedding(11, 5)
+            self.model.norm = torch.nn.LayerNorm(5, bias=False)
+
+    pool = CheckpointPool(paths)
+    m = LM()
+    pool.materialize(w, into=m)
+    pool.materialize(w, into=m)  # (a cache hit)
+    m.lm_head = torch.nn.Linear(5, 11, bias=False)  # registered later, its own memory
+    torch.nn.init.zeros_(m.lm_head.weight)
+    pool.materialize(w, into=m)
+    fresh = LM()
+    fresh.lm_head = torch.nn.Linear(5, 11, bias=False)
+    CheckpointPool(paths).materialize(w, into=fresh)
+    assert torch.equal(fresh.lm_head.weight, fresh.model.embed_tokens.weight)  # what the cached call must do too
+    assert torch.equal(m.lm_head.weight, fresh.lm_head.weight)
+    assert torch.equal(m.model.embed_tokens.weight, fresh.model.embed_tokens.weight)
+
+
 @pytest.mark.parametrize("embedding, head, names", [
     ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight", None),
     ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight", None),
@@ -1146,3 +1179,38 @@ def test_an_entry_that_fails_as_it_is_made_leaves_no_error_behind(monkeypatch, e
     gc.collect()
     assert unraisable == []
     assert_matches(target, reference(models, [0.25, 0.75]), torch.float32)
+
+
+def test_the_plan_cache_keeps_at_most_max_entries_live_targets():
+    """Each live target has its own cached plan; past max_entries the oldest is evicted. Without the bound, 20
+    live targets kept 20 entries (each holding its plan and finalizers) where the cache holds 8 (a mutation
+    audit)."""
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    cache = pool._plan_cache
+    assert cache.max_entries == 8
+    targets = [Tiny() for _ in range(20)]  # all kept alive: none is evicted by its death
+    for k, t in enumerate(targets):
+        pool.materialize([0.5, 0.5], into=t)
+        assert len(cache._entries) == min(k + 1, cache.max_entries), k
+    for t in targets[:12] + targets[-1:]:  # evicted or not, each still merges right
+        pool.materialize([0.25, 0.75], into=t)
+        assert_matches(t, reference(models, [0.25, 0.75]), torch.float32)
+    assert len(cache._entries) == cache.max_entries
+
+
+def test_a_dict_groups_rule_merges_and_follows_in_place_edits():
+    """groups= may be a dict (name -> group). A dict is not a value, so no plan is cached under it: an edit in
+    place is honoured on the next call. Treated as cacheable, the one-call path raised TypeError: unhashable type:
+    'dict' (a mutation audit)."""
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models])
+    names = list(models[0].state_dict())
+    groups = {n: k % 2 for k, n in enumerate(names)}
+    table = np.array([[0.2, 0.3, 0.5], [1.0, -0.5, 0.5]])
+    target = Tiny()
+    pool.materialize(table, into=target, groups=groups)
+    assert_matches(target, reference(models, table, group_of=groups.get), torch.float32)
+    groups.update({n: 1 - g for n, g in groups.items()})  # every tensor to the other row
+    pool.materialize(table, into=target, groups=groups)
+    assert_matches(target, reference(models, table, group_of=groups.get), torch.float32)
