@@ -793,3 +793,24 @@ def test_pool_and_op_errors_echo_a_bounded_part_of_the_input():
     with pytest.raises(TypeError) as e:
         weighted_sum([torch.ones(2)], [huge])
     assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("text", ["1e19", str((1 << 60) + 1), "1048577TiB", 2.0**61])
+def test_sizes_above_one_eib_are_input_errors(text):
+    """Sizes above the 1 EiB cap are refused: with a cap 1024 times higher, '1e19' (past int64, the kernels'
+    sizes) was taken, since the tests only tried sizes far above both (a mutation audit)."""
+    with pytest.raises(InputError, match="1 EiB"):
+        parse_size(text, "--out-shard-size")
+    assert parse_size(1 << 60) == 1 << 60  # the cap itself is allowed
+
+
+def test_a_model_card_lists_the_models_of_every_slice(fam, tmp_path):
+    """A slices merge's card listed only the first slice's models under "Models merged" (a mutation audit)."""
+    from pymerge.merge import run_merge
+    root, base, fts = fam
+    cfg = {"merge_method": "passthrough", "dtype": "float32",
+           "slices": [{"sources": [{"model": str(base), "layer_range": [0, 1]}]},
+                      {"sources": [{"model": str(fts[0]), "layer_range": [1, 3]}]}]}
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True, model_card=True)
+    listed = [line for line in (tmp_path / "out" / "README.md").read_text().splitlines() if line.startswith("* ")]
+    assert listed == [f"* {base}", f"* {fts[0]}"], listed

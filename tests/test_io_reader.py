@@ -1116,3 +1116,15 @@ def test_quantized_checkpoints_are_refused_when_opened(tmp_path, stored, refused
     for source in (str(tmp_path), state):  # a pool of state dicts too
         with pytest.raises(CheckpointError, match=re.escape(refused)):
             CheckpointPool([source, source] if isinstance(source, str) else [state, state])
+
+
+def test_index_naming_the_wrong_shard_for_a_tensor(tmp_path):
+    """An index listing "head" in shard 1 while shard 2 holds it was read as if it agreed: the index and the
+    shards must name the same file for every tensor (a mutation audit)."""
+    shards = two_shards()
+    wm = {k: f for f, t in shards.items() for k in t}
+    wm["head"] = "model-00001-of-00002.safetensors"
+    folder = make_sharded(tmp_path / "m", shards, wm)
+    with pytest.raises(CheckpointError) as excinfo:
+        Checkpoint(folder)
+    assert "not in this shard" in check_error(excinfo, folder / "model-00001-of-00002.safetensors", "head")

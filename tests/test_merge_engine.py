@@ -649,26 +649,32 @@ def test_run_merge_flags_are_bools_never_strings(fam, tmp_path, flag):
     run_merge(parse_config(spec), tmp_path / "o2", device="cpu", **{"quiet": True, flag: np.bool_(True)})
 
 
+def _lstat_fails(monkeypatch, failing: str) -> None:
+    """os.lstat of `failing` raises EIO (a failing disk) until monkeypatch.undo()."""
+    import errno
+    import os
+    real = os.lstat
+
+    def lstat(path, *a, **kw):
+        if os.fspath(path) == failing:
+            raise OSError(errno.EIO, "Input/output error", failing)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(os, "lstat", lstat)
+
+
 def test_a_side_file_that_cannot_be_looked_up_fails_the_merge(fam, tmp_path, monkeypatch):
     """An EIO from lstat() of the donor's config.json or tokenizer files read as 'absent' (os.path.lexists): the
     merge exited 0 with the file missing from OUT (an audit). Only a name that is not there is absent now; any
     other failure is a one-line error naming the file, and nothing is written."""
-    import errno
     import os
     base, fts, _ = fam
     cfg = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
            "models": [{"model": str(fts[0])}, {"model": str(fts[1])}]}
     side = sorted(f.name for f in base.iterdir() if not f.name.endswith(".safetensors"))
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(side)
-    real = os.lstat
     for name in side:
         failing = str(base / name)
-
-        def lstat(path, *a, **kw):
-            if os.fspath(path) == failing:
-                raise OSError(errno.EIO, "Input/output error", failing)
-            return real(path, *a, **kw)
-        monkeypatch.setattr(os, "lstat", lstat)
+        _lstat_fails(monkeypatch, failing)
         with pytest.raises(CheckpointError, match=f"^{failing}: cannot look it up: Input/output error$"):
             run_merge(cfg, tmp_path / "out", quiet=True)
         monkeypatch.undo()
@@ -680,7 +686,6 @@ def test_a_side_file_that_cannot_be_looked_up_fails_the_merge(fam, tmp_path, mon
 def test_a_custom_module_that_cannot_be_looked_up_fails_the_merge(fam, tmp_path, monkeypatch):
     """The donor's custom code (config.json's auto_map), checked with os.path.isfile: an EIO left it out of OUT,
     which then could not be loaded with trust_remote_code, exit 0."""
-    import errno
     import os
     base, fts, _ = fam
     donor = tmp_path / "donor"
@@ -692,18 +697,103 @@ def test_a_custom_module_that_cannot_be_looked_up_fails_the_merge(fam, tmp_path,
     (donor / "x_layers.py").write_text("Block = None\n")
     cfg = {"merge_method": "linear", "base_model": str(donor), "parameters": {"weight": 0.5},
            "models": [{"model": str(fts[0])}, {"model": str(fts[1])}]}
-    real = os.lstat
     for name in ("modeling_x.py", "x_layers.py"):
         failing = str(donor / name)
-
-        def lstat(path, *a, **kw):
-            if os.fspath(path) == failing:
-                raise OSError(errno.EIO, "Input/output error", failing)
-            return real(path, *a, **kw)
-        monkeypatch.setattr(os, "lstat", lstat)
+        _lstat_fails(monkeypatch, failing)
         with pytest.raises(CheckpointError, match=f"^{failing}: cannot look it up: Input/output error$"):
             run_merge(cfg, tmp_path / "out", quiet=True)
         monkeypatch.undo()
         assert not (tmp_path / "out").exists()
     run_merge(cfg, tmp_path / "out", quiet=True)
     assert {"modeling_x.py", "x_layers.py"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_chunks_are_whole_rows_when_the_budget_holds_part_of_a_row():
+    """Room for 10 rows and 5 elements gave 645-element chunks, every one after the first starting mid-row,
+    though the doc promises whole rows where a row fits (a mutation audit; the test above used whole rows)."""
+    class TP:
+        numel, shape, casts = 96 * 64, (96, 64), [None]
+    pieces = chunks(TP, budget_bytes=64 * 10 * 4 + 64 * 6 + 4 * 5, per_element=4)
+    assert pieces[0] == (0, 640) and all(o % 64 == 0 and n % 64 == 0 for o, n in pieces)
+    assert sum(n for _, n in pieces) == TP.numel
+
+
+def _one_tensor_model(folder, t):
+    folder.mkdir()
+    from safetensors.torch import save_file
+    save_file({"w": t.contiguous()}, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_a_chunked_torch_free_linear_merge_reads_each_source_at_its_own_itemsize(tmp_path, monkeypatch):
+    """The torch-free path offset every source's chunk by the first source's itemsize: a bfloat16 model
+    listed before a float32 one read the float32 model's chunks 2 to n from the wrong place (error 2.0,
+    or a segfault the other way round; a mutation audit). Several 1 MiB chunks, against float64."""
+    from pymerge import streaming
+    monkeypatch.delenv(streaming.FORCE_TORCH_ENV, raising=False)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(768, 1024, generator=g).bfloat16(), torch.randn(768, 1024, generator=g)
+    cfg = {"merge_method": "linear", "models": [
+        {"model": _one_tensor_model(tmp_path / "a", a), "parameters": {"weight": 0.7}},
+        {"model": _one_tensor_model(tmp_path / "b", b), "parameters": {"weight": 0.3}}]}
+    plan = make_plan(cfg)
+    tp = plan.tensors[0]
+    assert streaming.torch_free(plan) and len(chunks(tp, 1 << 20, streaming.scratch_per_element(tp))) > 2
+    plan.close()
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True, chunk_bytes=1 << 20)
+    got = _load(tmp_path / "out")["w"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), 0.7 * a.double() + 0.3 * b.double(), rtol=0, atol=1e-6)
+
+
+def test_a_chunked_merge_that_rounds_twice_has_scratch_for_the_narrow_result(tmp_path):
+    """ties in bfloat16 written as float32 rounds twice, and needs scratch for the bfloat16 result too: counted
+    without it, a chunk overran its scratch (AssertionError: scratch overflow; a mutation audit). Chunked equals
+    unchunked."""
+    from pymerge.streaming import scratch_per_element
+    g = torch.Generator().manual_seed(1)
+    base, a, b = (_one_tensor_model(tmp_path / n, torch.randn(512, 512, generator=g)) for n in "cab")
+    cfg = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16", "out_dtype": "float32",
+           "parameters": {"density": 1.0, "weight": 0.5}, "models": [{"model": a}, {"model": b}]}
+    plan = make_plan(cfg)
+    tp = plan.tensors[0]
+    assert tp.double_round and len(chunks(tp, 1 << 20, scratch_per_element(tp))) > 1
+    plan.close()
+    run_merge(cfg, tmp_path / "chunked", device="cpu", quiet=True, chunk_bytes=1 << 20)
+    run_merge(cfg, tmp_path / "whole", device="cpu", quiet=True, chunk_bytes=64 << 20)
+    got, ref = _load(tmp_path / "chunked")["w"], _load(tmp_path / "whole")["w"]
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+def test_float8_models_merge_to_bfloat16(tmp_path):
+    """A linear merge of float8 (e4m3) models with no dtype is written in bfloat16, as _promote documents
+    (float8 results come out as bfloat16); float16 was not noticed (a mutation audit)."""
+    g = torch.Generator().manual_seed(2)
+    ts = [torch.randn(8, 8, generator=g).to(torch.float8_e4m3fn) for _ in range(2)]
+    cfg = {"merge_method": "linear", "models": [
+        {"model": _one_tensor_model(tmp_path / n, t), "parameters": {"weight": 0.5}} for n, t in zip("pq", ts)]}
+    plan = make_plan(cfg)
+    assert plan.tensors[0].out_dtype == "bfloat16"
+    plan.close()
+    run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    got = _load(tmp_path / "out")["w"]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ((ts[0].float() + ts[1].float()) / 2).bfloat16())
+
+
+def test_a_text_config_claiming_layers_the_tensors_lack_is_refused(fam, tmp_path):
+    """A multimodal config.json counts its layers under text_config: a count above the stored layers, with a
+    gradient, was not read there and merged, the gradient placed over the wrong count (a mutation audit)."""
+    base, fts, _ = fam
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(base, a)
+    shutil.copytree(fts[0], b)
+    config = json.loads((a / "config.json").read_text())
+    config["text_config"] = {"num_hidden_layers": config.pop("num_hidden_layers") + 3}
+    (a / "config.json").write_text(json.dumps(config))
+    cfg = {"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(a), "parameters": {"weight": [0.0, 1.0]}}, {"model": str(b), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(CheckpointError, match=rf"/a/config.json: num_hidden_layers is {lf.TINY.layers + 3}, "
+                                              rf"but the checkpoints hold {lf.TINY.layers} layers"):
+        run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
