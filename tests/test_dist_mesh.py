@@ -202,6 +202,13 @@ def worker(rank, world, d, files, refs):
     out["untouched"] = all(torch.equal(snapshot[k][n], v) for k, m in models.items() for n, v in full(m).items())
     pools["fsdp_tp", 3].materialize(W3, into=models["fsdp_tp"], method="ties", density=0.55)  # still in step
     out["after_errors"] = torch.equal(full(models["fsdp_tp"])["q_proj.weight"], refs["ties"]["q_proj.weight"])
+    # tp = 1 in a 2-D script: FSDP2 x TP on a (4, 1) mesh, the row-parallel weights Shard(1) on the size-1 "tp"
+    m = shard(Block(), "fsdp_tp", init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp")))
+    della, want = dict(method="della", density=0.5, epsilon=0.2), Block()
+    pymerge.CheckpointPool(ckpts, base=base).materialize(W3, into=want, **della)
+    out["tp1"] = {"placements": repr(m.down_proj.weight.placements), "error": error_of(
+        lambda: pymerge.CheckpointPool(ckpts, base=base, shard_like=m).materialize(W3, into=m, **della))}
+    out["tp1"]["bits"] = all(torch.equal(full(m)[n], p.detach()) for n, p in want.named_parameters())
     return out
 
 
@@ -276,6 +283,15 @@ def test_layouts_the_pool_cannot_hold_fail_alike_everywhere(mesh_run):
         assert e["missing_" + layout].startswith("CheckpointError: rank 3: ") and "no such file" in e["missing_" + layout]
     assert e["crossed"].startswith("InputError: shard_like: no tensor is split across all the ranks")
     assert all(res["untouched"] and res["after_errors"] for res in mesh_run[2])
+
+
+def test_della_where_the_tp_dimension_has_size_1(mesh_run):
+    """A mesh dimension of size 1 splits nothing: DELLA (ranks within rows) through a pool laid out as FSDP2 x TP
+    with tp = 1 gives the single-process bits. Counting the size-1 "tp" dimension as a split refused it ("split
+    along dimension 1"; a mutation audit)."""
+    for rank, res in enumerate(mesh_run[2]):
+        assert res["tp1"]["placements"] == "(Shard(dim=0), Shard(dim=1))", res["tp1"]  # what the test is about
+        assert res["tp1"]["error"] is None and res["tp1"]["bits"], (rank, res["tp1"])
 
 
 # ---- HSDP: errors and arguments agreed over both replicas (a bug hunt) ------------------------------------

@@ -339,6 +339,10 @@ def worker(rank, world, d, files):
     for kind in ("lacking", "retyped"):
         mine = [os.path.join(d, kind, os.path.basename(f)) if rank == world - 1 else f for f in files]
         out["errors"][kind] = error_of(lambda: pymerge.CheckpointPool(mine[:3], base=mine[3], shard_like=m))
+    # every checkpoint's 0.weight one row taller than shard_like's: refused (comparing the number of dimensions
+    # only, each rank read its rows of the first 11 of 12 and merged them silently; a mutation audit)
+    tall = [os.path.join(d, "taller", os.path.basename(f)) for f in files]
+    out["errors"]["taller"] = error_of(lambda: pymerge.CheckpointPool(tall[:3], base=tall[3], shard_like=m))
     # strict=False with one rank's target lacking a tensor: ties' collectives went out of step (gloo aborted)
     target = dict(m.state_dict())
     if rank == 1:
@@ -385,7 +389,7 @@ def group(request, tmp_path_factory):
         for i in range(8):  # more tensors than the model has, fewer elements: held whole, not refused
             sd[f"model.vision.{i}.weight"] = torch.full((3,), float(i))
         save_file(sd, os.path.join(d, "prefixed", os.path.basename(f)))
-    for kind in ("reordered", "lacking", "retyped"):
+    for kind in ("reordered", "lacking", "retyped", "taller"):
         os.mkdir(os.path.join(d, kind))
         for i, f in enumerate(files):
             sd = load_file(f)
@@ -394,6 +398,8 @@ def group(request, tmp_path_factory):
                 del sd["1.bias"]
             if kind == "retyped" and i == 0:
                 sd["0.bias"] = sd["0.bias"].to(torch.float16)
+            if kind == "taller":  # (12, 13): one row more than the model's
+                sd["0.weight"] = torch.cat([sd["0.weight"], sd["0.weight"][:1]])
             save_in_order(sd, os.path.join(d, kind, os.path.basename(f)))
     return request.param, files, dist_helpers.run(worker, request.param, d, d, files)
 
@@ -522,6 +528,8 @@ def test_errors_are_agreed_without_a_hang(group):
     last = world - 1
     assert e["lacking"] == (f"InputError: rank {last} read other checkpoints than rank 0: tensor '1.bias' is missing "
                             f"on rank {last} (1 in all); every rank must read the same checkpoints (no pool was built)")
+    assert e["taller"].startswith("CheckpointError: ") and "tensor '0.weight' has shape [12, 13], shard_like's " in \
+        e["taller"] and e["taller"].endswith(" tensor has [11, 13]"), e["taller"]
     assert e["retyped"].startswith(f"InputError: rank {last} read other checkpoints than rank 0: tensor '0.bias' has "
                                    "dtypes ['float16', 'bfloat16', 'float32', 'float32'] on rank")
     assert e["strict_false"].startswith("InputError: ranks planned different writes: their targets hold different "
