@@ -797,6 +797,19 @@ def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier
     assert len(moved) == 4 and set(os.listdir(out)) == set(earlier)
     assert len(json.load(open(out / "history.json"))["history"]) == 18
     assert (out / "best_merge.yml").read_bytes() != earlier["best_merge.yml"]  # this search's too
+    # a move that fails (EIO): the others go on, the earlier file at its path goes (not beside this search's), and
+    # its error names the file in out (a review: the moves stopped, a mix of two searches' files)
+    def replace_failing(a, b):
+        if b.endswith("history.csv"):
+            raise OSError(errno.EIO, "Input/output error", a)
+        real_replace(a, b)
+    monkeypatch.setattr(optimize_module.os, "replace", replace_failing)
+    with pytest.raises(OSError) as raised:
+        cli_main([str(cfg), "--budget", "19"])
+    monkeypatch.undo()
+    assert raised.value.filename == str(out / "history.csv")
+    assert set(os.listdir(out)) == set(earlier) - {"history.csv"}
+    assert len(json.load(open(out / "history.json"))["history"]) == 19
     # a killed save's hidden folder is swept once unlocked and a minute old; a live save's (locked), never
     dead, live = (out / f"{optimize_module._STAGE_PREFIX}dead"), (out / f"{optimize_module._STAGE_PREFIX}live")
     dead.mkdir()

@@ -498,6 +498,8 @@ def _signals_held():
     if not old or any(h is None for h in old.values()):  # another thread, or a handler installed from C
         yield
         return
+    # an ignored one stays ignored (nohup's SIGHUP): held, it came first and the SIGTERM after it was lost (a review)
+    held = tuple(sig for sig in held if old[sig] != signal.SIG_IGN)
     pending, released = [], []
 
     def deliver(sig, frame):

@@ -14,6 +14,7 @@ uninterrupted run ends. Nothing is unpickled: a state file is data, validated fi
 search runs it holds an exclusive lock on state_path + ".lock" (which stays): a second search on the same
 state_path is refused (both ran, and one's state overwrote the other's).
 """
+import contextlib
 import copy
 import fcntl
 import functools
@@ -92,12 +93,13 @@ class SearchResult:
         _sweep_stages(out_dir)
         try:
             stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out_dir)
-            lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
         except OSError as exc:
             raise InputError(f"{out_dir}: cannot write the search's results there ({exc.strerror or exc})") from None
+        lock = None
         try:
             staged = {k: os.path.join(stage, n) for k, n in names.items()}
             try:
+                lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
                 write_json(staged["json"], {
                     "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
                              "weights": self.best_weights},
@@ -113,11 +115,13 @@ class SearchResult:
                         write(staged[name])
             except (InputError, OSError) as exc:
                 raise _named_in(exc, stage, out_dir) from None
-            _install_together(staged, paths)
+            _install_together(staged, paths, stage, out_dir)
             fsync_dir(out_dir)
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            release_lock(lock)
+            try:
+                shutil.rmtree(stage, ignore_errors=True)
+            finally:
+                release_lock(lock)
         return paths
 
 
@@ -152,36 +156,51 @@ def _sweep_stages(out_dir: str) -> None:
 
 def _named_in(exc, stage: str, out_dir: str):
     """exc naming the file it was writing as the one in out_dir (the hidden folder is gone once it is read)."""
-    if isinstance(exc, OSError) and isinstance(exc.filename, str) and exc.filename.startswith(stage):
-        exc.filename = out_dir + exc.filename[len(stage):]
+    inside = stage + os.sep
+    if isinstance(exc, OSError):
+        for attr in ("filename", "filename2"):
+            name = getattr(exc, attr)
+            if isinstance(name, str) and (name == stage or name.startswith(inside)):
+                setattr(exc, attr, out_dir + name[len(stage):])
     elif isinstance(exc, InputError) and stage in str(exc):
         try:
-            return type(exc)(str(exc).replace(stage, out_dir))
+            return type(exc)(str(exc).replace(inside, out_dir + os.sep).replace(stage, out_dir))
         except TypeError:  # a subclass of other arguments: as it is
             pass
     return exc
 
 
-def _install_together(staged: Dict[str, str], paths: Dict[str, str]) -> None:
+def _install_together(staged: Dict[str, str], paths: Dict[str, str], stage: str, out_dir: str) -> None:
     """Moves each staged file onto its path, or removes the path's earlier file where none was staged (dropping it
-    from paths), finishing even where an interrupt lands inside, which is raised after: a mix of two searches'
-    files (a new history beside an old best_merge.yml) is worse than a moment's delay (a review)."""
+    from paths). An interrupt landing inside waits for the rest, then is raised: a mix of two searches' files (a new
+    history beside an old best_merge.yml) is worse than a moment's delay (a review). A move that fails removes the
+    earlier file at its path too, the others go on, and its error is raised after (an interrupt first)."""
     made = {k: os.path.lexists(staged[k]) for k in paths}
-    interrupted = None
-    for k in list(paths):
-        while True:
-            try:
-                if made[k] and os.path.lexists(staged[k]):
-                    os.replace(staged[k], paths[k])  # a link at the path is replaced, never its target
-                elif not made[k] and os.path.lexists(paths[k]):  # an earlier search's: it would pass for this one's
-                    os.unlink(paths[k])
-                break
-            except KeyboardInterrupt as exc:
-                interrupted = exc
-        if not made[k]:
-            del paths[k]
+    todo, interrupted, failed = list(paths), None, None
+    while True:  # each step may run again after an interrupt: every one is idempotent
+        try:
+            while todo:
+                k = todo[0]
+                try:
+                    if made[k] and os.path.lexists(staged[k]):
+                        os.replace(staged[k], paths[k])  # a link at the path is replaced, never its target
+                    elif os.path.lexists(paths[k]) and not made[k]:  # an earlier search's: it would pass for this one's
+                        os.unlink(paths[k])
+                except OSError as exc:
+                    failed = failed or exc
+                    with contextlib.suppress(OSError):
+                        if os.path.lexists(staged[k]) and os.path.lexists(paths[k]):
+                            os.unlink(paths[k])  # not beside this search's others
+                todo.pop(0)
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    for k in [k for k in paths if not made[k]]:
+        del paths[k]
     if interrupted is not None:
         raise interrupted
+    if failed is not None:
+        raise _named_in(failed, stage, out_dir)
 
 
 def import_cma():
