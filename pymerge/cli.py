@@ -336,7 +336,7 @@ def _main(argv: Optional[List[str]]) -> int:
     # demo/search/bench parse their own options: argparse's REMAINDER would not pass a leading
     # option (`pymerge demo --quick`) through, so the rest of the line goes to them untouched.
     parser = build_parser()
-    asked = any(a == "-h" or len(a) > 2 and ("--help".startswith(a) or "--version".startswith(a)) for a in argv)
+    asked = any(a in ("-h", "--help", "--version") for a in argv)  # (never abbreviated: see argparser)
     if not asked and not any(a in parser.commands for a in argv):  # `pymerge --bogus` said only "COMMAND required"
         unknown = [a for a in argv if a.startswith("-")]
         if unknown:
