@@ -766,16 +766,22 @@ def test_cached_plan_rechecks_a_tie_when_a_borrowed_source_changes():
     assert torch.equal(shared, before)
 
 
-def test_cached_plan_fills_a_head_untied_or_added_later(tmp_path):
-    """Tied checkpoint files (an embedding, no head) fill a target's untied head with the merged embedding. A head
-    tied to its embedding at the first call, or absent from a state dict, had no plan and was not watched: untied
-    or added later, the cached plan left it unwritten where a fresh pool fills it (a bug hunt)."""
+def _tied_checkpoints(tmp_path) -> list:
+    """Three checkpoint files of a tied model: an embedding (11 x 5) and a norm, no head."""
     from safetensors.torch import save_file
     torch.manual_seed(0)
     paths = []
     for i in range(3):
         paths.append(str(tmp_path / f"m{i}.safetensors"))
         save_file({"model.embed_tokens.weight": torch.randn(11, 5), "model.norm.weight": torch.randn(5)}, paths[-1])
+    return paths
+
+
+def test_cached_plan_fills_a_head_untied_or_added_later(tmp_path):
+    """Tied checkpoint files (an embedding, no head) fill a target's untied head with the merged embedding. A head
+    tied to its embedding at the first call, or absent from a state dict, had no plan and was not watched: untied
+    or added later, the cached plan left it unwritten where a fresh pool fills it (a bug hunt)."""
+    paths = _tied_checkpoints(tmp_path)
     w = [0.2, 0.3, 0.5]
     pool = CheckpointPool(paths)
 
@@ -818,12 +824,7 @@ def test_cached_plan_fills_a_head_module_registered_later(tmp_path):
     `m.lm_head = nn.Linear(...)`: registering a module bumps the generation the cached plan checks first; without
     that check the stale plan was reused and the new head stayed zero where a fresh pool fills it (a mutation
     audit)."""
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    paths = []
-    for i in range(3):
-        paths.append(str(tmp_path / f"m{i}.safetensors"))
-        save_file({"model.embed_tokens.weight": torch.randn(11, 5), "model.norm.weight": torch.randn(5)}, paths[-1])
+    paths = _tied_checkpoints(tmp_path)
     w = [0.2, 0.3, 0.5]
 
     class LM(torch.nn.Module):
