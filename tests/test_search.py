@@ -55,6 +55,17 @@ def test_reaches_the_known_optimum():
     assert res.history[0]["weights"] == pytest.approx([0.25] * 4)  # candidate 0: the uniform merge
 
 
+def test_an_all_zero_candidate_merges_uniformly():
+    """With normalize, a candidate whose weights are all 0 (x0, or clipped to the lower bound 0) is the uniform
+    merge, not 0/0 (a mutation audit: the fallback was unpinned)."""
+    pool, evaluate, _ = synthetic(n=3, d=8)
+    result = optimize(pool, evaluate, model=Vec(8), budget=3, popsize=2, x0=[0, 0, 0], log=None)
+    assert result.history[0]["x"] == [0.0, 0.0, 0.0] and result.history[0]["weights"] == [1 / 3] * 3
+    model = Vec(8)
+    pool.materialize([1 / 3] * 3, into=model)
+    assert result.history[0]["objective"] == evaluate(model)
+
+
 def test_the_pool_holds_no_replica_after_the_search():
     """optimize fills deep copies of the model (replicas); the pool's plan cache kept them alive after it
     returned (every copy, until the pool itself was dropped). They are freed with the search now, and
