@@ -316,7 +316,8 @@ def _say_system_error(exc: OSError) -> None:
     """The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
     Without a file name nothing is blamed: the writer names OUT's files itself."""
     where = f"{exc.filename}: " if exc.filename else ""
-    say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}")
+    left = getattr(exc, "not_removed", None)  # a writer's folder that could not be removed after it
+    say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}" + (f"; {left}" if left else ""))
 
 
 def _discard_stdout() -> None:
@@ -379,7 +380,8 @@ def _run_recorded(args, installed) -> int:
         elif installed:
             say(f"pymerge: interrupted after writing {', '.join(map(str, installed))} (complete)")
         elif args.command == "merge":
-            say("pymerge: interrupted; no output was written")
+            left = getattr(exc, "not_removed", None)  # a writer's folder that could not be removed
+            say("pymerge: interrupted; no output was written" + (f" ({left})" if left else ""))
         else:  # the demo keeps its checkpoints once all are trained (the next run reuses them), a search its state
             say(f"pymerge: {args.command} interrupted")
         return 130

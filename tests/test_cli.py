@@ -198,6 +198,38 @@ def test_an_abbreviated_option_is_refused(fam, tmp_path, capsys, command, flag):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fault", ["interrupt", "disk"])
+def test_a_temporary_folder_left_after_an_error_is_said(fam, tmp_path, capsys, monkeypatch, fault):
+    """A merge interrupted (or failing on a full disk) whose temporary folder then could not be removed (EIO) said
+    "no output was written" and nothing of the model-sized folder left beside OUT (a review)."""
+    import errno
+    import pymerge.io.writer as writer_mod
+    import pymerge.merge as merge_mod
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear(fts))
+    out = tmp_path / "out"
+
+    def side_files(*a, **k):
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "config.json"))
+
+    def no_removal(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+    monkeypatch.setattr(merge_mod, "write_side_files", side_files)
+    monkeypatch.setattr(writer_mod, "_remove_tree", no_removal)
+    rc, err = run_cli(["merge", cfg, out, "--quiet"], capsys)
+    [left] = leftovers(out)
+    lines = err.strip().splitlines()
+    assert rc == (130 if fault == "interrupt" else 2) and len(lines) == 1, err
+    assert lines[0].startswith("pymerge: interrupted; no output was written (" if fault == "interrupt" else
+                               f"pymerge: error: {out / 'config.json'}: No space left on device; "), lines
+    assert lines[0].endswith(f"its temporary folder {out.parent / left} could not be removed (Input/output error): "
+                             "delete it" + (")" if fault == "interrupt" else "")), lines
+    monkeypatch.undo()
+    assert run_cli(["merge", cfg, out, "--quiet"], capsys)[0] == 0 and leftovers(out) == []  # the next one removes it
+
+
 def test_existing_out_needs_force_and_is_kept(fam, tmp_path, capsys):
     root, base, fts = fam
     cfg = write_cfg(tmp_path / "c.yml", linear(fts))

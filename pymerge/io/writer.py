@@ -749,7 +749,8 @@ class ShardedWriter:
     def _abort_after(self, first: BaseException) -> None:
         """abort() after the error `first`, which stays the error raised: a failed removal of the temporary folder
         (out of descriptors, as the merge was) replaced it, naming the hidden folder (an audit). The folder left,
-        unlisted (the next writer for OUT removes it), is said in an InputError's message, else in not_removed."""
+        unlisted (the next writer for OUT removes it), is said in an InputError's message, else in the error's
+        `not_removed` attribute (the CLI says it after an interrupt's or a system error's line)."""
         try:
             self.abort()
         except OSError as err:
@@ -760,6 +761,10 @@ class ShardedWriter:
                     raise type(first)(f"{first}; {left}") from None
                 except TypeError:  # a subclass of other arguments: its own message alone
                     pass
+            try:
+                first.not_removed = left
+            except AttributeError:  # (an exception type without a __dict__)
+                pass
 
     def __del__(self):
         # A writer dropped without commit/abort must not leave its temp folder behind.
