@@ -777,6 +777,18 @@ def _tied_checkpoints(tmp_path) -> list:
     return paths
 
 
+class _TiedLM(torch.nn.Module):
+    """The model of _tied_checkpoints' files, with a head of its own (untied) or none."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(11, 5)
+        self.model.norm = torch.nn.LayerNorm(5, bias=False)
+        if head:
+            self.lm_head = torch.nn.Linear(5, 11, bias=False)
+
+
 def test_cached_plan_fills_a_head_untied_or_added_later(tmp_path):
     """Tied checkpoint files (an embedding, no head) fill a target's untied head with the merged embedding. A head
     tied to its embedding at the first call, or absent from a state dict, had no plan and was not watched: untied
@@ -803,15 +815,7 @@ def test_cached_plan_fills_a_head_untied_or_added_later(tmp_path):
     pool.materialize(w, into=sd)
     assert torch.equal(sd["lm_head.weight"], merged_embedding())
 
-    class LM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = torch.nn.Module()
-            self.model.embed_tokens = torch.nn.Embedding(11, 5)
-            self.model.norm = torch.nn.LayerNorm(5, bias=False)
-            self.lm_head = torch.nn.Linear(5, 11, bias=False)
-
-    m = LM()
+    m = _TiedLM(head=True)
     m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.data)  # tied (one memory)
     pool.materialize(w, into=m)
     m.lm_head.weight.data = torch.zeros(11, 5)  # untied, nothing registered
@@ -826,23 +830,14 @@ def test_cached_plan_fills_a_head_module_registered_later(tmp_path):
     audit)."""
     paths = _tied_checkpoints(tmp_path)
     w = [0.2, 0.3, 0.5]
-
-    class LM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = torch.nn.Module()
-            self.model.embed_tokens = torch.nn.Embedding(11, 5)
-            self.model.norm = torch.nn.LayerNorm(5, bias=False)
-
     pool = CheckpointPool(paths)
-    m = LM()
+    m = _TiedLM(head=False)
     pool.materialize(w, into=m)
     pool.materialize(w, into=m)  # (a cache hit)
     m.lm_head = torch.nn.Linear(5, 11, bias=False)  # registered later, its own memory
     torch.nn.init.zeros_(m.lm_head.weight)
     pool.materialize(w, into=m)
-    fresh = LM()
-    fresh.lm_head = torch.nn.Linear(5, 11, bias=False)
+    fresh = _TiedLM(head=True)
     CheckpointPool(paths).materialize(w, into=fresh)
     assert torch.equal(fresh.lm_head.weight, fresh.model.embed_tokens.weight)  # what the cached call must do too
     assert torch.equal(m.lm_head.weight, fresh.lm_head.weight)
