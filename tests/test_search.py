@@ -1899,7 +1899,7 @@ def test_a_temporary_file_swept_before_it_is_locked_is_made_again(tmp_path, monk
         fd, tmp = real(prefix=prefix, dir=dir)
         made.append(tmp)
         if len(made) == 1:
-            files._sweep_stale(dir, prefix)  # another process's sweep, in the window
+            files.sweep_unlocked(dir, prefix)  # another process's sweep, in the window
             assert not os.path.exists(tmp)
         return fd, tmp
     monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_swept)

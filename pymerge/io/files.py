@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Type
 
@@ -225,7 +227,7 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     path removes one a killed writer left (a search killed while saving its state, a pool while saving)."""
     check_replaceable(path)  # a FIFO or device would be replaced
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
-    _sweep_stale(folder, replace_file_prefix(name))
+    sweep_unlocked(folder, replace_file_prefix(name))
     try:
         fd, tmp = _locked_temporary(folder, replace_file_prefix(name))
     except OSError as exc:  # (it named the temporary file, which the user never chose)
@@ -265,7 +267,7 @@ def _locked_temporary(folder: str, prefix: str):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    return fd, tmp  # a filesystem without locks: nothing sweeps it there either (_sweep_stale)
+                    return fd, tmp  # a filesystem without locks: nothing sweeps it there either (sweep_unlocked)
                 # a sweep holds it this moment, and removes it: another one
             else:
                 try:
@@ -291,9 +293,11 @@ def _remove_own(fd: int, tmp: str) -> None:
         os.close(fd)
 
 
-def _sweep_stale(folder: str, prefix: str) -> None:
-    """Removes the temporary files of replace_file calls whose process died (their flock is free): a locked one
-    is a live writer's, in this process or another (any PID namespace or host the lock reaches)."""
+def sweep_unlocked(folder: str, prefix: str, folders: bool = False, min_age_s: float = 0.0) -> None:
+    """Removes what processes that died left in folder under prefix: replace_file's temporary files, or with
+    folders=True, hidden folders (SearchResult.save's), whose flock is free. A locked one is a live writer's, in
+    this process or another (any PID namespace or host the lock reaches); min_age_s spares one made a moment ago
+    and not locked yet, where its maker does not check it afterwards as _locked_temporary does."""
     try:
         names = [n for n in os.listdir(folder) if n.startswith(prefix)]
     except OSError:
@@ -305,11 +309,13 @@ def _sweep_stale(folder: str, prefix: str) -> None:
         except OSError:
             continue
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not (stat.S_ISDIR if folders else stat.S_ISREG)(st.st_mode) or (
+                    min_age_s and time.time() - st.st_mtime < min_age_s):
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises where a live writer holds it
             if os.path.samestat(os.fstat(fd), os.lstat(p)):  # (not one made at that name since)
-                os.remove(p)
+                shutil.rmtree(p, ignore_errors=True) if folders else os.remove(p)
         except OSError:
             pass  # held, gone meanwhile, or no locks here: left alone
         finally:

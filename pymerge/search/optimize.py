@@ -16,7 +16,6 @@ state_path is refused (both ran, and one's state overwrote the other's).
 """
 import contextlib
 import copy
-import fcntl
 import functools
 import hashlib
 import json
@@ -38,7 +37,7 @@ import torch
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import _map_name, method_params_of
-from pymerge.io.files import check_replaceable, fsync_dir, hold_lock, read_small, release_lock
+from pymerge.io.files import check_replaceable, fsync_dir, hold_lock, read_small, release_lock, sweep_unlocked
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
@@ -90,7 +89,7 @@ class SearchResult:
                 # state, and the resume failed on it (an audit; `pymerge search` refuses such a state_path)
                 raise InputError(f"{path}: is a search's saved state (a state_path), where the report writes; save "
                                  "the report into another folder")
-        _sweep_stages(out_dir)
+        sweep_unlocked(out_dir, _STAGE_PREFIX, folders=True, min_age_s=_STAGE_GRACE_S)  # a killed save's
         try:
             stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out_dir)
         except OSError as exc:
@@ -127,31 +126,6 @@ class SearchResult:
 
 _STAGE_PREFIX = ".pymerge-results-"  # SearchResult.save's hidden folder in out, gone once its files are in place
 _STAGE_GRACE_S = 60.0  # a save locks the folder it made at once: unlocked for longer, its process died
-
-
-def _sweep_stages(out_dir: str) -> None:
-    """Removes the folders of saves that died (a SIGKILL mid-save left one, hidden, in out): unlocked, and older
-    than a moment. A live save's is locked, in whatever process, PID namespace or host (flock, not its pid)."""
-    try:
-        names = [n for n in os.listdir(out_dir) if n.startswith(_STAGE_PREFIX)]
-    except OSError:
-        return
-    for n in names:
-        path = os.path.join(out_dir, n)
-        try:
-            if time.time() - os.lstat(path).st_mtime < _STAGE_GRACE_S:  # just made: its lock may be a moment away
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a live save's (or no locks on this filesystem: left alone)
-            continue
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(fd)
 
 
 def _named_in(exc, stage: str, out_dir: str):
