@@ -672,11 +672,11 @@ class ShardedWriter:
                 self._made = _identity(self.tmp_dir)  # install checks it is still this folder
             except BaseException:  # a Ctrl-C here left the folder listed as this process's: every later
                 try:               # writer to OUT in this process was refused (an audit)
-                    self._release_lock()
-                    _remove_whole(self.tmp_dir)
+                    self._remove_tmp()
                 except OSError:  # left unlisted: the next writer for OUT sweeps it; the first error is the one raised
                     pass
                 finally:
+                    self._release_lock()
                     _OWNED.discard(os.path.abspath(self.tmp_dir))
                 raise
 
@@ -693,13 +693,7 @@ class ShardedWriter:
             if not self._joined:  # the folder is part 0's to remove
                 try:
                     if _identity(self.tmp_dir) == self._made:  # never another program's folder of that name
-                        try:
-                            _remove_whole(self.tmp_dir)
-                        except OSError as exc:
-                            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                                raise
-                            self._release_lock()  # out of descriptors: the removal's own need the lock's
-                            _remove_whole(self.tmp_dir)
+                        self._remove_tmp()
                 finally:
                     self._release_lock()
                     _OWNED.discard(os.path.abspath(self.tmp_dir))
@@ -707,6 +701,16 @@ class ShardedWriter:
         finally:
             with self._cond:
                 self._state = "aborted"
+
+    def _remove_tmp(self) -> None:
+        """Removes the temporary folder, wholly; out of descriptors, the lock's is given up for the removal's own."""
+        try:
+            _remove_whole(self.tmp_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._release_lock()
+            _remove_whole(self.tmp_dir)
 
     def _release_lock(self, folder: Optional[Path] = None) -> None:
         """Unlocks; with folder, also removes the lock file from it if it is this writer's (OUT's now)."""
