@@ -176,8 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv is None:  # the script's own process (a library caller's descriptors are its own business)
         _fill_closed_descriptors()
         _escape_unencodable_output()
+    stand_in = None
     if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
-        sys.stderr = open(os.devnull, "w")
+        sys.stderr = stand_in = open(os.devnull, "w")  # (for this call: a library caller's None comes back)
     # SIGTERM as Ctrl-C from the start: one while importing or parsing ended the process without a word (-15).
     # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
     _SIGNALLED.clear()
@@ -223,6 +224,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if stand_in is not None and sys.stderr is stand_in:
+            sys.stderr = None
+            stand_in.close()
 
 
 def _interrupted(as_script: bool) -> int:

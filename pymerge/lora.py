@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -465,8 +465,12 @@ class LoraCheckpoint:
         if not (embedding in self.adapter.targets or any(h in self.adapter.targets for h in heads)):
             return {}  # no LoRA on either: nothing to read
         info = self.ck.info(embedding)
-        return {h: embedding for h in heads if (self.ck.info(h).shape, self.ck.info(h).dtype_name) ==
-                (info.shape, info.dtype_name) and _same_bytes(self.ck.array(h), self.ck.array(embedding))}
+        from pymerge.io.sigbus import MappingGuard
+        with MappingGuard([self.ck]) as guard:  # a whole embedding read through the map: a cut is no SIGBUS
+            copies = {h: embedding for h in heads if (self.ck.info(h).shape, self.ck.info(h).dtype_name) ==
+                      (info.shape, info.dtype_name) and _same_bytes(self.ck.array(h), self.ck.array(embedding))}
+            guard.check(sizes=True)
+        return copies
 
     def _elsewhere(self, name: str) -> str:
         """A LoRA whose target the checkpoint stores under another name. On the output head of a model that
@@ -598,8 +602,8 @@ class LoraCheckpoint:
     def total_bytes(self) -> int:
         return sum(self.info(n).nbytes for n in self.names())
 
-    def check_unchanged(self) -> None:
-        self.ck.check_unchanged()  # the model's folder: its side files are the output's
+    def check_unchanged(self, read: Sequence = ()) -> None:
+        self.ck.check_unchanged(read)  # the model's folder: its side files are the output's
 
     def close(self) -> None:
         self.adapter.close()

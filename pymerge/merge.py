@@ -44,7 +44,7 @@ from pymerge.config import (MergeConfig, ModelSpec, ParamResolver, check_method_
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.writer import swept_name, working_folder_note, working_folder_within
-from pymerge.io.checkpoint import check_folder_unchanged, read_model_config
+from pymerge.io.checkpoint import read_model_config
 from pymerge.io.files import out_location, present, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.lora import open_model
@@ -201,7 +201,7 @@ def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, d
             write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
             stream_plan(plan, writer, device=args.device, chunk_bytes=args.chunk_bytes, threads=args.threads,
                         seed=args.random_seed or 0, progress=progress, quiet=quiet)
-            check_inputs_unchanged(plan)  # before the writer installs OUT
+            check_inputs_unchanged(plan, writer.sources)  # before the writer installs OUT
             shards = list(writer.shard_names)
         if inside:
             plan.warnings.append(working_folder_note(inside))
@@ -288,18 +288,23 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
                              f"choose an OUT outside the inputs")
 
 
-def check_inputs_unchanged(plan: "MergePlan") -> None:
-    """A CheckpointError if a model folder (or the tokenizer source) was replaced since the merge opened it.
-    The open shards keep the old files, but config.json, the tokenizer files and remote code are read by
-    path later: another merge installing a model there (--force) gave an output with one model's tensors
-    and the other's side files, silently. Call it after write_side_files, before the output is installed."""
+def check_inputs_unchanged(plan: "MergePlan", read: Sequence = ()) -> None:
+    """A CheckpointError if a model folder (or the tokenizer source) was replaced since the merge opened it, or a
+    file of it the merge read: the shards, index and config.json, the donor's tokenizer files and the files in
+    `read` (the writer's copies: writer.sources). The open shards keep the old files, but config.json, the
+    tokenizer files and remote code are read by path later: another merge installing a model there (--force) or a
+    save_pretrained renaming new files over them gave an output with one version's tensors and the other's side
+    files, silently. Call it after write_side_files, before the output is installed."""
+    read = [*read, *(Path(plan.donor.folder) / n for n in TOKENIZER_FILES)]  # read or edited by path when written
     for ck in {id(c): c for c in plan.checkpoints + [plan.donor]}.values():
         check = getattr(ck, "check_unchanged", None)  # a Checkpoint or a LoraCheckpoint
         if check is not None:
-            check()
+            check(read)
     if plan.vocabulary is not None:
+        from pymerge.tokenizer.files import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON
         tok = plan.vocabulary.tokenizer
-        check_folder_unchanged(tok.folder, tok.folder_identity)
+        if tok.snapshot is not None:
+            tok.snapshot.check([tok.folder / n for n in (TOKENIZER_JSON, TOKENIZER_CONFIG, TEMPLATE_FILE)] + read)
 
 
 def _inputs_of(plan: "MergePlan"):

@@ -270,6 +270,31 @@ def test_a_model_replaced_while_it_is_merged_is_refused(fam, tmp_path, capsys, m
                     [f"{x} was replaced while it was being merged", "run the merge again"], out)
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer_config.json"])
+def test_a_file_renamed_over_an_input_while_it_is_merged_is_refused(fam, tmp_path, capsys, monkeypatch, name):
+    """save_pretrained, rsync and downloads rename each new file over the old one, the folder staying, which the
+    folder's identity did not see: OUT had the old tensors with the new config.json (vocab_size 48 over a
+    [32, 16] embedding, which transformers cannot load) or tokenizer files, exit 0 (an audit). Now: exit 2, one
+    line naming the file, no OUT."""
+    import pymerge.merge
+    root, base, fts = fam
+    x = _copy(fts[0], tmp_path / "X")
+    new = tmp_path / "new"
+    if name == "model.safetensors":
+        shutil.copy(fts[1] / name, new)
+    else:
+        new.write_text(json.dumps(dict(json.loads((x / name).read_text()), edited=True)))
+    real = pymerge.merge.write_side_files
+
+    def rename_over_then_write(*args, **kwargs):  # between the shards' open and the side files' read
+        os.replace(new, x / name)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pymerge.merge, "write_side_files", rename_over_then_write)
+    out = tmp_path / "out"
+    assert_rejected(run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([x, fts[1]])), out, "--quiet"], capsys),
+                    [f"{x / name}: was replaced or rewritten while it was being merged", "run the merge again"], out)
+
+
 def test_out_under_missing_folders_is_made_and_a_failed_merge_removes_them(fam, tmp_path, capsys, monkeypatch):
     """`mergekit-yaml cfg runs/x/out` makes runs/x; pymerge said "parent folder ... does not exist". It makes
     them now, and removes them again when the merge fails (here: an input replaced mid-merge)."""
@@ -708,6 +733,14 @@ def test_other_commands_errors_never_reach_stdout_with_stderr_closed(tmp_path, c
                        cwd=tmp_path, timeout=300, stdout=subprocess.PIPE,
                        env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert p.returncode == 2 and p.stdout == b"", p.stdout
+
+
+def test_a_library_callers_missing_stderr_stays_missing(tmp_path, monkeypatch, capsys):
+    """cli.main in-process with sys.stderr None (a pythonw or daemon caller) stands /dev/null in for its own lines,
+    and left it there, a descriptor open for good (an audit)."""
+    monkeypatch.setattr(sys, "stderr", None)
+    assert cli.main(["merge", str(tmp_path / "nowhere.yml"), str(tmp_path / "out")]) == 2  # its line: the stand-in's
+    assert sys.stderr is None and capsys.readouterr().out == ""
 
 
 def test_bench_refuses_elements_past_the_memory_before_allocating(monkeypatch, capsys):

@@ -470,6 +470,58 @@ def test_check_unchanged_names_a_folder_replaced_after_opening(tmp_path):
                 c.check_unchanged()
 
 
+def test_check_unchanged_names_a_shard_renamed_over_while_the_shards_were_opened(tmp_path, monkeypatch):
+    """A download or save_pretrained renames new shards over the old ones, the folder staying: after the first
+    shard was opened, both were replaced, and the merge read one shard of each version, exit 0 (an audit)."""
+    import pymerge.io.checkpoint as ck_mod
+    shards = two_shards()
+    folder = make_sharded(tmp_path / "m", shards)
+    other = make_sharded(tmp_path / "other", {f: {k: v + 1 for k, v in t.items()} for f, t in shards.items()})
+    real = ck_mod.open_tensor_file
+
+    def replace_after_first(path):
+        shard = real(path)
+        for f in shards:
+            if not (tmp_path / "done").exists():
+                os.replace(other / f, folder / f)
+        (tmp_path / "done").touch()
+        return shard
+
+    monkeypatch.setattr(ck_mod, "open_tensor_file", replace_after_first)
+    with Checkpoint(folder) as ck:
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(folder / sorted(shards)[0]))}: was replaced or "
+                                                  r"rewritten while it was being merged .*; run the merge again$"):
+            ck.check_unchanged()
+
+
+@pytest.mark.parametrize("opened", ["folder", "file"])
+@pytest.mark.parametrize("change", ["renamed over", "rewritten", "removed", "made"])
+def test_check_unchanged_names_a_file_read_that_changed_after_opening(tmp_path, opened, change):
+    """config.json (always) and the files a merge says it read (its copies) are compared with what they were when
+    the model was opened; a file it did not read may change."""
+    folder = make_sharded(tmp_path / "m", two_shards())
+    (folder / "config.json").write_text('{"vocab_size": 32}')
+    (folder / "notes.txt").write_text("unread")
+    with Checkpoint(folder if opened == "folder" else folder / "model-00001-of-00002.safetensors") as ck:
+        ck.check_unchanged([folder / "tokenizer.json"])
+        (folder / "notes.txt").write_text("changed, never read")
+        ck.check_unchanged()
+        target = folder / ("tokenizer.json" if change == "made" else "config.json")
+        if change == "renamed over":
+            (tmp_path / "new.json").write_text('{"vocab_size": 48}')
+            os.replace(tmp_path / "new.json", target)
+        elif change == "rewritten":
+            os.utime(target, ns=(0, 0))  # its ctime moves, whatever its mtime says
+        elif change == "removed":
+            target.unlink()
+        else:
+            target.write_text("{}")
+        if change == "made":
+            ck.check_unchanged()  # not read: config.json alone is compared
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(target))}: was replaced or rewritten while "):
+            ck.check_unchanged([folder / "tokenizer.json"])
+
+
 def test_index_not_json(tmp_path):
     folder = make_sharded(tmp_path / "m", two_shards())
     (folder / "model.safetensors.index.json").write_text("{oops")

@@ -9,6 +9,7 @@
 """
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -539,6 +540,39 @@ def test_a_head_lora_on_a_tied_model_lands_on_the_shared_embedding(tmp_path, dty
                                      else name]), name
     changed = tied_at_load or "embed_tokens" in targets  # (an untied head's LoRA leaves the embedding alone)
     assert torch.equal(ours["model.embed_tokens.weight"], weights["model.embed_tokens.weight"]) != changed
+
+
+def test_a_tied_model_cut_while_its_stored_head_is_compared_is_an_error_not_a_sigbus(tmp_path, monkeypatch):
+    """Opening MODEL+LORA compares a stored head with the embedding through the map (the whole embedding: seconds
+    on a real model), outside any merge's SIGBUS guard: the model file cut meanwhile (a re-download) killed the
+    process with a bus error (an audit). Now a one-line CheckpointError naming the file."""
+    import pymerge.lora
+    model = lf.make_llama(tmp_path / "tied", dims=DIMS, seed=5)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    vocab, hidden = weights["lm_head.weight"].shape
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.ones(2, hidden),
+               "base_model.model.lm_head.lora_B.weight": torch.ones(vocab, 2)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["lm_head"]}))
+    with open_model(f"{model}+{adapter}") as ck:  # intact: opens
+        assert "lm_head.weight" in ck.names()
+    real = pymerge.lora._same_bytes
+
+    def cut_then_compare(a, b):
+        path = model / "model.safetensors"
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+        os.truncate(path, 8 + header)  # the tensors' pages gone under the map
+        return real(a, b)
+    monkeypatch.setattr(pymerge.lora, "_same_bytes", cut_then_compare)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(model / 'model.safetensors'))}: the file shrank "):
+        open_model(f"{model}+{adapter}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])

@@ -652,6 +652,23 @@ def test_a_tokenizer_source_replaced_while_it_is_merged_is_refused(models, tmp_p
         _bad(tmp_path, capsys, {**cfg, "tokenizer_source": str(tok)}, f"{tok} was replaced while it was being merged")
 
 
+def test_a_tokenizer_source_file_renamed_over_while_it_is_merged_is_refused(models, tmp_path, capsys, monkeypatch):
+    """The same with one file renamed over (save_pretrained, a download), the folder staying: the merged
+    vocabulary came from the old tokenizer and the template from the new tokenizer_config.json (an audit)."""
+    import pymerge.merge
+    _, m = models
+    real = pymerge.merge.write_side_files
+    tok = write_model(tmp_path / "tok", SPECIAL + W[:15], perturb_seed=4)
+    new = write_model(tmp_path / "new", SPECIAL + W[:15], perturb_seed=5, template=C_TEMPLATE)
+
+    def rename_over_then_write(*args, **kwargs):
+        os.replace(new / "tokenizer_config.json", tok / "tokenizer_config.json")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pymerge.merge, "write_side_files", rename_over_then_write)
+    _bad(tmp_path, capsys, {**_union(m["a"], m["b"]), "tokenizer_source": str(tok)},
+         f"{tok / 'tokenizer_config.json'}: was replaced or rewritten while it was being merged")
+
+
 def test_out_may_not_be_the_hub_blobs_of_the_tokenizer_source(models, tmp_path, capsys, monkeypatch):
     """A hub ID as `tokenizer_source`: its snapshot's files link into ../../blobs, which the merge reads.
     OUT = that blobs folder with --force was accepted and replaced it, breaking the cached model."""

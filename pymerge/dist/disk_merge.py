@@ -131,7 +131,7 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             watch.close()
             # Every rank: one that opened a model before another merge replaced it fails here, so rank 0's side
             # files and every rank's tensors come from one version of each model, or nothing is installed.
-            check_inputs_unchanged(plan)
+            check_inputs_unchanged(plan, state["writer"].sources)  # rank 0's copies, the others' none
             if rank:
                 state["writer"].commit()  # durable before rank 0 may install
         except BaseException as exc:

@@ -13,6 +13,7 @@ import mmap
 import os
 import pickle
 import re
+import stat
 import struct
 import sys
 import warnings
@@ -359,6 +360,44 @@ def check_folder_unchanged(folder, taken) -> None:
                               "there); run the merge again")
 
 
+class FolderSnapshot:
+    """A folder's identity and its files' as a merge opened it. The merge reads config.json, the tokenizer and other
+    side files by path long after it opened the shards: save_pretrained, rsync or a download renaming new files
+    over them meanwhile gave an output with one version's tensors and the other's config (an audit). check(paths)
+    names the first of the files read that is not the one snapshotted (replaced, rewritten, gone or new)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.identity = identity(self.folder)
+        self.files = {}  # name -> (device, inode, size, mtime, ctime) of each regular file in it, links followed
+        try:
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    now = _file_stamp(entry.path)
+                    if now is not None:
+                        self.files[entry.name] = now
+        except OSError:  # unreadable: the merge's own reads say why
+            pass
+
+    def check(self, paths: Sequence = ()) -> None:
+        check_folder_unchanged(self.folder, self.identity)
+        for p in paths:
+            p = Path(p)
+            if p.parent != self.folder:  # another folder's (a tokenizer source's), or a subfolder's
+                continue
+            if _file_stamp(p) != self.files.get(p.name):
+                raise CheckpointError(f"{p}: was replaced or rewritten while it was being merged (another program "
+                                      "wrote there: a save_pretrained, a download, an rsync); run the merge again")
+
+
+def _file_stamp(path) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size) + _stamp(st) if stat.S_ISREG(st.st_mode) else None
+
+
 def lora_hint(path: str) -> str:
     """For a missing path that is MODEL+LORA of two that exist (pymerge merge's reference, given where only
     checkpoints are read: "no such file or folder" alone left the user looking at two folders that exist)."""
@@ -386,14 +425,14 @@ class Checkpoint:
                 self.folder = self.path
                 # a symlinked folder: the one it names. Kept: check_unchanged compares it once the merge has
                 # read config.json and the tokenizer, which it reads by path after the shards are open
-                self.folder_identity = identity(self.path)
+                self.snapshot = FolderSnapshot(self.path)
                 self._open_folder()
-                if identity(self.path) != self.folder_identity:  # shards opened by path: some from each folder
+                if identity(self.path) != self.snapshot.identity:  # shards opened by path: some from each folder
                     raise CheckpointError(f"{self.path}: the folder was replaced while its shards were being "
                                           "opened (another program wrote a model there); try again")
             else:
                 self.folder = self.path.parent
-                self.folder_identity = identity(self.folder)  # its config.json and tokenizer are read from there
+                self.snapshot = FolderSnapshot(self.folder)  # its config.json and tokenizer are read from there
                 shard = open_tensor_file(self.path)
                 self._shards.append(shard)
                 for name in shard.names():
@@ -458,12 +497,14 @@ class Checkpoint:
                 raise CheckpointError(f"{shard.path}: tensor {name!r}: in this shard but not listed in "
                                       f"{index_path.name}")
 
-    def check_unchanged(self) -> None:
-        """Raises CheckpointError if the folder is no longer the one whose shards were opened. The open
-        shards keep reading the old files, but config.json, the tokenizer and remote code are read by path
-        later: another merge replacing the folder (--force) in between gave an output with this model's
-        tensors and the other model's side files. A merge calls this after reading them all."""
-        check_folder_unchanged(self.folder, self.folder_identity)
+    def check_unchanged(self, read: Sequence = ()) -> None:
+        """Raises CheckpointError if the folder is no longer the one whose shards were opened, or if its shards,
+        index, config.json or the files in `read` (what the merge copied) changed since. The open shards keep
+        reading the old files, but config.json, the tokenizer and remote code are read by path later: another
+        merge replacing the folder (--force) or a save_pretrained over its files in between gave an output with
+        one version's tensors and the other's side files. A merge calls this after reading them all."""
+        index = [self.index_file] if self.index_file is not None else []
+        self.snapshot.check([*self.files, *index, self.folder / "config.json", *read])
 
     # ---- access -----------------------------------------------------------------------------
     def names(self) -> List[str]:

@@ -128,6 +128,7 @@ class ShardedWriter:
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
         self.not_removed: Optional[str] = None  # a note where the replaced OUT could not be deleted
+        self.sources: List[Path] = []  # the files copy_file copied: a merge checks they did not change meanwhile
         self._inflight = 0
         # Shard index -> fd, open only while a shard is being written: a model of more shards than the
         # open-file limit (1024 is common) can be written. A shard is fsynced and closed once every byte
@@ -439,6 +440,7 @@ class ShardedWriter:
         src = Path(src)
         relname = relname if relname is not None else src.name
         path = self._extra_path(relname)
+        self.sources.append(src)
         fd = open_regular(src, InputError)  # a FIFO or a device: refused, never read
         try:
             # The copy is no more readable than the source (a 0600 file stays 0600), never executable.

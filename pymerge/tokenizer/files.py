@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from pymerge.errors import CheckpointError
 from pymerge.io.files import present, read_json, read_small, stays_inside
-from pymerge.io.sigbus import identity
+from pymerge.io.checkpoint import FolderSnapshot
 from pymerge.lora import split_ref
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -31,7 +31,7 @@ class Tokenizer:
     vocab: Dict[str, int]          # every token (the model's and the added ones) -> id
     added: List[dict]              # tokenizer.json's added_tokens, checked
     model_size: int                # tokens of the model proper (where tokenizers numbers new tokens from)
-    folder_identity: Optional[tuple] = None  # the folder's when read: templates and special_tokens_map are read later
+    snapshot: Optional[FolderSnapshot] = None  # the folder's when read: templates and special_tokens_map are read later
 
     @property
     def path(self) -> Path:
@@ -109,7 +109,7 @@ def model_folder(ref) -> Path:
 def read_tokenizer(ref) -> Tokenizer:
     """A model's tokenizer; a missing or corrupt file is a CheckpointError naming it."""
     folder = model_folder(ref)
-    before = identity(folder)  # before reading: a folder replaced after it is caught at the merge's end
+    before = FolderSnapshot(folder)  # before reading: a folder or file replaced after it is caught at the merge's end
     path = folder / TOKENIZER_JSON
     if not present(path):
         raise CheckpointError(f"{path}: not found; merging vocabularies needs each model's tokenizer.json "
