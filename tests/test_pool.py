@@ -878,6 +878,40 @@ def test_a_copied_pool_merges_as_the_original(tmp_path):
         copy.deepcopy(CheckpointPool([str(tmp_path / "m.safetensors")] * 2, residency="mmap"))
 
 
+@pytest.mark.parametrize("compress", [None, "int8", "int4"])
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_pool_sent_to_another_process_still_merges_here(compress, method):
+    """torch.multiprocessing's pickler (a spawned Process's arguments, a Queue, mp.spawn) moves each tensor it
+    sends into shared memory, in place: the sender's pool kept native plans and overlap spans on the freed memory
+    and merged garbage (off by 1e34), crashed, or refused a fresh target as overlapping it (an audit). Here the
+    pool's memory, wherever it is now, is changed after the pickling: a merge reading the old memory misses it."""
+    import copy
+    from multiprocessing.reduction import ForkingPickler
+    g = torch.Generator().manual_seed(3)
+    base = {"a": torch.randn(257, 33, generator=g), "b": torch.randn(1031, generator=g)}
+    srcs = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    kw = {} if method == "linear" else {"density": 0.5}
+
+    def merged(pool):
+        return pool.materialize([0.2, 0.3, 0.5], into={k: torch.empty_like(v) for k, v in base.items()},
+                                method=method, **kw)
+    pool = CheckpointPool(srcs, base=base, **({"residency": "host"} if compress is None else {"compress": compress}))
+    want = merged(pool)  # (planned and cached)
+    held = [t for ts in pool._inputs.values() for t in ts] if compress is None else list(pool._base.values())
+    at = [t.data_ptr() for t in held]
+    ForkingPickler.dumps(pool)
+    assert [t.data_ptr() for t in held] != at  # moved, as the pickler does
+    if compress is None:
+        pool.tensor(0, "a").add_(1.0)  # (a view of the pool's memory: "writing it would change the pool")
+    else:
+        pool._base["b"].add_(1.0)  # (held exact; tensor() decodes a copy)
+    changed = merged(copy.deepcopy(pool))  # a copy plans anew, from memory of its own
+    assert not all(torch.equal(changed[k], want[k]) for k in want)
+    for _ in range(2):
+        got = merged(pool)
+        assert all(torch.equal(got[k], changed[k]) for k in want)
+
+
 def test_a_source_giving_another_shape_than_it_lists_is_named(monkeypatch):
     from pymerge.pool.sources import DictSource
     models = make_models(2)

@@ -130,6 +130,7 @@ class CheckpointPool:
     """
     _guard = MappingGuard(())  # none: only the mmap tier reads the files after construction
     _lent: tuple = ()  # none (a loaded or sharded pool): see __init__ and _check_borrowed
+    _sent = False  # pickled since the tensors were noted (__getstate__): see _note_sent
     _files: list = []  # none (a loaded pool, state dicts): (path, (device, inode), stamp) of each file read
     _folders: list = []  # the model folders among its sources (their index and config are theirs too)
     _saved_file: tuple = ()  # a loaded pool's: (path, (device, inode)) of the file it was loaded from
@@ -243,9 +244,10 @@ class CheckpointPool:
         if self.residency == "mmap" or getattr(self, "_cuda", None) is not None:
             raise InputError(f"a pool on the {self.residency} tier{' on ' + str(self.device) if self._cuda else ''} "
                              "cannot be copied or pickled; build another from the same sources")
-        state = dict(self.__dict__)
+        state = dict(self.__dict__, _sent=False)
         if "_plan_cache" in state:
             state["_plan_cache"], state["_selection"] = grouped.PlanCache(), self._selection_cache()
+        self._sent = True  # torch's pickler may now move the tensors in state: _check_borrowed looks again
         return state
 
     def _selection_cache(self) -> SelectionCache:
@@ -706,6 +708,8 @@ class CheckpointPool:
         """The caller's tensors the pool reads in place, and the pool's own it handed out (_watch), must still
         be where they were: freed (FSDP's resize_(0)) or moved (resized back), the pool and its cached native
         tables would read freed memory."""
+        if self._sent:
+            self._note_sent()
         for label, storage, at, nbytes in self._owned.values():
             if storage.data_ptr() != at or storage.nbytes() != nbytes:
                 raise InputError(f"the pool's copy of {label} was freed or moved (resize_ on the storage of a "
@@ -719,6 +723,16 @@ class CheckpointPool:
             why = backing_problem(t) or "its storage was reallocated (resize_)"
             raise InputError(f"{label}: tensor {short(name)}, which the pool reads in place: {why}; nothing was "
                              "written. Build a new pool from the tensors as they are now")
+
+    def _note_sent(self) -> None:
+        """torch.multiprocessing's pickler (a spawned Process's arguments, a Queue, mp.spawn) moves each tensor it
+        sends into shared memory, in place, so the pool's cached native plans and overlap spans pointed at freed
+        memory (a segfault, merges off by 1e34, or a false overlap refusal: an audit). The first call after a
+        pickling notes the tensors again and plans anew. (Only pools of their own copies pickle: none reads a
+        caller's tensors in place.)"""
+        self._note_held()
+        self._plan_cache = grouped.PlanCache()
+        self._sent = False
 
     def _watcher(self, into: list, names: NameMap) -> Callable[[list], list]:
         """What a plan cache entry watches of the targets (_watched), worked out only when it is built."""
