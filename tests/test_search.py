@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import textwrap
 import time
@@ -2212,6 +2213,22 @@ def test_task_names_with_dollar_signs_are_plotted_verbatim(tmp_path):
     plot(str(tmp_path / "s.png"), history, ["acc $k_5_shot$", "b$"], [0, 2], title="$x_1_2$",
          markers={"ck $a_b_c$": {"acc $k_5_shot$": 0.3, "b$": 0.1}})
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_the_plot_keeps_the_callers_matplotlib_backend(tmp_path):
+    """SearchResult.save's plot switched pyplot's backend to Agg: a notebook's or a GUI's later plt.show() showed
+    nothing (an audit). It draws on a Figure of its own now."""
+    pytest.importorskip("matplotlib")
+    script = ("import sys, matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt\n"
+              "from pymerge.search.report import plot\n"
+              "plot(sys.argv[1], [{'eval': i, 'objective': 0.1 * i, 'scores': {'a': 0.1 * i, 'b': 0.2}} for i in range(3)],"
+              " ['a', 'b'], [0, 2])\n"
+              "print(matplotlib.get_backend(), len(plt.get_fignums()))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s.png")], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["svg", "0"]
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_under_torchrun_is_refused_in_one_line_unless_told_to_run_alone(tmp_path, capsys, monkeypatch):

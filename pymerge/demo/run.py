@@ -653,13 +653,12 @@ def _print_table(rows, names, best_single, summary, log) -> None:
 def _plot(path: str, rows, names, best_single, history) -> bool:
     """Scores per task (test) and, for the two tasks that trade off most, the search's Pareto front (val)."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure  # not pyplot: its backend is the caller's
     except ImportError:  # (an earlier run's plot is gone: experiment() removes it first)
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     tasks = list(TASKS)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig = Figure(figsize=(13, 4.8))
+    a1, a2 = fig.subplots(1, 2)
     shown = [(f"best single ({best_single})", rows[best_single]), ("uniform merge", rows["uniform merge"]),
              ("greedy soup", rows["greedy soup"]), ("optimized merge", rows["optimized merge"])]
     x = np.arange(len(tasks) + 1)
@@ -691,5 +690,4 @@ def _plot(path: str, rows, names, best_single, history) -> bool:
     a2.legend(fontsize=7)
     fig.tight_layout()
     replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
     return True

@@ -120,11 +120,12 @@ def plot(path: str, history: List[dict], tasks: List[str], front: List[int], tit
     markers: named reference points (e.g. single checkpoints) drawn on the task plane.
     """
     from pymerge.extras import require
-    require("matplotlib", "plotting the search").use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plotting the search")
+    from matplotlib.figure import Figure  # not pyplot: its backend is the caller's (a notebook's; an audit)
     two = len(tasks) == 2
     title, markers = _plain(title), {_plain(k): v for k, v in (markers or {}).items()}
-    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4.2))
+    fig = Figure(figsize=(11 if two else 6, 4.2))
+    axes = fig.subplots(1, 2 if two else 1)
     ax = axes[0] if two else axes
     ev = [r["eval"] for r in history]
     obj = [r["objective"] for r in history]
@@ -150,10 +151,7 @@ def plot(path: str, history: List[dict], tasks: List[str], front: List[int], tit
         ax.set_title("scores per task")
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    try:
-        replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _plain(text: str) -> str:
