@@ -587,6 +587,43 @@ def test_stale_temp_of_killed_run_is_removed(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+def test_a_writer_cannot_be_copied_and_a_forked_childs_copy_removes_nothing(tmp_path):
+    """A copy's __del__ aborted the original: its folder went, and the next write failed naming a path that never
+    existed; after a commit it closed descriptor numbers the caller had reused. A forked child dropping its copy
+    removed the parent's folder (an audit). Copies are refused; a child's copy closes its own descriptors only."""
+    import copy
+    import pickle
+    out = tmp_path / "out"
+    w = ShardedWriter(out, [("a", torch.float32, (4,))])
+    for how in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=rf"a ShardedWriter \(writing {out}\) cannot be copied or pickled"):
+            how(w)
+    pid = os.fork()
+    if pid == 0:  # the child: drops its copy, as a collected reference or an exiting worker would
+        try:
+            w.abort()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert w.tmp_dir.is_dir()
+    w.write("a", torch.ones(4))
+    w.commit()
+    assert torch.equal(load_all(out)["a"], torch.ones(4)) and leftovers(tmp_path) == []
+
+
+def test_a_writer_left_open_at_a_scripts_exit_leaves_no_folder(tmp_path):
+    """A script's top-level writer whose write raised: __del__ ran in the interpreter's teardown, where open is gone,
+    and the temporary folder (the output's size) stayed (an audit). Writers still open are aborted at exit."""
+    script = ("import sys, torch\nfrom pymerge.io import ShardedWriter\n"
+              "w = ShardedWriter(sys.argv[1], [('a', torch.float32, (1024, 1024))])\n"
+              "w.write('a', torch.ones(1024, 1024, dtype=torch.float16))\n")  # a ValueError: the script ends
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 1 and "ValueError" in run.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_stale_temp_of_a_killed_run_nobody_reaped_is_removed(tmp_path):
     """A writer killed along with its parent stays a zombie where init never reaps (some container
     inits): kill(pid, 0) still succeeds, yet it writes nothing more and its folder must go."""

@@ -19,6 +19,7 @@ and the writers of the other parts ``join`` that folder and only fill their own 
 Writeback of each chunk starts as it is written (sync_file_range, where Linux has it), so the
 fsync at commit, which still comes before the rename, finds little left to flush.
 """
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -33,6 +34,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -103,6 +105,7 @@ class ShardedWriter:
                  parts: Optional[Sequence[int]] = None, part: Optional[int] = None, join=None):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self._pid = os.getpid()  # a forked child's copy removes nothing of the parent's (see abort)
         self.out_dir = out_location(out_dir)  # not resolve(): "link/.." as the kernel finds it; a link kept
         self.force = force
         self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
@@ -127,6 +130,8 @@ class ShardedWriter:
                 raise
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
+        if not self._joined:
+            _LIVE.add(self)
         self.not_removed: Optional[str] = None  # a note where the replaced OUT could not be deleted
         self.sources: List[Path] = []  # the files copy_file copied: a merge checks they did not change meanwhile
         self._inflight = 0
@@ -692,7 +697,7 @@ class ShardedWriter:
                 self._cond.wait()
         try:
             self._close_fds()
-            if not self._joined:  # the folder is part 0's to remove
+            if not self._joined and os.getpid() == self._pid:  # the folder is part 0's to remove, in its process
                 try:
                     if _identity(self.tmp_dir) == self._made:  # never another program's folder of that name
                         self._remove_tmp()
@@ -779,6 +784,12 @@ class ShardedWriter:
                 self.abort()
             except Exception:
                 pass
+
+    def __reduce_ex__(self, protocol):
+        # A copy's __del__ aborted the original's folder, or closed descriptor numbers the caller had reused since
+        # (an audit): a writer is one folder's and one process's.
+        raise TypeError(f"a ShardedWriter (writing {self.out_dir}) cannot be copied or pickled: it owns a temporary "
+                        "folder and open files; write through this one")
 
     def __repr__(self):
         return (f"ShardedWriter({str(self.out_dir)!r}, {len(self._order)} tensors in "
@@ -911,6 +922,19 @@ def _dump_json(path: Path, obj) -> None:
 # killed run blocked every later run to the same OUT.
 _OWNED: set = set()
 _OWNED_LOCK = threading.Lock()  # held from a writer's stale-folder sweep until its own folder is listed
+_LIVE: "weakref.WeakSet[ShardedWriter]" = weakref.WeakSet()  # part 0's writers: any still open at exit is aborted
+
+
+@atexit.register
+def _abort_live() -> None:
+    """A writer still open as the interpreter exits (a script's top-level one whose write raised) was left to
+    __del__ in the teardown, where builtins such as open are gone: the removal failed and the temporary folder,
+    a model's size, stayed (an audit)."""
+    for writer in list(_LIVE):
+        try:
+            writer.abort()  # (committed: a no-op; a forked child's copy: removes nothing)
+        except Exception:  # noqa: BLE001  (exiting: the next writer for OUT sweeps what is left)
+            pass
 
 
 def _in_use(path: str, pid: int) -> bool:
