@@ -169,9 +169,19 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt  # same clean abort as Ctrl-C
 
 
+def _quiet_interrupts_in_finalizers(previous):
+    """sys.unraisablehook while main runs: the interrupt _on_sigterm raised inside a __del__ or a weakref callback
+    cannot leave it, and Python printed it as "Exception ignored in ..." with a traceback (an audit). _main says it
+    in one line instead; anything else goes to the previous hook."""
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _SIGNALLED):
+            previous(unraisable)
+    return hook
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs a command and returns its exit code. Called without argv (the `pymerge` script,
-    `python -m pymerge`), a finished merge ends the process at once: its output is committed and
+    `python -m pymerge`), a finished command ends the process at once: its output is committed and
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
     if argv is None:  # the script's own process (a library caller's descriptors are its own business)
         _fill_closed_descriptors()
@@ -183,6 +193,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
     _SIGNALLED.clear()
     previous = {}
+    hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_interrupts_in_finalizers(hook)
     try:  # (installed inside: one arriving between the two installs is the interrupt below, and both restored)
         if _main_thread():
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -224,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = hook
         if stand_in is not None and sys.stderr is stand_in:
             sys.stderr = None
             stand_in.close()
@@ -354,7 +367,11 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command != "merge":
         args.args = rest + list(args.args)
     rc = _run(args)
-    if as_script and args.command == "merge":
+    if _SIGNALLED and rc != 130:  # taken inside a finalizer as the command's objects went: Python printed the
+        # KeyboardInterrupt there and went on, and the command ended 0 (an audit): its work is done, it was asked to stop
+        say(f"pymerge: {args.command} interrupted; it ran to its end, so what it wrote is complete")
+        rc = 130
+    if as_script:  # the interpreter's teardown of torch, ~0.6 s, ended by a signal after the handlers go (-15, not 130)
         _end_process(rc)
     return rc
 

@@ -743,6 +743,39 @@ def test_a_library_callers_missing_stderr_stays_missing(tmp_path, monkeypatch, c
     assert sys.stderr is None and capsys.readouterr().out == ""
 
 
+def test_an_interrupt_taken_inside_a_finalizer_is_one_line_and_130(monkeypatch, capsys):
+    """A SIGTERM or Ctrl-C as `pymerge search` returned landed in a pool's __del__ or a weakref callback: Python
+    printed "Exception ignored in ..." and a traceback, and the search ended 0 (an audit)."""
+    class Dropped:
+        def __del__(self):
+            cli._on_sigterm(signal.SIGTERM, None)  # the handler, run where the signal landed
+
+    def command(args):
+        Dropped()  # collected at once: its __del__ raises the interrupt there
+        return 0
+    monkeypatch.setattr(cli, "_dispatch", command)
+    assert cli.main(["doctor"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pymerge: doctor interrupted; it ran to its end, so what it wrote is complete"], err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_after_the_last_line_never_kills_the_command(sig):
+    """SIGTERM or SIGHUP as `pymerge doctor`, bench, search or demo printed its last line: the handlers were given
+    back and the interpreter's teardown (~0.6 s) ran, so the signal killed the process (-15, -1), where the README
+    promises 130. Every command now ends the process at once, as merge did."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for _ in range(2):
+        p = subprocess.Popen([sys.executable, "-m", "pymerge", "doctor"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env)
+        for line in p.stdout:
+            if line.startswith("backend auto"):
+                break
+        p.send_signal(sig)
+        p.stdout.read()
+        assert p.wait(timeout=60) in (0, 130)
+
+
 def test_bench_refuses_elements_past_the_memory_before_allocating(monkeypatch, capsys):
     """`pymerge bench --elements 4294967296` was killed by the OOM killer (exit 137 after 30 s at 24 GB): Linux
     grants the allocations torch asks for and kills the process when it touches them, so the MemoryError the
