@@ -820,6 +820,17 @@ def test_a_temp_folder_replaced_under_a_writer_is_never_installed(tmp_path):
     assert not out.exists() and (w.tmp_dir / "theirs.txt").read_text() == "x"  # and not deleted by the abort
 
 
+def test_a_writer_whose_parent_folder_was_renamed_removes_its_folder_there(tmp_path):
+    """OUT's parent renamed mid-merge: the install failed as it should, and the abort, finding nothing at the old
+    path, left the model-sized temporary folder in the renamed parent (an audit)."""
+    w = ShardedWriter(tmp_path / "p" / "out", [("a", torch.float32, (1024,))])
+    w.write("a", torch.ones(1024))
+    os.rename(tmp_path / "p", tmp_path / "moved")
+    with pytest.raises(InputError, match="removed or replaced by another program; nothing installed"):
+        w.commit()
+    assert os.listdir(tmp_path) == ["moved"] and os.listdir(tmp_path / "moved") == []
+
+
 def test_two_runs_sweeping_one_stale_folder_both_succeed(tmp_path):
     """Both deleted the same killed run's folder, and the one that lost the race failed with
     "pymerge: error: 15263: No such file or directory"."""

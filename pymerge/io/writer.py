@@ -699,7 +699,7 @@ class ShardedWriter:
             self._close_fds()
             if not self._joined and os.getpid() == self._pid:  # the folder is part 0's to remove, in its process
                 try:
-                    if _identity(self.tmp_dir) == self._made:  # never another program's folder of that name
+                    if self._tmp_now() is not None:  # never another program's folder of that name
                         self._remove_tmp()
                 finally:
                     self._release_lock()
@@ -709,15 +709,32 @@ class ShardedWriter:
             with self._cond:
                 self._state = "aborted"
 
+    def _tmp_now(self) -> Optional[Path]:
+        """Where this writer's temporary folder is: tmp_dir, or where a rename of a folder above it took it (the
+        lock's descriptor knows: a model-sized folder was left in the renamed parent; an audit); None where it is
+        gone, moved under another name, or tmp_dir is another folder."""
+        made, fd = getattr(self, "_made", None), getattr(self, "_lock_fd", None)
+        if made is None or _identity(self.tmp_dir) == made:
+            return self.tmp_dir if made is not None else None
+        if fd is None:
+            return None
+        try:
+            moved = Path(os.readlink(f"/proc/self/fd/{fd}")).parent
+        except OSError:  # no /proc
+            return None
+        # (under its own name only: a folder renamed itself was moved away by someone, and is theirs to keep)
+        return moved if moved.name == self.tmp_dir.name and _identity(moved) == made else None
+
     def _remove_tmp(self) -> None:
         """Removes the temporary folder, wholly; out of descriptors, the lock's is given up for the removal's own."""
+        folder = self._tmp_now() or self.tmp_dir
         try:
-            _remove_whole(self.tmp_dir)
+            _remove_whole(folder)
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             self._release_lock()
-            _remove_whole(self.tmp_dir)
+            _remove_whole(folder)
 
     def _release_lock(self, folder: Optional[Path] = None) -> None:
         """Unlocks; with folder, also removes the lock file from it if it is this writer's (OUT's now)."""
