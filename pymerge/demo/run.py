@@ -653,11 +653,12 @@ def _print_table(rows, names, best_single, summary, log) -> None:
 def _plot(path: str, rows, names, best_single, history) -> bool:
     """Scores per task (test) and, for the two tasks that trade off most, the search's Pareto front (val)."""
     try:
-        from matplotlib.figure import Figure  # not pyplot: its backend is the caller's
+        import matplotlib.figure  # not pyplot: its backend is the caller's (matplotlib itself first: a
+        # `from matplotlib.figure import` found the cached submodule where matplotlib was made unimportable)
     except ImportError:  # (an earlier run's plot is gone: experiment() removes it first)
         return False
     tasks = list(TASKS)
-    fig = Figure(figsize=(13, 4.8))
+    fig = matplotlib.figure.Figure(figsize=(13, 4.8))
     a1, a2 = fig.subplots(1, 2)
     shown = [(f"best single ({best_single})", rows[best_single]), ("uniform merge", rows["uniform merge"]),
              ("greedy soup", rows["greedy soup"]), ("optimized merge", rows["optimized merge"])]
