@@ -535,6 +535,41 @@ def test_a_checkpoint_rewritten_in_place_under_an_mmap_pool_is_refused(tmp_path)
         fresh.materialize([0.5, 0.5], into=target, method="ties", density=0.5)
 
 
+_KILL_BUS = r"""
+import gc, os, signal, sys, time, torch
+from pymerge import CheckpointPool
+a, b, action, when = sys.argv[1:5]
+if action == "ignored":
+    signal.signal(signal.SIGBUS, signal.SIG_IGN)
+pool = CheckpointPool([a, b], residency="mmap")  # the guard's handler in front while the pool lives
+pool.materialize([0.5, 0.5], into={n: torch.zeros(s) for n, s in pool.shapes.items()})
+if when == "after":
+    del pool
+    gc.collect()
+for i in range(2):
+    os.kill(os.getpid(), signal.SIGBUS)
+    time.sleep(0.2)
+    print("alive", i, flush=True)
+"""
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("when", ["while a pool lives", "after"])
+@pytest.mark.parametrize("action", ["ignored", "default"])
+def test_a_kill_bus_keeps_the_processs_own_action(tmp_path, action, when):
+    """The guard's handler stayed for good once a merge or a pool had run, and took a `kill -BUS` (a signal, no
+    fault) for one it may drop: one the process ignored was swallowed once and then killed it, one at the default
+    action was lost (an audit). The handler goes with the last guarded file, and forwards a sent signal as the
+    process's own action would take it."""
+    base, fts = lf.make_family(tmp_path / "m", n_finetunes=1)
+    p = subprocess.run([sys.executable, "-c", _KILL_BUS, str(fts[0]), str(base), action, when.split()[0]],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if action == "ignored":
+        assert p.returncode == 0 and p.stdout.split("\n")[:2] == ["alive 0", "alive 1"], (p.returncode, p.stderr[-2000:])
+    else:
+        assert p.returncode == -7 and "alive" not in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
+
+
 _UNGUARDED_FAULT = """
 import faulthandler, mmap, os, sys
 import numpy as np

@@ -8,7 +8,8 @@
 // rest of that mapping (MAP_FIXED) and records the address; the faulting load then reads zeros and
 // the merge goes on to its next check (pymerge/io/sigbus.py), which sees the hit, names the file
 // and aborts: the zeros never reach a committed model. Faults anywhere else go to the previous
-// handler (faulthandler, or the default action) as before.
+// handler (faulthandler, or the default action) as before. The handler is installed while any
+// mapping is registered; the process's own SIGBUS action is back once none is.
 //
 // The handler only reads atomics and calls mmap(2), a plain system call on Linux.
 #include <signal.h>
@@ -36,6 +37,7 @@ std::atomic<uint64_t> g_hits{0};
 std::atomic<uintptr_t> g_last_fault{0};
 struct sigaction g_previous;
 std::mutex g_mu;  // registration and installation (never taken in the handler)
+int g_guarded = 0;  // ranges registered (under g_mu): the handler is installed while there are any
 
 // Set while this thread forwards a fault. A previous handler that chains back to us (faulthandler, enabled
 // after our first install and so keeping ours as its own previous, once install() put ours back in front of
@@ -81,9 +83,13 @@ void forward(int sig, siginfo_t* info, void* ctx) {
     if (g_previous.sa_sigaction) g_previous.sa_sigaction(sig, info, ctx);
   } else if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN) {
     g_previous.sa_handler(sig);
-  } else {
-    signal(sig, SIG_DFL);  // return: the faulting access repeats and the default action ends the process
-  }
+  } else if (fault) {
+    signal(sig, SIG_DFL);  // return: the faulting access repeats and the default action ends the process (as the
+                           // kernel does for a fault under SIG_IGN)
+  } else if (g_previous.sa_handler == SIG_DFL) {
+    signal(sig, SIG_DFL);  // a kill -BUS: returning lost it (an audit); its default action, now
+    raise(sig);
+  }  // else a kill -BUS the process ignores: ignored still
   t_forwarding = false;
   if (fault) t_returned = {addr, monotonic_ns(), true};
 }
@@ -105,12 +111,15 @@ void on_sigbus(int sig, siginfo_t* info, void* ctx) {
   forward(sig, info, ctx);
 }
 
-// (Re)installs the handler if someone replaced it since; keeps what was there to forward to.
-void install() {
-  std::lock_guard<std::mutex> lk(g_mu);
+bool ours_in_front() {
   struct sigaction now;
   sigaction(SIGBUS, nullptr, &now);
-  if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_sigbus) return;
+  return (now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_sigbus;
+}
+
+// (Re)installs the handler if someone replaced it since; keeps what was there to forward to. g_mu held.
+void install_locked() {
+  if (ours_in_front()) return;
   struct sigaction sa = {};
   sa.sa_sigaction = on_sigbus;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
@@ -118,24 +127,35 @@ void install() {
   if (sigaction(SIGBUS, &sa, &g_previous) != 0) throw std::runtime_error("sigaction(SIGBUS) failed");
 }
 
+void install() {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (g_guarded > 0) install_locked();  // (nothing guarded: the caller's own handler stays)
+}
+
 int add_range(uintptr_t begin, uint64_t length) {
   if (begin == 0 || length == 0) throw std::invalid_argument("sigbus guard: empty range");
-  install();
   std::lock_guard<std::mutex> lk(g_mu);
+  install_locked();
   for (int i = 0; i < kMaxRanges; ++i) {
     if (g_ranges[i].begin.load() != 0) continue;
     g_ranges[i].end.store(begin + length, std::memory_order_release);
     g_ranges[i].begin.store(begin, std::memory_order_release);
+    ++g_guarded;
     return i;
   }
   throw std::runtime_error("sigbus guard: too many mapped files at once");
 }
 
+// The last range gone, the process's own SIGBUS action comes back (an audit: the handler outlived every merge and
+// pool, and a kill -BUS the caller ignored then killed it), unless a handler installed since is in front (it
+// forwards to ours, which forwards on: left as it is).
 void remove_range(int slot) {
   if (slot < 0 || slot >= kMaxRanges) throw std::invalid_argument("sigbus guard: bad slot");
   std::lock_guard<std::mutex> lk(g_mu);
+  if (g_ranges[slot].begin.load() == 0) return;
   g_ranges[slot].begin.store(0, std::memory_order_release);
   g_ranges[slot].end.store(0, std::memory_order_release);
+  if (--g_guarded == 0 && ours_in_front()) sigaction(SIGBUS, &g_previous, nullptr);
 }
 
 void register_sigbus(pybind11::module_& m) {
