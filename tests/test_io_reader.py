@@ -231,6 +231,21 @@ def test_names_are_in_offset_order(tmp_path):
         assert [f.info(k).file_offset for k in "abc"] == [n, n + 2, n + 4]
 
 
+def test_a_copy_or_pickle_of_an_open_file_or_checkpoint_names_the_file(tmp_path):
+    """The refusal was the mmap's own ("cannot pickle 'mmap.mmap' object", or memoryview's), naming neither the
+    object nor the file (an audit)."""
+    import copy
+    import pickle
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"w": torch.randn(4)}, str(path))
+    with SafetensorsFile(path) as f, Checkpoint(tmp_path) as ck:
+        for obj, hows in ((f, (copy.copy, copy.deepcopy, pickle.dumps)), (ck, (copy.deepcopy, pickle.dumps))):
+            for how in hows:
+                with pytest.raises(TypeError, match=rf"^{re.escape(str(path))}: an open safetensors file .* cannot "
+                                                    r"be copied or pickled"):
+                    how(obj)
+
+
 def test_views_are_zero_copy_and_outlive_close(tmp_path):
     path = tmp_path / "model.safetensors"
     w = torch.randn(64, 32)

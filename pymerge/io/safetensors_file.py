@@ -434,6 +434,10 @@ class SafetensorsFile:
     def __repr__(self):
         return f"SafetensorsFile({str(self.path)!r}, {len(self._names)} tensors)"
 
+    def __reduce_ex__(self, protocol):  # (the mmap's own error named neither the object nor the file)
+        raise TypeError(f"{self.path}: an open safetensors file (a Checkpoint's shard) cannot be copied or pickled; "
+                        "open the path again where it is needed")
+
 
 _KEPT, _KEPT_LOCK = [0], threading.Lock()  # live maps that keep a descriptor of their own
 
