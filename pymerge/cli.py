@@ -169,6 +169,17 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt  # same clean abort as Ctrl-C
 
 
+def _exit_interrupted(signum, frame):
+    """The script's handler once its command has returned: a SIGTERM or SIGHUP in the interpreter's teardown killed
+    it (-15, -1) where the README promises 130 (an audit). Ends at once, as the signal would have; the teardown is not
+    skipped otherwise (a search's user code may have files to flush and exit handlers to run: a review)."""
+    try:
+        os.write(2, b"pymerge: interrupted\n")
+    except OSError:
+        pass
+    os._exit(130)
+
+
 def _quiet_interrupts_in_finalizers(previous):
     """sys.unraisablehook while main runs: the interrupt _on_sigterm raised inside a __del__ or a weakref callback
     cannot leave it, and Python printed it as "Exception ignored in ..." with a traceback (an audit). _main says it
@@ -181,7 +192,7 @@ def _quiet_interrupts_in_finalizers(previous):
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs a command and returns its exit code. Called without argv (the `pymerge` script,
-    `python -m pymerge`), a finished command ends the process at once: its output is committed and
+    `python -m pymerge`), a finished merge ends the process at once: its output is committed and
     flushed, and skipping the interpreter's teardown of torch saves ~0.6 s per run."""
     if argv is None:  # the script's own process (a library caller's descriptors are its own business)
         _fill_closed_descriptors()
@@ -234,8 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _discard_stdout()  # its buffer would raise again at exit
         return 2
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # the script's teardown (~0.6 s of torch's) runs under _exit_interrupted
+            signal.signal(sig, _exit_interrupted if argv is None else handler)
         sys.unraisablehook = hook
         if stand_in is not None and sys.stderr is stand_in:
             sys.stderr = None
@@ -371,7 +382,7 @@ def _main(argv: Optional[List[str]]) -> int:
         # KeyboardInterrupt there and went on, and the command ended 0 (an audit): its work is done, it was asked to stop
         say(f"pymerge: {args.command} interrupted; it ran to its end, so what it wrote is complete")
         rc = 130
-    if as_script:  # the interpreter's teardown of torch, ~0.6 s, ended by a signal after the handlers go (-15, not 130)
+    if as_script and args.command == "merge":
         _end_process(rc)
     return rc
 

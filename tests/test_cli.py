@@ -763,7 +763,7 @@ def test_an_interrupt_taken_inside_a_finalizer_is_one_line_and_130(monkeypatch, 
 def test_a_signal_after_the_last_line_never_kills_the_command(sig):
     """SIGTERM or SIGHUP as `pymerge doctor`, bench, search or demo printed its last line: the handlers were given
     back and the interpreter's teardown (~0.6 s) ran, so the signal killed the process (-15, -1), where the README
-    promises 130. Every command now ends the process at once, as merge did."""
+    promises 130. The script's teardown now runs under a handler that exits 130 at once."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for _ in range(2):
         p = subprocess.Popen([sys.executable, "-m", "pymerge", "doctor"], stdout=subprocess.PIPE,

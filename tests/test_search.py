@@ -752,6 +752,26 @@ def _cli_setup(tmp_path, **extra):
     return tmp_path / "s.yml"
 
 
+def test_the_script_runs_the_user_codes_exit_work(tmp_path):
+    """`pymerge search` imports the user's evaluate module: its files are flushed and its exit handlers run when
+    the interpreter exits, which ending the process at once would skip (a review of a change that did)."""
+    cfg = _cli_setup(tmp_path, evaluate="evalexit:evaluate")
+    (tmp_path / "evalexit.py").write_text(textwrap.dedent("""
+        import atexit
+        from evalcli import evaluate as score
+        LOG = open("evals.log", "w")  # never flushed nor closed by the user's code
+        atexit.register(lambda: open("exit_ran", "w").close())
+        def evaluate(m):
+            LOG.write("one evaluation\\n")
+            return score(m)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-m", "pymerge", "search", str(cfg)], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "exit_ran").exists() and (tmp_path / "evals.log").read_text().count("one evaluation") == 6
+
+
 def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier_ones_whole(tmp_path, monkeypatch,
                                                                                                 capsys):
     """The result files were replaced one at a time and best_merge.yml last: killed while the plot was drawn, a
