@@ -537,6 +537,47 @@ def test_check_unchanged_names_a_file_read_that_changed_after_opening(tmp_path, 
             ck.check_unchanged([folder / "tokenizer.json"])
 
 
+@pytest.mark.parametrize("why", ["not listable", "too many entries"])
+def test_a_folder_not_scanned_compares_the_files_it_names(tmp_path, monkeypatch, why):
+    """A shared folder of mode 711 cannot be listed: the snapshot held nothing, so every file read looked new and
+    every merge from it was refused (a review); a busy folder is not scanned either. The shards, index and
+    config.json are stamped by name then (a shard by the file opened), and the files never stamped are not compared."""
+    import pymerge.io.checkpoint as ck_mod
+    if why == "not listable":
+        def refused(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr(ck_mod.os, "scandir", refused)
+    else:
+        monkeypatch.setattr(ck_mod, "_SCAN_LIMIT", 2)
+    shards = two_shards()
+    folder = make_sharded(tmp_path / "m", shards)
+    (folder / "config.json").write_text('{"vocab_size": 32}')
+    (folder / "tokenizer.json").write_text("{}")
+    with Checkpoint(folder) as ck:
+        assert not ck.snapshot.complete
+        ck.check_unchanged([folder / "tokenizer.json"])
+        (folder / "tokenizer.json").write_text('{"new": 1}')  # never stamped: not compared
+        ck.check_unchanged([folder / "tokenizer.json"])
+        os.utime(folder / "config.json", ns=(0, 0))
+        with pytest.raises(CheckpointError, match=r"config.json: was replaced or rewritten while it was being merged"):
+            ck.check_unchanged()
+    real = ck_mod.open_tensor_file
+    other = make_sharded(tmp_path / "other", {f: {k: v + 1 for k, v in t.items()} for f, t in shards.items()})
+
+    def replace_the_second_before_it_opens(path):  # its name stamped after: the opened file tells
+        if path.name == sorted(shards)[1]:
+            os.replace(other / path.name, path)
+        return real(path)
+    monkeypatch.setattr(ck_mod, "open_tensor_file", replace_the_second_before_it_opens)
+    with Checkpoint(folder) as ck:
+        ck.check_unchanged()  # a consistent file was opened and is still there
+    monkeypatch.setattr(ck_mod, "open_tensor_file", real)
+    with Checkpoint(folder) as ck:
+        os.replace(tmp_path / "other" / sorted(shards)[0], folder / sorted(shards)[0])
+        with pytest.raises(CheckpointError, match=rf"{re.escape(sorted(shards)[0])}: was replaced"):
+            ck.check_unchanged()
+
+
 def test_index_not_json(tmp_path):
     folder = make_sharded(tmp_path / "m", two_shards())
     (folder / "model.safetensors.index.json").write_text("{oops")

@@ -364,20 +364,34 @@ class FolderSnapshot:
     """A folder's identity and its files' as a merge opened it. The merge reads config.json, the tokenizer and other
     side files by path long after it opened the shards: save_pretrained, rsync or a download renaming new files
     over them meanwhile gave an output with one version's tensors and the other's config (an audit). check(paths)
-    names the first of the files read that is not the one snapshotted (replaced, rewritten, gone or new)."""
+    names the first of the files read that is not the one snapshotted (replaced, rewritten, gone or new).
+    A folder that cannot be listed (a shared one of mode 711) or holds more than _SCAN_LIMIT entries (a single-file
+    checkpoint in a busy folder) is not scanned: only the files note() stamped are compared then."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
         self.identity = identity(self.folder)
         self.files = {}  # name -> (device, inode, size, mtime, ctime) of each regular file in it, links followed
+        self.complete = False  # every file of the folder is in files (absent there: absent at the snapshot)
         try:
             with os.scandir(self.folder) as entries:
-                for entry in entries:
+                for n, entry in enumerate(entries):
+                    if n == _SCAN_LIMIT:
+                        break
                     now = _file_stamp(entry.path)
                     if now is not None:
                         self.files[entry.name] = now
-        except OSError:  # unreadable: the merge's own reads say why
+                else:
+                    self.complete = True
+        except OSError:
             pass
+        if not self.complete:
+            self.files = {}
+
+    def note(self, path) -> None:
+        """Stamps one file of the folder where it was not scanned (the shards, config.json: named, not listed)."""
+        if not self.complete:
+            self.files.setdefault(Path(path).name, _file_stamp(path))
 
     def check(self, paths: Sequence = ()) -> None:
         check_folder_unchanged(self.folder, self.identity)
@@ -385,9 +399,18 @@ class FolderSnapshot:
             p = Path(p)
             if p.parent != self.folder:  # another folder's (a tokenizer source's), or a subfolder's
                 continue
+            if not self.complete and p.name not in self.files:  # never stamped: nothing to compare with
+                continue
             if _file_stamp(p) != self.files.get(p.name):
-                raise CheckpointError(f"{p}: was replaced or rewritten while it was being merged (another program "
-                                      "wrote there: a save_pretrained, a download, an rsync); run the merge again")
+                raise changed_while_merged(p)
+
+
+def changed_while_merged(path) -> CheckpointError:
+    return CheckpointError(f"{path}: was replaced or rewritten while it was being merged (another program wrote "
+                           "there: a save_pretrained, a download, an rsync); run the merge again")
+
+
+_SCAN_LIMIT = 4096  # entries a snapshot stamps: a model folder holds tens
 
 
 def _file_stamp(path) -> Optional[tuple]:
@@ -440,6 +463,9 @@ class Checkpoint:
         except BaseException:
             self.close()
             raise
+        for f in [*self.files, self.index_file, self.folder / "config.json"]:
+            if f is not None:
+                self.snapshot.note(f)
         self._names = [n for s in self._shards for n in s.names()]
         refuse_quantized(str(self.path), self._names, lambda n: self.info(n).dtype_name, self.close)
 
@@ -503,6 +529,11 @@ class Checkpoint:
         reading the old files, but config.json, the tokenizer and remote code are read by path later: another
         merge replacing the folder (--force) or a save_pretrained over its files in between gave an output with
         one version's tensors and the other's side files. A merge calls this after reading them all."""
+        check_folder_unchanged(self.folder, self.snapshot.identity)  # the folder first: what replaced it says more
+        for shard in self._shards:  # the file opened, where the folder was not scanned before it was
+            was = getattr(shard, "mapped_identity", None)
+            if was is not None and identity(shard.path) != was:
+                raise changed_while_merged(shard.path)
         index = [self.index_file] if self.index_file is not None else []
         self.snapshot.check([*self.files, *index, self.folder / "config.json", *read])
 
