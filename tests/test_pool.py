@@ -912,6 +912,25 @@ def test_a_pool_sent_to_another_process_still_merges_here(compress, method):
         assert all(torch.equal(got[k], changed[k]) for k in want)
 
 
+@pytest.mark.parametrize("how", ["pickle", "forking pickler", "deepcopy"])
+def test_a_tensor_handed_out_stays_watched_after_the_pool_is_pickled(how):
+    """A pickling made the pool note its tensors again, and that forgot the ones tensor() had handed out: one freed
+    since (FSDP's resize_(0)) was no longer refused, and the next merge crashed (a review)."""
+    import copy
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+    g = torch.Generator().manual_seed(0)
+    srcs = [{"a": torch.randn(4099, generator=g)} for _ in range(3)]
+    pool = copy.deepcopy(CheckpointPool(srcs, residency="host"))  # a copy's storages can be resized
+    want = pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(4099)})["a"].clone()
+    own = pool.tensor(0, "a")
+    {"pickle": pickle.dumps, "forking pickler": ForkingPickler.dumps, "deepcopy": copy.deepcopy}[how](pool)
+    assert torch.equal(pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(4099)})["a"], want)
+    own.untyped_storage().resize_(0)
+    with pytest.raises(InputError, match=r"the pool's copy of checkpoint source 0 was freed or moved"):
+        pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(4099)})
+
+
 def test_a_source_giving_another_shape_than_it_lists_is_named(monkeypatch):
     from pymerge.pool.sources import DictSource
     models = make_models(2)

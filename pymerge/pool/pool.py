@@ -729,8 +729,15 @@ class CheckpointPool:
         sends into shared memory, in place, so the pool's cached native plans and overlap spans pointed at freed
         memory (a segfault, merges off by 1e34, or a false overlap refusal: an audit). The first call after a
         pickling notes the tensors again and plans anew. (Only pools of their own copies pickle: none reads a
-        caller's tensors in place.)"""
+        caller's tensors in place.) The tensors tensor() handed out stay watched: one moved into shared memory at
+        its size is where it is now; one freed meanwhile is still refused (forgotten, it crashed: a review)."""
+        owned = {}
+        for label, storage, at, nbytes in self._owned.values():
+            if storage.data_ptr() != at and storage.is_shared() and storage.nbytes() == nbytes:
+                at = storage.data_ptr()
+            owned[at] = (label, storage, at, nbytes)
         self._note_held()
+        self._owned = owned
         self._plan_cache = grouped.PlanCache()
         self._sent = False
 
