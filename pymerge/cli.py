@@ -378,7 +378,7 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command != "merge":
         args.args = rest + list(args.args)
     rc = _run(args)
-    if _SIGNALLED and rc != 130:  # taken inside a finalizer as the command's objects went: Python printed the
+    if _SIGNALLED and rc == 0:  # taken inside a finalizer as the command's objects went: Python printed the
         # KeyboardInterrupt there and went on, and the command ended 0 (an audit): its work is done, it was asked to stop
         say(f"pymerge: {args.command} interrupted; it ran to its end, so what it wrote is complete")
         rc = 130
