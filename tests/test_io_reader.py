@@ -447,13 +447,18 @@ def test_index_shard_names_spelled_with_dot_slash(tmp_path):
         assert torch.equal(ck.tensor("head"), shards["model-00002-of-00002.safetensors"]["head"])
 
 
+def _a_model_and_its_next_version(tmp_path):
+    """Two-shard model folders m and other (every value + 1): (shards, m, other)."""
+    shards = two_shards()
+    return (shards, make_sharded(tmp_path / "m", shards),
+            make_sharded(tmp_path / "other", {f: {k: v + 1 for k, v in t.items()} for f, t in shards.items()}))
+
+
 def test_a_folder_replaced_while_its_shards_open_is_refused(tmp_path, monkeypatch):
     """Shards are opened by path: a model written over the folder meanwhile (pymerge merge --force of
     another run) gave a checkpoint of some shards from each model, merged without a word."""
     import pymerge.io.checkpoint as ck_mod
-    shards = two_shards()
-    folder = make_sharded(tmp_path / "m", shards)
-    other = make_sharded(tmp_path / "other", {f: {k: v + 1 for k, v in t.items()} for f, t in shards.items()})
+    shards, folder, other = _a_model_and_its_next_version(tmp_path)
     real = ck_mod.open_tensor_file
 
     def swap_after_first(path):
@@ -489,9 +494,7 @@ def test_check_unchanged_names_a_shard_renamed_over_while_the_shards_were_opened
     """A download or save_pretrained renames new shards over the old ones, the folder staying: after the first
     shard was opened, both were replaced, and the merge read one shard of each version, exit 0 (an audit)."""
     import pymerge.io.checkpoint as ck_mod
-    shards = two_shards()
-    folder = make_sharded(tmp_path / "m", shards)
-    other = make_sharded(tmp_path / "other", {f: {k: v + 1 for k, v in t.items()} for f, t in shards.items()})
+    shards, folder, other = _a_model_and_its_next_version(tmp_path)
     real = ck_mod.open_tensor_file
 
     def replace_after_first(path):
@@ -549,8 +552,7 @@ def test_a_folder_not_scanned_compares_the_files_it_names(tmp_path, monkeypatch,
         monkeypatch.setattr(ck_mod.os, "scandir", refused)
     else:
         monkeypatch.setattr(ck_mod, "_SCAN_LIMIT", 2)
-    shards = two_shards()
-    folder = make_sharded(tmp_path / "m", shards)
+    shards, folder, other = _a_model_and_its_next_version(tmp_path)
     (folder / "config.json").write_text('{"vocab_size": 32}')
     (folder / "tokenizer.json").write_text("{}")
     with Checkpoint(folder) as ck:
@@ -562,7 +564,6 @@ def test_a_folder_not_scanned_compares_the_files_it_names(tmp_path, monkeypatch,
         with pytest.raises(CheckpointError, match=r"config.json: was replaced or rewritten while it was being merged"):
             ck.check_unchanged()
     real = ck_mod.open_tensor_file
-    other = make_sharded(tmp_path / "other", {f: {k: v + 1 for k, v in t.items()} for f, t in shards.items()})
 
     def replace_the_second_before_it_opens(path):  # its name stamped after: the opened file tells
         if path.name == sorted(shards)[1]:
