@@ -47,6 +47,7 @@ from pymerge.io.writer import swept_name, working_folder_note, working_folder_wi
 from pymerge.io.checkpoint import read_model_config
 from pymerge.io.files import out_location, present, read_json, repeated_model, stays_inside
 from pymerge.io.sigbus import MappingGuard
+from pymerge.default_device import factories_on_cpu
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
 from pymerge.sizes import MAX_BYTES, MIN_CHUNK_BYTES, parse_size
@@ -170,6 +171,7 @@ def check_thread_flag(threads, flag: str) -> None:
         raise InputError(f"{flag} must be an integer from 1 to {MAX_THREADS}, got {short(threads)}")
 
 
+@factories_on_cpu
 def run_merge(config_or_path: Union[str, Path, dict, MergeConfig], out_dir, *, device: str = "auto",
               out_shard_size: float = DEFAULT_SHARD_BYTES, threads: Optional[int] = None, force: bool = False,
               quiet: bool = False, chunk_bytes: Optional[int] = None, random_seed: Optional[int] = None,

@@ -183,4 +183,4 @@ def quartile_keys(flat: torch.Tensor, pos) -> list:
 
 
 def _floats(keys, device) -> tuple:
-    return tuple(torch.tensor([k], dtype=torch.int32).view(torch.float32)[0].to(device) for k in keys)
+    return tuple(torch.tensor([k], dtype=torch.int32, device=device).view(torch.float32)[0] for k in keys)

@@ -24,6 +24,7 @@ from pymerge import _native
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
+from pymerge.default_device import factories_on_cpu
 from pymerge.io.sigbus import MappingGuard, identity, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import (address_problem, backing_problem, kind_problem, negated_problem, overlap_problem,
@@ -145,6 +146,7 @@ class CheckpointPool:
             return super().__new__(ShardedPool)
         return super().__new__(cls)
 
+    @factories_on_cpu
     def __init__(self, sources, base=None, device="cpu", dtype: Optional[torch.dtype] = None,
                  memory_budget=None, residency: Optional[str] = None, backend: str = "auto",
                  num_threads: int = 0, chunk_bytes: int = 64 << 20, shard_like=None, compress: Optional[str] = None,
@@ -352,6 +354,7 @@ class CheckpointPool:
         return None
 
     @classmethod
+    @factories_on_cpu
     def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":
         """A compressed pool saved with save(), checked as strictly as any checkpoint; nothing re-compressed."""
         store = compressed.CompressedStore.load(path)
@@ -564,6 +567,7 @@ class CheckpointPool:
         return self.materialize_many([weights], [into], method, groups=groups, normalize=normalize, names=names,
                                      strict=strict, seed=seed, method_params=method_params, **params)[0]
 
+    @factories_on_cpu
     @_checks_mapped_files
     def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
                          normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,

@@ -74,7 +74,10 @@ def _detached(values):
     """Lists (of lists) with tensors that require grad detached (their values are what counts here)."""
     if isinstance(values, (list, tuple)):
         return [_detached(v) for v in values]
-    return values.detach() if isinstance(values, torch.Tensor) else values
+    if not isinstance(values, torch.Tensor):
+        return values
+    t = values.detach().cpu()
+    return t.double() if t.is_floating_point() else t  # (numpy reads no bfloat16 or float8 0-d tensor: an audit)
 
 
 def weight_table(weights, n: int, normalize: bool = False, what: str = "weights") -> np.ndarray:

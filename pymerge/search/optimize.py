@@ -781,7 +781,7 @@ def _sample(tensors, extra: bytes = b"", spread: bool = False) -> str:
     for t in tensors[::-(-len(tensors) // 64) or 1]:
         flat = t.detach().reshape(-1)
         if spread and flat.numel() > 64:
-            flat = flat[torch.linspace(0, flat.numel() - 1, 64, dtype=torch.float64).long().to(flat.device)]
+            flat = flat[torch.linspace(0, flat.numel() - 1, 64, dtype=torch.float64, device=flat.device).long()]
         h.update(flat[:16 if not spread else 64].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
