@@ -1,7 +1,7 @@
 """The pymerge command: merge | demo | search | bench | doctor, and --version.
 
 Exit codes: 0 success; 2 bad input or a system error such as a full disk (one line on stderr
-naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C, SIGTERM or SIGHUP; no output left
+naming the file, tensor or key: no traceback); 130 interrupted (Ctrl-C, SIGTERM, SIGHUP or SIGXCPU; no output left
 behind); 141 stdout's reader went away (`pymerge doctor | head -1`: silent, as a tool stopped by SIGPIPE); 1 a
 distributed failure (another rank failed or was lost, or this rank cannot join: one line, a DistributedError) or
 anything else, with the traceback, since that is a bug in pymerge.
@@ -15,6 +15,7 @@ from typing import List, Optional
 from pymerge import mergekit_flags
 from pymerge.argparser import ArgumentParser
 from pymerge.progress import say
+from pymerge.stop_signals import STOP_SIGNALS
 
 
 def parse_size(text, zero: bool = False, minimum: int = 1) -> int:
@@ -211,10 +212,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
-            # a closed terminal or ssh session (SIGHUP) too, unless ignored (nohup): it left the temporary
-            # folder, a model's size, beside OUT until the next merge into it (an audit)
-            if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
-                previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_sigterm)
+            # SIGHUP and SIGXCPU too, unless ignored (nohup): they left the temporary folder, a model's size,
+            # beside OUT until the next merge into it (audits)
+            for sig in STOP_SIGNALS:
+                if sig != signal.SIGTERM and signal.getsignal(sig) is signal.SIG_DFL:
+                    previous[sig] = signal.signal(sig, _on_sigterm)
         try:
             _Parser.last_error = None
             rc = _main(argv)

@@ -632,10 +632,11 @@ def test_an_import_error_without_an_interrupt_stays_a_traceback(monkeypatch):
         cli.main(["merge", "c.yml", "out"])
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGHUP, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGHUP, 130),
+                                       (signal.SIGXCPU, 130)])
 def test_interrupt_leaves_nothing_and_keeps_old_out(slow_fam, tmp_path, sig, code):
-    """SIGHUP (a closed terminal or ssh session) left the temporary folder, a model's size, until the next merge
-    into OUT (an audit): it interrupts as SIGTERM does."""
+    """SIGHUP (a closed terminal or ssh session) and SIGXCPU (a soft CPU-time limit's warning) left the temporary
+    folder, a model's size, until the next merge into OUT (audits): they interrupt as SIGTERM does."""
     base, fts = slow_fam
     cfg = write_cfg(tmp_path / "c.yml", linear(fts))
     out = tmp_path / "out"

@@ -102,7 +102,7 @@ def linear(fts):
                                                  for m, w in zip(fts, (0.3, 0.7))]}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGXCPU])
 def test_sigterm_keeps_its_default_action_while_a_rank_joins(monkeypatch, sig):
     """The rendezvous blocks in C++, where the CLI's Python SIGTERM handler never runs: torchrun's SIGTERM (a
     peer died while the others joined) was ignored until its SIGKILL 30 s later (an audit), and a SIGHUP, once

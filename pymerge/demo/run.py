@@ -35,6 +35,7 @@ from pymerge.errors import InputError
 from pymerge.io.files import missing_folders, new_file_mode, remove_empty_folders, replace_file, replace_file_prefix
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
+from pymerge.stop_signals import STOP_SIGNALS
 
 
 def default_eval_dtype() -> torch.dtype:
@@ -488,11 +489,11 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
 
 @contextlib.contextmanager
 def _signals_held():
-    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends, then act as they would have: its writes land together.
-    A second one acts at once; an error in the block goes on as itself. (Python handlers, not a signal mask:
+    """Ctrl-C, SIGTERM, SIGHUP and SIGXCPU wait until the block ends, then act as they would have: its writes land
+    together. A second one acts at once; an error in the block goes on as itself. (Python handlers, not a signal mask:
     the process's other threads, torch's and the kernels', would take a masked signal and the main thread
     would still raise at once.)"""
-    held = tuple(sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None)
+    held = (signal.SIGINT, *STOP_SIGNALS)
     old = {sig: signal.getsignal(sig) for sig in held} if threading.current_thread() is threading.main_thread() \
         else {}
     if not old or any(h is None for h in old.values()):  # another thread, or a handler installed from C

@@ -38,6 +38,7 @@ from pymerge.errors import CheckpointError, DistributedError, InputError, Interr
 from pymerge.io import ShardedWriter
 from pymerge.io.writer import working_folder_note, working_folder_within
 from pymerge.sizes import MAX_BYTES
+from pymerge.stop_signals import STOP_SIGNALS
 
 TIMEOUT_ENV = "PYMERGE_DIST_TIMEOUT"
 OFF_ENV = "PYMERGE_NO_DIST"  # =1: one process even where RANK and WORLD_SIZE are set (a job's own ranks)
@@ -463,12 +464,11 @@ def _process_group(device: str, timeout_s: float):
 
 @contextlib.contextmanager
 def _sigterm_default():
-    """SIGTERM (and SIGHUP) at its default action while a rank joins: the rendezvous blocks in C++, where the CLI's
-    Python handler never runs, so torchrun's SIGTERM (a peer died) was ignored until its SIGKILL 30 s later, and a
-    SIGHUP for the whole timeout (a review); nothing exists yet that a handler would clean up."""
+    """SIGTERM (and SIGHUP, SIGXCPU) at its default action while a rank joins: the rendezvous blocks in C++, where
+    the CLI's Python handler never runs, so torchrun's SIGTERM (a peer died) was ignored until its SIGKILL 30 s later,
+    and a SIGHUP for the whole timeout (a review); nothing exists yet that a handler would clean up."""
     main = threading.current_thread() is threading.main_thread()
-    signals = [sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
-    current = {sig: signal.getsignal(sig) for sig in signals} if main else {}
+    current = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main else {}
     # only the CLI's own handler: a library caller's handler (or SIG_IGN) is theirs to keep
     ours = [sig for sig, h in current.items()
             if getattr(h, "__module__", None) == "pymerge.cli" and getattr(h, "__name__", None) == "_on_sigterm"]
