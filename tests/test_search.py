@@ -210,6 +210,28 @@ def test_dict_scores_macro_average_replicas_and_reports(tmp_path):
     assert os.path.getsize(paths["png"]) > 1000
 
 
+def test_a_save_that_fails_out_of_descriptors_leaves_no_hidden_folder(tmp_path, monkeypatch):
+    """Out of descriptors (ulimit -n), the write failed and so did the removal of the hidden folder it was staged in,
+    silently (rmtree needs a descriptor): the folder and the files already written stayed in out (an audit). The
+    lock's descriptor is given up for a second try, as the writer does."""
+    pool, _, _ = synthetic(n=3)
+    res = optimize(pool, lambda m: -float(m.theta.detach().norm()), model=Vec(), budget=3, popsize=3, log=None)
+    real_rmtree, calls = optimize_module.shutil.rmtree, []
+
+    def rmtree_out_of_descriptors(path, *a, **k):
+        calls.append(path)
+        if len(calls) > 1:  # the first fails as it would with no descriptor left (ignore_errors: silently)
+            real_rmtree(path, *a, **k)
+
+    def emfile(*a, **k):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(optimize_module.shutil, "rmtree", rmtree_out_of_descriptors)
+    monkeypatch.setattr(optimize_module, "write_csv", emfile)
+    with pytest.raises(OSError, match="Too many open files"):
+        res.save(str(tmp_path / "out"))
+    assert len(calls) == 2 and os.listdir(tmp_path / "out") == []
+
+
 def test_cli_runs_a_config(tmp_path):
     cfg = _cli_setup(tmp_path, state_path="state.json")
     assert cli_main([str(cfg)]) == 0

@@ -119,6 +119,10 @@ class SearchResult:
         finally:
             try:
                 shutil.rmtree(stage, ignore_errors=True)
+                if os.path.lexists(stage):  # out of descriptors, which rmtree needs: the lock's is given up for it
+                    release_lock(lock)      # (the folder and its files stayed in out after the error; an audit)
+                    lock = None
+                    shutil.rmtree(stage, ignore_errors=True)
             finally:
                 release_lock(lock)
         return paths
