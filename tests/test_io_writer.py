@@ -820,6 +820,28 @@ def test_a_temp_folder_replaced_under_a_writer_is_never_installed(tmp_path):
     assert not out.exists() and (w.tmp_dir / "theirs.txt").read_text() == "x"  # and not deleted by the abort
 
 
+def test_a_writer_out_of_descriptors_as_it_opens_keeps_its_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """ulimit -n reached as the shards were made: the abort's rmtree failed too (it needs two descriptors), its
+    error replaced the merge's, and the temporary folder stayed (an audit). The first error is raised, and what the
+    writer made goes by name."""
+    real = ShardedWriter._create_shard
+
+    def second_fails(self, i):
+        if i == 1:
+            raise OSError(errno.EMFILE, "Too many open files", str(self.out_dir / self.shard_names[i]))
+        return real(self, i)
+
+    def rmtree_without_descriptors(path, *a, **k):
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+    monkeypatch.setattr(ShardedWriter, "_create_shard", second_fails)
+    monkeypatch.setattr(writer_mod.shutil, "rmtree", rmtree_without_descriptors)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as raised:
+        ShardedWriter(out, [("a", torch.float32, (64,)), ("b", torch.float32, (64,))], max_shard_bytes=256)
+    assert raised.value.filename == str(out / "model-00002-of-00002.safetensors")
+    assert leftovers(tmp_path) == [] and not out.exists()
+
+
 def test_a_writer_whose_parent_folder_was_renamed_removes_its_folder_there(tmp_path):
     """OUT's parent renamed mid-merge: the install failed as it should, and the abort, finding nothing at the old
     path, left the model-sized temporary folder in the renamed parent (an audit)."""

@@ -155,8 +155,8 @@ class ShardedWriter:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
-        except BaseException:
-            self.abort()
+        except BaseException as exc:  # out of descriptors, the abort's own error replaced this one (an audit)
+            self._abort_after(exc)
             raise
 
     # ---- planning ---------------------------------------------------------------------------
@@ -734,7 +734,27 @@ class ShardedWriter:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
             self._release_lock()
-            _remove_whole(folder)
+            try:
+                _remove_whole(folder)
+            except OSError as again:  # none left for rmtree's two: what this writer made goes by name (an audit)
+                if again.errno not in (errno.EMFILE, errno.ENFILE) or not self._remove_by_name(folder):
+                    raise
+
+    def _remove_by_name(self, folder: Path) -> bool:
+        """Without a descriptor to list the folder with: the lock file and the shards this writer made, unlinked by
+        name, then the folder, if that was all (a merge out of descriptors as it opened). Whether it went."""
+        for name in (_LOCK_NAME, *self.shard_names):
+            try:
+                os.unlink(folder / name)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return False
+        return True
 
     def _release_lock(self, folder: Optional[Path] = None) -> None:
         """Unlocks; with folder, also removes the lock file from it if it is this writer's (OUT's now)."""
