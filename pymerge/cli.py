@@ -181,6 +181,17 @@ def _exit_interrupted(signum, frame):
     os._exit(130)
 
 
+def _memory_limit() -> Optional[str]:
+    """The address-space or data-size limit set on this process (ulimit -v, -d), as said to the user, or None."""
+    import resource
+    from pymerge.sizes import format_size
+    for name, flag in (("RLIMIT_AS", "ulimit -v"), ("RLIMIT_DATA", "ulimit -d")):
+        soft = resource.getrlimit(getattr(resource, name))[0] if hasattr(resource, name) else resource.RLIM_INFINITY
+        if soft != resource.RLIM_INFINITY:
+            return f"{flag}: {format_size(soft)}"
+    return None
+
+
 def _quiet_interrupts_in_finalizers(previous):
     """sys.unraisablehook while main runs: the interrupt _on_sigterm raised inside a __del__ or a weakref callback
     cannot leave it, and Python printed it as "Exception ignored in ..." with a traceback (an audit). _main says it
@@ -231,11 +242,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # before a command started (its own interrupt is _run's): importing, parsing
         say("pymerge: interrupted")
         return _interrupted(argv is None)
-    except ImportError:  # an interrupt inside an extension's import comes out as its ImportError (numpy's: a
-        if not _SIGNALLED:  # 40-line traceback, exit 1, for a Ctrl-C at start-up)
+    except ImportError as exc:  # an interrupt inside an extension's import comes out as its ImportError (numpy's:
+        if _SIGNALLED:  # a 40-line traceback, exit 1, for a Ctrl-C at start-up)
+            say("pymerge: interrupted")
+            return _interrupted(argv is None)
+        limit = _memory_limit()
+        if limit is None:
             raise
-        say("pymerge: interrupted")
-        return _interrupted(argv is None)
+        # torch's libraries could not be mapped under ulimit -v or -d: a 54-line traceback (an audit)
+        say(f"pymerge: error: a library did not load under this process's memory limit ({limit}): {_one_line(exc)}")
+        return 2
     except BrokenPipeError:
         if not _stdout_gone():
             raise

@@ -627,9 +627,27 @@ def test_an_interrupt_in_a_library_callers_main_is_returned(monkeypatch, capsys)
 
 
 def test_an_import_error_without_an_interrupt_stays_a_traceback(monkeypatch):
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(ImportError("no module named x")))
     with pytest.raises(ImportError, match="no module named x"):
         cli.main(["merge", "c.yml", "out"])
+
+
+@pytest.mark.parametrize("limit", ["RLIMIT_AS", "RLIMIT_DATA"])
+def test_a_library_that_cannot_load_under_a_memory_limit_is_one_line(monkeypatch, capsys, limit):
+    """`ulimit -v`: torch's libraries could not be mapped, and its ImportError was a 54-line traceback, exit 1,
+    where the README promises one line for the machine's limits (an audit)."""
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (400 << 20, resource.RLIM_INFINITY)
+                        if which == getattr(resource, limit) else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    failed = ImportError("libtorch_cpu.so: failed to map segment from shared object")
+    monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(failed))
+    assert cli.main(["merge", "c.yml", "out"]) == 2
+    flag = "ulimit -v" if limit == "RLIMIT_AS" else "ulimit -d"
+    assert capsys.readouterr().err == (f"pymerge: error: a library did not load under this process's memory limit "
+                                       f"({flag}: 419.43 MB): libtorch_cpu.so: failed to map segment from shared "
+                                       "object\n")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGHUP, 130),
