@@ -246,7 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if _SIGNALLED:  # a 40-line traceback, exit 1, for a Ctrl-C at start-up)
             say("pymerge: interrupted")
             return _interrupted(argv is None)
-        limit = _memory_limit()
+        text = str(exc).lower()  # the loader's words for an mmap or allocation refused (not a module missing)
+        limit = _memory_limit() if "failed to map segment" in text or "allocate memory" in text else None
         if limit is None:
             raise
         # torch's libraries could not be mapped under ulimit -v or -d: a 54-line traceback (an audit)

@@ -626,9 +626,12 @@ def test_an_interrupt_in_a_library_callers_main_is_returned(monkeypatch, capsys)
     assert capsys.readouterr().err == "pymerge: interrupted\n"
 
 
-def test_an_import_error_without_an_interrupt_stays_a_traceback(monkeypatch):
+@pytest.mark.parametrize("limited", [False, True])
+def test_an_import_error_without_an_interrupt_stays_a_traceback(monkeypatch, limited):
+    """(With a memory limit set too: a module missing is not the limit's doing.)"""
     import resource
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (400 << 20 if limited else resource.RLIM_INFINITY,
+                                                              resource.RLIM_INFINITY))
     monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(ImportError("no module named x")))
     with pytest.raises(ImportError, match="no module named x"):
         cli.main(["merge", "c.yml", "out"])
