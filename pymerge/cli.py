@@ -7,6 +7,7 @@ distributed failure (another rank failed or was lost, or this rank cannot join: 
 anything else, with the traceback, since that is a bug in pymerge.
 """
 import argparse
+import atexit
 import os
 import signal
 import sys
@@ -171,14 +172,39 @@ def _on_sigterm(signum, frame):
 
 
 def _exit_interrupted(signum, frame):
-    """The script's handler once its command has returned: a SIGTERM or SIGHUP in the interpreter's teardown killed
-    it (-15, -1) where the README promises 130 (an audit). Ends at once, as the signal would have; the teardown is not
-    skipped otherwise (a search's user code may have files to flush and exit handlers to run: a review)."""
+    """After the script's command: SIGTERM, SIGHUP or SIGXCPU at their default action end the process with 130 at
+    once, as they would have killed it; with the handlers just given back, one as the command returned killed the
+    process (-15, -1) where the README promises 130 (an audit). A caller that runs `python -m pymerge` in-process
+    (runpy) had those signals end its process too: they still do, with 130."""
     try:
         os.write(2, b"pymerge: interrupted\n")
     except OSError:
         pass
     os._exit(130)
+
+
+_TEARDOWN_HANDLED: list = []  # the exit handler below registered (once per process)
+
+
+def _stop_signals_after_the_command(previous: dict) -> None:
+    """previous's signals that were at their default action go to _exit_interrupted; from the interpreter's exit
+    on (an exit handler) they are ignored, the command having finished: Python gives every signal it handled its
+    default action back as it finalizes, so one in the teardown that follows (~0.6 s of torch's) killed the process
+    (an audit); an ignored one stays ignored, and the process exits with its command's status. (Ending the process
+    at once instead skipped a search's user code's exit handlers and unflushed files: a review.)"""
+    for sig in STOP_SIGNALS:
+        if previous.get(sig) is signal.SIG_DFL:
+            signal.signal(sig, _exit_interrupted)
+    if _TEARDOWN_HANDLED:
+        return
+    _TEARDOWN_HANDLED.append(True)
+
+    def at_exit():
+        if _main_thread():
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) in (signal.SIG_DFL, _exit_interrupted):
+                    signal.signal(sig, signal.SIG_IGN)
+    atexit.register(at_exit)
 
 
 def _memory_limit() -> Optional[str]:
@@ -251,7 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if limit is None:
             raise
         # torch's libraries could not be mapped under ulimit -v or -d: a 54-line traceback (an audit)
-        say(f"pymerge: error: a library did not load under this process's memory limit ({limit}): {_one_line(exc)}")
+        say(f"pymerge: error: a library did not load: {_one_line(exc)} (this process's memory limit, {limit}, may be "
+            "too low)")  # (a noexec mount says the same words: a review)
         return 2
     except BrokenPipeError:
         if not _stdout_gone():
@@ -264,8 +291,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         _discard_stdout()  # its buffer would raise again at exit
         return 2
     finally:
-        for sig, handler in previous.items():  # the script's teardown (~0.6 s of torch's) runs under _exit_interrupted
-            signal.signal(sig, _exit_interrupted if argv is None else handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if argv is None:
+            _stop_signals_after_the_command(previous)
         sys.unraisablehook = hook
         if stand_in is not None and sys.stderr is stand_in:
             sys.stderr = None

@@ -648,9 +648,9 @@ def test_a_library_that_cannot_load_under_a_memory_limit_is_one_line(monkeypatch
     monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(failed))
     assert cli.main(["merge", "c.yml", "out"]) == 2
     flag = "ulimit -v" if limit == "RLIMIT_AS" else "ulimit -d"
-    assert capsys.readouterr().err == (f"pymerge: error: a library did not load under this process's memory limit "
-                                       f"({flag}: 419.43 MB): libtorch_cpu.so: failed to map segment from shared "
-                                       "object\n")
+    assert capsys.readouterr().err == ("pymerge: error: a library did not load: libtorch_cpu.so: failed to map "
+                                       f"segment from shared object (this process's memory limit, {flag}: 419.43 MB, "
+                                       "may be too low)\n")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGHUP, 130),
@@ -799,6 +799,19 @@ def test_a_signal_after_the_last_line_never_kills_the_command(sig):
         p.send_signal(sig)
         p.stdout.read()
         assert p.wait(timeout=60) in (0, 130)
+
+
+def test_python_m_pymerge_run_in_process_gives_its_caller_back_ctrl_c():
+    """runpy.run_module("pymerge") (IPython's %run -m): the teardown's handler stayed installed, and the caller's
+    next Ctrl-C ended its process with 130 instead of raising KeyboardInterrupt there (a review)."""
+    script = ("import os, runpy, signal, sys, time\n"
+              "sys.argv = ['pymerge', '--version']\n"
+              "try:\n    runpy.run_module('pymerge', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+              "try:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)\n"
+              "except KeyboardInterrupt:\n    print('the caller goes on')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "the caller goes on", (r.returncode, r.stderr[-2000:])
 
 
 def test_bench_refuses_elements_past_the_memory_before_allocating(monkeypatch, capsys):

@@ -1150,6 +1150,35 @@ os._exit(0)
     assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stdout, r.stderr[-2000:])
 
 
+def test_a_sharded_pool_under_the_meta_device_merges_as_without(tmp_path):
+    """The default-device fix (pymerge/default_device.py) missed ShardedPool's own construction and merges: under
+    torch.device("meta") its agreements' tensors had no data (a review). One rank, its own process."""
+    import subprocess
+    import sys
+    code = """
+import os, torch, torch.distributed as dist
+from datetime import timedelta
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + os.getpid() % 20000))
+dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
+from pymerge.pool.pool import CheckpointPool
+g = torch.Generator().manual_seed(0)
+src = [{"w": torch.randn(64, 64, generator=g)} for _ in range(3)]
+base = {"w": torch.randn(64, 64, generator=g)}
+want = CheckpointPool(src, base=base).materialize([0.2, 0.3, 0.5], into={"w": torch.zeros(64, 64)}, method="ties")
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+target = {"w": distribute_tensor(torch.zeros(64, 64), init_device_mesh("cpu", (1,)), [Shard(0)])}
+with torch.device("meta"):
+    pool = CheckpointPool(src, base=base, shard_like=target)
+    pool.materialize([0.2, 0.3, 0.5], into=target, method="ties")
+print("same" if torch.equal(target["w"].full_tensor(), want["w"]) else "differs")
+dist.destroy_process_group()
+os._exit(0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "same", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 def bounded_stats_worker(rank, world, files):
     """The statistics cache over many seeds and densities: bounded, and every result the single process's."""
     from torch.distributed.device_mesh import init_device_mesh

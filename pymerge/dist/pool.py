@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from pymerge.default_device import factories_on_cpu
 from pymerge.dist import collectives
 from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, layout_key, reduce_group
 from pymerge.dist.reads import ShardedSource
@@ -39,6 +40,7 @@ from pymerge.sizes import format_size
 class ShardedPool(CheckpointPool):
     """See the module docstring; built by CheckpointPool(..., shard_like=...)."""
 
+    @factories_on_cpu
     def __init__(self, sources, base=None, *args, shard_like=None, names=None, **kwargs):
         import torch.distributed as dist
         absent: list = []  # a tensor on a mesh without this rank, a module mid-iteration: this rank's error, agreed
@@ -138,6 +140,7 @@ class ShardedPool(CheckpointPool):
 
     __repr__ = describe
 
+    @factories_on_cpu
     def materialize_many(self, weight_rows, into, method: str = "linear", **kwargs) -> list:
         """CheckpointPool.materialize_many, with every check agreed across ranks before any write: an
         error on one rank only (its targets' dtypes or memory, its arguments) is raised on every rank.

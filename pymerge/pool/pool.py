@@ -246,6 +246,7 @@ class CheckpointPool:
         if self.residency == "mmap" or getattr(self, "_cuda", None) is not None:
             raise InputError(f"a pool on the {self.residency} tier{' on ' + str(self.device) if self._cuda else ''} "
                              "cannot be copied or pickled; build another from the same sources")
+        self._check_borrowed()  # a copy freed or moved before: refused now, so any move from here on is the pickler's
         state = dict(self.__dict__, _sent=False)
         if "_plan_cache" in state:
             state["_plan_cache"], state["_selection"] = grouped.PlanCache(), self._selection_cache()

@@ -95,8 +95,8 @@ class SearchResult:
         except OSError as exc:
             raise InputError(f"{out_dir}: cannot write the search's results there ({exc.strerror or exc})") from None
         lock = None
+        staged = {k: os.path.join(stage, n) for k, n in names.items()}
         try:
-            staged = {k: os.path.join(stage, n) for k, n in names.items()}
             try:
                 lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
                 write_json(staged["json"], {
@@ -119,10 +119,14 @@ class SearchResult:
         finally:
             try:
                 shutil.rmtree(stage, ignore_errors=True)
-                if os.path.lexists(stage):  # out of descriptors, which rmtree needs: the lock's is given up for it
-                    release_lock(lock)      # (the folder and its files stayed in out after the error; an audit)
-                    lock = None
-                    shutil.rmtree(stage, ignore_errors=True)
+                if os.path.lexists(stage):  # out of descriptors, which rmtree needs two of: the lock's is given up
+                    release_lock(lock)      # and the staged files go by name (the folder and its files stayed in
+                    lock = None             # out after the error; an audit)
+                    for path in staged.values():
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(stage)
             finally:
                 release_lock(lock)
         return paths
