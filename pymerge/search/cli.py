@@ -147,7 +147,7 @@ def _dtype(name):
 
 
 def _best_yaml(path: str, sources, base, weights, method: str, method_params: dict, model=None,
-               pool_dtype=None, merged=None) -> None:
+               pool_dtype=None, merged=None, tied_note: str = "") -> None:
     """The best flat weights as a mergekit config that `pymerge merge` (or mergekit) turns into the same
     merge: the method, its base and its parameters (per-group tables stay in history.json), computed in
     float32 (or the pool's dtype=) as the pool does, written in the dtype of the model searched when its
@@ -186,6 +186,7 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
         note += (f"# The model searched holds tensors of several dtypes ({names}): the search scored each one rounded\n"
                  f"# to its tensor's dtype, while this merge writes them all in {cfg['dtype']}; round them as the model\n"
                  "# does (load the merge into it) to get the merge the search scored.\n")
+    note += tied_note
     if any(os.path.isfile(s) for s in [*sources, *([base] if base else [])]):  # (mergekit: a traceback)
         note += ("# It names .safetensors files, which pymerge merge reads; mergekit 0.1.5 reads model folders only\n"
                  "# (their config.json).\n")
@@ -195,6 +196,34 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
             fh.write(note)
             yaml.safe_dump(cfg, fh, sort_keys=False)
     replace_file(path, write)
+
+
+def _tied_head_note(pool, model, names, method: str, method_params: dict) -> str:
+    """best_merge.yml's note where it cannot rebuild the model scored at its head: a model that ties its head to its
+    embedding, searched with DARE's or DELLA's masks over checkpoints that store the head too (a copy). The search
+    scored the merged embedding as the head (one tensor), where `pymerge merge` draws the head's masks of its own,
+    per tensor name, and unties it (pymerge/tied.py): the head differed by up to 0.28, unsaid (an audit)."""
+    from pymerge.methods.base import get_method
+    from pymerge.ops.task_vector_ops import SEEDED
+    from pymerge.pool.pool import _map_name, _tensors_of
+    from pymerge.tied import embedding_of, is_head
+    if getattr(get_method(method), "sparsification", None) not in SEEDED:
+        return ""
+    densities = [method_params.get("density", 1.0)]
+    flat = [float(d) for v in densities for d in (v if isinstance(v, (list, tuple)) else [v])
+            if isinstance(d, (int, float))]
+    head = next((n for n in pool.names if is_head(n)), None)
+    embedding = embedding_of(pool.names, pool.shapes.__getitem__)
+    if not flat or min(flat) >= 1 or head is None or embedding is None:
+        return ""
+    tensors = _tensors_of(model)
+    h, e = tensors.get(_map_name(head, names)), tensors.get(_map_name(embedding, names))
+    if h is None or e is None or h.untyped_storage().data_ptr() != e.untyped_storage().data_ptr():
+        return ""
+    return (f"# The model searched ties {head} to {embedding}, which the checkpoints store too: the search scored\n"
+            f"# the merged {embedding} as its head, while this merge draws {head}'s masks of its own ({method}'s,\n"
+            f"# per tensor name) and unties it. Its {embedding} is the one scored: for the model scored, copy it\n"
+            f"# into {head}.\n")
 
 
 def _merged_tensors(pool, model, names) -> list:
@@ -417,13 +446,17 @@ def _search(args, cfg: dict, here: str) -> int:
         # weights are in history.json), nor one whose checkpoint was replaced during the search (a fresh download
         # renamed over it): naming the files, it would build another merge than the one scored (an audit).
         changed = pool.changed_file() if result.best_weights.ndim == 1 else None
-        best = None
+        best, tied_note = None, ""
         if result.best_weights.ndim == 1 and changed is None:
+            tied_note = _tied_head_note(pool, model, cfg.get("names"), method, method_params)
             best = functools.partial(_best_yaml, sources=sources, base=rel(cfg.get("base")),
                                      weights=result.best_weights, method=method, method_params=method_params,
                                      model=model, pool_dtype=_dtype(cfg.get("dtype")),
-                                     merged=_merged_tensors(pool, model, cfg.get("names")))
+                                     merged=_merged_tensors(pool, model, cfg.get("names")), tied_note=tied_note)
         paths = result.save(out, extra={"best_merge.yml": best})
+        if tied_note:
+            say(f"pymerge search: warning: {os.path.join(out, 'best_merge.yml')}: "
+                + " ".join(line[2:] for line in tied_note.splitlines()))
         if changed is not None:
             raise InputError(f"{changed}: best_merge.yml, which names the checkpoint files, would not rebuild "
                              f"the merge the search scored, so it was not written (the search's results are "
