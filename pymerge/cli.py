@@ -192,18 +192,24 @@ def _stop_signals_after_the_command(previous: dict) -> None:
     default action back as it finalizes, so one in the teardown that follows (~0.6 s of torch's) killed the process
     (an audit); an ignored one stays ignored, and the process exits with its command's status. (Ending the process
     at once instead skipped a search's user code's exit handlers and unflushed files: a review.)"""
+    if not previous:  # main() ran in another thread: it installed nothing, and leaves nothing
+        return
     for sig in STOP_SIGNALS:
-        if previous.get(sig) is signal.SIG_DFL:
+        if previous.get(sig) in (signal.SIG_DFL, _exit_interrupted):
             signal.signal(sig, _exit_interrupted)
     if _TEARDOWN_HANDLED:
         return
     _TEARDOWN_HANDLED.append(True)
 
     def at_exit():
-        if _main_thread():
-            for sig in STOP_SIGNALS:
-                if signal.getsignal(sig) in (signal.SIG_DFL, _exit_interrupted):
-                    signal.signal(sig, signal.SIG_IGN)
+        # Children multiprocessing's exit handler (after this one) joins: _exit_interrupted still ends the process
+        # there (ignored, a worker a search's user code left running made the teardown unstoppable: a review)
+        mp = sys.modules.get("multiprocessing")
+        if mp is not None and mp.active_children():
+            return
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) in (signal.SIG_DFL, _exit_interrupted):
+                signal.signal(sig, signal.SIG_IGN)
     atexit.register(at_exit)
 
 
@@ -251,8 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
             # SIGHUP and SIGXCPU too, unless ignored (nohup): they left the temporary folder, a model's size,
             # beside OUT until the next merge into it (audits)
-            for sig in STOP_SIGNALS:
-                if sig != signal.SIGTERM and signal.getsignal(sig) is signal.SIG_DFL:
+            for sig in STOP_SIGNALS:  # (_exit_interrupted: an earlier main()'s, in this process)
+                if sig != signal.SIGTERM and signal.getsignal(sig) in (signal.SIG_DFL, _exit_interrupted):
                     previous[sig] = signal.signal(sig, _on_sigterm)
         try:
             _Parser.last_error = None

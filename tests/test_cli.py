@@ -814,6 +814,74 @@ def test_python_m_pymerge_run_in_process_gives_its_caller_back_ctrl_c():
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "the caller goes on", (r.returncode, r.stderr[-2000:])
 
 
+_SECOND_MAIN = """
+import os, signal, sys, time
+from pymerge import cli
+sys.argv = ["pymerge", "--version"]
+try:
+    cli.main()
+except SystemExit:
+    pass
+def command(args):
+    print("handler", signal.getsignal(signal.SIGHUP).__name__, flush=True)
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)
+    finally:
+        print("cleanup ran", flush=True)
+    return 0
+cli._dispatch = command
+print("rc", cli.main(["doctor"]), flush=True)
+"""
+
+
+def test_a_second_main_in_one_process_still_cleans_up_on_sighup():
+    """The first main() of the script left SIGHUP at its after-command handler, which ends the process at once; a
+    second main() in that process (an embedding, a test) took it for the caller's own and kept it, so a SIGHUP in
+    its command skipped every cleanup (a review)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _SECOND_MAIN], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.splitlines()[-3:] == ["handler _on_sigterm", "cleanup ran", "rc 130"], (r.stdout, r.stderr[-2000:])
+
+
+_CHILD_AT_EXIT = """
+import multiprocessing as mp, sys, time
+from pymerge import cli
+if __name__ == "__main__":
+    child = mp.get_context("spawn").Process(target=time.sleep, args=(60,))  # not a daemon: joined at exit
+    child.start()
+    print(child.pid, flush=True)
+    sys.argv = ["pymerge", "--version"]
+    try:
+        cli.main()
+    except SystemExit:
+        pass
+"""
+
+
+def test_a_teardown_joining_a_child_still_ends_on_sigterm(tmp_path):
+    """The after-command exit handler ignored SIGTERM for the whole teardown, where multiprocessing joins children
+    that are not daemons (one a search's user code left running): the process could not be stopped, and exited 0
+    once the child ended (a review). It still ends with 130."""
+    (tmp_path / "child_at_exit.py").write_text(_CHILD_AT_EXIT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, str(tmp_path / "child_at_exit.py")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    child = int(p.stdout.readline())
+    try:
+        assert p.stdout.readline().startswith("pymerge ")  # the --version line: the teardown begins
+        time.sleep(1.0)  # (multiprocessing's exit handler joining the child)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 130
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)  # first: it holds the pipes open
+        except ProcessLookupError:
+            pass
+        p.kill()
+        p.communicate()
+
+
 def test_bench_refuses_elements_past_the_memory_before_allocating(monkeypatch, capsys):
     """`pymerge bench --elements 4294967296` was killed by the OOM killer (exit 137 after 30 s at 24 GB): Linux
     grants the allocations torch asks for and kills the process when it touches them, so the MemoryError the

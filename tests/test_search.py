@@ -792,44 +792,58 @@ def test_the_script_runs_the_user_codes_exit_work(tmp_path):
     assert (tmp_path / "exit_ran").exists() and (tmp_path / "evals.log").read_text().count("one evaluation") == 6
 
 
-@pytest.mark.parametrize("method, note", [("dare_ties", True), ("ties", False)])
-def test_best_merge_says_where_it_cannot_rebuild_a_tied_head(tmp_path, capsys, method, note):
+@pytest.mark.parametrize("method, note, head", [("dare_ties", True, "lm_head.weight"), ("ties", False, "lm_head.weight"),
+                                                ("dare_ties", True, "cls.predictions.decoder.weight")])
+def test_best_merge_says_where_it_cannot_rebuild_a_tied_head(tmp_path, capsys, method, note, head):
     """A model tying its head to its embedding, searched with DARE's masks over checkpoints that store the head as
     a copy: the search scored the merged embedding as the head, `pymerge merge` of best_merge.yml draws the head's
     masks of its own and unties it, a head up to 0.28 off, unsaid (an audit). best_merge.yml and a warning say so,
-    and how to get the model scored; TIES (no masks) rebuilds it exactly and says nothing."""
+    and how to get the model scored; TIES (no masks) rebuilds it exactly and says nothing. The pool writes the
+    later of the two names: BERT's head comes after its embedding (a review: the advice had it backwards)."""
+    embedding = {"lm_head.weight": "model.embed_tokens.weight",
+                 "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}[head]
     g = torch.Generator().manual_seed(3)
     base = torch.randn(32, 8, generator=g)
     for name, t in (("base", base), ("c0", base + 0.1 * torch.randn(32, 8, generator=g)),
                     ("c1", base + 0.1 * torch.randn(32, 8, generator=g))):
-        save_file({"model.embed_tokens.weight": t, "lm_head.weight": t.clone()}, str(tmp_path / f"{name}.safetensors"))
-    (tmp_path / "evaltied.py").write_text(textwrap.dedent("""
+        save_file({embedding: t, head: t.clone()}, str(tmp_path / f"{name}.safetensors"))
+    module = f"evaltied_{head.split('.')[0]}"  # (one per case: a module imported once stays in sys.modules)
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
         import torch
+        def _place(m, path, module):
+            *parents, last = path.split(".")
+            for p in parents:
+                if not hasattr(m, p):
+                    setattr(m, p, torch.nn.Module())
+                m = getattr(m, p)
+            setattr(m, last, module)
         def build():
             m = torch.nn.Module()
-            m.model = torch.nn.Module()
-            m.model.embed_tokens = torch.nn.Embedding(32, 8)
-            m.lm_head = torch.nn.Linear(8, 32, bias=False)
-            m.lm_head.weight = m.model.embed_tokens.weight  # tied
+            _place(m, {embedding.rsplit(".", 1)[0]!r}, torch.nn.Embedding(32, 8))
+            _place(m, {head.rsplit(".", 1)[0]!r}, torch.nn.Linear(8, 32, bias=False))
+            m.get_submodule({head.rsplit(".", 1)[0]!r}).weight = m.get_submodule({embedding.rsplit(".", 1)[0]!r}).weight
             return m
         def evaluate(m):
-            return -float(m.lm_head.weight.detach().double().pow(2).sum())
+            return -float(m.get_parameter({head!r}).detach().double().pow(2).sum())
     """))
-    cfg = {"sources": ["c0.safetensors", "c1.safetensors"], "base": "base.safetensors", "model": "evaltied:build",
-           "evaluate": "evaltied:evaluate", "method": method, "method_params": {"density": 0.5},
+    cfg = {"sources": ["c0.safetensors", "c1.safetensors"], "base": "base.safetensors", "model": f"{module}:build",
+           "evaluate": f"{module}:evaluate", "method": method, "method_params": {"density": 0.5},
            "search": {"budget": 4, "popsize": 2, "seed": 0}, "out": "out"}
     (tmp_path / "s.yml").write_text(yaml.safe_dump(cfg))
     capsys.readouterr()
     assert cli_main([str(tmp_path / "s.yml")]) == 0
-    text = (tmp_path / "out" / "best_merge.yml").read_text()
-    said = "for the model scored, copy it\n# into lm_head.weight" in text
-    assert said == note and ("best_merge.yml: The model searched ties lm_head.weight" in capsys.readouterr().err) == note
+    text = " ".join((tmp_path / "out" / "best_merge.yml").read_text().replace("#", " ").split())
+    from pymerge.pool import CheckpointPool
+    names = CheckpointPool([str(tmp_path / "c0.safetensors")]).names
+    scored, other = sorted((head, embedding), key=names.index, reverse=True)  # the later name's merge is written
+    said = f"Its {scored} is the one scored: for the model scored, copy it into {other}." in text
+    assert said == note and (f"best_merge.yml: The model searched ties {head}" in capsys.readouterr().err) == note
     from pymerge import run_merge
     run_merge(str(tmp_path / "out" / "best_merge.yml"), tmp_path / "merged", quiet=True)
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
-    scored = json.loads((tmp_path / "out" / "history.json").read_text())["best"]["objective"]
-    assert -float(merged["model.embed_tokens.weight"].double().pow(2).sum()) == scored  # the advice holds
-    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"]) != note
+    objective = json.loads((tmp_path / "out" / "history.json").read_text())["best"]["objective"]
+    assert -float(merged[scored].double().pow(2).sum()) == objective  # the advice holds
+    assert torch.equal(merged[head], merged[embedding]) != note
 
 
 def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier_ones_whole(tmp_path, monkeypatch,

@@ -220,10 +220,13 @@ def _tied_head_note(pool, model, names, method: str, method_params: dict) -> str
     h, e = tensors.get(_map_name(head, names)), tensors.get(_map_name(embedding, names))
     if h is None or e is None or h.untyped_storage().data_ptr() != e.untyped_storage().data_ptr():
         return ""
+    # the pool writes a tied pair once, as the later of the two names merges it (pool.py's _last_of_tied): BERT's
+    # head comes after its embedding (the embedding is not always the one scored: a review)
+    scored, other = sorted((head, embedding), key=pool.names.index, reverse=True)
     return (f"# The model searched ties {head} to {embedding}, which the checkpoints store too: the search scored\n"
-            f"# the merged {embedding} as its head, while this merge draws {head}'s masks of its own ({method}'s,\n"
-            f"# per tensor name) and unties it. Its {embedding} is the one scored: for the model scored, copy it\n"
-            f"# into {head}.\n")
+            f"# one merge for both, {scored}'s, while this merge draws each one's masks of its own ({method}'s,\n"
+            f"# per tensor name) and unties them. Its {scored} is the one scored: for the model scored, copy it\n"
+            f"# into {other}.\n")
 
 
 def _merged_tensors(pool, model, names) -> list:
