@@ -164,10 +164,13 @@ def _dispatch(args) -> int:
 
 
 _SIGNALLED: list = []  # the signals the CLI's handler took during this call of main
+_SCRIPT_DONE: list = []  # set once the script's command has returned (see _on_sigterm)
 
 
 def _on_sigterm(signum, frame):
     _SIGNALLED.append(signum)
+    if _SCRIPT_DONE and signum != signal.SIGINT:  # the command finished: an interrupt raised now, in main's last
+        _exit_interrupted(signum, frame)          # lines, left it uncaught (the process killed itself, -2: a review)
     raise KeyboardInterrupt  # same clean abort as Ctrl-C
 
 
@@ -187,16 +190,14 @@ _TEARDOWN_HANDLED: list = []  # the exit handler below registered (once per proc
 
 
 def _stop_signals_after_the_command(previous: dict) -> None:
-    """previous's signals that were at their default action go to _exit_interrupted; from the interpreter's exit
-    on (an exit handler) they are ignored, the command having finished: Python gives every signal it handled its
-    default action back as it finalizes, so one in the teardown that follows (~0.6 s of torch's) killed the process
-    (an audit); an ignored one stays ignored, and the process exits with its command's status. (Ending the process
-    at once instead skipped a search's user code's exit handlers and unflushed files: a review.)"""
+    """The script's stop signals that were at their default action (main has given them _exit_interrupted) are
+    ignored from the interpreter's exit on (an exit handler), the command having finished: Python gives every
+    signal it handled its default action back as it finalizes, so one in the teardown that follows (~0.6 s of
+    torch's) killed the process (an audit); an ignored one stays ignored, and the process exits with its command's
+    status. (Ending the process at once instead skipped a search's user code's exit handlers and unflushed files:
+    a review.)"""
     if not previous:  # main() ran in another thread: it installed nothing, and leaves nothing
         return
-    for sig in STOP_SIGNALS:
-        if previous.get(sig) in (signal.SIG_DFL, _exit_interrupted):
-            signal.signal(sig, _exit_interrupted)
     if _TEARDOWN_HANDLED:
         return
     _TEARDOWN_HANDLED.append(True)
@@ -247,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # SIGTERM as Ctrl-C from the start: one while importing or parsing ended the process without a word (-15).
     # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
     _SIGNALLED.clear()
+    _SCRIPT_DONE.clear()
     previous = {}
     hook = sys.unraisablehook
     sys.unraisablehook = _quiet_interrupts_in_finalizers(hook)
@@ -297,8 +299,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _discard_stdout()  # its buffer would raise again at exit
         return 2
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # the script's stop signals go straight to _exit_interrupted: at
+            after = argv is None and sig in STOP_SIGNALS and handler in (signal.SIG_DFL, _exit_interrupted)
+            signal.signal(sig, _exit_interrupted if after else handler)  # their default action a moment, -1 (a review)
         if argv is None:
             _stop_signals_after_the_command(previous)
         sys.unraisablehook = hook
@@ -432,6 +435,8 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command != "merge":
         args.args = rest + list(args.args)
     rc = _run(args)
+    if as_script:
+        _SCRIPT_DONE.append(True)
     if _SIGNALLED and rc == 0:  # taken inside a finalizer as the command's objects went: Python printed the
         # KeyboardInterrupt there and went on, and the command ended 0 (an audit): its work is done, it was asked to stop
         say(f"pymerge: {args.command} interrupted; it ran to its end, so what it wrote is complete")

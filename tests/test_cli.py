@@ -805,6 +805,7 @@ def test_python_m_pymerge_run_in_process_gives_its_caller_back_ctrl_c():
     """runpy.run_module("pymerge") (IPython's %run -m): the teardown's handler stayed installed, and the caller's
     next Ctrl-C ended its process with 130 instead of raising KeyboardInterrupt there (a review)."""
     script = ("import os, runpy, signal, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # (an xdist worker's children ignore it)
               "sys.argv = ['pymerge', '--version']\n"
               "try:\n    runpy.run_module('pymerge', run_name='__main__')\nexcept SystemExit:\n    pass\n"
               "try:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)\n"
