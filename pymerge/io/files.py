@@ -201,6 +201,24 @@ def remove_empty_folders(folders: Iterable) -> None:
             return
 
 
+def remove_by_name(folder, names: Iterable[str]) -> bool:
+    """Removes the named files of folder, then folder, with no descriptor to list it with (rmtree needs two: a
+    process out of descriptors left its temporary folders behind; audits). Whether folder went (not: a file of
+    another name is there, or one could not be removed)."""
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+    try:
+        os.rmdir(folder)
+    except OSError:
+        return False
+    return True
+
+
 _TMP_MARK = ".pymerge-tmp-"  # .<name>.pymerge-tmp-<random>: replace_file's temporary file for <name>
 
 

@@ -41,7 +41,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import fitted_name, fsync_dir, kind_of, open_regular, out_location, remove_empty_folders
+from pymerge.io.files import (fitted_name, fsync_dir, kind_of, open_regular, out_location, remove_by_name,
+                              remove_empty_folders)
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 from pymerge.sizes import format_size
 
@@ -736,25 +737,11 @@ class ShardedWriter:
             self._release_lock()
             try:
                 _remove_whole(folder)
-            except OSError as again:  # none left for rmtree's two: what this writer made goes by name (an audit)
-                if again.errno not in (errno.EMFILE, errno.ENFILE) or not self._remove_by_name(folder):
+            except OSError as again:  # none left for rmtree's two: what this writer made goes by name (an audit:
+                # the lock file and the shards, where that was all, as for a merge out of descriptors as it opened)
+                if again.errno not in (errno.EMFILE, errno.ENFILE) or not remove_by_name(folder, (_LOCK_NAME,
+                                                                                                  *self.shard_names)):
                     raise
-
-    def _remove_by_name(self, folder: Path) -> bool:
-        """Without a descriptor to list the folder with: the lock file and the shards this writer made, unlinked by
-        name, then the folder, if that was all (a merge out of descriptors as it opened). Whether it went."""
-        for name in (_LOCK_NAME, *self.shard_names):
-            try:
-                os.unlink(folder / name)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                return False
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return False
-        return True
 
     def _release_lock(self, folder: Optional[Path] = None) -> None:
         """Unlocks; with folder, also removes the lock file from it if it is this writer's (OUT's now)."""

@@ -37,7 +37,8 @@ import torch
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import _map_name, method_params_of
-from pymerge.io.files import check_replaceable, fsync_dir, hold_lock, read_small, release_lock, sweep_unlocked
+from pymerge.io.files import (check_replaceable, fsync_dir, hold_lock, read_small, release_lock, remove_by_name,
+                              sweep_unlocked)
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
@@ -95,8 +96,8 @@ class SearchResult:
         except OSError as exc:
             raise InputError(f"{out_dir}: cannot write the search's results there ({exc.strerror or exc})") from None
         lock = None
-        staged = {k: os.path.join(stage, n) for k, n in names.items()}
         try:
+            staged = {k: os.path.join(stage, n) for k, n in names.items()}
             try:
                 lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
                 write_json(staged["json"], {
@@ -122,11 +123,7 @@ class SearchResult:
                 if os.path.lexists(stage):  # out of descriptors, which rmtree needs two of: the lock's is given up
                     release_lock(lock)      # and the staged files go by name (the folder and its files stayed in
                     lock = None             # out after the error; an audit)
-                    for path in staged.values():
-                        with contextlib.suppress(OSError):
-                            os.unlink(path)
-                    with contextlib.suppress(OSError):
-                        os.rmdir(stage)
+                    remove_by_name(stage, names.values())
             finally:
                 release_lock(lock)
         return paths
