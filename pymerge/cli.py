@@ -189,15 +189,13 @@ def _exit_interrupted(signum, frame):
 _TEARDOWN_HANDLED: list = []  # the exit handler below registered (once per process)
 
 
-def _stop_signals_after_the_command(previous: dict) -> None:
+def _ignore_stop_signals_at_exit() -> None:
     """The script's stop signals that were at their default action (main has given them _exit_interrupted) are
     ignored from the interpreter's exit on (an exit handler), the command having finished: Python gives every
     signal it handled its default action back as it finalizes, so one in the teardown that follows (~0.6 s of
     torch's) killed the process (an audit); an ignored one stays ignored, and the process exits with its command's
     status. (Ending the process at once instead skipped a search's user code's exit handlers and unflushed files:
     a review.)"""
-    if not previous:  # main() ran in another thread: it installed nothing, and leaves nothing
-        return
     if _TEARDOWN_HANDLED:
         return
     _TEARDOWN_HANDLED.append(True)
@@ -302,8 +300,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for sig, handler in previous.items():  # the script's stop signals go straight to _exit_interrupted: at
             after = argv is None and sig in STOP_SIGNALS and handler in (signal.SIG_DFL, _exit_interrupted)
             signal.signal(sig, _exit_interrupted if after else handler)  # their default action a moment, -1 (a review)
-        if argv is None:
-            _stop_signals_after_the_command(previous)
+        if argv is None and previous:  # (none: main ran in another thread, installed nothing and leaves nothing)
+            _ignore_stop_signals_at_exit()
         sys.unraisablehook = hook
         if stand_in is not None and sys.stderr is stand_in:
             sys.stderr = None

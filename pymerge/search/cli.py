@@ -201,16 +201,16 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
 def _tied_head_note(pool, model, names, method: str, method_params: dict) -> str:
     """best_merge.yml's note where it cannot rebuild the model scored at its head: a model that ties its head to its
     embedding, searched with DARE's or DELLA's masks over checkpoints that store the head too (a copy). The search
-    scored the merged embedding as the head (one tensor), where `pymerge merge` draws the head's masks of its own,
-    per tensor name, and unties it (pymerge/tied.py): the head differed by up to 0.28, unsaid (an audit)."""
+    scored one merge for both (one tensor), where `pymerge merge` draws each one's masks of its own, per tensor
+    name, and unties them (pymerge/tied.py): the head differed by up to 0.28, unsaid (an audit)."""
     from pymerge.methods.base import get_method
     from pymerge.ops.task_vector_ops import SEEDED
     from pymerge.pool.pool import _map_name, _tensors_of
     from pymerge.tied import embedding_of, is_head
     if getattr(get_method(method), "sparsification", None) not in SEEDED:
         return ""
-    densities = [method_params.get("density", 1.0)]
-    flat = [float(d) for v in densities for d in (v if isinstance(v, (list, tuple)) else [v])
+    density = method_params.get("density", 1.0)  # one, or one per checkpoint
+    flat = [float(d) for d in (density if isinstance(density, (list, tuple)) else [density])
             if isinstance(d, (int, float))]
     head = next((n for n in pool.names if is_head(n)), None)
     embedding = embedding_of(pool.names, pool.shapes.__getitem__)
