@@ -815,14 +815,20 @@ def test_python_m_pymerge_run_in_process_gives_its_caller_back_ctrl_c():
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "the caller goes on", (r.returncode, r.stderr[-2000:])
 
 
-_SECOND_MAIN = """
-import os, signal, sys, time
+_SCRIPT_ONCE = """
+import sys
 from pymerge import cli
-sys.argv = ["pymerge", "--version"]
-try:
-    cli.main()
-except SystemExit:
-    pass
+def run_the_script_once():  # `pymerge --version`, as the script runs main, in this process
+    sys.argv = ["pymerge", "--version"]
+    try:
+        cli.main()
+    except SystemExit:
+        pass
+"""
+
+_SECOND_MAIN = _SCRIPT_ONCE + """
+import os, signal, time
+run_the_script_once()
 def command(args):
     print("handler", signal.getsignal(signal.SIGHUP).__name__, flush=True)
     try:
@@ -845,18 +851,13 @@ def test_a_second_main_in_one_process_still_cleans_up_on_sighup():
     assert r.stdout.splitlines()[-3:] == ["handler _on_sigterm", "cleanup ran", "rc 130"], (r.stdout, r.stderr[-2000:])
 
 
-_CHILD_AT_EXIT = """
-import multiprocessing as mp, sys, time
-from pymerge import cli
+_CHILD_AT_EXIT = _SCRIPT_ONCE + """
+import multiprocessing as mp, time
 if __name__ == "__main__":
     child = mp.get_context("spawn").Process(target=time.sleep, args=(60,))  # not a daemon: joined at exit
     child.start()
     print(child.pid, flush=True)
-    sys.argv = ["pymerge", "--version"]
-    try:
-        cli.main()
-    except SystemExit:
-        pass
+    run_the_script_once()
 """
 
 
