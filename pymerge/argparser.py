@@ -8,6 +8,8 @@
 import argparse
 import sys
 
+from pymerge.errors import one_line
+
 
 class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
@@ -16,7 +18,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # (one_line: an argument holding a line break or ESC, echoed raw, broke the line or reached the terminal)
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
     def _print_message(self, message, file=None):
         if file is None:  # help or version with stdout closed (>&-): dropped, as any stdout output (not to stderr)

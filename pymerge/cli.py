@@ -398,9 +398,10 @@ def _stdout_reader_gone() -> int:
 def _say_system_error(exc: OSError) -> None:
     """The system refused (disk full, I/O error, permissions...): the user's to fix; no traceback helps.
     Without a file name nothing is blamed: the writer names OUT's files itself."""
+    from pymerge.errors import one_line
     where = f"{exc.filename}: " if exc.filename else ""
     left = getattr(exc, "not_removed", None)  # a writer's folder that could not be removed after it
-    say(f"pymerge: error: {where}{exc.strerror or _one_line(exc)}" + (f"; {left}" if left else ""))
+    say("pymerge: error: " + one_line(f"{where}{exc.strerror or exc}" + (f"; {left}" if left else "")))
 
 
 def _discard_stdout() -> None:
@@ -500,17 +501,9 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-MAX_ERROR_CHARS = 1000  # a message naming a hostile input (a 10 MB model path) is cut, not printed whole
-
-
 def _one_line(exc: BaseException) -> str:
-    """The message on one line, its middle cut where it is too long: the cause comes last (a path past PATH_MAX
-    printed whole left no room for "File name too long"; an audit)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if len(text) <= MAX_ERROR_CHARS:
-        return text
-    tail = MAX_ERROR_CHARS // 3
-    return text[:MAX_ERROR_CHARS - tail - 5] + " ... " + text[-tail:]
+    from pymerge.errors import one_line
+    return one_line(str(exc)) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

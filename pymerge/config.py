@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, described, short
-from pymerge.io.files import read_small, unencodable
+from pymerge.io.files import read_small, text_path, unencodable
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
@@ -216,8 +216,11 @@ def yaml_text(data: dict) -> Optional[str]:
             return {plain(k): plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
-        if isinstance(x, os.PathLike):
-            return os.fspath(x)
+        if isinstance(x, (str, os.PathLike)):
+            text = text_path(x)
+            if text is None:  # no YAML form: PyYAML wrote "\\udcff", which its loader refuses (an audit)
+                raise ValueError(f"{x!r} is not UTF-8")
+            return text
         item = getattr(x, "item", None)  # a numpy or torch scalar
         return item() if callable(item) and getattr(x, "ndim", None) == 0 else x
     try:

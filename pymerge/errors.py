@@ -26,6 +26,23 @@ class InterruptedAfterParts(KeyboardInterrupt):
 
 
 MAX_ECHO = 80  # characters of a user's value an error message repeats
+MAX_ERROR_CHARS = 1000  # a message naming a hostile input (a 10 MB model path) is cut, not printed whole
+
+# what a terminal would act on rather than show: C0 and C1 controls (ESC starts a sequence that clears the screen
+# or recolours it) and the bidirectional overrides, which reorder the text shown (whitespace is squashed first)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: str) -> str:
+    """A message as one line a terminal shows as it is: whitespace runs (a library's line breaks) one space,
+    controls escaped (\\x1b; a path or argument holding them reached the terminal raw: an audit), the middle cut
+    where it is too long: the cause comes last (a path past PATH_MAX printed whole left no room for "File name too
+    long")."""
+    text = _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), " ".join(text.split()))
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    tail = MAX_ERROR_CHARS // 3
+    return text[:MAX_ERROR_CHARS - tail - 5] + " ... " + text[-tail:]
 
 
 def first_line(exc: BaseException) -> str:

@@ -948,3 +948,35 @@ def test_a_merge_into_the_working_folder_says_out_is_a_new_folder(fam, tmp_path,
     monkeypatch.chdir(tmp_path)
     rc, err = run_cli(["merge", cfg, tmp_path / "out2", "--quiet"], capsys)
     assert rc == 0 and "new folder" not in err, err
+
+
+# ---- messages a terminal shows as they are ------------------------------------------------------
+def test_one_line_escapes_what_a_terminal_would_act_on():
+    from pymerge.errors import MAX_ERROR_CHARS, one_line
+    assert one_line("a\n  b\tc\r\nd\u2028e") == "a b c d e"  # a library's line breaks: one space
+    assert one_line("x\x1b[2Jy\x9b1mz\x07") == "x\\x1b[2Jy\\x9b1mz\\x07"  # ESC, CSI (C1), BEL: shown, not run
+    assert one_line("ab\u202ecba\u2066") == "ab\\u202ecba\\u2066"  # bidi overrides would reorder what is shown
+    assert one_line("caf\u00e9 \u6a21\u578b \U0001f600") == "caf\u00e9 \u6a21\u578b \U0001f600"  # text stays text
+    long = one_line("x/" * 2000 + ": File name too long")
+    assert len(long) <= MAX_ERROR_CHARS and long.endswith(": File name too long")
+
+
+def test_usage_search_and_system_errors_are_one_line_with_controls_escaped(fam, tmp_path, capsys):
+    """An argument, a config name or a path holding a line break or an escape sequence was echoed raw: usage errors,
+    `pymerge search` errors and system errors spanned two lines, and ESC reached the terminal (an audit)."""
+    root, base, fts = fam
+    cfg = write_cfg(tmp_path / "c.yml", linear([base, fts[0]]))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["merge", str(cfg), str(tmp_path / "o"), "--bo\ngus\x1b[2J"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "--bo gus\\x1b[2J" in err, err
+    rc, err = run_cli(["search", tmp_path / "bad\ncfg\x1b[31m.yml"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "\x1b" not in err and "cfg\\x1b[31m.yml" in err, err
+    afile = tmp_path / "afile\x1b[31m"
+    afile.write_text("mine")
+    assert_rejected(run_cli(["merge", cfg, afile / "out"], capsys), ["afile\\x1b[31m", "is a file"], afile / "out")
+    long = tmp_path / ("q\n" + "n" * 300) / "out"
+    rc, err = run_cli(["merge", cfg, long], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.rstrip().endswith("File name too long"), err
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile\x1b[31m", "c.yml"]

@@ -474,3 +474,36 @@ def test_a_missing_model_path_is_shown_visibly(tmp_path, monkeypatch, path, show
     c = parse_config(cfg(models=[path]))
     with pytest.raises(MergeConfigError, match=rf"model path not found: {re.escape(shown)}$"):
         check_paths(c)
+
+
+def test_a_dict_config_naming_paths_python_could_not_decode_is_recorded_loadably(tmp_path):
+    """A path as Python gives it (os.listdir, sys.argv) holds lone surrogates for bytes its filesystem encoding could
+    not decode: every non-ASCII one under LC_ALL=C without UTF-8 mode, \\xff under any. mergekit_config.yml wrote them
+    as "\\uDCC3" escapes PyYAML's own loader refuses (an audit): now the path's UTF-8 text, and where its bytes are
+    no UTF-8, no file but the warning that says so."""
+    import os
+
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    import pymerge
+    from pymerge.config import yaml_text
+    from pymerge.io.files import text_path
+    assert text_path("caf\udcc3\udca9") == "caf\u00e9" and text_path(b"caf\xc3\xa9") == "caf\u00e9"
+    assert text_path("\u6a21\u578b") == "\u6a21\u578b" and text_path(os.fsdecode(b"m\xff")) is None
+    assert text_path("\ud800") is None and text_path(3) is None
+    assert yaml_text({"model": os.fsdecode(b"m\xff")}) is None
+    for name in ("caf\u00e9", os.fsdecode(b"m\xff")):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.ones(3)}, str(tmp_path / name / "model.safetensors"))
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / "caf\udcc3\udca9"),
+                                                   "parameters": {"weight": 1.0}}]}
+    pymerge.run_merge(cfg, str(tmp_path / "o1"), quiet=True)
+    recorded = yaml.safe_load((tmp_path / "o1" / "mergekit_config.yml").read_text(encoding="utf-8"))
+    assert recorded["models"][0]["model"] == str(tmp_path / "caf\u00e9")
+    pymerge.run_merge(str(tmp_path / "o1" / "mergekit_config.yml"), str(tmp_path / "o2"), quiet=True)
+    cfg["models"][0]["model"] = str(tmp_path / os.fsdecode(b"m\xff"))
+    result = pymerge.run_merge(cfg, str(tmp_path / "o3"), quiet=True)
+    assert any("OUT records no mergekit_config.yml" in w for w in result.warnings), result.warnings
+    assert not (tmp_path / "o3" / "mergekit_config.yml").exists() and (tmp_path / "o3" / "model.safetensors").exists()

@@ -1230,3 +1230,27 @@ def test_quantized_checkpoints_are_refused_when_opened(tmp_path, stored, refused
     for source in (str(tmp_path), state):  # a pool of state dicts too
         with pytest.raises(CheckpointError, match=re.escape(refused)):
             CheckpointPool([source, source] if isinstance(source, str) else [state, state])
+
+
+def test_an_index_naming_a_shard_the_locale_cannot_encode_says_so(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode an index naming a shard 模型-1.safetensors, which is there, said the shard was
+    missing (lexists is False for a name it cannot encode); model paths said the locale was why (an audit)."""
+    import subprocess
+
+    import torch
+    from safetensors.torch import save_file
+    folder = tmp_path / "B"
+    folder.mkdir()
+    save_file({"w": torch.ones(3)}, str(folder / "\u6a21\u578b-1.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"w": "\u6a21\u578b-1.safetensors"}}), encoding="utf-8")
+    (tmp_path / "c.yml").write_text("merge_method: linear\nmodels:\n- model: B\n  parameters: {weight: 1.0}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in ("LANG", "PYTHONUTF8")}
+    for extra, words in (({"LC_ALL": "C", "PYTHONUTF8": "0"}, "cannot name a file under this locale"), ({}, None)):
+        p = subprocess.run([sys.executable, "-m", "pymerge", "merge", "c.yml", "o" + str(len(extra))], cwd=tmp_path,
+                           capture_output=True, text=True, env={**env, **extra}, timeout=120)
+        if words is None:  # the same folder in Python's UTF-8 mode merges
+            assert p.returncode == 0, p.stderr
+            continue
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and words in err[0] and "missing" not in err[0], p.stderr

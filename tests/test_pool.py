@@ -500,6 +500,55 @@ def test_an_error_no_check_foresaw_says_the_targets_hold_a_partial_merge(monkeyp
         pool.materialize([0.5, 0.5], into=Tiny(), method="multislerp")
 
 
+@pytest.mark.parametrize("path", ["linear-torch", "multislerp", "compressed-linear"])
+@pytest.mark.parametrize("error", [RuntimeError, MemoryError, KeyboardInterrupt])
+def test_any_error_after_some_writes_says_so_and_the_next_merge_is_right(monkeypatch, path, error):
+    """torch running out of memory (a RuntimeError), a MemoryError or an interrupt after earlier tensors were written
+    left the live model half merged, unsaid: only a ValueError got the note (an audit). Now every error keeps its
+    type and says how many were written; the pool's next merge into the same model is the float64 reference's."""
+    from pymerge.methods import sphere
+    from pymerge.pool import compressed as compressed_mod, pool as pool_mod
+    base_m, *models = make_models(3)
+    kw = {"compress": "int8"} if path == "compressed-linear" else {}
+    pool = CheckpointPool([m.state_dict() for m in models], base=base_m.state_dict(),
+                          backend="torch" if path == "linear-torch" else "auto", **kw)
+    calls = []
+
+    def fail_second(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise error("no memory left (a test)")
+            return real(*args, **kwargs)
+        return call
+    if path == "linear-torch":
+        monkeypatch.setattr(pool_mod, "sum_into", fail_second(pool_mod.sum_into))
+    elif path == "multislerp":  # merge_tensor per tensor, as every method without a fused path
+        monkeypatch.setattr(sphere.MultiSlerp, "merge_tensor", fail_second(sphere.MultiSlerp.merge_tensor))
+    else:
+        monkeypatch.setattr(compressed_mod.CompressedStore, "accumulate",
+                            fail_second(compressed_mod.CompressedStore.accumulate))
+        pool.backend = "torch"  # the per-tensor path (the C++ backend's one native call fails before any write)
+    target = Tiny()
+    before = snapshot(target)
+    method = "multislerp" if path == "multislerp" else "linear"
+    with pytest.raises(error) as caught:
+        pool.materialize([0.5, 0.3], into=target, method=method)
+    assert len(calls) == 2
+    notes = getattr(caught.value, "__notes__", [])
+    assert len(notes) == 1 and notes[0].startswith("1 of ") and notes[0].endswith(
+        " tensors were written before it: the targets hold a partial merge"), notes
+    changed = [k for k, v in target.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == 1, changed  # what the note says: one written, the rest as they were
+    monkeypatch.undo()
+    pool.materialize([0.5, 0.3], into=target, method=method)
+    again = Tiny()
+    pool.materialize([0.5, 0.3], into=again, method=method)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in target.state_dict().items())
+    if path == "linear-torch":
+        assert_matches(target, reference(models, [0.5, 0.3]), torch.float32)
+
+
 
 # ---- tied weights: the pool's checkpoints and the target tie differently ------------------------------
 class LM(torch.nn.Module):

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pymerge.errors import InputError
+from pymerge.errors import MAX_ERROR_CHARS, InputError
 from pymerge.pool import CheckpointPool
 from pymerge.search import cli_main, optimize
 from pymerge.search.report import pareto_front
@@ -980,6 +980,42 @@ def test_non_ascii_paths_under_an_ascii_locale(tmp_path):
     assert not (tmp_path / "out2_\u00e9").exists() and not (tmp_path / "o").exists()
 
 
+def test_paths_and_task_names_that_are_no_ascii_under_an_ascii_locale(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode a folder named caf\u00e9 is 'caf\\udcc3\\udca9' to Python: best_merge.yml wrote
+    it as "\\uDCC3" escapes PyYAML's own loader refuses; task names that are no ASCII lost every result file to a
+    UnicodeEncodeError (a traceback, out removed); a folder whose name is no UTF-8 at all wrote a best_merge.yml no
+    merge could load (an audit). Now the files are UTF-8, and such a path is refused before the search."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in ("LANG", "PYTHONUTF8")}
+    home = tmp_path / "caf\u00e9"
+    home.mkdir()
+    cfg = _cli_setup(home, evaluate="evaltext:evaluate")
+    (home / "evaltext.py").write_text(textwrap.dedent("""
+        from evalcli import evaluate as score
+        def evaluate(m):
+            s = score(m)
+            return {"pr\\u00e9cision \\u2713": s["a"], "b": s["b"]}
+    """))
+    p = subprocess.run([sys.executable, "-m", "pymerge", "search", "s.yml"], cwd=home, capture_output=True, text=True,
+                       env={**env, "LC_ALL": "C", "PYTHONUTF8": "0"}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(home / "out")) == ["best_merge.yml", "history.csv", "history.json", "search.png"]
+    assert "task:pr\u00e9cision \u2713" in (home / "out" / "history.csv").read_text(encoding="utf-8")
+    best = yaml.safe_load((home / "out" / "best_merge.yml").read_text(encoding="utf-8"))
+    assert [m["model"] for m in best["models"]] == [str(home / f"c{i}.safetensors") for i in range(3)]
+    p = subprocess.run([sys.executable, "-m", "pymerge", "merge", "out/best_merge.yml", "o"], cwd=home,
+                       capture_output=True, text=True, env=env, timeout=120)  # (no LC_ALL: Python's UTF-8 mode)
+    assert p.returncode == 0 and (home / "o" / "model.safetensors").is_file(), p.stderr
+    odd = tmp_path / os.fsdecode(b"p\xff")
+    odd.mkdir()
+    _cli_setup(odd)
+    p = subprocess.run([sys.executable, "-m", "pymerge", "search", "s.yml"], cwd=odd, capture_output=True, text=True,
+                       env=env, timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "bytes are not UTF-8" in err[0], p.stderr
+    assert not (odd / "out").exists()
+
+
 def test_cli_refuses_an_empty_out_a_weightless_method_and_hints_at_yaml_numbers(tmp_path, capsys):
     """--out "" was ignored (the results went to the config's out); a method without weights spent the whole budget
     on one merge; sigma0: 1e-3 (text to PyYAML) was refused without saying why (an audit). One line each, before the
@@ -1865,7 +1901,7 @@ def test_a_name_near_the_limit_is_replaced_and_a_long_error_keeps_its_cause(tmp_
     assert os.listdir(tmp_path) == [os.path.basename(path)]
     assert files.replace_file_prefix("state.json") == ".state.json.pymerge-tmp-"  # short names as before
     line = cli._one_line(OSError(f"{'x/' * 2000}: File name too long"))
-    assert len(line) <= cli.MAX_ERROR_CHARS and line.startswith("x/x/") and line.endswith(": File name too long")
+    assert len(line) <= MAX_ERROR_CHARS and line.startswith("x/x/") and line.endswith(": File name too long")
 
 
 def test_a_nameless_write_error_names_the_file_being_written(tmp_path, capsys):

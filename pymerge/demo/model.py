@@ -182,7 +182,7 @@ def load_hf(folder: str, dtype: torch.dtype = torch.float32) -> TinyLlama:
     """A folder written by save_hf (or a merge of such folders) as a TinyLlama."""
     path = os.path.join(folder, "config.json")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             config = LlamaConfig.from_hf(json.load(fh))
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable Llama config.json ({e})") from None

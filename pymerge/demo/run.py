@@ -206,7 +206,7 @@ _CHECKPOINT_FILES = {"config.json", "model.safetensors", "training_run.json"}  #
 
 def _is_ours(path: str, fields: Dict[str, type]) -> bool:
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, ValueError):
         return False
@@ -240,7 +240,7 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     def digests() -> Dict[str, str]:
         return {os.path.relpath(f, folder): _sha256(f) for f in files}
     try:
-        with open(manifest) as fh:
+        with open(manifest, encoding="utf-8") as fh:
             saved = json.load(fh)
         if saved.get("fingerprint") == fp:
             # by content too: a checkpoint changed in place (same size) was reused, and every score with it
@@ -264,7 +264,7 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
     for path, run in zip(paths, runs):
         save_hf(trained.models[run.name], path, extra_files={"training_run.json": asdict(run)})
-    with open(manifest, "w") as fh:
+    with open(manifest, "w", encoding="utf-8") as fh:
         json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths,
                    "sha256": digests()}, fh, indent=1)
     return paths
@@ -285,7 +285,7 @@ def _remove_stale(folder: str, manifest: str, paths: List[str], remove: bool = T
     if not os.path.isdir(folder):
         return
     try:
-        with open(manifest) as fh:
+        with open(manifest, encoding="utf-8") as fh:
             listed = json.load(fh).get("checkpoints", [])
     except (OSError, ValueError, AttributeError):
         listed = []
@@ -322,7 +322,7 @@ def evaluation(paths: List[str], sets: Dict[str, Batch], dtype: Optional[torch.d
     into, and evaluate(model): exact-match accuracy per task on `sets` (greedy decoding)."""
     dtype = dtype or default_eval_dtype()
     pool = CheckpointPool(paths)
-    with open(os.path.join(paths[0], "config.json")) as fh:
+    with open(os.path.join(paths[0], "config.json"), encoding="utf-8") as fh:
         config = model_mod.LlamaConfig.from_hf(json.load(fh))
     live = TinyLlama(config).to(dtype).eval()
     return pool, live, lambda m: score(m, sets)
@@ -472,7 +472,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
                    for k, v in rows.items()}
 
         def write(tmp):  # replaced whole: written in place, a kill left it truncated
-            with open(tmp, "w") as fh:
+            with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump({"summary": summary, "details": details, "search": [
                     {"scores": h["scores"], "weights": h["weights"]} for h in res.history]}, fh, indent=1)
         # the old plot goes first: a plot that failed (a full disk) or was not drawn (no matplotlib) left the last

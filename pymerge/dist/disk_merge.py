@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from pymerge import _native
-from pymerge.errors import CheckpointError, DistributedError, InputError, InterruptedAfterParts, MergeConfigError
+from pymerge.errors import (CheckpointError, DistributedError, InputError, InterruptedAfterParts, MergeConfigError,
+                            one_line)
 from pymerge.io import ShardedWriter
 from pymerge.io.writer import working_folder_note, working_folder_within
 from pymerge.sizes import MAX_BYTES
@@ -544,4 +545,4 @@ def _collective_error(exc: BaseException) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return one_line(str(exc)) or type(exc).__name__

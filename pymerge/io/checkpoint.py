@@ -27,7 +27,7 @@ import numpy as np
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
 from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, open_regular, read_json,
-                              present, stays_inside)
+                              present, stays_inside, unencodable)
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo, madvise
 from pymerge.io.sigbus import identity, stamp as _stamp
 
@@ -502,7 +502,10 @@ class Checkpoint:
             by_shard.setdefault(fname, []).append(name)
         for fname in sorted(by_shard):
             p = self.path / fname
-            if not os.path.lexists(p):  # a FIFO or a folder there: open_tensor_file says which
+            why = unencodable(str(p))  # (lexists said False: "missing", a shard that is there under an ASCII locale)
+            if why is not None:
+                raise CheckpointError(f"{index_path}: shard {why}")
+            if not present(p):  # a FIFO or a folder there: open_tensor_file says which
                 # (a hub cache snapshot: a download stopped before that shard; its blob may be left .incomplete)
                 hint = "; an incomplete download? download it again" if self.path.parent.name == "snapshots" else ""
                 raise CheckpointError(f"{index_path}: shard {fname!r} (holding tensor {by_shard[fname][0]!r}) "

@@ -63,6 +63,25 @@ def unencodable(path) -> Optional[str]:
     return None
 
 
+def text_path(path) -> Optional[str]:
+    """path as the text a UTF-8 file (a YAML config) can hold, or None where its bytes are not UTF-8. Python decodes
+    a path's bytes that its filesystem encoding cannot (any non-ASCII byte under LC_ALL=C without its UTF-8 mode;
+    \\xff under any locale) to lone surrogates, which PyYAML writes as escapes its own loader refuses (an audit)."""
+    try:
+        path = os.fspath(path)
+        if isinstance(path, str) and path.isascii():
+            return path
+        return path.encode("utf-8").decode("utf-8") if isinstance(path, str) else path.decode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: the bytes Python could not decode, as they were
+        pass
+    except (UnicodeError, TypeError):
+        return None
+    try:
+        return os.fsencode(path).decode("utf-8")
+    except UnicodeError:
+        return None
+
+
 def present(path, error: Type[InputError] = CheckpointError) -> bool:
     """os.path.lexists, but only a name that is not there is absent: any other failure to look (EIO, EACCES) is an
     error naming the path. lexists said False: a donor's config.json or tokenizer on a failing disk was left out

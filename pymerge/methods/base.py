@@ -116,19 +116,33 @@ class MergeMethod:
 MAX_MAGNITUDE = 1e6
 
 
+class WritePass:
+    """Counts the targets a pool's write pass (every check made) has written. An error raised after the first says
+    so: the models merged into are not as they were. One prepare did not foresee becomes a MergeConfigError; any
+    other (torch out of memory, an interrupt) keeps its type, with a note (an audit: a half-merged model, unsaid)."""
+
+    def __init__(self, total: int):
+        self.total, self.written = total, 0
+
+    def __enter__(self) -> "WritePass":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not self.written:
+            return False
+        note = f"{self.written} of {self.total} tensors were written before it: the targets hold a partial merge"
+        if isinstance(exc, ValueError):
+            raise MergeConfigError(f"{first_line(exc)}; {note}") from exc
+        exc.add_note(note)
+        return False
+
+
 def merge_prepared(method: MergeMethod, pairs, total: int) -> None:
-    """merge_tensor for each (task, out) of a pool's write, every task checked and prepared already. An error
-    prepare did not foresee, raised after some targets were written, says so: the models are not as they were."""
-    written = 0
-    for task, out in pairs:
-        try:
+    """merge_tensor for each (task, out) of a pool's write, every task checked and prepared already."""
+    with WritePass(total) as writes:
+        for task, out in pairs:
             method.merge_tensor(task, out)
-        except ValueError as exc:
-            if not written:
-                raise
-            raise MergeConfigError(f"{first_line(exc)}; {written} of {total} tensors were written before it: the "
-                                   "targets hold a partial merge") from exc
-        written += 1
+            writes.written += 1
 
 
 def check_magnitudes(method: MergeMethod, task: TensorTask, labels: Optional[List[str]] = None) -> None:

@@ -627,9 +627,12 @@ def _dense_kind(t: torch.Tensor) -> int:
 # ---- the pool's merges ------------------------------------------------------------------------------
 def run_linear(store: CompressedStore, plans, tables: List[np.ndarray], backend: str, num_threads: int) -> None:
     """The pool's linear fast path: out = sum_i w_i * theta_i, per candidate and weight group."""
-    for p in plans:
-        coef = np.stack([t[p.group if t.shape[0] > 1 else 0] for t in tables])
-        store.accumulate(p.name, np.zeros(len(tables)), coef, p.outs, backend, num_threads)
+    from pymerge.methods.base import WritePass
+    with WritePass(sum(len(p.outs) for p in plans)) as writes:
+        for p in plans:
+            coef = np.stack([t[p.group if t.shape[0] > 1 else 0] for t in tables])
+            store.accumulate(p.name, np.zeros(len(tables)), coef, p.outs, backend, num_threads)
+            writes.written += len(p.outs)
 
 
 class LinearTable:
@@ -686,7 +689,7 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
     """Any registered method. Weighted sums (linear, task_arithmetic, ...) decode inside the fused kernel;
     the rest (TIES, DARE, SLERP, ...) merge base + decode(delta_i) in float32, one tensor at a time,
     after a first pass has checked and prepared every tensor and candidate (nothing is written before that)."""
-    from pymerge.methods.base import TensorTask, check_magnitudes, merge_prepared
+    from pymerge.methods.base import TensorTask, WritePass, check_magnitudes, merge_prepared
     from pymerge.methods.linear import WeightedSum
     n = len(store.labels)
     weighted = isinstance(method, WeightedSum)
@@ -715,8 +718,10 @@ def run_method(store: CompressedStore, method, per_model, global_params, plans, 
                     else:
                         c_base[k] += c
             jobs.append((p, c_base, coef))
-        for p, c_base, coef in jobs:
-            store.accumulate(p.name, c_base, coef, p.outs, backend, num_threads)
+        with WritePass(sum(len(p.outs) for p in plans)) as writes:
+            for p, c_base, coef in jobs:
+                store.accumulate(p.name, c_base, coef, p.outs, backend, num_threads)
+                writes.written += len(p.outs)
         return
     prepared = []  # what MergeMethod.prepare computed (a few numbers per tensor), so its errors come first too
     for p in plans:

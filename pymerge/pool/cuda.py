@@ -97,9 +97,13 @@ class CudaRunner:
                 w = w.cpu().double().numpy()
             if self.streamed:
                 return self._run_streamed(plans, w, backend)
-            for p in plans:
-                w_kn = w[p.group if w.shape[0] > 1 else 0]
-                sum_into(self.inputs[p.name], w_kn.tolist() if backend == "torch" else w_kn, p.outs, backend=backend)
+            from pymerge.methods.base import WritePass
+            with WritePass(sum(len(p.outs) for p in plans)) as writes:
+                for p in plans:
+                    w_kn = w[p.group if w.shape[0] > 1 else 0]
+                    sum_into(self.inputs[p.name], w_kn.tolist() if backend == "torch" else w_kn, p.outs,
+                             backend=backend)
+                    writes.written += len(p.outs)
 
     # ---- streaming from host memory ----------------------------------------------------------------
     def _setup_streaming(self, chunk_bytes: int) -> None:

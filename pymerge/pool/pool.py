@@ -1020,8 +1020,11 @@ class CheckpointPool:
             return
         n_groups = max(t.shape[0] for t in tables)
         rows = [[t[g if t.shape[0] > 1 else 0].tolist() for t in tables] for g in range(n_groups)]
-        for p in plans:
-            sum_into(self._inputs[p.name], rows[p.group], p.outs, backend=self.backend, num_threads=self.num_threads)
+        from pymerge.methods.base import WritePass
+        with WritePass(sum(len(p.outs) for p in plans)) as writes:
+            for p in plans:
+                sum_into(self._inputs[p.name], rows[p.group], p.outs, backend=self.backend, num_threads=self.num_threads)
+                writes.written += len(p.outs)
 
     def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
         """Any registered method: one merge_tensor per tensor and candidate (no fused multi-output path), after

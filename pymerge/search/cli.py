@@ -37,9 +37,9 @@ import yaml
 
 from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
-from pymerge.errors import InputError, short
+from pymerge.errors import InputError, one_line, short
 from pymerge.io.files import (hold_lock, missing_folders, release_lock, remove_empty_folders, repeated_model,
-                              unencodable)
+                              text_path, unencodable)
 from pymerge.progress import say
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
@@ -157,7 +157,7 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     from pymerge.search.report import replace_file
     from pymerge.methods.base import get_method
     m = get_method(method)
-    models = [{"model": str(s), "parameters": {"weight": float(w)}} for s, w in zip(sources, weights)]
+    models = [{"model": text_path(s), "parameters": {"weight": float(w)}} for s, w in zip(sources, weights)]
     params = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in method_params.items()}
     for key in [k for k, v in params.items() if k in m.model_params and isinstance(v, (list, tuple))]:
         values = params.pop(key)  # one per checkpoint in the pool; a top-level list would be a layer gradient
@@ -166,7 +166,7 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
     if method == "linear":
         params.setdefault("normalize", False)  # the weights as searched (normalized there when asked)
     uses_base = base and m.base_model != "none"  # linear would take a base as one more model
-    cfg = {"merge_method": method, **({"base_model": str(base)} if uses_base else {}), "models": models}
+    cfg = {"merge_method": method, **({"base_model": text_path(base)} if uses_base else {}), "models": models}
     if params:
         cfg["parameters"] = params
     cfg["dtype"] = str(pool_dtype or torch.float32).replace("torch.", "")
@@ -192,7 +192,7 @@ def _best_yaml(path: str, sources, base, weights, method: str, method_params: di
                  "# (their config.json).\n")
 
     def write(tmp):
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(note)
             yaml.safe_dump(cfg, fh, sort_keys=False)
     replace_file(path, write)
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     try:
         return _run(args)
     except InputError as exc:
-        say(f"pymerge search: error: {exc}")
+        say(f"pymerge search: error: {one_line(str(exc))}")
         return 2
 
 
@@ -407,6 +407,10 @@ def _search(args, cfg: dict, here: str) -> int:
         why = unencodable(path) if path is not None else None
         if why is not None:
             raise InputError(why)
+    for path in inputs[1:]:  # best_merge.yml names them: a path that is no text had no YAML form (an audit)
+        if text_path(path) is None:
+            raise InputError(f"{path!r}: this path's bytes are not UTF-8, so best_merge.yml (text) could not name it; "
+                             "rename it")
     _check_state_apart(state_path, out, inputs)
     _check_out_apart(out, inputs)
     _check_distinct(args.config, cfg["sources"], sources, rel(cfg.get("base")), cfg.get("base"),

@@ -73,7 +73,7 @@ def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
 def write_json(path: str, payload) -> None:
     """Standard JSON: a NaN or infinite score is null (json's bare NaN broke strict parsers, jq, JavaScript)."""
     def write(tmp):
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(_finite(payload), fh, indent=1, default=_jsonable, allow_nan=False)
     replace_file(path, write)
 
@@ -104,7 +104,7 @@ def write_csv(path: str, history: List[dict], tasks: List[str]) -> None:
     header = (["eval", "generation", "objective"] + [f"task:{t}" for t in tasks]
               + ["materialize_s", "evaluate_s"] + [f"w{i}" for i in range(n_w)])
     def write(tmp):
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(header)
             for r in history:
