@@ -245,13 +245,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr = stand_in = open(os.devnull, "w")  # (for this call: a library caller's None comes back)
     # SIGTERM as Ctrl-C from the start: one while importing or parsing ended the process without a word (-15).
     # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
-    _SIGNALLED.clear()
-    _SCRIPT_DONE.clear()
+    # Signals, and the hook that quiets the interrupts they raise in finalizers, are the main thread's: a main() in
+    # another thread (a pipeline's worker) leaves the process's hook, and the main thread's signal state, alone
+    # (overlapping calls put back each other's hooks: the application's own was lost; an audit)
+    in_main_thread = _main_thread()
+    if in_main_thread:
+        _SIGNALLED.clear()
+        _SCRIPT_DONE.clear()
     previous = {}
     hook = sys.unraisablehook
-    sys.unraisablehook = _quiet_interrupts_in_finalizers(hook)
+    ours = _quiet_interrupts_in_finalizers(hook) if in_main_thread else None
+    if ours is not None:
+        sys.unraisablehook = ours
     try:  # (installed inside: one arriving between the two installs is the interrupt below, and both restored)
-        if _main_thread():
+        if in_main_thread:
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
@@ -302,7 +309,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(sig, _exit_interrupted if after else handler)  # their default action a moment, -1 (a review)
         if argv is None and previous:  # (none: main ran in another thread, installed nothing and leaves nothing)
             _ignore_stop_signals_at_exit()
-        sys.unraisablehook = hook
+        if ours is not None and sys.unraisablehook is ours:  # (one the caller set meanwhile stays)
+            sys.unraisablehook = hook
         if stand_in is not None and sys.stderr is stand_in:
             sys.stderr = None
             stand_in.close()

@@ -2,16 +2,17 @@
 not pymerge's: its working buffers are made without naming a device, for the CPU, and on meta they had no memory
 (a segfault in the native quantizer; "output 0 is on meta" errors blaming the config; an audit)."""
 import functools
-import sys
+
+from pymerge.errors import imported
 
 
 def factories_on_cpu(fn):
     """fn run with torch's default device the CPU where a caller set another. Nothing is entered where it is the
-    CPU already (torch's device mode costs every torch call inside), nor where torch is not imported (a torch-free
-    merge: no caller can have set one)."""
+    CPU already (torch's device mode costs every torch call inside), nor where torch is not imported, or still being
+    imported by another thread (a torch-free merge: no caller can have set one)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        torch = sys.modules.get("torch")
+        torch = imported("torch")
         if torch is None or not _modes(torch) or torch.get_default_device().type == "cpu":  # (the first two: ~0.1 us;
             return fn(*args, **kwargs)                                                    # the last ~5, a pool's merge)
         with torch.device("cpu"):

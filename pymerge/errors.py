@@ -45,6 +45,14 @@ def one_line(text: str) -> str:
     return text[:MAX_ERROR_CHARS - tail - 5] + " ... " + text[-tail:]
 
 
+def imported(name: str):
+    """The module `name` where an import of it has finished, else None: another thread may be importing it right
+    now, and its half-initialized module has no attributes yet (torch._C: an AttributeError from run_merge called
+    in threads, when torch is first imported; an audit)."""
+    module = sys.modules.get(name)
+    return None if getattr(getattr(module, "__spec__", None), "_initializing", False) else module
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message reduced to its first line (its type's name where it has none): what one-line
     reports (another rank's error, doctor's rows) repeat."""
@@ -70,7 +78,7 @@ def short(value, limit: int = MAX_ECHO) -> str:
 def _without_data(value):
     """A plain tensor whose storage was freed (resize_(0), as FSDP does) described without its values, which its
     repr reads past the storage (a segfault in an error message); None for anything else."""
-    torch = sys.modules.get("torch")
+    torch = imported("torch")
     if torch is None or type(value) not in (torch.Tensor, torch.nn.Parameter) or value.device.type == "meta":
         return None
     try:

@@ -980,3 +980,42 @@ def test_usage_search_and_system_errors_are_one_line_with_controls_escaped(fam, 
     rc, err = run_cli(["merge", cfg, long], capsys)
     assert rc == 2 and err.count("\n") == 1 and err.rstrip().endswith("File name too long"), err
     assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile\x1b[31m", "c.yml"]
+
+
+def test_main_in_a_thread_leaves_the_process_unraisablehook_alone(monkeypatch):
+    """cli.main() saved sys.unraisablehook, installed its own and put the saved one back: called from a pipeline's
+    worker threads it left its wrapper installed after overlapping calls, and dropped a hook the application set
+    meanwhile (an audit). The hook (for signals, the main thread's) is now installed by a main-thread call only,
+    and put back only where it is still pymerge's."""
+    import threading
+    started, release = threading.Event(), threading.Event()
+
+    def waiting(argv):
+        started.set()
+        release.wait(60)
+        return 0
+    monkeypatch.setattr(cli, "_main", waiting)
+    original = sys.unraisablehook
+
+    def mine(unraisable):
+        pass
+    try:
+        worker = threading.Thread(target=cli.main, args=(["doctor"],))
+        worker.start()
+        assert started.wait(60)
+        assert sys.unraisablehook is original  # nothing installed by the worker's call
+        sys.unraisablehook = mine
+        release.set()
+        worker.join(60)
+        assert sys.unraisablehook is mine
+        sys.unraisablehook = original
+
+        def replacing(argv):  # the application (another thread) sets its hook while a main-thread call runs
+            assert sys.unraisablehook is not original  # the call's own is installed
+            sys.unraisablehook = mine
+            return 0
+        monkeypatch.setattr(cli, "_main", replacing)
+        assert cli.main(["doctor"]) == 0
+        assert sys.unraisablehook is mine
+    finally:
+        sys.unraisablehook = original

@@ -92,3 +92,28 @@ def test_a_list_of_bfloat16_weights_is_read(files):
     got = pool.materialize(list(alpha), into=_targets(pool))
     want = pool.materialize([0.25, 0.25, 0.5], into=_targets(pool))
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_call_while_another_thread_imports_torch_sees_no_half_made_module():
+    """A pipeline's threads calling run_merge while one of them imported torch for the first time: the default-device
+    check (and an error message's tensor check) took the half-initialized module from sys.modules and failed with
+    "partially initialized module 'torch' has no attribute '_C'" (an audit)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, threading\n"
+        "from pymerge.default_device import factories_on_cpu\n"
+        "from pymerge.errors import short\n"
+        "t = threading.Thread(target=lambda: __import__('torch'))\n"
+        "t.start()\n"
+        "half = 0\n"
+        "while t.is_alive():\n"
+        "    m = sys.modules.get('torch')\n"
+        "    half += m is not None and not hasattr(m, 'Tensor')\n"
+        "    factories_on_cpu(lambda: None)()\n"
+        "    short(3)\n"
+        "t.join()\n"
+        "print(half)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout) > 0  # the calls did run while torch was half made

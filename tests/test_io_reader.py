@@ -4,6 +4,7 @@ import json
 import os
 import re
 import struct
+import textwrap
 import sys
 
 import numpy as np
@@ -1254,3 +1255,43 @@ def test_an_index_naming_a_shard_the_locale_cannot_encode_says_so(tmp_path):
             continue
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(err) == 1 and words in err[0] and "missing" not in err[0], p.stderr
+
+
+def test_opening_a_bin_checkpoint_in_a_thread_silences_no_other_warning(tmp_path):
+    """Opening a pytorch_model.bin ignored every warning while torch loaded it, through Python's filters, which are
+    one list for the process: the application's own warnings raised meanwhile in other threads were dropped (38 of
+    200 shown), and two such blocks in two threads could leave "ignore everything" installed for good (an audit).
+    Now a block ignores only torch's and pymerge's own, under one lock."""
+    import subprocess
+    code = textwrap.dedent("""
+        import sys, threading, time, warnings
+        import torch
+        from pymerge.io import Checkpoint
+        torch.save({f"w{i}": torch.ones(64) for i in range(300)}, sys.argv[1] + "/pytorch_model.bin")
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        shown = []
+        warnings.showwarning = lambda message, *a, **k: shown.append(str(message))
+        stop = threading.Event()
+        loads = [0]
+        def load():
+            while not stop.is_set():
+                Checkpoint(sys.argv[1]).close()
+                loads[0] += 1
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        while loads[0] < 3:
+            time.sleep(0.01)
+        for i in range(200):
+            warnings.warn(f"the application's warning {i}")
+            time.sleep(0.002)
+        stop.set()
+        for t in threads:
+            t.join()
+        print(len(shown), loads[0], warnings.filters == before)
+    """)
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    shown, loads, restored = p.stdout.split()
+    assert int(loads) > 3 and (shown, restored) == ("200", "True"), p.stdout

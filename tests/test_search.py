@@ -2493,3 +2493,20 @@ def test_a_state_path_naming_a_loaded_pools_file_is_refused(tmp_path):
         optimize(loaded, evaluate, model=Vec(64), budget=4, popsize=3, state_path=str(other), log=None,
                  method="task_arithmetic")
     assert os.listdir(other.parent) == ["model.safetensors"]  # no lock file beside it
+
+
+def test_out_removed_before_it_is_locked_is_refused_not_replaced_by_a_file(tmp_path, capsys, monkeypatch):
+    """A search that fails removes the out folder it made; another search into the same out, between making sure of
+    it and locking it, then made (and locked) an empty file there, ran its whole budget and lost its results to
+    "exists and is not a folder" at the end, the file left behind (an audit). Now it is refused at once."""
+    cfg = _cli_setup(tmp_path)
+    real = search_cli.hold_lock
+
+    def after_the_other_search_removed_out(path, *args, **kwargs):
+        os.rmdir(path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(search_cli, "hold_lock", after_the_other_search_removed_out)
+    assert cli_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out: was removed or replaced as this began" in err[0], err
+    assert not os.path.lexists(tmp_path / "out")

@@ -16,7 +16,6 @@ import re
 import stat
 import struct
 import sys
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -30,6 +29,7 @@ from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kin
                               present, stays_inside, unencodable)
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo, madvise
 from pymerge.io.sigbus import identity, stamp as _stamp
+from pymerge.warning_filters import ignoring
 
 _MAX_EXPANDED = 16 << 20  # bytes an expanded .bin tensor may claim (each read copies it out whole)
 SAFETENSORS_NAME = "model.safetensors"
@@ -237,9 +237,8 @@ def _unpickler_reason(text: str) -> str:
 def _torch_load(path: Path, mappable: bool):
     """(state dict, whether torch memory-mapped the file); mappable: _check_torch_format's answer."""
     import torch
-    with warnings.catch_warnings():  # torch's deprecation notes (TypedStorage, quantized...) are not the user's
-        warnings.simplefilter("ignore")
-        if not mappable:
+    with ignoring(module=r"(torch|pymerge)(\.|$)"):  # torch's deprecation notes (TypedStorage, quantized...) are not
+        if not mappable:                              # the user's (nor is any other thread's warning silenced)
             # A zip re-packed with compression (DEFLATE): torch maps a record's compressed bytes as the tensor's
             # (garbage, or "Trying to resize storage that is not resizable"); read without a map, it inflates them.
             # (And a file in the other byte order: see _check_torch_format.)

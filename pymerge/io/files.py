@@ -392,16 +392,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_in_child)
 
 
-def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: bool = False) -> Optional[int]:
+def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: bool = False,
+              folder: bool = False) -> Optional[int]:
     """path (a folder, or a file made if absent, never through a link) opened and flock-ed exclusively without
     waiting: its descriptor, locked until release_lock(fd) or the process ends, however it ends (a forked
     child's copy is closed at the fork). error(busy) where another holder has it. None on a filesystem without
     locks (nothing is locked there, as before), and with optional=True where the lock file cannot be made
-    (a read-only folder: whoever could write there could not lock it either)."""
-    flags = os.O_RDONLY | os.O_DIRECTORY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+    (a read-only folder: whoever could write there could not lock it either). folder=True: path must be a folder
+    (one removed since the caller made it is an error, never a file made in its place)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY if folder or os.path.isdir(path) else os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
     try:
         fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
     except OSError as exc:
+        if folder and exc.errno in (errno.ENOENT, errno.ENOTDIR):  # (a failed search removes the folder it made)
+            raise error(f"{path}: was removed or replaced as this began (by another program, or another pymerge "
+                        "that failed); run it again") from None
         fd = None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not os.path.isdir(path):
             try:  # another user's lock file, or a read-only folder: flock needs no write access

@@ -20,7 +20,6 @@ import mmap
 import os
 import struct
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from pymerge.errors import CheckpointError, InputError, short
 from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, fd_advice, more_open_files, open_regular, resource,
                               retry_out_of_files)
 from pymerge.io.sigbus import stamp as _stamp
+from pymerge.warning_filters import ignoring
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 MAX_DIMS = 64  # numpy's limit, and torch's reductions' (more raised "only tensors with up to 64 dims")
@@ -492,15 +492,10 @@ def _empty_bytes() -> np.ndarray:
     return np.frombuffer(b"", dtype=np.uint8)  # read-only, like the views
 
 
-_FROMBUFFER_LOCK = threading.Lock()
-
-
 def _frombuffer(mm: mmap.mmap, offset: int, nbytes: int):
     import torch
-    # torch warns that the buffer is not writable; read-only views are what we hand out, by design.
-    # catch_warnings swaps global state, hence the lock (a merge calls this from several threads).
-    with _FROMBUFFER_LOCK, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    # torch warns that the buffer is not writable; read-only views are what we hand out, by design
+    with ignoring(message="The given buffer is not writable"):
         return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset)
 
 

@@ -441,7 +441,8 @@ def _search(args, cfg: dict, here: str) -> int:
     busy = f"out {out}: in use by another pymerge search; wait for it to finish or choose another out"
     try:
         # another search into OUT (as onto state_path, which optimize locks) is refused: one's results were lost
-        lock = hold_lock(out, busy)
+        lock = hold_lock(out, busy, folder=True)  # (a failing search may remove it meanwhile: an empty file was
+        # made and locked in its place, and this search's results lost at its end; an audit)
         locked = True
         result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
                           sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),

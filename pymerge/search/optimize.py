@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -42,6 +41,7 @@ from pymerge.io.files import (check_replaceable, fsync_dir, hold_lock, read_smal
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
+from pymerge.warning_filters import ignoring
 
 STATE_VERSION = 2  # 1 was a pickle
 _SAVE_EVERY_S = 30.0  # in mid-generation, the state is saved after a batch once this long has passed
@@ -186,8 +186,7 @@ def import_cma():
     """The cma package, imported without its own "Could not import matplotlib.pyplot" warning (pymerge names the
     extra itself where a plot is skipped, and never calls cma's plotting); one line where it cannot be imported
     (under python -OO it reads the docstrings -OO strips: a traceback)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+    with ignoring(message="Could not import matplotlib", category=UserWarning):
         try:
             import cma
         except Exception as exc:  # noqa: BLE001  (whatever the library raises as it loads)
