@@ -605,6 +605,9 @@ class LoraCheckpoint:
     def check_unchanged(self, read: Sequence = ()) -> None:
         self.ck.check_unchanged(read)  # the model's folder: its side files are the output's
 
+    def note_read(self, path) -> None:
+        self.ck.note_read(path)
+
     def close(self) -> None:
         self.adapter.close()
         self.ck.close()

@@ -292,12 +292,13 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
 
 def check_inputs_unchanged(plan: "MergePlan", read: Sequence = ()) -> None:
     """A CheckpointError if a model folder (or the tokenizer source) was replaced since the merge opened it, or a
-    file of it the merge read: the shards, index and config.json, the donor's tokenizer files and the files in
-    `read` (the writer's copies: writer.sources). The open shards keep the old files, but config.json, the
-    tokenizer files and remote code are read by path later: another merge installing a model there (--force) or a
-    save_pretrained renaming new files over them gave an output with one version's tensors and the other's side
-    files, silently. Call it after write_side_files, before the output is installed."""
-    read = [*read, *(Path(plan.donor.folder) / n for n in TOKENIZER_FILES)]  # read or edited by path when written
+    file of it the merge read: the shards and index, the files read by path (config.json, a tokenizer_config.json
+    edited: Checkpoint.note_read), the tokenizer source's and the files in `read` (the writer's copies:
+    writer.sources). The open shards keep the old files, but config.json, the tokenizer files and remote code are
+    read by path later: another merge installing a model there (--force) or a save_pretrained renaming new files
+    over them gave an output with one version's tensors and the other's side files, silently. A file never read
+    may change (a download adding generation_config.json to a hub snapshot refused whole merges: an audit). Call
+    it after write_side_files, before the output is installed."""
     for ck in {id(c): c for c in plan.checkpoints + [plan.donor]}.values():
         check = getattr(ck, "check_unchanged", None)  # a Checkpoint or a LoraCheckpoint
         if check is not None:
@@ -305,8 +306,9 @@ def check_inputs_unchanged(plan: "MergePlan", read: Sequence = ()) -> None:
     if plan.vocabulary is not None:
         from pymerge.tokenizer.files import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_JSON
         tok = plan.vocabulary.tokenizer
-        if tok.snapshot is not None:
-            tok.snapshot.check([tok.folder / n for n in (TOKENIZER_JSON, TOKENIZER_CONFIG, TEMPLATE_FILE)] + read)
+        if tok.snapshot is not None:  # (those read as the vocabulary was planned: the ones there then)
+            named = [tok.folder / n for n in (TOKENIZER_JSON, TOKENIZER_CONFIG, TEMPLATE_FILE)]
+            tok.snapshot.check([f for f in named if tok.snapshot.had(f)] + list(read))
 
 
 def _inputs_of(plan: "MergePlan"):

@@ -1019,3 +1019,39 @@ def test_main_in_a_thread_leaves_the_process_unraisablehook_alone(monkeypatch):
         assert sys.unraisablehook is mine
     finally:
         sys.unraisablehook = original
+
+
+@pytest.mark.parametrize("case", ["a file appears in the donor", "an uncopied tokenizer is edited",
+                                  "a config appears beside a single file", "a tokenizer file appears after the copy"])
+def test_a_file_the_merge_never_read_may_change_meanwhile(fam, tmp_path, capsys, monkeypatch, case):
+    """Every tokenizer file name of the donor and every model's config.json were compared at the end, read or not:
+    a download adding a file to a hub snapshot, an edit of a tokenizer --no-copy-tokenizer left alone, a
+    config.json appearing beside a single-file model whose config no merge reads, refused merges whose output was
+    whole (an audit). What was read is compared; these merge."""
+    import pymerge.merge
+    root, base, fts = fam
+    x = _copy(fts[0], tmp_path / "X")
+    (x / "generation_config.json").unlink()
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(fts[1] / "model.safetensors", single / "m.safetensors")
+    real = pymerge.merge.write_side_files
+
+    def change_then_write(*args, **kwargs):  # between the shards' open and the end
+        if case == "a file appears in the donor":
+            (x / "generation_config.json").write_text("{}")
+        elif case == "an uncopied tokenizer is edited":
+            (x / "tokenizer.json").write_text('{"version": "2.0"}')
+        elif case == "a config appears beside a single file":
+            (single / "config.json").write_text("{}")
+        result = real(*args, **kwargs)
+        if case == "a tokenizer file appears after the copy":
+            (x / "generation_config.json").write_text("{}")
+        return result
+    monkeypatch.setattr(pymerge.merge, "write_side_files", change_then_write)
+    out = tmp_path / "out"
+    flags = ["--no-copy-tokenizer"] if case in ("a file appears in the donor", "an uncopied tokenizer is edited") else []
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([x, single / "m.safetensors"])), out, "--quiet",
+                       *flags], capsys)
+    assert rc == 0, err
+    assert ("tokenizer.json" in os.listdir(out)) != bool(flags) and "generation_config.json" not in os.listdir(out)

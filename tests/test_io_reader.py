@@ -15,6 +15,7 @@ import torch
 
 from pymerge.errors import CheckpointError, InputError
 from pymerge.io import SAFETENSORS_DTYPES, Checkpoint, SafetensorsFile, TensorInfo, check_compatible
+from pymerge.io.checkpoint import read_model_config
 from io_helpers import bits, random_tensor
 
 
@@ -516,12 +517,13 @@ def test_check_unchanged_names_a_shard_renamed_over_while_the_shards_were_opened
 @pytest.mark.parametrize("opened", ["folder", "file"])
 @pytest.mark.parametrize("change", ["renamed over", "rewritten", "removed", "made"])
 def test_check_unchanged_names_a_file_read_that_changed_after_opening(tmp_path, opened, change):
-    """config.json (always) and the files a merge says it read (its copies) are compared with what they were when
+    """config.json once read and the files a merge says it read (its copies) are compared with what they were when
     the model was opened; a file it did not read may change."""
     folder = make_sharded(tmp_path / "m", two_shards())
     (folder / "config.json").write_text('{"vocab_size": 32}')
     (folder / "notes.txt").write_text("unread")
     with Checkpoint(folder if opened == "folder" else folder / "model-00001-of-00002.safetensors") as ck:
+        assert read_model_config(ck) == {"vocab_size": 32}
         ck.check_unchanged([folder / "tokenizer.json"])
         (folder / "notes.txt").write_text("changed, never read")
         ck.check_unchanged()
@@ -558,6 +560,7 @@ def test_a_folder_not_scanned_compares_the_files_it_names(tmp_path, monkeypatch,
     (folder / "tokenizer.json").write_text("{}")
     with Checkpoint(folder) as ck:
         assert not ck.snapshot.complete
+        read_model_config(ck)
         ck.check_unchanged([folder / "tokenizer.json"])
         (folder / "tokenizer.json").write_text('{"new": 1}')  # never stamped: not compared
         ck.check_unchanged([folder / "tokenizer.json"])

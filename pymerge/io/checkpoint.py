@@ -387,6 +387,10 @@ class FolderSnapshot:
         if not self.complete:
             self.files = {}
 
+    def had(self, path) -> bool:
+        """Whether the file was there, stamped, when the folder was snapshotted."""
+        return self.files.get(Path(path).name) is not None
+
     def note(self, path) -> None:
         """Stamps one file of the folder where it was not scanned (the shards, config.json: named, not listed)."""
         if not self.complete:
@@ -438,6 +442,7 @@ class Checkpoint:
         self.path = Path(source)
         self._shards: list = []
         self._where: Dict[str, object] = {}
+        self.side_reads: set = set()  # its files read by path after it was opened (note_read): config.json
         self.index_file: Optional[Path] = None  # the index the shards were listed by, where there is one
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or folder{lora_hint(str(source))}")
@@ -527,7 +532,8 @@ class Checkpoint:
 
     def check_unchanged(self, read: Sequence = ()) -> None:
         """Raises CheckpointError if the folder is no longer the one whose shards were opened, or if its shards,
-        index, config.json or the files in `read` (what the merge copied) changed since. The open shards keep
+        index, the files read by path (note_read: config.json) or the files in `read` (what the merge copied)
+        changed since. The open shards keep
         reading the old files, but config.json, the tokenizer and remote code are read by path later: another
         merge replacing the folder (--force) or a save_pretrained over its files in between gave an output with
         one version's tensors and the other's side files. A merge calls this after reading them all."""
@@ -537,7 +543,13 @@ class Checkpoint:
             if was is not None and identity(shard.path) != was:
                 raise changed_while_merged(shard.path)
         index = [self.index_file] if self.index_file is not None else []
-        self.snapshot.check([*self.files, *index, self.folder / "config.json", *read])
+        # what was read only: a file the merge never read changing or appearing (a download adding
+        # generation_config.json to a hub snapshot) refused merges whose output was whole (an audit)
+        self.snapshot.check([*self.files, *index, *sorted(self.side_reads), *read])
+
+    def note_read(self, path) -> None:
+        """path, a file of this model read by path (config.json), is compared by check_unchanged."""
+        self.side_reads.add(Path(path))
 
     # ---- access -----------------------------------------------------------------------------
     def names(self) -> List[str]:
@@ -773,8 +785,13 @@ def _and_more(items: list) -> str:
 
 
 def read_model_config(ck: "Checkpoint") -> Optional[dict]:
-    """The checkpoint's folder's config.json (read_config_json)."""
-    return read_config_json(ck.folder)
+    """The checkpoint's folder's config.json (read_config_json), noted as read where there is one (check_unchanged
+    compares it then)."""
+    cfg = read_config_json(ck.folder)
+    note = getattr(ck, "note_read", None)
+    if cfg is not None and note is not None:
+        note(Path(ck.folder) / "config.json")
+    return cfg
 
 
 def read_config_json(folder) -> Optional[dict]:

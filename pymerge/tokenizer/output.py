@@ -43,6 +43,9 @@ def write_tokenizer(plan, writer, donor: Path, copy_tokenizer: bool) -> Tuple[Se
     config = {}
     if present(cpath) and stays_inside(donor, cpath):
         config = read_json(cpath)
+        note = getattr(plan.donor, "note_read", None)  # written edited, not copied: compared at the end as read
+        if note is not None:
+            note(cpath)
         if not isinstance(config, dict):  # (written as {} plus the template: its settings lost, silently)
             raise CheckpointError(f"{cpath}: is not a JSON object; the chat template is saved into it")
     elif present(cpath):  # as without a template (merge.py's side files), but said: its settings are lost
