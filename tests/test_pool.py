@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -688,6 +689,45 @@ def test_tied_checkpoints_fill_an_untied_head(method, kw, tmp_path):
     tied = LM(True)
     pool.materialize([0.2, 0.3, 0.5], into=tied, method=method, **kw)
     assert torch.equal(tied.model.embed_tokens.weight, models[0].model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("wrap", ["prune", "weight_norm", "old weight_norm", "LoRA layer"])
+def test_tied_checkpoints_into_a_head_held_computed_are_refused(wrap, tmp_path):
+    """A head pruned, parametrized or wrapped by a LoRA layer is held under another name (lm_head.weight_orig,
+    lm_head.parametrizations.weight.original0, lm_head.base_layer.weight): the tied checkpoints' merged embedding
+    never reached it and it kept its random init, silently (an audit). Refused now, as such a body tensor is,
+    in one line naming how the target holds it; nothing written."""
+    states = lm_states(3, tie=True)
+    pool = CheckpointPool(saved(states, str(tmp_path)))
+    model = LM(False)
+    if wrap == "prune":
+        import torch.nn.utils.prune as prune
+        prune.l1_unstructured(model.lm_head, "weight", amount=0)
+        held = "lm_head.weight_orig"
+    elif wrap == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(model.lm_head)
+        held = "lm_head.parametrizations.weight.original"
+    elif wrap == "old weight_norm":
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(model.lm_head)
+        held = "lm_head.weight_g"
+    else:
+        class LoraLayer(torch.nn.Module):  # peft's layout: the wrapped Linear as base_layer
+            def __init__(self, base):
+                super().__init__()
+                self.base_layer = base
+                self.lora_A = torch.nn.Linear(6, 2, bias=False)
+        model.lm_head = LoraLayer(model.lm_head)
+        held = "lm_head.base_layer.weight"
+    before = snapshot(model)
+    with pytest.raises(InputError, match=rf"^tensor 'lm_head.weight' \(an untied output head, which gets the tied "
+                                         rf"checkpoints' 'model.embed_tokens.weight'\): the target holds it as "
+                                         rf"'{re.escape(held)}'.*nothing was written$"):
+        pool.materialize([0.2, 0.3, 0.5], into=model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    pool.materialize([0.2, 0.3, 0.5], into=model, strict=False)  # strict=False leaves an untied head as it is
+    assert torch.allclose(model.model.embed_tokens.weight.double(), merged(states, [0.2, 0.3, 0.5],
+                                                                         "model.embed_tokens.weight"), atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [{"tie_word_embeddings": False}, {"text_config": {"tie_word_embeddings": False}},
@@ -1676,3 +1716,53 @@ def test_della_on_the_mmap_tier_holds_one_tensors_masks_at_a_time(tmp_path, monk
         assert calls == [1] and all(torch.equal(got[k], want[k]) for k in want)
     mmap.materialize([0.2, 0.3, 0.5], into=got, method="ties", density=0.5)  # no masks held: the one call
     assert calls == [1, 1]
+
+
+def test_a_target_whose_parameter_names_are_no_module_paths_is_merged_every_call():
+    """checkpoint_wrapper (activation checkpointing) at a model's root, and FSDP1 inside summon_full_params, name their
+    parameters without the wrapped module's name: the plan cache's watcher walked those names as submodule paths
+    and raised a bare KeyError (an audit). Such a target's plans now serve one call each: every call is right."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    torch.manual_seed(0)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5))
+    states = [make().state_dict() for _ in range(3)]
+    pool = CheckpointPool(states)
+    model = checkpoint_wrapper(make())
+    assert [n for n, _ in model.named_parameters()][0] == "0.weight"  # (no such submodule path)
+    for w in ([0.2, 0.5, 0.3], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]):
+        if w[0] == 0.1:  # a parameter replaced between calls: the next call writes the new one
+            model._checkpoint_wrapped_module[0].weight = torch.nn.Parameter(torch.zeros(6, 8))
+        pool.materialize(w, into=model)
+        for name, p in model.named_parameters():
+            assert torch.allclose(p.double(), merged(states, w, name), atol=1e-6), (w, name)
+
+
+def test_candidates_inside_a_parametrize_cached_block_are_each_scored():
+    """torch.nn.utils.parametrize.cached() keeps the weights a parametrized model (weight_norm) computes from its
+    originals for the whole block: a search's second candidate, merged into the originals, was scored with the
+    first's weights (an audit). A materialize drops that cache, as it drops autocast's."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+
+    def make():
+        m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5))
+        weight_norm(m[0])
+        return m
+    states = [{k: torch.randn_like(v) for k, v in make().state_dict().items()} for _ in range(3)]
+    pool = CheckpointPool(states)
+    x = torch.randn(4, 8)
+
+    def expected(w):
+        ref = make().double()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                p.copy_(merged(states, w, name))
+        return ref(x.double())
+    model = make()
+    with parametrize.cached():
+        for w in ([0.2, 0.5, 0.3], [0.7, 0.2, 0.1]):
+            pool.materialize(w, into=model)
+            assert torch.allclose(model(x).double(), expected(w), atol=1e-5), w

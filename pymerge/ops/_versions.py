@@ -24,14 +24,21 @@ def _batched_increment():
 
 
 _increment = _batched_increment()
+_parametrize = getattr(torch.nn.utils, "parametrize", None)  # (its cache and flag are private: absent, skipped)
+if _parametrize is not None and not isinstance(getattr(_parametrize, "_cache", None), dict):
+    _parametrize = None
 
 
 def mark_written(tensors: Iterable[torch.Tensor]) -> None:
     """Bumps the version counter of each tensor (views share their base's counter), and drops autocast's
     cached casts: inside one torch.autocast region a forward reuses the low-precision copies it made of
     parameters that require grad, so every candidate a search merged there scored as the first (torch's
-    own in-place copy_ is not seen either; the cache is empty outside autocast: ~0.2 us)."""
+    own in-place copy_ is not seen either; the cache is empty outside autocast: ~0.2 us). Likewise the tensors
+    `torch.nn.utils.parametrize.cached()` computed from a parametrized model's originals (a weight_norm'd model's
+    second candidate scored with the first's weights, inside one such block: an audit)."""
     torch.clear_autocast_cache()
+    if _parametrize is not None and _parametrize._cache_enabled:  # (its cache: every block's, keyed by module)
+        _parametrize._cache.clear()
     if _increment is not None:  # one call; inference tensors (no counter) are skipped inside
         _increment(tensors if isinstance(tensors, tuple) else tuple(tensors))
         return

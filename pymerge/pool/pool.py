@@ -10,6 +10,7 @@ every tensor written has its autograd version counter bumped, as a torch in-plac
 import contextlib
 import functools
 import os
+import re
 import sys
 import warnings
 import weakref
@@ -961,6 +962,9 @@ class CheckpointPool:
                 _take(out, outs, dests, fixups)
             if len(outs) == len(targets):
                 plans.append(_Plan(emb, group_of[self.names.index(emb)], outs, dests, fixups, head))
+        for head, emb, hint in _computed_heads(self.names, self._tied_embedding(), targets, mapped):
+            problems.append(f"tensor {head!r} (an untied output head, which gets the tied checkpoints' {emb!r}): "
+                            f"{hint}")
         return plans
 
     def _tied_embedding(self) -> Optional[str]:
@@ -1350,6 +1354,34 @@ def _untied_heads(pool_names: Sequence[str], emb: Optional[str], targets: List[d
             if any(head in tmap and _untied(tmap[head], tmap.get(emb_target), shapes[emb]) for tmap in targets)]
 
 
+# a tensor's name as a wrapper or a computation holds it: pruned (weight_orig), parametrized, the older weight_norm,
+# a PEFT LoRA layer (base_layer)
+_COMPUTED_FORMS = re.compile(r"^(.*?)(?:\.parametrizations\.(\w+)\.original[01]?|_orig|_g|_v|\.base_layer\.(\w+))$")
+
+
+def _computed_heads(pool_names: Sequence[str], emb: Optional[str], targets: List[dict],
+                    mapped: list) -> List[Tuple[str, str, str]]:
+    """(head, emb, why) for each output head a target holds computed or wrapped (pruned, parametrized, a LoRA layer)
+    where the checkpoints are tied: the merged embedding never reached it, silently (an audit), as _untied_heads
+    looks for the head's own name."""
+    if emb is None or mapped[pool_names.index(emb)] is None:
+        return []
+    from pymerge.tied import is_head
+    written, found = set(mapped), {}
+    for tmap in targets:
+        for n in tmap:
+            m = _COMPUTED_FORMS.match(n) if isinstance(n, str) else None
+            if m is None:
+                continue
+            prefix, param, layer_leaf = m.groups()
+            head = (f"{prefix}.{param}" if param else f"{prefix}.{layer_leaf}" if layer_leaf else prefix)
+            if head.endswith(_HEAD_ENDS) and is_head(head) and head not in written and head not in tmap:
+                hint = _wrapped_hint(head, tmap)
+                if hint:
+                    found.setdefault(head, hint)
+    return [(head, emb, hint) for head, hint in found.items()]
+
+
 def _untied(head: torch.Tensor, emb: Optional[torch.Tensor], shape: tuple) -> bool:
     """Whether a target's head of the embedding's shape is a tensor of its own, not its embedding (one that
     cannot be written, a meta one for instance, counts: its plan reports it)."""
@@ -1410,6 +1442,10 @@ def _wrapped_hint(model_name: str, tensors: dict) -> str:
         return (f"the target holds it as {model_name + '_g'!r} and {model_name + '_v'!r}: the older "
                 "torch.nn.utils.weight_norm computes it from them (weight = g * v / |v|); merge before applying it, "
                 "or remove it first (torch.nn.utils.remove_weight_norm)")
+    wrapped = f"{head + '.' if head else ''}base_layer.{leaf}"
+    if wrapped in tensors:
+        return (f"the target holds it as {wrapped!r}: a PEFT LoRA layer wraps it; merge before wrapping (or after "
+                "merge_and_unload), or pass names= mapping it there")
     if model_name + "_orig" in tensors:
         return (f"the target holds it as {model_name + '_orig'!r}: a pruned tensor (torch.nn.utils.prune; the older "
                 "spectral_norm too) is computed from it by a hook; merge before pruning, or make it permanent first "
@@ -1488,6 +1524,8 @@ def _links(module: torch.nn.Module, paths) -> list:
     for path in paths:
         parent, prefix = module, ""
         for part in path.split(".") if path else []:
+            if part not in parent._modules:  # (_NOT_A_PATH: that call's plans are not kept)
+                break
             sub, prefix = parent._modules[part], f"{prefix}.{part}"
             if prefix not in seen:
                 seen.add(prefix)
@@ -1531,11 +1569,18 @@ def _absent(module: torch.nn.Module, keys) -> list:
     return list(out.values())
 
 
+# where a module's named_parameters() names no submodule path (checkpoint_wrapper, FSDP1's summon_full_params drop
+# their wrapped module's name): no dict to watch, so the plans serve that call only (a KeyError there: an audit)
+_NOT_A_PATH = ("a name no submodule path gives",)
+
+
 def _owner(module: torch.nn.Module, key: str):
     """The dict that holds module's tensor `key` (a submodule's _parameters or _buffers), and its name there."""
     path, _, leaf = key.rpartition(".")
     sub = module
     for part in path.split(".") if path else ():  # not get_submodule: a TorchScript module has none
+        if part not in sub._modules:
+            return _NOT_A_PATH, key
         sub = sub._modules[part]
     return (sub._parameters if leaf in sub._parameters else sub._buffers), leaf
 
