@@ -533,10 +533,10 @@ class Checkpoint:
     def check_unchanged(self, read: Sequence = ()) -> None:
         """Raises CheckpointError if the folder is no longer the one whose shards were opened, or if its shards,
         index, the files read by path (note_read: config.json) or the files in `read` (what the merge copied)
-        changed since. The open shards keep
-        reading the old files, but config.json, the tokenizer and remote code are read by path later: another
-        merge replacing the folder (--force) or a save_pretrained over its files in between gave an output with
-        one version's tensors and the other's side files. A merge calls this after reading them all."""
+        changed since. The open shards keep reading the old files, but config.json, the tokenizer and remote code
+        are read by path later: another merge replacing the folder (--force) or a save_pretrained over its files
+        in between gave an output with one version's tensors and the other's side files. A merge calls this after
+        reading them all."""
         check_folder_unchanged(self.folder, self.snapshot.identity)  # the folder first: what replaced it says more
         for shard in self._shards:  # the file opened, where the folder was not scanned before it was
             was = getattr(shard, "mapped_identity", None)

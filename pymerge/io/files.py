@@ -69,12 +69,15 @@ def text_path(path) -> Optional[str]:
     \\xff under any locale) to lone surrogates, which PyYAML writes as escapes its own loader refuses (an audit)."""
     try:
         path = os.fspath(path)
-        if isinstance(path, str) and path.isascii():
+        if isinstance(path, str):
+            path.encode("utf-8")  # text already, unless it holds lone surrogates
             return path
-        return path.encode("utf-8").decode("utf-8") if isinstance(path, str) else path.decode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: the bytes Python could not decode, as they were
+        return path.decode("utf-8")
+    except TypeError:
+        return None
+    except UnicodeEncodeError:  # the surrogates stand for the bytes Python could not decode: are those UTF-8?
         pass
-    except (UnicodeError, TypeError):
+    except UnicodeDecodeError:
         return None
     try:
         return os.fsencode(path).decode("utf-8")
