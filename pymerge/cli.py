@@ -138,6 +138,13 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+# what each command can lower when it runs out of memory (search and demo have no --chunk-size: a line advising it
+# to them was refused; an audit)
+_MEMORY_ADVICE = {"merge": "lower --chunk-size or the thread count, or ",
+                  "search": "lower the config's memory_budget (the pool then reads its files from the memory map) or "
+                            "search.replicas, or "}
+
+
 def _dispatch(args) -> int:
     if args.command == "merge":
         return _cmd_merge(args)
@@ -497,7 +504,7 @@ def _run_recorded(args, installed) -> int:
             raise
         what = "out of memory" if isinstance(exc, MemoryError) or torch_oom else \
             "cannot start a thread (out of memory or threads)"
-        say(f"pymerge: error: {what}; lower --chunk-size or the thread count, or raise the limit (ulimit -v, -u)")
+        say(f"pymerge: error: {what}; {_MEMORY_ADVICE.get(args.command, '')}raise the limit (ulimit -v, -u)")
         return 2
     finally:
         if previous is not None:

@@ -49,8 +49,8 @@ MERGE_PARAMETERS = ("alpha", "density", "eps", "epsilon", "filter_wise", "gamma"
                     "select_topk", "t", "tol", "weight")
 # keys mergekit ignores where ignoring them merges something other than the config asks for: refused, with the fix
 _MISPLACED = {
-    "revision": "a revision goes with its model (model: {path: M, revision: R}, or M@R); mergekit ignores it here "
-                "and merges the default branch",
+    "revision": "a revision goes with its model (model: {model: {path: M, revision: R}}, or M@R); mergekit ignores "
+                "it here and merges the default branch",
     "pattern": "older mergekit's name for filter; mergekit 0.1.5 ignores it and gives the value to every tensor: "
                "rename it filter",
 }
@@ -717,9 +717,11 @@ class ParamResolver:
             return v
         if spec.required:
             who = f"model {model.path}" if model is not None else "the merge"
+            # (a merge-wide parameter set in a model's parameters is ignored: that advice led back here; an audit)
+            where = ("the model's parameters or the top-level parameters" if model is not None else
+                     "the top-level parameters: it is the merge's, not a model's")
             raise MergeConfigError(self.cfg.where(f"no value of required parameter {short(name)} for {who} at "
-                                                  f"tensor {tensor_name} (set it in the model's parameters or "
-                                                  f"the top-level parameters)"))
+                                                  f"tensor {tensor_name} (set it in {where})"))
         return spec.default
 
 
@@ -792,7 +794,7 @@ def check_paths(cfg: MergeConfig) -> None:
         if hub.looks_like_id(p):
             try:
                 hub.resolve(p)
-            except MergeConfigError as exc:
-                raise MergeConfigError(cfg.where(f"{where}: {exc}")) from None
+            except MergeConfigError as exc:  # (a local folder given a revision: said so, not "download it")
+                raise MergeConfigError(cfg.where(f"{where}: {hub.revision_on_folder(p) or exc}")) from None
         # ({path: ./m, revision: main}: the error said ./m@main is missing)
         raise MergeConfigError(cfg.where(f"{where}: {hub.revision_on_folder(p) or f'model path not found: {_shown(p)}'}"))

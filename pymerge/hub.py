@@ -87,7 +87,7 @@ def resolve(ref: str) -> str:
     if snap is None:
         legacy = os.environ.get("TRANSFORMERS_CACHE")  # (huggingface_hub no longer reads it; --transformers-cache does)
         if legacy and _is_dir(_expanded(legacy) / root.name / "snapshots"):
-            download = f"{download}, or pass --transformers-cache {legacy}, where it is"
+            download = f"{download}, or pass --transformers-cache {legacy} (HF_HUB_CACHE={legacy}), where it is"
         what = f"revision {rev!r} of " if rev else ""
         raise MergeConfigError(f"model {ref}: {what}{name} is not in the Hugging Face cache ({cache_dir()})"
                                f"{' nor a local folder' if not rev else ''}; pymerge works offline: download it "

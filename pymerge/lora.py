@@ -117,8 +117,8 @@ def missing_side(ref: str) -> Optional[str]:
             if hub.looks_like_id(p):
                 try:
                     hub.resolve(p)
-                except MergeConfigError as exc:
-                    return f"{ref}: {what}: {exc}"
+                except MergeConfigError as exc:  # (a local folder given a revision: said so, not "download it")
+                    return f"{ref}: {what}: {hub.revision_on_folder(p) or exc}"
             on_folder = hub.revision_on_folder(p)
             if on_folder:
                 return f"{ref}: {what}: {on_folder}"

@@ -609,7 +609,8 @@ def plan_tensors(cfg, method, resolver, checkpoints, labels, names, n_layers, ha
 
 
 _COPY_RULE = ("pymerge merges floating-point tensors and copies the others (buffers such as attention masks) only "
-              "where every model holds the same values; dequantize quantized checkpoints first")
+              "where every model holds the same values: give every model the same (a counter such as BatchNorm's "
+              "num_batches_tracked: one model's value), or leave that model out")
 
 
 def _plan_copy(labels, name, infos) -> CopyPlan:

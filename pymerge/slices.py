@@ -272,9 +272,10 @@ class _SliceResolver:
             return v
         if spec.required:
             who = "the merge" if model is None else f"model {self.model_paths[model]}"
+            where = ("the source's parameters or the top-level parameters" if model is not None else
+                     "the top-level parameters: it is the merge's, not a source's")
             raise MergeConfigError(self.cfg.where(f"no value of required parameter {name!r} for {who} at tensor "
-                                                  f"{tensor_name} (set it in the source's parameters or the "
-                                                  f"top-level parameters)"))
+                                                  f"{tensor_name} (set it in {where})"))
         return spec.default
 
 

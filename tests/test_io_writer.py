@@ -296,7 +296,7 @@ def test_an_empty_out_filled_by_another_writer_before_the_rename(tmp_path, monke
         write_all(out, t, force=True)
         assert os.listdir(out) == ["model.safetensors"] and torch.equal(load_all(out)["a"], t["a"])
     else:
-        with pytest.raises(InputError, match=rf"^{out} exists and is not empty; pass --force to replace it$"):
+        with pytest.raises(InputError, match=rf"^{out} exists and is not empty; pass --force \(force=True\) to replace it$"):
             write_all(out, t)
         assert os.listdir(out) == ["theirs.txt"]
     assert leftovers(tmp_path) == []
@@ -1053,7 +1053,7 @@ def test_an_out_that_links_to_an_empty_folder_writes_there_and_keeps_the_link(tm
     write_all(link, {"a": torch.ones(2)})
     assert link.is_symlink() and os.listdir(tmp_path / "disk" / "merged") == ["model.safetensors"]
     with pytest.raises(InputError, match=r"out: is a link to a folder that is not empty \(.*disk/merged\); pass "
-                                         r"--force to replace the link \(that folder is kept\)"):
+                                         r"--force \(force=True\) to replace the link \(that folder is kept\)"):
         write_all(link, {"a": torch.zeros(2)})
     write_all(link, {"b": torch.zeros(3)}, force=True)
     assert not link.is_symlink() and set(load_all(link)) == {"b"} and leftovers(tmp_path) == []

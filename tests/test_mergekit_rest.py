@@ -1069,7 +1069,7 @@ def test_legacy_ids_without_an_org_and_a_model_only_under_transformers_cache(mod
     monkeypatch.setenv("TRANSFORMERS_CACHE", str(old))
     cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": ["org/old"]}))
     rc, err = run_cli(["merge", cfg, tmp_path / "out2", "--quiet"], capsys)
-    assert rc == 2 and f"or pass --transformers-cache {old}, where it is" in err, err
+    assert rc == 2 and f"or pass --transformers-cache {old} (HF_HUB_CACHE={old}), where it is" in err, err
     rc, err = run_cli(["merge", cfg, tmp_path / "out2", "--quiet", "--transformers-cache", str(old)], capsys)
     assert rc == 0, err
 

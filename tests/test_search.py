@@ -327,7 +327,9 @@ def test_state_is_json_and_a_pickle_is_never_loaded(tmp_path):
     assert state["version"] == 2 and len(state["history"]) == 20 and state["generation"] == 4
     marker = tmp_path / "pwned"
     path.write_bytes(pickle.dumps({"version": 1, "x": _Exploit(str(marker))}))
-    with pytest.raises(InputError, match="state.json: cannot read the search state: not JSON but a pickle"):
+    # (not "delete the file": a state_path may name the user's own pickle, a torch.save checkpoint; an audit)
+    with pytest.raises(InputError, match="state.json: cannot read it as a search state: not JSON but a pickle .*; "
+                                         "choose another state_path, or delete it if it is an old search state$"):
         optimize(pool, evaluate, model=Vec(), budget=20, popsize=6, seed=4, state_path=str(path), log=None)
     assert not marker.exists()
 
@@ -1045,7 +1047,8 @@ def test_a_truncated_state_is_named_so_and_the_failed_run_leaves_no_new_folder(t
     shutil.rmtree(tmp_path / "new")
     assert cli_main([str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "state.json: cannot read the search state: truncated or not JSON (" in err and "pickle" not in err
+    assert "state.json: cannot read it as a search state: truncated or not JSON (" in err and "pickle" not in err
+    assert "choose another state_path, or delete it if it is this search's state" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
     (tmp_path / "new").mkdir()  # a folder that was there stays, and so does whatever it holds
     (tmp_path / "new" / "out").mkdir()

@@ -57,7 +57,7 @@ def unencodable(path) -> Optional[str]:
         os.fsencode(path)
     except UnicodeEncodeError:
         return (f"{path!r} cannot name a file under this locale (filesystem encoding {sys.getfilesystemencoding()}); "
-                "use a UTF-8 locale (LANG=C.UTF-8) or PYTHONUTF8=1")
+                "use a UTF-8 locale (LC_ALL=C.UTF-8: LC_ALL outranks LANG) or PYTHONUTF8=1")
     except TypeError:  # not a path at all: the caller's own check says so
         return None
     return None

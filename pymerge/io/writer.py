@@ -590,7 +590,7 @@ class ShardedWriter:
             elif not out.is_dir():
                 raise InputError(f"{out}: exists and is not a folder")
             elif not self.force:
-                raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+                raise InputError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
             else:
                 _keep_access(out, tmp)
                 if not _exchange(tmp, out):  # renameat2: one atomic step, after which tmp holds the old OUT
@@ -839,9 +839,9 @@ def _check_out(out: Path, force: bool) -> None:
         raise InputError(_mount_point(out))
     if not force and out.is_symlink():  # (out_location follows a link to an empty folder only)
         raise InputError(f"{out}: is a link to a folder that is not empty ({os.path.realpath(out)}); pass --force "
-                         "to replace the link (that folder is kept)")
+                         "(force=True) to replace the link (that folder is kept)")
     if not force and not _is_empty_dir(out):
-        raise InputError(f"{out} exists and is not empty; pass --force to replace it")
+        raise InputError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
     if force and not out.is_symlink():  # (a link alone is replaced; the folder it names is kept)
         inside = mounts_within(out)
         if inside and inside[0] == os.path.realpath(out):  # a bind mount within one disk: ismount cannot see it

@@ -782,8 +782,8 @@ class CheckpointPool:
             if other.name != p.name and not self._same_data(other.name, p.name):
                 raise InputError(f"pool tensors {other.name!r} and {p.name!r} hold different values, but the "
                                  f"target{where} ties them (one tensor): one merge would silently replace the "
-                                 "other. Untie the target's weights, or skip one with names= (a function "
-                                 f"returning None for {p.name!r}); nothing was written")
+                                 "other. Untie the target's weights, or (from Python) skip one with names= (a "
+                                 f"function returning None for {p.name!r}); nothing was written")
 
     def _same_data(self, a: str, b: str) -> bool:
         """Whether pool tensors a and b hold the same bits in every checkpoint and the base; kept in the
@@ -1755,6 +1755,10 @@ def method_params_of(explicit, keywords: dict) -> dict:
     return {**explicit, **keywords}
 
 
+_POOL_KEYWORDS = ("weights", "weight_rows", "into", "method", "groups", "normalize", "names", "strict", "seed",
+                  "method_params")  # materialize's own: a method's parameter of such a name goes in method_params
+
+
 def _split_params(method, params: dict, n: int):
     """Per-model and global parameters for a registered method: declared names only, required ones given."""
     declared_model = dict(method.model_params)
@@ -1762,6 +1766,9 @@ def _split_params(method, params: dict, n: int):
     unknown = sorted(set(params) - set(declared_model) - set(method.global_params))
     if unknown:
         known = sorted(set(declared_model) | set(method.global_params))
+        # a name materialize takes itself goes in method_params: ties' normalize= given as a keyword was the
+        # pool's sum-to-one, silently not ties' own (an audit)
+        known = [f"{k} (in method_params: {k}= is the pool's own)" if k in _POOL_KEYWORDS else k for k in known]
         raise MergeConfigError(f"method {method.name} has no parameter {unknown[0]!r}; it takes: {', '.join(known) or 'none'}")
     per_model = [{} for _ in range(n)]
     for key, spec in declared_model.items():

@@ -190,7 +190,8 @@ def import_cma():
         try:
             import cma
         except Exception as exc:  # noqa: BLE001  (whatever the library raises as it loads)
-            hint = "; run Python without -OO, whose stripped docstrings cma reads" if sys.flags.optimize >= 2 else ""
+            hint = ("; run Python without -OO (and PYTHONOPTIMIZE unset), whose stripped docstrings cma reads"
+                    if sys.flags.optimize >= 2 else "")
             raise InputError(f"the search's CMA-ES library (cma) cannot be imported: {type(exc).__name__}: "
                              f"{exc}{hint}") from None
     return cma
@@ -852,13 +853,17 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     try:
         state = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        if data[:1] == b"\x80":  # a pickle's first byte (protocol 2 on): what pymerge wrote before version 2
-            raise InputError(f"{path}: cannot read the search state: not JSON but a pickle (an older pymerge "
-                             "pickled its state: delete the file)") from None
+        # the advice names both cases: the file may be the user's own (notes, a torch.save checkpoint), which
+        # "delete it" alone would have had deleted (an audit)
+        if data[:1] == b"\x80":  # a pickle's first byte (protocol 2 on): what pymerge wrote before version 2, or any
+            raise InputError(f"{path}: cannot read it as a search state: not JSON but a pickle (a torch.save "
+                             "file, or an older pymerge's state); choose another state_path, or delete it if it is "
+                             "an old search state") from None
         # most likely a write cut short (a full disk, a copy that stopped): not a pickle, as this said
         where = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise InputError(f"{path}: cannot read the search state: truncated or not JSON{where}; "
-                         "delete it to start the search afresh") from None
+        raise InputError(f"{path}: cannot read it as a search state: truncated or not JSON{where}; choose another "
+                         "state_path, or delete it if it is this search's state (a write cut short) to start "
+                         "afresh") from None
     digest = state.pop("digest", None) if isinstance(state, dict) else None  # absent in files before 2026-12-02
     if digest is not None and digest != _digest(state):
         raise InputError(f"{path}: saved search state was edited (its digest does not match its contents); "
