@@ -249,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _escape_unencodable_output()
     stand_in = None
     if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
-        sys.stderr = stand_in = open(os.devnull, "w")  # (for this call: a library caller's None comes back)
+        sys.stderr = stand_in = open(os.devnull, "w", encoding="utf-8")  # (for this call: a library caller's None comes back)
     # SIGTERM as Ctrl-C from the start: one while importing or parsing ended the process without a word (-15).
     # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
     # Signals, and the hook that quiets the interrupts they raise in finalizers, are the main thread's: a main() in

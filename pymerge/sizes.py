@@ -77,7 +77,7 @@ def free_memory(device) -> int:
 def host_available() -> int:
     """Bytes of memory this machine can give without swapping (Linux's MemAvailable; free pages elsewhere)."""
     try:
-        with open("/proc/meminfo") as fh:
+        with open("/proc/meminfo", encoding="ascii") as fh:  # (no locale's: EncodingWarning under -X dev checks)
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

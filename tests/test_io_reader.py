@@ -1298,3 +1298,31 @@ def test_opening_a_bin_checkpoint_in_a_thread_silences_no_other_warning(tmp_path
     assert p.returncode == 0, p.stderr
     shown, loads, restored = p.stdout.split()
     assert int(loads) > 3 and (shown, restored) == ("200", "True"), p.stdout
+
+
+def test_reads_of_proc_files_need_no_locale(tmp_path):
+    """/proc/self/maps (read for every pytorch_model.bin) and /proc/meminfo were opened in the locale's encoding:
+    under LC_ALL=C a mapped file whose path is not ASCII failed to decode (a traceback), and under
+    -X warn_default_encoding with EncodingWarning an error (a user's CI) a .bin merge or any pool failed (an audit)."""
+    import subprocess
+    import torch
+    torch.save({"w": torch.ones(8)}, str(tmp_path / "pytorch_model.bin"))
+    code = textwrap.dedent("""
+        import mmap, os, sys, warnings
+        warnings.filterwarnings("error", category=EncodingWarning, module="pymerge")
+        from pymerge.io import Checkpoint
+        from pymerge.sizes import host_available
+        folder = sys.argv[1]
+        with open(os.path.join(os.fsencode(folder), "caf\\xc3\\xa9".encode("latin-1")), "wb+") as fh:
+            fh.write(b"x" * 4096)
+            fh.flush()
+            kept = mmap.mmap(fh.fileno(), 4096)  # a mapping whose path is not ASCII, in /proc/self/maps
+            with Checkpoint(folder) as ck:
+                assert ck.names() == ["w"], ck.names()
+        assert host_available() > 0
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in ("LANG", "PYTHONUTF8")}
+    p = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, env={**env, "LC_ALL": "C", "PYTHONUTF8": "0"}, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

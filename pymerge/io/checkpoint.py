@@ -315,8 +315,8 @@ def _mapping_of(path: Path, state: dict, loaded: os.stat_result) -> Optional[Tup
 def _maps_file_at(begin: int, st: os.stat_result) -> bool:
     """Whether the mapping at `begin` maps this file (device, inode) from offset 0. Without
     /proc/self/maps (not Linux) the zip records' agreement above is all there is: True."""
-    try:
-        with open("/proc/self/maps") as fh:
+    try:  # bytes: a mapped file's path is any bytes (one not ASCII failed to decode under LC_ALL=C)
+        with open("/proc/self/maps", "rb") as fh:
             lines = fh.readlines()
     except OSError:
         return True
@@ -324,9 +324,9 @@ def _maps_file_at(begin: int, st: os.stat_result) -> bool:
         fields = line.split()
         if len(fields) < 5:
             continue
-        start, _, end = fields[0].partition("-")
+        start, _, end = fields[0].partition(b"-")
         if int(start, 16) == begin:
-            major, _, minor = fields[3].partition(":")
+            major, _, minor = fields[3].partition(b":")
             return (int(fields[2], 16) == 0 and int(fields[4]) == st.st_ino
                     and os.makedev(int(major, 16), int(minor, 16)) == st.st_dev)
     return False

@@ -294,10 +294,10 @@ def _check_method(method: str, params: dict, n_sources: int, has_base: bool) -> 
     from pymerge.pool.pool import _split_params
     m = get_method(method)  # (MergeConfigError, an InputError, names the method)
     m.validate(n_sources, has_base)
+    _split_params(m, params, n_sources)
     if method == "linear" and params:  # (the pool's refusal advised its Python keyword normalize=: an audit)
         raise InputError(f"method linear takes no method_params in a search, got {', '.join(map(str, params))}: "
                          "the weights are the search's (search.normalize: true, the default, makes them sum to one)")
-    _split_params(m, params, n_sources)
 
 
 def _check_state_apart(state_path: Optional[str], out: str, inputs: List[str]) -> None:
