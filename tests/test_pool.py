@@ -500,6 +500,14 @@ def test_an_error_no_check_foresaw_says_the_targets_hold_a_partial_merge(monkeyp
                                                 r"before it: the targets hold a partial merge"):
         pool.materialize([0.5, 0.5], into=Tiny(), method="multislerp")
 
+    def failing_on_input(self, task, out):  # an InputError keeps its kind, the note in its message
+        if task.name == "head.weight":
+            raise CheckpointError("a.safetensors: was cut short")
+        real(self, task, out)
+    monkeypatch.setattr(sphere.MultiSlerp, "merge_tensor", failing_on_input)
+    with pytest.raises(CheckpointError, match=r"^a.safetensors: was cut short; \d+ of \d+ tensors were written "):
+        pool.materialize([0.5, 0.5], into=Tiny(), method="multislerp")
+
 
 @pytest.mark.parametrize("path", ["linear-torch", "multislerp", "compressed-linear"])
 @pytest.mark.parametrize("error", [RuntimeError, MemoryError, KeyboardInterrupt])

@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
     import torch
 
-from pymerge.errors import MergeConfigError, first_line, short  # noqa: F401  (MergeConfigError re-exported for method modules)
+from pymerge.errors import InputError, MergeConfigError, first_line, short  # noqa: F401  (MergeConfigError re-exported for method modules)
 
 _REQUIRED = object()
 
@@ -131,8 +131,14 @@ class WritePass:
         if exc is None or not self.written:
             return False
         note = f"{self.written} of {self.total} tensors were written before it: the targets hold a partial merge"
-        if isinstance(exc, ValueError):
-            raise MergeConfigError(f"{first_line(exc)}; {note}") from exc
+        if isinstance(exc, ValueError):  # said in the message (a CheckpointError stays one)
+            said = None
+            if isinstance(exc, InputError):
+                try:
+                    said = type(exc)(f"{first_line(exc)}; {note}")
+                except TypeError:  # a subclass of other arguments
+                    pass
+            raise (said or MergeConfigError(f"{first_line(exc)}; {note}")) from exc
         exc.add_note(note)
         return False
 
