@@ -2,7 +2,6 @@
 same error, to another program's option, or to deleting a user's own file)."""
 import os
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -108,43 +107,6 @@ def test_a_method_parameter_the_pool_takes_itself_is_advised_through_method_para
     off = pool.materialize([0.5, 0.3], into={"w": torch.zeros(64)}, method="ties", density=0.5,
                            method_params={"normalize": False})["w"]
     assert not torch.equal(on, off)
-
-
-def _search_setup(root, **extra):
-    g = torch.Generator().manual_seed(5)
-    for i in range(2):
-        save_file({"theta": torch.randn(16, generator=g)}, str(root / f"c{i}.safetensors"))
-    (root / "evaladv.py").write_text(textwrap.dedent("""
-        import torch
-        def build():
-            m = torch.nn.Module()
-            m.theta = torch.nn.Parameter(torch.zeros(16))
-            return m
-        def evaluate(m):
-            return -float(m.theta.detach().norm())
-    """))
-    cfg = {"sources": ["c0.safetensors", "c1.safetensors"], "model": "evaladv:build", "evaluate": "evaladv:evaluate",
-           "search": {"budget": 4, "popsize": 2, "seed": 1}, "out": "out", **extra}
-    (root / "s.yml").write_text(yaml.safe_dump(cfg))
-    return root / "s.yml"
-
-
-def test_search_advice_names_what_a_search_config_can_set(tmp_path, capsys, monkeypatch):
-    """A search's linear method_params were refused with the pool's Python advice (normalize=), and a search out of
-    memory was told to lower --chunk-size, which pymerge search does not take."""
-    cfg = _search_setup(tmp_path, method_params={"normalize": True})
-    assert cli.main(["search", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "search.normalize: true" in err[0], err
-    cfg = _search_setup(tmp_path)
-    import pymerge.search
-
-    def out_of_memory(argv):
-        raise MemoryError()
-    monkeypatch.setattr(pymerge.search, "cli_main", out_of_memory)
-    assert cli.main(["search", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "memory_budget" in err and "--chunk-size" not in err, err
 
 
 def test_locale_advice_names_the_variable_that_wins(tmp_path):

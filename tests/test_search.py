@@ -991,7 +991,7 @@ def test_paths_and_task_names_that_are_no_ascii_under_an_ascii_locale(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in ("LANG", "PYTHONUTF8")}
     home = tmp_path / "caf\u00e9"
     home.mkdir()
-    cfg = _cli_setup(home, evaluate="evaltext:evaluate")
+    _cli_setup(home, evaluate="evaltext:evaluate")
     (home / "evaltext.py").write_text(textwrap.dedent("""
         from evalcli import evaluate as score
         def evaluate(m):
@@ -2513,3 +2513,22 @@ def test_out_removed_before_it_is_locked_is_refused_not_replaced_by_a_file(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out: was removed or replaced as this began" in err[0], err
     assert not os.path.lexists(tmp_path / "out")
+
+
+def test_search_advice_names_what_a_search_config_can_set(tmp_path, capsys, monkeypatch):
+    """A search's linear method_params were refused with the pool's Python advice (normalize=), and a search out of
+    memory was told to lower --chunk-size, which pymerge search does not take (an audit: tests/test_advice.py)."""
+    from pymerge import cli as pymerge_cli
+    cfg = _cli_setup(tmp_path, method_params={"normalize": True})
+    assert pymerge_cli.main(["search", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "search.normalize: true" in err[0], err
+    cfg = _cli_setup(tmp_path)
+    import pymerge.search
+
+    def out_of_memory(argv):
+        raise MemoryError()
+    monkeypatch.setattr(pymerge.search, "cli_main", out_of_memory)
+    assert pymerge_cli.main(["search", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "memory_budget" in err and "--chunk-size" not in err, err
