@@ -289,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         say("pymerge: interrupted")
         return _interrupted(argv is None)
     except ImportError as exc:  # an interrupt inside an extension's import comes out as its ImportError (numpy's:
-        if _SIGNALLED:  # a 40-line traceback, exit 1, for a Ctrl-C at start-up)
+        if _SIGNALLED and in_main_thread:  # a 40-line traceback, exit 1, for a Ctrl-C at start-up)
             say("pymerge: interrupted")
             return _interrupted(argv is None)
         text = str(exc).lower()  # the loader's words for an mmap or allocation refused (not a module missing)
@@ -451,8 +451,10 @@ def _main(argv: Optional[List[str]]) -> int:
     rc = _run(args)
     if as_script:
         _SCRIPT_DONE.append(True)
-    if _SIGNALLED and rc == 0:  # taken inside a finalizer as the command's objects went: Python printed the
-        # KeyboardInterrupt there and went on, and the command ended 0 (an audit): its work is done, it was asked to stop
+    # a signal taken inside a finalizer as the command's objects went: Python printed the KeyboardInterrupt there and
+    # went on, and the command ended 0 (an audit): its work is done, it was asked to stop. (Signals are the main
+    # thread's: one an earlier main-thread call took is no worker's, which then said "interrupted": a review.)
+    if _SIGNALLED and rc == 0 and _main_thread():
         say(f"pymerge: {args.command} interrupted; it ran to its end, so what it wrote is complete")
         rc = 130
     if as_script and args.command == "merge":

@@ -1055,3 +1055,15 @@ def test_a_file_the_merge_never_read_may_change_meanwhile(fam, tmp_path, capsys,
                        *flags], capsys)
     assert rc == 0, err
     assert ("tokenizer.json" in os.listdir(out)) != bool(flags) and "generation_config.json" not in os.listdir(out)
+
+
+def test_a_signal_an_earlier_main_thread_call_took_is_no_workers(monkeypatch, capsys):
+    """A main-thread main() interrupted by SIGTERM leaves the signal recorded; main() in a worker thread (which no
+    longer clears that record, being no signal's) then ended its successful doctor "interrupted", 130 (a review)."""
+    import threading
+    monkeypatch.setattr(cli, "_SIGNALLED", [signal.SIGTERM])
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("rc", cli.main(["doctor"])))
+    worker.start()
+    worker.join(120)
+    assert out["rc"] == 0 and "interrupted" not in capsys.readouterr().err

@@ -509,6 +509,28 @@ def test_an_error_no_check_foresaw_says_the_targets_hold_a_partial_merge(monkeyp
         pool.materialize([0.5, 0.5], into=Tiny(), method="multislerp")
 
 
+@pytest.mark.triton_cpu
+def test_an_error_after_some_streamed_chunks_says_so(monkeypatch):
+    """The streamed tiers (pinned host memory, chunk by chunk) were missed when every other write pass learnt to say
+    that an error after some writes left the model partly merged (a review)."""
+    from pymerge.pool import cuda as cuda_mod
+    models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], backend="triton", residency="pinned", chunk_bytes=4096)
+    pool._cuda.chunk = 1024
+    real, calls = cuda_mod.sum_into, []
+
+    def fail_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (a test)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cuda_mod, "sum_into", fail_third)
+    with pytest.raises(RuntimeError) as caught:
+        pool.materialize([0.5, 0.3, 0.2], into=Tiny())
+    notes = getattr(caught.value, "__notes__", [])
+    assert len(notes) == 1 and " tensors were written before it: the targets hold a partial merge" in notes[0], notes
+
+
 @pytest.mark.parametrize("path", ["linear-torch", "multislerp", "compressed-linear"])
 @pytest.mark.parametrize("error", [RuntimeError, MemoryError, KeyboardInterrupt])
 def test_any_error_after_some_writes_says_so_and_the_next_merge_is_right(monkeypatch, path, error):
@@ -730,8 +752,9 @@ def test_tied_checkpoints_into_a_head_held_computed_are_refused(wrap, tmp_path):
     before = snapshot(model)
     with pytest.raises(InputError, match=rf"^tensor 'lm_head.weight' \(an untied output head, which gets the tied "
                                          rf"checkpoints' 'model.embed_tokens.weight'\): the target holds it as "
-                                         rf"'{re.escape(held)}'.*nothing was written$"):
+                                         rf"'{re.escape(held)}'.*nothing was written$") as refused:
         pool.materialize([0.2, 0.3, 0.5], into=model)
+    assert "names=" not in str(refused.value)  # no pool tensor of the head's name to map there (a review)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     pool.materialize([0.2, 0.3, 0.5], into=model, strict=False)  # strict=False leaves an untied head as it is
     assert torch.allclose(model.model.embed_tokens.weight.double(), merged(states, [0.2, 0.3, 0.5],

@@ -1016,6 +1016,13 @@ def test_paths_and_task_names_that_are_no_ascii_under_an_ascii_locale(tmp_path):
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1 and "bytes are not UTF-8" in err[0], p.stderr
     assert not (odd / "out").exists()
+    data = yaml.safe_load((odd / "s.yml").read_text())
+    data["search"]["groups"] = "layer"  # a search with groups may write no best_merge.yml: not refused (a review)
+    (odd / "s.yml").write_text(yaml.safe_dump(data))
+    p = subprocess.run([sys.executable, "-m", "pymerge", "search", "s.yml"], cwd=odd, capture_output=True, text=True,
+                       env=env, timeout=120)  # (this one's model has no layers: one group, so said why there is none)
+    assert p.returncode == 0 and "best_merge.yml" not in os.listdir(odd / "out"), p.stderr
+    assert "warning: no best_merge.yml: " in p.stderr and "bytes are not UTF-8" in p.stderr, p.stderr
 
 
 def test_cli_refuses_an_empty_out_a_weightless_method_and_hints_at_yaml_numbers(tmp_path, capsys):

@@ -139,7 +139,8 @@ class WritePass:
                 except TypeError:  # a subclass of other arguments
                     pass
             raise (said or MergeConfigError(f"{first_line(exc)}; {note}")) from exc
-        exc.add_note(note)
+        if hasattr(exc, "add_note"):  # (Python 3.11 on)
+            exc.add_note(note)
         return False
 
 

@@ -136,22 +136,25 @@ class CudaRunner:
             # (A no-op for the allocation stream itself; not testable without a GPU.)
             for buf in (b for stage in self.stage for b in stage):
                 buf.record_stream(compute)
+        from pymerge.methods.base import WritePass
         j = 0
-        for p in plans:
-            ins = self.inputs[p.name]
-            numel = ins[0].numel()
-            w_kn = w[p.group if w.shape[0] > 1 else 0]
-            flat_outs = [o.view(-1) for o in p.outs]
-            for start in range(0, numel, self.chunk):
-                n = min(self.chunk, numel - start)
-                b = j % 2
-                staged = self._copy_chunk(ins, b, start, n)
-                if self.on_gpu:
-                    compute.wait_event(self.ready[b])
-                sum_into(staged, w_kn, [o[start:start + n] for o in flat_outs], backend=backend)
-                if self.on_gpu:
-                    self.done[b].record(compute)
-                j += 1
+        with WritePass(sum(len(p.outs) for p in plans)) as writes:  # (a tensor counts once its first chunk is)
+            for p in plans:
+                ins = self.inputs[p.name]
+                numel = ins[0].numel()
+                w_kn = w[p.group if w.shape[0] > 1 else 0]
+                flat_outs = [o.view(-1) for o in p.outs]
+                for start in range(0, numel, self.chunk):
+                    n = min(self.chunk, numel - start)
+                    b = j % 2
+                    staged = self._copy_chunk(ins, b, start, n)
+                    if self.on_gpu:
+                        compute.wait_event(self.ready[b])
+                    sum_into(staged, w_kn, [o[start:start + n] for o in flat_outs], backend=backend)
+                    if self.on_gpu:
+                        self.done[b].record(compute)
+                    writes.written += len(p.outs) if start == 0 else 0
+                    j += 1
 
     def _copy_chunk(self, ins, b: int, start: int, n: int) -> List[torch.Tensor]:
         """Chunk [start, start + n) of every input into staging set b (on the copy stream); returns the views."""

@@ -1376,7 +1376,7 @@ def _computed_heads(pool_names: Sequence[str], emb: Optional[str], targets: List
             prefix, param, layer_leaf = m.groups()
             head = (f"{prefix}.{param}" if param else f"{prefix}.{layer_leaf}" if layer_leaf else prefix)
             if head.endswith(_HEAD_ENDS) and is_head(head) and head not in written and head not in tmap:
-                hint = _wrapped_hint(head, tmap)
+                hint = _wrapped_hint(head, tmap, mappable=False)  # (no pool tensor of its name to map: a review)
                 if hint:
                     found.setdefault(head, hint)
     return [(head, emb, hint) for head, hint in found.items()]
@@ -1425,7 +1425,7 @@ def _missing_problems(missing: list, targets: List[dict], shapes: dict, written:
     return out
 
 
-def _wrapped_hint(model_name: str, tensors: dict) -> str:
+def _wrapped_hint(model_name: str, tensors: dict, mappable: bool = True) -> str:
     """Why a target lacks a name it seems to hold: wrapped (torch.compile, DataParallel/DDP), parametrized or
     pruned; "" when none of these."""
     if "_orig_mod." + model_name in tensors:
@@ -1445,7 +1445,7 @@ def _wrapped_hint(model_name: str, tensors: dict) -> str:
     wrapped = f"{head + '.' if head else ''}base_layer.{leaf}"
     if wrapped in tensors:
         return (f"the target holds it as {wrapped!r}: a PEFT LoRA layer wraps it; merge before wrapping (or after "
-                "merge_and_unload), or pass names= mapping it there")
+                "merge_and_unload)" + (", or pass names= mapping it there" if mappable else ""))
     if model_name + "_orig" in tensors:
         return (f"the target holds it as {model_name + '_orig'!r}: a pruned tensor (torch.nn.utils.prune; the older "
                 "spectral_norm too) is computed from it by a hook; merge before pruning, or make it permanent first "

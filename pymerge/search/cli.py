@@ -287,6 +287,25 @@ def _prepare_out(out: str) -> List[str]:
     return made
 
 
+def _check_nameable(cfg: dict, sources: List[str], base: Optional[str]) -> None:
+    """Before a flat search: the paths best_merge.yml will name are text (a path whose bytes are not UTF-8 has no
+    YAML form: PyYAML wrote escapes its own loader refuses; an audit). A search with groups may write none (one row
+    per group): it runs, and _unnameable's warning says why there is none where it came to one group."""
+    why = _unnameable(cfg, sources, base) if cfg["search"].get("groups") is None else None
+    if why is not None:
+        raise InputError(f"{why}; rename it")
+
+
+def _unnameable(cfg: dict, sources: List[str], base: Optional[str]) -> Optional[str]:
+    """Why best_merge.yml cannot name one of its paths (a base its method does not take is not named), or None."""
+    from pymerge.methods.base import get_method
+    takes_base = get_method(cfg.get("method", "linear")).base_model != "none"
+    for path in [*sources, *([base] if base and takes_base else [])]:
+        if text_path(path) is None:
+            return f"{path!r}: this path's bytes are not UTF-8, so best_merge.yml (text) could not name it"
+    return None
+
+
 def _check_method(method: str, params: dict, n_sources: int, has_base: bool) -> None:
     """The method's name, its base and its parameters' names, before the pool is built (minutes for a large
     model): an unknown method, a missing base or a misspelt parameter was refused only after it (an audit)."""
@@ -410,10 +429,7 @@ def _search(args, cfg: dict, here: str) -> int:
         why = unencodable(path) if path is not None else None
         if why is not None:
             raise InputError(why)
-    for path in inputs[1:]:  # best_merge.yml names them: a path that is no text had no YAML form (an audit)
-        if text_path(path) is None:
-            raise InputError(f"{path!r}: this path's bytes are not UTF-8, so best_merge.yml (text) could not name it; "
-                             "rename it")
+    _check_nameable(cfg, sources, rel(cfg.get("base")))
     _check_state_apart(state_path, out, inputs)
     _check_out_apart(out, inputs)
     _check_distinct(args.config, cfg["sources"], sources, rel(cfg.get("base")), cfg.get("base"),
@@ -458,7 +474,10 @@ def _search(args, cfg: dict, here: str) -> int:
         # renamed over it): naming the files, it would build another merge than the one scored (an audit).
         changed = pool.changed_file() if result.best_weights.ndim == 1 else None
         best, tied_note = None, ""
-        if result.best_weights.ndim == 1 and changed is None:
+        unnameable = _unnameable(cfg, sources, rel(cfg.get("base"))) if result.best_weights.ndim == 1 else None
+        if unnameable is not None:  # (groups: that came to one group; a flat search was refused before it began)
+            say(f"pymerge search: warning: no best_merge.yml: {unnameable}")
+        elif result.best_weights.ndim == 1 and changed is None:
             tied_note = _tied_head_note(pool, model, cfg.get("names"), method, method_params)
             best = functools.partial(_best_yaml, sources=sources, base=rel(cfg.get("base")),
                                      weights=result.best_weights, method=method, method_params=method_params,
