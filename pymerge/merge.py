@@ -545,12 +545,27 @@ def _check_distinct(cfg: MergeConfig, sources: List[ModelSpec], checkpoints: Lis
 
 
 def _same_model(a: str, b: Optional[str]) -> bool:
+    """Whether two references name one model: the same files read, links resolved (x, ./x/, a link to x, and
+    x/model.safetensors where x loads that file; the last was refused as "the same model; list it once" while the
+    docs say it is that entry: an audit)."""
     if b is None or a == b:
         return b is not None
     try:
-        return os.path.realpath(a) == os.path.realpath(b)
+        return _read_as(a) == _read_as(b)
     except (ValueError, OSError):  # a NUL byte: the path checks that follow name it
         return False
+
+
+def _read_as(path: str) -> str:
+    """The file a folder of one weights file loads (Checkpoint's preference), else the path, links resolved."""
+    from pymerge.io.checkpoint import BIN_INDEX, BIN_NAME, SAFETENSORS_INDEX, SAFETENSORS_NAME
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX, BIN_NAME, BIN_INDEX):
+            f = os.path.join(real, name)
+            if os.path.isfile(f):
+                return os.path.realpath(f) if name in (SAFETENSORS_NAME, BIN_NAME) else real
+    return real
 
 
 def _with_lora_dtype(cfg: MergeConfig, name) -> MergeConfig:

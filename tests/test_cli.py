@@ -1067,3 +1067,18 @@ def test_a_signal_an_earlier_main_thread_call_took_is_no_workers(monkeypatch, ca
     worker.start()
     worker.join(120)
     assert out["rc"] == 0 and "interrupted" not in capsys.readouterr().err
+
+
+def test_a_base_model_named_by_its_file_is_its_models_entry(fam, tmp_path, capsys):
+    """docs/mergekit-compat.md: a base_model spelled otherwise than its models: entry is that entry, the files read
+    compared (x/model.safetensors is x). Named by its file, it was refused as "the same model; list it once" (an
+    audit); it now merges as the folder's spelling does."""
+    root, base, fts = fam
+    outs = []
+    for spelling in (f"{base}/", f"{base}/model.safetensors"):
+        cfg = {"merge_method": "task_arithmetic", "base_model": spelling, "models": [
+            {"model": str(base), "parameters": {"weight": 1.0}}, {"model": str(fts[0]), "parameters": {"weight": 0.5}}]}
+        outs.append(tmp_path / f"out{len(outs)}")
+        rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), outs[-1], "--quiet"], capsys)
+        assert rc == 0, err
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()

@@ -2539,3 +2539,20 @@ def test_search_advice_names_what_a_search_config_can_set(tmp_path, capsys, monk
     assert pymerge_cli.main(["search", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "memory_budget" in err and "--chunk-size" not in err, err
+
+
+def test_a_config_and_an_out_reached_through_a_link_and_dotdot(tmp_path, capsys, monkeypatch):
+    """`pymerge search ln/../s.yml` (ln a link to real/deep) read real/s.yml but resolved its sources, entry points
+    and out against the current folder (abspath's textual ".."): other models searched, exit 0; and `--out ln/../new`
+    was refused after the search with the empty folder left, as tempfile made the folder absolute as text (an audit).
+    Both are the kernel's paths now."""
+    real = tmp_path / "real"
+    (real / "deep").mkdir(parents=True)
+    (tmp_path / "ln").symlink_to(real / "deep", target_is_directory=True)
+    _cli_setup(real)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["ln/../s.yml"]) == 0, capsys.readouterr().err
+    best = yaml.safe_load((real / "out" / "best_merge.yml").read_text())
+    assert [m["model"] for m in best["models"]] == [str(real / f"c{i}.safetensors") for i in range(3)]
+    assert cli_main(["ln/../s.yml", "--out", "ln/../new/res"]) == 0, capsys.readouterr().err
+    assert "history.json" in os.listdir(real / "new" / "res") and not (tmp_path / "new").exists()

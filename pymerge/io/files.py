@@ -206,7 +206,7 @@ def new_file_mode() -> int:
 
 def missing_folders(path: str) -> List[str]:
     """path and those of its parents that do not exist, deepest first: what os.makedirs(path) would make."""
-    made, folder = [], os.path.abspath(path)
+    made, folder = [], os.path.realpath(path)  # ("link/..": the folders os.makedirs makes, as the kernel reads it)
     while not os.path.lexists(folder):
         made.append(folder)
         folder = os.path.dirname(folder)
@@ -266,7 +266,9 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     write must fill tmp in place. The temporary file is flock-ed while it lives, so the next replace_file of
     path removes one a killed writer left (a search killed while saving its state, a pool while saving)."""
     check_replaceable(path)  # a FIFO or device would be replaced
-    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    # the folder as the kernel finds it: tempfile makes it absolute as text, and "link/.." named another one (an
+    # audit: the file could not be made, or went elsewhere); messages still name the path as given
+    folder, name = os.path.realpath(os.path.dirname(path) or os.curdir), os.path.basename(path)
     sweep_unlocked(folder, replace_file_prefix(name))
     try:
         fd, tmp = _locked_temporary(folder, replace_file_prefix(name))

@@ -251,7 +251,7 @@ def _check_out(out: str) -> None:
             check_replaceable(os.path.join(out, name))
         return
     # a missing OUT is made after the pool is built: one it cannot make was found then (minutes in)
-    folder = os.path.dirname(os.path.abspath(out))
+    folder = os.path.dirname(os.path.realpath(out))  # ("link/..": the kernel's parent, not the text's)
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
@@ -262,7 +262,8 @@ def _check_out(out: str) -> None:
 
 def _probe_writable(out: str) -> None:
     try:  # a read-only folder was found when the results were written, after the whole search
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".pymerge-search-", suffix=".probe"):
+        # (tempfile makes dir absolute as text: "link/.." named another folder than the kernel's; an audit)
+        with tempfile.NamedTemporaryFile(dir=os.path.realpath(out), prefix=".pymerge-search-", suffix=".probe"):
             pass
     except OSError as exc:
         raise InputError(f"out {out}: cannot write there ({exc.strerror or exc})") from None
@@ -376,7 +377,9 @@ def _run(args) -> int:
                          "for a search across ranks, call pymerge.search.optimize on every rank of your own script "
                          f"(README: Across processes and machines), or set {OFF_ENV}=1 to run this one alone")
     cfg = _load_config(args.config)
-    here = os.path.dirname(os.path.abspath(args.config))
+    # the folder the config was read from: "link/../s.yml" is read from the link target's parent, whose models
+    # these are (abspath's textual ".." took the current folder's: other models searched; an audit)
+    here = os.path.realpath(os.path.dirname(args.config) or os.curdir)
     _import_search_libraries()  # first: a cma.py beside the config must not stand in for them
     sys.path.insert(0, here)  # the entry points' modules, as Python finds a script's (taken out when done)
     try:
