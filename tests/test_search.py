@@ -2556,3 +2556,13 @@ def test_a_config_and_an_out_reached_through_a_link_and_dotdot(tmp_path, capsys,
     assert [m["model"] for m in best["models"]] == [str(real / f"c{i}.safetensors") for i in range(3)]
     assert cli_main(["ln/../s.yml", "--out", "ln/../new/res"]) == 0, capsys.readouterr().err
     assert "history.json" in os.listdir(real / "new" / "res") and not (tmp_path / "new").exists()
+    data = yaml.safe_load((real / "s.yml").read_text())  # a state_path through the link: the search state's folder
+    data.update(state_path="ln/../st/state.json", out="res2", sources=[f"real/c{i}.safetensors" for i in range(3)])
+    (tmp_path / "s2.yml").write_text(yaml.safe_dump(data))
+    shutil.copy(real / "evalcli.py", tmp_path)
+    assert cli_main(["s2.yml"]) == 0, capsys.readouterr().err
+    assert (real / "st" / "state.json").is_file() and not (tmp_path / "st").exists()
+    pool = CheckpointPool([str(real / f"c{i}.safetensors") for i in (1, 2)], base=str(real / "c0.safetensors"),
+                          compress="int8")
+    pool.save("ln/../pool.safetensors")  # a saved pool too
+    assert (real / "pool.safetensors").is_file()

@@ -32,7 +32,8 @@ from pymerge.demo.tasks import (TASKS, Batch, generate, hits, make_batch, paired
                                 standard_error)
 from pymerge.demo.train import default_config, pool_runs, pretraining, train_pool
 from pymerge.errors import InputError
-from pymerge.io.files import missing_folders, new_file_mode, remove_empty_folders, replace_file, replace_file_prefix
+from pymerge.io.files import (kernel_folder, missing_folders, new_file_mode, remove_empty_folders, replace_file,
+                              replace_file_prefix)
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
 from pymerge.stop_signals import STOP_SIGNALS
@@ -291,7 +292,7 @@ def _remove_stale(folder: str, manifest: str, paths: List[str], remove: bool = T
         listed = []
     if not isinstance(listed, list):  # a manifest edited by hand ("checkpoints": null) was a TypeError traceback
         listed = []
-    claimed = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(folder)), MARKER))
+    claimed = os.path.isfile(os.path.join(kernel_folder(folder), MARKER))
     if os.listdir(folder) and not os.path.isfile(manifest) and not claimed:  # build_checkpoints called directly
         raise InputError(f"{folder}: is not a folder the demo wrote (no manifest.json); move it or choose another")
     names = ["pretrained"] + [os.path.basename(str(p)) for p in list(listed) + list(paths)]

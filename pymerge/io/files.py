@@ -167,6 +167,12 @@ def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
     return fd
 
 
+def kernel_folder(path) -> str:
+    """The folder path is in, as the kernel finds it: "link/../x" is in the link target's parent, where
+    os.path.abspath's textual ".." (and tempfile, which applies it to dir=) named another folder (an audit)."""
+    return os.path.realpath(os.path.dirname(os.fspath(path)) or os.curdir)
+
+
 def out_location(path) -> Path:
     """The folder an output path names, as the kernel finds it ("link/.." is the parent of the link's
     target, not the folder holding the link: abspath's textual ".." got that wrong). A last component
@@ -266,9 +272,8 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     write must fill tmp in place. The temporary file is flock-ed while it lives, so the next replace_file of
     path removes one a killed writer left (a search killed while saving its state, a pool while saving)."""
     check_replaceable(path)  # a FIFO or device would be replaced
-    # the folder as the kernel finds it: tempfile makes it absolute as text, and "link/.." named another one (an
-    # audit: the file could not be made, or went elsewhere); messages still name the path as given
-    folder, name = os.path.realpath(os.path.dirname(path) or os.curdir), os.path.basename(path)
+    # (kernel_folder: tempfile makes a folder absolute as text; messages still name the path as given)
+    folder, name = kernel_folder(path), os.path.basename(path)
     sweep_unlocked(folder, replace_file_prefix(name))
     try:
         fd, tmp = _locked_temporary(folder, replace_file_prefix(name))

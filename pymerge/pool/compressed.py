@@ -59,7 +59,7 @@ import torch
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
-from pymerge.io.files import check_replaceable, replace_file
+from pymerge.io.files import check_replaceable, kernel_folder, replace_file
 from pymerge.io.safetensors_file import write_tensors
 from pymerge.ops._checks import FLOAT32_MAX, as_flag
 from pymerge.pool.sources import check_range
@@ -534,7 +534,7 @@ class CompressedStore:
         if os.path.exists(path) and not overwrite:
             raise InputError(f"{path}: already exists; pass overwrite=True to replace it")
         check_replaceable(path)
-        parent = os.path.dirname(os.path.abspath(path))
+        parent = kernel_folder(path)
         if not os.path.isdir(parent):
             raise InputError(f"{path}: folder {parent} does not exist")
         tensors, table = {}, []

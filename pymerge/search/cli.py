@@ -38,8 +38,8 @@ import yaml
 from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, one_line, short
-from pymerge.io.files import (hold_lock, missing_folders, release_lock, remove_empty_folders, repeated_model,
-                              text_path, unencodable)
+from pymerge.io.files import (hold_lock, kernel_folder, missing_folders, release_lock, remove_empty_folders,
+                              repeated_model, text_path, unencodable)
 from pymerge.progress import say
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
@@ -251,7 +251,7 @@ def _check_out(out: str) -> None:
             check_replaceable(os.path.join(out, name))
         return
     # a missing OUT is made after the pool is built: one it cannot make was found then (minutes in)
-    folder = os.path.dirname(os.path.realpath(out))  # ("link/..": the kernel's parent, not the text's)
+    folder = kernel_folder(out)
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
@@ -379,7 +379,7 @@ def _run(args) -> int:
     cfg = _load_config(args.config)
     # the folder the config was read from: "link/../s.yml" is read from the link target's parent, whose models
     # these are (abspath's textual ".." took the current folder's: other models searched; an audit)
-    here = os.path.realpath(os.path.dirname(args.config) or os.curdir)
+    here = kernel_folder(args.config)
     _import_search_libraries()  # first: a cma.py beside the config must not stand in for them
     sys.path.insert(0, here)  # the entry points' modules, as Python finds a script's (taken out when done)
     try:

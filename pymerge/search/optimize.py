@@ -36,8 +36,8 @@ import torch
 from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import _map_name, method_params_of
-from pymerge.io.files import (check_replaceable, fsync_dir, hold_lock, read_small, release_lock, remove_by_name,
-                              sweep_unlocked)
+from pymerge.io.files import (check_replaceable, fsync_dir, hold_lock, kernel_folder, read_small, release_lock,
+                              remove_by_name, sweep_unlocked)
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
@@ -830,7 +830,7 @@ def _lock_state(path: Optional[str]) -> Optional[int]:
     if not path:
         return None
     check_replaceable(path)  # before a lock file is made beside it
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = kernel_folder(path)
     try:
         os.makedirs(folder, exist_ok=True)  # as _save_state would
     except OSError as exc:
@@ -1000,7 +1000,7 @@ def _check_writable(path: Optional[str]) -> None:
     """InputError naming the state file where its folder cannot take it (made if missing, as _save_state makes it)."""
     if not path:
         return
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = kernel_folder(path)
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".", suffix=".probe"):
@@ -1018,7 +1018,7 @@ def _save_state(path: Optional[str], state: dict) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump({**plain, "digest": _digest(plain)}, fh)  # NaN scores are written as NaN, which json reads back
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(kernel_folder(path), exist_ok=True)
         replace_file(path, write)  # a crash mid-write leaves the previous generation's state
     except OSError as exc:  # it named replace_file's temporary file
         raise InputError(f"{path}: cannot write the search state ({exc.strerror or exc})") from None
