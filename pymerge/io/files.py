@@ -280,7 +280,8 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     except OSError as exc:  # (it named the temporary file, which the user never chose)
         if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the folder's fault
             raise InputError(f"{path}: cannot open a file to write it: {exc.strerror}{fd_advice(exc)}") from None
-        raise InputError(f"{path}: cannot create a file in {folder}: {exc.strerror or exc}") from None
+        raise InputError(f"{path}: cannot create a file in {os.path.dirname(path) or os.curdir}: "
+                         f"{exc.strerror or exc}") from None
     try:
         write(tmp)
         # as open() would make it: mkstemp's 0600 would stay on the result
