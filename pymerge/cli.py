@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args) -> int:
-    from pymerge.errors import InputError
+    from pymerge.errors import InputError, one_line
     from pymerge.merge import run_merge  # torch loads only for real work
     try:
         extra = mergekit_flags.merge_options(args)
@@ -129,7 +129,7 @@ def _cmd_merge(args) -> int:
     if report.rank:  # a distributed merge: rank 0 speaks for all
         return 0
     for w in dict.fromkeys(report.warnings):  # once each: a slice's every scope can repeat a module's warning
-        say(f"pymerge: warning: {w}")
+        say(f"pymerge: warning: {one_line(w)}")  # (a path holding ESC or a line break: as errors are; a review)
     ranks = f" x {report.world_size} ranks" if report.world_size > 1 else ""
     if not args.quiet:
         say(f"pymerge: merged {report.tensors} tensors ({report.input_bytes / 1e9:.2f} GB read, "
@@ -469,7 +469,7 @@ def _run(args) -> int:
 
 
 def _run_recorded(args, installed) -> int:
-    from pymerge.errors import DistributedError, InputError, InterruptedAfterParts
+    from pymerge.errors import DistributedError, InputError, InterruptedAfterParts, one_line
     previous = None
     try:  # the handler installed inside: a SIGTERM just after it, before the try, was a raw traceback
         if _main_thread():
@@ -483,9 +483,9 @@ def _run_recorded(args, installed) -> int:
         return 1
     except KeyboardInterrupt as exc:
         if isinstance(exc, InterruptedAfterParts):
-            say(f"pymerge: interrupted after {exc}")
+            say(f"pymerge: interrupted after {one_line(str(exc))}")
         elif installed:
-            say(f"pymerge: interrupted after writing {', '.join(map(str, installed))} (complete)")
+            say(f"pymerge: interrupted after writing {one_line(', '.join(map(str, installed)))} (complete)")
         elif args.command == "merge":
             left = getattr(exc, "not_removed", None)  # a writer's folder that could not be removed
             say("pymerge: interrupted; no output was written" + (f" ({left})" if left else ""))

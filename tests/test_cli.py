@@ -1082,3 +1082,14 @@ def test_a_base_model_named_by_its_file_is_its_models_entry(fam, tmp_path, capsy
         rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", cfg), outs[-1], "--quiet"], capsys)
         assert rc == 0, err
     assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+
+
+def test_a_warning_naming_a_path_with_controls_is_escaped(fam, tmp_path, capsys):
+    """Errors escaped the controls a path holds, warnings did not: a donor folder named with ESC and no config.json
+    put a raw escape sequence on the terminal (a review)."""
+    root, base, fts = fam
+    donor = tmp_path / "m\x1b[2Jx"
+    donor.mkdir()
+    shutil.copy(fts[0] / "model.safetensors", donor)
+    rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([donor, fts[1]])), tmp_path / "out"], capsys)
+    assert rc == 0 and "\x1b" not in err and "m\\x1b[2Jx: no config.json" in err, err

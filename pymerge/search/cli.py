@@ -479,7 +479,7 @@ def _search(args, cfg: dict, here: str) -> int:
         best, tied_note = None, ""
         unnameable = _unnameable(cfg, sources, rel(cfg.get("base"))) if result.best_weights.ndim == 1 else None
         if unnameable is not None:  # (groups: that came to one group; a flat search was refused before it began)
-            say(f"pymerge search: warning: no best_merge.yml: {unnameable}")
+            say(f"pymerge search: warning: no best_merge.yml: {one_line(unnameable)}")
         elif result.best_weights.ndim == 1 and changed is None:
             tied_note = _tied_head_note(pool, model, cfg.get("names"), method, method_params)
             best = functools.partial(_best_yaml, sources=sources, base=rel(cfg.get("base")),
@@ -488,8 +488,8 @@ def _search(args, cfg: dict, here: str) -> int:
                                      merged=_merged_tensors(pool, model, cfg.get("names")), tied_note=tied_note)
         paths = result.save(out, extra={"best_merge.yml": best})
         if tied_note:
-            say(f"pymerge search: warning: {os.path.join(out, 'best_merge.yml')}: "
-                + " ".join(line[2:] for line in tied_note.splitlines()))
+            say("pymerge search: warning: " + one_line(f"{os.path.join(out, 'best_merge.yml')}: "
+                                                        + " ".join(line[2:] for line in tied_note.splitlines())))
         if changed is not None:
             raise InputError(f"{changed}: best_merge.yml, which names the checkpoint files, would not rebuild "
                              f"the merge the search scored, so it was not written (the search's results are "
