@@ -297,7 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if limit is None:
             raise
         # torch's libraries could not be mapped under ulimit -v or -d: a 54-line traceback (an audit)
-        say(f"pymerge: error: a library did not load: {_one_line(exc)} (this process's memory limit, {limit}, may be "
+        from pymerge.errors import exception_line
+        say(f"pymerge: error: a library did not load: {exception_line(exc)} (this process's memory limit, {limit}, may be "
             "too low)")  # (a noexec mount says the same words: a review)
         return 2
     except BrokenPipeError:
@@ -469,17 +470,17 @@ def _run(args) -> int:
 
 
 def _run_recorded(args, installed) -> int:
-    from pymerge.errors import DistributedError, InputError, InterruptedAfterParts, one_line
+    from pymerge.errors import DistributedError, InputError, InterruptedAfterParts, exception_line, one_line
     previous = None
     try:  # the handler installed inside: a SIGTERM just after it, before the try, was a raw traceback
         if _main_thread():
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         return _dispatch(args)
     except InputError as exc:
-        say(f"pymerge: error: {_one_line(exc)}")
+        say(f"pymerge: error: {exception_line(exc)}")
         return 2
     except DistributedError as exc:
-        say(f"pymerge: error: {_one_line(exc)}")
+        say(f"pymerge: error: {exception_line(exc)}")
         return 1
     except KeyboardInterrupt as exc:
         if isinstance(exc, InterruptedAfterParts):
@@ -516,11 +517,6 @@ def _run_recorded(args, installed) -> int:
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def _one_line(exc: BaseException) -> str:
-    from pymerge.errors import one_line
-    return one_line(str(exc)) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,6 +45,12 @@ def one_line(text: str) -> str:
     return text[:MAX_ERROR_CHARS - tail - 5] + " ... " + text[-tail:]
 
 
+def exception_line(exc: BaseException) -> str:
+    """An exception's message as one_line gives it (its type's name where it has none): what the CLI and another
+    rank's report say of it."""
+    return one_line(str(exc)) or type(exc).__name__
+
+
 def imported(name: str):
     """The module `name` where an import of it has finished, else None: another thread may be importing it right
     now, and its half-initialized module has no attributes yet (torch._C: an AttributeError from run_merge called

@@ -1902,7 +1902,7 @@ def test_a_name_near_the_limit_is_replaced_and_a_long_error_keeps_its_cause(tmp_
     """A legal 250-byte state file could not be written: replace_file's temporary name (a dot, the name, a tag and
     8 characters) passed NAME_MAX; and the CLI cut an error past 1,000 characters at its end, which dropped the
     cause ("File name too long") after a long path (an audit)."""
-    from pymerge import cli
+    from pymerge.errors import exception_line
     from pymerge.io import files
     path = str(tmp_path / ("s" * 245 + ".json"))
     for text in ("{}", "[]"):
@@ -1910,7 +1910,7 @@ def test_a_name_near_the_limit_is_replaced_and_a_long_error_keeps_its_cause(tmp_
         assert open(path).read() == text
     assert os.listdir(tmp_path) == [os.path.basename(path)]
     assert files.replace_file_prefix("state.json") == ".state.json.pymerge-tmp-"  # short names as before
-    line = cli._one_line(OSError(f"{'x/' * 2000}: File name too long"))
+    line = exception_line(OSError(f"{'x/' * 2000}: File name too long"))
     assert len(line) <= MAX_ERROR_CHARS and line.startswith("x/x/") and line.endswith(": File name too long")
 
 

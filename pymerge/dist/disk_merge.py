@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import (CheckpointError, DistributedError, InputError, InterruptedAfterParts, MergeConfigError,
-                            one_line)
+                            exception_line)
 from pymerge.io import ShardedWriter
 from pymerge.io.writer import working_folder_note, working_folder_within
 from pymerge.sizes import MAX_BYTES
@@ -404,7 +404,7 @@ def _agree(step, dist, group, lost: Optional[str] = "nothing was written") -> li
         result = step()
     except BaseException as exc:  # Ctrl-C too: the other ranks must not wait for this one
         error = exc
-    mine = ("ok", result) if error is None else ("error", type(error).__name__, _one_line(error))
+    mine = ("ok", result) if error is None else ("error", type(error).__name__, exception_line(error))
     gathered = [None] * dist.get_world_size()
     try:
         dist.all_gather_object(gathered, mine, group=group)
@@ -459,7 +459,7 @@ def _process_group(device: str, timeout_s: float):
     except Exception as exc:  # the rendezvous failed or timed out
         raise DistributedError(f"rank {rank} of {world} cannot join the process "
                                f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: "
-                               f"{_one_line(exc)}") from None
+                               f"{exception_line(exc)}") from None
     return dist, None, True
 
 
@@ -540,9 +540,6 @@ def _timeout_s() -> float:
 
 def _collective_error(exc: BaseException) -> str:
     """gloo's first sentence, without its source location: 'Read error ...: Connection reset by peer'."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", _one_line(exc))
+    text = re.sub(r"^\[[^\]]*\]\s*", "", exception_line(exc))
     return text.split(". ")[0]
 
-
-def _one_line(exc: BaseException) -> str:
-    return one_line(str(exc)) or type(exc).__name__
