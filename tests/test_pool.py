@@ -509,6 +509,16 @@ def test_an_error_no_check_foresaw_says_the_targets_hold_a_partial_merge(monkeyp
         pool.materialize([0.5, 0.5], into=Tiny(), method="multislerp")
 
 
+def failing_at_call(real, n: int, error, calls: list):
+    """real, except that its n-th call (counted in calls) raises error: a failure after some writes."""
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error("no memory left (a test)")
+        return real(*args, **kwargs)
+    return call
+
+
 @pytest.mark.triton_cpu
 def test_an_error_after_some_streamed_chunks_says_so(monkeypatch):
     """The streamed tiers (pinned host memory, chunk by chunk) were missed when every other write pass learnt to say
@@ -517,14 +527,7 @@ def test_an_error_after_some_streamed_chunks_says_so(monkeypatch):
     models = make_models(3)
     pool = CheckpointPool([m.state_dict() for m in models], backend="triton", residency="pinned", chunk_bytes=4096)
     pool._cuda.chunk = 1024
-    real, calls = cuda_mod.sum_into, []
-
-    def fail_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory (a test)")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(cuda_mod, "sum_into", fail_third)
+    monkeypatch.setattr(cuda_mod, "sum_into", failing_at_call(cuda_mod.sum_into, 3, RuntimeError, []))
     with pytest.raises(RuntimeError) as caught:
         pool.materialize([0.5, 0.3, 0.2], into=Tiny())
     notes = getattr(caught.value, "__notes__", [])
@@ -546,12 +549,7 @@ def test_any_error_after_some_writes_says_so_and_the_next_merge_is_right(monkeyp
     calls = []
 
     def fail_second(real):
-        def call(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise error("no memory left (a test)")
-            return real(*args, **kwargs)
-        return call
+        return failing_at_call(real, 2, error, calls)
     if path == "linear-torch":
         monkeypatch.setattr(pool_mod, "sum_into", fail_second(pool_mod.sum_into))
     elif path == "multislerp":  # merge_tensor per tensor, as every method without a fused path
