@@ -249,7 +249,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _escape_unencodable_output()
     stand_in = None
     if sys.stderr is None:  # 2>&-: Python writes file=None lines to stdout, argparse's usage among them
-        sys.stderr = stand_in = open(os.devnull, "w", encoding="utf-8")  # (for this call: a library caller's None comes back)
+        # (for this call: a library caller's None comes back)
+        sys.stderr = stand_in = open(os.devnull, "w", encoding="utf-8")
     # SIGTERM as Ctrl-C from the start: one while importing or parsing ended the process without a word (-15).
     # Ctrl-C through the same handler (where it is Python's own): the signal is recorded, see ImportError below.
     # Signals, and the hook that quiets the interrupts they raise in finalizers, are the main thread's: a main() in
@@ -298,8 +299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         # torch's libraries could not be mapped under ulimit -v or -d: a 54-line traceback (an audit)
         from pymerge.errors import exception_line
-        say(f"pymerge: error: a library did not load: {exception_line(exc)} (this process's memory limit, {limit}, may be "
-            "too low)")  # (a noexec mount says the same words: a review)
+        say(f"pymerge: error: a library did not load: {exception_line(exc)} (this process's memory limit, {limit}, "
+            "may be too low)")  # (a noexec mount says the same words: a review)
         return 2
     except BrokenPipeError:
         if not _stdout_gone():

@@ -1050,7 +1050,8 @@ def test_a_file_the_merge_never_read_may_change_meanwhile(fam, tmp_path, capsys,
         return result
     monkeypatch.setattr(pymerge.merge, "write_side_files", change_then_write)
     out = tmp_path / "out"
-    flags = ["--no-copy-tokenizer"] if case in ("a file appears in the donor", "an uncopied tokenizer is edited") else []
+    uncopied = ("a file appears in the donor", "an uncopied tokenizer is edited")
+    flags = ["--no-copy-tokenizer"] if case in uncopied else []
     rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([x, single / "m.safetensors"])), out, "--quiet",
                        *flags], capsys)
     assert rc == 0, err

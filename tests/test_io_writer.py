@@ -296,7 +296,8 @@ def test_an_empty_out_filled_by_another_writer_before_the_rename(tmp_path, monke
         write_all(out, t, force=True)
         assert os.listdir(out) == ["model.safetensors"] and torch.equal(load_all(out)["a"], t["a"])
     else:
-        with pytest.raises(InputError, match=rf"^{out} exists and is not empty; pass --force \(force=True\) to replace it$"):
+        with pytest.raises(InputError,
+                           match=rf"^{out} exists and is not empty; pass --force \(force=True\) to replace it$"):
             write_all(out, t)
         assert os.listdir(out) == ["theirs.txt"]
     assert leftovers(tmp_path) == []

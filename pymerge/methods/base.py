@@ -20,7 +20,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with this module
     import torch
 
-from pymerge.errors import InputError, MergeConfigError, first_line, short  # noqa: F401  (MergeConfigError re-exported for method modules)
+# (MergeConfigError re-exported for method modules)
+from pymerge.errors import InputError, MergeConfigError, first_line, short  # noqa: F401
 
 _REQUIRED = object()
 

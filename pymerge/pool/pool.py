@@ -1027,7 +1027,8 @@ class CheckpointPool:
         from pymerge.methods.base import WritePass
         with WritePass(sum(len(p.outs) for p in plans)) as writes:
             for p in plans:
-                sum_into(self._inputs[p.name], rows[p.group], p.outs, backend=self.backend, num_threads=self.num_threads)
+                sum_into(self._inputs[p.name], rows[p.group], p.outs, backend=self.backend,
+                         num_threads=self.num_threads)
                 writes.written += len(p.outs)
 
     def _run_method(self, method: str, plans: List[_Plan], tables: List[np.ndarray], seed: int, params) -> None:
