@@ -138,6 +138,10 @@ class _Sink:
         self._pending = 0                      # chunks queued or being written
         self._idle = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="pymerge-writer", daemon=True)
+
+    def start(self) -> None:
+        """Inside the caller's try that abandons the sink (a thread started in __init__ and a Ctrl-C before that try
+        leaked a thread, and its chunk buffers, per interrupt: an audit)."""
         self.thread.start()
 
     def put(self, name: str, tensor, offset: int, token, in_bytes: int, event=None) -> None:
@@ -193,7 +197,10 @@ class _Sink:
         if self.error is None:
             self.error = RuntimeError("merge abandoned")
         self.q.put(None)
-        self.thread.join(timeout=30)
+        try:
+            self.thread.join(timeout=30)
+        except RuntimeError:  # never started, or interrupted as it started: it ends on the None above
+            pass
 
 
 # ---- CPU -------------------------------------------------------------------------------------
@@ -229,6 +236,7 @@ def run_cpu(plan, writer, *, device: str = "cpu", chunk_bytes: int, num_threads:
     guard = MappingGuard(cks)
     sink = _Sink(writer, progress, give_back, guard)
     try:
+        sink.start()
         guard.start()
         tensors = plan.tensors
         if tensors:
@@ -389,6 +397,7 @@ def _run_gpu(plan, writer, dev, chunk_bytes, num_threads, seed, progress, reader
     guard = MappingGuard(_unique(plan.checkpoints))
     sink = _Sink(writer, progress, give_back, guard)
     try:
+        sink.start()
         guard.start()
         work = _gpu_work(plan, chunk_bytes, dev_bytes)
         pending = None  # (item, slot, futures) read into pinned memory, not yet sent to the GPU

@@ -115,3 +115,15 @@ def quick_demo_checkpoints(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first one's training, then reuses it
         run.build_checkpoints(str(folder), run.Settings.quick(), log=lambda m: None)
     return folder
+
+
+@pytest.fixture
+def ctrl_c():
+    """A function that sends this process a real SIGINT, with Ctrl-C's handler set as a terminal has it (an xdist
+    worker, or a shell's background job, starts with SIGINT ignored); the handler is put back after the test."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield lambda: os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)

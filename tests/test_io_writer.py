@@ -453,6 +453,69 @@ def test_an_interrupt_while_the_temporary_folder_is_locked_leaves_nothing(tmp_pa
     assert os.listdir(tmp_path) == ["out"] and torch.equal(load_all(out)["a"], t["a"])
 
 
+def test_an_interrupt_anywhere_in_the_constructor_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C just after the temporary folder was made and locked, before the try that aborted: the folder and its
+    lock stayed, listed as this process's, and every later writer to OUT in this process was refused as 'another
+    writer in this process' (an audit's Ctrl-C storm). Everything after the bookkeeping abort needs is covered."""
+    out = tmp_path / "out"
+
+    class Interrupting:
+        @staticmethod
+        def add(writer):
+            raise KeyboardInterrupt  # the first step after _open_tmp
+
+    monkeypatch.setattr(writer_mod, "_LIVE", Interrupting)
+    fds = len(os.listdir("/proc/self/fd"))
+    t = {"a": torch.randn(3)}
+    with pytest.raises(KeyboardInterrupt):
+        write_all(out, t)
+    assert os.listdir(tmp_path) == [] and len(os.listdir("/proc/self/fd")) == fds
+    assert not any(str(tmp_path) in p for p in writer_mod._OWNED)
+    monkeypatch.undo()
+    write_all(out, t)
+    assert os.listdir(tmp_path) == ["out"] and torch.equal(load_all(out)["a"], t["a"])
+
+
+def test_a_ctrl_c_as_the_temporary_folder_is_made_waits_until_it_is_this_writers(tmp_path, monkeypatch, ctrl_c):
+    """A real SIGINT just as mkdir returned raised before the folder was recorded as this writer's: abort could not
+    know it, and a model-sized leftover stayed beside OUT (an audit's Ctrl-C storm). The signal now waits the few
+    system calls until the folder is made, listed and locked; the abort then removes it."""
+    out, real_mkdir = tmp_path / "out", os.mkdir
+
+    def mkdir(path, *args, **kw):
+        real_mkdir(path, *args, **kw)
+        if ".pymerge-tmp-" in str(path):
+            ctrl_c()
+            time.sleep(0.01)  # (delivered here, between bytecodes, where nothing holds it)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(KeyboardInterrupt):
+        write_all(out, {"a": torch.randn(3)})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [] and not any(str(tmp_path) in p for p in writer_mod._OWNED)
+
+
+def test_a_ctrl_c_as_the_lock_is_released_leaves_no_lock_file_in_out(tmp_path, monkeypatch, ctrl_c):
+    """A SIGINT as the installed OUT's lock file was being removed left .pymerge-writing in the model (an audit).
+    The release waits for it; OUT is complete and the interrupt still reaches the caller."""
+    out, real_identity = tmp_path / "out", writer_mod._identity
+
+    def identity(path):
+        if Path(path).name == writer_mod._LOCK_NAME:
+            ctrl_c()
+            time.sleep(0.01)
+        return real_identity(path)
+
+    monkeypatch.setattr(writer_mod, "_identity", identity)
+    t = {"a": torch.randn(3)}
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        write_all(out, t)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(out)) == ["model.safetensors"]
+    assert torch.equal(load_all(out)["a"], t["a"]) and len(os.listdir("/proc/self/fd")) == fds
+
+
 @pytest.mark.parametrize("fails, side_file", [(1, False), (2, False), (2, True)])
 def test_a_cleanup_out_of_descriptors_never_hides_the_error(tmp_path, monkeypatch, fails, side_file):
     """Out of descriptors (ulimit -n), a merge's error (a file it could not copy) started the abort, whose removal

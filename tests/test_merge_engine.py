@@ -1,5 +1,6 @@
 """The engine's planning (roles, dtypes, parameters) and streaming details (chunks, whole tensors)."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -797,3 +798,31 @@ def test_a_text_config_claiming_layers_the_tensors_lack_is_refused(fam, tmp_path
                                               rf"but the checkpoints hold {lf.TINY.layers} layers"):
         run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("force_torch", ["0", "1"])
+def test_an_interrupt_as_the_writer_thread_starts_leaves_no_thread(fam, tmp_path, monkeypatch, force_torch):
+    """The streaming merge's writer thread was started in its constructor, before the try that stops it: a Ctrl-C
+    between the two left a thread waiting forever, holding the chunk buffers, one per interrupt (an audit)."""
+    import threading
+    from pymerge.streaming import FORCE_TORCH_ENV
+    monkeypatch.setenv(FORCE_TORCH_ENV, force_torch)  # the raw C++ path and the torch one
+    base, fts, _ = fam
+    real_start = threading.Thread.start
+
+    def start(thread):
+        real_start(thread)
+        if thread.name == "pymerge-writer":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    before = {t for t in threading.enumerate() if t.name == "pymerge-writer"}
+    with pytest.raises(KeyboardInterrupt):
+        run_merge({"merge_method": "linear", "models": [str(f) for f in fts], "parameters": {"weight": 1}},
+                  tmp_path / "out", device="cpu", quiet=True)
+    monkeypatch.undo()
+    for t in threading.enumerate():
+        if t.name == "pymerge-writer" and t not in before:
+            t.join(timeout=10)
+            assert not t.is_alive(), "the writer thread was left running"
+    assert os.listdir(tmp_path) == []

@@ -230,6 +230,29 @@ def test_a_save_that_fails_out_of_descriptors_leaves_no_hidden_folder(tmp_path, 
     assert len(calls) == 1 and os.listdir(tmp_path / "out") == []
 
 
+def test_a_ctrl_c_as_a_save_makes_its_hidden_folder_leaves_none(tmp_path, monkeypatch, ctrl_c):
+    """A SIGINT just as SearchResult.save's hidden folder was made (before the try that removes it) left the folder
+    in out (an audit's Ctrl-C storm). It waits until the folder is known; the cleanup then removes it."""
+    import tempfile
+    pool, _, _ = synthetic(n=3)
+    res = optimize(pool, lambda m: -float(m.theta.detach().norm()), model=Vec(), budget=3, popsize=3, log=None)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kw):
+        made = real_mkdtemp(*args, **kw)
+        ctrl_c()
+        time.sleep(0.01)  # (delivered here, between bytecodes, where nothing holds it)
+        return made
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    with pytest.raises(KeyboardInterrupt):
+        res.save(str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "out") == []
+    assert sorted(os.listdir(res.save(str(tmp_path / "out"))["json"].rsplit(os.sep, 1)[0])) == \
+        ["history.csv", "history.json", "search.png"]
+
+
 def test_cli_runs_a_config(tmp_path):
     cfg = _cli_setup(tmp_path, state_path="state.json")
     assert cli_main([str(cfg)]) == 0
@@ -1912,6 +1935,39 @@ def test_a_name_near_the_limit_is_replaced_and_a_long_error_keeps_its_cause(tmp_
     assert files.replace_file_prefix("state.json") == ".state.json.pymerge-tmp-"  # short names as before
     line = exception_line(OSError(f"{'x/' * 2000}: File name too long"))
     assert len(line) <= MAX_ERROR_CHARS and line.startswith("x/x/") and line.endswith(": File name too long")
+
+
+@pytest.mark.parametrize("where", ["made", "written"])
+def test_a_ctrl_c_in_a_state_save_leaves_no_file_and_no_descriptor(tmp_path, monkeypatch, ctrl_c, where):
+    """A SIGINT just as replace_file's temporary file was made (mkstemp returned, its caller's cleanup not yet
+    entered) left the file beside the state and its descriptor open, one per interrupt (an audit's Ctrl-C storm);
+    one as it was written is cleaned up as before. The old state stays."""
+    import tempfile
+    from pymerge.io import files
+    path = str(tmp_path / "state.json")
+    files.replace_file(path, lambda p: open(p, "w").write("old"))
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kw):
+        made = real_mkstemp(*args, **kw)
+        if where == "made":
+            ctrl_c()
+            time.sleep(0.01)  # (delivered here, between bytecodes, where nothing holds it)
+        return made
+
+    def write(tmp):
+        open(tmp, "w").write("new")
+        if where == "written":
+            ctrl_c()
+            time.sleep(0.01)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_file(path, write)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["state.json"] and open(path).read() == "old"
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_a_nameless_write_error_names_the_file_being_written(tmp_path, capsys):

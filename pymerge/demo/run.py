@@ -15,9 +15,7 @@ import inspect
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from pymerge.io.files import (kernel_folder, missing_folders, new_file_mode, rem
                               replace_file_prefix)
 from pymerge.pool import CheckpointPool
 from pymerge.search import macro_average, optimize, pareto_front
-from pymerge.stop_signals import STOP_SIGNALS
+from pymerge.stop_signals import held_signals
 
 
 def default_eval_dtype() -> torch.dtype:
@@ -461,7 +459,7 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     best_single = names[int(np.argmax(singles))]  # picked on validation, as one would without a test set
 
     merged = os.path.join(out, "merged")
-    with _signals_held():  # merged/, results.json and demo.png of one run: a Ctrl-C between them mixed two runs'
+    with held_signals():  # merged/, results.json and demo.png of one run: a Ctrl-C between them mixed two runs'
         _write_merge(pool, model.config, res.best_weights, merged)
         summary = _summary(rows, names, best_single, {t: s.test_size for t in TASKS}, unseen)
         summary.update(train_seconds=round(t_train, 1), search_seconds=round(t_search, 1),
@@ -486,50 +484,6 @@ def _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0) -> Dict:
     if not plotted:
         log("(matplotlib is not installed: no demo.png; pip install matplotlib)")
     return summary
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Ctrl-C, SIGTERM, SIGHUP and SIGXCPU wait until the block ends, then act as they would have: its writes land
-    together. A second one acts at once; an error in the block goes on as itself. (Python handlers, not a signal mask:
-    the process's other threads, torch's and the kernels', would take a masked signal and the main thread
-    would still raise at once.)"""
-    held = (signal.SIGINT, *STOP_SIGNALS)
-    old = {sig: signal.getsignal(sig) for sig in held} if threading.current_thread() is threading.main_thread() \
-        else {}
-    if not old or any(h is None for h in old.values()):  # another thread, or a handler installed from C
-        yield
-        return
-    # an ignored one stays ignored (nohup's SIGHUP): held, it came first and the SIGTERM after it was lost (a review)
-    held = tuple(sig for sig in held if old[sig] != signal.SIG_IGN)
-    pending, released = [], []
-
-    def deliver(sig, frame):
-        handler = old[sig]
-        if callable(handler):
-            handler(sig, frame)  # KeyboardInterrupt, or the CLI's SIGTERM exit
-        elif handler == signal.SIG_DFL:
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-
-    def hold(sig, frame):
-        if released or sig in pending:  # after the block (a restore not yet made), or a second one: at once
-            deliver(sig, frame)
-        else:
-            pending.append(sig)
-
-    for sig in held:
-        signal.signal(sig, hold)
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        released.append(True)
-        for sig in held:
-            signal.signal(sig, old[sig])
-        if pending and not failed:
-            deliver(pending[0], None)
 
 
 def _write_merge(pool, config, weights, folder: str) -> None:

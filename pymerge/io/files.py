@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Type
 
 from pymerge.errors import CheckpointError, InputError, short
+from pymerge.stop_signals import held_signals
 
 try:  # imported now: once descriptors have run out, importing a module (opening its file) fails too
     import resource
@@ -275,14 +276,18 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
     # (kernel_folder: tempfile makes a folder absolute as text; messages still name the path as given)
     folder, name = kernel_folder(path), os.path.basename(path)
     sweep_unlocked(folder, replace_file_prefix(name))
+    fd = tmp = None
     try:
-        fd, tmp = _locked_temporary(folder, replace_file_prefix(name))
-    except OSError as exc:  # (it named the temporary file, which the user never chose)
-        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the folder's fault
-            raise InputError(f"{path}: cannot open a file to write it: {exc.strerror}{fd_advice(exc)}") from None
-        raise InputError(f"{path}: cannot create a file in {os.path.dirname(path) or os.curdir}: "
-                         f"{exc.strerror or exc}") from None
-    try:
+        # the file made and its descriptor kept, or neither: a Ctrl-C between the two left both (an audit)
+        with held_signals(repeat_acts=False):
+            try:
+                fd, tmp = _locked_temporary(folder, replace_file_prefix(name))
+            except OSError as exc:  # (it named the temporary file, which the user never chose)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the folder's fault
+                    raise InputError(f"{path}: cannot open a file to write it: {exc.strerror}{fd_advice(exc)}") \
+                        from None
+                raise InputError(f"{path}: cannot create a file in {os.path.dirname(path) or os.curdir}: "
+                                 f"{exc.strerror or exc}") from None
         write(tmp)
         # as open() would make it: mkstemp's 0600 would stay on the result
         os.chmod(tmp, new_file_mode())
@@ -298,11 +303,13 @@ def replace_file(path: str, write: Callable[[str], None], install: Callable[[str
             exc.filename = path
         raise
     finally:
-        try:
-            if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
-                os.remove(tmp)
-        finally:
-            os.close(fd)
+        if fd is not None:
+            with held_signals(repeat_acts=False):  # (removed and closed, or neither)
+                try:
+                    if os.path.lexists(tmp):  # an install by a hard link leaves tmp as a second name
+                        os.remove(tmp)
+                finally:
+                    os.close(fd)
 
 
 def _locked_temporary(folder: str, prefix: str):

@@ -45,6 +45,7 @@ from pymerge.io.files import (fitted_name, fsync_dir, kind_of, open_regular, out
                               remove_empty_folders)
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 from pymerge.sizes import format_size
+from pymerge.stop_signals import held_signals
 
 INDEX_NAME = "model.safetensors.index.json"
 _TMP_TAG = ".pymerge-tmp-"  # .<outname>.pymerge-tmp-<pid>: the folder being written
@@ -107,48 +108,46 @@ class ShardedWriter:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self._pid = os.getpid()  # a forked child's copy removes nothing of the parent's (see abort)
-        self.out_dir = out_location(out_dir)  # not resolve(): "link/.." as the kernel finds it; a link kept
-        self.force = force
-        self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
-        self._slots: Dict[str, _Slot] = {}
-        self._order: List[str] = []
-        self._plan(entries, max_shard_bytes, parts)
-        self._own = {i for i, p in enumerate(self._parts) if part is None or p == part}  # shards written here
-        self._joined = join is not None
-        if self._joined:
-            self.tmp_dir = Path(join)
-            if part in (None, 0) or not self.tmp_dir.is_dir():
-                raise InputError(f"{self.out_dir}: part {part} cannot join the temporary folder {self.tmp_dir} "
-                                 f"(missing, or not on a filesystem this process shares)")
-        else:
-            if part not in (None, 0):
-                raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
-            self._made_parents = _make_parents(self.out_dir, out_dir)
-            try:
-                self._open_tmp(force)
-            except BaseException:
-                _remove_empty(self._made_parents)
-                raise
+        # What abort needs, first: an error or a Ctrl-C anywhere below is cleaned up by it (one just after the
+        # temporary folder was made left it listed as this process's: every later writer to OUT refused; an audit).
         self._cond = threading.Condition()
         self._state = "open"  # open -> committing -> committed | aborting -> aborted
-        if not self._joined:
-            _LIVE.add(self)
+        self._inflight = 0
+        self._fds: Dict[int, int] = {}
+        self._joined = join is not None
+        self._made_parents: List[Path] = []
         self.not_removed: Optional[str] = None  # a note where the replaced OUT could not be deleted
         self.sources: List[Path] = []  # the files copy_file copied: a merge checks they did not change meanwhile
-        self._inflight = 0
-        # Shard index -> fd, open only while a shard is being written: a model of more shards than the
-        # open-file limit (1024 is common) can be written. A shard is fsynced and closed once every byte
-        # of its data has been written once (a later write reopens it); commit fsyncs the rest.
-        self._fds: Dict[int, int] = {}
-        self._users: Dict[int, int] = {}  # shard -> writes in flight through its fd
-        self._unsynced: set = set()  # shards whose completing fsync failed: commit fsyncs them again
-        self._left = {i: self._sizes[i] - len(self._headers[i]) for i in self._own}  # data bytes not yet written
-        self._headed = {i for i in self._own if not self._left[i]}  # shards whose header length is written
-        self._names_in: Dict[int, List[str]] = {i: [] for i in self._own}  # shard -> its tensors, in order
-        for name in self._order:
-            self._names_in.get(self._slots[name].shard, []).append(name)
-        self._dirs = {self.tmp_dir}  # folders to fsync at commit
+        self.out_dir = out_location(out_dir)  # not resolve(): "link/.." as the kernel finds it; a link kept
+        self.force = force
         try:
+            self._metadata = {"format": "pt", **_check_metadata(metadata)}  # transformers insists on "format"
+            self._slots: Dict[str, _Slot] = {}
+            self._order: List[str] = []
+            self._plan(entries, max_shard_bytes, parts)
+            self._own = {i for i, p in enumerate(self._parts) if part is None or p == part}  # shards written here
+            if self._joined:
+                self.tmp_dir = Path(join)
+                if part in (None, 0) or not self.tmp_dir.is_dir():
+                    raise InputError(f"{self.out_dir}: part {part} cannot join the temporary folder {self.tmp_dir} "
+                                     f"(missing, or not on a filesystem this process shares)")
+            else:
+                if part not in (None, 0):
+                    raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
+                self._made_parents = _make_parents(self.out_dir, out_dir)
+                self._open_tmp(force)
+                _LIVE.add(self)
+            # Shard index -> fd, open only while a shard is being written: a model of more shards than the
+            # open-file limit (1024 is common) can be written. A shard is fsynced and closed once every byte
+            # of its data has been written once (a later write reopens it); commit fsyncs the rest.
+            self._users: Dict[int, int] = {}  # shard -> writes in flight through its fd
+            self._unsynced: set = set()  # shards whose completing fsync failed: commit fsyncs them again
+            self._left = {i: self._sizes[i] - len(self._headers[i]) for i in self._own}  # data bytes not yet written
+            self._headed = {i for i in self._own if not self._left[i]}  # shards whose header length is written
+            self._names_in: Dict[int, List[str]] = {i: [] for i in self._own}  # shard -> its tensors, in order
+            for name in self._order:
+                self._names_in.get(self._slots[name].shard, []).append(name)
+            self._dirs = {self.tmp_dir}  # folders to fsync at commit
             for i in sorted(self._own):
                 fd = self._create_shard(i)
                 try:
@@ -663,30 +662,32 @@ class ShardedWriter:
         with _OWNED_LOCK:  # another thread's writer must not take this folder for a killed run's
             _remove_stale(self.out_dir)  # first: it may put back an OUT that a crash left aside
             _check_out(self.out_dir, force)
-            self.tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
+            tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
             self._check_space()
-            try:
-                os.mkdir(self.tmp_dir)
-            except FileExistsError:  # a live writer's (a stale one was swept above)
-                who = "this process" if os.path.abspath(self.tmp_dir) in _OWNED else "another process"
-                raise InputError(f"{self.out_dir}: another writer in {who} is writing it "
-                                 f"({self.tmp_dir} exists)") from None
-            except OSError as exc:  # a read-only or foreign parent folder
-                raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
-                                 f"{exc.strerror or exc}") from None
-            _OWNED.add(os.path.abspath(self.tmp_dir))
-            try:
-                self._lock_fd = _hold_lock(self.tmp_dir)
-                self._made = _identity(self.tmp_dir)  # install checks it is still this folder
-            except BaseException:  # a Ctrl-C here left the folder listed as this process's: every later
-                try:               # writer to OUT in this process was refused (an audit)
-                    self._remove_tmp()
-                except OSError:  # left unlisted: the next writer for OUT sweeps it; the first error is the one raised
-                    pass
-                finally:
-                    self._release_lock()
-                    _OWNED.discard(os.path.abspath(self.tmp_dir))
-                raise
+            with held_signals(repeat_acts=False):  # made, listed and locked, or none of these (an audit's Ctrl-C storm)
+                try:
+                    os.mkdir(tmp_dir)
+                except FileExistsError:  # a live writer's (a stale one was swept above)
+                    who = "this process" if os.path.abspath(tmp_dir) in _OWNED else "another process"
+                    raise InputError(f"{self.out_dir}: another writer in {who} is writing it "
+                                     f"({tmp_dir} exists)") from None
+                except OSError as exc:  # a read-only or foreign parent folder
+                    raise InputError(f"{self.out_dir}: cannot create the output in {self.out_dir.parent}: "
+                                     f"{exc.strerror or exc}") from None
+                self.tmp_dir = tmp_dir  # (set once it is this writer's: abort unlists it)
+                _OWNED.add(os.path.abspath(tmp_dir))
+                try:
+                    self._lock_fd = _hold_lock(tmp_dir)
+                    self._made = _identity(tmp_dir)  # install checks it is still this folder
+                except BaseException:  # an error here left it listed as this process's: every later writer to OUT
+                    try:               # in this process was refused (an audit)
+                        self._remove_tmp()
+                    except OSError:  # left unlisted: the next writer for OUT sweeps it; the first error is the one raised
+                        pass
+                    finally:
+                        self._release_lock()
+                        _OWNED.discard(os.path.abspath(tmp_dir))
+                    raise
 
     def abort(self) -> None:
         """Discards everything written so far. A no-op after commit or a previous abort."""
@@ -704,7 +705,8 @@ class ShardedWriter:
                         self._remove_tmp()
                 finally:
                     self._release_lock()
-                    _OWNED.discard(os.path.abspath(self.tmp_dir))
+                    if hasattr(self, "tmp_dir"):  # (made: an error or an interrupt before that left none)
+                        _OWNED.discard(os.path.abspath(self.tmp_dir))
                     _remove_empty(self._made_parents)
         finally:
             with self._cond:
@@ -745,18 +747,19 @@ class ShardedWriter:
 
     def _release_lock(self, folder: Optional[Path] = None) -> None:
         """Unlocks; with folder, also removes the lock file from it if it is this writer's (OUT's now)."""
-        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
-        if fd is None:
-            return
-        try:
-            if folder is not None:
-                st = os.fstat(fd)
-                if _identity(folder / _LOCK_NAME) == (st.st_dev, st.st_ino):
-                    os.unlink(folder / _LOCK_NAME)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        with held_signals(repeat_acts=False):  # a Ctrl-C inside left the lock file in the installed OUT (an audit)
+            fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+            if fd is None:
+                return
+            try:
+                if folder is not None:
+                    st = os.fstat(fd)
+                    if _identity(folder / _LOCK_NAME) == (st.st_dev, st.st_ino):
+                        os.unlink(folder / _LOCK_NAME)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _close_fds(self) -> None:
         fds, self._fds = self._fds, {}

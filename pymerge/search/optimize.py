@@ -40,6 +40,7 @@ from pymerge.io.files import (check_replaceable, fsync_dir, hold_lock, kernel_fo
                               remove_by_name, sweep_unlocked)
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
+from pymerge.stop_signals import held_signals
 from pymerge.search.report import as_number, macro_average, pareto_front, plot, replace_file, write_csv, write_json
 from pymerge.warning_filters import ignoring
 
@@ -91,12 +92,14 @@ class SearchResult:
                 raise InputError(f"{path}: is a search's saved state (a state_path), where the report writes; save "
                                  "the report into another folder")
         sweep_unlocked(out_dir, _STAGE_PREFIX, folders=True, min_age_s=_STAGE_GRACE_S)  # a killed save's
+        stage = lock = None
         try:
-            stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out_dir)
-        except OSError as exc:
-            raise InputError(f"{out_dir}: cannot write the search's results there ({exc.strerror or exc})") from None
-        lock = None
-        try:
+            with held_signals(repeat_acts=False):  # made and known, or neither (an audit's Ctrl-C storm)
+                try:
+                    stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out_dir)
+                except OSError as exc:
+                    raise InputError(f"{out_dir}: cannot write the search's results there "
+                                     f"({exc.strerror or exc})") from None
             staged = {k: os.path.join(stage, n) for k, n in names.items()}
             try:
                 lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
@@ -119,10 +122,13 @@ class SearchResult:
             fsync_dir(out_dir)
         finally:
             try:
-                shutil.rmtree(stage, ignore_errors=True)
-                if os.path.lexists(stage):  # out of descriptors, which rmtree needs two of: the lock's is given up
-                    release_lock(lock)      # and the staged files go by name (the folder and its files stayed in
-                    lock = None             # out after the error; an audit)
+                if stage is not None:
+                    shutil.rmtree(stage, ignore_errors=True)
+                # out of descriptors, which rmtree needs two of: the lock's is given up and the staged files go by
+                # name (the folder and its files stayed in out after the error; an audit)
+                if stage is not None and os.path.lexists(stage):
+                    release_lock(lock)
+                    lock = None
                     remove_by_name(stage, names.values())
             finally:
                 release_lock(lock)
