@@ -46,10 +46,10 @@ def ensure_models(workdir: Path):
         shutil.rmtree(family, ignore_errors=True)
         print(f"generating base + {N_FINETUNES} fine-tunes of a {lf.BENCH_290M.n_params() / 1e6:.0f}M-parameter "
               f"Llama (bf16, 2 shards) under {family} ...", flush=True)
-        t0 = time.time()
+        t0 = time.perf_counter()
         lf.make_family(family, n_finetunes=N_FINETUNES, dims=lf.BENCH_290M, dtype=torch.bfloat16, shards=2)
         marker.write_text("ok\n")
-        print(f"  done in {time.time() - t0:.0f} s", flush=True)
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
     return base, fts
 
 

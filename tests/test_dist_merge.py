@@ -696,3 +696,22 @@ def test_ranks_compare_model_paths_as_the_same_path_however_spelt():
         return parse_config({"merge_method": "passthrough", "slices": [{"sources": [
             {"model": path, "layer_range": [0, 1]}]}]})
     assert _canonical(sliced("m1/")) == _canonical(sliced("m1")) != _canonical(sliced("m2"))
+
+
+@pytest.mark.parametrize("text, expected", [("", 1800.0), ("3", 3.0), ("0.001", 0.001), ("1e9", 1e9), ("inf", 1e9),
+                                            ("Infinity", 1e9), ("0", None), ("-1", None), ("nan", None),
+                                            ("1e-7", None), ("9.3e9", None), ("1e400", 1e9), ("-inf", None),
+                                            ("abc", None)])
+def test_the_timeout_is_one_gloo_and_timedelta_take(monkeypatch, text, expected):
+    """PYMERGE_DIST_TIMEOUT=inf (or 1e15) raised OverflowError from timedelta (a traceback), 1e13 was refused by gloo,
+    9.3e9 overflowed torch's milliseconds and 1e-7 was 0 ms: every wait failed at once, with C++ backtraces (an
+    audit). inf means the longest; the rest outside [1 ms, 1e9 s] is refused in one line."""
+    from datetime import timedelta
+    from pymerge.dist import disk_merge
+    monkeypatch.setenv(disk_merge.TIMEOUT_ENV, text)
+    if expected is None:
+        with pytest.raises(InputError, match=r"PYMERGE_DIST_TIMEOUT=.*: must be a number of seconds from 0.001 to "):
+            disk_merge._timeout_s()
+    else:
+        assert disk_merge._timeout_s() == expected
+        assert timedelta(seconds=expected) // timedelta(milliseconds=1) >= 1  # (gloo's unit: never 0 ms)

@@ -841,6 +841,14 @@ def test_a_lock_file_not_locked_yet_leaves_the_pid_to_judge(tmp_path, monkeypatc
     (live / "model.safetensors").write_text("half")
     write_all(tmp_path / "out", {"a": torch.ones(2)}, force=True)
     assert not live.exists() and os.listdir(tmp_path) == ["out"]
+    # one whose time is ahead of the clock by more than that (an NFS server's clock ahead, a clock stepped back):
+    # as old; it was kept for as long as the skew, for good where years (an audit)
+    for ahead in (writer_mod._LOCK_GRACE_S + 5, 10 * 365 * 86400):
+        live.mkdir()
+        (live / writer_mod._LOCK_NAME).touch()
+        os.utime(live / writer_mod._LOCK_NAME, (time.time() + ahead,) * 2)
+        write_all(tmp_path / "out", {"a": torch.ones(2)}, force=True)
+        assert not live.exists() and os.listdir(tmp_path) == ["out"], ahead
     real, calls = writer_mod.fcntl.flock, []
 
     def probed_once(fd, op):  # the first try meets a probe's lock

@@ -943,10 +943,13 @@ def test_a_search_killed_or_failing_while_writing_its_results_leaves_the_earlier
     assert len(json.load(open(out / "history.json"))["history"]) == 19
     # a killed save's hidden folder is swept once unlocked and a minute old; a live save's (locked), never
     dead, live = (out / f"{optimize_module._STAGE_PREFIX}dead"), (out / f"{optimize_module._STAGE_PREFIX}live")
+    ahead = out / f"{optimize_module._STAGE_PREFIX}ahead"  # a time ahead of the clock (skew): as old (it was kept)
     dead.mkdir()
     live.mkdir()
+    ahead.mkdir()
     for folder in (dead, live):
         os.utime(folder, (time.time() - 120, time.time() - 120))
+    os.utime(ahead, (time.time() + 3600,) * 2)
     import fcntl
     fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2164,6 +2167,36 @@ def test_a_checkpoint_replaced_during_the_search_writes_no_best_merge_yml(tmp_pa
     assert (tmp_path / "out" / "history.json").exists() and not (tmp_path / "out" / "best_merge.yml").exists()
 
 
+def test_a_checkpoint_rewritten_with_its_time_put_back_is_warned_of(tmp_path, capsys):
+    """A source rewritten in place mid-search with its modification time put back (touch -r, cp -p, an unzip
+    keeping times): only the change time moved, as for a chmod, and the search wrote a best_merge.yml building
+    another merge than the one scored, silently (an audit). Refusing it would refuse a chmod too (a review: hours
+    of search ended with exit 2): best_merge.yml is written, with a warning naming the file."""
+    cfg = _cli_setup(tmp_path)
+    target = tmp_path / "c1.safetensors"
+    (tmp_path / "evaltouched.py").write_text(textwrap.dedent(f"""
+        import os
+        from safetensors.torch import save
+        import torch
+        SEEN = [0]
+        def evaluate(m):
+            SEEN[0] += 1
+            if SEEN[0] == 3:
+                st = os.stat({str(target)!r})
+                data = save({{"theta": torch.full((16,), 100.0)}})
+                assert len(data) == st.st_size
+                with open({str(target)!r}, "r+b") as fh:
+                    fh.write(data)
+                os.utime({str(target)!r}, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return -float(m.theta.detach().norm())
+    """))
+    cfg.write_text(cfg.read_text().replace("evalcli:evaluate", "evaltouched:evaluate"))
+    assert cli_main([str(cfg)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and str(target) in warned[0] and "change time moved" in warned[0], warned
+    assert (tmp_path / "out" / "best_merge.yml").exists()
+
+
 def test_a_state_path_that_is_a_checkpoint_file_of_the_pool_is_refused(tmp_path):
     """Through the Python API (the CLI refused it already): the file was read as a broken state and the error
     advised deleting it, a model's weights (an audit)."""
@@ -2197,6 +2230,7 @@ def test_what_the_pool_was_built_from_is_known_and_a_chmod_is_no_change(tmp_path
     os.chmod(tmp_path / "c.safetensors", 0o600)
     os.link(tmp_path / "c.safetensors", tmp_path / "hard.safetensors")
     assert pool.changed_file() is None
+    assert pool.touched_file().startswith(f"{tmp_path / 'c.safetensors'}: its change time moved")  # a warning's
     assert pool.read_file(tmp_path / "hard.safetensors") == f"the checkpoint file {tmp_path / 'c.safetensors'}"
     for inside in ("model.safetensors.index.json", "config.json", "new.safetensors"):
         assert pool.read_file(folder / inside) == f"inside the model folder {folder}", inside

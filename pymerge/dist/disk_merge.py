@@ -20,6 +20,7 @@ bytes (gloo; for --device cuda the group also has NCCL for the CUDA side) and it
 every wait; a rank that dies closes its connections, which fails the others' next collective.
 """
 import contextlib
+import math
 import os
 import re
 import secrets
@@ -533,9 +534,17 @@ def _timeout_s() -> float:
         value = float(text) if text else DEFAULT_TIMEOUT_S
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise InputError(f"{TIMEOUT_ENV}={text!r}: must be a positive number of seconds")
+    if value == math.inf:  # "no limit"
+        return MAX_TIMEOUT_S
+    if not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:  # (nan too)
+        raise InputError(f"{TIMEOUT_ENV}={text!r}: must be a number of seconds from {MIN_TIMEOUT_S:g} to "
+                         f"{MAX_TIMEOUT_S:g} (inf: {MAX_TIMEOUT_S:g}, about 31 years)")
     return value
+
+
+# Below a millisecond gloo's timeout is 0 ms (every wait failed at once, with a C++ backtrace); past about 9.2e9 s
+# torch's milliseconds overflow, gloo refuses 1e13 and timedelta 1e15 (a traceback; an audit).
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1e-3, 1e9
 
 
 def _collective_error(exc: BaseException) -> str:

@@ -366,7 +366,7 @@ def sweep_unlocked(folder: str, prefix: str, folders: bool = False, min_age_s: f
         try:
             st = os.fstat(fd)
             if not (stat.S_ISDIR if folders else stat.S_ISREG)(st.st_mode) or (
-                    min_age_s and time.time() - st.st_mtime < min_age_s):
+                    min_age_s and abs(time.time() - st.st_mtime) < min_age_s):  # (ahead of now: clock skew)
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises where a live writer holds it
             if os.path.samestat(os.fstat(fd), os.lstat(p)):  # (not one made at that name since)

@@ -981,7 +981,9 @@ def _abandoned(folder: str) -> bool:
         made = os.stat(os.path.join(folder, _LOCK_NAME)).st_mtime
     except OSError:  # none: no locks on that filesystem, or a folder stepped aside
         return False
-    return time.time() - made > _LOCK_GRACE_S
+    # (a time ahead of now is clock skew, an NFS server's or a clock stepped back: one an hour ahead kept a killed
+    # run's folder for that hour, one years ahead for good; an audit)
+    return abs(time.time() - made) > _LOCK_GRACE_S
 
 
 def _hold_lock(tmp_dir: Path) -> Optional[int]:

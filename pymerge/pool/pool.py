@@ -355,6 +355,22 @@ class CheckpointPool:
                 return f"{p}: rewritten since the pool read it"
         return None
 
+    def touched_file(self) -> Optional[str]:
+        """A line naming the first checkpoint file whose change time alone moved since this pool read it, else None:
+        a chmod or a new hard link (no change: refusing it ended hours of search with exit 2, a review), or a
+        rewrite that put the modification time back (touch -r, cp -p, an unzip keeping times), which changed_file
+        cannot tell from them and which made a search's best_merge.yml build another merge than the one scored,
+        silently (an audit). Worth a warning, not a refusal."""
+        for p, ident, was in self._files:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == ident and was is not None and stamp(st)[1:] != was[1:]:
+                return (f"{p}: its change time moved since the pool read it (a chmod or a new link; or a rewrite "
+                        f"that put its modification time back, and then what names it builds another merge)")
+        return None
+
     @classmethod
     @factories_on_cpu
     def load(cls, path, device="cpu", backend: str = "auto", num_threads: int = 0) -> "CheckpointPool":

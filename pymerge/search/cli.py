@@ -476,6 +476,7 @@ def _search(args, cfg: dict, here: str) -> int:
         # weights are in history.json), nor one whose checkpoint was replaced during the search (a fresh download
         # renamed over it): naming the files, it would build another merge than the one scored (an audit).
         changed = pool.changed_file() if result.best_weights.ndim == 1 else None
+        touched = pool.touched_file() if result.best_weights.ndim == 1 and changed is None else None
         best, tied_note = None, ""
         unnameable = _unnameable(cfg, sources, rel(cfg.get("base"))) if result.best_weights.ndim == 1 else None
         if unnameable is not None:  # (groups: that came to one group; a flat search was refused before it began)
@@ -487,6 +488,8 @@ def _search(args, cfg: dict, here: str) -> int:
                                      model=model, pool_dtype=_dtype(cfg.get("dtype")),
                                      merged=_merged_tensors(pool, model, cfg.get("names")), tied_note=tied_note)
         paths = result.save(out, extra={"best_merge.yml": best})
+        if best is not None and touched is not None:
+            say("pymerge search: warning: " + one_line(f"{os.path.join(out, 'best_merge.yml')}: {touched}"))
         if tied_note:
             say("pymerge search: warning: " + one_line(f"{os.path.join(out, 'best_merge.yml')}: "
                                                         + " ".join(line[2:] for line in tied_note.splitlines())))
