@@ -43,15 +43,23 @@ def held_signals(repeat_acts: bool = True):
         elif sig not in pending:
             pending.append(sig)
 
-    for sig in held:
-        signal.signal(sig, hold)
-    failed = True
+    installed, failed, acted = [], True, None
     try:
+        for sig in held:  # (inside the try: a SIGTERM raising as SIGINT was taken left Ctrl-C held for good; an audit)
+            installed.append(sig)  # (listed first: giving back a handler never taken is harmless)
+            signal.signal(sig, hold)
         yield
         failed = False
     finally:
+        for sig in installed:  # every one given back, even where one already given back acts meanwhile
+            for _ in range(10):
+                try:
+                    signal.signal(sig, old[sig])
+                    break
+                except BaseException as exc:  # noqa: BLE001  (raised once the rest are given back)
+                    acted = exc
         released.append(True)
-        for sig in held:
-            signal.signal(sig, old[sig])
+        if acted is not None:
+            raise acted
         if pending and not failed:
             deliver(pending[0], None)

@@ -886,6 +886,55 @@ def _signals_cases():
     assert done[-1] == "written under nohup"
 
 
+def test_a_signal_acting_as_the_handlers_are_taken_or_given_back_leaves_none_held(monkeypatch):
+    """held_signals took the handlers one by one before its try: a SIGTERM whose handler raised (a service's
+    SystemExit), arriving after SIGINT's was taken and before SIGTERM's, left Ctrl-C held for good, every later
+    press doing nothing (an audit). Taken or given back, an interrupted step leaves every handler as it was."""
+    import signal
+    real_signal = signal.signal
+    previous = real_signal(signal.SIGINT, signal.default_int_handler), real_signal(signal.SIGTERM, _raise_exit)
+
+    def sigterm_between(sig, handler):
+        if sig == signal.SIGTERM and getattr(handler, "__name__", "") == "hold":
+            os.kill(os.getpid(), signal.SIGTERM)  # after SIGINT's was taken, before SIGTERM's
+            time.sleep(0.01)
+        return real_signal(sig, handler)
+
+    try:
+        monkeypatch.setattr(signal, "signal", sigterm_between)
+        with pytest.raises(SystemExit):
+            with held_signals():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is _raise_exit
+        given_back = []
+
+        def sigint_after_given_back(sig, handler):  # a Ctrl-C once SIGINT's own is back, as SIGTERM's is given back
+            done = real_signal(sig, handler)
+            if sig == signal.SIGTERM and handler is _raise_exit and not given_back:
+                given_back.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+            return done
+
+        monkeypatch.setattr(signal, "signal", sigint_after_given_back)
+        with pytest.raises(KeyboardInterrupt):
+            with held_signals():
+                pass
+        monkeypatch.undo()
+        assert given_back and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert all(signal.getsignal(sig) is not None and getattr(signal.getsignal(sig), "__name__", "") != "hold"
+                   for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGXCPU))
+    finally:
+        real_signal(signal.SIGINT, previous[0])
+        real_signal(signal.SIGTERM, previous[1])
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit("terminated")
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 

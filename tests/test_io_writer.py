@@ -495,6 +495,32 @@ def test_a_ctrl_c_as_the_temporary_folder_is_made_waits_until_it_is_this_writers
     assert os.listdir(tmp_path) == [] and not any(str(tmp_path) in p for p in writer_mod._OWNED)
 
 
+@pytest.mark.parametrize("where", ["_create_shard", "_open_shard"])
+def test_a_ctrl_c_as_a_shard_is_opened_leaks_no_descriptor(tmp_path, monkeypatch, ctrl_c, where):
+    """A SIGINT just as a shard's descriptor was opened (at the constructor, or by a write that reopens it) and
+    before it was kept: the descriptor stayed open after the abort removed the folder, a deleted shard's disk space
+    held until the process ended, one per interrupt (an audit). The write's count of writes in flight is taken with
+    it, so the abort never waits for a write that an interrupt ended."""
+    out = tmp_path / "out"
+    real = getattr(ShardedWriter, where)
+
+    def opened(self, i):
+        fd = real(self, i)
+        ctrl_c()
+        time.sleep(0.01)  # (delivered here, between bytecodes, before the caller kept fd)
+        return fd
+
+    t = {"a": torch.randn(5), "b": torch.randn(3)}
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(ShardedWriter, where, opened)
+    with pytest.raises(KeyboardInterrupt):
+        write_all(out, t, max_shard_bytes=20)  # two shards; every write opens its shard (a closed one reopened)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [] and len(os.listdir("/proc/self/fd")) == fds
+    write_all(out, t, max_shard_bytes=20)
+    assert {k: v.tolist() for k, v in load_all(out).items()} == {k: v.tolist() for k, v in t.items()}
+
+
 def test_a_ctrl_c_as_the_lock_is_released_leaves_no_lock_file_in_out(tmp_path, monkeypatch, ctrl_c):
     """A SIGINT as the installed OUT's lock file was being removed left .pymerge-writing in the model (an audit).
     The release waits for it; OUT is complete and the interrupt still reaches the caller."""

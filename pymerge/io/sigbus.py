@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 
 from pymerge import _native
 from pymerge.errors import CheckpointError
+from pymerge.stop_signals import held_signals
 
 
 class MappingGuard:
@@ -46,7 +47,8 @@ class MappingGuard:
                 if mapped is None:  # a file held in memory (a legacy .bin): nothing to guard
                     continue
                 begin, length = mapped
-                self._slots.append(self._ext.sigbus_guard_add(begin, length))
+                with held_signals(repeat_acts=False):  # a slot added is a slot kept (see stop)
+                    self._slots.append(self._ext.sigbus_guard_add(begin, length))
                 path = os.path.abspath(f.path)  # the size check below must not follow a later chdir
                 ident = getattr(f, "mapped_identity", None) or identity(path)  # the file mapped, not the path's now
                 self._ranges.append((begin, begin + length, f, path, ident))
@@ -90,9 +92,13 @@ class MappingGuard:
         self._hits = hits
 
     def stop(self) -> None:
-        slots, self._slots = self._slots, []
-        for slot in slots:
-            self._ext.sigbus_guard_remove(slot)
+        # All or none: a Ctrl-C between taking a slot and keeping it, or between two removals, left slots in the
+        # native table for good, and its handler then turned a read past the end of a file that later reused the
+        # address into zeros, exit 0, where the process would have died of SIGBUS (an audit).
+        with held_signals(repeat_acts=False):
+            slots, self._slots = self._slots, []
+            for slot in slots:
+                self._ext.sigbus_guard_remove(slot)
 
     def __enter__(self) -> "MappingGuard":
         return self.start()

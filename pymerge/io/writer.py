@@ -149,12 +149,13 @@ class ShardedWriter:
                 self._names_in.get(self._slots[name].shard, []).append(name)
             self._dirs = {self.tmp_dir}  # folders to fsync at commit
             for i in sorted(self._own):
-                fd = self._create_shard(i)
-                try:
-                    if not self._left[i]:  # no data to come (empty tensors only): durable now
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
+                with held_signals(repeat_acts=False):  # (a Ctrl-C between the open and the close leaked the fd)
+                    fd = self._create_shard(i)
+                    try:
+                        if not self._left[i]:  # no data to come (empty tensors only): durable now
+                            os.fsync(fd)
+                    finally:
+                        os.close(fd)
         except BaseException as exc:  # out of descriptors, the abort's own error replaced this one (an audit)
             self._abort_after(exc)
             raise
@@ -265,14 +266,15 @@ class ShardedWriter:
             if fd is not None:
                 self._head_shard(fd, i)
                 continue
-            fd = self._open_shard(i)
-            try:
-                self._head_shard(fd, i)
-                os.fsync(fd)
-            except OSError as exc:
-                raise self._shard_error(exc, i) from None
-            finally:
-                os.close(fd)
+            with held_signals(repeat_acts=False):  # (opened and closed, or neither)
+                fd = self._open_shard(i)
+                try:
+                    self._head_shard(fd, i)
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise self._shard_error(exc, i) from None
+                finally:
+                    os.close(fd)
 
     def _shard_error(self, exc: OSError, i: int) -> OSError:
         """exc naming OUT's shard i, not the hidden temporary folder (or no file: "No space left on device")."""
@@ -281,13 +283,14 @@ class ShardedWriter:
     def _sync_failed(self) -> None:
         """The shards whose completing fsync failed (a caller may have caught that): synced now, or raise."""
         for shard in sorted(self._unsynced):
-            fd = self._open_shard(shard)
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise self._shard_error(exc, shard) from None
-            finally:
-                os.close(fd)
+            with held_signals(repeat_acts=False):  # (opened and closed, or neither)
+                fd = self._open_shard(shard)
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise self._shard_error(exc, shard) from None
+                finally:
+                    os.close(fd)
         self._unsynced.clear()
 
     def _open_shard(self, i: int) -> int:
@@ -341,22 +344,22 @@ class ShardedWriter:
         if not isinstance(offset, int) or offset < 0 or offset + n > slot.numel:
             raise ValueError(f"tensor {name!r}: elements [{offset}, {offset + n}) do not fit in its "
                              f"{slot.numel} elements")
-        shard, done = slot.shard, None
-        with self._cond:
-            if self._state != "open":
-                raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot write {name!r}")
-            self._inflight += 1  # commit/abort wait for us, so the fd cannot be closed under us
-            if n:
-                try:
-                    fd = self._fds.get(shard)
-                    if fd is None:
-                        fd = self._fds[shard] = self._open_shard(shard)
-                except BaseException:
-                    self._inflight -= 1
-                    self._cond.notify_all()
-                    raise
-                self._users[shard] = self._users.get(shard, 0) + 1
+        shard, counted, used = slot.shard, False, False
         try:
+            # counted and recorded together: a Ctrl-C between the count and the try that takes it back left commit
+            # and abort waiting for this write for ever, and one between opening a shard and keeping its fd leaked it
+            with held_signals(repeat_acts=False):
+                with self._cond:
+                    if self._state != "open":
+                        raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot write {name!r}")
+                    self._inflight += 1  # commit/abort wait for us, so the fd cannot be closed under us
+                    counted = True
+                    if n:
+                        fd = self._fds.get(shard)
+                        if fd is None:
+                            fd = self._fds[shard] = self._open_shard(shard)
+                        self._users[shard] = self._users.get(shard, 0) + 1
+                        used = True
             if n:
                 pos = slot.file_offset + offset * slot.itemsize
                 try:
@@ -373,12 +376,20 @@ class ShardedWriter:
                     slot.written.append((offset, offset + n))
                 self._left[shard] -= n * slot.itemsize
         finally:
-            with self._cond:
-                if n:
-                    self._users[shard] -= 1
-                    if self._left[shard] <= 0 and not self._users[shard] and self._state == "open":
-                        done = self._fds.pop(shard, None)  # every byte written: durable now, fd freed
+            if counted:
+                self._done_writing(shard, used)
+
+    def _done_writing(self, shard: int, used: bool) -> None:
+        """write()'s last step, whatever happened: the shard's fd made durable and closed once every byte of it is
+        written, then the write no longer counted (commit and abort wait for it)."""
+        done = None
+        with held_signals(repeat_acts=False):  # (taken out of _fds and closed, counted and uncounted, together)
             try:
+                with self._cond:
+                    if used:
+                        self._users[shard] -= 1
+                        if self._left[shard] <= 0 and not self._users[shard] and self._state == "open":
+                            done = self._fds.pop(shard, None)  # every byte written: durable now, fd freed
                 if done is not None:
                     try:
                         with self._cond:  # by ranges, not bytes: a chunk written twice counts twice (a review)
