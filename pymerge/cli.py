@@ -267,14 +267,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.unraisablehook = ours
     try:  # (installed inside: one arriving between the two installs is the interrupt below, and both restored)
         if in_main_thread:
-            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+            # each handler recorded before ours is set (a Ctrl-C as signal.signal returned, before its result was
+            # stored, left ours installed after main returned: a later SIGTERM raised KeyboardInterrupt; an audit)
+            previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, _on_sigterm)
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigterm)
+                previous[signal.SIGINT] = signal.default_int_handler
+                signal.signal(signal.SIGINT, _on_sigterm)
             # SIGHUP and SIGXCPU too, unless ignored (nohup): they left the temporary folder, a model's size,
             # beside OUT until the next merge into it (audits)
             for sig in STOP_SIGNALS:  # (_exit_interrupted: an earlier main()'s, in this process)
                 if sig != signal.SIGTERM and signal.getsignal(sig) in (signal.SIG_DFL, _exit_interrupted):
-                    previous[sig] = signal.signal(sig, _on_sigterm)
+                    previous[sig] = signal.getsignal(sig)
+                    signal.signal(sig, _on_sigterm)
         try:
             _Parser.last_error = None
             rc = _main(argv)

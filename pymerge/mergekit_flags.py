@@ -85,8 +85,9 @@ def hub_cache(args):
         yield
         return
     before = os.environ.get("HF_HUB_CACHE")
-    os.environ["HF_HUB_CACHE"] = os.path.abspath(os.path.expandvars(os.path.expanduser(args.transformers_cache)))
-    try:
+    cache = os.path.abspath(os.path.expandvars(os.path.expanduser(args.transformers_cache)))
+    try:  # (set inside: a Ctrl-C as it was set, before the try, left it set for good; an audit)
+        os.environ["HF_HUB_CACHE"] = cache
         yield
     finally:
         if before is None:

@@ -1094,3 +1094,25 @@ def test_a_warning_naming_a_path_with_controls_is_escaped(fam, tmp_path, capsys)
     shutil.copy(fts[0] / "model.safetensors", donor)
     rc, err = run_cli(["merge", write_cfg(tmp_path / "c.yml", linear([donor, fts[1]])), tmp_path / "out"], capsys)
     assert rc == 0 and "\x1b" not in err and "m\\x1b[2Jx: no config.json" in err, err
+
+
+def test_a_ctrl_c_as_main_installs_its_handlers_leaves_the_callers(monkeypatch, ctrl_c, capsys):
+    """main() stored each handler it replaced from signal.signal's return: a Ctrl-C as that call returned skipped
+    the store, and main's own handler stayed installed after it returned (a caller's later SIGTERM raised
+    KeyboardInterrupt instead of ending the process; an audit). Each is recorded before it is replaced."""
+    from pymerge import cli
+    real_signal = signal.signal
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def then_ctrl_c(sig, handler):
+        old = real_signal(sig, handler)
+        if sig == signal.SIGTERM and handler is cli._on_sigterm:
+            ctrl_c()
+            time.sleep(0.01)  # (delivered here, before main could store what it replaced)
+        return old
+
+    monkeypatch.setattr(signal, "signal", then_ctrl_c)
+    assert cli.main(["doctor"]) == 130
+    monkeypatch.undo()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert "interrupted" in capsys.readouterr().err

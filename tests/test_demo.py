@@ -469,6 +469,34 @@ def test_a_killed_runs_temporaries_do_not_block_the_next_run(tmp_path):
         _claim(str(out))
 
 
+def test_a_ctrl_c_as_the_demo_locks_its_folder_leaves_it_free(tmp_path, monkeypatch, ctrl_c):
+    """A Ctrl-C as the marker's lock was taken, before the try that releases it: the locked descriptor leaked, and
+    every later demo into that --out in the process was refused as 'in use by another pymerge demo' (an audit). And
+    the demo set torch's thread count for good, on an error too: a caller's own work ran on --threads after it."""
+    from pymerge import demo
+    out = tmp_path / "out"
+    real_lock = run._lock
+
+    def lock_then_ctrl_c(marker):
+        fd = real_lock(marker)
+        ctrl_c()
+        time.sleep(0.01)  # (delivered here, before the demo kept the descriptor)
+        return fd
+
+    monkeypatch.setattr(run, "_lock", lock_then_ctrl_c)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        run.experiment(str(out), run.Settings.quick(), budget=1, log=lambda m: None)
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == fds and not out.exists()
+    os.close(run.claim_out(str(out)))  # free
+    threads = torch.get_num_threads()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(run.InputError, match="exists and is not a folder"):
+        demo.main(["--quick", "--out", str(tmp_path / "file"), "--threads", str(threads + 1)])
+    assert torch.get_num_threads() == threads
+
+
 def test_one_demo_at_a_time_in_a_folder(tmp_path, capsys, monkeypatch):
     """Two demos into one --out both ran (exit 0): the first printed its results while the folder held the
     second's. The marker is locked for the whole run: a second demo is refused at once, touching nothing."""

@@ -715,3 +715,45 @@ def test_the_timeout_is_one_gloo_and_timedelta_take(monkeypatch, text, expected)
     else:
         assert disk_merge._timeout_s() == expected
         assert timedelta(seconds=expected) // timedelta(milliseconds=1) >= 1  # (gloo's unit: never 0 ms)
+
+
+_INTERRUPTED_JOIN = """
+import os, signal, socket, sys, time
+import torch.distributed as dist
+from pymerge.merge import run_merge
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (an xdist worker's children ignore it)
+real_init = dist.init_process_group
+def init_then_ctrl_c(*a, **k):
+    real_init(*a, **k)
+    os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C as the rendezvous completes
+    time.sleep(0.05)
+dist.init_process_group = init_then_ctrl_c
+models = [{"model": m, "parameters": {"weight": 0.5}} for m in sys.argv[1:3]]
+try:
+    run_merge({"merge_method": "linear", "models": models}, sys.argv[3], device="cpu", quiet=True)
+except KeyboardInterrupt:
+    print("interrupted")
+dist.init_process_group = real_init
+probe = socket.socket()
+print("joined" if dist.is_initialized() else "left",
+      "listening" if probe.connect_ex(("127.0.0.1", int(os.environ["MASTER_PORT"]))) == 0 else "closed")
+probe.close()
+dist.init_process_group("gloo")  # the caller's own group, later in the process
+dist.destroy_process_group()
+print("the caller's group joined")
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_a_ctrl_c_as_the_rank_joins_leaves_no_process_group(fam, tmp_path):
+    """A Ctrl-C as the rendezvous completed, before the try that leaves the group: the process group stayed joined
+    and its store listening, and the caller's own init_process_group was refused ('initialize the default process
+    group twice'; an audit)."""
+    root, base, fts = fam
+    p = subprocess.run([sys.executable, "-c", _INTERRUPTED_JOIN, str(fts[0]), str(fts[1]), str(tmp_path / "out")],
+                       env=_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(_free_port())),
+                       capture_output=True, text=True, timeout=LIMIT_S, cwd=tmp_path)
+    assert p.stdout.split("\n")[:3] == ["interrupted", "left closed", "the caller's group joined"], p.stdout + p.stderr
+    assert not (tmp_path / "out").exists()

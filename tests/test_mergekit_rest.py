@@ -471,6 +471,29 @@ def test_hub_cache_variables_are_expanded_as_huggingface_hub_does(tmp_path, monk
     assert hub.cache_dir() == Path("~/x/c")
 
 
+def test_a_ctrl_c_as_the_hub_cache_is_set_leaves_it_unset(tmp_path, monkeypatch, ctrl_c):
+    """--transformers-cache set HF_HUB_CACHE before the try that puts it back: a Ctrl-C as it was set left it set
+    for the rest of the process, every later merge looking up IDs there (an audit)."""
+    import time
+    import types
+    from pymerge.mergekit_flags import hub_cache
+
+    class Environ(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if key == "HF_HUB_CACHE":
+                ctrl_c()
+                time.sleep(0.01)  # (delivered here, between bytecodes)
+
+    env = Environ(os.environ)
+    env.pop("HF_HUB_CACHE", None)
+    monkeypatch.setattr(os, "environ", env)
+    with pytest.raises(KeyboardInterrupt):
+        with hub_cache(types.SimpleNamespace(transformers_cache=str(tmp_path))):
+            pass
+    assert "HF_HUB_CACHE" not in env
+
+
 def test_model_ids_from_the_hub_cache(models, tmp_path, capsys, monkeypatch):
     _, m4, _ = models
     cache = tmp_path / "hub"

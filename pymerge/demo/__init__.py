@@ -55,17 +55,21 @@ def main(argv=None) -> int:
         ap.error(f"--seed must be from 0 to {2**28 - 1}, got {args.seed}")
     if args.threads is not None and not 0 <= args.threads <= 1024:
         ap.error(f"--threads must be from 0 (the default) to 1024, got {args.threads}")
-    torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
-    log = say if args.json else print
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if args.threads and args.threads > cores:  # (99 on 2 cores ran 7x slower, without a word: an audit)
-        say(f"pymerge demo: note: --threads {args.threads} is more than the {cores} cores this process may use: "
-            "the threads share them and the run is slower (results differ with the thread count)")
-    settings = Settings.quick(args.seed, args.pool) if args.quick else Settings(seed=args.seed, pool=args.pool)
-    budget = args.budget or (16 if args.quick else 120)
-    eval_dtype = None if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)
-    summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log, eval_dtype=eval_dtype)
-    summary["quick"] = args.quick
-    if args.json:
-        print(json.dumps(summary))
-    return 0
+    threads = torch.get_num_threads()  # given back on every way out: a caller's own torch work (cli.main from
+    try:                               # Python, a notebook) ran on --threads after the demo (an audit)
+        torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
+        log = say if args.json else print
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if args.threads and args.threads > cores:  # (99 on 2 cores ran 7x slower, without a word: an audit)
+            say(f"pymerge demo: note: --threads {args.threads} is more than the {cores} cores this process may use: "
+                "the threads share them and the run is slower (results differ with the thread count)")
+        settings = Settings.quick(args.seed, args.pool) if args.quick else Settings(seed=args.seed, pool=args.pool)
+        budget = args.budget or (16 if args.quick else 120)
+        eval_dtype = None if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)
+        summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log, eval_dtype=eval_dtype)
+        summary["quick"] = args.quick
+        if args.json:
+            print(json.dumps(summary))
+        return 0
+    finally:
+        torch.set_num_threads(threads)

@@ -353,19 +353,22 @@ def experiment(out: str, s: Settings, budget: int, per_layer: bool = False, log=
     eval_dtype = eval_dtype or default_eval_dtype()
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time too: wall time means little on a shared machine
     made = missing_folders(out)  # the folders claim_out makes (OUT and its parents)
+    lock = None
     try:
-        lock = claim_out(out)  # before any training: a folder of someone else's is refused, not emptied
-    except BaseException:
-        remove_empty_folders(made)
-        raise
-    try:
+        # before any training: a folder of someone else's is refused, not emptied. The lock taken and kept, or
+        # neither: a Ctrl-C as it was taken leaked it, and every later demo into OUT in this process was refused
+        # as 'in use by another pymerge demo' (an audit).
+        with held_signals(repeat_acts=False):
+            lock = claim_out(out)
         return _experiment(out, s, budget, per_layer, log, eval_dtype, t0, cpu0)
     except BaseException:
-        _remove_if_only_marker(out)
+        if lock is not None:
+            _remove_if_only_marker(out)
         remove_empty_folders(made)
         raise
     finally:
-        os.close(lock)  # on every way out (an error, Ctrl-C): the next demo may have the folder
+        if lock is not None:
+            os.close(lock)  # on every way out (an error, Ctrl-C): the next demo may have the folder
 
 
 def _remove_results(out: str) -> None:

@@ -96,54 +96,55 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         args = arguments()
     except Exception as exc:  # noqa: BLE001  (raised in the first agreement)
         args, refused = None, refused or exc
-    dist, group, created = _process_group("cpu" if args is None else args.device, timeout_s)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args is not None:
-        device, chunk_bytes, out_shard_size, random_seed = (args.device, args.chunk_bytes, args.out_shard_size,
-                                                            args.random_seed)
-        if device.startswith("cuda"):
-            device = _local_cuda()
-        threads = args.threads or op_threads(processes=_env_int("LOCAL_WORLD_SIZE", 1, 1))  # the host's
     state = {}  # what the steps build: plan, parts, writer
+    ours = not _group_exists()  # a group there after the join and not before is this merge's to leave (a
+    try:                        # Ctrl-C as the join returned, before this try, left it joined; an audit)
+        dist, group, _ = _process_group("cpu" if args is None else args.device, timeout_s)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args is not None:
+            device, chunk_bytes, out_shard_size, random_seed = (args.device, args.chunk_bytes, args.out_shard_size,
+                                                                args.random_seed)
+            if device.startswith("cuda"):
+                device = _local_cuda()
+            threads = args.threads or op_threads(processes=_env_int("LOCAL_WORLD_SIZE", 1, 1))  # the host's
 
-    def prepare():
-        if refused is not None:
-            raise refused
-        plan = state["plan"] = make_plan(args.config)
-        check_out_spares_inputs(out_dir, plan)  # --force would delete an input
-        state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
-                                         for t in plan.tensors], world) + [world - 1] * len(plan.copies)  # last rank's
-        tmp_dir, run = None, None
-        if rank == 0:
-            writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
-            write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
-            tmp_dir, run = str(writer.tmp_dir), secrets.token_hex(8)  # this run's name in the store (see fill)
-        return (tmp_dir, run), _fingerprint(plan, out_dir, out_shard_size, random_seed,
-                                            flags=(bool(force), bool(copy_tokenizer), bool(model_card)))
+        def prepare():
+            if refused is not None:
+                raise refused
+            plan = state["plan"] = make_plan(args.config)
+            check_out_spares_inputs(out_dir, plan)  # --force would delete an input
+            state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
+                                             for t in plan.tensors], world) + [world - 1] * len(plan.copies)  # last rank's
+            tmp_dir, run = None, None
+            if rank == 0:
+                writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
+                write_side_files(plan, writer, copy_tokenizer=copy_tokenizer, model_card=model_card)
+                tmp_dir, run = str(writer.tmp_dir), secrets.token_hex(8)  # this run's name in the store (see fill)
+            return (tmp_dir, run), _fingerprint(plan, out_dir, out_shard_size, random_seed,
+                                                flags=(bool(force), bool(copy_tokenizer), bool(model_card)))
 
-    def fill(tmp_dir, run):
-        plan, parts = state["plan"], state["parts"]
-        mine = _share(plan, {id(t) for t, p in zip(plan.tensors + plan.copies, parts) if p == rank})
-        watch = state["watch"] = _PeerWatch(dist, f"pymerge-failed/{run}", rank, progress,
-                                            None if quiet or rank != 0 or progress is not None else mine.input_bytes)
-        try:
-            if rank:
-                state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
-            stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
-                        seed=random_seed or 0, progress=watch, quiet=True)
-            watch.close()
-            # Every rank: one that opened a model before another merge replaced it fails here, so rank 0's side
-            # files and every rank's tensors come from one version of each model, or nothing is installed.
-            check_inputs_unchanged(plan, state["writer"].sources)  # rank 0's copies, the others' none
-            if rank:
-                state["writer"].commit()  # durable before rank 0 may install
-        except BaseException as exc:
-            watch.failed(exc)  # the other ranks stop streaming their shares at their next chunk
-            raise
-        finally:
-            watch.close()
+        def fill(tmp_dir, run):
+            plan, parts = state["plan"], state["parts"]
+            mine = _share(plan, {id(t) for t, p in zip(plan.tensors + plan.copies, parts) if p == rank})
+            watch = state["watch"] = _PeerWatch(dist, f"pymerge-failed/{run}", rank, progress,
+                                                None if quiet or rank != 0 or progress is not None else mine.input_bytes)
+            try:
+                if rank:
+                    state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)
+                stream_plan(mine, state["writer"], device=device, chunk_bytes=chunk_bytes, threads=threads,
+                            seed=random_seed or 0, progress=watch, quiet=True)
+                watch.close()
+                # Every rank: one that opened a model before another merge replaced it fails here, so rank 0's side
+                # files and every rank's tensors come from one version of each model, or nothing is installed.
+                check_inputs_unchanged(plan, state["writer"].sources)  # rank 0's copies, the others' none
+                if rank:
+                    state["writer"].commit()  # durable before rank 0 may install
+            except BaseException as exc:
+                watch.failed(exc)  # the other ranks stop streaming their shares at their next chunk
+                raise
+            finally:
+                watch.close()
 
-    try:
         prepared = _agree(prepare, dist, group)
         tmp_dir, run = prepared[0][0]
         odd = next((r for r, (_, fp) in enumerate(prepared) if fp != prepared[0][1]), None)
@@ -200,8 +201,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
             pass  # raced by a lost rank still creating files: the next run clears the folder (its pid is gone)
         if "plan" in state:
             state["plan"].close()
-        if created:
-            _leave(dist)
+        if ours and _group_exists():
+            _leave()
 
 
 class PeerFailed(Exception):
@@ -265,21 +266,25 @@ def refuse(message: str) -> None:
     cannot join (RANK and WORLD_SIZE without a rendezvous, a lost group): this rank fails anyway."""
     def step():
         raise InputError(f"rank {dist.get_rank()} refused its {message}")
+    ours = not _group_exists()
     try:
-        dist, group, created = _process_group("cpu", _timeout_or_default()[0])
-    except (InputError, DistributedError):
-        return
-    try:
+        dist, group, _ = _process_group("cpu", _timeout_or_default()[0])
         _agree(step, dist, group)
     except (InputError, DistributedError):
-        pass  # this rank's own error, or a group lost meanwhile: it exits with its usage error either way
+        pass  # this rank's own error, one that cannot join, or a group lost meanwhile: it exits with its usage error
     finally:
-        if created:
-            _leave(dist)
+        if ours and _group_exists():
+            _leave()
 
 
-def _leave(dist) -> None:
+def _group_exists() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def _leave() -> None:
     """Destroys the process group this module made."""
+    import torch.distributed as dist
     try:
         dist.destroy_process_group()
     except Exception:  # a group with a lost rank: nothing left to tidy
