@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         settings = Settings.quick(args.seed, args.pool) if args.quick else Settings(seed=args.seed, pool=args.pool)
         budget = args.budget or (16 if args.quick else 120)
         eval_dtype = None if args.eval_dtype == "auto" else getattr(torch, args.eval_dtype)
-        summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log, eval_dtype=eval_dtype)
+        summary = experiment(args.out, settings, budget=budget, per_layer=args.per_layer, log=log,
+                             eval_dtype=eval_dtype)
         summary["quick"] = args.quick
         if args.json:
             print(json.dumps(summary))

@@ -113,8 +113,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
                 raise refused
             plan = state["plan"] = make_plan(args.config)
             check_out_spares_inputs(out_dir, plan)  # --force would delete an input
-            state["parts"] = split_by_bytes([t.in_bytes + t.numel * _native.itemsize(t.out_dtype)
-                                             for t in plan.tensors], world) + [world - 1] * len(plan.copies)  # last rank's
+            sizes = [t.in_bytes + t.numel * _native.itemsize(t.out_dtype) for t in plan.tensors]
+            state["parts"] = split_by_bytes(sizes, world) + [world - 1] * len(plan.copies)  # copies: the last rank's
             tmp_dir, run = None, None
             if rank == 0:
                 writer = state["writer"] = _writer(plan, state["parts"], out_dir, out_shard_size, force, part=0)
@@ -126,8 +126,8 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
         def fill(tmp_dir, run):
             plan, parts = state["plan"], state["parts"]
             mine = _share(plan, {id(t) for t, p in zip(plan.tensors + plan.copies, parts) if p == rank})
-            watch = state["watch"] = _PeerWatch(dist, f"pymerge-failed/{run}", rank, progress,
-                                                None if quiet or rank != 0 or progress is not None else mine.input_bytes)
+            total = None if quiet or rank != 0 or progress is not None else mine.input_bytes
+            watch = state["watch"] = _PeerWatch(dist, f"pymerge-failed/{run}", rank, progress, total)
             try:
                 if rank:
                     state["writer"] = _writer(plan, parts, out_dir, out_shard_size, force, part=rank, join=tmp_dir)

@@ -693,7 +693,7 @@ class ShardedWriter:
                 except BaseException:  # an error here left it listed as this process's: every later writer to OUT
                     try:               # in this process was refused (an audit)
                         self._remove_tmp()
-                    except OSError:  # left unlisted: the next writer for OUT sweeps it; the first error is the one raised
+                    except OSError:  # left unlisted: the next writer for OUT sweeps it; the first error is raised
                         pass
                     finally:
                         self._release_lock()
