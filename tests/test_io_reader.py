@@ -1364,3 +1364,65 @@ def test_a_ctrl_c_as_the_mapping_guard_starts_or_stops_leaves_no_slot(tmp_path, 
         guard.stop()
     assert len(added) == (1 if where == "start" else 3) and sorted(removed) == sorted(added)
     ck.close()
+
+
+@pytest.mark.parametrize("reader", ["read_small", "SafetensorsFile", "Checkpoint"])
+def test_a_ctrl_c_as_a_file_is_opened_leaks_no_descriptor(tmp_path, monkeypatch, ctrl_c, reader):
+    """A SIGINT just as a source's file was opened, before the caller's try that closes it: one descriptor leaked
+    per interrupt (an audit's Ctrl-C storm: a source's config.json, a checkpoint shard)."""
+    import time
+    from pymerge.io import files
+    import llama_factory as lf
+    folder = lf.make_llama(tmp_path / "m")
+    real = files.open_regular
+
+    def opened(path, *args, **kwargs):
+        fd = real(path, *args, **kwargs)
+        ctrl_c()
+        time.sleep(0.01)  # (delivered here, between bytecodes, before the caller kept fd)
+        return fd
+
+    read = {"read_small": lambda: files.read_small(folder / "config.json"),
+            "SafetensorsFile": lambda: SafetensorsFile(folder / "model.safetensors"),
+            "Checkpoint": lambda: Checkpoint(str(folder))}[reader]
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(files, "open_regular", opened)
+    with pytest.raises(KeyboardInterrupt):
+        read()
+    monkeypatch.undo()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_interrupted_opens_leave_the_count_of_maps_holding_a_descriptor_true(tmp_path, monkeypatch, ctrl_c):
+    """Maps keeping a descriptor of their own were counted up before mmap and down in a finalizer: a Ctrl-C in
+    between (or inside the finalizer) skipped the count down, and after enough of them every file was mapped
+    without a descriptor, as if half the open-file limit were in use (an audit). What is counted is what lives."""
+    import mmap
+    import time
+    from pymerge.io import safetensors_file as sf
+    import llama_factory as lf
+    path = lf.make_llama(tmp_path / "m") / "model.safetensors"
+    gc.collect()
+    before = len(sf._KEPT)
+    real_mmap = mmap.mmap
+
+    def mapped(*args, **kwargs):
+        mm = real_mmap(*args, **kwargs)
+        ctrl_c()
+        time.sleep(0.01)  # (delivered here, between bytecodes)
+        return mm
+
+    monkeypatch.setattr(mmap, "mmap", mapped)
+    for _ in range(5):
+        with pytest.raises(KeyboardInterrupt):
+            SafetensorsFile(path)
+    monkeypatch.undo()
+    gc.collect()
+    assert len(sf._KEPT) == before
+    f = SafetensorsFile(path)
+    assert len(sf._KEPT) == before + 1 and f.mapped_size() is not None
+    f.close()
+    del f
+    gc.collect()
+    assert len(sf._KEPT) == before

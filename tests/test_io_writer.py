@@ -521,6 +521,71 @@ def test_a_ctrl_c_as_a_shard_is_opened_leaks_no_descriptor(tmp_path, monkeypatch
     assert {k: v.tolist() for k, v in load_all(out).items()} == {k: v.tolist() for k, v in t.items()}
 
 
+def test_a_ctrl_c_as_a_side_file_is_copied_leaks_no_descriptor(tmp_path, monkeypatch, ctrl_c):
+    """A SIGINT just as copy_file's output was opened (a raw descriptor, before the with that closes it): after the
+    abort removed the folder, the descriptor of the deleted tokenizer.json stayed open (an audit)."""
+    src = tmp_path / "tokenizer.json"
+    src.write_text("{}")
+    real_open = os.open
+
+    def opened(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith("tokenizer.json") and flags & os.O_EXCL:
+            ctrl_c()
+            time.sleep(0.01)
+        return fd
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        with ShardedWriter(tmp_path / "out", []) as w:
+            monkeypatch.setattr(os, "open", opened)
+            w.copy_file(src)
+    monkeypatch.undo()
+    import gc
+    gc.collect()
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json"] and len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.parametrize("parent", ["a", "b"])
+def test_a_ctrl_c_as_a_parent_folder_is_made_leaves_none(tmp_path, monkeypatch, ctrl_c, parent):
+    """OUT's missing parents were listed for removal only after mkdir returned: a SIGINT as it returned left them
+    behind, empty (an audit's Ctrl-C storm)."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kw):
+        real_mkdir(path, *args, **kw)
+        if os.path.basename(path) == parent:
+            ctrl_c()
+            time.sleep(0.01)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(KeyboardInterrupt):
+        write_all(tmp_path / "a" / "b" / "out", {"x": torch.ones(2)})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_ctrl_c_as_the_replaced_model_is_renamed_leaves_none_of_it(tmp_path, monkeypatch, ctrl_c):
+    """force=True over OUT: the old model, swapped out, is renamed to a garbage name and deleted; a SIGINT between
+    the rename and the deletion left all of it beside OUT until the next merge into OUT (an audit). OUT is the new
+    model and the interrupt still reaches the caller."""
+    out = tmp_path / "out"
+    write_all(out, {"x": torch.zeros(1000)})
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kw):
+        real_rename(src, dst, *args, **kw)
+        if ".pymerge-del-" in str(dst):
+            ctrl_c()
+            time.sleep(0.01)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_all(out, {"x": torch.ones(1000)}, force=True)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["out"] and torch.equal(load_all(out)["x"], torch.ones(1000))
+
+
 def test_a_ctrl_c_as_the_lock_is_released_leaves_no_lock_file_in_out(tmp_path, monkeypatch, ctrl_c):
     """A SIGINT as the installed OUT's lock file was being removed left .pymerge-writing in the model (an audit).
     The release waits for it; OUT is complete and the interrupt still reaches the caller."""

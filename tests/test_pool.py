@@ -534,6 +534,36 @@ def test_an_error_after_some_streamed_chunks_says_so(monkeypatch):
     assert len(notes) == 1 and " tensors were written before it: the targets hold a partial merge" in notes[0], notes
 
 
+@pytest.mark.parametrize("backend, method", [("auto", "linear"), ("torch", "linear"), ("auto", "ties")])
+def test_an_interrupt_as_transposed_targets_are_copied_back_says_so(monkeypatch, backend, method):
+    """A transposed (non-contiguous) target is merged into a temporary and copied back after the write pass: a
+    Ctrl-C among those copies left the contiguous targets merged and the rest as they were, with no note (an audit;
+    the note is the README's promise for any error after some writes)."""
+    base_m, *models = make_models(3)
+    pool = CheckpointPool([m.state_dict() for m in models], base=base_m.state_dict(), backend=backend)
+    floats = {k: v for k, v in models[0].state_dict().items() if v.is_floating_point()}
+    target = {k: (torch.zeros(v.shape[::-1]).t() if v.dim() == 2 else torch.zeros(v.shape)) for k, v in floats.items()}
+    transposed = sum(1 for v in target.values() if not v.is_contiguous())
+    real_copy, calls = torch.Tensor.copy_, []
+
+    def copy_(self, src, *args, **kwargs):
+        if not self.is_contiguous():
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real_copy(self, src, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        pool.materialize([0.5, 0.3], into=target, method=method, **({"method_params": {"density": 0.5}}
+                                                                     if method == "ties" else {}))
+    monkeypatch.undo()
+    written = sum(1 for v in target.values() if v.abs().sum() > 0)
+    assert 0 < written < len(target) and transposed > 2
+    assert getattr(caught.value, "__notes__", []) == [
+        f"{written} of {len(target)} tensors were written before it: the targets hold a partial merge"]
+
+
 @pytest.mark.parametrize("path", ["linear-torch", "multislerp", "compressed-linear"])
 @pytest.mark.parametrize("error", [RuntimeError, MemoryError, KeyboardInterrupt])
 def test_any_error_after_some_writes_says_so_and_the_next_merge_is_right(monkeypatch, path, error):

@@ -253,6 +253,30 @@ def test_a_ctrl_c_as_a_save_makes_its_hidden_folder_leaves_none(tmp_path, monkey
         ["history.csv", "history.json", "search.png"]
 
 
+@pytest.mark.parametrize("suffix", [".probe", ".lock"])
+def test_a_ctrl_c_as_the_state_is_probed_or_locked_leaves_nothing(tmp_path, monkeypatch, ctrl_c, suffix):
+    """A SIGINT inside the state folder's write probe left state.json.XXXX.probe there for good, its descriptor
+    open; one as the state's lock file was opened leaked the descriptor (an audit's Ctrl-C storm)."""
+    pool, _, _ = synthetic(n=3)
+    real_open = os.open
+
+    def opened(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith(suffix):
+            ctrl_c()
+            time.sleep(0.01)
+        return fd
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "open", opened)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(pool, lambda m: -float(m.theta.detach().norm()), model=Vec(), budget=3, popsize=3, log=None,
+                 state_path=str(tmp_path / "state.json"))
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".probe")]
+
+
 def test_cli_runs_a_config(tmp_path):
     cfg = _cli_setup(tmp_path, state_path="state.json")
     assert cli_main([str(cfg)]) == 0

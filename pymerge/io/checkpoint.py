@@ -25,8 +25,8 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
-from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, open_regular, read_json,
-                              present, stays_inside, unencodable)
+from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, read_json,
+                              present, regular_file, stays_inside, unencodable)
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo, madvise
 from pymerge.io.sigbus import identity, stamp as _stamp
 from pymerge.warning_filters import ignoring
@@ -50,7 +50,8 @@ class TorchFile:
         import torch
         self.path = Path(path)
         self.metadata = None
-        os.close(open_regular(self.path))  # a FIFO or a device: refused before torch opens it
+        with regular_file(self.path):  # a FIFO or a device: refused before torch opens it
+            pass
         st = os.stat(self.path)
         # the file torch maps, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
         self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
@@ -342,13 +343,11 @@ def open_tensor_file(path):
         return SafetensorsFile(path)
     if suffix in _TORCH_SUFFIXES:
         return TorchFile(path)
-    fd = open_regular(path)  # a FIFO: refused, not waited on (a plain open blocked for a writer forever)
-    try:
-        zipped = os.read(fd, 4) == b"PK\x03\x04"
-    except OSError:
-        zipped = False  # (the reader's own open names the problem)
-    finally:
-        os.close(fd)
+    with regular_file(path) as fd:  # a FIFO: refused, not waited on (a plain open blocked for a writer forever)
+        try:
+            zipped = os.read(fd, 4) == b"PK\x03\x04"
+        except OSError:
+            zipped = False  # (the reader's own open names the problem)
     return TorchFile(path) if zipped else SafetensorsFile(path)
 
 

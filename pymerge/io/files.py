@@ -3,6 +3,7 @@ never end), bounded reads of small files, JSON without RecursionError.
 
 Every failure is a CheckpointError (or the caller's error class) naming the path.
 """
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -166,6 +167,21 @@ def open_regular(path, error: Type[InputError] = CheckpointError) -> int:
         os.close(fd)
         raise
     return fd
+
+
+@contextlib.contextmanager
+def regular_file(path, error: Type[InputError] = CheckpointError):
+    """open_regular's descriptor for a with block, closed after it. Opened and kept as one step: a Ctrl-C as the
+    open returned, before the caller's try, leaked the descriptor (an audit's Ctrl-C storm: a source's config.json,
+    a tokenizer file copied, one per interrupt)."""
+    fd = None
+    try:
+        with held_signals(repeat_acts=False):
+            fd = open_regular(path, error)
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def kernel_folder(path) -> str:
@@ -379,16 +395,17 @@ def sweep_unlocked(folder: str, prefix: str, folders: bool = False, min_age_s: f
 
 def fsync_dir(path) -> None:
     """A rename or a new file is durable only once its folder's entry is on disk too."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; nothing more we can do
-    finally:
-        os.close(fd)
+    with held_signals(repeat_acts=False):  # (opened and closed, or neither: a Ctrl-C between leaked it; an audit)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems refuse fsync on folders; nothing more we can do
+        finally:
+            os.close(fd)
 
 
 _held_locks: set = set()  # descriptors hold_lock returned and release_lock has not closed
@@ -482,24 +499,22 @@ def check_replaceable(path, error: Type[InputError] = InputError) -> None:
 
 def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX_SMALL_FILE) -> bytes:
     """The whole of a small regular file (a config, an index): refuses FIFOs, devices, huge files."""
-    fd = open_regular(path, error)
-    try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise error(f"{path}: is {size} bytes; more than the {limit}-byte limit for this kind of file")
-        chunks, total = [], 0
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            # in pieces: read(limit + 1) would allocate the whole limit up front, for a file of any size
-            while chunk := f.read(min(1 << 24, limit + 1 - total)):
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > limit:  # grew while we read
-                    raise error(f"{path}: more than the {limit}-byte limit for this kind of file")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+    with regular_file(path, error) as fd:
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise error(f"{path}: is {size} bytes; more than the {limit}-byte limit for this kind of file")
+            chunks, total = [], 0
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                # in pieces: read(limit + 1) would allocate the whole limit up front, for a file of any size
+                while chunk := f.read(min(1 << 24, limit + 1 - total)):
+                    chunks.append(chunk)
+                    total += len(chunk)
+                    if total > limit:  # grew while we read
+                        raise error(f"{path}: more than the {limit}-byte limit for this kind of file")
+            return b"".join(chunks)
+        except OSError as exc:
+            raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 class _TwiceInOneObject(Exception):

@@ -29,9 +29,10 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, InputError, short
-from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, fd_advice, more_open_files, open_regular, resource,
-                              retry_out_of_files)
+from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, fd_advice, more_open_files, open_regular, regular_file,
+                              resource, retry_out_of_files)
 from pymerge.io.sigbus import stamp as _stamp
+from pymerge.stop_signals import held_signals
 from pymerge.warning_filters import ignoring
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -123,16 +124,13 @@ class SafetensorsFile:
         self._names: List[str] = []
         self._mm = None  # an mmap.mmap, or a memoryview of a map that keeps no descriptor (then _address is its start)
         self._address: Optional[int] = None
-        fd = open_regular(self.path)  # a FIFO or a device: refused, never read
-        try:
+        with regular_file(self.path) as fd:  # a FIFO or a device: refused, never read
             st = os.fstat(fd)
             size = st.st_size
             # the file mapped, as it was: pymerge/io/sigbus.py tells a cut or an in-place rewrite from these
             self.mapped_identity, self.mapped_stamp = (st.st_dev, st.st_ino), _stamp(st)
             self._parse(fd, size)
             self._mm = self._map(fd, size)  # a file of only a header still maps fine: it is at least 8 bytes long
-        finally:
-            os.close(fd)
 
     def _map(self, fd: int, size: int):
         """The file mapped read-only. Python's mmap keeps a descriptor of its own, which tells a cut file from its
@@ -140,20 +138,18 @@ class SafetensorsFile:
         merge or pool, and 4 x 265 shards under a hard limit of 1024 were refused, where mergekit, which opens them
         lazily, merged them (an audit)."""
         with _KEPT_LOCK:  # the soft limit raised to the hard one first, where it can be
-            keep = _KEPT[0] < _descriptor_budget() or (more_open_files() and _KEPT[0] < _descriptor_budget())
-            _KEPT[0] += keep
-        if not keep:
-            return self._map_without_descriptor(fd, size)
-        try:  # EMFILE: the soft limit is raised once
-            mm = retry_out_of_files(lambda: mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
-        except OSError as exc:
-            _kept_closed()
-            if exc.errno == errno.EMFILE:  # the process's other files took the rest
-                return self._map_without_descriptor(fd, size)
-            # ENOMEM under an address-space limit: the error carries no file name
-            raise self._error(f"cannot map the file into memory: {exc.strerror or exc}") from None
-        weakref.finalize(mm, _kept_closed)
-        return mm
+            keep = len(_KEPT) < _descriptor_budget() or (more_open_files() and len(_KEPT) < _descriptor_budget())
+            if keep:
+                try:  # EMFILE: the soft limit is raised once
+                    mm = retry_out_of_files(lambda: mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+                except OSError as exc:
+                    if exc.errno != errno.EMFILE:  # ENOMEM under an address-space limit: the error names no file
+                        raise self._error(f"cannot map the file into memory: {exc.strerror or exc}") from None
+                    pass  # the process's other files took the rest: mapped without one, below
+                else:
+                    _KEPT.add(mm)
+                    return mm
+        return self._map_without_descriptor(fd, size)
 
     def _map_without_descriptor(self, fd: int, size: int) -> memoryview:
         """The file mapped by libc's mmap, read-only, as a memoryview that holds no descriptor: unmapped when the
@@ -359,11 +355,13 @@ class SafetensorsFile:
         n = min(n, info.nbytes - at)
         if n <= 0:
             return b""
+        fd = None
         try:
-            fd = open_regular(self.path)
-        except CheckpointError:  # deleted since, or no regular file there now (open_regular's words for OSError)
-            fd = None
-        try:
+            with held_signals(repeat_acts=False):  # (opened and kept, or neither)
+                try:
+                    fd = open_regular(self.path)
+                except CheckpointError:  # deleted since, or no regular file there now (open_regular's OSError)
+                    pass
             st = os.fstat(fd) if fd is not None else None
             if st is None or (st.st_dev, st.st_ino) != self.mapped_identity:
                 return bytes(mm[info.file_offset + at:info.file_offset + at + n])  # the mapped file's, which a merge reads
@@ -439,7 +437,10 @@ class SafetensorsFile:
                         "open the path again where it is needed")
 
 
-_KEPT, _KEPT_LOCK = [0], threading.Lock()  # live maps that keep a descriptor of their own
+# The live maps that keep a descriptor of their own, counted by what lives: a counter drifted up with every Ctrl-C
+# between its steps (and one inside its finalizer), until every map went without a descriptor (an audit).
+_KEPT: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()
+_KEPT_LOCK = threading.Lock()
 
 
 def _renew_kept_lock() -> None:
@@ -450,11 +451,6 @@ def _renew_kept_lock() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_kept_lock)
-
-
-def _kept_closed() -> None:
-    with _KEPT_LOCK:
-        _KEPT[0] -= 1
 
 
 def _descriptor_budget() -> int:

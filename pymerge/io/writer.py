@@ -41,7 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import (fitted_name, fsync_dir, kind_of, open_regular, out_location, remove_by_name,
+from pymerge.io.files import (fitted_name, fsync_dir, kind_of, out_location, regular_file, remove_by_name,
                               remove_empty_folders)
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 from pymerge.sizes import format_size
@@ -134,7 +134,7 @@ class ShardedWriter:
             else:
                 if part not in (None, 0):
                     raise ValueError(f"part {part}: only part 0 makes the temporary folder; the others join it")
-                self._made_parents = _make_parents(self.out_dir, out_dir)
+                _make_parents(self.out_dir, out_dir, self._made_parents)
                 self._open_tmp(force)
                 _LIVE.add(self)
             # Shard index -> fd, open only while a shard is being written: a model of more shards than the
@@ -457,20 +457,21 @@ class ShardedWriter:
         relname = relname if relname is not None else src.name
         path = self._extra_path(relname)
         self.sources.append(src)
-        fd = open_regular(src, InputError)  # a FIFO or a device: refused, never read
-        try:
-            # The copy is no more readable than the source (a 0600 file stays 0600), never executable.
-            mode = os.fstat(fd).st_mode & 0o666
-            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-            with os.fdopen(out, "wb") as f_out, os.fdopen(fd, "rb", closefd=False) as f_in:
-                shutil.copyfileobj(f_in, f_out, 1 << 20)
-                f_out.flush()
-                os.fsync(f_out.fileno())
-        except OSError as exc:
-            # both named: the source's read or the output's disk (full, say) may have failed
-            raise InputError(f"{src}: cannot copy it to {self.out_dir / relname}: {exc.strerror or exc}") from None
-        finally:
-            os.close(fd)
+        with regular_file(src, InputError) as fd:  # a FIFO or a device: refused, never read
+            try:
+                # The copy is no more readable than the source (a 0600 file stays 0600), never executable.
+                mode = os.fstat(fd).st_mode & 0o666
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                with held_signals(repeat_acts=False):  # owned by a file object at once (a raw fd leaked; an audit)
+                    f_out = os.fdopen(os.open(path, flags, mode), "wb")
+                with f_out, os.fdopen(fd, "rb", closefd=False) as f_in:
+                    shutil.copyfileobj(f_in, f_out, 1 << 20)
+                    f_out.flush()
+                    os.fsync(f_out.fileno())
+            except OSError as exc:
+                # both named: the source's read or the output's disk (full, say) may have failed
+                raise InputError(f"{src}: cannot copy it to {self.out_dir / relname}: {exc.strerror or exc}") \
+                    from None
         return path
 
     def _extra_path(self, relname: str) -> Path:
@@ -637,11 +638,14 @@ class ShardedWriter:
         """Discards the replaced model at old (nothing there after a plain rename), then unlists this writer's
         folders whatever happens: one still listed after an interrupt refused every later writer to OUT in this
         process, and a folder left unlisted is a stale one the next writer for OUT removes."""
-        try:
-            if os.path.lexists(old):
-                self._discard(old)
-        finally:
-            _OWNED.difference_update({os.path.abspath(self.tmp_dir), os.path.abspath(old)})
+        # as one step, finished where an interrupt lands (most of the old model stayed: an audit; one between the
+        # rename and the removal left all of it beside OUT: another); the interrupt is raised after
+        with held_signals(repeat_acts=False):
+            try:
+                if os.path.lexists(old):
+                    self._discard(old)
+            finally:
+                _OWNED.difference_update({os.path.abspath(self.tmp_dir), os.path.abspath(old)})
 
     def _discard(self, old: Path) -> None:
         """Removes the replaced model once OUT is installed: renamed to a name that only ever means
@@ -652,7 +656,7 @@ class ShardedWriter:
         why = "it holds a mount point"  # _remove_tree leaves such a folder, whole
         try:
             os.rename(old, gone)
-            _remove_whole(gone)  # finished where an interrupt lands inside (most of the old model stayed: an audit)
+            _remove_whole(gone)  # (finished where an interrupt lands inside, outside the main thread's held ones)
         except OSError as exc:  # said: a folder the user cannot delete stayed beside OUT for good, silently (an audit)
             why = exc.strerror or str(exc)
         left = gone if os.path.lexists(gone) else old
@@ -870,9 +874,10 @@ def _mount_point(out: Path) -> str:
             f"a mount point refuses; choose a folder inside it (e.g. {out / 'model'})")
 
 
-def _make_parents(out: Path, given) -> List[Path]:
-    """Makes OUT's missing parent folders, as mergekit does (os.makedirs): returns those made, outermost first,
-    which an aborted write removes again if they are still empty. A file where a folder should be is refused,
+def _make_parents(out: Path, given, made: List[Path]) -> None:
+    """Makes OUT's missing parent folders, as mergekit does (os.makedirs): lists those made in `made`, outermost
+    first, each as it is made (returned, a Ctrl-C before the caller kept them left them; an audit), which the
+    writer's abort removes again if they are still empty. A file where a folder should be is refused,
     and so is a link to nothing on the way as the user wrote it (out_location resolved it: an unmounted disk's
     link would have had the model written onto the filesystem below)."""
     missing, p = [], out.parent
@@ -885,9 +890,8 @@ def _make_parents(out: Path, given) -> List[Path]:
         for q in Path(os.path.abspath(os.fspath(given))).parents:
             if os.path.islink(q) and not os.path.exists(q):
                 raise InputError(f"{given}: {q} is a link to {os.readlink(q)}, which does not exist")
-    made: List[Path] = []
-    try:
-        for p in reversed(missing):
+    for p in reversed(missing):
+        with held_signals(repeat_acts=False):  # made and listed, or neither
             try:
                 os.mkdir(p)
             except FileExistsError:
@@ -897,10 +901,6 @@ def _make_parents(out: Path, given) -> List[Path]:
             except OSError as exc:
                 raise InputError(f"{out}: cannot create its parent folder {p}: {exc.strerror or exc}") from None
             made.append(p)
-    except BaseException:  # an interrupt too: nothing made is left behind
-        _remove_empty(made)
-        raise
-    return made
 
 
 def _remove_empty(folders: Sequence[Path]) -> None:

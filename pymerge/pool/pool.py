@@ -656,12 +656,12 @@ class CheckpointPool:
                     table.run(w[:n_groups] if w.shape[0] > 1 else w.expand(n_groups, *w.shape[1:]))
             if self.device.type == "cuda" and _capturing(self.device):  # a graph now reads its tables: kept alive
                 self._captured[id(entry)] = entry  # (after the launch: a refused capture pinned them for good)
-            _copy_back(entry.fixups)
+            _copy_back(entry.fixups, entry.plans)
             return into
         if kind == "cpu" and method != "linear":
             entry = self._one_call_method(method, tables, group_of, flat, groups, names, strict, into, seed, params)
             if entry is not None:
-                _copy_back(entry.fixups)
+                _copy_back(entry.fixups, entry.plans)
                 mark_written(entry.written)
                 return into
         plans = self._method_plans(method, into, group_of, names, strict, groups, flat)
@@ -671,7 +671,7 @@ class CheckpointPool:
                 self._run_linear(plans, tables)
             else:
                 self._run_method(method, plans, tables, seed, params)
-        _copy_back(f for p in plans for f in p.fixups)
+        _copy_back([f for p in plans for f in p.fixups], plans)
         mark_written(t for p in plans for t in p.targets)  # a backward through the old weights now raises
         return into
 
@@ -1289,15 +1289,24 @@ def _torch_writes(pool, plans):
         yield
 
 
-def _copy_back(fixups) -> None:
+def _copy_back(fixups: list, plans) -> None:
     """Each (temporary, transposed target) of the plans: the merge written into the target (an inference tensor's
-    inside inference mode, where torch lets it be written: the pool fills such a model wherever it is called)."""
-    for tmp, target in fixups:
-        if target.is_inference() and not torch.is_inference_mode_enabled():
-            with torch.inference_mode():
+    inside inference mode, where torch lets it be written: the pool fills such a model wherever it is called). The
+    other targets hold the merge already: an error or a Ctrl-C part way says how many do (a WritePass note; an
+    interrupt here left a partial merge unsaid: an audit)."""
+    if not fixups:
+        return
+    from pymerge.methods.base import WritePass
+    total = sum(len(p.outs) for p in plans)
+    with WritePass(total) as writes:
+        writes.written = total - len(fixups)
+        for tmp, target in fixups:
+            if target.is_inference() and not torch.is_inference_mode_enabled():
+                with torch.inference_mode():
+                    target.copy_(tmp)
+            else:
                 target.copy_(tmp)
-        else:
-            target.copy_(tmp)
+            writes.written += 1
 
 
 def _take(out: tuple, outs: list, dests: list, fixups: list) -> None:

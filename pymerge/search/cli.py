@@ -41,6 +41,7 @@ from pymerge.errors import InputError, one_line, short
 from pymerge.io.files import (hold_lock, kernel_folder, missing_folders, release_lock, remove_empty_folders,
                               repeated_model, text_path, unencodable)
 from pymerge.progress import say
+from pymerge.stop_signals import held_signals
 
 _TOP = {"sources", "base", "model", "evaluate", "device", "dtype", "memory_budget", "names", "method",
         "method_params", "search", "state_path", "out"}
@@ -463,8 +464,9 @@ def _search(args, cfg: dict, here: str) -> int:
     busy = f"out {out}: in use by another pymerge search; wait for it to finish or choose another out"
     try:
         # another search into OUT (as onto state_path, which optimize locks) is refused: one's results were lost
-        lock = hold_lock(out, busy, folder=True)  # (a failing search may remove it meanwhile: an empty file was
-        # made and locked in its place, and this search's results lost at its end; an audit)
+        with held_signals(repeat_acts=False):  # (taken and kept: a Ctrl-C between leaked the descriptor; an audit)
+            lock = hold_lock(out, busy, folder=True)  # (a failing search may remove it meanwhile: an empty file
+        # was made and locked in its place, and this search's results lost at its end; an audit)
         locked = True
         result = optimize(pool, evaluate, model=model, budget=s.get("budget", 200), popsize=s.get("popsize"),
                           sigma0=s.get("sigma0", 0.2), seed=s.get("seed", 0),

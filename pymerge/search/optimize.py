@@ -102,7 +102,8 @@ class SearchResult:
                                      f"({exc.strerror or exc})") from None
             staged = {k: os.path.join(stage, n) for k, n in names.items()}
             try:
-                lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
+                with held_signals(repeat_acts=False):  # (taken and kept)
+                    lock = hold_lock(stage, f"{stage}: in use", optional=True)  # a live save's: no sweep takes it
                 write_json(staged["json"], {
                     "best": {"index": self.best_index, "objective": self.best_objective, "scores": self.best_scores,
                              "weights": self.best_weights},
@@ -484,7 +485,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                          "state; choose another state_path")
     lock, models = None, []
     try:
-        lock = _lock_state(state_path)  # before the state is read; held until the search ends (an interrupt too)
+        with held_signals(repeat_acts=False):  # (taken and kept: a Ctrl-C between leaked the descriptor; an audit)
+            lock = _lock_state(state_path)  # before the state is read; held until the search ends (an interrupt too)
         state = _load_state(state_path, fingerprint, (g, n, dim))
         pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
         if state is None:
@@ -1009,8 +1011,9 @@ def _check_writable(path: Optional[str]) -> None:
     folder = kernel_folder(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".", suffix=".probe"):
-            pass
+        with held_signals(repeat_acts=False):  # made and removed, or neither (a Ctrl-C inside left it; an audit)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".", suffix=".probe"):
+                pass
     except OSError as exc:
         raise InputError(f"{path}: cannot write the search state there ({exc.strerror or exc})") from None
 
