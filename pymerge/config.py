@@ -434,6 +434,11 @@ def kind_of(spec) -> Any:
 
 def coerce(value, kind: type):
     """One scalar as mergekit's pydantic (lax mode) would take it; ValueError when it cannot."""
+    if kind is int:  # a count (karcher's max_iter): a number as for float (the method checks it is whole), but text
+        # must be an integer's, as pydantic parses one: "1e1" ran 10 iterations where mergekit refuses it (an audit)
+        if isinstance(value, str) and not re.fullmatch(r"[+-]?\d+(_\d+)*(\.0+)?", value.strip(), re.ASCII):
+            raise ValueError(f"{short(value)} is not an integer")
+        return coerce(value, float)
     if kind is float:
         if isinstance(value, str):
             try:  # Python's float as pydantic's: "1_000" but not "1__0" or "_1"; ASCII digits only (not "١")
@@ -486,7 +491,7 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float = 0.0, kind: t
         return None
     if all(_is_scalar(e) for e in setting):
         values = [coerce(e, kind) for e in setting]
-        if kind is not float:
+        if kind not in (float, int):
             return values[int(t * (len(values) - 1))]
         scaled = t * (len(values) - 1)
         i0 = int(scaled)

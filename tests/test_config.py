@@ -452,6 +452,13 @@ def test_numbers_and_booleans_in_strings_as_pydantic_takes_them():
     assert coerce("TRUE", bool) is True and coerce("off", bool) is False
     with pytest.raises(ValueError, match="is not a boolean"):
         coerce(" true ", bool)
+    # an integer's text (karcher's max_iter): "1e1" ran 10 iterations, which pydantic's int parsing refuses (an
+    # audit); numbers go through as floats (the method says a fractional count is not a whole number)
+    for text, value in (("10", 10.0), (" 1_000 ", 1000.0), ("-3", -3.0), ("+10.00", 10.0), (7, 7.0), (2.5, 2.5)):
+        assert coerce(text, int) == value
+    for text in ("1e1", "10.5", "10.", ".0", "1__0", "\u0661", "ten", ""):
+        with pytest.raises(ValueError, match="is not an integer"):
+            coerce(text, int)
 
 
 def test_residual_weight_takes_what_mergekit_takes():

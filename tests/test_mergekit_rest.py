@@ -781,6 +781,9 @@ def _bad(m4, m6):
         "arcee_no_base": ({"merge_method": "arcee_fusion", "models": [f1, f2]}, ["arcee_fusion", "base_model"]),
         "karcher_fractional_iter": ({"merge_method": "karcher", "models": [f1, f2], "parameters": {"max_iter": 2.5}},
                                     ["max_iter", "whole number"]),
+        # YAML reads 1e1 as text, which pydantic's int parsing refuses (it ran 10 iterations here: an audit)
+        "karcher_scientific_iter": ({"merge_method": "karcher", "models": [f1, f2], "parameters": {"max_iter": "1e1"}},
+                                    ["parameters.max_iter", "'1e1' is not an integer"]),
         "sce_mistyped_param": ({"merge_method": "sce", "base_model": b, "models": [f1],
                                 "parameters": {"select_top": 0.5}}, ["unknown parameter 'select_top'", "sce",
                                                                      "did you mean 'select_topk'"]),

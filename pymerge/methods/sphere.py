@@ -297,7 +297,7 @@ class Karcher(MergeMethod):
     base_model = "none"  # mergekit ignores the base role: a base_model is one more input
     min_models = 1
     global_params = {
-        "max_iter": Param(10, "maximum iterations of the mean"),
+        "max_iter": Param(10, "maximum iterations of the mean", kind=int),
         "tol": Param(1e-5, "stop when the tangent norm is below this"),
     }
     chunkable = False
