@@ -16,7 +16,9 @@ def held_signals(repeat_acts: bool = True):
     """Ctrl-C, SIGTERM, SIGHUP and SIGXCPU wait until the block ends, then act as they would have: the block's steps
     land together (the demo's three result files; a file made and its descriptor kept, which an interrupt between
     the two leaked: an audit's Ctrl-C storm). With repeat_acts, a second one acts at once (a user pressing Ctrl-C
-    again means it; for a block of a few system calls pass False). An error in the block goes on as itself.
+    again means it; for a block of a few system calls pass False: never one that may wait on another process). At
+    the end every one taken acts, the stop signals before Ctrl-C, and after an error in the block too (the error
+    then the interrupt's context).
     (Python handlers, not a signal mask: the process's other threads, torch's and the kernels', would take a masked
     signal and the main thread would still raise at once. Outside the main thread nothing raises: nothing is held.)"""
     held = (signal.SIGINT, *STOP_SIGNALS)
@@ -43,13 +45,12 @@ def held_signals(repeat_acts: bool = True):
         elif sig not in pending:
             pending.append(sig)
 
-    installed, failed, acted = [], True, None
+    installed, acted = [], None
     try:
         for sig in held:  # (inside the try: a SIGTERM raising as SIGINT was taken left Ctrl-C held for good; an audit)
             installed.append(sig)  # (listed first: giving back a handler never taken is harmless)
             signal.signal(sig, hold)
         yield
-        failed = False
     finally:
         for sig in installed:  # every one given back, even where one already given back acts meanwhile
             for _ in range(10):
@@ -61,5 +62,7 @@ def held_signals(repeat_acts: bool = True):
         released.append(True)
         if acted is not None:
             raise acted
-        if pending and not failed:
-            deliver(pending[0], None)
+        # every one, the stop signals first: a Ctrl-C acting first, caught by a caller that goes on, lost a SIGTERM
+        # (the process was not ended); and after an error, which a caller may take for harmless (a review)
+        for sig in sorted(pending, key=lambda sig: sig == signal.SIGINT):
+            deliver(sig, None)

@@ -536,14 +536,13 @@ def test_a_ctrl_c_as_a_side_file_is_copied_leaks_no_descriptor(tmp_path, monkeyp
         return fd
 
     fds = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(KeyboardInterrupt):
-        with ShardedWriter(tmp_path / "out", []) as w:
+    with pytest.raises(KeyboardInterrupt) as caught:  # (its traceback kept, as a notebook keeps the last one: the
+        with ShardedWriter(tmp_path / "out", []) as w:  # file object in its frames held the descriptor; a review)
             monkeypatch.setattr(os, "open", opened)
             w.copy_file(src)
     monkeypatch.undo()
-    import gc
-    gc.collect()
     assert sorted(os.listdir(tmp_path)) == ["tokenizer.json"] and len(os.listdir("/proc/self/fd")) == fds
+    assert caught.value.__traceback__ is not None
 
 
 @pytest.mark.parametrize("parent", ["a", "b"])
@@ -605,6 +604,37 @@ def test_a_ctrl_c_as_the_lock_is_released_leaves_no_lock_file_in_out(tmp_path, m
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["out"] and sorted(os.listdir(out)) == ["model.safetensors"]
     assert torch.equal(load_all(out)["a"], t["a"]) and len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_ctrl_c_stops_the_wait_for_the_new_lock_file(tmp_path, monkeypatch, ctrl_c):
+    """Another process probing the new lock file holds it, and the writer waits: that wait was held with the
+    signals (a review), so a Ctrl-C or SIGTERM could not stop a wait whose length a stopped process decided. It
+    stops it now, and the folder goes."""
+    real_flock, holder = writer_mod.fcntl.flock, []
+
+    class Fcntl:
+        LOCK_EX, LOCK_NB = writer_mod.fcntl.LOCK_EX, writer_mod.fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, op):
+            if op & writer_mod.fcntl.LOCK_NB and not holder:  # a probe takes the new file first, and keeps it
+                holder.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY))
+                real_flock(holder[0], writer_mod.fcntl.LOCK_EX)
+            return real_flock(fd, op)
+
+    monkeypatch.setattr(writer_mod, "fcntl", Fcntl)
+    timer = threading.Timer(0.3, ctrl_c)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ShardedWriter(tmp_path / "out", [("a", torch.float32, (1,))])
+        assert time.monotonic() - t0 < 5
+    finally:
+        timer.cancel()
+        for fd in holder:
+            os.close(fd)
+    assert os.listdir(tmp_path) == [] and not any(str(tmp_path) in p for p in writer_mod._OWNED)
 
 
 @pytest.mark.parametrize("fails, side_file", [(1, False), (2, False), (2, True)])

@@ -461,13 +461,17 @@ class ShardedWriter:
             try:
                 # The copy is no more readable than the source (a 0600 file stays 0600), never executable.
                 mode = os.fstat(fd).st_mode & 0o666
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-                with held_signals(repeat_acts=False):  # owned by a file object at once (a raw fd leaked; an audit)
-                    f_out = os.fdopen(os.open(path, flags, mode), "wb")
-                with f_out, os.fdopen(fd, "rb", closefd=False) as f_in:
-                    shutil.copyfileobj(f_in, f_out, 1 << 20)
-                    f_out.flush()
-                    os.fsync(f_out.fileno())
+                flags, f_out = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), None
+                try:  # opened and kept, closed by this finally (a raw fd leaked: an audit; one closed only with the
+                    with held_signals(repeat_acts=False):  # interrupt's traceback, a review)
+                        f_out = os.fdopen(os.open(path, flags, mode), "wb")
+                    with os.fdopen(fd, "rb", closefd=False) as f_in:
+                        shutil.copyfileobj(f_in, f_out, 1 << 20)
+                        f_out.flush()
+                        os.fsync(f_out.fileno())
+                finally:
+                    if f_out is not None:
+                        f_out.close()
             except OSError as exc:
                 # both named: the source's read or the output's disk (full, say) may have failed
                 raise InputError(f"{src}: cannot copy it to {self.out_dir / relname}: {exc.strerror or exc}") \
@@ -679,7 +683,9 @@ class ShardedWriter:
             _check_out(self.out_dir, force)
             tmp_dir = self.out_dir.parent / f"{_beside(self.out_dir, _TMP_TAG)}{os.getpid()}"
             self._check_space()
-            with held_signals(repeat_acts=False):  # made, listed and locked, or none of these (an audit's Ctrl-C storm)
+            # made, listed, known and its lock file open, or none of these: abort undoes each (a Ctrl-C between
+            # two of them left the folder, or listed it as this process's, refusing every later writer to OUT)
+            with held_signals(repeat_acts=False):
                 try:
                     os.mkdir(tmp_dir)
                 except FileExistsError:  # a live writer's (a stale one was swept above)
@@ -692,10 +698,10 @@ class ShardedWriter:
                 self.tmp_dir = tmp_dir  # (set once it is this writer's: abort unlists it)
                 _OWNED.add(os.path.abspath(tmp_dir))
                 try:
-                    self._lock_fd = _hold_lock(tmp_dir)
                     self._made = _identity(tmp_dir)  # install checks it is still this folder
-                except BaseException:  # an error here left it listed as this process's: every later writer to OUT
-                    try:               # in this process was refused (an audit)
+                    self._lock_fd, locked = _lock_file(tmp_dir)
+                except BaseException:  # (abort knows the folder by _made): removed and unlisted here
+                    try:
                         self._remove_tmp()
                     except OSError:  # left unlisted: the next writer for OUT sweeps it; the first error is raised
                         pass
@@ -703,6 +709,11 @@ class ShardedWriter:
                         self._release_lock()
                         _OWNED.discard(os.path.abspath(tmp_dir))
                     raise
+            if not locked:  # a sweep probing the new file holds it for an instant: wait for it, where a Ctrl-C
+                try:        # stops the wait (held, one held by a stopped process could not be: a review)
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                except OSError:  # no locks on this filesystem after all
+                    self._release_lock(tmp_dir)
 
     def abort(self) -> None:
         """Discards everything written so far. A no-op after commit or a previous abort."""
@@ -997,31 +1008,28 @@ def _abandoned(folder: str) -> bool:
     return abs(time.time() - made) > _LOCK_GRACE_S
 
 
-def _hold_lock(tmp_dir: Path) -> Optional[int]:
-    """Creates and locks tmp_dir's lock file; its fd, held while the writer lives (the kernel releases
-    the lock when the process dies, however it dies). None where the filesystem has no locks: the
-    file is removed, and peers judge the folder by its pid as before."""
+def _lock_file(tmp_dir: Path) -> Tuple[Optional[int], bool]:
+    """Creates tmp_dir's lock file and tries to lock it without waiting: (its fd, whether locked), the fd held
+    while the writer lives (the kernel releases the lock when the process dies, however it dies). Not locked: a
+    sweep probing the new file holds it for an instant, and the caller waits. (None, True) where the filesystem has
+    no locks: the file is removed, and peers judge the folder by its pid as before."""
     path = tmp_dir / _LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     except OSError:
-        return None
+        return None, True
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a sweep probing this new file holds it for an instant: wait for it
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, True
+    except BlockingIOError:
+        return fd, False
     except OSError:  # no locks on this filesystem (ENOLCK, EOPNOTSUPP...)
         os.close(fd)
         try:
             os.unlink(path)
         except OSError:
             pass
-        return None
-    except BaseException:  # a Ctrl-C while it waited: the caller removes the folder, and the fd is nobody's
-        os.close(fd)
-        raise
+        return None, True
 
 
 def _lock_held(folder: str) -> bool:
