@@ -25,6 +25,7 @@ pymerge/streaming.py); other methods, the GPU and a `--device auto` that may fin
 import copy
 import dataclasses
 import glob
+import importlib
 import math
 import numbers
 import os
@@ -51,6 +52,7 @@ from pymerge.default_device import factories_on_cpu
 from pymerge.lora import open_model
 from pymerge.methods.base import MergeMethod, TensorTask, check_magnitudes, get_method
 from pymerge.sizes import MAX_BYTES, MIN_CHUNK_BYTES, parse_size
+from pymerge.stop_signals import held_signals
 
 # Scratch memory per chunk in flight (3 in flight). CPU: the output chunk and casts; small enough
 # that the writer finds it still in cache. GPU: the pinned staging of inputs and output; big
@@ -364,6 +366,12 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
     torch_threads = None  # the caller's, given back at the end: a library caller trained on with N (an audit)
     bar = None
     try:
+        if "torch" not in sys.modules and any(streaming.uses_torch(part, device) for part in plan.parts):
+            # imported here, with Ctrl-C and the stop signals held: one landing while torch's C++ start-up ran
+            # Python code went through C++ and aborted the process (std::terminate, exit -6, the temporary folder
+            # left beside OUT; an audit)
+            with held_signals():
+                importlib.import_module("torch")
         if threads is not None and streaming.uses_torch(plan, device):
             import torch
             torch_threads = torch.get_num_threads()

@@ -469,6 +469,20 @@ def test_a_killed_runs_temporaries_do_not_block_the_next_run(tmp_path):
         _claim(str(out))
 
 
+def test_a_merged_folder_whose_removal_was_interrupted_is_still_the_demos(tmp_path):
+    """A run stopped while it removed an earlier merged/ (its weights file gone, config.json left) made every later
+    demo into that folder fail, exit 2, as if merged/ were someone else's (an audit). Under the marker it is the
+    demo's; a file the demo never writes there is still refused."""
+    out = tmp_path / "out"
+    os.close(run.claim_out(str(out)))
+    (out / "merged").mkdir()
+    (out / "merged" / "config.json").write_text("{}")
+    os.close(run.claim_out(str(out)))
+    (out / "merged" / "README.md").write_text("mine")
+    with pytest.raises(run.InputError, match=r"merged: holds README.md, which the demo did not write"):
+        run.claim_out(str(out))
+
+
 def test_a_ctrl_c_as_the_demo_locks_its_folder_leaves_it_free(tmp_path, monkeypatch, ctrl_c):
     """A Ctrl-C as the marker's lock was taken, before the try that releases it: the locked descriptor leaked, and
     every later demo into that --out in the process was refused as 'in use by another pymerge demo' (an audit). And

@@ -170,8 +170,10 @@ def _check_out(out: str) -> None:
                          "did not write; choose an empty or new --out (the demo replaces what is in its folder)")
     for sub, own_file in (("checkpoints", "manifest.json"), ("merged", "merge_weights.json")):
         path = os.path.join(out, sub)
-        # under the marker, checkpoints/ without its manifest is a save that was interrupted: still ours
-        interrupted = sub == "checkpoints" and MARKER in entries
+        # under the marker, checkpoints/ without its manifest is a save that was interrupted, and merged/ without
+        # its weights a removal that was (refused, every later demo into OUT failed: an audit); still ours
+        # (_check_merged still refuses any file in merged/ that the demo does not write)
+        interrupted = MARKER in entries
         if os.path.lexists(path) and (os.path.islink(path) or not os.path.isdir(path)
                                       or (os.listdir(path) and not interrupted
                                           and not os.path.isfile(os.path.join(path, own_file)))):
