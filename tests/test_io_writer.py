@@ -412,7 +412,7 @@ def test_an_interrupt_during_install_leaves_one_whole_model_and_says_which(tmp_p
         assert leftovers(tmp_path) == [] and torch.equal(load_all(out)["a"], t["a"])
 
 
-@pytest.mark.parametrize("where", ["_hold_lock", "_identity"])
+@pytest.mark.parametrize("where", ["_hold_lock", "_identity", "_LIVE"])
 def test_an_interrupt_while_the_temporary_folder_is_locked_leaves_nothing(tmp_path, monkeypatch, where):
     """Ctrl-C while the writer waited for its folder's lock file (a peer's sweep probing it) left the folder and
     an open descriptor, and the folder listed as this process's: every later writer to OUT in this process was
@@ -438,33 +438,17 @@ def test_an_interrupt_while_the_temporary_folder_is_locked_leaves_nothing(tmp_pa
             raise KeyboardInterrupt
         return real_identity(path)
 
+    class Interrupting:  # _LIVE: the first step after _open_tmp, before the try that aborted (the folder and its
+        @staticmethod    # lock stayed, listed as this process's: an audit's Ctrl-C storm)
+        def add(writer):
+            raise KeyboardInterrupt
+
     if where == "_hold_lock":
         monkeypatch.setattr(writer_mod, "fcntl", Fcntl)
+    elif where == "_LIVE":
+        monkeypatch.setattr(writer_mod, "_LIVE", Interrupting)
     else:
         monkeypatch.setattr(writer_mod, "_identity", identity)
-    fds = len(os.listdir("/proc/self/fd"))
-    t = {"a": torch.randn(3)}
-    with pytest.raises(KeyboardInterrupt):
-        write_all(out, t)
-    assert os.listdir(tmp_path) == [] and len(os.listdir("/proc/self/fd")) == fds
-    assert not any(str(tmp_path) in p for p in writer_mod._OWNED)
-    monkeypatch.undo()
-    write_all(out, t)
-    assert os.listdir(tmp_path) == ["out"] and torch.equal(load_all(out)["a"], t["a"])
-
-
-def test_an_interrupt_anywhere_in_the_constructor_leaves_nothing(tmp_path, monkeypatch):
-    """Ctrl-C just after the temporary folder was made and locked, before the try that aborted: the folder and its
-    lock stayed, listed as this process's, and every later writer to OUT in this process was refused as 'another
-    writer in this process' (an audit's Ctrl-C storm). Everything after the bookkeeping abort needs is covered."""
-    out = tmp_path / "out"
-
-    class Interrupting:
-        @staticmethod
-        def add(writer):
-            raise KeyboardInterrupt  # the first step after _open_tmp
-
-    monkeypatch.setattr(writer_mod, "_LIVE", Interrupting)
     fds = len(os.listdir("/proc/self/fd"))
     t = {"a": torch.randn(3)}
     with pytest.raises(KeyboardInterrupt):
