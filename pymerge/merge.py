@@ -369,8 +369,8 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
         if "torch" not in sys.modules and any(streaming.uses_torch(part, device) for part in plan.parts):
             # imported here, with Ctrl-C and the stop signals held: one landing while torch's C++ start-up ran
             # Python code went through C++ and aborted the process (std::terminate, exit -6, the temporary folder
-            # left beside OUT; an audit)
-            with held_signals():
+            # left beside OUT; an audit). A second one too: none acts until torch is in (a review)
+            with held_signals(repeat_acts=False):
                 importlib.import_module("torch")
         if threads is not None and streaming.uses_torch(plan, device):
             import torch
