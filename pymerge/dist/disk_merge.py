@@ -99,7 +99,7 @@ def run_ranks(arguments, out_dir, *, force: bool, quiet: bool, progress=None, co
     state = {}  # what the steps build: plan, parts, writer
     ours = not _group_exists()  # a group there after the join and not before is this merge's to leave (a
     try:                        # Ctrl-C as the join returned, before this try, left it joined; an audit)
-        dist, group, _ = _process_group("cpu" if args is None else args.device, timeout_s)
+        dist, group = _process_group("cpu" if args is None else args.device, timeout_s)
         rank, world = dist.get_rank(), dist.get_world_size()
         if args is not None:
             device, chunk_bytes, out_shard_size, random_seed = (args.device, args.chunk_bytes, args.out_shard_size,
@@ -268,7 +268,7 @@ def refuse(message: str) -> None:
         raise InputError(f"rank {dist.get_rank()} refused its {message}")
     ours = not _group_exists()
     try:
-        dist, group, _ = _process_group("cpu", _timeout_or_default()[0])
+        dist, group = _process_group("cpu", _timeout_or_default()[0])
         _agree(step, dist, group)
     except (InputError, DistributedError):
         pass  # this rank's own error, one that cannot join, or a group lost meanwhile: it exits with its usage error
@@ -435,12 +435,13 @@ def _agree(step, dist, group, lost: Optional[str] = "nothing was written") -> li
 
 
 def _process_group(device: str, timeout_s: float):
-    """(torch.distributed, the group agreements use, whether we initialized it)."""
+    """(torch.distributed, the group agreements use: None for the default one). Whether it joined is known by
+    _group_exists, before and after (its callers leave a group that was not there before)."""
     import torch.distributed as dist
     timeout = timedelta(seconds=timeout_s)
     if dist.is_initialized():  # the caller's group; agreements need a CPU (gloo) side
         cpu = "cpu" in [d.type for d in dist.group.WORLD._device_types] or dist.get_backend() == "gloo"
-        return dist, (None if cpu else dist.new_group(backend="gloo", timeout=timeout)), False
+        return dist, (None if cpu else dist.new_group(backend="gloo", timeout=timeout))
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
     if missing:
         raise InputError(f"a distributed merge needs {', '.join(missing)} set: launch it with torchrun, or set "
@@ -466,7 +467,7 @@ def _process_group(device: str, timeout_s: float):
         raise DistributedError(f"rank {rank} of {world} cannot join the process "
                                f"group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: "
                                f"{exception_line(exc)}") from None
-    return dist, None, True
+    return dist, None
 
 
 @contextlib.contextmanager

@@ -143,9 +143,10 @@ class SafetensorsFile:
                 try:  # EMFILE: the soft limit is raised once
                     mm = retry_out_of_files(lambda: mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
                 except OSError as exc:
-                    if exc.errno != errno.EMFILE:  # ENOMEM under an address-space limit: the error names no file
+                    # EMFILE: the process's other files took the rest, mapped without one below; ENOMEM under an
+                    # address-space limit: the error names no file
+                    if exc.errno != errno.EMFILE:
                         raise self._error(f"cannot map the file into memory: {exc.strerror or exc}") from None
-                    pass  # the process's other files took the rest: mapped without one, below
                 else:
                     _KEPT.add(mm)
                     return mm

@@ -344,10 +344,8 @@ class CheckpointPool:
         (its mtime moved) since this pool read it, else None: a result that names the files (a search's best_merge.yml) would then
         not rebuild what the pool merged (the host tiers hold copies, and the mmap tier's guard sees only
         writes into the file it maps)."""
-        for p, ident, was in self._files:
-            try:
-                st = os.stat(p)
-            except OSError:
+        for p, ident, was, st in self._files_now():
+            if st is None:
                 return f"{p}: removed since the pool read it"
             if (st.st_dev, st.st_ino) != ident:
                 return f"{p}: replaced by another file since the pool read it"
@@ -361,15 +359,20 @@ class CheckpointPool:
         rewrite that put the modification time back (touch -r, cp -p, an unzip keeping times), which changed_file
         cannot tell from them and which made a search's best_merge.yml build another merge than the one scored,
         silently (an audit). Worth a warning, not a refusal."""
+        for p, ident, was, st in self._files_now():
+            if st is not None and (st.st_dev, st.st_ino) == ident and was is not None and stamp(st)[1:] != was[1:]:
+                return (f"{p}: its change time moved since the pool read it (a chmod or a new link; or a rewrite "
+                        f"that put its modification time back, and then what names it builds another merge)")
+        return None
+
+    def _files_now(self):
+        """(path, (device, inode) and stamp when read, os.stat now or None where it is gone) of each file read."""
         for p, ident, was in self._files:
             try:
                 st = os.stat(p)
             except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == ident and was is not None and stamp(st)[1:] != was[1:]:
-                return (f"{p}: its change time moved since the pool read it (a chmod or a new link; or a rewrite "
-                        f"that put its modification time back, and then what names it builds another merge)")
-        return None
+                st = None
+            yield p, ident, was, st
 
     @classmethod
     @factories_on_cpu
