@@ -47,7 +47,10 @@ def _parse_text(text: str, what: str) -> Decimal:
     m = _NUMBER.fullmatch(s)
     if not m or m.group(3) not in UNITS:
         raise InputError(f"{what}: {short(text)} is not a size ({_HINT})")
-    number = Decimal(m.group(1) + (m.group(2) or ""))
+    try:
+        number = Decimal(m.group(1) + (m.group(2) or ""))
+    except InvalidOperation:  # an exponent of 19 or more digits is past what Decimal holds
+        raise InputError(f"{what}: {short(text)} is not a size ({_HINT})") from None
     return number * UNITS[m.group(3)] if number.adjusted() < 100 else number  # 1e999999: huge already
 
 

@@ -45,7 +45,8 @@ def test_sizes_mean_the_same_in_the_cli_and_the_pool(text, value):
 
 
 @pytest.mark.parametrize("text", ["1e400", "1e30", "9" * 400, ".", "", "GB", "-1", "5 parsecs", "nan",
-                                  float("inf"), float("nan"), 10**400, True, None, [1], "1e999999999"])
+                                  float("inf"), float("nan"), 10**400, True, None, [1], "1e999999999",
+                                  "1e9999999999999999999", "1e-99999999999999999999", "0e9999999999999999999"])
 def test_bad_sizes_are_input_errors(text):
     with pytest.raises(InputError) as e:
         parse_size(text, "memory_budget")
