@@ -1060,6 +1060,78 @@ def test_a_pool_sent_to_another_process_still_merges_here(compress, method):
         assert all(torch.equal(got[k], changed[k]) for k in want)
 
 
+_SEND_WHILE_MERGING = """
+import sys, threading, torch
+from multiprocessing.reduction import ForkingPickler
+from pymerge.pool import CheckpointPool
+g = torch.Generator().manual_seed(0)
+base = {"a": torch.randn(1 << 20, generator=g), "b": torch.randn(1021, 37, generator=g)}
+srcs = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+method, kw = sys.argv[1], ({} if sys.argv[1] == "linear" else {"density": 0.5})
+for _ in range(6):
+    pool = CheckpointPool(srcs, base=base, residency="host")
+    into = {k: torch.empty_like(v) for k, v in base.items()}
+    want = {k: v.clone() for k, v in pool.materialize([0.2, 0.5, 0.3], into=into, method=method, **kw).items()}
+    sender = threading.Thread(target=ForkingPickler.dumps, args=(pool,))
+    sender.start()
+    while sender.is_alive():
+        got = pool.materialize([0.2, 0.5, 0.3], into=into, method=method, **kw)
+        assert all(torch.equal(got[k], want[k]) for k in want), "wrong merge"
+    sender.join()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_pool_pickled_for_another_process_while_it_merges_is_not_read_freed(tmp_path, method):
+    """A pool sent to another process from a background thread (a Queue's feeder, ProcessPoolExecutor.submit):
+    torch's pickler moved its tensors into shared memory while the caller's next merge read them natively, a
+    use-after-free (a segfault at the first try; an audit). The pickling waits for the merge, and the next merge
+    for the pickling. In a process of its own: the old code crashed it."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _SEND_WHILE_MERGING, method], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_child_forked_while_another_thread_merges_can_merge():
+    """The lock a merge holds against a pickling (above) was inherited held by a child forked meanwhile: the
+    child's first merge waited for good. A weight whose __float__ waits holds a thread inside a merge here."""
+    import signal
+    import threading
+    g = torch.Generator().manual_seed(0)
+    srcs = [{"a": torch.randn(4099, generator=g)} for _ in range(3)]
+    pool = CheckpointPool(srcs, residency="host")
+    want = pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(4099)})["a"]
+    inside, release = threading.Event(), threading.Event()
+
+    class Slow(float):
+        def __float__(self):
+            inside.set()
+            release.wait(60)
+            return 0.2
+    merging = threading.Thread(target=pool.materialize, args=([Slow(0.2), 0.3, 0.5], {"a": torch.empty(4099)}))
+    merging.start()
+    try:
+        assert inside.wait(60)
+        pid = os.fork()
+        if pid == 0:  # the child: a merge, or SIGALRM after 20 s
+            try:
+                signal.alarm(20)
+                got = pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(4099)})["a"]
+                os._exit(0 if torch.equal(got, want) else 3)
+            finally:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        merging.join(60)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert torch.equal(pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(4099)})["a"], want)
+
+
 @pytest.mark.parametrize("how", ["pickle", "forking pickler", "deepcopy"])
 def test_a_tensor_handed_out_stays_watched_after_the_pool_is_pickled(how):
     """A pickling made the pool note its tensors again, and that forgot the ones tensor() had handed out: one freed

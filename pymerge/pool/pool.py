@@ -10,12 +10,15 @@ every tensor written has its autograd version counter bumped, as a torch in-plac
 import contextlib
 import functools
 import os
+import pickle
 import re
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -85,6 +88,44 @@ def _checks_mapped_files(merge):
     return checked
 
 
+_LOCKED_POOLS: "weakref.WeakSet[CheckpointPool]" = weakref.WeakSet()
+
+
+def _fresh_locks() -> None:
+    """A forked child has only the forking thread: a lock another thread held at the fork would be held for good
+    (the child's first merge hung). Each pool takes a new one at its next call."""
+    for pool in list(_LOCKED_POOLS):
+        pool.__dict__.pop("_in_use_lock", None)
+    _LOCKED_POOLS.clear()
+
+
+os.register_at_fork(after_in_child=_fresh_locks)
+
+
+def _exclusive(call):
+    """No pickling for another process while the call reads the pool's tensors (see _reduce_for_processes)."""
+    @functools.wraps(call)
+    def exclusive(self, *args, **kwargs):
+        with self._in_use:
+            return call(self, *args, **kwargs)
+    return exclusive
+
+
+def _reduce_for_processes(pool: "CheckpointPool"):
+    """A pool sent to another process (a Queue, an executor's submit, a spawned Process's arguments): torch's
+    reducers move each tensor sent into shared memory, in place, and a Queue's or an executor's background thread
+    runs them, so the caller's next materialize, already running, read the freed memory (a segfault; an audit).
+    The whole state is pickled here, its tensors moved, while no call of the pool runs; the next call notes them."""
+    with pool._in_use:
+        return _rebuild_sent, (type(pool), bytes(ForkingPickler.dumps(pool.__getstate__())))
+
+
+def _rebuild_sent(cls, data: bytes) -> "CheckpointPool":
+    pool = cls.__new__(cls)
+    pool.__setstate__(pickle.loads(data))
+    return pool
+
+
 def _caller_level() -> int:
     """warnings.warn's stacklevel of the first frame outside pymerge (the caller's line, whichever path led here)."""
     package, level, frame = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 2, sys._getframe(2)
@@ -137,6 +178,19 @@ class CheckpointPool:
     _folders: list = []  # the model folders among its sources (their index and config are theirs too)
     _saved_file: tuple = ()  # a loaded pool's: (path, (device, inode)) of the file it was loaded from
     _lent_ids: frozenset = frozenset()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ForkingPickler.register(cls, _reduce_for_processes)  # (its table matches types exactly, not subclasses)
+
+    @property
+    def _in_use(self) -> threading.RLock:
+        """Held by the calls that read the pool's tensors, and while they are pickled for another process."""
+        lock = self.__dict__.get("_in_use_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_in_use_lock", threading.RLock())  # (atomic: one lock if two threads race)
+            _LOCKED_POOLS.add(self)
+        return lock
 
     def __new__(cls, *args, shard_like=None, **kwargs):
         if shard_like is None and "names" in kwargs:
@@ -249,6 +303,7 @@ class CheckpointPool:
                              "cannot be copied or pickled; build another from the same sources")
         self._check_borrowed()  # a copy freed or moved before: refused now, so any move from here on is the pickler's
         state = dict(self.__dict__, _sent=False)
+        state.pop("_in_use_lock", None)  # (a copy takes a lock of its own)
         if "_plan_cache" in state:
             state["_plan_cache"], state["_selection"] = grouped.PlanCache(), self._selection_cache()
         self._sent = True  # torch's pickler may now move the tensors in state: _check_borrowed looks again
@@ -304,6 +359,7 @@ class CheckpointPool:
         """Per tensor and checkpoint: format, bytes held, measured relative error of the delta."""
         return self._require_compressed().report()
 
+    @_exclusive
     def save(self, path, overwrite: bool = False) -> None:
         """Writes a compressed pool to one .safetensors file; CheckpointPool.load(path) restores it."""
         store = self._require_compressed()
@@ -589,6 +645,7 @@ class CheckpointPool:
                                      strict=strict, seed=seed, method_params=method_params, **params)[0]
 
     @factories_on_cpu
+    @_exclusive
     @_checks_mapped_files
     def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
                          normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
@@ -1105,6 +1162,9 @@ class CheckpointPool:
             # closed on the way out: an error's traceback kept the generator, and one tensor's copies, alive)
             with contextlib.closing(pairs()) as each:
                 merge_prepared(m, each, sum(len(tasks) for tasks in groups))
+
+
+ForkingPickler.register(CheckpointPool, _reduce_for_processes)  # (subclasses: __init_subclass__)
 
 
 @contextlib.contextmanager
