@@ -647,9 +647,92 @@ def test_a_target_that_calls_the_pool_while_it_is_planned_is_refused_not_deadloc
             pool.materialize([0.2, 0.3, 0.5], into=linears(1, seed=3)[0])
             return super().items()
     target = Calling({k: torch.empty_like(v) for k, v in models[0].state_dict().items()})
-    with pytest.raises(InputError, match="the pool was called again while it planned a call"):
+    with pytest.raises(InputError, match="the pool was called again while it (merged|planned a call)"):
         pool.materialize([0.2, 0.3, 0.5], into=target)
     pool.materialize([0.2, 0.3, 0.5], into=linears(1, seed=4)[0])  # the pool still works
+
+
+def _finished(call, seconds=60):
+    """call() in a daemon thread: what it raised (None if nothing), or a failure if it is still waiting."""
+    import threading
+    raised = []
+
+    def run():
+        try:
+            call()
+            raised.append(None)
+        except Exception as exc:  # noqa: BLE001 - what it raised is what is tested
+            raised.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "waited for good"
+    return raised[0]
+
+
+def _mode_calling(at, then):
+    """A TorchFunctionMode whose handler runs then() once, at the first torch function named `at`."""
+    from torch.overrides import TorchFunctionMode
+    fired = []
+
+    class Calling(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if at in str(func) and not fired:
+                fired.append(func)
+                then()
+            return func(*args, **(kwargs or {}))
+    return Calling(), fired
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_torch_mode_calling_the_pool_while_it_merges_is_refused_not_deadlocked(warm):
+    """A torch mode (or a target's parameter's __torch_function__) calling the pool again from inside a call: where
+    the targets' plans were cached, the cache checked them under its lock and the inner call waited for it for
+    good (an audit; cold, it was refused)."""
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    target = linears(1, seed=3)[0]
+    if warm:
+        pool.materialize([0.2, 0.3, 0.5], into=target)
+    mode, fired = _mode_calling("data_ptr", lambda: pool.materialize([0.5, 0.3, 0.2], into=linears(1, seed=4)[0]))
+
+    def call():
+        with mode:
+            pool.materialize([0.2, 0.3, 0.5], into=target)
+    exc = _finished(call)
+    assert fired and isinstance(exc, InputError) and "the pool was called again while it" in str(exc)
+    pool.materialize([0.2, 0.3, 0.5], into=target)  # the pool still works
+    assert_is(target, reference(models, [0.2, 0.3, 0.5]))
+
+
+def test_a_search_run_from_inside_a_call_of_its_pool_is_refused_not_deadlocked():
+    """A search started from a torch mode while the pool planned a call: its merge was refused, then its clean-up
+    (the plan cache's forget) waited for the lock this thread held, for good (an audit)."""
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    mode, fired = _mode_calling("data_ptr", lambda: pymerge.search.optimize(pool, lambda m: 0.0, linears(1, seed=5)[0],
+                                                                            budget=4, popsize=2, log=None))
+
+    def call():
+        with mode:
+            pool.materialize([0.2, 0.3, 0.5], into=linears(1, seed=3)[0])
+    exc = _finished(call)
+    assert fired and isinstance(exc, InputError) and "the pool was called again while it" in str(exc)
+
+
+def test_a_torch_mode_merging_into_the_same_model_between_tensors_is_refused():
+    """Under a torch mode the pool's writes go through torch.ops one tensor at a time, and a handler that merged
+    other weights into the same model between them was let in: the call returned normally with some tensors
+    holding the handler's merge (an audit). The inner call is refused, and the outer says what it wrote."""
+    models = linears()
+    pool = CheckpointPool([m.state_dict() for m in models])
+    target = linears(1, seed=3)[0]
+    mode, fired = _mode_calling("pymerge", lambda: pool.materialize([0.8, 0.1, 0.1], into=target))
+    with mode, pytest.raises(InputError, match="the pool was called again while it merged"):
+        pool.materialize([0.2, 0.3, 0.5], into=target, names=lambda n: n)  # (a function: tensor by tensor)
+    assert fired
+    pool.materialize([0.2, 0.3, 0.5], into=target)
+    assert_is(target, reference(models, [0.2, 0.3, 0.5]))
 
 
 def test_task_arithmetic_normalize_may_be_a_numpy_bool():

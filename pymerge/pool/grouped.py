@@ -218,9 +218,7 @@ class PlanCache:
         given, turns this process's finding (its valid entry, or None) into the one every process takes alike
         (a ShardedPool's ranks): whether to use it."""
         key = (tuple(map(id, into)),) + key
-        if getattr(self._planning, "active", False):  # would wait for the lock this thread holds: forever
-            raise InputError("the pool was called again while it planned a call (from a target's own code: its "
-                             "items(), named_parameters() or a property); nothing was written")
+        self._refuse_reentry()
         try:
             with self._lock:  # the lock's own (C) enter and exit: a Ctrl-C in a Python-level __exit__, before its
                 try:  # try, left it held and every later call waiting forever (an audit)
@@ -233,6 +231,13 @@ class PlanCache:
         finally:
             if self._dead:  # a finalizer that found the lock taken after that eviction: its entry goes now
                 self._try_evict()
+
+    def _refuse_reentry(self) -> None:
+        """A call from the thread holding the lock (a target's own code run while it plans or checks an entry, a
+        torch mode) would wait for it forever."""
+        if getattr(self._planning, "active", False) or self._owner == threading.get_ident():
+            raise InputError("the pool was called again while it planned a call (from a target's own code: its "
+                             "items(), named_parameters() or a property, or a torch mode); nothing was written")
 
     def _entry(self, key, into, build, targets_of, make_table, agree) -> _Entry:
         """entry()'s work, under the lock."""
@@ -274,6 +279,7 @@ class PlanCache:
     def forget(self, targets) -> None:
         """Drops the entries written into any of targets (a search's replicas, once it is done with them)."""
         ids = set(map(id, targets))
+        self._refuse_reentry()
         with self._lock:
             for key in [k for k in self._entries if ids.intersection(k[0])]:
                 self._drop(key)
@@ -282,6 +288,7 @@ class PlanCache:
             self._try_evict()
 
     def clear(self) -> None:
+        self._refuse_reentry()
         with self._lock:
             for key in list(self._entries):
                 self._drop(key)

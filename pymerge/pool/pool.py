@@ -29,6 +29,7 @@ from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.default_device import factories_on_cpu
+from pymerge.forks import renew_after_fork
 from pymerge.io.sigbus import MappingGuard, identity, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import (address_problem, backing_problem, kind_problem, negated_problem, overlap_problem,
@@ -88,25 +89,37 @@ def _checks_mapped_files(merge):
     return checked
 
 
-_LOCKED_POOLS: "weakref.WeakSet[CheckpointPool]" = weakref.WeakSet()
+class _Calls:
+    """One call of a pool at a time, and none while it is pickled for another process (_reduce_for_processes);
+    the holding thread known, so that a call from inside a call (a weight's __float__, a names= function, a torch
+    mode) is refused rather than waited for (or let in, mixing two merges in one model; an audit)."""
 
+    def __init__(self):
+        self.lock, self.owner = threading.Lock(), None
+        renew_after_fork(self)
 
-def _fresh_locks() -> None:
-    """A forked child has only the forking thread: a lock another thread held at the fork would be held for good
-    (the child's first merge hung). Each pool takes a new one at its next call."""
-    for pool in list(_LOCKED_POOLS):
-        pool.__dict__.pop("_in_use_lock", None)
-    _LOCKED_POOLS.clear()
+    def _after_fork(self) -> None:  # another thread may have held it at the fork (the child's first merge hung)
+        if self.owner != threading.get_ident():
+            self.lock, self.owner = threading.Lock(), None
 
-
-os.register_at_fork(after_in_child=_fresh_locks)
+    @contextlib.contextmanager
+    def held(self, what: str):
+        if self.owner == threading.get_ident():
+            raise InputError(f"the pool was called again while it merged (from a weight or parameter, a names= or "
+                             f"groups= function, a target's own code or a torch mode): {what}")
+        with self.lock:  # (the lock's own C enter and exit: an interrupt cannot leave it held)
+            try:
+                self.owner = threading.get_ident()
+                yield
+            finally:
+                self.owner = None
 
 
 def _exclusive(call):
-    """No pickling for another process while the call reads the pool's tensors (see _reduce_for_processes)."""
+    """A call that reads the pool's tensors: one at a time (_Calls)."""
     @functools.wraps(call)
     def exclusive(self, *args, **kwargs):
-        with self._in_use:
+        with self._calls.held("the inner call wrote nothing"):
             return call(self, *args, **kwargs)
     return exclusive
 
@@ -116,7 +129,7 @@ def _reduce_for_processes(pool: "CheckpointPool"):
     reducers move each tensor sent into shared memory, in place, and a Queue's or an executor's background thread
     runs them, so the caller's next materialize, already running, read the freed memory (a segfault; an audit).
     The whole state is pickled here, its tensors moved, while no call of the pool runs; the next call notes them."""
-    with pool._in_use:
+    with pool._calls.held("it cannot be sent to another process from there"):
         return _rebuild_sent, (type(pool), bytes(ForkingPickler.dumps(pool.__getstate__())))
 
 
@@ -184,13 +197,9 @@ class CheckpointPool:
         ForkingPickler.register(cls, _reduce_for_processes)  # (its table matches types exactly, not subclasses)
 
     @property
-    def _in_use(self) -> threading.RLock:
-        """Held by the calls that read the pool's tensors, and while they are pickled for another process."""
-        lock = self.__dict__.get("_in_use_lock")
-        if lock is None:
-            lock = self.__dict__.setdefault("_in_use_lock", threading.RLock())  # (atomic: one lock if two threads race)
-            _LOCKED_POOLS.add(self)
-        return lock
+    def _calls(self) -> _Calls:
+        calls = self.__dict__.get("_calls_lock")
+        return calls if calls is not None else self.__dict__.setdefault("_calls_lock", _Calls())  # (one if two race)
 
     def __new__(cls, *args, shard_like=None, **kwargs):
         if shard_like is None and "names" in kwargs:
@@ -303,7 +312,7 @@ class CheckpointPool:
                              "cannot be copied or pickled; build another from the same sources")
         self._check_borrowed()  # a copy freed or moved before: refused now, so any move from here on is the pickler's
         state = dict(self.__dict__, _sent=False)
-        state.pop("_in_use_lock", None)  # (a copy takes a lock of its own)
+        state.pop("_calls_lock", None)  # (a copy takes a lock of its own)
         if "_plan_cache" in state:
             state["_plan_cache"], state["_selection"] = grouped.PlanCache(), self._selection_cache()
         self._sent = True  # torch's pickler may now move the tensors in state: _check_borrowed looks again
