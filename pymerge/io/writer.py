@@ -419,6 +419,9 @@ class ShardedWriter:
         if not mv.c_contiguous:
             raise ValueError(f"tensor {name!r}: chunk must be a contiguous CPU buffer")
         kind = getattr(getattr(obj, "dtype", None), "kind", None)
+        if kind is not None and str(getattr(obj.dtype, "str", ""))[:1] == ">":  # safetensors is little-endian
+            raise ValueError(f"tensor {name!r}: a big-endian {obj.dtype.name} array; give it in little-endian order "
+                             "(numpy: .astype(a.dtype.newbyteorder('<')))")
         if kind == "f" and obj.dtype.name != slot.dtype:
             raise ValueError(f"tensor {name!r}: dtype {obj.dtype.name} but the plan says {slot.dtype}")
         if mv.nbytes % slot.itemsize:
