@@ -14,6 +14,7 @@ import pickle
 import re
 import sys
 import threading
+from threading import get_ident
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -70,23 +71,21 @@ def _guard_mapped(sources) -> MappingGuard:
         return MappingGuard(())
 
 
-def _checks_mapped_files(merge):
-    """Before and after every merge (or its failure): raises if a mapped checkpoint shrank, since a merge
-    then reads zeros past its new end, or was rewritten in place (the mmap tier reads the maps on every
-    call). Before too, with a stat of each file: a file changed between two calls is refused unwritten."""
-    incomplete = "the models merged into are incomplete, and this pool cannot merge again: build a new one"
+_INCOMPLETE = "the models merged into are incomplete, and this pool cannot merge again: build a new one"
 
-    @functools.wraps(merge)
-    def checked(self, *args, **kwargs):
-        self._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one", sizes=True)
-        try:
-            out = merge(self, *args, **kwargs)
-        except Exception:  # a KeyboardInterrupt passes as it is
-            self._guard.check(then=incomplete, sizes=True)
-            raise
-        self._guard.check(then=incomplete, sizes=True)
-        return out
-    return checked
+
+def _checking_mapped_files(pool: "CheckpointPool", merge, args: tuple, kwargs: dict):
+    """merge(pool, *args, **kwargs), and before and after it (or its failure) raises if a mapped checkpoint shrank,
+    since a merge then reads zeros past its new end, or was rewritten in place (the mmap tier reads the maps on every
+    call). Before too, with a stat of each file: a file changed between two calls is refused unwritten."""
+    pool._guard.check(then="nothing was merged, and this pool cannot merge again: build a new one", sizes=True)
+    try:
+        out = merge(pool, *args, **kwargs)
+    except Exception:  # a KeyboardInterrupt passes as it is
+        pool._guard.check(then=_INCOMPLETE, sizes=True)
+        raise
+    pool._guard.check(then=_INCOMPLETE, sizes=True)
+    return out
 
 
 class _Calls:
@@ -99,29 +98,32 @@ class _Calls:
         renew_after_fork(self)
 
     def _after_fork(self) -> None:  # another thread may have held it at the fork (the child's first merge hung)
-        if self.owner != threading.get_ident():
+        if self.owner != get_ident():
             self.lock, self.owner = threading.Lock(), None
 
-    @contextlib.contextmanager
-    def held(self, what: str):
-        if self.owner == threading.get_ident():
-            raise InputError(f"the pool was called again while it merged (from a weight or parameter, a names= or "
-                             f"groups= function, a target's own code or a torch mode): {what}")
-        with self.lock:  # (the lock's own C enter and exit: an interrupt cannot leave it held)
-            try:
-                self.owner = threading.get_ident()
-                yield
-            finally:
-                self.owner = None
 
-
-def _exclusive(call):
-    """A call that reads the pool's tensors: one at a time (_Calls)."""
+def _exclusive(call, merges: bool = False):
+    """A call that reads the pool's tensors: one at a time (_Calls); a merge (merges=True) checks the mapped files
+    too. Inline, as lean as it can be: it is on the hot path (a context manager, or one more wrapper taking the
+    call's arguments again, cost 2-5 us of its 65)."""
     @functools.wraps(call)
-    def exclusive(self, *args, **kwargs):
-        with self._calls.held("the inner call wrote nothing"):
-            return call(self, *args, **kwargs)
+    def exclusive(pool, *args, **kwargs):
+        calls, me = pool.__dict__.get("_calls_lock") or pool._calls, get_ident()
+        if calls.owner == me:
+            raise InputError("the pool was called again while it merged (from a weight or parameter, a names= or "
+                             "groups= function, a target's own code or a torch mode); the inner call did nothing")
+        with calls.lock:  # (the lock's own C enter and exit: an interrupt cannot leave it held)
+            try:
+                calls.owner = me
+                return _checking_mapped_files(pool, call, args, kwargs) if merges else call(pool, *args, **kwargs)
+            finally:
+                calls.owner = None
     return exclusive
+
+
+@_exclusive
+def _pickled(pool: "CheckpointPool") -> bytes:
+    return bytes(ForkingPickler.dumps(pool.__getstate__()))
 
 
 def _reduce_for_processes(pool: "CheckpointPool"):
@@ -129,8 +131,7 @@ def _reduce_for_processes(pool: "CheckpointPool"):
     reducers move each tensor sent into shared memory, in place, and a Queue's or an executor's background thread
     runs them, so the caller's next materialize, already running, read the freed memory (a segfault; an audit).
     The whole state is pickled here, its tensors moved, while no call of the pool runs; the next call notes them."""
-    with pool._calls.held("it cannot be sent to another process from there"):
-        return _rebuild_sent, (type(pool), bytes(ForkingPickler.dumps(pool.__getstate__())))
+    return _rebuild_sent, (type(pool), _pickled(pool))
 
 
 def _rebuild_sent(cls, data: bytes) -> "CheckpointPool":
@@ -654,8 +655,7 @@ class CheckpointPool:
                                      strict=strict, seed=seed, method_params=method_params, **params)[0]
 
     @factories_on_cpu
-    @_exclusive
-    @_checks_mapped_files
+    @functools.partial(_exclusive, merges=True)
     def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
                          normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
                          method_params: Optional[Mapping] = None, **params) -> list:
