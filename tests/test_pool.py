@@ -991,8 +991,8 @@ def test_a_pool_buffer_cannot_be_freed_or_moved_through_pool_tensor(how, method)
     assert handle.data_ptr() != srcs[1]["b"].data_ptr() and handle.untyped_storage().resizable()  # the pool's copy
     resize(handle.untyped_storage())
     if how == "shrink":
-        mmap._owned = {k: (label, st, st.data_ptr(), nbytes)  # as if it came back there: the size tells
-                       for k, (label, st, _, nbytes) in mmap._owned.items()}
+        mmap._owned = {k: (label, st, st.data_ptr(), nbytes, resizable)  # as if it came back there: the size tells
+                       for k, (label, st, _, nbytes, resizable) in mmap._owned.items()}
     before = {k: v.clone() for k, v in target.items()}
     for _ in range(2):
         with pytest.raises(InputError, match=r"the pool's copy of checkpoint source 1 was freed or moved"):
@@ -1130,6 +1130,72 @@ def test_a_child_forked_while_another_thread_merges_can_merge():
         merging.join(60)
     assert os.waitstatus_to_exitcode(status) == 0
     assert torch.equal(pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(4099)})["a"], want)
+
+
+class _PoolWithAHook(CheckpointPool):
+    """A user's subclass: a bound method of its own in its state (a cycle back to the pool)."""
+
+    def score(self):
+        return 1.0
+
+
+class _PoolByPaths(CheckpointPool):
+    """A user's subclass that pickles itself by its sources, so that a pool on the mmap tier can be sent."""
+
+    def __init__(self, paths, residency):
+        super().__init__(paths, residency=residency)
+        self.paths = list(paths)
+
+    def __reduce__(self):
+        return _PoolByPaths, (self.paths, self.residency)
+
+
+def test_a_pool_sent_to_another_process_keeps_its_cycles_and_a_subclass_its_own_pickling(tmp_path):
+    """Pools sent to processes are pickled by a reducer of pymerge's (above): its first form pickled the state again
+    in a pickling of its own, which met a pool whose state refers back to it again (a bound method of its own, a
+    registry holding it) and refused it as a call from inside a call; and it took the place of a subclass's own
+    __reduce__ (a review). Both pickle as pickle.dumps does."""
+    from multiprocessing.reduction import ForkingPickler
+    g = torch.Generator().manual_seed(0)
+    srcs = [{"a": torch.randn(65, generator=g)} for _ in range(3)]
+    pool = _PoolWithAHook(srcs, residency="host")
+    pool.evaluate, pool.registry = pool.score, {}
+    pool.registry["me"] = pool
+    want = pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(65)})["a"].clone()
+    back = ForkingPickler.loads(ForkingPickler.dumps(pool))
+    assert type(back) is _PoolWithAHook and back.registry["me"] is back and back.evaluate() == 1.0
+    assert torch.equal(back.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(65)})["a"], want)
+    assert torch.equal(pool.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(65)})["a"], want)
+    paths = []
+    for i, sd in enumerate(srcs):
+        save_file(sd, tmp_path / f"m{i}.safetensors")
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    mapped = _PoolByPaths(paths, residency="mmap")
+    back = ForkingPickler.loads(ForkingPickler.dumps(mapped))
+    assert type(back) is _PoolByPaths and back.residency == "mmap"
+    assert torch.equal(back.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(65)})["a"], want)
+
+
+def test_a_tensor_handed_out_and_sent_to_another_process_on_its_own_is_followed():
+    """pool.tensor() on the host tier is a view of a checkpoint's buffer; sent to another process on its own (a
+    Queue, a spawned process's arguments), torch's pickler moved that whole buffer into shared memory, unseen by
+    the pool: its next merges read the freed memory (20 of 20 wrong; a review). A host buffer cannot be resized,
+    so only the pickler moves it: the next call notes the tensors again."""
+    from multiprocessing.reduction import ForkingPickler
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(1 << 16, generator=g), "b": torch.randn(1021, 37, generator=g)}
+    srcs = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    for method, kw in (("linear", {}), ("ties", {"density": 0.5})):
+        pool = CheckpointPool(srcs, base=base, residency="host")
+        into = {k: torch.empty_like(v) for k, v in base.items()}
+        want = {k: v.clone() for k, v in pool.materialize([0.2, 0.5, 0.3], into=into, method=method, **kw).items()}
+        handed = pool.tensor(0, "a")
+        ForkingPickler.dumps(handed)
+        assert handed.untyped_storage().is_shared()  # (moved, as the pickler does)
+        handed.add_(1.0)  # the pool's memory, wherever it is now: a merge reading the old memory misses it
+        for _ in range(2):
+            got = pool.materialize([0.2, 0.5, 0.3], into=into, method=method, **kw)
+            assert not torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
 
 
 @pytest.mark.parametrize("how", ["pickle", "forking pickler", "deepcopy"])

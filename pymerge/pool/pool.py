@@ -10,7 +10,6 @@ every tensor written has its autograd version counter bumped, as a torch in-plac
 import contextlib
 import functools
 import os
-import pickle
 import re
 import sys
 import threading
@@ -121,23 +120,50 @@ def _exclusive(call, merges: bool = False):
     return exclusive
 
 
+class _Sharing(ForkingPickler):
+    """Pickles into nothing, moving each CPU tensor it meets into shared memory as torch's reducers do (the
+    pickling that follows finds them there and moves nothing), the pool itself not entered again."""
+
+    def __init__(self, pool: "CheckpointPool"):
+        super().__init__(_Discard())
+        self.pool = pool
+
+    def persistent_id(self, obj):
+        return 0 if obj is self.pool else None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)):
+            if obj.device.type == "cpu":
+                obj.share_memory_()
+            return tuple, ()
+        return NotImplemented
+
+
+class _Discard:
+    def write(self, data) -> None:
+        pass
+
+
 @_exclusive
-def _pickled(pool: "CheckpointPool") -> bytes:
-    return bytes(ForkingPickler.dumps(pool.__getstate__()))
+def _shared_state(pool: "CheckpointPool") -> dict:
+    state = pool.__getstate__()
+    _Sharing(pool).dump(state)
+    return state
 
 
 def _reduce_for_processes(pool: "CheckpointPool"):
     """A pool sent to another process (a Queue, an executor's submit, a spawned Process's arguments): torch's
     reducers move each tensor sent into shared memory, in place, and a Queue's or an executor's background thread
     runs them, so the caller's next materialize, already running, read the freed memory (a segfault; an audit).
-    The whole state is pickled here, its tensors moved, while no call of the pool runs; the next call notes them."""
-    return _rebuild_sent, (type(pool), _pickled(pool))
+    Its tensors are moved here, while no call of the pool runs; the next call notes them."""
+    return _new_pool, (type(pool),), _shared_state(pool)
 
 
-def _rebuild_sent(cls, data: bytes) -> "CheckpointPool":
-    pool = cls.__new__(cls)
-    pool.__setstate__(pickle.loads(data))
-    return pool
+def _new_pool(cls) -> "CheckpointPool":
+    return cls.__new__(cls)  # (as pickle's default does; then __setstate__)
+
+
+_PICKLE_HOOKS = ("__reduce__", "__reduce_ex__", "__getnewargs__", "__getnewargs_ex__")
 
 
 def _caller_level() -> int:
@@ -195,7 +221,8 @@ class CheckpointPool:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        ForkingPickler.register(cls, _reduce_for_processes)  # (its table matches types exactly, not subclasses)
+        if all(getattr(cls, hook, None) is getattr(CheckpointPool, hook, None) for hook in _PICKLE_HOOKS):  # else theirs
+            ForkingPickler.register(cls, _reduce_for_processes)  # (its table matches types exactly, not subclasses)
 
     @property
     def _calls(self) -> _Calls:
@@ -294,16 +321,18 @@ class CheckpointPool:
         # address and storage size: a storage freed (resize_(0)) and given fewer bytes may keep its address
         self._lent_at = _addresses_and_sizes([t for _, _, t in self._lent])
         self._lent_ids = {id(t) for _, _, t in self._lent}
-        self._owned = {}  # storage address -> (label, storage, address, bytes) of the pool's own, handed out
+        self._owned = {}  # storage address -> (label, storage, address, bytes, resizable) of the pool's own, handed out
 
     def _watch(self, t: torch.Tensor, label: str) -> None:
-        """A tensor of the pool's own handed out by tensor(), whose storage can be resized (device copies; the
-        host tier's buffers cannot be): from now on every call checks it is where it was, at its size.
-        resize_ on it (FSDP's resize_(0); a larger size moves it, a smaller one may keep the address) left
-        the cached native tables on freed memory. Only handed-out ones: nothing else reaches them."""
+        """A tensor of the pool's own handed out by tensor(): from now on every call checks it is where it was, at
+        its size. resize_ on it (FSDP's resize_(0); a larger size moves it, a smaller one may keep the address)
+        left the cached native tables on freed memory; a host tier's buffer, which cannot be resized, is moved only
+        by torch's pickler, into shared memory (the tensor sent to another process on its own: _check_borrowed).
+        Only handed-out ones: nothing else reaches them."""
         storage = t.untyped_storage()
-        if t.numel() and id(t) not in self._lent_ids and storage.resizable() and storage.data_ptr() not in self._owned:
-            self._owned[storage.data_ptr()] = (label, storage, storage.data_ptr(), storage.nbytes())
+        if t.numel() and id(t) not in self._lent_ids and storage.data_ptr() not in self._owned:
+            self._owned[storage.data_ptr()] = (label, storage, storage.data_ptr(), storage.nbytes(),
+                                               storage.resizable())
 
     def __getstate__(self) -> dict:
         """Copied without its caches (native plans are not picklable; a copy plans again). A pool that reads
@@ -799,9 +828,12 @@ class CheckpointPool:
         """The caller's tensors the pool reads in place, and the pool's own it handed out (_watch), must still
         be where they were: freed (FSDP's resize_(0)) or moved (resized back), the pool and its cached native
         tables would read freed memory."""
+        if not self._sent and any(storage.data_ptr() != at and not resizable and storage.is_shared()
+                                  for _, storage, at, _, resizable in self._owned.values()):
+            self._sent = True  # a host buffer moved, by torch's pickler only: a tensor handed out was sent on its own
         if self._sent:
             self._note_sent()
-        for label, storage, at, nbytes in self._owned.values():
+        for label, storage, at, nbytes, _ in self._owned.values():
             if storage.data_ptr() != at or storage.nbytes() != nbytes:
                 raise InputError(f"the pool's copy of {label} was freed or moved (resize_ on the storage of a "
                                  "tensor from pool.tensor()); nothing was written. Build a new pool")
@@ -823,10 +855,10 @@ class CheckpointPool:
         caller's tensors in place.) The tensors tensor() handed out stay watched: one moved into shared memory at
         its size is where it is now; one freed meanwhile is still refused (forgotten, it crashed: a review)."""
         owned = {}
-        for label, storage, at, nbytes in self._owned.values():
+        for label, storage, at, nbytes, resizable in self._owned.values():
             if storage.data_ptr() != at and storage.is_shared() and storage.nbytes() == nbytes:
                 at = storage.data_ptr()
-            owned[at] = (label, storage, at, nbytes)
+            owned[at] = (label, storage, at, nbytes, resizable)
         self._note_held()
         self._owned = owned
         self._plan_cache = grouped.PlanCache()
