@@ -221,8 +221,8 @@ class CheckpointPool:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if all(getattr(cls, hook, None) is getattr(CheckpointPool, hook, None) for hook in _PICKLE_HOOKS):  # else theirs
-            ForkingPickler.register(cls, _reduce_for_processes)  # (its table matches types exactly, not subclasses)
+        if all(getattr(cls, hook, None) is getattr(CheckpointPool, hook, None) for hook in _PICKLE_HOOKS):
+            ForkingPickler.register(cls, _reduce_for_processes)  # (else its own; the table matches exact types only)
 
     @property
     def _calls(self) -> _Calls:
@@ -828,7 +828,7 @@ class CheckpointPool:
         """The caller's tensors the pool reads in place, and the pool's own it handed out (_watch), must still
         be where they were: freed (FSDP's resize_(0)) or moved (resized back), the pool and its cached native
         tables would read freed memory."""
-        if not self._sent and any(storage.data_ptr() != at and not resizable and storage.is_shared()
+        if self._owned and not self._sent and any(storage.data_ptr() != at and not resizable and storage.is_shared()
                                   for _, storage, at, _, resizable in self._owned.values()):
             self._sent = True  # a host buffer moved, by torch's pickler only: a tensor handed out was sent on its own
         if self._sent:
