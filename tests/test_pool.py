@@ -1176,6 +1176,27 @@ def test_a_pool_sent_to_another_process_keeps_its_cycles_and_a_subclass_its_own_
     assert torch.equal(back.materialize([0.2, 0.3, 0.5], into={"a": torch.empty(65)})["a"], want)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_sending_a_pool_holding_a_connection_leaks_no_descriptor():
+    """The pass that moves a pool's tensors into shared memory before it is sent ran the other objects' reducers
+    too: a multiprocessing connection in the state shared a descriptor each time that no process ever took (one
+    leaked per send; a review)."""
+    from multiprocessing import Pipe
+    from multiprocessing.reduction import ForkingPickler
+    pool = _PoolWithAHook([{"a": torch.ones(65) * i} for i in range(3)], residency="host")
+    ours, pool.conn = Pipe()
+
+    def round_trip():
+        ForkingPickler.loads(ForkingPickler.dumps(pool)).conn.close()
+    round_trip()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        round_trip()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    ours.close()
+    pool.conn.close()
+
+
 def test_a_tensor_handed_out_and_sent_to_another_process_on_its_own_is_followed():
     """pool.tensor() on the host tier is a view of a checkpoint's buffer; sent to another process on its own (a
     Queue, a spawned process's arguments), torch's pickler moved that whole buffer into shared memory, unseen by

@@ -136,6 +136,8 @@ class _Sharing(ForkingPickler):
             if obj.device.type == "cpu":
                 obj.share_memory_()
             return tuple, ()
+        if type(obj) in ForkingPickler._extra_reducers:  # a connection, a socket: theirs share a descriptor (a leak)
+            return tuple, ()
         return NotImplemented
 
 
