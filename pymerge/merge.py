@@ -366,13 +366,14 @@ def stream_plan(plan: MergePlan, writer: ShardedWriter, *, device: str, chunk_by
     torch_threads = None  # the caller's, given back at the end: a library caller trained on with N (an audit)
     bar = None
     try:
-        if "torch" not in sys.modules and any(streaming.uses_torch(part, device) for part in plan.parts):
+        uses_torch = streaming.uses_torch(plan, device)  # (a sliced plan: any of its parts)
+        if uses_torch and "torch" not in sys.modules:
             # imported here, with Ctrl-C and the stop signals held: one landing while torch's C++ start-up ran
             # Python code went through C++ and aborted the process (std::terminate, exit -6, the temporary folder
             # left beside OUT; an audit). A second one too: none acts until torch is in (a review)
             with held_signals(repeat_acts=False):
                 importlib.import_module("torch")
-        if threads is not None and streaming.uses_torch(plan, device):
+        if threads is not None and uses_torch:
             import torch
             torch_threads = torch.get_num_threads()
             torch.set_num_threads(threads)

@@ -192,7 +192,6 @@ class PlanCache:
         # end of entry()
         self._lock = threading.Lock()
         self._dead: list = []  # (key, weakref to its entry) whose target died while the lock was taken
-        self._planning = threading.local()  # set while this thread plans under the lock (caller code runs there)
         self._owner = None  # the thread holding the lock (_after_fork)
         renew_after_fork(self)
 
@@ -205,7 +204,7 @@ class PlanCache:
         self._entries, self._groups, self._dead = OrderedDict(), {}, []
         if self._owner != threading.get_ident():
             self._lock = threading.Lock()
-            self._planning, self._owner = threading.local(), None
+            self._owner = None
 
     def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
         return PlanCache, (self.max_entries,)
@@ -235,7 +234,7 @@ class PlanCache:
     def _refuse_reentry(self) -> None:
         """A call from the thread holding the lock (a target's own code run while it plans or checks an entry, a
         torch mode) would wait for it forever."""
-        if getattr(self._planning, "active", False) or self._owner == threading.get_ident():
+        if self._owner == threading.get_ident():
             raise InputError("the pool was called again while it planned a call (from a target's own code: its "
                              "items(), named_parameters() or a property, or a torch mode); nothing was written")
 
@@ -248,14 +247,10 @@ class PlanCache:
         if hit:
             self._entries.move_to_end(key)
             return entry
-        self._planning.active = True
-        try:
-            plans = build()
-            _watch(into)  # before the entry takes its generation: a registration from now on is seen
-            watched = targets_of(plans)
-            entry = _Entry(into, watched, plans, make_table(plans))
-        finally:
-            self._planning.active = False
+        plans = build()  # (the caller's code runs here, its calls of the pool refused: _refuse_reentry)
+        _watch(into)  # before the entry takes its generation: a registration from now on is seen
+        watched = targets_of(plans)
+        entry = _Entry(into, watched, plans, make_table(plans))
         if not all(isinstance(d, dict) for _, d, _ in watched if d is not None):
             # a TorchScript module (torch.jit.trace/script, or one inside a target) keeps its tensors in
             # wrappers of its C++ object, which valid() cannot check (a traced target's second call raised
