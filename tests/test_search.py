@@ -1532,6 +1532,37 @@ def test_a_forked_child_does_not_keep_the_state_lock(tmp_path):
         children[0].kill()
 
 
+def test_a_child_yet_to_run_its_fork_hooks_does_not_keep_the_state_lock(tmp_path):
+    """A forked child closes its copy of the lock's descriptor in a fork hook, once the kernel runs it: on a busy
+    machine (CI's) the search ended first, and the next search in the process was refused. A child that never runs
+    Python's hooks (forked here by libc, as native code would) stands for one not yet run: the lock is undone at the
+    search's end, whatever copies live."""
+    import ctypes
+    import signal
+    libc = ctypes.PyDLL(None)  # (PyDLL: the child calls libc holding the GIL, as the only thread it has)
+    pool, evaluate, _ = synthetic(n=3)
+    path = str(tmp_path / "s.json")
+    pids = []
+
+    def forking(m):
+        if not pids:
+            pid = libc.fork()
+            if pid == 0:  # the child: asleep until killed, never back in Python's code
+                libc.sleep(60)
+                libc._exit(0)
+            assert pid > 0
+            pids.append(pid)
+        return evaluate(m)
+    try:
+        optimize(pool, forking, model=Vec(), budget=4, popsize=3, state_path=path, log=None)
+        assert pids and os.waitpid(pids[0], os.WNOHANG) == (0, 0)  # alive, its copy of the descriptor open
+        assert len(optimize(pool, evaluate, model=Vec(), budget=7, popsize=3, state_path=path, log=None).history) == 7
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 def test_a_finished_search_in_a_folder_without_write_access_is_read_back(tmp_path, monkeypatch):
     """Its state was read back before the lock; then the lock file could not be made there, and the search
     that only returns the saved result failed (a review of the lock's change). One that must go on fails

@@ -474,9 +474,16 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
 
 
 def release_lock(fd: Optional[int]) -> None:
-    """Closes a descriptor hold_lock returned (None: nothing was locked), releasing its lock."""
+    """Closes a descriptor hold_lock returned (None: nothing was locked), releasing its lock. Unlocked first: a
+    forked child shares the lock until it closes its copy, which its fork hook does only once the kernel runs it
+    (on a busy machine the next search in the parent was refused), and one forked by native code never does."""
     if fd is not None:
-        _held_locks.discard(fd)
+        if fd in _held_locks:  # (not in a forked child, whose copy was closed: the lock is its parent's)
+            _held_locks.discard(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:  # (the close below still releases this process's share)
+                pass
         os.close(fd)
 
 
