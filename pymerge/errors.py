@@ -33,6 +33,22 @@ MAX_ERROR_CHARS = 1000  # a message naming a hostile input (a 10 MB model path) 
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
+_HAS_NOTES = hasattr(BaseException, "add_note")  # Python 3.11 on
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """exc.add_note(note). Python 3.10 has no notes and its tracebacks show none (an audit: a half-merged model
+    went unsaid there): the note is kept in __notes__ as 3.11 keeps it, and added to the message as a new line
+    where the message is the exception's arguments (a KeyboardInterrupt's, torch's out-of-memory's)."""
+    if _HAS_NOTES:
+        exc.add_note(note)
+        return
+    notes = getattr(exc, "__notes__", None)
+    exc.__notes__ = [*notes, note] if isinstance(notes, list) else [note]
+    if type(exc).__str__ is BaseException.__str__ and len(exc.args) <= 1 and all(isinstance(a, str) for a in exc.args):
+        exc.args = ("\n".join((*exc.args, note)),)
+
+
 def one_line(text: str) -> str:
     """A message as one line a terminal shows as it is: whitespace runs (a library's line breaks) one space,
     controls escaped (\\x1b; a path or argument holding them reached the terminal raw: an audit), the middle cut

@@ -608,6 +608,46 @@ def test_any_error_after_some_writes_says_so_and_the_next_merge_is_right(monkeyp
         assert_matches(target, reference(models, [0.5, 0.3]), torch.float32)
 
 
+@pytest.mark.parametrize("error", [RuntimeError, MemoryError, KeyboardInterrupt, torch.OutOfMemoryError])
+def test_without_notes_python_3_10_still_says_an_error_came_after_some_writes(monkeypatch, error):
+    """Python 3.10 has no add_note and shows no notes: the partial merge went unsaid there (an audit). The note is
+    kept in __notes__ and told in the message itself, on a line of its own."""
+    from pymerge import errors
+    from pymerge.pool import pool as pool_mod
+    models = make_models(2)
+    pool = CheckpointPool([m.state_dict() for m in models], backend="torch")
+    monkeypatch.setattr(errors, "_HAS_NOTES", False)
+    monkeypatch.setattr(pool_mod, "sum_into", failing_at_call(pool_mod.sum_into, 2, error, []))
+    with pytest.raises(error) as caught:
+        pool.materialize([0.5, 0.5], into=Tiny())
+    floats = sum(v.is_floating_point() for v in Tiny().state_dict().values())
+    note = f"1 of {floats} tensors were written before it: the targets hold a partial merge"
+    assert caught.value.__notes__ == [note]
+    assert str(caught.value) == f"no memory left (a test)\n{note}" and caught.value.args == (str(caught.value),)
+
+
+def test_without_notes_an_error_that_words_itself_keeps_its_message_and_gets_the_note(monkeypatch):
+    """An OSError's message is not its arguments: they stay as they were (its errno and file still read right), the
+    note goes to __notes__ after any the error had; an interrupt without a message gets the note as its message."""
+    from pymerge import errors
+    monkeypatch.setattr(errors, "_HAS_NOTES", False)
+    exc = FileNotFoundError(2, "No such file or directory", "/x")
+    exc.__notes__ = ["first"]
+    errors.add_note(exc, "second")
+    assert exc.__notes__ == ["first", "second"] and exc.args == (2, "No such file or directory")
+    assert exc.filename == "/x" and str(exc) == "[Errno 2] No such file or directory: '/x'"
+    bare = KeyboardInterrupt()
+    errors.add_note(bare, "a note")
+    assert bare.args == ("a note",) and bare.__notes__ == ["a note"]
+    two = RuntimeError("a", "b")  # (not one message: left as it is)
+    errors.add_note(two, "a note")
+    assert two.args == ("a", "b") and two.__notes__ == ["a note"]
+    monkeypatch.setattr(errors, "_HAS_NOTES", True)  # 3.11 on: the language's own
+    own = RuntimeError("m")
+    errors.add_note(own, "n")
+    assert own.args == ("m",) and own.__notes__ == ["n"]
+
+
 
 # ---- tied weights: the pool's checkpoints and the target tie differently ------------------------------
 class LM(torch.nn.Module):

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pymerge.errors import InputError, first_line, short
+from pymerge.errors import InputError, add_note, first_line, short
 
 
 def across_ranks(pool, distributed: Optional[bool] = None) -> Optional[Callable]:
@@ -229,8 +229,7 @@ def _stop_together(group, error, own) -> bool:
         why = ("the other ranks never reached the agreement after it: if evaluate runs collectives, they waited in "
                "them until the process group's timeout; an evaluate must fail on every rank or none")
         if error[0] not in collectives._ERRORS:  # (the user's input errors, by kind)
-            if hasattr(own, "add_note"):  # (Python 3.11+; before it the error goes as it is)
-                own.add_note(why)
+            add_note(own, why)
             raise own from exc
         raise collectives._ERRORS[error[0]](f"{error[1]} ({why})") from exc
 

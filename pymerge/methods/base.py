@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # torch loads with the methods that compute with it, not with
     import torch
 
 # (MergeConfigError re-exported for method modules)
-from pymerge.errors import InputError, MergeConfigError, first_line, short  # noqa: F401
+from pymerge.errors import InputError, MergeConfigError, add_note, first_line, short  # noqa: F401
 
 _REQUIRED = object()
 
@@ -140,8 +140,7 @@ class WritePass:
                 except TypeError:  # a subclass of other arguments
                     pass
             raise (said or MergeConfigError(f"{first_line(exc)}; {note}")) from exc
-        if hasattr(exc, "add_note"):  # (Python 3.11 on)
-            exc.add_note(note)
+        add_note(exc, note)
         return False
 
 
