@@ -36,10 +36,16 @@ def _bad_read(self, name):
     raise CheckpointError(f"{self.path}: tensor {name!r}: cannot read its bytes: Input/output error")
 
 
+def _mark(path: str) -> None:
+    """path holding this process's pid, whole once it exists (the test reads it as soon as it appears)."""
+    Path(path + ".tmp" + str(os.getpid())).write_text(str(os.getpid()))
+    os.replace(path + ".tmp" + str(os.getpid()), path)
+
+
 def _stall(real):
     def stream_plan(*args, **kwargs):
-        Path(os.environ["PYMERGE_TEST_MARK"] + "." + os.environ["RANK"]).write_text(str(os.getpid()))
-        Path(os.environ["PYMERGE_TEST_MARK"]).write_text(str(os.getpid()))
+        _mark(os.environ["PYMERGE_TEST_MARK"] + "." + os.environ["RANK"])
+        _mark(os.environ["PYMERGE_TEST_MARK"])
         time.sleep(600)
         return real(*args, **kwargs)
     return stream_plan

@@ -13,9 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
 
-def _script(argv, tmp_path, timeout=300):
+def _script(argv, tmp_path, timeout=300, **env_extra):
     env = {**os.environ, "PYTHONPATH": ROOT, "PYMERGE_BENCH_RESULTS": str(tmp_path / "results"),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", **env_extra}
     return subprocess.run([sys.executable] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -140,14 +140,15 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path):
             "            code = exc.code\n"
             "    out.append((code, err.getvalue()))\n"
             "print(json.dumps(out))\n")
-    before = set(os.listdir("/tmp"))
-    r = _script(["-c", code], tmp_path)
+    temp = tmp_path / "tmp"  # its own TMPDIR: a benchmark another program ran meanwhile made folders in /tmp
+    temp.mkdir()
+    r = _script(["-c", code], tmp_path, TMPDIR=str(temp))
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     for (name, args, message), (code, err) in zip(cases, got):
         assert code == 2 and message in err and "Traceback" not in err, (name, args, err[-600:])
     assert not (tmp_path / "results").exists()
-    assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("bench_pool_")}
+    assert not os.listdir(temp)
 
 
 def test_scaling_model_without_matplotlib_writes_its_tables(tmp_path):
