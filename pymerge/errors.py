@@ -37,9 +37,10 @@ _HAS_NOTES = hasattr(BaseException, "add_note")  # Python 3.11 on
 
 
 def add_note(exc: BaseException, note: str) -> None:
-    """exc.add_note(note). Python 3.10 has no notes and its tracebacks show none (an audit: a half-merged model
-    went unsaid there): the note is kept in __notes__ as 3.11 keeps it, and added to the message as a new line
-    where the message is the exception's arguments (a KeyboardInterrupt's, torch's out-of-memory's)."""
+    """exc.add_note(note). Python 3.10 has no add_note and its tracebacks show no notes (an audit: a half-merged
+    model went unsaid there): the note is kept in __notes__ as 3.11 keeps it, and added to the message as a new line
+    where the message is the exception's arguments (a KeyboardInterrupt's, torch's out-of-memory's). (Where the
+    exceptiongroup backport is loaded, as under pytest, it prints __notes__ too: the note shows twice.)"""
     if _HAS_NOTES:
         exc.add_note(note)
         return

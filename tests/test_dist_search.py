@@ -313,7 +313,8 @@ def one_rank_fails_between_collectives_worker(rank, world, d, files):
     try:
         pymerge.search.optimize(pool, evaluate, model=model, **SEARCH)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}" + "".join(f" | {note}" for note in getattr(exc, "__notes__", []))
+        message = (str(exc).splitlines() or [""])[0]  # (Python 3.10 also puts the notes in the message)
+        return f"{type(exc).__name__}: {message}" + "".join(f" | {note}" for note in getattr(exc, "__notes__", []))
     return None
 
 

@@ -1563,6 +1563,50 @@ def test_a_child_yet_to_run_its_fork_hooks_does_not_keep_the_state_lock(tmp_path
             os.waitpid(pid, 0)
 
 
+def test_a_child_forked_by_native_code_cannot_unlock_its_parents_lock(tmp_path):
+    """Such a child keeps the parent's record of its locks (no fork hook ran): one that left a search through Python
+    (an interrupt) undid the lock of the search its parent was still running (a review)."""
+    import ctypes
+    from pymerge.io import files
+    libc = ctypes.PyDLL(None)
+    path = str(tmp_path / "s.lock")
+    fd = files.hold_lock(path, "busy")
+    try:
+        pid = libc.fork()
+        if pid == 0:  # the child: releases what it believes it holds, then leaves at once
+            try:
+                files.release_lock(fd)
+            finally:
+                libc._exit(0)
+        assert pid > 0 and os.waitpid(pid, 0)[1] == 0
+        with pytest.raises(InputError, match="^busy$"):  # still the parent's
+            files.hold_lock(path, "busy")
+    finally:
+        files.release_lock(fd)
+    files.release_lock(files.hold_lock(path, "busy"))  # and free once the parent lets it go
+
+
+def test_an_interrupt_as_a_lock_is_released_leaves_it_released(tmp_path, monkeypatch):
+    """A Ctrl-C inside release_lock left the descriptor open and locked, and the next search in the process was
+    refused as busy (a review's signal storm); or its record, which a later descriptor of that number would have
+    been unlocked by. Now the interrupt comes after the release is done."""
+    import signal
+    from pymerge.io import files
+
+    class Interrupting(dict):
+        def pop(self, *args):  # a Ctrl-C arriving as the (first) release begins
+            if not hasattr(self, "sent"):
+                self.sent = os.kill(os.getpid(), signal.SIGINT)
+            return super().pop(*args)
+    monkeypatch.setattr(files, "_held_locks", Interrupting())
+    path = str(tmp_path / "s.lock")
+    fd = files.hold_lock(path, "busy")
+    with pytest.raises(KeyboardInterrupt):
+        files.release_lock(fd)
+    assert fd not in files._held_locks
+    files.release_lock(files.hold_lock(path, "busy"))
+
+
 def test_a_finished_search_in_a_folder_without_write_access_is_read_back(tmp_path, monkeypatch):
     """Its state was read back before the lock; then the lock file could not be made there, and the search
     that only returns the saved result failed (a review of the lock's change). One that must go on fails

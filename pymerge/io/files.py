@@ -408,7 +408,7 @@ def fsync_dir(path) -> None:
             os.close(fd)
 
 
-_held_locks: set = set()  # descriptors hold_lock returned and release_lock has not closed
+_held_locks: dict = {}  # descriptors hold_lock returned and release_lock has not closed: the pid that locked each
 
 
 def _close_held_in_child() -> None:
@@ -457,7 +457,7 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
             raise error(f"{path}: cannot open it to lock it: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _held_locks.add(fd)
+        _held_locks[fd] = os.getpid()
         return fd
     except OSError as exc:
         os.close(fd)
@@ -468,7 +468,7 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
                         "choose another path") from None
         return None  # ENOLCK, EOPNOTSUPP...
     except BaseException:  # a Ctrl-C as it locked: a lock kept by nobody refused every later user in this process
-        _held_locks.discard(fd)
+        _held_locks.pop(fd, None)
         os.close(fd)
         raise
 
@@ -476,15 +476,18 @@ def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: b
 def release_lock(fd: Optional[int]) -> None:
     """Closes a descriptor hold_lock returned (None: nothing was locked), releasing its lock. Unlocked first: a
     forked child shares the lock until it closes its copy, which its fork hook does only once the kernel runs it
-    (on a busy machine the next search in the parent was refused), and one forked by native code never does."""
-    if fd is not None:
-        if fd in _held_locks:  # (not in a forked child, whose copy was closed: the lock is its parent's)
-            _held_locks.discard(fd)
-            try:
+    (on a busy machine the next search in the parent was refused), and one forked by native code never does.
+    Only by the process that locked it: such a child, leaving a search, would have unlocked its parent's."""
+    if fd is None:
+        return
+    with held_signals(repeat_acts=False):  # (unlocked and closed, or neither: a Ctrl-C between kept it locked)
+        try:
+            if _held_locks.pop(fd, None) == os.getpid():
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            except OSError:  # (the close below still releases this process's share)
-                pass
-        os.close(fd)
+        except OSError:  # (the close still releases this process's share)
+            pass
+        finally:
+            os.close(fd)
 
 
 def check_replaceable(path, error: Type[InputError] = InputError) -> None:
