@@ -1586,17 +1586,16 @@ def test_a_child_forked_by_native_code_cannot_unlock_its_parents_lock(tmp_path):
     files.release_lock(files.hold_lock(path, "busy"))  # and free once the parent lets it go
 
 
-def test_an_interrupt_as_a_lock_is_released_leaves_it_released(tmp_path, monkeypatch):
+def test_an_interrupt_as_a_lock_is_released_leaves_it_released(tmp_path, monkeypatch, ctrl_c):
     """A Ctrl-C inside release_lock left the descriptor open and locked, and the next search in the process was
     refused as busy (a review's signal storm); or its record, which a later descriptor of that number would have
     been unlocked by. Now the interrupt comes after the release is done."""
-    import signal
     from pymerge.io import files
 
     class Interrupting(dict):
         def pop(self, *args):  # a Ctrl-C arriving as the (first) release begins
             if not hasattr(self, "sent"):
-                self.sent = os.kill(os.getpid(), signal.SIGINT)
+                self.sent = ctrl_c()
             return super().pop(*args)
     monkeypatch.setattr(files, "_held_locks", Interrupting())
     path = str(tmp_path / "s.lock")
