@@ -561,6 +561,32 @@ def test_a_state_from_other_checkpoints_is_refused(tmp_path):
                      state_path=str(tmp_path / "old.json"), log=None)
 
 
+def test_a_state_resumes_with_its_sources_named_through_a_symlink_or_its_target(tmp_path):
+    """Sources are compared by their paths; two spellings of one file (a symlinked folder and its target) are the
+    same search. pymerge search resolves a config's folder with realpath since 2026-12-07 (abspath before), so a
+    search started through a symlinked folder was refused on resume after the upgrade, as if the project had moved
+    (an audit). Another file under a name that was a source's stays refused."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    g = torch.Generator().manual_seed(4)
+    for i in range(3):
+        save_file({"theta": torch.randn(16, generator=g)}, str(real / f"c{i}.safetensors"))
+    through_link = [str(tmp_path / "link" / f"c{i}.safetensors") for i in range(3)]
+    resolved = [str(real / f"c{i}.safetensors") for i in range(3)]
+    state = str(tmp_path / "s.json")
+    evaluate = lambda m: -float(m.theta.detach().norm())  # noqa: E731
+    first = optimize(CheckpointPool(through_link), evaluate, model=Vec(16), budget=4, popsize=3, state_path=state,
+                     log=None)
+    res = optimize(CheckpointPool(resolved), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None)
+    assert len(res.history) == 6 and res.history[:4] == first.history
+    assert len(optimize(CheckpointPool(through_link), evaluate, model=Vec(16), budget=7, popsize=3,
+                        state_path=state, log=None).history) == 7
+    swapped = [resolved[0], resolved[2], resolved[1]]  # c1 and c2 exchanged: other files under the saved names
+    with pytest.raises(InputError, match=r"differs in pool \(sample, sources, spread\)"):
+        optimize(CheckpointPool(swapped), evaluate, model=Vec(16), budget=8, popsize=3, state_path=state, log=None)
+
+
 def test_a_state_from_reordered_in_memory_sources_or_another_dtype_is_refused(tmp_path):
     """In-memory sources are labelled by position only: [A, B, C] resumed as [C, B, A], or with dtype= added,
     was accepted and the saved weights paired with other checkpoints (a bug hunt). A state written before

@@ -895,6 +895,8 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
             both = set(saved["pool"]) & set(expected["pool"])
             saved = {**saved, "pool": {k: v for k, v in saved["pool"].items() if k in both or k not in _OPTIONAL}}
             expected["pool"] = {k: v for k, v in expected["pool"].items() if k in both or k not in _OPTIONAL}
+            if _same_files(saved["pool"].get("sources"), expected["pool"].get("sources")):
+                saved = {**saved, "pool": {**saved["pool"], "sources": expected["pool"]["sources"]}}
         if saved != expected:
             diff, hint = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k)), ""
             if "pool" in diff and isinstance(saved.get("pool"), dict):  # which part: "pool" alone left users guessing
@@ -912,6 +914,23 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: not a valid search state: {exc}") from None
     return state
+
+
+def _same_files(saved, expected) -> bool:
+    """Whether two lists of source labels name the same files, each pair spelled alike or found to be one file on
+    disk: a path through a symlink and its target (pymerge search resolved a config's folder by abspath until
+    2026-12-07, by realpath since, so an upgrade refused a search named through a symlinked folder; an audit)."""
+    if not isinstance(saved, list) or not isinstance(expected, list) or len(saved) != len(expected):
+        return False
+    for a, b in zip(saved, expected):
+        if a == b:
+            continue
+        try:
+            if not (isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)):
+                return False
+        except (OSError, ValueError):  # a label that is no file (a saved pool's), or not a path at all
+            return False
+    return True
 
 
 def _check_objectives(history: List[dict], objective, path: str) -> None:
