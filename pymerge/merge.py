@@ -46,7 +46,7 @@ from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.io import Checkpoint, ShardedWriter, check_compatible
 from pymerge.io.writer import swept_name, working_folder_note, working_folder_within
 from pymerge.io.checkpoint import read_model_config
-from pymerge.io.files import out_location, present, read_json, repeated_model, stays_inside
+from pymerge.io.files import is_or_inside, out_location, present, read_json, repeated_model, same_place, stays_inside
 from pymerge.io.sigbus import MappingGuard
 from pymerge.default_device import factories_on_cpu
 from pymerge.lora import open_model
@@ -277,7 +277,8 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
         # for the few that match.
         named = Path(os.path.abspath(given))
         leftover = next((a for a in (named, *named.parents, p, *p.parents) if a.name and swept_name(out, a.name)
-                         and Path(os.path.realpath(a.parent)) == out.parent), None)
+                         and (Path(os.path.realpath(a.parent)) == out.parent or same_place(a.parent, out.parent))),
+                        None)
         if leftover is not None:
             where = "is" if leftover in (named, p) else f"lies in {leftover},"
             raise InputError(f"{out_dir}: the {what} {given} {where} named as a killed run's leftover, which the "
@@ -290,6 +291,13 @@ def check_out_spares_inputs(out_dir, plan: "MergePlan") -> None:
         if target != out and (target == p or target in p.parents or p in target.parents):
             raise InputError(f"{out_dir}: links to {target}, which is, holds or lies inside the {what} {p}; "
                              f"choose an OUT outside the inputs")
+        # the same by device and inode: a folder reached by two paths that no symlink explains (a bind mount)
+        if any(is_or_inside(p, where) for where in {out, target}):
+            raise InputError(f"{out_dir}: is or holds the {what} {p} (the same folder under another path: a bind "
+                             "mount); the merge would replace it (choose an OUT outside the inputs)")
+        if any(is_or_inside(where, p) for where in {out, target}):
+            raise InputError(f"{out_dir}: lies inside the {what} {p} (the same folder under another path: a bind "
+                             "mount); choose an OUT outside the inputs")
 
 
 def check_inputs_unchanged(plan: "MergePlan", read: Sequence = ()) -> None:

@@ -190,6 +190,42 @@ def kernel_folder(path) -> str:
     return os.path.realpath(os.path.dirname(os.fspath(path)) or os.curdir)
 
 
+def _identity(path) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # nothing there (or a path no stat takes)
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _identities_up(path) -> set:
+    """(device, inode) of path where it exists and of every folder above it, symlinks resolved."""
+    p, ids = os.path.realpath(path), set()
+    while True:
+        ident = _identity(p)
+        if ident is not None:
+            ids.add(ident)
+        parent = os.path.dirname(p)
+        if parent == p:
+            return ids
+        p = parent
+
+
+def same_place(a, b) -> bool:
+    """Whether a and b name one existing file or folder (by device and inode: a bind mount's two paths too)."""
+    ident = _identity(a)
+    return ident is not None and ident == _identity(b)
+
+
+def is_or_inside(path, other) -> bool:
+    """Whether path is the file or folder other, or lies inside it, as the kernel finds them: compared by device and
+    inode, so a folder reached by two paths that no symlink explains (a bind mount, a container's volume mounted
+    twice) is one folder. realpath strings alone let --force replace an input named through a bind mount, and
+    delete the folder of inputs holding it (an audit). path need not exist; other must."""
+    ident = _identity(other)
+    return ident is not None and ident in _identities_up(path)
+
+
 def out_location(path) -> Path:
     """The folder an output path names, as the kernel finds it ("link/.." is the parent of the link's
     target, not the folder holding the link: abspath's textual ".." got that wrong). A last component

@@ -30,6 +30,7 @@ from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.default_device import factories_on_cpu
 from pymerge.forks import renew_after_fork
+from pymerge.io.files import is_or_inside
 from pymerge.io.sigbus import MappingGuard, identity, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import (address_problem, backing_problem, kind_problem, negated_problem, overlap_problem,
@@ -432,7 +433,7 @@ class CheckpointPool:
             return f"the saved pool {self._saved_file[0]}"
         for folder in self._folders:
             inside = os.path.realpath(folder)
-            if any(os.path.commonpath([where, inside]) == inside for where in (real, spot)):
+            if any(os.path.commonpath([where, inside]) == inside or is_or_inside(where, folder) for where in (real, spot)):
                 return f"inside the model folder {folder}"
         return None
 

@@ -38,8 +38,8 @@ import yaml
 from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, one_line, short
-from pymerge.io.files import (hold_lock, kernel_folder, missing_folders, release_lock, remove_empty_folders,
-                              repeated_model, text_path, unencodable)
+from pymerge.io.files import (hold_lock, is_or_inside, kernel_folder, missing_folders, release_lock,
+                              remove_empty_folders, repeated_model, same_place, text_path, unencodable)
 from pymerge.progress import say
 from pymerge.stop_signals import held_signals
 
@@ -349,13 +349,13 @@ def _check_out_apart(out: str, inputs: List[str]) -> None:
             raise InputError(f"out {out}: is an input of the search{'' if where == p else f' (inside {p})'}; "
                              "choose another out")
         for f in OUT_FILES:
-            if os.path.realpath(os.path.join(out, f)) == p:
+            if os.path.realpath(os.path.join(out, f)) == p or (os.path.basename(p) == f and same_place(out, os.path.dirname(p))):
                 raise InputError(f"out {out}: its {f} would replace {p}, an input of the search; choose another out")
 
 
 def _within(path: str, p: str) -> bool:
-    """Whether the resolved path is p or lies inside it."""
-    return path == p or path.startswith(p.rstrip(os.sep) + os.sep)
+    """Whether the resolved path is p or lies inside it (by device and inode too: a bind mount's other path)."""
+    return path == p or path.startswith(p.rstrip(os.sep) + os.sep) or is_or_inside(path, p)
 
 
 def main(argv=None) -> int:
