@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from llama_factory import make_family
-from pymerge.io.files import is_or_inside, same_place
+from pymerge.io.files import is_or_inside, same_entry, same_place
 
 TESTS = Path(__file__).resolve().parent
 
@@ -123,7 +123,10 @@ def test_pool_save_through_a_bind_mount_never_overwrites_a_source(tmp_path, name
 
 
 @needs_mounts
-def test_search_out_through_a_bind_mount_never_replaces_its_config(tmp_path):
+@pytest.mark.parametrize("case", ["out", "state_path"])
+def test_search_outputs_through_a_bind_mount_never_replace_its_config_or_results(tmp_path, case):
+    """out naming the config's folder through a bind mount replaced the config (named best_merge.yml) with the
+    results; a state_path naming out's history.json through one had the results replace the state."""
     real, view = tmp_path / "real", tmp_path / "view"
     proj = real / "proj"
     proj.mkdir(parents=True)
@@ -133,17 +136,21 @@ def test_search_out_through_a_bind_mount_never_replaces_its_config(tmp_path):
     (proj / "evalbind.py").write_text("import torch\ndef build():\n    m = torch.nn.Module()\n"
                                       "    m.theta = torch.nn.Parameter(torch.zeros(16))\n    return m\n"
                                       "def evaluate(m):\n    return -float(m.theta.detach().norm())\n")
-    (proj / "best_merge.yml").write_text("sources: [c0.safetensors, c1.safetensors, c2.safetensors]\n"
+    config = "best_merge.yml" if case == "out" else "search.yml"
+    (proj / config).write_text("sources: [c0.safetensors, c1.safetensors, c2.safetensors]\n"
                                          "model: evalbind:build\nevaluate: evalbind:evaluate\n"
-                                         "search: {budget: 6, popsize: 3, seed: 2}\nout: out\n")
+                                         "search: {budget: 6, popsize: 3, seed: 2}\nout: out\n"
+                                         + (f"state_path: {view / 'proj' / 'out' / 'history.json'}\n"
+                                            if case == "state_path" else ""))
     before = _snapshot(real)
     r = _bound(real, view, f"""
         import json, subprocess, sys
-        r = subprocess.run([sys.executable, "-m", "pymerge", "search", {str(proj / "best_merge.yml")!r},
-                            "--out", {str(view / "proj")!r}], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "pymerge", "search", {str(proj / config)!r},
+                            *{["--out", str(view / "proj")] if case == "out" else []!r}], capture_output=True, text=True)
         print(json.dumps({{"rc": r.returncode, "err": r.stderr.strip()}}))
     """)
-    assert r["rc"] == 2 and "its best_merge.yml would replace" in r["err"], r
+    says = "its best_merge.yml would replace" if case == "out" else "where the search writes its results"
+    assert r["rc"] == 2 and says in r["err"], r
     assert _snapshot(real) == before
 
 
@@ -160,3 +167,26 @@ def test_places_are_compared_by_device_and_inode(tmp_path):
     assert not is_or_inside(tmp_path / "ab" / "x", tmp_path / "a") and not is_or_inside(tmp_path / "a", f)
     assert not same_place(tmp_path / "missing", tmp_path / "missing")
     assert not is_or_inside(tmp_path / "a", tmp_path / "missing")
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    assert same_entry(tmp_path / "link" / "b" / "new" / "x", tmp_path / "a" / "b" / "new" / "x")  # neither exists
+    assert not same_entry(tmp_path / "link" / "b" / "new" / "x", tmp_path / "a" / "b" / "new" / "y")
+    assert not same_entry(tmp_path / "ab" / "new", tmp_path / "a" / "new")
+
+
+@needs_mounts
+def test_a_merge_run_from_out_under_a_bind_mounts_path_says_the_folder_is_new(tmp_path):
+    """A shell in OUT keeps looking at the old folder once the model is renamed onto OUT: the merge says so, where
+    the working folder is OUT under a bind mount's other path too."""
+    real, view = tmp_path / "real", tmp_path / "view"
+    cfg = _family(tmp_path / "fam")
+    (real / "out").mkdir(parents=True)
+    r = _bound(real, view, f"""
+        import json, os, subprocess, sys
+        os.chdir({str(view / "out")!r})
+        r = subprocess.run([sys.executable, "-m", "pymerge", "merge", {str(cfg)!r}, {str(real / "out")!r},
+                            "--force"], capture_output=True, text=True)
+        print(json.dumps({{"rc": r.returncode, "err": r.stderr.strip(), "out": r.stdout.strip()}}))
+    """)
+    assert r["rc"] == 0, r
+    assert "still shows the old one, now deleted" in r["err"] + r["out"], r
+    assert (real / "out" / "config.json").exists()

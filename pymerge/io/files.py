@@ -217,6 +217,27 @@ def same_place(a, b) -> bool:
     return ident is not None and ident == _identity(b)
 
 
+def _anchored(path) -> tuple:
+    """(device, inode) of the nearest existing folder at or above path, and the names below it."""
+    p, below = os.path.realpath(path), []
+    while True:
+        ident = _identity(p)
+        parent = os.path.dirname(p)
+        if ident is not None or parent == p:
+            return ident, tuple(reversed(below))
+        below.append(os.path.basename(p))
+        p = parent
+
+
+def same_entry(a, b) -> bool:
+    """Whether paths a and b, existing or not, name one entry: the same names below one existing folder however it
+    is reached (symlinks resolved; a bind mount's two paths alike)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    (ident, below), other = _anchored(a), _anchored(b)
+    return ident is not None and (ident, below) == other
+
+
 def is_or_inside(path, other) -> bool:
     """Whether path is the file or folder other, or lies inside it, as the kernel finds them: compared by device and
     inode, so a folder reached by two paths that no symlink explains (a bind mount, a container's volume mounted

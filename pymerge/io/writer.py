@@ -41,8 +41,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pymerge import _native
 from pymerge.errors import InputError, short
-from pymerge.io.files import (fitted_name, fsync_dir, kind_of, out_location, regular_file, remove_by_name,
-                              remove_empty_folders)
+from pymerge.io.files import (fitted_name, fsync_dir, is_or_inside, kind_of, out_location, regular_file,
+                              remove_by_name, remove_empty_folders)
 from pymerge.io.safetensors_file import MAX_HEADER_BYTES
 from pymerge.sizes import format_size
 from pymerge.stop_signals import held_signals
@@ -1254,7 +1254,8 @@ def working_folder_within(out) -> Optional[str]:
         cwd, where = os.path.realpath(os.getcwd()), os.path.realpath(out)
     except OSError:
         return None
-    inside = os.path.isdir(where) and (cwd == where or cwd.startswith(where.rstrip(os.sep) + os.sep))
+    inside = os.path.isdir(where) and (cwd == where or cwd.startswith(where.rstrip(os.sep) + os.sep)
+                                       or is_or_inside(cwd, where))  # (a bind mount's other path)
     return os.path.abspath(out) if inside else None
 
 

@@ -39,7 +39,7 @@ from pymerge.argparser import ArgumentParser
 from pymerge.config import read_yaml
 from pymerge.errors import InputError, one_line, short
 from pymerge.io.files import (hold_lock, is_or_inside, kernel_folder, missing_folders, release_lock,
-                              remove_empty_folders, repeated_model, same_place, text_path, unencodable)
+                              remove_empty_folders, repeated_model, same_entry, text_path, unencodable)
 from pymerge.progress import say
 from pymerge.stop_signals import held_signals
 
@@ -331,7 +331,7 @@ def _check_state_apart(state_path: Optional[str], out: str, inputs: List[str]) -
     if os.path.isdir(state_path):
         raise InputError(f"state_path {state_path}: is a folder, not a file; name a file for the search state")
     state = os.path.realpath(state_path)
-    if state in {os.path.realpath(os.path.join(out, f)) for f in OUT_FILES}:
+    if any(same_entry(state_path, os.path.join(out, f)) for f in OUT_FILES):
         raise InputError(f"state_path {state_path}: is {state}, where the search writes its "
                          f"results ({', '.join(OUT_FILES)} in {out}); choose another state_path")
     for p in map(os.path.realpath, inputs):
@@ -349,7 +349,7 @@ def _check_out_apart(out: str, inputs: List[str]) -> None:
             raise InputError(f"out {out}: is an input of the search{'' if where == p else f' (inside {p})'}; "
                              "choose another out")
         for f in OUT_FILES:
-            if os.path.realpath(os.path.join(out, f)) == p or (os.path.basename(p) == f and same_place(out, os.path.dirname(p))):
+            if same_entry(os.path.join(out, f), p):
                 raise InputError(f"out {out}: its {f} would replace {p}, an input of the search; choose another out")
 
 
