@@ -6,8 +6,8 @@ The search vector x lives in [0, 1]^(G*N) (G = 1 unless per-group weights are as
 weights are x reshaped to [G, N], each row divided by its sum when normalize=True (the default,
 a weighted average as in the recycling paper). Candidate 0 is x0 (the uniform merge by default).
 The objective is maximized; evaluate(model) returns a float or {task: score} (macro-averaged).
-State is saved as JSON after every generation, and after a batch of candidates where _SAVE_EVERY_S have
-passed since the last save: the settings and every evaluated candidate. A re-run
+State is saved as JSON after a generation or a batch of candidates where _SAVE_EVERY_S have passed since the
+last save, and at the end: the settings and every evaluated candidate. A re-run
 with the same state_path rebuilds CMA-ES by replaying that history (the search's RNG is its own and
 seeded, so the replay asks for the very candidates recorded, which is checked) and ends where an
 uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field. While a
@@ -45,7 +45,7 @@ from pymerge.search.report import as_number, macro_average, pareto_front, plot, 
 from pymerge.warning_filters import ignoring
 
 STATE_VERSION = 2  # 1 was a pickle
-_SAVE_EVERY_S = 30.0  # in mid-generation, the state is saved after a batch once this long has passed
+_SAVE_EVERY_S = 30.0  # the state is saved after a batch or a generation once this long has passed
 MAX_WEIGHTS = 5000  # in a search's weight table: CMA-ES's d x d matrices are 200 MB each there
 _ENTRY_KEYS = {"eval", "generation", "objective", "scores", "weights", "x", "materialize_s", "evaluate_s"}
 
@@ -522,6 +522,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
         saved = [time.monotonic()]  # when the state was last written
+        converged = [False]  # said once
 
         def run(xs, generation, save=False):
             """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives.
@@ -555,7 +556,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                     out.append(obj)
                 if save and start + n_rep < len(xs) and time.monotonic() - saved[0] >= _SAVE_EVERY_S:
                     state["generation"] = generation  # a part of it, which a resume finishes (_replay)
-                    _save_state(state_path, state)  # (the generation's end is saved after tell)
+                    _save_state(state_path, state)  # (at the generation's end, after tell, if due)
                     saved[0] = time.monotonic()
             return out
 
@@ -579,14 +580,26 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             if len(objs) == len(xs):  # a partial last generation is evaluated but not told
                 rng.run(lambda: es.tell(xs, [_fitness(o) for o in objs]))
             state["generation"] = gen
-            _save_state(state_path, state)
-            saved[0] = time.monotonic()
-            if len(objs) == len(xs) and all(not math.isfinite(r["objective"]) for r in history):
+            hopeless = len(objs) == len(xs) and all(not math.isfinite(r["objective"]) for r in history)
+            # Every save writes the whole history: one per generation made a long search quadratic (70 ms per
+            # candidate at 10,000 candidates, 70x a 1 ms evaluate; an audit). Saved once _SAVE_EVERY_S have passed,
+            # and at the end: an interrupt loses at most those seconds' candidates and the batch being evaluated.
+            if hopeless or len(history) >= budget or time.monotonic() - saved[0] >= _SAVE_EVERY_S:
+                _save_state(state_path, state)
+                saved[0] = time.monotonic()
+            if hopeless:
                 # CMA-ES learns nothing from them: the rest of the budget went on a random walk (an audit)
                 raise InputError(f"every candidate so far ({len(history)}) scored NaN or inf; check evaluate()"
                                  + (f" (the search state is saved in {state_path})" if state_path else ""))
             if log:
                 recent = history[-len(objs):]
+                if not converged[0] and len(recent) > 1 and len(history) < budget:
+                    w32 = np.asarray([r["weights"] for r in recent], np.float32)  # the merges, as the pool weighs
+                    if (w32 == w32[0]).all():  # (CMA-ES's own stop tests are off: the budget is the user's)
+                        converged[0] = True
+                        log(f"every candidate of generation {gen} is the same merge: CMA-ES has converged, and the "
+                            f"rest of the budget ({budget - len(history)} candidates) evaluates it again; stop the "
+                            "search, or run another seed or sigma0")
                 best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite, as the result's
                 log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
                     f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
@@ -1043,8 +1056,8 @@ def _save_state(path: Optional[str], state: dict) -> None:
     plain = json.loads(json.dumps(state))  # as it reads back: the digest is of that
 
     def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({**plain, "digest": _digest(plain)}, fh)  # NaN scores are written as NaN, which json reads back
+        with open(tmp, "w", encoding="utf-8") as fh:  # NaN scores are written as NaN, which json reads back
+            fh.write(json.dumps({**plain, "digest": _digest(plain)}))  # (json.dump's encoder is Python's: 3x slower)
     try:
         os.makedirs(kernel_folder(path), exist_ok=True)
         replace_file(path, write)  # a crash mid-write leaves the previous generation's state
