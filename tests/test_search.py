@@ -4,6 +4,7 @@ import errno
 import functools
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -129,14 +130,18 @@ def _interrupting(evaluate, after):
     return wrapped
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 0.0)  # every generation saved: each crash keeps some
     pool, evaluate, _ = synthetic()
     full = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, log=None)
     path = str(tmp_path / "state.json")
+    kept = []
     for after in (5, 13, 30):  # crash mid-generation, three times
         with pytest.raises(KeyboardInterrupt):
             optimize(pool, _interrupting(evaluate, after), model=Vec(), budget=60, popsize=8, seed=7,
                      state_path=path, log=None)
+        kept.append(len(json.loads(open(path).read())["history"]))
+    assert kept == [1, 9, 33]  # the start, then whole generations: the resumes replay them
     resumed = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, state_path=path, log=None)
     assert [r["weights"] for r in resumed.history] == [r["weights"] for r in full.history]
     assert [r["objective"] for r in resumed.history] == [r["objective"] for r in full.history]
@@ -454,8 +459,9 @@ def test_a_state_path_ending_in_a_separator_is_refused_in_one_line(tmp_path, whe
     assert sorted(p.name for p in tmp_path.iterdir()) == (["state"] if where == "existing" else [])
 
 
-def test_resume_with_nan_scores_and_groups(tmp_path):
+def test_resume_with_nan_scores_and_groups(tmp_path, monkeypatch):
     """NaN objectives round-trip through the JSON state; a per-group search resumes exactly too."""
+    monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 0.0)  # every generation saved: the crash keeps some
     sources, pool, model = _two_group_pool()
     calls = {"n": 0}
 
@@ -469,7 +475,9 @@ def test_resume_with_nan_scores_and_groups(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         optimize(pool, _interrupting(evaluate, 22), model=model, budget=40, popsize=6, groups="layer", seed=2,
                  state_path=path, log=None)
-    calls["n"] = len(json.loads(open(path).read())["history"])  # the evaluations saved, as if never interrupted
+    saved = json.loads(open(path).read())["history"]
+    assert len(saved) > 6 and any(math.isnan(r["scores"]["a"]) for r in saved)
+    calls["n"] = len(saved)  # the evaluations saved, as if never interrupted
     resumed = optimize(pool, evaluate, model=model, budget=40, popsize=6, groups="layer", seed=2, state_path=path,
                        log=None)
     assert [r["x"] for r in resumed.history] == [r["x"] for r in full.history]
@@ -580,8 +588,15 @@ def test_a_state_resumes_with_its_sources_named_through_a_symlink_or_its_target(
                      log=None)
     res = optimize(CheckpointPool(resolved), evaluate, model=Vec(16), budget=6, popsize=3, state_path=state, log=None)
     assert len(res.history) == 6 and res.history[:4] == first.history
+    assert json.loads(open(state).read())["fingerprint"]["pool"]["sources"] == resolved  # kept as now spelled
     assert len(optimize(CheckpointPool(through_link), evaluate, model=Vec(16), budget=7, popsize=3,
                         state_path=state, log=None).history) == 7
+    assert len(optimize(CheckpointPool(resolved), evaluate, model=Vec(16), budget=8, popsize=3, state_path=state,
+                        log=None).history) == 8
+    (tmp_path / "link").unlink()  # the link it was first saved through gone: it resumes as last saved, through another
+    os.symlink(real, tmp_path / "link2", target_is_directory=True)
+    assert len(optimize(CheckpointPool([p.replace("link", "link2") for p in through_link]), evaluate, model=Vec(16),
+                        budget=9, popsize=3, state_path=state, log=None).history) == 9
     swapped = [resolved[0], resolved[2], resolved[1]]  # c1 and c2 exchanged: other files under the saved names
     with pytest.raises(InputError, match=r"differs in pool \(sample, sources, spread\)"):
         optimize(CheckpointPool(swapped), evaluate, model=Vec(16), budget=8, popsize=3, state_path=state, log=None)

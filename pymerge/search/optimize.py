@@ -910,6 +910,8 @@ def _load_state(path: Optional[str], fingerprint: dict, shape) -> Optional[dict]
             expected["pool"] = {k: v for k, v in expected["pool"].items() if k in both or k not in _OPTIONAL}
             if _same_files(saved["pool"].get("sources"), expected["pool"].get("sources")):
                 saved = {**saved, "pool": {**saved["pool"], "sources": expected["pool"]["sources"]}}
+                # kept as now spelled: the saved spelling's link may go (it was refused once its link was removed)
+                state["fingerprint"]["pool"]["sources"] = expected["pool"]["sources"]
         if saved != expected:
             diff, hint = sorted(k for k in set(expected) | set(saved) if saved.get(k) != expected.get(k)), ""
             if "pool" in diff and isinstance(saved.get("pool"), dict):  # which part: "pool" alone left users guessing
