@@ -146,7 +146,8 @@ def test_search_outputs_through_a_bind_mount_never_replace_its_config_or_results
     r = _bound(real, view, f"""
         import json, subprocess, sys
         r = subprocess.run([sys.executable, "-m", "pymerge", "search", {str(proj / config)!r},
-                            *{["--out", str(view / "proj")] if case == "out" else []!r}], capture_output=True, text=True)
+                            *{["--out", str(view / "proj")] if case == "out" else []!r}],
+                           capture_output=True, text=True)
         print(json.dumps({{"rc": r.returncode, "err": r.stderr.strip()}}))
     """)
     says = "its best_merge.yml would replace" if case == "out" else "where the search writes its results"

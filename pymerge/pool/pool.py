@@ -433,7 +433,8 @@ class CheckpointPool:
             return f"the saved pool {self._saved_file[0]}"
         for folder in self._folders:
             inside = os.path.realpath(folder)
-            if any(os.path.commonpath([where, inside]) == inside or is_or_inside(where, folder) for where in (real, spot)):
+            if any(os.path.commonpath([where, inside]) == inside or is_or_inside(where, folder)
+                   for where in (real, spot)):
                 return f"inside the model folder {folder}"
         return None
 
