@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import numpy as np
 import pytest
@@ -132,6 +133,7 @@ def _interrupting(evaluate, after):
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 0.0)  # every generation saved: each crash keeps some
+    monkeypatch.setattr(optimize_module, "_SAVE_SHARE", float("inf"))
     pool, evaluate, _ = synthetic()
     full = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, log=None)
     path = str(tmp_path / "state.json")
@@ -462,6 +464,7 @@ def test_a_state_path_ending_in_a_separator_is_refused_in_one_line(tmp_path, whe
 def test_resume_with_nan_scores_and_groups(tmp_path, monkeypatch):
     """NaN objectives round-trip through the JSON state; a per-group search resumes exactly too."""
     monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 0.0)  # every generation saved: the crash keeps some
+    monkeypatch.setattr(optimize_module, "_SAVE_SHARE", float("inf"))
     sources, pool, model = _two_group_pool()
     calls = {"n": 0}
 
@@ -2489,6 +2492,7 @@ def test_an_interrupt_keeps_every_finished_batch_of_a_generation(tmp_path, monke
     (minutes each on a real model). A batch is saved once _SAVE_EVERY_S have passed (0 here: every batch), and
     the resumed search is the uninterrupted one."""
     monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(optimize_module, "_SAVE_SHARE", float("inf"))
     pool, evaluate, _ = synthetic()
     full = optimize(pool, evaluate, model=Vec(), budget=25, popsize=8, seed=3, replicas=1, log=None)
     path = str(tmp_path / "s.json")
@@ -2526,8 +2530,41 @@ def test_a_fast_search_writes_its_state_once_due_not_every_generation(tmp_path, 
     assert [r["x"] for r in again.history] == [r["x"] for r in full.history]
     writes.clear()
     monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 0.0)  # a slow evaluate: every generation is due
+    monkeypatch.setattr(optimize_module, "_SAVE_SHARE", float("inf"))
     optimize(pool, evaluate, model=Vec(), budget=41, popsize=8, seed=3, state_path=str(tmp_path / "t.json"), log=None)
     assert writes == [1, 9, 17, 25, 33, 41]
+
+
+def test_writes_of_a_large_state_keep_to_a_tenth_of_the_search(tmp_path, monkeypatch):
+    """A write takes longer as the history grows (41 s for 1,000 candidates of 5,000 weights): once it took longer
+    than the 30 s between writes, the search was quadratic again, 41 % of a per-layer search's time spent writing
+    (an audit). A write is due once ten times the last one's duration has passed too: on a clock of its own (1 s per
+    evaluate, a write 0.05 s per saved candidate) the writes before the last keep under a fifth of the time, where
+    one every 3 s took most of it; and the search is the one run without a state."""
+    now = [0.0]
+    monkeypatch.setattr(optimize_module, "time", types.SimpleNamespace(
+        monotonic=lambda: now[0], perf_counter=time.perf_counter, time_ns=time.time_ns))
+    monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 3.0)
+    writes, real_save = [], optimize_module._save_state
+
+    def slow_save(path, state):
+        now[0] += 0.05 * len(state["history"])
+        writes.append((len(state["history"]), 0.05 * len(state["history"])))
+        real_save(path, state)
+    monkeypatch.setattr(optimize_module, "_save_state", slow_save)
+    pool, evaluate, _ = synthetic()
+
+    def ticking(m):
+        now[0] += 1.0
+        return evaluate(m)
+    path = str(tmp_path / "s.json")
+    res = optimize(pool, ticking, model=Vec(), budget=200, popsize=8, seed=3, replicas=2, state_path=path, log=None)
+    before_last = sum(cost for _, cost in writes[:-1])
+    assert writes[-1][0] == 200 and len(writes) > 4
+    assert before_last / (now[0] - writes[-1][1]) < 0.2, writes  # the history grows between writes: 0.1 + its growth
+    monkeypatch.undo()
+    full = optimize(pool, evaluate, model=Vec(), budget=200, popsize=8, seed=3, replicas=2, log=None)
+    assert [r["x"] for r in res.history] == [r["x"] for r in full.history]
 
 
 def test_a_converged_search_says_once_that_the_rest_of_its_budget_repeats_one_merge():

@@ -6,8 +6,8 @@ The search vector x lives in [0, 1]^(G*N) (G = 1 unless per-group weights are as
 weights are x reshaped to [G, N], each row divided by its sum when normalize=True (the default,
 a weighted average as in the recycling paper). Candidate 0 is x0 (the uniform merge by default).
 The objective is maximized; evaluate(model) returns a float or {task: score} (macro-averaged).
-State is saved as JSON after a generation or a batch of candidates where _SAVE_EVERY_S have passed since the
-last save, and at the end: the settings and every evaluated candidate. A re-run
+State is saved as JSON after a generation or a batch of candidates where _SAVE_EVERY_S (or ten times the last
+save's duration) have passed since the last save, and at the end: the settings and every evaluated candidate. A re-run
 with the same state_path rebuilds CMA-ES by replaying that history (the search's RNG is its own and
 seeded, so the replay asks for the very candidates recorded, which is checked) and ends where an
 uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field. While a
@@ -46,6 +46,7 @@ from pymerge.warning_filters import ignoring
 
 STATE_VERSION = 2  # 1 was a pickle
 _SAVE_EVERY_S = 30.0  # the state is saved after a batch or a generation once this long has passed
+_SAVE_SHARE = 0.1  # and once the last save's duration is at most this share of the time since it
 MAX_WEIGHTS = 5000  # in a search's weight table: CMA-ES's d x d matrices are 200 MB each there
 _ENTRY_KEYS = {"eval", "generation", "objective", "scores", "weights", "x", "materialize_s", "evaluate_s"}
 
@@ -521,8 +522,21 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         n_rep = len(models)
         kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
-        saved = [time.monotonic()]  # when the state was last written
+        saved = [time.monotonic(), 0.0]  # when the state was last written, and how long that took
         converged = [False]  # said once
+
+        def save_due() -> bool:
+            # each write holds the whole history: one taking longer than the interval (a large per-layer search:
+            # 41 s for 1,000 candidates of 5,000 weights) made the search quadratic again (an audit), so a write
+            # also waits until the last one took at most _SAVE_SHARE of the time since
+            since = time.monotonic() - saved[0]
+            return since >= _SAVE_EVERY_S and saved[1] / _SAVE_SHARE <= since
+
+        def write_state() -> None:
+            began = time.monotonic()
+            _save_state(state_path, state)
+            saved[0] = time.monotonic()
+            saved[1] = saved[0] - began
 
         def run(xs, generation, save=False):
             """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives.
@@ -554,10 +568,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                                     "weights": np.asarray(w).tolist(), "x": np.asarray(x).tolist(),
                                     "materialize_s": t_mat, "evaluate_s": t_eval})
                     out.append(obj)
-                if save and start + n_rep < len(xs) and time.monotonic() - saved[0] >= _SAVE_EVERY_S:
+                if save and start + n_rep < len(xs) and save_due():
                     state["generation"] = generation  # a part of it, which a resume finishes (_replay)
-                    _save_state(state_path, state)  # (at the generation's end, after tell, if due)
-                    saved[0] = time.monotonic()
+                    write_state()  # (at the generation's end, after tell, if due)
             return out
 
         if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
@@ -582,11 +595,10 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             state["generation"] = gen
             hopeless = len(objs) == len(xs) and all(not math.isfinite(r["objective"]) for r in history)
             # Every save writes the whole history: one per generation made a long search quadratic (70 ms per
-            # candidate at 10,000 candidates, 70x a 1 ms evaluate; an audit). Saved once _SAVE_EVERY_S have passed,
-            # and at the end: an interrupt loses at most those seconds' candidates and the batch being evaluated.
-            if hopeless or len(history) >= budget or time.monotonic() - saved[0] >= _SAVE_EVERY_S:
-                _save_state(state_path, state)
-                saved[0] = time.monotonic()
+            # candidate at 10,000 candidates, 70x a 1 ms evaluate; an audit). Saved when due (save_due) and at the
+            # end: an interrupt loses at most those seconds' candidates and the batch being evaluated.
+            if hopeless or len(history) >= budget or save_due():
+                write_state()
             if hopeless:
                 # CMA-ES learns nothing from them: the rest of the budget went on a random walk (an audit)
                 raise InputError(f"every candidate so far ({len(history)}) scored NaN or inf; check evaluate()"
