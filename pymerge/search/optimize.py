@@ -488,7 +488,9 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
     try:
         with held_signals(repeat_acts=False):  # (taken and kept: a Ctrl-C between leaked the descriptor; an audit)
             lock = _lock_state(state_path)  # before the state is read; held until the search ends (an interrupt too)
+        began = time.monotonic()
         state = _load_state(state_path, fingerprint, (g, n, dim))
+        read_s = time.monotonic() - began  # a resume's first write waits as if it had written the state (save_due)
         pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
         if state is None:
             state = {"version": STATE_VERSION, "fingerprint": fingerprint, "history": [], "generation": 0,
@@ -522,7 +524,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         n_rep = len(models)
         kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
-        saved = [time.monotonic(), 0.0]  # when the state was last written, and how long that took
+        saved = [time.monotonic(), read_s]  # when the state was last written (or read), and how long that took
         converged = [False]  # said once
 
         def save_due() -> bool:
