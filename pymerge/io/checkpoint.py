@@ -25,10 +25,10 @@ import numpy as np
 
 from pymerge import _native
 from pymerge.errors import CheckpointError, short
-from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, kind_of, read_json,
+from pymerge.io.files import (LFS_ADVICE, LFS_POINTER, check_file_or_folder, identity, kind_of, read_json,
                               present, regular_file, stays_inside, unencodable)
 from pymerge.io.safetensors_file import MAX_DIMS, SafetensorsFile, TensorInfo, madvise
-from pymerge.io.sigbus import identity, stamp as _stamp
+from pymerge.io.sigbus import stamp as _stamp
 from pymerge.warning_filters import ignoring
 
 _MAX_EXPANDED = 16 << 20  # bytes an expanded .bin tensor may claim (each read copies it out whole)

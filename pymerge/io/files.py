@@ -190,10 +190,12 @@ def kernel_folder(path) -> str:
     return os.path.realpath(os.path.dirname(os.fspath(path)) or os.curdir)
 
 
-def _identity(path) -> Optional[tuple]:
+def identity(path) -> Optional[tuple]:
+    """(device, inode) of the file or folder at path (a link followed), or None where there is nothing (or a path
+    no stat takes)."""
     try:
         st = os.stat(path)
-    except (OSError, ValueError):  # nothing there (or a path no stat takes)
+    except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino
 
@@ -202,7 +204,7 @@ def _identities_up(path) -> set:
     """(device, inode) of path where it exists and of every folder above it, symlinks resolved."""
     p, ids = os.path.realpath(path), set()
     while True:
-        ident = _identity(p)
+        ident = identity(p)
         if ident is not None:
             ids.add(ident)
         parent = os.path.dirname(p)
@@ -213,15 +215,15 @@ def _identities_up(path) -> set:
 
 def same_place(a, b) -> bool:
     """Whether a and b name one existing file or folder (by device and inode: a bind mount's two paths too)."""
-    ident = _identity(a)
-    return ident is not None and ident == _identity(b)
+    ident = identity(a)
+    return ident is not None and ident == identity(b)
 
 
 def _anchored(path) -> tuple:
     """(device, inode) of the nearest existing folder at or above path, and the names below it."""
     p, below = os.path.realpath(path), []
     while True:
-        ident = _identity(p)
+        ident = identity(p)
         parent = os.path.dirname(p)
         if ident is not None or parent == p:
             return ident, tuple(reversed(below))
@@ -243,7 +245,7 @@ def is_or_inside(path, other) -> bool:
     inode, so a folder reached by two paths that no symlink explains (a bind mount, a container's volume mounted
     twice) is one folder. realpath strings alone let --force replace an input named through a bind mount, and
     delete the folder of inputs holding it (an audit). path need not exist; other must."""
-    ident = _identity(other)
+    ident = identity(other)
     return ident is not None and ident in _identities_up(path)
 
 

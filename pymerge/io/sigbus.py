@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 
 from pymerge import _native
 from pymerge.errors import CheckpointError
+from pymerge.io.files import identity
 from pymerge.stop_signals import held_signals
 
 
@@ -68,12 +69,12 @@ class MappingGuard:
             # on a cut file (an audit): ours goes back in front before the next reads, forwarding to it.
             self._reinstall()
         if sizes and self._shrunk is None:
-            for begin, end, f, path, identity in self._ranges:
-                if _cut(f, path, identity, end - begin):
+            for begin, end, f, path, ident in self._ranges:
+                if _cut(f, path, ident, end - begin):
                     self._shrunk = f
                     break
                 if self._rewritten is None:
-                    how = _rewritten(path, identity, self._stamps.get(id(f)))
+                    how = _rewritten(path, ident, self._stamps.get(id(f)))
                     if how is not None:
                         self._rewritten = (f, how)
         if self._rewritten is not None and self._shrunk is None:
@@ -82,8 +83,8 @@ class MappingGuard:
         if self._shrunk is None and (self._hits is None or self._ext.sigbus_guard_hits()[0] == self._hits):
             return
         hits, address = self._ext.sigbus_guard_hits()
-        for begin, end, f, path, identity in self._ranges:
-            if f is self._shrunk or begin <= address < end or _cut(f, path, identity, end - begin):
+        for begin, end, f, path, ident in self._ranges:
+            if f is self._shrunk or begin <= address < end or _cut(f, path, ident, end - begin):
                 self._shrunk = f
                 raise CheckpointError(f"{f.path}: the file shrank while {self._doing} (another program "
                                       f"truncated or rewrote it); {then}")
@@ -105,15 +106,6 @@ class MappingGuard:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def identity(path) -> Optional[tuple]:
-    """(device, inode) of the file or folder at path (a link followed), or None where there is nothing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _cut(f, path: str, identity: Optional[tuple], length: int) -> bool:

@@ -30,8 +30,8 @@ from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.default_device import factories_on_cpu
 from pymerge.forks import renew_after_fork
-from pymerge.io.files import is_or_inside
-from pymerge.io.sigbus import MappingGuard, identity, stamp
+from pymerge.io.files import identity, is_or_inside
+from pymerge.io.sigbus import MappingGuard, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import (address_problem, backing_problem, kind_problem, negated_problem, overlap_problem,
                                  write_problem)

@@ -37,7 +37,7 @@ from pymerge.errors import InputError, short
 from pymerge.extras import MissingExtraError
 from pymerge.pool.pool import _map_name, method_params_of
 from pymerge.io.files import (check_replaceable, fsync_dir, hold_lock, kernel_folder, read_small, release_lock,
-                              remove_by_name, sweep_unlocked)
+                              remove_by_name, same_place, sweep_unlocked)
 from pymerge.ops._checks import as_flag
 from pymerge.pool.weights import _has_bool, check_readable_values, group_indices
 from pymerge.stop_signals import held_signals
@@ -951,15 +951,9 @@ def _same_files(saved, expected) -> bool:
     2026-12-07, by realpath since, so an upgrade refused a search named through a symlinked folder; an audit)."""
     if not isinstance(saved, list) or not isinstance(expected, list) or len(saved) != len(expected):
         return False
-    for a, b in zip(saved, expected):
-        if a == b:
-            continue
-        try:
-            if not (isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)):
-                return False
-        except (OSError, ValueError):  # a label that is no file (a saved pool's), or not a path at all
-            return False
-    return True
+    # (a label that is no file, a saved pool's, is the same only as spelled)
+    return all(a == b or (isinstance(a, str) and isinstance(b, str) and same_place(a, b))
+               for a, b in zip(saved, expected))
 
 
 def _check_objectives(history: List[dict], objective, path: str) -> None:
