@@ -180,7 +180,7 @@ def disk_runs(params: float, n: int, ranks_list, repeats: int, folder: str):
         for k in range(repeats):
             dest = os.path.join(folder, f"out{ranks}-{k}")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                   "-m", "pymerge", "merge", cfg, dest, "--device", "cpu", "--threads", "1"]
+                   f"--log-dir={os.devnull}", "-m", "pymerge", "merge", cfg, dest, "--device", "cpu", "--threads", "1"]
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             m = re.search(r"in ([0-9.]+) s on cpu", r.stderr)
             if r.returncode or not m:

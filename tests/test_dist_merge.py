@@ -50,7 +50,8 @@ def _env(**extra):
 def torchrun(ranks, argv, **env):
     """`torchrun --standalone -m pymerge ...` (or the fault-injecting worker with PYMERGE_TEST_FAULT)."""
     target = [str(WORKER)] if "PYMERGE_TEST_FAULT" in env else ["-m", "pymerge"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *target]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           f"--log-dir={os.devnull}", *target]  # no torchelastic_* folder left in the temp folder per launch
     return subprocess.Popen(cmd + [str(a) for a in argv], env=_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -29,7 +29,7 @@ def nodes(argv, per_node=1, **env):
     target = [str(WORKER)] if "PYMERGE_TEST_FAULT" in env else ["-m", "pymerge"]
     return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
                               f"--nproc-per-node={per_node}", "--master-addr=127.0.0.1", f"--master-port={port}",
-                              *target, *map(str, argv)],
+                              f"--log-dir={os.devnull}", *target, *map(str, argv)],
                              env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
             for n in (0, 1)]
