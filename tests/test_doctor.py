@@ -120,3 +120,16 @@ def test_an_unknown_pymerge_simd_value_warns_in_one_line(value, warns):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"PYMERGE_SIMD={value!r} is ignored" in lines[0], r.stderr
     assert "avx2 or scalar" in lines[0]
+
+
+@pytest.mark.skipif(_native.cpu is None, reason="the C++ CPU extension is not built here")
+@pytest.mark.parametrize("value", ["1", "3", "100000"])
+def test_doctor_reports_the_thread_count_the_kernels_use(value):
+    """OMP_NUM_THREADS above 4 per core: the kernels cap it there, doctor printed it uncapped ("up to 20 threads"
+    on 2 cores, which ran 8: a docs audit)."""
+    code = "from pymerge.cli import main; main(['doctor'])"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": value}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    expect = min(int(value), 4 * os.cpu_count())
+    assert f"up to {expect} threads" in r.stdout, r.stdout

@@ -123,12 +123,12 @@ Pool& shared_pool() {
 }  // namespace
 
 // The cores this process may run on (its affinity mask), or OMP_NUM_THREADS when set: the same
-// knob torch and other native libraries honour.
+// knob torch and other native libraries honour; capped as Pool::run caps it (doctor printed the uncapped value).
 int default_threads() {
   static const int n = [] {
     if (const char* env = std::getenv("OMP_NUM_THREADS")) {
       const int v = std::atoi(env);
-      if (v > 0) return v;
+      if (v > 0) return std::min(v, 4 * int(std::max(1u, std::thread::hardware_concurrency())));
     }
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));

@@ -1,6 +1,7 @@
 """The demo's experiment, built on the public API: HF folders -> CheckpointPool -> live model ->
 exact match -> CMA-ES on validation -> baselines and the best merge, scored on test.
 
+    import pymerge.search
     from pymerge.demo import run
     s = run.Settings(seed=1)
     paths = run.build_checkpoints("out/checkpoints", s)          # trains, or reuses a matching cache
