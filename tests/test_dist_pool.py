@@ -1206,10 +1206,53 @@ def bounded_stats_worker(rank, world, files):
         check(method="della", density=density, epsilon=0.1, rescale=False, seed=11)
     for seed in (3, 4):
         check(method="dare_ties", density=0.5, seed=seed)
-    StatsCache.MAX_ENTRIES = 40  # past it the cache starts again, alike on every rank
+    StatsCache.MAX_ENTRIES = 40  # past it (or the pool's room, 48 here) the cache starts again, alike on every rank
     for density in (0.3, 0.4, 0.5, 0.6, 0.7, 0.3):
         check(method="ties", density=density)
+    out["room"] = pool.stats_cache.room
     return out
+
+
+def alternating_densities_worker(rank, world, files):
+    """TIES alternating two densities, the statistics cache's floor below what they need: (misses per call, bits)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    from pymerge.dist import methods
+    from pymerge.dist.pool import StatsCache
+    StatsCache.MAX_ENTRIES = 16  # two densities need 2 x 6 tensors x 3 checkpoints = 36 entries
+    ckpts, base = files[:3], files[3]
+    m = build()
+    fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+    pool, ref = pymerge.CheckpointPool(ckpts, base=base, shard_like=m), pymerge.CheckpointPool(ckpts, base=base)
+    misses, resolve = [], methods._resolve
+
+    def counted(*args, **kw):
+        misses[-1] += 1
+        return resolve(*args, **kw)
+    methods._resolve = counted
+    bits = []
+    for density in (0.5, 0.6) * 3:
+        misses.append(0)
+        want = build()
+        ref.materialize(W3, into=want, method="ties", density=density)
+        pool.materialize(W3, into=m, method="ties", density=density)
+        bits.append(all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(m.parameters(), want.parameters())))
+    return misses, bits
+
+
+def test_a_pool_alternating_two_densities_hits_its_statistics_cache(tmp_path):
+    """The sharded pool's cache emptied itself at a fixed 65,536 entries: past that (tensors x checkpoints x 2), a
+    search alternating two densities recomputed every statistic, collectives included, on every call (330x slower;
+    a scaling audit). It now has room for every tensor and checkpoint under two settings, as the single pool."""
+    files = write_checkpoints(str(tmp_path))
+    from datetime import timedelta
+    results = dist_helpers.run(alternating_densities_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30),
+                               wall_s=120)
+    for misses, bits in results:
+        assert all(bits), bits
+        assert misses[:2] == [18, 18] and misses[2:] == [0] * 4, misses  # 6 tensors x 3 checkpoints, then hits
 
 
 def test_the_statistics_cache_is_bounded_over_seeds_and_densities(tmp_path):
@@ -1223,5 +1266,5 @@ def test_the_statistics_cache_is_bounded_over_seeds_and_densities(tmp_path):
         assert all(res["bits"]), res["bits"]
         della = res["sizes"][:15]
         assert della[1:] == [della[0]] * 14, della  # no growth with the seed or the density
-        assert max(res["sizes"][17:]) <= 40, res["sizes"]
+        assert res["room"] == 2 * 6 * 4 and max(res["sizes"][17:]) <= 48, res  # 6 tensors, 3 checkpoints + base
     assert results[0]["sizes"] == results[1]["sizes"]

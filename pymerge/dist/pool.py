@@ -85,6 +85,10 @@ class ShardedPool(CheckpointPool):
         collectives.agree_catalog([self.num_checkpoints, self.has_base, self._samples] + [
             (n, tuple(map(dtype, self._held_of(n)))) for n in self.names], agreeing)
         self.names = collectives.agreed_order(self.names, agreeing)
+        # room for every tensor and checkpoint under 2 settings, as the single pool's selection cache: emptied
+        # at a fixed 65,536, a search alternating two densities over more recomputed every statistic, with
+        # collectives, on every call (330x slower; a scaling audit). Alike on every rank: agreed catalog.
+        self.stats_cache.room = 2 * len(self.names) * (self.num_checkpoints + 1)
         self._not_in_layout = self.boxes.missing
         self.boxes = {n: self.boxes[n] for n in self.names}
         collectives.agree_layouts([(n, layout_key(self.boxes[n])) for n in self.names], agreeing)
@@ -409,11 +413,13 @@ class StatsCache(dict):
     they bypass each other): what was derived from them is current while it and the cache object stay.
 
     Bounded (it grew by an entry per tensor and model with every new seed or density, and DELLA's entries hold a
-    mask of the local shard: an audit): past MAX_ENTRIES it starts again empty, and `seeded` keeps one mask (one
-    seed's, one density's) per tensor, model and sparsifier. Both follow the sequence of misses alone, which every
-    rank runs alike (a miss runs collectives), so the ranks keep the same entries."""
+    mask of the local shard: an audit): past MAX_ENTRIES, or the pool's `room` where larger, it starts again empty,
+    and `seeded` keeps one mask (one seed's, one density's) per tensor, model and sparsifier. Both follow the
+    sequence of misses alone, which every rank runs alike (a miss runs collectives), so the ranks keep the same
+    entries."""
     generation = 0
     MAX_ENTRIES = 1 << 16
+    room = 0  # set by the pool: its tensors x (checkpoints + 1) x 2 settings
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -427,7 +433,7 @@ class StatsCache(dict):
 
     def __setitem__(self, key, value):
         self._bump()
-        if key not in self and len(self) >= self.MAX_ENTRIES:
+        if key not in self and len(self) >= max(self.MAX_ENTRIES, self.room):
             self.clear()
         super().__setitem__(key, value)
 
