@@ -57,7 +57,7 @@ _MISPLACED = {
 DTYPES = ("float32", "bfloat16", "float16")
 _MERGEKIT_ONLY_DTYPES = ("float64", "int64")
 MAX_CONFIG_BYTES = 10_000_000  # a merge config is a few KB
-MAX_CONFIG_NODES = 100_000     # values after alias expansion: a config with 1000 models has ~10_000
+MAX_CONFIG_NODES = 100_000     # values alias expansion may add: a config with 1000 models has ~10_000 in all
 MAX_CONFIG_DEPTH = 50
 
 Scalar = Union[bool, int, float, str]
@@ -178,11 +178,13 @@ def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
 
 
 def check_size(data, source: str = "<config>", error: Type[InputError] = MergeConfigError) -> None:
-    """Rejects a config whose aliases expand to more than MAX_CONFIG_NODES values, nests deeper than
+    """Rejects a config whose aliases expand it by more than MAX_CONFIG_NODES values, nests deeper than
     MAX_CONFIG_DEPTH or refers to itself. YAML aliases share one object, so a 430-byte file can
     stand for billions of values ("billion laughs"): counted here, per shared object once, before
-    anything walks or prints the expansion."""
+    anything walks or prints the expansion. A config that is merely long (4,000 slices, no aliases) is not
+    refused: its values are all in the file (under MAX_CONFIG_BYTES), or in the caller's own dict."""
     sizes: Dict[int, Optional[int]] = {}
+    distinct = [0]  # values seen so far, each shared object's once
 
     def size(x, depth: int) -> int:
         if not isinstance(x, (list, dict)):
@@ -197,11 +199,14 @@ def check_size(data, source: str = "<config>", error: Type[InputError] = MergeCo
         sizes[key] = None
         items = [v for kv in x.items() for v in kv] if isinstance(x, dict) else x
         n = 1
+        distinct[0] += 1
         for v in items:
+            if not isinstance(v, (list, dict)):
+                distinct[0] += 1
             n += size(v, depth + 1)
-            if n > MAX_CONFIG_NODES:
-                raise error(f"{source}: expands to more than {MAX_CONFIG_NODES} values "
-                                       f"(YAML aliases inside aliases?); refusing to evaluate it")
+            if n > MAX_CONFIG_NODES + distinct[0]:  # without sharing n <= distinct: what the aliases add
+                raise error(f"{source}: expands to more than {MAX_CONFIG_NODES} values beyond its own "
+                            f"(YAML aliases inside aliases?); refusing to evaluate it")
         sizes[key] = n
         return n
 

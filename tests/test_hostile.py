@@ -289,6 +289,23 @@ def test_billion_laughs_is_rejected_fast_with_a_short_message(tmp_path, capsys, 
     assert rc == 2 and len(err) < 400 and "expands to more than" in err, err[:300]
 
 
+def test_a_long_config_without_aliases_is_not_taken_for_an_alias_bomb():
+    """A 4,000-slice config (700 KB, no aliases) was refused as expanding to more than 100,000 values "(YAML
+    aliases inside aliases?)" (a scaling audit): only what sharing adds counts; a bomb of that size still fails."""
+    import yaml
+    from pymerge.config import MAX_CONFIG_NODES, check_size
+    from pymerge.errors import MergeConfigError
+    text = "merge_method: passthrough\nslices:\n" + "".join(
+        f"  - sources:\n      - model: m{i % 7}\n        layer_range: [{i % 5}, {i % 5 + 1}]\n"
+        f"        parameters: {{scale: [0.5, 1.0, {i}]}}\n" for i in range(6000))
+    data = yaml.safe_load(text)
+    check_size(data, "long.yml")  # over 100,000 values, every one of them in the file
+    shared = ["x"] * 1000
+    with pytest.raises(MergeConfigError, match="expands to more than"):  # 101 x 1,001 values from ~1,100
+        check_size({"slices": [shared] * (MAX_CONFIG_NODES // 1000 + 1)}, "bomb.yml")
+    check_size({"slices": [shared] * (MAX_CONFIG_NODES // 1000 - 1)}, "shared.yml")  # under the cap: fine
+
+
 def test_recursive_and_deep_yaml_are_rejected(tmp_path, capsys):
     for name, text in (("rec.yml", "merge_method: linear\nmodels: &a [*a]\n"),
                        ("deep.yml", "merge_method: linear\nmodels: " + "[" * 3000 + "]" * 3000 + "\n"),
