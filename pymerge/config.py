@@ -173,21 +173,27 @@ def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
         # PyYAML's constructors raise these for scalars it parsed but cannot build: 2024-02-30, !!float abc,
         # !!bool maybe, an integer of more than 4300 digits
         raise error(f"{path}: not valid YAML: {short(str(exc), 200)}") from None
-    check_size(data, path, error)
+    check_size(data, path, error, spelled=len(raw))
     return data
 
 
-def check_size(data, source: str = "<config>", error: Type[InputError] = MergeConfigError) -> None:
-    """Rejects a config whose aliases expand it by more than MAX_CONFIG_NODES values, nests deeper than
-    MAX_CONFIG_DEPTH or refers to itself. YAML aliases share one object, so a 430-byte file can
+_CONTAINERS = (list, tuple, set, frozenset, dict)  # what yaml_text's dump walks (!!pairs and !!omap make tuples)
+
+
+def check_size(data, source: str = "<config>", error: Type[InputError] = MergeConfigError,
+               spelled: Optional[int] = None) -> None:
+    """Rejects a config that expands to more than MAX_CONFIG_NODES values beyond what it spells out, nests deeper
+    than MAX_CONFIG_DEPTH or refers to itself. YAML aliases share one object, so a 430-byte file can
     stand for billions of values ("billion laughs"): counted here, per shared object once, before
     anything walks or prints the expansion. A config that is merely long (4,000 slices, no aliases) is not
-    refused: its values are all in the file (under MAX_CONFIG_BYTES), or in the caller's own dict."""
+    refused. What it spells out: a file's bytes (`spelled`; each value takes at least one, while a chain of merge
+    keys, `<<: *prev`, copies entries into new mappings: millions of values from 65 KB) and its values with each
+    shared object's once, the latter alone for a dict the caller built."""
     sizes: Dict[int, Optional[int]] = {}
     distinct = [0]  # values seen so far, each shared object's once
 
     def size(x, depth: int) -> int:
-        if not isinstance(x, (list, dict)):
+        if not isinstance(x, _CONTAINERS):
             return 1
         if depth > MAX_CONFIG_DEPTH:
             raise error(f"{source}: nested more than {MAX_CONFIG_DEPTH} levels deep")
@@ -201,12 +207,12 @@ def check_size(data, source: str = "<config>", error: Type[InputError] = MergeCo
         n = 1
         distinct[0] += 1
         for v in items:
-            if not isinstance(v, (list, dict)):
+            if not isinstance(v, _CONTAINERS):
                 distinct[0] += 1
             n += size(v, depth + 1)
-            if n > MAX_CONFIG_NODES + distinct[0]:  # without sharing n <= distinct: what the aliases add
-                raise error(f"{source}: expands to more than {MAX_CONFIG_NODES} values beyond its own "
-                            f"(YAML aliases inside aliases?); refusing to evaluate it")
+            if n > MAX_CONFIG_NODES + (distinct[0] if spelled is None else min(spelled, distinct[0])):
+                raise error(f"{source}: expands to more than {MAX_CONFIG_NODES} values beyond what it spells out "
+                            f"(YAML aliases inside aliases, or chained merge keys?); refusing to evaluate it")
         sizes[key] = n
         return n
 

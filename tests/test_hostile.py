@@ -306,6 +306,30 @@ def test_a_long_config_without_aliases_is_not_taken_for_an_alias_bomb():
     check_size({"slices": [shared] * (MAX_CONFIG_NODES // 1000 - 1)}, "shared.yml")  # under the cap: fine
 
 
+def test_merge_key_chains_and_tuple_bombs_are_refused(tmp_path, capsys):
+    """Two shapes the alias count missed (a review): a chain of merge keys (`&m2 {<<: *m1, k2: 0}`) copies every
+    entry into a new mapping, nothing shared (2,000 lines: 2 million values from 65 KB, 58 s to print back);
+    !!pairs and !!omap make tuples, and tuples were never looked inside (10**7 values from 500 bytes)."""
+    import time
+    from pymerge.config import check_size
+    from pymerge.errors import MergeConfigError
+    chain = ["merge_method: linear", "models: [a, b]", "x:", "  - &m0 {k0: 0}"]
+    chain += [f"  - &m{i} {{<<: *m{i - 1}, k{i}: 0}}" for i in range(1, 2000)]
+    pairs = ["merge_method: linear", "models: [a, b]", "notes: !!pairs", "  - l0: &l0 [a, a, a, a, a, a, a, a, a, a]"]
+    pairs += [f"  - l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    for name, lines in (("chain.yml", chain), ("pairs.yml", pairs)):
+        t0 = time.perf_counter()
+        rc, err = run_cli(["merge", write_cfg(tmp_path / name, "\n".join(lines) + "\n"), tmp_path / "out"], capsys)
+        assert rc == 2 and "expands to more than" in err and len(err.strip().splitlines()) == 1, (name, err[:300])
+        assert time.perf_counter() - t0 < 30, name
+    x = ("lol",) * 10
+    for _ in range(6):
+        x = (x,) * 10
+    with pytest.raises(MergeConfigError, match="expands to more than"):
+        check_size({"merge_method": "linear", "models": ["a", "b"], "notes": x}, "tuples")
+    assert not (tmp_path / "out").exists()
+
+
 def test_recursive_and_deep_yaml_are_rejected(tmp_path, capsys):
     for name, text in (("rec.yml", "merge_method: linear\nmodels: &a [*a]\n"),
                        ("deep.yml", "merge_method: linear\nmodels: " + "[" * 3000 + "]" * 3000 + "\n"),
