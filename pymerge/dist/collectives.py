@@ -15,7 +15,7 @@ group has; its timeout bounds every wait), called in the same order on every ran
 """
 import functools
 import hashlib
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -227,17 +227,21 @@ def sum_parts(parts: torch.Tensor, group) -> List[float]:
 _LEVELS = ((20, 11), (10, 10), (0, 10))  # (shift, bits) of the 31-bit magnitude key, top down
 
 
-def boundaries(keys: Sequence[torch.Tensor], ranks: Sequence[int], descending: Sequence[bool], numel: int,
-               global_index: Callable[[], torch.Tensor], group) -> List[Boundary]:
+def boundaries(keys: Sequence[torch.Tensor], ranks: Sequence[int], descending: Sequence[bool],
+               numel: Union[int, Sequence[int]], global_index: Union[Callable[[], torch.Tensor], Sequence[Callable]],
+               group) -> List[Boundary]:
     """Boundary of rank ranks[j] in the global order of keys[j] (this rank's magnitude keys, see
     pymerge.ops.select) over a tensor of `numel` elements; global_index() gives the keys' global
-    flat indices. Same answer as select.select_ranks on the whole tensor."""
+    flat indices. Same answer as select.select_ranks on the whole tensor. numel and global_index may also be
+    given per key (keys of several tensors: one collective per round for all of them)."""
+    numel = [numel] * len(keys) if isinstance(numel, int) else list(numel)
+    index_of = [global_index] * len(keys) if callable(global_index) else list(global_index)
     out: List[Optional[Boundary]] = [None] * len(keys)
     jobs = []
     for j, r in enumerate(ranks):
-        if not 0 <= r <= numel:
-            raise ValueError(f"rank {r} outside [0, {numel}]")
-        if r == numel:
+        if not 0 <= r <= numel[j]:
+            raise ValueError(f"rank {r} outside [0, {numel[j]}]")
+        if r == numel[j]:
             out[j] = Boundary(ALL_DESC if descending[j] else ALL_ASC, 0)
         else:
             jobs.append(j)
@@ -266,10 +270,13 @@ def boundaries(keys: Sequence[torch.Tensor], ranks: Sequence[int], descending: S
     split = [j for j in jobs if left[j] > 0]  # the boundary falls inside a run of equal keys
     index = {j: 0 for j in jobs}
     if split:
-        gidx = global_index()
-        ties = {j: torch.sort(gidx[keys[j] == prefix[j]]).values for j in split}
+        made: dict = {}  # each global_index called once (two keys of one tensor share it)
+        for j in split:
+            if id(index_of[j]) not in made:
+                made[id(index_of[j])] = index_of[j]()
+        ties = {j: torch.sort(made[id(index_of[j])][keys[j] == prefix[j]]).values for j in split}
         lo = {j: 0 for j in split}
-        hi = {j: numel - 1 for j in split}
+        hi = {j: numel[j] - 1 for j in split}
         while any(lo[j] < hi[j] for j in split):
             mids = {j: (lo[j] + hi[j]) // 2 for j in split}
             counts = torch.tensor([int(torch.searchsorted(ties[j], torch.tensor(mids[j], device=ties[j].device),

@@ -40,8 +40,9 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     from pymerge.methods.base import check_magnitudes
     from pymerge.methods.task_vectors import TaskVectorMethod
     from pymerge.pool.pool import _split_params
+    args_of: dict = {}  # the task-vector call's resolved arguments by weights (_tv_args)
     if isinstance(m, TaskVectorMethod):
-        merge = functools.partial(_task_vectors, args_of={})
+        merge = functools.partial(_task_vectors, args_of=args_of)
     elif hasattr(m, "dot_group"):  # slerp, nuslerp, model_stock: dot products, then elementwise
         merge = _with_global_dots
     else:
@@ -100,10 +101,14 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     # others in a statistic's collective: gloo aborted, or they waited until the timeout. The failing rank
     # goes to the agree below, and every other rank meets it there or in _in_step before its next collective.
     pool._loop_agreed, error = False, None
+    pool.found_bounds = {}  # (_find_bounds): only this call's, used by its own loop
     try:
         try:
             if grouped_call is not None:
                 _grouped_task_vectors(pool, *grouped_call, plans, seed)
+            if tasks and merge is not _with_global_dots:
+                _find_bounds(pool, [(task, i, sp) for task, _ in tasks
+                                    for i, sp in enumerate(_tv_args(m, task, args_of)[1])])
             for task, out in tasks:
                 inputs = [t.to(out.device) for t in task.inputs]
                 base = task.base.to(out.device) if task.base is not None else None
@@ -120,6 +125,8 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         # emptied one rank's alone (a review): all of it goes, on every rank
         pool.stats_cache.clear()
         raise
+    finally:
+        pool.found_bounds = {}
 
 
 def _drop_stats(pool, names) -> None:
@@ -160,9 +167,10 @@ def _counted_parts(pool, name, parts: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the task-vector family ---------------------------------------------------------------------------
-def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor, args_of: dict) -> None:
-    """One tensor; args_of keeps a call's resolved arguments by weights (the rest of the parameters is the
-    same for every tensor of the call): resolved per tensor, they cost ~60 us of Python each."""
+def _tv_args(m, task: TensorTask, args_of: dict) -> tuple:
+    """(normalize, sparsifiers, weights, lam, divisor) of a task; args_of keeps a call's by weights (the rest of
+    the parameters is the same for every tensor of the call): resolved per tensor, they cost ~60 us of Python
+    each."""
     from pymerge.methods.task_vectors import task_vector_args
     key = tuple(float(mp["weight"]).hex() for mp in task.model_params)  # by bits: -0.0 is not 0.0 (a zero's sign)
     hit = args_of.get(key)
@@ -170,7 +178,12 @@ def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor, args_of: dict) -
         normalize, rescale = m._settings(task)
         sparsifiers, weights, lam = task_vector_args(task, m.sparsification, rescale)
         hit = args_of[key] = (normalize, sparsifiers, weights, lam, tvo.linear_divisor(weights))
-    normalize, sparsifiers, weights, lam, divisor = hit
+    return hit
+
+
+def _task_vectors(pool, m, task: TensorTask, out: torch.Tensor, args_of: dict) -> None:
+    """One tensor (args_of: see _tv_args)."""
+    normalize, sparsifiers, weights, lam, divisor = _tv_args(m, task, args_of)
     start = pool.boxes[task.name].contiguous_start()
     plans = [_model_plan(pool, task, i, sp, w, start) for i, (sp, w) in enumerate(zip(sparsifiers, weights))]
     bits = start is None or any(p.mode == tvo.BITS for p in plans)  # bitmasks index the LOCAL elements
@@ -202,9 +215,10 @@ def _select(pool, call, plans, seed: int):
     """Every tensor's model plans (grouped.Selection) and its offset, for GroupedTVPlan.run."""
     n = len(call.sparsifiers)
     sel, offsets = Selection(len(plans), n), np.zeros(len(plans), dtype=np.int64)
-    for t, p in enumerate(plans):
-        task = TensorTask(inputs=pool._inputs[p.name], base=pool._base[p.name], model_params=[{}] * n, params={},
-                          name=p.name, seed=seed, backend=pool.backend, num_threads=pool.num_threads)
+    tasks = [TensorTask(inputs=pool._inputs[p.name], base=pool._base[p.name], model_params=[{}] * n, params={},
+                        name=p.name, seed=seed, backend=pool.backend, num_threads=pool.num_threads) for p in plans]
+    _find_bounds(pool, [(task, i, sp) for task in tasks for i, sp in enumerate(call.sparsifiers)])
+    for t, (p, task) in enumerate(zip(plans, tasks)):
         start = pool.boxes[p.name].contiguous_start()
         mps = [_model_plan(pool, task, i, sp, 1.0, start) for i, sp in enumerate(call.sparsifiers)]
         # bitmasks index the LOCAL elements (as merge_planned's offset 0 where any model takes one)
@@ -237,6 +251,68 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     return plan
 
 
+_RANKED = ("magnitude", "magnitude_outliers")  # sparsifiers that select by global magnitude rank
+# rank boundaries found together (_find_bounds): per collective round, a histogram of up to 2,048 int64 bins each,
+# and the magnitude keys held meanwhile (int64 each)
+_BATCH_BOUNDS, _BATCH_ELEMENTS = 256, 1 << 25
+
+
+def _ranks(sp: tvo.Sparsifier, n: int) -> tuple:
+    """(ranks, descending) of a magnitude sparsifier's boundaries over a tensor of n elements."""
+    if sp.method == "magnitude":  # TIES: the top density * n
+        return [max(1, int(sp.density * n))], [True]
+    target, n_top = int(sp.density * n), int(sp.gamma * n)  # breadcrumbs: the middle, outliers dropped
+    n_bot = max(0, n - target - n_top)
+    return [min(n_bot, n), min(n_bot + target, n)], [False, False]
+
+
+def _find_bounds(pool, wanted) -> None:
+    """The rank boundaries _resolve is about to need for `wanted`, (task, model, sparsifier) of one call, found
+    together into pool.found_bounds: a few collectives per 256 of them instead of four for each tensor and
+    checkpoint (a first TIES call over 10,000 tiny tensors took 71 s on gloo: a scaling audit). Only those of
+    sharded tensors that the cache lacks, which every rank lacks alike (a miss runs collectives)."""
+    batch: list = []  # (key, magnitude keys, ranks, descending, numel, global index)
+
+    def flush():
+        keys, ranks, descending, numel, index = [], [], [], [], []
+        for _, k, rs, ds, n, gidx in batch:
+            keys += [k] * len(rs)
+            ranks += rs
+            descending += ds
+            numel += [n] * len(rs)
+            index += [gidx] * len(rs)
+        _in_step(pool, pool.group)
+        found = collectives.boundaries(keys, ranks, descending, numel, index, pool.group)
+        for key, _, rs, _, _, _ in batch:
+            pool.found_bounds[key], found = found[:len(rs)], found[len(rs):]
+        batch.clear()
+
+    held = 0
+    for task, i, sp in wanted:
+        key, box = (task.name, i, sp), pool.boxes[task.name]
+        n = math.prod(box.global_shape)
+        # as _model_plan: no statistic at density 1 or for an empty tensor; TIES at density 0 keeps nothing
+        if (sp.method not in _RANKED or sp.density >= 1 or n == 0 or (sp.method == "magnitude" and sp.density <= 0)
+                or _group(pool, task.name) is None or key in pool.found_bounds or (*key, None) in pool.stats_cache
+                or any(b[0] == key for b in batch)):
+            continue
+        x = task.inputs[i]
+        keys = _counted(pool, task.name, select.magnitude_keys(x, task.base))
+        gidx = functools.partial(_counted_indices, pool, task.name, x.device)
+        batch.append((key, keys, *_ranks(sp, n), n, gidx))
+        held += keys.numel()
+        if len(batch) * 2 >= _BATCH_BOUNDS or held >= _BATCH_ELEMENTS:
+            flush()
+            held = 0
+    if batch:
+        flush()
+
+
+def _counted_indices(pool, name: str, device) -> torch.Tensor:
+    """The global flat indices of this rank's counted elements of tensor `name`."""
+    return _counted(pool, name, pool.boxes[name].global_indices(device))
+
+
 def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     """(mode, lo, hi, thr, scale, bits) of one model: collectives over the pool's group."""
     box, group = pool.boxes[task.name], _group(pool, task.name)
@@ -246,18 +322,16 @@ def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     gidx = functools.partial(box.global_indices, x.device)  # global flat indices, made only where needed
     counted_keys = _counted(pool, task.name, keys)
     counted_gidx = lambda: _counted(pool, task.name, gidx())  # noqa: E731
-    if sp.method == "magnitude":
-        plan.mode = tvo.TOPK
-        _in_step(pool, group)
-        plan.hi = collectives.boundaries([counted_keys], [max(1, int(sp.density * n))], [True], n, counted_gidx,
-                                         group)[0]
-    elif sp.method == "magnitude_outliers":
-        target, n_top = int(sp.density * n), int(sp.gamma * n)
-        n_bot = max(0, n - target - n_top)
-        plan.mode = tvo.RANGE
-        _in_step(pool, group)
-        plan.lo, plan.hi = collectives.boundaries([counted_keys, counted_keys], [min(n_bot, n), min(n_bot + target, n)],
-                                                  [False, False], n, counted_gidx, group)
+    if sp.method in _RANKED:
+        bounds = pool.found_bounds.pop((task.name, i, sp), None) if group is not None else None
+        if bounds is None:
+            ranks, descending = _ranks(sp, n)
+            _in_step(pool, group)
+            bounds = collectives.boundaries([counted_keys] * len(ranks), ranks, descending, n, counted_gidx, group)
+        if sp.method == "magnitude":
+            plan.mode, plan.hi = tvo.TOPK, bounds[0]
+        else:
+            plan.mode, (plan.lo, plan.hi) = tvo.RANGE, bounds
     elif sp.method == "random":
         plan.mode = tvo.RANDOM
         plan.thr = philox.keep_threshold(sp.density)
