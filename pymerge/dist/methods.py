@@ -287,7 +287,7 @@ def _find_bounds(pool, wanted) -> None:
             pool.found_bounds[key], found = found[:len(rs)], found[len(rs):]
         batch.clear()
 
-    held = 0
+    held = bounds = 0  # magnitude keys held, boundaries wanted
     for task, i, sp in wanted:
         key, box = (task.name, i, sp), pool.boxes[task.name]
         n = math.prod(box.global_shape)
@@ -300,10 +300,10 @@ def _find_bounds(pool, wanted) -> None:
         keys = _counted(pool, task.name, select.magnitude_keys(x, task.base))
         gidx = functools.partial(_counted_indices, pool, task.name, x.device)
         batch.append((key, keys, *_ranks(sp, n), n, gidx))
-        held += keys.numel()
-        if len(batch) * 2 >= _BATCH_BOUNDS or held >= _BATCH_ELEMENTS:
+        held, bounds = held + keys.numel(), bounds + len(batch[-1][2])
+        if bounds >= _BATCH_BOUNDS or held >= _BATCH_ELEMENTS:
             flush()
-            held = 0
+            held = bounds = 0
     if batch:
         flush()
 
