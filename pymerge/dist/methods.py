@@ -107,7 +107,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
             if grouped_call is not None:
                 _grouped_task_vectors(pool, *grouped_call, plans, seed)
             if tasks and merge is not _with_global_dots:
-                _find_bounds(pool, [(task, i, sp) for task, _ in tasks
+                _find_bounds(pool, [(task, i, sp, out.device) for task, out in tasks
                                     for i, sp in enumerate(_tv_args(m, task, args_of)[1])])
             for task, out in tasks:
                 inputs = [t.to(out.device) for t in task.inputs]
@@ -217,7 +217,7 @@ def _select(pool, call, plans, seed: int):
     sel, offsets = Selection(len(plans), n), np.zeros(len(plans), dtype=np.int64)
     tasks = [TensorTask(inputs=pool._inputs[p.name], base=pool._base[p.name], model_params=[{}] * n, params={},
                         name=p.name, seed=seed, backend=pool.backend, num_threads=pool.num_threads) for p in plans]
-    _find_bounds(pool, [(task, i, sp) for task in tasks for i, sp in enumerate(call.sparsifiers)])
+    _find_bounds(pool, [(task, i, sp, None) for task in tasks for i, sp in enumerate(call.sparsifiers)])
     for t, (p, task) in enumerate(zip(plans, tasks)):
         start = pool.boxes[p.name].contiguous_start()
         mps = [_model_plan(pool, task, i, sp, 1.0, start) for i, sp in enumerate(call.sparsifiers)]
@@ -252,8 +252,8 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
 
 
 _RANKED = ("magnitude", "magnitude_outliers")  # sparsifiers that select by global magnitude rank
-# rank boundaries found together (_find_bounds): per collective round, a histogram of up to 2,048 int64 bins each,
-# and the magnitude keys held meanwhile (int64 each)
+# rank boundaries found together (_find_bounds): per collective round, a histogram of up to 2,048 int64 bins each;
+# and the tensors' global elements, which bound the int64 magnitude keys a rank holds meanwhile
 _BATCH_BOUNDS, _BATCH_ELEMENTS = 256, 1 << 25
 
 
@@ -267,7 +267,7 @@ def _ranks(sp: tvo.Sparsifier, n: int) -> tuple:
 
 
 def _find_bounds(pool, wanted) -> None:
-    """The rank boundaries _resolve is about to need for `wanted`, (task, model, sparsifier) of one call, found
+    """The rank boundaries _resolve is about to need for `wanted`, (task, model, sparsifier, device) of one call, found
     together into pool.found_bounds: a few collectives per 256 of them instead of four for each tensor and
     checkpoint (a first TIES call over 10,000 tiny tensors took 71 s on gloo: a scaling audit). Only those of
     sharded tensors that the cache lacks, which every rank lacks alike (a miss runs collectives)."""
@@ -288,7 +288,7 @@ def _find_bounds(pool, wanted) -> None:
         batch.clear()
 
     held = bounds = 0  # magnitude keys held, boundaries wanted
-    for task, i, sp in wanted:
+    for task, i, sp, device in wanted:
         key, box = (task.name, i, sp), pool.boxes[task.name]
         n = math.prod(box.global_shape)
         # as _model_plan: no statistic at density 1 or for an empty tensor; TIES at density 0 keeps nothing
@@ -296,11 +296,14 @@ def _find_bounds(pool, wanted) -> None:
                 or _group(pool, task.name) is None or key in pool.found_bounds or (*key, None) in pool.stats_cache
                 or any(b[0] == key for b in batch)):
             continue
-        x = task.inputs[i]
-        keys = _counted(pool, task.name, select.magnitude_keys(x, task.base))
+        # on the device the merge computes on (a pinned pool's targets' GPU), as _resolve would
+        x, base = (t if t is None or device is None else t.to(device) for t in (task.inputs[i], task.base))
+        keys = _counted(pool, task.name, select.magnitude_keys(x, base))
         gidx = functools.partial(_counted_indices, pool, task.name, x.device)
         batch.append((key, keys, *_ranks(sp, n), n, gidx))
-        held, bounds = held + keys.numel(), bounds + len(batch[-1][2])
+        # by the GLOBAL size: every rank cuts its batches at the same keys (its own count differs with uneven
+        # shards, and is 0 where another copy of a piece counts: the histograms' shapes then differed, a review)
+        held, bounds = held + n, bounds + len(batch[-1][2])
         if bounds >= _BATCH_BOUNDS or held >= _BATCH_ELEMENTS:
             flush()
             held = bounds = 0
