@@ -101,7 +101,6 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     # others in a statistic's collective: gloo aborted, or they waited until the timeout. The failing rank
     # goes to the agree below, and every other rank meets it there or in _in_step before its next collective.
     pool._loop_agreed, error = False, None
-    pool.found_bounds = {}  # (_find_bounds): only this call's, used by its own loop
     try:
         try:
             if grouped_call is not None:
@@ -126,7 +125,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         pool.stats_cache.clear()
         raise
     finally:
-        pool.found_bounds = {}
+        pool.found_bounds = {}  # (_find_bounds) only this call's: what its loop left unused goes
 
 
 def _drop_stats(pool, names) -> None:
@@ -288,14 +287,16 @@ def _find_bounds(pool, wanted) -> None:
         batch.clear()
 
     held = bounds = 0  # magnitude keys held, boundaries wanted
+    seen = set()  # keys batched or found (a population's candidates want each tensor's again)
     for task, i, sp, device in wanted:
         key, box = (task.name, i, sp), pool.boxes[task.name]
         n = math.prod(box.global_shape)
         # as _model_plan: no statistic at density 1 or for an empty tensor; TIES at density 0 keeps nothing
-        if (sp.method not in _RANKED or sp.density >= 1 or n == 0 or (sp.method == "magnitude" and sp.density <= 0)
-                or _group(pool, task.name) is None or key in pool.found_bounds or (*key, None) in pool.stats_cache
-                or any(b[0] == key for b in batch)):
+        if (key in seen or sp.method not in _RANKED or sp.density >= 1 or n == 0
+                or (sp.method == "magnitude" and sp.density <= 0) or _group(pool, task.name) is None
+                or (*key, None) in pool.stats_cache):
             continue
+        seen.add(key)
         # on the device the merge computes on (a pinned pool's targets' GPU), as _resolve would
         x, base = (t if t is None or device is None else t.to(device) for t in (task.inputs[i], task.base))
         keys = _counted(pool, task.name, select.magnitude_keys(x, base))

@@ -542,7 +542,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
 
         def run(xs, generation, save=False):
             """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives.
-            save: the state after a batch, where _SAVE_EVERY_S have passed since the last save (an interrupt
+            save: the state after a batch, where a save is due (save_due: _SAVE_EVERY_S and _SAVE_SHARE; an interrupt
             loses the candidates of those seconds and one batch, not the generation; each save writes the whole
             history, so a save per candidate of a long search cost more than it kept: a review)."""
             out = []
