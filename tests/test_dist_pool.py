@@ -1279,32 +1279,39 @@ def first_call_collectives_worker(rank, world, files):
         if path == "small batches":  # a batch flushed by its count of boundaries, or by its elements: by their
             # global count (the (11, 13) weight's 143), as rank 0's 78 + 78 and rank 1's 65 + 65 + 65 crossed 140 at
             # different keys (histograms of two shapes: gloo aborted; a review)
-            methods._BATCH_BOUNDS, methods._BATCH_ELEMENTS = 3, 140
-        for method, kw in (("ties", {"density": 0.4}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1})):
+            methods._BATCH_BOUNDS, methods._BATCH_ELEMENTS, methods._BATCH_SCALES = 3, 140, 4
+        for method, kw in (("ties", {"density": 0.4}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}),
+                           ("dare_ties", {"density": 0.6}),  # an L1 rescale of random masks
+                           ("ties", {"density": 0.4, "rescale": True}),  # of magnitude ranks: after their bounds
+                           ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "rescale": "l1"})):
             pool, ref = pymerge.CheckpointPool(ckpts, base=base, shard_like=m), pymerge.CheckpointPool(ckpts, base=base)
             want = build()
             ref.materialize(W3, into=want, method=method, **kw)
             calls[0] = 0
             pool.materialize(W3, into=m, method=method, **kw)
             same = all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(m.parameters(), want.parameters()))
-            out[path, method] = (calls[0], same)
+            out[path, method, "rescale" in kw or method == "dare_ties"] = (calls[0], same)
     return out
 
 
 def test_a_first_call_finds_every_rank_boundary_in_a_few_collectives(tmp_path):
     """A sharded pool's first TIES or breadcrumbs call ran four all_reduces for each tensor and checkpoint (one to
-    agree, three histogram rounds): 71 s for 10,000 tiny tensors over gloo (a scaling audit). They are now found
-    together, a few collectives per 256 boundaries, with the same bits."""
+    agree, three histogram rounds): 71 s for 10,000 tiny tensors over gloo (a scaling audit); an L1 rescale
+    (DARE's default) two more. They are now found together, a few collectives per 256 boundaries or rescales, with
+    the same bits."""
     files = write_checkpoints(str(tmp_path))
     from datetime import timedelta
     results = dist_helpers.run(first_call_collectives_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30),
                                wall_s=180)
     assert results[0] == results[1]
-    for (path, method), (calls, same) in results[0].items():
-        assert same, (path, method)
+    print(results[0])
+    for (path, method, rescaled), (calls, same) in results[0].items():
+        assert same, (path, method, rescaled)
         if path != "small batches":
-            assert calls <= 20, (path, method, calls)  # 6 tensors x 3 checkpoints: 84 and 98 before
-    assert results[0]["small batches", "ties"][0] > 30  # several batches (one per 3 boundaries)
+            # 6 tensors x 3 checkpoints: 84 (ties), 98 (breadcrumbs), 40 (dare_ties) before, 36 more with rescales
+            assert calls <= 20, (path, method, rescaled, calls)
+    assert results[0]["small batches", "ties", False][0] > 30  # several batches (one per 3 boundaries)
+    assert results[0]["small batches", "dare_ties", True][0] > 10  # (one per 4 rescales)
 
 
 def test_the_statistics_cache_is_bounded_over_seeds_and_densities(tmp_path):
