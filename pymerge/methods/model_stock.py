@@ -31,12 +31,17 @@ class ModelStock(MergeMethod):
         filter_wise = flag_param(task.params.get("filter_wise", False), "filter_wise")
         return "rows" if filter_wise and task.base.dim() >= 2 else "whole"
 
-    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+    def dot_args(self, task: TensorTask) -> tuple:
+        """(vectors, base, subtract the base) of the dot products (see interp.group_dots)."""
         if task.base is None or len(task.inputs) < 2:
             raise MergeConfigError(f"tensor {task.name}: model_stock needs a base_model and at least two other models")
+        return task.inputs, task.base, True
+
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
         group = self.dot_group(task)
         n = len(task.inputs)
-        gram = (task.dots or interp.group_dots)(task.inputs, task.base, True, group, task.backend, task.num_threads)
+        xs, base, sub = self.dot_args(task)
+        gram = (task.dots or interp.group_dots)(xs, base, sub, group, task.backend, task.num_threads)
         coefs = []
         for g in gram:
             t = interp.model_stock_t(g)

@@ -8,8 +8,6 @@ nuslerp: exactly two models; t = w2 / (w1 + w2) (0.5 when |w1 + w2| < 1e-6). Wit
          true) treats the tensor as one vector; otherwise `nuslerp_row_wise` picks vectors along
          dim 0 (true) or the last dim (false), as mergekit's dim=0 / dim=-1.
 """
-import math
-from typing import Any
 
 import torch
 
@@ -40,12 +38,16 @@ class Slerp(MergeMethod):
         """The vectors the angle is measured between (see interp.group_dots): the whole tensor."""
         return "whole"
 
-    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+    def dot_args(self, task: TensorTask) -> tuple:
+        """(vectors, base, subtract the base) of the dot products (see interp.group_dots)."""
         if task.base is None or len(task.inputs) != 1:
             raise MergeConfigError(f"tensor {task.name}: slerp needs the base_model and exactly one other model")
+        return [task.base, task.inputs[0]], None, False
+
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        xs, base, sub = self.dot_args(task)
         t = number_param(task.params.get("t"), "t", task.name)
-        xs = [task.base, task.inputs[0]]
-        g = (task.dots or interp.group_dots)(xs, None, False, self.dot_group(task), task.backend, task.num_threads)[0]
+        g = (task.dots or interp.group_dots)(xs, base, sub, self.dot_group(task), task.backend, task.num_threads)[0]
         ca, cb = interp.slerp_coefs(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
         interp.group_lincomb(xs, None, False, "whole", torch.tensor([[ca, cb, 0.0]], device="cpu"), out,
                              task.backend, task.num_threads)
@@ -83,15 +85,19 @@ class NuSlerp(MergeMethod):
             return "whole"  # a 1-D tensor is one vector along either dim
         return "cols" if row_wise else "rows"
 
-    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+    def dot_args(self, task: TensorTask) -> tuple:
+        """(vectors, base, subtract the base) of the dot products (see interp.group_dots)."""
         if len(task.inputs) != 2:
             raise MergeConfigError(f"tensor {task.name}: nuslerp needs exactly two models besides the base")
+        return task.inputs, task.base, task.base is not None
+
+    def merge_tensor(self, task: TensorTask, out: torch.Tensor) -> None:
+        xs, base, sub = self.dot_args(task)
         w = [number_param(mp.get("weight"), f"model {i} weight", task.name) for i, mp in enumerate(task.model_params)]
         total = w[0] + w[1]
         t = 0.5 if abs(total) < 1e-6 else w[1] / total
         group = self.dot_group(task)
-        base, sub = task.base, task.base is not None
-        gram = (task.dots or interp.group_dots)(task.inputs, base, sub, group, task.backend, task.num_threads)
+        gram = (task.dots or interp.group_dots)(xs, base, sub, group, task.backend, task.num_threads)
         coefs = []
         for g in gram:
             c0, c1 = interp.nuslerp_coefs(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
