@@ -9,7 +9,7 @@ import pymerge.methods.task_vectors  # noqa: F401
 from conftest import TRITON_INTERPRETED
 from pymerge import _native
 from pymerge.methods.base import MergeConfigError, TensorTask, get_method
-from pymerge.ops import philox
+from pymerge.ops import exact_sum, philox
 from pymerge.ops import task_vector_ops as tvo
 
 
@@ -169,6 +169,24 @@ def test_della_mask_of_a_tensor_without_rows():
     x = torch.zeros(0, 4, 3)
     keep = tvo.della_keep_torch(x, x, tvo.Sparsifier("della_magprune", 0.5, epsilon=0.1), 0, "w", 1, offset=12)
     assert keep.shape == (0,) and keep.dtype == torch.bool
+
+
+@pytest.mark.parametrize("rows,cols,r0,r1", [(30, 101, 7, 19), (5, 1, 2, 5), (4, 3, 4, 4), (64, 97, 0, 64)])
+def test_the_native_della_mask_of_rows_at_an_offset_is_the_whole_tensors(rows, cols, r0, r1):
+    """A sharded pool's rank holds rows r0 .. r1 of a tensor; the native DELLA kernel draws them at their global
+    offset: its mask and L1 parts equal the torch form's of those rows (the form it used before), and the mask is
+    the whole tensor's, rows r0 .. r1."""
+    g = torch.Generator().manual_seed(rows * cols + r0)
+    x, base = torch.randn(rows, cols, generator=g).bfloat16(), torch.randn(rows, cols, generator=g)
+    x[0, 0] = float("nan")
+    sp = tvo.Sparsifier("della_magprune", 0.45, epsilon=0.2)
+    whole = tvo.della_keep_torch(x, base, sp, 3, "m.w", -5)
+    words, parts = tvo.della_native(x[r0:r1], base[r0:r1], sp, 3, "m.w", -5, r0 * cols, 0)
+    keep, want = tvo.della_keep_torch(x[r0:r1], base[r0:r1], sp, 3, "m.w", -5, r0 * cols, norms=True)
+    assert torch.equal(keep, whole[r0 * cols:r1 * cols])
+    assert torch.equal(words, tvo.pack_bits(keep))
+    want = want if isinstance(want, torch.Tensor) else torch.zeros_like(parts)  # (0 where no row)
+    assert repr(exact_sum.totals(parts)) == repr(exact_sum.totals(want))  # the same sums (parts: carried apart)
 
 
 def test_masks_do_not_depend_on_chunking():

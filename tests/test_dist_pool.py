@@ -1256,7 +1256,8 @@ def test_a_pool_alternating_two_densities_hits_its_statistics_cache(tmp_path):
 
 
 def first_call_collectives_worker(rank, world, files):
-    """all_reduce calls of each first (uncached) call, per method and path, and whether its bits are one process's."""
+    """all_reduce and all_gather_object calls of each first (uncached) call, per method and path, and whether its bits
+    are one process's."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -1266,12 +1267,14 @@ def first_call_collectives_worker(rank, world, files):
     ckpts, base = files[:3], files[3]
     m = build()
     fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
-    calls, all_reduce = [0], dist.all_reduce
+    calls = [0]
 
-    def counted(*args, **kw):
-        calls[0] += 1
-        return all_reduce(*args, **kw)
-    dist.all_reduce = counted
+    def counted(collective):
+        def call(*args, **kw):
+            calls[0] += 1
+            return collective(*args, **kw)
+        return call
+    dist.all_reduce, dist.all_gather_object = counted(dist.all_reduce), counted(dist.all_gather_object)
     out = {}
     for path in ("grouped", "per tensor", "small batches"):
         if path == "per tensor":  # as a GPU pool's, or dtypes the native table lacks
@@ -1279,18 +1282,20 @@ def first_call_collectives_worker(rank, world, files):
         if path == "small batches":  # a batch flushed by its count of boundaries, or by its elements: by their
             # global count (the (11, 13) weight's 143), as rank 0's 78 + 78 and rank 1's 65 + 65 + 65 crossed 140 at
             # different keys (histograms of two shapes: gloo aborted; a review)
-            methods._BATCH_BOUNDS, methods._BATCH_ELEMENTS, methods._BATCH_ROWS = 3, 140, 8
+            methods._BATCH_BOUNDS, methods._BATCH_ELEMENTS, methods._BATCH_PLANS = 3, 140, 4
         for method, kw in (("ties", {"density": 0.4}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}),
                            ("dare_ties", {"density": 0.6}),  # an L1 rescale of random masks
                            ("ties", {"density": 0.4, "rescale": True}),  # of magnitude ranks: after their bounds
-                           ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "rescale": "l1"})):
+                           ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "rescale": "l1"}),
+                           ("della", {"density": 0.5, "epsilon": 0.1}),  # masks: 1-D tensors' rows gathered
+                           ("della_linear", {"density": 0.5, "epsilon": 0.1})):  # and an L1 rescale
             pool, ref = pymerge.CheckpointPool(ckpts, base=base, shard_like=m), pymerge.CheckpointPool(ckpts, base=base)
             want = build()
             ref.materialize(W3, into=want, method=method, **kw)
             calls[0] = 0
             pool.materialize(W3, into=m, method=method, **kw)
             same = all(torch.equal(p.full_tensor(), q.detach()) for p, q in zip(m.parameters(), want.parameters()))
-            out[path, method, "rescale" in kw or method == "dare_ties"] = (calls[0], same)
+            out[path, method, "rescale" in kw or method in ("dare_ties", "della_linear")] = (calls[0], same)
     return out
 
 
@@ -1302,15 +1307,17 @@ def test_a_first_call_finds_every_rank_boundary_in_a_few_collectives(tmp_path):
     files = write_checkpoints(str(tmp_path))
     from datetime import timedelta
     results = dist_helpers.run(first_call_collectives_worker, 2, str(tmp_path), files, timeout=timedelta(seconds=30),
-                               wall_s=180)
+                               wall_s=240)
     assert results[0] == results[1]
     for (path, method, rescaled), (calls, same) in results[0].items():
         assert same, (path, method, rescaled)
         if path != "small batches":
-            # 6 tensors x 3 checkpoints: 84 (ties), 98 (breadcrumbs), 40 (dare_ties) before, 36 more with rescales
+            # 6 tensors x 3 checkpoints: 84 (ties), 98 (breadcrumbs), 40 (dare_ties) before, 36 more with rescales;
+            # della 40 and 12 all_gathers, della_linear 76 and 12
             assert calls <= 20, (path, method, rescaled, calls)
     assert results[0]["small batches", "ties", False][0] > 30  # several batches (one per 3 boundaries)
-    assert results[0]["small batches", "dare_ties", True][0] > 10  # (one per 4 rescales)
+    assert results[0]["small batches", "dare_ties", True][0] > 10  # (one per 4 plans)
+    assert results[0]["small batches", "della", False][0] > 10
 
 
 def first_call_dots_worker(rank, world, files):

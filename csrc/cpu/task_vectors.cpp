@@ -208,11 +208,12 @@ struct RowScratch {
 };
 
 // DELLA, one row: ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
-// element c iff its draw < thr[rank]. Bits are OR-ed into a zeroed uint64 bitmask (rows may share
+// element c iff its draw < thr[rank]. Draws are those of element offset + r * cols + c (a shard's rows at
+// their global index); the mask and the sums are of the local elements. Bits are OR-ed into a zeroed uint64 bitmask (rows may share
 // a word, hence the atomic OR). Adds the row's |d| and |d * keep| to exact sums.
 template <int Isa>
-inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols, const uint32_t* thr,
-                      uint64_t* mask, RowScratch& w, exact::Acc& total, exact::Acc& kept) {
+inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols, int64_t offset,
+                      const uint32_t* thr, uint64_t* mask, RowScratch& w, exact::Acc& total, exact::Acc& kept) {
   const int64_t start = r * cols;
   float* __restrict d = w.d.data();
   uint32_t* __restrict key = w.key.data();
@@ -230,7 +231,7 @@ inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_
     shift += width;
   }
   for (int64_t p = 0; p < cols; ++p) w.rank[w.idx[p]] = uint32_t(p);
-  tv::philox_bits(m.key, start, cols, w.bits.data(), w.rnd.data());
+  tv::philox_bits(m.key, offset + start, cols, w.bits.data(), w.rnd.data());
   uint64_t word = 0;
   int64_t word_i = start >> 6;
   for (int64_t c = 0; c < cols; ++c) {
@@ -259,9 +260,9 @@ using Abs = exact::Acc;
 PM_AVX512 void l1_avx512(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<exact::kAvx512>(m, b, bdt, n, o, s, w, a, t, k); }
 PM_AVX2 void l1_avx2(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<exact::kAvx2>(m, b, bdt, n, o, s, w, a, t, k); }
 PM_PLAIN void l1_plain(const Model& m, uintptr_t b, int bdt, int64_t n, int64_t o, int64_t s, Scratch& w, double* a, Abs& t, Abs& k) { l1_block<exact::kPlain>(m, b, bdt, n, o, s, w, a, t, k); }
-PM_AVX512 void della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kAvx512>(m, b, bdt, r, c, thr, mk, w, t, k); }
-PM_AVX2 void della_avx2(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kAvx2>(m, b, bdt, r, c, thr, mk, w, t, k); }
-PM_PLAIN void della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kPlain>(m, b, bdt, r, c, thr, mk, w, t, k); }
+PM_AVX512 void della_avx512(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, int64_t o, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kAvx512>(m, b, bdt, r, c, o, thr, mk, w, t, k); }
+PM_AVX2 void della_avx2(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, int64_t o, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kAvx2>(m, b, bdt, r, c, o, thr, mk, w, t, k); }
+PM_PLAIN void della_plain(const Model& m, uintptr_t b, int bdt, int64_t r, int64_t c, int64_t o, const uint32_t* thr, uint64_t* mk, RowScratch& w, Abs& t, Abs& k) { della_row<exact::kPlain>(m, b, bdt, r, c, o, thr, mk, w, t, k); }
 
 // Per-thread exact sums of |d| and |d * keep|, merged (integer adds: any order) into the parts
 // layout: [total parts, kept parts].
@@ -347,10 +348,11 @@ std::vector<int64_t> tv_l1(const ModelSpec& model, uintptr_t base, int base_dtyp
 // element of a long 1-D tensor).
 std::vector<int64_t> tv_della_mask(const ModelSpec& model, uintptr_t base, int base_dtype, int64_t rows, int64_t cols,
                                    uintptr_t thr_addr, uintptr_t mask, uint64_t seed, uint32_t h0,
-                                   uint32_t h1, int num_threads) {
+                                   uint32_t h1, int num_threads, int64_t offset) {
   check_dtype(base_dtype, false);
   if (thr_addr == 0) throw std::invalid_argument("della_mask: need one threshold per column rank");
   if (cols >= (int64_t(1) << 31)) throw std::invalid_argument("della_mask: rows of 2^31 or more elements");
+  if (offset < 0) throw std::invalid_argument("della_mask: negative offset");
   const uint32_t* thr = reinterpret_cast<const uint32_t*>(thr_addr);
   L1Sums sums;
   if (rows <= 0 || cols <= 0) return sums.parts();
@@ -361,7 +363,7 @@ std::vector<int64_t> tv_della_mask(const ModelSpec& model, uintptr_t base, int b
   parallel_for(rows, 4, threads, [&](int64_t r0, int64_t r1) {
     RowScratch w(cols);
     auto t = std::make_unique<Abs>(), k = std::make_unique<Abs>();
-    for (int64_t r = r0; r < r1; ++r) row(m, base, base_dtype, r, cols, thr, words, w, *t, *k);
+    for (int64_t r = r0; r < r1; ++r) row(m, base, base_dtype, r, cols, offset, thr, words, w, *t, *k);
     sums.merge(*t, *k);
   });
   return sums.parts();
@@ -526,8 +528,9 @@ void register_task_vectors(py::module_& m) {
         py::arg("offset"), py::arg("seed"), py::arg("h0"), py::arg("h1"), py::arg("num_threads") = 0, "Exact sums of |d| and |d * keep| of one model's delta: int64 parts (pymerge/ops/exact_sum.py), twice.");
   m.def("tv_della_mask", exact::parts_as_array(&tv_della_mask), py::arg("model"), py::arg("base"), py::arg("base_dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("thr"), py::arg("mask"), py::arg("seed"), py::arg("h0"), py::arg("h1"),
-        py::arg("num_threads") = 0,
-        "DELLA keep-bitmask by per-row magnitude rank; returns its L1 norms' parts, as tv_l1.");
+        py::arg("num_threads") = 0, py::arg("offset") = 0,
+        "DELLA keep-bitmask by per-row magnitude rank, draws from element `offset` on (a shard's rows); returns "
+        "its L1 norms' parts, as tv_l1.");
   py::class_<GroupedTVPlan>(m, "GroupedTVPlan", "Task table of a whole task-vector merge, run in one call.")
       .def(py::init<const std::vector<std::vector<uintptr_t>>&, const std::vector<std::vector<int>>&,
                     const std::vector<uintptr_t>&, const std::vector<int>&, const std::vector<int64_t>&,

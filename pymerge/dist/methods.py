@@ -110,7 +110,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                 wanted = [(task, i, sp, out.device) for task, out in tasks
                           for i, sp in enumerate(_tv_args(m, task, args_of)[1])]
                 _find_bounds(pool, wanted)
-                _find_scales(pool, wanted)
+                _find_plans(pool, wanted)
             if merge is _with_global_dots:
                 _find_dots(pool, m, tasks)
             for task, out in tasks:
@@ -130,7 +130,7 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
         pool.stats_cache.clear()
         raise
     finally:
-        pool.found_bounds, pool.found_scales = {}, {}  # (_find_bounds, _find_scales) this call's: unused ones go
+        pool.found_bounds = {}  # (_find_bounds) only this call's: what its loop left unused goes
 
 
 def _drop_stats(pool, names) -> None:
@@ -223,7 +223,7 @@ def _select(pool, call, plans, seed: int):
                         name=p.name, seed=seed, backend=pool.backend, num_threads=pool.num_threads) for p in plans]
     wanted = [(task, i, sp, None) for task in tasks for i, sp in enumerate(call.sparsifiers)]
     _find_bounds(pool, wanted)
-    _find_scales(pool, wanted)
+    _find_plans(pool, wanted)
     for t, (p, task) in enumerate(zip(plans, tasks)):
         start = pool.boxes[p.name].contiguous_start()
         mps = [_model_plan(pool, task, i, sp, 1.0, start) for i, sp in enumerate(call.sparsifiers)]
@@ -244,15 +244,11 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     if sp.method in ("magnitude", "della_magprune") and sp.density <= 0:
         plan.mode = tvo.ZERO
         return plan
-    seeded = sp.method in tvo.SEEDED
-    key = (task.name, i, sp, int(task.seed) if seeded else None)
+    key = _plan_key(task, i, sp)
     hit = pool.stats_cache.get(key)
     if hit is None:
         hit = _resolve(pool, task, i, sp, n, start)
-        if seeded:  # another seed's or density's mask of this tensor and model goes (a mask per shard element)
-            pool.stats_cache.put_seeded(key, (task.name, i, sp.method), hit)
-        else:
-            pool.stats_cache[key] = hit
+        _put_plan(pool, key, sp, hit)
     plan.mode, plan.lo, plan.hi, plan.thr, plan.scale, plan.bits = hit
     return plan
 
@@ -324,35 +320,61 @@ def _counted_indices(pool, name: str, device) -> torch.Tensor:
     return _counted(pool, name, pool.boxes[name].global_indices(device))
 
 
+def _plan_key(task: TensorTask, i: int, sp: tvo.Sparsifier) -> tuple:
+    """A model plan's statistics-cache key: a seeded sparsifier's (random masks) depends on the seed."""
+    return task.name, i, sp, int(task.seed) if sp.method in tvo.SEEDED else None
+
+
+def _put_plan(pool, key: tuple, sp: tvo.Sparsifier, hit: tuple) -> None:
+    if sp.method in tvo.SEEDED:  # another seed's or density's mask of this tensor and model goes (a mask per element)
+        pool.stats_cache.put_seeded(key, (key[0], key[1], sp.method), hit)
+    else:
+        pool.stats_cache[key] = hit
+
+
 def _resolve(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start):
     """(mode, lo, hi, thr, scale, bits) of one model: collectives over the pool's group."""
     group = _group(pool, task.name)
-    plan, keep = _local_plan(pool, task, i, sp, n, start, take=True)
+    plan, keep, parts = _local_plan(pool, task, i, sp, n, start)
+    sums = None
     if sp.rescale == "l1":
-        sums = pool.found_scales.pop((task.name, i, sp), None) if group is not None else None
-        if sums is None:
-            _in_step(pool, group)
-            sums = collectives.sum_parts(_l1_parts(pool, task, i, plan, keep, start), group)
-        plan.scale = tvo.l1_ratio(*sums)
+        _in_step(pool, group)
+        sums = collectives.sum_parts(_l1_parts(pool, task, i, plan, keep, start, parts), group)
+    _scale(plan, sp, sums)
+    return _entry(plan, _bits(plan, keep, start))
+
+
+def _scale(plan: tvo.ModelPlan, sp: tvo.Sparsifier, l1_sums) -> None:
+    if sp.rescale == "l1":
+        plan.scale = tvo.l1_ratio(*l1_sums)
     elif sp.rescale == "inverse_density":
         plan.scale = tvo._f32(1.0 / sp.density) if sp.density > 0 else 1.0
-    bits = None
-    if start is None or plan.mode == tvo.BITS:  # the kernel then indexes the mask by LOCAL element
-        plan.mode, bits = tvo.BITS, tvo.pack_bits(keep)
+
+
+def _bits(plan: tvo.ModelPlan, keep, start):
+    """The packed keep-mask where the kernel indexes it by LOCAL element (the plan's mode then BITS), else None."""
+    if start is None or plan.mode == tvo.BITS:
+        plan.mode = tvo.BITS
+        return keep if keep.dtype == torch.int64 else tvo.pack_bits(keep)  # (int64: packed already)
+    return None
+
+
+def _entry(plan: tvo.ModelPlan, bits) -> tuple:
     return plan.mode, plan.lo, plan.hi, plan.thr, plan.scale, bits
 
 
-def _local_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start, take: bool) -> tuple:
-    """(plan without its scale, keep-mask of this rank's elements or None where nothing needs it) of one model;
-    its rank boundaries those _find_bounds found (popped if `take`), or found here by collectives."""
+def _local_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, start, row=None) -> tuple:
+    """(plan without its scale, keep-mask, L1 parts or None) of one model: the mask of this rank's elements (bool,
+    or packed int64 words where DELLA's native kernel made it, and with it the L1 parts), None where nothing needs
+    it; its rank boundaries those _find_bounds found, or found here by collectives; `row`: a 1-D tensor's whole
+    delta for DELLA (_gather_rows), else gathered here."""
     box, group = pool.boxes[task.name], _group(pool, task.name)
     x, base = task.inputs[i], task.base
     keys = select.magnitude_keys(x, base) if sp.method in _RANKED else None
     plan = tvo.ModelPlan(model=i)
     gidx = functools.partial(box.global_indices, x.device)  # global flat indices, made only where needed
     if sp.method in _RANKED:
-        found = pool.found_bounds.pop if take else pool.found_bounds.get
-        bounds = found((task.name, i, sp), None) if group is not None else None
+        bounds = pool.found_bounds.pop((task.name, i, sp), None) if group is not None else None
         if bounds is None:
             ranks, descending = _ranks(sp, n)
             counted_gidx = lambda: _counted(pool, task.name, gidx())  # noqa: E731
@@ -366,67 +388,102 @@ def _local_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, star
     elif sp.method == "random":
         plan.mode = tvo.RANDOM
         plan.thr = philox.keep_threshold(sp.density)
-    keep = None
+    keep = parts = None
     if sp.method == "della_magprune":
-        plan.mode, keep = tvo.BITS, _della_keep(pool, task, i, sp, box, group, start, _counts(pool, task.name))
+        plan.mode = tvo.BITS
+        keep, parts = _della_keep(pool, task, i, sp, box, group, start, _counts(pool, task.name), row)
     elif start is None:  # a shard that is not one run of the global elements: the kernel takes a bitmask
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
-    return plan, keep
+    return plan, keep, parts
 
 
-def _l1_parts(pool, task: TensorTask, i: int, plan: tvo.ModelPlan, keep, start) -> torch.Tensor:
-    """[2, PARTS]: this rank's share of the exact sums of |d| and |d * keep| of model i (an L1 rescale); without a
-    keep-mask, that of the plan over the shard's elements from global index `start`, as the kernels mask them
-    (the native kernel on a CPU: the torch Philox here took 0.7 ms per tiny tensor, an audit)."""
+def _l1_parts(pool, task: TensorTask, i: int, plan: tvo.ModelPlan, keep, start, parts=None) -> torch.Tensor:
+    """[2, PARTS]: this rank's share of the exact sums of |d| and |d * keep| of model i (an L1 rescale): `parts`
+    where the mask's kernel gave them; without a keep-mask, those of the plan over the shard's elements from global
+    index `start`, as the kernels mask them (the native kernel on a CPU: the torch Philox here took 0.7 ms per
+    tiny tensor, an audit)."""
     x, base = task.inputs[i], task.base
-    if keep is None:
+    if parts is None and keep is None:
         parts = tvo.model_l1_parts(x, base, plan, name=task.name, seed=task.seed, offset=start,
                                    cpu=tvo._use_cpu(x, task.backend), num_threads=task.num_threads)
-    else:
+    elif parts is None:
         parts = tvo.l1_parts(x.float() - base.float(), keep)
     return _counted_parts(pool, task.name, parts)
 
 
-_BATCH_ROWS = 512  # exact sums found together per all_reduce (_find_scales, _find_dots): 17 KB of int64 parts each
+_BATCH_ROWS = 512  # exact sums found together per all_reduce (_find_dots): 17 KB of int64 parts each
+_BATCH_PLANS = 256  # model plans found together (_find_plans): up to 512 sums, and DELLA's 1-D deltas gathered
 
 
-def _find_scales(pool, wanted) -> None:
-    """The L1 rescale sums _resolve is about to need for `wanted` (as _find_bounds: after it, whose boundaries the
-    ranked keep-masks take), summed together into pool.found_scales: one all_reduce per 256 of them (512 sums) instead of
-    two collectives for each tensor and checkpoint (a first DARE-TIES call over 1,000 tiny tensors and 2
-    checkpoints ran 4,005 all_reduces, 7.5 s on gloo). A shard that is not one run of global elements has its
-    keep-mask made here and again in _resolve. Not DELLA's, whose masks run collectives of their own."""
-    batch: list = []  # (key, parts)
+def _find_plans(pool, wanted) -> None:
+    """The whole plans of `wanted` whose statistics need more than rank boundaries (an L1 rescale's sums, DELLA's
+    masks), found together into the statistics cache after _find_bounds, whose boundaries the ranked masks take:
+    per 256 of them (or 2^25 global elements), one all_gather_object of DELLA's 1-D deltas and one all_reduce of
+    the L1 sums, instead of up to three collectives for each tensor and checkpoint (a first call over 1,000 tiny
+    tensors and 2 checkpoints on 2 gloo ranks: DARE-TIES ran 4,005 all_reduces in 7.5 s, DELLA 5,005 and 1,000
+    all_gathers in 18.7 s). Only those of sharded tensors that the cache lacks, which every rank lacks alike."""
+    batch: list = []  # (key, task, model, sparsifier, global elements)
 
     def flush():
-        _in_step(pool, pool.group)
-        sums = collectives.sum_parts(torch.stack([parts for _, parts in batch]), pool.group)
-        for j, (key, _) in enumerate(batch):
-            pool.found_scales[key] = tuple(sums[2 * j:2 * j + 2])
+        rows = _gather_rows(pool, batch)
+        done, parts = [], []
+        for key, task, i, sp, n in batch:
+            start = pool.boxes[task.name].contiguous_start()
+            plan, keep, l1 = _local_plan(pool, task, i, sp, n, start, rows.get(key))
+            if sp.rescale == "l1":
+                parts.append(_l1_parts(pool, task, i, plan, keep, start, l1))
+            done.append((key, sp, plan, _bits(plan, keep, start)))  # the keep-mask goes: packed, where kept
+        sums = []
+        if parts:
+            _in_step(pool, pool.group)
+            sums = collectives.sum_parts(torch.cat(parts), pool.group)
+        for key, sp, plan, bits in done:
+            if sp.rescale == "l1":
+                _scale(plan, sp, sums[:2])
+                sums = sums[2:]
+            else:
+                _scale(plan, sp, None)
+            _put_plan(pool, key, sp, _entry(plan, bits))
         batch.clear()
 
-    seen = set()
+    held, seen = 0, set()
     for task, i, sp, device in wanted:
-        key, n = (task.name, i, sp), math.prod(pool.boxes[task.name].global_shape)
-        seeded = sp.method in tvo.SEEDED
+        key, n = _plan_key(task, i, sp), math.prod(pool.boxes[task.name].global_shape)
         # as _model_plan: no plan for no sparsifier, at density 1 or for an empty tensor; none kept at density 0
-        if (key in seen or sp.rescale != "l1" or sp.method in (None, "della_magprune") or sp.density >= 1 or n == 0
-                or (sp.method == "magnitude" and sp.density <= 0) or _group(pool, task.name) is None
-                or (*key, int(task.seed) if seeded else None) in pool.stats_cache):
+        if (key in seen or sp.method is None or sp.density >= 1 or n == 0
+                or (sp.method in ("magnitude", "della_magprune") and sp.density <= 0)
+                or (sp.rescale != "l1" and sp.method != "della_magprune")
+                or _group(pool, task.name) is None or key in pool.stats_cache):
             continue
         seen.add(key)
-        on = task  # on the device the merge computes on, as _find_bounds
-        if device is not None:
+        if device is not None:  # on the device the merge computes on, as _find_bounds
             inputs = list(task.inputs)
             inputs[i] = inputs[i].to(device)
-            on = dataclasses.replace(task, inputs=inputs, base=task.base.to(device))
-        start = pool.boxes[task.name].contiguous_start()
-        plan, keep = _local_plan(pool, on, i, sp, n, start, take=False)
-        batch.append((key, _l1_parts(pool, on, i, plan, keep, start)))
-        if 2 * len(batch) >= _BATCH_ROWS:
+            task = dataclasses.replace(task, inputs=inputs, base=task.base.to(device))
+        batch.append((key, task, i, sp, n))
+        held += n  # by the GLOBAL size, as _find_bounds: every rank cuts its batches alike
+        if len(batch) >= _BATCH_PLANS or held >= _BATCH_ELEMENTS:
             flush()
+            held = 0
     if batch:
         flush()
+
+
+def _gather_rows(pool, batch) -> dict:
+    """key -> the whole delta of each of the batch's 1-D DELLA tensors (a bias, a norm: small), from every rank's
+    piece in one all_gather_object (DELLA ranks a 1-D tensor as one row)."""
+    import torch.distributed as dist
+    wanted = [(key, task, i) for key, task, i, sp, _ in batch
+              if sp.method == "della_magprune" and len(pool.boxes[task.name].global_shape) < 2]
+    if not wanted:
+        return {}
+    mine = [(pool.boxes[task.name].offset[0], (task.inputs[i].float() - task.base.float()).reshape(-1).cpu())
+            if _counts(pool, task.name) else None for _, task, i in wanted]
+    everyone = [None] * dist.get_world_size(pool.group)
+    _in_step(pool, pool.group)
+    dist.all_gather_object(everyone, mine, group=pool.group)
+    return {key: torch.cat([d for _, d in sorted(filter(None, (theirs[j] for theirs in everyone)), key=lambda p: p[0])])
+            for j, (key, _, _) in enumerate(wanted)}
 
 
 def _check_della(pool, name: str, method: str) -> None:
@@ -437,19 +494,26 @@ def _check_della(pool, name: str, method: str) -> None:
                          "magnitudes within rows, so a sharded pool needs its rows whole on each rank (Shard(0))")
 
 
-def _della_keep(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, counted: bool) -> torch.Tensor:
-    """DELLA's keep-mask of this rank's elements (rows whole here; a 1-D tensor is one row: gathered)."""
+def _della_keep(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, counted: bool,
+                row=None) -> torch.Tensor:
+    """(DELLA's keep-mask of this rank's elements, its L1 parts or None): rows whole here, a 1-D tensor one row
+    (`row`, or gathered). A CPU shard of rows takes the native kernel, at the rows' global offset (as one
+    process's: the torch form took ~3 ms per tiny tensor and far longer per large one)."""
     import torch.distributed as dist
     x, base = task.inputs[i], task.base
     if len(box.global_shape) >= 2 or group is None:
-        return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start)
-    d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
-    parts = [None] * dist.get_world_size(group)
-    _in_step(pool, group)
-    dist.all_gather_object(parts, (box.offset[0], d) if counted else None, group=group)
-    full = torch.cat([p for _, p in sorted(filter(None, parts), key=lambda p: p[0])])
+        if x.dim() <= 2 and start is not None and tvo._use_cpu(x, task.backend):
+            return tvo.della_native(x, base, sp, i, task.name, task.seed, start, task.num_threads)
+        return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start), None
+    full = row
+    if full is None:
+        d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
+        parts = [None] * dist.get_world_size(group)
+        _in_step(pool, group)
+        dist.all_gather_object(parts, (box.offset[0], d) if counted else None, group=group)
+        full = torch.cat([p for _, p in sorted(filter(None, parts), key=lambda p: p[0])])
     keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
-    return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device)
+    return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device), None
 
 
 def _keep(plan: tvo.ModelPlan, keys: torch.Tensor, gidx: torch.Tensor, name: str, seed: int) -> torch.Tensor:
@@ -513,7 +577,7 @@ def _gram(sums, k: int) -> torch.Tensor:
 
 def _find_dots(pool, m, tasks) -> None:
     """The whole-tensor dot products _with_global_dots is about to need for `tasks`, (task, target) of one call,
-    summed together into the pool's statistics: one all_reduce per 512 sums (as _find_scales) instead of two
+    summed together into the pool's statistics: one all_reduce per 512 sums instead of two
     collectives per tensor (a first Model Stock call over 1,000 tiny tensors ran 2,004). Only those of sharded
     tensors that the cache lacks, which every rank lacks alike."""
     batch: list = []  # (key, vectors, parts)

@@ -60,7 +60,6 @@ class ShardedPool(CheckpointPool):
         self.stats_cache = StatsCache()  # (tensor, model, sparsifier...) -> thresholds, scales, masks
         self.kept_selection = None  # the task-vector call's last resolved arrays (dist/methods.py)
         self.found_bounds: dict = {}  # a call's rank boundaries found together (dist/methods.py, _find_bounds)
-        self.found_scales: dict = {}  # and its L1 rescales' sums (_find_scales)
         self.stats_versions: dict = {}  # tensor -> input_versions() when its cached statistics were agreed
         self._samples: List[int] = []  # per source (then the base) as opened: a digest of a few of its values
         self._held: dict = {}  # tensor -> the checkpoints' and base's as this rank holds them (input_versions)

@@ -309,22 +309,31 @@ def keep_mask_torch(plan: ModelPlan, d: torch.Tensor, e0: int, name: str, seed: 
 
 def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_threads):
     """DELLA keep-bitmask (int64 words) and the L1 norms, ranks along dim 1 (1-D: one row)."""
-    n = x.numel()
-    words = torch.zeros((n + 63) // 64, dtype=torch.int64, device=x.device)
     if x.dim() <= 2 and cpu:
-        check_native([x, base], [], n, "della", "cpu", _native.DTYPE_CODES)
-        rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
-        thr = della_thresholds(sp.density, sp.epsilon, cols).to(torch.uint32)
-        h0, h1 = philox.name_hash(name)
-        x, base = x.contiguous(), base.contiguous()  # held across the call, as in model_l1_parts
-        spec = _spec(x, ModelPlan(mode=BITS, model=model))
-        spec = spec[:8] + (words.data_ptr(),) + spec[9:]
-        parts = _native.cpu.tv_della_mask(spec, base.data_ptr(), _native.DTYPE_CODES[base.dtype],
-                                          rows, cols, thr.data_ptr(), words.data_ptr(),
-                                          int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads)
-        return words, tuple(exact_sum.totals(torch.from_numpy(parts)))
+        words, parts = della_native(x, base, sp, model, name, seed, offset, num_threads)
+        return words, tuple(exact_sum.totals(parts))
     keep, parts = della_keep_torch(x, base, sp, model, name, seed, offset, norms=True)
     return pack_bits(keep), tuple(exact_sum.totals(parts))
+
+
+def della_native(x, base, sp: Sparsifier, model, name, seed, offset, num_threads):
+    """(bitmask words, [2, PARTS] L1 parts) of DELLA over a CPU tensor of at most 2 dimensions with the native
+    kernel; its draws those of elements offset on (a sharded pool's rows, at their global index)."""
+    n = x.numel()
+    words = torch.zeros((n + 63) // 64, dtype=torch.int64, device=x.device)
+    check_native([x, base], [], n, "della", "cpu", _native.DTYPE_CODES)
+    rows, cols = (1, n) if x.dim() < 2 else (x.shape[0], n // max(1, x.shape[0]))
+    if x.dim() == 2 and rows == 0:  # a rank's shard without rows: its columns still set the thresholds
+        cols = x.shape[1]
+    thr = della_thresholds(sp.density, sp.epsilon, cols).to(torch.uint32)
+    h0, h1 = philox.name_hash(name)
+    x, base = x.contiguous(), base.contiguous()  # held across the call, as in model_l1_parts
+    spec = _spec(x, ModelPlan(mode=BITS, model=model))
+    spec = spec[:8] + (words.data_ptr(),) + spec[9:]
+    parts = _native.cpu.tv_della_mask(spec, base.data_ptr(), _native.DTYPE_CODES[base.dtype],
+                                      rows, cols, thr.data_ptr(), words.data_ptr(),
+                                      int(seed) & 0xFFFFFFFFFFFFFFFF, h0, h1, num_threads, offset)
+    return words, torch.from_numpy(parts).view(2, -1)
 
 
 def della_keep_torch(x, base, sp: Sparsifier, model, name, seed, offset=0, norms: bool = False):
