@@ -2024,3 +2024,29 @@ def test_candidates_inside_a_parametrize_cached_block_are_each_scored():
         for w in ([0.2, 0.5, 0.3], [0.7, 0.2, 0.1]):
             pool.materialize(w, into=model)
             assert torch.allclose(model(x).double(), expected(w), atol=1e-5), w
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_a_compiled_step_that_merges_then_scores_runs_the_merge_eagerly(many):
+    """A user's torch.compile'd step that materializes a candidate and then runs the model died in Dynamo's fake
+    tensors (traced into the pool: a TorchRuntimeError, then an InternalTorchDynamoError; an audit). The merge
+    now runs eagerly inside the compiled step, and the step's output is the merged model's."""
+    torch.manual_seed(0)
+    srcs = [torch.nn.Linear(8, 4) for _ in range(2)]
+    pool = CheckpointPool(srcs)
+    target, x = torch.nn.Linear(8, 4), torch.randn(3, 8)
+
+    @torch.compile(backend="eager")
+    def step(w):
+        if many:
+            pool.materialize_many([w], [target])
+        else:
+            pool.materialize(w, into=target)
+        return target(x)
+
+    for w in ([0.5, 0.5], [1.0, 0.0], [0.25, 0.75]):
+        weight = sum(wi * s.weight.detach().double() for wi, s in zip(w, srcs))
+        bias = sum(wi * s.bias.detach().double() for wi, s in zip(w, srcs))
+        got = step(w)
+        assert torch.allclose(target.weight.detach().double(), weight, atol=1e-6)
+        assert torch.allclose(got.double(), torch.nn.functional.linear(x.double(), weight, bias), atol=1e-5)

@@ -145,6 +145,7 @@ class ShardedPool(CheckpointPool):
 
     __repr__ = describe
 
+    @torch.compiler.disable  # run eagerly from a compiled function, as CheckpointPool's
     @factories_on_cpu
     def materialize_many(self, weight_rows, into, method: str = "linear", **kwargs) -> list:
         """CheckpointPool.materialize_many, with every check agreed across ranks before any write: an

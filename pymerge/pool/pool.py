@@ -678,6 +678,9 @@ class CheckpointPool:
         return held
 
     # ---- merging -----------------------------------------------------------------------------------
+    # torch.compiler.disable: a compiled function that merges, then scores, runs the merge eagerly (a graph
+    # break); traced, it died in Dynamo's fake tensors (the pool takes locks and writes through raw pointers)
+    @torch.compiler.disable
     def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
                     normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
                     method_params: Optional[Mapping] = None, **params):
@@ -687,6 +690,7 @@ class CheckpointPool:
         return self.materialize_many([weights], [into], method, groups=groups, normalize=normalize, names=names,
                                      strict=strict, seed=seed, method_params=method_params, **params)[0]
 
+    @torch.compiler.disable
     @factories_on_cpu
     @functools.partial(_exclusive, merges=True)
     def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
