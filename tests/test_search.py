@@ -131,9 +131,9 @@ def _interrupting(evaluate, after):
     return wrapped
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 0.0)  # every generation saved: each crash keeps some
-    monkeypatch.setattr(optimize_module, "_SAVE_SHARE", float("inf"))
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """An interrupt writes the candidates evaluated since the last write (it lost up to 30 s of them, a whole run
+    of a fast evaluate here), mid-generation too: resumes replay them and end as one uninterrupted run."""
     pool, evaluate, _ = synthetic()
     full = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, log=None)
     path = str(tmp_path / "state.json")
@@ -143,7 +143,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
             optimize(pool, _interrupting(evaluate, after), model=Vec(), budget=60, popsize=8, seed=7,
                      state_path=path, log=None)
         kept.append(len(json.loads(open(path).read())["history"]))
-    assert kept == [1, 9, 33]  # the start, then whole generations: the resumes replay them
+    assert kept == [5, 18, 48]  # every candidate evaluated (popsize 8: generations cut at 4, 1 and 7)
     resumed = optimize(pool, evaluate, model=Vec(), budget=60, popsize=8, seed=7, state_path=path, log=None)
     assert [r["weights"] for r in resumed.history] == [r["weights"] for r in full.history]
     assert [r["objective"] for r in resumed.history] == [r["objective"] for r in full.history]
@@ -2620,15 +2620,20 @@ def test_an_evaluate_that_only_returns_nan_stops_after_one_generation(tmp_path):
     assert len(optimize(pool, mostly_nan, model=Vec(), budget=20, popsize=4, log=None).history) == 20
 
 
-def test_mid_generation_saves_wait_for_the_interval(tmp_path):
+def test_mid_generation_saves_wait_for_the_interval(tmp_path, monkeypatch):
     """Each save writes the whole history: saved after every candidate, a long search spent more time saving than
-    it could lose (a review). At the default interval a quick generation is saved once, at its end."""
+    it could lose (a review). At the default interval a quick generation is not saved in its middle: the writes
+    are the start's and the interrupt's."""
     pool, evaluate, _ = synthetic()
     path = str(tmp_path / "s.json")
+    writes, real = [], optimize_module._save_state
+    monkeypatch.setattr(optimize_module, "_save_state", lambda p, state: writes.append(len(state["history"])) or
+                        real(p, state))
     with pytest.raises(KeyboardInterrupt):
         optimize(pool, _interrupting(evaluate, 7), model=Vec(), budget=25, popsize=8, seed=3, replicas=1,
                  state_path=path, log=None)
-    assert len(json.loads(open(path).read())["history"]) == 1  # the start: generation 1 took less than 30 s
+    assert writes == [1, 7]  # generation 1 took less than 30 s
+    assert len(json.loads(open(path).read())["history"]) == 7
 
 
 def test_one_checkpoint_per_group_with_normalize_is_refused():

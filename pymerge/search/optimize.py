@@ -7,7 +7,8 @@ weights are x reshaped to [G, N], each row divided by its sum when normalize=Tru
 a weighted average as in the recycling paper). Candidate 0 is x0 (the uniform merge by default).
 The objective is maximized; evaluate(model) returns a float or {task: score} (macro-averaged).
 State is saved as JSON after a generation or a batch of candidates where _SAVE_EVERY_S (or ten times the last
-save's duration) have passed since the last save, and at the end: the settings and every evaluated candidate. A re-run
+save's duration) have passed since the last save, at the end, and as an interrupt or an error stops the search: the
+settings and every evaluated candidate (a killed process loses at most the candidates since the last save). A re-run
 with the same state_path rebuilds CMA-ES by replaying that history (the search's RNG is its own and
 seeded, so the replay asks for the very candidates recorded, which is checked) and ends where an
 uninterrupted run ends. Nothing is unpickled: a state file is data, validated field by field. While a
@@ -524,7 +525,8 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         n_rep = len(models)
         kw = dict(method=method, groups=groups, names=names, method_params=merge_params)
 
-        saved = [time.monotonic(), read_s]  # when the state was last written (or read), and how long that took
+        # when the state was last written (or read), how long that took, and the candidates it holds
+        saved = [time.monotonic(), read_s, len(history)]
         converged = [False]  # said once
 
         def save_due() -> bool:
@@ -539,6 +541,17 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
             _save_state(state_path, state)
             saved[0] = time.monotonic()
             saved[1] = saved[0] - began
+            saved[2] = len(history)
+
+        def write_progress() -> None:
+            """The candidates evaluated since the last write, as a write in mid-generation saves them (a resume
+            replays them): on an interrupt or an error, which lost up to _SAVE_EVERY_S of them."""
+            if not state_path or len(history) == saved[2]:
+                return
+            state["x0_done"] = True  # history[0] is the start
+            state["generation"] = max(state["generation"], history[-1]["generation"])
+            with contextlib.suppress(Exception):  # (the error under way is the one to raise)
+                write_state()
 
         def run(xs, generation, save=False):
             """Materializes and evaluates candidates xs in batches of n_rep models; returns their objectives.
@@ -575,51 +588,55 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                     write_state()  # (at the generation's end, after tell, if due)
             return out
 
-        if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
-            run([x0], 0)
-            state["x0_done"] = True
-            _save_state(state_path, state)
-        t_start = time.perf_counter()
-        if log and len(history) > budget:  # the result holds every saved candidate, more than this budget
-            log(f"the saved state already holds {len(history)} candidates, more than budget={budget}: nothing to run, "
-                "the result is the saved search")
-        while len(history) < budget:
-            if pending is not None:  # a larger budget finishes that generation, as an uninterrupted run would
-                (xs, objs), pending = pending, None
-                gen = state["generation"]
-            else:
-                xs = rng.run(es.ask)
-                objs, gen = [], state["generation"] + 1
-            left = budget - len(history)
-            objs = objs + run(xs[len(objs):len(objs) + left], gen, save=True)
-            if len(objs) == len(xs):  # a partial last generation is evaluated but not told
-                rng.run(lambda: es.tell(xs, [_fitness(o) for o in objs]))
-            state["generation"] = gen
-            hopeless = len(objs) == len(xs) and all(not math.isfinite(r["objective"]) for r in history)
-            # Every save writes the whole history: one per generation made a long search quadratic (70 ms per
-            # candidate at 10,000 candidates, 70x a 1 ms evaluate; an audit). Saved when due (save_due) and at the
-            # end: an interrupt loses at most those seconds' candidates and the batch being evaluated.
-            if hopeless or len(history) >= budget or save_due():
+        try:
+            if not state["x0_done"]:  # candidate 0: the starting point (uniform merge by default), a baseline
+                run([x0], 0)
+                state["x0_done"] = True
                 write_state()
-            if hopeless:
-                # CMA-ES learns nothing from them: the rest of the budget went on a random walk (an audit)
-                raise InputError(f"every candidate so far ({len(history)}) scored NaN or inf; check evaluate()"
-                                 + (f" (the search state is saved in {state_path})" if state_path else ""))
-            if log:
-                recent = history[-len(objs):]
-                if not converged[0] and len(recent) > 1 and len(history) < budget:
-                    w32 = np.asarray([r["weights"] for r in recent], np.float32)  # the merges, as the pool weighs
-                    if (w32 == w32[0]).all():  # (CMA-ES's own stop tests are off: the budget is the user's)
-                        converged[0] = True
-                        log(f"every candidate of generation {gen} is the same merge: CMA-ES has converged, and the "
-                            f"rest of the budget ({budget - len(history)} candidates) evaluates it again; stop the "
-                            "search, or run another seed or sigma0")
-                best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite, as the result's
-                log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
-                    f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
-                    f"{1e3 * np.mean([r['evaluate_s'] for r in recent]):.2f} ms evaluate  "
-                    f"({time.perf_counter() - t_start:.1f} s)")
-        return _result(history, state["generation"])
+            t_start = time.perf_counter()
+            if log and len(history) > budget:  # the result holds every saved candidate, more than this budget
+                log(f"the saved state already holds {len(history)} candidates, more than budget={budget}: nothing to "
+                    "run, the result is the saved search")
+            while len(history) < budget:
+                if pending is not None:  # a larger budget finishes that generation, as an uninterrupted run would
+                    (xs, objs), pending = pending, None
+                    gen = state["generation"]
+                else:
+                    xs = rng.run(es.ask)
+                    objs, gen = [], state["generation"] + 1
+                left = budget - len(history)
+                objs = objs + run(xs[len(objs):len(objs) + left], gen, save=True)
+                if len(objs) == len(xs):  # a partial last generation is evaluated but not told
+                    rng.run(lambda: es.tell(xs, [_fitness(o) for o in objs]))
+                state["generation"] = gen
+                hopeless = len(objs) == len(xs) and all(not math.isfinite(r["objective"]) for r in history)
+                # Every save writes the whole history: one per generation made a long search quadratic (70 ms per
+                # candidate at 10,000 candidates, 70x a 1 ms evaluate; an audit). Saved when due (save_due) and at the
+                # end; and as an interrupt or an error stops the search (write_progress).
+                if hopeless or len(history) >= budget or save_due():
+                    write_state()
+                if hopeless:
+                    # CMA-ES learns nothing from them: the rest of the budget went on a random walk (an audit)
+                    raise InputError(f"every candidate so far ({len(history)}) scored NaN or inf; check evaluate()"
+                                     + (f" (the search state is saved in {state_path})" if state_path else ""))
+                if log:
+                    recent = history[-len(objs):]
+                    if not converged[0] and len(recent) > 1 and len(history) < budget:
+                        w32 = np.asarray([r["weights"] for r in recent], np.float32)  # the merges, as the pool weighs
+                        if (w32 == w32[0]).all():  # (CMA-ES's own stop tests are off: the budget is the user's)
+                            converged[0] = True
+                            log(f"every candidate of generation {gen} is the same merge: CMA-ES has converged, and the "
+                                f"rest of the budget ({budget - len(history)} candidates) evaluates it again; stop the "
+                                "search, or run another seed or sigma0")
+                    best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite: the result's
+                    log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
+                        f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
+                        f"{1e3 * np.mean([r['evaluate_s'] for r in recent]):.2f} ms evaluate  "
+                        f"({time.perf_counter() - t_start:.1f} s)")
+            return _result(history, state["generation"])
+        except BaseException:
+            write_progress()
+            raise
     finally:
         release_lock(lock)
         _forget_replicas(pool, models[1:])
