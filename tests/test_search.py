@@ -699,6 +699,27 @@ def test_log_reports_the_best_finite_objective_and_huge_integers_in_a_state_are_
         optimize(pool, evaluate, model=Vec(), budget=18, popsize=6, seed=4, state_path=str(path), log=None)
 
 
+def test_pareto_front_equals_the_definition_on_random_points_with_ties_and_failures():
+    """The front is found in lexicographic order against the front so far (and for two tasks by a running
+    maximum): against every point, 10,000 candidates took 5-8 s at a search's end and 50,000 three to four
+    minutes. The same indices as the definition: non-dominated, of equal points the first, failures out."""
+    def definition(pts):
+        ok = [all(math.isfinite(v) for v in p) for p in pts]
+        return [i for i, p in enumerate(pts) if ok[i] and not any(
+            ok[j] and j != i and all(a >= b for a, b in zip(q, p)) and (tuple(q) != tuple(p) or j < i)
+            for j, q in enumerate(pts))]
+    rng = np.random.default_rng(5)
+    for trial in range(1500):
+        n, k = int(rng.integers(1, 30)), int(rng.integers(1, 5)) if trial % 2 else 2
+        pts = rng.integers(0, 4, (n, k)).astype(float)  # few values: ties everywhere
+        pts[rng.random(n) < 0.1] = np.nan
+        pts[rng.random(n) < 0.05, 0] = np.inf
+        pts = pts.tolist()
+        assert pareto_front(pts) == definition(pts), pts
+    line = np.random.default_rng(0).random(3000)
+    assert len(pareto_front(np.stack([line, 1 - line], 1))) == 3000  # every point on the front
+
+
 def test_pareto_front_of_nothing_is_empty():
     assert pareto_front([]) == []
 

@@ -58,16 +58,22 @@ def pareto_front(points: Sequence[Sequence[float]]) -> List[int]:
         pts = pts.reshape(len(pts), -1)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor that requires grad
         raise InputError(f"points must be a list of score vectors, got {short(points)}") from None
-    valid = np.isfinite(pts).all(axis=1)
-    front = []
-    for i in np.flatnonzero(valid):  # one row against all at once: 4,000 points on the front took 40 s one by one
+    idx = np.flatnonzero(np.isfinite(pts).all(axis=1))
+    # In descending lexicographic order (equal points by index) whatever dominates a point comes before it, and
+    # so does a point of the front that dominates that (>= is transitive): each point is compared with the front
+    # found so far only (against every point, 10,000 candidates took 5-8 s and 50,000 three to four minutes)
+    order = idx[np.lexsort((idx, *(-pts[idx, j] for j in reversed(range(pts.shape[1])))))]
+    if pts.shape[1] == 2:  # those before a point have its first score or more: dominated by a second one as high
+        second = pts[order, 1]
+        highest = np.maximum.accumulate(second)
+        return sorted(int(i) for i in order[np.r_[True, second[1:] > highest[:-1]]]) if len(order) else []
+    front, kept = np.empty_like(pts), []
+    for i in order:
         p = pts[i]
-        ge = valid & (pts >= p).all(axis=1)
-        beats = ge & ((pts > p).any(axis=1) | (np.arange(len(pts)) < i))
-        beats[i] = False
-        if not beats.any():
-            front.append(int(i))
-    return front
+        if not (front[:len(kept)] >= p).all(axis=1).any():
+            front[len(kept)] = p
+            kept.append(int(i))
+    return sorted(kept)
 
 
 def write_json(path: str, payload) -> None:
