@@ -677,6 +677,28 @@ def test_a_state_resumed_on_a_pool_compressed_otherwise_is_refused(tmp_path):
                             budget=6, popsize=3, state_path=state, log=None).history) == 6
 
 
+def test_each_log_line_reports_the_best_of_every_candidate_so_far_resumed_ones_included(tmp_path):
+    """The log's best is kept as candidates come (it rescanned the whole history each generation: quadratic in a
+    long search), over a resumed state's candidates too."""
+    pool, evaluate, _ = synthetic(n=3)
+    calls = {"n": 0}
+
+    def noisy(m):  # a NaN now and then, and a late best among worse ones
+        calls["n"] += 1
+        return float("nan") if calls["n"] % 7 == 3 else evaluate(m) - (calls["n"] % 4)
+    path = str(tmp_path / "state.json")
+    with pytest.raises(KeyboardInterrupt):
+        optimize(pool, _interrupting(noisy, 13), model=Vec(), budget=40, popsize=5, seed=1, state_path=path, log=None)
+    lines = []
+    res = optimize(pool, noisy, model=Vec(), budget=40, popsize=5, seed=1, state_path=path, log=lines.append)
+    logged = [(int(m.group(1)), float(m.group(2))) for m in
+              (re.search(r"evals +(\d+)  best (\S+)", line) for line in lines) if m]
+    assert len(logged) >= 5 and logged[0][0] > 13
+    for evals, best in logged:
+        finite = [r["objective"] for r in res.history[:evals] if math.isfinite(r["objective"])]
+        assert best == pytest.approx(max(finite), abs=1e-4), (evals, best)
+
+
 def test_log_reports_the_best_finite_objective_and_huge_integers_in_a_state_are_refused(tmp_path):
     """The generation log said "best nan" (or inf) for the rest of the run after one candidate scored NaN,
     where the result skips it; a state holding an integer past 2**64 in its weights raised a TypeError."""

@@ -528,6 +528,16 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         # when the state was last written (or read), how long that took, and the candidates it holds
         saved = [time.monotonic(), read_s, len(history)]
         converged = [False]  # said once
+        best = [None, 0]  # the best finite objective, and how many candidates it was taken over
+
+        def best_so_far() -> float:
+            """The result's best objective by now (_best_index's), over the candidates since the last call only:
+            over the whole history for each generation's log line, a long search's logging was quadratic."""
+            for r in history[best[1]:]:
+                if math.isfinite(r["objective"]) and (best[0] is None or r["objective"] > best[0]):
+                    best[0] = r["objective"]
+            best[1] = len(history)
+            return best[0] if best[0] is not None else history[0]["objective"]  # (none finite: the first)
 
         def save_due() -> bool:
             # each write holds the whole history: one taking longer than the interval (a large per-layer search:
@@ -628,8 +638,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
                             log(f"every candidate of generation {gen} is the same merge: CMA-ES has converged, and the "
                                 f"rest of the budget ({budget - len(history)} candidates) evaluates it again; stop the "
                                 "search, or run another seed or sigma0")
-                    best = history[_best_index([r["objective"] for r in history])]["objective"]  # finite: the result's
-                    log(f"gen {gen:3d}  evals {len(history):4d}  best {best:.4f}  mean {np.mean(objs):.4f}  "
+                    log(f"gen {gen:3d}  evals {len(history):4d}  best {best_so_far():.4f}  mean {np.mean(objs):.4f}  "
                         f"per candidate: {1e3 * np.mean([r['materialize_s'] for r in recent]):.2f} ms materialize + "
                         f"{1e3 * np.mean([r['evaluate_s'] for r in recent]):.2f} ms evaluate  "
                         f"({time.perf_counter() - t_start:.1f} s)")
