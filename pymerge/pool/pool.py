@@ -34,7 +34,7 @@ from pymerge.io.files import identity, is_or_inside
 from pymerge.io.sigbus import MappingGuard, stamp
 from pymerge.ops._checks import FILLING_TARGETS, as_flag, as_int, check_threads
 from pymerge.ops._memory import (address_problem, backing_problem, kind_problem, negated_problem, overlap_problem,
-                                 write_problem)
+                                 return_freed_heap, write_problem)
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.ops.task_vector_ops import SelectionCache
 from pymerge.sizes import format_size, host_available
@@ -392,6 +392,8 @@ class CheckpointPool:
             self._compressed.pair_int4()
         elif self.backend == "cpu":  # the float path: int4 checkpoints in one stream per tensor
             self._compressed.interleave_int4()
+        if self.backend == "cpu":  # the codes the re-layout replaced, freed but still the process's
+            return_freed_heap()
         self.residency = "device" if self.device.type == "cuda" else "host"
         self.reason = store.describe()
         self.nbytes = self._compressed.nbytes
