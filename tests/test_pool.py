@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -2050,3 +2051,17 @@ def test_a_compiled_step_that_merges_then_scores_runs_the_merge_eagerly(many):
         got = step(w)
         assert torch.allclose(target.weight.detach().double(), weight, atol=1e-6)
         assert torch.allclose(got.double(), torch.nn.functional.linear(x.double(), weight, bias), atol=1e-5)
+
+
+def test_a_pool_warning_names_the_callers_line_through_the_compile_wrapper():
+    """materialize runs under torch.compiler.disable, whose wrapper is a frame of torch's: the warning that a
+    method ignores the weights named torch's file, and two calls from two lines warned once (a review)."""
+    torch.manual_seed(0)
+    pool = CheckpointPool([torch.nn.Linear(4, 3).state_dict() for _ in range(3)],
+                          base=torch.nn.Linear(4, 3).state_dict())
+    target = torch.nn.Linear(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pool.materialize([0.5, 0.3, 0.2], into=target, method="model_stock")
+        pool.materialize_many([[0.5, 0.3, 0.2]], [target], method="model_stock")
+    assert [os.path.abspath(w.filename) for w in caught] == [os.path.abspath(__file__)] * 2, caught

@@ -2935,3 +2935,18 @@ def test_a_config_and_an_out_reached_through_a_link_and_dotdot(tmp_path, capsys,
                           compress="int8")
     pool.save("ln/../pool.safetensors")  # a saved pool too
     assert (real / "pool.safetensors").is_file()
+
+
+def test_a_state_keeps_each_candidates_scores_in_evaluates_order(tmp_path):
+    """An objective that sums the scores in their order gives other bits in another (0.1 + 0.7 + 0.2 is 1.0; 0.7 +
+    0.2 + 0.1 is 0.9999999999999999): a state written with sorted keys refused its own resume, the objective
+    recomputed from the saved scores not being the saved one (a review)."""
+    pool, _, _ = synthetic(n=3)
+    path = str(tmp_path / "state.json")
+
+    def run(budget):
+        return optimize(pool, lambda m: {"z": 0.1, "a": 0.7, "m": 0.2}, model=Vec(), budget=budget, popsize=4,
+                        state_path=path, objective=lambda s: sum(s.values()), log=None)
+    run(5)
+    assert list(json.loads(open(path).read())["history"][0]["scores"]) == ["z", "a", "m"]
+    assert len(run(9).history) == 9

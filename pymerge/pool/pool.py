@@ -170,9 +170,13 @@ _PICKLE_HOOKS = ("__reduce__", "__reduce_ex__", "__getnewargs__", "__getnewargs_
 
 
 def _caller_level() -> int:
-    """warnings.warn's stacklevel of the first frame outside pymerge (the caller's line, whichever path led here)."""
+    """warnings.warn's stacklevel of the first frame outside pymerge (the caller's line, whichever path led here),
+    and outside torch.compiler.disable's wrapper of the merge calls (a review: warnings named torch's file)."""
     package, level, frame = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 2, sys._getframe(2)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+    dynamo = sys.modules.get("torch._dynamo")
+    skipped = (package + os.sep,) + ((os.path.dirname(os.path.abspath(dynamo.__file__)) + os.sep,)
+                                     if getattr(dynamo, "__file__", None) else ())
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skipped):
         frame, level = frame.f_back, level + 1
     return level
 
