@@ -52,9 +52,8 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
     error, tasks, stale, grouped_call = None, [], False, None
     names = [p.name for p in plans]
     tv_table = getattr(pool, "_tv_table", None)  # (native table, groups) of the plans: a CPU pool's, with a base
-    # the task-vector family in one native call (DELLA's masks: per tensor): no per-tensor tasks to make
-    one_call = isinstance(m, TaskVectorMethod) and tv_table is not None and bool(plans) \
-        and m.sparsification != "della_magprune"
+    # the task-vector family in one native call (DELLA too: its masks are cached bits): no per-tensor tasks to make
+    one_call = isinstance(m, TaskVectorMethod) and tv_table is not None and bool(plans)
     versions = list(map(pool.input_versions, names))  # read once: nothing writes the inputs before the merge
     try:
         stale = any(pool.stats_versions.get(n, v) != v for n, v in zip(names, versions))
@@ -77,10 +76,10 @@ def run_sharded(pool, m, plans, tables, seed: int, params) -> None:
                     checked.add((row, k))
                 if merge is _with_global_dots:
                     _check_vectors(pool, task.name, m.dot_group(task), m.name)
-                elif m.sparsification == "della_magprune":
-                    _check_della(pool, task.name, m.name)
                 if not one_call:  # (the one native call takes the plans, not tasks)
                     tasks.append((task, p.outs[k]))
+            if merge is not _with_global_dots and m.sparsification == "della_magprune":  # (every tensor's)
+                _check_della(pool, p.name, m.name)
         if one_call:
             from pymerge.pool.grouped import TaskVectorCall
             grouped_call = (TaskVectorCall(m, per_model, global_params, tables, tv_table[1], names[0], seed,
@@ -230,6 +229,8 @@ def _select(pool, call, plans, seed: int):
         # bitmasks index the LOCAL elements (as merge_planned's offset 0 where any model takes one)
         offsets[t] = 0 if start is None or any(mp.mode == tvo.BITS for mp in mps) else start
         for i, mp in enumerate(mps):
+            if mp.mode == tvo.BITS and not task.inputs[i].numel():  # an empty shard: no element, no mask's address
+                mp = tvo.ModelPlan(model=i)
             sel.put(t, i, mp)
     return sel, offsets
 
