@@ -337,7 +337,7 @@ def return_freed_heap() -> None:
     process at 1.6-2.1x the bytes the pool holds; an audit)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError, TypeError):  # not glibc (TypeError: Windows has no CDLL(None))
         return
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
