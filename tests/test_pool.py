@@ -2065,3 +2065,13 @@ def test_a_pool_warning_names_the_callers_line_through_the_compile_wrapper():
         pool.materialize([0.5, 0.3, 0.2], into=target, method="model_stock")
         pool.materialize_many([[0.5, 0.3, 0.2]], [target], method="model_stock")
     assert [os.path.abspath(w.filename) for w in caught] == [os.path.abspath(__file__)] * 2, caught
+
+
+def test_importing_the_pool_does_not_load_torchs_compiler():
+    """Decorating the merge calls with torch.compiler.disable loaded torch._dynamo: 1.3 s more for every `import
+    pymerge` (a review). It is used only where whoever compiles has loaded it."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import sys, pymerge, pymerge.pool, pymerge.dist; "
+                          "print('torch._dynamo' in sys.modules)"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["False"], out.stderr[-2000:]

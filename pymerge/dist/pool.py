@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pymerge.default_device import factories_on_cpu
+from pymerge.eager import eager_when_compiled
 from pymerge.dist import collectives
 from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, layout_key, reduce_group
 from pymerge.dist.reads import ShardedSource
@@ -145,7 +146,7 @@ class ShardedPool(CheckpointPool):
 
     __repr__ = describe
 
-    @torch.compiler.disable  # run eagerly from a compiled function, as CheckpointPool's
+    @eager_when_compiled  # run eagerly from a compiled function, as CheckpointPool's
     @factories_on_cpu
     def materialize_many(self, weight_rows, into, method: str = "linear", **kwargs) -> list:
         """CheckpointPool.materialize_many, with every check agreed across ranks before any write: an

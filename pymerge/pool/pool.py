@@ -29,6 +29,7 @@ from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.config import check_seed
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, short
 from pymerge.default_device import factories_on_cpu
+from pymerge.eager import eager_when_compiled
 from pymerge.forks import renew_after_fork
 from pymerge.io.files import identity, is_or_inside
 from pymerge.io.sigbus import MappingGuard, stamp
@@ -684,9 +685,7 @@ class CheckpointPool:
         return held
 
     # ---- merging -----------------------------------------------------------------------------------
-    # torch.compiler.disable: a compiled function that merges, then scores, runs the merge eagerly (a graph
-    # break); traced, it died in Dynamo's fake tensors (the pool takes locks and writes through raw pointers)
-    @torch.compiler.disable
+    @eager_when_compiled  # a compiled function that merges, then scores: the merge runs eagerly (a graph break)
     def materialize(self, weights, into, method: str = "linear", *, groups: GroupRule = None,
                     normalize: bool = False, names: NameMap = None, strict: bool = True, seed: int = 0,
                     method_params: Optional[Mapping] = None, **params):
@@ -696,7 +695,7 @@ class CheckpointPool:
         return self.materialize_many([weights], [into], method, groups=groups, normalize=normalize, names=names,
                                      strict=strict, seed=seed, method_params=method_params, **params)[0]
 
-    @torch.compiler.disable
+    @eager_when_compiled
     @factories_on_cpu
     @functools.partial(_exclusive, merges=True)
     def materialize_many(self, weight_rows, into: Sequence, method: str = "linear", *, groups: GroupRule = None,
