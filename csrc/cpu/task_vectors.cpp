@@ -209,8 +209,8 @@ struct RowScratch {
 
 // DELLA, one row: ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
 // element c iff its draw < thr[rank]. Draws are those of element offset + r * cols + c (a shard's rows at
-// their global index); the mask and the sums are of the local elements. Bits are OR-ed into a zeroed uint64 bitmask (rows may share
-// a word, hence the atomic OR). Adds the row's |d| and |d * keep| to exact sums.
+// their global index); the mask and the sums are of the local elements. Bits are OR-ed into a zeroed uint64
+// bitmask (rows may share a word, hence the atomic OR). Adds the row's |d| and |d * keep| to exact sums.
 template <int Isa>
 inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols, int64_t offset,
                       const uint32_t* thr, uint64_t* mask, RowScratch& w, exact::Acc& total, exact::Acc& kept) {

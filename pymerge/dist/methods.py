@@ -242,7 +242,7 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
     plan = tvo.ModelPlan(weight=float(weight), model=i)
     if sp.method is None or sp.density >= 1 or n == 0:
         return plan
-    if sp.method in ("magnitude", "della_magprune") and sp.density <= 0:
+    if sp.method in _ZEROED and sp.density <= 0:
         plan.mode = tvo.ZERO
         return plan
     key = _plan_key(task, i, sp)
@@ -255,6 +255,23 @@ def _model_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, weight: floa
 
 
 _RANKED = ("magnitude", "magnitude_outliers")  # sparsifiers that select by global magnitude rank
+_ZEROED = ("magnitude", "della_magprune")  # those that keep nothing at density 0
+
+
+def _resolved(sp: tvo.Sparsifier, n: int) -> bool:
+    """Whether _model_plan resolves statistics for sp over a tensor of n elements: not without a sparsifier, at
+    density 1 or for an empty tensor, nor where density 0 keeps nothing (its early returns)."""
+    return not (sp.method is None or sp.density >= 1 or n == 0 or (sp.method in _ZEROED and sp.density <= 0))
+
+
+def _on_device(task: TensorTask, i: int, device) -> TensorTask:
+    """task with model i's input and the base on `device`, the one the merge computes on (a pinned pool's targets'
+    GPU), as _resolve sees them there; task itself for None."""
+    if device is None:
+        return task
+    inputs = list(task.inputs)
+    inputs[i] = inputs[i].to(device)
+    return dataclasses.replace(task, inputs=inputs, base=task.base.to(device) if task.base is not None else None)
 # rank boundaries found together (_find_bounds): per collective round, a histogram of up to 2,048 int64 bins each;
 # and the tensors' global elements, which bound the int64 magnitude keys a rank holds meanwhile
 _BATCH_BOUNDS, _BATCH_ELEMENTS = 256, 1 << 25
@@ -295,16 +312,13 @@ def _find_bounds(pool, wanted) -> None:
     for task, i, sp, device in wanted:
         key, box = (task.name, i, sp), pool.boxes[task.name]
         n = math.prod(box.global_shape)
-        # as _model_plan: no statistic at density 1 or for an empty tensor; TIES at density 0 keeps nothing
-        if (key in seen or sp.method not in _RANKED or sp.density >= 1 or n == 0
-                or (sp.method == "magnitude" and sp.density <= 0) or _group(pool, task.name) is None
+        if (key in seen or sp.method not in _RANKED or not _resolved(sp, n) or _group(pool, task.name) is None
                 or (*key, None) in pool.stats_cache):
             continue
         seen.add(key)
-        # on the device the merge computes on (a pinned pool's targets' GPU), as _resolve would
-        x, base = (t if t is None or device is None else t.to(device) for t in (task.inputs[i], task.base))
-        keys = _counted(pool, task.name, select.magnitude_keys(x, base))
-        gidx = functools.partial(_counted_indices, pool, task.name, x.device)
+        task = _on_device(task, i, device)
+        keys = _counted(pool, task.name, select.magnitude_keys(task.inputs[i], task.base))
+        gidx = functools.partial(_counted_indices, pool, task.name, task.inputs[i].device)
         batch.append((key, keys, *_ranks(sp, n), n, gidx))
         # by the GLOBAL size: every rank cuts its batches at the same keys (its own count differs with uneven
         # shards, and is 0 where another copy of a piece counts: the histograms' shapes then differed, a review)
@@ -392,7 +406,7 @@ def _local_plan(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, n: int, star
     keep = parts = None
     if sp.method == "della_magprune":
         plan.mode = tvo.BITS
-        keep, parts = _della_keep(pool, task, i, sp, box, group, start, _counts(pool, task.name), row)
+        keep, parts = _della_keep(pool, task, i, sp, box, group, start, row)
     elif start is None:  # a shard that is not one run of the global elements: the kernel takes a bitmask
         keep = _keep(plan, keys, gidx(), task.name, task.seed)
     return plan, keep, parts
@@ -450,18 +464,11 @@ def _find_plans(pool, wanted) -> None:
     held, seen = 0, set()
     for task, i, sp, device in wanted:
         key, n = _plan_key(task, i, sp), math.prod(pool.boxes[task.name].global_shape)
-        # as _model_plan: no plan for no sparsifier, at density 1 or for an empty tensor; none kept at density 0
-        if (key in seen or sp.method is None or sp.density >= 1 or n == 0
-                or (sp.method in ("magnitude", "della_magprune") and sp.density <= 0)
-                or (sp.rescale != "l1" and sp.method != "della_magprune")
+        if (key in seen or not _resolved(sp, n) or (sp.rescale != "l1" and sp.method != "della_magprune")
                 or _group(pool, task.name) is None or key in pool.stats_cache):
             continue
         seen.add(key)
-        if device is not None:  # on the device the merge computes on, as _find_bounds
-            inputs = list(task.inputs)
-            inputs[i] = inputs[i].to(device)
-            task = dataclasses.replace(task, inputs=inputs, base=task.base.to(device))
-        batch.append((key, task, i, sp, n))
+        batch.append((key, _on_device(task, i, device), i, sp, n))
         held += n  # by the GLOBAL size, as _find_bounds: every rank cuts its batches alike
         if len(batch) >= _BATCH_PLANS or held >= _BATCH_ELEMENTS:
             flush()
@@ -472,7 +479,8 @@ def _find_plans(pool, wanted) -> None:
 
 def _gather_rows(pool, batch) -> dict:
     """key -> the whole delta of each of the batch's 1-D DELLA tensors (a bias, a norm: small), from every rank's
-    piece in one all_gather_object (DELLA ranks a 1-D tensor as one row)."""
+    piece in one all_gather_object (DELLA ranks a 1-D tensor as one row); batch: _find_plans's entries, or one
+    (_della_keep's, where a cleared cache left a plan to resolve alone)."""
     import torch.distributed as dist
     wanted = [(key, task, i) for key, task, i, sp, _ in batch
               if sp.method == "della_magprune" and len(pool.boxes[task.name].global_shape) < 2]
@@ -495,24 +503,16 @@ def _check_della(pool, name: str, method: str) -> None:
                          "magnitudes within rows, so a sharded pool needs its rows whole on each rank (Shard(0))")
 
 
-def _della_keep(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, counted: bool,
-                row=None) -> torch.Tensor:
+def _della_keep(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, start, row=None) -> tuple:
     """(DELLA's keep-mask of this rank's elements, its L1 parts or None): rows whole here, a 1-D tensor one row
     (`row`, or gathered). A CPU shard of rows takes the native kernel, at the rows' global offset (as one
     process's: the torch form took ~3 ms per tiny tensor and far longer per large one)."""
-    import torch.distributed as dist
     x, base = task.inputs[i], task.base
     if len(box.global_shape) >= 2 or group is None:
         if x.dim() <= 2 and start is not None and tvo._use_cpu(x, task.backend):
             return tvo.della_native(x, base, sp, i, task.name, task.seed, start, task.num_threads)
         return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start), None
-    full = row
-    if full is None:
-        d = (x.float() - base.float()).reshape(-1).cpu()  # a 1-D tensor (a bias, a norm): small, so gathered whole
-        parts = [None] * dist.get_world_size(group)
-        _in_step(pool, group)
-        dist.all_gather_object(parts, (box.offset[0], d) if counted else None, group=group)
-        full = torch.cat([p for _, p in sorted(filter(None, parts), key=lambda p: p[0])])
+    full = row if row is not None else _gather_rows(pool, [(None, task, i, sp, 0)])[None]
     keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
     return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device), None
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from pymerge.default_device import factories_on_cpu
-from pymerge.eager import eager_when_compiled
 from pymerge.dist import collectives
 from pymerge.dist.layout import Box, agreement_group, box_of, boxes_of, describe, layout_key, reduce_group
 from pymerge.dist.reads import ShardedSource
 from pymerge.dist.sample import values_sample
+from pymerge.eager import eager_when_compiled
 from pymerge.errors import InputError
 from pymerge.ops._versions import mark_written, versions_of
 from pymerge.pool.grouped import native_tv_table

@@ -341,4 +341,3 @@ def return_freed_heap() -> None:
         return
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
-
