@@ -427,6 +427,45 @@ def test_cached_selection_follows_changed_inputs():
         assert torch.equal(one[0][nm], per[0][nm]), nm
 
 
+def test_della_masks_are_kept_between_calls_while_nothing_changes(monkeypatch):
+    """DELLA's masks (a row sort per tensor and checkpoint: 19 s a call for 4 x 100M elements) are drawn once for
+    a search's calls: again only for a new seed, density or epsilon, or a pool tensor changed in place; the
+    bits are the per-tensor path's every time. One entry at a time holds them (a bit per element and checkpoint)."""
+    from pymerge.ops import task_vector_ops as tvo
+    sizes = [1021, (33, 97), 16411]
+    pool, _, names = awkward_pool(sizes=sizes, nan=False)
+    drawn = []
+    real = tvo._della_mask
+    monkeypatch.setattr(tvo, "_della_mask", lambda *a, **k: drawn.append(a[5]) or real(*a, **k))
+    one, per = targets(sizes, names, (torch.float32,))[0], targets(sizes, names, (torch.float32,))[0]
+
+    def check(w, draws, **params):
+        before = len(drawn)
+        pool.materialize(w, into=one, method="della", **params)
+        assert len(drawn) - before == draws, params
+        pool.materialize(w, into=per, method="della", names=lambda n: n, **params)  # per tensor: drawn each call
+        assert all(torch.equal(one[nm].view(torch.uint8), per[nm].view(torch.uint8)) for nm in names), params
+
+    every = len(names) * 3
+    check([0.5, 0.3, 0.4], every, density=0.6, epsilon=0.1, seed=1)
+    check([0.2, -0.6, 0.9], 0, density=0.6, epsilon=0.1, seed=1)  # new weights: the same masks
+    check([0.2, -0.6, 0.9], every, density=0.6, epsilon=0.1, seed=2)
+    check([0.2, -0.6, 0.9], every, density=0.5, epsilon=0.1, seed=2)
+    check([0.2, -0.6, 0.9], every, density=0.5, epsilon=0.2, seed=2)
+    with torch.no_grad():
+        pool.tensor(2, names[1]).mul_(-3)
+    check([0.2, -0.6, 0.9], every, density=0.5, epsilon=0.2, seed=2)
+    check([1.0, 0.5, 0.25], 0, density=0.5, epsilon=0.2, seed=2)
+    held = next(e for e in pool._plan_cache._entries.values() if e.targets[0]() is one)
+    assert held.selection is not None and held.selection[6]
+    other = targets(sizes, names, (torch.float32,))[0]
+    pool.materialize([0.5, 0.3, 0.4], into=other, method="ties", density=0.5)
+    assert held.selection[6]  # a selection without masks takes nothing from it
+    pool.materialize([0.5, 0.3, 0.4], into=other, method="della", density=0.5, epsilon=0.2, seed=2)
+    assert held.selection is None  # the other target's masks replace these
+    check([1.0, 0.5, 0.25], every, density=0.5, epsilon=0.2, seed=2)
+
+
 def test_grouped_tv_plan_rejects_bad_tables():
     x, b, o = torch.randn(10), torch.randn(10), torch.empty(10)
     plan = _cpu.GroupedTVPlan([[x.data_ptr()]], [[0]], [b.data_ptr()], [0], [10], [[o.data_ptr()]], [[0]],

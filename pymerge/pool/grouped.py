@@ -193,6 +193,7 @@ class PlanCache:
         self._lock = threading.Lock()
         self._dead: list = []  # (key, weakref to its entry) whose target died while the lock was taken
         self._owner = None  # the thread holding the lock (_after_fork)
+        self._masks = None  # a weak reference to the entry whose kept selection holds DELLA's masks (hold_masks)
         renew_after_fork(self)
 
     def _after_fork(self) -> None:
@@ -201,13 +202,21 @@ class PlanCache:
         only thread: its `with` releases it (the copied lock, held)."""
         for entry in self._entries.values():
             entry.detach()
-        self._entries, self._groups, self._dead = OrderedDict(), {}, []
+        self._entries, self._groups, self._dead, self._masks = OrderedDict(), {}, [], None
         if self._owner != threading.get_ident():
             self._lock = threading.Lock()
             self._owner = None
 
     def __reduce__(self):  # a copied pool starts with an empty cache (and a lock of its own)
         return PlanCache, (self.max_entries,)
+
+    def hold_masks(self, entry: "_Entry") -> None:
+        """entry's kept selection holds DELLA's masks, a bit per element and checkpoint (what a call draws at once):
+        the entry that held a set before lets it go, so that the pool holds one set at most."""
+        held = self._masks() if self._masks is not None else None
+        if held is not None and held is not entry and held.selection is not None and held.selection[6]:
+            held.selection = None
+        self._masks = weakref.ref(entry)
 
     def entry(self, key: tuple, into: list, build: Callable[[], list], targets_of: Callable[[list], list],
               make_table: Callable[[list], object], agree: Callable[[object], bool] = None) -> _Entry:
@@ -443,9 +452,9 @@ class TaskVectorCall:
     The per-tensor path resolves every tensor's sparsifiers (plan_model: rank boundaries, Philox
     thresholds, DELLA bitmasks, rescale factors) and runs tv_merge once per tensor and candidate. Here
     the same plan_model results (the pool's SelectionCache serves them) are gathered into arrays, kept
-    on the entry while no input or base tensor changes (version counters; DELLA masks are never kept,
-    as the per-tensor path never keeps them), and one GroupedTVPlan.run merges every tensor into every
-    candidate. Parameters are checked exactly as the per-tensor path checks them."""
+    on the entry while no input or base tensor changes (version counters; DELLA's masks too, a bit per element
+    and checkpoint, which the pool lets one entry at a time hold), and one GroupedTVPlan.run merges every tensor
+    into every candidate. Parameters are checked exactly as the per-tensor path checks them."""
 
     def __init__(self, method, per_model: list, global_params: dict, tables: Sequence[np.ndarray], n_groups: int,
                  name: str, seed: int, labels: Optional[List[str]] = None):
@@ -480,14 +489,14 @@ class TaskVectorCall:
             check_magnitudes(method, task_of(rows[bad[0][0]][bad[0][1]]), labels)
         random = any(sp.method in SEEDED for sp in self.sparsifiers)
         self.key = (method.name, tuple(self.sparsifiers), int(seed) if random else 0)
-        self.keep = not any(sp.method == "della_magprune" and sp.density < 1 for sp in self.sparsifiers)
+        self.draws_masks = any(sp.method == "della_magprune" and 0 < sp.density < 1 for sp in self.sparsifiers)
 
     def run(self, entry, inputs: dict, base: dict, cache, num_threads: int) -> None:
         sel = entry.selection
         if sel is None or sel[0] != self.key or list(map(_version, sel[1])) != sel[2]:
             sel = self._select(entry.plans, inputs, base, cache, num_threads)
             # Kept while the versions say nothing changed; never with an inference tensor (no counter)
-            entry.selection = sel if self.keep and min(sel[2], default=0) >= 0 else None
+            entry.selection = sel if min(sel[2], default=0) >= 0 else None
         _, _, _, ints, scales, bits, _masks = sel
         entry.native.run(ints, scales, bits, self.weights, self.divisors, self.consensus, self.normalize,
                          float(self.lam), int(self.seed) & 0xFFFFFFFFFFFFFFFF, num_threads)

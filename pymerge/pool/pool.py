@@ -823,7 +823,7 @@ class CheckpointPool:
             self._run_method(method, entry.plans, tables, seed, params)
         elif isinstance(m, WeightedSum):
             entry.native.run(coef, self.num_threads)
-        elif not call.keep and self.residency == "mmap" and self._mask_bytes() > MAX_MASK_BYTES:
+        elif call.draws_masks and self.residency == "mmap" and self._mask_bytes() > MAX_MASK_BYTES:
             # DELLA's masks, a bit per element and checkpoint, are drawn for every tensor before the one call: N/16
             # of a bfloat16 model, in a pool whose budget keeps the model out of RAM (an audit). Tensor by tensor
             # (the same bits), one tensor's masks at a time (drawn again per candidate: slower)
@@ -831,6 +831,8 @@ class CheckpointPool:
                 self._run_method(method, entry.plans, tables, seed, params)
         else:
             call.run(entry, self._inputs, self._base, self._selection, self.num_threads)
+            if call.draws_masks and entry.selection is not None:
+                self._plan_cache.hold_masks(entry)  # kept for the next call: a search redrew them every time
         return entry
 
     def _mask_bytes(self) -> int:
