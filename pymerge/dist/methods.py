@@ -26,6 +26,7 @@ import math
 import numpy as np
 import torch
 
+from pymerge import _native
 from pymerge.dist import collectives
 from pymerge.dist.layout import counts
 from pymerge.errors import InputError
@@ -512,9 +513,15 @@ def _della_keep(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, 
         if x.dim() <= 2 and start is not None and tvo._use_cpu(x, task.backend):
             return tvo.della_native(x, base, sp, i, task.name, task.seed, start, task.num_threads)
         return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start), None
-    full = row if row is not None else _gather_rows(pool, [(None, task, i, sp, 0)])[None]
-    keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)
-    return keep[box.offset[0]:box.offset[0] + box.shape[0]].to(x.device), None
+    full = row if row is not None else _gather_rows(pool, [(None, task, i, sp, 0)])[None]  # float32, on the CPU
+    lo, n = box.offset[0], box.shape[0]
+    if _native.cpu is None:
+        keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)[lo:lo + n]
+    else:  # the native kernel over the whole row (the torch form: ~2-3 ms per tiny tensor), this rank's bits
+        words, _ = tvo.della_native(full, torch.zeros_like(full), sp, i, task.name, task.seed, 0, task.num_threads)
+        idx = torch.arange(lo, lo + n)
+        keep = ((words[idx >> 6] >> (idx & 63)) & 1).bool()
+    return keep.to(x.device), None
 
 
 def _keep(plan: tvo.ModelPlan, keys: torch.Tensor, gidx: torch.Tensor, name: str, seed: int) -> torch.Tensor:
