@@ -534,6 +534,41 @@ def test_della_ranks_a_tensor_of_three_or_more_dims_along_dim_1(shape, backend, 
         assert (before, after) == (math.fsum(a.tolist()), math.fsum(a[want].tolist()))  # exact sums, rounded once
 
 
+@pytest.mark.parametrize("cols", [1, 2, 63, 64, 65, 127, 1000, 4099, 70001])
+@pytest.mark.parametrize("values", ["random", "ties", "mostly_zero", "equal", "specials", "low_bits"])
+def test_native_della_ranks_are_torchs_stable_argsort(cols, values):
+    """The native kernel ranks a row by one comparison sort (up to 64 columns) or an LSD radix sort of (key,
+    column) pairs that skips a pass whose digit every key shares: its masks and L1 sums are the torch form's
+    (a stable argsort) on rows each side of that length, many equal magnitudes (+0 and -0 alike: ties go by
+    column), mostly zeros, one value for all (every pass skipped), NaN, inf and subnormals, and keys differing in their
+    lowest digit only (the upper passes skipped)."""
+    g = torch.Generator().manual_seed(cols)
+    rows = max(1, min(40, 20000 // cols))
+    n = rows * cols
+    if values == "random":
+        d = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g)]
+    elif values == "ties":
+        d = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, 0.5])[torch.randint(0, 6, (n,), generator=g)]
+    elif values == "mostly_zero":  # a digit most keys share, not all (an untouched tensor's deltas, mostly)
+        d = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.1)
+    elif values == "equal":
+        d = torch.full((n,), -0.75)
+    elif values == "specials":
+        d = torch.randn(n, generator=g)
+        picks = torch.randint(0, n, (min(n, 40),), generator=g)
+        d[picks] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -3e-39, 1e38] * 5)[
+            :picks.numel()]
+    else:  # 1 + k * 2^-23: keys share all but their lowest 11 bits
+        d = 1.0 + torch.randint(0, 2048, (n,), generator=g).float() * 2.0 ** -23
+    x, base = d.reshape(rows, cols), torch.zeros(rows, cols)
+    sp = tvo.Sparsifier("della_magprune", 0.45, epsilon=0.2)
+    want_words, want_sums = tvo._della_mask(x, base, sp, 2, "t.w", 7, 0, False, 0)
+    for threads in (1, 2):
+        words, sums = tvo._della_mask(x, base, sp, 2, "t.w", 7, 0, True, threads)
+        assert torch.equal(words, want_words), (cols, values, threads)
+        assert repr(sums) == repr(want_sums), (cols, values, threads)
+
+
 @pytest.mark.parametrize("shape", [(64, 3), (5000,)])
 def test_della_native_and_torch_masks_agree_where_the_top_probability_rounds_to_one(shape):
     """(density - eps) + 2 eps rounds to 1.0 here while density + eps < 1: the top rank's threshold 2^32

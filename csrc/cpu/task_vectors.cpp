@@ -198,59 +198,92 @@ inline void l1_block(const Model& m, uintptr_t base, int bdt, int64_t numel, int
   kept.template add_block<Isa>(a, n);
 }
 
+constexpr int64_t kShortRow = 64;  // rows up to this long: one comparison sort (the radix histograms cost more)
+
 struct RowScratch {
   std::vector<float> d, bb;
-  std::vector<uint32_t> key, idx, idx2, rank, bits, rnd;
+  std::vector<uint64_t> order, spare;  // |d|'s key in the high word, the column in the low (sort_by_key)
+  std::vector<uint32_t> hist, rank, bits, rnd;
   std::vector<double> a, k;  // |d| and |d * keep| of up to exact::kMaxBlock elements
   explicit RowScratch(int64_t cols)
-      : d(cols), bb(cols), key(cols), idx(cols), idx2(cols), rank(cols), bits(cols), rnd(cols + 8),
-        a(exact::kMaxBlock), k(exact::kMaxBlock) {}
+      : d(cols), bb(cols), order(cols), spare(cols > kShortRow ? cols : 0), hist(cols > kShortRow ? 4096 : 0),
+        rank(cols), bits(cols), rnd(cols + 8), a(exact::kMaxBlock), k(exact::kMaxBlock) {}
 };
 
-// DELLA, one row: ascending stable rank of |d| (LSD radix sort, 3 passes of 11/10/10 bits), keep
-// element c iff its draw < thr[rank]. Draws are those of element offset + r * cols + c (a shard's rows at
-// their global index); the mask and the sums are of the local elements. Bits are OR-ed into a zeroed uint64
-// bitmask (rows may share a word, hence the atomic OR). Adds the row's |d| and |d * keep| to exact sums.
+// Sorts v[0, n) ascending (keys in the high words, distinct columns in the low: the stable order of the keys) into
+// v or spare, and returns which. Short rows: one comparison sort. Longer: an LSD radix sort of the keys' 31 bits,
+// 11/10/10 per pass, reading (key, column) pairs in order (gathering each key by its column missed the cache on
+// long rows), its three histograms counted in one read, and a pass whose digit every key shares skipped.
+inline const uint64_t* sort_by_key(uint64_t* v, uint64_t* spare, int64_t n, uint32_t* hist) {
+  if (n <= kShortRow) {
+    std::sort(v, v + n);
+    return v;
+  }
+  uint32_t* count[3] = {hist, hist + 2048, hist + 3072};
+  std::fill(hist, hist + 4096, 0u);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = uint32_t(v[i] >> 32);
+    ++count[0][key & 2047];
+    ++count[1][(key >> 11) & 1023];
+    ++count[2][(key >> 21) & 1023];
+  }
+  uint64_t* src = v;
+  uint64_t* dst = spare;
+  for (int pass = 0, shift = 32; pass < 3; shift += pass == 0 ? 11 : 10, ++pass) {
+    const uint32_t mw = pass == 0 ? 2047 : 1023;
+    uint32_t* at = count[pass];
+    if (at[uint32_t(src[0] >> shift) & mw] == uint32_t(n)) continue;  // one digit for all: the order stands
+    for (uint32_t b = 0, sum = 0; b <= mw; ++b) {
+      const uint32_t c = at[b];
+      at[b] = sum;
+      sum += c;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t x = src[i];
+      dst[at[uint32_t(x >> shift) & mw]++] = x;
+    }
+    std::swap(src, dst);
+  }
+  return src;
+}
+
+// DELLA, one row: ascending stable rank of |d| (sort_by_key), keep element c iff its draw < thr[rank]. Draws
+// are those of element offset + r * cols + c (a shard's rows at their global index); the mask and the sums are of
+// the local elements. Bits are OR-ed into a zeroed uint64 bitmask (rows may share a word, hence the atomic OR).
+// Adds the row's |d| and |d * keep| to exact sums.
 template <int Isa>
 inline void della_row(const Model& m, uintptr_t base, int bdt, int64_t r, int64_t cols, int64_t offset,
                       const uint32_t* thr, uint64_t* mask, RowScratch& w, exact::Acc& total, exact::Acc& kept) {
   const int64_t start = r * cols;
   float* __restrict d = w.d.data();
-  uint32_t* __restrict key = w.key.data();
+  uint64_t* __restrict order = w.order.data();
   tv::load_f32(base, bdt, start, cols, w.bb.data());
   tv::load_f32(m.x, m.dt, start, cols, d);
-  for (int64_t c = 0; c < cols; ++c) { d[c] -= w.bb[c]; key[c] = tv::mag_key(d[c]); w.idx[c] = uint32_t(c); }
-  for (int pass = 0, shift = 0; pass < 3; ++pass) {  // stable LSD radix sort of idx by key
-    const int width = pass == 0 ? 11 : 10;
-    const uint32_t mw = (1u << width) - 1;
-    uint32_t count[2048 + 1] = {0};
-    for (int64_t c = 0; c < cols; ++c) ++count[((key[c] >> shift) & mw) + 1];
-    for (int i = 0; i < (1 << width); ++i) count[i + 1] += count[i];
-    for (int64_t c = 0; c < cols; ++c) { uint32_t id = w.idx[c]; w.idx2[count[(key[id] >> shift) & mw]++] = id; }
-    std::swap(w.idx, w.idx2);
-    shift += width;
-  }
-  for (int64_t p = 0; p < cols; ++p) w.rank[w.idx[p]] = uint32_t(p);
-  tv::philox_bits(m.key, offset + start, cols, w.bits.data(), w.rnd.data());
-  uint64_t word = 0;
-  int64_t word_i = start >> 6;
   for (int64_t c = 0; c < cols; ++c) {
-    const int64_t e = start + c;
-    if ((e >> 6) != word_i) {
-      if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
-      word = 0; word_i = e >> 6;
-    }
-    const bool keep = w.bits[c] < thr[w.rank[c]];
-    word |= uint64_t(keep) << (e & 63);
-    const int64_t j = c % exact::kMaxBlock;
-    w.a[j] = std::fabs(double(d[c]));
-    w.k[j] = keep ? w.a[j] : 0.0;
-    if (j == exact::kMaxBlock - 1 || c == cols - 1) {
-      total.template add_block<Isa>(w.a.data(), j + 1);
-      kept.template add_block<Isa>(w.k.data(), j + 1);
-    }
+    d[c] -= w.bb[c];
+    order[c] = uint64_t(tv::mag_key(d[c])) << 32 | uint64_t(c);
   }
-  if (word) __atomic_fetch_or(&mask[word_i], word, __ATOMIC_RELAXED);
+  const uint64_t* sorted = sort_by_key(order, w.spare.data(), cols, w.hist.data());
+  for (int64_t p = 0; p < cols; ++p) w.rank[uint32_t(sorted[p])] = uint32_t(p);
+  uint32_t* __restrict keep = w.bits.data();  // the draws, then whether each element is kept (0 / 1)
+  tv::philox_bits(m.key, offset + start, cols, keep, w.rnd.data());
+  for (int64_t c = 0; c < cols; ++c) keep[c] = keep[c] < thr[w.rank[c]];
+  for (int64_t c = 0; c < cols;) {  // one word at a time (the row's first and last may be partial)
+    const int64_t end = std::min(cols, c + 64 - ((start + c) & 63));
+    uint64_t word = 0;
+    for (int64_t q = c; q < end; ++q) word |= uint64_t(keep[q]) << ((start + q) & 63);
+    if (word) __atomic_fetch_or(&mask[(start + c) >> 6], word, __ATOMIC_RELAXED);
+    c = end;
+  }
+  for (int64_t c0 = 0; c0 < cols; c0 += exact::kMaxBlock) {
+    const int64_t n = std::min(exact::kMaxBlock, cols - c0);
+    for (int64_t j = 0; j < n; ++j) {
+      w.a[j] = std::fabs(double(d[c0 + j]));
+      w.k[j] = keep[c0 + j] ? w.a[j] : 0.0;
+    }
+    total.template add_block<Isa>(w.a.data(), n);
+    kept.template add_block<Isa>(w.k.data(), n);
+  }
 }
 
 PM_AVX512 void merge_avx512(const MergeArgs& a, int64_t s, Scratch& w) { merge_block<0>(a, s, w); }
