@@ -899,3 +899,54 @@ def test_a_cached_plan_is_not_reused_for_a_dtype_view_of_the_same_memory():
     pool.materialize([0.5, 0.5], into=m)
     assert m.w.dtype == torch.bfloat16
     torch.testing.assert_close(m.w.double(), ref, rtol=0, atol=2e-2)
+
+
+def _overlap_by_every_pair(spans, k, same_view, share):
+    """_target_overlap's answer by its definition: every earlier span against each later one, in start order."""
+    cand = np.arange(len(spans)) % k
+    keep = np.flatnonzero(spans[:, 1] > spans[:, 0])
+    order = keep[np.argsort(spans[keep, 0], kind="stable")]
+    s = spans[order]
+    for j in range(1, len(s)):
+        for i in range(j):
+            tie = (cand[order[i]] == cand[order[j]] and s[i, 0] == s[j, 0] and s[i, 1] == s[j, 1]
+                   and same_view(int(order[i]), int(order[j])))
+            if s[i, 1] > s[j, 0] and not tie and share(int(order[i]), int(order[j])):
+                return int(order[i]), int(order[j])
+    return None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_target_overlap_finds_the_pair_every_pair_check_finds(seed):
+    """_target_overlap scans back only to the first span reaching a later one's start (each tie scanned every
+    earlier target: 6.5 s for 128 tied candidates of 1,000 tensors, a scaling audit): the same pair, or None,
+    as checking every pair, with ties (allowed or not), long spans reaching far, empty spans and strided
+    views that share nothing."""
+    from pymerge.pool.pool import _target_overlap
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 60)), int(rng.integers(1, 5))
+    starts = np.sort(rng.choice(10 * n, size=n)) * 8
+    spans = np.stack([starts, starts + 8 * rng.integers(0, 3, size=n)], axis=1).astype(np.int64)
+    for _ in range(int(rng.integers(0, 4))):  # copies of a span (ties, when same_view says so) and far reachers
+        a, b = rng.integers(0, n, size=2)
+        spans[b] = spans[a] if rng.random() < 0.7 else (spans[a][0], spans[a][0] + 8 * int(rng.integers(1, 10 * n)))
+    views = rng.integers(0, 2, size=(n, n)).astype(bool)
+    shares = rng.random((n, n)) < 0.8
+    same_view, share = (lambda i, j: bool(views[i, j])), (lambda i, j: bool(shares[i, j]))
+    assert _target_overlap(spans, k, same_view, share) == _overlap_by_every_pair(spans, k, same_view, share)
+
+
+def test_messages_name_each_weight_groups_first_tensor():
+    """task_arithmetic's coefficients are checked per weight group, the error naming the group's first tensor
+    (found once per call now: a scan per group and candidate cost 7.7 s a call at 16,000 groups)."""
+    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}.weight" for i in range(3) for p in ("a", "b")]
+    g = torch.Generator().manual_seed(0)
+    pool = CheckpointPool([{n: torch.randn(3, generator=g) for n in names} for _ in range(3)],
+                          base={n: torch.randn(3, generator=g) for n in names})
+    into = {n: torch.empty(3) for n in names}
+    table = np.full((pool.num_groups("layer"), 3), 0.3)
+    for group, first in ((2, "model.layers.1.a.weight"), (0, "model.embed_tokens.weight")):
+        bad = table.copy()
+        bad[group, 1] = 5e5  # x lambda 10: past the coefficients' bound of 1e6
+        with pytest.raises(MergeConfigError, match=re.escape(f"tensor {first}: coefficient of model 1")):
+            pool.materialize(bad, into=into, method="task_arithmetic", groups="layer", **{"lambda": 10})
