@@ -256,6 +256,7 @@ class _SliceResolver:
         self.model_scopes, self.global_scopes = model_scopes, global_scopes
         self.model_types, self.out_type = model_types, out_type  # for the names filters see (filter_name)
         self.where: Dict[str, Tuple[float, List[str]]] = {}  # out name -> (t, source name per input)
+        self._gradients: dict = {}  # each gradient's values, converted once (evaluate_setting's memo)
 
     def __call__(self, out_name: str, _t_ignored: float):
         t, src_names = self.where[out_name]
@@ -267,7 +268,7 @@ class _SliceResolver:
         return g, per
 
     def _value(self, name, spec, scopes, tensor_name, seen, t, model):
-        v = resolve_one(name, scopes, seen, t, kind_of(spec))
+        v = resolve_one(name, scopes, seen, t, kind_of(spec), self._gradients)
         if v is not None:
             return v
         if spec.required:

@@ -307,6 +307,35 @@ def test_resolver_precedence_defaults_and_missing():
         r("x.attn", 0.0)
 
 
+def test_resolver_converts_each_gradient_once(monkeypatch):
+    """Every evaluation converted every anchor of a gradient: evaluations x anchors (16,000 layers of one anchor
+    each took 133 s, a scaling audit). The resolver keeps each gradient's values: a 200-anchor gradient under a
+    filter (every tensor an evaluation) converts its anchors once, the values are those without the memo, and a
+    bad anchor is still refused at the first evaluation."""
+    import pymerge.config as config
+    ta = get_method("task_arithmetic")
+    anchors = [random.Random(1).uniform(-1, 1) for _ in range(200)]
+    c = parse_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": anchors}, {"value": [0.5, "0.25"]}]}},
+        {"model": "b", "parameters": {"weight": 0.3}}], "parameters": {"lambda": [0.0, 2.0, 1.0]}})
+    calls = []
+    real = config.coerce
+    monkeypatch.setattr(config, "coerce", lambda v, kind: calls.append(v) or real(v, kind))
+    r = ParamResolver(c, ta, c.models)
+    names = [(f"model.layers.{i}.{part}.weight", i / 299) for i in range(300) for part in ("mlp", "attn")]
+    got = [r(n, t) for n, t in names]
+    assert len(calls) < 3 * len(names) + 250  # each evaluation's results, and the anchors once
+    for (n, t), (g, per) in zip(names, got):
+        assert g["lambda"] == evaluate_setting([0.0, 2.0, 1.0], n, t)
+        assert per[0]["weight"] == evaluate_setting(c.models[0].parameters["weight"], n, t)
+    bad = parse_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": [0.1, "x", 0.3]}]}}]})
+    r = ParamResolver(bad, ta, bad.models)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="'x' is not a number"):
+            r("model.layers.0.mlp.weight", 0.0)
+
+
 # ---- values --------------------------------------------------------------------------------
 def test_gradients_interpolate_over_t():
     assert evaluate_setting([0.0, 1.0], "n", 0.25) == 0.25
