@@ -430,23 +430,46 @@ def test_cached_selection_follows_changed_inputs():
 def test_della_masks_are_kept_between_calls_while_nothing_changes(monkeypatch):
     """DELLA's masks (a row sort per tensor and checkpoint: 19 s a call for 4 x 100M elements) are drawn once for
     a search's calls: again only for a new seed, density or epsilon, or a pool tensor changed in place; the
-    bits are the per-tensor path's every time. One entry at a time holds them (a bit per element and checkpoint)."""
+    bits are the per-tensor path's every time. One set of targets at a time holds them (a bit per element and
+    checkpoint), and one set is alive at a time, drawing included (the kept set lived through the next draw: a
+    review)."""
+    import weakref
     from pymerge.ops import task_vector_ops as tvo
     sizes = [1021, (33, 97), 16411]
     pool, _, names = awkward_pool(sizes=sizes, nan=False)
-    drawn = []
+    every = len(names) * 3
+    drawn, live = [], []
     real = tvo._della_mask
-    monkeypatch.setattr(tvo, "_della_mask", lambda *a, **k: drawn.append(a[5]) or real(*a, **k))
-    one, per = targets(sizes, names, (torch.float32,))[0], targets(sizes, names, (torch.float32,))[0]
 
-    def check(w, draws, **params):
+    def counting(*args, **kwargs):
+        words, sums = real(*args, **kwargs)
+        drawn.append(weakref.ref(words))
+        live.append(sum(r() is not None for r in drawn))
+        return words, sums
+    monkeypatch.setattr(tvo, "_della_mask", counting)
+
+    def as_module(state):
+        root = torch.nn.Module()
+        for name, t in state.items():
+            *path, leaf = name.split(".")
+            m = root
+            for part in path:
+                if not hasattr(m, part):
+                    m.add_module(part, torch.nn.Module())
+                m = getattr(m, part)
+            m.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+        return root
+    one, other = (as_module(targets(sizes, names, (torch.float32,))[0]) for _ in range(2))
+    per = targets(sizes, names, (torch.float32,))[0]
+
+    def check(w, draws, into=one, **params):
         before = len(drawn)
-        pool.materialize(w, into=one, method="della", **params)
+        pool.materialize(w, into=into, method="della", **params)
         assert len(drawn) - before == draws, params
         pool.materialize(w, into=per, method="della", names=lambda n: n, **params)  # per tensor: drawn each call
-        assert all(torch.equal(one[nm].view(torch.uint8), per[nm].view(torch.uint8)) for nm in names), params
+        got = dict(into.named_parameters())
+        assert all(torch.equal(got[nm].view(torch.uint8), per[nm].view(torch.uint8)) for nm in names), params
 
-    every = len(names) * 3
     check([0.5, 0.3, 0.4], every, density=0.6, epsilon=0.1, seed=1)
     check([0.2, -0.6, 0.9], 0, density=0.6, epsilon=0.1, seed=1)  # new weights: the same masks
     check([0.2, -0.6, 0.9], every, density=0.6, epsilon=0.1, seed=2)
@@ -458,12 +481,14 @@ def test_della_masks_are_kept_between_calls_while_nothing_changes(monkeypatch):
     check([1.0, 0.5, 0.25], 0, density=0.5, epsilon=0.2, seed=2)
     held = next(e for e in pool._plan_cache._entries.values() if e.targets[0]() is one)
     assert held.selection is not None and held.selection[6]
-    other = targets(sizes, names, (torch.float32,))[0]
     pool.materialize([0.5, 0.3, 0.4], into=other, method="ties", density=0.5)
-    assert held.selection[6]  # a selection without masks takes nothing from it
-    pool.materialize([0.5, 0.3, 0.4], into=other, method="della", density=0.5, epsilon=0.2, seed=2)
+    assert held.selection[6] and held in pool._plan_cache._entries.values()  # masks taken by no TIES selection
+    check([0.5, 0.3, 0.4], every, into=other, density=0.5, epsilon=0.2, seed=2)
     assert held.selection is None  # the other target's masks replace these
     check([1.0, 0.5, 0.25], every, density=0.5, epsilon=0.2, seed=2)
+    check([1.0, 0.5, 0.25], 0, density=0.5, epsilon=0.2, seed=2)
+    # (the per-tensor calls' masks go with each tensor: at most one set plus one tensor's alive at any draw)
+    assert max(live) <= every + 3, max(live)
 
 
 def test_grouped_tv_plan_rejects_bad_tables():

@@ -212,8 +212,8 @@ class PlanCache:
         return PlanCache, (self.max_entries,)
 
     def hold_masks(self, entry: "_Entry") -> None:
-        """entry's kept selection holds DELLA's masks, a bit per element and checkpoint (what a call draws at once):
-        the entry that held a set before lets it go, so that the pool holds one set at most."""
+        """entry is about to draw DELLA's masks, a bit per element and checkpoint, which its selection then keeps:
+        the entry that held a set lets it go first, so that the pool holds one set at most, drawing included."""
         held = self._masks() if self._masks is not None else None
         if held is not None and held is not entry and held.selection is not None and held.selection[6]:
             held.selection = None
@@ -493,9 +493,16 @@ class TaskVectorCall:
         self.key = (method.name, tuple(self.sparsifiers), int(seed) if random else 0)
         self.draws_masks = any(sp.method == "della_magprune" and 0 < sp.density < 1 for sp in self.sparsifiers)
 
-    def run(self, entry, inputs: dict, base: dict, cache, num_threads: int) -> None:
+    def run(self, entry, inputs: dict, base: dict, cache, num_threads: int,
+            before_draw: Optional[Callable[["_Entry"], None]] = None) -> None:
+        """before_draw(entry): called before new DELLA masks are drawn (the pool's PlanCache.hold_masks)."""
         sel = entry.selection
         if sel is None or sel[0] != self.key or list(map(_version, sel[1])) != sel[2]:
+            # the stale selection's masks go before new ones are drawn, and any other entry's: one set alive at a
+            # time (kept through the draw, two were: a review)
+            entry.selection = sel = None
+            if self.draws_masks and before_draw is not None:
+                before_draw(entry)
             sel = self._select(entry.plans, inputs, base, cache, num_threads)
             # Kept while the versions say nothing changed; never with an inference tensor (no counter)
             entry.selection = sel if min(sel[2], default=0) >= 0 else None

@@ -830,9 +830,8 @@ class CheckpointPool:
             with _torch_writes(self, entry.plans):
                 self._run_method(method, entry.plans, tables, seed, params)
         else:
-            call.run(entry, self._inputs, self._base, self._selection, self.num_threads)
-            if call.draws_masks and entry.selection is not None:
-                self._plan_cache.hold_masks(entry)  # kept for the next call: a search redrew them every time
+            # DELLA's masks kept for the next call (a search redrew them every time), one entry's at a time
+            call.run(entry, self._inputs, self._base, self._selection, self.num_threads, self._plan_cache.hold_masks)
         return entry
 
     def _mask_bytes(self) -> int:
