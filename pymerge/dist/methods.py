@@ -26,7 +26,6 @@ import math
 import numpy as np
 import torch
 
-from pymerge import _native
 from pymerge.dist import collectives
 from pymerge.dist.layout import counts
 from pymerge.errors import InputError
@@ -515,12 +514,11 @@ def _della_keep(pool, task: TensorTask, i: int, sp: tvo.Sparsifier, box, group, 
         return tvo.della_keep_torch(x, base, sp, i, task.name, task.seed, offset=start), None
     full = row if row is not None else _gather_rows(pool, [(None, task, i, sp, 0)])[None]  # float32, on the CPU
     lo, n = box.offset[0], box.shape[0]
-    if _native.cpu is None:
-        keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)[lo:lo + n]
-    else:  # the native kernel over the whole row (the torch form: ~2-3 ms per tiny tensor), this rank's bits
+    if tvo._use_cpu(full, task.backend):  # the native kernel over the whole row (the torch form: ~1 ms more a mask)
         words, _ = tvo.della_native(full, torch.zeros_like(full), sp, i, task.name, task.seed, 0, task.num_threads)
-        idx = torch.arange(lo, lo + n)
-        keep = ((words[idx >> 6] >> (idx & 63)) & 1).bool()
+        keep = tvo.bits_at(words, torch.arange(lo, lo + n))
+    else:
+        keep = tvo.della_keep_torch(full, torch.zeros_like(full), sp, i, task.name, task.seed, offset=0)[lo:lo + n]
     return keep.to(x.device), None
 
 

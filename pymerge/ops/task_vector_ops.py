@@ -303,8 +303,12 @@ def keep_mask_torch(plan: ModelPlan, d: torch.Tensor, e0: int, name: str, seed: 
         return select.before(keys, plan.hi, False, idx) & ~select.before(keys, plan.lo, False, idx)
     if plan.mode == RANDOM:
         return philox.draws(seed, name, plan.model, e0, n, d.device) < plan.thr
-    words = plan.bits.to(d.device)[idx >> 6]
-    return ((words >> (idx & 63)) & 1).bool()
+    return bits_at(plan.bits.to(d.device), idx)
+
+
+def bits_at(words: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Bits idx (int64 indices) of a bitmask of int64 words (bit e of word e // 64), as bools."""
+    return ((words[idx >> 6] >> (idx & 63)) & 1).bool()
 
 
 def _della_mask(x, base, sp: Sparsifier, model, name, seed, offset, cpu, num_threads):
