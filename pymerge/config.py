@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from pymerge.errors import CheckpointError, InputError, MergeConfigError, described, short
-from pymerge.io.files import read_small, text_path, unencodable
+from pymerge.io.files import read_small_with_mode, text_path, unencodable
 
 TOP_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "slices", "modules")
@@ -92,7 +92,8 @@ class MergeConfig:
     sliced: Optional[Any] = None         # a `slices:` / `modules:` config (pymerge.slices.SlicedConfig)
     lora_merge_dtype: Optional[str] = None  # dtype of MODEL+LORA models (--lora-merge-dtype; None: their own)
     warnings: List[str] = field(default_factory=list)
-    text: Optional[str] = None           # a config given as a dict, as YAML: what OUT records of it (no file to copy)
+    text: Optional[str] = None           # what OUT records of it: the text parsed, or a dict config as YAML
+    text_mode: Optional[int] = None      # the permission bits of the file it was read from (None: a dict's)
 
     def where(self, what: str) -> str:
         return f"{self.source}: {what}"
@@ -114,9 +115,14 @@ def check_seed(seed, what: str = "seed") -> int:
 
 
 def load_config(path) -> MergeConfig:
-    """Reads and checks a mergekit YAML file; every problem is a MergeConfigError naming the file."""
+    """Reads and checks a mergekit YAML file; every problem is a MergeConfigError naming the file. OUT records the
+    text parsed, with the file's permission bits: copied again by its path as the merge ended, the record was
+    whatever the file held by then (another merge's --force replacing it meanwhile: an audit)."""
     path = str(path)
-    return parse_config(read_yaml(path), source=path)
+    data, text, mode = _read_yaml_text(path, MergeConfigError)
+    cfg = parse_config(data, source=path)
+    cfg.text, cfg.text_mode = text, mode
+    return cfg
 
 
 class _UniqueKeysLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
@@ -152,10 +158,14 @@ class _UniqueKeysLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
 def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
     """A small YAML file (a merge or search config), safely: a regular file of at most
     MAX_CONFIG_BYTES, safe types only, aliases bounded (check_size); one-line errors."""
-    path = str(path)
+    return _read_yaml_text(str(path), error)[0]
+
+
+def _read_yaml_text(path: str, error: Type[InputError]) -> Tuple[Any, str, int]:
+    """read_yaml's data, the text it was parsed from, and the file's permission bits."""
     if not os.path.lexists(path):
         raise error(f"{path}: config file not found")
-    raw = read_small(path, error, limit=MAX_CONFIG_BYTES)  # a FIFO: refused, not waited on
+    raw, mode = read_small_with_mode(path, error, limit=MAX_CONFIG_BYTES)  # a FIFO: refused, not waited on
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -174,7 +184,7 @@ def read_yaml(path, error: Type[InputError] = MergeConfigError) -> Any:
         # !!bool maybe, an integer of more than 4300 digits
         raise error(f"{path}: not valid YAML: {short(str(exc), 200)}") from None
     check_size(data, path, error, spelled=len(raw))
-    return data
+    return data, text, mode
 
 
 _CONTAINERS = (list, tuple, set, frozenset, dict)  # what yaml_text's dump walks (!!pairs and !!omap make tuples)

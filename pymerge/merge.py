@@ -782,10 +782,8 @@ def write_side_files(plan: MergePlan, writer: ShardedWriter, copy_tokenizer: boo
         from pymerge.model_card import model_card as card
         writer.write_text("README.md", card(plan, Path(writer.out_dir).name))
     # provenance, under the name mergekit and the Hub use ("<config>": a dict, never a file of that name here)
-    if cfg.text is not None:
-        writer.write_text("mergekit_config.yml", cfg.text)
-    elif cfg.source != "<config>" and Path(cfg.source).is_file():
-        writer.copy_file(cfg.source, "mergekit_config.yml")
+    if cfg.text is not None:  # what was parsed (the file, read again now, may hold another config since)
+        writer.write_text("mergekit_config.yml", cfg.text, mode=cfg.text_mode)
 
 
 def _vocabulary_files(folder: Path) -> List[str]:

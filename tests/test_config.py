@@ -543,3 +543,36 @@ def test_a_dict_config_naming_paths_python_could_not_decode_is_recorded_loadably
     result = pymerge.run_merge(cfg, str(tmp_path / "o3"), quiet=True)
     assert any("OUT records no mergekit_config.yml" in w for w in result.warnings), result.warnings
     assert not (tmp_path / "o3" / "mergekit_config.yml").exists() and (tmp_path / "o3" / "model.safetensors").exists()
+
+
+def test_out_records_the_config_text_the_merge_parsed(tmp_path, monkeypatch):
+    """mergekit_config.yml is the text the merge ran, with the file's permission bits: it was copied again by its
+    path as the merge ended, so a config replaced meanwhile (another merge's --force over the folder it sits in)
+    was recorded in place of the one merged, silently (an audit: a linear merge recorded as TIES)."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    import pymerge
+    import pymerge.merge as merge_mod
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.full((3,), 1.0 if name == "a" else 3.0)}, str(tmp_path / name / "model.safetensors"))
+    text = (f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.5}}\n# a comment, kept\n")
+    path = tmp_path / "c.yml"
+    path.write_text(text, encoding="utf-8")
+    os.chmod(path, 0o640)
+    real = merge_mod.make_plan
+
+    def make_plan(c):  # the config file replaced once it is read
+        plan = real(c)
+        path.write_text(text.replace("linear", "ties").replace("weight: 0.5", "weight: 0.1"), encoding="utf-8")
+        return plan
+    monkeypatch.setattr(merge_mod, "make_plan", make_plan)
+    pymerge.run_merge(str(path), str(tmp_path / "out"), quiet=True, model_card=True)
+    recorded = tmp_path / "out" / "mergekit_config.yml"
+    assert recorded.read_text(encoding="utf-8") == text
+    assert os.stat(recorded).st_mode & 0o777 == 0o640
+    assert "merge_method: linear" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")

@@ -735,9 +735,9 @@ def test_an_interrupted_retraining_keeps_the_cached_checkpoints(tmp_path, monkey
     assert (folder / "00-old" / "config.json").exists() and (folder / "manifest.json").exists()
 
 
-def _fake_training(monkeypatch, fail_saving=None):
+def _fake_training(monkeypatch, fail_saving=None, saved_first=0):
     """train_pool returns small random models at once; fail_saving: an OSError the first write of a
-    checkpoint file raises."""
+    checkpoint file raises (after saved_first files written)."""
     def trained(config, pretrain, runs, seed=0, progress=None):
         models = {r.name: _random_model(seed=i) for i, r in enumerate(runs)}
         return train.Pool(pretrained=_random_model(seed=99), runs=list(runs), models=models)
@@ -757,7 +757,12 @@ def _fake_training(monkeypatch, fail_saving=None):
 
             def write(self, data):
                 raise fail_saving
-        monkeypatch.setattr(model_mod, "open", Full, raising=False)
+        written = [0]
+
+        def opened(path, mode="r", *a, **k):
+            written[0] += "w" in mode
+            return open(path, mode, *a, **k) if written[0] <= saved_first else Full()
+        monkeypatch.setattr(model_mod, "open", opened, raising=False)
 
 
 def test_retraining_removes_the_results_of_the_checkpoints_it_replaces(tmp_path, monkeypatch):
@@ -819,6 +824,18 @@ def test_a_full_disk_while_saving_checkpoints_is_one_line(tmp_path, monkeypatch,
     with pytest.raises(OSError) as exc:
         save_hf(_random_model(), str(tmp_path / "m"))
     assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / "m" / "model.safetensors")
+
+
+def test_a_full_disk_midway_through_the_checkpoints_leaves_none_of_them(tmp_path, monkeypatch, capsys):
+    """The disk filled after five checkpoints: they stayed, with a truncated sixth, and the disk stayed full (an
+    audit). What the failed save wrote goes, and OUT with it (the demo made it)."""
+    import errno
+    _fake_training(monkeypatch, fail_saving=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), saved_first=7)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--budget", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(": No space left on device"), err
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("plot", ["not drawn", "failed"])

@@ -790,19 +790,24 @@ def test_a_module_left_mid_iteration_is_refused(tmp_path):
         assert res["merged_after_reset"]
 
 
-def backward_after_merge_worker(rank, world, files):
+def backward_after_merge_worker(rank, world, files, layout="fsdp"):
     """forward, materialize, backward: FSDP2 saved its gathered parameters for the backward and gathers the
     merged shards into them again before it, keeping their version counters, so the backward mixed the old
-    activations with the new weights, silently (an audit: gradients off by up to 0.09), where a plain or
-    tensor-parallel model raises torch's in-place error as the README says."""
+    activations with the new weights, silently (an audit: gradients off by up to 0.09), where a plain model raises
+    torch's in-place error as the README says. Tensor parallel (layout="tp") saves the DTensor parameters, whose
+    counters are not their local tensors' (the ones written): silent too (another audit: gradients off by 27)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     import pymerge
     torch.manual_seed(0)
-    m = build()
-    for sub in (m[0], m):
-        fully_shard(sub, mesh=init_device_mesh("cpu", (world,)))
+    m = build() if layout != "tp" else _build_even()
+    if layout == "tp":
+        parallelize_module(m, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    else:
+        for sub in (m[0], m):
+            fully_shard(sub, mesh=init_device_mesh("cpu", (world,)))
     pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=m)
     out = {}
     y = m(torch.randn(4, 13))
@@ -812,7 +817,8 @@ def backward_after_merge_worker(rank, world, files):
         out["stale"] = None
     except RuntimeError as exc:
         out["stale"] = str(exc)
-    m.reset_iter_state()
+    if layout != "tp":
+        m.reset_iter_state()
     m.zero_grad()
     m(torch.randn(4, 13)).sum().backward()  # a forward after the merge: its backward runs as usual
     out["fresh"] = all(p.grad is not None for p in m.parameters())
@@ -833,9 +839,15 @@ def backward_after_merge_worker(rank, world, files):
     return out
 
 
-def test_a_backward_through_a_forward_from_before_a_merge_raises_under_fsdp(tmp_path):
-    files = write_checkpoints(str(tmp_path))
-    for res in dist_helpers.run(backward_after_merge_worker, 2, str(tmp_path), files):
+def _build_even():  # every parameter a DTensor under TP (a plain one written raised anyway); 12 hidden features:
+    return torch.nn.Sequential(torch.nn.Linear(13, 12), torch.nn.ReLU(), torch.nn.Linear(12, 7))  # (11: uneven, fails)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_a_backward_through_a_forward_from_before_a_merge_raises_under_fsdp_and_tp(tmp_path, layout):
+    shapes = {n: tuple(p.shape) for n, p in (_build_even() if layout == "tp" else build()).state_dict().items()}
+    files = write_checkpoints(str(tmp_path), shapes)
+    for res in dist_helpers.run(backward_after_merge_worker, 2, str(tmp_path), files, layout):
         assert res["stale"] is not None and "modified by an inplace operation" in res["stale"], res
         assert res["fresh"], res
         for key in ("refused", "refused_at_plans", "refused_on_one"):
@@ -1384,3 +1396,50 @@ def test_the_statistics_cache_is_bounded_over_seeds_and_densities(tmp_path):
         assert della[1:] == [della[0]] * 14, della  # no growth with the seed or the density
         assert res["room"] == 2 * 6 * 4 and max(res["sizes"][17:]) <= 48, res  # 6 tensors, 3 checkpoints + base
     assert results[0]["sizes"] == results[1]["sizes"]
+
+
+def state_dict_target_worker(rank, world, files):
+    """An FSDP2 model's state_dict() as the layout and the target: a forward leaves the root gathered, and a merge
+    into the state dict wrote the shards unseen by every later forward (each candidate scored as the model before
+    the merge), and a backward through a pre-merge forward ran silently."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pymerge
+    torch.manual_seed(0)
+    m = build()
+    fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+    sd = m.state_dict()
+    pool = pymerge.CheckpointPool(files[:3], base=files[3], shard_like=sd)
+    x = torch.randn(3, 13, generator=torch.Generator().manual_seed(0))
+    out = {"forwards": []}
+    for w in ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0]):
+        with torch.no_grad():
+            m(x)  # the root stays gathered
+        pool.materialize(w, into=sd)
+        with torch.no_grad():
+            out["forwards"].append(m(x))
+    y = m(x)
+    pool.materialize(W3, into=sd)
+    try:
+        y.sum().backward()
+        out["stale"] = None
+    except RuntimeError as exc:
+        out["stale"] = str(exc)
+    return out
+
+
+def test_a_state_dict_target_of_an_fsdp_model_is_seen_by_the_next_forward(tmp_path):
+    from pymerge.pool.pool import CheckpointPool
+    files = write_checkpoints(str(tmp_path))
+    x = torch.randn(3, 13, generator=torch.Generator().manual_seed(0))
+    want = []
+    for w in ([1.0, 0.0, 0.0], [0.0, 0.0, 1.0]):
+        ref = build()
+        CheckpointPool(files[:3], base=files[3]).materialize(w, into=ref)
+        with torch.no_grad():
+            want.append(ref(x))
+    for res in dist_helpers.run(state_dict_target_worker, 2, str(tmp_path), files):
+        for got, ref in zip(res["forwards"], want):
+            torch.testing.assert_close(got, ref)
+        assert res["stale"] is not None and "modified by an inplace operation" in res["stale"], res

@@ -1496,3 +1496,36 @@ def test_a_big_endian_numpy_chunk_is_refused_not_written_unswapped(tmp_path, dty
     w.write("a", np.array([1.5 if name == "float32" else 3, 2], dtype=dtype).astype(np.dtype(dtype).newbyteorder("<")))
     w.commit()
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["a"].tolist() == [1.5 if name == "float32" else 3, 2]
+
+
+def test_replacing_out_while_another_run_deletes_the_old_one_says_nothing_was_left(tmp_path, monkeypatch):
+    """Another writer for OUT sweeps a garbage-named old OUT as this run deletes it (both do, whoever left it):
+    entries already gone are not errors. This run said 'could not be deleted (No such file or directory): it is
+    left at ...; delete it yourself' about a folder gone a moment later (an audit)."""
+    out = tmp_path / "out"
+    write_all(out, {"a": torch.ones(2)})
+    for i in range(4):
+        (out / f"extra{i}.txt").write_text("x")
+    real_unlink, raced = os.unlink, []
+
+    def unlink(path, *a, **k):  # the other run removes each file first
+        if str(path).startswith("extra") and not raced.count(path):
+            raced.append(path)
+            real_unlink(path, *a, **k)
+        return real_unlink(path, *a, **k)
+    monkeypatch.setattr(os, "unlink", unlink)
+    w = write_all(out, {"a": torch.zeros(2)}, force=True)
+    monkeypatch.undo()
+    assert len(raced) == 4 and w.not_removed is None, w.not_removed
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["model.safetensors"]
+    gone = tmp_path / "gone"
+    (gone / "sub").mkdir(parents=True)
+    (gone / "sub" / "f").write_text("x")
+    os.chmod(gone / "sub", 0o500)  # an error other than a missing entry is still raised
+    try:
+        if os.access(gone / "sub", os.W_OK):
+            return  # (root: nothing is refused)
+        with pytest.raises(PermissionError):
+            writer_mod._remove_tree(gone)
+    finally:
+        os.chmod(gone / "sub", 0o700)

@@ -8,6 +8,7 @@ import mmap
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -467,3 +468,40 @@ def test_num_threads_far_past_the_cores_starts_at_most_4_workers_per_core():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert 0 < int(run.stdout.split()[-1]) <= 4 * (os.cpu_count() or 1), run.stdout
+
+
+def test_a_read_only_out_is_refused_on_every_path_too(tmp_path):
+    """A read-only mapped out= (a safetensors view) was refused on the native paths only: every torch path
+    (backend='torch', float64 inputs, a transposed out) wrote it and the process died with SIGSEGV (an API
+    fuzzer). Run in a child process: a missed case must not take pytest with it."""
+    code = textwrap.dedent("""
+        import sys, warnings, torch, pymerge, safetensors.torch
+        from pymerge.io.safetensors_file import SafetensorsFile
+        from pymerge.ops import elementwise_mix as em, consensus_ops as co, interp, task_vector_ops as tvo
+        safetensors.torch.save_file({"w": torch.zeros(64, 64)}, sys.argv[1])
+        ro = SafetensorsFile(sys.argv[1]).tensor("w")
+        x, y, b = torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 64)
+        X, Y, B = x.double(), y.double(), b.double()
+        calls = {
+            "weighted_sum": lambda: pymerge.weighted_sum([x, y], [0.5, 0.5], out=ro, backend="torch"),
+            "weighted_sum_many": lambda: pymerge.weighted_sum_many([x, y], [[0.5, 0.5]], outs=[ro], backend="torch"),
+            "nearswap": lambda: em.nearswap(B, X, 0.5, ro),
+            "nearswap.t": lambda: em.nearswap(b, x, 0.5, ro.t()),
+            "ram": lambda: em.ram([X, Y], B, 0.1, ro),
+            "sce": lambda: co.sce([X, Y], B, 0.5, ro),
+            "arcee_fusion": lambda: co.arcee_fusion(B, X, ro),
+            "group_lincomb": lambda: interp.group_lincomb([x, y], b, True, "whole", torch.ones(1, 3), ro.t()),
+            "task_vector_merge": lambda: tvo.task_vector_merge([x, y], b, ro, [tvo.Sparsifier()] * 2, [0.5, 0.5],
+                                                               consensus=True, normalize=True, backend="torch"),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+                print(name, "written")
+            except ValueError as exc:
+                print(name, "refused" if "read-only memory" in str(exc) and "\\n" not in str(exc) else exc)
+    """)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.safetensors")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert [line.split()[1] for line in r.stdout.splitlines()] == ["refused"] * 9, r.stdout

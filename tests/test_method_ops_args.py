@@ -175,3 +175,49 @@ def test_task_vector_weights_as_real_tensors_under_a_mode_or_subclass_and_tensor
     out = torch.empty(16)
     _tv([x, y], b, out, sparsifiers=[tv.Sparsifier("magnitude", torch.tensor(1.0))] * 2)
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_group_ops_refuse_none_and_packed_types_and_read_a_base_over_out_before_writing():
+    """An API fuzzer's findings: group=None was a bare KeyError; a float4 input (floating-point to torch, which
+    converts it to nothing) died in torch's copy_ naming neither op nor input; and the torch path of
+    group_lincomb read a transposed base over out's own memory again block by block, after earlier blocks had
+    written it (wrong from element 2**20 on)."""
+    x, y, b = _fresh(2)
+    for call in (lambda: interp.group_dots([x, y], b, True, None),
+                 lambda: interp.group_lincomb([x, y], b, True, None, torch.ones(1, 3), torch.empty_like(x))):
+        with pytest.raises(ValueError, match=r"group must be one of whole, rows, cols, got None$"):
+            call()
+    packed = getattr(torch, "float4_e2m1fn_x2", None)
+    if packed is not None:
+        x4 = torch.zeros(11, 6, dtype=torch.uint8).view(packed)
+        calls = {"nearswap": lambda: em.nearswap(b, x4, 0.5, torch.empty_like(x)),
+                 "ram": lambda: em.ram([x4, y], b, 0.1, torch.empty_like(x)),
+                 "sce": lambda: co.sce([x4, y], b, 0.5, torch.empty_like(x)),
+                 "arcee_fusion": lambda: co.arcee_fusion(b, x4, torch.empty_like(x)),
+                 "tv_merge": lambda: _tv([x4, y], b, torch.empty_like(x)),
+                 "group_dots": lambda: interp.group_dots([x4, y], b, True, "whole")}
+        for name, call in calls.items():
+            with pytest.raises(TypeError, match=rf"^{name}: (input \d|the base) is torch.float4_e2m1fn_x2; a packed "
+                                                "type torch converts to no other: unpack it first$"):
+                call()
+    n = 1100  # 1.21M elements: two of the torch path's blocks
+    g = torch.Generator().manual_seed(3)
+    for backend in ("torch", "auto"):
+        out, x = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        base = out.t()  # out's own memory, transposed
+        want = x.double() + 2 * base.double()  # (x - B) + 3 B
+        interp.group_lincomb([x], base, True, "whole", torch.tensor([[1.0, 3.0]]), out, backend=backend)
+        assert (out.double() - want).abs().max() < 1e-4, backend
+
+
+def test_functionalized_tensors_have_no_addresses_to_compare():
+    """Under torch.func.functionalize every tensor's data_ptr() is 0: out= was refused as 'partially overlaps
+    input 1' where nothing overlaps (torch itself then says it cannot functionalize the op)."""
+    from pymerge.ops._checks import addresses_unknown
+    seen = []
+
+    def f(a):
+        seen.append(addresses_unknown([a]))
+        return a + 1
+    torch.func.functionalize(f)(torch.zeros(3))
+    assert seen == [True] and not addresses_unknown([torch.zeros(3)])

@@ -2561,8 +2561,8 @@ def test_a_fast_search_writes_its_state_once_due_not_every_generation(tmp_path, 
     passed, and the search's end always: the finished state resumes as the uninterrupted search."""
     writes = []
     real_save = optimize_module._save_state
-    monkeypatch.setattr(optimize_module, "_save_state", lambda path, state: (writes.append(len(state["history"])),
-                                                                            real_save(path, state)))
+    monkeypatch.setattr(optimize_module, "_save_state", lambda path, state, *a: (writes.append(len(state["history"])),
+                                                                                real_save(path, state, *a)))
     pool, evaluate, _ = synthetic()
     path = str(tmp_path / "s.json")
     full = optimize(pool, evaluate, model=Vec(), budget=41, popsize=8, seed=3, state_path=path, log=None)
@@ -2590,10 +2590,10 @@ def test_writes_of_a_large_state_keep_to_a_tenth_of_the_search(tmp_path, monkeyp
     monkeypatch.setattr(optimize_module, "_SAVE_EVERY_S", 3.0)
     writes, real_save = [], optimize_module._save_state
 
-    def slow_save(path, state):
+    def slow_save(path, state, *a):
         now[0] += 0.05 * len(state["history"])
         writes.append((len(state["history"]), 0.05 * len(state["history"])))
-        real_save(path, state)
+        real_save(path, state, *a)
     monkeypatch.setattr(optimize_module, "_save_state", slow_save)
     pool, evaluate, _ = synthetic()
 
@@ -2670,8 +2670,8 @@ def test_mid_generation_saves_wait_for_the_interval(tmp_path, monkeypatch):
     pool, evaluate, _ = synthetic()
     path = str(tmp_path / "s.json")
     writes, real = [], optimize_module._save_state
-    monkeypatch.setattr(optimize_module, "_save_state", lambda p, state: writes.append(len(state["history"])) or
-                        real(p, state))
+    monkeypatch.setattr(optimize_module, "_save_state", lambda p, state, *a: writes.append(len(state["history"])) or
+                        real(p, state, *a))
     with pytest.raises(KeyboardInterrupt):
         optimize(pool, _interrupting(evaluate, 7), model=Vec(), budget=25, popsize=8, seed=3, replicas=1,
                  state_path=path, log=None)
@@ -2950,3 +2950,53 @@ def test_a_state_keeps_each_candidates_scores_in_evaluates_order(tmp_path):
     run(5)
     assert list(json.loads(open(path).read())["history"][0]["scores"]) == ["z", "a", "m"]
     assert len(run(9).history) == 9
+
+
+def test_a_search_never_writes_over_another_searchs_state_or_report(tmp_path, capsys):
+    """One search's state_path inside another's out (an audit): the second search ran every evaluation and was
+    refused only when it saved its report; run side by side, the first one's next state save replaced the second's
+    report, silently. Now the out is refused before the search (its history.json a saved state, or its lock held),
+    and a state save never replaces a file another program put at state_path meanwhile."""
+    from pymerge.io.files import hold_lock, release_lock
+    cfg = _cli_setup(tmp_path, state_path="shared/history.json")
+    assert cli_main([str(cfg)]) == 0  # search A: its state in shared/
+    state = (tmp_path / "shared" / "history.json").read_bytes()
+    other = yaml.safe_load(cfg.read_text())
+    del other["state_path"]
+    other["out"] = "shared"  # search B: its results into shared/
+    (tmp_path / "b.yml").write_text(yaml.safe_dump(other))
+    capsys.readouterr()
+    assert cli_main([str(tmp_path / "b.yml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its history.json is another search's saved state" in err[0], err
+    assert sorted(os.listdir(tmp_path / "shared")) == ["history.json", "history.json.lock"]
+    assert (tmp_path / "shared" / "history.json").read_bytes() == state
+    os.unlink(tmp_path / "shared" / "history.json")  # A running, before its first save: its lock is held
+    lock = hold_lock(str(tmp_path / "shared" / "history.json.lock"), "busy")
+    try:
+        assert cli_main([str(tmp_path / "b.yml")]) == 2
+        assert "another search's saved state" in capsys.readouterr().err
+    finally:
+        release_lock(lock)
+    assert cli_main([str(tmp_path / "b.yml")]) == 0  # a lock no search holds: a leftover, not a search
+    # a file put at a running search's state_path (B's report saved there as A ran) is not replaced
+    pool, evaluate, _ = synthetic()
+    path = tmp_path / "run" / "state.json"
+    calls = [0]
+
+    def evaluate_then_another_writes(model):
+        calls[0] += 1
+        if calls[0] == 5:
+            path.write_text('{"the other": "report"}')
+        return evaluate(model)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: another program wrote this file while the "
+                                         "search ran"):
+        optimize(pool, evaluate_then_another_writes, model=Vec(), budget=12, popsize=4, seed=1, state_path=str(path),
+                 log=None)
+    assert path.read_text() == '{"the other": "report"}'
+    path.unlink()  # deleted meanwhile: written again (nothing to lose)
+    calls[0] = 0
+    seen = optimize(pool, lambda m: (calls.__setitem__(0, calls[0] + 1), calls[0] == 5 and path.unlink(),
+                                     evaluate(m))[2], model=Vec(), budget=12, popsize=4, seed=1, state_path=str(path),
+                    log=None)
+    assert len(json.loads(path.read_text())["history"]) == len(seen.history) == 12

@@ -263,12 +263,19 @@ def build_checkpoints(folder: str, s: Settings, progress: Optional[Callable[[int
     _remove_stale(folder, manifest, paths, remove=False)
     replacing()
     _remove_stale(folder, manifest, paths)
-    save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
-    for path, run in zip(paths, runs):
-        save_hf(trained.models[run.name], path, extra_files={"training_run.json": asdict(run)})
-    with open(manifest, "w", encoding="utf-8") as fh:
-        json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths,
-                   "sha256": digests()}, fh, indent=1)
+    try:
+        save_hf(trained.pretrained, os.path.join(folder, "pretrained"))
+        for path, run in zip(paths, runs):
+            save_hf(trained.models[run.name], path, extra_files={"training_run.json": asdict(run)})
+        with open(manifest, "w", encoding="utf-8") as fh:
+            json.dump({"fingerprint": fp, "settings": asdict(s), "checkpoints": paths,
+                       "sha256": digests()}, fh, indent=1)
+    except BaseException:
+        # a save cut short (a full disk, Ctrl-C): the checkpoints written so far and a truncated file stayed,
+        # the disk still full (an audit); the next run retrained anyway
+        with contextlib.suppress(Exception):
+            _remove_stale(folder, manifest, paths)
+        raise
     return paths
 
 
@@ -389,9 +396,12 @@ def _remove_results(out: str) -> None:
 
 
 def _remove_if_only_marker(out: str) -> None:
-    """A run stopped before any checkpoint was written leaves no marker in a folder holding nothing else
-    (experiment then removes the folder if the run made it), not an empty-looking folder to puzzle over."""
+    """A run stopped before any checkpoint was written (or whose save failed and removed them) leaves no marker
+    in a folder holding nothing else (experiment then removes the folder if the run made it), not an
+    empty-looking folder to puzzle over."""
     try:
+        with contextlib.suppress(OSError):  # the checkpoints' folder, where empty
+            os.rmdir(os.path.join(out, "checkpoints"))
         if os.listdir(out) == [MARKER]:
             os.remove(os.path.join(out, MARKER))  # still locked by us: no other demo holds it
     except OSError:

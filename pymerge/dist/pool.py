@@ -179,13 +179,16 @@ class ShardedPool(CheckpointPool):
                 _reshard(target)
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
+            wrappers = _wrapper_versions(targets)
             try:
                 result = super().materialize_many(weight_rows, targets, method, **kwargs)
             except BaseException:
                 if self._planned:  # past the plans' agreement the writes may have begun; a refusal wrote nothing
                     _mark_gathered_stale(targets)
+                    _mark_wrappers_written(wrappers)
                 raise
             _mark_gathered_stale(targets)
+            _mark_wrappers_written(wrappers)
             self._tv_table = None  # (its entry keeps it)
         except Exception as exc:
             self._tv_table = self.kept_selection = None
@@ -501,16 +504,39 @@ def _reshard(target) -> None:
     (local, no communication), so the merge lands in the shards the next forward gathers. A module whose
     forward or backward raised stays gathered (reshard() does nothing mid-iteration): the merge went into
     the gathered copy, which FSDP dropped at its next reshard, and the old weights came back in silence."""
+    for which, module in _fsdp_modules(target):
+        module.reshard()
+        if _gathered(module):
+            raise InputError(f"FSDP module {which} is in the middle of an iteration (a forward or backward "
+                             "that raised?), its parameters gathered: call reset_iter_state() on the root "
+                             "FSDP module first")
+
+
+def _fsdp_modules(target) -> list:
+    """(a name for messages, module) of the FSDP2 modules a target's tensors belong to: a module's own, or, for a
+    state dict (model.state_dict(): DTensors over the shards' memory), the modules whose shards it holds. A
+    forward left those gathered too, and a merge into the state dict went unseen by every later forward (an
+    audit: every candidate of a search scored alike)."""
+    from torch.distributed.fsdp import FSDPModule
     if isinstance(target, torch.nn.Module):
-        from torch.distributed.fsdp import FSDPModule
-        for name, module in target.named_modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-                if _gathered(module):
-                    which = repr(name) if name else "(the root)"
-                    raise InputError(f"FSDP module {which} is in the middle of an iteration (a forward or backward "
-                                     "that raised?), its parameters gathered: call reset_iter_state() on the root "
-                                     "FSDP module first")
+        return [(repr(name) if name else "(the root)", m) for name, m in target.named_modules()
+                if isinstance(m, FSDPModule)]
+    held = {_storage_at(t) for t in _tensors_of(target).values() if _is_dtensor(t)} - {0}
+    if not held:
+        return []
+    from torch.distributed import _composable_state  # torch's internals: no module found where they differ
+    owners = []
+    for m in list(getattr(_composable_state, "_module_state_mapping", {}).keys()):
+        if isinstance(m, FSDPModule) and any(_storage_at(getattr(p, "sharded_param", None)) in held
+                                             for p in _fsdp_params(m)):
+            owners.append((f"{type(m).__name__} (whose shards the state dict holds)", m))
+    return owners
+
+
+def _storage_at(t) -> int:
+    """The address of a DTensor's local storage (0: none, or not a DTensor)."""
+    local = getattr(t, "_local_tensor", None)
+    return local.untyped_storage().data_ptr() if isinstance(local, torch.Tensor) else 0
 
 
 def _mark_gathered_stale(targets: list) -> None:
@@ -519,17 +545,37 @@ def _mark_gathered_stale(targets: list) -> None:
     while keeping the counters. A backward through a forward from before the merge then raises torch's
     in-place error, as for every other pool, where it mixed the old activations with the new weights in
     silence (an audit: gradients off by up to 0.09). Torch's internals: nothing where they differ."""
-    from torch.distributed.fsdp import FSDPModule
     stale = []
     for target in targets:
-        if not isinstance(target, torch.nn.Module):
-            continue
-        for module in target.modules():
-            if isinstance(module, FSDPModule):
-                stale += [u for p in _fsdp_params(module)
-                          if isinstance(u := getattr(p, "_unsharded_param", None), torch.Tensor)]
+        for _, module in _fsdp_modules(target):
+            stale += [u for p in _fsdp_params(module)
+                      if isinstance(u := getattr(p, "_unsharded_param", None), torch.Tensor)]
     if stale:
         mark_written(stale)
+
+
+def _wrapper_versions(targets: list) -> list:
+    """(DTensor, its local tensor's version counter) for the targets' DTensors: the pool writes the local tensors,
+    whose counters autograd does not read for the DTensor a forward saved (see _mark_wrappers_written)."""
+    from torch.distributed.tensor import DTensor
+    out = []
+    for target in targets:
+        for t in _tensors_of(target).values():
+            if isinstance(t, DTensor):
+                local = getattr(t, "_local_tensor", None)
+                if isinstance(local, torch.Tensor) and not local.is_inference():
+                    out.append((t, local._version))
+    return out
+
+
+def _mark_wrappers_written(versions: list) -> None:
+    """Bumps the version counter of each DTensor whose local tensor the merge wrote: a tensor-parallel forward
+    saves the DTensor parameters themselves for its backward, whose counters stayed as they were, so a backward
+    through a forward from before the merge ran with the new weights and the old activations (an audit:
+    gradients off by up to 27), where every other pool raises torch's in-place error."""
+    written = [t for t, v in versions if t._local_tensor._version != v and not t.is_inference()]
+    if written:
+        mark_written(written)
 
 
 def _fsdp_params(module) -> list:

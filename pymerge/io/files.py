@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Type
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 from pymerge.errors import CheckpointError, InputError, short
 from pymerge.stop_signals import held_signals
@@ -486,6 +486,24 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_in_child)
 
 
+def lock_held(path) -> bool:
+    """Whether another open file holds a flock on the regular file at path (hold_lock's), now; never made, never
+    waited on, never followed through a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)  # (the shared lock with it)
+
+
 def hold_lock(path, busy: str, error: Type[InputError] = InputError, optional: bool = False,
               folder: bool = False) -> Optional[int]:
     """path (a folder, or a file made if absent, never through a link) opened and flock-ed exclusively without
@@ -568,9 +586,17 @@ def check_replaceable(path, error: Type[InputError] = InputError) -> None:
 
 def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX_SMALL_FILE) -> bytes:
     """The whole of a small regular file (a config, an index): refuses FIFOs, devices, huge files."""
+    return read_small_with_mode(path, error, limit)[0]
+
+
+def read_small_with_mode(path, error: Type[InputError] = CheckpointError,
+                         limit: int = MAX_SMALL_FILE) -> Tuple[bytes, int]:
+    """read_small's bytes and the permission bits of the file they were read from (one open: a file replaced
+    meanwhile gives the new one's bytes and mode, never one's bytes with the other's mode)."""
     with regular_file(path, error) as fd:
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size, mode = st.st_size, stat.S_IMODE(st.st_mode)
             if size > limit:
                 raise error(f"{path}: is {size} bytes; more than the {limit}-byte limit for this kind of file")
             chunks, total = [], 0
@@ -581,7 +607,7 @@ def read_small(path, error: Type[InputError] = CheckpointError, limit: int = MAX
                     total += len(chunk)
                     if total > limit:  # grew while we read
                         raise error(f"{path}: more than the {limit}-byte limit for this kind of file")
-            return b"".join(chunks)
+            return b"".join(chunks), mode
         except OSError as exc:
             raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
 

@@ -438,11 +438,13 @@ class ShardedWriter:
             raise self._file_error(exc, relname) from None
         return path
 
-    def write_text(self, relname: str, text: str) -> Path:
-        """Adds a UTF-8 text file (a model card) to the output."""
+    def write_text(self, relname: str, text: str, mode: Optional[int] = None) -> Path:
+        """Adds a UTF-8 text file (a model card) to the output; mode: the permission bits of the file the text
+        came from (a copy no more readable than it, never executable), or None for the umask's default."""
         path = self._extra_path(relname)
+        perm = 0o666 if mode is None else mode & 0o666  # (the umask applies on top, as to any new file)
         try:
-            with open(path, "w", encoding="utf-8") as f:
+            with open(path, "w", encoding="utf-8", opener=lambda p, flags: os.open(p, flags, perm)) as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
@@ -1227,7 +1229,19 @@ def _remove_tree(path: Path, ignore_errors: bool = False) -> None:
     if os.path.islink(path):
         os.unlink(path)
     elif os.path.lexists(path) and not mounts_within(path):
-        shutil.rmtree(path, ignore_errors=ignore_errors)
+        if ignore_errors:
+            shutil.rmtree(path, ignore_errors=True)
+        elif sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=lambda func, p, exc: _unless_gone(exc))
+        else:
+            shutil.rmtree(path, onerror=lambda func, p, info: _unless_gone(info[1]))
+
+
+def _unless_gone(exc: BaseException) -> None:
+    """rmtree's error, except for an entry already gone: another run's sweep of a garbage-named folder may be
+    deleting it too (this run then said it could not delete a folder that was gone a moment later; an audit)."""
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
 
 
 def _remove_whole(path: Path) -> None:

@@ -14,10 +14,12 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._memory import (DUAL, PLAIN, _wrapper, backing_problem, check_backed, check_readable, is_dual,
-                                 layout_problem)
+from pymerge.ops._memory import (DUAL, PLAIN, _wrapper, backing_problem, check_backed, check_readable, check_writable,
+                                 is_dual, layout_problem)
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
+# floating-point to is_floating_point(), but torch converts them to nothing else (copy_ is not implemented)
+_PACKED = frozenset(d for d in (getattr(torch, "float4_e2m1fn_x2", None),) if d is not None)
 
 
 def _dtype_names(dtypes):
@@ -270,9 +272,10 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
             check_layout(t, f"{op}: " + ("input" if i < len(xs) else "the base" if i == len(xs) else "output")
                          + (f" {i}" if i < len(xs) else ""))
     for i, t in enumerate(list(xs) + [base]):  # the torch paths would compute bools, or drop an imaginary part
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{op}: " + (f"input {i}" if i < len(xs) else "the base")
-                            + f" is {t.dtype}; the inputs must be floating-point")
+        if t is not None and (not t.is_floating_point() or t.dtype in _PACKED):
+            raise TypeError(f"{op}: " + (f"input {i}" if i < len(xs) else "the base") + f" is {t.dtype}; " +
+                            ("a packed type torch converts to no other: unpack it first" if t.is_floating_point() else
+                             "the inputs must be floating-point"))
     if out is not None:  # (the torch paths wrote ints, truncated)
         check_out_dtype(out, f"{op}: out")
         if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):  # (torch's copy_ error named nothing)
@@ -291,6 +294,10 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
     inputs = [base] + list(xs) if base_first else list(xs) + [base]  # numbered as the kernels number them
     read = check_readable(inputs, f"{op}: input", compiling=compiling)
     read_out = out is not None and check_readable([out], f"{op}: output", compiling=compiling)
+    if read_out and type(out) in PLAIN and not out.untyped_storage().resizable():
+        # a read-only mapping (a safetensors view): the native kernels refused it, the torch paths' copy_ was a
+        # segfault (an audit)
+        check_writable(out, f"{op}: output 0")
     if out is not None:  # the native kernels refuse it too; the torch paths (a GPU's, backend="torch") wrote
         # block by block over what a later block read: silently wrong (an audit). After the storage tests: freed
         # tensors' addresses (FSDP's resize_(0)) overlap, and the error was that, not the freed storage (a review)
@@ -337,10 +344,11 @@ def check_apart(inputs: Sequence[Optional[torch.Tensor]], outs: Sequence[torch.T
 
 
 def addresses_unknown(tensors: Sequence[torch.Tensor]) -> bool:
-    """Under torch.compile, FakeTensorMode or make_fx tensors have no real addresses (data_ptr 0 or an
-    error): overlaps are checked when the op runs on real tensors. Meta tensors have none either (every
-    one is at 0: a meta out= was refused as overlapping its inputs), and nothing is written to them."""
-    return torch.compiler.is_compiling() or any(t.is_meta or (type(t) not in PLAIN and is_fake(t)) for t in tensors)
+    """Under torch.compile, FakeTensorMode, make_fx or torch.func.functionalize tensors have no real addresses
+    (data_ptr 0 or an error): overlaps are checked when the op runs on real tensors. Meta tensors have none
+    either (every one is at 0: a meta out= was refused as overlapping its inputs), and nothing is written to them."""
+    return torch.compiler.is_compiling() or any(
+        t.is_meta or (is_fake(t) if type(t) not in PLAIN else torch._is_functional_tensor(t)) for t in tensors)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -243,13 +243,20 @@ OUT_FILES = ("history.json", "history.csv", "search.png", "best_merge.yml")  # w
 def _check_out(out: str) -> None:
     """What _prepare_out refuses of an OUT (not a folder; a folder it cannot write in, or whose result files
     cannot be replaced), without making anything."""
-    from pymerge.io.files import check_replaceable
+    from pymerge.io.files import check_replaceable, lock_held
+    from pymerge.search.optimize import _is_search_state
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"out {out}: exists and is not a folder")
     if os.path.isdir(out):
         _probe_writable(out)
         for name in OUT_FILES:
-            check_replaceable(os.path.join(out, name))
+            path = os.path.join(out, name)
+            check_replaceable(path)
+            # another search's state_path: refused after this search's every evaluation, or, were that search
+            # running, its next save replaced this one's report (an audit)
+            if _is_search_state(path) or lock_held(path + ".lock"):
+                raise InputError(f"out {out}: its {name} is another search's saved state (a state_path); choose "
+                                 "another out")
         return
     # a missing OUT is made after the pool is built: one it cannot make was found then (minutes in)
     folder = kernel_folder(out)

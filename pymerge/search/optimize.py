@@ -490,6 +490,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
         with held_signals(repeat_acts=False):  # (taken and kept: a Ctrl-C between leaked the descriptor; an audit)
             lock = _lock_state(state_path)  # before the state is read; held until the search ends (an interrupt too)
         began = time.monotonic()
+        stamp = [_stamp(state_path)]  # the file this search last read or wrote: the only one a save may replace
         state = _load_state(state_path, fingerprint, (g, n, dim))
         read_s = time.monotonic() - began  # a resume's first write waits as if it had written the state (save_due)
         pending = None  # (candidates, objectives so far) of a generation an earlier budget cut short
@@ -548,7 +549,7 @@ def optimize(pool, evaluate: Callable, model, budget: int = 200, popsize: Option
 
         def write_state() -> None:
             began = time.monotonic()
-            _save_state(state_path, state)
+            _save_state(state_path, state, stamp)
             saved[0] = time.monotonic()
             saved[1] = saved[0] - began
             saved[2] = len(history)
@@ -1086,7 +1087,19 @@ def _check_writable(path: Optional[str]) -> None:
         raise InputError(f"{path}: cannot write the search state there ({exc.strerror or exc})") from None
 
 
-def _save_state(path: Optional[str], state: dict) -> None:
+def _stamp(path: Optional[str]) -> Optional[tuple]:
+    """What tells one file at path from another (a link itself, as replace_file replaces it), or None: nothing."""
+    try:
+        st = os.lstat(path) if path else None
+    except (OSError, ValueError):
+        return None
+    return st and (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _save_state(path: Optional[str], state: dict, stamp: Optional[list] = None) -> None:
+    """stamp: [the _stamp of the file this search last read or wrote at path], checked first and updated: a file
+    that another program put there meanwhile (another search's report saved into that folder) is not replaced
+    (it was, silently; an audit)."""
     if not path:
         return
     # the digest is of the state as it reads back (_digest); the file is the text that read it, in the state's own
@@ -1098,8 +1111,15 @@ def _save_state(path: Optional[str], state: dict) -> None:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:  # NaN scores are written as NaN, which json reads back
             fh.write(text)
+    now = _stamp(path)
+    if stamp is not None and now is not None and now != stamp[0]:  # (one deleted meanwhile: nothing to lose)
+        raise InputError(f"{path}: another program wrote this file while the search ran (another search's "
+                         "results?); it is not overwritten, and this search's state is not saved. Give each search a "
+                         "state_path of its own, outside any search's out")
     try:
         os.makedirs(kernel_folder(path), exist_ok=True)
         replace_file(path, write)  # a crash mid-write leaves the previous generation's state
     except OSError as exc:  # it named replace_file's temporary file
         raise InputError(f"{path}: cannot write the search state ({exc.strerror or exc})") from None
+    if stamp is not None:
+        stamp[0] = _stamp(path)
