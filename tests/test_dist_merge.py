@@ -758,3 +758,22 @@ def test_a_ctrl_c_as_the_rank_joins_leaves_no_process_group(fam, tmp_path):
                        capture_output=True, text=True, timeout=LIMIT_S, cwd=tmp_path)
     assert p.stdout.split("\n")[:3] == ["interrupted", "left closed", "the caller's group joined"], p.stdout + p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ranks_whose_config_files_differ_in_mode_or_key_order_plan_one_merge(tmp_path):
+    """Each node reads its own copy of the config: the same merge written in another key order, or saved under
+    another umask (0600 against 0644), was "a different merge" once the config's text and mode were kept for
+    OUT's record (a review); a different merge still is."""
+    from pymerge.config import load_config
+    from pymerge.dist.disk_merge import _fingerprint
+    from pymerge.merge import make_plan
+    base, fts = lf.make_family(tmp_path, n_finetunes=2)
+    lines = [f"merge_method: ties\nbase_model: {base}\n", "models:\n" + "".join(
+        f"  - model: {p}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for p in fts), "dtype: float32\n"]
+    (tmp_path / "a.yml").write_text("".join(lines))
+    (tmp_path / "b.yml").write_text("".join(reversed(lines)))
+    (tmp_path / "c.yml").write_text("".join(lines).replace("density: 0.5", "density: 0.4"))
+    os.chmod(tmp_path / "b.yml", 0o600)
+    prints = [_fingerprint(make_plan(load_config(tmp_path / f"{n}.yml")), str(tmp_path / "out"), 1 << 30, None)
+              for n in "abc"]
+    assert prints[0] == prints[1] != prints[2]

@@ -325,3 +325,30 @@ def test_a_flag_is_a_bool_not_a_string(call):
 
     same = lambda r: r.tolist() if isinstance(r, torch.Tensor) else r  # noqa: E731
     assert same(call(a, b, Zero())) == same(call(a, b, False))
+
+
+def test_an_out_over_foreign_memory_is_probed_once_per_call(monkeypatch):
+    """Every path now refuses a read-only out (the torch paths segfaulted on one): the wrappers probe it, and
+    check_native probed it again on the native path (~100 us each, twice a call; a review)."""
+    import pymerge.ops._memory as mem
+    probes = [0]
+    real = mem.write_problem
+
+    def counting(t):
+        probes[0] += 1
+        return real(t)
+    monkeypatch.setattr(mem, "write_problem", counting)
+    xs = [torch.randn(64, 64) for _ in range(3)]
+    b = torch.randn(64, 64)
+    out = torch.from_numpy(np.zeros((64, 64), np.float32))  # foreign memory: probed
+    calls = {"weighted_sum": lambda: pymerge.weighted_sum(xs, [0.2, 0.3, 0.5], out=out),
+             "weighted_sum_many": lambda: pymerge.weighted_sum_many(xs, [[0.2, 0.3, 0.5]], outs=[out]),
+             "nearswap": lambda: elementwise_mix.nearswap(b, xs[0], 0.5, out),
+             "sce": lambda: consensus_ops.sce(xs, b, 0.5, out),
+             "group_lincomb": lambda: interp.group_lincomb(xs, b, True, "whole", torch.ones(1, 4), out),
+             "tv_merge": lambda: tvo.task_vector_merge(xs, b, out, [tvo.Sparsifier()] * 3, [0.2, 0.3, 0.5],
+                                                       consensus=True, normalize=True)}
+    for name, call in calls.items():
+        probes[0] = 0
+        call()
+        assert probes[0] == 1, (name, probes[0])

@@ -313,7 +313,9 @@ def _fingerprint(plan, out_dir, out_shard_size, random_seed, flags=()) -> str:
     text = repr((os.path.abspath(out_dir), int(out_shard_size), random_seed or 0, plan.method.name,
                  [_checkpoint_identity(c) for c in plan.checkpoints], sources, tensors,
                  [(c.name, c.dtype, c.shape) for c in plan.copies], sorted(samples.items()),
-                 _canonical(dataclasses.replace(plan.config, source=None, warnings=[])), plan.chat_template,
+                 # (not the text as written, nor the file's mode: the merge it parses to is compared)
+                 _canonical(dataclasses.replace(plan.config, source=None, warnings=[], text=None, text_mode=None)),
+                 plan.chat_template,
                  sorted(plan.config_overrides.items()), os.path.abspath(plan.donor.path), tuple(flags)))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -18,6 +18,7 @@ compute the statistics with collectives (collectives.py).
 """
 import math
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Dict, List, Optional
 
@@ -168,6 +169,8 @@ class ShardedPool(CheckpointPool):
         self._agreed = False  # whether this rank reached _checked_plans's agreement
         self._planned = False  # whether the ranks agreed on plans this call writes with (past it, writes may begin)
         self._tv_table = None  # this call's task-vector table (_method_plans), if any
+        self._owners_now = {}  # id(target) -> its FSDP2 modules (_fsdp_modules), found once a call
+        self._entry_now = None  # the plan cache entry this call writes with
         # as the single-process pool takes them (a generator read once, here: it is needed again below)
         targets = list(into) if isinstance(into, (list, tuple, Iterator)) else [into]
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
@@ -176,19 +179,16 @@ class ShardedPool(CheckpointPool):
             # refusing its weights before its plans had left its root gathered where the others resharded, so
             # the backward's all-gathers met on one rank only (gloo aborted the process; a review)
             for target in targets:
-                _reshard(target)
+                _reshard(target, self._fsdp_of(target))
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
-            wrappers = _wrapper_versions(targets)
             try:
                 result = super().materialize_many(weight_rows, targets, method, **kwargs)
             except BaseException:
                 if self._planned:  # past the plans' agreement the writes may have begun; a refusal wrote nothing
-                    _mark_gathered_stale(targets)
-                    _mark_wrappers_written(wrappers)
+                    self._mark_stale(targets)
                 raise
-            _mark_gathered_stale(targets)
-            _mark_wrappers_written(wrappers)
+            self._mark_stale(targets)
             self._tv_table = None  # (its entry keeps it)
         except Exception as exc:
             self._tv_table = self.kept_selection = None
@@ -243,7 +243,8 @@ class ShardedPool(CheckpointPool):
         self._global_targets = []  # for _tied_head_plans
         for k, target in enumerate(into):
             where = f" in model {k}" if len(into) > 1 else ""
-            _reshard(target)  # again: caller code since the call's first reshard (names=, groups=) may run a forward
+            _reshard(target, self._fsdp_of(target))  # again: caller code since the call's first reshard (names=,
+            # groups=) may run a forward
             tensors = _tensors_of(target)
             self._global_targets.append(tensors)
             for name in self.names:
@@ -297,8 +298,8 @@ class ShardedPool(CheckpointPool):
         both alike; the fingerprint's None message, only here, makes a difference a replan, not an error.)
         Planned per call, a candidate of 512 small tensors took 10 ms at R = 1 on a 2-core CPU against 0.4 ms
         for the single-process pool (layouts, checks, to_local)."""
-        for target in into:
-            _reshard(target)  # before the entry's check: a forward pass leaves the root's gathered tensors registered
+        for target in into:  # before the entry's check: a forward pass leaves the root's gathered tensors registered
+            _reshard(target, self._fsdp_of(target))
 
         def agree(valid) -> bool:
             # With each rank's plans as agreed when they were made: ranks whose entries differ (another target
@@ -310,7 +311,24 @@ class ShardedPool(CheckpointPool):
             self._planned = not stale  # the kept plans, agreed: the writes follow
             return not stale
 
-        return self._plan_cache.entry(key, into, build, self._watcher(into, names), make, agree=agree)
+        self._entry_now = self._plan_cache.entry(key, into, build, self._watcher(into, names), make, agree=agree)
+        return self._entry_now
+
+    def _fsdp_of(self, target) -> list:
+        """_fsdp_modules(target), found once per call (a state dict's owners are searched for)."""
+        got = self._owners_now.get(id(target))
+        if got is None:
+            got = self._owners_now[id(target)] = _fsdp_modules(target)
+        return got
+
+    def _mark_stale(self, targets: list) -> None:
+        """After writes (or a failure once they may have begun): the version counters autograd reads that the
+        kernels' writes did not bump, FSDP2's gathered parameters (_mark_gathered_stale) and the DTensors over
+        the written local tensors (a tensor-parallel forward saves those: a backward through a forward from
+        before the merge ran with the new weights and the old activations, silently; an audit)."""
+        _mark_gathered_stale([params for target in targets for _, _, params in self._fsdp_of(target)])
+        if self._entry_now is not None and self._entry_now.wrappers:
+            mark_written(self._entry_now.wrappers)
 
     def _method_plans(self, method: str, into: list, group_of: List[int], names, strict: bool, groups, flat: bool):
         """Plans kept as linear's are; with them, for the task-vector family on a CPU pool, its one native table
@@ -499,38 +517,48 @@ class _Counterparts(dict):
         return self[name] if self[name] is not None else default
 
 
-def _reshard(target) -> None:
+def _reshard(target, modules: Optional[list] = None) -> None:
     """FSDP2 keeps the root module's parameters gathered after a forward pass: put its shards back
     (local, no communication), so the merge lands in the shards the next forward gathers. A module whose
     forward or backward raised stays gathered (reshard() does nothing mid-iteration): the merge went into
     the gathered copy, which FSDP dropped at its next reshard, and the old weights came back in silence."""
-    for which, module in _fsdp_modules(target):
-        module.reshard()
-        if _gathered(module):
+    for which, module, params in _fsdp_modules(target) if modules is None else modules:
+        if _gathered(params) or not params:  # (torch's internals unknown: as if gathered)
+            module.reshard()
+        if _gathered(params):
             raise InputError(f"FSDP module {which} is in the middle of an iteration (a forward or backward "
                              "that raised?), its parameters gathered: call reset_iter_state() on the root "
                              "FSDP module first")
 
 
 def _fsdp_modules(target) -> list:
-    """(a name for messages, module) of the FSDP2 modules a target's tensors belong to: a module's own, or, for a
+    """(a name for messages, module, its FSDPParams) of the FSDP2 modules a target's tensors belong to: a module's
+    own, or, for a
     state dict (model.state_dict(): DTensors over the shards' memory), the modules whose shards it holds. A
     forward left those gathered too, and a merge into the state dict went unseen by every later forward (an
     audit: every candidate of a search scored alike)."""
     from torch.distributed.fsdp import FSDPModule
     if isinstance(target, torch.nn.Module):
-        return [(repr(name) if name else "(the root)", m) for name, m in target.named_modules()
+        return [(repr(name) if name else "(the root)", m, _fsdp_params(m)) for name, m in target.named_modules()
                 if isinstance(m, FSDPModule)]
-    held = {_storage_at(t) for t in _tensors_of(target).values() if _is_dtensor(t)} - {0}
+    held = frozenset(_storage_at(t) for t in _tensors_of(target).values() if _is_dtensor(t)) - {0}
     if not held:
         return []
+    if _OWNERS.get("held") == held:  # the last search's answer (every FSDP2 module in the process: ~16 us each)
+        owners = [(which, m(), []) for which, m in _OWNERS["owners"]]
+        if all(m is not None for _, m, _ in owners):
+            return [(which, m, _fsdp_params(m)) for which, m, _ in owners]
     from torch.distributed import _composable_state  # torch's internals: no module found where they differ
     owners = []
     for m in list(getattr(_composable_state, "_module_state_mapping", {}).keys()):
-        if isinstance(m, FSDPModule) and any(_storage_at(getattr(p, "sharded_param", None)) in held
-                                             for p in _fsdp_params(m)):
-            owners.append((f"{type(m).__name__} (whose shards the state dict holds)", m))
+        params = _fsdp_params(m) if isinstance(m, FSDPModule) else []
+        if any(_storage_at(getattr(p, "sharded_param", None)) in held for p in params):
+            owners.append((f"{type(m).__name__} (whose shards the state dict holds)", m, params))
+    _OWNERS.update(held=held, owners=[(which, weakref.ref(m)) for which, m, _ in owners])
     return owners
+
+
+_OWNERS: dict = {}  # _fsdp_modules' last search: the storages it was for, and the modules found (weakly)
 
 
 def _storage_at(t) -> int:
@@ -539,43 +567,17 @@ def _storage_at(t) -> int:
     return local.untyped_storage().data_ptr() if isinstance(local, torch.Tensor) else 0
 
 
-def _mark_gathered_stale(targets: list) -> None:
-    """Bumps the version counter of FSDP2's gathered (unsharded) parameters of the targets: a forward saved
+def _mark_gathered_stale(modules: list) -> None:
+    """Bumps the version counter of FSDP2's gathered (unsharded) parameters (modules: each one's FSDPParams,
+    _fsdp_params') of the targets: a forward saved
     those for its backward, and the merge wrote the shards, which FSDP gathers again before the backward
     while keeping the counters. A backward through a forward from before the merge then raises torch's
     in-place error, as for every other pool, where it mixed the old activations with the new weights in
     silence (an audit: gradients off by up to 0.09). Torch's internals: nothing where they differ."""
-    stale = []
-    for target in targets:
-        for _, module in _fsdp_modules(target):
-            stale += [u for p in _fsdp_params(module)
-                      if isinstance(u := getattr(p, "_unsharded_param", None), torch.Tensor)]
+    stale = [u for params in modules for p in params
+             if isinstance(u := getattr(p, "_unsharded_param", None), torch.Tensor)]
     if stale:
         mark_written(stale)
-
-
-def _wrapper_versions(targets: list) -> list:
-    """(DTensor, its local tensor's version counter) for the targets' DTensors: the pool writes the local tensors,
-    whose counters autograd does not read for the DTensor a forward saved (see _mark_wrappers_written)."""
-    from torch.distributed.tensor import DTensor
-    out = []
-    for target in targets:
-        for t in _tensors_of(target).values():
-            if isinstance(t, DTensor):
-                local = getattr(t, "_local_tensor", None)
-                if isinstance(local, torch.Tensor) and not local.is_inference():
-                    out.append((t, local._version))
-    return out
-
-
-def _mark_wrappers_written(versions: list) -> None:
-    """Bumps the version counter of each DTensor whose local tensor the merge wrote: a tensor-parallel forward
-    saves the DTensor parameters themselves for its backward, whose counters stayed as they were, so a backward
-    through a forward from before the merge ran with the new weights and the old activations (an audit:
-    gradients off by up to 27), where every other pool raises torch's in-place error."""
-    written = [t for t, v in versions if t._local_tensor._version != v and not t.is_inference()]
-    if written:
-        mark_written(written)
 
 
 def _fsdp_params(module) -> list:
@@ -588,10 +590,10 @@ def _fsdp_params(module) -> list:
     return [p for g in groups for p in getattr(g, "fsdp_params", ())]
 
 
-def _gathered(module) -> bool:
-    """Whether any of an FSDP2 module's parameters is not in its sharded state (torch's internals: False
-    where they differ from torch 2.13's, as before this check)."""
-    return any(getattr(getattr(p, "sharded_state", None), "name", "SHARDED") != "SHARDED" for p in _fsdp_params(module))
+def _gathered(params: list) -> bool:
+    """Whether any of an FSDP2 module's parameters (its _fsdp_params) is not in its sharded state (torch's
+    internals: False where they differ from torch 2.13's, as before this check)."""
+    return any(getattr(getattr(p, "sharded_state", None), "name", "SHARDED") != "SHARDED" for p in params)
 
 
 def _is_dtensor(t) -> bool:

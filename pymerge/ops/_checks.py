@@ -259,13 +259,14 @@ def check_inference_out(out: torch.Tensor, op: str, compiling: Optional[bool] = 
 
 
 def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tensor], op: str,
-                     base_first: bool = False) -> tuple:
+                     base_first: bool = False, probe_out: bool = True) -> tuple:
     """What an op over inputs and a base checks before it reads any: at least one input, every input of
     the base's shape (the native kernels see element counts only: (6, 4) beside (4, 6) was merged
     element by element), an output of as many elements (any shape), and every tensor backed by its
     storage (check_readable). Numbered as the kernels' checks number them: the base after the inputs,
     or first (base_first). Returns what check_readable returned for the inputs and base, and for the
-    output (False without one): whether it checked them (not while tracing)."""
+    output (False without one): whether it checked them (not while tracing). A checked output over foreign
+    memory is probed for writes (every path writes it), unless probe_out=False (a later call of the op does)."""
     require_inputs(xs, op)
     for i, t in enumerate(list(xs) + [base, out]):  # before .shape, which a nested tensor raised on
         if t is not None:
@@ -294,7 +295,7 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
     inputs = [base] + list(xs) if base_first else list(xs) + [base]  # numbered as the kernels number them
     read = check_readable(inputs, f"{op}: input", compiling=compiling)
     read_out = out is not None and check_readable([out], f"{op}: output", compiling=compiling)
-    if read_out and type(out) in PLAIN and not out.untyped_storage().resizable():
+    if probe_out and read_out and type(out) in PLAIN and not out.untyped_storage().resizable():
         # a read-only mapping (a safetensors view): the native kernels refused it, the torch paths' copy_ was a
         # segfault (an audit)
         check_writable(out, f"{op}: output 0")

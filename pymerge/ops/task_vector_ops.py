@@ -534,7 +534,8 @@ def task_vector_merge(inputs: Sequence[torch.Tensor], base: torch.Tensor, out: t
     if not 0 <= index < 1 << 62:
         raise ValueError(f"offset must be an integer from 0 to 2**62 - 1 (an element index), got {offset!r}")
     offset = index
-    check_merge_args(inputs, base, out, "tv_merge")  # before plan_model reads them
+    check_merge_args(inputs, base, out, "tv_merge", probe_out=False)  # before plan_model reads them (out is probed
+    # for writes once, by merge_planned's)
     if offset + base.numel() > philox.MAX_ELEMENTS:  # the kernels' 32-bit draw counter would wrap
         raise ValueError(f"offset + numel is {offset + base.numel()}; the random draws index at most "
                          f"{philox.MAX_ELEMENTS} elements of one tensor")

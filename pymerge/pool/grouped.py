@@ -79,8 +79,8 @@ def _is_wrapper(t: torch.Tensor) -> bool:
 class _Entry:
     """One set of targets' validated plans, their task table, and what a call needs besides the kernel."""
     __slots__ = ("targets", "generation", "held", "ptrs", "nbytes", "shapes", "dtypes", "strides", "objects",
-                 "owners", "keys", "found", "dict_keys", "plans", "written", "recheck", "native", "fixups", "selection",
-                 "finalizers", "__weakref__")
+                 "owners", "keys", "found", "dict_keys", "plans", "written", "wrappers", "recheck", "native", "fixups",
+                 "selection", "finalizers", "__weakref__")
 
     def __init__(self, into, watched, plans, native):
         self.targets = list(map(_reference, into))  # weak where possible: the entry must not keep a model alive
@@ -115,6 +115,11 @@ class _Entry:
         # name's too), not the others watched (an unplanned head, an integer buffer)
         written = set(map(_data_ptr, (t for p in plans for t in p.targets)))
         self.written = tuple(t for t in self.held if _data_ptr(t) in written)
+        # and the wrappers (DTensors) over written memory: a tensor-parallel forward saves them, whose version
+        # counters are their own (a ShardedPool bumps them too)
+        self.wrappers = tuple(t for t, _, _ in watched if isinstance(t, torch.Tensor) and _is_wrapper(t)
+                              and any(isinstance(x := getattr(t, a, None), torch.Tensor) and _data_ptr(x) in written
+                                      for a in t.__tensor_flatten__()[0]))
         self.recheck = getattr(plans, "recheck", None)  # what else the plans depend on (see pool._Plans)
         self.native = native
         self.fixups = [f for p in plans for f in p.fixups]
