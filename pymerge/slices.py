@@ -317,11 +317,11 @@ class SlicedPlan:
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # GPT-2, GPTBigCode, Jais: n_layer
 # one entry per layer (transformers checks the length; Nemotron-H takes its depth from layers_block_type)
-_PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "layers_block_type")
+_PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "layers_block_type", "mlp_layer_types")  # (GLM-4.7-Flash's)
 _PER_LAYER_STRINGS = ("hybrid_override_pattern",)  # one character per layer (Nemotron-H: M, *, -)
 # lists of the indices of some layers: LFM2's attention layers (beside its convolutions), Qwen-MoE's dense-MLP
-# layers, Bamba's and GraniteMoeHybrid's attention layers (beside Mamba)
-_LAYER_INDEX_KEYS = ("full_attn_idxs", "mlp_only_layers", "attn_layer_indices")
+# layers, Bamba's and GraniteMoeHybrid's attention layers (beside Mamba), Llama-4's MoE layers
+_LAYER_INDEX_KEYS = ("full_attn_idxs", "mlp_only_layers", "attn_layer_indices", "moe_layers")
 
 
 # transformers' sliding_window_pattern where a config leaves it out (Gemma-2 alternates, layer 0 sliding)
@@ -608,11 +608,35 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             overrides.update(tied.tie_override(donor_cfg, [tp.name for tp in out_tensors], warnings))
         else:
             overrides.update(tied.masked_head_override(donor_cfg, out_tensors, method, warnings))
+            if "tie_word_embeddings" not in overrides:
+                overrides.update(_head_from_other_sources(donor_cfg, parts, warnings))
         return SlicedPlan(cfg, method, parts, donor, list(opened.values()), overrides, warnings, vocabulary=vocab)
     except BaseException:
         for ck in opened.values():
             ck.close()
         raise
+
+
+def _head_from_other_sources(model_cfg, parts, warnings: List[str]) -> dict:
+    """config.json's tie_word_embeddings where the models' config ties the head to the embedding yet stores it (a
+    copy, as many uploads do), and the slices give the two other sources or parameters (the embedding the first
+    slice's, the head the last's): they differ, so false, with a warning. Left true, a loader tying them by the
+    config dropped the merged head (an audit: logits 0.8 apart; transformers 5 warns and unties them)."""
+    from pymerge import tied
+    from pymerge.tokenizer.vocab import is_vocab_tensor
+    if not isinstance(model_cfg, dict) or model_cfg.get("tie_word_embeddings") is not True:
+        return {}
+
+    def made(pred):
+        return next(((tp, [c.path for c in p.checkpoints]) for p in parts for tp in p.tensors if pred(tp.name)), None)
+    head, embedding = made(tied.is_head), made(lambda n: is_vocab_tensor(n) and not tied.is_head(n))
+    if head is None or embedding is None or (head[1], head[0].params, head[0].model_params) == \
+            (embedding[1], embedding[0].params, embedding[0].model_params):
+        return {}
+    warnings.append(f"config.json: tie_word_embeddings set to false: the slices merge {head[0].name} from other "
+                    f"sources or parameters than the input embedding {embedding[0].name} it is tied to (the models "
+                    "store it as a copy); mergekit keeps the donor's value")
+    return {"tie_word_embeddings": False}
 
 
 def _check_vocabulary_rows(cfg: MergeConfig, parts, open_ck, first: str, last: str) -> None:

@@ -900,8 +900,10 @@ def test_slices_write_layer_index_lists_for_the_layers_written(tmp_path):
     layers = config["num_hidden_layers"]
     assert layers >= 2
     own = {str(base): [0], str(ft): [layers - 1]}  # base: its first layer listed; ft: its last
+    mlp = {str(base): ["dense"] * layers, str(ft): ["sparse"] * layers}  # GLM-4.7-Flash's per-layer list
     for m in (base, ft):
         (m / "config.json").write_text(json.dumps({**config, "full_attn_idxs": own[str(m)], "mlp_only_layers": [],
+                                                    "moe_layers": own[str(m)], "mlp_layer_types": mlp[str(m)],
                                                     "layer_types": ["x"] * layers}))
     cfg = {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(base), "layer_range": [0, layers]}]},
@@ -910,11 +912,46 @@ def test_slices_write_layer_index_lists_for_the_layers_written(tmp_path):
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["num_hidden_layers"] == 2 * layers
     assert written["full_attn_idxs"] == [0, 2 * layers - 1] and written["mlp_only_layers"] == []
+    # Llama-4's moe_layers and GLM-4.7-Flash's mlp_layer_types were kept as the donor's: the moved MoE layers were
+    # built dense, their experts dropped and a random MLP in their place, exit 0 (an audit)
+    assert written["moe_layers"] == [0, 2 * layers - 1]
+    assert written["mlp_layer_types"] == ["dense"] * layers + ["sparse"] * layers
     # a source without the list: the donor's (the first slice's model's) for its layers
     (ft / "config.json").write_text(json.dumps(config))
     shutil.rmtree(tmp_path / "out")
     run_merge(cfg, tmp_path / "out", device="cpu", quiet=True)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["full_attn_idxs"] == [0, layers]
+
+
+def test_slices_untie_a_head_merged_from_other_sources_than_its_embedding(tmp_path):
+    """Models whose config ties the head to the embedding but store it (a copy): the slices take the embedding from
+    the first slice's model and the head from the last's, so the two differ, and config.json said tied (a loader
+    tying them by the config dropped the merged head: logits 0.8 apart; an audit). Set false, with a warning; kept
+    where both come from the same sources."""
+    from safetensors.torch import load_file, save_file
+
+    from pymerge.merge import run_merge
+    base, (ft,) = lf.make_family(tmp_path / "m", n_finetunes=1)
+    config = json.loads((base / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    for m in (base, ft):
+        (m / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        for f in m.glob("*.safetensors"):
+            sd = load_file(f)
+            if "lm_head.weight" in sd:
+                sd["lm_head.weight"] = load_file(next(g for g in m.glob("*.safetensors") if "model.embed_tokens.weight"
+                                                      in load_file(g)))["model.embed_tokens.weight"].clone()
+                save_file(sd, f, metadata={"format": "pt"})
+    two = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(base), "layer_range": [0, 1]}]},
+                                                     {"sources": [{"model": str(ft), "layer_range": [1, layers]}]}]}
+    result = run_merge(two, tmp_path / "out", device="cpu", quiet=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert any("tie_word_embeddings set to false" in w for w in result.warnings), result.warnings
+    one = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(base), "layer_range": [0, 1]}]},
+                                                     {"sources": [{"model": str(base), "layer_range": [1, layers]}]}]}
+    result = run_merge(one, tmp_path / "same", device="cpu", quiet=True)
+    assert json.loads((tmp_path / "same" / "config.json").read_text()).get("tie_word_embeddings", True) is True
+    assert not any("tie_word_embeddings" in w for w in result.warnings), result.warnings
 
 
 def test_slices_set_a_multimodal_configs_layers_inside_text_config(tmp_path):
