@@ -533,6 +533,9 @@ def _make_plan(cfg: MergeConfig) -> MergePlan:
             plan.config_overrides.update(tied.tie_override(model_cfg, names, plan.warnings))
         else:
             plan.config_overrides.update(tied.masked_head_override(model_cfg, plan.tensors, method, plan.warnings))
+            if "tie_word_embeddings" not in plan.config_overrides:  # (a filter: weighting the head alone)
+                plan.config_overrides.update(tied.head_unlike_embedding_override(
+                    model_cfg, [(tp, None) for tp in plan.tensors], plan.warnings))
     except BaseException:
         for ck in opened.values():
             ck.close()

@@ -338,7 +338,8 @@ def _positional_kinds(cfg, i: int) -> dict:
     sliding_window_pattern; Qwen2's family by max_window_layers, with use_sliding_window (_WINDOW_FROM, and
     Qwen2-MoE's alternation); not with layer_types), attention or Mamba (Jamba's attn_layer_period/offset; not
     with layers_block_type, which Zamba's transformers honours), MoE or dense MLP (Jamba's expert_layer_period/offset;
-    DeepSeek's and GLM4-MoE's first_k_dense_replace and moe_layer_freq; Qwen-MoE's decoder_sparse_step).
+    DeepSeek's and GLM4-MoE's first_k_dense_replace and moe_layer_freq; Qwen-MoE's decoder_sparse_step; Llama-4's
+    interleave_moe_layer_step, without moe_layers).
     transformers builds these from the layer's index: moved to another index, a layer is built as another kind."""
     if not isinstance(cfg, dict):
         return {}
@@ -373,6 +374,9 @@ def _positional_kinds(cfg, i: int) -> dict:
     step = number("decoder_sparse_step")
     if step and step > 0:
         kinds["sparse"] = (i + 1) % step == 0
+    step = number("interleave_moe_layer_step")  # Llama-4 without moe_layers: MoE at step-1, 2*step-1, ... (a review)
+    if step and step > 0 and cfg.get("moe_layers") is None:
+        kinds["moe"] = (i + 1) % step == 0
     return kinds
 
 
@@ -608,35 +612,14 @@ def make_sliced_plan(cfg: MergeConfig) -> SlicedPlan:
             overrides.update(tied.tie_override(donor_cfg, [tp.name for tp in out_tensors], warnings))
         else:
             overrides.update(tied.masked_head_override(donor_cfg, out_tensors, method, warnings))
-            if "tie_word_embeddings" not in overrides:
-                overrides.update(_head_from_other_sources(donor_cfg, parts, warnings))
+            if "tie_word_embeddings" not in overrides:  # the embedding from the first slice, the head from the last
+                overrides.update(tied.head_unlike_embedding_override(
+                    donor_cfg, [(tp, [c.path for c in p.checkpoints]) for p in parts for tp in p.tensors], warnings))
         return SlicedPlan(cfg, method, parts, donor, list(opened.values()), overrides, warnings, vocabulary=vocab)
     except BaseException:
         for ck in opened.values():
             ck.close()
         raise
-
-
-def _head_from_other_sources(model_cfg, parts, warnings: List[str]) -> dict:
-    """config.json's tie_word_embeddings where the models' config ties the head to the embedding yet stores it (a
-    copy, as many uploads do), and the slices give the two other sources or parameters (the embedding the first
-    slice's, the head the last's): they differ, so false, with a warning. Left true, a loader tying them by the
-    config dropped the merged head (an audit: logits 0.8 apart; transformers 5 warns and unties them)."""
-    from pymerge import tied
-    from pymerge.tokenizer.vocab import is_vocab_tensor
-    if not isinstance(model_cfg, dict) or model_cfg.get("tie_word_embeddings") is not True:
-        return {}
-
-    def made(pred):
-        return next(((tp, [c.path for c in p.checkpoints]) for p in parts for tp in p.tensors if pred(tp.name)), None)
-    head, embedding = made(tied.is_head), made(lambda n: is_vocab_tensor(n) and not tied.is_head(n))
-    if head is None or embedding is None or (head[1], head[0].params, head[0].model_params) == \
-            (embedding[1], embedding[0].params, embedding[0].model_params):
-        return {}
-    warnings.append(f"config.json: tie_word_embeddings set to false: the slices merge {head[0].name} from other "
-                    f"sources or parameters than the input embedding {embedding[0].name} it is tied to (the models "
-                    "store it as a copy); mergekit keeps the donor's value")
-    return {"tie_word_embeddings": False}
 
 
 def _check_vocabulary_rows(cfg: MergeConfig, parts, open_ck, first: str, last: str) -> None:

@@ -107,3 +107,23 @@ def masked_head_override(model_cfg: Optional[dict], tensors: Sequence, method, w
                     f"tensor, give {heads[0]} other values than the input embedding it is tied to (the models store "
                     "it as a copy); mergekit keeps the donor's value")
     return {"tie_word_embeddings": False}
+
+
+def head_unlike_embedding_override(model_cfg: Optional[dict], tensors: Sequence, warnings: List[str]) -> dict:
+    """config.json's tie_word_embeddings where the models' config ties the head to the embedding yet stores it (a
+    copy, as many uploads do), and the merge gives the two other sources (slices: the embedding the first slice's,
+    the head the last's) or other parameters (a filter: weighting lm_head): they differ, so false, with a warning.
+    Left true, a loader tying them by the config dropped the merged head (an audit: logits 0.8 apart; transformers
+    5 warns and unties them). tensors: (TensorPlan, its sources' paths)."""
+    from pymerge.tokenizer.vocab import is_vocab_tensor
+    if not isinstance(model_cfg, dict) or model_cfg.get("tie_word_embeddings") is not True:
+        return {}
+    head = next(((tp, src) for tp, src in tensors if is_head(tp.name)), None)
+    embedding = next(((tp, src) for tp, src in tensors if is_vocab_tensor(tp.name) and not is_head(tp.name)), None)
+    if head is None or embedding is None or (head[1], head[0].params, head[0].model_params) == \
+            (embedding[1], embedding[0].params, embedding[0].model_params):
+        return {}
+    warnings.append(f"config.json: tie_word_embeddings set to false: {head[0].name} is merged from other sources or "
+                    f"parameters than the input embedding {embedding[0].name} it is tied to (the models store it as a "
+                    "copy); mergekit keeps the donor's value")
+    return {"tie_word_embeddings": False}

@@ -836,6 +836,14 @@ def backward_after_merge_worker(rank, world, files, layout="fsdp"):
             out[key] = type(exc).__name__
         y.sum().backward()
         out[f"{key}_then_backward"] = all(p.grad is not None for p in m.parameters())
+    # a call planned afresh (names= a function: no cache entry) bumps them too (a review: it did not)
+    y = m(torch.randn(4, 13))
+    pool.materialize(W3, into=m, names=lambda n: n)
+    try:
+        y.sum().backward()
+        out["stale_uncached"] = None
+    except RuntimeError as exc:
+        out["stale_uncached"] = str(exc)
     return out
 
 
@@ -849,6 +857,7 @@ def test_a_backward_through_a_forward_from_before_a_merge_raises_under_fsdp_and_
     files = write_checkpoints(str(tmp_path), shapes)
     for res in dist_helpers.run(backward_after_merge_worker, 2, str(tmp_path), files, layout):
         assert res["stale"] is not None and "modified by an inplace operation" in res["stale"], res
+        assert res["stale_uncached"] is not None and "modified by an inplace operation" in res["stale_uncached"], res
         assert res["fresh"], res
         for key in ("refused", "refused_at_plans", "refused_on_one"):
             assert res[key] == "InputError" and res[f"{key}_then_backward"], (key, res)

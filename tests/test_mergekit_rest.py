@@ -927,7 +927,7 @@ def test_slices_untie_a_head_merged_from_other_sources_than_its_embedding(tmp_pa
     """Models whose config ties the head to the embedding but store it (a copy): the slices take the embedding from
     the first slice's model and the head from the last's, so the two differ, and config.json said tied (a loader
     tying them by the config dropped the merged head: logits 0.8 apart; an audit). Set false, with a warning; kept
-    where both come from the same sources."""
+    where both come from the same sources. A filter: weighting the head alone, the same."""
     from safetensors.torch import load_file, save_file
 
     from pymerge.merge import run_merge
@@ -952,6 +952,14 @@ def test_slices_untie_a_head_merged_from_other_sources_than_its_embedding(tmp_pa
     result = run_merge(one, tmp_path / "same", device="cpu", quiet=True)
     assert json.loads((tmp_path / "same" / "config.json").read_text()).get("tie_word_embeddings", True) is True
     assert not any("tie_word_embeddings" in w for w in result.warnings), result.warnings
+    # a filter weighting the head alone, in a merge of whole models: the same
+    for name, head_weight in (("filtered", 0.9), ("unfiltered", 0.5)):
+        linear = {"merge_method": "linear", "models": [
+            {"model": str(m), "parameters": {"weight": [{"filter": "lm_head", "value": head_weight}, {"value": 0.5}]}}
+            for m in (base, ft)]}
+        result = run_merge(linear, tmp_path / name, device="cpu", quiet=True)
+        tied_now = json.loads((tmp_path / name / "config.json").read_text()).get("tie_word_embeddings", True)
+        assert tied_now is (head_weight == 0.5), (name, result.warnings)
 
 
 def test_slices_set_a_multimodal_configs_layers_inside_text_config(tmp_path):
@@ -1177,6 +1185,7 @@ def test_a_revision_too_long_for_a_ref_file_is_one_bounded_line(models, tmp_path
     ({"attn_layer_period": 2, "attn_layer_offset": 1}, [0, 1, 0, 1], [0, 1, 1]),  # Jamba
     ({"first_k_dense_replace": 1}, [0, 1, 1], [0, 1, 0]),  # GLM4-MoE, DeepSeek: dense first layers
     ({"decoder_sparse_step": 2}, [0, 1, 0, 1], [1, 0]),  # Qwen-MoE
+    ({"interleave_moe_layer_step": 2}, [0, 1, 0, 1], [1, 0]),  # Llama-4 without moe_layers (a review)
     # Qwen2's family: sliding from max_window_layers on, where use_sliding_window (exit 0 before: an audit); Dots1
     # wherever sliding_window is (its default: 4096); Qwen2-MoE every other layer below max_window_layers
     ({"model_type": "qwen2", "max_window_layers": 1, "use_sliding_window": True}, [0, 1, 1], [1, 0]),

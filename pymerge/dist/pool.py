@@ -171,6 +171,7 @@ class ShardedPool(CheckpointPool):
         self._tv_table = None  # this call's task-vector table (_method_plans), if any
         self._owners_now = {}  # id(target) -> its FSDP2 modules (_fsdp_modules), found once a call
         self._entry_now = None  # the plan cache entry this call writes with
+        self._wrapped_before = None  # without one: (DTensor, its local tensor's version) of the targets
         # as the single-process pool takes them (a generator read once, here: it is needed again below)
         targets = list(into) if isinstance(into, (list, tuple, Iterator)) else [into]
         try:  # (weights that are not a list: refused here too, in step with the others' agreement)
@@ -182,6 +183,9 @@ class ShardedPool(CheckpointPool):
                 _reshard(target, self._fsdp_of(target))
             weight_rows = list(weight_rows)
             self._arguments = _digest(method, weight_rows, kwargs)
+            # a call planned afresh (names= or groups= a function) has no cache entry to say which DTensors it writes
+            self._wrapped_before = None if _cacheable(kwargs.get("groups"), kwargs.get("names")) else \
+                _wrapper_versions(targets)
             try:
                 result = super().materialize_many(weight_rows, targets, method, **kwargs)
             except BaseException:
@@ -329,6 +333,8 @@ class ShardedPool(CheckpointPool):
         _mark_gathered_stale([params for target in targets for _, _, params in self._fsdp_of(target)])
         if self._entry_now is not None and self._entry_now.wrappers:
             mark_written(self._entry_now.wrappers)
+        elif self._wrapped_before:  # (a review: they went unbumped)
+            mark_written([t for t, v in self._wrapped_before if t._local_tensor._version != v])
 
     def _method_plans(self, method: str, into: list, group_of: List[int], names, strict: bool, groups, flat: bool):
         """Plans kept as linear's are; with them, for the task-vector family on a CPU pool, its one native table
@@ -578,6 +584,17 @@ def _mark_gathered_stale(modules: list) -> None:
              if isinstance(u := getattr(p, "_unsharded_param", None), torch.Tensor)]
     if stale:
         mark_written(stale)
+
+
+def _wrapper_versions(targets: list) -> list:
+    """(DTensor, its local tensor's version counter) of the targets' DTensors (the local tensors are written)."""
+    out = []
+    for target in targets:
+        for t in _tensors_of(target).values():
+            local = getattr(t, "_local_tensor", None) if _is_dtensor(t) else None
+            if isinstance(local, torch.Tensor) and not local.is_inference():
+                out.append((t, local._version))
+    return out
 
 
 def _fsdp_params(module) -> list:
