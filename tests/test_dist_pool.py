@@ -812,11 +812,7 @@ def backward_after_merge_worker(rank, world, files, layout="fsdp"):
     out = {}
     y = m(torch.randn(4, 13))
     pool.materialize(W3, into=m)
-    try:
-        y.sum().backward()
-        out["stale"] = None
-    except RuntimeError as exc:
-        out["stale"] = str(exc)
+    out["stale"] = _backward_error(y)
     if layout != "tp":
         m.reset_iter_state()
     m.zero_grad()
@@ -839,12 +835,17 @@ def backward_after_merge_worker(rank, world, files, layout="fsdp"):
     # a call planned afresh (names= a function: no cache entry) bumps them too (a review: it did not)
     y = m(torch.randn(4, 13))
     pool.materialize(W3, into=m, names=lambda n: n)
+    out["stale_uncached"] = _backward_error(y)
+    return out
+
+
+def _backward_error(y) -> "str | None":
+    """The error of a backward through y (a forward's output), or None where it ran."""
     try:
         y.sum().backward()
-        out["stale_uncached"] = None
+        return None
     except RuntimeError as exc:
-        out["stale_uncached"] = str(exc)
-    return out
+        return str(exc)
 
 
 def _build_even():  # every parameter a DTensor under TP (a plain one written raised anyway); 12 hidden features:
@@ -1430,11 +1431,7 @@ def state_dict_target_worker(rank, world, files):
             out["forwards"].append(m(x))
     y = m(x)
     pool.materialize(W3, into=sd)
-    try:
-        y.sum().backward()
-        out["stale"] = None
-    except RuntimeError as exc:
-        out["stale"] = str(exc)
+    out["stale"] = _backward_error(y)
     return out
 
 
