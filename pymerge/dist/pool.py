@@ -539,10 +539,9 @@ def _reshard(target, modules: Optional[list] = None) -> None:
 
 def _fsdp_modules(target) -> list:
     """(a name for messages, module, its FSDPParams) of the FSDP2 modules a target's tensors belong to: a module's
-    own, or, for a
-    state dict (model.state_dict(): DTensors over the shards' memory), the modules whose shards it holds. A
-    forward left those gathered too, and a merge into the state dict went unseen by every later forward (an
-    audit: every candidate of a search scored alike)."""
+    own, or, for a state dict (model.state_dict(): DTensors over the shards' memory), the modules whose shards it
+    holds. A forward left those gathered too, and a merge into the state dict went unseen by every later forward
+    (an audit: every candidate of a search scored alike)."""
     from torch.distributed.fsdp import FSDPModule
     if isinstance(target, torch.nn.Module):
         return [(repr(name) if name else "(the root)", m, _fsdp_params(m)) for name, m in target.named_modules()
@@ -574,10 +573,9 @@ def _storage_at(t) -> int:
 
 
 def _mark_gathered_stale(modules: list) -> None:
-    """Bumps the version counter of FSDP2's gathered (unsharded) parameters (modules: each one's FSDPParams,
-    _fsdp_params') of the targets: a forward saved
-    those for its backward, and the merge wrote the shards, which FSDP gathers again before the backward
-    while keeping the counters. A backward through a forward from before the merge then raises torch's
+    """Bumps the version counter of FSDP2's gathered (unsharded) parameters (modules: each module's FSDPParams,
+    _fsdp_params'): a forward saved those for its backward, and the merge wrote the shards, which FSDP gathers
+    again before the backward while keeping the counters. A backward through a forward from before the merge then raises torch's
     in-place error, as for every other pool, where it mixed the old activations with the new weights in
     silence (an audit: gradients off by up to 0.09). Torch's internals: nothing where they differ."""
     stale = [u for params in modules for p in params
