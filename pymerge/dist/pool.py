@@ -550,9 +550,9 @@ def _fsdp_modules(target) -> list:
     if not held:
         return []
     if _OWNERS.get("held") == held:  # the last search's answer (every FSDP2 module in the process: ~16 us each)
-        owners = [(which, m(), []) for which, m in _OWNERS["owners"]]
-        if all(m is not None for _, m, _ in owners):
-            return [(which, m, _fsdp_params(m)) for which, m, _ in owners]
+        kept = [(which, ref()) for which, ref in _OWNERS["owners"]]
+        if all(m is not None for _, m in kept):
+            return [(which, m, _fsdp_params(m)) for which, m in kept]
     from torch.distributed import _composable_state  # torch's internals: no module found where they differ
     owners = []
     for m in list(getattr(_composable_state, "_module_state_mapping", {}).keys()):

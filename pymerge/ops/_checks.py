@@ -14,8 +14,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from pymerge._native import INPUT_DTYPES, OUTPUT_DTYPES
 from pymerge.errors import short
-from pymerge.ops._memory import (DUAL, PLAIN, _wrapper, backing_problem, check_backed, check_readable, check_writable,
-                                 is_dual, layout_problem)
+from pymerge.ops._memory import (DUAL, PLAIN, _wrapper, backing_problem, check_backed, check_readable, is_dual,
+                                 layout_problem)
 
 _FP8 = frozenset(d for d in INPUT_DTYPES if d.itemsize == 1)
 # floating-point to is_floating_point(), but torch converts them to nothing else (copy_ is not implemented)
@@ -294,11 +294,7 @@ def check_merge_args(xs, base: Optional[torch.Tensor], out: Optional[torch.Tenso
     compiling = torch.compiler.is_compiling()
     inputs = [base] + list(xs) if base_first else list(xs) + [base]  # numbered as the kernels number them
     read = check_readable(inputs, f"{op}: input", compiling=compiling)
-    read_out = out is not None and check_readable([out], f"{op}: output", compiling=compiling)
-    if probe_out and read_out and type(out) in PLAIN and not out.untyped_storage().resizable():
-        # a read-only mapping (a safetensors view): the native kernels refused it, the torch paths' copy_ was a
-        # segfault (an audit)
-        check_writable(out, f"{op}: output 0")
+    read_out = out is not None and check_readable([out], f"{op}: output", compiling=compiling, written=probe_out)
     if out is not None:  # the native kernels refuse it too; the torch paths (a GPU's, backend="torch") wrote
         # block by block over what a later block read: silently wrong (an audit). After the storage tests: freed
         # tensors' addresses (FSDP's resize_(0)) overlap, and the error was that, not the freed storage (a review)

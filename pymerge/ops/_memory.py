@@ -197,7 +197,7 @@ def check_backed(t: torch.Tensor, what: str, error=ValueError) -> None:
 
 
 def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=ValueError,
-                   compiling: Optional[bool] = None, dense: bool = False) -> bool:
+                   compiling: Optional[bool] = None, dense: bool = False, written: bool = False) -> bool:
     """Every tensor (None: absent) backed by its storage, before any torch op reads it: torch trusts a
     view's extent, so a strided view over a storage shrunk with resize_ was read past its end by
     contiguous() or float() (a segfault) before a kernel's check_native saw it. `what` names the
@@ -207,7 +207,9 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
     kernel as address 0. Returns whether it checked (not while tracing): a caller that hands these very
     tensors to check_native says so there (inputs_backed=, outs_backed=), which then skips the storage test
     this made. compiling: torch.compiler.is_compiling(), where the caller has read it; dense: the caller
-    has just refused other layouts than strided in these very tensors (_checks.check_inputs)."""
+    has just refused other layouts than strided in these very tensors (_checks.check_inputs); written: they are
+    outputs, which every path writes: one over read-only memory (a safetensors view) is refused too (the native
+    kernels refused it, the torch paths' writes were a segfault: an audit), so check_native need not probe it."""
     if torch.compiler.is_compiling() if compiling is None else compiling:
         return False
     in_transform = torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad: wrapped tensors
@@ -224,8 +226,11 @@ def check_readable(tensors: Iterable[Optional[torch.Tensor]], what: str, error=V
         problem = None if dense else layout_problem(t)  # before untyped_storage(), which a sparse tensor raised on
         if problem:
             raise error(f"{what} {i}: {problem}")
-        if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
+        storage = t.untyped_storage()
+        if storage.nbytes() < t.storage_offset() * t.element_size() + t.nbytes or not t.is_contiguous():
             check_backed(t, f"{what} {i}", error)  # the exact test (and the message)
+        if written and not storage.resizable():  # (foreign memory: torch's own is always writable)
+            check_writable(t, f"{what} {i}", error)
     return True
 
 
@@ -243,8 +248,8 @@ def check_native(inputs: Iterable[Optional[torch.Tensor]], outs: Iterable[torch.
 
     inputs_backed / outs_backed: check_readable has checked these plain tensors (it returned True), or
     contiguous() made them from tensors it checked: their storage is not tested a second time (the
-    same test, the same message; a subclass still is); outputs' writability too (check_merge_args and the
-    weighted sums probe it, as every path writes them: a probe each, ~100 us, was made twice)."""
+    same test, the same message; a subclass still is); outputs' writability too (check_readable(written=True)
+    probed it: a probe each, ~100 us, was made twice)."""
     cpu = device == "cpu"
     if device is not None and not cpu:
         device = torch.device(device)

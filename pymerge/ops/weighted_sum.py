@@ -20,7 +20,7 @@ from pymerge.ops import library
 from pymerge.ops._checks import (as_flag, check_apart, check_inference_out, check_inputs, check_layout, check_separate,
                                  check_values_readable, check_weights, refuse_tracked_items, resolve_out,
                                  values_unknown)
-from pymerge.ops._memory import PLAIN, check_readable, check_writable
+from pymerge.ops._memory import check_readable
 from pymerge.ops._versions import mark_written
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
@@ -66,11 +66,7 @@ def _weighted_sum(tensors, weights, out_dtype, out, backend, num_threads, delta:
     if isinstance(out, torch.Tensor):
         check_layout(out, "out")  # (check_readable's dense test would name a sparse out otherwise)
         check_inference_out(out, "weighted_sum", compiling)
-        out_read = check_readable([out], "weighted_sum: output", compiling=compiling, dense=True)
-        if out_read and type(out) in PLAIN and not out.untyped_storage().resizable():
-            # a read-only mapping (a safetensors view): the native kernel refused it, the torch path's writes were
-            # a segfault (an audit)
-            check_writable(out, "weighted_sum: output 0")
+        out_read = check_readable([out], "weighted_sum: output", compiling=compiling, dense=True, written=True)
     dtype = resolve_out(tensors, out_dtype, out)
     if out_read and checked:
         checked += (library.OUTS,)
@@ -181,10 +177,8 @@ def weighted_sum_many(tensors: Sequence[torch.Tensor], weight_rows, *, outs: Opt
                 raise TypeError(f"outs[{k}] is a {type(o).__name__}, not a torch.Tensor")
             check_layout(o, "out")
             check_inference_out(o, "weighted_sum_many", compiling)
-        outs_read = check_readable(outs, "weighted_sum: output", compiling=compiling, dense=True)  # as weighted_sum's
-        for k, o in enumerate(outs if outs_read else ()):
-            if type(o) in PLAIN and not o.untyped_storage().resizable():
-                check_writable(o, f"weighted_sum: output {k}")  # (as weighted_sum's)
+        outs_read = check_readable(outs, "weighted_sum: output", compiling=compiling, dense=True,
+                                   written=True)  # as weighted_sum's
         for o in outs:
             resolve_out(tensors, out_dtype, o, allow_alias=len(outs) == 1)
         check_separate(outs)
